@@ -1,20 +1,244 @@
-"""Usage extraction: the tokens (and any cost) a response reports (SPEC §7)."""
+"""Usage extraction: the tokens (and any cost) a response reports (SPEC §7).
+
+`usage_from_json` reads a non-streamed JSON body (streams are read by `sse.StreamMeter`);
+`BodyDecoder` undoes a gzip/deflate `content-encoding` on a copy of the body, so the compressed
+bytes still go to the client as they are.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Final
+
+try:
+    import orjson
+
+    json_loads: Callable[[bytes | str], Any] = orjson.loads
+except ImportError:  # pragma: no cover - orjson is the optional `speedups` extra
+    json_loads = json.loads
+
+# What a bad body can raise: orjson's and json's decode errors and UnicodeDecodeError are
+# ValueErrors; the stdlib parser recurses, so a deeply nested body raises RecursionError.
+JSON_ERRORS: Final = (ValueError, RecursionError)
+
+_USAGE_KEY: Final = b'"usage"'
+_SCAN_FROM: Final = 4096  # larger bodies: decode only the usage object at the end
+_CANDIDATES: Final = 4  # `"usage"` keys tried from the end before falling back to a full parse
+_JSON_SPACE: Final = " \t\r\n"
+_raw_decode = json.JSONDecoder().raw_decode
 
 
 @dataclass(slots=True)
 class TokenUsage:
-    """Tokens a response consumed. `cached_tokens` are cache reads, priced on their own."""
+    """Tokens a response consumed, in OpenAI's semantics whatever the provider.
+
+    - `input_tokens`: every prompt token, cache reads and cache writes included. Anthropic reports
+      them apart, so its `cache_read_input_tokens` and `cache_creation_input_tokens` are added in.
+    - `cached_tokens`: the cache reads within `input_tokens` (priced at the cached-input rate).
+    - `cache_write_tokens`: the cache writes within `input_tokens` (priced at the cache-write rate).
+    - `output_tokens`: generated tokens, reasoning included.
+    - `cost`: `usage.cost` (USD) when the upstream reported one (OpenRouter, LiteLLM), else None.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
     cache_write_tokens: int = 0
-    cost: float | None = None  # `usage.cost` when the upstream reported one (USD)
+    cost: float | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+def _count(value: object) -> int:
+    """A token count from JSON; anything that is not a non-negative number counts as 0."""
+    if type(value) is int:  # `type() is`, not isinstance: True is not a count
+        return value if value > 0 else 0
+    if type(value) is float and math.isfinite(value) and value > 0:
+        return int(value)
+    return 0
+
+
+def _cost(value: object) -> float | None:
+    if type(value) is int or type(value) is float:
+        cost = float(value)
+        if math.isfinite(cost) and cost >= 0:
+            return cost
+    return None
+
+
+def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    details = usage.get(key)
+    return details if isinstance(details, Mapping) else None
+
+
+def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
+    """The `TokenUsage` of a decoded `usage` object of any supported shape; None if it has no
+    token count nor cost. Bad values (strings, negatives, null) count as 0."""
+    if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat/completions/embeddings
+        prompt = _count(usage.get("prompt_tokens"))
+        output = _count(usage.get("completion_tokens"))
+        details = _details(usage, "prompt_tokens_details")
+        # LiteLLM-style bodies also carry Anthropic's cache fields, as subsets of prompt_tokens
+        if details is not None:
+            read = _count(details.get("cached_tokens"))
+        else:
+            read = _count(usage.get("cache_read_input_tokens"))
+        write = _count(usage.get("cache_creation_input_tokens"))
+    elif "input_tokens" in usage or "output_tokens" in usage:
+        output = _count(usage.get("output_tokens"))
+        details = _details(usage, "input_tokens_details")
+        if details is not None:  # Responses API: input_tokens already counts the cached ones
+            prompt = _count(usage.get("input_tokens"))
+            read = _count(details.get("cached_tokens"))
+            write = 0
+        else:  # Anthropic: input_tokens leaves out cache reads and writes
+            read = _count(usage.get("cache_read_input_tokens"))
+            write = _count(usage.get("cache_creation_input_tokens"))
+            prompt = _count(usage.get("input_tokens")) + read + write
+    elif "cost" in usage:
+        prompt = output = read = write = 0
+    else:
+        return None
+    read = read if read < prompt else prompt  # subsets can't exceed the whole: a cost never < 0
+    write = write if write < prompt - read else prompt - read
+    return TokenUsage(prompt, output, read, write, _cost(usage.get("cost")))
+
+
+def usage_from_json(body: bytes) -> TokenUsage | None:
+    """The usage a non-streamed JSON response reports; None if it reports none or is not JSON.
+
+    Never raises. Bodies over 4 KiB are not parsed whole: the top-level `usage` object sits at
+    the end, so only it is decoded (with a check that it really is top-level); anything unexpected
+    falls back to a full parse.
+    """
+    last = body.rfind(_USAGE_KEY)
+    if last < 0:  # no usage key anywhere: nothing worth parsing
+        return None
+    if len(body) > _SCAN_FROM:
+        found, usage = _usage_at_end(body, last)
+        if found:
+            return usage_from_mapping(usage) if isinstance(usage, Mapping) else None
+    try:
+        document = json_loads(body)
+    except JSON_ERRORS:
+        return None
+    usage = document.get("usage") if isinstance(document, dict) else None
+    return usage_from_mapping(usage) if isinstance(usage, Mapping) else None
+
+
+def _usage_at_end(body: bytes, last: int) -> tuple[bool, Any]:
+    """(True, value of the top-level `usage` key) found from the end, or (False, None)."""
+    index = last
+    for _ in range(_CANDIDATES):
+        if index < 0:
+            return False, None
+        backslashes = 0
+        while index - backslashes > 0 and body[index - backslashes - 1] == 0x5C:
+            backslashes += 1
+        if backslashes % 2 == 0:  # an escaped quote would put us inside a string
+            found, value = _top_level_value(body, index)
+            if found:
+                return True, value
+        index = body.rfind(_USAGE_KEY, 0, index)
+    return False, None
+
+
+def _top_level_value(body: bytes, index: int) -> tuple[bool, Any]:
+    try:
+        tail = body[index:].decode()
+        at = _skip_space(tail, len(_USAGE_KEY))
+        if tail[at : at + 1] != ":":
+            return False, None
+        value, end = _raw_decode(tail, _skip_space(tail, at + 1))
+        rest = tail[end:].strip(_JSON_SPACE)
+        # top-level only if what follows closes the outer object; nested keys leave extra `}`
+        if rest == "}" or (rest[:1] == "," and isinstance(json_loads("{" + rest[1:]), dict)):
+            return True, value
+    except JSON_ERRORS:
+        pass
+    return False, None
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in _JSON_SPACE:
+        at += 1
+    return at
+
+
+_ZLIB_CODINGS: Final = frozenset({"gzip", "x-gzip", "deflate"})
+_MAX_DECODED: Final = 64 * 1024 * 1024
+
+
+class BodyDecoder:
+    """Decodes a response body's `content-encoding` chunk by chunk, to read its usage.
+
+    Feed it a copy of each raw chunk; the client still gets the encoded bytes. `identity` (or no
+    encoding) passes through; gzip and deflate (zlib or raw) are inflated. Anything else (br, zstd,
+    several codings) is not `supported`: `error` says why usage could not be read. Corrupt data,
+    a truncated body or a decoded size over `max_size` also set `error`. It never raises.
+    """
+
+    __slots__ = ("_coding", "_inflater", "_max_size", "_prefix", "_size", "error", "supported")
+
+    def __init__(self, content_encoding: str | None, *, max_size: int = _MAX_DECODED) -> None:
+        codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        self.supported = len(codings) <= 1 and all(c in _ZLIB_CODINGS for c in codings)
+        self.error: str | None = None
+        if not self.supported:
+            self.error = f"unsupported content-encoding: {content_encoding}"
+        self._coding = codings[0] if codings else "identity"
+        # wbits=47: zlib reads the gzip or zlib header itself
+        self._inflater = zlib.decompressobj(wbits=47) if self.supported and codings else None
+        # deflate input kept until its first 2 bytes (the zlib header) are read: raw deflate retries
+        self._prefix: bytearray | None = bytearray() if self._coding == "deflate" else None
+        self._max_size = max_size
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The decoded bytes this chunk completes (b"" once `error` is set)."""
+        if self.error is not None:
+            return b""
+        if self._inflater is None:
+            return self._count(chunk)
+        try:
+            out = self._inflater.decompress(chunk, self._max_size - self._size + 1)
+        except zlib.error as exc:
+            if self._prefix is None:
+                return self._fail(f"corrupt {self._coding} body: {exc}")
+            # HTTP "deflate" is meant to be zlib-wrapped, but some servers send raw deflate
+            data, self._prefix = bytes(self._prefix) + chunk, None
+            self._inflater = zlib.decompressobj(wbits=-15)
+            return self.feed(data)
+        if self._prefix is not None:
+            self._prefix += chunk
+            if len(self._prefix) >= 2:
+                self._prefix = None
+        return self._count(out)
+
+    def flush(self) -> bytes:
+        """The last decoded bytes, at the end of the body."""
+        if self.error is not None or self._inflater is None:
+            return b""
+        inflater = self._inflater
+        out = self._count(inflater.flush())
+        if self.error is None and not inflater.eof:
+            return self._fail(f"truncated {self._coding} body")
+        return out
+
+    def _count(self, out: bytes) -> bytes:
+        self._size += len(out)
+        if self._size > self._max_size:
+            return self._fail(f"decoded body larger than {self._max_size} bytes")
+        return out
+
+    def _fail(self, error: str) -> bytes:
+        self.error = error
+        self._inflater = None
+        return b""

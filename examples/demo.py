@@ -1,0 +1,141 @@
+"""The demo: budget-middleware in front of an example app, on the default SQLite store.
+
+It creates a customer, a team and two virtual keys with small budgets and a rate limit, sends
+requests through the real middleware (in process, no network), shows the spend growing, a
+rate-limit refusal and a budget refusal with their messages, and prints a table of budgets.
+
+    bash scripts/demo.sh
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from mock_upstream import create_mock_app  # noqa: E402
+
+from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine  # noqa: E402
+
+DB_FILE = Path("budget_middleware_demo.db")
+
+
+def banner(text: str) -> None:
+    print(f"\n== {text} " + "=" * max(0, 72 - len(text)))
+
+
+def chat(max_tokens: int = 200) -> dict[str, Any]:
+    return {
+        "model": "openai/gpt-4o",
+        "messages": [{"role": "user", "content": "Write a haiku about budgets."}],
+        "max_tokens": max_tokens,
+    }
+
+
+def show(response: httpx.Response) -> None:
+    headers = response.headers
+    if response.status_code == 200:
+        usage = response.json()["usage"]
+        print(
+            f"  200 ok   tokens in/out {usage['prompt_tokens']:>3}/{usage['completion_tokens']:<4}"
+            f" budget remaining before: ${headers.get('x-budget-remaining', '-'):<10}"
+            f" requests left: {headers.get('x-ratelimit-remaining-requests', '-')}"
+        )
+    else:
+        error = response.json()["error"]
+        retry = headers.get("retry-after")
+        extra = f" (Retry-After: {retry}s)" if retry else ""
+        print(f"  {response.status_code} {error['code']}: {error['message']}{extra}")
+
+
+async def main() -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{DB_FILE}{suffix}").unlink(missing_ok=True)
+    # The default store is SQLite; the demo uses its own file so it starts afresh every run.
+    settings = BudgetSettings(database_url=f"sqlite:///./{DB_FILE}", pricing_file=None)
+    engine = get_engine(settings)
+    app = create_mock_app()
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    await engine.ensure_started()
+    manager = engine.manager
+
+    banner("1. Keys, teams and customers (Python management API)")
+    acme = manager.create_customer(
+        name="acme", budgets=[{"max_limit": 5.00, "reset_duration": "1M", "calendar_aligned": True}]
+    )
+    research = manager.create_team(
+        name="research",
+        customer_id=acme.id,
+        budgets=[{"max_limit": 0.05, "reset_duration": "1d", "calendar_aligned": True}],
+    )
+    alice = manager.create_virtual_key(
+        name="alice",
+        team_id=research.id,
+        rate_limit={"request_max_limit": 3, "request_reset_duration": "1m"},
+    )
+    bob = manager.create_virtual_key(
+        name="bob",
+        team_id=research.id,
+        budgets=[{"max_limit": 0.01, "reset_duration": "1h"}],
+    )
+    await engine.invalidate()
+    print("  customer acme ($5.00 a month) > team research ($0.05 a day)")
+    print(f"  key alice: 3 requests a minute   value {alice.value[:12]}… (shown once)")
+    print(f"  key bob:   $0.01 an hour          value {bob.value[:12]}… (shown once)")
+
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://demo") as http:
+
+        async def send(key: str, max_tokens: int = 200) -> httpx.Response:
+            return await http.post(
+                "/v1/chat/completions",
+                json=chat(max_tokens),
+                headers={"Authorization": f"Bearer {key}"},
+            )
+
+        banner("2. Requests are metered (gpt-4o at catalog prices)")
+        for _ in range(3):
+            show(await send(alice.value or ""))
+
+        banner("3. alice's rate limit (3 a minute) refuses the 4th request")
+        show(await send(alice.value or ""))
+
+        banner("4. bob spends until his $0.01 budget is gone")
+        for _ in range(6):
+            response = await send(bob.value or "", max_tokens=400)
+            show(response)
+            if response.status_code == 402:
+                break
+
+        banner("5. An unknown key")
+        show(await send("sk-bm-not-a-key"))
+        await engine.flush()
+
+    banner("6. Budgets (from the store, after the flush)")
+    print(f"  {'owner':<28} {'limit':>9} {'spent':>11} {'remaining':>11}  window")
+    for budget in manager.list_budgets():
+        print(
+            f"  {budget.user_path:<28} ${budget.max_limit:>8.4f} ${budget.current_usage:>10.6f}"
+            f" ${budget.remaining:>10.6f}  {budget.reset_duration} ({budget.period_label})"
+        )
+    records = manager.usage(group_by="virtual_key")
+    banner("7. Spend by key")
+    for row in records.usage:
+        print(
+            f"  {row.name or row.key or '-':<12} requests {row.requests:>3}"
+            f"  tokens {row.input_tokens:>4} in {row.output_tokens:>5} out  spend ${row.cost:.6f}"
+        )
+    await engine.shutdown()
+    print(f"\nThe store is {DB_FILE.resolve()}; run again to start afresh.")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    asyncio.run(main())

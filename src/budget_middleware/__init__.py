@@ -1,0 +1,48 @@
+"""budget-middleware: LLM spend budgets and rate limits in front of any ASGI app.
+
+    app.add_middleware(BudgetMiddleware)            # configured from BUDGET_* variables
+    app.mount("/budget-admin", create_admin_app())  # optional admin API
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .admission import Refusal
+from .engine import BudgetEngine, ServiceUnavailable, get_engine
+from .middleware import BudgetMiddleware, BudgetState
+from .pricing import PriceBook, PricingFileError
+from .settings import BudgetSettings, SettingsError
+from .usage import TokenUsage
+
+if TYPE_CHECKING:
+    from .manage import BudgetManager
+
+
+def create_admin_app(settings: BudgetSettings | None = None, **kwargs: Any) -> Any:
+    """The admin API as an ASGI app, sharing the engine of a middleware with equal settings."""
+    from .admin.app import create_admin_app as build
+
+    return build(settings, **kwargs)
+
+
+def get_manager(settings: BudgetSettings | None = None) -> BudgetManager:
+    """The Python management API of the engine for these settings."""
+    return get_engine(settings).manager
+
+
+__all__ = [
+    "BudgetEngine",
+    "BudgetMiddleware",
+    "BudgetSettings",
+    "BudgetState",
+    "PriceBook",
+    "PricingFileError",
+    "Refusal",
+    "ServiceUnavailable",
+    "SettingsError",
+    "TokenUsage",
+    "create_admin_app",
+    "get_engine",
+    "get_manager",
+]

@@ -1,0 +1,149 @@
+"""Admission and settlement across every applicable limit (SPEC §5, §6), in process.
+
+`admit` checks every counter first and changes nothing unless all pass, so a refused request
+charges nothing and counts against no limit. It never awaits: within one event loop it is atomic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .limits import Ledger, WindowCounter
+from .scopes import Scope
+
+
+@dataclass(slots=True, frozen=True)
+class Refusal:
+    """Why a request is refused, with what a client needs to act on it."""
+
+    code: str  # request_limit_exceeded, token_limit_exceeded, concurrency_limit_exceeded,
+    #            budget_exceeded, budget_reserved
+    scope: Scope
+    limit: int  # nano-dollars for budgets, a count otherwise
+    used: int
+    reset_at: float | None  # epoch seconds, None when the window never resets
+    reserved: int = 0
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request's hold on its limits, released exactly once by `settle`."""
+
+    scopes: tuple[Scope, ...]
+    reservation: int  # nano-dollars held on every budget
+    settled: bool = False
+
+
+def _reset_at(counter: WindowCounter) -> float | None:
+    return None if counter.end == float("inf") else counter.end
+
+
+def check_rate_limits(scopes: Sequence[Scope], now: float, ledger: Ledger) -> Refusal | None:
+    for scope in scopes:
+        rate = scope.rate_limit
+        if rate is None:
+            continue
+        requests = rate.requests
+        if requests is not None:
+            if now >= requests.end:
+                requests.roll(now, ledger)
+            if requests.value + 1 > requests.limit:
+                return Refusal(
+                    "request_limit_exceeded",
+                    scope,
+                    requests.limit,
+                    requests.value,
+                    _reset_at(requests),
+                )
+        tokens = rate.tokens
+        if tokens is not None:
+            if now >= tokens.end:
+                tokens.roll(now, ledger)
+            if tokens.value >= tokens.limit:
+                return Refusal(
+                    "token_limit_exceeded", scope, tokens.limit, tokens.value, _reset_at(tokens)
+                )
+        slots = rate.concurrency
+        if slots is not None and slots.limit is not None and slots.in_flight >= slots.limit:
+            return Refusal(
+                "concurrency_limit_exceeded", scope, slots.limit, slots.in_flight, None
+            )
+    return None
+
+
+def check_budgets(
+    scopes: Sequence[Scope], estimate: int, reserve: bool, now: float, ledger: Ledger
+) -> Refusal | None:
+    held: Refusal | None = None
+    for scope in scopes:
+        for budget in scope.budgets:
+            if now >= budget.end:
+                budget.roll(now, ledger)
+            if budget.value >= budget.limit:
+                return Refusal(
+                    "budget_exceeded", scope, budget.limit, budget.value, _reset_at(budget)
+                )
+            if (
+                held is None
+                and reserve
+                and budget.reserved > 0
+                and budget.value + budget.reserved + estimate > budget.limit
+            ):
+                # Exhausted elsewhere beats "wait for the requests in flight": keep looking.
+                held = Refusal(
+                    "budget_reserved",
+                    scope,
+                    budget.limit,
+                    budget.value,
+                    _reset_at(budget),
+                    budget.reserved,
+                )
+    return held
+
+
+def admit(
+    scopes: Sequence[Scope], estimate: int, reserve: bool, now: float, ledger: Ledger
+) -> Ticket | Refusal:
+    """All or nothing: either every applicable limit takes the request, or none is touched."""
+    refusal = check_rate_limits(scopes, now, ledger) or check_budgets(
+        scopes, estimate, reserve, now, ledger
+    )
+    if refusal is not None:
+        return refusal
+    reservation = estimate if reserve else 0
+    for scope in scopes:
+        rate = scope.rate_limit
+        if rate is not None:
+            if rate.requests is not None:
+                rate.requests.add(1, ledger)
+            if rate.concurrency is not None:
+                rate.concurrency.in_flight += 1
+        if reservation:
+            for budget in scope.budgets:
+                budget.reserved += reservation
+    return Ticket(tuple(scopes), reservation)
+
+
+def settle(ticket: Ticket, cost: int, tokens: int, now: float, ledger: Ledger) -> None:
+    """Replace the reservation by the actual cost, count tokens, free the concurrency slot."""
+    if ticket.settled:
+        return
+    ticket.settled = True
+    reservation = ticket.reservation
+    for scope in ticket.scopes:
+        for budget in scope.budgets:
+            if reservation:
+                budget.reserved = max(budget.reserved - reservation, 0)
+            if now >= budget.end:
+                budget.roll(now, ledger)
+            if cost:
+                budget.add(cost, ledger)
+        rate = scope.rate_limit
+        if rate is not None:
+            if rate.tokens is not None and tokens:
+                if now >= rate.tokens.end:
+                    rate.tokens.roll(now, ledger)
+                rate.tokens.add(tokens, ledger)
+            if rate.concurrency is not None and rate.concurrency.in_flight > 0:
+                rate.concurrency.in_flight -= 1

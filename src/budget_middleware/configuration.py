@@ -1,0 +1,184 @@
+"""Configuration read from the store, turned into scopes bound to live counters, and cached.
+
+Keys are cached by their hash in a TTL cache (unknown keys too, briefly), the limits outside the
+key hierarchy in one `GlobalConfig` that is reloaded every TTL. The caches are touched only from
+the event loop (cachetools is not thread-safe); the store is read in a worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from cachetools import TTLCache
+
+from .durations import Duration
+from .limits import CounterRegistry, RateLimitCounters, WindowCounter
+from .scopes import GlobalConfig, KeyConfig, ModelRule, ProviderPolicy, Scope
+from .store.database import GlobalRecord, KeyRecord, OwnerLimits, aware
+
+_durations: dict[str, Duration] = {}
+
+
+def parse_duration(text: str | None) -> Duration | None:
+    if text is None:
+        return None
+    found = _durations.get(text)
+    if found is None:
+        found = _durations[text] = Duration.parse(text)
+    return found
+
+
+class ScopeBuilder:
+    """Builds scopes whose counters are the registry's live ones."""
+
+    def __init__(self, registry: CounterRegistry, clock: Callable[[], float]) -> None:
+        self.registry = registry
+        self.clock = clock
+
+    def scope(self, type_: str, id_: str, name: str, limits: OwnerLimits | None) -> Scope:
+        if limits is None:
+            return Scope(type_, id_, name)
+        now = self.clock()
+        budgets = tuple(
+            self.registry.window(
+                "budget",
+                b.id,
+                limit=b.max_limit_nanos,
+                duration=parse_duration(b.reset_duration),
+                calendar_aligned=b.calendar_aligned,
+                last_reset=aware(b.last_reset),
+                usage=b.current_usage_nanos,
+                now=now,
+            )
+            for b in limits.budgets
+        )
+        rate = limits.rate_limit
+        counters = None
+        if rate is not None:
+            requests = tokens = None
+            if rate.request_max_limit is not None:
+                requests = self.registry.window(
+                    "request",
+                    rate.id,
+                    limit=rate.request_max_limit,
+                    duration=parse_duration(rate.request_reset_duration),
+                    calendar_aligned=False,
+                    last_reset=aware(rate.request_last_reset),
+                    usage=rate.request_current_usage,
+                    now=now,
+                )
+            if rate.token_max_limit is not None:
+                tokens = self.registry.window(
+                    "token",
+                    rate.id,
+                    limit=rate.token_max_limit,
+                    duration=parse_duration(rate.token_reset_duration),
+                    calendar_aligned=False,
+                    last_reset=aware(rate.token_last_reset),
+                    usage=rate.token_current_usage,
+                    now=now,
+                )
+            slots = None
+            if rate.max_concurrent_requests is not None:
+                slots = self.registry.slots(rate.id, rate.max_concurrent_requests)
+            if requests or tokens or slots:
+                counters = RateLimitCounters(rate.id, requests, tokens, slots)
+        return Scope(type_, id_, name, budgets, counters)
+
+    def key(self, record: KeyRecord) -> KeyConfig:
+        key, team, customer = record.key, record.team, record.customer
+        lim = record.limits
+        hierarchy = [self.scope("virtual_key", key.id, key.name, lim.get(("virtual_key", key.id)))]
+        if team is not None:
+            hierarchy.append(self.scope("team", team.id, team.name, lim.get(("team", team.id))))
+        if customer is not None:
+            hierarchy.append(
+                self.scope("customer", customer.id, customer.name, lim.get(("customer", customer.id)))
+            )
+        policies = {
+            p.provider: ProviderPolicy(
+                p.provider,
+                frozenset(p.allowed_models),
+                frozenset(p.blocked_models),
+                self.scope(
+                    "provider_config",
+                    p.id,
+                    f"{key.name}/{p.provider}",
+                    lim.get(("provider_config", p.id)),
+                ),
+            )
+            for p in record.provider_configs
+        }
+        rules = tuple(self._rule(r.id, r.model_name, r.provider, lim) for r in record.model_configs)
+        return KeyConfig(
+            id=key.id,
+            name=key.name,
+            display=key.key_display,
+            is_active=key.is_active,
+            expires_at=aware(key.expires_at).timestamp() if key.expires_at else None,
+            team_id=team.id if team else None,
+            team_name=team.name if team else None,
+            customer_id=customer.id if customer else None,
+            customer_name=customer.name if customer else None,
+            tags=tuple(key.tags or ()),
+            hierarchy=tuple(s for s in hierarchy if s.has_limits),
+            policies=policies,
+            model_rules=tuple(r for r in rules if r.scope.has_limits),
+        )
+
+    def _rule(
+        self,
+        id_: str,
+        model_name: str,
+        provider: str | None,
+        lim: dict[tuple[str, str], OwnerLimits],
+    ) -> ModelRule:
+        name = f"{provider}/{model_name}" if provider else model_name
+        return ModelRule(
+            model_name, provider, self.scope("model_config", id_, name, lim.get(("model_config", id_)))
+        )
+
+    def globals(self, record: GlobalRecord) -> GlobalConfig:
+        lim = record.limits
+        rules = (self._rule(r.id, r.model_name, r.provider, lim) for r in record.model_configs)
+        return GlobalConfig(
+            providers={
+                p.provider: self.scope("provider", p.provider, p.provider, lim.get(("provider", p.provider)))
+                for p in record.providers
+            },
+            model_rules=tuple(r for r in rules if r.scope.has_limits),
+            tags={t.tag: self.scope("tag", t.tag, t.tag, lim.get(("tag", t.tag))) for t in record.tags},
+        )
+
+
+class KeyCache:
+    """Key hash -> KeyConfig (or None for an unknown key), trusted for the cache TTL."""
+
+    def __init__(self, ttl: float, maxsize: int = 1_000_000) -> None:
+        self._found: TTLCache[str, KeyConfig | None] = TTLCache(maxsize, ttl, timer=time.monotonic)
+
+    def get(self, key_hash: str) -> KeyConfig | None | bool:
+        """The cached config, None for a cached unknown key, False when not cached."""
+        return self._found.get(key_hash, False)
+
+    def put(self, key_hash: str, config: KeyConfig | None) -> None:
+        self._found[key_hash] = config
+
+    def clear(self) -> None:
+        self._found.clear()
+
+    def values(self) -> Iterable[KeyConfig]:
+        return [c for c in self._found.values() if c is not None]
+
+    def __len__(self) -> int:
+        return len(self._found)
+
+
+def all_counters(scopes: Iterable[Scope]) -> list[WindowCounter]:
+    found: list[WindowCounter] = []
+    for scope in scopes:
+        found.extend(scope.budgets)
+        if scope.rate_limit is not None:
+            found.extend(c for c in (scope.rate_limit.requests, scope.rate_limit.tokens) if c)
+    return found

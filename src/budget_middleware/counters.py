@@ -1,0 +1,128 @@
+"""Counter backends: where admission decides and settlement lands.
+
+`MemoryCounters` decides in process (one event loop, no awaits: atomic). A shared backend (Redis)
+implements the same interface. Either way the charges made by this process are kept in the
+registry's ledger until the flusher has written them to the store as deltas.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import anyio.to_thread
+
+from . import admission
+from .admission import Refusal, Ticket
+from .limits import FAR_FUTURE, WindowCounter
+from .scopes import Scope
+from .store.database import END_OF_TIME, Delta
+
+if TYPE_CHECKING:
+    from .engine import BudgetEngine
+
+
+def _dt(ts: float) -> datetime:
+    return END_OF_TIME if ts == FAR_FUTURE else datetime.fromtimestamp(ts, UTC)
+
+
+class CounterBackend(ABC):
+    def __init__(self, engine: BudgetEngine) -> None:
+        self.engine = engine
+        self.registry = engine.registry
+        self.ledger = engine.registry.ledger
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect (shared backends)."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Disconnect (shared backends)."""
+
+    async def health(self) -> str:
+        return "disabled"
+
+    @abstractmethod
+    async def admit(self, scopes: Sequence[Scope], estimate: int) -> Ticket | Refusal: ...
+
+    @abstractmethod
+    async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None: ...
+
+    async def refresh(self) -> None:
+        """Re-read the counters from the store, every cache TTL (instances sharing a store)."""
+        budget_ids = [i for (kind, i) in self.registry.windows if kind == "budget"]
+        rate_ids = {i for (kind, i) in self.registry.windows if kind != "budget"}
+        if not budget_ids and not rate_ids:
+            return
+        budgets, rates = await anyio.to_thread.run_sync(
+            self.engine.store.read_counters, budget_ids, rate_ids
+        )
+        windows = self.registry.windows
+        for id_, (usage, last_reset) in budgets.items():
+            counter = windows.get(("budget", id_))
+            if counter is not None:
+                counter.seed(usage, last_reset.timestamp())
+        for id_, row in rates.items():
+            requests = windows.get(("request", id_))
+            if requests is not None:
+                requests.seed(row.request_current_usage, _aware(row.request_last_reset))
+            tokens = windows.get(("token", id_))
+            if tokens is not None:
+                tokens.seed(row.token_current_usage, _aware(row.token_last_reset))
+
+    def take_deltas(self) -> list[Delta]:
+        """Everything charged here since the last flush, moved out of the ledger."""
+        ledger = self.ledger
+        deltas = [
+            Delta(kind, id_, _dt(start), _dt(_end_of(kind, id_, start, self)), amount)
+            for kind, id_, start, amount in ledger.sealed
+        ]
+        ledger.sealed = []
+        for counter in ledger.dirty:
+            if counter.pending:
+                deltas.append(
+                    Delta(
+                        counter.kind,
+                        counter.id,
+                        _dt(counter.pending_start),
+                        _dt(counter.end if counter.pending_start == counter.start else FAR_FUTURE),
+                        counter.pending,
+                    )
+                )
+                counter.pending = 0
+        ledger.dirty = set()
+        return deltas
+
+    def restore_deltas(self, deltas: Sequence[Delta]) -> None:
+        """A flush failed: put its deltas back so the next one writes them."""
+        for delta in deltas:
+            self.ledger.sealed.append(
+                (delta.kind, delta.id, delta.window_start.timestamp(), delta.amount)
+            )
+
+
+def _aware(moment: datetime) -> float:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _end_of(kind: str, id_: str, start: float, backend: CounterBackend) -> float:
+    """The end of a sealed window: where the counter's window after it begins, or never."""
+    counter: WindowCounter | None = backend.registry.windows.get((kind, id_))
+    if counter is not None and counter.start > start:
+        return counter.start
+    return FAR_FUTURE
+
+
+class MemoryCounters(CounterBackend):
+    """Counters in this process: exact for one process; shared stores converge every TTL."""
+
+    async def admit(self, scopes: Sequence[Scope], estimate: int) -> Ticket | Refusal:
+        return admission.admit(
+            scopes, estimate, self.engine.settings.reserve, self.engine.clock(), self.ledger
+        )
+
+    async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
+        admission.settle(ticket, cost, tokens, self.engine.clock(), self.ledger)

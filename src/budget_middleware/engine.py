@@ -1,0 +1,295 @@
+"""The engine: one per settings in a process, shared by the middleware and the admin app.
+
+It owns the store, the caches, the live counters and the flusher, and answers the middleware's
+three questions: who is this key, may this request pass, and what did it cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+
+from . import admission
+from .admission import Refusal, Ticket
+from .configuration import KeyCache, ScopeBuilder
+from .counters import CounterBackend, MemoryCounters
+from .limits import CounterRegistry
+from .pricing import PriceBook
+from .scopes import GlobalConfig, KeyConfig, Scope
+from .settings import BudgetSettings
+from .store.database import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .manage import BudgetManager
+
+logger = logging.getLogger("budget_middleware")
+
+_engines: weakref.WeakValueDictionary[str, BudgetEngine] = weakref.WeakValueDictionary()
+
+
+def get_engine(settings: BudgetSettings | None = None) -> BudgetEngine:
+    """The engine for these settings; equal settings share one engine in a process."""
+    settings = settings if settings is not None else BudgetSettings()
+    key = settings.cache_key()
+    engine = _engines.get(key)
+    if engine is None:
+        engine = BudgetEngine(settings)
+        _engines[key] = engine
+    return engine
+
+
+def hash_key(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class Stats:
+    """What the metrics endpoint reports."""
+
+    admitted: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    unpriced_requests: int = 0
+    last_flush_at: float | None = None
+    flush_failures: int = 0
+    engine: Any = None
+
+    @property
+    def pending_records(self) -> int:
+        return len(self.engine.records) + len(self.engine.in_flight_records)
+
+    @property
+    def pending_deltas(self) -> int:
+        ledger = self.engine.registry.ledger
+        return len(ledger.dirty) + len(ledger.sealed)
+
+
+class ServiceUnavailable(RuntimeError):
+    """The store or Redis cannot be reached and the settings say to fail closed."""
+
+
+class BudgetEngine:
+    def __init__(self, settings: BudgetSettings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.store = Store(settings.database_url)
+        self.registry = CounterRegistry()
+        self.builder = ScopeBuilder(self.registry, clock)
+        self.keys = KeyCache(settings.cache_ttl_seconds)
+        self.globals = GlobalConfig()
+        self.globals_loaded_at = float("-inf")
+        self.prices = PriceBook(settings.pricing_file)
+        self.counters: CounterBackend = MemoryCounters(self)
+        self.stats = Stats(engine=self)
+        self.records: list[dict[str, Any]] = []
+        self.in_flight_records: list[dict[str, Any]] = []
+        self.startup_hooks: list[Callable[[Store], None]] = []
+        self.started = False
+        self.store_ok = True
+        self._start_lock: asyncio.Lock | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._flush_lock: asyncio.Lock | None = None
+        self._key_loads: dict[str, asyncio.Future[KeyConfig | None]] = {}
+        self._manager: BudgetManager | None = None
+        self._install_default_hooks()
+
+    def _install_default_hooks(self) -> None:
+        if self.settings.config_file is not None:
+            from .declarative import load_config_file
+
+            settings = self.settings
+            self.startup_hooks.append(lambda store: load_config_file(store, settings))
+
+    @property
+    def manager(self) -> BudgetManager:
+        if self._manager is None:
+            from .manage import BudgetManager
+
+            self._manager = BudgetManager(self.store, self.settings)
+        return self._manager
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def ensure_started(self) -> None:
+        if self.started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self.started:
+                return
+            await anyio.to_thread.run_sync(self._prepare_store)
+            await self.counters.start()
+            await self.reload_globals()
+            self._flush_lock = asyncio.Lock()
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+            self.started = True
+
+    def _prepare_store(self) -> None:
+        self.store.create_schema()
+        for hook in self.startup_hooks:
+            hook(self.store)
+
+    async def shutdown(self) -> None:
+        """Stop the flusher and write every pending charge (lifespan shutdown)."""
+        if not self.started:
+            return
+        self.started = False
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+            self._flusher = None
+        for _ in range(3):
+            if await self.flush():
+                break
+        await self.counters.stop()
+        self._start_lock = None
+
+    async def _flush_loop(self) -> None:
+        interval = self.settings.flush_interval_seconds
+        ttl = self.settings.cache_ttl_seconds
+        last_refresh = self.clock()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.flush()
+                if self.clock() - last_refresh >= ttl:
+                    last_refresh = self.clock()
+                    await self.reload_globals()
+                    await self.counters.refresh()
+            except Exception:  # the loop must survive anything; the next round retries
+                logger.exception("budget-middleware flusher round failed")
+
+    # -- configuration -------------------------------------------------------------------
+
+    async def reload_globals(self) -> None:
+        try:
+            record = await anyio.to_thread.run_sync(self.store.load_globals)
+        except Exception as exc:
+            self._store_failed(exc)
+            return
+        self.store_ok = True
+        self.globals = self.builder.globals(record)
+        self.globals_loaded_at = self.clock()
+
+    async def invalidate(self) -> None:
+        """After a write through the admin API: the next request sees the change."""
+        self.keys.clear()
+        await self.reload_globals()
+
+    def _store_failed(self, exc: BaseException) -> None:
+        if self.store_ok:
+            logger.warning("budget-middleware store unreachable: %s", type(exc).__name__)
+        self.store_ok = False
+
+    async def lookup_key(self, value: str) -> KeyConfig | None:
+        """The key's configuration; a cached key costs a hash and a dict lookup."""
+        key_hash = hash_key(value)
+        found = self.keys.get(key_hash)
+        if found is not False:
+            return found  # type: ignore[return-value]
+        pending = self._key_loads.get(key_hash)
+        if pending is not None:  # many first requests of one key share one store read
+            return await asyncio.shield(pending)
+        future: asyncio.Future[KeyConfig | None] = asyncio.get_running_loop().create_future()
+        self._key_loads[key_hash] = future
+        try:
+            record = await anyio.to_thread.run_sync(self.store.load_key, key_hash)
+            config = None if record is None else self.builder.key(record)
+            self.keys.put(key_hash, config)
+            self.store_ok = True
+            future.set_result(config)
+            return config
+        except Exception as exc:
+            self._store_failed(exc)
+            future.set_exception(ServiceUnavailable("the budget store cannot be reached"))
+            future.exception()  # retrieved: waiters re-raise it themselves
+            raise ServiceUnavailable("the budget store cannot be reached") from exc
+        finally:
+            del self._key_loads[key_hash]
+
+    def scopes_for(
+        self, key: KeyConfig | None, provider: str, model: str, tags: tuple[str, ...]
+    ) -> tuple[Scope, ...]:
+        if key is None:
+            return self.globals.resolve_anonymous(provider, model, tags)
+        return key.resolve(self.globals, provider, model, tags)
+
+    # -- admission and settlement --------------------------------------------------------
+
+    async def admit(self, scopes: tuple[Scope, ...], estimate: int) -> Ticket | Refusal:
+        decision = await self.counters.admit(scopes, estimate)
+        if isinstance(decision, Refusal):
+            self.stats.refused[decision.code] = self.stats.refused.get(decision.code, 0) + 1
+        else:
+            self.stats.admitted += 1
+        return decision
+
+    async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
+        await self.counters.settle(ticket, cost, tokens)
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.stats.input_tokens += row["input_tokens"]
+        self.stats.output_tokens += row["output_tokens"]
+        self.records.append(row)
+
+    def reset_window(self, kind: str, id: str) -> None:
+        counter = self.registry.windows.get((kind, id))
+        if counter is not None:
+            counter.reset(self.clock())
+
+    # -- the ledger's way to the store ---------------------------------------------------
+
+    async def flush(self) -> bool:
+        """Write pending deltas and usage records in one transaction; on failure keep them."""
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+        async with self._flush_lock:
+            deltas = self.counters.take_deltas()
+            records, self.records = self.records, []
+            if not deltas and not records:
+                return True
+            self.in_flight_records = records
+            batch_id = uuid.uuid4().hex
+            try:
+                await anyio.to_thread.run_sync(self.store.apply_flush, batch_id, deltas, records)
+            except (StoreUnavailable, Exception) as exc:
+                self.stats.flush_failures += 1
+                self._store_failed(exc)
+                self.counters.restore_deltas(deltas)
+                self.records = records + self.records
+                return False
+            finally:
+                self.in_flight_records = []
+            self.store_ok = True
+            self.stats.last_flush_at = self.clock()
+            return True
+
+    async def health(self) -> dict[str, str]:
+        try:
+            await anyio.to_thread.run_sync(self.store.ping)
+            store = "ok"
+        except Exception:
+            store = "down"
+        return {"store": store, "redis": await self.counters.health()}
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+__all__ = ["BudgetEngine", "ServiceUnavailable", "get_engine", "hash_key", "admission"]

@@ -1,0 +1,123 @@
+"""Every refusal in one shape (SPEC §8): OpenAI's error body, with the limit that refused."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from .admission import Refusal
+
+_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+_OWNER_LABELS = {
+    "customer": "Customer",
+    "team": "Team",
+    "virtual_key": "Virtual key",
+    "provider_config": "Provider config",
+    "provider": "Provider",
+    "model_config": "Model config",
+    "tag": "Tag",
+}
+
+
+@dataclass(slots=True, frozen=True)
+class ErrorAnswer:
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+def error_answer(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    error_type: str | None = None,
+    scope: dict[str, str] | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> ErrorAnswer:
+    error: dict[str, object] = {
+        "message": message,
+        "type": error_type or _TYPES.get(status, "invalid_request_error"),
+        "code": code,
+        "param": None,
+    }
+    if scope is not None:
+        error["scope"] = scope
+    body = json.dumps({"error": error}).encode()
+    out = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    return ErrorAnswer(status, body, out + (headers or []))
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "never resets"
+    return "resets " + datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _usd(nanos: int) -> str:
+    return f"${nanos / 1e9:.4f}"
+
+
+def refusal_answer(refusal: Refusal, exceeded_status: int, now: float | None = None) -> ErrorAnswer:
+    """The answer for a request refused by a limit: names the limit, the amounts, the reset."""
+    scope = refusal.scope
+    owner = f"{_OWNER_LABELS[scope.type]} '{scope.name}'"
+    scope_json = {"type": scope.type, "id": scope.id, "name": scope.name}
+    code = refusal.code
+    when = _when(refusal.reset_at)
+    now = time.time() if now is None else now
+    if code == "budget_exceeded":
+        message = (
+            f"{owner} budget exceeded: {_usd(refusal.used)} spent of {_usd(refusal.limit)} ({when})"
+        )
+        status = exceeded_status
+        return error_answer(
+            status,
+            code,
+            message,
+            error_type="budget_exceeded",
+            scope=scope_json,
+            headers=[(b"x-should-retry", b"false")],
+        )
+    if code == "budget_reserved":
+        message = (
+            f"{owner} budget is held by requests in flight: {_usd(refusal.used)} spent and "
+            f"{_usd(refusal.reserved)} reserved of {_usd(refusal.limit)}; retry when they finish"
+        )
+        wait = 1.0
+    elif code == "request_limit_exceeded":
+        message = f"{owner} request limit exceeded: {refusal.used} of {refusal.limit} requests ({when})"
+        wait = _wait(refusal.reset_at, now)
+    elif code == "token_limit_exceeded":
+        message = f"{owner} token limit exceeded: {refusal.used} of {refusal.limit} tokens ({when})"
+        wait = _wait(refusal.reset_at, now)
+    else:
+        message = (
+            f"{owner} concurrency limit exceeded: {refusal.used} of {refusal.limit} requests "
+            "in flight; retry when one finishes"
+        )
+        wait = 1.0
+    retry = [
+        (b"retry-after", str(max(math.ceil(wait), 1)).encode()),
+        (b"retry-after-ms", str(max(int(wait * 1000), 1)).encode()),
+    ]
+    return error_answer(429, code, message, scope=scope_json, headers=retry)
+
+
+def _wait(reset_at: float | None, now: float) -> float:
+    if reset_at is None:
+        return 1.0
+    return max(reset_at - now, 0.001)

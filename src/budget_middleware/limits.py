@@ -1,0 +1,190 @@
+"""Live counters of budgets and rate limits, and the in-process admission that uses them.
+
+A counter is bound once to its limit (by id) and survives configuration reloads: reloading a
+limit changes its parameters, never its usage. Every check here runs without an `await`, so in
+one event loop an admission is atomic across every counter it touches (all or nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from .durations import Duration, window_bounds
+
+FAR_FUTURE = float("inf")
+
+
+def _ts(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class WindowCounter:
+    """A value that resets when its window ends (a budget's spend, a request or token count)."""
+
+    __slots__ = (
+        "anchor",
+        "calendar_aligned",
+        "duration",
+        "end",
+        "id",
+        "kind",
+        "limit",
+        "pending",
+        "pending_start",
+        "reserved",
+        "start",
+        "value",
+    )
+
+    def __init__(self, kind: str, id: str) -> None:
+        self.kind = kind  # "budget", "request" or "token"
+        self.id = id
+        self.limit = 0
+        self.duration: Duration | None = None
+        self.calendar_aligned = False
+        self.anchor = 0.0
+        self.start = 0.0
+        self.end = FAR_FUTURE
+        self.value = 0  # usage in this window (nano-dollars for budgets), as far as we know
+        self.reserved = 0  # held by requests in flight (budgets only)
+        self.pending = 0  # charged here and not yet written to the store
+        self.pending_start = 0.0  # the window `pending` belongs to
+
+    def configure(
+        self,
+        limit: int,
+        duration: Duration | None,
+        calendar_aligned: bool,
+        anchor: float,
+        now: float,
+    ) -> None:
+        """Apply (new) limit parameters; the usage is kept (changing a limit never resets it)."""
+        self.limit = limit
+        if (duration, calendar_aligned) != (self.duration, self.calendar_aligned) or (
+            anchor > self.anchor
+        ):
+            self.duration = duration
+            self.calendar_aligned = calendar_aligned
+            self.anchor = max(anchor, self.anchor)
+            self.start, self.end = self._window_at(now)
+
+    def seed(self, stored_value: int, stored_reset: float) -> None:
+        """Take the store's usage; it counts for our window only if its window is ours."""
+        mine = self.pending if self.pending_start == self.start else 0
+        self.value = stored_value + mine if stored_reset >= self.start else mine
+
+    def _window_at(self, now: float) -> tuple[float, float]:
+        if self.duration is None:
+            return self.anchor, FAR_FUTURE
+        start, end = window_bounds(
+            self.duration,
+            anchor=_dt(self.anchor),
+            now=_dt(max(now, self.anchor)),
+            calendar_aligned=self.calendar_aligned,
+        )
+        return _ts(start), _ts(end)
+
+    def roll(self, now: float, ledger: Ledger) -> None:
+        """Start the window that contains `now` (called only when `now >= self.end`)."""
+        if self.pending:
+            ledger.sealed.append((self.kind, self.id, self.pending_start, self.pending))
+            self.pending = 0
+        self.start, self.end = self._window_at(now)
+        self.value = 0
+
+    def add(self, amount: int, ledger: Ledger) -> None:
+        self.value += amount
+        if self.pending and self.pending_start != self.start:
+            ledger.sealed.append((self.kind, self.id, self.pending_start, self.pending))
+            self.pending = 0
+        self.pending += amount
+        self.pending_start = self.start
+        ledger.dirty.add(self)
+
+    def reset(self, now: float) -> None:
+        """Start a new window now (`POST /budgets/{id}/reset`); charges of the old window that are
+        not yet written no longer count against it (their usage records stay)."""
+        self.anchor = now
+        self.pending = 0
+        self.value = 0
+        self.start, self.end = self._window_at(now)
+
+    @property
+    def remaining(self) -> int:
+        return max(self.limit - self.value, 0)
+
+
+@dataclass(slots=True)
+class Concurrency:
+    id: str
+    limit: int | None = None
+    in_flight: int = 0
+
+
+@dataclass(slots=True)
+class Ledger:
+    """Charges waiting for the flusher: dirty counters and deltas of windows that have ended."""
+
+    dirty: set[WindowCounter] = field(default_factory=set)
+    sealed: list[tuple[str, str, float, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RateLimitCounters:
+    id: str
+    requests: WindowCounter | None
+    tokens: WindowCounter | None
+    concurrency: Concurrency | None
+
+
+class CounterRegistry:
+    """Every live counter of this process, by limit id."""
+
+    def __init__(self) -> None:
+        self.ledger = Ledger()
+        self.windows: dict[tuple[str, str], WindowCounter] = {}
+        self.concurrency: dict[str, Concurrency] = {}
+
+    def window(
+        self,
+        kind: str,
+        id: str,
+        *,
+        limit: int,
+        duration: Duration | None,
+        calendar_aligned: bool,
+        last_reset: datetime,
+        usage: int,
+        now: float,
+    ) -> WindowCounter:
+        counter = self.windows.get((kind, id))
+        anchor = _ts(last_reset)
+        if counter is None:
+            counter = self.windows[(kind, id)] = WindowCounter(kind, id)
+            counter.configure(limit, duration, calendar_aligned, anchor, now)
+            counter.seed(usage, anchor)
+        else:
+            counter.configure(limit, duration, calendar_aligned, anchor, now)
+        return counter
+
+    def slots(self, id: str, limit: int | None) -> Concurrency:
+        slots = self.concurrency.get(id)
+        if slots is None:
+            slots = self.concurrency[id] = Concurrency(id)
+        slots.limit = limit
+        return slots
+
+    def forget(self, kind: str, id: str) -> None:
+        self.windows.pop((kind, id), None)
+
+
+def ensure_current(counters: Sequence[WindowCounter], now: float, ledger: Ledger) -> None:
+    for counter in counters:
+        if now >= counter.end:
+            counter.roll(now, ledger)

@@ -1,0 +1,290 @@
+"""One metered exchange: pass the response on untouched, measure it, settle it exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from .admission import Ticket
+from .identity import Target
+from .limits import WindowCounter
+from .pricing import cost_nanos, nanos_from_usd
+from .scopes import KeyConfig, Scope
+from .sse import StreamMeter
+from .usage import TokenUsage, usage_from_json
+
+if TYPE_CHECKING:
+    from .engine import BudgetEngine
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_JSON_TAIL = 1 << 20  # of a huge JSON answer keep the last MiB: usage sits at the end
+_COST_HEADER = b"x-budget-cost"
+
+
+@dataclass(slots=True, eq=False)
+class RequestContext:
+    key: KeyConfig | None
+    target: Target
+    scopes: tuple[Scope, ...]
+    prompt_tokens: int  # estimated, for reservations and cut streams
+    admitted_at: float
+    injected_usage: bool = False
+
+    @property
+    def state(self) -> Any:
+        from .middleware import BudgetState
+
+        key = self.key
+        return BudgetState(
+            key.id if key else None,
+            key.team_id if key else None,
+            key.customer_id if key else None,
+            self.target.provider,
+            self.target.model,
+            self.target.tags,
+        )
+
+
+class Exchange:
+    """Tracks where the response is; never sends a second start, never holds a chunk back."""
+
+    def __init__(
+        self, engine: BudgetEngine, context: RequestContext, ticket: Ticket, started: float
+    ) -> None:
+        self.engine = engine
+        self.context = context
+        self.ticket = ticket
+        self.started = started
+        self.status = 0
+        self.response_started = False
+        self.response_complete = False
+        self.header_cost: int | None = None
+        self.stream: StreamMeter | None = None
+        self.json_parts: list[bytes] = []
+        self.json_size = 0
+        self.decoder: Any = None  # zlib decompressor for a compressed answer
+        self.unreadable: str | None = None
+        self.client_gone = False
+
+    async def run(
+        self,
+        app: Callable[[Any, Receive, Send], Awaitable[None]],
+        scope: Any,
+        body: bytes,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:  # the body once; then the real receive (a disconnect, say)
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            message = await receive()
+            if message["type"] == "http.disconnect" and not self.response_complete:
+                self.client_gone = True
+            return message
+
+        async def forward(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = self._on_start(message)
+            elif message["type"] == "http.response.body":
+                message = self._on_body(message)
+            try:
+                await send(message)
+            except OSError:
+                self.client_gone = True
+                raise
+
+        outcome = "upstream_error"
+        try:
+            await app(scope, replay, forward)
+            outcome = "completed"
+        except asyncio.CancelledError:
+            outcome = "client_disconnected"
+            raise
+        finally:
+            if self.client_gone and not self.response_complete:
+                outcome = "client_disconnected"
+            await self._settle(outcome)
+
+    # -- the response going by -----------------------------------------------------------
+
+    def _on_start(self, message: Message) -> Message:
+        self.response_started = True
+        self.status = message["status"]
+        headers = message.get("headers") or []
+        kept: list[tuple[bytes, bytes]] = []
+        event_stream = False
+        encoding = b""
+        for name, value in headers:
+            lname = name.lower()
+            if lname == _COST_HEADER:
+                try:
+                    self.header_cost = nanos_from_usd(float(value))
+                except ValueError:
+                    self.header_cost = None
+                continue
+            if lname == b"content-type":
+                event_stream = value.startswith(b"text/event-stream")
+            elif lname == b"content-encoding":
+                encoding = value.lower().strip()
+            kept.append((name, value))
+        if encoding in (b"gzip", b"deflate"):
+            import zlib
+
+            self.decoder = zlib.decompressobj(wbits=47)
+        elif encoding and encoding != b"identity":
+            self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
+        if event_stream:
+            self.stream = StreamMeter(
+                drop_usage_chunk=self.context.injected_usage and self.decoder is None
+            )
+        kept.extend(self._limit_headers())
+        return {**message, "headers": kept}
+
+    def _on_body(self, message: Message) -> Message:
+        chunk: bytes = message.get("body", b"")
+        more = message.get("more_body", False)
+        if not more:
+            self.response_complete = True
+        if self.unreadable is not None:
+            return message
+        plain = chunk
+        if self.decoder is not None and chunk:
+            try:
+                plain = self.decoder.decompress(chunk)
+            except Exception:
+                self.unreadable = "compressed answer could not be decoded"
+                return message
+        stream = self.stream
+        if stream is not None:
+            if self.decoder is not None:
+                stream.feed(plain)  # measure only: the compressed bytes go on untouched
+                return message
+            out = stream.feed(chunk)
+            if not more:
+                out += stream.finish()
+            if out is chunk:
+                return message
+            return {**message, "body": out}
+        if plain:
+            self.json_parts.append(plain)
+            self.json_size += len(plain)
+            if self.json_size > 2 * _JSON_TAIL:  # keep the tail only
+                tail = b"".join(self.json_parts)[-_JSON_TAIL:]
+                self.json_parts, self.json_size = [tail], len(tail)
+        return message
+
+    def _limit_headers(self) -> list[tuple[bytes, bytes]]:
+        """Rate-limit and budget headers of the tightest applicable limits."""
+        requests: WindowCounter | None = None
+        tokens: WindowCounter | None = None
+        budget: WindowCounter | None = None
+        for scope in self.context.scopes:
+            for counter in scope.budgets:
+                if budget is None or counter.remaining < budget.remaining:
+                    budget = counter
+            rate = scope.rate_limit
+            if rate is not None:
+                if rate.requests is not None and (
+                    requests is None or rate.requests.remaining < requests.remaining
+                ):
+                    requests = rate.requests
+                if rate.tokens is not None and (
+                    tokens is None or rate.tokens.remaining < tokens.remaining
+                ):
+                    tokens = rate.tokens
+        out: list[tuple[bytes, bytes]] = []
+        now = self.context.admitted_at
+        for suffix, window in ((b"requests", requests), (b"tokens", tokens)):
+            if window is not None:
+                out.append((b"x-ratelimit-limit-" + suffix, str(window.limit).encode()))
+                out.append((b"x-ratelimit-remaining-" + suffix, str(window.remaining).encode()))
+                left = window.end - now
+                reset = "never" if left == float("inf") else f"{max(left, 0):.0f}s"
+                out.append((b"x-ratelimit-reset-" + suffix, reset.encode()))
+        if budget is not None:
+            before = budget.limit - budget.value
+            out.append((b"x-budget-limit", f"{budget.limit / 1e9:.6f}".encode()))
+            out.append((b"x-budget-remaining", f"{max(before, 0) / 1e9:.6f}".encode()))
+        return out
+
+    # -- settlement ----------------------------------------------------------------------
+
+    def _usage(self) -> TokenUsage | None:
+        if self.stream is not None:
+            return self.stream.usage
+        if self.json_parts:
+            body = self.json_parts[0] if len(self.json_parts) == 1 else b"".join(self.json_parts)
+            return usage_from_json(body)
+        return None
+
+    async def _settle(self, outcome: str) -> None:
+        engine = self.engine
+        context = self.context
+        target = context.target
+        usage = None if self.unreadable else self._usage()
+        estimated = False
+        note = self.unreadable
+        streamed = self.stream is not None
+        if self.header_cost is not None:
+            cost, source = self.header_cost, "header"
+        elif usage is not None and usage.cost is not None:
+            cost, source = nanos_from_usd(usage.cost), "usage"
+        elif usage is None and (self.status >= 400 or not self.response_started):
+            cost, source = 0, "none"  # an error without usage costs nothing
+        else:
+            if usage is None:  # no usage reported: charge what we can see, and say so
+                estimated = True
+                output_chars = self.stream.text_chars if self.stream is not None else 0
+                usage = TokenUsage(context.prompt_tokens, (output_chars + 3) // 4)
+                note = note or "no usage in the response"
+            price = engine.prices.price(target.provider, target.model)
+            if price is None:
+                cost, source = 0, "unpriced"
+                engine.prices.note_unpriced(target.provider, target.model)
+                engine.stats.unpriced_requests += 1
+            else:
+                cost, source = cost_nanos(price, usage), price.source
+        tokens = usage.total_tokens if usage is not None else 0
+        await engine.settle(self.ticket, cost, tokens)
+        key = context.key
+        engine.record(
+            {
+                "request_id": uuid.uuid4().hex,
+                "created_at": datetime.fromtimestamp(context.admitted_at, UTC),
+                "virtual_key_id": key.id if key else None,
+                "team_id": key.team_id if key else None,
+                "customer_id": key.customer_id if key else None,
+                "provider": target.provider,
+                "model": target.model,
+                "tags": list(target.tags),
+                "input_tokens": usage.input_tokens if usage else 0,
+                "output_tokens": usage.output_tokens if usage else 0,
+                "cached_tokens": usage.cached_tokens if usage else 0,
+                "cost_nanos": cost,
+                "cost": cost / 1e9,
+                "cost_source": source,
+                "status": self.status,
+                "streamed": streamed,
+                "outcome": outcome,
+                "estimated": estimated,
+                "note": note,
+                "duration_ms": (_perf() - self.started) * 1000,
+            }
+        )
+
+
+def _perf() -> float:
+    import time
+
+    return time.perf_counter()

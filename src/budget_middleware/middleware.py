@@ -1,0 +1,323 @@
+"""The pure ASGI middleware: a thin adapter between the host app and the engine.
+
+Read the request once, ask the engine, pass the request on (its body replayed exactly once), watch
+the response go by without holding it back, and settle the charge however the response ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .admission import Refusal, Ticket
+from .engine import BudgetEngine, ServiceUnavailable, get_engine
+from .errors import ErrorAnswer, error_answer, refusal_answer
+from .identity import Credentials, header_reader, resolve_target, route_path
+from .metering import Exchange, RequestContext
+from .scopes import KeyConfig, Scope
+from .settings import BudgetSettings
+
+Scope_ = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope_, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("budget_middleware")
+
+_USAGE_PATHS = ("/chat/completions", "/completions")  # OpenAI-style: `stream_options` applies
+
+
+class BudgetState:
+    """`request.state.budget`: who is calling, for the host app to route on."""
+
+    __slots__ = ("customer_id", "model", "provider", "tags", "team_id", "virtual_key_id")
+
+    def __init__(
+        self,
+        virtual_key_id: str | None,
+        team_id: str | None,
+        customer_id: str | None,
+        provider: str,
+        model: str,
+        tags: tuple[str, ...],
+    ) -> None:
+        self.virtual_key_id = virtual_key_id
+        self.team_id = team_id
+        self.customer_id = customer_id
+        self.provider = provider
+        self.model = model
+        self.tags = tags
+
+    def __repr__(self) -> str:
+        return (
+            f"BudgetState(virtual_key_id={self.virtual_key_id!r}, team_id={self.team_id!r}, "
+            f"customer_id={self.customer_id!r}, provider={self.provider!r}, "
+            f"model={self.model!r}, tags={self.tags!r})"
+        )
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class BudgetMiddleware:
+    """`app.add_middleware(BudgetMiddleware)`: budgets and rate limits for every metered request."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: BudgetSettings | None = None,
+        *,
+        engine: BudgetEngine | None = None,
+    ) -> None:
+        self.app = app
+        self.error: Exception | None = None
+        try:
+            self.engine = engine if engine is not None else get_engine(settings)
+        except Exception as exc:  # reported at lifespan startup, where a server stops on it
+            self.error = exc
+            return
+        s = self.engine.settings
+        self.suffixes = s.inference_paths
+        self.read_headers = header_reader(s)
+        self.max_body = s.max_body_bytes
+        self.reserve = s.reserve
+        self.default_output = s.default_max_output_tokens
+        self.fail_open = s.fail_open
+        self.require_key = s.require_virtual_key
+        self.exceeded_status = s.exceeded_status
+
+    async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if scope["method"] == "POST" and scope["path"].endswith(self.suffixes):
+                await self._metered(scope, receive, send)
+                return
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    # -- lifespan ------------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope_, receive: Receive, send: Send) -> None:
+        failure: list[str] = []
+
+        async def on_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if self.error is not None:
+                    failure.append(str(self.error))
+                else:
+                    try:
+                        await self.engine.ensure_started()
+                    except Exception as exc:  # the store may come later: requests retry
+                        logger.error("budget-middleware could not start: %s", exc)
+            return message
+
+        async def on_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete" and failure:
+                message = {"type": "lifespan.startup.failed", "message": failure[0]}
+            elif message["type"] == "lifespan.shutdown.complete" and self.error is None:
+                await self.engine.shutdown()
+            await send(message)
+
+        await self.app(scope, on_receive, on_send)
+
+    # -- metered requests ----------------------------------------------------------------
+
+    async def _metered(self, scope: Scope_, receive: Receive, send: Send) -> None:
+        if self.error is not None:
+            raise self.error
+        engine = self.engine
+        started = time.perf_counter()
+        credentials = self.read_headers(scope["headers"])
+        if credentials.content_length is not None and credentials.content_length > self.max_body:
+            await _answer(send, _too_large(self.max_body))
+            return
+        try:
+            body = await _read_body(receive, self.max_body)
+        except BodyTooLarge:
+            await _answer(send, _too_large(self.max_body))
+            return
+        except ClientGone:
+            return
+        if not engine.started:
+            try:
+                await engine.ensure_started()
+            except Exception:
+                if not self.fail_open:
+                    await _answer(send, _unavailable())
+                    return
+        decision = await self._decide(scope, body, credentials)
+        if isinstance(decision, ErrorAnswer):
+            await _answer(send, decision)
+            return
+        context, ticket, parsed = decision
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["budget"] = context.state
+        if context.target.stream and parsed is not None and route_path(scope).endswith(_USAGE_PATHS):
+            body, scope = _ask_for_usage(scope, parsed, body, context)
+        exchange = Exchange(engine, context, ticket, started)
+        await exchange.run(self.app, scope, body, receive, send)
+
+    async def _decide(
+        self, scope: Scope_, body: bytes, credentials: Credentials
+    ) -> tuple[RequestContext, Ticket, dict[str, Any] | None] | ErrorAnswer:
+        engine = self.engine
+        key: KeyConfig | None = None
+        if credentials.key is not None:
+            try:
+                key = await engine.lookup_key(credentials.key)
+            except ServiceUnavailable:
+                if not self.fail_open:
+                    return _unavailable()
+            else:
+                if key is None:
+                    return _refuse_early(engine, 401, "invalid_virtual_key", "Unknown virtual key")
+        elif self.require_key:
+            return _refuse_early(
+                engine,
+                401,
+                "virtual_key_required",
+                "A virtual key is required: send it in the "
+                f"'{engine.settings.key_header}' header or as 'Authorization: Bearer "
+                f"{engine.settings.key_prefix}…'",
+            )
+        now = engine.clock()
+        if key is not None:
+            if not key.is_active:
+                return _refuse_early(
+                    engine, 403, "virtual_key_inactive", f"Virtual key '{key.name}' is inactive"
+                )
+            if key.expires_at is not None and key.expires_at <= now:
+                return _refuse_early(
+                    engine, 403, "virtual_key_expired", f"Virtual key '{key.name}' has expired"
+                )
+        parsed = _parse_json(body)
+        target = resolve_target(
+            parsed,
+            route_path(scope),
+            credentials,
+            key.tags if key is not None else (),
+            engine.prices.guess_provider,
+        )
+        if key is not None and key.policies:
+            policy = key.policies.get(target.provider)
+            if policy is None:
+                return _refuse_early(
+                    engine,
+                    403,
+                    "provider_not_allowed",
+                    f"Virtual key '{key.name}' may not use provider '{target.provider}'",
+                )
+            if not policy.allows(target.model):
+                return _refuse_early(
+                    engine,
+                    403,
+                    "model_not_allowed",
+                    f"Virtual key '{key.name}' may not use model '{target.model}' "
+                    f"of provider '{target.provider}'",
+                )
+        scopes = engine.scopes_for(key, target.provider, target.model, target.tags)
+        prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
+        estimate = 0
+        if self.reserve and _has_budgets(scopes):
+            output = target.max_output_tokens
+            estimate = engine.prices.estimate_nanos(
+                target.provider,
+                target.model,
+                prompt_tokens,
+                self.default_output if output is None else output,
+            )
+        try:
+            decision = await engine.admit(scopes, estimate)
+        except ServiceUnavailable:
+            return _unavailable()
+        if isinstance(decision, Refusal):
+            return refusal_answer(decision, self.exceeded_status, now)
+        context = RequestContext(key, target, scopes, prompt_tokens, now)
+        return context, decision, parsed if isinstance(parsed, dict) else None
+
+
+def _has_budgets(scopes: tuple[Scope, ...]) -> bool:
+    return any(s.budgets for s in scopes)
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _ask_for_usage(
+    scope: Scope_, parsed: dict[str, Any], body: bytes, context: RequestContext
+) -> tuple[bytes, Scope_]:
+    """Ask an OpenAI-style stream for its usage; the chunk it adds is removed on the way back."""
+    options = parsed.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return body, scope
+    if options is not None and not isinstance(options, dict):
+        return body, scope  # malformed: leave the request as the client wrote it
+    parsed["stream_options"] = {**(options or {}), "include_usage": True}
+    new_body = json.dumps(parsed, ensure_ascii=False).encode()
+    headers = [(n, v) for n, v in scope["headers"] if n != b"content-length"]
+    headers.append((b"content-length", str(len(new_body)).encode()))
+    context.injected_usage = True
+    return new_body, {**scope, "headers": headers}
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _answer(send: Send, answer: ErrorAnswer) -> None:
+    await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+    await send({"type": "http.response.body", "body": answer.body})
+
+
+def _refuse_early(engine: BudgetEngine, status: int, code: str, message: str) -> ErrorAnswer:
+    engine.stats.refused[code] = engine.stats.refused.get(code, 0) + 1
+    return error_answer(status, code, message)
+
+
+def _too_large(limit: int) -> ErrorAnswer:
+    return error_answer(
+        413,
+        "request_too_large",
+        f"Request body is larger than BUDGET_MAX_BODY_BYTES ({limit} bytes)",
+    )
+
+
+def _unavailable() -> ErrorAnswer:
+    return error_answer(
+        503,
+        "service_unavailable",
+        "The budget store cannot be reached; the request was not sent (BUDGET_FAIL_OPEN=false)",
+        headers=[(b"retry-after", b"1")],
+    )

@@ -1,0 +1,271 @@
+"""The durable store: SQLModel tables behind a synchronous SQLAlchemy engine.
+
+Every call here is blocking and is run in a worker thread by the engine; none is on the hot path
+of a cached key. Counters are written as deltas (`current = current + :delta`), never overwritten,
+so any number of processes can share one store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, case, create_engine, delete, event, insert, update
+from sqlalchemy import select as sa_select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Session, col, select
+
+from .tables import (
+    SCHEMA_VERSION,
+    BudgetRow,
+    CustomerRow,
+    FlushRow,
+    MetaRow,
+    ModelConfigRow,
+    ProviderConfigRow,
+    ProviderRow,
+    RateLimitRow,
+    TagRow,
+    TeamRow,
+    UsageRecordRow,
+    VirtualKeyRow,
+    metadata,
+)
+
+END_OF_TIME = datetime(9999, 12, 31, tzinfo=UTC)
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not be reached or refused a write."""
+
+
+def aware(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without their zone; everything we write is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(slots=True)
+class OwnerLimits:
+    budgets: list[BudgetRow] = field(default_factory=list)
+    rate_limit: RateLimitRow | None = None
+
+
+@dataclass(slots=True)
+class KeyRecord:
+    """A key's rows and everything its scopes need, read in one go."""
+
+    key: VirtualKeyRow
+    team: TeamRow | None
+    customer: CustomerRow | None
+    provider_configs: list[ProviderConfigRow]
+    model_configs: list[ModelConfigRow]
+    limits: dict[tuple[str, str], OwnerLimits]
+
+
+@dataclass(slots=True)
+class GlobalRecord:
+    providers: list[ProviderRow]
+    model_configs: list[ModelConfigRow]
+    tags: list[TagRow]
+    limits: dict[tuple[str, str], OwnerLimits]
+
+
+@dataclass(slots=True)
+class Delta:
+    kind: str  # budget, request, token
+    id: str
+    window_start: datetime
+    window_end: datetime
+    amount: int
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        memory = url in ("sqlite://", "sqlite:///:memory:")
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            poolclass=StaticPool if memory else None,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn: Any, _record: Any) -> None:
+            cursor = conn.cursor()
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+
+    def create_schema(self) -> None:
+        from .migrations import upgrade
+
+        upgrade(self.engine, metadata, SCHEMA_VERSION)
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(select(1))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- reading configuration -----------------------------------------------------------
+
+    def load_key(self, key_hash: str) -> KeyRecord | None:
+        with self.session() as s:
+            key = s.exec(select(VirtualKeyRow).where(VirtualKeyRow.key_hash == key_hash)).first()
+            return None if key is None else self._key_record(s, key)
+
+    def load_key_by_id(self, key_id: str) -> KeyRecord | None:
+        with self.session() as s:
+            key = s.get(VirtualKeyRow, key_id)
+            return None if key is None else self._key_record(s, key)
+
+    def _key_record(self, s: Session, key: VirtualKeyRow) -> KeyRecord:
+        team = s.get(TeamRow, key.team_id) if key.team_id else None
+        customer_id = key.customer_id or (team.customer_id if team else None)
+        customer = s.get(CustomerRow, customer_id) if customer_id else None
+        policies = list(
+            s.exec(
+                select(ProviderConfigRow).where(col(ProviderConfigRow.virtual_key_id) == key.id)
+            ).all()
+        )
+        rules = list(
+            s.exec(
+                select(ModelConfigRow).where(
+                    col(ModelConfigRow.scope) == "virtual_key",
+                    col(ModelConfigRow.scope_id) == key.id,
+                )
+            ).all()
+        )
+        owners = [("virtual_key", key.id)]
+        owners += [("team", team.id)] if team else []
+        owners += [("customer", customer.id)] if customer else []
+        owners += [("provider_config", p.id) for p in policies]
+        owners += [("model_config", r.id) for r in rules]
+        return KeyRecord(key, team, customer, policies, rules, self._limits(s, owners))
+
+    def load_globals(self) -> GlobalRecord:
+        with self.session() as s:
+            providers = list(s.exec(select(ProviderRow)).all())
+            rules = list(
+                s.exec(select(ModelConfigRow).where(col(ModelConfigRow.scope) == "global")).all()
+            )
+            tags = list(s.exec(select(TagRow)).all())
+            owners = [("provider", p.provider) for p in providers]
+            owners += [("model_config", r.id) for r in rules]
+            owners += [("tag", t.tag) for t in tags]
+            return GlobalRecord(providers, rules, tags, self._limits(s, owners))
+
+    def _limits(
+        self, s: Session, owners: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], OwnerLimits]:
+        found: dict[tuple[str, str], OwnerLimits] = {o: OwnerLimits() for o in owners}
+        if not owners:
+            return found
+        ids = sorted({owner_id for _, owner_id in owners})
+        for chunk in _chunks(ids, 500):
+            for budget in s.exec(select(BudgetRow).where(col(BudgetRow.owner_id).in_(chunk))):
+                target = found.get((budget.owner_type, budget.owner_id))
+                if target is not None:
+                    target.budgets.append(budget)
+            for rate in s.exec(select(RateLimitRow).where(col(RateLimitRow.owner_id).in_(chunk))):
+                target = found.get((rate.owner_type, rate.owner_id))
+                if target is not None:
+                    target.rate_limit = rate
+        for limits in found.values():
+            limits.budgets.sort(key=lambda b: (b.created_at, b.id))
+        return found
+
+    # -- counters ------------------------------------------------------------------------
+
+    def read_counters(
+        self, budget_ids: Iterable[str], rate_limit_ids: Iterable[str]
+    ) -> tuple[dict[str, tuple[int, datetime]], dict[str, RateLimitRow]]:
+        budgets: dict[str, tuple[int, datetime]] = {}
+        rates: dict[str, RateLimitRow] = {}
+        with self.session() as s:
+            for chunk in _chunks(sorted(budget_ids), 500):
+                rows = s.exec(
+                    select(BudgetRow.id, BudgetRow.current_usage_nanos, BudgetRow.last_reset).where(
+                        col(BudgetRow.id).in_(chunk)
+                    )
+                )
+                for id_, usage, last_reset in rows:
+                    budgets[id_] = (usage, aware(last_reset))
+            for chunk in _chunks(sorted(rate_limit_ids), 500):
+                for rate in s.exec(select(RateLimitRow).where(col(RateLimitRow.id).in_(chunk))):
+                    rates[rate.id] = rate
+        return budgets, rates
+
+    def apply_flush(
+        self, batch_id: str, deltas: Sequence[Delta], records: Sequence[dict[str, Any]]
+    ) -> None:
+        """Write one batch in one transaction; a batch already applied is skipped."""
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(
+                    sa_select(col(FlushRow.batch_id)).where(col(FlushRow.batch_id) == batch_id)
+                ).first():
+                    return
+                for delta in deltas:
+                    conn.execute(_delta_statement(delta))
+                if records:
+                    conn.execute(insert(UsageRecordRow), list(records))
+                conn.execute(insert(FlushRow).values(batch_id=batch_id))
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"store write failed: {type(exc).__name__}") from exc
+
+    def prune_flushes(self, before: datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(FlushRow).where(col(FlushRow.applied_at) < before))
+
+    def schema_version(self) -> int | None:
+        with self.session() as s:
+            row = s.get(MetaRow, "schema_version")
+            return int(row.value) if row else None
+
+
+_COLUMNS = {
+    "budget": (BudgetRow, "current_usage_nanos", "last_reset"),
+    "request": (RateLimitRow, "request_current_usage", "request_last_reset"),
+    "token": (RateLimitRow, "token_current_usage", "token_last_reset"),
+}
+
+
+def _delta_statement(delta: Delta) -> Any:
+    """Add to the window the delta belongs to: a stored window that is older is started anew;
+    a newer one (reset meanwhile) does not take charges of a window that has ended."""
+    table, usage_name, reset_name = _COLUMNS[delta.kind]
+    usage = getattr(table, usage_name)
+    last_reset = getattr(table, reset_name)
+    older = last_reset < delta.window_start
+    return (
+        update(table)
+        .where(table.id == delta.id, last_reset < delta.window_end)  # type: ignore[attr-defined]
+        .values(
+            {
+                usage_name: case((older, delta.amount), else_=usage + delta.amount),
+                reset_name: case((older, delta.window_start), else_=last_reset),
+            }
+        )
+    )
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

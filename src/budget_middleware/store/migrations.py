@@ -1,0 +1,44 @@
+"""Schema creation and upgrades, the same on SQLite and PostgreSQL.
+
+The schema version lives in `bm_meta`. Version 1 is created from the tables' metadata; each later
+version adds one function to `_STEPS` that upgrades from the version before it, so a store made by
+any release is brought up to date on start-up. Concurrent start-ups are safe: tables are created
+with `checkfirst`, and on PostgreSQL an advisory lock serialises the steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Connection, Engine, MetaData, select, text
+
+_LOCK_ID = 0x62756467  # "budg"
+
+_STEPS: dict[int, Callable[[Connection], None]] = {
+    # 2: lambda conn: conn.execute(text("ALTER TABLE ...")),
+}
+
+
+def upgrade(engine: Engine, metadata: MetaData, target: int) -> int:
+    """Bring the store to `target`; returns the version it was at before (0 when new)."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+        metadata.create_all(conn, checkfirst=True)
+        meta = metadata.tables["bm_meta"]
+        row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+        current = int(row[0]) if row else 0
+        if current > target:
+            raise RuntimeError(
+                f"the store's schema is version {current}, newer than this release's {target}: "
+                "upgrade budget-middleware"
+            )
+        for version in range(max(current, 1) + 1, target + 1):
+            _STEPS[version](conn)
+        if row is None:
+            conn.execute(meta.insert().values(key="schema_version", value=str(target)))
+        elif current != target:
+            conn.execute(
+                meta.update().where(meta.c.key == "schema_version").values(value=str(target))
+            )
+        return current

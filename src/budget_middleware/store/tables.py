@@ -1,0 +1,174 @@
+"""The store's tables, in the package's own metadata (never the host app's `SQLModel.metadata`).
+
+Money is kept in whole nano-dollars (1e-9 USD) in 64-bit integers, so that deltas written by any
+number of processes add up exactly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, BigInteger, DateTime, Index, UniqueConstraint
+from sqlalchemy.orm import registry
+from sqlmodel import Field, SQLModel
+
+SCHEMA_VERSION = 1
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class StoreModel(SQLModel, registry=registry()):
+    """Base of every table; its `metadata` is ours alone."""
+
+
+class _Stamped(StoreModel):
+    source: str = Field(default="manual", max_length=16)
+    config_hash: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class CustomerRow(_Stamped, table=True):
+    __tablename__ = "bm_customers"
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    name: str = Field(unique=True, max_length=200)
+    calendar_aligned: bool = False
+
+
+class TeamRow(_Stamped, table=True):
+    __tablename__ = "bm_teams"
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    name: str = Field(unique=True, max_length=200)
+    customer_id: str | None = Field(default=None, index=True, max_length=32)
+    calendar_aligned: bool = False
+
+
+class VirtualKeyRow(_Stamped, table=True):
+    __tablename__ = "bm_virtual_keys"
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    name: str = Field(unique=True, max_length=200)
+    key_hash: str = Field(unique=True, max_length=64)  # SHA-256 hex; the value is never stored
+    key_display: str = Field(max_length=32)  # prefix and last characters, for people
+    team_id: str | None = Field(default=None, index=True, max_length=32)
+    customer_id: str | None = Field(default=None, index=True, max_length=32)
+    is_active: bool = True
+    expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    tags: list[str] = Field(default_factory=list, sa_type=JSON)
+    calendar_aligned: bool = False
+
+
+class ProviderConfigRow(StoreModel, table=True):
+    __tablename__ = "bm_provider_configs"
+    __table_args__ = (UniqueConstraint("virtual_key_id", "provider"),)
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    virtual_key_id: str = Field(index=True, max_length=32)
+    provider: str = Field(max_length=100)
+    allowed_models: list[str] = Field(default_factory=lambda: ["*"], sa_type=JSON)
+    blocked_models: list[str] = Field(default_factory=list, sa_type=JSON)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class ProviderRow(_Stamped, table=True):
+    """Provider-wide governance (budgets and a rate limit for every request to a provider)."""
+
+    __tablename__ = "bm_providers"
+    provider: str = Field(primary_key=True, max_length=100)
+    calendar_aligned: bool = False
+
+
+class ModelConfigRow(_Stamped, table=True):
+    __tablename__ = "bm_model_configs"
+    __table_args__ = (UniqueConstraint("model_name", "provider", "scope", "scope_id"),)
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    model_name: str = Field(max_length=200)
+    provider: str | None = Field(default=None, max_length=100)
+    scope: str = Field(default="global", max_length=16)
+    scope_id: str | None = Field(default=None, index=True, max_length=32)
+    calendar_aligned: bool = False
+
+
+class TagRow(_Stamped, table=True):
+    __tablename__ = "bm_tags"
+    tag: str = Field(primary_key=True, max_length=200)
+    calendar_aligned: bool = False
+
+
+class BudgetRow(_Stamped, table=True):
+    __tablename__ = "bm_budgets"
+    __table_args__ = (Index("ix_bm_budgets_owner", "owner_type", "owner_id"),)
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    owner_type: str = Field(max_length=20)
+    owner_id: str = Field(max_length=200)
+    max_limit_nanos: int = Field(sa_type=BigInteger)
+    reset_duration: str | None = Field(default=None, max_length=16)
+    calendar_aligned: bool = False
+    current_usage_nanos: int = Field(default=0, sa_type=BigInteger)
+    last_reset: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class RateLimitRow(_Stamped, table=True):
+    __tablename__ = "bm_rate_limits"
+    __table_args__ = (UniqueConstraint("owner_type", "owner_id"),)
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    owner_type: str = Field(max_length=20)
+    owner_id: str = Field(max_length=200)
+    request_max_limit: int | None = None
+    request_reset_duration: str | None = Field(default=None, max_length=16)
+    request_current_usage: int = Field(default=0, sa_type=BigInteger)
+    request_last_reset: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    token_max_limit: int | None = Field(default=None, sa_type=BigInteger)
+    token_reset_duration: str | None = Field(default=None, max_length=16)
+    token_current_usage: int = Field(default=0, sa_type=BigInteger)
+    token_last_reset: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    max_concurrent_requests: int | None = None
+
+
+class UsageRecordRow(StoreModel, table=True):
+    __tablename__ = "bm_usage_records"
+    __table_args__ = (Index("ix_bm_usage_records_created_at", "created_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(unique=True, max_length=32)  # makes a retried batch idempotent
+    created_at: datetime = Field(sa_type=DateTime(timezone=True))
+    virtual_key_id: str | None = Field(default=None, index=True, max_length=32)
+    team_id: str | None = Field(default=None, max_length=32)
+    customer_id: str | None = Field(default=None, max_length=32)
+    provider: str = Field(max_length=100)
+    model: str = Field(max_length=200)
+    tags: list[str] = Field(default_factory=list, sa_type=JSON)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost_nanos: int = Field(default=0, sa_type=BigInteger)
+    cost: float = 0.0
+    cost_source: str = Field(default="none", max_length=16)
+    status: int = 0
+    streamed: bool = False
+    outcome: str = Field(default="completed", max_length=24)
+    estimated: bool = False
+    note: str | None = Field(default=None, max_length=200)
+    duration_ms: float = 0.0
+
+
+class FlushRow(StoreModel, table=True):
+    """An applied flush batch: a batch retried after an unclear commit is not applied twice."""
+
+    __tablename__ = "bm_flushes"
+    batch_id: str = Field(primary_key=True, max_length=32)
+    applied_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class MetaRow(StoreModel, table=True):
+    __tablename__ = "bm_meta"
+    key: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=200)
+
+
+metadata = StoreModel.metadata

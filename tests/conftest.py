@@ -1,0 +1,105 @@
+"""Shared fixtures: a fresh store per test, on SQLite and (when reachable) PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+from budget_middleware import BudgetSettings  # noqa: E402
+
+POSTGRES_URL = os.environ.get(
+    "BUDGET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("BUDGET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+POSTGRES_UP = _reachable("127.0.0.1", 5432)
+REDIS_UP = _reachable("127.0.0.1", 6379)
+# CI runs every test for real: a missing service there is a failure, not a skip.
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need_postgres() -> None:
+    if not POSTGRES_UP:
+        if IN_CI:
+            pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432 (CI must run it)")
+        pytest.skip("PostgreSQL is not running at 127.0.0.1:5432")
+
+
+def need_redis() -> None:
+    if not REDIS_UP:
+        if IN_CI:
+            pytest.fail("Redis is not reachable at 127.0.0.1:6379 (CI must run it)")
+        pytest.skip("Redis is not running at 127.0.0.1:6379")
+
+
+def reset_postgres(url: str = POSTGRES_URL) -> None:
+    """Drop the package's tables so each test starts from an empty store."""
+    from sqlalchemy import create_engine
+
+    from budget_middleware.store.tables import metadata
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        metadata.drop_all(conn)
+    engine.dispose()
+
+
+STORES = os.environ.get("BUDGET_TEST_STORES", "sqlite,postgres").split(",")
+
+
+@pytest.fixture(params=STORES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The store of a test: a new SQLite file, or an emptied PostgreSQL database."""
+    if request.param == "postgres":
+        need_postgres()
+        reset_postgres()
+        yield POSTGRES_URL
+    else:
+        yield f"sqlite:///{tmp_path}/budget.db"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/budget.db"
+
+
+@pytest.fixture
+def make_settings(store_url: str) -> Callable[..., BudgetSettings]:
+    """Settings on this test's store; keyword arguments override fields."""
+
+    def make(**overrides: Any) -> BudgetSettings:
+        values: dict[str, Any] = {
+            "database_url": store_url,
+            "admin_key": "admin-secret",
+            "flush_interval_seconds": 0.05,
+            "cache_ttl_seconds": 5,
+        }
+        values.update(overrides)
+        return BudgetSettings(**values)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _no_budget_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests configure through arguments; a developer's BUDGET_* variables must not leak in."""
+    for name in list(os.environ):
+        if name.startswith("BUDGET_") and not name.startswith("BUDGET_TEST_"):
+            monkeypatch.delenv(name)

@@ -1,0 +1,209 @@
+"""The core without HTTP: admission is all or nothing, reservations, settlement, windows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from budget_middleware.admission import Refusal, Ticket, admit, settle
+from budget_middleware.durations import Duration
+from budget_middleware.limits import CounterRegistry, RateLimitCounters
+from budget_middleware.scopes import Scope
+
+T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC).timestamp()
+USD = 1_000_000_000
+
+
+def budget_scope(
+    registry: CounterRegistry,
+    name: str,
+    limit_usd: float,
+    duration: str | None = "1d",
+    *,
+    calendar_aligned: bool = False,
+    used: int = 0,
+    now: float = T0,
+) -> Scope:
+    counter = registry.window(
+        "budget",
+        f"b-{name}",
+        limit=int(limit_usd * USD),
+        duration=Duration.parse(duration) if duration else None,
+        calendar_aligned=calendar_aligned,
+        last_reset=datetime.fromtimestamp(now, UTC),
+        usage=used,
+        now=now,
+    )
+    return Scope("team", name, name, budgets=(counter,))
+
+
+def rate_scope(
+    registry: CounterRegistry,
+    name: str,
+    *,
+    requests: int | None = None,
+    tokens: int | None = None,
+    concurrent: int | None = None,
+    duration: str = "1m",
+) -> Scope:
+    def window(kind: str, limit: int | None) -> object:
+        if limit is None:
+            return None
+        return registry.window(
+            kind,
+            f"r-{name}",
+            limit=limit,
+            duration=Duration.parse(duration),
+            calendar_aligned=False,
+            last_reset=datetime.fromtimestamp(T0, UTC),
+            usage=0,
+            now=T0,
+        )
+
+    slots = registry.slots(f"r-{name}", concurrent) if concurrent is not None else None
+    counters = RateLimitCounters(
+        f"r-{name}", window("request", requests), window("token", tokens), slots  # type: ignore[arg-type]
+    )
+    return Scope("virtual_key", name, name, rate_limit=counters)
+
+
+def test_a_refusal_by_one_scope_touches_no_other_scope() -> None:
+    registry = CounterRegistry()
+    key = rate_scope(registry, "alice", requests=10, concurrent=5)
+    team = budget_scope(registry, "research", 1.0, used=USD)  # exhausted
+    decision = admit((key, team), estimate=100, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(decision, Refusal)
+    assert decision.code == "budget_exceeded"
+    assert decision.scope is team
+    rate = key.rate_limit
+    assert rate is not None and rate.requests is not None and rate.concurrency is not None
+    assert rate.requests.value == 0
+    assert rate.concurrency.in_flight == 0
+    assert not registry.ledger.dirty
+
+
+def test_rate_limits_are_checked_before_budgets() -> None:
+    registry = CounterRegistry()
+    key = rate_scope(registry, "alice", requests=0)
+    team = budget_scope(registry, "research", 1.0, used=USD)
+    decision = admit((team, key), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(decision, Refusal)
+    assert decision.code == "request_limit_exceeded"
+
+
+def test_reservations_hold_the_budget_until_settled_with_the_actual_cost() -> None:
+    registry = CounterRegistry()
+    team = budget_scope(registry, "research", 1.0)
+    first = admit((team,), estimate=600_000_000, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(first, Ticket)
+    second = admit((team,), estimate=600_000_000, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(second, Refusal)
+    assert second.code == "budget_reserved"
+    assert second.reserved == 600_000_000
+    settle(first, cost=100_000_000, tokens=0, now=T0, ledger=registry.ledger)
+    counter = team.budgets[0]
+    assert (counter.value, counter.reserved, counter.pending) == (100_000_000, 0, 100_000_000)
+    third = admit((team,), estimate=600_000_000, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(third, Ticket)
+
+
+def test_with_nothing_in_flight_a_request_passes_while_the_budget_is_not_exhausted() -> None:
+    registry = CounterRegistry()
+    team = budget_scope(registry, "research", 1.0, used=USD - 1)
+    decision = admit((team,), estimate=50 * USD, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(decision, Ticket)
+
+
+def test_exhausted_beats_reserved_when_both_apply() -> None:
+    registry = CounterRegistry()
+    team = budget_scope(registry, "research", 1.0)
+    customer = budget_scope(registry, "acme", 1.0, used=USD)
+    held = admit((team,), estimate=USD, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(held, Ticket)
+    decision = admit((team, customer), estimate=USD, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(decision, Refusal) and decision.code == "budget_exceeded"
+    assert decision.scope is customer
+
+
+def test_settling_twice_charges_once() -> None:
+    registry = CounterRegistry()
+    team = budget_scope(registry, "research", 1.0)
+    ticket = admit((team,), estimate=10, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(ticket, Ticket)
+    settle(ticket, cost=7, tokens=0, now=T0, ledger=registry.ledger)
+    settle(ticket, cost=7, tokens=0, now=T0, ledger=registry.ledger)
+    assert team.budgets[0].value == 7
+
+
+def test_concurrency_slot_is_taken_at_admission_and_freed_at_settlement() -> None:
+    registry = CounterRegistry()
+    key = rate_scope(registry, "alice", concurrent=1)
+    first = admit((key,), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(first, Ticket)
+    refused = admit((key,), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(refused, Refusal) and refused.code == "concurrency_limit_exceeded"
+    settle(first, cost=0, tokens=0, now=T0, ledger=registry.ledger)
+    assert isinstance(admit((key,), estimate=0, reserve=True, now=T0, ledger=registry.ledger), Ticket)
+
+
+def test_tokens_count_when_measured_and_block_once_the_limit_is_reached() -> None:
+    registry = CounterRegistry()
+    key = rate_scope(registry, "alice", tokens=100)
+    ticket = admit((key,), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(ticket, Ticket)
+    settle(ticket, cost=0, tokens=100, now=T0, ledger=registry.ledger)
+    refused = admit((key,), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(refused, Refusal) and refused.code == "token_limit_exceeded"
+    assert refused.used == 100
+    # the window rolls: one minute later tokens are counted afresh
+    assert isinstance(admit((key,), estimate=0, reserve=True, now=T0 + 60, ledger=registry.ledger), Ticket)
+
+
+def test_request_window_resets_when_it_ends() -> None:
+    registry = CounterRegistry()
+    key = rate_scope(registry, "alice", requests=2, duration="2s")
+    for _ in range(2):
+        assert isinstance(admit((key,), 0, True, T0, registry.ledger), Ticket)
+    refused = admit((key,), 0, True, T0 + 1.9, registry.ledger)
+    assert isinstance(refused, Refusal) and refused.reset_at == T0 + 2
+    assert isinstance(admit((key,), 0, True, T0 + 2, registry.ledger), Ticket)
+
+
+def test_a_charge_made_in_an_ended_window_is_kept_for_the_store_under_that_window() -> None:
+    registry = CounterRegistry()
+    team = budget_scope(registry, "research", 1.0, duration="1d", calendar_aligned=True)
+    counter = team.budgets[0]
+    day_one = counter.start
+    ticket = admit((team,), 0, True, T0, registry.ledger)
+    assert isinstance(ticket, Ticket)
+    settle(ticket, cost=5, tokens=0, now=T0, ledger=registry.ledger)
+    next_day = T0 + 86_400
+    ticket = admit((team,), 0, True, next_day, registry.ledger)
+    assert isinstance(ticket, Ticket)
+    settle(ticket, cost=3, tokens=0, now=next_day, ledger=registry.ledger)
+    assert counter.value == 3
+    assert registry.ledger.sealed == [("budget", counter.id, day_one, 5)]
+    assert (counter.pending, counter.pending_start) == (3, day_one + 86_400)
+
+
+def test_calendar_month_budget_resets_on_the_first_not_after_30_days() -> None:
+    registry = CounterRegistry()
+    jan_31 = datetime(2027, 1, 31, 12, tzinfo=UTC).timestamp()
+    team = budget_scope(
+        registry, "research", 1.0, duration="1M", calendar_aligned=True, now=jan_31
+    )
+    counter = team.budgets[0]
+    assert counter.start == datetime(2027, 1, 1, tzinfo=UTC).timestamp()
+    assert counter.end == datetime(2027, 2, 1, tzinfo=UTC).timestamp()
+    counter.value = USD
+    feb_2 = datetime(2027, 2, 2, tzinfo=UTC).timestamp()
+    assert isinstance(admit((team,), 0, True, feb_2, registry.ledger), Ticket)
+    assert counter.end == datetime(2027, 3, 1, tzinfo=UTC).timestamp()
+
+
+def test_changing_a_limit_keeps_its_usage() -> None:
+    registry = CounterRegistry()
+    team = budget_scope(registry, "research", 1.0)
+    team.budgets[0].value = 400
+    again = budget_scope(registry, "research", 2.0, used=0)
+    assert again.budgets[0] is team.budgets[0]
+    assert (again.budgets[0].value, again.budgets[0].limit) == (400, 2 * USD)

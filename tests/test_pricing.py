@@ -1,0 +1,338 @@
+"""Prices and costs (SPEC §7): pricing file, genai-prices catalog, integer nano-dollars."""
+
+from __future__ import annotations
+
+import json
+import logging
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import genai_prices
+import pytest
+from genai_prices import types as gp
+
+from budget_middleware.pricing import (
+    ModelPrice,
+    PriceBook,
+    PricingFileError,
+    cost_nanos,
+    cost_usd,
+    nanos_from_usd,
+    usd_from_nanos,
+)
+from budget_middleware.usage import TokenUsage
+
+
+def write_prices(tmp_path: Path, content: Any) -> Path:
+    path = tmp_path / "prices.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def catalog_nanos(provider: str | None, model: str, usage: TokenUsage) -> Decimal:
+    """What genai-prices itself charges for `usage`, in nano-dollars (exact Decimal)."""
+    gp_usage = genai_prices.Usage(
+        input_tokens=usage.input_tokens,
+        cache_read_tokens=usage.cached_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        output_tokens=usage.output_tokens,
+    )
+    calc = genai_prices.calc_price(gp_usage, model, provider_id=provider)
+    return calc.total_price * 1_000_000_000
+
+
+USAGES = [
+    TokenUsage(input_tokens=1, output_tokens=1),
+    TokenUsage(input_tokens=1234, output_tokens=567),
+    TokenUsage(input_tokens=10_000, output_tokens=0, cached_tokens=8_192),
+    TokenUsage(input_tokens=150_000, output_tokens=4_000, cached_tokens=100_000),
+    TokenUsage(input_tokens=3, output_tokens=7, cached_tokens=1),
+]
+CACHE_WRITE_USAGES = [
+    TokenUsage(
+        input_tokens=20_000, output_tokens=900, cached_tokens=5_000, cache_write_tokens=12_000
+    ),
+    TokenUsage(input_tokens=777, output_tokens=11, cache_write_tokens=777),
+]
+
+
+# --- the pricing file -----------------------------------------------------------------------
+
+
+def test_pricing_file_prices_win_over_the_catalog(tmp_path: Path) -> None:
+    path = write_prices(
+        tmp_path, {"models": {"openai/gpt-4o": {"input_per_mtok": 1, "output_per_mtok": 2}}}
+    )
+    price = PriceBook(path).price("openai", "gpt-4o")
+    assert price == ModelPrice(1.0, 2.0, source="pricing_file")
+
+
+def test_provider_model_key_wins_over_bare_model_key(tmp_path: Path) -> None:
+    path = write_prices(
+        tmp_path,
+        {
+            "models": {
+                "my-model": {"input_per_mtok": 1, "output_per_mtok": 1},
+                "acme/my-model": {
+                    "input_per_mtok": 5,
+                    "output_per_mtok": 6,
+                    "cached_input_per_mtok": 0.5,
+                },
+            }
+        },
+    )
+    book = PriceBook(path)
+    assert book.price("acme", "my-model") == ModelPrice(5, 6, 0.5, source="pricing_file")
+    assert book.price("other", "my-model") == ModelPrice(1, 1, source="pricing_file")
+
+
+def test_pricing_file_accepts_cache_write_prices_and_matches_keys_case_insensitively(
+    tmp_path: Path,
+) -> None:
+    entry = {"input_per_mtok": 3, "output_per_mtok": 15, "cache_write_per_mtok": 3.75}
+    book = PriceBook(write_prices(tmp_path, {"models": {"Acme/Big-Model": entry}}))
+    assert book.price("acme", "big-model") == ModelPrice(3, 15, None, 3.75, "pricing_file")
+
+
+INVALID_FILES: list[tuple[str, Any, str]] = [
+    ("not_json", "{models: ", "not valid JSON"),
+    ("top_level_list", [1, 2], '"models" object'),
+    ("no_models", {"prices": {}}, '"models" object'),
+    ("models_not_object", {"models": ["gpt-4o"]}, '"models" object'),
+    (
+        "negative_price",
+        {"models": {"m": {"input_per_mtok": -1, "output_per_mtok": 1}}},
+        "input_per_mtok",
+    ),
+    (
+        "string_price",
+        {"models": {"m": {"input_per_mtok": "2.5", "output_per_mtok": 1}}},
+        "valid number",
+    ),
+    (
+        "bool_price",
+        {"models": {"m": {"input_per_mtok": True, "output_per_mtok": 1}}},
+        "valid number",
+    ),
+    ("nan_price", '{"models": {"m": {"input_per_mtok": NaN, "output_per_mtok": 1}}}', "finite"),
+    ("missing_output_price", {"models": {"m": {"input_per_mtok": 1}}}, "output_per_mtok"),
+    ("unknown_model_field", {"models": {"m": {"input": 1, "output_per_mtok": 1}}}, "unknown field"),
+    ("unknown_top_field", {"models": {}, "currency": "EUR"}, "unknown field"),
+    (
+        "empty_model_key",
+        {"models": {"/": {"input_per_mtok": 1, "output_per_mtok": 1}}},
+        "model name",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"), [c[1:] for c in INVALID_FILES], ids=[c[0] for c in INVALID_FILES]
+)
+def test_an_invalid_pricing_file_is_refused_naming_the_variable_the_file_and_the_problem(
+    tmp_path: Path, content: Any, problem: str
+) -> None:
+    path = write_prices(tmp_path, content)
+    with pytest.raises(PricingFileError) as info:
+        PriceBook(path)
+    message = str(info.value)
+    assert "BUDGET_PRICING_FILE" in message
+    assert str(path) in message
+    assert problem in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_a_missing_pricing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PricingFileError, match=r"BUDGET_PRICING_FILE.*cannot be read"):
+        PriceBook(tmp_path / "nope.json")
+
+
+# --- the genai-prices catalog ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "usages"),
+    [
+        ("openai", "gpt-4o", USAGES),
+        ("openai", "gpt-4o-mini", USAGES),
+        ("anthropic", "claude-sonnet-4-5", USAGES + CACHE_WRITE_USAGES),
+        ("anthropic", "claude-3-5-sonnet-latest", USAGES + CACHE_WRITE_USAGES),
+        ("openai", "text-embedding-3-small", [TokenUsage(input_tokens=n) for n in (1, 99, 8191)]),
+    ],
+)
+def test_catalog_costs_match_genai_prices_to_the_nanodollar(
+    provider: str, model: str, usages: list[TokenUsage]
+) -> None:
+    book = PriceBook()
+    for asked_provider in (provider, "unknown"):
+        price = book.price(asked_provider, model)
+        assert price is not None and price.source == "catalog"
+        for usage in usages:
+            assert abs(cost_nanos(price, usage) - catalog_nanos(provider, model, usage)) <= 1, usage
+
+
+def test_genai_prices_input_price_applies_to_input_tokens_less_cache_reads() -> None:
+    # genai-prices counts cache reads in input_tokens, as TokenUsage does:
+    # 600k uncached at $2.50 + 400k cached at $1.25 per million
+    usage = TokenUsage(input_tokens=1_000_000, cached_tokens=400_000)
+    assert catalog_nanos("openai", "gpt-4o", usage) == 2_000_000_000
+    price = PriceBook().price("openai", "gpt-4o")
+    assert price is not None and cost_nanos(price, usage) == 2_000_000_000
+
+
+def test_long_context_requests_are_priced_at_the_base_tier() -> None:
+    price = PriceBook().price("anthropic", "claude-sonnet-4-5")
+    assert price == ModelPrice(3.0, 15.0, 0.3, 3.75, "catalog")
+
+
+def test_provider_aliases_and_unknown_providers_still_find_the_model() -> None:
+    book = PriceBook()
+    gemini = book.price("gemini", "gemini-2.5-pro")
+    assert gemini is not None and gemini == book.price("google", "gemini-2.5-pro")
+    assert book.price("unknown", "gpt-4o") == book.price("openai", "gpt-4o")
+    assert book.price("my-gateway", "gpt-4o") == book.price("openai", "gpt-4o")
+
+
+def test_an_unknown_model_has_no_price_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    book = PriceBook()
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        for _ in range(3):
+            assert book.price("unknown", "no-such-model-xyz") is None
+        book.note_unpriced("unknown", "no-such-model-xyz")
+    warnings = [r for r in caplog.records if "no-such-model-xyz" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING and warnings[0].name == "budget_middleware"
+    assert ("unknown", "no-such-model-xyz") in book.unpriced
+
+
+def test_note_unpriced_counts_every_unpriced_request() -> None:
+    book = PriceBook()
+    assert book.unpriced_requests == 0
+    for _ in range(3):
+        book.note_unpriced("acme", "mystery")
+    assert book.unpriced_requests == 3
+    assert book.unpriced == {("acme", "mystery")}
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "no-such-model-xyz"])
+def test_a_repeat_lookup_does_not_ask_genai_prices_again(
+    monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    calls: list[str] = []
+    original = gp.Provider.find_model
+
+    def spy(self: gp.Provider, model_ref: str, **kwargs: Any) -> gp.ModelInfo | None:
+        calls.append(model_ref)
+        return original(self, model_ref, **kwargs)
+
+    monkeypatch.setattr(gp.Provider, "find_model", spy)
+    book = PriceBook()
+    first = book.price("openai", model)
+    assert calls
+    calls.clear()
+    for _ in range(5):
+        assert book.price("openai", model) is first
+    assert calls == []
+
+
+# --- guessing a provider --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "provider"),
+    [
+        ("gpt-4o", "openai"),
+        ("gpt-4o-mini", "openai"),
+        ("text-embedding-3-small", "openai"),
+        ("claude-3-5-sonnet-latest", "anthropic"),
+        ("claude-sonnet-4-5", "anthropic"),
+        ("gemini-2.5-pro", "google"),
+        ("no-such-model-xyz", None),
+    ],
+)
+def test_guess_provider_names_the_catalog_provider_of_a_bare_model(
+    model: str, provider: str | None
+) -> None:
+    assert PriceBook().guess_provider(model) == provider
+
+
+def test_guess_provider_knows_the_pricing_files_provider_keys(tmp_path: Path) -> None:
+    path = write_prices(
+        tmp_path, {"models": {"acme/rocket-1": {"input_per_mtok": 1, "output_per_mtok": 1}}}
+    )
+    book = PriceBook(path)
+    assert book.guess_provider("rocket-1") == "acme"
+    assert book.guess_provider("rocket-1") == "acme"  # cached
+
+
+# --- cost arithmetic ------------------------------------------------------------------------
+
+
+def test_cost_prices_uncached_input_cache_reads_cache_writes_and_output_separately() -> None:
+    price = ModelPrice(3.0, 15.0, 0.3, 3.75)
+    usage = TokenUsage(
+        input_tokens=1000, output_tokens=100, cached_tokens=200, cache_write_tokens=300
+    )
+    # 500 x $3 + 200 x $0.30 + 300 x $3.75 + 100 x $15 per million tokens
+    assert cost_nanos(price, usage) == 500 * 3000 + 200 * 300 + 300 * 3750 + 100 * 15000
+    assert cost_usd(price, usage) == pytest.approx(0.004185)
+
+
+def test_cache_tokens_without_their_own_price_cost_the_input_price() -> None:
+    usage = TokenUsage(input_tokens=1000, cached_tokens=400, cache_write_tokens=100)
+    assert cost_nanos(ModelPrice(2.0, 8.0), usage) == 1000 * 2000
+
+
+def test_cost_is_never_negative_even_for_inconsistent_usage() -> None:
+    price = ModelPrice(2.0, 8.0, 1.0)
+    assert cost_nanos(price, TokenUsage(input_tokens=10, cached_tokens=50)) == 50 * 1000
+    assert cost_nanos(price, TokenUsage(input_tokens=-5, output_tokens=-5, cached_tokens=-1)) == 0
+
+
+def test_cost_rounds_half_up_to_whole_nanodollars() -> None:
+    half_a_nano_per_token = ModelPrice(0.0005, 0.0)
+    assert cost_nanos(half_a_nano_per_token, TokenUsage(input_tokens=1)) == 1
+    assert cost_nanos(half_a_nano_per_token, TokenUsage(input_tokens=3)) == 2
+    assert cost_nanos(ModelPrice(0.0004, 0.0), TokenUsage(input_tokens=1)) == 0
+
+
+def test_prices_must_be_finite_and_not_negative() -> None:
+    with pytest.raises(ValueError):
+        ModelPrice(-1.0, 1.0)
+    with pytest.raises(ValueError):
+        ModelPrice(1.0, float("inf"))
+
+
+def test_estimate_reserves_all_input_at_the_input_price_and_output_at_the_output_price() -> None:
+    book = PriceBook()
+    assert book.estimate_nanos("openai", "gpt-4o", 1000, 500) == 1000 * 2500 + 500 * 10_000
+    assert book.estimate_nanos("unknown", "no-such-model-xyz", 1000, 500) == 0
+
+
+@pytest.mark.parametrize(
+    ("usd", "nanos"),
+    [
+        (0.0, 0),
+        (1.0, 1_000_000_000),
+        (2.5e-9, 3),
+        (1.4999e-9, 1),
+        (1.5e-9, 2),
+        (0.1234567895, 123_456_790),
+        (0.1, 100_000_000),
+        (-3.0, 0),
+    ],
+)
+def test_nanos_from_usd_rounds_half_up_and_clamps_negatives(usd: float, nanos: int) -> None:
+    assert nanos_from_usd(usd) == nanos
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nanos_from_usd_rejects_nan_and_infinity(bad: float) -> None:
+    with pytest.raises(ValueError):
+        nanos_from_usd(bad)
+
+
+def test_usd_from_nanos_is_the_inverse() -> None:
+    assert usd_from_nanos(1_500_000_000) == 1.5
+    assert usd_from_nanos(nanos_from_usd(0.004185)) == 0.004185
