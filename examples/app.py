@@ -18,9 +18,9 @@ from fastapi import FastAPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mock_upstream import mock_router  # noqa: E402
+from mock_upstream import mock_router
 
-from budget_middleware import BudgetMiddleware, create_admin_app  # noqa: E402
+from budget_middleware import BudgetMiddleware, create_admin_app
 
 
 def build_app() -> FastAPI:

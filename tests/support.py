@@ -15,8 +15,9 @@ from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.engine import BudgetEngine
 
 
-def host_app(settings: BudgetSettings, *, prefix: str = "/v1") -> FastAPI:
-    """An existing FastAPI app: a plain route, one that shows the budget state, the mock upstream."""
+def host_app(settings: BudgetSettings | None, *, prefix: str = "/v1") -> FastAPI:
+    """An existing FastAPI app: a plain route, one that shows the budget state, the mock upstream;
+    with the middleware unless `settings` is None."""
     app = FastAPI()
 
     @app.get("/hello")
@@ -40,7 +41,8 @@ def host_app(settings: BudgetSettings, *, prefix: str = "/v1") -> FastAPI:
         }
 
     app.include_router(mock_router(prefix))
-    app.add_middleware(BudgetMiddleware, settings=settings)
+    if settings is not None:
+        app.add_middleware(BudgetMiddleware, settings=settings)
     return app
 
 
@@ -57,8 +59,11 @@ async def running(app: Any) -> AsyncIterator[None]:
     receive_queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     task = asyncio.create_task(
-        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
-            receive_queue.get, sent.put)
+        app(
+            {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
+            receive_queue.get,
+            sent.put,
+        )
     )
     await receive_queue.put({"type": "lifespan.startup"})
     message = await sent.get()

@@ -61,7 +61,10 @@ def rate_scope(
 
     slots = registry.slots(f"r-{name}", concurrent) if concurrent is not None else None
     counters = RateLimitCounters(
-        f"r-{name}", window("request", requests), window("token", tokens), slots  # type: ignore[arg-type]
+        f"r-{name}",
+        window("request", requests),
+        window("token", tokens),
+        slots,  # type: ignore[arg-type]
     )
     return Scope("virtual_key", name, name, rate_limit=counters)
 
@@ -142,7 +145,9 @@ def test_concurrency_slot_is_taken_at_admission_and_freed_at_settlement() -> Non
     refused = admit((key,), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
     assert isinstance(refused, Refusal) and refused.code == "concurrency_limit_exceeded"
     settle(first, cost=0, tokens=0, now=T0, ledger=registry.ledger)
-    assert isinstance(admit((key,), estimate=0, reserve=True, now=T0, ledger=registry.ledger), Ticket)
+    assert isinstance(
+        admit((key,), estimate=0, reserve=True, now=T0, ledger=registry.ledger), Ticket
+    )
 
 
 def test_tokens_count_when_measured_and_block_once_the_limit_is_reached() -> None:
@@ -155,7 +160,9 @@ def test_tokens_count_when_measured_and_block_once_the_limit_is_reached() -> Non
     assert isinstance(refused, Refusal) and refused.code == "token_limit_exceeded"
     assert refused.used == 100
     # the window rolls: one minute later tokens are counted afresh
-    assert isinstance(admit((key,), estimate=0, reserve=True, now=T0 + 60, ledger=registry.ledger), Ticket)
+    assert isinstance(
+        admit((key,), estimate=0, reserve=True, now=T0 + 60, ledger=registry.ledger), Ticket
+    )
 
 
 def test_request_window_resets_when_it_ends() -> None:
@@ -188,9 +195,7 @@ def test_a_charge_made_in_an_ended_window_is_kept_for_the_store_under_that_windo
 def test_calendar_month_budget_resets_on_the_first_not_after_30_days() -> None:
     registry = CounterRegistry()
     jan_31 = datetime(2027, 1, 31, 12, tzinfo=UTC).timestamp()
-    team = budget_scope(
-        registry, "research", 1.0, duration="1M", calendar_aligned=True, now=jan_31
-    )
+    team = budget_scope(registry, "research", 1.0, duration="1M", calendar_aligned=True, now=jan_31)
     counter = team.budgets[0]
     assert counter.start == datetime(2027, 1, 1, tzinfo=UTC).timestamp()
     assert counter.end == datetime(2027, 2, 1, tzinfo=UTC).timestamp()

@@ -66,9 +66,7 @@ def check_rate_limits(scopes: Sequence[Scope], now: float, ledger: Ledger) -> Re
                 )
         slots = rate.concurrency
         if slots is not None and slots.limit is not None and slots.in_flight >= slots.limit:
-            return Refusal(
-                "concurrency_limit_exceeded", scope, slots.limit, slots.in_flight, None
-            )
+            return Refusal("concurrency_limit_exceeded", scope, slots.limit, slots.in_flight, None)
     return None
 
 

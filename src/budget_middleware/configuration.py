@@ -94,7 +94,9 @@ class ScopeBuilder:
             hierarchy.append(self.scope("team", team.id, team.name, lim.get(("team", team.id))))
         if customer is not None:
             hierarchy.append(
-                self.scope("customer", customer.id, customer.name, lim.get(("customer", customer.id)))
+                self.scope(
+                    "customer", customer.id, customer.name, lim.get(("customer", customer.id))
+                )
             )
         policies = {
             p.provider: ProviderPolicy(
@@ -136,7 +138,9 @@ class ScopeBuilder:
     ) -> ModelRule:
         name = f"{provider}/{model_name}" if provider else model_name
         return ModelRule(
-            model_name, provider, self.scope("model_config", id_, name, lim.get(("model_config", id_)))
+            model_name,
+            provider,
+            self.scope("model_config", id_, name, lim.get(("model_config", id_))),
         )
 
     def globals(self, record: GlobalRecord) -> GlobalConfig:
@@ -144,11 +148,15 @@ class ScopeBuilder:
         rules = (self._rule(r.id, r.model_name, r.provider, lim) for r in record.model_configs)
         return GlobalConfig(
             providers={
-                p.provider: self.scope("provider", p.provider, p.provider, lim.get(("provider", p.provider)))
+                p.provider: self.scope(
+                    "provider", p.provider, p.provider, lim.get(("provider", p.provider))
+                )
                 for p in record.providers
             },
             model_rules=tuple(r for r in rules if r.scope.has_limits),
-            tags={t.tag: self.scope("tag", t.tag, t.tag, lim.get(("tag", t.tag))) for t in record.tags},
+            tags={
+                t.tag: self.scope("tag", t.tag, t.tag, lim.get(("tag", t.tag))) for t in record.tags
+            },
         )
 
 
@@ -158,7 +166,7 @@ class KeyCache:
     def __init__(self, ttl: float, maxsize: int = 1_000_000) -> None:
         self._found: TTLCache[str, KeyConfig | None] = TTLCache(maxsize, ttl, timer=time.monotonic)
 
-    def get(self, key_hash: str) -> KeyConfig | None | bool:
+    def get(self, key_hash: str) -> KeyConfig | bool | None:
         """The cached config, None for a cached unknown key, False when not cached."""
         return self._found.get(key_hash, False)
 

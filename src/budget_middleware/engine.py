@@ -27,7 +27,7 @@ from .limits import CounterRegistry
 from .pricing import PriceBook
 from .scopes import GlobalConfig, KeyConfig, Scope
 from .settings import BudgetSettings
-from .store.database import Store, StoreUnavailable
+from .store.database import Delta, Store
 
 if TYPE_CHECKING:
     from .manage import BudgetManager
@@ -67,7 +67,12 @@ class Stats:
 
     @property
     def pending_records(self) -> int:
-        return len(self.engine.records) + len(self.engine.in_flight_records)
+        failed = self.engine._failed_batch
+        return (
+            len(self.engine.records)
+            + len(self.engine.in_flight_records)
+            + (len(failed[2]) if failed else 0)
+        )
 
     @property
     def pending_deltas(self) -> int:
@@ -90,7 +95,13 @@ class BudgetEngine:
         self.globals = GlobalConfig()
         self.globals_loaded_at = float("-inf")
         self.prices = PriceBook(settings.pricing_file)
-        self.counters: CounterBackend = MemoryCounters(self)
+        self.counters: CounterBackend
+        if settings.redis_url:
+            from .redis_counters import RedisCounters
+
+            self.counters = RedisCounters(self)
+        else:
+            self.counters = MemoryCounters(self)
         self.stats = Stats(engine=self)
         self.records: list[dict[str, Any]] = []
         self.in_flight_records: list[dict[str, Any]] = []
@@ -100,6 +111,8 @@ class BudgetEngine:
         self._start_lock: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock: asyncio.Lock | None = None
+        self._failed_batch: tuple[str, list[Delta], list[dict[str, Any]]] | None = None
+        self._stopping = asyncio.Event()
         self._key_loads: dict[str, asyncio.Future[KeyConfig | None]] = {}
         self._manager: BudgetManager | None = None
         self._install_default_hooks()
@@ -133,6 +146,7 @@ class BudgetEngine:
             await self.counters.start()
             await self.reload_globals()
             self._flush_lock = asyncio.Lock()
+            self._stopping = asyncio.Event()
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
             self.started = True
 
@@ -147,15 +161,16 @@ class BudgetEngine:
             return
         self.started = False
         if self._flusher is not None:
-            self._flusher.cancel()
-            try:
-                await self._flusher
-            except asyncio.CancelledError:
-                pass
+            # Ask the loop to stop rather than cancel it: a flush under way finishes first.
+            self._stopping.set()
+            await self._flusher
             self._flusher = None
-        for _ in range(3):
-            if await self.flush():
-                break
+        if not await self.flush():
+            logger.error(
+                "budget-middleware could not write %d usage records at shutdown: the store is "
+                "unreachable",
+                self.stats.pending_records,
+            )
         await self.counters.stop()
         self._start_lock = None
 
@@ -163,8 +178,13 @@ class BudgetEngine:
         interval = self.settings.flush_interval_seconds
         ttl = self.settings.cache_ttl_seconds
         last_refresh = self.clock()
-        while True:
-            await asyncio.sleep(interval)
+        stopping = self._stopping
+        while not stopping.is_set():
+            try:
+                await asyncio.wait_for(stopping.wait(), interval)
+                return
+            except TimeoutError:
+                pass
             try:
                 await self.flush()
                 if self.clock() - last_refresh >= ttl:
@@ -255,29 +275,38 @@ class BudgetEngine:
     # -- the ledger's way to the store ---------------------------------------------------
 
     async def flush(self) -> bool:
-        """Write pending deltas and usage records in one transaction; on failure keep them."""
+        """Write pending deltas and usage records in one transaction per batch.
+
+        A batch whose write failed (or whose outcome is unknown) is kept whole and retried under
+        its own id before anything newer; the store skips a batch id it has already applied, so
+        every charge is written exactly once.
+        """
         if self._flush_lock is None:
             self._flush_lock = asyncio.Lock()
         async with self._flush_lock:
-            deltas = self.counters.take_deltas()
-            records, self.records = self.records, []
-            if not deltas and not records:
-                return True
-            self.in_flight_records = records
-            batch_id = uuid.uuid4().hex
-            try:
-                await anyio.to_thread.run_sync(self.store.apply_flush, batch_id, deltas, records)
-            except (StoreUnavailable, Exception) as exc:
-                self.stats.flush_failures += 1
-                self._store_failed(exc)
-                self.counters.restore_deltas(deltas)
-                self.records = records + self.records
-                return False
-            finally:
-                self.in_flight_records = []
-            self.store_ok = True
-            self.stats.last_flush_at = self.clock()
-            return True
+            while True:
+                batch = self._failed_batch
+                if batch is None:
+                    deltas = self.counters.take_deltas()
+                    records, self.records = self.records, []
+                    if not deltas and not records:
+                        return True
+                    batch = (uuid.uuid4().hex, deltas, records)
+                self.in_flight_records = batch[2]
+                try:
+                    await anyio.to_thread.run_sync(self.store.apply_flush, *batch)
+                except BaseException as exc:  # cancelled too: nothing taken may be dropped
+                    self._failed_batch = batch
+                    self.stats.flush_failures += 1
+                    if not isinstance(exc, Exception):
+                        raise
+                    self._store_failed(exc)
+                    return False
+                finally:
+                    self.in_flight_records = []
+                self._failed_batch = None
+                self.store_ok = True
+                self.stats.last_flush_at = self.clock()
 
     async def health(self) -> dict[str, str]:
         try:
@@ -292,4 +321,4 @@ def utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-__all__ = ["BudgetEngine", "ServiceUnavailable", "get_engine", "hash_key", "admission"]
+__all__ = ["BudgetEngine", "ServiceUnavailable", "admission", "get_engine", "hash_key"]

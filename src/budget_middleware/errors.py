@@ -99,7 +99,9 @@ def refusal_answer(refusal: Refusal, exceeded_status: int, now: float | None = N
         )
         wait = 1.0
     elif code == "request_limit_exceeded":
-        message = f"{owner} request limit exceeded: {refusal.used} of {refusal.limit} requests ({when})"
+        message = (
+            f"{owner} request limit exceeded: {refusal.used} of {refusal.limit} requests ({when})"
+        )
         wait = _wait(refusal.reset_at, now)
     elif code == "token_limit_exceeded":
         message = f"{owner} token limit exceeded: {refusal.used} of {refusal.limit} tokens ({when})"

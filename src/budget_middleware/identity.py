@@ -44,7 +44,9 @@ class Credentials:
     content_length: int | None = None
 
 
-def header_reader(settings: BudgetSettings) -> Callable[[Iterable[tuple[bytes, bytes]]], Credentials]:
+def header_reader(
+    settings: BudgetSettings,
+) -> Callable[[Iterable[tuple[bytes, bytes]]], Credentials]:
     """Build, once, the function that reads the headers of a metered request in one pass."""
     key_header = settings.key_header.encode()
     prefix = settings.key_prefix

@@ -166,7 +166,11 @@ class BudgetMiddleware:
         if state is None:
             state = scope["state"] = {}
         state["budget"] = context.state
-        if context.target.stream and parsed is not None and route_path(scope).endswith(_USAGE_PATHS):
+        if (
+            context.target.stream
+            and parsed is not None
+            and route_path(scope).endswith(_USAGE_PATHS)
+        ):
             body, scope = _ask_for_usage(scope, parsed, body, context)
         exchange = Exchange(engine, context, ticket, started)
         await exchange.run(self.app, scope, body, receive, send)

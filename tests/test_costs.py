@@ -1,0 +1,188 @@
+"""What a response cost (SPEC §7), and what bad input costs: header, usage.cost, file, catalog."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from genai_prices import Usage, calc_price
+from sqlmodel import select
+
+from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware.store.tables import UsageRecordRow
+from support import chat, client, engine_of, host_app, running
+
+Settings = Callable[..., BudgetSettings]
+
+
+@pytest.fixture
+def pricing_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prices.json"
+    path.write_text(
+        json.dumps(
+            {
+                "models": {
+                    "openai/gpt-4o": {"input_per_mtok": 0, "output_per_mtok": 2},
+                    "house-model": {"input_per_mtok": 1, "output_per_mtok": 1},
+                }
+            }
+        )
+    )
+    return path
+
+
+async def records(engine: Any) -> list[UsageRecordRow]:
+    await engine.flush()
+    with engine.store.session() as s:
+        return list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.id)))  # type: ignore[arg-type]
+
+
+async def test_each_price_source_decides_in_its_turn(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    app = host_app(make_settings(pricing_file=pricing_file))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        header = await http.post(
+            "/v1/chat/completions",
+            json=chat(max_tokens=100),
+            headers={"x-mock-header-cost": "0.25", "x-mock-cost": "0.5"},
+        )
+        body_cost = await http.post(
+            "/v1/chat/completions", json=chat(max_tokens=100), headers={"x-mock-cost": "0.5"}
+        )
+        from_file = await http.post("/v1/chat/completions", json=chat(max_tokens=100))
+        catalog = await http.post(
+            "/v1/chat/completions", json=chat("openai/gpt-4o-mini", max_tokens=100)
+        )
+        rows = await records(engine)
+    assert "x-budget-cost" not in header.headers  # the host's signal never reaches the client
+    assert [(r.cost_source, r.cost_nanos) for r in rows[:3]] == [
+        ("header", 250_000_000),
+        ("usage", 500_000_000),
+        ("pricing_file", 100 * 2_000),  # 100 output tokens at $2/Mtok
+    ]
+    usage = catalog.json()["usage"]
+    want = calc_price(
+        Usage(input_tokens=usage["prompt_tokens"], output_tokens=usage["completion_tokens"]),
+        model_ref="gpt-4o-mini",
+        provider_id="openai",
+    ).total_price
+    assert rows[3].cost_source == "catalog"
+    assert abs(rows[3].cost_nanos - int(want * 10**9)) <= 1
+    assert from_file.status_code == body_cost.status_code == 200
+
+
+async def test_cached_tokens_are_priced_at_the_cached_rate(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat(max_tokens=10),
+            headers={"x-mock-cached-tokens": "1000"},
+        )
+        rows = await records(engine)
+    usage = answer.json()["usage"]
+    want = calc_price(
+        Usage(
+            input_tokens=usage["prompt_tokens"],
+            cache_read_tokens=1000,
+            output_tokens=usage["completion_tokens"],
+        ),
+        model_ref="gpt-4o",
+        provider_id="openai",
+    ).total_price
+    assert rows[0].cached_tokens == 1000
+    assert abs(rows[0].cost_nanos - int(want * 10**9)) <= 1
+
+
+async def test_a_model_without_a_price_costs_zero_and_is_counted(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        for _ in range(2):
+            answer = await http.post("/v1/chat/completions", json=chat("acme/secret-model"))
+            assert answer.status_code == 200
+        rows = await records(engine)
+    assert [(r.cost_source, r.cost_nanos) for r in rows] == [("unpriced", 0), ("unpriced", 0)]
+    assert engine.stats.unpriced_requests == 2
+    assert ("acme", "secret-model") in engine.prices.unpriced
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        (b'{"model": "gpt-4o", "messages": [', "application/json"),  # malformed JSON
+        (b"model=gpt-4o&prompt=hi", "application/x-www-form-urlencoded"),  # not JSON
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "application/json"),  # no model
+        (b"[1, 2, 3]", "application/json"),  # JSON, not an object
+    ],
+)
+async def test_bad_request_bodies_reach_the_app_and_cost_what_its_answer_says(
+    make_settings: Settings, content: bytes, content_type: str
+) -> None:
+    settings = make_settings()
+    bare = host_app(None)
+    app = host_app(settings)
+    engine = engine_of(app)
+    async with running(app), client(app) as http, client(bare) as plain:
+        got = await http.post(
+            "/v1/chat/completions", content=content, headers={"content-type": content_type}
+        )
+        want = await plain.post(
+            "/v1/chat/completions", content=content, headers={"content-type": content_type}
+        )
+        rows = await records(engine)
+    assert (got.status_code, got.json()) == (want.status_code, want.json())
+    assert got.status_code == 400
+    assert [(r.status, r.cost_nanos, r.model) for r in rows] == [(400, 0, "unknown")]
+
+
+def failing_app(settings: BudgetSettings) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def explode() -> None:
+        raise RuntimeError("upstream blew up")
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    return app
+
+
+async def test_errors_of_the_app_stay_the_apps_and_cost_nothing(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    bare = host_app(None)
+    engine = engine_of(app)
+    async with running(app), client(app) as http, client(bare) as plain:
+        upstream_503 = await http.post(
+            "/v1/chat/completions", json=chat(), headers={"x-mock-status": "503"}
+        )
+        want = await plain.post(
+            "/v1/chat/completions", json=chat(), headers={"x-mock-status": "503"}
+        )
+        rows = await records(engine)
+    assert (upstream_503.status_code, upstream_503.json()) == (503, want.json())
+    assert [(r.status, r.cost_nanos, r.outcome) for r in rows] == [(503, 0, "completed")]
+
+
+async def test_an_app_that_raises_gets_its_own_500_and_is_charged_nothing(
+    make_settings: Settings,
+) -> None:
+    crashing = failing_app(make_settings())
+    engine = engine_of(crashing)
+    transport = httpx.ASGITransport(crashing, raise_app_exceptions=False)
+    async with (
+        running(crashing),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as http,
+    ):
+        answer = await http.post("/v1/chat/completions", json=chat())
+        rows = await records(engine)
+    assert answer.status_code == 500  # Starlette's own error page, not ours
+    assert answer.text == "Internal Server Error"
+    assert [(r.status, r.cost_nanos, r.outcome) for r in rows] == [(0, 0, "upstream_error")]

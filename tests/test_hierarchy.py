@@ -1,0 +1,182 @@
+"""Every applicable scope is checked (SPEC §5): key, team, customer, provider, model, tag."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from budget_middleware import BudgetSettings
+from support import chat, client, engine_of, host_app, running
+
+Settings = Callable[..., BudgetSettings]
+SPENT = [{"max_limit": 0}]  # a budget that is already exhausted
+
+
+async def post(
+    http: Any, key: str | None = None, model: str = "openai/gpt-4o", **extra: Any
+) -> Any:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    headers.update(extra.pop("headers", {}))
+    return await http.post("/v1/chat/completions", json=chat(model, **extra), headers=headers)
+
+
+def refused_by(answer: Any) -> tuple[int, str, str]:
+    error = answer.json()["error"]
+    return answer.status_code, error["code"], error["scope"]["type"]
+
+
+async def test_team_budget_blocks_every_key_of_the_team(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        team = m.create_team(name="research", budgets=SPENT)
+        other = m.create_team(name="sales")
+        keys = [m.create_virtual_key(name=f"k{i}", team_id=team.id) for i in range(3)]
+        outsider = m.create_virtual_key(name="outsider", team_id=other.id)
+        await engine.invalidate()
+        for key in keys:
+            assert refused_by(await post(http, key.value)) == (402, "budget_exceeded", "team")
+        assert (await post(http, outsider.value)).status_code == 200
+
+
+async def test_customer_budget_blocks_every_team(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        acme = m.create_customer(name="acme", budgets=SPENT)
+        teams = [m.create_team(name=f"t{i}", customer_id=acme.id) for i in range(2)]
+        keys = [m.create_virtual_key(name=f"k{i}", team_id=t.id) for i, t in enumerate(teams)]
+        direct = m.create_virtual_key(name="direct", customer_id=acme.id)
+        await engine.invalidate()
+        for key in [*keys, direct]:
+            assert refused_by(await post(http, key.value)) == (402, "budget_exceeded", "customer")
+
+
+async def test_several_budgets_on_one_owner_must_all_pass(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(
+            name="alice",
+            budgets=[
+                {"max_limit": 100, "reset_duration": "1M"},
+                {"max_limit": 0.000001, "reset_duration": "1d"},
+            ],
+        )
+        await engine.invalidate()
+        assert (await post(http, key.value)).status_code == 200
+        refused = await post(http, key.value)
+    assert refused_by(refused) == (402, "budget_exceeded", "virtual_key")
+    assert "$0.0000" in refused.json()["error"]["message"]  # the daily one, not the monthly
+
+
+async def test_provider_budget_applies_with_and_without_a_key(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=SPENT)
+        key = m.create_virtual_key(name="alice")
+        await engine.invalidate()
+        assert refused_by(await post(http)) == (402, "budget_exceeded", "provider")
+        assert refused_by(await post(http, key.value)) == (402, "budget_exceeded", "provider")
+        assert (await post(http, key.value, model="anthropic/claude-haiku-4-5")).status_code == 200
+
+
+async def test_global_model_config_and_wildcard_apply(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.create_model_config(model_name="gpt-4o", budgets=SPENT)
+        await engine.invalidate()
+        assert refused_by(await post(http)) == (402, "budget_exceeded", "model_config")
+        assert (await post(http, model="openai/gpt-4o-mini")).status_code == 200
+        m.create_model_config(
+            model_name="*",
+            provider="anthropic",
+            rate_limit={"request_max_limit": 0, "request_reset_duration": "1m"},
+        )
+        await engine.invalidate()
+        limited = await post(http, model="anthropic/claude-haiku-4-5")
+        assert refused_by(limited) == (429, "request_limit_exceeded", "model_config")
+        assert (await post(http, model="openai/gpt-4o-mini")).status_code == 200
+
+
+async def test_key_scoped_model_config_applies_only_to_that_key(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        alice = m.create_virtual_key(name="alice")
+        bob = m.create_virtual_key(name="bob")
+        m.create_model_config(
+            model_name="gpt-4o", scope="virtual_key", scope_id=alice.id, budgets=SPENT
+        )
+        await engine.invalidate()
+        assert refused_by(await post(http, alice.value)) == (402, "budget_exceeded", "model_config")
+        assert (await post(http, bob.value)).status_code == 200
+        assert (await post(http)).status_code == 200
+
+
+async def test_provider_config_limits_apply_to_that_provider_of_the_key(
+    make_settings: Settings,
+) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice",
+            provider_configs=[
+                {"provider": "openai", "allowed_models": ["*"], "budgets": SPENT},
+                {"provider": "anthropic", "allowed_models": ["*"]},
+            ],
+        )
+        await engine.invalidate()
+        assert refused_by(await post(http, key.value)) == (
+            402,
+            "budget_exceeded",
+            "provider_config",
+        )
+        assert (await post(http, key.value, model="anthropic/claude-haiku-4-5")).status_code == 200
+
+
+async def test_tag_limits_apply_from_body_and_header_with_and_without_a_key(
+    make_settings: Settings,
+) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_tag("product:chat", budgets=SPENT)
+        key = m.create_virtual_key(name="alice")
+        await engine.invalidate()
+        in_body = await post(http, metadata={"tags": ["product:chat"]})
+        in_header = await post(http, key.value, headers={"x-budget-tags": "a, product:chat"})
+        untagged = await post(http, key.value, metadata={"tags": ["product:search"]})
+    assert refused_by(in_body) == (402, "budget_exceeded", "tag")
+    assert in_body.json()["error"]["scope"]["name"] == "product:chat"
+    assert refused_by(in_header) == (402, "budget_exceeded", "tag")
+    assert untagged.status_code == 200
+
+
+async def test_a_refusal_by_one_scope_consumes_no_other_limit(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        team = m.create_team(
+            name="research", rate_limit={"request_max_limit": 5, "request_reset_duration": "1h"}
+        )
+        key = m.create_virtual_key(name="alice", team_id=team.id)
+        m.put_tag("blocked", budgets=SPENT)
+        await engine.invalidate()
+        for _ in range(10):
+            answer = await post(http, key.value, metadata={"tags": ["blocked"]})
+            assert answer.status_code == 402
+        for _ in range(5):  # the team's 5 requests are all still there
+            assert (await post(http, key.value)).status_code == 200
+        assert refused_by(await post(http, key.value)) == (429, "request_limit_exceeded", "team")

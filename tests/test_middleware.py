@@ -1,0 +1,364 @@
+"""The middleware in a real host app: pass-through, identity, every refusal of SPEC §5 and §8."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from budget_middleware import BudgetMiddleware, BudgetSettings
+from support import chat, client, engine_of, host_app, running
+
+Settings = Callable[..., BudgetSettings]
+
+
+def bearer(value: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {value}"}
+
+
+async def test_non_metered_routes_and_requests_without_limits_are_unchanged(
+    make_settings: Settings,
+) -> None:
+    bare = host_app(None)
+    app = host_app(make_settings())
+    async with running(app), client(app) as http, client(bare) as plain:
+        for method, path, kwargs in (
+            ("GET", "/hello", {}),
+            ("POST", "/echo", {"content": b"\x00not json"}),
+            ("GET", "/v1/chat/completions", {}),  # not a POST: not metered
+        ):
+            got = await http.request(method, path, **kwargs)
+            want = await plain.request(method, path, **kwargs)
+            assert (got.status_code, got.content) == (want.status_code, want.content)
+            assert dict(got.headers) == dict(want.headers)
+        got = await http.post(
+            "/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"}
+        )
+        assert got.status_code == 200
+        assert got.json()["usage"]["prompt_tokens"] >= 1
+        assert not [h for h in got.headers if h.startswith(("x-budget", "x-ratelimit"))]
+
+
+async def test_metering_works_when_the_api_is_mounted_under_a_prefix(
+    make_settings: Settings,
+) -> None:
+    settings = make_settings()
+    outer = FastAPI()
+    outer.mount("/api", host_app(None))
+    outer.add_middleware(BudgetMiddleware, settings=settings)
+    engine = engine_of(outer)
+    await engine.ensure_started()
+    key = engine.manager.create_virtual_key(
+        name="alice", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"}
+    )
+    await engine.invalidate()
+    async with client(outer) as http:
+        first = await http.post("/api/v1/chat/completions", json=chat(), headers=bearer(key.value))
+        second = await http.post("/api/v1/chat/completions", json=chat(), headers=bearer(key.value))
+        state = await http.post(
+            "/api/v1/state/completions",
+            json={"model": "anthropic/claude-haiku-4-5"},
+            headers=bearer(key.value),
+        )
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    assert second.status_code == 429
+    assert second.json()["error"]["code"] == "request_limit_exceeded"
+    assert state.status_code == 429  # the same key: still limited
+    await engine.shutdown()
+
+
+async def test_request_state_budget_exposes_the_resolved_identity(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        customer = m.create_customer(name="acme")
+        team = m.create_team(name="research", customer_id=customer.id)
+        key = m.create_virtual_key(name="alice", team_id=team.id, tags=["team:research"])
+        await engine.invalidate()
+        answer = await http.post(
+            "/v1/state/completions",
+            json={"model": "gpt-4o", "metadata": {"tags": ["product:chat"]}},
+            headers={"x-budget-key": key.value or "", "x-budget-tags": "env:prod"},
+        )
+    assert answer.json() == {
+        "virtual_key_id": key.id,
+        "team_id": team.id,
+        "customer_id": customer.id,
+        "provider": "openai",
+        "model": "gpt-4o",
+        "tags": ["env:prod", "product:chat", "team:research"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "headers", "path", "provider", "expected_model"),
+    [
+        ("openai/gpt-4o", {}, "/v1/state/completions", "openai", "gpt-4o"),
+        ("gpt-4o", {"x-budget-provider": "azure"}, "/v1/state/completions", "azure", "gpt-4o"),
+        ("claude-haiku-4-5", {}, "/v1/state/completions", "anthropic", "claude-haiku-4-5"),
+        ("my-local-model", {}, "/v1/state/completions", "unknown", "my-local-model"),
+        (None, {}, "/v1/state/completions", "unknown", "unknown"),
+    ],
+)
+async def test_provider_and_model_are_resolved_as_the_spec_says(
+    make_settings: Settings,
+    model: str | None,
+    headers: dict[str, str],
+    path: str,
+    provider: str,
+    expected_model: str,
+) -> None:
+    app = host_app(make_settings())
+    body: dict[str, Any] = {} if model is None else {"model": model}
+    async with running(app), client(app) as http:
+        answer = await http.post(path, json=body, headers=headers)
+    assert (answer.json()["provider"], answer.json()["model"]) == (provider, expected_model)
+
+
+async def test_path_prefix_and_anthropic_messages_name_the_provider(
+    make_settings: Settings,
+) -> None:
+    settings = make_settings()
+    app = FastAPI()
+    from mock_upstream import mock_router
+
+    app.include_router(mock_router("/openai/v1"))
+    app.include_router(mock_router("/v1"))
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        await http.post("/openai/v1/chat/completions", json=chat("my-model"))
+        await http.post(
+            "/v1/messages",
+            json={
+                "model": "some-model",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
+        await engine.flush()
+    records = engine.manager.usage(group_by="provider")
+    assert sorted(row.key or "" for row in records.usage) == ["anthropic", "openai"]
+
+
+# -- refusals -------------------------------------------------------------------------------
+
+
+async def test_unknown_and_missing_keys_get_401(make_settings: Settings) -> None:
+    app = host_app(make_settings(require_virtual_key=True))
+    async with running(app), client(app) as http:
+        unknown = await http.post("/v1/chat/completions", json=chat(), headers=bearer("sk-bm-nope"))
+        missing = await http.post("/v1/chat/completions", json=chat())
+        host_credential = await http.post(
+            "/v1/chat/completions", json=chat(), headers=bearer("sk-openai-real-key")
+        )
+    assert unknown.status_code == 401
+    assert unknown.json()["error"]["type"] == "authentication_error"
+    assert unknown.json()["error"]["code"] == "invalid_virtual_key"
+    assert "sk-bm-nope" not in unknown.text
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "virtual_key_required"
+    # the host app's own credential is not a virtual key: still "required"
+    assert host_credential.json()["error"]["code"] == "virtual_key_required"
+
+
+async def test_inactive_and_expired_keys_get_403(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        inactive = m.create_virtual_key(name="off", is_active=False)
+        expired = m.create_virtual_key(
+            name="old", expires_at=(datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+        )
+        await engine.invalidate()
+        off = await http.post("/v1/chat/completions", json=chat(), headers=bearer(inactive.value))
+        old = await http.post(
+            "/v1/chat/completions", json=chat(), headers={"x-api-key": expired.value or ""}
+        )
+    assert (off.status_code, off.json()["error"]["code"]) == (403, "virtual_key_inactive")
+    assert off.json()["error"]["type"] == "permission_error"
+    assert (old.status_code, old.json()["error"]["code"]) == (403, "virtual_key_expired")
+
+
+async def test_provider_and_model_not_allowed_get_403(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice",
+            provider_configs=[
+                {"provider": "openai", "allowed_models": ["gpt-4o-mini"], "blocked_models": []},
+                {
+                    "provider": "anthropic",
+                    "allowed_models": ["*"],
+                    "blocked_models": ["claude-opus-4-1"],
+                },
+            ],
+        )
+        await engine.invalidate()
+
+        async def ask(model: str) -> tuple[int, str | None]:
+            answer = await http.post(
+                "/v1/chat/completions", json=chat(model), headers=bearer(key.value)
+            )
+            return answer.status_code, answer.json().get("error", {}).get("code")
+
+        assert await ask("openai/gpt-4o-mini") == (200, None)
+        assert await ask("openai/gpt-4o") == (403, "model_not_allowed")
+        assert await ask("mistral/mistral-large") == (403, "provider_not_allowed")
+        assert await ask("anthropic/claude-haiku-4-5") == (200, None)
+        assert await ask("anthropic/claude-opus-4-1") == (403, "model_not_allowed")
+
+
+async def test_body_over_the_size_cap_gets_413(make_settings: Settings) -> None:
+    app = host_app(make_settings(max_body_bytes=1000))
+    async with running(app), client(app) as http:
+        big = chat()
+        big["messages"][0]["content"] = "x" * 2000
+        answer = await http.post("/v1/chat/completions", json=big)
+        chunked = await http.post(
+            "/v1/chat/completions", content=_chunks(b"{" + b" " * 1500 + b"}")
+        )
+    assert answer.status_code == 413
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+    assert "BUDGET_MAX_BODY_BYTES" in answer.json()["error"]["message"]
+    assert chunked.status_code == 413
+
+
+async def _chunks(data: bytes) -> Any:
+    for start in range(0, len(data), 100):
+        yield data[start : start + 100]
+
+
+async def test_budget_exceeded_answer_names_scope_amounts_reset_and_says_do_not_retry(
+    make_settings: Settings,
+) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        team = m.create_team(
+            name="research",
+            budgets=[{"max_limit": 0.000001, "reset_duration": "1M", "calendar_aligned": True}],
+        )
+        key = m.create_virtual_key(name="alice", team_id=team.id)
+        await engine.invalidate()
+        first = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+        refused = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+    assert first.status_code == 200
+    assert refused.status_code == 402
+    assert refused.headers["x-should-retry"] == "false"
+    error = refused.json()["error"]
+    assert error["type"] == error["code"] == "budget_exceeded"
+    assert error["scope"] == {"type": "team", "id": team.id, "name": "research"}
+    now = datetime.now(UTC)
+    next_month = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+    assert error["message"].startswith("Team 'research' budget exceeded: $0.")
+    assert "spent of $0.0000" in error["message"]
+    assert f"(resets {next_month:%Y-%m-%dT%H:%M:%SZ})" in error["message"]
+
+
+async def test_exceeded_status_can_be_429_for_openai_parity(make_settings: Settings) -> None:
+    app = host_app(make_settings(exceeded_status=429))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 0}])
+        await engine.invalidate()
+        refused = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "budget_exceeded"
+    assert "(never resets)" in refused.json()["error"]["message"]
+
+
+async def test_rate_limit_refusals_carry_retry_after_and_count_nothing(
+    make_settings: Settings,
+) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(
+            name="alice",
+            rate_limit={
+                "request_max_limit": 2,
+                "request_reset_duration": "1h",
+                "token_max_limit": 1000,
+                "token_reset_duration": "1h",
+            },
+            budgets=[{"max_limit": 100, "reset_duration": "1d"}],
+        )
+        await engine.invalidate()
+        ok = await http.post(
+            "/v1/chat/completions", json=chat(max_tokens=5), headers=bearer(key.value)
+        )
+        await http.post("/v1/chat/completions", json=chat(max_tokens=5), headers=bearer(key.value))
+        refused = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+        await engine.flush()
+    assert ok.headers["x-ratelimit-limit-requests"] == "2"
+    assert ok.headers["x-ratelimit-remaining-requests"] == "1"
+    assert ok.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert float(ok.headers["x-budget-limit"]) == 100
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "request_limit_exceeded")
+    assert error["message"].startswith(
+        "Virtual key 'alice' request limit exceeded: 2 of 2 requests"
+    )
+    assert 3590 <= int(refused.headers["retry-after"]) <= 3600
+    assert int(refused.headers["retry-after-ms"]) > 3_590_000
+    limits = m.list_rate_limits()
+    assert limits[0].request_current_usage == 2  # the refused one counted nothing
+    records = m.usage(group_by="virtual_key")
+    assert records.total.requests == 2
+
+
+async def test_token_limit_refuses_once_measured_tokens_reach_it(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", rate_limit={"token_max_limit": 30, "token_reset_duration": "1h"}
+        )
+        await engine.invalidate()
+        first = await http.post(
+            "/v1/chat/completions", json=chat(max_tokens=40), headers=bearer(key.value)
+        )
+        refused = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+    assert first.status_code == 200
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "token_limit_exceeded"
+
+
+async def test_concurrency_limit_refuses_while_requests_are_in_flight(
+    make_settings: Settings,
+) -> None:
+    import asyncio
+
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", rate_limit={"max_concurrent_requests": 2}
+        )
+        await engine.invalidate()
+        slow = {**bearer(key.value), "x-mock-delay-ms": "50"}
+        answers = await asyncio.gather(
+            *(
+                http.post(
+                    "/v1/chat/completions", json=chat(max_tokens=4, stream=True), headers=slow
+                )
+                for _ in range(5)
+            )
+        )
+        after = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200, 200, 429, 429, 429]
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.json()["error"]["code"] == "concurrency_limit_exceeded"
+    assert after.status_code == 200  # every slot was given back
