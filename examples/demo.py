@@ -55,9 +55,12 @@ def show(response: httpx.Response) -> None:
         print(f"  {response.status_code} {error['code']}: {error['message']}{extra}")
 
 
-async def main() -> None:
+def fresh_store() -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{DB_FILE}{suffix}").unlink(missing_ok=True)
+
+
+async def main() -> None:
     # The default store is SQLite; the demo uses its own file so it starts afresh every run.
     settings = BudgetSettings(database_url=f"sqlite:///./{DB_FILE}", pricing_file=None)
     engine = get_engine(settings)
@@ -133,9 +136,10 @@ async def main() -> None:
             f"  tokens {row.input_tokens:>4} in {row.output_tokens:>5} out  spend ${row.cost:.6f}"
         )
     await engine.shutdown()
-    print(f"\nThe store is {DB_FILE.resolve()}; run again to start afresh.")
+    print(f"\nThe store is ./{DB_FILE}; run the demo again to start afresh.")
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    fresh_store()
     asyncio.run(main())

@@ -80,7 +80,7 @@ async def test_with_reservation_a_budget_of_n_requests_admits_at_most_n(
     n = 20
     async with running(app):
         m = engine.manager
-        # each request: max_tokens 1000 -> $0.001; the prompt is priced at 0, so the estimate is exact
+        # each request: max_tokens 1000 -> $0.001; the prompt is free, so the estimate is exact
         team = m.create_team(
             name="research", budgets=[{"max_limit": 0.001 * n, "reset_duration": "1d"}]
         )
