@@ -29,7 +29,13 @@ _USAGE_KEY: Final = b'"usage"'
 _SCAN_FROM: Final = 4096  # larger bodies: decode only the usage object at the end
 _CANDIDATES: Final = 4  # `"usage"` keys tried from the end before falling back to a full parse
 _JSON_SPACE: Final = " \t\r\n"
-_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # as strict as orjson, so both paths agree
+
+
+_raw_decode = json.JSONDecoder(parse_constant=_reject_constant).raw_decode
 
 
 @dataclass(slots=True)

@@ -1,0 +1,370 @@
+"""Server-Sent Events: an incremental decoder, and the meter that reads usage from a stream.
+
+`SSEDecoder` follows the WHATWG event-stream rules and keeps the exact bytes of every event, so
+`StreamMeter` can forward a stream byte for byte while it reads the usage (SPEC §7), and remove
+the usage-only chunk that the middleware caused by asking for `stream_options.include_usage`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+from budget_middleware.usage import JSON_ERRORS, TokenUsage, json_loads, usage_from_mapping
+
+_EOL: Final = re.compile(rb"\r\n|\r|\n")
+_LF: Final = 0x0A
+_CR: Final = 0x0D
+_COLON: Final = 0x3A
+_BOM: Final = b"\xef\xbb\xbf"
+_MAX_PENDING: Final = 16 * 1024 * 1024  # an "event" this large is no SSE: stop reading the stream
+
+# delta events of the Responses API whose `delta` is generated text (audio deltas are base64)
+_RESPONSES_TEXT: Final = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+    }
+)
+_RESPONSES_END: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# named events worth a JSON parse; others (ping, content_block_start, ...) carry no usage nor text
+_READ: Final = _RESPONSES_TEXT | _RESPONSES_END | {
+    "response.created",
+    "message_start",
+    "message_delta",
+    "message_stop",
+    "content_block_delta",
+}
+_SKIP: Final = frozenset({"ping", "content_block_start", "content_block_stop", "error"})
+_DELTA_TEXT: Final = ("content", "refusal", "reasoning_content", "reasoning")
+_BLOCK_TEXT: Final = ("text", "partial_json", "thinking")
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    """One event of a stream.
+
+    `raw` is the exact bytes it was read from: any comment-only blocks since the previous event
+    (the first `head` bytes), then its own lines, comments included, up to and including the
+    blank line that ends it. `id` is the last event ID seen (it carries over, per the spec).
+    `complete` is False only for what `SSEDecoder.flush` returns: bytes cut off by the end of the
+    stream, which the spec says are not an event; they are returned so a filter can re-emit them.
+    """
+
+    event: str | None
+    data: str
+    raw: bytes
+    id: str | None = None
+    head: int = 0
+    complete: bool = True
+
+
+class SSEDecoder:
+    """Incremental SSE decoder over bytes: lines end with CR, LF or CRLF, even split across
+    chunks; each complete line is decoded as UTF-8 (invalid bytes become U+FFFD); `retry` and
+    unknown fields are ignored; a block without `data` is no event.
+
+    End of stream: like the WHATWG spec and openai-python's `_streaming.py`, an event not ended
+    by a blank line is discarded, never dispatched; `flush` hands back its bytes, `complete=False`.
+    """
+
+    __slots__ = ("_block", "_buf", "_data", "_event", "_last_id", "_line", "_skip_lf", "_started")
+
+    def __init__(self) -> None:
+        self._last_id: str | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._buf = bytearray()  # bytes not yet returned in an event or by `release`
+        self._line = 0  # where the line being read starts in _buf
+        self._block = 0  # where the current block starts in _buf; before it, comment-only blocks
+        self._skip_lf = False  # the last chunk ended with CR: a LF next is part of it
+        self._started = False  # a BOM is skipped on the first line only
+        self._event: str | None = None
+        self._data: list[str] = []
+
+    @property
+    def pending(self) -> int:
+        """Bytes read but not yet handed back (the event in progress and comments before it)."""
+        return len(self._buf)
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """Every event this chunk completes, in order."""
+        if not chunk:
+            return []
+        buf = self._buf
+        scan = len(buf)
+        buf += chunk
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[0] == _LF:  # second half of a CRLF: it belongs to the line that just ended
+                scan += 1
+                if self._block == self._line:
+                    self._block = scan
+                self._line = scan
+        events: list[SSEEvent] = []
+        cut = 0  # bytes of _buf handed back in events
+        line = self._line
+        for match in _EOL.finditer(buf, scan):
+            eol, line_end = match.span()
+            if not self._started:
+                self._started = True
+                if buf.startswith(_BOM, line):
+                    line += len(_BOM)
+            if eol == line:  # blank line: dispatch
+                if self._data:
+                    data = "\n".join(self._data)
+                    raw = bytes(buf[cut:line_end])
+                    head = self._block - cut
+                    events.append(SSEEvent(self._event, data, raw, self._last_id, head))
+                    cut = line_end
+                self._block = line_end
+                self._event = None
+                self._data = []
+            elif buf[line] != _COLON:  # a comment line is skipped
+                self._field(buf[line:eol].decode("utf-8", "replace"))
+            line = line_end
+        if line == len(buf) and buf[-1] == _CR:
+            self._skip_lf = True
+        self._line = line - cut
+        self._block -= cut
+        if cut:
+            del buf[:cut]
+        return events
+
+    def release(self) -> bytes:
+        """Hands back the comment-only blocks read since the last event, so they can go on now;
+        the next event's `raw` then starts after them."""
+        block = self._block
+        if not block:
+            return b""
+        out = bytes(self._buf[:block])
+        del self._buf[:block]
+        self._line -= block
+        self._block = 0
+        return out
+
+    def flush(self) -> list[SSEEvent]:
+        """End of stream: the bytes still held, as one incomplete event (none if no bytes are);
+        the decoder is then ready for the next stream (keeping the last event ID, per the spec)."""
+        buf = self._buf
+        if not buf:
+            self._reset()
+            return []
+        if self._line < len(buf) and buf[self._line] != _COLON:
+            start = self._line + (len(_BOM) if not self._started and buf.startswith(_BOM) else 0)
+            self._field(buf[start:].decode("utf-8", "replace"))
+        event = SSEEvent(
+            self._event, "\n".join(self._data), bytes(buf), self._last_id, self._block, False
+        )
+        self._reset()
+        return [event]
+
+    def _field(self, line: str) -> None:
+        name, _, value = line.partition(":")
+        if value[:1] == " ":
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value or None  # an empty type is the default, "message"
+        elif name == "id" and "\0" not in value:
+            self._last_id = value
+
+
+class StreamMeter:
+    """Reads usage from a `text/event-stream` response as it passes through (SPEC §7).
+
+    `feed` returns the bytes to forward now, `finish` what is left at the end. Without
+    `drop_usage_chunk` every chunk is returned as it came (the same object): the meter only reads.
+    With it (the middleware added `stream_options.include_usage`), the OpenAI usage-only chunk
+    (`choices: []`, non-null `usage`) is removed; everything else is forwarded byte for byte, and
+    only the unfinished tail of the current event is held back. Dropping needs an identity-encoded
+    stream: the caller must not ask for it on a compressed one.
+
+    `usage` is the best known so far: OpenAI's usage chunk, `response.completed`'s usage, or
+    Anthropic's `message_start` usage updated by `message_delta` (cumulative: the last count wins).
+    Until `completed` it may be partial (Anthropic's output count only grows with `message_delta`):
+    for a cut stream, estimate the output from `text_chars`, the generated characters streamed.
+    """
+
+    __slots__ = (
+        "_anthropic",
+        "_decoder",
+        "_drop",
+        "_owe_lf",
+        "completed",
+        "model",
+        "text_chars",
+        "usage",
+    )
+
+    def __init__(self, drop_usage_chunk: bool = False) -> None:
+        self.usage: TokenUsage | None = None
+        self.completed = False  # saw `[DONE]`, `response.completed`/`.incomplete`, `message_stop`
+        self.text_chars = 0
+        self.model: str | None = None
+        self._drop = drop_usage_chunk
+        self._decoder: SSEDecoder | None = SSEDecoder()  # None: gave up reading (see _MAX_PENDING)
+        self._anthropic: dict[str, Any] = {}  # Anthropic usage fields so far, the last value wins
+        self._owe_lf = False  # a dropped event ended in CR: a LF right after it is part of it
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to forward to the client now."""
+        decoder = self._decoder
+        if decoder is None:
+            return chunk
+        events = decoder.feed(chunk)
+        if not self._drop:
+            for event in events:
+                self._read(event)
+            if decoder.pending > _MAX_PENDING:
+                self._decoder = None
+            return chunk
+        out: list[bytes] = []
+        for event in events:
+            if self._read(event):  # the usage chunk we caused: drop it, keep the comments before it
+                self._emit(out, event.raw[: event.head])
+                self._owe_lf = event.raw[-1] == _CR
+            else:
+                self._emit(out, event.raw)
+        self._emit(out, decoder.release())
+        if decoder.pending > _MAX_PENDING:
+            self._decoder = None
+            for event in decoder.flush():
+                self._emit(out, event.raw)
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """The bytes left to forward at the end of the stream."""
+        decoder, self._decoder = self._decoder, None
+        if decoder is None:
+            return b""
+        out: list[bytes] = []
+        for event in decoder.flush():  # incomplete: not read, per the spec, but forwarded
+            if self._drop:
+                self._emit(out, event.raw)
+        return b"".join(out)
+
+    def _emit(self, out: list[bytes], data: bytes) -> None:
+        if data and self._owe_lf:
+            self._owe_lf = False
+            if data[0] == _LF:
+                data = data[1:]
+        if data:
+            out.append(data)
+
+    def _read(self, event: SSEEvent) -> bool:
+        """Takes what the event says; True if it is a usage-only chunk to drop."""
+        name = event.event
+        if name is not None and name != "message":
+            if name == "message_stop":
+                self.completed = True
+                return False
+            if name in _READ:
+                body = _object(event.data)
+                if body is not None:
+                    self._read_typed(name, body)
+                return False
+            if name in _SKIP or name.startswith("response."):
+                return False
+            # any other name: some OpenAI-compatible server; read it like an unnamed event
+        if event.data == "[DONE]":
+            self.completed = True
+            return False
+        body = _object(event.data)
+        if body is None:
+            return False
+        kind = body.get("type")
+        if isinstance(kind, str) and kind in _READ:  # Anthropic or Responses without `event:`
+            self._read_typed(kind, body)
+            return False
+        return self._read_chunk(body)
+
+    def _read_chunk(self, body: dict[str, Any]) -> bool:
+        """An OpenAI chat/completions chunk."""
+        if self.model is None:
+            self._see_model(body.get("model"))
+        choices = body.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict):
+                    self.text_chars += _choice_chars(choice)
+        usage = body.get("usage")
+        if not isinstance(usage, dict):  # `"usage": null` on every chunk but the last
+            return False
+        self.usage = usage_from_mapping(usage) or self.usage
+        return self._drop and choices == []
+
+    def _read_typed(self, kind: str, body: dict[str, Any]) -> None:
+        if kind == "content_block_delta":
+            delta = body.get("delta")
+            if isinstance(delta, dict):
+                self.text_chars += _text_chars(delta, _BLOCK_TEXT)
+        elif kind in _RESPONSES_TEXT:
+            self.text_chars += _text_chars(body, ("delta",))
+        elif kind == "message_start":
+            message = body.get("message")
+            if isinstance(message, dict):
+                self._see_model(message.get("model"))
+                self._anthropic.clear()
+                self._merge_anthropic(message.get("usage"))
+        elif kind == "message_delta":
+            self._merge_anthropic(body.get("usage"))
+        elif kind == "message_stop":
+            self.completed = True
+        else:  # response.created and the Responses API's end events
+            response = body.get("response")
+            if isinstance(response, dict):
+                self._see_model(response.get("model"))
+                usage = response.get("usage")
+                if isinstance(usage, dict):
+                    self.usage = usage_from_mapping(usage) or self.usage
+            if kind in ("response.completed", "response.incomplete"):
+                self.completed = True
+
+    def _merge_anthropic(self, usage: object) -> None:
+        # message_delta counts are cumulative, input/cache ones may repeat: overwrite, never add
+        if isinstance(usage, dict):
+            self._anthropic.update((k, v) for k, v in usage.items() if v is not None)
+            self.usage = usage_from_mapping(self._anthropic) or self.usage
+
+    def _see_model(self, model: object) -> None:
+        if isinstance(model, str) and model:
+            self.model = model
+
+
+def _object(data: str) -> dict[str, Any] | None:
+    try:
+        value = json_loads(data)
+    except JSON_ERRORS:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _text_chars(obj: dict[str, Any], keys: tuple[str, ...]) -> int:
+    total = 0
+    for key in keys:
+        value = obj.get(key)
+        if isinstance(value, str):
+            total += len(value)
+    return total
+
+
+def _choice_chars(choice: dict[str, Any]) -> int:
+    total = _text_chars(choice, ("text",))  # legacy completions
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        total += _text_chars(delta, _DELTA_TEXT)
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    total += _text_chars(function, ("arguments",))
+    return total

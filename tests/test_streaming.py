@@ -1,0 +1,364 @@
+"""Streams through the middleware (SPEC §7): never buffered, metered exactly, cuts settled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import httpx2
+import openai
+import pytest
+from fastapi import FastAPI
+from sqlmodel import select
+from starlette.middleware.gzip import GZipMiddleware
+
+from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware.store.tables import UsageRecordRow
+from support import chat, client, engine_of, host_app, running
+
+Settings = Callable[..., BudgetSettings]
+Message = dict[str, Any]
+
+
+@pytest.fixture
+def pricing_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prices.json"
+    prices = {"input_per_mtok": 1, "output_per_mtok": 2}
+    path.write_text(json.dumps({"models": {"openai/gpt-4o": prices, "claude-haiku-4-5": prices}}))
+    return path
+
+
+def cost_of(input_tokens: int, output_tokens: int) -> int:
+    """Nano-dollars at the fixture's prices ($1 and $2 per million tokens)."""
+    return input_tokens * 1000 + output_tokens * 2000
+
+
+async def records(engine: Any) -> list[UsageRecordRow]:
+    await engine.flush()
+    with engine.store.session() as s:
+        return list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.id)))  # type: ignore[arg-type]
+
+
+def http_scope(path: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> Message:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+
+
+def _event(choices: list[Any], usage: Any = None) -> bytes:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "choices": choices, "usage": usage}
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+CHUNKS = [
+    _event([{"index": 0, "delta": {"role": "assistant", "content": ""}}]),
+    _event([{"index": 0, "delta": {"content": "Hello"}}]),
+    _event([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+]
+USAGE_CHUNK = _event([], {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
+DONE = b"data: [DONE]\n\n"
+
+
+class ScriptedUpstream:
+    """A raw ASGI app that streams fixed chunks, one per send, and can wait between them."""
+
+    def __init__(self) -> None:
+        self.gate: asyncio.Event | None = None
+        self.seen_body: dict[str, Any] = {}
+
+    async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        message = await receive()
+        self.seen_body = json.loads(message["body"])
+        asked = self.seen_body.get("stream_options", {}).get("include_usage") is True
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        chunks = [*CHUNKS, USAGE_CHUNK, DONE] if asked else [*CHUNKS, DONE]
+        for index, chunk in enumerate(chunks):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if index == 0 and self.gate is not None:
+                await self.gate.wait()  # the second chunk waits for the client to see the first
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def call(
+    app: Any, body: dict[str, Any], on_body: Callable[[bytes], None] | None = None
+) -> bytes:
+    sent: list[bytes] = []
+    delivered = False
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message.get("body", b""))
+            if on_body is not None:
+                on_body(message.get("body", b""))
+
+    await asyncio.wait_for(app(http_scope("/v1/chat/completions", b""), receive, send), 5)
+    return b"".join(sent)
+
+
+async def test_the_first_chunk_reaches_the_client_before_the_app_sends_the_second(
+    make_settings: Settings,
+) -> None:
+    upstream = ScriptedUpstream()
+    upstream.gate = asyncio.Event()
+    app = BudgetMiddleware(upstream, settings=make_settings())
+    gate = upstream.gate
+
+    def on_body(chunk: bytes) -> None:
+        if chunk:
+            gate.set()
+
+    async with running(app):
+        out = await call(app, chat(stream=True), on_body)
+    assert out == b"".join([*CHUNKS, DONE])
+
+
+async def test_a_stream_that_asked_for_usage_passes_byte_for_byte(make_settings: Settings) -> None:
+    upstream = ScriptedUpstream()
+    app = BudgetMiddleware(upstream, settings=make_settings())
+    body = chat(stream=True, stream_options={"include_usage": True})
+    async with running(app):
+        through = await call(app, body)
+        direct = await call(upstream, body)
+    assert through == direct == b"".join([*CHUNKS, USAGE_CHUNK, DONE])
+
+
+async def test_the_usage_chunk_we_asked_for_is_removed_and_still_charged(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    upstream = ScriptedUpstream()
+    app = BudgetMiddleware(upstream, settings=make_settings(pricing_file=pricing_file))
+    async with running(app):
+        out = await call(app, chat(stream=True))
+        rows = await records(app.engine)
+    assert upstream.seen_body["stream_options"] == {"include_usage": True}
+    assert out == b"".join([*CHUNKS, DONE])
+    assert [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows] == [
+        (7, 3, cost_of(7, 3), False)
+    ]
+
+
+async def test_openai_sdk_streams_through_the_middleware_and_is_charged_its_usage(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    app = host_app(make_settings(pricing_file=pricing_file))
+    engine = engine_of(app)
+    async with running(app):
+        sdk = openai.AsyncOpenAI(
+            base_url="http://test/v1",
+            api_key="host-credential",
+            http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app)),
+            max_retries=0,
+        )
+        stream = await sdk.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=12, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        asked = await sdk.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        asked_chunks = [chunk async for chunk in asked]
+        rows = await records(engine)
+    assert all(chunk.choices for chunk in chunks)  # no usage-only chunk: naive clients stay safe
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).count(" ") == 11
+    usage = asked_chunks[-1].usage
+    assert usage is not None and asked_chunks[-1].choices == []
+    assert [(r.output_tokens, r.streamed, r.outcome) for r in rows] == [
+        (12, True, "completed"),
+        (5, True, "completed"),
+    ]
+    assert rows[1].cost_nanos == cost_of(usage.prompt_tokens, usage.completion_tokens)
+
+
+async def test_anthropic_sdk_streams_through_the_middleware_and_is_charged_its_usage(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    app = host_app(make_settings(pricing_file=pricing_file))
+    engine = engine_of(app)
+    async with running(app):
+        sdk = anthropic.AsyncAnthropic(
+            base_url="http://test",
+            api_key="host-credential",
+            http_client=httpx2.AsyncClient(transport=httpx2.ASGITransport(app)),
+            max_retries=0,
+        )
+        async with sdk.messages.stream(
+            model="claude-haiku-4-5",
+            max_tokens=9,
+            messages=[{"role": "user", "content": "hello"}],
+        ) as stream:
+            final = await stream.get_final_message()
+        rows = await records(engine)
+    assert [(r.provider, r.model, r.input_tokens, r.output_tokens) for r in rows] == [
+        ("anthropic", "claude-haiku-4-5", final.usage.input_tokens, 9)
+    ]
+    assert rows[0].cost_nanos == cost_of(final.usage.input_tokens, final.usage.output_tokens)
+
+
+async def test_a_client_that_disconnects_mid_stream_is_charged_an_estimate_once(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    app = host_app(make_settings(pricing_file=pricing_file))
+    engine = engine_of(app)
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="alice",
+            rate_limit={"max_concurrent_requests": 1},
+            budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+        )
+        await engine.invalidate()
+        body = json.dumps(chat(max_tokens=200, stream=True)).encode()
+        bodies: list[bytes] = []
+        gone = asyncio.Event()
+        delivered = False
+
+        async def receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                bodies.append(message.get("body", b""))
+                if len(bodies) == 5:
+                    gone.set()  # the client leaves after five chunks
+
+        headers = [
+            (b"authorization", f"Bearer {key.value}".encode()),
+            (b"x-mock-delay-ms", b"5"),
+        ]
+        await asyncio.wait_for(
+            app(http_scope("/v1/chat/completions", body, headers), receive, send), 5
+        )
+        rows = await records(engine)
+        budget = engine.registry.windows[("budget", key.budgets[0].id)]
+        slots = engine.registry.concurrency[key.rate_limit.id]  # type: ignore[union-attr]
+        assert (slots.in_flight, budget.reserved) == (0, 0)
+        assert len(bodies) < 50  # the stream stopped
+        assert len(rows) == 1
+        row = rows[0]
+        assert (row.outcome, row.estimated, row.streamed) == ("client_disconnected", True, True)
+        assert 0 < row.output_tokens < 200
+        assert row.cost_nanos > 0 and budget.value == row.cost_nanos
+        async with client(app) as http:  # the slot is free again
+            again = await http.post(
+                "/v1/chat/completions",
+                json=chat(),
+                headers={"authorization": f"Bearer {key.value}"},
+            )
+        assert again.status_code == 200
+
+
+async def test_an_upstream_cut_is_charged_an_estimate_and_marked(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    app = host_app(make_settings(pricing_file=pricing_file))
+    engine = engine_of(app)
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with running(app), httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        await http.post(
+            "/v1/chat/completions",
+            json=chat(max_tokens=100, stream=True),
+            headers={"x-mock-fail-after": "10"},
+        )
+        rows = await records(engine)
+    assert [(r.outcome, r.estimated) for r in rows] == [("upstream_error", True)]
+    assert 0 < rows[0].output_tokens < 100 and rows[0].cost_nanos > 0
+
+
+async def test_200_concurrent_streams_are_charged_exactly_and_leave_nothing_behind(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    app = host_app(make_settings(pricing_file=pricing_file))
+    engine = engine_of(app)
+    async with running(app):
+        team = engine.manager.create_team(
+            name="research",
+            budgets=[{"max_limit": 100, "reset_duration": "1d"}],
+            rate_limit={"max_concurrent_requests": 1000},
+        )
+        key = engine.manager.create_virtual_key(name="alice", team_id=team.id)
+        await engine.invalidate()
+        async with client(app) as http:
+            answers = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/chat/completions",
+                        json=chat(max_tokens=1 + i % 13, stream=True),
+                        headers={"authorization": f"Bearer {key.value}"},
+                    )
+                    for i in range(200)
+                )
+            )
+        assert all(a.status_code == 200 and "[DONE]" in a.text for a in answers)
+        rows = await records(engine)
+        budget = engine.registry.windows[("budget", team.budgets[0].id)]
+        slots = engine.registry.concurrency[team.rate_limit.id]  # type: ignore[union-attr]
+        assert len(rows) == 200 and not any(r.estimated for r in rows)
+        assert budget.value == sum(cost_of(r.input_tokens, r.output_tokens) for r in rows)
+        assert sorted(r.output_tokens for r in rows) == sorted(1 + i % 13 for i in range(200))
+        assert (budget.reserved, slots.in_flight) == (0, 0)
+
+
+async def test_a_gzip_encoded_answer_is_still_measured(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    settings = make_settings(pricing_file=pricing_file)
+    app = FastAPI()
+    from mock_upstream import mock_router
+
+    app.include_router(mock_router("/v1"))
+    app.add_middleware(GZipMiddleware, minimum_size=10)  # inside ours
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        answer = await http.post(
+            "/v1/chat/completions", json=chat(max_tokens=50), headers={"accept-encoding": "gzip"}
+        )
+        rows = await records(engine)
+    assert answer.headers["content-encoding"] == "gzip"
+    usage = answer.json()["usage"]  # httpx decoded it; the middleware had to as well
+    assert (rows[0].output_tokens, rows[0].estimated) == (50, False)
+    assert rows[0].cost_nanos == cost_of(usage["prompt_tokens"], 50)

@@ -1,0 +1,350 @@
+"""Reading usage from JSON response bodies, compressed or not (SPEC §7)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import budget_middleware.usage as usage_module
+from budget_middleware.usage import BodyDecoder, TokenUsage, usage_from_json, usage_from_mapping
+
+CHAT_COMPLETION = {
+    "id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT",
+    "object": "chat.completion",
+    "created": 1741569952,
+    "model": "gpt-4.1-2025-04-14",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Hello! How can I assist you today?",
+                "refusal": None,
+                "annotations": [],
+            },
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {
+        "prompt_tokens": 1117,
+        "completion_tokens": 10,
+        "total_tokens": 1127,
+        "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    },
+    "service_tier": "default",
+    "system_fingerprint": "fp_eb9dce56a8",
+}
+
+RESPONSE = {
+    "id": "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b",
+    "object": "response",
+    "created_at": 1741476542,
+    "status": "completed",
+    "model": "gpt-4.1-2025-04-14",
+    "output": [
+        {
+            "type": "message",
+            "id": "msg_67ccd2bf17f0819081ff3bb2cf6508e60bb6a6b452d3795b",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "In a grove...", "annotations": []}],
+        }
+    ],
+    "usage": {
+        "input_tokens": 36,
+        "input_tokens_details": {"cached_tokens": 12},
+        "output_tokens": 87,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 123,
+    },
+    "user": None,
+    "metadata": {},
+}
+
+ANTHROPIC_MESSAGE = {
+    "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-sonnet-4-20250514",
+    "content": [{"type": "text", "text": "Hi! My name is Claude."}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {
+        "input_tokens": 2095,
+        "cache_creation_input_tokens": 100,
+        "cache_read_input_tokens": 1800,
+        "output_tokens": 503,
+        "service_tier": "standard",
+    },
+}
+
+
+def body(document: Any) -> bytes:
+    return json.dumps(document).encode()
+
+
+def padded(document: dict[str, Any], size: int = 100_000) -> dict[str, Any]:
+    """The same response with a long answer, so the body takes the large-body path."""
+    long = dict(document)
+    return {"content_padding": "lorem ipsum " * (size // 12), **long}
+
+
+# --- the shapes providers send ---------------------------------------------------------------
+
+
+def test_openai_chat_completion_usage_counts_cached_tokens_within_input() -> None:
+    assert usage_from_json(body(CHAT_COMPLETION)) == TokenUsage(1117, 10, 1024, 0)
+
+
+def test_openai_embeddings_usage_has_no_output_tokens() -> None:
+    embeddings = {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.0023, -0.0093]}],
+        "model": "text-embedding-3-small",
+        "usage": {"prompt_tokens": 8, "total_tokens": 8},
+    }
+    assert usage_from_json(body(embeddings)) == TokenUsage(input_tokens=8)
+
+
+def test_responses_api_input_tokens_already_include_cached_tokens() -> None:
+    assert usage_from_json(body(RESPONSE)) == TokenUsage(36, 87, 12, 0)
+
+
+def test_anthropic_cache_reads_and_writes_are_added_to_input_tokens() -> None:
+    assert usage_from_json(body(ANTHROPIC_MESSAGE)) == TokenUsage(
+        input_tokens=2095 + 100 + 1800,
+        output_tokens=503,
+        cached_tokens=1800,
+        cache_write_tokens=100,
+    )
+
+
+def test_anthropic_usage_without_cache_fields_is_plain_input() -> None:
+    assert usage_from_mapping({"input_tokens": 10, "output_tokens": 3}) == TokenUsage(10, 3)
+
+
+def test_usage_cost_is_read_when_the_upstream_reports_it() -> None:
+    openrouter = {**CHAT_COMPLETION, "usage": {"prompt_tokens": 5, "completion_tokens": 2,
+                                              "cost": 0.00042}}
+    assert usage_from_json(body(openrouter)) == TokenUsage(5, 2, cost=0.00042)
+
+
+def test_usage_with_only_a_cost_is_still_usage() -> None:
+    assert usage_from_mapping({"cost": 1}) == TokenUsage(cost=1.0)
+
+
+def test_litellm_style_openai_usage_reads_anthropic_cache_fields_as_subsets() -> None:
+    usage = {"prompt_tokens": 100, "completion_tokens": 5, "cache_read_input_tokens": 60,
+             "cache_creation_input_tokens": 30}
+    assert usage_from_mapping(usage) == TokenUsage(100, 5, 60, 30)
+
+
+# --- bad input never raises --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b'{"usage": {"prompt_tokens": 1',
+        b"[1, 2, 3]",
+        b'"usage"',
+        b'{"usage": null}',
+        b'{"usage": "lots"}',
+        b'{"usage": []}',
+        b'{"id": "x"}',
+        b'{"usage": {"total_tokens": 5}}',
+        b"\xff\xfe" + b'"usage"',
+        b"[" * 100_000 + b'"usage"' + b"]" * 100_000,
+    ],
+)
+def test_body_without_readable_usage_gives_none(raw: bytes) -> None:
+    assert usage_from_json(raw) is None
+
+
+def test_wrong_types_and_negative_counts_count_as_zero() -> None:
+    usage = {"prompt_tokens": "12", "completion_tokens": -4, "prompt_tokens_details": None,
+             "cost": "0.1"}
+    assert usage_from_mapping(usage) == TokenUsage(0, 0, 0, 0, None)
+    assert usage_from_mapping({"input_tokens": True, "output_tokens": 7.0}) == TokenUsage(0, 7)
+    assert usage_from_mapping({"output_tokens": float("nan"), "cost": -1}) == TokenUsage()
+
+
+def test_cached_tokens_never_exceed_input_tokens() -> None:
+    usage = {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 50},
+             "cache_creation_input_tokens": 5}
+    assert usage_from_mapping(usage) == TokenUsage(10, 0, 10, 0)
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise(raw: bytes) -> None:
+    usage_from_json(raw)
+    usage_from_json(raw + b'"usage": {"prompt_tokens": 3}}' + b" " * 5000)
+
+
+# --- large bodies --------------------------------------------------------------------------------
+
+
+def test_large_body_reads_the_usage_at_its_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[int] = []
+    real = usage_module.json_loads
+
+    def spy(data: bytes | str) -> Any:
+        parsed.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(usage_module, "json_loads", spy)
+    raw = body(padded(RESPONSE))
+    assert len(raw) > 100_000
+    assert usage_from_json(raw) == TokenUsage(36, 87, 12, 0)
+    assert all(size < 200 for size in parsed)  # only the tail was parsed, never the whole body
+
+
+def test_large_body_ignores_a_usage_key_quoted_inside_a_string() -> None:
+    document = padded(CHAT_COMPLETION)
+    document["system_fingerprint"] = 'fp "usage": {"prompt_tokens": 999}'
+    document["note \"usage"] = {"prompt_tokens": 777}
+    assert usage_from_json(body(document)) == TokenUsage(1117, 10, 1024, 0)
+
+
+def test_large_body_ignores_a_nested_usage_key_after_the_real_one() -> None:
+    document = padded(RESPONSE)
+    document["metadata"] = {"usage": {"input_tokens": 5, "output_tokens": 5}}
+    assert usage_from_json(body(document)) == TokenUsage(36, 87, 12, 0)
+
+
+def test_large_body_with_only_a_nested_usage_key_has_no_usage() -> None:
+    document = padded({"id": "x", "metadata": {"usage": {"input_tokens": 5}}})
+    assert usage_from_json(body(document)) is None
+
+
+def test_large_body_with_null_usage_has_no_usage() -> None:
+    assert usage_from_json(body(padded({**RESPONSE, "usage": None}))) is None
+
+
+def test_large_body_with_whitespace_and_unicode_is_read() -> None:
+    document = padded({**ANTHROPIC_MESSAGE, "content": [{"type": "text", "text": "héllo 🌍"}]})
+    raw = json.dumps(document, indent=2, ensure_ascii=False).encode()
+    assert usage_from_json(raw) == usage_from_json(body(ANTHROPIC_MESSAGE))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200)
+@given(
+    usage=json_values | st.fixed_dictionaries({}, optional={
+        "prompt_tokens": json_values, "completion_tokens": json_values, "cost": json_values,
+        "input_tokens": json_values, "output_tokens": json_values,
+        "cache_read_input_tokens": json_values, "input_tokens_details": json_values,
+    }),
+    after=st.dictionaries(st.sampled_from(["user", "metadata", "usage_note", "x"]), json_values),
+    indent=st.sampled_from([None, 1]),
+)
+def test_large_and_small_bodies_read_the_same_usage(
+    usage: Any, after: dict[str, Any], indent: int | None
+) -> None:
+    document = {"id": "chatcmpl-1", "usage": usage, **after}
+    small = json.dumps(document, indent=indent).encode()
+    large = json.dumps(padded(document, 5000), indent=indent).encode()
+    assert usage_from_json(large) == usage_from_json(small)
+
+
+# --- content-encoding ----------------------------------------------------------------------------
+
+
+def decode_in_pieces(decoder: BodyDecoder, data: bytes, size: int) -> bytes:
+    out = b"".join(decoder.feed(data[i : i + size]) for i in range(0, len(data), size))
+    return out + decoder.flush()
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096])
+def test_gzip_body_is_decoded_incrementally(size: int) -> None:
+    raw = body(CHAT_COMPLETION)
+    decoder = BodyDecoder("gzip")
+    assert decode_in_pieces(decoder, gzip.compress(raw), size) == raw
+    assert decoder.supported and decoder.error is None
+
+
+@pytest.mark.parametrize("size", [1, 3, 4096])
+def test_deflate_body_is_decoded_zlib_wrapped_or_raw(size: int) -> None:
+    raw = body(ANTHROPIC_MESSAGE)
+    deflater = zlib.compressobj(wbits=-15)
+    raw_deflate = deflater.compress(raw) + deflater.flush()
+    for encoded in (zlib.compress(raw), raw_deflate):
+        decoder = BodyDecoder("Deflate")
+        assert decode_in_pieces(decoder, encoded, size) == raw
+        assert decoder.error is None
+
+
+@pytest.mark.parametrize("encoding", [None, "", "identity", " Identity "])
+def test_identity_body_passes_through(encoding: str | None) -> None:
+    decoder = BodyDecoder(encoding)
+    assert decoder.feed(b"abc") == b"abc"
+    assert decoder.flush() == b""
+    assert decoder.supported and decoder.error is None
+
+
+def test_identity_listed_with_gzip_is_gzip() -> None:
+    decoder = BodyDecoder("gzip, identity")
+    assert decode_in_pieces(decoder, gzip.compress(b"{}"), 10) == b"{}"
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "gzip, br", "gzip, gzip"])
+def test_unknown_encoding_says_usage_cannot_be_read(encoding: str) -> None:
+    decoder = BodyDecoder(encoding)
+    assert not decoder.supported
+    assert decoder.error == f"unsupported content-encoding: {encoding}"
+    assert decoder.feed(b"\x1f\x8b...") == b""
+    assert decoder.flush() == b""
+
+
+def test_corrupt_gzip_sets_an_error_without_raising() -> None:
+    decoder = BodyDecoder("gzip")
+    assert decoder.feed(b"this is not gzip") == b""
+    assert decoder.error is not None and decoder.error.startswith("corrupt gzip body")
+    assert decoder.feed(b"more") == b""
+
+
+def test_truncated_gzip_sets_an_error_at_flush() -> None:
+    decoder = BodyDecoder("gzip")
+    decoder.feed(gzip.compress(body(CHAT_COMPLETION))[:-12])
+    assert decoder.flush() == b""
+    assert decoder.error == "truncated gzip body"
+
+
+def test_decoded_body_over_max_size_stops_decoding() -> None:
+    bomb = gzip.compress(b"0" * 1_000_000)
+    decoder = BodyDecoder("gzip", max_size=1000)
+    assert decoder.feed(bomb) == b""
+    assert decoder.error == "decoded body larger than 1000 bytes"
+    identity = BodyDecoder(None, max_size=3)
+    assert identity.feed(b"abc") == b"abc"
+    assert identity.feed(b"d") == b""
+    assert identity.error is not None
+
+
+def test_usage_of_a_gzip_body_is_read_from_the_decoded_bytes() -> None:
+    raw = body(padded(CHAT_COMPLETION))
+    decoder = BodyDecoder("gzip")
+    assert usage_from_json(decode_in_pieces(decoder, gzip.compress(raw), 1000)) == TokenUsage(
+        1117, 10, 1024, 0
+    )
