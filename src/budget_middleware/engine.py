@@ -107,6 +107,7 @@ class BudgetEngine:
         self.in_flight_records: list[dict[str, Any]] = []
         self.startup_hooks: list[Callable[[Store], None]] = []
         self.started = False
+        self.stale = False
         self.store_ok = True
         self._start_lock: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -209,7 +210,19 @@ class BudgetEngine:
     async def invalidate(self) -> None:
         """After a write through the admin API: the next request sees the change."""
         self.keys.clear()
+        self.stale = False
         await self.reload_globals()
+
+    def mark_stale(self) -> None:
+        """After a write from synchronous code (the Python management API): the next request
+        in this process reloads what it needs."""
+        self.keys.clear()
+        self.stale = True
+
+    async def ensure_current(self) -> None:
+        if self.stale:
+            self.stale = False
+            await self.reload_globals()
 
     def _store_failed(self, exc: BaseException) -> None:
         if self.store_ok:

@@ -157,6 +157,8 @@ class BudgetMiddleware:
                 if not self.fail_open:
                     await _answer(send, _unavailable())
                     return
+        if engine.stale:
+            await engine.ensure_current()
         decision = await self._decide(scope, body, credentials)
         if isinstance(decision, ErrorAnswer):
             await _answer(send, decision)

@@ -1,0 +1,145 @@
+"""ASGI traps (PITFALLS): body replayed once, start-up failures, lazy start, shared stores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from support import chat, client, running
+
+from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError, get_engine
+
+Settings = Callable[..., BudgetSettings]
+
+
+async def test_the_body_is_replayed_once_then_receive_is_the_real_one(
+    make_settings: Settings,
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        seen.append(await receive())
+        seen.append(await receive())  # waiting for a disconnect, as a streaming app does
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    wrapped = BudgetMiddleware(app, settings=make_settings())
+    body = json.dumps(chat()).encode()
+    parts = [body[:10], body[10:]]
+
+    async def receive() -> dict[str, Any]:
+        if parts:
+            chunk = parts.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(parts)}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "root_path": "",
+        "headers": [],
+        "query_string": b"",
+    }
+    async with running(wrapped):
+        await asyncio.wait_for(wrapped(scope, receive, send), 2)
+    assert seen[0] == {"type": "http.request", "body": body, "more_body": False}
+    assert seen[1] == {"type": "http.disconnect"}
+
+
+async def test_invalid_settings_stop_the_server_at_startup_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BUDGET_FLUSH_INTERVAL_SECONDS", "soon")
+    app = Starlette()
+    app.add_middleware(BudgetMiddleware)
+    with pytest.raises(RuntimeError, match="BUDGET_FLUSH_INTERVAL_SECONDS"):
+        async with running(app):
+            pass
+    with pytest.raises(SettingsError, match="BUDGET_FLUSH_INTERVAL_SECONDS"):
+        BudgetSettings()
+
+
+async def test_a_bad_pricing_file_fails_at_startup_naming_it(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"models": {"gpt-4o": {"input_per_mtok": -1, "output_per_mtok": 1}}}')
+    app = Starlette()
+    app.add_middleware(
+        BudgetMiddleware,
+        settings=BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db", pricing_file=prices),
+    )
+    with pytest.raises(RuntimeError, match="BUDGET_PRICING_FILE"):
+        async with running(app):
+            pass
+
+
+async def test_without_a_lifespan_the_first_request_starts_the_engine(
+    make_settings: Settings,
+) -> None:
+    async def completions(request: Request) -> JSONResponse:
+        return JSONResponse({"usage": {"prompt_tokens": 1, "completion_tokens": 1}, "choices": []})
+
+    settings = make_settings()
+    app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    assert not engine.started
+    async with client(app) as http:  # httpx's ASGITransport sends no lifespan
+        answer = await http.post("/v1/chat/completions", json=chat())
+    assert answer.status_code == 200
+    assert engine.started
+    await engine.shutdown()
+    assert engine.manager.usage(group_by="model").total.requests == 1
+
+
+async def test_two_processes_on_one_store_add_their_charges_not_overwrite(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from support import host_app
+
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({"models": {"openai/gpt-4o": {"input_per_mtok": 0, "output_per_mtok": 1}}})
+    )
+    # two engines on one store, as two processes would have (their settings differ slightly)
+    first = host_app(
+        BudgetSettings(database_url=sqlite_url, pricing_file=prices, flush_interval_seconds=0.05)
+    )
+    second = host_app(
+        BudgetSettings(database_url=sqlite_url, pricing_file=prices, flush_interval_seconds=0.06)
+    )
+    engine_one = get_engine(first.user_middleware[0].kwargs["settings"])
+    engine_two = get_engine(second.user_middleware[0].kwargs["settings"])
+    assert engine_one is not engine_two
+    async with running(first), running(second):
+        key = engine_one.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 10, "reset_duration": "1d"}]
+        )
+        async with client(first) as one, client(second) as two:
+            for index in range(20):
+                http = one if index % 2 else two
+                answer = await http.post(
+                    "/v1/chat/completions",
+                    json=chat(max_tokens=1000),
+                    headers={"authorization": f"Bearer {key.value}"},
+                )
+                assert answer.status_code == 200
+    budgets = engine_one.manager.list_budgets()
+    assert budgets[0].current_usage == pytest.approx(20 * 0.001)
+    assert engine_one.manager.usage(group_by="virtual_key").total.requests == 20
