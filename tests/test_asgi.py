@@ -13,9 +13,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from support import chat, client, running
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError, get_engine
+from support import chat, client, running
 
 Settings = Callable[..., BudgetSettings]
 
@@ -27,7 +27,7 @@ async def test_the_body_is_replayed_once_then_receive_is_the_real_one(
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
+            while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
