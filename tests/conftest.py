@@ -13,11 +13,46 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-from budget_middleware import BudgetSettings  # noqa: E402
+from budget_middleware import BudgetSettings
 
-POSTGRES_URL = os.environ.get(
+POSTGRES_BASE_URL = os.environ.get(
     "BUDGET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+# Each test run gets a database of its own, so that runs going on at once (several developers,
+# several checkouts) never drop each other's tables. It is dropped when the run ends.
+_RUN_DATABASE = f"bm_test_{os.getpid()}"
+POSTGRES_URL = POSTGRES_BASE_URL.rsplit("/", 1)[0] + "/" + _RUN_DATABASE
+_run_database_made = False
+
+
+def _admin_engine() -> Any:
+    from sqlalchemy import create_engine
+
+    return create_engine(POSTGRES_BASE_URL, isolation_level="AUTOCOMMIT")
+
+
+def _make_run_database() -> None:
+    global _run_database_made
+    if _run_database_made:
+        return
+    from sqlalchemy import text
+
+    engine = _admin_engine()
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{_RUN_DATABASE}"'))
+        conn.execute(text(f'CREATE DATABASE "{_RUN_DATABASE}"'))
+    engine.dispose()
+    _run_database_made = True
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _run_database_made:
+        from sqlalchemy import text
+
+        engine = _admin_engine()
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{_RUN_DATABASE}" WITH (FORCE)'))
+        engine.dispose()
 REDIS_URL = os.environ.get("BUDGET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
@@ -40,6 +75,7 @@ def need_postgres() -> None:
         if IN_CI:
             pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432 (CI must run it)")
         pytest.skip("PostgreSQL is not running at 127.0.0.1:5432")
+    _make_run_database()
 
 
 def need_redis() -> None:

@@ -108,6 +108,7 @@ class BudgetEngine:
         self.startup_hooks: list[Callable[[Store], None]] = []
         self.started = False
         self.stale = False
+        self._resets: list[tuple[str, str, float]] = []
         self.store_ok = True
         self._start_lock: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -130,7 +131,9 @@ class BudgetEngine:
         if self._manager is None:
             from .manage import BudgetManager
 
-            self._manager = BudgetManager(self.store, self.settings)
+            self._manager = BudgetManager(
+                self.store, self.settings, on_change=self.mark_stale, on_reset=self.reset_window
+            )
         return self._manager
 
     # -- life cycle ----------------------------------------------------------------------
@@ -209,19 +212,23 @@ class BudgetEngine:
 
     async def invalidate(self) -> None:
         """After a write through the admin API: the next request sees the change."""
-        self.keys.clear()
-        self.stale = False
-        await self.reload_globals()
+        self.stale = True
+        await self.ensure_current()
 
     def mark_stale(self) -> None:
-        """After a write from synchronous code (the Python management API): the next request
-        in this process reloads what it needs."""
-        self.keys.clear()
+        """After a write (the Python management API, from any thread): the next request in this
+        process reloads what it needs. Only a flag is set here; the event loop does the rest."""
         self.stale = True
 
     async def ensure_current(self) -> None:
         if self.stale:
             self.stale = False
+            self.keys.clear()
+            while self._resets:
+                kind, id_, at = self._resets.pop(0)
+                counter = self.registry.windows.get((kind, id_))
+                if counter is not None:
+                    counter.reset(at)
             await self.reload_globals()
 
     def _store_failed(self, exc: BaseException) -> None:
@@ -281,9 +288,9 @@ class BudgetEngine:
         self.records.append(row)
 
     def reset_window(self, kind: str, id: str) -> None:
-        counter = self.registry.windows.get((kind, id))
-        if counter is not None:
-            counter.reset(self.clock())
+        """A budget was reset: its live counter starts a new window before the next request."""
+        self._resets.append((kind, id, self.clock()))
+        self.stale = True
 
     # -- the ledger's way to the store ---------------------------------------------------
 

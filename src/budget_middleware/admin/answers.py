@@ -1,0 +1,78 @@
+"""The admin API's answers: JSON objects, and errors in OpenAI's shape (SPEC §8).
+
+A validation error lists every failing field (`errors`) and names the first one in `param`; it
+never echoes the submitted values (a body may hold a key's value).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+AdminAnswer = JSONResponse
+
+_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    422: "invalid_request_error",
+    501: "not_implemented",
+    503: "service_unavailable",
+}
+
+
+def ok(body: dict[str, Any], status: int = 200) -> AdminAnswer:
+    return JSONResponse(body, status_code=status)
+
+
+def error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    error_type: str | None = None,
+    param: str | None = None,
+    **extra: Any,
+) -> AdminAnswer:
+    body: dict[str, Any] = {
+        "message": message,
+        "type": error_type or _TYPES.get(status, "invalid_request_error"),
+        "code": code,
+        "param": param,
+        **extra,
+    }
+    return JSONResponse({"error": body}, status_code=status)
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "body"
+
+
+def invalid(exc: ValidationError, *, prefix: str = "") -> AdminAnswer:
+    failures = [
+        {"param": prefix + _where(e["loc"]), "message": e["msg"], "kind": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+    first = failures[0] if failures else {"param": None, "message": "invalid"}
+    return error(
+        422,
+        "invalid_value",
+        f"{first['param']}: {first['message']}",
+        error_type="invalid_request_error",
+        param=first["param"],
+        errors=failures,
+    )
+
+
+def invalid_param(param: str, message: str) -> AdminAnswer:
+    return error(
+        422,
+        "invalid_value",
+        f"{param}: {message}",
+        error_type="invalid_request_error",
+        param=param,
+        errors=[{"param": param, "message": message, "kind": "value_error"}],
+    )

@@ -1,0 +1,74 @@
+"""Who may call the admin API: the bearer of `BUDGET_ADMIN_KEY`, never a virtual key.
+
+`GET /virtual-keys/quota` is the exception: its credential is the virtual key itself, found in the
+same headers as the middleware reads.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+
+from ..settings import BudgetSettings
+from .answers import AdminAnswer, error
+
+
+def bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+async def check_admin(
+    request: Request,
+    settings: BudgetSettings,
+    is_virtual_key: Callable[[str], Awaitable[bool]],
+) -> AdminAnswer | None:
+    """None when the caller holds the admin key, else the refusal to send."""
+    if not settings.admin_key:
+        return error(
+            503,
+            "admin_api_disabled",
+            "the admin API is disabled: set BUDGET_ADMIN_KEY to enable it",
+            error_type="service_unavailable",
+        )
+    token = bearer(request)
+    if token is None:
+        return error(
+            401,
+            "admin_key_required",
+            "this route needs 'Authorization: Bearer <BUDGET_ADMIN_KEY>'",
+            error_type="authentication_error",
+        )
+    virtual = "a virtual key is not an admin credential: use BUDGET_ADMIN_KEY"
+    if token.startswith(settings.key_prefix):
+        return error(401, "virtual_key_not_allowed", virtual, error_type="authentication_error")
+    if not hmac.compare_digest(token.encode(), settings.admin_key.encode()):
+        return error(
+            401,
+            "invalid_admin_key",
+            "the bearer token is not BUDGET_ADMIN_KEY",
+            error_type="authentication_error",
+        )
+    # The admin key itself is also a stored virtual key's value: refuse it rather than guess.
+    if await is_virtual_key(token):
+        return error(401, "virtual_key_not_allowed", virtual, error_type="authentication_error")
+    return None
+
+
+def virtual_key_value(request: Request, settings: BudgetSettings) -> str | None:
+    """The virtual key of a request, first found wins (SPEC §4)."""
+    value = request.headers.get(settings.key_header)
+    if value:
+        return value.strip()
+    prefix = settings.key_prefix
+    token = bearer(request)
+    if token and token.startswith(prefix):
+        return token
+    for header in ("x-api-key", "x-goog-api-key"):
+        value = request.headers.get(header, "").strip()
+        if value.startswith(prefix):
+            return value
+    return None

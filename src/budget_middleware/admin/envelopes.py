@@ -1,0 +1,72 @@
+"""The objects answers wrap results in: one object under its singular name, lists with a count."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field, create_model
+
+from ..schemas import (
+    BudgetOut,
+    CustomerOut,
+    ModelConfigOut,
+    ProviderOut,
+    RateLimitOut,
+    TagOut,
+    TeamOut,
+    VirtualKeyOut,
+)
+
+
+def one(name: str, model: type[BaseModel]) -> type[BaseModel]:
+    title = "".join(part.title() for part in name.split("_")) + "Answer"
+    # "model_config" is pydantic's own attribute: the field gets another name and the alias.
+    fields: Any = {f"{name}_": (model, Field(alias=name))}
+    return create_model(title, **fields)
+
+
+def many(name: str, model: type[BaseModel], count: str = "count", **more: Any) -> type[BaseModel]:
+    title = "".join(part.title() for part in name.split("_")) + "List"
+    fields: Any = {name: (list[model], ...), count: (int, ...), **more}  # type: ignore[valid-type]
+    return create_model(title, **fields)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None
+    errors: list[dict[str, Any]] | None = None
+
+
+class ErrorAnswer(BaseModel):
+    error: ErrorDetail
+
+
+class HealthAnswer(BaseModel):
+    status: str = Field(description="ok, or degraded when a part is down")
+    store: str
+    redis: str
+
+
+class Deleted(BaseModel):
+    deleted: bool
+    id: str
+
+
+CustomerAnswer = one("customer", CustomerOut)
+CustomerList = many("customers", CustomerOut)
+TeamAnswer = one("team", TeamOut)
+TeamList = many("teams", TeamOut)
+VirtualKeyAnswer = one("virtual_key", VirtualKeyOut)
+VirtualKeyList = many("virtual_keys", VirtualKeyOut)
+ProviderAnswer = one("provider", ProviderOut)
+ProviderList = many("providers", ProviderOut)
+TagAnswer = one("tag", TagOut)
+TagList = many("tags", TagOut)
+ModelConfigAnswer = one("model_config", ModelConfigOut)
+ModelConfigList = many("model_configs", ModelConfigOut, count="total_count")
+BudgetAnswer = one("budget", BudgetOut)
+BudgetList = many("budgets", BudgetOut, server_time=(datetime, ...))
+RateLimitList = many("rate_limits", RateLimitOut)

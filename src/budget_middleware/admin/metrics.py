@@ -1,0 +1,93 @@
+"""`GET /metrics`: Prometheus text, built at scrape time from the store, the live counters and the
+engine's statistics, in a registry of our own (never the process-global one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ..schemas import BudgetOut
+from .answers import AdminAnswer, error
+from .context import Call
+
+try:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
+except ImportError:  # pragma: no cover - the "metrics" extra is not installed
+    CollectorRegistry = None  # type: ignore[assignment,misc]
+
+from starlette.responses import Response
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _families(budgets: Iterable[BudgetOut], stats: Any, now: float) -> Iterator[Metric]:
+    labels = ["budget_id", "owner_type", "user_path", "reset_duration"]
+    remaining = GaugeMetricFamily(
+        "budget_remaining_usd", "USD left in the budget's current window", labels=labels
+    )
+    spent = GaugeMetricFamily(
+        "budget_spent_usd", "USD spent in the budget's current window", labels=labels
+    )
+    limit = GaugeMetricFamily("budget_limit_usd", "The budget's max_limit", labels=labels)
+    for b in budgets:
+        values = [b.id, b.owner_type, b.user_path, b.reset_duration or "never"]
+        remaining.add_metric(values, b.remaining)
+        spent.add_metric(values, b.spent)
+        limit.add_metric(values, b.max_limit)
+    yield from (remaining, spent, limit)
+    admitted = CounterMetricFamily("budget_requests_admitted", "Inference requests admitted")
+    admitted.add_metric([], stats.admitted)
+    yield admitted
+    refused = CounterMetricFamily(
+        "budget_requests_refused", "Inference requests refused, by reason", labels=["reason"]
+    )
+    for reason, count in sorted(stats.refused.items()):
+        refused.add_metric([reason], count)
+    yield refused
+    tokens = CounterMetricFamily("budget_tokens", "Tokens measured", labels=["direction"])
+    tokens.add_metric(["input"], stats.input_tokens)
+    tokens.add_metric(["output"], stats.output_tokens)
+    yield tokens
+    unpriced = CounterMetricFamily("budget_unpriced_requests", "Requests of a model with no price")
+    unpriced.add_metric([], stats.unpriced_requests)
+    yield unpriced
+    pending = GaugeMetricFamily("budget_pending_writes", "Not yet written", labels=["kind"])
+    pending.add_metric(["usage_records"], stats.pending_records)
+    pending.add_metric(["counter_deltas"], stats.pending_deltas)
+    yield pending
+    lag = GaugeMetricFamily("budget_flush_lag_seconds", "Seconds since the last successful flush")
+    lag.add_metric([], now - stats.last_flush_at if stats.last_flush_at is not None else 0.0)
+    yield lag
+    failures = CounterMetricFamily("budget_flush_failures", "Flushes that failed and were kept")
+    failures.add_metric([], stats.flush_failures)
+    yield failures
+
+
+class _Snapshot:
+    """A collector over one scrape's data."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+async def metrics_answer(call: Call) -> Response | AdminAnswer:
+    if CollectorRegistry is None:
+        return error(
+            501,
+            "metrics_unavailable",
+            "GET /metrics needs prometheus-client: pip install 'budget-middleware[metrics]'",
+            error_type="not_implemented",
+        )
+    engine = call.engine
+    budgets = await call.run(call.manager.list_budgets, from_memory=True, counters=engine.registry)
+    families = list(_families(budgets, engine.stats, engine.clock()))
+    registry = CollectorRegistry(auto_describe=False)
+    collector: Collector = _Snapshot(families)
+    registry.register(collector)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE)

@@ -1,0 +1,230 @@
+"""Declarative configuration (SPEC §10): `BUDGET_CONFIG_FILE`, YAML or JSON, applied at start-up.
+
+Top-level lists `customers`, `teams`, `virtual_keys`, `providers`, `model_configs` and `tags`, each
+entry a create body of the admin API. A team names its customer (`customer`: name or id), a key its
+team or customer (`team` / `customer`); a key's `value` may be `${ENV_VAR}`; a model config scoped
+to a key names it by `virtual_key` (name or id). A provider entry has `provider`, a tag entry `tag`.
+
+Each entry's `config_hash` is the sha256 of its canonical JSON (after `${...}` is substituted). An
+entity is created when missing, updated when its stored hash differs, and left alone otherwise, so
+changes made through the admin API survive restarts until the file's entry changes. Entities are
+found by name (model configs by model, provider and scope). Nothing is ever deleted by the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlmodel import select
+
+from .errors_admin import AdminError
+from .manage import BudgetManager
+from .owner_limits import Origin, config_hash
+from .settings import BudgetSettings
+from .store.database import Store
+from .store.tables import (
+    CustomerRow,
+    ModelConfigRow,
+    ProviderRow,
+    TagRow,
+    TeamRow,
+    VirtualKeyRow,
+)
+
+SECTIONS = ("customers", "teams", "virtual_keys", "providers", "model_configs", "tags")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigFileError(ValueError):
+    """The file of BUDGET_CONFIG_FILE cannot be read or one of its entries is invalid."""
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigFileError(f"BUDGET_CONFIG_FILE {str(path)!r}: cannot read: {exc}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data: Any = json.loads(text)
+        except ValueError as exc:
+            raise ConfigFileError(
+                f"BUDGET_CONFIG_FILE {str(path)!r}: invalid JSON: {exc}"
+            ) from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigFileError(
+                f"BUDGET_CONFIG_FILE {str(path)!r} is YAML, which needs pyyaml: "
+                "pip install 'budget-middleware[yaml]' (or use a .json file)"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigFileError(
+                f"BUDGET_CONFIG_FILE {str(path)!r}: invalid YAML: {exc}"
+            ) from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"BUDGET_CONFIG_FILE {str(path)!r}: the top level must be a mapping")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigFileError(
+            f"BUDGET_CONFIG_FILE {str(path)!r}: unknown section(s) {', '.join(unknown)}; "
+            f"expected {', '.join(SECTIONS)}"
+        )
+    for section in SECTIONS:
+        entries = data.get(section) or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ConfigFileError(
+                f"BUDGET_CONFIG_FILE {str(path)!r}: {section} must be a list of mappings"
+            )
+        data[section] = entries
+    return data
+
+
+def _substitute(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+
+        def env(match: re.Match[str]) -> str:
+            name = match[1]
+            if name not in os.environ:
+                raise ConfigFileError(f"{where}: environment variable {name} is not set")
+            return os.environ[name]
+
+        return _ENV.sub(env, value)
+    if isinstance(value, list):
+        return [_substitute(v, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, where) for k, v in value.items()}
+    return value
+
+
+class _Loader:
+    def __init__(self, store: Store, settings: BudgetSettings, path: Path) -> None:
+        self.store = store
+        self.settings = settings
+        self.path = path
+
+    def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
+        label = entry.get("name") or entry.get("provider") or entry.get("tag")
+        label = label or entry.get("model_name") or f"#{index + 1}"
+        return f"BUDGET_CONFIG_FILE {str(self.path)!r}, {section}[{index}] ({label})"
+
+    def _find(self, table: Any, ref: str | None, what: str, where: str) -> str | None:
+        if ref is None:
+            return None
+        with self.store.session() as s:
+            if s.get(table, ref) is not None:
+                return ref
+            row = s.exec(select(table).where(table.name == ref)).first()
+        if row is None:
+            raise ConfigFileError(f"{where}: {what} {ref!r} is neither a name nor an id")
+        return str(row.id)
+
+    def _stored(self, table: Any, where_clause: Any) -> Any:
+        with self.store.session() as s:
+            return s.exec(select(table).where(where_clause)).first()
+
+    def apply(self, section: str, index: int, raw: dict[str, Any]) -> None:
+        where = self.where(section, index, raw)
+        entry = _substitute(raw, where)
+        digest = config_hash(entry)
+        body = dict(entry)
+        manager = BudgetManager(self.store, self.settings, Origin("config", digest))
+        try:
+            self._apply(section, body, digest, manager, where)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}"
+                for e in exc.errors(include_input=False, include_url=False)
+            )
+            raise ConfigFileError(f"{where}: {problems}") from None
+        except AdminError as exc:
+            raise ConfigFileError(f"{where}: {exc.message}") from None
+
+    def _apply(
+        self, section: str, body: dict[str, Any], digest: str, m: BudgetManager, where: str
+    ) -> None:
+        create: Callable[..., Any]
+        update: Callable[..., Any]
+        table: Any
+        if section in ("providers", "tags"):
+            field = "provider" if section == "providers" else "tag"
+            name = body.pop(field, None)
+            if not isinstance(name, str) or not name:
+                raise ConfigFileError(f"{where}: needs '{field}', the {field}'s name")
+            table = ProviderRow if section == "providers" else TagRow
+            row = self._stored(table, getattr(table, field) == name)
+            if row is None or row.config_hash != digest:
+                (m.put_provider if section == "providers" else m.put_tag)(name, body)
+            return
+        if section == "customers":
+            table, create, update = CustomerRow, m.create_customer, m.update_customer
+        elif section == "teams":
+            table, create, update = TeamRow, m.create_team, m.update_team
+            if "customer" in body:
+                body["customer_id"] = self._find(CustomerRow, body.pop("customer"), "customer",
+                                                 where)  # fmt: skip
+        elif section == "virtual_keys":
+            table, create, update = VirtualKeyRow, m.create_virtual_key, m.update_virtual_key
+            if "team" in body:
+                body["team_id"] = self._find(TeamRow, body.pop("team"), "team", where)
+            if "customer" in body:
+                body["customer_id"] = self._find(CustomerRow, body.pop("customer"), "customer",
+                                                 where)  # fmt: skip
+        else:
+            self._apply_model_config(body, digest, m, where)
+            return
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise ConfigFileError(f"{where}: needs a 'name'")
+        row = self._stored(table, table.name == name)
+        if row is None:
+            create(body)
+        elif row.config_hash != digest:
+            if section == "virtual_keys":
+                value = body.pop("value", None)
+                if value is not None:
+                    m.set_virtual_key_value(row.id, value)
+            update(row.id, body)
+
+    def _apply_model_config(
+        self, body: dict[str, Any], digest: str, m: BudgetManager, where: str
+    ) -> None:
+        if "virtual_key" in body:
+            body["scope"] = "virtual_key"
+            body["scope_id"] = self._find(VirtualKeyRow, body.pop("virtual_key"), "virtual key",
+                                          where)  # fmt: skip
+        row = self._stored(
+            ModelConfigRow,
+            (ModelConfigRow.model_name == body.get("model_name"))
+            & (ModelConfigRow.provider == body.get("provider"))
+            & (ModelConfigRow.scope == body.get("scope", "global"))
+            & (ModelConfigRow.scope_id == body.get("scope_id")),
+        )
+        if row is None:
+            m.create_model_config(body)
+        elif row.config_hash != digest:
+            for fixed in ("scope", "scope_id"):
+                body.pop(fixed, None)
+            m.update_model_config(row.id, body)
+
+
+def load_config_file(store: Store, settings: BudgetSettings) -> None:
+    """Apply `settings.config_file` to the store (a start-up hook of the engine; blocking)."""
+    if settings.config_file is None:
+        return
+    path = Path(settings.config_file)
+    data = read_config_file(path)
+    loader = _Loader(store, settings, path)
+    for section in SECTIONS:
+        for index, entry in enumerate(data[section]):
+            loader.apply(section, index, entry)

@@ -1,0 +1,211 @@
+"""Virtual keys: created with a value that is shown once, stored only as its SHA-256.
+
+A key belongs to a team or to a customer (or to neither). Its provider configs say which providers
+and models it may use, each with its own budgets and rate limit; in an update they are matched to
+the existing ones by `id` or else by `provider`, and keep their usage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC, datetime
+
+from sqlmodel import Session, col, select
+
+from .errors_admin import Conflict, InvalidRequest, NotFound
+from .owner_limits import OwnerWriter, delete_limits, write_limits
+from .schemas import ProviderConfigIn, VirtualKeyCreate, VirtualKeyOut, VirtualKeyUpdate
+from .store.tables import (
+    CustomerRow,
+    ModelConfigRow,
+    ProviderConfigRow,
+    TeamRow,
+    VirtualKeyRow,
+    utcnow,
+)
+from .views import Reader
+
+
+def hash_value(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def display(value: str, prefix: str) -> str:
+    """What people see of a key: the prefix and the last 4 characters."""
+    shown = prefix if value.startswith(prefix) else value[:3]
+    return f"{shown}…{value[-4:]}"
+
+
+class KeyWriter(OwnerWriter):
+    def _new_value(self) -> str:
+        return self.settings.key_prefix + secrets.token_urlsafe(32)
+
+    def _check_parents(self, s: Session, team_id: str | None, customer_id: str | None) -> None:
+        if team_id is not None and s.get(TeamRow, team_id) is None:
+            raise InvalidRequest(f"team {team_id!r} not found", param="team_id")
+        if customer_id is not None and s.get(CustomerRow, customer_id) is None:
+            raise InvalidRequest(f"customer {customer_id!r} not found", param="customer_id")
+
+    def _set_value(self, s: Session, row: VirtualKeyRow, value: str) -> None:
+        digest = hash_value(value)
+        other = s.exec(select(VirtualKeyRow).where(VirtualKeyRow.key_hash == digest)).first()
+        if other is not None and other.id != row.id:
+            raise Conflict("this key value is already in use", param="value")
+        row.key_hash = digest
+        row.key_display = display(value, self.settings.key_prefix)
+
+    def _create_key(self, data: VirtualKeyCreate) -> VirtualKeyOut:
+        value = data.value or self._new_value()
+        with self._session() as s:
+            self._unique_name(s, VirtualKeyRow, data.name, "virtual key", None)
+            self._check_parents(s, data.team_id, data.customer_id)
+            row = VirtualKeyRow(
+                name=data.name,
+                key_hash="",
+                key_display="",
+                team_id=data.team_id,
+                customer_id=data.customer_id,
+                is_active=data.is_active,
+                expires_at=_utc(data.expires_at),
+                tags=list(data.tags),
+                calendar_aligned=data.calendar_aligned,
+            )
+            self._set_value(s, row, value)
+            self.origin.stamp(row, created=True)
+            s.add(row)
+            write_limits(s, "virtual_key", row.id, data, calendar_aligned=row.calendar_aligned,
+                         origin=self.origin)  # fmt: skip
+            if data.provider_configs is not None:
+                self._write_provider_configs(s, row, data.provider_configs)
+            self._commit(s, "virtual key")
+            return Reader(s).virtual_key(row, value=value)
+
+    def _update_key(self, id_: str, data: VirtualKeyUpdate) -> VirtualKeyOut:
+        given = data.model_fields_set
+        with self._session() as s:
+            row = self._get(s, VirtualKeyRow, id_, "virtual key")
+            team_id = data.team_id if "team_id" in given else row.team_id
+            customer_id = data.customer_id if "customer_id" in given else row.customer_id
+            if "team_id" in given and data.team_id is not None and "customer_id" not in given:
+                customer_id = None  # moving a key into a team takes it out of its customer
+            if "customer_id" in given and data.customer_id is not None and "team_id" not in given:
+                team_id = None
+            if team_id is not None and customer_id is not None:
+                raise InvalidRequest(
+                    "a virtual key belongs to a team or to a customer, not both", param="team_id"
+                )
+            self._check_parents(s, team_id, customer_id)
+            row.team_id, row.customer_id = team_id, customer_id
+            if data.is_active is not None:
+                row.is_active = data.is_active
+            if "expires_at" in given:
+                row.expires_at = _utc(data.expires_at)
+            if data.tags is not None:
+                row.tags = list(data.tags)
+            self._update_owner(s, "virtual_key", row, data)
+            if data.provider_configs is not None:
+                self._write_provider_configs(s, row, data.provider_configs)
+            self._commit(s, "virtual key")
+            return Reader(s).virtual_key(row)
+
+    def _write_provider_configs(
+        self, s: Session, key: VirtualKeyRow, configs: list[ProviderConfigIn]
+    ) -> None:
+        providers = [c.provider for c in configs]
+        for name in providers:
+            if providers.count(name) > 1:
+                raise Conflict(f"two provider configs for {name!r}", param="provider_configs")
+        existing = list(
+            s.exec(select(ProviderConfigRow).where(ProviderConfigRow.virtual_key_id == key.id))
+        )
+        by_id = {p.id: p for p in existing}
+        by_provider = {p.provider: p for p in existing}
+        kept: set[str] = set()
+        for config in configs:
+            if config.id is not None and config.id not in by_id:
+                raise NotFound(f"provider config {config.id!r} is not one of this key's")
+            row = by_id.get(config.id or "") or by_provider.get(config.provider)
+            if row is None or row.id in kept:
+                row = ProviderConfigRow(virtual_key_id=key.id, provider=config.provider)
+            kept.add(row.id)
+            row.provider = config.provider
+            row.allowed_models = list(config.allowed_models)
+            row.blocked_models = list(config.blocked_models)
+            row.updated_at = utcnow()
+            s.add(row)
+            write_limits(s, "provider_config", row.id, config,
+                         calendar_aligned=key.calendar_aligned, origin=self.origin)  # fmt: skip
+        gone = [p for p in existing if p.id not in kept]
+        delete_limits(s, "provider_config", [p.id for p in gone])
+        for row in gone:
+            s.delete(row)
+        s.flush()
+
+    def rotate_virtual_key(self, id_: str) -> VirtualKeyOut:
+        """A new value for the key, returned once; the old value stops working."""
+        with self._session() as s:
+            row = self._get(s, VirtualKeyRow, id_, "virtual key")
+            value = self._new_value()
+            self._set_value(s, row, value)
+            row.updated_at = utcnow()
+            s.add(row)
+            s.commit()
+            return Reader(s).virtual_key(row, value=value)
+
+    def set_virtual_key_value(self, id_: str, value: str) -> None:
+        """Give the key a value of your choosing (the config file's `value`)."""
+        with self._session() as s:
+            row = self._get(s, VirtualKeyRow, id_, "virtual key")
+            self._set_value(s, row, value)
+            row.updated_at = utcnow()
+            s.add(row)
+            self._commit(s, "virtual key")
+
+    def delete_virtual_key(self, id_: str) -> None:
+        with self._session() as s:
+            row = self._get(s, VirtualKeyRow, id_, "virtual key")
+            policies = s.exec(
+                select(ProviderConfigRow).where(ProviderConfigRow.virtual_key_id == id_)
+            ).all()
+            rules = s.exec(
+                select(ModelConfigRow).where(
+                    ModelConfigRow.scope == "virtual_key", ModelConfigRow.scope_id == id_
+                )
+            ).all()
+            delete_limits(s, "provider_config", [p.id for p in policies])
+            delete_limits(s, "model_config", [r.id for r in rules])
+            delete_limits(s, "virtual_key", [id_])
+            for child in [*policies, *rules]:
+                s.delete(child)
+            s.delete(row)
+            s.commit()
+
+    def get_virtual_key(self, id_: str) -> VirtualKeyOut:
+        with self._session() as s:
+            return Reader(s).virtual_key(self._get(s, VirtualKeyRow, id_, "virtual key"))
+
+    def list_virtual_keys(
+        self, team_id: str | None = None, customer_id: str | None = None
+    ) -> list[VirtualKeyOut]:
+        with self._session() as s:
+            query = select(VirtualKeyRow).order_by(col(VirtualKeyRow.name))
+            if team_id is not None:
+                query = query.where(VirtualKeyRow.team_id == team_id)
+            if customer_id is not None:
+                query = query.where(VirtualKeyRow.customer_id == customer_id)
+            reader = Reader(s)
+            return [reader.virtual_key(r) for r in s.exec(query).all()]
+
+    def find_virtual_key(self, value: str) -> str | None:
+        """The id of the key with this value, if any (looked up by its hash)."""
+        with self._session() as s:
+            digest = hash_value(value)
+            row = s.exec(select(VirtualKeyRow).where(VirtualKeyRow.key_hash == digest)).first()
+            return row.id if row else None
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

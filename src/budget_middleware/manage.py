@@ -1,0 +1,384 @@
+"""The Python API to create and change customers, teams, keys, providers, model configs and tags.
+
+Every method is synchronous (it talks to the store) and takes a body either as its pydantic model
+or as keyword arguments::
+
+    manager = BudgetManager(store, settings)
+    team = manager.create_team(name="research")
+    key = manager.create_virtual_key(
+        name="alice", team_id=team.id, budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+    )
+    key.value  # returned once, here and by rotate_virtual_key
+
+Deleting an owner deletes its budgets and rate limit. Deleting a key also deletes its provider
+configs and the model configs scoped to it (with their limits). Deleting a team or a customer
+detaches what belonged to it: its keys (and a customer's teams) then answer to no team or customer.
+A running process sees a write once its engine is invalidated (`await engine.invalidate()`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from sqlmodel import Session, col, select
+
+from . import reports
+from .errors_admin import Conflict, InvalidRequest, NotFound
+from .keys import KeyWriter
+from .limits import CounterRegistry
+from .owner_limits import delete_limits, write_limits
+from .schemas import (
+    BudgetOut,
+    CustomerCreate,
+    CustomerOut,
+    CustomerUpdate,
+    ModelConfigCreate,
+    ModelConfigOut,
+    ModelConfigUpdate,
+    ProviderOut,
+    ProviderPut,
+    RateLimitOut,
+    TagOut,
+    TagPut,
+    TeamCreate,
+    TeamOut,
+    TeamUpdate,
+    UsageOut,
+    VirtualKeyCreate,
+    VirtualKeyOut,
+    VirtualKeyUpdate,
+)
+from .store.tables import (
+    CustomerRow,
+    ModelConfigRow,
+    ProviderRow,
+    TagRow,
+    TeamRow,
+    VirtualKeyRow,
+)
+from .views import Reader
+
+__all__ = ["BudgetManager", "Conflict", "InvalidRequest", "NotFound"]
+
+B = TypeVar("B", bound=BaseModel)
+R = TypeVar("R")
+Body = BaseModel | Mapping[str, Any] | None
+
+
+def _body(model: type[B], body: Body, fields: dict[str, Any]) -> B:
+    if isinstance(body, model) and not fields:
+        return body
+    if isinstance(body, BaseModel):
+        body = body.model_dump(exclude_unset=True)
+    return model.model_validate({**(body or {}), **fields})
+
+
+class BudgetManager(KeyWriter):
+    """Create, change, list and delete every managed object; see the module's docstring."""
+
+    # -- customers -----------------------------------------------------------------------
+
+    def create_customer(self, body: Body = None, /, **fields: Any) -> CustomerOut:
+        data = _body(CustomerCreate, body, fields)
+        with self._session() as s:
+            self._unique_name(s, CustomerRow, data.name, "customer", None)
+            row = CustomerRow(name=data.name, calendar_aligned=data.calendar_aligned)
+            self.origin.stamp(row, created=True)
+            s.add(row)
+            write_limits(s, "customer", row.id, data, calendar_aligned=row.calendar_aligned,
+                         origin=self.origin)  # fmt: skip
+            self._commit(s, "customer")
+            return Reader(s).customer(row)
+
+    def update_customer(self, id_: str, body: Body = None, /, **fields: Any) -> CustomerOut:
+        data = _body(CustomerUpdate, body, fields)
+        with self._session() as s:
+            row = self._get(s, CustomerRow, id_, "customer")
+            self._update_owner(s, "customer", row, data)
+            self._commit(s, "customer")
+            return Reader(s).customer(row)
+
+    def delete_customer(self, id_: str) -> None:
+        with self._session() as s:
+            row = self._get(s, CustomerRow, id_, "customer")
+            for team in s.exec(select(TeamRow).where(TeamRow.customer_id == id_)):
+                team.customer_id = None
+                s.add(team)
+            for key in s.exec(select(VirtualKeyRow).where(VirtualKeyRow.customer_id == id_)):
+                key.customer_id = None
+                s.add(key)
+            delete_limits(s, "customer", [id_])
+            s.delete(row)
+            s.commit()
+
+    def get_customer(self, id_: str) -> CustomerOut:
+        with self._session() as s:
+            return Reader(s).customer(self._get(s, CustomerRow, id_, "customer"))
+
+    def list_customers(self) -> list[CustomerOut]:
+        with self._session() as s:
+            reader = Reader(s)
+            rows = s.exec(select(CustomerRow).order_by(col(CustomerRow.name))).all()
+            return [reader.customer(r) for r in rows]
+
+    # -- teams ---------------------------------------------------------------------------
+
+    def _check_customer(self, s: Session, customer_id: str | None) -> None:
+        if customer_id is not None and s.get(CustomerRow, customer_id) is None:
+            raise InvalidRequest(f"customer {customer_id!r} not found", param="customer_id")
+
+    def create_team(self, body: Body = None, /, **fields: Any) -> TeamOut:
+        data = _body(TeamCreate, body, fields)
+        with self._session() as s:
+            self._unique_name(s, TeamRow, data.name, "team", None)
+            self._check_customer(s, data.customer_id)
+            row = TeamRow(
+                name=data.name, customer_id=data.customer_id, calendar_aligned=data.calendar_aligned
+            )
+            self.origin.stamp(row, created=True)
+            s.add(row)
+            write_limits(s, "team", row.id, data, calendar_aligned=row.calendar_aligned,
+                         origin=self.origin)  # fmt: skip
+            self._commit(s, "team")
+            return Reader(s).team(row)
+
+    def update_team(self, id_: str, body: Body = None, /, **fields: Any) -> TeamOut:
+        data = _body(TeamUpdate, body, fields)
+        with self._session() as s:
+            row = self._get(s, TeamRow, id_, "team")
+            if "customer_id" in data.model_fields_set:
+                self._check_customer(s, data.customer_id)
+                row.customer_id = data.customer_id
+            self._update_owner(s, "team", row, data)
+            self._commit(s, "team")
+            return Reader(s).team(row)
+
+    def delete_team(self, id_: str) -> None:
+        with self._session() as s:
+            row = self._get(s, TeamRow, id_, "team")
+            for key in s.exec(select(VirtualKeyRow).where(VirtualKeyRow.team_id == id_)):
+                key.team_id = None
+                s.add(key)
+            delete_limits(s, "team", [id_])
+            s.delete(row)
+            s.commit()
+
+    def get_team(self, id_: str) -> TeamOut:
+        with self._session() as s:
+            return Reader(s).team(self._get(s, TeamRow, id_, "team"))
+
+    def list_teams(self, customer_id: str | None = None) -> list[TeamOut]:
+        with self._session() as s:
+            query = select(TeamRow).order_by(col(TeamRow.name))
+            if customer_id is not None:
+                query = query.where(TeamRow.customer_id == customer_id)
+            reader = Reader(s)
+            return [reader.team(r) for r in s.exec(query).all()]
+
+    # -- virtual keys: see keys.KeyWriter ------------------------------------------------
+
+    def create_virtual_key(self, body: Body = None, /, **fields: Any) -> VirtualKeyOut:
+        return self._create_key(_body(VirtualKeyCreate, body, fields))
+
+    def update_virtual_key(self, id_: str, body: Body = None, /, **fields: Any) -> VirtualKeyOut:
+        return self._update_key(id_, _body(VirtualKeyUpdate, body, fields))
+
+    # -- providers and tags: named, created by their first PUT ---------------------------
+
+    def put_provider(self, name: str, body: Body = None, /, **fields: Any) -> ProviderOut:
+        out, _ = self.put_provider_created(name, _body(ProviderPut, body, fields))
+        return out
+
+    def put_provider_created(self, name: str, data: ProviderPut) -> tuple[ProviderOut, bool]:
+        with self._session() as s:
+            row, created = self._put_named(s, ProviderRow, "provider", name, data)
+            return Reader(s).provider(row), created
+
+    def _put_named(
+        self, s: Session, table: type[R], owner_type: str, name: str, data: ProviderPut
+    ) -> tuple[R, bool]:
+        if not name or len(name) > 200:
+            raise InvalidRequest(f"a {owner_type} name has 1 to 200 characters", param=owner_type)
+        row: Any = s.get(table, name)
+        created = row is None
+        if row is None:
+            row = table(**{owner_type: name, "calendar_aligned": bool(data.calendar_aligned)})
+            self.origin.stamp(row, created=True)
+            s.add(row)
+            write_limits(s, owner_type, name, data, calendar_aligned=row.calendar_aligned,
+                         origin=self.origin)  # fmt: skip
+        else:
+            self._update_owner(s, owner_type, row, data)
+        self._commit(s, owner_type)
+        return row, created
+
+    def get_provider(self, name: str) -> ProviderOut:
+        with self._session() as s:
+            return Reader(s).provider(self._get(s, ProviderRow, name, "provider"))
+
+    def list_providers(self) -> list[ProviderOut]:
+        with self._session() as s:
+            reader = Reader(s)
+            rows = s.exec(select(ProviderRow).order_by(col(ProviderRow.provider))).all()
+            return [reader.provider(r) for r in rows]
+
+    def delete_provider(self, name: str) -> None:
+        self._delete_named(ProviderRow, "provider", name)
+
+    def _delete_named(self, table: Any, owner_type: str, name: str) -> None:
+        with self._session() as s:
+            row = self._get(s, table, name, owner_type)
+            delete_limits(s, owner_type, [name])
+            s.delete(row)
+            s.commit()
+
+    def put_tag(self, tag: str, body: Body = None, /, **fields: Any) -> TagOut:
+        out, _ = self.put_tag_created(tag, _body(TagPut, body, fields))
+        return out
+
+    def put_tag_created(self, tag: str, data: TagPut) -> tuple[TagOut, bool]:
+        with self._session() as s:
+            row, created = self._put_named(s, TagRow, "tag", tag, data)
+            return Reader(s).tag(row), created
+
+    def get_tag(self, tag: str) -> TagOut:
+        with self._session() as s:
+            return Reader(s).tag(self._get(s, TagRow, tag, "tag"))
+
+    def list_tags(self) -> list[TagOut]:
+        with self._session() as s:
+            reader = Reader(s)
+            return [reader.tag(r) for r in s.exec(select(TagRow).order_by(col(TagRow.tag))).all()]
+
+    def delete_tag(self, tag: str) -> None:
+        self._delete_named(TagRow, "tag", tag)
+
+    # -- model configs -------------------------------------------------------------------
+
+    def _unique_rule(self, s: Session, row: ModelConfigRow) -> None:
+        same = s.exec(
+            select(ModelConfigRow).where(
+                ModelConfigRow.model_name == row.model_name,
+                ModelConfigRow.provider == row.provider,
+                ModelConfigRow.scope == row.scope,
+                ModelConfigRow.scope_id == row.scope_id,
+            )
+        ).first()
+        if same is not None and same.id != row.id:
+            raise Conflict(
+                f"a model config for {row.model_name!r} with this provider and scope already "
+                f"exists: {same.id}",
+                param="model_name",
+            )
+
+    def create_model_config(self, body: Body = None, /, **fields: Any) -> ModelConfigOut:
+        data = _body(ModelConfigCreate, body, fields)
+        with self._session() as s:
+            if data.scope_id is not None and s.get(VirtualKeyRow, data.scope_id) is None:
+                raise InvalidRequest(f"virtual key {data.scope_id!r} not found", param="scope_id")
+            row = ModelConfigRow(
+                model_name=data.model_name,
+                provider=data.provider,
+                scope=data.scope,
+                scope_id=data.scope_id,
+                calendar_aligned=data.calendar_aligned,
+            )
+            self._unique_rule(s, row)
+            self.origin.stamp(row, created=True)
+            s.add(row)
+            write_limits(s, "model_config", row.id, data, calendar_aligned=row.calendar_aligned,
+                         origin=self.origin)  # fmt: skip
+            self._commit(s, "model config")
+            return Reader(s).model_config(row)
+
+    def update_model_config(self, id_: str, body: Body = None, /, **fields: Any) -> ModelConfigOut:
+        data = _body(ModelConfigUpdate, body, fields)
+        with self._session() as s:
+            row = self._get(s, ModelConfigRow, id_, "model config")
+            if data.model_name is not None:
+                row.model_name = data.model_name
+            if "provider" in data.model_fields_set:
+                row.provider = data.provider
+            self._unique_rule(s, row)
+            self._update_owner(s, "model_config", row, data)
+            self._commit(s, "model config")
+            return Reader(s).model_config(row)
+
+    def delete_model_config(self, id_: str) -> None:
+        with self._session() as s:
+            row = self._get(s, ModelConfigRow, id_, "model config")
+            delete_limits(s, "model_config", [id_])
+            s.delete(row)
+            s.commit()
+
+    def get_model_config(self, id_: str) -> ModelConfigOut:
+        with self._session() as s:
+            return Reader(s).model_config(self._get(s, ModelConfigRow, id_, "model config"))
+
+    def list_model_configs(
+        self,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
+        search: str | None = None,
+        scope: str | None = None,
+        provider: str | None = None,
+        counters: CounterRegistry | None = None,
+    ) -> tuple[list[ModelConfigOut], int]:
+        """One page of model configs and the number of all that match the filters."""
+        with self._session() as s:
+            return reports.model_configs(
+                s, limit=limit, offset=offset, search=search, scope=scope, provider=provider,
+                counters=counters,
+            )  # fmt: skip
+
+    # -- budgets, rate limits, usage -----------------------------------------------------
+
+    def list_budgets(
+        self,
+        *,
+        owner_type: str | None = None,
+        owner_id: str | None = None,
+        from_memory: bool = False,
+        counters: CounterRegistry | None = None,
+    ) -> list[BudgetOut]:
+        """Every budget (or one owner's); with `from_memory`, usage from the live `counters`."""
+        with self._session() as s:
+            live = counters if from_memory else None
+            return reports.budgets(s, owner_type=owner_type, owner_id=owner_id, counters=live)
+
+    def get_budget(self, id_: str) -> BudgetOut:
+        with self._session() as s:
+            return reports.budget(s, id_)
+
+    def reset_budget(self, id_: str) -> BudgetOut:
+        """Start a new window now: usage 0 from this moment, in the store and in the engine."""
+        with self._session() as s:
+            out = reports.reset_budget(s, id_)
+        if self.on_reset is not None:
+            self.on_reset("budget", id_)
+        return out
+
+    def list_rate_limits(
+        self,
+        *,
+        owner_type: str | None = None,
+        owner_id: str | None = None,
+        from_memory: bool = False,
+        counters: CounterRegistry | None = None,
+    ) -> list[RateLimitOut]:
+        with self._session() as s:
+            live = counters if from_memory else None
+            return reports.rate_limits(s, owner_type=owner_type, owner_id=owner_id, counters=live)
+
+    def usage(self, group_by: str = "virtual_key", start: Any = None, end: Any = None) -> UsageOut:
+        """Spend, tokens and requests between `start` (inclusive) and `end` (exclusive)."""
+        with self._session() as s:
+            return reports.usage(s, group_by, start, end)
+
+    @staticmethod
+    def new_key_value(prefix: str) -> str:
+        return prefix + secrets.token_urlsafe(32)

@@ -1,0 +1,255 @@
+"""Writing an owner's budgets and rate limit (SPEC §9): changing a limit never resets its usage.
+
+In an update, each budget of the body is matched to one of the owner's budgets by `id`, or else
+by `reset_duration`, and keeps its usage; budgets of the owner left out of the list are removed; an
+update without `budgets` leaves them alone. Two budgets of one owner never share a reset_duration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, delete, select
+
+from .errors_admin import Conflict, NotFound
+from .schemas import BudgetIn, RateLimitIn, _Limits
+from .settings import BudgetSettings
+from .status import NANOS
+from .store.database import Store
+from .store.tables import BudgetRow, RateLimitRow, utcnow
+
+R = TypeVar("R")
+
+
+def config_hash(entry: Any) -> str:
+    """sha256 of an entry's canonical JSON (keys sorted, no spaces)."""
+    text = json.dumps(entry, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Origin:
+    """Where a write comes from: the admin API (`manual`) or the config file (with its hash)."""
+
+    def __init__(self, source: str = "manual", entry_hash: str | None = None) -> None:
+        self.source = source
+        self.entry_hash = entry_hash
+
+    def stamp(self, row: Any, *, created: bool) -> None:
+        """Rows from the file carry its hash; a manual edit keeps the hash (and the source) of
+        the file's entry, so the entry is applied again only when the file changes."""
+        if created or self.source == "config":
+            row.source = self.source
+            row.config_hash = self.entry_hash
+        row.updated_at = utcnow()
+
+    def part(self, entry: Any) -> Origin:
+        """The origin of a budget or rate limit written with its owner: from the file, it carries
+        the hash of its own entry."""
+        if self.source != "config":
+            return self
+        return Origin(self.source, config_hash(entry))
+
+
+MANUAL = Origin()
+
+
+def owner_budgets(s: Session, owner_type: str, owner_id: str) -> list[BudgetRow]:
+    rows = s.exec(
+        select(BudgetRow).where(BudgetRow.owner_type == owner_type, BudgetRow.owner_id == owner_id)
+    ).all()
+    return sorted(rows, key=lambda b: (b.created_at, b.id))
+
+
+def owner_rate_limit(s: Session, owner_type: str, owner_id: str) -> RateLimitRow | None:
+    return s.exec(
+        select(RateLimitRow).where(
+            RateLimitRow.owner_type == owner_type, RateLimitRow.owner_id == owner_id
+        )
+    ).first()
+
+
+def write_limits(
+    s: Session,
+    owner_type: str,
+    owner_id: str,
+    body: _Limits,
+    *,
+    calendar_aligned: bool,
+    origin: Origin,
+    realign: bool = False,
+) -> None:
+    """Apply the body's budgets and rate limit to the owner (in the caller's transaction).
+
+    `calendar_aligned` is the owner's: budgets that do not say otherwise take it. With `realign`
+    (the owner's setting changed and the body has no budgets) every budget of the owner takes it.
+    """
+    budgets = body.budget_list()
+    if budgets is not None:
+        write_budgets(s, owner_type, owner_id, budgets, calendar_aligned, origin)
+    elif realign:
+        for row in owner_budgets(s, owner_type, owner_id):
+            row.calendar_aligned = calendar_aligned
+            s.add(row)
+    if body.touches_rate_limit():
+        write_rate_limit(s, owner_type, owner_id, body.rate_limit, origin)
+
+
+def write_budgets(
+    s: Session,
+    owner_type: str,
+    owner_id: str,
+    budgets: list[BudgetIn],
+    calendar_aligned: bool,
+    origin: Origin,
+) -> None:
+    durations = [b.reset_duration for b in budgets]
+    for duration in durations:
+        if durations.count(duration) > 1:
+            shown = duration or "null (never resets)"
+            raise Conflict(
+                f"two budgets of one {owner_type} have reset_duration {shown}: an owner holds "
+                "at most one budget per reset_duration",
+                param="budgets",
+            )
+    existing = {row.id: row for row in owner_budgets(s, owner_type, owner_id)}
+    unmatched = dict(existing)
+    matched: list[tuple[BudgetIn, BudgetRow | None]] = []
+    for budget in budgets:
+        if budget.id is not None and budget.id not in existing:
+            raise NotFound(f"budget {budget.id!r} is not a budget of this {owner_type}")
+        row = unmatched.pop(budget.id, None) if budget.id is not None else None
+        matched.append((budget, row))
+    for i, (budget, row) in enumerate(matched):
+        if row is None and budget.id is None:
+            row = next(
+                (r for r in unmatched.values() if r.reset_duration == budget.reset_duration), None
+            )
+            if row is not None:
+                del unmatched[row.id]
+                matched[i] = (budget, row)
+    for row in unmatched.values():
+        s.delete(row)
+    s.flush()  # removed budgets free their reset_duration before the new ones are written
+    for budget, row in matched:
+        _write_budget(s, owner_type, owner_id, budget, row, calendar_aligned, origin)
+
+
+def _write_budget(
+    s: Session,
+    owner_type: str,
+    owner_id: str,
+    budget: BudgetIn,
+    row: BudgetRow | None,
+    calendar_aligned: bool,
+    origin: Origin,
+) -> None:
+    created = row is None
+    if row is None:
+        row = BudgetRow(owner_type=owner_type, owner_id=owner_id, max_limit_nanos=0)
+    row.max_limit_nanos = round(budget.max_limit * NANOS)
+    row.reset_duration = budget.reset_duration
+    aligned = budget.calendar_aligned
+    row.calendar_aligned = calendar_aligned if aligned is None else aligned
+    origin.part(budget.model_dump(exclude={"id"})).stamp(row, created=created)
+    s.add(row)
+
+
+def write_rate_limit(
+    s: Session, owner_type: str, owner_id: str, rate: RateLimitIn | None, origin: Origin
+) -> None:
+    row = owner_rate_limit(s, owner_type, owner_id)
+    if rate is None:
+        if row is not None:
+            s.delete(row)
+        return
+    created = row is None
+    if row is None:
+        row = RateLimitRow(owner_type=owner_type, owner_id=owner_id)
+    for name, value in rate.model_dump().items():
+        setattr(row, name, value)
+    origin.part(rate.model_dump()).stamp(row, created=created)
+    s.add(row)
+
+
+def delete_limits(s: Session, owner_type: str, owner_ids: list[str]) -> None:
+    """Remove the budgets and rate limits of these owners."""
+    if not owner_ids:
+        return
+    s.exec(
+        delete(BudgetRow).where(
+            col(BudgetRow.owner_type) == owner_type, col(BudgetRow.owner_id).in_(owner_ids)
+        )
+    )
+    s.exec(
+        delete(RateLimitRow).where(
+            col(RateLimitRow.owner_type) == owner_type, col(RateLimitRow.owner_id).in_(owner_ids)
+        )
+    )
+
+
+class OwnerWriter:
+    """What every writer of owners shares: the store, where writes come from, and checks."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: BudgetSettings,
+        origin: Origin = MANUAL,
+        *,
+        on_change: Callable[[], None] | None = None,
+        on_reset: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.origin = origin
+        self.on_change = on_change  # the engine of this process: the next request sees a write
+        self.on_reset = on_reset  # the engine's live counter of a budget that was reset
+
+    def _session(self) -> Session:
+        session = self.store.session()
+        if self.on_change is not None:
+            notify = self.on_change
+            event.listen(session, "after_commit", lambda _session: notify())
+        return session
+
+    @staticmethod
+    def _commit(s: Session, what: str) -> None:
+        try:
+            s.commit()
+        except IntegrityError:
+            s.rollback()
+            raise Conflict(f"{what} conflicts with an existing one (duplicate name?)") from None
+
+    @staticmethod
+    def _get(s: Session, table: type[R], id_: str, what: str) -> R:
+        row = s.get(table, id_)
+        if row is None:
+            raise NotFound(f"{what} {id_!r} not found")
+        return row
+
+    @staticmethod
+    def _unique_name(s: Session, table: Any, name: str, what: str, own_id: str | None) -> None:
+        found = s.exec(select(table).where(table.name == name)).first()
+        if found is not None and found.id != own_id:
+            raise Conflict(f"a {what} named {name!r} already exists", param="name")
+
+    def _update_owner(self, s: Session, owner_type: str, row: Any, data: Any) -> None:
+        """Apply an update's name, calendar_aligned, budgets and rate limit to an owner row."""
+        name = getattr(data, "name", None)
+        if name is not None and name != row.name:
+            self._unique_name(s, type(row), name, owner_type.replace("_", " "), row.id)
+            row.name = name
+        aligned = data.calendar_aligned
+        realign = aligned is not None and aligned != row.calendar_aligned
+        if aligned is not None:
+            row.calendar_aligned = aligned
+        self.origin.stamp(row, created=False)
+        s.add(row)
+        owner_id = getattr(row, "id", None) or getattr(row, owner_type)
+        write_limits(s, owner_type, owner_id, data, calendar_aligned=row.calendar_aligned,
+                     origin=self.origin, realign=realign)  # fmt: skip

@@ -1,0 +1,225 @@
+"""Read-side of the admin API: budget and rate-limit lists, model-config pages, usage reports.
+
+Usage is aggregated by the database (GROUP BY); only tags, kept as a JSON list per record, are
+split in Python after the database has summed the records of each distinct tag list.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import String, cast, func
+from sqlmodel import Session, col, select
+
+from .errors_admin import InvalidRequest, NotFound
+from .limits import CounterRegistry
+from .schemas import BudgetOut, ModelConfigOut, RateLimitOut, UsageOut, UsageRow
+from .status import Paths, budget_out, rate_limit_out, usd
+from .store.tables import (
+    BudgetRow,
+    CustomerRow,
+    ModelConfigRow,
+    RateLimitRow,
+    TeamRow,
+    UsageRecordRow,
+    VirtualKeyRow,
+)
+from .views import Reader
+
+GROUPS = ("virtual_key", "team", "customer", "provider", "model", "tag", "day")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def budgets(
+    s: Session,
+    *,
+    owner_type: str | None,
+    owner_id: str | None,
+    counters: CounterRegistry | None,
+) -> list[BudgetOut]:
+    query = select(BudgetRow)
+    if owner_type is not None:
+        query = query.where(BudgetRow.owner_type == owner_type)
+    if owner_id is not None:
+        query = query.where(BudgetRow.owner_id == owner_id)
+    rows = sorted(s.exec(query).all(), key=lambda b: (b.owner_type, b.owner_id, b.created_at))
+    paths, now = Paths(s), _now()
+    return [budget_out(r, paths.of(r.owner_type, r.owner_id), now, counters) for r in rows]
+
+
+def budget(s: Session, id_: str) -> BudgetOut:
+    row = s.get(BudgetRow, id_)
+    if row is None:
+        raise NotFound(f"budget {id_!r} not found")
+    return budget_out(row, Paths(s).of(row.owner_type, row.owner_id), _now())
+
+
+def reset_budget(s: Session, id_: str) -> BudgetOut:
+    row = s.get(BudgetRow, id_)
+    if row is None:
+        raise NotFound(f"budget {id_!r} not found")
+    now = _now()
+    row.current_usage_nanos = 0
+    row.last_reset = now
+    row.updated_at = now
+    s.add(row)
+    s.commit()
+    return budget_out(row, Paths(s).of(row.owner_type, row.owner_id), now)
+
+
+def rate_limits(
+    s: Session,
+    *,
+    owner_type: str | None,
+    owner_id: str | None,
+    counters: CounterRegistry | None,
+) -> list[RateLimitOut]:
+    query = select(RateLimitRow)
+    if owner_type is not None:
+        query = query.where(RateLimitRow.owner_type == owner_type)
+    if owner_id is not None:
+        query = query.where(RateLimitRow.owner_id == owner_id)
+    rows = sorted(s.exec(query).all(), key=lambda r: (r.owner_type, r.owner_id))
+    paths, now = Paths(s), _now()
+    return [rate_limit_out(r, paths.of(r.owner_type, r.owner_id), now, counters) for r in rows]
+
+
+def model_configs(
+    s: Session,
+    *,
+    limit: int | None,
+    offset: int,
+    search: str | None,
+    scope: str | None,
+    provider: str | None,
+    counters: CounterRegistry | None,
+) -> tuple[list[ModelConfigOut], int]:
+    if limit is not None and limit < 1:
+        raise InvalidRequest("limit must be at least 1", param="limit")
+    if offset < 0:
+        raise InvalidRequest("offset must be at least 0", param="offset")
+    query = select(ModelConfigRow)
+    if search:
+        query = query.where(func.lower(ModelConfigRow.model_name).contains(search.lower()))
+    if scope is not None:
+        query = query.where(ModelConfigRow.scope == scope)
+    if provider is not None:
+        query = query.where(ModelConfigRow.provider == provider)
+    total = s.exec(select(func.count()).select_from(query.subquery())).one()
+    query = query.order_by(col(ModelConfigRow.model_name), col(ModelConfigRow.id)).offset(offset)
+    if limit is not None:
+        query = query.limit(limit)
+    reader = Reader(s, counters)
+    return [reader.model_config(r) for r in s.exec(query).all()], int(total)
+
+
+def _group_column(s: Session, group_by: str) -> Any:
+    if group_by == "day":
+        if s.get_bind().dialect.name == "postgresql":
+            return func.to_char(func.timezone("UTC", UsageRecordRow.created_at), "YYYY-MM-DD")
+        return func.substr(cast(UsageRecordRow.created_at, String), 1, 10)
+    if group_by == "tag":
+        return cast(UsageRecordRow.tags, String)  # JSON cannot be grouped on PostgreSQL
+    return getattr(UsageRecordRow, {"virtual_key": "virtual_key_id", "team": "team_id"}.get(
+        group_by, "customer_id" if group_by == "customer" else group_by
+    ))  # fmt: skip
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def usage(s: Session, group_by: str, start: datetime | None, end: datetime | None) -> UsageOut:
+    if group_by not in GROUPS:
+        raise InvalidRequest(f"group_by must be one of {', '.join(GROUPS)}", param="group_by")
+    start, end = _aware(start), _aware(end)
+    group = _group_column(s, group_by)
+    query = select(  # type: ignore[call-overload]
+        group,
+        func.count(),
+        func.coalesce(func.sum(UsageRecordRow.input_tokens), 0),
+        func.coalesce(func.sum(UsageRecordRow.output_tokens), 0),
+        func.coalesce(func.sum(UsageRecordRow.cached_tokens), 0),
+        func.coalesce(func.sum(UsageRecordRow.cost_nanos), 0),
+    )
+    if start is not None:
+        query = query.where(col(UsageRecordRow.created_at) >= start)
+    if end is not None:
+        query = query.where(col(UsageRecordRow.created_at) < end)
+    rows: Iterable[tuple[Any, ...]] = s.exec(query.group_by(group)).all()
+    if group_by == "tag":
+        rows = _split_tags(rows)
+    names = _names(s, group_by)
+    found = [
+        UsageRow(
+            key=None if key is None else str(key),
+            name=names.get(key) if key is not None else None,
+            requests=int(n),
+            input_tokens=int(i),
+            output_tokens=int(o),
+            cached_tokens=int(c),
+            cost=usd(int(cost)),
+        )
+        for key, n, i, o, c, cost in rows
+    ]
+    found.sort(key=lambda r: (-r.cost, r.key or ""))
+    return UsageOut(
+        group_by=group_by,  # type: ignore[arg-type]
+        start=start,
+        end=end,
+        usage=found,
+        count=len(found),
+        total=_totals(s, start, end),
+    )
+
+
+def _split_tags(rows: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows grouped by tag list -> rows by tag; a record with two tags counts under each."""
+    sums: dict[str | None, list[int]] = {}
+    for tags_json, *numbers in rows:
+        tags = json.loads(tags_json) if tags_json else []
+        for tag in tags or [None]:
+            acc = sums.setdefault(tag, [0, 0, 0, 0, 0])
+            for i, number in enumerate(numbers):
+                acc[i] += int(number)
+    return [(tag, *numbers) for tag, numbers in sums.items()]
+
+
+def _totals(s: Session, start: datetime | None, end: datetime | None) -> UsageRow:
+    query = select(  # type: ignore[call-overload]
+        func.count(),
+        func.coalesce(func.sum(UsageRecordRow.input_tokens), 0),
+        func.coalesce(func.sum(UsageRecordRow.output_tokens), 0),
+        func.coalesce(func.sum(UsageRecordRow.cached_tokens), 0),
+        func.coalesce(func.sum(UsageRecordRow.cost_nanos), 0),
+    )
+    if start is not None:
+        query = query.where(col(UsageRecordRow.created_at) >= start)
+    if end is not None:
+        query = query.where(col(UsageRecordRow.created_at) < end)
+    n, i, o, c, cost = s.exec(query).one()
+    return UsageRow(
+        key=None,
+        requests=int(n),
+        input_tokens=int(i),
+        output_tokens=int(o),
+        cached_tokens=int(c),
+        cost=usd(int(cost)),
+    )
+
+
+def _names(s: Session, group_by: str) -> dict[Any, str]:
+    table: Any = {"virtual_key": VirtualKeyRow, "team": TeamRow, "customer": CustomerRow}.get(
+        group_by
+    )
+    if table is None:
+        return {}
+    return {id_: name for id_, name in s.exec(select(table.id, table.name)).all()}

@@ -1,0 +1,237 @@
+"""Budgets and rate limits as the admin API shows them: stored rows (or live counters) with their
+current window, and the owner's place in the hierarchy (`user_path`).
+
+A stored usage counts only while its window is the current one: a row whose `last_reset` is before
+the current window's start holds the spend of a window that has ended (it is reset on first touch),
+so its current usage is 0.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import Session, select
+
+from .configuration import parse_duration
+from .durations import Duration, window_bounds
+from .limits import CounterRegistry, WindowCounter
+from .schemas import BudgetOut, RateLimitOut
+from .store.database import aware
+from .store.tables import (
+    BudgetRow,
+    CustomerRow,
+    ModelConfigRow,
+    ProviderConfigRow,
+    RateLimitRow,
+    TeamRow,
+    VirtualKeyRow,
+)
+
+NANOS = 1_000_000_000
+
+OWNER_FIELDS = {
+    "customer": "customer_id",
+    "team": "team_id",
+    "virtual_key": "virtual_key_id",
+    "provider_config": "provider_config_id",
+    "model_config": "model_config_id",
+    "provider": "provider",
+    "tag": "tag",
+}
+
+_LABELS = {"s": "second", "m": "minute", "h": "hour", "d": "day", "w": "week", "M": "month"}
+_LABELS |= {"Q": "quarter", "Y": "year"}
+_ONE = {"day": "daily", "week": "weekly", "month": "monthly", "quarter": "quarterly"}
+_ONE |= {"year": "yearly", "hour": "hourly"}
+
+
+def usd(nanos: int) -> float:
+    return nanos / NANOS
+
+
+def period_label(duration: Duration | None) -> str:
+    """`daily`, `monthly`, `every 2 weeks`, ...; `lifetime` for a budget that never resets."""
+    if duration is None:
+        return "lifetime"
+    unit = _LABELS[duration.unit]
+    if duration.count == 1:
+        return _ONE.get(unit, f"every {unit}")
+    return f"every {duration.count} {unit}s"
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def current_window(
+    reset_duration: str | None, last_reset: datetime, calendar_aligned: bool, now: datetime
+) -> tuple[datetime, datetime | None]:
+    if reset_duration is None:
+        return aware(last_reset), None
+    return window_bounds(
+        Duration.parse(reset_duration),
+        anchor=aware(last_reset),
+        now=now,
+        calendar_aligned=calendar_aligned,
+    )
+
+
+def current_usage(usage: int, last_reset: datetime, start: datetime) -> int:
+    return usage if aware(last_reset) >= start else 0
+
+
+class Paths:
+    """Owners' places in the hierarchy by name, read once per answer."""
+
+    def __init__(self, session: Session) -> None:
+        self.s = session
+        self._customers: dict[str, str] | None = None
+        self._teams: dict[str, TeamRow] | None = None
+        self._keys: dict[str, VirtualKeyRow] | None = None
+
+    def _customer_names(self) -> dict[str, str]:
+        if self._customers is None:
+            self._customers = {c.id: c.name for c in self.s.exec(select(CustomerRow))}
+        return self._customers
+
+    def _team_rows(self) -> dict[str, TeamRow]:
+        if self._teams is None:
+            self._teams = {t.id: t for t in self.s.exec(select(TeamRow))}
+        return self._teams
+
+    def _key_rows(self) -> dict[str, VirtualKeyRow]:
+        if self._keys is None:
+            self._keys = {k.id: k for k in self.s.exec(select(VirtualKeyRow))}
+        return self._keys
+
+    def customer(self, id_: str | None) -> str:
+        name = self._customer_names().get(id_ or "")
+        return f"/{name}" if name else ""
+
+    def team(self, id_: str | None) -> str:
+        team = self._team_rows().get(id_ or "")
+        return f"{self.customer(team.customer_id)}/{team.name}" if team else ""
+
+    def key(self, id_: str | None) -> str:
+        key = self._key_rows().get(id_ or "")
+        if key is None:
+            return ""
+        parent = self.team(key.team_id) if key.team_id else self.customer(key.customer_id)
+        return f"{parent}/{key.name}"
+
+    def key_name(self, id_: str | None) -> str | None:
+        key = self._key_rows().get(id_ or "")
+        return key.name if key else None
+
+    def model(self, rule: ModelConfigRow) -> str:
+        name = f"{rule.provider}/{rule.model_name}" if rule.provider else rule.model_name
+        owner = self.key(rule.scope_id) if rule.scope == "virtual_key" else ""
+        return f"{owner}/model/{name}"
+
+    def of(self, owner_type: str, owner_id: str) -> str:
+        if owner_type == "customer":
+            return self.customer(owner_id)
+        if owner_type == "team":
+            return self.team(owner_id)
+        if owner_type == "virtual_key":
+            return self.key(owner_id)
+        if owner_type == "provider_config":
+            policy = self.s.get(ProviderConfigRow, owner_id)
+            return f"{self.key(policy.virtual_key_id)}/provider/{policy.provider}" if policy else ""
+        if owner_type == "model_config":
+            rule = self.s.get(ModelConfigRow, owner_id)
+            return self.model(rule) if rule else ""
+        return f"/{owner_type}/{owner_id}"  # provider and tag: the id is the name
+
+
+def _owner(row: BudgetRow) -> dict[str, Any]:
+    return {OWNER_FIELDS[row.owner_type]: row.owner_id}
+
+
+def budget_out(
+    row: BudgetRow, path: str, now: datetime, counters: CounterRegistry | None = None
+) -> BudgetOut:
+    """One budget with its status; from the live counter when `counters` has one."""
+    live: WindowCounter | None = counters.windows.get(("budget", row.id)) if counters else None
+    if live is not None and live.duration is not None and live.start:
+        start: datetime = _dt(live.start)
+        end = _dt(live.end) if live.end != float("inf") else None
+        used = live.value
+    else:
+        start, end = current_window(row.reset_duration, row.last_reset, row.calendar_aligned, now)
+        used = current_usage(row.current_usage_nanos, row.last_reset, start)
+        if live is not None:
+            used = live.value
+    amount = row.max_limit_nanos
+    seconds = int((end - start).total_seconds()) if end else 0
+    elapsed = (now - start).total_seconds()
+    out = BudgetOut(
+        id=row.id,
+        max_limit=usd(amount),
+        reset_duration=row.reset_duration,
+        last_reset=aware(row.last_reset),
+        current_usage=usd(used),
+        calendar_aligned=row.calendar_aligned,
+        config_hash=row.config_hash,
+        created_at=aware(row.created_at),
+        updated_at=aware(row.updated_at),
+        owner_type=row.owner_type,  # type: ignore[arg-type]
+        amount=usd(amount),
+        spent=usd(used),
+        remaining=usd(max(amount - used, 0)),
+        usage_ratio=used / amount if amount else (1.0 if used else 0.0),
+        period_start=start,
+        period_label=period_label(parse_duration(row.reset_duration)),
+        period_seconds=seconds,
+        period_ratio=min(max(elapsed / seconds, 0.0), 1.0) if seconds else 0.0,
+        last_reset_at=aware(row.last_reset),
+        source=row.source,
+        has_usage=used > 0,
+        user_path=path,
+        **_owner(row),
+    )
+    if end is not None:
+        out.period_end = end  # set only here, so a budget that never resets leaves it out
+    return out
+
+
+def _rate_usage(
+    kind: str,
+    row: RateLimitRow,
+    now: datetime,
+    counters: CounterRegistry | None,
+) -> int:
+    live = counters.windows.get((kind, row.id)) if counters else None
+    if live is not None:
+        return live.value
+    duration: str | None = getattr(row, f"{kind}_reset_duration")
+    last_reset: datetime = getattr(row, f"{kind}_last_reset")
+    if duration is None:
+        return 0
+    start, _ = current_window(duration, last_reset, False, now)
+    return current_usage(getattr(row, f"{kind}_current_usage"), last_reset, start)
+
+
+def rate_limit_out(
+    row: RateLimitRow, path: str, now: datetime, counters: CounterRegistry | None = None
+) -> RateLimitOut:
+    return RateLimitOut(
+        id=row.id,
+        owner_type=row.owner_type,  # type: ignore[arg-type]
+        owner_id=row.owner_id,
+        request_max_limit=row.request_max_limit,
+        request_reset_duration=row.request_reset_duration,
+        request_current_usage=_rate_usage("request", row, now, counters),
+        request_last_reset=aware(row.request_last_reset),
+        token_max_limit=row.token_max_limit,
+        token_reset_duration=row.token_reset_duration,
+        token_current_usage=_rate_usage("token", row, now, counters),
+        token_last_reset=aware(row.token_last_reset),
+        max_concurrent_requests=row.max_concurrent_requests,
+        config_hash=row.config_hash,
+        created_at=aware(row.created_at),
+        updated_at=aware(row.updated_at),
+        source=row.source,
+        user_path=path,
+    )

@@ -1,0 +1,249 @@
+"""The admin API's routes (SPEC §9): create, read, update, delete; limits written through owners."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from admin_support import ADMIN, admin_client, admin_settings
+from budget_middleware import BudgetSettings, get_engine
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> BudgetSettings:
+    return admin_settings(tmp_path)
+
+
+async def test_create_answers_201_with_the_object_under_its_singular_name(
+    settings: BudgetSettings,
+) -> None:
+    async with admin_client(settings) as c:
+        r = await c.post("/customers", json={"name": "acme"}, headers=ADMIN)
+        assert r.status_code == 201
+        customer = r.json()["customer"]
+        assert isinstance(customer["id"], str) and customer["name"] == "acme"
+        r = await c.get(f"/customers/{customer['id']}", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["customer"]["id"] == customer["id"]
+        r = await c.get("/customers", headers=ADMIN)
+        assert r.json()["count"] == 1 and r.json()["customers"][0]["name"] == "acme"
+
+
+async def test_key_value_is_returned_once_by_create_and_by_rotate(settings: BudgetSettings) -> None:
+    async with admin_client(settings) as c:
+        r = await c.post("/virtual-keys", json={"name": "alice"}, headers=ADMIN)
+        key = r.json()["virtual_key"]
+        value = key["value"]
+        assert value.startswith("sk-bm-") and key["key_display"] == f"sk-bm-…{value[-4:]}"
+        r = await c.get(f"/virtual-keys/{key['id']}", headers=ADMIN)
+        assert "value" not in r.json()["virtual_key"] and value not in r.text
+        r = await c.get("/virtual-keys", headers=ADMIN)
+        assert value not in r.text
+        r = await c.post(f"/virtual-keys/{key['id']}/rotate", headers=ADMIN)
+        new = r.json()["virtual_key"]["value"]
+        assert r.status_code == 200 and new != value and new.startswith("sk-bm-")
+        manager = get_engine(settings).manager
+        assert manager.find_virtual_key(value) is None
+        assert manager.find_virtual_key(new) == key["id"]
+
+
+async def test_budgets_carry_bifrost_and_gomodel_fields_with_the_user_path(
+    settings: BudgetSettings,
+) -> None:
+    async with admin_client(settings) as c:
+        acme = (await c.post("/customers", json={"name": "acme"}, headers=ADMIN)).json()["customer"]
+        team = (
+            await c.post(
+                "/teams", json={"name": "research", "customer_id": acme["id"]}, headers=ADMIN
+            )
+        ).json()["team"]
+        body = {"name": "alice", "team_id": team["id"],
+                "budget": {"max_limit": 10, "reset_duration": "1d"}}  # fmt: skip
+        key = (await c.post("/virtual-keys", json=body, headers=ADMIN)).json()["virtual_key"]
+        await c.put("/providers/openai", json={"budgets": [{"max_limit": 5}]}, headers=ADMIN)
+        await c.put("/tags/product:chat", json={"budgets": [{"max_limit": 1}]}, headers=ADMIN)
+        rule = {"model_name": "gpt-4o", "budgets": [{"max_limit": 2}]}
+        await c.post("/model-configs", json=rule, headers=ADMIN)
+        r = await c.get("/budgets", headers=ADMIN)
+        answer = r.json()
+        assert answer["count"] == 4 and "server_time" in answer
+        paths = {b["user_path"] for b in answer["budgets"]}
+        assert paths == {"/acme/research/alice", "/provider/openai", "/tag/product:chat",
+                         "/model/gpt-4o"}  # fmt: skip
+        daily = next(b for b in answer["budgets"] if b["owner_type"] == "virtual_key")
+        assert daily["virtual_key_id"] == key["id"] and "team_id" not in daily
+        assert daily["max_limit"] == daily["amount"] == 10.0
+        assert daily["remaining"] == 10.0 and daily["spent"] == 0.0 and not daily["has_usage"]
+        assert daily["period_label"] == "daily" and daily["period_seconds"] == 86400
+        assert daily["source"] == "manual"
+        prepaid = next(b for b in answer["budgets"] if b["owner_type"] == "provider")
+        assert prepaid["provider"] == "openai" and "period_end" not in prepaid
+        r = await c.get("/budgets?owner_type=tag&owner_id=product:chat", headers=ADMIN)
+        assert [b["tag"] for b in r.json()["budgets"]] == ["product:chat"]
+
+
+async def test_update_keeps_the_usage_of_budgets_matched_by_reset_duration(
+    settings: BudgetSettings,
+) -> None:
+    async with admin_client(settings) as c:
+        body = {"name": "acme", "budgets": [{"max_limit": 10, "reset_duration": "1d"},
+                                            {"max_limit": 50, "reset_duration": "1w"}]}  # fmt: skip
+        acme = (await c.post("/customers", json=body, headers=ADMIN)).json()["customer"]
+        daily = next(b for b in acme["budgets"] if b["reset_duration"] == "1d")
+        store = get_engine(settings).store
+        from budget_middleware.store.tables import BudgetRow
+
+        with store.session() as s:
+            row = s.get(BudgetRow, daily["id"])
+            assert row is not None
+            row.current_usage_nanos = 3_000_000_000
+            s.add(row)
+            s.commit()
+        update = {"budgets": [{"max_limit": 20, "reset_duration": "1d"}]}
+        r = await c.put(f"/customers/{acme['id']}", json=update, headers=ADMIN)
+        budgets = r.json()["customer"]["budgets"]
+        assert [(b["id"], b["max_limit"], b["current_usage"]) for b in budgets] == [
+            (daily["id"], 20.0, 3.0)
+        ]
+        r = await c.put(f"/customers/{acme['id']}", json={"name": "acme2"}, headers=ADMIN)
+        assert [b["id"] for b in r.json()["customer"]["budgets"]] == [daily["id"]]
+        r = await c.post(f"/budgets/{daily['id']}/reset", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["budget"]["current_usage"] == 0.0
+
+
+async def test_conflicts_answer_409(settings: BudgetSettings) -> None:
+    async with admin_client(settings) as c:
+        await c.post("/teams", json={"name": "research"}, headers=ADMIN)
+        r = await c.post("/teams", json={"name": "research"}, headers=ADMIN)
+        assert r.status_code == 409 and r.json()["error"]["param"] == "name"
+        twice = [{"max_limit": 1, "reset_duration": "1d"}, {"max_limit": 2, "reset_duration": "1d"}]
+        r = await c.post("/teams", json={"name": "other", "budgets": twice}, headers=ADMIN)
+        assert r.status_code == 409
+        r = await c.get("/teams", headers=ADMIN)
+        assert r.json()["count"] == 1  # the refused create left nothing behind
+
+
+async def test_invalid_bodies_answer_422_naming_every_failing_field(
+    settings: BudgetSettings,
+) -> None:
+    async with admin_client(settings) as c:
+        body = {"name": "k", "budgets": [{"max_limit": -1, "reset_duration": "3x"}],
+                "rate_limit": {"request_max_limit": 5}}  # fmt: skip
+        r = await c.post("/virtual-keys", json=body, headers=ADMIN)
+        assert r.status_code == 422
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        params = {e["param"] for e in error["errors"]}
+        assert {"budgets.0.max_limit", "budgets.0.reset_duration", "rate_limit"} <= params
+        r = await c.post("/customers", content=b"{not json", headers=ADMIN)
+        assert r.status_code == 422
+        r = await c.post("/customers", json={"name": "x", "surprise": 1}, headers=ADMIN)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "surprise"
+
+
+async def test_unknown_ids_answer_404(settings: BudgetSettings) -> None:
+    async with admin_client(settings) as c:
+        for path in ("/customers/nope", "/teams/nope", "/virtual-keys/nope", "/model-configs/nope"):
+            assert (await c.get(path, headers=ADMIN)).status_code == 404
+            assert (await c.delete(path, headers=ADMIN)).status_code == 404
+        assert (await c.post("/budgets/nope/reset", headers=ADMIN)).status_code == 404
+        assert (await c.delete("/providers/nope", headers=ADMIN)).status_code == 404
+
+
+async def test_deleting_a_team_detaches_its_keys_and_removes_its_budgets(
+    settings: BudgetSettings,
+) -> None:
+    async with admin_client(settings) as c:
+        body = {"name": "t", "budgets": [{"max_limit": 1, "reset_duration": "1d"}]}
+        team = (await c.post("/teams", json=body, headers=ADMIN)).json()["team"]
+        key = (
+            await c.post("/virtual-keys", json={"name": "k", "team_id": team["id"]}, headers=ADMIN)
+        ).json()["virtual_key"]
+        assert (await c.delete(f"/teams/{team['id']}", headers=ADMIN)).status_code == 200
+        r = await c.get(f"/virtual-keys/{key['id']}", headers=ADMIN)
+        assert r.json()["virtual_key"]["team_id"] is None
+        assert (await c.get("/budgets", headers=ADMIN)).json()["count"] == 0
+
+
+async def test_model_configs_are_paged_and_filtered(settings: BudgetSettings) -> None:
+    async with admin_client(settings) as c:
+        for name, provider in [("gpt-4o", "openai"), ("gpt-4o-mini", "openai"), ("claude", None)]:
+            body = {"model_name": name, "provider": provider}
+            assert (await c.post("/model-configs", json=body, headers=ADMIN)).status_code == 201
+        r = await c.get("/model-configs?search=GPT&limit=1&offset=1", headers=ADMIN)
+        answer = r.json()
+        assert answer["total_count"] == 2 and len(answer["model_configs"]) == 1
+        r = await c.get("/model-configs?provider=openai&scope=global", headers=ADMIN)
+        assert r.json()["total_count"] == 2
+        for bad in ("limit=0", "offset=-1", "limit=x", "scope=user"):
+            assert (await c.get(f"/model-configs?{bad}", headers=ADMIN)).status_code == 422
+
+
+async def test_key_provider_configs_and_rate_limits_are_written_through_the_key(
+    settings: BudgetSettings,
+) -> None:
+    async with admin_client(settings) as c:
+        body = {
+            "name": "k",
+            "rate_limit": {"request_max_limit": 10, "request_reset_duration": "1m",
+                           "max_concurrent_requests": 2},
+            "provider_configs": [{"provider": "openai", "allowed_models": ["gpt-4o"],
+                                  "budgets": [{"max_limit": 1, "reset_duration": "1h"}]}],
+        }  # fmt: skip
+        key = (await c.post("/virtual-keys", json=body, headers=ADMIN)).json()["virtual_key"]
+        assert key["rate_limit"]["request_max_limit"] == 10
+        policy = key["provider_configs"][0]
+        assert policy["allowed_models"] == ["gpt-4o"] and len(policy["budgets"]) == 1
+        assert policy["budgets"][0]["user_path"] == "/k/provider/openai"
+        r = await c.get("/rate-limits", headers=ADMIN)
+        assert r.json()["count"] == 1 and r.json()["rate_limits"][0]["max_concurrent_requests"] == 2
+        r = await c.put(f"/virtual-keys/{key['id']}", json={"rate_limit": None}, headers=ADMIN)
+        assert r.json()["virtual_key"]["rate_limit"] is None
+
+
+async def test_usage_is_grouped_in_the_database(settings: BudgetSettings) -> None:
+    from datetime import UTC, datetime
+
+    from budget_middleware.store.tables import UsageRecordRow
+
+    async with admin_client(settings) as c:
+        await c.get("/health")
+        await c.get("/customers", headers=ADMIN)  # starts the engine: the tables exist
+        store = get_engine(settings).store
+        with store.session() as s:
+            for i, tags in enumerate([["a", "b"], ["a"], []]):
+                record = UsageRecordRow(
+                    request_id=f"r{i}",
+                    created_at=datetime(2026, 1, 2, tzinfo=UTC),
+                    provider="openai",
+                    model="gpt-4o",
+                    tags=tags,
+                    input_tokens=10,
+                    output_tokens=5,
+                    cost_nanos=1_000_000_000,
+                )
+                s.add(record)
+            s.commit()
+        r = await c.get("/usage?group_by=tag", headers=ADMIN)
+        rows = {row["key"]: row for row in r.json()["usage"]}
+        assert rows["a"]["requests"] == 2 and rows["b"]["cost"] == 1.0
+        assert r.json()["total"]["requests"] == 3
+        r = await c.get("/usage?group_by=day&start=2026-01-01&end=2026-01-03", headers=ADMIN)
+        assert r.json()["usage"][0]["key"] == "2026-01-02" and r.json()["total"]["cost"] == 3.0
+        r = await c.get("/usage?group_by=model", headers=ADMIN)
+        assert r.json()["usage"][0]["input_tokens"] == 30
+        assert (await c.get("/usage?group_by=nope", headers=ADMIN)).status_code == 422
+
+
+async def test_health_is_open_and_metrics_report_budgets(settings: BudgetSettings) -> None:
+    async with admin_client(settings) as c:
+        r = await c.get("/health")
+        assert r.status_code == 200 and r.json() == {"status": "ok", "store": "ok",
+                                                      "redis": "disabled"}  # fmt: skip
+        body = {"name": "acme", "budgets": [{"max_limit": 10, "reset_duration": "1d"}]}
+        await c.post("/customers", json=body, headers=ADMIN)
+        r = await c.get("/metrics", headers=ADMIN)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        assert 'budget_remaining_usd{budget_id="' in r.text and 'user_path="/acme"' in r.text
+        assert "budget_requests_admitted_total 0.0" in r.text
+        assert (await c.get("/metrics")).status_code == 401

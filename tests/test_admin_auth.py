@@ -1,0 +1,69 @@
+"""Who may use the admin API: the bearer of BUDGET_ADMIN_KEY, never a virtual key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from admin_support import ADMIN, admin_client, admin_settings
+
+
+async def test_without_admin_key_every_route_but_health_answers_503_naming_the_variable(
+    tmp_path: Path,
+) -> None:
+    async with admin_client(admin_settings(tmp_path, admin_key=None)) as c:
+        r = await c.get("/customers", headers=ADMIN)
+        assert r.status_code == 503 and "BUDGET_ADMIN_KEY" in r.json()["error"]["message"]
+        assert (await c.get("/openapi.json")).status_code == 503
+        assert (await c.get("/health")).status_code == 200
+
+
+async def test_missing_or_wrong_bearer_answers_401(tmp_path: Path) -> None:
+    async with admin_client(admin_settings(tmp_path)) as c:
+        assert (await c.get("/customers")).status_code == 401
+        r = await c.get("/customers", headers={"Authorization": "Bearer admin-secreT"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        no_scheme = {"Authorization": "admin-secret"}
+        assert (await c.get("/customers", headers=no_scheme)).status_code == 401
+
+
+async def test_a_virtual_key_is_never_an_admin_credential(tmp_path: Path) -> None:
+    async with admin_client(admin_settings(tmp_path)) as c:
+        key = (await c.post("/virtual-keys", json={"name": "k"}, headers=ADMIN)).json()
+        value = key["virtual_key"]["value"]
+        r = await c.get("/customers", headers={"Authorization": f"Bearer {value}"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "virtual_key_not_allowed"
+        assert value not in r.text
+
+
+async def test_an_admin_key_that_is_also_a_stored_key_value_is_refused(tmp_path: Path) -> None:
+    async with admin_client(admin_settings(tmp_path)) as c:
+        body = {"name": "k", "value": "admin-secret"}
+        assert (await c.post("/virtual-keys", json=body, headers=ADMIN)).status_code == 201
+        r = await c.get("/customers", headers=ADMIN)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "virtual_key_not_allowed"
+
+
+async def test_quota_answers_the_calling_keys_own_limits_with_status(tmp_path: Path) -> None:
+    async with admin_client(admin_settings(tmp_path)) as c:
+        team = {"name": "t", "budgets": [{"max_limit": 100, "reset_duration": "1M"}]}
+        team_id = (await c.post("/teams", json=team, headers=ADMIN)).json()["team"]["id"]
+        body = {"name": "alice", "team_id": team_id,
+                "budgets": [{"max_limit": 1, "reset_duration": "1d"}],
+                "rate_limit": {"token_max_limit": 1000, "token_reset_duration": "1h"}}  # fmt: skip
+        value = (await c.post("/virtual-keys", json=body, headers=ADMIN)).json()["virtual_key"][
+            "value"
+        ]
+        for headers in ({"x-budget-key": value}, {"Authorization": f"Bearer {value}"},
+                        {"x-api-key": value}):  # fmt: skip
+            r = await c.get("/virtual-keys/quota", headers=headers)
+            assert r.status_code == 200
+            answer = r.json()
+            assert answer["virtual_key"]["name"] == "alice" and "value" not in answer["virtual_key"]
+            assert [b["amount"] for b in answer["budgets"]] == [1.0]  # not the team's
+            assert answer["rate_limits"][0]["token_max_limit"] == 1000
+            assert value not in r.text
+        assert (await c.get("/virtual-keys/quota")).status_code == 401
+        r = await c.get("/virtual-keys/quota", headers={"x-budget-key": "sk-bm-unknown"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_virtual_key"
+        r = await c.get("/virtual-keys/quota", headers=ADMIN)
+        assert r.status_code == 401  # the admin key is not a virtual key

@@ -1,0 +1,109 @@
+"""BUDGET_CONFIG_FILE (SPEC §10): declared entities are created, updated when their entry
+changes, and left alone (with their manual edits) when it does not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from budget_middleware import BudgetSettings
+from budget_middleware.declarative import ConfigFileError, load_config_file
+from budget_middleware.manage import BudgetManager
+from budget_middleware.store.database import Store
+
+CONFIG = """
+customers:
+  - name: acme
+    budgets: [{max_limit: 100, reset_duration: 1M}]
+teams:
+  - name: research
+    customer: acme
+    budget: {max_limit: 10, reset_duration: 1d}
+virtual_keys:
+  - name: alice
+    team: research
+    value: ${ALICE_KEY}
+    budgets: [{max_limit: 1, reset_duration: 1d}]
+providers:
+  - provider: openai
+    rate_limit: {request_max_limit: 100, request_reset_duration: 1m}
+model_configs:
+  - model_name: gpt-4o
+    provider: openai
+    budgets: [{max_limit: 5, reset_duration: 1w}]
+tags:
+  - tag: product:chat
+    budgets: [{max_limit: 2}]
+"""
+
+
+def _start(tmp_path: Path, text: str, name: str = "budget.yaml") -> BudgetManager:
+    path = tmp_path / name
+    path.write_text(text)
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db", config_file=path)
+    store = Store(settings.database_url)
+    store.create_schema()
+    load_config_file(store, settings)
+    return BudgetManager(store, settings)
+
+
+def test_declared_entities_are_created_on_first_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ALICE_KEY", "sk-bm-alice-from-env")
+    m = _start(tmp_path, CONFIG)
+    team = m.list_teams()[0]
+    assert team.customer_id == m.list_customers()[0].id and team.source == "config"
+    key_id = m.find_virtual_key("sk-bm-alice-from-env")
+    assert key_id is not None and m.get_virtual_key(key_id).team_id == team.id
+    paths = {b.user_path: b.source for b in m.list_budgets()}
+    assert paths == {"/acme": "config", "/acme/research": "config",
+                     "/acme/research/alice": "config", "/model/openai/gpt-4o": "config",
+                     "/tag/product:chat": "config"}  # fmt: skip
+    assert m.list_providers()[0].rate_limit is not None
+
+
+def test_an_edited_entry_is_applied_on_restart_and_keeps_usage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ALICE_KEY", "sk-bm-alice-from-env")
+    m = _start(tmp_path, CONFIG)
+    before = m.list_budgets(owner_type="team")[0]
+    m = _start(tmp_path, CONFIG.replace("max_limit: 10,", "max_limit: 20,"))
+    after = m.list_budgets(owner_type="team")[0]
+    assert after.id == before.id and after.max_limit == 20.0
+
+
+def test_a_manual_edit_survives_a_restart_while_the_entry_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ALICE_KEY", "sk-bm-alice-from-env")
+    m = _start(tmp_path, CONFIG)
+    customer = m.list_customers()[0]
+    m.update_customer(customer.id, budgets=[{"max_limit": 500, "reset_duration": "1M"}])
+    m = _start(tmp_path, CONFIG)
+    assert m.get_customer(customer.id).budgets[0].max_limit == 500.0
+    m = _start(tmp_path, CONFIG.replace("max_limit: 100,", "max_limit: 150,"))
+    assert m.get_customer(customer.id).budgets[0].max_limit == 150.0
+
+
+def test_json_files_work_too(tmp_path: Path) -> None:
+    text = json.dumps({"customers": [{"name": "acme"}], "tags": [{"tag": "t"}]})
+    m = _start(tmp_path, text, "budget.json")
+    assert [c.name for c in m.list_customers()] == ["acme"]
+
+
+def test_bad_files_fail_loudly_naming_the_variable_and_the_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigFileError, match=r"BUDGET_CONFIG_FILE.*teams\[0\] \(research\)"):
+        _start(tmp_path, "teams:\n  - name: research\n    customer: nobody\n")
+    with pytest.raises(ConfigFileError, match=r"customers\[0\].*max_limit"):
+        _start(tmp_path, "customers:\n  - name: a\n    budgets: [{max_limit: -1}]\n")
+    monkeypatch.delenv("MISSING_KEY", raising=False)
+    with pytest.raises(ConfigFileError, match="MISSING_KEY"):
+        _start(tmp_path, "virtual_keys:\n  - name: k\n    value: ${MISSING_KEY}\n")
+    with pytest.raises(ConfigFileError, match="unknown section"):
+        _start(tmp_path, "users: []\n")
