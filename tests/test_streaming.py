@@ -362,3 +362,27 @@ async def test_a_gzip_encoded_answer_is_still_measured(
     usage = answer.json()["usage"]  # httpx decoded it; the middleware had to as well
     assert (rows[0].output_tokens, rows[0].estimated) == (50, False)
     assert rows[0].cost_nanos == cost_of(usage["prompt_tokens"], 50)
+
+
+async def test_an_anthropic_stream_cut_after_message_start_is_charged_its_streamed_output(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    app = host_app(make_settings(pricing_file=pricing_file))
+    engine = engine_of(app)
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with running(app), httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        await http.post(
+            "/v1/messages",
+            json={
+                "model": "claude-haiku-4-5",
+                "max_tokens": 200,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hello"}],
+            },
+            headers={"x-mock-fail-after": "40"},
+        )
+        rows = await records(engine)
+    assert [(r.outcome, r.estimated) for r in rows] == [("upstream_error", True)]
+    # message_start said output_tokens=1; ~35 words were streamed before the cut
+    assert 5 < rows[0].output_tokens < 200
+    assert rows[0].input_tokens > 0

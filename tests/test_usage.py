@@ -109,6 +109,10 @@ def test_openai_chat_completion_usage_counts_cached_tokens_within_input() -> Non
     assert usage_from_json(body(CHAT_COMPLETION)) == TokenUsage(1117, 10, 1024, 0)
 
 
+def test_total_tokens_is_input_plus_output() -> None:
+    assert TokenUsage(10, 5, cached_tokens=4).total_tokens == 15
+
+
 def test_openai_embeddings_usage_has_no_output_tokens() -> None:
     embeddings = {
         "object": "list",
@@ -218,6 +222,12 @@ def test_large_body_ignores_a_usage_key_quoted_inside_a_string() -> None:
     document = padded(CHAT_COMPLETION)
     document["system_fingerprint"] = 'fp "usage": {"prompt_tokens": 999}'
     document["note \"usage"] = {"prompt_tokens": 777}
+    assert usage_from_json(body(document)) == TokenUsage(1117, 10, 1024, 0)
+
+
+def test_large_body_with_many_decoys_falls_back_to_a_full_parse() -> None:
+    document = padded(CHAT_COMPLETION)
+    document["notes"] = [f'decoy {n} "usage' for n in range(6)]
     assert usage_from_json(body(document)) == TokenUsage(1117, 10, 1024, 0)
 
 

@@ -15,7 +15,7 @@ from .limits import WindowCounter
 from .pricing import cost_nanos, nanos_from_usd
 from .scopes import KeyConfig, Scope
 from .sse import StreamMeter
-from .usage import TokenUsage, usage_from_json
+from .usage import BodyDecoder, TokenUsage, usage_from_json
 
 if TYPE_CHECKING:
     from .engine import BudgetEngine
@@ -69,9 +69,10 @@ class Exchange:
         self.stream: StreamMeter | None = None
         self.json_parts: list[bytes] = []
         self.json_size = 0
-        self.decoder: Any = None  # zlib decompressor for a compressed answer
+        self.decoder: BodyDecoder | None = None  # for a compressed answer, measured on the side
         self.unreadable: str | None = None
         self.client_gone = False
+        self.estimated = False
 
     async def run(
         self,
@@ -138,12 +139,12 @@ class Exchange:
             elif lname == b"content-encoding":
                 encoding = value.lower().strip()
             kept.append((name, value))
-        if encoding in (b"gzip", b"deflate"):
-            import zlib
-
-            self.decoder = zlib.decompressobj(wbits=47)
-        elif encoding and encoding != b"identity":
-            self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
+        if encoding and encoding != b"identity":
+            decoder = BodyDecoder(encoding.decode("latin-1"))
+            if decoder.supported:
+                self.decoder = decoder
+            else:
+                self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
         if event_stream:
             self.stream = StreamMeter(
                 drop_usage_chunk=self.context.injected_usage and self.decoder is None
@@ -159,11 +160,12 @@ class Exchange:
         if self.unreadable is not None:
             return message
         plain = chunk
-        if self.decoder is not None and chunk:
-            try:
-                plain = self.decoder.decompress(chunk)
-            except Exception:
-                self.unreadable = "compressed answer could not be decoded"
+        if self.decoder is not None:
+            plain = self.decoder.feed(chunk) if chunk else b""
+            if not more:
+                plain += self.decoder.flush()
+            if self.decoder.error is not None:
+                self.unreadable = self.decoder.error
                 return message
         stream = self.stream
         if stream is not None:
@@ -221,8 +223,21 @@ class Exchange:
     # -- settlement ----------------------------------------------------------------------
 
     def _usage(self) -> TokenUsage | None:
-        if self.stream is not None:
-            return self.stream.usage
+        stream = self.stream
+        if stream is not None:
+            if stream.completed or stream.usage is None:
+                return stream.usage
+            # Cut before its end: Anthropic reported its input at the start, but the output so
+            # far is only in the streamed text.
+            usage = stream.usage
+            streamed = (stream.text_chars + 3) // 4
+            self.estimated = True
+            return TokenUsage(
+                usage.input_tokens or self.context.prompt_tokens,
+                max(usage.output_tokens, streamed),
+                usage.cached_tokens,
+                usage.cache_write_tokens,
+            )
         if self.json_parts:
             body = self.json_parts[0] if len(self.json_parts) == 1 else b"".join(self.json_parts)
             return usage_from_json(body)
@@ -233,7 +248,7 @@ class Exchange:
         context = self.context
         target = context.target
         usage = None if self.unreadable else self._usage()
-        estimated = False
+        estimated = self.estimated
         note = self.unreadable
         streamed = self.stream is not None
         if self.header_cost is not None:

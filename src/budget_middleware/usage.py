@@ -120,8 +120,9 @@ def usage_from_json(body: bytes) -> TokenUsage | None:
     """The usage a non-streamed JSON response reports; None if it reports none or is not JSON.
 
     Never raises. Bodies over 4 KiB are not parsed whole: the top-level `usage` object sits at
-    the end, so only it is decoded (with a check that it really is top-level); anything unexpected
-    falls back to a full parse.
+    the end, so only it and what follows are decoded (what follows must close the outer object,
+    so a nested or quoted `"usage"` is never taken; what precedes is not validated). Anything
+    unexpected falls back to a full parse.
     """
     last = body.rfind(_USAGE_KEY)
     if last < 0:  # no usage key anywhere: nothing worth parsing
