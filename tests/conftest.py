@@ -139,3 +139,14 @@ def _no_budget_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("BUDGET_") and not name.startswith("BUDGET_TEST_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _release_engines() -> Iterator[None]:
+    """Each test gets engines of its own; their connection pools are closed when it ends."""
+    from budget_middleware.engine import _engines
+
+    yield
+    for engine in list(_engines.values()):
+        engine.store.dispose()
+    _engines.clear()

@@ -176,6 +176,7 @@ class BudgetEngine:
                 self.stats.pending_records,
             )
         await self.counters.stop()
+        self.store.dispose()  # connections are opened again if the engine starts again
         self._start_lock = None
 
     async def _flush_loop(self) -> None:
