@@ -39,6 +39,11 @@ def _make_run_database() -> None:
 
     engine = _admin_engine()
     with engine.connect() as conn:
+        names = conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE 'bm_test_%'"))
+        for (name,) in list(names):
+            pid = name.removeprefix("bm_test_")
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():  # a killed run's
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         conn.execute(text(f'DROP DATABASE IF EXISTS "{_RUN_DATABASE}"'))
         conn.execute(text(f'CREATE DATABASE "{_RUN_DATABASE}"'))
     engine.dispose()

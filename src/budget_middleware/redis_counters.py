@@ -1,0 +1,411 @@
+"""Counters shared by every instance through Redis (SPEC §11).
+
+Admission is one Lua script call across every applicable counter, all or nothing, with the same
+rules as `admission.admit`; settlement is one call too. Keys, under a prefix (default `bm:`):
+
+- `w:{kind}:{id}:{window start ms}`: a window's value (budget spend in nano-dollars, a request
+  or token count). The client computes the window from its `WindowCounter`, so every instance
+  agrees on the key; the key expires by itself some time after the window ends.
+- `c:{rate limit id}`: a ZSET of request ids holding a concurrency slot, scored by expiry.
+- `rz:{budget id}` / `rh:{budget id}`: the reservations in flight on a budget, a ZSET of
+  request id -> expiry and a HASH of request id -> amount. The script removes expired entries
+  and sums the live ones on every admission (no running total that could drift).
+
+Slots and reservations expire `slot_ttl_seconds` after they were taken or last refreshed; a
+heartbeat refreshes those of this instance's requests in flight every flush interval, so a
+SIGKILLed instance's holds disappear by themselves.
+
+A window key that does not exist (a new window, an emptied Redis) is seeded from the store with
+SET NX, so that concurrent instances never add the store's value twice: the admission script
+reports the missing keys, the client seeds them and calls again (two round trips, once per
+window). Every charge is also kept in this process's ledger; the flusher writes it to the store,
+which stays the durable record.
+
+When Redis cannot be reached, `BUDGET_FAIL_OPEN` decides: closed raises `ServiceUnavailable`
+(503), open admits with the in-process `admission.admit` on the local counters (the charge still
+reaches the store through the ledger). After a failure Redis is left alone for a short back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from . import admission
+from .admission import Refusal, Ticket
+from .counters import CounterBackend, _aware
+from .limits import FAR_FUTURE, WindowCounter, ensure_current
+from .scopes import Scope
+
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
+    from .engine import BudgetEngine
+
+logger = logging.getLogger("budget_middleware")
+
+WINDOW_MARGIN_SECONDS = 300.0  # a window's key outlives its window, for late settlements
+BACKOFF_MIN_SECONDS = 0.25
+BACKOFF_MAX_SECONDS = 2.0
+MAX_POOL_CONNECTIONS = 64
+
+_KINDS = {"request": "r", "token": "t", "budget": "b"}
+
+
+def _script(name: str) -> str:
+    return resources.files("budget_middleware").joinpath("lua", name).read_text("utf-8")
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One counter as the scripts see it."""
+
+    kind: str  # r, t, c, b
+    scope: Scope
+    keys: tuple[str, ...]
+    limit: int
+    ttl_ms: int
+    counter: WindowCounter | None  # None for concurrency slots
+
+
+@dataclass(slots=True)
+class RedisTicket(Ticket):
+    """A ticket whose slots and reservations are held in Redis under `request_id`."""
+
+    request_id: str = ""
+    holds: tuple[str, ...] = ()  # the ZSETs that hold this request (slots, reservations)
+
+
+@dataclass(slots=True)
+class _Failure:
+    retry_at: float = 0.0
+    backoff: float = 0.0
+    logged: bool = False
+    live: dict[str, RedisTicket] = field(default_factory=dict)
+
+
+class RedisCounters(CounterBackend):
+    def __init__(self, engine: BudgetEngine, prefix: str = "bm:") -> None:
+        super().__init__(engine)
+        self.prefix = prefix
+        self.url = engine.settings.redis_url or "redis://127.0.0.1:6379/0"
+        self.slot_ttl = engine.settings.slot_ttl_seconds
+        self.client: Redis | None = None
+        self._admit: AsyncScript | None = None
+        self._settle: AsyncScript | None = None
+        self._seed: AsyncScript | None = None
+        self._state = _Failure()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=MAX_POOL_CONNECTIONS,
+            timeout=5,
+            decode_responses=True,
+            socket_timeout=2.0,
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 0),
+        )
+        # Failures are ours to handle (fail open or closed, then back off), never retried here.
+        self.client = Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+        self._admit = self.client.register_script(_script("admit.lua"))
+        self._settle = self.client.register_script(_script("settle.lua"))
+        self._seed = self.client.register_script(_script("seed.lua"))
+        self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+
+    async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+        if self.client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self.client.aclose(close_connection_pool=True)
+            self.client = None
+
+    async def health(self) -> str:
+        if self.client is None:
+            return "down"
+        try:
+            await self.client.ping()
+        except (RedisError, OSError):
+            return "down"
+        return "ok"
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def window_key(self, counter: WindowCounter) -> str:
+        return f"{self.prefix}w:{counter.kind}:{counter.id}:{int(counter.start * 1000)}"
+
+    def _ttl_ms(self, counter: WindowCounter, now: float) -> int:
+        if counter.end == FAR_FUTURE:
+            return 0
+        return max(int((counter.end - now + WINDOW_MARGIN_SECONDS) * 1000), 1)
+
+    def _plan(self, scopes: Sequence[Scope], now: float, settling: bool) -> list[_Entry]:
+        """The counters of these scopes in the order `admission.admit` checks them."""
+        entries: list[_Entry] = []
+        p = self.prefix
+        for scope in scopes:
+            rate = scope.rate_limit
+            if rate is None:
+                continue
+            if rate.requests is not None and not settling:
+                c = rate.requests
+                entries.append(
+                    _Entry("r", scope, (self.window_key(c),), c.limit, self._ttl_ms(c, now), c)
+                )
+            if rate.tokens is not None:
+                c = rate.tokens
+                entries.append(
+                    _Entry("t", scope, (self.window_key(c),), c.limit, self._ttl_ms(c, now), c)
+                )
+            slots = rate.concurrency
+            if slots is not None and (settling or slots.limit is not None):
+                entries.append(_Entry("c", scope, (f"{p}c:{slots.id}",), slots.limit or 0, 0, None))
+        for scope in scopes:
+            for c in scope.budgets:
+                keys = (self.window_key(c), f"{p}rz:{c.id}", f"{p}rh:{c.id}")
+                entries.append(_Entry("b", scope, keys, c.limit, self._ttl_ms(c, now), c))
+        return entries
+
+    # -- admission -----------------------------------------------------------------------
+
+    async def admit(self, scopes: Sequence[Scope], estimate: int) -> Ticket | Refusal:
+        engine = self.engine
+        now = engine.clock()
+        reserve = engine.settings.reserve
+        ensure_current(_windows(scopes), now, self.ledger)
+        plan = self._plan(scopes, now, settling=False)
+        if not plan:
+            return admission.admit(scopes, estimate, reserve, now, self.ledger)
+        if self._backing_off():
+            return self._fallback(scopes, estimate, now, None)
+        reservation = estimate if reserve else 0
+        request_id = uuid.uuid4().hex
+        hold_until = now + self.slot_ttl
+        keys = [key for entry in plan for key in entry.keys]
+        args: list[Any] = [int(now * 1000), request_id, int(hold_until * 1000), reservation]
+        args.append(1 if reserve else 0)
+        for entry in plan:
+            args += [entry.kind, entry.limit]
+        try:
+            answer = await self._run_admit(plan, keys, args, now)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return self._fallback(scopes, estimate, now, exc)
+        except _StoreDown as exc:
+            return self._fallback(scopes, estimate, now, exc.__cause__)
+        self._recovered()
+        if answer[0] == "no":
+            return self._refusal(plan, answer)
+        return self._admitted(scopes, plan, answer, reservation, request_id)
+
+    async def _run_admit(
+        self, plan: list[_Entry], keys: list[str], args: list[Any], now: float
+    ) -> list[Any]:
+        assert self._admit is not None
+        for _ in range(3):
+            answer: list[Any] = await self._admit(keys=keys, args=args)
+            if answer[0] != "seed":
+                return answer
+            await self._seed_windows([plan[int(i) - 1] for i in answer[1:]], now)
+        raise RedisError("window keys vanished while being seeded")
+
+    async def _seed_windows(self, missing: list[_Entry], now: float) -> None:
+        """Seed missing window keys with the store's value where the store's window is theirs."""
+        budget_ids = [e.counter.id for e in missing if e.counter and e.kind == "b"]
+        rate_ids = [e.counter.id for e in missing if e.counter and e.kind != "b"]
+        try:
+            budgets, rates = await anyio.to_thread.run_sync(
+                self.engine.store.read_counters, budget_ids, rate_ids
+            )
+        except Exception as exc:
+            self.engine._store_failed(exc)
+            raise _StoreDown from exc
+        keys: list[str] = []
+        args: list[Any] = []
+        for entry in missing:
+            counter = entry.counter
+            assert counter is not None
+            stored, reset_at = 0, float("-inf")
+            if entry.kind == "b" and counter.id in budgets:
+                usage, last_reset = budgets[counter.id]
+                stored, reset_at = usage, last_reset.timestamp()
+            elif counter.id in rates:
+                row = rates[counter.id]
+                if entry.kind == "r":
+                    stored, reset_at = row.request_current_usage, _aware(row.request_last_reset)
+                else:
+                    stored, reset_at = row.token_current_usage, _aware(row.token_last_reset)
+            value = stored if counter.start <= reset_at < counter.end else 0
+            # Our own charges of this window not yet in the store: Redis lost them too.
+            if counter.pending_start == counter.start:
+                value += counter.pending
+            keys.append(entry.keys[0])
+            args += [value, self._ttl_ms(counter, now)]
+        assert self._seed is not None
+        await self._seed(keys=keys, args=args)
+
+    def _refusal(self, plan: list[_Entry], answer: list[Any]) -> Refusal:
+        entry = plan[int(answer[1]) - 1]
+        used, reserved = int(answer[3]), int(answer[4])
+        counter = entry.counter
+        reset_at: float | None = None
+        if counter is not None:
+            counter.value = used
+            reset_at = None if counter.end == FAR_FUTURE else counter.end
+        return Refusal(str(answer[2]), entry.scope, entry.limit, used, reset_at, reserved)
+
+    def _admitted(
+        self,
+        scopes: Sequence[Scope],
+        plan: list[_Entry],
+        answer: list[Any],
+        reservation: int,
+        request_id: str,
+    ) -> RedisTicket:
+        holds: list[str] = []
+        for n, entry in enumerate(plan):
+            value = int(answer[1 + 2 * n])
+            counter = entry.counter
+            if entry.kind == "r" and counter is not None:
+                counter.value = value - 1
+                counter.add(1, self.ledger)  # the flusher writes the request count as a delta
+            elif entry.kind == "c":
+                holds.append(entry.keys[0])
+            elif counter is not None:
+                counter.value = value
+                if entry.kind == "b" and reservation:
+                    holds.append(entry.keys[1])
+        # The local counters keep this process's own holds, as `admission.admit` would: they
+        # decide alone when Redis is down (fail open).
+        for scope in scopes:
+            rate = scope.rate_limit
+            if rate is not None and rate.concurrency is not None:
+                rate.concurrency.in_flight += 1
+            if reservation:
+                for budget in scope.budgets:
+                    budget.reserved += reservation
+        ticket = RedisTicket(tuple(scopes), reservation, request_id=request_id, holds=tuple(holds))
+        self._state.live[request_id] = ticket
+        return ticket
+
+    def _fallback(
+        self, scopes: Sequence[Scope], estimate: int, now: float, exc: BaseException | None
+    ) -> Ticket | Refusal:
+        from .engine import ServiceUnavailable
+
+        if not self.engine.settings.fail_open:
+            raise ServiceUnavailable("the budget counters (Redis) cannot be reached") from exc
+        return admission.admit(scopes, estimate, self.engine.settings.reserve, now, self.ledger)
+
+    # -- settlement ----------------------------------------------------------------------
+
+    async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
+        if ticket.settled:
+            return
+        now = self.engine.clock()
+        # Locally exactly as in process: the charge goes to the ledger (and so to the store).
+        admission.settle(ticket, cost, tokens, now, self.ledger)
+        if not isinstance(ticket, RedisTicket):
+            return  # admitted in process while Redis was down
+        self._state.live.pop(ticket.request_id, None)
+        if self._backing_off() or self._settle is None:
+            return  # its slots and reservations expire by themselves
+        plan = self._plan(ticket.scopes, now, settling=True)
+        keys = [key for entry in plan for key in entry.keys]
+        args: list[Any] = [ticket.request_id, cost, tokens] + [entry.kind for entry in plan]
+        with anyio.CancelScope(shield=True):
+            try:
+                answer: list[Any] = await self._settle(keys=keys, args=args)
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+                return
+        self._recovered()
+        for entry, value in zip(plan, answer, strict=True):
+            if entry.counter is not None and int(value) >= 0:
+                entry.counter.value = int(value)
+
+    # -- slots of live requests ----------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.engine.settings.flush_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.heartbeat()
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+
+    async def heartbeat(self) -> None:
+        """Push out the expiry of this instance's slots and reservations in flight."""
+        live = self._state.live
+        if not live or self.client is None or self._backing_off():
+            return
+        now = self.engine.clock()
+        score = int((now + self.slot_ttl) * 1000)
+        key_ttl = int(self.slot_ttl * 2000)
+        pipe = self.client.pipeline(transaction=False)
+        touched: set[str] = set()
+        for ticket in live.values():
+            for key in ticket.holds:
+                pipe.zadd(key, {ticket.request_id: score}, xx=True)
+                touched.add(key)
+        for key in touched:
+            pipe.pexpire(key, key_ttl)
+        await pipe.execute()
+        self._recovered()
+
+    # -- faults --------------------------------------------------------------------------
+
+    def _backing_off(self) -> bool:
+        return self._state.retry_at > time.monotonic()
+
+    def _failed(self, exc: BaseException) -> None:
+        state = self._state
+        if not state.logged:
+            logger.warning("budget-middleware Redis unreachable: %s", type(exc).__name__)
+            state.logged = True
+        state.backoff = min(max(state.backoff * 2, BACKOFF_MIN_SECONDS), BACKOFF_MAX_SECONDS)
+        state.retry_at = time.monotonic() + state.backoff
+
+    def _recovered(self) -> None:
+        state = self._state
+        if state.logged:
+            logger.warning("budget-middleware Redis reachable again")
+        state.logged = False
+        state.backoff = 0.0
+        state.retry_at = 0.0
+
+
+class _StoreDown(Exception):
+    """The store could not be read to seed a window."""
+
+
+def _windows(scopes: Sequence[Scope]) -> list[WindowCounter]:
+    found: list[WindowCounter] = []
+    for scope in scopes:
+        found.extend(scope.budgets)
+        rate = scope.rate_limit
+        if rate is not None:
+            found.extend(c for c in (rate.requests, rate.tokens) if c is not None)
+    return found

@@ -1,0 +1,366 @@
+"""Two real server processes share PostgreSQL (and Redis): one set of limits (SPEC §11).
+
+Each test starts `uvicorn` twice on free loopback ports, serving `examples/app.py`, with a Redis
+server of its own (so that it can stop and restart it) and this run's PostgreSQL database.
+A request costs exactly $0.01 (10 output tokens at $1000 per million, input free) and reserves
+exactly that, against a budget of $1: it is worth 100 requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import func
+from sqlmodel import select
+
+from budget_middleware import BudgetSettings
+from budget_middleware.manage import BudgetManager
+from budget_middleware.store.database import Store
+from budget_middleware.store.tables import UsageRecordRow
+from conftest import POSTGRES_URL, need_postgres, need_redis, reset_postgres
+from service_support import PrivateRedis, free_port, private_redis, wait_for_port
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+COST = 10_000_000  # nano-dollars: $0.01 a request
+MODEL = "openai/budget-test"
+FLUSH = 0.2
+TTL = 0.5
+
+
+@dataclass
+class Server:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Deployment:
+    """Entities in the store, and the servers that share it."""
+
+    store: Store
+    pricing: Path
+    redis: PrivateRedis | None
+    servers: list[Server] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)  # name -> value
+    budgets: dict[str, str] = field(default_factory=dict)  # key name -> budget id
+
+    def start(self, count: int = 2, **env: str) -> None:
+        variables = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")},
+            "BUDGET_DATABASE_URL": POSTGRES_URL,
+            "BUDGET_PRICING_FILE": str(self.pricing),
+            "BUDGET_FLUSH_INTERVAL_SECONDS": str(FLUSH),
+            "BUDGET_CACHE_TTL_SECONDS": str(TTL),
+            "BUDGET_SLOT_TTL_SECONDS": "2",
+            **env,
+        }
+        if self.redis is not None:
+            variables["BUDGET_REDIS_URL"] = self.redis.url
+        started = []
+        for _ in range(count):
+            port = free_port()
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "app:app",
+                    "--app-dir",
+                    str(ROOT / "examples"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                ],
+                env=variables,
+            )
+            started.append(Server(port, process))
+        for server in started:
+            wait_for_port(server.port, timeout=30)
+        self.servers += started
+
+    def stop(self, server: Server, sig: int = signal.SIGTERM) -> None:
+        if server.process.poll() is None:
+            server.process.send_signal(sig)
+            server.process.wait(30)
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            self.stop(server)
+
+    # -- what the store and Redis say ----------------------------------------------------
+
+    def store_spend(self, key: str) -> int:
+        budget = self.budgets[key]
+        return self.store.read_counters([budget], [])[0][budget][0]
+
+    def records(self) -> tuple[int, int]:
+        with self.store.session() as s:
+            count, total = s.exec(
+                select(func.count(), func.coalesce(func.sum(UsageRecordRow.cost_nanos), 0))
+            ).one()
+        return int(count), int(total)
+
+    def redis_spend(self, key: str) -> int:
+        assert self.redis is not None
+        client = redis.Redis.from_url(self.redis.url)
+        try:
+            found = list(client.scan_iter(match=f"bm:w:budget:{self.budgets[key]}:*"))
+            return sum(int(client.get(k) or 0) for k in found)
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Any]:
+    need_postgres()
+    need_redis()
+    reset_postgres()
+    pricing = tmp_path / "prices.json"
+    pricing.write_text(
+        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
+    )
+    made: list[Deployment] = []
+
+    def make(with_redis: bool = True) -> Deployment:
+        store = Store(POSTGRES_URL)
+        store.create_schema()
+        manager = BudgetManager(store, BudgetSettings(database_url=POSTGRES_URL))
+        server = PrivateRedis() if with_redis else None
+        if server is not None:
+            server.start()
+        d = Deployment(store, pricing, server)
+        team = manager.create_team(name="research", rate_limit={"max_concurrent_requests": 4})
+        specs: dict[str, dict[str, Any]] = {
+            "spender": {"budgets": [{"max_limit": 1, "reset_duration": "1d"}]},
+            "burst": {"budgets": [{"max_limit": 1, "reset_duration": "1d"}]},
+            "limited": {"rate_limit": {"request_max_limit": 50, "request_reset_duration": "1h"}},
+            "slow": {"team_id": team.id, "budgets": [{"max_limit": 1000, "reset_duration": "1d"}]},
+            "probe": {"team_id": team.id},
+        }
+        for name, spec in specs.items():
+            key = manager.create_virtual_key(name=name, **spec)
+            assert key.value is not None
+            d.keys[name] = key.value
+            if key.budgets:
+                d.budgets[name] = key.budgets[0].id
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        for server in d.servers:
+            d.stop(server, signal.SIGKILL)
+        if d.redis is not None:
+            d.redis.stop()
+        d.store.dispose()
+
+
+BODY = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def post(
+    client: httpx.AsyncClient, server: Server, key: str, **headers: str
+) -> httpx.Response:
+    return await client.post(
+        server.url + "/v1/chat/completions", json=BODY, headers={"x-budget-key": key, **headers}
+    )
+
+
+async def burst(d: Deployment, key: str, count: int) -> list[httpx.Response]:
+    """`count` requests at once, spread over every server."""
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        return await asyncio.gather(
+            *(post(client, d.servers[i % len(d.servers)], d.keys[key]) for i in range(count))
+        )
+
+
+def statuses(responses: list[httpx.Response]) -> dict[int, int]:
+    found: dict[int, int] = {}
+    for r in responses:
+        found[r.status_code] = found.get(r.status_code, 0) + 1
+    return found
+
+
+async def test_two_instances_with_redis_spend_one_budget_exactly(deployment: Any) -> None:
+    d: Deployment = deployment()
+    t0 = time.monotonic()
+    d.start()
+    t1 = time.monotonic()
+    responses, limited = await asyncio.gather(burst(d, "spender", 400), burst(d, "limited", 200))
+    admitted = statuses(responses).get(200, 0)
+    print(f"\nwith Redis: {statuses(responses)}, rate limit: {statuses(limited)}")
+    assert 0 < admitted <= 100
+    assert set(statuses(responses)) <= {200, 402, 429}
+    assert statuses(limited).get(200) == 50  # 50 per window across both processes
+    assert d.redis_spend("spender") == admitted * COST
+    t2 = time.monotonic()
+    d.stop_all()
+    print(f"start {t1 - t0:.1f}s, load {t2 - t1:.1f}s, stop {time.monotonic() - t2:.1f}s")
+    assert d.store_spend("spender") == admitted * COST
+    assert d.records() == (admitted + 50, (admitted + 50) * COST)  # "limited" pays too
+
+
+async def test_without_redis_the_overshoot_stays_inside_the_bound(deployment: Any) -> None:
+    """Each process sees the others' spend at most TTL + 2 flush intervals late (docs)."""
+    d: Deployment = deployment(with_redis=False)
+    d.start()
+    # The same burst as with Redis: within one window neither process sees the other's spend,
+    # so each stops at the limit on its own and the overshoot is all the other one spent.
+    responses = await burst(d, "burst", 400)
+    per_process = [
+        sum(1 for n, r in enumerate(responses) if n % 2 == i and r.status_code == 200)
+        for i in (0, 1)
+    ]
+    burst_overshoot = sum(per_process) - 100
+    print(f"\nwithout Redis, burst: admitted {per_process}, overshoot {burst_overshoot} requests")
+    assert all(n <= 100 for n in per_process)
+    assert burst_overshoot <= min(per_process)  # what the other spent in the window
+    window = TTL + 2 * FLUSH
+    admitted_at: list[list[float]] = [[], []]
+    start = time.monotonic()
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def instance(i: int) -> None:
+            # About 30 requests a second per process for 3 s: the budget runs out half-way.
+            for _ in range(100):
+                r = await post(client, d.servers[i], d.keys["spender"])
+                if r.status_code == 200:
+                    admitted_at[i].append(time.monotonic() - start)
+                await asyncio.sleep(0.03)
+
+        await asyncio.gather(instance(0), instance(1))
+    d.stop_all()
+    admitted = len(admitted_at[0]) + len(admitted_at[1])
+    spend = d.store_spend("spender")
+    assert spend == admitted * COST
+    assert d.store_spend("burst") == sum(per_process) * COST
+    assert d.records()[1] == spend + sum(per_process) * COST
+    overshoot = admitted - 100
+    # What the other process spent in one window before each one's last admission, +1 in flight.
+    slack = 0.2  # client-side timing of an admission
+    bound = max(
+        sum(1 for t in admitted_at[1 - i] if t > admitted_at[i][-1] - window - slack) + 1
+        for i in (0, 1)
+        if admitted_at[i]
+    )
+    print(
+        f"\nwithout Redis: admitted {admitted} (per process {[len(a) for a in admitted_at]}),"
+        f" overshoot {overshoot} requests, bound {bound}"
+    )
+    assert overshoot <= bound
+    assert all(len(a) <= 100 for a in admitted_at)  # no process alone passes the limit
+
+
+async def test_a_killed_instance_loses_at_most_one_flush_interval(deployment: Any) -> None:
+    d: Deployment = deployment()
+    d.start()
+    victim, survivor = d.servers
+    completed: list[float] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        # Slow streams hold the team's 4 concurrency slots on the victim.
+        async def hold() -> None:
+            async with client.stream(
+                "POST",
+                victim.url + "/v1/chat/completions",
+                json={**BODY, "stream": True},
+                headers={"x-budget-key": d.keys["slow"], "x-mock-delay-ms": "1000"},
+            ) as r:
+                assert r.status_code == 200
+                with pytest.raises(httpx.HTTPError):
+                    async for _ in r.aiter_raw():
+                        pass
+
+        holders = [asyncio.create_task(hold()) for _ in range(4)]
+        await asyncio.sleep(0.3)
+        # Meanwhile quick requests of "spender" complete on the victim and are flushed.
+        for _ in range(20):
+            r = await post(client, victim, d.keys["spender"])
+            if r.status_code == 200:
+                completed.append(time.monotonic())
+            await asyncio.sleep(0.02)
+        killed_at = time.monotonic()
+        d.stop(victim, signal.SIGKILL)
+        await asyncio.gather(*holders)
+        blocked = await post(client, survivor, d.keys["probe"])
+        assert blocked.status_code == 429
+        assert blocked.json()["error"]["code"] == "concurrency_limit_exceeded"
+        await asyncio.sleep(2.3)  # BUDGET_SLOT_TTL_SECONDS=2: the victim's slots expire
+        assert (await post(client, survivor, d.keys["probe"])).status_code == 200
+    d.stop_all()
+    kept = d.store_spend("spender") // COST
+    flushed_for_sure = sum(1 for t in completed if t < killed_at - FLUSH - 0.1)
+    print(
+        f"\nSIGKILL: {len(completed)} completed on the victim, {kept} kept in the store "
+        f"(at least {flushed_for_sure} had to be)"
+    )
+    assert flushed_for_sure <= kept <= len(completed)
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+async def test_redis_stopped_mid_load(deployment: Any, fail_open: bool) -> None:
+    d: Deployment = deployment()
+    d.start(BUDGET_FAIL_OPEN=str(fail_open).lower())
+    assert d.redis is not None
+    seen: dict[str, dict[int, int]] = {"before": {}, "down": {}, "back": {}}
+    phase = "before"
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def load(i: int) -> None:
+            for _ in range(40):  # 80 requests in all: the budget (100) never runs out
+                r = await post(client, d.servers[i], d.keys["spender"])
+                counts = seen[phase]
+                counts[r.status_code] = counts.get(r.status_code, 0) + 1
+                await asyncio.sleep(0.06)
+
+        async def outage() -> None:
+            nonlocal phase
+            await asyncio.sleep(0.5)
+            d.redis.stop()  # type: ignore[union-attr]
+            phase = "down"
+            await asyncio.sleep(1.0)
+            d.redis.start()  # type: ignore[union-attr]  # empty: it is seeded from the store
+            await asyncio.sleep(0.5)
+            phase = "back"
+
+        await asyncio.gather(load(0), load(1), outage())
+    d.stop_all()
+    print(f"\nRedis stopped, fail_open={fail_open}: {seen}")
+    admitted = sum(counts.get(200, 0) for counts in seen.values())
+    if fail_open:
+        assert seen["down"].get(200, 0) > 0 and 503 not in seen["down"]
+    else:
+        assert seen["down"].get(503, 0) > 0 and seen["down"].get(200, 0) <= 4  # in-flight edge
+    assert seen["back"].get(200, 0) > 0
+    # Every admitted request is charged once, a 503 never.
+    assert d.store_spend("spender") == admitted * COST
+    assert d.records() == (admitted, admitted * COST)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_redis() -> Iterator[None]:
+    with private_redis():  # proves redis-server can be started here; cheap
+        pass
+    yield

@@ -1,0 +1,339 @@
+"""The Redis counter backend, through the engine: one atomic step to admit, one to settle."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from budget_middleware import BudgetSettings
+from budget_middleware.admission import Refusal, Ticket
+from budget_middleware.engine import BudgetEngine, ServiceUnavailable
+from budget_middleware.redis_counters import RedisCounters
+from budget_middleware.scopes import Scope
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, private_redis, unique_prefix, use_prefix
+
+pytestmark = pytest.mark.services
+
+USD = 1_000_000_000  # nano-dollars
+
+
+class Clock:
+    """Real time that a test can move forward (Redis key TTLs stay real)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Rig:
+    """Engines sharing one store and one Redis key prefix, like instances sharing a deployment."""
+
+    def __init__(self, settings: BudgetSettings, prefix: str) -> None:
+        self.settings = settings
+        self.prefix = prefix
+        self.clock = Clock()
+        self.engines: list[BudgetEngine] = []
+        self.redis = redis.asyncio.Redis.from_url(settings.redis_url or "", decode_responses=True)
+
+    async def engine(self) -> BudgetEngine:
+        engine = BudgetEngine(self.settings, clock=self.clock)
+        use_prefix(engine, self.prefix)
+        await engine.ensure_started()
+        self.engines.append(engine)
+        return engine
+
+    async def scopes(self, engine: BudgetEngine, key_value: str) -> tuple[Scope, ...]:
+        config = await engine.lookup_key(key_value)
+        assert config is not None
+        return engine.scopes_for(config, "openai", "gpt-4o", ())
+
+    async def value(self, pattern: str) -> int:
+        keys = [k async for k in self.redis.scan_iter(match=self.prefix + pattern)]
+        assert len(keys) == 1, keys
+        return int(await self.redis.get(keys[0]) or 0)
+
+    async def close(self) -> None:
+        for engine in self.engines:
+            await engine.shutdown()
+            engine.store.dispose()
+        await self.redis.aclose()
+
+
+@pytest.fixture
+async def rig(make_settings: Callable[..., BudgetSettings]) -> AsyncIterator[Callable[..., Any]]:
+    need_redis()
+    made: list[Rig] = []
+    prefix = unique_prefix()
+
+    async def make(**overrides: Any) -> Rig:
+        settings = make_settings(**{"redis_url": REDIS_URL, **overrides})
+        made.append(Rig(settings, prefix))
+        return made[-1]
+
+    yield make
+    for one in made:
+        await one.close()
+    delete_prefix(REDIS_URL, prefix)
+
+
+def ticket(decision: Ticket | Refusal) -> Ticket:
+    assert isinstance(decision, Ticket), decision
+    return decision
+
+
+def refusal(decision: Ticket | Refusal) -> Refusal:
+    assert isinstance(decision, Refusal), decision
+    return decision
+
+
+async def test_redis_is_chosen_by_the_redis_url(rig: Callable[..., Any]) -> None:
+    r = await rig()
+    engine = await r.engine()
+    assert isinstance(engine.counters, RedisCounters)
+    assert (await engine.health())["redis"] == "ok"
+
+
+async def test_admission_is_all_or_nothing_across_counters(rig: Callable[..., Any]) -> None:
+    r = await rig()
+    engine = await r.engine()
+    team = engine.manager.create_team(
+        name="research", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"}
+    )
+    key = engine.manager.create_virtual_key(
+        name="alice",
+        team_id=team.id,
+        rate_limit={"request_max_limit": 10, "request_reset_duration": "1h"},
+    )
+    scopes = await r.scopes(engine, key.value)
+    ticket(await engine.admit(scopes, 0))
+    refused = refusal(await engine.admit(scopes, 0))
+    assert (refused.code, refused.scope.type) == ("request_limit_exceeded", "team")
+    # The key's own counter passed, yet the refused request left it untouched.
+    counts = [int(await r.redis.get(k) or 0) async for k in r.redis.scan_iter(r.prefix + "w:*")]
+    assert sorted(counts) == [1, 1]
+
+
+async def test_a_reservation_holds_the_budget_until_settled(rig: Callable[..., Any]) -> None:
+    r = await rig()
+    engine = await r.engine()
+    key = engine.manager.create_virtual_key(
+        name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+    )
+    scopes = await r.scopes(engine, key.value)
+    first = ticket(await engine.admit(scopes, 600_000_000))
+    held = refusal(await engine.admit(scopes, 600_000_000))
+    assert held.code == "budget_reserved"
+    assert (held.used, held.reserved) == (0, 600_000_000)
+    await engine.settle(first, 300_000_000, 50)
+    assert await r.value("w:budget:*") == 300_000_000
+    assert await r.redis.hlen(f"{r.prefix}rh:{scopes[0].budgets[0].id}") == 0
+    second = ticket(await engine.admit(scopes, 600_000_000))
+    await engine.settle(second, 600_000_000, 50)
+    assert await r.value("w:budget:*") == 900_000_000
+
+
+async def test_budget_exceeded_only_when_spend_reaches_the_limit(rig: Callable[..., Any]) -> None:
+    r = await rig()
+    engine = await r.engine()
+    key = engine.manager.create_virtual_key(
+        name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+    )
+    scopes = await r.scopes(engine, key.value)
+    await engine.settle(ticket(await engine.admit(scopes, USD // 2)), USD - 1, 10)
+    # Nothing in flight and the budget not exhausted: admitted, however big the estimate.
+    last = ticket(await engine.admit(scopes, 5 * USD))
+    await engine.settle(last, 2, 10)
+    refused = refusal(await engine.admit(scopes, 1))
+    assert (refused.code, refused.used, refused.limit) == ("budget_exceeded", USD + 1, USD)
+    assert refused.reset_at is not None
+
+
+async def test_a_new_window_starts_from_zero_and_old_keys_expire(rig: Callable[..., Any]) -> None:
+    r = await rig()
+    engine = await r.engine()
+    key = engine.manager.create_virtual_key(
+        name="alice", rate_limit={"request_max_limit": 2, "request_reset_duration": "1m"}
+    )
+    scopes = await r.scopes(engine, key.value)
+    ticket(await engine.admit(scopes, 0))
+    ticket(await engine.admit(scopes, 0))
+    assert refusal(await engine.admit(scopes, 0)).code == "request_limit_exceeded"
+    old = [k async for k in r.redis.scan_iter(r.prefix + "w:request:*")]
+    r.clock.advance(61)
+    ticket(await engine.admit(scopes, 0))
+    keys = [k async for k in r.redis.scan_iter(r.prefix + "w:request:*")]
+    assert len(keys) == 2
+    ttl = await r.redis.pttl(old[0])
+    assert 0 < ttl <= (60 + 300 + 5) * 1000  # the window's end plus the margin, by itself
+
+
+async def test_slots_of_a_crashed_instance_expire(rig: Callable[..., Any]) -> None:
+    r = await rig(slot_ttl_seconds=2)
+    crashed, other = await r.engine(), await r.engine()
+    key = crashed.manager.create_virtual_key(
+        name="alice", rate_limit={"max_concurrent_requests": 1}
+    )
+    ticket(await crashed.admit(await r.scopes(crashed, key.value), 0))
+    await crashed.counters.stop()  # like SIGKILL: no settlement, no heartbeat any more
+    scopes = await r.scopes(other, key.value)
+    assert refusal(await other.admit(scopes, 0)).code == "concurrency_limit_exceeded"
+    r.clock.advance(2.5)
+    ticket(await other.admit(scopes, 0))
+
+
+async def test_the_heartbeat_keeps_a_long_request_s_slot(rig: Callable[..., Any]) -> None:
+    r = await rig(slot_ttl_seconds=2)
+    live, other = await r.engine(), await r.engine()
+    key = live.manager.create_virtual_key(
+        name="alice",
+        rate_limit={"max_concurrent_requests": 1},
+        budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+    )
+    held = ticket(await live.admit(await r.scopes(live, key.value), USD))
+    for _ in range(3):
+        r.clock.advance(1.5)
+        counters = live.counters
+        assert isinstance(counters, RedisCounters)
+        await counters.heartbeat()
+    scopes = await r.scopes(other, key.value)
+    assert refusal(await other.admit(scopes, 0)).code == "concurrency_limit_exceeded"
+    await live.settle(held, 0, 0)
+    ticket(await other.admit(scopes, 0))
+
+
+async def test_a_crashed_instance_s_reservation_expires(rig: Callable[..., Any]) -> None:
+    r = await rig(slot_ttl_seconds=2)
+    crashed, other = await r.engine(), await r.engine()
+    key = crashed.manager.create_virtual_key(
+        name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+    )
+    ticket(await crashed.admit(await r.scopes(crashed, key.value), USD))
+    await crashed.counters.stop()
+    scopes = await r.scopes(other, key.value)
+    assert refusal(await other.admit(scopes, 1)).code == "budget_reserved"
+    r.clock.advance(2.5)
+    ticket(await other.admit(scopes, 1))
+
+
+async def test_an_emptied_redis_is_seeded_from_the_store_once(rig: Callable[..., Any]) -> None:
+    r = await rig()
+    a, b = await r.engine(), await r.engine()
+    key = a.manager.create_virtual_key(
+        name="alice",
+        budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+        rate_limit={"request_max_limit": 100, "request_reset_duration": "1h"},
+    )
+    scopes_a, scopes_b = await r.scopes(a, key.value), await r.scopes(b, key.value)
+    await a.settle(ticket(await a.admit(scopes_a, 0)), 100, 1)
+    await b.settle(ticket(await b.admit(scopes_b, 0)), 20, 1)
+    assert await a.flush() and await b.flush()
+    await b.settle(ticket(await b.admit(scopes_b, 0)), 3, 1)  # not flushed yet
+    delete_prefix(REDIS_URL, r.prefix)  # FLUSHDB, for this test's keys
+    import asyncio
+
+    decisions = await asyncio.gather(a.admit(scopes_a, 0), b.admit(scopes_b, 0))
+    for decision in decisions:
+        ticket(decision)
+    # The store's 120 once (never twice, whoever seeded first), plus b's unflushed 3 if b did.
+    assert await r.value("w:budget:*") in (120, 123)
+    assert await r.value("w:request:*") in (2 + 2, 3 + 2)
+    assert await a.flush() and await b.flush()
+    # The store itself is exact: every charge once.
+    budgets, _ = a.store.read_counters([scopes_a[0].budgets[0].id], [])
+    assert budgets[scopes_a[0].budgets[0].id][0] == 123
+
+
+async def test_a_window_of_the_store_that_has_ended_seeds_nothing(
+    rig: Callable[..., Any],
+) -> None:
+    r = await rig()
+    engine = await r.engine()
+    key = engine.manager.create_virtual_key(
+        name="alice", rate_limit={"request_max_limit": 5, "request_reset_duration": "1m"}
+    )
+    scopes = await r.scopes(engine, key.value)
+    for _ in range(5):
+        ticket(await engine.admit(scopes, 0))
+    assert await engine.flush()
+    r.clock.advance(61)
+    delete_prefix(REDIS_URL, r.prefix)
+    ticket(await engine.admit(scopes, 0))
+    assert await r.value("w:request:*") == 1
+
+
+async def test_one_round_trip_to_admit_and_one_to_settle(rig: Callable[..., Any]) -> None:
+    r = await rig()
+    engine = await r.engine()
+    key = engine.manager.create_virtual_key(
+        name="alice",
+        budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+        rate_limit={
+            "request_max_limit": 100,
+            "request_reset_duration": "1h",
+            "token_max_limit": 10_000,
+            "token_reset_duration": "1h",
+            "max_concurrent_requests": 5,
+        },
+    )
+    scopes = await r.scopes(engine, key.value)
+    await engine.settle(ticket(await engine.admit(scopes, 10)), 5, 5)  # seeds, loads scripts
+    counters = engine.counters
+    assert isinstance(counters, RedisCounters) and counters.client is not None
+    sent: list[str] = []
+    real = counters.client.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return await real(*args, **options)
+
+    counters.client.execute_command = counting  # type: ignore[method-assign]
+    held = ticket(await engine.admit(scopes, 10))
+    assert sent == ["EVALSHA"]
+    await engine.settle(held, 5, 5)
+    assert sent == ["EVALSHA", "EVALSHA"]
+
+
+async def test_redis_down_fails_closed_or_open(rig: Callable[..., Any]) -> None:
+    with private_redis() as server:
+        closed = await rig(redis_url=server.url)
+        closed_engine = await closed.engine()
+        opened = await rig(redis_url=server.url, fail_open=True)
+        open_engine = await opened.engine()
+        key = closed_engine.manager.create_virtual_key(
+            name="alice",
+            budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+            rate_limit={"request_max_limit": 100, "request_reset_duration": "1h"},
+        )
+        closed_scopes = await closed.scopes(closed_engine, key.value)
+        open_scopes = await opened.scopes(open_engine, key.value)
+        await open_engine.settle(ticket(await open_engine.admit(open_scopes, 0)), 7, 1)
+        server.stop()
+        with pytest.raises(ServiceUnavailable):
+            await closed_engine.admit(closed_scopes, 0)
+        assert (await closed_engine.health())["redis"] == "down"
+        down = ticket(await open_engine.admit(open_scopes, 0))
+        await open_engine.settle(down, 11, 1)
+        assert await open_engine.flush()
+        server.start()
+        assert (await closed_engine.health())["redis"] == "ok"
+        import asyncio
+
+        await asyncio.sleep(2.1)  # the back-off
+        up = ticket(await open_engine.admit(open_scopes, 0))
+        await open_engine.settle(up, 13, 1)
+        ticket(await closed_engine.admit(closed_scopes, 0))
+        assert await open_engine.flush()
+        budget_id = open_scopes[0].budgets[0].id
+        budgets, _ = open_engine.store.read_counters([budget_id], [])
+        assert budgets[budget_id][0] == 7 + 11 + 13  # every charge in the store, once
