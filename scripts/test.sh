@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-.venv/bin/ruff check src tests examples benchmarks
+.venv/bin/ruff check src tests examples $( [ -d benchmarks ] && echo benchmarks )
 .venv/bin/mypy --strict src/budget_middleware
 exec .venv/bin/python -m pytest "$@"
