@@ -386,3 +386,47 @@ async def test_an_anthropic_stream_cut_after_message_start_is_charged_its_stream
     # message_start said output_tokens=1; ~35 words were streamed before the cut
     assert 5 < rows[0].output_tokens < 200
     assert rows[0].input_tokens > 0
+
+
+async def test_a_cancelled_request_task_still_settles_once_and_frees_its_slot(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    app = host_app(make_settings(pricing_file=pricing_file))
+    engine = engine_of(app)
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="alice",
+            rate_limit={"max_concurrent_requests": 1},
+            budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+        )
+        await engine.invalidate()
+        body = json.dumps(chat(max_tokens=500, stream=True)).encode()
+        first_chunk = asyncio.Event()
+        delivered = False
+
+        async def receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # the client stays; the server cancels the task
+            raise AssertionError
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                first_chunk.set()
+
+        headers = [(b"authorization", f"Bearer {key.value}".encode()), (b"x-mock-delay-ms", b"5")]
+        task = asyncio.create_task(
+            app(http_scope("/v1/chat/completions", body, headers), receive, send)
+        )
+        await first_chunk.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        rows = await records(engine)
+        budget = engine.registry.windows[("budget", key.budgets[0].id)]
+        slots = engine.registry.concurrency[key.rate_limit.id]  # type: ignore[union-attr]
+    assert [(r.outcome, r.estimated) for r in rows] == [("client_disconnected", True)]
+    assert (slots.in_flight, budget.reserved) == (0, 0)
+    assert budget.value == rows[0].cost_nanos > 0
