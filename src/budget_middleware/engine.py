@@ -7,6 +7,7 @@ three questions: who is this key, may this request pass, and what did it cost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -160,22 +161,34 @@ class BudgetEngine:
             hook(self.store)
 
     async def shutdown(self) -> None:
-        """Stop the flusher and write every pending charge (lifespan shutdown)."""
+        """Stop the flusher and write every pending charge (lifespan shutdown).
+
+        Every wait is bounded: a shutdown never hangs on a stuck flusher or a dead Redis.
+        """
         if not self.started:
             return
         self.started = False
-        if self._flusher is not None:
+        grace = max(5.0, 3 * self.settings.flush_interval_seconds)
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
             # Ask the loop to stop rather than cancel it: a flush under way finishes first.
             self._stopping.set()
-            await self._flusher
-            self._flusher = None
+            try:
+                await asyncio.wait_for(asyncio.shield(flusher), grace)
+            except TimeoutError:
+                flusher.cancel()  # a cancelled flush keeps its batch for the flush below
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
         if not await self.flush():
             logger.error(
                 "budget-middleware could not write %d usage records at shutdown: the store is "
                 "unreachable",
                 self.stats.pending_records,
             )
-        await self.counters.stop()
+        try:
+            await asyncio.wait_for(self.counters.stop(), grace)
+        except TimeoutError:
+            logger.warning("budget-middleware: the counter backend did not close in %ss", grace)
         self.store.dispose()  # connections are opened again if the engine starts again
         self._start_lock = None
 
