@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from .admission import Ticket
 from .identity import Target
-from .limits import WindowCounter
+from .limits import FAR_FUTURE, WindowCounter
 from .pricing import cost_nanos, nanos_from_usd
 from .scopes import KeyConfig, Scope
 from .sse import StreamMeter
@@ -37,19 +40,25 @@ class RequestContext:
     admitted_at: float
     injected_usage: bool = False
 
-    @property
-    def state(self) -> Any:
-        from .middleware import BudgetState
 
-        key = self.key
-        return BudgetState(
-            key.id if key else None,
-            key.team_id if key else None,
-            key.customer_id if key else None,
-            self.target.provider,
-            self.target.model,
-            self.target.tags,
-        )
+class _RequestIds:
+    """Unique usage-record ids (32 hex digits, like a uuid4's): a random prefix per process and
+    a counter. A uuid4 per request cost ~2.5 µs, a tenth of the hot path's budget."""
+
+    def __init__(self) -> None:
+        self.renew()
+        # A forked worker (gunicorn --preload) must not repeat its parent's ids.
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self.prefix = uuid.uuid4().hex[:16]
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+_request_ids = _RequestIds()
 
 
 class Exchange:
@@ -188,36 +197,45 @@ class Exchange:
 
     def _limit_headers(self) -> list[tuple[bytes, bytes]]:
         """Rate-limit and budget headers of the tightest applicable limits."""
+        # On every metered answer: `remaining` is inlined and bytes are %-formatted, which
+        # halves this function's time; ties keep the first window, as before.
         requests: WindowCounter | None = None
         tokens: WindowCounter | None = None
         budget: WindowCounter | None = None
+        least_requests = least_tokens = least_budget = 0
         for scope in self.context.scopes:
             for counter in scope.budgets:
-                if budget is None or counter.remaining < budget.remaining:
-                    budget = counter
+                left = counter.limit - counter.value
+                if left < 0:
+                    left = 0
+                if budget is None or left < least_budget:
+                    budget, least_budget = counter, left
             rate = scope.rate_limit
             if rate is not None:
-                if rate.requests is not None and (
-                    requests is None or rate.requests.remaining < requests.remaining
-                ):
-                    requests = rate.requests
-                if rate.tokens is not None and (
-                    tokens is None or rate.tokens.remaining < tokens.remaining
-                ):
-                    tokens = rate.tokens
+                window = rate.requests
+                if window is not None:
+                    left = window.limit - window.value
+                    if left < 0:
+                        left = 0
+                    if requests is None or left < least_requests:
+                        requests, least_requests = window, left
+                window = rate.tokens
+                if window is not None:
+                    left = window.limit - window.value
+                    if left < 0:
+                        left = 0
+                    if tokens is None or left < least_tokens:
+                        tokens, least_tokens = window, left
         out: list[tuple[bytes, bytes]] = []
         now = self.context.admitted_at
-        for suffix, window in ((b"requests", requests), (b"tokens", tokens)):
-            if window is not None:
-                out.append((b"x-ratelimit-limit-" + suffix, str(window.limit).encode()))
-                out.append((b"x-ratelimit-remaining-" + suffix, str(window.remaining).encode()))
-                left = window.end - now
-                reset = "never" if left == float("inf") else f"{max(left, 0):.0f}s"
-                out.append((b"x-ratelimit-reset-" + suffix, reset.encode()))
+        if requests is not None:
+            out += _rate_headers(_REQUEST_HEADERS, requests, least_requests, now)
+        if tokens is not None:
+            out += _rate_headers(_TOKEN_HEADERS, tokens, least_tokens, now)
         if budget is not None:
             before = budget.limit - budget.value
-            out.append((b"x-budget-limit", f"{budget.limit / 1e9:.6f}".encode()))
-            out.append((b"x-budget-remaining", f"{max(before, 0) / 1e9:.6f}".encode()))
+            out.append((b"x-budget-limit", b"%.6f" % (budget.limit / 1e9)))
+            out.append((b"x-budget-remaining", b"%.6f" % (max(before, 0) / 1e9)))
         return out
 
     # -- settlement ----------------------------------------------------------------------
@@ -275,7 +293,7 @@ class Exchange:
         key = context.key
         engine.record(
             {
-                "request_id": uuid.uuid4().hex,
+                "request_id": _request_ids.next(),
                 "created_at": datetime.fromtimestamp(context.admitted_at, UTC),
                 "virtual_key_id": key.id if key else None,
                 "team_id": key.team_id if key else None,
@@ -294,12 +312,30 @@ class Exchange:
                 "outcome": outcome,
                 "estimated": estimated,
                 "note": note,
-                "duration_ms": (_perf() - self.started) * 1000,
+                "duration_ms": (perf_counter() - self.started) * 1000,
             }
         )
 
 
-def _perf() -> float:
-    import time
+_REQUEST_HEADERS = (
+    b"x-ratelimit-limit-requests",
+    b"x-ratelimit-remaining-requests",
+    b"x-ratelimit-reset-requests",
+)
+_TOKEN_HEADERS = (
+    b"x-ratelimit-limit-tokens",
+    b"x-ratelimit-remaining-tokens",
+    b"x-ratelimit-reset-tokens",
+)
 
-    return time.perf_counter()
+
+def _rate_headers(
+    names: tuple[bytes, bytes, bytes], window: WindowCounter, remaining: int, now: float
+) -> tuple[tuple[bytes, bytes], ...]:
+    left = window.end - now
+    reset = b"never" if left == FAR_FUTURE else b"%.0fs" % (left if left > 0 else 0)
+    return (
+        (names[0], b"%d" % window.limit),
+        (names[1], b"%d" % remaining),
+        (names[2], reset),
+    )

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from time import perf_counter
 from typing import Any
 
 from .admission import Refusal, Ticket
@@ -19,6 +19,7 @@ from .identity import Credentials, header_reader, resolve_target, route_path
 from .metering import Exchange, RequestContext
 from .scopes import KeyConfig, Scope
 from .settings import BudgetSettings
+from .usage import JSON_ERRORS, json_loads
 
 Scope_ = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -138,7 +139,7 @@ class BudgetMiddleware:
         if self.error is not None:
             raise self.error
         engine = self.engine
-        started = time.perf_counter()
+        started = perf_counter()
         credentials = self.read_headers(scope["headers"])
         if credentials.content_length is not None and credentials.content_length > self.max_body:
             await _answer(send, _too_large(self.max_body))
@@ -167,12 +168,17 @@ class BudgetMiddleware:
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["budget"] = context.state
-        if (
-            context.target.stream
-            and parsed is not None
-            and route_path(scope).endswith(_USAGE_PATHS)
-        ):
+        key = context.key
+        target = context.target
+        state["budget"] = BudgetState(
+            key.id if key else None,
+            key.team_id if key else None,
+            key.customer_id if key else None,
+            target.provider,
+            target.model,
+            target.tags,
+        )
+        if target.stream and parsed is not None and route_path(scope).endswith(_USAGE_PATHS):
             body, scope = _ask_for_usage(scope, parsed, body, context)
         exchange = Exchange(engine, context, ticket, started)
         await exchange.run(self.app, scope, body, receive, send)
@@ -257,10 +263,20 @@ class BudgetMiddleware:
 
 
 def _has_budgets(scopes: tuple[Scope, ...]) -> bool:
-    return any(s.budgets for s in scopes)
+    # a plain loop: any() with a generator costs twice as much on every metered request
+    for scope in scopes:  # noqa: SIM110
+        if scope.budgets:
+            return True
+    return False
 
 
 def _parse_json(body: bytes) -> Any:
+    try:
+        return json_loads(body)  # orjson when installed: a third of the stdlib's time
+    except JSON_ERRORS:
+        pass
+    # What orjson refuses and the stdlib reads (NaN, integers over 64 bits, UTF-16 bodies) is
+    # read as before; such bodies are rare, so only they pay for the second parse.
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):

@@ -1,0 +1,152 @@
+"""Part 2: the example app under uvicorn on loopback, with and without the middleware.
+
+One uvicorn worker on a free loopback port; `wrk` (or `loadgen.py` when wrk is missing) keeps a
+fixed number of keep-alive connections busy for a bounded time with the hot-path request (a
+metered chat completion with a cached key under a team and a customer). The same app is served
+with `uvicorn[standard]` (httptools + uvloop) and with plain uvicorn (h11 + asyncio).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from harness import ROOT, bench_settings, chat_body, make_world
+from loadgen import build_request, run_load
+
+HERE = Path(__file__).resolve().parent
+SERVERS = {
+    "httptools+uvloop": ["--http", "httptools", "--loop", "uvloop"],
+    "h11+asyncio": ["--http", "h11", "--loop", "asyncio"],
+}
+PATH = "/v1/chat/completions"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"uvicorn exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("uvicorn did not answer /health in time")
+
+
+def _serve(
+    server: str, middleware: bool, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(ROOT / "examples"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--no-access-log", "--log-level", "warning", *SERVERS[server],
+    ]  # fmt: skip
+    child_env = {**env, "PYTHONPATH": str(ROOT / "src")}
+    if not middleware:
+        child_env["BUDGET_NO_MIDDLEWARE"] = "1"
+    process = subprocess.Popen(command, env=child_env)
+    try:
+        _wait_ready(port, process)
+    except BaseException:
+        process.kill()
+        raise
+    return process, port
+
+
+def _drive(port: int, body: bytes, key: str, concurrency: int, duration: float) -> dict[str, Any]:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        request = build_request(
+            "127.0.0.1",
+            port,
+            PATH,
+            body,
+            {"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
+        return {**run_load("127.0.0.1", port, request, concurrency, duration), "tool": "loadgen"}
+    command = [
+        wrk, "-t1", f"-c{concurrency}", f"-d{max(int(duration), 1)}s", "--timeout", "5s",
+        "-s", str(HERE / "post.lua"), f"http://127.0.0.1:{port}{PATH}",
+    ]  # fmt: skip
+    env = {**os.environ, "BENCH_BODY": body.decode(), "BENCH_KEY": key}
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("BENCH_JSON "))
+    return {**json.loads(line.removeprefix("BENCH_JSON ")), "tool": "wrk"}
+
+
+async def run(duration: float, repeats: int, concurrency: int = 32) -> list[dict[str, Any]]:
+    """Requests/s, p50 and p99 per server and variant; runs alternate bare/middleware."""
+    body = chat_body()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bm-http-") as directory:
+        settings = bench_settings(Path(directory))
+        world = await make_world(settings, "http")
+        await world.engine.shutdown()
+        world.engine.store.dispose()
+        # The server reads its settings from the environment, as a deployment would.
+        env = {
+            **os.environ,
+            "BUDGET_DATABASE_URL": settings.database_url,
+            "BUDGET_ADMIN_KEY": "bench-admin-key",
+        }
+        for server in SERVERS:
+            found: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+            for _ in range(repeats):
+                for middleware in (False, True):
+                    process, port = _serve(server, middleware, env)
+                    try:
+                        _drive(port, body, world.key, concurrency, 1)  # warm-up
+                        found[middleware].append(
+                            _drive(port, body, world.key, concurrency, duration)
+                        )
+                    finally:
+                        process.terminate()
+                        process.wait(10)
+            bare, metered = _summary(found[False]), _summary(found[True])
+            rows.append(
+                {
+                    "server": server,
+                    "concurrency": concurrency,
+                    "duration_s": duration,
+                    "bare": bare,
+                    "middleware": metered,
+                    "throughput_ratio": metered["rps"] / bare["rps"] if bare["rps"] else 0.0,
+                    "target": ">= 90% of the bare app's requests/s",
+                }
+            )
+    return rows
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of the repeated runs."""
+    n = len(runs)
+    rps = [r["requests"] / (r["duration_us"] / 1e6) for r in runs]
+    return {
+        "rps": sum(rps) / n,
+        "p50_ms": sum(r["p50_us"] for r in runs) / n / 1000,
+        "p99_ms": sum(r["p99_us"] for r in runs) / n / 1000,
+        "non_2xx": sum(r["non_2xx"] for r in runs),
+        "socket_errors": sum(r["socket_errors"] for r in runs),
+        "runs": n,
+        "tool": runs[0]["tool"],
+    }
