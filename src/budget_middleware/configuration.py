@@ -35,10 +35,24 @@ class ScopeBuilder:
     def __init__(self, registry: CounterRegistry, clock: Callable[[], float]) -> None:
         self.registry = registry
         self.clock = clock
+        # Keys of one team share its scope (and the customer's): one object per owner and
+        # configuration, not one per key, which keeps 10,000 cached keys small.
+        self._shared: dict[tuple[str, str], tuple[tuple[object, ...], Scope]] = {}
 
     def scope(self, type_: str, id_: str, name: str, limits: OwnerLimits | None) -> Scope:
         if limits is None:
             return Scope(type_, id_, name)
+        signature = _signature(name, limits)
+        shared = self._shared.get((type_, id_))
+        if shared is not None and shared[0] == signature:
+            return shared[1]
+        scope = self._build(type_, id_, name, limits)
+        if len(self._shared) >= 200_000:  # bounded: owners come and go
+            self._shared.clear()
+        self._shared[(type_, id_)] = (signature, scope)
+        return scope
+
+    def _build(self, type_: str, id_: str, name: str, limits: OwnerLimits) -> Scope:
         now = self.clock()
         budgets = tuple(
             self.registry.window(
@@ -158,6 +172,30 @@ class ScopeBuilder:
                 t.tag: self.scope("tag", t.tag, t.tag, lim.get(("tag", t.tag))) for t in record.tags
             },
         )
+
+
+def _signature(name: str, limits: OwnerLimits) -> tuple[object, ...]:
+    """What a scope is built from: equal signatures give interchangeable scopes."""
+    rate = limits.rate_limit
+    return (
+        name,
+        tuple(
+            (b.id, b.max_limit_nanos, b.reset_duration, b.calendar_aligned, b.last_reset)
+            for b in limits.budgets
+        ),
+        None
+        if rate is None
+        else (
+            rate.id,
+            rate.request_max_limit,
+            rate.request_reset_duration,
+            rate.request_last_reset,
+            rate.token_max_limit,
+            rate.token_reset_duration,
+            rate.token_last_reset,
+            rate.max_concurrent_requests,
+        ),
+    )
 
 
 class KeyCache:

@@ -279,7 +279,7 @@ def _parse_json(body: bytes) -> Any:
     # read as before; such bodies are rare, so only they pay for the second parse.
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: not ours to read
         return None
 
 

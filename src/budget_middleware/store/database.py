@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, case, create_engine, delete, event, insert, update
+from sqlalchemy import Engine, bindparam, case, create_engine, delete, event, insert, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -222,8 +222,7 @@ class Store:
                     sa_select(col(FlushRow.batch_id)).where(col(FlushRow.batch_id) == batch_id)
                 ).first():
                     return
-                for delta in deltas:
-                    conn.execute(_delta_statement(delta))
+                _apply_deltas(conn, deltas)
                 if records:
                     conn.execute(insert(UsageRecordRow), list(records))
                 conn.execute(insert(FlushRow).values(batch_id=batch_id))
@@ -240,30 +239,42 @@ class Store:
             return int(row.value) if row else None
 
 
-_COLUMNS = {
-    "budget": (BudgetRow, "current_usage_nanos", "last_reset"),
-    "request": (RateLimitRow, "request_current_usage", "request_last_reset"),
-    "token": (RateLimitRow, "token_current_usage", "token_last_reset"),
-}
-
-
-def _delta_statement(delta: Delta) -> Any:
-    """Add to the window the delta belongs to: a stored window that is older is started anew;
-    a newer one (reset meanwhile) does not take charges of a window that has ended."""
-    table, usage_name, reset_name = _COLUMNS[delta.kind]
+def _delta_statement(table: Any, usage_name: str, reset_name: str) -> Any:
+    """Add a delta to the window it belongs to: a stored window that is older is started anew;
+    a newer one (reset meanwhile) does not take charges of a window that has ended. One
+    statement per counter kind, with bound parameters, run once for all of a batch's deltas."""
     usage = getattr(table, usage_name)
     last_reset = getattr(table, reset_name)
-    older = last_reset < delta.window_start
+    older = last_reset < bindparam("b_start")
     return (
         update(table)
-        .where(table.id == delta.id, last_reset < delta.window_end)  # type: ignore[attr-defined]
+        .where(table.id == bindparam("b_id"), last_reset < bindparam("b_end"))
         .values(
             {
-                usage_name: case((older, delta.amount), else_=usage + delta.amount),
-                reset_name: case((older, delta.window_start), else_=last_reset),
+                usage_name: case(
+                    (older, bindparam("b_amount")), else_=usage + bindparam("b_amount")
+                ),
+                reset_name: case((older, bindparam("b_start")), else_=last_reset),
             }
         )
     )
+
+
+_STATEMENTS = {
+    "budget": _delta_statement(BudgetRow, "current_usage_nanos", "last_reset"),
+    "request": _delta_statement(RateLimitRow, "request_current_usage", "request_last_reset"),
+    "token": _delta_statement(RateLimitRow, "token_current_usage", "token_last_reset"),
+}
+
+
+def _apply_deltas(conn: Any, deltas: Sequence[Delta]) -> None:
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for d in deltas:
+        by_kind.setdefault(d.kind, []).append(
+            {"b_id": d.id, "b_start": d.window_start, "b_end": d.window_end, "b_amount": d.amount}
+        )
+    for kind, params in by_kind.items():
+        conn.execute(_STATEMENTS[kind], params)
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
