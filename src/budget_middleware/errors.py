@@ -7,14 +7,19 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from .admission import Refusal
 
 _TYPES = {
     401: "authentication_error",
     403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
+    501: "not_implemented",
     503: "service_unavailable",
 }
 
@@ -36,6 +41,27 @@ class ErrorAnswer:
     headers: list[tuple[bytes, bytes]]
 
 
+def error_body(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    error_type: str | None = None,
+    param: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The one shape of every error, the middleware's and the admin API's (OpenAI's)."""
+    return {
+        "error": {
+            "message": message,
+            "type": error_type or _TYPES.get(status, "invalid_request_error"),
+            "code": code,
+            "param": param,
+            **extra,
+        }
+    }
+
+
 def error_answer(
     status: int,
     code: str,
@@ -45,15 +71,8 @@ def error_answer(
     scope: dict[str, str] | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> ErrorAnswer:
-    error: dict[str, object] = {
-        "message": message,
-        "type": error_type or _TYPES.get(status, "invalid_request_error"),
-        "code": code,
-        "param": None,
-    }
-    if scope is not None:
-        error["scope"] = scope
-    body = json.dumps({"error": error}).encode()
+    extra: dict[str, Any] = {} if scope is None else {"scope": scope}
+    body = json.dumps(error_body(status, code, message, error_type=error_type, **extra)).encode()
     out = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -11,18 +11,9 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from ..errors import error_body
+
 AdminAnswer = JSONResponse
-
-_TYPES = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    409: "conflict_error",
-    422: "invalid_request_error",
-    501: "not_implemented",
-    503: "service_unavailable",
-}
-
 
 def ok(body: dict[str, Any], status: int = 200) -> AdminAnswer:
     return JSONResponse(body, status_code=status)
@@ -37,14 +28,8 @@ def error(
     param: str | None = None,
     **extra: Any,
 ) -> AdminAnswer:
-    body: dict[str, Any] = {
-        "message": message,
-        "type": error_type or _TYPES.get(status, "invalid_request_error"),
-        "code": code,
-        "param": param,
-        **extra,
-    }
-    return JSONResponse({"error": body}, status_code=status)
+    body = error_body(status, code, message, error_type=error_type, param=param, **extra)
+    return JSONResponse(body, status_code=status)
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
