@@ -16,6 +16,7 @@ from .durations import Duration
 from .limits import CounterRegistry, RateLimitCounters, WindowCounter
 from .scopes import GlobalConfig, KeyConfig, ModelRule, ProviderPolicy, Scope
 from .store.database import GlobalRecord, KeyRecord, OwnerLimits, aware
+from .store.tables import RateLimitRow
 
 _durations: dict[str, Duration] = {}
 
@@ -70,35 +71,30 @@ class ScopeBuilder:
         rate = limits.rate_limit
         counters = None
         if rate is not None:
-            requests = tokens = None
-            if rate.request_max_limit is not None:
-                requests = self.registry.window(
-                    "request",
-                    rate.id,
-                    limit=rate.request_max_limit,
-                    duration=parse_duration(rate.request_reset_duration),
-                    calendar_aligned=False,
-                    last_reset=aware(rate.request_last_reset),
-                    usage=rate.request_current_usage,
-                    now=now,
-                )
-            if rate.token_max_limit is not None:
-                tokens = self.registry.window(
-                    "token",
-                    rate.id,
-                    limit=rate.token_max_limit,
-                    duration=parse_duration(rate.token_reset_duration),
-                    calendar_aligned=False,
-                    last_reset=aware(rate.token_last_reset),
-                    usage=rate.token_current_usage,
-                    now=now,
-                )
+            requests = self._rate_window("request", rate, now)
+            tokens = self._rate_window("token", rate, now)
             slots = None
             if rate.max_concurrent_requests is not None:
                 slots = self.registry.slots(rate.id, rate.max_concurrent_requests)
             if requests or tokens or slots:
                 counters = RateLimitCounters(rate.id, requests, tokens, slots)
         return Scope(type_, id_, name, budgets, counters)
+
+    def _rate_window(self, kind: str, rate: RateLimitRow, now: float) -> WindowCounter | None:
+        """The request or token window of a rate limit (columns `<kind>_max_limit`, ...)."""
+        limit = getattr(rate, f"{kind}_max_limit")
+        if limit is None:
+            return None
+        return self.registry.window(
+            kind,
+            rate.id,
+            limit=limit,
+            duration=parse_duration(getattr(rate, f"{kind}_reset_duration")),
+            calendar_aligned=False,
+            last_reset=aware(getattr(rate, f"{kind}_last_reset")),
+            usage=getattr(rate, f"{kind}_current_usage"),
+            now=now,
+        )
 
     def key(self, record: KeyRecord) -> KeyConfig:
         key, team, customer = record.key, record.team, record.customer
@@ -219,12 +215,3 @@ class KeyCache:
 
     def __len__(self) -> int:
         return len(self._found)
-
-
-def all_counters(scopes: Iterable[Scope]) -> list[WindowCounter]:
-    found: list[WindowCounter] = []
-    for scope in scopes:
-        found.extend(scope.budgets)
-        if scope.rate_limit is not None:
-            found.extend(c for c in (scope.rate_limit.requests, scope.rate_limit.tokens) if c)
-    return found

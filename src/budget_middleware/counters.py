@@ -94,13 +94,6 @@ class CounterBackend(ABC):
         ledger.dirty = set()
         return deltas
 
-    def restore_deltas(self, deltas: Sequence[Delta]) -> None:
-        """A flush failed: put its deltas back so the next one writes them."""
-        for delta in deltas:
-            self.ledger.sealed.append(
-                (delta.kind, delta.id, delta.window_start.timestamp(), delta.amount)
-            )
-
 
 def _aware(moment: datetime) -> float:
     if moment.tzinfo is None:

@@ -15,12 +15,10 @@ import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
-from . import admission
 from .admission import Refusal, Ticket
 from .configuration import KeyCache, ScopeBuilder
 from .counters import CounterBackend, MemoryCounters
@@ -351,8 +349,4 @@ class BudgetEngine:
         return {"store": store, "redis": await self.counters.health()}
 
 
-def utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
-
-
-__all__ = ["BudgetEngine", "ServiceUnavailable", "admission", "get_engine", "hash_key"]
+__all__ = ["BudgetEngine", "ServiceUnavailable", "get_engine", "hash_key"]

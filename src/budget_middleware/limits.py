@@ -180,9 +180,6 @@ class CounterRegistry:
         slots.limit = limit
         return slots
 
-    def forget(self, kind: str, id: str) -> None:
-        self.windows.pop((kind, id), None)
-
 
 def ensure_current(counters: Sequence[WindowCounter], now: float, ledger: Ledger) -> None:
     for counter in counters:

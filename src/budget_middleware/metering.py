@@ -61,6 +61,19 @@ class _RequestIds:
 _request_ids = _RequestIds()
 
 
+_NONE: tuple[WindowCounter | None, int] = (None, 0)
+
+
+def _tighter(
+    window: WindowCounter, best: tuple[WindowCounter | None, int]
+) -> tuple[WindowCounter | None, int]:
+    """`window` and what it has left, if that is less than `best` leaves."""
+    left = window.limit - window.value
+    if left < 0:
+        left = 0
+    return (window, left) if best[0] is None or left < best[1] else best
+
+
 class Exchange:
     """Tracks where the response is; never sends a second start, never holds a chunk back."""
 
@@ -196,46 +209,26 @@ class Exchange:
         return message
 
     def _limit_headers(self) -> list[tuple[bytes, bytes]]:
-        """Rate-limit and budget headers of the tightest applicable limits."""
-        # On every metered answer: `remaining` is inlined and bytes are %-formatted, which
-        # halves this function's time; ties keep the first window, as before.
-        requests: WindowCounter | None = None
-        tokens: WindowCounter | None = None
-        budget: WindowCounter | None = None
-        least_requests = least_tokens = least_budget = 0
+        """Rate-limit and budget headers of the tightest applicable limits (ties keep the first)."""
+        requests = tokens = budget = _NONE
         for scope in self.context.scopes:
             for counter in scope.budgets:
-                left = counter.limit - counter.value
-                if left < 0:
-                    left = 0
-                if budget is None or left < least_budget:
-                    budget, least_budget = counter, left
+                budget = _tighter(counter, budget)
             rate = scope.rate_limit
             if rate is not None:
-                window = rate.requests
-                if window is not None:
-                    left = window.limit - window.value
-                    if left < 0:
-                        left = 0
-                    if requests is None or left < least_requests:
-                        requests, least_requests = window, left
-                window = rate.tokens
-                if window is not None:
-                    left = window.limit - window.value
-                    if left < 0:
-                        left = 0
-                    if tokens is None or left < least_tokens:
-                        tokens, least_tokens = window, left
+                if rate.requests is not None:
+                    requests = _tighter(rate.requests, requests)
+                if rate.tokens is not None:
+                    tokens = _tighter(rate.tokens, tokens)
         out: list[tuple[bytes, bytes]] = []
         now = self.context.admitted_at
-        if requests is not None:
-            out += _rate_headers(_REQUEST_HEADERS, requests, least_requests, now)
-        if tokens is not None:
-            out += _rate_headers(_TOKEN_HEADERS, tokens, least_tokens, now)
-        if budget is not None:
-            before = budget.limit - budget.value
-            out.append((b"x-budget-limit", b"%.6f" % (budget.limit / 1e9)))
-            out.append((b"x-budget-remaining", b"%.6f" % (max(before, 0) / 1e9)))
+        if requests[0] is not None:
+            out += _rate_headers(_REQUEST_HEADERS, requests[0], requests[1], now)
+        if tokens[0] is not None:
+            out += _rate_headers(_TOKEN_HEADERS, tokens[0], tokens[1], now)
+        if budget[0] is not None:
+            out.append((b"x-budget-limit", b"%.6f" % (budget[0].limit / 1e9)))
+            out.append((b"x-budget-remaining", b"%.6f" % (budget[1] / 1e9)))
         return out
 
     # -- settlement ----------------------------------------------------------------------

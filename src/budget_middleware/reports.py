@@ -53,17 +53,20 @@ def budgets(
     return [budget_out(r, paths.of(r.owner_type, r.owner_id), now, counters) for r in rows]
 
 
-def budget(s: Session, id_: str) -> BudgetOut:
+def _budget_row(s: Session, id_: str) -> BudgetRow:
     row = s.get(BudgetRow, id_)
     if row is None:
         raise NotFound(f"budget {id_!r} not found")
+    return row
+
+
+def budget(s: Session, id_: str) -> BudgetOut:
+    row = _budget_row(s, id_)
     return budget_out(row, Paths(s).of(row.owner_type, row.owner_id), _now())
 
 
 def reset_budget(s: Session, id_: str) -> BudgetOut:
-    row = s.get(BudgetRow, id_)
-    if row is None:
-        raise NotFound(f"budget {id_!r} not found")
+    row = _budget_row(s, id_)
     now = _now()
     row.current_usage_nanos = 0
     row.last_reset = now
