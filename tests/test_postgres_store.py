@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlmodel import select
 
-from budget_middleware.store.database import END_OF_TIME, Delta, Store
+from budget_middleware.store.database import END_OF_TIME, Delta, Store, UsageRecord
 from budget_middleware.store.tables import SCHEMA_VERSION, BudgetRow, UsageRecordRow
 from conftest import POSTGRES_URL, need_postgres, reset_postgres
 
@@ -90,14 +90,11 @@ def test_a_batch_is_applied_once(store: Store) -> None:
     start = datetime(2026, 3, 1, tzinfo=UTC)
     id_ = _budget(store, 0, start)
     batch = uuid.uuid4().hex
-    record = {
-        "request_id": uuid.uuid4().hex,
-        "created_at": start,
-        "provider": "openai",
-        "model": "gpt-4o",
-        "tags": ["product:chat", "é"],
-        "cost_nanos": 10**12 + 3,
-    }
+    record = UsageRecord(
+        uuid.uuid4().hex, start.timestamp(), None, None, None, "openai", "gpt-4o",
+        ("product:chat", "é"), 0, 0, 0, 10**12 + 3, "catalog", 200, False, "completed", False,
+        None, 1.0,
+    )  # fmt: skip
     for _ in range(2):
         store.apply_flush(batch, [Delta("budget", id_, start, END_OF_TIME, 10**12 + 3)], [record])
     assert _usage(store, id_)[0] == 10**12 + 3

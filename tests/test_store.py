@@ -6,14 +6,17 @@ from datetime import UTC, datetime
 
 from sqlmodel import select
 
-from budget_middleware.store.database import Store
+from budget_middleware.store.database import Store, UsageRecord
 from budget_middleware.store.tables import UsageRecordRow
+
+WHEN = datetime(2026, 11, 22, 10, 30, 15, 123456, tzinfo=UTC)
 
 
 def record(request_id: str, **changes: object) -> dict[str, object]:
+    """The row as it must read back; `pending` makes the record the request path leaves."""
     row: dict[str, object] = {
         "request_id": request_id,
-        "created_at": datetime(2026, 11, 22, 10, 30, 15, 123456, tzinfo=UTC),
+        "created_at": WHEN,
         "virtual_key_id": "k" * 32,
         "team_id": None,
         "customer_id": "c" * 32,
@@ -37,6 +40,13 @@ def record(request_id: str, **changes: object) -> dict[str, object]:
     return row
 
 
+def pending(row: dict[str, object]) -> UsageRecord:
+    values = {k: v for k, v in row.items() if k != "cost"}
+    values["created_at"] = row["created_at"].timestamp()  # type: ignore[attr-defined]
+    values["tags"] = tuple(row["tags"])  # type: ignore[call-overload]
+    return UsageRecord(**values)  # type: ignore[arg-type]
+
+
 def test_usage_records_read_back_exactly_as_written(store_url: str) -> None:
     store = Store(store_url)
     store.create_schema()
@@ -44,8 +54,8 @@ def test_usage_records_read_back_exactly_as_written(store_url: str) -> None:
         record("a" * 32),
         record("b" * 32, tags=[], streamed=False, estimated=True, note="no usage in the response"),
     ]
-    store.apply_flush("batch-1", [], written)
-    store.apply_flush("batch-1", [], written)  # the same batch again: skipped
+    store.apply_flush("batch-1", [], [pending(r) for r in written])
+    store.apply_flush("batch-1", [], [pending(r) for r in written])  # the same batch: skipped
     with store.session() as s:
         rows = list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.request_id)))  # type: ignore[arg-type]
     store.dispose()

@@ -1,7 +1,7 @@
 """budget-middleware: LLM spend budgets and rate limits in front of any ASGI app.
 
-    app.add_middleware(BudgetMiddleware)            # configured from BUDGET_* variables
-    app.mount("/budget-admin", create_admin_app())  # optional admin API
+app.add_middleware(BudgetMiddleware)            # configured from BUDGET_* variables
+app.mount("/budget-admin", create_admin_app())  # optional admin API
 """
 
 from __future__ import annotations

@@ -2,15 +2,14 @@
 
 Keys are cached by their hash in a TTL cache (unknown keys too, briefly), the limits outside the
 key hierarchy in one `GlobalConfig` that is reloaded every TTL. The caches are touched only from
-the event loop (cachetools is not thread-safe); the store is read in a worker thread.
+the event loop; the store is read in a worker thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable
-
-from cachetools import TTLCache
 
 from .durations import Duration
 from .limits import CounterRegistry, RateLimitCounters, WindowCounter
@@ -195,23 +194,51 @@ def _signature(name: str, limits: OwnerLimits) -> tuple[object, ...]:
 
 
 class KeyCache:
-    """Key hash -> KeyConfig (or None for an unknown key), trusted for the cache TTL."""
+    """Key hash -> KeyConfig (or None for an unknown key), trusted for the cache TTL.
+
+    A plain dict of (config, expiry): a hit costs one lookup and one comparison (cachetools'
+    TTLCache cost ~0.9 µs, a tenth of the hot path's target). Entries expire when read; when the
+    cache is full, expired entries go first, then the oldest. Touched only from the event loop.
+    """
 
     def __init__(self, ttl: float, maxsize: int = 1_000_000) -> None:
-        self._found: TTLCache[str, KeyConfig | None] = TTLCache(maxsize, ttl, timer=time.monotonic)
+        self.ttl = ttl
+        self.maxsize = maxsize
+        self._found: dict[str, tuple[KeyConfig | None, float]] = {}
 
     def get(self, key_hash: str) -> KeyConfig | bool | None:
         """The cached config, None for a cached unknown key, False when not cached."""
-        return self._found.get(key_hash, False)
+        entry = self._found.get(key_hash)
+        if entry is None:
+            return False
+        if entry[1] <= time.monotonic():
+            del self._found[key_hash]
+            return False
+        return entry[0]
 
     def put(self, key_hash: str, config: KeyConfig | None) -> None:
-        self._found[key_hash] = config
+        found = self._found
+        if len(found) >= self.maxsize and key_hash not in found:
+            self._make_room()
+        found.pop(key_hash, None)  # re-inserted last: the oldest entries stay first
+        found[key_hash] = (config, time.monotonic() + self.ttl)
+
+    def _make_room(self) -> None:
+        now = time.monotonic()
+        found = self._found
+        for key_hash in [h for h, (_, expires) in found.items() if expires <= now]:
+            del found[key_hash]
+        excess = len(found) - self.maxsize * 3 // 4
+        if excess > 0:
+            for key_hash in list(itertools.islice(found, excess)):
+                del found[key_hash]
 
     def clear(self) -> None:
         self._found.clear()
 
     def values(self) -> Iterable[KeyConfig]:
-        return [c for c in self._found.values() if c is not None]
+        now = time.monotonic()
+        return [c for c, expires in self._found.values() if c is not None and expires > now]
 
     def __len__(self) -> int:
         return len(self._found)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
+from . import admission
 from .admission import Refusal, Ticket
 from .configuration import KeyCache, ScopeBuilder
 from .counters import CounterBackend, MemoryCounters
@@ -26,7 +27,7 @@ from .limits import CounterRegistry
 from .pricing import PriceBook
 from .scopes import GlobalConfig, KeyConfig, Scope
 from .settings import BudgetSettings
-from .store.database import Delta, Store
+from .store.database import Delta, Store, UsageRecord
 
 if TYPE_CHECKING:
     from .manage import BudgetManager
@@ -101,9 +102,11 @@ class BudgetEngine:
             self.counters = RedisCounters(self)
         else:
             self.counters = MemoryCounters(self)
+        # In process, admission and settlement are plain calls (no coroutine, no await).
+        self.in_process = isinstance(self.counters, MemoryCounters)
         self.stats = Stats(engine=self)
-        self.records: list[dict[str, Any]] = []
-        self.in_flight_records: list[dict[str, Any]] = []
+        self.records: list[UsageRecord] = []
+        self.in_flight_records: list[UsageRecord] = []
         self.startup_hooks: list[Callable[[Store], None]] = []
         self.started = False
         self.stale = False
@@ -112,7 +115,7 @@ class BudgetEngine:
         self._start_lock: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock: asyncio.Lock | None = None
-        self._failed_batch: tuple[str, list[Delta], list[dict[str, Any]]] | None = None
+        self._failed_batch: tuple[str, list[Delta], list[UsageRecord]] | None = None
         self._stopping = asyncio.Event()
         self._key_loads: dict[str, asyncio.Future[KeyConfig | None]] = {}
         self._manager: BudgetManager | None = None
@@ -284,20 +287,40 @@ class BudgetEngine:
     # -- admission and settlement --------------------------------------------------------
 
     async def admit(self, scopes: tuple[Scope, ...], estimate: int) -> Ticket | Refusal:
-        decision = await self.counters.admit(scopes, estimate)
-        if isinstance(decision, Refusal):
+        if self.in_process:
+            return self.admit_now(scopes, estimate)
+        return self._count(await self.counters.admit(scopes, estimate))
+
+    def admit_now(self, scopes: tuple[Scope, ...], estimate: int) -> Ticket | Refusal:
+        """Admission in process (memory counters only): atomic, no await."""
+        return self._count(
+            admission.admit(
+                scopes, estimate, self.settings.reserve, self.clock(), self.registry.ledger
+            )
+        )
+
+    def _count(self, decision: Ticket | Refusal) -> Ticket | Refusal:
+        if type(decision) is Refusal:
             self.stats.refused[decision.code] = self.stats.refused.get(decision.code, 0) + 1
         else:
             self.stats.admitted += 1
         return decision
 
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
-        await self.counters.settle(ticket, cost, tokens)
+        if self.in_process:
+            self.settle_now(ticket, cost, tokens)
+        else:
+            await self.counters.settle(ticket, cost, tokens)
 
-    def record(self, row: dict[str, Any]) -> None:
-        self.stats.input_tokens += row["input_tokens"]
-        self.stats.output_tokens += row["output_tokens"]
-        self.records.append(row)
+    def settle_now(self, ticket: Ticket, cost: int, tokens: int) -> None:
+        """Settlement in process (memory counters only)."""
+        admission.settle(ticket, cost, tokens, self.clock(), self.registry.ledger)
+
+    def record(self, record: UsageRecord) -> None:
+        stats = self.stats
+        stats.input_tokens += record.input_tokens
+        stats.output_tokens += record.output_tokens
+        self.records.append(record)
 
     def reset_window(self, kind: str, id: str) -> None:
         """A budget was reset: its live counter starts a new window before the next request."""

@@ -34,7 +34,7 @@ KNOWN_PROVIDERS = frozenset(
 OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Credentials:
     """What the headers say: a virtual key (if any), a provider, tags, the body's size."""
 
@@ -94,7 +94,7 @@ def _split_tags(text: str) -> tuple[str, ...]:
     return tuple(t for t in (part.strip() for part in text.split(",")) if t)
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Target:
     """Provider, model and tags of a metered request."""
 

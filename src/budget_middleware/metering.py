@@ -7,8 +7,6 @@ import itertools
 import os
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +16,7 @@ from .limits import FAR_FUTURE, WindowCounter
 from .pricing import cost_nanos, nanos_from_usd
 from .scopes import KeyConfig, Scope
 from .sse import StreamMeter
+from .store.database import UsageRecord
 from .usage import BodyDecoder, TokenUsage, usage_from_json
 
 if TYPE_CHECKING:
@@ -29,16 +28,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 _JSON_TAIL = 1 << 20  # of a huge JSON answer keep the last MiB: usage sits at the end
 _COST_HEADER = b"x-budget-cost"
-
-
-@dataclass(slots=True, eq=False)
-class RequestContext:
-    key: KeyConfig | None
-    target: Target
-    scopes: tuple[Scope, ...]
-    prompt_tokens: int  # estimated, for reservations and cut streams
-    admitted_at: float
-    injected_usage: bool = False
 
 
 class _RequestIds:
@@ -61,35 +50,72 @@ class _RequestIds:
 _request_ids = _RequestIds()
 
 
-_NONE: tuple[WindowCounter | None, int] = (None, 0)
-
-
-def _tighter(
-    window: WindowCounter, best: tuple[WindowCounter | None, int]
-) -> tuple[WindowCounter | None, int]:
-    """`window` and what it has left, if that is less than `best` leaves."""
-    left = window.limit - window.value
-    if left < 0:
-        left = 0
-    return (window, left) if best[0] is None or left < best[1] else best
-
-
 class Exchange:
-    """Tracks where the response is; never sends a second start, never holds a chunk back."""
+    """One admitted request on its way through the app: replays the body once, passes the response
+    on without holding a chunk back (never a second start), measures it, and settles exactly once.
+
+    One object with slots and bound methods for `receive`/`send`: no closures, nothing allocated
+    per request that could be shared.
+    """
+
+    __slots__ = (
+        "admitted_at",
+        "body",
+        "client_gone",
+        "decoder",
+        "engine",
+        "estimated",
+        "header_cost",
+        "injected_usage",
+        "json_parts",
+        "json_size",
+        "key",
+        "parsed",
+        "prompt_tokens",
+        "receive_",
+        "replayed",
+        "response_complete",
+        "response_started",
+        "scopes",
+        "send_",
+        "started",
+        "status",
+        "stream",
+        "target",
+        "ticket",
+        "ticket_estimate",
+        "unreadable",
+    )
 
     def __init__(
-        self, engine: BudgetEngine, context: RequestContext, ticket: Ticket, started: float
+        self,
+        engine: BudgetEngine,
+        key: KeyConfig | None,
+        target: Target,
+        scopes: tuple[Scope, ...],
+        prompt_tokens: int,
+        admitted_at: float,
+        started: float,
     ) -> None:
         self.engine = engine
-        self.context = context
-        self.ticket = ticket
+        self.key = key
+        self.target = target
+        self.scopes = scopes
+        self.prompt_tokens = prompt_tokens  # estimated, for reservations and cut streams
+        self.admitted_at = admitted_at
         self.started = started
+        self.injected_usage = False
+        self.ticket: Ticket | None = None
+        self.ticket_estimate = 0  # nano-dollars to reserve on every budget
+        self.parsed: dict[str, Any] | None = None  # the request, for a stream to ask for usage
+        self.body = b""
+        self.replayed = False
         self.status = 0
         self.response_started = False
         self.response_complete = False
         self.header_cost: int | None = None
         self.stream: StreamMeter | None = None
-        self.json_parts: list[bytes] = []
+        self.json_parts: list[bytes] | None = None
         self.json_size = 0
         self.decoder: BodyDecoder | None = None  # for a compressed answer, measured on the side
         self.unreadable: str | None = None
@@ -104,32 +130,12 @@ class Exchange:
         receive: Receive,
         send: Send,
     ) -> None:
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:  # the body once; then the real receive (a disconnect, say)
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            message = await receive()
-            if message["type"] == "http.disconnect" and not self.response_complete:
-                self.client_gone = True
-            return message
-
-        async def forward(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = self._on_start(message)
-            elif message["type"] == "http.response.body":
-                message = self._on_body(message)
-            try:
-                await send(message)
-            except OSError:
-                self.client_gone = True
-                raise
-
+        self.body = body
+        self.receive_ = receive
+        self.send_ = send
         outcome = "upstream_error"
         try:
-            await app(scope, replay, forward)
+            await app(scope, self.replay, self.forward)
             outcome = "completed"
         except asyncio.CancelledError:
             outcome = "client_disconnected"
@@ -137,7 +143,31 @@ class Exchange:
         finally:
             if self.client_gone and not self.response_complete:
                 outcome = "client_disconnected"
-            await self._settle(outcome)
+            if self.engine.in_process:
+                self.settle_now(outcome)
+            else:
+                await self.settle_shared(outcome)
+
+    async def replay(self) -> Message:
+        if not self.replayed:  # the body once; then the real receive (a disconnect, say)
+            self.replayed = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        message = await self.receive_()
+        if message["type"] == "http.disconnect" and not self.response_complete:
+            self.client_gone = True
+        return message
+
+    async def forward(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            message = self._on_body(message)
+        elif kind == "http.response.start":
+            message = self._on_start(message)
+        try:
+            await self.send_(message)
+        except OSError:
+            self.client_gone = True
+            raise
 
     # -- the response going by -----------------------------------------------------------
 
@@ -150,16 +180,16 @@ class Exchange:
         encoding = b""
         for name, value in headers:
             lname = name.lower()
-            if lname == _COST_HEADER:
+            if lname == b"content-type":
+                event_stream = value.startswith(b"text/event-stream")
+            elif lname == b"content-encoding":
+                encoding = value.lower().strip()
+            elif lname == _COST_HEADER:
                 try:
                     self.header_cost = nanos_from_usd(float(value))
                 except ValueError:
                     self.header_cost = None
                 continue
-            if lname == b"content-type":
-                event_stream = value.startswith(b"text/event-stream")
-            elif lname == b"content-encoding":
-                encoding = value.lower().strip()
             kept.append((name, value))
         if encoding and encoding != b"identity":
             decoder = BodyDecoder(encoding.decode("latin-1"))
@@ -168,10 +198,8 @@ class Exchange:
             else:
                 self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
         if event_stream:
-            self.stream = StreamMeter(
-                drop_usage_chunk=self.context.injected_usage and self.decoder is None
-            )
-        kept.extend(self._limit_headers())
+            self.stream = StreamMeter(drop_usage_chunk=self.injected_usage and self.decoder is None)
+        self._limit_headers(kept)
         return {**message, "headers": kept}
 
     def _on_body(self, message: Message) -> Message:
@@ -181,17 +209,30 @@ class Exchange:
             self.response_complete = True
         if self.unreadable is not None:
             return message
-        plain = chunk
-        if self.decoder is not None:
-            plain = self.decoder.feed(chunk) if chunk else b""
-            if not more:
-                plain += self.decoder.flush()
-            if self.decoder.error is not None:
-                self.unreadable = self.decoder.error
-                return message
+        decoder = self.decoder
         stream = self.stream
+        if decoder is None and stream is None:  # plain JSON: keep it (the tail of a huge one)
+            if chunk:
+                parts = self.json_parts
+                if parts is None:
+                    self.json_parts = [chunk]
+                else:
+                    parts.append(chunk)
+                self.json_size += len(chunk)
+                if self.json_size > 2 * _JSON_TAIL:
+                    tail = b"".join(self.json_parts or ())[-_JSON_TAIL:]
+                    self.json_parts, self.json_size = [tail], len(tail)
+            return message
+        plain = chunk
+        if decoder is not None:
+            plain = decoder.feed(chunk) if chunk else b""
+            if not more:
+                plain += decoder.flush()
+            if decoder.error is not None:
+                self.unreadable = decoder.error
+                return message
         if stream is not None:
-            if self.decoder is not None:
+            if decoder is not None:
                 stream.feed(plain)  # measure only: the compressed bytes go on untouched
                 return message
             out = stream.feed(chunk)
@@ -201,35 +242,51 @@ class Exchange:
                 return message
             return {**message, "body": out}
         if plain:
-            self.json_parts.append(plain)
+            parts = self.json_parts
+            if parts is None:
+                self.json_parts = parts = []
+            parts.append(plain)
             self.json_size += len(plain)
-            if self.json_size > 2 * _JSON_TAIL:  # keep the tail only
-                tail = b"".join(self.json_parts)[-_JSON_TAIL:]
+            if self.json_size > 2 * _JSON_TAIL:
+                tail = b"".join(parts)[-_JSON_TAIL:]
                 self.json_parts, self.json_size = [tail], len(tail)
         return message
 
-    def _limit_headers(self) -> list[tuple[bytes, bytes]]:
+    def _limit_headers(self, out: list[tuple[bytes, bytes]]) -> None:
         """Rate-limit and budget headers of the tightest applicable limits (ties keep the first)."""
-        requests = tokens = budget = _NONE
-        for scope in self.context.scopes:
+        requests = tokens = budget = None
+        requests_left = tokens_left = budget_left = 0
+        for scope in self.scopes:
             for counter in scope.budgets:
-                budget = _tighter(counter, budget)
+                left = counter.limit - counter.value
+                if left < 0:
+                    left = 0
+                if budget is None or left < budget_left:
+                    budget, budget_left = counter, left
             rate = scope.rate_limit
             if rate is not None:
-                if rate.requests is not None:
-                    requests = _tighter(rate.requests, requests)
-                if rate.tokens is not None:
-                    tokens = _tighter(rate.tokens, tokens)
-        out: list[tuple[bytes, bytes]] = []
-        now = self.context.admitted_at
-        if requests[0] is not None:
-            out += _rate_headers(_REQUEST_HEADERS, requests[0], requests[1], now)
-        if tokens[0] is not None:
-            out += _rate_headers(_TOKEN_HEADERS, tokens[0], tokens[1], now)
-        if budget[0] is not None:
-            out.append((b"x-budget-limit", b"%.6f" % (budget[0].limit / 1e9)))
-            out.append((b"x-budget-remaining", b"%.6f" % (budget[1] / 1e9)))
-        return out
+                window = rate.requests
+                if window is not None:
+                    left = window.limit - window.value
+                    if left < 0:
+                        left = 0
+                    if requests is None or left < requests_left:
+                        requests, requests_left = window, left
+                window = rate.tokens
+                if window is not None:
+                    left = window.limit - window.value
+                    if left < 0:
+                        left = 0
+                    if tokens is None or left < tokens_left:
+                        tokens, tokens_left = window, left
+        now = self.admitted_at
+        if requests is not None:
+            _rate_headers(out, _REQUEST_HEADERS, requests, requests_left, now)
+        if tokens is not None:
+            _rate_headers(out, _TOKEN_HEADERS, tokens, tokens_left, now)
+        if budget is not None:
+            out.append((b"x-budget-limit", b"%.6f" % (budget.limit / 1e9)))
+            out.append((b"x-budget-remaining", b"%.6f" % (budget_left / 1e9)))
 
     # -- settlement ----------------------------------------------------------------------
 
@@ -244,24 +301,23 @@ class Exchange:
             streamed = (stream.text_chars + 3) // 4
             self.estimated = True
             return TokenUsage(
-                usage.input_tokens or self.context.prompt_tokens,
+                usage.input_tokens or self.prompt_tokens,
                 max(usage.output_tokens, streamed),
                 usage.cached_tokens,
                 usage.cache_write_tokens,
             )
-        if self.json_parts:
-            body = self.json_parts[0] if len(self.json_parts) == 1 else b"".join(self.json_parts)
-            return usage_from_json(body)
+        parts = self.json_parts
+        if parts:
+            return usage_from_json(parts[0] if len(parts) == 1 else b"".join(parts))
         return None
 
-    async def _settle(self, outcome: str) -> None:
+    def _charge(self, outcome: str) -> tuple[int, int]:
+        """Work out the cost, record the request; (cost in nano-dollars, tokens) to settle."""
         engine = self.engine
-        context = self.context
-        target = context.target
+        target = self.target
         usage = None if self.unreadable else self._usage()
         estimated = self.estimated
         note = self.unreadable
-        streamed = self.stream is not None
         if self.header_cost is not None:
             cost, source = self.header_cost, "header"
         elif usage is not None and usage.cost is not None:
@@ -272,7 +328,7 @@ class Exchange:
             if usage is None:  # no usage reported: charge what we can see, and say so
                 estimated = True
                 output_chars = self.stream.text_chars if self.stream is not None else 0
-                usage = TokenUsage(context.prompt_tokens, (output_chars + 3) // 4)
+                usage = TokenUsage(self.prompt_tokens, (output_chars + 3) // 4)
                 note = note or "no usage in the response"
             price = engine.prices.price(target.provider, target.model)
             if price is None:
@@ -281,33 +337,46 @@ class Exchange:
                 engine.stats.unpriced_requests += 1
             else:
                 cost, source = cost_nanos(price, usage), price.source
-        tokens = usage.total_tokens if usage is not None else 0
-        await engine.settle(self.ticket, cost, tokens)
-        key = context.key
+        key = self.key
+        if usage is None:
+            inp = out = cached = 0
+        else:
+            inp, out, cached = usage.input_tokens, usage.output_tokens, usage.cached_tokens
         engine.record(
-            {
-                "request_id": _request_ids.next(),
-                "created_at": datetime.fromtimestamp(context.admitted_at, UTC),
-                "virtual_key_id": key.id if key else None,
-                "team_id": key.team_id if key else None,
-                "customer_id": key.customer_id if key else None,
-                "provider": target.provider,
-                "model": target.model,
-                "tags": list(target.tags),
-                "input_tokens": usage.input_tokens if usage else 0,
-                "output_tokens": usage.output_tokens if usage else 0,
-                "cached_tokens": usage.cached_tokens if usage else 0,
-                "cost_nanos": cost,
-                "cost": cost / 1e9,
-                "cost_source": source,
-                "status": self.status,
-                "streamed": streamed,
-                "outcome": outcome,
-                "estimated": estimated,
-                "note": note,
-                "duration_ms": (perf_counter() - self.started) * 1000,
-            }
+            UsageRecord(
+                _request_ids.next(),
+                self.admitted_at,
+                key.id if key else None,
+                key.team_id if key else None,
+                key.customer_id if key else None,
+                target.provider,
+                target.model,
+                target.tags,
+                inp,
+                out,
+                cached,
+                cost,
+                source,
+                self.status,
+                self.stream is not None,
+                outcome,
+                estimated,
+                note,
+                (perf_counter() - self.started) * 1000,
+            )
         )
+        return cost, inp + out
+
+    def settle_now(self, outcome: str) -> None:
+        """Settle in process (memory counters): no await between the charge and the counters."""
+        cost, tokens = self._charge(outcome)
+        assert self.ticket is not None
+        self.engine.settle_now(self.ticket, cost, tokens)
+
+    async def settle_shared(self, outcome: str) -> None:
+        cost, tokens = self._charge(outcome)
+        assert self.ticket is not None
+        await self.engine.settle(self.ticket, cost, tokens)
 
 
 _REQUEST_HEADERS = (
@@ -323,12 +392,14 @@ _TOKEN_HEADERS = (
 
 
 def _rate_headers(
-    names: tuple[bytes, bytes, bytes], window: WindowCounter, remaining: int, now: float
-) -> tuple[tuple[bytes, bytes], ...]:
+    out: list[tuple[bytes, bytes]],
+    names: tuple[bytes, bytes, bytes],
+    window: WindowCounter,
+    remaining: int,
+    now: float,
+) -> None:
     left = window.end - now
     reset = b"never" if left == FAR_FUTURE else b"%.0fs" % (left if left > 0 else 0)
-    return (
-        (names[0], b"%d" % window.limit),
-        (names[1], b"%d" % remaining),
-        (names[2], reset),
-    )
+    out.append((names[0], b"%d" % window.limit))
+    out.append((names[1], b"%d" % remaining))
+    out.append((names[2], reset))

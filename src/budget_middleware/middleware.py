@@ -12,11 +12,11 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import Any
 
-from .admission import Refusal, Ticket
-from .engine import BudgetEngine, ServiceUnavailable, get_engine
+from .admission import Refusal
+from .engine import BudgetEngine, ServiceUnavailable, get_engine, hash_key
 from .errors import ErrorAnswer, error_answer, refusal_answer
 from .identity import Credentials, header_reader, resolve_target, route_path
-from .metering import Exchange, RequestContext
+from .metering import Exchange
 from .scopes import KeyConfig, Scope
 from .settings import BudgetSettings
 from .usage import JSON_ERRORS, json_loads
@@ -30,6 +30,7 @@ ASGIApp = Callable[[Scope_, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("budget_middleware")
 
 _USAGE_PATHS = ("/chat/completions", "/completions")  # OpenAI-style: `stream_options` applies
+_UNKNOWN = "Unknown virtual key"
 
 
 class BudgetState:
@@ -95,6 +96,11 @@ class BudgetMiddleware:
         self.fail_open = s.fail_open
         self.require_key = s.require_virtual_key
         self.exceeded_status = s.exceeded_status
+        self.guess_provider = self.engine.prices.guess_provider
+        self.key_required = (
+            "A virtual key is required: send it in the "
+            f"'{s.key_header}' header or as 'Authorization: Bearer {s.key_prefix}…'"
+        )
 
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -144,13 +150,20 @@ class BudgetMiddleware:
         if credentials.content_length is not None and credentials.content_length > self.max_body:
             await _answer(send, _too_large(self.max_body))
             return
-        try:
-            body = await _read_body(receive, self.max_body)
-        except BodyTooLarge:
-            await _answer(send, _too_large(self.max_body))
-            return
-        except ClientGone:
-            return
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            body = message.get("body", b"")  # the whole body in one message: the usual case
+            if len(body) > self.max_body:
+                await _answer(send, _too_large(self.max_body))
+                return
+        else:
+            try:
+                body = await _read_body(message, receive, self.max_body)
+            except BodyTooLarge:
+                await _answer(send, _too_large(self.max_body))
+                return
+            except ClientGone:
+                return
         if not engine.started:
             try:
                 await engine.ensure_started()
@@ -160,16 +173,49 @@ class BudgetMiddleware:
                     return
         if engine.stale:
             await engine.ensure_current()
-        decision = await self._decide(scope, body, credentials)
-        if isinstance(decision, ErrorAnswer):
+        key: KeyConfig | None = None
+        if credentials.key is not None:
+            found = engine.keys.get(hash_key(credentials.key))  # a cached key: no await
+            if found is False:
+                try:
+                    found = await engine.lookup_key(credentials.key)
+                except ServiceUnavailable:
+                    if not self.fail_open:
+                        await _answer(send, _unavailable())
+                        return
+                    found = None  # fail open: metered as a request without a key
+                else:
+                    if found is None:
+                        await _answer(send, self._refuse(401, "invalid_virtual_key", _UNKNOWN))
+                        return
+            elif found is None:
+                await _answer(send, self._refuse(401, "invalid_virtual_key", _UNKNOWN))
+                return
+            key = found  # type: ignore[assignment]
+        elif self.require_key:
+            await _answer(send, self._refuse(401, "virtual_key_required", self.key_required))
+            return
+        decision = self._decide(scope, body, credentials, key, started)
+        if type(decision) is ErrorAnswer:
             await _answer(send, decision)
             return
-        context, ticket, parsed = decision
+        exchange: Exchange = decision  # type: ignore[assignment]
+        if engine.in_process:
+            ticket = engine.admit_now(exchange.scopes, exchange.ticket_estimate)
+        else:
+            try:
+                ticket = await engine.admit(exchange.scopes, exchange.ticket_estimate)
+            except ServiceUnavailable:
+                await _answer(send, _unavailable())
+                return
+        if type(ticket) is Refusal:
+            await _answer(send, refusal_answer(ticket, self.exceeded_status, exchange.admitted_at))
+            return
+        exchange.ticket = ticket  # type: ignore[assignment]
+        target = exchange.target
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        key = context.key
-        target = context.target
         state["budget"] = BudgetState(
             key.id if key else None,
             key.team_id if key else None,
@@ -178,88 +224,74 @@ class BudgetMiddleware:
             target.model,
             target.tags,
         )
-        if target.stream and parsed is not None and route_path(scope).endswith(_USAGE_PATHS):
-            body, scope = _ask_for_usage(scope, parsed, body, context)
-        exchange = Exchange(engine, context, ticket, started)
+        if target.stream and exchange.parsed is not None:
+            body, scope = _ask_for_usage(scope, exchange, body)
+        exchange.parsed = None
         await exchange.run(self.app, scope, body, receive, send)
 
-    async def _decide(
-        self, scope: Scope_, body: bytes, credentials: Credentials
-    ) -> tuple[RequestContext, Ticket, dict[str, Any] | None] | ErrorAnswer:
+    def _refuse(self, status: int, code: str, message: str) -> ErrorAnswer:
+        refused = self.engine.stats.refused
+        refused[code] = refused.get(code, 0) + 1
+        return error_answer(status, code, message)
+
+    def _decide(
+        self,
+        scope: Scope_,
+        body: bytes,
+        credentials: Credentials,
+        key: KeyConfig | None,
+        started: float,
+    ) -> Exchange | ErrorAnswer:
+        """Everything before admission that needs no await: the key's state, the target, the
+        provider policy, the applicable scopes and the reservation."""
         engine = self.engine
-        key: KeyConfig | None = None
-        if credentials.key is not None:
-            try:
-                key = await engine.lookup_key(credentials.key)
-            except ServiceUnavailable:
-                if not self.fail_open:
-                    return _unavailable()
-            else:
-                if key is None:
-                    return _refuse_early(engine, 401, "invalid_virtual_key", "Unknown virtual key")
-        elif self.require_key:
-            return _refuse_early(
-                engine,
-                401,
-                "virtual_key_required",
-                "A virtual key is required: send it in the "
-                f"'{engine.settings.key_header}' header or as 'Authorization: Bearer "
-                f"{engine.settings.key_prefix}…'",
-            )
         now = engine.clock()
         if key is not None:
             if not key.is_active:
-                return _refuse_early(
-                    engine, 403, "virtual_key_inactive", f"Virtual key '{key.name}' is inactive"
+                return self._refuse(
+                    403, "virtual_key_inactive", f"Virtual key '{key.name}' is inactive"
                 )
             if key.expires_at is not None and key.expires_at <= now:
-                return _refuse_early(
-                    engine, 403, "virtual_key_expired", f"Virtual key '{key.name}' has expired"
+                return self._refuse(
+                    403, "virtual_key_expired", f"Virtual key '{key.name}' has expired"
                 )
         parsed = _parse_json(body)
+        path = route_path(scope)
         target = resolve_target(
-            parsed,
-            route_path(scope),
-            credentials,
-            key.tags if key is not None else (),
-            engine.prices.guess_provider,
+            parsed, path, credentials, key.tags if key is not None else (), self.guess_provider
         )
         if key is not None and key.policies:
             policy = key.policies.get(target.provider)
             if policy is None:
-                return _refuse_early(
-                    engine,
+                return self._refuse(
                     403,
                     "provider_not_allowed",
                     f"Virtual key '{key.name}' may not use provider '{target.provider}'",
                 )
             if not policy.allows(target.model):
-                return _refuse_early(
-                    engine,
+                return self._refuse(
                     403,
                     "model_not_allowed",
                     f"Virtual key '{key.name}' may not use model '{target.model}' "
                     f"of provider '{target.provider}'",
                 )
-        scopes = engine.scopes_for(key, target.provider, target.model, target.tags)
+        if key is None:
+            scopes = engine.globals.resolve_anonymous(target.provider, target.model, target.tags)
+        else:
+            scopes = key.resolve(engine.globals, target.provider, target.model, target.tags)
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
-        estimate = 0
+        exchange = Exchange(engine, key, target, scopes, prompt_tokens, now, started)
         if self.reserve and _has_budgets(scopes):
             output = target.max_output_tokens
-            estimate = engine.prices.estimate_nanos(
+            exchange.ticket_estimate = engine.prices.estimate_nanos(
                 target.provider,
                 target.model,
                 prompt_tokens,
                 self.default_output if output is None else output,
             )
-        try:
-            decision = await engine.admit(scopes, estimate)
-        except ServiceUnavailable:
-            return _unavailable()
-        if isinstance(decision, Refusal):
-            return refusal_answer(decision, self.exceeded_status, now)
-        context = RequestContext(key, target, scopes, prompt_tokens, now)
-        return context, decision, parsed if isinstance(parsed, dict) else None
+        if target.stream and type(parsed) is dict and path.endswith(_USAGE_PATHS):
+            exchange.parsed = parsed
+        return exchange
 
 
 def _has_budgets(scopes: tuple[Scope, ...]) -> bool:
@@ -283,10 +315,10 @@ def _parse_json(body: bytes) -> Any:
         return None
 
 
-def _ask_for_usage(
-    scope: Scope_, parsed: dict[str, Any], body: bytes, context: RequestContext
-) -> tuple[bytes, Scope_]:
+def _ask_for_usage(scope: Scope_, exchange: Exchange, body: bytes) -> tuple[bytes, Scope_]:
     """Ask an OpenAI-style stream for its usage; the chunk it adds is removed on the way back."""
+    parsed = exchange.parsed
+    assert parsed is not None
     options = parsed.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
         return body, scope
@@ -296,15 +328,16 @@ def _ask_for_usage(
     new_body = json.dumps(parsed, ensure_ascii=False).encode()
     headers = [(n, v) for n, v in scope["headers"] if n != b"content-length"]
     headers.append((b"content-length", str(len(new_body)).encode()))
-    context.injected_usage = True
+    exchange.injected_usage = True
     return new_body, {**scope, "headers": headers}
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+async def _read_body(first: Message, receive: Receive, limit: int) -> bytes:
+    """The body of a request sent in several messages (`first` is the first one)."""
     chunks: list[bytes] = []
     size = 0
+    message = first
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
@@ -315,17 +348,13 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        message = await receive()
+    return b"".join(chunks)
 
 
 async def _answer(send: Send, answer: ErrorAnswer) -> None:
     await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
     await send({"type": "http.response.body", "body": answer.body})
-
-
-def _refuse_early(engine: BudgetEngine, status: int, code: str, message: str) -> ErrorAnswer:
-    engine.stats.refused[code] = engine.stats.refused.get(code, 0) + 1
-    return error_answer(status, code, message)
 
 
 def _too_large(limit: int) -> ErrorAnswer:

@@ -21,13 +21,26 @@ _MAX_PENDING: Final = 16 * 1024 * 1024  # an "event" this large is no SSE: stop 
 # Responses API events whose `delta` is generated text (audio deltas are base64, not text)
 _RESPONSES_TEXT: Final = frozenset(
     f"response.{kind}.delta"
-    for kind in ("output_text", "refusal", "function_call_arguments", "custom_tool_call_input",
-                 "reasoning_text", "reasoning_summary_text")
+    for kind in (
+        "output_text",
+        "refusal",
+        "function_call_arguments",
+        "custom_tool_call_input",
+        "reasoning_text",
+        "reasoning_summary_text",
+    )
 )
 # named events worth a JSON parse; others (ping, content_block_start, ...) carry no usage nor text
-_READ: Final = _RESPONSES_TEXT | {"response.created", "response.completed", "response.incomplete",
-                                  "response.failed", "message_start", "message_delta",
-                                  "message_stop", "content_block_delta"}
+_READ: Final = _RESPONSES_TEXT | {
+    "response.created",
+    "response.completed",
+    "response.incomplete",
+    "response.failed",
+    "message_start",
+    "message_delta",
+    "message_stop",
+    "content_block_delta",
+}
 _SKIP: Final = frozenset({"ping", "content_block_start", "content_block_stop", "error"})
 _DELTA_TEXT: Final = frozenset({"content", "refusal", "reasoning_content", "reasoning"})
 _BLOCK_TEXT: Final = ("text", "partial_json", "thinking")
@@ -185,8 +198,16 @@ class StreamMeter:
     for a cut stream, estimate the output from `text_chars`, the generated characters streamed.
     """
 
-    __slots__ = ("_anthropic", "_decoder", "_drop", "_owe_lf", "completed", "model", "text_chars",
-                 "usage")
+    __slots__ = (
+        "_anthropic",
+        "_decoder",
+        "_drop",
+        "_owe_lf",
+        "completed",
+        "model",
+        "text_chars",
+        "usage",
+    )
 
     def __init__(self, drop_usage_chunk: bool = False) -> None:
         self.usage: TokenUsage | None = None

@@ -15,6 +15,7 @@ from ..errors import error_body
 
 AdminAnswer = JSONResponse
 
+
 def ok(body: dict[str, Any], status: int = 200) -> AdminAnswer:
     return JSONResponse(body, status_code=status)
 
