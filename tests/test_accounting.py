@@ -65,7 +65,7 @@ async def test_500_concurrent_requests_are_charged_exactly_in_memory_and_in_the_
             )
         assert all(a.status_code == 200 for a in answers)
         expected = sum((1 + i % 97) * 1000 for i in range(500))  # nanos: $1/Mtok = 1000 n/token
-        counter = engine.registry.windows[("budget", acme.budgets[0].id)]
+        counter = engine.registry.windows["budget"][acme.budgets[0].id]
         assert counter.value == expected
         assert counter.reserved == 0
     # lifespan shutdown flushed everything
@@ -101,7 +101,7 @@ async def test_with_reservation_a_budget_of_n_requests_admits_at_most_n(
         codes = {a.json()["error"]["code"] for a in answers if a.status_code != 200}
         assert len(admitted) == n
         assert codes <= {"budget_reserved", "budget_exceeded"}
-        counter = engine.registry.windows[("budget", team.budgets[0].id)]
+        counter = engine.registry.windows["budget"][team.budgets[0].id]
         assert counter.value == n * 1000 * 1000
         assert counter.reserved == 0
     assert store_totals(engine, team.budgets[0].id)[0] == n * 1_000_000

@@ -273,7 +273,7 @@ async def test_a_client_that_disconnects_mid_stream_is_charged_an_estimate_once(
             app(http_scope("/v1/chat/completions", body, headers), receive, send), 5
         )
         rows = await records(engine)
-        budget = engine.registry.windows[("budget", key.budgets[0].id)]
+        budget = engine.registry.windows["budget"][key.budgets[0].id]
         slots = engine.registry.concurrency[key.rate_limit.id]  # type: ignore[union-attr]
         assert (slots.in_flight, budget.reserved) == (0, 0)
         assert len(bodies) < 50  # the stream stopped
@@ -334,7 +334,7 @@ async def test_200_concurrent_streams_are_charged_exactly_and_leave_nothing_behi
             )
         assert all(a.status_code == 200 and "[DONE]" in a.text for a in answers)
         rows = await records(engine)
-        budget = engine.registry.windows[("budget", team.budgets[0].id)]
+        budget = engine.registry.windows["budget"][team.budgets[0].id]
         slots = engine.registry.concurrency[team.rate_limit.id]  # type: ignore[union-attr]
         assert len(rows) == 200 and not any(r.estimated for r in rows)
         assert budget.value == sum(cost_of(r.input_tokens, r.output_tokens) for r in rows)
@@ -425,7 +425,7 @@ async def test_a_cancelled_request_task_still_settles_once_and_frees_its_slot(
         with pytest.raises(asyncio.CancelledError):
             await task
         rows = await records(engine)
-        budget = engine.registry.windows[("budget", key.budgets[0].id)]
+        budget = engine.registry.windows["budget"][key.budgets[0].id]
         slots = engine.registry.concurrency[key.rate_limit.id]  # type: ignore[union-attr]
     assert [(r.outcome, r.estimated) for r in rows] == [("client_disconnected", True)]
     assert (slots.in_flight, budget.reserved) == (0, 0)

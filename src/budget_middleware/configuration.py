@@ -38,14 +38,31 @@ class ScopeBuilder:
         # Keys of one team share its scope (and the customer's): one object per owner and
         # configuration, not one per key, which keeps 10,000 cached keys small.
         self._shared: dict[tuple[str, str], tuple[tuple[object, ...], Scope]] = {}
+        # Team and customer ids and names, one string object for all of their keys
+        self._strings: dict[str, str] = {}
 
-    def scope(self, type_: str, id_: str, name: str, limits: OwnerLimits | None) -> Scope:
+    def intern(self, text: str) -> str:
+        strings = self._strings
+        found = strings.get(text)
+        if found is None:
+            if len(strings) >= 100_000:  # bounded: owners come and go
+                strings.clear()
+            found = strings[text] = text
+        return found
+
+    def scope(
+        self, type_: str, id_: str, name: str, limits: OwnerLimits | None, *, shared: bool = True
+    ) -> Scope:
+        """The owner's scope, bound to the live counters. `shared=False` for an owner of one key
+        (the key itself, its provider configs): nothing else could share its scope."""
         if limits is None:
             return Scope(type_, id_, name)
+        if not shared:
+            return self._build(type_, id_, name, limits)
         signature = _signature(name, limits)
-        shared = self._shared.get((type_, id_))
-        if shared is not None and shared[0] == signature:
-            return shared[1]
+        known = self._shared.get((type_, id_))
+        if known is not None and known[0] == signature:
+            return known[1]
         scope = self._build(type_, id_, name, limits)
         if len(self._shared) >= 200_000:  # bounded: owners come and go
             self._shared.clear()
@@ -98,7 +115,11 @@ class ScopeBuilder:
     def key(self, record: KeyRecord) -> KeyConfig:
         key, team, customer = record.key, record.team, record.customer
         lim = record.limits
-        hierarchy = [self.scope("virtual_key", key.id, key.name, lim.get(("virtual_key", key.id)))]
+        hierarchy = [
+            self.scope(
+                "virtual_key", key.id, key.name, lim.get(("virtual_key", key.id)), shared=False
+            )
+        ]
         if team is not None:
             hierarchy.append(self.scope("team", team.id, team.name, lim.get(("team", team.id))))
         if customer is not None:
@@ -117,6 +138,7 @@ class ScopeBuilder:
                     p.id,
                     f"{key.name}/{p.provider}",
                     lim.get(("provider_config", p.id)),
+                    shared=False,
                 ),
             )
             for p in record.provider_configs
@@ -128,11 +150,11 @@ class ScopeBuilder:
             display=key.key_display,
             is_active=key.is_active,
             expires_at=aware(key.expires_at).timestamp() if key.expires_at else None,
-            team_id=team.id if team else None,
-            team_name=team.name if team else None,
-            customer_id=customer.id if customer else None,
-            customer_name=customer.name if customer else None,
-            tags=tuple(key.tags or ()),
+            team_id=self.intern(team.id) if team else None,
+            team_name=self.intern(team.name) if team else None,
+            customer_id=self.intern(customer.id) if customer else None,
+            customer_name=self.intern(customer.name) if customer else None,
+            tags=tuple(key.tags) if key.tags else (),
             hierarchy=tuple(s for s in hierarchy if s.has_limits),
             policies=policies,
             model_rules=tuple(r for r in rules if r.scope.has_limits),

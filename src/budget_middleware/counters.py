@@ -51,23 +51,23 @@ class CounterBackend(ABC):
 
     async def refresh(self) -> None:
         """Re-read the counters from the store, every cache TTL (instances sharing a store)."""
-        budget_ids = [i for (kind, i) in self.registry.windows if kind == "budget"]
-        rate_ids = {i for (kind, i) in self.registry.windows if kind != "budget"}
+        windows = self.registry.windows
+        budget_ids = list(windows["budget"])
+        rate_ids = {*windows["request"], *windows["token"]}
         if not budget_ids and not rate_ids:
             return
         budgets, rates = await anyio.to_thread.run_sync(
             self.engine.store.read_counters, budget_ids, rate_ids
         )
-        windows = self.registry.windows
         for id_, (usage, last_reset) in budgets.items():
-            counter = windows.get(("budget", id_))
+            counter = windows["budget"].get(id_)
             if counter is not None:
                 counter.seed(usage, last_reset.timestamp())
         for id_, row in rates.items():
-            requests = windows.get(("request", id_))
+            requests = windows["request"].get(id_)
             if requests is not None:
                 requests.seed(row.request_current_usage, _aware(row.request_last_reset))
-            tokens = windows.get(("token", id_))
+            tokens = windows["token"].get(id_)
             if tokens is not None:
                 tokens.seed(row.token_current_usage, _aware(row.token_last_reset))
 
@@ -103,7 +103,7 @@ def _aware(moment: datetime) -> float:
 
 def _end_of(kind: str, id_: str, start: float, backend: CounterBackend) -> float:
     """The end of a sealed window: where the counter's window after it begins, or never."""
-    counter: WindowCounter | None = backend.registry.windows.get((kind, id_))
+    counter: WindowCounter | None = backend.registry.counter(kind, id_)
     if counter is not None and counter.start > start:
         return counter.start
     return FAR_FUTURE

@@ -241,7 +241,7 @@ class BudgetEngine:
             self.keys.clear()
             while self._resets:
                 kind, id_, at = self._resets.pop(0)
-                counter = self.registry.windows.get((kind, id_))
+                counter = self.registry.counter(kind, id_)
                 if counter is not None:
                     counter.reset(at)
             await self.reload_globals()

@@ -47,45 +47,54 @@ class Credentials:
 def header_reader(
     settings: BudgetSettings,
 ) -> Callable[[Iterable[tuple[bytes, bytes]]], Credentials]:
-    """Build, once, the function that reads the headers of a metered request in one pass."""
-    key_header = settings.key_header.encode()
+    """Build, once, the function that reads the headers of a metered request in one pass: one
+    dict lookup per header (a client SDK sends a dozen, most of them of no interest here)."""
     prefix = settings.key_prefix
-    bearer = b"bearer "
+    # header name -> its slot; the key header first, so it wins over the same name below
+    wanted = {
+        b"authorization": 1,
+        b"x-api-key": 2,
+        b"x-goog-api-key": 3,
+        b"x-budget-provider": 4,
+        b"x-budget-tags": 5,
+        b"content-length": 6,
+    }
+    wanted[settings.key_header.encode()] = 0
 
     def read(headers: Iterable[tuple[bytes, bytes]]) -> Credentials:
-        explicit = authorization = api_key = goog = provider = None
-        tags: tuple[str, ...] = ()
-        length = None
+        found: list[bytes | None] = [None] * 7
+        get = wanted.get
         for name, value in headers:
-            if name == key_header:
-                explicit = value
-            elif name == b"authorization":
-                if value[:7].lower() == bearer:
-                    authorization = value[7:].strip()
-            elif name == b"x-api-key":
-                api_key = value
-            elif name == b"x-goog-api-key":
-                goog = value
-            elif name == b"x-budget-provider":
-                provider = value.decode("latin-1").strip() or None
-            elif name == b"x-budget-tags":
-                tags = _split_tags(value.decode("latin-1"))
-            elif name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = None
+            slot = get(name)
+            if slot is not None:
+                found[slot] = value
+        explicit, authorization, api_key, goog, provider, tags, length = found
         key = None
         if explicit:
             key = explicit.decode("latin-1").strip()
         else:
+            if authorization is not None:
+                authorization = (
+                    authorization[7:].strip() if authorization[:7].lower() == b"bearer " else None
+                )
             for candidate in (authorization, api_key, goog):
                 if candidate:
                     text = candidate.decode("latin-1").strip()
                     if text.startswith(prefix):
                         key = text
                         break
-        return Credentials(key or None, provider, tags, length)
+        size = None
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                size = None
+        return Credentials(
+            key or None,
+            (provider.decode("latin-1").strip() or None) if provider is not None else None,
+            _split_tags(tags.decode("latin-1")) if tags is not None else (),
+            size,
+        )
 
     return read
 
@@ -113,9 +122,9 @@ def resolve_target(
     guess_provider: Callable[[str], str | None],
 ) -> Target:
     """Provider and model from the body's `model`, the header, the path, or the catalog."""
-    data = body if isinstance(body, dict) else {}
+    data = body if type(body) is dict else {}
     raw_model = data.get("model")
-    model = raw_model.strip() if isinstance(raw_model, str) else ""
+    model = raw_model.strip() if type(raw_model) is str else ""
     provider: str | None = None
     if "/" in model:
         head, rest = model.split("/", 1)
@@ -126,27 +135,43 @@ def resolve_target(
         provider = guess_provider(model)
     if provider is None and route_path.endswith("/messages"):
         provider = "anthropic"
-    tags = credentials.tags + key_tags + _body_tags(data)
+    tags = credentials.tags
+    if key_tags:
+        tags += key_tags
+    if "metadata" in data:
+        tags += _body_tags(data)
     if len(tags) > 1:
         tags = tuple(sorted(set(tags)))
     limit = None
     for name in OUTPUT_LIMIT_FIELDS:
         value = data.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if value is not None and type(value) is int and value >= 0:
             limit = value
             break
     return Target(
-        provider=provider or "unknown",
-        model=model or "unknown",
-        tags=tags,
-        stream=data.get("stream") is True,
-        max_output_tokens=limit,
+        provider or "unknown",
+        model or "unknown",
+        tags,
+        data.get("stream") is True,
+        limit,
     )
 
 
+_path_providers: dict[str, str | None] = {}
+
+
 def _path_provider(route_path: str) -> str | None:
-    first = route_path.lstrip("/").split("/", 1)[0]
-    return first if first in KNOWN_PROVIDERS else None
+    found = _path_providers.get(route_path, _NOT_SEEN)
+    if found is _NOT_SEEN:
+        first = route_path.lstrip("/").split("/", 1)[0]
+        found = first if first in KNOWN_PROVIDERS else None
+        if len(_path_providers) >= 1024:  # paths come from clients: keep it bounded
+            _path_providers.clear()
+        _path_providers[route_path] = found
+    return found  # type: ignore[return-value]
+
+
+_NOT_SEEN = object()
 
 
 def _body_tags(data: dict[str, Any]) -> tuple[str, ...]:

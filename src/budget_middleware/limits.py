@@ -24,6 +24,19 @@ def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+_LIMIT_TEXTS: dict[tuple[int, bool], bytes] = {}
+
+
+def _limit_text(limit: int, usd: bool) -> bytes:
+    """A limit as the response headers show it; equal limits share one bytes object."""
+    found = _LIMIT_TEXTS.get((limit, usd))
+    if found is None:
+        if len(_LIMIT_TEXTS) >= 10_000:
+            _LIMIT_TEXTS.clear()
+        found = _LIMIT_TEXTS[(limit, usd)] = b"%.6f" % (limit / 1e9) if usd else b"%d" % limit
+    return found
+
+
 class WindowCounter:
     """A value that resets when its window ends (a budget's spend, a request or token count)."""
 
@@ -35,6 +48,7 @@ class WindowCounter:
         "id",
         "kind",
         "limit",
+        "limit_text",
         "pending",
         "pending_start",
         "reserved",
@@ -46,6 +60,7 @@ class WindowCounter:
         self.kind = kind  # "budget", "request" or "token"
         self.id = id
         self.limit = 0
+        self.limit_text = b"0"  # the limit as the response headers show it, formatted once
         self.duration: Duration | None = None
         self.calendar_aligned = False
         self.anchor = 0.0
@@ -66,6 +81,7 @@ class WindowCounter:
     ) -> None:
         """Apply (new) limit parameters; the usage is kept (changing a limit never resets it)."""
         self.limit = limit
+        self.limit_text = _limit_text(limit, self.kind == "budget")
         if (duration, calendar_aligned) != (self.duration, self.calendar_aligned) or (
             anchor > self.anchor
         ):
@@ -148,7 +164,12 @@ class CounterRegistry:
 
     def __init__(self) -> None:
         self.ledger = Ledger()
-        self.windows: dict[tuple[str, str], WindowCounter] = {}
+        # kind ("budget", "request", "token") -> limit id -> counter: no key tuple per counter
+        self.windows: dict[str, dict[str, WindowCounter]] = {
+            "budget": {},
+            "request": {},
+            "token": {},
+        }
         self.concurrency: dict[str, Concurrency] = {}
 
     def window(
@@ -163,15 +184,20 @@ class CounterRegistry:
         usage: int,
         now: float,
     ) -> WindowCounter:
-        counter = self.windows.get((kind, id))
+        windows = self.windows[kind]
+        counter = windows.get(id)
         anchor = _ts(last_reset)
         if counter is None:
-            counter = self.windows[(kind, id)] = WindowCounter(kind, id)
+            counter = windows[id] = WindowCounter(kind, id)
             counter.configure(limit, duration, calendar_aligned, anchor, now)
             counter.seed(usage, anchor)
         else:
             counter.configure(limit, duration, calendar_aligned, anchor, now)
         return counter
+
+    def counter(self, kind: str, id: str) -> WindowCounter | None:
+        """The live counter of a limit, if this process has one."""
+        return self.windows[kind].get(id)
 
     def slots(self, id: str, limit: int | None) -> Concurrency:
         slots = self.concurrency.get(id)

@@ -285,7 +285,7 @@ class Exchange:
         if tokens is not None:
             _rate_headers(out, _TOKEN_HEADERS, tokens, tokens_left, now)
         if budget is not None:
-            out.append((b"x-budget-limit", b"%.6f" % (budget.limit / 1e9)))
+            out.append((b"x-budget-limit", budget.limit_text))
             out.append((b"x-budget-remaining", b"%.6f" % (budget_left / 1e9)))
 
     # -- settlement ----------------------------------------------------------------------
@@ -400,6 +400,6 @@ def _rate_headers(
 ) -> None:
     left = window.end - now
     reset = b"never" if left == FAR_FUTURE else b"%.0fs" % (left if left > 0 else 0)
-    out.append((names[0], b"%d" % window.limit))
+    out.append((names[0], window.limit_text))
     out.append((names[1], b"%d" % remaining))
     out.append((names[2], reset))

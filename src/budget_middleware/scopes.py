@@ -125,31 +125,43 @@ class KeyConfig:
     hierarchy: tuple[Scope, ...]  # key, team, customer: those that have limits
     policies: dict[str, ProviderPolicy]  # empty: every provider and model is allowed
     model_rules: tuple[ModelRule, ...]  # model configs scoped to this key
-    resolved: dict[tuple[str, str, tuple[str, ...]], tuple[Scope, ...]] = field(
-        default_factory=dict
-    )
+    # Resolved scopes per (provider, model, tags): most keys use one, kept in two slots; a
+    # dict only for a key that sees several (each dict costs ~200 bytes a cached key).
+    last_target: tuple[str, str, tuple[str, ...]] | None = None
+    last_scopes: tuple[Scope, ...] = ()
+    resolved: dict[tuple[str, str, tuple[str, ...]], tuple[Scope, ...]] | None = None
     resolved_for: GlobalConfig | None = None
 
     def resolve(
         self, glob: GlobalConfig, provider: str, model: str, tags: tuple[str, ...]
     ) -> tuple[Scope, ...]:
         """Every applicable scope, in the order of SPEC §5 (provider config first)."""
-        if self.resolved_for is not glob:
-            self.resolved.clear()
-            self.resolved_for = glob
         key = (provider, model, tags)
-        found = self.resolved.get(key)
-        if found is None:
-            if len(self.resolved) >= _RESOLVED_MAX:
-                self.resolved.clear()
-            scopes: list[Scope] = []
-            policy = self.policies.get(provider)
-            if policy is not None and policy.scope.has_limits:
-                scopes.append(policy.scope)
-            scopes.extend(self.hierarchy)
-            scopes.extend(glob.scopes_for(provider, model, tags))
-            scopes.extend(r.scope for r in self.model_rules if r.matches(provider, model))
-            found = self.resolved[key] = tuple(scopes)
+        if self.resolved_for is glob:
+            if key == self.last_target:
+                return self.last_scopes
+            if self.resolved is not None:
+                found = self.resolved.get(key)
+                if found is not None:
+                    return found
+        else:
+            self.last_target = None
+            self.resolved = None
+            self.resolved_for = glob
+        scopes: list[Scope] = []
+        policy = self.policies.get(provider)
+        if policy is not None and policy.scope.has_limits:
+            scopes.append(policy.scope)
+        scopes.extend(self.hierarchy)
+        scopes.extend(glob.scopes_for(provider, model, tags))
+        scopes.extend(r.scope for r in self.model_rules if r.matches(provider, model))
+        found = tuple(scopes)
+        if self.last_target is None:
+            self.last_target, self.last_scopes = key, found
+        else:
+            if self.resolved is None or len(self.resolved) >= _RESOLVED_MAX:
+                self.resolved = {}
+            self.resolved[key] = found
         return found
 
     def user_path(self) -> str:

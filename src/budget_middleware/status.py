@@ -153,7 +153,7 @@ def budget_out(
     row: BudgetRow, path: str, now: datetime, counters: CounterRegistry | None = None
 ) -> BudgetOut:
     """One budget with its status; from the live counter when `counters` has one."""
-    live: WindowCounter | None = counters.windows.get(("budget", row.id)) if counters else None
+    live: WindowCounter | None = counters.counter("budget", row.id) if counters else None
     if live is not None and live.duration is not None and live.start:
         start: datetime = _dt(live.start)
         end = _dt(live.end) if live.end != float("inf") else None
@@ -202,7 +202,7 @@ def _rate_usage(
     now: datetime,
     counters: CounterRegistry | None,
 ) -> int:
-    live = counters.windows.get((kind, row.id)) if counters else None
+    live = counters.counter(kind, row.id) if counters else None
     if live is not None:
         return live.value
     duration: str | None = getattr(row, f"{kind}_reset_duration")

@@ -18,8 +18,18 @@ try:
     import orjson
 
     json_loads: Callable[[bytes | str], Any] = orjson.loads
+
+    def json_dumps(value: Any) -> str:
+        """Compact JSON text (orjson when installed)."""
+        return orjson.dumps(value).decode()
+
 except ImportError:  # pragma: no cover - orjson is the optional `speedups` extra
     json_loads = json.loads
+
+    def json_dumps(value: Any) -> str:
+        """Compact JSON text (orjson when installed)."""
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
 
 # What a bad body can raise: orjson's and json's decode errors and UnicodeDecodeError are
 # ValueErrors; the stdlib parser recurses, so a deeply nested body raises RecursionError.
@@ -80,15 +90,18 @@ def _cost(value: object) -> float | None:
 
 def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     details = usage.get(key)
-    return details if isinstance(details, Mapping) else None
+    return details if isinstance(details, dict) else None  # JSON objects are dicts
 
 
 def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     """The `TokenUsage` of a decoded `usage` object of any supported shape; None if it has no
     token count nor cost. Bad values (strings, negatives, null) count as 0."""
     if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat/completions/embeddings
-        prompt = _count(usage.get("prompt_tokens"))
-        output = _count(usage.get("completion_tokens"))
+        # the usual values (non-negative ints) are taken as they are: this runs on every request
+        value = usage.get("prompt_tokens")
+        prompt = value if type(value) is int and value >= 0 else _count(value)
+        value = usage.get("completion_tokens")
+        output = value if type(value) is int and value >= 0 else _count(value)
         details = _details(usage, "prompt_tokens_details")
         # LiteLLM-style bodies also carry Anthropic's cache fields, as subsets of prompt_tokens
         if details is not None:
@@ -113,7 +126,8 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         return None
     read = read if read < prompt else prompt  # subsets can't exceed the whole: a cost never < 0
     write = write if write < prompt - read else prompt - read
-    return TokenUsage(prompt, output, read, write, _cost(usage.get("cost")))
+    cost = _cost(usage["cost"]) if "cost" in usage else None
+    return TokenUsage(prompt, output, read, write, cost)
 
 
 def usage_from_json(body: bytes) -> TokenUsage | None:
@@ -130,13 +144,13 @@ def usage_from_json(body: bytes) -> TokenUsage | None:
     if len(body) > _SCAN_FROM:
         found, usage = _usage_at_end(body, last)
         if found:
-            return usage_from_mapping(usage) if isinstance(usage, Mapping) else None
+            return usage_from_mapping(usage) if isinstance(usage, dict) else None
     try:
         document = json_loads(body)
     except JSON_ERRORS:
         return None
     usage = document.get("usage") if isinstance(document, dict) else None
-    return usage_from_mapping(usage) if isinstance(usage, Mapping) else None
+    return usage_from_mapping(usage) if isinstance(usage, dict) else None
 
 
 def _usage_at_end(body: bytes, last: int) -> tuple[bool, Any]:
