@@ -25,7 +25,7 @@ from .configuration import KeyCache, ScopeBuilder
 from .counters import CounterBackend, MemoryCounters
 from .limits import CounterRegistry
 from .pricing import PriceBook
-from .scopes import GlobalConfig, KeyConfig, Scope
+from .scopes import GlobalConfig, KeyConfig, LimitSet, Scope
 from .settings import BudgetSettings
 from .store.database import Delta, Store, UsageRecord
 
@@ -281,23 +281,26 @@ class BudgetEngine:
         self, key: KeyConfig | None, provider: str, model: str, tags: tuple[str, ...]
     ) -> tuple[Scope, ...]:
         if key is None:
-            return self.globals.resolve_anonymous(provider, model, tags)
-        return key.resolve(self.globals, provider, model, tags)
+            return self.globals.resolve_anonymous(provider, model, tags).scopes
+        return key.resolve(self.globals, provider, model, tags).scopes
 
     # -- admission and settlement --------------------------------------------------------
 
     async def admit(self, scopes: tuple[Scope, ...], estimate: int) -> Ticket | Refusal:
         if self.in_process:
-            return self.admit_now(scopes, estimate)
+            return self.admit_now(LimitSet(scopes), estimate)
         return self._count(await self.counters.admit(scopes, estimate))
 
-    def admit_now(self, scopes: tuple[Scope, ...], estimate: int) -> Ticket | Refusal:
+    def admit_now(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
         """Admission in process (memory counters only): atomic, no await."""
-        return self._count(
-            admission.admit(
-                scopes, estimate, self.settings.reserve, self.clock(), self.registry.ledger
-            )
-        )
+        now = self.clock()
+        ledger = self.registry.ledger
+        reserve = self.settings.reserve
+        ticket = admission.admit_fast(limits, estimate, reserve, now, ledger)
+        if ticket is not None:
+            self.stats.admitted += 1
+            return ticket
+        return self._count(admission.admit(limits.scopes, estimate, reserve, now, ledger))
 
     def _count(self, decision: Ticket | Refusal) -> Ticket | Refusal:
         if type(decision) is Refusal:

@@ -62,16 +62,29 @@ def header_reader(
     wanted[settings.key_header.encode()] = 0
 
     def read(headers: Iterable[tuple[bytes, bytes]]) -> Credentials:
-        found: list[bytes | None] = [None] * 7
+        explicit = authorization = api_key = goog = provider = tags = length = None
         get = wanted.get
         for name, value in headers:
             slot = get(name)
-            if slot is not None:
-                found[slot] = value
-        explicit, authorization, api_key, goog, provider, tags, length = found
+            if slot is None:
+                continue
+            if slot == 0:
+                explicit = value
+            elif slot == 1:
+                authorization = value
+            elif slot == 6:
+                length = value
+            elif slot == 2:
+                api_key = value
+            elif slot == 3:
+                goog = value
+            elif slot == 4:
+                provider = value
+            else:
+                tags = value
         key = None
         if explicit:
-            key = explicit.decode("latin-1").strip()
+            key = explicit.decode("latin-1").strip() or None
         else:
             if authorization is not None:
                 authorization = (
@@ -89,6 +102,8 @@ def header_reader(
                 size = int(length)
             except ValueError:
                 size = None
+        if provider is None and tags is None:
+            return Credentials(key or None, None, (), size)
         return Credentials(
             key or None,
             (provider.decode("latin-1").strip() or None) if provider is not None else None,

@@ -116,11 +116,13 @@ class WindowCounter:
 
     def add(self, amount: int, ledger: Ledger) -> None:
         self.value += amount
-        if self.pending and self.pending_start != self.start:
-            ledger.sealed.append((self.kind, self.id, self.pending_start, self.pending))
-            self.pending = 0
-        self.pending += amount
-        self.pending_start = self.start
+        if self.pending_start == self.start:  # the usual case: more for the same window
+            self.pending += amount
+        else:  # the first charge of a window: what is pending for an older one is sealed
+            if self.pending:
+                ledger.sealed.append((self.kind, self.id, self.pending_start, self.pending))
+            self.pending = amount
+            self.pending_start = self.start
         ledger.dirty.add(self)
 
     def reset(self, now: float) -> None:

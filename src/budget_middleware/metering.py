@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import uuid
@@ -10,11 +9,11 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from .admission import Ticket
+from .admission import Ticket, settle
 from .identity import Target
 from .limits import FAR_FUTURE, WindowCounter
 from .pricing import cost_nanos, nanos_from_usd
-from .scopes import KeyConfig, Scope
+from .scopes import KeyConfig, LimitSet
 from .sse import StreamMeter
 from .store.database import UsageRecord
 from .usage import BodyDecoder, TokenUsage, usage_from_json
@@ -54,45 +53,38 @@ class Exchange:
     """One admitted request on its way through the app: replays the body once, passes the response
     on without holding a chunk back (never a second start), measures it, and settles exactly once.
 
-    One object with slots and bound methods for `receive`/`send`: no closures, nothing allocated
-    per request that could be shared.
+    One object with bound methods for `receive`/`send`: no closures, nothing allocated per
+    request that could be shared.
     """
 
-    __slots__ = (
-        "admitted_at",
-        "body",
-        "client_gone",
-        "decoder",
-        "engine",
-        "estimated",
-        "header_cost",
-        "injected_usage",
-        "json_parts",
-        "json_size",
-        "key",
-        "parsed",
-        "prompt_tokens",
-        "receive_",
-        "replayed",
-        "response_complete",
-        "response_started",
-        "scopes",
-        "send_",
-        "started",
-        "status",
-        "stream",
-        "target",
-        "ticket",
-        "ticket_estimate",
-        "unreadable",
-    )
+    # No __slots__: the state every request starts with is a class attribute, so a new exchange
+    # sets only what differs (Python 3.11 keeps such instance attributes inline, as fast).
+    ticket: Ticket | None = None
+    ticket_estimate = 0  # nano-dollars to reserve on every budget
+    parsed: dict[str, Any] | None = None  # the request, for a stream to ask for its usage
+    injected_usage = False
+    body = b""
+    receive_: Receive
+    send_: Send
+    replayed = False
+    status = 0
+    response_started = False
+    response_complete = False
+    header_cost: int | None = None
+    stream: StreamMeter | None = None
+    json_parts: list[bytes] | None = None
+    json_size = 0
+    decoder: BodyDecoder | None = None  # for a compressed answer, measured on the side
+    unreadable: str | None = None
+    client_gone = False
+    estimated = False
 
     def __init__(
         self,
         engine: BudgetEngine,
         key: KeyConfig | None,
         target: Target,
-        scopes: tuple[Scope, ...],
+        limits: LimitSet,
         prompt_tokens: int,
         admitted_at: float,
         started: float,
@@ -100,53 +92,10 @@ class Exchange:
         self.engine = engine
         self.key = key
         self.target = target
-        self.scopes = scopes
+        self.limits = limits
         self.prompt_tokens = prompt_tokens  # estimated, for reservations and cut streams
         self.admitted_at = admitted_at
         self.started = started
-        self.injected_usage = False
-        self.ticket: Ticket | None = None
-        self.ticket_estimate = 0  # nano-dollars to reserve on every budget
-        self.parsed: dict[str, Any] | None = None  # the request, for a stream to ask for usage
-        self.body = b""
-        self.replayed = False
-        self.status = 0
-        self.response_started = False
-        self.response_complete = False
-        self.header_cost: int | None = None
-        self.stream: StreamMeter | None = None
-        self.json_parts: list[bytes] | None = None
-        self.json_size = 0
-        self.decoder: BodyDecoder | None = None  # for a compressed answer, measured on the side
-        self.unreadable: str | None = None
-        self.client_gone = False
-        self.estimated = False
-
-    async def run(
-        self,
-        app: Callable[[Any, Receive, Send], Awaitable[None]],
-        scope: Any,
-        body: bytes,
-        receive: Receive,
-        send: Send,
-    ) -> None:
-        self.body = body
-        self.receive_ = receive
-        self.send_ = send
-        outcome = "upstream_error"
-        try:
-            await app(scope, self.replay, self.forward)
-            outcome = "completed"
-        except asyncio.CancelledError:
-            outcome = "client_disconnected"
-            raise
-        finally:
-            if self.client_gone and not self.response_complete:
-                outcome = "client_disconnected"
-            if self.engine.in_process:
-                self.settle_now(outcome)
-            else:
-                await self.settle_shared(outcome)
 
     async def replay(self) -> Message:
         if not self.replayed:  # the body once; then the real receive (a disconnect, say)
@@ -174,23 +123,25 @@ class Exchange:
     def _on_start(self, message: Message) -> Message:
         self.response_started = True
         self.status = message["status"]
-        headers = message.get("headers") or []
-        kept: list[tuple[bytes, bytes]] = []
+        headers = message.get("headers") or ()
+        kept = list(headers)
         event_stream = False
         encoding = b""
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-type":
-                event_stream = value.startswith(b"text/event-stream")
-            elif lname == b"content-encoding":
-                encoding = value.lower().strip()
-            elif lname == _COST_HEADER:
-                try:
-                    self.header_cost = nanos_from_usd(float(value))
-                except ValueError:
-                    self.header_cost = None
-                continue
-            kept.append((name, value))
+        cost_header = None
+        for header in headers:
+            name = header[0].lower()
+            if name == b"content-type":
+                event_stream = header[1].startswith(b"text/event-stream")
+            elif name == b"content-encoding":
+                encoding = header[1].lower().strip()
+            elif name == _COST_HEADER:
+                cost_header = header
+        if cost_header is not None:  # ours to read, not the client's
+            kept = [h for h in kept if h[0].lower() != _COST_HEADER]
+            try:
+                self.header_cost = nanos_from_usd(float(cost_header[1]))
+            except ValueError:
+                self.header_cost = None
         if encoding and encoding != b"identity":
             decoder = BodyDecoder(encoding.decode("latin-1"))
             if decoder.supported:
@@ -199,7 +150,16 @@ class Exchange:
                 self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
         if event_stream:
             self.stream = StreamMeter(drop_usage_chunk=self.injected_usage and self.decoder is None)
-        self._limit_headers(kept)
+        # Rate-limit and budget headers of the tightest applicable limits (ties keep the first)
+        limits = self.limits
+        if limits.requests:
+            _rate_headers(kept, _REQUEST_HEADERS, limits.requests, self.admitted_at)
+        if limits.tokens:
+            _rate_headers(kept, _TOKEN_HEADERS, limits.tokens, self.admitted_at)
+        if limits.budgets:
+            budget, left = _tightest(limits.budgets)
+            kept.append((b"x-budget-limit", budget.limit_text))
+            kept.append((b"x-budget-remaining", b"%.6f" % (left / 1e9)))
         return {**message, "headers": kept}
 
     def _on_body(self, message: Message) -> Message:
@@ -251,42 +211,6 @@ class Exchange:
                 tail = b"".join(parts)[-_JSON_TAIL:]
                 self.json_parts, self.json_size = [tail], len(tail)
         return message
-
-    def _limit_headers(self, out: list[tuple[bytes, bytes]]) -> None:
-        """Rate-limit and budget headers of the tightest applicable limits (ties keep the first)."""
-        requests = tokens = budget = None
-        requests_left = tokens_left = budget_left = 0
-        for scope in self.scopes:
-            for counter in scope.budgets:
-                left = counter.limit - counter.value
-                if left < 0:
-                    left = 0
-                if budget is None or left < budget_left:
-                    budget, budget_left = counter, left
-            rate = scope.rate_limit
-            if rate is not None:
-                window = rate.requests
-                if window is not None:
-                    left = window.limit - window.value
-                    if left < 0:
-                        left = 0
-                    if requests is None or left < requests_left:
-                        requests, requests_left = window, left
-                window = rate.tokens
-                if window is not None:
-                    left = window.limit - window.value
-                    if left < 0:
-                        left = 0
-                    if tokens is None or left < tokens_left:
-                        tokens, tokens_left = window, left
-        now = self.admitted_at
-        if requests is not None:
-            _rate_headers(out, _REQUEST_HEADERS, requests, requests_left, now)
-        if tokens is not None:
-            _rate_headers(out, _TOKEN_HEADERS, tokens, tokens_left, now)
-        if budget is not None:
-            out.append((b"x-budget-limit", budget.limit_text))
-            out.append((b"x-budget-remaining", b"%.6f" % (budget_left / 1e9)))
 
     # -- settlement ----------------------------------------------------------------------
 
@@ -342,7 +266,10 @@ class Exchange:
             inp = out = cached = 0
         else:
             inp, out, cached = usage.input_tokens, usage.output_tokens, usage.cached_tokens
-        engine.record(
+        stats = engine.stats
+        stats.input_tokens += inp
+        stats.output_tokens += out
+        engine.records.append(
             UsageRecord(
                 _request_ids.next(),
                 self.admitted_at,
@@ -371,7 +298,8 @@ class Exchange:
         """Settle in process (memory counters): no await between the charge and the counters."""
         cost, tokens = self._charge(outcome)
         assert self.ticket is not None
-        self.engine.settle_now(self.ticket, cost, tokens)
+        engine = self.engine
+        settle(self.ticket, cost, tokens, engine.clock(), engine.registry.ledger)
 
     async def settle_shared(self, outcome: str) -> None:
         cost, tokens = self._charge(outcome)
@@ -391,15 +319,29 @@ _TOKEN_HEADERS = (
 )
 
 
+def _tightest(counters: tuple[WindowCounter, ...]) -> tuple[WindowCounter, int]:
+    """The counter with the least left, and what it has left (ties keep the first)."""
+    best = counters[0]
+    least = best.limit - best.value
+    if least <= 0:
+        return best, 0
+    for counter in counters[1:]:
+        left = counter.limit - counter.value
+        if left < least:
+            best, least = counter, left
+            if least <= 0:
+                return best, 0
+    return best, least
+
+
 def _rate_headers(
     out: list[tuple[bytes, bytes]],
     names: tuple[bytes, bytes, bytes],
-    window: WindowCounter,
-    remaining: int,
+    counters: tuple[WindowCounter, ...],
     now: float,
 ) -> None:
+    window, remaining = _tightest(counters)
     left = window.end - now
-    reset = b"never" if left == FAR_FUTURE else b"%.0fs" % (left if left > 0 else 0)
     out.append((names[0], window.limit_text))
     out.append((names[1], b"%d" % remaining))
-    out.append((names[2], reset))
+    out.append((names[2], b"never" if left == FAR_FUTURE else b"%.0fs" % (left if left > 0 else 0)))

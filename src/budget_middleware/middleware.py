@@ -6,18 +6,20 @@ the response go by without holding it back, and settle the charge however the re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from hashlib import sha256
 from time import perf_counter
 from typing import Any
 
-from .admission import Refusal
-from .engine import BudgetEngine, ServiceUnavailable, get_engine, hash_key
+from .admission import Refusal, Ticket, admit_fast
+from .engine import BudgetEngine, ServiceUnavailable, get_engine
 from .errors import ErrorAnswer, error_answer, refusal_answer
-from .identity import Credentials, header_reader, resolve_target, route_path
+from .identity import Credentials, header_reader, resolve_target
 from .metering import Exchange
-from .scopes import KeyConfig, Scope
+from .scopes import KeyConfig
 from .settings import BudgetSettings
 from .usage import JSON_ERRORS, json_loads
 
@@ -175,7 +177,7 @@ class BudgetMiddleware:
             await engine.ensure_current()
         key: KeyConfig | None = None
         if credentials.key is not None:
-            found = engine.keys.get(hash_key(credentials.key))  # a cached key: no await
+            found = engine.keys.get(sha256(credentials.key.encode()).hexdigest())  # no await
             if found is False:
                 try:
                     found = await engine.lookup_key(credentials.key)
@@ -200,18 +202,29 @@ class BudgetMiddleware:
             await _answer(send, decision)
             return
         exchange: Exchange = decision  # type: ignore[assignment]
+        ticket: Ticket | Refusal | None
         if engine.in_process:
-            ticket = engine.admit_now(exchange.scopes, exchange.ticket_estimate)
+            ticket = admit_fast(
+                exchange.limits,
+                exchange.ticket_estimate,
+                self.reserve,
+                exchange.admitted_at,
+                engine.registry.ledger,
+            )
+            if ticket is not None:
+                engine.stats.admitted += 1
+            else:  # refused: the scopes in order say which limit
+                ticket = engine.admit_now(exchange.limits, exchange.ticket_estimate)
         else:
             try:
-                ticket = await engine.admit(exchange.scopes, exchange.ticket_estimate)
+                ticket = await engine.admit(exchange.limits.scopes, exchange.ticket_estimate)
             except ServiceUnavailable:
                 await _answer(send, _unavailable())
                 return
-        if type(ticket) is Refusal:
+        if isinstance(ticket, Refusal):
             await _answer(send, refusal_answer(ticket, self.exceeded_status, exchange.admitted_at))
             return
-        exchange.ticket = ticket  # type: ignore[assignment]
+        exchange.ticket = ticket
         target = exchange.target
         state = scope.get("state")
         if state is None:
@@ -227,7 +240,23 @@ class BudgetMiddleware:
         if target.stream and exchange.parsed is not None:
             body, scope = _ask_for_usage(scope, exchange, body)
         exchange.parsed = None
-        await exchange.run(self.app, scope, body, receive, send)
+        exchange.body = body
+        exchange.receive_ = receive
+        exchange.send_ = send
+        outcome = "upstream_error"
+        try:
+            await self.app(scope, exchange.replay, exchange.forward)
+            outcome = "completed"
+        except asyncio.CancelledError:
+            outcome = "client_disconnected"
+            raise
+        finally:
+            if exchange.client_gone and not exchange.response_complete:
+                outcome = "client_disconnected"
+            if engine.in_process:
+                exchange.settle_now(outcome)
+            else:
+                await exchange.settle_shared(outcome)
 
     def _refuse(self, status: int, code: str, message: str) -> ErrorAnswer:
         refused = self.engine.stats.refused
@@ -256,7 +285,10 @@ class BudgetMiddleware:
                     403, "virtual_key_expired", f"Virtual key '{key.name}' has expired"
                 )
         parsed = _parse_json(body)
-        path = route_path(scope)
+        path = scope["path"]
+        root = scope.get("root_path")
+        if root and path.startswith(root):  # the path below the mount point, as routes see it
+            path = path[len(root) :] or "/"
         target = resolve_target(
             parsed, path, credentials, key.tags if key is not None else (), self.guess_provider
         )
@@ -276,12 +308,12 @@ class BudgetMiddleware:
                     f"of provider '{target.provider}'",
                 )
         if key is None:
-            scopes = engine.globals.resolve_anonymous(target.provider, target.model, target.tags)
+            limits = engine.globals.resolve_anonymous(target.provider, target.model, target.tags)
         else:
-            scopes = key.resolve(engine.globals, target.provider, target.model, target.tags)
+            limits = key.resolve(engine.globals, target.provider, target.model, target.tags)
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
-        exchange = Exchange(engine, key, target, scopes, prompt_tokens, now, started)
-        if self.reserve and _has_budgets(scopes):
+        exchange = Exchange(engine, key, target, limits, prompt_tokens, now, started)
+        if self.reserve and limits.budgets:
             output = target.max_output_tokens
             exchange.ticket_estimate = engine.prices.estimate_nanos(
                 target.provider,
@@ -292,14 +324,6 @@ class BudgetMiddleware:
         if target.stream and type(parsed) is dict and path.endswith(_USAGE_PATHS):
             exchange.parsed = parsed
         return exchange
-
-
-def _has_budgets(scopes: tuple[Scope, ...]) -> bool:
-    # a plain loop: any() with a generator costs twice as much on every metered request
-    for scope in scopes:  # noqa: SIM110
-        if scope.budgets:
-            return True
-    return False
 
 
 def _parse_json(body: bytes) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .limits import RateLimitCounters, WindowCounter
+from .limits import Concurrency, RateLimitCounters, WindowCounter
 
 OWNER_TYPES = (
     "customer",
@@ -36,6 +36,38 @@ class Scope:
     @property
     def has_limits(self) -> bool:
         return bool(self.budgets) or self.rate_limit is not None
+
+
+class LimitSet:
+    """Every limit that applies to a request, resolved once per (key, provider, model, tags):
+    the scopes in the order of SPEC §5, and their counters flattened by kind, so admission,
+    settlement and the response headers loop over plain tuples."""
+
+    __slots__ = ("budgets", "requests", "scopes", "slots", "tokens")
+
+    def __init__(self, scopes: tuple[Scope, ...]) -> None:
+        self.scopes = scopes
+        budgets: list[WindowCounter] = []
+        requests: list[WindowCounter] = []
+        tokens: list[WindowCounter] = []
+        slots: list[Concurrency] = []
+        for scope in scopes:
+            budgets.extend(scope.budgets)
+            rate = scope.rate_limit
+            if rate is not None:
+                if rate.requests is not None:
+                    requests.append(rate.requests)
+                if rate.tokens is not None:
+                    tokens.append(rate.tokens)
+                if rate.concurrency is not None:
+                    slots.append(rate.concurrency)
+        self.budgets = tuple(budgets)
+        self.requests = tuple(requests)
+        self.tokens = tuple(tokens)
+        self.slots = tuple(slots)
+
+
+_NO_LIMITS = LimitSet(())
 
 
 @dataclass(slots=True, eq=False)
@@ -79,9 +111,7 @@ class GlobalConfig:
     providers: dict[str, Scope] = field(default_factory=dict)
     model_rules: tuple[ModelRule, ...] = ()
     tags: dict[str, Scope] = field(default_factory=dict)
-    resolved: dict[tuple[str, str, tuple[str, ...]], tuple[Scope, ...]] = field(
-        default_factory=dict
-    )
+    resolved: dict[tuple[str, str, tuple[str, ...]], LimitSet] = field(default_factory=dict)
 
     def scopes_for(self, provider: str, model: str, tags: tuple[str, ...]) -> list[Scope]:
         scopes = []
@@ -95,16 +125,15 @@ class GlobalConfig:
                 scopes.append(tag_scope)
         return scopes
 
-    def resolve_anonymous(
-        self, provider: str, model: str, tags: tuple[str, ...]
-    ) -> tuple[Scope, ...]:
-        """The scopes of a request without a virtual key."""
+    def resolve_anonymous(self, provider: str, model: str, tags: tuple[str, ...]) -> LimitSet:
+        """The limits of a request without a virtual key."""
         key = (provider, model, tags)
         found = self.resolved.get(key)
         if found is None:
             if len(self.resolved) >= _RESOLVED_MAX:
                 self.resolved.clear()
-            found = self.resolved[key] = tuple(self.scopes_for(provider, model, tags))
+            scopes = tuple(self.scopes_for(provider, model, tags))
+            found = self.resolved[key] = LimitSet(scopes) if scopes else _NO_LIMITS
         return found
 
 
@@ -128,18 +157,18 @@ class KeyConfig:
     # Resolved scopes per (provider, model, tags): most keys use one, kept in two slots; a
     # dict only for a key that sees several (each dict costs ~200 bytes a cached key).
     last_target: tuple[str, str, tuple[str, ...]] | None = None
-    last_scopes: tuple[Scope, ...] = ()
-    resolved: dict[tuple[str, str, tuple[str, ...]], tuple[Scope, ...]] | None = None
+    last_limits: LimitSet = _NO_LIMITS
+    resolved: dict[tuple[str, str, tuple[str, ...]], LimitSet] | None = None
     resolved_for: GlobalConfig | None = None
 
     def resolve(
         self, glob: GlobalConfig, provider: str, model: str, tags: tuple[str, ...]
-    ) -> tuple[Scope, ...]:
-        """Every applicable scope, in the order of SPEC §5 (provider config first)."""
+    ) -> LimitSet:
+        """Every applicable limit, its scopes in the order of SPEC §5 (provider config first)."""
         key = (provider, model, tags)
         if self.resolved_for is glob:
             if key == self.last_target:
-                return self.last_scopes
+                return self.last_limits
             if self.resolved is not None:
                 found = self.resolved.get(key)
                 if found is not None:
@@ -155,9 +184,9 @@ class KeyConfig:
         scopes.extend(self.hierarchy)
         scopes.extend(glob.scopes_for(provider, model, tags))
         scopes.extend(r.scope for r in self.model_rules if r.matches(provider, model))
-        found = tuple(scopes)
+        found = LimitSet(tuple(scopes)) if scopes else _NO_LIMITS
         if self.last_target is None:
-            self.last_target, self.last_scopes = key, found
+            self.last_target, self.last_limits = key, found
         else:
             if self.resolved is None or len(self.resolved) >= _RESOLVED_MAX:
                 self.resolved = {}

@@ -102,13 +102,15 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         prompt = value if type(value) is int and value >= 0 else _count(value)
         value = usage.get("completion_tokens")
         output = value if type(value) is int and value >= 0 else _count(value)
-        details = _details(usage, "prompt_tokens_details")
+        details = usage.get("prompt_tokens_details")
         # LiteLLM-style bodies also carry Anthropic's cache fields, as subsets of prompt_tokens
-        if details is not None:
-            read = _count(details.get("cached_tokens"))
+        if type(details) is dict:
+            value = details.get("cached_tokens")
         else:
-            read = _count(usage.get("cache_read_input_tokens"))
-        write = _count(usage.get("cache_creation_input_tokens"))
+            value = usage.get("cache_read_input_tokens")
+        read = 0 if value is None else _count(value)
+        value = usage.get("cache_creation_input_tokens")
+        write = 0 if value is None else _count(value)
     elif "input_tokens" in usage or "output_tokens" in usage:
         output = _count(usage.get("output_tokens"))
         details = _details(usage, "input_tokens_details")
