@@ -94,6 +94,22 @@ class SSEDecoder:
         """Bytes read but not yet handed back (the event in progress and comments before it)."""
         return len(self._buf)
 
+    def whole_event(self, chunk: bytes) -> SSEEvent | None:
+        """The event of a chunk that is exactly one `data: ...` event, when nothing is pending:
+        most upstreams send one event a chunk, and reading them costs no line scanning. None for
+        anything else (then `feed` it)."""
+        if (
+            self._buf
+            or self._skip_lf
+            or not chunk.startswith(b"data: ")
+            or chunk.find(b"\n") != len(chunk) - 2
+            or chunk[-1] != _LF
+            or b"\r" in chunk
+        ):
+            return None
+        self._started = True
+        return SSEEvent(None, chunk[6:-2].decode("utf-8", "replace"), chunk, self._last_id)
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Every event this chunk completes, in order."""
         if not chunk:
@@ -224,6 +240,13 @@ class StreamMeter:
         decoder = self._decoder
         if decoder is None:
             return chunk
+        event = decoder.whole_event(chunk)
+        if event is not None:
+            if self._read(event) and self._drop:  # the usage chunk we caused: drop it
+                return b""
+            if self._owe_lf:
+                return self._lf_owed(chunk)
+            return chunk
         events = decoder.feed(chunk)
         if not self._drop:
             for event in events:
@@ -254,6 +277,11 @@ class StreamMeter:
         for event in decoder.flush():  # incomplete: not read, per the spec, but forwarded
             if self._drop:
                 self._emit(out, event.raw)
+        return b"".join(out)
+
+    def _lf_owed(self, chunk: bytes) -> bytes:
+        out: list[bytes] = []
+        self._emit(out, chunk)
         return b"".join(out)
 
     def _emit(self, out: list[bytes], data: bytes) -> None:
