@@ -148,7 +148,7 @@ async def cache_bulk(engine: BudgetEngine, world: World, count: int) -> int:
         if not records:
             break
         for record in records:
-            engine.keys.put(record.key.key_hash, engine.builder.key(record))
+            engine.keys.put(bytes.fromhex(record.key.key_hash), engine.builder.key(record))
         done += len(records)
     return done
 

@@ -253,8 +253,9 @@ class BudgetEngine:
 
     async def lookup_key(self, value: str) -> KeyConfig | None:
         """The key's configuration; a cached key costs a hash and a dict lookup."""
-        key_hash = hash_key(value)
-        found = self.keys.get(key_hash)
+        digest = hashlib.sha256(value.encode()).digest()
+        key_hash = digest.hex()  # as the store keeps it
+        found = self.keys.get(digest)
         if found is not False:
             return found  # type: ignore[return-value]
         pending = self._key_loads.get(key_hash)
@@ -265,7 +266,7 @@ class BudgetEngine:
         try:
             record = await anyio.to_thread.run_sync(self.store.load_key, key_hash)
             config = None if record is None else self.builder.key(record)
-            self.keys.put(key_hash, config)
+            self.keys.put(digest, config)
             self.store_ok = True
             future.set_result(config)
             return config

@@ -25,6 +25,17 @@ def _dt(ts: float) -> datetime:
 
 
 _LIMIT_TEXTS: dict[tuple[int, bool], bytes] = {}
+_INTS: dict[int, int] = {}
+
+
+def _shared_int(value: int) -> int:
+    """Equal limits (keys of one plan) share one int object: ~32 bytes a counter."""
+    found = _INTS.get(value)
+    if found is None:
+        if len(_INTS) >= 10_000:
+            _INTS.clear()
+        found = _INTS[value] = value
+    return found
 
 
 def _limit_text(limit: int, usd: bool) -> bytes:
@@ -80,7 +91,7 @@ class WindowCounter:
         now: float,
     ) -> None:
         """Apply (new) limit parameters; the usage is kept (changing a limit never resets it)."""
-        self.limit = limit
+        self.limit = _shared_int(limit)
         self.limit_text = _limit_text(limit, self.kind == "budget")
         if (duration, calendar_aligned) != (self.duration, self.calendar_aligned) or (
             anchor > self.anchor

@@ -177,7 +177,7 @@ class BudgetMiddleware:
             await engine.ensure_current()
         key: KeyConfig | None = None
         if credentials.key is not None:
-            found = engine.keys.get(sha256(credentials.key.encode()).hexdigest())  # no await
+            found = engine.keys.get(sha256(credentials.key.encode()).digest())  # no await
             if found is False:
                 try:
                     found = await engine.lookup_key(credentials.key)

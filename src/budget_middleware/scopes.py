@@ -6,7 +6,9 @@ objects; the set of scopes of a (key, provider, model, tags) is resolved once an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .limits import Concurrency, RateLimitCounters, WindowCounter
 
@@ -68,6 +70,7 @@ class LimitSet:
 
 
 _NO_LIMITS = LimitSet(())
+NO_POLICIES: Mapping[str, ProviderPolicy] = MappingProxyType({})  # shared by keys without any
 
 
 @dataclass(slots=True, eq=False)
@@ -143,7 +146,6 @@ class KeyConfig:
 
     id: str
     name: str
-    display: str
     is_active: bool
     expires_at: float | None
     team_id: str | None
@@ -152,29 +154,35 @@ class KeyConfig:
     customer_name: str | None
     tags: tuple[str, ...]
     hierarchy: tuple[Scope, ...]  # key, team, customer: those that have limits
-    policies: dict[str, ProviderPolicy]  # empty: every provider and model is allowed
+    policies: Mapping[str, ProviderPolicy]  # empty: every provider and model is allowed
     model_rules: tuple[ModelRule, ...]  # model configs scoped to this key
-    # Resolved scopes per (provider, model, tags): most keys use one, kept in two slots; a
-    # dict only for a key that sees several (each dict costs ~200 bytes a cached key).
-    last_target: tuple[str, str, tuple[str, ...]] | None = None
+    # Resolved limits per (provider, model, tags): most keys use one, kept in slots; a dict
+    # only for a key that sees several (each dict costs ~200 bytes a cached key).
+    last_provider: str | None = None
+    last_model: str = ""
+    last_tags: tuple[str, ...] = ()
     last_limits: LimitSet = _NO_LIMITS
     resolved: dict[tuple[str, str, tuple[str, ...]], LimitSet] | None = None
     resolved_for: GlobalConfig | None = None
+    cached_until: float = 0.0  # monotonic time until which the key cache trusts this config
 
     def resolve(
         self, glob: GlobalConfig, provider: str, model: str, tags: tuple[str, ...]
     ) -> LimitSet:
         """Every applicable limit, its scopes in the order of SPEC §5 (provider config first)."""
-        key = (provider, model, tags)
         if self.resolved_for is glob:
-            if key == self.last_target:
+            if (
+                provider == self.last_provider
+                and model == self.last_model
+                and tags == self.last_tags
+            ):
                 return self.last_limits
             if self.resolved is not None:
-                found = self.resolved.get(key)
+                found = self.resolved.get((provider, model, tags))
                 if found is not None:
                     return found
         else:
-            self.last_target = None
+            self.last_provider = None
             self.resolved = None
             self.resolved_for = glob
         scopes: list[Scope] = []
@@ -184,13 +192,17 @@ class KeyConfig:
         scopes.extend(self.hierarchy)
         scopes.extend(glob.scopes_for(provider, model, tags))
         scopes.extend(r.scope for r in self.model_rules if r.matches(provider, model))
-        found = LimitSet(tuple(scopes)) if scopes else _NO_LIMITS
-        if self.last_target is None:
-            self.last_target, self.last_limits = key, found
+        if not scopes:
+            found = _NO_LIMITS
+        else:  # the key's own hierarchy alone, the usual case: its tuple serves
+            found = LimitSet(self.hierarchy if scopes == list(self.hierarchy) else tuple(scopes))
+        if self.last_provider is None:
+            self.last_provider, self.last_model, self.last_tags = provider, model, tags
+            self.last_limits = found
         else:
             if self.resolved is None or len(self.resolved) >= _RESOLVED_MAX:
                 self.resolved = {}
-            self.resolved[key] = found
+            self.resolved[(provider, model, tags)] = found
         return found
 
     def user_path(self) -> str:
