@@ -86,7 +86,10 @@ class BudgetSettings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
-        if not value.startswith(("sqlite", "postgresql")):
+        for plain in ("postgresql://", "postgres://"):  # the driver we ship: psycopg 3
+            if value.startswith(plain):
+                return "postgresql+psycopg://" + value[len(plain) :]
+        if not value.startswith(("sqlite:", "postgresql+psycopg:")):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
         return value
 

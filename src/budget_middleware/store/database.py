@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, bindparam, case, create_engine, delete, event, insert, update
-from sqlalchemy import select as sa_select
+from sqlalchemy import Engine, create_engine, delete, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, select
@@ -246,14 +245,15 @@ class Store:
         """Write one batch in one transaction; a batch already applied is skipped."""
         try:
             with self.engine.begin() as conn:
-                if conn.execute(
-                    sa_select(col(FlushRow.batch_id)).where(col(FlushRow.batch_id) == batch_id)
-                ).first():
+                # The batch's mark first: if it is there already, the batch was applied.
+                marked = conn.exec_driver_sql(
+                    _MARK_SQL[conn.dialect.name == "sqlite"], (batch_id, _utcnow_for(conn))
+                )
+                if marked.rowcount == 0:
                     return
                 _apply_deltas(conn, deltas)
                 if records:
                     _insert_records(conn, records)
-                conn.execute(insert(FlushRow).values(batch_id=batch_id))
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"store write failed: {type(exc).__name__}") from exc
 
@@ -267,42 +267,84 @@ class Store:
             return int(row.value) if row else None
 
 
-def _delta_statement(table: Any, usage_name: str, reset_name: str) -> Any:
-    """Add a delta to the window it belongs to: a stored window that is older is started anew;
-    a newer one (reset meanwhile) does not take charges of a window that has ended. One
-    statement per counter kind, with bound parameters, run once for all of a batch's deltas."""
-    usage = getattr(table, usage_name)
-    last_reset = getattr(table, reset_name)
-    older = last_reset < bindparam("b_start")
-    return (
-        update(table)
-        .where(table.id == bindparam("b_id"), last_reset < bindparam("b_end"))
-        .values(
-            {
-                usage_name: case(
-                    (older, bindparam("b_amount")), else_=usage + bindparam("b_amount")
-                ),
-                reset_name: case((older, bindparam("b_start")), else_=last_reset),
-            }
+# kind -> (table, usage column, last-reset column)
+_COUNTER_COLUMNS = {
+    "budget": (BudgetRow.__tablename__, "current_usage_nanos", "last_reset"),
+    "request": (RateLimitRow.__tablename__, "request_current_usage", "request_last_reset"),
+    "token": (RateLimitRow.__tablename__, "token_current_usage", "token_last_reset"),
+}
+_DELTAS_PER_UPDATE = 2000  # x 4 parameters: under SQLite's 32,766
+
+
+@functools.cache
+def _delta_sql(dialect: str, kind: str, rows: int) -> str:
+    """Add deltas to the windows they belong to, in one statement: a stored window that is older
+    is started anew; a newer one (reset meanwhile) does not take charges of a window that has
+    ended. A per-row executemany hands the GIL back and forth once a row (see `_values_sql`).
+    SQLite gets the rows as bound VALUES, PostgreSQL as one JSON parameter (psycopg would parse
+    the placeholders of a long statement in Python on every call)."""
+    table, usage, reset = _COUNTER_COLUMNS[kind]
+    if dialect == "sqlite":
+        source = f"d(id, s, e, amount) AS (VALUES {', '.join(['(?, ?, ?, ?)'] * rows)})"
+    else:
+        source = (
+            "d AS (SELECT * FROM json_to_recordset(%s::json) "
+            "AS x(id text, s timestamptz, e timestamptz, amount bigint))"
         )
+    return (
+        f"WITH {source} UPDATE {table} SET "
+        f"{usage} = CASE WHEN {table}.{reset} < d.s THEN d.amount "
+        f"ELSE {table}.{usage} + d.amount END, "
+        f"{reset} = CASE WHEN {table}.{reset} < d.s THEN d.s ELSE {table}.{reset} END "
+        f"FROM d WHERE {table}.id = d.id AND {table}.{reset} < d.e"
     )
 
 
-_STATEMENTS = {
-    "budget": _delta_statement(BudgetRow, "current_usage_nanos", "last_reset"),
-    "request": _delta_statement(RateLimitRow, "request_current_usage", "request_last_reset"),
-    "token": _delta_statement(RateLimitRow, "token_current_usage", "token_last_reset"),
-}
-
-
 def _apply_deltas(conn: Any, deltas: Sequence[Delta]) -> None:
-    by_kind: dict[str, list[dict[str, Any]]] = {}
+    """Every delta of a batch, a few statements in all. One counter can have several deltas in
+    a batch (a window that ended, then the next): they go in rounds, oldest first, so that no
+    statement updates a row twice."""
+    dialect = conn.dialect.name
+    rounds: list[dict[tuple[str, str], Delta]] = []
     for d in deltas:
-        by_kind.setdefault(d.kind, []).append(
-            {"b_id": d.id, "b_start": d.window_start, "b_end": d.window_end, "b_amount": d.amount}
-        )
-    for kind, params in by_kind.items():
-        conn.execute(_STATEMENTS[kind], params)
+        key = (d.kind, d.id)
+        for batch in rounds:
+            if key not in batch:
+                batch[key] = d
+                break
+        else:
+            rounds.append({key: d})
+    for batch in rounds:
+        by_kind: dict[str, list[Delta]] = {}
+        for d in batch.values():
+            by_kind.setdefault(d.kind, []).append(d)
+        for kind, rows in by_kind.items():
+            if dialect == "postgresql":
+                payload = json_dumps(
+                    [
+                        {
+                            "id": d.id,
+                            "s": d.window_start.isoformat(),
+                            "e": d.window_end.isoformat(),
+                            "amount": d.amount,
+                        }
+                        for d in rows
+                    ]
+                )
+                conn.exec_driver_sql(_delta_sql(dialect, kind, 0), (payload,))
+                continue
+            for start in range(0, len(rows), _DELTAS_PER_UPDATE):
+                chunk = rows[start : start + _DELTAS_PER_UPDATE]
+                params: list[Any] = []
+                for d in chunk:
+                    params += (d.id, _sqlite_time(d.window_start), _sqlite_time(d.window_end))
+                    params.append(d.amount)
+                conn.exec_driver_sql(_delta_sql(dialect, kind, len(chunk)), tuple(params))
+
+
+def _sqlite_time(moment: datetime) -> str:
+    """A datetime as SQLAlchemy stores it in SQLite (UTC, no zone): text that compares in order."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 _RECORD_COLUMNS = [c.name for c in UsageRecordRow.__table__.columns if c.name != "id"]  # type: ignore[attr-defined]
@@ -352,9 +394,6 @@ class _UtcText:
 
 def _insert_records(conn: Any, records: Sequence[UsageRecord]) -> None:
     dialect = conn.dialect.name
-    if dialect not in ("sqlite", "postgresql"):
-        conn.execute(insert(UsageRecordRow), [_row_dict(r) for r in records])  # any database
-        return
     # UsageRecord's order, `cost` after `cost_nanos`; datetimes and JSON as text, as SQLAlchemy
     # would store them (psycopg sends text untyped: PostgreSQL casts it to the column's type)
     when = _UtcText("" if dialect == "sqlite" else "+00")
@@ -372,6 +411,18 @@ def _insert_records(conn: Any, records: Sequence[UsageRecord]) -> None:
         conn.exec_driver_sql(_values_sql(dialect, len(chunk) // len(_RECORD_COLUMNS)), tuple(chunk))
 
 
+_MARK_SQL = {
+    is_sqlite: f"INSERT INTO {FlushRow.__tablename__} (batch_id, applied_at) "
+    f"VALUES ({mark}, {mark}) ON CONFLICT (batch_id) DO NOTHING"
+    for is_sqlite, mark in ((True, "?"), (False, "%s"))
+}
+
+
+def _utcnow_for(conn: Any) -> Any:
+    now = datetime.now(UTC)
+    return _sqlite_time(now) if conn.dialect.name == "sqlite" else now
+
+
 _COPY_SQL = f"COPY {UsageRecordRow.__tablename__} ({', '.join(_RECORD_COLUMNS)}) FROM STDIN"
 
 
@@ -386,18 +437,6 @@ def _copy_records(conn: Any, values: list[Any]) -> None:
                 copy.write_row(values[start : start + width])
     finally:
         cursor.close()
-
-
-def _utc_datetime(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
-
-
-def _row_dict(record: UsageRecord) -> dict[str, Any]:
-    row: dict[str, Any] = record._asdict()
-    row["created_at"] = _utc_datetime(record.created_at)
-    row["tags"] = list(record.tags)
-    row["cost"] = record.cost_nanos / NANOS_PER_USD
-    return row
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
