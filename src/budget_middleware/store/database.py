@@ -333,18 +333,24 @@ def _apply_deltas(conn: Any, deltas: Sequence[Delta]) -> None:
                 )
                 conn.exec_driver_sql(_delta_sql(dialect, kind, 0), (payload,))
                 continue
+            texts: dict[datetime, str] = {}  # windows often share their bounds: format once
             for start in range(0, len(rows), _DELTAS_PER_UPDATE):
                 chunk = rows[start : start + _DELTAS_PER_UPDATE]
                 params: list[Any] = []
                 for d in chunk:
-                    params += (d.id, _sqlite_time(d.window_start), _sqlite_time(d.window_end))
-                    params.append(d.amount)
+                    begin = texts.get(d.window_start)
+                    if begin is None:
+                        begin = texts[d.window_start] = _sqlite_time(d.window_start)
+                    end = texts.get(d.window_end)
+                    if end is None:
+                        end = texts[d.window_end] = _sqlite_time(d.window_end)
+                    params += (d.id, begin, end, d.amount)
                 conn.exec_driver_sql(_delta_sql(dialect, kind, len(chunk)), tuple(params))
 
 
 def _sqlite_time(moment: datetime) -> str:
     """A datetime as SQLAlchemy stores it in SQLite (UTC, no zone): text that compares in order."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 _RECORD_COLUMNS = [c.name for c in UsageRecordRow.__table__.columns if c.name != "id"]  # type: ignore[attr-defined]
