@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
-from budget_middleware.admission import Refusal, Ticket, admit, settle
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from budget_middleware.admission import Refusal, Ticket, admit, admit_fast, settle
 from budget_middleware.durations import Duration
-from budget_middleware.limits import CounterRegistry, RateLimitCounters
-from budget_middleware.scopes import Scope
+from budget_middleware.limits import (
+    CounterRegistry,
+    RateLimitCounters,
+    WindowCounter,
+    ensure_current,
+)
+from budget_middleware.scopes import LimitSet, Scope
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC).timestamp()
 USD = 1_000_000_000
@@ -212,3 +221,122 @@ def test_changing_a_limit_keeps_its_usage() -> None:
     again = budget_scope(registry, "research", 2.0, used=0)
     assert again.budgets[0] is team.budgets[0]
     assert (again.budgets[0].value, again.budgets[0].limit) == (400, 2 * USD)
+
+
+# -- the flattened fast path decides and settles exactly as the scopes do ------------------------
+
+
+def _world(spec: list[dict[str, Any]], used_at: float) -> tuple[CounterRegistry, list[Scope]]:
+    """One registry with a scope per entry of `spec` (each limit present or None)."""
+    registry = CounterRegistry()
+    scopes = []
+    for n, s in enumerate(spec):
+        budgets: tuple[WindowCounter, ...] = ()
+        if s["budget"] is not None:
+            b = registry.window(
+                "budget",
+                f"b{n}",
+                limit=s["budget"],
+                duration=Duration.parse("1h"),
+                calendar_aligned=False,
+                last_reset=datetime.fromtimestamp(T0, UTC),
+                usage=s["budget_used"] or 0,
+                now=used_at,
+            )
+            b.reserved = s["reserved"] or 0
+            budgets = (b,)
+        windows = {}
+        for kind in ("request", "token"):
+            limit = s[kind]
+            windows[kind] = None
+            if limit is not None:
+                windows[kind] = registry.window(
+                    kind,
+                    f"r{n}",
+                    limit=limit,
+                    duration=Duration.parse("1m"),
+                    calendar_aligned=False,
+                    last_reset=datetime.fromtimestamp(T0, UTC),
+                    usage=s[f"{kind}_used"] or 0,
+                    now=used_at,
+                )
+        slots = None
+        if s["concurrent"] is not None:
+            slots = registry.slots(f"r{n}", s["concurrent"])
+            slots.in_flight = s["in_flight"] or 0
+        rate = None
+        if windows["request"] or windows["token"] or slots:
+            rate = RateLimitCounters(f"r{n}", windows["request"], windows["token"], slots)
+        if s["charged"]:  # charged before in this window: the usual case for a live counter
+            for counter in (*budgets, windows["request"], windows["token"]):
+                if counter is not None:
+                    counter.add(1, registry.ledger)
+        scopes.append(Scope("team", f"s{n}", f"s{n}", budgets, rate))
+    return registry, scopes
+
+
+def _state(registry: CounterRegistry, now: float) -> object:
+    """Everything admission and settlement change. Windows are rolled to `now` first: a roll is
+    lazy (each counter rolls when touched), so which counters a refusal happened to roll is no
+    difference."""
+    for by_id in registry.windows.values():
+        ensure_current(list(by_id.values()), now, registry.ledger)
+    windows = {
+        (kind, id_): (c.value, c.pending, c.pending_start, c.reserved, c.start, c.end)
+        for kind, by_id in registry.windows.items()
+        for id_, c in by_id.items()
+    }
+    slots = {id_: s.in_flight for id_, s in registry.concurrency.items()}
+    ledger = registry.ledger
+    return windows, slots, sorted(ledger.sealed), sorted((c.kind, c.id) for c in ledger.dirty)
+
+
+# small numbers, so that values meet their limits exactly (the boundaries) often
+_limit = st.one_of(st.none(), st.integers(1, 12))
+_used = st.integers(0, 5)
+_scope_spec = st.fixed_dictionaries(
+    {
+        "budget": _limit,
+        "budget_used": _used,
+        "reserved": st.integers(0, 3),
+        "request": _limit,
+        "request_used": _used,
+        "token": _limit,
+        "token_used": _used,
+        "concurrent": st.one_of(st.none(), st.integers(0, 4)),
+        "in_flight": st.integers(0, 3),
+        "charged": st.booleans(),
+    }
+)
+
+
+@given(
+    spec=st.lists(_scope_spec, min_size=1, max_size=3),
+    estimate=st.integers(0, 5),
+    reserve=st.booleans(),
+    later=st.sampled_from([0.0, 30.0, 90.0, 4000.0]),  # within, or past, the windows' ends
+    cost=st.integers(0, 6),
+    tokens=st.integers(0, 6),
+)
+@settings(max_examples=400, deadline=None)
+def test_fast_admission_and_settlement_match_the_scopes_exactly(
+    spec: list[dict[str, Any]],
+    estimate: int,
+    reserve: bool,
+    later: float,
+    cost: int,
+    tokens: int,
+) -> None:
+    slow_registry, slow_scopes = _world(spec, T0)
+    fast_registry, fast_scopes = _world(spec, T0)
+    now = T0 + later
+    slow = admit(slow_scopes, estimate, reserve, now, slow_registry.ledger)
+    fast = admit_fast(LimitSet(tuple(fast_scopes)), estimate, reserve, now, fast_registry.ledger)
+    assert (fast is None) == isinstance(slow, Refusal)
+    assert _state(fast_registry, now) == _state(slow_registry, now)  # a refusal touched nothing
+    if fast is None:
+        return
+    assert isinstance(slow, Ticket) and fast.reservation == slow.reservation
+    settle(slow, cost, tokens, now + 1, slow_registry.ledger)
+    settle(fast, cost, tokens, now + 1, fast_registry.ledger)
+    assert _state(fast_registry, now + 1) == _state(slow_registry, now + 1)

@@ -76,6 +76,16 @@ async def test_invalid_settings_stop_the_server_at_startup_naming_the_variable(
         BudgetSettings()
 
 
+def test_database_urls_name_the_driver_we_ship_or_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    for plain in ("postgresql://u@db:5432/app", "postgres://u@db:5432/app"):
+        assert BudgetSettings(database_url=plain).database_url == (
+            "postgresql+psycopg://u@db:5432/app"
+        )
+    monkeypatch.setenv("BUDGET_DATABASE_URL", "postgresql+asyncpg://u@db/app")
+    with pytest.raises(SettingsError, match="BUDGET_DATABASE_URL"):
+        BudgetSettings()
+
+
 async def test_a_bad_pricing_file_fails_at_startup_naming_it(tmp_path: Path) -> None:
     prices = tmp_path / "prices.json"
     prices.write_text('{"models": {"gpt-4o": {"input_per_mtok": -1, "output_per_mtok": 1}}}')

@@ -362,3 +362,36 @@ async def test_concurrency_limit_refuses_while_requests_are_in_flight(
     refused = next(a for a in answers if a.status_code == 429)
     assert refused.json()["error"]["code"] == "concurrency_limit_exceeded"
     assert after.status_code == 200  # every slot was given back
+
+
+def test_the_key_cache_trusts_an_entry_for_its_ttl_and_drops_the_oldest_when_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from budget_middleware.configuration import KeyCache
+    from budget_middleware.scopes import KeyConfig
+
+    clock = [1000.0]
+    monkeypatch.setattr("budget_middleware.configuration.time.monotonic", lambda: clock[0])
+
+    def config(name: str) -> KeyConfig:
+        return KeyConfig(name, name, True, None, None, None, None, None, (), (), {}, ())
+
+    cache = KeyCache(ttl=5, maxsize=4)
+    cache.put(b"known", config("alice"))
+    cache.put(b"unknown", None)
+    assert cache.get(b"known").name == "alice"  # type: ignore[union-attr]
+    assert cache.get(b"unknown") is None  # cached as unknown: no store read
+    assert cache.get(b"never-seen") is False
+    clock[0] += 5  # the TTL has passed: both must be read again
+    assert cache.get(b"known") is False and cache.get(b"unknown") is False
+    assert len(cache) == 0
+
+    for n in range(4):
+        cache.put(bytes([n]), config(f"k{n}"))
+    cache.put(b"fifth", config("k4"))  # full: the oldest go first (down to 3/4), then this one
+    assert cache.get(bytes([0])) is False
+    assert [cache.get(bytes([n])).name for n in (1, 2, 3)] == ["k1", "k2", "k3"]  # type: ignore[union-attr]
+    assert cache.get(b"fifth").name == "k4"  # type: ignore[union-attr]
+    clock[0] += 10
+    cache.put(b"sixth", None)  # full again, and every entry has expired: all of them go
+    assert len(cache) == 1

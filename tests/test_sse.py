@@ -483,3 +483,40 @@ def test_any_mix_of_line_ends_decodes_the_same_whole_or_cut(
     assert b"".join(e.raw for e in split) == b"".join(e.raw for e in whole) == stream
     dropped = meter_all(stream, drop=True, cuts=cuts)
     assert dropped.output == stream
+
+
+@settings(max_examples=300)
+@given(streams())
+def test_one_event_a_chunk_reads_as_the_whole_stream_does(
+    generated: tuple[list[bytes], int | None, str],
+) -> None:
+    """Most upstreams send one event a chunk; such chunks take a shortcut past the line scanner
+    (`SSEDecoder.whole_event`). It must find exactly what the scanner finds."""
+    blocks, usage_at, _ = generated
+    stream = b"".join(blocks)
+    at_blocks = [sum(len(b) for b in blocks[:i]) for i in range(1, len(blocks))]
+    for drop in (False, True):
+        whole, chunked = meter_all(stream, drop), meter_all(stream, drop, at_blocks)
+        assert (chunked.meter.usage, chunked.meter.completed, chunked.meter.text_chars) == (
+            whole.meter.usage, whole.meter.completed, whole.meter.text_chars
+        )  # fmt: skip
+        assert chunked.meter.model == whole.meter.model
+        assert chunked.output == whole.output
+        if drop:
+            assert chunked.output == b"".join(b for i, b in enumerate(blocks) if i != usage_at)
+
+
+def test_the_one_event_shortcut_takes_only_a_single_plain_data_event() -> None:
+    decoder = SSEDecoder()
+    assert decoder.whole_event(b'data: {"a": 1}\n\n') is not None
+    for chunk in (
+        b'data: {"a": 1}\n\ndata: 2\n\n',  # two events
+        b"data: 1\r\n\r\n",  # CR line ends: the scanner's
+        b"event: x\ndata: 1\n\n",  # a named event
+        b": ping\ndata: 1\n\n",  # a comment first
+        b"data: 1\n",  # not ended
+        b"data:1\n\n",  # no space: the scanner strips it
+    ):
+        assert SSEDecoder().whole_event(chunk) is None, chunk
+    decoder.feed(b"data: par")  # something pending: the next chunk continues it
+    assert decoder.whole_event(b'data: {"a": 1}\n\n') is None

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 
 from sqlmodel import select
 
-from budget_middleware.store.database import Store, UsageRecord
-from budget_middleware.store.tables import UsageRecordRow
+from budget_middleware.store.database import END_OF_TIME, Delta, Store, UsageRecord
+from budget_middleware.store.tables import BudgetRow, RateLimitRow, UsageRecordRow
 
 WHEN = datetime(2026, 11, 22, 10, 30, 15, 123456, tzinfo=UTC)
 
@@ -64,3 +65,75 @@ def test_usage_records_read_back_exactly_as_written(store_url: str) -> None:
         got = row.model_dump(exclude={"id"})
         got["created_at"] = got["created_at"].replace(tzinfo=UTC)  # SQLite keeps no zone
         assert got == want
+
+
+def _budget(store: Store, usage: int, last_reset: datetime) -> str:
+    with store.session() as s:
+        row = BudgetRow(
+            owner_type="tag",
+            owner_id="chat",
+            max_limit_nanos=10**12,
+            reset_duration="1d",
+            current_usage_nanos=usage,
+            last_reset=last_reset,
+        )
+        s.add(row)
+        s.commit()
+        return row.id
+
+
+def test_deltas_land_in_their_windows_on_every_database(store_url: str) -> None:
+    """Each kind's deltas go in one statement; two deltas of one counter in a batch (a window
+    that ended, then the next) are applied in order, never merged or lost."""
+    store = Store(store_url)
+    store.create_schema()
+    day = timedelta(days=1)
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    a, b = _budget(store, 500, start), _budget(store, 0, start)
+    with store.session() as s:
+        rate = RateLimitRow(
+            owner_type="tag",
+            owner_id="chat",
+            request_max_limit=100,
+            request_reset_duration="1d",
+            request_last_reset=start,
+            token_max_limit=10**6,
+            token_reset_duration="1d",
+            token_last_reset=start,
+        )
+        s.add(rate)
+        s.commit()
+        rate_id = rate.id
+    store.apply_flush(
+        uuid.uuid4().hex,
+        [
+            Delta("budget", a, start, start + day, 25),  # a's window: added
+            Delta("budget", a, start + day, END_OF_TIME, 7),  # a's next window: starts it anew
+            Delta("budget", b, start, start + day, 3),
+            Delta("request", rate_id, start, start + day, 2),
+            Delta("token", rate_id, start, start + day, 40),
+        ],
+        [],
+    )
+    budgets, rates = store.read_counters([a, b], [rate_id])
+    assert budgets[a] == (7, start + day)
+    assert budgets[b] == (3, start)
+    row = rates[rate_id]
+    assert (row.request_current_usage, row.token_current_usage) == (2, 40)
+    # A late delta of a window that has ended is not added to the one after it.
+    store.apply_flush(uuid.uuid4().hex, [Delta("budget", a, start, start + day, 1000)], [])
+    assert store.read_counters([a], [])[0][a] == (7, start + day)
+    store.dispose()
+
+
+def test_a_batch_of_thousands_of_records_is_written_whole(store_url: str) -> None:
+    store = Store(store_url)
+    store.create_schema()
+    records = [pending(record(f"{n:032x}", input_tokens=n)) for n in range(2_500)]
+    store.apply_flush(uuid.uuid4().hex, [], records)
+    with store.session() as s:
+        rows = list(s.exec(select(UsageRecordRow)))
+    store.dispose()
+    assert len(rows) == 2_500
+    assert sorted(r.input_tokens for r in rows) == list(range(2_500))
+    assert {r.request_id for r in rows} == {r.request_id for r in records}
