@@ -16,6 +16,7 @@ from budget_middleware.limits import (
     WindowCounter,
     ensure_current,
 )
+from budget_middleware.metering import _tightest_now
 from budget_middleware.scopes import LimitSet, Scope
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC).timestamp()
@@ -337,6 +338,8 @@ def test_fast_admission_and_settlement_match_the_scopes_exactly(
     if fast is None:
         return
     assert isinstance(slow, Ticket) and fast.reservation == slow.reservation
+    # the tightest limits, found on the way, are those the answer's headers would look for
+    assert fast.tightest == _tightest_now(LimitSet(tuple(fast_scopes)))
     settle(slow, cost, tokens, now + 1, slow_registry.ledger)
     settle(fast, cost, tokens, now + 1, fast_registry.ledger)
     assert _state(fast_registry, now + 1) == _state(slow_registry, now + 1)

@@ -34,6 +34,14 @@ class Ticket:
     reservation: int  # nano-dollars held on every budget
     settled: bool = False
     limits: LimitSet | None = None  # the flattened counters, when admitted by `admit_fast`
+    # The tightest request window, token window and budget with what each has left, found while
+    # admitting (for the response headers): (counter, left) * 3, None where the kind is absent.
+    tightest: Tightest | None = None
+
+
+Tightest = tuple[
+    "WindowCounter | None", int, "WindowCounter | None", int, "WindowCounter | None", int
+]
 
 
 def _reset_at(counter: WindowCounter) -> float | None:
@@ -130,28 +138,36 @@ def admit_fast(
     """`admit` over the flattened counters: a ticket when every limit takes the request; None
     when one does not, without touching any (`admit` over the scopes then says which refuses,
     in the order of SPEC §5). The same conditions as `check_rate_limits` and `check_budgets`."""
+    # Each check is `left > 0` (value < limit); the tightest of each kind is kept on the way.
+    requests = tokens = budget = None
+    requests_left = tokens_left = budget_left = 0
     for counter in limits.requests:
         if now >= counter.end:
             counter.roll(now, ledger)
-        if counter.value >= counter.limit:
+        left = counter.limit - counter.value
+        if left <= 0:
             return None
+        if requests is None or left < requests_left:
+            requests, requests_left = counter, left
     for counter in limits.tokens:
         if now >= counter.end:
             counter.roll(now, ledger)
-        if counter.value >= counter.limit:
+        left = counter.limit - counter.value
+        if left <= 0:
             return None
+        if tokens is None or left < tokens_left:
+            tokens, tokens_left = counter, left
     for slots in limits.slots:
         if slots.limit is not None and slots.in_flight >= slots.limit:
             return None
-    for budget in limits.budgets:
-        if now >= budget.end:
-            budget.roll(now, ledger)
-        if budget.value >= budget.limit or (
-            reserve
-            and budget.reserved > 0
-            and budget.value + budget.reserved + estimate > budget.limit
-        ):
+    for counter in limits.budgets:
+        if now >= counter.end:
+            counter.roll(now, ledger)
+        left = counter.limit - counter.value
+        if left <= 0 or (reserve and counter.reserved > 0 and estimate + counter.reserved > left):
             return None
+        if budget is None or left < budget_left:
+            budget, budget_left = counter, left
     dirty = ledger.dirty
     for counter in limits.requests:
         if counter.pending_start == counter.start:  # `counter.add(1)`, inlined: the usual case
@@ -164,9 +180,12 @@ def admit_fast(
         slots.in_flight += 1
     reservation = estimate if reserve else 0
     if reservation:
-        for budget in limits.budgets:
-            budget.reserved += reservation
-    return Ticket(limits.scopes, reservation, False, limits)
+        for counter in limits.budgets:
+            counter.reserved += reservation
+    if requests is not None:
+        requests_left -= 1  # this request is counted now
+    tightest = (requests, requests_left, tokens, tokens_left, budget, budget_left)
+    return Ticket(limits.scopes, reservation, False, limits, tightest)
 
 
 def settle(ticket: Ticket, cost: int, tokens: int, now: float, ledger: Ledger) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from .admission import Ticket, settle
+from .admission import Ticket, Tightest, settle
 from .identity import Target
 from .limits import FAR_FUTURE, WindowCounter
 from .pricing import cost_nanos, nanos_from_usd
@@ -150,16 +150,23 @@ class Exchange:
                 self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
         if event_stream:
             self.stream = StreamMeter(drop_usage_chunk=self.injected_usage and self.decoder is None)
-        # Rate-limit and budget headers of the tightest applicable limits (ties keep the first)
-        limits = self.limits
-        if limits.requests:
-            _rate_headers(kept, _REQUEST_HEADERS, limits.requests, self.admitted_at)
-        if limits.tokens:
-            _rate_headers(kept, _TOKEN_HEADERS, limits.tokens, self.admitted_at)
-        if limits.budgets:
-            budget, left = _tightest(limits.budgets)
-            kept.append((b"x-budget-limit", budget.limit_text))
-            kept.append((b"x-budget-remaining", b"%.6f" % (left / 1e9)))
+        # Rate-limit and budget headers of the tightest applicable limits (ties keep the first):
+        # as admission found them, or (admitted by Redis) looked for now.
+        ticket = self.ticket
+        tight = ticket.tightest if ticket is not None else None
+        if tight is None:
+            tight = _tightest_now(self.limits)
+        now = self.admitted_at
+        window = tight[0]
+        if window is not None:
+            _rate_headers(kept, _REQUEST_HEADERS, window, tight[1], now)
+        window = tight[2]
+        if window is not None:
+            _rate_headers(kept, _TOKEN_HEADERS, window, tight[3], now)
+        window = tight[4]
+        if window is not None:
+            kept.append((b"x-budget-limit", window.limit_text))
+            kept.append((b"x-budget-remaining", b"%.6f" % (tight[5] / 1e9)))
         return {**message, "headers": kept}
 
     def _on_body(self, message: Message) -> Message:
@@ -319,29 +326,30 @@ _TOKEN_HEADERS = (
 )
 
 
-def _tightest(counters: tuple[WindowCounter, ...]) -> tuple[WindowCounter, int]:
-    """The counter with the least left, and what it has left (ties keep the first)."""
-    best = counters[0]
-    least = best.limit - best.value
-    if least <= 0:
-        return best, 0
-    for counter in counters[1:]:
-        left = counter.limit - counter.value
-        if left < least:
-            best, least = counter, left
-            if least <= 0:
-                return best, 0
-    return best, least
+def _tightest_now(limits: LimitSet) -> Tightest:
+    """The tightest request window, token window and budget, and what each has left."""
+    out: list[WindowCounter | int | None] = []
+    for counters in (limits.requests, limits.tokens, limits.budgets):
+        best = None
+        least = 0
+        for counter in counters:
+            left = counter.limit - counter.value
+            if left < 0:
+                left = 0
+            if best is None or left < least:
+                best, least = counter, left
+        out += (best, least)
+    return tuple(out)  # type: ignore[return-value]
 
 
 def _rate_headers(
     out: list[tuple[bytes, bytes]],
     names: tuple[bytes, bytes, bytes],
-    counters: tuple[WindowCounter, ...],
+    window: WindowCounter,
+    remaining: int,
     now: float,
 ) -> None:
-    window, remaining = _tightest(counters)
     left = window.end - now
     out.append((names[0], window.limit_text))
-    out.append((names[1], b"%d" % remaining))
+    out.append((names[1], b"%d" % (remaining if remaining > 0 else 0)))
     out.append((names[2], b"never" if left == FAR_FUTURE else b"%.0fs" % (left if left > 0 else 0)))
