@@ -3,7 +3,8 @@ memory per 10,000 cached keys; the flusher's cost.
 
 Keys are bulk-inserted with SQLAlchemy Core (each with its own budget and rate limit, under the
 benchmark team); caching 10,000 of them reads their rows in three queries and builds their
-configurations exactly as a first request of each would (`ScopeBuilder.key`, `KeyCache.put`).
+configurations exactly as a first request of each would (`ScopeBuilder.key`, the limits resolved
+for the request's target, `KeyCache.put`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import anyio.to_thread
 from harness import (
     BIG_BUDGET,
+    MODEL,
     UNLIMITED_RATE,
     World,
     bench_settings,
@@ -139,7 +141,8 @@ def _read_bulk(engine: BudgetEngine, world: World, offset: int, count: int) -> l
 
 async def cache_bulk(engine: BudgetEngine, world: World, count: int) -> int:
     """Cache `count` bulk keys, 500 at a time: a server reads keys one by one, so its memory
-    holds the configurations, not thousands of rows at once."""
+    holds the configurations, not thousands of rows at once. Each is resolved for the hot-path
+    target, as the key's first request would, so its memory counts what a used key holds."""
     done = 0
     while done < count:
         records = await anyio.to_thread.run_sync(
@@ -148,7 +151,10 @@ async def cache_bulk(engine: BudgetEngine, world: World, count: int) -> int:
         if not records:
             break
         for record in records:
-            engine.keys.put(bytes.fromhex(record.key.key_hash), engine.builder.key(record))
+            config = engine.builder.key(record)
+            # as its first request would: the limits of the benchmark's target, resolved
+            config.resolve(engine.globals, "openai", MODEL, ())
+            engine.keys.put(bytes.fromhex(record.key.key_hash), config)
         done += len(records)
     return done
 
