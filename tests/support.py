@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -13,6 +14,8 @@ from mock_upstream import mock_router
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.engine import BudgetEngine
+from budget_middleware.store.database import Store
+from budget_middleware.store.tables import BudgetRow
 
 
 def host_app(settings: BudgetSettings | None, *, prefix: str = "/v1") -> FastAPI:
@@ -89,3 +92,19 @@ def chat(model: str = "openai/gpt-4o", max_tokens: int = 10, **extra: Any) -> di
         "max_tokens": max_tokens,
         **extra,
     }
+
+
+def budget_row(store: Store, usage: int, last_reset: datetime) -> str:
+    """A daily budget of $1,000 in the store, with this usage since `last_reset`; its id."""
+    with store.session() as s:
+        row = BudgetRow(
+            owner_type="tag",
+            owner_id="chat",
+            max_limit_nanos=10**12,
+            reset_duration="1d",
+            current_usage_nanos=usage,
+            last_reset=last_reset,
+        )
+        s.add(row)
+        s.commit()
+        return row.id

@@ -13,8 +13,9 @@ import pytest
 from sqlmodel import select
 
 from budget_middleware.store.database import END_OF_TIME, Delta, Store, UsageRecord
-from budget_middleware.store.tables import SCHEMA_VERSION, BudgetRow, UsageRecordRow
+from budget_middleware.store.tables import SCHEMA_VERSION, UsageRecordRow
 from conftest import POSTGRES_URL, need_postgres, reset_postgres
+from support import budget_row
 
 pytestmark = pytest.mark.services
 
@@ -27,21 +28,6 @@ def store() -> Iterator[Store]:
     store.create_schema()
     yield store
     store.dispose()
-
-
-def _budget(store: Store, usage: int, last_reset: datetime) -> str:
-    with store.session() as s:
-        row = BudgetRow(
-            owner_type="tag",
-            owner_id="chat",
-            max_limit_nanos=10**12,
-            reset_duration="1d",
-            current_usage_nanos=usage,
-            last_reset=last_reset,
-        )
-        s.add(row)
-        s.commit()
-        return row.id
 
 
 def _usage(store: Store, id_: str) -> tuple[int, datetime]:
@@ -65,30 +51,16 @@ def test_schema_is_created_by_two_processes_at_once() -> None:
     assert outputs == [str(SCHEMA_VERSION)] * 4
 
 
-def test_deltas_add_up_in_their_window(store: Store) -> None:
-    start = datetime(2026, 3, 1, tzinfo=UTC)
-    end = start + timedelta(days=1)
-    id_ = _budget(store, 500, start)
-    store.apply_flush(uuid.uuid4().hex, [Delta("budget", id_, start, end, 25)], [])
-    assert _usage(store, id_) == (525, start)
-    # A delta of a later window starts that window anew.
-    store.apply_flush(uuid.uuid4().hex, [Delta("budget", id_, end, END_OF_TIME, 7)], [])
-    assert _usage(store, id_) == (7, end)
-    # A late delta of the window that has ended is not added to the new one.
-    store.apply_flush(uuid.uuid4().hex, [Delta("budget", id_, start, end, 1000)], [])
-    assert _usage(store, id_) == (7, end)
-
-
 def test_timestamps_come_back_in_utc(store: Store) -> None:
     moment = datetime(2026, 3, 1, 12, 30, tzinfo=UTC)
-    id_ = _budget(store, 0, moment.astimezone(UTC))
+    id_ = budget_row(store, 0, moment.astimezone(UTC))
     last_reset = _usage(store, id_)[1]
     assert last_reset == moment and last_reset.utcoffset() == timedelta(0)
 
 
 def test_a_batch_is_applied_once(store: Store) -> None:
     start = datetime(2026, 3, 1, tzinfo=UTC)
-    id_ = _budget(store, 0, start)
+    id_ = budget_row(store, 0, start)
     batch = uuid.uuid4().hex
     record = UsageRecord(
         uuid.uuid4().hex, start.timestamp(), None, None, None, "openai", "gpt-4o",
@@ -106,7 +78,7 @@ def test_a_batch_is_applied_once(store: Store) -> None:
 
 def test_concurrent_deltas_are_never_lost(store: Store) -> None:
     start = datetime(2026, 3, 1, tzinfo=UTC)
-    id_ = _budget(store, 0, start)
+    id_ = budget_row(store, 0, start)
 
     def write(_: int) -> None:
         for _ in range(25):

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 from sqlmodel import select
 
 from budget_middleware.store.database import END_OF_TIME, Delta, Store, UsageRecord
-from budget_middleware.store.tables import BudgetRow, RateLimitRow, UsageRecordRow
+from budget_middleware.store.tables import RateLimitRow, UsageRecordRow
+from support import budget_row
 
 WHEN = datetime(2026, 11, 22, 10, 30, 15, 123456, tzinfo=UTC)
 
@@ -67,21 +68,6 @@ def test_usage_records_read_back_exactly_as_written(store_url: str) -> None:
         assert got == want
 
 
-def _budget(store: Store, usage: int, last_reset: datetime) -> str:
-    with store.session() as s:
-        row = BudgetRow(
-            owner_type="tag",
-            owner_id="chat",
-            max_limit_nanos=10**12,
-            reset_duration="1d",
-            current_usage_nanos=usage,
-            last_reset=last_reset,
-        )
-        s.add(row)
-        s.commit()
-        return row.id
-
-
 def test_deltas_land_in_their_windows_on_every_database(store_url: str) -> None:
     """Each kind's deltas go in one statement; two deltas of one counter in a batch (a window
     that ended, then the next) are applied in order, never merged or lost."""
@@ -89,7 +75,7 @@ def test_deltas_land_in_their_windows_on_every_database(store_url: str) -> None:
     store.create_schema()
     day = timedelta(days=1)
     start = datetime(2026, 3, 1, tzinfo=UTC)
-    a, b = _budget(store, 500, start), _budget(store, 0, start)
+    a, b = budget_row(store, 500, start), budget_row(store, 0, start)
     with store.session() as s:
         rate = RateLimitRow(
             owner_type="tag",

@@ -20,6 +20,7 @@ from .usage import BodyDecoder, TokenUsage, usage_from_json
 
 if TYPE_CHECKING:
     from .engine import BudgetEngine
+    from .middleware import BudgetState
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -60,6 +61,7 @@ class Exchange:
     # No __slots__: the state every request starts with is a class attribute, so a new exchange
     # sets only what differs (Python 3.11 keeps such instance attributes inline, as fast).
     ticket: Ticket | None = None
+    caller: BudgetState  # who is calling: `request.state.budget`, set once admitted
     ticket_estimate = 0  # nano-dollars to reserve on every budget
     parsed: dict[str, Any] | None = None  # the request, for a stream to ask for its usage
     injected_usage = False
@@ -268,7 +270,6 @@ class Exchange:
                 engine.stats.unpriced_requests += 1
             else:
                 cost, source = cost_nanos(price, usage), price.source
-        key = self.key
         if usage is None:
             inp = out = cached = 0
         else:
@@ -280,12 +281,7 @@ class Exchange:
             UsageRecord(
                 _request_ids.next(),
                 self.admitted_at,
-                key.id if key else None,
-                key.team_id if key else None,
-                key.customer_id if key else None,
-                target.provider,
-                target.model,
-                target.tags,
+                *self.caller,  # key, team, customer, provider, model, tags
                 inp,
                 out,
                 cached,

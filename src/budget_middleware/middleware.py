@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from hashlib import sha256
 from time import perf_counter
-from typing import Any
+from typing import Any, NamedTuple
 
 from .admission import Refusal, Ticket, admit_fast
 from .engine import BudgetEngine, ServiceUnavailable, get_engine
@@ -35,33 +35,15 @@ _USAGE_PATHS = ("/chat/completions", "/completions")  # OpenAI-style: `stream_op
 _UNKNOWN = "Unknown virtual key"
 
 
-class BudgetState:
-    """`request.state.budget`: who is calling, for the host app to route on."""
+class BudgetState(NamedTuple):
+    """`request.state.budget`: who is calling, for the host app to route on (read-only)."""
 
-    __slots__ = ("customer_id", "model", "provider", "tags", "team_id", "virtual_key_id")
-
-    def __init__(
-        self,
-        virtual_key_id: str | None,
-        team_id: str | None,
-        customer_id: str | None,
-        provider: str,
-        model: str,
-        tags: tuple[str, ...],
-    ) -> None:
-        self.virtual_key_id = virtual_key_id
-        self.team_id = team_id
-        self.customer_id = customer_id
-        self.provider = provider
-        self.model = model
-        self.tags = tags
-
-    def __repr__(self) -> str:
-        return (
-            f"BudgetState(virtual_key_id={self.virtual_key_id!r}, team_id={self.team_id!r}, "
-            f"customer_id={self.customer_id!r}, provider={self.provider!r}, "
-            f"model={self.model!r}, tags={self.tags!r})"
-        )
+    virtual_key_id: str | None
+    team_id: str | None
+    customer_id: str | None
+    provider: str
+    model: str
+    tags: tuple[str, ...]
 
 
 class BodyTooLarge(Exception):
@@ -229,7 +211,7 @@ class BudgetMiddleware:
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["budget"] = BudgetState(
+        state["budget"] = exchange.caller = BudgetState(
             key.id if key else None,
             key.team_id if key else None,
             key.customer_id if key else None,
