@@ -30,13 +30,16 @@ class Refusal:
 class Ticket:
     """An admitted request's hold on its limits, released exactly once by `settle`."""
 
-    scopes: tuple[Scope, ...]
+    limits: LimitSet  # every limit the request holds, flattened by kind
     reservation: int  # nano-dollars held on every budget
     settled: bool = False
-    limits: LimitSet | None = None  # the flattened counters, when admitted by `admit_fast`
     # The tightest request window, token window and budget with what each has left, found while
     # admitting (for the response headers): (counter, left) * 3, None where the kind is absent.
     tightest: Tightest | None = None
+
+    @property
+    def scopes(self) -> tuple[Scope, ...]:
+        return self.limits.scopes
 
 
 Tightest = tuple[
@@ -110,34 +113,30 @@ def check_budgets(
 
 
 def admit(
-    scopes: Sequence[Scope], estimate: int, reserve: bool, now: float, ledger: Ledger
+    limits: LimitSet, estimate: int, reserve: bool, now: float, ledger: Ledger
 ) -> Ticket | Refusal:
-    """All or nothing: either every applicable limit takes the request, or none is touched."""
+    """All or nothing: either every applicable limit takes the request, or none is touched.
+
+    One pass over the counters, flattened by kind, decides and keeps the tightest limit of each
+    kind for the response headers; only a refused request looks at the scopes in the order of
+    SPEC §5, to say which limit refuses (`check_rate_limits`, `check_budgets`: the same
+    conditions)."""
+    ticket = _take(limits, estimate, reserve, now, ledger)
+    if ticket is not None:
+        return ticket
+    scopes = limits.scopes
     refusal = check_rate_limits(scopes, now, ledger) or check_budgets(
         scopes, estimate, reserve, now, ledger
     )
-    if refusal is not None:
-        return refusal
-    reservation = estimate if reserve else 0
-    for scope in scopes:
-        rate = scope.rate_limit
-        if rate is not None:
-            if rate.requests is not None:
-                rate.requests.add(1, ledger)
-            if rate.concurrency is not None:
-                rate.concurrency.in_flight += 1
-        if reservation:
-            for budget in scope.budgets:
-                budget.reserved += reservation
-    return Ticket(tuple(scopes), reservation)
+    if refusal is None:  # the two readings of one rule disagree: a bug, never a free pass
+        raise AssertionError("admission refused a request that no limit refuses")
+    return refusal
 
 
-def admit_fast(
+def _take(
     limits: LimitSet, estimate: int, reserve: bool, now: float, ledger: Ledger
 ) -> Ticket | None:
-    """`admit` over the flattened counters: a ticket when every limit takes the request; None
-    when one does not, without touching any (`admit` over the scopes then says which refuses,
-    in the order of SPEC §5). The same conditions as `check_rate_limits` and `check_budgets`."""
+    """A ticket when every limit takes the request, None (nothing touched) when one does not."""
     # Each check is `left > 0` (value < limit); the tightest of each kind is kept on the way.
     requests = tokens = budget = None
     requests_left = tokens_left = budget_left = 0
@@ -185,7 +184,7 @@ def admit_fast(
     if requests is not None:
         requests_left -= 1  # this request is counted now
     tightest = (requests, requests_left, tokens, tokens_left, budget, budget_left)
-    return Ticket(limits.scopes, reservation, False, limits, tightest)
+    return Ticket(limits, reservation, False, tightest)
 
 
 def settle(ticket: Ticket, cost: int, tokens: int, now: float, ledger: Ledger) -> None:
@@ -195,48 +194,30 @@ def settle(ticket: Ticket, cost: int, tokens: int, now: float, ledger: Ledger) -
     ticket.settled = True
     reservation = ticket.reservation
     limits = ticket.limits
-    if limits is not None:  # flattened: the same steps, counter by counter
-        dirty = ledger.dirty
-        for budget in limits.budgets:
-            if reservation:
-                left = budget.reserved - reservation
-                budget.reserved = left if left > 0 else 0
-            if now >= budget.end:
-                budget.roll(now, ledger)
-            if cost:
-                if budget.pending_start == budget.start:  # `budget.add(cost)`, inlined
-                    budget.value += cost
-                    budget.pending += cost
-                    dirty.add(budget)
-                else:
-                    budget.add(cost, ledger)
-        if tokens:
-            for counter in limits.tokens:
-                if now >= counter.end:
-                    counter.roll(now, ledger)
-                if counter.pending_start == counter.start:
-                    counter.value += tokens
-                    counter.pending += tokens
-                    dirty.add(counter)
-                else:
-                    counter.add(tokens, ledger)
-        for slots in limits.slots:
-            if slots.in_flight > 0:
-                slots.in_flight -= 1
-        return
-    for scope in ticket.scopes:
-        for budget in scope.budgets:
-            if reservation:
-                budget.reserved = max(budget.reserved - reservation, 0)
-            if now >= budget.end:
-                budget.roll(now, ledger)
-            if cost:
+    dirty = ledger.dirty
+    for budget in limits.budgets:
+        if reservation:
+            left = budget.reserved - reservation
+            budget.reserved = left if left > 0 else 0
+        if now >= budget.end:
+            budget.roll(now, ledger)
+        if cost:
+            if budget.pending_start == budget.start:  # `budget.add(cost)`, inlined
+                budget.value += cost
+                budget.pending += cost
+                dirty.add(budget)
+            else:
                 budget.add(cost, ledger)
-        rate = scope.rate_limit
-        if rate is not None:
-            if rate.tokens is not None and tokens:
-                if now >= rate.tokens.end:
-                    rate.tokens.roll(now, ledger)
-                rate.tokens.add(tokens, ledger)
-            if rate.concurrency is not None and rate.concurrency.in_flight > 0:
-                rate.concurrency.in_flight -= 1
+    if tokens:
+        for counter in limits.tokens:
+            if now >= counter.end:
+                counter.roll(now, ledger)
+            if counter.pending_start == counter.start:
+                counter.value += tokens
+                counter.pending += tokens
+                dirty.add(counter)
+            else:
+                counter.add(tokens, ledger)
+    for slots in limits.slots:
+        if slots.in_flight > 0:
+            slots.in_flight -= 1

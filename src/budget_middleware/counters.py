@@ -17,7 +17,7 @@ import anyio.to_thread
 from . import admission
 from .admission import Refusal, Ticket
 from .limits import FAR_FUTURE, WindowCounter
-from .scopes import Scope
+from .scopes import LimitSet, Scope
 from .store.database import END_OF_TIME, Delta
 
 if TYPE_CHECKING:
@@ -114,7 +114,11 @@ class MemoryCounters(CounterBackend):
 
     async def admit(self, scopes: Sequence[Scope], estimate: int) -> Ticket | Refusal:
         return admission.admit(
-            scopes, estimate, self.engine.settings.reserve, self.engine.clock(), self.ledger
+            LimitSet(tuple(scopes)),
+            estimate,
+            self.engine.settings.reserve,
+            self.engine.clock(),
+            self.ledger,
         )
 
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:

@@ -294,14 +294,11 @@ class BudgetEngine:
 
     def admit_now(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
         """Admission in process (memory counters only): atomic, no await."""
-        now = self.clock()
-        ledger = self.registry.ledger
-        reserve = self.settings.reserve
-        ticket = admission.admit_fast(limits, estimate, reserve, now, ledger)
-        if ticket is not None:
-            self.stats.admitted += 1
-            return ticket
-        return self._count(admission.admit(limits.scopes, estimate, reserve, now, ledger))
+        return self._count(
+            admission.admit(
+                limits, estimate, self.settings.reserve, self.clock(), self.registry.ledger
+            )
+        )
 
     def _count(self, decision: Ticket | Refusal) -> Ticket | Refusal:
         if type(decision) is Refusal:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from .admission import Ticket, Tightest, settle
+from .admission import Ticket, Tightest
 from .identity import Target
 from .limits import FAR_FUTURE, WindowCounter
 from .pricing import cost_nanos, nanos_from_usd
@@ -274,10 +274,7 @@ class Exchange:
             inp = out = cached = 0
         else:
             inp, out, cached = usage.input_tokens, usage.output_tokens, usage.cached_tokens
-        stats = engine.stats
-        stats.input_tokens += inp
-        stats.output_tokens += out
-        engine.records.append(
+        engine.record(
             UsageRecord(
                 _request_ids.next(),
                 self.admitted_at,
@@ -301,8 +298,7 @@ class Exchange:
         """Settle in process (memory counters): no await between the charge and the counters."""
         cost, tokens = self._charge(outcome)
         assert self.ticket is not None
-        engine = self.engine
-        settle(self.ticket, cost, tokens, engine.clock(), engine.registry.ledger)
+        self.engine.settle_now(self.ticket, cost, tokens)
 
     async def settle_shared(self, outcome: str) -> None:
         cost, tokens = self._charge(outcome)

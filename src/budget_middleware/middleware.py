@@ -14,10 +14,10 @@ from hashlib import sha256
 from time import perf_counter
 from typing import Any, NamedTuple
 
-from .admission import Refusal, Ticket, admit_fast
+from .admission import Refusal, Ticket
 from .engine import BudgetEngine, ServiceUnavailable, get_engine
 from .errors import ErrorAnswer, error_answer, refusal_answer
-from .identity import Credentials, header_reader, resolve_target
+from .identity import Credentials, header_reader, resolve_target, route_path
 from .metering import Exchange
 from .scopes import KeyConfig
 from .settings import BudgetSettings
@@ -184,19 +184,9 @@ class BudgetMiddleware:
             await _answer(send, decision)
             return
         exchange: Exchange = decision  # type: ignore[assignment]
-        ticket: Ticket | Refusal | None
+        ticket: Ticket | Refusal
         if engine.in_process:
-            ticket = admit_fast(
-                exchange.limits,
-                exchange.ticket_estimate,
-                self.reserve,
-                exchange.admitted_at,
-                engine.registry.ledger,
-            )
-            if ticket is not None:
-                engine.stats.admitted += 1
-            else:  # refused: the scopes in order say which limit
-                ticket = engine.admit_now(exchange.limits, exchange.ticket_estimate)
+            ticket = engine.admit_now(exchange.limits, exchange.ticket_estimate)
         else:
             try:
                 ticket = await engine.admit(exchange.limits.scopes, exchange.ticket_estimate)
@@ -267,10 +257,7 @@ class BudgetMiddleware:
                     403, "virtual_key_expired", f"Virtual key '{key.name}' has expired"
                 )
         parsed = _parse_json(body)
-        path = scope["path"]
-        root = scope.get("root_path")
-        if root and path.startswith(root):  # the path below the mount point, as routes see it
-            path = path[len(root) :] or "/"
+        path = route_path(scope)
         target = resolve_target(
             parsed, path, credentials, key.tags if key is not None else (), self.guess_provider
         )

@@ -49,7 +49,7 @@ from . import admission
 from .admission import Refusal, Ticket
 from .counters import CounterBackend, _aware
 from .limits import FAR_FUTURE, WindowCounter, ensure_current
-from .scopes import Scope
+from .scopes import LimitSet, Scope
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -196,7 +196,7 @@ class RedisCounters(CounterBackend):
         ensure_current(_windows(scopes), now, self.ledger)
         plan = self._plan(scopes, now, settling=False)
         if not plan:
-            return admission.admit(scopes, estimate, reserve, now, self.ledger)
+            return admission.admit(LimitSet(tuple(scopes)), estimate, reserve, now, self.ledger)
         if self._backing_off():
             return self._fallback(scopes, estimate, now, None)
         reservation = estimate if reserve else 0
@@ -305,7 +305,9 @@ class RedisCounters(CounterBackend):
             if reservation:
                 for budget in scope.budgets:
                     budget.reserved += reservation
-        ticket = RedisTicket(tuple(scopes), reservation, request_id=request_id, holds=tuple(holds))
+        ticket = RedisTicket(
+            LimitSet(tuple(scopes)), reservation, request_id=request_id, holds=tuple(holds)
+        )
         self._state.live[request_id] = ticket
         return ticket
 
@@ -316,7 +318,8 @@ class RedisCounters(CounterBackend):
 
         if not self.engine.settings.fail_open:
             raise ServiceUnavailable("the budget counters (Redis) cannot be reached") from exc
-        return admission.admit(scopes, estimate, self.engine.settings.reserve, now, self.ledger)
+        limits = LimitSet(tuple(scopes))
+        return admission.admit(limits, estimate, self.engine.settings.reserve, now, self.ledger)
 
     # -- settlement ----------------------------------------------------------------------
 
