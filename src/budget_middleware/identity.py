@@ -50,7 +50,7 @@ def header_reader(
     """Build, once, the function that reads the headers of a metered request in one pass: one
     dict lookup per header (a client SDK sends a dozen, most of them of no interest here)."""
     prefix = settings.key_prefix
-    # header name -> its slot; the key header first, so it wins over the same name below
+    # header name -> its slot; the key header set last, so it takes its name's slot if it has one
     wanted = {
         b"authorization": 1,
         b"x-api-key": 2,
@@ -62,26 +62,13 @@ def header_reader(
     wanted[settings.key_header.encode()] = 0
 
     def read(headers: Iterable[tuple[bytes, bytes]]) -> Credentials:
-        explicit = authorization = api_key = goog = provider = tags = length = None
+        found: list[bytes | None] = [None] * 7
         get = wanted.get
         for name, value in headers:
             slot = get(name)
-            if slot is None:
-                continue
-            if slot == 0:
-                explicit = value
-            elif slot == 1:
-                authorization = value
-            elif slot == 6:
-                length = value
-            elif slot == 2:
-                api_key = value
-            elif slot == 3:
-                goog = value
-            elif slot == 4:
-                provider = value
-            else:
-                tags = value
+            if slot is not None:
+                found[slot] = value
+        explicit, authorization, api_key, goog, provider, tags, length = found
         key = None
         if explicit:
             key = explicit.decode("latin-1").strip() or None
@@ -102,8 +89,6 @@ def header_reader(
                 size = int(length)
             except ValueError:
                 size = None
-        if provider is None and tags is None:
-            return Credentials(key or None, None, (), size)
         return Credentials(
             key or None,
             (provider.decode("latin-1").strip() or None) if provider is not None else None,

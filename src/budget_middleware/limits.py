@@ -24,27 +24,18 @@ def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-_LIMIT_TEXTS: dict[tuple[int, bool], bytes] = {}
-_INTS: dict[int, int] = {}
+_LIMITS: dict[tuple[int, bool], tuple[int, bytes]] = {}
 
 
-def _shared_int(value: int) -> int:
-    """Equal limits (keys of one plan) share one int object: ~32 bytes a counter."""
-    found = _INTS.get(value)
+def _shared_limit(limit: int, usd: bool) -> tuple[int, bytes]:
+    """The limit and its text for the response headers, formatted once; equal limits (keys of
+    one plan) share both objects (~80 bytes a counter)."""
+    found = _LIMITS.get((limit, usd))
     if found is None:
-        if len(_INTS) >= 10_000:
-            _INTS.clear()
-        found = _INTS[value] = value
-    return found
-
-
-def _limit_text(limit: int, usd: bool) -> bytes:
-    """A limit as the response headers show it; equal limits share one bytes object."""
-    found = _LIMIT_TEXTS.get((limit, usd))
-    if found is None:
-        if len(_LIMIT_TEXTS) >= 10_000:
-            _LIMIT_TEXTS.clear()
-        found = _LIMIT_TEXTS[(limit, usd)] = b"%.6f" % (limit / 1e9) if usd else b"%d" % limit
+        if len(_LIMITS) >= 10_000:  # limits come from the store: keep it bounded
+            _LIMITS.clear()
+        text = b"%.6f" % (limit / 1e9) if usd else b"%d" % limit
+        found = _LIMITS[(limit, usd)] = (limit, text)
     return found
 
 
@@ -91,8 +82,7 @@ class WindowCounter:
         now: float,
     ) -> None:
         """Apply (new) limit parameters; the usage is kept (changing a limit never resets it)."""
-        self.limit = _shared_int(limit)
-        self.limit_text = _limit_text(limit, self.kind == "budget")
+        self.limit, self.limit_text = _shared_limit(limit, self.kind == "budget")
         if (duration, calendar_aligned) != (self.duration, self.calendar_aligned) or (
             anchor > self.anchor
         ):

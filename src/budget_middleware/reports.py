@@ -7,9 +7,9 @@ split in Python after the database has summed the records of each distinct tag l
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import String, cast, func
 from sqlmodel import Session, col, select
@@ -43,12 +43,8 @@ def budgets(
     owner_id: str | None,
     counters: CounterRegistry | None,
 ) -> list[BudgetOut]:
-    query = select(BudgetRow)
-    if owner_type is not None:
-        query = query.where(BudgetRow.owner_type == owner_type)
-    if owner_id is not None:
-        query = query.where(BudgetRow.owner_id == owner_id)
-    rows = sorted(s.exec(query).all(), key=lambda b: (b.owner_type, b.owner_id, b.created_at))
+    found = _owned(s, BudgetRow, owner_type, owner_id)
+    rows = sorted(found, key=lambda b: (b.owner_type, b.owner_id, b.created_at))
     paths, now = Paths(s), _now()
     return [budget_out(r, paths.of(r.owner_type, r.owner_id), now, counters) for r in rows]
 
@@ -76,6 +72,21 @@ def reset_budget(s: Session, id_: str) -> BudgetOut:
     return budget_out(row, Paths(s).of(row.owner_type, row.owner_id), now)
 
 
+_Owned = TypeVar("_Owned", BudgetRow, RateLimitRow)
+
+
+def _owned(
+    s: Session, table: type[_Owned], owner_type: str | None, owner_id: str | None
+) -> Sequence[_Owned]:
+    """The rows of a limits table, of one owner type and owner if given."""
+    query = select(table)
+    if owner_type is not None:
+        query = query.where(table.owner_type == owner_type)
+    if owner_id is not None:
+        query = query.where(table.owner_id == owner_id)
+    return s.exec(query).all()
+
+
 def rate_limits(
     s: Session,
     *,
@@ -83,12 +94,8 @@ def rate_limits(
     owner_id: str | None,
     counters: CounterRegistry | None,
 ) -> list[RateLimitOut]:
-    query = select(RateLimitRow)
-    if owner_type is not None:
-        query = query.where(RateLimitRow.owner_type == owner_type)
-    if owner_id is not None:
-        query = query.where(RateLimitRow.owner_id == owner_id)
-    rows = sorted(s.exec(query).all(), key=lambda r: (r.owner_type, r.owner_id))
+    found = _owned(s, RateLimitRow, owner_type, owner_id)
+    rows = sorted(found, key=lambda r: (r.owner_type, r.owner_id))
     paths, now = Paths(s), _now()
     return [rate_limit_out(r, paths.of(r.owner_type, r.owner_id), now, counters) for r in rows]
 

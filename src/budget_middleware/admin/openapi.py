@@ -6,7 +6,7 @@ Paths are relative to where the app is mounted (the document's `servers` is `/`)
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -17,17 +17,14 @@ from .envelopes import ErrorAnswer
 _REF = "#/components/schemas/{model}"
 
 
-def _collect(model: type[BaseModel], found: dict[str, Any]) -> dict[str, str]:
-    """Put the model (and the models it uses) in `found`; return a reference to it."""
-    schema = model.model_json_schema(ref_template=_REF, mode="serialization")
-    for name, definition in schema.pop("$defs", {}).items():
-        found.setdefault(name, definition)
-    found.setdefault(model.__name__, schema)
-    return {"$ref": _REF.format(model=model.__name__)}
-
-
-def _input(model: type[BaseModel], found: dict[str, Any]) -> dict[str, str]:
-    schema = model.model_json_schema(ref_template=_REF, mode="validation")
+def _collect(
+    model: type[BaseModel],
+    found: dict[str, Any],
+    mode: Literal["validation", "serialization"] = "serialization",
+) -> dict[str, str]:
+    """Put the model (and the models it uses) in `found`; return a reference to it. Request
+    bodies are described as they are validated, answers as they are serialised."""
+    schema = model.model_json_schema(ref_template=_REF, mode=mode)
     for name, definition in schema.pop("$defs", {}).items():
         found.setdefault(name, definition)
     found.setdefault(model.__name__, schema)
@@ -55,7 +52,7 @@ def _operation(op: Operation, found: dict[str, Any]) -> dict[str, Any]:
     if op.body is not None:
         entry["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": _input(op.body, found)}},
+            "content": {"application/json": {"schema": _collect(op.body, found, "validation")}},
         }
     for status, model in op.answers.items():
         answer: dict[str, Any] = {"description": _describe(status)}

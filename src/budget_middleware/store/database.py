@@ -247,7 +247,7 @@ class Store:
             with self.engine.begin() as conn:
                 # The batch's mark first: if it is there already, the batch was applied.
                 marked = conn.exec_driver_sql(
-                    _MARK_SQL[conn.dialect.name == "sqlite"], (batch_id, _utcnow_for(conn))
+                    _MARK_SQL[conn.dialect.name], (batch_id, _utcnow_for(conn))
                 )
                 if marked.rowcount == 0:
                     return
@@ -418,9 +418,9 @@ def _insert_records(conn: Any, records: Sequence[UsageRecord]) -> None:
 
 
 _MARK_SQL = {
-    is_sqlite: f"INSERT INTO {FlushRow.__tablename__} (batch_id, applied_at) "
+    dialect: f"INSERT INTO {FlushRow.__tablename__} (batch_id, applied_at) "
     f"VALUES ({mark}, {mark}) ON CONFLICT (batch_id) DO NOTHING"
-    for is_sqlite, mark in ((True, "?"), (False, "%s"))
+    for dialect, mark in (("sqlite", "?"), ("postgresql", "%s"))
 }
 
 
