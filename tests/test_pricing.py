@@ -18,6 +18,7 @@ from budget_middleware.pricing import (
     PricingFileError,
     cost_nanos,
     cost_usd,
+    estimate_nanos,
     nanos_from_usd,
     usd_from_nanos,
 )
@@ -306,8 +307,9 @@ def test_prices_must_be_finite_and_not_negative() -> None:
 
 def test_estimate_reserves_all_input_at_the_input_price_and_output_at_the_output_price() -> None:
     book = PriceBook()
-    assert book.estimate_nanos("openai", "gpt-4o", 1000, 500) == 1000 * 2500 + 500 * 10_000
-    assert book.estimate_nanos("unknown", "no-such-model-xyz", 1000, 500) == 0
+    gpt_4o = book.price("openai", "gpt-4o")
+    assert estimate_nanos(gpt_4o, 1000, 500) == 1000 * 2500 + 500 * 10_000
+    assert estimate_nanos(book.price("unknown", "no-such-model-xyz"), 1000, 500) == 0
 
 
 @pytest.mark.parametrize(

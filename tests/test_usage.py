@@ -215,7 +215,8 @@ def test_large_body_reads_the_usage_at_its_end(monkeypatch: pytest.MonkeyPatch) 
     raw = body(padded(RESPONSE))
     assert len(raw) > 100_000
     assert usage_from_json(raw) == TokenUsage(36, 87, 12, 0)
-    assert all(size < 200 for size in parsed)  # only the tail was parsed, never the whole body
+    # only the tail (the usage and the keys after it) was parsed, never the 100 KB body
+    assert parsed and all(size < 1000 for size in parsed)
 
 
 def test_large_body_ignores_a_usage_key_quoted_inside_a_string() -> None:
@@ -259,23 +260,53 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=200)
+nested_usage = st.recursive(
+    json_values,
+    lambda inner: (
+        st.dictionaries(st.sampled_from(["usage", "a", 'x "usage": 1']), inner, max_size=2)
+        | st.lists(inner | st.sampled_from(["usage", '"usage": {"prompt_tokens": 9}']), max_size=2)
+    ),
+    max_leaves=6,
+)
+
+
+def read_whole(raw: bytes) -> TokenUsage | None:
+    """The reference: the whole document parsed (strictly: no NaN, no Infinity), its top-level
+    `usage` read."""
+
+    def reject(name: str) -> Any:
+        raise ValueError(name)
+
+    try:
+        document = json.loads(raw, parse_constant=reject)
+    except ValueError:
+        return None
+    usage = document.get("usage")
+    return usage_from_mapping(usage) if isinstance(usage, dict) else None
+
+
+@settings(max_examples=300)
 @given(
     usage=json_values | st.fixed_dictionaries({}, optional={
         "prompt_tokens": json_values, "completion_tokens": json_values, "cost": json_values,
         "input_tokens": json_values, "output_tokens": json_values,
         "cache_read_input_tokens": json_values, "input_tokens_details": json_values,
     }),
-    after=st.dictionaries(st.sampled_from(["user", "metadata", "usage_note", "x"]), json_values),
+    before=st.dictionaries(st.sampled_from(["choices", "metadata", 'q"usage']), nested_usage),
+    after=st.dictionaries(st.sampled_from(["user", "metadata", "usage_note", "x"]), nested_usage),
     indent=st.sampled_from([None, 1]),
+    pad=st.sampled_from([0, 5000]),
 )
-def test_large_and_small_bodies_read_the_same_usage(
-    usage: Any, after: dict[str, Any], indent: int | None
+def test_the_tail_read_finds_the_usage_a_whole_parse_finds(
+    usage: Any, before: dict[str, Any], after: dict[str, Any], indent: int | None, pad: int
 ) -> None:
-    document = {"id": "chatcmpl-1", "usage": usage, **after}
-    small = json.dumps(document, indent=indent).encode()
-    large = json.dumps(padded(document, 5000), indent=indent).encode()
-    assert usage_from_json(large) == usage_from_json(small)
+    """Only the tail from the last top-level `usage` key is decoded; nested and quoted `usage`
+    keys before or after it (decoys) never change what is read."""
+    document = {"id": "chatcmpl-1", **before, "usage": usage, **after}
+    if pad:
+        document = padded(document, pad)
+    raw = json.dumps(document, indent=indent).encode()
+    assert usage_from_json(raw) == read_whole(raw)
 
 
 # --- content-encoding ----------------------------------------------------------------------------

@@ -47,42 +47,33 @@ class Credentials:
 def header_reader(
     settings: BudgetSettings,
 ) -> Callable[[Iterable[tuple[bytes, bytes]]], Credentials]:
-    """Build, once, the function that reads the headers of a metered request in one pass: one
-    dict lookup per header (a client SDK sends a dozen, most of them of no interest here)."""
+    """Build, once, the function that reads the headers of a metered request: one dict of them,
+    built in C, and a lookup per header of interest (a client SDK sends a dozen others)."""
     prefix = settings.key_prefix
-    # header name -> its slot; the key header set last, so it takes its name's slot if it has one
-    wanted = {
-        b"authorization": 1,
-        b"x-api-key": 2,
-        b"x-goog-api-key": 3,
-        b"x-budget-provider": 4,
-        b"x-budget-tags": 5,
-        b"content-length": 6,
-    }
-    wanted[settings.key_header.encode()] = 0
+    key_header = settings.key_header.encode()
 
     def read(headers: Iterable[tuple[bytes, bytes]]) -> Credentials:
-        found: list[bytes | None] = [None] * 7
-        get = wanted.get
-        for name, value in headers:
-            slot = get(name)
-            if slot is not None:
-                found[slot] = value
-        explicit, authorization, api_key, goog, provider, tags, length = found
+        found = dict(headers)  # in C; a repeated header keeps its last value, as before
+        get = found.get
         key = None
+        explicit = get(key_header)
         if explicit:
             key = explicit.decode("latin-1").strip() or None
         else:
+            authorization = get(b"authorization")
             if authorization is not None:
                 authorization = (
                     authorization[7:].strip() if authorization[:7].lower() == b"bearer " else None
                 )
-            for candidate in (authorization, api_key, goog):
+            for candidate in (authorization, get(b"x-api-key"), get(b"x-goog-api-key")):
                 if candidate:
                     text = candidate.decode("latin-1").strip()
                     if text.startswith(prefix):
                         key = text
                         break
+        provider = get(b"x-budget-provider")
+        tags = get(b"x-budget-tags")
+        length = get(b"content-length")
         size = None
         if length is not None:
             try:
@@ -114,64 +105,63 @@ class Target:
     max_output_tokens: int | None
 
 
-def resolve_target(
-    body: Any,
-    route_path: str,
-    credentials: Credentials,
-    key_tags: tuple[str, ...],
-    guess_provider: Callable[[str], str | None],
-) -> Target:
-    """Provider and model from the body's `model`, the header, the path, or the catalog."""
-    data = body if type(body) is dict else {}
-    raw_model = data.get("model")
-    model = raw_model.strip() if type(raw_model) is str else ""
-    provider: str | None = None
-    if "/" in model:
-        head, rest = model.split("/", 1)
-        if head and rest:
-            provider, model = head, rest
-    provider = provider or credentials.provider or _path_provider(route_path)
-    if provider is None and model:
-        provider = guess_provider(model)
-    if provider is None and route_path.endswith("/messages"):
-        provider = "anthropic"
-    tags = credentials.tags
-    if key_tags:
-        tags += key_tags
-    if "metadata" in data:
-        tags += _body_tags(data)
-    if len(tags) > 1:
-        tags = tuple(sorted(set(tags)))
-    limit = None
-    for name in OUTPUT_LIMIT_FIELDS:
-        value = data.get(name)
-        if value is not None and type(value) is int and value >= 0:
-            limit = value
-            break
-    return Target(
-        provider or "unknown",
-        model or "unknown",
-        tags,
-        data.get("stream") is True,
-        limit,
-    )
+class TargetResolver:
+    """Provider and model from the body's `model`, the header, the path, or the catalog; tags
+    from the header, the key and the body. Built once per middleware: where a (model, header,
+    path) leads is worked out once and kept (bounded: all three come from clients)."""
+
+    def __init__(self, guess_provider: Callable[[str], str | None]) -> None:
+        self.guess_provider = guess_provider
+        self._routes: dict[tuple[str, str | None, str], tuple[str, str]] = {}
+
+    def __call__(
+        self, body: Any, route_path: str, credentials: Credentials, key_tags: tuple[str, ...]
+    ) -> Target:
+        data = body if type(body) is dict else _NO_BODY
+        raw_model = data.get("model")
+        where = (raw_model if type(raw_model) is str else "", credentials.provider, route_path)
+        found = self._routes.get(where)
+        if found is None:
+            found = self._route(*where)
+            if len(self._routes) >= 4096:
+                self._routes.clear()
+            self._routes[where] = found
+        tags = credentials.tags
+        if key_tags:
+            tags += key_tags
+        if "metadata" in data:
+            tags += _body_tags(data)
+        if len(tags) > 1:
+            tags = tuple(sorted(set(tags)))
+        limit = None
+        for name in OUTPUT_LIMIT_FIELDS:
+            value = data.get(name)
+            if value is not None and type(value) is int and value >= 0:
+                limit = value
+                break
+        return Target(found[0], found[1], tags, data.get("stream") is True, limit)
+
+    def _route(self, raw_model: str, header: str | None, route_path: str) -> tuple[str, str]:
+        model = raw_model.strip()
+        provider: str | None = None
+        if "/" in model:
+            head, rest = model.split("/", 1)
+            if head and rest:
+                provider, model = head, rest
+        provider = provider or header or _path_provider(route_path)
+        if provider is None and model:
+            provider = self.guess_provider(model)
+        if provider is None and route_path.endswith("/messages"):
+            provider = "anthropic"
+        return provider or "unknown", model or "unknown"
 
 
-_path_providers: dict[str, str | None] = {}
+_NO_BODY: dict[str, Any] = {}
 
 
 def _path_provider(route_path: str) -> str | None:
-    found = _path_providers.get(route_path, _NOT_SEEN)
-    if found is _NOT_SEEN:
-        first = route_path.lstrip("/").split("/", 1)[0]
-        found = first if first in KNOWN_PROVIDERS else None
-        if len(_path_providers) >= 1024:  # paths come from clients: keep it bounded
-            _path_providers.clear()
-        _path_providers[route_path] = found
-    return found  # type: ignore[return-value]
-
-
-_NOT_SEEN = object()
+    first = route_path.lstrip("/").split("/", 1)[0]
+    return first if first in KNOWN_PROVIDERS else None
 
 
 def _body_tags(data: dict[str, Any]) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .admission import Ticket, Tightest
 from .identity import Target
 from .limits import FAR_FUTURE, WindowCounter
-from .pricing import cost_nanos, nanos_from_usd
+from .pricing import ModelPrice, cost_nanos, nanos_from_usd
 from .scopes import KeyConfig, LimitSet
 from .sse import StreamMeter
 from .store.database import UsageRecord
@@ -48,6 +48,7 @@ class _RequestIds:
 
 
 _request_ids = _RequestIds()
+_new_record = tuple.__new__
 
 
 class Exchange:
@@ -87,6 +88,7 @@ class Exchange:
         key: KeyConfig | None,
         target: Target,
         limits: LimitSet,
+        price: ModelPrice | None,
         prompt_tokens: int,
         admitted_at: float,
         started: float,
@@ -95,6 +97,7 @@ class Exchange:
         self.key = key
         self.target = target
         self.limits = limits
+        self.price = price  # of the target, looked up once when admitting
         self.prompt_tokens = prompt_tokens  # estimated, for reservations and cut streams
         self.admitted_at = admitted_at
         self.started = started
@@ -263,7 +266,7 @@ class Exchange:
                 output_chars = self.stream.text_chars if self.stream is not None else 0
                 usage = TokenUsage(self.prompt_tokens, (output_chars + 3) // 4)
                 note = note or "no usage in the response"
-            price = engine.prices.price(target.provider, target.model)
+            price = self.price
             if price is None:
                 cost, source = 0, "unpriced"
                 engine.prices.note_unpriced(target.provider, target.model)
@@ -275,21 +278,24 @@ class Exchange:
         else:
             inp, out, cached = usage.input_tokens, usage.output_tokens, usage.cached_tokens
         engine.record(
-            UsageRecord(
-                _request_ids.next(),
-                self.admitted_at,
-                *self.caller,  # key, team, customer, provider, model, tags
-                inp,
-                out,
-                cached,
-                cost,
-                source,
-                self.status,
-                self.stream is not None,
-                outcome,
-                estimated,
-                note,
-                (perf_counter() - self.started) * 1000,
+            _new_record(  # the tuple itself: UsageRecord's own __new__ is a Python call
+                UsageRecord,
+                (
+                    _request_ids.next(),
+                    self.admitted_at,
+                    *self.caller,  # key, team, customer, provider, model, tags
+                    inp,
+                    out,
+                    cached,
+                    cost,
+                    source,
+                    self.status,
+                    self.stream is not None,
+                    outcome,
+                    estimated,
+                    note,
+                    (perf_counter() - self.started) * 1000,
+                ),
             )
         )
         return cost, inp + out

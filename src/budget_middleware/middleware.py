@@ -17,8 +17,9 @@ from typing import Any, NamedTuple
 from .admission import Refusal, Ticket
 from .engine import BudgetEngine, ServiceUnavailable, get_engine
 from .errors import ErrorAnswer, error_answer, refusal_answer
-from .identity import Credentials, header_reader, resolve_target, route_path
+from .identity import Credentials, TargetResolver, header_reader, route_path
 from .metering import Exchange
+from .pricing import estimate_nanos
 from .scopes import KeyConfig
 from .settings import BudgetSettings
 from .usage import JSON_ERRORS, json_loads
@@ -80,7 +81,8 @@ class BudgetMiddleware:
         self.fail_open = s.fail_open
         self.require_key = s.require_virtual_key
         self.exceeded_status = s.exceeded_status
-        self.guess_provider = self.engine.prices.guess_provider
+        self.resolve_target = TargetResolver(self.engine.prices.guess_provider)
+        self.price = self.engine.prices.price
         self.key_required = (
             "A virtual key is required: send it in the "
             f"'{s.key_header}' header or as 'Authorization: Bearer {s.key_prefix}…'"
@@ -258,9 +260,7 @@ class BudgetMiddleware:
                 )
         parsed = _parse_json(body)
         path = route_path(scope)
-        target = resolve_target(
-            parsed, path, credentials, key.tags if key is not None else (), self.guess_provider
-        )
+        target = self.resolve_target(parsed, path, credentials, key.tags if key is not None else ())
         if key is not None and key.policies:
             policy = key.policies.get(target.provider)
             if policy is None:
@@ -281,14 +281,12 @@ class BudgetMiddleware:
         else:
             limits = key.resolve(engine.globals, target.provider, target.model, target.tags)
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
-        exchange = Exchange(engine, key, target, limits, prompt_tokens, now, started)
+        price = self.price(target.provider, target.model)  # once: it prices the charge too
+        exchange = Exchange(engine, key, target, limits, price, prompt_tokens, now, started)
         if self.reserve and limits.budgets:
             output = target.max_output_tokens
-            exchange.ticket_estimate = engine.prices.estimate_nanos(
-                target.provider,
-                target.model,
-                prompt_tokens,
-                self.default_output if output is None else output,
+            exchange.ticket_estimate = estimate_nanos(
+                price, prompt_tokens, self.default_output if output is None else output
             )
         if target.stream and type(parsed) is dict and path.endswith(_USAGE_PATHS):
             exchange.parsed = parsed

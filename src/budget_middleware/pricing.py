@@ -99,6 +99,16 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
 
+def estimate_nanos(price: ModelPrice | None, input_tokens: int, output_tokens: int) -> int:
+    """Worst-case cost to reserve: all input uncached, at base-tier prices; 0 when unpriced."""
+    if price is None:
+        return 0
+    r_in, r_out, _, _ = price._rates
+    femto = (input_tokens if input_tokens > 0 else 0) * r_in
+    femto += (output_tokens if output_tokens > 0 else 0) * r_out
+    return (femto + _HALF_NANO) // _FEMTO_PER_NANO
+
+
 def cost_usd(price: ModelPrice, usage: TokenUsage) -> float:
     return cost_nanos(price, usage) / NANOS_PER_USD
 
@@ -255,18 +265,6 @@ class PriceBook:
             self._guesses.clear()
         self._guesses[model] = guess
         return guess
-
-    def estimate_nanos(
-        self, provider: str, model: str, input_tokens: int, output_tokens: int
-    ) -> int:
-        """Worst-case cost to reserve: all input uncached, at base-tier prices; 0 when unpriced."""
-        price = self.price(provider, model)
-        if price is None:
-            return 0
-        r_in, r_out, _, _ = price._rates
-        femto = (input_tokens if input_tokens > 0 else 0) * r_in
-        femto += (output_tokens if output_tokens > 0 else 0) * r_out
-        return (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
     def note_unpriced(self, provider: str, model: str) -> None:
         """Count one request charged 0 because its model has no price."""

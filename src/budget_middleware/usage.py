@@ -36,16 +36,7 @@ except ImportError:  # pragma: no cover - orjson is the optional `speedups` extr
 JSON_ERRORS: Final = (ValueError, RecursionError)
 
 _USAGE_KEY: Final = b'"usage"'
-_SCAN_FROM: Final = 4096  # larger bodies: decode only the usage object at the end
 _CANDIDATES: Final = 4  # `"usage"` keys tried from the end before falling back to a full parse
-_JSON_SPACE: Final = " \t\r\n"
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # as strict as orjson, so both paths agree
-
-
-_raw_decode = json.JSONDecoder(parse_constant=_reject_constant).raw_decode
 
 
 @dataclass(slots=True)
@@ -135,24 +126,23 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
 def usage_from_json(body: bytes) -> TokenUsage | None:
     """The usage a non-streamed JSON response reports; None if it reports none or is not JSON.
 
-    Never raises. Bodies over 4 KiB are not parsed whole: the top-level `usage` object sits at
-    the end, so only it and what follows are decoded (what follows must close the outer object,
-    so a nested or quoted `"usage"` is never taken; what precedes is not validated). Anything
-    unexpected falls back to a full parse.
+    Never raises. The body is not parsed whole: the top-level `usage` object sits at the end, so
+    only it and what follows are decoded, as `{` + that tail, which is valid JSON only when the
+    key is a top-level one (a nested key leaves an extra closing bracket; a quoted one has no
+    colon after it, or is escaped). What precedes is not validated. Anything unexpected falls
+    back to a full parse.
     """
     last = body.rfind(_USAGE_KEY)
     if last < 0:  # no usage key anywhere: nothing worth parsing
         return None
-    if len(body) > _SCAN_FROM:
-        found, usage = _usage_at_end(body, last)
-        if found:
-            return usage_from_mapping(usage) if isinstance(usage, dict) else None
-    try:
-        document = json_loads(body)
-    except JSON_ERRORS:
-        return None
-    usage = document.get("usage") if isinstance(document, dict) else None
-    return usage_from_mapping(usage) if isinstance(usage, dict) else None
+    found, usage = _usage_at_end(body, last)
+    if not found:
+        try:
+            document = json_loads(body)
+        except JSON_ERRORS:
+            return None
+        usage = document.get("usage") if isinstance(document, dict) else None
+    return usage_from_mapping(usage) if type(usage) is dict else None
 
 
 def _usage_at_end(body: bytes, last: int) -> tuple[bool, Any]:
@@ -161,37 +151,24 @@ def _usage_at_end(body: bytes, last: int) -> tuple[bool, Any]:
     for _ in range(_CANDIDATES):
         if index < 0:
             return False, None
-        backslashes = 0
-        while index - backslashes > 0 and body[index - backslashes - 1] == 0x5C:
-            backslashes += 1
-        if backslashes % 2 == 0:  # an escaped quote would put us inside a string
-            found, value = _top_level_value(body, index)
-            if found:
-                return True, value
+        if body[index - 1] != 0x5C or _unescaped(body, index):  # `\"usage"` is inside a string
+            try:
+                tail = json_loads(b"{" + body[index:])
+            except JSON_ERRORS:
+                pass
+            else:
+                if type(tail) is dict:
+                    return True, tail.get("usage")
         index = body.rfind(_USAGE_KEY, 0, index)
     return False, None
 
 
-def _top_level_value(body: bytes, index: int) -> tuple[bool, Any]:
-    try:
-        tail = body[index:].decode()
-        at = _skip_space(tail, len(_USAGE_KEY))
-        if tail[at : at + 1] != ":":
-            return False, None
-        value, end = _raw_decode(tail, _skip_space(tail, at + 1))
-        rest = tail[end:].strip(_JSON_SPACE)
-        # top-level only if what follows closes the outer object; nested keys leave extra `}`
-        if rest == "}" or (rest[:1] == "," and isinstance(json_loads("{" + rest[1:]), dict)):
-            return True, value
-    except JSON_ERRORS:
-        pass
-    return False, None
-
-
-def _skip_space(text: str, at: int) -> int:
-    while at < len(text) and text[at] in _JSON_SPACE:
-        at += 1
-    return at
+def _unescaped(body: bytes, index: int) -> bool:
+    """Whether the quote at `index` ends an even run of backslashes (so is not escaped)."""
+    backslashes = 0
+    while index - backslashes > 0 and body[index - backslashes - 1] == 0x5C:
+        backslashes += 1
+    return backslashes % 2 == 0
 
 
 _ZLIB_CODINGS: Final = frozenset({"gzip", "x-gzip", "deflate"})
