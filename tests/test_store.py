@@ -123,3 +123,23 @@ def test_a_batch_of_thousands_of_records_is_written_whole(store_url: str) -> Non
     assert len(rows) == 2_500
     assert sorted(r.input_tokens for r in rows) == list(range(2_500))
     assert {r.request_id for r in rows} == {r.request_id for r in records}
+
+
+def test_records_are_named_after_their_batch_once_and_for_all(store_url: str) -> None:
+    """The request path leaves a record's id empty; the flush names it after its batch and its
+    place in it, so a batch written again (its outcome unknown) names it the same and is skipped,
+    and two batches never share an id."""
+    store = Store(store_url)
+    store.create_schema()
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    batch = [pending(record("", input_tokens=n)) for n in range(3)]
+    store.apply_flush(first, [], batch)
+    store.apply_flush(first, [], batch)  # retried: already applied
+    store.apply_flush(second, [], [pending(record("", input_tokens=3)), pending(record("x" * 32))])
+    with store.session() as s:
+        rows = {r.input_tokens: r.request_id for r in s.exec(select(UsageRecordRow))}
+    store.dispose()
+    assert [rows[n] for n in range(3)] == [f"{first[:16]}{n:016x}" for n in range(3)]
+    assert rows[3] == f"{second[:16]}{0:016x}"
+    assert rows[10] == "x" * 32  # a record that has an id keeps it
+    assert len(rows) == len(set(rows.values())) == 5

@@ -118,26 +118,9 @@ def admit(
     """All or nothing: either every applicable limit takes the request, or none is touched.
 
     One pass over the counters, flattened by kind, decides and keeps the tightest limit of each
-    kind for the response headers; only a refused request looks at the scopes in the order of
-    SPEC §5, to say which limit refuses (`check_rate_limits`, `check_budgets`: the same
-    conditions)."""
-    ticket = _take(limits, estimate, reserve, now, ledger)
-    if ticket is not None:
-        return ticket
-    scopes = limits.scopes
-    refusal = check_rate_limits(scopes, now, ledger) or check_budgets(
-        scopes, estimate, reserve, now, ledger
-    )
-    if refusal is None:  # the two readings of one rule disagree: a bug, never a free pass
-        raise AssertionError("admission refused a request that no limit refuses")
-    return refusal
-
-
-def _take(
-    limits: LimitSet, estimate: int, reserve: bool, now: float, ledger: Ledger
-) -> Ticket | None:
-    """A ticket when every limit takes the request, None (nothing touched) when one does not."""
-    # Each check is `left > 0` (value < limit); the tightest of each kind is kept on the way.
+    kind for the response headers (each check is `left > 0`: value < limit); only a refused
+    request looks at the scopes in the order of SPEC §5, to say which limit refuses (`_refusal`:
+    the same conditions)."""
     requests = tokens = budget = None
     requests_left = tokens_left = budget_left = 0
     for counter in limits.requests:
@@ -145,7 +128,7 @@ def _take(
             counter.roll(now, ledger)
         left = counter.limit - counter.value
         if left <= 0:
-            return None
+            return _refusal(limits, estimate, reserve, now, ledger)
         if requests is None or left < requests_left:
             requests, requests_left = counter, left
     for counter in limits.tokens:
@@ -153,18 +136,18 @@ def _take(
             counter.roll(now, ledger)
         left = counter.limit - counter.value
         if left <= 0:
-            return None
+            return _refusal(limits, estimate, reserve, now, ledger)
         if tokens is None or left < tokens_left:
             tokens, tokens_left = counter, left
     for slots in limits.slots:
         if slots.limit is not None and slots.in_flight >= slots.limit:
-            return None
+            return _refusal(limits, estimate, reserve, now, ledger)
     for counter in limits.budgets:
         if now >= counter.end:
             counter.roll(now, ledger)
         left = counter.limit - counter.value
         if left <= 0 or (reserve and counter.reserved > 0 and estimate + counter.reserved > left):
-            return None
+            return _refusal(limits, estimate, reserve, now, ledger)
         if budget is None or left < budget_left:
             budget, budget_left = counter, left
     dirty = ledger.dirty
@@ -185,6 +168,16 @@ def _take(
         requests_left -= 1  # this request is counted now
     tightest = (requests, requests_left, tokens, tokens_left, budget, budget_left)
     return Ticket(limits, reservation, False, tightest)
+
+
+def _refusal(limits: LimitSet, estimate: int, reserve: bool, now: float, ledger: Ledger) -> Refusal:
+    scopes = limits.scopes
+    refusal = check_rate_limits(scopes, now, ledger) or check_budgets(
+        scopes, estimate, reserve, now, ledger
+    )
+    if refusal is None:  # the two readings of one rule disagree: a bug, never a free pass
+        raise AssertionError("admission refused a request that no limit refuses")
+    return refusal
 
 
 def settle(ticket: Ticket, cost: int, tokens: int, now: float, ledger: Ledger) -> None:

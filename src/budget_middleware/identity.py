@@ -60,17 +60,18 @@ def header_reader(
         if explicit:
             key = explicit.decode("latin-1").strip() or None
         else:
-            authorization = get(b"authorization")
-            if authorization is not None:
-                authorization = (
-                    authorization[7:].strip() if authorization[:7].lower() == b"bearer " else None
-                )
-            for candidate in (authorization, get(b"x-api-key"), get(b"x-goog-api-key")):
-                if candidate:
-                    text = candidate.decode("latin-1").strip()
-                    if text.startswith(prefix):
-                        key = text
-                        break
+            value = get(b"authorization")
+            if value is not None and value[:7].lower() == b"bearer ":
+                text = value[7:].decode("latin-1").strip()
+                if text and text.startswith(prefix):
+                    key = text
+            if key is None:
+                for value in (get(b"x-api-key"), get(b"x-goog-api-key")):
+                    if value:
+                        text = value.decode("latin-1").strip()
+                        if text.startswith(prefix):
+                            key = text
+                            break
         provider = get(b"x-budget-provider")
         tags = get(b"x-budget-tags")
         length = get(b"content-length")

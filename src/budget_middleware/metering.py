@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import os
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -30,24 +27,6 @@ _JSON_TAIL = 1 << 20  # of a huge JSON answer keep the last MiB: usage sits at t
 _COST_HEADER = b"x-budget-cost"
 
 
-class _RequestIds:
-    """Unique usage-record ids (32 hex digits, like a uuid4's): a random prefix per process and
-    a counter. A uuid4 per request cost ~2.5 µs, a tenth of the hot path's budget."""
-
-    def __init__(self) -> None:
-        self.renew()
-        # A forked worker (gunicorn --preload) must not repeat its parent's ids.
-        os.register_at_fork(after_in_child=self.renew)
-
-    def renew(self) -> None:
-        self.prefix = uuid.uuid4().hex[:16]
-        self.counter = itertools.count()
-
-    def next(self) -> str:
-        return f"{self.prefix}{next(self.counter):016x}"
-
-
-_request_ids = _RequestIds()
 _new_record = tuple.__new__
 
 
@@ -281,7 +260,7 @@ class Exchange:
             _new_record(  # the tuple itself: UsageRecord's own __new__ is a Python call
                 UsageRecord,
                 (
-                    _request_ids.next(),
+                    "",  # named when flushed, after its batch
                     self.admitted_at,
                     *self.caller,  # key, team, customer, provider, model, tags
                     inp,
@@ -348,6 +327,9 @@ def _rate_headers(
     now: float,
 ) -> None:
     left = window.end - now
-    out.append((names[0], window.limit_text))
-    out.append((names[1], b"%d" % (remaining if remaining > 0 else 0)))
-    out.append((names[2], b"never" if left == FAR_FUTURE else b"%.0fs" % (left if left > 0 else 0)))
+    out += (
+        (names[0], window.limit_text),
+        (names[1], b"%d" % (remaining if remaining > 0 else 0)),
+        # round() as "%.0f" does (half to even), and formatted as an int: twice as fast
+        (names[2], b"never" if left == FAR_FUTURE else b"%ds" % (round(left) if left > 0 else 0)),
+    )

@@ -79,7 +79,7 @@ class UsageRecord(NamedTuple):
     """A usage record as the request path leaves it: a tuple (a dict of the row cost ~3 µs a
     request), turned into a row only when the flusher writes it (`cost` is derived there)."""
 
-    request_id: str
+    request_id: str  # "" on the request path: the flush names it after its batch
     created_at: float  # epoch seconds
     virtual_key_id: str | None
     team_id: str | None
@@ -253,7 +253,7 @@ class Store:
                     return
                 _apply_deltas(conn, deltas)
                 if records:
-                    _insert_records(conn, records)
+                    _insert_records(conn, records, batch_id)
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"store write failed: {type(exc).__name__}") from exc
 
@@ -398,16 +398,20 @@ class _UtcText:
         return f"{self.prefix}.{micros:06d}{self.suffix}"
 
 
-def _insert_records(conn: Any, records: Sequence[UsageRecord]) -> None:
+def _insert_records(conn: Any, records: Sequence[UsageRecord], batch_id: str) -> None:
+    """The batch's records; one without an id takes its batch's (random) id and its place in
+    the batch, which stay the same when a failed batch is written again."""
     dialect = conn.dialect.name
+    prefix = batch_id[:16]
     # UsageRecord's order, `cost` after `cost_nanos`; datetimes and JSON as text, as SQLAlchemy
     # would store them (psycopg sends text untyped: PostgreSQL casts it to the column's type)
     when = _UtcText("" if dialect == "sqlite" else "+00")
     dumps = json_dumps
     values: list[Any] = []
     extend = values.extend
-    for r in records:
-        extend((r[0], when(r[1]), *r[2:7], dumps(r[7]), *r[8:12], r[11] / NANOS_PER_USD, *r[12:]))
+    for i, r in enumerate(records):
+        rid = r[0] or f"{prefix}{i:016x}"
+        extend((rid, when(r[1]), *r[2:7], dumps(r[7]), *r[8:12], r[11] / NANOS_PER_USD, *r[12:]))
     if dialect == "postgresql":
         _copy_records(conn, values)
         return
