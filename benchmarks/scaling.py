@@ -140,13 +140,17 @@ def _read_bulk(engine: BudgetEngine, world: World, offset: int, count: int) -> l
 
 
 async def cache_bulk(engine: BudgetEngine, world: World, count: int) -> int:
-    """Cache `count` bulk keys, 500 at a time: a server reads keys one by one, so its memory
+    """Cache `count` bulk keys, 100 at a time: a server reads keys one by one, so its memory
     holds the configurations, not thousands of rows at once. Each is resolved for the hot-path
-    target, as the key's first request would, so its memory counts what a used key holds."""
+    target, as the key's first request would, so its memory counts what a used key holds.
+
+    100 at a time leaves what one by one through `engine.lookup_key` leaves (1,418 against
+    1,405 bytes of RSS a key, measured) in a twentieth of the time; 500 at a time left the
+    ORM rows of each batch between the keys' objects (2,030 bytes a key)."""
     done = 0
     while done < count:
         records = await anyio.to_thread.run_sync(
-            _read_bulk, engine, world, done, min(500, count - done)
+            _read_bulk, engine, world, done, min(100, count - done)
         )
         if not records:
             break

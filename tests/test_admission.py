@@ -410,3 +410,18 @@ def test_admission_and_settlement_over_flattened_limits_match_the_scopes_exactly
     _reference_settle(model_scopes, got.reservation, cost, tokens, now + 1, model_registry.ledger)
     settle(got, cost, tokens, now + 1, registry.ledger)
     assert _state(registry, now + 1) == _state(model_registry, now + 1)
+
+
+def test_counters_with_the_same_window_share_its_bounds_and_keep_their_kind() -> None:
+    """Memory: the request and token windows of a rate limit (and any limits set up together)
+    hold one float object per bound, not one each; a counter's kind is its class's."""
+    registry = CounterRegistry()
+    rate = rate_scope(registry, "team", requests=10, tokens=1000, duration="1h").rate_limit
+    assert rate is not None and rate.requests is not None and rate.tokens is not None
+    budget = budget_scope(registry, "other", 1.0, "1h").budgets[0]
+    windows = (rate.requests, rate.tokens, budget)
+    assert [w.kind for w in windows] == ["request", "token", "budget"]
+    assert rate.requests.start == T0 and rate.requests.end == T0 + 3600
+    for attribute in ("anchor", "start", "end"):
+        assert len({id(getattr(w, attribute)) for w in windows}) == 1, attribute
+    assert not hasattr(budget, "__dict__")  # slots only

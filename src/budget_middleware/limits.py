@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import ClassVar
 
 from .durations import Duration, window_bounds
 
@@ -39,8 +40,26 @@ def _shared_limit(limit: int, usd: bool) -> tuple[int, bytes]:
     return found
 
 
+_FLOATS: dict[float, float] = {}
+
+
+def _shared_float(value: float) -> float:
+    """One float object for equal window bounds (24 bytes each): the request and token windows
+    of a rate limit, calendar-aligned windows, limits set up together share theirs."""
+    found = _FLOATS.get(value)
+    if found is None:
+        if len(_FLOATS) >= 10_000:  # bounded: a cleared entry only stops being shared
+            _FLOATS.clear()
+        found = _FLOATS[value] = value
+    return found
+
+
 class WindowCounter:
     """A value that resets when its window ends (a budget's spend, a request or token count)."""
+
+    # `kind` ("budget", "request" or "token") is its class's: one slot less is 16 bytes less a
+    # counter (three a cached key), as CPython rounds objects up to 16 bytes.
+    kind: ClassVar[str]
 
     __slots__ = (
         "anchor",
@@ -48,7 +67,6 @@ class WindowCounter:
         "duration",
         "end",
         "id",
-        "kind",
         "limit",
         "limit_text",
         "pending",
@@ -58,8 +76,7 @@ class WindowCounter:
         "value",
     )
 
-    def __init__(self, kind: str, id: str) -> None:
-        self.kind = kind  # "budget", "request" or "token"
+    def __init__(self, id: str) -> None:
         self.id = id
         self.limit = 0
         self.limit_text = b"0"  # the limit as the response headers show it, formatted once
@@ -88,7 +105,7 @@ class WindowCounter:
         ):
             self.duration = duration
             self.calendar_aligned = calendar_aligned
-            self.anchor = max(anchor, self.anchor)
+            self.anchor = _shared_float(max(anchor, self.anchor))
             self.start, self.end = self._window_at(now)
 
     def seed(self, stored_value: int, stored_reset: float) -> None:
@@ -105,7 +122,7 @@ class WindowCounter:
             now=_dt(max(now, self.anchor)),
             calendar_aligned=self.calendar_aligned,
         )
-        return _ts(start), _ts(end)
+        return _shared_float(_ts(start)), _shared_float(_ts(end))
 
     def roll(self, now: float, ledger: Ledger) -> None:
         """Start the window that contains `now` (called only when `now >= self.end`)."""
@@ -137,6 +154,28 @@ class WindowCounter:
     @property
     def remaining(self) -> int:
         return max(self.limit - self.value, 0)
+
+
+class BudgetWindow(WindowCounter):
+    __slots__ = ()
+    kind = "budget"
+
+
+class RequestWindow(WindowCounter):
+    __slots__ = ()
+    kind = "request"
+
+
+class TokenWindow(WindowCounter):
+    __slots__ = ()
+    kind = "token"
+
+
+_WINDOW_CLASSES: dict[str, type[WindowCounter]] = {
+    "budget": BudgetWindow,
+    "request": RequestWindow,
+    "token": TokenWindow,
+}
 
 
 @dataclass(slots=True)
@@ -191,7 +230,7 @@ class CounterRegistry:
         counter = windows.get(id)
         anchor = _ts(last_reset)
         if counter is None:
-            counter = windows[id] = WindowCounter(kind, id)
+            counter = windows[id] = _WINDOW_CLASSES[kind](id)
             counter.configure(limit, duration, calendar_aligned, anchor, now)
             counter.seed(usage, anchor)
         else:
