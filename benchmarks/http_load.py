@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from harness import ROOT, bench_settings, chat_body, make_world
-from loadgen import build_request, run_load
 
 HERE = Path(__file__).resolve().parent
 SERVERS = {
@@ -74,24 +73,24 @@ def _serve(
 
 
 def _drive(port: int, body: bytes, key: str, concurrency: int, duration: float) -> dict[str, Any]:
+    """One load run in its own process: wrk, or `loadgen.py` when wrk is missing."""
     wrk = shutil.which("wrk")
     if wrk is None:
-        request = build_request(
-            "127.0.0.1",
-            port,
-            PATH,
-            body,
-            {"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
-        )
-        return {**run_load("127.0.0.1", port, request, concurrency, duration), "tool": "loadgen"}
-    command = [
-        wrk, "-t1", f"-c{concurrency}", f"-d{max(int(duration), 1)}s", "--timeout", "5s",
-        "-s", str(HERE / "post.lua"), f"http://127.0.0.1:{port}{PATH}",
-    ]  # fmt: skip
+        tool = "loadgen"
+        command = [
+            sys.executable, str(HERE / "loadgen.py"), str(port), PATH, str(concurrency),
+            str(duration),
+        ]  # fmt: skip
+    else:
+        tool = "wrk"
+        command = [
+            wrk, "-t1", f"-c{concurrency}", f"-d{max(int(duration), 1)}s", "--timeout", "5s",
+            "-s", str(HERE / "post.lua"), f"http://127.0.0.1:{port}{PATH}",
+        ]  # fmt: skip
     env = {**os.environ, "BENCH_BODY": body.decode(), "BENCH_KEY": key}
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("BENCH_JSON "))
-    return {**json.loads(line.removeprefix("BENCH_JSON ")), "tool": "wrk"}
+    return {**json.loads(line.removeprefix("BENCH_JSON ")), "tool": tool}
 
 
 async def run(duration: float, repeats: int, concurrency: int = 32) -> list[dict[str, Any]]:

@@ -8,7 +8,10 @@ server less: prefer wrk (`apt-get install wrk`) for the published figures.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -86,3 +89,22 @@ def run_load(
         return uvloop.run(_load(host, port, request, concurrency, duration))
     except ImportError:
         return asyncio.run(_load(host, port, request, concurrency, duration))
+
+
+def main() -> None:
+    """`python loadgen.py PORT PATH CONCURRENCY SECONDS`, the body and the key in BENCH_BODY and
+    BENCH_KEY (as for wrk's post.lua): its own process, as wrk is, never the driver's loop."""
+    port, path, concurrency, duration = sys.argv[1:5]
+    request = build_request(
+        "127.0.0.1",
+        int(port),
+        path,
+        os.environ["BENCH_BODY"].encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {os.environ['BENCH_KEY']}"},
+    )
+    found = run_load("127.0.0.1", int(port), request, int(concurrency), float(duration))
+    print("BENCH_JSON " + json.dumps(found))
+
+
+if __name__ == "__main__":
+    main()
