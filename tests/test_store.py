@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlmodel import select
 
@@ -143,3 +144,12 @@ def test_records_are_named_after_their_batch_once_and_for_all(store_url: str) ->
     assert rows[3] == f"{second[:16]}{0:016x}"
     assert rows[10] == "x" * 32  # a record that has an id keeps it
     assert len(rows) == len(set(rows.values())) == 5
+
+
+def test_a_sqlite_connection_keeps_a_small_page_cache(tmp_path: Path) -> None:
+    """Memory: each pooled SQLite connection caches 1 MiB of pages, not SQLite's 2 MiB."""
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -1024
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    store.dispose()

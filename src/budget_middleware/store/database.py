@@ -124,6 +124,9 @@ def make_engine(url: str) -> Engine:
             if not memory:
                 cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            # 1 MiB of page cache a connection, not SQLite's 2 MiB: the pool may hold 15 of
+            # them, the reads are index lookups, and the OS caches the file anyway.
+            cursor.execute("PRAGMA cache_size=-1024")
             cursor.close()
 
         return engine
