@@ -491,7 +491,7 @@ def test_one_event_a_chunk_reads_as_the_whole_stream_does(
     generated: tuple[list[bytes], int | None, str],
 ) -> None:
     """Most upstreams send one event a chunk; such chunks take a shortcut past the line scanner
-    (`SSEDecoder.whole_event`). It must find exactly what the scanner finds."""
+    (`SSEDecoder.whole_data`). It must find exactly what the scanner finds."""
     blocks, usage_at, _ = generated
     stream = b"".join(blocks)
     at_blocks = [sum(len(b) for b in blocks[:i]) for i in range(1, len(blocks))]
@@ -508,7 +508,7 @@ def test_one_event_a_chunk_reads_as_the_whole_stream_does(
 
 def test_the_one_event_shortcut_takes_only_a_single_plain_data_event() -> None:
     decoder = SSEDecoder()
-    assert decoder.whole_event(b'data: {"a": 1}\n\n') is not None
+    assert decoder.whole_data(b'data: {"a": 1}\n\n') == '{"a": 1}'
     for chunk in (
         b'data: {"a": 1}\n\ndata: 2\n\n',  # two events
         b"data: 1\r\n\r\n",  # CR line ends: the scanner's
@@ -517,6 +517,6 @@ def test_the_one_event_shortcut_takes_only_a_single_plain_data_event() -> None:
         b"data: 1\n",  # not ended
         b"data:1\n\n",  # no space: the scanner strips it
     ):
-        assert SSEDecoder().whole_event(chunk) is None, chunk
+        assert SSEDecoder().whole_data(chunk) is None, chunk
     decoder.feed(b"data: par")  # something pending: the next chunk continues it
-    assert decoder.whole_event(b'data: {"a": 1}\n\n') is None
+    assert decoder.whole_data(b'data: {"a": 1}\n\n') is None

@@ -94,10 +94,10 @@ class SSEDecoder:
         """Bytes read but not yet handed back (the event in progress and comments before it)."""
         return len(self._buf)
 
-    def whole_event(self, chunk: bytes) -> SSEEvent | None:
-        """The event of a chunk that is exactly one `data: ...` event, when nothing is pending:
-        most upstreams send one event a chunk, and reading them costs no line scanning. None for
-        anything else (then `feed` it)."""
+    def whole_data(self, chunk: bytes) -> str | None:
+        """The data of a chunk that is exactly one `data: ...` event, when nothing is pending:
+        most upstreams send one event a chunk, and reading them costs no line scanning and no
+        event object. None for anything else (then `feed` it)."""
         if (
             self._buf
             or self._skip_lf
@@ -108,7 +108,7 @@ class SSEDecoder:
         ):
             return None
         self._started = True
-        return SSEEvent(None, chunk[6:-2].decode("utf-8", "replace"), chunk, self._last_id)
+        return chunk[6:-2].decode("utf-8", "replace")
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Every event this chunk completes, in order."""
@@ -240,9 +240,9 @@ class StreamMeter:
         decoder = self._decoder
         if decoder is None:
             return chunk
-        event = decoder.whole_event(chunk)
-        if event is not None:
-            if self._read(event) and self._drop:  # the usage chunk we caused: drop it
+        data = decoder.whole_data(chunk)
+        if data is not None:
+            if self._read_data(data) and self._drop:  # the usage chunk we caused: drop it
                 return b""
             if self._owe_lf:
                 return self._lf_owed(chunk)
@@ -304,10 +304,14 @@ class StreamMeter:
             if name in _SKIP or name.startswith("response."):
                 return False
             # any other name: some OpenAI-compatible server; read it like an unnamed event
-        if event.data == "[DONE]":
+        return self._read_data(event.data)
+
+    def _read_data(self, data: str) -> bool:
+        """An unnamed event's data; True if it is a usage-only chunk to drop."""
+        if data == "[DONE]":
             self.completed = True
             return False
-        body = _object(event.data)
+        body = _object(data)
         if body is None:
             return False
         kind = body.get("type")
