@@ -47,6 +47,9 @@ class BudgetState(NamedTuple):
     tags: tuple[str, ...]
 
 
+_new_state = tuple.__new__
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -203,13 +206,16 @@ class BudgetMiddleware:
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["budget"] = exchange.caller = BudgetState(
-            key.id if key else None,
-            key.team_id if key else None,
-            key.customer_id if key else None,
-            target.provider,
-            target.model,
-            target.tags,
+        state["budget"] = exchange.caller = _new_state(  # the tuple: no Python-level __new__
+            BudgetState,
+            (
+                key.id if key else None,
+                key.team_id if key else None,
+                key.customer_id if key else None,
+                target.provider,
+                target.model,
+                target.tags,
+            ),
         )
         if target.stream and exchange.parsed is not None:
             body, scope = _ask_for_usage(scope, exchange, body)

@@ -99,9 +99,9 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             value = details.get("cached_tokens")
         else:
             value = usage.get("cache_read_input_tokens")
-        read = 0 if value is None else _count(value)
+        read = value if type(value) is int and value >= 0 else _count(value)  # None counts 0
         value = usage.get("cache_creation_input_tokens")
-        write = 0 if value is None else _count(value)
+        write = value if type(value) is int and value >= 0 else _count(value)
     elif "input_tokens" in usage or "output_tokens" in usage:
         output = _count(usage.get("output_tokens"))
         details = _details(usage, "input_tokens_details")
