@@ -13,7 +13,26 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
+import budget_middleware
 from budget_middleware import BudgetSettings
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Never test stale compiled modules: a source edited since mypyc compiled it (setup.py) is
+    not what runs. `bash scripts/bootstrap.sh` (run by scripts/test.sh) compiles it again."""
+    package = Path(budget_middleware.__file__).parent
+    stale = [
+        compiled.name
+        for compiled in package.glob("*.so")
+        if (package / f"{compiled.name.split('.')[0]}.py").stat().st_mtime
+        > compiled.stat().st_mtime
+    ]
+    if stale:
+        raise pytest.UsageError(
+            f"compiled modules older than their sources: {', '.join(stale)}; "
+            "run `bash scripts/bootstrap.sh` (scripts/test.sh does) to compile them again"
+        )
+
 
 POSTGRES_BASE_URL = os.environ.get(
     "BUDGET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -58,6 +77,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         with engine.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{_RUN_DATABASE}" WITH (FORCE)'))
         engine.dispose()
+
+
 REDIS_URL = os.environ.get("BUDGET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import admission as _admission
 from .admission import Refusal
 from .engine import BudgetEngine, ServiceUnavailable, get_engine
 from .middleware import BudgetMiddleware, BudgetState
@@ -17,6 +18,9 @@ from .usage import TokenUsage
 
 if TYPE_CHECKING:
     from .manage import BudgetManager
+
+#: Whether the hot-path modules run compiled by mypyc (see setup.py) or as plain Python.
+COMPILED: bool = not _admission.__file__.endswith(".py")
 
 
 def create_admin_app(settings: BudgetSettings | None = None, **kwargs: Any) -> Any:
@@ -32,6 +36,7 @@ def get_manager(settings: BudgetSettings | None = None) -> BudgetManager:
 
 
 __all__ = [
+    "COMPILED",
     "BudgetEngine",
     "BudgetMiddleware",
     "BudgetSettings",

@@ -36,6 +36,11 @@ class Ticket:
     # The tightest request window, token window and budget with what each has left, found while
     # admitting (for the response headers): (counter, left) * 3, None where the kind is absent.
     tightest: Tightest | None = None
+    # Admitted by Redis (`redis_counters`): the id its slots and reservations are held under
+    # there, and the ZSETs that hold them; "" and () when admitted in process. (Fields, not a
+    # subclass: a compiled class cannot be subclassed by an interpreted module.)
+    request_id: str = ""
+    holds: tuple[str, ...] = ()
 
     @property
     def scopes(self) -> tuple[Scope, ...]:

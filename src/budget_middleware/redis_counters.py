@@ -83,19 +83,11 @@ class _Entry:
 
 
 @dataclass(slots=True)
-class RedisTicket(Ticket):
-    """A ticket whose slots and reservations are held in Redis under `request_id`."""
-
-    request_id: str = ""
-    holds: tuple[str, ...] = ()  # the ZSETs that hold this request (slots, reservations)
-
-
-@dataclass(slots=True)
 class _Failure:
     retry_at: float = 0.0
     backoff: float = 0.0
     logged: bool = False
-    live: dict[str, RedisTicket] = field(default_factory=dict)
+    live: dict[str, Ticket] = field(default_factory=dict)
 
 
 class RedisCounters(CounterBackend):
@@ -282,7 +274,7 @@ class RedisCounters(CounterBackend):
         answer: list[Any],
         reservation: int,
         request_id: str,
-    ) -> RedisTicket:
+    ) -> Ticket:
         holds: list[str] = []
         for n, entry in enumerate(plan):
             value = int(answer[1 + 2 * n])
@@ -305,7 +297,7 @@ class RedisCounters(CounterBackend):
             if reservation:
                 for budget in scope.budgets:
                     budget.reserved += reservation
-        ticket = RedisTicket(
+        ticket = Ticket(
             LimitSet(tuple(scopes)), reservation, request_id=request_id, holds=tuple(holds)
         )
         self._state.live[request_id] = ticket
@@ -329,7 +321,7 @@ class RedisCounters(CounterBackend):
         now = self.engine.clock()
         # Locally exactly as in process: the charge goes to the ledger (and so to the store).
         admission.settle(ticket, cost, tokens, now, self.ledger)
-        if not isinstance(ticket, RedisTicket):
+        if not ticket.request_id:
             return  # admitted in process while Redis was down
         self._state.live.pop(ticket.request_id, None)
         if self._backing_off() or self._settle is None:

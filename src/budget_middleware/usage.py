@@ -16,19 +16,17 @@ from typing import Any, Final
 
 try:
     import orjson
-
-    json_loads: Callable[[bytes | str], Any] = orjson.loads
-
-    def json_dumps(value: Any) -> str:
-        """Compact JSON text (orjson when installed)."""
-        return orjson.dumps(value).decode()
-
 except ImportError:  # pragma: no cover - orjson is the optional `speedups` extra
-    json_loads = json.loads
+    orjson = None  # type: ignore[assignment]
 
-    def json_dumps(value: Any) -> str:
-        """Compact JSON text (orjson when installed)."""
+json_loads: Callable[[bytes | str], Any] = json.loads if orjson is None else orjson.loads
+
+
+def json_dumps(value: Any) -> str:
+    """Compact JSON text (orjson when installed)."""
+    if orjson is None:  # pragma: no cover
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return orjson.dumps(value).decode()
 
 
 # What a bad body can raise: orjson's and json's decode errors and UnicodeDecodeError are
