@@ -18,7 +18,7 @@ from typing import Any
 
 from setuptools import setup
 
-COMPILED = ("admission", "limits", "scopes", "identity", "usage", "sse")
+COMPILED = ("admission", "limits", "scopes", "identity", "usage", "sse", "limit_headers")
 # pip runs this file for metadata too; mypyc (~30 s) runs only for what builds extensions.
 _BUILDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
 

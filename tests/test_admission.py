@@ -17,6 +17,7 @@ from budget_middleware.admission import (
     settle,
 )
 from budget_middleware.durations import Duration
+from budget_middleware.limit_headers import tightest_now
 from budget_middleware.limits import (
     CounterRegistry,
     Ledger,
@@ -24,7 +25,6 @@ from budget_middleware.limits import (
     WindowCounter,
     ensure_current,
 )
-from budget_middleware.metering import _tightest_now
 from budget_middleware.scopes import LimitSet, Scope
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC).timestamp()
@@ -406,7 +406,7 @@ def test_admission_and_settlement_over_flattened_limits_match_the_scopes_exactly
         return
     assert got.reservation == expected
     # the tightest limits, found on the way, are those the answer's headers would look for
-    assert got.tightest == _tightest_now(LimitSet(tuple(scopes)))
+    assert got.tightest == tightest_now(LimitSet(tuple(scopes)))
     _reference_settle(model_scopes, got.reservation, cost, tokens, now + 1, model_registry.ledger)
     settle(got, cost, tokens, now + 1, registry.ledger)
     assert _state(registry, now + 1) == _state(model_registry, now + 1)

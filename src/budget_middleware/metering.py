@@ -6,9 +6,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from .admission import Ticket, Tightest
+from .admission import Ticket
 from .identity import Target
-from .limits import FAR_FUTURE, WindowCounter
+from .limit_headers import add_limit_headers, tightest_now
 from .pricing import ModelPrice, cost_nanos, nanos_from_usd
 from .scopes import KeyConfig, LimitSet
 from .sse import StreamMeter
@@ -138,19 +138,9 @@ class Exchange:
         # as admission found them, or (admitted by Redis) looked for now.
         ticket = self.ticket
         tight = ticket.tightest if ticket is not None else None
-        if tight is None:
-            tight = _tightest_now(self.limits)
-        now = self.admitted_at
-        window = tight[0]
-        if window is not None:
-            _rate_headers(kept, _REQUEST_HEADERS, window, tight[1], now)
-        window = tight[2]
-        if window is not None:
-            _rate_headers(kept, _TOKEN_HEADERS, window, tight[3], now)
-        window = tight[4]
-        if window is not None:
-            kept.append((b"x-budget-limit", window.limit_text))
-            kept.append((b"x-budget-remaining", b"%.6f" % (tight[5] / 1e9)))
+        add_limit_headers(
+            kept, tightest_now(self.limits) if tight is None else tight, self.admitted_at
+        )
         return {**message, "headers": kept}
 
     def _on_body(self, message: Message) -> Message:
@@ -289,47 +279,3 @@ class Exchange:
         cost, tokens = self._charge(outcome)
         assert self.ticket is not None
         await self.engine.settle(self.ticket, cost, tokens)
-
-
-_REQUEST_HEADERS = (
-    b"x-ratelimit-limit-requests",
-    b"x-ratelimit-remaining-requests",
-    b"x-ratelimit-reset-requests",
-)
-_TOKEN_HEADERS = (
-    b"x-ratelimit-limit-tokens",
-    b"x-ratelimit-remaining-tokens",
-    b"x-ratelimit-reset-tokens",
-)
-
-
-def _tightest_now(limits: LimitSet) -> Tightest:
-    """The tightest request window, token window and budget, and what each has left."""
-    out: list[WindowCounter | int | None] = []
-    for counters in (limits.requests, limits.tokens, limits.budgets):
-        best = None
-        least = 0
-        for counter in counters:
-            left = counter.limit - counter.value
-            if left < 0:
-                left = 0
-            if best is None or left < least:
-                best, least = counter, left
-        out += (best, least)
-    return tuple(out)  # type: ignore[return-value]
-
-
-def _rate_headers(
-    out: list[tuple[bytes, bytes]],
-    names: tuple[bytes, bytes, bytes],
-    window: WindowCounter,
-    remaining: int,
-    now: float,
-) -> None:
-    left = window.end - now
-    out += (
-        (names[0], window.limit_text),
-        (names[1], b"%d" % (remaining if remaining > 0 else 0)),
-        # round() as "%.0f" does (half to even), and formatted as an int: twice as fast
-        (names[2], b"never" if left == FAR_FUTURE else b"%ds" % (round(left) if left > 0 else 0)),
-    )
