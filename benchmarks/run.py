@@ -72,7 +72,7 @@ async def _run(quick: bool, parts: set[str]) -> dict[str, Any]:
         timings["inprocess"] = time.perf_counter() - started
     if "http" in parts:
         started = time.perf_counter()
-        report["http"] = await http_load.run(3 if quick else 8, 1 if quick else 2)
+        report["http"] = await http_load.run(3 if quick else 6, 1 if quick else 2)
         timings["http"] = time.perf_counter() - started
     if "scaling" in parts:
         started = time.perf_counter()
