@@ -17,10 +17,13 @@ if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt setup.py
     fi
     echo "bootstrap: a compiled module's source changed: compiling again" >&2
     .venv/bin/python -m pip install --quiet --no-deps -e .
-    touch "$stamp"
-    exit 0
+else
+    python3 -m venv .venv
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -e '.[dev]'
 fi
-python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[dev]'
+if ! .venv/bin/python -c "import budget_middleware, sys; sys.exit(not budget_middleware.COMPILED)"; then
+    echo "bootstrap: the hot-path modules run as plain Python (mypyc could not compile them;" \
+        "\`.venv/bin/pip install -v --no-deps -e .\` says why)" >&2
+fi
 touch "$stamp"
