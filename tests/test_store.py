@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sqlmodel import select
 
+from budget_middleware.store import database
 from budget_middleware.store.database import END_OF_TIME, Delta, Store, UsageRecord
 from budget_middleware.store.tables import RateLimitRow, UsageRecordRow
 from support import budget_row
@@ -153,3 +154,24 @@ def test_a_sqlite_connection_keeps_a_small_page_cache(tmp_path: Path) -> None:
         assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -1024
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     store.dispose()
+
+
+def test_batches_of_any_size_share_a_few_insert_statements(store_url: str) -> None:
+    """Memory: records go in statements of 1000 rows and powers of two, so a long-running server
+    keeps at most 11 statements (text here, prepared in SQLite) whatever its batch sizes."""
+    store = Store(store_url)
+    store.create_schema()
+    sizes = [1, 3, 7, 100, 999, 1000, 1001, 1500, 2047]
+    written = 0
+    for size in sizes:
+        batch = [pending(record("", input_tokens=written + n)) for n in range(size)]
+        store.apply_flush(uuid.uuid4().hex, [], batch)
+        written += size
+    with store.session() as s:
+        rows = sorted(r.input_tokens for r in s.exec(select(UsageRecordRow)))
+    store.dispose()
+    assert rows == list(range(written))
+    assert [sum(database._statement_rows(n)) for n in sizes] == sizes
+    assert {r for n in range(1, 3000) for r in database._statement_rows(n)} <= {
+        1000, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1
+    }

@@ -8,7 +8,7 @@ so any number of processes can share one store.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -418,10 +418,27 @@ def _insert_records(conn: Any, records: Sequence[UsageRecord], batch_id: str) ->
     if dialect == "postgresql":
         _copy_records(conn, values)
         return
-    width = len(_RECORD_COLUMNS) * _ROWS_PER_INSERT
-    for start in range(0, len(values), width):
-        chunk = values[start : start + width]
-        conn.exec_driver_sql(_values_sql(dialect, len(chunk) // len(_RECORD_COLUMNS)), tuple(chunk))
+    width = len(_RECORD_COLUMNS)
+    start = 0
+    for rows in _statement_rows(len(records)):
+        end = start + rows * width
+        conn.exec_driver_sql(_values_sql(dialect, rows), tuple(values[start:end]))
+        start = end
+
+
+def _statement_rows(total: int) -> Iterator[int]:
+    """Rows per INSERT: whole statements of _ROWS_PER_INSERT, the rest in powers of two. So at
+    most 11 statements exist, each kept once (here, and prepared in SQLite's statement cache of
+    each connection); one per remainder, as before, grew both with every new batch size."""
+    while total >= _ROWS_PER_INSERT:
+        yield _ROWS_PER_INSERT
+        total -= _ROWS_PER_INSERT
+    size = 512
+    while total:
+        if total >= size:
+            yield size
+            total -= size
+        size //= 2
 
 
 _MARK_SQL = {
