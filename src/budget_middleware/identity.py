@@ -34,14 +34,28 @@ KNOWN_PROVIDERS = frozenset(
 OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Credentials:
     """What the headers say: a virtual key (if any), a provider, tags, the body's size."""
 
-    key: str | None = None
-    provider: str | None = None
-    tags: tuple[str, ...] = ()
-    content_length: int | None = None
+    # init=False and an explicit __init__: compiled by mypyc (a dataclass's generated one stays a
+    # Python function, ~150 ns a call on the hot path); eq and repr still come from @dataclass.
+    key: str | None
+    provider: str | None
+    tags: tuple[str, ...]
+    content_length: int | None
+
+    def __init__(
+        self,
+        key: str | None = None,
+        provider: str | None = None,
+        tags: tuple[str, ...] = (),
+        content_length: int | None = None,
+    ) -> None:
+        self.key = key
+        self.provider = provider
+        self.tags = tags
+        self.content_length = content_length
 
 
 def header_reader(
@@ -95,15 +109,30 @@ def _split_tags(text: str) -> tuple[str, ...]:
     return tuple(t for t in (part.strip() for part in text.split(",")) if t)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Target:
-    """Provider, model and tags of a metered request."""
+    """Provider, model and tags of a metered request (`Credentials` says why no dataclass
+    __init__)."""
 
     provider: str
     model: str
     tags: tuple[str, ...]
     stream: bool
     max_output_tokens: int | None
+
+    def __init__(
+        self,
+        provider: str,
+        model: str,
+        tags: tuple[str, ...],
+        stream: bool,
+        max_output_tokens: int | None,
+    ) -> None:
+        self.provider = provider
+        self.model = model
+        self.tags = tags
+        self.stream = stream
+        self.max_output_tokens = max_output_tokens
 
 
 class TargetResolver:
