@@ -119,7 +119,19 @@ def mock_host(settings: BudgetSettings | None) -> FastAPI:
     return app
 
 
-def trivial_host(settings: BudgetSettings | None) -> FastAPI:
+def _large_completion(size: int = 100_000) -> bytes:
+    """The fixed completion with a ~100 KB answer: its usage sits after the long content."""
+    document = json.loads(FIXED_COMPLETION)
+    document["choices"][0]["message"]["content"] = "lorem ipsum " * (size // 12)
+    return json.dumps(document).encode()
+
+
+LARGE_COMPLETION = _large_completion()
+
+
+def trivial_host(
+    settings: BudgetSettings | None, completion: bytes | str = FIXED_COMPLETION
+) -> FastAPI:
     """A FastAPI app whose completion route reads the body and answers a fixed completion."""
     app = FastAPI()
 
@@ -130,7 +142,7 @@ def trivial_host(settings: BudgetSettings | None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         await request.body()
-        return Response(FIXED_COMPLETION, media_type="application/json")
+        return Response(completion, media_type="application/json")
 
     if settings is not None:
         app.add_middleware(BudgetMiddleware, settings=settings)

@@ -11,6 +11,7 @@ from typing import Any
 
 from harness import (
     FIXED_COMPLETION,
+    LARGE_COMPLETION,
     ASGIApp,
     Message,
     Receive,
@@ -35,7 +36,8 @@ from starlette.routing import Route
 @dataclass
 class Scenario:
     name: str
-    host: str  # "mock" (the example's mock upstream) or "trivial" (a fixed completion)
+    host: str  # "mock" (the example's mock upstream), "trivial" (a fixed completion) or "large"
+    #            (the same with a ~100 KB answer)
     method: str
     path: str
     body: bytes
@@ -57,6 +59,16 @@ def scenarios() -> list[Scenario]:
             "world",
             200,
             "< 25 µs added at p50 (goal 15)",
+        ),
+        Scenario(
+            "metered JSON, 100 KB answer",
+            "large",
+            "POST",
+            "/v1/chat/completions",
+            chat,
+            "world",
+            200,
+            "reading usage flat in the body's size",
         ),
         Scenario(
             "metered JSON, mock upstream",
@@ -111,6 +123,8 @@ async def run(iterations: int, rounds: int, stream_iterations: int) -> list[dict
             ("mock", True): mock_host(settings),
             ("trivial", False): trivial_host(None),
             ("trivial", True): trivial_host(settings),
+            ("large", False): trivial_host(None, LARGE_COMPLETION),
+            ("large", True): trivial_host(settings, LARGE_COMPLETION),
         }
         rows: list[dict[str, Any]] = []
         for s in scenarios():
