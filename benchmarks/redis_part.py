@@ -76,7 +76,7 @@ async def _direct(world: World, n: int) -> dict[str, float]:
     """µs of `engine.admit` and of `engine.settle` alone, for the hot key's scopes."""
     engine = world.engine
     config = await engine.lookup_key(world.key)
-    scopes = engine.scopes_for(config, "openai", "gpt-4o-mini", ())
+    scopes = engine.limits_for(config, "openai", "gpt-4o-mini", ())
     admit = settle = 0.0
     for _ in range(n):
         start = time.perf_counter()

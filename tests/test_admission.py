@@ -8,6 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import budget_middleware
 from budget_middleware import admission
 from budget_middleware.admission import (
     Refusal,
@@ -422,6 +423,9 @@ def test_counters_with_the_same_window_share_its_bounds_and_keep_their_kind() ->
     windows = (rate.requests, rate.tokens, budget)
     assert [w.kind for w in windows] == ["request", "token", "budget"]
     assert rate.requests.start == T0 and rate.requests.end == T0 + 3600
-    for attribute in ("anchor", "start", "end"):
-        assert len({id(getattr(w, attribute)) for w in windows}) == 1, attribute
     assert not hasattr(budget, "__dict__")  # slots only
+    if budget_middleware.COMPILED:
+        return  # compiled, a counter holds its bounds as C doubles: no float objects to share
+    for attribute in ("anchor", "start", "end"):
+        held = [getattr(w, attribute) for w in windows]  # held: ids of live objects
+        assert len({id(bound) for bound in held}) == 1, attribute

@@ -12,7 +12,7 @@ from budget_middleware import BudgetSettings
 from budget_middleware.admission import Refusal, Ticket
 from budget_middleware.engine import BudgetEngine, ServiceUnavailable
 from budget_middleware.redis_counters import RedisCounters
-from budget_middleware.scopes import Scope
+from budget_middleware.scopes import LimitSet
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, private_redis, unique_prefix, use_prefix
 
@@ -53,10 +53,10 @@ class Rig:
         self.engines.append(engine)
         return engine
 
-    async def scopes(self, engine: BudgetEngine, key_value: str) -> tuple[Scope, ...]:
+    async def scopes(self, engine: BudgetEngine, key_value: str) -> LimitSet:
         config = await engine.lookup_key(key_value)
         assert config is not None
-        return engine.scopes_for(config, "openai", "gpt-4o", ())
+        return engine.limits_for(config, "openai", "gpt-4o", ())
 
     async def value(self, pattern: str) -> int:
         keys = [k async for k in self.redis.scan_iter(match=self.prefix + pattern)]
@@ -137,7 +137,7 @@ async def test_a_reservation_holds_the_budget_until_settled(rig: Callable[..., A
     assert (held.used, held.reserved) == (0, 600_000_000)
     await engine.settle(first, 300_000_000, 50)
     assert await r.value("w:budget:*") == 300_000_000
-    assert await r.redis.hlen(f"{r.prefix}rh:{scopes[0].budgets[0].id}") == 0
+    assert await r.redis.hlen(f"{r.prefix}rh:{scopes.budgets[0].id}") == 0
     second = ticket(await engine.admit(scopes, 600_000_000))
     await engine.settle(second, 600_000_000, 50)
     assert await r.value("w:budget:*") == 900_000_000
@@ -250,8 +250,8 @@ async def test_an_emptied_redis_is_seeded_from_the_store_once(rig: Callable[...,
     assert await r.value("w:request:*") in (2 + 2, 3 + 2)
     assert await a.flush() and await b.flush()
     # The store itself is exact: every charge once.
-    budgets, _ = a.store.read_counters([scopes_a[0].budgets[0].id], [])
-    assert budgets[scopes_a[0].budgets[0].id][0] == 123
+    budgets, _ = a.store.read_counters([scopes_a.budgets[0].id], [])
+    assert budgets[scopes_a.budgets[0].id][0] == 123
 
 
 async def test_a_window_of_the_store_that_has_ended_seeds_nothing(
@@ -334,6 +334,6 @@ async def test_redis_down_fails_closed_or_open(rig: Callable[..., Any]) -> None:
         await open_engine.settle(up, 13, 1)
         ticket(await closed_engine.admit(closed_scopes, 0))
         assert await open_engine.flush()
-        budget_id = open_scopes[0].budgets[0].id
+        budget_id = open_scopes.budgets[0].id
         budgets, _ = open_engine.store.read_counters([budget_id], [])
         assert budgets[budget_id][0] == 7 + 11 + 13  # every charge in the store, once

@@ -144,27 +144,15 @@ def admit(
     kind for the response headers (each check is `left > 0`: value < limit); only a refused
     request looks at the scopes in the order of SPEC §5, to say which limit refuses (`_refusal`:
     the same conditions)."""
-    requests = tokens = budget = None
-    requests_left = tokens_left = budget_left = 0
-    for counter in limits.requests:
-        if now >= counter.end:
-            counter.roll(now, ledger)
-        left = counter.limit - counter.value
-        if left <= 0:
-            return _refusal(limits, estimate, reserve, now, ledger)
-        if requests is None or left < requests_left:
-            requests, requests_left = counter, left
-    for counter in limits.tokens:
-        if now >= counter.end:
-            counter.roll(now, ledger)
-        left = counter.limit - counter.value
-        if left <= 0:
-            return _refusal(limits, estimate, reserve, now, ledger)
-        if tokens is None or left < tokens_left:
-            tokens, tokens_left = counter, left
+    requests, requests_left = _least_left(limits.requests, now, ledger)
+    tokens, tokens_left = _least_left(limits.tokens, now, ledger)
+    if (requests is not None and requests_left == 0) or (tokens is not None and tokens_left == 0):
+        return _refusal(limits, estimate, reserve, now, ledger)
     for slots in limits.slots:
         if slots.limit is not None and slots.in_flight >= slots.limit:
             return _refusal(limits, estimate, reserve, now, ledger)
+    budget = None
+    budget_left = 0
     for counter in limits.budgets:
         if now >= counter.end:
             counter.roll(now, ledger)
@@ -191,6 +179,24 @@ def admit(
         requests_left -= 1  # this request is counted now
     tightest = (requests, requests_left, tokens, tokens_left, budget, budget_left)
     return Ticket(limits, reservation, False, tightest)
+
+
+def _least_left(
+    counters: tuple[WindowCounter, ...], now: float, ledger: Ledger
+) -> tuple[WindowCounter | None, int]:
+    """The request or token window with the least left (each rolled to `now` first) and what it
+    has left; a window with nothing left at once, with 0. (None, 0) for no window."""
+    best = None
+    least = 0
+    for counter in counters:
+        if now >= counter.end:
+            counter.roll(now, ledger)
+        left = counter.limit - counter.value
+        if left <= 0:
+            return counter, 0
+        if best is None or left < least:
+            best, least = counter, left
+    return best, least
 
 
 def _refusal(limits: LimitSet, estimate: int, reserve: bool, now: float, ledger: Ledger) -> Refusal:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from .durations import Duration
-from .limits import CounterRegistry, RateLimitCounters, WindowCounter
+from .limits import CounterRegistry, RateLimitCounters, WindowCounter, shared
 from .scopes import NO_POLICIES, GlobalConfig, KeyConfig, ModelRule, ProviderPolicy, Scope
 from .store.database import GlobalRecord, KeyRecord, OwnerLimits, aware
 from .store.tables import RateLimitRow
@@ -42,13 +42,7 @@ class ScopeBuilder:
         self._strings: dict[str, str] = {}
 
     def intern(self, text: str) -> str:
-        strings = self._strings
-        found = strings.get(text)
-        if found is None:
-            if len(strings) >= 100_000:  # bounded: owners come and go
-                strings.clear()
-            found = strings[text] = text
-        return found
+        return shared(self._strings, text, 100_000)
 
     def scope(
         self, type_: str, id_: str, name: str, limits: OwnerLimits | None, *, shared: bool = True

@@ -8,7 +8,6 @@ registry's ledger until the flusher has written them to the store as deltas.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ import anyio.to_thread
 from . import admission
 from .admission import Refusal, Ticket
 from .limits import FAR_FUTURE, WindowCounter
-from .scopes import LimitSet, Scope
+from .scopes import LimitSet
 from .store.database import END_OF_TIME, Delta
 
 if TYPE_CHECKING:
@@ -44,7 +43,7 @@ class CounterBackend(ABC):
         return "disabled"
 
     @abstractmethod
-    async def admit(self, scopes: Sequence[Scope], estimate: int) -> Ticket | Refusal: ...
+    async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal: ...
 
     @abstractmethod
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None: ...
@@ -112,9 +111,9 @@ def _end_of(kind: str, id_: str, start: float, backend: CounterBackend) -> float
 class MemoryCounters(CounterBackend):
     """Counters in this process: exact for one process; shared stores converge every TTL."""
 
-    async def admit(self, scopes: Sequence[Scope], estimate: int) -> Ticket | Refusal:
+    async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
         return admission.admit(
-            LimitSet(tuple(scopes)),
+            limits,
             estimate,
             self.engine.settings.reserve,
             self.engine.clock(),

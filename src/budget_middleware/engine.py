@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -23,9 +22,10 @@ from . import admission
 from .admission import Refusal, Ticket
 from .configuration import KeyCache, ScopeBuilder
 from .counters import CounterBackend, MemoryCounters
+from .identity import hash_key, key_digest
 from .limits import CounterRegistry
 from .pricing import PriceBook
-from .scopes import GlobalConfig, KeyConfig, LimitSet, Scope
+from .scopes import GlobalConfig, KeyConfig, LimitSet
 from .settings import BudgetSettings
 from .store.database import Delta, Store, UsageRecord
 
@@ -46,10 +46,6 @@ def get_engine(settings: BudgetSettings | None = None) -> BudgetEngine:
         engine = BudgetEngine(settings)
         _engines[key] = engine
     return engine
-
-
-def hash_key(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
 
 
 @dataclass(slots=True)
@@ -253,7 +249,7 @@ class BudgetEngine:
 
     async def lookup_key(self, value: str) -> KeyConfig | None:
         """The key's configuration; a cached key costs a hash and a dict lookup."""
-        digest = hashlib.sha256(value.encode()).digest()
+        digest = key_digest(value)
         key_hash = digest.hex()  # as the store keeps it
         found = self.keys.get(digest)
         if found is not False:
@@ -278,19 +274,20 @@ class BudgetEngine:
         finally:
             del self._key_loads[key_hash]
 
-    def scopes_for(
+    def limits_for(
         self, key: KeyConfig | None, provider: str, model: str, tags: tuple[str, ...]
-    ) -> tuple[Scope, ...]:
+    ) -> LimitSet:
+        """Every limit that applies to a request (resolved once per key and target)."""
         if key is None:
-            return self.globals.resolve_anonymous(provider, model, tags).scopes
-        return key.resolve(self.globals, provider, model, tags).scopes
+            return self.globals.resolve_anonymous(provider, model, tags)
+        return key.resolve(self.globals, provider, model, tags)
 
     # -- admission and settlement --------------------------------------------------------
 
-    async def admit(self, scopes: tuple[Scope, ...], estimate: int) -> Ticket | Refusal:
+    async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
         if self.in_process:
-            return self.admit_now(LimitSet(scopes), estimate)
-        return self._count(await self.counters.admit(scopes, estimate))
+            return self.admit_now(limits, estimate)
+        return self._count(await self.counters.admit(limits, estimate))
 
     def admit_now(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
         """Admission in process (memory counters only): atomic, no await."""

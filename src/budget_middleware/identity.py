@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
+from hashlib import sha256
 from typing import Any
 
 from .settings import BudgetSettings
@@ -56,6 +57,16 @@ class Credentials:
         self.provider = provider
         self.tags = tags
         self.content_length = content_length
+
+
+def key_digest(value: str) -> bytes:
+    """A virtual key's SHA-256: the key cache's index (its hex is the store's `key_hash`)."""
+    return sha256(value.encode()).digest()
+
+
+def hash_key(value: str) -> str:
+    """A virtual key as the store keeps it: the hex of its SHA-256."""
+    return key_digest(value).hex()
 
 
 def header_reader(

@@ -7,13 +7,13 @@ the existing ones by `id` or else by `provider`, and keep their usage.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from datetime import UTC, datetime
 
 from sqlmodel import Session, col, select
 
 from .errors_admin import Conflict, InvalidRequest, NotFound
+from .identity import hash_key
 from .owner_limits import OwnerWriter, delete_limits, write_limits
 from .schemas import ProviderConfigIn, VirtualKeyCreate, VirtualKeyOut, VirtualKeyUpdate
 from .store.tables import (
@@ -25,10 +25,6 @@ from .store.tables import (
     utcnow,
 )
 from .views import Reader
-
-
-def hash_value(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def display(value: str, prefix: str) -> str:
@@ -48,7 +44,7 @@ class KeyWriter(OwnerWriter):
             raise InvalidRequest(f"customer {customer_id!r} not found", param="customer_id")
 
     def _set_value(self, s: Session, row: VirtualKeyRow, value: str) -> None:
-        digest = hash_value(value)
+        digest = hash_key(value)
         other = s.exec(select(VirtualKeyRow).where(VirtualKeyRow.key_hash == digest)).first()
         if other is not None and other.id != row.id:
             raise Conflict("this key value is already in use", param="value")
@@ -200,7 +196,7 @@ class KeyWriter(OwnerWriter):
     def find_virtual_key(self, value: str) -> str | None:
         """The id of the key with this value, if any (looked up by its hash)."""
         with self._session() as s:
-            digest = hash_value(value)
+            digest = hash_key(value)
             row = s.exec(select(VirtualKeyRow).where(VirtualKeyRow.key_hash == digest)).first()
             return row.id if row else None
 

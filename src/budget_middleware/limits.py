@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from .durations import Duration, window_bounds
 
 FAR_FUTURE = float("inf")
+T = TypeVar("T")
 
 
 def _ts(moment: datetime) -> float:
@@ -40,18 +41,25 @@ def _shared_limit(limit: int, usd: bool) -> tuple[int, bytes]:
     return found
 
 
+def shared(table: dict[T, T], value: T, bound: int) -> T:
+    """One object for equal values, kept in `table` (bounded: values come from the store, and a
+    cleared table only stops sharing)."""
+    found = table.get(value)
+    if found is None:
+        if len(table) >= bound:
+            table.clear()
+        found = table[value] = value
+    return found
+
+
 _FLOATS: dict[float, float] = {}
 
 
 def _shared_float(value: float) -> float:
     """One float object for equal window bounds (24 bytes each): the request and token windows
-    of a rate limit, calendar-aligned windows, limits set up together share theirs."""
-    found = _FLOATS.get(value)
-    if found is None:
-        if len(_FLOATS) >= 10_000:  # bounded: a cleared entry only stops being shared
-            _FLOATS.clear()
-        found = _FLOATS[value] = value
-    return found
+    of a rate limit, calendar-aligned windows, limits set up together share theirs. (Plain
+    Python only: compiled by mypyc, a counter holds its bounds as C doubles.)"""
+    return shared(_FLOATS, value, 10_000)
 
 
 class WindowCounter:

@@ -10,14 +10,13 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from hashlib import sha256
 from time import perf_counter
 from typing import Any, NamedTuple
 
 from .admission import Refusal, Ticket
 from .engine import BudgetEngine, ServiceUnavailable, get_engine
 from .errors import ErrorAnswer, error_answer, refusal_answer
-from .identity import Credentials, TargetResolver, header_reader, route_path
+from .identity import Credentials, TargetResolver, header_reader, key_digest, route_path
 from .metering import Exchange
 from .pricing import estimate_nanos
 from .scopes import KeyConfig
@@ -164,7 +163,7 @@ class BudgetMiddleware:
             await engine.ensure_current()
         key: KeyConfig | None = None
         if credentials.key is not None:
-            found = engine.keys.get(sha256(credentials.key.encode()).digest())  # no await
+            found = engine.keys.get(key_digest(credentials.key))  # a cached key: no await
             if found is False:
                 try:
                     found = await engine.lookup_key(credentials.key)
@@ -194,7 +193,7 @@ class BudgetMiddleware:
             ticket = engine.admit_now(exchange.limits, exchange.ticket_estimate)
         else:
             try:
-                ticket = await engine.admit(exchange.limits.scopes, exchange.ticket_estimate)
+                ticket = await engine.admit(exchange.limits, exchange.ticket_estimate)
             except ServiceUnavailable:
                 await _answer(send, _unavailable())
                 return

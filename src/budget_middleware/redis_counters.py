@@ -181,16 +181,17 @@ class RedisCounters(CounterBackend):
 
     # -- admission -----------------------------------------------------------------------
 
-    async def admit(self, scopes: Sequence[Scope], estimate: int) -> Ticket | Refusal:
+    async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
         engine = self.engine
         now = engine.clock()
         reserve = engine.settings.reserve
-        ensure_current(_windows(scopes), now, self.ledger)
-        plan = self._plan(scopes, now, settling=False)
+        for windows in (limits.requests, limits.tokens, limits.budgets):
+            ensure_current(windows, now, self.ledger)
+        plan = self._plan(limits.scopes, now, settling=False)
         if not plan:
-            return admission.admit(LimitSet(tuple(scopes)), estimate, reserve, now, self.ledger)
+            return admission.admit(limits, estimate, reserve, now, self.ledger)
         if self._backing_off():
-            return self._fallback(scopes, estimate, now, None)
+            return self._fallback(limits, estimate, now, None)
         reservation = estimate if reserve else 0
         request_id = uuid.uuid4().hex
         hold_until = now + self.slot_ttl
@@ -203,13 +204,13 @@ class RedisCounters(CounterBackend):
             answer = await self._run_admit(plan, keys, args, now)
         except (RedisError, OSError) as exc:
             self._failed(exc)
-            return self._fallback(scopes, estimate, now, exc)
+            return self._fallback(limits, estimate, now, exc)
         except _StoreDown as exc:
-            return self._fallback(scopes, estimate, now, exc.__cause__)
+            return self._fallback(limits, estimate, now, exc.__cause__)
         self._recovered()
         if answer[0] == "no":
             return self._refusal(plan, answer)
-        return self._admitted(scopes, plan, answer, reservation, request_id)
+        return self._admitted(limits, plan, answer, reservation, request_id)
 
     async def _run_admit(
         self, plan: list[_Entry], keys: list[str], args: list[Any], now: float
@@ -269,7 +270,7 @@ class RedisCounters(CounterBackend):
 
     def _admitted(
         self,
-        scopes: Sequence[Scope],
+        limits: LimitSet,
         plan: list[_Entry],
         answer: list[Any],
         reservation: int,
@@ -290,27 +291,22 @@ class RedisCounters(CounterBackend):
                     holds.append(entry.keys[1])
         # The local counters keep this process's own holds, as `admission.admit` would: they
         # decide alone when Redis is down (fail open).
-        for scope in scopes:
-            rate = scope.rate_limit
-            if rate is not None and rate.concurrency is not None:
-                rate.concurrency.in_flight += 1
-            if reservation:
-                for budget in scope.budgets:
-                    budget.reserved += reservation
-        ticket = Ticket(
-            LimitSet(tuple(scopes)), reservation, request_id=request_id, holds=tuple(holds)
-        )
+        for slots in limits.slots:
+            slots.in_flight += 1
+        if reservation:
+            for budget in limits.budgets:
+                budget.reserved += reservation
+        ticket = Ticket(limits, reservation, request_id=request_id, holds=tuple(holds))
         self._state.live[request_id] = ticket
         return ticket
 
     def _fallback(
-        self, scopes: Sequence[Scope], estimate: int, now: float, exc: BaseException | None
+        self, limits: LimitSet, estimate: int, now: float, exc: BaseException | None
     ) -> Ticket | Refusal:
         from .engine import ServiceUnavailable
 
         if not self.engine.settings.fail_open:
             raise ServiceUnavailable("the budget counters (Redis) cannot be reached") from exc
-        limits = LimitSet(tuple(scopes))
         return admission.admit(limits, estimate, self.engine.settings.reserve, now, self.ledger)
 
     # -- settlement ----------------------------------------------------------------------
@@ -394,13 +390,3 @@ class RedisCounters(CounterBackend):
 
 class _StoreDown(Exception):
     """The store could not be read to seed a window."""
-
-
-def _windows(scopes: Sequence[Scope]) -> list[WindowCounter]:
-    found: list[WindowCounter] = []
-    for scope in scopes:
-        found.extend(scope.budgets)
-        rate = scope.rate_limit
-        if rate is not None:
-            found.extend(c for c in (rate.requests, rate.tokens) if c is not None)
-    return found
