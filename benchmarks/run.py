@@ -34,8 +34,6 @@ import inprocess
 import redis_part
 import scaling
 
-import budget_middleware
-
 PARTS = ("inprocess", "http", "scaling", "redis")
 
 
@@ -58,7 +56,6 @@ def _environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "gc": harness.gc_state(),
-        "compiled": budget_middleware.COMPILED,
         "versions": versions,
         "load_generator": wrk_version or "benchmarks/loadgen.py (wrk not installed)",
     }
@@ -99,8 +96,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Python {env['python']}, {env['cpus']} CPUs, {env['platform']}; "
         f"FastAPI {env['versions']['fastapi']}, Starlette {env['versions']['starlette']}, "
         f"uvicorn {env['versions']['uvicorn']}, orjson {env['versions']['orjson']}; "
-        f"{env['gc']}; hot-path modules "
-        f"{'compiled by mypyc' if env['compiled'] else 'in plain Python'}"
+        f"{env['gc']}; plain Python"
         f"{'; --quick' if report['quick'] else ''}.",
         "",
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import sys
@@ -15,29 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 
-def _refuse_stale_compiled() -> None:
-    """Never test stale compiled modules: a source edited since mypyc compiled it (setup.py) is
-    not what runs (and may not even import). Checked before the package is imported;
-    `bash scripts/bootstrap.sh` (run by scripts/test.sh) compiles it again."""
-    spec = importlib.util.find_spec("budget_middleware")
-    assert spec is not None and spec.submodule_search_locations is not None
-    package = Path(next(iter(spec.submodule_search_locations)))
-    stale = [
-        compiled.name
-        for compiled in package.glob("*.so")
-        if (package / f"{compiled.name.split('.')[0]}.py").stat().st_mtime
-        > compiled.stat().st_mtime
-    ]
-    if stale:
-        raise pytest.UsageError(
-            f"compiled modules older than their sources: {', '.join(stale)}; "
-            "run `bash scripts/bootstrap.sh` (scripts/test.sh does) to compile them again"
-        )
-
-
-_refuse_stale_compiled()
-
-from budget_middleware import BudgetSettings  # noqa: E402 - after the check above
+from budget_middleware import BudgetSettings
 
 POSTGRES_BASE_URL = os.environ.get(
     "BUDGET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import admission as _admission
 from .admission import Refusal
 from .engine import BudgetEngine, ServiceUnavailable, get_engine
 from .middleware import BudgetMiddleware, BudgetState
@@ -18,10 +17,6 @@ from .usage import TokenUsage
 
 if TYPE_CHECKING:
     from .manage import BudgetManager
-
-#: Whether the hot-path modules run compiled by mypyc (see setup.py) or as plain Python.
-COMPILED: bool = not _admission.__file__.endswith(".py")
-
 
 def create_admin_app(settings: BudgetSettings | None = None, **kwargs: Any) -> Any:
     """The admin API as an ASGI app, sharing the engine of a middleware with equal settings."""
@@ -36,7 +31,6 @@ def get_manager(settings: BudgetSettings | None = None) -> BudgetManager:
 
 
 __all__ = [
-    "COMPILED",
     "BudgetEngine",
     "BudgetMiddleware",
     "BudgetSettings",

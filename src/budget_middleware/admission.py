@@ -30,8 +30,7 @@ class Refusal:
 class Ticket:
     """An admitted request's hold on its limits, released exactly once by `settle`."""
 
-    # init=False and an explicit __init__: compiled by mypyc (a dataclass's generated one stays a
-    # Python function, ~150 ns a call on the hot path); eq and repr still come from @dataclass.
+    # init=False and an explicit __init__ (built once per request); eq and repr from @dataclass.
     limits: LimitSet  # every limit the request holds, flattened by kind
     reservation: int  # nano-dollars held on every budget
     settled: bool
@@ -39,8 +38,7 @@ class Ticket:
     # admitting (for the response headers): (counter, left) * 3, None where the kind is absent.
     tightest: Tightest | None
     # Admitted by Redis (`redis_counters`): the id its slots and reservations are held under
-    # there, and the ZSETs that hold them; "" and () when admitted in process. (Fields, not a
-    # subclass: a compiled class cannot be subclassed by an interpreted module.)
+    # there, and the ZSETs that hold them; "" and () when admitted in process.
     request_id: str
     holds: tuple[str, ...]
 

@@ -2,7 +2,7 @@
 
 They show the tightest applicable limit of each kind (the one with the least left; ties keep the
 first), as admission found it (`Ticket.tightest`) or, for a request admitted by Redis, as the
-local counters see it now (`tightest_now`). Compiled by mypyc with the other hot-path modules.
+local counters see it now (`tightest_now`).
 """
 
 from __future__ import annotations

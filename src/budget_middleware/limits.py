@@ -57,8 +57,7 @@ _FLOATS: dict[float, float] = {}
 
 def _shared_float(value: float) -> float:
     """One float object for equal window bounds (24 bytes each): the request and token windows
-    of a rate limit, calendar-aligned windows, limits set up together share theirs. (Plain
-    Python only: compiled by mypyc, a counter holds its bounds as C doubles.)"""
+    of a rate limit, calendar-aligned windows, limits set up together share theirs."""
     return shared(_FLOATS, value, 10_000)
 
 

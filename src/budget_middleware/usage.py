@@ -7,25 +7,19 @@ bytes still go to the client as they are.
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-try:
-    import orjson
-except ImportError:  # pragma: no cover - orjson is the optional `speedups` extra
-    orjson = None  # type: ignore[assignment]
+import orjson
 
-json_loads: Callable[[bytes | str], Any] = json.loads if orjson is None else orjson.loads
+json_loads: Callable[[bytes | str], Any] = orjson.loads
 
 
 def json_dumps(value: Any) -> str:
-    """Compact JSON text (orjson when installed)."""
-    if orjson is None:  # pragma: no cover
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON text."""
     return orjson.dumps(value).decode()
 
 
@@ -49,8 +43,7 @@ class TokenUsage:
     - `cost`: `usage.cost` (USD) when the upstream reported one (OpenRouter, LiteLLM), else None.
     """
 
-    # init=False and an explicit __init__: compiled by mypyc (a dataclass's generated one stays a
-    # Python function, ~150 ns a call on the hot path); eq and repr still come from @dataclass.
+    # init=False and an explicit __init__ (built once per request); eq and repr from @dataclass.
     input_tokens: int
     output_tokens: int
     cached_tokens: int
