@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,6 +44,7 @@ class PrivateRedis:
     def __init__(self) -> None:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.dir = tempfile.mkdtemp(prefix="bm-redis-")
 
     @property
     def url(self) -> str:
@@ -58,6 +63,10 @@ class PrivateRedis:
                 "",
                 "--appendonly",
                 "no",
+                "--dir",
+                self.dir,
+                "--dbfilename",
+                "dump.rdb",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -69,6 +78,18 @@ class PrivateRedis:
             self.process.kill()
             self.process.wait(10)
             self.process = None
+
+    def kill(self, *, keep_data: bool) -> None:
+        """SIGKILL the server; with `keep_data` its data is saved first and loaded again by the
+        next `start()` (a Redis that persists), else it comes back empty."""
+        if keep_data:
+            client = redis.Redis(host="127.0.0.1", port=self.port)
+            client.save()
+            client.close()
+        self.stop()
+        if not keep_data:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.dir, "dump.rdb"))
 
 
 @contextmanager
@@ -98,3 +119,118 @@ def delete_prefix(url: str, prefix: str) -> int:
         return int(client.delete(*keys)) if keys else 0
     finally:
         client.close()
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to a real server (PostgreSQL, say) that a test can cut: `cut()`
+    closes the listener and every connection through it, so the server looks unreachable to the
+    code under test while it goes on serving everybody else; `restore()` listens again."""
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection((self.host, self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextmanager
+def tcp_proxy(target_port: int) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(target_port)
+    proxy.restore()
+    try:
+        yield proxy
+    finally:
+        proxy.cut()
+
+
+@contextmanager
+def private_database(base_url: str) -> Iterator[str]:
+    """A PostgreSQL database of a test's own (it may be made read-only), dropped afterwards;
+    yields its URL."""
+    from sqlalchemy import create_engine, text
+
+    name = f"bm_fault_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield base_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def set_read_only(database_url: str, read_only: bool) -> None:
+    """Make a private database refuse (or take again) every write, on new connections and, by
+    ending them, on the ones already open."""
+    from sqlalchemy import create_engine, text
+
+    base, name = database_url.rsplit("/", 1)
+    admin = create_engine(base + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(
+            text(
+                f'ALTER DATABASE "{name}" SET default_transaction_read_only = '
+                + ("on" if read_only else "off")
+            )
+        )
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": name},
+        )
+    admin.dispose()

@@ -12,7 +12,7 @@ from .admission import Refusal
 from .engine import BudgetEngine, ServiceUnavailable, get_engine
 from .middleware import BudgetMiddleware, BudgetState
 from .pricing import PriceBook, PricingFileError
-from .settings import BudgetSettings, SettingsError
+from .settings import BudgetSettings, ConfigurationError, SettingsError
 from .usage import TokenUsage
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ __all__ = [
     "BudgetMiddleware",
     "BudgetSettings",
     "BudgetState",
+    "ConfigurationError",
     "PriceBook",
     "PricingFileError",
     "Refusal",

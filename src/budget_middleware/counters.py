@@ -58,23 +58,25 @@ class CounterBackend(ABC):
         budgets, rates = await anyio.to_thread.run_sync(
             self.engine.store.read_counters, budget_ids, rate_ids
         )
+        ledger = self.ledger
         for id_, (usage, last_reset) in budgets.items():
             counter = windows["budget"].get(id_)
             if counter is not None:
-                counter.seed(usage, last_reset.timestamp())
+                counter.seed(usage, last_reset.timestamp(), ledger)
         for id_, row in rates.items():
             requests = windows["request"].get(id_)
             if requests is not None:
-                requests.seed(row.request_current_usage, _aware(row.request_last_reset))
+                requests.seed(row.request_current_usage, _aware(row.request_last_reset), ledger)
             tokens = windows["token"].get(id_)
             if tokens is not None:
-                tokens.seed(row.token_current_usage, _aware(row.token_last_reset))
+                tokens.seed(row.token_current_usage, _aware(row.token_last_reset), ledger)
 
     def take_deltas(self) -> list[Delta]:
-        """Everything charged here since the last flush, moved out of the ledger."""
+        """Everything charged here since the last flush, moved out of the ledger's pending
+        charges into its unconfirmed ones (`Ledger.confirmed` once the store holds them)."""
         ledger = self.ledger
         deltas = [
-            Delta(kind, id_, _dt(start), _dt(_end_of(kind, id_, start, self)), amount)
+            Delta(kind, id_, _dt(start), _dt(_end_of(kind, id_, start, self)), amount, start)
             for kind, id_, start, amount in ledger.sealed
         ]
         ledger.sealed = []
@@ -87,10 +89,13 @@ class CounterBackend(ABC):
                         _dt(counter.pending_start),
                         _dt(counter.end if counter.pending_start == counter.start else FAR_FUTURE),
                         counter.pending,
+                        counter.pending_start,
                     )
                 )
                 counter.pending = 0
         ledger.dirty = set()
+        for d in deltas:
+            ledger.taken(d.kind, d.id, d.start_ts, d.amount)
         return deltas
 
 

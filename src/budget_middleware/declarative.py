@@ -9,6 +9,12 @@ Each entry's `config_hash` is the sha256 of its canonical JSON (after `${...}` i
 entity is created when missing, updated when its stored hash differs, and left alone otherwise, so
 changes made through the admin API survive restarts until the file's entry changes. Entities are
 found by name (model configs by model, provider and scope). Nothing is ever deleted by the file.
+
+The whole file is checked before anything is applied, as far as it can be without the store (its
+shape, every entry's fields, model names, `${...}` variables): the engine does it when it is
+created, so such an error fails like an invalid setting. What needs the store (a name that refers
+to nothing) fails when the file is applied, at start-up. Either way the error names the file and
+the entry, and start-up fails (`ConfigFileError`, a `ConfigurationError`).
 """
 
 from __future__ import annotations
@@ -16,17 +22,26 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlmodel import select
 
 from .errors_admin import AdminError
 from .manage import BudgetManager
-from .owner_limits import Origin, config_hash
-from .settings import BudgetSettings
+from .owner_limits import Origin, check_model_names, config_hash
+from .schemas import (
+    CustomerCreate,
+    ModelConfigCreate,
+    ProviderPut,
+    TagPut,
+    TeamCreate,
+    VirtualKeyCreate,
+)
+from .settings import BudgetSettings, ConfigurationError
 from .store.database import Store
 from .store.tables import (
     CustomerRow,
@@ -41,7 +56,7 @@ SECTIONS = ("customers", "teams", "virtual_keys", "providers", "model_configs", 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(ConfigurationError):
     """The file of BUDGET_CONFIG_FILE cannot be read or one of its entries is invalid."""
 
 
@@ -107,6 +122,74 @@ def _substitute(value: Any, where: str) -> Any:
     return value
 
 
+def _where(path: Path, section: str, index: int, entry: dict[str, Any]) -> str:
+    label = entry.get("name") or entry.get("provider") or entry.get("tag")
+    label = label or entry.get("model_name") or f"#{index + 1}"
+    return f"BUDGET_CONFIG_FILE {str(path)!r}, {section}[{index}] ({label})"
+
+
+@contextmanager
+def _entry_errors(where: str) -> Iterator[None]:
+    """An entry's validation or management error, as a ConfigFileError naming the entry."""
+    try:
+        yield
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+        raise ConfigFileError(f"{where}: {problems}") from None
+    except AdminError as exc:
+        raise ConfigFileError(f"{where}: {exc.message}") from None
+
+
+_CREATE: dict[str, type[BaseModel]] = {
+    "customers": CustomerCreate,
+    "teams": TeamCreate,
+    "virtual_keys": VirtualKeyCreate,
+    "providers": ProviderPut,
+    "model_configs": ModelConfigCreate,
+    "tags": TagPut,
+}
+_REFERENCES = (("customer", "customer_id"), ("team", "team_id"), ("virtual_key", "scope_id"))
+
+
+def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
+    """What an entry's create body must be, checked without the store: references by name stand
+    in as ids (whether they exist is known only when the file is applied)."""
+    if section in ("providers", "tags"):
+        field = "provider" if section == "providers" else "tag"
+        name = body.pop(field, None)
+        if not isinstance(name, str) or not name:
+            raise ConfigFileError(f"{where}: needs '{field}', the {field}'s name")
+    for reference, id_field in _REFERENCES:
+        if reference in body:
+            value = body.pop(reference)
+            body[id_field] = None if value is None else str(value)
+            if reference == "virtual_key":
+                body["scope"] = "virtual_key"
+    data: Any = _CREATE[section].model_validate(body)
+    if section == "model_configs":
+        check_model_names([data.model_name], "model_name")
+    elif section == "virtual_keys":
+        for i, config in enumerate(data.provider_configs or ()):
+            for field in ("allowed_models", "blocked_models"):
+                where_ = f"provider_configs[{i}].{field}"
+                check_model_names(getattr(config, field), "provider_configs", where_)
+
+
+def check_config_file(path: Path) -> dict[str, Any]:
+    """Read `path` and check every entry as far as possible without the store (raises
+    ConfigFileError naming the file and the entry); the file's data, `${...}` not substituted."""
+    data = read_config_file(path)
+    for section in SECTIONS:
+        for index, raw in enumerate(data[section]):
+            where = _where(path, section, index, raw)
+            with _entry_errors(where):
+                _check_entry(section, dict(_substitute(raw, where)), where)
+    return data
+
+
 class _Loader:
     def __init__(self, store: Store, settings: BudgetSettings, path: Path) -> None:
         self.store = store
@@ -114,9 +197,7 @@ class _Loader:
         self.path = path
 
     def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
-        label = entry.get("name") or entry.get("provider") or entry.get("tag")
-        label = label or entry.get("model_name") or f"#{index + 1}"
-        return f"BUDGET_CONFIG_FILE {str(self.path)!r}, {section}[{index}] ({label})"
+        return _where(self.path, section, index, entry)
 
     def _find(self, table: Any, ref: str | None, what: str, where: str) -> str | None:
         if ref is None:
@@ -139,16 +220,8 @@ class _Loader:
         digest = config_hash(entry)
         body = dict(entry)
         manager = BudgetManager(self.store, self.settings, Origin("config", digest))
-        try:
+        with _entry_errors(where):
             self._apply(section, body, digest, manager, where)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}"
-                for e in exc.errors(include_input=False, include_url=False)
-            )
-            raise ConfigFileError(f"{where}: {problems}") from None
-        except AdminError as exc:
-            raise ConfigFileError(f"{where}: {exc.message}") from None
 
     def _apply(
         self, section: str, body: dict[str, Any], digest: str, m: BudgetManager, where: str
@@ -223,7 +296,7 @@ def load_config_file(store: Store, settings: BudgetSettings) -> None:
     if settings.config_file is None:
         return
     path = Path(settings.config_file)
-    data = read_config_file(path)
+    data = check_config_file(path)
     loader = _Loader(store, settings, path)
     for section in SECTIONS:
         for index, entry in enumerate(data[section]):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
+from cachetools import LRUCache
 
 from . import admission
 from .admission import Refusal, Ticket
@@ -26,7 +29,7 @@ from .identity import hash_key, key_digest
 from .limits import CounterRegistry
 from .pricing import PriceBook
 from .scopes import GlobalConfig, KeyConfig, LimitSet
-from .settings import BudgetSettings
+from .settings import BudgetSettings, ConfigurationError, raised_again
 from .store.database import Delta, Store, UsageRecord
 
 if TYPE_CHECKING:
@@ -61,14 +64,11 @@ class Stats:
     flush_failures: int = 0
     engine: Any = None
 
+    rejected: dict[str, int] = field(default_factory=dict)  # set aside, by kind
+
     @property
     def pending_records(self) -> int:
-        failed = self.engine._failed_batch
-        return (
-            len(self.engine.records)
-            + len(self.engine.in_flight_records)
-            + (len(failed[2]) if failed else 0)
-        )
+        return len(self.engine.records) + sum(len(b.records) for b in self.engine.unwritten)
 
     @property
     def pending_deltas(self) -> int:
@@ -80,6 +80,41 @@ class ServiceUnavailable(RuntimeError):
     """The store or Redis cannot be reached and the settings say to fail closed."""
 
 
+@dataclass(slots=True)
+class Batch:
+    """Charges and usage records written in one transaction, under an id the store remembers
+    (a batch retried after an unclear commit is not applied twice)."""
+
+    id: str
+    deltas: list[Delta]
+    records: list[UsageRecord]
+    refused: int = 0  # writes that failed while the store took others
+
+    @property
+    def size(self) -> int:
+        return len(self.deltas) + len(self.records)
+
+    def halves(self) -> list[Batch]:
+        """Two smaller batches with ids of their own, derived from this one's (so a retried split
+        is idempotent too); the records keep the ids they had in the whole batch."""
+        records = [
+            r if r.request_id else r._replace(request_id=f"{self.id[:16]}{i:016x}")
+            for i, r in enumerate(self.records)
+        ]
+        if self.deltas and records:
+            parts: list[tuple[list[Delta], list[UsageRecord]]] = [(self.deltas, []), ([], records)]
+        elif len(self.deltas) > 1:
+            middle = len(self.deltas) // 2
+            parts = [(self.deltas[:middle], []), (self.deltas[middle:], [])]
+        else:
+            middle = len(records) // 2
+            parts = [([], records[:middle]), ([], records[middle:])]
+        return [
+            Batch(hashlib.sha256(f"{self.id}/{n}".encode()).hexdigest()[:32], *part)
+            for n, part in enumerate(parts)
+        ]
+
+
 class BudgetEngine:
     def __init__(self, settings: BudgetSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -88,6 +123,9 @@ class BudgetEngine:
         self.registry = CounterRegistry()
         self.builder = ScopeBuilder(self.registry, clock)
         self.keys = KeyCache(settings.cache_ttl_seconds)
+        # Every key this process has seen valid, by digest, as last read: with fail-open, an
+        # outage admits these (their last-known limits apply) and no other key.
+        self.last_known: LRUCache[bytes, KeyConfig] = LRUCache(maxsize=1_000_000)
         self.globals = GlobalConfig()
         self.globals_loaded_at = float("-inf")
         self.prices = PriceBook(settings.pricing_file)
@@ -102,7 +140,10 @@ class BudgetEngine:
         self.in_process = isinstance(self.counters, MemoryCounters)
         self.stats = Stats(engine=self)
         self.records: list[UsageRecord] = []
-        self.in_flight_records: list[UsageRecord] = []
+        # Batches taken and not yet written, oldest first: retried before anything newer.
+        self.unwritten: list[Batch] = []
+        # Set aside (the store refuses them) and not yet saved in its table of rejects.
+        self.rejects_to_save: list[tuple[str, str, str, float]] = []
         self.startup_hooks: list[Callable[[Store], None]] = []
         self.started = False
         self.stale = False
@@ -111,16 +152,21 @@ class BudgetEngine:
         self._start_lock: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock: asyncio.Lock | None = None
-        self._failed_batch: tuple[str, list[Delta], list[UsageRecord]] | None = None
         self._stopping = asyncio.Event()
         self._key_loads: dict[str, asyncio.Future[KeyConfig | None]] = {}
         self._manager: BudgetManager | None = None
+        # A configuration error met at start-up (BUDGET_CONFIG_FILE naming what the store does
+        # not hold): the engine never starts, and its middlewares are told (they then raise it).
+        self.failure: ConfigurationError | None = None
+        self.failure_listeners: list[weakref.WeakMethod[Callable[[Exception], None]]] = []
         self._install_default_hooks()
 
     def _install_default_hooks(self) -> None:
         if self.settings.config_file is not None:
-            from .declarative import load_config_file
+            from .declarative import check_config_file, load_config_file
 
+            # What can be checked without the store fails here, with the settings' own errors.
+            check_config_file(self.settings.config_file)
             settings = self.settings
             self.startup_hooks.append(lambda store: load_config_file(store, settings))
 
@@ -137,14 +183,32 @@ class BudgetEngine:
     # -- life cycle ----------------------------------------------------------------------
 
     async def ensure_started(self) -> None:
+        """Create the schema, apply BUDGET_CONFIG_FILE, start the counters and the flusher.
+
+        A store that cannot be reached raises, and the next call tries again; a configuration
+        error (`ConfigurationError`) is final: every later call raises it again.
+        """
         if self.started:
             return
+        if self.failure is not None:
+            raise raised_again(self.failure)
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
             if self.started:
                 return
-            await anyio.to_thread.run_sync(self._prepare_store)
+            if self.failure is not None:
+                raise raised_again(self.failure)
+            try:
+                await anyio.to_thread.run_sync(self._prepare_store)
+            except ConfigurationError as exc:
+                self.failure = exc
+                self.store.dispose()  # nothing else was started
+                for ref in self.failure_listeners:
+                    listener = ref()
+                    if listener is not None:
+                        listener(exc)
+                raise
             await self.counters.start()
             await self.reload_globals()
             self._flush_lock = asyncio.Lock()
@@ -263,6 +327,10 @@ class BudgetEngine:
             record = await anyio.to_thread.run_sync(self.store.load_key, key_hash)
             config = None if record is None else self.builder.key(record)
             self.keys.put(digest, config)
+            if config is None:
+                self.last_known.pop(digest, None)
+            else:
+                self.last_known[digest] = config
             self.store_ok = True
             future.set_result(config)
             return config
@@ -328,38 +396,102 @@ class BudgetEngine:
     # -- the ledger's way to the store ---------------------------------------------------
 
     async def flush(self) -> bool:
-        """Write pending deltas and usage records in one transaction per batch.
+        """Write pending deltas and usage records in one transaction per batch; False when the
+        store cannot be written now (everything is kept for the next round).
 
-        A batch whose write failed (or whose outcome is unknown) is kept whole and retried under
-        its own id before anything newer; the store skips a batch id it has already applied, so
-        every charge is written exactly once.
+        A batch whose write failed is kept whole and retried under its own id before anything
+        newer; the store skips a batch id it has already applied, so every charge is written
+        exactly once. A batch the store refuses while it takes other writes (asked with a probe
+        that is rolled back) and has not applied is retried once, then split in halves until
+        what the store can never take (an out-of-range value, a text it refuses) stands alone:
+        that is set aside (`GET /usage/rejected`), and never holds back anyone else's charges.
         """
         if self._flush_lock is None:
             self._flush_lock = asyncio.Lock()
         async with self._flush_lock:
+            if self.rejects_to_save and not await self._save_rejects():
+                return False
+            ledger = self.registry.ledger
             while True:
-                batch = self._failed_batch
-                if batch is None:
+                if not self.unwritten:
                     deltas = self.counters.take_deltas()
                     records, self.records = self.records, []
                     if not deltas and not records:
-                        return True
-                    batch = (uuid.uuid4().hex, deltas, records)
-                self.in_flight_records = batch[2]
+                        return not self.rejects_to_save or await self._save_rejects()
+                    self.unwritten.append(Batch(uuid.uuid4().hex, deltas, records))
+                batch = self.unwritten[0]
                 try:
-                    await anyio.to_thread.run_sync(self.store.apply_flush, *batch)
+                    await anyio.to_thread.run_sync(
+                        self.store.apply_flush, batch.id, batch.deltas, batch.records
+                    )
                 except BaseException as exc:  # cancelled too: nothing taken may be dropped
-                    self._failed_batch = batch
                     self.stats.flush_failures += 1
                     if not isinstance(exc, Exception):
                         raise
-                    self._store_failed(exc)
-                    return False
-                finally:
-                    self.in_flight_records = []
-                self._failed_batch = None
+                    refused = await self._refused(batch)
+                    if refused is None:  # unreachable, or read-only: an outage, wait for it
+                        self._store_failed(exc)
+                        return False
+                    if refused:
+                        batch.refused += 1
+                        if batch.refused >= 2:
+                            self.unwritten[0:1] = self._split(batch, exc)
+                        continue
+                self.unwritten.pop(0)
+                for d in batch.deltas:
+                    ledger.confirmed(d.kind, d.id, d.start_ts, d.amount)
                 self.store_ok = True
                 self.stats.last_flush_at = self.clock()
+
+    async def _refused(self, batch: Batch) -> bool | None:
+        """After a failed write: None when the store takes no writes at all; False when the
+        batch was applied after all (its commit's answer was lost); True when the store takes
+        writes and refuses this batch."""
+        try:
+            if not await anyio.to_thread.run_sync(self.store.writable):
+                return None
+            return not await anyio.to_thread.run_sync(self.store.batch_applied, batch.id)
+        except Exception:
+            return None
+
+    def _split(self, batch: Batch, exc: BaseException) -> list[Batch]:
+        """A batch refused twice: its halves, or, alone, the delta or record set aside."""
+        if batch.size > 1:
+            return batch.halves()
+        error = _error_text(exc)
+        if batch.deltas:
+            d = batch.deltas[0]
+            # Still counted live: the money was spent, though the store cannot hold it.
+            kind = "counter"
+            what: dict[str, Any] = {
+                "kind": d.kind,
+                "id": d.id,
+                "window_start": d.window_start.isoformat(),
+                "window_end": d.window_end.isoformat(),
+                "amount_nanos": d.amount,
+            }
+        else:
+            kind, what = "usage_record", batch.records[0]._asdict()
+        payload = json.dumps(what, ensure_ascii=True, default=str)
+        self.stats.rejected[kind] = self.stats.rejected.get(kind, 0) + 1
+        logger.error(
+            "budget-middleware set aside a %s the store refuses (%s): %s",
+            kind.replace("_", " "),
+            error,
+            payload[:500],
+        )
+        self.rejects_to_save.append((kind, payload, error, self.clock()))
+        return []
+
+    async def _save_rejects(self) -> bool:
+        rejects = self.rejects_to_save
+        try:
+            await anyio.to_thread.run_sync(self.store.save_rejects, rejects)
+        except Exception as exc:
+            self._store_failed(exc)
+            return False
+        del rejects[: len(rejects)]
+        return True
 
     async def health(self) -> dict[str, str]:
         try:
@@ -368,6 +500,13 @@ class BudgetEngine:
         except Exception:
             store = "down"
         return {"store": store, "redis": await self.counters.health()}
+
+
+def _error_text(exc: BaseException) -> str:
+    """What the store said, short, on one line (no values: they may be a client's)."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {first}"[:300]
 
 
 __all__ = ["BudgetEngine", "ServiceUnavailable", "get_engine", "hash_key"]

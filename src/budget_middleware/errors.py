@@ -80,6 +80,14 @@ def error_answer(
     return ErrorAnswer(status, body, out + (headers or []))
 
 
+def unpriced_message(provider: str, model: str) -> str:
+    """403 `model_not_priced` (BUDGET_UNPRICED_MODELS=refuse): the model has no known price."""
+    return (
+        f"Model '{model}' of provider '{provider}' has no known price, and "
+        "BUDGET_UNPRICED_MODELS=refuse refuses unpriced models: add it to BUDGET_PRICING_FILE"
+    )
+
+
 def _when(ts: float | None) -> str:
     if ts is None:
         return "never resets"

@@ -115,8 +115,34 @@ def header_reader(
     return read
 
 
+# Client text as the store keeps it (its column sizes): longer is cut, and characters a store
+# refuses or a log would mangle (NUL, controls, lone surrogates) become "?". Tags: at most 32.
+MAX_PROVIDER_CHARS = 100
+MAX_MODEL_CHARS = 200
+MAX_TAG_CHARS = 100
+MAX_TAGS = 32
+
+
+def clean_text(text: str, limit: int) -> str:
+    """`text` bounded to `limit` characters, every unprintable character replaced by "?"."""
+    if len(text) <= limit and text.isprintable():
+        return text  # the usual case: one C call
+    return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+
+
+def _clean_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    cleaned: list[str] = []
+    for tag in tags:
+        if len(cleaned) == MAX_TAGS:
+            break
+        tag = clean_text(tag.strip(), MAX_TAG_CHARS)
+        if tag:
+            cleaned.append(tag)
+    return tuple(cleaned)
+
+
 def _split_tags(text: str) -> tuple[str, ...]:
-    return tuple(t for t in (part.strip() for part in text.split(",")) if t)
+    return _clean_tags(text.split(",", MAX_TAGS))
 
 
 @dataclass(slots=True, init=False)
@@ -163,9 +189,10 @@ class TargetResolver:
         found = self._routes.get(where)
         if found is None:
             found = self._route(*where)
-            if len(self._routes) >= 4096:
-                self._routes.clear()
-            self._routes[where] = found
+            if len(where[0]) <= MAX_MODEL_CHARS:  # a client's huge name is not kept
+                if len(self._routes) >= 4096:
+                    self._routes.clear()
+                self._routes[where] = found
         tags = credentials.tags
         if key_tags:
             tags += key_tags
@@ -173,6 +200,8 @@ class TargetResolver:
             tags += _body_tags(data)
         if len(tags) > 1:
             tags = tuple(sorted(set(tags)))
+            if len(tags) > MAX_TAGS:
+                tags = tags[:MAX_TAGS]
         limit = None
         for name in OUTPUT_LIMIT_FIELDS:
             value = data.get(name)
@@ -193,7 +222,10 @@ class TargetResolver:
             provider = self.guess_provider(model)
         if provider is None and route_path.endswith("/messages"):
             provider = "anthropic"
-        return provider or "unknown", model or "unknown"
+        return (
+            clean_text(provider, MAX_PROVIDER_CHARS) if provider else "unknown",
+            clean_text(model, MAX_MODEL_CHARS) if model else "unknown",
+        )
 
 
 _NO_BODY: dict[str, Any] = {}
@@ -211,7 +243,7 @@ def _body_tags(data: dict[str, Any]) -> tuple[str, ...]:
     tags = metadata.get("tags")
     if not isinstance(tags, list):
         return ()
-    return tuple(t.strip() for t in tags if isinstance(t, str) and t.strip())
+    return _clean_tags(t for t in tags if isinstance(t, str))
 
 
 def route_path(scope: MutableMapping[str, Any]) -> str:

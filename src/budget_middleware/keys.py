@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from .errors_admin import Conflict, InvalidRequest, NotFound
 from .identity import hash_key
-from .owner_limits import OwnerWriter, delete_limits, write_limits
+from .owner_limits import OwnerWriter, check_model_names, delete_limits, write_limits
 from .schemas import ProviderConfigIn, VirtualKeyCreate, VirtualKeyOut, VirtualKeyUpdate
 from .store.tables import (
     CustomerRow,
@@ -39,9 +39,9 @@ class KeyWriter(OwnerWriter):
 
     def _check_parents(self, s: Session, team_id: str | None, customer_id: str | None) -> None:
         if team_id is not None and s.get(TeamRow, team_id) is None:
-            raise InvalidRequest(f"team {team_id!r} not found", param="team_id")
+            raise NotFound(f"team {team_id!r} not found", param="team_id")
         if customer_id is not None and s.get(CustomerRow, customer_id) is None:
-            raise InvalidRequest(f"customer {customer_id!r} not found", param="customer_id")
+            raise NotFound(f"customer {customer_id!r} not found", param="customer_id")
 
     def _set_value(self, s: Session, row: VirtualKeyRow, value: str) -> None:
         digest = hash_key(value)
@@ -108,6 +108,10 @@ class KeyWriter(OwnerWriter):
     def _write_provider_configs(
         self, s: Session, key: VirtualKeyRow, configs: list[ProviderConfigIn]
     ) -> None:
+        for i, config in enumerate(configs):
+            for field in ("allowed_models", "blocked_models"):
+                names = getattr(config, field)
+                check_model_names(names, "provider_configs", f"provider_configs[{i}].{field}")
         providers = [c.provider for c in configs]
         for name in providers:
             if providers.count(name) > 1:

@@ -104,8 +104,11 @@ class WindowCounter:
         calendar_aligned: bool,
         anchor: float,
         now: float,
+        ledger: Ledger,
     ) -> None:
-        """Apply (new) limit parameters; the usage is kept (changing a limit never resets it)."""
+        """Apply (new) limit parameters; the usage is kept (changing a limit never resets it),
+        unless the window it was counted in has ended: a newer anchor from the store (another
+        instance rolled the window) moves the window on, and the old window's usage stays there."""
         self.limit, self.limit_text = _shared_limit(limit, self.kind == "budget")
         if (duration, calendar_aligned) != (self.duration, self.calendar_aligned) or (
             anchor > self.anchor
@@ -113,12 +116,32 @@ class WindowCounter:
             self.duration = duration
             self.calendar_aligned = calendar_aligned
             self.anchor = _shared_float(max(anchor, self.anchor))
-            self.start, self.end = self._window_at(now)
+            start, end = self._window_at(now)
+            if start >= self.end:  # a later window: what we counted belongs to the one before
+                self._seal(ledger)
+                self.value = 0
+            self.start, self.end = start, end
 
-    def seed(self, stored_value: int, stored_reset: float) -> None:
-        """Take the store's usage; it counts for our window only if its window is ours."""
+    def unwritten(self, ledger: Ledger) -> int:
+        """This process's charges to the current window that the store does not hold yet: still
+        pending, or taken by a flush that has not been written (failed, or under way)."""
         mine = self.pending if self.pending_start == self.start else 0
+        if ledger.unconfirmed:
+            mine += ledger.unconfirmed.get((self.kind, self.id, self.start), 0)
+        return mine
+
+    def seed(self, stored_value: int, stored_reset: float, ledger: Ledger) -> None:
+        """Take the store's usage; it counts for our window only if its window is ours. What
+        this process charged and the store does not hold yet counts too: while writes fail, a
+        counter never goes back down."""
+        mine = self.unwritten(ledger)
         self.value = stored_value + mine if stored_reset >= self.start else mine
+
+    def _seal(self, ledger: Ledger) -> None:
+        """What is pending for the window that ends goes to the ledger as its own delta."""
+        if self.pending:
+            ledger.sealed.append((self.kind, self.id, self.pending_start, self.pending))
+            self.pending = 0
 
     def _window_at(self, now: float) -> tuple[float, float]:
         if self.duration is None:
@@ -133,9 +156,7 @@ class WindowCounter:
 
     def roll(self, now: float, ledger: Ledger) -> None:
         """Start the window that contains `now` (called only when `now >= self.end`)."""
-        if self.pending:
-            ledger.sealed.append((self.kind, self.id, self.pending_start, self.pending))
-            self.pending = 0
+        self._seal(ledger)
         self.start, self.end = self._window_at(now)
         self.value = 0
 
@@ -194,10 +215,26 @@ class Concurrency:
 
 @dataclass(slots=True)
 class Ledger:
-    """Charges waiting for the flusher: dirty counters and deltas of windows that have ended."""
+    """Charges waiting for the flusher: dirty counters and deltas of windows that have ended;
+    and, by (kind, id, window start), what flushes have taken and the store has not confirmed."""
 
     dirty: set[WindowCounter] = field(default_factory=set)
     sealed: list[tuple[str, str, float, int]] = field(default_factory=list)
+    unconfirmed: dict[tuple[str, str, float], int] = field(default_factory=dict)
+
+    def taken(self, kind: str, id: str, start: float, amount: int) -> None:
+        """A flush took this charge: it counts as ours until the store confirms it."""
+        key = (kind, id, start)
+        self.unconfirmed[key] = self.unconfirmed.get(key, 0) + amount
+
+    def confirmed(self, kind: str, id: str, start: float, amount: int) -> None:
+        """The store holds this charge now."""
+        key = (kind, id, start)
+        left = self.unconfirmed.get(key, 0) - amount
+        if left > 0:
+            self.unconfirmed[key] = left
+        else:
+            self.unconfirmed.pop(key, None)
 
 
 @dataclass(slots=True)
@@ -238,10 +275,10 @@ class CounterRegistry:
         anchor = _ts(last_reset)
         if counter is None:
             counter = windows[id] = _WINDOW_CLASSES[kind](id)
-            counter.configure(limit, duration, calendar_aligned, anchor, now)
-            counter.seed(usage, anchor)
+            counter.configure(limit, duration, calendar_aligned, anchor, now, self.ledger)
+            counter.seed(usage, anchor, self.ledger)
         else:
-            counter.configure(limit, duration, calendar_aligned, anchor, now)
+            counter.configure(limit, duration, calendar_aligned, anchor, now, self.ledger)
         return counter
 
     def counter(self, kind: str, id: str) -> WindowCounter | None:

@@ -29,7 +29,7 @@ from . import reports
 from .errors_admin import Conflict, InvalidRequest, NotFound
 from .keys import KeyWriter
 from .limits import CounterRegistry
-from .owner_limits import delete_limits, write_limits
+from .owner_limits import check_model_names, delete_limits, write_limits
 from .schemas import (
     BudgetOut,
     CustomerCreate,
@@ -128,7 +128,7 @@ class BudgetManager(KeyWriter):
 
     def _check_customer(self, s: Session, customer_id: str | None) -> None:
         if customer_id is not None and s.get(CustomerRow, customer_id) is None:
-            raise InvalidRequest(f"customer {customer_id!r} not found", param="customer_id")
+            raise NotFound(f"customer {customer_id!r} not found", param="customer_id")
 
     def create_team(self, body: Body = None, /, **fields: Any) -> TeamOut:
         data = _body(TeamCreate, body, fields)
@@ -276,9 +276,10 @@ class BudgetManager(KeyWriter):
 
     def create_model_config(self, body: Body = None, /, **fields: Any) -> ModelConfigOut:
         data = _body(ModelConfigCreate, body, fields)
+        check_model_names([data.model_name], "model_name")
         with self._session() as s:
             if data.scope_id is not None and s.get(VirtualKeyRow, data.scope_id) is None:
-                raise InvalidRequest(f"virtual key {data.scope_id!r} not found", param="scope_id")
+                raise NotFound(f"virtual key {data.scope_id!r} not found", param="scope_id")
             row = ModelConfigRow(
                 model_name=data.model_name,
                 provider=data.provider,
@@ -296,6 +297,8 @@ class BudgetManager(KeyWriter):
 
     def update_model_config(self, id_: str, body: Body = None, /, **fields: Any) -> ModelConfigOut:
         data = _body(ModelConfigUpdate, body, fields)
+        if data.model_name is not None:
+            check_model_names([data.model_name], "model_name")
         with self._session() as s:
             row = self._get(s, ModelConfigRow, id_, "model config")
             if data.model_name is not None:

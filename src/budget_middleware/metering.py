@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .admission import Ticket
 from .identity import Target
 from .limit_headers import add_limit_headers, tightest_now
-from .pricing import ModelPrice, cost_nanos, nanos_from_usd
+from .pricing import NANOS_PER_USD, ModelPrice, cost_nanos, estimate_nanos, nanos_from_usd
 from .scopes import KeyConfig, LimitSet
 from .sse import StreamMeter
 from .store.database import UsageRecord
@@ -25,6 +26,22 @@ Send = Callable[[Message], Awaitable[None]]
 
 _JSON_TAIL = 1 << 20  # of a huge JSON answer keep the last MiB: usage sits at the end
 _COST_HEADER = b"x-budget-cost"
+
+# What one request can be charged and counted, whatever an upstream reports: the store's counters
+# are 64-bit (nano-dollars) and its token columns 32-bit. $1,000,000 and 2**31 - 1 tokens.
+MAX_CHARGE_NANOS = 10**15
+MAX_TOKENS = 2**31 - 1
+_MAX_NOTE = 200  # the store's `note` column
+
+logger = logging.getLogger("budget_middleware")
+
+
+def measured_nanos(usd: float) -> int:
+    """A reported cost (USD) as nano-dollars, within what one request can be charged; NaN and
+    infinities raise ValueError (nothing to read), negatives are 0."""
+    if usd >= MAX_CHARGE_NANOS / NANOS_PER_USD:
+        return MAX_CHARGE_NANOS
+    return nanos_from_usd(usd)
 
 
 _new_record = tuple.__new__
@@ -123,7 +140,7 @@ class Exchange:
         if cost_header is not None:  # ours to read, not the client's
             kept = [h for h in kept if h[0].lower() != _COST_HEADER]
             try:
-                self.header_cost = nanos_from_usd(float(cost_header[1]))
+                self.header_cost = measured_nanos(float(cost_header[1]))
             except ValueError:
                 self.header_cost = None
         if encoding and encoding != b"identity":
@@ -226,7 +243,7 @@ class Exchange:
         if self.header_cost is not None:
             cost, source = self.header_cost, "header"
         elif usage is not None and usage.cost is not None:
-            cost, source = nanos_from_usd(usage.cost), "usage"
+            cost, source = measured_nanos(usage.cost), "usage"
         elif usage is None and (self.status >= 400 or not self.response_started):
             cost, source = 0, "none"  # an error without usage costs nothing
         else:
@@ -246,6 +263,18 @@ class Exchange:
             inp = out = cached = 0
         else:
             inp, out, cached = usage.input_tokens, usage.output_tokens, usage.cached_tokens
+            if inp > MAX_TOKENS or out > MAX_TOKENS or cached > MAX_TOKENS:
+                inp, out, cached = (
+                    min(inp, MAX_TOKENS),
+                    min(out, MAX_TOKENS),
+                    min(cached, MAX_TOKENS),
+                )
+                note = "usage over 2**31 tokens, counted as 2**31 - 1"
+        if cost > MAX_CHARGE_NANOS:
+            cost = MAX_CHARGE_NANOS
+            note = "cost over $1,000,000, charged $1,000,000"
+        if note is not None and len(note) > _MAX_NOTE:
+            note = note[:_MAX_NOTE]
         engine.record(
             _new_record(  # the tuple itself: UsageRecord's own __new__ is a Python call
                 UsageRecord,
@@ -271,11 +300,45 @@ class Exchange:
 
     def settle_now(self, outcome: str) -> None:
         """Settle in process (memory counters): no await between the charge and the counters."""
-        cost, tokens = self._charge(outcome)
+        cost, tokens = self._charge_or_estimate(outcome)
         assert self.ticket is not None
         self.engine.settle_now(self.ticket, cost, tokens)
 
     async def settle_shared(self, outcome: str) -> None:
-        cost, tokens = self._charge(outcome)
+        cost, tokens = self._charge_or_estimate(outcome)
         assert self.ticket is not None
         await self.engine.settle(self.ticket, cost, tokens)
+
+    def _charge_or_estimate(self, outcome: str) -> tuple[int, int]:
+        """The charge; should working it out fail (a bug, whatever the answer held), the
+        reservation's estimate, recorded as such: the slot and reservation are released and no
+        admitted request goes uncharged."""
+        try:
+            return self._charge(outcome)
+        except Exception as exc:
+            logger.exception(
+                "budget-middleware could not work out a charge; the estimate is charged"
+            )
+            target = self.target
+            cost = self.ticket_estimate or estimate_nanos(
+                self.price, self.prompt_tokens, target.max_output_tokens or 0
+            )
+            self.engine.record(
+                UsageRecord(
+                    "",
+                    self.admitted_at,
+                    *self.caller,
+                    self.prompt_tokens,
+                    0,
+                    0,
+                    cost,
+                    "estimate",
+                    self.status,
+                    self.stream is not None,
+                    outcome,
+                    True,
+                    f"charge failed: {type(exc).__name__}"[:_MAX_NOTE],
+                    (perf_counter() - self.started) * 1000,
+                )
+            )
+            return cost, self.prompt_tokens

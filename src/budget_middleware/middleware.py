@@ -9,18 +9,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import Any, NamedTuple
 
 from .admission import Refusal, Ticket
 from .engine import BudgetEngine, ServiceUnavailable, get_engine
-from .errors import ErrorAnswer, error_answer, refusal_answer
+from .errors import ErrorAnswer, error_answer, refusal_answer, unpriced_message
 from .identity import Credentials, TargetResolver, header_reader, key_digest, route_path
 from .metering import Exchange
 from .pricing import estimate_nanos
 from .scopes import KeyConfig
-from .settings import BudgetSettings
+from .settings import BudgetSettings, ConfigurationError, raised_again
 from .usage import JSON_ERRORS, json_loads
 
 Scope_ = MutableMapping[str, Any]
@@ -72,7 +73,13 @@ class BudgetMiddleware:
         try:
             self.engine = engine if engine is not None else get_engine(settings)
         except Exception as exc:  # reported at lifespan startup, where a server stops on it
-            self.error = exc
+            self._fail(exc)
+            return
+        listeners = self.engine.failure_listeners
+        listeners[:] = [ref for ref in listeners if ref() is not None]
+        listeners.append(weakref.WeakMethod(self._fail))
+        if self.engine.failure is not None:
+            self._fail(self.engine.failure)
             return
         s = self.engine.settings
         self.suffixes = s.inference_paths
@@ -85,6 +92,7 @@ class BudgetMiddleware:
         self.exceeded_status = s.exceeded_status
         self.resolve_target = TargetResolver(self.engine.prices.guess_provider)
         self.price = self.engine.prices.price
+        self.refuse_unpriced = s.unpriced_models == "refuse"
         self.key_required = (
             "A virtual key is required: send it in the "
             f"'{s.key_header}' header or as 'Authorization: Bearer {s.key_prefix}…'"
@@ -101,27 +109,37 @@ class BudgetMiddleware:
             return
         await self.app(scope, receive, send)
 
+    def _fail(self, error: Exception) -> None:
+        """This middleware cannot work (invalid settings or configuration): from now on every
+        request raises `error` again, and a lifespan startup fails with its message."""
+        self.error = error
+        self.suffixes = ()
+        self.app = _Unusable(error)
+
     # -- lifespan ------------------------------------------------------------------------
 
     async def _lifespan(self, scope: Scope_, receive: Receive, send: Send) -> None:
-        failure: list[str] = []
+        # The engine starts before the host app does, so that a configuration error stops the
+        # server before anything of the app has started (nothing is left half-started).
+        first = await receive()
+        if first["type"] == "lifespan.startup" and self.error is None:
+            try:
+                await self.engine.ensure_started()
+            except ConfigurationError as exc:  # final: the server must stop
+                self._fail(exc)
+            except Exception as exc:  # the store may come later: requests retry
+                logger.error("budget-middleware could not start: %s", exc)
+        if self.error is not None:
+            await send({"type": "lifespan.startup.failed", "message": str(self.error)})
+            return
+        pending = [first]
 
         async def on_receive() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                if self.error is not None:
-                    failure.append(str(self.error))
-                else:
-                    try:
-                        await self.engine.ensure_started()
-                    except Exception as exc:  # the store may come later: requests retry
-                        logger.error("budget-middleware could not start: %s", exc)
-            return message
+            return pending.pop() if pending else await receive()
 
         async def on_send(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete" and failure:
-                message = {"type": "lifespan.startup.failed", "message": failure[0]}
-            elif message["type"] == "lifespan.shutdown.complete" and self.error is None:
+            # After the app's own shutdown, or when the app itself could not start.
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.startup.failed"):
                 await self.engine.shutdown()
             await send(message)
 
@@ -155,6 +173,8 @@ class BudgetMiddleware:
         if not engine.started:
             try:
                 await engine.ensure_started()
+            except ConfigurationError:
+                raise  # final: the configuration is wrong, not the store away
             except Exception:
                 if not self.fail_open:
                     await _answer(send, _unavailable())
@@ -163,15 +183,18 @@ class BudgetMiddleware:
             await engine.ensure_current()
         key: KeyConfig | None = None
         if credentials.key is not None:
-            found = engine.keys.get(key_digest(credentials.key))  # a cached key: no await
+            digest = key_digest(credentials.key)
+            found = engine.keys.get(digest)  # a cached key: no await
             if found is False:
                 try:
                     found = await engine.lookup_key(credentials.key)
                 except ServiceUnavailable:
-                    if not self.fail_open:
+                    # Fail open admits a key this process has seen valid, on its last-known
+                    # limits; a key it cannot vouch for is never admitted.
+                    found = engine.last_known.get(digest) if self.fail_open else None
+                    if found is None:
                         await _answer(send, _unavailable())
                         return
-                    found = None  # fail open: metered as a request without a key
                 else:
                     if found is None:
                         await _answer(send, self._refuse(401, "invalid_virtual_key", _UNKNOWN))
@@ -287,6 +310,9 @@ class BudgetMiddleware:
             limits = key.resolve(engine.globals, target.provider, target.model, target.tags)
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
         price = self.price(target.provider, target.model)  # once: it prices the charge too
+        if price is None and self.refuse_unpriced:  # BUDGET_UNPRICED_MODELS=refuse
+            message = unpriced_message(target.provider, target.model)
+            return self._refuse(403, "model_not_priced", message)
         exchange = Exchange(engine, key, target, limits, price, prompt_tokens, now, started)
         if self.reserve and limits.budgets:
             output = target.max_output_tokens
@@ -296,6 +322,17 @@ class BudgetMiddleware:
         if target.stream and type(parsed) is dict and path.endswith(_USAGE_PATHS):
             exchange.parsed = parsed
         return exchange
+
+
+class _Unusable:
+    """Stands in for the host app of a middleware that could not be set up: every request
+    raises the error that stopped it (a copy each time), naming the variable or the file."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
+        raise raised_again(self.error)
 
 
 def _parse_json(body: bytes) -> Any:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+import threading
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
-from .errors_admin import Conflict, NotFound
+from .errors_admin import Conflict, InvalidRequest, NotFound
 from .schemas import BudgetIn, RateLimitIn, _Limits
+from .scopes import model_name_problem
 from .settings import BudgetSettings
 from .status import NANOS
 from .store.database import Store
@@ -56,6 +59,19 @@ class Origin:
 
 
 MANUAL = Origin()
+
+
+def check_model_names(names: Iterable[str], param: str, where: str | None = None) -> None:
+    """Refuse (422) a model name that is neither exact, `*` nor a glob: it would match nothing.
+    `where` names the field in the message when it is deeper than `param`."""
+    for name in names:
+        problem = model_name_problem(name)
+        if problem is not None:
+            raise InvalidRequest(
+                f"{where or param}: {problem}; a model name is an exact name, '*', or a glob "
+                "such as 'claude-opus-*'",
+                param=param,
+            )
 
 
 def owner_budgets(s: Session, owner_type: str, owner_id: str) -> list[BudgetRow]:
@@ -192,6 +208,21 @@ def delete_limits(s: Session, owner_type: str, owner_ids: list[str]) -> None:
     )
 
 
+# Stores whose schema this process has created or checked. The management API may be used
+# before any engine has started (a script on a fresh database): its first call creates the schema.
+_schema_ready: weakref.WeakSet[Store] = weakref.WeakSet()
+_schema_lock = threading.Lock()
+
+
+def _ensure_schema(store: Store) -> None:
+    if store in _schema_ready:
+        return
+    with _schema_lock:  # admin calls run in worker threads
+        if store not in _schema_ready:
+            store.create_schema()  # idempotent, and safe against other processes doing the same
+            _schema_ready.add(store)
+
+
 class OwnerWriter:
     """What every writer of owners shares: the store, where writes come from, and checks."""
 
@@ -211,6 +242,7 @@ class OwnerWriter:
         self.on_reset = on_reset  # the engine's live counter of a budget that was reset
 
     def _session(self) -> Session:
+        _ensure_schema(self.store)
         session = self.store.session()
         if self.on_change is not None:
             notify = self.on_change

@@ -21,6 +21,7 @@ from genai_prices import types as gp
 from genai_prices.data import providers as _CATALOG  # bundled data: no remote update, ever
 from genai_prices.data_snapshot import find_provider_by_id
 
+from budget_middleware.settings import ConfigurationError
 from budget_middleware.usage import TokenUsage
 
 logger = logging.getLogger("budget_middleware")
@@ -108,7 +109,7 @@ def cost_usd(price: ModelPrice, usage: TokenUsage) -> float:
     return cost_nanos(price, usage) / NANOS_PER_USD
 
 
-class PricingFileError(ValueError):
+class PricingFileError(ConfigurationError):
     """`BUDGET_PRICING_FILE` cannot be used; the message says which file and what is wrong."""
 
 

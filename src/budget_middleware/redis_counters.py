@@ -24,6 +24,9 @@ which stays the durable record.
 When Redis cannot be reached, `BUDGET_FAIL_OPEN` decides: closed raises `ServiceUnavailable`
 (503), open admits with the in-process `admission.admit` on the local counters (the charge still
 reaches the store through the ledger). After a failure Redis is left alone for a short back-off.
+What was charged without Redis (requests admitted locally, settlements it did not take) is owed
+to it: when it answers again, the amounts are added to the window keys it kept
+(`reconcile.lua`) before the next admission, so a Redis that kept its data does not forget them.
 """
 
 from __future__ import annotations
@@ -100,19 +103,26 @@ class RedisCounters(CounterBackend):
         self._admit: AsyncScript | None = None
         self._settle: AsyncScript | None = None
         self._seed: AsyncScript | None = None
+        self._reconcile: AsyncScript | None = None
+        # Charged while Redis could not be reached, by window key: added to it when it is back.
+        self._owed: dict[str, int] = {}
         self._state = _Failure()
         self._heartbeat: asyncio.Task[None] | None = None
 
     # -- life cycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        # BUDGET_REDIS_TIMEOUT_SECONDS bounds every call (connecting, then each reply): past it
+        # the call fails as if Redis were down. Waiting for a free pooled connection is local
+        # contention, given at least as long.
+        timeout = self.engine.settings.redis_timeout_seconds
         pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
             self.url,
             max_connections=MAX_POOL_CONNECTIONS,
-            timeout=5,
+            timeout=max(5.0, timeout),
             decode_responses=True,
-            socket_timeout=2.0,
-            socket_connect_timeout=1.0,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
         )
         # Failures are ours to handle (fail open or closed, then back off), never retried here.
@@ -120,6 +130,7 @@ class RedisCounters(CounterBackend):
         self._admit = self.client.register_script(_script("admit.lua"))
         self._settle = self.client.register_script(_script("settle.lua"))
         self._seed = self.client.register_script(_script("seed.lua"))
+        self._reconcile = self.client.register_script(_script("reconcile.lua"))
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     async def stop(self) -> None:
@@ -192,6 +203,12 @@ class RedisCounters(CounterBackend):
             return admission.admit(limits, estimate, reserve, now, self.ledger)
         if self._backing_off():
             return self._fallback(limits, estimate, now, None)
+        if self._owed:
+            try:
+                await self.pay_debts()
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+                return self._fallback(limits, estimate, now, exc)
         reservation = estimate if reserve else 0
         request_id = uuid.uuid4().hex
         hold_until = now + self.slot_ttl
@@ -251,8 +268,7 @@ class RedisCounters(CounterBackend):
                     stored, reset_at = row.token_current_usage, _aware(row.token_last_reset)
             value = stored if counter.start <= reset_at < counter.end else 0
             # Our own charges of this window not yet in the store: Redis lost them too.
-            if counter.pending_start == counter.start:
-                value += counter.pending
+            value += counter.unwritten(self.ledger)
             keys.append(entry.keys[0])
             args += [value, self._ttl_ms(counter, now)]
         assert self._seed is not None
@@ -307,7 +323,36 @@ class RedisCounters(CounterBackend):
 
         if not self.engine.settings.fail_open:
             raise ServiceUnavailable("the budget counters (Redis) cannot be reached") from exc
-        return admission.admit(limits, estimate, self.engine.settings.reserve, now, self.ledger)
+        decision = admission.admit(limits, estimate, self.engine.settings.reserve, now, self.ledger)
+        if type(decision) is Ticket:
+            for counter in limits.requests:
+                self._owe(counter, 1)
+        return decision
+
+    def _owe(self, counter: WindowCounter, amount: int) -> None:
+        """A charge Redis has not seen, to add to its window key when it answers again."""
+        if amount:
+            key = self.window_key(counter)
+            self._owed[key] = self._owed.get(key, 0) + amount
+
+    def _owe_settlement(self, ticket: Ticket, cost: int, tokens: int) -> None:
+        limits = ticket.limits
+        for budget in limits.budgets:
+            self._owe(budget, cost)
+        for counter in limits.tokens:
+            self._owe(counter, tokens)
+
+    async def pay_debts(self) -> None:
+        """Add what was charged without Redis to the window keys it kept."""
+        if not self._owed or self._reconcile is None:
+            return
+        owed, self._owed = self._owed, {}
+        try:
+            await self._reconcile(keys=list(owed), args=list(owed.values()))
+        except BaseException:
+            for key, amount in owed.items():  # still owed, with anything owed meanwhile
+                self._owed[key] = self._owed.get(key, 0) + amount
+            raise
 
     # -- settlement ----------------------------------------------------------------------
 
@@ -317,10 +362,12 @@ class RedisCounters(CounterBackend):
         now = self.engine.clock()
         # Locally exactly as in process: the charge goes to the ledger (and so to the store).
         admission.settle(ticket, cost, tokens, now, self.ledger)
-        if not ticket.request_id:
-            return  # admitted in process while Redis was down
+        if not ticket.request_id:  # admitted in process while Redis was down
+            self._owe_settlement(ticket, cost, tokens)
+            return
         self._state.live.pop(ticket.request_id, None)
         if self._backing_off() or self._settle is None:
+            self._owe_settlement(ticket, cost, tokens)
             return  # its slots and reservations expire by themselves
         plan = self._plan(ticket.scopes, now, settling=True)
         keys = [key for entry in plan for key in entry.keys]
@@ -330,6 +377,7 @@ class RedisCounters(CounterBackend):
                 answer: list[Any] = await self._settle(keys=keys, args=args)
             except (RedisError, OSError) as exc:
                 self._failed(exc)
+                self._owe_settlement(ticket, cost, tokens)
                 return
         self._recovered()
         for entry, value in zip(plan, answer, strict=True):
@@ -343,6 +391,9 @@ class RedisCounters(CounterBackend):
         while True:
             await asyncio.sleep(interval)
             try:
+                if self._owed and not self._backing_off():
+                    await self.pay_debts()
+                    self._recovered()
                 await self.heartbeat()
             except (RedisError, OSError) as exc:
                 self._failed(exc)

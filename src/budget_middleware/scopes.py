@@ -6,7 +6,10 @@ objects; the set of scopes of a (key, provider, model, tags) is resolved once an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fnmatch
+import functools
+import re
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -72,39 +75,138 @@ class LimitSet:
 _NO_LIMITS = LimitSet(())
 NO_POLICIES: Mapping[str, ProviderPolicy] = MappingProxyType({})  # shared by keys without any
 
+# -- model names: an exact name, `*`, or a glob --------------------------------------------
+#
+# A model name in a model config or a provider config's allowed/blocked list is an exact name
+# (`gpt-4o`, `openai/gpt-4o`), `*` (every model) or an fnmatch glob (`claude-opus-*`, `gpt-4o?`,
+# `gpt-[34]o`), matched case-sensitively against the request's model and `provider/model`. A glob
+# is compiled once, when the configuration is loaded; what a request's model matches is then kept
+# with the resolved limits (or, for a provider config, per model), so no request pays for it.
+
+_GLOB_CHARS = frozenset("*?[")
+_Matcher = Callable[[str], object]
+
+
+def is_glob(name: str) -> bool:
+    return name != "*" and not _GLOB_CHARS.isdisjoint(name)
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` is neither an exact model name, `*` nor a glob; None when it is fine.
+
+    Refused: an empty name, whitespace or control characters anywhere (a name that can never be
+    a model's), a `/` at either end (an empty provider or model), and a `[` never closed by a
+    `]` (fnmatch would match it literally: a typo that silently matches nothing).
+    """
+    if not name:
+        return "'' is not a model name (use '*' for every model)"
+    if any(c.isspace() or not c.isprintable() for c in name):
+        return f"{name!r} contains whitespace or control characters"
+    if name.startswith("/") or name.endswith("/"):
+        return f"{name!r} has an empty provider or model around '/'"
+    i, n = 0, len(name)
+    while i < n:
+        if name[i] == "[":  # fnmatch's rule: `]` right after `[` or `[!` is a member, not the end
+            j = i + 1
+            if j < n and name[j] == "!":
+                j += 1
+            if j < n and name[j] == "]":
+                j += 1
+            while j < n and name[j] != "]":
+                j += 1
+            if j >= n:
+                return f"{name!r} has a '[' without its closing ']'"
+            i = j
+        i += 1
+    return None
+
+
+@functools.lru_cache(maxsize=4096)  # bounded: one entry per distinct glob in the configuration
+def _compile(glob: str) -> _Matcher:
+    return re.compile(fnmatch.translate(glob)).match  # translate anchors the end: a full match
+
+
+class _Patterns:
+    """A list of model names split once into exact names and compiled globs."""
+
+    __slots__ = ("exact", "globs")
+
+    def __init__(self, names: Collection[str]) -> None:
+        self.exact = frozenset(n for n in names if not is_glob(n))
+        self.globs = tuple(_compile(n) for n in names if is_glob(n))
+
+    def match(self, model: str, qualified: str) -> bool:
+        exact = self.exact
+        if "*" in exact or model in exact or qualified in exact:
+            return True
+        return any(g(model) is not None or g(qualified) is not None for g in self.globs)
+
+
+_VERDICTS_MAX = 256  # models are named by clients: bound what a provider config keeps
+
 
 @dataclass(slots=True, eq=False)
 class ProviderPolicy:
-    """A key's provider config: which models it may use, and its own limits."""
+    """A key's provider config: which models it may use, and its own limits. Entries are exact
+    names, `*`, or globs, bare (`gpt-4o`) or qualified (`openai/gpt-4o`)."""
 
     provider: str
     allowed_models: frozenset[str]  # contains "*" for every model
     blocked_models: frozenset[str]
     scope: Scope
+    _allowed: _Patterns = field(init=False, repr=False)
+    _blocked: _Patterns = field(init=False, repr=False)
+    # The verdict per model, only where a glob is involved (exact names cost a set lookup).
+    _verdicts: dict[str, bool] | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._allowed = _Patterns(self.allowed_models)
+        self._blocked = _Patterns(self.blocked_models)
+        globs = self._allowed.globs or self._blocked.globs
+        self._verdicts = {} if globs else None
 
     def allows(self, model: str) -> bool:
+        verdicts = self._verdicts
+        if verdicts is None:  # exact names only (the usual case): a few set lookups
+            qualified = f"{self.provider}/{model}"
+            blocked = self.blocked_models
+            if "*" in blocked or model in blocked or qualified in blocked:
+                return False
+            allowed = self.allowed_models
+            return "*" in allowed or model in allowed or qualified in allowed
+        found = verdicts.get(model)
+        if found is None:
+            found = self._decide(model)
+            if len(verdicts) >= _VERDICTS_MAX:
+                verdicts.clear()
+            verdicts[model] = found
+        return found
+
+    def _decide(self, model: str) -> bool:
         qualified = f"{self.provider}/{model}"
-        if model in self.blocked_models or qualified in self.blocked_models:
-            return False
-        return (
-            "*" in self.allowed_models
-            or model in self.allowed_models
-            or qualified in self.allowed_models
-        )
+        return not self._blocked.match(model, qualified) and self._allowed.match(model, qualified)
 
 
 @dataclass(slots=True, eq=False)
 class ModelRule:
-    """A model config: limits for a model (or `*`), optionally only for one provider."""
+    """A model config: limits for a model (an exact name, `*` or a glob), optionally only for one
+    provider."""
 
     model_name: str
     provider: str | None
     scope: Scope
+    _glob: _Matcher | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._glob = _compile(self.model_name) if is_glob(self.model_name) else None
 
     def matches(self, provider: str, model: str) -> bool:
         if self.provider is not None and self.provider != provider:
             return False
-        return self.model_name in ("*", model, f"{provider}/{model}")
+        glob = self._glob
+        if glob is None:
+            return self.model_name in ("*", model, f"{provider}/{model}")
+        return glob(model) is not None or glob(f"{provider}/{model}") is not None
 
 
 @dataclass(slots=True, eq=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,15 +21,36 @@ DEFAULT_INFERENCE_PATHS = (
 ENV_PREFIX = "BUDGET_"
 
 
-class SettingsError(ValueError):
+class ConfigurationError(ValueError):
+    """The configuration cannot be used: invalid settings (`SettingsError`), an invalid
+    `BUDGET_CONFIG_FILE` (`declarative.ConfigFileError`) or `BUDGET_PRICING_FILE`
+    (`pricing.PricingFileError`). Start-up fails on it; it is never retried."""
+
+
+class SettingsError(ConfigurationError):
     """Invalid settings; the message names each offending environment variable."""
+
+
+def raised_again(error: Exception) -> Exception:
+    """A copy of `error` to raise once more (the same object raised on every request would grow
+    its traceback without end); a RuntimeError with its message if it cannot be copied."""
+    try:
+        fresh = copy.copy(error)
+    except Exception:
+        fresh = RuntimeError(str(error))
+    return fresh.with_traceback(None)
 
 
 class BudgetSettings(BaseSettings):
     """Every `BUDGET_*` variable of the spec; field names are the variable names, lowercased."""
 
+    # An empty variable (`BUDGET_REDIS_URL=` in a compose file) means "not set".
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        env_ignore_empty=True,
     )
 
     database_url: str = "sqlite:///./budget_middleware.db"
@@ -48,6 +71,8 @@ class BudgetSettings(BaseSettings):
     # Beyond SPEC §3 (documented in the README): tuning knobs with safe defaults.
     default_max_output_tokens: int = Field(default=1024, ge=0)
     slot_ttl_seconds: float = Field(default=30.0, gt=0)
+    unpriced_models: Literal["allow", "refuse"] = "allow"
+    redis_timeout_seconds: float = Field(default=2.0, gt=0, allow_inf_nan=False)
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -55,9 +80,17 @@ class BudgetSettings(BaseSettings):
         except ValidationError as exc:
             raise SettingsError(_describe(exc)) from None
 
+    # The environment holds strings: every validator below takes the string form of a value as
+    # well as the Python one, so that what is valid as an argument is valid as a variable too.
+
     @field_validator("inference_paths", mode="before")
     @classmethod
     def _split_paths(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)  # the JSON list pydantic-settings reads elsewhere
+            except ValueError:
+                raise ValueError("is neither a JSON list nor comma-separated paths") from None
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, list | tuple):
@@ -68,6 +101,23 @@ class BudgetSettings(BaseSettings):
                     raise ValueError(f"path suffix {part!r} must start with '/'")
             return tuple(value)
         return value
+
+    @field_validator("exceeded_status", mode="before")
+    @classmethod
+    def _status_number(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value.strip())  # a Literal of ints takes no string: "429" from the env
+        return value
+
+    @field_validator("unpriced_models", mode="before")
+    @classmethod
+    def _choice(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("admin_key", "redis_url", "pricing_file", "config_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("key_header")
     @classmethod
@@ -98,7 +148,7 @@ class BudgetSettings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return value or None
+        return value
 
     @field_validator("pricing_file", "config_file")
     @classmethod

@@ -155,14 +155,21 @@ def budget_out(
     """One budget with its status; from the live counter when `counters` has one."""
     live: WindowCounter | None = counters.counter("budget", row.id) if counters else None
     if live is not None and live.duration is not None and live.start:
-        start: datetime = _dt(live.start)
-        end = _dt(live.end) if live.end != float("inf") else None
-        used = live.value
+        if now.timestamp() < live.end:
+            start: datetime = _dt(live.start)
+            end = _dt(live.end) if live.end != float("inf") else None
+            used = live.value
+        else:  # its window has ended and no request has rolled it yet: a new window, unused
+            anchor = max(aware(row.last_reset), _dt(live.anchor))
+            start, end = current_window(row.reset_duration, anchor, row.calendar_aligned, now)
+            used = 0
     else:
         start, end = current_window(row.reset_duration, row.last_reset, row.calendar_aligned, now)
         used = current_usage(row.current_usage_nanos, row.last_reset, start)
         if live is not None:
             used = live.value
+    # `last_reset`: where the current window began (the stored one is the anchor it rolls from)
+    last_reset = start if row.reset_duration is not None else aware(row.last_reset)
     amount = row.max_limit_nanos
     seconds = int((end - start).total_seconds()) if end else 0
     elapsed = (now - start).total_seconds()
@@ -170,7 +177,7 @@ def budget_out(
         id=row.id,
         max_limit=usd(amount),
         reset_duration=row.reset_duration,
-        last_reset=aware(row.last_reset),
+        last_reset=last_reset,
         current_usage=usd(used),
         calendar_aligned=row.calendar_aligned,
         config_hash=row.config_hash,
@@ -185,7 +192,7 @@ def budget_out(
         period_label=period_label(parse_duration(row.reset_duration)),
         period_seconds=seconds,
         period_ratio=min(max(elapsed / seconds, 0.0), 1.0) if seconds else 0.0,
-        last_reset_at=aware(row.last_reset),
+        last_reset_at=last_reset,
         source=row.source,
         has_usage=used > 0,
         user_path=path,
@@ -201,33 +208,40 @@ def _rate_usage(
     row: RateLimitRow,
     now: datetime,
     counters: CounterRegistry | None,
-) -> int:
+) -> tuple[int, datetime]:
+    """The request or token count of the current window, and where that window began."""
     live = counters.counter(kind, row.id) if counters else None
-    if live is not None:
-        return live.value
     duration: str | None = getattr(row, f"{kind}_reset_duration")
-    last_reset: datetime = getattr(row, f"{kind}_last_reset")
+    last_reset: datetime = aware(getattr(row, f"{kind}_last_reset"))
     if duration is None:
-        return 0
+        return (live.value if live is not None else 0), last_reset
+    if live is not None and live.start and now.timestamp() < live.end:
+        return live.value, _dt(live.start)
+    if live is not None and live.anchor:
+        last_reset = max(last_reset, _dt(live.anchor))
     start, _ = current_window(duration, last_reset, False, now)
-    return current_usage(getattr(row, f"{kind}_current_usage"), last_reset, start)
+    if live is not None:
+        return 0, start  # its window has ended and no request has rolled it yet
+    return current_usage(getattr(row, f"{kind}_current_usage"), last_reset, start), start
 
 
 def rate_limit_out(
     row: RateLimitRow, path: str, now: datetime, counters: CounterRegistry | None = None
 ) -> RateLimitOut:
+    requests, requests_start = _rate_usage("request", row, now, counters)
+    tokens, tokens_start = _rate_usage("token", row, now, counters)
     return RateLimitOut(
         id=row.id,
         owner_type=row.owner_type,  # type: ignore[arg-type]
         owner_id=row.owner_id,
         request_max_limit=row.request_max_limit,
         request_reset_duration=row.request_reset_duration,
-        request_current_usage=_rate_usage("request", row, now, counters),
-        request_last_reset=aware(row.request_last_reset),
+        request_current_usage=requests,
+        request_last_reset=requests_start,
         token_max_limit=row.token_max_limit,
         token_reset_duration=row.token_reset_duration,
-        token_current_usage=_rate_usage("token", row, now, counters),
-        token_last_reset=aware(row.token_last_reset),
+        token_current_usage=tokens,
+        token_last_reset=tokens_start,
         max_concurrent_requests=row.max_concurrent_requests,
         config_hash=row.config_hash,
         created_at=aware(row.created_at),

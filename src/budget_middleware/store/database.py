@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, create_engine, delete, event
+from sqlalchemy import Engine, create_engine, delete, event, func
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, select
@@ -29,11 +29,13 @@ from .tables import (
     ProviderConfigRow,
     ProviderRow,
     RateLimitRow,
+    RejectedRow,
     TagRow,
     TeamRow,
     UsageRecordRow,
     VirtualKeyRow,
     metadata,
+    new_id,
 )
 
 END_OF_TIME = datetime(9999, 12, 31, tzinfo=UTC)
@@ -107,6 +109,7 @@ class Delta:
     window_start: datetime
     window_end: datetime
     amount: int
+    start_ts: float = 0.0  # window_start as the live counter holds it (epoch seconds)
 
 
 def make_engine(url: str) -> Engine:
@@ -259,6 +262,51 @@ class Store:
                     _insert_records(conn, records, batch_id)
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"store write failed: {type(exc).__name__}") from exc
+
+    def writable(self) -> bool:
+        """Whether the store takes writes now: a flush mark written and rolled back (False when
+        it is read-only; raises when it cannot be reached)."""
+        with self.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                conn.exec_driver_sql(
+                    _MARK_SQL[conn.dialect.name], ("probe" + new_id()[:27], _utcnow_for(conn))
+                )
+            except SQLAlchemyError:
+                return False
+            finally:
+                transaction.rollback()
+        return True
+
+    def batch_applied(self, batch_id: str) -> bool:
+        with self.session() as s:
+            return s.get(FlushRow, batch_id) is not None
+
+    def save_rejects(self, rejects: Sequence[tuple[str, str, str, float]]) -> None:
+        """Set aside what the store refused: (kind, JSON payload, error, epoch seconds)."""
+        with self.session() as s:
+            for kind, payload, error, at in rejects:
+                s.add(
+                    RejectedRow(
+                        kind=kind,
+                        payload=payload,
+                        error=error[:300],
+                        created_at=datetime.fromtimestamp(at, UTC),
+                    )
+                )
+            s.commit()
+
+    def list_rejects(self, limit: int, offset: int) -> tuple[list[RejectedRow], int]:
+        """Set-aside records and counters, newest first, and how many there are."""
+        with self.session() as s:
+            total = s.exec(select(func.count()).select_from(RejectedRow)).one()
+            rows = s.exec(
+                select(RejectedRow)
+                .order_by(col(RejectedRow.id).desc())
+                .offset(offset)
+                .limit(limit)
+            ).all()
+            return list(rows), int(total)
 
     def prune_flushes(self, before: datetime) -> None:
         with self.engine.begin() as conn:

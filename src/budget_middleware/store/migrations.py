@@ -15,7 +15,8 @@ from sqlalchemy import Connection, Engine, MetaData, select, text
 _LOCK_ID = 0x62756467  # "budg"
 
 _STEPS: dict[int, Callable[[Connection], None]] = {
-    # 2: lambda conn: conn.execute(text("ALTER TABLE ...")),
+    # 2: bm_rejected, a new table: `create_all` below makes it; nothing else changes.
+    2: lambda conn: None,
 }
 
 

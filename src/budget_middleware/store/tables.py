@@ -9,11 +9,11 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Index, Text, UniqueConstraint
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: bm_rejected
 
 
 def new_id() -> str:
@@ -163,6 +163,19 @@ class FlushRow(StoreModel, table=True):
     __tablename__ = "bm_flushes"
     batch_id: str = Field(primary_key=True, max_length=32)
     applied_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class RejectedRow(StoreModel, table=True):
+    """A usage record or counter delta the store refused while it took other writes, set aside
+    (as JSON text with every non-ASCII character escaped, which any store takes) for an operator
+    to see at `GET /usage/rejected`; it no longer holds back the charges behind it."""
+
+    __tablename__ = "bm_rejected"
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)  # usage_record, counter
+    created_at: datetime = Field(sa_type=DateTime(timezone=True), index=True)
+    error: str = Field(max_length=300)
+    payload: str = Field(sa_type=Text)
 
 
 class MetaRow(StoreModel, table=True):

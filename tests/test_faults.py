@@ -1,0 +1,486 @@
+"""Money is never lost and limits never lift, under faults (SPEC §6, §11; issue 11).
+
+Each test injects a fault for real (a private PostgreSQL database made read-only or cut off by a
+proxy, a private Redis killed and restarted, hostile requests and absurd upstream usage), drives
+the middleware through a host app, and prints the figures it measured: admitted, recorded,
+overshoot, lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request, Response
+from sqlalchemy import text
+from sqlmodel import col, func, select
+
+from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware.engine import BudgetEngine
+from budget_middleware.metering import MAX_CHARGE_NANOS, MAX_TOKENS
+from budget_middleware.store.database import UsageRecord
+from budget_middleware.store.tables import BudgetRow, UsageRecordRow
+from conftest import POSTGRES_BASE_URL, need_postgres
+from support import client, running
+
+from service_support import (  # isort: skip
+    PrivateRedis,
+    private_database,
+    set_read_only,
+    tcp_proxy,
+    unique_prefix,
+    use_prefix,
+)
+
+CENT = 10_000_000  # $0.01 in nano-dollars
+_ONE_CENT_USAGE = '{"prompt_tokens": 10, "completion_tokens": 5, "cost": 0.01}'
+
+
+class Clock:
+    """Real time plus an offset a test moves forward (windows roll without waiting)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def fault_app(engine: BudgetEngine) -> FastAPI:
+    """A host app whose completion reports whatever usage the test puts in `x-fault-usage` (raw
+    JSON; by default one cent) and, with `x-fault-cost`, the `x-budget-cost` header."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> Response:
+        await request.body()
+        usage = request.headers.get("x-fault-usage", _ONE_CENT_USAGE)
+        headers = {}
+        if "x-fault-cost" in request.headers:
+            headers["x-budget-cost"] = request.headers["x-fault-cost"]
+        body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": ' + usage + "}"
+        return Response(body, media_type="application/json", headers=headers)
+
+    app.add_middleware(BudgetMiddleware, engine=engine)
+    return app
+
+
+def settings_for(database_url: str, **overrides: Any) -> BudgetSettings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "admin_key": "admin-secret",
+        "flush_interval_seconds": 0.05,
+        "cache_ttl_seconds": 5,
+    }
+    values.update(overrides)
+    return BudgetSettings(**values)
+
+
+def chat(model: str = "openai/gpt-4o", **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        **extra,
+    }
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {value}"}
+
+
+def budget_usage(engine: BudgetEngine, budget_id: str) -> int:
+    with engine.store.session() as s:
+        return int(
+            s.exec(
+                select(BudgetRow.current_usage_nanos).where(col(BudgetRow.id) == budget_id)
+            ).one()
+        )
+
+
+def records(engine: BudgetEngine, key_id: str | None = None) -> tuple[int, int]:
+    """(count, total cost in nano-dollars) of the usage records in the store (of one key)."""
+    with engine.store.session() as s:
+        query = select(func.count(), func.coalesce(func.sum(UsageRecordRow.cost_nanos), 0))
+        if key_id is not None:
+            query = query.where(col(UsageRecordRow.virtual_key_id) == key_id)
+        count, total = s.exec(query).one()
+    return int(count), int(total)
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    need_postgres()
+    with private_database(POSTGRES_BASE_URL) as url:
+        yield url
+
+
+# -- windows ---------------------------------------------------------------------------------
+
+
+async def test_a_windows_spend_does_not_count_in_the_next_after_the_store_moved_on(
+    sqlite_url: str,
+) -> None:
+    """$0.03 a day and $0.01 every 2 s: a fresh 2-second window admits again even when the key's
+    configuration is read again after the store's window moved on (it kept the old value)."""
+    clock = Clock()
+    engine = BudgetEngine(settings_for(sqlite_url), clock=clock)
+    app = fault_app(engine)
+    codes: list[int] = []
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice",
+            budgets=[
+                {"max_limit": 0.03, "reset_duration": "1d"},
+                {"max_limit": 0.01, "reset_duration": "2s"},
+            ],
+        )
+        await engine.invalidate()
+
+        async def ask() -> None:
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            codes.append(answer.status_code)
+
+        await ask()
+        await ask()
+        clock.advance(2.3)
+        await ask()
+        assert await engine.flush()  # the store's 2-second window is the second one now
+        clock.advance(2.3)
+        engine.keys.clear()  # the key's cache entry has expired: its configuration is read again
+        await ask()
+        await ask()  # the day's $0.03 is spent
+    print(f"answers {codes}")
+    assert codes == [200, 402, 200, 200, 402]
+
+
+async def test_the_budget_answer_shows_where_the_current_window_began(sqlite_url: str) -> None:
+    engine = BudgetEngine(settings_for(sqlite_url))
+    await engine.ensure_started()
+    try:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 1, "reset_duration": "1s"}]
+        )
+        created = key.budgets[0].last_reset
+        await asyncio.sleep(1.2)
+        shown = engine.manager.list_budgets(owner_type="virtual_key", owner_id=key.id)[0]
+        print(f"created {created.isoformat()}, shown last_reset {shown.last_reset.isoformat()}")
+        assert shown.last_reset == shown.period_start
+        assert shown.last_reset > created
+        assert shown.period_end is not None and shown.last_reset < shown.period_end
+    finally:
+        await engine.shutdown()
+
+
+# -- the store refuses writes ----------------------------------------------------------------
+
+
+async def test_live_spend_never_goes_down_while_the_store_is_read_only(
+    postgres_database: str,
+) -> None:
+    """A $0.50 budget, requests of $0.01, the database read-only while the counters are read
+    again every 0.2 s: exactly 50 admitted; once writable, all 50 reach the store."""
+    engine = BudgetEngine(settings_for(postgres_database, cache_ttl_seconds=0.2))
+    app = fault_app(engine)
+    admitted = 0
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 0.5, "reset_duration": None}]
+        )
+        await engine.invalidate()
+        set_read_only(postgres_database, True)
+        for n in range(100):
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            admitted += answer.status_code == 200
+            if n % 5 == 4:
+                await asyncio.sleep(0.3)  # flushes fail, the counters are read again
+        failures = engine.stats.flush_failures
+        set_read_only(postgres_database, False)
+        assert await engine.flush()
+        stored = budget_usage(engine, key.budgets[0].id)
+        count, total = records(engine, key.id)
+    print(
+        f"admitted {admitted} of 100 ($0.50 / $0.01 = 50), flushes failed {failures}; "
+        f"stored ${stored / 1e9:.2f}, {count} records, lost {50 - count}"
+    )
+    assert failures > 0
+    assert admitted == 50
+    assert (stored, count, total) == (50 * CENT, 50, 50 * CENT)
+
+
+async def test_a_record_the_store_refuses_is_set_aside_and_holds_back_nobody(
+    postgres_database: str,
+) -> None:
+    """A usage record PostgreSQL can never take (a 300-character model, a NUL) among others: it
+    is set aside (visible, counted, logged) and every other charge is written."""
+    engine = BudgetEngine(settings_for(postgres_database, flush_interval_seconds=60))
+    app = fault_app(engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 10, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        for n in range(40):
+            if n in (7, 23):  # written past the request path's cleaning, as a bug might
+                model = "x" * 300 if n == 7 else "gpt\x00-4o"
+                engine.record(
+                    UsageRecord(
+                        "", time.time(), None, None, None, "openai", model, (), 1, 1, 0, 5,
+                        "usage", 200, False, "completed", False, None, 1.0,
+                    )
+                )  # fmt: skip
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            assert answer.status_code == 200
+        assert await engine.flush()
+        stored = budget_usage(engine, key.budgets[0].id)
+        count, total = records(engine, key.id)
+        rejected, listed = engine.store.list_rejects(10, 0)
+    print(
+        f"charged 40, stored {count} records ${total / 1e9:.2f}, budget ${stored / 1e9:.2f}; "
+        f"set aside {listed}: {[(r.kind, r.error[:60]) for r in rejected]}"
+    )
+    assert (stored, count, total) == (40 * CENT, 40, 40 * CENT)
+    assert listed == 2 and {r.kind for r in rejected} == {"usage_record"}
+    assert engine.stats.rejected == {"usage_record": 2}
+    assert any('"model": "' + "x" * 300 in r.payload for r in rejected)
+    assert engine.stats.pending_records == 0
+
+
+async def test_a_counter_the_store_cannot_hold_is_set_aside_and_others_are_written(
+    postgres_database: str,
+) -> None:
+    """A budget whose stored usage is at PostgreSQL's 64-bit limit: its delta is set aside (the
+    live counter still counts it); another key's charges and every record are written."""
+    engine = BudgetEngine(settings_for(postgres_database, flush_interval_seconds=60))
+    app = fault_app(engine)
+    async with running(app), client(app) as http:
+        full = engine.manager.create_virtual_key(
+            name="full", budgets=[{"max_limit": 10, "reset_duration": None}]
+        )
+        other = engine.manager.create_virtual_key(
+            name="other", budgets=[{"max_limit": 10, "reset_duration": None}]
+        )
+        await engine.invalidate()
+        answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(full.value))
+        assert answer.status_code == 200
+        # Behind the live counter's back (another writer, a bad migration): the stored usage
+        # is a cent short of what a 64-bit integer holds.
+        with engine.store.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE bm_budgets SET current_usage_nanos = :v WHERE id = :id"),
+                {"v": 2**63 - 1 - CENT, "id": full.budgets[0].id},
+            )
+        for value in (full.value, other.value, other.value):
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(value))
+            assert answer.status_code == 200
+        assert await engine.flush()
+        kinds = {r.kind for r in engine.store.list_rejects(10, 0)[0]}
+        count, _ = records(engine)
+        other_usage = budget_usage(engine, other.budgets[0].id)
+    print(f"set aside {kinds}, records {count}, other key ${other_usage / 1e9:.2f}")
+    assert kinds == {"counter"}
+    assert count == 4 and other_usage == 2 * CENT
+
+
+async def test_hostile_requests_and_absurd_usage_are_recorded_cleaned_and_block_nobody(
+    postgres_database: str,
+) -> None:
+    """Long, NUL-laden and unpaired-surrogate models and providers, thousands of tags, absurd
+    upstream usage: every request is answered, recorded (cleaned, bounded) and charged, and the
+    other key's charges all reach the store."""
+    engine = BudgetEngine(settings_for(postgres_database, flush_interval_seconds=60))
+    app = fault_app(engine)
+    hostile: list[tuple[dict[str, Any] | bytes, dict[str, str]]] = [
+        (chat(model="m" * 300), {}),
+        (chat(model="gpt\x00-4o\x01"), {}),
+        (b'{"model": "gpt-\\ud800-4o", "messages": []}', {"content-type": "application/json"}),
+        (chat(model="gpt-4o"), {"x-budget-provider": "p" * 1000 + "\x00"}),
+        (chat(metadata={"tags": [f"t{i}\x00" + "z" * 150 for i in range(5000)]}), {}),
+        (chat(), {"x-budget-tags": ",".join(f"h{i}" for i in range(5000))}),
+        (chat(), {"x-fault-usage": '{"prompt_tokens": 1e15, "completion_tokens": 1e15}'}),
+        (chat(), {"x-fault-usage": '{"prompt_tokens": 5, "completion_tokens": 5, "cost": 1e10}'}),
+        (chat(), {"x-fault-usage": '{"prompt_tokens": 5, "completion_tokens": 5, "cost": 1e300}'}),
+        (chat(), {"x-fault-usage": '{"prompt_tokens": 99999999999999999999999}'}),
+        (chat(), {"x-fault-usage": '{"prompt_tokens": -5, "completion_tokens": "lots"}'}),
+        (chat(), {"x-fault-cost": "1e300"}),
+        (chat(), {"x-fault-cost": "inf"}),
+        (chat(), {"x-fault-cost": "nan"}),
+    ]
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 10, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        for body, headers in hostile:
+            if isinstance(body, bytes):
+                answer = await http.post("/v1/chat/completions", content=body, headers=headers)
+            else:
+                answer = await http.post("/v1/chat/completions", json=body, headers=headers)
+            assert answer.status_code == 200, answer.text
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            assert answer.status_code == 200
+        assert await engine.flush()
+        count, _ = records(engine)
+        mine, spent = records(engine, key.id)
+        with engine.store.session() as s:
+            rows = s.exec(
+                select(UsageRecordRow).where(col(UsageRecordRow.virtual_key_id).is_(None))
+            )
+            anonymous = list(rows)
+        rejected = engine.store.list_rejects(10, 0)[1]
+    longest = max(len(r.model) for r in anonymous)
+    most_tags = max(len(r.tags) for r in anonymous)
+    print(
+        f"hostile {len(hostile)}, records {count} (set aside {rejected}); alice {mine} records "
+        f"${spent / 1e9:.2f}; longest model {longest}, most tags {most_tags}, "
+        f"largest charge ${max(r.cost_nanos for r in anonymous) / 1e9:,.0f}"
+    )
+    assert rejected == 0
+    assert count == 2 * len(hostile) and (mine, spent) == (len(hostile), len(hostile) * CENT)
+    assert longest == 200 and most_tags == 32
+    assert all("\x00" not in r.model and r.model.isprintable() for r in anonymous)
+    assert all(r.provider.isprintable() and len(r.provider) <= 100 for r in anonymous)
+    assert max(r.cost_nanos for r in anonymous) == MAX_CHARGE_NANOS
+    assert max(r.input_tokens for r in anonymous) == MAX_TOKENS
+
+
+async def test_an_unrepresentable_cost_releases_the_slot_and_is_charged_at_the_cap(
+    sqlite_url: str,
+) -> None:
+    engine = BudgetEngine(settings_for(sqlite_url))
+    app = fault_app(engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", rate_limit={"max_concurrent_requests": 1}
+        )
+        await engine.invalidate()
+        codes = []
+        for usage in (
+            '{"prompt_tokens": 5, "completion_tokens": 5, "cost": 1e300}',
+            '{"prompt_tokens": 5, "completion_tokens": 5, "cost": 1e300}',
+            _ONE_CENT_USAGE,
+        ):
+            answer = await http.post(
+                "/v1/chat/completions",
+                json=chat(),
+                headers={**bearer(key.value), "x-fault-usage": usage},
+            )
+            codes.append(answer.status_code)
+        assert await engine.flush()
+        count, total = records(engine, key.id)
+    print(f"answers {codes}; {count} records, ${total / 1e9:,.2f}")
+    assert codes == [200, 200, 200]  # the concurrency slot was released each time
+    assert (count, total) == (3, 2 * MAX_CHARGE_NANOS + CENT)
+
+
+# -- the store cannot be reached ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_fail_open_admits_only_keys_seen_valid_on_their_last_known_limits(
+    postgres_database: str, fail_open: bool
+) -> None:
+    port = int(postgres_database.rsplit(":", 1)[1].split("/", 1)[0])
+    with tcp_proxy(port) as proxy:
+        url = postgres_database.replace(f":{port}/", f":{proxy.port}/")
+        engine = BudgetEngine(settings_for(url, cache_ttl_seconds=0.2, fail_open=fail_open))
+        app = fault_app(engine)
+        async with running(app), client(app) as http:
+            known = engine.manager.create_virtual_key(
+                name="known", budgets=[{"max_limit": 0.03, "reset_duration": "1d"}]
+            )
+            unseen = engine.manager.create_virtual_key(name="unseen")
+            await engine.invalidate()
+            first = await http.post(
+                "/v1/chat/completions", json=chat(), headers=bearer(known.value)
+            )
+            assert first.status_code == 200
+            proxy.cut()
+            await asyncio.sleep(0.3)  # the key's cache entry expires; the store cannot be read
+            codes: dict[str, list[int]] = {"known": [], "unseen": [], "never issued": []}
+            for name, value in (
+                ("known", known.value),
+                ("unseen", unseen.value),
+                ("never issued", "sk-bm-never-issued-000000000000"),
+            ):
+                for _ in range(3):
+                    answer = await http.post(
+                        "/v1/chat/completions", json=chat(), headers=bearer(value)
+                    )
+                    codes[name].append(answer.status_code)
+            proxy.restore()
+            assert await engine.flush()
+            count, total = records(engine, known.id)
+    print(f"fail_open={fail_open}: {codes}; known key: {count} records ${total / 1e9:.2f}")
+    assert codes["unseen"] == [503] * 3 and codes["never issued"] == [503] * 3
+    if fail_open:  # its $0.03 a day still holds: two more, then refused
+        assert codes["known"] == [200, 200, 402]
+        assert (count, total) == (3, 3 * CENT)
+    else:
+        assert codes["known"] == [503] * 3
+        assert (count, total) == (1, CENT)
+
+
+# -- Redis goes away and comes back ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep_data", [True, False], ids=["with-its-data", "empty"])
+async def test_charges_admitted_without_redis_are_added_to_it_when_it_is_back(
+    sqlite_url: str, keep_data: bool
+) -> None:
+    """$0.10 a day, $0.01 a request, fail open: 4 through Redis, Redis killed, 3 admitted
+    without it, Redis back (with its data, or empty): exactly 10 admitted in all."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        engine = BudgetEngine(
+            settings_for(sqlite_url, redis_url=server.url, fail_open=True, redis_timeout_seconds=1)
+            if "redis_timeout_seconds" in BudgetSettings.model_fields
+            else settings_for(sqlite_url, redis_url=server.url, fail_open=True)
+        )
+        use_prefix(engine, unique_prefix())
+        app = fault_app(engine)
+        admitted = 0
+        phases: list[int] = []
+        async with running(app), client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 0.1, "reset_duration": "1d"}]
+            )
+            await engine.invalidate()
+
+            async def ask(times: int) -> int:
+                ok = 0
+                for _ in range(times):
+                    answer = await http.post(
+                        "/v1/chat/completions", json=chat(), headers=bearer(key.value)
+                    )
+                    assert answer.status_code in (200, 402), answer.text
+                    ok += answer.status_code == 200
+                return ok
+
+            phases.append(await ask(4))
+            server.kill(keep_data=keep_data)
+            phases.append(await ask(3))
+            await asyncio.sleep(0.2)  # the charges reach the store
+            server.start()
+            await asyncio.sleep(2.2)  # past the back-off: Redis is asked again
+            phases.append(await ask(10))
+            admitted = sum(phases)
+            assert await engine.flush()
+            count, total = records(engine, key.id)
+    finally:
+        server.stop()
+    print(
+        f"redis {'kept its data' if keep_data else 'came back empty'}: admitted {phases} = "
+        f"{admitted} (limit 10), overshoot {admitted - 10}; stored {count} records "
+        f"${total / 1e9:.2f}"
+    )
+    assert phases[:2] == [4, 3]
+    assert admitted == 10
+    assert (count, total) == (10, 10 * CENT)

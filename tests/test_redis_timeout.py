@@ -1,0 +1,58 @@
+"""BUDGET_REDIS_TIMEOUT_SECONDS: the socket (and connect) timeout of every Redis call; a call past
+it counts as Redis being unreachable (503, or admitted under BUDGET_FAIL_OPEN)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+import pytest
+
+from budget_middleware import BudgetSettings
+from budget_middleware.redis_counters import RedisCounters
+from service_support import private_redis
+from support import chat, client, engine_of, host_app, running
+
+pytestmark = pytest.mark.services
+
+Settings = Callable[..., BudgetSettings]
+
+
+async def test_the_redis_client_uses_the_configured_timeout(make_settings: Settings) -> None:
+    with private_redis() as server:
+        app = host_app(make_settings(redis_url=server.url, redis_timeout_seconds=0.25))
+        engine = engine_of(app)
+        async with running(app):
+            counters = engine.counters
+            assert isinstance(counters, RedisCounters) and counters.client is not None
+            kwargs = counters.client.connection_pool.connection_kwargs
+            assert kwargs["socket_timeout"] == 0.25
+            assert kwargs["socket_connect_timeout"] == 0.25
+
+
+@pytest.mark.parametrize(("fail_open", "status"), [(False, 503), (True, 200)])
+async def test_a_stalled_redis_counts_as_unreachable_after_the_timeout(
+    make_settings: Settings, fail_open: bool, status: int
+) -> None:
+    with private_redis() as server:
+        app = host_app(
+            make_settings(redis_url=server.url, redis_timeout_seconds=0.2, fail_open=fail_open)
+        )
+        engine = engine_of(app)
+        async with running(app), client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice", rate_limit={"request_max_limit": 100, "request_reset_duration": "1h"}
+            )
+            await engine.invalidate()
+            headers = {"x-budget-key": key.value or ""}
+            first = await http.post("/v1/chat/completions", json=chat(), headers=headers)
+            assert first.status_code == 200
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)  # it accepts connections, answers nothing
+            try:
+                stalled = await http.post("/v1/chat/completions", json=chat(), headers=headers)
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+        assert stalled.status_code == status
+        if status == 503:
+            assert stalled.json()["error"]["code"] == "service_unavailable"

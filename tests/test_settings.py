@@ -1,0 +1,126 @@
+"""BudgetSettings (SPEC §3): a value valid as a Python argument is valid in the environment too,
+and every invalid value names its variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from budget_middleware import BudgetSettings, SettingsError
+from budget_middleware.settings import ConfigurationError
+
+# field: (the Python argument, the same value as an environment variable would spell it)
+SAME_VALUE: dict[str, tuple[Any, str]] = {
+    "database_url": ("sqlite:///./other.db", "sqlite:///./other.db"),
+    "redis_url": ("redis://127.0.0.1:6379/3", "redis://127.0.0.1:6379/3"),
+    "admin_key": ("secret", "secret"),
+    "require_virtual_key": (True, "true"),
+    "key_header": ("x-my-key", "x-my-key"),
+    "key_prefix": ("sk-x-", "sk-x-"),
+    "inference_paths": (("/generate", "/chat"), "/generate,/chat"),
+    "exceeded_status": (429, "429"),
+    "reserve": (False, "false"),
+    "fail_open": (True, "1"),
+    "cache_ttl_seconds": (0.5, "0.5"),
+    "flush_interval_seconds": (2.5, "2.5"),
+    "max_body_bytes": (1000, "1000"),
+    "default_max_output_tokens": (0, "0"),
+    "slot_ttl_seconds": (12.5, "12.5"),
+    "unpriced_models": ("refuse", "refuse"),
+    "redis_timeout_seconds": (0.25, "0.25"),
+}
+
+
+def test_every_field_is_covered_here() -> None:
+    files = {"pricing_file", "config_file"}  # paths: covered below
+    assert set(BudgetSettings.model_fields) == set(SAME_VALUE) | files
+
+
+@pytest.mark.parametrize("field", sorted(SAME_VALUE))
+def test_a_value_valid_as_an_argument_is_valid_in_the_environment(
+    field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argument, text = SAME_VALUE[field]
+    from_argument = getattr(BudgetSettings(**{field: argument}), field)
+    monkeypatch.setenv(f"BUDGET_{field.upper()}", text)
+    assert getattr(BudgetSettings(), field) == from_argument
+    assert getattr(BudgetSettings(**{field: text}), field) == from_argument
+
+
+@pytest.mark.parametrize("status", ["402", "429"])
+def test_budget_exceeded_status_from_the_environment(
+    status: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BUDGET_EXCEEDED_STATUS", status)
+    assert BudgetSettings().exceeded_status == int(status)
+
+
+def test_exceeded_status_other_than_402_or_429_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BUDGET_EXCEEDED_STATUS", "403")
+    with pytest.raises(SettingsError, match=r"BUDGET_EXCEEDED_STATUS.*402 or 429.*403"):
+        BudgetSettings()
+    with pytest.raises(SettingsError, match="BUDGET_EXCEEDED_STATUS"):
+        BudgetSettings(exceeded_status="soon")
+
+
+def test_inference_paths_as_a_json_list_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUDGET_INFERENCE_PATHS", '["/generate", "/chat"]')
+    assert BudgetSettings().inference_paths == ("/generate", "/chat")
+    monkeypatch.setenv("BUDGET_INFERENCE_PATHS", '["generate"]')
+    with pytest.raises(SettingsError, match=r"BUDGET_INFERENCE_PATHS.*must start with '/'"):
+        BudgetSettings()
+
+
+def test_file_settings_take_a_path_or_a_string_and_empty_means_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"models": {}}')
+    assert BudgetSettings(pricing_file=str(prices)).pricing_file == prices
+    monkeypatch.setenv("BUDGET_PRICING_FILE", str(prices))
+    assert BudgetSettings().pricing_file == prices
+    for name in ("PRICING_FILE", "CONFIG_FILE", "REDIS_URL", "ADMIN_KEY"):
+        monkeypatch.setenv(f"BUDGET_{name}", "")
+    empty = BudgetSettings()  # `BUDGET_REDIS_URL=` in a compose file means "not set"
+    assert (empty.pricing_file, empty.config_file, empty.redis_url, empty.admin_key) == (
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def test_case_and_spaces_of_choices_do_not_matter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUDGET_UNPRICED_MODELS", " Refuse ")
+    assert BudgetSettings().unpriced_models == "refuse"
+    assert BudgetSettings(unpriced_models="ALLOW").unpriced_models == "allow"
+    monkeypatch.setenv("BUDGET_UNPRICED_MODELS", "deny")
+    with pytest.raises(SettingsError, match=r"BUDGET_UNPRICED_MODELS.*'allow' or 'refuse'"):
+        BudgetSettings()
+
+
+def test_new_settings_have_the_documented_defaults() -> None:
+    settings = BudgetSettings()
+    assert settings.unpriced_models == "allow"
+    assert settings.redis_timeout_seconds == 2.0
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "soon"])
+def test_redis_timeout_must_be_a_positive_finite_number_of_seconds(
+    bad: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BUDGET_REDIS_TIMEOUT_SECONDS", bad)
+    with pytest.raises(SettingsError, match="BUDGET_REDIS_TIMEOUT_SECONDS"):
+        BudgetSettings()
+
+
+def test_every_configuration_error_shares_one_base() -> None:
+    from budget_middleware.declarative import ConfigFileError
+    from budget_middleware.pricing import PricingFileError
+
+    for error in (SettingsError, ConfigFileError, PricingFileError):
+        assert issubclass(error, ConfigurationError) and issubclass(error, ValueError)

@@ -1,0 +1,246 @@
+"""Start-up (SPEC §2, §3): invalid settings, BUDGET_CONFIG_FILE or BUDGET_PRICING_FILE stop it,
+naming the variable, the file and the entry, and never leave a half-started middleware; a store
+that is merely unreachable does not stop it (later requests try again)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError, get_engine
+from budget_middleware.declarative import ConfigFileError
+from budget_middleware.engine import _engines
+from budget_middleware.pricing import PricingFileError
+from support import chat, client
+
+BAD_ENTRY = """
+customers:
+  - name: acme
+model_configs:
+  - model_name: gpt-4o
+    budgets: [{max_limit: -1, reset_duration: 1d}]
+"""
+UNKNOWN_CUSTOMER = """
+teams:
+  - name: research
+    customer: nobody
+"""
+
+
+class Host:
+    """A Starlette app that says whether its own startup ran."""
+
+    def __init__(self, settings: BudgetSettings | None) -> None:
+        self.started = False
+
+        async def completions(request: Request) -> JSONResponse:
+            return JSONResponse({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+        async def hello(request: Request) -> JSONResponse:
+            return JSONResponse({"hello": "world"})
+
+        @asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            self.started = True
+            yield
+
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", completions, methods=["POST"]),
+                Route("/hello", hello),
+            ],
+            lifespan=lifespan,
+        )
+        self.app.add_middleware(BudgetMiddleware, settings=settings)
+
+
+async def startup(app: Any) -> dict[str, Any]:
+    """Run a lifespan: the answer to lifespan.startup (then shut down)."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    task = asyncio.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, outbox.put)
+    )
+    await inbox.put({"type": "lifespan.startup"})
+    answer = await asyncio.wait_for(outbox.get(), 30)
+    await inbox.put({"type": "lifespan.shutdown"})  # what a server that carries on would send
+    await asyncio.wait_for(task, 30)
+    return answer
+
+
+def config(tmp_path: Path, text: str, **overrides: Any) -> BudgetSettings:
+    path = tmp_path / "budget.yaml"
+    path.write_text(text)
+    values: dict[str, Any] = {
+        "database_url": f"sqlite:///{tmp_path}/b.db",
+        "config_file": path,
+        "flush_interval_seconds": 0.05,
+    }
+    return BudgetSettings(**{**values, **overrides})
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+async def test_a_settings_error_fails_the_lifespan_and_every_later_request_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BUDGET_MAX_BODY_BYTES", "lots")
+    host = Host(None)
+    answer = await startup(host.app)
+    assert answer["type"] == "lifespan.startup.failed"
+    assert "BUDGET_MAX_BODY_BYTES" in answer["message"]
+    assert not host.started  # the host app was not started either
+    async with client(host.app) as http:  # a server that carries on anyway
+        for _ in range(2):
+            with pytest.raises(SettingsError, match="BUDGET_MAX_BODY_BYTES"):
+                await http.post("/v1/chat/completions", json=chat())
+        with pytest.raises(SettingsError, match="BUDGET_MAX_BODY_BYTES"):
+            await http.get("/hello")
+
+
+async def test_without_a_lifespan_every_request_raises_the_settings_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BUDGET_EXCEEDED_STATUS", "418")
+    host = Host(None)
+    async with client(host.app) as http:  # httpx's ASGITransport sends no lifespan
+        for _ in range(2):
+            with pytest.raises(SettingsError, match="BUDGET_EXCEEDED_STATUS"):
+                await http.post("/v1/chat/completions", json=chat())
+        with pytest.raises(SettingsError, match="BUDGET_EXCEEDED_STATUS"):
+            await http.get("/hello")
+
+
+async def test_a_raw_asgi_middleware_with_bad_settings_raises_on_every_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BUDGET_CACHE_TTL_SECONDS", "-1")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the host app must not be reached")
+
+    wrapped = BudgetMiddleware(app)
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    for _ in range(2):
+        with pytest.raises(SettingsError, match="BUDGET_CACHE_TTL_SECONDS") as raised:
+            await wrapped(scope, _no_body, _ignore)
+        assert len(_frames(raised.value)) < 5  # one object re-raised would grow its traceback
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"{}", "more_body": False}
+
+
+async def _ignore(message: Any) -> None:
+    pass
+
+
+def _frames(exc: BaseException) -> list[Any]:
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    return frames
+
+
+# -- the pricing file ----------------------------------------------------------------------
+
+
+async def test_an_invalid_pricing_file_fails_the_lifespan_and_later_requests(
+    tmp_path: Path,
+) -> None:
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"models": {"gpt-4o": {"input_per_mtok": "cheap", "output_per_mtok": 1}}}')
+    host = Host(BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db", pricing_file=prices))
+    answer = await startup(host.app)
+    assert answer["type"] == "lifespan.startup.failed"
+    assert "BUDGET_PRICING_FILE" in answer["message"] and "gpt-4o" in answer["message"]
+    assert not host.started
+    async with client(host.app) as http:
+        with pytest.raises(PricingFileError, match=r"BUDGET_PRICING_FILE.*models\.gpt-4o"):
+            await http.post("/v1/chat/completions", json=chat())
+
+
+# -- the config file -----------------------------------------------------------------------
+
+
+async def test_an_invalid_config_entry_fails_the_lifespan_naming_the_file_and_the_entry(
+    tmp_path: Path,
+) -> None:
+    settings = config(tmp_path, BAD_ENTRY)
+    host = Host(settings)
+    answer = await startup(host.app)
+    assert answer["type"] == "lifespan.startup.failed"
+    message = answer["message"]
+    assert "BUDGET_CONFIG_FILE" in message and str(tmp_path / "budget.yaml") in message
+    assert "model_configs[0] (gpt-4o)" in message and "max_limit" in message
+    assert not host.started
+    async with client(host.app) as http:
+        with pytest.raises(ConfigFileError, match=r"model_configs\[0\] \(gpt-4o\)"):
+            await http.post("/v1/chat/completions", json=chat())
+    assert not any(e.started for e in _engines.values())  # no flusher, no counters
+    with pytest.raises(ConfigFileError, match="model_configs"):
+        get_engine(settings)  # found when the engine is made, like an invalid setting
+
+
+async def test_without_a_lifespan_an_invalid_config_entry_raises_on_the_first_request(
+    tmp_path: Path,
+) -> None:
+    host = Host(config(tmp_path, BAD_ENTRY))
+    async with client(host.app) as http:
+        for _ in range(2):
+            with pytest.raises(ConfigFileError, match=r"budget\.yaml.*model_configs\[0\]"):
+                await http.post("/v1/chat/completions", json=chat())
+
+
+async def test_a_config_entry_naming_an_unknown_owner_fails_the_lifespan(tmp_path: Path) -> None:
+    settings = config(tmp_path, UNKNOWN_CUSTOMER)
+    host = Host(settings)
+    answer = await startup(host.app)
+    assert answer["type"] == "lifespan.startup.failed"
+    assert "teams[0] (research)" in answer["message"] and "'nobody'" in answer["message"]
+    assert not host.started and not get_engine(settings).started
+    async with client(host.app) as http:  # not a 503 "store cannot be reached"
+        with pytest.raises(ConfigFileError, match=r"teams\[0\] \(research\)"):
+            await http.post("/v1/chat/completions", json=chat())
+
+
+async def test_without_a_lifespan_a_config_entry_naming_an_unknown_owner_raises_at_once(
+    tmp_path: Path,
+) -> None:
+    host = Host(config(tmp_path, UNKNOWN_CUSTOMER))
+    async with client(host.app) as http:
+        for _ in range(2):
+            with pytest.raises(ConfigFileError, match=r"teams\[0\] \(research\)"):
+                await http.post("/v1/chat/completions", json=chat())
+
+
+async def test_a_store_unreachable_at_startup_does_not_stop_it_and_requests_try_again(
+    tmp_path: Path,
+) -> None:
+    later = tmp_path / "not-yet"  # SQLite cannot open a file in a directory that does not exist
+    settings = BudgetSettings(database_url=f"sqlite:///{later}/b.db", flush_interval_seconds=0.05)
+    host = Host(settings)
+    answer = await startup(host.app)
+    assert answer["type"] == "lifespan.startup.complete"
+    assert host.started
+    async with client(host.app) as http:
+        refused = await http.post("/v1/chat/completions", json=chat())
+        assert refused.status_code == 503
+        later.mkdir()
+        admitted = await http.post("/v1/chat/completions", json=chat())
+        assert admitted.status_code == 200
+    engine = get_engine(settings)
+    assert engine.started
+    await engine.shutdown()
