@@ -13,12 +13,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 from sqlalchemy import text
 from sqlmodel import col, func, select
 
-from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware import BudgetMiddleware, BudgetSettings, create_admin_app, get_engine
 from budget_middleware.engine import BudgetEngine
 from budget_middleware.metering import MAX_CHARGE_NANOS, MAX_TOKENS
 from budget_middleware.store.database import UsageRecord
@@ -219,7 +220,7 @@ async def test_a_record_the_store_refuses_is_set_aside_and_holds_back_nobody(
 ) -> None:
     """A usage record PostgreSQL can never take (a 300-character model, a NUL) among others: it
     is set aside (visible, counted, logged) and every other charge is written."""
-    engine = BudgetEngine(settings_for(postgres_database, flush_interval_seconds=60))
+    engine = get_engine(settings_for(postgres_database, flush_interval_seconds=60))  # shared
     app = fault_app(engine)
     async with running(app), client(app) as http:
         key = engine.manager.create_virtual_key(
@@ -241,12 +242,25 @@ async def test_a_record_the_store_refuses_is_set_aside_and_holds_back_nobody(
         stored = budget_usage(engine, key.budgets[0].id)
         count, total = records(engine, key.id)
         rejected, listed = engine.store.list_rejects(10, 0)
+        admin = create_admin_app(engine.settings)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(admin), base_url="http://admin"
+        ) as operator:
+            auth = {"authorization": "Bearer admin-secret"}
+            shown = (await operator.get("/usage/rejected", headers=auth)).json()
+            metrics = (await operator.get("/metrics", headers=auth)).text
     print(
         f"charged 40, stored {count} records ${total / 1e9:.2f}, budget ${stored / 1e9:.2f}; "
         f"set aside {listed}: {[(r.kind, r.error[:60]) for r in rejected]}"
     )
     assert (stored, count, total) == (40 * CENT, 40, 40 * CENT)
     assert listed == 2 and {r.kind for r in rejected} == {"usage_record"}
+    assert shown["count"] == 2 and {r["record"]["model"] for r in shown["rejected"]} == {
+        "x" * 300,
+        "gpt\x00-4o",
+    }
+    assert all(r["saved"] and r["error"] for r in shown["rejected"])
+    assert 'budget_rejected_total{kind="usage_record"} 2.0' in metrics
     assert engine.stats.rejected == {"usage_record": 2}
     assert any('"model": "' + "x" * 300 in r.payload for r in rejected)
     assert engine.stats.pending_records == 0

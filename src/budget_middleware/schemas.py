@@ -1,17 +1,33 @@
 """The admin API's shapes (SPEC §9): request bodies and the objects answers carry.
 
-Bodies are strict (unknown fields are a 422). Updates are partial: a field left out is left alone,
-a field sent as `null` is cleared (`rate_limit: null` removes the rate limit). Money is USD.
-Responses carry Bifrost's field names and, on budgets, GoModel's status fields as well.
+Bodies are strict (unknown fields are a 422) and keep to their JSON Schema: a boolean is `true` or
+`false` (not `0` or `"yes"`), a number is a JSON number (not a string), a time is an RFC 3339
+date-time with its offset, and no text holds U+0000. Rules that tie fields together (a rate
+limit's max and duration, a key's single parent, a model config's scope and `scope_id`) are in
+the schema too, so a body valid by the document is never refused for its shape. Updates are
+partial: a field left out is left alone, a field sent as `null` is cleared (`rate_limit: null`
+removes the rate limit). Money is USD. Responses carry Bifrost's field names and, on budgets,
+GoModel's status fields as well.
 """
 
 from __future__ import annotations
 
 import math
-from datetime import datetime
-from typing import Any, Literal
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from .durations import Duration
 
@@ -21,10 +37,147 @@ OwnerType = Literal[
 GroupBy = Literal["virtual_key", "team", "customer", "provider", "model", "tag", "day"]
 
 
+# -- values as JSON has them ----------------------------------------------------------------
+
+NO_NUL: Final = "^[^\\u0000]*$"
+"""The pattern of every free text of the admin API: PostgreSQL cannot store U+0000."""
+
+RFC3339: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+"""An RFC 3339 date-time (JSON Schema's `date-time`): with its offset; ranges are checked after."""
+
+_UTC_MIN: Final = datetime.min.replace(tzinfo=UTC)
+_UTC_MAX: Final = datetime.max.replace(tzinfo=UTC)
+
+
+def to_utc(moment: datetime) -> datetime:
+    """An aware time in UTC, naive ones taken as UTC. Times within a day of the calendar's ends
+    (`0001-01-01T00:00:00+01:00`) are clamped to them instead of overflowing."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        return _UTC_MIN if moment.year == 1 else _UTC_MAX
+
+
+def _not_text_or_bool(value: Any) -> Any:
+    # bool is an int, and lax validation would read "5" as 5: JSON Schema allows neither.
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+def _json_time(value: Any) -> Any:
+    # Lax validation would read 1700000000 or "2026-01-01" as times; the schema says date-time.
+    if isinstance(value, str):
+        if RFC3339.fullmatch(value) is None:
+            raise ValueError("must be an RFC 3339 date-time with its offset (2027-01-01T00:00:00Z)")
+    elif isinstance(value, bool | int | float):
+        raise ValueError("must be an RFC 3339 date-time string")
+    return value
+
+
+def _utc_time(value: datetime) -> datetime:
+    return to_utc(value) if value.tzinfo is not None else value
+
+
+JsonBool = Annotated[bool, Strict()]
+JsonTime = Annotated[datetime, BeforeValidator(_json_time), AfterValidator(_utc_time)]
+# Constraints before the validator: so they reach the number's schema as minimum and maximum.
+Usd = Annotated[float, Field(ge=0, le=1e9), BeforeValidator(_not_text_or_bool)]
+Count = Annotated[int, Field(ge=0, le=2**62), BeforeValidator(_not_text_or_bool)]
+Concurrency = Annotated[int, Field(ge=1, le=2**31), BeforeValidator(_not_text_or_bool)]
+
+
+def _numbers_up_to(top: int) -> str:
+    """A regular expression of the decimal numbers 1..top, without leading zeros."""
+    digits = str(top)
+    parts = [f"[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) > 1 else []
+    for i, digit in enumerate(digits):
+        low = 1 if i == 0 else 0
+        if int(digit) > low:
+            rest = len(digits) - i - 1
+            tail = "[0-9]" * (rest == 1) + f"[0-9]{{{rest}}}" * (rest > 1)
+            top_digit = int(digit) - 1
+            span = str(low) if top_digit == low else f"[{low}-{top_digit}]"
+            parts.append(f"{digits[:i]}{span}{tail}")
+    parts.append(digits)
+    return "|".join(parts)
+
+
+def _longest(unit: str) -> int:
+    """The largest count of `unit` that Duration accepts (it caps durations at 100 years)."""
+    low, high = 1, 1
+    while _valid_duration(high, unit):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if _valid_duration(middle, unit) else (low, middle)
+    return low
+
+
+def _valid_duration(count: int, unit: str) -> bool:
+    try:
+        Duration(count, unit)
+    except ValueError:
+        return False
+    return True
+
+
+def _duration_pattern() -> str:
+    spelled = {"M": "(M|mo)"}
+    forms = [f"({_numbers_up_to(_longest(unit))}){spelled.get(unit, unit)}" for unit in "smhdwMQY"]
+    return "^(" + "|".join(forms) + ")$"
+
+
+DURATION_PATTERN: Final = _duration_pattern()
+"""Exactly the durations `Duration.parse` accepts, without surrounding blanks: `<n>s|m|h|d|w|M|Q|Y`
+(or `mo`), n >= 1, at most 100 years."""
+
+
 def _duration(value: str | None) -> str | None:
     if value is None:
         return None
+    if value != value.strip():
+        raise ValueError(f"invalid duration {value!r}: no blanks around it")
     return str(Duration.parse(value))  # "1mo" is stored as "1M"
+
+
+DurationText = Annotated[str, WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN})]
+
+
+# -- model names -------------------------------------------------------------------------------
+# The manager refuses a name with whitespace or control characters, a `/` at either end or an
+# unclosed `[` (scopes.model_name_problem). Its Unicode rule (str.isprintable) has no regular
+# expression a fuzzer can draw from in reasonable time, and no provider names a model outside
+# ASCII: the admin API takes printable ASCII, which the document's pattern then says exactly.
+
+_VISIBLE = "\\x21-\\x7e"  # printable ASCII but the space
+_NOT_BANG = "\\x22-\\x7e"
+_NOT_CLOSE = "\\x21-\\x5c\\x5e-\\x7e"  # not ]
+_NOT_OPEN = "\\x21-\\x5a\\x5c-\\x7e"  # not [
+_NOT_OPEN_OR_SLASH = "\\x21-\\x2e\\x30-\\x5a\\x5c-\\x7e"
+# fnmatch's bracket: `[`, `!` (negation) or not, one member (which may be `]`), more, `]`.
+_BRACKET = f"\\[(?:![{_VISIBLE}]|[{_NOT_BANG}])[{_NOT_CLOSE}]*\\]"
+_EDGE = f"(?:{_BRACKET}|[{_NOT_OPEN_OR_SLASH}])"
+MODEL_NAME_PATTERN: Final = f"^{_EDGE}(?:(?:{_BRACKET}|[{_NOT_OPEN}])*{_EDGE})?$"
+"""A model name: an exact name, `*` or an fnmatch glob, in printable ASCII without spaces; no `/`
+at either end; every `[` closed by a `]` (one right after `[` or `[!` is a member)."""
+
+
+def _ascii_model_name(name: str) -> str:
+    if not name.isascii():
+        raise ValueError("a model name is printable ASCII")
+    return name  # the rest is the manager's check, with its messages
+
+
+ModelName = Annotated[
+    str,
+    AfterValidator(_ascii_model_name),
+    Field(json_schema_extra={"pattern": MODEL_NAME_PATTERN}),
+]
 
 
 class _Body(BaseModel):
@@ -39,11 +192,11 @@ class BudgetIn(_Body):
     budget of the owner on update, which then keeps its usage."""
 
     id: str | None = None
-    max_limit: float = Field(ge=0, description="USD")
-    reset_duration: str | None = Field(
+    max_limit: Usd = Field(description="USD, at most 1e9")
+    reset_duration: DurationText | None = Field(
         default=None, description="<n>s|m|h|d|w|M|Q|Y, or null: never resets"
     )
-    calendar_aligned: bool | None = Field(
+    calendar_aligned: JsonBool | None = Field(
         default=None, description="default: the owner's calendar_aligned"
     )
 
@@ -60,12 +213,31 @@ class BudgetIn(_Body):
         return _duration(value)
 
 
+def _together(limit: str, duration: str) -> dict[str, Any]:
+    """JSON Schema: `limit` and `duration` are both set (not null), or neither is."""
+    both = {"required": [limit, duration],
+            "properties": {limit: {"type": "integer"}, duration: {"type": "string"}}}  # fmt: skip
+    neither = {"properties": {limit: {"type": "null"}, duration: {"type": "null"}}}
+    return {"anyOf": [both, neither]}
+
+
 class RateLimitIn(_Body):
-    request_max_limit: int | None = Field(default=None, ge=0, le=2**62)
-    request_reset_duration: str | None = None
-    token_max_limit: int | None = Field(default=None, ge=0, le=2**62)
-    token_reset_duration: str | None = None
-    max_concurrent_requests: int | None = Field(default=None, ge=1, le=2**31)
+    """A rate limit: each max goes with its duration (both, or neither)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                _together("request_max_limit", "request_reset_duration"),
+                _together("token_max_limit", "token_reset_duration"),
+            ]
+        }
+    )
+
+    request_max_limit: Count | None = None
+    request_reset_duration: DurationText | None = Field(default=None, description="with its max")
+    token_max_limit: Count | None = None
+    token_reset_duration: DurationText | None = Field(default=None, description="with its max")
+    max_concurrent_requests: Concurrency | None = None
 
     @field_validator("request_reset_duration", "token_reset_duration")
     @classmethod
@@ -106,12 +278,12 @@ class _Limits(_Body):
 
 class CustomerCreate(_Limits):
     name: str = Field(min_length=1, max_length=200)
-    calendar_aligned: bool = False
+    calendar_aligned: JsonBool = False
 
 
 class CustomerUpdate(_Limits):
     name: str | None = Field(default=None, min_length=1, max_length=200)
-    calendar_aligned: bool | None = None
+    calendar_aligned: JsonBool | None = None
 
 
 class TeamCreate(CustomerCreate):
@@ -125,18 +297,28 @@ class TeamUpdate(CustomerUpdate):
 class ProviderConfigIn(_Limits):
     id: str | None = None
     provider: str = Field(min_length=1, max_length=100)
-    allowed_models: list[str] = Field(default_factory=lambda: ["*"], description='["*"]: all')
-    blocked_models: list[str] = Field(default_factory=list)
+    allowed_models: list[ModelName] = Field(default_factory=lambda: ["*"], description='["*"]: all')
+    blocked_models: list[ModelName] = Field(default_factory=list)
 
 
 class _KeyFields(_Limits):
+    # JSON Schema of the rule below: team_id or customer_id is absent or null.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"team_id": {"type": "null"}}},
+                {"properties": {"customer_id": {"type": "null"}}},
+            ]
+        }
+    )
+
     team_id: str | None = None
     customer_id: str | None = None
-    is_active: bool | None = None
-    expires_at: datetime | None = None
+    is_active: JsonBool | None = None
+    expires_at: JsonTime | None = Field(default=None, description="RFC 3339, with its offset")
     provider_configs: list[ProviderConfigIn] | None = Field(default=None, max_length=100)
     tags: list[str] | None = Field(default=None, max_length=100)
-    calendar_aligned: bool | None = None
+    calendar_aligned: JsonBool | None = None
 
     @model_validator(mode="after")
     def _one_parent(self) -> _KeyFields:
@@ -147,9 +329,9 @@ class _KeyFields(_Limits):
 
 class VirtualKeyCreate(_KeyFields):
     name: str = Field(min_length=1, max_length=200)
-    is_active: bool = True
+    is_active: JsonBool = True
     tags: list[str] = Field(default_factory=list, max_length=100)
-    calendar_aligned: bool = False
+    calendar_aligned: JsonBool = False
     value: str | None = Field(
         default=None, min_length=8, max_length=512, description="default: a generated value"
     )
@@ -160,7 +342,7 @@ class VirtualKeyUpdate(_KeyFields):
 
 
 class ProviderPut(_Limits):
-    calendar_aligned: bool | None = None
+    calendar_aligned: JsonBool | None = None
 
 
 class TagPut(ProviderPut):
@@ -168,11 +350,22 @@ class TagPut(ProviderPut):
 
 
 class ModelConfigCreate(_Limits):
-    model_name: str = Field(min_length=1, max_length=200, description="'*': every model")
+    # JSON Schema of the rule below: scope "virtual_key" with a scope_id, or global without one.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["scope", "scope_id"],
+                 "properties": {"scope": {"const": "virtual_key"}, "scope_id": {"type": "string"}}},
+                {"properties": {"scope": {"const": "global"}, "scope_id": {"type": "null"}}},
+            ]
+        }
+    )  # fmt: skip
+
+    model_name: ModelName = Field(min_length=1, max_length=200, description="'*': every model")
     provider: str | None = Field(default=None, max_length=100)
     scope: Literal["global", "virtual_key"] = "global"
-    scope_id: str | None = None
-    calendar_aligned: bool = False
+    scope_id: str | None = Field(default=None, description="a key's id, with scope virtual_key")
+    calendar_aligned: JsonBool = False
 
     @model_validator(mode="after")
     def _scoped(self) -> ModelConfigCreate:
@@ -182,9 +375,9 @@ class ModelConfigCreate(_Limits):
 
 
 class ModelConfigUpdate(_Limits):
-    model_name: str | None = Field(default=None, min_length=1, max_length=200)
+    model_name: ModelName | None = Field(default=None, min_length=1, max_length=200)
     provider: str | None = Field(default=None, max_length=100)
-    calendar_aligned: bool | None = None
+    calendar_aligned: JsonBool | None = None
 
 
 # -- answers -----------------------------------------------------------------------------

@@ -62,3 +62,17 @@ def invalid_param(param: str, message: str) -> AdminAnswer:
         param=param,
         errors=[{"param": param, "message": message, "kind": "value_error"}],
     )
+
+
+def unknown_param(param: str, hint: str) -> AdminAnswer:
+    """A query parameter the route does not take (a typo must not pass as "no filter")."""
+    shown = param if len(param) <= 100 else param[:100] + "…"
+    message = f"unknown query parameter {shown!r}"
+    return error(
+        422,
+        "unknown_parameter",
+        f"{message}; {hint}",
+        error_type="invalid_request_error",
+        param=shown,
+        errors=[{"param": shown, "message": message, "kind": "unknown_parameter"}],
+    )

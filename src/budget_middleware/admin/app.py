@@ -1,7 +1,10 @@
 """`create_admin_app()`: the admin API (SPEC §9) as a plain Starlette app, mountable anywhere.
 
 Mounted sub-apps get no lifespan, so every request first makes sure the engine has started (cheap
-once it has). Errors of the manager become 404/409/422; a store that cannot be reached, 503.
+once it has). A request is authenticated first, then its query (an unknown or repeated parameter
+is a 422), path parameters and body are checked against the OpenAPI document, then it is handled.
+Errors of the manager become 404/409/422; a store that cannot be reached, 503. One route per path
+serves all its methods, so that a 405 names every method of the path in `Allow`.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -22,8 +26,8 @@ from ..manage import BudgetManager
 from ..settings import BudgetSettings
 from ..store.database import StoreUnavailable
 from .answers import error
-from .auth import check_admin
-from .context import Call, Operation, Refused
+from .auth import check_admin, virtual_key_value
+from .context import Call, Operation, Refused, check_path, parse_query
 from .metrics import metrics_answer
 from .openapi import openapi_document
 from .routes import OPERATIONS
@@ -31,6 +35,8 @@ from .routes import OPERATIONS
 __all__ = ["create_admin_app"]
 
 logger = logging.getLogger("budget_middleware.admin")
+
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 class _Holder:
@@ -51,28 +57,68 @@ class _Holder:
         return self.engine.manager  # its writes notify the engine (stale flag, budget resets)
 
 
-def _endpoint(op: Operation, holder: _Holder) -> Callable[[Request], Awaitable[Response]]:
+async def _guarded(answer: Callable[[], Awaitable[Response]]) -> Response:
+    """The answer, or the error answer a refusal or a failure of the store calls for."""
+    try:
+        return await answer()
+    except Refused as exc:
+        return exc.answer
+    except AdminError as exc:
+        return error(exc.status, exc.code, exc.message, param=exc.param)
+    except DataError:
+        # A value the database cannot hold that no check caught: the request's fault, not the
+        # store's (which answers, so a 503 would send the caller retrying for nothing).
+        logger.warning("admin API: the store refused a value (DataError)")
+        return error(422, "invalid_value", "a value is out of the range the store can hold",
+                     error_type="invalid_request_error")  # fmt: skip
+    except (StoreUnavailable, ServiceUnavailable, SQLAlchemyError, OSError) as exc:
+        logger.warning("admin API: store unavailable (%s)", type(exc).__name__)
+        return error(503, "store_unavailable", "the budget store cannot be reached")
+
+
+async def _admin(call: Call) -> None:
+    refused = await check_admin(call.request, call.engine.settings, _is_key(call))
+    if refused is not None:
+        raise Refused(refused)
+
+
+async def _virtual_key(call: Call) -> None:
+    """The credential of `GET /virtual-keys/quota`: the virtual key itself."""
+    value = virtual_key_value(call.request, call.manager.settings)
+    call.key_id = await call.run(call.manager.find_virtual_key, value) if value else None
+    if call.key_id is None:
+        code = "invalid_virtual_key" if value else "virtual_key_required"
+        message = "unknown virtual key" if value else "this route needs the virtual key itself"
+        raise Refused(error(401, code, message, error_type="authentication_error"))
+
+
+def _endpoint(op: Operation, holder: _Holder) -> Handler:
     async def endpoint(request: Request) -> Response:
-        try:
+        async def answer() -> Response:
             engine = holder.engine
             if op.auth != "open":
                 await engine.ensure_started()
             call = Call(request, engine, holder.manager, dict(request.path_params))
             if op.auth == "admin":
-                refused = await check_admin(request, engine.settings, _is_key(call))
-                if refused is not None:
-                    return refused
+                await _admin(call)
+            elif op.auth == "virtual_key":
+                await _virtual_key(call)
+            call.query = parse_query(request, op.query)
+            check_path(call.path, {name: op.path_schema(name) for name in call.path})
             return await op.handler(call)
-        except Refused as exc:
-            return exc.answer
-        except AdminError as exc:
-            return error(exc.status, exc.code, exc.message, param=exc.param)
-        except (StoreUnavailable, ServiceUnavailable, SQLAlchemyError, OSError) as exc:
-            logger.warning("admin API: store unavailable (%s)", type(exc).__name__)
-            return error(503, "store_unavailable", "the budget store cannot be reached")
+
+        return await _guarded(answer)
 
     endpoint.__name__ = op.handler.__name__
     return endpoint
+
+
+def _dispatch(by_method: dict[str, Handler]) -> Handler:
+    async def dispatch(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await by_method[method](request)
+
+    return dispatch
 
 
 def _is_key(call: Call) -> Callable[[str], Awaitable[bool]]:
@@ -86,49 +132,52 @@ def create_admin_app(settings: BudgetSettings | None = None, **_: Any) -> Starle
     """The admin API. With equal settings (or none) it shares the middleware's engine, so a
     change made here takes effect on the very next request in this process."""
     holder = _Holder(settings)
+    paths: dict[str, dict[str, Handler]] = {}
+    for op in OPERATIONS:  # in order: /virtual-keys/quota comes before /virtual-keys/{id}
+        paths.setdefault(op.path, {})[op.method] = _endpoint(op, holder)
+    paths["/openapi.json"] = {"GET": _openapi(holder)}
+    paths["/metrics"] = {"GET": _metrics(holder)}
     routes = [
-        Route(op.path, _endpoint(op, holder), methods=[op.method], name=op.handler.__name__)
-        for op in OPERATIONS
+        Route(path, _dispatch(handlers), methods=list(handlers), name=path)
+        for path, handlers in paths.items()
     ]
-    routes.append(Route("/openapi.json", _openapi(holder), methods=["GET"]))
-    routes.append(Route("/metrics", _metrics(holder), methods=["GET"]))
     app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+    app.router.redirect_slashes = False  # "/customers/" is no route: a 404, not a 307
     app.state.budget = holder
     return app
 
 
-def _openapi(holder: _Holder) -> Callable[[Request], Awaitable[Response]]:
+def _admin_only(holder: _Holder, answer: Callable[[Call], Awaitable[Response]]) -> Handler:
+    """An admin route outside the route table: authenticated, takes no query parameters."""
+
+    async def endpoint(request: Request) -> Response:
+        async def guarded() -> Response:
+            engine = holder.engine
+            await engine.ensure_started()
+            call = Call(request, engine, holder.manager)
+            await _admin(call)
+            parse_query(request, ())
+            return await answer(call)
+
+        return await _guarded(guarded)
+
+    return endpoint
+
+
+def _openapi(holder: _Holder) -> Handler:
     document: dict[str, Any] | None = None
 
-    async def openapi(request: Request) -> Response:
+    async def openapi(call: Call) -> Response:
         nonlocal document
-        engine = holder.engine
-        await engine.ensure_started()
-        call = Call(request, engine, holder.manager)
-        refused = await check_admin(request, engine.settings, _is_key(call))
-        if refused is not None:
-            return refused
         if document is None:
             document = openapi_document(OPERATIONS)
         return JSONResponse(document)
 
-    return openapi
+    return _admin_only(holder, openapi)
 
 
-def _metrics(holder: _Holder) -> Callable[[Request], Awaitable[Response]]:
-    async def metrics(request: Request) -> Response:
-        engine = holder.engine
-        try:
-            await engine.ensure_started()
-            call = Call(request, engine, holder.manager)
-            refused = await check_admin(request, engine.settings, _is_key(call))
-            if refused is not None:
-                return refused
-            return await metrics_answer(call)
-        except (StoreUnavailable, SQLAlchemyError, OSError):
-            return error(503, "store_unavailable", "the budget store cannot be reached")
-
-    return metrics
+def _metrics(holder: _Holder) -> Handler:
+    return _admin_only(holder, metrics_answer)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -136,5 +185,9 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:
-    return error(405, "method_not_allowed", f"{request.method} is not allowed here",
-                 error_type="invalid_request_error")  # fmt: skip
+    answer = error(405, "method_not_allowed", f"{request.method} is not allowed here",
+                   error_type="invalid_request_error")  # fmt: skip
+    if isinstance(exc, HTTPException) and exc.headers and "Allow" in exc.headers:
+        methods = sorted(m.strip() for m in exc.headers["Allow"].split(","))
+        answer.headers["Allow"] = ", ".join(methods)  # every method of this path
+    return answer

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time
 from typing import Any, Literal, ParamSpec, TypeVar
 
 import anyio.to_thread
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.requests import Request
 
 from ..engine import BudgetEngine
 from ..manage import BudgetManager
-from .answers import AdminAnswer, invalid, invalid_param
+from ..schemas import NO_NUL, RFC3339, to_utc
+from .answers import AdminAnswer, invalid, invalid_param, unknown_param
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -32,9 +34,115 @@ class Refused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class QueryParam:
+    """A query parameter: its JSON Schema is both what the document says and what is accepted.
+
+    Understood schemas: `integer` (`minimum`, `maximum`: give one, an integer of more than 18
+    digits fits no database and is refused anyway), `boolean`, `string` with `enum`, `string` with
+    `format: date-time` (an RFC 3339 date-time or a date), and plain `string` (no U+0000).
+    """
+
     name: str
     schema: Mapping[str, Any]
     description: str = ""
+
+    def parse(self, value: str) -> Any:
+        """The value read from the query string; `Refused` (422, naming it) when invalid."""
+        kind = self.schema.get("type")
+        if kind == "integer":
+            return self._integer(value)
+        if kind == "boolean":
+            if value.lower() in _TRUE:
+                return True
+            if value.lower() in _FALSE:
+                return False
+            raise self._refuse("must be true or false")
+        if "enum" in self.schema:
+            if value not in self.schema["enum"]:
+                raise self._refuse(f"must be one of {', '.join(self.schema['enum'])}")
+            return value
+        if self.schema.get("format") == "date-time":
+            return self._moment(value)
+        if "\x00" in value:
+            raise self._refuse(_NUL)
+        if len(value) > self.schema.get("maxLength", len(value)):
+            raise self._refuse(f"has at most {self.schema['maxLength']} characters")
+        return value
+
+    def openapi(self) -> dict[str, Any]:
+        """The schema as documented: plain strings say that they hold no U+0000."""
+        schema = dict(self.schema)
+        if schema.get("type") == "string" and not {"enum", "format", "pattern"} & schema.keys():
+            schema["pattern"] = NO_NUL
+        if schema.get("format") == "date-time":  # a date alone is accepted too
+            schema.pop("format")
+            schema["anyOf"] = [{"format": "date-time"}, {"format": "date"}]
+        return schema
+
+    def _refuse(self, message: str) -> Refused:
+        return Refused(invalid_param(self.name, message))
+
+    def _integer(self, value: str) -> int:
+        # ASCII digits only: int() would also take "1_000", " 7" and other scripts' digits.
+        if _INTEGER.fullmatch(value) is None:
+            raise self._refuse("must be an integer")
+        minimum, maximum = self.schema.get("minimum"), self.schema.get("maximum")
+        if len(value.lstrip("+-").lstrip("0")) > 18:  # beyond any database's integer
+            bound = minimum if value.startswith("-") else maximum
+            side = "least" if value.startswith("-") else "most"
+            raise self._refuse(f"must be at {side} {bound}" if bound is not None else _RANGE)
+        number = int(value)
+        if minimum is not None and number < minimum:
+            raise self._refuse(f"must be at least {minimum}")
+        if maximum is not None and number > maximum:
+            raise self._refuse(f"must be at most {maximum}")
+        return number
+
+    def _moment(self, value: str) -> datetime:
+        try:
+            if _DATE.fullmatch(value):
+                return datetime.combine(date.fromisoformat(value), time(), UTC)
+            if RFC3339.fullmatch(value):
+                return to_utc(_MOMENT.validate_python(value))
+        except (ValueError, ValidationError):
+            pass
+        raise self._refuse("must be an RFC 3339 date-time with its offset "
+                           "(2027-01-01T00:00:00Z) or a date (2027-01-01)")  # fmt: skip
+
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_MOMENT: TypeAdapter[datetime] = TypeAdapter(datetime)
+_NUL = "must not contain U+0000 (NUL)"
+_RANGE = "is out of range"
+PATH_PARAM: Mapping[str, Any] = {"type": "string", "minLength": 1, "pattern": NO_NUL}
+
+
+def parse_query(request: Request, params: tuple[QueryParam, ...]) -> dict[str, Any]:
+    """The declared parameters present in the query, parsed. An unknown parameter, or one given
+    twice, is a 422 naming it: a misspelt filter must not silently list everything."""
+    declared = {p.name: p for p in params}
+    values: dict[str, Any] = {}
+    for name, value in request.query_params.multi_items():
+        param = declared.get(name)
+        if param is None:
+            known = ", ".join(declared) or "none"
+            raise Refused(unknown_param(name, f"this route's query parameters: {known}"))
+        if name in values:
+            raise Refused(invalid_param(name, "is given more than once"))
+        values[name] = param.parse(value)
+    return values
+
+
+def check_path(path: Mapping[str, str], schemas: Mapping[str, Mapping[str, Any]]) -> None:
+    """Path parameters keep to their documented schema (no U+0000, lengths)."""
+    for name, value in path.items():
+        schema = schemas.get(name, PATH_PARAM)
+        if "\x00" in value:
+            raise Refused(invalid_param(name, _NUL))
+        if len(value) > schema.get("maxLength", len(value)):
+            raise Refused(invalid_param(name, f"has at most {schema['maxLength']} characters"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +158,11 @@ class Operation:
     query: tuple[QueryParam, ...] = ()
     auth: Literal["admin", "virtual_key", "open"] = "admin"
     tag: str = "admin"
+    path_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Schemas of path parameters other than the default (a non-empty string)."""
+
+    def path_schema(self, name: str) -> Mapping[str, Any]:
+        return self.path_params.get(name, PATH_PARAM)
 
 
 @dataclass(slots=True)
@@ -58,6 +171,10 @@ class Call:
     engine: BudgetEngine
     manager: BudgetManager
     path: dict[str, str] = field(default_factory=dict)
+    query: dict[str, Any] = field(default_factory=dict)
+    """The declared query parameters present, parsed (see `parse_query`)."""
+    key_id: str | None = None
+    """On a route whose credential is a virtual key: that key's id."""
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """A blocking manager call, in a worker thread."""
@@ -70,59 +187,74 @@ class Call:
         return result
 
     async def body(self, model: type[B]) -> B:
+        """The JSON object of the request, validated by `model`; else `Refused` (422)."""
         raw = await self.request.body()
+        if not raw.strip():
+            raise Refused(invalid_param("body", "is required: a JSON object"))
         try:
-            data = json.loads(raw) if raw.strip() else {}
+            data = json.loads(raw, parse_constant=_no_constant)
+        except RecursionError:
+            raise Refused(invalid_param("body", "is nested too deeply")) from None
         except (ValueError, UnicodeDecodeError):
             raise Refused(invalid_param("body", "is not valid JSON")) from None
         if not isinstance(data, dict):
             raise Refused(invalid_param("body", "must be a JSON object"))
+        where = _nul_in(data)
+        if where is not None:
+            raise Refused(invalid_param(where, _NUL))
         try:
             return model.model_validate(data)
         except ValidationError as exc:
             raise Refused(invalid(exc)) from None
+        except RecursionError:
+            raise Refused(invalid_param("body", "is nested too deeply")) from None
 
     def text(self, name: str) -> str | None:
-        value = self.request.query_params.get(name)
-        return value if value not in (None, "") else None
+        value = self.query.get(name)
+        return value if isinstance(value, str) and value else None
 
     def flag(self, name: str) -> bool:
-        value = self.text(name)
-        if value is None:
-            return False
-        if value.lower() in ("true", "1", "yes"):
-            return True
-        if value.lower() in ("false", "0", "no"):
-            return False
-        raise Refused(invalid_param(name, "must be true or false"))
+        return self.query.get(name) is True
 
-    def number(self, name: str, *, minimum: int, default: int | None = None) -> int | None:
-        value = self.text(name)
-        if value is None:
+    def number(
+        self, name: str, *, minimum: int | None = None, default: int | None = None
+    ) -> int | None:
+        """An integer parameter (its declared schema has checked it), or `default`."""
+        value = self.query.get(name)
+        if not isinstance(value, int) or isinstance(value, bool):
             return default
-        try:
-            number = int(value)
-        except ValueError:
-            raise Refused(invalid_param(name, "must be an integer")) from None
-        if number < minimum:
+        if minimum is not None and value < minimum:
             raise Refused(invalid_param(name, f"must be at least {minimum}"))
-        return number
+        return value
 
-    def choice(self, name: str, choices: tuple[str, ...]) -> str | None:
+    def choice(self, name: str, choices: tuple[str, ...] = ()) -> str | None:
         value = self.text(name)
-        if value is not None and value not in choices:
+        if value is not None and choices and value not in choices:
             raise Refused(invalid_param(name, f"must be one of {', '.join(choices)}"))
         return value
 
     def moment(self, name: str) -> datetime | None:
-        value = self.text(name)
-        if value is None:
-            return None
-        try:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            try:
-                moment = datetime.combine(date.fromisoformat(value), datetime.min.time())
-            except ValueError:
-                raise Refused(invalid_param(name, "must be an ISO 8601 date or time")) from None
-        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+        value = self.query.get(name)
+        return value if isinstance(value, datetime) else None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _nul_in(data: Any) -> str | None:
+    """Where the first string holding U+0000 is (`budgets.0.id`), or None. Not recursive: the
+    nesting json.loads accepts may be deeper than the stack left here."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return where or "body"
+        elif isinstance(value, dict):
+            items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+            stack.extend(reversed(items))  # popped in document order
+        elif isinstance(value, list):
+            items = [(f"{where}.{i}" if where else str(i), v) for i, v in enumerate(value)]
+            stack.extend(reversed(items))
+    return None

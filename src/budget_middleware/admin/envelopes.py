@@ -50,6 +50,17 @@ class HealthAnswer(BaseModel):
     redis: str
 
 
+class RejectedOut(BaseModel):
+    """A usage record or counter delta the store refused, set aside (SPEC §11)."""
+
+    id: str
+    kind: str = Field(description="usage_record or counter")
+    created_at: datetime
+    error: str = Field(description="what the store said (no values)")
+    record: dict[str, Any] = Field(description="the record or delta, as it was to be written")
+    saved: bool = Field(description="false while it waits in memory to be saved in the store")
+
+
 class Deleted(BaseModel):
     deleted: bool
     id: str
@@ -70,3 +81,4 @@ ModelConfigList = many("model_configs", ModelConfigOut, count="total_count")
 BudgetAnswer = one("budget", BudgetOut)
 BudgetList = many("budgets", BudgetOut, server_time=(datetime, ...))
 RateLimitList = many("rate_limits", RateLimitOut)
+RejectedList = many("rejected", RejectedOut)

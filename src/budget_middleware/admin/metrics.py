@@ -64,6 +64,14 @@ def _families(budgets: Iterable[BudgetOut], stats: Any, now: float) -> Iterator[
     failures = CounterMetricFamily("budget_flush_failures", "Flushes that failed and were kept")
     failures.add_metric([], stats.flush_failures)
     yield failures
+    rejected = CounterMetricFamily(
+        "budget_rejected",
+        "Usage records and counter charges the store refused, set aside (GET /usage/rejected)",
+        labels=["kind"],
+    )
+    for kind in ("usage_record", "counter"):
+        rejected.add_metric([kind], stats.rejected.get(kind, 0))
+    yield rejected
 
 
 class _Snapshot:

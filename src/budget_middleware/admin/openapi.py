@@ -1,6 +1,10 @@
 """The OpenAPI 3.1 document of the admin API, built from the route table and the pydantic models.
 
-Paths are relative to where the app is mounted (the document's `servers` is `/`).
+Paths are relative to where the app is mounted (the document's `servers` is `/`). The document is
+the contract the app enforces: every status a route can answer is listed (422 on every route, for
+an unknown query parameter; 503 when the store is down), and request schemas say all that is
+checked (no U+0000 in any text, the rules that tie fields together). A schema-driven fuzzer
+(tests/test_admin_fuzz.py) holds the two together.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from .. import schemas
+from ..schemas import NO_NUL
 from .context import Operation
 from .envelopes import ErrorAnswer
 
@@ -25,10 +30,32 @@ def _collect(
     """Put the model (and the models it uses) in `found`; return a reference to it. Request
     bodies are described as they are validated, answers as they are serialised."""
     schema = model.model_json_schema(ref_template=_REF, mode=mode)
+    if mode == "validation":
+        _no_nul(schema)
     for name, definition in schema.pop("$defs", {}).items():
         found.setdefault(name, definition)
     found.setdefault(model.__name__, schema)
     return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _no_nul(schema: Any) -> None:
+    """Every free text of a request (a string without format, enum, const or pattern) gets the
+    pattern that says it holds no U+0000, as the app checks."""
+    if isinstance(schema, list):
+        for item in schema:
+            _no_nul(item)
+        return
+    if not isinstance(schema, dict):
+        return
+    if schema.get("type") == "string" and not {"format", "enum", "const", "pattern"} & set(schema):
+        schema["pattern"] = NO_NUL
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "patternProperties", "dependentSchemas"):
+            for item in value.values():
+                _no_nul(item)
+        elif key in ("items", "additionalProperties", "not", "if", "then", "else",
+                     "anyOf", "allOf", "oneOf", "prefixItems", "contains"):  # fmt: skip
+            _no_nul(value)
 
 
 def _operation(op: Operation, found: dict[str, Any]) -> dict[str, Any]:
@@ -39,11 +66,11 @@ def _operation(op: Operation, found: dict[str, Any]) -> dict[str, Any]:
         "responses": {},
     }
     params: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {"name": name, "in": "path", "required": True, "schema": _path_schema(op, name)}
         for name in _path_names(op.path)
     ]
     params += [
-        {"name": q.name, "in": "query", "required": False, "schema": dict(q.schema)}
+        {"name": q.name, "in": "query", "required": False, "schema": q.openapi()}
         | ({"description": q.description} if q.description else {})
         for q in op.query
     ]
@@ -54,13 +81,13 @@ def _operation(op: Operation, found: dict[str, Any]) -> dict[str, Any]:
             "required": True,
             "content": {"application/json": {"schema": _collect(op.body, found, "validation")}},
         }
-    for status, model in op.answers.items():
+    answers = {422: ErrorAnswer, 503: ErrorAnswer, **op.answers}  # any route can answer these
+    for status, model in sorted(answers.items()):
         answer: dict[str, Any] = {"description": _describe(status)}
         if model is not None:
             answer["content"] = {"application/json": {"schema": _collect(model, found)}}
         entry["responses"][str(status)] = answer
     if op.auth == "admin":
-        entry["responses"].setdefault("503", _error_answer(found, "BUDGET_ADMIN_KEY is unset"))
         entry["security"] = [{"AdminKey": []}]
     elif op.auth == "virtual_key":
         entry["security"] = [{"VirtualKey": []}, {"VirtualKeyBearer": []}]
@@ -74,6 +101,12 @@ def _error_answer(found: dict[str, Any], text: str) -> dict[str, Any]:
     return {"description": text, "content": {"application/json": {"schema": schema}}}
 
 
+def _path_schema(op: Operation, name: str) -> dict[str, Any]:
+    schema = dict(op.path_schema(name))
+    schema.setdefault("pattern", NO_NUL)
+    return schema
+
+
 def _path_names(path: str) -> list[str]:
     return [part[1:-1] for part in path.split("/") if part.startswith("{")]
 
@@ -85,8 +118,9 @@ def _describe(status: int) -> str:
         401: "Missing or wrong credential",
         404: "Not found",
         409: "Conflict: duplicate name or reset_duration",
-        422: "Invalid body or parameter",
-        503: "A part is down",
+        422: "Invalid body or parameter, or an unknown query parameter",
+        501: "prometheus-client is not installed",
+        503: "The admin API is disabled (BUDGET_ADMIN_KEY unset), or a part is down",
     }.get(status, "Answer")
 
 
@@ -95,25 +129,28 @@ def openapi_document(operations: Iterable[Operation]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, found)
-    admin: dict[str, Any] = {"security": [{"AdminKey": []}], "responses": {}}
+    errors = {str(status): _error_answer(found, _describe(status)) for status in (401, 422, 503)}
     paths["/openapi.json"] = {
         "get": {
-            **admin,
+            "security": [{"AdminKey": []}],
             "summary": "This document",
             "operationId": "openapi",
-            "responses": {"200": {"description": "OpenAPI 3.1 document"}},
+            "responses": {
+                "200": {"description": "OpenAPI 3.1 document",
+                        "content": {"application/json": {"schema": {"type": "object"}}}},
+                **errors,
+            },
         }
-    }
+    }  # fmt: skip
     paths["/metrics"] = {
         "get": {
-            **admin,
+            "security": [{"AdminKey": []}],
             "summary": "Prometheus metrics",
             "operationId": "metrics",
             "responses": {
                 "200": {"description": "Prometheus text", "content": {"text/plain": {}}},
-                "401": _error_answer(found, "Missing or wrong credential"),
-                "501": _error_answer(found, "prometheus-client is not installed"),
-                "503": _error_answer(found, "BUDGET_ADMIN_KEY is unset"),
+                **errors,
+                "501": _error_answer(found, _describe(501)),
             },
         }
     }

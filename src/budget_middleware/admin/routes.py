@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 from ..reports import GROUPS
@@ -19,27 +20,36 @@ from ..schemas import (
     VirtualKeyCreate,
     VirtualKeyUpdate,
     dump,
+    to_utc,
 )
 from ..scopes import OWNER_TYPES
 from . import envelopes as env
-from .answers import AdminAnswer, error, ok
-from .auth import virtual_key_value
+from .answers import AdminAnswer, ok
 from .context import Call, Operation, QueryParam
+
+MAX_LIMIT = 10_000
+"""The largest page (`limit`); without `limit`, a list answers every item."""
+MAX_OFFSET = 1_000_000_000
+"""The largest `offset`: far beyond any list, far below what a database's integer holds."""
 
 _BOOL = {"type": "boolean", "default": False}
 FROM_MEMORY = QueryParam("from_memory", _BOOL, "answer from the live in-process counters")
-LIMIT = QueryParam("limit", {"type": "integer", "minimum": 1}, "page size")
-OFFSET = QueryParam("offset", {"type": "integer", "minimum": 0, "default": 0}, "page start")
+LIMIT = QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+                   "page size (default: every item)")  # fmt: skip
+OFFSET = QueryParam("offset", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET,
+                               "default": 0}, "page start")  # fmt: skip
 OWNER_TYPE = QueryParam("owner_type", {"type": "string", "enum": list(OWNER_TYPES)})
 OWNER_ID = QueryParam("owner_id", {"type": "string"}, "for provider and tag: the name")
+# A provider's or a tag's name, in the path: 1 to 200 characters (as the manager checks).
+_NAME = {"type": "string", "minLength": 1, "maxLength": 200}
 _ERRORS = {401: env.ErrorAnswer, 422: env.ErrorAnswer}
 _ONE_ERRORS = {**_ERRORS, 404: env.ErrorAnswer}
 _WRITE_ERRORS = {**_ONE_ERRORS, 409: env.ErrorAnswer}
 
 
 def _page(call: Call, items: list[dict[str, object]]) -> list[dict[str, object]]:
-    limit = call.number("limit", minimum=1)
-    offset = call.number("offset", minimum=0, default=0) or 0
+    limit = call.number("limit")
+    offset = call.number("offset", default=0) or 0
     return items[offset : offset + limit if limit is not None else None]
 
 
@@ -137,13 +147,8 @@ async def rotate_key(call: Call) -> AdminAnswer:
 
 
 async def quota(call: Call) -> AdminAnswer:
-    value = virtual_key_value(call.request, call.manager.settings)
-    key_id = await call.run(call.manager.find_virtual_key, value) if value else None
-    if key_id is None:
-        code = "invalid_virtual_key" if value else "virtual_key_required"
-        message = "unknown virtual key" if value else "this route needs the virtual key itself"
-        return error(401, code, message, error_type="authentication_error")
-    key = await call.run(call.manager.get_virtual_key, key_id)
+    assert call.key_id is not None  # the endpoint has authenticated the key
+    key = await call.run(call.manager.get_virtual_key, call.key_id)
     owners = [("virtual_key", key.id)]
     owners += [("provider_config", p.id) for p in key.provider_configs]
     budgets, rates = [], []
@@ -199,10 +204,10 @@ async def list_model_configs(call: Call) -> AdminAnswer:
     from_memory = call.flag("from_memory")
     items, total = await call.run(
         call.manager.list_model_configs,
-        limit=call.number("limit", minimum=1),
-        offset=call.number("offset", minimum=0, default=0) or 0,
+        limit=call.number("limit"),
+        offset=call.number("offset", default=0) or 0,
         search=call.text("search"),
-        scope=call.choice("scope", ("global", "virtual_key")),
+        scope=call.choice("scope"),
         provider=call.text("provider"),
         counters=call.engine.registry if from_memory else None,
     )
@@ -237,7 +242,7 @@ async def delete_model_config(call: Call) -> AdminAnswer:
 async def list_budgets(call: Call) -> AdminAnswer:
     budgets = await call.run(
         call.manager.list_budgets,
-        owner_type=call.choice("owner_type", OWNER_TYPES),
+        owner_type=call.choice("owner_type"),
         owner_id=call.text("owner_id"),
         from_memory=call.flag("from_memory"),
         counters=call.engine.registry,
@@ -254,7 +259,7 @@ async def reset_budget(call: Call) -> AdminAnswer:
 async def list_rate_limits(call: Call) -> AdminAnswer:
     rates = await call.run(
         call.manager.list_rate_limits,
-        owner_type=call.choice("owner_type", OWNER_TYPES),
+        owner_type=call.choice("owner_type"),
         owner_id=call.text("owner_id"),
         from_memory=call.flag("from_memory"),
         counters=call.engine.registry,
@@ -264,9 +269,42 @@ async def list_rate_limits(call: Call) -> AdminAnswer:
 
 
 async def usage(call: Call) -> AdminAnswer:
-    group_by = call.choice("group_by", GROUPS) or "virtual_key"
+    group_by = call.choice("group_by") or "virtual_key"
     start, end = call.moment("start"), call.moment("end")
     return ok(dump(await call.run(call.manager.usage, group_by, start, end)))
+
+
+async def rejected(call: Call) -> AdminAnswer:
+    """What the store refused and the flusher set aside, newest first: saved in `bm_rejected`,
+    and any still waiting in this process to be saved."""
+    limit = call.number("limit") or MAX_LIMIT
+    offset = call.number("offset", default=0) or 0
+    engine = call.engine
+    waiting = [
+        {
+            "id": f"unsaved-{n}",
+            "kind": kind,
+            "created_at": datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z"),
+            "error": error,
+            "record": json.loads(payload),
+            "saved": False,
+        }
+        for n, (kind, payload, error, at) in enumerate(reversed(engine.rejects_to_save))
+    ]
+    rows, total = await call.run(engine.store.list_rejects, limit, max(offset - len(waiting), 0))
+    saved = [
+        {
+            "id": str(row.id),
+            "kind": row.kind,
+            "created_at": to_utc(row.created_at).isoformat().replace("+00:00", "Z"),
+            "error": row.error,
+            "record": json.loads(row.payload),
+            "saved": True,
+        }
+        for row in rows
+    ]
+    items = (waiting[offset:] + saved)[:limit]
+    return ok({"rejected": items, "count": total + len(waiting)})
 
 
 async def health(call: Call) -> AdminAnswer:
@@ -324,9 +362,9 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: env.ProviderList, **_ERRORS}, query=_LIST),
     Operation("PUT", "/providers/{provider}", put_provider, "Set a provider's limits",
               {200: env.ProviderAnswer, 201: env.ProviderAnswer, **_WRITE_ERRORS},
-              body=ProviderPut),
+              body=ProviderPut, path_params={"provider": _NAME}),
     Operation("DELETE", "/providers/{provider}", delete_provider, "Remove a provider's limits",
-              {200: env.Deleted, **_ONE_ERRORS}),
+              {200: env.Deleted, **_ONE_ERRORS}, path_params={"provider": _NAME}),
     Operation("GET", "/model-configs", list_model_configs, "List model configs",
               {200: env.ModelConfigList, **_ERRORS},
               query=(*_LIST, QueryParam("search", {"type": "string"}),
@@ -343,14 +381,20 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/tags", list_tags, "List tag-wide limits", {200: env.TagList, **_ERRORS},
               query=_LIST),
     Operation("PUT", "/tags/{tag}", put_tag, "Set a tag's limits",
-              {200: env.TagAnswer, 201: env.TagAnswer, **_WRITE_ERRORS}, body=TagPut),
+              {200: env.TagAnswer, 201: env.TagAnswer, **_WRITE_ERRORS}, body=TagPut,
+              path_params={"tag": _NAME}),
     Operation("DELETE", "/tags/{tag}", delete_tag, "Remove a tag's limits",
-              {200: env.Deleted, **_ONE_ERRORS}),
+              {200: env.Deleted, **_ONE_ERRORS}, path_params={"tag": _NAME}),
     Operation("GET", "/usage", usage, "Spend, tokens and requests, grouped",
               {200: UsageOut, **_ERRORS},
               query=(QueryParam("group_by", {"type": "string", "enum": list(GROUPS)}),
-                     QueryParam("start", {"type": "string", "format": "date-time"}),
-                     QueryParam("end", {"type": "string", "format": "date-time"}))),
+                     QueryParam("start", {"type": "string", "format": "date-time"},
+                                "from (inclusive): RFC 3339 with offset, or a date (00:00 UTC)"),
+                     QueryParam("end", {"type": "string", "format": "date-time"},
+                                "to (exclusive): RFC 3339 with offset, or a date (00:00 UTC)"))),
+    Operation("GET", "/usage/rejected", rejected,
+              "Records and counter charges the store refused, set aside",
+              {200: env.RejectedList, **_ERRORS}, query=_LIST),
     Operation("GET", "/health", health, "Health of the store and Redis",
               {200: env.HealthAnswer, 503: env.HealthAnswer}, auth="open"),
 )  # fmt: skip
