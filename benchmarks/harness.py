@@ -30,7 +30,7 @@ from fastapi.responses import Response  # noqa: E402
 from mock_upstream import mock_router  # type: ignore[import-not-found]  # noqa: E402
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine  # noqa: E402
-from budget_middleware.engine import BudgetEngine  # noqa: E402
+from budget_middleware.engine.engine import BudgetEngine  # noqa: E402
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

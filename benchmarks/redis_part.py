@@ -1,6 +1,6 @@
 """Part 4: what shared counters in Redis add to the hot path, and how many commands they send.
 
-Runs when `budget_middleware.redis_counters` exists and Redis answers at 127.0.0.1:6379 (its
+Runs when `budget_middleware.store.redis_counters` exists and Redis answers at 127.0.0.1:6379 (its
 database 14, so other databases are not touched).
 """
 
@@ -26,15 +26,15 @@ from harness import (
     trivial_host,
 )
 
-from budget_middleware.admission import Ticket
+from budget_middleware.core.admission import Ticket
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
 def unavailable() -> str | None:
     """Why the Redis part cannot run, or None."""
-    if importlib.util.find_spec("budget_middleware.redis_counters") is None:
-        return "budget_middleware.redis_counters is not there yet"
+    if importlib.util.find_spec("budget_middleware.store.redis_counters") is None:
+        return "budget_middleware.store.redis_counters is not there yet"
     if importlib.util.find_spec("redis") is None:
         return "the redis client is not installed (pip install 'budget-middleware[redis]')"
     try:

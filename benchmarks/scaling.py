@@ -39,7 +39,7 @@ from harness import (
 from sqlalchemy import insert
 from sqlmodel import Session, col, select
 
-from budget_middleware.engine import BudgetEngine, hash_key
+from budget_middleware.engine.engine import BudgetEngine, hash_key
 from budget_middleware.store.database import KeyRecord, OwnerLimits
 from budget_middleware.store.tables import BudgetRow, RateLimitRow, VirtualKeyRow
 

@@ -152,7 +152,7 @@ def _no_budget_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _release_engines() -> Iterator[None]:
     """Each test gets engines of its own; their connection pools are closed when it ends."""
-    from budget_middleware.engine import _engines
+    from budget_middleware.engine.engine import _engines
 
     yield
     for engine in list(_engines.values()):

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 import redis
 
-from budget_middleware.engine import BudgetEngine
-from budget_middleware.redis_counters import RedisCounters
+from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.store.redis_counters import RedisCounters
 
 
 def free_port() -> int:

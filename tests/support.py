@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from mock_upstream import mock_router
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
-from budget_middleware.engine import BudgetEngine
+from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import BudgetRow
 
@@ -51,7 +51,7 @@ def host_app(settings: BudgetSettings | None, *, prefix: str = "/v1") -> FastAPI
 
 def engine_of(app: Any) -> BudgetEngine:
     """The engine behind an app's BudgetMiddleware (the stack is built on first use)."""
-    from budget_middleware.engine import get_engine
+    from budget_middleware.engine.engine import get_engine
 
     return get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
 

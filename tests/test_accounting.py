@@ -201,7 +201,7 @@ async def test_a_restart_keeps_every_charge(make_settings: Settings, pricing_fil
             assert answer.status_code == 200
         assert engine.stats.pending_records == 3  # nothing written yet: the flush interval is long
     # a new app (and engine) on the same store, as after a process restart
-    from budget_middleware.engine import _engines
+    from budget_middleware.engine.engine import _engines
 
     _engines.clear()
     again = host_app(settings)

@@ -535,7 +535,7 @@ async def test_405_names_every_method_of_the_path_in_allow(tmp_path: Path) -> No
 
 
 def test_the_duration_pattern_is_exactly_what_the_server_accepts() -> None:
-    from budget_middleware.schemas import DURATION_PATTERN, BudgetIn
+    from budget_middleware.manage.schemas import DURATION_PATTERN, BudgetIn
 
     pattern = re.compile(DURATION_PATTERN.removesuffix("$") + r"\Z")
     limits = {"s": 3155695200, "m": 52594920, "h": 876582, "d": 36524, "w": 5217, "M": 1200,
@@ -558,8 +558,8 @@ def test_the_model_name_pattern_is_exactly_what_the_server_accepts() -> None:
     of the characters that matter (and the ASCII rule of the admin API's bodies)."""
     from itertools import product
 
-    from budget_middleware.schemas import MODEL_NAME_PATTERN, ModelConfigUpdate
-    from budget_middleware.scopes import model_name_problem
+    from budget_middleware.core.scopes import model_name_problem
+    from budget_middleware.manage.schemas import MODEL_NAME_PATTERN, ModelConfigUpdate
 
     pattern = re.compile(MODEL_NAME_PATTERN.removesuffix("$") + r"\Z")
     alphabet = ["[", "]", "!", "/", "*", "a", " ", "\t", "\x7f", "é"]

@@ -8,24 +8,24 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budget_middleware import admission
-from budget_middleware.admission import (
+from budget_middleware.core import admission
+from budget_middleware.core.admission import (
     Refusal,
     Ticket,
     check_budgets,
     check_rate_limits,
     settle,
 )
-from budget_middleware.durations import Duration
-from budget_middleware.limit_headers import tightest_now
-from budget_middleware.limits import (
+from budget_middleware.core.durations import Duration
+from budget_middleware.core.scopes import LimitSet, Scope
+from budget_middleware.core.windows import (
     CounterRegistry,
     Ledger,
     RateLimitCounters,
     WindowCounter,
     ensure_current,
 )
-from budget_middleware.scopes import LimitSet, Scope
+from budget_middleware.headers import tightest_now
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC).timestamp()
 

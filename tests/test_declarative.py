@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from budget_middleware import BudgetSettings
-from budget_middleware.declarative import ConfigFileError, load_config_file
-from budget_middleware.manage import BudgetManager
+from budget_middleware.manage.config_file import ConfigFileError, load_config_file
+from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.store.database import Store
 
 CONFIG = """

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from budget_middleware.durations import (
+from budget_middleware.core.durations import (
     Duration,
     add_months,
     utcnow,

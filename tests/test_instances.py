@@ -27,7 +27,7 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from budget_middleware import BudgetSettings
-from budget_middleware.manage import BudgetManager
+from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import UsageRecordRow
 from conftest import POSTGRES_URL, need_postgres, need_redis, reset_postgres

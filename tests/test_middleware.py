@@ -367,11 +367,11 @@ async def test_concurrency_limit_refuses_while_requests_are_in_flight(
 def test_the_key_cache_trusts_an_entry_for_its_ttl_and_drops_the_oldest_when_full(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from budget_middleware.configuration import KeyCache
-    from budget_middleware.scopes import KeyConfig
+    from budget_middleware.core.scopes import KeyConfig
+    from budget_middleware.engine.cache import KeyCache
 
     clock = [1000.0]
-    monkeypatch.setattr("budget_middleware.configuration.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("budget_middleware.engine.cache.time.monotonic", lambda: clock[0])
 
     def config(name: str) -> KeyConfig:
         return KeyConfig(name, name, True, None, None, None, None, None, (), (), {}, ())

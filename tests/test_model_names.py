@@ -11,9 +11,9 @@ import pytest
 
 from admin_support import ADMIN, admin_client, admin_settings
 from budget_middleware import BudgetSettings
-from budget_middleware.declarative import ConfigFileError, load_config_file
-from budget_middleware.errors_admin import InvalidRequest
-from budget_middleware.scopes import ModelRule, ProviderPolicy, Scope, model_name_problem
+from budget_middleware.core.scopes import ModelRule, ProviderPolicy, Scope, model_name_problem
+from budget_middleware.exceptions import InvalidRequest
+from budget_middleware.manage.config_file import ConfigFileError, load_config_file
 from budget_middleware.store.database import Store
 from support import chat, client, engine_of, host_app, running
 

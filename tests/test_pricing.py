@@ -12,7 +12,7 @@ import genai_prices
 import pytest
 from genai_prices import types as gp
 
-from budget_middleware.pricing import (
+from budget_middleware.core.pricing import (
     ModelPrice,
     PriceBook,
     PricingFileError,
@@ -22,7 +22,7 @@ from budget_middleware.pricing import (
     nanos_from_usd,
     usd_from_nanos,
 )
-from budget_middleware.usage import TokenUsage
+from budget_middleware.core.usage import TokenUsage
 
 
 def write_prices(tmp_path: Path, content: Any) -> Path:

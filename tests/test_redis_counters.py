@@ -9,10 +9,10 @@ import pytest
 import redis.asyncio
 
 from budget_middleware import BudgetSettings
-from budget_middleware.admission import Refusal, Ticket
-from budget_middleware.engine import BudgetEngine, ServiceUnavailable
-from budget_middleware.redis_counters import RedisCounters
-from budget_middleware.scopes import LimitSet
+from budget_middleware.core.admission import Refusal, Ticket
+from budget_middleware.core.scopes import LimitSet
+from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable
+from budget_middleware.store.redis_counters import RedisCounters
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, private_redis, unique_prefix, use_prefix
 

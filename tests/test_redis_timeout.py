@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from budget_middleware import BudgetSettings
-from budget_middleware.redis_counters import RedisCounters
+from budget_middleware.store.redis_counters import RedisCounters
 from service_support import private_redis
 from support import chat, client, engine_of, host_app, running
 

@@ -119,8 +119,8 @@ def test_redis_timeout_must_be_a_positive_finite_number_of_seconds(
 
 
 def test_every_configuration_error_shares_one_base() -> None:
-    from budget_middleware.declarative import ConfigFileError
-    from budget_middleware.pricing import PricingFileError
+    from budget_middleware.core.pricing import PricingFileError
+    from budget_middleware.manage.config_file import ConfigFileError
 
     for error in (SettingsError, ConfigFileError, PricingFileError):
         assert issubclass(error, ConfigurationError) and issubclass(error, ValueError)

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budget_middleware.sse import SSEDecoder, SSEEvent, StreamMeter
-from budget_middleware.usage import TokenUsage
+from budget_middleware.core.sse import SSEDecoder, SSEEvent, StreamMeter
+from budget_middleware.core.usage import TokenUsage
 
 # --- realistic streams, one block (lines of an event) per entry --------------------------------
 
@@ -396,7 +396,7 @@ def test_usage_in_an_event_cut_off_by_the_end_of_stream_is_not_read() -> None:
 
 
 def test_a_stream_that_is_no_sse_is_passed_on_unread(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("budget_middleware.sse._MAX_PENDING", 100)
+    monkeypatch.setattr("budget_middleware.core.sse._MAX_PENDING", 100)
     for drop in (False, True):
         stream = b"x" * 150 + render([[CHAT_USAGE_CHUNK]])
         run = meter_all(stream, drop, cuts=[120])

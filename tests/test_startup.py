@@ -17,9 +17,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError, get_engine
-from budget_middleware.declarative import ConfigFileError
-from budget_middleware.engine import _engines
-from budget_middleware.pricing import PricingFileError
+from budget_middleware.core.pricing import PricingFileError
+from budget_middleware.engine.engine import _engines
+from budget_middleware.manage.config_file import ConfigFileError
 from support import chat, client
 
 BAD_ENTRY = """

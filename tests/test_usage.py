@@ -11,8 +11,13 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-import budget_middleware.usage as usage_module
-from budget_middleware.usage import BodyDecoder, TokenUsage, usage_from_json, usage_from_mapping
+import budget_middleware.core.usage as usage_module
+from budget_middleware.core.usage import (
+    BodyDecoder,
+    TokenUsage,
+    usage_from_json,
+    usage_from_mapping,
+)
 
 CHAT_COMPLETION = {
     "id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT",

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .admission import Refusal
-from .engine import BudgetEngine, ServiceUnavailable, get_engine
-from .middleware import BudgetMiddleware, BudgetState
-from .pricing import PriceBook, PricingFileError
-from .settings import BudgetSettings, ConfigurationError, SettingsError
-from .usage import TokenUsage
+from budget_middleware.asgi.middleware import BudgetMiddleware, BudgetState
+from budget_middleware.core.admission import Refusal
+from budget_middleware.core.pricing import PriceBook, PricingFileError
+from budget_middleware.core.usage import TokenUsage
+from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
+from budget_middleware.settings import BudgetSettings, ConfigurationError, SettingsError
 
 if TYPE_CHECKING:
-    from .manage import BudgetManager
+    from budget_middleware.manage.manager import BudgetManager
+
 
 def create_admin_app(settings: BudgetSettings | None = None, **kwargs: Any) -> Any:
     """The admin API as an ASGI app, sharing the engine of a middleware with equal settings."""
-    from .admin.app import create_admin_app as build
+    from budget_middleware.admin.app import create_admin_app as build
 
     return build(settings, **kwargs)
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .app import create_admin_app
+from budget_middleware.admin.app import create_admin_app
 
 __all__ = ["create_admin_app"]

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from ..errors import error_body
+from budget_middleware.answers import error_body
 
 AdminAnswer = JSONResponse
 

@@ -20,17 +20,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..engine import BudgetEngine, ServiceUnavailable, get_engine
-from ..errors_admin import AdminError
-from ..manage import BudgetManager
-from ..settings import BudgetSettings
-from ..store.database import StoreUnavailable
-from .answers import error
-from .auth import check_admin, virtual_key_value
-from .context import Call, Operation, Refused, check_path, parse_query
-from .metrics import metrics_answer
-from .openapi import openapi_document
-from .routes import OPERATIONS
+from budget_middleware.admin.answers import error
+from budget_middleware.admin.auth import check_admin, virtual_key_value
+from budget_middleware.admin.context import Call, Operation, Refused, check_path, parse_query
+from budget_middleware.admin.metrics import metrics_answer
+from budget_middleware.admin.openapi import openapi_document
+from budget_middleware.admin.routes import OPERATIONS
+from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
+from budget_middleware.exceptions import AdminError
+from budget_middleware.manage.manager import BudgetManager
+from budget_middleware.settings import BudgetSettings
+from budget_middleware.store.database import StoreUnavailable
 
 __all__ = ["create_admin_app"]
 

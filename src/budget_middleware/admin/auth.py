@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 
-from ..settings import BudgetSettings
-from .answers import AdminAnswer, error
+from budget_middleware.admin.answers import AdminAnswer, error
+from budget_middleware.settings import BudgetSettings
 
 
 def bearer(request: Request) -> str | None:

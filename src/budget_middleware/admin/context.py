@@ -14,10 +14,10 @@ import anyio.to_thread
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.requests import Request
 
-from ..engine import BudgetEngine
-from ..manage import BudgetManager
-from ..schemas import NO_NUL, RFC3339, to_utc
-from .answers import AdminAnswer, invalid, invalid_param, unknown_param
+from budget_middleware.admin.answers import AdminAnswer, invalid, invalid_param, unknown_param
+from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.manage.manager import BudgetManager
+from budget_middleware.manage.schemas import NO_NUL, RFC3339, to_utc
 
 P = ParamSpec("P")
 T = TypeVar("T")

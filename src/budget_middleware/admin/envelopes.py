@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, create_model
 
-from ..schemas import (
+from budget_middleware.manage.schemas import (
     BudgetOut,
     CustomerOut,
     ModelConfigOut,

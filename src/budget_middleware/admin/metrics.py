@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..schemas import BudgetOut
-from .answers import AdminAnswer, error
-from .context import Call
+from budget_middleware.admin.answers import AdminAnswer, error
+from budget_middleware.admin.context import Call
+from budget_middleware.manage.schemas import BudgetOut
 
 try:
     from prometheus_client import CollectorRegistry, generate_latest

@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from .. import schemas
-from ..schemas import NO_NUL
-from .context import Operation
-from .envelopes import ErrorAnswer
+from budget_middleware.admin.context import Operation
+from budget_middleware.admin.envelopes import ErrorAnswer
+from budget_middleware.manage import schemas
+from budget_middleware.manage.schemas import NO_NUL
 
 _REF = "#/components/schemas/{model}"
 

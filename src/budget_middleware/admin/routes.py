@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from ..reports import GROUPS
-from ..schemas import (
+from budget_middleware.admin import envelopes as env
+from budget_middleware.admin.answers import AdminAnswer, ok
+from budget_middleware.admin.context import Call, Operation, QueryParam
+from budget_middleware.core.scopes import OWNER_TYPES
+from budget_middleware.manage.reports import GROUPS
+from budget_middleware.manage.schemas import (
     CustomerCreate,
     CustomerUpdate,
     ModelConfigCreate,
@@ -22,10 +26,6 @@ from ..schemas import (
     dump,
     to_utc,
 )
-from ..scopes import OWNER_TYPES
-from . import envelopes as env
-from .answers import AdminAnswer, ok
-from .context import Call, Operation, QueryParam
 
 MAX_LIMIT = 10_000
 """The largest page (`limit`); without `limit`, a list answers every item."""

@@ -18,8 +18,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, select
 
-from ..usage import json_dumps
-from .tables import (
+from budget_middleware.core.usage import json_dumps
+from budget_middleware.store.tables import (
     SCHEMA_VERSION,
     BudgetRow,
     CustomerRow,
@@ -142,7 +142,7 @@ class Store:
         self.engine = make_engine(url)
 
     def create_schema(self) -> None:
-        from .migrations import upgrade
+        from budget_middleware.store.migrations import upgrade
 
         upgrade(self.engine, metadata, SCHEMA_VERSION)
 
@@ -301,10 +301,7 @@ class Store:
         with self.session() as s:
             total = s.exec(select(func.count()).select_from(RejectedRow)).one()
             rows = s.exec(
-                select(RejectedRow)
-                .order_by(col(RejectedRow.id).desc())
-                .offset(offset)
-                .limit(limit)
+                select(RejectedRow).order_by(col(RejectedRow.id).desc()).offset(offset).limit(limit)
             ).all()
             return list(rows), int(total)
 

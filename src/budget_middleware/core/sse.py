@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from budget_middleware.usage import JSON_ERRORS, TokenUsage, json_loads, usage_from_mapping
+from budget_middleware.core.usage import JSON_ERRORS, TokenUsage, json_loads, usage_from_mapping
 
 _LF: Final = 0x0A
 _CR: Final = 0x0D

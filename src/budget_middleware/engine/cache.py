@@ -11,11 +11,18 @@ import itertools
 import time
 from collections.abc import Callable, Iterable
 
-from .durations import Duration
-from .limits import CounterRegistry, RateLimitCounters, WindowCounter, shared
-from .scopes import NO_POLICIES, GlobalConfig, KeyConfig, ModelRule, ProviderPolicy, Scope
-from .store.database import GlobalRecord, KeyRecord, OwnerLimits, aware
-from .store.tables import RateLimitRow
+from budget_middleware.core.durations import Duration
+from budget_middleware.core.scopes import (
+    NO_POLICIES,
+    GlobalConfig,
+    KeyConfig,
+    ModelRule,
+    ProviderPolicy,
+    Scope,
+)
+from budget_middleware.core.windows import CounterRegistry, RateLimitCounters, WindowCounter, shared
+from budget_middleware.store.database import GlobalRecord, KeyRecord, OwnerLimits, aware
+from budget_middleware.store.tables import RateLimitRow
 
 _durations: dict[str, Duration] = {}
 

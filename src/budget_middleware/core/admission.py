@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .limits import Ledger, WindowCounter
-from .scopes import LimitSet, Scope
+from budget_middleware.core.scopes import LimitSet, Scope
+from budget_middleware.core.windows import Ledger, WindowCounter
 
 
 @dataclass(slots=True, frozen=True)

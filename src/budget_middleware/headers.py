@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .admission import Tightest
-from .limits import FAR_FUTURE, WindowCounter
-from .scopes import LimitSet
+from budget_middleware.core.admission import Tightest
+from budget_middleware.core.scopes import LimitSet
+from budget_middleware.core.windows import FAR_FUTURE, WindowCounter
 
 _REQUEST_HEADERS = (
     b"x-ratelimit-limit-requests",

@@ -13,12 +13,12 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from .configuration import parse_duration
-from .durations import Duration, window_bounds
-from .limits import CounterRegistry, WindowCounter
-from .schemas import BudgetOut, RateLimitOut
-from .store.database import aware
-from .store.tables import (
+from budget_middleware.core.durations import Duration, window_bounds
+from budget_middleware.core.windows import CounterRegistry, WindowCounter
+from budget_middleware.engine.cache import parse_duration
+from budget_middleware.manage.schemas import BudgetOut, RateLimitOut
+from budget_middleware.store.database import aware
+from budget_middleware.store.tables import (
     BudgetRow,
     CustomerRow,
     ModelConfigRow,

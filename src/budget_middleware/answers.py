@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .admission import Refusal
+from budget_middleware.core.admission import Refusal
 
 _TYPES = {
     401: "authentication_error",

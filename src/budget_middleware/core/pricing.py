@@ -21,8 +21,8 @@ from genai_prices import types as gp
 from genai_prices.data import providers as _CATALOG  # bundled data: no remote update, ever
 from genai_prices.data_snapshot import find_provider_by_id
 
+from budget_middleware.core.usage import TokenUsage
 from budget_middleware.settings import ConfigurationError
-from budget_middleware.usage import TokenUsage
 
 logger = logging.getLogger("budget_middleware")
 

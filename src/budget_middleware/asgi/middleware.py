@@ -14,15 +14,21 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import Any, NamedTuple
 
-from .admission import Refusal, Ticket
-from .engine import BudgetEngine, ServiceUnavailable, get_engine
-from .errors import ErrorAnswer, error_answer, refusal_answer, unpriced_message
-from .identity import Credentials, TargetResolver, header_reader, key_digest, route_path
-from .metering import Exchange
-from .pricing import estimate_nanos
-from .scopes import KeyConfig
-from .settings import BudgetSettings, ConfigurationError, raised_again
-from .usage import JSON_ERRORS, json_loads
+from budget_middleware.answers import ErrorAnswer, error_answer, refusal_answer, unpriced_message
+from budget_middleware.asgi.exchange import Exchange
+from budget_middleware.core.admission import Refusal, Ticket
+from budget_middleware.core.identity import (
+    Credentials,
+    TargetResolver,
+    header_reader,
+    key_digest,
+    route_path,
+)
+from budget_middleware.core.pricing import estimate_nanos
+from budget_middleware.core.scopes import KeyConfig
+from budget_middleware.core.usage import JSON_ERRORS, json_loads
+from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
+from budget_middleware.settings import BudgetSettings, ConfigurationError, raised_again
 
 Scope_ = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -12,11 +12,22 @@ from datetime import UTC, datetime
 
 from sqlmodel import Session, col, select
 
-from .errors_admin import Conflict, InvalidRequest, NotFound
-from .identity import hash_key
-from .owner_limits import OwnerWriter, check_model_names, delete_limits, write_limits
-from .schemas import ProviderConfigIn, VirtualKeyCreate, VirtualKeyOut, VirtualKeyUpdate
-from .store.tables import (
+from budget_middleware.core.identity import hash_key
+from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
+from budget_middleware.manage.owner_limits import (
+    OwnerWriter,
+    check_model_names,
+    delete_limits,
+    write_limits,
+)
+from budget_middleware.manage.schemas import (
+    ProviderConfigIn,
+    VirtualKeyCreate,
+    VirtualKeyOut,
+    VirtualKeyUpdate,
+)
+from budget_middleware.manage.views import Reader
+from budget_middleware.store.tables import (
     CustomerRow,
     ModelConfigRow,
     ProviderConfigRow,
@@ -24,7 +35,6 @@ from .store.tables import (
     VirtualKeyRow,
     utcnow,
 )
-from .views import Reader
 
 
 def display(value: str, prefix: str) -> str:

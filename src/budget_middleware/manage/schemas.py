@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from .durations import Duration
+from budget_middleware.core.durations import Duration
 
 OwnerType = Literal[
     "customer", "team", "virtual_key", "provider_config", "provider", "model_config", "tag"

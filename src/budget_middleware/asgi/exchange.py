@@ -7,18 +7,24 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from .admission import Ticket
-from .identity import Target
-from .limit_headers import add_limit_headers, tightest_now
-from .pricing import NANOS_PER_USD, ModelPrice, cost_nanos, estimate_nanos, nanos_from_usd
-from .scopes import KeyConfig, LimitSet
-from .sse import StreamMeter
-from .store.database import UsageRecord
-from .usage import BodyDecoder, TokenUsage, usage_from_json
+from budget_middleware.core.admission import Ticket
+from budget_middleware.core.identity import Target
+from budget_middleware.core.pricing import (
+    NANOS_PER_USD,
+    ModelPrice,
+    cost_nanos,
+    estimate_nanos,
+    nanos_from_usd,
+)
+from budget_middleware.core.scopes import KeyConfig, LimitSet
+from budget_middleware.core.sse import StreamMeter
+from budget_middleware.core.usage import BodyDecoder, TokenUsage, usage_from_json
+from budget_middleware.headers import add_limit_headers, tightest_now
+from budget_middleware.store.database import UsageRecord
 
 if TYPE_CHECKING:
-    from .engine import BudgetEngine
-    from .middleware import BudgetState
+    from budget_middleware.asgi.middleware import BudgetState
+    from budget_middleware.engine.engine import BudgetEngine
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

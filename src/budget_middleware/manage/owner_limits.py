@@ -18,13 +18,13 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
-from .errors_admin import Conflict, InvalidRequest, NotFound
-from .schemas import BudgetIn, RateLimitIn, _Limits
-from .scopes import model_name_problem
-from .settings import BudgetSettings
-from .status import NANOS
-from .store.database import Store
-from .store.tables import BudgetRow, RateLimitRow, utcnow
+from budget_middleware.core.scopes import model_name_problem
+from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
+from budget_middleware.manage.schemas import BudgetIn, RateLimitIn, _Limits
+from budget_middleware.manage.status import NANOS
+from budget_middleware.settings import BudgetSettings
+from budget_middleware.store.database import Store
+from budget_middleware.store.tables import BudgetRow, RateLimitRow, utcnow
 
 R = TypeVar("R")
 

@@ -25,12 +25,12 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
-from . import reports
-from .errors_admin import Conflict, InvalidRequest, NotFound
-from .keys import KeyWriter
-from .limits import CounterRegistry
-from .owner_limits import check_model_names, delete_limits, write_limits
-from .schemas import (
+from budget_middleware.core.windows import CounterRegistry
+from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
+from budget_middleware.manage import reports
+from budget_middleware.manage.keys import KeyWriter
+from budget_middleware.manage.owner_limits import check_model_names, delete_limits, write_limits
+from budget_middleware.manage.schemas import (
     BudgetOut,
     CustomerCreate,
     CustomerOut,
@@ -51,7 +51,8 @@ from .schemas import (
     VirtualKeyOut,
     VirtualKeyUpdate,
 )
-from .store.tables import (
+from budget_middleware.manage.views import Reader
+from budget_middleware.store.tables import (
     CustomerRow,
     ModelConfigRow,
     ProviderRow,
@@ -59,7 +60,6 @@ from .store.tables import (
     TeamRow,
     VirtualKeyRow,
 )
-from .views import Reader
 
 __all__ = ["BudgetManager", "Conflict", "InvalidRequest", "NotFound"]
 

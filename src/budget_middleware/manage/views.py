@@ -7,9 +7,9 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from .limits import CounterRegistry
-from .owner_limits import owner_budgets, owner_rate_limit
-from .schemas import (
+from budget_middleware.core.windows import CounterRegistry
+from budget_middleware.manage.owner_limits import owner_budgets, owner_rate_limit
+from budget_middleware.manage.schemas import (
     BudgetOut,
     CustomerOut,
     ModelConfigOut,
@@ -20,9 +20,9 @@ from .schemas import (
     TeamOut,
     VirtualKeyOut,
 )
-from .status import Paths, budget_out, rate_limit_out
-from .store.database import aware
-from .store.tables import (
+from budget_middleware.manage.status import Paths, budget_out, rate_limit_out
+from budget_middleware.store.database import aware
+from budget_middleware.store.tables import (
     CustomerRow,
     ModelConfigRow,
     ProviderConfigRow,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from .limits import Concurrency, RateLimitCounters, WindowCounter
+from budget_middleware.core.windows import Concurrency, RateLimitCounters, WindowCounter
 
 OWNER_TYPES = (
     "customer",

@@ -14,11 +14,18 @@ from typing import Any, TypeVar
 from sqlalchemy import String, cast, func
 from sqlmodel import Session, col, select
 
-from .errors_admin import InvalidRequest, NotFound
-from .limits import CounterRegistry
-from .schemas import BudgetOut, ModelConfigOut, RateLimitOut, UsageOut, UsageRow
-from .status import Paths, budget_out, rate_limit_out, usd
-from .store.tables import (
+from budget_middleware.core.windows import CounterRegistry
+from budget_middleware.exceptions import InvalidRequest, NotFound
+from budget_middleware.manage.schemas import (
+    BudgetOut,
+    ModelConfigOut,
+    RateLimitOut,
+    UsageOut,
+    UsageRow,
+)
+from budget_middleware.manage.status import Paths, budget_out, rate_limit_out, usd
+from budget_middleware.manage.views import Reader
+from budget_middleware.store.tables import (
     BudgetRow,
     CustomerRow,
     ModelConfigRow,
@@ -27,7 +34,6 @@ from .store.tables import (
     UsageRecordRow,
     VirtualKeyRow,
 )
-from .views import Reader
 
 GROUPS = ("virtual_key", "team", "customer", "provider", "model", "tag", "day")
 

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
-from . import admission
-from .admission import Refusal, Ticket
-from .limits import FAR_FUTURE, WindowCounter
-from .scopes import LimitSet
-from .store.database import END_OF_TIME, Delta
+from budget_middleware.core import admission
+from budget_middleware.core.admission import Refusal, Ticket
+from budget_middleware.core.scopes import LimitSet
+from budget_middleware.core.windows import FAR_FUTURE, WindowCounter
+from budget_middleware.store.database import END_OF_TIME, Delta
 
 if TYPE_CHECKING:
-    from .engine import BudgetEngine
+    from budget_middleware.engine.engine import BudgetEngine
 
 
 def _dt(ts: float) -> datetime:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
-from .settings import BudgetSettings
+from budget_middleware.settings import BudgetSettings
 
 # Path prefixes that name a provider (`/openai/v1/chat/completions`).
 KNOWN_PROVIDERS = frozenset(

@@ -48,16 +48,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from . import admission
-from .admission import Refusal, Ticket
-from .counters import CounterBackend, _aware
-from .limits import FAR_FUTURE, WindowCounter, ensure_current
-from .scopes import LimitSet, Scope
+from budget_middleware.core import admission
+from budget_middleware.core.admission import Refusal, Ticket
+from budget_middleware.core.scopes import LimitSet, Scope
+from budget_middleware.core.windows import FAR_FUTURE, WindowCounter, ensure_current
+from budget_middleware.store.counters import CounterBackend, _aware
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
-    from .engine import BudgetEngine
+    from budget_middleware.engine.engine import BudgetEngine
 
 logger = logging.getLogger("budget_middleware")
 
@@ -70,7 +70,7 @@ _KINDS = {"request": "r", "token": "t", "budget": "b"}
 
 
 def _script(name: str) -> str:
-    return resources.files("budget_middleware").joinpath("lua", name).read_text("utf-8")
+    return resources.files("budget_middleware").joinpath("store", "lua", name).read_text("utf-8")
 
 
 @dataclass(slots=True)
@@ -319,7 +319,7 @@ class RedisCounters(CounterBackend):
     def _fallback(
         self, limits: LimitSet, estimate: int, now: float, exc: BaseException | None
     ) -> Ticket | Refusal:
-        from .engine import ServiceUnavailable
+        from budget_middleware.engine.engine import ServiceUnavailable
 
         if not self.engine.settings.fail_open:
             raise ServiceUnavailable("the budget counters (Redis) cannot be reached") from exc

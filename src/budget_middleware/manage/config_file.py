@@ -30,10 +30,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlmodel import select
 
-from .errors_admin import AdminError
-from .manage import BudgetManager
-from .owner_limits import Origin, check_model_names, config_hash
-from .schemas import (
+from budget_middleware.exceptions import AdminError
+from budget_middleware.manage.manager import BudgetManager
+from budget_middleware.manage.owner_limits import Origin, check_model_names, config_hash
+from budget_middleware.manage.schemas import (
     CustomerCreate,
     ModelConfigCreate,
     ProviderPut,
@@ -41,9 +41,9 @@ from .schemas import (
     TeamCreate,
     VirtualKeyCreate,
 )
-from .settings import BudgetSettings, ConfigurationError
-from .store.database import Store
-from .store.tables import (
+from budget_middleware.settings import BudgetSettings, ConfigurationError
+from budget_middleware.store.database import Store
+from budget_middleware.store.tables import (
     CustomerRow,
     ModelConfigRow,
     ProviderRow,

@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 from cachetools import LRUCache
 
-from . import admission
-from .admission import Refusal, Ticket
-from .configuration import KeyCache, ScopeBuilder
-from .counters import CounterBackend, MemoryCounters
-from .identity import hash_key, key_digest
-from .limits import CounterRegistry
-from .pricing import PriceBook
-from .scopes import GlobalConfig, KeyConfig, LimitSet
-from .settings import BudgetSettings, ConfigurationError, raised_again
-from .store.database import Delta, Store, UsageRecord
+from budget_middleware.core import admission
+from budget_middleware.core.admission import Refusal, Ticket
+from budget_middleware.core.identity import hash_key, key_digest
+from budget_middleware.core.pricing import PriceBook
+from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet
+from budget_middleware.core.windows import CounterRegistry
+from budget_middleware.engine.cache import KeyCache, ScopeBuilder
+from budget_middleware.settings import BudgetSettings, ConfigurationError, raised_again
+from budget_middleware.store.counters import CounterBackend, MemoryCounters
+from budget_middleware.store.database import Delta, Store, UsageRecord
 
 if TYPE_CHECKING:
-    from .manage import BudgetManager
+    from budget_middleware.manage.manager import BudgetManager
 
 logger = logging.getLogger("budget_middleware")
 
@@ -131,7 +131,7 @@ class BudgetEngine:
         self.prices = PriceBook(settings.pricing_file)
         self.counters: CounterBackend
         if settings.redis_url:
-            from .redis_counters import RedisCounters
+            from budget_middleware.store.redis_counters import RedisCounters
 
             self.counters = RedisCounters(self)
         else:
@@ -163,7 +163,7 @@ class BudgetEngine:
 
     def _install_default_hooks(self) -> None:
         if self.settings.config_file is not None:
-            from .declarative import check_config_file, load_config_file
+            from budget_middleware.manage.config_file import check_config_file, load_config_file
 
             # What can be checked without the store fails here, with the settings' own errors.
             check_config_file(self.settings.config_file)
@@ -173,7 +173,7 @@ class BudgetEngine:
     @property
     def manager(self) -> BudgetManager:
         if self._manager is None:
-            from .manage import BudgetManager
+            from budget_middleware.manage.manager import BudgetManager
 
             self._manager = BudgetManager(
                 self.store, self.settings, on_change=self.mark_stale, on_reset=self.reset_window

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import ClassVar, TypeVar
 
-from .durations import Duration, window_bounds
+from budget_middleware.core.durations import Duration, window_bounds
 
 FAR_FUTURE = float("inf")
 T = TypeVar("T")

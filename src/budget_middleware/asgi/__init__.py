@@ -1,0 +1,1 @@
+"""The ASGI adapter: the middleware and its per-request exchange."""

@@ -1,0 +1,1 @@
+"""The Python management API: writers and readers of the store, the config file."""
