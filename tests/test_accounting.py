@@ -238,9 +238,9 @@ async def test_a_failed_flush_keeps_its_charges_and_writes_them_later(
         real = engine.store.apply_flush
 
         def broken(*args: Any) -> None:
-            from budget_middleware.store.database import StoreUnavailable
+            from budget_middleware.exceptions import ServiceUnavailable
 
-            raise StoreUnavailable("store write failed: OperationalError")
+            raise ServiceUnavailable("store write failed: OperationalError")
 
         monkeypatch.setattr(engine.store, "apply_flush", broken)
         monkeypatch.setattr(engine.store, "writable", lambda: False)  # an outage: no writes at all

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from budget_middleware import BudgetSettings, SettingsError
-from budget_middleware.settings import ConfigurationError
+from budget_middleware.exceptions import ConfigurationError
 
 # field: (the Python argument, the same value as an environment variable would spell it)
 SAME_VALUE: dict[str, tuple[Any, str]] = {

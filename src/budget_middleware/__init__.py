@@ -1,22 +1,32 @@
-"""budget-middleware: LLM spend budgets and rate limits in front of any ASGI app.
+"""budget-middleware: LLM spend budgets and rate limits inside the app you already have.
 
 app.add_middleware(BudgetMiddleware)            # configured from BUDGET_* variables
 app.mount("/budget-admin", create_admin_app())  # optional admin API
+
+Everything a user calls is importable from here; the modules behind it are internal (see
+docs/architecture.md for the layout).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from budget_middleware.asgi.middleware import BudgetMiddleware, BudgetState
-from budget_middleware.core.admission import Refusal
-from budget_middleware.core.pricing import PriceBook, PricingFileError
-from budget_middleware.core.usage import TokenUsage
-from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.settings import BudgetSettings, ConfigurationError, SettingsError
-
-if TYPE_CHECKING:
-    from budget_middleware.manage.manager import BudgetManager
+from budget_middleware.engine import BudgetEngine, get_engine
+from budget_middleware.exceptions import (
+    AdminError,
+    BudgetError,
+    ConfigFileError,
+    ConfigurationError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PricingFileError,
+    ServiceUnavailable,
+    SettingsError,
+)
+from budget_middleware.manage.manager import BudgetManager
+from budget_middleware.settings import BudgetSettings
 
 
 def create_admin_app(settings: BudgetSettings | None = None, **kwargs: Any) -> Any:
@@ -32,17 +42,21 @@ def get_manager(settings: BudgetSettings | None = None) -> BudgetManager:
 
 
 __all__ = [
+    "AdminError",
     "BudgetEngine",
+    "BudgetError",
+    "BudgetManager",
     "BudgetMiddleware",
     "BudgetSettings",
     "BudgetState",
+    "ConfigFileError",
     "ConfigurationError",
-    "PriceBook",
+    "Conflict",
+    "InvalidRequest",
+    "NotFound",
     "PricingFileError",
-    "Refusal",
     "ServiceUnavailable",
     "SettingsError",
-    "TokenUsage",
     "create_admin_app",
     "get_engine",
     "get_manager",

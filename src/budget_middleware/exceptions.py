@@ -1,17 +1,62 @@
-"""Errors of the management API, raised by `BudgetManager` and mapped to HTTP by the admin app.
+"""Every error the package raises on purpose, under one root.
 
-AdminError
- ├── NotFound        404  an id (or name) that does not exist
- ├── Conflict        409  a duplicate name, a duplicate `reset_duration` on one owner
- └── InvalidRequest  422  a value the body's schema cannot catch (e.g. a team's customer id)
+BudgetError
+ ├── ConfigurationError   the configuration cannot be used; start-up fails on it, never retried
+ │    ├── SettingsError        an invalid `BUDGET_*` setting (the message names the variable)
+ │    ├── ConfigFileError      an invalid `BUDGET_CONFIG_FILE` (names the file and the entry)
+ │    └── PricingFileError     an invalid `BUDGET_PRICING_FILE` (names the file and the entry)
+ ├── ServiceUnavailable   the store or Redis cannot be reached (503 unless fail-open)
+ └── AdminError           a management call refused (the admin API maps `status`)
+      ├── NotFound        404  an id (or name) that does not exist
+      ├── Conflict        409  a duplicate name, a duplicate `reset_duration` on one owner
+      └── InvalidRequest  422  a value the body's schema cannot catch (e.g. a team's customer id)
+
+`ConfigurationError` is also a `ValueError` and `ServiceUnavailable` a `RuntimeError`, as before.
 """
 
 from __future__ import annotations
 
-__all__ = ["AdminError", "Conflict", "InvalidRequest", "NotFound"]
+__all__ = [
+    "AdminError",
+    "BudgetError",
+    "ConfigFileError",
+    "ConfigurationError",
+    "Conflict",
+    "InvalidRequest",
+    "NotFound",
+    "PricingFileError",
+    "ServiceUnavailable",
+    "SettingsError",
+]
 
 
-class AdminError(Exception):
+class BudgetError(Exception):
+    """The root of every error of budget-middleware."""
+
+
+class ConfigurationError(BudgetError, ValueError):
+    """The configuration cannot be used: invalid settings, an invalid `BUDGET_CONFIG_FILE` or
+    `BUDGET_PRICING_FILE`. Start-up fails on it; it is never retried."""
+
+
+class SettingsError(ConfigurationError):
+    """Invalid settings; the message names each offending environment variable."""
+
+
+class ConfigFileError(ConfigurationError):
+    """The file of `BUDGET_CONFIG_FILE` cannot be read or one of its entries is invalid."""
+
+
+class PricingFileError(ConfigurationError):
+    """`BUDGET_PRICING_FILE` cannot be used; the message says which file and what is wrong."""
+
+
+class ServiceUnavailable(BudgetError, RuntimeError):
+    """The store or Redis cannot be reached (or refused a write) and the settings say to fail
+    closed."""
+
+
+class AdminError(BudgetError):
     """Base of every management error; `param` names the offending field when there is one."""
 
     status = 400

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from budget_middleware.exceptions import SettingsError
+
 DEFAULT_INFERENCE_PATHS = (
     "/chat/completions",
     "/completions",
@@ -19,16 +21,6 @@ DEFAULT_INFERENCE_PATHS = (
 )
 
 ENV_PREFIX = "BUDGET_"
-
-
-class ConfigurationError(ValueError):
-    """The configuration cannot be used: invalid settings (`SettingsError`), an invalid
-    `BUDGET_CONFIG_FILE` (`declarative.ConfigFileError`) or `BUDGET_PRICING_FILE`
-    (`pricing.PricingFileError`). Start-up fails on it; it is never retried."""
-
-
-class SettingsError(ConfigurationError):
-    """Invalid settings; the message names each offending environment variable."""
 
 
 def raised_again(error: Exception) -> Exception:

@@ -30,7 +30,6 @@ from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, ge
 from budget_middleware.exceptions import AdminError
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.settings import BudgetSettings
-from budget_middleware.store.database import StoreUnavailable
 
 __all__ = ["create_admin_app"]
 
@@ -71,7 +70,7 @@ async def _guarded(answer: Callable[[], Awaitable[Response]]) -> Response:
         logger.warning("admin API: the store refused a value (DataError)")
         return error(422, "invalid_value", "a value is out of the range the store can hold",
                      error_type="invalid_request_error")  # fmt: skip
-    except (StoreUnavailable, ServiceUnavailable, SQLAlchemyError, OSError) as exc:
+    except (ServiceUnavailable, SQLAlchemyError, OSError) as exc:
         logger.warning("admin API: store unavailable (%s)", type(exc).__name__)
         return error(503, "store_unavailable", "the budget store cannot be reached")
 

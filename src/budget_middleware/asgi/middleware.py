@@ -28,7 +28,8 @@ from budget_middleware.core.pricing import estimate_nanos
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.core.usage import JSON_ERRORS, json_loads
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.settings import BudgetSettings, ConfigurationError, raised_again
+from budget_middleware.exceptions import ConfigurationError
+from budget_middleware.settings import BudgetSettings, raised_again
 
 Scope_ = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -22,7 +22,7 @@ from genai_prices.data import providers as _CATALOG  # bundled data: no remote u
 from genai_prices.data_snapshot import find_provider_by_id
 
 from budget_middleware.core.usage import TokenUsage
-from budget_middleware.settings import ConfigurationError
+from budget_middleware.exceptions import PricingFileError
 
 logger = logging.getLogger("budget_middleware")
 
@@ -107,10 +107,6 @@ def estimate_nanos(price: ModelPrice | None, input_tokens: int, output_tokens: i
 
 def cost_usd(price: ModelPrice, usage: TokenUsage) -> float:
     return cost_nanos(price, usage) / NANOS_PER_USD
-
-
-class PricingFileError(ConfigurationError):
-    """`BUDGET_PRICING_FILE` cannot be used; the message says which file and what is wrong."""
 
 
 _Price = Annotated[float, pydantic.Field(ge=0)]

@@ -28,7 +28,8 @@ from budget_middleware.core.pricing import PriceBook
 from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.engine.cache import KeyCache, ScopeBuilder
-from budget_middleware.settings import BudgetSettings, ConfigurationError, raised_again
+from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable
+from budget_middleware.settings import BudgetSettings, raised_again
 from budget_middleware.store.counters import CounterBackend, MemoryCounters
 from budget_middleware.store.database import Delta, Store, UsageRecord
 
@@ -74,10 +75,6 @@ class Stats:
     def pending_deltas(self) -> int:
         ledger = self.engine.registry.ledger
         return len(ledger.dirty) + len(ledger.sealed)
-
-
-class ServiceUnavailable(RuntimeError):
-    """The store or Redis cannot be reached and the settings say to fail closed."""
 
 
 @dataclass(slots=True)

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlmodel import select
 
-from budget_middleware.exceptions import AdminError
+from budget_middleware.exceptions import AdminError, ConfigFileError
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.manage.owner_limits import Origin, check_model_names, config_hash
 from budget_middleware.manage.schemas import (
@@ -41,7 +41,7 @@ from budget_middleware.manage.schemas import (
     TeamCreate,
     VirtualKeyCreate,
 )
-from budget_middleware.settings import BudgetSettings, ConfigurationError
+from budget_middleware.settings import BudgetSettings
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import (
     CustomerRow,
@@ -54,10 +54,6 @@ from budget_middleware.store.tables import (
 
 SECTIONS = ("customers", "teams", "virtual_keys", "providers", "model_configs", "tags")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class ConfigFileError(ConfigurationError):
-    """The file of BUDGET_CONFIG_FILE cannot be read or one of its entries is invalid."""
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.usage import json_dumps
+from budget_middleware.exceptions import ServiceUnavailable
 from budget_middleware.store.tables import (
     SCHEMA_VERSION,
     BudgetRow,
@@ -40,10 +41,6 @@ from budget_middleware.store.tables import (
 
 END_OF_TIME = datetime(9999, 12, 31, tzinfo=UTC)
 NANOS_PER_USD = 1_000_000_000
-
-
-class StoreUnavailable(RuntimeError):
-    """The store could not be reached or refused a write."""
 
 
 def aware(moment: datetime) -> datetime:
@@ -261,7 +258,7 @@ class Store:
                 if records:
                     _insert_records(conn, records, batch_id)
         except SQLAlchemyError as exc:
-            raise StoreUnavailable(f"store write failed: {type(exc).__name__}") from exc
+            raise ServiceUnavailable(f"store write failed: {type(exc).__name__}") from exc
 
     def writable(self) -> bool:
         """Whether the store takes writes now: a flush mark written and rolled back (False when
