@@ -12,17 +12,16 @@ import genai_prices
 import pytest
 from genai_prices import types as gp
 
+from budget_middleware.core.money import nanos_from_usd, usd_from_nanos
 from budget_middleware.core.pricing import (
     ModelPrice,
     PriceBook,
-    PricingFileError,
     cost_nanos,
     cost_usd,
     estimate_nanos,
-    nanos_from_usd,
-    usd_from_nanos,
 )
 from budget_middleware.core.usage import TokenUsage
+from budget_middleware.exceptions import PricingFileError
 
 
 def write_prices(tmp_path: Path, content: Any) -> Path:

@@ -119,7 +119,7 @@ def test_redis_timeout_must_be_a_positive_finite_number_of_seconds(
 
 
 def test_every_configuration_error_shares_one_base() -> None:
-    from budget_middleware.core.pricing import PricingFileError
+    from budget_middleware.exceptions import PricingFileError
     from budget_middleware.manage.config_file import ConfigFileError
 
     for error in (SettingsError, ConfigFileError, PricingFileError):

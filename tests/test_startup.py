@@ -17,8 +17,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError, get_engine
-from budget_middleware.core.pricing import PricingFileError
 from budget_middleware.engine.engine import _engines
+from budget_middleware.exceptions import PricingFileError
 from budget_middleware.manage.config_file import ConfigFileError
 from support import chat, client
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from budget_middleware.core.admission import Refusal
+from budget_middleware.core.money import usd_text
 
 _TYPES = {
     401: "authentication_error",
@@ -95,7 +96,7 @@ def _when(ts: float | None) -> str:
 
 
 def _usd(nanos: int) -> str:
-    return f"${nanos / 1e9:.4f}"
+    return usd_text(nanos)
 
 
 def refusal_answer(refusal: Refusal, exceeded_status: int, now: float | None = None) -> ErrorAnswer:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from budget_middleware.core.admission import Tightest
+from budget_middleware.core.money import usd_header
 from budget_middleware.core.scopes import LimitSet
-from budget_middleware.core.windows import FAR_FUTURE, WindowCounter
+from budget_middleware.core.times import FAR_FUTURE
+from budget_middleware.core.windows import WindowCounter
 
 _REQUEST_HEADERS = (
     b"x-ratelimit-limit-requests",
@@ -56,7 +58,7 @@ def add_limit_headers(out: list[tuple[bytes, bytes]], tight: Tightest, now: floa
     window = tight[4]
     if window is not None:
         out.append((b"x-budget-limit", window.limit_text))
-        out.append((b"x-budget-remaining", b"%.6f" % (tight[5] / 1e9)))
+        out.append((b"x-budget-remaining", usd_header(tight[5])))
 
 
 def _rate_headers(

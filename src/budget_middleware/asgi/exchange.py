@@ -9,12 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from budget_middleware.core.admission import Ticket
 from budget_middleware.core.identity import Target
+from budget_middleware.core.money import MAX_CHARGE_NANOS, charge_nanos
 from budget_middleware.core.pricing import (
-    NANOS_PER_USD,
     ModelPrice,
     cost_nanos,
     estimate_nanos,
-    nanos_from_usd,
 )
 from budget_middleware.core.scopes import KeyConfig, LimitSet
 from budget_middleware.core.sse import StreamMeter
@@ -33,21 +32,12 @@ Send = Callable[[Message], Awaitable[None]]
 _JSON_TAIL = 1 << 20  # of a huge JSON answer keep the last MiB: usage sits at the end
 _COST_HEADER = b"x-budget-cost"
 
-# What one request can be charged and counted, whatever an upstream reports: the store's counters
-# are 64-bit (nano-dollars) and its token columns 32-bit. $1,000,000 and 2**31 - 1 tokens.
-MAX_CHARGE_NANOS = 10**15
+# What one request is counted, whatever an upstream reports: the store's token columns are
+# 32-bit. (Its charge is capped by `money.charge_nanos`.)
 MAX_TOKENS = 2**31 - 1
 _MAX_NOTE = 200  # the store's `note` column
 
 logger = logging.getLogger("budget_middleware")
-
-
-def measured_nanos(usd: float) -> int:
-    """A reported cost (USD) as nano-dollars, within what one request can be charged; NaN and
-    infinities raise ValueError (nothing to read), negatives are 0."""
-    if usd >= MAX_CHARGE_NANOS / NANOS_PER_USD:
-        return MAX_CHARGE_NANOS
-    return nanos_from_usd(usd)
 
 
 _new_record = tuple.__new__
@@ -146,7 +136,7 @@ class Exchange:
         if cost_header is not None:  # ours to read, not the client's
             kept = [h for h in kept if h[0].lower() != _COST_HEADER]
             try:
-                self.header_cost = measured_nanos(float(cost_header[1]))
+                self.header_cost = charge_nanos(float(cost_header[1]))
             except ValueError:
                 self.header_cost = None
         if encoding and encoding != b"identity":
@@ -249,7 +239,7 @@ class Exchange:
         if self.header_cost is not None:
             cost, source = self.header_cost, "header"
         elif usage is not None and usage.cost is not None:
-            cost, source = measured_nanos(usage.cost), "usage"
+            cost, source = charge_nanos(usage.cost), "usage"
         elif usage is None and (self.status >= 400 or not self.response_started):
             cost, source = 0, "none"  # an error without usage costs nothing
         else:

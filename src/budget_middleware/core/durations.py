@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from budget_middleware.core.times import utc
+
 __all__ = [
     "Duration",
     "add_months",
@@ -96,10 +98,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
-
 def _days_in_month(year: int, month: int) -> int:
     if month == 2:
         leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
@@ -172,10 +170,10 @@ def window_start(
     units counted from 1970-01-01 (weeks from Monday 1970-01-05; months, quarters and years from
     January 1970): `2d` starts on even days since the epoch, `2M` in Jan/Mar/May..., `3Y` in 2024.
     """
-    now = _utc(now)
+    now = utc(now)
     if _aligned(duration, calendar_aligned):
         return _calendar_start(duration, now)
-    return _rolling_start(duration, _utc(anchor), now)
+    return _rolling_start(duration, utc(anchor), now)
 
 
 def window_end(
@@ -186,13 +184,13 @@ def window_end(
     The end is the next window's start: for rolling month windows it is computed from `anchor`, so
     the window starting Feb 28 (anchor Jan 31) ends Mar 31, not Mar 28.
     """
-    start = _utc(start)
+    start = utc(start)
     if duration.unit in _FIXED_SECONDS:
         return start + timedelta(seconds=duration.approx_seconds)
     step = duration._months
     if _aligned(duration, calendar_aligned):
         return add_months(start, step)  # starts on the 1st: nothing to clamp
-    anchor = _utc(anchor)
+    anchor = utc(anchor)
     k = (_month_index(start) - _month_index(anchor)) // step
     return add_months(anchor, (k + 1) * step)
 

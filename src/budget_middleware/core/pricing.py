@@ -21,12 +21,12 @@ from genai_prices import types as gp
 from genai_prices.data import providers as _CATALOG  # bundled data: no remote update, ever
 from genai_prices.data_snapshot import find_provider_by_id
 
+from budget_middleware.core.money import NANOS_PER_USD
 from budget_middleware.core.usage import TokenUsage
 from budget_middleware.exceptions import PricingFileError
 
 logger = logging.getLogger("budget_middleware")
 
-NANOS_PER_USD = 1_000_000_000
 # Prices are kept as integer femto-dollars (1e-15 USD) per token: $/Mtok * 1e9. Token counts times
 # these rates are exact integers, so a cost is rounded once, half up, to whole nano-dollars. A price
 # is exact to 1e-9 $/Mtok, far finer than any published price.
@@ -38,20 +38,6 @@ _MAX_CACHED = 4096  # model names come from request bodies: keep the caches boun
 # any reseller or cloud that lists the same model.
 _FIRST_PARTY = ("openai", "anthropic", "google", "mistral", "x-ai", "deepseek", "cohere")
 _ORDERED = sorted(_CATALOG, key=lambda p: _FIRST_PARTY.index(p.id) if p.id in _FIRST_PARTY else 99)
-
-
-def nanos_from_usd(usd: float) -> int:
-    """USD as whole nano-dollars, rounded half up; negatives are clamped to 0, NaN/inf rejected."""
-    if not math.isfinite(usd):
-        raise ValueError(f"not a finite amount of USD: {usd!r}")
-    if usd <= 0:
-        return 0
-    # round(..., 4) first drops binary noise (2.5e-9 * 1e9 == 2.4999999999999996) before the tie.
-    return math.floor(round(usd * NANOS_PER_USD, 4) + 0.5)
-
-
-def usd_from_nanos(n: int) -> float:
-    return n / NANOS_PER_USD
 
 
 def _rate(usd_per_mtok: float) -> int:

@@ -9,21 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import ClassVar, TypeVar
 
 from budget_middleware.core.durations import Duration, window_bounds
+from budget_middleware.core.money import usd_header
+from budget_middleware.core.times import FAR_FUTURE, from_ts
 
-FAR_FUTURE = float("inf")
 T = TypeVar("T")
-
-
-def _ts(moment: datetime) -> float:
-    return moment.timestamp()
-
-
-def _dt(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
 
 
 _LIMITS: dict[tuple[int, bool], tuple[int, bytes]] = {}
@@ -36,7 +29,7 @@ def _shared_limit(limit: int, usd: bool) -> tuple[int, bytes]:
     if found is None:
         if len(_LIMITS) >= 10_000:  # limits come from the store: keep it bounded
             _LIMITS.clear()
-        text = b"%.6f" % (limit / 1e9) if usd else b"%d" % limit
+        text = usd_header(limit) if usd else b"%d" % limit
         found = _LIMITS[(limit, usd)] = (limit, text)
     return found
 
@@ -148,11 +141,11 @@ class WindowCounter:
             return self.anchor, FAR_FUTURE
         start, end = window_bounds(
             self.duration,
-            anchor=_dt(self.anchor),
-            now=_dt(max(now, self.anchor)),
+            anchor=from_ts(self.anchor),
+            now=from_ts(max(now, self.anchor)),
             calendar_aligned=self.calendar_aligned,
         )
-        return _shared_float(_ts(start)), _shared_float(_ts(end))
+        return _shared_float(start.timestamp()), _shared_float(end.timestamp())
 
     def roll(self, now: float, ledger: Ledger) -> None:
         """Start the window that contains `now` (called only when `now >= self.end`)."""
@@ -272,7 +265,7 @@ class CounterRegistry:
     ) -> WindowCounter:
         windows = self.windows[kind]
         counter = windows.get(id)
-        anchor = _ts(last_reset)
+        anchor = last_reset.timestamp()
         if counter is None:
             counter = windows[id] = _WINDOW_CLASSES[kind](id)
             counter.configure(limit, duration, calendar_aligned, anchor, now, self.ledger)

@@ -20,8 +20,9 @@ from budget_middleware.core.scopes import (
     ProviderPolicy,
     Scope,
 )
+from budget_middleware.core.times import utc
 from budget_middleware.core.windows import CounterRegistry, RateLimitCounters, WindowCounter, shared
-from budget_middleware.store.database import GlobalRecord, KeyRecord, OwnerLimits, aware
+from budget_middleware.store.database import GlobalRecord, KeyRecord, OwnerLimits
 from budget_middleware.store.tables import RateLimitRow
 
 _durations: dict[str, Duration] = {}
@@ -79,7 +80,7 @@ class ScopeBuilder:
                 limit=b.max_limit_nanos,
                 duration=parse_duration(b.reset_duration),
                 calendar_aligned=b.calendar_aligned,
-                last_reset=aware(b.last_reset),
+                last_reset=utc(b.last_reset),
                 usage=b.current_usage_nanos,
                 now=now,
             )
@@ -108,7 +109,7 @@ class ScopeBuilder:
             limit=limit,
             duration=parse_duration(getattr(rate, f"{kind}_reset_duration")),
             calendar_aligned=False,
-            last_reset=aware(getattr(rate, f"{kind}_last_reset")),
+            last_reset=utc(getattr(rate, f"{kind}_last_reset")),
             usage=getattr(rate, f"{kind}_current_usage"),
             now=now,
         )
@@ -149,7 +150,7 @@ class ScopeBuilder:
             id=key.id,
             name=key.name,
             is_active=key.is_active,
-            expires_at=aware(key.expires_at).timestamp() if key.expires_at else None,
+            expires_at=utc(key.expires_at).timestamp() if key.expires_at else None,
             team_id=self.intern(team.id) if team else None,
             team_name=self.intern(team.name) if team else None,
             customer_id=self.intern(customer.id) if customer else None,

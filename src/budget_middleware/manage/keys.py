@@ -8,11 +8,11 @@ the existing ones by `id` or else by `provider`, and keep their usage.
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
 
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.identity import hash_key
+from budget_middleware.core.times import utc_or_none
 from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
 from budget_middleware.manage.owner_limits import (
     OwnerWriter,
@@ -73,7 +73,7 @@ class KeyWriter(OwnerWriter):
                 team_id=data.team_id,
                 customer_id=data.customer_id,
                 is_active=data.is_active,
-                expires_at=_utc(data.expires_at),
+                expires_at=utc_or_none(data.expires_at),
                 tags=list(data.tags),
                 calendar_aligned=data.calendar_aligned,
             )
@@ -106,7 +106,7 @@ class KeyWriter(OwnerWriter):
             if data.is_active is not None:
                 row.is_active = data.is_active
             if "expires_at" in given:
-                row.expires_at = _utc(data.expires_at)
+                row.expires_at = utc_or_none(data.expires_at)
             if data.tags is not None:
                 row.tags = list(data.tags)
             self._update_owner(s, "virtual_key", row, data)
@@ -213,9 +213,3 @@ class KeyWriter(OwnerWriter):
             digest = hash_key(value)
             row = s.exec(select(VirtualKeyRow).where(VirtualKeyRow.key_hash == digest)).first()
             return row.id if row else None
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -18,10 +18,10 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
+from budget_middleware.core.money import limit_nanos
 from budget_middleware.core.scopes import model_name_problem
 from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
 from budget_middleware.manage.schemas import BudgetIn, RateLimitIn, _Limits
-from budget_middleware.manage.status import NANOS
 from budget_middleware.settings import BudgetSettings
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import BudgetRow, RateLimitRow, utcnow
@@ -167,7 +167,7 @@ def _write_budget(
     created = row is None
     if row is None:
         row = BudgetRow(owner_type=owner_type, owner_id=owner_id, max_limit_nanos=0)
-    row.max_limit_nanos = round(budget.max_limit * NANOS)
+    row.max_limit_nanos = limit_nanos(budget.max_limit)
     row.reset_duration = budget.reset_duration
     aligned = budget.calendar_aligned
     row.calendar_aligned = calendar_aligned if aligned is None else aligned

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 from sqlalchemy import String, cast, func
 from sqlmodel import Session, col, select
 
+from budget_middleware.core.money import usd_from_nanos
+from budget_middleware.core.times import utc_or_none
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.exceptions import InvalidRequest, NotFound
 from budget_middleware.manage.schemas import (
@@ -23,7 +25,7 @@ from budget_middleware.manage.schemas import (
     UsageOut,
     UsageRow,
 )
-from budget_middleware.manage.status import Paths, budget_out, rate_limit_out, usd
+from budget_middleware.manage.status import Paths, budget_out, rate_limit_out
 from budget_middleware.manage.views import Reader
 from budget_middleware.store.tables import (
     BudgetRow,
@@ -147,16 +149,10 @@ def _group_column(s: Session, group_by: str) -> Any:
     ))  # fmt: skip
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=UTC)
-
-
 def usage(s: Session, group_by: str, start: datetime | None, end: datetime | None) -> UsageOut:
     if group_by not in GROUPS:
         raise InvalidRequest(f"group_by must be one of {', '.join(GROUPS)}", param="group_by")
-    start, end = _aware(start), _aware(end)
+    start, end = utc_or_none(start), utc_or_none(end)
     group = _group_column(s, group_by)
     query = select(  # type: ignore[call-overload]
         group,
@@ -182,7 +178,7 @@ def usage(s: Session, group_by: str, start: datetime | None, end: datetime | Non
             input_tokens=int(i),
             output_tokens=int(o),
             cached_tokens=int(c),
-            cost=usd(int(cost)),
+            cost=usd_from_nanos(int(cost)),
         )
         for key, n, i, o, c, cost in rows
     ]
@@ -228,7 +224,7 @@ def _totals(s: Session, start: datetime | None, end: datetime | None) -> UsageRo
         input_tokens=int(i),
         output_tokens=int(o),
         cached_tokens=int(c),
-        cost=usd(int(cost)),
+        cost=usd_from_nanos(int(cost)),
     )
 
 

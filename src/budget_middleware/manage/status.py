@@ -8,16 +8,17 @@ so its current usage is 0.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session, select
 
 from budget_middleware.core.durations import Duration, window_bounds
+from budget_middleware.core.money import usd_from_nanos
+from budget_middleware.core.times import from_ts, utc
 from budget_middleware.core.windows import CounterRegistry, WindowCounter
 from budget_middleware.engine.cache import parse_duration
 from budget_middleware.manage.schemas import BudgetOut, RateLimitOut
-from budget_middleware.store.database import aware
 from budget_middleware.store.tables import (
     BudgetRow,
     CustomerRow,
@@ -27,8 +28,6 @@ from budget_middleware.store.tables import (
     TeamRow,
     VirtualKeyRow,
 )
-
-NANOS = 1_000_000_000
 
 OWNER_FIELDS = {
     "customer": "customer_id",
@@ -46,10 +45,6 @@ _ONE = {"day": "daily", "week": "weekly", "month": "monthly", "quarter": "quarte
 _ONE |= {"year": "yearly", "hour": "hourly"}
 
 
-def usd(nanos: int) -> float:
-    return nanos / NANOS
-
-
 def period_label(duration: Duration | None) -> str:
     """`daily`, `monthly`, `every 2 weeks`, ...; `lifetime` for a budget that never resets."""
     if duration is None:
@@ -60,25 +55,21 @@ def period_label(duration: Duration | None) -> str:
     return f"every {duration.count} {unit}s"
 
 
-def _dt(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
-
-
 def current_window(
     reset_duration: str | None, last_reset: datetime, calendar_aligned: bool, now: datetime
 ) -> tuple[datetime, datetime | None]:
     if reset_duration is None:
-        return aware(last_reset), None
+        return utc(last_reset), None
     return window_bounds(
         Duration.parse(reset_duration),
-        anchor=aware(last_reset),
+        anchor=utc(last_reset),
         now=now,
         calendar_aligned=calendar_aligned,
     )
 
 
 def current_usage(usage: int, last_reset: datetime, start: datetime) -> int:
-    return usage if aware(last_reset) >= start else 0
+    return usage if utc(last_reset) >= start else 0
 
 
 class Paths:
@@ -156,11 +147,11 @@ def budget_out(
     live: WindowCounter | None = counters.counter("budget", row.id) if counters else None
     if live is not None and live.duration is not None and live.start:
         if now.timestamp() < live.end:
-            start: datetime = _dt(live.start)
-            end = _dt(live.end) if live.end != float("inf") else None
+            start: datetime = from_ts(live.start)
+            end = from_ts(live.end) if live.end != float("inf") else None
             used = live.value
         else:  # its window has ended and no request has rolled it yet: a new window, unused
-            anchor = max(aware(row.last_reset), _dt(live.anchor))
+            anchor = max(utc(row.last_reset), from_ts(live.anchor))
             start, end = current_window(row.reset_duration, anchor, row.calendar_aligned, now)
             used = 0
     else:
@@ -169,24 +160,24 @@ def budget_out(
         if live is not None:
             used = live.value
     # `last_reset`: where the current window began (the stored one is the anchor it rolls from)
-    last_reset = start if row.reset_duration is not None else aware(row.last_reset)
+    last_reset = start if row.reset_duration is not None else utc(row.last_reset)
     amount = row.max_limit_nanos
     seconds = int((end - start).total_seconds()) if end else 0
     elapsed = (now - start).total_seconds()
     out = BudgetOut(
         id=row.id,
-        max_limit=usd(amount),
+        max_limit=usd_from_nanos(amount),
         reset_duration=row.reset_duration,
         last_reset=last_reset,
-        current_usage=usd(used),
+        current_usage=usd_from_nanos(used),
         calendar_aligned=row.calendar_aligned,
         config_hash=row.config_hash,
-        created_at=aware(row.created_at),
-        updated_at=aware(row.updated_at),
+        created_at=utc(row.created_at),
+        updated_at=utc(row.updated_at),
         owner_type=row.owner_type,  # type: ignore[arg-type]
-        amount=usd(amount),
-        spent=usd(used),
-        remaining=usd(max(amount - used, 0)),
+        amount=usd_from_nanos(amount),
+        spent=usd_from_nanos(used),
+        remaining=usd_from_nanos(max(amount - used, 0)),
         usage_ratio=used / amount if amount else (1.0 if used else 0.0),
         period_start=start,
         period_label=period_label(parse_duration(row.reset_duration)),
@@ -212,13 +203,13 @@ def _rate_usage(
     """The request or token count of the current window, and where that window began."""
     live = counters.counter(kind, row.id) if counters else None
     duration: str | None = getattr(row, f"{kind}_reset_duration")
-    last_reset: datetime = aware(getattr(row, f"{kind}_last_reset"))
+    last_reset: datetime = utc(getattr(row, f"{kind}_last_reset"))
     if duration is None:
         return (live.value if live is not None else 0), last_reset
     if live is not None and live.start and now.timestamp() < live.end:
-        return live.value, _dt(live.start)
+        return live.value, from_ts(live.start)
     if live is not None and live.anchor:
-        last_reset = max(last_reset, _dt(live.anchor))
+        last_reset = max(last_reset, from_ts(live.anchor))
     start, _ = current_window(duration, last_reset, False, now)
     if live is not None:
         return 0, start  # its window has ended and no request has rolled it yet
@@ -244,8 +235,8 @@ def rate_limit_out(
         token_last_reset=tokens_start,
         max_concurrent_requests=row.max_concurrent_requests,
         config_hash=row.config_hash,
-        created_at=aware(row.created_at),
-        updated_at=aware(row.updated_at),
+        created_at=utc(row.created_at),
+        updated_at=utc(row.updated_at),
         source=row.source,
         user_path=path,
     )

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlmodel import Session, select
 
+from budget_middleware.core.times import utc
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.manage.owner_limits import owner_budgets, owner_rate_limit
 from budget_middleware.manage.schemas import (
@@ -21,7 +22,6 @@ from budget_middleware.manage.schemas import (
     VirtualKeyOut,
 )
 from budget_middleware.manage.status import Paths, budget_out, rate_limit_out
-from budget_middleware.store.database import aware
 from budget_middleware.store.tables import (
     CustomerRow,
     ModelConfigRow,
@@ -64,8 +64,8 @@ class Reader:
             "calendar_aligned": row.calendar_aligned,
             "config_hash": row.config_hash,
             "source": row.source,
-            "created_at": aware(row.created_at),
-            "updated_at": aware(row.updated_at),
+            "created_at": utc(row.created_at),
+            "updated_at": utc(row.updated_at),
         }
 
     def customer(self, row: CustomerRow) -> CustomerOut:
@@ -101,7 +101,7 @@ class Reader:
             team_id=row.team_id,
             customer_id=row.customer_id,
             is_active=row.is_active,
-            expires_at=aware(row.expires_at) if row.expires_at else None,
+            expires_at=utc(row.expires_at) if row.expires_at else None,
             tags=list(row.tags or []),
             provider_configs=[
                 self.provider_config(p) for p in sorted(policies, key=lambda p: p.provider)

@@ -8,7 +8,6 @@ registry's ledger until the flusher has written them to the store as deltas.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
@@ -16,15 +15,12 @@ import anyio.to_thread
 from budget_middleware.core import admission
 from budget_middleware.core.admission import Refusal, Ticket
 from budget_middleware.core.scopes import LimitSet
-from budget_middleware.core.windows import FAR_FUTURE, WindowCounter
-from budget_middleware.store.database import END_OF_TIME, Delta
+from budget_middleware.core.times import FAR_FUTURE, from_ts, utc
+from budget_middleware.core.windows import WindowCounter
+from budget_middleware.store.database import Delta
 
 if TYPE_CHECKING:
     from budget_middleware.engine.engine import BudgetEngine
-
-
-def _dt(ts: float) -> datetime:
-    return END_OF_TIME if ts == FAR_FUTURE else datetime.fromtimestamp(ts, UTC)
 
 
 class CounterBackend(ABC):
@@ -66,17 +62,21 @@ class CounterBackend(ABC):
         for id_, row in rates.items():
             requests = windows["request"].get(id_)
             if requests is not None:
-                requests.seed(row.request_current_usage, _aware(row.request_last_reset), ledger)
+                requests.seed(
+                    row.request_current_usage, utc(row.request_last_reset).timestamp(), ledger
+                )
             tokens = windows["token"].get(id_)
             if tokens is not None:
-                tokens.seed(row.token_current_usage, _aware(row.token_last_reset), ledger)
+                tokens.seed(row.token_current_usage, utc(row.token_last_reset).timestamp(), ledger)
 
     def take_deltas(self) -> list[Delta]:
         """Everything charged here since the last flush, moved out of the ledger's pending
         charges into its unconfirmed ones (`Ledger.confirmed` once the store holds them)."""
         ledger = self.ledger
         deltas = [
-            Delta(kind, id_, _dt(start), _dt(_end_of(kind, id_, start, self)), amount, start)
+            Delta(
+                kind, id_, from_ts(start), from_ts(_end_of(kind, id_, start, self)), amount, start
+            )
             for kind, id_, start, amount in ledger.sealed
         ]
         ledger.sealed = []
@@ -86,8 +86,10 @@ class CounterBackend(ABC):
                     Delta(
                         counter.kind,
                         counter.id,
-                        _dt(counter.pending_start),
-                        _dt(counter.end if counter.pending_start == counter.start else FAR_FUTURE),
+                        from_ts(counter.pending_start),
+                        from_ts(
+                            counter.end if counter.pending_start == counter.start else FAR_FUTURE
+                        ),
                         counter.pending,
                         counter.pending_start,
                     )
@@ -97,12 +99,6 @@ class CounterBackend(ABC):
         for d in deltas:
             ledger.taken(d.kind, d.id, d.start_ts, d.amount)
         return deltas
-
-
-def _aware(moment: datetime) -> float:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
 
 
 def _end_of(kind: str, id_: str, start: float, backend: CounterBackend) -> float:

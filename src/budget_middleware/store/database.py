@@ -18,6 +18,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, select
 
+from budget_middleware.core.money import NANOS_PER_USD
+from budget_middleware.core.times import utc
 from budget_middleware.core.usage import json_dumps
 from budget_middleware.exceptions import ServiceUnavailable
 from budget_middleware.store.tables import (
@@ -38,14 +40,6 @@ from budget_middleware.store.tables import (
     metadata,
     new_id,
 )
-
-END_OF_TIME = datetime(9999, 12, 31, tzinfo=UTC)
-NANOS_PER_USD = 1_000_000_000
-
-
-def aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without their zone; everything we write is UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @dataclass(slots=True)
@@ -236,7 +230,7 @@ class Store:
                     )
                 )
                 for id_, usage, last_reset in rows:
-                    budgets[id_] = (usage, aware(last_reset))
+                    budgets[id_] = (usage, utc(last_reset))
             for chunk in _chunks(sorted(rate_limit_ids), 500):
                 for rate in s.exec(select(RateLimitRow).where(col(RateLimitRow.id).in_(chunk))):
                     rates[rate.id] = rate

@@ -51,8 +51,9 @@ from redis.exceptions import RedisError
 from budget_middleware.core import admission
 from budget_middleware.core.admission import Refusal, Ticket
 from budget_middleware.core.scopes import LimitSet, Scope
-from budget_middleware.core.windows import FAR_FUTURE, WindowCounter, ensure_current
-from budget_middleware.store.counters import CounterBackend, _aware
+from budget_middleware.core.times import FAR_FUTURE, utc
+from budget_middleware.core.windows import WindowCounter, ensure_current
+from budget_middleware.store.counters import CounterBackend
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -263,9 +264,15 @@ class RedisCounters(CounterBackend):
             elif counter.id in rates:
                 row = rates[counter.id]
                 if entry.kind == "r":
-                    stored, reset_at = row.request_current_usage, _aware(row.request_last_reset)
+                    stored, reset_at = (
+                        row.request_current_usage,
+                        utc(row.request_last_reset).timestamp(),
+                    )
                 else:
-                    stored, reset_at = row.token_current_usage, _aware(row.token_last_reset)
+                    stored, reset_at = (
+                        row.token_current_usage,
+                        utc(row.token_last_reset).timestamp(),
+                    )
             value = stored if counter.start <= reset_at < counter.end else 0
             # Our own charges of this window not yet in the store: Redis lost them too.
             value += counter.unwritten(self.ledger)

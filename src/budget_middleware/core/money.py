@@ -1,0 +1,55 @@
+"""Money: whole nano-dollars (1e-9 USD) in integers everywhere, one rounding rule (half up).
+
+Amounts are converted from USD once, where they enter (a limit written, a cost reported), and
+back to USD only to show them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+NANOS_PER_USD: Final = 1_000_000_000
+# One request's charge at most, whatever an upstream reports ($1,000,000): the store's counters
+# are 64-bit integers of nano-dollars.
+MAX_CHARGE_NANOS: Final = 10**15
+
+
+def nanos_from_usd(usd: float) -> int:
+    """USD as whole nano-dollars, rounded half up; negatives are 0, NaN and infinities raise
+    ValueError."""
+    if not math.isfinite(usd):
+        raise ValueError(f"not a finite amount of USD: {usd!r}")
+    if usd <= 0:
+        return 0
+    # round(..., 4) first drops binary noise (2.5e-9 * 1e9 == 2.4999999999999996) before the tie.
+    return math.floor(round(usd * NANOS_PER_USD, 4) + 0.5)
+
+
+def limit_nanos(usd: float) -> int:
+    """A limit as nano-dollars: a positive limit never becomes zero, however small (LiteLLM's
+    `0.000000000001` is one nano-dollar: the first request passes, the next is refused)."""
+    nanos = nanos_from_usd(usd)
+    return 1 if nanos == 0 and usd > 0 else nanos
+
+
+def charge_nanos(usd: float) -> int:
+    """A reported cost as nano-dollars, at most `MAX_CHARGE_NANOS`; NaN and infinities raise
+    ValueError (nothing to read), negatives are 0."""
+    if usd >= MAX_CHARGE_NANOS / NANOS_PER_USD:
+        return MAX_CHARGE_NANOS
+    return nanos_from_usd(usd)
+
+
+def usd_from_nanos(nanos: int) -> float:
+    return nanos / NANOS_PER_USD
+
+
+def usd_text(nanos: int) -> str:
+    """An amount as messages show it: `$10.0100`."""
+    return f"${nanos / NANOS_PER_USD:.4f}"
+
+
+def usd_header(nanos: int) -> bytes:
+    """An amount as the response headers show it: `10.010000`."""
+    return b"%.6f" % (nanos / NANOS_PER_USD)
