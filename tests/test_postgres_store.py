@@ -12,8 +12,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlmodel import select
 
+from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.times import END_OF_TIME
-from budget_middleware.store.database import Delta, Store, UsageRecord
+from budget_middleware.store.database import Store
 from budget_middleware.store.tables import SCHEMA_VERSION, UsageRecordRow
 from conftest import POSTGRES_URL, need_postgres, reset_postgres
 from support import budget_row

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from sqlmodel import select
 
+from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.times import END_OF_TIME
 from budget_middleware.store import database
-from budget_middleware.store.database import Delta, Store, UsageRecord
+from budget_middleware.store.database import Store
 from budget_middleware.store.tables import RateLimitRow, UsageRecordRow
 from support import budget_row
 

@@ -15,11 +15,11 @@ from budget_middleware.core.pricing import (
     cost_nanos,
     estimate_nanos,
 )
+from budget_middleware.core.records import UsageRecord
 from budget_middleware.core.scopes import KeyConfig, LimitSet
 from budget_middleware.core.sse import StreamMeter
 from budget_middleware.core.usage import BodyDecoder, TokenUsage, usage_from_json
 from budget_middleware.headers import add_limit_headers, tightest_now
-from budget_middleware.store.database import UsageRecord
 
 if TYPE_CHECKING:
     from budget_middleware.asgi.middleware import BudgetState
@@ -38,9 +38,6 @@ MAX_TOKENS = 2**31 - 1
 _MAX_NOTE = 200  # the store's `note` column
 
 logger = logging.getLogger("budget_middleware")
-
-
-_new_record = tuple.__new__
 
 
 class Exchange:
@@ -271,25 +268,28 @@ class Exchange:
             note = "cost over $1,000,000, charged $1,000,000"
         if note is not None and len(note) > _MAX_NOTE:
             note = note[:_MAX_NOTE]
+        caller = self.caller
         engine.record(
-            _new_record(  # the tuple itself: UsageRecord's own __new__ is a Python call
-                UsageRecord,
-                (
-                    "",  # named when flushed, after its batch
-                    self.admitted_at,
-                    *self.caller,  # key, team, customer, provider, model, tags
-                    inp,
-                    out,
-                    cached,
-                    cost,
-                    source,
-                    self.status,
-                    self.stream is not None,
-                    outcome,
-                    estimated,
-                    note,
-                    (perf_counter() - self.started) * 1000,
-                ),
+            UsageRecord(
+                request_id="",  # named when flushed, after its batch
+                created_at=self.admitted_at,
+                virtual_key_id=caller.virtual_key_id,
+                team_id=caller.team_id,
+                customer_id=caller.customer_id,
+                provider=caller.provider,
+                model=caller.model,
+                tags=caller.tags,
+                input_tokens=inp,
+                output_tokens=out,
+                cached_tokens=cached,
+                cost_nanos=cost,
+                cost_source=source,
+                status=self.status,
+                streamed=self.stream is not None,
+                outcome=outcome,
+                estimated=estimated,
+                note=note,
+                duration_ms=(perf_counter() - self.started) * 1000,
             )
         )
         return cost, inp + out
@@ -319,22 +319,28 @@ class Exchange:
             cost = self.ticket_estimate or estimate_nanos(
                 self.price, self.prompt_tokens, target.max_output_tokens or 0
             )
+            caller = self.caller
             self.engine.record(
                 UsageRecord(
-                    "",
-                    self.admitted_at,
-                    *self.caller,
-                    self.prompt_tokens,
-                    0,
-                    0,
-                    cost,
-                    "estimate",
-                    self.status,
-                    self.stream is not None,
-                    outcome,
-                    True,
-                    f"charge failed: {type(exc).__name__}"[:_MAX_NOTE],
-                    (perf_counter() - self.started) * 1000,
+                    request_id="",
+                    created_at=self.admitted_at,
+                    virtual_key_id=caller.virtual_key_id,
+                    team_id=caller.team_id,
+                    customer_id=caller.customer_id,
+                    provider=caller.provider,
+                    model=caller.model,
+                    tags=caller.tags,
+                    input_tokens=self.prompt_tokens,
+                    output_tokens=0,
+                    cached_tokens=0,
+                    cost_nanos=cost,
+                    cost_source="estimate",
+                    status=self.status,
+                    streamed=self.stream is not None,
+                    outcome=outcome,
+                    estimated=True,
+                    note=f"charge failed: {type(exc).__name__}"[:_MAX_NOTE],
+                    duration_ms=(perf_counter() - self.started) * 1000,
                 )
             )
             return cost, self.prompt_tokens

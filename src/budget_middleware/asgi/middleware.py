@@ -54,9 +54,6 @@ class BudgetState(NamedTuple):
     tags: tuple[str, ...]
 
 
-_new_state = tuple.__new__
-
-
 class BodyTooLarge(Exception):
     pass
 
@@ -235,16 +232,13 @@ class BudgetMiddleware:
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["budget"] = exchange.caller = _new_state(  # the tuple: no Python-level __new__
-            BudgetState,
-            (
-                key.id if key else None,
-                key.team_id if key else None,
-                key.customer_id if key else None,
-                target.provider,
-                target.model,
-                target.tags,
-            ),
+        state["budget"] = exchange.caller = BudgetState(
+            virtual_key_id=key.id if key else None,
+            team_id=key.team_id if key else None,
+            customer_id=key.customer_id if key else None,
+            provider=target.provider,
+            model=target.model,
+            tags=target.tags,
         )
         if target.stream and exchange.parsed is not None:
             body, scope = _ask_for_usage(scope, exchange, body)

@@ -26,37 +26,20 @@ class Refusal:
     reserved: int = 0
 
 
-@dataclass(slots=True, init=False)
+@dataclass(slots=True)
 class Ticket:
     """An admitted request's hold on its limits, released exactly once by `settle`."""
 
-    # init=False and an explicit __init__ (built once per request); eq and repr from @dataclass.
     limits: LimitSet  # every limit the request holds, flattened by kind
     reservation: int  # nano-dollars held on every budget
-    settled: bool
+    settled: bool = False
     # The tightest request window, token window and budget with what each has left, found while
     # admitting (for the response headers): (counter, left) * 3, None where the kind is absent.
-    tightest: Tightest | None
+    tightest: Tightest | None = None
     # Admitted by Redis (`redis_counters`): the id its slots and reservations are held under
     # there, and the ZSETs that hold them; "" and () when admitted in process.
-    request_id: str
-    holds: tuple[str, ...]
-
-    def __init__(
-        self,
-        limits: LimitSet,
-        reservation: int,
-        settled: bool = False,
-        tightest: Tightest | None = None,
-        request_id: str = "",
-        holds: tuple[str, ...] = (),
-    ) -> None:
-        self.limits = limits
-        self.reservation = reservation
-        self.settled = settled
-        self.tightest = tightest
-        self.request_id = request_id
-        self.holds = holds
+    request_id: str = ""
+    holds: tuple[str, ...] = ()
 
     @property
     def scopes(self) -> tuple[Scope, ...]:

@@ -35,27 +35,14 @@ KNOWN_PROVIDERS = frozenset(
 OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
-@dataclass(slots=True, init=False)
+@dataclass(slots=True)
 class Credentials:
     """What the headers say: a virtual key (if any), a provider, tags, the body's size."""
 
-    # init=False and an explicit __init__ (built once per request); eq and repr from @dataclass.
-    key: str | None
-    provider: str | None
-    tags: tuple[str, ...]
-    content_length: int | None
-
-    def __init__(
-        self,
-        key: str | None = None,
-        provider: str | None = None,
-        tags: tuple[str, ...] = (),
-        content_length: int | None = None,
-    ) -> None:
-        self.key = key
-        self.provider = provider
-        self.tags = tags
-        self.content_length = content_length
+    key: str | None = None
+    provider: str | None = None
+    tags: tuple[str, ...] = ()
+    content_length: int | None = None
 
 
 def key_digest(value: str) -> bytes:
@@ -145,7 +132,7 @@ def _split_tags(text: str) -> tuple[str, ...]:
     return _clean_tags(text.split(",", MAX_TAGS))
 
 
-@dataclass(slots=True, init=False)
+@dataclass(slots=True)
 class Target:
     """Provider, model and tags of a metered request (`Credentials` says why no dataclass
     __init__)."""
@@ -155,20 +142,6 @@ class Target:
     tags: tuple[str, ...]
     stream: bool
     max_output_tokens: int | None
-
-    def __init__(
-        self,
-        provider: str,
-        model: str,
-        tags: tuple[str, ...],
-        stream: bool,
-        max_output_tokens: int | None,
-    ) -> None:
-        self.provider = provider
-        self.model = model
-        self.tags = tags
-        self.stream = stream
-        self.max_output_tokens = max_output_tokens
 
 
 class TargetResolver:

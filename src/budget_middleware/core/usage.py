@@ -31,7 +31,7 @@ _USAGE_KEY: Final = b'"usage"'
 _CANDIDATES: Final = 4  # `"usage"` keys tried from the end before falling back to a full parse
 
 
-@dataclass(slots=True, init=False)
+@dataclass(slots=True)
 class TokenUsage:
     """Tokens a response consumed, in OpenAI's semantics whatever the provider.
 
@@ -43,26 +43,11 @@ class TokenUsage:
     - `cost`: `usage.cost` (USD) when the upstream reported one (OpenRouter, LiteLLM), else None.
     """
 
-    # init=False and an explicit __init__ (built once per request); eq and repr from @dataclass.
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int
-    cache_write_tokens: int
-    cost: float | None
-
-    def __init__(
-        self,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-        cached_tokens: int = 0,
-        cache_write_tokens: int = 0,
-        cost: float | None = None,
-    ) -> None:
-        self.input_tokens = input_tokens
-        self.output_tokens = output_tokens
-        self.cached_tokens = cached_tokens
-        self.cache_write_tokens = cache_write_tokens
-        self.cost = cost
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost: float | None = None
 
     @property
     def total_tokens(self) -> int:

@@ -25,13 +25,14 @@ from budget_middleware.core import admission
 from budget_middleware.core.admission import Refusal, Ticket
 from budget_middleware.core.identity import hash_key, key_digest
 from budget_middleware.core.pricing import PriceBook
+from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.engine.cache import KeyCache, ScopeBuilder
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable
 from budget_middleware.settings import BudgetSettings, raised_again
 from budget_middleware.store.counters import CounterBackend, MemoryCounters
-from budget_middleware.store.database import Delta, Store, UsageRecord
+from budget_middleware.store.database import Store
 
 if TYPE_CHECKING:
     from budget_middleware.manage.manager import BudgetManager

@@ -14,10 +14,10 @@ import anyio.to_thread
 
 from budget_middleware.core import admission
 from budget_middleware.core.admission import Refusal, Ticket
+from budget_middleware.core.records import Delta
 from budget_middleware.core.scopes import LimitSet
 from budget_middleware.core.times import FAR_FUTURE, from_ts, utc
 from budget_middleware.core.windows import WindowCounter
-from budget_middleware.store.database import Delta
 
 if TYPE_CHECKING:
     from budget_middleware.engine.engine import BudgetEngine

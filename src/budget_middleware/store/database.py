@@ -11,7 +11,7 @@ import functools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, delete, event, func
 from sqlalchemy.exc import SQLAlchemyError
@@ -19,6 +19,7 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.money import NANOS_PER_USD
+from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.times import utc
 from budget_middleware.core.usage import json_dumps
 from budget_middleware.exceptions import ServiceUnavailable
@@ -66,41 +67,6 @@ class GlobalRecord:
     model_configs: list[ModelConfigRow]
     tags: list[TagRow]
     limits: dict[tuple[str, str], OwnerLimits]
-
-
-class UsageRecord(NamedTuple):
-    """A usage record as the request path leaves it: a tuple (a dict of the row cost ~3 µs a
-    request), turned into a row only when the flusher writes it (`cost` is derived there)."""
-
-    request_id: str  # "" on the request path: the flush names it after its batch
-    created_at: float  # epoch seconds
-    virtual_key_id: str | None
-    team_id: str | None
-    customer_id: str | None
-    provider: str
-    model: str
-    tags: tuple[str, ...]
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int
-    cost_nanos: int
-    cost_source: str
-    status: int
-    streamed: bool
-    outcome: str
-    estimated: bool
-    note: str | None
-    duration_ms: float
-
-
-@dataclass(slots=True)
-class Delta:
-    kind: str  # budget, request, token
-    id: str
-    window_start: datetime
-    window_end: datetime
-    amount: int
-    start_ts: float = 0.0  # window_start as the live counter holds it (epoch seconds)
 
 
 def make_engine(url: str) -> Engine:
@@ -452,8 +418,30 @@ def _insert_records(conn: Any, records: Sequence[UsageRecord], batch_id: str) ->
     values: list[Any] = []
     extend = values.extend
     for i, r in enumerate(records):
-        rid = r[0] or f"{prefix}{i:016x}"
-        extend((rid, when(r[1]), *r[2:7], dumps(r[7]), *r[8:12], r[11] / NANOS_PER_USD, *r[12:]))
+        extend(
+            (
+                r.request_id or f"{prefix}{i:016x}",
+                when(r.created_at),
+                r.virtual_key_id,
+                r.team_id,
+                r.customer_id,
+                r.provider,
+                r.model,
+                dumps(r.tags),
+                r.input_tokens,
+                r.output_tokens,
+                r.cached_tokens,
+                r.cost_nanos,
+                r.cost_nanos / NANOS_PER_USD,  # the `cost` column, in USD
+                r.cost_source,
+                r.status,
+                r.streamed,
+                r.outcome,
+                r.estimated,
+                r.note,
+                r.duration_ms,
+            )
+        )
     if dialect == "postgresql":
         _copy_records(conn, values)
         return

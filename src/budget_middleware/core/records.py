@@ -1,0 +1,45 @@
+"""The records the core hands to the store: usage records and counter deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import NamedTuple
+
+
+class UsageRecord(NamedTuple):
+    """What one metered request leaves (SPEC §7), as the request path builds it (by keyword);
+    the flusher writes it as a row of `bm_usage_records` (its `cost` in USD derived there)."""
+
+    request_id: str  # "" on the request path: the flush names it after its batch
+    created_at: float  # epoch seconds
+    virtual_key_id: str | None
+    team_id: str | None
+    customer_id: str | None
+    provider: str
+    model: str
+    tags: tuple[str, ...]
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    cost_nanos: int
+    cost_source: str
+    status: int
+    streamed: bool
+    outcome: str
+    estimated: bool
+    note: str | None
+    duration_ms: float
+
+
+@dataclass(slots=True)
+class Delta:
+    """A charge to one counter's window, as the flusher writes it: `current += amount` when the
+    stored window is this one, a new window when the stored one is older, nothing when newer."""
+
+    kind: str  # budget, request, token
+    id: str
+    window_start: datetime
+    window_end: datetime
+    amount: int
+    start_ts: float = 0.0  # window_start as the live counter holds it (epoch seconds)
