@@ -263,7 +263,7 @@ async def test_a_record_the_store_refuses_is_set_aside_and_holds_back_nobody(
     assert 'budget_rejected_total{kind="usage_record"} 2.0' in metrics
     assert engine.stats.rejected == {"usage_record": 2}
     assert any('"model": "' + "x" * 300 in r.payload for r in rejected)
-    assert engine.stats.pending_records == 0
+    assert engine.pending_records == 0
 
 
 async def test_a_counter_the_store_cannot_hold_is_set_aside_and_others_are_written(

@@ -23,7 +23,8 @@ from starlette.responses import Response
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _families(budgets: Iterable[BudgetOut], stats: Any, now: float) -> Iterator[Metric]:
+def _families(budgets: Iterable[BudgetOut], engine: Any, now: float) -> Iterator[Metric]:
+    stats = engine.stats
     labels = ["budget_id", "owner_type", "user_path", "reset_duration"]
     remaining = GaugeMetricFamily(
         "budget_remaining_usd", "USD left in the budget's current window", labels=labels
@@ -55,8 +56,8 @@ def _families(budgets: Iterable[BudgetOut], stats: Any, now: float) -> Iterator[
     unpriced.add_metric([], stats.unpriced_requests)
     yield unpriced
     pending = GaugeMetricFamily("budget_pending_writes", "Not yet written", labels=["kind"])
-    pending.add_metric(["usage_records"], stats.pending_records)
-    pending.add_metric(["counter_deltas"], stats.pending_deltas)
+    pending.add_metric(["usage_records"], engine.pending_records)
+    pending.add_metric(["counter_deltas"], engine.pending_deltas)
     yield pending
     lag = GaugeMetricFamily("budget_flush_lag_seconds", "Seconds since the last successful flush")
     lag.add_metric([], now - stats.last_flush_at if stats.last_flush_at is not None else 0.0)
@@ -94,7 +95,7 @@ async def metrics_answer(call: Call) -> Response | AdminAnswer:
         )
     engine = call.engine
     budgets = await call.run(call.manager.list_budgets, from_memory=True, counters=engine.registry)
-    families = list(_families(budgets, engine.stats, engine.clock()))
+    families = list(_families(budgets, engine, engine.clock()))
     registry = CollectorRegistry(auto_describe=False)
     collector: Collector = _Snapshot(families)
     registry.register(collector)

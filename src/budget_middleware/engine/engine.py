@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 from cachetools import LRUCache
 
-from budget_middleware.core import admission
 from budget_middleware.core.admission import Refusal, Ticket
 from budget_middleware.core.identity import hash_key, key_digest
 from budget_middleware.core.pricing import PriceBook
@@ -55,7 +54,7 @@ def get_engine(settings: BudgetSettings | None = None) -> BudgetEngine:
 
 @dataclass(slots=True)
 class Stats:
-    """What the metrics endpoint reports."""
+    """What the metrics endpoint reports (the engine keeps it up to date)."""
 
     admitted: int = 0
     refused: dict[str, int] = field(default_factory=dict)
@@ -64,18 +63,7 @@ class Stats:
     unpriced_requests: int = 0
     last_flush_at: float | None = None
     flush_failures: int = 0
-    engine: Any = None
-
     rejected: dict[str, int] = field(default_factory=dict)  # set aside, by kind
-
-    @property
-    def pending_records(self) -> int:
-        return len(self.engine.records) + sum(len(b.records) for b in self.engine.unwritten)
-
-    @property
-    def pending_deltas(self) -> int:
-        ledger = self.engine.registry.ledger
-        return len(ledger.dirty) + len(ledger.sealed)
 
 
 @dataclass(slots=True)
@@ -128,15 +116,17 @@ class BudgetEngine:
         self.globals_loaded_at = float("-inf")
         self.prices = PriceBook(settings.pricing_file)
         self.counters: CounterBackend
+        backend_needs = (self.registry, self.store, settings, clock, self._store_failed)
         if settings.redis_url:
             from budget_middleware.store.redis_counters import RedisCounters
 
-            self.counters = RedisCounters(self)
+            self.counters = RedisCounters(*backend_needs)
         else:
-            self.counters = MemoryCounters(self)
+            self.counters = MemoryCounters(*backend_needs)
         # In process, admission and settlement are plain calls (no coroutine, no await).
-        self.in_process = isinstance(self.counters, MemoryCounters)
-        self.stats = Stats(engine=self)
+        self.memory = self.counters if isinstance(self.counters, MemoryCounters) else None
+        self.in_process = self.memory is not None
+        self.stats = Stats()
         self.records: list[UsageRecord] = []
         # Batches taken and not yet written, oldest first: retried before anything newer.
         self.unwritten: list[Batch] = []
@@ -167,6 +157,17 @@ class BudgetEngine:
             check_config_file(self.settings.config_file)
             settings = self.settings
             self.startup_hooks.append(lambda store: load_config_file(store, settings))
+
+    @property
+    def pending_records(self) -> int:
+        """Usage records not yet written to the store."""
+        return len(self.records) + sum(len(b.records) for b in self.unwritten)
+
+    @property
+    def pending_deltas(self) -> int:
+        """Counters with charges not yet written to the store."""
+        ledger = self.registry.ledger
+        return len(ledger.dirty) + len(ledger.sealed)
 
     @property
     def manager(self) -> BudgetManager:
@@ -242,7 +243,7 @@ class BudgetEngine:
             logger.error(
                 "budget-middleware could not write %d usage records at shutdown: the store is "
                 "unreachable",
-                self.stats.pending_records,
+                self.pending_records,
             )
         try:
             await asyncio.wait_for(self.counters.stop(), grace)
@@ -351,17 +352,13 @@ class BudgetEngine:
     # -- admission and settlement --------------------------------------------------------
 
     async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
-        if self.in_process:
-            return self.admit_now(limits, estimate)
         return self._count(await self.counters.admit(limits, estimate))
 
     def admit_now(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
         """Admission in process (memory counters only): atomic, no await."""
-        return self._count(
-            admission.admit(
-                limits, estimate, self.settings.reserve, self.clock(), self.registry.ledger
-            )
-        )
+        memory = self.memory
+        assert memory is not None, "admit_now needs the in-process counters"
+        return self._count(memory.admit_now(limits, estimate))
 
     def _count(self, decision: Ticket | Refusal) -> Ticket | Refusal:
         if type(decision) is Refusal:
@@ -371,14 +368,13 @@ class BudgetEngine:
         return decision
 
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
-        if self.in_process:
-            self.settle_now(ticket, cost, tokens)
-        else:
-            await self.counters.settle(ticket, cost, tokens)
+        await self.counters.settle(ticket, cost, tokens)
 
     def settle_now(self, ticket: Ticket, cost: int, tokens: int) -> None:
         """Settlement in process (memory counters only)."""
-        admission.settle(ticket, cost, tokens, self.clock(), self.registry.ledger)
+        memory = self.memory
+        assert memory is not None, "settle_now needs the in-process counters"
+        memory.settle_now(ticket, cost, tokens)
 
     def record(self, record: UsageRecord) -> None:
         stats = self.stats

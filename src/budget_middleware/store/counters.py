@@ -8,6 +8,7 @@ registry's ledger until the flusher has written them to the store as deltas.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
@@ -17,17 +18,32 @@ from budget_middleware.core.admission import Refusal, Ticket
 from budget_middleware.core.records import Delta
 from budget_middleware.core.scopes import LimitSet
 from budget_middleware.core.times import FAR_FUTURE, from_ts, utc
-from budget_middleware.core.windows import WindowCounter
+from budget_middleware.core.windows import CounterRegistry, WindowCounter
 
 if TYPE_CHECKING:
-    from budget_middleware.engine.engine import BudgetEngine
+    from budget_middleware.settings import BudgetSettings
+    from budget_middleware.store.database import Store
 
 
 class CounterBackend(ABC):
-    def __init__(self, engine: BudgetEngine) -> None:
-        self.engine = engine
-        self.registry = engine.registry
-        self.ledger = engine.registry.ledger
+    """Where admission decides and settlement lands. A backend gets what it needs: the live
+    counters (`registry`), the store (to read counters), the settings, the clock, and a callback
+    for when the store cannot be read (`on_store_failed`)."""
+
+    def __init__(
+        self,
+        registry: CounterRegistry,
+        store: Store,
+        settings: BudgetSettings,
+        clock: Callable[[], float],
+        on_store_failed: Callable[[BaseException], None],
+    ) -> None:
+        self.registry = registry
+        self.ledger = registry.ledger
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.on_store_failed = on_store_failed
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (shared backends)."""
@@ -52,7 +68,7 @@ class CounterBackend(ABC):
         if not budget_ids and not rate_ids:
             return
         budgets, rates = await anyio.to_thread.run_sync(
-            self.engine.store.read_counters, budget_ids, rate_ids
+            self.store.read_counters, budget_ids, rate_ids
         )
         ledger = self.ledger
         for id_, (usage, last_reset) in budgets.items():
@@ -112,14 +128,15 @@ def _end_of(kind: str, id_: str, start: float, backend: CounterBackend) -> float
 class MemoryCounters(CounterBackend):
     """Counters in this process: exact for one process; shared stores converge every TTL."""
 
+    def admit_now(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
+        """Admission without an await: atomic within the event loop (or under a lock)."""
+        return admission.admit(limits, estimate, self.settings.reserve, self.clock(), self.ledger)
+
+    def settle_now(self, ticket: Ticket, cost: int, tokens: int) -> None:
+        admission.settle(ticket, cost, tokens, self.clock(), self.ledger)
+
     async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
-        return admission.admit(
-            limits,
-            estimate,
-            self.engine.settings.reserve,
-            self.engine.clock(),
-            self.ledger,
-        )
+        return self.admit_now(limits, estimate)
 
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
-        admission.settle(ticket, cost, tokens, self.engine.clock(), self.ledger)
+        self.settle_now(ticket, cost, tokens)

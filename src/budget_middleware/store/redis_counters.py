@@ -36,7 +36,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -52,13 +52,15 @@ from budget_middleware.core import admission
 from budget_middleware.core.admission import Refusal, Ticket
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import FAR_FUTURE, utc
-from budget_middleware.core.windows import WindowCounter, ensure_current
+from budget_middleware.core.windows import CounterRegistry, WindowCounter, ensure_current
+from budget_middleware.exceptions import ServiceUnavailable
 from budget_middleware.store.counters import CounterBackend
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
-    from budget_middleware.engine.engine import BudgetEngine
+    from budget_middleware.settings import BudgetSettings
+    from budget_middleware.store.database import Store
 
 logger = logging.getLogger("budget_middleware")
 
@@ -95,11 +97,19 @@ class _Failure:
 
 
 class RedisCounters(CounterBackend):
-    def __init__(self, engine: BudgetEngine, prefix: str = "bm:") -> None:
-        super().__init__(engine)
+    def __init__(
+        self,
+        registry: CounterRegistry,
+        store: Store,
+        settings: BudgetSettings,
+        clock: Callable[[], float],
+        on_store_failed: Callable[[BaseException], None],
+        prefix: str = "bm:",
+    ) -> None:
+        super().__init__(registry, store, settings, clock, on_store_failed)
         self.prefix = prefix
-        self.url = engine.settings.redis_url or "redis://127.0.0.1:6379/0"
-        self.slot_ttl = engine.settings.slot_ttl_seconds
+        self.url = settings.redis_url or "redis://127.0.0.1:6379/0"
+        self.slot_ttl = settings.slot_ttl_seconds
         self.client: Redis | None = None
         self._admit: AsyncScript | None = None
         self._settle: AsyncScript | None = None
@@ -116,7 +126,7 @@ class RedisCounters(CounterBackend):
         # BUDGET_REDIS_TIMEOUT_SECONDS bounds every call (connecting, then each reply): past it
         # the call fails as if Redis were down. Waiting for a free pooled connection is local
         # contention, given at least as long.
-        timeout = self.engine.settings.redis_timeout_seconds
+        timeout = self.settings.redis_timeout_seconds
         pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
             self.url,
             max_connections=MAX_POOL_CONNECTIONS,
@@ -194,9 +204,8 @@ class RedisCounters(CounterBackend):
     # -- admission -----------------------------------------------------------------------
 
     async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
-        engine = self.engine
-        now = engine.clock()
-        reserve = engine.settings.reserve
+        now = self.clock()
+        reserve = self.settings.reserve
         for windows in (limits.requests, limits.tokens, limits.budgets):
             ensure_current(windows, now, self.ledger)
         plan = self._plan(limits.scopes, now, settling=False)
@@ -247,10 +256,10 @@ class RedisCounters(CounterBackend):
         rate_ids = [e.counter.id for e in missing if e.counter and e.kind != "b"]
         try:
             budgets, rates = await anyio.to_thread.run_sync(
-                self.engine.store.read_counters, budget_ids, rate_ids
+                self.store.read_counters, budget_ids, rate_ids
             )
         except Exception as exc:
-            self.engine._store_failed(exc)
+            self.on_store_failed(exc)
             raise _StoreDown from exc
         keys: list[str] = []
         args: list[Any] = []
@@ -326,11 +335,9 @@ class RedisCounters(CounterBackend):
     def _fallback(
         self, limits: LimitSet, estimate: int, now: float, exc: BaseException | None
     ) -> Ticket | Refusal:
-        from budget_middleware.engine.engine import ServiceUnavailable
-
-        if not self.engine.settings.fail_open:
+        if not self.settings.fail_open:
             raise ServiceUnavailable("the budget counters (Redis) cannot be reached") from exc
-        decision = admission.admit(limits, estimate, self.engine.settings.reserve, now, self.ledger)
+        decision = admission.admit(limits, estimate, self.settings.reserve, now, self.ledger)
         if type(decision) is Ticket:
             for counter in limits.requests:
                 self._owe(counter, 1)
@@ -366,7 +373,7 @@ class RedisCounters(CounterBackend):
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
         if ticket.settled:
             return
-        now = self.engine.clock()
+        now = self.clock()
         # Locally exactly as in process: the charge goes to the ledger (and so to the store).
         admission.settle(ticket, cost, tokens, now, self.ledger)
         if not ticket.request_id:  # admitted in process while Redis was down
@@ -394,7 +401,7 @@ class RedisCounters(CounterBackend):
     # -- slots of live requests ----------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.engine.settings.flush_interval_seconds
+        interval = self.settings.flush_interval_seconds
         while True:
             await asyncio.sleep(interval)
             try:
@@ -410,7 +417,7 @@ class RedisCounters(CounterBackend):
         live = self._state.live
         if not live or self.client is None or self._backing_off():
             return
-        now = self.engine.clock()
+        now = self.clock()
         score = int((now + self.slot_ttl) * 1000)
         key_ttl = int(self.slot_ttl * 2000)
         pipe = self.client.pipeline(transaction=False)
