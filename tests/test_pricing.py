@@ -15,12 +15,12 @@ from genai_prices import types as gp
 from budget_middleware.core.money import nanos_from_usd, usd_from_nanos
 from budget_middleware.core.pricing import (
     ModelPrice,
-    PriceBook,
     cost_nanos,
     cost_usd,
     estimate_nanos,
 )
 from budget_middleware.core.usage import TokenUsage
+from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import PricingFileError
 
 

@@ -87,7 +87,7 @@ class BudgetMiddleware:
             return
         s = self.engine.settings
         self.suffixes = s.inference_paths
-        self.read_headers = header_reader(s)
+        self.read_headers = header_reader(s.key_header, s.key_prefix)
         self.max_body = s.max_body_bytes
         self.reserve = s.reserve
         self.default_output = s.default_max_output_tokens

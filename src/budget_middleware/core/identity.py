@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
-from budget_middleware.settings import BudgetSettings
-
 # Path prefixes that name a provider (`/openai/v1/chat/completions`).
 KNOWN_PROVIDERS = frozenset(
     {
@@ -56,12 +54,13 @@ def hash_key(value: str) -> str:
 
 
 def header_reader(
-    settings: BudgetSettings,
+    key_header_name: str, prefix: str
 ) -> Callable[[Iterable[tuple[bytes, bytes]]], Credentials]:
     """Build, once, the function that reads the headers of a metered request: one dict of them,
-    built in C, and a lookup per header of interest (a client SDK sends a dozen others)."""
-    prefix = settings.key_prefix
-    key_header = settings.key_header.encode()
+    built in C, and a lookup per header of interest (a client SDK sends a dozen others).
+    `key_header_name` carries a key of any value; bearer and API-key headers count only with
+    `prefix` (`BUDGET_KEY_HEADER`, `BUDGET_KEY_PREFIX`)."""
+    key_header = key_header_name.lower().encode()
 
     def read(headers: Iterable[tuple[bytes, bytes]]) -> Credentials:
         found = dict(headers)  # in C; a repeated header keeps its last value, as before

@@ -1,43 +1,22 @@
-"""Model prices and the cost of a request in integer nano-dollars (SPEC §7).
+"""The cost of a request in integer nano-dollars (SPEC §7): prices per model and the arithmetic.
 
-Prices come from `BUDGET_PRICING_FILE` first, then the `genai-prices` catalog bundled with the
-package (never updated over the network). Each (provider, model) is looked up once; afterwards a
-price costs a dict lookup and a cost a few integer multiplications.
+Prices are kept as integer femto-dollars (1e-15 USD) per token: $/Mtok * 1e9. Token counts times
+these rates are exact integers, so a cost is rounded once, half up, to whole nano-dollars. A price
+is exact to 1e-9 $/Mtok, far finer than any published price. Where prices come from (the pricing
+file, the bundled catalog) is `engine.prices`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal
-from pathlib import Path
-from typing import Annotated
-
-import pydantic
-from genai_prices import types as gp
-from genai_prices.data import providers as _CATALOG  # bundled data: no remote update, ever
-from genai_prices.data_snapshot import find_provider_by_id
 
 from budget_middleware.core.money import NANOS_PER_USD
 from budget_middleware.core.usage import TokenUsage
-from budget_middleware.exceptions import PricingFileError
 
-logger = logging.getLogger("budget_middleware")
-
-# Prices are kept as integer femto-dollars (1e-15 USD) per token: $/Mtok * 1e9. Token counts times
-# these rates are exact integers, so a cost is rounded once, half up, to whole nano-dollars. A price
-# is exact to 1e-9 $/Mtok, far finer than any published price.
 _FEMTO_PER_TOKEN_PER_USD_PER_MTOK = 1e9
 _FEMTO_PER_NANO = 1_000_000
 _HALF_NANO = _FEMTO_PER_NANO // 2
-_MAX_CACHED = 4096  # model names come from request bodies: keep the caches bounded
-# A bare model name is looked for in these providers (after those whose naming it matches), before
-# any reseller or cloud that lists the same model.
-_FIRST_PARTY = ("openai", "anthropic", "google", "mistral", "x-ai", "deepseek", "cohere")
-_ORDERED = sorted(_CATALOG, key=lambda p: _FIRST_PARTY.index(p.id) if p.id in _FIRST_PARTY else 99)
 
 
 def _rate(usd_per_mtok: float) -> int:
@@ -93,170 +72,3 @@ def estimate_nanos(price: ModelPrice | None, input_tokens: int, output_tokens: i
 
 def cost_usd(price: ModelPrice, usage: TokenUsage) -> float:
     return cost_nanos(price, usage) / NANOS_PER_USD
-
-
-_Price = Annotated[float, pydantic.Field(ge=0)]
-
-
-class _FilePrice(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-    input_per_mtok: _Price
-    output_per_mtok: _Price
-    cached_input_per_mtok: _Price | None = None
-    cache_write_per_mtok: _Price | None = None
-
-
-class _PricingFile(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
-    models: dict[str, _FilePrice]
-
-
-def _load_pricing_file(path: Path) -> dict[str, ModelPrice]:
-    def fail(what: str) -> PricingFileError:
-        return PricingFileError(f"BUDGET_PRICING_FILE={path}: {what}")
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise fail(f"cannot be read ({exc.strerror or exc})") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise fail(f"is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
-        example = '{"models": {"openai/gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10}}}'
-        raise fail(f'must be a JSON object with a "models" object, e.g. {example}')
-    try:
-        parsed = _PricingFile.model_validate(data)
-    except pydantic.ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(part) for part in err["loc"])
-            if err["type"] == "extra_forbidden":
-                allowed = ", ".join(_FilePrice.model_fields) if len(err["loc"]) > 2 else "models"
-                problems.append(f"{where}: unknown field (allowed: {allowed})")
-            else:
-                problems.append(f"{where}: {err['msg']}")
-        raise fail("; ".join(problems)) from exc
-    prices: dict[str, ModelPrice] = {}
-    for key, p in parsed.models.items():
-        if not key.strip("/ ") or key.startswith("/") or key.endswith("/"):
-            raise fail(f"models: {key!r} is not a model name (use 'provider/model' or 'model')")
-        prices[key.lower()] = ModelPrice(**p.model_dump(), source="pricing_file")
-    return prices
-
-
-def _catalog_find(provider: str, model: str) -> tuple[gp.Provider, gp.ModelInfo] | None:
-    """The catalog's provider and model for (provider, model); a bare lookup when the provider is
-    unknown to genai-prices or does not list the model (e.g. an OpenAI-compatible gateway)."""
-    ref = model.lower()
-    if provider and provider != "unknown":
-        owner = find_provider_by_id(_CATALOG, provider)  # also maps aliases: gemini, bedrock, xai
-        if owner is not None and (info := owner.find_model(ref, all_providers=_CATALOG)):
-            return owner, info
-    # As genai-prices does: providers whose naming the model matches (gpt-*, claude*, gemini*).
-    for owner in _CATALOG:
-        matches = owner.model_match is not None and owner.model_match.is_match(ref)
-        if matches and (info := owner.find_model(ref, all_providers=_CATALOG)):
-            return owner, info
-    # Then any provider that lists it (text-embedding-3-small), the model makers first.
-    for owner in _ORDERED:
-        if info := owner.find_model(ref):
-            return owner, info
-    return None
-
-
-def _catalog_price(info: gp.ModelInfo) -> ModelPrice | None:
-    if isinstance(info.prices, gp.ModelPrice):
-        prices = info.prices
-    else:
-        # The last conditional price in force wins. Start dates are resolved now (a price that
-        # starts later is picked up on restart); time-of-day prices are treated as always in force,
-        # so DeepSeek is charged its standard (peak) price around the clock, never less.
-        now = datetime.now(UTC)
-        prices = info.prices[0].prices
-        for conditional in reversed(info.prices):
-            c = conditional.constraint
-            if not isinstance(c, gp.StartDateConstraint) or c.active(now):
-                prices = conditional.prices
-                break
-    inp, out = _base(prices.input_mtok), _base(prices.output_mtok)
-    if inp is None and out is None:  # priced per request, second, page...: not token-priced
-        return None
-    return ModelPrice(
-        inp or 0.0, out or 0.0, _base(prices.cache_read_mtok), _base(prices.cache_write_mtok)
-    )
-
-
-def _base(value: Decimal | gp.TieredPrices | None) -> float | None:
-    # Tiered (long-context) prices apply to the whole request above a threshold of input tokens;
-    # we take the base tier (the price below the first threshold, e.g. Claude's <= 200k tokens).
-    if isinstance(value, gp.TieredPrices):
-        value = value.base
-    return None if value is None else float(value)
-
-
-class PriceBook:
-    """Prices per (provider, model): the pricing file, then the genai-prices catalog; cached."""
-
-    cost_nanos = staticmethod(cost_nanos)
-    cost_usd = staticmethod(cost_usd)
-
-    def __init__(self, pricing_file: Path | None = None) -> None:
-        self.pricing_file = pricing_file
-        self._file = _load_pricing_file(pricing_file) if pricing_file is not None else {}
-        self._file_providers: dict[str, str] = {}
-        for key in self._file:
-            prov, sep, name = key.partition("/")
-            if sep:
-                self._file_providers.setdefault(name, prov)
-        self._prices: dict[tuple[str, str], ModelPrice | None] = {}
-        self._guesses: dict[str, str | None] = {}
-        self.unpriced: set[tuple[str, str]] = set()
-        self.unpriced_requests = 0
-
-    def price(self, provider: str, model: str) -> ModelPrice | None:
-        key = (provider, model)
-        try:
-            return self._prices[key]
-        except KeyError:
-            pass
-        found = self._file.get(f"{provider}/{model}".lower()) or self._file.get(model.lower())
-        if found is None:
-            hit = _catalog_find(provider, model)
-            found = _catalog_price(hit[1]) if hit is not None else None
-        if len(self._prices) >= _MAX_CACHED:
-            self._prices.clear()
-        self._prices[key] = found
-        if found is None:
-            self._warn_unpriced(provider, model)
-        return found
-
-    def guess_provider(self, model: str) -> str | None:
-        """The provider that the pricing file or the catalog knows for a bare model name."""
-        try:
-            return self._guesses[model]
-        except KeyError:
-            pass
-        guess = self._file_providers.get(model.lower())
-        if guess is None and (hit := _catalog_find("", model)) is not None:
-            guess = hit[0].id
-        if len(self._guesses) >= _MAX_CACHED:
-            self._guesses.clear()
-        self._guesses[model] = guess
-        return guess
-
-    def note_unpriced(self, provider: str, model: str) -> None:
-        """Count one request charged 0 because its model has no price."""
-        self.unpriced_requests += 1
-        self._warn_unpriced(provider, model)
-
-    def _warn_unpriced(self, provider: str, model: str) -> None:
-        key = (provider, model)
-        if key in self.unpriced or len(self.unpriced) >= _MAX_CACHED:
-            return
-        self.unpriced.add(key)
-        logger.warning(
-            "no price for model %r of provider %r: its requests cost 0 "
-            "(add it to BUDGET_PRICING_FILE)",
-            model,
-            provider,
-        )

@@ -23,11 +23,11 @@ from cachetools import LRUCache
 
 from budget_middleware.core.admission import Refusal, Ticket
 from budget_middleware.core.identity import hash_key, key_digest
-from budget_middleware.core.pricing import PriceBook
 from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.engine.cache import KeyCache, ScopeBuilder
+from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable
 from budget_middleware.settings import BudgetSettings, raised_again
 from budget_middleware.store.counters import CounterBackend, MemoryCounters
