@@ -12,8 +12,6 @@ from budget_middleware.core import admission
 from budget_middleware.core.admission import (
     Refusal,
     Ticket,
-    check_budgets,
-    check_rate_limits,
     settle,
 )
 from budget_middleware.core.durations import Duration
@@ -39,6 +37,8 @@ def admit(
 ) -> Ticket | Refusal:
     """Admission of a request to which these scopes apply."""
     return admission.admit(LimitSet(tuple(scopes)), estimate, reserve, now, ledger)
+
+
 USD = 1_000_000_000
 
 
@@ -328,6 +328,53 @@ _scope_spec = st.fixed_dictionaries(
         "charged": st.booleans(),
     }
 )
+
+
+def check_rate_limits(scopes: list[Scope], now: float, ledger: Ledger) -> Refusal | None:
+    """SPEC §5's rate limits read scope by scope, as a person would check them."""
+    for scope in scopes:
+        rate = scope.rate_limit
+        if rate is None:
+            continue
+        for code, counter in (
+            ("request_limit_exceeded", rate.requests),
+            ("token_limit_exceeded", rate.tokens),
+        ):
+            if counter is None:
+                continue
+            if now >= counter.end:
+                counter.roll(now, ledger)
+            if counter.value >= counter.limit:
+                reset = None if counter.end == float("inf") else counter.end
+                return Refusal(code, scope, counter.limit, counter.value, reset)
+        slots = rate.concurrency
+        if slots is not None and slots.limit is not None and slots.in_flight >= slots.limit:
+            return Refusal("concurrency_limit_exceeded", scope, slots.limit, slots.in_flight, None)
+    return None
+
+
+def check_budgets(
+    scopes: list[Scope], estimate: int, reserve: bool, now: float, ledger: Ledger
+) -> Refusal | None:
+    """SPEC §5's budgets read scope by scope: exhausted first, then filled by reservations."""
+    held: Refusal | None = None
+    for scope in scopes:
+        for budget in scope.budgets:
+            if now >= budget.end:
+                budget.roll(now, ledger)
+            reset = None if budget.end == float("inf") else budget.end
+            if budget.value >= budget.limit:
+                return Refusal("budget_exceeded", scope, budget.limit, budget.value, reset)
+            if (
+                held is None
+                and reserve
+                and budget.reserved > 0
+                and budget.value + budget.reserved + estimate > budget.limit
+            ):
+                held = Refusal(
+                    "budget_reserved", scope, budget.limit, budget.value, reset, budget.reserved
+                )
+    return held
 
 
 def _reference_admit(

@@ -6,7 +6,6 @@ charges nothing and counts against no limit. It never awaits: within one event l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from budget_middleware.core.scopes import LimitSet, Scope
@@ -55,101 +54,75 @@ def _reset_at(counter: WindowCounter) -> float | None:
     return None if counter.end == float("inf") else counter.end
 
 
-def check_rate_limits(scopes: Sequence[Scope], now: float, ledger: Ledger) -> Refusal | None:
-    for scope in scopes:
-        rate = scope.rate_limit
-        if rate is None:
-            continue
-        requests = rate.requests
-        if requests is not None:
-            if now >= requests.end:
-                requests.roll(now, ledger)
-            if requests.value + 1 > requests.limit:
-                return Refusal(
-                    "request_limit_exceeded",
-                    scope,
-                    requests.limit,
-                    requests.value,
-                    _reset_at(requests),
-                )
-        tokens = rate.tokens
-        if tokens is not None:
-            if now >= tokens.end:
-                tokens.roll(now, ledger)
-            if tokens.value >= tokens.limit:
-                return Refusal(
-                    "token_limit_exceeded", scope, tokens.limit, tokens.value, _reset_at(tokens)
-                )
-        slots = rate.concurrency
-        if slots is not None and slots.limit is not None and slots.in_flight >= slots.limit:
-            return Refusal("concurrency_limit_exceeded", scope, slots.limit, slots.in_flight, None)
-    return None
-
-
-def check_budgets(
-    scopes: Sequence[Scope], estimate: int, reserve: bool, now: float, ledger: Ledger
-) -> Refusal | None:
-    held: Refusal | None = None
-    for scope in scopes:
-        for budget in scope.budgets:
-            if now >= budget.end:
-                budget.roll(now, ledger)
-            if budget.value >= budget.limit:
-                return Refusal(
-                    "budget_exceeded", scope, budget.limit, budget.value, _reset_at(budget)
-                )
-            if (
-                held is None
-                and reserve
-                and budget.reserved > 0
-                and budget.value + budget.reserved + estimate > budget.limit
-            ):
-                # Exhausted elsewhere beats "wait for the requests in flight": keep looking.
-                held = Refusal(
-                    "budget_reserved",
-                    scope,
-                    budget.limit,
-                    budget.value,
-                    _reset_at(budget),
-                    budget.reserved,
-                )
-    return held
-
-
 def admit(
     limits: LimitSet, estimate: int, reserve: bool, now: float, ledger: Ledger
 ) -> Ticket | Refusal:
-    """All or nothing: either every applicable limit takes the request, or none is touched.
-
-    One pass over the counters, flattened by kind, decides and keeps the tightest limit of each
-    kind for the response headers (each check is `left > 0`: value < limit); only a refused
-    request looks at the scopes in the order of SPEC §5, to say which limit refuses (`_refusal`:
-    the same conditions)."""
-    requests, requests_left = _least_left(limits.requests, now, ledger)
-    tokens, tokens_left = _least_left(limits.tokens, now, ledger)
-    if (requests is not None and requests_left == 0) or (tokens is not None and tokens_left == 0):
-        return _refusal(limits, estimate, reserve, now, ledger)
-    for slots in limits.slots:
-        if slots.limit is not None and slots.in_flight >= slots.limit:
-            return _refusal(limits, estimate, reserve, now, ledger)
-    budget = None
+    """All or nothing, in one pass in the order of SPEC §5: the rate limits of every scope
+    (requests, tokens, concurrency), then the budgets of every scope. The first limit that
+    refuses is the answer (an exhausted budget beats one that only reservations fill); nothing
+    is changed unless every limit passes. On the way, the tightest limit of each kind is kept for
+    the response headers (the least left; ties keep the first). `lua/admit.lua` is the same rule
+    for Redis."""
+    requests: WindowCounter | None = None
+    tokens: WindowCounter | None = None
+    requests_left = tokens_left = 0
+    for scope, rate in limits.rate_limits:
+        counter = rate.requests
+        if counter is not None:
+            if now >= counter.end:
+                counter.roll(now, ledger)
+            left = counter.limit - counter.value
+            if left <= 0:
+                return Refusal(
+                    "request_limit_exceeded",
+                    scope,
+                    counter.limit,
+                    counter.value,
+                    _reset_at(counter),
+                )
+            if requests is None or left < requests_left:
+                requests, requests_left = counter, left
+        counter = rate.tokens
+        if counter is not None:
+            if now >= counter.end:
+                counter.roll(now, ledger)
+            left = counter.limit - counter.value
+            if left <= 0:
+                return Refusal(
+                    "token_limit_exceeded", scope, counter.limit, counter.value, _reset_at(counter)
+                )
+            if tokens is None or left < tokens_left:
+                tokens, tokens_left = counter, left
+        slots = rate.concurrency
+        if slots is not None and slots.limit is not None and slots.in_flight >= slots.limit:
+            return Refusal("concurrency_limit_exceeded", scope, slots.limit, slots.in_flight, None)
+    budget: WindowCounter | None = None
     budget_left = 0
-    for counter in limits.budgets:
+    held: Refusal | None = None
+    for scope, counter in zip(limits.budget_scopes, limits.budgets, strict=True):
         if now >= counter.end:
             counter.roll(now, ledger)
         left = counter.limit - counter.value
-        if left <= 0 or (reserve and counter.reserved > 0 and estimate + counter.reserved > left):
-            return _refusal(limits, estimate, reserve, now, ledger)
+        if left <= 0:
+            return Refusal(
+                "budget_exceeded", scope, counter.limit, counter.value, _reset_at(counter)
+            )
+        if held is None and reserve and counter.reserved > 0 and estimate + counter.reserved > left:
+            # Only the requests in flight fill it: retryable, unless another budget is exhausted.
+            held = Refusal(
+                "budget_reserved",
+                scope,
+                counter.limit,
+                counter.value,
+                _reset_at(counter),
+                counter.reserved,
+            )
         if budget is None or left < budget_left:
             budget, budget_left = counter, left
-    dirty = ledger.dirty
+    if held is not None:
+        return held
     for counter in limits.requests:
-        if counter.pending_start == counter.start:  # `counter.add(1)`, inlined: the usual case
-            counter.value += 1
-            counter.pending += 1
-            dirty.add(counter)
-        else:
-            counter.add(1, ledger)
+        counter.add(1, ledger)
     for slots in limits.slots:
         slots.in_flight += 1
     reservation = estimate if reserve else 0
@@ -162,34 +135,6 @@ def admit(
     return Ticket(limits, reservation, False, tightest)
 
 
-def _least_left(
-    counters: tuple[WindowCounter, ...], now: float, ledger: Ledger
-) -> tuple[WindowCounter | None, int]:
-    """The request or token window with the least left (each rolled to `now` first) and what it
-    has left; a window with nothing left at once, with 0. (None, 0) for no window."""
-    best = None
-    least = 0
-    for counter in counters:
-        if now >= counter.end:
-            counter.roll(now, ledger)
-        left = counter.limit - counter.value
-        if left <= 0:
-            return counter, 0
-        if best is None or left < least:
-            best, least = counter, left
-    return best, least
-
-
-def _refusal(limits: LimitSet, estimate: int, reserve: bool, now: float, ledger: Ledger) -> Refusal:
-    scopes = limits.scopes
-    refusal = check_rate_limits(scopes, now, ledger) or check_budgets(
-        scopes, estimate, reserve, now, ledger
-    )
-    if refusal is None:  # the two readings of one rule disagree: a bug, never a free pass
-        raise AssertionError("admission refused a request that no limit refuses")
-    return refusal
-
-
 def settle(ticket: Ticket, cost: int, tokens: int, now: float, ledger: Ledger) -> None:
     """Replace the reservation by the actual cost, count tokens, free the concurrency slot."""
     if ticket.settled:
@@ -197,7 +142,6 @@ def settle(ticket: Ticket, cost: int, tokens: int, now: float, ledger: Ledger) -
     ticket.settled = True
     reservation = ticket.reservation
     limits = ticket.limits
-    dirty = ledger.dirty
     for budget in limits.budgets:
         if reservation:
             left = budget.reserved - reservation
@@ -205,22 +149,12 @@ def settle(ticket: Ticket, cost: int, tokens: int, now: float, ledger: Ledger) -
         if now >= budget.end:
             budget.roll(now, ledger)
         if cost:
-            if budget.pending_start == budget.start:  # `budget.add(cost)`, inlined
-                budget.value += cost
-                budget.pending += cost
-                dirty.add(budget)
-            else:
-                budget.add(cost, ledger)
+            budget.add(cost, ledger)
     if tokens:
         for counter in limits.tokens:
             if now >= counter.end:
                 counter.roll(now, ledger)
-            if counter.pending_start == counter.start:
-                counter.value += tokens
-                counter.pending += tokens
-                dirty.add(counter)
-            else:
-                counter.add(tokens, ledger)
+            counter.add(tokens, ledger)
     for slots in limits.slots:
         if slots.in_flight > 0:
             slots.in_flight -= 1

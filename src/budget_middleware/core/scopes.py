@@ -48,18 +48,22 @@ class LimitSet:
     the scopes in the order of SPEC §5, and their counters flattened by kind, so admission,
     settlement and the response headers loop over plain tuples."""
 
-    __slots__ = ("budgets", "requests", "scopes", "slots", "tokens")
+    __slots__ = ("budget_scopes", "budgets", "rate_limits", "requests", "scopes", "slots", "tokens")
 
     def __init__(self, scopes: tuple[Scope, ...]) -> None:
         self.scopes = scopes
         budgets: list[WindowCounter] = []
+        budget_scopes: list[Scope] = []
+        rate_limits: list[tuple[Scope, RateLimitCounters]] = []
         requests: list[WindowCounter] = []
         tokens: list[WindowCounter] = []
         slots: list[Concurrency] = []
         for scope in scopes:
             budgets.extend(scope.budgets)
+            budget_scopes.extend(scope for _ in scope.budgets)
             rate = scope.rate_limit
             if rate is not None:
+                rate_limits.append((scope, rate))
                 if rate.requests is not None:
                     requests.append(rate.requests)
                 if rate.tokens is not None:
@@ -67,6 +71,8 @@ class LimitSet:
                 if rate.concurrency is not None:
                     slots.append(rate.concurrency)
         self.budgets = tuple(budgets)
+        self.budget_scopes = tuple(budget_scopes)  # the owner of each budget, in order
+        self.rate_limits = tuple(rate_limits)  # (owner, its rate limit), in the order of §5
         self.requests = tuple(requests)
         self.tokens = tuple(tokens)
         self.slots = tuple(slots)
