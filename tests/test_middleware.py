@@ -368,7 +368,7 @@ def test_the_key_cache_trusts_an_entry_for_its_ttl_and_drops_the_oldest_when_ful
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from budget_middleware.core.scopes import KeyConfig
-    from budget_middleware.engine.cache import KeyCache
+    from budget_middleware.engine.cache import NOT_CACHED, KeyCache
 
     clock = [1000.0]
     monkeypatch.setattr("budget_middleware.engine.cache.time.monotonic", lambda: clock[0])
@@ -376,22 +376,27 @@ def test_the_key_cache_trusts_an_entry_for_its_ttl_and_drops_the_oldest_when_ful
     def config(name: str) -> KeyConfig:
         return KeyConfig(name, name, True, None, None, None, None, None, (), (), {}, ())
 
+    def name(found: object) -> str:
+        assert isinstance(found, KeyConfig)
+        return found.name
+
     cache = KeyCache(ttl=5, maxsize=4)
     cache.put(b"known", config("alice"))
     cache.put(b"unknown", None)
-    assert cache.get(b"known").name == "alice"  # type: ignore[union-attr]
+    assert name(cache.get(b"known")) == "alice"
     assert cache.get(b"unknown") is None  # cached as unknown: no store read
-    assert cache.get(b"never-seen") is False
+    assert cache.get(b"never-seen") is NOT_CACHED
     clock[0] += 5  # the TTL has passed: both must be read again
-    assert cache.get(b"known") is False and cache.get(b"unknown") is False
+    assert cache.get(b"known") is NOT_CACHED and cache.get(b"unknown") is NOT_CACHED
     assert len(cache) == 0
 
     for n in range(4):
         cache.put(bytes([n]), config(f"k{n}"))
-    cache.put(b"fifth", config("k4"))  # full: the oldest go first (down to 3/4), then this one
-    assert cache.get(bytes([0])) is False
-    assert [cache.get(bytes([n])).name for n in (1, 2, 3)] == ["k1", "k2", "k3"]  # type: ignore[union-attr]
-    assert cache.get(b"fifth").name == "k4"  # type: ignore[union-attr]
+    assert name(cache.get(bytes([0]))) == "k0"  # used: the least recently used is now k1
+    cache.put(b"fifth", config("k4"))  # full: the least recently used goes
+    assert cache.get(bytes([1])) is NOT_CACHED
+    assert [name(cache.get(bytes([n]))) for n in (0, 2, 3)] == ["k0", "k2", "k3"]
+    assert name(cache.get(b"fifth")) == "k4"
     clock[0] += 10
-    cache.put(b"sixth", None)  # full again, and every entry has expired: all of them go
+    cache.put(b"sixth", None)  # every other entry has expired: they go before anything else
     assert len(cache) == 1

@@ -27,6 +27,7 @@ from budget_middleware.core.identity import (
 from budget_middleware.core.pricing import estimate_nanos
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.core.usage import JSON_ERRORS, json_loads
+from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
 from budget_middleware.exceptions import ConfigurationError
 from budget_middleware.settings import BudgetSettings, raised_again
@@ -189,7 +190,7 @@ class BudgetMiddleware:
         if credentials.key is not None:
             digest = key_digest(credentials.key)
             found = engine.keys.get(digest)  # a cached key: no await
-            if found is False:
+            if found is NOT_CACHED:
                 try:
                     found = await engine.lookup_key(credentials.key)
                 except ServiceUnavailable:
@@ -206,7 +207,7 @@ class BudgetMiddleware:
             elif found is None:
                 await _answer(send, self._refuse(401, "invalid_virtual_key", _UNKNOWN))
                 return
-            key = found  # type: ignore[assignment]
+            key = found
         elif self.require_key:
             await _answer(send, self._refuse(401, "virtual_key_required", self.key_required))
             return

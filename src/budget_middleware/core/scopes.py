@@ -272,7 +272,6 @@ class KeyConfig:
     last_limits: LimitSet = _NO_LIMITS
     resolved: dict[tuple[str, str, tuple[str, ...]], LimitSet] | None = None
     resolved_for: GlobalConfig | None = None
-    cached_until: float = 0.0  # monotonic time until which the key cache trusts this config
 
     def resolve(
         self, glob: GlobalConfig, provider: str, model: str, tags: tuple[str, ...]

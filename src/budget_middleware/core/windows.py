@@ -7,10 +7,12 @@ one event loop an admission is atomic across every counter it touches (all or no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar, TypeVar
+
+from cachetools import LRUCache
 
 from budget_middleware.core.durations import Duration, window_bounds
 from budget_middleware.core.money import usd_header
@@ -19,7 +21,10 @@ from budget_middleware.core.times import FAR_FUTURE, from_ts
 T = TypeVar("T")
 
 
-_LIMITS: dict[tuple[int, bool], tuple[int, bytes]] = {}
+# Limits come from the store and are shared by many counters: each (limit, its header text) and
+# each window bound is kept once (LRU-bounded: a value that falls out only stops being shared).
+_LIMITS: LRUCache[tuple[int, bool], tuple[int, bytes]] = LRUCache(10_000)
+_FLOATS: LRUCache[float, float] = LRUCache(10_000)
 
 
 def _shared_limit(limit: int, usd: bool) -> tuple[int, bytes]:
@@ -27,31 +32,22 @@ def _shared_limit(limit: int, usd: bool) -> tuple[int, bytes]:
     one plan) share both objects (~80 bytes a counter)."""
     found = _LIMITS.get((limit, usd))
     if found is None:
-        if len(_LIMITS) >= 10_000:  # limits come from the store: keep it bounded
-            _LIMITS.clear()
-        text = usd_header(limit) if usd else b"%d" % limit
-        found = _LIMITS[(limit, usd)] = (limit, text)
+        found = _LIMITS[(limit, usd)] = (limit, usd_header(limit) if usd else b"%d" % limit)
     return found
 
 
-def shared(table: dict[T, T], value: T, bound: int) -> T:
-    """One object for equal values, kept in `table` (bounded: values come from the store, and a
-    cleared table only stops sharing)."""
+def shared(table: MutableMapping[T, T], value: T) -> T:
+    """One object for equal values, kept in `table` (a bounded cache)."""
     found = table.get(value)
     if found is None:
-        if len(table) >= bound:
-            table.clear()
         found = table[value] = value
     return found
-
-
-_FLOATS: dict[float, float] = {}
 
 
 def _shared_float(value: float) -> float:
     """One float object for equal window bounds (24 bytes each): the request and token windows
     of a rate limit, calendar-aligned windows, limits set up together share theirs."""
-    return shared(_FLOATS, value, 10_000)
+    return shared(_FLOATS, value)
 
 
 class WindowCounter:

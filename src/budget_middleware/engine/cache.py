@@ -7,9 +7,11 @@ the event loop; the store is read in a worker thread.
 
 from __future__ import annotations
 
-import itertools
+import enum
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+
+from cachetools import LRUCache, TTLCache
 
 from budget_middleware.core.durations import Duration
 from budget_middleware.core.scopes import (
@@ -25,7 +27,7 @@ from budget_middleware.core.windows import CounterRegistry, RateLimitCounters, W
 from budget_middleware.store.database import GlobalRecord, KeyRecord, OwnerLimits
 from budget_middleware.store.tables import RateLimitRow
 
-_durations: dict[str, Duration] = {}
+_durations: LRUCache[str, Duration] = LRUCache(1024)  # durations written in the store
 
 
 def parse_duration(text: str | None) -> Duration | None:
@@ -45,12 +47,14 @@ class ScopeBuilder:
         self.clock = clock
         # Keys of one team share its scope (and the customer's): one object per owner and
         # configuration, not one per key, which keeps 10,000 cached keys small.
-        self._shared: dict[tuple[str, str], tuple[tuple[object, ...], Scope]] = {}
+        self._shared: LRUCache[tuple[str, str], tuple[tuple[object, ...], Scope]] = LRUCache(
+            200_000
+        )
         # Team and customer ids and names, one string object for all of their keys
-        self._strings: dict[str, str] = {}
+        self._strings: LRUCache[str, str] = LRUCache(100_000)
 
     def intern(self, text: str) -> str:
-        return shared(self._strings, text, 100_000)
+        return shared(self._strings, text)
 
     def scope(
         self, type_: str, id_: str, name: str, limits: OwnerLimits | None, *, shared: bool = True
@@ -66,8 +70,6 @@ class ScopeBuilder:
         if known is not None and known[0] == signature:
             return known[1]
         scope = self._build(type_, id_, name, limits)
-        if len(self._shared) >= 200_000:  # bounded: owners come and go
-            self._shared.clear()
         self._shared[(type_, id_)] = (signature, scope)
         return scope
 
@@ -216,70 +218,42 @@ def _signature(name: str, limits: OwnerLimits) -> tuple[object, ...]:
     )
 
 
-class KeyCache:
-    """Key digest (SHA-256, 32 bytes) -> KeyConfig (or None for an unknown key), trusted for the
-    cache TTL.
+class NotCached(enum.Enum):
+    """What `KeyCache.get` answers for a key it holds nothing about (the store must be asked)."""
 
-    A plain dict: a hit costs one lookup and one comparison (cachetools' TTLCache cost ~0.9 µs,
-    a tenth of the hot path's target). A config carries its own expiry; an unknown key's entry
-    is just its expiry. Entries expire when read; when the cache is full, expired entries go
-    first, then the oldest. Touched only from the event loop.
-    """
+    NOT_CACHED = enum.auto()
+
+
+NOT_CACHED = NotCached.NOT_CACHED
+
+
+def _monotonic() -> float:
+    return time.monotonic()  # looked up on each call, so that tests can move the clock
+
+
+class KeyCache:
+    """Key digest (SHA-256, 32 bytes) -> its KeyConfig, or None for a key the store does not
+    know; each trusted for the cache TTL. cachetools' TTLCache: when it is full, expired entries
+    go first, then the least recently used. Touched only from the event loop."""
 
     def __init__(self, ttl: float, maxsize: int = 1_000_000) -> None:
         self.ttl = ttl
-        self.maxsize = maxsize
-        self._found: dict[bytes, KeyConfig | float] = {}
+        self._cache: TTLCache[bytes, KeyConfig | None] = TTLCache(maxsize, ttl, timer=_monotonic)
 
-    def get(self, digest: bytes) -> KeyConfig | bool | None:
-        """The cached config, None for a cached unknown key, False when not cached."""
-        entry = self._found.get(digest)
-        if entry is None:
-            return False
-        if type(entry) is float:  # an unknown key
-            if entry <= time.monotonic():
-                del self._found[digest]
-                return False
-            return None
-        if entry.cached_until <= time.monotonic():  # type: ignore[union-attr]
-            del self._found[digest]
-            return False
-        return entry  # type: ignore[return-value]
+    def get(self, digest: bytes) -> KeyConfig | NotCached | None:
+        """The cached config, None for a cached unknown key, `NOT_CACHED` when not cached."""
+        return self._cache.get(digest, NOT_CACHED)
 
     def put(self, digest: bytes, config: KeyConfig | None) -> None:
-        found = self._found
-        if len(found) >= self.maxsize and digest not in found:
-            self._make_room()
-        found.pop(digest, None)  # re-inserted last: the oldest entries stay first
-        until = time.monotonic() + self.ttl
-        if config is None:
-            found[digest] = until
-        else:
-            config.cached_until = until
-            found[digest] = config
-
-    def _make_room(self) -> None:
-        now = time.monotonic()
-        found = self._found
-        for digest in [d for d, entry in found.items() if _expiry(entry) <= now]:
-            del found[digest]
-        excess = len(found) - self.maxsize * 3 // 4
-        if excess > 0:
-            for digest in list(itertools.islice(found, excess)):
-                del found[digest]
+        self._cache[digest] = config
 
     def clear(self) -> None:
-        self._found.clear()
+        self._cache.clear()
 
-    def values(self) -> Iterable[KeyConfig]:
-        now = time.monotonic()
-        return [
-            c for c in self._found.values() if isinstance(c, KeyConfig) and c.cached_until > now
-        ]
+    def values(self) -> list[KeyConfig]:
+        self._cache.expire()
+        return [c for c in self._cache.values() if c is not None]
 
     def __len__(self) -> int:
-        return len(self._found)
-
-
-def _expiry(entry: KeyConfig | float) -> float:
-    return entry if isinstance(entry, float) else entry.cached_until
+        self._cache.expire()
+        return len(self._cache)

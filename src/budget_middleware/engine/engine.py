@@ -26,7 +26,7 @@ from budget_middleware.core.identity import hash_key, key_digest
 from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet
 from budget_middleware.core.windows import CounterRegistry
-from budget_middleware.engine.cache import KeyCache, ScopeBuilder
+from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
 from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable
 from budget_middleware.settings import BudgetSettings, raised_again
@@ -315,8 +315,8 @@ class BudgetEngine:
         digest = key_digest(value)
         key_hash = digest.hex()  # as the store keeps it
         found = self.keys.get(digest)
-        if found is not False:
-            return found  # type: ignore[return-value]
+        if found is not NOT_CACHED:
+            return found
         pending = self._key_loads.get(key_hash)
         if pending is not None:  # many first requests of one key share one store read
             return await asyncio.shield(pending)
