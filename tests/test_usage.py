@@ -298,7 +298,9 @@ def read_whole(raw: bytes) -> TokenUsage | None:
         "cache_read_input_tokens": json_values, "input_tokens_details": json_values,
     }),
     before=st.dictionaries(st.sampled_from(["choices", "metadata", 'q"usage']), nested_usage),
-    after=st.dictionaries(st.sampled_from(["user", "metadata", "usage_note", "x"]), nested_usage),
+    # keys of `after` are none of `before`'s: a redefined key keeps its place ahead of `usage`,
+    # and `after` is not kept valid JSON (an `Infinity` there would precede the usage)
+    after=st.dictionaries(st.sampled_from(["user", "tier", "usage_note", "x"]), nested_usage),
     indent=st.sampled_from([None, 1]),
     pad=st.sampled_from([0, 5000]),
 )
@@ -312,6 +314,7 @@ def test_the_tail_read_finds_the_usage_a_whole_parse_finds(
     except ValueError:
         assume(False)
     document = {"id": "chatcmpl-1", **before, "usage": usage, **after}
+    assert list(document)[-len(after) - 1] == "usage"  # everything of `after` follows the usage
     if pad:
         document = padded(document, pad)
     raw = json.dumps(document, indent=indent).encode()

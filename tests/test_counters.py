@@ -1,0 +1,538 @@
+"""Live window counters and their way to the store (SPEC §6, §11; issue 11, item 10).
+
+A counter counts one window of a limit. What this process charged waits in the ledger until a
+flush takes it and writes it to the store as a delta of the window it was charged in. Instances
+that share a store without Redis converge: each re-reads the store every cache TTL and adds what
+it charged itself and the store does not hold yet.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+import pytest
+from cachetools import LRUCache
+
+from budget_middleware import BudgetSettings
+from budget_middleware.core import windows as limits_module
+from budget_middleware.core.admission import Ticket
+from budget_middleware.core.durations import Duration
+from budget_middleware.core.scopes import LimitSet, Scope
+from budget_middleware.core.times import END_OF_TIME
+from budget_middleware.core.windows import (
+    CounterRegistry,
+    RateLimitCounters,
+    WindowCounter,
+    ensure_current,
+    shared,
+)
+from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.exceptions import ServiceUnavailable
+from budget_middleware.store.database import Store
+from budget_middleware.store.tables import BudgetRow, RateLimitRow
+
+T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC).timestamp()
+MINUTE = 60.0
+HOUR = 3600.0
+DAY = 86_400.0
+
+Summary = tuple[str, str, datetime, datetime, int]
+
+
+def at(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class Clock:
+    """The engines' time, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def window(
+    registry: CounterRegistry,
+    kind: str,
+    id_: str,
+    *,
+    duration: str | None = "1h",
+    anchor: float = T0,
+    now: float = T0,
+    limit: int = 10**12,
+    usage: int = 0,
+) -> WindowCounter:
+    """The live counter of a limit, configured as a key read from the store configures it."""
+    return registry.window(
+        kind,
+        id_,
+        limit=limit,
+        duration=Duration.parse(duration) if duration else None,
+        calendar_aligned=False,
+        last_reset=at(anchor),
+        usage=usage,
+        now=now,
+    )
+
+
+def take(engine: BudgetEngine) -> list[Summary]:
+    """What a flush takes now: (kind, id, window start, window end, amount) per delta."""
+    taken = engine.counters.take_deltas()
+    for d in taken:
+        assert d.start_ts == d.window_start.timestamp()
+    return [(d.kind, d.id, d.window_start, d.window_end, d.amount) for d in taken]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_engine(sqlite_url: str, clock: Clock) -> Iterator[Callable[[], BudgetEngine]]:
+    """Engines (instances) on one SQLite store and one clock; no flusher runs: tests flush."""
+    made: list[BudgetEngine] = []
+
+    def make() -> BudgetEngine:
+        engine = BudgetEngine(
+            BudgetSettings(database_url=sqlite_url, admin_key="admin-secret"), clock=clock
+        )
+        engine.store.create_schema()
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.store.dispose()
+
+
+@pytest.fixture
+def engine(make_engine: Callable[[], BudgetEngine]) -> BudgetEngine:
+    return make_engine()
+
+
+@pytest.fixture
+def local_zone_not_utc() -> Iterator[None]:
+    """The process's local time zone is UTC+5:30 (SQLite hands back datetimes without a zone)."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "IST-5:30"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+def budget_row(store: Store, *, duration: str = "1d", last_reset: float = T0) -> str:
+    with store.session() as s:
+        row = BudgetRow(
+            owner_type="team",
+            owner_id="research",
+            max_limit_nanos=10**12,
+            reset_duration=duration,
+            last_reset=at(last_reset),
+        )
+        s.add(row)
+        s.commit()
+        return row.id
+
+
+def rate_row(store: Store, *, duration: str = "1h", last_reset: float = T0) -> str:
+    with store.session() as s:
+        row = RateLimitRow(
+            owner_type="virtual_key",
+            owner_id="alice",
+            request_max_limit=1000,
+            request_reset_duration=duration,
+            request_last_reset=at(last_reset),
+            token_max_limit=10**6,
+            token_reset_duration=duration,
+            token_last_reset=at(last_reset),
+        )
+        s.add(row)
+        s.commit()
+        return row.id
+
+
+def budget_scope(engine: BudgetEngine, budget_id: str, duration: str = "1d") -> Scope:
+    counter = window(engine.registry, "budget", budget_id, duration=duration, now=engine.clock())
+    return Scope("team", "research", "research", budgets=(counter,))
+
+
+def rate_scope(engine: BudgetEngine, rate_id: str) -> Scope:
+    requests = window(engine.registry, "request", rate_id, limit=1000, now=engine.clock())
+    tokens = window(engine.registry, "token", rate_id, limit=10**6, now=engine.clock())
+    return Scope(
+        "virtual_key",
+        "alice",
+        "alice",
+        rate_limit=RateLimitCounters(rate_id, requests, tokens, None),
+    )
+
+
+def spend(engine: BudgetEngine, scope: Scope, cost: int = 0, tokens: int = 0) -> None:
+    """One request admitted and settled in this instance."""
+    ticket = engine.admit_now(LimitSet((scope,)), 0)
+    assert isinstance(ticket, Ticket)
+    engine.settle_now(ticket, cost, tokens)
+
+
+def stored_budget(store: Store, budget_id: str) -> tuple[int, datetime]:
+    return store.read_counters([budget_id], [])[0][budget_id]
+
+
+# -- instances sharing a store converge every cache TTL (SPEC §11) -------------------------------
+
+
+async def test_an_instance_sees_the_budget_spend_another_flushed_after_its_refresh(
+    make_engine: Callable[[], BudgetEngine],
+) -> None:
+    a, b = make_engine(), make_engine()
+    budget_id = budget_row(a.store)
+    in_a, in_b = budget_scope(a, budget_id), budget_scope(b, budget_id)
+    spend(b, in_b, cost=700)
+    assert await b.flush()
+    spend(a, in_a, cost=300)  # not flushed yet: it still counts here
+    assert in_a.budgets[0].value == 300
+    await a.counters.refresh()
+    assert in_a.budgets[0].value == 700 + 300
+    assert await a.flush()
+    await b.counters.refresh()
+    assert in_b.budgets[0].value == 1000
+    assert stored_budget(a.store, budget_id) == (1000, at(T0))
+
+
+async def test_an_instance_sees_the_requests_and_tokens_another_flushed_after_its_refresh(
+    make_engine: Callable[[], BudgetEngine], local_zone_not_utc: None
+) -> None:
+    """Rate limits only (the store's times read back from SQLite without a zone are UTC, whatever
+    the local zone)."""
+    a, b = make_engine(), make_engine()
+    rate_id = rate_row(a.store)
+    in_a, in_b = rate_scope(a, rate_id), rate_scope(b, rate_id)
+    spend(b, in_b, tokens=30)
+    spend(b, in_b, tokens=10)
+    assert await b.flush()
+    spend(a, in_a, tokens=5)
+    await a.counters.refresh()
+    rate = in_a.rate_limit
+    assert rate is not None and rate.requests is not None and rate.tokens is not None
+    assert (rate.requests.value, rate.tokens.value) == (2 + 1, 40 + 5)
+
+
+async def test_a_refresh_with_no_live_counters_does_not_read_the_store(
+    engine: BudgetEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[tuple[list[str], set[str]]] = []
+    read_counters = engine.store.read_counters
+
+    def counting(budget_ids: list[str], rate_ids: set[str]) -> object:
+        reads.append((budget_ids, rate_ids))
+        return read_counters(budget_ids, rate_ids)
+
+    monkeypatch.setattr(engine.store, "read_counters", counting)
+    await engine.counters.refresh()
+    assert reads == []
+    budget_id = budget_row(engine.store)
+    budget_scope(engine, budget_id)
+    await engine.counters.refresh()
+    assert reads == [([budget_id], set())]
+
+
+async def test_while_writes_fail_a_refresh_never_takes_back_what_this_instance_charged(
+    make_engine: Callable[[], BudgetEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush took A's charge and could not write it: it counts in A until the store holds it,
+    and once the store confirms it, it is not counted twice."""
+    a, b = make_engine(), make_engine()
+    budget_id = budget_row(a.store)
+    in_a, in_b = budget_scope(a, budget_id), budget_scope(b, budget_id)
+    spend(a, in_a, cost=500)
+
+    def refuse(*args: object) -> None:
+        raise ServiceUnavailable("read-only")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(a.store, "apply_flush", refuse)
+        patched.setattr(a.store, "writable", lambda: False)
+        assert not await a.flush()
+    spend(b, in_b, cost=200)
+    assert await b.flush()
+    await a.counters.refresh()
+    assert in_a.budgets[0].value == 200 + 500
+    assert await a.flush()  # the store is writable again
+    assert stored_budget(a.store, budget_id) == (700, at(T0))
+    assert a.registry.ledger.unconfirmed == {}  # nothing is left to count twice
+    await a.counters.refresh()
+    assert in_a.budgets[0].value == 700
+
+
+# -- seeding: the store's usage of this window, plus this process's unwritten charges ----------
+
+
+def test_a_counter_seeded_from_the_store_adds_its_pending_charges_of_this_window() -> None:
+    registry = CounterRegistry()
+    counter = window(registry, "budget", "b", now=T0 + 10 * MINUTE)  # [T0, T0 + 1h)
+    counter.add(5, registry.ledger)
+    counter.seed(100, T0, registry.ledger)
+    assert counter.value == 105
+    counter.seed(100, T0 - HOUR, registry.ledger)  # the store still holds the window before
+    assert counter.value == 5
+
+
+def test_what_a_flush_took_for_an_ended_window_does_not_count_in_the_next(
+    engine: BudgetEngine,
+) -> None:
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, "budget", "b")
+    counter.add(5, ledger)
+    assert take(engine) == [("budget", "b", at(T0), at(T0 + HOUR), 5)]
+    ensure_current([counter], T0 + HOUR, ledger)
+    counter.seed(100, T0 + HOUR, ledger)
+    assert counter.value == 100
+    counter.seed(100, T0, ledger)  # the store has not started the new window yet
+    assert counter.value == 0
+
+
+def test_the_store_confirming_one_flush_leaves_another_flushs_charges_counted(
+    engine: BudgetEngine,
+) -> None:
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, "request", "r")
+    counter.add(5, ledger)
+    first = engine.counters.take_deltas()
+    counter.add(1, ledger)
+    second = engine.counters.take_deltas()
+    counter.seed(0, T0, ledger)  # the store has neither
+    assert counter.value == 6
+    for d in first:
+        ledger.confirmed(d.kind, d.id, d.start_ts, d.amount)
+    counter.seed(5, T0, ledger)
+    assert counter.value == 6
+    for d in second:
+        ledger.confirmed(d.kind, d.id, d.start_ts, d.amount)
+    counter.seed(6, T0, ledger)
+    assert counter.value == 6
+    assert ledger.unconfirmed == {}
+
+
+# -- deltas: each charge goes to the store under the window it was made in -------------------
+
+
+def test_charges_of_the_current_window_carry_its_end_and_a_flush_takes_them_once(
+    engine: BudgetEngine,
+) -> None:
+    ledger = engine.registry.ledger
+    budget = window(engine.registry, "budget", "b")
+    tokens = window(engine.registry, "token", "r", duration="1d")
+    budget.add(5, ledger)
+    tokens.add(40, ledger)
+    assert sorted(take(engine)) == [
+        ("budget", "b", at(T0), at(T0 + HOUR), 5),
+        ("token", "r", at(T0), at(T0 + DAY), 40),
+    ]
+    assert engine.pending_deltas == 0
+    assert take(engine) == []
+    budget.add(3, ledger)
+    assert take(engine) == [("budget", "b", at(T0), at(T0 + HOUR), 3)]
+    assert (budget.value, tokens.value) == (8, 40)
+
+
+def test_a_window_rolls_exactly_at_its_end_and_its_charges_end_where_the_next_begins(
+    engine: BudgetEngine,
+) -> None:
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, "request", "r")
+    counter.add(5, ledger)
+    ensure_current([counter], T0 + HOUR - 0.001, ledger)
+    assert (counter.value, counter.start) == (5, T0)
+    ensure_current([counter], T0 + HOUR, ledger)
+    assert (counter.value, counter.start, counter.end) == (0, T0 + HOUR, T0 + 2 * HOUR)
+    assert take(engine) == [("request", "r", at(T0), at(T0 + HOUR), 5)]
+    assert take(engine) == []
+    counter.add(3, ledger)
+    assert take(engine) == [("request", "r", at(T0 + HOUR), at(T0 + 2 * HOUR), 3)]
+
+
+async def test_the_store_holds_each_window_s_charges_in_that_window(
+    engine: BudgetEngine, clock: Clock
+) -> None:
+    budget_id = budget_row(engine.store, duration="1h")
+    scope = budget_scope(engine, budget_id, duration="1h")
+    spend(engine, scope, cost=5)
+    clock.now = T0 + HOUR + MINUTE
+    spend(engine, scope, cost=3)
+    assert await engine.flush()
+    assert stored_budget(engine.store, budget_id) == (3, at(T0 + HOUR))
+
+
+def test_a_budget_that_never_resets_keeps_its_spend_forever(engine: BudgetEngine) -> None:
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, "budget", "b", duration=None, usage=40)
+    counter.add(2, ledger)
+    ensure_current([counter], T0 + 3650 * DAY, ledger)
+    assert (counter.value, counter.start) == (42, T0)
+    assert take(engine) == [("budget", "b", at(T0), END_OF_TIME, 2)]
+
+
+# -- a newer window from another instance, a reset, a changed limit ----------------------------
+
+
+def test_a_newer_anchor_from_the_store_moves_the_window_on_and_seals_the_old_one(
+    engine: BudgetEngine,
+) -> None:
+    """Another instance rolled the window: the key read again carries the store's newer last
+    reset; what was counted here belongs to the window that ended, and leaks nothing into the
+    next."""
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, "budget", "b", now=T0 + 50 * MINUTE)
+    counter.add(5, ledger)
+    again = window(engine.registry, "budget", "b", anchor=T0 + HOUR, now=T0 + 70 * MINUTE)
+    assert again is counter
+    assert (counter.value, counter.start, counter.end) == (0, T0 + HOUR, T0 + 2 * HOUR)
+    assert take(engine) == [("budget", "b", at(T0), at(T0 + HOUR), 5)]
+
+
+def test_an_older_anchor_never_moves_the_window_back() -> None:
+    registry = CounterRegistry()
+    counter = window(registry, "budget", "b", anchor=T0 + 20 * MINUTE, now=T0 + 30 * MINUTE)
+    counter.add(5, registry.ledger)
+    window(registry, "budget", "b", anchor=T0, now=T0 + 40 * MINUTE)  # a stale read
+    assert (counter.value, counter.start, counter.end) == (5, T0 + 20 * MINUTE, T0 + 80 * MINUTE)
+    window(registry, "budget", "b", duration="2h", anchor=T0, now=T0 + 40 * MINUTE)
+    assert (counter.value, counter.start, counter.end) == (5, T0 + 20 * MINUTE, T0 + 140 * MINUTE)
+
+
+def test_a_reset_drops_the_old_window_s_unwritten_charges_and_starts_a_window_now(
+    engine: BudgetEngine,
+) -> None:
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, "budget", "b", now=T0 + 10 * MINUTE)
+    counter.add(5, ledger)
+    counter.reset(T0 + 20 * MINUTE)
+    assert (counter.value, counter.start, counter.end) == (0, T0 + 20 * MINUTE, T0 + 80 * MINUTE)
+    assert take(engine) == []
+    counter.seed(40, T0 + 20 * MINUTE, ledger)
+    assert counter.value == 40
+    counter.add(2, ledger)
+    assert take(engine) == [("budget", "b", at(T0 + 20 * MINUTE), at(T0 + 80 * MINUTE), 2)]
+
+
+def test_changing_a_limit_s_duration_keeps_its_usage_while_the_windows_overlap(
+    engine: BudgetEngine,
+) -> None:
+    """1h -> 1d: the day's window holds the hour's; the charge pending for the hour is no longer
+    the current window's, so it goes to the store open-ended."""
+    ledger = engine.registry.ledger
+    now = T0 + 150 * MINUTE
+    counter = window(engine.registry, "budget", "b", now=now)  # [T0 + 2h, T0 + 3h)
+    counter.add(5, ledger)
+    window(engine.registry, "budget", "b", duration="1d", limit=2 * 10**12, now=now)
+    assert (counter.value, counter.limit, counter.start, counter.end) == (
+        5,
+        2 * 10**12,
+        T0,
+        T0 + DAY,
+    )
+    assert ledger.sealed == []
+    assert take(engine) == [("budget", "b", at(T0 + 2 * HOUR), END_OF_TIME, 5)]
+
+
+def test_a_charge_after_a_duration_change_keeps_the_old_window_s_pending_apart(
+    engine: BudgetEngine,
+) -> None:
+    ledger = engine.registry.ledger
+    now = T0 + 150 * MINUTE
+    counter = window(engine.registry, "budget", "b", now=now)  # [T0 + 2h, T0 + 3h)
+    counter.add(5, ledger)
+    window(engine.registry, "budget", "b", duration="1d", now=now)  # [T0, T0 + 1d)
+    counter.add(3, ledger)
+    assert counter.value == 8
+    assert take(engine) == [
+        ("budget", "b", at(T0 + 2 * HOUR), END_OF_TIME, 5),  # not followed by the day's window
+        ("budget", "b", at(T0), at(T0 + DAY), 3),
+    ]
+
+
+def test_a_charge_sealed_for_the_window_the_counter_is_back_in_stays_open_ended(
+    engine: BudgetEngine,
+) -> None:
+    """1h -> 1d -> 1h: the hour's charge was sealed, and the counter's window is that hour
+    again; no window follows it, so it carries no end."""
+    ledger = engine.registry.ledger
+    now = T0 + 150 * MINUTE
+    counter = window(engine.registry, "budget", "b", now=now)
+    counter.add(5, ledger)
+    window(engine.registry, "budget", "b", duration="1d", now=now)
+    counter.add(3, ledger)
+    window(engine.registry, "budget", "b", duration="1h", now=now)
+    assert (counter.value, counter.start) == (8, T0 + 2 * HOUR)
+    assert take(engine) == [
+        ("budget", "b", at(T0 + 2 * HOUR), END_OF_TIME, 5),
+        ("budget", "b", at(T0), END_OF_TIME, 3),
+    ]
+
+
+def test_a_new_duration_whose_window_starts_after_the_old_one_ended_starts_from_zero(
+    engine: BudgetEngine,
+) -> None:
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, "budget", "b", now=T0 + 50 * MINUTE)  # [T0, T0 + 1h)
+    counter.add(5, ledger)
+    # no request since: the counter still holds the ended hour when the limit becomes 2h
+    window(engine.registry, "budget", "b", duration="2h", now=T0 + 130 * MINUTE)
+    assert (counter.value, counter.start, counter.end) == (0, T0 + 2 * HOUR, T0 + 4 * HOUR)
+    assert take(engine) == [("budget", "b", at(T0), at(T0 + 2 * HOUR), 5)]
+
+
+# -- what the answers show, the backend in process -------------------------------------------
+
+
+def test_headers_show_budget_limits_in_dollars_and_counts_as_integers() -> None:
+    registry = CounterRegistry()
+    budget = window(registry, "budget", "b", limit=10**15)  # $1,000,000
+    requests = window(registry, "request", "r", limit=7)
+    assert (budget.limit_text, requests.limit_text) == (b"1000000.000000", b"7")
+    requests.add(4, registry.ledger)
+    assert requests.remaining == 3
+    requests.add(5, registry.ledger)
+    assert requests.remaining == 0
+
+
+def test_equal_limits_and_window_bounds_share_one_object_in_bounded_tables() -> None:
+    table: LRUCache[float, float] = LRUCache(3)
+    first = float("1.5")
+    assert shared(table, first) is first
+    shared(table, 2.5)
+    assert shared(table, float("1.5")) is first
+    for n in range(10):
+        shared(table, float(n))
+        assert len(table) <= 3
+    registry = CounterRegistry()
+    for n in range(10_002):
+        window(registry, "request", f"r{n}", limit=n + 1, anchor=T0 + n, now=T0 + n)
+        assert len(limits_module._LIMITS) <= 10_000
+        assert len(limits_module._FLOATS) <= 10_000
+    one = window(registry, "token", "a", limit=10**9 + 1)
+    window(registry, "token", "b", limit=10**9 + 2)
+    other = window(registry, "token", "c", limit=10**9 + 1)
+    assert one.limit_text is other.limit_text
+
+
+async def test_memory_counters_admit_and_settle_in_process(engine: BudgetEngine) -> None:
+    budget_id = budget_row(engine.store)
+    scope = budget_scope(engine, budget_id)
+    ticket = await engine.counters.admit(LimitSet((scope,)), 0)
+    assert isinstance(ticket, Ticket)
+    await engine.counters.settle(ticket, 7, 0)
+    assert scope.budgets[0].value == 7
+    assert await engine.counters.health() == "disabled"
