@@ -61,8 +61,8 @@ def admit(
     (requests, tokens, concurrency), then the budgets of every scope. The first limit that
     refuses is the answer (an exhausted budget beats one that only reservations fill); nothing
     is changed unless every limit passes. On the way, the tightest limit of each kind is kept for
-    the response headers (the least left; ties keep the first). `lua/admit.lua` is the same rule
-    for Redis."""
+    the response headers (the least left; ties keep the first). `store/lua/admit.lua` is the same
+    rule for Redis."""
     requests: WindowCounter | None = None
     tokens: WindowCounter | None = None
     requests_left = tokens_left = 0
