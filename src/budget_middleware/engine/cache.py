@@ -242,7 +242,10 @@ class KeyCache:
 
     def get(self, digest: bytes) -> KeyConfig | NotCached | None:
         """The cached config, None for a cached unknown key, `NOT_CACHED` when not cached."""
-        return self._cache.get(digest, NOT_CACHED)
+        try:  # one __getitem__ (0.4 µs a hit); TTLCache.get checks the expiry twice (1.4 µs)
+            return self._cache[digest]
+        except KeyError:
+            return NOT_CACHED
 
     def put(self, digest: bytes, config: KeyConfig | None) -> None:
         self._cache[digest] = config
