@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 
 import pytest
 from cachetools import LRUCache
+from sqlalchemy.exc import OperationalError
+from sqlmodel import col, update
 
 from budget_middleware import BudgetSettings
 from budget_middleware.core import windows as limits_module
@@ -33,6 +35,8 @@ from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.exceptions import ServiceUnavailable
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import BudgetRow, RateLimitRow
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix, use_prefix
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC).timestamp()
 MINUTE = 60.0
@@ -536,3 +540,67 @@ async def test_memory_counters_admit_and_settle_in_process(engine: BudgetEngine)
     await engine.counters.settle(ticket, 7, 0)
     assert scope.budgets[0].value == 7
     assert await engine.counters.health() == "disabled"
+
+
+async def test_with_redis_a_window_the_store_cannot_seed_fails_closed_and_marks_the_store_down(
+    sqlite_url: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window key Redis does not hold is seeded from the store: when the store cannot be read,
+    the request is not admitted on a guess, and the engine knows the store is unreachable."""
+    need_redis()
+    settings = BudgetSettings(
+        database_url=sqlite_url, admin_key="admin-secret", redis_url=REDIS_URL
+    )
+    engine = BudgetEngine(settings, clock=clock)
+    prefix = unique_prefix()
+    use_prefix(engine, prefix)
+    await engine.ensure_started()
+    try:
+        scope = budget_scope(engine, budget_row(engine.store))
+
+        def unreachable(*args: object) -> None:
+            raise OperationalError("SELECT", None, ConnectionRefusedError())
+
+        monkeypatch.setattr(engine.store, "read_counters", unreachable)
+        with pytest.raises(ServiceUnavailable):
+            await engine.admit(LimitSet((scope,)), 0)
+        assert not engine.store_ok
+    finally:
+        await engine.shutdown()
+        delete_prefix(REDIS_URL, prefix)
+
+
+async def test_a_late_charge_of_an_old_window_never_lands_in_a_window_reset_since(
+    make_engine: Callable[[], BudgetEngine], clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The counter rolled on twice before a flush could write the first hour's charge; another
+    instance reset the budget meanwhile: the late charge ends with its own hour, not later."""
+    engine = make_engine()
+    budget_id = budget_row(engine.store, duration="1h")
+    scope = budget_scope(engine, budget_id, duration="1h")
+
+    def refuse(*args: object) -> None:
+        raise OperationalError("INSERT", None, ConnectionRefusedError())
+
+    with monkeypatch.context() as outage:
+        outage.setattr(engine.store, "apply_flush", refuse)
+        outage.setattr(engine.store, "writable", lambda: False)
+        clock.now = T0 + 40 * MINUTE
+        spend(engine, scope, cost=1)
+        assert not await engine.flush()  # taken, and kept for later
+        clock.now = T0 + 50 * MINUTE
+        spend(engine, scope, cost=5)
+        clock.now = T0 + 65 * MINUTE
+        spend(engine, scope, cost=0)  # the second hour: the first hour's $5 is sealed
+        clock.now = T0 + 125 * MINUTE
+        spend(engine, scope, cost=0)  # the third hour
+    reset_at = T0 + 115 * MINUTE  # another instance reset the budget
+    with engine.store.session() as s:
+        s.execute(
+            update(BudgetRow)
+            .where(col(BudgetRow.id) == budget_id)
+            .values(current_usage_nanos=0, last_reset=at(reset_at))
+        )
+        s.commit()
+    assert await engine.flush()
+    assert stored_budget(engine.store, budget_id) == (0, at(reset_at))

@@ -143,6 +143,10 @@ class WindowCounter:
         )
         return _shared_float(start.timestamp()), _shared_float(end.timestamp())
 
+    def window_end(self, start: float) -> float:
+        """Where the window that contains `start` ends, as this counter's limit has it now."""
+        return self._window_at(start)[1]
+
     def roll(self, now: float, ledger: Ledger) -> None:
         """Start the window that contains `now` (called only when `now >= self.end`)."""
         self._seal(ledger)

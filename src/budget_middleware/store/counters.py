@@ -118,10 +118,12 @@ class CounterBackend(ABC):
 
 
 def _end_of(kind: str, id_: str, start: float, backend: CounterBackend) -> float:
-    """The end of a sealed window: where the counter's window after it begins, or never."""
+    """The end of a sealed window: where the counter's window after it begins, or never; and no
+    later than its own end (the counter may have rolled on again before a flush took it: a late
+    charge must not land in a window the store started after it, by a reset elsewhere)."""
     counter: WindowCounter | None = backend.registry.counter(kind, id_)
     if counter is not None and counter.start > start:
-        return counter.start
+        return min(counter.start, counter.window_end(start))
     return FAR_FUTURE
 
 
