@@ -531,6 +531,33 @@ async def test_body_tags_that_are_not_a_list_of_strings_are_ignored_not_split_or
     assert answer.json()["tags"] == sorted(["env:prod", *tags])
 
 
+@pytest.mark.parametrize(
+    ("header", "body", "expected"),
+    [
+        # 20 + 20 distinct tags: the first 32 in order are kept
+        (
+            ",".join(f"h{n:02}" for n in range(20)),
+            [f"b{n:02}" for n in range(20)],
+            [f"b{n:02}" for n in range(20)] + [f"h{n:02}" for n in range(12)],
+        ),
+        # past 32 comma-separated parts the header is not read: no tag is made of the rest
+        (",".join(["dup"] * 32 + ["x", "y"]), [], ["dup"]),
+        ("", [f"t{n:02}" for n in range(50)], [f"t{n:02}" for n in range(32)]),
+    ],
+)
+async def test_a_request_carries_at_most_32_tags_and_none_it_did_not_send(
+    make_settings: Settings, header: str, body: list[str], expected: list[str]
+) -> None:
+    app = host_app(make_settings())
+    async with running(app), client(app) as http:
+        answer = await http.post(
+            "/v1/state/completions",
+            json={"model": "gpt-4o", "metadata": {"tags": body}},
+            headers={"x-budget-tags": header},
+        )
+    assert answer.json()["tags"] == expected
+
+
 # -- month windows whatever the anchor's time zone -----------------------------------------------
 
 
