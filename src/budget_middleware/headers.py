@@ -49,29 +49,25 @@ def _tightest(counters: Sequence[WindowCounter]) -> tuple[WindowCounter | None, 
 
 def add_limit_headers(out: list[tuple[bytes, bytes]], tight: Tightest, now: float) -> None:
     """Append the headers of the tightest limits to a response's headers."""
-    window = tight[0]
-    if window is not None:
-        _rate_headers(out, _REQUEST_HEADERS, window, tight[1], now)
-    window = tight[2]
-    if window is not None:
-        _rate_headers(out, _TOKEN_HEADERS, window, tight[3], now)
-    window = tight[4]
-    if window is not None:
-        out.append((b"x-budget-limit", window.limit_text))
-        out.append((b"x-budget-remaining", usd_header(tight[5])))
-
-
-def _rate_headers(
-    out: list[tuple[bytes, bytes]],
-    names: tuple[bytes, bytes, bytes],
-    window: WindowCounter,
-    remaining: int,
-    now: float,
-) -> None:
-    left = window.end - now
-    out.append((names[0], window.limit_text))
-    out.append((names[1], b"%d" % (remaining if remaining > 0 else 0)))
-    # round() as "%.0f" does (half to even), formatted as an int: twice as fast
-    out.append(
-        (names[2], b"never" if left == FAR_FUTURE else b"%ds" % (round(left) if left > 0 else 0))
-    )
+    append = out.append
+    requests, requests_left, tokens, tokens_left, budget, budget_left = tight
+    for names, window, left in (
+        (_REQUEST_HEADERS, requests, requests_left),
+        (_TOKEN_HEADERS, tokens, tokens_left),
+    ):
+        if window is not None:
+            append((names[0], window.limit_text))
+            append((names[1], b"%d" % (left if left > 0 else 0)))
+            # round() as "%.0f" does (half to even), formatted as an int: twice as fast
+            seconds = window.end - now
+            append(
+                (
+                    names[2],
+                    b"never"
+                    if seconds == FAR_FUTURE
+                    else b"%ds" % (round(seconds) if seconds > 0 else 0),
+                )
+            )
+    if budget is not None:
+        append((b"x-budget-limit", budget.limit_text))
+        append((b"x-budget-remaining", usd_header(budget_left)))

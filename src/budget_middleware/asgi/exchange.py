@@ -228,8 +228,6 @@ class Exchange:
 
     def _charge(self, outcome: str) -> tuple[int, int]:
         """Work out the cost, record the request; (cost in nano-dollars, tokens) to settle."""
-        engine = self.engine
-        target = self.target
         usage = None if self.unreadable else self._usage()
         estimated = self.estimated
         note = self.unreadable
@@ -248,8 +246,9 @@ class Exchange:
             price = self.price
             if price is None:
                 cost, source = 0, "unpriced"
-                engine.prices.note_unpriced(target.provider, target.model)
-                engine.stats.unpriced_requests += 1
+                target = self.target
+                self.engine.prices.note_unpriced(target.provider, target.model)
+                self.engine.stats.unpriced_requests += 1
             else:
                 cost, source = cost_nanos(price, usage), price.source
         if usage is None:
@@ -266,10 +265,23 @@ class Exchange:
         if cost > MAX_CHARGE_NANOS:
             cost = MAX_CHARGE_NANOS
             note = "cost over $1,000,000, charged $1,000,000"
-        if note is not None and len(note) > _MAX_NOTE:
-            note = note[:_MAX_NOTE]
+        self._record(outcome, inp, out, cached, cost, source, estimated, note)
+        return cost, inp + out
+
+    def _record(
+        self,
+        outcome: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached_tokens: int,
+        cost: int,
+        source: str,
+        estimated: bool,
+        note: str | None,
+    ) -> None:
+        """Hand this request's usage record to the engine (written by the next flush)."""
         caller = self.caller
-        engine.record(
+        self.engine.record(
             UsageRecord(
                 request_id="",  # named when flushed, after its batch
                 created_at=self.admitted_at,
@@ -279,20 +291,19 @@ class Exchange:
                 provider=caller.provider,
                 model=caller.model,
                 tags=caller.tags,
-                input_tokens=inp,
-                output_tokens=out,
-                cached_tokens=cached,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cached_tokens=cached_tokens,
                 cost_nanos=cost,
                 cost_source=source,
                 status=self.status,
                 streamed=self.stream is not None,
                 outcome=outcome,
                 estimated=estimated,
-                note=note,
+                note=note if note is None or len(note) <= _MAX_NOTE else note[:_MAX_NOTE],
                 duration_ms=(perf_counter() - self.started) * 1000,
             )
         )
-        return cost, inp + out
 
     def settle_now(self, outcome: str) -> None:
         """Settle in process (memory counters): no await between the charge and the counters."""
@@ -315,32 +326,9 @@ class Exchange:
             logger.exception(
                 "budget-middleware could not work out a charge; the estimate is charged"
             )
-            target = self.target
             cost = self.ticket_estimate or estimate_nanos(
-                self.price, self.prompt_tokens, target.max_output_tokens or 0
+                self.price, self.prompt_tokens, self.target.max_output_tokens or 0
             )
-            caller = self.caller
-            self.engine.record(
-                UsageRecord(
-                    request_id="",
-                    created_at=self.admitted_at,
-                    virtual_key_id=caller.virtual_key_id,
-                    team_id=caller.team_id,
-                    customer_id=caller.customer_id,
-                    provider=caller.provider,
-                    model=caller.model,
-                    tags=caller.tags,
-                    input_tokens=self.prompt_tokens,
-                    output_tokens=0,
-                    cached_tokens=0,
-                    cost_nanos=cost,
-                    cost_source="estimate",
-                    status=self.status,
-                    streamed=self.stream is not None,
-                    outcome=outcome,
-                    estimated=True,
-                    note=f"charge failed: {type(exc).__name__}"[:_MAX_NOTE],
-                    duration_ms=(perf_counter() - self.started) * 1000,
-                )
-            )
+            note = f"charge failed: {type(exc).__name__}"
+            self._record(outcome, self.prompt_tokens, 0, 0, cost, "estimate", True, note)
             return cost, self.prompt_tokens

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from budget_middleware.core.scopes import LimitSet, Scope
-from budget_middleware.core.windows import Ledger, WindowCounter
+from budget_middleware.core.windows import Ledger, WindowCounter, charge
 
 
 @dataclass(slots=True, frozen=True)
@@ -121,8 +121,7 @@ def admit(
             budget, budget_left = counter, left
     if held is not None:
         return held
-    for counter in limits.requests:
-        counter.add(1, ledger)
+    charge(limits.requests, 1, now, ledger)
     for slots in limits.slots:
         slots.in_flight += 1
     reservation = estimate if reserve else 0
@@ -142,19 +141,14 @@ def settle(ticket: Ticket, cost: int, tokens: int, now: float, ledger: Ledger) -
     ticket.settled = True
     reservation = ticket.reservation
     limits = ticket.limits
-    for budget in limits.budgets:
-        if reservation:
+    if reservation:
+        for budget in limits.budgets:
             left = budget.reserved - reservation
             budget.reserved = left if left > 0 else 0
-        if now >= budget.end:
-            budget.roll(now, ledger)
-        if cost:
-            budget.add(cost, ledger)
+    if cost:
+        charge(limits.budgets, cost, now, ledger)
     if tokens:
-        for counter in limits.tokens:
-            if now >= counter.end:
-                counter.roll(now, ledger)
-            counter.add(tokens, ledger)
+        charge(limits.tokens, tokens, now, ledger)
     for slots in limits.slots:
         if slots.in_flight > 0:
             slots.in_flight -= 1

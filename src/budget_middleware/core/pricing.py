@@ -67,7 +67,12 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
 
 def estimate_nanos(price: ModelPrice | None, input_tokens: int, output_tokens: int) -> int:
     """Worst-case cost to reserve: all input uncached, at base-tier prices; 0 when unpriced."""
-    return 0 if price is None else cost_nanos(price, TokenUsage(input_tokens, output_tokens))
+    if price is None:
+        return 0
+    rates = price._rates
+    femto = (input_tokens if input_tokens > 0 else 0) * rates[0]
+    femto += (output_tokens if output_tokens > 0 else 0) * rates[1]
+    return (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
 
 def cost_usd(price: ModelPrice, usage: TokenUsage) -> float:

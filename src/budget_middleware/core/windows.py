@@ -154,15 +154,8 @@ class WindowCounter:
         self.value = 0
 
     def add(self, amount: int, ledger: Ledger) -> None:
-        self.value += amount
-        if self.pending_start == self.start:  # the usual case: more for the same window
-            self.pending += amount
-        else:  # the first charge of a window: what is pending for an older one is sealed
-            if self.pending:
-                ledger.sealed.append((self.kind, self.id, self.pending_start, self.pending))
-            self.pending = amount
-            self.pending_start = self.start
-        ledger.dirty.add(self)
+        """Add to the current window (see `charge`)."""
+        charge((self,), amount, self.start, ledger)
 
     def reset(self, now: float) -> None:
         """Start a new window now (`POST /budgets/{id}/reset`); charges of the old window that are
@@ -284,6 +277,26 @@ class CounterRegistry:
             slots = self.concurrency[id] = Concurrency(id)
         slots.limit = limit
         return slots
+
+
+def charge(counters: Sequence[WindowCounter], amount: int, now: float, ledger: Ledger) -> None:
+    """Add `amount` to each counter's window at `now` (a window that has ended rolls first).
+
+    The counter's value grows, and so does what it holds for the flusher (`pending`); the first
+    charge of a window seals what is pending for an older one as that window's own delta."""
+    dirty = ledger.dirty
+    for counter in counters:
+        if now >= counter.end:
+            counter.roll(now, ledger)
+        counter.value += amount
+        start = counter.start
+        if counter.pending_start == start:  # the usual case: more for the same window
+            counter.pending += amount
+        else:  # the first charge of a window: what is pending for an older one is sealed
+            counter._seal(ledger)
+            counter.pending = amount
+            counter.pending_start = start
+        dirty.add(counter)
 
 
 def ensure_current(counters: Sequence[WindowCounter], now: float, ledger: Ledger) -> None:

@@ -358,7 +358,11 @@ class BudgetEngine:
         """Admission in process (memory counters only): atomic, no await."""
         memory = self.memory
         assert memory is not None, "admit_now needs the in-process counters"
-        return self._count(memory.admit_now(limits, estimate))
+        decision = memory.admit_now(limits, estimate)
+        if type(decision) is Ticket:
+            self.stats.admitted += 1
+            return decision
+        return self._count(decision)
 
     def _count(self, decision: Ticket | Refusal) -> Ticket | Refusal:
         if type(decision) is Refusal:
