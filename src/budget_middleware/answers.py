@@ -151,3 +151,26 @@ def _wait(reset_at: float | None, now: float) -> float:
     if reset_at is None:
         return 1.0
     return max(reset_at - now, 0.001)
+
+
+_RETRY_HEADERS = (b"retry-after", b"retry-after-ms", b"content-length")
+
+
+def route_refusal_answer(tried: list[tuple[str, str, ErrorAnswer]]) -> tuple[ErrorAnswer, str]:
+    """Every target of a route refused (SPEC §12): (target, code, its answer) in route order.
+    The answer is the first retryable refusal (429) with the shortest `Retry-After` of them, or
+    else the first target's; its `error.targets` lists each target and its code. Returns the
+    answer and its code."""
+    retryable = [answer for _, _, answer in tried if answer.status == 429]
+    chosen = retryable[0] if retryable else tried[0][2]
+    document = json.loads(chosen.body)
+    document["error"]["targets"] = [{"target": target, "code": code} for target, code, _ in tried]
+    body = json.dumps(document).encode()
+    headers = [h for h in chosen.headers if h[0] not in _RETRY_HEADERS]
+    headers.append((b"content-length", str(len(body)).encode()))
+    if retryable:
+        waits = [dict(answer.headers) for answer in retryable]
+        shortest = min(waits, key=lambda h: int(h[b"retry-after-ms"]))
+        headers.append((b"retry-after", shortest[b"retry-after"]))
+        headers.append((b"retry-after-ms", shortest[b"retry-after-ms"]))
+    return ErrorAnswer(chosen.status, body, headers), document["error"]["code"]

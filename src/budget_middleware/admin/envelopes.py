@@ -13,6 +13,7 @@ from budget_middleware.manage.schemas import (
     ModelConfigOut,
     ProviderOut,
     RateLimitOut,
+    RouteOut,
     TagOut,
     TeamOut,
     VirtualKeyOut,
@@ -76,6 +77,8 @@ ProviderAnswer = one("provider", ProviderOut)
 ProviderList = many("providers", ProviderOut)
 TagAnswer = one("tag", TagOut)
 TagList = many("tags", TagOut)
+RouteAnswer = one("route", RouteOut)
+RouteList = many("routes", RouteOut)
 ModelConfigAnswer = one("model_config", ModelConfigOut)
 ModelConfigList = many("model_configs", ModelConfigOut, count="total_count")
 BudgetAnswer = one("budget", BudgetOut)

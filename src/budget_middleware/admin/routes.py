@@ -17,6 +17,8 @@ from budget_middleware.manage.schemas import (
     ModelConfigUpdate,
     ProviderPut,
     QuotaOut,
+    RouteCreate,
+    RouteUpdate,
     TagPut,
     TeamCreate,
     TeamUpdate,
@@ -236,6 +238,34 @@ async def delete_model_config(call: Call) -> AdminAnswer:
     return _deleted(call.path["id"])
 
 
+# -- routes (SPEC §12) -------------------------------------------------------------------
+
+
+async def list_routes(call: Call) -> AdminAnswer:
+    items = [dump(r) for r in await call.run(call.manager.list_routes)]
+    return ok({"routes": _page(call, items), "count": len(items)})
+
+
+async def create_route(call: Call) -> AdminAnswer:
+    body = await call.body(RouteCreate)
+    return ok({"route": dump(await call.write(call.manager.create_route, body))}, 201)
+
+
+async def get_route(call: Call) -> AdminAnswer:
+    return ok({"route": dump(await call.run(call.manager.get_route, call.path["id"]))})
+
+
+async def update_route(call: Call) -> AdminAnswer:
+    body = await call.body(RouteUpdate)
+    out = await call.write(call.manager.update_route, call.path["id"], body)
+    return ok({"route": dump(out)})
+
+
+async def delete_route(call: Call) -> AdminAnswer:
+    await call.write(call.manager.delete_route, call.path["id"])
+    return _deleted(call.path["id"])
+
+
 # -- budgets, rate limits, usage, health -------------------------------------------------
 
 
@@ -351,6 +381,16 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: env.Deleted, **_ONE_ERRORS}),
     Operation("POST", f"/virtual-keys/{_ID}/rotate", rotate_key, "A new value, once",
               {200: env.VirtualKeyAnswer, **_ONE_ERRORS}),
+    Operation("GET", "/routes", list_routes, "List routes", {200: env.RouteList, **_ERRORS},
+              query=_LIST),
+    Operation("POST", "/routes", create_route, "Create a route",
+              {201: env.RouteAnswer, **_WRITE_ERRORS}, body=RouteCreate),
+    Operation("GET", f"/routes/{_ID}", get_route, "Get a route",
+              {200: env.RouteAnswer, **_ONE_ERRORS}),
+    Operation("PUT", f"/routes/{_ID}", update_route, "Update a route",
+              {200: env.RouteAnswer, **_WRITE_ERRORS}, body=RouteUpdate),
+    Operation("DELETE", f"/routes/{_ID}", delete_route, "Delete a route",
+              {200: env.Deleted, **_ONE_ERRORS}),
     Operation("GET", "/budgets", list_budgets, "List budgets with their status",
               {200: env.BudgetList, **_ERRORS}, query=(OWNER_TYPE, OWNER_ID, FROM_MEMORY, *_LIST)),
     Operation("POST", f"/budgets/{_ID}/reset", reset_budget, "Start a new window now",

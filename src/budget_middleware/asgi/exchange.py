@@ -55,6 +55,7 @@ class Exchange:
     ticket_estimate = 0  # nano-dollars to reserve on every budget
     parsed: dict[str, Any] | None = None  # the request, for a stream to ask for its usage
     injected_usage = False
+    route_target: str | None = None  # the route's target admitted (SPEC §12): x-budget-route
     body = b""
     receive_: Receive
     send_: Send
@@ -151,6 +152,8 @@ class Exchange:
         add_limit_headers(
             kept, tightest_now(self.limits) if tight is None else tight, self.admitted_at
         )
+        if self.route_target is not None:
+            kept.append((b"x-budget-route", self.route_target.encode()))
         return {**message, "headers": kept}
 
     def _on_body(self, message: Message) -> Message:

@@ -6,7 +6,8 @@ charges nothing and counts against no limit. It never awaits: within one event l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.windows import Ledger, WindowCounter, charge
@@ -132,6 +133,31 @@ def admit(
         requests_left -= 1  # this request is counted now
     tightest = (requests, requests_left, tokens, tokens_left, budget, budget_left)
     return Ticket(limits, reservation, False, tightest)
+
+
+@dataclass(slots=True)
+class FirstAdmitted:
+    """Of several candidates (a route's targets, SPEC §12), the first admitted: its index and
+    ticket (-1 and None when every one refused), and the refusals of those tried before it."""
+
+    index: int = -1
+    ticket: Ticket | None = None
+    refusals: list[Refusal] = field(default_factory=list)
+
+
+def admit_first(
+    candidates: Sequence[tuple[LimitSet, int]], reserve: bool, now: float, ledger: Ledger
+) -> FirstAdmitted:
+    """`admit` each (limits, estimate) in turn until one is admitted: within one event loop (or
+    under a lock) the whole choice is atomic, as one admission is."""
+    result = FirstAdmitted()
+    for index, (limits, estimate) in enumerate(candidates):
+        decision = admit(limits, estimate, reserve, now, ledger)
+        if type(decision) is Ticket:
+            result.index, result.ticket = index, decision
+            return result
+        result.refusals.append(decision)  # type: ignore[arg-type]
+    return result
 
 
 def settle(ticket: Ticket, cost: int, tokens: int, now: float, ledger: Ledger) -> None:

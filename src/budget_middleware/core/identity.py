@@ -182,6 +182,17 @@ class TargetResolver:
                 break
         return Target(found[0], found[1], tags, data.get("stream") is True, limit)
 
+    def retarget(
+        self, target: Target, model: str, credentials: Credentials, route_path: str
+    ) -> Target:
+        """`target` sent to another model (a route's target, `provider/model` or bare): its
+        provider and model found as a request naming that model would have them."""
+        where = (model, credentials.provider, route_path)
+        found = self._routes.get(where)
+        if found is None:
+            found = self._route(*where)
+        return Target(found[0], found[1], target.tags, target.stream, target.max_output_tokens)
+
     def _route(self, raw_model: str, header: str | None, route_path: str) -> tuple[str, str]:
         model = raw_model.strip()
         provider: str | None = None

@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from budget_middleware.core.routing import Route
 from budget_middleware.core.windows import Concurrency, RateLimitCounters, WindowCounter
 
 OWNER_TYPES = (
@@ -217,12 +218,13 @@ class ModelRule:
 
 @dataclass(slots=True, eq=False)
 class GlobalConfig:
-    """Limits outside the key hierarchy: providers, global model configs, tags."""
+    """Limits outside the key hierarchy: providers, global model configs, tags; and routes."""
 
     providers: dict[str, Scope] = field(default_factory=dict)
     model_rules: tuple[ModelRule, ...] = ()
     tags: dict[str, Scope] = field(default_factory=dict)
     resolved: dict[tuple[str, str, tuple[str, ...]], LimitSet] = field(default_factory=dict)
+    routes: dict[str, Route] = field(default_factory=dict)  # by name (SPEC §12)
 
     def scopes_for(self, provider: str, model: str, tags: tuple[str, ...]) -> list[Scope]:
         scopes = []

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from cachetools import LRUCache, TTLCache
 
 from budget_middleware.core.durations import Duration
+from budget_middleware.core.routing import Route, parse_target
 from budget_middleware.core.scopes import (
     NO_POLICIES,
     GlobalConfig,
@@ -190,6 +191,10 @@ class ScopeBuilder:
             model_rules=tuple(r for r in rules if r.scope.has_limits),
             tags={
                 t.tag: self.scope("tag", t.tag, t.tag, lim.get(("tag", t.tag))) for t in record.tags
+            },
+            routes={
+                r.name: Route(r.id, r.name, tuple(parse_target(t) for t in r.targets), r.strategy)
+                for r in record.routes
             },
         )
 

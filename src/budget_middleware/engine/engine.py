@@ -14,14 +14,14 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 from cachetools import LRUCache
 
-from budget_middleware.core.admission import Refusal, Ticket
+from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import hash_key, key_digest
 from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet
@@ -373,6 +373,16 @@ class BudgetEngine:
 
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
         await self.counters.settle(ticket, cost, tokens)
+
+    def admit_first_now(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
+        """A route's admission in process: the first target admitted, atomically (no await).
+        The caller counts the request's outcome (one per request, not per target)."""
+        memory = self.memory
+        assert memory is not None, "admit_first_now needs the in-process counters"
+        return memory.admit_first_now(candidates)
+
+    async def admit_first(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
+        return await self.counters.admit_first(candidates)
 
     def settle_now(self, ticket: Ticket, cost: int, tokens: int) -> None:
         """Settlement in process (memory counters only)."""

@@ -1,6 +1,7 @@
 """Declarative configuration (SPEC §10): `BUDGET_CONFIG_FILE`, YAML or JSON, applied at start-up.
 
-Top-level lists `customers`, `teams`, `virtual_keys`, `providers`, `model_configs` and `tags`, each
+Top-level lists `customers`, `teams`, `virtual_keys`, `providers`, `model_configs`, `tags` and
+`routes` (SPEC §12), each
 entry a create body of the admin API. A team names its customer (`customer`: name or id), a key its
 team or customer (`team` / `customer`); a key's `value` may be `${ENV_VAR}`; a model config scoped
 to a key names it by `virtual_key` (name or id). A provider entry has `provider`, a tag entry `tag`.
@@ -37,6 +38,7 @@ from budget_middleware.manage.schemas import (
     CustomerCreate,
     ModelConfigCreate,
     ProviderPut,
+    RouteCreate,
     TagPut,
     TeamCreate,
     VirtualKeyCreate,
@@ -47,12 +49,13 @@ from budget_middleware.store.tables import (
     CustomerRow,
     ModelConfigRow,
     ProviderRow,
+    RouteRow,
     TagRow,
     TeamRow,
     VirtualKeyRow,
 )
 
-SECTIONS = ("customers", "teams", "virtual_keys", "providers", "model_configs", "tags")
+SECTIONS = ("customers", "teams", "virtual_keys", "providers", "model_configs", "tags", "routes")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -146,6 +149,7 @@ _CREATE: dict[str, type[BaseModel]] = {
     "providers": ProviderPut,
     "model_configs": ModelConfigCreate,
     "tags": TagPut,
+    "routes": RouteCreate,
 }
 _REFERENCES = (("customer", "customer_id"), ("team", "team_id"), ("virtual_key", "scope_id"))
 
@@ -249,6 +253,8 @@ class _Loader:
             if "customer" in body:
                 body["customer_id"] = self._find(CustomerRow, body.pop("customer"), "customer",
                                                  where)  # fmt: skip
+        elif section == "routes":
+            table, create, update = RouteRow, m.create_route, m.update_route
         else:
             self._apply_model_config(body, digest, m, where)
             return

@@ -41,6 +41,9 @@ from budget_middleware.manage.schemas import (
     ProviderOut,
     ProviderPut,
     RateLimitOut,
+    RouteCreate,
+    RouteOut,
+    RouteUpdate,
     TagOut,
     TagPut,
     TeamCreate,
@@ -56,6 +59,7 @@ from budget_middleware.store.tables import (
     CustomerRow,
     ModelConfigRow,
     ProviderRow,
+    RouteRow,
     TagRow,
     TeamRow,
     VirtualKeyRow,
@@ -256,6 +260,48 @@ class BudgetManager(KeyWriter):
     def delete_tag(self, tag: str) -> None:
         self._delete_named(TagRow, "tag", tag)
 
+    # -- routes (SPEC §12) ---------------------------------------------------------------
+
+    def create_route(self, body: Body = None, /, **fields: Any) -> RouteOut:
+        data = _body(RouteCreate, body, fields)
+        with self._session() as s:
+            self._unique_name(s, RouteRow, data.name, "route", None)
+            row = RouteRow(name=data.name, targets=list(data.targets), strategy=data.strategy)
+            self.origin.stamp(row, created=True)
+            s.add(row)
+            self._commit(s, "route")
+            return _route_out(row)
+
+    def update_route(self, id_: str, body: Body = None, /, **fields: Any) -> RouteOut:
+        data = _body(RouteUpdate, body, fields)
+        with self._session() as s:
+            row = self._get(s, RouteRow, id_, "route")
+            if data.name is not None:
+                self._unique_name(s, RouteRow, data.name, "route", row.id)
+                row.name = data.name
+            if data.targets is not None:
+                row.targets = list(data.targets)
+            if data.strategy is not None:
+                row.strategy = data.strategy
+            self.origin.stamp(row, created=False)
+            s.add(row)
+            self._commit(s, "route")
+            return _route_out(row)
+
+    def delete_route(self, id_: str) -> None:
+        with self._session() as s:
+            s.delete(self._get(s, RouteRow, id_, "route"))
+            s.commit()
+
+    def get_route(self, id_: str) -> RouteOut:
+        with self._session() as s:
+            return _route_out(self._get(s, RouteRow, id_, "route"))
+
+    def list_routes(self) -> list[RouteOut]:
+        with self._session() as s:
+            rows = s.exec(select(RouteRow).order_by(col(RouteRow.name))).all()
+            return [_route_out(r) for r in rows]
+
     # -- model configs -------------------------------------------------------------------
 
     def _unique_rule(self, s: Session, row: ModelConfigRow) -> None:
@@ -385,3 +431,7 @@ class BudgetManager(KeyWriter):
     @staticmethod
     def new_key_value(prefix: str) -> str:
         return prefix + secrets.token_urlsafe(32)
+
+
+def _route_out(row: RouteRow) -> RouteOut:
+    return RouteOut.model_validate(row, from_attributes=True)

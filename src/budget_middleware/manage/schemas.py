@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from budget_middleware.core.durations import Duration
+from budget_middleware.core.routing import MAX_TARGETS, target_problem
 
 OwnerType = Literal[
     "customer", "team", "virtual_key", "provider_config", "provider", "model_config", "tag"
@@ -380,6 +381,52 @@ class ModelConfigUpdate(_Limits):
     calendar_aligned: JsonBool | None = None
 
 
+# -- routes (SPEC §12) -------------------------------------------------------------------
+
+_NOT_SLASH = "\\x21-\\x2e\\x30-\\x7e"
+TARGET_PATTERN: Final = f"^[{_NOT_SLASH}](?:[{_VISIBLE}]*[{_NOT_SLASH}])?$"
+"""A route's target: `provider/model` or a bare model, printable ASCII without spaces, no `/` at
+either end (as model names)."""
+
+
+def _target(text: str) -> str:
+    problem = target_problem(text) or (None if text.isascii() else "a target is printable ASCII")
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+RouteTargetText = Annotated[
+    str,
+    AfterValidator(_target),
+    Field(min_length=1, max_length=300, json_schema_extra={"pattern": TARGET_PATTERN}),
+]
+RouteName = Annotated[
+    str,
+    AfterValidator(_target),
+    Field(min_length=1, max_length=200, json_schema_extra={"pattern": TARGET_PATTERN}),
+]
+Strategy = Literal["ordered", "most_remaining"]
+
+
+class RouteCreate(_Body):
+    name: RouteName = Field(description="the `model` a request names to use this route")
+    targets: list[RouteTargetText] = Field(
+        min_length=1, max_length=MAX_TARGETS, description="'provider/model', tried in this order"
+    )
+    strategy: Strategy = Field(
+        default="ordered", description="ordered: the first that passes; most_remaining: most left"
+    )
+
+
+class RouteUpdate(_Body):
+    name: RouteName | None = None
+    targets: list[RouteTargetText] | None = Field(
+        default=None, min_length=1, max_length=MAX_TARGETS
+    )
+    strategy: Strategy | None = None
+
+
 # -- answers -----------------------------------------------------------------------------
 
 
@@ -495,6 +542,17 @@ class ModelConfigOut(_OwnerOut):
     scope: Literal["global", "virtual_key"]
     scope_id: str | None
     scope_name: str | None = None
+
+
+class RouteOut(BaseModel):
+    id: str
+    name: str
+    targets: list[str]
+    strategy: Strategy
+    config_hash: str | None
+    source: str
+    created_at: datetime
+    updated_at: datetime
 
 
 class UsageRow(BaseModel):

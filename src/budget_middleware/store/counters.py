@@ -8,13 +8,13 @@ registry's ledger until the flusher has written them to the store as deltas.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
 from budget_middleware.core import admission
-from budget_middleware.core.admission import Refusal, Ticket
+from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.records import Delta
 from budget_middleware.core.scopes import LimitSet
 from budget_middleware.core.times import FAR_FUTURE, from_ts, utc
@@ -59,6 +59,17 @@ class CounterBackend(ABC):
 
     @abstractmethod
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None: ...
+
+    async def admit_first(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
+        """The first of several candidates admitted (a route's targets), one `admit` each."""
+        result = FirstAdmitted()
+        for index, (limits, estimate) in enumerate(candidates):
+            decision = await self.admit(limits, estimate)
+            if type(decision) is Ticket:
+                result.index, result.ticket = index, decision
+                return result
+            result.refusals.append(decision)  # type: ignore[arg-type]
+        return result
 
     async def refresh(self) -> None:
         """Re-read the counters from the store, every cache TTL (instances sharing a store)."""
@@ -136,6 +147,13 @@ class MemoryCounters(CounterBackend):
 
     def settle_now(self, ticket: Ticket, cost: int, tokens: int) -> None:
         admission.settle(ticket, cost, tokens, self.clock(), self.ledger)
+
+    def admit_first_now(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
+        reserve = self.settings.reserve
+        return admission.admit_first(candidates, reserve, self.clock(), self.ledger)
+
+    async def admit_first(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
+        return self.admit_first_now(candidates)
 
     async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
         return self.admit_now(limits, estimate)

@@ -34,6 +34,7 @@ from budget_middleware.store.tables import (
     ProviderRow,
     RateLimitRow,
     RejectedRow,
+    RouteRow,
     TagRow,
     TeamRow,
     UsageRecordRow,
@@ -67,6 +68,7 @@ class GlobalRecord:
     model_configs: list[ModelConfigRow]
     tags: list[TagRow]
     limits: dict[tuple[str, str], OwnerLimits]
+    routes: list[RouteRow]
 
 
 def make_engine(url: str) -> Engine:
@@ -156,10 +158,11 @@ class Store:
                 s.exec(select(ModelConfigRow).where(col(ModelConfigRow.scope) == "global")).all()
             )
             tags = list(s.exec(select(TagRow)).all())
+            routes = list(s.exec(select(RouteRow)).all())
             owners = [("provider", p.provider) for p in providers]
             owners += [("model_config", r.id) for r in rules]
             owners += [("tag", t.tag) for t in tags]
-            return GlobalRecord(providers, rules, tags, self._limits(s, owners))
+            return GlobalRecord(providers, rules, tags, self._limits(s, owners), routes)
 
     def _limits(
         self, s: Session, owners: Sequence[tuple[str, str]]

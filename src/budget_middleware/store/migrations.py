@@ -17,6 +17,8 @@ _LOCK_ID = 0x62756467  # "budg"
 _STEPS: dict[int, Callable[[Connection], None]] = {
     # 2: bm_rejected, a new table: `create_all` below makes it; nothing else changes.
     2: lambda conn: None,
+    # 3: bm_routes, a new table, made the same way.
+    3: lambda conn: None,
 }
 
 

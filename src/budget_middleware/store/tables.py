@@ -13,7 +13,7 @@ from sqlalchemy import JSON, BigInteger, DateTime, Index, Text, UniqueConstraint
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 2  # 2: bm_rejected
+SCHEMA_VERSION = 3  # 2: bm_rejected; 3: bm_routes
 
 
 def new_id() -> str:
@@ -99,6 +99,16 @@ class TagRow(_Stamped, table=True):
     __tablename__ = "bm_tags"
     tag: str = Field(primary_key=True, max_length=200)
     calendar_aligned: bool = False
+
+
+class RouteRow(_Stamped, table=True):
+    """A route (SPEC §12): a name a request's `model` may use, and its targets in order."""
+
+    __tablename__ = "bm_routes"
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    name: str = Field(unique=True, max_length=200)
+    targets: list[str] = Field(default_factory=list, sa_type=JSON)  # "provider/model", in order
+    strategy: str = Field(default="ordered", max_length=16)
 
 
 class BudgetRow(_Stamped, table=True):

@@ -1,0 +1,288 @@
+"""Budget-aware routing (SPEC §12): a request naming a route is admitted on the first target
+that passes every check, its `model` rewritten; when all refuse, one answer lists them all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from budget_middleware import BudgetSettings, get_engine
+from budget_middleware.admin import create_admin_app
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix, use_prefix
+from support import chat, client, engine_of, host_app, running
+
+Settings = Callable[..., BudgetSettings]
+SPENT = [{"max_limit": 0}]
+ADMIN = {"authorization": "Bearer admin-secret"}
+ROUTE = {"name": "gpt-4o", "targets": ["openai/gpt-4o", "azure/gpt-4o"]}
+
+
+async def post(http: httpx.AsyncClient, key: str | None = None, **extra: Any) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    path = extra.pop("path", "/v1/chat/completions")
+    return await http.post(path, json=chat("gpt-4o", **extra), headers=headers)
+
+
+def targets_of(answer: httpx.Response) -> list[tuple[str, str]]:
+    return [(t["target"], t["code"]) for t in answer.json()["error"]["targets"]]
+
+
+async def test_routes_are_managed_through_the_admin_api(tmp_path: Path) -> None:
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db", admin_key="admin-secret")
+    transport = httpx.ASGITransport(create_admin_app(settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=ADMIN) as http:
+        created = await http.post("/routes", json=ROUTE)
+        assert created.status_code == 201, created.text
+        route = created.json()["route"]
+        assert (route["name"], route["targets"], route["strategy"]) == (
+            "gpt-4o", ["openai/gpt-4o", "azure/gpt-4o"], "ordered")  # fmt: skip
+        assert (await http.post("/routes", json=ROUTE)).status_code == 409  # one name, one route
+        listed = (await http.get("/routes")).json()
+        assert listed["count"] == 1 and listed["routes"][0]["id"] == route["id"]
+        changed = await http.put(f"/routes/{route['id']}", json={"strategy": "most_remaining"})
+        assert changed.json()["route"]["strategy"] == "most_remaining"
+        assert changed.json()["route"]["targets"] == route["targets"]  # left alone
+        for bad in (
+            {"name": "x", "targets": []},
+            {"name": "x", "targets": ["openai/ gpt-4o"]},
+            {"name": "x", "targets": ["/gpt-4o"]},
+            {"name": "x", "targets": ["a"], "strategy": "random"},
+            {"name": "x", "targets": ["a"] * 17},
+        ):
+            refused = await http.post("/routes", json=bad)
+            assert refused.status_code == 422, (bad, refused.text)
+            print(bad, "->", refused.json()["error"]["message"])
+        assert (await http.delete(f"/routes/{route['id']}")).json()["deleted"] is True
+        assert (await http.get(f"/routes/{route['id']}")).status_code == 404
+        assert (await http.get("/routes", headers={"authorization": ""})).status_code == 401
+    await get_engine(settings).shutdown()
+
+
+def test_the_python_api_refuses_a_bad_route_with_a_clear_message(make_settings: Settings) -> None:
+    m = engine_of(host_app(make_settings())).manager
+    with pytest.raises(ValueError, match="whitespace"):
+        m.create_route(name="gpt-4o", targets=["openai/gpt 4o"])
+    with pytest.raises(ValueError, match="at least 1"):
+        m.create_route(name="gpt-4o", targets=[])
+
+
+async def test_a_request_falls_over_to_the_next_target_when_a_budget_runs_out(
+    make_settings: Settings,
+) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=[{"max_limit": 0.0005}])  # a few requests' worth
+        m.create_route(**ROUTE)
+        key = m.create_virtual_key(name="alice")
+        await engine.invalidate()
+        seen: list[str] = []
+        for _ in range(12):
+            answer = await post(http, key.value)
+            assert answer.status_code == 200, answer.text
+            target = answer.headers["x-budget-route"]
+            assert answer.json()["model"] == target  # the app saw the target as the route has it
+            seen.append(target)
+        state = (await post(http, key.value, path="/v1/state/completions")).json()
+        await engine.flush()
+        spend = {b.user_path: b.spent for b in m.list_budgets()}
+    first_azure = seen.index("azure/gpt-4o")
+    print(f"targets: {Counter(seen)}; fell over after {first_azure} requests; spend {spend}")
+    assert first_azure >= 1 and set(seen[:first_azure]) == {"openai/gpt-4o"}
+    assert set(seen[first_azure:]) == {"azure/gpt-4o"}  # never back while the budget is spent
+    assert (state["provider"], state["model"]) == ("azure", "gpt-4o")
+    one_request = spend["/provider/openai"] / first_azure
+    assert 0.0005 <= spend["/provider/openai"] < 0.0005 + one_request  # over by one at most
+
+
+async def test_when_every_target_refuses_the_first_answers_with_every_code(
+    make_settings: Settings,
+) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=SPENT)
+        m.put_provider("azure", budgets=SPENT)
+        m.create_route(**ROUTE)
+        await engine.invalidate()
+        answer = await post(http)
+    error = answer.json()["error"]
+    assert answer.status_code == 402 and error["code"] == "budget_exceeded"
+    assert error["scope"]["name"] == "openai"  # the first target's refusal
+    assert answer.headers["x-should-retry"] == "false" and "retry-after" not in answer.headers
+    assert targets_of(answer) == [
+        ("openai/gpt-4o", "budget_exceeded"), ("azure/gpt-4o", "budget_exceeded")]  # fmt: skip
+    assert int(answer.headers["content-length"]) == len(answer.content)
+    assert engine.stats.refused == {"budget_exceeded": 1}  # one request, counted once
+
+
+async def test_a_retryable_refusal_wins_with_the_shortest_retry_after(
+    make_settings: Settings,
+) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=SPENT)
+        m.put_provider("azure", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"})
+        m.put_provider(
+            "anthropic", rate_limit={"request_max_limit": 1, "request_reset_duration": "1m"}
+        )
+        m.create_route(name="gpt-4o", targets=["openai/gpt-4o", "azure/gpt-4o",
+                                                "anthropic/claude-sonnet-4"])  # fmt: skip
+        await engine.invalidate()
+        for model in ("azure/gpt-4o", "anthropic/claude-sonnet-4"):  # each one's only request
+            direct = await http.post("/v1/chat/completions", json=chat(model))
+            assert direct.status_code == 200
+        answer = await post(http)
+    error = answer.json()["error"]
+    print("answer:", answer.status_code, dict(answer.headers), error["message"])
+    assert answer.status_code == 429 and error["code"] == "request_limit_exceeded"
+    assert error["scope"]["name"] == "azure"  # the first retryable refusal's body
+    assert 1 <= int(answer.headers["retry-after"]) <= 60  # anthropic's minute, not azure's hour
+    assert int(answer.headers["retry-after-ms"]) <= 60_000
+    assert targets_of(answer) == [
+        ("openai/gpt-4o", "budget_exceeded"),
+        ("azure/gpt-4o", "request_limit_exceeded"),
+        ("anthropic/claude-sonnet-4", "request_limit_exceeded"),
+    ]
+
+
+async def test_targets_the_key_may_not_use_are_skipped(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.create_route(**ROUTE)
+        azure_only = m.create_virtual_key(name="a", provider_configs=[{"provider": "azure"}])
+        groq_only = m.create_virtual_key(name="g", provider_configs=[{"provider": "groq"}])
+        inactive = m.create_virtual_key(name="off", is_active=False)
+        await engine.invalidate()
+        admitted = await post(http, azure_only.value)
+        refused = await post(http, groq_only.value)
+        off = await post(http, inactive.value)
+    assert admitted.status_code == 200 and admitted.headers["x-budget-route"] == "azure/gpt-4o"
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "provider_not_allowed"
+    not_allowed = "provider_not_allowed"
+    assert targets_of(refused) == [("openai/gpt-4o", not_allowed), ("azure/gpt-4o", not_allowed)]
+    # The key's own refusal is not a target's: answered once, before any routing.
+    assert off.status_code == 403 and "targets" not in off.json()["error"]
+
+
+async def test_most_remaining_picks_the_target_with_the_most_left(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=[{"max_limit": 1}])
+        m.put_provider("azure", budgets=[{"max_limit": 5}])
+        route = m.create_route(**ROUTE, strategy="most_remaining")
+        await engine.invalidate()
+        first = await post(http)
+        m.update_route(
+            route.id, targets=["openai/gpt-4o", "azure/gpt-4o", "mistral/mistral-large-latest"]
+        )
+        await engine.invalidate()
+        unlimited = await post(http)
+        m.put_provider("azure", budgets=SPENT)
+        m.update_route(route.id, targets=["azure/gpt-4o", "openai/gpt-4o"])
+        await engine.invalidate()
+        passing = await post(http)
+    assert first.headers["x-budget-route"] == "azure/gpt-4o"  # $5 left beats $1
+    assert unlimited.headers["x-budget-route"] == "mistral/mistral-large-latest"  # no budget
+    assert passing.headers["x-budget-route"] == "openai/gpt-4o"  # of those that pass
+
+
+async def test_a_streamed_request_is_routed_and_charged(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=SPENT)
+        m.create_route(**ROUTE)
+        await engine.invalidate()
+        async with http.stream(
+            "POST", "/v1/chat/completions", json=chat("gpt-4o", stream=True)
+        ) as answer:
+            text = (await answer.aread()).decode()
+            route = answer.headers["x-budget-route"]
+        await engine.flush()
+        usage = m.usage(group_by="provider")
+    chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    print(f"{len(chunks)} chunks; usage by provider: {usage.usage}")
+    assert route == "azure/gpt-4o" and {c["model"] for c in chunks} == {"azure/gpt-4o"}
+    assert all(not c.get("usage") for c in chunks)  # the usage chunk we asked for is not shown
+    rows = {row.key: row for row in usage.usage}
+    assert set(rows) == {"azure"} and rows["azure"].cost > 0
+
+
+async def test_routes_come_from_the_config_file(make_settings: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "budget.yaml"
+    path.write_text(
+        "providers:\n  - provider: openai\n    budgets: [{max_limit: 0}]\n"
+        "routes:\n  - name: gpt-4o\n    targets: [openai/gpt-4o, azure/gpt-4o]\n"
+    )
+    app = host_app(make_settings(config_file=path))
+    async with running(app), client(app) as http:
+        answer = await post(http)
+    assert answer.status_code == 200 and answer.headers["x-budget-route"] == "azure/gpt-4o"
+
+
+async def test_a_request_naming_no_route_is_left_as_it_is(make_settings: Settings) -> None:
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        engine.manager.create_route(**ROUTE)
+        await engine.invalidate()
+        answer = await http.post("/v1/chat/completions", json=chat("openai/gpt-4o-mini"))
+    assert answer.status_code == 200 and "x-budget-route" not in answer.headers
+    assert answer.json()["model"] == "openai/gpt-4o-mini"
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_hundreds_of_concurrent_routed_requests_never_overspend_a_target(
+    make_settings: Settings, backend: str
+) -> None:
+    overrides: dict[str, Any] = {}
+    prefix = unique_prefix()
+    if backend == "redis":
+        need_redis()
+        overrides["redis_url"] = REDIS_URL
+    app = host_app(make_settings(**overrides))
+    engine = engine_of(app)
+    if backend == "redis":
+        use_prefix(engine, prefix)
+    limit = 0.002
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=[{"max_limit": limit}])
+        m.put_provider("azure", budgets=[{"max_limit": limit}])
+        m.create_route(**ROUTE)
+        await engine.invalidate()
+        answers = await asyncio.gather(*(post(http) for _ in range(300)))
+        await engine.flush()
+        spend = {b.user_path: b.spent for b in m.list_budgets()}
+        usage = {row.key: row for row in m.usage(group_by="provider").usage}
+    if backend == "redis":
+        delete_prefix(REDIS_URL, prefix)
+    routed = Counter(a.headers.get("x-budget-route", str(a.status_code)) for a in answers)
+    print(f"{backend}: 300 concurrent -> {dict(routed)}; spend {spend}")
+    assert routed["openai/gpt-4o"] > 0 and routed["azure/gpt-4o"] > 0
+    assert routed["openai/gpt-4o"] + routed["azure/gpt-4o"] + routed["402"] + routed["429"] == 300
+    for provider in ("openai", "azure"):
+        one_request = spend[f"/provider/{provider}"] / routed[f"{provider}/gpt-4o"]
+        # Reservations hold the budget while requests are in flight: of hundreds at once, no
+        # more are admitted than it covers, but for the one whose estimate alone passed it.
+        assert spend[f"/provider/{provider}"] < limit + one_request
+        assert usage[provider].requests == routed[f"{provider}/gpt-4o"]  # each charged once
+        assert usage[provider].cost == pytest.approx(spend[f"/provider/{provider}"])
