@@ -2,7 +2,8 @@
 
 It creates a customer, a team and two virtual keys with small budgets and a rate limit, sends
 requests through the real middleware (in process, no network), shows the spend growing, a
-rate-limit refusal and a budget refusal with their messages, and prints a table of budgets.
+rate-limit refusal and a budget refusal with their messages, a route falling over to its next
+target when a provider's budget runs out, and prints a table of budgets.
 
     bash scripts/demo.sh
 """
@@ -119,9 +120,27 @@ async def main() -> None:
 
         banner("5. An unknown key")
         show(await send("sk-bm-not-a-key"))
+
+        banner("6. A route falls over when a provider's budget runs out (SPEC §12)")
+        manager.put_provider("openai", budgets=[{"max_limit": 0.012, "reset_duration": "1d"}])
+        manager.create_route(
+            name="gpt-4o", targets=["openai/gpt-4o", "azure/gpt-4o", "anthropic/claude-sonnet-4"]
+        )
+        carol = manager.create_virtual_key(name="carol")
+        await engine.invalidate()
+        print("  route gpt-4o -> openai/gpt-4o, azure/gpt-4o, anthropic/claude-sonnet-4")
+        print("  provider openai: $0.012 a day; carol asks for model 'gpt-4o'")
+        for _ in range(5):
+            body = {**chat(400), "model": "gpt-4o"}
+            headers = {"Authorization": f"Bearer {carol.value}"}
+            response = await http.post("/v1/chat/completions", json=body, headers=headers)
+            print(
+                f"  {response.status_code} routed to {response.headers['x-budget-route']:<26}"
+                f" the app saw model {response.json()['model']!r}"
+            )
         await engine.flush()
 
-    banner("6. Budgets (from the store, after the flush)")
+    banner("7. Budgets (from the store, after the flush)")
     print(f"  {'owner':<28} {'limit':>9} {'spent':>11} {'remaining':>11}  window")
     for budget in manager.list_budgets():
         print(
@@ -129,7 +148,7 @@ async def main() -> None:
             f" ${budget.remaining:>10.6f}  {budget.reset_duration} ({budget.period_label})"
         )
     records = manager.usage(group_by="virtual_key")
-    banner("7. Spend by key")
+    banner("8. Spend by key")
     for row in records.usage:
         print(
             f"  {row.name or row.key or '-':<12} requests {row.requests:>3}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -286,3 +288,18 @@ async def test_hundreds_of_concurrent_routed_requests_never_overspend_a_target(
         assert spend[f"/provider/{provider}"] < limit + one_request
         assert usage[provider].requests == routed[f"{provider}/gpt-4o"]  # each charged once
         assert usage[provider].cost == pytest.approx(spend[f"/provider/{provider}"])
+
+
+def test_the_gateway_example_falls_over_across_three_providers() -> None:
+    """examples/gateway.py, as a user runs it: each provider's budget in turn, then one 402."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "gateway.py")],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    print(done.stdout)
+    order = [line.split(" via ")[1].split()[0] for line in lines if " via " in line]
+    firsts = [t for n, t in enumerate(order) if n == 0 or order[n - 1] != t]
+    assert firsts == ["openai/gpt-4o", "azure/gpt-4o", "anthropic/claude-sonnet-4"]
+    assert "402 budget_exceeded" in lines[-1] and lines[-1].count(": budget_exceeded") == 3
