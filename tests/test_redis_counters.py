@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -337,3 +338,76 @@ async def test_redis_down_fails_closed_or_open(rig: Callable[..., Any]) -> None:
         budget_id = open_scopes.budgets[0].id
         budgets, _ = open_engine.store.read_counters([budget_id], [])
         assert budgets[budget_id][0] == 7 + 11 + 13  # every charge in the store, once
+
+
+async def test_a_route_is_admitted_in_one_round_trip_whatever_target_passes(
+    rig: Callable[..., Any],
+) -> None:
+    """SPEC §12 on Redis: every target of a route goes in one script call; the first that passes
+    is admitted, and the refusals of those before it come back with it."""
+    r = await rig()
+    engine = await r.engine()
+    m = engine.manager
+    m.put_provider("openai", budgets=[{"max_limit": 0}])
+    m.put_provider("azure", rate_limit={"request_max_limit": 0, "request_reset_duration": "1h"})
+    m.put_provider("anthropic", budgets=[{"max_limit": 1}])
+    key = m.create_virtual_key(name="alice")
+    await engine.invalidate()
+    config = await engine.lookup_key(key.value or "")
+    assert config is not None
+    targets = [("openai", "gpt-4o"), ("azure", "gpt-4o"), ("anthropic", "claude-sonnet-4")]
+    candidates = [(engine.limits_for(config, p, model, ()), 1000) for p, model in targets]
+    await engine.admit_first(candidates)  # seeds the windows, loads the script
+    counters = engine.counters
+    assert isinstance(counters, RedisCounters) and counters.client is not None
+    sent: list[str] = []
+    real = counters.client.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return await real(*args, **options)
+
+    counters.client.execute_command = counting  # type: ignore[method-assign]
+    first = await engine.admit_first(candidates)
+    assert sent == ["EVALSHA"]  # one round trip for three targets
+    assert first.index == 2 and first.ticket is not None
+    why = [(f.code, f.scope.name) for f in first.refusals]
+    assert why == [("budget_exceeded", "openai"), ("request_limit_exceeded", "azure")]
+    await engine.settle(first.ticket, 5, 5)
+    m.put_provider("anthropic", budgets=[{"max_limit": 0}])
+    await engine.invalidate()
+    candidates = [(engine.limits_for(config, p, model, ()), 1000) for p, model in targets]
+    none = await engine.admit_first(candidates)
+    assert none.ticket is None and [f.code for f in none.refusals] == [
+        "budget_exceeded", "request_limit_exceeded", "budget_exceeded"]  # fmt: skip
+
+
+async def test_two_instances_never_both_take_a_targets_last_request(
+    rig: Callable[..., Any],
+) -> None:
+    r = await rig()
+    one, two = await r.engine(), await r.engine()
+    one.manager.put_provider(
+        "openai", rate_limit={"request_max_limit": 3, "request_reset_duration": "1h"}
+    )
+    key = one.manager.create_virtual_key(name="alice")
+    chosen: list[int] = []
+
+    async def route(engine: BudgetEngine) -> None:
+        config = await engine.lookup_key(key.value or "")
+        assert config is not None
+        candidates = [
+            (engine.limits_for(config, "openai", "gpt-4o", ()), 10),
+            (engine.limits_for(config, "azure", "gpt-4o", ()), 10),
+        ]
+        for _ in range(20):
+            first = await engine.admit_first(candidates)
+            assert first.ticket is not None
+            chosen.append(first.index)
+            await engine.settle(first.ticket, 1, 1)
+
+    for engine in (one, two):
+        await engine.invalidate()
+    await asyncio.gather(route(one), route(two))
+    print(f"two instances, 40 routed requests: openai {chosen.count(0)}, azure {chosen.count(1)}")
+    assert chosen.count(0) == 3 and chosen.count(1) == 37

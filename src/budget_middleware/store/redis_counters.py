@@ -1,7 +1,9 @@
 """Counters shared by every instance through Redis (SPEC §11).
 
 Admission is one Lua script call across every applicable counter, all or nothing, with the same
-rules as `admission.admit`; settlement is one call too. Keys, under a prefix (default `bm:`):
+rules as `admission.admit` (a route's targets go in the same call: the first that passes is
+admitted, `admission.admit_first`'s rule); settlement is one call too. Keys, under a prefix
+(default `bm:`):
 
 - `w:{kind}:{id}:{window start ms}`: a window's value (budget spend in nano-dollars, a request
   or token count). The client computes the window from its `WindowCounter`, so every instance
@@ -49,7 +51,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from budget_middleware.core import admission
-from budget_middleware.core.admission import Refusal, Ticket
+from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import FAR_FUTURE, utc
 from budget_middleware.core.windows import CounterRegistry, WindowCounter, ensure_current
@@ -204,50 +206,71 @@ class RedisCounters(CounterBackend):
     # -- admission -----------------------------------------------------------------------
 
     async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
+        first = await self.admit_first(((limits, estimate),))
+        return first.ticket if first.ticket is not None else first.refusals[0]
+
+    async def admit_first(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
+        """One script call for every candidate (a route's targets): the first that passes is
+        admitted, atomically across instances, whatever the number of targets."""
         now = self.clock()
         reserve = self.settings.reserve
-        for windows in (limits.requests, limits.tokens, limits.budgets):
-            ensure_current(windows, now, self.ledger)
-        plan = self._plan(limits.scopes, now, settling=False)
-        if not plan:
-            return admission.admit(limits, estimate, reserve, now, self.ledger)
+        plans: list[list[_Entry]] = []
+        for limits, _ in candidates:
+            for windows in (limits.requests, limits.tokens, limits.budgets):
+                ensure_current(windows, now, self.ledger)
+            plans.append(self._plan(limits.scopes, now, settling=False))
+        if not any(plans):
+            return admission.admit_first(candidates, reserve, now, self.ledger)
         if self._backing_off():
-            return self._fallback(limits, estimate, now, None)
+            return self._fallback(candidates, now, None)
         if self._owed:
             try:
                 await self.pay_debts()
             except (RedisError, OSError) as exc:
                 self._failed(exc)
-                return self._fallback(limits, estimate, now, exc)
-        reservation = estimate if reserve else 0
+                return self._fallback(candidates, now, exc)
         request_id = uuid.uuid4().hex
         hold_until = now + self.slot_ttl
-        keys = [key for entry in plan for key in entry.keys]
-        args: list[Any] = [int(now * 1000), request_id, int(hold_until * 1000), reservation]
-        args.append(1 if reserve else 0)
-        for entry in plan:
-            args += [entry.kind, entry.limit]
+        keys: list[str] = []
+        args: list[Any] = [int(now * 1000), request_id, int(hold_until * 1000)]
+        args += [1 if reserve else 0, len(candidates)]
+        for (_, estimate), plan in zip(candidates, plans, strict=True):
+            args += [estimate if reserve else 0, len(plan)]
+            for entry in plan:
+                keys += entry.keys
+                args += [entry.kind, entry.limit]
         try:
-            answer = await self._run_admit(plan, keys, args, now)
+            answer = await self._run_admit(plans, keys, args, now)
         except (RedisError, OSError) as exc:
             self._failed(exc)
-            return self._fallback(limits, estimate, now, exc)
+            return self._fallback(candidates, now, exc)
         except _StoreDown as exc:
-            return self._fallback(limits, estimate, now, exc.__cause__)
+            return self._fallback(candidates, now, exc.__cause__)
         self._recovered()
-        if answer[0] == "no":
-            return self._refusal(plan, answer)
-        return self._admitted(limits, plan, answer, reservation, request_id)
+        result = FirstAdmitted()
+        admitted = answer[0] == "ok"
+        tried = int(answer[1]) - 1 if admitted else len(plans)  # refused before the admitted one
+        why = answer[2:] if admitted else answer[1:]
+        for n in range(tried):
+            result.refusals.append(self._refusal(plans[n], why[4 * n : 4 * n + 4]))
+        if admitted:
+            limits, estimate = candidates[tried]
+            values = why[4 * tried :]
+            reservation = estimate if reserve else 0
+            result.index = tried
+            result.ticket = self._admitted(limits, plans[tried], values, reservation, request_id)
+        return result
 
     async def _run_admit(
-        self, plan: list[_Entry], keys: list[str], args: list[Any], now: float
+        self, plans: list[list[_Entry]], keys: list[str], args: list[Any], now: float
     ) -> list[Any]:
         assert self._admit is not None
+        entries = [entry for plan in plans for entry in plan]
         for _ in range(3):
             answer: list[Any] = await self._admit(keys=keys, args=args)
             if answer[0] != "seed":
                 return answer
-            await self._seed_windows([plan[int(i) - 1] for i in answer[1:]], now)
+            await self._seed_windows([entries[int(i) - 1] for i in answer[1:]], now)
         raise RedisError("window keys vanished while being seeded")
 
     async def _seed_windows(self, missing: list[_Entry], now: float) -> None:
@@ -290,27 +313,28 @@ class RedisCounters(CounterBackend):
         assert self._seed is not None
         await self._seed(keys=keys, args=args)
 
-    def _refusal(self, plan: list[_Entry], answer: list[Any]) -> Refusal:
-        entry = plan[int(answer[1]) - 1]
-        used, reserved = int(answer[3]), int(answer[4])
+    def _refusal(self, plan: list[_Entry], why: list[Any]) -> Refusal:
+        """A candidate's refusal from the script's (counter from 1, code, used, reserved)."""
+        entry = plan[int(why[0]) - 1]
+        used, reserved = int(why[2]), int(why[3])
         counter = entry.counter
         reset_at: float | None = None
         if counter is not None:
             counter.value = used
             reset_at = None if counter.end == FAR_FUTURE else counter.end
-        return Refusal(str(answer[2]), entry.scope, entry.limit, used, reset_at, reserved)
+        return Refusal(str(why[1]), entry.scope, entry.limit, used, reset_at, reserved)
 
     def _admitted(
         self,
         limits: LimitSet,
         plan: list[_Entry],
-        answer: list[Any],
+        values: list[Any],
         reservation: int,
         request_id: str,
     ) -> Ticket:
         holds: list[str] = []
         for n, entry in enumerate(plan):
-            value = int(answer[1 + 2 * n])
+            value = int(values[2 * n])
             counter = entry.counter
             if entry.kind == "r" and counter is not None:
                 counter.value = value - 1
@@ -333,15 +357,18 @@ class RedisCounters(CounterBackend):
         return ticket
 
     def _fallback(
-        self, limits: LimitSet, estimate: int, now: float, exc: BaseException | None
-    ) -> Ticket | Refusal:
+        self,
+        candidates: Sequence[tuple[LimitSet, int]],
+        now: float,
+        exc: BaseException | None,
+    ) -> FirstAdmitted:
         if not self.settings.fail_open:
             raise ServiceUnavailable("the budget counters (Redis) cannot be reached") from exc
-        decision = admission.admit(limits, estimate, self.settings.reserve, now, self.ledger)
-        if type(decision) is Ticket:
-            for counter in limits.requests:
+        first = admission.admit_first(candidates, self.settings.reserve, now, self.ledger)
+        if first.ticket is not None:
+            for counter in first.ticket.limits.requests:
                 self._owe(counter, 1)
-        return decision
+        return first
 
     def _owe(self, counter: WindowCounter, amount: int) -> None:
         """A charge Redis has not seen, to add to its window key when it answers again."""
