@@ -12,11 +12,13 @@ from typing import Any
 from harness import (
     FIXED_COMPLETION,
     LARGE_COMPLETION,
+    MODEL,
     ASGIApp,
     Message,
     Receive,
     Send,
     Timing,
+    World,
     bench_settings,
     call,
     chat_body,
@@ -144,8 +146,44 @@ async def run(iterations: int, rounds: int, stream_iterations: int) -> list[dict
                 between=engine.flush,
             )
             rows.append(_row(s, found["bare"], found["middleware"]))
+        rows += await _routes(world, apps, iterations, rounds)
         await engine.shutdown()
         engine.store.dispose()
+    return rows
+
+
+async def _routes(
+    world: World, apps: dict[tuple[str, bool], ASGIApp], iterations: int, rounds: int
+) -> list[dict[str, Any]]:
+    """Routes (SPEC §12): the trivial scenario again once a route exists (for another model),
+    then a request naming a route whose first target's provider budget is spent."""
+    engine = world.engine
+    manager = engine.manager
+    manager.put_provider("azure", budgets=[{"max_limit": 0}])
+    manager.create_route(name="other-route", targets=["openai/gpt-4o"])
+    manager.create_route(name="fast", targets=[f"azure/{MODEL}", f"openai/{MODEL}"])
+    await engine.invalidate()
+    rows = []
+    bare, metered = apps[("trivial", False)], apps[("trivial", True)]
+    chat = chat_body()
+    routed = chat_body(model="fast")
+    for name, body, target in (
+        ("metered JSON, trivial route, routes exist", chat, "same as without routes"),
+        ("metered via a route, 2nd target admitted", routed, "one admission more"),
+    ):
+        scope = http_scope("/v1/chat/completions", "POST", json_headers(body, world.key))
+        answer = await call(metered, scope, body)
+        expected = b"openai/" + MODEL.encode() if body is routed else None
+        if answer.status != 200 or answer.headers.get(b"x-budget-route") != expected:
+            raise RuntimeError(f"{name}: {answer.status} {answer.headers}")
+        found = await compare(
+            {"bare": (bare, scope, chat), "middleware": (metered, scope, body)},
+            iterations,
+            rounds,
+            between=engine.flush,
+        )
+        s = Scenario(name, "trivial", "POST", "/v1/chat/completions", body, "world", 200, target)
+        rows.append(_row(s, found["bare"], found["middleware"]))
     return rows
 
 

@@ -303,3 +303,42 @@ def test_the_gateway_example_falls_over_across_three_providers() -> None:
     firsts = [t for n, t in enumerate(order) if n == 0 or order[n - 1] != t]
     assert firsts == ["openai/gpt-4o", "azure/gpt-4o", "anthropic/claude-sonnet-4"]
     assert "402 budget_exceeded" in lines[-1] and lines[-1].count(": budget_exceeded") == 3
+
+
+async def test_litellm_s_smallest_limit_never_becomes_zero(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """LiteLLM's docs use `budget_limit: 0.000000000001`: the first request passes, the second is
+    refused. Whole nano-dollars keep a positive limit at one nano-dollar at least, whether it
+    arrives through the admin API or the config file."""
+    path = tmp_path / "budget.yaml"
+    path.write_text("tags:\n  - tag: tiny\n    budgets: [{max_limit: 0.000000000001}]\n")
+    settings = make_settings(config_file=path)
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    async with running(app), client(app) as http:
+        put = await http.put(
+            "/admin/providers/openai",
+            json={"budgets": [{"max_limit": 0.000000000001}]},
+            headers=ADMIN,
+        )
+        assert put.status_code == 201, put.text
+        shown = put.json()["provider"]["budgets"][0]["max_limit"]
+        tag = (await http.get("/admin/tags", headers=ADMIN)).json()["tags"][0]
+        answers = [
+            (await http.post("/v1/chat/completions", json=chat(model))).status_code
+            for model in ("openai/gpt-4o", "openai/gpt-4o")
+        ]
+        tagged = [
+            (
+                await http.post(
+                    "/v1/chat/completions",
+                    json=chat("anthropic/claude-sonnet-4"),
+                    headers={"x-budget-tags": "tiny"},
+                )
+            ).status_code
+            for _ in range(2)
+        ]
+    print(f"limit shown {shown!r}; provider answers {answers}; tag answers {tagged}")
+    assert shown == 1e-09 and tag["budgets"][0]["max_limit"] == 1e-09
+    assert answers == [200, 402] and tagged == [200, 402]
