@@ -20,9 +20,9 @@ from sqlalchemy import text
 from sqlmodel import col, func, select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, create_admin_app, get_engine
-from budget_middleware.asgi.exchange import MAX_CHARGE_NANOS, MAX_TOKENS
 from budget_middleware.core.records import UsageRecord
 from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.engine.exchange import MAX_CHARGE_NANOS, MAX_TOKENS
 from budget_middleware.store.tables import BudgetRow, UsageRecordRow
 from conftest import POSTGRES_BASE_URL, need_postgres
 from support import client, running

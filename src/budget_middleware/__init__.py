@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from budget_middleware.asgi.middleware import BudgetMiddleware, BudgetState
+from budget_middleware.asgi.middleware import BudgetMiddleware
 from budget_middleware.engine import BudgetEngine, get_engine
+from budget_middleware.engine.exchange import BudgetState
 from budget_middleware.exceptions import (
     AdminError,
     BudgetError,

@@ -27,6 +27,7 @@ from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
+from budget_middleware.engine.gate import Gate
 from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable
 from budget_middleware.settings import BudgetSettings, raised_again
@@ -147,6 +148,7 @@ class BudgetEngine:
         # not hold): the engine never starts, and its middlewares are told (they then raise it).
         self.failure: ConfigurationError | None = None
         self.failure_listeners: list[weakref.WeakMethod[Callable[[Exception], None]]] = []
+        self.gate = Gate(self)  # the way in for every adapter's requests
         self._install_default_hooks()
 
     def _install_default_hooks(self) -> None:

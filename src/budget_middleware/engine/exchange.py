@@ -1,11 +1,12 @@
-"""One metered exchange: pass the response on untouched, measure it, settle it exactly once."""
+"""One metered exchange, whatever adapter it came by: pass the response on untouched, measure it,
+settle it exactly once. Responses are read as ASGI messages (`http.response.start`, `.body`)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from budget_middleware.core.admission import Ticket
 from budget_middleware.core.identity import Target
@@ -22,7 +23,6 @@ from budget_middleware.core.usage import BodyDecoder, TokenUsage, usage_from_jso
 from budget_middleware.headers import add_limit_headers, tightest_now
 
 if TYPE_CHECKING:
-    from budget_middleware.asgi.middleware import BudgetState
     from budget_middleware.engine.engine import BudgetEngine
 
 Message = MutableMapping[str, Any]
@@ -40,6 +40,17 @@ _MAX_NOTE = 200  # the store's `note` column
 logger = logging.getLogger("budget_middleware")
 
 
+class BudgetState(NamedTuple):
+    """Who is calling, for the host app to route on (read-only): `request.state.budget`."""
+
+    virtual_key_id: str | None
+    team_id: str | None
+    customer_id: str | None
+    provider: str
+    model: str
+    tags: tuple[str, ...]
+
+
 class Exchange:
     """One admitted request on its way through the app: replays the body once, passes the response
     on without holding a chunk back (never a second start), measures it, and settles exactly once.
@@ -53,7 +64,8 @@ class Exchange:
     ticket: Ticket | None = None
     caller: BudgetState  # who is calling: `request.state.budget`, set once admitted
     ticket_estimate = 0  # nano-dollars to reserve on every budget
-    parsed: dict[str, Any] | None = None  # the request, for a stream to ask for its usage
+    parsed: dict[str, Any] | None = None  # the request, while its body may be rewritten
+    ask_usage = False  # an OpenAI-style stream: asked for its usage (`gate.body_to_send`)
     injected_usage = False
     route_target: str | None = None  # the route's target admitted (SPEC §12): x-budget-route
     body = b""
@@ -104,9 +116,9 @@ class Exchange:
     async def forward(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
-            message = self._on_body(message)
+            message = self.on_body(message)
         elif kind == "http.response.start":
-            message = self._on_start(message)
+            message = self.on_start(message)
         try:
             await self.send_(message)
         except OSError:
@@ -115,7 +127,7 @@ class Exchange:
 
     # -- the response going by -----------------------------------------------------------
 
-    def _on_start(self, message: Message) -> Message:
+    def on_start(self, message: Message) -> Message:
         self.response_started = True
         self.status = message["status"]
         headers = message.get("headers") or ()
@@ -156,7 +168,7 @@ class Exchange:
             kept.append((b"x-budget-route", self.route_target.encode()))
         return {**message, "headers": kept}
 
-    def _on_body(self, message: Message) -> Message:
+    def on_body(self, message: Message) -> Message:
         chunk: bytes = message.get("body", b"")
         more = message.get("more_body", False)
         if not more:

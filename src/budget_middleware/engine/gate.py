@@ -1,0 +1,266 @@
+"""The way in for every adapter (SPEC §5, §12): from a request's body, path, credentials and key
+to an admitted `Exchange` or the answer that refuses it. No HTTP of its own: the ASGI middleware
+and the outbound transport read their requests and hand over the same four things.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from budget_middleware.answers import (
+    ErrorAnswer,
+    error_answer,
+    refusal_answer,
+    route_refusal_answer,
+    unpriced_message,
+)
+from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
+from budget_middleware.core.identity import Credentials, Target, TargetResolver
+from budget_middleware.core.pricing import estimate_nanos
+from budget_middleware.core.routing import Route, by_room, room
+from budget_middleware.core.scopes import KeyConfig
+from budget_middleware.core.usage import JSON_ERRORS, json_loads
+from budget_middleware.engine.exchange import Exchange
+
+if TYPE_CHECKING:
+    from budget_middleware.engine.engine import BudgetEngine
+
+USAGE_PATHS = ("/chat/completions", "/completions")  # OpenAI-style: `stream_options` applies
+
+
+class Refused(NamedTuple):
+    """A refusal worked out before admission: (status, code, message) of its answer."""
+
+    status: int
+    code: str
+    message: str
+
+
+@dataclass(slots=True)
+class RoutePlan:
+    """A request naming a route: its targets prepared (in the order they are tried), and the
+    answer of each target refused so far, by its index in the route."""
+
+    route: Route
+    parsed: dict[str, Any]
+    usage_path: bool  # an OpenAI-style path, where a stream is asked for its usage
+    candidates: list[tuple[int, Exchange]] = field(default_factory=list)
+    refused: dict[int, tuple[str, ErrorAnswer]] = field(default_factory=dict)
+
+
+class Gate:
+    """Decides, admits and counts the requests of one engine, whatever adapter they come by."""
+
+    def __init__(self, engine: BudgetEngine) -> None:
+        s = engine.settings
+        self.engine = engine
+        self.reserve = s.reserve
+        self.default_output = s.default_max_output_tokens
+        self.exceeded_status = s.exceeded_status
+        self.refuse_unpriced = s.unpriced_models == "refuse"
+        self.resolve_target = TargetResolver(engine.prices.guess_provider)
+        self.price = engine.prices.price
+
+    def refuse(self, status: int, code: str, message: str) -> ErrorAnswer:
+        refused = self.engine.stats.refused
+        refused[code] = refused.get(code, 0) + 1
+        return error_answer(status, code, message)
+
+    def decide(
+        self,
+        body: bytes,
+        path: str,
+        credentials: Credentials,
+        key: KeyConfig | None,
+        started: float,
+    ) -> Exchange | ErrorAnswer | RoutePlan:
+        """Everything before admission that needs no await: the key's state, the target (or a
+        route's targets), the provider policy, the applicable scopes and the reservation."""
+        engine = self.engine
+        now = engine.clock()
+        if key is not None:
+            if not key.is_active:
+                return self.refuse(
+                    403, "virtual_key_inactive", f"Virtual key '{key.name}' is inactive"
+                )
+            if key.expires_at is not None and key.expires_at <= now:
+                return self.refuse(
+                    403, "virtual_key_expired", f"Virtual key '{key.name}' has expired"
+                )
+        parsed = parse_json(body)
+        target = self.resolve_target(parsed, path, credentials, key.tags if key is not None else ())
+        prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
+        routes = engine.globals.routes
+        if routes and type(parsed) is dict:  # no route configured: one truth test
+            name = parsed.get("model")
+            route = routes.get(name) if type(name) is str else None
+            if route is not None:
+                return self._plan_route(
+                    route, parsed, path, credentials, key, target, prompt_tokens, now, started
+                )
+        exchange = self._prepare(key, target, prompt_tokens, now, started)
+        if type(exchange) is not Exchange:
+            return self.refuse(*exchange)  # type: ignore[misc]
+        if target.stream and type(parsed) is dict and path.endswith(USAGE_PATHS):
+            exchange.parsed = parsed
+            exchange.ask_usage = True
+        return exchange
+
+    def admit_now(self, decision: Exchange | RoutePlan) -> Exchange | ErrorAnswer:
+        """Admission in process (`engine.in_process`): no await, so atomic in its event loop."""
+        engine = self.engine
+        if type(decision) is RoutePlan:
+            options = [(e.limits, e.ticket_estimate) for _, e in decision.candidates]
+            return self._routed(decision, engine.admit_first_now(options))
+        exchange: Exchange = decision  # type: ignore[assignment]
+        return self._admitted(exchange, engine.admit_now(exchange.limits, exchange.ticket_estimate))
+
+    async def admit(self, decision: Exchange | RoutePlan) -> Exchange | ErrorAnswer:
+        """Admission by the shared counters (Redis); raises `ServiceUnavailable` when they cannot
+        decide and the settings fail closed."""
+        engine = self.engine
+        if type(decision) is RoutePlan:
+            options = [(e.limits, e.ticket_estimate) for _, e in decision.candidates]
+            return self._routed(decision, await engine.admit_first(options))
+        exchange: Exchange = decision  # type: ignore[assignment]
+        ticket = await engine.admit(exchange.limits, exchange.ticket_estimate)
+        return self._admitted(exchange, ticket)
+
+    def _admitted(self, exchange: Exchange, ticket: Ticket | Refusal) -> Exchange | ErrorAnswer:
+        if isinstance(ticket, Refusal):
+            return refusal_answer(ticket, self.exceeded_status, exchange.admitted_at)
+        exchange.ticket = ticket
+        return exchange
+
+    def _prepare(
+        self,
+        key: KeyConfig | None,
+        target: Target,
+        prompt_tokens: int,
+        now: float,
+        started: float,
+    ) -> Exchange | Refused:
+        """A request for `target`: may the key use it, its limits, its price and reservation."""
+        if key is not None and key.policies:
+            policy = key.policies.get(target.provider)
+            if policy is None:
+                return Refused(
+                    403,
+                    "provider_not_allowed",
+                    f"Virtual key '{key.name}' may not use provider '{target.provider}'",
+                )
+            if not policy.allows(target.model):
+                return Refused(
+                    403,
+                    "model_not_allowed",
+                    f"Virtual key '{key.name}' may not use model '{target.model}' "
+                    f"of provider '{target.provider}'",
+                )
+        engine = self.engine
+        if key is None:
+            limits = engine.globals.resolve_anonymous(target.provider, target.model, target.tags)
+        else:
+            limits = key.resolve(engine.globals, target.provider, target.model, target.tags)
+        price = self.price(target.provider, target.model)  # once: it prices the charge too
+        if price is None and self.refuse_unpriced:  # BUDGET_UNPRICED_MODELS=refuse
+            message = unpriced_message(target.provider, target.model)
+            return Refused(403, "model_not_priced", message)
+        exchange = Exchange(engine, key, target, limits, price, prompt_tokens, now, started)
+        if self.reserve and limits.budgets:
+            output = target.max_output_tokens
+            exchange.ticket_estimate = estimate_nanos(
+                price, prompt_tokens, self.default_output if output is None else output
+            )
+        return exchange
+
+    # -- routes (SPEC §12) ---------------------------------------------------------------
+
+    def _plan_route(
+        self,
+        route: Route,
+        parsed: dict[str, Any],
+        path: str,
+        credentials: Credentials,
+        key: KeyConfig | None,
+        target: Target,
+        prompt_tokens: int,
+        now: float,
+        started: float,
+    ) -> RoutePlan:
+        """Each target of the route prepared as a request of its own; those the key may not use
+        (or that have no price, where unpriced models are refused) are set aside as refused."""
+        plan = RoutePlan(route, parsed, path.endswith(USAGE_PATHS))
+        for index, route_target in enumerate(route.targets):
+            retargeted = self.resolve_target.retarget(target, route_target.text, credentials, path)
+            prepared = self._prepare(key, retargeted, prompt_tokens, now, started)
+            if type(prepared) is Exchange:
+                prepared.route_target = route_target.text
+                prepared.parsed = parsed
+                prepared.ask_usage = target.stream and plan.usage_path
+                plan.candidates.append((index, prepared))
+            else:
+                refused: Refused = prepared  # type: ignore[assignment]
+                plan.refused[index] = (refused.code, error_answer(*refused))
+        if route.strategy == "most_remaining" and len(plan.candidates) > 1:
+            ranked = by_room([(room(e.limits, now), n) for n, (_, e) in enumerate(plan.candidates)])
+            plan.candidates = [plan.candidates[n] for n in ranked]
+        return plan
+
+    def _routed(self, plan: RoutePlan, first: FirstAdmitted) -> Exchange | ErrorAnswer:
+        """The first target admitted (in process in one step, on Redis in one script call), or
+        one answer for all (SPEC §12). Counted once, whatever the number of targets."""
+        engine = self.engine
+        if first.ticket is not None:
+            engine.stats.admitted += 1
+            exchange = plan.candidates[first.index][1]
+            exchange.ticket = first.ticket
+            return exchange
+        for (index, exchange), refusal in zip(plan.candidates, first.refusals, strict=True):
+            answer = refusal_answer(refusal, self.exceeded_status, exchange.admitted_at)
+            plan.refused[index] = (refusal.code, answer)
+        tried = [
+            (route_target.text, *plan.refused[index])
+            for index, route_target in enumerate(plan.route.targets)
+        ]
+        answer, code = route_refusal_answer(tried)
+        refused = engine.stats.refused
+        refused[code] = refused.get(code, 0) + 1
+        return answer
+
+
+def parse_json(body: bytes) -> Any:
+    """The request's JSON, or None when it is not JSON (such a request is still metered)."""
+    try:
+        return json_loads(body)  # orjson: a third of the stdlib's time
+    except JSON_ERRORS:
+        pass
+    # What orjson refuses and the stdlib reads (NaN, integers over 64 bits, UTF-16 bodies) is
+    # read as before; such bodies are rare, so only they pay for the second parse.
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: not ours to read
+        return None
+
+
+def body_to_send(exchange: Exchange) -> bytes | None:
+    """The body the upstream gets when it differs from the client's: a route's target written
+    as its `model`, and an OpenAI-style stream asked for its usage (the chunk that adds is
+    removed on the way back). None: the body goes as the client wrote it."""
+    parsed = exchange.parsed
+    if parsed is None:
+        return None
+    exchange.parsed = None
+    changed = False
+    if exchange.route_target is not None:
+        parsed["model"] = exchange.route_target
+        changed = True
+    if exchange.ask_usage:
+        options = parsed.get("stream_options")
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        if options is None or (isinstance(options, dict) and not asked):  # else left as written
+            parsed["stream_options"] = {**(options or {}), "include_usage": True}
+            exchange.injected_usage = True
+            changed = True
+    return json.dumps(parsed, ensure_ascii=False).encode() if changed else None
