@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -46,6 +47,7 @@ async def test_routes_are_managed_through_the_admin_api(tmp_path: Path) -> None:
         route = created.json()["route"]
         assert (route["name"], route["targets"], route["strategy"]) == (
             "gpt-4o", ["openai/gpt-4o", "azure/gpt-4o"], "ordered")  # fmt: skip
+        assert route["created_at"].endswith("Z") and route["source"] == "manual"  # RFC 3339, UTC
         assert (await http.post("/routes", json=ROUTE)).status_code == 409  # one name, one route
         listed = (await http.get("/routes")).json()
         assert listed["count"] == 1 and listed["routes"][0]["id"] == route["id"]
@@ -290,12 +292,13 @@ async def test_hundreds_of_concurrent_routed_requests_never_overspend_a_target(
         assert usage[provider].cost == pytest.approx(spend[f"/provider/{provider}"])
 
 
-def test_the_gateway_example_falls_over_across_three_providers() -> None:
+def test_the_gateway_example_falls_over_across_three_providers(tmp_path: Path) -> None:
     """examples/gateway.py, as a user runs it: each provider's budget in turn, then one 402."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, str(root / "examples" / "gateway.py")],
         capture_output=True, text=True, timeout=120, check=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # its store: this test's alone
     )  # fmt: skip
     lines = done.stdout.splitlines()
     print(done.stdout)

@@ -67,6 +67,23 @@ class Deleted(BaseModel):
     id: str
 
 
+class ProviderBudgetOut(BaseModel):
+    """A provider's tightest budget in LiteLLM's shape (`GET /provider/budgets`, SPEC §12)."""
+
+    budget_limit: float = Field(description="USD: the budget's max_limit")
+    time_period: str | None = Field(description="its reset_duration; null: it never resets")
+    spend: float = Field(description="USD spent in its current window (live counters)")
+    budget_reset_at: datetime | None = Field(
+        description="when its current window ends and spend goes back to 0; null: never"
+    )
+
+
+class ProviderBudgets(BaseModel):
+    providers: dict[str, ProviderBudgetOut] = Field(
+        description="by provider name; only providers that have a provider-wide budget"
+    )
+
+
 CustomerAnswer = one("customer", CustomerOut)
 CustomerList = many("customers", CustomerOut)
 TeamAnswer = one("team", TeamOut)

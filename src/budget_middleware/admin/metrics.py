@@ -4,11 +4,12 @@ engine's statistics, in a registry of our own (never the process-global one).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from budget_middleware.admin.answers import AdminAnswer, error
 from budget_middleware.admin.context import Call
+from budget_middleware.admin.provider_budgets import tightest
 from budget_middleware.manage.schemas import BudgetOut
 
 try:
@@ -23,7 +24,7 @@ from starlette.responses import Response
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _families(budgets: Iterable[BudgetOut], engine: Any, now: float) -> Iterator[Metric]:
+def _families(budgets: Sequence[BudgetOut], engine: Any, now: float) -> Iterator[Metric]:
     stats = engine.stats
     labels = ["budget_id", "owner_type", "user_path", "reset_duration"]
     remaining = GaugeMetricFamily(
@@ -39,6 +40,14 @@ def _families(budgets: Iterable[BudgetOut], engine: Any, now: float) -> Iterator
         spent.add_metric(values, b.spent)
         limit.add_metric(values, b.max_limit)
     yield from (remaining, spent, limit)
+    provider = GaugeMetricFamily(
+        "budget_provider_remaining_usd",
+        "USD left in each provider's tightest provider-wide budget (GET /provider/budgets)",
+        labels=["provider"],
+    )
+    for name, budget in tightest(budgets, engine.registry).items():
+        provider.add_metric([name], budget.remaining)
+    yield provider
     admitted = CounterMetricFamily("budget_requests_admitted", "Inference requests admitted")
     admitted.add_metric([], stats.admitted)
     yield admitted

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from budget_middleware.admin import envelopes as env
 from budget_middleware.admin.answers import AdminAnswer, ok
 from budget_middleware.admin.context import Call, Operation, QueryParam
+from budget_middleware.admin.provider_budgets import provider_budgets
 from budget_middleware.core.scopes import OWNER_TYPES
 from budget_middleware.manage.reports import GROUPS
 from budget_middleware.manage.schemas import (
@@ -405,6 +406,8 @@ OPERATIONS: tuple[Operation, ...] = (
               body=ProviderPut, path_params={"provider": _NAME}),
     Operation("DELETE", "/providers/{provider}", delete_provider, "Remove a provider's limits",
               {200: env.Deleted, **_ONE_ERRORS}, path_params={"provider": _NAME}),
+    Operation("GET", "/provider/budgets", provider_budgets, "Each provider's tightest budget "
+              "(LiteLLM's shape)", {200: env.ProviderBudgets, **_ERRORS}),
     Operation("GET", "/model-configs", list_model_configs, "List model configs",
               {200: env.ModelConfigList, **_ERRORS},
               query=(*_LIST, QueryParam("search", {"type": "string"}),

@@ -16,15 +16,22 @@ shape, every entry's fields, model names, `${...}` variables): the engine does i
 created, so such an error fails like an invalid setting. What needs the store (a name that refers
 to nothing) fails when the file is applied, at start-up. Either way the error names the file and
 the entry, and start-up fails (`ConfigFileError`, a `ConfigurationError`).
+
+A LiteLLM `proxy_config.yaml` (recognised by its sections: `model_list`, `router_settings`,
+`litellm_settings`, `general_settings`) is read unchanged for its budgets and routes
+(`litellm_config`); its other parts are ignored with one warning, logged when the file is applied.
+Sections of our own may sit beside LiteLLM's in such a file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,11 @@ from pydantic import BaseModel, ValidationError
 from sqlmodel import select
 
 from budget_middleware.exceptions import AdminError, ConfigFileError
+from budget_middleware.manage.litellm_config import (
+    LiteLLMConfigError,
+    is_litellm_config,
+    translate,
+)
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.manage.owner_limits import Origin, check_model_names, config_hash
 from budget_middleware.manage.schemas import (
@@ -57,9 +69,32 @@ from budget_middleware.store.tables import (
 
 SECTIONS = ("customers", "teams", "virtual_keys", "providers", "model_configs", "tags", "routes")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+logger = logging.getLogger("budget_middleware")
+
+
+@dataclass(slots=True)
+class _FileData:
+    """A config file's sections; for a LiteLLM file, where each translated entry came from
+    (parallel to `sections`) and the parts that were not read."""
+
+    path: Path
+    sections: dict[str, list[dict[str, Any]]]
+    origins: dict[str, list[str]] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+    def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
+        origins = self.origins.get(section, [])
+        if index < len(origins):
+            return f"BUDGET_CONFIG_FILE {str(self.path)!r}, {origins[index]}"
+        return _where(self.path, section, index, entry)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
+    """The file's sections, each a list of mappings (a LiteLLM file's translated)."""
+    return dict(_read(path).sections)
+
+
+def _read(path: Path) -> _FileData:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -88,6 +123,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigFileError(f"BUDGET_CONFIG_FILE {str(path)!r}: the top level must be a mapping")
+    if is_litellm_config(data):
+        return _read_litellm(path, data)
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigFileError(
@@ -101,7 +138,52 @@ def read_config_file(path: Path) -> dict[str, Any]:
                 f"BUDGET_CONFIG_FILE {str(path)!r}: {section} must be a list of mappings"
             )
         data[section] = entries
-    return data
+    return _FileData(path, data)
+
+
+def _read_litellm(path: Path, data: dict[str, Any]) -> _FileData:
+    """A LiteLLM file: its budget parts translated; sections of our own beside them come after,
+    and an entry of ours replaces the translated one it names (a route's `strategy`, say)."""
+    try:
+        translation = translate(data, native=SECTIONS)
+    except LiteLLMConfigError as exc:
+        raise ConfigFileError(f"BUDGET_CONFIG_FILE {str(path)!r}, {exc}") from None
+    out = _FileData(path, {}, ignored=translation.ignored)
+    for section in SECTIONS:
+        entries = data.get(section) or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ConfigFileError(
+                f"BUDGET_CONFIG_FILE {str(path)!r}: {section} must be a list of mappings"
+            )
+        ours = {_identity(section, e) for e in entries}
+        kept = [
+            (entry, origin)
+            for entry, origin in zip(
+                translation.sections.get(section, []),
+                translation.origins.get(section, []),
+                strict=True,
+            )
+            if _identity(section, entry) not in ours
+        ]
+        out.sections[section] = [entry for entry, _ in kept] + entries
+        out.origins[section] = [origin for _, origin in kept] + [
+            _entry_label(section, index, entry) for index, entry in enumerate(entries)
+        ]
+    return out
+
+
+def _identity(section: str, entry: dict[str, Any]) -> str:
+    """What the loader finds an entry's entity by."""
+    if section == "providers":
+        identity: Any = entry.get("provider")
+    elif section == "tags":
+        identity = entry.get("tag")
+    elif section == "model_configs":
+        scope = entry.get("virtual_key") or entry.get("scope_id")
+        identity = [entry.get("model_name"), entry.get("provider"), scope]
+    else:
+        identity = entry.get("name")
+    return json.dumps(identity, sort_keys=True, default=str)
 
 
 def _substitute(value: Any, where: str) -> Any:
@@ -122,9 +204,13 @@ def _substitute(value: Any, where: str) -> Any:
 
 
 def _where(path: Path, section: str, index: int, entry: dict[str, Any]) -> str:
+    return f"BUDGET_CONFIG_FILE {str(path)!r}, {_entry_label(section, index, entry)}"
+
+
+def _entry_label(section: str, index: int, entry: dict[str, Any]) -> str:
     label = entry.get("name") or entry.get("provider") or entry.get("tag")
     label = label or entry.get("model_name") or f"#{index + 1}"
-    return f"BUDGET_CONFIG_FILE {str(path)!r}, {section}[{index}] ({label})"
+    return f"{section}[{index}] ({label})"
 
 
 @contextmanager
@@ -181,23 +267,27 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
 def check_config_file(path: Path) -> dict[str, Any]:
     """Read `path` and check every entry as far as possible without the store (raises
     ConfigFileError naming the file and the entry); the file's data, `${...}` not substituted."""
-    data = read_config_file(path)
+    return dict(_check(path).sections)
+
+
+def _check(path: Path) -> _FileData:
+    data = _read(path)
     for section in SECTIONS:
-        for index, raw in enumerate(data[section]):
-            where = _where(path, section, index, raw)
+        for index, raw in enumerate(data.sections[section]):
+            where = data.where(section, index, raw)
             with _entry_errors(where):
                 _check_entry(section, dict(_substitute(raw, where)), where)
     return data
 
 
 class _Loader:
-    def __init__(self, store: Store, settings: BudgetSettings, path: Path) -> None:
+    def __init__(self, store: Store, settings: BudgetSettings, data: _FileData) -> None:
         self.store = store
         self.settings = settings
-        self.path = path
+        self.data = data
 
     def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
-        return _where(self.path, section, index, entry)
+        return self.data.where(section, index, entry)
 
     def _find(self, table: Any, ref: str | None, what: str, where: str) -> str | None:
         if ref is None:
@@ -298,8 +388,13 @@ def load_config_file(store: Store, settings: BudgetSettings) -> None:
     if settings.config_file is None:
         return
     path = Path(settings.config_file)
-    data = check_config_file(path)
-    loader = _Loader(store, settings, path)
+    data = _check(path)
+    if data.ignored:
+        logger.warning(
+            "BUDGET_CONFIG_FILE %r is a LiteLLM config: only its budgets and routes are read; "
+            "ignored: %s", str(path), ", ".join(data.ignored),
+        )  # fmt: skip
+    loader = _Loader(store, settings, data)
     for section in SECTIONS:
-        for index, entry in enumerate(data[section]):
+        for index, entry in enumerate(data.sections[section]):
             loader.apply(section, index, entry)

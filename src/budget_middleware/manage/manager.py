@@ -53,6 +53,7 @@ from budget_middleware.manage.schemas import (
     VirtualKeyCreate,
     VirtualKeyOut,
     VirtualKeyUpdate,
+    to_utc,
 )
 from budget_middleware.manage.views import Reader
 from budget_middleware.store.tables import (
@@ -434,4 +435,13 @@ class BudgetManager(KeyWriter):
 
 
 def _route_out(row: RouteRow) -> RouteOut:
-    return RouteOut.model_validate(row, from_attributes=True)
+    return RouteOut(
+        id=row.id,
+        name=row.name,
+        targets=list(row.targets),
+        strategy=row.strategy,  # type: ignore[arg-type]
+        config_hash=row.config_hash,
+        source=row.source,
+        created_at=to_utc(row.created_at),  # SQLite gives them back without their zone
+        updated_at=to_utc(row.updated_at),
+    )

@@ -1,0 +1,196 @@
+"""LiteLLM's `proxy_config.yaml`, read for its budgets (SPEC §12 "LiteLLM configuration").
+
+A pure translation: a LiteLLM file's data in, the config file's own sections out (SPEC §10), each
+entry a create body that `config_file` then checks and applies like any other.
+
+LiteLLM                                              ours
+router_settings.provider_budget_config.<p>           providers: {provider: p, budgets: [...]}
+  .budget_limit / .time_period                         max_limit / reset_duration
+litellm_settings.tag_budget_config.<t>               tags: {tag: t, budgets: [...]}
+  .max_budget / .budget_duration                       max_limit / reset_duration
+model_list[i].litellm_params.model  "azure/dep"      model_configs: {provider: azure,
+  .max_budget / .budget_duration                       model_name: dep, budgets: [...]} (global)
+model_list entries sharing model_name n              routes: {name: n, targets: [their
+                                                       litellm_params.model, in file order]}
+
+Durations are passed on as written (`1mo` is read as `1M`); a duration left out is a budget that
+never resets. Amounts written as text (`"1e-12"`, which YAML does not read as a number) are read
+as numbers, as LiteLLM's pydantic models do. Everything else (other sections and settings,
+credentials such as `os.environ/…`, wildcard deployments as routes) is not read: `ignored` names it
+for one warning. Whether a value is valid is the config file's checks' business, not this module's:
+it only reshapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from budget_middleware.core.routing import parse_target
+
+LITELLM_SECTIONS: Final = ("model_list", "router_settings", "litellm_settings", "general_settings")
+"""Top-level sections that make a config file a LiteLLM one."""
+
+
+class LiteLLMConfigError(ValueError):
+    """Budget parts of a LiteLLM file in a shape that cannot be read; `where` names the part."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.where = where
+        self.problem = problem
+
+
+@dataclass(slots=True)
+class Translation:
+    """The config file's sections, where each entry came from (`origins`, parallel to
+    `sections`), and what was not read (`ignored`, in file order)."""
+
+    sections: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    origins: dict[str, list[str]] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+    def add(self, section: str, entry: dict[str, Any], origin: str) -> None:
+        self.sections.setdefault(section, []).append(entry)
+        self.origins.setdefault(section, []).append(origin)
+
+
+def is_litellm_config(data: Mapping[str, Any]) -> bool:
+    """Whether a config file's top level is LiteLLM's (it has one of LiteLLM's sections)."""
+    return any(section in data for section in LITELLM_SECTIONS)
+
+
+def translate(data: Mapping[str, Any], native: Collection[str] = ()) -> Translation:
+    """The budget parts of a LiteLLM config as config-file sections. Top-level keys in `native`
+    are left to the caller (neither read nor ignored)."""
+    out = Translation()
+    for section, value in data.items():
+        if section in native:
+            continue
+        if section == "router_settings":
+            _settings(value, section, "provider_budget_config", _provider_budgets, out)
+        elif section == "litellm_settings":
+            _settings(value, section, "tag_budget_config", _tag_budgets, out)
+        elif section == "model_list":
+            _model_list(value, out)
+        else:
+            out.ignored.append(str(section))
+    return out
+
+
+def _settings(value: Any, section: str, read: str, reader: Any, out: Translation) -> None:
+    settings = _mapping(value, section)
+    for key, setting in settings.items():
+        if key == read:
+            reader(setting, f"{section}.{read}", out)
+        else:
+            out.ignored.append(f"{section}.{key}")
+
+
+def _provider_budgets(value: Any, where: str, out: Translation) -> None:
+    for provider, config in _mapping(value, where).items():
+        origin = f"{where}.{provider}"
+        budget = _budget(config, origin, "budget_limit", "time_period")
+        out.add("providers", {"provider": str(provider), "budgets": [budget]}, origin)
+
+
+def _tag_budgets(value: Any, where: str, out: Translation) -> None:
+    for tag, config in _mapping(value, where).items():
+        origin = f"{where}.{tag}"
+        budget = _budget(config, origin, "max_budget", "budget_duration")
+        out.add("tags", {"tag": str(tag), "budgets": [budget]}, origin)
+
+
+def _budget(config: Any, where: str, amount: str, duration: str) -> dict[str, Any]:
+    fields = _mapping(config, where)
+    unknown = sorted(str(k) for k in set(fields) - {amount, duration})
+    if unknown:
+        raise LiteLLMConfigError(
+            where, f"unknown field(s) {', '.join(unknown)}; expected {amount}, {duration}"
+        )
+    if fields.get(amount) is None:
+        raise LiteLLMConfigError(where, f"needs '{amount}' (USD)")
+    return {"max_limit": _number(fields[amount]), "reset_duration": fields.get(duration)}
+
+
+def _model_list(value: Any, out: Translation) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise LiteLLMConfigError("model_list", "must be a list of mappings")
+    routes: dict[str, list[str]] = {}
+    budgets: dict[tuple[str | None, str], tuple[dict[str, Any], str]] = {}
+    wildcards: list[str] = []
+    for index, raw in enumerate(value):
+        where = f"model_list[{index}]"
+        entry = _mapping(raw, where)
+        name = entry.get("model_name")
+        params = _mapping(entry.get("litellm_params"), f"{where}.litellm_params")
+        model = params.get("model")
+        if not isinstance(name, str) or not name:
+            raise LiteLLMConfigError(where, "needs 'model_name', the name requests use")
+        if not isinstance(model, str) or not model:
+            raise LiteLLMConfigError(where, "needs 'litellm_params.model', like 'openai/gpt-4o'")
+        where = f"{where} ({name}: {model})"
+        if "*" in name or "*" in model:
+            wildcards.append(f"{name}: {model}")
+        elif model not in routes.setdefault(name, []):
+            routes[name].append(model)
+        if params.get("max_budget") is not None:
+            _model_budget(params, model, where, budgets, out)
+    for name, targets in routes.items():
+        out.add("routes", {"name": name, "targets": targets}, f"model_list (model_name {name})")
+    if wildcards:
+        out.ignored.append(f"model_list wildcard routes ({', '.join(wildcards)})")
+
+
+def _model_budget(
+    params: Mapping[str, Any],
+    model: str,
+    where: str,
+    seen: dict[tuple[str | None, str], tuple[dict[str, Any], str]],
+    out: Translation,
+) -> None:
+    target = parse_target(model)
+    budget = {"max_limit": _number(params["max_budget"]),
+              "reset_duration": params.get("budget_duration")}  # fmt: skip
+    key = (target.provider, target.model)
+    if key in seen:
+        # One model config per provider and model: LiteLLM's per-deployment budgets of one model
+        # can be kept only when they say the same.
+        first, first_where = seen[key]
+        if first != budget:
+            raise LiteLLMConfigError(
+                where,
+                f"a different budget for {model} than {first_where}: budget_middleware "
+                "keeps one budget per provider and model; give them the same max_budget and "
+                "budget_duration",
+            )
+        return
+    seen[key] = (budget, where)
+    entry: dict[str, Any] = {"model_name": target.model, "budgets": [budget]}
+    if target.provider is not None:
+        entry["provider"] = target.provider
+    out.add("model_configs", entry, where)
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise LiteLLMConfigError(where, "must be a mapping")
+    return value
+
+
+def _number(value: Any) -> Any:
+    """A number written as text (`"1e-12"`: YAML 1.1 needs a dot to read a float) as a number;
+    anything else as it is, for the checks to judge."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
