@@ -1,6 +1,6 @@
 """The benchmark: one command, a markdown table, a JSON file.
 
-    python benchmarks/run.py [--quick] [--json PATH] [--parts inprocess,http,scaling,redis]
+    python benchmarks/run.py [--quick] [--json PATH] [--parts inprocess,http,scaling,redis,outbound]
 
 1. in-process: µs per raw ASGI call, the bare host app against the same app with the middleware;
 2. over HTTP: the example app under uvicorn, driven by wrk (or loadgen.py) on loopback;
@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 import http_load
 import inprocess
+import outbound
 import redis_part
 import scaling
 
-PARTS = ("inprocess", "http", "scaling", "redis")
+PARTS = ("inprocess", "http", "scaling", "redis", "outbound")
 
 
 def _environment() -> dict[str, Any]:
@@ -82,6 +83,10 @@ async def _run(quick: bool, parts: set[str]) -> dict[str, Any]:
         started = time.perf_counter()
         report["redis"] = await redis_part.run(*((2_000, 2) if quick else (6_000, 6)))
         timings["redis"] = time.perf_counter() - started
+    if "outbound" in parts:
+        started = time.perf_counter()
+        report["outbound"] = await outbound.run(*((3_000, 3) if quick else (12_000, 6)))
+        timings["outbound"] = time.perf_counter() - started
     report["seconds"] = timings
     return report
 
@@ -207,6 +212,19 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {rd['target']} |",
                 "",
             ]
+    if "outbound" in report:
+        ob = report["outbound"]
+        out += [
+            "**5. Outbound** (`BudgetTransport` around `httpx2.MockTransport`, CPU µs per call)",
+            "",
+            "| measure | value | target |",
+            "|---|---:|---|",
+            f"| bare httpx2 client | {_f(ob['bare_cpu_us'])} µs | - |",
+            f"| with BudgetTransport | {_f(ob['metered_cpu_us'])} µs ({_f(ob['ratio'], 2)}x) | - |",
+            f"| added per call | {_f(ob['added_us'])} µs = "
+            f"{_f(ob['added_vs_real_httpx_call_pct'])} % of a real call's ~850 µs | < 5 % |",
+            "",
+        ]
     seconds = report.get("seconds", {})
     out.append("Seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     return "\n".join(out)

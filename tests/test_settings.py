@@ -30,6 +30,7 @@ SAME_VALUE: dict[str, tuple[Any, str]] = {
     "slot_ttl_seconds": (12.5, "12.5"),
     "unpriced_models": ("refuse", "refuse"),
     "redis_timeout_seconds": (0.25, "0.25"),
+    "provider_hosts": ({"LLM.example.com": "openai"}, '{"llm.example.com": "openai"}'),
 }
 
 

@@ -41,6 +41,7 @@ def record(request_id: str, **changes: object) -> dict[str, object]:
         "estimated": False,
         "note": None,
         "duration_ms": 12.5,
+        "direction": "inbound",
     }
     row.update(changes)
     return row
@@ -58,7 +59,8 @@ def test_usage_records_read_back_exactly_as_written(store_url: str) -> None:
     store.create_schema()
     written = [
         record("a" * 32),
-        record("b" * 32, tags=[], streamed=False, estimated=True, note="no usage in the response"),
+        record("b" * 32, tags=[], streamed=False, estimated=True, note="no usage in the response",
+               direction="outbound"),  # fmt: skip
     ]
     store.apply_flush("batch-1", [], [pending(r) for r in written])
     store.apply_flush("batch-1", [], [pending(r) for r in written])  # the same batch: skipped
@@ -175,5 +177,13 @@ def test_batches_of_any_size_share_a_few_insert_statements(store_url: str) -> No
     assert rows == list(range(written))
     assert [sum(database._statement_rows(n)) for n in sizes] == sizes
     assert {r for n in range(1, 3000) for r in database._statement_rows(n)} == {
-        256, 128, 64, 32, 16, 8, 4, 2, 1
+        256,
+        128,
+        64,
+        32,
+        16,
+        8,
+        4,
+        2,
+        1,
     }

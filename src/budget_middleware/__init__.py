@@ -27,6 +27,7 @@ from budget_middleware.exceptions import (
     SettingsError,
 )
 from budget_middleware.manage.manager import BudgetManager
+from budget_middleware.outbound import BudgetSyncTransport, BudgetTransport, charge_to
 from budget_middleware.settings import BudgetSettings
 
 
@@ -50,6 +51,8 @@ __all__ = [
     "BudgetMiddleware",
     "BudgetSettings",
     "BudgetState",
+    "BudgetSyncTransport",
+    "BudgetTransport",
     "ConfigFileError",
     "ConfigurationError",
     "Conflict",
@@ -58,6 +61,7 @@ __all__ = [
     "PricingFileError",
     "ServiceUnavailable",
     "SettingsError",
+    "charge_to",
     "create_admin_app",
     "get_engine",
     "get_manager",

@@ -174,3 +174,13 @@ def route_refusal_answer(tried: list[tuple[str, str, ErrorAnswer]]) -> tuple[Err
         headers.append((b"retry-after", shortest[b"retry-after"]))
         headers.append((b"retry-after-ms", shortest[b"retry-after-ms"]))
     return ErrorAnswer(chosen.status, body, headers), document["error"]["code"]
+
+
+def store_unavailable() -> ErrorAnswer:
+    """503: the store or Redis cannot decide and the settings fail closed."""
+    return error_answer(
+        503,
+        "service_unavailable",
+        "The budget store cannot be reached; the request was not sent (BUDGET_FAIL_OPEN=false)",
+        headers=[(b"retry-after", b"1")],
+    )

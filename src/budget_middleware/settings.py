@@ -65,6 +65,8 @@ class BudgetSettings(BaseSettings):
     slot_ttl_seconds: float = Field(default=30.0, gt=0)
     unpriced_models: Literal["allow", "refuse"] = "allow"
     redis_timeout_seconds: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    # SPEC §13: host (or `*` pattern) -> provider, over the built-in table; a JSON object.
+    provider_hosts: Annotated[tuple[tuple[str, str], ...], NoDecode] = ()
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -92,6 +94,29 @@ class BudgetSettings(BaseSettings):
                 if not isinstance(part, str) or not part.startswith("/"):
                     raise ValueError(f"path suffix {part!r} must start with '/'")
             return tuple(value)
+        return value
+
+    @field_validator("provider_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError:
+                raise ValueError(
+                    'is not a JSON object like {"llm.example.com": "openai"}'
+                ) from None
+        if isinstance(value, dict):
+            value = tuple(value.items())
+        if isinstance(value, list | tuple):
+            for pair in value:
+                if not (
+                    isinstance(pair, list | tuple)
+                    and len(pair) == 2
+                    and all(isinstance(part, str) and part.strip() for part in pair)
+                ):
+                    raise ValueError(f"maps a host to a provider, both non-empty text: {pair!r}")
+            return tuple((host.strip().lower(), provider.strip()) for host, provider in value)
         return value
 
     @field_validator("exceeded_status", mode="before")

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import Any
 
-from budget_middleware.answers import ErrorAnswer, error_answer
+from budget_middleware.answers import ErrorAnswer, error_answer, store_unavailable
 from budget_middleware.core.identity import header_reader, key_digest, route_path
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
@@ -21,6 +21,7 @@ from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, ge
 from budget_middleware.engine.exchange import BudgetState, Exchange
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.exceptions import ConfigurationError
+from budget_middleware.outbound.payer import inbound_headers
 from budget_middleware.settings import BudgetSettings, raised_again
 
 Scope_ = MutableMapping[str, Any]
@@ -80,10 +81,18 @@ class BudgetMiddleware:
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            if scope["method"] == "POST" and scope["path"].endswith(self.suffixes):
-                await self._metered(scope, receive, send)
-                return
-        elif kind == "lifespan":
+            # Whoever calls is noted (their headers, read only if the app calls a provider
+            # through `BudgetTransport`: SPEC §13), on any path.
+            token = inbound_headers.set(scope["headers"])
+            try:
+                if scope["method"] == "POST" and scope["path"].endswith(self.suffixes):
+                    await self._metered(scope, receive, send)
+                else:
+                    await self.app(scope, receive, send)
+            finally:
+                inbound_headers.reset(token)
+            return
+        if kind == "lifespan":
             await self._lifespan(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -156,7 +165,7 @@ class BudgetMiddleware:
                 raise  # final: the configuration is wrong, not the store away
             except Exception:
                 if not self.fail_open:
-                    await _answer(send, _unavailable())
+                    await _answer(send, store_unavailable())
                     return
         if engine.stale:
             await engine.ensure_current()
@@ -172,7 +181,7 @@ class BudgetMiddleware:
                     # limits; a key it cannot vouch for is never admitted.
                     found = engine.last_known.get(digest) if self.fail_open else None
                     if found is None:
-                        await _answer(send, _unavailable())
+                        await _answer(send, store_unavailable())
                         return
                 else:
                     if found is None:
@@ -196,7 +205,7 @@ class BudgetMiddleware:
             try:
                 admitted = await gate.admit(decision)  # type: ignore[arg-type]
             except ServiceUnavailable:
-                await _answer(send, _unavailable())
+                await _answer(send, store_unavailable())
                 return
         if type(admitted) is ErrorAnswer:
             await _answer(send, admitted)
@@ -281,13 +290,4 @@ def _too_large(limit: int) -> ErrorAnswer:
         413,
         "request_too_large",
         f"Request body is larger than BUDGET_MAX_BODY_BYTES ({limit} bytes)",
-    )
-
-
-def _unavailable() -> ErrorAnswer:
-    return error_answer(
-        503,
-        "service_unavailable",
-        "The budget store cannot be reached; the request was not sent (BUDGET_FAIL_OPEN=false)",
-        headers=[(b"retry-after", b"1")],
     )

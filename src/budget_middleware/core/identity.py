@@ -41,6 +41,9 @@ class Credentials:
     provider: str | None = None
     tags: tuple[str, ...] = ()
     content_length: int | None = None
+    # The provider is the host's a call goes to (SPEC §13): it wins over a `provider/` prefix,
+    # and the model is kept whole (OpenRouter's `anthropic/claude-sonnet-4`).
+    provider_is_host: bool = False
 
 
 def key_digest(value: str) -> bytes:
@@ -159,7 +162,13 @@ class TargetResolver:
         raw_model = data.get("model")
         where = (raw_model if type(raw_model) is str else "", credentials.provider, route_path)
         found = self._routes.get(where)
-        if found is None:
+        if credentials.provider_is_host and credentials.provider is not None:
+            model = where[0].strip()
+            found = (
+                clean_text(credentials.provider, MAX_PROVIDER_CHARS),
+                clean_text(model, MAX_MODEL_CHARS) if model else "unknown",
+            )
+        elif found is None:
             found = self._route(*where)
             if len(where[0]) <= MAX_MODEL_CHARS:  # a client's huge name is not kept
                 if len(self._routes) >= 4096:

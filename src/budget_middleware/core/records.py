@@ -30,6 +30,7 @@ class UsageRecord(NamedTuple):
     estimated: bool
     note: str | None
     duration_ms: float
+    direction: str = "inbound"  # "outbound": a call the app made, metered by the transport
 
 
 @dataclass(slots=True)

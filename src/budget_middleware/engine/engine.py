@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
-from cachetools import LRUCache
+from cachetools import LRUCache, TTLCache
 
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import hash_key, key_digest
@@ -149,6 +149,10 @@ class BudgetEngine:
         self.failure: ConfigurationError | None = None
         self.failure_listeners: list[weakref.WeakMethod[Callable[[Exception], None]]] = []
         self.gate = Gate(self)  # the way in for every adapter's requests
+        self.loop: asyncio.AbstractEventLoop | None = None  # the one it was started in
+        self._keys_by_id: TTLCache[str, KeyConfig | None] = TTLCache(
+            maxsize=100_000, ttl=settings.cache_ttl_seconds
+        )
         self._install_default_hooks()
 
     def _install_default_hooks(self) -> None:
@@ -214,7 +218,8 @@ class BudgetEngine:
             await self.reload_globals()
             self._flush_lock = asyncio.Lock()
             self._stopping = asyncio.Event()
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+            self.loop = asyncio.get_running_loop()  # where sync callers send their work
+            self._flusher = self.loop.create_task(self._flush_loop())
             self.started = True
 
     def _prepare_store(self) -> None:
@@ -300,6 +305,7 @@ class BudgetEngine:
         if self.stale:
             self.stale = False
             self.keys.clear()
+            self._keys_by_id.clear()
             while self._resets:
                 kind, id_, at = self._resets.pop(0)
                 counter = self.registry.counter(kind, id_)
@@ -342,6 +348,21 @@ class BudgetEngine:
             raise ServiceUnavailable("the budget store cannot be reached") from exc
         finally:
             del self._key_loads[key_hash]
+
+    async def lookup_key_id(self, key_id: str) -> KeyConfig | None:
+        """A key's configuration by its id (`charge_to(virtual_key_id=...)`), cached as by value."""
+        try:
+            return self._keys_by_id[key_id]
+        except KeyError:
+            pass
+        try:
+            record = await anyio.to_thread.run_sync(self.store.load_key_by_id, key_id)
+        except Exception as exc:
+            self._store_failed(exc)
+            raise ServiceUnavailable("the budget store cannot be reached") from exc
+        config = None if record is None else self.builder.key(record)
+        self._keys_by_id[key_id] = config
+        return config
 
     def limits_for(
         self, key: KeyConfig | None, provider: str, model: str, tags: tuple[str, ...]

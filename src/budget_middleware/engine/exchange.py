@@ -83,6 +83,7 @@ class Exchange:
     unreadable: str | None = None
     client_gone = False
     estimated = False
+    direction = "inbound"  # "outbound" for the transport's calls (SPEC §13)
 
     def __init__(
         self,
@@ -317,6 +318,7 @@ class Exchange:
                 estimated=estimated,
                 note=note if note is None or len(note) <= _MAX_NOTE else note[:_MAX_NOTE],
                 duration_ms=(perf_counter() - self.started) * 1000,
+                direction=self.direction,
             )
         )
 

@@ -443,6 +443,7 @@ def _insert_records(conn: Any, records: Sequence[UsageRecord], batch_id: str) ->
                 r.estimated,
                 r.note,
                 r.duration_ms,
+                r.direction,
             )
         )
     if dialect == "postgresql":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Connection, Engine, MetaData, select, text
+from sqlalchemy import Connection, Engine, MetaData, inspect, select, text
 
 _LOCK_ID = 0x62756467  # "budg"
 
@@ -19,7 +19,18 @@ _STEPS: dict[int, Callable[[Connection], None]] = {
     2: lambda conn: None,
     # 3: bm_routes, a new table, made the same way.
     3: lambda conn: None,
+    # 4: bm_usage_records.direction ("inbound" or "outbound"), for records already there.
+    4: lambda conn: _add_column(
+        conn, "bm_usage_records", "direction VARCHAR(8) NOT NULL DEFAULT 'inbound'"
+    ),
 }
+
+
+def _add_column(conn: Connection, table: str, definition: str) -> None:
+    """Add a column unless the table has it (a table made by this release already does)."""
+    name = definition.split()[0]
+    if name not in {c["name"] for c in inspect(conn).get_columns(table)}:
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {definition}"))
 
 
 def upgrade(engine: Engine, metadata: MetaData, target: int) -> int:

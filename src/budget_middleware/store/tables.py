@@ -13,7 +13,7 @@ from sqlalchemy import JSON, BigInteger, DateTime, Index, Text, UniqueConstraint
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 3  # 2: bm_rejected; 3: bm_routes
+SCHEMA_VERSION = 4  # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction
 
 
 def new_id() -> str:
@@ -165,6 +165,7 @@ class UsageRecordRow(StoreModel, table=True):
     estimated: bool = False
     note: str | None = Field(default=None, max_length=200)
     duration_ms: float = 0.0
+    direction: str = Field(default="inbound", max_length=8)  # or "outbound" (SPEC §13)
 
 
 class FlushRow(StoreModel, table=True):

@@ -1,0 +1,50 @@
+"""The provider of a call, from the host it goes to (SPEC §13); `BUDGET_PROVIDER_HOSTS` adds to
+or overrides the table (`{"llm.internal.example": "openai", "*.example.ai": "mistral"}`)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+
+PROVIDER_HOSTS: Mapping[str, str] = {
+    "api.openai.com": "openai",
+    "api.anthropic.com": "anthropic",
+    "generativelanguage.googleapis.com": "gemini",
+    "*.openai.azure.com": "azure",
+    "*.services.ai.azure.com": "azure",
+    "bedrock-runtime.*.amazonaws.com": "bedrock",
+    "*-aiplatform.googleapis.com": "vertex",
+    "api.mistral.ai": "mistral",
+    "api.groq.com": "groq",
+    "openrouter.ai": "openrouter",
+    "api.deepseek.com": "deepseek",
+    "api.x.ai": "xai",
+    "api.together.xyz": "together",
+    "api.fireworks.ai": "fireworks",
+    "api.perplexity.ai": "perplexity",
+    "api.cohere.com": "cohere",
+    "api.cohere.ai": "cohere",
+}
+
+
+class HostTable:
+    """Exact hosts by dict lookup, patterns (`*`) in order; what a host leads to is kept."""
+
+    def __init__(self, extra: Mapping[str, str]) -> None:
+        table = {**PROVIDER_HOSTS, **{h.lower(): p for h, p in extra.items()}}
+        self.exact = {h: p for h, p in table.items() if "*" not in h}
+        self.patterns = [
+            (re.compile(fnmatch.translate(h)), p) for h, p in table.items() if "*" in h
+        ]
+        self.found: dict[str, str | None] = {}
+
+    def provider(self, host: str) -> str | None:
+        found = self.found.get(host)
+        if found is None and host not in self.found:
+            found = self.exact.get(host.lower())
+            if found is None:
+                found = next((p for rx, p in self.patterns if rx.match(host.lower())), None)
+            if len(self.found) < 4096:
+                self.found[host] = found
+        return found

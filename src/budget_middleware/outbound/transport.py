@@ -1,0 +1,451 @@
+"""Transports for `httpx` and `httpx2` clients that meter the provider calls going through them
+(SPEC §13): the same checks, reservation, usage reading and charges as an inbound request, with
+usage records marked `direction: "outbound"`. Requests to other paths pass untouched.
+
+    client = openai.AsyncOpenAI(http_client=httpx2.AsyncClient(transport=BudgetTransport()))
+
+A refused call is never sent: the SDK gets the answer an inbound client would (§8) and raises its
+usual exception. Responses reach the SDK chunk by chunk; the charge is settled exactly once, when
+the body ends or the SDK closes it.
+
+The transport answers with the library of the request it is given (`httpx` or `httpx2`: the
+current OpenAI and Anthropic SDKs take `httpx2` clients), so one class serves both. The sync
+transport hands its admission and settlement to the event loop the engine runs in (the app's,
+or one of its own in a background thread for a script): one loop decides, so admission stays
+atomic whatever the threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from time import perf_counter
+from types import ModuleType
+from typing import Any, TypeVar
+
+import httpx
+
+from budget_middleware.answers import ErrorAnswer, error_answer, store_unavailable
+from budget_middleware.core.identity import Credentials, header_reader
+from budget_middleware.core.scopes import KeyConfig
+from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
+from budget_middleware.engine.exchange import BudgetState, Exchange
+from budget_middleware.engine.gate import body_to_send
+from budget_middleware.exceptions import ConfigurationError
+from budget_middleware.outbound.hosts import HostTable
+from budget_middleware.outbound.payer import inbound_headers, payer
+from budget_middleware.settings import BudgetSettings
+
+T = TypeVar("T")
+_UNKNOWN = "Unknown virtual key"
+
+
+class _Meter:
+    """What both transports share: which calls are metered, who pays, and the answers."""
+
+    def __init__(self, settings: BudgetSettings | None, engine: BudgetEngine | None) -> None:
+        self.engine = engine if engine is not None else get_engine(settings)
+        s = self.engine.settings
+        self.suffixes = s.inference_paths
+        self.max_body = s.max_body_bytes
+        self.fail_open = s.fail_open
+        self.read_headers = header_reader(s.key_header, s.key_prefix)
+        self.hosts = HostTable(dict(s.provider_hosts))
+
+    def metered(self, request: Any) -> bool:
+        path: str = request.url.path
+        return request.method == "POST" and path.endswith(self.suffixes)
+
+    async def admit(self, request: Any, body: bytes) -> Exchange | ErrorAnswer:
+        """Who pays, the gate's decision and admission (on the engine's event loop)."""
+        engine = self.engine
+        started = perf_counter()
+        if not engine.started:
+            try:
+                await engine.ensure_started()
+            except ConfigurationError:
+                raise
+            except Exception:
+                if not self.fail_open:
+                    return store_unavailable()
+        if engine.stale:
+            await engine.ensure_current()
+        chosen = payer.get()
+        tags: tuple[str, ...] = ()
+        key: KeyConfig | None = None
+        try:
+            if chosen is not None:
+                tags = chosen.tags
+                if chosen.virtual_key is not None:
+                    key = await engine.lookup_key(chosen.virtual_key)
+                else:
+                    key = await engine.lookup_key_id(chosen.virtual_key_id or "")
+                if key is None:
+                    return engine.gate.refuse(401, "invalid_virtual_key", _UNKNOWN)
+            else:
+                headers = inbound_headers.get()
+                if headers is not None:  # the inbound request being served, if it has a key
+                    inbound = self.read_headers(headers).key
+                    if inbound is not None:
+                        key = await engine.lookup_key(inbound)
+        except ServiceUnavailable:
+            return store_unavailable()
+        host_provider = self.hosts.provider(request.url.host)
+        credentials = Credentials(None, host_provider, tags, len(body), host_provider is not None)
+        gate = engine.gate
+        decision = gate.decide(body, request.url.path, credentials, key, started)
+        if type(decision) is ErrorAnswer:
+            return decision
+        try:
+            if engine.in_process:
+                admitted = gate.admit_now(decision)  # type: ignore[arg-type]
+            else:
+                admitted = await gate.admit(decision)  # type: ignore[arg-type]
+        except ServiceUnavailable:
+            return store_unavailable()
+        if type(admitted) is ErrorAnswer:
+            return admitted
+        exchange: Exchange = admitted  # type: ignore[assignment]
+        target = exchange.target
+        exchange.direction = "outbound"
+        exchange.caller = BudgetState(
+            virtual_key_id=key.id if key else None,
+            team_id=key.team_id if key else None,
+            customer_id=key.customer_id if key else None,
+            provider=target.provider,
+            model=target.model,
+            tags=target.tags,
+        )
+        return exchange
+
+    async def settle(self, exchange: Exchange, outcome: str) -> None:
+        if self.engine.in_process:
+            exchange.settle_now(outcome)
+        else:
+            await exchange.settle_shared(outcome)
+
+    @staticmethod
+    def outgoing(lib: ModuleType, request: Any, exchange: Exchange, body: bytes) -> Any:
+        """The request to send: as it is, or with the body `gate.body_to_send` rewrote."""
+        new_body = body_to_send(exchange)
+        if new_body is None:
+            return request
+        headers = [(n, v) for n, v in request.headers.raw if n.lower() != b"content-length"]
+        return lib.Request(
+            request.method,
+            request.url,
+            headers=headers,
+            content=new_body,
+            extensions=request.extensions,
+        )
+
+    @staticmethod
+    def refused(lib: ModuleType, request: Any, answer: ErrorAnswer) -> Any:
+        return lib.Response(
+            answer.status, headers=answer.headers, content=answer.body, request=request
+        )
+
+    @staticmethod
+    def too_large(limit: int) -> ErrorAnswer:
+        return error_answer(
+            413,
+            "request_too_large",
+            f"Request body is larger than BUDGET_MAX_BODY_BYTES ({limit} bytes)",
+        )
+
+
+def _library(request: Any) -> ModuleType:
+    """`httpx` or `httpx2`: the library of the client that sent `request`."""
+    return sys.modules[type(request).__module__.split(".", 1)[0]]
+
+
+def _start(exchange: Exchange, response: Any) -> list[tuple[bytes, bytes]]:
+    message = {
+        "type": "http.response.start",
+        "status": response.status_code,
+        "headers": list(response.headers.raw),
+    }
+    headers: list[tuple[bytes, bytes]] = exchange.on_start(message)["headers"]
+    return headers
+
+
+def _chunk(exchange: Exchange, chunk: bytes, more: bool) -> bytes:
+    message = {"type": "http.response.body", "body": chunk, "more_body": more}
+    out: bytes = exchange.on_body(message)["body"]
+    return out
+
+
+def _outcome(exchange: Exchange, read_to_the_end: bool) -> str:
+    """An SDK closes a stream once it has seen its last event (`[DONE]`, `message_stop`),
+    without reading on: that stream is complete too."""
+    stream = exchange.stream
+    if read_to_the_end or (stream is not None and stream.completed):
+        return "completed"
+    return "client_disconnected"
+
+
+# -- async -------------------------------------------------------------------------------------
+
+
+class BudgetTransport(httpx.AsyncBaseTransport):
+    """An async transport for `httpx.AsyncClient` and `httpx2.AsyncClient` that meters the
+    inference calls going through `transport` (default: the library's own)."""
+
+    def __init__(
+        self,
+        transport: Any = None,
+        settings: BudgetSettings | None = None,
+        *,
+        engine: BudgetEngine | None = None,
+    ) -> None:
+        self.transport = transport
+        self.meter = _Meter(settings, engine)
+
+    def _inner(self, lib: ModuleType) -> Any:
+        if self.transport is None:
+            self.transport = lib.AsyncHTTPTransport()
+        return self.transport
+
+    async def handle_async_request(self, request: Any) -> Any:
+        lib = _library(request)
+        inner = self._inner(lib)
+        meter = self.meter
+        if not meter.metered(request):
+            return await inner.handle_async_request(request)
+        body = await request.aread()
+        if len(body) > meter.max_body:
+            return meter.refused(lib, request, meter.too_large(meter.max_body))
+        admitted = await meter.admit(request, body)
+        if type(admitted) is ErrorAnswer:
+            return meter.refused(lib, request, admitted)
+        exchange: Exchange = admitted  # type: ignore[assignment]
+        try:
+            response = await inner.handle_async_request(
+                meter.outgoing(lib, request, exchange, body)
+            )
+        except BaseException:
+            await meter.settle(exchange, "upstream_error")
+            raise
+        headers = _start(exchange, response)
+        stream = _async_stream(lib)(response, exchange, meter)
+        return lib.Response(
+            response.status_code,
+            headers=headers,
+            stream=stream,
+            request=request,
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        if self.transport is not None:
+            await self.transport.aclose()
+
+
+class _AsyncMetered:
+    """The body on its way to the SDK, each chunk measured as it passes; settled once."""
+
+    def __init__(self, response: Any, exchange: Exchange, meter: _Meter) -> None:
+        self.response = response
+        self.exchange = exchange
+        self.meter = meter
+        self.done = False
+        self.settled = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        exchange = self.exchange
+        async for chunk in self.response.stream:  # raw, as it came (read already or not)
+            out = _chunk(exchange, chunk, True)
+            if out:
+                yield out
+        out = _chunk(exchange, b"", False)
+        self.done = True
+        if out:
+            yield out
+        await self._settle()
+
+    async def aclose(self) -> None:
+        try:
+            await self.response.aclose()
+        finally:
+            await self._settle()
+
+    async def _settle(self) -> None:
+        if not self.settled:
+            self.settled = True
+            await self.meter.settle(self.exchange, _outcome(self.exchange, self.done))
+
+
+_ASYNC_STREAMS: dict[ModuleType, type] = {}
+
+
+def _async_stream(lib: ModuleType) -> Callable[[Any, Exchange, _Meter], Any]:
+    """`_AsyncMetered` as the library's `AsyncByteStream` (its responses check the type)."""
+    found = _ASYNC_STREAMS.get(lib)
+    if found is None:
+        found = _ASYNC_STREAMS[lib] = type(
+            "MeteredStream", (_AsyncMetered, lib.AsyncByteStream), {}
+        )
+    return found
+
+
+# -- sync --------------------------------------------------------------------------------------
+
+
+class BudgetSyncTransport(httpx.BaseTransport):
+    """The same for `httpx.Client` and `httpx2.Client`. Admission and settlement run on the
+    engine's event loop (the app's, or a background one started on first use), so they stay
+    atomic with everything else the engine admits; the call itself runs in the caller's thread."""
+
+    def __init__(
+        self,
+        transport: Any = None,
+        settings: BudgetSettings | None = None,
+        *,
+        engine: BudgetEngine | None = None,
+    ) -> None:
+        self.transport = transport
+        self.meter = _Meter(settings, engine)
+        self._lock = threading.Lock()
+
+    def _inner(self, lib: ModuleType) -> Any:
+        if self.transport is None:
+            with self._lock:  # threads share the client: one transport, one pool
+                if self.transport is None:
+                    self.transport = lib.HTTPTransport()
+        return self.transport
+
+    def handle_request(self, request: Any) -> Any:
+        lib = _library(request)
+        inner = self._inner(lib)
+        meter = self.meter
+        if not meter.metered(request):
+            return inner.handle_request(request)
+        body = request.read()
+        if len(body) > meter.max_body:
+            return meter.refused(lib, request, meter.too_large(meter.max_body))
+        chosen, inbound = payer.get(), inbound_headers.get()
+
+        async def admit() -> Exchange | ErrorAnswer:
+            payer.set(chosen)  # this thread's context, on the loop's task
+            inbound_headers.set(inbound)
+            return await meter.admit(request, body)
+
+        admitted = on_loop(meter.engine, admit)
+        if type(admitted) is ErrorAnswer:
+            return meter.refused(lib, request, admitted)
+        exchange: Exchange = admitted  # type: ignore[assignment]
+        try:
+            response = inner.handle_request(meter.outgoing(lib, request, exchange, body))
+        except BaseException:
+            on_loop(meter.engine, lambda: meter.settle(exchange, "upstream_error"))
+            raise
+        headers = _start(exchange, response)
+        return lib.Response(
+            response.status_code,
+            headers=headers,
+            stream=_sync_stream(lib)(response, exchange, meter),
+            request=request,
+            extensions=response.extensions,
+        )
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _SyncMetered:
+    def __init__(self, response: Any, exchange: Exchange, meter: _Meter) -> None:
+        self.response = response
+        self.exchange = exchange
+        self.meter = meter
+        self.done = False
+        self.settled = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        exchange = self.exchange
+        for chunk in self.response.stream:
+            out = _chunk(exchange, chunk, True)
+            if out:
+                yield out
+        out = _chunk(exchange, b"", False)
+        self.done = True
+        if out:
+            yield out
+        self._settle()
+
+    def close(self) -> None:
+        try:
+            self.response.close()
+        finally:
+            self._settle()
+
+    def _settle(self) -> None:
+        if not self.settled:
+            self.settled = True
+            outcome = _outcome(self.exchange, self.done)
+            on_loop(self.meter.engine, lambda: self.meter.settle(self.exchange, outcome))
+
+
+_SYNC_STREAMS: dict[ModuleType, type] = {}
+
+
+def _sync_stream(lib: ModuleType) -> Callable[[Any, Exchange, _Meter], Any]:
+    found = _SYNC_STREAMS.get(lib)
+    if found is None:
+        found = _SYNC_STREAMS[lib] = type("MeteredStream", (_SyncMetered, lib.SyncByteStream), {})
+    return found
+
+
+# -- the engine's event loop, for sync callers -------------------------------------------------
+
+_background: asyncio.AbstractEventLoop | None = None
+_background_lock = threading.Lock()
+
+
+def on_loop(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work()` on the engine's event loop from a thread that is not that loop's, and wait
+    for it. An engine not started yet starts in a background loop of this module's."""
+    loop = engine.loop
+    if loop is None or loop.is_closed():
+        loop = _background_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        raise RuntimeError(
+            "BudgetSyncTransport was called from the event loop its engine runs in, which it "
+            "would block: use BudgetTransport with an async client there"
+        )
+    return asyncio.run_coroutine_threadsafe(_awaited(work), loop).result()
+
+
+async def _awaited(work: Callable[[], Awaitable[T]]) -> T:
+    return await work()
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    """One event loop in a daemon thread for sync apps (a script, Flask); its engines are shut
+    down (every pending charge written) when the process exits."""
+    global _background
+    with _background_lock:
+        if _background is None or _background.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(
+                target=loop.run_forever, name="budget-middleware-loop", daemon=True
+            ).start()
+            _background = loop
+            atexit.register(_shut_down, loop)
+        return _background
+
+
+def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
+    from budget_middleware.engine.engine import _engines
+
+    for engine in list(_engines.values()):
+        if engine.loop is loop and engine.started:
+            asyncio.run_coroutine_threadsafe(engine.shutdown(), loop).result(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)

@@ -1,0 +1,462 @@
+"""Metering the calls an app makes (SPEC §13): `BudgetTransport` / `BudgetSyncTransport` under
+the real OpenAI and Anthropic SDKs, against a fake provider (the example mock upstream)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import httpx2
+import openai
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from mock_upstream import create_mock_app
+from sqlalchemy import text
+
+from budget_middleware import (
+    BudgetMiddleware,
+    BudgetSettings,
+    BudgetSyncTransport,
+    BudgetTransport,
+    charge_to,
+    get_engine,
+)
+from budget_middleware.engine.engine import BudgetEngine
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix, use_prefix
+from support import client, engine_of, running
+
+Settings = Callable[..., BudgetSettings]
+MESSAGES = [{"role": "user", "content": "Summarise the budget policy in one line."}]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Counting:
+    """The fake provider, counting the calls that reach it."""
+
+    def __init__(self, prefix: str = "/v1") -> None:
+        self.app = create_mock_app(prefix)
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.calls += 1
+        await self.app(scope, receive, send)
+
+
+def records(engine: BudgetEngine) -> list[dict[str, Any]]:
+    with engine.store.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT virtual_key_id, provider, model, input_tokens, output_tokens, cost_nanos,"
+                " streamed, outcome, direction, tags FROM bm_usage_records ORDER BY id"
+            )
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+def openai_client(fake: Counting, engine: BudgetEngine, **options: Any) -> openai.AsyncOpenAI:
+    transport = BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
+    return openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(transport=transport),
+        **options,
+    )
+
+
+@pytest.fixture
+async def engine(make_settings: Settings) -> Any:
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    await engine.ensure_started()
+    yield engine
+    await engine.shutdown()
+
+
+async def test_an_sdk_call_is_metered_and_charged_to_the_key(engine: BudgetEngine) -> None:
+    m = engine.manager
+    key = m.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    fake = Counting()
+    sdk = openai_client(fake, engine)
+    with charge_to(virtual_key=key.value, tags=["feature:summary"]):
+        answer = await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    await engine.flush()
+    rows = records(engine)
+    print("outbound record:", rows)
+    assert answer.usage is not None and fake.calls == 1
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["virtual_key_id"], row["provider"], row["model"]) == (key.id, "openai", "gpt-4o")
+    assert row["direction"] == "outbound" and row["outcome"] == "completed"
+    assert (row["input_tokens"], row["output_tokens"]) == (
+        answer.usage.prompt_tokens, answer.usage.completion_tokens)  # fmt: skip
+    expected = answer.usage.prompt_tokens * 2500 + answer.usage.completion_tokens * 10_000
+    assert row["cost_nanos"] == expected  # gpt-4o: $2.50 / $10 per million tokens
+    assert "feature:summary" in row["tags"]
+    assert m.list_budgets()[0].spent == pytest.approx(expected / 1e9)
+
+
+async def test_a_stream_reaches_the_sdk_chunk_by_chunk_and_is_charged(
+    engine: BudgetEngine,
+) -> None:
+    key = engine.manager.create_virtual_key(name="alice")
+    fake = Counting()
+    sdk = openai_client(fake, engine)
+    chunks = []
+    with charge_to(virtual_key=key.value):
+        stream = await sdk.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, stream=True, max_tokens=40
+        )
+        async for chunk in stream:
+            chunks.append(chunk)
+    await engine.flush()
+    rows = records(engine)
+    print(f"{len(chunks)} chunks; record {rows}")
+    assert len(chunks) > 3 and all(c.usage is None for c in chunks)  # the usage chunk we asked for
+    assert rows[0]["streamed"] and rows[0]["output_tokens"] > 0 and rows[0]["cost_nanos"] > 0
+    assert rows[0]["outcome"] == "completed" and rows[0]["direction"] == "outbound"
+
+
+async def test_a_refused_call_is_never_sent_and_the_sdk_raises_its_usual_error(
+    engine: BudgetEngine,
+) -> None:
+    m = engine.manager
+    spent = m.create_virtual_key(name="spent", budgets=[{"max_limit": 0}])
+    limited = m.create_virtual_key(
+        name="limited", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"}
+    )
+    fake = Counting()
+    sdk = openai_client(fake, engine, max_retries=3)
+    with charge_to(virtual_key=spent.value), pytest.raises(openai.APIStatusError) as refused:
+        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert refused.value.status_code == 402 and fake.calls == 0  # not sent, not retried
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert refused.value.body["code"] == "budget_exceeded"  # type: ignore[index]
+    with charge_to(virtual_key=limited.value):
+        await openai_client(fake, engine).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        with pytest.raises(openai.RateLimitError):
+            await openai_client(fake, engine, max_retries=0).chat.completions.create(
+                model="gpt-4o", messages=MESSAGES
+            )
+    with charge_to(virtual_key="sk-bm-no-such-key"), pytest.raises(openai.AuthenticationError):
+        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    print(f"fake provider calls: {fake.calls}")
+    assert fake.calls == 1  # only the one admitted call reached the provider
+
+
+async def test_the_sdk_retries_a_rate_limit_after_its_window_and_one_call_is_sent(
+    engine: BudgetEngine,
+) -> None:
+    key = engine.manager.create_virtual_key(
+        name="alice", rate_limit={"request_max_limit": 1, "request_reset_duration": "2s"}
+    )
+    fake = Counting()
+    sdk = openai_client(fake, engine, max_retries=2)
+    with charge_to(virtual_key=key.value):
+        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        started = time.monotonic()
+        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # waits, then passes
+        waited = time.monotonic() - started
+    print(f"the SDK waited {waited:.2f} s (Retry-After) and the provider saw {fake.calls} calls")
+    assert fake.calls == 2 and waited > 0.2
+    assert engine.stats.refused.get("request_limit_exceeded", 0) >= 1
+
+
+async def test_the_anthropic_sdk_is_metered_too(engine: BudgetEngine) -> None:
+    key = engine.manager.create_virtual_key(name="alice")
+    fake = Counting()
+    transport = BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
+    sdk = anthropic.AsyncAnthropic(
+        api_key="sk-ant-secret",
+        base_url="https://api.anthropic.com",
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    with charge_to(virtual_key_id=key.id):
+        message = await sdk.messages.create(
+            model="claude-sonnet-4", max_tokens=50, messages=MESSAGES
+        )
+        async with sdk.messages.stream(
+            model="claude-sonnet-4", max_tokens=50, messages=MESSAGES
+        ) as stream:
+            async for _ in stream.text_stream:
+                pass
+    await engine.flush()
+    rows = records(engine)
+    print("anthropic records:", rows)
+    assert [r["provider"] for r in rows] == ["anthropic", "anthropic"]
+    assert rows[0]["input_tokens"] == message.usage.input_tokens and rows[0]["cost_nanos"] > 0
+    assert rows[1]["streamed"] and rows[1]["output_tokens"] > 0
+    assert {r["virtual_key_id"] for r in rows} == {key.id}
+
+
+async def test_a_route_of_the_app_calls_out_for_the_inbound_caller(make_settings: Settings) -> None:
+    """A FastAPI app whose own route (not an inference path) calls OpenAI through the transport:
+    the call is charged to the virtual key of the request being served; without one, to nobody."""
+    settings = make_settings(flush_interval_seconds=3600)
+    fake = Counting()
+    app = FastAPI()
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.ASGITransport(fake), settings)
+        ),
+    )
+
+    @app.post("/summarize")
+    async def summarize(body: dict[str, str]) -> Any:
+        try:
+            answer = await sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": body["text"]}]
+            )
+        except openai.APIStatusError as exc:  # refused: the app says so in its own words
+            return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+        return {"summary": answer.choices[0].message.content or ""}
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 0.0001}])
+        await engine.invalidate()
+        headers = {"authorization": f"Bearer {key.value}"}
+        first = await http.post("/summarize", json={"text": "hello"}, headers=headers)
+        anonymous = await http.post("/summarize", json={"text": "hello"})
+        second = await http.post("/summarize", json={"text": "hello"}, headers=headers)
+        await engine.flush()
+        rows = records(engine)
+    print(f"answers {first.status_code}, {anonymous.status_code}, {second.status_code}: {rows}")
+    assert first.status_code == 200 and anonymous.status_code == 200
+    assert [r["virtual_key_id"] for r in rows] == [key.id, None]
+    assert second.status_code == 402 and "budget exceeded" in second.json()["detail"]
+    assert fake.calls == 2
+
+
+async def test_other_calls_pass_untouched(engine: BudgetEngine) -> None:
+    fake = Counting()
+    async with httpx.AsyncClient(
+        transport=BudgetTransport(httpx.ASGITransport(fake), engine=engine),
+        base_url="https://api.openai.com",
+    ) as http:
+        answer = await http.get("/v1/models")
+    await engine.flush()
+    assert answer.status_code in (404, 405) and fake.calls == 1 and records(engine) == []
+
+
+def test_charge_to_refuses_what_names_nobody() -> None:
+    for bad in (
+        lambda: charge_to(),
+        lambda: charge_to("sk-bm-a", virtual_key_id="k"),
+        lambda: charge_to(""),
+        lambda: charge_to("sk-bm-a", tags="one"),
+    ):
+        with pytest.raises(ValueError, match="charge_to"):
+            bad()
+
+
+async def test_charge_to_decorates_plain_and_async_functions(engine: BudgetEngine) -> None:
+    key = engine.manager.create_virtual_key(name="alice")
+    fake = Counting()
+    sdk = openai_client(fake, engine)
+
+    @charge_to(virtual_key_id=key.id, tags=["job:nightly"])
+    async def job() -> None:
+        await asyncio.sleep(0)  # across awaits
+        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+    @charge_to(virtual_key_id=key.id)
+    def sync_job() -> str | None:
+        from budget_middleware.outbound.payer import payer
+
+        found = payer.get()
+        return found.virtual_key_id if found else None
+
+    await job()
+    await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # outside: nobody
+    await engine.flush()
+    rows = records(engine)
+    assert [r["virtual_key_id"] for r in rows] == [key.id, None]
+    assert sync_job() == key.id
+
+
+# -- the sync transport, against a real server ---------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def provider_url() -> Iterator[str]:
+    """The fake provider served by uvicorn in a subprocess."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "mock_upstream:create_mock_app", "--factory",
+         "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT / "examples",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.post(f"{url}/v1/chat/completions", json={}, timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_the_sync_transport_meters_threads_exactly(
+    make_settings: Settings, provider_url: str
+) -> None:
+    """A script with a sync client: the engine runs in a background loop, admission there is
+    atomic, and 40 calls from 8 threads on a budget of a few calls are charged exactly."""
+    settings = make_settings(flush_interval_seconds=3600, provider_hosts='{"127.0.0.1": "openai"}')
+    transport = BudgetSyncTransport(settings=settings)
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 0.003}])
+    sdk = openai.OpenAI(
+        api_key="sk-provider-secret",
+        base_url=f"{provider_url}/v1",
+        http_client=httpx2.Client(transport=transport),
+        max_retries=0,
+    )
+    outcomes: list[str] = []
+
+    def call() -> None:
+        with charge_to(virtual_key=key.value):
+            for _ in range(5):
+                try:
+                    sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100)
+                    outcomes.append("ok")
+                except openai.APIStatusError as exc:
+                    outcomes.append(str(exc.status_code))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(call) for _ in range(8)]:
+            future.result()
+    sdk.close()
+    from budget_middleware.outbound.transport import on_loop
+
+    on_loop(engine, engine.flush)
+    rows = records(engine)
+    spent = engine.manager.list_budgets()[0].spent
+    print(f"40 sync calls from 8 threads: {sorted(outcomes)}; spent ${spent:.6f} of $0.003")
+    # Refused: 402 once the budget is spent, 429 (budget_reserved) while calls in flight hold it.
+    assert outcomes.count("ok") == len(rows) and {"ok", "402", "429"} >= set(outcomes)
+    assert outcomes.count("402") > 0 and all(r["provider"] == "openai" for r in rows)
+    assert spent == pytest.approx(sum(r["cost_nanos"] for r in rows) / 1e9)
+    one = max(r["cost_nanos"] for r in rows) / 1e9
+    assert spent < 0.003 + one  # reservations hold: over by one call's cost at most
+    on_loop(engine, engine.shutdown)
+
+
+async def test_the_transport_on_redis_admits_and_settles_there(make_settings: Settings) -> None:
+    need_redis()
+    prefix = unique_prefix()
+    engine = get_engine(make_settings(flush_interval_seconds=3600, redis_url=REDIS_URL))
+    use_prefix(engine, prefix)
+    await engine.ensure_started()
+    try:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 0.0004}])
+        fake = Counting()
+        sdk = openai_client(fake, engine, max_retries=0)
+        statuses = []
+        with charge_to(virtual_key=key.value):
+            for _ in range(4):
+                try:
+                    await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                    statuses.append(200)
+                except openai.APIStatusError as exc:
+                    statuses.append(exc.status_code)
+        await engine.flush()
+        rows = records(engine)
+        held = await engine.counters.client.get(  # type: ignore[attr-defined]
+            engine.counters.window_key(engine.registry.counter("budget", key.budgets[0].id))  # type: ignore[attr-defined,arg-type]
+        )
+    finally:
+        await engine.shutdown()
+        delete_prefix(REDIS_URL, prefix)
+    print(f"on Redis: {statuses}; Redis holds {held} nano-dollars; records {len(rows)}")
+    assert statuses[0] == 200 and statuses[-1] == 402 and fake.calls == statuses.count(200)
+    assert int(held) == sum(r["cost_nanos"] for r in rows)  # settled there, once each
+
+
+def test_the_summarize_example_charges_each_caller(tmp_path: Path) -> None:
+    """examples/summarize.py as a user runs it: alice's calls stop at her budget, bob's go on."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "summarize.py")],
+        capture_output=True, text=True, timeout=120, check=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    print(done.stdout)
+    lines = done.stdout.splitlines()
+    alice = [line.split()[3] for line in lines if " alice " in line and "call" in line]
+    bob = [line.split()[3] for line in lines if " bob " in line and "call" in line]
+    assert alice[0] == "200" and alice[-1] == "402" and set(bob) == {"200"}
+    assert any(line.strip().startswith("alice requests") for line in lines)
+
+
+def test_the_provider_is_the_host_s() -> None:
+    from budget_middleware.outbound.hosts import HostTable
+
+    table = HostTable({"llm.internal.example": "openai", "*.example.ai": "mistral"})
+    found = {
+        host: table.provider(host)
+        for host in (
+            "api.openai.com",
+            "API.ANTHROPIC.COM",
+            "myco.openai.azure.com",
+            "bedrock-runtime.eu-west-1.amazonaws.com",
+            "openrouter.ai",
+            "llm.internal.example",
+            "eu.example.ai",
+            "example.com",
+        )
+    }
+    assert found == {
+        "api.openai.com": "openai",
+        "API.ANTHROPIC.COM": "anthropic",
+        "myco.openai.azure.com": "azure",
+        "bedrock-runtime.eu-west-1.amazonaws.com": "bedrock",
+        "openrouter.ai": "openrouter",
+        "llm.internal.example": "openai",
+        "eu.example.ai": "mistral",
+        "example.com": None,
+    }
+    with pytest.raises(Exception, match="BUDGET_PROVIDER_HOSTS"):
+        BudgetSettings(provider_hosts="not json")
+    with pytest.raises(Exception, match="BUDGET_PROVIDER_HOSTS"):
+        BudgetSettings(provider_hosts='{"api.example.com": ""}')
+
+
+async def test_a_host_s_provider_keeps_a_model_name_with_a_slash(engine: BudgetEngine) -> None:
+    """OpenRouter's `anthropic/claude-sonnet-4` is OpenRouter's model, not Anthropic's."""
+    fake = Counting("/api/v1")
+    transport = BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-or-secret",
+        base_url="https://openrouter.ai/api/v1",
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    answer = await sdk.chat.completions.create(model="anthropic/claude-sonnet-4", messages=MESSAGES)
+    assert answer.model == "anthropic/claude-sonnet-4"
+    await engine.flush()
+    rows = records(engine)
+    assert [(r["provider"], r["model"]) for r in rows] == [
+        ("openrouter", "anthropic/claude-sonnet-4")
+    ]
