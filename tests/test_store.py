@@ -60,7 +60,7 @@ def test_usage_records_read_back_exactly_as_written(store_url: str) -> None:
     written = [
         record("a" * 32),
         record("b" * 32, tags=[], streamed=False, estimated=True, note="no usage in the response",
-               direction="outbound"),  # fmt: skip
+               direction="outbound"),
     ]
     store.apply_flush("batch-1", [], [pending(r) for r in written])
     store.apply_flush("batch-1", [], [pending(r) for r in written])  # the same batch: skipped

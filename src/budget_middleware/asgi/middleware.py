@@ -21,7 +21,7 @@ from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, ge
 from budget_middleware.engine.exchange import BudgetState, Exchange
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.exceptions import ConfigurationError
-from budget_middleware.outbound.payer import inbound_headers
+from budget_middleware.outbound.payer import inbound_headers, noting
 from budget_middleware.settings import BudgetSettings, raised_again
 
 Scope_ = MutableMapping[str, Any]
@@ -81,21 +81,29 @@ class BudgetMiddleware:
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            # Whoever calls is noted (their headers, read only if the app calls a provider
-            # through `BudgetTransport`: SPEC §13), on any path.
-            token = inbound_headers.set(scope["headers"])
-            try:
-                if scope["method"] == "POST" and scope["path"].endswith(self.suffixes):
-                    await self._metered(scope, receive, send)
-                else:
-                    await self.app(scope, receive, send)
-            finally:
-                inbound_headers.reset(token)
+            if noting.active:  # a BudgetTransport exists: who calls is noted, on any path
+                await self._noted(scope, receive, send)
+            elif scope["method"] == "POST" and scope["path"].endswith(self.suffixes):
+                await self._metered(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         if kind == "lifespan":
             await self._lifespan(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    async def _noted(self, scope: Scope_, receive: Receive, send: Send) -> None:
+        """The request with its caller's headers noted, for the calls the app makes through
+        `BudgetTransport` while serving it (read only if it does: SPEC §13)."""
+        token = inbound_headers.set(scope["headers"])
+        try:
+            if scope["method"] == "POST" and scope["path"].endswith(self.suffixes):
+                await self._metered(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            inbound_headers.reset(token)
 
     def _fail(self, error: Exception) -> None:
         """This middleware cannot work (invalid settings or configuration): from now on every

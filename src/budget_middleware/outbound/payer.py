@@ -1,6 +1,7 @@
 """Who pays for a call the app makes (SPEC §13), first that applies: `charge_to(...)` around the
 call; else the caller of the inbound request being served (`BudgetMiddleware` notes its headers
-for every request, on any path: one context variable, read only when a call goes out); else
+for every request, on any path, once a transport exists: one context variable, read only when
+a call goes out); else
 nobody (provider, model and tag limits still apply).
 
 Context variables follow `await`s and tasks, and `asyncio.to_thread`; a thread of its own starts
@@ -27,6 +28,15 @@ class Payer:
     tags: tuple[str, ...]
 
 
+class _Noting:
+    """Whether `BudgetMiddleware` notes inbound callers: only once a transport exists in the
+    process (a context variable set and reset costs ~1 µs a request; an app that never calls out
+    through the transport does not pay it)."""
+
+    active = False
+
+
+noting = _Noting()
 payer: ContextVar[Payer | None] = ContextVar("budget_payer", default=None)
 inbound_headers: ContextVar[Sequence[tuple[bytes, bytes]] | None] = ContextVar(
     "budget_inbound_headers", default=None

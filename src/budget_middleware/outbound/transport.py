@@ -36,7 +36,7 @@ from budget_middleware.engine.exchange import BudgetState, Exchange
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.exceptions import ConfigurationError
 from budget_middleware.outbound.hosts import HostTable
-from budget_middleware.outbound.payer import inbound_headers, payer
+from budget_middleware.outbound.payer import inbound_headers, noting, payer
 from budget_middleware.settings import BudgetSettings
 
 T = TypeVar("T")
@@ -54,6 +54,7 @@ class _Meter:
         self.fail_open = s.fail_open
         self.read_headers = header_reader(s.key_header, s.key_prefix)
         self.hosts = HostTable(dict(s.provider_hosts))
+        noting.active = True  # from now on the middleware notes who is calling
 
     def metered(self, request: Any) -> bool:
         path: str = request.url.path
