@@ -473,3 +473,96 @@ def test_counters_with_the_same_window_share_its_bounds_and_keep_their_kind() ->
     for attribute in ("anchor", "start", "end"):
         held = [getattr(w, attribute) for w in windows]  # held: ids of live objects
         assert len({id(bound) for bound in held}) == 1, attribute
+
+
+def test_only_a_budget_reserved_refusal_carries_what_is_reserved() -> None:
+    registry = CounterRegistry()
+    team = budget_scope(registry, "research", 1.0, used=USD // 2)
+    held = admit((team,), estimate=USD // 4, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(held, Ticket)
+    refused = admit((team,), estimate=USD // 3, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(refused, Refusal)
+    assert (refused.code, refused.reserved) == ("budget_reserved", USD // 4)
+    exhausted = budget_scope(registry, "spent", 1.0, used=USD)
+    refused = admit((exhausted,), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(refused, Refusal)
+    assert (refused.code, refused.reserved) == ("budget_exceeded", 0)
+    key = rate_scope(registry, "alice", requests=0)
+    refused = admit((key,), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(refused, Refusal)
+    assert (refused.code, refused.reserved) == ("request_limit_exceeded", 0)
+
+
+def test_a_ticket_names_its_scopes_and_is_unsettled_until_settled() -> None:
+    registry = CounterRegistry()
+    key = rate_scope(registry, "alice", concurrent=1)
+    team = budget_scope(registry, "research", 1.0)
+    limits = LimitSet((key, team))
+    ticket = Ticket(limits, 0)  # as a backend that admits elsewhere (Redis) builds one
+    assert ticket.scopes == (key, team)
+    assert ticket.settled is False
+    rate = key.rate_limit
+    assert rate is not None and rate.concurrency is not None
+    rate.concurrency.in_flight = 1
+    settle(ticket, 5, 0, T0, registry.ledger)
+    assert ticket.settled is True
+    assert rate.concurrency.in_flight == 0
+    assert team.budgets[0].value == 5
+
+
+def test_settling_when_no_slot_is_held_leaves_none_negative() -> None:
+    registry = CounterRegistry()
+    key = rate_scope(registry, "alice", concurrent=2)
+    ticket = admit((key,), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(ticket, Ticket)
+    rate = key.rate_limit
+    assert rate is not None and rate.concurrency is not None
+    rate.concurrency.in_flight = 0  # the slots were reset meanwhile
+    settle(ticket, 0, 0, T0, registry.ledger)
+    assert rate.concurrency.in_flight == 0
+
+
+def test_a_cost_and_tokens_settled_at_the_instant_their_windows_end_count_in_the_next() -> None:
+    registry = CounterRegistry()
+    team = budget_scope(registry, "research", 10.0, duration="1h")
+    key = rate_scope(registry, "alice", tokens=1000, duration="1h")
+    ticket = admit((key, team), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(ticket, Ticket)
+    settle(ticket, 7, 30, T0, registry.ledger)  # the first window: 7 nano-dollars, 30 tokens
+    ticket = admit((key, team), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(ticket, Ticket)
+    end = T0 + 3600
+    settle(ticket, 5, 20, end, registry.ledger)
+    budget = team.budgets[0]
+    rate = key.rate_limit
+    assert rate is not None and rate.tokens is not None
+    assert (budget.start, budget.value) == (end, 5)
+    assert (rate.tokens.start, rate.tokens.value) == (end, 20)
+    assert ("budget", "b-research", T0, 7) in registry.ledger.sealed
+    assert ("token", "r-alice", T0, 30) in registry.ledger.sealed
+
+
+def test_of_several_candidates_the_first_admitted_wins_after_the_refusals_before_it() -> None:
+    registry = CounterRegistry()
+    spent = LimitSet((budget_scope(registry, "spent", 1.0, used=USD),))
+    closed = LimitSet((rate_scope(registry, "closed", requests=0),))
+    team = budget_scope(registry, "open", 1.0)
+    open_ = LimitSet((team,))
+    ledger = registry.ledger
+
+    first = admission.admit_first([(open_, 10), (spent, 10)], True, T0, ledger)
+    assert first.index == 0 and first.refusals == []
+    assert isinstance(first.ticket, Ticket) and first.ticket.limits is open_
+    assert first.ticket.reservation == 10
+
+    later = admission.admit_first([(spent, 10), (closed, 10), (open_, 20)], True, T0, ledger)
+    assert later.index == 2
+    assert isinstance(later.ticket, Ticket) and later.ticket.limits is open_
+    assert [r.code for r in later.refusals] == ["budget_exceeded", "request_limit_exceeded"]
+    assert team.budgets[0].reserved == 30  # both tickets hold their reservation
+
+    none = admission.admit_first([(spent, 10), (closed, 10)], True, T0, ledger)
+    assert (none.index, none.ticket) == (-1, None)
+    assert [r.code for r in none.refusals] == ["budget_exceeded", "request_limit_exceeded"]
+    nothing = admission.admit_first([], True, T0, ledger)
+    assert (nothing.index, nothing.ticket, nothing.refusals) == (-1, None, [])

@@ -23,8 +23,9 @@ from budget_middleware.core import windows as limits_module
 from budget_middleware.core.admission import Ticket
 from budget_middleware.core.durations import Duration
 from budget_middleware.core.scopes import LimitSet, Scope
-from budget_middleware.core.times import END_OF_TIME
+from budget_middleware.core.times import END_OF_TIME, FAR_FUTURE
 from budget_middleware.core.windows import (
+    BudgetWindow,
     CounterRegistry,
     RateLimitCounters,
     WindowCounter,
@@ -604,3 +605,89 @@ async def test_a_late_charge_of_an_old_window_never_lands_in_a_window_reset_sinc
         s.commit()
     assert await engine.flush()
     assert stored_budget(engine.store, budget_id) == (0, at(reset_at))
+
+
+def test_the_ledger_counts_what_flushes_took_until_the_store_confirms_each_part() -> None:
+    ledger = CounterRegistry().ledger
+    ledger.taken("budget", "b", T0, 5)
+    ledger.taken("budget", "b", T0, 7)
+    ledger.taken("token", "b", T0, 1)
+    assert ledger.unconfirmed == {("budget", "b", T0): 12, ("token", "b", T0): 1}
+    ledger.confirmed("budget", "b", T0, 5)
+    assert ledger.unconfirmed == {("budget", "b", T0): 7, ("token", "b", T0): 1}
+    ledger.confirmed("budget", "b", T0, 7)  # all of it: nothing is left under that key
+    assert ledger.unconfirmed == {("token", "b", T0): 1}
+    ledger.confirmed("token", "b", T0, 3)  # more than was taken
+    ledger.confirmed("request", "x", T0, 3)  # never taken
+    assert ledger.unconfirmed == {}
+
+
+def test_what_is_left_of_a_limit_is_never_negative() -> None:
+    registry = CounterRegistry()
+    counter = window(registry, "request", "r", limit=3)
+    assert counter.remaining == 3
+    counter.add(2, registry.ledger)
+    assert counter.remaining == 1
+    counter.add(5, registry.ledger)
+    assert counter.remaining == 0
+    assert registry.counter("request", "r") is counter
+    assert registry.counter("request", "other") is None
+    assert registry.counter("token", "r") is None
+
+
+def test_concurrency_slots_are_kept_by_id_with_their_latest_limit() -> None:
+    registry = CounterRegistry()
+    slots = registry.slots("r", 2)
+    slots.in_flight = 1
+    again = registry.slots("r", 5)
+    assert again is slots
+    assert (again.limit, again.in_flight) == (5, 1)
+    assert registry.slots("r", None).limit is None
+    assert registry.slots("other", 1) is not slots
+
+
+def test_only_counters_whose_window_has_ended_are_rolled() -> None:
+    registry = CounterRegistry()
+    ledger = registry.ledger
+    hourly = window(registry, "request", "h", duration="1h")
+    daily = window(registry, "request", "d", duration="1d")
+    hourly.add(3, ledger)
+    daily.add(4, ledger)
+    ensure_current([hourly, daily], T0 + HOUR, ledger)
+    assert (hourly.start, hourly.value) == (T0 + HOUR, 0)
+    assert (daily.start, daily.value) == (T0, 4)
+    assert ledger.sealed == [("request", "h", T0, 3)]
+
+
+def test_a_new_counter_starts_empty_with_no_limit_and_no_window() -> None:
+    counter = BudgetWindow("b")
+    assert (counter.kind, counter.id, counter.limit, counter.limit_text) == ("budget", "b", 0, b"0")
+    assert (counter.duration, counter.calendar_aligned, counter.anchor) == (None, False, 0.0)
+    assert (counter.start, counter.end, counter.value, counter.reserved) == (0.0, FAR_FUTURE, 0, 0)
+    assert (counter.pending, counter.pending_start, counter.remaining) == (0, 0.0, 0)
+
+
+def test_charges_to_one_window_stay_pending_together_until_a_flush() -> None:
+    registry = CounterRegistry()
+    counter = window(registry, "budget", "b")
+    counter.add(3, registry.ledger)
+    counter.add(4, registry.ledger)
+    assert (counter.value, counter.pending, counter.pending_start) == (7, 7, T0)
+    assert registry.ledger.sealed == []
+    assert registry.ledger.dirty == {counter}
+
+
+def test_reloading_unchanged_limits_leaves_the_window_and_its_usage_alone() -> None:
+    registry = CounterRegistry()
+    counter = window(registry, "request", "r", duration="1h")
+    counter.add(5, registry.ledger)
+    again = window(registry, "request", "r", duration="1h", now=T0 + 2 * HOUR)
+    assert again is counter
+    assert (counter.start, counter.value, counter.pending) == (T0, 5, 5)
+    assert registry.ledger.sealed == []  # the window rolls when it is next used, not on a reload
+
+
+def test_confirming_nothing_that_was_never_taken_leaves_nothing() -> None:
+    ledger = CounterRegistry().ledger
+    ledger.confirmed("budget", "z", T0, 0)
+    assert ledger.unconfirmed == {}

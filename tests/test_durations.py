@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from budget_middleware.core import times
 from budget_middleware.core.durations import (
     Duration,
     add_months,
@@ -496,3 +497,29 @@ def test_window_contains_now_and_the_next_window_starts_at_its_end(
 @given(d=durations)
 def test_str_then_parse_round_trips(d: Duration) -> None:
     assert Duration.parse(str(d)) == d
+
+
+# --- core.times: epoch seconds and aware UTC datetimes ----------------------------------------
+
+
+def test_naive_datetimes_are_taken_as_utc_and_aware_ones_converted() -> None:
+    naive = datetime(2026, 3, 1, 12, 30)
+    assert times.utc(naive) == utc(2026, 3, 1, 12, 30)
+    assert times.utc(naive).tzinfo is UTC
+    paris = datetime(2026, 3, 1, 12, 30, tzinfo=timezone(timedelta(hours=1)))
+    assert times.utc(paris) == utc(2026, 3, 1, 11, 30)
+    assert times.utc(paris).utcoffset() == timedelta(0)
+    assert times.utc_or_none(None) is None
+    assert times.utc_or_none(naive) == utc(2026, 3, 1, 12, 30)
+    assert times.utc_or_none(paris) == utc(2026, 3, 1, 11, 30)
+
+
+def test_epoch_seconds_become_aware_utc_and_never_ending_windows_end_of_time() -> None:
+    assert times.from_ts(0.0) == utc(1970, 1, 1)
+    assert times.from_ts(1_767_225_600.5) == utc(2026, 1, 1, 0, 0, 0, 500_000)
+    assert times.from_ts(times.FAR_FUTURE) is times.END_OF_TIME
+    assert utc(9999, 12, 31) == times.END_OF_TIME
+    before = datetime.now(UTC)
+    now = times.now()
+    assert now.tzinfo is UTC
+    assert before <= now <= datetime.now(UTC)

@@ -648,3 +648,26 @@ def test_an_unknown_field_of_a_price_names_the_fields_a_price_may_have(tmp_path:
     path.write_text(json.dumps({"models": {}, "currency": "EUR"}))
     with pytest.raises(PricingFileError, match=r"currency: unknown field \(allowed: models\)"):
         PriceBook(path)
+
+
+def test_empty_tags_first_never_glue_the_rest_into_one_tag() -> None:
+    from budget_middleware.core.identity import header_reader
+
+    read = header_reader("x-budget-key", "sk-bm-")
+    sent = ",," + ",".join(f"t{i}" for i in range(33))
+    tags = read([(b"x-budget-tags", sent.encode())]).tags
+    print(f"{len(tags)} tags kept of 33 sent after two empty entries")
+    assert tags == tuple(f"t{i}" for i in range(32))  # at most 32, none the client did not send
+
+
+def test_an_infinite_reported_cost_is_no_cost_not_the_cap() -> None:
+    import math
+
+    import pytest
+
+    from budget_middleware.core.money import MAX_CHARGE_NANOS, charge_nanos
+
+    for bad in (math.inf, -math.inf, math.nan):
+        with pytest.raises(ValueError, match="finite"):
+            charge_nanos(bad)
+    assert charge_nanos(1e300) == MAX_CHARGE_NANOS  # a finite absurd cost is capped

@@ -12,7 +12,15 @@ import genai_prices
 import pytest
 from genai_prices import types as gp
 
-from budget_middleware.core.money import nanos_from_usd, usd_from_nanos
+from budget_middleware.core.money import (
+    MAX_CHARGE_NANOS,
+    charge_nanos,
+    limit_nanos,
+    nanos_from_usd,
+    usd_from_nanos,
+    usd_header,
+    usd_text,
+)
 from budget_middleware.core.pricing import (
     ModelPrice,
     cost_nanos,
@@ -297,6 +305,20 @@ def test_cost_rounds_half_up_to_whole_nanodollars() -> None:
     assert cost_nanos(ModelPrice(0.0004, 0.0), TokenUsage(input_tokens=1)) == 0
 
 
+def test_an_estimate_is_the_cost_of_that_usage_all_input_uncached() -> None:
+    """The reservation's arithmetic is the charge's: the same rounding, cache rates unused."""
+    prices = [ModelPrice(2.5, 10.0, 1.25, 3.75), ModelPrice(0.0005, 0.0015), ModelPrice(0.15, 0.6)]
+    checked = 0
+    for price in prices:
+        for inp in (0, 1, 3, 26, 999, 123_457):
+            for out in (0, 1, 7, 4096):
+                expected = cost_nanos(price, TokenUsage(input_tokens=inp, output_tokens=out))
+                assert estimate_nanos(price, inp, out) == expected, (price, inp, out)
+                checked += 1
+    assert estimate_nanos(prices[0], -5, -5) == 0  # never below zero, like a charge
+    print(f"estimate == cost of the same usage in {checked} cases")
+
+
 def test_prices_must_be_finite_and_not_negative() -> None:
     with pytest.raises(ValueError):
         ModelPrice(-1.0, 1.0)
@@ -337,3 +359,57 @@ def test_nanos_from_usd_rejects_nan_and_infinity(bad: float) -> None:
 def test_usd_from_nanos_is_the_inverse() -> None:
     assert usd_from_nanos(1_500_000_000) == 1.5
     assert usd_from_nanos(nanos_from_usd(0.004185)) == 0.004185
+
+
+def test_noise_below_a_ten_thousandth_of_a_nanodollar_is_dropped_before_rounding() -> None:
+    # Amounts are rounded to 4 decimals of a nano-dollar first (binary noise), then half up.
+    assert nanos_from_usd(1.49996e-9) == 2
+    assert nanos_from_usd(1.49994e-9) == 1
+    assert nanos_from_usd(7e-10) == 1
+    assert nanos_from_usd(4e-10) == 0
+
+
+def test_a_positive_limit_is_never_zero_nanodollars() -> None:
+    assert limit_nanos(1e-12) == 1  # LiteLLM's smallest limit: the first request passes
+    assert limit_nanos(4e-10) == 1
+    assert limit_nanos(0.0) == 0
+    assert limit_nanos(-1.0) == 0
+    assert limit_nanos(1e-9) == 1
+    assert limit_nanos(2.0) == 2_000_000_000
+    assert limit_nanos(0.5) == 500_000_000
+
+
+def test_a_reported_charge_is_capped_at_a_million_dollars() -> None:
+    assert MAX_CHARGE_NANOS == 10**15
+    assert charge_nanos(999_999.0) == 999_999_000_000_000
+    assert charge_nanos(1_000_000.0) == 10**15
+    assert charge_nanos(1e7) == 10**15
+    assert charge_nanos(1e300) == 10**15
+    assert charge_nanos(0.25) == 250_000_000
+    assert charge_nanos(-2.0) == 0
+    with pytest.raises(ValueError):
+        charge_nanos(float("nan"))
+
+
+def test_amounts_are_shown_in_dollars_to_four_decimals_and_in_headers_to_six() -> None:
+    assert usd_text(10_010_000_000) == "$10.0100"
+    assert usd_text(123_456) == "$0.0001"
+    assert usd_text(0) == "$0.0000"
+    assert usd_header(10_010_000_000) == b"10.010000"
+    assert usd_header(1_234_567) == b"0.001235"
+
+
+def test_negative_cache_counts_are_no_tokens_at_any_rate() -> None:
+    price = ModelPrice(1.0, 2.0, cached_input_per_mtok=0.5, cache_write_per_mtok=4.0)
+    k = 1000  # 1 $/Mtok is 1000 nano-dollars a token
+    assert cost_nanos(price, TokenUsage(input_tokens=10, cache_write_tokens=-5)) == 10 * k
+    assert cost_nanos(price, TokenUsage(input_tokens=10, cached_tokens=-5)) == 10 * k
+    assert cost_nanos(price, TokenUsage(input_tokens=10, cache_write_tokens=4)) == (6 + 16) * k
+    assert cost_nanos(price, TokenUsage(input_tokens=10, cache_write_tokens=1)) == (9 + 4) * k
+    assert cost_nanos(price, TokenUsage(input_tokens=10, cached_tokens=1)) == 9 * k + k // 2
+    assert cost_nanos(price, TokenUsage(input_tokens=1, output_tokens=1)) == (1 + 2) * k
+    assert estimate_nanos(price, 1, 1) == (1 + 2) * k
+    assert cost_nanos(price, TokenUsage(input_tokens=10, cached_tokens=4)) == (6 + 2) * k
+    assert cost_nanos(price, TokenUsage(output_tokens=-3, input_tokens=1)) == 1 * k
+    assert estimate_nanos(price, -10, 5) == 10 * k
+    assert estimate_nanos(price, 10, -5) == 10 * k

@@ -74,8 +74,10 @@ def responses(texts: list[str], end: str = "response.completed") -> list[list[st
     return [
         typed("response.created", {"sequence_number": 0, "response": RESPONSE_BASE}),
         typed("response.in_progress", {"sequence_number": 1, "response": RESPONSE_BASE}),
-        *(typed("response.output_text.delta", {**item, "content_index": 0, "delta": text})
-          for text in texts),
+        *(
+            typed("response.output_text.delta", {**item, "content_index": 0, "delta": text})
+            for text in texts
+        ),
         typed("response.output_text.done", {**item, "text": "".join(texts)}),
         typed(end, {"sequence_number": 9, "response": done}),
     ]
@@ -92,14 +94,22 @@ ANTHROPIC_START_USAGE = {
 
 def anthropic(texts: list[str], with_names: bool = True, deltas: int = 1) -> list[list[str]]:
     message: dict[str, Any] = {
-        "id": "msg_01XFDUDYJgAACzvnptvVoYEL", "type": "message", "role": "assistant",
-        "model": "claude-sonnet-4-20250514", "content": [], "stop_reason": None,
-        "stop_sequence": None, "usage": ANTHROPIC_START_USAGE,
+        "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-20250514",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": ANTHROPIC_START_USAGE,
     }
     blocks = [
         typed("message_start", {"message": message}, with_names),
-        typed("content_block_start",
-              {"index": 0, "content_block": {"type": "text", "text": ""}}, with_names),
+        typed(
+            "content_block_start",
+            {"index": 0, "content_block": {"type": "text", "text": ""}},
+            with_names,
+        ),
         ["event: ping", 'data: {"type": "ping"}'],
     ]
     for text in texts:
@@ -108,8 +118,9 @@ def anthropic(texts: list[str], with_names: bool = True, deltas: int = 1) -> lis
     blocks.append(typed("content_block_stop", {"index": 0}, with_names))
     for n in range(1, deltas + 1):  # cumulative counts: 5, 10, 15, ...
         stop = {"stop_reason": "end_turn" if n == deltas else None, "stop_sequence": None}
-        blocks.append(typed("message_delta", {"delta": stop, "usage": {"output_tokens": 5 * n}},
-                            with_names))
+        blocks.append(
+            typed("message_delta", {"delta": stop, "usage": {"output_tokens": 5 * n}}, with_names)
+        )
     return [*blocks, typed("message_stop", {}, with_names)]
 
 
@@ -202,8 +213,11 @@ def test_multi_line_data_joins_with_newline_and_keeps_empty_lines() -> None:
 def test_event_id_and_field_without_colon() -> None:
     stream = b"event: update\nid: 7\ndata\n\ndata: x\n\nid: bad\x00id\ndata: y\n\n"
     events = decode_all(stream)
-    assert fields(events) == [("update", "", "7", True), (None, "x", "7", True),
-                              (None, "y", "7", True)]
+    assert fields(events) == [
+        ("update", "", "7", True),
+        (None, "x", "7", True),
+        (None, "y", "7", True),
+    ]
 
 
 def test_block_without_data_is_not_an_event() -> None:
@@ -231,8 +245,12 @@ def test_event_cut_off_by_end_of_stream_is_not_dispatched() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"data: 1\n\nevent: e\ndata: 2\n") != []
     (rest,) = decoder.flush()
-    assert (rest.event, rest.data, rest.raw, rest.complete) == ("e", "2", b"event: e\ndata: 2\n",
-                                                                False)
+    assert (rest.event, rest.data, rest.raw, rest.complete) == (
+        "e",
+        "2",
+        b"event: e\ndata: 2\n",
+        False,
+    )
     assert decoder.flush() == []
 
 
@@ -351,8 +369,13 @@ def test_anthropic_output_tokens_are_cumulative_not_summed() -> None:
 
 def test_anthropic_message_delta_input_fields_replace_rather_than_add() -> None:
     blocks = anthropic(["x"])
-    late = {"input_tokens": 472, "cache_creation_input_tokens": 20,
-            "cache_read_input_tokens": 300, "output_tokens": 9, "server_tool_use": None}
+    late = {
+        "input_tokens": 472,
+        "cache_creation_input_tokens": 20,
+        "cache_read_input_tokens": 300,
+        "output_tokens": 9,
+        "server_tool_use": None,
+    }
     blocks.insert(-1, typed("message_delta", {"delta": {}, "usage": late}))
     run = meter_all(render(blocks), drop=False)
     assert run.meter.usage == TokenUsage(792, 9, 300, 20)
@@ -370,9 +393,12 @@ def test_events_without_event_lines_are_read_by_their_type() -> None:
 
 
 def test_thinking_and_tool_input_deltas_count_as_text() -> None:
-    blocks = [typed("content_block_delta", {"delta": {"type": "thinking_delta", "thinking": "hm"}}),
-              typed("content_block_delta",
-                    {"delta": {"type": "input_json_delta", "partial_json": '{"a"'}})]
+    blocks = [
+        typed("content_block_delta", {"delta": {"type": "thinking_delta", "thinking": "hm"}}),
+        typed(
+            "content_block_delta", {"delta": {"type": "input_json_delta", "partial_json": '{"a"'}}
+        ),
+    ]
     assert meter_all(render(blocks), drop=False).meter.text_chars == 6
 
 
@@ -380,9 +406,13 @@ def test_thinking_and_tool_input_deltas_count_as_text() -> None:
 
 
 def test_malformed_events_are_forwarded_and_ignored() -> None:
-    blocks = [["data: {not json"], ["data: [1,2]"], ["event: message_delta", "data: null"],
-              ["event: response.completed", 'data: {"response": {"usage": "x"}}'],
-              ["event: custom", f'data: {{{CHAT_HEAD},"choices":"x","usage":{CHAT_USAGE}}}']]
+    blocks = [
+        ["data: {not json"],
+        ["data: [1,2]"],
+        ["event: message_delta", "data: null"],
+        ["event: response.completed", 'data: {"response": {"usage": "x"}}'],
+        ["event: custom", f'data: {{{CHAT_HEAD},"choices":"x","usage":{CHAT_USAGE}}}'],
+    ]
     run = meter_all(render(blocks), drop=True)
     assert run.output == render(blocks)
     assert run.meter.usage == TokenUsage(19, 10, 3, 0)  # the unknown event name was still read
@@ -451,7 +481,10 @@ def test_cutting_a_stream_anywhere_changes_no_event_usage_or_output(
     for drop in (False, True):
         a, b = meter_all(stream, drop), meter_all(stream, drop, cuts)
         assert (b.meter.usage, b.meter.completed, b.meter.text_chars, b.meter.model) == (
-            a.meter.usage, a.meter.completed, a.meter.text_chars, a.meter.model
+            a.meter.usage,
+            a.meter.completed,
+            a.meter.text_chars,
+            a.meter.model,
         )
         assert a.meter.usage is not None and a.meter.completed
         assert b.output == a.output
@@ -520,3 +553,123 @@ def test_the_one_event_shortcut_takes_only_a_single_plain_data_event() -> None:
         assert SSEDecoder().whole_data(chunk) is None, chunk
     decoder.feed(b"data: par")  # something pending: the next chunk continues it
     assert decoder.whole_data(b'data: {"a": 1}\n\n') is None
+
+
+# --- edges of the decoder and the meter ----------------------------------------------------------
+
+BOM = b"\xef\xbb\xbf"
+USAGE_ONLY = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
+
+
+def test_a_whole_event_chunk_must_end_with_its_blank_line() -> None:
+    decoder = SSEDecoder()
+    assert decoder.whole_data(b"data: x\nY") is None
+    assert decoder.whole_data(b"data: x\n\r") is None
+    assert decoder.whole_data(b"data: x\n\n") == "x"
+
+
+def test_a_bom_is_skipped_only_at_the_start_of_a_stream() -> None:
+    decoder = SSEDecoder()
+    assert decoder.whole_data(b"data: a\n\n") == "a"
+    # not the first line any more: the BOM is part of the line, a field no one knows
+    assert decoder.feed(BOM + b"data: b\n\n") == []
+    # a new stream after `flush` may start with one again
+    decoder.flush()
+    assert [e.data for e in decoder.feed(BOM + b"data: c\n\n")] == ["c"]
+
+
+def test_flush_reads_the_unterminated_last_line_of_the_cut_event() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"event: e\ndata: 1\ndata: 2") == []
+    (cut,) = decoder.flush()
+    assert (cut.event, cut.data, cut.complete) == ("e", "1\n2", False)
+    assert cut.raw == b"event: e\ndata: 1\ndata: 2"
+    decoder = SSEDecoder()
+    decoder.feed(b"data: xyz")
+    assert decoder.flush()[0].data == "xyz"
+    decoder = SSEDecoder()
+    decoder.feed(BOM + b"data: xyz")
+    assert decoder.flush()[0].data == "xyz"
+    decoder = SSEDecoder()
+    decoder.feed(b"data: 1\n: a comment")
+    assert decoder.flush()[0].data == "1"
+
+
+def test_a_meter_forwards_a_stream_that_starts_with_a_blank_line_whole() -> None:
+    meter = StreamMeter(drop_usage_chunk=True)
+    assert meter.feed(b"\n") + meter.feed(b"data: x\n\n") + meter.finish() == b"\ndata: x\n\n"
+
+
+def test_without_dropping_finish_forwards_nothing_more() -> None:
+    meter = StreamMeter()
+    assert meter.feed(b"data: cut") == b"data: cut"
+    assert meter.finish() == b""
+    dropping = StreamMeter(drop_usage_chunk=True)
+    assert dropping.feed(b"data: cut") == b""
+    assert dropping.finish() == b"data: cut"
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_an_event_of_exactly_16_mib_is_still_read_past(drop: bool) -> None:
+    meter = StreamMeter(drop_usage_chunk=drop)
+    big = b"data: " + b"x" * (16 * 1024 * 1024 - 6)
+    meter.feed(big)
+    meter.feed(b"\n\n" + USAGE_ONLY)
+    assert meter.usage == TokenUsage(3, 4)
+
+
+def test_named_events_that_carry_no_usage_are_never_read_as_chunks() -> None:
+    odd = b'"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    stream = (
+        b"event: response.output_item.added\ndata: {" + odd + b"event: ping\ndata: {" + odd
+    )
+    meter = StreamMeter(drop_usage_chunk=True)
+    assert meter.feed(stream) + meter.finish() == stream
+    assert meter.usage is None
+
+
+def test_odd_shapes_in_chunks_are_ignored_not_fatal() -> None:
+    stream = b"".join(
+        b"data: " + json.dumps(body).encode() + b"\n\n"
+        for body in (
+            {"model": 42, "choices": ["x", {"delta": {"content": "ab"}}]},
+            {"model": "", "choices": [{"delta": {"tool_calls": [{"function": "f"}, "g"]}}]},
+            {"type": "content_block_delta", "delta": "text"},
+            {"type": "message_start", "message": "m"},
+            {"type": "message_delta", "usage": 5},
+            {"type": "response.completed", "response": "r"},
+        )
+    )
+    meter = StreamMeter(drop_usage_chunk=True)
+    assert meter.feed(stream) == stream
+    assert (meter.text_chars, meter.model, meter.usage) == (2, None, None)
+    assert meter.completed is True
+
+
+def test_a_new_message_start_forgets_the_usage_fields_of_the_one_before() -> None:
+    def event(body: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    meter = StreamMeter()
+    first = {"input_tokens": 10, "cache_read_input_tokens": 5}
+    meter.feed(event({"type": "message_start", "message": {"model": "claude", "usage": first}}))
+    assert meter.usage == TokenUsage(15, 0, 5, 0)
+    meter.feed(event({"type": "message_start", "message": {"usage": {"input_tokens": 3}}}))
+    assert meter.usage == TokenUsage(3, 0, 0, 0)
+    assert meter.model == "claude"
+
+
+def test_a_bom_after_the_first_line_of_a_stream_is_part_of_its_line() -> None:
+    decoder = SSEDecoder()
+    assert [e.data for e in decoder.feed(b"data: a\n\n" + BOM + b"data: b\n\n")] == ["a"]
+    again = SSEDecoder()
+    assert [e.data for e in again.feed(b"data: a\n\n")] == ["a"]
+    assert again.flush() == []
+    assert [e.data for e in again.feed(BOM + b"data: c\n\n")] == ["c"]  # a new stream
+
+
+def test_only_tool_calls_lists_count_their_arguments() -> None:
+    body = {"choices": [{"delta": {"content": "ab", "other": [{"function": {"arguments": "zz"}}]}}]}
+    meter = StreamMeter()
+    meter.feed(b"data: " + json.dumps(body).encode() + b"\n\n")
+    assert meter.text_chars == 2

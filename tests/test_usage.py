@@ -146,8 +146,10 @@ def test_anthropic_usage_without_cache_fields_is_plain_input() -> None:
 
 
 def test_usage_cost_is_read_when_the_upstream_reports_it() -> None:
-    openrouter = {**CHAT_COMPLETION, "usage": {"prompt_tokens": 5, "completion_tokens": 2,
-                                              "cost": 0.00042}}
+    openrouter = {
+        **CHAT_COMPLETION,
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "cost": 0.00042},
+    }
     assert usage_from_json(body(openrouter)) == TokenUsage(5, 2, cost=0.00042)
 
 
@@ -156,8 +158,12 @@ def test_usage_with_only_a_cost_is_still_usage() -> None:
 
 
 def test_litellm_style_openai_usage_reads_anthropic_cache_fields_as_subsets() -> None:
-    usage = {"prompt_tokens": 100, "completion_tokens": 5, "cache_read_input_tokens": 60,
-             "cache_creation_input_tokens": 30}
+    usage = {
+        "prompt_tokens": 100,
+        "completion_tokens": 5,
+        "cache_read_input_tokens": 60,
+        "cache_creation_input_tokens": 30,
+    }
     assert usage_from_mapping(usage) == TokenUsage(100, 5, 60, 30)
 
 
@@ -186,16 +192,23 @@ def test_body_without_readable_usage_gives_none(raw: bytes) -> None:
 
 
 def test_wrong_types_and_negative_counts_count_as_zero() -> None:
-    usage = {"prompt_tokens": "12", "completion_tokens": -4, "prompt_tokens_details": None,
-             "cost": "0.1"}
+    usage = {
+        "prompt_tokens": "12",
+        "completion_tokens": -4,
+        "prompt_tokens_details": None,
+        "cost": "0.1",
+    }
     assert usage_from_mapping(usage) == TokenUsage(0, 0, 0, 0, None)
     assert usage_from_mapping({"input_tokens": True, "output_tokens": 7.0}) == TokenUsage(0, 7)
     assert usage_from_mapping({"output_tokens": float("nan"), "cost": -1}) == TokenUsage()
 
 
 def test_cached_tokens_never_exceed_input_tokens() -> None:
-    usage = {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 50},
-             "cache_creation_input_tokens": 5}
+    usage = {
+        "prompt_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 50},
+        "cache_creation_input_tokens": 5,
+    }
     assert usage_from_mapping(usage) == TokenUsage(10, 0, 10, 0)
 
 
@@ -227,7 +240,7 @@ def test_large_body_reads_the_usage_at_its_end(monkeypatch: pytest.MonkeyPatch) 
 def test_large_body_ignores_a_usage_key_quoted_inside_a_string() -> None:
     document = padded(CHAT_COMPLETION)
     document["system_fingerprint"] = 'fp "usage": {"prompt_tokens": 999}'
-    document["note \"usage"] = {"prompt_tokens": 777}
+    document['note "usage'] = {"prompt_tokens": 777}
     assert usage_from_json(body(document)) == TokenUsage(1117, 10, 1024, 0)
 
 
@@ -292,11 +305,19 @@ def read_whole(raw: bytes) -> TokenUsage | None:
 
 @settings(max_examples=300)
 @given(
-    usage=json_values | st.fixed_dictionaries({}, optional={
-        "prompt_tokens": json_values, "completion_tokens": json_values, "cost": json_values,
-        "input_tokens": json_values, "output_tokens": json_values,
-        "cache_read_input_tokens": json_values, "input_tokens_details": json_values,
-    }),
+    usage=json_values
+    | st.fixed_dictionaries(
+        {},
+        optional={
+            "prompt_tokens": json_values,
+            "completion_tokens": json_values,
+            "cost": json_values,
+            "input_tokens": json_values,
+            "output_tokens": json_values,
+            "cache_read_input_tokens": json_values,
+            "input_tokens_details": json_values,
+        },
+    ),
     before=st.dictionaries(st.sampled_from(["choices", "metadata", 'q"usage']), nested_usage),
     # keys of `after` are none of `before`'s: a redefined key keeps its place ahead of `usage`,
     # and `after` is not kept valid JSON (an `Infinity` there would precede the usage)
@@ -401,3 +422,13 @@ def test_usage_of_a_gzip_body_is_read_from_the_decoded_bytes() -> None:
     assert usage_from_json(decode_in_pieces(decoder, gzip.compress(raw), 1000)) == TokenUsage(
         1117, 10, 1024, 0
     )
+
+
+def test_anthropic_counts_of_one_count_and_negative_ones_are_zero() -> None:
+    one = {"input_tokens": 1, "output_tokens": 1, "cache_read_input_tokens": 1}
+    assert usage_from_mapping(one) == TokenUsage(2, 1, 1, 0)
+    negative = {"input_tokens": -3, "output_tokens": -1, "cache_creation_input_tokens": -2}
+    assert usage_from_mapping(negative) == TokenUsage(0, 0, 0, 0)
+    assert usage_from_mapping({"output_tokens": 2.9}) == TokenUsage(0, 2, 0, 0)
+    assert usage_from_mapping({"output_tokens": 1.0}) == TokenUsage(0, 1, 0, 0)
+    assert usage_from_mapping({"output_tokens": float("inf")}) == TokenUsage(0, 0, 0, 0)

@@ -131,7 +131,9 @@ def _clean_tags(tags: Iterable[str]) -> tuple[str, ...]:
 
 
 def _split_tags(text: str) -> tuple[str, ...]:
-    return _clean_tags(text.split(",", MAX_TAGS))
+    # Split whole: a bounded split left the rest as one tag when empty entries came first
+    # (`,,t0,...,t32` gave "t30,t31,t32"); `_clean_tags` stops at MAX_TAGS.
+    return _clean_tags(text.split(","))
 
 
 @dataclass(slots=True)

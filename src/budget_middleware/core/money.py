@@ -36,6 +36,8 @@ def limit_nanos(usd: float) -> int:
 def charge_nanos(usd: float) -> int:
     """A reported cost as nano-dollars, at most `MAX_CHARGE_NANOS`; NaN and infinities raise
     ValueError (nothing to read), negatives are 0."""
+    if not math.isfinite(usd):  # before the cap: `inf` is no cost, not $1,000,000
+        raise ValueError(f"not a finite amount of USD: {usd!r}")
     if usd >= MAX_CHARGE_NANOS / NANOS_PER_USD:
         return MAX_CHARGE_NANOS
     return nanos_from_usd(usd)

@@ -1,0 +1,1176 @@
+#!/usr/bin/env python3
+"""Mutation testing of `budget_middleware.core`: how many injected bugs do the tests catch?
+
+    .venv/bin/python scripts/mutate.py                       # every module of core/, --min 90
+    .venv/bin/python scripts/mutate.py --module core/windows.py --module sse
+    .venv/bin/python scripts/mutate.py --list                # the mutants, without running them
+    .venv/bin/python scripts/mutate.py --id windows-12 --show  # one mutant, with pytest's output
+
+Each module of `src/budget_middleware/core/` is parsed and every classic mutation point is
+listed (the `MUTATIONS` table below). For each mutant the module's tests (`TESTS`) run with
+`-x -q -p no:cacheprovider` against the mutated module; a failing, erroring or timed-out run kills
+it. The summary gives killed/total per module and overall, every survivor (file:line and the
+change) and exits 1 when the share killed is below `--min`.
+
+Nothing in the working tree is ever changed: `src`, `tests` and `examples` are copied to a
+temporary directory once (so edits made meanwhile do not mix into a run), and a mutant exists only
+in the memory of the process that tests it (an import hook compiles the mutated syntax tree in
+place of the module's file). A killed run leaves at most that temporary directory behind.
+
+Speed: the parent imports pytest, its plugins and the heavy libraries once, then forks one child
+per mutant (`--jobs`, default 2); a child imports the package from the copy and runs pytest in
+process. The PostgreSQL variants of store-backed tests are left out (`BUDGET_TEST_STORES=sqlite`
+unless set): the core does not depend on the store. Redis tests run against
+`BUDGET_TEST_REDIS_URL` as usual. Hypothesis runs derandomized, without its example database, so
+a run is deterministic: the same tree gives the same mutants and the same verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import gc
+import importlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import CodeType, FrameType, ModuleType
+from typing import Any, NoReturn
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "budget_middleware"
+CORE = Path("src") / PACKAGE / "core"
+
+# The tests that exercise each module, fastest and most direct first (`-x` stops at the first
+# failure, so a mutant that the unit tests catch costs a fraction of a second).
+TESTS: dict[str, tuple[str, ...]] = {
+    "admission.py": (
+        "tests/test_admission.py",
+        "tests/test_counters.py",
+        "tests/test_guards.py",
+        "tests/test_hierarchy.py",
+        "tests/test_middleware.py",
+    ),
+    "durations.py": ("tests/test_durations.py", "tests/test_counters.py", "tests/test_guards.py"),
+    "identity.py": (
+        "tests/test_core_identity.py",
+        "tests/test_guards.py",
+        "tests/test_middleware.py",
+        "tests/test_hierarchy.py",
+    ),
+    "money.py": ("tests/test_pricing.py", "tests/test_guards.py", "tests/test_costs.py"),
+    "pricing.py": ("tests/test_pricing.py", "tests/test_guards.py", "tests/test_costs.py"),
+    "records.py": ("tests/test_store.py", "tests/test_accounting.py"),
+    "routing.py": ("tests/test_core_routing.py", "tests/test_routing.py"),
+    "scopes.py": (
+        "tests/test_core_scopes.py",
+        "tests/test_admission.py",
+        "tests/test_model_names.py",
+        "tests/test_counters.py",
+        "tests/test_guards.py",
+        "tests/test_hierarchy.py",
+    ),
+    "sse.py": ("tests/test_sse.py", "tests/test_guards.py", "tests/test_streaming.py"),
+    "times.py": ("tests/test_durations.py", "tests/test_counters.py", "tests/test_store.py"),
+    "usage.py": (
+        "tests/test_usage.py",
+        "tests/test_sse.py",
+        "tests/test_guards.py",
+        "tests/test_pricing.py",
+    ),
+    "windows.py": ("tests/test_counters.py", "tests/test_admission.py", "tests/test_guards.py"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """An equivalent mutant: no test can tell it from the original. Matched by the module, the
+    text of its source line (so the entry survives edits elsewhere) and the change."""
+
+    module: str
+    line: str
+    change: str
+    reason: str
+    previous: str = ""  # the line before, where the line alone is ambiguous
+
+
+# Kept small and honest: each entry says why the mutant cannot change behaviour.
+SKIPS: tuple[Skip, ...] = (
+    Skip(
+        "core/money.py",
+        "if usd <= 0:",
+        "usd <= 0 -> usd < 0",
+        "at 0 the rounding below gives 0 too: floor(round(0.0, 4) + 0.5) == 0",
+    ),
+    Skip(
+        "core/money.py",
+        "if usd >= MAX_CHARGE_NANOS / NANOS_PER_USD:",
+        "usd >= MAX_CHARGE_NANOS / NANOS_PER_USD -> usd > MAX_CHARGE_NANOS / NANOS_PER_USD",
+        "at exactly $1,000,000 the conversion gives MAX_CHARGE_NANOS too",
+    ),
+    Skip(
+        "core/admission.py",
+        "for scope, counter in zip(limits.budget_scopes, limits.budgets, strict=True):",
+        "True -> False",
+        "LimitSet builds both tuples in one loop: they always have the same length",
+    ),
+    Skip(
+        "core/admission.py",
+        "if reservation:",
+        "if reservation: -> if True:",
+        "a reservation of 0 added to, or taken from, a budget's `reserved` changes nothing",
+    ),
+    Skip(
+        "core/durations.py",
+        "return 30 if month in (4, 6, 9, 11) else 31",
+        "31 -> 32",
+        "only `min(day, days in month)` reads it, and a day is never over 31",
+    ),
+    Skip(
+        "core/durations.py",
+        "if now <= anchor:",
+        "now <= anchor -> now < anchor",
+        "at now == anchor the arithmetic below gives the anchor too (k = 0)",
+    ),
+    Skip(
+        "core/durations.py",
+        "weeks = (now - _EPOCH_MONDAY).days // 7",
+        "(now - _EPOCH_MONDAY).days // 7 -> (now - _EPOCH_MONDAY).days / 7",
+        "only `weeks // n * n` reads it: floor(floor(x) / n) == floor(x / n) for n >= 1",
+    ),
+    Skip(
+        "core/identity.py",
+        "if len(text) <= limit and text.isprintable():",
+        "if len(text) <= limit and text.isprintable(): -> if False:",
+        "a fast path: the general expression below returns the same text",
+    ),
+    Skip(
+        "core/identity.py",
+        "if len(text) <= limit and text.isprintable():",
+        "len(text) <= limit -> len(text) < limit",
+        "a fast path: at len == limit the general expression returns the same text",
+    ),
+    Skip(
+        "core/identity.py",
+        "break",
+        "break -> continue",
+        "_clean_tags: past 32 tags `continue` skips the rest one by one: the same tags, slower",
+        previous="if len(cleaned) == MAX_TAGS:",
+    ),
+    Skip(
+        "core/identity.py",
+        "if key_tags:",
+        "if key_tags: -> if True:",
+        "adding an empty tuple of key tags changes nothing",
+    ),
+    Skip(
+        "core/identity.py",
+        "if len(tags) > 1:",
+        "len(tags) > 1 -> len(tags) >= 1",
+        "one tag sorted and deduplicated is itself",
+    ),
+    Skip("core/identity.py", "if len(tags) > 1:", "1 -> 0", "one tag sorted is itself"),
+    Skip(
+        "core/identity.py",
+        "if len(tags) > MAX_TAGS:",
+        "len(tags) > MAX_TAGS -> len(tags) >= MAX_TAGS",
+        "at exactly 32 tags the cut to 32 keeps them all",
+    ),
+    Skip(
+        "core/identity.py",
+        'first = route_path.lstrip("/").split("/", 1)[0]',
+        "1 -> 2",
+        "only the first part is read: one split more leaves it as it is",
+    ),
+    Skip(
+        "core/scopes.py",
+        'if j < n and name[j] == "]":',
+        "if j < n and name[j] == ']': -> if True:",
+        "skipping a character that is no `]` is what the loop below does anyway; past the end, "
+        "`j >= n` holds either way",
+    ),
+    Skip(
+        "core/sse.py",
+        "if data is not None:",
+        "if data is not None: -> if False:",
+        "StreamMeter.feed: `whole_data` is a fast path; `decoder.feed` reads the same chunk alike",
+    ),
+    Skip(
+        "core/sse.py",
+        "if data:",
+        "if data: -> if True:",
+        "_emit: appending b'' to what is joined changes nothing",
+    ),
+    Skip(
+        "core/sse.py",
+        "return False",
+        "return False -> return None",
+        "_read, _read_data and _read_chunk are only tested for truth: None is as false",
+    ),
+    Skip(
+        "core/sse.py",
+        "if cr < 0 or 0 <= lf < cr:",
+        "0 <= lf < cr -> 0 <= lf <= cr",
+        "_line_ends: a LF and a CR are never at one position",
+    ),
+    Skip(
+        "core/sse.py",
+        "if 0 <= lf < pos:",
+        "0 <= lf < pos -> 0 <= lf <= pos",
+        "_line_ends: a LF at `pos` is found again by the search from `pos`",
+    ),
+    Skip(
+        "core/routing.py",
+        "if left < least:",
+        "left < least -> left <= least",
+        "room: an equal left is the same least",
+    ),
+    Skip(
+        "core/usage.py",
+        "prompt = value if type(value) is int and value >= 0 else _count(value)",
+        "value >= 0 -> value > 0",
+        "a fast path: _count(0) is 0 too",
+    ),
+    Skip(
+        "core/usage.py",
+        "prompt = value if type(value) is int and value >= 0 else _count(value)",
+        "0 -> 1",
+        "a fast path: _count(0) is 0 too",
+    ),
+    Skip(
+        "core/usage.py",
+        "output = value if type(value) is int and value >= 0 else _count(value)",
+        "value >= 0 -> value > 0",
+        "a fast path: _count(0) is 0 too",
+    ),
+    Skip(
+        "core/usage.py",
+        "output = value if type(value) is int and value >= 0 else _count(value)",
+        "0 -> 1",
+        "a fast path: _count(0) is 0 too",
+    ),
+    Skip(
+        "core/usage.py",
+        "read = read if read < prompt else prompt"
+        "  # subsets can't exceed the whole: a cost never < 0",
+        "read < prompt -> read <= prompt",
+        "at read == prompt both give prompt",
+    ),
+    Skip(
+        "core/usage.py",
+        "write = write if write < prompt - read else prompt - read",
+        "write < prompt - read -> write <= prompt - read",
+        "at write == prompt - read both give it",
+    ),
+    Skip(
+        "core/usage.py",
+        "read = value if type(value) is int and value >= 0 else _count(value)  # None counts 0",
+        "value >= 0 -> value > 0",
+        "a fast path: _count(0) is 0 too",
+    ),
+    Skip(
+        "core/usage.py",
+        "read = value if type(value) is int and value >= 0 else _count(value)  # None counts 0",
+        "0 -> 1",
+        "a fast path: _count(0) is 0 too",
+    ),
+    Skip(
+        "core/usage.py",
+        "write = value if type(value) is int and value >= 0 else _count(value)",
+        "value >= 0 -> value > 0",
+        "a fast path: _count(0) is 0 too",
+    ),
+    Skip(
+        "core/usage.py",
+        "write = value if type(value) is int and value >= 0 else _count(value)",
+        "0 -> 1",
+        "a fast path: _count(0) is 0 too",
+    ),
+    Skip(
+        "core/windows.py",
+        "if ledger.unconfirmed:",
+        "if ledger.unconfirmed: -> if True:",
+        "a fast path: an empty dict's get gives the same 0",
+    ),
+    Skip(
+        "core/sse.py",
+        "_COLON: Final = 0x3A",
+        "58 -> 59",
+        "a comment line read as a field has the name '', which no field has: ignored alike",
+    ),
+    Skip(
+        "core/sse.py",
+        "_COLON: Final = 0x3A",
+        "58 -> 0",
+        "a comment line read as a field has the name '', which no field has: ignored alike",
+    ),
+    Skip(
+        "core/sse.py",
+        "head: int = 0",
+        "0 -> 1",
+        "every SSEEvent the decoder makes passes `head`",
+    ),
+    Skip(
+        "core/sse.py",
+        "elif cut < len(chunk):",
+        "cut < len(chunk) -> cut <= len(chunk)",
+        "appending the empty rest changes nothing",
+    ),
+    Skip(
+        "core/sse.py",
+        "if not block:",
+        "if not block: -> if False:",
+        "release: a fast path; with block 0 the general code returns b'' and changes nothing",
+    ),
+    Skip(
+        "core/sse.py",
+        "if self._line < len(buf) and buf[self._line] != _COLON:",
+        "if self._line < len(buf) and buf[self._line] != _COLON: -> if True:",
+        "flush: an empty or comment line read as a field has the name '': ignored alike",
+    ),
+    Skip(
+        "core/sse.py",
+        "if 0 <= cr < pos:",
+        "0 <= cr < pos -> 0 <= cr <= pos",
+        "_line_ends: a CR at `pos` is found again by the search from `pos`",
+    ),
+    Skip(
+        "core/records.py",
+        "start_ts: float = 0.0  # window_start as the live counter holds it (epoch seconds)",
+        "0.0 -> 1.0",
+        "every Delta the package makes passes start_ts; nothing reads it from one made without",
+    ),
+)
+
+
+# -- mutants ----------------------------------------------------------------------------------
+
+_COMPARE: dict[type[ast.cmpop], type[ast.cmpop]] = {
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+}
+_ARITHMETIC: dict[type[ast.operator], type[ast.operator]] = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.Div,
+    ast.Div: ast.Mult,
+    ast.FloorDiv: ast.Div,
+    ast.Mod: ast.FloorDiv,
+    ast.Pow: ast.Mult,
+    ast.LShift: ast.RShift,
+    ast.RShift: ast.LShift,
+    ast.BitOr: ast.BitAnd,
+    ast.BitAnd: ast.BitOr,
+    ast.BitXor: ast.BitAnd,
+}
+_BOOLEAN: dict[type[ast.boolop], type[ast.boolop]] = {ast.And: ast.Or, ast.Or: ast.And}
+
+# What each kind of mutant does, for `--list` and the report.
+MUTATIONS = {
+    "compare": "a comparison operator changed (< <=, > >=, == !=, is/is not, in/not in)",
+    "arith": "an arithmetic operator changed (+ -, * /, // /, % //), also in `x += y`",
+    "bool": "`and` and `or` swapped",
+    "not": "`not` (or a unary minus) removed",
+    "const": "a number n made n + 1 and 0, a boolean flipped",
+    "return": "a returned value replaced by None",
+    "branch": "an `if` branch dropped (`if False:`); a condition without its own operator "
+    "mutants (a name, a call, `and`/`or`) made always true",
+    "drop": "a statement with an effect dropped (a call, x += y, an attribute/item set, raise)",
+    "loop": "`break` and `continue` swapped",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Mutant:
+    """One mutation: the `node`-th node of the module (in `ast.walk` order), changed by `kind`
+    (`choice` tells apart the mutants of one node)."""
+
+    module: str  # core/windows.py
+    number: int  # 1-based within the module
+    line: int
+    last: int  # the last line of what the mutation changes (a test that runs none is no judge)
+    inside: bool  # in a function's body (else it runs at import, for every test)
+    node: int
+    kind: str
+    choice: int
+    before: str
+    after: str
+
+    @property
+    def id(self) -> str:
+        return f"{Path(self.module).stem}-{self.number}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.module}:{self.line}"
+
+    @property
+    def change(self) -> str:
+        return f"{self.before} -> {self.after}"
+
+
+def _short(node: ast.AST) -> str:
+    text = " ".join(ast.unparse(node).split())
+    return text if len(text) <= 70 else text[:67] + "..."
+
+
+def _excluded(tree: ast.Module) -> set[int]:
+    """Ids of nodes that are not behaviour: docstrings, annotations, decorators (dataclass and
+    cache options), `__slots__`/`__all__`, `if TYPE_CHECKING` blocks, and dataclass fields'
+    `repr=` (display) and `compare=` of a derived (`init=False`) field."""
+    skipped: list[ast.AST] = []
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            skipped.append(body[0])
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            skipped.extend(node.decorator_list)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.returns is not None:
+            skipped.append(node.returns)
+        if isinstance(node, ast.arg) and node.annotation is not None:
+            skipped.append(node.annotation)
+        if isinstance(node, ast.AnnAssign):
+            skipped.append(node.annotation)
+        if (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Name)
+            and node.test.id == "TYPE_CHECKING"
+        ):
+            skipped.append(node)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "field":
+            # dataclass field options that are display, or the equality of a derived field
+            derived = any(
+                k.arg == "init" and isinstance(k.value, ast.Constant) and k.value.value is False
+                for k in node.keywords
+            )
+            skipped.extend(
+                k.value
+                for k in node.keywords
+                if k.arg == "repr" or (k.arg == "compare" and derived)
+            )
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id in ("__slots__", "__all__") for t in node.targets
+        ):
+            skipped.append(node)
+    return {id(sub) for node in skipped for sub in ast.walk(node)}
+
+
+def _in_functions(tree: ast.Module) -> set[int]:
+    """Ids of the statements inside function bodies (the only ones worth dropping: a module or
+    class statement dropped fails at import)."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for stmt in node.body:
+                inside.update(id(s) for s in ast.walk(stmt) if isinstance(s, ast.stmt))
+    return inside
+
+
+def _in_bodies(tree: ast.Module) -> set[int]:
+    """Ids of every node inside a function body (not its decorators, defaults or annotations):
+    code that runs when the function is called, not at import."""
+    return {
+        id(sub)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        for stmt in (node.body if isinstance(node.body, list) else [node.body])
+        for sub in ast.walk(stmt)
+    }
+
+
+def _floors(tree: ast.Module) -> set[int]:
+    """Ids of the comparisons of `x if x > 0 else 0` (a floor at 0, written so for speed): made
+    `x >= 0` they give 0 at 0 too, an equivalent mutant, so they are not mutated."""
+    return {
+        id(node.test)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.IfExp)
+        and isinstance(node.test, ast.Compare)
+        and len(node.test.ops) == 1
+        and isinstance(node.test.ops[0], ast.Gt)
+        and isinstance(node.test.comparators[0], ast.Constant)
+        and node.test.comparators[0].value == 0
+        and isinstance(node.orelse, ast.Constant)
+        and node.orelse.value == 0
+        and ast.dump(node.body) == ast.dump(node.test.left)
+    }
+
+
+def _droppable(stmt: ast.stmt) -> bool:
+    if isinstance(stmt, ast.Expr):
+        return isinstance(stmt.value, ast.Call | ast.Await)
+    if isinstance(stmt, ast.Assign):  # a plain `name = value` dropped only fails with NameError
+        return any(isinstance(t, ast.Attribute | ast.Subscript) for t in stmt.targets)
+    return isinstance(stmt, ast.AugAssign | ast.Raise | ast.Delete)
+
+
+def _is_format(node: ast.BinOp) -> bool:
+    """`"%d" % x`, `b"..." + y`: text, not arithmetic."""
+    return any(
+        isinstance(side, ast.Constant) and isinstance(side.value, str | bytes)
+        for side in (node.left, node.right)
+    )
+
+
+def _candidates(node: ast.AST, in_function: bool) -> Iterator[tuple[str, int, str, str]]:
+    """(kind, choice, before, after) of every mutant of one node."""
+    if isinstance(node, ast.Compare):
+        for i, op in enumerate(node.ops):
+            new = _COMPARE.get(type(op))
+            if new is not None:
+                ops = [*node.ops[:i], new(), *node.ops[i + 1 :]]
+                mutated = ast.Compare(left=node.left, ops=ops, comparators=node.comparators)
+                yield "compare", i, _short(node), _short(mutated)
+    elif isinstance(node, ast.BinOp) and not _is_format(node):
+        new_op = _ARITHMETIC.get(type(node.op))
+        if new_op is not None:
+            yield "arith", 0, _short(node), _short(ast.BinOp(node.left, new_op(), node.right))
+    elif isinstance(node, ast.AugAssign):
+        new_op = _ARITHMETIC.get(type(node.op))
+        if new_op is not None:
+            changed = ast.AugAssign(node.target, new_op(), node.value)
+            yield "arith", 0, _short(node), _short(changed)
+    elif isinstance(node, ast.BoolOp):
+        new_bool = _BOOLEAN[type(node.op)]
+        yield "bool", 0, _short(node), _short(ast.BoolOp(new_bool(), node.values))
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not | ast.USub):
+        if not (isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant)):
+            yield "not", 0, _short(node), _short(node.operand)
+    elif isinstance(node, ast.Constant) and not isinstance(node.value, str | bytes):
+        value = node.value
+        if isinstance(value, bool):
+            yield "const", 0, repr(value), repr(not value)
+        elif isinstance(value, int):
+            yield "const", 0, repr(value), repr(value + 1)
+            if value != 0:
+                yield "const", 1, repr(value), "0"
+        elif isinstance(value, float) and value == value and abs(value) != float("inf"):
+            yield "const", 0, repr(value), repr(value + 1)
+    elif isinstance(node, ast.Return) and node.value is not None:
+        if not (isinstance(node.value, ast.Constant) and node.value.value is None):
+            yield "return", 0, f"return {_short(node.value)}", "return None"
+    elif isinstance(node, ast.If):
+        test = f"if {_short(node.test)}:"
+        yield "branch", 1, test, "if False:"  # the branch dropped (the `else`, if any, taken)
+        if not isinstance(node.test, ast.Compare | ast.UnaryOp):  # those have their own mutants
+            yield "branch", 0, test, "if True:"
+    if isinstance(node, ast.stmt) and in_function:
+        if _droppable(node):
+            yield "drop", 9, _short(node), "pass"
+        elif isinstance(node, ast.Break):
+            yield "loop", 0, "break", "continue"
+        elif isinstance(node, ast.Continue):
+            yield "loop", 0, "continue", "break"
+
+
+def _skipped(module: str, lines: Sequence[str], mutant: Mutant) -> bool:
+    text = lines[mutant.line - 1].strip()
+    before = lines[mutant.line - 2].strip() if mutant.line > 1 else ""
+    return any(
+        s.module == module
+        and s.line == text
+        and s.change == mutant.change
+        and (not s.previous or s.previous == before)
+        for s in SKIPS
+    )
+
+
+def mutants_of(module: str, source: str) -> list[Mutant]:
+    """Every mutant of one module's source, in a fixed order (the nodes in `ast.walk` order)."""
+    tree = ast.parse(source)
+    excluded, in_function, in_body = _excluded(tree), _in_functions(tree), _in_bodies(tree)
+    floors = _floors(tree)
+    lines = source.splitlines()
+    found: list[Mutant] = []
+    for index, node in enumerate(ast.walk(tree)):
+        if id(node) in excluded or id(node) in floors:
+            continue
+        for kind, choice, before, after in _candidates(node, id(node) in in_function):
+            span = node.test if isinstance(node, ast.If) else node  # an if: its condition
+            line, last = getattr(span, "lineno", 0), getattr(span, "end_lineno", 0) or 0
+            inside = id(node) in in_body
+            mutant = Mutant(module, 0, line, last, inside, index, kind, choice, before, after)
+            if not _skipped(module, lines, mutant):
+                found.append(mutant)
+    found.sort(key=lambda m: (m.line, m.node, m.kind, m.choice))
+    return [
+        Mutant(module, n, m.line, m.last, m.inside, m.node, m.kind, m.choice, m.before, m.after)
+        for n, m in enumerate(found, 1)
+    ]
+
+
+def _replace(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
+    for parent in ast.walk(tree):
+        for name, value in ast.iter_fields(parent):
+            if value is old:
+                setattr(parent, name, new)
+                return
+            if isinstance(value, list) and any(item is old for item in value):
+                value[next(i for i, item in enumerate(value) if item is old)] = new
+                return
+    raise LookupError("node without a parent")
+
+
+def mutated_code(source: str, path: str, mutant: Mutant) -> CodeType:
+    """The module's code with this one mutation (the tree is parsed afresh each time)."""
+    tree = ast.parse(source)
+    node = list(ast.walk(tree))[mutant.node]
+    kind, choice = mutant.kind, mutant.choice
+    if kind == "compare":
+        assert isinstance(node, ast.Compare)
+        node.ops[choice] = _COMPARE[type(node.ops[choice])]()
+    elif kind == "arith":
+        assert isinstance(node, ast.BinOp | ast.AugAssign)
+        node.op = _ARITHMETIC[type(node.op)]()
+    elif kind == "bool":
+        assert isinstance(node, ast.BoolOp)
+        node.op = _BOOLEAN[type(node.op)]()
+    elif kind == "not":
+        assert isinstance(node, ast.UnaryOp)
+        _replace(tree, node, node.operand)
+    elif kind == "const":
+        assert isinstance(node, ast.Constant)
+        value = node.value
+        if isinstance(value, bool):
+            node.value = not value
+        else:
+            assert isinstance(value, int | float)
+            node.value = value + 1 if choice == 0 else 0
+    elif kind == "return":
+        assert isinstance(node, ast.Return)
+        node.value = ast.Constant(None)
+    elif kind == "branch":
+        assert isinstance(node, ast.If)
+        node.test = ast.Constant(choice == 0)
+    elif kind == "drop":
+        _replace(tree, node, ast.Pass())
+    elif kind == "loop":
+        _replace(tree, node, ast.Continue() if isinstance(node, ast.Break) else ast.Break())
+    else:
+        raise ValueError(kind)
+    ast.fix_missing_locations(tree)
+    return compile(tree, path, "exec", dont_inherit=True)
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Verdict:
+    outcome: str  # killed, timeout, survived, uncovered (no test runs it), error
+    seconds: float = 0.0
+    code: int = 0
+    output: str = ""  # pytest's output, kept only with --show and for the unmutated runs
+
+
+@dataclass(slots=True)
+class Coverage:
+    """What a module's unmutated tests run of it: the lines run before the first test (imports,
+    collection), the lines each test runs (setup, call and teardown, in any thread) and how long
+    each test takes."""
+
+    at_import: frozenset[int]
+    by_test: dict[str, frozenset[int]]
+    seconds: dict[str, float]
+
+    def tests_for(self, mutant: Mutant) -> frozenset[str] | None:
+        """The node ids of the tests that run what the mutant changes; None (every test) when
+        the change runs at import, where any test may see it."""
+        span = range(mutant.line, mutant.last + 1)
+        if not mutant.inside or any(line in self.at_import for line in span):
+            return None
+        return frozenset(t for t, lines in self.by_test.items() if any(n in lines for n in span))
+
+
+class _Tracer:
+    """Records the lines of one file run, in every thread, into `lines`."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.lines: set[int] = set()
+
+    def calls(self, frame: FrameType, event: str, arg: Any) -> Any:
+        """The global trace function: follows the frames of the file only."""
+        return self._lines if frame.f_code.co_filename == self.filename else None
+
+    def _lines(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line":
+            self.lines.add(frame.f_lineno)
+        return self._lines
+
+
+class _Recorder:
+    """pytest plugin of an unmutated run: which lines each test runs, by node id."""
+
+    def __init__(self, tracer: _Tracer) -> None:
+        self.tracer = tracer
+        self.at_import: set[int] | None = None
+        self.by_test: dict[str, list[int]] = {}
+        self.seconds: dict[str, float] = {}
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> Generator[None, object, object]:
+        if self.at_import is None:
+            self.at_import = self.tracer.lines
+        self.tracer.lines = set()
+        started = time.perf_counter()
+        try:
+            return (yield)
+        finally:
+            self.seconds[item.nodeid] = time.perf_counter() - started
+            self.by_test[item.nodeid] = sorted(self.tracer.lines)
+
+    def save(self, path: Path) -> None:
+        at_import = sorted(self.at_import or ())
+        data = {"at_import": at_import, "by_test": self.by_test, "seconds": self.seconds}
+        path.write_text(json.dumps(data))
+
+
+def _load_coverage(path: Path) -> Coverage:
+    data = json.loads(path.read_text())
+    by_test = {test: frozenset(lines) for test, lines in data["by_test"].items()}
+    return Coverage(frozenset(data["at_import"]), by_test, data["seconds"])
+
+
+class _Select:
+    """pytest plugin of a mutant's run: only the tests that run the mutated code (all when
+    `wanted` is None), fastest first when `seconds` are given (`-x` stops at the first failure)."""
+
+    def __init__(self, wanted: frozenset[str] | None, seconds: dict[str, float] | None) -> None:
+        self.wanted, self.seconds = wanted, seconds
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        wanted, seconds = self.wanted, self.seconds
+        if wanted is not None:
+            items[:] = [item for item in items if item.nodeid in wanted]
+        if seconds is not None:
+            items.sort(key=lambda item: seconds.get(item.nodeid, 0.0))  # stable
+
+
+def _copy_tree(into: Path) -> Path:
+    """The package, the tests and what they import, copied once (no caches, no mutants)."""
+    tree = into / "tree"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".hypothesis")
+    for name in ("src", "tests", "examples"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, tree / name, ignore=ignore)
+    shutil.copy2(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    return tree
+
+
+def _preload() -> None:
+    """Import, once in the parent, what every child needs but no mutant changes: pytest's
+    plugins and the libraries the package and the tests use. Never the package itself."""
+    for plugin in entry_points(group="pytest11"):
+        with contextlib.suppress(Exception):
+            plugin.load()
+    for name in (
+        "hypothesis",
+        "sqlalchemy",
+        "sqlmodel",
+        "pydantic",
+        "pydantic_settings",
+        "starlette.applications",
+        "fastapi",
+        "httpx",
+        "httpx2",
+        "orjson",
+        "cachetools",
+        "genai_prices",
+        "redis",
+        "redis.asyncio",
+        "psycopg",
+        "prometheus_client",
+        "yaml",
+        "openai",
+        "anthropic",
+        "jsonschema",
+        "uvicorn",
+    ):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    import hypothesis
+
+    hypothesis.settings.register_profile(
+        "mutate", derandomize=True, database=None, deadline=None, print_blob=False
+    )
+    # What is loaded now outlives every child: the collector need not scan it (pytest collects
+    # twice at the end of a session, 0.3 s with all this loaded).
+    gc.freeze()
+
+
+class _MutantLoader(importlib.machinery.SourceFileLoader):
+    """Loads one module from a code object made in memory instead of its file."""
+
+    def __init__(self, fullname: str, path: str, code: CodeType) -> None:
+        super().__init__(fullname, path)
+        self._code = code
+
+    def get_code(self, fullname: str) -> CodeType:
+        return self._code
+
+
+class _MutantFinder:
+    def __init__(self, fullname: str, path: str, code: CodeType) -> None:
+        self.fullname, self.path, self.code = fullname, path, code
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self.fullname:
+            return None
+        loader = _MutantLoader(fullname, self.path, self.code)
+        return importlib.util.spec_from_file_location(fullname, self.path, loader=loader)
+
+
+@dataclass(slots=True)
+class _Job:
+    """One pytest run: a module's tests (`files`, only the `wanted` node ids unless None), with
+    the mutant's `code` in place of the module, or unmutated and traced (`coverage` to write)."""
+
+    mutant: Mutant | None
+    module: str
+    files: tuple[str, ...]
+    wanted: frozenset[str] | None
+    code: CodeType | None
+    timeout: float
+    coverage: Path | None = None  # trace the unmutated module, write what each test runs here
+    seconds: dict[str, float] | None = None  # run the fastest tests first
+
+
+def _child(tree: Path, job: _Job, log: Path) -> NoReturn:
+    """In the forked child: pytest on the copied tree, with the mutant in place of its module."""
+    code = 3
+    try:
+        os.setpgid(0, 0)  # the parent kills the whole group on a timeout
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.chdir(tree)
+        sys.path.insert(0, str(tree / "src"))
+        path = str(tree / CORE / job.module.removeprefix("core/"))
+        plugins: list[object] = []
+        recorder = None
+        if job.code is not None:
+            name = f"{PACKAGE}.core.{Path(job.module).stem}"
+            sys.meta_path.insert(0, _MutantFinder(name, path, job.code))
+        if job.wanted is not None or job.seconds is not None:
+            plugins.append(_Select(job.wanted, job.seconds))
+        if job.coverage is not None:
+            tracer = _Tracer(path)
+            recorder = _Recorder(tracer)
+            plugins.append(recorder)
+            threading.settrace(tracer.calls)
+            sys.settrace(tracer.calls)
+        args = ["-x", "-q", "-p", "no:cacheprovider", "--rootdir", str(tree)]
+        args += ["-c", str(tree / "pyproject.toml"), "--basetemp", str(log.with_suffix(".tmp"))]
+        # The plugins were imported before pytest started (by the parent): they cannot be
+        # rewritten for assertions, which pytest warns about, and the warning is an error here.
+        args += ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
+        args += ["--hypothesis-profile=mutate", *job.files]
+        code = int(pytest.main(args, plugins=plugins))
+        sys.settrace(None)
+        if recorder is not None and job.coverage is not None:
+            recorder.save(job.coverage)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class Runner:
+    """Runs jobs in forked children, `jobs` at a time, each killed past its timeout."""
+
+    def __init__(self, tree: Path, work: Path, jobs: int, show: bool) -> None:
+        self.tree, self.work, self.jobs, self.show = tree, work, jobs, show
+        self.running: dict[int, tuple[_Job, int, float]] = {}  # pid: job, slot, start
+
+    def run(self, jobs: Sequence[_Job], done: Callable[[_Job, Verdict], None]) -> None:
+        waiting = list(reversed(jobs))
+        free = list(reversed(range(self.jobs)))
+        try:
+            while waiting or self.running:
+                while waiting and free:
+                    job, slot = waiting.pop(), free.pop()
+                    self.running[self._start(job, slot)] = (job, slot, time.monotonic())
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    self._expire(done, free)
+                    time.sleep(0.005)
+                    continue
+                job, slot, started = self.running.pop(pid)
+                free.append(slot)
+                code = os.waitstatus_to_exitcode(status)
+                # pytest: 1 tests failed, 2 interrupted (an error while collecting), 3 internal
+                # error, 4 usage error (the conftest failed to import): the mutant broke the tests
+                # or the import; 5 (no tests collected) is a fault of this script.
+                outcome = "survived" if code == 0 else "error" if code == 5 else "killed"
+                seconds = time.monotonic() - started
+                done(job, Verdict(outcome, seconds, code, self._output(job, slot)))
+        finally:
+            for pid in self.running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+
+    def _start(self, job: _Job, slot: int) -> int:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(self.tree, job, self.log(slot))
+        with contextlib.suppress(OSError):  # the child does it too: whichever runs first
+            os.setpgid(pid, pid)
+        return pid
+
+    def log(self, slot: int) -> Path:
+        return self.work / f"slot{slot}.log"
+
+    def _output(self, job: _Job, slot: int) -> str:
+        if job.mutant is not None and not self.show:
+            return ""
+        return self.log(slot).read_text(errors="replace")
+
+    def _expire(self, done: Callable[[_Job, Verdict], None], free: list[int]) -> None:
+        now = time.monotonic()
+        for pid, (job, slot, started) in list(self.running.items()):
+            if now - started > job.timeout:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                del self.running[pid]
+                free.append(slot)
+                done(job, Verdict("timeout", now - started, -9, self._output(job, slot)))
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def _modules(wanted: Sequence[str]) -> list[str]:
+    """`core/x.py` names of the modules to mutate: all of core/, or those named (`windows`,
+    `windows.py`, `core/windows.py` or its path under src/)."""
+    every = sorted(p.name for p in (ROOT / CORE).glob("*.py") if p.name != "__init__.py")
+    if not wanted:
+        return [f"core/{name}" for name in every]
+    chosen = []
+    for text in wanted:
+        name = Path(text).name
+        name = name if name.endswith(".py") else name + ".py"
+        if name not in every:
+            raise SystemExit(f"mutate: no module {text!r} in {CORE} (have {', '.join(every)})")
+        chosen.append(f"core/{name}")
+    return sorted(set(chosen))
+
+
+def _tests_for(module: str) -> tuple[str, ...]:
+    name = module.removeprefix("core/")
+    if name not in TESTS:
+        raise SystemExit(f"mutate: no tests are mapped to {module}: add it to TESTS")
+    return tuple(t for t in TESTS[name] if (ROOT / t).is_file())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--module", action="append", default=[], help="only this core module")
+    parser.add_argument("--id", action="append", default=[], help="only this mutant (windows-12)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--show", action="store_true", help="print pytest's output (with --id)")
+    parser.add_argument("--min", type=float, default=90.0, help="least %% killed (default 90)")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants at once (default 2)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="most seconds a mutant's tests may take (default 60; a timeout kills the mutant); "
+        "5x the module's unmutated run, at least 30 s, when that is less",
+    )
+    args = parser.parse_args(argv)
+
+    modules = _modules(args.module)
+    sources = {m: (ROOT / CORE / m.removeprefix("core/")).read_text() for m in modules}
+    mutants = [mutant for m in modules for mutant in mutants_of(m, sources[m])]
+    if args.id:
+        unknown = set(args.id) - {m.id for m in mutants}
+        if unknown:
+            raise SystemExit(f"mutate: no mutant {', '.join(sorted(unknown))}")
+        mutants = [m for m in mutants if m.id in args.id]
+        modules = sorted({m.module for m in mutants})
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:<16} {m.where:<22} {m.kind:<8} {m.change}")
+        print(f"{len(mutants)} mutants in {len(modules)} modules")
+        return 0
+
+    os.environ.setdefault("BUDGET_TEST_STORES", "sqlite")
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="bm-mutate-"))
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        tree = _copy_tree(work)
+        sources = {m: (tree / CORE / m.removeprefix("core/")).read_text() for m in modules}
+        if sources != {m: (ROOT / CORE / m.removeprefix("core/")).read_text() for m in modules}:
+            raise SystemExit("mutate: core/ changed while it was copied: run again")
+        _preload()
+        runner = Runner(tree, work, max(1, args.jobs), args.show)
+        return _run(runner, modules, sources, mutants, args, started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(
+    runner: Runner,
+    modules: list[str],
+    sources: dict[str, str],
+    mutants: list[Mutant],
+    args: argparse.Namespace,
+    started: float,
+) -> int:
+    # The unmutated tests first: they must pass; traced, they say which tests run which lines.
+    baseline: dict[str, Verdict] = {}
+    base_jobs = [
+        _Job(None, m, _tests_for(m), None, None, 900.0, runner.work / f"{Path(m).stem}.json")
+        for m in modules
+    ]
+    runner.run(base_jobs, lambda job, verdict: baseline.__setitem__(job.module, verdict))
+    broken = [m for m in modules if baseline[m].outcome != "survived"]
+    for m in broken:
+        tests = " ".join(_tests_for(m))
+        print(f"mutate: the tests of {m} fail without a mutant ({tests}, {baseline[m].code}):")
+        print(baseline[m].output[-3000:])
+    if broken:
+        return 2
+    coverage = {job.module: _load_coverage(job.coverage) for job in base_jobs if job.coverage}
+    # Fastest tests first, if the tests pass in that order too (else in their files' order).
+    ordered: dict[str, Verdict] = {}
+    order_jobs = [
+        _Job(None, m, _tests_for(m), None, None, 900.0, seconds=coverage[m].seconds)
+        for m in modules
+    ]
+    runner.run(order_jobs, lambda job, verdict: ordered.__setitem__(job.module, verdict))
+    for m in modules:
+        count, seconds = len(coverage[m].by_test), ordered[m].seconds
+        print(f"{m}: {count} tests, {seconds:.1f} s unmutated", flush=True)
+        if ordered[m].outcome != "survived":
+            print("  (they fail when the fastest run first: run in their files' order)")
+    print(f"{len(mutants)} mutants in {len(modules)} modules, {runner.jobs} at a time", flush=True)
+
+    verdicts: dict[str, Verdict] = {}
+    jobs = []
+    for mutant in mutants:
+        module = mutant.module
+        wanted = coverage[module].tests_for(mutant)
+        if wanted is not None and not wanted:
+            verdicts[mutant.id] = Verdict("uncovered")
+            continue
+        files = _tests_for(module)
+        if wanted is not None:
+            files = tuple(f for f in files if any(t.startswith(f + "::") for t in wanted))
+        path = str(runner.tree / CORE / module.removeprefix("core/"))
+        code = mutated_code(sources[module], path, mutant)
+        timeout = min(args.timeout, max(30.0, 5 * ordered[module].seconds))
+        fastest = coverage[module].seconds if ordered[module].outcome == "survived" else None
+        jobs.append(_Job(mutant, module, files, wanted, code, timeout, seconds=fastest))
+
+    left = {m: sum(1 for mutant in mutants if mutant.module == m) for m in modules}
+    for mutant_id in verdicts:  # not covered: decided already
+        left[mutant_id_module(mutants, mutant_id)] -= 1
+
+    def done(job: _Job, verdict: Verdict) -> None:
+        assert job.mutant is not None
+        verdicts[job.mutant.id] = verdict
+        if args.show:
+            print(f"== {job.mutant.id} {job.mutant.where} {job.mutant.change}: {verdict.outcome}")
+            print(verdict.output)
+        left[job.module] -= 1
+        if not left[job.module]:  # each module's figure as soon as it is known
+            mine = [m for m in mutants if m.module == job.module]
+            killed = sum(verdicts[m.id].outcome in ("killed", "timeout") for m in mine)
+            print(f"  {job.module}: {killed}/{len(mine)} killed", file=sys.stderr, flush=True)
+            for m in mine:
+                if verdicts[m.id].outcome not in ("killed", "timeout"):
+                    print(f"    {m.id:<16} {m.where:<22} {m.change}", file=sys.stderr, flush=True)
+
+    runner.run(jobs, done)
+    return _report(modules, mutants, verdicts, args.min, time.monotonic() - started)
+
+
+def mutant_id_module(mutants: Sequence[Mutant], mutant_id: str) -> str:
+    return next(m.module for m in mutants if m.id == mutant_id)
+
+
+def _report(
+    modules: list[str],
+    mutants: list[Mutant],
+    verdicts: dict[str, Verdict],
+    minimum: float,
+    seconds: float,
+) -> int:
+    print(f"\n{'module':<20} {'killed':>7} {'total':>6} {'%':>6}")
+    total_killed = 0
+    for module in modules:
+        mine = [verdicts[m.id] for m in mutants if m.module == module]
+        killed = sum(v.outcome in ("killed", "timeout") for v in mine)
+        total_killed += killed
+        share = 100 * killed / len(mine) if mine else 100.0
+        print(f"{module:<20} {killed:>7} {len(mine):>6} {share:>6.1f}")
+    share = 100 * total_killed / len(mutants) if mutants else 100.0
+    print(f"{'overall':<20} {total_killed:>7} {len(mutants):>6} {share:>6.1f}")
+    alive = [m for m in mutants if verdicts[m.id].outcome not in ("killed", "timeout")]
+    if alive:
+        print(f"\n{len(alive)} survivors:")
+        notes = {"uncovered": "  (no test runs it)", "error": "  (pytest found no test)"}
+        for m in alive:
+            note = notes.get(verdicts[m.id].outcome, "")
+            print(f"  {m.id:<16} {m.where:<22} {m.change}{note}")
+    timeouts = sum(v.outcome == "timeout" for v in verdicts.values())
+    print(f"\n{timeouts} timed out (killed); {seconds:.0f} s in all")
+    if share < minimum:
+        print(f"mutate: {share:.1f} % killed, below --min {minimum:g}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Who is calling, for what (core/identity.py, SPEC §4): headers, provider and model, tags."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+
+from budget_middleware.core import identity
+from budget_middleware.core.identity import (
+    MAX_MODEL_CHARS,
+    MAX_PROVIDER_CHARS,
+    MAX_TAG_CHARS,
+    MAX_TAGS,
+    Credentials,
+    TargetResolver,
+    clean_text,
+    hash_key,
+    header_reader,
+    key_digest,
+    route_path,
+)
+
+read = header_reader("X-Budget-Key", "sk-bm-")
+
+
+def headers(**named: str) -> list[tuple[bytes, bytes]]:
+    return [(name.replace("_", "-").encode(), value.encode()) for name, value in named.items()]
+
+
+# --- headers ------------------------------------------------------------------------------------
+
+
+def test_the_key_header_carries_a_key_of_any_value_trimmed() -> None:
+    assert read(headers(x_budget_key="  anything  ")).key == "anything"
+    # its name is matched whatever the case it was configured in
+    assert header_reader("x-budget-key", "sk-bm-")(headers(x_budget_key="k")).key == "k"
+
+
+def test_a_blank_key_header_is_no_key_and_does_not_fall_back_to_the_others() -> None:
+    found = read(headers(x_budget_key="   ", authorization="Bearer sk-bm-1"))
+    assert found.key is None
+    # an empty one is as if absent: the bearer token counts
+    assert read(headers(x_budget_key="", authorization="Bearer sk-bm-1")).key == "sk-bm-1"
+
+
+def test_a_bearer_token_counts_only_with_the_prefix() -> None:
+    assert read(headers(authorization="Bearer sk-bm-abc ")).key == "sk-bm-abc"
+    assert read(headers(authorization="bearer sk-bm-abc")).key == "sk-bm-abc"
+    assert read(headers(authorization="BEARER sk-bm-abc")).key == "sk-bm-abc"
+    assert read(headers(authorization="Bearer sk-openai-abc")).key is None
+    assert read(headers(authorization="Basic sk-bm-abc")).key is None
+    assert read(headers(authorization="Bearer ")).key is None
+    assert read(headers(authorization="Bearersk-bm-abc")).key is None
+
+
+def test_api_key_headers_count_only_with_the_prefix_x_api_key_first() -> None:
+    assert read(headers(x_api_key=" sk-bm-a ")).key == "sk-bm-a"
+    assert read(headers(x_goog_api_key="sk-bm-g")).key == "sk-bm-g"
+    assert read(headers(x_api_key="sk-bm-a", x_goog_api_key="sk-bm-g")).key == "sk-bm-a"
+    assert read(headers(x_api_key="other", x_goog_api_key="sk-bm-g")).key == "sk-bm-g"
+    assert read(headers(x_api_key="", x_goog_api_key="sk-bm-g")).key == "sk-bm-g"
+    assert read(headers(x_api_key="other")).key is None
+    # a bearer token without the prefix leaves the API-key headers their chance
+    assert read(headers(authorization="Bearer upstream", x_api_key="sk-bm-a")).key == "sk-bm-a"
+    # a bearer token with it wins over them
+    assert read(headers(authorization="Bearer sk-bm-b", x_api_key="sk-bm-a")).key == "sk-bm-b"
+
+
+def test_without_a_prefix_every_bearer_and_api_key_counts() -> None:
+    plain = header_reader("x-budget-key", "")
+    assert plain(headers(authorization="Bearer upstream")).key == "upstream"
+    assert plain(headers(x_api_key="any")).key == "any"
+    assert plain(headers()).key is None
+
+
+def test_provider_tags_and_length_headers() -> None:
+    found = read(
+        headers(
+            x_budget_provider=" openai ",
+            x_budget_tags=" a , b,,c ",
+            content_length="42",
+        )
+    )
+    assert found == Credentials(None, "openai", ("a", "b", "c"), 42)
+    assert read(headers(x_budget_provider="   ")).provider is None
+    assert read(headers(content_length="forty")).content_length is None
+    assert read(headers()) == Credentials(None, None, (), None)
+    assert read(headers(x_budget_tags="")).tags == ()
+
+
+def test_header_tags_are_cut_cleaned_and_at_most_32() -> None:
+    many = ",".join(f"t{n}" for n in range(40))
+    tags = read(headers(x_budget_tags=many)).tags
+    assert tags == tuple(f"t{n}" for n in range(MAX_TAGS))
+    long = "x" * (MAX_TAG_CHARS + 5)
+    assert read(headers(x_budget_tags=f"{long},ok")).tags == ("x" * MAX_TAG_CHARS, "ok")
+    assert read(headers(x_budget_tags="a\x01b")).tags == ("a?b",)
+    # an empty one takes no place among the 32
+    spaced = ",".join(["", *[f"t{n}" for n in range(31)], "last"])
+    assert read(headers(x_budget_tags=spaced)).tags == (*[f"t{n}" for n in range(31)], "last")
+
+
+def test_keys_are_indexed_and_stored_by_their_sha256() -> None:
+    assert key_digest("sk-bm-1") == hashlib.sha256(b"sk-bm-1").digest()
+    assert hash_key("sk-bm-1") == hashlib.sha256(b"sk-bm-1").hexdigest()
+
+
+# --- client text --------------------------------------------------------------------------------
+
+
+def test_clean_text_bounds_and_replaces_unprintable_characters() -> None:
+    assert clean_text("gpt-4o", 10) == "gpt-4o"
+    assert clean_text("abcdef", 6) == "abcdef"
+    assert clean_text("abcdefg", 6) == "abcdef"
+    assert clean_text("a\x00b\nc", 10) == "a?b?c"
+    assert clean_text("a\x00bcdef", 3) == "a?b"
+    assert clean_text("", 3) == ""
+
+
+# --- provider and model -------------------------------------------------------------------------
+
+
+def resolver(guesses: dict[str, str] | None = None) -> TargetResolver:
+    table = guesses or {}
+    return TargetResolver(table.get)
+
+
+def target(body: Any, path: str = "/v1/chat/completions", **creds: Any) -> identity.Target:
+    return resolver({"gpt-4o": "openai"})(body, path, Credentials(**creds), ())
+
+
+def test_a_qualified_model_names_its_provider() -> None:
+    found = target({"model": " mistral/mistral-large "})
+    assert (found.provider, found.model) == ("mistral", "mistral-large")
+    # only the first slash splits
+    found = target({"model": "openrouter/meta/llama"})
+    assert (found.provider, found.model) == ("openrouter", "meta/llama")
+    # an empty half is no provider: the model is taken whole
+    assert (target({"model": "/gpt-4o"}).provider, target({"model": "/gpt-4o"}).model) == (
+        "unknown",
+        "/gpt-4o",
+    )
+    assert target({"model": "gpt-4o/"}).model == "gpt-4o/"
+
+
+def test_the_provider_comes_from_the_model_then_header_then_path_then_catalog() -> None:
+    assert target({"model": "groq/llama"}, provider="azure").provider == "groq"
+    assert target({"model": "gpt-4o"}, provider="azure").provider == "azure"
+    assert target({"model": "gpt-4o"}, "/mistral/v1/chat/completions").provider == "mistral"
+    assert target({"model": "gpt-4o"}, "mistral/v1/x").provider == "mistral"
+    assert target({"model": "gpt-4o"}, "/v1/chat/completions").provider == "openai"
+    assert target({"model": "no-such"}, "/v1/chat/completions").provider == "unknown"
+    assert target({"model": "no-such"}, "/nowhere/v1/chat").provider == "unknown"
+    assert target({"model": "no-such"}, "/v1/messages").provider == "anthropic"
+    assert target({"model": "gpt-4o"}, "/v1/messages").provider == "openai"
+    assert target({"model": "no-such"}, "/v1/messages/count").provider == "unknown"
+
+
+def test_the_catalog_is_asked_only_about_a_model_and_only_once_per_route() -> None:
+    asked: list[str] = []
+
+    def guess(model: str) -> str | None:
+        asked.append(model)
+        return "openai" if model == "gpt-4o" else None
+
+    resolve = TargetResolver(guess)
+    assert resolve({}, "/v1/chat/completions", Credentials(), ()).model == "unknown"
+    assert asked == []
+    for _ in range(3):
+        assert resolve({"model": "gpt-4o"}, "/v1/x", Credentials(), ()).provider == "openai"
+    assert asked == ["gpt-4o"]
+
+
+def test_a_missing_or_odd_body_gives_unknown_provider_and_model() -> None:
+    for body in (None, [], "text", {"model": 42}, {"model": ""}, {"model": "   "}):
+        found = target(body)
+        assert (found.provider, found.model) == ("unknown", "unknown")
+        assert found.tags == ()
+        assert found.stream is False
+        assert found.max_output_tokens is None
+
+
+def test_provider_and_model_are_bounded_and_cleaned() -> None:
+    # the store's column sizes: 100 characters for a provider, 200 for a model, 100 for a tag
+    assert (MAX_PROVIDER_CHARS, MAX_MODEL_CHARS, MAX_TAG_CHARS, MAX_TAGS) == (100, 200, 100, 32)
+    found = target({"model": "p" * 150 + "/" + "m" * 250})
+    assert found.provider == "p" * 100
+    assert found.model == "m" * 200
+    found = target({"model": "open\x00ai/gpt\n4o"})
+    assert (found.provider, found.model) == ("open?ai", "gpt?4o")
+
+
+def test_routes_are_remembered_bounded_and_never_for_huge_names() -> None:
+    resolve = resolver()
+    huge = "m" * (MAX_MODEL_CHARS + 1)
+    resolve({"model": huge}, "/v1/x", Credentials(), ())
+    assert resolve._routes == {}
+    exact = "m" * MAX_MODEL_CHARS
+    resolve({"model": exact}, "/v1/x", Credentials(), ())
+    assert list(resolve._routes) == [(exact, None, "/v1/x")]
+    for n in range(4095):
+        resolve({"model": f"m{n}"}, "/v1/x", Credentials(), ())
+    assert len(resolve._routes) == 4096
+    resolve({"model": "one-more"}, "/v1/x", Credentials(), ())
+    assert list(resolve._routes) == [("one-more", None, "/v1/x")]
+
+
+# --- tags, stream, output limit -----------------------------------------------------------------
+
+
+def test_tags_from_header_key_and_body_are_merged_sorted_and_unique() -> None:
+    body = {"model": "gpt-4o", "metadata": {"tags": ["b", " a ", 3, "", "z"]}}
+    creds = Credentials(tags=("z", "h"))
+    found = resolver()(body, "/v1/x", creds, ("k", "a"))
+    assert found.tags == ("a", "b", "h", "k", "z")
+    # two are sorted and deduplicated too
+    assert resolver()({}, "/v1/x", Credentials(tags=("b", "a")), ()).tags == ("a", "b")
+    assert resolver()({}, "/v1/x", Credentials(tags=("a",)), ("a",)).tags == ("a",)
+    # one tag is kept as it is
+    assert resolver()({"model": "m"}, "/v1/x", Credentials(tags=("solo",)), ()).tags == ("solo",)
+    assert resolver()({"model": "m"}, "/v1/x", Credentials(), ("key",)).tags == ("key",)
+
+
+def test_body_tags_need_a_metadata_object_with_a_list() -> None:
+    for metadata in (None, "tags", ["a"], {"tags": "a,b"}, {"tags": {"a": 1}}, {}):
+        assert target({"model": "m", "metadata": metadata}).tags == ()
+    assert target({"model": "m", "metadata": {"tags": ["x", "y"]}}).tags == ("x", "y")
+
+
+def test_merged_tags_are_at_most_32() -> None:
+    body = {"metadata": {"tags": [f"b{n:02}" for n in range(20)]}}
+    creds = Credentials(tags=tuple(f"h{n:02}" for n in range(20)))
+    found = resolver()(body, "/v1/x", creds, ())
+    assert len(found.tags) == MAX_TAGS
+    assert found.tags == tuple(sorted(found.tags))
+    assert found.tags[0] == "b00"
+    assert found.tags[-1] == "h11"
+
+
+def test_stream_only_when_true_and_the_output_limit_a_non_negative_int() -> None:
+    assert target({"stream": True}).stream is True
+    assert target({"stream": 1}).stream is False
+    assert target({"stream": "true"}).stream is False
+    assert target({"max_tokens": 0}).max_output_tokens == 0
+    assert target({"max_tokens": 7}).max_output_tokens == 7
+    assert target({"max_tokens": -1}).max_output_tokens is None
+    assert target({"max_tokens": True}).max_output_tokens is None
+    assert target({"max_tokens": 7.0}).max_output_tokens is None
+    assert target({"max_output_tokens": 9}).max_output_tokens == 9
+    assert target({"max_completion_tokens": 5, "max_tokens": 7}).max_output_tokens == 5
+    assert target({"max_completion_tokens": -5, "max_tokens": 7}).max_output_tokens == 7
+
+
+# --- the mount point ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "root", "seen"),
+    [
+        ("/api/v1/chat", "/api", "/v1/chat"),
+        ("/api", "/api", "/"),
+        ("/v1/chat", "/api", "/v1/chat"),
+        ("/v1/chat", "", "/v1/chat"),
+    ],
+)
+def test_the_route_path_is_the_path_below_the_mount_point(path: str, root: str, seen: str) -> None:
+    assert route_path({"path": path, "root_path": root}) == seen
+    assert route_path({"path": path}) == path
+
+
+def test_a_request_sent_on_to_another_model_keeps_its_tags_stream_and_limit() -> None:
+    resolve = resolver({"gpt-4o": "openai"})
+    first = resolve(
+        {"model": "gpt-4o", "stream": True, "max_tokens": 9, "metadata": {"tags": ["t"]}},
+        "/v1/chat/completions",
+        Credentials(),
+        (),
+    )
+    moved = resolve.retarget(first, "azure/gpt-4o", Credentials(), "/v1/chat/completions")
+    assert (moved.provider, moved.model) == ("azure", "gpt-4o")
+    assert (moved.tags, moved.stream, moved.max_output_tokens) == (("t",), True, 9)
+    bare = resolve.retarget(first, "gpt-4o", Credentials(), "/v1/chat/completions")
+    assert (bare.provider, bare.model) == ("openai", "gpt-4o")
+    unknown = resolve.retarget(first, "claude-x", Credentials(), "/v1/messages")
+    assert (unknown.provider, unknown.model) == ("anthropic", "claude-x")
+    header = resolve.retarget(first, "m", Credentials(provider="groq"), "/v1/chat/completions")
+    assert (header.provider, header.model) == ("groq", "m")
