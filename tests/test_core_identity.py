@@ -287,3 +287,21 @@ def test_a_request_sent_on_to_another_model_keeps_its_tags_stream_and_limit() ->
     assert (unknown.provider, unknown.model) == ("anthropic", "claude-x")
     header = resolve.retarget(first, "m", Credentials(provider="groq"), "/v1/chat/completions")
     assert (header.provider, header.model) == ("groq", "m")
+
+
+def test_a_host_s_provider_wins_and_keeps_the_model_whole() -> None:
+    """The outbound transport's case (SPEC §13): OpenRouter's `anthropic/claude-sonnet-4` is
+    OpenRouter's model; without the host's word, the prefix names the provider."""
+    resolve = identity.TargetResolver(lambda model: None)
+    body = {"model": " anthropic/claude-sonnet-4 "}
+    host = Credentials(provider="openrouter", provider_is_host=True)
+    header = Credentials(provider="openrouter")
+    found = resolve(body, "/api/v1/chat/completions", host, ())
+    assert (found.provider, found.model) == ("openrouter", "anthropic/claude-sonnet-4")
+    found = resolve(body, "/api/v1/chat/completions", header, ())
+    assert (found.provider, found.model) == ("anthropic", "claude-sonnet-4")
+    nameless = resolve({}, "/v1/chat/completions", host, ())
+    assert (nameless.provider, nameless.model) == ("openrouter", "unknown")
+    unknown_host = Credentials(provider=None, provider_is_host=True)
+    found = resolve({"model": "mistral/large"}, "/v1/chat/completions", unknown_host, ())
+    assert (found.provider, found.model) == ("mistral", "large")  # §4's rules

@@ -460,3 +460,69 @@ async def test_a_host_s_provider_keeps_a_model_name_with_a_slash(engine: BudgetE
     assert [(r["provider"], r["model"]) for r in rows] == [
         ("openrouter", "anthropic/claude-sonnet-4")
     ]
+
+
+async def test_money_at_the_edges_of_an_outbound_call(
+    engine: BudgetEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store unreachable (fail closed): 503, not sent. A body over BUDGET_MAX_BODY_BYTES:
+    413, not sent. The provider unreachable: the error reaches the SDK and the call is settled
+    once, at no cost, its reservation released."""
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    fake = Counting()
+    sdk = openai_client(fake, engine, max_retries=0)
+
+    def down(*args: Any) -> None:
+        raise OSError("store unreachable")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engine.store, "load_key", down)
+        with charge_to(virtual_key=key.value), pytest.raises(openai.APIStatusError) as refused:
+            await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert refused.value.status_code == 503 and fake.calls == 0
+    huge = "x" * (engine.settings.max_body_bytes + 1)
+    with charge_to(virtual_key=key.value), pytest.raises(openai.APIStatusError) as too_large:
+        await sdk.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": huge}]
+        )
+    assert too_large.value.status_code == 413 and fake.calls == 0
+
+    class Unreachable(httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: Any) -> Any:
+            raise httpx2.ConnectError("provider unreachable")
+
+    broken = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(transport=BudgetTransport(Unreachable(), engine=engine)),
+        max_retries=0,
+    )
+    with charge_to(virtual_key=key.value), pytest.raises(openai.APIConnectionError):
+        await broken.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    await engine.flush()
+    rows = records(engine)
+    budget = engine.registry.counter("budget", key.budgets[0].id)
+    print(f"edges: 503, 413, unreachable provider -> records {rows}; reserved {budget.reserved}")
+    assert [(r["outcome"], r["cost_nanos"]) for r in rows] == [("upstream_error", 0)]
+    assert budget is not None and budget.reserved == 0
+
+
+async def test_a_stream_closed_right_after_its_last_event_is_complete(
+    engine: BudgetEngine,
+) -> None:
+    """An SDK may close a stream once it has seen `[DONE]`, without reading to its end: the
+    call completed (charged in full), it was not cut by the client."""
+    fake = Counting()
+    transport = BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True, "max_tokens": 20}
+        async with http.stream(
+            "POST", "https://api.openai.com/v1/chat/completions", json=body
+        ) as answer:
+            async for line in answer.aiter_lines():
+                if line == "data: [DONE]":
+                    break  # closed here, the rest unread
+    await engine.flush()
+    rows = records(engine)
+    print("closed after [DONE]:", rows)
+    assert [(r["outcome"], r["output_tokens"] > 0) for r in rows] == [("completed", True)]

@@ -22,7 +22,3 @@ def utc_or_none(moment: datetime | None) -> datetime | None:
 def from_ts(ts: float) -> datetime:
     """Epoch seconds as an aware UTC datetime; `FAR_FUTURE` as `END_OF_TIME`."""
     return END_OF_TIME if ts == FAR_FUTURE else datetime.fromtimestamp(ts, UTC)
-
-
-def now() -> datetime:
-    return datetime.now(UTC)

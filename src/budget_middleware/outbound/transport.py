@@ -143,6 +143,20 @@ class _Meter:
             extensions=request.extensions,
         )
 
+    def metered_response(
+        self, lib: ModuleType, request: Any, response: Any, exchange: Exchange, stream: type
+    ) -> Any:
+        """The provider's answer as the SDK gets it: our headers added, the body measured as it
+        passes (`stream`: the async or sync metered stream, as the library's own type)."""
+        headers = _start(exchange, response)
+        return lib.Response(
+            response.status_code,
+            headers=headers,
+            stream=_stream_class(lib, stream)(response, exchange, self),
+            request=request,
+            extensions=response.extensions,
+        )
+
     @staticmethod
     def refused(lib: ModuleType, request: Any, answer: ErrorAnswer) -> Any:
         return lib.Response(
@@ -230,23 +244,16 @@ class BudgetTransport(httpx.AsyncBaseTransport):
         except BaseException:
             await meter.settle(exchange, "upstream_error")
             raise
-        headers = _start(exchange, response)
-        stream = _async_stream(lib)(response, exchange, meter)
-        return lib.Response(
-            response.status_code,
-            headers=headers,
-            stream=stream,
-            request=request,
-            extensions=response.extensions,
-        )
+        return meter.metered_response(lib, request, response, exchange, _AsyncMetered)
 
     async def aclose(self) -> None:
         if self.transport is not None:
             await self.transport.aclose()
 
 
-class _AsyncMetered:
-    """The body on its way to the SDK, each chunk measured as it passes; settled once."""
+class _Metered:
+    """The body on its way to the SDK, each chunk measured as it passes, settled once: when it
+    ends or is closed (the async and sync streams below differ only in how they wait)."""
 
     def __init__(self, response: Any, exchange: Exchange, meter: _Meter) -> None:
         self.response = response
@@ -255,14 +262,26 @@ class _AsyncMetered:
         self.done = False
         self.settled = False
 
+    def _last(self) -> bytes:
+        self.done = True
+        return _chunk(self.exchange, b"", False)
+
+    def _settling(self) -> str | None:
+        """The outcome to settle with, the first time only."""
+        if self.settled:
+            return None
+        self.settled = True
+        return _outcome(self.exchange, self.done)
+
+
+class _AsyncMetered(_Metered):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         exchange = self.exchange
         async for chunk in self.response.stream:  # raw, as it came (read already or not)
             out = _chunk(exchange, chunk, True)
             if out:
                 yield out
-        out = _chunk(exchange, b"", False)
-        self.done = True
+        out = self._last()
         if out:
             yield out
         await self._settle()
@@ -274,21 +293,20 @@ class _AsyncMetered:
             await self._settle()
 
     async def _settle(self) -> None:
-        if not self.settled:
-            self.settled = True
-            await self.meter.settle(self.exchange, _outcome(self.exchange, self.done))
+        outcome = self._settling()
+        if outcome is not None:
+            await self.meter.settle(self.exchange, outcome)
 
 
-_ASYNC_STREAMS: dict[ModuleType, type] = {}
+_STREAMS: dict[tuple[ModuleType, type], type] = {}
 
 
-def _async_stream(lib: ModuleType) -> Callable[[Any, Exchange, _Meter], Any]:
-    """`_AsyncMetered` as the library's `AsyncByteStream` (its responses check the type)."""
-    found = _ASYNC_STREAMS.get(lib)
+def _stream_class(lib: ModuleType, metered: type) -> Callable[[Any, Exchange, _Meter], Any]:
+    """`metered` as the library's own byte-stream type (its responses check the type)."""
+    base = lib.AsyncByteStream if metered is _AsyncMetered else lib.SyncByteStream
+    found = _STREAMS.get((lib, metered))
     if found is None:
-        found = _ASYNC_STREAMS[lib] = type(
-            "MeteredStream", (_AsyncMetered, lib.AsyncByteStream), {}
-        )
+        found = _STREAMS[(lib, metered)] = type("MeteredStream", (metered, base), {})
     return found
 
 
@@ -343,36 +361,21 @@ class BudgetSyncTransport(httpx.BaseTransport):
         except BaseException:
             on_loop(meter.engine, lambda: meter.settle(exchange, "upstream_error"))
             raise
-        headers = _start(exchange, response)
-        return lib.Response(
-            response.status_code,
-            headers=headers,
-            stream=_sync_stream(lib)(response, exchange, meter),
-            request=request,
-            extensions=response.extensions,
-        )
+        return meter.metered_response(lib, request, response, exchange, _SyncMetered)
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
 
-class _SyncMetered:
-    def __init__(self, response: Any, exchange: Exchange, meter: _Meter) -> None:
-        self.response = response
-        self.exchange = exchange
-        self.meter = meter
-        self.done = False
-        self.settled = False
-
+class _SyncMetered(_Metered):
     def __iter__(self) -> Iterator[bytes]:
         exchange = self.exchange
         for chunk in self.response.stream:
             out = _chunk(exchange, chunk, True)
             if out:
                 yield out
-        out = _chunk(exchange, b"", False)
-        self.done = True
+        out = self._last()
         if out:
             yield out
         self._settle()
@@ -384,20 +387,10 @@ class _SyncMetered:
             self._settle()
 
     def _settle(self) -> None:
-        if not self.settled:
-            self.settled = True
-            outcome = _outcome(self.exchange, self.done)
-            on_loop(self.meter.engine, lambda: self.meter.settle(self.exchange, outcome))
-
-
-_SYNC_STREAMS: dict[ModuleType, type] = {}
-
-
-def _sync_stream(lib: ModuleType) -> Callable[[Any, Exchange, _Meter], Any]:
-    found = _SYNC_STREAMS.get(lib)
-    if found is None:
-        found = _SYNC_STREAMS[lib] = type("MeteredStream", (_SyncMetered, lib.SyncByteStream), {})
-    return found
+        outcome = self._settling()
+        if outcome is not None:
+            meter = self.meter
+            on_loop(meter.engine, lambda: meter.settle(self.exchange, outcome))
 
 
 # -- the engine's event loop, for sync callers -------------------------------------------------
