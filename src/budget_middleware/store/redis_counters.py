@@ -441,8 +441,10 @@ class RedisCounters(CounterBackend):
 
     async def heartbeat(self) -> None:
         """Push out the expiry of this instance's slots and reservations in flight."""
+        # Not skipped while backing off: it runs in the background, so trying costs no request a
+        # wait, and a slot left to expire after Redis is back would lift a concurrency limit.
         live = self._state.live
-        if not live or self.client is None or self._backing_off():
+        if not live or self.client is None:
             return
         now = self.clock()
         score = int((now + self.slot_ttl) * 1000)
