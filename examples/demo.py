@@ -2,7 +2,8 @@
 
 It creates a customer, a team and two virtual keys with small budgets and a rate limit, sends
 requests through the real middleware (in process, no network), shows the spend growing, a
-rate-limit refusal and a budget refusal with their messages, a route falling over to its next
+rate-limit refusal and a budget refusal with their messages, the alerts raised at 80 % and 100 %
+of a budget, a route falling over to its next
 target when a provider's budget runs out, and prints a table of budgets.
 
     bash scripts/demo.sh
@@ -66,7 +67,12 @@ async def main() -> None:
     settings = BudgetSettings(database_url=f"sqlite:///./{DB_FILE}", pricing_file=None)
     engine = get_engine(settings)
     app = create_mock_app()
-    app.add_middleware(BudgetMiddleware, settings=settings)
+    alerts: list[str] = []
+
+    def on_alert(alert: dict[str, Any]) -> None:  # called off the request path (SPEC §14)
+        alerts.append(alert["text"])
+
+    app.add_middleware(BudgetMiddleware, settings=settings, on_alert=on_alert)
     await engine.ensure_started()
     manager = engine.manager
 
@@ -111,10 +117,16 @@ async def main() -> None:
         banner("3. alice's rate limit (3 a minute) refuses the 4th request")
         show(await send(alice.value or ""))
 
-        banner("4. bob spends until his $0.01 budget is gone")
+        banner("4. bob spends until his $0.01 budget is gone; alerts at 80 % and 100 %")
         for _ in range(6):
             response = await send(bob.value or "", max_tokens=400)
             show(response)
+            # The alert task raises alerts within a moment; the demo waits for them, to print
+            # each one after the request that crossed its threshold.
+            await engine.alerts.raise_queued()
+            engine.hooks.drain()
+            while alerts:
+                print(f"  ALERT {alerts.pop(0)}")
             if response.status_code == 402:
                 break
 

@@ -9,11 +9,25 @@ from sqlalchemy import text
 from budget_middleware.store.database import Store
 
 
-def test_a_version_3_store_gains_the_direction_of_its_usage_records(tmp_path: Path) -> None:
+def test_a_version_3_store_is_brought_to_version_5(tmp_path: Path) -> None:
+    """Version 4 added the records' direction; 5 soft budgets, alert thresholds, shadow refusals
+    and the alerts table."""
     store = Store(f"sqlite:///{tmp_path}/old.db")
     store.create_schema()
-    with store.engine.begin() as conn:  # as release 3 left it: no direction, one record
+    with store.engine.begin() as conn:  # as release 3 left it: one budget, one record
         conn.execute(text("ALTER TABLE bm_usage_records DROP COLUMN direction"))
+        conn.execute(text("ALTER TABLE bm_usage_records DROP COLUMN would_refuse"))
+        conn.execute(text("ALTER TABLE bm_budgets DROP COLUMN soft"))
+        conn.execute(text("ALTER TABLE bm_budgets DROP COLUMN alert_thresholds"))
+        conn.execute(text("DROP TABLE bm_alerts"))
+        conn.execute(
+            text(
+                "INSERT INTO bm_budgets (id, owner_type, owner_id, max_limit_nanos,"
+                " calendar_aligned, current_usage_nanos, last_reset, source, created_at,"
+                " updated_at) VALUES ('b1', 'tag', 't', 1000, 0, 5, '2026-11-30 00:00:00',"
+                " 'manual', '2026-11-30 00:00:00', '2026-11-30 00:00:00')"
+            )
+        )
         conn.execute(text("UPDATE bm_meta SET value = '3' WHERE key = 'schema_version'"))
         conn.execute(
             text(
@@ -26,10 +40,15 @@ def test_a_version_3_store_gains_the_direction_of_its_usage_records(tmp_path: Pa
         )
     store.create_schema()  # the next start-up
     with store.engine.connect() as conn:
-        rows = conn.execute(text("SELECT request_id, direction FROM bm_usage_records")).all()
+        rows = conn.execute(
+            text("SELECT request_id, direction, would_refuse FROM bm_usage_records")
+        ).all()
+        budgets = conn.execute(text("SELECT id, soft, alert_thresholds FROM bm_budgets")).all()
+        alerts = conn.execute(text("SELECT count(*) FROM bm_alerts")).scalar_one()
         version = conn.execute(
             text("SELECT value FROM bm_meta WHERE key = 'schema_version'")
         ).scalar_one()
     store.dispose()
-    print(f"after the upgrade: version {version}, records {rows}")
-    assert version == "4" and [tuple(r) for r in rows] == [("old", "inbound")]
+    print(f"after the upgrade: version {version}, records {rows}, budgets {budgets}")
+    assert version == "5" and [tuple(r) for r in rows] == [("old", "inbound", None)]
+    assert [tuple(b) for b in budgets] == [("b1", 0, None)] and alerts == 0

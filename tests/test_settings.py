@@ -31,7 +31,31 @@ SAME_VALUE: dict[str, tuple[Any, str]] = {
     "unpriced_models": ("refuse", "refuse"),
     "redis_timeout_seconds": (0.25, "0.25"),
     "provider_hosts": ({"LLM.example.com": "openai"}, '{"llm.example.com": "openai"}'),
+    "mode": ("shadow", "Shadow"),
+    "alert_webhook_urls": (
+        ["http://127.0.0.1:9/a", "https://hooks.example.com/b"],
+        "http://127.0.0.1:9/a, https://hooks.example.com/b",
+    ),
+    "alert_secret": ("s3cret", "s3cret"),
+    "alert_thresholds": ([0.9, 0.5, 1], "0.5,0.9,1.0"),
 }
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("BUDGET_MODE", "dry-run", "enforce.*shadow"),
+        ("BUDGET_ALERT_WEBHOOK_URLS", "hooks.example.com/x", "not an http"),
+        ("BUDGET_ALERT_THRESHOLDS", "0.8,lots", "comma-separated fractions"),
+        ("BUDGET_ALERT_THRESHOLDS", "0.8,0", "above 0 and at most 10"),
+    ],
+)
+def test_alert_and_mode_settings_refuse_bad_values_naming_the_variable(
+    variable: str, value: str, says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=rf"{variable}.*{says}"):
+        BudgetSettings()
 
 
 def test_every_field_is_covered_here() -> None:

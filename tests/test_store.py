@@ -42,6 +42,7 @@ def record(request_id: str, **changes: object) -> dict[str, object]:
         "note": None,
         "duration_ms": 12.5,
         "direction": "inbound",
+        "would_refuse": None,
     }
     row.update(changes)
     return row
@@ -60,7 +61,7 @@ def test_usage_records_read_back_exactly_as_written(store_url: str) -> None:
     written = [
         record("a" * 32),
         record("b" * 32, tags=[], streamed=False, estimated=True, note="no usage in the response",
-               direction="outbound"),
+               direction="outbound", would_refuse="budget_exceeded"),
     ]
     store.apply_flush("batch-1", [], [pending(r) for r in written])
     store.apply_flush("batch-1", [], [pending(r) for r in written])  # the same batch: skipped

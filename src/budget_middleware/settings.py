@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from budget_middleware.core.alerts import check_threshold
 from budget_middleware.exceptions import SettingsError
 
 DEFAULT_INFERENCE_PATHS = (
@@ -67,6 +68,11 @@ class BudgetSettings(BaseSettings):
     redis_timeout_seconds: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     # SPEC §13: host (or `*` pattern) -> provider, over the built-in table; a JSON object.
     provider_hosts: Annotated[tuple[tuple[str, str], ...], NoDecode] = ()
+    # SPEC §14: shadow mode and alerts.
+    mode: Literal["enforce", "shadow"] = "enforce"
+    alert_webhook_urls: Annotated[tuple[str, ...], NoDecode] = ()
+    alert_secret: str | None = None
+    alert_thresholds: Annotated[tuple[float, ...], NoDecode] = (0.8, 1.0)
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -119,6 +125,30 @@ class BudgetSettings(BaseSettings):
             return tuple((host.strip().lower(), provider.strip()) for host, provider in value)
         return value
 
+    @field_validator("alert_webhook_urls", mode="before")
+    @classmethod
+    def _urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            for url in value:
+                if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                    raise ValueError(f"{url!r} is not an http:// or https:// URL")
+            return tuple(value)
+        return value
+
+    @field_validator("alert_thresholds", mode="before")
+    @classmethod
+    def _thresholds(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = [float(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError("must be comma-separated fractions like 0.8,1.0") from None
+        if isinstance(value, list | tuple):
+            return tuple(sorted(set(check_threshold(v) for v in value)))
+        return value
+
     @field_validator("exceeded_status", mode="before")
     @classmethod
     def _status_number(cls, value: Any) -> Any:
@@ -126,12 +156,14 @@ class BudgetSettings(BaseSettings):
             return int(value.strip())  # a Literal of ints takes no string: "429" from the env
         return value
 
-    @field_validator("unpriced_models", mode="before")
+    @field_validator("unpriced_models", "mode", mode="before")
     @classmethod
     def _choice(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("admin_key", "redis_url", "pricing_file", "config_file", mode="before")
+    @field_validator(
+        "admin_key", "redis_url", "pricing_file", "config_file", "alert_secret", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -62,6 +62,39 @@ class RejectedOut(BaseModel):
     saved: bool = Field(description="false while it waits in memory to be saved in the store")
 
 
+class AlertOwner(BaseModel):
+    type: str
+    id: str
+    name: str
+
+
+class AlertOut(BaseModel):
+    """An alert (SPEC §14) and its delivery state."""
+
+    id: str
+    type: str = Field(description="budget.threshold or budget.exhausted")
+    budget_id: str
+    owner: AlertOwner
+    threshold: float | None = Field(description="null for budget.exhausted")
+    raised_at: datetime
+    delivery: str = Field(description="pending, delivered or failed")
+    attempts: int
+
+
+class RefusalOut(BaseModel):
+    """A recent refusal in this process (or, in shadow mode, a request that would have been)."""
+
+    code: str
+    status: int | None = Field(description="the answer's status; null in shadow mode")
+    scope: AlertOwner | None = Field(description="the owner whose limit refused, when one did")
+    virtual_key_id: str | None
+    key_name: str | None
+    provider: str | None
+    model: str | None
+    shadow: bool
+    at: datetime
+
+
 class Deleted(BaseModel):
     deleted: bool
     id: str
@@ -102,3 +135,5 @@ BudgetAnswer = one("budget", BudgetOut)
 BudgetList = many("budgets", BudgetOut, server_time=(datetime, ...))
 RateLimitList = many("rate_limits", RateLimitOut)
 RejectedList = many("rejected", RejectedOut)
+AlertList = many("alerts", AlertOut)
+RefusalList = many("refusals", RefusalOut)

@@ -82,6 +82,26 @@ def _families(budgets: Sequence[BudgetOut], engine: Any, now: float) -> Iterator
     for kind in ("usage_record", "counter"):
         rejected.add_metric([kind], stats.rejected.get(kind, 0))
     yield rejected
+    alerts = engine.alerts
+    raised = CounterMetricFamily(
+        "budget_alerts_raised", "Alerts this instance raised (SPEC §14), by type", labels=["type"]
+    )
+    for type_ in ("budget.threshold", "budget.exhausted"):
+        raised.add_metric([type_], alerts.raised.get(type_, 0))
+    yield raised
+    failed = CounterMetricFamily(
+        "budget_alert_deliveries_failed", "Alert deliveries that failed (each attempt, each URL)"
+    )
+    failed.add_metric([], alerts.failed_deliveries)
+    yield failed
+    shadow = CounterMetricFamily(
+        "budget_shadow_refusals",
+        "Requests shadow mode let through that would have been refused, by reason",
+        labels=["reason"],
+    )
+    for reason, count in sorted(stats.shadow_refusals.items()):
+        shadow.add_metric([reason], count)
+    yield shadow
 
 
 class _Snapshot:

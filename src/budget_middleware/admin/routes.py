@@ -305,6 +305,24 @@ async def usage(call: Call) -> AdminAnswer:
     return ok(dump(await call.run(call.manager.usage, group_by, start, end)))
 
 
+async def list_alerts(call: Call) -> AdminAnswer:
+    """Recent alerts, newest first, with their delivery state (SPEC §14)."""
+    alerts = await call.run(
+        call.manager.list_alerts,
+        owner_type=call.choice("owner_type"),
+        owner_id=call.text("owner_id"),
+        limit=call.number("limit") or 100,
+        offset=call.number("offset", default=0) or 0,
+    )
+    return ok({"alerts": alerts, "count": len(alerts)})
+
+
+async def list_refusals(call: Call) -> AdminAnswer:
+    """The latest refusals of this process, newest first (kept in memory, the last 200)."""
+    items = list(reversed(call.engine.hooks.recent_refusals))
+    return ok({"refusals": _page(call, items), "count": len(items)})
+
+
 async def rejected(call: Call) -> AdminAnswer:
     """What the store refused and the flusher set aside, newest first: saved in `bm_rejected`,
     and any still waiting in this process to be saved."""
@@ -438,6 +456,10 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/usage/rejected", rejected,
               "Records and counter charges the store refused, set aside",
               {200: env.RejectedList, **_ERRORS}, query=_LIST),
+    Operation("GET", "/alerts", list_alerts, "Recent alerts and their delivery state",
+              {200: env.AlertList, **_ERRORS}, query=(OWNER_TYPE, OWNER_ID, *_LIST)),
+    Operation("GET", "/refusals", list_refusals, "This process's latest refusals",
+              {200: env.RefusalList, **_ERRORS}, query=_LIST),
     Operation("GET", "/health", health, "Health of the store and Redis",
               {200: env.HealthAnswer, 503: env.HealthAnswer}, auth="open"),
 )  # fmt: skip

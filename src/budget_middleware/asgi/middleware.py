@@ -20,6 +20,7 @@ from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
 from budget_middleware.engine.exchange import BudgetState, Exchange
 from budget_middleware.engine.gate import body_to_send
+from budget_middleware.engine.hooks import Hook
 from budget_middleware.exceptions import ConfigurationError
 from budget_middleware.outbound.payer import inbound_headers, noting
 from budget_middleware.settings import BudgetSettings, raised_again
@@ -52,6 +53,9 @@ class BudgetMiddleware:
         settings: BudgetSettings | None = None,
         *,
         engine: BudgetEngine | None = None,
+        on_alert: Hook | None = None,
+        on_refusal: Hook | None = None,
+        on_settled: Hook | None = None,
     ) -> None:
         self.app = app
         self.error: Exception | None = None
@@ -60,6 +64,8 @@ class BudgetMiddleware:
         except Exception as exc:  # reported at lifespan startup, where a server stops on it
             self._fail(exc)
             return
+        # Called off the request path with the alert, the refusal, the usage record (SPEC §14).
+        self.engine.add_hooks(on_alert=on_alert, on_refusal=on_refusal, on_settled=on_settled)
         listeners = self.engine.failure_listeners
         listeners[:] = [ref for ref in listeners if ref() is not None]
         listeners.append(weakref.WeakMethod(self._fail))
@@ -72,6 +78,7 @@ class BudgetMiddleware:
         self.max_body = s.max_body_bytes
         self.fail_open = s.fail_open
         self.require_key = s.require_virtual_key
+        self.shadow = s.mode == "shadow"
         self.gate = self.engine.gate
         self.key_required = (
             "A virtual key is required: send it in the "
@@ -178,6 +185,7 @@ class BudgetMiddleware:
         if engine.stale:
             await engine.ensure_current()
         key: KeyConfig | None = None
+        shadowed: str | None = None  # shadow mode: what the credentials would be refused for
         if credentials.key is not None:
             digest = key_digest(credentials.key)
             found = engine.keys.get(digest)  # a cached key: no await
@@ -191,19 +199,20 @@ class BudgetMiddleware:
                     if found is None:
                         await _answer(send, store_unavailable())
                         return
-                else:
-                    if found is None:
-                        await _answer(send, self.gate.refuse(401, "invalid_virtual_key", _UNKNOWN))
-                        return
-            elif found is None:
-                await _answer(send, self.gate.refuse(401, "invalid_virtual_key", _UNKNOWN))
-                return
+            if found is None:
+                if not self.shadow:
+                    await _answer(send, self.gate.refuse(401, "invalid_virtual_key", _UNKNOWN))
+                    return
+                shadowed = "invalid_virtual_key"  # served as a request without a key
             key = found
         elif self.require_key:
-            await _answer(send, self.gate.refuse(401, "virtual_key_required", self.key_required))
-            return
+            if not self.shadow:
+                answer = self.gate.refuse(401, "virtual_key_required", self.key_required)
+                await _answer(send, answer)
+                return
+            shadowed = "virtual_key_required"
         gate = self.gate
-        decision = gate.decide(body, route_path(scope), credentials, key, started)
+        decision = gate.decide(body, route_path(scope), credentials, key, started, shadowed)
         if type(decision) is ErrorAnswer:
             await _answer(send, decision)
             return

@@ -24,6 +24,7 @@ class Refusal:
     used: int
     reset_at: float | None  # epoch seconds, None when the window never resets
     reserved: int = 0
+    counter: WindowCounter | None = None  # the budget that refused (budget_exceeded)
 
 
 @dataclass(slots=True)
@@ -106,7 +107,13 @@ def admit(
         left = counter.limit - counter.value
         if left <= 0:
             return Refusal(
-                "budget_exceeded", scope, counter.limit, counter.value, _reset_at(counter)
+                "budget_exceeded",
+                scope,
+                counter.limit,
+                counter.value,
+                _reset_at(counter),
+                0,
+                counter,
             )
         if held is None and reserve and counter.reserved > 0 and estimate + counter.reserved > left:
             # Only the requests in flight fill it: retryable, unless another budget is exhausted.
@@ -122,6 +129,18 @@ def admit(
             budget, budget_left = counter, left
     if held is not None:
         return held
+    ticket = admit_anyway(limits, estimate, reserve, now, ledger)
+    if requests is not None:
+        requests_left -= 1  # this request is counted now
+    ticket.tightest = (requests, requests_left, tokens, tokens_left, budget, budget_left)
+    return ticket
+
+
+def admit_anyway(
+    limits: LimitSet, estimate: int, reserve: bool, now: float, ledger: Ledger
+) -> Ticket:
+    """Count the request on every limit without checking any: what `admit` does once every
+    limit passed, and what shadow mode (SPEC §14) does for a request it would have refused."""
     charge(limits.requests, 1, now, ledger)
     for slots in limits.slots:
         slots.in_flight += 1
@@ -129,10 +148,7 @@ def admit(
     if reservation:
         for counter in limits.budgets:
             counter.reserved += reservation
-    if requests is not None:
-        requests_left -= 1  # this request is counted now
-    tightest = (requests, requests_left, tokens, tokens_left, budget, budget_left)
-    return Ticket(limits, reservation, False, tightest)
+    return Ticket(limits, reservation)
 
 
 @dataclass(slots=True)
@@ -173,6 +189,8 @@ def settle(ticket: Ticket, cost: int, tokens: int, now: float, ledger: Ledger) -
             budget.reserved = left if left > 0 else 0
     if cost:
         charge(limits.budgets, cost, now, ledger)
+        if limits.soft_budgets:
+            charge(limits.soft_budgets, cost, now, ledger)
     if tokens:
         charge(limits.tokens, tokens, now, ledger)
     for slots in limits.slots:

@@ -31,6 +31,7 @@ class UsageRecord(NamedTuple):
     note: str | None
     duration_ms: float
     direction: str = "inbound"  # "outbound": a call the app made, metered by the transport
+    would_refuse: str | None = None  # shadow mode: the code it would have been refused with
 
 
 @dataclass(slots=True)

@@ -38,10 +38,11 @@ class Scope:
     name: str
     budgets: tuple[WindowCounter, ...] = ()
     rate_limit: RateLimitCounters | None = None
+    soft_budgets: tuple[WindowCounter, ...] = ()  # counted and alerted, never refusing (§14)
 
     @property
     def has_limits(self) -> bool:
-        return bool(self.budgets) or self.rate_limit is not None
+        return bool(self.budgets) or self.rate_limit is not None or bool(self.soft_budgets)
 
 
 class LimitSet:
@@ -49,7 +50,17 @@ class LimitSet:
     the scopes in the order of SPEC §5, and their counters flattened by kind, so admission,
     settlement and the response headers loop over plain tuples."""
 
-    __slots__ = ("budget_scopes", "budgets", "rate_limits", "requests", "scopes", "slots", "tokens")
+    __slots__ = (
+        "budget_scopes",
+        "budgets",
+        "rate_limits",
+        "requests",
+        "scopes",
+        "slots",
+        "soft_budgets",
+        "soft_scopes",
+        "tokens",
+    )
 
     def __init__(self, scopes: tuple[Scope, ...]) -> None:
         self.scopes = scopes
@@ -59,9 +70,14 @@ class LimitSet:
         requests: list[WindowCounter] = []
         tokens: list[WindowCounter] = []
         slots: list[Concurrency] = []
+        soft: list[WindowCounter] = []
+        soft_scopes: list[Scope] = []
         for scope in scopes:
             budgets.extend(scope.budgets)
             budget_scopes.extend(scope for _ in scope.budgets)
+            if scope.soft_budgets:
+                soft.extend(scope.soft_budgets)
+                soft_scopes.extend(scope for _ in scope.soft_budgets)
             rate = scope.rate_limit
             if rate is not None:
                 rate_limits.append((scope, rate))
@@ -77,6 +93,8 @@ class LimitSet:
         self.requests = tuple(requests)
         self.tokens = tuple(tokens)
         self.slots = tuple(slots)
+        self.soft_budgets = tuple(soft)  # charged when settled; admission never looks at them
+        self.soft_scopes = tuple(soft_scopes)
 
 
 _NO_LIMITS = LimitSet(())

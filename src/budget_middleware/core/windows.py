@@ -171,8 +171,16 @@ class WindowCounter:
 
 
 class BudgetWindow(WindowCounter):
-    __slots__ = ()
+    """A budget's spend. `alert_at`: the spend at which its next alert threshold is crossed in
+    the window that starts at `alert_start` (SPEC §14); 0 until the alerts have looked at it."""
+
+    __slots__ = ("alert_at", "alert_start")
     kind = "budget"
+
+    def __init__(self, id: str) -> None:
+        super().__init__(id)
+        self.alert_at = 0
+        self.alert_start = 0.0
 
 
 class RequestWindow(WindowCounter):

@@ -53,6 +53,8 @@ class ScopeBuilder:
         )
         # Team and customer ids and names, one string object for all of their keys
         self._strings: LRUCache[str, str] = LRUCache(100_000)
+        # Told of every budget counter built, with its alert thresholds (the engine's alerts).
+        self.on_budget: Callable[[WindowCounter, list[float] | None], None] | None = None
 
     def intern(self, text: str) -> str:
         return shared(self._strings, text)
@@ -76,8 +78,10 @@ class ScopeBuilder:
 
     def _build(self, type_: str, id_: str, name: str, limits: OwnerLimits) -> Scope:
         now = self.clock()
-        budgets = tuple(
-            self.registry.window(
+        hard: list[WindowCounter] = []
+        soft: list[WindowCounter] = []
+        for b in limits.budgets:
+            counter = self.registry.window(
                 "budget",
                 b.id,
                 limit=b.max_limit_nanos,
@@ -87,8 +91,10 @@ class ScopeBuilder:
                 usage=b.current_usage_nanos,
                 now=now,
             )
-            for b in limits.budgets
-        )
+            (soft if b.soft else hard).append(counter)
+            if self.on_budget is not None:
+                self.on_budget(counter, b.alert_thresholds)
+        budgets = tuple(hard)
         rate = limits.rate_limit
         counters = None
         if rate is not None:
@@ -99,7 +105,7 @@ class ScopeBuilder:
                 slots = self.registry.slots(rate.id, rate.max_concurrent_requests)
             if requests or tokens or slots:
                 counters = RateLimitCounters(rate.id, requests, tokens, slots)
-        return Scope(type_, id_, name, budgets, counters)
+        return Scope(type_, id_, name, budgets, counters, tuple(soft))
 
     def _rate_window(self, kind: str, rate: RateLimitRow, now: float) -> WindowCounter | None:
         """The request or token window of a rate limit (columns `<kind>_max_limit`, ...)."""
@@ -205,7 +211,15 @@ def _signature(name: str, limits: OwnerLimits) -> tuple[object, ...]:
     return (
         name,
         tuple(
-            (b.id, b.max_limit_nanos, b.reset_duration, b.calendar_aligned, b.last_reset)
+            (
+                b.id,
+                b.max_limit_nanos,
+                b.reset_duration,
+                b.calendar_aligned,
+                b.last_reset,
+                b.soft,
+                None if b.alert_thresholds is None else tuple(b.alert_thresholds),
+            )
             for b in limits.budgets
         ),
         None

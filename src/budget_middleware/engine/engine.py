@@ -26,8 +26,10 @@ from budget_middleware.core.identity import hash_key, key_digest
 from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet
 from budget_middleware.core.windows import CounterRegistry
+from budget_middleware.engine.alerts import Alerts
 from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
 from budget_middleware.engine.gate import Gate
+from budget_middleware.engine.hooks import Hook, Hooks
 from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable
 from budget_middleware.settings import BudgetSettings, raised_again
@@ -65,6 +67,7 @@ class Stats:
     last_flush_at: float | None = None
     flush_failures: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # set aside, by kind
+    shadow_refusals: dict[str, int] = field(default_factory=dict)  # by code (SPEC §14)
 
 
 @dataclass(slots=True)
@@ -148,6 +151,9 @@ class BudgetEngine:
         # not hold): the engine never starts, and its middlewares are told (they then raise it).
         self.failure: ConfigurationError | None = None
         self.failure_listeners: list[weakref.WeakMethod[Callable[[Exception], None]]] = []
+        self.hooks = Hooks()  # the app's on_alert, on_refusal, on_settled (SPEC §14)
+        self.alerts = Alerts(self)
+        self.builder.on_budget = self.alerts.on_budget
         self.gate = Gate(self)  # the way in for every adapter's requests
         self.loop: asyncio.AbstractEventLoop | None = None  # the one it was started in
         self._keys_by_id: TTLCache[str, KeyConfig | None] = TTLCache(
@@ -219,8 +225,19 @@ class BudgetEngine:
             self._flush_lock = asyncio.Lock()
             self._stopping = asyncio.Event()
             self.loop = asyncio.get_running_loop()  # where sync callers send their work
+            self.hooks.loop = self.loop
+            self.alerts.start(self.loop)
             self._flusher = self.loop.create_task(self._flush_loop())
             self.started = True
+
+    def add_hooks(
+        self,
+        on_alert: Hook | None = None,
+        on_refusal: Hook | None = None,
+        on_settled: Hook | None = None,
+    ) -> None:
+        """Hooks an adapter was given (SPEC §14); every adapter on this engine sees every event."""
+        self.hooks.add(on_alert=on_alert, on_refusal=on_refusal, on_settled=on_settled)
 
     def _prepare_store(self) -> None:
         self.store.create_schema()
@@ -246,6 +263,7 @@ class BudgetEngine:
                 flusher.cancel()  # a cancelled flush keeps its batch for the flush below
                 with contextlib.suppress(asyncio.CancelledError):
                     await flusher
+        await self.alerts.stop()
         if not await self.flush():
             logger.error(
                 "budget-middleware could not write %d usage records at shutdown: the store is "
@@ -396,6 +414,8 @@ class BudgetEngine:
 
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
         await self.counters.settle(ticket, cost, tokens)
+        if cost:
+            self.alerts.check(ticket.limits)
 
     def admit_first_now(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
         """A route's admission in process: the first target admitted, atomically (no await).
@@ -412,12 +432,16 @@ class BudgetEngine:
         memory = self.memory
         assert memory is not None, "settle_now needs the in-process counters"
         memory.settle_now(ticket, cost, tokens)
+        if cost:
+            self.alerts.check(ticket.limits)
 
     def record(self, record: UsageRecord) -> None:
         stats = self.stats
         stats.input_tokens += record.input_tokens
         stats.output_tokens += record.output_tokens
         self.records.append(record)
+        if self.hooks.on_settled:
+            self.hooks.emit(self.hooks.on_settled, record)
 
     def reset_window(self, kind: str, id: str) -> None:
         """A budget was reset: its live counter starts a new window before the next request."""

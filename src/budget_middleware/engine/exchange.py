@@ -84,6 +84,7 @@ class Exchange:
     client_gone = False
     estimated = False
     direction = "inbound"  # "outbound" for the transport's calls (SPEC §13)
+    would_refuse: str | None = None  # shadow mode: the code that would have refused it (§14)
 
     def __init__(
         self,
@@ -167,6 +168,8 @@ class Exchange:
         )
         if self.route_target is not None:
             kept.append((b"x-budget-route", self.route_target.encode()))
+        if self.would_refuse is not None:
+            kept.append((b"x-budget-shadow-refusal", self.would_refuse.encode()))
         return {**message, "headers": kept}
 
     def on_body(self, message: Message) -> Message:
@@ -319,6 +322,7 @@ class Exchange:
                 note=note if note is None or len(note) <= _MAX_NOTE else note[:_MAX_NOTE],
                 duration_ms=(perf_counter() - self.started) * 1000,
                 direction=self.direction,
+                would_refuse=self.would_refuse,
             )
         )
 

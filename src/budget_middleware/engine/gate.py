@@ -20,7 +20,8 @@ from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import Credentials, Target, TargetResolver
 from budget_middleware.core.pricing import estimate_nanos
 from budget_middleware.core.routing import Route, by_room, room
-from budget_middleware.core.scopes import KeyConfig
+from budget_middleware.core.scopes import KeyConfig, Scope
+from budget_middleware.core.times import from_ts
 from budget_middleware.core.usage import JSON_ERRORS, json_loads
 from budget_middleware.engine.exchange import Exchange
 
@@ -62,11 +63,57 @@ class Gate:
         self.refuse_unpriced = s.unpriced_models == "refuse"
         self.resolve_target = TargetResolver(engine.prices.guess_provider)
         self.price = engine.prices.price
+        # Shadow mode (SPEC §14): every check runs, nothing is refused; what would have been
+        # is said on the answer, in the usage record and in the metrics.
+        self.shadow = s.mode == "shadow"
+        self.hooks = engine.hooks
+        self.alerts = engine.alerts
 
-    def refuse(self, status: int, code: str, message: str) -> ErrorAnswer:
+    def refuse(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        key: KeyConfig | None = None,
+        target: Target | None = None,
+    ) -> ErrorAnswer:
         refused = self.engine.stats.refused
         refused[code] = refused.get(code, 0) + 1
+        self.tell_refusal(code, status, key, target, None)
         return error_answer(status, code, message)
+
+    def tell_refusal(
+        self,
+        code: str,
+        status: int | None,  # None in shadow mode: nothing was answered
+        key: KeyConfig | None,
+        target: Target | None,
+        scope: Scope | None,
+        shadow: bool = False,
+    ) -> None:
+        """A refusal (or, in shadow mode, a request that would have been refused): kept among
+        the recent ones (`GET /refusals`) and handed to the `on_refusal` hooks."""
+        hooks = self.hooks
+        owner = None if scope is None else {"type": scope.type, "id": scope.id, "name": scope.name}
+        item = {
+            "code": code,
+            "status": status,
+            "scope": owner,
+            "virtual_key_id": None if key is None else key.id,
+            "key_name": None if key is None else key.name,
+            "provider": None if target is None else target.provider,
+            "model": None if target is None else target.model,
+            "shadow": shadow,
+            "at": from_ts(self.engine.clock()).isoformat(),
+        }
+        hooks.recent_refusals.append(item)
+        if hooks.on_refusal:
+            hooks.emit(hooks.on_refusal, item)
+
+    def _shadowed(self, exchange: Exchange, code: str) -> None:
+        """In shadow mode: a request that goes on although `code` would have refused it."""
+        if exchange.would_refuse is None:
+            exchange.would_refuse = code
 
     def decide(
         self,
@@ -75,20 +122,23 @@ class Gate:
         credentials: Credentials,
         key: KeyConfig | None,
         started: float,
+        shadowed: str | None = None,
     ) -> Exchange | ErrorAnswer | RoutePlan:
         """Everything before admission that needs no await: the key's state, the target (or a
-        route's targets), the provider policy, the applicable scopes and the reservation."""
+        route's targets), the provider policy, the applicable scopes and the reservation.
+        `shadowed`: in shadow mode, what the caller's credentials would have been refused for."""
         engine = self.engine
         now = engine.clock()
         if key is not None:
+            refused: tuple[str, str] | None = None
             if not key.is_active:
-                return self.refuse(
-                    403, "virtual_key_inactive", f"Virtual key '{key.name}' is inactive"
-                )
-            if key.expires_at is not None and key.expires_at <= now:
-                return self.refuse(
-                    403, "virtual_key_expired", f"Virtual key '{key.name}' has expired"
-                )
+                refused = "virtual_key_inactive", f"Virtual key '{key.name}' is inactive"
+            elif key.expires_at is not None and key.expires_at <= now:
+                refused = "virtual_key_expired", f"Virtual key '{key.name}' has expired"
+            if refused is not None:
+                if not self.shadow:
+                    return self.refuse(403, *refused, key=key)
+                shadowed = shadowed or refused[0]
         parsed = parse_json(body)
         target = self.resolve_target(parsed, path, credentials, key.tags if key is not None else ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
@@ -97,12 +147,18 @@ class Gate:
             name = parsed.get("model")
             route = routes.get(name) if type(name) is str else None
             if route is not None:
-                return self._plan_route(
+                plan = self._plan_route(
                     route, parsed, path, credentials, key, target, prompt_tokens, now, started
                 )
+                if shadowed is not None:
+                    for _, candidate in plan.candidates:
+                        self._shadowed(candidate, shadowed)
+                return plan
         exchange = self._prepare(key, target, prompt_tokens, now, started)
         if type(exchange) is not Exchange:
-            return self.refuse(*exchange)  # type: ignore[misc]
+            return self.refuse(*exchange, key=key, target=target)  # type: ignore[misc]
+        if shadowed is not None:
+            self._shadowed(exchange, shadowed)
         if target.stream and type(parsed) is dict and path.endswith(USAGE_PATHS):
             exchange.parsed = parsed
             exchange.ask_usage = True
@@ -130,9 +186,34 @@ class Gate:
 
     def _admitted(self, exchange: Exchange, ticket: Ticket | Refusal) -> Exchange | ErrorAnswer:
         if isinstance(ticket, Refusal):
-            return refusal_answer(ticket, self.exceeded_status, exchange.admitted_at)
+            if ticket.counter is not None:
+                self.alerts.refused(ticket)
+            if not self.shadow:
+                answer = refusal_answer(ticket, self.exceeded_status, exchange.admitted_at)
+                self.tell_refusal(
+                    ticket.code, answer.status, exchange.key, exchange.target, ticket.scope
+                )
+                return answer
+            self._shadowed(exchange, ticket.code)
+            stats = self.engine.stats
+            left = stats.refused[ticket.code] - 1  # the engine counted it refused: it is not
+            if left:
+                stats.refused[ticket.code] = left
+            else:
+                del stats.refused[ticket.code]
+            stats.admitted += 1
+            ticket = self.engine.counters.admit_anyway(exchange.limits, exchange.ticket_estimate)
         exchange.ticket = ticket
+        if exchange.would_refuse is not None:
+            self._count_shadow(exchange)
         return exchange
+
+    def _count_shadow(self, exchange: Exchange) -> None:
+        code = exchange.would_refuse
+        assert code is not None
+        stats = self.engine.stats
+        stats.shadow_refusals[code] = stats.shadow_refusals.get(code, 0) + 1
+        self.tell_refusal(code, None, exchange.key, exchange.target, None, shadow=True)
 
     def _prepare(
         self,
@@ -143,31 +224,39 @@ class Gate:
         started: float,
     ) -> Exchange | Refused:
         """A request for `target`: may the key use it, its limits, its price and reservation."""
+        refused: Refused | None = None
         if key is not None and key.policies:
             policy = key.policies.get(target.provider)
             if policy is None:
-                return Refused(
+                refused = Refused(
                     403,
                     "provider_not_allowed",
                     f"Virtual key '{key.name}' may not use provider '{target.provider}'",
                 )
-            if not policy.allows(target.model):
-                return Refused(
+            elif not policy.allows(target.model):
+                refused = Refused(
                     403,
                     "model_not_allowed",
                     f"Virtual key '{key.name}' may not use model '{target.model}' "
                     f"of provider '{target.provider}'",
                 )
+            if refused is not None and not self.shadow:
+                return refused
         engine = self.engine
         if key is None:
             limits = engine.globals.resolve_anonymous(target.provider, target.model, target.tags)
         else:
             limits = key.resolve(engine.globals, target.provider, target.model, target.tags)
         price = self.price(target.provider, target.model)  # once: it prices the charge too
-        if price is None and self.refuse_unpriced:  # BUDGET_UNPRICED_MODELS=refuse
-            message = unpriced_message(target.provider, target.model)
-            return Refused(403, "model_not_priced", message)
+        if price is None and self.refuse_unpriced and refused is None:  # UNPRICED_MODELS=refuse
+            refused = Refused(
+                403, "model_not_priced", unpriced_message(target.provider, target.model)
+            )
+            if not self.shadow:
+                return refused
         exchange = Exchange(engine, key, target, limits, price, prompt_tokens, now, started)
+        if refused is not None:  # shadow mode: it goes on
+            exchange.would_refuse = refused.code
         if self.reserve and limits.budgets:
             output = target.max_output_tokens
             exchange.ticket_estimate = estimate_nanos(
@@ -212,10 +301,15 @@ class Gate:
         """The first target admitted (in process in one step, on Redis in one script call), or
         one answer for all (SPEC §12). Counted once, whatever the number of targets."""
         engine = self.engine
+        for refusal in first.refusals:
+            if refusal.counter is not None:
+                self.alerts.refused(refusal)
         if first.ticket is not None:
             engine.stats.admitted += 1
             exchange = plan.candidates[first.index][1]
             exchange.ticket = first.ticket
+            if exchange.would_refuse is not None:
+                self._count_shadow(exchange)
             return exchange
         for (index, exchange), refusal in zip(plan.candidates, first.refusals, strict=True):
             answer = refusal_answer(refusal, self.exceeded_status, exchange.admitted_at)
@@ -225,8 +319,25 @@ class Gate:
             for index, route_target in enumerate(plan.route.targets)
         ]
         answer, code = route_refusal_answer(tried)
+        if self.shadow and plan.candidates:  # the first target goes on, counted anyway
+            exchange = plan.candidates[0][1]
+            exchange.ticket = engine.counters.admit_anyway(
+                exchange.limits, exchange.ticket_estimate
+            )
+            engine.stats.admitted += 1
+            self._shadowed(exchange, code)
+            self._count_shadow(exchange)
+            return exchange
         refused = engine.stats.refused
         refused[code] = refused.get(code, 0) + 1
+        first_candidate = plan.candidates[0][1] if plan.candidates else None
+        self.tell_refusal(
+            code,
+            answer.status,
+            first_candidate.key if first_candidate else None,
+            first_candidate.target if first_candidate else None,
+            None,
+        )
         return answer
 
 

@@ -56,6 +56,7 @@ from budget_middleware.manage.schemas import (
     to_utc,
 )
 from budget_middleware.manage.views import Reader
+from budget_middleware.store import alerts as stored_alerts
 from budget_middleware.store.tables import (
     CustomerRow,
     ModelConfigRow,
@@ -411,6 +412,16 @@ class BudgetManager(KeyWriter):
         if self.on_reset is not None:
             self.on_reset("budget", id_)
         return out
+
+    def list_alerts(
+        self,
+        owner_type: str | None = None,
+        owner_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Recent alerts, newest first, with their delivery state (SPEC §14)."""
+        return stored_alerts.list_alerts(self.store, owner_type, owner_id, limit, offset)
 
     def list_rate_limits(
         self,

@@ -171,6 +171,8 @@ def _write_budget(
     row.reset_duration = budget.reset_duration
     aligned = budget.calendar_aligned
     row.calendar_aligned = calendar_aligned if aligned is None else aligned
+    row.soft = budget.soft
+    row.alert_thresholds = budget.alert_thresholds
     origin.part(budget.model_dump(exclude={"id"})).stamp(row, created=created)
     s.add(row)
 

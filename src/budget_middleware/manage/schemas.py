@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from budget_middleware.core.alerts import check_threshold
 from budget_middleware.core.durations import Duration
 from budget_middleware.core.routing import MAX_TARGETS, target_problem
 
@@ -200,6 +201,19 @@ class BudgetIn(_Body):
     calendar_aligned: JsonBool | None = Field(
         default=None, description="default: the owner's calendar_aligned"
     )
+    soft: JsonBool = Field(default=False, description="counted and alerted, never refusing")
+    alert_thresholds: list[Annotated[float, Field(gt=0, le=10)]] | None = Field(
+        default=None,
+        max_length=20,
+        description="fractions of max_limit at which alerts fire; null: BUDGET_ALERT_THRESHOLDS",
+    )
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _thresholds(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return None
+        return sorted({check_threshold(v) for v in value})
 
     @field_validator("max_limit")
     @classmethod
@@ -462,6 +476,11 @@ class BudgetOut(BaseModel):
     last_reset_at: datetime
     source: str
     has_usage: bool
+    soft: bool = False
+    alert_thresholds: list[Annotated[float, Field(gt=0, le=10)]] | None = Field(
+        default=None, description="null: BUDGET_ALERT_THRESHOLDS applies"
+    )
+    reserved: float = Field(default=0.0, description="held by requests in flight, in this process")
     user_path: str
 
 

@@ -186,6 +186,9 @@ def budget_out(
         last_reset_at=last_reset,
         source=row.source,
         has_usage=used > 0,
+        soft=row.soft,
+        alert_thresholds=row.alert_thresholds,
+        reserved=usd_from_nanos(live.reserved) if live is not None else 0.0,
         user_path=path,
         **_owner(row),
     )

@@ -17,14 +17,12 @@ atomic whatever the threads.
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from time import perf_counter
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
@@ -34,21 +32,26 @@ from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
 from budget_middleware.engine.exchange import BudgetState, Exchange
 from budget_middleware.engine.gate import body_to_send
+from budget_middleware.engine.hooks import Hook
+from budget_middleware.engine.portal import on_loop
 from budget_middleware.exceptions import ConfigurationError
 from budget_middleware.outbound.hosts import HostTable
 from budget_middleware.outbound.payer import inbound_headers, noting, payer
 from budget_middleware.settings import BudgetSettings
 
-T = TypeVar("T")
 _UNKNOWN = "Unknown virtual key"
 
 
 class _Meter:
     """What both transports share: which calls are metered, who pays, and the answers."""
 
-    def __init__(self, settings: BudgetSettings | None, engine: BudgetEngine | None) -> None:
+    def __init__(
+        self, settings: BudgetSettings | None, engine: BudgetEngine | None, hooks: dict[str, Any]
+    ) -> None:
         self.engine = engine if engine is not None else get_engine(settings)
+        self.engine.add_hooks(**hooks)  # on_alert, on_refusal, on_settled (SPEC §14)
         s = self.engine.settings
+        self.shadow = s.mode == "shadow"
         self.suffixes = s.inference_paths
         self.max_body = s.max_body_bytes
         self.fail_open = s.fail_open
@@ -77,6 +80,7 @@ class _Meter:
         chosen = payer.get()
         tags: tuple[str, ...] = ()
         key: KeyConfig | None = None
+        shadowed: str | None = None
         try:
             if chosen is not None:
                 tags = chosen.tags
@@ -85,7 +89,9 @@ class _Meter:
                 else:
                     key = await engine.lookup_key_id(chosen.virtual_key_id or "")
                 if key is None:
-                    return engine.gate.refuse(401, "invalid_virtual_key", _UNKNOWN)
+                    if not self.shadow:
+                        return engine.gate.refuse(401, "invalid_virtual_key", _UNKNOWN)
+                    shadowed = "invalid_virtual_key"
             else:
                 headers = inbound_headers.get()
                 if headers is not None:  # the inbound request being served, if it has a key
@@ -97,7 +103,7 @@ class _Meter:
         host_provider = self.hosts.provider(request.url.host)
         credentials = Credentials(None, host_provider, tags, len(body), host_provider is not None)
         gate = engine.gate
-        decision = gate.decide(body, request.url.path, credentials, key, started)
+        decision = gate.decide(body, request.url.path, credentials, key, started, shadowed)
         if type(decision) is ErrorAnswer:
             return decision
         try:
@@ -215,9 +221,13 @@ class BudgetTransport(httpx.AsyncBaseTransport):
         settings: BudgetSettings | None = None,
         *,
         engine: BudgetEngine | None = None,
+        on_alert: Hook | None = None,
+        on_refusal: Hook | None = None,
+        on_settled: Hook | None = None,
     ) -> None:
         self.transport = transport
-        self.meter = _Meter(settings, engine)
+        hooks = {"on_alert": on_alert, "on_refusal": on_refusal, "on_settled": on_settled}
+        self.meter = _Meter(settings, engine, hooks)
 
     def _inner(self, lib: ModuleType) -> Any:
         if self.transport is None:
@@ -324,9 +334,13 @@ class BudgetSyncTransport(httpx.BaseTransport):
         settings: BudgetSettings | None = None,
         *,
         engine: BudgetEngine | None = None,
+        on_alert: Hook | None = None,
+        on_refusal: Hook | None = None,
+        on_settled: Hook | None = None,
     ) -> None:
         self.transport = transport
-        self.meter = _Meter(settings, engine)
+        hooks = {"on_alert": on_alert, "on_refusal": on_refusal, "on_settled": on_settled}
+        self.meter = _Meter(settings, engine, hooks)
         self._lock = threading.Lock()
 
     def _inner(self, lib: ModuleType) -> Any:
@@ -391,55 +405,3 @@ class _SyncMetered(_Metered):
         if outcome is not None:
             meter = self.meter
             on_loop(meter.engine, lambda: meter.settle(self.exchange, outcome))
-
-
-# -- the engine's event loop, for sync callers -------------------------------------------------
-
-_background: asyncio.AbstractEventLoop | None = None
-_background_lock = threading.Lock()
-
-
-def on_loop(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
-    """Run `work()` on the engine's event loop from a thread that is not that loop's, and wait
-    for it. An engine not started yet starts in a background loop of this module's."""
-    loop = engine.loop
-    if loop is None or loop.is_closed():
-        loop = _background_loop()
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:
-        raise RuntimeError(
-            "BudgetSyncTransport was called from the event loop its engine runs in, which it "
-            "would block: use BudgetTransport with an async client there"
-        )
-    return asyncio.run_coroutine_threadsafe(_awaited(work), loop).result()
-
-
-async def _awaited(work: Callable[[], Awaitable[T]]) -> T:
-    return await work()
-
-
-def _background_loop() -> asyncio.AbstractEventLoop:
-    """One event loop in a daemon thread for sync apps (a script, Flask); its engines are shut
-    down (every pending charge written) when the process exits."""
-    global _background
-    with _background_lock:
-        if _background is None or _background.is_closed():
-            loop = asyncio.new_event_loop()
-            threading.Thread(
-                target=loop.run_forever, name="budget-middleware-loop", daemon=True
-            ).start()
-            _background = loop
-            atexit.register(_shut_down, loop)
-        return _background
-
-
-def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
-    from budget_middleware.engine.engine import _engines
-
-    for engine in list(_engines.values()):
-        if engine.loop is loop and engine.started:
-            asyncio.run_coroutine_threadsafe(engine.shutdown(), loop).result(timeout=30)
-    loop.call_soon_threadsafe(loop.stop)

@@ -60,6 +60,12 @@ class CounterBackend(ABC):
     @abstractmethod
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None: ...
 
+    def admit_anyway(self, limits: LimitSet, estimate: int) -> Ticket:
+        """Shadow mode (SPEC §14): count a request its limits refused, as if they had not."""
+        return admission.admit_anyway(
+            limits, estimate, self.settings.reserve, self.clock(), self.ledger
+        )
+
     async def admit_first(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
         """The first of several candidates admitted (a route's targets), one `admit` each."""
         result = FirstAdmitted()

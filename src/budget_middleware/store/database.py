@@ -444,6 +444,7 @@ def _insert_records(conn: Any, records: Sequence[UsageRecord], batch_id: str) ->
                 r.note,
                 r.duration_ms,
                 r.direction,
+                r.would_refuse,
             )
         )
     if dialect == "postgresql":

@@ -23,7 +23,19 @@ _STEPS: dict[int, Callable[[Connection], None]] = {
     4: lambda conn: _add_column(
         conn, "bm_usage_records", "direction VARCHAR(8) NOT NULL DEFAULT 'inbound'"
     ),
+    # 5: bm_alerts (a new table); soft budgets, their alert thresholds, shadow refusals.
+    5: lambda conn: _add_columns(
+        conn,
+        ("bm_budgets", "soft BOOLEAN NOT NULL DEFAULT FALSE"),
+        ("bm_budgets", "alert_thresholds JSON"),
+        ("bm_usage_records", "would_refuse VARCHAR(40)"),
+    ),
 }
+
+
+def _add_columns(conn: Connection, *columns: tuple[str, str]) -> None:
+    for table, definition in columns:
+        _add_column(conn, table, definition)
 
 
 def _add_column(conn: Connection, table: str, definition: str) -> None:

@@ -198,7 +198,9 @@ class RedisCounters(CounterBackend):
             if slots is not None and (settling or slots.limit is not None):
                 entries.append(_Entry("c", scope, (f"{p}c:{slots.id}",), slots.limit or 0, 0, None))
         for scope in scopes:
-            for c in scope.budgets:
+            # Soft budgets never refuse: only their settlement goes to Redis (SPEC §14).
+            budgets = scope.budgets + scope.soft_budgets if settling else scope.budgets
+            for c in budgets:
                 keys = (self.window_key(c), f"{p}rz:{c.id}", f"{p}rh:{c.id}")
                 entries.append(_Entry("b", scope, keys, c.limit, self._ttl_ms(c, now), c))
         return entries
@@ -322,7 +324,9 @@ class RedisCounters(CounterBackend):
         if counter is not None:
             counter.value = used
             reset_at = None if counter.end == FAR_FUTURE else counter.end
-        return Refusal(str(why[1]), entry.scope, entry.limit, used, reset_at, reserved)
+        code = str(why[1])
+        refused_by = counter if code == "budget_exceeded" else None
+        return Refusal(code, entry.scope, entry.limit, used, reset_at, reserved, refused_by)
 
     def _admitted(
         self,
@@ -370,6 +374,14 @@ class RedisCounters(CounterBackend):
                 self._owe(counter, 1)
         return first
 
+    def admit_anyway(self, limits: LimitSet, estimate: int) -> Ticket:
+        """Shadow mode: counted here, and in Redis when its settlement is (as while Redis is
+        down: the ticket holds nothing there)."""
+        ticket = super().admit_anyway(limits, estimate)
+        for counter in limits.requests:
+            self._owe(counter, 1)
+        return ticket
+
     def _owe(self, counter: WindowCounter, amount: int) -> None:
         """A charge Redis has not seen, to add to its window key when it answers again."""
         if amount:
@@ -378,7 +390,7 @@ class RedisCounters(CounterBackend):
 
     def _owe_settlement(self, ticket: Ticket, cost: int, tokens: int) -> None:
         limits = ticket.limits
-        for budget in limits.budgets:
+        for budget in limits.budgets + limits.soft_budgets:
             self._owe(budget, cost)
         for counter in limits.tokens:
             self._owe(counter, tokens)

@@ -13,7 +13,9 @@ from sqlalchemy import JSON, BigInteger, DateTime, Index, Text, UniqueConstraint
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 4  # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction
+# 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction; 5: bm_alerts, bm_budgets.soft and
+# .alert_thresholds, bm_usage_records.would_refuse
+SCHEMA_VERSION = 5
 
 
 def new_id() -> str:
@@ -122,6 +124,8 @@ class BudgetRow(_Stamped, table=True):
     calendar_aligned: bool = False
     current_usage_nanos: int = Field(default=0, sa_type=BigInteger)
     last_reset: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    soft: bool = False  # counted and alerted, never refusing (SPEC §14)
+    alert_thresholds: list[float] | None = Field(default=None, sa_type=JSON)  # None: the default
 
 
 class RateLimitRow(_Stamped, table=True):
@@ -166,6 +170,37 @@ class UsageRecordRow(StoreModel, table=True):
     note: str | None = Field(default=None, max_length=200)
     duration_ms: float = 0.0
     direction: str = Field(default="inbound", max_length=8)  # or "outbound" (SPEC §13)
+    would_refuse: str | None = Field(default=None, max_length=40)  # shadow mode (SPEC §14)
+
+
+class AlertRow(StoreModel, table=True):
+    """An alert (SPEC §14), raised once per budget, window and threshold across every instance:
+    the unique constraint decides which instance raised it. Its delivery state lives here too, so
+    deliveries pending survive a restart; `claimed_until` lets one instance at a time deliver."""
+
+    __tablename__ = "bm_alerts"
+    __table_args__ = (
+        UniqueConstraint(
+            "budget_id", "window_start", "type", "threshold", name="uq_bm_alerts_once"
+        ),
+        Index("ix_bm_alerts_due", "delivery", "next_attempt_at"),
+    )
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    type: str = Field(max_length=24)  # budget.threshold, budget.exhausted
+    budget_id: str = Field(max_length=32)
+    window_start: datetime = Field(sa_type=DateTime(timezone=True))
+    threshold: float = 0.0  # 0 for budget.exhausted
+    owner_type: str = Field(max_length=20)
+    owner_id: str = Field(max_length=200)
+    owner_name: str = Field(default="", max_length=200)
+    raised_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)
+    body: str = Field(sa_type=Text)  # the JSON delivered, fixed when raised
+    delivery: str = Field(default="pending", max_length=10)  # pending, delivered, failed
+    attempts: int = 0
+    delivered_to: list[str] = Field(default_factory=list, sa_type=JSON)
+    next_attempt_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    claimed_until: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    last_error: str | None = Field(default=None, max_length=300)
 
 
 class FlushRow(StoreModel, table=True):

@@ -1,0 +1,41 @@
+"""Alert thresholds (SPEC §14): which of a budget's thresholds its spend has reached, and the
+spend at which the next one is reached. Plain functions on integers; no I/O."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+from typing import Any
+
+NEVER = 2**63  # an `alert_at` no spend reaches
+
+
+def check_threshold(value: Any) -> float:
+    """An alert threshold: a fraction of a budget above 0 and at most 10 (1.0 is all of it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"alert threshold {value!r} is not a number")
+    if not 0 < value <= 10:
+        raise ValueError(f"alert threshold {value!r} must be above 0 and at most 10")
+    return float(value)
+
+
+def threshold_nanos(limit: int, threshold: float) -> int:
+    """The spend at which `threshold` of `limit` is reached (rounded up: 0.8 of $1 is $0.80)."""
+    return math.ceil(limit * threshold - 1e-6)
+
+
+def reached(
+    value: int, limit: int, thresholds: Sequence[float], raised: Collection[float]
+) -> tuple[list[float], int]:
+    """The thresholds (ascending) that `value` has reached and that are not in `raised`, and the
+    spend at which the lowest one not yet reached will be (`NEVER` when none is left)."""
+    new: list[float] = []
+    next_at = NEVER
+    for threshold in thresholds:
+        at = threshold_nanos(limit, threshold)
+        if value >= at:
+            if threshold not in raised:
+                new.append(threshold)
+        elif at < next_at:
+            next_at = at
+    return new, next_at

@@ -1,0 +1,305 @@
+"""Alerts (SPEC §14): a budget's thresholds watched as it is charged, raised once, delivered.
+
+On the request path only a comparison per budget is made after settling: a budget's counter
+knows the spend (`alert_at`) at which its next threshold is reached. When one is, or a budget
+refuses for the first time in a window, an event is queued and this engine's alert task wakes:
+it raises the alert in the store (once across every instance: `store.alerts`), calls the
+`on_alert` hooks, and delivers it to each of `BUDGET_ALERT_WEBHOOK_URLS` by httpx, signed when
+`BUDGET_ALERT_SECRET` is set, retried with doubling delays (the first within 5 s, at most 5
+minutes apart) for at least 10 minutes, never again after a success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+import httpx
+
+from budget_middleware.core.admission import Refusal
+from budget_middleware.core.alerts import reached
+from budget_middleware.core.scopes import LimitSet, Scope
+from budget_middleware.core.times import from_ts
+from budget_middleware.core.windows import WindowCounter
+from budget_middleware.store import alerts as stored
+
+if TYPE_CHECKING:
+    from budget_middleware.engine.engine import BudgetEngine
+
+logger = logging.getLogger("budget_middleware.alerts")
+
+SIGNATURE_HEADER = "x-budget-signature"
+
+
+@dataclass(slots=True, frozen=True)
+class AlertEvent:
+    type: str  # budget.threshold, budget.exhausted
+    budget_id: str
+    window_start: float
+    threshold: float  # 0 for budget.exhausted
+    owner_type: str
+    owner_id: str
+    owner_name: str
+    raised_at: float
+
+
+def signature(secret: str, body: bytes) -> str:
+    """The `x-budget-signature` value: `sha256=` and the hex HMAC-SHA256 of the body."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class Alerts:
+    # Delivery schedule (seconds); tests shorten it on their engine.
+    first_retry = 4.0
+    max_delay = 300.0
+    give_up_after = 600.0
+    poll_interval = 1.0
+    timeout = 10.0
+
+    def __init__(self, engine: BudgetEngine) -> None:
+        self.engine = engine
+        settings = engine.settings
+        self.urls = settings.alert_webhook_urls
+        self.secret = settings.alert_secret
+        self.defaults = settings.alert_thresholds
+        self.thresholds: dict[str, tuple[float, ...]] = {}  # by budget id, where not the default
+        self._raised: dict[str, tuple[float, set[float]]] = {}  # by budget: (window, thresholds)
+        self._exhausted: dict[str, float] = {}  # by budget: the window it refused in first
+        self.queue: list[AlertEvent] = []
+        self.raised: dict[str, int] = {}  # by type, by this instance (metrics)
+        self.failed_deliveries = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- on the request path ---------------------------------------------------------------
+
+    def on_budget(self, counter: WindowCounter, thresholds: list[float] | None) -> None:
+        """A budget's counter was (re)built: its thresholds, and a fresh look at its spend."""
+        if thresholds is None:
+            self.thresholds.pop(counter.id, None)
+        else:
+            self.thresholds[counter.id] = tuple(thresholds)
+        counter.alert_at = 0  # type: ignore[attr-defined]
+
+    def check(self, limits: LimitSet) -> None:
+        """After a charge: has any budget reached its next threshold (or a new window begun)?"""
+        for counter in limits.budgets:
+            if counter.value >= counter.alert_at or counter.start != counter.alert_start:  # type: ignore[attr-defined]
+                self._look(counter, limits.budget_scopes, limits.budgets)
+        for counter in limits.soft_budgets:
+            if counter.value >= counter.alert_at or counter.start != counter.alert_start:  # type: ignore[attr-defined]
+                self._look(counter, limits.soft_scopes, limits.soft_budgets)
+
+    def _look(
+        self,
+        counter: WindowCounter,
+        scopes: Sequence[Scope],
+        counters: Sequence[WindowCounter],
+    ) -> None:
+        start = counter.start
+        counter.alert_start = start  # type: ignore[attr-defined]
+        known = self._raised.get(counter.id)
+        if known is None or known[0] != start:
+            known = self._raised[counter.id] = (start, set())
+        raised = known[1]
+        thresholds = self.thresholds.get(counter.id, self.defaults)
+        new, counter.alert_at = reached(counter.value, counter.limit, thresholds, raised)  # type: ignore[attr-defined]
+        if new:
+            scope = scopes[counters.index(counter)]
+            for threshold in new:
+                raised.add(threshold)
+                self._queue("budget.threshold", counter, threshold, scope)
+
+    def refused(self, refusal: Refusal) -> None:
+        """A budget refused: the first time in its window raises `budget.exhausted`."""
+        counter = refusal.counter
+        if counter is None or self._exhausted.get(counter.id) == counter.start:
+            return
+        self._exhausted[counter.id] = counter.start
+        self._queue("budget.exhausted", counter, 0.0, refusal.scope)
+
+    def _queue(self, type_: str, counter: WindowCounter, threshold: float, scope: Scope) -> None:
+        now = self.engine.clock()
+        event = AlertEvent(
+            type_, counter.id, counter.start, threshold, scope.type, scope.id, scope.name, now
+        )
+        self.queue.append(event)
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+
+    # -- the alert task ----------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._task = loop.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop the task (a delivery under way is cut; its claim lapses) and raise what is
+        queued, so that it is delivered after a restart."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._loop = None
+        try:
+            await self.raise_queued()
+        except Exception as exc:
+            logger.warning("budget-middleware could not save alerts at shutdown: %s", exc)
+
+    async def _run(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.poll_interval)
+            wake.clear()
+            try:
+                await self.raise_queued()
+                if self.urls:
+                    await self.deliver_due()
+            except Exception:  # the task must survive anything: the next round retries
+                logger.exception("budget-middleware alert round failed")
+
+    async def raise_queued(self) -> int:
+        """Raise the queued events in the store; report those this instance raised first."""
+        if not self.queue:
+            return 0
+        events, self.queue = self.queue, []
+        try:
+            rows = await anyio.to_thread.run_sync(self._insert, events)
+        except BaseException:  # cancelled too (a shutdown): raising twice is harmless
+            self.queue[:0] = events  # the store is away: kept for the next round
+            raise
+        hooks = self.engine.hooks
+        for row in rows:
+            self.raised[row.type] = self.raised.get(row.type, 0) + 1
+            logger.info(
+                "budget-middleware alert: %s%s of %s %s",
+                row.type,
+                f" {row.threshold:g}" if row.type == "budget.threshold" else "",
+                row.owner_type,
+                row.owner_name or row.owner_id,
+            )
+            if hooks.on_alert:
+                hooks.emit(hooks.on_alert, {**json.loads(row.body), **stored.alert_out(row)})
+        return len(rows)
+
+    def _insert(self, events: list[AlertEvent]) -> list[Any]:
+        from budget_middleware.manage.status import Paths, budget_out
+        from budget_middleware.store.tables import BudgetRow
+
+        engine = self.engine
+        alerts: list[stored.NewAlert] = []
+        with engine.store.session() as s:
+            paths = Paths(s)
+            now = datetime.now(UTC)
+            for event in events:
+                row = s.get(BudgetRow, event.budget_id)
+                if row is None:  # deleted meanwhile: nothing to tell
+                    continue
+                budget = budget_out(row, paths.of(row.owner_type, row.owner_id), now,
+                                    engine.registry).model_dump(mode="json")  # fmt: skip
+                raised_at = from_ts(event.raised_at)
+                body: dict[str, Any] = {"type": event.type}
+                if event.type == "budget.threshold":
+                    body["threshold"] = event.threshold
+                owner = {"type": event.owner_type, "id": event.owner_id, "name": event.owner_name}
+                body |= {"budget": budget, "owner": owner, "raised_at": raised_at.isoformat()}
+                body["text"] = _text(event, budget, self.engine.gate.shadow)  # shown by Slack
+                alerts.append(
+                    stored.NewAlert(
+                        type=event.type,
+                        budget_id=event.budget_id,
+                        window_start=from_ts(event.window_start),
+                        threshold=event.threshold,
+                        owner_type=event.owner_type,
+                        owner_id=event.owner_id,
+                        owner_name=event.owner_name,
+                        raised_at=raised_at,
+                        body=json.dumps(body, separators=(",", ":")),
+                        delivery="pending" if self.urls else "delivered",
+                    )
+                )
+        return stored.raise_alerts(engine.store, alerts)
+
+    async def deliver_due(self) -> int:
+        """Post every due alert to each URL it has not reached; the number delivered in full."""
+        now = datetime.now(UTC)
+        lease = 30.0 + self.timeout * len(self.urls)
+        due = await anyio.to_thread.run_sync(stored.claim_due, self.engine.store, now, lease)
+        if not due:
+            return 0
+        async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+            done = await asyncio.gather(*(self._deliver(client, alert) for alert in due))
+        return sum(done)
+
+    async def _deliver(self, client: httpx.AsyncClient, alert: stored.Due) -> bool:
+        body = alert.body.encode()
+        headers = {"content-type": "application/json", "user-agent": "budget-middleware"}
+        if self.secret:
+            headers[SIGNATURE_HEADER] = signature(self.secret, body)
+        delivered = list(alert.delivered_to)
+        error: str | None = None
+        for url in self.urls:
+            if url in delivered:
+                continue  # never twice after a success
+            try:
+                answer = await client.post(url, content=body, headers=headers)
+                if answer.status_code < 300:
+                    delivered.append(url)
+                    continue
+                error = f"{url} answered {answer.status_code}"
+            except httpx.HTTPError as exc:
+                error = f"{url}: {type(exc).__name__}"
+            self.failed_deliveries += 1
+        attempts = alert.attempts + 1
+        now = datetime.now(UTC)
+        if all(url in delivered for url in self.urls):
+            state = "delivered"
+        elif (now - alert.raised_at).total_seconds() >= self.give_up_after:
+            state = "failed"
+            logger.error("budget-middleware gave up delivering alert %s: %s", alert.id, error)
+        else:
+            state = "pending"
+        delay = min(self.first_retry * 2 ** (attempts - 1), self.max_delay)
+        await anyio.to_thread.run_sync(
+            stored.record_attempt,
+            self.engine.store,
+            alert.id,
+            delivered,
+            state,
+            now + timedelta(seconds=delay),
+            error,
+        )
+        return state == "delivered"
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.4f}"
+
+
+def _text(event: AlertEvent, budget: dict[str, Any], shadow: bool) -> str:
+    who = f"{event.owner_type} {event.owner_name or event.owner_id}"
+    spent, amount = budget.get("spent", 0.0), budget.get("amount", 0.0)
+    period = budget.get("period_label") or ""
+    money = f"{_usd(spent)} of {_usd(amount)}" + (f" ({period})" if period else "")
+    if event.type == "budget.exhausted":
+        then = "it would refuse requests (shadow mode)" if shadow else "requests are refused"
+        return f"Budget exhausted: {who} has spent {money}; {then}."
+    return f"Budget alert: {who} reached {event.threshold:.0%} of its budget: {money}."
+
+
+__all__ = ["SIGNATURE_HEADER", "AlertEvent", "Alerts", "signature"]

@@ -1,0 +1,89 @@
+"""The app's hooks (SPEC §14): `on_alert`, `on_refusal`, `on_settled`, called off the request path.
+
+A plain callable runs in this engine's one hook thread (in order, so a slow hook delays only later
+hooks, never an answer); an async one runs as a task on the engine's event loop (or, before the
+engine has one, in the hook thread under its own loop). What a hook raises is logged and changes
+nothing. With no hook for an event, emitting it costs one attribute test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+logger = logging.getLogger("budget_middleware.hooks")
+
+Hook = Callable[[Any], Any]
+EVENTS = ("on_alert", "on_refusal", "on_settled")
+RECENT_REFUSALS = 200  # kept in memory for the dashboard and `GET /refusals`
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.on_alert: tuple[Hook, ...] = ()
+        self.on_refusal: tuple[Hook, ...] = ()
+        self.on_settled: tuple[Hook, ...] = ()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.recent_refusals: deque[dict[str, Any]] = deque(maxlen=RECENT_REFUSALS)
+        self._thread: ThreadPoolExecutor | None = None
+
+    def add(self, **hooks: Hook | None) -> None:
+        """Add hooks by event name; an unknown name or a value that is not callable raises."""
+        for name, hook in hooks.items():
+            if name not in EVENTS:
+                raise TypeError(f"unknown hook {name!r}: expected one of {', '.join(EVENTS)}")
+            if hook is None:
+                continue
+            if not callable(hook):
+                raise TypeError(f"{name} must be callable, got {type(hook).__name__}")
+            setattr(self, name, (*getattr(self, name), hook))
+
+    def emit(self, hooks: tuple[Hook, ...], item: Any) -> None:
+        """Call each hook with `item`, off the caller's path."""
+        for hook in hooks:
+            if inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(
+                getattr(hook, "__call__", None)  # noqa: B004 - an object with an async __call__
+            ):
+                loop = self.loop
+                if loop is not None and not loop.is_closed():
+                    try:
+                        asyncio.run_coroutine_threadsafe(_guarded_async(hook, item), loop)
+                        continue
+                    except RuntimeError:
+                        pass
+                self._pool().submit(_run_async, hook, item)
+            else:
+                self._pool().submit(_guarded, hook, item)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="budget-hooks")
+        return self._thread
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for the hooks handed to the hook thread so far (tests, shutdown)."""
+        if self._thread is not None:
+            self._thread.submit(lambda: None).result(timeout)
+
+
+def _guarded(hook: Hook, item: Any) -> None:
+    try:
+        hook(item)
+    except Exception:
+        logger.exception("budget-middleware hook %s raised", getattr(hook, "__name__", hook))
+
+
+async def _guarded_async(hook: Hook, item: Any) -> None:
+    try:
+        await hook(item)
+    except Exception:
+        logger.exception("budget-middleware hook %s raised", getattr(hook, "__name__", hook))
+
+
+def _run_async(hook: Hook, item: Any) -> None:
+    asyncio.run(_guarded_async(hook, item))

@@ -1,0 +1,145 @@
+"""The engine's event loop for callers that have none: WSGI servers' threads, sync clients.
+
+An engine first used by such a caller starts in one event loop of this module's, run by a daemon
+thread (`background_loop`). Every callback that loop runs holds `loop_lock`, so a step of any task
+on it (the flusher taking deltas, a reload, an admission) is atomic with respect to a thread that
+holds the lock too: a WSGI thread admits a request against the in-process counters under
+`loop_lock`, without a hop to the loop, and stays exact however many threads the server runs.
+Work that must await (a store read, Redis) goes to the loop with `on_loop` and is waited for.
+
+Engines started in that loop are shut down (every pending charge written) when the process exits
+(`atexit`; a gunicorn worker runs it as it exits), or by `shut_down_engines()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextvars
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from budget_middleware.engine.engine import BudgetEngine
+
+T = TypeVar("T")
+
+# Held by every callback of the background loop, and by threads working on its engines' live
+# state (counters, caches) without a hop to it. Reentrant: a holder may call what takes it again.
+loop_lock = threading.RLock()
+
+_background: asyncio.AbstractEventLoop | None = None
+_background_pid = 0
+_background_lock = threading.Lock()
+_exit_registered = False
+
+
+def _locked(callback: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        with loop_lock:
+            return callback(*args)
+
+    return run
+
+
+class LockedLoop(asyncio.SelectorEventLoop):
+    """An event loop whose every scheduled callback (so every step of every task) runs holding
+    `loop_lock`. I/O readiness callbacks only move bytes into buffers; what they wake runs as a
+    scheduled callback, under the lock."""
+
+    def call_soon(  # type: ignore[override]
+        self,
+        callback: Callable[..., Any],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        return super().call_soon(_locked(callback), *args, context=context)
+
+    def call_soon_threadsafe(  # type: ignore[override]
+        self,
+        callback: Callable[..., Any],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        return super().call_soon_threadsafe(_locked(callback), *args, context=context)
+
+    def call_at(  # type: ignore[override]
+        self,
+        when: float,
+        callback: Callable[..., Any],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        return super().call_at(when, _locked(callback), *args, context=context)
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    """The one background loop of this process (started on first use; a forked child starts a
+    loop of its own, as the parent's thread does not exist there)."""
+    global _background, _background_pid, _exit_registered
+    loop = _background
+    if loop is not None and _background_pid == os.getpid() and not loop.is_closed():
+        return loop
+    with _background_lock:
+        if _background is None or _background_pid != os.getpid() or _background.is_closed():
+            loop = LockedLoop()
+            threading.Thread(
+                target=loop.run_forever, name="budget-middleware-loop", daemon=True
+            ).start()
+            _background, _background_pid = loop, os.getpid()
+            if not _exit_registered:
+                atexit.register(shut_down_engines)
+                _exit_registered = True
+        return _background
+
+
+def is_background(loop: asyncio.AbstractEventLoop | None) -> bool:
+    """Whether `loop` is this process's background loop (so `loop_lock` guards its work)."""
+    return loop is not None and loop is _background and _background_pid == os.getpid()
+
+
+def on_loop(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work()` on the engine's event loop from a thread that is not that loop's, and wait
+    for it. An engine not started yet starts in the background loop. Never call it holding
+    `loop_lock` (the loop needs it to run `work`)."""
+    loop = engine.loop
+    if loop is None or loop.is_closed() or (loop is _background and _background_pid != os.getpid()):
+        loop = background_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        raise RuntimeError(
+            "a sync budget-middleware adapter (BudgetSyncTransport, BudgetWSGIMiddleware) was "
+            "called from the event loop its engine runs in, which it would block: use the async "
+            "one there (BudgetTransport, BudgetMiddleware)"
+        )
+    return asyncio.run_coroutine_threadsafe(_awaited(work), loop).result()
+
+
+async def _awaited(work: Callable[[], Awaitable[T]]) -> T:
+    return await work()
+
+
+def shut_down_engines(timeout: float = 30.0) -> None:
+    """Shut down every engine started in the background loop: the flusher stops and every
+    pending charge and usage record is written (bounded by `timeout` per engine). Idempotent;
+    runs at process exit, and from a gunicorn `worker_exit` hook when one calls it."""
+    loop = _background
+    if loop is None or loop.is_closed() or _background_pid != os.getpid():
+        return
+    from budget_middleware.engine.engine import _engines
+
+    for engine in list(_engines.values()):
+        if engine.loop is loop and engine.started:
+            try:
+                asyncio.run_coroutine_threadsafe(engine.shutdown(), loop).result(timeout=timeout)
+            except Exception:  # exiting: say so, and go on with the other engines
+                import logging
+
+                logging.getLogger("budget_middleware").exception(
+                    "budget-middleware could not shut an engine down at exit"
+                )

@@ -1,0 +1,501 @@
+"""Alerts, hooks, soft budgets and shadow mode (SPEC §14), through the middleware's HTTP answers,
+the admin API, and a real HTTP receiver on 127.0.0.1 that takes the webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from budget_middleware import BudgetSettings, get_engine
+from budget_middleware.admin import create_admin_app
+from budget_middleware.engine.engine import BudgetEngine
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix, use_prefix
+from support import chat, client, engine_of, host_app, running
+
+Settings = Callable[..., BudgetSettings]
+ADMIN = {"authorization": "Bearer admin-secret"}
+SECRET = "webhook-secret"
+
+
+class Receiver:
+    """A webhook receiver: answers `fail_first` posts with 500, holds the first `slow_first`
+    for `delay` seconds, and keeps every post it answered 2xx."""
+
+    def __init__(self, fail_first: int = 0, slow_first: int = 0, delay: float = 0.0) -> None:
+        self.fail_first, self.slow_first, self.delay = fail_first, slow_first, delay
+        self.posts: list[tuple[dict[str, str], bytes, int]] = []  # headers, body, status answered
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # http.server's name
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with receiver.lock:
+                    n = len(receiver.posts)
+                    status = 500 if n < receiver.fail_first else 200
+                    held = n < receiver.slow_first  # kept as 0: the sender gives up waiting
+                    receiver.posts.append(({k.lower(): v for k, v in self.headers.items()},
+                                           body, 0 if held else status))  # fmt: skip
+                if held:
+                    time.sleep(receiver.delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # the sender gave up waiting
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def delivered(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [json.loads(body) for _, body, status in self.posts if 200 <= status < 300]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Callable[..., Receiver]]:
+    made: list[Receiver] = []
+
+    def make(**kwargs: Any) -> Receiver:
+        made.append(Receiver(**kwargs))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def closed_port_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens: a receiver that is down."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/hook"
+
+
+def quick(engine: BudgetEngine, **schedule: float) -> None:
+    """A delivery schedule of fractions of a second (the real one: 4 s doubling to 5 minutes,
+    given up after 10 minutes)."""
+    alerts = engine.alerts
+    alerts.first_retry, alerts.max_delay, alerts.poll_interval = 0.05, 0.2, 0.05
+    for name, value in schedule.items():
+        setattr(alerts, name, value)
+
+
+async def until(check: Callable[[], Any], seconds: float = 10.0) -> Any:
+    """Wait (bounded) until `check()` is true; its last value."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.02)
+
+
+async def spend(http: httpx.AsyncClient, key: str, cost: float, n: int) -> list[int]:
+    """`n` requests one after another, each costing `cost` USD (the upstream's `usage.cost`)."""
+    statuses = []
+    for _ in range(n):
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat("gpt-4o"),
+            headers={"authorization": f"Bearer {key}", "x-mock-cost": str(cost)},
+        )
+        statuses.append(answer.status_code)
+    return statuses
+
+
+async def test_thresholds_and_exhaustion_alert_once_per_window_signed_and_listed(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    hook = receiver()
+    settings = make_settings(alert_webhook_urls=hook.url, alert_secret=SECRET)
+    app = host_app(settings)
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        key = engine.manager.create_virtual_key(
+            name="alice",
+            budgets=[{"max_limit": 1.0, "reset_duration": "1d", "alert_thresholds": [0.5, 0.8]}],
+        )
+        statuses = await spend(http, key.value, 0.1, 13)
+        # $0.10 a request: the 10th reaches $1.00; the 11th and on are refused.
+        assert statuses == [200] * 10 + [402] * 3, statuses
+        got = await until(lambda: len(hook.delivered()) >= 3 and hook.delivered())
+        await asyncio.sleep(0.3)  # would a second alert of any of them come? (it must not)
+        got = hook.delivered()
+        kinds = [(a["type"], a.get("threshold")) for a in got]
+        print(f"delivered: {kinds}")
+        assert sorted(kinds, key=str) == sorted(
+            [("budget.threshold", 0.5), ("budget.threshold", 0.8), ("budget.exhausted", None)],
+            key=str,
+        )
+        first = next(a for a in got if a.get("threshold") == 0.5)
+        assert first["owner"] == {"type": "virtual_key", "id": key.id, "name": "alice"}
+        assert first["budget"]["max_limit"] == 1.0 and first["budget"]["spent"] >= 0.5
+        assert "alice" in first["text"] and "50%" in first["text"]  # Slack's incoming webhooks
+        for headers, body, _ in hook.posts:
+            digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+            assert headers["x-budget-signature"] == f"sha256={digest}"
+
+        admin = httpx.AsyncClient(
+            transport=httpx.ASGITransport(create_admin_app(settings)),
+            base_url="http://a",
+            headers=ADMIN,
+        )
+        async with admin:
+            listed = (await admin.get("/alerts")).json()
+            assert listed["count"] == 3
+            assert {a["delivery"] for a in listed["alerts"]} == {"delivered"}
+            assert all(a["attempts"] == 1 and a["owner"]["id"] == key.id for a in listed["alerts"])
+            mine = (await admin.get("/alerts", params={"owner_id": "nobody"})).json()
+            assert mine["count"] == 0
+            metrics = (await admin.get("/metrics")).text
+            assert 'budget_alerts_raised_total{type="budget.threshold"} 2.0' in metrics
+            assert 'budget_alerts_raised_total{type="budget.exhausted"} 1.0' in metrics
+
+            # A new window: every alert can be raised again, once.
+            budget_id = key.budgets[0].id
+            assert (await admin.post(f"/budgets/{budget_id}/reset")).status_code == 200
+            await http.get("/hello")  # the reset reaches the engine with the next request
+            assert await spend(http, key.value, 0.1, 6) == [200] * 6
+            await until(lambda: len(hook.delivered()) >= 4)
+            await asyncio.sleep(0.3)
+            again = [(a["type"], a.get("threshold")) for a in hook.delivered()[3:]]
+            print(f"after the reset: {again}")
+            assert again == [("budget.threshold", 0.5)]
+
+
+async def test_a_receiver_that_fails_first_is_retried_and_never_posted_twice_after_success(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    hook = receiver(fail_first=2)
+    app = host_app(make_settings(alert_webhook_urls=hook.url))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        key = engine.manager.create_virtual_key(name="bob", budgets=[{"max_limit": 1.0}])
+        assert await spend(http, key.value, 0.45, 2) == [200, 200]  # 90 %: the 0.8 alert
+        assert await until(lambda: hook.delivered())
+        await asyncio.sleep(0.5)  # more rounds: nothing more may be posted
+        statuses = [status for _, _, status in hook.posts]
+        alerts = engine.manager.list_alerts()
+        print(f"posts answered {statuses}; alert {alerts[0]['delivery']} after "
+              f"{alerts[0]['attempts']} attempts")  # fmt: skip
+        assert statuses == [500, 500, 200]
+        assert [(a["delivery"], a["attempts"]) for a in alerts] == [("delivered", 3)]
+        assert engine.alerts.failed_deliveries == 2
+
+
+async def test_a_receiver_that_is_down_is_retried_until_given_up_and_counted(
+    make_settings: Settings,
+) -> None:
+    app = host_app(make_settings(alert_webhook_urls=closed_port_url()))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine, give_up_after=0.6)
+        key = engine.manager.create_virtual_key(name="carol", budgets=[{"max_limit": 1.0}])
+        assert await spend(http, key.value, 0.9, 1) == [200]
+        await until(lambda: engine.manager.list_alerts()[:1] and
+                    engine.manager.list_alerts()[0]["delivery"] == "failed")  # fmt: skip
+        alert = engine.manager.list_alerts()[0]
+        print(f"down receiver: {alert['delivery']} after {alert['attempts']} attempts, "
+              f"{engine.alerts.failed_deliveries} failed deliveries")  # fmt: skip
+        assert alert["delivery"] == "failed" and alert["attempts"] >= 3
+        assert engine.alerts.failed_deliveries == alert["attempts"]
+
+
+async def test_a_slow_receiver_delays_no_answer_and_is_retried_after_its_timeout(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    hook = receiver(slow_first=1, delay=1.5)
+    app = host_app(make_settings(alert_webhook_urls=hook.url))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine, timeout=0.3)
+        key = engine.manager.create_virtual_key(name="dan", budgets=[{"max_limit": 1.0}])
+        assert await spend(http, key.value, 0.85, 1) == [200]
+        await until(lambda: hook.posts)  # the first post is being held by the receiver
+        # Answers go on while the delivery hangs.
+        assert await spend(http, key.value, 0.01, 3) == [200, 200, 200]
+        await until(lambda: engine.manager.list_alerts()[0]["delivery"] == "delivered")
+        alert = engine.manager.list_alerts()[0]
+        statuses = [status for _, _, status in hook.posts]
+        print(f"slow receiver: posts {statuses} (0: held past the timeout), "
+              f"{alert['attempts']} attempts")  # fmt: skip
+        assert statuses == [0, 200] and alert["delivery"] == "delivered" and alert["attempts"] == 2
+
+
+async def test_deliveries_pending_at_shutdown_are_made_after_a_restart(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    down = closed_port_url()
+    before = make_settings(alert_webhook_urls=down)
+    app = host_app(before)
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        key = engine.manager.create_virtual_key(name="erin", budgets=[{"max_limit": 1.0}])
+        assert await spend(http, key.value, 0.9, 1) == [200]
+        await until(lambda: engine.alerts.failed_deliveries >= 1)
+    pending = engine.manager.list_alerts()
+    assert [a["delivery"] for a in pending] == ["pending"]
+    # The same store, a new process's engine: the receiver is up now.
+    hook = receiver()
+    after = make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=4)
+    restarted = get_engine(after)
+    assert restarted is not engine
+    quick(restarted)
+    await restarted.ensure_started()
+    try:
+        assert await until(lambda: hook.delivered())
+        await asyncio.sleep(0.3)
+        alerts = restarted.manager.list_alerts()
+        print(f"after the restart: {[(a['delivery'], a['attempts']) for a in alerts]}")
+        assert len(hook.delivered()) == 1 and hook.delivered()[0]["owner"]["name"] == "erin"
+        assert alerts[0]["delivery"] == "delivered" and alerts[0]["id"] == pending[0]["id"]
+        assert restarted.alerts.raised == {}  # delivered, not raised a second time
+    finally:
+        await restarted.shutdown()
+
+
+async def test_two_instances_on_redis_raise_each_alert_once(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    need_redis()
+    prefix = unique_prefix()
+    hook = receiver()
+    engines = [
+        get_engine(
+            make_settings(redis_url=REDIS_URL, alert_webhook_urls=hook.url, cache_ttl_seconds=ttl)
+        )
+        for ttl in (5, 6)
+    ]
+    apps = []
+    for engine in engines:
+        use_prefix(engine, prefix)
+        quick(engine)
+        app = host_app(None)
+        from budget_middleware import BudgetMiddleware
+
+        apps.append(BudgetMiddleware(app, engine=engine))
+    try:
+        for engine in engines:
+            await engine.ensure_started()
+        key = engines[0].manager.create_virtual_key(
+            name="fay", budgets=[{"max_limit": 2.0, "alert_thresholds": [0.25, 0.5, 0.75]}]
+        )
+        https = [client(app) for app in apps]
+
+        async def worker(n: int) -> list[int]:
+            return await spend(https[n % 2], key.value, 0.05, 12)
+
+        results = await asyncio.gather(*(worker(n) for n in range(6)))
+        await asyncio.sleep(0.3)
+        await until(lambda: len(hook.delivered()) >= 4)
+        await asyncio.sleep(0.5)
+        kinds = sorted((a["type"], a.get("threshold") or 0) for a in hook.delivered())
+        admitted = sum(s.count(200) for s in results)
+        print(f"2 instances, 72 requests: {admitted} admitted; alerts delivered {kinds}; raised "
+              f"by instance {[e.alerts.raised for e in engines]}")  # fmt: skip
+        assert kinds == [("budget.exhausted", 0), ("budget.threshold", 0.25),
+                         ("budget.threshold", 0.5), ("budget.threshold", 0.75)]  # fmt: skip
+        raised = [sum(e.alerts.raised.values()) for e in engines]
+        assert sum(raised) == 4
+        for http in https:
+            await http.aclose()
+    finally:
+        for engine in engines:
+            await engine.shutdown()
+        delete_prefix(REDIS_URL, prefix)
+
+
+async def test_hooks_are_called_off_the_request_path_and_their_errors_change_nothing(
+    make_settings: Settings,
+) -> None:
+    seen: dict[str, list[Any]] = {"alert": [], "refusal": [], "settled": []}
+    release = threading.Event()
+
+    def slow_settled(record: Any) -> None:
+        release.wait(5)  # holds the hook thread, never an answer
+        seen["settled"].append(record)
+
+    async def on_alert(alert: dict[str, Any]) -> None:
+        seen["alert"].append(alert)
+
+    def on_refusal(refusal: dict[str, Any]) -> None:
+        seen["refusal"].append(refusal)
+        raise RuntimeError("a broken hook")
+
+    settings = make_settings()
+    app = host_app(None)
+    from budget_middleware import BudgetMiddleware
+
+    app.add_middleware(BudgetMiddleware, settings=settings, on_alert=on_alert,
+                       on_refusal=on_refusal, on_settled=slow_settled)  # fmt: skip
+    async with running(app), client(app) as http:
+        engine = get_engine(settings)
+        key = engine.manager.create_virtual_key(name="gus", budgets=[{"max_limit": 0.2}])
+        statuses = await spend(http, key.value, 0.1, 3)
+        assert statuses == [200, 200, 402]  # the broken hook changed no answer
+        assert seen["settled"] == []  # the slow hook is still waiting: no answer waited for it
+        release.set()
+        await until(lambda: len(seen["settled"]) == 2 and len(seen["alert"]) == 3)
+        print(f"hooks: {len(seen['settled'])} settled, alerts "
+              f"{[a['type'] for a in seen['alert']]}, refusals {seen['refusal']}")  # fmt: skip
+        assert [r.cost_nanos for r in seen["settled"]] == [100_000_000, 100_000_000]
+        assert seen["refusal"][0]["code"] == "budget_exceeded"
+        assert seen["refusal"][0]["virtual_key_id"] == key.id
+        assert sorted(a["type"] for a in seen["alert"]) == [
+            "budget.exhausted", "budget.threshold", "budget.threshold"]  # fmt: skip
+        admin = httpx.AsyncClient(transport=httpx.ASGITransport(create_admin_app(settings)),
+                                  base_url="http://a", headers=ADMIN)  # fmt: skip
+        async with admin:
+            refusals = (await admin.get("/refusals")).json()
+        assert refusals["count"] == 1 and refusals["refusals"][0]["status"] == 402
+
+
+async def test_a_soft_budget_alerts_and_counts_but_never_refuses(
+    make_settings: Settings,
+) -> None:
+    settings = make_settings()
+    app = host_app(settings)
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        key = engine.manager.create_virtual_key(
+            name="hal",
+            budgets=[{"max_limit": 0.25, "soft": True}, {"max_limit": 10, "reset_duration": "1d"}],
+        )
+        statuses = await spend(http, key.value, 0.1, 5)
+        assert statuses == [200] * 5
+        await until(lambda: len(engine.manager.list_alerts()) >= 2)
+        await engine.flush()
+        budgets = {
+            b.max_limit: b
+            for b in engine.manager.list_budgets(owner_id=key.id, owner_type="virtual_key")
+        }
+        print(f"soft budget: spent ${budgets[0.25].spent:.2f} of $0.25, all 5 answered 200; "
+              f"alerts {[a['type'] for a in engine.manager.list_alerts()]}")  # fmt: skip
+        assert budgets[0.25].soft is True and budgets[10].soft is False
+        assert budgets[0.25].spent == pytest.approx(0.5) and budgets[10].spent == pytest.approx(0.5)
+        assert {a["threshold"] for a in engine.manager.list_alerts()} == {0.8, 1.0}
+        listed = (await http.get("/hello")).status_code
+        assert listed == 200
+
+
+async def test_shadow_mode_refuses_nothing_and_says_what_it_would_have_refused(
+    make_settings: Settings,
+) -> None:
+    settings = make_settings(mode="shadow")
+    app = host_app(settings)
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        key = engine.manager.create_virtual_key(
+            name="ivy",
+            budgets=[{"max_limit": 0.2}],
+            rate_limit={"request_max_limit": 100, "request_reset_duration": "1h"},
+        )
+        answers = []
+        for _ in range(4):
+            headers = {"authorization": f"Bearer {key.value}", "x-mock-cost": "0.1"}
+            answers.append(
+                await http.post("/v1/chat/completions", json=chat("gpt-4o"), headers=headers)
+            )
+        unknown = await http.post("/v1/chat/completions", json=chat("gpt-4o"),
+                                  headers={"authorization": "Bearer sk-bm-nobody"})  # fmt: skip
+        shadow = [a.headers.get("x-budget-shadow-refusal") for a in answers]
+        print(
+            f"shadow: statuses {[a.status_code for a in answers]}, would refuse {shadow}; "
+            f"unknown key -> {unknown.status_code} {unknown.headers.get('x-budget-shadow-refusal')}"
+        )
+        assert [a.status_code for a in answers] == [200] * 4 and unknown.status_code == 200
+        assert shadow == [None, None, "budget_exceeded", "budget_exceeded"]
+        assert unknown.headers["x-budget-shadow-refusal"] == "invalid_virtual_key"
+        await engine.flush()
+        spent = engine.manager.list_budgets(owner_type="virtual_key", owner_id=key.id)[0].spent
+        assert spent == pytest.approx(0.4)  # every charge ran
+        with engine.store.session() as s:
+            from sqlmodel import col, select
+
+            from budget_middleware.store.tables import UsageRecordRow
+
+            refused = s.exec(select(UsageRecordRow.would_refuse)
+                             .order_by(col(UsageRecordRow.id))).all()  # fmt: skip
+        assert list(refused) == [None, None, "budget_exceeded", "budget_exceeded",
+                                 "invalid_virtual_key"]  # fmt: skip
+        admin = httpx.AsyncClient(transport=httpx.ASGITransport(create_admin_app(settings)),
+                                  base_url="http://a", headers=ADMIN)  # fmt: skip
+        async with admin:
+            metrics = (await admin.get("/metrics")).text
+        assert 'budget_shadow_refusals_total{reason="budget_exceeded"} 2.0' in metrics
+        assert 'budget_shadow_refusals_total{reason="invalid_virtual_key"} 1.0' in metrics
+        assert 'budget_requests_refused_total{reason="budget_exceeded"}' not in metrics
+
+
+def test_bad_alert_thresholds_are_refused_with_a_clear_message(make_settings: Settings) -> None:
+    manager = get_engine(make_settings()).manager
+    for bad, says in (([0], "greater than 0"), ([11], "less than or equal to 10"),
+                      (["x"], "valid number")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 1, "alert_thresholds": bad}]
+            )
+    key = manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 1, "alert_thresholds": [0.9, 0.5, 0.9]}]
+    )
+    assert key.budgets[0].alert_thresholds == [0.5, 0.9]  # sorted, once each
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name: str, tmp_path: Path) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name)],
+        capture_output=True, text=True, timeout=120, check=True, cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    print(done.stdout)
+    return done.stdout.splitlines()
+
+
+def test_the_alerts_example_prints_signed_alerts_at_its_receiver(tmp_path: Path) -> None:
+    lines = run_example("alerts.py", tmp_path)
+    got = [line for line in lines if "receiver got" in line]
+    assert len(got) == 6 and all("signature ok" in line for line in got)
+    shadow = [line for line in lines if "would refuse: budget_exceeded" in line]
+    assert len(shadow) == 2 and "  402" in lines
+
+
+def test_the_demo_shows_the_80_percent_alert_before_the_budget_refusal(tmp_path: Path) -> None:
+    lines = run_example("demo.py", tmp_path)
+    step = lines[lines.index(next(x for x in lines if x.startswith("== 4."))) :]
+    alert = next(n for n, x in enumerate(step) if "reached 80%" in x)
+    refusal = next(n for n, x in enumerate(step) if "402 budget_exceeded" in x)
+    assert alert < refusal and "ALERT Budget exhausted" in step[refusal + 1]
