@@ -1,6 +1,6 @@
 """The benchmark: one command, a markdown table, a JSON file.
 
-    python benchmarks/run.py [--quick] [--json PATH] [--parts inprocess,http,scaling,redis,outbound]
+    python benchmarks/run.py [--quick] [--json PATH] [--parts inprocess,http,...,outbound,wsgi]
 
 1. in-process: µs per raw ASGI call, the bare host app against the same app with the middleware;
 2. over HTTP: the example app under uvicorn, driven by wrk (or loadgen.py) on loopback;
@@ -34,8 +34,9 @@ import inprocess
 import outbound
 import redis_part
 import scaling
+import wsgi
 
-PARTS = ("inprocess", "http", "scaling", "redis", "outbound")
+PARTS = ("inprocess", "http", "scaling", "redis", "outbound", "wsgi")
 
 
 def _environment() -> dict[str, Any]:
@@ -87,6 +88,10 @@ async def _run(quick: bool, parts: set[str]) -> dict[str, Any]:
         started = time.perf_counter()
         report["outbound"] = await outbound.run(*((3_000, 3) if quick else (12_000, 6)))
         timings["outbound"] = time.perf_counter() - started
+    if "wsgi" in parts:  # the engine runs in its background loop: called from a plain thread
+        started = time.perf_counter()
+        report["wsgi"] = await asyncio.to_thread(wsgi.run, *((4_000, 4) if quick else (20_000, 10)))
+        timings["wsgi"] = time.perf_counter() - started
     report["seconds"] = timings
     return report
 
@@ -223,6 +228,28 @@ def markdown(report: dict[str, Any]) -> str:
             f"| with BudgetTransport | {_f(ob['metered_cpu_us'])} µs ({_f(ob['ratio'], 2)}x) | - |",
             f"| added per call | {_f(ob['added_us'])} µs = "
             f"{_f(ob['added_vs_real_httpx_call_pct'])} % of a real call's ~850 µs | < 5 % |",
+            "",
+        ]
+    if "wsgi" in report:
+        ws = report["wsgi"]
+        out += [
+            "**6. WSGI** (Flask, raw WSGI call in process; µs per request)",
+            "",
+            "| scenario | bare p50 | with BudgetWSGIMiddleware p50 | added p50 | added p99 | ratio "
+            "| target |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in ws["in_process"]:
+            out.append(
+                f"| {r['scenario']} | {_f(r['bare']['median_us'])} "
+                f"| {_f(r['middleware']['median_us'])} | {_f(r['added_p50_us'])} "
+                f"| {_f(r['added_p99_us'])} | {_f(r['ratio_p50'], 2)}x | {r['target']} |"
+            )
+        th = ws["threaded"]
+        out += [
+            "",
+            f"{th['threads']} threads at once: bare {_f(th['bare_rps'], 0)} req/s, with the "
+            f"middleware {_f(th['middleware_rps'], 0)} req/s ({_f(th['ratio'] * 100, 0)}%).",
             "",
         ]
     seconds = report.get("seconds", {})

@@ -167,7 +167,12 @@ async def main() -> None:
             f"  tokens {row.input_tokens:>4} in {row.output_tokens:>5} out  spend ${row.cost:.6f}"
         )
     await engine.shutdown()
-    print(f"\nThe store is ./{DB_FILE}; run the demo again to start afresh.")
+    store = f"BUDGET_DATABASE_URL=sqlite:///./{DB_FILE}"
+    print(f"\nThe store is ./{DB_FILE}; run the demo again to start afresh. Look at it")
+    print(f"  from a shell:   {store} .venv/bin/budget-middleware usage --by model")
+    print(f"  in a browser:   {store} BUDGET_ADMIN_KEY=admin-secret \\")
+    print("                    .venv/bin/uvicorn examples.app:app --port 8000")
+    print("                  then open http://127.0.0.1:8000/budget-admin/ui (key: admin-secret)")
 
 
 if __name__ == "__main__":

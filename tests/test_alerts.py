@@ -499,3 +499,6 @@ def test_the_demo_shows_the_80_percent_alert_before_the_budget_refusal(tmp_path:
     alert = next(n for n, x in enumerate(step) if "reached 80%" in x)
     refusal = next(n for n, x in enumerate(step) if "402 budget_exceeded" in x)
     assert alert < refusal and "ALERT Budget exhausted" in step[refusal + 1]
+    # It ends by pointing at the CLI and the dashboard on its store.
+    assert any("budget-middleware usage --by model" in x for x in lines[-5:])
+    assert any("/budget-admin/ui" in x for x in lines[-5:])

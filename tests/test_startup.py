@@ -244,3 +244,52 @@ async def test_a_store_unreachable_at_startup_does_not_stop_it_and_requests_try_
     engine = get_engine(settings)
     assert engine.started
     await engine.shutdown()
+
+
+def test_the_start_up_line_names_the_store_redis_and_the_admin_mount(tmp_path: Path) -> None:
+    """A first run under uvicorn says, in one line, which store and Redis it uses (no password)
+    and where the admin API is mounted."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "BUDGET_ADMIN_KEY": "x",
+        "BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/s.db",
+    }
+    code = (
+        "import asyncio, sys; sys.path.insert(0, 'examples'); from app import app\n"
+        "async def main():\n"
+        "    sent = []\n"
+        "    queue = [{'type': 'lifespan.startup'}, {'type': 'lifespan.shutdown'}]\n"
+        "    async def receive(): return queue.pop(0)\n"
+        "    async def send(m): sent.append(m['type'])\n"
+        "    scope = {'type': 'lifespan', 'asgi': {'version': '3.0'}, 'state': {}}\n"
+        "    await app(scope, receive, send)\n"
+        "    print(sent)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=60, check=True)  # fmt: skip
+    print(done.stderr)
+    lines = [x for x in done.stderr.splitlines() if x.startswith("budget-middleware: store")]
+    assert lines == [
+        f"budget-middleware: store sqlite:///{tmp_path}/s.db, counters in process "
+        "(no BUDGET_REDIS_URL), admin API at /budget-admin"
+    ]
+    engine = get_engine(
+        BudgetSettings(
+            database_url="postgresql+psycopg://app:hunter2@db.internal:5432/llm",
+            redis_url="redis://:s3cret@cache.internal:6379/0",
+            mode="shadow",
+        )
+    )
+    line = engine.describe(None)
+    print(line)
+    assert "hunter2" not in line and "s3cret" not in line
+    assert line == (
+        "budget-middleware: store postgresql+psycopg://app:***@db.internal:5432/llm, counters in "
+        "Redis at redis://:***@cache.internal:6379/0, no admin API mounted, shadow mode"
+    )

@@ -18,11 +18,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from budget_middleware.admin.answers import error
 from budget_middleware.admin.auth import check_admin, virtual_key_value
 from budget_middleware.admin.context import Call, Operation, Refused, check_path, parse_query
+from budget_middleware.admin.dashboard import dashboard_routes
 from budget_middleware.admin.metrics import metrics_answer
 from budget_middleware.admin.openapi import openapi_document
 from budget_middleware.admin.routes import OPERATIONS
@@ -136,10 +137,11 @@ def create_admin_app(settings: BudgetSettings | None = None, **_: Any) -> Starle
         paths.setdefault(op.path, {})[op.method] = _endpoint(op, holder)
     paths["/openapi.json"] = {"GET": _openapi(holder)}
     paths["/metrics"] = {"GET": _metrics(holder)}
-    routes = [
+    routes: list[BaseRoute] = [
         Route(path, _dispatch(handlers), methods=list(handlers), name=path)
         for path, handlers in paths.items()
     ]
+    routes += dashboard_routes()  # the page and its assets: no data, no admin key (SPEC §9)
     app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
     app.router.redirect_slashes = False  # "/customers/" is no route: a 404, not a 307
     app.state.budget = holder

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
@@ -128,6 +129,7 @@ class BudgetMiddleware:
         if first["type"] == "lifespan.startup" and self.error is None:
             try:
                 await self.engine.ensure_started()
+                _announce(self.engine.describe(_admin_mount(self.app)))
             except ConfigurationError as exc:  # final: the server must stop
                 self._fail(exc)
             except Exception as exc:  # the store may come later: requests retry
@@ -275,6 +277,33 @@ class _Unusable:
 
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
         raise raised_again(self.error)
+
+
+def _admin_mount(app: Any) -> str | None:
+    """Where the host app mounts an admin app (`create_admin_app`), if it does: found through
+    the middleware stack down to the router, at start-up only."""
+    for _ in range(50):
+        routes = getattr(app, "routes", None)
+        if routes is not None:
+            for route in routes:
+                mounted = getattr(route, "app", None)
+                state = getattr(mounted, "state", None)
+                if state is not None and hasattr(state, "budget"):
+                    return str(getattr(route, "path", "")) or "/"
+            return None
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+def _announce(line: str) -> None:
+    """The start-up line: logged at INFO; printed to stderr when no logging is configured, so
+    a first run says which store and Redis it uses."""
+    if logger.hasHandlers():
+        logger.info(line)
+    else:
+        sys.stderr.write(line + "\n")
 
 
 async def _read_body(first: Message, receive: Receive, limit: int) -> bytes:

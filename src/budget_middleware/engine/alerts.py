@@ -80,6 +80,7 @@ class Alerts:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
 
     # -- on the request path ---------------------------------------------------------------
 
@@ -146,13 +147,19 @@ class Alerts:
         self._task = loop.create_task(self._run())
 
     async def stop(self) -> None:
-        """Stop the task (a delivery under way is cut; its claim lapses) and raise what is
-        queued, so that it is delivered after a restart."""
+        """Stop the task once its round ends (bounded: a delivery still hanging then is cut and
+        its claim lapses), and raise what is queued, so that it is delivered after a restart."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._stopping = True
+            if self._wake is not None:
+                self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.timeout + 2.0)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._loop = None
         try:
             await self.raise_queued()
@@ -162,10 +169,13 @@ class Alerts:
     async def _run(self) -> None:
         wake = self._wake
         assert wake is not None
-        while True:
+        self._stopping = False
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.poll_interval)
             wake.clear()
+            if self._stopping:
+                return
             try:
                 await self.raise_queued()
                 if self.urls:

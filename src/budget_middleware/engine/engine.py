@@ -239,6 +239,24 @@ class BudgetEngine:
         """Hooks an adapter was given (SPEC §14); every adapter on this engine sees every event."""
         self.hooks.add(on_alert=on_alert, on_refusal=on_refusal, on_settled=on_settled)
 
+    def describe(self, admin_path: str | None = None) -> str:
+        """One line for the start-up log: the store and Redis (no password), the admin mount."""
+        from sqlalchemy.engine import make_url
+
+        def hidden(url: str) -> str:
+            try:
+                return make_url(url).render_as_string(hide_password=True)
+            except Exception:
+                return url.split("@")[-1]
+
+        s = self.settings
+        counters = f"counters in Redis at {hidden(s.redis_url)}" if s.redis_url else (
+            "counters in process (no BUDGET_REDIS_URL)"
+        )
+        admin = f"admin API at {admin_path}" if admin_path else "no admin API mounted"
+        mode = ", shadow mode" if s.mode == "shadow" else ""
+        return f"budget-middleware: store {hidden(s.database_url)}, {counters}, {admin}{mode}"
+
     def _prepare_store(self) -> None:
         self.store.create_schema()
         for hook in self.startup_hooks:

@@ -1,0 +1,61 @@
+"""The `budget-middleware` command (SPEC §16): manage budgets from a shell.
+
+It works on the store of `BUDGET_DATABASE_URL` directly (the same `BUDGET_*` settings as the
+middleware), or on a running admin API with `--url` and `--admin-key` (`BUDGET_ADMIN_URL`,
+`BUDGET_ADMIN_KEY`). Tables for people, `--json` for scripts; a failure prints one line,
+`error: <cause>`, and exits non-zero (1; 2 for a command used wrongly).
+
+    budget-middleware keys create --name alice --team-id T --budget 10/1d --request-limit 60/1m
+    budget-middleware usage --by model --since 7d
+    budget-middleware --url http://localhost:8000/budget-admin budgets list --json
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+
+__all__ = ["main", "run"]
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default: the process's); its exit status."""
+    from budget_middleware.cli.client import CliError
+    from budget_middleware.cli.commands import cli
+    from budget_middleware.exceptions import BudgetError
+
+    no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    try:
+        status = cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="budget-middleware",
+            standalone_mode=False,
+        )
+    except CliError as exc:
+        return _fail(exc.message, exc.code)
+    except no_args_help as exc:  # a group alone: its help, as click shows it
+        click.echo(exc.format_message())
+        return 2
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        return _fail(exc.format_message() + hint, exc.exit_code)
+    except click.ClickException as exc:
+        return _fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        return _fail("aborted", 1)
+    except BudgetError as exc:  # a setting, a config file: messages that name the cause
+        return _fail(str(exc), 1)
+    return status if isinstance(status, int) else 0
+
+
+def _fail(message: str, code: int) -> int:
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    click.echo(f"error: {line}", err=True)
+    return code
+
+
+def main() -> None:
+    """The console script `budget-middleware` and `python -m budget_middleware`."""
+    sys.exit(run())

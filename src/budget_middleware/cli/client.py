@@ -1,0 +1,340 @@
+"""The two ways the CLI reaches the budgets, behind one interface.
+
+`StoreClient` works on the store of `BUDGET_DATABASE_URL` through the Python management API;
+`HttpClient` calls a running admin API (`--url`, `--admin-key`). Both answer the admin API's own
+JSON shapes (SPEC §9: `{"virtual_key": {...}}`, `{"virtual_keys": [...], "count": n}`, ...), so
+the commands format the same dicts whichever is used, and `--json` prints what the API answers.
+Every failure is a `CliError` whose message is one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from budget_middleware.manage.manager import BudgetManager
+    from budget_middleware.settings import BudgetSettings
+
+Json = dict[str, Any]
+
+
+class CliError(Exception):
+    """A failure the CLI reports on one line (`error: <message>`) before exiting with `code`.
+    `status` is the HTTP status it stands for (404 for an unknown id), when there is one."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: int = 1) -> None:
+        super().__init__(message)
+        self.message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """A managed object: its command, its admin API path and envelope names, and its words."""
+
+    command: str  # the CLI's group: "keys"
+    path: str  # the admin API's collection: "/virtual-keys"
+    one: str  # the envelope of one (and the manager's method suffix): "virtual_key"
+    many: str  # the envelope of a list (and the manager's list suffix): "virtual_keys"
+    what: str  # in messages: "virtual key"
+    named: bool = False  # providers and tags: known by name, written by PUT
+
+
+KINDS: dict[str, Kind] = {
+    kind.command: kind
+    for kind in (
+        Kind("customers", "/customers", "customer", "customers", "customer"),
+        Kind("teams", "/teams", "team", "teams", "team"),
+        Kind("keys", "/virtual-keys", "virtual_key", "virtual_keys", "virtual key"),
+        Kind("providers", "/providers", "provider", "providers", "provider", named=True),
+        Kind("model-configs", "/model-configs", "model_config", "model_configs", "model config"),
+        Kind("tags", "/tags", "tag", "tags", "tag", named=True),
+        Kind("routes", "/routes", "route", "routes", "route"),
+    )
+}
+
+
+class Client(Protocol):
+    """What every command needs; each method answers as the admin API's route does."""
+
+    def list(self, kind: Kind, query: Json) -> Json: ...
+    def get(self, kind: Kind, ref: str) -> Json: ...
+    def create(self, kind: Kind, body: Json) -> Json: ...
+    def update(self, kind: Kind, ref: str, body: Json) -> Json: ...
+    def put(self, kind: Kind, name: str, body: Json) -> Json: ...
+    def delete(self, kind: Kind, ref: str) -> Json: ...
+    def rotate_key(self, ref: str) -> Json: ...
+    def budgets(self, query: Json) -> Json: ...
+    def reset_budget(self, ref: str) -> Json: ...
+    def usage(self, query: Json) -> Json: ...
+    def alerts(self, query: Json) -> Json: ...
+    def apply_config(self, path: Path) -> None: ...
+    def close(self) -> None: ...
+
+
+def _given(query: Json) -> Json:
+    return {k: v for k, v in query.items() if v is not None}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+# -- the store, directly -------------------------------------------------------------------
+
+
+def shown_url(url: str) -> str:
+    """A database URL as it may be printed: without its password."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+class StoreClient:
+    """The management API on the store of the settings (`BUDGET_DATABASE_URL`)."""
+
+    def __init__(self, settings: BudgetSettings) -> None:
+        self.settings = settings
+        self.where = f"the store at {shown_url(settings.database_url)}"
+        self._manager: BudgetManager | None = None
+
+    @property
+    def manager(self) -> BudgetManager:
+        if self._manager is None:
+            from budget_middleware.manage.manager import BudgetManager
+            from budget_middleware.store.database import Store
+
+            self._manager = BudgetManager(Store(self.settings.database_url), self.settings)
+        return self._manager
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        from pydantic import BaseModel, ValidationError
+        from sqlalchemy.exc import DataError, SQLAlchemyError
+
+        from budget_middleware.exceptions import AdminError, ServiceUnavailable
+
+        try:
+            out = fn(*args, **kwargs)
+        except AdminError as exc:
+            raise CliError(exc.message, status=exc.status) from None
+        except ValidationError as exc:
+            raise CliError(describe_validation(exc), status=422) from None
+        except DataError:
+            raise CliError("a value is out of the range the store can hold", status=422) from None
+        except (ServiceUnavailable, SQLAlchemyError, OSError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            detail = f" ({reason[0]})" if reason else ""
+            raise CliError(f"{self.where} cannot be reached{detail}", status=503) from None
+        if isinstance(out, BaseModel):
+            from budget_middleware.manage.schemas import dump
+
+            return dump(out)
+        if isinstance(out, list):
+            return [_plain(item) for item in out]
+        return out
+
+    def list(self, kind: Kind, query: Json) -> Json:
+        fn = getattr(self.manager, f"list_{kind.many}")
+        if kind.command == "model-configs":
+            items, total = self._call(fn, **_given(query))
+            return {kind.many: [_plain(i) for i in items], "total_count": total}
+        items = self._call(fn, **_given(query))
+        return {kind.many: items, "count": len(items)}
+
+    def get(self, kind: Kind, ref: str) -> Json:
+        return {kind.one: self._call(getattr(self.manager, f"get_{kind.one}"), ref)}
+
+    def create(self, kind: Kind, body: Json) -> Json:
+        return {kind.one: self._call(getattr(self.manager, f"create_{kind.one}"), body)}
+
+    def update(self, kind: Kind, ref: str, body: Json) -> Json:
+        return {kind.one: self._call(getattr(self.manager, f"update_{kind.one}"), ref, body)}
+
+    def put(self, kind: Kind, name: str, body: Json) -> Json:
+        return {kind.one: self._call(getattr(self.manager, f"put_{kind.one}"), name, body)}
+
+    def delete(self, kind: Kind, ref: str) -> Json:
+        self._call(getattr(self.manager, f"delete_{kind.one}"), ref)
+        return {"deleted": True, "id": ref}
+
+    def rotate_key(self, ref: str) -> Json:
+        return {"virtual_key": self._call(self.manager.rotate_virtual_key, ref)}
+
+    def budgets(self, query: Json) -> Json:
+        items = self._call(self.manager.list_budgets, **_given(query))
+        return {"budgets": items, "count": len(items), "server_time": _now()}
+
+    def reset_budget(self, ref: str) -> Json:
+        return {"budget": self._call(self.manager.reset_budget, ref)}
+
+    def usage(self, query: Json) -> Json:
+        start, end = (_moment(query.get(name)) for name in ("start", "end"))
+        out: Json = self._call(self.manager.usage, query["group_by"], start, end)
+        return out
+
+    def alerts(self, query: Json) -> Json:
+        fn = getattr(self.manager, "list_alerts", None)
+        if fn is None:
+            raise CliError("this version of budget-middleware keeps no alerts")
+        found = self._call(fn, **_given(query))
+        if isinstance(found, dict):  # already the admin API's answer
+            return found
+        return {"alerts": found, "count": len(found)}
+
+    def apply_config(self, path: Path) -> None:
+        from budget_middleware.exceptions import ConfigFileError
+        from budget_middleware.manage.config_file import check_config_file, load_config_file
+
+        settings = self.settings.model_copy(update={"config_file": path})
+        store = self.manager.store
+        try:
+            check_config_file(path)  # before anything is written, the store's schema included
+            self._call(store.create_schema)  # a fresh store, as the engine's start-up does
+            self._call(load_config_file, store, settings)
+        except ConfigFileError as exc:
+            raise CliError(config_message(str(exc))) from None
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.store.dispose()
+
+
+def _plain(item: Any) -> Any:
+    from pydantic import BaseModel
+
+    if isinstance(item, BaseModel):
+        from budget_middleware.manage.schemas import dump
+
+        return dump(item)
+    return item
+
+
+def _moment(text: Any) -> datetime | None:
+    return datetime.fromisoformat(text) if isinstance(text, str) else None
+
+
+def describe_validation(exc: Any) -> str:
+    """A pydantic ValidationError as the admin API words its 422: the first failing field."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if not errors:
+        return "invalid body"
+    where = ".".join(str(part) for part in errors[0]["loc"]) or "body"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {errors[0]['msg']}{more}"
+
+
+def config_message(message: str) -> str:
+    """A config file error as the CLI says it: the file is an argument, not BUDGET_CONFIG_FILE."""
+    prefix = "BUDGET_CONFIG_FILE "
+    return "config file " + message[len(prefix) :] if message.startswith(prefix) else message
+
+
+# -- a running admin API ---------------------------------------------------------------------
+
+
+class HttpClient:
+    """The admin API at `url` (where it is mounted, e.g. `http://host:8000/budget-admin`)."""
+
+    def __init__(self, url: str, admin_key: str, *, timeout: float = 30.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(
+            base_url=self.url,
+            headers={"authorization": f"Bearer {admin_key}", "accept": "application/json"},
+            timeout=timeout,
+        )
+
+    def _send(self, method: str, path: str, query: Json | None = None, body: Any = None) -> Json:
+        import httpx
+
+        try:
+            answer = self.http.request(
+                method, path, params=_given(query or {}), json=body if body is not None else None
+            )
+        except httpx.HTTPError as exc:
+            reason = str(exc).strip() or type(exc).__name__
+            raise CliError(
+                f"the admin API at {self.url} cannot be reached ({reason})", status=503
+            ) from None
+        try:
+            data = answer.json()
+        except ValueError:
+            data = None
+        if answer.status_code >= 400:
+            error = data.get("error") if isinstance(data, dict) else None
+            if isinstance(error, dict) and error.get("message"):
+                message = str(error["message"])
+            else:
+                message = answer.text.strip()[:200] or answer.reason_phrase
+                if answer.status_code == 404:
+                    message += f" (is {self.url} where the admin API is mounted?)"
+            raise CliError(
+                f"admin API answered {answer.status_code}: {message}", status=answer.status_code
+            )
+        if not isinstance(data, dict):
+            raise CliError(
+                f"admin API answered {answer.status_code} without a JSON object: is {self.url} "
+                "where the admin app is mounted?"
+            )
+        return data
+
+    @staticmethod
+    def _one(kind: Kind, ref: str) -> str:
+        return f"{kind.path}/{quote(ref, safe='')}"
+
+    def list(self, kind: Kind, query: Json) -> Json:
+        return self._send("GET", kind.path, query)
+
+    def get(self, kind: Kind, ref: str) -> Json:
+        if kind.named:  # the admin API lists providers and tags; it has no route for one
+            for item in self.list(kind, {}).get(kind.many, []):
+                if item.get(kind.one) == ref:
+                    return {kind.one: item}
+            raise CliError(f"{kind.what} {ref!r} not found", status=404)
+        return self._send("GET", self._one(kind, ref))
+
+    def create(self, kind: Kind, body: Json) -> Json:
+        return self._send("POST", kind.path, body=body)
+
+    def update(self, kind: Kind, ref: str, body: Json) -> Json:
+        return self._send("PUT", self._one(kind, ref), body=body)
+
+    def put(self, kind: Kind, name: str, body: Json) -> Json:
+        return self._send("PUT", self._one(kind, name), body=body)
+
+    def delete(self, kind: Kind, ref: str) -> Json:
+        return self._send("DELETE", self._one(kind, ref))
+
+    def rotate_key(self, ref: str) -> Json:
+        return self._send("POST", f"/virtual-keys/{quote(ref, safe='')}/rotate")
+
+    def budgets(self, query: Json) -> Json:
+        return self._send("GET", "/budgets", query)
+
+    def reset_budget(self, ref: str) -> Json:
+        return self._send("POST", f"/budgets/{quote(ref, safe='')}/reset")
+
+    def usage(self, query: Json) -> Json:
+        return self._send("GET", "/usage", query)
+
+    def alerts(self, query: Json) -> Json:
+        return self._send("GET", "/alerts", query)
+
+    def apply_config(self, path: Path) -> None:
+        raise CliError(
+            "config apply writes to the store directly: run it without --url, with the "
+            "BUDGET_DATABASE_URL of the store (the admin API has no route that applies a file)"
+        )
+
+    def close(self) -> None:
+        self.http.close()

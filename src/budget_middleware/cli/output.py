@@ -1,0 +1,113 @@
+"""What people see: plain aligned tables and `field: value` listings of the admin API's dicts.
+Scripts use `--json`, which prints the dicts themselves."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import click
+
+Json = dict[str, Any]
+Column = tuple[str, Callable[[Json], Any]]
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(text(v) for v in value) or "-"
+    return str(value)
+
+
+def usd(value: Any) -> str:
+    """USD to 4 decimals; amounts under a cent to 6, so that small spend does not show as 0."""
+    if value is None:
+        return "-"
+    amount = float(value)
+    return f"${amount:,.6f}" if 0 < abs(amount) < 0.01 else f"${amount:,.4f}"
+
+
+def when(value: Any) -> str:
+    """An RFC 3339 time, to the minute: `2026-11-30 10:00Z`."""
+    if not isinstance(value, str) or len(value) < 16:
+        return text(value)
+    return value[:10] + " " + value[11:16] + "Z"
+
+
+def table(rows: Iterable[Json], columns: Sequence[Column], *, empty: str = "(none)") -> None:
+    cells = [[text(get(row)) for _, get in columns] for row in rows]
+    if not cells:
+        click.echo(empty)
+        return
+    heads = [head for head, _ in columns]
+    widths = [max(len(line[i]) for line in [heads, *cells]) for i in range(len(heads))]
+    for line in [heads, *cells]:
+        cells_ = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        click.echo("  ".join(cells_).rstrip())
+
+
+def fields(item: Json, names: Sequence[str]) -> None:
+    """`name: value` lines of the item's fields that are present, in this order."""
+    present = [n for n in names if n in item]
+    width = max((len(n) for n in present), default=0)
+    for name in present:
+        value = item[name]
+        shown = when(value) if name.endswith("_at") or name == "last_reset" else text(value)
+        click.echo(f"{name + ':':<{width + 1}} {shown}")
+
+
+def budgets_summary(item: Json) -> str:
+    """An owner's budgets in one cell: `$0.0100 of $10.0000 /1d, $2.0000 of $100.0000 /1M`."""
+    parts = []
+    for b in item.get("budgets") or []:
+        period = f"/{b['reset_duration']}" if b.get("reset_duration") else " total"
+        soft = " (soft)" if b.get("soft") else ""
+        parts.append(
+            f"{usd(b.get('spent', b.get('current_usage')))} of {usd(b['max_limit'])}{period}{soft}"
+        )
+    return ", ".join(parts) or "-"
+
+
+def rate_summary(item: Json) -> str:
+    """A rate limit in one cell: `60 req/1m, 100000 tok/1h, 4 concurrent`."""
+    rate = item.get("rate_limit")
+    if not rate:
+        return "-"
+    parts = []
+    if rate.get("request_max_limit") is not None:
+        parts.append(f"{rate['request_max_limit']} req/{rate['request_reset_duration']}")
+    if rate.get("token_max_limit") is not None:
+        parts.append(f"{rate['token_max_limit']} tok/{rate['token_reset_duration']}")
+    if rate.get("max_concurrent_requests") is not None:
+        parts.append(f"{rate['max_concurrent_requests']} concurrent")
+    return ", ".join(parts) or "-"
+
+
+BUDGET_COLUMNS: list[Column] = [
+    ("ID", lambda b: b["id"]),
+    ("OWNER", lambda b: b.get("user_path") or b.get("owner_type")),
+    ("SPENT", lambda b: usd(b.get("spent", b.get("current_usage")))),
+    ("LIMIT", lambda b: usd(b.get("max_limit"))),
+    ("REMAINING", lambda b: usd(b.get("remaining"))),
+    ("WINDOW", lambda b: b.get("reset_duration") or "never resets"),
+    ("RESETS", lambda b: when(b.get("period_end"))),
+    ("SOURCE", lambda b: b.get("source")),
+]
+
+
+def show_limits(item: Json) -> None:
+    """An owner's budgets (a table) and rate limit (a line), after its fields."""
+    budgets = item.get("budgets")
+    if budgets is not None:
+        click.echo("budgets:")
+        table(budgets, BUDGET_COLUMNS[:1] + BUDGET_COLUMNS[2:], empty="  (none)")
+    if "rate_limit" in item:
+        click.echo(f"rate limit: {rate_summary(item)}")

@@ -1,0 +1,110 @@
+"""What the options mean: budgets (`10/1d`), limits (`60/1m`), moments (`7d`, `2026-01-01`) and
+bodies (`--body JSON`, `--file body.json`). A value that cannot be read is a usage error naming
+the option."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from budget_middleware.core.durations import Duration, add_months
+
+_MONTHS = {"M": 1, "Q": 3, "Y": 12}
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(text: str, option: str) -> Duration:
+    try:
+        return Duration.parse(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+def _number(text: str, option: str, kind: type[int] | type[float]) -> Any:
+    try:
+        value = kind(text.strip().removeprefix("$"))
+    except ValueError:
+        what = "an amount of USD" if kind is float else "a whole number"
+        raise click.BadParameter(f"{text!r} is not {what}", param_hint=option) from None
+    if value < 0:
+        raise click.BadParameter(f"{text!r} is negative", param_hint=option)
+    return value
+
+
+def budget(text: str, option: str = "--budget") -> dict[str, Any]:
+    """`10/1d` ($10 a day) or `10` ($10 that never resets) as a budget of the admin API."""
+    amount, _, period = text.partition("/")
+    out: dict[str, Any] = {"max_limit": _number(amount, option, float)}
+    out["reset_duration"] = str(duration(period, option)) if period else None
+    return out
+
+
+def limit(text: str, option: str) -> tuple[int, str]:
+    """`60/1m` (60 per minute) as a maximum and its reset_duration."""
+    count, sep, period = text.partition("/")
+    if not sep:
+        raise click.BadParameter(f"{text!r} is not N/DURATION (e.g. 60/1m)", param_hint=option)
+    return _number(count, option, int), str(duration(period, option))
+
+
+def moment(text: str, option: str, *, ahead: bool = False) -> str:
+    """A time as RFC 3339: a duration from now (`7d` ago, or ahead with `ahead`), a date
+    (`2026-01-01`, midnight UTC) or a date-time (`2026-01-01T12:00:00Z`; UTC when no offset)."""
+    try:
+        span = Duration.parse(text)
+    except ValueError:
+        span = None
+    now = datetime.now(UTC).replace(microsecond=0)
+    if span is not None:
+        sign = 1 if ahead else -1
+        if span.unit in _MONTHS:
+            at = add_months(now, sign * span.count * _MONTHS[span.unit])
+        else:
+            at = now + sign * timedelta(seconds=span.count * _SECONDS[span.unit])
+        return _rfc3339(at)
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return _rfc3339(datetime(day.year, day.month, day.day, tzinfo=UTC))
+        at = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a duration ({'7d' if not ahead else '30d'}, 12h, 1M), a date "
+            "(2026-01-01) nor a time (2026-01-01T12:00:00Z)",
+            param_hint=option,
+        ) from None
+    return _rfc3339(at if at.tzinfo is not None else at.replace(tzinfo=UTC))
+
+
+def _rfc3339(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def body(text: str | None, file: str | None) -> dict[str, Any]:
+    """The JSON object of `--body` or `--file` (`-`: standard input); {} when neither."""
+    if text is not None and file is not None:
+        raise click.UsageError("give --body or --file, not both")
+    if file is not None:
+        option = "--file"
+        try:
+            text = sys.stdin.read() if file == "-" else Path(file).read_text()
+        except OSError as exc:
+            raise click.BadParameter(
+                f"cannot read {file!r}: {exc.strerror}", param_hint=option
+            ) from None
+    else:
+        option = "--body"
+    if text is None:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=option) from None
+    if not isinstance(data, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=option)
+    return data

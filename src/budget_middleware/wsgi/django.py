@@ -1,0 +1,58 @@
+"""The admin API under a Django URL prefix (SPEC §15):
+
+    from budget_middleware.wsgi.django import admin_urls
+    urlpatterns = [*admin_urls("budget-admin/"), ...]
+
+A view forwards every request under the prefix to `create_admin_wsgi_app()` (on the engine the
+middleware shares, for equal settings). It is CSRF-exempt: the admin API authenticates with
+`Authorization: Bearer $BUDGET_ADMIN_KEY`, never a cookie. Django is an optional extra
+(`budget-middleware[django]`); this module imports it only when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import re
+from typing import Any
+
+from budget_middleware.settings import BudgetSettings
+from budget_middleware.wsgi.admin import AdminWSGIApp
+
+
+def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = None) -> list[Any]:
+    """URL patterns that serve the admin API under `prefix` (`"budget-admin/"`: at
+    `/budget-admin/customers`, `/budget-admin/health`, ...)."""
+    urls = importlib.import_module("django.urls")
+    http = importlib.import_module("django.http")
+    csrf = importlib.import_module("django.views.decorators.csrf")
+    mount = prefix.strip("/")
+    admin = AdminWSGIApp(settings)
+
+    def view(request: Any, rest: str | None = None) -> Any:
+        environ = dict(request.environ)
+        script = environ.get("SCRIPT_NAME", "").rstrip("/")
+        path = environ.get("PATH_INFO", "")
+        marker = "/" + mount
+        at = path.find(marker)
+        below = path[at + len(marker) :] if at >= 0 else "/" + (rest or "").lstrip("/")
+        environ["SCRIPT_NAME"] = script + path[: at + len(marker)] if at >= 0 else script + marker
+        environ["PATH_INFO"] = below or "/"
+        body = request.body
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        started: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc: Any = None) -> Any:
+            started[:] = [status, headers]
+            return lambda data: None
+
+        result = admin(environ, start_response)
+        content = b"".join(result)
+        response = http.HttpResponse(content, status=int(started[0][:3]))
+        for name, value in started[1]:
+            if name.lower() != "content-length":
+                response[name] = value
+        return response
+
+    return [urls.re_path(rf"^{re.escape(mount)}(?P<rest>/.*)?$", csrf.csrf_exempt(view))]

@@ -1,0 +1,462 @@
+"""The WSGI middleware: the second thin adapter over the engine's gate and `Exchange`.
+
+    app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app)        # Flask
+    application = BudgetWSGIMiddleware(get_wsgi_application())  # Django
+
+Read the request body once, ask the gate, pass the request on (the body replayed from memory),
+pass the answer on chunk by chunk as the app yields it, measuring it, and settle the charge
+exactly once: at its last chunk, or when the server closes it early (a client gone).
+
+Threads: a WSGI server calls from many threads at once. With in-process counters, a request is
+decided and admitted in the calling thread holding `portal.loop_lock`, which every step of the
+engine's event loop (a background thread's) holds too: admission stays atomic, with no hop to
+the loop. Only what must await (a key not cached yet, a stale configuration, Redis) goes to the
+loop and is waited for.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+from budget_middleware.answers import ErrorAnswer, error_answer, store_unavailable
+from budget_middleware.core.identity import Credentials, header_reader, key_digest
+from budget_middleware.core.scopes import KeyConfig
+from budget_middleware.engine.cache import NOT_CACHED
+from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
+from budget_middleware.engine.exchange import BudgetState, Exchange
+from budget_middleware.engine.gate import body_to_send
+from budget_middleware.engine.hooks import Hook
+from budget_middleware.engine.portal import is_background, loop_lock, on_loop
+from budget_middleware.exceptions import ConfigurationError
+from budget_middleware.outbound.payer import inbound_headers, noting
+from budget_middleware.settings import BudgetSettings, raised_again
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    Write = Callable[[bytes], object]
+
+logger = logging.getLogger("budget_middleware")
+
+# Where the app finds who is calling (the WSGI twin of ASGI's `request.state.budget`):
+# `request.environ["budget_middleware.state"]` (Flask), `request.META[...]` (Django).
+STATE_KEY = "budget_middleware.state"
+
+_UNKNOWN = "Unknown virtual key"
+_STATUS_LINES: dict[int, str] = {}
+
+
+def budget_state(environ: WSGIEnvironment) -> BudgetState | None:
+    """Who is calling, as the middleware resolved it (None on a request it did not meter)."""
+    state: BudgetState | None = environ.get(STATE_KEY)
+    return state
+
+
+def status_line(status: int) -> str:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Unknown"
+        line = _STATUS_LINES[status] = f"{status} {phrase}"
+    return line
+
+
+def answer(start_response: StartResponse, reply: ErrorAnswer) -> list[bytes]:
+    """An answer of the middleware's own (a refusal, a 413, a 503), as WSGI sends it."""
+    start_response(
+        status_line(reply.status),
+        [(n.decode("latin-1"), v.decode("latin-1")) for n, v in reply.headers],
+    )
+    return [reply.body]
+
+
+def _too_large(limit: int) -> ErrorAnswer:
+    return error_answer(
+        413,
+        "request_too_large",
+        f"Request body is larger than BUDGET_MAX_BODY_BYTES ({limit} bytes)",
+    )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _environ_name(header: bytes) -> str:
+    return "HTTP_" + header.decode("latin-1").upper().replace("-", "_")
+
+
+class BudgetWSGIMiddleware:
+    """Budgets and rate limits for every metered request of a WSGI app (SPEC §15)."""
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        settings: BudgetSettings | None = None,
+        *,
+        engine: BudgetEngine | None = None,
+        on_alert: Hook | None = None,
+        on_refusal: Hook | None = None,
+        on_settled: Hook | None = None,
+    ) -> None:
+        self.app = app
+        # No lifespan in WSGI: invalid settings fail here, where the server loads the app.
+        self.engine = engine if engine is not None else get_engine(settings)
+        self.engine.add_hooks(on_alert=on_alert, on_refusal=on_refusal, on_settled=on_settled)
+        s = self.engine.settings
+        self.suffixes = s.inference_paths
+        self.read_headers = header_reader(s.key_header, s.key_prefix)
+        self.max_body = s.max_body_bytes
+        self.fail_open = s.fail_open
+        self.require_key = s.require_virtual_key
+        self.shadow = s.mode == "shadow"  # SPEC §14: nothing refused, what would be is said
+        self.gate = self.engine.gate
+        self.key_required = (
+            "A virtual key is required: send it in the "
+            f"'{s.key_header}' header or as 'Authorization: Bearer {s.key_prefix}…'"
+        )
+        # The headers the gate reads, by their environ names (the rest are never looked at).
+        names = [
+            s.key_header.lower().encode(),
+            b"authorization",
+            b"x-api-key",
+            b"x-goog-api-key",
+            b"x-budget-provider",
+            b"x-budget-tags",
+        ]
+        self.wanted = tuple((name, _environ_name(name)) for name in dict.fromkeys(names))
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        failure = self.engine.failure
+        if failure is not None:  # a configuration error met at start-up: every request says so
+            raise raised_again(failure)
+        if noting.active:  # a BudgetSyncTransport exists: who calls is noted, on any path
+            token = inbound_headers.set(self._headers(environ))
+            try:
+                return self._route(environ, start_response)
+            finally:
+                inbound_headers.reset(token)
+        return self._route(environ, start_response)
+
+    def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] == "POST" and environ.get("PATH_INFO", "").endswith(
+            self.suffixes
+        ):
+            return self._metered(environ, start_response)
+        return self.app(environ, start_response)
+
+    def _headers(self, environ: WSGIEnvironment) -> list[tuple[bytes, bytes]]:
+        """The request headers the gate reads, as ASGI has them (bytes; environ values are
+        latin-1 text of the bytes sent, PEP 3333)."""
+        get = environ.get
+        headers = [
+            (name, value.encode("latin-1")) for name, var in self.wanted if (value := get(var))
+        ]
+        length = get("CONTENT_LENGTH")
+        if length:
+            headers.append((b"content-length", length.encode("latin-1")))
+        return headers
+
+    # -- metered requests ----------------------------------------------------------------
+
+    def _metered(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        engine = self.engine
+        started = perf_counter()
+        credentials = self.read_headers(self._headers(environ))
+        try:
+            body = self._body(environ, credentials)
+        except _TooLarge:
+            return answer(start_response, _too_large(self.max_body))
+        if not engine.started:
+            try:
+                on_loop(engine, engine.ensure_started)
+            except ConfigurationError:
+                raise  # final: the configuration is wrong, not the store away
+            except Exception:
+                if not self.fail_open:
+                    return answer(start_response, store_unavailable())
+        if engine.stale:
+            on_loop(engine, engine.ensure_current)
+        path: str = environ.get("PATH_INFO", "")
+        direct = engine.memory is not None and is_background(engine.loop)
+        if direct:
+            admitted = self._admit_here(body, path, credentials, started)
+        else:  # Redis, or an engine an ASGI app runs: its loop decides
+            admitted = on_loop(engine, lambda: self._admit_there(body, path, credentials, started))
+        if type(admitted) is ErrorAnswer:
+            return answer(start_response, admitted)
+        exchange: Exchange = admitted  # type: ignore[assignment]
+        key = exchange.key
+        target = exchange.target
+        environ[STATE_KEY] = exchange.caller = BudgetState(
+            virtual_key_id=key.id if key else None,
+            team_id=key.team_id if key else None,
+            customer_id=key.customer_id if key else None,
+            provider=target.provider,
+            model=target.model,
+            tags=target.tags,
+        )
+        if exchange.parsed is not None:  # a route's target, a stream asked for its usage
+            new_body = body_to_send(exchange)
+            if new_body is not None:
+                body = new_body
+        environ["wsgi.input"] = io.BytesIO(body)  # read once here: the app reads it again
+        environ["CONTENT_LENGTH"] = str(len(body))
+        response = MeteredResponse(self, exchange, start_response, direct)
+        try:
+            response.iterable = self.app(environ, response.start_response)
+        except BaseException:
+            response.settle("upstream_error")
+            raise
+        return response
+
+    def _body(self, environ: WSGIEnvironment, credentials: Credentials) -> bytes:
+        stream = environ["wsgi.input"]
+        length = credentials.content_length
+        if length is not None:
+            if length > self.max_body:
+                raise _TooLarge
+            return stream.read(length) if length > 0 else b""
+        if not environ.get("wsgi.input_terminated"):
+            return b""  # no length, and the server does not end the input: no body (PEP 3333)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = stream.read(65536)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > self.max_body:
+                raise _TooLarge
+            chunks.append(chunk)
+
+    def _admit_here(
+        self, body: bytes, path: str, credentials: Credentials, started: float
+    ) -> Exchange | ErrorAnswer:
+        """In-process counters: decided and admitted in this thread, holding the loop's lock
+        (a key not cached yet is read on the loop first, without the lock)."""
+        engine = self.engine
+        value = credentials.key
+        if value is None:
+            with loop_lock:
+                return self._decide(None, body, path, credentials, started)
+        digest = key_digest(value)
+        with loop_lock:
+            found = engine.keys.get(digest)  # a cached key: no hop
+            if found is not NOT_CACHED:
+                return self._decide(found, body, path, credentials, started)
+        try:
+            found = on_loop(engine, lambda: engine.lookup_key(value))
+        except ServiceUnavailable:
+            # Fail open admits a key this process has seen valid, on its last-known limits;
+            # a key it cannot vouch for is never admitted.
+            with loop_lock:
+                found = engine.last_known.get(digest) if self.fail_open else None
+            if found is None:
+                return store_unavailable()
+        with loop_lock:
+            return self._decide(found, body, path, credentials, started)
+
+    def _decide(
+        self,
+        found: KeyConfig | None,
+        body: bytes,
+        path: str,
+        credentials: Credentials,
+        started: float,
+    ) -> Exchange | ErrorAnswer:
+        """The key's answer, the gate's decision and admission (under `loop_lock`)."""
+        gate = self.gate
+        refused = self._shadowed(credentials, found)
+        if type(refused) is ErrorAnswer:
+            return refused
+        shadowed: str | None = refused  # type: ignore[assignment]
+        decision = gate.decide(body, path, credentials, found, started, shadowed)
+        if type(decision) is ErrorAnswer:
+            return decision
+        return gate.admit_now(decision)  # type: ignore[arg-type]
+
+    def _shadowed(
+        self, credentials: Credentials, found: KeyConfig | None
+    ) -> str | ErrorAnswer | None:
+        """The answer to the credentials when they are refused (401); in shadow mode, the code
+        they would be refused for (the request goes on without a key), else None."""
+        refused: tuple[str, str] | None = None
+        if credentials.key is not None:
+            if found is None:
+                refused = "invalid_virtual_key", _UNKNOWN
+        elif self.require_key:
+            refused = "virtual_key_required", self.key_required
+        if refused is None:
+            return None
+        if self.shadow:
+            return refused[0]
+        return self.gate.refuse(401, *refused)
+
+    async def _admit_there(
+        self, body: bytes, path: str, credentials: Credentials, started: float
+    ) -> Exchange | ErrorAnswer:
+        """On the engine's loop, as the ASGI middleware admits (Redis, or a foreign loop)."""
+        engine = self.engine
+        gate = self.gate
+        key: KeyConfig | None = None
+        if credentials.key is not None:
+            digest = key_digest(credentials.key)
+            found = engine.keys.get(digest)
+            if found is NOT_CACHED:
+                try:
+                    found = await engine.lookup_key(credentials.key)
+                except ServiceUnavailable:
+                    found = engine.last_known.get(digest) if self.fail_open else None
+                    if found is None:
+                        return store_unavailable()
+            key = found
+        refused = self._shadowed(credentials, key)
+        if type(refused) is ErrorAnswer:
+            return refused
+        shadowed: str | None = refused  # type: ignore[assignment]
+        decision = gate.decide(body, path, credentials, key, started, shadowed)
+        if type(decision) is ErrorAnswer:
+            return decision
+        if engine.in_process:
+            return gate.admit_now(decision)  # type: ignore[arg-type]
+        try:
+            return await gate.admit(decision)  # type: ignore[arg-type]
+        except ServiceUnavailable:
+            return store_unavailable()
+
+    def settle(self, exchange: Exchange, outcome: str, direct: bool) -> None:
+        if direct:
+            with loop_lock:
+                exchange.settle_now(outcome)
+        elif self.engine.in_process:
+            on_loop(self.engine, lambda: _settle_now(exchange, outcome))
+        else:
+            on_loop(self.engine, lambda: exchange.settle_shared(outcome))
+
+
+async def _settle_now(exchange: Exchange, outcome: str) -> None:
+    exchange.settle_now(outcome)
+
+
+class MeteredResponse:
+    """The app's answer on its way to the server: headers completed at `start_response`, each
+    chunk measured as it passes (never held back), settled exactly once, at the last chunk or
+    at `close()`, whichever comes first."""
+
+    __slots__ = ("direct", "done", "exchange", "failed", "iterable", "iterator", "middleware",
+                 "settled", "start", "write_")  # fmt: skip
+
+    def __init__(
+        self,
+        middleware: BudgetWSGIMiddleware,
+        exchange: Exchange,
+        start_response: StartResponse,
+        direct: bool,
+    ) -> None:
+        self.middleware = middleware
+        self.exchange = exchange
+        self.start = start_response
+        self.direct = direct
+        self.iterable: Iterable[bytes] = ()
+        self.iterator: Iterator[bytes] | None = None
+        self.write_: Write | None = None
+        self.done = False
+        self.failed = False
+        self.settled = False
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+    ) -> Write:
+        exchange = self.exchange
+        if exc_info is not None and exchange.response_started:
+            return self.start(status, headers, exc_info)  # the server re-raises (PEP 3333)
+        message = {
+            "type": "http.response.start",
+            "status": int(status[:3]),
+            "headers": [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers],
+        }
+        kept: list[tuple[bytes, bytes]] = exchange.on_start(message)["headers"]
+        if exchange.injected_usage and exchange.stream is not None:  # a chunk may be dropped
+            kept = [h for h in kept if h[0].lower() != b"content-length"]
+        self.write_ = self.start(
+            status, [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept], exc_info
+        )
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """The legacy `write()` of `start_response`, metered as a chunk."""
+        assert self.write_ is not None
+        out: bytes = self.exchange.on_body(
+            {"type": "http.response.body", "body": data, "more_body": True}
+        )["body"]
+        if out:
+            self.write_(out)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        iterator = self.iterator
+        if iterator is None:
+            iterator = self.iterator = iter(self.iterable)
+        exchange = self.exchange
+        try:
+            chunk = next(iterator)
+        except StopIteration:
+            if self.done:
+                raise
+            self.done = True
+            last: bytes = exchange.on_body(
+                {"type": "http.response.body", "body": b"", "more_body": False}
+            )["body"]
+            self.settle("completed")
+            if last:
+                return last
+            raise
+        except BaseException:
+            self.failed = True
+            raise
+        out: bytes = exchange.on_body(
+            {"type": "http.response.body", "body": chunk, "more_body": True}
+        )["body"]
+        return out
+
+    def close(self) -> None:
+        """Called by the server once the answer is sent, or given up (a client gone)."""
+        try:
+            close = getattr(self.iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self.failed:
+                self.settle("upstream_error")
+            else:
+                self.settle("client_disconnected")  # no-op after the last chunk
+
+    def settle(self, outcome: str) -> None:
+        """Exactly once, whichever thread gets here first (the flag is tested under the lock
+        that settles in process: one acquisition)."""
+        try:
+            if self.direct:
+                with loop_lock:
+                    if self.settled:
+                        return
+                    self.settled = True
+                    self.exchange.settle_now(outcome)
+                return
+            with loop_lock:
+                if self.settled:
+                    return
+                self.settled = True
+            self.middleware.settle(self.exchange, outcome, False)
+        except Exception:  # the answer is gone already: log, never raise into the server
+            logger.exception("budget-middleware could not settle a request")

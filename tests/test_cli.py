@@ -1,0 +1,487 @@
+"""The `budget-middleware` command (SPEC §16), run for real: `python -m budget_middleware` and the
+installed console script, in subprocesses, on a SQLite store of the test's own and on a running
+admin API (uvicorn serving examples/app.py: the middleware and `create_admin_app()` mounted).
+
+Usage is produced by real requests through the middleware (in process for the store, over HTTP
+for the server). Independent commands run at once (`cli_many`), and the breadth (every kind of
+object, every error) runs the same entry point in this process (`here`: `budget_middleware.cli.run`
+with the environment and the output of a subprocess), to keep the file quick: each process spends
+most of a second importing the package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from budget_middleware import BudgetSettings, get_manager
+from budget_middleware.cli import run
+from budget_middleware.cli.commands import cli as cli_group
+from support import chat, client, host_app, running
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(sys.executable).parent / "budget-middleware"
+ADMIN_KEY = "cli-admin-secret"
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    def failed_on_one_line(self, code: int = 1) -> str:
+        """The error line of a failure: exit status `code`, nothing on stdout, one line on
+        stderr starting with `error: `."""
+        assert self.code == code, (self.code, self.out, self.err)
+        assert self.out == ""
+        assert self.err.startswith("error: ") and self.err.count("\n") == 1, self.err
+        return self.err.strip()
+
+
+def _argv(line: str, script: bool) -> list[str]:
+    args = shlex.split(line)
+    return [str(SCRIPT), *args] if script else [sys.executable, "-m", "budget_middleware", *args]
+
+
+def cli_many(env: dict[str, str], lines: Sequence[str], *, script: bool = False) -> list[Result]:
+    """Run the command lines at once (each in its own process: `python -m budget_middleware`,
+    or the console script); their results, in order."""
+    variables = {**os.environ, **env}  # conftest has removed the developer's BUDGET_* variables
+    processes = [
+        subprocess.Popen(
+            _argv(line, script),
+            env=variables,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for line in lines
+    ]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=60)
+        results.append(Result(process.returncode, out, err))
+    return results
+
+
+def cli(env: dict[str, str], line: str, *, script: bool = False) -> Result:
+    return cli_many(env, [line], script=script)[0]
+
+
+def ok(result: Result) -> Result:
+    assert result.code == 0, (result.out, result.err)
+    return result
+
+
+def value_line(out: str) -> str:
+    """The key's value from the `value: ...` line a create or a rotate prints."""
+    [line] = [line for line in out.splitlines() if line.startswith("value: ")]
+    return line.removeprefix("value: ")
+
+
+def table(out: str) -> list[list[str]]:
+    """A table's lines, split on runs of 2+ spaces (cells never hold two spaces)."""
+    return [re.split(r" {2,}", line.strip()) for line in out.splitlines() if line.strip()]
+
+
+class Here:
+    """A command line run in this process (`run(argv)`), with `env` set; its Result."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        self.capsys = capsys
+        self.monkeypatch = monkeypatch
+
+    def __call__(self, env: dict[str, str], line: str) -> Result:
+        self.capsys.readouterr()
+        with self.monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            code = run(shlex.split(line))
+        captured = self.capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+
+@pytest.fixture
+def here(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Here:
+    return Here(capsys, monkeypatch)
+
+
+def _key(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> dict[str, str]:
+    return {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/budget.db"}
+
+
+def _exists(env: dict[str, str]) -> bool:
+    return Path(env["BUDGET_DATABASE_URL"].removeprefix("sqlite:///")).exists()
+
+
+def _settings(env: dict[str, str]) -> BudgetSettings:
+    # A short cache TTL: a key rotated by the CLI is seen as changed on the next request.
+    return BudgetSettings(
+        database_url=env["BUDGET_DATABASE_URL"],
+        flush_interval_seconds=0.05,
+        cache_ttl_seconds=0.05,
+    )
+
+
+async def _requests(env: dict[str, str], *values: str) -> list[int]:
+    """The status of a chat completion with each key, through the middleware in process; its
+    usage is flushed to the store when the app shuts down."""
+    app = host_app(_settings(env))
+    statuses = []
+    async with running(app), client(app) as http:
+        for value in values:
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=_key(value))
+            statuses.append(answer.status_code)
+    return statuses
+
+
+# -- on the store, directly --------------------------------------------------------------------
+
+
+async def test_keys_budgets_and_usage_on_the_store(store: dict[str, str], here: Here) -> None:
+    acme = ok(cli(store, "customers create --name acme --json")).json()["customer"]
+    line = "teams create --name research --customer-id acme --budget 10/1d"
+    team = ok(cli(store, line, script=True))
+    assert team.out.startswith("created team ")
+    assert "name:             research" in team.out
+    assert f"customer_id:      {acme['id']}" in team.out  # --customer-id took the name
+    assert [row[4] for row in table(team.out) if row[1:3] == ["$0.0000", "$10.0000"]] == ["1d"]
+
+    # keys create prints the value once (and says so on stderr); the key then works.
+    line = "keys create --name alice --team-id research --budget 1/1d --request-limit 60/1m"
+    created = ok(cli(store, line))
+    value = value_line(created.out)
+    assert value.startswith("sk-bm-") and created.out.count(value) == 1
+    assert "shown this once" in created.err
+    assert await _requests(store, value, "sk-bm-not-a-key") == [200, 401]
+
+    keys, usage = cli_many(store, ["keys list", "usage --by model --since 1d"])
+    rows = table(ok(keys).out)
+    assert rows[0][:4] == ["ID", "NAME", "KEY", "TEAM"]
+    assert rows[1][1] == "alice" and rows[1][2].startswith("sk-bm-…") and value not in keys.out
+    rows = table(ok(usage).out)
+    assert rows[0] == [
+        "MODEL",
+        "REQUESTS",
+        "INPUT TOKENS",
+        "OUTPUT TOKENS",
+        "CACHED TOKENS",
+        "COST",
+    ]
+    assert rows[1][:2] == ["gpt-4o", "1"] and rows[-1][:2] == ["total", "1"]
+
+    key = ok(here(store, "keys show alice --json")).json()["virtual_key"]
+    assert "value" not in key and key["name"] == "alice"
+    assert [b["max_limit"] for b in key["budgets"]] == [1.0]
+    assert key["rate_limit"]["request_max_limit"] == 60
+    report = ok(here(store, "--json usage --by model")).json()
+    assert report["group_by"] == "model" and report["count"] == 1
+    assert report["usage"][0]["key"] == "gpt-4o" and report["usage"][0]["cost"] > 0
+    [spent] = ok(here(store, "budgets list --owner-type team --json")).json()["budgets"]
+    assert spent["user_path"] == "/acme/research" and spent["spent"] > 0
+
+    # budgets reset: a new window from now, usage 0.
+    reset = ok(cli(store, f"budgets reset {spent['id']}"))
+    assert reset.out.startswith(f"reset budget {spent['id']} (/acme/research)")
+    [after] = ok(here(store, "budgets list --owner-type team --json")).json()["budgets"]
+    assert after["id"] == spent["id"] and after["spent"] == 0
+
+    # keys rotate: a new value, once; the old one stops working.
+    rotated = ok(here(store, "keys rotate alice --json")).json()["virtual_key"]
+    assert rotated["value"] != value and rotated["id"] == key["id"]
+    assert await _requests(store, value, rotated["value"]) == [401, 200]
+
+
+def test_every_kind_from_options_and_from_the_api_bodies(
+    store: dict[str, str], tmp_path: Path, here: Here
+) -> None:
+    """Create, update, show, list and delete each kind (in process: `here`)."""
+    route = tmp_path / "route.json"
+    route.write_text(json.dumps({"name": "gpt-4o", "targets": ["openai/gpt-4o", "azure/gpt-4o"]}))
+    tag_body = shlex.quote(json.dumps({"budgets": [{"max_limit": 20, "reset_duration": "1d"}]}))
+    customer, provider, tag, routed, config = [here(store, line) for line in [
+        "customers create --name acme --calendar-aligned",
+        "providers create openai --budget 500/1M",
+        f"tags create product:chat --body {tag_body}",
+        f"routes create --file {route} --json",
+        "model-configs create --model-name gpt-4o* --budget 50/1w --json",
+    ]]  # fmt: skip
+    assert ok(customer).out.startswith("created customer ")
+    assert ok(provider).out.startswith("created provider openai\n") and "$500.0000" in provider.out
+    assert "$20.0000" in ok(tag).out
+    route_id = ok(routed).json()["route"]["id"]
+    assert routed.json()["route"]["targets"] == ["openai/gpt-4o", "azure/gpt-4o"]
+    assert ok(config).json()["model_config"]["scope"] == "global"
+
+    provider, tag, routed, customer, configs, again = [here(store, line) for line in [
+        "providers update openai --request-limit 10/1s --json",
+        "tags show product:chat",
+        "routes update gpt-4o --strategy most_remaining --json",
+        "customers update acme --name acme-corp --json",
+        "model-configs list",
+        "providers create openai",
+    ]]  # fmt: skip
+    openai = ok(provider).json()["provider"]
+    assert openai["rate_limit"]["request_max_limit"] == 10
+    assert [b["max_limit"] for b in openai["budgets"]] == [500.0]  # an update keeps the rest
+    assert ok(tag).out.startswith("tag:              product:chat\n")
+    assert ok(routed).json()["route"]["strategy"] == "most_remaining"
+    renamed = ok(customer).json()["customer"]
+    assert renamed["name"] == "acme-corp" and renamed["calendar_aligned"] is True
+    rows = table(ok(configs).out)
+    assert rows[0][:4] == ["ID", "MODEL", "PROVIDER", "SCOPE"]
+    assert rows[1][1:4] == ["gpt-4o*", "-", "global"] and "$50.0000/1w" in rows[1][4]
+    assert again.failed_on_one_line() == (
+        "error: provider 'openai' already exists: change it with 'providers update openai'"
+    )
+
+    deleted = [here(store, line) for line in [
+        "providers delete openai",
+        "tags delete product:chat",
+        "routes delete gpt-4o --json",
+        "model-configs delete gpt-4o*",  # a model config by its model name
+        "customers delete acme-corp",
+    ]]  # fmt: skip
+    assert [r.code for r in deleted] == [0] * 5, [r.err for r in deleted]
+    assert deleted[0].out == "deleted provider openai\n"
+    assert deleted[2].json() == {"deleted": True, "id": route_id}
+    assert ok(here(store, "budgets list --json")).json()["count"] == 0  # owners' went with them
+    assert ok(here(store, "routes list")).out == "(none)\n"
+
+
+def test_a_failure_prints_one_line_naming_its_cause(
+    store: dict[str, str], tmp_path: Path, here: Here
+) -> None:
+    unreachable = {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/no/such/dir/b.db"}
+    invalid = {"BUDGET_DATABASE_URL": "mysql://localhost/x"}
+    unknown, duration = cli_many(store, ["keys show nope", "keys create --name x --budget 1/1x"])
+    [down] = cli_many(unreachable, ["customers list"])
+    [settings] = cli_many(invalid, ["keys list"], script=True)
+    assert unknown.failed_on_one_line() == "error: virtual key 'nope' not found"
+    line = duration.failed_on_one_line(2)
+    assert "--budget" in line and "invalid duration '1x'" in line
+    assert down.failed_on_one_line() == (
+        f"error: the store at {unreachable['BUDGET_DATABASE_URL']} cannot be reached "
+        "(unable to open database file)"
+    )
+    line = settings.failed_on_one_line()
+    assert line.startswith("error: invalid budget-middleware settings: BUDGET_DATABASE_URL:")
+
+    # The same entry point in process, for the rest.
+    since, not_object, invalid_body, parent, command, both = [here(store, line) for line in [
+        "usage --since 7x",
+        "customers create --body '[1]'",
+        """customers create --body '{"calendar_aligned": true}'""",
+        "teams create --name t --customer-id nobody",
+        "no-such-command",
+        "routes create --body {} --file x.json",
+    ]]  # fmt: skip
+    line = since.failed_on_one_line(2)
+    assert "--since" in line and "'7x' is neither a duration" in line
+    assert "--body" in not_object.failed_on_one_line(2) and "JSON object" in not_object.err
+    assert invalid_body.failed_on_one_line() == "error: name: Field required"
+    assert parent.failed_on_one_line() == "error: customer 'nobody' not found"
+    assert "No such command 'no-such-command'" in command.failed_on_one_line(2)
+    assert "give --body or --file, not both" in both.failed_on_one_line(2)
+
+
+async def test_config_check_and_apply(store: dict[str, str], tmp_path: Path, here: Here) -> None:
+    good, bad = tmp_path / "budget.yaml", tmp_path / "bad.yaml"
+    good.write_text(
+        "customers:\n  - name: globex\n    budgets: [{max_limit: 50, reset_duration: 1M}]\n"
+        "teams:\n  - name: ops\n    customer: globex\n"
+        "virtual_keys:\n  - name: bot\n    team: ops\n    value: sk-bm-from-the-config-file\n"
+    )
+    bad.write_text("teams:\n  - name: ops\n    budgets: [{max_limit: 5, reset_duration: 1x}]\n")
+    checked, refused = cli_many(store, [f"config check {good}", f"config check {bad}"])
+    assert ok(checked).out == f"{good} is valid: customers: 1, teams: 1, virtual keys: 1\n"
+    line = refused.failed_on_one_line()
+    assert line.startswith(f"error: config file '{bad}', teams[0] (ops): budgets.0.reset_duration")
+    assert ok(here(store, f"config check {good} --json")).json() == {
+        "file": str(good),
+        "valid": True,
+        "entries": {"customers": 1, "teams": 1, "virtual_keys": 1},
+    }
+    assert here(store, f"config apply {bad}").failed_on_one_line() == line
+    assert not _exists(store)  # nothing was written, not even the store's schema
+
+    applied = ok(cli(store, f"config apply {good}", script=True))  # on a fresh store
+    assert applied.out.startswith(f"applied {good}: customers: 1, teams: 1, virtual keys: 1")
+    [key] = ok(here(store, "keys list --json")).json()["virtual_keys"]
+    assert key["name"] == "bot" and key["source"] == "config" and key["team_id"] is not None
+    assert await _requests(store, "sk-bm-from-the-config-file") == [200]
+
+
+# -- on a running admin API --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str  # where the admin API is mounted
+    base: str  # the host app
+    env: dict[str, str]  # what the CLI needs to reach the admin API
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """examples/app.py under uvicorn: the middleware, and the admin API at /budget-admin."""
+    port = _free_port()
+    variables = {
+        **os.environ,
+        "BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/server.db",
+        "BUDGET_ADMIN_KEY": ADMIN_KEY,
+        "BUDGET_FLUSH_INTERVAL_SECONDS": "0.05",
+    }
+    line = f"uvicorn app:app --app-dir {ROOT / 'examples'} --port {port} --log-level warning"
+    process = subprocess.Popen([sys.executable, "-m", *shlex.split(line)], env=variables)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/budget-admin/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.1)
+        url = f"{base}/budget-admin"
+        yield Server(url, base, {"BUDGET_ADMIN_URL": url, "BUDGET_ADMIN_KEY": ADMIN_KEY})
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_the_same_commands_on_a_running_admin_api(server: Server, here: Here) -> None:
+    unused = {"BUDGET_DATABASE_URL": "sqlite:////nonexistent/never/used.db"}  # not with --url
+    line = f"--url {server.url} --admin-key {ADMIN_KEY} customers create --name acme --json"
+    acme = ok(cli(unused, line)).json()["customer"]
+    line = "keys create --name bob --customer-id acme --budget 5/1d"  # BUDGET_ADMIN_URL, _KEY
+    created = ok(cli(server.env, line, script=True))
+    value = value_line(created.out)
+    assert created.out.count(value) == 1 and f"customer_id:      {acme['id']}" in created.out
+    with httpx.Client(base_url=server.base) as http:
+        assert http.post("/v1/chat/completions", json=chat(), headers=_key(value)).is_success
+        wrong = http.post("/v1/chat/completions", json=chat(), headers=_key("sk-bm-nope-nope"))
+        assert wrong.status_code == 401
+        deadline = time.monotonic() + 10  # the server's flusher writes the usage record
+        auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        while not http.get("/budget-admin/usage", headers=auth).json()["count"]:
+            assert time.monotonic() < deadline, "the usage record was never written"
+            time.sleep(0.05)
+
+    wrong_key = {**server.env, "BUDGET_ADMIN_KEY": "not-the-key"}
+    usage, unknown = cli_many(server.env, ["usage --by model --since 1h", "keys show nope"])
+    [refused] = cli_many(wrong_key, ["keys list"])
+    [unreachable] = cli_many({}, ["--url http://127.0.0.1:9/admin --admin-key k keys list"])
+    rows = table(ok(usage).out)
+    assert rows[1][:2] == ["gpt-4o", "1"] and rows[-1][:2] == ["total", "1"]
+    assert unknown.failed_on_one_line() == (
+        "error: admin API answered 404: virtual key 'nope' not found"
+    )
+    assert refused.failed_on_one_line() == (
+        "error: admin API answered 401: the bearer token is not BUDGET_ADMIN_KEY"
+    )
+    line = unreachable.failed_on_one_line()
+    assert line.startswith("error: the admin API at http://127.0.0.1:9/admin cannot be reached")
+
+    # The same entry point in process, for the rest.
+    line = "budgets list --owner-type virtual_key --json"
+    [budget] = ok(here(server.env, line)).json()["budgets"]
+    assert budget["user_path"] == "/acme/bob" and budget["spent"] > 0
+    reset = ok(here(server.env, f"budgets reset {budget['id']} --json")).json()["budget"]
+    assert reset["id"] == budget["id"] and reset["spent"] == 0
+    provider = ok(here(server.env, "providers create openai --budget 100/1d"))
+    assert provider.out.startswith("created provider openai\n")
+    shown = ok(here(server.env, "providers show openai --json")).json()["provider"]
+    assert [b["max_limit"] for b in shown["budgets"]] == [100.0]
+    assert "already exists" in here(server.env, "providers create openai").failed_on_one_line()
+    no_key = here({}, f"--url {server.url} customers list")
+    assert "--url needs --admin-key" in no_key.failed_on_one_line(2)
+    apply = here(server.env, "config apply x.yaml")
+    assert "config apply writes to the store directly" in apply.failed_on_one_line()
+    assert ok(here(server.env, "alerts list --json")).json() == {"alerts": [], "count": 0}
+    good = ROOT / "examples" / "gateway.yaml"  # config check reads the file alone
+    assert ok(here(server.env, f"config check {good}")).out.startswith(f"{good} is valid")
+
+
+# -- alerts (SPEC §14) ---------------------------------------------------------------------------
+
+
+async def test_alerts_list(store: dict[str, str], here: Here) -> None:
+    from budget_middleware.manage.manager import BudgetManager
+
+    if not hasattr(BudgetManager, "list_alerts"):
+        pytest.skip("BudgetManager.list_alerts (SPEC §14) is not there yet")
+    created = ok(here(store, "keys create --name alice --budget 0.000001/1d"))
+    settings = _settings(store)
+    app = host_app(settings)
+    async with running(app), client(app) as http:  # spends past 80 % and 100 % of the budget
+        headers = _key(value_line(created.out))
+        assert (await http.post("/v1/chat/completions", json=chat(), headers=headers)).is_success
+        deadline = time.monotonic() + 10  # the engine's alert task raises them in the store
+        while len(get_manager(settings).list_alerts()) < 2:
+            assert time.monotonic() < deadline, "no alerts were raised"
+            await asyncio.sleep(0.05)
+    listed, as_json = cli_many(store, ["alerts list", "alerts list --json"])
+    rows = table(ok(listed).out)
+    assert rows[0] == ["RAISED", "TYPE", "OWNER", "THRESHOLD", "BUDGET", "DELIVERY", "ATTEMPTS"]
+    assert any(row[2] == "virtual_key alice" for row in rows[1:])
+    alerts = ok(as_json).json()
+    assert alerts["count"] >= 1 and alerts["count"] == len(alerts["alerts"])
+    assert {a["owner"]["name"] for a in alerts["alerts"]} == {"alice"}
+    filtered = ok(here(store, "alerts list --owner-type team --json")).json()
+    assert filtered == {"alerts": [], "count": 0}
+
+
+# -- help ------------------------------------------------------------------------------------------
+
+
+def _paths(group: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    yield prefix
+    for name, command in getattr(group, "commands", {}).items():
+        yield from _paths(command, (*prefix, name))
+
+
+def test_every_command_has_help(here: Here) -> None:
+    paths = list(_paths(cli_group))
+    assert len(paths) > 45  # 7 kinds x 5 (+ rotate), budgets, usage, config, alerts
+    for path in paths:
+        shown = ok(here({}, " ".join([*path, "--help"]))).out
+        assert shown.startswith(" ".join(["Usage: budget-middleware", *path])), shown
+    script, module = cli_many({}, ["--help"], script=True) + cli_many({}, ["keys --help"])
+    assert ok(script).out.startswith("Usage: budget-middleware [OPTIONS] COMMAND [ARGS]...")
+    assert "rotate" in ok(module).out

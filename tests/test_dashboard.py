@@ -1,0 +1,549 @@
+"""The dashboard (SPEC §16): `GET /ui` and its assets, and the page at work in a real browser.
+
+The unit tests ask the admin app through ASGI: the page and its assets need no admin key, carry
+the right types and headers, and hold no data. The browser test serves `examples/app.py` (the
+mock LLM service with the middleware, and the admin API at `/budget-admin`) under uvicorn on a
+fresh SQLite store seeded with a fortnight of usage, sends it live traffic, and drives Debian's
+chromium through the page: sign in, read the budgets and the chart, create a key, change a limit,
+reset a budget. `BUDGET_TEST_SCREENSHOT=1` has it write docs/dashboard.png anew.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from budget_middleware import BudgetSettings, create_admin_app, get_engine
+from budget_middleware.admin.dashboard import ASSETS, CSP
+from budget_middleware.core.money import nanos_from_usd
+from budget_middleware.store.tables import UsageRecordRow
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = ROOT / "docs" / "dashboard.png"
+ADMIN_KEY = "dashboard-admin-secret"
+MOUNT = "/budget-admin"  # where examples/app.py mounts the admin API
+IN_CI = os.environ.get("CI") == "true"
+
+
+# -- the page and its assets, through ASGI ------------------------------------------------------
+
+
+def _settings(tmp_path: Path) -> BudgetSettings:
+    return BudgetSettings(database_url=f"sqlite:///{tmp_path}/ui.db", admin_key=ADMIN_KEY)
+
+
+async def _get(tmp_path: Path, *paths: str, **headers: str) -> list[httpx.Response]:
+    app = create_admin_app(_settings(tmp_path))
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return [await client.get(path, headers=headers) for path in paths]
+
+
+async def test_the_page_is_served_without_an_admin_key(tmp_path: Path) -> None:
+    (page,) = await _get(tmp_path, "/ui")
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["content-security-policy"] == CSP
+    assert "script-src 'self'" in CSP and "connect-src 'self'" in CSP
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["cache-control"] == "no-cache"
+    assert "<title>Budgets · budget-middleware</title>" in page.text
+    # Nothing from elsewhere: every asset is one of the package's, named with its digest.
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert refs and all(re.fullmatch(r"ui/[a-z]+\.(css|js|svg)\?v=[0-9a-f]{20}", r) for r in refs)
+    assert "http://" not in page.text and "https://" not in page.text
+
+
+async def test_the_page_holds_no_data(tmp_path: Path) -> None:
+    """Budgets, keys and usage come from the admin API, with the admin key: never in the page."""
+    manager = get_engine(_settings(tmp_path)).manager
+    team = manager.create_team(name="secret-team", budgets=[{"max_limit": 12.34}])
+    key = manager.create_virtual_key(name="secret-key", team_id=team.id)
+    assert key.value
+    page, script, budgets = await _get(tmp_path, "/ui", "/ui/dashboard.js", "/budgets")
+    assert budgets.status_code == 401  # the data needs the admin key; the page does not
+    for answer in (page, script):
+        assert answer.status_code == 200
+        for secret in ("secret-team", "secret-key", team.id, key.id, key.value, "12.34", ADMIN_KEY):
+            assert secret not in answer.text
+
+
+async def test_each_asset_is_served_with_its_type(tmp_path: Path) -> None:
+    answers = await _get(tmp_path, *(f"/ui/{name}" for name in ASSETS))
+    for (name, media_type), answer in zip(ASSETS.items(), answers, strict=True):
+        assert answer.status_code == 200, name
+        assert answer.headers["content-type"] == media_type
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["cache-control"] == "no-cache"  # asked for without its digest
+        assert answer.content  # shipped in the package
+    assert "sessionStorage" in answers[1].text and "localStorage" not in answers[1].text
+
+
+async def test_an_asset_asked_for_with_its_digest_is_cached_for_good(tmp_path: Path) -> None:
+    (page,) = await _get(tmp_path, "/ui")
+    ref = re.search(r'src="(ui/dashboard\.js\?v=[0-9a-f]+)"', page.text)
+    assert ref is not None
+    current, stale = await _get(tmp_path, "/" + ref.group(1), "/ui/dashboard.js?v=0123")
+    assert current.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert stale.headers["cache-control"] == "no-cache"
+    (again,) = await _get(tmp_path, "/ui", **{"If-None-Match": page.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+
+
+async def test_unknown_assets_are_404(tmp_path: Path) -> None:
+    names = ["/ui/index.html", "/ui/nope.js", "/ui/../app.py", "/ui/static/dashboard.js",
+             "/ui/dashboard.js/x", "/ui/__init__.py", "/ui2"]  # fmt: skip
+    for answer, name in zip(await _get(tmp_path, *names), names, strict=True):
+        assert answer.status_code == 404, name
+        assert answer.json()["error"]["code"] == "route_not_found"
+    (slash,) = await _get(tmp_path, "/ui/")
+    assert slash.status_code == 308 and slash.headers["location"] == "/ui"
+
+
+async def test_mounted_under_a_prefix_the_page_finds_its_assets(tmp_path: Path) -> None:
+    """The page names its assets and the API relative to itself: any mount point works."""
+    host = Starlette(routes=[Mount("/budget-admin", create_admin_app(_settings(tmp_path)))])
+    transport = httpx.ASGITransport(host)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        page = await client.get("/budget-admin/ui")
+        assert page.status_code == 200
+        for ref in re.findall(r'(?:src|href)="([^"]+)"', page.text):
+            assert (await client.get("/budget-admin/" + ref)).status_code == 200, ref
+        slash = await client.get("/budget-admin/ui/")
+        assert slash.status_code == 308 and slash.headers["location"] == "/budget-admin/ui"
+
+
+async def test_the_page_answers_head_and_refuses_other_methods(tmp_path: Path) -> None:
+    app = create_admin_app(_settings(tmp_path))
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        head = await client.head("/ui")
+        assert head.status_code == 200 and head.content == b""
+        posted = await client.post("/ui", json={})
+        assert posted.status_code == 405
+        assert "GET" in posted.headers["allow"]
+
+
+# -- a served app with a fortnight of usage ------------------------------------------------------
+
+# name, team, daily budget (USD; None: none), model, share of the past spend, and today's traffic:
+# requests and output tokens each. support-bot's budget is soft (it goes over), bob's runs out.
+KEYS: list[tuple[str, str, float | None, str, float, int, int]] = [
+    ("alice", "research", 4.0, "gpt-4o", 0.26, 8, 12000),
+    ("bob", "research", 0.40, "claude-sonnet-4-5", 0.08, 6, 8000),
+    ("checkout-svc", "product", 0.12, "gpt-4o-mini", 0.18, 10, 16000),
+    ("search-api", "product", 5.0, "gpt-4.1", 0.22, 8, 10000),
+    ("support-bot", "support", 0.25, "claude-3-5-haiku-latest", 0.16, 8, 10000),
+    ("nightly-batch", "product", None, "gpt-4o", 0.10, 5, 16000),
+]
+TEAMS = {"research": ("acme", 2.5), "product": ("acme", 4.0), "support": ("globex", 1.0)}
+CUSTOMERS = {"acme": 400.0, "globex": 150.0}
+SOFT = {"support-bot"}  # alerts, never refuses
+OPENAI_POLICY = {
+    "provider": "openai",
+    "budgets": [{"max_limit": 2.0, "reset_duration": "1d"}],
+    "rate_limit": {"request_max_limit": 1000, "request_reset_duration": "1m"},
+}
+
+
+@dataclass
+class Served:
+    url: str
+    tmp_path: Path
+    keys: dict[str, str] = field(default_factory=dict)  # name -> value
+    key_ids: dict[str, str] = field(default_factory=dict)
+    budgets: dict[str, str] = field(default_factory=dict)  # key name -> its budget's id
+
+    @property
+    def admin(self) -> str:
+        return self.url + MOUNT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _seed(url: str, served: Served) -> None:
+    """Customers, teams, keys and budgets, and 13 days of usage records before today's."""
+    engine = get_engine(BudgetSettings(database_url=url, admin_key=ADMIN_KEY))
+    m = engine.manager
+    monthly = {"reset_duration": "1M", "calendar_aligned": True}
+    customers = {n: m.create_customer(name=n, budgets=[{"max_limit": amount, **monthly}]).id
+                 for n, amount in CUSTOMERS.items()}  # fmt: skip
+    teams = {name: m.create_team(name=name, customer_id=customers[customer],
+                                 budgets=[{"max_limit": amount, "reset_duration": "1d"}])
+             for name, (customer, amount) in TEAMS.items()}  # fmt: skip
+    for name, team, daily, *_ in KEYS:
+        budget = {"max_limit": daily, "reset_duration": "1d", "soft": name in SOFT}
+        budgets = [budget] if daily is not None else []
+        policies = [] if budgets else [OPENAI_POLICY]  # the key without a budget has a policy
+        key = m.create_virtual_key(
+            name=name, team_id=teams[team].id, budgets=budgets, provider_configs=policies
+        )
+        assert key.value is not None
+        served.keys[name], served.key_ids[name] = key.value, key.id
+        if budgets:
+            served.budgets[name] = key.budgets[0].id
+    m.put_provider("openai", budgets=[{"max_limit": 250.0, **monthly}])
+    m.create_model_config(
+        model_name="gpt-4o", budgets=[{"max_limit": 60.0, "reset_duration": "1w"}]
+    )
+    rng = random.Random(16)
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    rows = []
+    for back in range(13, 0, -1):
+        weekday = (today - timedelta(back)).weekday() < 5
+        day_total = 3.0 + 2.5 * rng.random() + (2.0 if weekday else 0.0)  # USD
+        for name, team, _daily, model, share, *_ in KEYS:
+            provider = "anthropic" if model.startswith("claude") else "openai"
+            for _ in range(rng.randint(2, 5)):
+                cost = day_total * share / 3.5 * (0.6 + 0.8 * rng.random())
+                at = today - timedelta(days=back) + timedelta(seconds=rng.randint(0, 86399))
+                row = UsageRecordRow(
+                    request_id=uuid.uuid4().hex,
+                    created_at=at,
+                    virtual_key_id=served.key_ids[name],
+                    team_id=teams[team].id,
+                    customer_id=teams[team].customer_id,
+                    provider=provider,
+                    model=model,
+                    input_tokens=rng.randint(800, 6000),
+                    output_tokens=rng.randint(200, 2500),
+                    cost_nanos=nanos_from_usd(cost),
+                    cost=cost,
+                    cost_source="catalog",
+                    status=200,
+                )
+                rows.append(row)
+    with engine.store.session() as s:
+        s.add_all(rows)
+        s.commit()
+    engine.store.dispose()
+
+
+def _chat(model: str, tokens: int) -> dict[str, Any]:
+    prompt = "Summarise the quarterly budget review for the platform team. " * 60
+    return {"model": model, "max_tokens": tokens, "messages": [{"role": "user", "content": prompt}]}
+
+
+def _traffic(served: Served) -> None:
+    """Today's requests, through the middleware; bob runs out of budget and is refused."""
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        for name, _team, _daily, model, _share, requests, tokens in KEYS:
+            auth = {"Authorization": f"Bearer {served.keys[name]}"}
+            statuses = [
+                http.post("/v1/chat/completions", json=_chat(model, tokens), headers=auth)
+                for _ in range(requests)
+            ]
+            codes = [answer.status_code for answer in statuses]
+            assert set(codes) == ({200, 402} if name == "bob" else {200}), (name, codes)
+
+
+def _wait_until_up(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited"
+        try:
+            if httpx.get(url + MOUNT + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the server did not come up within 30 s")
+
+
+def _wait_for_the_flush(served: Served) -> None:
+    """Until the store holds every usage record (`/usage` reads the store): two equal reads."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    last = None
+    for _ in range(100):
+        time.sleep(0.2)
+        now = httpx.get(served.admin + "/usage?group_by=day", headers=headers).json()["total"]
+        if now == last:
+            return
+        last = now
+    raise AssertionError("the usage records kept changing")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    _need_chromium()
+    url = f"sqlite:///{tmp_path}/dashboard.db"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")}
+    env |= {"BUDGET_DATABASE_URL": url, "BUDGET_ADMIN_KEY": ADMIN_KEY,
+            "BUDGET_FLUSH_INTERVAL_SECONDS": "0.1", "BUDGET_CACHE_TTL_SECONDS": "0.5"}  # fmt: skip
+    command = [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(ROOT / "examples"),
+               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    server = Served(f"http://127.0.0.1:{port}", tmp_path)
+    _seed(url, server)  # before the server starts: one process creates the schema
+    process = subprocess.Popen(command, env=env)
+    try:
+        _wait_until_up(server.url, process)
+        _traffic(server)
+        _wait_for_the_flush(server)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+# -- the page in a browser -----------------------------------------------------------------------
+
+
+def _need_chromium() -> None:
+    if not CHROMIUM.exists():
+        if IN_CI:
+            pytest.fail(f"{CHROMIUM} is missing: CI must install Debian's chromium")
+        pytest.skip(f"the browser test drives Debian's chromium, and {CHROMIUM} is missing")
+
+
+def usd(value: float) -> str:
+    """As the page writes an amount: Intl.NumberFormat en-US, 2 decimals (4 under $1, 6 under
+    a cent), trailing zeros past the second left out."""
+    size = abs(value)
+    digits = 2 if size == 0 or size >= 1 else 4 if size >= 0.01 else 6
+    whole, fraction = f"{size:,.{digits}f}".split(".")
+    return ("-" if value < 0 else "") + f"${whole}.{fraction.rstrip('0').ljust(2, '0')}"
+
+
+def _admin_get(served: Served, path: str) -> Any:
+    answer = httpx.get(served.admin + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _budget(served: Served, key: str) -> dict[str, Any]:
+    """A key's budget as the admin API has it now (live counters)."""
+    query = f"/budgets?from_memory=true&owner_type=virtual_key&owner_id={served.key_ids[key]}"
+    found: dict[str, Any] = _admin_get(served, query)["budgets"][0]
+    return found
+
+
+def test_an_operator_works_the_dashboard_in_a_browser(served: Served) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    problems: list[str] = []
+    count = _admin_get(served, "/budgets")["count"]
+    alice = _budget(served, "alice")
+    assert alice["spent"] > 0
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox"])  # fmt: skip
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            page.on("console", lambda msg: _console(msg, problems))
+            page.on("response", lambda answer: _response(answer, problems))
+            page.set_default_timeout(10_000)
+
+            # Asked for the admin key once; a wrong key is refused and asked for again.
+            page.goto(served.admin + "/ui")
+            expect(page.locator("#login")).to_be_visible()
+            expect(page.locator("#app")).to_be_hidden()
+            page.fill("#admin-key", "not-the-key")
+            page.click("#login-form button[type=submit]")
+            expect(page.locator("#login-error")).to_contain_text("BUDGET_ADMIN_KEY")
+            page.fill("#admin-key", ADMIN_KEY)
+            page.click("#login-form button[type=submit]")
+            expect(page.locator("#app")).to_be_visible()
+
+            # Every budget is a bar, with its spend, limit and period end; soft ones marked.
+            row = page.locator(f'li.budget[data-id="{alice["id"]}"]')
+            expect(row.locator('[data-field="spent"]')).to_have_text(usd(alice["spent"]))
+            expect(row.locator('[data-field="limit"]')).to_have_text(usd(alice["amount"]))
+            expect(row).to_contain_text("/acme/research/alice")
+            expect(row).to_contain_text("resets in")
+            expect(page.locator("li.budget")).to_have_count(count)
+            soft = page.locator(f'li.budget[data-id="{served.budgets["support-bot"]}"]')
+            expect(soft.locator('[data-field="soft"]')).to_have_text("soft")
+            expect(soft.locator('[data-field="over"]')).to_have_text("over")  # and not refused
+            assert page.locator('li.budget [data-field="soft"]').count() == 1
+            bob = page.locator(f'li.budget[data-id="{served.budgets["bob"]}"]')
+            expect(bob.locator('[data-field="over"]')).to_have_text("exhausted")
+
+            # The chart: a stacked bar a day, by model, with today's traffic in it.
+            segments = page.locator("#chart svg rect.seg")
+            expect(segments.first).to_be_visible()
+            assert segments.count() > 14
+            assert page.locator(f'#chart rect.seg[data-day="{_day(0)}"]').count() >= 1
+            expect(page.locator("#legend")).to_contain_text("claude-sonnet-4-5")
+            page.select_option("#chart-group", "team")
+            expect(page.locator("#legend")).to_contain_text("research")
+            assert page.locator("#top-keys tbody tr").count() == len(KEYS)
+            expect(page.locator("#top-keys tbody tr").first).to_contain_text("alice")
+            spent_14 = _admin_get(served, f"/usage?group_by=day&start={_day(-13)}&end={_day(1)}")
+            expect(page.locator("#tile-spend")).to_have_text(usd(spent_14["total"]["cost"]))
+            for box, route in (("#refusals", "/refusals"), ("#alerts", "/alerts")):
+                _check_optional(page, served, box, route)
+            page.select_option("#chart-group", "model")
+            expect(page.locator("#legend")).to_contain_text("gpt-4o")
+
+            # A request in flight: its reservation shows on the bar, and is gone when it ends.
+            busy = page.locator(f'li.budget[data-id="{served.budgets["checkout-svc"]}"]')
+            with _slow_request(served, "checkout-svc", "gpt-4o-mini") as reserved:
+                page.click("#refresh")
+                held = busy.locator('[data-field="reserved"]')
+                expect(held).to_have_text(f" + {usd(reserved)} reserved")
+                page.mouse.move(0, 0)
+                page.screenshot(path=str(_screenshot_path(served)))
+            checkout = _budget(served, "checkout-svc")
+            assert checkout["reserved"] == 0
+            page.click("#refresh")
+            expect(busy.locator('[data-field="spent"]')).to_have_text(usd(checkout["spent"]))
+            expect(held).to_have_count(0)
+
+            # A new key: its value is shown once, and it works.
+            page.fill("#create-name", "ops-dashboard")
+            page.select_option("#create-parent", label="acme / research")
+            page.fill("#create-limit", "5")
+            page.click("#create-form button[type=submit]")
+            value = page.locator("#new-key-value")
+            expect(value).to_have_text(re.compile(r"^sk-bm-\S{16,}$"))
+            shown = value.inner_text()
+            quota = httpx.get(served.admin + "/virtual-keys/quota",
+                              headers={"Authorization": f"Bearer {shown}"})  # fmt: skip
+            assert quota.status_code == 200
+            assert quota.json()["virtual_key"]["name"] == "ops-dashboard"
+            assert quota.json()["budgets"][0]["max_limit"] == 5
+            page.click("#new-key-done")
+            expect(page.locator("#new-key")).to_be_hidden()
+            assert shown not in page.content()  # gone from the page once dismissed
+            page.click("#refresh")
+            expect(page.locator("li.budget")).to_have_count(count + 1)
+            assert shown not in page.content()
+
+            # Change the soft budget's limit: the bar shows it; spend and softness are kept.
+            before = _budget(served, "support-bot")
+            soft.locator('[data-action="edit"]').click()
+            page.fill("#edit-limit", "7.5")
+            page.click("#edit-save")
+            expect(soft.locator('[data-field="limit"]')).to_have_text("$7.50")
+            expect(soft.locator('[data-field="spent"]')).to_have_text(usd(before["spent"]))
+            after = _budget(served, "support-bot")
+            assert (after["id"], after["max_limit"], after["soft"]) == (before["id"], 7.5, True)
+            assert after["spent"] == pytest.approx(before["spent"])
+
+            # A key's provider config: written through the key, its rate limit left alone.
+            policy = page.locator('li.budget[data-owner-type="provider_config"]')
+            expect(policy).to_contain_text("/acme/product/nightly-batch/provider/openai")
+            policy.locator('[data-action="edit"]').click()
+            page.fill("#edit-limit", "2.5")
+            page.click("#edit-save")
+            expect(policy.locator('[data-field="limit"]')).to_have_text("$2.50")
+            nightly = _admin_get(served, f"/virtual-keys/{served.key_ids['nightly-batch']}")
+            (config,) = nightly["virtual_key"]["provider_configs"]
+            assert [b["max_limit"] for b in config["budgets"]] == [2.5]
+            assert config["rate_limit"]["request_max_limit"] == 1000
+
+            # Reset alice's: a new window, nothing spent.
+            row.locator('[data-action="reset"]').click()
+            expect(page.locator("#reset-text")).to_contain_text(usd(alice["spent"]))
+            page.click("#reset-confirm")
+            expect(row.locator('[data-field="spent"]')).to_have_text("$0.00")
+            assert _budget(served, "alice")["spent"] == 0
+
+            # The key is kept for the tab: a reload asks for nothing; signing out forgets it.
+            page.reload()
+            expect(page.locator("#app")).to_be_visible()
+            expect(row.locator('[data-field="spent"]')).to_have_text("$0.00")
+            page.click("#signout")
+            expect(page.locator("#login")).to_be_visible()
+            assert page.evaluate("() => sessionStorage.length") == 0
+        finally:
+            browser.close()
+    assert problems == []
+
+
+@contextmanager
+def _slow_request(served: Served, key: str, model: str) -> Iterator[float]:
+    """A streamed request of `key` in flight (about 3 s); gives what it holds reserved."""
+    body = {**_chat(model, 16000), "stream": True}
+    headers = {"Authorization": f"Bearer {served.keys[key]}", "x-mock-output-tokens": "30",
+               "x-mock-delay-ms": "100"}  # fmt: skip
+    done: list[int] = []
+
+    def send() -> None:
+        with httpx.Client(base_url=served.url, timeout=30) as http:
+            answer = http.post("/v1/chat/completions", json=body, headers=headers)
+            done.append(answer.status_code)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while (reserved := _budget(served, key)["reserved"]) == 0:
+            assert time.monotonic() < deadline, "the request reserved nothing"
+            time.sleep(0.05)
+        yield reserved
+    finally:
+        thread.join(30)
+    assert done == [200]
+    time.sleep(0.3)  # a flush
+
+
+def _screenshot_path(served: Served) -> Path:
+    """docs/dashboard.png when it is missing or BUDGET_TEST_SCREENSHOT=1 asks for a new one;
+    else a file of the test's own (a test run leaves the tree as it was)."""
+    if os.environ.get("BUDGET_TEST_SCREENSHOT") == "1" or not SCREENSHOT.exists():
+        return SCREENSHOT
+    return served.tmp_path / "dashboard.png"
+
+
+def _console(message: Any, problems: list[str]) -> None:
+    # A failed load is logged by the browser too; `_response` judges those, with their URL.
+    if message.type == "error" and not message.text.startswith("Failed to load resource"):
+        problems.append(f"console: {message.text}")
+
+
+def _response(answer: Any, problems: list[str]) -> None:
+    """Every call succeeds, but the wrong key's and those of routes that may be missing yet."""
+    optional = answer.status == 404 and answer.url.endswith(("/refusals", "/alerts"))
+    wrong_key = answer.request.headers.get("authorization") == "Bearer not-the-key"
+    if answer.status >= 400 and not optional and not wrong_key:
+        problems.append(f"{answer.request.method} {answer.url}: {answer.status}")
+
+
+def _day(offset: int) -> str:
+    return (datetime.now(UTC).date() + timedelta(days=offset)).isoformat()
+
+
+def _check_optional(page: Any, served: Served, box: str, route: str) -> None:
+    """Refusals and alerts: a table when the server has the route, else "not available"."""
+    from playwright.sync_api import expect
+
+    answer = httpx.get(served.admin + route, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    if answer.status_code == 404:
+        expect(page.locator(box)).to_contain_text("Not available on this server")
+        return
+    assert answer.status_code == 200, answer.text
+    rows = page.locator(f"{box} tbody tr")
+    if route == "/refusals":  # bob was refused
+        expect(rows.first).to_contain_text("bob")
+        expect(rows.first).to_contain_text("budget_exceeded")
+        expect(rows.first).to_contain_text("402")
+    else:  # support-bot's soft budget went over (alerts, no refusal); bob's ran out
+        expect(rows.filter(has_text="support-bot")).to_contain_text(["100% reached", "80% reached"])
+        expect(rows.filter(has_text="bob")).to_contain_text(["exhausted"])
+        expect(rows).to_have_count(min(len(answer.json()["alerts"]), 8))

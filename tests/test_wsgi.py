@@ -1,0 +1,623 @@
+"""The WSGI adapter (SPEC §15), in process: Flask's and Django's own test clients, werkzeug's
+client around Django's WSGI app, threads. Real servers are in test_wsgi_servers.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from flask import Flask, Response, request
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response as StarletteResponse
+from starlette.routing import Route
+from werkzeug.test import Client
+
+from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.engine.portal import on_loop, shut_down_engines
+from budget_middleware.wsgi import BudgetWSGIMiddleware, budget_state, create_admin_wsgi_app
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix
+from support import running
+
+Settings = Callable[..., BudgetSettings]
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN = {"authorization": "Bearer admin-secret"}
+
+# A fixed OpenAI answer: 26 + 20 tokens of gpt-4o-mini ($0.15 and $0.60 a million) = $0.0000159.
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 26, "completion_tokens": 20, "total_tokens": 46},
+    }
+).encode()
+PRICE_NANOS = 15_900
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 64,
+        **extra,
+    }
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {value}"}
+
+
+@pytest.fixture(autouse=True)
+def _engines_shut_down() -> Iterator[None]:
+    """The engines a test started in the background loop are shut down when it ends."""
+    yield
+    shut_down_engines()
+
+
+def flask_host(settings: BudgetSettings | None, **hooks: Any) -> Flask:
+    """A Flask app: the fixed completion, a stream that counts what it has produced, an app
+    error mid-stream; with the middleware unless `settings` is None."""
+    app = Flask(__name__)
+    app.config["produced"] = []
+
+    @app.post("/v1/chat/completions")
+    def completion() -> Response:
+        body = request.get_json(force=True)
+        if not body.get("stream"):
+            return Response(COMPLETION, content_type="application/json")
+        produced: list[int] = app.config["produced"]
+        words = int(request.headers.get("x-words", "5"))
+        fail = request.headers.get("x-fail-after")
+
+        def events() -> Iterator[bytes]:
+            base = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+            for i in range(words):
+                if fail is not None and i == int(fail):
+                    raise RuntimeError("upstream cut")
+                produced.append(i)
+                delta = {"content": f"word{i} "}
+                yield b"data: " + json.dumps({**base, "choices": [{"delta": delta}]}).encode()
+                yield b"\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": 26, "completion_tokens": words}
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return Response(events(), content_type="text/event-stream")
+
+    @app.post("/v1/state/completions")
+    def state() -> dict[str, Any]:
+        found = budget_state(request.environ)
+        assert found is not None
+        return {**found._asdict(), "tags": list(found.tags)}
+
+    @app.get("/hello")
+    def hello() -> str:
+        return "hello"
+
+    if settings is not None:
+        app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, settings, **hooks)  # type: ignore[method-assign]
+    return app
+
+
+def engine_of(app: Flask) -> BudgetEngine:
+    wrapped: BudgetWSGIMiddleware = app.wsgi_app  # type: ignore[assignment]
+    return wrapped.engine
+
+
+def records(engine: BudgetEngine) -> list[dict[str, Any]]:
+    on_loop(engine, engine.flush)
+    with engine.store.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT virtual_key_id, provider, model, input_tokens, output_tokens, cost_nanos,"
+                " streamed, outcome, estimated, status FROM bm_usage_records ORDER BY id"
+            )
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+# -- the same answers as the ASGI middleware -----------------------------------------------------
+
+
+def _scenario(manager: Any) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+    """Keys in every state of §5, and the requests that meet them (in order)."""
+    plain = manager.create_virtual_key(
+        name="plain",
+        budgets=[{"max_limit": 5, "reset_duration": "1d"}],
+        rate_limit={"request_max_limit": 100, "request_reset_duration": "1h",
+                    "token_max_limit": 10_000, "token_reset_duration": "1d"},
+    ).value  # fmt: skip
+    inactive = manager.create_virtual_key(name="inactive", is_active=False).value
+    anthropic_only = manager.create_virtual_key(
+        name="anthropic-only", provider_configs=[{"provider": "anthropic", "allowed_models": ["*"]}]
+    ).value
+    tiny = manager.create_virtual_key(name="tiny", budgets=[{"max_limit": 0.000000000001}]).value
+    one = manager.create_virtual_key(
+        name="one-a-minute", rate_limit={"request_max_limit": 1, "request_reset_duration": "1m"}
+    ).value
+    big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+    return [
+        ("unknown key", chat(), bearer("sk-bm-nobody")),
+        ("inactive key", chat(), bearer(inactive)),
+        ("provider not allowed", chat(), bearer(anthropic_only)),
+        ("first of a tiny budget", chat(), bearer(tiny)),
+        ("exhausted budget", chat(), bearer(tiny)),
+        ("first of one a minute", chat(), bearer(one)),
+        ("rate limited", chat(), bearer(one)),
+        ("admitted, with headers", chat(), bearer(plain)),
+        ("too large", chat(**big), bearer(plain)),
+        ("model not priced", chat(model="openai/no-such-model"), bearer(plain)),
+    ]
+
+
+def _normal(status: int, headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    """An answer with what must differ between two stores blanked: ids, times."""
+    kept = {
+        name.lower(): ("<t>" if "reset" in name.lower() or "retry-after" in name.lower() else v)
+        for name, v in headers.items()
+        if name.lower() not in ("date", "server", "content-length")
+    }
+    return {
+        "status": status,
+        "headers": kept,
+        "body": re.sub(rb'"id": ?"[0-9a-f]{32}"', b'"id": "<id>"', body).decode(),
+    }
+
+
+def test_answers_codes_and_headers_are_the_asgi_middleware_s(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """Every check of §5 and §8 met through both adapters, against the same upstream answer:
+    statuses, error bodies and headers are the same."""
+    options = {"max_body_bytes": 4096, "unpriced_models": "refuse"}
+    wsgi_app = flask_host(make_settings(**options))
+    asgi_settings = BudgetSettings(
+        database_url=f"sqlite:///{tmp_path}/asgi.db", admin_key="admin-secret", **options
+    )
+
+    async def upstream(request: Request) -> StarletteResponse:
+        await request.body()
+        return StarletteResponse(COMPLETION, media_type="application/json")
+
+    asgi_app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", upstream, methods=["POST"])]),
+        settings=asgi_settings,
+    )
+
+    wsgi_cases = _scenario(engine_of(wsgi_app).manager)
+    client = wsgi_app.test_client()
+    through_wsgi = []
+    for _, body, headers in wsgi_cases:
+        answer = client.post("/v1/chat/completions", json=body, headers=headers, buffered=True)
+        through_wsgi.append(_normal(answer.status_code, dict(answer.headers), answer.data))
+
+    async def through_asgi() -> list[dict[str, Any]]:
+        out = []
+        async with running(asgi_app):
+            from budget_middleware.engine.engine import get_engine
+
+            cases = _scenario(get_engine(asgi_settings).manager)
+            transport = httpx.ASGITransport(asgi_app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                for _, body, headers in cases:
+                    answer = await c.post("/v1/chat/completions", json=body, headers=headers)
+                    out.append(_normal(answer.status_code, dict(answer.headers), answer.content))
+        return out
+
+    by_asgi = asyncio.run(through_asgi())
+    for (name, _, _), wsgi_answer, asgi_answer in zip(
+        wsgi_cases, through_wsgi, by_asgi, strict=True
+    ):
+        code = json.loads(wsgi_answer["body"]).get("error", {}).get("code", "")
+        print(f"{name}: {wsgi_answer['status']} {code}")
+        assert wsgi_answer == asgi_answer, name
+    statuses = [a["status"] for a in through_wsgi]
+    assert statuses == [401, 403, 403, 200, 402, 200, 429, 200, 413, 403]
+    assert through_wsgi[4]["headers"]["x-should-retry"] == "false"
+    assert through_wsgi[6]["headers"]["retry-after"] == "<t>"
+    admitted = through_wsgi[7]["headers"]
+    assert admitted["x-ratelimit-limit-requests"] == "100"
+    assert admitted["x-ratelimit-remaining-requests"] == "99"
+    assert admitted["x-budget-limit"] == "5.000000"
+
+
+# -- streams, close(), errors ---------------------------------------------------------------------
+
+
+def test_a_stream_passes_chunk_by_chunk_and_is_metered_from_its_last_chunk(
+    make_settings: Settings,
+) -> None:
+    app = flask_host(make_settings())
+    produced: list[int] = app.config["produced"]
+    answer = app.test_client().post(
+        "/v1/chat/completions", json=chat(stream=True), headers={"x-words": "40"}, buffered=False
+    )
+    chunks = answer.response
+    first = next(iter(chunks))
+    produced_at_first = len(produced)
+    body = first + b"".join(chunks)
+    answer.close()
+    rows = records(engine_of(app))
+    print(f"first chunk after {produced_at_first} of 40 words; record {rows}")
+    assert produced_at_first == 1 and len(produced) == 40  # not buffered
+    assert b'"usage"' not in body and body.endswith(b"data: [DONE]\n\n")  # the chunk it asked for
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["streamed"], row["outcome"], row["estimated"]) == (True, "completed", False)
+    assert (row["input_tokens"], row["output_tokens"]) == (26, 40)
+
+
+def test_close_before_the_end_is_a_disconnect_settled_once(make_settings: Settings) -> None:
+    """The server gives up (a client gone): `close()` settles, once, whatever comes after; the
+    slot and the reservation are free again."""
+    app = flask_host(make_settings())
+    engine = engine_of(app)
+    key = engine.manager.create_virtual_key(
+        name="alice",
+        budgets=[{"max_limit": 1}],
+        rate_limit={"max_concurrent_requests": 1},
+    )
+    client = app.test_client()
+    answer = client.post(
+        "/v1/chat/completions",
+        json=chat(stream=True),
+        headers={**bearer(key.value), "x-words": "50"},
+        buffered=False,
+    )
+    iterator = iter(answer.response)
+    next(iterator), next(iterator)
+    busy = client.post(
+        "/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=True
+    )
+    answer.close()
+    answer.close()
+    after = client.post(
+        "/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=True
+    )
+    rows = records(engine)
+    budget = engine.registry.counter("budget", key.budgets[0].id)
+    print(f"while streaming: {busy.status_code}; after close: {after.status_code}; {rows}")
+    assert busy.status_code == 429 and busy.json["error"]["code"] == "concurrency_limit_exceeded"
+    assert after.status_code == 200
+    assert [r["outcome"] for r in rows] == ["client_disconnected", "completed"]
+    assert bool(rows[0]["estimated"]) and rows[0]["output_tokens"] > 0
+    assert budget is not None and budget.reserved == 0
+
+
+def test_an_app_error_is_an_upstream_error_settled_once(make_settings: Settings) -> None:
+    app = flask_host(make_settings())
+    app.testing = False  # Flask answers 500 for an error raised in a view
+    client = Client(app)
+    answer = client.post(
+        "/v1/chat/completions",
+        json=chat(stream=True),
+        headers={"x-fail-after": "3", "x-words": "10"},
+        buffered=False,
+    )
+    with pytest.raises(RuntimeError, match="upstream cut"):
+        b"".join(answer.response)
+    answer.close()
+    rows = records(engine_of(app))
+    print(f"cut after 3 chunks: {rows}")
+    assert [r["outcome"] for r in rows] == ["upstream_error"]
+
+
+def test_requests_that_are_not_metered_pass_untouched(make_settings: Settings) -> None:
+    seen: list[Any] = []
+    answer = [b"as it was"]
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(environ["wsgi.input"])
+        start_response("200 OK", [("content-type", "text/plain")])
+        return answer
+
+    wrapped = BudgetWSGIMiddleware(app, make_settings())
+    for method, path in (("GET", "/v1/chat/completions"), ("POST", "/v1/other")):
+        stream = object()
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": stream}
+        assert wrapped(environ, lambda *a: None) is answer  # the app's own iterable
+        assert seen[-1] is stream
+    assert not wrapped.engine.started  # nothing started for them
+
+
+def test_the_app_sees_who_is_calling(make_settings: Settings) -> None:
+    app = flask_host(make_settings())
+    key = engine_of(app).manager.create_virtual_key(name="alice", tags=["team:a"])
+    answer = app.test_client().post(
+        "/v1/state/completions",
+        json=chat(model="anthropic/claude-sonnet-4"),
+        headers={**bearer(key.value), "x-budget-tags": "feature:x"},
+    )
+    print(answer.json)
+    assert answer.json["virtual_key_id"] == key.id
+    assert answer.json["provider"] == "anthropic" and answer.json["model"] == "claude-sonnet-4"
+    assert answer.json["tags"] == ["feature:x", "team:a"]
+
+
+def test_a_route_rewrites_the_model_and_names_its_target(make_settings: Settings) -> None:
+    app = flask_host(make_settings())
+    manager = engine_of(app).manager
+    manager.put_provider("openai", budgets=[{"max_limit": 0.000000000001}])
+    manager.create_route(name="smart", targets=["openai/gpt-4o-mini", "azure/gpt-4o-mini"])
+    client = app.test_client()
+    routed = [
+        client.post("/v1/state/completions", json=chat(model="smart"), buffered=True)
+        for _ in range(2)
+    ]
+    print([(a.headers.get("x-budget-route"), a.json["provider"]) for a in routed])
+    assert [a.headers["x-budget-route"] for a in routed] == [
+        "openai/gpt-4o-mini",
+        "azure/gpt-4o-mini",
+    ]
+    assert routed[1].json["provider"] == "azure"
+
+
+def test_hooks_hear_refusals_and_settlements(make_settings: Settings) -> None:
+    heard: dict[str, list[Any]] = {"refusal": [], "settled": []}
+    app = flask_host(
+        make_settings(),
+        on_refusal=heard["refusal"].append,
+        on_settled=heard["settled"].append,
+    )
+    client = app.test_client()
+    client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-bm-unknown"), buffered=True)
+    client.post("/v1/chat/completions", json=chat(), buffered=True)
+    engine = engine_of(app)
+    on_loop(engine, engine.flush)
+    engine.hooks.drain()
+    print({k: len(v) for k, v in heard.items()})
+    assert [r["code"] for r in heard["refusal"]] == ["invalid_virtual_key"]
+    assert len(heard["settled"]) == 1
+
+
+def test_shadow_mode_refuses_nothing_and_says_what_it_would_have(
+    make_settings: Settings,
+) -> None:
+    app = flask_host(make_settings(mode="shadow"))
+    key = engine_of(app).manager.create_virtual_key(
+        name="tiny", budgets=[{"max_limit": 0.000000000001}]
+    )
+    client = app.test_client()
+    answers = [
+        client.post("/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=True)
+        for _ in range(2)
+    ]
+    unknown = client.post(
+        "/v1/chat/completions", json=chat(), headers=bearer("sk-bm-nobody"), buffered=True
+    )
+    said = [a.headers.get("x-budget-shadow-refusal") for a in (*answers, unknown)]
+    print(f"shadow: {[a.status_code for a in (*answers, unknown)]} {said}")
+    assert [a.status_code for a in (*answers, unknown)] == [200, 200, 200]
+    assert said == [None, "budget_exceeded", "invalid_virtual_key"]
+
+
+# -- threads ---------------------------------------------------------------------------------------
+
+
+def test_threads_admit_exactly_in_process(make_settings: Settings) -> None:
+    """400 requests from 8 threads at once on one budget of exactly 25 requests' price; then one
+    at a time until the final 402: 25 admitted in all, spend 25 x price, overshoot 0."""
+    app = flask_host(make_settings(flush_interval_seconds=3600))
+    engine = engine_of(app)
+    limit_nanos = 25 * PRICE_NANOS
+    key = engine.manager.create_virtual_key(
+        name="alice", budgets=[{"max_limit": limit_nanos / 1e9}]
+    )
+    statuses: list[int] = []
+    lock = threading.Lock()
+    go = threading.Barrier(8)
+
+    def worker() -> None:
+        client = app.test_client()
+        go.wait()
+        for _ in range(50):
+            answer = client.post(
+                "/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=True
+            )
+            with lock:
+                statuses.append(answer.status_code)
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(worker) for _ in range(8)]:
+            future.result()
+    at_once = statuses.count(200)
+    client = app.test_client()
+    while (
+        answer := client.post(
+            "/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=True
+        )
+    ).status_code == 200:
+        statuses.append(200)
+    rows = records(engine)
+    spent = sum(r["cost_nanos"] for r in rows)
+    counter = engine.registry.counter("budget", key.budgets[0].id)
+    assert counter is not None
+    print(
+        f"400 requests on 8 threads: admitted {at_once} "
+        f"({statuses.count(429)} x 429 budget_reserved, {statuses.count(402)} x 402); then one by "
+        f"one: {statuses.count(200)} admitted in all, spent ${spent / 1e9:.7f} = "
+        f"{statuses.count(200)} x ${PRICE_NANOS / 1e9:.7f}, overshoot "
+        f"${max(0, spent - limit_nanos) / 1e9:.7f}"
+    )
+    assert answer.status_code == 402
+    assert statuses.count(200) == len(rows) == 25
+    assert {r["cost_nanos"] for r in rows} == {PRICE_NANOS}
+    assert spent == counter.value == limit_nanos and counter.reserved == 0
+    assert set(statuses) <= {200, 402, 429}
+
+
+# -- the admin API under Flask and Django ---------------------------------------------------------
+
+
+def test_the_admin_api_under_flask_shares_the_engine(make_settings: Settings) -> None:
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    settings = make_settings()
+    app = flask_host(settings)
+    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, {"/budget-admin": create_admin_wsgi_app(settings)}
+    )
+    client = app.test_client()
+    assert client.get("/budget-admin/health").json["status"] == "ok"
+    assert client.get("/budget-admin/customers").status_code == 401
+    created = client.post(
+        "/budget-admin/virtual-keys",
+        json={"name": "alice", "budgets": [{"max_limit": 1}]},
+        headers=ADMIN,
+    )
+    assert created.status_code == 201
+    key = created.json["virtual_key"]
+    first = client.post(
+        "/v1/chat/completions", json=chat(), headers=bearer(key["value"]), buffered=True
+    )
+    changed = client.put(
+        f"/budget-admin/virtual-keys/{key['id']}",
+        json={"budgets": [{"max_limit": 0.00001}]},
+        headers=ADMIN,
+    )
+    second = client.post(
+        "/v1/chat/completions", json=chat(), headers=bearer(key["value"]), buffered=True
+    )
+    live = client.get("/budget-admin/budgets?from_memory=true", headers=ADMIN).json["budgets"]
+    print(
+        f"{first.status_code} then, after the update, {second.status_code}; live {live[0]['spent']}"
+    )
+    assert (first.status_code, changed.status_code, second.status_code) == (200, 200, 402)
+    assert live[0]["spent"] == pytest.approx(PRICE_NANOS / 1e9)
+
+
+def test_django_test_client_serves_the_admin_urls_and_the_middleware_wraps_its_wsgi_app(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The example Django project: its admin URL prefix through Django's test client, and its
+    WSGI application (`BudgetWSGIMiddleware(get_wsgi_application())`) through a WSGI client."""
+    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/django.db")
+    monkeypatch.setenv("BUDGET_ADMIN_KEY", "admin-secret")
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "llmsite.settings")
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "django_app"))
+    for name in [m for m in sys.modules if m.startswith("llmsite")]:
+        monkeypatch.delitem(sys.modules, name)
+    import django
+    from django.test import Client as DjangoClient
+    from django.urls import clear_url_caches
+
+    django.setup()
+    clear_url_caches()
+    from llmsite.wsgi import application
+
+    django_client = DjangoClient()
+    health = django_client.get("/budget-admin/health")
+    created = django_client.post(
+        "/budget-admin/virtual-keys",
+        data=json.dumps({"name": "alice", "budgets": [{"max_limit": 0.000000000001}]}),
+        content_type="application/json",
+        HTTP_AUTHORIZATION="Bearer admin-secret",
+    )
+    assert health.status_code == 200 and created.status_code == 201, created.content
+    value = created.json()["virtual_key"]["value"]
+    client = Client(application)
+    answers = [
+        client.post("/v1/chat/completions", json=chat(), headers=bearer(value), buffered=True)
+        for _ in range(2)
+    ]
+    streamed = client.post("/v1/chat/completions", json=chat(stream=True, max_tokens=3))
+    budgets = django_client.get("/budget-admin/budgets", HTTP_AUTHORIZATION="Bearer admin-secret")
+    print(f"Django: {[a.status_code for a in answers]}, stream {streamed.status_code}")
+    assert [a.status_code for a in answers] == [200, 402]
+    assert answers[1].json["error"]["code"] == "budget_exceeded"
+    assert streamed.data.count(b"data: ") == 5 and b'"usage"' not in streamed.data
+    assert budgets.json()["count"] == 1
+
+
+# -- Redis, and the exit ---------------------------------------------------------------------------
+
+
+def test_on_redis_the_loop_admits_and_settles(make_settings: Settings) -> None:
+    need_redis()
+    prefix = unique_prefix()
+    app = flask_host(make_settings(redis_url=REDIS_URL, flush_interval_seconds=3600))
+    engine = engine_of(app)
+    engine.counters.prefix = prefix  # type: ignore[attr-defined]
+    try:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 3 * PRICE_NANOS / 1e9}]
+        )
+        client = app.test_client()
+        statuses = [
+            client.post(
+                "/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=True
+            ).status_code
+            for _ in range(5)
+        ]
+        rows = records(engine)
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+    print(f"on Redis: {statuses}")
+    assert statuses == [200, 200, 200, 402, 402] and len(rows) == 3
+
+
+def test_pending_charges_are_written_when_the_process_exits(tmp_path: Path) -> None:
+    """A script serves requests through Flask's test client and exits: `atexit` writes what
+    the flusher (once an hour) had not."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "examples")!r})
+from budget_middleware import BudgetSettings
+from flask_app import create_app
+settings = BudgetSettings(database_url="sqlite:///{tmp_path}/exit.db", flush_interval_seconds=3600)
+client = create_app(settings).test_client()
+for _ in range(7):
+    answer = client.post("/v1/chat/completions", json={{"model": "gpt-4o-mini"}}, buffered=True)
+    assert answer.status_code == 200
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")}
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, env=env)
+    from sqlalchemy import create_engine
+
+    store = create_engine(f"sqlite:///{tmp_path}/exit.db")
+    with store.connect() as conn:
+        written = conn.execute(text("SELECT count(*) FROM bm_usage_records")).scalar_one()
+    store.dispose()
+    print(f"written at exit: {written} usage records")
+    assert written == 7
+
+
+def test_every_step_of_the_engine_s_background_loop_holds_the_lock(make_settings: Settings) -> None:
+    """What makes in-thread admission atomic: no task step on the loop (the flusher's, a key
+    read's, a reload's) runs while a WSGI thread holds `loop_lock`, nor the other way round."""
+    import anyio.to_thread
+
+    from budget_middleware.engine.engine import get_engine
+    from budget_middleware.engine.portal import is_background, loop_lock
+
+    engine = get_engine(make_settings())
+    on_loop(engine, engine.ensure_started)
+
+    async def probe() -> list[bool]:
+        held = [loop_lock._is_owned()]  # type: ignore[attr-defined]
+        await asyncio.sleep(0.01)
+        held.append(loop_lock._is_owned())  # type: ignore[attr-defined]
+        await anyio.to_thread.run_sync(lambda: None)
+        held.append(loop_lock._is_owned())  # type: ignore[attr-defined]
+        return held
+
+    assert is_background(engine.loop)
+    assert on_loop(engine, probe) == [True, True, True]
+    assert not loop_lock._is_owned()  # type: ignore[attr-defined]

@@ -1,0 +1,268 @@
+"""The WSGI adapter under real threaded servers, in subprocesses on free loopback ports (SPEC §15):
+gunicorn `gthread` and waitress, one process on SQLite, two gunicorns on PostgreSQL + Redis.
+
+Each server flushes once an hour: what the store holds after it stops was written at its exit
+(`atexit`, run by the gunicorn worker as it exits and by waitress on SIGINT)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, reset_postgres
+from service_support import delete_prefix, free_port, unique_prefix, wait_for_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN = {"authorization": "Bearer admin-secret", "content-type": "application/json"}
+BODY = json.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 64}
+).encode()
+
+
+@contextmanager
+def server(
+    command: list[str], env: dict[str, str], port: int, stop: int = signal.SIGTERM
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server in a subprocess: waited for, stopped with `stop` (its graceful exit), and
+    killed if it does not go within 20 s, whatever the test did."""
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, 30)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(stop)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+def stopped(process: subprocess.Popen[bytes], how: int = signal.SIGTERM) -> int:
+    process.send_signal(how)
+    return process.wait(20)
+
+
+def base_env(database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")}
+    env.update(
+        BUDGET_DATABASE_URL=database_url,
+        BUDGET_ADMIN_KEY="admin-secret",
+        BUDGET_FLUSH_INTERVAL_SECONDS="3600",
+        PYTHONPATH=str(ROOT / "src"),
+    )
+    env.update(extra)
+    return env
+
+
+def gunicorn(port: int, app: str, chdir: Path, threads: int = 8) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", str(threads),
+            "-w", "1", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "10",
+            "--chdir", str(chdir), app]  # fmt: skip
+
+
+def call(port: int, method: str, path: str, body: Any = None, headers: Any = None) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers=headers or {})
+        answer = conn.getresponse()
+        return answer.status, json.loads(answer.read() or b"null")
+    finally:
+        conn.close()
+
+
+def hammer(port: int, key: str, threads: int, each: int) -> list[int]:
+    """`threads` clients at once, `each` requests apiece on a kept-alive connection."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        start.wait()
+        mine = []
+        for _ in range(each):
+            conn.request("POST", "/v1/chat/completions", body=BODY,
+                         headers={"authorization": f"Bearer {key}",
+                                  "content-type": "application/json"})  # fmt: skip
+            answer = conn.getresponse()
+            answer.read()
+            mine.append(answer.status)
+        conn.close()
+        with lock:
+            statuses.extend(mine)
+
+    workers = [threading.Thread(target=client) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    return statuses
+
+
+def one_by_one(ports: list[int], key: str) -> list[int]:
+    """Requests one at a time (nothing in flight), alternating servers, until a 402."""
+    statuses: list[int] = []
+    while True:
+        status, _ = call(ports[len(statuses) % len(ports)], "POST", "/v1/chat/completions",
+                         BODY, {"authorization": f"Bearer {key}"})  # fmt: skip
+        statuses.append(status)
+        if status == 402 or len(statuses) > 200:
+            return statuses
+
+
+def price_of_one(port: int) -> int:
+    """What one request of BODY costs, in nano-dollars: a probe key's live spend after one."""
+    _, created = call(port, "POST", "/budget-admin/virtual-keys",
+                      {"name": "probe", "budgets": [{"max_limit": 100}]}, ADMIN)  # fmt: skip
+    probe = created["virtual_key"]
+    status, _ = call(port, "POST", "/v1/chat/completions", BODY,
+                     {"authorization": f"Bearer {probe['value']}"})  # fmt: skip
+    assert status == 200
+    query = f"owner_type=virtual_key&owner_id={probe['id']}&from_memory=true"
+    _, budgets = call(port, "GET", f"/budget-admin/budgets?{query}", headers=ADMIN)
+    return round(budgets["budgets"][0]["spent"] * 1e9)
+
+
+def make_key(port: int, name: str, limit_nanos: int) -> dict[str, Any]:
+    body = {"name": name, "budgets": [{"max_limit": limit_nanos / 1e9}]}
+    status, created = call(port, "POST", "/budget-admin/virtual-keys", body, ADMIN)
+    assert status == 201, created
+    key: dict[str, Any] = created["virtual_key"]
+    return key
+
+
+def written(database_url: str, key_id: str) -> tuple[int, set[int], int, int]:
+    """From the store: (usage records, their costs, their sum, the budget's usage) of a key."""
+    store = create_engine(database_url)
+    try:
+        with store.connect() as conn:
+            costs = [c for (c,) in conn.execute(
+                text("SELECT cost_nanos FROM bm_usage_records WHERE virtual_key_id = :k"),
+                {"k": key_id})]  # fmt: skip
+            usage = conn.execute(
+                text("SELECT current_usage_nanos FROM bm_budgets WHERE owner_id = :k"),
+                {"k": key_id},
+            ).scalar_one()
+    finally:
+        store.dispose()
+    return len(costs), set(costs), sum(costs), int(usage)
+
+
+def check_exact(
+    label: str, at_once: list[int], after: list[int], price: int, limit: int, stored: Any
+) -> None:
+    count, costs, total, usage = stored
+    admitted = at_once.count(200) + after.count(200)
+    print(
+        f"{label}: {len(at_once)} requests at once: {at_once.count(200)} admitted, "
+        f"{at_once.count(429)} x 429 budget_reserved, {at_once.count(402)} x 402; then one by one "
+        f"{after.count(200)} more; in all {admitted} admitted, recorded spend ${total / 1e9:.6f} = "
+        f"{admitted} x ${price / 1e9:.6f}, limit ${limit / 1e9:.6f}, overshoot "
+        f"${max(0, usage - limit) / 1e9:.6f}"
+    )
+    assert set(at_once) <= {200, 402, 429} and after[-1] == 402
+    assert count == admitted and costs == {price}
+    assert total == usage == admitted * price  # written at exit, each charge once
+    assert usage <= limit  # overshoot 0: every reservation covers its request's cost
+    assert admitted == limit // price  # with nothing in flight, spent to the last request
+
+
+def test_gunicorn_gthread_admits_exactly_and_flushes_at_worker_exit(tmp_path: Path) -> None:
+    """The Flask example under gunicorn (1 worker, 8 threads), 400 requests from 16 clients at
+    once on one budget of 30 requests' price, then one by one until the 402."""
+    url = f"sqlite:///{tmp_path}/gunicorn.db"
+    port = free_port()
+    command = gunicorn(port, "flask_app:create_app()", ROOT / "examples")
+    with server(command, base_env(url), port) as process:
+        price = price_of_one(port)
+        limit = 30 * price
+        key = make_key(port, "alice", limit)
+        at_once = hammer(port, key["value"], threads=16, each=25)
+        after = one_by_one([port], key["value"])
+        assert stopped(process) == 0
+    check_exact("gunicorn gthread x8", at_once, after, price, limit, written(url, key["id"]))
+
+
+def test_waitress_serves_the_django_example_exactly(tmp_path: Path) -> None:
+    """The Django example under waitress (8 threads), its admin API under its URL prefix."""
+    url = f"sqlite:///{tmp_path}/waitress.db"
+    port = free_port()
+    command = [sys.executable, "-m", "waitress", "--threads=8", f"--listen=127.0.0.1:{port}",
+               "llmsite.wsgi:application"]  # fmt: skip
+    env = base_env(url, PYTHONPATH=f"{ROOT / 'src'}:{ROOT / 'examples' / 'django_app'}")
+    with server(command, env, port, stop=signal.SIGINT) as process:
+        price = price_of_one(port)
+        limit = 20 * price
+        key = make_key(port, "alice", limit)
+        at_once = hammer(port, key["value"], threads=8, each=25)
+        after = one_by_one([port], key["value"])
+        stopped(process, signal.SIGINT)
+    check_exact("waitress x8 (Django)", at_once, after, price, limit, written(url, key["id"]))
+
+
+SHARED_APP = """
+import os, sys
+sys.path.insert(0, {examples!r})
+from flask_app import create_app
+from budget_middleware import get_engine
+app = create_app()
+get_engine().counters.prefix = os.environ["BM_TEST_REDIS_PREFIX"]  # this test's keys only
+"""
+
+
+@pytest.mark.services
+def test_two_gunicorns_on_postgres_and_redis_enforce_one_limit(tmp_path: Path) -> None:
+    """Two gunicorn processes (8 threads each) on one PostgreSQL store and one Redis: 2 x 200
+    requests at once on one key's budget; then one by one, alternating, until the 402."""
+    need_postgres()
+    need_redis()
+    reset_postgres()
+    prefix = unique_prefix()
+    (tmp_path / "shared_app.py").write_text(SHARED_APP.format(examples=str(ROOT / "examples")))
+    env = base_env(POSTGRES_URL, BUDGET_REDIS_URL=REDIS_URL, BM_TEST_REDIS_PREFIX=prefix)
+    ports = [free_port(), free_port()]
+    try:
+        with server(gunicorn(ports[0], "shared_app:app", tmp_path), env, ports[0]) as first:
+            price = price_of_one(ports[0])  # the schema exists before the second one starts
+            with server(gunicorn(ports[1], "shared_app:app", tmp_path), env, ports[1]) as second:
+                limit = 25 * price
+                key = make_key(ports[1], "alice", limit)
+                results: list[list[int]] = [[], []]
+                both = [
+                    threading.Thread(
+                        target=lambda i=i: results[i].extend(
+                            hammer(ports[i], key["value"], threads=8, each=25)
+                        )
+                    )
+                    for i in (0, 1)
+                ]
+                for t in both:
+                    t.start()
+                for t in both:
+                    t.join(90)
+                after = one_by_one(ports, key["value"])
+                assert stopped(second) == 0
+            assert stopped(first) == 0
+        at_once = results[0] + results[1]
+        print(f"server 1 admitted {results[0].count(200)}, server 2 {results[1].count(200)}")
+        check_exact("2 gunicorns, PostgreSQL + Redis", at_once, after, price, limit,
+                    written(POSTGRES_URL, key["id"]))  # fmt: skip
+    finally:
+        delete_prefix(REDIS_URL, prefix)
