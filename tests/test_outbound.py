@@ -533,3 +533,54 @@ async def test_a_stream_closed_right_after_its_last_event_is_complete(
     rows = records(engine)
     print("closed after [DONE]:", rows)
     assert [(r["outcome"], r["output_tokens"] > 0) for r in rows] == [("completed", True)]
+
+
+async def test_the_transport_takes_hooks_and_shadow_mode(make_settings: Settings) -> None:
+    """SPEC §14 on the outbound side: `on_refusal` / `on_settled` / `on_alert` given to the
+    transport are called off the call's path; in shadow mode a spent key's call is sent anyway."""
+    seen: dict[str, list[Any]] = {"refusal": [], "settled": [], "alert": []}
+    for mode in ("enforce", "shadow"):
+        engine = get_engine(make_settings(flush_interval_seconds=3600, mode=mode))
+        await engine.ensure_started()
+        try:
+            key = engine.manager.create_virtual_key(name=f"k-{mode}", budgets=[{"max_limit": 0}])
+            fake = Counting()
+            transport = BudgetTransport(
+                httpx2.ASGITransport(fake),
+                engine=engine,
+                on_refusal=seen["refusal"].append,
+                on_settled=seen["settled"].append,
+                on_alert=seen["alert"].append,
+            )
+            sdk = openai.AsyncOpenAI(
+                api_key="sk-provider-secret",
+                base_url="https://api.openai.com/v1",
+                http_client=httpx2.AsyncClient(transport=transport),
+                max_retries=0,
+            )
+            with charge_to(virtual_key=key.value):
+                if mode == "enforce":
+                    with pytest.raises(openai.APIStatusError) as refused:
+                        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                    assert refused.value.status_code == 402 and fake.calls == 0
+                else:
+                    raw = await sdk.chat.completions.with_raw_response.create(
+                        model="gpt-4o", messages=MESSAGES
+                    )
+                    assert raw.headers["x-budget-shadow-refusal"] == "budget_exceeded"
+                    assert fake.calls == 1
+            await engine.alerts.raise_queued()
+            engine.hooks.drain()
+        finally:
+            await engine.shutdown()
+    print(f"transport hooks: refusals {[r['code'] for r in seen['refusal']]}, settled "
+          f"{[(r.direction, r.would_refuse) for r in seen['settled']]}, alerts "
+          f"{[a['type'] for a in seen['alert']]}")  # fmt: skip
+    assert [(r["code"], r["shadow"]) for r in seen["refusal"]] == [
+        ("budget_exceeded", False), ("budget_exceeded", True)]  # fmt: skip
+    assert [(r.direction, r.would_refuse) for r in seen["settled"]] == [
+        ("outbound", "budget_exceeded")]  # fmt: skip
+    # enforce: the refusal; shadow: the would-be refusal, then the charge crosses 80 % and 100 %
+    assert sorted((a["type"], a.get("threshold")) for a in seen["alert"]) == [
+        ("budget.exhausted", None), ("budget.exhausted", None),
+        ("budget.threshold", 0.8), ("budget.threshold", 1.0)]  # fmt: skip
