@@ -502,3 +502,165 @@ def test_the_demo_shows_the_80_percent_alert_before_the_budget_refusal(tmp_path:
     # It ends by pointing at the CLI and the dashboard on its store.
     assert any("budget-middleware usage --by model" in x for x in lines[-5:])
     assert any("/budget-admin/ui" in x for x in lines[-5:])
+
+
+# -- found in review: each of these failed before its fix --------------------------------------
+
+
+def _new_alert(budget_id: str, raised_at: Any) -> Any:
+    from budget_middleware.store import alerts as stored
+
+    return stored.NewAlert(
+        type="budget.threshold", budget_id=budget_id, window_start=raised_at, threshold=0.8,
+        owner_type="tag", owner_id="t", owner_name="t", raised_at=raised_at, body="{}",
+        delivery="pending",
+    )  # fmt: skip
+
+
+def test_a_lapsed_claim_is_taken_over_and_its_late_outcome_is_not_written(store_url: str) -> None:
+    """A delivery round that outlived its lease (a crash, a hung receiver): another instance
+    claims the alert (on SQLite too, whose datetimes come back naive), and the first round's
+    outcome, arriving late, is not written over the second's."""
+    from datetime import UTC, datetime, timedelta
+
+    from budget_middleware.store import alerts as stored
+    from budget_middleware.store.database import Store
+
+    store = Store(store_url)
+    store.create_schema()
+    now = datetime.now(UTC)
+    assert len(stored.raise_alerts(store, [_new_alert("b1", now)])) == 1
+    assert stored.raise_alerts(store, [_new_alert("b1", now)]) == []  # raised once
+    first = stored.claim_due(store, now, lease=1.0)
+    assert len(first) == 1 and stored.claim_due(store, now, lease=1.0) == []  # held
+    later = now + timedelta(seconds=2)  # the first claim's lease is over
+    second = stored.claim_due(store, later, lease=30.0)
+    assert [d.id for d in second] == [first[0].id]
+    late = stored.record_attempt(store, first[0], ["http://a"], "delivered", later, None)
+    assert late is False  # no longer its claim: nothing written
+    assert stored.record_attempt(store, second[0], [], "pending", later, "x") is True
+    alerts, total = stored.list_alerts(store)
+    print(f"lapsed claim: late outcome written {late}; now {alerts[0]['delivery']}, "
+          f"{alerts[0]['attempts']} attempt")  # fmt: skip
+    assert total == 1 and (alerts[0]["delivery"], alerts[0]["attempts"]) == ("pending", 1)
+    store.dispose()
+
+
+async def test_one_failing_url_leaves_the_others_delivered_once(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    hook = receiver()
+    app = host_app(make_settings(alert_webhook_urls=f"{hook.url},{closed_port_url()}"))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        key = engine.manager.create_virtual_key(name="jo", budgets=[{"max_limit": 1.0}])
+        assert await spend(http, key.value, 0.9, 1) == [200]
+        await until(lambda: [a["attempts"] for a in engine.manager.list_alerts()] >= [3])
+        alert = engine.manager.list_alerts()[0]
+        print(f"good URL got {len(hook.posts)} post(s) in {alert['attempts']} attempts")
+        assert len(hook.posts) == 1 and alert["delivery"] == "pending"
+
+
+async def test_the_give_up_clock_starts_at_the_first_attempt(
+    make_settings: Settings,
+) -> None:
+    """An alert raised long ago and never tried (pending at a shutdown, a long store outage)
+    gets its retries: one failed attempt does not mark it failed."""
+    from datetime import UTC, datetime, timedelta
+
+    from budget_middleware.store import alerts as stored
+
+    engine = get_engine(make_settings(alert_webhook_urls=closed_port_url()))
+    quick(engine, give_up_after=5.0)
+    await engine.ensure_started()
+    try:
+        long_ago = datetime.now(UTC) - timedelta(hours=1)
+        stored.raise_alerts(engine.store, [_new_alert("b2", long_ago)])
+        await until(lambda: [a["attempts"] for a in engine.manager.list_alerts()] >= [1])
+        alert = engine.manager.list_alerts()[0]
+        print(f"raised an hour ago: {alert['delivery']} after {alert['attempts']} attempt(s)")
+        assert alert["delivery"] == "pending"
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_soft_budget_on_redis_is_shared_by_instances(
+    make_settings: Settings,
+) -> None:
+    need_redis()
+    prefix = unique_prefix()
+    engines = [
+        get_engine(make_settings(redis_url=REDIS_URL, cache_ttl_seconds=ttl)) for ttl in (5, 6)
+    ]
+    from budget_middleware import BudgetMiddleware
+
+    apps = [BudgetMiddleware(host_app(None), engine=e) for e in engines]
+    try:
+        for engine in engines:
+            use_prefix(engine, prefix)
+            await engine.ensure_started()
+        key = engines[0].manager.create_virtual_key(
+            name="kim", budgets=[{"max_limit": 1.0, "soft": True}]
+        )
+        for app in apps:
+            async with client(app) as http:
+                assert await spend(http, key.value, 0.45, 1) == [200]
+        for engine in engines:
+            await engine.alerts.raise_queued()
+        alerts = engines[0].manager.list_alerts()
+        values = [e.registry.counter("budget", key.budgets[0].id).value for e in engines]
+        print(f"soft budget on Redis: live values {values}; alerts {alerts}")
+        assert values[1] == 900_000_000  # the second instance saw the first one's spend
+        assert [(a["type"], a["threshold"]) for a in alerts] == [("budget.threshold", 0.8)]
+    finally:
+        for engine in engines:
+            await engine.shutdown()
+        delete_prefix(REDIS_URL, prefix)
+
+
+async def test_shadow_mode_takes_the_route_enforce_takes_and_reports_enforce_s_code(
+    make_settings: Settings,
+) -> None:
+    seen: list[dict[str, Any]] = []
+    results = {}
+    for mode in ("enforce", "shadow"):
+        settings = make_settings(mode=mode, cache_ttl_seconds=5 if mode == "enforce" else 6)
+        app = host_app(None)
+        from budget_middleware import BudgetMiddleware
+
+        app.add_middleware(BudgetMiddleware, settings=settings, on_refusal=seen.append)
+        async with running(app), client(app) as http:
+            m = get_engine(settings).manager
+            if mode == "enforce":  # one store for both modes
+                m.create_route(name="gpt-4o", targets=["openai/gpt-4o", "azure/gpt-4o"])
+            azure_only = m.create_virtual_key(
+                name=f"az-{mode}", provider_configs=[{"provider": "azure", "allowed_models": ["*"]}]
+            )
+            inactive = m.create_virtual_key(
+                name=f"off-{mode}", is_active=False,
+                provider_configs=[{"provider": "azure", "allowed_models": ["*"]}],
+            )  # fmt: skip
+            spent = m.create_virtual_key(name=f"spent-{mode}", budgets=[{"max_limit": 0}])
+            await get_engine(settings).invalidate()
+
+            async def post(key: str, model: str) -> httpx.Response:
+                return await http.post("/v1/chat/completions", json=chat(model),
+                                       headers={"authorization": f"Bearer {key}"})  # fmt: skip
+
+            routed = await post(azure_only.value or "", "gpt-4o")
+            off = await post(inactive.value or "", "openai/gpt-4o")
+            over = await post(spent.value or "", "openai/gpt-4o")
+            get_engine(settings).hooks.drain()
+            results[mode] = (
+                routed.headers.get("x-budget-route"),
+                off.status_code,
+                off.headers.get("x-budget-shadow-refusal") or off.json()["error"]["code"],
+            )
+            if mode == "shadow":
+                assert over.status_code == 200
+    print(f"enforce {results['enforce']}, shadow {results['shadow']}")
+    assert results["enforce"] == ("azure/gpt-4o", 403, "virtual_key_inactive")
+    assert results["shadow"] == ("azure/gpt-4o", 200, "virtual_key_inactive")
+    shadow_budget = [r for r in seen if r["shadow"] and r["code"] == "budget_exceeded"]
+    assert shadow_budget and shadow_budget[0]["scope"]["name"] == "spent-shadow"

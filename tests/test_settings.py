@@ -46,6 +46,8 @@ SAME_VALUE: dict[str, tuple[Any, str]] = {
     [
         ("BUDGET_MODE", "dry-run", "enforce.*shadow"),
         ("BUDGET_ALERT_WEBHOOK_URLS", "hooks.example.com/x", "not an http"),
+        ("BUDGET_ALERT_WEBHOOK_URLS", "http://127.0.0.1:99999/hook", "outside 1-65535"),
+        ("BUDGET_ALERT_WEBHOOK_URLS", "http:///hook", "names no host"),
         ("BUDGET_ALERT_THRESHOLDS", "0.8,lots", "comma-separated fractions"),
         ("BUDGET_ALERT_THRESHOLDS", "0.8,0", "above 0 and at most 10"),
     ],

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import httpx
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -134,6 +135,14 @@ class BudgetSettings(BaseSettings):
             for url in value:
                 if not isinstance(url, str) or not url.startswith(("http://", "https://")):
                     raise ValueError(f"{url!r} is not an http:// or https:// URL")
+                try:
+                    parsed = httpx.URL(url)
+                except Exception:
+                    raise ValueError(f"{url!r} is not a valid URL") from None
+                if not parsed.host:
+                    raise ValueError(f"{url!r} names no host")
+                if parsed.port is not None and not 0 < parsed.port < 65536:
+                    raise ValueError(f"{url!r} has port {parsed.port}, outside 1-65535")
             return tuple(value)
         return value
 

@@ -29,6 +29,7 @@ from budget_middleware.manage.schemas import (
     dump,
     to_utc,
 )
+from budget_middleware.store import alerts as stored_alerts
 
 MAX_LIMIT = 10_000
 """The largest page (`limit`); without `limit`, a list answers every item."""
@@ -307,14 +308,15 @@ async def usage(call: Call) -> AdminAnswer:
 
 async def list_alerts(call: Call) -> AdminAnswer:
     """Recent alerts, newest first, with their delivery state (SPEC §14)."""
-    alerts = await call.run(
-        call.manager.list_alerts,
-        owner_type=call.choice("owner_type"),
-        owner_id=call.text("owner_id"),
-        limit=call.number("limit") or 100,
-        offset=call.number("offset", default=0) or 0,
+    alerts, total = await call.run(
+        stored_alerts.list_alerts,
+        call.engine.store,
+        call.choice("owner_type"),
+        call.text("owner_id"),
+        call.number("limit") or 100,
+        call.number("offset", default=0) or 0,
     )
-    return ok({"alerts": alerts, "count": len(alerts)})
+    return ok({"alerts": alerts, "count": total})  # count: every alert the filters match
 
 
 async def list_refusals(call: Call) -> AdminAnswer:

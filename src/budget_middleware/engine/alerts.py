@@ -253,8 +253,13 @@ class Alerts:
         if not due:
             return 0
         async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
-            done = await asyncio.gather(*(self._deliver(client, alert) for alert in due))
-        return sum(done)
+            done = await asyncio.gather(
+                *(self._deliver(client, alert) for alert in due), return_exceptions=True
+            )
+        for outcome in done:
+            if isinstance(outcome, BaseException):  # its claim lapses: retried after the lease
+                logger.error("budget-middleware alert delivery failed: %r", outcome)
+        return sum(1 for outcome in done if outcome is True)
 
     async def _deliver(self, client: httpx.AsyncClient, alert: stored.Due) -> bool:
         body = alert.body.encode()
@@ -267,34 +272,42 @@ class Alerts:
             if url in delivered:
                 continue  # never twice after a success
             try:
-                answer = await client.post(url, content=body, headers=headers)
+                # The whole post within `timeout` (httpx's bounds each read): so the claim's
+                # lease, which counts `timeout` per URL, outlasts the round.
+                async with asyncio.timeout(self.timeout):
+                    answer = await client.post(url, content=body, headers=headers)
                 if answer.status_code < 300:
                     delivered.append(url)
                     continue
                 error = f"{url} answered {answer.status_code}"
-            except httpx.HTTPError as exc:
+            except TimeoutError:
+                error = f"{url}: no answer within {self.timeout:g} s"
+            except Exception as exc:  # whatever one URL does, the others' outcome is kept
                 error = f"{url}: {type(exc).__name__}"
             self.failed_deliveries += 1
         attempts = alert.attempts + 1
         now = datetime.now(UTC)
+        first = alert.first_attempt_at or now
         if all(url in delivered for url in self.urls):
             state = "delivered"
-        elif (now - alert.raised_at).total_seconds() >= self.give_up_after:
+        elif (now - first).total_seconds() >= self.give_up_after:
+            # Retried for `give_up_after` from the first attempt (not from when it was raised:
+            # a restart or a store outage does not eat the retries).
             state = "failed"
             logger.error("budget-middleware gave up delivering alert %s: %s", alert.id, error)
         else:
             state = "pending"
         delay = min(self.first_retry * 2 ** (attempts - 1), self.max_delay)
-        await anyio.to_thread.run_sync(
+        recorded = await anyio.to_thread.run_sync(
             stored.record_attempt,
             self.engine.store,
-            alert.id,
+            alert,
             delivered,
             state,
             now + timedelta(seconds=delay),
             error,
         )
-        return state == "delivered"
+        return recorded and state == "delivered"
 
 
 def _usd(amount: float) -> str:

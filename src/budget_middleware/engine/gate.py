@@ -49,6 +49,9 @@ class RoutePlan:
     usage_path: bool  # an OpenAI-style path, where a stream is asked for its usage
     candidates: list[tuple[int, Exchange]] = field(default_factory=list)
     refused: dict[int, tuple[str, ErrorAnswer]] = field(default_factory=dict)
+    # Shadow mode: targets the key may not use, tried as in enforce (never), and gone on with
+    # only when no target is left at all.
+    shadow_only: list[tuple[int, Exchange]] = field(default_factory=list)
 
 
 class Gate:
@@ -150,15 +153,15 @@ class Gate:
                 plan = self._plan_route(
                     route, parsed, path, credentials, key, target, prompt_tokens, now, started
                 )
-                if shadowed is not None:
-                    for _, candidate in plan.candidates:
-                        self._shadowed(candidate, shadowed)
+                if shadowed is not None:  # the credentials' refusal comes first, as in enforce
+                    for _, candidate in plan.candidates + plan.shadow_only:
+                        candidate.would_refuse = shadowed
                 return plan
         exchange = self._prepare(key, target, prompt_tokens, now, started)
         if type(exchange) is not Exchange:
             return self.refuse(*exchange, key=key, target=target)  # type: ignore[misc]
-        if shadowed is not None:
-            self._shadowed(exchange, shadowed)
+        if shadowed is not None:  # the credentials' refusal comes first, as in enforce
+            exchange.would_refuse = shadowed
         if target.stream and type(parsed) is dict and path.endswith(USAGE_PATHS):
             exchange.parsed = parsed
             exchange.ask_usage = True
@@ -185,6 +188,7 @@ class Gate:
         return self._admitted(exchange, ticket)
 
     def _admitted(self, exchange: Exchange, ticket: Ticket | Refusal) -> Exchange | ErrorAnswer:
+        scope: Scope | None = None
         if isinstance(ticket, Refusal):
             if ticket.counter is not None:
                 self.alerts.refused(ticket)
@@ -194,6 +198,8 @@ class Gate:
                     ticket.code, answer.status, exchange.key, exchange.target, ticket.scope
                 )
                 return answer
+            if exchange.would_refuse is None:
+                scope = ticket.scope
             self._shadowed(exchange, ticket.code)
             stats = self.engine.stats
             left = stats.refused[ticket.code] - 1  # the engine counted it refused: it is not
@@ -205,15 +211,15 @@ class Gate:
             ticket = self.engine.counters.admit_anyway(exchange.limits, exchange.ticket_estimate)
         exchange.ticket = ticket
         if exchange.would_refuse is not None:
-            self._count_shadow(exchange)
+            self._count_shadow(exchange, scope)
         return exchange
 
-    def _count_shadow(self, exchange: Exchange) -> None:
+    def _count_shadow(self, exchange: Exchange, scope: Scope | None = None) -> None:
         code = exchange.would_refuse
         assert code is not None
         stats = self.engine.stats
         stats.shadow_refusals[code] = stats.shadow_refusals.get(code, 0) + 1
-        self.tell_refusal(code, None, exchange.key, exchange.target, None, shadow=True)
+        self.tell_refusal(code, None, exchange.key, exchange.target, scope, shadow=True)
 
     def _prepare(
         self,
@@ -288,7 +294,12 @@ class Gate:
                 prepared.route_target = route_target.text
                 prepared.parsed = parsed
                 prepared.ask_usage = target.stream and plan.usage_path
-                plan.candidates.append((index, prepared))
+                code = prepared.would_refuse  # shadow mode: a policy of the key refuses it
+                if code is None:
+                    plan.candidates.append((index, prepared))
+                else:
+                    plan.shadow_only.append((index, prepared))
+                    plan.refused[index] = (code, error_answer(403, code, code))
             else:
                 refused: Refused = prepared  # type: ignore[assignment]
                 plan.refused[index] = (refused.code, error_answer(*refused))
@@ -319,8 +330,9 @@ class Gate:
             for index, route_target in enumerate(plan.route.targets)
         ]
         answer, code = route_refusal_answer(tried)
-        if self.shadow and plan.candidates:  # the first target goes on, counted anyway
-            exchange = plan.candidates[0][1]
+        left = plan.candidates or plan.shadow_only
+        if self.shadow and left:  # the first target goes on, counted anyway
+            exchange = left[0][1]
             exchange.ticket = engine.counters.admit_anyway(
                 exchange.limits, exchange.ticket_estimate
             )

@@ -44,7 +44,14 @@ class Hooks:
             setattr(self, name, (*getattr(self, name), hook))
 
     def emit(self, hooks: tuple[Hook, ...], item: Any) -> None:
-        """Call each hook with `item`, off the caller's path."""
+        """Call each hook with `item`, off the caller's path; never raises (at interpreter exit
+        the hook thread takes no more work: the event is dropped and logged)."""
+        try:
+            self._emit(hooks, item)
+        except RuntimeError as exc:
+            logger.warning("budget-middleware could not call a hook: %s", exc)
+
+    def _emit(self, hooks: tuple[Hook, ...], item: Any) -> None:
         for hook in hooks:
             if inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(
                 getattr(hook, "__call__", None)  # noqa: B004 - an object with an async __call__

@@ -421,7 +421,7 @@ class BudgetManager(KeyWriter):
         offset: int = 0,
     ) -> list[dict[str, Any]]:
         """Recent alerts, newest first, with their delivery state (SPEC §14)."""
-        return stored_alerts.list_alerts(self.store, owner_type, owner_id, limit, offset)
+        return stored_alerts.list_alerts(self.store, owner_type, owner_id, limit, offset)[0]
 
     def list_rate_limits(
         self,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 
@@ -48,6 +48,8 @@ class Due:
     delivered_to: list[str]
     attempts: int
     raised_at: datetime
+    claimed_until: datetime  # this claim: its outcome is recorded only while it holds
+    first_attempt_at: datetime | None
 
 
 def raise_alerts(store: Store, alerts: Sequence[NewAlert]) -> list[AlertRow]:
@@ -82,43 +84,53 @@ def claim_due(store: Store, now: datetime, lease: float, limit: int = 20) -> lis
             select(AlertRow).where(due).order_by(col(AlertRow.raised_at)).limit(limit)
         ).all()
         for row in rows:
+            until = now + timedelta(seconds=lease)
             taken = s.execute(
                 update(AlertRow)
                 .where(col(AlertRow.id) == row.id, free)
-                .values(claimed_until=now + timedelta(seconds=lease))
+                .values(claimed_until=until)
                 .returning(col(AlertRow.id))
+                # nothing evaluated in Python: SQLite gives back naive datetimes
+                .execution_options(synchronize_session=False)
             ).first()
             if taken is not None:  # no other instance claimed it meanwhile
+                first = row.first_attempt_at
                 claimed.append(
-                    Due(row.id, row.body, list(row.delivered_to), row.attempts, utc(row.raised_at))
-                )
+                    Due(row.id, row.body, list(row.delivered_to), row.attempts,
+                        utc(row.raised_at), until, None if first is None else utc(first))
+                )  # fmt: skip
         s.commit()
     return claimed
 
 
 def record_attempt(
     store: Store,
-    id_: str,
+    due: Due,
     delivered_to: list[str],
     delivery: str,
     next_attempt_at: datetime,
     error: str | None,
-) -> None:
-    """One delivery round's outcome; the claim is released."""
+) -> bool:
+    """One delivery round's outcome, and the claim released; False (nothing written) when the
+    claim was no longer this round's (it ran past its lease and another instance took over)."""
     with store.session() as s:
-        s.execute(
+        done = s.execute(
             update(AlertRow)
-            .where(col(AlertRow.id) == id_)
+            .where(col(AlertRow.id) == due.id, col(AlertRow.claimed_until) == due.claimed_until)
             .values(
                 delivered_to=delivered_to,
                 delivery=delivery,
                 attempts=AlertRow.attempts + 1,
+                first_attempt_at=due.first_attempt_at or datetime.now(UTC),
                 next_attempt_at=next_attempt_at,
                 claimed_until=None,
                 last_error=None if error is None else error[:300],
             )
-        )
+            .returning(col(AlertRow.id))
+            .execution_options(synchronize_session=False)
+        ).first()
         s.commit()
+    return done is not None
 
 
 def list_alerts(
@@ -127,16 +139,18 @@ def list_alerts(
     owner_id: str | None = None,
     limit: int = 100,
     offset: int = 0,
-) -> list[dict[str, Any]]:
-    """Recent alerts, newest first, as `GET /alerts` answers them."""
-    query = select(AlertRow)
+) -> tuple[list[dict[str, Any]], int]:
+    """Recent alerts, newest first, as `GET /alerts` answers them; and how many there are."""
+    where = []
     if owner_type is not None:
-        query = query.where(col(AlertRow.owner_type) == owner_type)
+        where.append(col(AlertRow.owner_type) == owner_type)
     if owner_id is not None:
-        query = query.where(col(AlertRow.owner_id) == owner_id)
+        where.append(col(AlertRow.owner_id) == owner_id)
+    query = select(AlertRow).where(*where)
     query = query.order_by(col(AlertRow.raised_at).desc(), col(AlertRow.id)).offset(offset)
     with store.session() as s:
-        return [alert_out(row) for row in s.exec(query.limit(limit)).all()]
+        total = s.exec(select(func.count()).select_from(AlertRow).where(*where)).one()
+        return [alert_out(row) for row in s.exec(query.limit(limit)).all()], int(total)
 
 
 def alert_out(row: AlertRow) -> dict[str, Any]:

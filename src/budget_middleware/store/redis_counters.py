@@ -82,7 +82,7 @@ def _script(name: str) -> str:
 class _Entry:
     """One counter as the scripts see it."""
 
-    kind: str  # r, t, c, b
+    kind: str  # r, t, c, b, s (a soft budget)
     scope: Scope
     keys: tuple[str, ...]
     limit: int
@@ -198,11 +198,15 @@ class RedisCounters(CounterBackend):
             if slots is not None and (settling or slots.limit is not None):
                 entries.append(_Entry("c", scope, (f"{p}c:{slots.id}",), slots.limit or 0, 0, None))
         for scope in scopes:
-            # Soft budgets never refuse: only their settlement goes to Redis (SPEC §14).
-            budgets = scope.budgets + scope.soft_budgets if settling else scope.budgets
-            for c in budgets:
+            for c in scope.budgets:
                 keys = (self.window_key(c), f"{p}rz:{c.id}", f"{p}rh:{c.id}")
                 entries.append(_Entry("b", scope, keys, c.limit, self._ttl_ms(c, now), c))
+            # Soft budgets (SPEC §14): their window is seeded and shared like any budget's, so
+            # every instance sees the spend its alerts watch; they refuse and reserve nothing.
+            for c in scope.soft_budgets:
+                entries.append(
+                    _Entry("s", scope, (self.window_key(c),), c.limit, self._ttl_ms(c, now), c)
+                )
         return entries
 
     # -- admission -----------------------------------------------------------------------
@@ -218,7 +222,7 @@ class RedisCounters(CounterBackend):
         reserve = self.settings.reserve
         plans: list[list[_Entry]] = []
         for limits, _ in candidates:
-            for windows in (limits.requests, limits.tokens, limits.budgets):
+            for windows in (limits.requests, limits.tokens, limits.budgets, limits.soft_budgets):
                 ensure_current(windows, now, self.ledger)
             plans.append(self._plan(limits.scopes, now, settling=False))
         if not any(plans):
@@ -277,8 +281,8 @@ class RedisCounters(CounterBackend):
 
     async def _seed_windows(self, missing: list[_Entry], now: float) -> None:
         """Seed missing window keys with the store's value where the store's window is theirs."""
-        budget_ids = [e.counter.id for e in missing if e.counter and e.kind == "b"]
-        rate_ids = [e.counter.id for e in missing if e.counter and e.kind != "b"]
+        budget_ids = [e.counter.id for e in missing if e.counter and e.kind in "bs"]
+        rate_ids = [e.counter.id for e in missing if e.counter and e.kind not in "bs"]
         try:
             budgets, rates = await anyio.to_thread.run_sync(
                 self.store.read_counters, budget_ids, rate_ids
@@ -292,7 +296,7 @@ class RedisCounters(CounterBackend):
             counter = entry.counter
             assert counter is not None
             stored, reset_at = 0, float("-inf")
-            if entry.kind == "b" and counter.id in budgets:
+            if entry.kind in "bs" and counter.id in budgets:
                 usage, last_reset = budgets[counter.id]
                 stored, reset_at = usage, last_reset.timestamp()
             elif counter.id in rates:

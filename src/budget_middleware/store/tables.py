@@ -199,6 +199,7 @@ class AlertRow(StoreModel, table=True):
     attempts: int = 0
     delivered_to: list[str] = Field(default_factory=list, sa_type=JSON)
     next_attempt_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    first_attempt_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     claimed_until: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     last_error: str | None = Field(default=None, max_length=300)
 

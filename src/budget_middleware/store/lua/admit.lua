@@ -3,8 +3,9 @@
 --
 -- ARGV: now_ms, request_id, hold_until_ms, reserve (0/1), the number of candidates, then per
 --   candidate: its reservation, its number of counters, and per counter: kind ("r" requests,
---   "t" tokens, "c" concurrency slots, "b" budget), limit.
--- KEYS, in the same order: r/t: the window key; c: the slot ZSET; b: the window key, the
+--   "t" tokens, "c" concurrency slots, "b" budget, "s" soft budget: seeded and read, never
+--   checked nor reserved), limit.
+-- KEYS, in the same order: r/t/s: the window key; c: the slot ZSET; b: the window key, the
 -- reservation ZSET (request id -> expiry) and the reservation HASH (request id -> amount).
 --
 -- Returns {"seed", g, ...} when window keys are missing (g: a counter's place among all the
@@ -121,6 +122,8 @@ local function take(candidate, index, refused)
       redis.call("ZADD", c.key, ARGV[3], request_id)
       redis.call("PEXPIRE", c.key, hold_ms * 2)
       c.value = c.value + 1
+    elseif c.kind == "s" then
+      c.value = tonumber(redis.call("GET", c.key))
     elseif c.kind == "b" and candidate.reservation > 0 then
       redis.call("HSET", c.rh, request_id, candidate.reservation_text)
       redis.call("ZADD", c.rz, ARGV[3], request_id)

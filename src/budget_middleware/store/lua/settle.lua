@@ -1,8 +1,8 @@
 -- Settle one request: drop its reservations and slots, add the actual cost and tokens.
 --
--- ARGV: request_id, cost, tokens, then per counter its kind ("t", "c" or "b").
--- KEYS, in the same order: t: the window key; c: the slot ZSET; b: the window key, the
--- reservation ZSET and the reservation HASH.
+-- ARGV: request_id, cost, tokens, then per counter its kind ("t", "c", "b" or "s").
+-- KEYS, in the same order: t/s: the window key; c: the slot ZSET; b: the window key, the
+-- reservation ZSET and the reservation HASH. A soft budget ("s") takes the cost as "b" does.
 --
 -- A window key that does not exist is not created: it has not been seeded from the store yet
 -- (new window, emptied Redis), and the charge reaches the store through the flusher; creating it
