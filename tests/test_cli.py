@@ -172,7 +172,7 @@ async def test_keys_budgets_and_usage_on_the_store(store: dict[str, str], here: 
     assert team.out.startswith("created team ")
     assert "name:             research" in team.out
     assert f"customer_id:      {acme['id']}" in team.out  # --customer-id took the name
-    assert [row[4] for row in table(team.out) if row[1:3] == ["$0.0000", "$10.0000"]] == ["1d"]
+    assert [row[5] for row in table(team.out) if row[1:3] == ["$0.0000", "$10.0000"]] == ["1d"]
 
     # keys create prints the value once (and says so on stderr); the key then works.
     line = "keys create --name alice --team-id research --budget 1/1d --request-limit 60/1m"
@@ -485,3 +485,17 @@ def test_every_command_has_help(here: Here) -> None:
     script, module = cli_many({}, ["--help"], script=True) + cli_many({}, ["keys --help"])
     assert ok(script).out.startswith("Usage: budget-middleware [OPTIONS] COMMAND [ARGS]...")
     assert "rotate" in ok(module).out
+
+
+def test_a_soft_budget_from_the_command_line(store: dict[str, str], here: Here) -> None:
+    created = ok(here(store, "teams create --name ops --budget 50/1M:soft --budget 5/1d --json"))
+    budgets = {b["reset_duration"]: b["soft"] for b in created.json()["team"]["budgets"]}
+    assert budgets == {"1M": True, "1d": False}
+    listed = ok(here(store, "budgets list"))
+    print(listed.out)
+    rows = table(listed.out)
+    column = rows[0].index("WINDOW") if rows[0][0] == "ID" else 6
+    windows = sorted(row[column] for row in rows if row[0] != "ID")
+    assert windows == ["1M (soft)", "1d"]
+    bad = here(store, "teams create --name x --budget 5/1d:hard")
+    assert "unknown budget flag 'hard': only ':soft'" in bad.failed_on_one_line(2)

@@ -107,7 +107,8 @@ def _limit_options() -> list[click.Option]:
             "budgets",
             multiple=True,
             metavar="USD[/DURATION]",
-            help="A budget: 10/1d is $10 a day, 100 is $100 that never resets. Repeat for "
+            help="A budget: 10/1d is $10 a day, 100 is $100 that never resets, 50/1M:soft "
+            "a soft one (alerts, never refuses). Repeat for "
             "several; in an update they replace the owner's budgets, each keeping the usage "
             "of the one with the same duration.",
         ),

@@ -91,13 +91,19 @@ def rate_summary(item: Json) -> str:
     return ", ".join(parts) or "-"
 
 
+def _window(budget: Json) -> str:
+    window = str(budget.get("reset_duration") or "never resets")
+    return f"{window} (soft)" if budget.get("soft") else window
+
+
 BUDGET_COLUMNS: list[Column] = [
     ("ID", lambda b: b["id"]),
     ("OWNER", lambda b: b.get("user_path") or b.get("owner_type")),
     ("SPENT", lambda b: usd(b.get("spent", b.get("current_usage")))),
     ("LIMIT", lambda b: usd(b.get("max_limit"))),
     ("REMAINING", lambda b: usd(b.get("remaining"))),
-    ("WINDOW", lambda b: b.get("reset_duration") or "never resets"),
+    ("RESERVED", lambda b: usd(b.get("reserved", 0.0))),
+    ("WINDOW", lambda b: _window(b)),
     ("RESETS", lambda b: when(b.get("period_end"))),
     ("SOURCE", lambda b: b.get("source")),
 ]

@@ -37,10 +37,16 @@ def _number(text: str, option: str, kind: type[int] | type[float]) -> Any:
 
 
 def budget(text: str, option: str = "--budget") -> dict[str, Any]:
-    """`10/1d` ($10 a day) or `10` ($10 that never resets) as a budget of the admin API."""
+    """`10/1d` ($10 a day) or `10` ($10 that never resets) as a budget of the admin API; a
+    `:soft` suffix (`50/1M:soft`) makes it a soft budget (alerts, never refuses)."""
+    text, colon, flag = text.partition(":")
+    if colon and flag != "soft":
+        raise click.BadParameter(f"unknown budget flag {flag!r}: only ':soft'", param_hint=option)
     amount, _, period = text.partition("/")
     out: dict[str, Any] = {"max_limit": _number(amount, option, float)}
     out["reset_duration"] = str(duration(period, option)) if period else None
+    if colon:
+        out["soft"] = True
     return out
 
 
