@@ -24,7 +24,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from budget_middleware.answers import ErrorAnswer, error_answer, store_unavailable
-from budget_middleware.core.identity import Credentials, header_reader, key_digest
+from budget_middleware.core.identity import Credentials, _split_tags, header_reader, key_digest
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
@@ -50,6 +50,9 @@ STATE_KEY = "budget_middleware.state"
 
 _UNKNOWN = "Unknown virtual key"
 _STATUS_LINES: dict[int, str] = {}
+# The response headers `Exchange.on_start` reads (the rest pass through as the app wrote them).
+_WATCHED = frozenset(("content-type", "content-encoding", "x-budget-cost"))
+_COST = "x-budget-cost"
 
 
 def budget_state(environ: WSGIEnvironment) -> BudgetState | None:
@@ -133,6 +136,8 @@ class BudgetWSGIMiddleware:
             b"x-budget-tags",
         ]
         self.wanted = tuple((name, _environ_name(name)) for name in dict.fromkeys(names))
+        self.key_var = _environ_name(names[0])
+        self.prefix = s.key_prefix
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         failure = self.engine.failure
@@ -144,14 +149,59 @@ class BudgetWSGIMiddleware:
                 return self._route(environ, start_response)
             finally:
                 inbound_headers.reset(token)
-        return self._route(environ, start_response)
+        if environ["REQUEST_METHOD"] == "POST":
+            path: str = environ.get("PATH_INFO", "")
+            if path.endswith(self.suffixes):
+                return self._metered(environ, start_response, path)
+        return self.app(environ, start_response)
 
     def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if environ["REQUEST_METHOD"] == "POST" and environ.get("PATH_INFO", "").endswith(
-            self.suffixes
-        ):
-            return self._metered(environ, start_response)
+        if environ["REQUEST_METHOD"] == "POST":
+            path: str = environ.get("PATH_INFO", "")
+            if path.endswith(self.suffixes):
+                return self._metered(environ, start_response, path)
         return self.app(environ, start_response)
+
+    def _credentials(self, environ: WSGIEnvironment) -> Credentials:
+        """What `header_reader` finds in the same headers, read from the environ's text as is
+        (environ values are the latin-1 text of the bytes sent, PEP 3333: encoding them to
+        bytes and decoding them back gives the same text)."""
+        get = environ.get
+        key = None
+        explicit = get(self.key_var)
+        if explicit:
+            key = explicit.strip() or None
+        else:
+            value = get("HTTP_AUTHORIZATION")
+            if value is not None and value[:7].lower() == "bearer ":
+                text = value[7:].strip()
+                if text and text.startswith(self.prefix):
+                    key = text
+            if key is None:
+                for value in (get("HTTP_X_API_KEY"), get("HTTP_X_GOOG_API_KEY")):
+                    if value:
+                        text = value.strip()
+                        if text.startswith(self.prefix):
+                            key = text
+                            break
+        provider = get("HTTP_X_BUDGET_PROVIDER")
+        tags = get("HTTP_X_BUDGET_TAGS")
+        length = get("CONTENT_LENGTH")
+        size = None
+        if length:
+            if length.isdigit() and length.isascii():
+                size = int(length)
+            else:  # as `int()` reads the bytes (ASCII spaces only, no "²")
+                try:
+                    size = int(length.encode("latin-1"))
+                except ValueError:
+                    size = None
+        return Credentials(
+            key or None,
+            (provider.strip() or None) if provider else None,
+            _split_tags(tags) if tags else (),
+            size,
+        )
 
     def _headers(self, environ: WSGIEnvironment) -> list[tuple[bytes, bytes]]:
         """The request headers the gate reads, as ASGI has them (bytes; environ values are
@@ -167,10 +217,12 @@ class BudgetWSGIMiddleware:
 
     # -- metered requests ----------------------------------------------------------------
 
-    def _metered(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    def _metered(
+        self, environ: WSGIEnvironment, start_response: StartResponse, path: str
+    ) -> Iterable[bytes]:
         engine = self.engine
         started = perf_counter()
-        credentials = self.read_headers(self._headers(environ))
+        credentials = self._credentials(environ)
         try:
             body = self._body(environ, credentials)
         except _TooLarge:
@@ -185,7 +237,6 @@ class BudgetWSGIMiddleware:
                     return answer(start_response, store_unavailable())
         if engine.stale:
             on_loop(engine, engine.ensure_current)
-        path: str = environ.get("PATH_INFO", "")
         direct = engine.memory is not None and is_background(engine.loop)
         if direct:
             admitted = self._admit_here(body, path, credentials, started)
@@ -275,10 +326,12 @@ class BudgetWSGIMiddleware:
     ) -> Exchange | ErrorAnswer:
         """The key's answer, the gate's decision and admission (under `loop_lock`)."""
         gate = self.gate
-        refused = self._shadowed(credentials, found)
-        if type(refused) is ErrorAnswer:
-            return refused
-        shadowed: str | None = refused  # type: ignore[assignment]
+        shadowed: str | None = None
+        if found is None and (credentials.key is not None or self.require_key):
+            refused = self._shadowed(credentials, found)
+            if type(refused) is ErrorAnswer:
+                return refused
+            shadowed = refused  # type: ignore[assignment]
         decision = gate.decide(body, path, credentials, found, started, shadowed)
         if type(decision) is ErrorAnswer:
             return decision
@@ -352,8 +405,8 @@ class MeteredResponse:
     chunk measured as it passes (never held back), settled exactly once, at the last chunk or
     at `close()`, whichever comes first."""
 
-    __slots__ = ("direct", "done", "exchange", "failed", "iterable", "iterator", "middleware",
-                 "settled", "start", "write_")  # fmt: skip
+    __slots__ = ("body", "direct", "done", "exchange", "failed", "iterable", "middleware",
+                 "next_", "settled", "start", "write_", "wrote")  # fmt: skip
 
     def __init__(
         self,
@@ -367,37 +420,66 @@ class MeteredResponse:
         self.start = start_response
         self.direct = direct
         self.iterable: Iterable[bytes] = ()
-        self.iterator: Iterator[bytes] | None = None
+        self.next_: Callable[[], bytes] | None = None
         self.write_: Write | None = None
+        # The one body message this answer's chunks are handed to `Exchange.on_body` in (it
+        # keeps none of them: reused, not rebuilt per chunk).
+        self.body: dict[str, object] = {
+            "type": "http.response.body",
+            "body": b"",
+            "more_body": True,
+        }
         self.done = False
         self.failed = False
         self.settled = False
+        self.wrote = False
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Write:
         exchange = self.exchange
         if exc_info is not None and exchange.response_started:
-            return self.start(status, headers, exc_info)  # the server re-raises (PEP 3333)
-        message = {
-            "type": "http.response.start",
-            "status": int(status[:3]),
-            "headers": [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers],
-        }
-        kept: list[tuple[bytes, bytes]] = exchange.on_start(message)["headers"]
+            if self.next_ is not None or self.wrote:  # the body has begun: the server re-raises
+                return self.start(status, headers, exc_info)
+            # PEP 3333's error pattern: a new status before any body (`start_response("500",
+            # ..., exc_info)` after a 200). The answer is measured as that one.
+            exchange.stream = exchange.decoder = exchange.unreadable = None
+            exchange.header_cost = None
+        # `on_start` reads three headers and adds its own: only those three go to it as bytes;
+        # the app's headers go on as the app wrote them (text).
+        if type(headers) is not list:
+            headers = list(headers)
+        watched = []
+        cost = 0
+        for header in headers:
+            name = header[0].lower()
+            if name in _WATCHED:
+                if name == _COST:
+                    cost += 1
+                watched.append((name.encode("latin-1"), header[1].encode("latin-1")))
+        passed = len(watched) - cost  # `on_start` keeps these, less the cost, then adds
+        kept: list[tuple[bytes, bytes]] = exchange.on_start(
+            {"type": "http.response.start", "status": int(status[:3]), "headers": watched}
+        )["headers"]
+        added = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept[passed:]]
         if exchange.injected_usage and exchange.stream is not None:  # a chunk may be dropped
-            kept = [h for h in kept if h[0].lower() != b"content-length"]
-        self.write_ = self.start(
-            status, [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept], exc_info
-        )
+            out = [h for h in headers if h[0].lower() not in ("content-length", _COST)]
+            out += added
+        elif cost:  # ours to read, not the client's
+            out = [h for h in headers if h[0].lower() != _COST]
+            out += added
+        else:
+            out = headers + added
+        self.write_ = self.start(status, out, exc_info)
         return self.write
 
     def write(self, data: bytes) -> None:
         """The legacy `write()` of `start_response`, metered as a chunk."""
         assert self.write_ is not None
-        out: bytes = self.exchange.on_body(
-            {"type": "http.response.body", "body": data, "more_body": True}
-        )["body"]
+        self.wrote = True
+        message = self.body
+        message["body"] = data
+        out: bytes = self.exchange.on_body(message)["body"]
         if out:
             self.write_(out)
 
@@ -405,19 +487,19 @@ class MeteredResponse:
         return self
 
     def __next__(self) -> bytes:
-        iterator = self.iterator
-        if iterator is None:
-            iterator = self.iterator = iter(self.iterable)
-        exchange = self.exchange
+        next_ = self.next_
+        if next_ is None:
+            next_ = self.next_ = iter(self.iterable).__next__
+        message = self.body
         try:
-            chunk = next(iterator)
+            message["body"] = next_()
         except StopIteration:
             if self.done:
                 raise
             self.done = True
-            last: bytes = exchange.on_body(
-                {"type": "http.response.body", "body": b"", "more_body": False}
-            )["body"]
+            message["body"] = b""
+            message["more_body"] = False
+            last: bytes = self.exchange.on_body(message)["body"]
             self.settle("completed")
             if last:
                 return last
@@ -425,9 +507,7 @@ class MeteredResponse:
         except BaseException:
             self.failed = True
             raise
-        out: bytes = exchange.on_body(
-            {"type": "http.response.body", "body": chunk, "more_body": True}
-        )["body"]
+        out: bytes = self.exchange.on_body(message)["body"]
         return out
 
     def close(self) -> None:
@@ -437,10 +517,8 @@ class MeteredResponse:
             if close is not None:
                 close()
         finally:
-            if self.failed:
-                self.settle("upstream_error")
-            else:
-                self.settle("client_disconnected")  # no-op after the last chunk
+            if not self.settled:  # settled at the last chunk (the usual case): no lock taken
+                self.settle("upstream_error" if self.failed else "client_disconnected")
 
     def settle(self, outcome: str) -> None:
         """Exactly once, whichever thread gets here first (the flag is tested under the lock
