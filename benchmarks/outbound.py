@@ -20,8 +20,11 @@ from budget_middleware import BudgetTransport, charge_to
 
 
 def _provider(request: httpx2.Request) -> httpx2.Response:
+    # Unread, as a real transport's answer is (`content=` would give one read already).
     return httpx2.Response(
-        200, content=FIXED_COMPLETION, headers={"content-type": "application/json"}
+        200,
+        stream=httpx2.ByteStream(FIXED_COMPLETION),
+        headers={"content-type": "application/json", "content-length": str(len(FIXED_COMPLETION))},
     )
 
 

@@ -155,13 +155,19 @@ class _Meter:
         """The provider's answer as the SDK gets it: our headers added, the body measured as it
         passes (`stream`: the async or sync metered stream, as the library's own type)."""
         headers = _start(exchange, response)
-        return lib.Response(
-            response.status_code,
-            headers=headers,
-            stream=_stream_class(lib, stream)(response, exchange, self),
-            request=request,
-            extensions=response.extensions,
-        )
+        metered = _stream_class(lib, stream)(response, exchange, self)
+        if hasattr(response, "_content"):  # read already (a mock transport): a new response,
+            return lib.Response(  # which the client reads through the metered stream
+                response.status_code,
+                headers=headers,
+                stream=metered,
+                request=request,
+                extensions=response.extensions,
+            )
+        # The transport's own response, unread (as a real transport's is): ours to finish.
+        response.headers = lib.Headers(headers)
+        response.stream = metered
+        return response
 
     @staticmethod
     def refused(lib: ModuleType, request: Any, answer: ErrorAnswer) -> Any:
@@ -266,7 +272,7 @@ class _Metered:
     ends or is closed (the async and sync streams below differ only in how they wait)."""
 
     def __init__(self, response: Any, exchange: Exchange, meter: _Meter) -> None:
-        self.response = response
+        self.stream = response.stream  # the transport's: read through, closed through
         self.exchange = exchange
         self.meter = meter
         self.done = False
@@ -287,7 +293,7 @@ class _Metered:
 class _AsyncMetered(_Metered):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         exchange = self.exchange
-        async for chunk in self.response.stream:  # raw, as it came (read already or not)
+        async for chunk in self.stream:  # raw, as it came (read already or not)
             out = _chunk(exchange, chunk, True)
             if out:
                 yield out
@@ -298,7 +304,7 @@ class _AsyncMetered(_Metered):
 
     async def aclose(self) -> None:
         try:
-            await self.response.aclose()
+            await self.stream.aclose()
         finally:
             await self._settle()
 
@@ -385,7 +391,7 @@ class BudgetSyncTransport(httpx.BaseTransport):
 class _SyncMetered(_Metered):
     def __iter__(self) -> Iterator[bytes]:
         exchange = self.exchange
-        for chunk in self.response.stream:
+        for chunk in self.stream:
             out = _chunk(exchange, chunk, True)
             if out:
                 yield out
@@ -396,7 +402,7 @@ class _SyncMetered(_Metered):
 
     def close(self) -> None:
         try:
-            self.response.close()
+            self.stream.close()
         finally:
             self._settle()
 
