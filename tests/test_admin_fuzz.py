@@ -218,6 +218,18 @@ def _steer_to(seeded: Seeded) -> Callable[[Any, Any], Any]:
     turns: Counter[str] = Counter()
 
     def map_case(context: Any, case: Any) -> Any:
+        meta = case.meta
+        if (
+            case.operation.path == "/config/apply"
+            and meta is not None
+            and meta.generation.mode.is_positive
+            and isinstance(case.body, dict)
+        ):
+            # What a config file may say is not JSON Schema's to describe: a positive case
+            # sends a valid (empty) one in the format it names; negative ones stay as made.
+            empty = "{}" if case.body.get("format") == "json" else "teams: []\n"
+            case.body = {**case.body, "text": empty}
+            return case
         delete = case.operation.method.upper() == "DELETE"
         values = (seeded.doomed if delete else seeded.by_path).get(case.operation.path)
         meta = case.meta

@@ -353,6 +353,7 @@ class Server:
     url: str  # where the admin API is mounted
     base: str  # the host app
     env: dict[str, str]  # what the CLI needs to reach the admin API
+    tmp: Path  # a folder of the test's
 
 
 @pytest.fixture
@@ -379,7 +380,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
             assert process.poll() is None and time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.1)
         url = f"{base}/budget-admin"
-        yield Server(url, base, {"BUDGET_ADMIN_URL": url, "BUDGET_ADMIN_KEY": ADMIN_KEY})
+        yield Server(url, base, {"BUDGET_ADMIN_URL": url, "BUDGET_ADMIN_KEY": ADMIN_KEY}, tmp_path)
     finally:
         process.terminate()
         process.wait(30)
@@ -431,8 +432,24 @@ def test_the_same_commands_on_a_running_admin_api(server: Server, here: Here) ->
     assert "already exists" in here(server.env, "providers create openai").failed_on_one_line()
     no_key = here({}, f"--url {server.url} customers list")
     assert "--url needs --admin-key" in no_key.failed_on_one_line(2)
-    apply = here(server.env, "config apply x.yaml")
-    assert "config apply writes to the store directly" in apply.failed_on_one_line()
+    # config apply on a running admin API: POST /config/apply, applied by the server
+    config, broken = server.tmp / "remote.yaml", server.tmp / "broken.yaml"
+    config.write_text(
+        "teams:\n  - name: remote\n    budgets: [{max_limit: 7, reset_duration: 1d}]\n"
+        "virtual_keys:\n  - name: rk\n    team: remote\n    value: sk-bm-remote-config-key\n"
+    )
+    broken.write_text("teams:\n  - name: x\n    budgets: [{max_limit: 5, reset_duration: 1x}]\n")
+    applied = ok(here(server.env, f"config apply {config}"))
+    assert applied.out.startswith(f"applied {config}: teams: 1, virtual keys: 1")
+    team = ok(here(server.env, "teams show remote --json")).json()["team"]
+    assert team["source"] == "config" and [b["max_limit"] for b in team["budgets"]] == [7.0]
+    with httpx.Client(base_url=server.base) as http:  # the server uses the key at once
+        assert http.post("/v1/chat/completions", json=chat(),
+                         headers=_key("sk-bm-remote-config-key")).is_success  # fmt: skip
+    refused_file = here(server.env, f"config apply {broken}").failed_on_one_line()
+    print(refused_file)
+    assert refused_file.startswith("error: admin API answered 422: ")
+    assert "teams[0] (x): budgets.0.reset_duration" in refused_file
     assert ok(here(server.env, "alerts list --json")).json() == {"alerts": [], "count": 0}
     good = ROOT / "examples" / "gateway.yaml"  # config check reads the file alone
     assert ok(here(server.env, f"config check {good}")).out.startswith(f"{good} is valid")

@@ -95,6 +95,11 @@ class RefusalOut(BaseModel):
     at: datetime
 
 
+class ConfigApplied(BaseModel):
+    applied: bool
+    entries: dict[str, int] = Field(description="the file's entries, by section")
+
+
 class Deleted(BaseModel):
     deleted: bool
     id: str

@@ -10,8 +10,11 @@ from budget_middleware.admin.answers import AdminAnswer, ok
 from budget_middleware.admin.context import Call, Operation, QueryParam
 from budget_middleware.admin.provider_budgets import provider_budgets
 from budget_middleware.core.scopes import OWNER_TYPES
+from budget_middleware.exceptions import ConfigFileError, InvalidRequest
+from budget_middleware.manage.config_file import apply_config_text
 from budget_middleware.manage.reports import GROUPS
 from budget_middleware.manage.schemas import (
+    ConfigApply,
     CustomerCreate,
     CustomerUpdate,
     ModelConfigCreate,
@@ -319,6 +322,22 @@ async def list_alerts(call: Call) -> AdminAnswer:
     return ok({"alerts": alerts, "count": total})  # count: every alert the filters match
 
 
+async def apply_config(call: Call) -> AdminAnswer:
+    """A config file's text applied as start-up applies BUDGET_CONFIG_FILE (the CLI's
+    `config apply --url`); an invalid one is a 422 naming the entry, and nothing is written."""
+    body = await call.body(ConfigApply)
+    engine = call.engine
+    try:
+        entries = await call.run(
+            apply_config_text, engine.store, engine.settings, body.text, body.format
+        )
+    except ConfigFileError as exc:
+        raise InvalidRequest(str(exc), param="text") from None
+    engine.mark_stale()  # written past the manager: the next request reloads
+    await engine.ensure_current()
+    return ok({"applied": True, "entries": entries})
+
+
 async def list_refusals(call: Call) -> AdminAnswer:
     """The latest refusals of this process, newest first (kept in memory, the last 200)."""
     items = list(reversed(call.engine.hooks.recent_refusals))
@@ -460,6 +479,8 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: env.RejectedList, **_ERRORS}, query=_LIST),
     Operation("GET", "/alerts", list_alerts, "Recent alerts and their delivery state",
               {200: env.AlertList, **_ERRORS}, query=(OWNER_TYPE, OWNER_ID, *_LIST)),
+    Operation("POST", "/config/apply", apply_config, "Apply a config file's text",
+              {200: env.ConfigApplied, **_WRITE_ERRORS}, body=ConfigApply),
     Operation("GET", "/refusals", list_refusals, "This process's latest refusals",
               {200: env.RefusalList, **_ERRORS}, query=_LIST),
     Operation("GET", "/health", health, "Health of the store and Redis",

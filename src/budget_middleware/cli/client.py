@@ -331,10 +331,14 @@ class HttpClient:
         return self._send("GET", "/alerts", query)
 
     def apply_config(self, path: Path) -> None:
-        raise CliError(
-            "config apply writes to the store directly: run it without --url, with the "
-            "BUDGET_DATABASE_URL of the store (the admin API has no route that applies a file)"
-        )
+        """The file's text to `POST /config/apply`: the server applies it to its store (its
+        `${ENV_VAR}` references are the server's)."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"cannot read {path}: {exc}") from None
+        kind = "json" if path.suffix.lower() == ".json" else "yaml"
+        self._send("POST", "/config/apply", body={"text": text, "format": kind})
 
     def close(self) -> None:
         self.http.close()

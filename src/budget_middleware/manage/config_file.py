@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -381,6 +382,23 @@ class _Loader:
             for fixed in ("scope", "scope_id"):
                 body.pop(fixed, None)
             m.update_model_config(row.id, body)
+
+
+def apply_config_text(
+    store: Store, settings: BudgetSettings, text: str, suffix: str
+) -> dict[str, int]:
+    """A config file's text applied to the store, as start-up applies BUDGET_CONFIG_FILE (the
+    admin API's `POST /config/apply`, the CLI's `config apply --url`); its entries by section.
+    An invalid text raises `ConfigFileError` naming the entry, before anything is written."""
+    with tempfile.TemporaryDirectory(prefix="budget-config-") as folder:
+        path = Path(folder) / f"config.{suffix}"
+        path.write_text(text, encoding="utf-8")
+        try:
+            data = _check(path)
+        except ConfigFileError as exc:
+            raise ConfigFileError(str(exc).replace(repr(str(path)), "(the config sent)")) from None
+        load_config_file(store, settings.model_copy(update={"config_file": path}))
+    return {section: len(data.sections[section]) for section in SECTIONS if data.sections[section]}
 
 
 def load_config_file(store: Store, settings: BudgetSettings) -> None:

@@ -423,6 +423,13 @@ RouteName = Annotated[
 Strategy = Literal["ordered", "most_remaining"]
 
 
+class ConfigApply(_Body):
+    """A config file's text (BUDGET_CONFIG_FILE's format), applied as start-up applies it."""
+
+    text: str = Field(max_length=4_000_000, description="the file's content")
+    format: Literal["yaml", "json"] = Field(default="yaml", description="yaml or json")
+
+
 class RouteCreate(_Body):
     name: RouteName = Field(description="the `model` a request names to use this route")
     targets: list[RouteTargetText] = Field(
