@@ -309,21 +309,33 @@ async def test_two_instances_on_redis_raise_each_alert_once(
         for engine in engines:
             await engine.ensure_started()
         key = engines[0].manager.create_virtual_key(
-            name="fay", budgets=[{"max_limit": 2.0, "alert_thresholds": [0.25, 0.5, 0.75]}]
+            name="fay", budgets=[{"max_limit": 0.004, "alert_thresholds": [0.25, 0.5, 0.75]}]
         )
         https = [client(app) for app in apps]
 
         async def worker(n: int) -> list[int]:
-            return await spend(https[n % 2], key.value, 0.05, 12)
+            # priced from the usage (gpt-4o's catalog price), so the reservation bounds it
+            statuses = []
+            for _ in range(10):
+                answer = await https[n % 2].post(
+                    "/v1/chat/completions", json=chat("gpt-4o"),
+                    headers={"authorization": f"Bearer {key.value}"},
+                )  # fmt: skip
+                statuses.append(answer.status_code)
+            return statuses
 
-        results = await asyncio.gather(*(worker(n) for n in range(6)))
-        await asyncio.sleep(0.3)
+        results = await asyncio.gather(*(worker(n) for n in range(32)))
         await until(lambda: len(hook.delivered()) >= 4)
         await asyncio.sleep(0.5)
         kinds = sorted((a["type"], a.get("threshold") or 0) for a in hook.delivered())
         admitted = sum(s.count(200) for s in results)
-        print(f"2 instances, 72 requests: {admitted} admitted; alerts delivered {kinds}; raised "
-              f"by instance {[e.alerts.raised for e in engines]}")  # fmt: skip
+        for engine in engines:
+            await engine.flush()
+        spent = engines[0].manager.list_budgets(owner_type="virtual_key", owner_id=key.id)[0]
+        print(f"2 instances, 320 requests: {admitted} admitted, spent ${spent.spent:.6f} of "
+              f"$0.004; alerts delivered {kinds}; raised by instance "
+              f"{[e.alerts.raised for e in engines]}")  # fmt: skip
+        assert spent.spent <= 0.004 + 0.0002  # one request's own overrun at most
         assert kinds == [("budget.exhausted", 0), ("budget.threshold", 0.25),
                          ("budget.threshold", 0.5), ("budget.threshold", 0.75)]  # fmt: skip
         raised = [sum(e.alerts.raised.values()) for e in engines]
@@ -664,3 +676,35 @@ async def test_shadow_mode_takes_the_route_enforce_takes_and_reports_enforce_s_c
     assert results["shadow"] == ("azure/gpt-4o", 200, "virtual_key_inactive")
     shadow_budget = [r for r in seen if r["shadow"] and r["code"] == "budget_exceeded"]
     assert shadow_budget and shadow_budget[0]["scope"]["name"] == "spent-shadow"
+
+
+async def test_an_alert_raised_while_the_store_is_away_is_raised_once_it_is_back(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """Fault: the store refuses the alert's insert (unreachable): the alert is kept and raised,
+    once, when the store answers again; no request waited for it."""
+    from sqlalchemy.exc import OperationalError
+
+    hook = receiver()
+    app = host_app(make_settings(alert_webhook_urls=hook.url))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        real = engine.alerts._insert
+        failures = {"left": 3}
+
+        def flaky(events: Any) -> Any:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise OperationalError("INSERT", {}, Exception("the store is away"))
+            return real(events)
+
+        engine.alerts._insert = flaky  # type: ignore[method-assign]
+        key = engine.manager.create_virtual_key(name="lou", budgets=[{"max_limit": 1.0}])
+        assert await spend(http, key.value, 0.9, 1) == [200]
+        await until(lambda: hook.delivered())
+        await asyncio.sleep(0.3)
+        alerts = engine.manager.list_alerts()
+        print(f"store away for 3 rounds: {3 - failures['left']} inserts failed; then "
+              f"{len(hook.delivered())} delivered, {len(alerts)} raised")  # fmt: skip
+        assert failures["left"] == 0 and len(hook.delivered()) == 1 and len(alerts) == 1
