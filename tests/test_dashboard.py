@@ -10,6 +10,7 @@ reset a budget. `BUDGET_TEST_SCREENSHOT=1` has it write docs/dashboard.png anew.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -320,12 +321,17 @@ def _need_chromium() -> None:
 
 
 def usd(value: float) -> str:
-    """As the page writes an amount: Intl.NumberFormat en-US, 2 decimals (4 under $1, 6 under
-    a cent), trailing zeros past the second left out."""
+    """As the page writes an amount: Intl.NumberFormat en-US, 2 decimals (4 under $1),
+    trailing zeros past the second left out; under a cent, 3 significant digits (never $0.00
+    for an amount that is not 0)."""
     size = abs(value)
-    digits = 2 if size == 0 or size >= 1 else 4 if size >= 0.01 else 6
+    sign = "-" if value < 0 else ""
+    if 0 < size < 0.01:
+        places = 2 - math.floor(math.log10(size))
+        return f"{sign}${float(f'{size:.3g}'):.{places}f}".rstrip("0")
+    digits = 2 if size == 0 or size >= 1 else 4
     whole, fraction = f"{size:,.{digits}f}".split(".")
-    return ("-" if value < 0 else "") + f"${whole}.{fraction.rstrip('0').ljust(2, '0')}"
+    return sign + f"${whole}.{fraction.rstrip('0').ljust(2, '0')}"
 
 
 def _admin_get(served: Served, path: str) -> Any:

@@ -660,3 +660,216 @@ def test_a_new_status_before_any_body_is_the_answer_measured(make_settings: Sett
     print(f"statuses given {sent}; record {rows}")
     assert sent[-1].startswith("500") and chunks == [b"internal error"]
     assert [(r["status"], r["cost_nanos"], r["estimated"]) for r in rows] == [(500, 0, False)]
+
+
+FORKED = r"""
+import io, json, os, sys
+from sqlalchemy import text
+from budget_middleware import BudgetSettings
+from budget_middleware.engine.portal import on_loop
+from budget_middleware.wsgi import BudgetWSGIMiddleware
+
+ANSWER = json.dumps({"id": "c", "object": "chat.completion", "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    "usage": {"prompt_tokens": 26, "completion_tokens": 20, "total_tokens": 46}}).encode()
+
+def app(environ, start_response):
+    environ["wsgi.input"].read()
+    start_response("200 OK", [("content-type", "application/json")])
+    return [ANSWER]
+
+def call(key):
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 64}).encode()
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "SCRIPT_NAME": "",
+               "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
+               "HTTP_AUTHORIZATION": f"Bearer {key}"}
+    answer = middleware(environ, lambda status, headers, exc_info=None: None)
+    b"".join(answer)
+    answer.close()
+
+middleware = BudgetWSGIMiddleware(app, BudgetSettings(database_url=sys.argv[1],
+                                                      flush_interval_seconds=3600))
+engine = middleware.engine
+on_loop(engine, engine.ensure_started)  # the master starts the engine (gunicorn --preload)
+key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}]).value
+call(key); call(key)  # two charges pending in the master when it forks
+pid = os.fork()
+if pid == 0:
+    for _ in range(3):
+        call(key)
+    sys.exit(0)  # a worker's normal exit: its own three charges written at exit
+_, status = os.waitpid(pid, 0)
+on_loop(engine, engine.flush)  # the master's own two
+with engine.store.engine.connect() as conn:
+    records, cost = conn.execute(
+        text("SELECT count(*), sum(cost_nanos) FROM bm_usage_records")).one()
+spent = engine.manager.list_budgets()[0].spent
+print(json.dumps({"child_exit": status, "records": records, "cost": cost, "spent": spent}))
+"""
+
+
+def test_a_worker_forked_after_the_engine_started_serves_and_charges_only_its_own(
+    tmp_path: Path,
+) -> None:
+    """gunicorn `--preload`: the master started the engine and holds unwritten charges when it
+    forks. The worker starts afresh (no hang on the parent's loop), writes its own charges at
+    exit, and never the parent's: 2 + 3 records, not 2 + 5."""
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED, f"sqlite:///{tmp_path}/fork.db"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    print(done.stdout, done.stderr[-2000:])
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["child_exit"] == 0 and figures["records"] == 5
+    assert figures["cost"] > 0 and figures["spent"] == pytest.approx(figures["cost"] / 1e9)
+
+
+def test_calls_out_from_a_streamed_answer_are_charged_to_its_caller(
+    make_settings: Settings,
+) -> None:
+    """SPEC §13 under WSGI: a call the app makes through `BudgetSyncTransport` is charged to
+    the inbound caller, from the view and from the generator of a streamed answer alike."""
+    from budget_middleware import BudgetSyncTransport
+
+    settings = make_settings(flush_interval_seconds=3600)
+    choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}}
+    usage = {"prompt_tokens": 26, "completion_tokens": 20, "total_tokens": 46}
+    completion = json.dumps(
+        {"id": "c", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [choice],
+         "usage": usage}
+    ).encode()  # fmt: skip
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=completion, headers={"content-type": "application/json"})
+
+    provider = httpx.Client(
+        transport=BudgetSyncTransport(httpx.MockTransport(upstream), settings),
+        base_url="https://api.openai.com",
+    )
+    app = Flask(__name__)
+
+    @app.get("/plain")
+    def plain() -> str:
+        provider.post("/v1/chat/completions", json=chat())
+        return "ok"
+
+    @app.get("/streamed")
+    def streamed() -> Response:
+        def chunks() -> Iterator[bytes]:
+            provider.post("/v1/chat/completions", json=chat())
+            yield b"ok"
+
+        return Response(chunks())
+
+    app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, settings)  # type: ignore[method-assign]
+    engine = engine_of(app)
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    client = app.test_client()
+    for path in ("/plain", "/streamed"):
+        assert client.get(path, headers=bearer(key.value or "")).status_code == 200
+    provider.close()
+    rows = records(engine)
+    print(f"outbound calls charged to: {[r['virtual_key_id'] for r in rows]} (key {key.id})")
+    assert [r["virtual_key_id"] for r in rows] == [key.id, key.id]
+
+
+def test_an_answer_dropped_without_close_frees_its_slot(make_settings: Settings) -> None:
+    """A server that drops a streamed answer without calling `close()`: the answer is settled
+    (a disconnect) when it is collected, and the key's one concurrency slot is free again."""
+    import gc
+    import time
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("content-type", "text/event-stream")])
+        for _ in range(5):
+            yield b'data: {"choices":[{"delta":{"content":"w"}}]}\n\n'
+
+    middleware = BudgetWSGIMiddleware(app, make_settings(flush_interval_seconds=3600))
+    engine = middleware.engine
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(
+        name="k", rate_limit={"max_concurrent_requests": 1}, budgets=[{"max_limit": 10}]
+    )
+    client = Client(middleware)
+    headers = bearer(key.value or "")
+    first = client.post("/v1/chat/completions", json=chat(stream=True), headers=headers,
+                        buffered=False)  # fmt: skip
+    next(iter(first.response))  # one chunk, then dropped: no close()
+    busy = client.post("/v1/chat/completions", json=chat(stream=True), headers=headers)
+    assert busy.status_code == 429  # its slot is held while the answer lives
+    first.response = None  # type: ignore[assignment]
+    del first
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while engine.registry.concurrency and any(
+        slots.in_flight for slots in engine.registry.concurrency.values()
+    ):
+        assert time.monotonic() < deadline, "the dropped answer was never settled"
+        time.sleep(0.01)
+    again = client.post("/v1/chat/completions", json=chat(stream=True), headers=headers)
+    again.get_data()
+    again.close()
+    rows = records(engine)
+    print(f"while held: {busy.status_code}; after collection: {again.status_code}; "
+          f"outcomes {[r['outcome'] for r in rows]}")  # fmt: skip
+    assert again.status_code == 200
+    assert sorted(r["outcome"] for r in rows) == ["client_disconnected", "completed"]
+
+
+def test_an_app_failing_before_its_first_chunk_costs_nothing(make_settings: Settings) -> None:
+    """The iterable raises at its first `next()`: nothing was sent, the server answers 500, and
+    an error without usage costs nothing (SPEC §7), recorded as the 500 it was."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("content-type", "application/json")])
+        raise RuntimeError("the model backend failed")
+        yield b""  # a generator
+
+    middleware = BudgetWSGIMiddleware(app, make_settings(flush_interval_seconds=3600))
+    engine = middleware.engine
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    with pytest.raises(RuntimeError, match="backend failed"):  # werkzeug reads the first chunk
+        Client(middleware).post("/v1/chat/completions", json=chat(),
+                                headers=bearer(key.value or ""))  # fmt: skip
+    rows = records(engine)
+    print(f"failed before its first chunk: {rows}")
+    assert [(r["outcome"], r["status"], r["cost_nanos"]) for r in rows] == [
+        ("upstream_error", 500, 0)]  # fmt: skip
+
+
+def test_a_body_shorter_than_its_content_length_is_not_admitted(make_settings: Settings) -> None:
+    """A client gone mid-body: the app is not called, nothing is counted (ASGI's disconnect)."""
+    seen: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(environ["wsgi.input"].read())
+        start_response("200 OK", [("content-type", "application/json")])
+        return [b"{}"]
+
+    middleware = BudgetWSGIMiddleware(app, make_settings(flush_interval_seconds=3600))
+    engine = middleware.engine
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(
+        name="k", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"}
+    )
+    body = json.dumps(chat()).encode()
+    environ = {
+        "REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "SCRIPT_NAME": "",
+        "wsgi.input": io.BytesIO(body[:20]), "CONTENT_LENGTH": str(len(body)),
+        "HTTP_AUTHORIZATION": f"Bearer {key.value}",
+    }  # fmt: skip
+    statuses: list[str] = []
+    answer = middleware(environ, lambda status, headers, exc_info=None: statuses.append(status))
+    b"".join(answer)
+    full = Client(middleware).post("/v1/chat/completions", json=chat(),
+                                   headers=bearer(key.value or ""))  # fmt: skip
+    full.get_data()
+    full.close()
+    print(f"short body: {statuses}, app called {len(seen)} time(s); then {full.status_code}")
+    assert statuses[0].startswith("400") and full.status_code == 200  # its one request is left
+    assert seen == [body] and records(engine)[0]["status"] == 200

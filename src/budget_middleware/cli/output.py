@@ -4,6 +4,7 @@ Scripts use `--json`, which prints the dicts themselves."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -28,11 +29,15 @@ def text(value: Any) -> str:
 
 
 def usd(value: Any) -> str:
-    """USD to 4 decimals; amounts under a cent to 6, so that small spend does not show as 0."""
+    """USD to 4 decimals; amounts under a cent to 3 significant digits, so that no amount
+    that is not 0 shows as 0 ($0.0000000010 is $1e-09 spent)."""
     if value is None:
         return "-"
     amount = float(value)
-    return f"${amount:,.6f}" if 0 < abs(amount) < 0.01 else f"${amount:,.4f}"
+    if 0 < abs(amount) < 0.01:
+        places = min(2 - math.floor(math.log10(abs(amount))), 15)
+        return f"${amount:.{places}f}".rstrip("0")
+    return f"${amount:,.4f}"
 
 
 def when(value: Any) -> str:

@@ -279,6 +279,21 @@ class CounterRegistry:
         """The live counter of a limit, if this process has one."""
         return self.windows[kind].get(id)
 
+    def forget_the_parent_s(self) -> None:
+        """In a forked child: what the parent charged and holds is the parent's to write and to
+        release. The child keeps the counters' values (what is spent) and nothing to write, no
+        reservation and no request in flight."""
+        ledger = self.ledger
+        ledger.dirty.clear()
+        ledger.sealed.clear()
+        ledger.unconfirmed.clear()
+        for windows in self.windows.values():
+            for counter in windows.values():
+                counter.pending = 0
+                counter.reserved = 0
+        for slots in self.concurrency.values():
+            slots.in_flight = 0
+
     def slots(self, id: str, limit: int | None) -> Concurrency:
         slots = self.concurrency.get(id)
         if slots is None:

@@ -146,6 +146,11 @@ class Alerts:
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._run())
 
+    def after_fork_in_child(self) -> None:
+        """The parent's task and loop are not this process's; its queued events are its own."""
+        self._task = self._wake = self._loop = None
+        self.queue = []
+
     async def stop(self) -> None:
         """Stop the task once its round ends (bounded: a delivery still hanging then is cut and
         its claim lapses), and raise what is queued, so that it is delivered after a restart."""

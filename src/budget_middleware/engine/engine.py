@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 import weakref
@@ -42,6 +43,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger("budget_middleware")
 
 _engines: weakref.WeakValueDictionary[str, BudgetEngine] = weakref.WeakValueDictionary()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (gunicorn `--preload`) starts every started engine afresh."""
+    for engine in list(_engines.values()):
+        if engine.started or engine.loop is not None:
+            engine.after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def get_engine(settings: BudgetSettings | None = None) -> BudgetEngine:
@@ -256,6 +267,26 @@ class BudgetEngine:
         admin = f"admin API at {admin_path}" if admin_path else "no admin API mounted"
         mode = ", shadow mode" if s.mode == "shadow" else ""
         return f"budget-middleware: store {hidden(s.database_url)}, {counters}, {admin}{mode}"
+
+    def after_fork_in_child(self) -> None:
+        """This process was forked from one where this engine had started (gunicorn
+        `--preload`): its loop, threads, connections and unwritten charges are the parent's. The
+        child starts afresh on first use; what the parent charged is written by the parent."""
+        self.started = False
+        self.loop = None
+        self._flusher = None
+        self._flush_lock = None
+        self._start_lock = None
+        self._stopping = asyncio.Event()
+        self._key_loads = {}
+        self.records = []
+        self.unwritten = []
+        self.rejects_to_save = []
+        self.registry.forget_the_parent_s()
+        self.store.engine.dispose(close=False)  # the parent's connections stay the parent's
+        self.counters.after_fork_in_child()
+        self.alerts.after_fork_in_child()
+        self.hooks.after_fork_in_child()
 
     def _prepare_store(self) -> None:
         self.store.create_schema()

@@ -67,6 +67,10 @@ class Hooks:
             else:
                 self._pool().submit(_guarded, hook, item)
 
+    def after_fork_in_child(self) -> None:
+        self._thread = None  # its thread is the parent's
+        self.loop = None
+
     def _pool(self) -> ThreadPoolExecutor:
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="budget-hooks")

@@ -30,6 +30,9 @@ T = TypeVar("T")
 # state (counters, caches) without a hop to it. Reentrant: a holder may call what takes it again.
 loop_lock = threading.RLock()
 
+# In a forked child, a lock some parent thread held at the fork would be held for ever.
+os.register_at_fork(after_in_child=loop_lock._at_fork_reinit)  # type: ignore[attr-defined]
+
 _background: asyncio.AbstractEventLoop | None = None
 _background_pid = 0
 _background_lock = threading.Lock()

@@ -54,6 +54,9 @@ class CounterBackend(ABC):
     async def health(self) -> str:
         return "disabled"
 
+    def after_fork_in_child(self) -> None:  # noqa: B027 - optional hook
+        """Forget the parent's connections (shared backends)."""
+
     @abstractmethod
     async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal: ...
 

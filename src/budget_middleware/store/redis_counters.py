@@ -124,6 +124,13 @@ class RedisCounters(CounterBackend):
 
     # -- life cycle ----------------------------------------------------------------------
 
+    def after_fork_in_child(self) -> None:
+        """The parent's connections, heartbeat and requests in flight are the parent's."""
+        self.client = None
+        self._heartbeat = None
+        self._state.live.clear()
+        self._owed.clear()
+
     async def start(self) -> None:
         # BUDGET_REDIS_TIMEOUT_SECONDS bounds every call (connecting, then each reply): past it
         # the call fails as if Redis were down. Waiting for a free pooled connection is local

@@ -16,6 +16,8 @@ loop and is waited for.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -89,6 +91,14 @@ def _too_large(limit: int) -> ErrorAnswer:
     )
 
 
+class _Incomplete(Exception):
+    """The body ended before its Content-Length: the client is gone (ASGI's disconnect)."""
+
+
+def _incomplete() -> ErrorAnswer:
+    return error_answer(400, "incomplete_body", "The request body ended before its Content-Length")
+
+
 class _TooLarge(Exception):
     pass
 
@@ -144,11 +154,14 @@ class BudgetWSGIMiddleware:
         if failure is not None:  # a configuration error met at start-up: every request says so
             raise raised_again(failure)
         if noting.active:  # a BudgetSyncTransport exists: who calls is noted, on any path
-            token = inbound_headers.set(self._headers(environ))
+            headers = self._headers(environ)
+            token = inbound_headers.set(headers)
             try:
-                return self._route(environ, start_response)
+                answer = self._route(environ, start_response)
             finally:
                 inbound_headers.reset(token)
+            # A streamed answer (a generator) runs while the server iterates it: noted then too.
+            return _Noted(answer, headers)
         if environ["REQUEST_METHOD"] == "POST":
             path: str = environ.get("PATH_INFO", "")
             if path.endswith(self.suffixes):
@@ -227,6 +240,8 @@ class BudgetWSGIMiddleware:
             body = self._body(environ, credentials)
         except _TooLarge:
             return answer(start_response, _too_large(self.max_body))
+        except _Incomplete:  # the client went away mid-body: nothing admitted, nothing counted
+            return answer(start_response, _incomplete())
         if not engine.started:
             try:
                 on_loop(engine, engine.ensure_started)
@@ -275,7 +290,10 @@ class BudgetWSGIMiddleware:
         if length is not None:
             if length > self.max_body:
                 raise _TooLarge
-            return stream.read(length) if length > 0 else b""
+            body: bytes = stream.read(length) if length > 0 else b""
+            if len(body) < length:
+                raise _Incomplete
+            return body
         if not environ.get("wsgi.input_terminated"):
             return b""  # no length, and the server does not end the input: no body (PEP 3333)
         chunks: list[bytes] = []
@@ -396,6 +414,42 @@ class BudgetWSGIMiddleware:
             on_loop(self.engine, lambda: exchange.settle_shared(outcome))
 
 
+_DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped answers, until they end
+
+
+class _Noted:
+    """An answer iterated (and closed) with its request's caller noted, for the calls the app
+    makes through `BudgetSyncTransport` from a generator (SPEC §13)."""
+
+    __slots__ = ("answer", "headers", "next_")
+
+    def __init__(self, answer: Iterable[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+        self.answer = answer
+        self.headers = headers
+        self.next_: Callable[[], bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        token = inbound_headers.set(self.headers)
+        try:
+            if self.next_ is None:
+                self.next_ = iter(self.answer).__next__
+            return self.next_()
+        finally:
+            inbound_headers.reset(token)
+
+    def close(self) -> None:
+        close = getattr(self.answer, "close", None)
+        if close is not None:
+            token = inbound_headers.set(self.headers)
+            try:
+                close()
+            finally:
+                inbound_headers.reset(token)
+
+
 async def _settle_now(exchange: Exchange, outcome: str) -> None:
     exchange.settle_now(outcome)
 
@@ -506,7 +560,10 @@ class MeteredResponse:
             raise
         except BaseException:
             self.failed = True
+            if not self.wrote:  # nothing sent: the server answers 500 (an error costs nothing)
+                self.exchange.status = 500
             raise
+        self.wrote = True
         out: bytes = self.exchange.on_body(message)["body"]
         return out
 
@@ -519,6 +576,31 @@ class MeteredResponse:
         finally:
             if not self.settled:  # settled at the last chunk (the usual case): no lock taken
                 self.settle("upstream_error" if self.failed else "client_disconnected")
+
+    def __del__(self) -> None:
+        """An answer dropped without `close()` (a server that does not call it): settled as a
+        disconnect on the engine's loop, so its reservation and slot are not held for ever. No
+        lock is taken here (the collector may run anywhere)."""
+        if self.settled:
+            return
+        loop = self.middleware.engine.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop is closing: the process exits
+                loop.call_soon_threadsafe(self._settle_on_loop)
+
+    def _settle_on_loop(self) -> None:
+        """On the engine's loop (its callbacks hold `loop_lock`): settle, once."""
+        if self.settled:
+            return
+        self.settled = True
+        exchange = self.exchange
+        outcome = "upstream_error" if self.failed else "client_disconnected"
+        if self.middleware.engine.in_process:
+            exchange.settle_now(outcome)
+        else:
+            task = asyncio.get_running_loop().create_task(exchange.settle_shared(outcome))
+            _DROPPED.add(task)
+            task.add_done_callback(_DROPPED.discard)
 
     def settle(self, outcome: str) -> None:
         """Exactly once, whichever thread gets here first (the flag is tested under the lock

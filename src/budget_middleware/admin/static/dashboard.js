@@ -48,10 +48,14 @@
   /* -- formatting -------------------------------------------------------------------- */
 
   const usdFormats = new Map();
+  const tinyFormat = new Intl.NumberFormat("en-US", {
+    style: "currency", currency: "USD", maximumSignificantDigits: 3,
+  });
   function usd(value) {
     const v = Number(value) || 0;
     const abs = Math.abs(v);
-    const digits = abs === 0 || abs >= 1 ? 2 : abs >= 0.01 ? 4 : 6;
+    if (abs > 0 && abs < 0.01) return tinyFormat.format(v);  // never a non-zero amount as $0.00
+    const digits = abs === 0 || abs >= 1 ? 2 : 4;
     if (!usdFormats.has(digits)) {
       usdFormats.set(digits, new Intl.NumberFormat("en-US", {
         style: "currency", currency: "USD", minimumFractionDigits: 2,
