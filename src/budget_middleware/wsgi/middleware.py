@@ -161,6 +161,9 @@ class BudgetWSGIMiddleware:
             finally:
                 inbound_headers.reset(token)
             # A streamed answer (a generator) runs while the server iterates it: noted then too.
+            # A list or tuple is made already: nothing runs then, it goes as it is.
+            if type(answer) is list or type(answer) is tuple:
+                return answer
             return _Noted(answer, headers)
         if environ["REQUEST_METHOD"] == "POST":
             path: str = environ.get("PATH_INFO", "")
