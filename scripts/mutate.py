@@ -59,6 +59,7 @@ CORE = Path("src") / PACKAGE / "core"
 # The tests that exercise each module, fastest and most direct first (`-x` stops at the first
 # failure, so a mutant that the unit tests catch costs a fraction of a second).
 TESTS: dict[str, tuple[str, ...]] = {
+    "alerts.py": ("tests/test_core_alerts.py",),
     "admission.py": (
         "tests/test_admission.py",
         "tests/test_counters.py",

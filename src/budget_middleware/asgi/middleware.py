@@ -19,7 +19,7 @@ from budget_middleware.core.identity import header_reader, key_digest, route_pat
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import BudgetState, Exchange
+from budget_middleware.engine.exchange import Exchange
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.exceptions import ConfigurationError
@@ -230,18 +230,10 @@ class BudgetMiddleware:
             await _answer(send, admitted)
             return
         exchange: Exchange = admitted  # type: ignore[assignment]
-        target = exchange.target
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["budget"] = exchange.caller = BudgetState(
-            virtual_key_id=key.id if key else None,
-            team_id=key.team_id if key else None,
-            customer_id=key.customer_id if key else None,
-            provider=target.provider,
-            model=target.model,
-            tags=target.tags,
-        )
+        state["budget"] = exchange.name_caller()
         if exchange.parsed is not None:  # a route's target, a stream asked for its usage
             new_body = body_to_send(exchange)
             if new_body is not None:

@@ -261,8 +261,10 @@ class BudgetEngine:
                 return url.split("@")[-1]
 
         s = self.settings
-        counters = f"counters in Redis at {hidden(s.redis_url)}" if s.redis_url else (
-            "counters in process (no BUDGET_REDIS_URL)"
+        counters = (
+            f"counters in Redis at {hidden(s.redis_url)}"
+            if s.redis_url
+            else ("counters in process (no BUDGET_REDIS_URL)")
         )
         admin = f"admin API at {admin_path}" if admin_path else "no admin API mounted"
         mode = ", shadow mode" if s.mode == "shadow" else ""
@@ -442,24 +444,14 @@ class BudgetEngine:
     # -- admission and settlement --------------------------------------------------------
 
     async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
-        return self._count(await self.counters.admit(limits, estimate))
+        """Admission by the counters; the gate counts the request's outcome (`stats`)."""
+        return await self.counters.admit(limits, estimate)
 
     def admit_now(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
         """Admission in process (memory counters only): atomic, no await."""
         memory = self.memory
         assert memory is not None, "admit_now needs the in-process counters"
-        decision = memory.admit_now(limits, estimate)
-        if type(decision) is Ticket:
-            self.stats.admitted += 1
-            return decision
-        return self._count(decision)
-
-    def _count(self, decision: Ticket | Refusal) -> Ticket | Refusal:
-        if type(decision) is Refusal:
-            self.stats.refused[decision.code] = self.stats.refused.get(decision.code, 0) + 1
-        else:
-            self.stats.admitted += 1
-        return decision
+        return memory.admit_now(limits, estimate)
 
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
         await self.counters.settle(ticket, cost, tokens)

@@ -106,6 +106,20 @@ class Exchange:
         self.admitted_at = admitted_at
         self.started = started
 
+    def name_caller(self) -> BudgetState:
+        """Once admitted: who is calling (`request.state.budget`, the usage record's owner)."""
+        key = self.key
+        target = self.target
+        self.caller = BudgetState(
+            virtual_key_id=key.id if key else None,
+            team_id=key.team_id if key else None,
+            customer_id=key.customer_id if key else None,
+            provider=target.provider,
+            model=target.model,
+            tags=target.tags,
+        )
+        return self.caller
+
     async def replay(self) -> Message:
         if not self.replayed:  # the body once; then the real receive (a disconnect, say)
             self.replayed = True

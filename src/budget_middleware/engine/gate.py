@@ -193,6 +193,8 @@ class Gate:
             if ticket.counter is not None:
                 self.alerts.refused(ticket)
             if not self.shadow:
+                refused = self.engine.stats.refused  # the request's outcome, counted once here
+                refused[ticket.code] = refused.get(ticket.code, 0) + 1
                 answer = refusal_answer(ticket, self.exceeded_status, exchange.admitted_at)
                 self.tell_refusal(
                     ticket.code, answer.status, exchange.key, exchange.target, ticket.scope
@@ -201,14 +203,8 @@ class Gate:
             if exchange.would_refuse is None:
                 scope = ticket.scope
             self._shadowed(exchange, ticket.code)
-            stats = self.engine.stats
-            left = stats.refused[ticket.code] - 1  # the engine counted it refused: it is not
-            if left:
-                stats.refused[ticket.code] = left
-            else:
-                del stats.refused[ticket.code]
-            stats.admitted += 1
             ticket = self.engine.counters.admit_anyway(exchange.limits, exchange.ticket_estimate)
+        self.engine.stats.admitted += 1
         exchange.ticket = ticket
         if exchange.would_refuse is not None:
             self._count_shadow(exchange, scope)

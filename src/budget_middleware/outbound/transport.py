@@ -30,7 +30,7 @@ from budget_middleware.answers import ErrorAnswer, error_answer, store_unavailab
 from budget_middleware.core.identity import Credentials, header_reader
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import BudgetState, Exchange
+from budget_middleware.engine.exchange import Exchange
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.portal import on_loop
@@ -116,16 +116,8 @@ class _Meter:
         if type(admitted) is ErrorAnswer:
             return admitted
         exchange: Exchange = admitted  # type: ignore[assignment]
-        target = exchange.target
         exchange.direction = "outbound"
-        exchange.caller = BudgetState(
-            virtual_key_id=key.id if key else None,
-            team_id=key.team_id if key else None,
-            customer_id=key.customer_id if key else None,
-            provider=target.provider,
-            model=target.model,
-            tags=target.tags,
-        )
+        exchange.name_caller()
         return exchange
 
     async def settle(self, exchange: Exchange, outcome: str) -> None:
@@ -217,9 +209,9 @@ def _outcome(exchange: Exchange, read_to_the_end: bool) -> str:
 # -- async -------------------------------------------------------------------------------------
 
 
-class BudgetTransport(httpx.AsyncBaseTransport):
-    """An async transport for `httpx.AsyncClient` and `httpx2.AsyncClient` that meters the
-    inference calls going through `transport` (default: the library's own)."""
+class _Transport:
+    """What both transports take: the transport to send through (default: the library's own),
+    the settings or engine, and the hooks (SPEC §14)."""
 
     def __init__(
         self,
@@ -234,6 +226,12 @@ class BudgetTransport(httpx.AsyncBaseTransport):
         self.transport = transport
         hooks = {"on_alert": on_alert, "on_refusal": on_refusal, "on_settled": on_settled}
         self.meter = _Meter(settings, engine, hooks)
+        self._lock = threading.Lock()  # threads share a sync client: one transport, one pool
+
+
+class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
+    """An async transport for `httpx.AsyncClient` and `httpx2.AsyncClient` that meters the
+    inference calls going through `transport` (default: the library's own)."""
 
     def _inner(self, lib: ModuleType) -> Any:
         if self.transport is None:
@@ -329,25 +327,10 @@ def _stream_class(lib: ModuleType, metered: type) -> Callable[[Any, Exchange, _M
 # -- sync --------------------------------------------------------------------------------------
 
 
-class BudgetSyncTransport(httpx.BaseTransport):
+class BudgetSyncTransport(_Transport, httpx.BaseTransport):
     """The same for `httpx.Client` and `httpx2.Client`. Admission and settlement run on the
     engine's event loop (the app's, or a background one started on first use), so they stay
     atomic with everything else the engine admits; the call itself runs in the caller's thread."""
-
-    def __init__(
-        self,
-        transport: Any = None,
-        settings: BudgetSettings | None = None,
-        *,
-        engine: BudgetEngine | None = None,
-        on_alert: Hook | None = None,
-        on_refusal: Hook | None = None,
-        on_settled: Hook | None = None,
-    ) -> None:
-        self.transport = transport
-        hooks = {"on_alert": on_alert, "on_refusal": on_refusal, "on_settled": on_settled}
-        self.meter = _Meter(settings, engine, hooks)
-        self._lock = threading.Lock()
 
     def _inner(self, lib: ModuleType) -> Any:
         if self.transport is None:

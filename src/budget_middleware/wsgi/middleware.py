@@ -263,16 +263,7 @@ class BudgetWSGIMiddleware:
         if type(admitted) is ErrorAnswer:
             return answer(start_response, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
-        key = exchange.key
-        target = exchange.target
-        environ[STATE_KEY] = exchange.caller = BudgetState(
-            virtual_key_id=key.id if key else None,
-            team_id=key.team_id if key else None,
-            customer_id=key.customer_id if key else None,
-            provider=target.provider,
-            model=target.model,
-            tags=target.tags,
-        )
+        environ[STATE_KEY] = exchange.name_caller()
         if exchange.parsed is not None:  # a route's target, a stream asked for its usage
             new_body = body_to_send(exchange)
             if new_body is not None:
