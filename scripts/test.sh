@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-.venv/bin/ruff check src tests examples $( [ -d benchmarks ] && echo benchmarks )
+.venv/bin/ruff check src tests examples benchmarks scripts
+.venv/bin/ruff format --check src tests examples benchmarks scripts
 .venv/bin/mypy --strict src/budget_middleware
 exec .venv/bin/python -m pytest "$@"

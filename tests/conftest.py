@@ -134,6 +134,9 @@ def make_settings(store_url: str) -> Callable[..., BudgetSettings]:
             "admin_key": "admin-secret",
             "flush_interval_seconds": 0.05,
             "cache_ttl_seconds": 5,
+            # Hundreds of concurrent requests on a loaded machine can wait on Redis past the
+            # 2 s default (a few 503s then); the timeout's own tests set theirs.
+            "redis_timeout_seconds": 10,
         }
         values.update(overrides)
         return BudgetSettings(**values)

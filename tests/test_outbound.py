@@ -106,6 +106,53 @@ async def test_an_sdk_call_is_metered_and_charged_to_the_key(engine: BudgetEngin
     assert m.list_budgets()[0].spent == pytest.approx(expected / 1e9)
 
 
+PROVIDER_LIMITS = {"x-ratelimit-limit-requests": "10000", "x-ratelimit-remaining-requests": "9999"}
+
+
+@pytest.mark.parametrize("unread", [True, False], ids=["transport's-own", "read-already"])
+async def test_the_answer_keeps_the_providers_headers_as_they_came(
+    engine: BudgetEngine, unread: bool
+) -> None:
+    """The provider's `x-ratelimit-*` are its own limits: left as they came (one value, not
+    ours appended), no limit header of ours; `x-budget-cost` is read, not passed on; the call is
+    charged as usual."""
+    body = (
+        b'{"model":"gpt-4o","choices":[],'
+        b'"usage":{"prompt_tokens":1000,"completion_tokens":100,"total_tokens":1100}}'
+    )
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-type": "application/json", **PROVIDER_LIMITS}
+        if unread:  # as a real transport answers: the body not read yet
+            return httpx2.Response(200, headers=headers, stream=httpx2.ByteStream(body))
+        return httpx2.Response(200, headers={**headers, "x-budget-cost": "0.5"}, content=body)
+
+    key = engine.manager.create_virtual_key(
+        name="alice",
+        budgets=[{"max_limit": 1}],
+        rate_limit={"request_max_limit": 5, "request_reset_duration": "1h"},
+    )
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key=key.value):
+            answers = [
+                await http.post(
+                    "https://api.openai.com/v1/chat/completions",
+                    json={"model": "gpt-4o", "messages": MESSAGES},
+                )
+                for _ in range(2)
+            ]
+    shown = [dict(a.headers) for a in answers]
+    print("outbound answers' headers:", shown)
+    for headers in shown:
+        assert {k: headers.get(k) for k in PROVIDER_LIMITS} == PROVIDER_LIMITS
+        assert not [name for name in headers if name.startswith(("x-budget", "x-ratelimit-reset"))]
+    assert [a.json()["usage"]["prompt_tokens"] for a in answers] == [1000, 1000]
+    cost = 0.0035 if unread else 0.5  # 1,000 x $2.50/M + 100 x $10/M, or the header's
+    await engine.flush()
+    assert engine.manager.list_budgets()[0].spent == pytest.approx(2 * cost)
+
+
 async def test_a_stream_reaches_the_sdk_chunk_by_chunk_and_is_charged(
     engine: BudgetEngine,
 ) -> None:

@@ -620,9 +620,7 @@ def test_an_event_of_exactly_16_mib_is_still_read_past(drop: bool) -> None:
 
 def test_named_events_that_carry_no_usage_are_never_read_as_chunks() -> None:
     odd = b'"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
-    stream = (
-        b"event: response.output_item.added\ndata: {" + odd + b"event: ping\ndata: {" + odd
-    )
+    stream = b"event: response.output_item.added\ndata: {" + odd + b"event: ping\ndata: {" + odd
     meter = StreamMeter(drop_usage_chunk=True)
     assert meter.feed(stream) + meter.finish() == stream
     assert meter.usage is None

@@ -60,8 +60,15 @@ def test_usage_records_read_back_exactly_as_written(store_url: str) -> None:
     store.create_schema()
     written = [
         record("a" * 32),
-        record("b" * 32, tags=[], streamed=False, estimated=True, note="no usage in the response",
-               direction="outbound", would_refuse="budget_exceeded"),
+        record(
+            "b" * 32,
+            tags=[],
+            streamed=False,
+            estimated=True,
+            note="no usage in the response",
+            direction="outbound",
+            would_refuse="budget_exceeded",
+        ),
     ]
     store.apply_flush("batch-1", [], [pending(r) for r in written])
     store.apply_flush("batch-1", [], [pending(r) for r in written])  # the same batch: skipped

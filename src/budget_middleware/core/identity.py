@@ -156,26 +156,38 @@ class TargetResolver:
     def __init__(self, guess_provider: Callable[[str], str | None]) -> None:
         self.guess_provider = guess_provider
         self._routes: dict[tuple[str, str | None, str], tuple[str, str]] = {}
+        self._hosted: dict[tuple[str, str | None, str], tuple[str, str]] = {}
+
+    @staticmethod
+    def _remember(
+        memo: dict[tuple[str, str | None, str], tuple[str, str]],
+        where: tuple[str, str | None, str],
+        found: tuple[str, str],
+    ) -> tuple[str, str]:
+        if len(where[0]) <= MAX_MODEL_CHARS:  # a client's huge name is not kept
+            if len(memo) >= 4096:
+                memo.clear()
+            memo[where] = found
+        return found
 
     def __call__(
         self, body: Any, route_path: str, credentials: Credentials, key_tags: tuple[str, ...]
     ) -> Target:
         data = body if type(body) is dict else _NO_BODY
         raw_model = data.get("model")
-        where = (raw_model if type(raw_model) is str else "", credentials.provider, route_path)
-        found = self._routes.get(where)
+        model = raw_model if type(raw_model) is str else ""
+        where: tuple[str, str | None, str]
         if credentials.provider_is_host and credentials.provider is not None:
-            model = where[0].strip()
-            found = (
-                clean_text(credentials.provider, MAX_PROVIDER_CHARS),
-                clean_text(model, MAX_MODEL_CHARS) if model else "unknown",
-            )
-        elif found is None:
-            found = self._route(*where)
-            if len(where[0]) <= MAX_MODEL_CHARS:  # a client's huge name is not kept
-                if len(self._routes) >= 4096:
-                    self._routes.clear()
-                self._routes[where] = found
+            # The host's provider, and the model as sent (OpenRouter's `vendor/model` too).
+            where = (model, credentials.provider, "")
+            found = self._hosted.get(where)
+            if found is None:
+                found = self._remember(self._hosted, where, _hosted(*where))
+        else:
+            where = (model, credentials.provider, route_path)
+            found = self._routes.get(where)
+            if found is None:
+                found = self._remember(self._routes, where, self._route(*where))
         tags = credentials.tags
         if key_tags:
             tags += key_tags
@@ -223,6 +235,14 @@ class TargetResolver:
 
 
 _NO_BODY: dict[str, Any] = {}
+
+
+def _hosted(raw_model: str, provider: str | None, _: str) -> tuple[str, str]:
+    model = raw_model.strip()
+    return (
+        clean_text(provider or "", MAX_PROVIDER_CHARS),
+        clean_text(model, MAX_MODEL_CHARS) if model else "unknown",
+    )
 
 
 def _path_provider(route_path: str) -> str | None:

@@ -390,10 +390,10 @@ class BudgetEngine:
     async def lookup_key(self, value: str) -> KeyConfig | None:
         """The key's configuration; a cached key costs a hash and a dict lookup."""
         digest = key_digest(value)
-        key_hash = digest.hex()  # as the store keeps it
         found = self.keys.get(digest)
         if found is not NOT_CACHED:
             return found
+        key_hash = digest.hex()  # as the store keeps it
         pending = self._key_loads.get(key_hash)
         if pending is not None:  # many first requests of one key share one store read
             return await asyncio.shield(pending)

@@ -1,10 +1,11 @@
 """One metered exchange, whatever adapter it came by: pass the response on untouched, measure it,
-settle it exactly once. Responses are read as ASGI messages (`http.response.start`, `.body`)."""
+settle it exactly once. Every adapter hands the answer's start to `read_start` and each chunk to
+`on_chunk`; the ASGI middleware's `forward` does so from its messages."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -30,7 +31,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON_TAIL = 1 << 20  # of a huge JSON answer keep the last MiB: usage sits at the end
-_COST_HEADER = b"x-budget-cost"
+COST_HEADER = b"x-budget-cost"  # the app's or upstream's cost: read, never passed on
 
 # What one request is counted, whatever an upstream reports: the store's token columns are
 # 32-bit. (Its charge is capped by `money.charge_nanos`.)
@@ -132,7 +133,10 @@ class Exchange:
     async def forward(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
-            message = self.on_body(message)
+            chunk = message.get("body", b"")
+            out = self.on_chunk(chunk, message.get("more_body", False))
+            if out is not chunk:
+                message = {**message, "body": out}
         elif kind == "http.response.start":
             message = self.on_start(message)
         try:
@@ -144,10 +148,20 @@ class Exchange:
     # -- the response going by -----------------------------------------------------------
 
     def on_start(self, message: Message) -> Message:
-        self.response_started = True
-        self.status = message["status"]
         headers = message.get("headers") or ()
-        kept = list(headers)
+        if self.read_start(message["status"], headers):  # ours to read, not the client's
+            kept = [h for h in headers if h[0].lower() != COST_HEADER]
+        else:
+            kept = list(headers)
+        kept += self.headers_added()
+        return {**message, "headers": kept}
+
+    def read_start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        """The answer's status and the headers the exchange reads (`content-type`,
+        `content-encoding`, `x-budget-cost`; names in any case): every adapter hands them here.
+        True when the answer carries `x-budget-cost`, which the adapter drops."""
+        self.response_started = True
+        self.status = status
         event_stream = False
         encoding = b""
         cost_header = None
@@ -157,10 +171,9 @@ class Exchange:
                 event_stream = header[1].startswith(b"text/event-stream")
             elif name == b"content-encoding":
                 encoding = header[1].lower().strip()
-            elif name == _COST_HEADER:
+            elif name == COST_HEADER:
                 cost_header = header
-        if cost_header is not None:  # ours to read, not the client's
-            kept = [h for h in kept if h[0].lower() != _COST_HEADER]
+        if cost_header is not None:
             try:
                 self.header_cost = charge_nanos(float(cost_header[1]))
             except ValueError:
@@ -173,26 +186,33 @@ class Exchange:
                 self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
         if event_stream:
             self.stream = StreamMeter(drop_usage_chunk=self.injected_usage and self.decoder is None)
-        # Rate-limit and budget headers of the tightest applicable limits (ties keep the first):
-        # as admission found them, or (admitted by Redis) looked for now.
-        ticket = self.ticket
-        tight = ticket.tightest if ticket is not None else None
-        add_limit_headers(
-            kept, tightest_now(self.limits) if tight is None else tight, self.admitted_at
-        )
-        if self.route_target is not None:
-            kept.append((b"x-budget-route", self.route_target.encode()))
-        if self.would_refuse is not None:
-            kept.append((b"x-budget-shadow-refusal", self.would_refuse.encode()))
-        return {**message, "headers": kept}
+        return cost_header is not None
 
-    def on_body(self, message: Message) -> Message:
-        chunk: bytes = message.get("body", b"")
-        more = message.get("more_body", False)
+    def headers_added(self, limits: bool = True) -> list[tuple[bytes, bytes]]:
+        """Our headers on the answer (SPEC §8): the tightest applicable limits (ties keep the
+        first) as admission found them or, admitted by Redis, as they are now; the route's
+        target; shadow mode's refusal. Without `limits` (an outbound call: the answer is the
+        provider's, with its own `x-ratelimit-*`) only the last two, when they apply."""
+        added: list[tuple[bytes, bytes]] = []
+        if limits:
+            ticket = self.ticket
+            tight = ticket.tightest if ticket is not None else None
+            add_limit_headers(
+                added, tightest_now(self.limits) if tight is None else tight, self.admitted_at
+            )
+        if self.route_target is not None:
+            added.append((b"x-budget-route", self.route_target.encode()))
+        if self.would_refuse is not None:
+            added.append((b"x-budget-shadow-refusal", self.would_refuse.encode()))
+        return added
+
+    def on_chunk(self, chunk: bytes, more: bool) -> bytes:
+        """A chunk of the answer going by (`more`: not the last): measured, and passed on as it
+        is (the same object) unless an SSE usage chunk we asked for is dropped from it."""
         if not more:
             self.response_complete = True
         if self.unreadable is not None:
-            return message
+            return chunk
         decoder = self.decoder
         stream = self.stream
         if decoder is None and stream is None:  # plain JSON: keep it (the tail of a huge one)
@@ -206,7 +226,7 @@ class Exchange:
                 if self.json_size > 2 * _JSON_TAIL:
                     tail = b"".join(self.json_parts or ())[-_JSON_TAIL:]
                     self.json_parts, self.json_size = [tail], len(tail)
-            return message
+            return chunk
         plain = chunk
         if decoder is not None:
             plain = decoder.feed(chunk) if chunk else b""
@@ -214,17 +234,15 @@ class Exchange:
                 plain += decoder.flush()
             if decoder.error is not None:
                 self.unreadable = decoder.error
-                return message
+                return chunk
         if stream is not None:
             if decoder is not None:
                 stream.feed(plain)  # measure only: the compressed bytes go on untouched
-                return message
+                return chunk
             out = stream.feed(chunk)
             if not more:
                 out += stream.finish()
-            if out is chunk:
-                return message
-            return {**message, "body": out}
+            return out
         if plain:
             parts = self.json_parts
             if parts is None:
@@ -234,7 +252,7 @@ class Exchange:
             if self.json_size > 2 * _JSON_TAIL:
                 tail = b"".join(parts)[-_JSON_TAIL:]
                 self.json_parts, self.json_size = [tail], len(tail)
-        return message
+        return chunk
 
     # -- settlement ----------------------------------------------------------------------
 

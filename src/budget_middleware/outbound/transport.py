@@ -30,7 +30,7 @@ from budget_middleware.answers import ErrorAnswer, error_answer, store_unavailab
 from budget_middleware.core.identity import Credentials, header_reader
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import Exchange
+from budget_middleware.engine.exchange import COST_HEADER, Exchange
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.portal import on_loop
@@ -59,11 +59,14 @@ class _Meter:
         self.hosts = HostTable(dict(s.provider_hosts))
         noting.active = True  # from now on the middleware notes who is calling
 
-    def metered(self, request: Any) -> bool:
+    def metered(self, request: Any) -> str | None:
+        """The path of a call to meter (a POST to an inference path), else None."""
+        if request.method != "POST":
+            return None
         path: str = request.url.path
-        return request.method == "POST" and path.endswith(self.suffixes)
+        return path if path.endswith(self.suffixes) else None
 
-    async def admit(self, request: Any, body: bytes) -> Exchange | ErrorAnswer:
+    async def admit(self, request: Any, path: str, body: bytes) -> Exchange | ErrorAnswer:
         """Who pays, the gate's decision and admission (on the engine's event loop)."""
         engine = self.engine
         started = perf_counter()
@@ -103,7 +106,7 @@ class _Meter:
         host_provider = self.hosts.provider(request.url.host)
         credentials = Credentials(None, host_provider, tags, len(body), host_provider is not None)
         gate = engine.gate
-        decision = gate.decide(body, request.url.path, credentials, key, started, shadowed)
+        decision = gate.decide(body, path, credentials, key, started, shadowed)
         if type(decision) is ErrorAnswer:
             return decision
         try:
@@ -144,20 +147,29 @@ class _Meter:
     def metered_response(
         self, lib: ModuleType, request: Any, response: Any, exchange: Exchange, stream: type
     ) -> Any:
-        """The provider's answer as the SDK gets it: our headers added, the body measured as it
-        passes (`stream`: the async or sync metered stream, as the library's own type)."""
-        headers = _start(exchange, response)
+        """The provider's answer as the SDK gets it: its headers as they came (less
+        `x-budget-cost`, which is ours to read) with `x-budget-route` and
+        `x-budget-shadow-refusal` when they apply, the body measured as it passes (`stream`: the
+        async or sync metered stream, as the library's own type)."""
+        raw = response.headers.raw
+        cost = exchange.read_start(response.status_code, raw)
+        added = exchange.headers_added(limits=False)
         metered = _stream_class(lib, stream)(response, exchange, self)
-        if hasattr(response, "_content"):  # read already (a mock transport): a new response,
-            return lib.Response(  # which the client reads through the metered stream
+        if cost or hasattr(response, "_content"):
+            # Read already (a mock transport), or the cost header to drop: a new response,
+            # which the client reads through the metered stream.
+            headers = [h for h in raw if h[0].lower() != COST_HEADER] if cost else raw
+            return lib.Response(
                 response.status_code,
-                headers=headers,
+                headers=headers + added,
                 stream=metered,
                 request=request,
                 extensions=response.extensions,
             )
         # The transport's own response, unread (as a real transport's is): ours to finish.
-        response.headers = lib.Headers(headers)
+        headers = response.headers
+        for name, value in added:
+            headers[name.decode()] = value.decode()
         response.stream = metered
         return response
 
@@ -176,25 +188,16 @@ class _Meter:
         )
 
 
+_LIBRARIES: dict[type, ModuleType] = {}
+
+
 def _library(request: Any) -> ModuleType:
     """`httpx` or `httpx2`: the library of the client that sent `request`."""
-    return sys.modules[type(request).__module__.split(".", 1)[0]]
-
-
-def _start(exchange: Exchange, response: Any) -> list[tuple[bytes, bytes]]:
-    message = {
-        "type": "http.response.start",
-        "status": response.status_code,
-        "headers": list(response.headers.raw),
-    }
-    headers: list[tuple[bytes, bytes]] = exchange.on_start(message)["headers"]
-    return headers
-
-
-def _chunk(exchange: Exchange, chunk: bytes, more: bool) -> bytes:
-    message = {"type": "http.response.body", "body": chunk, "more_body": more}
-    out: bytes = exchange.on_body(message)["body"]
-    return out
+    kind = type(request)
+    lib = _LIBRARIES.get(kind)
+    if lib is None:
+        lib = _LIBRARIES[kind] = sys.modules[kind.__module__.split(".", 1)[0]]
+    return lib
 
 
 def _outcome(exchange: Exchange, read_to_the_end: bool) -> str:
@@ -242,12 +245,13 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         lib = _library(request)
         inner = self._inner(lib)
         meter = self.meter
-        if not meter.metered(request):
+        path = meter.metered(request)
+        if path is None:
             return await inner.handle_async_request(request)
         body = await request.aread()
         if len(body) > meter.max_body:
             return meter.refused(lib, request, meter.too_large(meter.max_body))
-        admitted = await meter.admit(request, body)
+        admitted = await meter.admit(request, path, body)
         if type(admitted) is ErrorAnswer:
             return meter.refused(lib, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
@@ -278,7 +282,7 @@ class _Metered:
 
     def _last(self) -> bytes:
         self.done = True
-        return _chunk(self.exchange, b"", False)
+        return self.exchange.on_chunk(b"", False)
 
     def _settling(self) -> str | None:
         """The outcome to settle with, the first time only."""
@@ -292,7 +296,7 @@ class _AsyncMetered(_Metered):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         exchange = self.exchange
         async for chunk in self.stream:  # raw, as it came (read already or not)
-            out = _chunk(exchange, chunk, True)
+            out = exchange.on_chunk(chunk, True)
             if out:
                 yield out
         out = self._last()
@@ -343,7 +347,8 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
         lib = _library(request)
         inner = self._inner(lib)
         meter = self.meter
-        if not meter.metered(request):
+        path = meter.metered(request)
+        if path is None:
             return inner.handle_request(request)
         body = request.read()
         if len(body) > meter.max_body:
@@ -353,7 +358,7 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
         async def admit() -> Exchange | ErrorAnswer:
             payer.set(chosen)  # this thread's context, on the loop's task
             inbound_headers.set(inbound)
-            return await meter.admit(request, body)
+            return await meter.admit(request, path, body)
 
         admitted = on_loop(meter.engine, admit)
         if type(admitted) is ErrorAnswer:
@@ -375,7 +380,7 @@ class _SyncMetered(_Metered):
     def __iter__(self) -> Iterator[bytes]:
         exchange = self.exchange
         for chunk in self.stream:
-            out = _chunk(exchange, chunk, True)
+            out = exchange.on_chunk(chunk, True)
             if out:
                 yield out
         out = self._last()

@@ -30,7 +30,7 @@ from budget_middleware.core.identity import Credentials, _split_tags, header_rea
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import BudgetState, Exchange
+from budget_middleware.engine.exchange import COST_HEADER, BudgetState, Exchange
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.portal import is_background, loop_lock, on_loop
@@ -52,9 +52,9 @@ STATE_KEY = "budget_middleware.state"
 
 _UNKNOWN = "Unknown virtual key"
 _STATUS_LINES: dict[int, str] = {}
-# The response headers `Exchange.on_start` reads (the rest pass through as the app wrote them).
-_WATCHED = frozenset(("content-type", "content-encoding", "x-budget-cost"))
-_COST = "x-budget-cost"
+# The response headers `Exchange.read_start` reads (the rest pass through as the app wrote them).
+_COST = COST_HEADER.decode()
+_WATCHED = frozenset(("content-type", "content-encoding", _COST))
 
 
 def budget_state(environ: WSGIEnvironment) -> BudgetState | None:
@@ -470,13 +470,6 @@ class MeteredResponse:
         self.iterable: Iterable[bytes] = ()
         self.next_: Callable[[], bytes] | None = None
         self.write_: Write | None = None
-        # The one body message this answer's chunks are handed to `Exchange.on_body` in (it
-        # keeps none of them: reused, not rebuilt per chunk).
-        self.body: dict[str, object] = {
-            "type": "http.response.body",
-            "body": b"",
-            "more_body": True,
-        }
         self.done = False
         self.failed = False
         self.settled = False
@@ -493,23 +486,16 @@ class MeteredResponse:
             # ..., exc_info)` after a 200). The answer is measured as that one.
             exchange.stream = exchange.decoder = exchange.unreadable = None
             exchange.header_cost = None
-        # `on_start` reads three headers and adds its own: only those three go to it as bytes;
-        # the app's headers go on as the app wrote them (text).
+        # The exchange reads three headers (as bytes); the app's go on as the app wrote them.
         if type(headers) is not list:
             headers = list(headers)
         watched = []
-        cost = 0
         for header in headers:
             name = header[0].lower()
             if name in _WATCHED:
-                if name == _COST:
-                    cost += 1
                 watched.append((name.encode("latin-1"), header[1].encode("latin-1")))
-        passed = len(watched) - cost  # `on_start` keeps these, less the cost, then adds
-        kept: list[tuple[bytes, bytes]] = exchange.on_start(
-            {"type": "http.response.start", "status": int(status[:3]), "headers": watched}
-        )["headers"]
-        added = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept[passed:]]
+        cost = exchange.read_start(int(status[:3]), watched)
+        added = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in exchange.headers_added()]
         if exchange.injected_usage and exchange.stream is not None:  # a chunk may be dropped
             out = [h for h in headers if h[0].lower() not in ("content-length", _COST)]
             out += added
@@ -525,9 +511,7 @@ class MeteredResponse:
         """The legacy `write()` of `start_response`, metered as a chunk."""
         assert self.write_ is not None
         self.wrote = True
-        message = self.body
-        message["body"] = data
-        out: bytes = self.exchange.on_body(message)["body"]
+        out = self.exchange.on_chunk(data, True)
         if out:
             self.write_(out)
 
@@ -538,16 +522,13 @@ class MeteredResponse:
         next_ = self.next_
         if next_ is None:
             next_ = self.next_ = iter(self.iterable).__next__
-        message = self.body
         try:
-            message["body"] = next_()
+            chunk = next_()
         except StopIteration:
             if self.done:
                 raise
             self.done = True
-            message["body"] = b""
-            message["more_body"] = False
-            last: bytes = self.exchange.on_body(message)["body"]
+            last = self.exchange.on_chunk(b"", False)
             self.settle("completed")
             if last:
                 return last
@@ -558,8 +539,7 @@ class MeteredResponse:
                 self.exchange.status = 500
             raise
         self.wrote = True
-        out: bytes = self.exchange.on_body(message)["body"]
-        return out
+        return self.exchange.on_chunk(chunk, True)
 
     def close(self) -> None:
         """Called by the server once the answer is sent, or given up (a client gone)."""
