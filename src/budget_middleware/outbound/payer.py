@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+from budget_middleware.core.identity import key_digest
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -26,6 +28,7 @@ class Payer:
     virtual_key: str | None
     virtual_key_id: str | None
     tags: tuple[str, ...]
+    digest: bytes | None = None  # of `virtual_key`, hashed once: the key cache's index
 
 
 class _Noting:
@@ -70,7 +73,8 @@ class charge_to:
         tags = tuple(tags)
         if not all(isinstance(t, str) and t for t in tags):
             raise ValueError(f"charge_to: every tag is a non-empty string: {tags!r}")
-        self.payer = Payer(virtual_key, virtual_key_id, tags)
+        digest = None if virtual_key is None else key_digest(virtual_key)
+        self.payer = Payer(virtual_key, virtual_key_id, tags, digest)
         self._tokens: list[Token[Payer | None]] = []
 
     def __enter__(self) -> charge_to:

@@ -29,6 +29,7 @@ import httpx
 from budget_middleware.answers import ErrorAnswer, error_answer, store_unavailable
 from budget_middleware.core.identity import Credentials, header_reader
 from budget_middleware.core.scopes import KeyConfig
+from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
 from budget_middleware.engine.exchange import COST_HEADER, Exchange
 from budget_middleware.engine.gate import body_to_send
@@ -88,7 +89,10 @@ class _Meter:
             if chosen is not None:
                 tags = chosen.tags
                 if chosen.virtual_key is not None:
-                    key = await engine.lookup_key(chosen.virtual_key)
+                    found = engine.keys.get(chosen.digest or b"")  # cached: no hash, no await
+                    if found is NOT_CACHED:
+                        found = await engine.lookup_key(chosen.virtual_key)
+                    key = found
                 else:
                     key = await engine.lookup_key_id(chosen.virtual_key_id or "")
                 if key is None:
