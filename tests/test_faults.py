@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from fastapi import FastAPI, Request, Response
 from sqlalchemy import text
 from sqlmodel import col, func, select
@@ -498,3 +499,65 @@ async def test_charges_admitted_without_redis_are_added_to_it_when_it_is_back(
     assert phases[:2] == [4, 3]
     assert admitted == 10
     assert (count, total) == (10, 10 * CENT)
+
+
+async def test_a_soft_budget_charged_without_redis_is_added_to_it_when_it_is_back(
+    sqlite_url: str,
+) -> None:
+    """A soft budget ($0.02, soft: never refusing) beside a hard one ($1), fail open: 3 requests
+    through Redis, Redis killed (its data kept), 3 without it, Redis back: the soft budget's
+    window in Redis holds every cent charged (what another instance reads, and alerts on)."""
+    server = PrivateRedis()
+    server.start()
+    prefix = unique_prefix()
+    try:
+        engine = BudgetEngine(
+            settings_for(sqlite_url, redis_url=server.url, fail_open=True, redis_timeout_seconds=1)
+        )
+        use_prefix(engine, prefix)
+        app = fault_app(engine)
+        async with running(app), client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice",
+                budgets=[
+                    {"max_limit": 0.02, "reset_duration": "1d", "soft": True},
+                    {"max_limit": 1, "reset_duration": "1w"},
+                ],
+            )
+            await engine.invalidate()
+            soft = next(b for b in engine.manager.list_budgets() if b.soft)
+
+            async def ask(times: int) -> list[int]:
+                return [
+                    (
+                        await http.post(
+                            "/v1/chat/completions", json=chat(), headers=bearer(key.value)
+                        )
+                    ).status_code
+                    for _ in range(times)
+                ]
+
+            codes = await ask(3)
+            server.kill(keep_data=True)
+            codes += await ask(3)
+            server.start()
+            await asyncio.sleep(2.2)  # past the back-off: Redis is asked again
+            codes += await ask(1)
+            await asyncio.sleep(0.3)  # the heartbeat pays what was owed
+            stored = redis.Redis.from_url(server.url)
+            try:
+                keys = list(stored.scan_iter(match=f"{prefix}w:budget:{soft.id}:*"))
+                in_redis = [int(stored.get(k) or 0) for k in keys]
+            finally:
+                stored.close()
+            assert await engine.flush()
+            count, total = records(engine, key.id)
+    finally:
+        server.stop()
+    print(
+        f"soft budget across a Redis outage: answers {codes}; its window in Redis "
+        f"{[f'${v / 1e9:.2f}' for v in in_redis]}; stored {count} records ${total / 1e9:.2f}"
+    )
+    assert codes == [200] * 7  # soft: past its $0.02 and never refused
+    assert in_redis == [7 * CENT]
+    assert (count, total) == (7, 7 * CENT)
