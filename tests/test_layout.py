@@ -131,3 +131,25 @@ if __name__ == "__main__":  # pragma: no cover - a quick look at the graph
     for name, path in sorted(modules().items()):
         print(name, sorted(i for i in imports(path) if i.startswith("budget_middleware")))
     sys.exit(0)
+
+
+def test_the_cli_and_the_exceptions_load_without_the_heavy_libraries() -> None:
+    """`import budget_middleware` is light (its exports are imported when first used), so the
+    command's `--help` and `budget_middleware.exceptions` load no web framework, database,
+    Redis or HTTP client; the exports still resolve."""
+    import subprocess
+
+    heavy = ("sqlalchemy", "sqlmodel", "starlette", "httpx", "redis", "anyio")
+    probe = (
+        "import sys, budget_middleware.cli, budget_middleware.exceptions\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+        "import budget_middleware as b\n"
+        "print(b.BudgetMiddleware.__name__, b.charge_to.__name__, b.get_manager.__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded, exports = done.stdout.splitlines()
+    print(f"heavy modules loaded by the CLI: {loaded}; exports: {exports}")
+    assert loaded == "[]"
+    assert exports == "BudgetMiddleware charge_to get_manager"

@@ -9,11 +9,9 @@ docs/architecture.md for the layout).
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from budget_middleware.asgi.middleware import BudgetMiddleware
-from budget_middleware.engine import BudgetEngine, get_engine
-from budget_middleware.engine.exchange import BudgetState
 from budget_middleware.exceptions import (
     AdminError,
     BudgetError,
@@ -26,9 +24,41 @@ from budget_middleware.exceptions import (
     ServiceUnavailable,
     SettingsError,
 )
-from budget_middleware.manage.manager import BudgetManager
-from budget_middleware.outbound import BudgetSyncTransport, BudgetTransport, charge_to
-from budget_middleware.settings import BudgetSettings
+
+if TYPE_CHECKING:
+    from budget_middleware.asgi.middleware import BudgetMiddleware
+    from budget_middleware.engine import BudgetEngine, get_engine
+    from budget_middleware.engine.exchange import BudgetState
+    from budget_middleware.manage.manager import BudgetManager
+    from budget_middleware.outbound import BudgetSyncTransport, BudgetTransport, charge_to
+    from budget_middleware.settings import BudgetSettings
+
+# Imported when first used (PEP 562): `import budget_middleware.cli` (the command's `--help`)
+# or `budget_middleware.exceptions` need no web framework, database or HTTP client.
+_LAZY = {
+    "BudgetMiddleware": "budget_middleware.asgi.middleware",
+    "BudgetEngine": "budget_middleware.engine",
+    "get_engine": "budget_middleware.engine",
+    "BudgetState": "budget_middleware.engine.exchange",
+    "BudgetManager": "budget_middleware.manage.manager",
+    "BudgetSyncTransport": "budget_middleware.outbound",
+    "BudgetTransport": "budget_middleware.outbound",
+    "charge_to": "budget_middleware.outbound",
+    "BudgetSettings": "budget_middleware.settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'budget_middleware' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 def create_admin_app(settings: BudgetSettings | None = None, **kwargs: Any) -> Any:
@@ -40,6 +70,8 @@ def create_admin_app(settings: BudgetSettings | None = None, **kwargs: Any) -> A
 
 def get_manager(settings: BudgetSettings | None = None) -> BudgetManager:
     """The Python management API of the engine for these settings."""
+    from budget_middleware.engine import get_engine
+
     return get_engine(settings).manager
 
 
