@@ -15,8 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
-from budget_middleware import BudgetSettings, get_engine
+from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine
 from budget_middleware.admin import create_admin_app
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, unique_prefix, use_prefix
@@ -240,6 +242,54 @@ async def test_routes_come_from_the_config_file(make_settings: Settings, tmp_pat
     async with running(app), client(app) as http:
         answer = await post(http)
     assert answer.status_code == 200 and answer.headers["x-budget-route"] == "azure/gpt-4o"
+
+
+@pytest.mark.parametrize(
+    "field",
+    ['"user": "\u00e9l\u00e8ve \u2603"', '"seed": 123456789012345678901234567890', '"top_p": NaN'],
+    ids=["text", "integer-over-64-bits", "NaN"],
+)
+async def test_a_routed_body_keeps_every_other_field_as_the_client_sent_it(
+    make_settings: Settings, field: str
+) -> None:
+    """The body the app gets names the target; the rest is what the client sent, even what only
+    Python's own parser reads (integers over 64 bits, NaN)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> JSONResponse:
+        received = (await request.body()).decode()
+        return JSONResponse({"received": received, "usage": {"prompt_tokens": 1}})
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    engine = engine_of(app)
+    sent = '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], ' + field + "}"
+    # A stream asked for its usage is rewritten too (`stream_options` added): the same rule.
+    streamed = sent.replace('"gpt-4o"', '"gpt-4o-mini"')[:-1] + ', "stream": true}'
+    async with running(app), client(app) as http:
+        engine.manager.create_route(**ROUTE)
+        await engine.invalidate()
+        answer, stream_answer = [
+            await http.post(
+                "/v1/chat/completions",
+                content=body.encode(),
+                headers={"content-type": "application/json"},
+            )
+            for body in (sent, streamed)
+        ]
+    assert answer.status_code == 200, answer.text
+    stream_got = json.loads(stream_answer.json()["received"])
+    assert stream_got["stream_options"] == {"include_usage": True}
+    received = answer.json()["received"]
+    print(f"sent {sent}\nreceived {received}")
+    assert answer.headers["x-budget-route"] == "openai/gpt-4o"
+    expected = json.loads(sent)
+    expected["model"] = "openai/gpt-4o"
+    got = json.loads(received)
+    name = next(iter(set(expected) - {"model", "messages"}))
+    assert got["model"] == "openai/gpt-4o" and got["messages"] == expected["messages"]
+    assert json.dumps(got[name]) == json.dumps(expected[name])  # NaN != NaN: compared as text
+    assert json.dumps(stream_got[name]) == json.dumps(expected[name])
 
 
 async def test_a_request_naming_no_route_is_left_as_it_is(make_settings: Settings) -> None:

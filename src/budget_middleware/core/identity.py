@@ -213,7 +213,7 @@ class TargetResolver:
         where = (model, credentials.provider, route_path)
         found = self._routes.get(where)
         if found is None:
-            found = self._route(*where)
+            found = self._remember(self._routes, where, self._route(*where))
         return Target(found[0], found[1], target.tags, target.stream, target.max_output_tokens)
 
     def _route(self, raw_model: str, header: str | None, route_path: str) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from typing import Any, Final
 import orjson
 
 json_loads: Callable[[bytes | str], Any] = orjson.loads
+json_bytes: Callable[[Any], bytes] = orjson.dumps  # compact JSON, UTF-8
 
 
 def json_dumps(value: Any) -> str:

@@ -6,6 +6,7 @@ and the outbound transport read their requests and hand over the same four thing
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -22,7 +23,7 @@ from budget_middleware.core.pricing import estimate_nanos
 from budget_middleware.core.routing import Route, by_room, room
 from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts
-from budget_middleware.core.usage import JSON_ERRORS, json_loads
+from budget_middleware.core.usage import JSON_ERRORS, json_bytes, json_loads
 from budget_middleware.engine.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class Gate:
                 if not self.shadow:
                     return self.refuse(403, *refused, key=key)
                 shadowed = shadowed or refused[0]
-        parsed = parse_json(body)
+        parsed, by_orjson = parse_json(body)
         target = self.resolve_target(parsed, path, credentials, key.tags if key is not None else ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
         routes = engine.globals.routes
@@ -150,9 +151,13 @@ class Gate:
             name = parsed.get("model")
             route = routes.get(name) if type(name) is str else None
             if route is not None:
+                request, by_orjson = for_rewrite(parsed, by_orjson, body)
                 plan = self._plan_route(
-                    route, parsed, path, credentials, key, target, prompt_tokens, now, started
+                    route, request, path, credentials, key, target, prompt_tokens, now, started
                 )
+                if not by_orjson:
+                    for _, candidate in plan.candidates + plan.shadow_only:
+                        candidate.orjson_writes = False
                 if shadowed is not None:  # the credentials' refusal comes first, as in enforce
                     for _, candidate in plan.candidates + plan.shadow_only:
                         candidate.would_refuse = shadowed
@@ -163,7 +168,7 @@ class Gate:
         if shadowed is not None:  # the credentials' refusal comes first, as in enforce
             exchange.would_refuse = shadowed
         if target.stream and type(parsed) is dict and path.endswith(USAGE_PATHS):
-            exchange.parsed = parsed
+            exchange.parsed, exchange.orjson_writes = for_rewrite(parsed, by_orjson, body)
             exchange.ask_usage = True
         return exchange
 
@@ -349,18 +354,35 @@ class Gate:
         return answer
 
 
-def parse_json(body: bytes) -> Any:
-    """The request's JSON, or None when it is not JSON (such a request is still metered)."""
+def parse_json(body: bytes) -> tuple[Any, bool]:
+    """The request's JSON, or None when it is not JSON (such a request is still metered); and
+    whether orjson read it (so can write it back as it was)."""
     try:
-        return json_loads(body)  # orjson: a third of the stdlib's time
+        return json_loads(body), True  # orjson: a third of the stdlib's time
     except JSON_ERRORS:
         pass
     # What orjson refuses and the stdlib reads (NaN, integers over 64 bits, UTF-16 bodies) is
     # read as before; such bodies are rare, so only they pay for the second parse.
     try:
-        return json.loads(body)
+        return json.loads(body), False
     except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: not ours to read
-        return None
+        return None, False
+
+
+# A number with more digits than 64 bits hold: orjson reads such an integer as a float.
+_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+
+
+def for_rewrite(parsed: Any, by_orjson: bool, body: bytes) -> tuple[Any, bool]:
+    """The request as `body_to_send` may rewrite it, and whether orjson may write it back: a
+    body orjson read with a number it may have rounded is read again by the stdlib, which keeps
+    integers exact (only requests whose body may be rewritten pay for the search)."""
+    if not by_orjson or _LONG_NUMBER.search(body) is None:
+        return parsed, by_orjson
+    try:
+        return json.loads(body), False
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return parsed, True
 
 
 def body_to_send(exchange: Exchange) -> bytes | None:
@@ -382,4 +404,8 @@ def body_to_send(exchange: Exchange) -> bytes | None:
             parsed["stream_options"] = {**(options or {}), "include_usage": True}
             exchange.injected_usage = True
             changed = True
-    return json.dumps(parsed, ensure_ascii=False).encode() if changed else None
+    if not changed:
+        return None
+    if exchange.orjson_writes:
+        return json_bytes(parsed)
+    return json.dumps(parsed, ensure_ascii=False).encode()  # NaN, integers over 64 bits: as read
