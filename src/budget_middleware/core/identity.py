@@ -182,7 +182,7 @@ class TargetResolver:
             where = (model, credentials.provider, "")
             found = self._hosted.get(where)
             if found is None:
-                found = self._remember(self._hosted, where, _hosted(*where))
+                found = self._remember(self._hosted, where, _hosted(model, credentials.provider))
         else:
             where = (model, credentials.provider, route_path)
             found = self._routes.get(where)
@@ -237,10 +237,11 @@ class TargetResolver:
 _NO_BODY: dict[str, Any] = {}
 
 
-def _hosted(raw_model: str, provider: str | None, _: str) -> tuple[str, str]:
+def _hosted(raw_model: str, provider: str) -> tuple[str, str]:
+    """A call to a provider's host: that provider, and the model as sent."""
     model = raw_model.strip()
     return (
-        clean_text(provider or "", MAX_PROVIDER_CHARS),
+        clean_text(provider, MAX_PROVIDER_CHARS),
         clean_text(model, MAX_MODEL_CHARS) if model else "unknown",
     )
 

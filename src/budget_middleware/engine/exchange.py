@@ -66,7 +66,7 @@ class Exchange:
     caller: BudgetState  # who is calling: `request.state.budget`, set once admitted
     ticket_estimate = 0  # nano-dollars to reserve on every budget
     parsed: dict[str, Any] | None = None  # the request, while its body may be rewritten
-    orjson_writes = True  # read by orjson, so written back by it (else the stdlib's reading)
+    orjson_writes = True  # `parsed` written back by orjson (`gate.for_rewrite` says)
     ask_usage = False  # an OpenAI-style stream: asked for its usage (`gate.body_to_send`)
     injected_usage = False
     route_target: str | None = None  # the route's target admitted (SPEC §12): x-budget-route

@@ -143,7 +143,7 @@ class Gate:
                 if not self.shadow:
                     return self.refuse(403, *refused, key=key)
                 shadowed = shadowed or refused[0]
-        parsed, by_orjson = parse_json(body)
+        parsed = parse_json(body)
         target = self.resolve_target(parsed, path, credentials, key.tags if key is not None else ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
         routes = engine.globals.routes
@@ -151,15 +151,13 @@ class Gate:
             name = parsed.get("model")
             route = routes.get(name) if type(name) is str else None
             if route is not None:
-                request, by_orjson = for_rewrite(parsed, by_orjson, body)
+                request, orjson_writes = for_rewrite(parsed, body)
                 plan = self._plan_route(
                     route, request, path, credentials, key, target, prompt_tokens, now, started
                 )
-                if not by_orjson:
-                    for _, candidate in plan.candidates + plan.shadow_only:
-                        candidate.orjson_writes = False
-                if shadowed is not None:  # the credentials' refusal comes first, as in enforce
-                    for _, candidate in plan.candidates + plan.shadow_only:
+                for _, candidate in plan.candidates + plan.shadow_only:
+                    candidate.orjson_writes = orjson_writes
+                    if shadowed is not None:  # the credentials' refusal first, as in enforce
                         candidate.would_refuse = shadowed
                 return plan
         exchange = self._prepare(key, target, prompt_tokens, now, started)
@@ -168,7 +166,7 @@ class Gate:
         if shadowed is not None:  # the credentials' refusal comes first, as in enforce
             exchange.would_refuse = shadowed
         if target.stream and type(parsed) is dict and path.endswith(USAGE_PATHS):
-            exchange.parsed, exchange.orjson_writes = for_rewrite(parsed, by_orjson, body)
+            exchange.parsed, exchange.orjson_writes = for_rewrite(parsed, body)
             exchange.ask_usage = True
         return exchange
 
@@ -354,31 +352,31 @@ class Gate:
         return answer
 
 
-def parse_json(body: bytes) -> tuple[Any, bool]:
-    """The request's JSON, or None when it is not JSON (such a request is still metered); and
-    whether orjson read it (so can write it back as it was)."""
+def parse_json(body: bytes) -> Any:
+    """The request's JSON, or None when it is not JSON (such a request is still metered)."""
     try:
-        return json_loads(body), True  # orjson: a third of the stdlib's time
+        return json_loads(body)  # orjson: a third of the stdlib's time
     except JSON_ERRORS:
         pass
-    # What orjson refuses and the stdlib reads (NaN, integers over 64 bits, UTF-16 bodies) is
-    # read as before; such bodies are rare, so only they pay for the second parse.
+    # What orjson refuses and the stdlib reads (NaN, UTF-16 bodies) is read as before; such
+    # bodies are rare, so only they pay for the second parse.
     try:
-        return json.loads(body), False
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: not ours to read
-        return None, False
+        return None
 
 
-# A number with more digits than 64 bits hold: orjson reads such an integer as a float.
-_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+# What orjson would not write back as the client sent it: a number with more digits than 64 bits
+# hold (orjson reads such an integer as a float) and NaN or Infinity (orjson refuses them, and
+# would write them as null). Searched for only in a body the middleware may rewrite.
+_NOT_ORJSON = re.compile(rb"[0-9]{20}|NaN|Infinity")
 
 
-def for_rewrite(parsed: Any, by_orjson: bool, body: bytes) -> tuple[Any, bool]:
-    """The request as `body_to_send` may rewrite it, and whether orjson may write it back: a
-    body orjson read with a number it may have rounded is read again by the stdlib, which keeps
-    integers exact (only requests whose body may be rewritten pay for the search)."""
-    if not by_orjson or _LONG_NUMBER.search(body) is None:
-        return parsed, by_orjson
+def for_rewrite(parsed: Any, body: bytes) -> tuple[Any, bool]:
+    """The request as `body_to_send` may rewrite it, and whether orjson may write it back (else
+    it is the stdlib's reading, written back by the stdlib, so integers and NaN stay exact)."""
+    if _NOT_ORJSON.search(body) is None:
+        return parsed, True
     try:
         return json.loads(body), False
     except (ValueError, UnicodeDecodeError, RecursionError):
