@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -621,6 +622,42 @@ def test_every_step_of_the_engine_s_background_loop_holds_the_lock(make_settings
     assert is_background(engine.loop)
     assert on_loop(engine, probe) == [True, True, True]
     assert not loop_lock._is_owned()  # type: ignore[attr-defined]
+
+
+def test_the_loop_lock_excludes_threads_that_wait_for_it_by_giving_the_gil_away() -> None:
+    """`loop_lock` as the WSGI threads take it: a thread that finds it held gives the GIL away
+    until it is free (no convoy of threads asleep on it), and sleeps on it only after that;
+    either way no two threads are ever inside at once, and a holder may take it again."""
+    from budget_middleware.engine import portal
+
+    lock = portal.LoopLock()
+    inside = [0]
+    overlaps = [0]
+    entries = [0]
+
+    def work() -> None:
+        for n in range(400):
+            with lock:
+                inside[0] += 1
+                if inside[0] != 1:
+                    overlaps[0] += 1
+                if n % 50 == 0:
+                    time.sleep(0.002)  # longer than a waiter's yields: it sleeps on the lock
+                else:
+                    time.sleep(0)  # the GIL goes to a waiter, which must not get in
+                with lock:  # reentrant
+                    entries[0] += 1
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(f"8 threads x 400 entries: {entries[0]} counted, {overlaps[0]} overlaps")
+    assert entries[0] == 8 * 400
+    assert overlaps[0] == 0
+    assert not lock._is_owned()
 
 
 def test_a_new_status_before_any_body_is_the_answer_measured(make_settings: Settings) -> None:

@@ -278,8 +278,8 @@ class Exchange:
             return usage_from_json(parts[0] if len(parts) == 1 else b"".join(parts))
         return None
 
-    def _charge(self, outcome: str) -> tuple[int, int]:
-        """Work out the cost, record the request; (cost in nano-dollars, tokens) to settle."""
+    def _work_out(self, outcome: str) -> UsageRecord:
+        """Work out the cost: the request's usage record (what it costs, what it counts)."""
         usage = None if self.unreadable else self._usage()
         estimated = self.estimated
         note = self.unreadable
@@ -297,10 +297,7 @@ class Exchange:
                 note = note or "no usage in the response"
             price = self.price
             if price is None:
-                cost, source = 0, "unpriced"
-                target = self.target
-                self.engine.prices.note_unpriced(target.provider, target.model)
-                self.engine.stats.unpriced_requests += 1
+                cost, source = 0, "unpriced"  # noted by `book`
             else:
                 cost, source = cost_nanos(price, usage), price.source
         if usage is None:
@@ -317,8 +314,7 @@ class Exchange:
         if cost > MAX_CHARGE_NANOS:
             cost = MAX_CHARGE_NANOS
             note = "cost over $1,000,000, charged $1,000,000"
-        self._record(outcome, inp, out, cached, cost, source, estimated, note)
-        return cost, inp + out
+        return self._record(outcome, inp, out, cached, cost, source, estimated, note)
 
     def _record(
         self,
@@ -330,52 +326,68 @@ class Exchange:
         source: str,
         estimated: bool,
         note: str | None,
-    ) -> None:
-        """Hand this request's usage record to the engine (written by the next flush)."""
+    ) -> UsageRecord:
         caller = self.caller
-        self.engine.record(
-            UsageRecord(
-                request_id="",  # named when flushed, after its batch
-                created_at=self.admitted_at,
-                virtual_key_id=caller.virtual_key_id,
-                team_id=caller.team_id,
-                customer_id=caller.customer_id,
-                provider=caller.provider,
-                model=caller.model,
-                tags=caller.tags,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                cached_tokens=cached_tokens,
-                cost_nanos=cost,
-                cost_source=source,
-                status=self.status,
-                streamed=self.stream is not None,
-                outcome=outcome,
-                estimated=estimated,
-                note=note if note is None or len(note) <= _MAX_NOTE else note[:_MAX_NOTE],
-                duration_ms=(perf_counter() - self.started) * 1000,
-                direction=self.direction,
-                would_refuse=self.would_refuse,
-            )
+        return UsageRecord(
+            request_id="",  # named when flushed, after its batch
+            created_at=self.admitted_at,
+            virtual_key_id=caller.virtual_key_id,
+            team_id=caller.team_id,
+            customer_id=caller.customer_id,
+            provider=caller.provider,
+            model=caller.model,
+            tags=caller.tags,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_tokens=cached_tokens,
+            cost_nanos=cost,
+            cost_source=source,
+            status=self.status,
+            streamed=self.stream is not None,
+            outcome=outcome,
+            estimated=estimated,
+            note=note if note is None or len(note) <= _MAX_NOTE else note[:_MAX_NOTE],
+            duration_ms=(perf_counter() - self.started) * 1000,
+            direction=self.direction,
+            would_refuse=self.would_refuse,
         )
 
     def settle_now(self, outcome: str) -> None:
         """Settle in process (memory counters): no await between the charge and the counters."""
-        cost, tokens = self._charge_or_estimate(outcome)
-        assert self.ticket is not None
-        self.engine.settle_now(self.ticket, cost, tokens)
+        self.book(self.charge(outcome))
 
     async def settle_shared(self, outcome: str) -> None:
-        cost, tokens = self._charge_or_estimate(outcome)
+        record = self.charge(outcome)
+        self._note(record)
         assert self.ticket is not None
-        await self.engine.settle(self.ticket, cost, tokens)
+        await self.engine.settle(
+            self.ticket, record.cost_nanos, record.input_tokens + record.output_tokens
+        )
 
-    def _charge_or_estimate(self, outcome: str) -> tuple[int, int]:
-        """The charge; should working it out fail (a bug, whatever the answer held), the
-        reservation's estimate, recorded as such: the slot and reservation are released and no
-        admitted request goes uncharged."""
+    def book(self, record: UsageRecord) -> None:
+        """The charge worked out (`charge`) booked in process: the usage record handed to the
+        engine (written by the next flush) and the counters settled. A WSGI thread works the
+        charge out first, and holds the engine's lock for this part only."""
+        self._note(record)
+        assert self.ticket is not None
+        self.engine.settle_now(
+            self.ticket, record.cost_nanos, record.input_tokens + record.output_tokens
+        )
+
+    def _note(self, record: UsageRecord) -> None:
+        engine = self.engine
+        if record.cost_source == "unpriced":
+            engine.prices.note_unpriced(record.provider, record.model)
+            engine.stats.unpriced_requests += 1
+        engine.record(record)
+
+    def charge(self, outcome: str) -> UsageRecord:
+        """The request's usage record, its cost worked out (no shared state touched); should
+        working it out fail (a bug, whatever the answer held), the reservation's estimate,
+        recorded as such: the slot and reservation are released and no admitted request goes
+        uncharged."""
         try:
-            return self._charge(outcome)
+            return self._work_out(outcome)
         except Exception as exc:
             logger.exception(
                 "budget-middleware could not work out a charge; the estimate is charged"
@@ -384,5 +396,4 @@ class Exchange:
                 self.price, self.prompt_tokens, self.target.max_output_tokens or 0
             )
             note = f"charge failed: {type(exc).__name__}"
-            self._record(outcome, self.prompt_tokens, 0, 0, cost, "estimate", True, note)
-            return cost, self.prompt_tokens
+            return self._record(outcome, self.prompt_tokens, 0, 0, cost, "estimate", True, note)

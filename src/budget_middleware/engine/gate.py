@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 USAGE_PATHS = ("/chat/completions", "/completions")  # OpenAI-style: `stream_options` applies
 
 
+_UNREAD: Any = object()  # `decide` reads the body itself
+
+
 class Refused(NamedTuple):
     """A refusal worked out before admission: (status, code, message) of its answer."""
 
@@ -127,10 +130,13 @@ class Gate:
         key: KeyConfig | None,
         started: float,
         shadowed: str | None = None,
+        parsed: Any = _UNREAD,
     ) -> Exchange | ErrorAnswer | RoutePlan:
         """Everything before admission that needs no await: the key's state, the target (or a
         route's targets), the provider policy, the applicable scopes and the reservation.
-        `shadowed`: in shadow mode, what the caller's credentials would have been refused for."""
+        `shadowed`: in shadow mode, what the caller's credentials would have been refused for.
+        `parsed`: `parse_json(body)`, when the adapter read it already (WSGI does, before it
+        takes the lock the decision is made under)."""
         engine = self.engine
         now = engine.clock()
         if key is not None:
@@ -143,7 +149,8 @@ class Gate:
                 if not self.shadow:
                     return self.refuse(403, *refused, key=key)
                 shadowed = shadowed or refused[0]
-        parsed = parse_json(body)
+        if parsed is _UNREAD:
+            parsed = parse_json(body)
         target = self.resolve_target(parsed, path, credentials, key.tags if key is not None else ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
         routes = engine.globals.routes

@@ -19,6 +19,7 @@ import contextvars
 import os
 import threading
 from collections.abc import Awaitable, Callable
+from time import sleep
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -26,12 +27,56 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+_YIELDS = 200  # tries with the GIL given away before a thread waits for the lock asleep
+
+
+class LoopLock:
+    """A reentrant lock that a thread which finds it held first waits for by giving the GIL
+    away (`sleep(0)`), not asleep on the lock.
+
+    Asleep, a waiter wakes owning the lock and must then wait for the GIL, up to the 5 ms switch
+    interval, while every other thread queues on the lock behind it: a convoy that took 8
+    threads of a WSGI server from ~11,000 to ~7,000 metered requests a second in the benchmark
+    (half the acquisitions waited). Given the GIL, the holder (most often waiting for it) runs
+    on and lets go within microseconds. After `_YIELDS` tries (a holder doing something long) a
+    waiter sleeps on the lock."""
+
+    __slots__ = ("_lock", "_owned", "acquire", "release")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.acquire = self._lock.acquire
+        self.release = self._lock.release
+        self._owned = self._lock._is_owned  # type: ignore[attr-defined]
+
+    def __enter__(self) -> None:
+        if not self.acquire(False):
+            self._wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _wait(self) -> None:
+        acquire = self.acquire
+        for _ in range(_YIELDS):
+            sleep(0)
+            if acquire(False):
+                return
+        acquire()
+
+    def _is_owned(self) -> bool:
+        return bool(self._owned())
+
+    def _at_fork_reinit(self) -> None:
+        self._lock._at_fork_reinit()  # type: ignore[attr-defined]
+
+
 # Held by every callback of the background loop, and by threads working on its engines' live
 # state (counters, caches) without a hop to it. Reentrant: a holder may call what takes it again.
-loop_lock = threading.RLock()
+loop_lock = LoopLock()
 
 # In a forked child, a lock some parent thread held at the fork would be held for ever.
-os.register_at_fork(after_in_child=loop_lock._at_fork_reinit)  # type: ignore[attr-defined]
+os.register_at_fork(after_in_child=loop_lock._at_fork_reinit)
 
 _background: asyncio.AbstractEventLoop | None = None
 _background_pid = 0

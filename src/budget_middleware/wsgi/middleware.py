@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from budget_middleware.answers import ErrorAnswer, error_answer, store_unavailable
 from budget_middleware.core.identity import Credentials, _split_tags, header_reader, key_digest
@@ -31,7 +31,7 @@ from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
 from budget_middleware.engine.exchange import COST_HEADER, BudgetState, Exchange
-from budget_middleware.engine.gate import body_to_send
+from budget_middleware.engine.gate import body_to_send, parse_json
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.portal import is_background, loop_lock, on_loop
 from budget_middleware.exceptions import ConfigurationError
@@ -305,17 +305,19 @@ class BudgetWSGIMiddleware:
         self, body: bytes, path: str, credentials: Credentials, started: float
     ) -> Exchange | ErrorAnswer:
         """In-process counters: decided and admitted in this thread, holding the loop's lock
-        (a key not cached yet is read on the loop first, without the lock)."""
+        for as little as it can: the body is read and the key hashed before it is taken (a key
+        not cached yet is read on the loop first, without the lock)."""
         engine = self.engine
+        parsed = parse_json(body)
         value = credentials.key
         if value is None:
             with loop_lock:
-                return self._decide(None, body, path, credentials, started)
+                return self._decide(None, body, parsed, path, credentials, started)
         digest = key_digest(value)
         with loop_lock:
             found = engine.keys.get(digest)  # a cached key: no hop
             if found is not NOT_CACHED:
-                return self._decide(found, body, path, credentials, started)
+                return self._decide(found, body, parsed, path, credentials, started)
         try:
             found = on_loop(engine, lambda: engine.lookup_key(value))
         except ServiceUnavailable:
@@ -326,12 +328,13 @@ class BudgetWSGIMiddleware:
             if found is None:
                 return store_unavailable()
         with loop_lock:
-            return self._decide(found, body, path, credentials, started)
+            return self._decide(found, body, parsed, path, credentials, started)
 
     def _decide(
         self,
         found: KeyConfig | None,
         body: bytes,
+        parsed: Any,
         path: str,
         credentials: Credentials,
         started: float,
@@ -344,7 +347,7 @@ class BudgetWSGIMiddleware:
             if type(refused) is ErrorAnswer:
                 return refused
             shadowed = refused  # type: ignore[assignment]
-        decision = gate.decide(body, path, credentials, found, started, shadowed)
+        decision = gate.decide(body, path, credentials, found, started, shadowed, parsed)
         if type(decision) is ErrorAnswer:
             return decision
         return gate.admit_now(decision)  # type: ignore[arg-type]
@@ -400,8 +403,9 @@ class BudgetWSGIMiddleware:
 
     def settle(self, exchange: Exchange, outcome: str, direct: bool) -> None:
         if direct:
+            record = exchange.charge(outcome)  # worked out before the lock is taken
             with loop_lock:
-                exchange.settle_now(outcome)
+                exchange.book(record)
         elif self.engine.in_process:
             on_loop(self.engine, lambda: _settle_now(exchange, outcome))
         else:
@@ -581,11 +585,13 @@ class MeteredResponse:
         that settles in process: one acquisition)."""
         try:
             if self.direct:
+                exchange = self.exchange
+                record = exchange.charge(outcome)  # worked out before the lock is taken
                 with loop_lock:
                     if self.settled:
                         return
                     self.settled = True
-                    self.exchange.settle_now(outcome)
+                    exchange.book(record)
                 return
             with loop_lock:
                 if self.settled:
