@@ -4,6 +4,7 @@ the real OpenAI and Anthropic SDKs, against a fake provider (the example mock up
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -151,6 +152,48 @@ async def test_the_answer_keeps_the_providers_headers_as_they_came(
     cost = 0.0035 if unread else 0.5  # 1,000 x $2.50/M + 100 x $10/M, or the header's
     await engine.flush()
     assert engine.manager.list_budgets()[0].spent == pytest.approx(2 * cost)
+
+
+@pytest.mark.parametrize("unread", [True, False], ids=["transport's-own", "read-already"])
+async def test_a_stream_whose_usage_chunk_is_dropped_keeps_no_stale_content_length(
+    engine: BudgetEngine, unread: bool
+) -> None:
+    """A stream the transport asked for its usage (`stream_options` added) loses that chunk on
+    the way back, so the provider's `content-length` no longer fits the body: it is dropped, as
+    the ASGI and WSGI middlewares drop it. The client reads exactly what it gets, and the call
+    is charged from the dropped chunk's usage."""
+    events = [
+        b'data: {"id":"c","object":"chat.completion.chunk","choices":'
+        b'[{"index":0,"delta":{"content":"Hello"}}]}\n\n',
+        b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
+        b'"usage":{"prompt_tokens":1000,"completion_tokens":100,"total_tokens":1100}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    body = b"".join(events)
+    sent: list[dict[str, Any]] = []
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        sent.append(json.loads(request.content))
+        headers = {"content-type": "text/event-stream", "content-length": str(len(body))}
+        if unread:
+            return httpx2.Response(200, headers=headers, stream=httpx2.ByteStream(body))
+        return httpx2.Response(200, headers=headers, content=body)
+
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key=key.value):
+            answer = await http.post(
+                "https://api.openai.com/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": MESSAGES, "stream": True},
+            )
+    print("stream answer headers:", dict(answer.headers), "body bytes:", len(answer.content))
+    assert sent[0]["stream_options"] == {"include_usage": True}
+    assert answer.content == events[0] + events[2]  # the usage chunk we asked for is ours
+    length = answer.headers.get("content-length")
+    assert length is None or int(length) == len(answer.content)
+    await engine.flush()
+    assert engine.manager.list_budgets()[0].spent == pytest.approx(0.0035)
 
 
 async def test_a_stream_reaches_the_sdk_chunk_by_chunk_and_is_charged(

@@ -78,9 +78,10 @@ DONE = b"data: [DONE]\n\n"
 class ScriptedUpstream:
     """A raw ASGI app that streams fixed chunks, one per send, and can wait between them."""
 
-    def __init__(self) -> None:
+    def __init__(self, content_length: bool = False) -> None:
         self.gate: asyncio.Event | None = None
         self.seen_body: dict[str, Any] = {}
+        self.content_length = content_length  # sent with the stream (a server that knows it)
 
     async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -92,14 +93,11 @@ class ScriptedUpstream:
         message = await receive()
         self.seen_body = json.loads(message["body"])
         asked = self.seen_body.get("stream_options", {}).get("include_usage") is True
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"text/event-stream")],
-            }
-        )
         chunks = [*CHUNKS, USAGE_CHUNK, DONE] if asked else [*CHUNKS, DONE]
+        headers = [(b"content-type", b"text/event-stream")]
+        if self.content_length:
+            headers.append((b"content-length", b"%d" % sum(map(len, chunks))))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         for index, chunk in enumerate(chunks):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if index == 0 and self.gate is not None:
@@ -108,7 +106,10 @@ class ScriptedUpstream:
 
 
 async def call(
-    app: Any, body: dict[str, Any], on_body: Callable[[bytes], None] | None = None
+    app: Any,
+    body: dict[str, Any],
+    on_body: Callable[[bytes], None] | None = None,
+    started: list[Message] | None = None,
 ) -> bytes:
     sent: list[bytes] = []
     delivered = False
@@ -122,6 +123,8 @@ async def call(
         raise AssertionError
 
     async def send(message: Message) -> None:
+        if message["type"] == "http.response.start" and started is not None:
+            started.append(message)
         if message["type"] == "http.response.body":
             sent.append(message.get("body", b""))
             if on_body is not None:
@@ -171,6 +174,31 @@ async def test_the_usage_chunk_we_asked_for_is_removed_and_still_charged(
     assert [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows] == [
         (7, 3, cost_of(7, 3), False)
     ]
+
+
+async def test_a_stream_that_loses_its_usage_chunk_keeps_no_stale_content_length(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """An app that sends its stream's `content-length`: the usage chunk we asked for is removed
+    on the way, so that length would be longer than the body (a server then cuts the answer, or
+    the client waits for bytes that never come). The answer goes without it; one asked for by
+    the client keeps it, byte for byte."""
+    upstream = ScriptedUpstream(content_length=True)
+    app = BudgetMiddleware(upstream, settings=make_settings(pricing_file=pricing_file))
+    async with running(app):
+        started: list[Message] = []
+        out = await call(app, chat(stream=True), started=started)
+        asked: list[Message] = []
+        kept = await call(
+            app, chat(stream=True, stream_options={"include_usage": True}), started=asked
+        )
+        rows = await records(app.engine)
+    lengths = [dict(m["headers"]).get(b"content-length") for m in (*started, *asked)]
+    print("content-length sent: injected", lengths[0], "asked by the client", lengths[1])
+    assert out == b"".join([*CHUNKS, DONE])
+    assert lengths[0] is None
+    assert lengths[1] == b"%d" % len(kept)
+    assert [(r.input_tokens, r.output_tokens, r.estimated) for r in rows] == [(7, 3, False)] * 2
 
 
 async def test_openai_sdk_streams_through_the_middleware_and_is_charged_its_usage(

@@ -32,6 +32,9 @@ Send = Callable[[Message], Awaitable[None]]
 
 _JSON_TAIL = 1 << 20  # of a huge JSON answer keep the last MiB: usage sits at the end
 COST_HEADER = b"x-budget-cost"  # the app's or upstream's cost: read, never passed on
+# What an adapter leaves out of an answer whose stream loses the usage chunk we asked for: its
+# `content-length` no longer fits the body.
+_COST_AND_LENGTH = (COST_HEADER, b"content-length")
 
 # What one request is counted, whatever an upstream reports: the store's token columns are
 # 32-bit. (Its charge is capped by `money.charge_nanos`.)
@@ -87,6 +90,7 @@ class Exchange:
     estimated = False
     direction = "inbound"  # "outbound" for the transport's calls (SPEC §13)
     would_refuse: str | None = None  # shadow mode: the code that would have refused it (§14)
+    left_out: tuple[bytes, ...] = (COST_HEADER,)  # headers the adapter drops (`read_start`)
 
     def __init__(
         self,
@@ -150,8 +154,9 @@ class Exchange:
 
     def on_start(self, message: Message) -> Message:
         headers = message.get("headers") or ()
-        if self.read_start(message["status"], headers):  # ours to read, not the client's
-            kept = [h for h in headers if h[0].lower() != COST_HEADER]
+        if self.read_start(message["status"], headers):  # headers the client must not get
+            left_out = self.left_out
+            kept = [h for h in headers if h[0].lower() not in left_out]
         else:
             kept = list(headers)
         kept += self.headers_added()
@@ -160,7 +165,9 @@ class Exchange:
     def read_start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         """The answer's status and the headers the exchange reads (`content-type`,
         `content-encoding`, `x-budget-cost`; names in any case): every adapter hands them here.
-        True when the answer carries `x-budget-cost`, which the adapter drops."""
+        True when the adapter must leave out the headers named in `left_out`: `x-budget-cost`
+        (ours to read) when the answer carries it, and `content-length` when a stream will
+        lose the usage chunk we asked for."""
         self.response_started = True
         self.status = status
         event_stream = False
@@ -186,7 +193,11 @@ class Exchange:
             else:
                 self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
         if event_stream:
-            self.stream = StreamMeter(drop_usage_chunk=self.injected_usage and self.decoder is None)
+            dropping = self.injected_usage and self.decoder is None
+            self.stream = StreamMeter(drop_usage_chunk=dropping)
+            if dropping:
+                self.left_out = _COST_AND_LENGTH
+                return True
         return cost_header is not None
 
     def headers_added(self, limits: bool = True) -> list[tuple[bytes, bytes]]:

@@ -31,7 +31,7 @@ from budget_middleware.core.identity import Credentials, header_reader
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import COST_HEADER, Exchange
+from budget_middleware.engine.exchange import Exchange
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.portal import on_loop
@@ -152,7 +152,8 @@ class _Meter:
         self, lib: ModuleType, request: Any, response: Any, exchange: Exchange, stream: type
     ) -> Any:
         """The provider's answer as the SDK gets it: its headers as they came (less
-        `x-budget-cost`, which is ours to read) with `x-budget-route` and
+        `x-budget-cost`, which is ours to read, and a `content-length` that a dropped usage
+        chunk made stale) with `x-budget-route` and
         `x-budget-shadow-refusal` when they apply, the body measured as it passes (`stream`: the
         async or sync metered stream, as the library's own type)."""
         raw = response.headers.raw
@@ -160,9 +161,10 @@ class _Meter:
         added = exchange.headers_added(limits=False)
         metered = _stream_class(lib, stream)(response, exchange, self)
         if cost or hasattr(response, "_content"):
-            # Read already (a mock transport), or the cost header to drop: a new response,
+            # Read already (a mock transport), or headers to leave out: a new response,
             # which the client reads through the metered stream.
-            headers = [h for h in raw if h[0].lower() != COST_HEADER] if cost else raw
+            left_out = exchange.left_out
+            headers = [h for h in raw if h[0].lower() not in left_out] if cost else raw
             return lib.Response(
                 response.status_code,
                 headers=headers + added,

@@ -500,11 +500,9 @@ class MeteredResponse:
                 watched.append((name.encode("latin-1"), header[1].encode("latin-1")))
         cost = exchange.read_start(int(status[:3]), watched)
         added = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in exchange.headers_added()]
-        if exchange.injected_usage and exchange.stream is not None:  # a chunk may be dropped
-            out = [h for h in headers if h[0].lower() not in ("content-length", _COST)]
-            out += added
-        elif cost:  # ours to read, not the client's
-            out = [h for h in headers if h[0].lower() != _COST]
+        if cost:  # headers the client must not get (`x-budget-cost`, a stale content-length)
+            left_out = [name.decode("latin-1") for name in exchange.left_out]
+            out = [h for h in headers if h[0].lower() not in left_out]
             out += added
         else:
             out = headers + added
