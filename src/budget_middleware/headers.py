@@ -15,16 +15,12 @@ from budget_middleware.core.scopes import LimitSet
 from budget_middleware.core.times import FAR_FUTURE
 from budget_middleware.core.windows import WindowCounter
 
-_REQUEST_HEADERS = (
-    b"x-ratelimit-limit-requests",
-    b"x-ratelimit-remaining-requests",
-    b"x-ratelimit-reset-requests",
-)
-_TOKEN_HEADERS = (
-    b"x-ratelimit-limit-tokens",
-    b"x-ratelimit-remaining-tokens",
-    b"x-ratelimit-reset-tokens",
-)
+_LIMIT_REQUESTS = b"x-ratelimit-limit-requests"
+_REMAINING_REQUESTS = b"x-ratelimit-remaining-requests"
+_RESET_REQUESTS = b"x-ratelimit-reset-requests"
+_LIMIT_TOKENS = b"x-ratelimit-limit-tokens"
+_REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
+_RESET_TOKENS = b"x-ratelimit-reset-tokens"
 
 
 def tightest_now(limits: LimitSet) -> Tightest:
@@ -48,26 +44,31 @@ def _tightest(counters: Sequence[WindowCounter]) -> tuple[WindowCounter | None, 
 
 
 def add_limit_headers(out: list[tuple[bytes, bytes]], tight: Tightest, now: float) -> None:
-    """Append the headers of the tightest limits to a response's headers."""
-    append = out.append
+    """Append the headers of the tightest limits to a response's headers (written out for each
+    kind: this runs on every admitted request)."""
     requests, requests_left, tokens, tokens_left, budget, budget_left = tight
-    for names, window, left in (
-        (_REQUEST_HEADERS, requests, requests_left),
-        (_TOKEN_HEADERS, tokens, tokens_left),
-    ):
-        if window is not None:
-            append((names[0], window.limit_text))
-            append((names[1], b"%d" % (left if left > 0 else 0)))
-            # round() as "%.0f" does (half to even), formatted as an int: twice as fast
-            seconds = window.end - now
-            append(
-                (
-                    names[2],
-                    b"never"
-                    if seconds == FAR_FUTURE
-                    else b"%ds" % (round(seconds) if seconds > 0 else 0),
-                )
-            )
+    if requests is not None:
+        seconds = requests.end - now
+        out += (
+            (_LIMIT_REQUESTS, requests.limit_text),
+            (_REMAINING_REQUESTS, b"%d" % requests_left if requests_left > 0 else b"0"),
+            (_RESET_REQUESTS, _reset(seconds) if seconds != FAR_FUTURE else b"never"),
+        )
+    if tokens is not None:
+        seconds = tokens.end - now
+        out += (
+            (_LIMIT_TOKENS, tokens.limit_text),
+            (_REMAINING_TOKENS, b"%d" % tokens_left if tokens_left > 0 else b"0"),
+            (_RESET_TOKENS, _reset(seconds) if seconds != FAR_FUTURE else b"never"),
+        )
     if budget is not None:
-        append((b"x-budget-limit", budget.limit_text))
-        append((b"x-budget-remaining", usd_header(budget_left)))
+        out += (
+            (b"x-budget-limit", budget.limit_text),
+            (b"x-budget-remaining", usd_header(budget_left)),
+        )
+
+
+def _reset(seconds: float) -> bytes:
+    """Seconds until a window resets, as `12s`: round() as "%.0f" does (half to even),
+    formatted as an int (twice as fast)."""
+    return b"%ds" % round(seconds) if seconds > 0 else b"0s"

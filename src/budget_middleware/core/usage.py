@@ -93,8 +93,10 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         else:
             value = usage.get("cache_read_input_tokens")
         read = value if type(value) is int and value >= 0 else _count(value)  # None counts 0
-        value = usage.get("cache_creation_input_tokens")
-        write = value if type(value) is int and value >= 0 else _count(value)
+        value = usage.get("cache_creation_input_tokens")  # OpenAI's usage has none
+        write = (
+            0 if value is None else value if type(value) is int and value >= 0 else _count(value)
+        )
     elif "input_tokens" in usage or "output_tokens" in usage:
         output = _count(usage.get("output_tokens"))
         details = _details(usage, "input_tokens_details")

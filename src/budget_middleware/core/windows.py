@@ -306,20 +306,19 @@ def charge(counters: Sequence[WindowCounter], amount: int, now: float, ledger: L
     """Add `amount` to each counter's window at `now` (a window that has ended rolls first).
 
     The counter's value grows, and so does what it holds for the flusher (`pending`); the first
-    charge of a window seals what is pending for an older one as that window's own delta."""
-    dirty = ledger.dirty
+    charge of a window seals what is pending for an older one as that window's own delta. A
+    counter with something pending is in `ledger.dirty` already (the flusher takes both at once)."""
     for counter in counters:
         if now >= counter.end:
             counter.roll(now, ledger)
         counter.value += amount
-        start = counter.start
-        if counter.pending_start == start:  # the usual case: more for the same window
-            counter.pending += amount
-        else:  # the first charge of a window: what is pending for an older one is sealed
+        if counter.pending and counter.pending_start == counter.start:
+            counter.pending += amount  # the usual case: more for the same window
+        else:  # the first charge since a flush, or of a window (an older one's is sealed)
             counter._seal(ledger)
             counter.pending = amount
-            counter.pending_start = start
-        dirty.add(counter)
+            counter.pending_start = counter.start
+            ledger.dirty.add(counter)
 
 
 def ensure_current(counters: Sequence[WindowCounter], now: float, ledger: Ledger) -> None:
