@@ -24,9 +24,13 @@ from harness import BIG_BUDGET, FIXED_COMPLETION, UNLIMITED_RATE, Timing, bench_
 from budget_middleware import get_engine
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.portal import on_loop
+from budget_middleware.outbound.payer import noting
 from budget_middleware.wsgi import BudgetWSGIMiddleware
 
 TARGET = "added ≤ 25 µs per metered request"
+# Once a process has a `BudgetSyncTransport`, the middleware notes every request's caller (for
+# the calls the app makes while serving it): that case apart, the others without it.
+NOTED = "non-metered GET, callers noted (the app has a BudgetSyncTransport)"
 
 
 def flask_app(engine: BudgetEngine | None) -> Flask:
@@ -142,6 +146,7 @@ def run(n: int, rounds: int) -> dict[str, Any]:
         cases = {
             "metered JSON": (_environ("POST", "/v1/chat/completions", body, key), body),
             "non-metered GET": (_environ("GET", "/health", b"", None), b""),
+            NOTED: (_environ("GET", "/health", b"", key), b""),
         }
         for environ, data in cases.values():  # the answers are what they should be
             for app in (bare, metered):
@@ -160,7 +165,9 @@ def run(n: int, rounds: int) -> dict[str, Any]:
                 for variant, app in (("bare", bare), ("middleware", metered)):
                     on_loop(engine, engine.flush)
                     gc.collect()
+                    noting.active = name == NOTED
                     samples[(name, variant)] += _time(app, environ, data, per_round)
+                    noting.active = False
         results = []
         for name in cases:
             b, m = Timing.of(samples[(name, "bare")]), Timing.of(samples[(name, "middleware")])

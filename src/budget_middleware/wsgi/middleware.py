@@ -154,7 +154,7 @@ class BudgetWSGIMiddleware:
         if failure is not None:  # a configuration error met at start-up: every request says so
             raise raised_again(failure)
         if noting.active:  # a BudgetSyncTransport exists: who calls is noted, on any path
-            headers = self._headers(environ)
+            headers = EnvironHeaders(environ, self.wanted)  # read if a call goes out
             token = inbound_headers.set(headers)
             try:
                 answer = self._route(environ, start_response)
@@ -218,18 +218,6 @@ class BudgetWSGIMiddleware:
             _split_tags(tags) if tags else (),
             size,
         )
-
-    def _headers(self, environ: WSGIEnvironment) -> list[tuple[bytes, bytes]]:
-        """The request headers the gate reads, as ASGI has them (bytes; environ values are
-        latin-1 text of the bytes sent, PEP 3333)."""
-        get = environ.get
-        headers = [
-            (name, value.encode("latin-1")) for name, var in self.wanted if (value := get(var))
-        ]
-        length = get("CONTENT_LENGTH")
-        if length:
-            headers.append((b"content-length", length.encode("latin-1")))
-        return headers
 
     # -- metered requests ----------------------------------------------------------------
 
@@ -415,13 +403,35 @@ class BudgetWSGIMiddleware:
 _DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped answers, until they end
 
 
+class EnvironHeaders:
+    """The request headers the gate reads, as ASGI has them (bytes: environ values are the
+    latin-1 text of the bytes sent, PEP 3333), read from the environ only when the app calls
+    out through `BudgetSyncTransport` while serving it: noting a request costs one object."""
+
+    __slots__ = ("environ", "wanted")
+
+    def __init__(self, environ: WSGIEnvironment, wanted: tuple[tuple[bytes, str], ...]) -> None:
+        self.environ = environ
+        self.wanted = wanted
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        get = self.environ.get
+        for name, var in self.wanted:
+            value = get(var)
+            if value:
+                yield name, value.encode("latin-1")
+        length = get("CONTENT_LENGTH")
+        if length:
+            yield b"content-length", length.encode("latin-1")
+
+
 class _Noted:
     """An answer iterated (and closed) with its request's caller noted, for the calls the app
     makes through `BudgetSyncTransport` from a generator (SPEC §13)."""
 
     __slots__ = ("answer", "headers", "next_")
 
-    def __init__(self, answer: Iterable[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, answer: Iterable[bytes], headers: EnvironHeaders) -> None:
         self.answer = answer
         self.headers = headers
         self.next_: Callable[[], bytes] | None = None
