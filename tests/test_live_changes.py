@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 
 from budget_middleware import BudgetSettings
 from support import chat, client, engine_of, host_app, running
@@ -49,3 +54,77 @@ async def test_a_budget_reset_through_the_python_api_frees_the_live_counter(
         m.reset_budget(key.budgets[0].id)
         again = await http.post("/v1/chat/completions", json=chat(), headers=auth)
     assert (first.status_code, spent.status_code, again.status_code) == (200, 402, 200)
+
+
+async def test_a_burst_right_after_a_write_is_decided_on_the_write(
+    make_settings: Settings,
+) -> None:
+    """The requests that come while the engine reloads what a write changed wait for that
+    reload: none is decided on the configuration the write replaced (a $0 provider budget once
+    let 99 of 100 concurrent requests through)."""
+    app = host_app(make_settings(cache_ttl_seconds=3600))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        assert (await http.post("/v1/chat/completions", json=chat())).status_code == 200
+        engine.manager.put_provider("openai", budgets=[{"max_limit": 0}])
+        answers = await asyncio.gather(
+            *[http.post("/v1/chat/completions", json=chat()) for _ in range(100)]
+        )
+        codes = [a.status_code for a in answers]
+        engine.manager.create_route(
+            name="cheap", targets=["openai/gpt-4o-mini"], strategy="ordered"
+        )
+        engine.manager.delete_provider("openai")
+        routed = await asyncio.gather(
+            *[http.post("/v1/chat/completions", json=chat(model="cheap")) for _ in range(50)]
+        )
+    print(f"100 at once after a $0 budget: {codes.count(402)} refused, {codes.count(200)} served")
+    print("50 at once after a route:", sorted({a.headers.get("x-budget-route") for a in routed}))
+    assert codes == [402] * 100
+    assert [a.headers.get("x-budget-route") for a in routed] == ["openai/gpt-4o-mini"] * 50
+
+
+async def test_a_reset_on_one_instance_keeps_what_another_charged_since(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Two instances on one store (no Redis). The instance that resets a budget starts the new
+    window at the moment the store holds, as the other reads it: the store adds both
+    instances' charges of that window (the resetting one's next charge used to overwrite
+    them, being of a window that seemed newer)."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({"models": {"openai/gpt-4o": {"input_per_mtok": 0, "output_per_mtok": 1}}})
+    )
+    common = {"database_url": sqlite_url, "pricing_file": prices, "flush_interval_seconds": 0.05}
+    first = host_app(BudgetSettings(**common, cache_ttl_seconds=3600))
+    second = host_app(BudgetSettings(**common, cache_ttl_seconds=0.2))
+    one_engine, two_engine = engine_of(first), engine_of(second)
+    assert one_engine is not two_engine
+    async with running(first), running(second):
+        m = one_engine.manager
+        key = m.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 10, "reset_duration": "1d"}]
+        )
+        auth = {"authorization": f"Bearer {key.value}"}
+        budget_id = key.budgets[0].id
+        async with client(first) as one, client(second) as two:
+            for http in (one, two):
+                assert (
+                    await http.post("/v1/chat/completions", json=chat(), headers=auth)
+                ).is_success
+            await one_engine.flush()
+            await two_engine.flush()
+            m.reset_budget(budget_id)
+            await asyncio.sleep(0.6)  # the second instance reads the key again (its TTL: 0.2 s)
+            for _ in range(3):
+                assert (
+                    await two.post("/v1/chat/completions", json=chat(), headers=auth)
+                ).is_success
+            await two_engine.flush()
+            assert (await one.post("/v1/chat/completions", json=chat(), headers=auth)).is_success
+            await one_engine.flush()
+    price = m.usage(group_by="virtual_key").total.cost / 6  # six requests, one price each
+    stored = m.get_budget(budget_id).current_usage
+    print(f"after the reset: store {stored:.9f}, four requests {4 * price:.9f}")
+    assert price > 0
+    assert stored == pytest.approx(4 * price, abs=1e-9)

@@ -149,7 +149,9 @@ class BudgetEngine:
         self.rejects_to_save: list[tuple[str, str, str, float]] = []
         self.startup_hooks: list[Callable[[Store], None]] = []
         self.started = False
-        self.stale = False
+        self.stale = False  # a write to reload before the next request (`ensure_current`)
+        self._changed = False  # a write since the reload under way began
+        self._reloading: asyncio.Future[None] | None = None
         self._resets: list[tuple[str, str, float]] = []
         self.store_ok = True
         self._start_lock: asyncio.Lock | None = None
@@ -362,25 +364,42 @@ class BudgetEngine:
 
     async def invalidate(self) -> None:
         """After a write through the admin API: the next request sees the change."""
-        self.stale = True
+        self.mark_stale()
         await self.ensure_current()
 
     def mark_stale(self) -> None:
         """After a write (the Python management API, from any thread): the next request in this
-        process reloads what it needs. Only a flag is set here; the event loop does the rest."""
+        process reloads what it needs. Only flags are set here; the event loop does the rest."""
+        self._changed = True
         self.stale = True
 
     async def ensure_current(self) -> None:
-        if self.stale:
-            self.stale = False
-            self.keys.clear()
-            self._keys_by_id.clear()
-            while self._resets:
-                kind, id_, at = self._resets.pop(0)
-                counter = self.registry.counter(kind, id_)
-                if counter is not None:
-                    counter.reset(at)
-            await self.reload_globals()
+        """Reload what a write changed. `stale` stays set until the reload is done, so every
+        request that comes meanwhile waits for it (one reload for all) instead of being decided
+        on what the write replaced."""
+        while self.stale:
+            reloading = self._reloading
+            if reloading is not None:
+                await asyncio.shield(reloading)
+                continue
+            reloading = self._reloading = asyncio.get_running_loop().create_future()
+            self._changed = False
+            try:
+                self.keys.clear()
+                self._keys_by_id.clear()
+                while self._resets:
+                    kind, id_, at = self._resets.pop(0)
+                    counter = self.registry.counter(kind, id_)
+                    if counter is not None:
+                        counter.reset(at)
+                await self.reload_globals()
+            finally:
+                self._reloading = None
+                # A write during the reload (another thread's) leaves it stale: reloaded again.
+                self.stale = False
+                if self._changed:
+                    self.stale = True
+                reloading.set_result(None)
 
     def _store_failed(self, exc: BaseException) -> None:
         if self.store_ok:
@@ -484,10 +503,11 @@ class BudgetEngine:
         if self.hooks.on_settled:
             self.hooks.emit(self.hooks.on_settled, record)
 
-    def reset_window(self, kind: str, id: str) -> None:
-        """A budget was reset: its live counter starts a new window before the next request."""
-        self._resets.append((kind, id, self.clock()))
-        self.stale = True
+    def reset_window(self, kind: str, id: str, at: float) -> None:
+        """A budget was reset at `at` (the moment the store holds, which every instance reads):
+        its live counter starts that window before the next request."""
+        self._resets.append((kind, id, at))
+        self.mark_stale()
 
     # -- the ledger's way to the store ---------------------------------------------------
 

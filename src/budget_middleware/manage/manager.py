@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -407,10 +408,11 @@ class BudgetManager(KeyWriter):
 
     def reset_budget(self, id_: str) -> BudgetOut:
         """Start a new window now: usage 0 from this moment, in the store and in the engine."""
+        now = datetime.now(UTC)
         with self._session() as s:
-            out = reports.reset_budget(s, id_)
-        if self.on_reset is not None:
-            self.on_reset("budget", id_)
+            out = reports.reset_budget(s, id_, now)
+        if self.on_reset is not None:  # the stored moment: another instance reads the same
+            self.on_reset("budget", id_, now.timestamp())
         return out
 
     def list_alerts(

@@ -235,7 +235,7 @@ class OwnerWriter:
         origin: Origin = MANUAL,
         *,
         on_change: Callable[[], None] | None = None,
-        on_reset: Callable[[str, str], None] | None = None,
+        on_reset: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings

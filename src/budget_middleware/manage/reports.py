@@ -69,9 +69,9 @@ def budget(s: Session, id_: str) -> BudgetOut:
     return budget_out(row, Paths(s).of(row.owner_type, row.owner_id), _now())
 
 
-def reset_budget(s: Session, id_: str) -> BudgetOut:
+def reset_budget(s: Session, id_: str, now: datetime) -> BudgetOut:
+    """A new window from `now` (the moment every instance's live counter starts it at)."""
     row = _budget_row(s, id_)
-    now = _now()
     row.current_usage_nanos = 0
     row.last_reset = now
     row.updated_at = now
