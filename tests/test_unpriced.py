@@ -3,9 +3,18 @@ default) or is refused with 403 `model_not_priced` before the app is called (`re
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
-from budget_middleware import BudgetSettings
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix, use_prefix
 from support import chat, client, engine_of, host_app, running
 
 Settings = Callable[..., BudgetSettings]
@@ -65,3 +74,63 @@ async def test_refuse_counts_against_no_limit(make_settings: Settings) -> None:
             assert refused.json()["error"]["code"] == "model_not_priced"
         admitted = await http.post("/v1/chat/completions", json=chat(), headers=headers)
     assert admitted.status_code == 200
+
+
+@pytest.mark.parametrize("counters", ["memory", "redis"])
+async def test_an_unpriced_request_in_flight_holds_its_budgets(
+    make_settings: Settings, counters: str
+) -> None:
+    """A model without a price: its cost comes only with its answer (`x-budget-cost` here),
+    so reservation cannot estimate it. In flight, it holds its budgets (429 `budget_reserved`,
+    retryable, for the others), and concurrency cannot push spend past the limit (SPEC §6):
+    300 at once used to be all admitted, 30 times the budget spent."""
+    cost_nanos = 5_000  # $0.000005 a request, the budget ten of them
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(0.01)  # in flight long enough for the others to arrive
+        usage = {"prompt_tokens": 10, "completion_tokens": 5}
+        return JSONResponse(
+            {"choices": [], "usage": usage}, headers={"x-budget-cost": f"{cost_nanos / 1e9}"}
+        )
+
+    prefix = unique_prefix()
+    if counters == "redis":
+        need_redis()
+        settings = make_settings(redis_url=REDIS_URL)
+    else:
+        settings = make_settings()
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])]),
+        settings=settings,
+    )
+    engine = get_engine(settings)
+    if counters == "redis":
+        use_prefix(engine, prefix)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 10 * cost_nanos / 1e9, "reset_duration": "1d"}]
+        )
+        auth = {"authorization": f"Bearer {key.value}"}
+        body = chat("acme/no-price-here", max_tokens=5)
+        answers = await asyncio.gather(
+            *[http.post("/v1/chat/completions", json=body, headers=auth) for _ in range(300)]
+        )
+        one_by_one = [
+            (await http.post("/v1/chat/completions", json=body, headers=auth)).status_code
+            for _ in range(15)
+        ]
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    if counters == "redis":
+        delete_prefix(REDIS_URL, prefix)
+    codes = [a.status_code for a in answers]
+    held = next(a for a in answers if a.status_code == 429)
+    admitted = codes.count(200) + one_by_one.count(200)
+    print(f"{counters}: 300 at once: {codes.count(200)} admitted, {codes.count(429)} held;")
+    print(f"  then one by one {one_by_one}; spent ${spent:.6f} of ${10 * cost_nanos / 1e9:.6f}")
+    print("  held:", held.json()["error"]["message"])
+    assert held.json()["error"]["code"] == "budget_reserved" and "retry-after" in held.headers
+    assert "without a price" in held.json()["error"]["message"]
+    assert admitted == 10 and one_by_one.count(402) == 15 - one_by_one.count(200)
+    assert round(spent * 1e9) == admitted * cost_nanos == 10 * cost_nanos  # no overshoot

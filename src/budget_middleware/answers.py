@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from budget_middleware.core.admission import Refusal
-from budget_middleware.core.money import usd_text
+from budget_middleware.core.money import MAX_CHARGE_NANOS, usd_text
 
 _TYPES = {
     401: "authentication_error",
@@ -121,10 +121,18 @@ def refusal_answer(refusal: Refusal, exceeded_status: int, now: float | None = N
             headers=[(b"x-should-retry", b"false")],
         )
     if code == "budget_reserved":
-        message = (
-            f"{owner} budget is held by requests in flight: {_usd(refusal.used)} spent and "
-            f"{_usd(refusal.reserved)} reserved of {_usd(refusal.limit)}; retry when they finish"
-        )
+        if refusal.reserved >= MAX_CHARGE_NANOS:  # an unpriced request's: all it can be charged
+            message = (
+                f"{owner} budget is held by a request in flight to a model without a price, "
+                f"whose cost only its answer tells: {_usd(refusal.used)} spent of "
+                f"{_usd(refusal.limit)}; retry when it finishes"
+            )
+        else:
+            message = (
+                f"{owner} budget is held by requests in flight: {_usd(refusal.used)} spent and "
+                f"{_usd(refusal.reserved)} reserved of {_usd(refusal.limit)}; retry when they "
+                "finish"
+            )
         wait = 1.0
     elif code == "request_limit_exceeded":
         message = (

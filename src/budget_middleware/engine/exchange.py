@@ -403,7 +403,9 @@ class Exchange:
             logger.exception(
                 "budget-middleware could not work out a charge; the estimate is charged"
             )
-            cost = self.ticket_estimate or estimate_nanos(
+            # The reservation's estimate; none without a price (that reservation is no estimate).
+            reserved = self.ticket_estimate if self.price is not None else 0
+            cost = reserved or estimate_nanos(
                 self.price, self.prompt_tokens, self.target.max_output_tokens or 0
             )
             note = f"charge failed: {type(exc).__name__}"

@@ -19,6 +19,7 @@ from budget_middleware.answers import (
 )
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import Credentials, Target, TargetResolver
+from budget_middleware.core.money import MAX_CHARGE_NANOS
 from budget_middleware.core.pricing import estimate_nanos
 from budget_middleware.core.routing import Route, by_room, room
 from budget_middleware.core.scopes import KeyConfig, Scope
@@ -270,10 +271,16 @@ class Gate:
         if refused is not None:  # shadow mode: it goes on
             exchange.would_refuse = refused.code
         if self.reserve and limits.budgets:
-            output = target.max_output_tokens
-            exchange.ticket_estimate = estimate_nanos(
-                price, prompt_tokens, self.default_output if output is None else output
-            )
+            if price is None:
+                # Its cost is known only from the answer (`x-budget-cost`, `usage.cost`): its
+                # worst case is the most one request is charged. In flight, it leaves no room on
+                # its budgets, so no other request can add to an overrun it may make (SPEC §6).
+                exchange.ticket_estimate = MAX_CHARGE_NANOS
+            else:
+                output = target.max_output_tokens
+                exchange.ticket_estimate = estimate_nanos(
+                    price, prompt_tokens, self.default_output if output is None else output
+                )
         return exchange
 
     # -- routes (SPEC §12) ---------------------------------------------------------------
