@@ -186,3 +186,33 @@ async def test_an_app_that_raises_gets_its_own_500_and_is_charged_nothing(
     assert answer.status_code == 500  # Starlette's own error page, not ours
     assert answer.text == "Internal Server Error"
     assert [(r.status, r.cost_nanos, r.outcome) for r in rows] == [(0, 0, "upstream_error")]
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": None, "completion_tokens": None, "total_tokens": 107},
+        {"prompt_tokens": "10", "completion_tokens": "7"},
+    ],
+    ids=["null-counts", "text-counts"],
+)
+async def test_a_2xx_answer_whose_counts_cannot_be_read_is_charged_an_estimate(
+    make_settings: Settings, pricing_file: Path, usage: dict[str, Any]
+) -> None:
+    """Counts that are null or text are no usage at all: the answer is charged an estimate of
+    its prompt and marked so (it was charged a silent $0 as if it had used no token)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completion() -> dict[str, Any]:
+        return {"choices": [{"message": {"content": "fine"}}], "usage": usage}
+
+    wrapped = BudgetMiddleware(app, settings=make_settings(pricing_file=pricing_file))
+    async with running(wrapped), client(wrapped) as http:
+        answer = await http.post("/v1/chat/completions", json=chat("house-model"))
+        rows = await records(wrapped.engine)
+    row = rows[0]
+    print("charged:", row.input_tokens, row.output_tokens, row.cost_nanos, row.estimated, row.note)
+    assert answer.status_code == 200
+    assert row.estimated and row.note == "no usage in the response"
+    assert row.input_tokens > 0 and row.cost_nanos == row.input_tokens * 1_000  # $1/Mtok

@@ -191,16 +191,27 @@ def test_body_without_readable_usage_gives_none(raw: bytes) -> None:
     assert usage_from_json(raw) is None
 
 
-def test_wrong_types_and_negative_counts_count_as_zero() -> None:
+def test_wrong_types_and_negative_counts_count_as_zero_beside_a_readable_one() -> None:
+    """A bad count (text, a boolean, negative, null, NaN) is 0 beside one that can be read;
+    when no input or output count can be read (nor a cost), no usage was reported: the answer
+    is charged an estimate, marked so, never a silent 0."""
     usage = {
         "prompt_tokens": "12",
-        "completion_tokens": -4,
+        "completion_tokens": 4,
         "prompt_tokens_details": None,
         "cost": "0.1",
     }
-    assert usage_from_mapping(usage) == TokenUsage(0, 0, 0, 0, None)
+    assert usage_from_mapping(usage) == TokenUsage(0, 4, 0, 0, None)
     assert usage_from_mapping({"input_tokens": True, "output_tokens": 7.0}) == TokenUsage(0, 7)
-    assert usage_from_mapping({"output_tokens": float("nan"), "cost": -1}) == TokenUsage()
+    assert usage_from_mapping({"prompt_tokens": 0, "completion_tokens": 0}) == TokenUsage()
+    unreadable = [
+        {"prompt_tokens": "12", "completion_tokens": -4, "cost": "0.1"},
+        {"prompt_tokens": None, "completion_tokens": None, "total_tokens": 107},
+        {"output_tokens": float("nan"), "cost": -1},
+        {"input_tokens": False, "output_tokens": "7"},
+    ]
+    assert [usage_from_mapping(u) for u in unreadable] == [None] * 4
+    assert usage_from_mapping({"prompt_tokens": None, "cost": 0.25}) == TokenUsage(cost=0.25)
 
 
 def test_cached_tokens_never_exceed_input_tokens() -> None:
@@ -427,8 +438,10 @@ def test_usage_of_a_gzip_body_is_read_from_the_decoded_bytes() -> None:
 def test_anthropic_counts_of_one_count_and_negative_ones_are_zero() -> None:
     one = {"input_tokens": 1, "output_tokens": 1, "cache_read_input_tokens": 1}
     assert usage_from_mapping(one) == TokenUsage(2, 1, 1, 0)
-    negative = {"input_tokens": -3, "output_tokens": -1, "cache_creation_input_tokens": -2}
+    negative = {"input_tokens": -3, "output_tokens": 0, "cache_creation_input_tokens": -2}
     assert usage_from_mapping(negative) == TokenUsage(0, 0, 0, 0)
+    negative["output_tokens"] = -1  # nothing left to read: no usage
+    assert usage_from_mapping(negative) is None
     assert usage_from_mapping({"output_tokens": 2.9}) == TokenUsage(0, 2, 0, 0)
     assert usage_from_mapping({"output_tokens": 1.0}) == TokenUsage(0, 1, 0, 0)
-    assert usage_from_mapping({"output_tokens": float("inf")}) == TokenUsage(0, 0, 0, 0)
+    assert usage_from_mapping({"output_tokens": float("inf")}) is None

@@ -79,7 +79,8 @@ def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
 
 def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     """The `TokenUsage` of a decoded `usage` object of any supported shape; None if it has no
-    token count nor cost. Bad values (strings, negatives, null) count as 0."""
+    token count nor cost, or none that can be read. Bad values (strings, negatives, null)
+    count as 0 beside one that can."""
     if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat/completions/embeddings
         # the usual values (non-negative ints) are taken as they are: this runs on every request
         value = usage.get("prompt_tokens")
@@ -115,7 +116,20 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     read = read if read < prompt else prompt  # subsets can't exceed the whole: a cost never < 0
     write = write if write < prompt - read else prompt - read
     cost = _cost(usage["cost"]) if "cost" in usage else None
+    if not (prompt or output) and cost is None and not any(_readable(usage, k) for k in _COUNTS):
+        return None  # input and output counts null, text or negative: no usage reported at all
     return TokenUsage(prompt, output, read, write, cost)
+
+
+_COUNTS: Final = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
+
+
+def _readable(usage: Mapping[str, Any], key: str) -> bool:
+    """Whether `usage[key]` is a token count as JSON has it: a number, not below 0 (0 is one)."""
+    value = usage.get(key)
+    if type(value) is int:
+        return value >= 0
+    return type(value) is float and math.isfinite(value) and value >= 0
 
 
 def usage_from_json(body: bytes) -> TokenUsage | None:
