@@ -419,6 +419,7 @@ async def test_fail_open_admits_only_keys_seen_valid_on_their_last_known_limits(
             proxy.cut()
             await asyncio.sleep(0.3)  # the key's cache entry expires; the store cannot be read
             codes: dict[str, list[int]] = {"known": [], "unseen": [], "never issued": []}
+            said: dict[str, str] = {}
             for name, value in (
                 ("known", known.value),
                 ("unseen", unseen.value),
@@ -429,11 +430,16 @@ async def test_fail_open_admits_only_keys_seen_valid_on_their_last_known_limits(
                         "/v1/chat/completions", json=chat(), headers=bearer(value)
                     )
                     codes[name].append(answer.status_code)
+                    if answer.status_code == 503:
+                        said[name] = answer.json()["error"]["message"]
             proxy.restore()
             assert await engine.flush()
             count, total = records(engine, known.id)
     print(f"fail_open={fail_open}: {codes}; known key: {count} records ${total / 1e9:.2f}")
+    print("an unseen key is told:", said["unseen"])
     assert codes["unseen"] == [503] * 3 and codes["never issued"] == [503] * 3
+    # The answer names the setting as it is (it said BUDGET_FAIL_OPEN=false either way).
+    assert f"BUDGET_FAIL_OPEN={str(fail_open).lower()}" in said["unseen"]
     if fail_open:  # its $0.03 a day still holds: two more, then refused
         assert codes["known"] == [200, 200, 402]
         assert (count, total) == (3, 3 * CENT)

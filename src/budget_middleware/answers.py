@@ -184,11 +184,26 @@ def route_refusal_answer(tried: list[tuple[str, str, ErrorAnswer]]) -> tuple[Err
     return ErrorAnswer(chosen.status, body, headers), document["error"]["code"]
 
 
-def store_unavailable() -> ErrorAnswer:
-    """503: the store or Redis cannot decide and the settings fail closed."""
+def store_unavailable(unknown_key: bool = False) -> ErrorAnswer:
+    """503: the store or Redis cannot decide and the settings fail closed; or (`unknown_key`)
+    they fail open, but the store cannot say whether a key this process has never seen is
+    valid, and a key nobody vouches for is never admitted."""
+    if unknown_key:
+        message = (
+            "The budget store cannot be reached and this process has not seen this virtual key "
+            "yet: it is not admitted (BUDGET_FAIL_OPEN=true admits only keys known valid)"
+        )
+    else:
+        message = (
+            "The budget store cannot be reached; the request was not sent (BUDGET_FAIL_OPEN=false)"
+        )
+    return error_answer(503, "service_unavailable", message, headers=[(b"retry-after", b"1")])
+
+
+def request_too_large(limit: int) -> ErrorAnswer:
+    """413: a request body (as sent, or once decoded) over BUDGET_MAX_BODY_BYTES."""
     return error_answer(
-        503,
-        "service_unavailable",
-        "The budget store cannot be reached; the request was not sent (BUDGET_FAIL_OPEN=false)",
-        headers=[(b"retry-after", b"1")],
+        413,
+        "request_too_large",
+        f"Request body is larger than BUDGET_MAX_BODY_BYTES ({limit} bytes)",
     )

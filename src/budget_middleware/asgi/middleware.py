@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import Any
 
-from budget_middleware.answers import ErrorAnswer, error_answer, store_unavailable
+from budget_middleware.answers import ErrorAnswer, request_too_large, store_unavailable
 from budget_middleware.core.identity import header_reader, key_digest, route_path
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
@@ -159,19 +159,19 @@ class BudgetMiddleware:
         started = perf_counter()
         credentials = self.read_headers(scope["headers"])
         if credentials.content_length is not None and credentials.content_length > self.max_body:
-            await _answer(send, _too_large(self.max_body))
+            await _answer(send, request_too_large(self.max_body))
             return
         message = await receive()
         if message["type"] == "http.request" and not message.get("more_body", False):
             body = message.get("body", b"")  # the whole body in one message: the usual case
             if len(body) > self.max_body:
-                await _answer(send, _too_large(self.max_body))
+                await _answer(send, request_too_large(self.max_body))
                 return
         else:
             try:
                 body = await _read_body(message, receive, self.max_body)
             except BodyTooLarge:
-                await _answer(send, _too_large(self.max_body))
+                await _answer(send, request_too_large(self.max_body))
                 return
             except ClientGone:
                 return
@@ -199,7 +199,7 @@ class BudgetMiddleware:
                     # limits; a key it cannot vouch for is never admitted.
                     found = engine.last_known.get(digest) if self.fail_open else None
                     if found is None:
-                        await _answer(send, store_unavailable())
+                        await _answer(send, store_unavailable(self.fail_open))
                         return
             if found is None:
                 if not self.shadow:
@@ -321,11 +321,3 @@ async def _read_body(first: Message, receive: Receive, limit: int) -> bytes:
 async def _answer(send: Send, answer: ErrorAnswer) -> None:
     await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
     await send({"type": "http.response.body", "body": answer.body})
-
-
-def _too_large(limit: int) -> ErrorAnswer:
-    return error_answer(
-        413,
-        "request_too_large",
-        f"Request body is larger than BUDGET_MAX_BODY_BYTES ({limit} bytes)",
-    )

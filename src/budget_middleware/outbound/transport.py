@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from budget_middleware.answers import ErrorAnswer, error_answer, store_unavailable
-from budget_middleware.core.identity import Credentials, header_reader
+from budget_middleware.answers import ErrorAnswer, request_too_large, store_unavailable
+from budget_middleware.core.identity import Credentials, header_reader, key_digest
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
@@ -85,13 +85,15 @@ class _Meter:
         tags: tuple[str, ...] = ()
         key: KeyConfig | None = None
         shadowed: str | None = None
+        value: str | None = None  # the key looked up by its value
         try:
             if chosen is not None:
                 tags = chosen.tags
                 if chosen.virtual_key is not None:
                     found = engine.keys.get(chosen.digest or b"")  # cached: no hash, no await
                     if found is NOT_CACHED:
-                        found = await engine.lookup_key(chosen.virtual_key)
+                        value = chosen.virtual_key
+                        found = await engine.lookup_key(value)
                     key = found
                 else:
                     key = await engine.lookup_key_id(chosen.virtual_key_id or "")
@@ -102,11 +104,16 @@ class _Meter:
             else:
                 headers = inbound_headers.get()
                 if headers is not None:  # the inbound request being served, if it has a key
-                    inbound = self.read_headers(headers).key
-                    if inbound is not None:
-                        key = await engine.lookup_key(inbound)
+                    value = self.read_headers(headers).key
+                    if value is not None:
+                        key = await engine.lookup_key(value)
         except ServiceUnavailable:
-            return store_unavailable()
+            # As inbound: fail open admits a key this process has seen valid, on its last-known
+            # limits; a key it cannot vouch for is never admitted.
+            if self.fail_open and value is not None:
+                key = engine.last_known.get(key_digest(value))
+            if key is None:
+                return store_unavailable(self.fail_open)
         host_provider = self.hosts.provider(request.url.host)
         credentials = Credentials(None, host_provider, tags, len(body), host_provider is not None)
         gate = engine.gate
@@ -185,14 +192,6 @@ class _Meter:
             answer.status, headers=answer.headers, content=answer.body, request=request
         )
 
-    @staticmethod
-    def too_large(limit: int) -> ErrorAnswer:
-        return error_answer(
-            413,
-            "request_too_large",
-            f"Request body is larger than BUDGET_MAX_BODY_BYTES ({limit} bytes)",
-        )
-
 
 _LIBRARIES: dict[type, ModuleType] = {}
 
@@ -256,7 +255,7 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
             return await inner.handle_async_request(request)
         body = await request.aread()
         if len(body) > meter.max_body:
-            return meter.refused(lib, request, meter.too_large(meter.max_body))
+            return meter.refused(lib, request, request_too_large(meter.max_body))
         admitted = await meter.admit(request, path, body)
         if type(admitted) is ErrorAnswer:
             return meter.refused(lib, request, admitted)
@@ -358,7 +357,7 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
             return inner.handle_request(request)
         body = request.read()
         if len(body) > meter.max_body:
-            return meter.refused(lib, request, meter.too_large(meter.max_body))
+            return meter.refused(lib, request, request_too_large(meter.max_body))
         chosen, inbound = payer.get(), inbound_headers.get()
 
         async def admit() -> Exchange | ErrorAnswer:

@@ -25,7 +25,12 @@ from http import HTTPStatus
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from budget_middleware.answers import ErrorAnswer, error_answer, store_unavailable
+from budget_middleware.answers import (
+    ErrorAnswer,
+    error_answer,
+    request_too_large,
+    store_unavailable,
+)
 from budget_middleware.core.identity import Credentials, _split_tags, header_reader, key_digest
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
@@ -81,14 +86,6 @@ def answer(start_response: StartResponse, reply: ErrorAnswer) -> list[bytes]:
         [(n.decode("latin-1"), v.decode("latin-1")) for n, v in reply.headers],
     )
     return [reply.body]
-
-
-def _too_large(limit: int) -> ErrorAnswer:
-    return error_answer(
-        413,
-        "request_too_large",
-        f"Request body is larger than BUDGET_MAX_BODY_BYTES ({limit} bytes)",
-    )
 
 
 class _Incomplete(Exception):
@@ -230,7 +227,7 @@ class BudgetWSGIMiddleware:
         try:
             body = self._body(environ, credentials)
         except _TooLarge:
-            return answer(start_response, _too_large(self.max_body))
+            return answer(start_response, request_too_large(self.max_body))
         except _Incomplete:  # the client went away mid-body: nothing admitted, nothing counted
             return answer(start_response, _incomplete())
         if not engine.started:
@@ -314,7 +311,7 @@ class BudgetWSGIMiddleware:
             with loop_lock:
                 found = engine.last_known.get(digest) if self.fail_open else None
             if found is None:
-                return store_unavailable()
+                return store_unavailable(self.fail_open)
         with loop_lock:
             return self._decide(found, body, parsed, path, credentials, started)
 
@@ -373,7 +370,7 @@ class BudgetWSGIMiddleware:
                 except ServiceUnavailable:
                     found = engine.last_known.get(digest) if self.fail_open else None
                     if found is None:
-                        return store_unavailable()
+                        return store_unavailable(self.fail_open)
             key = found
         refused = self._shadowed(credentials, key)
         if type(refused) is ErrorAnswer:
