@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from genai_prices import Usage, calc_price
 from sqlmodel import select
 
@@ -216,3 +216,53 @@ async def test_a_2xx_answer_whose_counts_cannot_be_read_is_charged_an_estimate(
     assert answer.status_code == 200
     assert row.estimated and row.note == "no usage in the response"
     assert row.input_tokens > 0 and row.cost_nanos == row.input_tokens * 1_000  # $1/Mtok
+
+
+async def test_a_compressed_request_body_is_read_and_charged(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """A client that gzips its request (`content-encoding: gzip`, for a host that takes it):
+    the middleware reads the model from a decoded copy and the app gets the body as sent;
+    one rewritten for a route goes as plain JSON, without the encoding. It was metered as
+    provider and model "unknown", unpriced: charged $0 and no model limit applied. A body
+    over BUDGET_MAX_BODY_BYTES once decoded is a 413."""
+    import gzip
+
+    seen: list[tuple[str | None, str]] = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completion(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        encoding = request.headers.get("content-encoding")
+        body = json.loads(gzip.decompress(raw) if encoding == "gzip" else raw)
+        seen.append((encoding, body["model"]))
+        usage = {"prompt_tokens": 0, "completion_tokens": 1000}
+        return {"model": body["model"], "choices": [], "usage": usage}
+
+    settings = make_settings(pricing_file=pricing_file, max_body_bytes=4096)
+    wrapped = BudgetMiddleware(app, settings=settings)
+    engine = wrapped.engine
+    async with running(wrapped), client(wrapped) as http:
+        engine.manager.create_route(name="best", targets=["openai/gpt-4o"], strategy="ordered")
+        sent = [
+            await http.post(
+                "/v1/chat/completions",
+                content=gzip.compress(json.dumps(chat(model)).encode()),
+                headers={"content-encoding": "gzip", "content-type": "application/json"},
+            )
+            for model in ("openai/gpt-4o", "best")
+        ]
+        huge = chat(messages=[{"role": "user", "content": "x" * 10_000}])
+        too_large = await http.post(
+            "/v1/chat/completions",
+            content=gzip.compress(json.dumps(huge).encode()),
+            headers={"content-encoding": "gzip"},
+        )
+        rows = await records(engine)
+    print("the app saw:", seen, "; charged:", [(r.provider, r.model, r.cost_nanos) for r in rows])
+    assert [a.status_code for a in sent] == [200, 200] and too_large.status_code == 413
+    assert seen == [("gzip", "openai/gpt-4o"), (None, "openai/gpt-4o")]
+    assert [(r.provider, r.model, r.cost_nanos) for r in rows] == [
+        ("openai", "gpt-4o", 2_000_000)
+    ] * 2

@@ -370,6 +370,43 @@ def test_a_route_rewrites_the_model_and_names_its_target(make_settings: Settings
     assert routed[1].json["provider"] == "azure"
 
 
+def test_a_compressed_request_body_is_read_and_charged(make_settings: Settings) -> None:
+    """As under ASGI: a gzipped body is read from a decoded copy (the app gets it as sent), a
+    rewritten one goes as plain JSON without the encoding (it was charged as model unknown)."""
+    import gzip
+
+    seen: list[tuple[str | None, str]] = []
+    app = Flask(__name__)
+
+    @app.post("/v1/chat/completions")
+    def completion() -> Response:
+        raw = request.get_data()
+        encoding = request.headers.get("content-encoding")
+        body = json.loads(gzip.decompress(raw) if encoding == "gzip" else raw)
+        seen.append((encoding, body["model"]))
+        return Response(COMPLETION, content_type="application/json")
+
+    app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, make_settings())  # type: ignore[method-assign]
+    engine = engine_of(app)
+    engine.manager.create_route(name="smart", targets=["openai/gpt-4o-mini"])
+    client = app.test_client()
+    statuses = [
+        client.post(
+            "/v1/chat/completions",
+            data=gzip.compress(json.dumps(chat(model=model)).encode()),
+            headers={"content-encoding": "gzip", "content-type": "application/json"},
+        ).status_code
+        for model in ("gpt-4o-mini", "smart")
+    ]
+    rows = records(engine)
+    print("the app saw:", seen, "; charged:", [(r["model"], r["cost_nanos"]) for r in rows])
+    assert statuses == [200, 200]
+    assert seen == [("gzip", "gpt-4o-mini"), (None, "openai/gpt-4o-mini")]
+    assert [(r["provider"], r["model"], r["cost_nanos"]) for r in rows] == [
+        ("openai", "gpt-4o-mini", PRICE_NANOS)
+    ] * 2
+
+
 def test_hooks_hear_refusals_and_settlements(make_settings: Settings) -> None:
     heard: dict[str, list[Any]] = {"refusal": [], "settled": []}
     app = flask_host(

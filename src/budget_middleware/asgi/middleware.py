@@ -35,6 +35,7 @@ ASGIApp = Callable[[Scope_, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("budget_middleware")
 
 _UNKNOWN = "Unknown virtual key"
+_REWRITTEN = (b"content-length", b"content-encoding")  # not the rewritten body's
 
 
 class BodyTooLarge(Exception):
@@ -175,6 +176,13 @@ class BudgetMiddleware:
                 return
             except ClientGone:
                 return
+        plain = body  # as the gate reads it: decoded, when it was sent compressed
+        if credentials.content_encoding is not None:
+            decoded = self.gate.plain_body(body, credentials.content_encoding)
+            if decoded is None:
+                await _answer(send, request_too_large(self.max_body))
+                return
+            plain = decoded
         if not engine.started:
             try:
                 await engine.ensure_started()
@@ -214,7 +222,7 @@ class BudgetMiddleware:
                 return
             shadowed = "virtual_key_required"
         gate = self.gate
-        decision = gate.decide(body, route_path(scope), credentials, key, started, shadowed)
+        decision = gate.decide(plain, route_path(scope), credentials, key, started, shadowed)
         if type(decision) is ErrorAnswer:
             await _answer(send, decision)
             return
@@ -236,9 +244,9 @@ class BudgetMiddleware:
         state["budget"] = exchange.name_caller()
         if exchange.parsed is not None:  # a route's target, a stream asked for its usage
             new_body = body_to_send(exchange)
-            if new_body is not None:
+            if new_body is not None:  # JSON as it is: its length, and no content-encoding
                 body = new_body
-                headers = [(n, v) for n, v in scope["headers"] if n != b"content-length"]
+                headers = [(n, v) for n, v in scope["headers"] if n not in _REWRITTEN]
                 headers.append((b"content-length", b"%d" % len(body)))
                 scope = {**scope, "headers": headers}
         exchange.body = body

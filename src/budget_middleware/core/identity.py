@@ -44,6 +44,7 @@ class Credentials:
     # The provider is the host's a call goes to (SPEC §13): it wins over a `provider/` prefix,
     # and the model is kept whole (OpenRouter's `anthropic/claude-sonnet-4`).
     provider_is_host: bool = False
+    content_encoding: str | None = None  # the body's, when not `identity` (gzip, say)
 
 
 def key_digest(value: str) -> bytes:
@@ -94,14 +95,23 @@ def header_reader(
                 size = int(length)
             except ValueError:
                 size = None
+        encoding = get(b"content-encoding")
         return Credentials(
             key or None,
             (provider.decode("latin-1").strip() or None) if provider is not None else None,
             _split_tags(tags.decode("latin-1")) if tags is not None else (),
             size,
+            False,
+            None if encoding is None else body_encoding(encoding.decode("latin-1")),
         )
 
     return read
+
+
+def body_encoding(value: str) -> str | None:
+    """A `content-encoding` header's codings, lower case; None for none or `identity`."""
+    coding = value.strip().lower()
+    return None if coding in ("", "identity") else coding
 
 
 # Client text as the store keeps it (its column sizes): longer is cut, and characters a store

@@ -193,13 +193,23 @@ class BodyDecoder:
     a truncated body or a decoded size over `max_size` also set `error`. It never raises.
     """
 
-    __slots__ = ("_coding", "_inflater", "_max_size", "_prefix", "_size", "error", "supported")
+    __slots__ = (
+        "_coding",
+        "_inflater",
+        "_max_size",
+        "_prefix",
+        "_size",
+        "error",
+        "oversized",
+        "supported",
+    )
 
     def __init__(self, content_encoding: str | None, *, max_size: int = _MAX_DECODED) -> None:
         codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
         codings = [c for c in codings if c and c != "identity"]
         self.supported = len(codings) <= 1 and all(c in _ZLIB_CODINGS for c in codings)
         self.error: str | None = None
+        self.oversized = False  # decoded beyond `max_size` (one of the errors)
         if not self.supported:
             self.error = f"unsupported content-encoding: {content_encoding}"
         self._coding = codings[0] if codings else "identity"
@@ -244,8 +254,15 @@ class BodyDecoder:
     def _count(self, out: bytes) -> bytes:
         self._size += len(out)
         if self._size > self._max_size:
+            self.oversized = True
             return self._fail(f"decoded body larger than {self._max_size} bytes")
         return out
+
+    def decode(self, data: bytes) -> bytes | None:
+        """A whole body decoded at once; None when it cannot be (see `error`)."""
+        out = self.feed(data)
+        out += self.flush()
+        return None if self.error is not None else out
 
     def _fail(self, error: str) -> bytes:
         self.error = error

@@ -24,7 +24,7 @@ from budget_middleware.core.pricing import estimate_nanos
 from budget_middleware.core.routing import Route, by_room, room
 from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts
-from budget_middleware.core.usage import JSON_ERRORS, json_bytes, json_loads
+from budget_middleware.core.usage import JSON_ERRORS, BodyDecoder, json_bytes, json_loads
 from budget_middleware.engine.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -76,6 +76,19 @@ class Gate:
         self.shadow = s.mode == "shadow"
         self.hooks = engine.hooks
         self.alerts = engine.alerts
+        self.max_body = s.max_body_bytes
+
+    def plain_body(self, body: bytes, encoding: str) -> bytes | None:
+        """A request body sent with a `content-encoding` (gzip, deflate), decoded to be read:
+        the app still gets it as sent. One that cannot be decoded (another coding, corrupt) is
+        read as it is. None: over BUDGET_MAX_BODY_BYTES once decoded (a 413)."""
+        decoder = BodyDecoder(encoding, max_size=self.max_body)
+        if not decoder.supported:
+            return body
+        plain = decoder.decode(body)
+        if plain is None:
+            return None if decoder.oversized else body
+        return plain
 
     def refuse(
         self,

@@ -31,7 +31,13 @@ from budget_middleware.answers import (
     request_too_large,
     store_unavailable,
 )
-from budget_middleware.core.identity import Credentials, _split_tags, header_reader, key_digest
+from budget_middleware.core.identity import (
+    Credentials,
+    _split_tags,
+    body_encoding,
+    header_reader,
+    key_digest,
+)
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
@@ -199,6 +205,7 @@ class BudgetWSGIMiddleware:
                             break
         provider = get("HTTP_X_BUDGET_PROVIDER")
         tags = get("HTTP_X_BUDGET_TAGS")
+        encoding = get("HTTP_CONTENT_ENCODING")
         length = get("CONTENT_LENGTH")
         size = None
         if length:
@@ -214,6 +221,8 @@ class BudgetWSGIMiddleware:
             (provider.strip() or None) if provider else None,
             _split_tags(tags) if tags else (),
             size,
+            False,
+            None if encoding is None else body_encoding(encoding),
         )
 
     # -- metered requests ----------------------------------------------------------------
@@ -230,6 +239,12 @@ class BudgetWSGIMiddleware:
             return answer(start_response, request_too_large(self.max_body))
         except _Incomplete:  # the client went away mid-body: nothing admitted, nothing counted
             return answer(start_response, _incomplete())
+        plain = body  # as the gate reads it: decoded, when it was sent compressed
+        if credentials.content_encoding is not None:
+            decoded = self.gate.plain_body(body, credentials.content_encoding)
+            if decoded is None:
+                return answer(start_response, request_too_large(self.max_body))
+            plain = decoded
         if not engine.started:
             try:
                 on_loop(engine, engine.ensure_started)
@@ -242,17 +257,18 @@ class BudgetWSGIMiddleware:
             on_loop(engine, engine.ensure_current)
         direct = engine.memory is not None and is_background(engine.loop)
         if direct:
-            admitted = self._admit_here(body, path, credentials, started)
+            admitted = self._admit_here(plain, path, credentials, started)
         else:  # Redis, or an engine an ASGI app runs: its loop decides
-            admitted = on_loop(engine, lambda: self._admit_there(body, path, credentials, started))
+            admitted = on_loop(engine, lambda: self._admit_there(plain, path, credentials, started))
         if type(admitted) is ErrorAnswer:
             return answer(start_response, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
         environ[STATE_KEY] = exchange.name_caller()
         if exchange.parsed is not None:  # a route's target, a stream asked for its usage
             new_body = body_to_send(exchange)
-            if new_body is not None:
+            if new_body is not None:  # JSON as it is: no content-encoding
                 body = new_body
+                environ.pop("HTTP_CONTENT_ENCODING", None)
         environ["wsgi.input"] = io.BytesIO(body)  # read once here: the app reads it again
         environ["CONTENT_LENGTH"] = str(len(body))
         response = MeteredResponse(self, exchange, start_response, direct)
