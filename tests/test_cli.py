@@ -450,6 +450,12 @@ def test_the_same_commands_on_a_running_admin_api(server: Server, here: Here) ->
     print(refused_file)
     assert refused_file.startswith("error: admin API answered 422: ")
     assert "teams[0] (x): budgets.0.reset_duration" in refused_file
+    # Only the store can tell this one is invalid: refused all the same, nothing written.
+    broken.write_text("customers:\n  - name: early\nteams:\n  - name: y\n    customer: nobody\n")
+    refused_reference = here(server.env, f"config apply {broken}").failed_on_one_line()
+    print(refused_reference)
+    assert "(the config sent), teams[0] (y): customer 'nobody'" in refused_reference
+    assert "early" not in ok(here(server.env, "customers list")).out
     assert ok(here(server.env, "alerts list --json")).json() == {"alerts": [], "count": 0}
     good = ROOT / "examples" / "gateway.yaml"  # config check reads the file alone
     assert ok(here(server.env, f"config check {good}")).out.startswith(f"{good} is valid")

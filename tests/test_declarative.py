@@ -107,3 +107,46 @@ def test_bad_files_fail_loudly_naming_the_variable_and_the_entry(
         _start(tmp_path, "virtual_keys:\n  - name: k\n    value: ${MISSING_KEY}\n")
     with pytest.raises(ConfigFileError, match="unknown section"):
         _start(tmp_path, "users: []\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (  # a reference to nothing, after a valid entry
+            "customers:\n  - name: good\nteams:\n  - name: t\n    customer: nobody\n",
+            r"teams\[0\] \(t\): customer 'nobody' is neither a name nor an id",
+        ),
+        (  # a key value another key holds
+            "customers:\n  - name: good\n"
+            "virtual_keys:\n  - name: bob\n    value: sk-bm-held-by-alice-0001\n",
+            r"virtual_keys\[0\] \(bob\): this key value is already in use",
+        ),
+        (  # one name twice: the second would overwrite the first
+            "customers:\n  - name: good\n  - name: acme\n    budgets: [{max_limit: 10}]\n"
+            "  - name: acme\n    budgets: [{max_limit: 20}]\n",
+            r"customers\[2\] \(acme\): the same customer as customers\[1\] \(acme\)",
+        ),
+        (  # two budgets of one duration
+            "customers:\n  - name: good\n"
+            "teams:\n  - name: t\n    budgets: [{max_limit: 1, reset_duration: 1d},"
+            " {max_limit: 2, reset_duration: 1d}]\n",
+            r"teams\[0\] \(t\): two budgets of one team have reset_duration 1d",
+        ),
+    ],
+    ids=["unknown-reference", "key-value-in-use", "duplicate-name", "duplicate-duration"],
+)
+def test_an_invalid_file_writes_nothing(tmp_path: Path, text: str, error: str) -> None:
+    """SPEC §3, §10: an invalid file fails naming the entry, and nothing of it is written (a
+    valid entry before an invalid one used to be; a name twice was applied twice, the last
+    winning, where the API answers 409)."""
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db")
+    store = Store(settings.database_url)
+    store.create_schema()
+    manager = BudgetManager(store, settings)
+    manager.create_virtual_key(name="alice", value="sk-bm-held-by-alice-0001")
+    with pytest.raises(ConfigFileError, match=error) as raised:
+        _start(tmp_path, text)
+    print("refused:", raised.value)
+    assert [c.name for c in manager.list_customers()] == []
+    assert [t.name for t in manager.list_teams()] == []
+    assert [k.name for k in manager.list_virtual_keys()] == ["alice"]

@@ -39,6 +39,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlmodel import select
 
+from budget_middleware.core.identity import hash_key
 from budget_middleware.exceptions import AdminError, ConfigFileError
 from budget_middleware.manage.litellm_config import (
     LiteLLMConfigError,
@@ -46,7 +47,12 @@ from budget_middleware.manage.litellm_config import (
     translate,
 )
 from budget_middleware.manage.manager import BudgetManager
-from budget_middleware.manage.owner_limits import Origin, check_model_names, config_hash
+from budget_middleware.manage.owner_limits import (
+    Origin,
+    check_budget_durations,
+    check_model_names,
+    config_hash,
+)
 from budget_middleware.manage.schemas import (
     CustomerCreate,
     ModelConfigCreate,
@@ -256,6 +262,9 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
             if reference == "virtual_key":
                 body["scope"] = "virtual_key"
     data: Any = _CREATE[section].model_validate(body)
+    budgets = data.budget_list() if hasattr(data, "budget_list") else None
+    if budgets:
+        check_budget_durations(_OWNER[section], budgets)
     if section == "model_configs":
         check_model_names([data.model_name], "model_name")
     elif section == "virtual_keys":
@@ -274,11 +283,83 @@ def check_config_file(path: Path) -> dict[str, Any]:
 def _check(path: Path) -> _FileData:
     data = _read(path)
     for section in SECTIONS:
+        seen: dict[Any, str] = {}
         for index, raw in enumerate(data.sections[section]):
             where = data.where(section, index, raw)
+            entry = _substitute(raw, where)
             with _entry_errors(where):
-                _check_entry(section, dict(_substitute(raw, where)), where)
+                _check_entry(section, dict(entry), where)
+            identity = _identity(section, entry)
+            first = seen.setdefault(identity, where)
+            if first is not where:
+                raise ConfigFileError(
+                    f"{where}: the same {_OWNER[section].replace('_', ' ')} as "
+                    f"{first.rsplit(', ', 1)[-1]}: each is written once (the API answers 409)"
+                )
+    values: dict[str, str] = {}
+    for index, raw in enumerate(data.sections["virtual_keys"]):
+        value = raw.get("value")
+        if isinstance(value, str):
+            where = data.where("virtual_keys", index, raw)
+            first = values.setdefault(_substitute(value, where), where)
+            if first is not where:
+                raise ConfigFileError(
+                    f"{where}: this key value is also {first.rsplit(', ', 1)[-1]}'s"
+                )
     return data
+
+
+_OWNER = {
+    "customers": "customer",
+    "teams": "team",
+    "virtual_keys": "virtual_key",
+    "providers": "provider",
+    "model_configs": "model_config",
+    "tags": "tag",
+    "routes": "route",
+}
+
+
+def _preflight(store: Store, data: _FileData) -> None:
+    """What only the store can tell, checked before anything is written (so an invalid file
+    writes nothing): every entry named by a reference exists, in the store or earlier in the
+    file, and no key value is another key's."""
+    defined = {
+        section: {e.get("name") for e in data.sections[section]}
+        for section in ("customers", "teams", "virtual_keys")
+    }
+    targets: dict[str, tuple[str, Any, str]] = {
+        "customer": ("customers", CustomerRow, "customer"),
+        "team": ("teams", TeamRow, "team"),
+        "virtual_key": ("virtual_keys", VirtualKeyRow, "virtual key"),
+    }
+    with store.session() as s:
+        for section in ("teams", "virtual_keys", "model_configs"):
+            for index, raw in enumerate(data.sections[section]):
+                where = data.where(section, index, raw)
+                entry = _substitute(raw, where)
+                for field_, (target, table, what) in targets.items():
+                    ref = entry.get(field_)
+                    if ref is None or ref in defined[target]:
+                        continue
+                    ref = str(ref)
+                    if (
+                        s.get(table, ref) is None
+                        and s.exec(select(table).where(table.name == ref)).first() is None
+                    ):
+                        raise ConfigFileError(
+                            f"{where}: {what} {ref!r} is neither a name nor an id"
+                        )
+        for index, raw in enumerate(data.sections["virtual_keys"]):
+            where = data.where("virtual_keys", index, raw)
+            entry = _substitute(raw, where)
+            value = entry.get("value")
+            if isinstance(value, str):
+                other = s.exec(
+                    select(VirtualKeyRow).where(VirtualKeyRow.key_hash == hash_key(value))
+                ).first()
+                if other is not None and other.name != entry.get("name"):
+                    raise ConfigFileError(f"{where}: this key value is already in use")
 
 
 class _Loader:
@@ -395,9 +476,9 @@ def apply_config_text(
         path.write_text(text, encoding="utf-8")
         try:
             data = _check(path)
+            load_config_file(store, settings.model_copy(update={"config_file": path}))
         except ConfigFileError as exc:
             raise ConfigFileError(str(exc).replace(repr(str(path)), "(the config sent)")) from None
-        load_config_file(store, settings.model_copy(update={"config_file": path}))
     return {section: len(data.sections[section]) for section in SECTIONS if data.sections[section]}
 
 
@@ -412,6 +493,7 @@ def load_config_file(store: Store, settings: BudgetSettings) -> None:
             "BUDGET_CONFIG_FILE %r is a LiteLLM config: only its budgets and routes are read; "
             "ignored: %s", str(path), ", ".join(data.ignored),
         )  # fmt: skip
+    _preflight(store, data)
     loader = _Loader(store, settings, data)
     for section in SECTIONS:
         for index, entry in enumerate(data.sections[section]):

@@ -11,7 +11,7 @@ import hashlib
 import json
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import event
@@ -115,14 +115,8 @@ def write_limits(
         write_rate_limit(s, owner_type, owner_id, body.rate_limit, origin)
 
 
-def write_budgets(
-    s: Session,
-    owner_type: str,
-    owner_id: str,
-    budgets: list[BudgetIn],
-    calendar_aligned: bool,
-    origin: Origin,
-) -> None:
+def check_budget_durations(owner_type: str, budgets: Sequence[BudgetIn]) -> None:
+    """An owner holds at most one budget per `reset_duration` (409 otherwise)."""
     durations = [b.reset_duration for b in budgets]
     for duration in durations:
         if durations.count(duration) > 1:
@@ -132,6 +126,17 @@ def write_budgets(
                 "at most one budget per reset_duration",
                 param="budgets",
             )
+
+
+def write_budgets(
+    s: Session,
+    owner_type: str,
+    owner_id: str,
+    budgets: list[BudgetIn],
+    calendar_aligned: bool,
+    origin: Origin,
+) -> None:
+    check_budget_durations(owner_type, budgets)
     existing = {row.id: row for row in owner_budgets(s, owner_type, owner_id)}
     unmatched = dict(existing)
     matched: list[tuple[BudgetIn, BudgetRow | None]] = []
