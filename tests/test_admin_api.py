@@ -77,7 +77,7 @@ async def test_budgets_carry_bifrost_and_gomodel_fields_with_the_user_path(
         assert daily["period_label"] == "daily" and daily["period_seconds"] == 86400
         assert daily["source"] == "manual"
         prepaid = next(b for b in answer["budgets"] if b["owner_type"] == "provider")
-        assert prepaid["provider"] == "openai" and "period_end" not in prepaid
+        assert prepaid["provider"] == "openai" and prepaid["period_end"] is None  # never resets
         r = await c.get("/budgets?owner_type=tag&owner_id=product:chat", headers=ADMIN)
         assert [b["tag"] for b in r.json()["budgets"]] == ["product:chat"]
 

@@ -476,7 +476,7 @@ class BudgetOut(BaseModel):
     remaining: float
     usage_ratio: float
     period_start: datetime
-    period_end: datetime | None = Field(default=None, description="left out: never resets")
+    period_end: datetime | None = Field(default=None, description="null: never resets")
     period_label: str
     period_seconds: int
     period_ratio: float

@@ -164,7 +164,7 @@ def budget_out(
     amount = row.max_limit_nanos
     seconds = int((end - start).total_seconds()) if end else 0
     elapsed = (now - start).total_seconds()
-    out = BudgetOut(
+    return BudgetOut(
         id=row.id,
         max_limit=usd_from_nanos(amount),
         reset_duration=row.reset_duration,
@@ -180,6 +180,7 @@ def budget_out(
         remaining=usd_from_nanos(max(amount - used, 0)),
         usage_ratio=used / amount if amount else (1.0 if used else 0.0),
         period_start=start,
+        period_end=end,
         period_label=period_label(parse_duration(row.reset_duration)),
         period_seconds=seconds,
         period_ratio=min(max(elapsed / seconds, 0.0), 1.0) if seconds else 0.0,
@@ -192,9 +193,6 @@ def budget_out(
         user_path=path,
         **_owner(row),
     )
-    if end is not None:
-        out.period_end = end  # set only here, so a budget that never resets leaves it out
-    return out
 
 
 def _rate_usage(
