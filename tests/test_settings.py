@@ -94,6 +94,21 @@ def test_exceeded_status_other_than_402_or_429_is_refused_naming_the_variable(
         BudgetSettings(exceeded_status="soon")
 
 
+def test_every_list_setting_takes_a_json_list_in_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What is valid as an argument is valid in the environment (SPEC §3): the JSON list that
+    pydantic-settings reads for list settings, as well as comma-separated parts."""
+    monkeypatch.setenv("BUDGET_ALERT_THRESHOLDS", "[0.9, 0.5]")
+    monkeypatch.setenv("BUDGET_ALERT_WEBHOOK_URLS", '["http://a.example/x", "https://b.example"]')
+    settings = BudgetSettings()
+    assert settings.alert_thresholds == (0.5, 0.9)
+    assert settings.alert_webhook_urls == ("http://a.example/x", "https://b.example")
+    monkeypatch.setenv("BUDGET_ALERT_THRESHOLDS", "[0.5, 1")
+    with pytest.raises(SettingsError, match=r"BUDGET_ALERT_THRESHOLDS.*neither a JSON list"):
+        BudgetSettings()
+
+
 def test_inference_paths_as_a_json_list_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BUDGET_INFERENCE_PATHS", '["/generate", "/chat"]')
     assert BudgetSettings().inference_paths == ("/generate", "/chat")

@@ -35,6 +35,22 @@ def raised_again(error: Exception) -> Exception:
     return fresh.with_traceback(None)
 
 
+def _list_text(value: Any, what: str) -> Any:
+    """A list setting as the environment holds it: a JSON list (what pydantic-settings reads
+    for list settings) or comma-separated parts; any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        try:
+            found = json.loads(value)
+        except ValueError:
+            raise ValueError(f"is neither a JSON list nor comma-separated {what}") from None
+        if not isinstance(found, list):
+            raise ValueError(f"is neither a JSON list nor comma-separated {what}")
+        return found
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 class BudgetSettings(BaseSettings):
     """Every `BUDGET_*` variable of the spec; field names are the variable names, lowercased."""
 
@@ -87,13 +103,7 @@ class BudgetSettings(BaseSettings):
     @field_validator("inference_paths", mode="before")
     @classmethod
     def _split_paths(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.lstrip().startswith("["):
-            try:
-                value = json.loads(value)  # the JSON list pydantic-settings reads elsewhere
-            except ValueError:
-                raise ValueError("is neither a JSON list nor comma-separated paths") from None
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
+        value = _list_text(value, "paths")
         if isinstance(value, list | tuple):
             if not value:
                 raise ValueError("needs at least one path suffix")
@@ -129,8 +139,7 @@ class BudgetSettings(BaseSettings):
     @field_validator("alert_webhook_urls", mode="before")
     @classmethod
     def _urls(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
+        value = _list_text(value, "URLs")
         if isinstance(value, list | tuple):
             for url in value:
                 if not isinstance(url, str) or not url.startswith(("http://", "https://")):
@@ -149,12 +158,12 @@ class BudgetSettings(BaseSettings):
     @field_validator("alert_thresholds", mode="before")
     @classmethod
     def _thresholds(cls, value: Any) -> Any:
-        if isinstance(value, str):
+        value = _list_text(value, "fractions like 0.8,1.0")
+        if isinstance(value, list | tuple):
             try:
-                value = [float(part) for part in value.split(",") if part.strip()]
+                value = [float(v) if isinstance(v, str) else v for v in value]
             except ValueError:
                 raise ValueError("must be comma-separated fractions like 0.8,1.0") from None
-        if isinstance(value, list | tuple):
             return tuple(sorted(set(check_threshold(v) for v in value)))
         return value
 
