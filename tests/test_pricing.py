@@ -391,12 +391,18 @@ def test_a_reported_charge_is_capped_at_a_million_dollars() -> None:
         charge_nanos(float("nan"))
 
 
-def test_amounts_are_shown_in_dollars_to_four_decimals_and_in_headers_to_six() -> None:
+def test_amounts_are_shown_in_dollars_to_four_decimals_and_in_headers_exactly() -> None:
+    """Headers show six decimals, or nine when an amount holds part of a micro-dollar: exact,
+    so the smallest positive limit (SPEC §6: LiteLLM's 0.000000000001 is $0.000000001) never
+    reads 0.000000."""
     assert usd_text(10_010_000_000) == "$10.0100"
     assert usd_text(123_456) == "$0.0001"
     assert usd_text(0) == "$0.0000"
     assert usd_header(10_010_000_000) == b"10.010000"
-    assert usd_header(1_234_567) == b"0.001235"
+    assert usd_header(0) == b"0.000000"
+    assert usd_header(1_234_567) == b"0.001234567"
+    assert usd_header(1) == b"0.000000001"
+    assert usd_header(10**15 + 1) == b"1000000.000000001"  # no float: exact at any size
 
 
 def test_negative_cache_counts_are_no_tokens_at_any_rate() -> None:

@@ -378,10 +378,14 @@ async def test_litellm_s_smallest_limit_never_becomes_zero(
         assert put.status_code == 201, put.text
         shown = put.json()["provider"]["budgets"][0]["max_limit"]
         tag = (await http.get("/admin/tags", headers=ADMIN)).json()["tags"][0]
-        answers = [
-            (await http.post("/v1/chat/completions", json=chat(model))).status_code
+        calls = [
+            await http.post("/v1/chat/completions", json=chat(model))
             for model in ("openai/gpt-4o", "openai/gpt-4o")
         ]
+        answers = [call.status_code for call in calls]
+        # The first answer's headers show it too, exactly (not "0.000000").
+        limit_header = calls[0].headers["x-budget-limit"]
+        assert (limit_header, calls[0].headers["x-budget-remaining"]) == ("0.000000001",) * 2
         tagged = [
             (
                 await http.post(

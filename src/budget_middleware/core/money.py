@@ -53,5 +53,11 @@ def usd_text(nanos: int) -> str:
 
 
 def usd_header(nanos: int) -> bytes:
-    """An amount as the response headers show it: `10.010000`."""
-    return b"%.6f" % (nanos / NANOS_PER_USD)
+    """An amount as the response headers show it, exactly: `10.010000` (six decimals), or nine
+    when it holds a part of a micro-dollar (`0.000000001`: a positive amount never reads 0)."""
+    if nanos < 0:
+        return b"-" + usd_header(-nanos)
+    whole, part = divmod(nanos, NANOS_PER_USD)
+    if part % 1000:
+        return b"%d.%09d" % (whole, part)
+    return b"%d.%06d" % (whole, part // 1000)
