@@ -22,7 +22,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from mock_upstream import create_mock_app
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from budget_middleware import (
     BudgetMiddleware,
@@ -506,6 +506,57 @@ def test_the_summarize_example_charges_each_caller(tmp_path: Path) -> None:
     bob = [line.split()[3] for line in lines if " bob " in line and "call" in line]
     assert alice[0] == "200" and alice[-1] == "402" and set(bob) == {"200"}
     assert any(line.strip().startswith("alice requests") for line in lines)
+
+
+_JOBS = """
+import asyncio, sys
+import httpx2
+from budget_middleware import BudgetSettings, BudgetSyncTransport, BudgetTransport, charge_to
+from budget_middleware import get_engine
+
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+
+def provider(request):
+    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": USAGE})
+
+settings = BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600)
+key = get_engine(settings).manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+async def job():
+    transport = BudgetTransport(httpx2.MockTransport(provider), settings)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key_id=key.id):
+            answer = await http.post("https://api.openai.com/v1/chat/completions", json=body)
+            assert answer.status_code == 200, answer.text
+
+for _ in range(3):  # a worker's asyncio.run per job: each job's loop closes after it
+    asyncio.run(job())
+sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider), settings))
+with charge_to(virtual_key_id=key.id):  # then a sync call, on the background loop
+    assert sync.post("https://api.openai.com/v1/chat/completions", json=body).status_code == 200
+"""
+
+
+def test_charges_are_written_when_each_job_runs_its_own_event_loop(tmp_path: Path) -> None:
+    """A worker or script that calls `asyncio.run(...)` per job: the engine started in the
+    first job's loop. Each loop's end writes what is pending, the next job starts the flusher
+    again in its own loop, and a sync call after them is written at exit (only the first
+    job's charge reached the store: the flusher had died with its loop)."""
+    script = tmp_path / "jobs.py"
+    script.write_text(_JOBS)
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    subprocess.run([sys.executable, str(script), url], check=True, timeout=120)
+    store_engine = create_engine(url)
+    with store_engine.connect() as conn:
+        count, total = conn.execute(
+            text("SELECT count(*), sum(cost_nanos) FROM bm_usage_records")
+        ).one()
+        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
+    store_engine.dispose()
+    print(f"written: {count} records, ${total / 1e9:.4f}; the budget holds ${usage / 1e9:.4f}")
+    price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
+    assert (count, total, usage) == (4, 4 * price, 4 * price)
 
 
 def test_the_provider_is_the_host_s() -> None:

@@ -183,7 +183,8 @@ class BudgetMiddleware:
                 await _answer(send, request_too_large(self.max_body))
                 return
             plain = decoded
-        if not engine.started:
+        loop = engine.loop  # set once started; closed after a script's `asyncio.run`
+        if loop is None or not engine.started or loop.is_closed():
             try:
                 await engine.ensure_started()
             except ConfigurationError:

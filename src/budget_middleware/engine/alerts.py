@@ -148,8 +148,12 @@ class Alerts:
 
     def after_fork_in_child(self) -> None:
         """The parent's task and loop are not this process's; its queued events are its own."""
-        self._task = self._wake = self._loop = None
+        self.after_loop_closed()
         self.queue = []
+
+    def after_loop_closed(self) -> None:
+        """The task was the closed loop's; what is queued is delivered once it starts again."""
+        self._task = self._wake = self._loop = None
 
     async def stop(self) -> None:
         """Stop the task once its round ends (bounded: a delivery still hanging then is cut and

@@ -149,6 +149,7 @@ class BudgetEngine:
         self.rejects_to_save: list[tuple[str, str, str, float]] = []
         self.startup_hooks: list[Callable[[Store], None]] = []
         self.started = False
+        self._prepared = False  # the schema made and BUDGET_CONFIG_FILE applied, once
         self.stale = False  # a write to reload before the next request (`ensure_current`)
         self._changed = False  # a write since the reload under way began
         self._reloading: asyncio.Future[None] | None = None
@@ -213,7 +214,12 @@ class BudgetEngine:
         error (`ConfigurationError`) is final: every later call raises it again.
         """
         if self.started:
-            return
+            loop = self.loop
+            if loop is None or not loop.is_closed():
+                return
+            # The event loop it ran in is gone (a script's `asyncio.run` per job): what it
+            # holds unwritten stays, and its flusher and connections start again in this one.
+            self._left_closed_loop()
         if self.failure is not None:
             raise raised_again(self.failure)
         if self._start_lock is None:
@@ -223,16 +229,18 @@ class BudgetEngine:
                 return
             if self.failure is not None:
                 raise raised_again(self.failure)
-            try:
-                await anyio.to_thread.run_sync(self._prepare_store)
-            except ConfigurationError as exc:
-                self.failure = exc
-                self.store.dispose()  # nothing else was started
-                for ref in self.failure_listeners:
-                    listener = ref()
-                    if listener is not None:
-                        listener(exc)
-                raise
+            if not self._prepared:
+                try:
+                    await anyio.to_thread.run_sync(self._prepare_store)
+                except ConfigurationError as exc:
+                    self.failure = exc
+                    self.store.dispose()  # nothing else was started
+                    for ref in self.failure_listeners:
+                        listener = ref()
+                        if listener is not None:
+                            listener(exc)
+                    raise
+                self._prepared = True
             await self.counters.start()
             await self.reload_globals()
             self._flush_lock = asyncio.Lock()
@@ -272,6 +280,26 @@ class BudgetEngine:
         mode = ", shadow mode" if s.mode == "shadow" else ""
         return f"budget-middleware: store {hidden(s.database_url)}, {counters}, {admin}{mode}"
 
+    def needs_start(self) -> bool:
+        """Not started yet, or started in an event loop that has closed since."""
+        loop = self.loop
+        return not self.started or loop is None or loop.is_closed()
+
+    def _left_closed_loop(self) -> None:
+        """The loop this engine started in has closed: forget what belonged to it (its tasks,
+        locks, futures and connections), keep every charge, record and debt it holds."""
+        self.started = False
+        self.loop = None
+        self._flusher = None
+        self._flush_lock = None
+        self._start_lock = None
+        self._stopping = asyncio.Event()
+        self._key_loads = {}
+        self._reloading = None
+        self.counters.after_loop_closed()
+        self.alerts.after_loop_closed()
+        self.hooks.loop = None
+
     def after_fork_in_child(self) -> None:
         """This process was forked from one where this engine had started (gunicorn
         `--preload`): its loop, threads, connections and unwritten charges are the parent's. The
@@ -286,6 +314,7 @@ class BudgetEngine:
         self.records = []
         self.unwritten = []
         self.rejects_to_save = []
+        self._reloading = None
         self.registry.forget_the_parent_s()
         self.store.engine.dispose(close=False)  # the parent's connections stay the parent's
         self.counters.after_fork_in_child()
@@ -331,6 +360,17 @@ class BudgetEngine:
         self._start_lock = None
 
     async def _flush_loop(self) -> None:
+        try:
+            await self._flush_rounds()
+        except asyncio.CancelledError:
+            # Cancelled by its loop's end (`asyncio.run` cancels what runs when it returns),
+            # not by `shutdown` (which asks it to stop first): what is pending is written now.
+            if not self._stopping.is_set():
+                with contextlib.suppress(Exception):
+                    await self.flush()
+            raise
+
+    async def _flush_rounds(self) -> None:
         interval = self.settings.flush_interval_seconds
         ttl = self.settings.cache_ttl_seconds
         last_refresh = self.clock()

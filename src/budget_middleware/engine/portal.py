@@ -165,10 +165,12 @@ def on_loop(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
             "called from the event loop its engine runs in, which it would block: use the async "
             "one there (BudgetTransport, BudgetMiddleware)"
         )
-    return asyncio.run_coroutine_threadsafe(_awaited(work), loop).result()
+    return asyncio.run_coroutine_threadsafe(_awaited(engine, work), loop).result()
 
 
-async def _awaited(work: Callable[[], Awaitable[T]]) -> T:
+async def _awaited(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
+    if engine.started and engine.needs_start():  # its loop closed: it starts again in this one
+        await engine.ensure_started()
     return await work()
 
 
@@ -182,9 +184,13 @@ def shut_down_engines(timeout: float = 30.0) -> None:
     from budget_middleware.engine.engine import _engines
 
     for engine in list(_engines.values()):
-        if engine.loop is loop and engine.started:
+        # Started here, or in a loop that has closed since (a script's `asyncio.run`): its
+        # pending charges are written from here.
+        if engine.started and (engine.loop is loop or engine.needs_start()):
             try:
-                asyncio.run_coroutine_threadsafe(engine.shutdown(), loop).result(timeout=timeout)
+                asyncio.run_coroutine_threadsafe(_awaited(engine, engine.shutdown), loop).result(
+                    timeout=timeout
+                )
             except Exception:  # exiting: say so, and go on with the other engines
                 import logging
 

@@ -71,7 +71,7 @@ class _Meter:
         """Who pays, the gate's decision and admission (on the engine's event loop)."""
         engine = self.engine
         started = perf_counter()
-        if not engine.started:
+        if engine.needs_start():  # not yet, or its loop closed (`asyncio.run` per job)
             try:
                 await engine.ensure_started()
             except ConfigurationError:

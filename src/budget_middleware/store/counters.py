@@ -57,6 +57,10 @@ class CounterBackend(ABC):
     def after_fork_in_child(self) -> None:  # noqa: B027 - optional hook
         """Forget the parent's connections (shared backends)."""
 
+    def after_loop_closed(self) -> None:  # noqa: B027 - optional hook
+        """The engine's event loop closed: forget its connections and tasks (shared backends),
+        keep what is owed."""
+
     @abstractmethod
     async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal: ...
 

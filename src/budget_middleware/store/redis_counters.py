@@ -126,10 +126,14 @@ class RedisCounters(CounterBackend):
 
     def after_fork_in_child(self) -> None:
         """The parent's connections, heartbeat and requests in flight are the parent's."""
-        self.client = None
-        self._heartbeat = None
+        self.after_loop_closed()
         self._state.live.clear()
         self._owed.clear()
+
+    def after_loop_closed(self) -> None:
+        """The connections and the heartbeat were the closed loop's; debts stay owed."""
+        self.client = None
+        self._heartbeat = None
 
     async def start(self) -> None:
         # BUDGET_REDIS_TIMEOUT_SECONDS bounds every call (connecting, then each reply): past it

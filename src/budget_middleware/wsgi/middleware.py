@@ -245,7 +245,7 @@ class BudgetWSGIMiddleware:
             if decoded is None:
                 return answer(start_response, request_too_large(self.max_body))
             plain = decoded
-        if not engine.started:
+        if engine.needs_start():
             try:
                 on_loop(engine, engine.ensure_started)
             except ConfigurationError:
