@@ -239,6 +239,18 @@ def test_merged_tags_are_at_most_32() -> None:
     assert found.tags[-1] == "h11"
 
 
+def test_a_key_s_own_tags_are_kept_whatever_a_client_adds() -> None:
+    """The key's tags are its operator's: their limits apply however many a client sends
+    (32 client tags that sort first used to push `product:chat` out, and its $0 budget)."""
+    creds = Credentials(tags=tuple(f"a{n:02}" for n in range(32)))
+    body = {"metadata": {"tags": [f"b{n:02}" for n in range(5)]}}
+    found = resolver()(body, "/v1/x", creds, ("product:chat", "team:x"))
+    print(found.tags)
+    assert len(found.tags) == MAX_TAGS and found.tags == tuple(sorted(found.tags))
+    assert {"product:chat", "team:x"} <= set(found.tags)
+    assert found.tags[:30] == tuple(f"a{n:02}" for n in range(30))  # then the client's, in order
+
+
 def test_stream_only_when_true_and_the_output_limit_a_non_negative_int() -> None:
     assert target({"stream": True}).stream is True
     assert target({"stream": 1}).stream is False

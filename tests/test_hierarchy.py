@@ -163,6 +163,28 @@ async def test_tag_limits_apply_from_body_and_header_with_and_without_a_key(
     assert untagged.status_code == 200
 
 
+async def test_a_key_s_tag_limit_holds_however_many_tags_a_client_sends(
+    make_settings: Settings,
+) -> None:
+    """Tags are capped at 32 a request: the key's own are kept first, so 32 client tags that
+    sort before them no longer push them (and their limits) out."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_tag("product:chat", budgets=SPENT)
+        key = m.create_virtual_key(name="alice", tags=["product:chat"])
+        await engine.invalidate()
+        junk = [f"a{n:02}" for n in range(32)]
+        answers = [
+            await post(http, key.value),
+            await post(http, key.value, headers={"x-budget-tags": ",".join(junk)}),
+            await post(http, key.value, metadata={"tags": junk}),
+        ]
+    print([refused_by(a) for a in answers])
+    assert [refused_by(a) for a in answers] == [(402, "budget_exceeded", "tag")] * 3
+
+
 async def test_a_refusal_by_one_scope_consumes_no_other_limit(make_settings: Settings) -> None:
     app = host_app(make_settings())
     engine = engine_of(app)

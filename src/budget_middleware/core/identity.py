@@ -206,7 +206,7 @@ class TargetResolver:
         if len(tags) > 1:
             tags = tuple(sorted(set(tags)))
             if len(tags) > MAX_TAGS:
-                tags = tags[:MAX_TAGS]
+                tags = _keep_key_tags(tags, key_tags)
         limit = None
         for name in OUTPUT_LIMIT_FIELDS:
             value = data.get(name)
@@ -245,6 +245,15 @@ class TargetResolver:
 
 
 _NO_BODY: dict[str, Any] = {}
+
+
+def _keep_key_tags(tags: tuple[str, ...], key_tags: tuple[str, ...]) -> tuple[str, ...]:
+    """At most MAX_TAGS of the sorted `tags`: the key's own first (its operator set them, and
+    their limits apply whatever a client sends), then the client's, in order."""
+    kept = set(key_tags[:MAX_TAGS])
+    room = MAX_TAGS - len(kept)
+    client = [t for t in tags if t not in kept][:room]
+    return tuple(sorted(kept.union(client)))
 
 
 def _hosted(raw_model: str, provider: str) -> tuple[str, str]:
