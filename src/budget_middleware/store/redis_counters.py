@@ -72,6 +72,7 @@ BACKOFF_MAX_SECONDS = 2.0
 MAX_POOL_CONNECTIONS = 64
 
 _KINDS = {"request": "r", "token": "t", "budget": "b"}
+_NO_SCOPE = Scope("", "", "")  # a window seeded outside an admission: no refusal names it
 
 
 def _script(name: str) -> str:
@@ -117,8 +118,16 @@ class RedisCounters(CounterBackend):
         self._settle: AsyncScript | None = None
         self._seed: AsyncScript | None = None
         self._reconcile: AsyncScript | None = None
+        self._beat: AsyncScript | None = None
+        self._instance = uuid.uuid4().hex  # its mark in Redis: there, Redis kept what we hold
         # Charged while Redis could not be reached, by window key: added to it when it is back.
         self._owed: dict[str, int] = {}
+        # Per key owed: its counter, and the sequence of the last charge owed (see `_seq`).
+        self._owed_to: dict[str, tuple[WindowCounter, int]] = {}
+        # Charges in the ledger are numbered as they are made; a seed holds those made before
+        # it (`_seed_now`), so a charge that found its key missing knows whether ours holds it.
+        self._seq = 0
+        self._seeding: dict[str, asyncio.Future[tuple[bool, int]]] = {}
         self._state = _Failure()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -129,6 +138,8 @@ class RedisCounters(CounterBackend):
         self.after_loop_closed()
         self._state.live.clear()
         self._owed.clear()
+        self._owed_to.clear()
+        self._seeding.clear()
 
     def after_loop_closed(self) -> None:
         """The connections and the heartbeat were the closed loop's; debts stay owed."""
@@ -155,6 +166,7 @@ class RedisCounters(CounterBackend):
         self._settle = self.client.register_script(_script("settle.lua"))
         self._seed = self.client.register_script(_script("seed.lua"))
         self._reconcile = self.client.register_script(_script("reconcile.lua"))
+        self._beat = self.client.register_script(_script("heartbeat.lua"))
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     async def stop(self) -> None:
@@ -290,8 +302,40 @@ class RedisCounters(CounterBackend):
             await self._seed_windows([entries[int(i) - 1] for i in answer[1:]], now)
         raise RedisError("window keys vanished while being seeded")
 
-    async def _seed_windows(self, missing: list[_Entry], now: float) -> None:
-        """Seed missing window keys with the store's value where the store's window is theirs."""
+    async def _seed_windows(self, missing: list[_Entry], now: float) -> list[tuple[bool, int]]:
+        """Seed missing window keys (SET NX) with the store's value where the store's window is
+        theirs, plus this instance's charges to the window that the store may not hold yet.
+        One seeding per key at a time in this instance: the others wait for it. Per key:
+        (whether ours was the value set, the charge sequence it holds charges up to)."""
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future[tuple[bool, int]]] = []
+        mine: list[tuple[_Entry, asyncio.Future[tuple[bool, int]]]] = []
+        for entry in missing:
+            key = entry.keys[0]
+            future = self._seeding.get(key)
+            if future is None:
+                future = self._seeding[key] = loop.create_future()
+                mine.append((entry, future))
+            waits.append(future)
+        if mine:
+            try:
+                results = await self._seed_now([entry for entry, _ in mine], now)
+            except BaseException as exc:
+                for entry, future in mine:
+                    del self._seeding[entry.keys[0]]
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: those who wait are told by their await
+                raise
+            for (entry, future), result in zip(mine, results, strict=True):
+                del self._seeding[entry.keys[0]]
+                future.set_result(result)
+        return [await asyncio.shield(future) for future in waits]
+
+    async def _seed_now(self, missing: list[_Entry], now: float) -> list[tuple[bool, int]]:
+        # What this instance has not written is taken before the store is read: a charge
+        # written in between is then counted twice at worst (limits tighten), never lost.
+        upto = self._seq
+        mine = [entry.counter.unwritten(self.ledger) if entry.counter else 0 for entry in missing]
         budget_ids = [e.counter.id for e in missing if e.counter and e.kind in "bs"]
         rate_ids = [e.counter.id for e in missing if e.counter and e.kind not in "bs"]
         try:
@@ -303,7 +347,7 @@ class RedisCounters(CounterBackend):
             raise _StoreDown from exc
         keys: list[str] = []
         args: list[Any] = []
-        for entry in missing:
+        for entry, unwritten in zip(missing, mine, strict=True):
             counter = entry.counter
             assert counter is not None
             stored, reset_at = 0, float("-inf")
@@ -324,11 +368,11 @@ class RedisCounters(CounterBackend):
                     )
             value = stored if counter.start <= reset_at < counter.end else 0
             # Our own charges of this window not yet in the store: Redis lost them too.
-            value += counter.unwritten(self.ledger)
             keys.append(entry.keys[0])
-            args += [value, self._ttl_ms(counter, now)]
+            args += [value + unwritten, self._ttl_ms(counter, now)]
         assert self._seed is not None
-        await self._seed(keys=keys, args=args)
+        set_: list[Any] = await self._seed(keys=keys, args=args)
+        return [(bool(int(flag)), upto) for flag in set_]
 
     def _refusal(self, plan: list[_Entry], why: list[Any]) -> Refusal:
         """A candidate's refusal from the script's (counter from 1, code, used, reserved)."""
@@ -363,7 +407,7 @@ class RedisCounters(CounterBackend):
             elif counter is not None:
                 counter.value = value
                 if entry.kind == "b" and reservation:
-                    holds.append(entry.keys[1])
+                    holds += entry.keys[1:]  # the reservation's ZSET and HASH
         # The local counters keep this process's own holds, as `admission.admit` would: they
         # decide alone when Redis is down (fail open).
         for slots in limits.slots:
@@ -402,6 +446,8 @@ class RedisCounters(CounterBackend):
         if amount:
             key = self.window_key(counter)
             self._owed[key] = self._owed.get(key, 0) + amount
+            self._seq += 1  # the charge is in the ledger already
+            self._owed_to[key] = (counter, self._seq)
 
     def _owe_settlement(self, ticket: Ticket, cost: int, tokens: int) -> None:
         limits = ticket.limits
@@ -411,16 +457,62 @@ class RedisCounters(CounterBackend):
             self._owe(counter, tokens)
 
     async def pay_debts(self) -> None:
-        """Add what was charged without Redis to the window keys it kept."""
+        """Add what was charged without Redis to the window keys it kept; seed those it lost
+        (restarted empty) where their window is still the counter's."""
         if not self._owed or self._reconcile is None:
             return
         owed, self._owed = self._owed, {}
+        counters, self._owed_to = self._owed_to, {}
+        keys = list(owed)
         try:
-            await self._reconcile(keys=list(owed), args=list(owed.values()))
+            missing = await self._reconcile(keys=keys, args=list(owed.values()))
         except BaseException:
-            for key, amount in owed.items():  # still owed, with anything owed meanwhile
-                self._owed[key] = self._owed.get(key, 0) + amount
+            self._owe_again(owed, counters)
             raise
+        gone = [keys[int(i) - 1] for i in missing]
+        lost = [(key, counters[key][0], owed[key], counters[key][1]) for key in gone]
+        try:
+            await self._into_windows(lost)
+        except BaseException:
+            self._owe_again({key: owed[key] for key in gone}, counters)
+            raise
+
+    def _owe_again(
+        self, owed: dict[str, int], counters: dict[str, tuple[WindowCounter, int]]
+    ) -> None:
+        """Debts that could not be paid: still owed, with anything owed meanwhile."""
+        for key, amount in owed.items():
+            self._owed[key] = self._owed.get(key, 0) + amount
+            counter, seq = counters[key]
+            self._owed_to[key] = (counter, max(seq, self._owed_to.get(key, (counter, 0))[1]))
+
+    async def _into_windows(self, charges: list[tuple[str, WindowCounter, int, int]]) -> None:
+        """Charges of ours (key, counter, amount, sequence) that found their window key
+        missing: each reaches it once. The key is seeded (by us, or by another instance first);
+        a seed of ours holds the charges made before it, and any other is added to the key. A
+        key of a window that has ended is left: the store holds its charges, and no admission
+        reads it any more."""
+        assert self._reconcile is not None
+        now = self.clock()
+        todo = [c for c in charges if now < c[1].end and c[0] == self.window_key(c[1])]
+        for _ in range(3):
+            if not todo:
+                return
+            entries = [
+                _Entry(_KINDS[c.kind], _NO_SCOPE, (k,), c.limit, 0, c) for k, c, _, _ in todo
+            ]
+            seeded = await self._seed_windows(entries, now)
+            add = [
+                (key, amount)
+                for (key, _, amount, seq), (ours, upto) in zip(todo, seeded, strict=True)
+                if not (ours and seq <= upto)
+            ]
+            if not add:
+                return
+            missing = await self._reconcile(keys=[k for k, _ in add], args=[a for _, a in add])
+            gone = {add[int(i) - 1][0] for i in missing}  # vanished again: seeded again
+            todo = [c for c in todo if c[0] in gone]
+        raise RedisError("window keys vanished while being seeded")
 
     # -- settlement ----------------------------------------------------------------------
 
@@ -430,6 +522,8 @@ class RedisCounters(CounterBackend):
         now = self.clock()
         # Locally exactly as in process: the charge goes to the ledger (and so to the store).
         admission.settle(ticket, cost, tokens, now, self.ledger)
+        self._seq += 1
+        seq = self._seq
         if not ticket.request_id:  # admitted in process while Redis was down
             self._owe_settlement(ticket, cost, tokens)
             return
@@ -437,6 +531,9 @@ class RedisCounters(CounterBackend):
         if self._backing_off() or self._settle is None:
             self._owe_settlement(ticket, cost, tokens)
             return  # its slots and reservations expire by themselves
+        if self._owed:  # what was charged while Redis was away goes first, as admission does
+            with contextlib.suppress(RedisError, OSError, _StoreDown):
+                await self.pay_debts()
         plan = self._plan(ticket.scopes, now, settling=True)
         keys = [key for entry in plan for key in entry.keys]
         args: list[Any] = [ticket.request_id, cost, tokens] + [entry.kind for entry in plan]
@@ -448,9 +545,28 @@ class RedisCounters(CounterBackend):
                 self._owe_settlement(ticket, cost, tokens)
                 return
         self._recovered()
+        lost: list[tuple[str, WindowCounter, int, int]] = []
         for entry, value in zip(plan, answer, strict=True):
-            if entry.counter is not None and int(value) >= 0:
-                entry.counter.value = int(value)
+            counter = entry.counter
+            if counter is None:
+                continue
+            if int(value) >= 0:
+                counter.value = int(value)
+                continue
+            # Its window has no key yet (the window just began, or Redis restarted empty):
+            # the charge must reach it all the same, or it would count nowhere but here.
+            amount = tokens if entry.kind == "t" else cost
+            if amount:
+                lost.append((entry.keys[0], counter, amount, seq))
+        if lost:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._into_windows(lost)
+                except (RedisError, OSError, _StoreDown) as exc:
+                    if not isinstance(exc, _StoreDown):
+                        self._failed(exc)
+                    for _, counter, amount, _ in lost:
+                        self._owe(counter, amount)  # added when Redis and the store answer
 
     # -- slots of live requests ----------------------------------------------------------
 
@@ -474,17 +590,28 @@ class RedisCounters(CounterBackend):
         if not live or self.client is None:
             return
         now = self.clock()
-        score = int((now + self.slot_ttl) * 1000)
-        key_ttl = int(self.slot_ttl * 2000)
-        pipe = self.client.pipeline(transaction=False)
-        touched: set[str] = set()
-        for ticket in live.values():
+        keys = [f"{self.prefix}i:{self._instance}"]
+        args: list[Any] = [
+            int((now + self.slot_ttl) * 1000),
+            int(self.slot_ttl * 2000),
+            int(max(self.slot_ttl * 4, 60) * 1000),
+        ]
+        hashes = f"{self.prefix}rh:"
+        for ticket in list(live.values()):
             for key in ticket.holds:
-                pipe.zadd(key, {ticket.request_id: score}, xx=True)
-                touched.add(key)
-        for key in touched:
-            pipe.pexpire(key, key_ttl)
-        await pipe.execute()
+                keys.append(key)
+                if key.startswith(hashes):
+                    args += [ticket.request_id, "h", ticket.reservation]
+                else:
+                    args += [ticket.request_id, "z", 0]
+        assert self._beat is not None
+        restored = await self._beat(keys=keys, args=args)
+        if restored:
+            logger.warning(
+                "budget-middleware: Redis had lost %d slots and reservations of requests in "
+                "flight here; they are held again",
+                restored,
+            )
         self._recovered()
 
     # -- faults --------------------------------------------------------------------------
@@ -493,12 +620,25 @@ class RedisCounters(CounterBackend):
         return self._state.retry_at > time.monotonic()
 
     def _failed(self, exc: BaseException) -> None:
+        """A call failed: Redis is left alone for a back-off that doubles once per round of
+        tries (the calls that fail together are one round, not one doubling each: 40 at once
+        took it from 0.25 to 2 s), and the pool's connections are dropped, so that none left
+        from before is what the next request tries once Redis is back."""
         state = self._state
+        now = time.monotonic()
         if not state.logged:
             logger.warning("budget-middleware Redis unreachable: %s", type(exc).__name__)
             state.logged = True
+        if state.retry_at > now:
+            return  # backing off already: a call of the round that failed
         state.backoff = min(max(state.backoff * 2, BACKOFF_MIN_SECONDS), BACKOFF_MAX_SECONDS)
-        state.retry_at = time.monotonic() + state.backoff
+        state.retry_at = now + state.backoff
+        client = self.client
+        if client is not None:
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to drop now
+                task = asyncio.get_running_loop().create_task(_drop_connections(client))
+                _DROPPING.add(task)
+                task.add_done_callback(_DROPPING.discard)
 
     def _recovered(self) -> None:
         state = self._state
@@ -507,6 +647,14 @@ class RedisCounters(CounterBackend):
         state.logged = False
         state.backoff = 0.0
         state.retry_at = 0.0
+
+
+_DROPPING: set[asyncio.Task[None]] = set()
+
+
+async def _drop_connections(client: Redis) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        await client.connection_pool.disconnect()
 
 
 class _StoreDown(Exception):

@@ -1,12 +1,14 @@
 -- Add charges this instance admitted while Redis could not be reached to the window keys that
--- Redis kept. A key that is gone (Redis restarted empty, or the window ended) is left alone: it
--- is seeded from the store, which holds those charges, plus what this instance has not written.
+-- Redis kept. A key that is gone (Redis restarted empty) is not created here: its index is
+-- returned, and the client seeds it from the store, which holds those charges once written,
+-- plus what this instance has not written (or adds them, when another instance seeded it).
 -- KEYS: window keys; ARGV: per key the amount to add.
-local added = 0
+local missing = {}
 for i, key in ipairs(KEYS) do
   if redis.call("EXISTS", key) == 1 then
     redis.call("INCRBY", key, ARGV[i])
-    added = added + 1
+  else
+    missing[#missing + 1] = i
   end
 end
-return added
+return missing

@@ -1,0 +1,28 @@
+-- Keep this instance's requests in flight held: push out the expiry of their slots and
+-- reservations, and put back those Redis lost (it restarted empty while they ran).
+--
+-- KEYS[1]: this instance's mark (set by the first heartbeat, kept alive by every one: gone
+-- means Redis lost its data); then per hold its key: a slot or reservation ZSET, or a
+-- reservation HASH.
+-- ARGV: score (the holds' new expiry, ms), key ttl (ms), mark ttl (ms), then per hold:
+-- request id, "z" or "h", the reservation (for "h").
+-- While the mark is there, only holds still present are pushed out (ZADD XX): a request that
+-- settled meanwhile stays released. Without it, every hold is written again.
+local lost = redis.call("EXISTS", KEYS[1]) == 0
+redis.call("SET", KEYS[1], "1", "PX", ARGV[3])
+local restored = 0
+for i = 2, #KEYS do
+  local a = 4 + (i - 2) * 3
+  local key, id, kind = KEYS[i], ARGV[a], ARGV[a + 1]
+  if kind == "z" then
+    if lost then
+      restored = restored + redis.call("ZADD", key, ARGV[1], id)
+    else
+      redis.call("ZADD", key, "XX", ARGV[1], id)
+    end
+  elseif lost then
+    redis.call("HSET", key, id, ARGV[a + 2])
+  end
+  redis.call("PEXPIRE", key, ARGV[2])
+end
+return restored

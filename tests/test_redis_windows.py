@@ -1,0 +1,231 @@
+"""Redis window keys and holds across instances (SPEC §6, §11): what a request settles reaches
+the window it belongs to however that window's key came to be, and what a request holds stays
+held while it runs, however long, and whatever Redis forgot.
+
+Two engines share one store and one Redis (a private one where a test restarts it). A request
+costs exactly $0.01 (10 output tokens at $1000 per million) and reserves exactly that, against
+a budget of $1: it is worth 100 requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request, Response
+
+from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware.engine.engine import BudgetEngine
+from conftest import REDIS_URL, need_redis
+from service_support import PrivateRedis, delete_prefix, unique_prefix, use_prefix
+from support import running
+
+CENT = 10_000_000
+MODEL = "openai/budget-test"
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+USAGE = '{"prompt_tokens": 0, "completion_tokens": 10}'
+
+
+class Clock:
+    """Real time plus an offset a test moves forward (windows roll without waiting)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+class Held:
+    """The host app's completions that ask (`x-hold`) wait while `gate` is closed; `all_in`
+    is set once `count` of them have come."""
+
+    def __init__(self, count: int) -> None:
+        self.gate = asyncio.Event()
+        self.count = count
+        self.entered = 0
+        self.all_in = asyncio.Event()
+
+    def requests(self, http: httpx.AsyncClient, key: str) -> list[asyncio.Task[httpx.Response]]:
+        headers = auth(key, **{"x-hold": "1"})
+        return [
+            asyncio.create_task(http.post("/v1/chat/completions", json=BODY, headers=headers))
+            for _ in range(self.count)
+        ]
+
+
+def host(engine: BudgetEngine, held: Held | None = None) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> Response:
+        await request.body()
+        if held is not None and request.headers.get("x-hold"):
+            held.entered += 1
+            if held.entered >= held.count:
+                held.all_in.set()
+            await held.gate.wait()
+        body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": ' + USAGE + "}"
+        return Response(body, media_type="application/json")
+
+    app.add_middleware(BudgetMiddleware, engine=engine)
+    return app
+
+
+@asynccontextmanager
+async def instances(
+    tmp_path: Path, redis_url: str, clock: Clock | None = None, **settings: Any
+) -> AsyncIterator[tuple[BudgetEngine, BudgetEngine, str]]:
+    """Two engines on one SQLite store and one Redis, under one prefix of this test's."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
+    )
+    values: dict[str, Any] = {
+        "database_url": f"sqlite:///{tmp_path / 'store.db'}",
+        "redis_url": redis_url,
+        "pricing_file": prices,
+        "flush_interval_seconds": 0.1,
+        "redis_timeout_seconds": 10,
+        **settings,
+    }
+    prefix = unique_prefix()
+    engines = [BudgetEngine(BudgetSettings(**values), clock=clock or time.time) for _ in range(2)]
+    for engine in engines:
+        use_prefix(engine, prefix)
+    try:
+        yield engines[0], engines[1], prefix
+    finally:
+        delete_prefix(redis_url, prefix)
+
+
+def client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test")
+
+
+def auth(key: str, **extra: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}", **extra}
+
+
+async def spend_until_refused(http: httpx.AsyncClient, key: str) -> tuple[int, str]:
+    for admitted in range(300):
+        answer = await http.post("/v1/chat/completions", json=BODY, headers=auth(key))
+        if answer.status_code != 200:
+            return admitted, answer.json()["error"]["code"]
+    return 300, ""
+
+
+def stored_spend(engine: BudgetEngine, budget_id: str) -> int:
+    return round(engine.manager.get_budget(budget_id).current_usage * 1e9)
+
+
+async def test_what_settles_in_a_window_with_no_key_yet_counts_there(tmp_path: Path) -> None:
+    """30 requests admitted on one instance in a window settle in the next, before anybody
+    admitted there (so its key does not exist yet); the other instance then spends the rest.
+    The new window holds exactly $1: the settlements seeded its key (they were lost, and the
+    other instance admitted 100 more: $1.30)."""
+    need_redis()
+    clock = Clock()
+    held = Held(30)
+    # No flush meanwhile: the store cannot hold them when the other instance seeds the window.
+    async with instances(tmp_path, REDIS_URL, clock, flush_interval_seconds=3600) as (one, two, _):
+        one_app, two_app = host(one), host(two, held)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            key = one.manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 1, "reset_duration": "1h"}]
+            )
+            waiting = held.requests(b, key.value)
+            await held.all_in.wait()
+            clock.offset += 3600  # the next window begins while they are in flight
+            held.gate.set()
+            assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 30
+            admitted, code = await spend_until_refused(a, key.value)
+            await one.flush()
+            await two.flush()
+            spent = stored_spend(one, key.budgets[0].id)
+    print(f"30 settled into the new window, then {admitted} admitted ({code}): ${spent / 1e9:.2f}")
+    assert (admitted, code) == (70, "budget_exceeded")
+    assert spent == 100 * CENT
+
+
+async def test_a_reservation_holds_while_its_request_runs_past_the_slot_ttl(
+    tmp_path: Path,
+) -> None:
+    """Requests held longer than twice BUDGET_SLOT_TTL_SECONDS (a long stream): their
+    reservations stay held, the heartbeat keeps both the set and the amounts alive (the amounts
+    expired, so the other instance admitted 3 more on a budget already held: $1.80 of $1)."""
+    need_redis()
+    held = Held(3)
+    async with instances(tmp_path, REDIS_URL, slot_ttl_seconds=1) as (one, two, _):
+        one_app, two_app = host(one, held), host(two)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            key = one.manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 0.03, "reset_duration": "1d"}]
+            )
+            waiting = held.requests(a, key.value)
+            await held.all_in.wait()
+            early = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+            await asyncio.sleep(2.5)  # past twice the slot TTL: only the heartbeat holds them
+            late = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+            held.gate.set()
+            assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 3
+            await one.flush()
+            await two.flush()
+            spent = stored_spend(one, key.budgets[0].id)
+    codes = [early.json()["error"]["code"], late.json()["error"]["code"]]
+    print(f"while 3 are held: {codes}; spent ${spent / 1e9:.2f} of $0.03")
+    assert codes == ["budget_reserved", "budget_reserved"]
+    assert spent == 3 * CENT
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+async def test_after_redis_restarts_empty_what_runs_is_held_again(
+    tmp_path: Path, fail_open: bool
+) -> None:
+    """A concurrency limit of 4 shared by two instances, 4 requests in flight on one: Redis
+    restarts empty. The heartbeat puts their slots back, so the other instance admits none (it
+    admitted 3: 7 at once on a limit of 4). And Redis answering again is not a round of 503s:
+    at most the first burst after it finds the old connections dead."""
+    server = PrivateRedis()
+    server.start()
+    held = Held(4)
+    try:
+        async with instances(
+            tmp_path, server.url, fail_open=fail_open, flush_interval_seconds=0.2
+        ) as (one, two, _):
+            one_app, two_app = host(one, held), host(two)
+            async with (
+                running(one_app),
+                running(two_app),
+                client(one_app) as a,
+                client(two_app) as b,
+            ):
+                key = one.manager.create_virtual_key(
+                    name="k",
+                    rate_limit={"max_concurrent_requests": 4},
+                    budgets=[{"max_limit": 10, "reset_duration": "1d"}],
+                )
+                waiting = held.requests(a, key.value)
+                await held.all_in.wait()
+                server.stop()
+                server.start()  # empty
+                await asyncio.sleep(1.0)  # a heartbeat or more
+                tries = [
+                    await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+                    for _ in range(8)
+                ]
+                held.gate.set()
+                done = await asyncio.gather(*waiting)
+    finally:
+        server.stop()
+    codes = [t.status_code for t in tries]
+    print(f"fail_open={fail_open}: 4 in flight, Redis restarted empty; the other tried: {codes}")
+    assert [d.status_code for d in done] == [200] * 4
+    assert 200 not in codes  # 4 in flight already: none more
+    assert codes.count(503) <= 1 and codes[-1] == 429
