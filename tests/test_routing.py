@@ -110,10 +110,13 @@ async def test_a_request_falls_over_to_the_next_target_when_a_budget_runs_out(
     assert 0.0005 <= spend["/provider/openai"] < 0.0005 + one_request  # over by one at most
 
 
+@pytest.mark.parametrize("status", [402, 429])
 async def test_when_every_target_refuses_the_first_answers_with_every_code(
-    make_settings: Settings,
+    make_settings: Settings, status: int
 ) -> None:
-    app = host_app(make_settings())
+    """Whatever status BUDGET_EXCEEDED_STATUS gives an exhausted budget (as 429 it made the
+    route's answer a 500: it was taken for a retryable refusal without a Retry-After)."""
+    app = host_app(make_settings(exceeded_status=status))
     engine = engine_of(app)
     async with running(app), client(app) as http:
         m = engine.manager
@@ -123,7 +126,7 @@ async def test_when_every_target_refuses_the_first_answers_with_every_code(
         await engine.invalidate()
         answer = await post(http)
     error = answer.json()["error"]
-    assert answer.status_code == 402 and error["code"] == "budget_exceeded"
+    assert answer.status_code == status and error["code"] == "budget_exceeded"
     assert error["scope"]["name"] == "openai"  # the first target's refusal
     assert answer.headers["x-should-retry"] == "false" and "retry-after" not in answer.headers
     assert targets_of(answer) == [

@@ -164,12 +164,25 @@ def _wait(reset_at: float | None, now: float) -> float:
 _RETRY_HEADERS = (b"retry-after", b"retry-after-ms", b"content-length")
 
 
+# Refusals a client may retry (429 with Retry-After); `budget_exceeded` is final, whatever
+# status BUDGET_EXCEEDED_STATUS gives it.
+_RETRYABLE = frozenset(
+    (
+        "request_limit_exceeded",
+        "token_limit_exceeded",
+        "concurrency_limit_exceeded",
+        "budget_reserved",
+    )
+)
+
+
 def route_refusal_answer(tried: list[tuple[str, str, ErrorAnswer]]) -> tuple[ErrorAnswer, str]:
     """Every target of a route refused (SPEC §12): (target, code, its answer) in route order.
-    The answer is the first retryable refusal (429) with the shortest `Retry-After` of them, or
+    The answer is the first retryable refusal (a rate limit, a reservation: 429) with the
+    shortest `Retry-After` of them (an exhausted budget is not one, even sent as 429), or
     else the first target's; its `error.targets` lists each target and its code. Returns the
     answer and its code."""
-    retryable = [answer for _, _, answer in tried if answer.status == 429]
+    retryable = [answer for _, code, answer in tried if code in _RETRYABLE]
     chosen = retryable[0] if retryable else tried[0][2]
     document = json.loads(chosen.body)
     document["error"]["targets"] = [{"target": target, "code": code} for target, code, _ in tried]
