@@ -322,12 +322,18 @@ async def test_a_route_of_the_app_calls_out_for_the_inbound_caller(make_settings
         first = await http.post("/summarize", json={"text": "hello"}, headers=headers)
         anonymous = await http.post("/summarize", json={"text": "hello"})
         second = await http.post("/summarize", json={"text": "hello"}, headers=headers)
+        # A key given and unknown is refused (401), not charged to nobody: a revoked key's
+        # calls went out free of its limits.
+        unknown = {"authorization": "Bearer sk-bm-revoked-or-never-issued-00000000"}
+        revoked = await http.post("/summarize", json={"text": "hello"}, headers=unknown)
         await engine.flush()
         rows = records(engine)
-    print(f"answers {first.status_code}, {anonymous.status_code}, {second.status_code}: {rows}")
+    answers = (first.status_code, anonymous.status_code, second.status_code, revoked.status_code)
+    print(f"answers {answers}: {rows}")
     assert first.status_code == 200 and anonymous.status_code == 200
     assert [r["virtual_key_id"] for r in rows] == [key.id, None]
     assert second.status_code == 402 and "budget exceeded" in second.json()["detail"]
+    assert revoked.status_code == 401 and "Unknown virtual key" in revoked.json()["detail"]
     assert fake.calls == 2
 
 

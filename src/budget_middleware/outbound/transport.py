@@ -107,6 +107,10 @@ class _Meter:
                     value = self.read_headers(headers).key
                     if value is not None:
                         key = await engine.lookup_key(value)
+                        if key is None:  # a key given and unknown (or revoked): SPEC §5.1
+                            if not self.shadow:
+                                return engine.gate.refuse(401, "invalid_virtual_key", _UNKNOWN)
+                            shadowed = "invalid_virtual_key"
         except ServiceUnavailable:
             # As inbound: fail open admits a key this process has seen valid, on its last-known
             # limits; a key it cannot vouch for is never admitted.
