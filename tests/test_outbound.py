@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -382,6 +382,54 @@ async def test_charge_to_decorates_plain_and_async_functions(engine: BudgetEngin
     rows = records(engine)
     assert [r["virtual_key_id"] for r in rows] == [key.id, None]
     assert sync_job() == key.id
+
+
+async def test_charge_to_decorates_generators_and_is_shared_by_tasks(engine: BudgetEngine) -> None:
+    """A decorated generator (async or not) runs each of its steps charged to the key; the
+    code that iterates it is not (a generator's calls were charged to nobody). One `charge_to`
+    object entered by two tasks at once keeps each task's payer (it raised ValueError)."""
+    from budget_middleware.outbound.payer import payer
+
+    key = engine.manager.create_virtual_key(name="alice")
+    other = engine.manager.create_virtual_key(name="bob")
+    fake = Counting()
+    sdk = openai_client(fake, engine)
+    alice = charge_to(virtual_key_id=key.id)
+
+    @alice
+    async def stream_words(n: int) -> AsyncIterator[str]:
+        for _ in range(n):
+            answer = await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            yield answer.choices[0].message.content or ""
+
+    @alice
+    def payers_seen() -> Iterator[str | None]:
+        for _ in range(2):
+            found = payer.get()
+            yield found.virtual_key_id if found else None
+
+    between: list[str | None] = []
+    async for _ in stream_words(2):
+        found = payer.get()
+        between.append(found.virtual_key_id if found else None)  # the consumer's: nobody
+    seen = list(payers_seen())
+
+    async def task(who: charge_to, pause: float) -> str | None:
+        with who:
+            await asyncio.sleep(pause)
+            await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            found = payer.get()
+            return found.virtual_key_id if found else None
+
+    bob = charge_to(virtual_key_id=other.id)
+    both = await asyncio.gather(task(alice, 0.02), task(alice, 0.01), task(bob, 0.015))
+    await engine.flush()
+    rows = records(engine)
+    print("generator steps:", seen, "; consumer:", between, "; tasks:", both)
+    assert seen == [key.id, key.id] and between == [None, None]
+    assert both == [key.id, key.id, other.id] and payer.get() is None
+    charged = [r["virtual_key_id"] for r in rows]
+    assert charged.count(key.id) == 4 and charged.count(other.id) == 1
 
 
 # -- the sync transport, against a real server ---------------------------------------------------

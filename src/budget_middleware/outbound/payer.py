@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
-from contextvars import ContextVar, Token
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -75,10 +75,12 @@ class charge_to:
             raise ValueError(f"charge_to: every tag is a non-empty string: {tags!r}")
         digest = None if virtual_key is None else key_digest(virtual_key)
         self.payer = Payer(virtual_key, virtual_key_id, tags, digest)
-        self._tokens: list[Token[Payer | None]] = []
 
     def __enter__(self) -> charge_to:
-        self._tokens.append(payer.set(self.payer))
+        # What it replaces is kept in the context, not on this object: one `charge_to` may be
+        # entered by several tasks or threads at once, each in its own context.
+        _replaced.set((*_replaced.get(), payer.get()))
+        payer.set(self.payer)
         return self
 
     def __exit__(
@@ -87,12 +89,18 @@ class charge_to:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        payer.reset(self._tokens.pop())
+        replaced = _replaced.get()
+        payer.set(replaced[-1])
+        _replaced.set(replaced[:-1])
 
     def __call__(self, fn: F) -> F:
-        """As a decorator of a plain or an async function: every call runs inside."""
+        """As a decorator of a plain or an async function, or a generator of either kind:
+        every call runs inside (for a generator, each step of it)."""
         chosen = self.payer
-
+        if inspect.isasyncgenfunction(fn):
+            return cast(F, _async_generator(fn, chosen))
+        if inspect.isgeneratorfunction(fn):
+            return cast(F, _generator(fn, chosen))
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -114,3 +122,78 @@ class charge_to:
                 payer.reset(token)
 
         return cast(F, run)
+
+
+# The payers `charge_to` blocks replaced, innermost last, in this context.
+_replaced: ContextVar[tuple[Payer | None, ...]] = ContextVar("budget_payer_replaced", default=())
+
+
+def _generator(fn: Callable[..., Generator[Any, Any, Any]], chosen: Payer) -> Callable[..., Any]:
+    """`fn`'s generator with the payer set while each of its steps runs (and only then: the
+    code that iterates it is not charged to it)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+        inner = fn(*args, **kwargs)
+        step: Callable[[Any], Any] = inner.send
+        value: Any = None
+        try:
+            while True:
+                token = payer.set(chosen)
+                try:
+                    item = step(value)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    payer.reset(token)
+                try:
+                    value = yield item
+                    step = inner.send
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:  # thrown in: passed on to `fn`'s generator
+                    step, value = inner.throw, exc
+        finally:
+            token = payer.set(chosen)
+            try:
+                inner.close()
+            finally:
+                payer.reset(token)
+
+    return run
+
+
+def _async_generator(
+    fn: Callable[..., AsyncGenerator[Any, Any]], chosen: Payer
+) -> Callable[..., Any]:
+    """The same for an async generator."""
+
+    @functools.wraps(fn)
+    async def run(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
+        inner = fn(*args, **kwargs)
+        step: Callable[[Any], Awaitable[Any]] = inner.asend
+        value: Any = None
+        try:
+            while True:
+                token = payer.set(chosen)
+                try:
+                    item = await step(value)
+                except StopAsyncIteration:
+                    return
+                finally:
+                    payer.reset(token)
+                try:
+                    value = yield item
+                    step = inner.asend
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:  # thrown in: passed on to `fn`'s generator
+                    step, value = inner.athrow, exc
+        finally:
+            token = payer.set(chosen)
+            try:
+                await inner.aclose()
+            finally:
+                payer.reset(token)
+
+    return run
