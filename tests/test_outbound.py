@@ -432,6 +432,55 @@ async def test_charge_to_decorates_generators_and_is_shared_by_tasks(engine: Bud
     assert charged.count(key.id) == 4 and charged.count(other.id) == 1
 
 
+async def test_an_answer_dropped_or_closed_unread_is_settled(engine: BudgetEngine) -> None:
+    """A stream the SDK never reads nor closes frees its slot and reservation once collected
+    (it held them for ever: every later call refused by a concurrency limit of 1); a JSON answer
+    closed unread is read to its end here and charged its usage (it was charged an estimate of
+    its prompt, while the provider had made and billed all of it)."""
+    import gc
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        if body.get("stream"):
+            events = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+            stream: Any = httpx2.ByteStream(events)
+            return httpx2.Response(
+                200, headers={"content-type": "text/event-stream"}, stream=stream
+            )
+        usage = {"prompt_tokens": 1000, "completion_tokens": 100}
+        answer = json.dumps({"model": "gpt-4o", "choices": [], "usage": usage}).encode()
+        headers = {"content-type": "application/json"}
+        return httpx2.Response(200, headers=headers, stream=httpx2.ByteStream(answer))
+
+    key = engine.manager.create_virtual_key(
+        name="alice",
+        budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+        rate_limit={"max_concurrent_requests": 1},
+    )
+    url = "https://api.openai.com/v1/chat/completions"
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key=key.value):
+            request = http.build_request("POST", url, json={**body, "stream": True})
+            dropped = await http.send(request, stream=True)  # never read, never closed
+            held = (await http.post(url, json=body)).status_code
+            del dropped, request
+            gc.collect()
+            await asyncio.sleep(0.05)  # the engine's loop settles it
+            request = http.build_request("POST", url, json=body)
+            unread = await http.send(request, stream=True)
+            await unread.aclose()  # closed without reading the body
+    await engine.flush()
+    rows = [(r["outcome"], r["input_tokens"], r["output_tokens"]) for r in records(engine)]
+    budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+    print("while the stream was held:", held, "; records:", rows, "; reserved", budget.reserved)
+    assert held == 429  # its slot was held while it lived
+    assert rows[0][0] == "client_disconnected"  # the dropped stream, settled once collected
+    assert rows[1] == ("completed", 1000, 100)  # the JSON answer closed unread: its usage
+    assert budget.reserved == 0.0 and len(rows) == 2
+
+
 # -- the sync transport, against a real server ---------------------------------------------------
 
 

@@ -17,6 +17,8 @@ atomic whatever the threads.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -288,6 +290,20 @@ class _Metered:
         self.meter = meter
         self.done = False
         self.settled = False
+        self.reading = False  # the SDK began to read the body
+
+    def _to_drain(self) -> bool:
+        """Closed before it was read at all: a JSON answer (no stream) is read to its end here,
+        for its usage. The provider made all of it before answering and bills it whole; a
+        stream closed early ends there (the provider stops), and is charged an estimate."""
+        exchange = self.exchange
+        return (
+            not self.reading
+            and not self.done
+            and exchange.stream is None
+            and exchange.unreadable is None
+            and exchange.status < 400
+        )
 
     def _last(self) -> bytes:
         self.done = True
@@ -300,10 +316,38 @@ class _Metered:
         self.settled = True
         return _outcome(self.exchange, self.done)
 
+    def __del__(self) -> None:
+        """A body the SDK dropped unread and unclosed (a stream it never iterated, a response
+        abandoned with its client): settled as a disconnect on the engine's loop, so that its
+        slot and reservation are not held for ever. Nothing is touched here: the collector
+        may run anywhere, the engine's admission included."""
+        if self.settled:
+            return
+        loop = self.meter.engine.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop is closing: the process exits
+                loop.call_soon_threadsafe(self._settle_dropped)
+
+    def _settle_dropped(self) -> None:
+        outcome = self._settling()
+        if outcome is None:
+            return
+        engine = self.meter.engine
+        if engine.in_process:
+            self.exchange.settle_now(outcome)
+        else:
+            task = asyncio.get_running_loop().create_task(self.exchange.settle_shared(outcome))
+            _DROPPED.add(task)
+            task.add_done_callback(_DROPPED.discard)
+
+
+_DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped bodies, until they end
+
 
 class _AsyncMetered(_Metered):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         exchange = self.exchange
+        self.reading = True
         async for chunk in self.stream:  # raw, as it came (read already or not)
             out = exchange.on_chunk(chunk, True)
             if out:
@@ -315,6 +359,11 @@ class _AsyncMetered(_Metered):
 
     async def aclose(self) -> None:
         try:
+            if self._to_drain():
+                with contextlib.suppress(Exception):  # what it could read is charged
+                    async for chunk in self.stream:
+                        self.exchange.on_chunk(chunk, True)
+                    self._last()
             await self.stream.aclose()
         finally:
             await self._settle()
@@ -388,6 +437,7 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
 class _SyncMetered(_Metered):
     def __iter__(self) -> Iterator[bytes]:
         exchange = self.exchange
+        self.reading = True
         for chunk in self.stream:
             out = exchange.on_chunk(chunk, True)
             if out:
@@ -399,6 +449,11 @@ class _SyncMetered(_Metered):
 
     def close(self) -> None:
         try:
+            if self._to_drain():
+                with contextlib.suppress(Exception):  # what it could read is charged
+                    for chunk in self.stream:
+                        self.exchange.on_chunk(chunk, True)
+                    self._last()
             self.stream.close()
         finally:
             self._settle()
