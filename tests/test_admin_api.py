@@ -139,6 +139,10 @@ async def test_invalid_bodies_answer_422_naming_every_failing_field(
         assert r.status_code == 422
         r = await c.post("/customers", json={"name": "x", "surprise": 1}, headers=ADMIN)
         assert r.status_code == 422 and r.json()["error"]["param"] == "surprise"
+        # 1e309 reads as infinity: said as such, not "should be less than or equal to 1e9"
+        huge = b'{"name": "x", "budgets": [{"max_limit": 1e309}]}'
+        r = await c.post("/customers", content=huge, headers=ADMIN)
+        assert r.status_code == 422 and "finite amount of USD" in r.json()["error"]["message"]
 
 
 async def test_unknown_ids_answer_404(settings: BudgetSettings) -> None:

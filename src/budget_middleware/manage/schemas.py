@@ -71,6 +71,13 @@ def _not_text_or_bool(value: Any) -> Any:
     return value
 
 
+def _usd_number(value: Any) -> Any:
+    value = _not_text_or_bool(value)
+    if isinstance(value, float) and not math.isfinite(value):  # NaN, inf: before the bounds
+        raise ValueError("must be a finite amount of USD, at most 1e9")
+    return value
+
+
 def _json_time(value: Any) -> Any:
     # Lax validation would read 1700000000 or "2026-01-01" as times; the schema says date-time.
     if isinstance(value, str):
@@ -88,7 +95,7 @@ def _utc_time(value: datetime) -> datetime:
 JsonBool = Annotated[bool, Strict()]
 JsonTime = Annotated[datetime, BeforeValidator(_json_time), AfterValidator(_utc_time)]
 # Constraints before the validator: so they reach the number's schema as minimum and maximum.
-Usd = Annotated[float, Field(ge=0, le=1e9), BeforeValidator(_not_text_or_bool)]
+Usd = Annotated[float, Field(ge=0, le=1e9), BeforeValidator(_usd_number)]
 Count = Annotated[int, Field(ge=0, le=2**62), BeforeValidator(_not_text_or_bool)]
 Concurrency = Annotated[int, Field(ge=1, le=2**31), BeforeValidator(_not_text_or_bool)]
 
