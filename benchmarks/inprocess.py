@@ -60,7 +60,7 @@ def scenarios() -> list[Scenario]:
             chat,
             "world",
             200,
-            "< 25 µs added at p50 (goal 15)",
+            "≤ 20 µs added at p50 (issue 12)",
         ),
         Scenario(
             "metered JSON, 100 KB answer",
@@ -80,7 +80,7 @@ def scenarios() -> list[Scenario]:
             chat,
             "world",
             200,
-            "< 25 µs added at p50 (goal 15)",
+            "≤ 20 µs added at p50 (issue 12)",
         ),
         Scenario(
             "streamed (client asks usage)",
