@@ -150,3 +150,16 @@ def test_an_invalid_file_writes_nothing(tmp_path: Path, text: str, error: str) -
     assert [c.name for c in manager.list_customers()] == []
     assert [t.name for t in manager.list_teams()] == []
     assert [k.name for k in manager.list_virtual_keys()] == ["alice"]
+
+
+def test_a_reference_to_a_name_set_from_the_environment_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names are compared once `${...}` is substituted (a team named `${TEAM}` was "neither a
+    name nor an id" to the key that named it)."""
+    monkeypatch.setenv("TEAM", "research")
+    manager = _start(
+        tmp_path, "teams:\n  - name: ${TEAM}\nvirtual_keys:\n  - name: k\n    team: research\n"
+    )
+    assert [t.name for t in manager.list_teams()] == ["research"]
+    assert manager.list_virtual_keys()[0].team_id == manager.list_teams()[0].id

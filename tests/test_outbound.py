@@ -408,6 +408,18 @@ async def test_charge_to_decorates_generators_and_is_shared_by_tasks(engine: Bud
             found = payer.get()
             yield found.virtual_key_id if found else None
 
+    bob_first = charge_to(virtual_key_id=other.id)
+
+    @alice
+    def nested() -> Iterator[str | None]:
+        with bob_first:  # open across yields: it holds at every step until it closes
+            for _ in range(2):
+                found = payer.get()
+                yield found.virtual_key_id if found else None
+        found = payer.get()
+        yield found.virtual_key_id if found else None
+
+    assert list(nested()) == [other.id, other.id, key.id] and payer.get() is None
     between: list[str | None] = []
     async for _ in stream_words(2):
         found = payer.get()

@@ -387,9 +387,11 @@ class Exchange:
 
     def _note(self, record: UsageRecord) -> None:
         engine = self.engine
-        if record.cost_source == "unpriced":
-            engine.prices.note_unpriced(record.provider, record.model)
-            engine.stats.unpriced_requests += 1
+        if self.price is None:  # its cost came with the answer, or none: what the next reserve
+            engine.gate.saw_unpriced(record.provider, record.model, record.cost_nanos)
+            if record.cost_source == "unpriced":
+                engine.prices.note_unpriced(record.provider, record.model)
+                engine.stats.unpriced_requests += 1
         engine.record(record)
 
     def charge(self, outcome: str) -> UsageRecord:

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from cachetools import LRUCache
+
 from budget_middleware.answers import (
     ErrorAnswer,
     error_answer,
@@ -77,6 +79,14 @@ class Gate:
         self.hooks = engine.hooks
         self.alerts = engine.alerts
         self.max_body = s.max_body_bytes
+        # Per model without a price: the most one of its requests has been charged here.
+        self.unpriced_costs: LRUCache[tuple[str, str], int] = LRUCache(4096)
+
+    def saw_unpriced(self, provider: str, model: str, cost: int) -> None:
+        """A request to a model without a price was charged `cost`: what the next reserve."""
+        key = (provider, model)
+        if cost > self.unpriced_costs.get(key, -1):
+            self.unpriced_costs[key] = cost
 
     def plain_body(self, body: bytes, encoding: str) -> bytes | None:
         """A request body sent with a `content-encoding` (gzip, deflate), decoded to be read:
@@ -285,10 +295,13 @@ class Gate:
             exchange.would_refuse = refused.code
         if self.reserve and limits.budgets:
             if price is None:
-                # Its cost is known only from the answer (`x-budget-cost`, `usage.cost`): its
-                # worst case is the most one request is charged. In flight, it leaves no room on
-                # its budgets, so no other request can add to an overrun it may make (SPEC §6).
-                exchange.ticket_estimate = MAX_CHARGE_NANOS
+                # Its cost is known only from the answer (`x-budget-cost`, `usage.cost`): the
+                # most a request to this model has cost here, or, before any has ended, the
+                # most one request is charged (in flight, it leaves no room on its budgets, so
+                # no other request can add to an overrun it may make: SPEC §6).
+                exchange.ticket_estimate = self.unpriced_costs.get(
+                    (target.provider, target.model), MAX_CHARGE_NANOS
+                )
             else:
                 output = target.max_output_tokens
                 exchange.ticket_estimate = estimate_nanos(

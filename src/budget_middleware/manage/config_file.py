@@ -325,7 +325,10 @@ def _preflight(store: Store, data: _FileData) -> None:
     writes nothing): every entry named by a reference exists, in the store or earlier in the
     file, and no key value is another key's."""
     defined = {
-        section: {e.get("name") for e in data.sections[section]}
+        section: {
+            _substitute(e, data.where(section, n, e)).get("name")
+            for n, e in enumerate(data.sections[section])
+        }
         for section in ("customers", "teams", "virtual_keys")
     }
     targets: dict[str, tuple[str, Any, str]] = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -130,22 +130,24 @@ _replaced: ContextVar[tuple[Payer | None, ...]] = ContextVar("budget_payer_repla
 
 def _generator(fn: Callable[..., Generator[Any, Any, Any]], chosen: Payer) -> Callable[..., Any]:
     """`fn`'s generator with the payer set while each of its steps runs (and only then: the
-    code that iterates it is not charged to it)."""
+    code that iterates it is not charged to it). A `with charge_to(...)` open inside it across
+    a `yield` holds at the next step: each step goes on with the payer the last one left."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
         inner = fn(*args, **kwargs)
+        state: _Inside = (chosen, ())
         step: Callable[[Any], Any] = inner.send
         value: Any = None
         try:
             while True:
-                token = payer.set(chosen)
+                tokens = _enter(state)
                 try:
                     item = step(value)
                 except StopIteration as stop:
                     return stop.value
                 finally:
-                    payer.reset(token)
+                    state = _leave(tokens)
                 try:
                     value = yield item
                     step = inner.send
@@ -154,11 +156,11 @@ def _generator(fn: Callable[..., Generator[Any, Any, Any]], chosen: Payer) -> Ca
                 except BaseException as exc:  # thrown in: passed on to `fn`'s generator
                     step, value = inner.throw, exc
         finally:
-            token = payer.set(chosen)
+            tokens = _enter(state)
             try:
                 inner.close()
             finally:
-                payer.reset(token)
+                _leave(tokens)
 
     return run
 
@@ -171,17 +173,18 @@ def _async_generator(
     @functools.wraps(fn)
     async def run(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
         inner = fn(*args, **kwargs)
+        state: _Inside = (chosen, ())
         step: Callable[[Any], Awaitable[Any]] = inner.asend
         value: Any = None
         try:
             while True:
-                token = payer.set(chosen)
+                tokens = _enter(state)
                 try:
                     item = await step(value)
                 except StopAsyncIteration:
                     return
                 finally:
-                    payer.reset(token)
+                    state = _leave(tokens)
                 try:
                     value = yield item
                     step = inner.asend
@@ -190,10 +193,27 @@ def _async_generator(
                 except BaseException as exc:  # thrown in: passed on to `fn`'s generator
                     step, value = inner.athrow, exc
         finally:
-            token = payer.set(chosen)
+            tokens = _enter(state)
             try:
                 await inner.aclose()
             finally:
-                payer.reset(token)
+                _leave(tokens)
 
     return run
+
+
+# A decorated generator's own payer and `charge_to` blocks, kept between its steps.
+_Inside = tuple[Payer | None, tuple[Payer | None, ...]]
+_Tokens = tuple[Token[Payer | None], Token[tuple[Payer | None, ...]]]
+
+
+def _enter(state: _Inside) -> _Tokens:
+    return payer.set(state[0]), _replaced.set(state[1])
+
+
+def _leave(tokens: _Tokens) -> _Inside:
+    """Back to the iterating code's payer; what the step left, for the next one."""
+    state = (payer.get(), _replaced.get())
+    _replaced.reset(tokens[1])
+    payer.reset(tokens[0])
+    return state

@@ -48,7 +48,9 @@ import anyio.to_thread
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budget_middleware.core import admission
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
@@ -122,12 +124,12 @@ class RedisCounters(CounterBackend):
         self._instance = uuid.uuid4().hex  # its mark in Redis: there, Redis kept what we hold
         # Charged while Redis could not be reached, by window key: added to it when it is back.
         self._owed: dict[str, int] = {}
-        # Per key owed: its counter, and the sequence of the last charge owed (see `_seq`).
-        self._owed_to: dict[str, tuple[WindowCounter, int]] = {}
-        # Charges in the ledger are numbered as they are made; a seed holds those made before
-        # it (`_seed_now`), so a charge that found its key missing knows whether ours holds it.
-        self._seq = 0
-        self._seeding: dict[str, asyncio.Future[tuple[bool, int]]] = {}
+        self._owed_to: dict[str, WindowCounter] = {}  # the counter of each key owed
+        # Per counter, this instance's charges in its ledger that its own calls will add to
+        # Redis (a settlement under way, a debt): a seed leaves them out, so that each is added
+        # once, by its own call, whoever seeds the key.
+        self._transit: dict[WindowCounter, int] = {}
+        self._seeding: dict[str, asyncio.Future[None]] = {}  # one seed per key at a time
         self._state = _Failure()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -139,12 +141,14 @@ class RedisCounters(CounterBackend):
         self._state.live.clear()
         self._owed.clear()
         self._owed_to.clear()
-        self._seeding.clear()
+        self._transit.clear()
 
     def after_loop_closed(self) -> None:
-        """The connections and the heartbeat were the closed loop's; debts stay owed."""
+        """The connections, the heartbeat and any seed under way were the closed loop's; debts
+        stay owed."""
         self.client = None
         self._heartbeat = None
+        self._seeding.clear()
 
     async def start(self) -> None:
         # BUDGET_REDIS_TIMEOUT_SECONDS bounds every call (connecting, then each reply): past it
@@ -258,6 +262,8 @@ class RedisCounters(CounterBackend):
             except (RedisError, OSError) as exc:
                 self._failed(exc)
                 return self._fallback(candidates, now, exc)
+            except _StoreDown as exc:  # a lost key could not be seeded: the store is away
+                return self._fallback(candidates, now, exc.__cause__)
         request_id = uuid.uuid4().hex
         hold_until = now + self.slot_ttl
         keys: list[str] = []
@@ -302,14 +308,14 @@ class RedisCounters(CounterBackend):
             await self._seed_windows([entries[int(i) - 1] for i in answer[1:]], now)
         raise RedisError("window keys vanished while being seeded")
 
-    async def _seed_windows(self, missing: list[_Entry], now: float) -> list[tuple[bool, int]]:
+    async def _seed_windows(self, missing: list[_Entry], now: float) -> None:
         """Seed missing window keys (SET NX) with the store's value where the store's window is
-        theirs, plus this instance's charges to the window that the store may not hold yet.
-        One seeding per key at a time in this instance: the others wait for it. Per key:
-        (whether ours was the value set, the charge sequence it holds charges up to)."""
+        theirs, plus this instance's charges to the window that the store may not hold yet,
+        less those its own calls will add (`_transit`). One seed per key at a time in this
+        instance: the others wait for it."""
         loop = asyncio.get_running_loop()
-        waits: list[asyncio.Future[tuple[bool, int]]] = []
-        mine: list[tuple[_Entry, asyncio.Future[tuple[bool, int]]]] = []
+        waits: list[asyncio.Future[None]] = []
+        mine: list[tuple[_Entry, asyncio.Future[None]]] = []
         for entry in missing:
             key = entry.keys[0]
             future = self._seeding.get(key)
@@ -319,23 +325,33 @@ class RedisCounters(CounterBackend):
             waits.append(future)
         if mine:
             try:
-                results = await self._seed_now([entry for entry, _ in mine], now)
+                await self._seed_now([entry for entry, _ in mine], now)
             except BaseException as exc:
+                # Those who wait are told it failed (a RedisError), not cancelled with us.
+                told = exc if isinstance(exc, Exception) else RedisError("seed abandoned")
                 for entry, future in mine:
-                    del self._seeding[entry.keys[0]]
-                    future.set_exception(exc)
+                    if self._seeding.get(entry.keys[0]) is future:
+                        del self._seeding[entry.keys[0]]
+                    future.set_exception(told)
                     future.exception()  # retrieved: those who wait are told by their await
                 raise
-            for (entry, future), result in zip(mine, results, strict=True):
-                del self._seeding[entry.keys[0]]
-                future.set_result(result)
-        return [await asyncio.shield(future) for future in waits]
+            for entry, future in mine:
+                if self._seeding.get(entry.keys[0]) is future:
+                    del self._seeding[entry.keys[0]]
+                future.set_result(None)
+        for future in waits:
+            await asyncio.shield(future)
 
-    async def _seed_now(self, missing: list[_Entry], now: float) -> list[tuple[bool, int]]:
+    async def _seed_now(self, missing: list[_Entry], now: float) -> None:
         # What this instance has not written is taken before the store is read: a charge
         # written in between is then counted twice at worst (limits tighten), never lost.
-        upto = self._seq
-        mine = [entry.counter.unwritten(self.ledger) if entry.counter else 0 for entry in missing]
+        transit = self._transit
+        mine = [
+            entry.counter.unwritten(self.ledger) - transit.get(entry.counter, 0)
+            if entry.counter
+            else 0
+            for entry in missing
+        ]
         budget_ids = [e.counter.id for e in missing if e.counter and e.kind in "bs"]
         rate_ids = [e.counter.id for e in missing if e.counter and e.kind not in "bs"]
         try:
@@ -369,10 +385,9 @@ class RedisCounters(CounterBackend):
             value = stored if counter.start <= reset_at < counter.end else 0
             # Our own charges of this window not yet in the store: Redis lost them too.
             keys.append(entry.keys[0])
-            args += [value + unwritten, self._ttl_ms(counter, now)]
+            args += [max(value + unwritten, 0), self._ttl_ms(counter, now)]
         assert self._seed is not None
-        set_: list[Any] = await self._seed(keys=keys, args=args)
-        return [(bool(int(flag)), upto) for flag in set_]
+        await self._seed(keys=keys, args=args)
 
     def _refusal(self, plan: list[_Entry], why: list[Any]) -> Refusal:
         """A candidate's refusal from the script's (counter from 1, code, used, reserved)."""
@@ -441,24 +456,28 @@ class RedisCounters(CounterBackend):
             self._owe(counter, 1)
         return ticket
 
-    def _owe(self, counter: WindowCounter, amount: int) -> None:
-        """A charge Redis has not seen, to add to its window key when it answers again."""
+    def _owe(self, counter: WindowCounter, amount: int, in_transit: bool = False) -> None:
+        """A charge Redis has not seen, to add to its window key when it answers again (it is
+        in transit until then: a seed leaves it out)."""
         if amount:
             key = self.window_key(counter)
             self._owed[key] = self._owed.get(key, 0) + amount
-            self._seq += 1  # the charge is in the ledger already
-            self._owed_to[key] = (counter, self._seq)
+            self._owed_to[key] = counter
+            if not in_transit:
+                self._in_transit(counter, amount)
 
-    def _owe_settlement(self, ticket: Ticket, cost: int, tokens: int) -> None:
+    def _owe_settlement(
+        self, ticket: Ticket, cost: int, tokens: int, in_transit: bool = False
+    ) -> None:
         limits = ticket.limits
         for budget in limits.budgets + limits.soft_budgets:
-            self._owe(budget, cost)
+            self._owe(budget, cost, in_transit)
         for counter in limits.tokens:
-            self._owe(counter, tokens)
+            self._owe(counter, tokens, in_transit)
 
     async def pay_debts(self) -> None:
         """Add what was charged without Redis to the window keys it kept; seed those it lost
-        (restarted empty) where their window is still the counter's."""
+        (restarted empty) where their window is still the counter's, then add to them."""
         if not self._owed or self._reconcile is None:
             return
         owed, self._owed = self._owed, {}
@@ -467,52 +486,60 @@ class RedisCounters(CounterBackend):
         try:
             missing = await self._reconcile(keys=keys, args=list(owed.values()))
         except BaseException:
-            self._owe_again(owed, counters)
+            for key in keys:  # still owed, with anything owed meanwhile (still in transit)
+                self._owe(counters[key], owed[key], in_transit=True)
             raise
-        gone = [keys[int(i) - 1] for i in missing]
-        lost = [(key, counters[key][0], owed[key], counters[key][1]) for key in gone]
-        try:
-            await self._into_windows(lost)
-        except BaseException:
-            self._owe_again({key: owed[key] for key in gone}, counters)
-            raise
+        gone = {keys[int(i) - 1] for i in missing}
+        for key in keys:
+            if key not in gone:
+                self._arrived(counters[key], owed[key])
+        await self._into_windows([(key, counters[key], owed[key]) for key in gone])
 
-    def _owe_again(
-        self, owed: dict[str, int], counters: dict[str, tuple[WindowCounter, int]]
-    ) -> None:
-        """Debts that could not be paid: still owed, with anything owed meanwhile."""
-        for key, amount in owed.items():
-            self._owed[key] = self._owed.get(key, 0) + amount
-            counter, seq = counters[key]
-            self._owed_to[key] = (counter, max(seq, self._owed_to.get(key, (counter, 0))[1]))
-
-    async def _into_windows(self, charges: list[tuple[str, WindowCounter, int, int]]) -> None:
-        """Charges of ours (key, counter, amount, sequence) that found their window key
-        missing: each reaches it once. The key is seeded (by us, or by another instance first);
-        a seed of ours holds the charges made before it, and any other is added to the key. A
-        key of a window that has ended is left: the store holds its charges, and no admission
-        reads it any more."""
+    async def _into_windows(self, charges: list[tuple[str, WindowCounter, int]]) -> None:
+        """Charges of ours in transit (key, counter, amount) whose window key is missing: the
+        key is seeded (without them: they are in transit), then each is added once. A charge is
+        out of transit once added, or once its window has ended (the store holds it, and no
+        admission reads that key any more); one that is neither when this fails is owed."""
         assert self._reconcile is not None
         now = self.clock()
-        todo = [c for c in charges if now < c[1].end and c[0] == self.window_key(c[1])]
-        for _ in range(3):
-            if not todo:
-                return
-            entries = [
-                _Entry(_KINDS[c.kind], _NO_SCOPE, (k,), c.limit, 0, c) for k, c, _, _ in todo
-            ]
-            seeded = await self._seed_windows(entries, now)
-            add = [
-                (key, amount)
-                for (key, _, amount, seq), (ours, upto) in zip(todo, seeded, strict=True)
-                if not (ours and seq <= upto)
-            ]
-            if not add:
-                return
-            missing = await self._reconcile(keys=[k for k, _ in add], args=[a for _, a in add])
-            gone = {add[int(i) - 1][0] for i in missing}  # vanished again: seeded again
-            todo = [c for c in todo if c[0] in gone]
-        raise RedisError("window keys vanished while being seeded")
+        todo: list[tuple[str, WindowCounter, int]] = []
+        for key, counter, amount in charges:
+            if now < counter.end and key == self.window_key(counter):
+                todo.append((key, counter, amount))
+            else:
+                self._arrived(counter, amount)
+        try:
+            for _ in range(3):
+                if not todo:
+                    return
+                entries = [
+                    _Entry(_KINDS[c.kind], _NO_SCOPE, (k,), c.limit, 0, c) for k, c, _ in todo
+                ]
+                await self._seed_windows(entries, now)
+                missing = await self._reconcile(
+                    keys=[k for k, _, _ in todo], args=[a for _, _, a in todo]
+                )
+                gone = {int(i) - 1 for i in missing}  # vanished again: seeded again
+                for n, (_, counter, amount) in enumerate(todo):
+                    if n not in gone:
+                        self._arrived(counter, amount)
+                todo = [c for n, c in enumerate(todo) if n in gone]
+            raise RedisError("window keys vanished while being seeded")
+        except BaseException:
+            for _, counter, amount in todo:
+                self._owe(counter, amount, in_transit=True)
+            raise
+
+    def _arrived(self, counter: WindowCounter, amount: int) -> None:
+        """A charge in transit reached Redis (or needs not: its window ended)."""
+        left = self._transit.get(counter, 0) - amount
+        if left > 0:
+            self._transit[counter] = left
+        else:
+            self._transit.pop(counter, None)
+
+    def _in_transit(self, counter: WindowCounter, amount: int) -> None:
+        self._transit[counter] = self._transit.get(counter, 0) + amount
 
     # -- settlement ----------------------------------------------------------------------
 
@@ -522,8 +549,6 @@ class RedisCounters(CounterBackend):
         now = self.clock()
         # Locally exactly as in process: the charge goes to the ledger (and so to the store).
         admission.settle(ticket, cost, tokens, now, self.ledger)
-        self._seq += 1
-        seq = self._seq
         if not ticket.request_id:  # admitted in process while Redis was down
             self._owe_settlement(ticket, cost, tokens)
             return
@@ -531,42 +556,47 @@ class RedisCounters(CounterBackend):
         if self._backing_off() or self._settle is None:
             self._owe_settlement(ticket, cost, tokens)
             return  # its slots and reservations expire by themselves
-        if self._owed:  # what was charged while Redis was away goes first, as admission does
-            with contextlib.suppress(RedisError, OSError, _StoreDown):
-                await self.pay_debts()
         plan = self._plan(ticket.scopes, now, settling=True)
+        # In transit until the script has added it: a seed meanwhile leaves it out.
+        for entry in plan:
+            if entry.counter is not None:
+                amount = tokens if entry.kind == "t" else cost
+                if amount:
+                    self._in_transit(entry.counter, amount)
         keys = [key for entry in plan for key in entry.keys]
         args: list[Any] = [ticket.request_id, cost, tokens] + [entry.kind for entry in plan]
         with anyio.CancelScope(shield=True):
+            if self._owed:  # what was charged while Redis was away goes first
+                with contextlib.suppress(RedisError, OSError, _StoreDown):
+                    await self.pay_debts()
             try:
                 answer: list[Any] = await self._settle(keys=keys, args=args)
             except (RedisError, OSError) as exc:
                 self._failed(exc)
-                self._owe_settlement(ticket, cost, tokens)
+                self._owe_settlement(ticket, cost, tokens, in_transit=True)
                 return
-        self._recovered()
-        lost: list[tuple[str, WindowCounter, int, int]] = []
-        for entry, value in zip(plan, answer, strict=True):
-            counter = entry.counter
-            if counter is None:
-                continue
-            if int(value) >= 0:
-                counter.value = int(value)
-                continue
-            # Its window has no key yet (the window just began, or Redis restarted empty):
-            # the charge must reach it all the same, or it would count nowhere but here.
-            amount = tokens if entry.kind == "t" else cost
-            if amount:
-                lost.append((entry.keys[0], counter, amount, seq))
-        if lost:
-            with anyio.CancelScope(shield=True):
+            self._recovered()
+            lost: list[tuple[str, WindowCounter, int]] = []
+            for entry, value in zip(plan, answer, strict=True):
+                counter = entry.counter
+                if counter is None:
+                    continue
+                amount = tokens if entry.kind == "t" else cost
+                if int(value) >= 0:
+                    counter.value = int(value)
+                    if amount:
+                        self._arrived(counter, amount)
+                elif amount:
+                    # Its window has no key yet (the window just began, or Redis restarted
+                    # empty): the charge must reach it all the same.
+                    lost.append((entry.keys[0], counter, amount))
+            if lost:
                 try:
-                    await self._into_windows(lost)
-                except (RedisError, OSError, _StoreDown) as exc:
-                    if not isinstance(exc, _StoreDown):
-                        self._failed(exc)
-                    for _, counter, amount, _ in lost:
-                        self._owe(counter, amount)  # added when Redis and the store answer
+                    await self._into_windows(lost)  # what it cannot add stays owed
+                except (RedisError, OSError) as exc:
+                    self._failed(exc)
+                except _StoreDown:
+                    pass
 
     # -- slots of live requests ----------------------------------------------------------
 
@@ -581,14 +611,17 @@ class RedisCounters(CounterBackend):
                 await self.heartbeat()
             except (RedisError, OSError) as exc:
                 self._failed(exc)
+            except _StoreDown:
+                pass  # a lost key could not be seeded: the store is away; the next round tries
 
     async def heartbeat(self) -> None:
-        """Push out the expiry of this instance's slots and reservations in flight."""
+        """Push out the expiry of this instance's slots and reservations in flight, and renew
+        its mark (also with nothing in flight: gone, it means Redis lost its data)."""
         # Not skipped while backing off: it runs in the background, so trying costs no request a
         # wait, and a slot left to expire after Redis is back would lift a concurrency limit.
-        live = self._state.live
-        if not live or self.client is None:
+        if self.client is None or self._beat is None:
             return
+        live = self._state.live
         now = self.clock()
         keys = [f"{self.prefix}i:{self._instance}"]
         args: list[Any] = [
@@ -597,21 +630,33 @@ class RedisCounters(CounterBackend):
             int(max(self.slot_ttl * 4, 60) * 1000),
         ]
         hashes = f"{self.prefix}rh:"
-        for ticket in list(live.values()):
+        beating = list(live.values())
+        for ticket in beating:
             for key in ticket.holds:
                 keys.append(key)
                 if key.startswith(hashes):
                     args += [ticket.request_id, "h", ticket.reservation]
                 else:
                     args += [ticket.request_id, "z", 0]
-        assert self._beat is not None
-        restored = await self._beat(keys=keys, args=args)
-        if restored:
-            logger.warning(
-                "budget-middleware: Redis had lost %d slots and reservations of requests in "
-                "flight here; they are held again",
-                restored,
-            )
+        lost, restored = await self._beat(keys=keys, args=args)
+        if int(lost):
+            # Written again in a body: a request that settled meanwhile lets its holds go.
+            settled = [t for t in beating if t.request_id not in live]
+            if settled:
+                pipe = self.client.pipeline(transaction=False)
+                for ticket in settled:
+                    for key in ticket.holds:
+                        if key.startswith(hashes):
+                            pipe.hdel(key, ticket.request_id)
+                        else:
+                            pipe.zrem(key, ticket.request_id)
+                await pipe.execute()
+            if int(restored):
+                logger.warning(
+                    "budget-middleware: Redis had lost %d slots and reservations of requests "
+                    "in flight here; they are held again",
+                    int(restored),
+                )
         self._recovered()
 
     # -- faults --------------------------------------------------------------------------
@@ -634,7 +679,9 @@ class RedisCounters(CounterBackend):
         state.backoff = min(max(state.backoff * 2, BACKOFF_MIN_SECONDS), BACKOFF_MAX_SECONDS)
         state.retry_at = now + state.backoff
         client = self.client
-        if client is not None:
+        if client is not None and isinstance(
+            exc, RedisConnectionError | RedisTimeoutError | OSError
+        ):
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to drop now
                 task = asyncio.get_running_loop().create_task(_drop_connections(client))
                 _DROPPING.add(task)
@@ -653,8 +700,9 @@ _DROPPING: set[asyncio.Task[None]] = set()
 
 
 async def _drop_connections(client: Redis) -> None:
+    """The pool's idle connections (those in use fail or answer by themselves)."""
     with contextlib.suppress(RedisError, OSError):
-        await client.connection_pool.disconnect()
+        await client.connection_pool.disconnect(inuse_connections=False)
 
 
 class _StoreDown(Exception):

@@ -7,7 +7,9 @@
 -- ARGV: score (the holds' new expiry, ms), key ttl (ms), mark ttl (ms), then per hold:
 -- request id, "z" or "h", the reservation (for "h").
 -- While the mark is there, only holds still present are pushed out (ZADD XX): a request that
--- settled meanwhile stays released. Without it, every hold is written again.
+-- settled meanwhile stays released. Without it, every hold is written again (the client then
+-- releases those of requests that settled meanwhile).
+-- Returns {1 when the mark was gone, else 0; how many holds were written again}.
 local lost = redis.call("EXISTS", KEYS[1]) == 0
 redis.call("SET", KEYS[1], "1", "PX", ARGV[3])
 local restored = 0
@@ -25,4 +27,4 @@ for i = 2, #KEYS do
   end
   redis.call("PEXPIRE", key, ARGV[2])
 end
-return restored
+return {lost and 1 or 0, restored}
