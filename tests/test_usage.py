@@ -214,6 +214,17 @@ def test_wrong_types_and_negative_counts_count_as_zero_beside_a_readable_one() -
     assert usage_from_mapping({"prompt_tokens": None, "cost": 0.25}) == TokenUsage(cost=0.25)
 
 
+def test_a_count_is_read_only_where_one_can_be() -> None:
+    """Floats count as their whole part, 0.0 is a count (a usage of nothing is still one), and
+    cache reads alone are a usage (Anthropic's input null, its cache read known)."""
+    assert usage_from_mapping({"prompt_tokens": 10, "cache_creation_input_tokens": 2.5}) == (
+        TokenUsage(10, 0, 0, 2)
+    )
+    assert usage_from_mapping({"prompt_tokens": 0.0, "completion_tokens": 0.0}) == TokenUsage()
+    cached_only = {"input_tokens": None, "output_tokens": None, "cache_read_input_tokens": 5}
+    assert usage_from_mapping(cached_only) == TokenUsage(5, 0, 5, 0)
+
+
 def test_cached_tokens_never_exceed_input_tokens() -> None:
     usage = {
         "prompt_tokens": 10,
