@@ -262,6 +262,15 @@ def test_every_kind_from_options_and_from_the_api_bodies(
         "error: provider 'openai' already exists: change it with 'providers update openai'"
     )
 
+    # A model name two configs share names neither: said so, with their ids (it said "not found").
+    keyed = here(store, "keys create --name kim --json")
+    kim = ok(keyed).json()["virtual_key"]["id"]
+    ok(here(store, f"model-configs create --model-name gpt-4o* --scope-id {kim}"))
+    ambiguous = here(store, "model-configs show gpt-4o*").failed_on_one_line()
+    assert ambiguous.startswith("error: 2 model-configs are named 'gpt-4o*' (")
+    assert ambiguous.endswith("): name one by its id")
+    ok(here(store, "keys delete kim"))
+
     deleted = [here(store, line) for line in [
         "providers delete openai",
         "tags delete product:chat",

@@ -152,14 +152,37 @@ def test_an_invalid_file_writes_nothing(tmp_path: Path, text: str, error: str) -
     assert [k.name for k in manager.list_virtual_keys()] == ["alice"]
 
 
-def test_a_reference_to_a_name_set_from_the_environment_is_found(
+def test_only_a_key_s_value_is_read_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Names are compared once `${...}` is substituted (a team named `${TEAM}` was "neither a
-    name nor an id" to the key that named it)."""
-    monkeypatch.setenv("TEAM", "research")
-    manager = _start(
-        tmp_path, "teams:\n  - name: ${TEAM}\nvirtual_keys:\n  - name: k\n    team: research\n"
+    """SPEC §10: `${VAR}` stands for a key's value. Anywhere else it is text as written: a file
+    sent to `POST /config/apply` could otherwise read the server's variables (its database
+    password, a provider's API key) into a name the API shows. And the key's value is no part
+    of the `config_hash` its answers show (that hash checked a guess of the value offline)."""
+    import hashlib
+
+    monkeypatch.setenv("SECRET_URL", "postgresql://admin:hunter2@db/prod")
+    monkeypatch.setenv("ALICE_KEY", "sk-bm-alice-from-env-0001")
+    text = (
+        "customers:\n  - name: leak-${SECRET_URL}\n"
+        "tags:\n  - tag: ${SECRET_URL}\n"
+        "virtual_keys:\n  - name: alice\n    value: ${ALICE_KEY}\n"
     )
-    assert [t.name for t in manager.list_teams()] == ["research"]
-    assert manager.list_virtual_keys()[0].team_id == manager.list_teams()[0].id
+    manager = _start(tmp_path, text)
+    names = [c.name for c in manager.list_customers()] + [t.tag for t in manager.list_tags()]
+    key = manager.list_virtual_keys()[0]
+    print("names:", names, "; key hash shown:", key.config_hash)
+    assert names == ["leak-${SECRET_URL}", "${SECRET_URL}"]
+    assert not any("hunter2" in name for name in names)
+    guess = json.dumps(
+        {"name": "alice", "value": "sk-bm-alice-from-env-0001"},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    assert key.config_hash != hashlib.sha256(guess.encode()).hexdigest()
+    # the value still comes from the environment, and a new one there reaches the key
+    store = manager.store
+    assert store.load_key(hashlib.sha256(b"sk-bm-alice-from-env-0001").hexdigest()) is not None
+    monkeypatch.setenv("ALICE_KEY", "sk-bm-alice-rotated-0002")
+    again = _start(tmp_path, text)
+    assert again.store.load_key(hashlib.sha256(b"sk-bm-alice-rotated-0002").hexdigest())

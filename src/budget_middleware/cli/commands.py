@@ -343,7 +343,13 @@ def resolve(client: Client, kind: Kind, ref: str) -> Json:
             raise
         field_name = "model_name" if kind.command == "model-configs" else "name"
         matches = [i for i in client.list(kind, {})[kind.many] if i.get(field_name) == ref]
-        if len(matches) != 1:
+        if len(matches) > 1:
+            ids = ", ".join(str(i["id"]) for i in matches)
+            raise CliError(
+                f"{len(matches)} {kind.command} are named {ref!r} ({ids}): name one by its id",
+                status=409,
+            ) from None
+        if not matches:
             raise
         first: Json = matches[0]
         return first

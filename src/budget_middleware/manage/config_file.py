@@ -193,6 +193,16 @@ def _identity(section: str, entry: dict[str, Any]) -> str:
     return json.dumps(identity, sort_keys=True, default=str)
 
 
+def _expand(section: str, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """An entry as it applies: `${VAR}` read from the environment in a virtual key's `value`
+    only (SPEC §10: key values stay out of the file). Every other text is taken as written: a
+    variable never ends up in a name, a tag or a model the API shows (`POST /config/apply`
+    would otherwise read any of the server's variables, its passwords included, back)."""
+    if section == "virtual_keys" and isinstance(raw.get("value"), str):
+        return {**raw, "value": _substitute(raw["value"], where)}
+    return raw
+
+
 def _substitute(value: Any, where: str) -> Any:
     if isinstance(value, str):
 
@@ -286,7 +296,7 @@ def _check(path: Path) -> _FileData:
         seen: dict[Any, str] = {}
         for index, raw in enumerate(data.sections[section]):
             where = data.where(section, index, raw)
-            entry = _substitute(raw, where)
+            entry = _expand(section, raw, where)
             with _entry_errors(where):
                 _check_entry(section, dict(entry), where)
             identity = _identity(section, entry)
@@ -325,10 +335,7 @@ def _preflight(store: Store, data: _FileData) -> None:
     writes nothing): every entry named by a reference exists, in the store or earlier in the
     file, and no key value is another key's."""
     defined = {
-        section: {
-            _substitute(e, data.where(section, n, e)).get("name")
-            for n, e in enumerate(data.sections[section])
-        }
+        section: {e.get("name") for e in data.sections[section]}
         for section in ("customers", "teams", "virtual_keys")
     }
     targets: dict[str, tuple[str, Any, str]] = {
@@ -340,7 +347,7 @@ def _preflight(store: Store, data: _FileData) -> None:
         for section in ("teams", "virtual_keys", "model_configs"):
             for index, raw in enumerate(data.sections[section]):
                 where = data.where(section, index, raw)
-                entry = _substitute(raw, where)
+                entry = raw
                 for field_, (target, table, what) in targets.items():
                     ref = entry.get(field_)
                     if ref is None or ref in defined[target]:
@@ -355,7 +362,7 @@ def _preflight(store: Store, data: _FileData) -> None:
                         )
         for index, raw in enumerate(data.sections["virtual_keys"]):
             where = data.where("virtual_keys", index, raw)
-            entry = _substitute(raw, where)
+            entry = _expand("virtual_keys", raw, where)
             value = entry.get("value")
             if isinstance(value, str):
                 other = s.exec(
@@ -391,8 +398,10 @@ class _Loader:
 
     def apply(self, section: str, index: int, raw: dict[str, Any]) -> None:
         where = self.where(section, index, raw)
-        entry = _substitute(raw, where)
-        digest = config_hash(entry)
+        entry = _expand(section, raw, where)
+        # A key's value is no part of its hash: the hash is shown in answers, and would check a
+        # guess of the value offline (a changed value is told by the key's own hash below).
+        digest = config_hash({k: v for k, v in entry.items() if k != "value"})
         body = dict(entry)
         manager = BudgetManager(self.store, self.settings, Origin("config", digest))
         with _entry_errors(where):
@@ -439,11 +448,12 @@ class _Loader:
         row = self._stored(table, table.name == name)
         if row is None:
             create(body)
-        elif row.config_hash != digest:
-            if section == "virtual_keys":
-                value = body.pop("value", None)
-                if value is not None:
-                    m.set_virtual_key_value(row.id, value)
+            return
+        if section == "virtual_keys":
+            value = body.pop("value", None)
+            if value is not None and row.key_hash != hash_key(value):
+                m.set_virtual_key_value(row.id, value)
+        if row.config_hash != digest:
             update(row.id, body)
 
     def _apply_model_config(
