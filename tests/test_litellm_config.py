@@ -300,3 +300,22 @@ def test_the_translation_is_a_pure_function_of_the_litellm_data() -> None:
         ],
     }  # fmt: skip
     assert out.ignored == ["model_list wildcard routes (*: openai/*)"]
+
+
+def test_litellm_s_period_words_are_its_durations() -> None:
+    """LiteLLM also writes its periods as words (`daily`, `weekly`, `monthly`): read as its
+    own parser reads them (start-up stopped on "invalid duration 'daily'")."""
+    data = {
+        "router_settings": {
+            "provider_budget_config": {
+                "openai": {"budget_limit": 5, "time_period": "daily"},
+                "azure": {"budget_limit": 5, "time_period": "Monthly"},
+                "gemini": {"budget_limit": 5, "time_period": "weekly"},
+            }
+        }
+    }
+    periods = {
+        p["provider"]: p["budgets"][0]["reset_duration"]
+        for p in translate(data).sections["providers"]
+    }
+    assert periods == {"openai": "1d", "azure": "1mo", "gemini": "1w"}

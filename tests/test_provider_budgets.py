@@ -125,8 +125,9 @@ async def test_each_provider_shows_its_tightest_budget_from_the_live_counters(
     assert parsed(after) == {
         "anthropic": expected_anthropic,
         "azure": expected_azure,
-        # the daily one now has $10 left; the monthly one, still $8
-        "openai": {"budget_limit": 12.0, "time_period": "1M", "spend": 4.0,
+        # the daily one now has $10 left; the monthly one, still $8 (a month written as LiteLLM
+        # reads it: "1M" has no unit it knows)
+        "openai": {"budget_limit": 12.0, "time_period": "1mo", "spend": 4.0,
                    "budget_reset_at": _first_of_next_month(day)},
     }  # fmt: skip
     assert all(v["budget_reset_at"] is None or v["budget_reset_at"].endswith("Z")

@@ -17,6 +17,7 @@ from budget_middleware.admin.context import Call
 from budget_middleware.admin.envelopes import ProviderBudgetOut, ProviderBudgets
 from budget_middleware.core.money import usd_from_nanos
 from budget_middleware.core.windows import CounterRegistry
+from budget_middleware.manage.litellm_config import litellm_period
 from budget_middleware.manage.schemas import BudgetOut, dump
 
 
@@ -49,7 +50,7 @@ def tightest(budgets: Iterable[BudgetOut], counters: CounterRegistry) -> dict[st
 def litellm_shape(budget: BudgetOut) -> ProviderBudgetOut:
     return ProviderBudgetOut(
         budget_limit=budget.max_limit,
-        time_period=budget.reset_duration,
+        time_period=litellm_period(budget.reset_duration),
         spend=budget.spent,
         budget_reset_at=budget.period_end,
     )

@@ -112,7 +112,25 @@ def _budget(config: Any, where: str, amount: str, duration: str) -> dict[str, An
         )
     if fields.get(amount) is None:
         raise LiteLLMConfigError(where, f"needs '{amount}' (USD)")
-    return {"max_limit": _number(fields[amount]), "reset_duration": fields.get(duration)}
+    return {"max_limit": _number(fields[amount]), "reset_duration": _period(fields.get(duration))}
+
+
+# LiteLLM's words for its periods, as its own parser reads them.
+_PERIOD_WORDS = {"daily": "1d", "weekly": "1w", "monthly": "1mo"}
+
+
+def _period(value: Any) -> Any:
+    """A LiteLLM period: its words (`daily`, `weekly`, `monthly`) as durations; else as given."""
+    if isinstance(value, str):
+        return _PERIOD_WORDS.get(value.strip().lower(), value)
+    return value
+
+
+def litellm_period(duration: str | None) -> str | None:
+    """A duration as LiteLLM writes it: months as `mo` (`1M` is no unit to LiteLLM's parser)."""
+    if duration is not None and duration.endswith("M"):
+        return duration[:-1] + "mo"
+    return duration
 
 
 def _model_list(value: Any, out: Translation) -> None:
@@ -155,7 +173,7 @@ def _model_budget(
 ) -> None:
     target = parse_target(model)
     budget = {"max_limit": _number(params["max_budget"]),
-              "reset_duration": params.get("budget_duration")}  # fmt: skip
+              "reset_duration": _period(params.get("budget_duration"))}  # fmt: skip
     key = (target.provider, target.model)
     if key in seen:
         # One model config per provider and model: LiteLLM's per-deployment budgets of one model
