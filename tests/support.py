@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -108,3 +109,16 @@ def budget_row(store: Store, usage: int, last_reset: datetime) -> str:
         s.add(row)
         s.commit()
         return row.id
+
+
+class Clock:
+    """Real time plus an offset a test moves forward (windows roll without waiting)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds

@@ -26,7 +26,7 @@ from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.exchange import MAX_CHARGE_NANOS, MAX_TOKENS
 from budget_middleware.store.tables import BudgetRow, UsageRecordRow
 from conftest import POSTGRES_BASE_URL, need_postgres
-from support import client, running
+from support import Clock, client, running
 
 from service_support import (  # isort: skip
     PrivateRedis,
@@ -39,19 +39,6 @@ from service_support import (  # isort: skip
 
 CENT = 10_000_000  # $0.01 in nano-dollars
 _ONE_CENT_USAGE = '{"prompt_tokens": 10, "completion_tokens": 5, "cost": 0.01}'
-
-
-class Clock:
-    """Real time plus an offset a test moves forward (windows roll without waiting)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 def fault_app(engine: BudgetEngine) -> FastAPI:

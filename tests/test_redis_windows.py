@@ -24,22 +24,12 @@ from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.engine.engine import BudgetEngine
 from conftest import REDIS_URL, need_redis
 from service_support import PrivateRedis, delete_prefix, unique_prefix, use_prefix
-from support import running
+from support import Clock, running
 
 CENT = 10_000_000
 MODEL = "openai/budget-test"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
 USAGE = '{"prompt_tokens": 0, "completion_tokens": 10}'
-
-
-class Clock:
-    """Real time plus an offset a test moves forward (windows roll without waiting)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
 
 
 class Held:
@@ -142,7 +132,7 @@ async def test_what_settles_in_a_window_with_no_key_yet_counts_there(tmp_path: P
             )
             waiting = held.requests(b, key.value)
             await held.all_in.wait()
-            clock.offset += 3600  # the next window begins while they are in flight
+            clock.advance(3600)  # the next window begins while they are in flight
             held.gate.set()
             assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 30
             admitted, code = await spend_until_refused(a, key.value)

@@ -15,12 +15,16 @@ from budget_middleware.core.scopes import LimitSet
 from budget_middleware.core.times import FAR_FUTURE
 from budget_middleware.core.windows import WindowCounter
 
-_LIMIT_REQUESTS = b"x-ratelimit-limit-requests"
-_REMAINING_REQUESTS = b"x-ratelimit-remaining-requests"
-_RESET_REQUESTS = b"x-ratelimit-reset-requests"
-_LIMIT_TOKENS = b"x-ratelimit-limit-tokens"
-_REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
-_RESET_TOKENS = b"x-ratelimit-reset-tokens"
+_REQUESTS = (
+    b"x-ratelimit-limit-requests",
+    b"x-ratelimit-remaining-requests",
+    b"x-ratelimit-reset-requests",
+)
+_TOKENS = (
+    b"x-ratelimit-limit-tokens",
+    b"x-ratelimit-remaining-tokens",
+    b"x-ratelimit-reset-tokens",
+)
 
 
 def tightest_now(limits: LimitSet) -> Tightest:
@@ -44,23 +48,12 @@ def _tightest(counters: Sequence[WindowCounter]) -> tuple[WindowCounter | None, 
 
 
 def add_limit_headers(out: list[tuple[bytes, bytes]], tight: Tightest, now: float) -> None:
-    """Append the headers of the tightest limits to a response's headers (written out for each
-    kind: this runs on every admitted request)."""
+    """Append the headers of the tightest limits to a response's headers."""
     requests, requests_left, tokens, tokens_left, budget, budget_left = tight
     if requests is not None:
-        seconds = requests.end - now
-        out += (
-            (_LIMIT_REQUESTS, requests.limit_text),
-            (_REMAINING_REQUESTS, b"%d" % requests_left if requests_left > 0 else b"0"),
-            (_RESET_REQUESTS, _reset(seconds) if seconds != FAR_FUTURE else b"never"),
-        )
+        out += _window(_REQUESTS, requests, requests_left, now)
     if tokens is not None:
-        seconds = tokens.end - now
-        out += (
-            (_LIMIT_TOKENS, tokens.limit_text),
-            (_REMAINING_TOKENS, b"%d" % tokens_left if tokens_left > 0 else b"0"),
-            (_RESET_TOKENS, _reset(seconds) if seconds != FAR_FUTURE else b"never"),
-        )
+        out += _window(_TOKENS, tokens, tokens_left, now)
     if budget is not None:
         out += (
             (b"x-budget-limit", budget.limit_text),
@@ -68,7 +61,14 @@ def add_limit_headers(out: list[tuple[bytes, bytes]], tight: Tightest, now: floa
         )
 
 
-def _reset(seconds: float) -> bytes:
-    """Seconds until a window resets, as `12s`: round() as "%.0f" does (half to even),
-    formatted as an int (twice as fast)."""
-    return b"%ds" % round(seconds) if seconds > 0 else b"0s"
+def _window(
+    names: tuple[bytes, bytes, bytes], window: WindowCounter, left: int, now: float
+) -> tuple[tuple[bytes, bytes], ...]:
+    """A rate window's three headers: its limit, what is left, the seconds until it resets
+    (round() as "%.0f" does, half to even, formatted as an int: twice as fast)."""
+    seconds = window.end - now
+    return (
+        (names[0], window.limit_text),
+        (names[1], b"%d" % left if left > 0 else b"0"),
+        (names[2], b"never" if seconds == FAR_FUTURE else b"%ds" % round(max(seconds, 0))),
+    )

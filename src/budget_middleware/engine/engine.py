@@ -288,6 +288,13 @@ class BudgetEngine:
     def _left_closed_loop(self) -> None:
         """The loop this engine started in has closed: forget what belonged to it (its tasks,
         locks, futures and connections), keep every charge, record and debt it holds."""
+        self._forget_the_loop()
+        self.counters.after_loop_closed()
+        self.alerts.after_loop_closed()
+        self.hooks.loop = None
+
+    def _forget_the_loop(self) -> None:
+        """Not started, and nothing of a loop's kept: tasks, locks and futures are a loop's."""
         self.started = False
         self.loop = None
         self._flusher = None
@@ -296,25 +303,15 @@ class BudgetEngine:
         self._stopping = asyncio.Event()
         self._key_loads = {}
         self._reloading = None
-        self.counters.after_loop_closed()
-        self.alerts.after_loop_closed()
-        self.hooks.loop = None
 
     def after_fork_in_child(self) -> None:
         """This process was forked from one where this engine had started (gunicorn
         `--preload`): its loop, threads, connections and unwritten charges are the parent's. The
         child starts afresh on first use; what the parent charged is written by the parent."""
-        self.started = False
-        self.loop = None
-        self._flusher = None
-        self._flush_lock = None
-        self._start_lock = None
-        self._stopping = asyncio.Event()
-        self._key_loads = {}
+        self._forget_the_loop()
         self.records = []
         self.unwritten = []
         self.rejects_to_save = []
-        self._reloading = None
         self.registry.forget_the_parent_s()
         self.store.engine.dispose(close=False)  # the parent's connections stay the parent's
         self.counters.after_fork_in_child()

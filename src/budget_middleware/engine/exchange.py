@@ -4,6 +4,8 @@ settle it exactly once. Every adapter hands the answer's start to `read_start` a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from time import perf_counter
@@ -42,6 +44,7 @@ MAX_TOKENS = 2**31 - 1
 _MAX_NOTE = 200  # the store's `note` column
 
 logger = logging.getLogger("budget_middleware")
+_DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped answers, until they end
 
 
 class BudgetState(NamedTuple):
@@ -374,6 +377,27 @@ class Exchange:
         await self.engine.settle(
             self.ticket, record.cost_nanos, record.input_tokens + record.output_tokens
         )
+
+    def settle_dropped(self, outcome: Callable[[], str | None]) -> None:
+        """From a finalizer (an answer dropped without being closed, in any adapter): settled
+        on the engine's loop, with what `outcome()` says there (None: settled already), so that
+        its slot and reservation are not held for ever. Nothing is touched here: the collector
+        may run anywhere, the engine's admission included."""
+        loop = self.engine.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop is closing: the process exits
+                loop.call_soon_threadsafe(self._settle_dropped, outcome)
+
+    def _settle_dropped(self, outcome: Callable[[], str | None]) -> None:
+        how = outcome()
+        if how is None:
+            return
+        if self.engine.in_process:
+            self.settle_now(how)
+        else:
+            task = asyncio.get_running_loop().create_task(self.settle_shared(how))
+            _DROPPED.add(task)
+            task.add_done_callback(_DROPPED.discard)
 
     def book(self, record: UsageRecord) -> None:
         """The charge worked out (`charge`) booked in process: the usage record handed to the

@@ -17,7 +17,6 @@ atomic whatever the threads.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
 import threading
@@ -318,30 +317,9 @@ class _Metered:
 
     def __del__(self) -> None:
         """A body the SDK dropped unread and unclosed (a stream it never iterated, a response
-        abandoned with its client): settled as a disconnect on the engine's loop, so that its
-        slot and reservation are not held for ever. Nothing is touched here: the collector
-        may run anywhere, the engine's admission included."""
-        if self.settled:
-            return
-        loop = self.meter.engine.loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop is closing: the process exits
-                loop.call_soon_threadsafe(self._settle_dropped)
-
-    def _settle_dropped(self) -> None:
-        outcome = self._settling()
-        if outcome is None:
-            return
-        engine = self.meter.engine
-        if engine.in_process:
-            self.exchange.settle_now(outcome)
-        else:
-            task = asyncio.get_running_loop().create_task(self.exchange.settle_shared(outcome))
-            _DROPPED.add(task)
-            task.add_done_callback(_DROPPED.discard)
-
-
-_DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped bodies, until they end
+        abandoned with its client): settled on the engine's loop, as a disconnect."""
+        if not self.settled:
+            self.exchange.settle_dropped(self._settling)
 
 
 class _AsyncMetered(_Metered):

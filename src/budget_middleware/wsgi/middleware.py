@@ -16,8 +16,6 @@ loop and is waited for.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -413,9 +411,6 @@ class BudgetWSGIMiddleware:
             on_loop(self.engine, lambda: exchange.settle_shared(outcome))
 
 
-_DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped answers, until they end
-
-
 class EnvironHeaders:
     """The request headers the gate reads, as ASGI has them (bytes: environ values are the
     latin-1 text of the bytes sent, PEP 3333), read from the environ only when the app calls
@@ -577,29 +572,18 @@ class MeteredResponse:
                 self.settle("upstream_error" if self.failed else "client_disconnected")
 
     def __del__(self) -> None:
-        """An answer dropped without `close()` (a server that does not call it): settled as a
-        disconnect on the engine's loop, so its reservation and slot are not held for ever. No
-        lock is taken here (the collector may run anywhere)."""
-        if self.settled:
-            return
-        loop = self.middleware.engine.loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop is closing: the process exits
-                loop.call_soon_threadsafe(self._settle_on_loop)
+        """An answer dropped without `close()` (a server that does not call it): settled on
+        the engine's loop, as a disconnect (its callbacks hold `loop_lock`). No lock is taken
+        here: the collector may run anywhere."""
+        if not self.settled:
+            self.exchange.settle_dropped(self._settling)
 
-    def _settle_on_loop(self) -> None:
-        """On the engine's loop (its callbacks hold `loop_lock`): settle, once."""
+    def _settling(self) -> str | None:
+        """The outcome to settle with, the first time only (on the engine's loop)."""
         if self.settled:
-            return
+            return None
         self.settled = True
-        exchange = self.exchange
-        outcome = "upstream_error" if self.failed else "client_disconnected"
-        if self.middleware.engine.in_process:
-            exchange.settle_now(outcome)
-        else:
-            task = asyncio.get_running_loop().create_task(exchange.settle_shared(outcome))
-            _DROPPED.add(task)
-            task.add_done_callback(_DROPPED.discard)
+        return "upstream_error" if self.failed else "client_disconnected"
 
     def settle(self, outcome: str) -> None:
         """Exactly once, whichever thread gets here first (the flag is tested under the lock
