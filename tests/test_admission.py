@@ -138,6 +138,19 @@ def test_reservations_hold_the_budget_until_settled_with_the_actual_cost() -> No
     assert isinstance(third, Ticket)
 
 
+def test_a_soft_budget_is_charged_when_settled_and_never_refuses() -> None:
+    registry = CounterRegistry()
+    hard = budget_scope(registry, "research", 1.0)
+    spent = budget_scope(registry, "watched", 0.5, used=USD)  # over its limit already
+    soft = Scope("tag", "watched", "watched", soft_budgets=spent.budgets)
+    ticket = admit((hard, soft), estimate=0, reserve=True, now=T0, ledger=registry.ledger)
+    assert isinstance(ticket, Ticket)
+    settle(ticket, cost=300_000_000, tokens=0, now=T0, ledger=registry.ledger)
+    assert hard.budgets[0].value == 300_000_000
+    assert soft.soft_budgets[0].value == USD + 300_000_000
+    assert soft.soft_budgets[0] in registry.ledger.dirty
+
+
 def test_with_nothing_in_flight_a_request_passes_while_the_budget_is_not_exhausted() -> None:
     registry = CounterRegistry()
     team = budget_scope(registry, "research", 1.0, used=USD - 1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from budget_middleware.core.durations import Duration
 from budget_middleware.core.scopes import (
     NO_POLICIES,
@@ -89,8 +91,11 @@ def test_a_limit_set_flattens_counters_by_kind_keeping_each_budgets_owner() -> N
     limits = LimitSet((a, c, b))
     assert limits.scopes == (a, c, b)
     assert limits.budgets == a.budgets + b.budgets
-    assert limits.budget_scopes == (a, b)
-    assert limits.rate_limits == ((c, rate),)
+    assert [limits.owner_of(budget) for budget in limits.budgets] == [a, b]
+    soft = Scope("tag", "s", "s", soft_budgets=(budget("soft"),))  # type: ignore[arg-type]
+    assert LimitSet((a, soft)).owner_of(soft.soft_budgets[0]) is soft
+    with pytest.raises(ValueError, match="is not one of these limits"):
+        limits.owner_of(limited("team", "z").budgets[0])
     assert limits.requests == () and limits.tokens == ()
     assert limits.slots == (slots,)
 

@@ -68,7 +68,10 @@ def admit(
     requests: WindowCounter | None = None
     tokens: WindowCounter | None = None
     requests_left = tokens_left = 0
-    for scope, rate in limits.rate_limits:
+    for scope in limits.scopes:
+        rate = scope.rate_limit
+        if rate is None:
+            continue
         counter = rate.requests
         if counter is not None:
             if now >= counter.end:
@@ -101,14 +104,14 @@ def admit(
     budget: WindowCounter | None = None
     budget_left = 0
     held: Refusal | None = None
-    for scope, counter in zip(limits.budget_scopes, limits.budgets, strict=True):
+    for counter in limits.budgets:
         if now >= counter.end:
             counter.roll(now, ledger)
         left = counter.limit - counter.value
         if left <= 0:
             return Refusal(
                 "budget_exceeded",
-                scope,
+                limits.owner_of(counter),
                 counter.limit,
                 counter.value,
                 _reset_at(counter),
@@ -119,7 +122,7 @@ def admit(
             # Only the requests in flight fill it: retryable, unless another budget is exhausted.
             held = Refusal(
                 "budget_reserved",
-                scope,
+                limits.owner_of(counter),
                 counter.limit,
                 counter.value,
                 _reset_at(counter),

@@ -48,39 +48,24 @@ class Scope:
 class LimitSet:
     """Every limit that applies to a request, resolved once per (key, provider, model, tags):
     the scopes in the order of SPEC §5, and their counters flattened by kind, so admission,
-    settlement and the response headers loop over plain tuples."""
+    settlement and the response headers loop over plain tuples. A cached key holds one, so it
+    keeps no more than the hot path reads: a counter's owner is looked up when it is needed (a
+    refusal, an alert), not stored beside it."""
 
-    __slots__ = (
-        "budget_scopes",
-        "budgets",
-        "rate_limits",
-        "requests",
-        "scopes",
-        "slots",
-        "soft_budgets",
-        "soft_scopes",
-        "tokens",
-    )
+    __slots__ = ("budgets", "requests", "scopes", "slots", "soft_budgets", "tokens")
 
     def __init__(self, scopes: tuple[Scope, ...]) -> None:
         self.scopes = scopes
         budgets: list[WindowCounter] = []
-        budget_scopes: list[Scope] = []
-        rate_limits: list[tuple[Scope, RateLimitCounters]] = []
         requests: list[WindowCounter] = []
         tokens: list[WindowCounter] = []
         slots: list[Concurrency] = []
         soft: list[WindowCounter] = []
-        soft_scopes: list[Scope] = []
         for scope in scopes:
             budgets.extend(scope.budgets)
-            budget_scopes.extend(scope for _ in scope.budgets)
-            if scope.soft_budgets:
-                soft.extend(scope.soft_budgets)
-                soft_scopes.extend(scope for _ in scope.soft_budgets)
+            soft.extend(scope.soft_budgets)
             rate = scope.rate_limit
             if rate is not None:
-                rate_limits.append((scope, rate))
                 if rate.requests is not None:
                     requests.append(rate.requests)
                 if rate.tokens is not None:
@@ -88,13 +73,17 @@ class LimitSet:
                 if rate.concurrency is not None:
                     slots.append(rate.concurrency)
         self.budgets = tuple(budgets)
-        self.budget_scopes = tuple(budget_scopes)  # the owner of each budget, in order
-        self.rate_limits = tuple(rate_limits)  # (owner, its rate limit), in the order of §5
         self.requests = tuple(requests)
         self.tokens = tuple(tokens)
         self.slots = tuple(slots)
         self.soft_budgets = tuple(soft)  # charged when settled; admission never looks at them
-        self.soft_scopes = tuple(soft_scopes)
+
+    def owner_of(self, budget: WindowCounter) -> Scope:
+        """The scope whose (hard or soft) budget `budget` is."""
+        for scope in self.scopes:
+            if budget in scope.budgets or budget in scope.soft_budgets:
+                return scope
+        raise ValueError(f"budget {budget.id} is not one of these limits")
 
 
 _NO_LIMITS = LimitSet(())

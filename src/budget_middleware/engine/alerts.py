@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -96,17 +95,12 @@ class Alerts:
         """After a charge: has any budget reached its next threshold (or a new window begun)?"""
         for counter in limits.budgets:
             if counter.value >= counter.alert_at or counter.start != counter.alert_start:  # type: ignore[attr-defined]
-                self._look(counter, limits.budget_scopes, limits.budgets)
+                self._look(counter, limits)
         for counter in limits.soft_budgets:
             if counter.value >= counter.alert_at or counter.start != counter.alert_start:  # type: ignore[attr-defined]
-                self._look(counter, limits.soft_scopes, limits.soft_budgets)
+                self._look(counter, limits)
 
-    def _look(
-        self,
-        counter: WindowCounter,
-        scopes: Sequence[Scope],
-        counters: Sequence[WindowCounter],
-    ) -> None:
+    def _look(self, counter: WindowCounter, limits: LimitSet) -> None:
         start = counter.start
         counter.alert_start = start  # type: ignore[attr-defined]
         known = self._raised.get(counter.id)
@@ -116,7 +110,7 @@ class Alerts:
         thresholds = self.thresholds.get(counter.id, self.defaults)
         new, counter.alert_at = reached(counter.value, counter.limit, thresholds, raised)  # type: ignore[attr-defined]
         if new:
-            scope = scopes[counters.index(counter)]
+            scope = limits.owner_of(counter)
             for threshold in new:
                 raised.add(threshold)
                 self._queue("budget.threshold", counter, threshold, scope)
