@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,3 +130,46 @@ async def test_a_reset_on_one_instance_keeps_what_another_charged_since(
     print(f"after the reset: store {stored:.9f}, four requests {4 * price:.9f}")
     assert price > 0
     assert stored == pytest.approx(4 * price, abs=1e-9)
+
+
+async def test_a_key_read_while_a_write_lands_is_read_again_not_cached_as_it_was(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key's first request reads the store; a write (the key deactivated) lands while that
+    read is in flight, and another request comes meanwhile. The read saw the key before the
+    write: it is read again, so neither the waiting request nor any later one is decided on the
+    key the write replaced (it was cached for the whole TTL before: an inactive key served)."""
+    app = host_app(make_settings(cache_ttl_seconds=3600))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(name="alice")
+        auth = {"authorization": f"Bearer {key.value}"}
+        reads: list[bool] = []
+        has_read, go_on = threading.Event(), threading.Event()
+        load_key = engine.store.load_key
+
+        def slow_load_key(key_hash: str) -> Any:
+            record = load_key(key_hash)
+            reads.append(record is not None and record.key.is_active)
+            if len(reads) == 1:  # the first read: held until the write has landed
+                has_read.set()
+                go_on.wait(10)
+            return record
+
+        monkeypatch.setattr(engine.store, "load_key", slow_load_key)
+
+        async def status() -> int:
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+            return answer.status_code
+
+        first = asyncio.create_task(status())
+        assert await asyncio.to_thread(has_read.wait, 10)
+        m.update_virtual_key(key.id, is_active=False)  # lands while the read is held
+        second = asyncio.create_task(status())
+        await asyncio.sleep(0.05)  # the second request waits for the read in flight
+        go_on.set()
+        codes = [await first, await second, await status(), await status()]
+    print(f"reads of the key (active?): {reads}; answers: {codes}")
+    assert reads[0] is True and reads[-1] is False  # read again after the write
+    assert codes[1:] == [403, 403, 403]

@@ -35,7 +35,7 @@ from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable
 from budget_middleware.settings import BudgetSettings, raised_again
 from budget_middleware.store.counters import CounterBackend, MemoryCounters
-from budget_middleware.store.database import Store
+from budget_middleware.store.database import KeyRecord, Store
 
 if TYPE_CHECKING:
     from budget_middleware.manage.manager import BudgetManager
@@ -152,6 +152,7 @@ class BudgetEngine:
         self._prepared = False  # the schema made and BUDGET_CONFIG_FILE applied, once
         self.stale = False  # a write to reload before the next request (`ensure_current`)
         self._changed = False  # a write since the reload under way began
+        self._writes = 0  # writes seen (mark_stale): a key read across one is read again
         self._reloading: asyncio.Future[None] | None = None
         self._resets: list[tuple[str, str, float]] = []
         self.store_ok = True
@@ -408,6 +409,7 @@ class BudgetEngine:
         """After a write (the Python management API, from any thread): the next request in this
         process reloads what it needs. Only flags are set here; the event loop does the rest."""
         self._changed = True
+        self._writes += 1
         self.stale = True
 
     async def ensure_current(self) -> None:
@@ -456,9 +458,10 @@ class BudgetEngine:
         future: asyncio.Future[KeyConfig | None] = asyncio.get_running_loop().create_future()
         self._key_loads[key_hash] = future
         try:
-            record = await anyio.to_thread.run_sync(self.store.load_key, key_hash)
+            record, current = await self._read_across_writes(self.store.load_key, key_hash)
             config = None if record is None else self.builder.key(record)
-            self.keys.put(digest, config)
+            if current:
+                self.keys.put(digest, config)
             if config is None:
                 self.last_known.pop(digest, None)
             else:
@@ -481,13 +484,28 @@ class BudgetEngine:
         except KeyError:
             pass
         try:
-            record = await anyio.to_thread.run_sync(self.store.load_key_by_id, key_id)
+            record, current = await self._read_across_writes(self.store.load_key_by_id, key_id)
         except Exception as exc:
             self._store_failed(exc)
             raise ServiceUnavailable("the budget store cannot be reached") from exc
         config = None if record is None else self.builder.key(record)
-        self._keys_by_id[key_id] = config
+        if current:
+            self._keys_by_id[key_id] = config
         return config
+
+    async def _read_across_writes(
+        self, load: Callable[[str], KeyRecord | None], arg: str
+    ) -> tuple[KeyRecord | None, bool]:
+        """A key's record, read again when a write landed while it was read (the read may
+        have seen the store before it: cached, it would outlive the reload that the write
+        asked for, until the cache TTL). With writes landing on every read, the last read is
+        used for this request only: (record, False), not to be cached."""
+        for _ in range(3):
+            writes = self._writes
+            record = await anyio.to_thread.run_sync(load, arg)
+            if writes == self._writes:
+                return record, True
+        return record, False
 
     def limits_for(
         self, key: KeyConfig | None, provider: str, model: str, tags: tuple[str, ...]
