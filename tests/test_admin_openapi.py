@@ -15,6 +15,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from starlette.applications import Starlette
+from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 from admin_support import ADMIN, admin_client, admin_settings
@@ -60,6 +62,20 @@ async def test_openapi_document_is_valid_openapi_3_1(tmp_path: Path) -> None:
         assert path in document["paths"], path
     schema = schemathesis.openapi.from_dict(document)
     assert len(list(schema.get_all_operations())) >= 30
+
+
+async def test_the_document_names_the_mount_point_as_its_server(tmp_path: Path) -> None:
+    """A client generated from the document calls the API where it is mounted, not at the
+    host's root."""
+    settings = admin_settings(tmp_path)
+    host = Starlette(routes=[Mount("/budget-admin", app=create_admin_app(settings))])
+    async with admin_client(settings, host) as c:
+        mounted = (await c.get("/budget-admin/openapi.json", headers=ADMIN)).json()
+    async with admin_client(settings) as c:
+        alone = (await c.get("/openapi.json", headers=ADMIN)).json()
+    assert mounted["servers"] == [{"url": "/budget-admin"}]
+    assert alone["servers"] == [{"url": "/"}]
+    assert mounted["paths"] == alone["paths"]
 
 
 def test_generated_requests_get_no_5xx_and_answers_keep_to_the_document(tmp_path: Path) -> None:

@@ -515,6 +515,8 @@ def test_the_admin_api_under_flask_shares_the_engine(make_settings: Settings) ->
     client = app.test_client()
     assert client.get("/budget-admin/health").json["status"] == "ok"
     assert client.get("/budget-admin/customers").status_code == 401
+    document = client.get("/budget-admin/openapi.json", headers=ADMIN).json
+    assert document["servers"] == [{"url": "/budget-admin"}]  # where generated clients call
     created = client.post(
         "/budget-admin/virtual-keys",
         json={"name": "alice", "budgets": [{"max_limit": 1}]},

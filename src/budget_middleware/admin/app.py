@@ -169,10 +169,13 @@ def _openapi(holder: _Holder) -> Handler:
     document: dict[str, Any] | None = None
 
     async def openapi(call: Call) -> Response:
+        """The document, its `servers` the mount point (`root_path`: a Starlette `Mount`, a
+        WSGI `SCRIPT_NAME`), so that a client generated from it calls the API where it is."""
         nonlocal document
         if document is None:
             document = openapi_document(OPERATIONS)
-        return JSONResponse(document)
+        mounted_at = call.request.scope.get("root_path") or "/"
+        return JSONResponse({**document, "servers": [{"url": mounted_at}]})
 
     return _admin_only(holder, openapi)
 

@@ -1,10 +1,10 @@
 """The OpenAPI 3.1 document of the admin API, built from the route table and the pydantic models.
 
-Paths are relative to where the app is mounted (the document's `servers` is `/`). The document is
-the contract the app enforces: every status a route can answer is listed (422 on every route, for
-an unknown query parameter; 503 when the store is down), and request schemas say all that is
-checked (no U+0000 in any text, the rules that tie fields together). A schema-driven fuzzer
-(tests/test_admin_fuzz.py) holds the two together.
+Paths are relative to where the app is mounted (`GET /openapi.json` gives the mount point as its
+`servers`; `/` here). The document is the contract the app enforces: every status a route can
+answer is listed (422 on every route, for an unknown query parameter; 503 when the store is down),
+and request schemas say all that is checked (no U+0000 in any text, the rules that tie fields
+together). A schema-driven fuzzer (tests/test_admin_fuzz.py) holds the two together.
 """
 
 from __future__ import annotations
