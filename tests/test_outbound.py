@@ -4,6 +4,7 @@ the real OpenAI and Anthropic SDKs, against a fake provider (the example mock up
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import socket
@@ -840,3 +841,77 @@ async def test_the_transport_takes_hooks_and_shadow_mode(make_settings: Settings
     assert sorted((a["type"], a.get("threshold")) for a in seen["alert"]) == [
         ("budget.exhausted", None), ("budget.exhausted", None),
         ("budget.threshold", 0.8), ("budget.threshold", 1.0)]  # fmt: skip
+
+
+class Decompressing:
+    """A provider that takes gzip request bodies (as an HTTP server may): the body decoded by
+    its `content-encoding`, then the fake provider. A body that does not decode as its header
+    says is a 400, as a real server answers."""
+
+    def __init__(self) -> None:
+        self.fake = Counting()
+        self.bodies: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        headers = dict(scope["headers"])
+        if headers.get(b"content-encoding") == b"gzip":
+            try:
+                body = gzip.decompress(body)
+            except OSError:
+                await send({"type": "http.response.start", "status": 400, "headers": []})
+                await send({"type": "http.response.body", "body": b"bad gzip"})
+                return
+        self.bodies.append(json.loads(body))
+        plain = [
+            (n, v) for n, v in scope["headers"] if n not in (b"content-encoding", b"content-length")
+        ]
+        plain.append((b"content-length", str(len(body)).encode()))
+        sent = False
+
+        async def replay() -> Any:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.fake({**scope, "headers": plain}, replay, send)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream-usage-asked"])
+async def test_a_compressed_request_body_is_read_for_its_model(
+    engine: BudgetEngine, stream: bool
+) -> None:
+    """An app that sends its request body gzip-compressed: the model is read from the decoded
+    body and the call is priced (it was read as unreadable JSON: no model, no price). A body
+    the transport rewrites (usage asked of a stream) goes as plain JSON, its content-encoding
+    dropped; one it leaves alone goes as it was sent."""
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    provider = Decompressing()
+    transport = BudgetTransport(httpx2.ASGITransport(provider), engine=engine)
+    request = {"model": "gpt-4o", "messages": MESSAGES, "stream": stream}
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key=key.value):
+            answer = await http.post(
+                "https://api.openai.com/v1/chat/completions",
+                content=gzip.compress(json.dumps(request).encode()),
+                headers={"content-type": "application/json", "content-encoding": "gzip"},
+            )
+            text = answer.text
+    await engine.flush()
+    rows = records(engine)
+    print(f"gzip request ({'stream' if stream else 'json'}): {answer.status_code}; {rows}")
+    assert answer.status_code == 200, text
+    assert provider.bodies[0]["model"] == "gpt-4o"
+    assert provider.bodies[0].get("stream_options") == ({"include_usage": True} if stream else None)
+    assert len(rows) == 1 and rows[0]["model"] == "gpt-4o"
+    row = rows[0]
+    assert row["input_tokens"] > 0 and row["output_tokens"] > 0
+    assert row["cost_nanos"] == row["input_tokens"] * 2500 + row["output_tokens"] * 10_000

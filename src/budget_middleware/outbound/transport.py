@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from budget_middleware.answers import ErrorAnswer, request_too_large, store_unavailable
-from budget_middleware.core.identity import Credentials, header_reader, key_digest
+from budget_middleware.core.identity import Credentials, body_encoding, header_reader, key_digest
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
@@ -42,6 +42,7 @@ from budget_middleware.outbound.payer import inbound_headers, noting, payer
 from budget_middleware.settings import BudgetSettings
 
 _UNKNOWN = "Unknown virtual key"
+_REWRITTEN = (b"content-length", b"content-encoding")  # not the rewritten body's
 
 
 class _Meter:
@@ -67,6 +68,19 @@ class _Meter:
             return None
         path: str = request.url.path
         return path if path.endswith(self.suffixes) else None
+
+    def readable(self, request: Any, body: bytes) -> bytes | ErrorAnswer:
+        """The body as the gate reads it: decoded when the app sent it compressed (a
+        `content-encoding` of gzip or deflate; the provider still gets it as sent), else as it
+        is; a 413 answer when it is over BUDGET_MAX_BODY_BYTES, as sent or decoded."""
+        if len(body) > self.max_body:
+            return request_too_large(self.max_body)
+        sent = request.headers.get("content-encoding")
+        coding = None if sent is None else body_encoding(sent)
+        if coding is None:
+            return body
+        plain = self.engine.gate.plain_body(body, coding)
+        return request_too_large(self.max_body) if plain is None else plain
 
     async def admit(self, request: Any, path: str, body: bytes) -> Exchange | ErrorAnswer:
         """Who pays, the gate's decision and admission (on the engine's event loop)."""
@@ -146,12 +160,13 @@ class _Meter:
             await exchange.settle_shared(outcome)
 
     @staticmethod
-    def outgoing(lib: ModuleType, request: Any, exchange: Exchange, body: bytes) -> Any:
+    def outgoing(lib: ModuleType, request: Any, exchange: Exchange) -> Any:
         """The request to send: as it is, or with the body `gate.body_to_send` rewrote."""
         new_body = body_to_send(exchange)
         if new_body is None:
             return request
-        headers = [(n, v) for n, v in request.headers.raw if n.lower() != b"content-length"]
+        # JSON as it is: its own length, and no content-encoding (the app's was for its body)
+        headers = [(n, v) for n, v in request.headers.raw if n.lower() not in _REWRITTEN]
         return lib.Request(
             request.method,
             request.url,
@@ -258,16 +273,16 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         path = meter.metered(request)
         if path is None:
             return await inner.handle_async_request(request)
-        body = await request.aread()
-        if len(body) > meter.max_body:
-            return meter.refused(lib, request, request_too_large(meter.max_body))
+        body = meter.readable(request, await request.aread())
+        if isinstance(body, ErrorAnswer):
+            return meter.refused(lib, request, body)
         admitted = await meter.admit(request, path, body)
         if type(admitted) is ErrorAnswer:
             return meter.refused(lib, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
         try:
             response = await inner.handle_async_request(
-                meter.outgoing(lib, request, exchange, body)
+                meter.outgoing(lib, request, exchange)
             )
         except BaseException:
             await meter.settle(exchange, "upstream_error")
@@ -386,22 +401,23 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
         path = meter.metered(request)
         if path is None:
             return inner.handle_request(request)
-        body = request.read()
-        if len(body) > meter.max_body:
-            return meter.refused(lib, request, request_too_large(meter.max_body))
+        body = meter.readable(request, request.read())
+        if isinstance(body, ErrorAnswer):
+            return meter.refused(lib, request, body)
+        plain: bytes = body
         chosen, inbound = payer.get(), inbound_headers.get()
 
         async def admit() -> Exchange | ErrorAnswer:
             payer.set(chosen)  # this thread's context, on the loop's task
             inbound_headers.set(inbound)
-            return await meter.admit(request, path, body)
+            return await meter.admit(request, path, plain)
 
         admitted = on_loop(meter.engine, admit)
         if type(admitted) is ErrorAnswer:
             return meter.refused(lib, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
         try:
-            response = inner.handle_request(meter.outgoing(lib, request, exchange, body))
+            response = inner.handle_request(meter.outgoing(lib, request, exchange))
         except BaseException:
             on_loop(meter.engine, lambda: meter.settle(exchange, "upstream_error"))
             raise
