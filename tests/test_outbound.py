@@ -4,6 +4,7 @@ the real OpenAI and Anthropic SDKs, against a fake provider (the example mock up
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import json
 import os
@@ -673,6 +674,87 @@ def test_charges_are_written_when_each_job_runs_its_own_event_loop(tmp_path: Pat
     print(f"written: {count} records, ${total / 1e9:.4f}; the budget holds ${usage / 1e9:.4f}")
     price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
     assert (count, total, usage) == (4, 4 * price, 4 * price)
+
+
+_DROPPED_AFTER_ITS_LOOP = """
+import asyncio, gc, sys
+import httpx2
+from budget_middleware import BudgetSettings, BudgetTransport, charge_to, get_engine
+
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+
+def provider(request):
+    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": USAGE})
+
+settings = BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600)
+key = get_engine(settings).manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+kept = []
+
+async def job():
+    http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.MockTransport(provider), settings))
+    with charge_to(virtual_key_id=key.id):
+        url = "https://api.openai.com/v1/chat/completions"
+        request = http.build_request("POST", url, json=body)
+        kept.append(await http.send(request, stream=True))  # neither read nor closed
+
+asyncio.run(job())  # the loop closes with the answer still held
+kept.clear()  # dropped now, with no loop to settle it on
+gc.collect()
+if sys.argv[2] == "again":  # a later job's loop starts the engine again
+    async def later():
+        await get_engine(settings).ensure_started()
+        await get_engine(settings).flush()
+    asyncio.run(later())
+"""
+
+
+@pytest.mark.parametrize("then", ["exit", "again"])
+def test_an_answer_dropped_after_its_loop_closed_is_settled(tmp_path: Path, then: str) -> None:
+    """A script's `asyncio.run` ends with an outbound answer held, unread and unclosed; it is
+    dropped later, when no loop runs the engine. Its settlement waits for the next loop that
+    starts the engine, or for the process's exit: the call is charged as an answer dropped
+    while its loop runs is (a disconnect: the estimate), and written (it was lost)."""
+    script = tmp_path / "dropped.py"
+    script.write_text(_DROPPED_AFTER_ITS_LOOP)
+    url = f"sqlite:///{tmp_path / 'dropped.db'}"
+    subprocess.run([sys.executable, str(script), url, then], check=True, timeout=120)
+    store_engine = create_engine(url)
+    with store_engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(
+            text("SELECT outcome, cost_nanos FROM bm_usage_records"))]  # fmt: skip
+        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
+    store_engine.dispose()
+    print(f"dropped after its loop, then {then}: records {rows}; the budget holds {usage}")
+    assert len(rows) == 1 and rows[0][0] == "client_disconnected"
+    assert rows[0][1] > 0 and usage == rows[0][1]
+
+
+async def test_an_answer_admitted_before_a_fork_is_left_to_the_parent(
+    engine: BudgetEngine,
+) -> None:
+    """gunicorn `--preload` forks a process that may hold an answer in flight: if the child
+    drops its copy, the parent settles the original; the child charging it too would count
+    the call twice."""
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    transport = BudgetTransport(httpx2.ASGITransport(Counting()), engine=engine)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key=key.value):
+            request = http.build_request(
+                "POST", "https://api.openai.com/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": MESSAGES},
+            )  # fmt: skip
+            held = await http.send(request, stream=True)
+        engine.after_fork_in_child()  # as the child sees it: the fork came after admission
+        del held, request
+        gc.collect()
+        await engine.ensure_started()  # the child's first request starts its engine
+        await asyncio.sleep(0.05)
+        await engine.flush()
+    rows = records(engine)
+    print("a parent's answer dropped in the child:", rows)
+    assert rows == []
+    await engine.shutdown()
 
 
 def test_the_provider_is_the_host_s() -> None:

@@ -7,6 +7,7 @@ three questions: who is this key, may this request pass, and what did it cost.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import json
@@ -38,6 +39,7 @@ from budget_middleware.store.counters import CounterBackend, MemoryCounters
 from budget_middleware.store.database import KeyRecord, Store
 
 if TYPE_CHECKING:
+    from budget_middleware.engine.exchange import Exchange
     from budget_middleware.manage.manager import BudgetManager
 
 logger = logging.getLogger("budget_middleware")
@@ -153,6 +155,11 @@ class BudgetEngine:
         self.stale = False  # a write to reload before the next request (`ensure_current`)
         self._changed = False  # a write since the reload under way began
         self._writes = 0  # writes seen (mark_stale): a key read across one is read again
+        # Answers dropped when no loop ran this engine, settled by the next one (or at exit)
+        self._orphans: list[tuple[Exchange, Callable[[], str | None]]] = []
+        self._settles_at_exit = False
+        self.forked_at = 0.0  # perf_counter() at a fork: what was admitted before is the parent's
+        self._pid = os.getpid()
         self._reloading: asyncio.Future[None] | None = None
         self._resets: list[tuple[str, str, float]] = []
         self.store_ok = True
@@ -251,6 +258,35 @@ class BudgetEngine:
             self.alerts.start(self.loop)
             self._flusher = self.loop.create_task(self._flush_loop())
             self.started = True
+        while self._orphans:
+            exchange, outcome = self._orphans.pop(0)
+            await exchange.settle_orphaned(outcome)
+
+    def settle_later(self, exchange: Exchange, outcome: Callable[[], str | None]) -> None:
+        """An answer dropped while no loop runs this engine: the next `ensure_started` settles
+        it, or, if none comes, the process's exit (its charge written then)."""
+        self._orphans.append((exchange, outcome))
+        if not self._settles_at_exit:
+            self._settles_at_exit = True
+            atexit.register(self._settle_at_exit)
+
+    def _settle_at_exit(self) -> None:
+        if not self._orphans or os.getpid() != self._pid:
+            return
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            return  # a loop runs the engine: it settled them as it started, and flushes at exit
+
+        async def settle_and_write() -> None:
+            await self.ensure_started()  # settles them
+            await self.shutdown()
+
+        try:
+            asyncio.run(settle_and_write())
+        except Exception:
+            logger.exception(
+                "budget-middleware could not settle %d dropped answers at exit", len(self._orphans)
+            )
 
     def add_hooks(
         self,
@@ -310,6 +346,9 @@ class BudgetEngine:
         `--preload`): its loop, threads, connections and unwritten charges are the parent's. The
         child starts afresh on first use; what the parent charged is written by the parent."""
         self._forget_the_loop()
+        self.forked_at = time.perf_counter()
+        self._pid = os.getpid()
+        self._orphans = []
         self.records = []
         self.unwritten = []
         self.rejects_to_save = []

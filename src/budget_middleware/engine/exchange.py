@@ -5,7 +5,6 @@ settle it exactly once. Every adapter hands the answer's start to `read_start` a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from time import perf_counter
@@ -381,12 +380,22 @@ class Exchange:
     def settle_dropped(self, outcome: Callable[[], str | None]) -> None:
         """From a finalizer (an answer dropped without being closed, in any adapter): settled
         on the engine's loop, with what `outcome()` says there (None: settled already), so that
-        its slot and reservation are not held for ever. Nothing is touched here: the collector
-        may run anywhere, the engine's admission included."""
-        loop = self.engine.loop
+        its slot and reservation are not held for ever and the call is charged. With no loop
+        running the engine (a script's `asyncio.run` has ended), by the next loop that starts
+        it, or at exit. Nothing is touched here: the collector may run anywhere, the engine's
+        admission included. An exchange of the process this one was forked from is the
+        parent's to settle: left alone."""
+        engine = self.engine
+        if self.started < engine.forked_at:
+            return
+        loop = engine.loop
         if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop is closing: the process exits
+            try:
                 loop.call_soon_threadsafe(self._settle_dropped, outcome)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        engine.settle_later(self, outcome)
 
     def _settle_dropped(self, outcome: Callable[[], str | None]) -> None:
         how = outcome()
@@ -398,6 +407,16 @@ class Exchange:
             task = asyncio.get_running_loop().create_task(self.settle_shared(how))
             _DROPPED.add(task)
             task.add_done_callback(_DROPPED.discard)
+
+    async def settle_orphaned(self, outcome: Callable[[], str | None]) -> None:
+        """A dropped answer's settlement that waited for a loop (`settle_dropped`)."""
+        how = outcome()
+        if how is None:
+            return
+        if self.engine.in_process:
+            self.settle_now(how)
+        else:
+            await self.settle_shared(how)
 
     def book(self, record: UsageRecord) -> None:
         """The charge worked out (`charge`) booked in process: the usage record handed to the

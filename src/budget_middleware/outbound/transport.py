@@ -281,9 +281,7 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
             return meter.refused(lib, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
         try:
-            response = await inner.handle_async_request(
-                meter.outgoing(lib, request, exchange)
-            )
+            response = await inner.handle_async_request(meter.outgoing(lib, request, exchange))
         except BaseException:
             await meter.settle(exchange, "upstream_error")
             raise
