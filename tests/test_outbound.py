@@ -745,6 +745,7 @@ async def test_an_answer_admitted_before_a_fork_is_left_to_the_parent(
                 json={"model": "gpt-4o", "messages": MESSAGES},
             )  # fmt: skip
             held = await http.send(request, stream=True)
+        engine.store.engine.dispose()  # (no real fork: this process's connections closed)
         engine.after_fork_in_child()  # as the child sees it: the fork came after admission
         del held, request
         gc.collect()
