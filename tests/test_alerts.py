@@ -710,3 +710,59 @@ async def test_an_alert_raised_while_the_store_is_away_is_raised_once_it_is_back
         print(f"store away for 3 rounds: {3 - failures['left']} inserts failed; then "
               f"{len(hook.delivered())} delivered, {len(alerts)} raised")  # fmt: skip
         assert failures["left"] == 0 and len(hook.delivered()) == 1 and len(alerts) == 1
+
+
+_SCRIPT_CROSSING_A_THRESHOLD = """
+import asyncio, sys
+import httpx2
+from budget_middleware import BudgetSettings, BudgetTransport, charge_to, get_engine
+
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+
+def provider(request):
+    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": USAGE})
+
+settings = BudgetSettings(database_url=sys.argv[1])
+# $0.0035 a call: the fifth of five reaches 80 % of $0.02
+key = get_engine(settings).manager.create_virtual_key(name="k", budgets=[{"max_limit": 0.02}])
+body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+async def job():
+    transport = BudgetTransport(httpx2.MockTransport(provider), settings)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key_id=key.id):
+            url = "https://api.openai.com/v1/chat/completions"
+            answers = await asyncio.gather(*(http.post(url, json=body) for _ in range(5)))
+            assert [a.status_code for a in answers] == [200] * 5
+    if sys.argv[2] == "writing":  # ends while the alert task writes the alert (its thread)
+        while get_engine(settings).alerts.queue:
+            await asyncio.sleep(0)
+
+asyncio.run(job())
+print("the script's loop ended")
+"""
+
+
+@pytest.mark.parametrize("ending", ["writing", "queued"])
+def test_a_script_whose_last_call_raises_an_alert_ends_and_keeps_it(
+    tmp_path: Path, ending: str
+) -> None:
+    """`asyncio.run` cancels every task as it ends. The alert task, writing the alert the last
+    call raised (in a worker thread), lost that cancellation and polled on: the script never
+    ended. An alert still queued when the loop ended was lost."""
+    script = tmp_path / "job.py"
+    script.write_text(_SCRIPT_CROSSING_A_THRESHOLD)
+    url = f"sqlite:///{tmp_path / 'job.db'}"
+    done = subprocess.run(
+        [sys.executable, str(script), url, ending], capture_output=True, text=True, timeout=60
+    )
+    from sqlalchemy import create_engine, text
+
+    store = create_engine(url)
+    with store.connect() as conn:
+        alerts = [tuple(r) for r in conn.execute(text("SELECT type, threshold FROM bm_alerts"))]
+    store.dispose()
+    print(f"exit {done.returncode}: {done.stdout.strip()!r}; alerts {alerts}")
+    assert done.returncode == 0, done.stderr
+    assert "the script's loop ended" in done.stdout
+    assert ("budget.threshold", 0.8) in alerts

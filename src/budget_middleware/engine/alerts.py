@@ -170,8 +170,21 @@ class Alerts:
             logger.warning("budget-middleware could not save alerts at shutdown: %s", exc)
 
     async def _run(self) -> None:
+        try:
+            await self._rounds()
+        except asyncio.CancelledError:
+            # The loop ends (`asyncio.run` cancels every task as it ends): what the last
+            # requests raised is written first, or it would be lost with the loop.
+            try:
+                await self.raise_queued()
+            except Exception as exc:
+                logger.warning("budget-middleware could not save alerts as its loop ended: %s", exc)
+            raise
+
+    async def _rounds(self) -> None:
         wake = self._wake
-        assert wake is not None
+        task = asyncio.current_task()
+        assert wake is not None and task is not None
         self._stopping = False
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
@@ -185,6 +198,11 @@ class Alerts:
                     await self.deliver_due()
             except Exception:  # the task must survive anything: the next round retries
                 logger.exception("budget-middleware alert round failed")
+            if task.cancelling():
+                # Cancelled while it waited for a worker thread (`asyncio.run` cancels every
+                # task as it ends): anyio's wait for the thread absorbs the cancellation, and
+                # going round again would keep the loop from closing, for ever.
+                raise asyncio.CancelledError
 
     async def raise_queued(self) -> int:
         """Raise the queued events in the store; report those this instance raised first."""
