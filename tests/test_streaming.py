@@ -78,10 +78,13 @@ DONE = b"data: [DONE]\n\n"
 class ScriptedUpstream:
     """A raw ASGI app that streams fixed chunks, one per send, and can wait between them."""
 
-    def __init__(self, content_length: bool = False) -> None:
+    def __init__(
+        self, content_length: bool = False, content_type: bytes = b"text/event-stream"
+    ) -> None:
         self.gate: asyncio.Event | None = None
         self.seen_body: dict[str, Any] = {}
         self.content_length = content_length  # sent with the stream (a server that knows it)
+        self.content_type = content_type
 
     async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -94,7 +97,7 @@ class ScriptedUpstream:
         self.seen_body = json.loads(message["body"])
         asked = self.seen_body.get("stream_options", {}).get("include_usage") is True
         chunks = [*CHUNKS, USAGE_CHUNK, DONE] if asked else [*CHUNKS, DONE]
-        headers = [(b"content-type", b"text/event-stream")]
+        headers = [(b"content-type", self.content_type)]
         if self.content_length:
             headers.append((b"content-length", b"%d" % sum(map(len, chunks))))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -174,6 +177,28 @@ async def test_the_usage_chunk_we_asked_for_is_removed_and_still_charged(
     assert [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows] == [
         (7, 3, cost_of(7, 3), False)
     ]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [b"Text/Event-Stream", b" text/event-stream; charset=utf-8", b"TEXT/EVENT-STREAM"],
+)
+async def test_a_stream_s_media_type_is_read_in_any_case(
+    make_settings: Settings, pricing_file: Path, content_type: bytes
+) -> None:
+    """A media type is case-insensitive (RFC 9110 8.3.1): written `Text/Event-Stream`, the
+    answer was read as JSON, charged an estimate without output, and the usage chunk we asked
+    for reached a client that had not asked for it."""
+    upstream = ScriptedUpstream(content_type=content_type)
+    app = BudgetMiddleware(upstream, settings=make_settings(pricing_file=pricing_file))
+    async with running(app):
+        out = await call(app, chat(stream=True))
+        rows = await records(app.engine)
+    print(content_type, [(r.output_tokens, r.cost_nanos, r.estimated) for r in rows])
+    assert out == b"".join([*CHUNKS, DONE])  # the usage chunk we caused is not passed on
+    assert [
+        (r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated, r.streamed) for r in rows
+    ] == [(7, 3, cost_of(7, 3), False, True)]
 
 
 async def test_a_stream_that_loses_its_usage_chunk_keeps_no_stale_content_length(

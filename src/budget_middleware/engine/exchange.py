@@ -178,7 +178,8 @@ class Exchange:
         for header in headers:
             name = header[0].lower()
             if name == b"content-type":
-                event_stream = header[1].startswith(b"text/event-stream")
+                # a media type is case-insensitive (RFC 9110 8.3.1): `Text/Event-Stream` too
+                event_stream = header[1].strip().lower().startswith(b"text/event-stream")
             elif name == b"content-encoding":
                 encoding = header[1].lower().strip()
             elif name == COST_HEADER:
