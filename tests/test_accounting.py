@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI, Request
 from sqlmodel import col, func, select
 
-from budget_middleware import BudgetSettings
+from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.store.tables import BudgetRow, UsageRecordRow
 from support import chat, client, engine_of, host_app, running
 
@@ -283,3 +284,48 @@ async def test_a_batch_that_committed_but_reported_failure_is_not_written_twice(
         monkeypatch.setattr(engine.store, "apply_flush", real)
         assert await engine.flush() is True
         assert store_totals(engine, key.budgets[0].id) == (3_000_000, 3_000_000, 3)
+
+
+@pytest.mark.parametrize("choices", ["n", "best_of"])
+async def test_a_request_for_several_choices_reserves_them_all(
+    make_settings: Settings, pricing_file: Path, choices: str
+) -> None:
+    """`n` choices (a completion's `best_of`) of up to `max_tokens` each: the provider bills
+    every one of them, so the worst case is all of them. Reserving one choice's let 50
+    concurrent requests spend 5 times a budget of one request."""
+    provider = FastAPI()
+
+    @provider.post("/v1/chat/completions")
+    async def answer(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        await asyncio.sleep(0.01)  # in flight together
+        count = body[choices]
+        return {
+            "model": "gpt-4o",
+            "choices": [{"index": i, "message": {"content": "ok"}} for i in range(count)],
+            "usage": {"prompt_tokens": 0, "completion_tokens": body["max_tokens"] * count},
+        }
+
+    app = BudgetMiddleware(provider, settings=make_settings(pricing_file=pricing_file))
+    engine = app.engine
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="tiny",
+            budgets=[{"max_limit": 0.005}],  # one request of 5 x 1,000 tokens
+        )
+        await engine.invalidate()
+        async with client(app) as http:
+            answers = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/chat/completions",
+                        json=chat(max_tokens=1000, **{choices: 5}),
+                        headers={"authorization": f"Bearer {key.value}"},
+                    )
+                    for _ in range(50)
+                )
+            )
+        counter = engine.registry.windows["budget"][key.budgets[0].id]
+        codes = [a.status_code for a in answers]
+        print(f"{choices}=5: {codes.count(200)} of 50 admitted, spent {counter.value} of 5000000")
+        assert codes.count(200) == 1 and counter.value == 5_000_000 and counter.reserved == 0

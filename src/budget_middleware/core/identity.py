@@ -31,6 +31,7 @@ KNOWN_PROVIDERS = frozenset(
 )
 
 OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+CHOICE_FIELDS = ("n", "best_of")  # outputs generated (and billed) for one request
 
 
 @dataclass(slots=True)
@@ -155,7 +156,10 @@ class Target:
     model: str
     tags: tuple[str, ...]
     stream: bool
-    max_output_tokens: int | None
+    max_output_tokens: int | None  # a choice's, as the body limits it
+    # Choices the provider generates and bills (OpenAI's `n`, a completion's `best_of`):
+    # the worst case is each of them at the output limit.
+    choices: int = 1
 
 
 class TargetResolver:
@@ -213,7 +217,12 @@ class TargetResolver:
             if value is not None and type(value) is int and value >= 0:
                 limit = value
                 break
-        return Target(found[0], found[1], tags, data.get("stream") is True, limit)
+        choices = 1
+        for name in CHOICE_FIELDS:
+            value = data.get(name)
+            if type(value) is int and value > choices:
+                choices = value
+        return Target(found[0], found[1], tags, data.get("stream") is True, limit, choices)
 
     def retarget(
         self, target: Target, model: str, credentials: Credentials, route_path: str
@@ -224,7 +233,9 @@ class TargetResolver:
         found = self._routes.get(where)
         if found is None:
             found = self._remember(self._routes, where, self._route(*where))
-        return Target(found[0], found[1], target.tags, target.stream, target.max_output_tokens)
+        return Target(
+            found[0], found[1], target.tags, target.stream, target.max_output_tokens, target.choices
+        )
 
     def _route(self, raw_model: str, header: str | None, route_path: str) -> tuple[str, str]:
         model = raw_model.strip()

@@ -452,7 +452,9 @@ class Exchange:
             # The reservation's estimate; none without a price (that reservation is no estimate).
             reserved = self.ticket_estimate if self.price is not None else 0
             cost = reserved or estimate_nanos(
-                self.price, self.prompt_tokens, self.target.max_output_tokens or 0
+                self.price,
+                self.prompt_tokens,
+                (self.target.max_output_tokens or 0) * self.target.choices,
             )
             note = f"charge failed: {type(exc).__name__}"
             return self._record(outcome, self.prompt_tokens, 0, 0, cost, "estimate", True, note)

@@ -304,8 +304,10 @@ class Gate:
                 )
             else:
                 output = target.max_output_tokens
+                if output is None:
+                    output = self.default_output
                 exchange.ticket_estimate = estimate_nanos(
-                    price, prompt_tokens, self.default_output if output is None else output
+                    price, prompt_tokens, output * target.choices
                 )
         return exchange
 
