@@ -329,7 +329,14 @@ async def test_config_check_and_apply(store: dict[str, str], tmp_path: Path, her
         "virtual_keys:\n  - name: bot\n    team: ops\n    value: sk-bm-from-the-config-file\n"
     )
     bad.write_text("teams:\n  - name: ops\n    budgets: [{max_limit: 5, reset_duration: 1x}]\n")
-    checked, refused = cli_many(store, [f"config check {good}", f"config check {bad}"])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("customers:\n  - name: caf\u00e9\n".encode("latin-1"))
+    checked, refused, undecoded = cli_many(
+        store, [f"config check {good}", f"config check {bad}", f"config check {latin}"]
+    )
+    assert undecoded.failed_on_one_line().startswith(
+        f"error: config file '{latin}': not UTF-8 text"
+    )  # a traceback of UnicodeDecodeError before
     assert ok(checked).out == f"{good} is valid: customers: 1, teams: 1, virtual keys: 1\n"
     line = refused.failed_on_one_line()
     assert line.startswith(f"error: config file '{bad}', teams[0] (ops): budgets.0.reset_duration")

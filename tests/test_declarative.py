@@ -152,6 +152,27 @@ def test_an_invalid_file_writes_nothing(tmp_path: Path, text: str, error: str) -
     assert [k.name for k in manager.list_virtual_keys()] == ["alice"]
 
 
+def test_a_file_in_utf_16_is_read_and_one_in_another_encoding_is_named(tmp_path: Path) -> None:
+    """Windows editors and PowerShell's `>` write UTF-16 with a byte-order mark: read. Bytes
+    that are no UTF-8 (latin-1, say) fail start-up naming the file and the encoding (a bare
+    UnicodeDecodeError named neither)."""
+    text = "customers:\n  - name: caf\u00e9\n"
+    (tmp_path / "utf16.yaml").write_bytes(text.encode("utf-16"))
+    settings = BudgetSettings(
+        database_url=f"sqlite:///{tmp_path}/b.db", config_file=tmp_path / "utf16.yaml"
+    )
+    store = Store(settings.database_url)
+    store.create_schema()
+    load_config_file(store, settings)
+    assert [c.name for c in BudgetManager(store, settings).list_customers()] == ["caf\u00e9"]
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigFileError) as raised:
+        load_config_file(store, settings.model_copy(update={"config_file": latin}))
+    print("refused:", raised.value)
+    assert str(raised.value).startswith(f"BUDGET_CONFIG_FILE '{latin}': not UTF-8 text")
+
+
 def test_only_a_key_s_value_is_read_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

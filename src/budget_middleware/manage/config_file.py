@@ -101,11 +101,25 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return dict(_read(path).sections)
 
 
+def _text(path: Path, raw: bytes) -> str:
+    """The file's text: UTF-8 (a byte-order mark allowed), or UTF-16 with its mark, as
+    Windows editors and PowerShell's `>` write it; anything else is refused by name."""
+    encoding = "utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(
+            f"BUDGET_CONFIG_FILE {str(path)!r}: not {encoding.upper().removesuffix('-SIG')} "
+            f"text ({exc.reason} at byte {exc.start}): save it as UTF-8"
+        ) from None
+
+
 def _read(path: Path) -> _FileData:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigFileError(f"BUDGET_CONFIG_FILE {str(path)!r}: cannot read: {exc}") from None
+    text = _text(path, raw)
     if path.suffix.lower() == ".json":
         try:
             data: Any = json.loads(text)
