@@ -15,6 +15,7 @@ from budget_middleware.core.identity import (
     MAX_TAGS,
     Credentials,
     TargetResolver,
+    body_encoding,
     clean_text,
     hash_key,
     header_reader,
@@ -38,11 +39,14 @@ def test_the_key_header_carries_a_key_of_any_value_trimmed() -> None:
     assert header_reader("x-budget-key", "sk-bm-")(headers(x_budget_key="k")).key == "k"
 
 
-def test_a_blank_key_header_is_no_key_and_does_not_fall_back_to_the_others() -> None:
-    found = read(headers(x_budget_key="   ", authorization="Bearer sk-bm-1"))
-    assert found.key is None
-    # an empty one is as if absent: the bearer token counts
+def test_a_blank_or_empty_key_header_holds_no_key_and_the_others_are_read() -> None:
+    """SPEC §4, first found wins: a header of spaces is an empty field value (RFC 9110 trims
+    a field's whitespace), so no key is found in it and the bearer token is (it was refused
+    401 `virtual_key_required` where a key is required)."""
+    assert read(headers(x_budget_key="   ", authorization="Bearer sk-bm-1")).key == "sk-bm-1"
     assert read(headers(x_budget_key="", authorization="Bearer sk-bm-1")).key == "sk-bm-1"
+    assert read(headers(x_budget_key=" \t ", x_api_key="sk-bm-2")).key == "sk-bm-2"
+    assert read(headers(x_budget_key="   ")).key is None
 
 
 def test_a_bearer_token_counts_only_with_the_prefix() -> None:
@@ -263,6 +267,23 @@ def test_stream_only_when_true_and_the_output_limit_a_non_negative_int() -> None
     assert target({"max_output_tokens": 9}).max_output_tokens == 9
     assert target({"max_completion_tokens": 5, "max_tokens": 7}).max_output_tokens == 5
     assert target({"max_completion_tokens": -5, "max_tokens": 7}).max_output_tokens == 7
+
+
+def test_the_choices_billed_are_the_larger_of_n_and_best_of_at_least_one() -> None:
+    assert target({}).choices == 1
+    assert target({"n": 1}).choices == 1
+    assert target({"n": 5}).choices == 5
+    assert target({"n": 2, "best_of": 3}).choices == 3
+    assert target({"n": 4, "best_of": 3}).choices == 4
+    assert target({"n": 0}).choices == 1  # a provider refuses it: one at most is made
+    assert target({"n": "5"}).choices == 1 and target({"n": True}).choices == 1
+    assert target({"n": 5.0}).choices == 1
+
+
+def test_a_content_encoding_header_names_its_codings_or_none() -> None:
+    assert body_encoding(" GZip ") == "gzip"
+    assert body_encoding("identity") is None and body_encoding("  ") is None
+    assert body_encoding("deflate, gzip") == "deflate, gzip"
 
 
 # --- the mount point ----------------------------------------------------------------------------

@@ -344,8 +344,8 @@ def test_the_app_sees_who_is_calling(make_settings: Settings) -> None:
     answer = app.test_client().post(
         "/v1/state/completions",
         json=chat(model="anthropic/claude-sonnet-4"),
-        headers={**bearer(key.value), "x-budget-tags": "feature:x"},
-    )
+        headers={**bearer(key.value), "x-budget-tags": "feature:x", "x-budget-key": "   "},
+    )  # a blank key header holds no key: the bearer token is read (SPEC §4, first found)
     print(answer.json)
     assert answer.json["virtual_key_id"] == key.id
     assert answer.json["provider"] == "anthropic" and answer.json["model"] == "claude-sonnet-4"

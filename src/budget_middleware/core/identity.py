@@ -74,7 +74,7 @@ def header_reader(
         explicit = get(key_header)
         if explicit:
             key = explicit.decode("latin-1").strip() or None
-        else:
+        if key is None:  # none there, or blank: the other headers may hold it
             value = get(b"authorization")
             if value is not None and value[:7].lower() == b"bearer ":
                 text = value[7:].decode("latin-1").strip()
@@ -159,7 +159,7 @@ class Target:
     max_output_tokens: int | None  # a choice's, as the body limits it
     # Choices the provider generates and bills (OpenAI's `n`, a completion's `best_of`):
     # the worst case is each of them at the output limit.
-    choices: int = 1
+    choices: int
 
 
 class TargetResolver:

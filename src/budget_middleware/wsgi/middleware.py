@@ -188,7 +188,7 @@ class BudgetWSGIMiddleware:
         explicit = get(self.key_var)
         if explicit:
             key = explicit.strip() or None
-        else:
+        if key is None:  # none there, or blank: the other headers may hold it
             value = get("HTTP_AUTHORIZATION")
             if value is not None and value[:7].lower() == "bearer ":
                 text = value[7:].strip()
