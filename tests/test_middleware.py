@@ -167,6 +167,33 @@ async def test_unknown_and_missing_keys_get_401(make_settings: Settings) -> None
     assert host_credential.json()["error"]["code"] == "virtual_key_required"
 
 
+async def test_an_inference_path_with_a_trailing_slash_is_metered(make_settings: Settings) -> None:
+    """A host that serves `/v1/chat/completions/` too (a catch-all route, Flask's
+    `strict_slashes=False`, Django's slashed URLs): it went unmetered, past every limit."""
+    host = FastAPI()
+
+    @host.post("/v1/{rest:path}")
+    async def proxy(rest: str) -> dict[str, Any]:  # a catch-all proxy route
+        usage = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+        return {"model": "gpt-4o", "choices": [], "usage": usage}
+
+    app = BudgetMiddleware(host, settings=make_settings(require_virtual_key=True))
+    engine = app.engine
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice")
+        await engine.invalidate()
+        missing = await http.post("/v1/chat/completions/", json=chat())
+        paid = await http.post("/v1/chat/completions/", json=chat(), headers=bearer(key.value))
+        await engine.flush()
+        rows = engine.manager.usage(group_by="model").usage
+    print(
+        "slashed path:", missing.status_code, paid.status_code, [(r.key, r.requests) for r in rows]
+    )
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "virtual_key_required"
+    assert paid.status_code == 200
+    assert [(r.key, r.requests) for r in rows] == [("gpt-4o", 1)]
+
+
 async def test_inactive_and_expired_keys_get_403(make_settings: Settings) -> None:
     app = host_app(make_settings())
     engine = engine_of(app)

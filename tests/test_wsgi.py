@@ -27,7 +27,7 @@ from starlette.responses import Response as StarletteResponse
 from starlette.routing import Route
 from werkzeug.test import Client
 
-from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.portal import on_loop, shut_down_engines
 from budget_middleware.wsgi import BudgetWSGIMiddleware, budget_state, create_admin_wsgi_app
@@ -212,8 +212,6 @@ def test_answers_codes_and_headers_are_the_asgi_middleware_s(
     async def through_asgi() -> list[dict[str, Any]]:
         out = []
         async with running(asgi_app):
-            from budget_middleware.engine.engine import get_engine
-
             cases = _scenario(get_engine(asgi_settings).manager)
             transport = httpx.ASGITransport(asgi_app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
@@ -336,6 +334,26 @@ def test_requests_that_are_not_metered_pass_untouched(make_settings: Settings) -
         assert wrapped(environ, lambda *a: None) is answer  # the app's own iterable
         assert seen[-1] is stream
     assert not wrapped.engine.started  # nothing started for them
+
+
+def test_a_slashed_inference_path_is_metered(make_settings: Settings) -> None:
+    """Flask serves `/v1/chat/completions/` for a route declared with its slash: metered."""
+    host = Flask(__name__)
+
+    @host.post("/v1/chat/completions/")
+    def slashed() -> Response:
+        return Response(COMPLETION, content_type="application/json")
+
+    settings = make_settings(require_virtual_key=True)
+    host.wsgi_app = BudgetWSGIMiddleware(host.wsgi_app, settings)  # type: ignore[method-assign]
+    key = get_engine(settings).manager.create_virtual_key(name="alice")
+    http = host.test_client()
+    missing = http.post("/v1/chat/completions/", json=chat())
+    paid = http.post("/v1/chat/completions/", json=chat(), headers=bearer(key.value))
+    print("slashed path under Flask:", missing.status_code, paid.status_code)
+    assert missing.status_code == 401 and paid.status_code == 200
+    assert paid.headers.get("x-ratelimit-limit-requests") is None  # no limits: none shown
+    assert missing.json["error"]["code"] == "virtual_key_required"
 
 
 def test_the_app_sees_who_is_calling(make_settings: Settings) -> None:

@@ -15,7 +15,12 @@ from time import perf_counter
 from typing import Any
 
 from budget_middleware.answers import ErrorAnswer, request_too_large, store_unavailable
-from budget_middleware.core.identity import header_reader, key_digest, route_path
+from budget_middleware.core.identity import (
+    header_reader,
+    inference_suffixes,
+    key_digest,
+    route_path,
+)
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
@@ -75,7 +80,7 @@ class BudgetMiddleware:
             self._fail(self.engine.failure)
             return
         s = self.engine.settings
-        self.suffixes = s.inference_paths
+        self.suffixes = inference_suffixes(s.inference_paths)
         self.read_headers = header_reader(s.key_header, s.key_prefix)
         self.max_body = s.max_body_bytes
         self.fail_open = s.fail_open

@@ -291,6 +291,14 @@ def _body_tags(data: dict[str, Any]) -> tuple[str, ...]:
     return _clean_tags(t for t in tags if isinstance(t, str))
 
 
+def inference_suffixes(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """What a metered path ends with: each inference path, and each with a trailing slash
+    (Flask with `strict_slashes=False`, Django's slashed URLs, a catch-all route serve
+    `/v1/chat/completions/` too: unmetered, it was a way around every limit). One
+    `str.endswith` over this tuple decides, on every request."""
+    return paths + tuple(p + "/" for p in paths if not p.endswith("/"))
+
+
 def route_path(scope: MutableMapping[str, Any]) -> str:
     """The path below the mount point (`root_path`), as the app's routes see it."""
     path: str = scope["path"]

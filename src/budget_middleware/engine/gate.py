@@ -163,6 +163,8 @@ class Gate:
         takes the lock the decision is made under)."""
         engine = self.engine
         now = engine.clock()
+        if path[-1:] == "/":  # `/v1/chat/completions/`: read as the path without its slash
+            path = path.rstrip("/")
         if key is not None:
             refused: tuple[str, str] | None = None
             if not key.is_active:

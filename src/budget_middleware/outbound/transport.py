@@ -28,7 +28,13 @@ from typing import Any
 import httpx
 
 from budget_middleware.answers import ErrorAnswer, request_too_large, store_unavailable
-from budget_middleware.core.identity import Credentials, body_encoding, header_reader, key_digest
+from budget_middleware.core.identity import (
+    Credentials,
+    body_encoding,
+    header_reader,
+    inference_suffixes,
+    key_digest,
+)
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
@@ -55,7 +61,7 @@ class _Meter:
         self.engine.add_hooks(**hooks)  # on_alert, on_refusal, on_settled (SPEC §14)
         s = self.engine.settings
         self.shadow = s.mode == "shadow"
-        self.suffixes = s.inference_paths
+        self.suffixes = inference_suffixes(s.inference_paths)
         self.max_body = s.max_body_bytes
         self.fail_open = s.fail_open
         self.read_headers = header_reader(s.key_header, s.key_prefix)

@@ -34,6 +34,7 @@ from budget_middleware.core.identity import (
     _split_tags,
     body_encoding,
     header_reader,
+    inference_suffixes,
     key_digest,
 )
 from budget_middleware.core.scopes import KeyConfig
@@ -126,7 +127,7 @@ class BudgetWSGIMiddleware:
         self.engine = engine if engine is not None else get_engine(settings)
         self.engine.add_hooks(on_alert=on_alert, on_refusal=on_refusal, on_settled=on_settled)
         s = self.engine.settings
-        self.suffixes = s.inference_paths
+        self.suffixes = inference_suffixes(s.inference_paths)
         self.read_headers = header_reader(s.key_header, s.key_prefix)
         self.max_body = s.max_body_bytes
         self.fail_open = s.fail_open
