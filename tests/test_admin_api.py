@@ -145,6 +145,25 @@ async def test_invalid_bodies_answer_422_naming_every_failing_field(
         assert r.status_code == 422 and "finite amount of USD" in r.json()["error"]["message"]
 
 
+async def test_provider_and_tag_names_are_those_requests_can_carry(
+    settings: BudgetSettings,
+) -> None:
+    """A tag may hold a `/` (sent as %2F: it answered 404 "no admin route"); a name with a
+    space at either end is refused, as no request's provider or tag (read trimmed) meets it."""
+    limit = {"budgets": [{"max_limit": 1}]}
+    async with admin_client(settings) as c:
+        slashed = await c.put("/tags/team%2Fsearch", json=limit, headers=ADMIN)
+        blank = await c.put("/providers/%20", json=limit, headers=ADMIN)
+        padded = await c.put("/tags/%20chat", json=limit, headers=ADMIN)
+        tags = (await c.get("/tags", headers=ADMIN)).json()["tags"]
+        removed = await c.delete("/tags/team%2Fsearch", headers=ADMIN)
+    print("tag with a slash:", slashed.status_code, removed.status_code, [t["tag"] for t in tags])
+    assert (slashed.status_code, removed.status_code) == (201, 200)
+    assert [t["tag"] for t in tags] == ["team/search"]
+    assert blank.status_code == padded.status_code == 422
+    assert "no space at either end" in padded.json()["error"]["message"]
+
+
 async def test_unknown_ids_answer_404(settings: BudgetSettings) -> None:
     async with admin_client(settings) as c:
         for path in ("/customers/nope", "/teams/nope", "/virtual-keys/nope", "/model-configs/nope"):

@@ -138,7 +138,13 @@ def create_admin_app(settings: BudgetSettings | None = None, **_: Any) -> Starle
     paths["/openapi.json"] = {"GET": _openapi(holder)}
     paths["/metrics"] = {"GET": _metrics(holder)}
     routes: list[BaseRoute] = [
-        Route(path, _dispatch(handlers), methods=list(handlers), name=path)
+        # A tag may hold a `/` (`team/search`), sent as %2F: the rest of the path is the tag.
+        Route(
+            path.replace("{tag}", "{tag:path}"),
+            _dispatch(handlers),
+            methods=list(handlers),
+            name=path,
+        )
         for path, handlers in paths.items()
     ]
     routes += dashboard_routes()  # the page and its assets: no data, no admin key (SPEC §9)

@@ -209,6 +209,10 @@ class BudgetManager(KeyWriter):
     ) -> tuple[R, bool]:
         if not name or len(name) > 200:
             raise InvalidRequest(f"a {owner_type} name has 1 to 200 characters", param=owner_type)
+        if name != name.strip():  # a request's provider and tags are read trimmed: never met
+            raise InvalidRequest(
+                f"a {owner_type} name has no space at either end: {name!r}", param=owner_type
+            )
         row: Any = s.get(table, name)
         created = row is None
         if row is None:
