@@ -71,6 +71,7 @@ def window(
     now: float = T0,
     limit: int = 10**12,
     usage: int = 0,
+    calendar_aligned: bool = False,
 ) -> WindowCounter:
     """The live counter of a limit, configured as a key read from the store configures it."""
     return registry.window(
@@ -78,7 +79,7 @@ def window(
         id_,
         limit=limit,
         duration=Duration.parse(duration) if duration else None,
-        calendar_aligned=False,
+        calendar_aligned=calendar_aligned,
         last_reset=at(anchor),
         usage=usage,
         now=now,
@@ -506,7 +507,7 @@ def test_headers_show_budget_limits_in_dollars_and_counts_as_integers() -> None:
     registry = CounterRegistry()
     budget = window(registry, "budget", "b", limit=10**15)  # $1,000,000
     requests = window(registry, "request", "r", limit=7)
-    assert (budget.limit_text, requests.limit_text) == (b"1000000.000000", b"7")
+    assert (budget.limit_text, requests.limit) == (b"1000000.000000", 7)
     requests.add(4, registry.ledger)
     assert requests.remaining == 3
     requests.add(5, registry.ledger)
@@ -525,12 +526,49 @@ def test_equal_limits_and_window_bounds_share_one_object_in_bounded_tables() -> 
     registry = CounterRegistry()
     for n in range(10_002):
         window(registry, "request", f"r{n}", limit=n + 1, anchor=T0 + n, now=T0 + n)
+        window(registry, "budget", f"b{n}", limit=n + 1, anchor=T0 + n, now=T0 + n)
+        assert len(limits_module._COUNTS) <= 10_000
         assert len(limits_module._LIMITS) <= 10_000
         assert len(limits_module._FLOATS) <= 10_000
     one = window(registry, "token", "a", limit=10**9 + 1)
     window(registry, "token", "b", limit=10**9 + 2)
     other = window(registry, "token", "c", limit=10**9 + 1)
-    assert one.limit_text is other.limit_text
+    assert one.limit is other.limit
+    first = window(registry, "budget", "x", limit=10**9 + 1)
+    second = window(registry, "budget", "y", limit=10**9 + 1)
+    assert first.limit_text is second.limit_text and first.limit_text == b"1.000000001"
+
+
+def test_a_forked_child_keeps_what_is_spent_and_nothing_the_parent_holds() -> None:
+    """gunicorn `--preload`: the child's counters keep their values; what the parent has to
+    write, holds in reservations and has in flight is the parent's."""
+    registry = CounterRegistry()
+    ledger = registry.ledger
+    budget = window(registry, "budget", "b")
+    hourly = window(registry, "request", "r")
+    budget.add(7, ledger)
+    hourly.add(2, ledger)
+    budget.reserved = 5
+    slots = registry.slots("r", 3)
+    slots.in_flight = 2
+    ledger.sealed.append(("budget", "b", T0 - HOUR, 4))
+    ledger.taken("budget", "b", T0, 3)
+    registry.forget_the_parent_s()
+    assert (budget.value, hourly.value) == (7, 2)
+    assert (budget.pending, hourly.pending, budget.reserved, slots.in_flight) == (0, 0, 0, 0)
+    assert (ledger.dirty, ledger.sealed, ledger.unconfirmed) == (set(), [], {})
+
+
+def test_only_a_budget_is_calendar_aligned() -> None:
+    """A rate window has no calendar alignment (nothing in the store gives it one): asking for
+    one fails loudly instead of being dropped."""
+    registry = CounterRegistry()
+    aligned = window(registry, "budget", "b", duration="1d", calendar_aligned=True)
+    assert aligned.calendar_aligned is True and aligned.start % 86_400 == 0
+    rate = window(registry, "request", "r", duration="1d")
+    assert rate.calendar_aligned is False
+    with pytest.raises(ValueError, match="a request window is never calendar-aligned"):
+        window(registry, "request", "r2", duration="1d", calendar_aligned=True)
 
 
 async def test_memory_counters_admit_and_settle_in_process(engine: BudgetEngine) -> None:

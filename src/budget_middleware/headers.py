@@ -68,7 +68,7 @@ def _window(
     (round() as "%.0f" does, half to even, formatted as an int: twice as fast)."""
     seconds = window.end - now
     return (
-        (names[0], window.limit_text),
+        (names[0], b"%d" % window.limit),
         (names[1], b"%d" % left if left > 0 else b"0"),
         (names[2], b"never" if seconds == FAR_FUTURE else b"%ds" % round(max(seconds, 0))),
     )

@@ -23,16 +23,17 @@ T = TypeVar("T")
 
 # Limits come from the store and are shared by many counters: each (limit, its header text) and
 # each window bound is kept once (LRU-bounded: a value that falls out only stops being shared).
-_LIMITS: LRUCache[tuple[int, bool], tuple[int, bytes]] = LRUCache(10_000)
+_LIMITS: LRUCache[int, tuple[int, bytes]] = LRUCache(10_000)  # a budget's, with its text
+_COUNTS: LRUCache[int, int] = LRUCache(10_000)  # a rate window's
 _FLOATS: LRUCache[float, float] = LRUCache(10_000)
 
 
-def _shared_limit(limit: int, usd: bool) -> tuple[int, bytes]:
-    """The limit and its text for the response headers, formatted once; equal limits (keys of
-    one plan) share both objects (~80 bytes a counter)."""
-    found = _LIMITS.get((limit, usd))
+def _shared_budget_limit(limit: int) -> tuple[int, bytes]:
+    """A budget's limit and its text in dollars for the response headers, formatted once;
+    equal limits (keys of one plan) share both objects (~80 bytes a counter)."""
+    found = _LIMITS.get(limit)
     if found is None:
-        found = _LIMITS[(limit, usd)] = (limit, usd_header(limit) if usd else b"%d" % limit)
+        found = _LIMITS[limit] = (limit, usd_header(limit))
     return found
 
 
@@ -53,18 +54,19 @@ def _shared_float(value: float) -> float:
 class WindowCounter:
     """A value that resets when its window ends (a budget's spend, a request or token count)."""
 
-    # `kind` ("budget", "request" or "token") is its class's: one slot less is 16 bytes less a
-    # counter (three a cached key), as CPython rounds objects up to 16 bytes.
+    # `kind` ("budget", "request" or "token") is its class's, and so is what only a budget has
+    # (`calendar_aligned`, the limit's text in dollars): two slots less are 16 bytes less a
+    # rate window (two a cached key), as CPython rounds objects up to 16 bytes.
     kind: ClassVar[str]
+    calendar_aligned: bool  # a budget's own; never for a rate window (a class attribute there)
+    limit_text: bytes  # a budget's own: its limit in dollars as the headers show it
 
     __slots__ = (
         "anchor",
-        "calendar_aligned",
         "duration",
         "end",
         "id",
         "limit",
-        "limit_text",
         "pending",
         "pending_start",
         "reserved",
@@ -75,9 +77,7 @@ class WindowCounter:
     def __init__(self, id: str) -> None:
         self.id = id
         self.limit = 0
-        self.limit_text = b"0"  # the limit as the response headers show it, formatted once
         self.duration: Duration | None = None
-        self.calendar_aligned = False
         self.anchor = 0.0
         self.start = 0.0
         self.end = FAR_FUTURE
@@ -98,18 +98,21 @@ class WindowCounter:
         """Apply (new) limit parameters; the usage is kept (changing a limit never resets it),
         unless the window it was counted in has ended: a newer anchor from the store (another
         instance rolled the window) moves the window on, and the old window's usage stays there."""
-        self.limit, self.limit_text = _shared_limit(limit, self.kind == "budget")
-        if (duration, calendar_aligned) != (self.duration, self.calendar_aligned) or (
-            anchor > self.anchor
-        ):
+        moved = (duration, calendar_aligned) != (self.duration, self.calendar_aligned)
+        self._set_terms(limit, calendar_aligned)
+        if moved or anchor > self.anchor:
             self.duration = duration
-            self.calendar_aligned = calendar_aligned
             self.anchor = _shared_float(max(anchor, self.anchor))
             start, end = self._window_at(now)
             if start >= self.end:  # a later window: what we counted belongs to the one before
                 self._seal(ledger)
                 self.value = 0
             self.start, self.end = start, end
+
+    def _set_terms(self, limit: int, calendar_aligned: bool) -> None:
+        if calendar_aligned:
+            raise ValueError(f"a {self.kind} window is never calendar-aligned")
+        self.limit = shared(_COUNTS, limit)
 
     def unwritten(self, ledger: Ledger) -> int:
         """This process's charges to the current window that the store does not hold yet: still
@@ -174,23 +177,31 @@ class BudgetWindow(WindowCounter):
     """A budget's spend. `alert_at`: the spend at which its next alert threshold is crossed in
     the window that starts at `alert_start` (SPEC §14); 0 until the alerts have looked at it."""
 
-    __slots__ = ("alert_at", "alert_start")
+    __slots__ = ("alert_at", "alert_start", "calendar_aligned", "limit_text")
     kind = "budget"
 
     def __init__(self, id: str) -> None:
         super().__init__(id)
+        self.calendar_aligned = False
+        self.limit_text = b"0"  # the limit as the response headers show it, formatted once
         self.alert_at = 0
         self.alert_start = 0.0
+
+    def _set_terms(self, limit: int, calendar_aligned: bool) -> None:
+        self.limit, self.limit_text = _shared_budget_limit(limit)
+        self.calendar_aligned = calendar_aligned
 
 
 class RequestWindow(WindowCounter):
     __slots__ = ()
     kind = "request"
+    calendar_aligned = False
 
 
 class TokenWindow(WindowCounter):
     __slots__ = ()
     kind = "token"
+    calendar_aligned = False
 
 
 _WINDOW_CLASSES: dict[str, type[WindowCounter]] = {
