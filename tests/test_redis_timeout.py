@@ -3,12 +3,14 @@ it counts as Redis being unreachable (503, or admitted under BUDGET_FAIL_OPEN)."
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable
 
 import pytest
 
 from budget_middleware import BudgetSettings
+from budget_middleware.core.admission import Ticket
 from budget_middleware.store.redis_counters import RedisCounters
 from service_support import private_redis
 from support import chat, client, engine_of, host_app, running
@@ -56,3 +58,51 @@ async def test_a_stalled_redis_counts_as_unreachable_after_the_timeout(
         assert stalled.status_code == status
         if status == 503:
             assert stalled.json()["error"]["code"] == "service_unavailable"
+
+
+async def test_a_request_settled_while_redis_stalls_frees_its_slot_once_redis_answers(
+    make_settings: Settings,
+) -> None:
+    """SPEC §6: a concurrency slot counts until the response ends, however it ends. A request
+    that ended while Redis answered nothing kept its slot (and reservation) there until they
+    expired (`BUDGET_SLOT_TTL_SECONDS`): a key allowed one request at a time was refused
+    `concurrency_limit_exceeded` with nothing in flight. They are released when Redis
+    answers again."""
+    with private_redis() as server:
+        settings = make_settings(
+            redis_url=server.url, redis_timeout_seconds=0.2, flush_interval_seconds=0.05
+        )
+        app = host_app(settings)
+        engine = engine_of(app)
+        async with running(app):
+            key = engine.manager.create_virtual_key(
+                name="alice",
+                budgets=[{"max_limit": 10}],
+                rate_limit={"max_concurrent_requests": 1},
+            )
+            await engine.invalidate()
+            config = await engine.lookup_key(key.value or "")
+            limits = engine.limits_for(config, "openai", "gpt-4o", ())
+            counters = engine.counters
+            assert isinstance(counters, RedisCounters) and counters.client is not None
+            ticket = await counters.admit(limits, 1000)
+            assert isinstance(ticket, Ticket)
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                await counters.settle(ticket, 500, 10)  # ends while Redis answers nothing
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            for _ in range(100):  # the heartbeat's round pays what is owed
+                await asyncio.sleep(0.05)
+                if not counters._owed and not counters._releases:
+                    break
+            held = await counters.client.keys(f"{counters.prefix}c:*")
+            slots = sum([await counters.client.zcard(k) for k in held])
+            again = await counters.admit(limits, 1000)
+            outcome = getattr(again, "code", "admitted")
+            print(f"after the stall: {slots} slots held; the next request: {outcome}")
+            assert slots == 0 and isinstance(again, Ticket)
+            await counters.settle(again, 0, 0)
+            budget = engine.registry.counter("budget", key.budgets[0].id)
+            assert budget is not None and budget.value == 500 and budget.reserved == 0

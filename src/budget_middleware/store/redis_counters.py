@@ -129,6 +129,10 @@ class RedisCounters(CounterBackend):
         # Redis (a settlement under way, a debt): a seed leaves them out, so that each is added
         # once, by its own call, whoever seeds the key.
         self._transit: dict[WindowCounter, int] = {}
+        # Requests settled while Redis could not be reached: their slots and reservations, held
+        # there still, released when it answers again (settle.lua's keys and arguments, with
+        # nothing to add), not left to fill a concurrency limit until they expire.
+        self._releases: list[tuple[list[str], list[Any]]] = []
         self._seeding: dict[str, asyncio.Future[None]] = {}  # one seed per key at a time
         self._state = _Failure()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -142,6 +146,7 @@ class RedisCounters(CounterBackend):
         self._owed.clear()
         self._owed_to.clear()
         self._transit.clear()
+        self._releases.clear()
 
     def after_loop_closed(self) -> None:
         """The connections, the heartbeat and any seed under way were the closed loop's; debts
@@ -476,8 +481,10 @@ class RedisCounters(CounterBackend):
             self._owe(counter, tokens, in_transit)
 
     async def pay_debts(self) -> None:
-        """Add what was charged without Redis to the window keys it kept; seed those it lost
-        (restarted empty) where their window is still the counter's, then add to them."""
+        """Release the holds of requests settled without Redis; add what was charged without
+        it to the window keys it kept; seed those it lost (restarted empty) where their window
+        is still the counter's, then add to them."""
+        await self._release_held()
         if not self._owed or self._reconcile is None:
             return
         owed, self._owed = self._owed, {}
@@ -494,6 +501,17 @@ class RedisCounters(CounterBackend):
             if key not in gone:
                 self._arrived(counters[key], owed[key])
         await self._into_windows([(key, counters[key], owed[key]) for key in gone])
+
+    async def _release_held(self) -> None:
+        while self._releases and self._settle is not None:
+            keys, args = self._releases[0]
+            await self._settle(keys=keys, args=args)  # raises: kept for the next round
+            self._releases.pop(0)
+
+    def _release_later(self, ticket: Ticket, now: float) -> None:
+        plan = self._plan(ticket.scopes, now, settling=True)
+        keys = [key for entry in plan for key in entry.keys]
+        self._releases.append((keys, [ticket.request_id, 0, 0, *(e.kind for e in plan)]))
 
     async def _into_windows(self, charges: list[tuple[str, WindowCounter, int]]) -> None:
         """Charges of ours in transit (key, counter, amount) whose window key is missing: the
@@ -555,7 +573,8 @@ class RedisCounters(CounterBackend):
         self._state.live.pop(ticket.request_id, None)
         if self._backing_off() or self._settle is None:
             self._owe_settlement(ticket, cost, tokens)
-            return  # its slots and reservations expire by themselves
+            self._release_later(ticket, now)
+            return
         plan = self._plan(ticket.scopes, now, settling=True)
         # In transit until the script has added it: a seed meanwhile leaves it out.
         for entry in plan:
@@ -566,7 +585,7 @@ class RedisCounters(CounterBackend):
         keys = [key for entry in plan for key in entry.keys]
         args: list[Any] = [ticket.request_id, cost, tokens] + [entry.kind for entry in plan]
         with anyio.CancelScope(shield=True):
-            if self._owed:  # what was charged while Redis was away goes first
+            if self._owed or self._releases:  # what was charged while Redis was away first
                 with contextlib.suppress(RedisError, OSError, _StoreDown):
                     await self.pay_debts()
             try:
@@ -574,6 +593,7 @@ class RedisCounters(CounterBackend):
             except (RedisError, OSError) as exc:
                 self._failed(exc)
                 self._owe_settlement(ticket, cost, tokens, in_transit=True)
+                self._releases.append((keys, [ticket.request_id, 0, 0, *args[3:]]))
                 return
             self._recovered()
             lost: list[tuple[str, WindowCounter, int]] = []
@@ -605,7 +625,7 @@ class RedisCounters(CounterBackend):
         while True:
             await asyncio.sleep(interval)
             try:
-                if self._owed and not self._backing_off():
+                if (self._owed or self._releases) and not self._backing_off():
                     await self.pay_debts()
                     self._recovered()
                 await self.heartbeat()
