@@ -118,8 +118,9 @@ def admit(
                 0,
                 counter,
             )
-        if held is None and reserve and counter.reserved > 0 and estimate + counter.reserved > left:
+        if counter.reserved > 0 and held is None and reserve and estimate + counter.reserved > left:
             # Only the requests in flight fill it: retryable, unless another budget is exhausted.
+            # (Nothing in flight, the usual case, is told by the first comparison.)
             held = Refusal(
                 "budget_reserved",
                 limits.owner_of(counter),
