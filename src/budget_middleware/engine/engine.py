@@ -571,13 +571,6 @@ class BudgetEngine:
         if cost:
             self.alerts.check(ticket.limits)
 
-    def admit_first_now(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
-        """A route's admission in process: the first target admitted, atomically (no await).
-        The caller counts the request's outcome (one per request, not per target)."""
-        memory = self.memory
-        assert memory is not None, "admit_first_now needs the in-process counters"
-        return memory.admit_first_now(candidates)
-
     async def admit_first(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
         return await self.counters.admit_first(candidates)
 

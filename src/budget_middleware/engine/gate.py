@@ -78,6 +78,7 @@ class Gate:
         self.shadow = s.mode == "shadow"
         self.hooks = engine.hooks
         self.alerts = engine.alerts
+        self.memory = engine.memory  # the in-process counters (`admit_now`), None on Redis
         self.max_body = s.max_body_bytes
         # Per model without a price: the most one of its requests has been charged here.
         self.unpriced_costs: LRUCache[tuple[str, str], int] = LRUCache(4096)
@@ -204,13 +205,15 @@ class Gate:
         return exchange
 
     def admit_now(self, decision: Exchange | RoutePlan) -> Exchange | ErrorAnswer:
-        """Admission in process (`engine.in_process`): no await, so atomic in its event loop."""
-        engine = self.engine
+        """Admission in process (`engine.in_process`): no await, so atomic in its event loop.
+        The counters are asked directly (the engine's `admit_now` is the same call)."""
+        memory = self.memory
+        assert memory is not None, "admit_now needs the in-process counters"
         if type(decision) is RoutePlan:
             options = [(e.limits, e.ticket_estimate) for _, e in decision.candidates]
-            return self._routed(decision, engine.admit_first_now(options))
+            return self._routed(decision, memory.admit_first_now(options))
         exchange: Exchange = decision  # type: ignore[assignment]
-        return self._admitted(exchange, engine.admit_now(exchange.limits, exchange.ticket_estimate))
+        return self._admitted(exchange, memory.admit_now(exchange.limits, exchange.ticket_estimate))
 
     async def admit(self, decision: Exchange | RoutePlan) -> Exchange | ErrorAnswer:
         """Admission by the shared counters (Redis); raises `ServiceUnavailable` when they cannot

@@ -162,6 +162,8 @@ class MemoryCounters(CounterBackend):
         admission.settle(ticket, cost, tokens, self.clock(), self.ledger)
 
     def admit_first_now(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
+        """A route's admission: the first target admitted, atomically (no await). The caller
+        counts the request's outcome (one per request, not per target)."""
         reserve = self.settings.reserve
         return admission.admit_first(candidates, reserve, self.clock(), self.ledger)
 
