@@ -622,6 +622,8 @@ class RedisCounters(CounterBackend):
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.flush_interval_seconds
+        task = asyncio.current_task()
+        assert task is not None
         while True:
             await asyncio.sleep(interval)
             try:
@@ -633,6 +635,10 @@ class RedisCounters(CounterBackend):
                 self._failed(exc)
             except _StoreDown:
                 pass  # a lost key could not be seeded: the store is away; the next round tries
+            if task.cancelling():
+                # Cancelled (`stop`) during a Redis call that turned the cancellation into a
+                # connection error: going round again would keep `stop` waiting for ever.
+                raise asyncio.CancelledError
 
     async def heartbeat(self) -> None:
         """Push out the expiry of this instance's slots and reservations in flight, and renew
