@@ -300,6 +300,44 @@ def test_close_before_the_end_is_a_disconnect_settled_once(make_settings: Settin
     assert budget is not None and budget.reserved == 0
 
 
+def test_a_json_answer_given_up_midway_is_read_to_its_end_for_its_usage(
+    make_settings: Settings,
+) -> None:
+    """An app that passes a provider's JSON on in pieces; the server gives up after the first
+    (a client gone). The provider made and bills all of it: the rest is read for its usage and
+    charged (the prompt alone, estimated, was charged before). A stream given up is not read on:
+    it is estimated (the test above)."""
+    host = Flask(__name__)
+    pieces = [COMPLETION[:20], COMPLETION[20:60], COMPLETION[60:]]
+    passed: list[int] = []
+
+    @host.post("/v1/chat/completions")
+    def proxied() -> Response:
+        def relay() -> Iterator[bytes]:
+            for n, piece in enumerate(pieces):
+                passed.append(n)
+                yield piece
+
+        return Response(relay(), content_type="application/json")
+
+    settings = make_settings()
+    host.wsgi_app = BudgetWSGIMiddleware(host.wsgi_app, settings)  # type: ignore[method-assign]
+    engine = get_engine(settings)
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    answer = host.test_client().post(
+        "/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=False
+    )
+    next(iter(answer.response))
+    answer.close()  # given up after the first piece
+    rows = records(engine)
+    print(f"pieces passed: {passed}; record {rows}")
+    assert passed == [0, 1, 2]
+    assert [
+        (r["outcome"], r["input_tokens"], r["output_tokens"], r["estimated"]) for r in rows
+    ] == [("client_disconnected", 26, 20, 0)]
+    assert rows[0]["cost_nanos"] == PRICE_NANOS
+
+
 def test_an_app_error_is_an_upstream_error_settled_once(make_settings: Settings) -> None:
     app = flask_host(make_settings())
     app.testing = False  # Flask answers 500 for an error raised in a view

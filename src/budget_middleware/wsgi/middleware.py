@@ -16,6 +16,7 @@ loop and is waited for.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -563,14 +564,39 @@ class MeteredResponse:
         return self.exchange.on_chunk(chunk, True)
 
     def close(self) -> None:
-        """Called by the server once the answer is sent, or given up (a client gone)."""
+        """Called by the server once the answer is sent, or given up (a client gone). A JSON
+        answer given up before its end is read to its end here, for its usage (an app that
+        passes a provider's answer on in pieces): the provider made all of it and bills it
+        whole. A stream ends where it was given up (the provider stops); it is estimated."""
         try:
+            if self._to_drain():
+                next_ = self.next_ or iter(self.iterable).__next__
+                with contextlib.suppress(Exception):  # what it could read is charged
+                    while True:
+                        try:
+                            chunk = next_()
+                        except StopIteration:
+                            self.exchange.on_chunk(b"", False)
+                            break
+                        self.exchange.on_chunk(chunk, True)
             close = getattr(self.iterable, "close", None)
             if close is not None:
                 close()
         finally:
             if not self.settled:  # settled at the last chunk (the usual case): no lock taken
                 self.settle("upstream_error" if self.failed else "client_disconnected")
+
+    def _to_drain(self) -> bool:
+        exchange = self.exchange
+        return (
+            not self.settled
+            and not self.done
+            and not self.failed
+            and exchange.response_started
+            and exchange.stream is None
+            and exchange.unreadable is None
+            and exchange.status < 400
+        )
 
     def __del__(self) -> None:
         """An answer dropped without `close()` (a server that does not call it): settled on
