@@ -106,3 +106,49 @@ async def test_a_request_settled_while_redis_stalls_frees_its_slot_once_redis_an
             await counters.settle(again, 0, 0)
             budget = engine.registry.counter("budget", key.budgets[0].id)
             assert budget is not None and budget.value == 500 and budget.reserved == 0
+
+
+async def test_settlements_at_once_after_a_stall_each_release_their_own(
+    make_settings: Settings,
+) -> None:
+    """Right after Redis comes back, settlements (and the heartbeat) release what was held at
+    once: each releases what it took, none fails on another's (an `IndexError` escaped a
+    settlement, its own slot stayed held and its charge never reached Redis)."""
+    with private_redis() as server:
+        settings = make_settings(
+            redis_url=server.url, redis_timeout_seconds=0.2, flush_interval_seconds=60
+        )
+        app = host_app(settings)
+        engine = engine_of(app)
+        async with running(app):
+            key = engine.manager.create_virtual_key(
+                name="alice",
+                budgets=[{"max_limit": 10}],
+                rate_limit={"max_concurrent_requests": 10},
+            )
+            await engine.invalidate()
+            config = await engine.lookup_key(key.value or "")
+            limits = engine.limits_for(config, "openai", "gpt-4o", ())
+            counters = engine.counters
+            assert isinstance(counters, RedisCounters) and counters.client is not None
+            tickets = [await counters.admit(limits, 1000) for _ in range(3)]
+            assert all(isinstance(t, Ticket) for t in tickets)
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                await counters.settle(tickets[0], 500, 10)  # its release waits for Redis
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            counters._state.retry_at = 0.0  # its back-off over, as after its delay
+            results = await asyncio.gather(
+                counters.settle(tickets[1], 100, 1),  # type: ignore[arg-type]
+                counters.settle(tickets[2], 100, 1),  # type: ignore[arg-type]
+                return_exceptions=True,
+            )
+            held = await counters.client.keys(f"{counters.prefix}c:*")
+            slots = sum([await counters.client.zcard(k) for k in held])
+            window = await counters.client.keys(f"{counters.prefix}w:budget:*")
+            spent = int(await counters.client.get(window[0]))
+            print(f"settled at once: {results}; slots held {slots}; Redis holds {spent}")
+            assert results == [None, None] and slots == 0 and not counters._releases
+            assert spent == 700  # the stalled 500 owed and paid, and both 100s

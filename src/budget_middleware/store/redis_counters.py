@@ -503,10 +503,17 @@ class RedisCounters(CounterBackend):
         await self._into_windows([(key, counters[key], owed[key]) for key in gone])
 
     async def _release_held(self) -> None:
-        while self._releases and self._settle is not None:
-            keys, args = self._releases[0]
-            await self._settle(keys=keys, args=args)  # raises: kept for the next round
-            self._releases.pop(0)
+        if not self._releases or self._settle is None:
+            return
+        # Taken whole, so that settlements and the heartbeat releasing at once (as they do
+        # when Redis comes back) each release their own; what fails is kept for the next round.
+        held, self._releases = self._releases, []
+        for n, (keys, args) in enumerate(held):
+            try:
+                await self._settle(keys=keys, args=args)
+            except BaseException:
+                self._releases[:0] = held[n:]
+                raise
 
     def _release_later(self, ticket: Ticket, now: float) -> None:
         plan = self._plan(ticket.scopes, now, settling=True)
