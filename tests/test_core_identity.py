@@ -19,6 +19,7 @@ from budget_middleware.core.identity import (
     clean_text,
     hash_key,
     header_reader,
+    is_inference_path,
     key_digest,
     route_path,
 )
@@ -278,6 +279,16 @@ def test_the_choices_billed_are_the_larger_of_n_and_best_of_at_least_one() -> No
     assert target({"n": 0}).choices == 1  # a provider refuses it: one at most is made
     assert target({"n": "5"}).choices == 1 and target({"n": True}).choices == 1
     assert target({"n": 5.0}).choices == 1
+
+
+def test_an_inference_path_is_metered_with_slashes_after_it_and_nothing_else() -> None:
+    paths = ("/chat/completions", "/embeddings")
+    assert is_inference_path("/v1/chat/completions", paths)
+    assert is_inference_path("/v1/chat/completions/", paths)
+    assert is_inference_path("/v1/embeddings///", paths)
+    assert not is_inference_path("/v1/chat/completions/x", paths)
+    assert not is_inference_path("/v1/chat", paths) and not is_inference_path("/", paths)
+    assert not is_inference_path("", paths) and not is_inference_path("/v1/chat/completions", ())
 
 
 def test_a_content_encoding_header_names_its_codings_or_none() -> None:

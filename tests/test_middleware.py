@@ -183,13 +183,15 @@ async def test_an_inference_path_with_a_trailing_slash_is_metered(make_settings:
         key = engine.manager.create_virtual_key(name="alice")
         await engine.invalidate()
         missing = await http.post("/v1/chat/completions/", json=chat())
+        doubled = await http.post("/v1/chat/completions//", json=chat())
         paid = await http.post("/v1/chat/completions/", json=chat(), headers=bearer(key.value))
         await engine.flush()
         rows = engine.manager.usage(group_by="model").usage
     print(
         "slashed path:", missing.status_code, paid.status_code, [(r.key, r.requests) for r in rows]
     )
-    assert missing.status_code == 401 and missing.json()["error"]["code"] == "virtual_key_required"
+    assert missing.status_code == doubled.status_code == 401
+    assert missing.json()["error"]["code"] == "virtual_key_required"
     assert paid.status_code == 200
     assert [(r.key, r.requests) for r in rows] == [("gpt-4o", 1)]
 

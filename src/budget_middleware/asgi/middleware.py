@@ -17,7 +17,7 @@ from typing import Any
 from budget_middleware.answers import ErrorAnswer, request_too_large, store_unavailable
 from budget_middleware.core.identity import (
     header_reader,
-    inference_suffixes,
+    is_inference_path,
     key_digest,
     route_path,
 )
@@ -80,7 +80,7 @@ class BudgetMiddleware:
             self._fail(self.engine.failure)
             return
         s = self.engine.settings
-        self.suffixes = inference_suffixes(s.inference_paths)
+        self.suffixes = s.inference_paths
         self.read_headers = header_reader(s.key_header, s.key_prefix)
         self.max_body = s.max_body_bytes
         self.fail_open = s.fail_open
@@ -97,7 +97,7 @@ class BudgetMiddleware:
         if kind == "http":
             if noting.active:  # a BudgetTransport exists: who calls is noted, on any path
                 await self._noted(scope, receive, send)
-            elif scope["method"] == "POST" and scope["path"].endswith(self.suffixes):
+            elif scope["method"] == "POST" and is_inference_path(scope["path"], self.suffixes):
                 await self._metered(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -112,7 +112,7 @@ class BudgetMiddleware:
         `BudgetTransport` while serving it (read only if it does: SPEC §13)."""
         token = inbound_headers.set(scope["headers"])
         try:
-            if scope["method"] == "POST" and scope["path"].endswith(self.suffixes):
+            if scope["method"] == "POST" and is_inference_path(scope["path"], self.suffixes):
                 await self._metered(scope, receive, send)
             else:
                 await self.app(scope, receive, send)

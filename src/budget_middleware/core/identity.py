@@ -291,12 +291,12 @@ def _body_tags(data: dict[str, Any]) -> tuple[str, ...]:
     return _clean_tags(t for t in tags if isinstance(t, str))
 
 
-def inference_suffixes(paths: tuple[str, ...]) -> tuple[str, ...]:
-    """What a metered path ends with: each inference path, and each with a trailing slash
-    (Flask with `strict_slashes=False`, Django's slashed URLs, a catch-all route serve
-    `/v1/chat/completions/` too: unmetered, it was a way around every limit). One
-    `str.endswith` over this tuple decides, on every request."""
-    return paths + tuple(p + "/" for p in paths if not p.endswith("/"))
+def is_inference_path(path: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether a POST to `path` is metered: it ends with an inference path, slashes after it
+    or not (Flask with `strict_slashes=False`, Django's slashed URLs and a catch-all route
+    serve `/v1/chat/completions/` and `//` too: unmetered, they were a way around every
+    limit). The usual path is told by one `str.endswith`."""
+    return path.endswith(suffixes) or (path[-1:] == "/" and path.rstrip("/").endswith(suffixes))
 
 
 def route_path(scope: MutableMapping[str, Any]) -> str:

@@ -32,7 +32,7 @@ from budget_middleware.core.identity import (
     Credentials,
     body_encoding,
     header_reader,
-    inference_suffixes,
+    is_inference_path,
     key_digest,
 )
 from budget_middleware.core.scopes import KeyConfig
@@ -61,7 +61,7 @@ class _Meter:
         self.engine.add_hooks(**hooks)  # on_alert, on_refusal, on_settled (SPEC §14)
         s = self.engine.settings
         self.shadow = s.mode == "shadow"
-        self.suffixes = inference_suffixes(s.inference_paths)
+        self.suffixes = s.inference_paths
         self.max_body = s.max_body_bytes
         self.fail_open = s.fail_open
         self.read_headers = header_reader(s.key_header, s.key_prefix)
@@ -73,7 +73,7 @@ class _Meter:
         if request.method != "POST":
             return None
         path: str = request.url.path
-        return path if path.endswith(self.suffixes) else None
+        return path if is_inference_path(path, self.suffixes) else None
 
     def readable(self, request: Any, body: bytes) -> bytes | ErrorAnswer:
         """The body as the gate reads it: decoded when the app sent it compressed (a

@@ -35,7 +35,7 @@ from budget_middleware.core.identity import (
     _split_tags,
     body_encoding,
     header_reader,
-    inference_suffixes,
+    is_inference_path,
     key_digest,
 )
 from budget_middleware.core.scopes import KeyConfig
@@ -128,7 +128,7 @@ class BudgetWSGIMiddleware:
         self.engine = engine if engine is not None else get_engine(settings)
         self.engine.add_hooks(on_alert=on_alert, on_refusal=on_refusal, on_settled=on_settled)
         s = self.engine.settings
-        self.suffixes = inference_suffixes(s.inference_paths)
+        self.suffixes = s.inference_paths
         self.read_headers = header_reader(s.key_header, s.key_prefix)
         self.max_body = s.max_body_bytes
         self.fail_open = s.fail_open
@@ -170,14 +170,14 @@ class BudgetWSGIMiddleware:
             return _Noted(answer, headers)
         if environ["REQUEST_METHOD"] == "POST":
             path: str = environ.get("PATH_INFO", "")
-            if path.endswith(self.suffixes):
+            if is_inference_path(path, self.suffixes):
                 return self._metered(environ, start_response, path)
         return self.app(environ, start_response)
 
     def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if environ["REQUEST_METHOD"] == "POST":
             path: str = environ.get("PATH_INFO", "")
-            if path.endswith(self.suffixes):
+            if is_inference_path(path, self.suffixes):
                 return self._metered(environ, start_response, path)
         return self.app(environ, start_response)
 
