@@ -455,6 +455,7 @@ def test_the_same_commands_on_a_running_admin_api(server: Server, here: Here) ->
         "virtual_keys:\n  - name: rk\n    team: remote\n    value: sk-bm-remote-config-key\n"
     )
     broken.write_text("teams:\n  - name: x\n    budgets: [{max_limit: 5, reset_duration: 1x}]\n")
+    config.write_bytes(config.read_text().encode("utf-16"))  # as Windows writes it: read too
     applied = ok(here(server.env, f"config apply {config}"))
     assert applied.out.startswith(f"applied {config}: teams: 1, virtual keys: 1")
     team = ok(here(server.env, "teams show remote --json")).json()["team"]

@@ -333,10 +333,13 @@ class HttpClient:
     def apply_config(self, path: Path) -> None:
         """The file's text to `POST /config/apply`: the server applies it to its store (its
         `${ENV_VAR}` references are the server's)."""
+        from budget_middleware.exceptions import ConfigFileError
+        from budget_middleware.manage.config_file import config_text
+
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CliError(f"cannot read {path}: {exc}") from None
+            text = config_text(path)  # as the store's side reads a file: UTF-16 too
+        except ConfigFileError as exc:
+            raise CliError(config_message(str(exc))) from None
         kind = "json" if path.suffix.lower() == ".json" else "yaml"
         self._send("POST", "/config/apply", body={"text": text, "format": kind})
 

@@ -101,9 +101,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return dict(_read(path).sections)
 
 
-def _text(path: Path, raw: bytes) -> str:
+def config_text(path: Path) -> str:
     """The file's text: UTF-8 (a byte-order mark allowed), or UTF-16 with its mark, as
     Windows editors and PowerShell's `>` write it; anything else is refused by name."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigFileError(f"BUDGET_CONFIG_FILE {str(path)!r}: cannot read: {exc}") from None
     encoding = "utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
     try:
         return raw.decode(encoding)
@@ -115,11 +119,7 @@ def _text(path: Path, raw: bytes) -> str:
 
 
 def _read(path: Path) -> _FileData:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigFileError(f"BUDGET_CONFIG_FILE {str(path)!r}: cannot read: {exc}") from None
-    text = _text(path, raw)
+    text = config_text(path)
     if path.suffix.lower() == ".json":
         try:
             data: Any = json.loads(text)
