@@ -141,3 +141,45 @@ async def test_an_unpriced_request_in_flight_holds_its_budgets(
     assert first.count(200) == 1 if counters == "memory" else 1 <= first.count(200) < 20
     assert first.count(200) + second.count(200) == 20 and after == 402
     assert round(spent * 1e9) == 20 * cost_nanos  # no overshoot
+
+
+async def test_an_unpriced_request_for_several_choices_reserves_each_at_the_most_seen(
+    make_settings: Settings,
+) -> None:
+    """A model without a price, once a request to it has cost $0.000005: a request for `n`
+    choices reserves that for each (it reserved one, and 50 requests of 4 choices at once
+    spent several times the budget)."""
+    per_choice = 5_000
+
+    async def provider(request: Request) -> JSONResponse:
+        choices = (await request.json()).get("n", 1)
+        await asyncio.sleep(0.01)
+        cost = per_choice * choices / 1e9
+        return JSONResponse({"choices": []}, headers={"x-budget-cost": f"{cost}"})
+
+    settings = make_settings()
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])]),
+        settings=settings,
+    )
+    engine = get_engine(settings)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 0.0001}])
+        auth = {"authorization": f"Bearer {key.value}"}
+        first = await http.post(
+            "/v1/chat/completions", json=chat("acme/no-price-here"), headers=auth
+        )  # its cost is learned: $0.000005
+        answers = await asyncio.gather(
+            *[
+                http.post(
+                    "/v1/chat/completions", json=chat("acme/no-price-here", n=4), headers=auth
+                )
+                for _ in range(50)
+            ]
+        )
+        counter = engine.registry.counter("budget", key.budgets[0].id)
+    codes = [a.status_code for a in answers]
+    assert counter is not None
+    print(f"n=4 at once: {codes.count(200)} admitted; spent {counter.value} of 100000")
+    assert first.status_code == 200 and codes.count(200) == 4
+    assert counter.value == per_choice * (1 + 4 * 4) and counter.reserved == 0

@@ -160,9 +160,9 @@ class Alerts:
             try:
                 await asyncio.wait_for(asyncio.shield(task), self.timeout + 2.0)
             except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                task.cancel()  # it writes what is queued as it ends: bounded too
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(task, self.timeout + 2.0)
         self._loop = None
         try:
             await self.raise_queued()

@@ -260,7 +260,10 @@ class BudgetEngine:
             self.started = True
         while self._orphans:
             exchange, outcome = self._orphans.pop(0)
-            await exchange.settle_orphaned(outcome)
+            try:
+                await exchange.settle_orphaned(outcome)
+            except Exception:  # the request starting the engine goes on; the others are settled
+                logger.exception("budget-middleware could not settle a dropped answer")
 
     def settle_later(self, exchange: Exchange, outcome: Callable[[], str | None]) -> None:
         """An answer dropped while no loop runs this engine: the next `ensure_started` settles

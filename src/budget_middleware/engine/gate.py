@@ -304,8 +304,11 @@ class Gate:
                 # most a request to this model has cost here, or, before any has ended, the
                 # most one request is charged (in flight, it leaves no room on its budgets, so
                 # no other request can add to an overrun it may make: SPEC §6).
-                exchange.ticket_estimate = self.unpriced_costs.get(
-                    (target.provider, target.model), MAX_CHARGE_NANOS
+                most = self.unpriced_costs.get((target.provider, target.model))
+                exchange.ticket_estimate = (
+                    MAX_CHARGE_NANOS
+                    if most is None
+                    else min(most * target.choices, MAX_CHARGE_NANOS)  # each choice at most
                 )
             else:
                 output = target.max_output_tokens
