@@ -9,12 +9,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from budget_middleware import BudgetSettings
 from support import chat, client, engine_of, host_app, running
 
 Settings = Callable[..., BudgetSettings]
+
+
+async def status(http: httpx.AsyncClient, key: str | None) -> int:
+    """The status a chat completion with this key gets."""
+    auth = {"authorization": f"Bearer {key}"}
+    return (await http.post("/v1/chat/completions", json=chat(), headers=auth)).status_code
 
 
 async def test_writes_apply_to_the_next_request_without_waiting_for_the_cache(
@@ -25,21 +32,15 @@ async def test_writes_apply_to_the_next_request_without_waiting_for_the_cache(
     async with running(app), client(app) as http:
         m = engine.manager
         key = m.create_virtual_key(name="alice")
-        auth = {"authorization": f"Bearer {key.value}"}
-
-        async def status() -> int:
-            answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
-            return answer.status_code
-
-        assert await status() == 200  # the key is cached now
+        assert await status(http, key.value) == 200  # the key is cached now
         m.update_virtual_key(key.id, is_active=False)
-        assert await status() == 403
+        assert await status(http, key.value) == 403
         m.update_virtual_key(key.id, is_active=True)
-        assert await status() == 200
+        assert await status(http, key.value) == 200
         m.put_provider("openai", budgets=[{"max_limit": 0}])
-        assert await status() == 402
+        assert await status(http, key.value) == 402
         m.delete_provider("openai")
-        assert await status() == 200
+        assert await status(http, key.value) == 200
 
 
 async def test_a_budget_reset_through_the_python_api_frees_the_live_counter(
@@ -144,7 +145,6 @@ async def test_a_key_read_while_a_write_lands_is_read_again_not_cached_as_it_was
     async with running(app), client(app) as http:
         m = engine.manager
         key = m.create_virtual_key(name="alice")
-        auth = {"authorization": f"Bearer {key.value}"}
         reads: list[bool] = []
         has_read, go_on = threading.Event(), threading.Event()
         load_key = engine.store.load_key
@@ -159,17 +159,18 @@ async def test_a_key_read_while_a_write_lands_is_read_again_not_cached_as_it_was
 
         monkeypatch.setattr(engine.store, "load_key", slow_load_key)
 
-        async def status() -> int:
-            answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
-            return answer.status_code
-
-        first = asyncio.create_task(status())
+        first = asyncio.create_task(status(http, key.value))
         assert await asyncio.to_thread(has_read.wait, 10)
         m.update_virtual_key(key.id, is_active=False)  # lands while the read is held
-        second = asyncio.create_task(status())
+        second = asyncio.create_task(status(http, key.value))
         await asyncio.sleep(0.05)  # the second request waits for the read in flight
         go_on.set()
-        codes = [await first, await second, await status(), await status()]
+        codes = [
+            await first,
+            await second,
+            await status(http, key.value),
+            await status(http, key.value),
+        ]
     print(f"reads of the key (active?): {reads}; answers: {codes}")
     assert reads[0] is True and reads[-1] is False  # read again after the write
     assert codes[1:] == [403, 403, 403]

@@ -625,8 +625,9 @@ def test_the_summarize_example_charges_each_caller(tmp_path: Path) -> None:
     assert any(line.strip().startswith("alice requests") for line in lines)
 
 
-_JOBS = """
-import asyncio, sys
+# A script's start: a store (argv[1]), a key with a $10 budget, a provider that answers usage.
+_SCRIPT_START = """
+import asyncio, gc, sys
 import httpx2
 from budget_middleware import BudgetSettings, BudgetSyncTransport, BudgetTransport, charge_to
 from budget_middleware import get_engine
@@ -639,6 +640,11 @@ def provider(request):
 settings = BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600)
 key = get_engine(settings).manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
 body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+"""
+
+_JOBS = (
+    _SCRIPT_START
+    + """
 
 async def job():
     transport = BudgetTransport(httpx2.MockTransport(provider), settings)
@@ -653,6 +659,7 @@ sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider
 with charge_to(virtual_key_id=key.id):  # then a sync call, on the background loop
     assert sync.post("https://api.openai.com/v1/chat/completions", json=body).status_code == 200
 """
+)
 
 
 def test_charges_are_written_when_each_job_runs_its_own_event_loop(tmp_path: Path) -> None:
@@ -676,19 +683,9 @@ def test_charges_are_written_when_each_job_runs_its_own_event_loop(tmp_path: Pat
     assert (count, total, usage) == (4, 4 * price, 4 * price)
 
 
-_DROPPED_AFTER_ITS_LOOP = """
-import asyncio, gc, sys
-import httpx2
-from budget_middleware import BudgetSettings, BudgetTransport, charge_to, get_engine
-
-USAGE = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
-
-def provider(request):
-    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": USAGE})
-
-settings = BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600)
-key = get_engine(settings).manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
-body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+_DROPPED_AFTER_ITS_LOOP = (
+    _SCRIPT_START
+    + """
 kept = []
 
 async def job():
@@ -707,6 +704,7 @@ if sys.argv[2] == "again":  # a later job's loop starts the engine again
         await get_engine(settings).flush()
     asyncio.run(later())
 """
+)
 
 
 @pytest.mark.parametrize("then", ["exit", "again"])

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import pytest
 
 from budget_middleware import BudgetSettings
 from budget_middleware.core.admission import Ticket
+from budget_middleware.core.scopes import LimitSet
+from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.redis_counters import RedisCounters
-from service_support import private_redis
+from service_support import PrivateRedis, private_redis
 from support import chat, client, engine_of, host_app, running
 
 pytestmark = pytest.mark.services
@@ -60,6 +64,60 @@ async def test_a_stalled_redis_counts_as_unreachable_after_the_timeout(
             assert stalled.json()["error"]["code"] == "service_unavailable"
 
 
+@dataclass
+class Stalling:
+    """A key on a private Redis that a test stops (SIGSTOP) and resumes: its counters, its
+    limits, and the settlements it makes while Redis answers nothing."""
+
+    server: PrivateRedis
+    engine: BudgetEngine
+    counters: RedisCounters
+    limits: LimitSet
+    budget_id: str
+
+    async def admit(self) -> Ticket:
+        ticket = await self.counters.admit(self.limits, 1000)
+        assert isinstance(ticket, Ticket)
+        return ticket
+
+    async def settle_stalled(self, ticket: Ticket, cost: int, tokens: int) -> None:
+        assert self.server.process is not None
+        self.server.process.send_signal(signal.SIGSTOP)
+        try:
+            await self.counters.settle(ticket, cost, tokens)
+        finally:
+            self.server.process.send_signal(signal.SIGCONT)
+
+    async def slots_held(self) -> int:
+        client = self.counters.client
+        assert client is not None
+        return sum([await client.zcard(k) for k in await client.keys(f"{self.counters.prefix}c:*")])
+
+
+@asynccontextmanager
+async def stalling(
+    make_settings: Settings, concurrent: int, flush_interval: float
+) -> AsyncIterator[Stalling]:
+    with private_redis() as server:
+        settings = make_settings(
+            redis_url=server.url, redis_timeout_seconds=0.2, flush_interval_seconds=flush_interval
+        )
+        app = host_app(settings)
+        engine = engine_of(app)
+        async with running(app):
+            key = engine.manager.create_virtual_key(
+                name="alice",
+                budgets=[{"max_limit": 10}],
+                rate_limit={"max_concurrent_requests": concurrent},
+            )
+            await engine.invalidate()
+            config = await engine.lookup_key(key.value or "")
+            counters = engine.counters
+            assert isinstance(counters, RedisCounters) and counters.client is not None
+            limits = engine.limits_for(config, "openai", "gpt-4o", ())
+            yield Stalling(server, engine, counters, limits, key.budgets[0].id)
+
+
 async def test_a_request_settled_while_redis_stalls_frees_its_slot_once_redis_answers(
     make_settings: Settings,
 ) -> None:
@@ -68,44 +126,21 @@ async def test_a_request_settled_while_redis_stalls_frees_its_slot_once_redis_an
     expired (`BUDGET_SLOT_TTL_SECONDS`): a key allowed one request at a time was refused
     `concurrency_limit_exceeded` with nothing in flight. They are released when Redis
     answers again."""
-    with private_redis() as server:
-        settings = make_settings(
-            redis_url=server.url, redis_timeout_seconds=0.2, flush_interval_seconds=0.05
-        )
-        app = host_app(settings)
-        engine = engine_of(app)
-        async with running(app):
-            key = engine.manager.create_virtual_key(
-                name="alice",
-                budgets=[{"max_limit": 10}],
-                rate_limit={"max_concurrent_requests": 1},
-            )
-            await engine.invalidate()
-            config = await engine.lookup_key(key.value or "")
-            limits = engine.limits_for(config, "openai", "gpt-4o", ())
-            counters = engine.counters
-            assert isinstance(counters, RedisCounters) and counters.client is not None
-            ticket = await counters.admit(limits, 1000)
-            assert isinstance(ticket, Ticket)
-            assert server.process is not None
-            server.process.send_signal(signal.SIGSTOP)
-            try:
-                await counters.settle(ticket, 500, 10)  # ends while Redis answers nothing
-            finally:
-                server.process.send_signal(signal.SIGCONT)
-            for _ in range(100):  # the heartbeat's round pays what is owed
-                await asyncio.sleep(0.05)
-                if not counters._owed and not counters._releases:
-                    break
-            held = await counters.client.keys(f"{counters.prefix}c:*")
-            slots = sum([await counters.client.zcard(k) for k in held])
-            again = await counters.admit(limits, 1000)
-            outcome = getattr(again, "code", "admitted")
-            print(f"after the stall: {slots} slots held; the next request: {outcome}")
-            assert slots == 0 and isinstance(again, Ticket)
-            await counters.settle(again, 0, 0)
-            budget = engine.registry.counter("budget", key.budgets[0].id)
-            assert budget is not None and budget.value == 500 and budget.reserved == 0
+    async with stalling(make_settings, concurrent=1, flush_interval=0.05) as r:
+        counters = r.counters
+        await r.settle_stalled(await r.admit(), 500, 10)  # ends while Redis answers nothing
+        for _ in range(100):  # the heartbeat's round pays what is owed
+            await asyncio.sleep(0.05)
+            if not counters._owed and not counters._releases:
+                break
+        slots = await r.slots_held()
+        again = await counters.admit(r.limits, 1000)
+        outcome = getattr(again, "code", "admitted")
+        print(f"after the stall: {slots} slots held; the next request: {outcome}")
+        assert slots == 0 and isinstance(again, Ticket)
+        await counters.settle(again, 0, 0)
+        budget = r.engine.registry.counter("budget", r.budget_id)
+        assert budget is not None and budget.value == 500 and budget.reserved == 0
 
 
 async def test_settlements_at_once_after_a_stall_each_release_their_own(
@@ -114,41 +149,20 @@ async def test_settlements_at_once_after_a_stall_each_release_their_own(
     """Right after Redis comes back, settlements (and the heartbeat) release what was held at
     once: each releases what it took, none fails on another's (an `IndexError` escaped a
     settlement, its own slot stayed held and its charge never reached Redis)."""
-    with private_redis() as server:
-        settings = make_settings(
-            redis_url=server.url, redis_timeout_seconds=0.2, flush_interval_seconds=60
+    async with stalling(make_settings, concurrent=10, flush_interval=60) as r:
+        counters = r.counters
+        assert counters.client is not None
+        tickets = [await r.admit() for _ in range(3)]
+        await r.settle_stalled(tickets[0], 500, 10)  # its release waits for Redis
+        counters._state.retry_at = 0.0  # its back-off over, as after its delay
+        results = await asyncio.gather(
+            counters.settle(tickets[1], 100, 1),
+            counters.settle(tickets[2], 100, 1),
+            return_exceptions=True,
         )
-        app = host_app(settings)
-        engine = engine_of(app)
-        async with running(app):
-            key = engine.manager.create_virtual_key(
-                name="alice",
-                budgets=[{"max_limit": 10}],
-                rate_limit={"max_concurrent_requests": 10},
-            )
-            await engine.invalidate()
-            config = await engine.lookup_key(key.value or "")
-            limits = engine.limits_for(config, "openai", "gpt-4o", ())
-            counters = engine.counters
-            assert isinstance(counters, RedisCounters) and counters.client is not None
-            tickets = [await counters.admit(limits, 1000) for _ in range(3)]
-            assert all(isinstance(t, Ticket) for t in tickets)
-            assert server.process is not None
-            server.process.send_signal(signal.SIGSTOP)
-            try:
-                await counters.settle(tickets[0], 500, 10)  # its release waits for Redis
-            finally:
-                server.process.send_signal(signal.SIGCONT)
-            counters._state.retry_at = 0.0  # its back-off over, as after its delay
-            results = await asyncio.gather(
-                counters.settle(tickets[1], 100, 1),  # type: ignore[arg-type]
-                counters.settle(tickets[2], 100, 1),  # type: ignore[arg-type]
-                return_exceptions=True,
-            )
-            held = await counters.client.keys(f"{counters.prefix}c:*")
-            slots = sum([await counters.client.zcard(k) for k in held])
-            window = await counters.client.keys(f"{counters.prefix}w:budget:*")
-            spent = int(await counters.client.get(window[0]))
-            print(f"settled at once: {results}; slots held {slots}; Redis holds {spent}")
-            assert results == [None, None] and slots == 0 and not counters._releases
-            assert spent == 700  # the stalled 500 owed and paid, and both 100s
+        slots = await r.slots_held()
+        window = await counters.client.keys(f"{counters.prefix}w:budget:*")
+        spent = int(await counters.client.get(window[0]))
+        print(f"settled at once: {results}; slots held {slots}; Redis holds {spent}")
+        assert results == [None, None] and slots == 0 and not counters._releases
+        assert spent == 700  # the stalled 500 owed and paid, and both 100s

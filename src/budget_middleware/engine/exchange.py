@@ -399,18 +399,13 @@ class Exchange:
         engine.settle_later(self, outcome)
 
     def _settle_dropped(self, outcome: Callable[[], str | None]) -> None:
-        how = outcome()
-        if how is None:
-            return
-        if self.engine.in_process:
-            self.settle_now(how)
-        else:
-            task = asyncio.get_running_loop().create_task(self.settle_shared(how))
-            _DROPPED.add(task)
-            task.add_done_callback(_DROPPED.discard)
+        task = asyncio.get_running_loop().create_task(self.settle_orphaned(outcome))
+        _DROPPED.add(task)
+        task.add_done_callback(_DROPPED.discard)
 
     async def settle_orphaned(self, outcome: Callable[[], str | None]) -> None:
-        """A dropped answer's settlement that waited for a loop (`settle_dropped`)."""
+        """A dropped answer's settlement, on the engine's loop (`settle_dropped`): at once, or
+        once a loop starts the engine again."""
         how = outcome()
         if how is None:
             return
