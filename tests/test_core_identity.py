@@ -50,6 +50,21 @@ def test_a_blank_or_empty_key_header_holds_no_key_and_the_others_are_read() -> N
     assert read(headers(x_budget_key="   ")).key is None
 
 
+def test_a_header_sent_twice_counts_by_its_first_value_as_the_host_app_reads_it() -> None:
+    """SPEC §4, first found: Starlette's `request.headers` (and so the app's own check of the
+    caller) reads a repeated header's first value; the key charged is that one."""
+    from starlette.datastructures import Headers
+
+    for first, second in (("sk-bm-a", "sk-bm-b"), ("sk-bm-b", "sk-bm-a")):
+        raw = [(b"authorization", f"Bearer {first}".encode())] + headers(
+            x_budget_tags="t", authorization=f"Bearer {second}"
+        )
+        assert read(raw).key == first
+        assert Headers(raw=raw)["authorization"] == f"Bearer {first}"
+    twice = headers(x_budget_key="k1") + headers(x_budget_key="k2")
+    assert read(twice).key == "k1"
+
+
 def test_a_bearer_token_counts_only_with_the_prefix() -> None:
     assert read(headers(authorization="Bearer sk-bm-abc ")).key == "sk-bm-abc"
     assert read(headers(authorization="bearer sk-bm-abc")).key == "sk-bm-abc"

@@ -167,6 +167,29 @@ async def test_unknown_and_missing_keys_get_401(make_settings: Settings) -> None
     assert host_credential.json()["error"]["code"] == "virtual_key_required"
 
 
+async def test_a_key_header_sent_twice_is_read_by_its_first_value(make_settings: Settings) -> None:
+    """The app reads a repeated header's first value (Starlette); the middleware charged the
+    last one: a caller the app saw as one key was charged (or refused) as another."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        alice = engine.manager.create_virtual_key(name="alice")
+        bob = engine.manager.create_virtual_key(name="bob")
+        await engine.invalidate()
+        both = [("authorization", f"Bearer {alice.value}"), ("authorization", f"Bearer {bob.value}")]
+        as_alice = await http.post("/v1/state/completions", json=chat(), headers=both)
+        as_bob = await http.post("/v1/state/completions", json=chat(), headers=both[::-1])
+        unknown_first = await http.post(
+            "/v1/chat/completions",
+            json=chat(),
+            headers=[("authorization", "Bearer sk-bm-nope"), both[0]],
+        )
+    print("charged to:", as_alice.json()["virtual_key_id"], as_bob.json()["virtual_key_id"])
+    assert as_alice.json()["virtual_key_id"] == alice.id
+    assert as_bob.json()["virtual_key_id"] == bob.id
+    assert unknown_first.status_code == 401
+
+
 async def test_an_inference_path_with_a_trailing_slash_is_metered(make_settings: Settings) -> None:
     """A host that serves `/v1/chat/completions/` too (a catch-all route, Flask's
     `strict_slashes=False`, Django's slashed URLs): it went unmetered, past every limit."""
