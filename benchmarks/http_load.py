@@ -115,9 +115,10 @@ async def run(duration: float, repeats: int, concurrency: int = 32) -> list[dict
                     process, port = _serve(server, middleware, env)
                     try:
                         _drive(port, body, world.key, concurrency, 1)  # warm-up
-                        found[middleware].append(
-                            _drive(port, body, world.key, concurrency, duration)
-                        )
+                        before = thread_cpu(process.pid)
+                        run_ = _drive(port, body, world.key, concurrency, duration)
+                        run_["cpu"] = _cpu_spent(before, thread_cpu(process.pid), process.pid)
+                        found[middleware].append(run_)
                     finally:
                         process.terminate()
                         process.wait(10)
@@ -136,11 +137,37 @@ async def run(duration: float, repeats: int, concurrency: int = 32) -> list[dict
     return rows
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) spent so far by each thread of a process (Linux `/proc`;
+    empty elsewhere)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    spent: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        spent[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return spent
+
+
+def _cpu_spent(before: dict[int, float], after: dict[int, float], pid: int) -> dict[str, float]:
+    """Server CPU seconds over a run: the event-loop thread (the process's main thread, where
+    every request is handled) and the others (worker threads: the store's writes, DNS)."""
+    loop = after.get(pid, 0.0) - before.get(pid, 0.0)
+    others = sum(v - before.get(tid, 0.0) for tid, v in after.items() if tid != pid)
+    return {"loop_s": loop, "others_s": others}
+
+
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The mean of the repeated runs."""
+    """The mean of the repeated runs; server CPU per request over all of them."""
     n = len(runs)
     rps = [r["requests"] / (r["duration_us"] / 1e6) for r in runs]
+    requests = sum(r["requests"] for r in runs) or 1
     return {
+        "loop_cpu_us": sum(r["cpu"]["loop_s"] for r in runs) / requests * 1e6,
+        "other_cpu_us": sum(r["cpu"]["others_s"] for r in runs) / requests * 1e6,
         "rps": sum(rps) / n,
         "p50_ms": sum(r["p50_us"] for r in runs) / n / 1000,
         "p99_ms": sum(r["p99_us"] for r in runs) / n / 1000,

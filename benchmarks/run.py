@@ -155,6 +155,20 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_f(b['p99_ms'], 2)} | {_f(m['rps'], 0)} | {_f(m['p50_ms'], 2)} "
                 f"| {_f(m['p99_ms'], 2)} | {_f(r['throughput_ratio'] * 100, 0)}% | {r['target']} |"
             )
+        out += [
+            "",
+            "Server CPU per request (µs, from `/proc`; the event-loop thread handles every "
+            "request, other threads write to the store):",
+            "",
+            "| server | bare, loop thread | with middleware, loop thread | added | other threads |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in report["http"]:
+            b, m = r["bare"], r["middleware"]
+            out.append(
+                f"| {r['server']} | {_f(b['loop_cpu_us'])} | {_f(m['loop_cpu_us'])} "
+                f"| {_f(m['loop_cpu_us'] - b['loop_cpu_us'])} | {_f(m['other_cpu_us'])} |"
+            )
         tools = {r["bare"]["tool"] for r in report["http"]}
         out += ["", f"Load generator: {', '.join(sorted(tools))}; errors and non-2xx: "
                 f"{sum(r[v]['non_2xx'] + r[v]['socket_errors'] for r in report['http'] for v in ('bare', 'middleware'))}.", ""]  # fmt: skip # noqa: E501
