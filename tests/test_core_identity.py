@@ -56,9 +56,10 @@ def test_a_header_sent_twice_counts_by_its_first_value_as_the_host_app_reads_it(
     from starlette.datastructures import Headers
 
     for first, second in (("sk-bm-a", "sk-bm-b"), ("sk-bm-b", "sk-bm-a")):
-        raw = [(b"authorization", f"Bearer {first}".encode())] + headers(
-            x_budget_tags="t", authorization=f"Bearer {second}"
-        )
+        raw = [
+            (b"authorization", f"Bearer {first}".encode()),
+            *headers(x_budget_tags="t", authorization=f"Bearer {second}"),
+        ]
         assert read(raw).key == first
         assert Headers(raw=raw)["authorization"] == f"Bearer {first}"
     twice = headers(x_budget_key="k1") + headers(x_budget_key="k2")

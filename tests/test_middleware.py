@@ -176,7 +176,7 @@ async def test_a_key_header_sent_twice_is_read_by_its_first_value(make_settings:
         alice = engine.manager.create_virtual_key(name="alice")
         bob = engine.manager.create_virtual_key(name="bob")
         await engine.invalidate()
-        both = [("authorization", f"Bearer {alice.value}"), ("authorization", f"Bearer {bob.value}")]
+        both = [("authorization", f"Bearer {k.value}") for k in (alice, bob)]
         as_alice = await http.post("/v1/state/completions", json=chat(), headers=both)
         as_bob = await http.post("/v1/state/completions", json=chat(), headers=both[::-1])
         unknown_first = await http.post(

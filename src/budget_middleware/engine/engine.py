@@ -156,7 +156,9 @@ class BudgetEngine:
         self._changed = False  # a write since the reload under way began
         self._writes = 0  # writes seen (mark_stale): a key read across one is read again
         # Answers dropped when no loop ran this engine, settled by the next one (or at exit)
-        self._orphans: list[tuple[Exchange, Callable[[], str | None]]] = []
+        # Dropped answers to settle, by id: while no loop runs the engine, and while one is
+        # sent to a loop that may never run it again (it is taken out when it runs there).
+        self._orphans: dict[int, tuple[Exchange, Callable[[], str | None]]] = {}
         self._settles_at_exit = False
         self.forked_at = 0.0  # perf_counter() at a fork: what was admitted before is the parent's
         self._pid = os.getpid()
@@ -259,7 +261,7 @@ class BudgetEngine:
             self._flusher = self.loop.create_task(self._flush_loop())
             self.started = True
         while self._orphans:
-            exchange, outcome = self._orphans.pop(0)
+            exchange, outcome = self._orphans.pop(next(iter(self._orphans)))
             try:
                 await exchange.settle_orphaned(outcome)
             except Exception:  # the request starting the engine goes on; the others are settled
@@ -268,10 +270,14 @@ class BudgetEngine:
     def settle_later(self, exchange: Exchange, outcome: Callable[[], str | None]) -> None:
         """An answer dropped while no loop runs this engine: the next `ensure_started` settles
         it, or, if none comes, the process's exit (its charge written then)."""
-        self._orphans.append((exchange, outcome))
+        self._orphans[id(exchange)] = (exchange, outcome)
         if not self._settles_at_exit:
             self._settles_at_exit = True
             atexit.register(self._settle_at_exit)
+
+    def taken(self, exchange: Exchange) -> None:
+        """A dropped answer's settlement ran on the engine's loop: not to settle later."""
+        self._orphans.pop(id(exchange), None)
 
     def _settle_at_exit(self) -> None:
         if not self._orphans or os.getpid() != self._pid:
@@ -351,7 +357,7 @@ class BudgetEngine:
         self._forget_the_loop()
         self.forked_at = time.perf_counter()
         self._pid = os.getpid()
-        self._orphans = []
+        self._orphans = {}
         self.records = []
         self.unwritten = []
         self.rejects_to_save = []

@@ -5,6 +5,7 @@ settle it exactly once. Every adapter hands the answer's start to `read_start` a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from time import perf_counter
@@ -389,16 +390,17 @@ class Exchange:
         engine = self.engine
         if self.started < engine.forked_at:
             return
+        # Kept for the next loop or the exit too, until the loop runs it: a loop can be open
+        # and never run again (`asyncio.run` ending, a `run_until_complete` then `close`), and
+        # its close drops what was sent to it. Settled twice, `outcome()` says None the second.
+        engine.settle_later(self, outcome)
         loop = engine.loop
         if loop is not None and not loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: kept for later
                 loop.call_soon_threadsafe(self._settle_dropped, outcome)
-                return
-            except RuntimeError:  # closed meanwhile
-                pass
-        engine.settle_later(self, outcome)
 
     def _settle_dropped(self, outcome: Callable[[], str | None]) -> None:
+        self.engine.taken(self)
         task = asyncio.get_running_loop().create_task(self.settle_orphaned(outcome))
         _DROPPED.add(task)
         task.add_done_callback(_DROPPED.discard)
