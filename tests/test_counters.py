@@ -418,15 +418,17 @@ def test_an_older_anchor_never_moves_the_window_back() -> None:
     assert (counter.value, counter.start, counter.end) == (5, T0 + 20 * MINUTE, T0 + 140 * MINUTE)
 
 
-def test_a_reset_drops_the_old_window_s_unwritten_charges_and_starts_a_window_now(
+def test_a_reset_seals_the_old_window_s_unwritten_charges_at_its_moment_and_starts_anew(
     engine: BudgetEngine,
 ) -> None:
+    """The old window's unwritten charge goes to the store as that window's, ending at the
+    reset: the store drops it once it holds the reset (adds it to the old window before)."""
     ledger = engine.registry.ledger
     counter = window(engine.registry, "budget", "b", now=T0 + 10 * MINUTE)
     counter.add(5, ledger)
-    counter.reset(T0 + 20 * MINUTE)
+    counter.reset(T0 + 20 * MINUTE, ledger)
     assert (counter.value, counter.start, counter.end) == (0, T0 + 20 * MINUTE, T0 + 80 * MINUTE)
-    assert take(engine) == []
+    assert take(engine) == [("budget", "b", at(T0), at(T0 + 20 * MINUTE), 5)]
     counter.seed(40, T0 + 20 * MINUTE, ledger)
     assert counter.value == 40
     counter.add(2, ledger)

@@ -11,8 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request, Response
 
-from budget_middleware import BudgetSettings
+from budget_middleware import BudgetMiddleware, BudgetSettings, create_admin_app
+from conftest import REDIS_URL, need_redis
+from service_support import unique_prefix, use_prefix
 from support import chat, client, engine_of, host_app, running
 
 Settings = Callable[..., BudgetSettings]
@@ -174,3 +177,122 @@ async def test_a_key_read_while_a_write_lands_is_read_again_not_cached_as_it_was
     print(f"reads of the key (active?): {reads}; answers: {codes}")
     assert reads[0] is True and reads[-1] is False  # read again after the write
     assert codes[1:] == [403, 403, 403]
+
+
+def gated_app(
+    settings: BudgetSettings, waiting: int = 0
+) -> tuple[Any, asyncio.Event, asyncio.Event]:
+    """A host whose completion answers $0.01 (`x-budget-cost`) once `gate` is set; `here` is
+    set once `waiting` requests wait there. The admin API at /admin."""
+    gate, here = asyncio.Event(), asyncio.Event()
+    arrived: list[int] = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> Response:
+        await request.body()
+        arrived.append(1)
+        if len(arrived) == waiting:
+            here.set()
+        await gate.wait()
+        body = '{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+        return Response(body, media_type="application/json", headers={"x-budget-cost": "0.01"})
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    app.mount("/admin", create_admin_app(settings))
+    return app, gate, here
+
+
+async def _spent(engine: Any, budget_id: str) -> tuple[float, float]:
+    """(live, stored) spend of a budget, once pending charges are written."""
+    await engine.flush()
+    m = engine.manager
+    live = next(b for b in m.list_budgets(from_memory=True, counters=engine.registry))
+    return live.current_usage, m.get_budget(budget_id).current_usage
+
+
+@pytest.mark.parametrize("by", ["python", "admin", "python, on Redis"])
+async def test_requests_in_flight_at_a_reset_count_what_they_spend_after_it(
+    make_settings: Settings, by: str
+) -> None:
+    """50 requests admitted, a budget reset, then their answers: what they spend comes after
+    the reset and counts in the new window. Through the Python API (the next request applied
+    the reset to the live counter, and dropped their charges: $0.01 of $0.51) and through the
+    admin API (its worker thread; the live counter is reset on the loop)."""
+    redis = {"redis_url": REDIS_URL} if "Redis" in by else {}
+    if redis:
+        need_redis()
+    settings = make_settings(admin_key="admin-secret", flush_interval_seconds=30, **redis)
+    app, gate, here = gated_app(settings, waiting=50)
+    engine = engine_of(app)
+    prefix = unique_prefix()
+    if redis:
+        use_prefix(engine, prefix)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(name="k", budgets=[{"max_limit": 0.6, "reset_duration": "1d"}])
+        budget_id = key.budgets[0].id
+        await engine.invalidate()
+        auth = {"authorization": f"Bearer {key.value}"}
+        calls = [
+            asyncio.create_task(http.post("/v1/chat/completions", json=chat(), headers=auth))
+            for _ in range(50)
+        ]
+        await here.wait()  # all admitted, waiting for their answers
+        if by.startswith("python"):
+            m.reset_budget(budget_id)
+        else:
+            admin = {"authorization": "Bearer admin-secret"}
+            reset = await http.post(f"/admin/budgets/{budget_id}/reset", headers=admin)
+            assert reset.status_code == 200
+        gate.set()
+        assert [a.status_code for a in await asyncio.gather(*calls)] == [200] * 50
+        after_50 = await _spent(engine, budget_id)
+        more = [
+            (await http.post("/v1/chat/completions", json=chat(), headers=auth)).status_code
+            for _ in range(30)
+        ]
+        live, stored = await _spent(engine, budget_id)
+        await engine.counters.refresh()  # what every instance reads again each cache TTL
+        refreshed, _ = await _spent(engine, budget_id)
+    print(
+        f"by {by}: after the 50 (live, stored) {after_50}; then {more.count(200)} of 30 "
+        f"admitted; (live, stored, refreshed) ${live:.2f} ${stored:.2f} ${refreshed:.2f}"
+    )
+    assert after_50 == (0.5, 0.5)
+    assert more.count(200) == 10  # $0.60 in all: the limit holds
+    assert (live, stored, refreshed) == (0.6, 0.6, 0.6)
+
+
+async def test_charges_before_a_reset_stay_in_the_old_window_whenever_they_are_written(
+    make_settings: Settings,
+) -> None:
+    """Settled before a reset and written after it, a charge is the old window's: the store
+    drops it. One settled after the reset and written before the store holds it (a flush
+    between the live reset and the store's) starts the new window there, and stays."""
+    from budget_middleware.core.times import from_ts
+    from budget_middleware.manage import reports
+
+    settings = make_settings(flush_interval_seconds=30)
+    app, gate, _ = gated_app(settings)
+    gate.set()
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(name="k", budgets=[{"max_limit": 100, "reset_duration": "1d"}])
+        budget_id = key.budgets[0].id
+        auth = {"authorization": f"Bearer {key.value}"}
+        for _ in range(5):  # $0.05 before the reset, not written yet
+            assert (await http.post("/v1/chat/completions", json=chat(), headers=auth)).is_success
+        m.reset_budget(budget_id)
+        before = await _spent(engine, budget_id)
+        # The live counter reset, then a charge written, then the store's reset at that moment.
+        at = engine.reset_live("budget", budget_id)
+        assert (await http.post("/v1/chat/completions", json=chat(), headers=auth)).is_success
+        await engine.flush()
+        with engine.store.session() as s:
+            reports.reset_budget(s, budget_id, from_ts(at))
+        after = await _spent(engine, budget_id)
+    print(f"(live, stored): charged before the reset {before}; after it, written first {after}")
+    assert before == (0.0, 0.0)
+    assert after == (0.01, 0.01)

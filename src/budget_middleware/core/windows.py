@@ -160,11 +160,13 @@ class WindowCounter:
         """Add to the current window (see `charge`)."""
         charge((self,), amount, self.start, ledger)
 
-    def reset(self, now: float) -> None:
-        """Start a new window now (`POST /budgets/{id}/reset`); charges of the old window that are
-        not yet written no longer count against it (their usage records stay)."""
+    def reset(self, now: float, ledger: Ledger) -> None:
+        """Start a new window now (`POST /budgets/{id}/reset`). What was charged before stays
+        the old window's: sealed as its delta, which ends here (the store drops it once it holds
+        the reset, and adds it to the old window before). What is charged from now on counts in
+        the new window, requests admitted before included."""
+        self._seal(ledger)
         self.anchor = now
-        self.pending = 0
         self.value = 0
         self.start, self.end = self._window_at(now)
 

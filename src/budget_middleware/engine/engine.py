@@ -118,6 +118,17 @@ class Batch:
         ]
 
 
+_RESET_WAIT_SECONDS = 30.0
+
+
+def _running(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether `loop` runs in this thread (a sync call from code on it)."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class BudgetEngine:
     def __init__(self, settings: BudgetSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -163,7 +174,6 @@ class BudgetEngine:
         self.forked_at = 0.0  # perf_counter() at a fork: what was admitted before is the parent's
         self._pid = os.getpid()
         self._reloading: asyncio.Future[None] | None = None
-        self._resets: list[tuple[str, str, float]] = []
         self.store_ok = True
         self._start_lock: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -211,7 +221,7 @@ class BudgetEngine:
             from budget_middleware.manage.manager import BudgetManager
 
             self._manager = BudgetManager(
-                self.store, self.settings, on_change=self.mark_stale, on_reset=self.reset_window
+                self.store, self.settings, on_change=self.mark_stale, reset_live=self.reset_live
             )
         return self._manager
 
@@ -474,11 +484,6 @@ class BudgetEngine:
             try:
                 self.keys.clear()
                 self._keys_by_id.clear()
-                while self._resets:
-                    kind, id_, at = self._resets.pop(0)
-                    counter = self.registry.counter(kind, id_)
-                    if counter is not None:
-                        counter.reset(at)
                 await self.reload_globals()
             finally:
                 self._reloading = None
@@ -599,11 +604,37 @@ class BudgetEngine:
         if self.hooks.on_settled:
             self.hooks.emit(self.hooks.on_settled, record)
 
-    def reset_window(self, kind: str, id: str, at: float) -> None:
-        """A budget was reset at `at` (the moment the store holds, which every instance reads):
-        its live counter starts that window before the next request."""
-        self._resets.append((kind, id, at))
-        self.mark_stale()
+    def reset_live(self, kind: str, id: str) -> float:
+        """A budget's reset, in this process: its live counter starts a new window at a moment
+        taken where requests settle (the engine's loop, or under its lock for WSGI), so that each
+        charge falls on one side of it: before, the old window's; after, the new one's, requests
+        admitted before included. Returns that moment, for the store to start the window at
+        (`manage.BudgetManager.reset_budget`). From another thread it waits for the loop, and for
+        a flush under way (what it took is then in the store's old window)."""
+        loop = self.loop
+        if loop is not None and loop.is_running() and not _running(loop):
+            future = asyncio.run_coroutine_threadsafe(self._reset_after_flush(kind, id), loop)
+            try:
+                return future.result(timeout=_RESET_WAIT_SECONDS)
+            except TimeoutError:
+                future.cancel()
+                raise ServiceUnavailable(
+                    f"the engine's event loop did not take the reset in {_RESET_WAIT_SECONDS} s"
+                ) from None
+        return self._reset_counter(kind, id)  # on the loop itself, or with none running
+
+    async def _reset_after_flush(self, kind: str, id: str) -> float:
+        if self._flush_lock is None:
+            return self._reset_counter(kind, id)
+        async with self._flush_lock:
+            return self._reset_counter(kind, id)
+
+    def _reset_counter(self, kind: str, id: str) -> float:
+        at = self.clock()
+        counter = self.registry.counter(kind, id)
+        if counter is not None:
+            counter.reset(at, self.registry.ledger)
+        return at
 
     # -- the ledger's way to the store ---------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
+from budget_middleware.core.times import from_ts
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
 from budget_middleware.manage import reports
@@ -411,13 +412,18 @@ class BudgetManager(KeyWriter):
             return reports.budget(s, id_)
 
     def reset_budget(self, id_: str) -> BudgetOut:
-        """Start a new window now: usage 0 from this moment, in the store and in the engine."""
-        now = datetime.now(UTC)
+        """Start a new window now: usage 0 from this moment, in this process's live counter and
+        in the store, at one moment (the engine's, where requests settle: a charge settled
+        after it counts in the new window, one settled before it does not). Other instances
+        take the stored moment when they next read the budget."""
         with self._session() as s:
-            out = reports.reset_budget(s, id_, now)
-        if self.on_reset is not None:  # the stored moment: another instance reads the same
-            self.on_reset("budget", id_, now.timestamp())
-        return out
+            reports.budget(s, id_)  # 404 before anything is reset
+        if self.reset_live is not None:
+            at = from_ts(self.reset_live("budget", id_))
+        else:
+            at = datetime.now(UTC)
+        with self._session() as s:
+            return reports.reset_budget(s, id_, at)
 
     def list_alerts(
         self,

@@ -240,13 +240,14 @@ class OwnerWriter:
         origin: Origin = MANUAL,
         *,
         on_change: Callable[[], None] | None = None,
-        on_reset: Callable[[str, str, float], None] | None = None,
+        reset_live: Callable[[str, str], float] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.origin = origin
         self.on_change = on_change  # the engine of this process: the next request sees a write
-        self.on_reset = on_reset  # the engine's live counter of a budget that was reset
+        # The engine's live counter of a budget being reset: starts its window, says when.
+        self.reset_live = reset_live
 
     def _session(self) -> Session:
         _ensure_schema(self.store)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import String, cast, func
+from sqlalchemy import String, case, cast, func, update
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.money import usd_from_nanos
@@ -70,13 +70,23 @@ def budget(s: Session, id_: str) -> BudgetOut:
 
 
 def reset_budget(s: Session, id_: str, now: datetime) -> BudgetOut:
-    """A new window from `now` (the moment every instance's live counter starts it at)."""
-    row = _budget_row(s, id_)
-    row.current_usage_nanos = 0
-    row.last_reset = now
-    row.updated_at = now
-    s.add(row)
+    """A new window from `now` (the moment this process's live counter started it at), in one
+    statement: a flush may have written charges of that window already (settled after `now`,
+    they started it in the store), and they stay; the old window's usage goes."""
+    _budget_row(s, id_)
+    older = col(BudgetRow.last_reset) < now
+    s.execute(
+        update(BudgetRow)
+        .where(col(BudgetRow.id) == id_)
+        .values(
+            current_usage_nanos=case((older, 0), else_=col(BudgetRow.current_usage_nanos)),
+            last_reset=case((older, now), else_=col(BudgetRow.last_reset)),
+            updated_at=now,
+        )
+    )
     s.commit()
+    row = _budget_row(s, id_)
+    s.refresh(row)
     return budget_out(row, Paths(s).of(row.owner_type, row.owner_id), now)
 
 
