@@ -129,7 +129,8 @@ def records(engine: BudgetEngine) -> list[dict[str, Any]]:
         rows = conn.execute(
             text(
                 "SELECT virtual_key_id, provider, model, input_tokens, output_tokens, cost_nanos,"
-                " streamed, outcome, estimated, status FROM bm_usage_records ORDER BY id"
+                " streamed, outcome, estimated, status, direction FROM bm_usage_records"
+                " ORDER BY id"
             )
         )
         return [dict(r._mapping) for r in rows]
@@ -755,12 +756,12 @@ def test_the_loop_lock_excludes_threads_that_wait_for_it_by_giving_the_gil_away(
     assert not lock._is_owned()
 
 
-def test_a_new_status_before_any_body_is_the_answer_measured(make_settings: Settings) -> None:
-    """PEP 3333's error pattern: `start_response("200 OK")`, then, before any body,
-    `start_response("500 ...", exc_info)`. The client gets the 500 without usage, which costs
-    nothing (SPEC §7), not a 200 charged an estimate."""
+def _error_app(kind: str) -> Any:
+    """PEP 3333's error pattern: `start_response("200 OK")`, the backend fails, then
+    `start_response("500 ...", exc_info)`: before any body (a list app; a generator app, all of
+    which runs inside the server's first `next()`), or after part of it (`began`)."""
 
-    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    def listed(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         start_response("200 OK", [("content-type", "application/json")])
         try:
             raise RuntimeError("the model backend failed")
@@ -769,7 +770,30 @@ def test_a_new_status_before_any_body_is_the_answer_measured(make_settings: Sett
                            sys.exc_info())  # fmt: skip
             return [b"internal error"]
 
-    middleware = BudgetWSGIMiddleware(app, make_settings())
+    def generated(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("content-type", "application/json")])
+        if kind == "began":
+            yield b'{"id": "c", "choices": ['
+        try:
+            raise RuntimeError("the model backend failed")
+        except RuntimeError:
+            start_response("500 Internal Server Error", [("content-type", "text/plain")],
+                           sys.exc_info())  # fmt: skip
+            yield b"internal error"
+
+    return listed if kind == "list" else generated
+
+
+@pytest.mark.parametrize("kind", ["list", "generator", "began"])
+def test_a_new_status_before_any_body_is_the_answer_measured(
+    make_settings: Settings, kind: str
+) -> None:
+    """The client gets the 500 without usage, which costs nothing (SPEC §7), not a 200 charged
+    an estimate: a generator app's new status (given inside the first `next()`) was passed to
+    the server and not measured. Once the body has begun, the server re-raises: the answer
+    measured stays the 200 it is sending, its prompt estimated."""
+    middleware = BudgetWSGIMiddleware(_error_app(kind), make_settings())
     engine = middleware.engine
     on_loop(engine, engine.ensure_started)
     key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10.0}])
@@ -780,18 +804,33 @@ def test_a_new_status_before_any_body_is_the_answer_measured(make_settings: Sett
         "CONTENT_TYPE": "application/json", "HTTP_AUTHORIZATION": f"Bearer {key.value}",
     }  # fmt: skip
     sent: list[str] = []
+    headers_sent = [False]
 
     def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
-        sent.append(status)  # nothing sent yet: a server takes the new status (werkzeug's
-        return lambda data: None  # test client re-raises instead, so it is not used here)
+        if exc_info is not None and headers_sent[0]:  # as a server does (PEP 3333)
+            raise exc_info[1].with_traceback(exc_info[2])
+        sent.append(status)
+        return lambda data: None
 
     answer = middleware(environ, start_response)
-    chunks = list(answer)
+    chunks: list[bytes] = []
+    try:
+        for chunk in answer:
+            if chunk:
+                headers_sent[0] = True
+                chunks.append(chunk)
+    except RuntimeError:
+        chunks.append(b"<the server gave up>")
     answer.close()  # type: ignore[attr-defined]
     rows = records(engine)
-    print(f"statuses given {sent}; record {rows}")
-    assert sent[-1].startswith("500") and chunks == [b"internal error"]
-    assert [(r["status"], r["cost_nanos"], r["estimated"]) for r in rows] == [(500, 0, False)]
+    print(f"{kind}: statuses given {sent}; sent {chunks}; record {rows}")
+    measured = [(r["status"], r["cost_nanos"] > 0, r["estimated"]) for r in rows]
+    if kind == "began":
+        assert sent == ["200 OK"] and chunks[-1] == b"<the server gave up>"
+        assert measured == [(200, True, True)]  # the prompt, estimated: the provider was called
+    else:
+        assert sent[-1].startswith("500") and chunks == [b"internal error"]
+        assert measured == [(500, False, False)]
 
 
 FORKED = r"""
@@ -949,6 +988,78 @@ def test_an_answer_dropped_without_close_frees_its_slot(make_settings: Settings)
           f"outcomes {[r['outcome'] for r in rows]}")  # fmt: skip
     assert again.status_code == 200
     assert sorted(r["outcome"] for r in rows) == ["client_disconnected", "completed"]
+
+
+@pytest.mark.parametrize("lock", ["free", "held"])
+def test_a_dropped_answer_s_app_generator_is_closed_where_it_was_dropped(
+    make_settings: Settings, lock: str
+) -> None:
+    """A proxy app relays a provider stream (`BudgetSyncTransport`) from a generator; the
+    server drops the answer after one chunk, without `close()`. The settlement handed to the
+    engine's loop held the answer, so the generator was closed there, later: the provider
+    stream's settlement could not wait for the loop from the loop (the call never charged, its
+    slot held for ever). Dropped by a thread holding `loop_lock` (a collector running inside an
+    admission), its settlement waits for nothing either."""
+    from budget_middleware import BudgetSyncTransport
+    from budget_middleware.engine.portal import loop_lock
+
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+
+    class Events(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            for _ in range(20):
+                delta = {**chunk, "choices": [{"delta": {"content": "word "}}]}
+                yield b"data: " + json.dumps(delta).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Events(), headers={"content-type": "text/event-stream"})
+
+    settings = make_settings(flush_interval_seconds=3600)
+    transport = BudgetSyncTransport(httpx.MockTransport(upstream), settings)
+    provider = httpx.Client(transport=transport, base_url="https://api.openai.com")
+    closed_in: list[str] = []
+
+    def relay() -> Iterator[bytes]:
+        try:
+            with provider.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
+                yield from r.iter_raw()
+        finally:
+            closed_in.append(threading.current_thread().name)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("content-type", "text/event-stream")])
+        return relay()
+
+    middleware = BudgetWSGIMiddleware(app, settings)
+    engine = middleware.engine
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 10}], rate_limit={"max_concurrent_requests": 2}
+    )
+    body = json.dumps(chat(stream=True)).encode()
+    environ = {
+        "REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "SCRIPT_NAME": "",
+        "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
+        "CONTENT_TYPE": "application/json", "HTTP_AUTHORIZATION": f"Bearer {key.value}",
+    }  # fmt: skip
+    answer = middleware(environ, lambda status, headers, exc_info=None: lambda data: None)
+    next(iter(answer))  # one chunk sent, then dropped: no close()
+    if lock == "held":
+        with loop_lock:
+            del answer
+    else:
+        del answer
+    deadline = time.monotonic() + 5
+    while any(slots.in_flight for slots in engine.registry.concurrency.values()):
+        assert time.monotonic() < deadline, "a dropped call was never settled"
+        time.sleep(0.01)
+    rows = records(engine)
+    print(f"lock {lock}: the app's generator closed in {closed_in}; "
+          f"records {[(r['direction'], r['outcome']) for r in rows]}")  # fmt: skip
+    assert closed_in == [threading.current_thread().name]
+    assert sorted(r["direction"] for r in rows) == ["inbound", "outbound"]
 
 
 def test_an_app_failing_before_its_first_chunk_costs_nothing(make_settings: Settings) -> None:

@@ -121,8 +121,8 @@ class Batch:
 _RESET_WAIT_SECONDS = 30.0
 
 
-def _running(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether `loop` runs in this thread (a sync call from code on it)."""
+def running_here(loop: asyncio.AbstractEventLoop | None) -> bool:
+    """Whether `loop` runs in this thread (a sync call from code on it, or a collector's)."""
     try:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
@@ -612,7 +612,7 @@ class BudgetEngine:
         (`manage.BudgetManager.reset_budget`). From another thread it waits for the loop, and for
         a flush under way (what it took is then in the store's old window)."""
         loop = self.loop
-        if loop is not None and loop.is_running() and not _running(loop):
+        if loop is not None and loop.is_running() and not running_here(loop):
             future = asyncio.run_coroutine_threadsafe(self._reset_after_flush(kind, id), loop)
             try:
                 return future.result(timeout=_RESET_WAIT_SECONDS)

@@ -148,6 +148,20 @@ def is_background(loop: asyncio.AbstractEventLoop | None) -> bool:
     return loop is not None and loop is _background and _background_pid == os.getpid()
 
 
+def cannot_wait_for(engine: BudgetEngine) -> bool:
+    """Whether this thread must not wait for the engine's loop (`on_loop` would deadlock or
+    raise): it runs that loop, or holds `loop_lock` (a collector finalizing an answer there)."""
+    loop = engine.loop
+    if loop is None:
+        return False
+    try:
+        if asyncio.get_running_loop() is loop:
+            return True
+    except RuntimeError:
+        pass
+    return is_background(loop) and loop_lock._is_owned()
+
+
 def on_loop(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
     """Run `work()` on the engine's event loop from a thread that is not that loop's, and wait
     for it. An engine not started yet starts in the background loop. Never call it holding

@@ -17,6 +17,7 @@ loop and is waited for.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -474,13 +475,30 @@ async def _settle_now(exchange: Exchange, outcome: str) -> None:
     exchange.settle_now(outcome)
 
 
+class _Once:
+    """Whether an answer is settled: its own object, so that a dropped answer's settlement
+    (`MeteredResponse.__del__`) holds this and not the answer."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def take(self, outcome: str) -> str | None:
+        """`outcome` the first time (on the engine's loop: `loop_lock` held), then None."""
+        if self.done:
+            return None
+        self.done = True
+        return outcome
+
+
 class MeteredResponse:
     """The app's answer on its way to the server: headers completed at `start_response`, each
     chunk measured as it passes (never held back), settled exactly once, at the last chunk or
     at `close()`, whichever comes first."""
 
     __slots__ = ("body", "direct", "done", "exchange", "failed", "iterable", "middleware",
-                 "next_", "settled", "start", "write_", "wrote")  # fmt: skip
+                 "next_", "once", "start", "write_", "wrote")  # fmt: skip
 
     def __init__(
         self,
@@ -498,20 +516,34 @@ class MeteredResponse:
         self.write_: Write | None = None
         self.done = False
         self.failed = False
-        self.settled = False
+        self.once = _Once()  # settled: shared with a dropped answer's settlement (`__del__`)
         self.wrote = False
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Write:
         exchange = self.exchange
-        if exc_info is not None and exchange.response_started:
-            if self.next_ is not None or self.wrote:  # the body has begun: the server re-raises
-                return self.start(status, headers, exc_info)
-            # PEP 3333's error pattern: a new status before any body (`start_response("500",
-            # ..., exc_info)` after a 200). The answer is measured as that one.
-            exchange.stream = exchange.decoder = exchange.unreadable = None
-            exchange.header_cost = None
+        if exc_info is None or not exchange.response_started:
+            return self._started(status, headers, exc_info)
+        # PEP 3333's error pattern: a new status (`start_response("500", ..., exc_info)` after
+        # a 200). The server takes it while no header is sent (before the body's first byte,
+        # whatever the app's iteration did: a generator app runs inside the first `next()`),
+        # and re-raises after: the answer measured is the one the server sends.
+        kept = (exchange.status, exchange.stream, exchange.decoder, exchange.unreadable,
+                exchange.header_cost, exchange.left_out)  # fmt: skip
+        exchange.stream = exchange.decoder = exchange.unreadable = None
+        exchange.header_cost = None
+        try:
+            return self._started(status, headers, exc_info)
+        except BaseException:
+            (exchange.status, exchange.stream, exchange.decoder, exchange.unreadable,
+             exchange.header_cost, exchange.left_out) = kept  # fmt: skip
+            raise
+
+    def _started(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None
+    ) -> Write:
+        exchange = self.exchange
         # The exchange reads three headers (as bytes); the app's go on as the app wrote them.
         if type(headers) is not list:
             headers = list(headers)
@@ -585,13 +617,13 @@ class MeteredResponse:
             if close is not None:
                 close()
         finally:
-            if not self.settled:  # settled at the last chunk (the usual case): no lock taken
+            if not self.once.done:  # settled at the last chunk (the usual case): no lock taken
                 self.settle("upstream_error" if self.failed else "client_disconnected")
 
     def _to_drain(self) -> bool:
         exchange = self.exchange
         return (
-            not self.settled
+            not self.once.done
             and not self.done
             and not self.failed
             and exchange.response_started
@@ -603,34 +635,31 @@ class MeteredResponse:
     def __del__(self) -> None:
         """An answer dropped without `close()` (a server that does not call it): settled on
         the engine's loop, as a disconnect (its callbacks hold `loop_lock`). No lock is taken
-        here: the collector may run anywhere."""
-        if not self.settled:
-            self.exchange.settle_dropped(self._settling)
-
-    def _settling(self) -> str | None:
-        """The outcome to settle with, the first time only (on the engine's loop)."""
-        if self.settled:
-            return None
-        self.settled = True
-        return "upstream_error" if self.failed else "client_disconnected"
+        here: the collector may run anywhere. What the loop is handed holds nothing of this
+        answer, so the app's iterable goes now, in this thread: its `finally:` and `with`
+        exits (a provider stream it held) never run on the engine's loop."""
+        if not self.once.done:
+            outcome = "upstream_error" if self.failed else "client_disconnected"
+            self.exchange.settle_dropped(functools.partial(self.once.take, outcome))
 
     def settle(self, outcome: str) -> None:
         """Exactly once, whichever thread gets here first (the flag is tested under the lock
         that settles in process: one acquisition)."""
         try:
+            once = self.once
             if self.direct:
                 exchange = self.exchange
                 record = exchange.charge(outcome)  # worked out before the lock is taken
                 with loop_lock:
-                    if self.settled:
+                    if once.done:
                         return
-                    self.settled = True
+                    once.done = True
                     exchange.book(record)
                 return
             with loop_lock:
-                if self.settled:
+                if once.done:
                     return
-                self.settled = True
+                once.done = True
             self.middleware.settle(self.exchange, outcome, False)
         except Exception:  # the answer is gone already: log, never raise into the server
             logger.exception("budget-middleware could not settle a request")
