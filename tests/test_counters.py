@@ -435,6 +435,24 @@ def test_a_reset_seals_the_old_window_s_unwritten_charges_at_its_moment_and_star
     assert take(engine) == [("budget", "b", at(T0 + 20 * MINUTE), at(T0 + 80 * MINUTE), 2)]
 
 
+def test_a_reset_elsewhere_keeps_what_this_instance_has_not_written_in_the_new_window(
+    engine: BudgetEngine,
+) -> None:
+    """Another instance reset the budget at T0 + 20 min; this one learns it at its next read,
+    holding $5 it has not written (charged before or after the reset: it cannot tell). It
+    counts in the new window, whether the flush comes first or another charge does (that
+    charge sealed it as a window ending at the reset, which the store drops: the $5 was lost,
+    and the budget's limit with it)."""
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, "budget", "b", now=T0 + 10 * MINUTE)
+    counter.add(5, ledger)
+    window(engine.registry, "budget", "b", anchor=T0 + 20 * MINUTE, now=T0 + 30 * MINUTE)
+    assert (counter.start, counter.end) == (T0 + 20 * MINUTE, T0 + 80 * MINUTE)
+    counter.add(2, ledger)
+    assert take(engine) == [("budget", "b", at(T0 + 20 * MINUTE), at(T0 + 80 * MINUTE), 7)]
+    assert counter.value == 7
+
+
 def test_changing_a_limit_s_duration_keeps_its_usage_while_the_windows_overlap(
     engine: BudgetEngine,
 ) -> None:

@@ -97,7 +97,10 @@ class WindowCounter:
     ) -> None:
         """Apply (new) limit parameters; the usage is kept (changing a limit never resets it),
         unless the window it was counted in has ended: a newer anchor from the store (another
-        instance rolled the window) moves the window on, and the old window's usage stays there."""
+        instance rolled the window) moves the window on, and the old window's usage stays there.
+        A newer anchor inside the window (a reset elsewhere) takes what this instance has not
+        written into the new window: charged after the reset or shortly before it, it counts
+        (limits tighten by what the flush interval holds at most; never lift)."""
         moved = (duration, calendar_aligned) != (self.duration, self.calendar_aligned)
         self._set_terms(limit, calendar_aligned)
         if moved or anchor > self.anchor:
@@ -107,6 +110,8 @@ class WindowCounter:
             if start >= self.end:  # a later window: what we counted belongs to the one before
                 self._seal(ledger)
                 self.value = 0
+            elif not moved and self.pending and self.pending_start == self.start:
+                self.pending_start = start
             self.start, self.end = start, end
 
     def _set_terms(self, limit: int, calendar_aligned: bool) -> None:
