@@ -264,8 +264,9 @@ async def test_requests_in_flight_at_a_reset_count_what_they_spend_after_it(
     assert (live, stored, refreshed) == (0.6, 0.6, 0.6)
 
 
+@pytest.mark.parametrize("aligned", [False, True], ids=["rolling", "calendar"])
 async def test_charges_before_a_reset_stay_in_the_old_window_whenever_they_are_written(
-    make_settings: Settings,
+    make_settings: Settings, aligned: bool
 ) -> None:
     """Settled before a reset and written after it, a charge is the old window's: the store
     drops it. One settled after the reset and written before the store holds it (a flush
@@ -279,7 +280,10 @@ async def test_charges_before_a_reset_stay_in_the_old_window_whenever_they_are_w
     engine = engine_of(app)
     async with running(app), client(app) as http:
         m = engine.manager
-        key = m.create_virtual_key(name="k", budgets=[{"max_limit": 100, "reset_duration": "1d"}])
+        key = m.create_virtual_key(
+            name="k",
+            budgets=[{"max_limit": 100, "reset_duration": "1d", "calendar_aligned": aligned}],
+        )
         budget_id = key.budgets[0].id
         auth = {"authorization": f"Bearer {key.value}"}
         for _ in range(5):  # $0.05 before the reset, not written yet
@@ -293,6 +297,9 @@ async def test_charges_before_a_reset_stay_in_the_old_window_whenever_they_are_w
         with engine.store.session() as s:
             reports.reset_budget(s, budget_id, from_ts(at))
         after = await _spent(engine, budget_id)
-    print(f"(live, stored): charged before the reset {before}; after it, written first {after}")
+    print(
+        f"aligned {aligned} (live, stored): charged before the reset {before}; "
+        f"after it, written first {after}"
+    )
     assert before == (0.0, 0.0)
     assert after == (0.01, 0.01)

@@ -707,9 +707,9 @@ if sys.argv[2] == "again":  # a later job's loop starts the engine again
 )
 
 
-_DROPPED_BEFORE_ITS_LOOP_CLOSED = (
-    _SCRIPT_START
-    + """
+_DROPPED_AS_ITS_LOOP_ENDS = {
+    # dropped while its loop is open, and never runs again; its close drops what was sent to it
+    "closed unrun": """
 kept = []
 
 async def job():
@@ -721,24 +721,41 @@ async def job():
 
 loop = asyncio.new_event_loop()
 loop.run_until_complete(job())
-kept.clear()  # dropped while its loop is open, and never runs again (as `asyncio.run` ends)
+kept.clear()
 gc.collect()
-loop.close()  # what was sent to the loop is dropped with it
+loop.close()
+""",
+    # dropped as `asyncio.run`'s main coroutine returns: the settlement's task is made, and
+    # cancelled by `asyncio.run` before its first step
+    "last step": """
+async def job():
+    http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.MockTransport(provider), settings))
+    with charge_to(virtual_key_id=key.id):
+        url = "https://api.openai.com/v1/chat/completions"
+        request = http.build_request("POST", url, json=body)
+        answer = await http.send(request, stream=True)  # neither read nor closed
+    assert answer.status_code == 200
+
+asyncio.run(job())
+""",
+}
+_AGAIN = """
 if sys.argv[2] == "again":
     async def later():
         await get_engine(settings).ensure_started()
         await get_engine(settings).flush()
     asyncio.run(later())
 """
-)
 
 
+@pytest.mark.parametrize("how", sorted(_DROPPED_AS_ITS_LOOP_ENDS))
 @pytest.mark.parametrize("then", ["exit", "again"])
-def test_an_answer_dropped_as_its_loop_ends_is_settled(tmp_path: Path, then: str) -> None:
-    """Dropped while the engine's loop is still open but will not run again: the settlement
-    sent to that loop is lost with it, so it is kept for the next loop or the exit as well."""
+def test_an_answer_dropped_as_its_loop_ends_is_settled(tmp_path: Path, then: str, how: str) -> None:
+    """Dropped while the engine's loop is still open but will not run its settlement: what is
+    sent to that loop is lost with it, so it is kept for the next loop or the exit as well,
+    until the settlement has begun there."""
     script = tmp_path / "dropped.py"
-    script.write_text(_DROPPED_BEFORE_ITS_LOOP_CLOSED)
+    script.write_text(_SCRIPT_START + _DROPPED_AS_ITS_LOOP_ENDS[how] + _AGAIN)
     url = f"sqlite:///{tmp_path / 'dropped.db'}"
     subprocess.run([sys.executable, str(script), url, then], check=True, timeout=120)
     store_engine = create_engine(url)
@@ -747,7 +764,7 @@ def test_an_answer_dropped_as_its_loop_ends_is_settled(tmp_path: Path, then: str
             text("SELECT outcome, cost_nanos FROM bm_usage_records"))]  # fmt: skip
         usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
     store_engine.dispose()
-    print(f"dropped as its loop ended, then {then}: records {rows}; the budget holds {usage}")
+    print(f"dropped ({how}), then {then}: records {rows}; the budget holds {usage}")
     assert len(rows) == 1 and rows[0][0] == "client_disconnected"
     assert rows[0][1] > 0 and usage == rows[0][1]
 

@@ -720,6 +720,51 @@ def test_every_step_of_the_engine_s_background_loop_holds_the_lock(make_settings
     assert not loop_lock._is_owned()  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("holding", [False, True], ids=["free", "holding the loop lock"])
+def test_a_reset_from_a_wsgi_thread_is_made_on_the_loop_s_side_of_every_charge(
+    make_settings: Settings, holding: bool
+) -> None:
+    """A reset from a thread of a WSGI app: made where requests settle (the background loop,
+    or at once by a thread that holds its lock: waiting for the loop there stalled, then gave
+    up with the live counter reset and the store not), at the moment the store gets."""
+    from budget_middleware.engine.engine import get_engine
+    from budget_middleware.engine.portal import loop_lock
+
+    engine = get_engine(make_settings())
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    budget_id = key.budgets[0].id
+    usage = {"prompt_tokens": 10, "completion_tokens": 5}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("content-type", "application/json")])
+        return [json.dumps({"choices": [], "usage": usage}).encode()]
+
+    client = Client(BudgetWSGIMiddleware(app, make_settings()))
+    answer = client.post("/v1/chat/completions", json=chat(), headers=bearer(key.value or ""))
+    assert answer.status_code == 200
+    done: list[Any] = []
+
+    def reset() -> None:
+        if holding:
+            with loop_lock:
+                done.append(engine.manager.reset_budget(budget_id))
+        else:
+            done.append(engine.manager.reset_budget(budget_id))
+
+    thread = threading.Thread(target=reset)
+    thread.start()
+    thread.join(60)
+    counter = engine.registry.counter("budget", budget_id)
+    assert counter is not None and done, "the reset never returned"
+    stored = done[0].last_reset.timestamp()
+    print(
+        f"{'holding' if holding else 'free'}: live window from {counter.start}, "
+        f"stored {stored}; live spend {counter.value}"
+    )
+    assert (counter.start, counter.value) == (stored, 0)
+
+
 def test_the_loop_lock_excludes_threads_that_wait_for_it_by_giving_the_gil_away() -> None:
     """`loop_lock` as the WSGI threads take it: a thread that finds it held gives the GIL away
     until it is free (no convoy of threads asleep on it), and sleeps on it only after that;

@@ -173,7 +173,10 @@ class WindowCounter:
         self._seal(ledger)
         self.anchor = now
         self.value = 0
-        self.start, self.end = self._window_at(now)
+        start, self.end = self._window_at(now)
+        # A calendar window reset midway starts at the reset (its charges are the new window's
+        # for the store too); a rolling one starts there anyway.
+        self.start = _shared_float(max(start, now))
 
     @property
     def remaining(self) -> int:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 import weakref
@@ -27,11 +29,13 @@ from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import hash_key, key_digest
 from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet
+from budget_middleware.core.times import from_ts
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.engine.alerts import Alerts
 from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
 from budget_middleware.engine.gate import Gate
 from budget_middleware.engine.hooks import Hook, Hooks
+from budget_middleware.engine.portal import cannot_wait_for
 from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable
 from budget_middleware.settings import BudgetSettings, raised_again
@@ -121,12 +125,21 @@ class Batch:
 _RESET_WAIT_SECONDS = 30.0
 
 
-def running_here(loop: asyncio.AbstractEventLoop | None) -> bool:
-    """Whether `loop` runs in this thread (a sync call from code on it, or a collector's)."""
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
+class _Handoff:
+    """A reset sent to the engine's loop: done there unless its caller gave up waiting."""
+
+    __slots__ = ("at", "gave_up", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.gave_up = False
+        self.at: float | None = None
+
+    def take(self, reset: Callable[[str, str], float], kind: str, id: str) -> float | None:
+        with self.lock:
+            if not self.gave_up:
+                self.at = reset(kind, id)
+            return self.at
 
 
 class BudgetEngine:
@@ -610,27 +623,37 @@ class BudgetEngine:
         charge falls on one side of it: before, the old window's; after, the new one's, requests
         admitted before included. Returns that moment, for the store to start the window at
         (`manage.BudgetManager.reset_budget`). From another thread it waits for the loop, and for
-        a flush under way (what it took is then in the store's old window)."""
+        a flush under way (what it took is then in the store's old window); a wait given up
+        (the loop stuck) resets nothing."""
         loop = self.loop
-        if loop is not None and loop.is_running() and not running_here(loop):
-            future = asyncio.run_coroutine_threadsafe(self._reset_after_flush(kind, id), loop)
-            try:
-                return future.result(timeout=_RESET_WAIT_SECONDS)
-            except TimeoutError:
-                future.cancel()
-                raise ServiceUnavailable(
-                    f"the engine's event loop did not take the reset in {_RESET_WAIT_SECONDS} s"
-                ) from None
-        return self._reset_counter(kind, id)  # on the loop itself, or with none running
+        if loop is None or not loop.is_running() or cannot_wait_for(self):
+            # No loop runs the engine, or this thread runs it or holds its lock: nothing
+            # settles meanwhile.
+            return self._reset_counter(kind, id)
+        handoff = _Handoff()
+        future = asyncio.run_coroutine_threadsafe(self._reset_after_flush(kind, id, handoff), loop)
+        try:
+            at = future.result(timeout=_RESET_WAIT_SECONDS)
+        except concurrent.futures.TimeoutError:
+            with handoff.lock:
+                handoff.gave_up = True
+                if handoff.at is not None:  # it ran as the wait ended: its moment stands
+                    return handoff.at
+            raise ServiceUnavailable(
+                f"the engine's event loop did not take the reset in {_RESET_WAIT_SECONDS} s"
+            ) from None
+        assert at is not None  # given up only once the wait has ended
+        return at
 
-    async def _reset_after_flush(self, kind: str, id: str) -> float:
-        if self._flush_lock is None:
-            return self._reset_counter(kind, id)
-        async with self._flush_lock:
-            return self._reset_counter(kind, id)
+    async def _reset_after_flush(self, kind: str, id: str, handoff: _Handoff) -> float | None:
+        lock = self._flush_lock
+        if lock is None:
+            return handoff.take(self._reset_counter, kind, id)
+        async with lock:
+            return handoff.take(self._reset_counter, kind, id)
 
     def _reset_counter(self, kind: str, id: str) -> float:
-        at = self.clock()
+        at = from_ts(self.clock()).timestamp()  # to the microsecond, as the store keeps it
         counter = self.registry.counter(kind, id)
         if counter is not None:
             counter.reset(at, self.registry.ledger)

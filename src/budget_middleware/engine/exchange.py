@@ -400,14 +400,16 @@ class Exchange:
                 loop.call_soon_threadsafe(self._settle_dropped, outcome)
 
     def _settle_dropped(self, outcome: Callable[[], str | None]) -> None:
-        self.engine.taken(self)
         task = asyncio.get_running_loop().create_task(self.settle_orphaned(outcome))
         _DROPPED.add(task)
         task.add_done_callback(_DROPPED.discard)
 
     async def settle_orphaned(self, outcome: Callable[[], str | None]) -> None:
         """A dropped answer's settlement, on the engine's loop (`settle_dropped`): at once, or
-        once a loop starts the engine again."""
+        once a loop starts the engine again. Kept for later until it gets here: a task
+        cancelled before its first step (its loop ending) leaves it to the next loop or the
+        exit."""
+        self.engine.taken(self)
         how = outcome()
         if how is None:
             return
