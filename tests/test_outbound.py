@@ -1058,3 +1058,167 @@ async def test_a_compressed_request_body_is_read_for_its_model(
     row = rows[0]
     assert row["input_tokens"] > 0 and row["output_tokens"] > 0
     assert row["cost_nanos"] == row["input_tokens"] * 2500 + row["output_tokens"] * 10_000
+
+
+# -- answers lost, cut, given up midway, compressed ---------------------------------------------
+
+
+def _sdk(transport: Any, engine: BudgetEngine) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=BudgetTransport(transport, engine=engine)),
+    )
+
+
+def _costs(engine: BudgetEngine) -> list[tuple[str, int, int]]:
+    with engine.store.engine.connect() as conn:
+        query = text("SELECT outcome, cost_nanos, estimated FROM bm_usage_records ORDER BY id")
+        return [(r[0], r[1], r[2]) for r in conn.execute(query)]
+
+
+@pytest.mark.parametrize("lost", ["read timeout", "connection refused"])
+async def test_a_call_sent_and_never_answered_is_charged_what_it_sent(
+    engine: BudgetEngine, lost: str
+) -> None:
+    """The provider received the call, and its answer never came (a read timeout): it bills the
+    prompt, which is charged, estimated (it was free, and the budget never stopped the calls).
+    A call whose connection was never made reached no one: it costs nothing."""
+
+    class Provider(httpx2.AsyncBaseTransport):
+        received = 0
+
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            if lost == "connection refused":
+                raise httpx2.ConnectError("connection refused", request=request)
+            await request.aread()
+            Provider.received += 1
+            raise httpx2.ReadTimeout("no answer in time", request=request)
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 0.002}])
+    sdk = _sdk(Provider(), engine)
+    with charge_to(virtual_key=key.value):
+        for _ in range(10):
+            with pytest.raises(
+                (openai.APITimeoutError, openai.APIConnectionError, openai.APIStatusError)
+            ):
+                await sdk.chat.completions.create(
+                    model="gpt-4o", messages=MESSAGES * 20, max_tokens=100, stream=True
+                )
+    await engine.flush()
+    rows = _costs(engine)
+    print(f"{lost}: the provider received {Provider.received}; records {rows}")
+    if lost == "read timeout":
+        assert rows and all(outcome == "upstream_error" and cost > 0 and estimated
+                            for outcome, cost, estimated in rows)  # fmt: skip
+        assert Provider.received == len(rows) < 10  # the budget stopped them
+    else:
+        assert rows == [("upstream_error", 0, 0)] * 10
+
+
+async def test_a_json_answer_given_up_after_its_first_chunk_is_read_for_its_usage(
+    engine: BudgetEngine,
+) -> None:
+    """`with_streaming_response`, one chunk read, then closed: the provider made (and bills)
+    the whole answer; the rest is read for its usage (it was charged the prompt, estimated)."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000}
+    answer = json.dumps(
+        {"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "w " * 7000},
+                      "finish_reason": "stop"}],
+         "usage": usage}
+    ).encode()  # fmt: skip
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        pieces = [answer[i : i + 4096] for i in range(0, len(answer), 4096)]
+        headers = {"content-type": "application/json"}
+        return httpx2.Response(200, headers=headers, stream=_Pieces(pieces))
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    sdk = _sdk(httpx2.MockTransport(provider), engine)
+    with charge_to(virtual_key=key.value):
+        async with sdk.chat.completions.with_streaming_response.create(
+            model="gpt-4o", messages=MESSAGES
+        ) as response:
+            async for _ in response.iter_bytes():
+                break
+    await engine.flush()
+    rows = _costs(engine)
+    print("given up after one chunk:", rows)
+    assert rows == [("completed", 1000 * 2500 + 1000 * 10_000, 0)]
+
+
+class _Pieces(httpx2.AsyncByteStream):
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            yield piece
+
+
+async def test_a_stream_the_provider_cuts_is_an_upstream_error(engine: BudgetEngine) -> None:
+    """Five events, then the provider's connection fails: charged an estimate, and recorded
+    as the upstream's failure (it said the client went away)."""
+    delta = {"index": 0, "delta": {"content": "word "}, "finish_reason": None}
+    event = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o", "choices": [delta]}
+
+    class Cut(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for _ in range(5):
+                yield b"data: " + json.dumps(event).encode() + b"\n\n"
+            raise httpx2.ReadTimeout("the provider stopped answering")
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Cut())
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    sdk = _sdk(httpx2.MockTransport(provider), engine)
+    with charge_to(virtual_key=key.value), pytest.raises(openai.APIError):
+        stream = await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        async for _ in stream:
+            pass
+    await engine.flush()
+    rows = _costs(engine)
+    print("cut by the provider:", rows)
+    assert len(rows) == 1 and rows[0][0] == "upstream_error" and rows[0][1] > 0 and rows[0][2]
+
+
+async def test_a_stream_asked_for_its_usage_is_asked_for_in_clear(engine: BudgetEngine) -> None:
+    """The SDK's client accepts gzip, and a provider compresses a stream it may: the usage
+    chunk we asked for could not be taken out of it, and the app got a chunk without choices
+    (`chunk.choices[0]` raises). The call asks for the stream in clear."""
+    seen: list[str] = []
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        asked = json.loads(request.content)
+        accepted = request.headers.get("accept-encoding", "")
+        seen.append(accepted)
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+        events = [
+            {**base, "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]},
+            {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ]
+        if (asked.get("stream_options") or {}).get("include_usage"):
+            events.append({**base, "choices": [], "usage": {"prompt_tokens": 10,
+                                                            "completion_tokens": 2}})  # fmt: skip
+        body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+        body += b"data: [DONE]\n\n"
+        headers = {"content-type": "text/event-stream"}
+        if "gzip" in accepted:  # as a provider does: compressed when the client accepts it
+            body, headers["content-encoding"] = gzip.compress(body), "gzip"
+        return httpx2.Response(200, headers=headers, content=body)
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    sdk = _sdk(httpx2.MockTransport(provider), engine)
+    choices: list[int] = []
+    with charge_to(virtual_key=key.value):
+        stream = await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        async for chunk in stream:
+            choices.append(len(chunk.choices))
+    await engine.flush()
+    rows = _costs(engine)
+    print(f"accept-encoding sent {seen}; choices per chunk {choices}; records {rows}")
+    assert seen == ["identity"] and choices == [1, 1]
+    assert rows == [("completed", 10 * 2500 + 2 * 10_000, 0)]

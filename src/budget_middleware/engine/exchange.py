@@ -75,6 +75,9 @@ class Exchange:
     orjson_writes = True  # `parsed` written back by orjson (`gate.for_rewrite` says)
     ask_usage = False  # an OpenAI-style stream: asked for its usage (`gate.body_to_send`)
     injected_usage = False
+    # An outbound call the provider received and never answered (a read timeout, a dropped
+    # connection): what it was sent is charged, estimated (SPEC §13).
+    sent_unanswered = False
     route_target: str | None = None  # the route's target admitted (SPEC §12): x-budget-route
     body = b""
     receive_: Receive
@@ -302,7 +305,9 @@ class Exchange:
             cost, source = self.header_cost, "header"
         elif usage is not None and usage.cost is not None:
             cost, source = charge_nanos(usage.cost), "usage"
-        elif usage is None and (self.status >= 400 or not self.response_started):
+        elif usage is None and (
+            self.status >= 400 or not (self.response_started or self.sent_unanswered)
+        ):
             cost, source = 0, "none"  # an error without usage costs nothing
         else:
             if usage is None:  # no usage reported: charge what we can see, and say so

@@ -173,6 +173,11 @@ class _Meter:
             return request
         # JSON as it is: its own length, and no content-encoding (the app's was for its body)
         headers = [(n, v) for n, v in request.headers.raw if n.lower() not in _REWRITTEN]
+        if exchange.injected_usage:
+            # The stream in clear: the usage chunk we asked for is taken out of it on its way
+            # to the SDK, which a compressed stream would not let us do.
+            headers = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
+            headers.append((b"accept-encoding", b"identity"))
         return lib.Request(
             request.method,
             request.url,
@@ -229,6 +234,17 @@ def _library(request: Any) -> ModuleType:
     if lib is None:
         lib = _LIBRARIES[kind] = sys.modules[kind.__module__.split(".", 1)[0]]
     return lib
+
+
+# Failures of a call the provider never received: the connection was never made.
+_NOT_SENT = ("ConnectError", "ConnectTimeout", "PoolTimeout", "UnsupportedProtocol", "ProxyError")
+
+
+def _sent(lib: ModuleType, exc: BaseException) -> bool:
+    """Whether a call that failed before its answer's headers reached the provider: anything
+    but a connection never made (a read timeout, a connection dropped, a cancelled wait). The
+    provider bills what it received: the prompt, at least."""
+    return not any(isinstance(exc, getattr(lib, name)) for name in _NOT_SENT if hasattr(lib, name))
 
 
 def _outcome(exchange: Exchange, read_to_the_end: bool) -> str:
@@ -288,7 +304,8 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         exchange: Exchange = admitted  # type: ignore[assignment]
         try:
             response = await inner.handle_async_request(meter.outgoing(lib, request, exchange))
-        except BaseException:
+        except BaseException as exc:
+            exchange.sent_unanswered = _sent(lib, exc)
             await meter.settle(exchange, "upstream_error")
             raise
         return meter.metered_response(lib, request, response, exchange, _AsyncMetered)
@@ -308,16 +325,18 @@ class _Metered:
         self.meter = meter
         self.done = False
         self.settled = False
-        self.reading = False  # the SDK began to read the body
+        self.failed = False  # the provider's body failed midway (a read timeout, a cut)
+        self.chunks: Any = None  # the body's iterator, once the SDK began to read it
 
     def _to_drain(self) -> bool:
-        """Closed before it was read at all: a JSON answer (no stream) is read to its end here,
-        for its usage. The provider made all of it before answering and bills it whole; a
-        stream closed early ends there (the provider stops), and is charged an estimate."""
+        """Closed before its end: a JSON answer (no stream) is read to its end here, from where
+        the SDK stopped, for its usage. The provider made all of it before answering and bills
+        it whole; a stream closed early ends there (the provider stops), and is charged an
+        estimate."""
         exchange = self.exchange
         return (
-            not self.reading
-            and not self.done
+            not self.done
+            and not self.failed
             and exchange.stream is None
             and exchange.unreadable is None
             and exchange.status < 400
@@ -332,7 +351,7 @@ class _Metered:
         if self.settled:
             return None
         self.settled = True
-        return _outcome(self.exchange, self.done)
+        return "upstream_error" if self.failed else _outcome(self.exchange, self.done)
 
     def __del__(self) -> None:
         """A body the SDK dropped unread and unclosed (a stream it never iterated, a response
@@ -344,8 +363,15 @@ class _Metered:
 class _AsyncMetered(_Metered):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         exchange = self.exchange
-        self.reading = True
-        async for chunk in self.stream:  # raw, as it came (read already or not)
+        chunks = self.chunks = self.stream.__aiter__()  # raw, as it came (read already or not)
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except Exception:
+                self.failed = True  # the provider's failure, not the SDK's choice
+                raise
             out = exchange.on_chunk(chunk, True)
             if out:
                 yield out
@@ -357,8 +383,9 @@ class _AsyncMetered(_Metered):
     async def aclose(self) -> None:
         try:
             if self._to_drain():
+                chunks = self.chunks or self.stream.__aiter__()
                 with contextlib.suppress(Exception):  # what it could read is charged
-                    async for chunk in self.stream:
+                    async for chunk in chunks:
                         self.exchange.on_chunk(chunk, True)
                     self._last()
             await self.stream.aclose()
@@ -422,7 +449,8 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
         exchange: Exchange = admitted  # type: ignore[assignment]
         try:
             response = inner.handle_request(meter.outgoing(lib, request, exchange))
-        except BaseException:
+        except BaseException as exc:
+            exchange.sent_unanswered = _sent(lib, exc)
             on_loop(meter.engine, lambda: meter.settle(exchange, "upstream_error"))
             raise
         return meter.metered_response(lib, request, response, exchange, _SyncMetered)
@@ -435,8 +463,15 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
 class _SyncMetered(_Metered):
     def __iter__(self) -> Iterator[bytes]:
         exchange = self.exchange
-        self.reading = True
-        for chunk in self.stream:
+        chunks = self.chunks = iter(self.stream)
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except Exception:
+                self.failed = True  # the provider's failure, not the SDK's choice
+                raise
             out = exchange.on_chunk(chunk, True)
             if out:
                 yield out
@@ -448,8 +483,9 @@ class _SyncMetered(_Metered):
     def close(self) -> None:
         try:
             if self._to_drain():
+                chunks = self.chunks or iter(self.stream)
                 with contextlib.suppress(Exception):  # what it could read is charged
-                    for chunk in self.stream:
+                    for chunk in chunks:
                         self.exchange.on_chunk(chunk, True)
                     self._last()
             self.stream.close()
