@@ -64,6 +64,7 @@ def test_a_header_sent_twice_counts_by_its_first_value_as_the_host_app_reads_it(
         assert Headers(raw=raw)["authorization"] == f"Bearer {first}"
     twice = headers(x_budget_key="k1") + headers(x_budget_key="k2")
     assert read(twice).key == "k1"
+    assert read(iter(twice)).key == "k1"  # an iterable that cannot be reversed (ASGI allows it)
 
 
 def test_a_bearer_token_counts_only_with_the_prefix() -> None:

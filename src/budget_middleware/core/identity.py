@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, MutableMapping, Reversible
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
@@ -60,7 +60,7 @@ def hash_key(value: str) -> str:
 
 def header_reader(
     key_header_name: str, prefix: str
-) -> Callable[[Reversible[tuple[bytes, bytes]]], Credentials]:
+) -> Callable[[Iterable[tuple[bytes, bytes]]], Credentials]:
     """Build, once, the function that reads the headers of a metered request: one dict of them,
     built in C, and a lookup per header of interest (a client SDK sends a dozen others). A
     header sent twice counts by its first value, as the host app reads it (Starlette's
@@ -69,8 +69,9 @@ def header_reader(
     `prefix` (`BUDGET_KEY_HEADER`, `BUDGET_KEY_PREFIX`)."""
     key_header = key_header_name.lower().encode()
 
-    def read(headers: Reversible[tuple[bytes, bytes]]) -> Credentials:
-        found = dict(reversed(headers))  # in C; a repeated header keeps its first value
+    def read(headers: Iterable[tuple[bytes, bytes]]) -> Credentials:
+        rows = headers if type(headers) is list else list(headers)  # ASGI allows any iterable
+        found = dict(reversed(rows))  # in C; a repeated header keeps its first value
         get = found.get
         key = None
         explicit = get(key_header)

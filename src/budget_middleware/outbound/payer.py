@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable, Reversible
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
@@ -41,7 +41,7 @@ class _Noting:
 
 noting = _Noting()
 payer: ContextVar[Payer | None] = ContextVar("budget_payer", default=None)
-inbound_headers: ContextVar[Reversible[tuple[bytes, bytes]] | None] = ContextVar(
+inbound_headers: ContextVar[Iterable[tuple[bytes, bytes]] | None] = ContextVar(
     "budget_inbound_headers", default=None
 )
 

@@ -435,8 +435,6 @@ class EnvironHeaders:
         if length:
             yield b"content-length", length.encode("latin-1")
 
-    __reversed__ = __iter__  # each name once: read in either order (`header_reader` reverses)
-
 
 class _Noted:
     """An answer iterated (and closed) with its request's caller noted, for the calls the app
