@@ -1107,15 +1107,25 @@ def test_a_dropped_answer_s_app_generator_is_closed_where_it_was_dropped(
     assert sorted(r["direction"] for r in rows) == ["inbound", "outbound"]
 
 
-def test_an_app_failing_before_its_first_chunk_costs_nothing(make_settings: Settings) -> None:
-    """The iterable raises at its first `next()`: nothing was sent, the server answers 500, and
-    an error without usage costs nothing (SPEC §7), recorded as the 500 it was."""
+@pytest.mark.parametrize("kind", ["generator", "function"])
+def test_an_app_failing_before_its_first_chunk_costs_nothing(
+    make_settings: Settings, kind: str
+) -> None:
+    """The app raises after `start_response("200 OK")`, before any body (at its iterable's
+    first `next()`, or in the call itself: a header the server refuses, say): nothing was
+    sent, the server answers 500, and an error without usage costs nothing (SPEC §7),
+    recorded as the 500 it was (the function was charged an estimate, as a 200)."""
 
-    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+    def failing(environ: dict[str, Any], start_response: Any) -> None:
         environ["wsgi.input"].read()
         start_response("200 OK", [("content-type", "application/json")])
         raise RuntimeError("the model backend failed")
+
+    def generated(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        failing(environ, start_response)
         yield b""  # a generator
+
+    app = generated if kind == "generator" else failing
 
     middleware = BudgetWSGIMiddleware(app, make_settings(flush_interval_seconds=3600))
     engine = middleware.engine

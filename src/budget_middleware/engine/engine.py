@@ -35,7 +35,6 @@ from budget_middleware.engine.alerts import Alerts
 from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
 from budget_middleware.engine.gate import Gate
 from budget_middleware.engine.hooks import Hook, Hooks
-from budget_middleware.engine.portal import cannot_wait_for
 from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable
 from budget_middleware.settings import BudgetSettings, raised_again
@@ -626,7 +625,7 @@ class BudgetEngine:
         a flush under way (what it took is then in the store's old window); a wait given up
         (the loop stuck) resets nothing."""
         loop = self.loop
-        if loop is None or not loop.is_running() or cannot_wait_for(self):
+        if loop is None or not loop.is_running() or self.cannot_wait():
             # No loop runs the engine, or this thread runs it or holds its lock: nothing
             # settles meanwhile.
             return self._reset_counter(kind, id)
@@ -644,6 +643,21 @@ class BudgetEngine:
             ) from None
         assert at is not None  # given up only once the wait has ended
         return at
+
+    def cannot_wait(self) -> bool:
+        """Whether this thread must not wait for the engine's loop (it would never answer): it
+        runs that loop, or holds the lock its every step holds (`portal.LockedLoop`, the WSGI
+        adapters' background loop; a collector finalizing an answer there, say)."""
+        loop = self.loop
+        if loop is None:
+            return False
+        try:
+            if asyncio.get_running_loop() is loop:
+                return True
+        except RuntimeError:
+            pass
+        held_here = getattr(loop, "held_here", None)
+        return held_here is not None and bool(held_here())
 
     async def _reset_after_flush(self, kind: str, id: str, handoff: _Handoff) -> float | None:
         lock = self._flush_lock

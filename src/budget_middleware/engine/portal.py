@@ -97,6 +97,12 @@ class LockedLoop(asyncio.SelectorEventLoop):
     `loop_lock`. I/O readiness callbacks only move bytes into buffers; what they wake runs as a
     scheduled callback, under the lock."""
 
+    @staticmethod
+    def held_here() -> bool:
+        """Whether this thread holds the lock every callback of this loop holds (so nothing of
+        the loop runs until it lets go): the engine asks it before waiting for the loop."""
+        return loop_lock._is_owned()
+
     def call_soon(  # type: ignore[override]
         self,
         callback: Callable[..., Any],
@@ -146,20 +152,6 @@ def background_loop() -> asyncio.AbstractEventLoop:
 def is_background(loop: asyncio.AbstractEventLoop | None) -> bool:
     """Whether `loop` is this process's background loop (so `loop_lock` guards its work)."""
     return loop is not None and loop is _background and _background_pid == os.getpid()
-
-
-def cannot_wait_for(engine: BudgetEngine) -> bool:
-    """Whether this thread must not wait for the engine's loop (`on_loop` would deadlock or
-    raise): it runs that loop, or holds `loop_lock` (a collector finalizing an answer there)."""
-    loop = engine.loop
-    if loop is None:
-        return False
-    try:
-        if asyncio.get_running_loop() is loop:
-            return True
-    except RuntimeError:
-        pass
-    return is_background(loop) and loop_lock._is_owned()
 
 
 def on_loop(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:

@@ -41,7 +41,7 @@ from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, ge
 from budget_middleware.engine.exchange import Exchange
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.engine.hooks import Hook
-from budget_middleware.engine.portal import cannot_wait_for, on_loop
+from budget_middleware.engine.portal import on_loop
 from budget_middleware.exceptions import ConfigurationError
 from budget_middleware.outbound.hosts import HostTable
 from budget_middleware.outbound.payer import inbound_headers, noting, payer
@@ -496,7 +496,7 @@ class _SyncMetered(_Metered):
         outcome = self._settling()
         if outcome is not None:
             meter = self.meter
-            if cannot_wait_for(meter.engine):
+            if meter.engine.cannot_wait():
                 # Closed by code the engine's loop runs, or under its lock (a collector there,
                 # finalizing an app's generator): waiting would block; settled on it next.
                 self.exchange.settle_dropped(lambda: outcome)

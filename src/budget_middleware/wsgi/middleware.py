@@ -276,6 +276,8 @@ class BudgetWSGIMiddleware:
         try:
             response.iterable = self.app(environ, response.start_response)
         except BaseException:
+            if not response.wrote:  # nothing sent: the server answers 500 (an error costs nothing)
+                exchange.status = 500
             response.settle("upstream_error")
             raise
         return response
