@@ -583,8 +583,13 @@ def test_only_a_budget_is_calendar_aligned() -> None:
     """A rate window has no calendar alignment (nothing in the store gives it one): asking for
     one fails loudly instead of being dropped."""
     registry = CounterRegistry()
-    aligned = window(registry, "budget", "b", duration="1d", calendar_aligned=True)
+    aligned = window(
+        registry, "budget", "b", duration="1d", calendar_aligned=True, anchor=T0 - 3 * DAY
+    )
     assert aligned.calendar_aligned is True and aligned.start % 86_400 == 0
+    # Started midway (reset then, or made then): from there, as every instance reads it.
+    midway = window(registry, "budget", "m", duration="1d", calendar_aligned=True, anchor=T0)
+    assert (midway.start, midway.end % 86_400) == (T0, 0)
     rate = window(registry, "request", "r", duration="1d")
     assert rate.calendar_aligned is False
     with pytest.raises(ValueError, match="a request window is never calendar-aligned"):

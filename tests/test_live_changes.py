@@ -303,3 +303,41 @@ async def test_charges_before_a_reset_stay_in_the_old_window_whenever_they_are_w
     )
     assert before == (0.0, 0.0)
     assert after == (0.01, 0.01)
+
+
+async def test_charges_a_failed_flush_kept_stay_in_the_old_window_after_a_reset(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$0.05 taken by a flush that failed, kept for the next round; the budget reset; then
+    $0.03. The kept batch, written after the store's reset, carried its window's end and was
+    added to the new window ($0.08): a delta now ends when it was taken."""
+    settings = make_settings(flush_interval_seconds=30)
+    app, gate, _ = gated_app(settings)
+    gate.set()
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(name="k", budgets=[{"max_limit": 100, "reset_duration": "1d"}])
+        budget_id = key.budgets[0].id
+        auth = {"authorization": f"Bearer {key.value}"}
+        for _ in range(5):
+            assert (await http.post("/v1/chat/completions", json=chat(), headers=auth)).is_success
+
+        def down(*args: Any) -> None:
+            raise OSError("the store is unreachable (injected)")
+
+        store = engine.store
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "apply_flush", down)
+            patch.setattr(store, "writable", down)
+            assert await engine.flush() is False  # kept for the next round
+        m.reset_budget(budget_id)
+        for _ in range(3):
+            assert (await http.post("/v1/chat/completions", json=chat(), headers=auth)).is_success
+        live, stored = await _spent(engine, budget_id)
+        await engine.counters.refresh()
+        refreshed, _ = await _spent(engine, budget_id)
+    print(
+        f"after a failed flush and a reset (live, stored, refreshed): {live}, {stored}, {refreshed}"
+    )
+    assert (live, stored, refreshed) == (0.03, 0.03, 0.03)

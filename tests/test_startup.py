@@ -293,3 +293,76 @@ def test_the_start_up_line_names_the_store_redis_and_the_admin_mount(tmp_path: P
         "budget-middleware: store postgresql+psycopg://app:***@db.internal:5432/llm, counters in "
         "Redis at redis://:***@cache.internal:6379/0, no admin API mounted, shadow mode"
     )
+
+
+def test_charges_are_written_when_uvicorn_is_made_to_quit(tmp_path: Path) -> None:
+    """Ctrl+C twice on uvicorn (its "force quit") while 20 streams are in flight: it skips the
+    lifespan's shutdown, the engine's last flush, and the requests settle as they are
+    cancelled. Before, 1 record of 21 admitted was written; what is pending is written at
+    exit now."""
+    import json
+    import os
+    import signal
+    import socket
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    db = tmp_path / "s.db"
+    env = {**os.environ, "BUDGET_DATABASE_URL": f"sqlite:///{db}", "BUDGET_ADMIN_KEY": "x",
+           "BUDGET_FLUSH_INTERVAL_SECONDS": "5", "PYTHONPATH": str(root / "src")}  # fmt: skip
+    made = subprocess.run(
+        [sys.executable, "-c", "from budget_middleware import get_manager; print(get_manager()"
+         ".create_virtual_key(name='k', budgets=[{'max_limit': 100}]).value)"],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    key = made.stdout.strip().splitlines()[-1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(root / "examples"),
+         "--port", str(port), "--log-level", "warning", "--http", "h11"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.1)
+        messages = [{"role": "user", "content": "hello"}]
+        chat_ = {"model": "openai/gpt-4o-mini", "stream": True, "max_tokens": 40}
+        body = json.dumps({**chat_, "messages": messages}).encode()
+        request = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-budget-key: {key}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "x-mock-delay-ms: 80\r\n\r\n"
+        ).encode() + body
+        streams = []
+        for _ in range(20):
+            stream = socket.create_connection(("127.0.0.1", port), timeout=10)
+            stream.sendall(request)
+            assert stream.recv(12).startswith(b"HTTP/1.1 200")  # admitted
+            streams.append(stream)
+        server.send_signal(signal.SIGINT)  # a graceful shutdown starts: it waits for them
+        time.sleep(0.5)
+        server.send_signal(signal.SIGINT)  # force quit
+        server.wait(60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        for stream in streams:
+            stream.close()
+    with sqlite3.connect(db) as conn:
+        count, cost = conn.execute(
+            "SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records"
+        ).fetchone()
+        spent = conn.execute("SELECT current_usage_nanos FROM bm_budgets").fetchone()[0]
+    print(f"20 in flight at a force quit: {count} records ({cost} nano-USD), budget {spent}")
+    assert count == 20 and spent == cost > 0

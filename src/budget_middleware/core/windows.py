@@ -149,7 +149,12 @@ class WindowCounter:
             now=from_ts(max(now, self.anchor)),
             calendar_aligned=self.calendar_aligned,
         )
-        return _shared_float(start.timestamp()), _shared_float(end.timestamp())
+        first, last = start.timestamp(), end.timestamp()
+        if first < self.anchor < last:
+            # A calendar window started midway (reset, or made, then): from there, as every
+            # instance reads it from the store's `last_reset` (its Redis key with it).
+            first = self.anchor
+        return _shared_float(first), _shared_float(last)
 
     def window_end(self, start: float) -> float:
         """Where the window that contains `start` ends, as this counter's limit has it now."""
@@ -173,10 +178,7 @@ class WindowCounter:
         self._seal(ledger)
         self.anchor = now
         self.value = 0
-        start, self.end = self._window_at(now)
-        # A calendar window reset midway starts at the reset (its charges are the new window's
-        # for the store too); a rolling one starts there anyway.
-        self.start = _shared_float(max(start, now))
+        self.start, self.end = self._window_at(now)  # from now, calendar-aligned or not
 
     @property
     def remaining(self) -> int:

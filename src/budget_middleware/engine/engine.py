@@ -124,6 +124,12 @@ class Batch:
 _RESET_WAIT_SECONDS = 30.0
 
 
+def _written_at_exit(ref: weakref.ref[BudgetEngine]) -> None:
+    engine = ref()
+    if engine is not None:
+        engine._settle_at_exit()
+
+
 class _Handoff:
     """A reset sent to the engine's loop: done there unless its caller gave up waiting."""
 
@@ -282,6 +288,7 @@ class BudgetEngine:
             self.alerts.start(self.loop)
             self._flusher = self.loop.create_task(self._flush_loop())
             self.started = True
+            self._write_at_exit()
         while self._orphans:
             exchange, outcome = self._orphans.pop(next(iter(self._orphans)))
             try:
@@ -293,16 +300,25 @@ class BudgetEngine:
         """An answer dropped while no loop runs this engine: the next `ensure_started` settles
         it, or, if none comes, the process's exit (its charge written then)."""
         self._orphans[id(exchange)] = (exchange, outcome)
+        self._write_at_exit()
+
+    def _write_at_exit(self) -> None:
+        """At the process's exit, write what is pending if no loop will (once per engine)."""
         if not self._settles_at_exit:
             self._settles_at_exit = True
-            atexit.register(self._settle_at_exit)
+            atexit.register(_written_at_exit, weakref.ref(self))
 
     def taken(self, exchange: Exchange) -> None:
         """A dropped answer's settlement ran on the engine's loop: not to settle later."""
         self._orphans.pop(id(exchange), None)
 
     def _settle_at_exit(self) -> None:
-        if not self._orphans or os.getpid() != self._pid:
+        """Dropped answers to settle, and charges and records to write, that no loop will: a
+        script's `asyncio.run` ended, or a server was made to quit without its shutdown (a
+        second Ctrl+C to uvicorn skips the lifespan's end, and with it the last flush)."""
+        if os.getpid() != self._pid:
+            return
+        if not (self._orphans or self.pending_records or self.pending_deltas):
             return
         loop = self.loop
         if loop is not None and not loop.is_closed():
@@ -316,7 +332,10 @@ class BudgetEngine:
             asyncio.run(settle_and_write())
         except Exception:
             logger.exception(
-                "budget-middleware could not settle %d dropped answers at exit", len(self._orphans)
+                "budget-middleware could not write its pending charges at exit (%d dropped "
+                "answers, %d usage records)",
+                len(self._orphans),
+                self.pending_records,
             )
 
     def add_hooks(

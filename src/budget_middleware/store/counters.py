@@ -120,16 +120,21 @@ class CounterBackend(ABC):
             for kind, id_, start, amount in ledger.sealed
         ]
         ledger.sealed = []
+        # A delta ends no later than now: all of it was charged before, so a window the store
+        # starts after now (a reset made while the write is under way, or failed and retried)
+        # does not take it. (A clock behind the window, a test's, leaves the window's end.)
+        now = self.clock()
         for counter in ledger.dirty:
             if counter.pending:
+                end = counter.end if counter.pending_start == counter.start else FAR_FUTURE
+                if counter.pending_start < now < end:
+                    end = now
                 deltas.append(
                     Delta(
                         counter.kind,
                         counter.id,
                         from_ts(counter.pending_start),
-                        from_ts(
-                            counter.end if counter.pending_start == counter.start else FAR_FUTURE
-                        ),
+                        from_ts(end),
                         counter.pending,
                         counter.pending_start,
                     )
