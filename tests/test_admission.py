@@ -222,6 +222,8 @@ def test_a_charge_made_in_an_ended_window_is_kept_for_the_store_under_that_windo
     team = budget_scope(registry, "research", 1.0, duration="1d", calendar_aligned=True)
     counter = team.budgets[0]
     day_one = counter.start
+    assert day_one == T0  # made at T0, midway through a day: its first window starts then
+    midnight = (T0 // 86_400 + 1) * 86_400
     ticket = admit((team,), 0, True, T0, registry.ledger)
     assert isinstance(ticket, Ticket)
     settle(ticket, cost=5, tokens=0, now=T0, ledger=registry.ledger)
@@ -231,7 +233,7 @@ def test_a_charge_made_in_an_ended_window_is_kept_for_the_store_under_that_windo
     settle(ticket, cost=3, tokens=0, now=next_day, ledger=registry.ledger)
     assert counter.value == 3
     assert registry.ledger.sealed == [("budget", counter.id, day_one, 5)]
-    assert (counter.pending, counter.pending_start) == (3, day_one + 86_400)
+    assert (counter.pending, counter.pending_start) == (3, midnight)
 
 
 def test_calendar_month_budget_resets_on_the_first_not_after_30_days() -> None:
@@ -239,7 +241,7 @@ def test_calendar_month_budget_resets_on_the_first_not_after_30_days() -> None:
     jan_31 = datetime(2027, 1, 31, 12, tzinfo=UTC).timestamp()
     team = budget_scope(registry, "research", 1.0, duration="1M", calendar_aligned=True, now=jan_31)
     counter = team.budgets[0]
-    assert counter.start == datetime(2027, 1, 1, tzinfo=UTC).timestamp()
+    assert counter.start == jan_31  # made then: its first window starts there, to the 1st
     assert counter.end == datetime(2027, 2, 1, tzinfo=UTC).timestamp()
     counter.value = USD
     feb_2 = datetime(2027, 2, 2, tzinfo=UTC).timestamp()

@@ -189,6 +189,7 @@ class BudgetEngine:
         # sent to a loop that may never run it again (it is taken out when it runs there).
         self._orphans: dict[int, tuple[Exchange, Callable[[], str | None]]] = {}
         self._settles_at_exit = False
+        self._keeps_orphans = False
         self.forked_at = 0.0  # perf_counter() at a fork: what was admitted before is the parent's
         self._pid = os.getpid()
         self._reloading: asyncio.Future[None] | None = None
@@ -300,10 +301,13 @@ class BudgetEngine:
         """An answer dropped while no loop runs this engine: the next `ensure_started` settles
         it, or, if none comes, the process's exit (its charge written then)."""
         self._orphans[id(exchange)] = (exchange, outcome)
-        self._write_at_exit()
+        if not self._keeps_orphans:  # held by the exit: the answer's holder may go before it
+            self._keeps_orphans = True
+            atexit.register(self._settle_at_exit)
 
     def _write_at_exit(self) -> None:
-        """At the process's exit, write what is pending if no loop will (once per engine)."""
+        """At the process's exit, write what is pending if no loop will (once per engine; its
+        adapter keeps it alive, so the exit holds it weakly)."""
         if not self._settles_at_exit:
             self._settles_at_exit = True
             atexit.register(_written_at_exit, weakref.ref(self))
