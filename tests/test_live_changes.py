@@ -211,6 +211,20 @@ async def _spent(engine: Any, budget_id: str) -> tuple[float, float]:
     return live.current_usage, m.get_budget(budget_id).current_usage
 
 
+async def _charged(
+    http: httpx.AsyncClient, engine: Any, times: int, **budget: Any
+) -> tuple[str, dict[str, str]]:
+    """A key with a $100 daily budget (`budget` changes it), `times` requests of $0.01 charged
+    to it and not written yet: its budget's id and the key's header."""
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 100, "reset_duration": "1d", **budget}]
+    )
+    auth = {"authorization": f"Bearer {key.value}"}
+    for _ in range(times):
+        assert (await http.post("/v1/chat/completions", json=chat(), headers=auth)).is_success
+    return key.budgets[0].id, auth
+
+
 @pytest.mark.parametrize("by", ["python", "admin", "python, on Redis"])
 async def test_requests_in_flight_at_a_reset_count_what_they_spend_after_it(
     make_settings: Settings, by: str
@@ -280,14 +294,7 @@ async def test_charges_before_a_reset_stay_in_the_old_window_whenever_they_are_w
     engine = engine_of(app)
     async with running(app), client(app) as http:
         m = engine.manager
-        key = m.create_virtual_key(
-            name="k",
-            budgets=[{"max_limit": 100, "reset_duration": "1d", "calendar_aligned": aligned}],
-        )
-        budget_id = key.budgets[0].id
-        auth = {"authorization": f"Bearer {key.value}"}
-        for _ in range(5):  # $0.05 before the reset, not written yet
-            assert (await http.post("/v1/chat/completions", json=chat(), headers=auth)).is_success
+        budget_id, auth = await _charged(http, engine, 5, calendar_aligned=aligned)
         m.reset_budget(budget_id)
         before = await _spent(engine, budget_id)
         # The live counter reset, then a charge written, then the store's reset at that moment.
@@ -317,11 +324,7 @@ async def test_charges_a_failed_flush_kept_stay_in_the_old_window_after_a_reset(
     engine = engine_of(app)
     async with running(app), client(app) as http:
         m = engine.manager
-        key = m.create_virtual_key(name="k", budgets=[{"max_limit": 100, "reset_duration": "1d"}])
-        budget_id = key.budgets[0].id
-        auth = {"authorization": f"Bearer {key.value}"}
-        for _ in range(5):
-            assert (await http.post("/v1/chat/completions", json=chat(), headers=auth)).is_success
+        budget_id, auth = await _charged(http, engine, 5)
 
         def down(*args: Any) -> None:
             raise OSError("the store is unreachable (injected)")

@@ -683,9 +683,7 @@ def test_charges_are_written_when_each_job_runs_its_own_event_loop(tmp_path: Pat
     assert (count, total, usage) == (4, 4 * price, 4 * price)
 
 
-_DROPPED_AFTER_ITS_LOOP = (
-    _SCRIPT_START
-    + """
+_KEPT_JOB = """
 kept = []
 
 async def job():
@@ -694,40 +692,29 @@ async def job():
         url = "https://api.openai.com/v1/chat/completions"
         request = http.build_request("POST", url, json=body)
         kept.append(await http.send(request, stream=True))  # neither read nor closed
-
-asyncio.run(job())  # the loop closes with the answer still held
-kept.clear()  # dropped now, with no loop to settle it on
-gc.collect()
-if sys.argv[2] == "again":  # a later job's loop starts the engine again
-    async def later():
-        await get_engine(settings).ensure_started()
-        await get_engine(settings).flush()
-    asyncio.run(later())
 """
-)
 
-
-_DROPPED_AS_ITS_LOOP_ENDS = {
-    # dropped while its loop is open, and never runs again; its close drops what was sent to it
-    "closed unrun": """
-kept = []
-
-async def job():
-    http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.MockTransport(provider), settings))
-    with charge_to(virtual_key_id=key.id):
-        url = "https://api.openai.com/v1/chat/completions"
-        request = http.build_request("POST", url, json=body)
-        kept.append(await http.send(request, stream=True))  # neither read nor closed
-
+# How an outbound answer, unread and unclosed, is dropped as or after its loop ends.
+_DROPPED = {
+    # after `asyncio.run` has ended: no loop runs the engine
+    "after its loop closed": _KEPT_JOB
+    + """
+asyncio.run(job())
+kept.clear()
+gc.collect()
+""",
+    # while its loop is open and never runs again; its close drops what was sent to it
+    "before its loop closed": _KEPT_JOB
+    + """
 loop = asyncio.new_event_loop()
 loop.run_until_complete(job())
 kept.clear()
 gc.collect()
 loop.close()
 """,
-    # dropped as `asyncio.run`'s main coroutine returns: the settlement's task is made, and
-    # cancelled by `asyncio.run` before its first step
-    "last step": """
+    # as `asyncio.run`'s main coroutine returns: the settlement's task is made, and cancelled
+    # by `asyncio.run` before its first step
+    "in its loop's last step": """
 async def job():
     http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.MockTransport(provider), settings))
     with charge_to(virtual_key_id=key.id):
@@ -740,7 +727,7 @@ asyncio.run(job())
 """,
 }
 _AGAIN = """
-if sys.argv[2] == "again":
+if sys.argv[2] == "again":  # a later job's loop starts the engine again
     async def later():
         await get_engine(settings).ensure_started()
         await get_engine(settings).flush()
@@ -748,14 +735,17 @@ if sys.argv[2] == "again":
 """
 
 
-@pytest.mark.parametrize("how", sorted(_DROPPED_AS_ITS_LOOP_ENDS))
+@pytest.mark.parametrize("how", sorted(_DROPPED))
 @pytest.mark.parametrize("then", ["exit", "again"])
-def test_an_answer_dropped_as_its_loop_ends_is_settled(tmp_path: Path, then: str, how: str) -> None:
-    """Dropped while the engine's loop is still open but will not run its settlement: what is
-    sent to that loop is lost with it, so it is kept for the next loop or the exit as well,
-    until the settlement has begun there."""
+def test_an_answer_dropped_as_or_after_its_loop_ends_is_settled(
+    tmp_path: Path, then: str, how: str
+) -> None:
+    """An outbound answer dropped when no loop will run its settlement (a script's
+    `asyncio.run` ended, or ending): it waits for the next loop that starts the engine, or for
+    the process's exit, and is charged as an answer dropped while its loop runs is (a
+    disconnect: the estimate). Each way was lost before: no record, no charge."""
     script = tmp_path / "dropped.py"
-    script.write_text(_SCRIPT_START + _DROPPED_AS_ITS_LOOP_ENDS[how] + _AGAIN)
+    script.write_text(_SCRIPT_START + _DROPPED[how] + _AGAIN)
     url = f"sqlite:///{tmp_path / 'dropped.db'}"
     subprocess.run([sys.executable, str(script), url, then], check=True, timeout=120)
     store_engine = create_engine(url)
@@ -764,28 +754,7 @@ def test_an_answer_dropped_as_its_loop_ends_is_settled(tmp_path: Path, then: str
             text("SELECT outcome, cost_nanos FROM bm_usage_records"))]  # fmt: skip
         usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
     store_engine.dispose()
-    print(f"dropped ({how}), then {then}: records {rows}; the budget holds {usage}")
-    assert len(rows) == 1 and rows[0][0] == "client_disconnected"
-    assert rows[0][1] > 0 and usage == rows[0][1]
-
-
-@pytest.mark.parametrize("then", ["exit", "again"])
-def test_an_answer_dropped_after_its_loop_closed_is_settled(tmp_path: Path, then: str) -> None:
-    """A script's `asyncio.run` ends with an outbound answer held, unread and unclosed; it is
-    dropped later, when no loop runs the engine. Its settlement waits for the next loop that
-    starts the engine, or for the process's exit: the call is charged as an answer dropped
-    while its loop runs is (a disconnect: the estimate), and written (it was lost)."""
-    script = tmp_path / "dropped.py"
-    script.write_text(_DROPPED_AFTER_ITS_LOOP)
-    url = f"sqlite:///{tmp_path / 'dropped.db'}"
-    subprocess.run([sys.executable, str(script), url, then], check=True, timeout=120)
-    store_engine = create_engine(url)
-    with store_engine.connect() as conn:
-        rows = [tuple(r) for r in conn.execute(
-            text("SELECT outcome, cost_nanos FROM bm_usage_records"))]  # fmt: skip
-        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
-    store_engine.dispose()
-    print(f"dropped after its loop, then {then}: records {rows}; the budget holds {usage}")
+    print(f"dropped {how}, then {then}: records {rows}; the budget holds {usage}")
     assert len(rows) == 1 and rows[0][0] == "client_disconnected"
     assert rows[0][1] > 0 and usage == rows[0][1]
 
