@@ -422,13 +422,18 @@ def test_a_reset_seals_the_old_window_s_unwritten_charges_at_its_moment_and_star
     engine: BudgetEngine,
 ) -> None:
     """The old window's unwritten charge goes to the store as that window's, ending at the
-    reset: the store drops it once it holds the reset (adds it to the old window before)."""
+    reset: the store drops it once it holds the reset (adds it to the old window before). The
+    new window goes too, as a delta of nothing: it starts the window in a store whose own reset
+    failed."""
     ledger = engine.registry.ledger
     counter = window(engine.registry, "budget", "b", now=T0 + 10 * MINUTE)
     counter.add(5, ledger)
     counter.reset(T0 + 20 * MINUTE, ledger)
     assert (counter.value, counter.start, counter.end) == (0, T0 + 20 * MINUTE, T0 + 80 * MINUTE)
-    assert take(engine) == [("budget", "b", at(T0), at(T0 + 20 * MINUTE), 5)]
+    assert take(engine) == [
+        ("budget", "b", at(T0), at(T0 + 20 * MINUTE), 5),
+        ("budget", "b", at(T0 + 20 * MINUTE), END_OF_TIME, 0),
+    ]
     counter.seed(40, T0 + 20 * MINUTE, ledger)
     assert counter.value == 40
     counter.add(2, ledger)

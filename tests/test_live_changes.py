@@ -344,3 +344,37 @@ async def test_charges_a_failed_flush_kept_stay_in_the_old_window_after_a_reset(
         f"after a failed flush and a reset (live, stored, refreshed): {live}, {stored}, {refreshed}"
     )
     assert (live, stored, refreshed) == (0.03, 0.03, 0.03)
+
+
+async def test_a_reset_the_store_could_not_take_is_written_when_it_is_back(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$0.05 written, then a reset while the store takes no writes: the call fails, and the
+    live counter has started the new window already. The flusher writes that window when the
+    store is back, charged or not; before, the store kept $0.05 (and every other instance the
+    old window) until a charge came."""
+    from sqlalchemy.exc import OperationalError
+
+    from budget_middleware.manage import reports
+
+    settings = make_settings(flush_interval_seconds=30)
+    app, gate, _ = gated_app(settings)
+    gate.set()
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        budget_id, auth = await _charged(http, engine, 5)
+        assert await engine.flush()
+
+        def down(*args: Any) -> None:
+            raise OperationalError("UPDATE bm_budgets", {}, Exception("the store is down"))
+
+        with monkeypatch.context() as patch:
+            patch.setattr(reports, "reset_budget", down)
+            with pytest.raises(OperationalError):
+                engine.manager.reset_budget(budget_id)
+        reset = await _spent(engine, budget_id)  # nothing charged since: the reset alone
+        for _ in range(2):
+            assert (await http.post("/v1/chat/completions", json=chat(), headers=auth)).is_success
+        since = await _spent(engine, budget_id)
+    print(f"a reset the store refused (live, stored): {reset}; then $0.02: {since}")
+    assert (reset, since) == ((0.0, 0.0), (0.02, 0.02))

@@ -174,11 +174,14 @@ class WindowCounter:
         """Start a new window now (`POST /budgets/{id}/reset`). What was charged before stays
         the old window's: sealed as its delta, which ends here (the store drops it once it holds
         the reset, and adds it to the old window before). What is charged from now on counts in
-        the new window, requests admitted before included."""
+        the new window, requests admitted before included. The new window goes to the store as
+        a delta of nothing from now: should the store's own reset fail, the flusher writes it
+        (its rule starts a window the store holds an older one of)."""
         self._seal(ledger)
         self.anchor = now
         self.value = 0
         self.start, self.end = self._window_at(now)  # from now, calendar-aligned or not
+        ledger.sealed.append((self.kind, self.id, self.start, 0))
 
     @property
     def remaining(self) -> int:

@@ -644,16 +644,16 @@ class BudgetEngine:
         taken where requests settle (the engine's loop, or under its lock for WSGI), so that each
         charge falls on one side of it: before, the old window's; after, the new one's, requests
         admitted before included. Returns that moment, for the store to start the window at
-        (`manage.BudgetManager.reset_budget`). From another thread it waits for the loop, and for
-        a flush under way (what it took is then in the store's old window); a wait given up
-        (the loop stuck) resets nothing."""
+        (`manage.BudgetManager.reset_budget`). From another thread it waits for the loop; a
+        wait given up (the loop stuck) resets nothing. (A flush under way needs no waiting for:
+        what it took ends before this moment, and the store keeps it out of the new window.)"""
         loop = self.loop
         if loop is None or not loop.is_running() or self.cannot_wait():
             # No loop runs the engine, or this thread runs it or holds its lock: nothing
             # settles meanwhile.
             return self._reset_counter(kind, id)
         handoff = _Handoff()
-        future = asyncio.run_coroutine_threadsafe(self._reset_after_flush(kind, id, handoff), loop)
+        future = asyncio.run_coroutine_threadsafe(self._reset_there(kind, id, handoff), loop)
         try:
             at = future.result(timeout=_RESET_WAIT_SECONDS)
         except concurrent.futures.TimeoutError:
@@ -682,12 +682,8 @@ class BudgetEngine:
         held_here = getattr(loop, "held_here", None)
         return held_here is not None and bool(held_here())
 
-    async def _reset_after_flush(self, kind: str, id: str, handoff: _Handoff) -> float | None:
-        lock = self._flush_lock
-        if lock is None:
-            return handoff.take(self._reset_counter, kind, id)
-        async with lock:
-            return handoff.take(self._reset_counter, kind, id)
+    async def _reset_there(self, kind: str, id: str, handoff: _Handoff) -> float | None:
+        return handoff.take(self._reset_counter, kind, id)
 
     def _reset_counter(self, kind: str, id: str) -> float:
         at = from_ts(self.clock()).timestamp()  # to the microsecond, as the store keeps it

@@ -415,10 +415,9 @@ class BudgetManager(KeyWriter):
         """Start a new window now: usage 0 from this moment, in this process's live counter and
         in the store, at one moment (the engine's, where requests settle: a charge settled
         after it counts in the new window, one settled before it does not). Other instances
-        take the stored moment when they next read the budget."""
-        with self._session() as s:
-            reports.budget(s, id_)  # 404 before anything is reset
-        if self.reset_live is not None:
+        take the stored moment when they next read the budget. Should the store's write fail,
+        the reset stands here and the flusher writes it when the store is back."""
+        if self.reset_live is not None:  # an unknown budget has no live counter: nothing reset
             at = from_ts(self.reset_live("budget", id_))
         else:
             at = datetime.now(UTC)
