@@ -22,6 +22,9 @@ from fastapi import FastAPI, Request, Response
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.manage.manager import BudgetManager
+from budget_middleware.store import redis_counters
+from budget_middleware.store.database import Store
 from conftest import REDIS_URL, need_redis
 from service_support import PrivateRedis, delete_prefix, unique_prefix, use_prefix
 from support import Clock, running
@@ -219,3 +222,102 @@ async def test_after_redis_restarts_empty_what_runs_is_held_again(
     assert [d.status_code for d in done] == [200] * 4
     assert 200 not in codes  # 4 in flight already: none more
     assert codes.count(503) <= 1 and codes[-1] == 429
+
+
+async def test_a_reset_on_one_instance_moves_the_other_s_next_admission_to_the_new_window(
+    tmp_path: Path,
+) -> None:
+    """A $1 budget spent to $0.30 on the second instance, then reset through the first. The
+    second instance (which reads its keys again only once an hour here) admits 20 more at once:
+    they count in the new window, where the first instance then admits the remaining 80. (The
+    second kept charging the old window's Redis key until it read the key again: the first
+    admitted 99 more, $1.19 spent in a $1 window.)"""
+    need_redis()
+    async with instances(tmp_path, REDIS_URL, cache_ttl_seconds=3600) as (one, two, _):
+        one_app, two_app = host(one), host(two)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            key = one.manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            budget_id = key.budgets[0].id
+            for _ in range(30):
+                assert (
+                    await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+                ).is_success
+            await two.flush()
+            await asyncio.to_thread(one.manager.reset_budget, budget_id)
+            after = await asyncio.gather(
+                *[
+                    b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+                    for _ in range(20)
+                ]
+            )
+            assert [r.status_code for r in after] == [200] * 20
+            admitted, code = await spend_until_refused(a, key.value)
+            await one.flush()
+            await two.flush()
+            spent = stored_spend(one, budget_id)
+    print(
+        f"reset on one, 20 on the other at once, then {admitted} admitted ({code}):",
+        f"${spent / 1e9:.2f}",
+    )
+    assert (admitted, code) == (80, "budget_exceeded")
+    assert spent == 100 * CENT
+
+
+async def test_what_the_other_instance_had_in_flight_at_a_reset_counts_in_the_new_window(
+    tmp_path: Path,
+) -> None:
+    """10 requests in flight on the second instance when the first resets the budget: they
+    settle after the reset, in the new window (as in process), where the first then admits 90.
+    (Their settlements went to the old window's Redis key: the first admitted 100.)"""
+    need_redis()
+    held = Held(10)
+    async with instances(tmp_path, REDIS_URL, cache_ttl_seconds=3600) as (one, two, _):
+        one_app, two_app = host(one), host(two, held)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            key = one.manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            budget_id = key.budgets[0].id
+            waiting = held.requests(b, key.value)
+            await held.all_in.wait()
+            await asyncio.to_thread(one.manager.reset_budget, budget_id)
+            held.gate.set()
+            assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 10
+            admitted, code = await spend_until_refused(a, key.value)
+            await one.flush()
+            await two.flush()
+            spent = stored_spend(one, budget_id)
+    print(f"10 in flight across the reset, then {admitted} admitted ({code}): ${spent / 1e9:.2f}")
+    assert (admitted, code) == (90, "budget_exceeded")
+    assert spent == 100 * CENT
+
+
+async def test_a_reset_made_on_the_store_without_an_engine_is_marked_for_the_instances(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI without `--url` resets a budget on the store itself, with no engine: with
+    BUDGET_REDIS_URL set it marks the reset in Redis too, and a running instance (which reads
+    its keys again only once an hour here) counts from its next admission in the new window."""
+    need_redis()
+    async with instances(tmp_path, REDIS_URL, cache_ttl_seconds=3600) as (one, _, prefix):
+        monkeypatch.setattr(redis_counters, "PREFIX", prefix)
+        app = host(one)
+        async with running(app), client(app) as http:
+            key = one.manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            for _ in range(100):
+                assert (
+                    await http.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+                ).is_success
+            settings = BudgetSettings(database_url=one.settings.database_url, redis_url=REDIS_URL)
+            alone = BudgetManager(Store(settings.database_url), settings)
+            await asyncio.to_thread(alone.reset_budget, key.budgets[0].id)
+            admitted, code = await spend_until_refused(http, key.value)
+            await one.flush()
+            spent = stored_spend(one, key.budgets[0].id)
+    print(f"reset on the store alone, then {admitted} admitted ({code}): ${spent / 1e9:.2f}")
+    assert (admitted, code) == (100, "budget_exceeded")
+    assert spent == 100 * CENT

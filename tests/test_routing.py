@@ -165,6 +165,13 @@ async def test_a_retryable_refusal_wins_with_the_shortest_retry_after(
         ("azure/gpt-4o", "request_limit_exceeded"),
         ("anthropic/claude-sonnet-4", "request_limit_exceeded"),
     ]
+    # The refusal is told (`on_refusal`, `GET /refusals`) as it was answered: azure's, with its
+    # scope (the scope used to be None, and the target the first one's).
+    told = engine.hooks.recent_refusals[-1]
+    print("told:", told)
+    assert (told["code"], told["status"], told["scope"]) == (
+        "request_limit_exceeded", 429, error["scope"])  # fmt: skip
+    assert (told["provider"], told["model"]) == ("azure", "gpt-4o")
 
 
 async def test_targets_the_key_may_not_use_are_skipped(make_settings: Settings) -> None:
@@ -182,6 +189,8 @@ async def test_targets_the_key_may_not_use_are_skipped(make_settings: Settings) 
         off = await post(http, inactive.value)
     assert admitted.status_code == 200 and admitted.headers["x-budget-route"] == "azure/gpt-4o"
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "provider_not_allowed"
+    told = engine.hooks.recent_refusals[-2]  # the key's, told with the key (it used to be None)
+    assert (told["code"], told["virtual_key_id"]) == ("provider_not_allowed", groq_only.id)
     not_allowed = "provider_not_allowed"
     assert targets_of(refused) == [("openai/gpt-4o", not_allowed), ("azure/gpt-4o", not_allowed)]
     # The key's own refusal is not a target's: answered once, before any routing.

@@ -176,14 +176,17 @@ _RETRYABLE = frozenset(
 )
 
 
-def route_refusal_answer(tried: list[tuple[str, str, ErrorAnswer]]) -> tuple[ErrorAnswer, str]:
+def route_refusal_answer(
+    tried: list[tuple[str, str, ErrorAnswer]],
+) -> tuple[ErrorAnswer, int, dict[str, Any]]:
     """Every target of a route refused (SPEC §12): (target, code, its answer) in route order.
     The answer is the first retryable refusal (a rate limit, a reservation: 429) with the
     shortest `Retry-After` of them (an exhausted budget is not one, even sent as 429), or
     else the first target's; its `error.targets` lists each target and its code. Returns the
-    answer and its code."""
+    answer, the index of the target whose refusal it is, and its `error` object."""
     retryable = [answer for _, code, answer in tried if code in _RETRYABLE]
     chosen = retryable[0] if retryable else tried[0][2]
+    index = [answer for _, _, answer in tried].index(chosen)
     document = json.loads(chosen.body)
     document["error"]["targets"] = [{"target": target, "code": code} for target, code, _ in tried]
     body = json.dumps(document).encode()
@@ -194,7 +197,7 @@ def route_refusal_answer(tried: list[tuple[str, str, ErrorAnswer]]) -> tuple[Err
         shortest = min(waits, key=lambda h: int(h[b"retry-after-ms"]))
         headers.append((b"retry-after", shortest[b"retry-after"]))
         headers.append((b"retry-after-ms", shortest[b"retry-after-ms"]))
-    return ErrorAnswer(chosen.status, body, headers), document["error"]["code"]
+    return ErrorAnswer(chosen.status, body, headers), index, document["error"]
 
 
 def store_unavailable(unknown_key: bool = False) -> ErrorAnswer:

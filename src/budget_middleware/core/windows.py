@@ -114,6 +114,11 @@ class WindowCounter:
                 self.pending_start = start
             self.start, self.end = start, end
 
+    def move_to(self, anchor: float, now: float, ledger: Ledger) -> None:
+        """A reset elsewhere, at `anchor`, learnt from the shared counters: as `configure`
+        takes it from the store (terms unchanged)."""
+        self.configure(self.limit, self.duration, self.calendar_aligned, anchor, now, ledger)
+
     def _set_terms(self, limit: int, calendar_aligned: bool) -> None:
         if calendar_aligned:
             raise ValueError(f"a {self.kind} window is never calendar-aligned")

@@ -690,6 +690,8 @@ class BudgetEngine:
         counter = self.registry.counter(kind, id)
         if counter is not None:
             counter.reset(at, self.registry.ledger)
+        if kind == "budget":
+            self.counters.reset_noted(id, at)
         return at
 
     # -- the ledger's way to the store ---------------------------------------------------

@@ -54,6 +54,8 @@ class RoutePlan:
     route: Route
     parsed: dict[str, Any]
     usage_path: bool  # an OpenAI-style path, where a stream is asked for its usage
+    key: KeyConfig | None
+    asked: Target  # the request as it came, naming the route
     candidates: list[tuple[int, Exchange]] = field(default_factory=list)
     refused: dict[int, tuple[str, ErrorAnswer]] = field(default_factory=dict)
     # Shadow mode: targets the key may not use, tried as in enforce (never), and gone on with
@@ -120,13 +122,16 @@ class Gate:
         status: int | None,  # None in shadow mode: nothing was answered
         key: KeyConfig | None,
         target: Target | None,
-        scope: Scope | None,
+        scope: Scope | dict[str, Any] | None,  # a dict: as the answer's `error.scope` has it
         shadow: bool = False,
     ) -> None:
         """A refusal (or, in shadow mode, a request that would have been refused): kept among
         the recent ones (`GET /refusals`) and handed to the `on_refusal` hooks."""
         hooks = self.hooks
-        owner = None if scope is None else {"type": scope.type, "id": scope.id, "name": scope.name}
+        if scope is None or isinstance(scope, dict):
+            owner = scope
+        else:
+            owner = {"type": scope.type, "id": scope.id, "name": scope.name}
         item = {
             "code": code,
             "status": status,
@@ -335,7 +340,7 @@ class Gate:
     ) -> RoutePlan:
         """Each target of the route prepared as a request of its own; those the key may not use
         (or that have no price, where unpriced models are refused) are set aside as refused."""
-        plan = RoutePlan(route, parsed, path.endswith(USAGE_PATHS))
+        plan = RoutePlan(route, parsed, path.endswith(USAGE_PATHS), key, target)
         for index, route_target in enumerate(route.targets):
             retargeted = self.resolve_target.retarget(target, route_target.text, credentials, path)
             prepared = self._prepare(key, retargeted, prompt_tokens, now, started)
@@ -378,7 +383,8 @@ class Gate:
             (route_target.text, *plan.refused[index])
             for index, route_target in enumerate(plan.route.targets)
         ]
-        answer, code = route_refusal_answer(tried)
+        answer, chosen, error = route_refusal_answer(tried)
+        code = error["code"]
         left = plan.candidates or plan.shadow_only
         if self.shadow and left:  # the first target goes on, counted anyway
             exchange = left[0][1]
@@ -391,13 +397,15 @@ class Gate:
             return exchange
         refused = engine.stats.refused
         refused[code] = refused.get(code, 0) + 1
-        first_candidate = plan.candidates[0][1] if plan.candidates else None
+        # Told as answered: the scope of the target whose refusal is the answer, and that
+        # target when it was tried (else the one asked for: the key may not use it).
+        tried_target = dict(plan.candidates).get(chosen)
         self.tell_refusal(
             code,
             answer.status,
-            first_candidate.key if first_candidate else None,
-            first_candidate.target if first_candidate else None,
-            None,
+            plan.key,
+            tried_target.target if tried_target is not None else plan.asked,
+            error.get("scope"),
         )
         return answer
 

@@ -18,6 +18,7 @@ A running process sees a write once its engine is invalidated (`await engine.inv
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -58,6 +59,7 @@ from budget_middleware.manage.schemas import (
     to_utc,
 )
 from budget_middleware.manage.views import Reader
+from budget_middleware.settings import BudgetSettings
 from budget_middleware.store import alerts as stored_alerts
 from budget_middleware.store.tables import (
     CustomerRow,
@@ -70,6 +72,8 @@ from budget_middleware.store.tables import (
 )
 
 __all__ = ["BudgetManager", "Conflict", "InvalidRequest", "NotFound"]
+
+logger = logging.getLogger("budget_middleware")
 
 B = TypeVar("B", bound=BaseModel)
 R = TypeVar("R")
@@ -416,13 +420,17 @@ class BudgetManager(KeyWriter):
         in the store, at one moment (the engine's, where requests settle: a charge settled
         after it counts in the new window, one settled before it does not). Other instances
         take the stored moment when they next read the budget. Should the store's write fail,
-        the reset stands here and the flusher writes it when the store is back."""
+        the reset stands here and the flusher writes it when the store is back. With Redis,
+        the other instances take it at their next admission of the budget (a mark there)."""
         if self.reset_live is not None:  # an unknown budget has no live counter: nothing reset
             at = from_ts(self.reset_live("budget", id_))
         else:
             at = datetime.now(UTC)
         with self._session() as s:
-            return reports.reset_budget(s, id_, at)
+            budget = reports.reset_budget(s, id_, at)
+        if self.reset_live is None and self.settings.redis_url:  # no engine here: marked here
+            _mark_in_redis(self.settings, id_, at.timestamp())
+        return budget
 
     def list_alerts(
         self,
@@ -467,3 +475,19 @@ def _route_out(row: RouteRow) -> RouteOut:
         created_at=to_utc(row.created_at),  # SQLite gives them back without their zone
         updated_at=to_utc(row.updated_at),
     )
+
+
+def _mark_in_redis(settings: BudgetSettings, budget_id: str, at: float) -> None:
+    """A reset made without an engine (the CLI on the store): the instances sharing Redis take
+    it at their next admission of the budget rather than when they next read it."""
+    from budget_middleware.store.redis_counters import (  # the redis extra, set up
+        PREFIX,
+        mark_resets_now,
+        mark_ttl_ms,
+    )
+
+    marks = {f"{PREFIX}rs:{budget_id}": (at, mark_ttl_ms(settings))}
+    try:
+        mark_resets_now(settings.redis_url or "", settings.redis_timeout_seconds, marks)
+    except Exception as exc:  # the reset stands; the instances take it within the cache TTL
+        logger.warning("budget-middleware could not mark a reset in Redis: %s", exc)

@@ -57,6 +57,9 @@ class CounterBackend(ABC):
     def after_fork_in_child(self) -> None:  # noqa: B027 - optional hook
         """Forget the parent's connections (shared backends)."""
 
+    def reset_noted(self, budget_id: str, at: float) -> None:  # noqa: B027 - optional hook
+        """A budget was reset at `at` through this process (shared backends tell the others)."""
+
     def after_loop_closed(self) -> None:  # noqa: B027 - optional hook
         """The engine's event loop closed: forget its connections and tasks (shared backends),
         keep what is owed."""

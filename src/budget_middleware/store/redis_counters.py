@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
+from redis import Redis as SyncRedis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("budget_middleware")
 
+PREFIX = "bm:"  # every key of ours in Redis starts with it
 WINDOW_MARGIN_SECONDS = 300.0  # a window's key outlives its window, for late settlements
 BACKOFF_MIN_SECONDS = 0.25
 BACKOFF_MAX_SECONDS = 2.0
@@ -79,6 +81,23 @@ _NO_SCOPE = Scope("", "", "")  # a window seeded outside an admission: no refusa
 
 def _script(name: str) -> str:
     return resources.files("budget_middleware").joinpath("store", "lua", name).read_text("utf-8")
+
+
+def mark_ttl_ms(settings: BudgetSettings) -> int:
+    """How long a reset's mark is kept: until every instance has read the budget again."""
+    return int(max(2 * settings.cache_ttl_seconds, 60) * 1000)
+
+
+def mark_resets_now(url: str, timeout: float, marks: dict[str, tuple[float, int]]) -> None:
+    """Write reset marks (key -> moment, ttl_ms) from a thread that runs no event loop."""
+    args: list[Any] = []
+    for at, ttl_ms in marks.values():
+        args += [repr(at), ttl_ms]
+    client = SyncRedis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        client.eval(_script("mark_reset.lua"), len(marks), *marks, *args)
+    finally:
+        client.close()
 
 
 @dataclass(slots=True)
@@ -109,7 +128,7 @@ class RedisCounters(CounterBackend):
         settings: BudgetSettings,
         clock: Callable[[], float],
         on_store_failed: Callable[[BaseException], None],
-        prefix: str = "bm:",
+        prefix: str = PREFIX,
     ) -> None:
         super().__init__(registry, store, settings, clock, on_store_failed)
         self.prefix = prefix
@@ -121,6 +140,7 @@ class RedisCounters(CounterBackend):
         self._seed: AsyncScript | None = None
         self._reconcile: AsyncScript | None = None
         self._beat: AsyncScript | None = None
+        self._mark: AsyncScript | None = None
         self._instance = uuid.uuid4().hex  # its mark in Redis: there, Redis kept what we hold
         # Charged while Redis could not be reached, by window key: added to it when it is back.
         self._owed: dict[str, int] = {}
@@ -134,6 +154,10 @@ class RedisCounters(CounterBackend):
         # nothing to add), not left to fill a concurrency limit until they expire.
         self._releases: list[tuple[list[str], list[Any]]] = []
         self._seeding: dict[str, asyncio.Future[None]] = {}  # one seed per key at a time
+        # Budgets reset here whose mark Redis has not taken yet: mark key -> (moment, ttl_ms).
+        self._marks: dict[str, tuple[float, int]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # marks being written
         self._state = _Failure()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -176,6 +200,8 @@ class RedisCounters(CounterBackend):
         self._seed = self.client.register_script(_script("seed.lua"))
         self._reconcile = self.client.register_script(_script("reconcile.lua"))
         self._beat = self.client.register_script(_script("heartbeat.lua"))
+        self._mark = self.client.register_script(_script("mark_reset.lua"))
+        self._loop = asyncio.get_running_loop()
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     async def stop(self) -> None:
@@ -241,6 +267,54 @@ class RedisCounters(CounterBackend):
                 )
         return entries
 
+    # -- resets --------------------------------------------------------------------------
+
+    def reset_noted(self, budget_id: str, at: float) -> None:
+        """A budget reset through this process (at `at`): its mark goes to Redis now, or before
+        this instance's next admission should that fail, for the other instances' admissions.
+        It is kept until every instance has read the budget again from the store."""
+        key = f"{self.prefix}rs:{budget_id}"
+        known = self._marks.get(key)
+        if known is None or known[0] < at:
+            self._marks[key] = (at, mark_ttl_ms(self.settings))
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(self._write_marks_soon)
+            return
+        marks, self._marks = self._marks, {}  # no loop to write them: written from here
+        try:
+            mark_resets_now(self.url, self.settings.redis_timeout_seconds, marks)
+        except (RedisError, OSError) as exc:
+            logger.warning("budget-middleware could not mark a reset in Redis: %s", exc)
+            for key, mark in marks.items():
+                if key not in self._marks or self._marks[key][0] < mark[0]:
+                    self._marks[key] = mark
+
+    def _write_marks_soon(self) -> None:
+        if self._marks:
+            task = asyncio.get_running_loop().create_task(self._write_marks_or_later())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _write_marks_or_later(self) -> None:
+        with contextlib.suppress(RedisError, OSError):  # kept for the next admission
+            await self.write_marks()
+
+    async def write_marks(self) -> None:
+        if self._mark is None:
+            return
+        marks, self._marks = self._marks, {}
+        args: list[Any] = []
+        for at, ttl_ms in marks.values():
+            args += [repr(at), ttl_ms]
+        try:
+            await self._mark(keys=list(marks), args=args)
+        except BaseException:
+            for key, mark in marks.items():  # still to write, unless a later reset replaced it
+                if key not in self._marks or self._marks[key][0] < mark[0]:
+                    self._marks[key] = mark
+            raise
+
     # -- admission -----------------------------------------------------------------------
 
     async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
@@ -270,17 +344,23 @@ class RedisCounters(CounterBackend):
             except _StoreDown as exc:  # a lost key could not be seeded: the store is away
                 return self._fallback(candidates, now, exc.__cause__)
         request_id = uuid.uuid4().hex
-        hold_until = now + self.slot_ttl
-        keys: list[str] = []
-        args: list[Any] = [int(now * 1000), request_id, int(hold_until * 1000)]
-        args += [1 if reserve else 0, len(candidates)]
-        for (_, estimate), plan in zip(candidates, plans, strict=True):
-            args += [estimate if reserve else 0, len(plan)]
-            for entry in plan:
-                keys += entry.keys
-                args += [entry.kind, entry.limit]
         try:
-            answer = await self._run_admit(plans, keys, args, now)
+            if self._marks:
+                await self.write_marks()
+            for _ in range(3):
+                answer = await self._run_admit(plans, candidates, request_id, now)
+                if answer[0] != "moved":
+                    break
+                # A budget reset on another instance since its window began: its window starts
+                # at the reset here too, before anything is charged to it.
+                entries = [entry for plan in plans for entry in plan]
+                for n in range(1, len(answer), 2):
+                    counter = entries[int(answer[n]) - 1].counter
+                    assert counter is not None
+                    counter.move_to(float(answer[n + 1]), now, self.ledger)
+                plans = [self._plan(limits.scopes, now, settling=False) for limits, _ in candidates]
+            else:
+                raise RedisError("budget windows kept moving while being admitted")
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return self._fallback(candidates, now, exc)
@@ -302,9 +382,30 @@ class RedisCounters(CounterBackend):
         return result
 
     async def _run_admit(
-        self, plans: list[list[_Entry]], keys: list[str], args: list[Any], now: float
+        self,
+        plans: list[list[_Entry]],
+        candidates: Sequence[tuple[LimitSet, int]],
+        request_id: str,
+        now: float,
     ) -> list[Any]:
+        """admit.lua's answer; window keys it found missing seeded, and asked again."""
         assert self._admit is not None
+        reserve = self.settings.reserve
+        p = self.prefix
+        keys: list[str] = []
+        args: list[Any] = [int(now * 1000), request_id, int((now + self.slot_ttl) * 1000)]
+        args += [1 if reserve else 0, len(candidates)]
+        for (_, estimate), plan in zip(candidates, plans, strict=True):
+            args += [estimate if reserve else 0, len(plan)]
+            for entry in plan:
+                keys += entry.keys
+                if entry.kind in "bs":
+                    counter = entry.counter
+                    assert counter is not None
+                    keys.append(f"{p}rs:{counter.id}")
+                    args += [entry.kind, entry.limit, repr(counter.start)]
+                else:
+                    args += [entry.kind, entry.limit]
         entries = [entry for plan in plans for entry in plan]
         for _ in range(3):
             answer: list[Any] = await self._admit(keys=keys, args=args)
@@ -516,9 +617,22 @@ class RedisCounters(CounterBackend):
                 raise
 
     def _release_later(self, ticket: Ticket, now: float) -> None:
-        plan = self._plan(ticket.scopes, now, settling=True)
-        keys = [key for entry in plan for key in entry.keys]
-        self._releases.append((keys, [ticket.request_id, 0, 0, *(e.kind for e in plan)]))
+        keys, kinds = self._settle_layout(self._plan(ticket.scopes, now, settling=True))
+        self._releases.append((keys, [ticket.request_id, 0, 0, *kinds]))
+
+    def _settle_layout(self, plan: list[_Entry]) -> tuple[list[str], list[Any]]:
+        """settle.lua's keys, and its arguments after the amounts, for this plan."""
+        keys: list[str] = []
+        kinds: list[Any] = []
+        for entry in plan:
+            keys += entry.keys
+            kinds.append(entry.kind)
+            if entry.kind in "bs":
+                counter = entry.counter
+                assert counter is not None
+                keys.append(f"{self.prefix}rs:{counter.id}")
+                kinds.append(repr(counter.start))
+        return keys, kinds
 
     async def _into_windows(self, charges: list[tuple[str, WindowCounter, int]]) -> None:
         """Charges of ours in transit (key, counter, amount) whose window key is missing: the
@@ -589,18 +703,32 @@ class RedisCounters(CounterBackend):
                 amount = tokens if entry.kind == "t" else cost
                 if amount:
                     self._in_transit(entry.counter, amount)
-        keys = [key for entry in plan for key in entry.keys]
-        args: list[Any] = [ticket.request_id, cost, tokens] + [entry.kind for entry in plan]
         with anyio.CancelScope(shield=True):
             if self._owed or self._releases:  # what was charged while Redis was away first
                 with contextlib.suppress(RedisError, OSError, _StoreDown):
                     await self.pay_debts()
+            keys, kinds = self._settle_layout(plan)
             try:
-                answer: list[Any] = await self._settle(keys=keys, args=args)
+                for _ in range(3):
+                    answer: list[Any] = await self._settle(
+                        keys=keys, args=[ticket.request_id, cost, tokens, *kinds]
+                    )
+                    if not answer or answer[0] != "moved":
+                        break
+                    # A budget reset on another instance since its window began: what settles
+                    # now counts in the new window (as `admission.settle` counts it there).
+                    for n in range(1, len(answer), 2):
+                        counter = plan[int(answer[n]) - 1].counter
+                        assert counter is not None
+                        counter.move_to(float(answer[n + 1]), now, self.ledger)
+                    plan = self._plan(ticket.scopes, now, settling=True)
+                    keys, kinds = self._settle_layout(plan)
+                else:
+                    raise RedisError("budget windows kept moving while being settled")
             except (RedisError, OSError) as exc:
                 self._failed(exc)
                 self._owe_settlement(ticket, cost, tokens, in_transit=True)
-                self._releases.append((keys, [ticket.request_id, 0, 0, *args[3:]]))
+                self._releases.append((keys, [ticket.request_id, 0, 0, *kinds]))
                 return
             self._recovered()
             lost: list[tuple[str, WindowCounter, int]] = []

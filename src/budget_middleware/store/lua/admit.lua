@@ -4,11 +4,13 @@
 -- ARGV: now_ms, request_id, hold_until_ms, reserve (0/1), the number of candidates, then per
 --   candidate: its reservation, its number of counters, and per counter: kind ("r" requests,
 --   "t" tokens, "c" concurrency slots, "b" budget, "s" soft budget: seeded and read, never
---   checked nor reserved), limit.
--- KEYS, in the same order: r/t/s: the window key; c: the slot ZSET; b: the window key, the
--- reservation ZSET (request id -> expiry) and the reservation HASH (request id -> amount).
+--   checked nor reserved), limit; b/s: then the window's start (epoch seconds, as text).
+-- KEYS, in the same order: r/t: the window key; c: the slot ZSET; b: the window key, the
+-- reservation ZSET (request id -> expiry), the reservation HASH (request id -> amount) and the
+-- reset mark (mark_reset.lua); s: the window key and the reset mark.
 --
--- Returns {"seed", g, ...} when window keys are missing (g: a counter's place among all the
+-- Returns {"moved", g, at, ...} when a budget was reset (at: the mark) after its window began:
+-- the client starts that window at the mark and calls again; {"seed", g, ...} when window keys are missing (g: a counter's place among all the
 -- candidates' counters, from 1; the client seeds them from the store with SET NX and calls
 -- again); {"ok", c, <why>..., v1, r1, v2, r2, ...}: candidate c (from 1) admitted, after why
 -- each candidate before it was refused (i, code, used, reserved: its refusing counter, from 1),
@@ -31,18 +33,45 @@ for _ = 1, tonumber(ARGV[5]) do
     if c.kind == "b" then
       c.rz = KEYS[k + 1]
       c.rh = KEYS[k + 2]
-      k = k + 3
+      c.mark = KEYS[k + 3]
+      k = k + 4
+    elseif c.kind == "s" then
+      c.mark = KEYS[k + 1]
+      k = k + 2
     else
       k = k + 1
     end
+    if c.mark then
+      c.start = tonumber(ARGV[a + 2])
+      a = a + 3
+    else
+      a = a + 2
+    end
     candidate.counters[#candidate.counters + 1] = c
-    a = a + 2
   end
   candidates[#candidates + 1] = candidate
 end
 
-local missing = {"seed"}
+local moved = {"moved"}
 local g = 0
+for _, candidate in ipairs(candidates) do
+  for _, c in ipairs(candidate.counters) do
+    g = g + 1
+    if c.mark then
+      local at = redis.call("GET", c.mark)
+      if at and tonumber(at) > c.start then
+        moved[#moved + 1] = g
+        moved[#moved + 1] = at
+      end
+    end
+  end
+end
+if #moved > 1 then
+  return moved
+end
+
+local missing = {"seed"}
+g = 0
 for _, candidate in ipairs(candidates) do
   for _, c in ipairs(candidate.counters) do
     g = g + 1

@@ -1,8 +1,13 @@
 -- Settle one request: drop its reservations and slots, add the actual cost and tokens.
 --
--- ARGV: request_id, cost, tokens, then per counter its kind ("t", "c", "b" or "s").
--- KEYS, in the same order: t/s: the window key; c: the slot ZSET; b: the window key, the
--- reservation ZSET and the reservation HASH. A soft budget ("s") takes the cost as "b" does.
+-- ARGV: request_id, cost, tokens, then per counter its kind ("t", "c", "b" or "s"), and for b/s
+-- its window's start (epoch seconds, as text).
+-- KEYS, in the same order: t: the window key; c: the slot ZSET; b: the window key, the
+-- reservation ZSET, the reservation HASH and the reset mark; s: the window key and the reset
+-- mark. A soft budget ("s") takes the cost as "b" does.
+--
+-- Returns {"moved", n, at, ...} and changes nothing when a budget was reset (at: its mark) after
+-- its window began: what settles now counts in the new window, which the client moves to.
 --
 -- A window key that does not exist is not created: it has not been seeded from the store yet
 -- (new window, emptied Redis), and the charge reaches the store through the flusher; creating it
@@ -11,9 +16,34 @@
 local request_id = ARGV[1]
 local cost = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[3])
-local answer = {}
+local moved = {"moved"}
 local k = 1
 local a = 4
+local n = 0
+while ARGV[a] do
+  n = n + 1
+  local kind = ARGV[a]
+  if kind == "b" or kind == "s" then
+    local mark = KEYS[k + (kind == "b" and 3 or 1)]
+    local at = redis.call("GET", mark)
+    if at and tonumber(at) > tonumber(ARGV[a + 1]) then
+      moved[#moved + 1] = n
+      moved[#moved + 1] = at
+    end
+    k = k + (kind == "b" and 4 or 2)
+    a = a + 2
+  else
+    k = k + 1
+    a = a + 1
+  end
+end
+if #moved > 1 and cost > 0 then
+  return moved
+end
+
+local answer = {}
+k = 1
+a = 4
 while ARGV[a] do
   local kind = ARGV[a]
   local key = KEYS[k]
@@ -26,7 +56,11 @@ while ARGV[a] do
     if kind == "b" then
       redis.call("ZREM", KEYS[k + 1], request_id)
       redis.call("HDEL", KEYS[k + 2], request_id)
-      k = k + 3
+      k = k + 4
+      a = a + 1
+    elseif kind == "s" then
+      k = k + 2
+      a = a + 1
     else
       k = k + 1
     end
