@@ -160,6 +160,8 @@ async def test_provider_and_tag_names_are_those_requests_can_carry(
     print("tag with a slash:", slashed.status_code, removed.status_code, [t["tag"] for t in tags])
     assert (slashed.status_code, removed.status_code) == (201, 200)
     assert [t["tag"] for t in tags] == ["team/search"]
+    # SPEC §9: every object has a string `id`; a tag's (and a provider's) is its name
+    assert slashed.json()["tag"]["id"] == tags[0]["id"] == "team/search"
     assert blank.status_code == padded.status_code == 422
     assert "no space at either end" in padded.json()["error"]["message"]
 
@@ -171,6 +173,9 @@ async def test_unknown_ids_answer_404(settings: BudgetSettings) -> None:
             assert (await c.delete(path, headers=ADMIN)).status_code == 404
         assert (await c.post("/budgets/nope/reset", headers=ADMIN)).status_code == 404
         assert (await c.delete("/providers/nope", headers=ADMIN)).status_code == 404
+        made = await c.put("/providers/openai", json={"budgets": [{"max_limit": 1}]}, headers=ADMIN)
+        listed = (await c.get("/providers", headers=ADMIN)).json()["providers"]
+        assert made.json()["provider"]["id"] == listed[0]["id"] == "openai"
 
 
 async def test_deleting_a_team_detaches_its_keys_and_removes_its_budgets(

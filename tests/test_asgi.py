@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError, get_engine
-from support import chat, client, running
+from support import chat, client, engine_of, host_app, running
 
 Settings = Callable[..., BudgetSettings]
 
@@ -82,8 +82,24 @@ def test_database_urls_name_the_driver_we_ship_or_fail(monkeypatch: pytest.Monke
             "postgresql+psycopg://u@db:5432/app"
         )
     monkeypatch.setenv("BUDGET_DATABASE_URL", "postgresql+asyncpg://u@db/app")
-    with pytest.raises(SettingsError, match="BUDGET_DATABASE_URL"):
+    with pytest.raises(SettingsError, match=r"BUDGET_DATABASE_URL.*psycopg 3"):
         BudgetSettings()
+
+
+async def test_sqlite_named_with_its_driver_is_a_store(tmp_path: Path) -> None:
+    """`sqlite+pysqlite:///` is the same store as `sqlite:///` (SQLAlchemy's URL with the
+    driver named): it was refused."""
+    url = f"sqlite+pysqlite:///{tmp_path}/b.db"
+    settings = BudgetSettings(database_url=url)
+    app = host_app(settings)
+    async with running(app), client(app) as http:
+        key = engine_of(app).manager.create_virtual_key(name="k")
+        answer = await http.post(
+            "/v1/chat/completions", json=chat(), headers={"authorization": f"Bearer {key.value}"}
+        )
+        await engine_of(app).flush()
+    assert answer.status_code == 200
+    assert engine_of(app).manager.usage(group_by="virtual_key").total.requests == 1
 
 
 async def test_a_bad_pricing_file_fails_at_startup_naming_it(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ changes, and left alone (with their manual edits) when it does not."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,86 @@ def test_an_invalid_file_writes_nothing(tmp_path: Path, text: str, error: str) -
     assert [c.name for c in manager.list_customers()] == []
     assert [t.name for t in manager.list_teams()] == []
     assert [k.name for k in manager.list_virtual_keys()] == ["alice"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "customers: [{name: good}]\nteams: [{name: t, customer_id: nope}]\n",
+        "customers: [{name: good}]\nvirtual_keys: [{name: k, team_id: nope}]\n",
+        "customers: [{name: good}]\nvirtual_keys: [{name: k, provider_configs: "
+        "[{provider: openai}, {provider: openai}]}]\n",
+        "customers: [{name: good}]\n"
+        "model_configs: [{model_name: gpt-4o, scope: virtual_key, scope_id: nope}]\n",
+    ],
+    ids=["customer-id", "team-id", "provider-twice", "scope-id"],
+)
+def test_a_file_that_fails_while_being_applied_writes_nothing(store_url: str, text: str) -> None:
+    """What only the writes find wrong (a reference by id to nothing, one provider configured
+    twice on a key): the file is applied in one transaction, rolled back (the entries before
+    the wrong one were written, on start-up, `POST /config/apply` and `config apply`)."""
+    settings = BudgetSettings(database_url=store_url, config_file=None)
+    store = Store(store_url)
+    store.create_schema()
+    manager = BudgetManager(store, settings)
+    manager.create_virtual_key(name="alice")
+    path = Path(tempfile.mkdtemp()) / "budget.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigFileError) as raised:
+        load_config_file(store, settings.model_copy(update={"config_file": path}))
+    print("refused:", raised.value)
+    assert [c.name for c in manager.list_customers()] == []
+    assert [t.name for t in manager.list_teams()] == []
+    assert [k.name for k in manager.list_virtual_keys()] == ["alice"]
+    # and a valid file is applied whole, through the same transaction
+    path.write_text(text.split("\n")[0] + "\nteams: [{name: t, customer: good}]\n")
+    load_config_file(store, settings.model_copy(update={"config_file": path}))
+    assert [(t.name, t.customer_id) for t in manager.list_teams()] == [
+        ("t", manager.list_customers()[0].id)
+    ]
+    store.dispose()
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "error"),
+    [
+        (
+            "budget.yaml",
+            "customers:\n  - name: acme\ncustomers:\n  - name: globex\n",
+            r"(?s)invalid YAML: while reading a mapping.*'customers' is given twice.*line 3",
+        ),
+        (
+            "budget.yaml",
+            "customers:\n  - name: acme\n    name: globex\n",
+            r"(?s)the key 'name' is given twice.*line 3",
+        ),
+        (
+            "budget.json",
+            '{"customers": [{"name": "acme"}], "customers": [{"name": "globex"}]}',
+            r"invalid JSON: the key 'customers' is given twice in one object",
+        ),
+    ],
+    ids=["yaml-section", "yaml-field", "json-section"],
+)
+def test_a_key_given_twice_is_refused_not_silently_dropped(
+    tmp_path: Path, name: str, text: str, error: str
+) -> None:
+    """YAML and JSON parsers keep the last of a key given twice: a second `customers:` dropped
+    the first section, and `config check` called the file valid."""
+    with pytest.raises(ConfigFileError, match=error) as raised:
+        _start(tmp_path, text, name)
+    print("refused:", raised.value)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    """A merged mapping's keys are defaults, meant to be overridden: not a key given twice."""
+    text = (
+        "customers:\n  - name: acme\n    budgets:\n      - &d {max_limit: 5, reset_duration: 1d}\n"
+        "teams:\n  - name: t\n    customer: acme\n    budgets:\n      - {<<: *d, max_limit: 7}\n"
+    )
+    manager = _start(tmp_path, text)
+    (team,) = manager.list_teams()
+    assert [(b.max_limit, b.reset_duration) for b in team.budgets] == [(7, "1d")]
 
 
 def test_a_file_in_utf_16_is_read_and_one_in_another_encoding_is_named(tmp_path: Path) -> None:

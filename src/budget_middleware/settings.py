@@ -206,8 +206,11 @@ class BudgetSettings(BaseSettings):
         for plain in ("postgresql://", "postgres://"):  # the driver we ship: psycopg 3
             if value.startswith(plain):
                 return "postgresql+psycopg://" + value[len(plain) :]
-        if not value.startswith(("sqlite:", "postgresql+psycopg:")):
-            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        if not value.startswith(("sqlite:", "sqlite+pysqlite:", "postgresql+psycopg:")):
+            raise ValueError(
+                "must be a sqlite:/// (or sqlite+pysqlite:///) or postgresql+psycopg:// URL: "
+                "the store writes through Python's sqlite3 or psycopg 3"
+            )
         return value
 
     @field_validator("redis_url")

@@ -44,6 +44,7 @@ class QueryParam:
     name: str
     schema: Mapping[str, Any]
     description: str = ""
+    at_most: int | None = None  # an integer above it is taken as it (a page past every list)
 
     def parse(self, value: str) -> Any:
         """The value read from the query string; `Refused` (422, naming it) when invalid."""
@@ -86,6 +87,11 @@ class QueryParam:
         if _INTEGER.fullmatch(value) is None:
             raise self._refuse("must be an integer")
         minimum, maximum = self.schema.get("minimum"), self.schema.get("maximum")
+        at_most = self.at_most
+        if at_most is not None and not value.startswith("-"):
+            digits = value.lstrip("+").lstrip("0")  # int() refuses 4,301 digits and more
+            if len(digits) > len(str(at_most)) or int(value) > at_most:
+                return at_most
         if len(value.lstrip("+-").lstrip("0")) > 18:  # beyond any database's integer
             bound = minimum if value.startswith("-") else maximum
             side = "least" if value.startswith("-") else "most"

@@ -34,17 +34,17 @@ from budget_middleware.manage.schemas import (
 )
 from budget_middleware.store import alerts as stored_alerts
 
-MAX_LIMIT = 10_000
-"""The largest page (`limit`); without `limit`, a list answers every item."""
-MAX_OFFSET = 1_000_000_000
-"""The largest `offset`: far beyond any list, far below what a database's integer holds."""
+PAGE_BOUND = 10**18
+"""A larger `limit` or `offset` is taken as this one (SPEC §9: any `limit` ≥ 1 and `offset` ≥ 0
+is accepted): far beyond any list, within what a database's integer holds. Without `limit`, a
+list answers every item."""
 
 _BOOL = {"type": "boolean", "default": False}
 FROM_MEMORY = QueryParam("from_memory", _BOOL, "answer from the live in-process counters")
-LIMIT = QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-                   "page size (default: every item)")  # fmt: skip
-OFFSET = QueryParam("offset", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET,
-                               "default": 0}, "page start")  # fmt: skip
+LIMIT = QueryParam("limit", {"type": "integer", "minimum": 1},
+                   "page size (default: every item)", at_most=PAGE_BOUND)  # fmt: skip
+OFFSET = QueryParam("offset", {"type": "integer", "minimum": 0, "default": 0}, "page start",
+                    at_most=PAGE_BOUND)  # fmt: skip
 OWNER_TYPE = QueryParam("owner_type", {"type": "string", "enum": list(OWNER_TYPES)})
 OWNER_ID = QueryParam("owner_id", {"type": "string"}, "for provider and tag: the name")
 # A provider's or a tag's name, in the path: 1 to 200 characters (as the manager checks).
@@ -347,7 +347,7 @@ async def list_refusals(call: Call) -> AdminAnswer:
 async def rejected(call: Call) -> AdminAnswer:
     """What the store refused and the flusher set aside, newest first: saved in `bm_rejected`,
     and any still waiting in this process to be saved."""
-    limit = call.number("limit") or MAX_LIMIT
+    limit = call.number("limit") or PAGE_BOUND
     offset = call.number("offset", default=0) or 0
     engine = call.engine
     waiting = [

@@ -25,6 +25,7 @@ Sections of our own may sit beside LiteLLM's in such a file.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ from budget_middleware.manage.owner_limits import (
     check_budget_durations,
     check_model_names,
     config_hash,
+    ensure_schema,
 )
 from budget_middleware.manage.schemas import (
     CustomerCreate,
@@ -118,11 +120,47 @@ def config_text(path: Path) -> str:
         ) from None
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when it names a key twice (the last would silently win)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"the key {key!r} is given twice in one object")
+        data[key] = value
+    return data
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """PyYAML's SafeLoader, refusing a mapping that names a key twice (it keeps the last one
+    silently: a second `customers:` section dropped the first). Merge keys (`<<`) may still be
+    overridden, as YAML means them to be."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=False)
+                if isinstance(key, str | int | float | bool) or key is None:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while reading a mapping", node.start_mark,
+                            f"the key {key!r} is given twice", key_node.start_mark,
+                        )  # fmt: skip
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def _read(path: Path) -> _FileData:
     text = config_text(path)
     if path.suffix.lower() == ".json":
         try:
-            data: Any = json.loads(text)
+            data: Any = json.loads(text, object_pairs_hook=_unique_keys)
         except ValueError as exc:
             raise ConfigFileError(
                 f"BUDGET_CONFIG_FILE {str(path)!r}: invalid JSON: {exc}"
@@ -136,7 +174,7 @@ def _read(path: Path) -> _FileData:
                 "pip install 'budget-middleware[yaml]' (or use a .json file)"
             ) from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())
         except yaml.YAMLError as exc:
             raise ConfigFileError(
                 f"BUDGET_CONFIG_FILE {str(path)!r}: invalid YAML: {exc}"
@@ -521,7 +559,9 @@ def load_config_file(store: Store, settings: BudgetSettings) -> None:
             "ignored: %s", str(path), ", ".join(data.ignored),
         )  # fmt: skip
     _preflight(store, data)
-    loader = _Loader(store, settings, data)
-    for section in SECTIONS:
-        for index, entry in enumerate(data.sections[section]):
-            loader.apply(section, index, entry)
+    ensure_schema(store)
+    with store.one_transaction() as joined:  # whole, or nothing written: SPEC §3
+        loader = _Loader(joined, settings, data)
+        for section in SECTIONS:
+            for index, entry in enumerate(data.sections[section]):
+                loader.apply(section, index, entry)

@@ -221,7 +221,7 @@ _schema_ready: weakref.WeakSet[Store] = weakref.WeakSet()
 _schema_lock = threading.Lock()
 
 
-def _ensure_schema(store: Store) -> None:
+def ensure_schema(store: Store) -> None:
     if store in _schema_ready:
         return
     with _schema_lock:  # admin calls run in worker threads
@@ -250,7 +250,7 @@ class OwnerWriter:
         self.reset_live = reset_live
 
     def _session(self) -> Session:
-        _ensure_schema(self.store)
+        ensure_schema(self.store)
         session = self.store.session()
         if self.on_change is not None:
             notify = self.on_change

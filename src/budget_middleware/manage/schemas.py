@@ -561,10 +561,12 @@ class VirtualKeyOut(_OwnerOut):
 
 
 class ProviderOut(_OwnerOut):
+    id: str = Field(description="the provider's name: its id in paths (SPEC §9)")
     provider: str
 
 
 class TagOut(_OwnerOut):
+    id: str = Field(description="the tag's name: its id in paths (SPEC §9)")
     tag: str
 
 

@@ -114,11 +114,13 @@ class Reader:
 
     def provider(self, row: ProviderRow) -> ProviderOut:
         return ProviderOut(
-            provider=row.provider, **self._owner_fields("provider", row.provider, row)
+            id=row.provider,
+            provider=row.provider,
+            **self._owner_fields("provider", row.provider, row),
         )
 
     def tag(self, row: TagRow) -> TagOut:
-        return TagOut(tag=row.tag, **self._owner_fields("tag", row.tag, row))
+        return TagOut(id=row.tag, tag=row.tag, **self._owner_fields("tag", row.tag, row))
 
     def model_config(self, row: ModelConfigRow) -> ModelConfigOut:
         return ModelConfigOut(

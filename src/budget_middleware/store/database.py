@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func
+from sqlalchemy import Connection, Engine, create_engine, delete, event, func
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, select
@@ -107,6 +108,25 @@ class Store:
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def one_transaction(self) -> Iterator[Store]:
+        """A store whose sessions all write in one transaction, committed when the block ends
+        and rolled back if it raises: a config file is applied whole or not at all. A session's
+        own commit is a savepoint's (its rollback, after a conflict, undoes only its own)."""
+        with self.engine.connect() as conn:
+            conn.begin()  # begun before any session: theirs join it
+            if conn.dialect.name == "sqlite":
+                # The driver begins a transaction only before a write: a savepoint would start
+                # one, and releasing it would commit. IMMEDIATE: the write lock now, not at the
+                # first write, which would fail at once if another connection wrote meanwhile.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield _Joined(self, conn)
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -504,3 +524,20 @@ def _copy_records(conn: Any, values: list[Any]) -> None:
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+class _Joined(Store):
+    """The store of `Store.one_transaction`: its sessions join one connection's transaction."""
+
+    def __init__(self, store: Store, conn: Connection) -> None:
+        self.url = store.url
+        self.engine = store.engine
+        self.conn = conn
+
+    def create_schema(self) -> None:
+        """Made by the store itself before (a schema change would end the transaction)."""
+
+    def session(self) -> Session:
+        return Session(
+            bind=self.conn, expire_on_commit=False, join_transaction_mode="create_savepoint"
+        )
