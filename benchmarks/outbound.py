@@ -21,8 +21,6 @@ import httpx2
 from harness import FIXED_COMPLETION, bench_settings, chat_body, make_world
 from http_load import _free_port
 
-from budget_middleware import BudgetTransport, charge_to
-
 
 def _provider(request: httpx2.Request) -> httpx2.Response:
     # Unread, as a real transport's answer is (`content=` would give one read already).
@@ -131,6 +129,10 @@ async def _real_calls_cpu_us(body: bytes, n: int, rounds: int) -> tuple[float, f
 
 
 async def run(n: int, rounds: int) -> dict[str, Any]:
+    # Imported here: from its import on, the middlewares note every request's caller (SPEC
+    # §13), which the other parts measure without (an app that makes no outbound call).
+    from budget_middleware import BudgetTransport, charge_to
+
     with tempfile.TemporaryDirectory(prefix="bm-bench-") as directory:
         settings = bench_settings(Path(directory))
         world = await make_world(settings)

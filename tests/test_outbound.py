@@ -339,6 +339,87 @@ async def test_a_route_of_the_app_calls_out_for_the_inbound_caller(make_settings
     assert fake.calls == 2
 
 
+# A fresh process whose app imports the transport, as an app module does at its top, and makes
+# its provider client on first use (FastAPI's `@lru_cache` dependency; a Flask view's global):
+# the client is made by the first request itself.
+_LAZY_CLIENT = """
+import asyncio, functools, json, sys
+import httpx, httpx2
+from fastapi import FastAPI
+from flask import Flask
+from budget_middleware import BudgetMiddleware, BudgetSettings, BudgetSyncTransport
+from budget_middleware import BudgetTransport, get_engine
+from budget_middleware.wsgi import BudgetWSGIMiddleware
+
+settings = BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600)
+answer = {"model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 9}}
+body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+sent = []
+
+def provider(request):
+    sent.append(1)
+    return httpx2.Response(200, json=answer)
+
+@functools.lru_cache
+def async_client():
+    return httpx2.AsyncClient(transport=BudgetTransport(httpx2.MockTransport(provider), settings))
+
+app = FastAPI()
+
+@app.post("/summarize")
+async def summarize():
+    return {"status": (await async_client().post(
+        "https://api.openai.com/v1/chat/completions", json=body)).status_code}
+
+app.add_middleware(BudgetMiddleware, settings=settings)
+
+@functools.lru_cache
+def sync_client():
+    return httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider), settings))
+
+flask_app = Flask(__name__)
+
+@flask_app.post("/summarize")
+def flask_summarize():
+    return {"status": sync_client().post(
+        "https://api.openai.com/v1/chat/completions", json=body).status_code}
+
+flask_app.wsgi_app = BudgetWSGIMiddleware(flask_app.wsgi_app, settings)
+key = get_engine(settings).manager.create_virtual_key(name="broke", budgets=[{"max_limit": 0}])
+auth = {"authorization": f"Bearer {key.value}"}
+
+async def asgi():
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://app")
+    async with http:
+        return [(await http.post("/summarize", headers=auth)).json()["status"] for _ in range(2)]
+
+if sys.argv[2] == "asgi":
+    answers = asyncio.run(asgi())
+else:
+    client = flask_app.test_client()
+    answers = [client.post("/summarize", headers=auth).json["status"] for _ in range(2)]
+print(json.dumps({"answers": answers, "sent": len(sent)}))
+"""
+
+
+@pytest.mark.parametrize("adapter", ["asgi", "wsgi"])
+def test_a_client_the_first_request_creates_charges_that_request_s_caller(
+    tmp_path: Path, adapter: str
+) -> None:
+    """A $0 key's calls through a client made by the request itself (in a process where no
+    transport existed before): refused, none sent. The middlewares noted callers only once a
+    transport existed, so that first request's call was paid by nobody (sent, 200); they note
+    them once the transport's module is imported."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LAZY_CLIENT, f"sqlite:///{tmp_path}/b.db", adapter],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.splitlines()[-1])
+    print(f"{adapter}: a $0 key's calls through a client its first request made:", figures)
+    assert figures == {"answers": [402, 402], "sent": 0}
+
+
 async def test_other_calls_pass_untouched(engine: BudgetEngine) -> None:
     fake = Counting()
     async with httpx.AsyncClient(

@@ -41,9 +41,9 @@ _LAZY = {
     "get_engine": "budget_middleware.engine",
     "BudgetState": "budget_middleware.engine.exchange",
     "BudgetManager": "budget_middleware.manage.manager",
-    "BudgetSyncTransport": "budget_middleware.outbound",
-    "BudgetTransport": "budget_middleware.outbound",
-    "charge_to": "budget_middleware.outbound",
+    "BudgetSyncTransport": "budget_middleware.outbound.transport",
+    "BudgetTransport": "budget_middleware.outbound.transport",
+    "charge_to": "budget_middleware.outbound.payer",
     "BudgetSettings": "budget_middleware.settings",
 }
 

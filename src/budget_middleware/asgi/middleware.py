@@ -95,7 +95,7 @@ class BudgetMiddleware:
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            if noting.active:  # a BudgetTransport exists: who calls is noted, on any path
+            if noting.active:  # the transports are imported: who calls is noted, on any path
                 await self._noted(scope, receive, send)
             elif scope["method"] == "POST" and is_inference_path(scope["path"], self.suffixes):
                 await self._metered(scope, receive, send)

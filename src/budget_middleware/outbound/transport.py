@@ -50,6 +50,10 @@ from budget_middleware.settings import BudgetSettings
 _UNKNOWN = "Unknown virtual key"
 _REWRITTEN = (b"content-length", b"content-encoding")  # not the rewritten body's
 
+# From the moment an app imports the transports (at its top, as it does), the middlewares note
+# every request's caller: also those of the request that makes the app's first client.
+noting.active = True
+
 
 class _Meter:
     """What both transports share: which calls are metered, who pays, and the answers."""
@@ -66,7 +70,6 @@ class _Meter:
         self.fail_open = s.fail_open
         self.read_headers = header_reader(s.key_header, s.key_prefix)
         self.hosts = HostTable(dict(s.provider_hosts))
-        noting.active = True  # from now on the middleware notes who is calling
 
     def metered(self, request: Any) -> str | None:
         """The path of a call to meter (a POST to an inference path), else None."""

@@ -157,7 +157,7 @@ class BudgetWSGIMiddleware:
         failure = self.engine.failure
         if failure is not None:  # a configuration error met at start-up: every request says so
             raise raised_again(failure)
-        if noting.active:  # a BudgetSyncTransport exists: who calls is noted, on any path
+        if noting.active:  # the transports are imported: who calls is noted, on any path
             headers = EnvironHeaders(environ, self.wanted)  # read if a call goes out
             token = inbound_headers.set(headers)
             try:
