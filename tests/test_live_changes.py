@@ -378,3 +378,44 @@ async def test_a_reset_the_store_could_not_take_is_written_when_it_is_back(
         since = await _spent(engine, budget_id)
     print(f"a reset the store refused (live, stored): {reset}; then $0.02: {since}")
     assert (reset, since) == ((0.0, 0.0), (0.02, 0.02))
+
+
+async def test_the_flusher_sweeps_expired_windows_out_of_the_store(
+    make_settings: Callable[..., BudgetSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key's daily budget spent, then two days without a request: the running middleware's
+    flusher resets the window in the store by itself (SPEC §6's background sweep). A request
+    after it is counted alone in the new window, live and stored."""
+    from budget_middleware.engine import engine as engine_module
+    from budget_middleware.engine.engine import BudgetEngine
+    from support import Clock
+
+    monkeypatch.setattr(engine_module, "SWEEP_SECONDS", 0.2)
+    clock = Clock()
+    engine = BudgetEngine(make_settings(flush_interval_seconds=0.05), clock=clock)
+    app = host_app(None)
+    app.add_middleware(BudgetMiddleware, engine=engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 10, "reset_duration": "1d"}]
+        )
+        auth = {"authorization": f"Bearer {key.value}"}
+        assert (await http.post("/v1/chat/completions", json=chat(), headers=auth)).is_success
+        await engine.flush()
+        budget_id = key.budgets[0].id
+        spent = engine.store.read_counters([budget_id], [])[0][budget_id][0]
+        clock.advance(2 * 86400)
+        for _ in range(100):  # the sweep runs every 0.2 s here
+            await asyncio.sleep(0.05)
+            stored = engine.store.read_counters([budget_id], [])[0][budget_id]
+            if stored[0] == 0:
+                break
+        print(f"spent {spent}, then two days later the store holds {stored}")
+        assert spent > 0 and stored[0] == 0
+        assert stored[1].timestamp() > clock() - 86400  # the current window's start
+        assert (await http.post("/v1/chat/completions", json=chat(), headers=auth)).is_success
+        await engine.flush()
+        after = engine.store.read_counters([budget_id], [])[0][budget_id][0]
+        live = engine.manager.get_budget(budget_id).current_usage
+    assert after == spent  # one request's price, alone in the new window
+    assert round(live * 1e9) == spent

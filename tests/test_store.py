@@ -9,10 +9,10 @@ from pathlib import Path
 from sqlmodel import select
 
 from budget_middleware.core.records import Delta, UsageRecord
-from budget_middleware.core.times import END_OF_TIME
+from budget_middleware.core.times import END_OF_TIME, utc
 from budget_middleware.store import database
 from budget_middleware.store.database import Store
-from budget_middleware.store.tables import RateLimitRow, UsageRecordRow
+from budget_middleware.store.tables import BudgetRow, RateLimitRow, UsageRecordRow
 from support import budget_row
 
 WHEN = datetime(2026, 11, 22, 10, 30, 15, 123456, tzinfo=UTC)
@@ -195,3 +195,49 @@ def test_batches_of_any_size_share_a_few_insert_statements(store_url: str) -> No
         2,
         1,
     }
+
+
+def test_the_sweep_resets_expired_windows_and_nothing_else(store_url: str) -> None:
+    """SPEC §6: expired windows reset on first touch and by a background sweep. The sweep
+    starts each expired window anew in the store (usage 0 from the current window's start), and
+    leaves a current window, a lifetime budget and a calendar window reset midway as they are;
+    a charge of the ended window written after it is not added to the new one."""
+    store = Store(store_url)
+    store.create_schema()
+    day = timedelta(days=1)
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    now = start + 2 * day + timedelta(hours=5)
+    expired, current = budget_row(store, 500, start), budget_row(store, 9, start + 2 * day)
+    with store.session() as s:
+        lifetime = BudgetRow(owner_type="tag", owner_id="a", max_limit_nanos=10,
+                             reset_duration=None, current_usage_nanos=7,
+                             last_reset=start)  # fmt: skip
+        midway = BudgetRow(owner_type="tag", owner_id="b", max_limit_nanos=10, reset_duration="1M",
+                           calendar_aligned=True, current_usage_nanos=3,
+                           last_reset=start + timedelta(days=1, hours=2))  # fmt: skip
+        rate = RateLimitRow(owner_type="tag", owner_id="chat", request_max_limit=100,
+                            request_reset_duration="1h", request_current_usage=4,
+                            request_last_reset=start, token_max_limit=10**6,
+                            token_reset_duration="1d", token_current_usage=40,
+                            token_last_reset=start + 2 * day)  # fmt: skip
+        s.add_all([lifetime, midway, rate])
+        s.commit()
+        ids = [lifetime.id, midway.id]
+        rate_id = rate.id
+    swept = store.sweep_windows(now)
+    budgets, rates = store.read_counters([expired, current, *ids], [rate_id])
+    print(f"swept {swept}: {budgets}")
+    assert swept == 2  # the expired budget and the request window
+    assert budgets[expired] == (0, start + 2 * day)
+    assert budgets[current] == (9, start + 2 * day)
+    assert budgets[ids[0]] == (7, start) and budgets[ids[1]] == (
+        3,
+        start + timedelta(days=1, hours=2),
+    )
+    row = rates[rate_id]
+    assert (row.request_current_usage, row.token_current_usage) == (0, 40)
+    assert utc(row.request_last_reset) == start + 2 * day + timedelta(hours=5)
+    store.apply_flush(uuid.uuid4().hex, [Delta("budget", expired, start, start + day, 1000)], [])
+    assert store.read_counters([expired], [])[0][expired] == (0, start + 2 * day)
+    assert store.sweep_windows(now) == 0  # nothing left to sweep
+    store.dispose()

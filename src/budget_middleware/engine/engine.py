@@ -122,6 +122,7 @@ class Batch:
 
 
 _RESET_WAIT_SECONDS = 30.0
+SWEEP_SECONDS = 60.0  # how often expired windows are reset in the store
 
 
 def _written_at_exit(ref: weakref.ref[BudgetEngine]) -> None:
@@ -464,7 +465,7 @@ class BudgetEngine:
     async def _flush_rounds(self) -> None:
         interval = self.settings.flush_interval_seconds
         ttl = self.settings.cache_ttl_seconds
-        last_refresh = self.clock()
+        last_refresh = last_sweep = self.clock()
         stopping = self._stopping
         while not stopping.is_set():
             try:
@@ -478,8 +479,20 @@ class BudgetEngine:
                     last_refresh = self.clock()
                     await self.reload_globals()
                     await self.counters.refresh()
+                if self.clock() - last_sweep >= SWEEP_SECONDS:
+                    last_sweep = self.clock()
+                    await self.sweep()
             except Exception:  # the loop must survive anything; the next round retries
                 logger.exception("budget-middleware flusher round failed")
+
+    async def sweep(self) -> int:
+        """Reset the store's expired windows (SPEC §6's background sweep); 0 when the store
+        cannot be written now (the next sweep tries again)."""
+        try:
+            return await anyio.to_thread.run_sync(self.store.sweep_windows, from_ts(self.clock()))
+        except Exception as exc:
+            logger.debug("budget-middleware window sweep failed: %s", exc)
+            return 0
 
     # -- configuration -------------------------------------------------------------------
 

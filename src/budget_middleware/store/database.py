@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, func
+from sqlalchemy import Connection, Engine, create_engine, delete, event, func, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, select
 
+from budget_middleware.core.durations import Duration, window_bounds
 from budget_middleware.core.money import NANOS_PER_USD
 from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.times import utc
@@ -242,6 +243,45 @@ class Store:
                     _insert_records(conn, records, batch_id)
         except SQLAlchemyError as exc:
             raise ServiceUnavailable(f"store write failed: {type(exc).__name__}") from exc
+
+    def sweep_windows(self, now: datetime) -> int:
+        """Expired windows reset in the store, as SPEC §6 has them (on first touch, and by
+        this sweep): a counter with usage whose window has ended starts the current window with
+        none. Each row is updated only if it is still as read (a charge written meanwhile
+        started the window itself). Returns how many were reset."""
+        swept = 0
+        rows: list[tuple[Any, Any, Any, str, bool]] = []
+        with self.session() as s:
+            budgets = select(BudgetRow).where(
+                col(BudgetRow.reset_duration).is_not(None), col(BudgetRow.current_usage_nanos) != 0
+            )
+            for b in s.exec(budgets):
+                rows.append((BudgetRow, b, "budget", b.reset_duration or "", b.calendar_aligned))
+            rates = select(RateLimitRow).where(
+                (col(RateLimitRow.request_current_usage) != 0)
+                | (col(RateLimitRow.token_current_usage) != 0)
+            )
+            for r in s.exec(rates):
+                for kind in ("request", "token"):
+                    duration = getattr(r, f"{kind}_reset_duration")
+                    if duration and getattr(r, f"{kind}_current_usage"):
+                        rows.append((RateLimitRow, r, kind, duration, False))
+        with self.engine.begin() as conn:
+            for table, row, kind, duration, aligned in rows:
+                _, usage, reset = _COUNTER_COLUMNS[kind]
+                last_reset = utc(getattr(row, reset))
+                start, _ = window_bounds(
+                    Duration.parse(duration), anchor=last_reset, now=now, calendar_aligned=aligned
+                )
+                if start <= last_reset:
+                    continue
+                done = conn.execute(
+                    update(table)
+                    .where(table.id == row.id, getattr(table, reset) == getattr(row, reset))
+                    .values({usage: 0, reset: start})
+                )
+                swept += done.rowcount
+        return swept
 
     def writable(self) -> bool:
         """Whether the store takes writes now: a flush mark written and rolled back (False when
