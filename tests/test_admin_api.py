@@ -227,6 +227,15 @@ async def test_key_provider_configs_and_rate_limits_are_written_through_the_key(
         assert r.json()["count"] == 1 and r.json()["rate_limits"][0]["max_concurrent_requests"] == 2
         r = await c.put(f"/virtual-keys/{key['id']}", json={"rate_limit": None}, headers=ADMIN)
         assert r.json()["virtual_key"]["rate_limit"] is None
+        # A config sent again with its provider only keeps its model lists and budgets (its
+        # `allowed_models` went back to ["*"]: every model opened by an update that named none)
+        again = {"provider_configs": [{"provider": "openai"}]}
+        r = await c.put(f"/virtual-keys/{key['id']}", json=again, headers=ADMIN)
+        policy = r.json()["virtual_key"]["provider_configs"][0]
+        assert policy["allowed_models"] == ["gpt-4o"] and len(policy["budgets"]) == 1
+        wider = {"provider_configs": [{"provider": "openai", "allowed_models": ["*"]}]}
+        r = await c.put(f"/virtual-keys/{key['id']}", json=wider, headers=ADMIN)
+        assert r.json()["virtual_key"]["provider_configs"][0]["allowed_models"] == ["*"]
 
 
 async def test_usage_is_grouped_in_the_database(settings: BudgetSettings) -> None:

@@ -288,3 +288,20 @@ def test_only_a_key_s_value_is_read_from_the_environment(
     monkeypatch.setenv("ALICE_KEY", "sk-bm-alice-rotated-0002")
     again = _start(tmp_path, text)
     assert again.store.load_key(hashlib.sha256(b"sk-bm-alice-rotated-0002").hexdigest())
+
+
+def test_a_model_list_taken_out_of_the_file_is_taken_out_of_the_store(tmp_path: Path) -> None:
+    """The file is the whole declaration: a key's provider config without `allowed_models` is
+    all models, also after the file named some (an update through the API that leaves the list
+    out keeps it; the file's next start must not)."""
+    narrow = (
+        "virtual_keys:\n  - name: k\n    provider_configs:\n"
+        "      - {provider: openai, allowed_models: [gpt-4o], blocked_models: [gpt-4o-mini]}\n"
+    )
+    manager = _start(tmp_path, narrow)
+    (config,) = manager.list_virtual_keys()[0].provider_configs
+    assert (config.allowed_models, config.blocked_models) == (["gpt-4o"], ["gpt-4o-mini"])
+    manager = _start(tmp_path, "virtual_keys:\n  - name: k\n    provider_configs:\n"
+                               "      - {provider: openai}\n")  # fmt: skip
+    (config,) = manager.list_virtual_keys()[0].provider_configs
+    assert (config.allowed_models, config.blocked_models) == (["*"], [])

@@ -484,6 +484,14 @@ class _Loader:
                                                  where)  # fmt: skip
         elif section == "virtual_keys":
             table, create, update = VirtualKeyRow, m.create_virtual_key, m.update_virtual_key
+            configs = body.get("provider_configs")
+            if isinstance(configs, list):  # the file says it all: a list left out is the default
+                body["provider_configs"] = [
+                    {"allowed_models": ["*"], "blocked_models": [], **c}
+                    if isinstance(c, dict)
+                    else c
+                    for c in configs
+                ]
             if "team" in body:
                 body["team_id"] = self._find(TeamRow, body.pop("team"), "team", where)
             if "customer" in body:

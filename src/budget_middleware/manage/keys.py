@@ -136,12 +136,19 @@ class KeyWriter(OwnerWriter):
             if config.id is not None and config.id not in by_id:
                 raise NotFound(f"provider config {config.id!r} is not one of this key's")
             row = by_id.get(config.id or "") or by_provider.get(config.provider)
+            given = config.model_fields_set
             if row is None or row.id in kept:
                 row = ProviderConfigRow(virtual_key_id=key.id, provider=config.provider)
+                given = given | {"allowed_models", "blocked_models"}  # new: the defaults
             kept.add(row.id)
             row.provider = config.provider
-            row.allowed_models = list(config.allowed_models)
-            row.blocked_models = list(config.blocked_models)
+            # A config matched to the key's own keeps the model lists it is not sent with (as
+            # an owner keeps the budgets it is not sent with): an update naming only the
+            # provider used to reset `allowed_models` to ["*"], opening every model.
+            if "allowed_models" in given:
+                row.allowed_models = list(config.allowed_models)
+            if "blocked_models" in given:
+                row.blocked_models = list(config.blocked_models)
             row.updated_at = utcnow()
             s.add(row)
             write_limits(s, "provider_config", row.id, config,
