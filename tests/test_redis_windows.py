@@ -9,6 +9,7 @@ a budget of $1: it is worth 100 requests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from fastapi import FastAPI, Request, Response
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
@@ -312,6 +314,7 @@ async def test_a_reset_made_on_the_store_without_an_engine_is_marked_for_the_ins
                 assert (
                     await http.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
                 ).is_success
+            await one.flush()  # (what it has not written when it learns of a reset counts anew)
             settings = BudgetSettings(database_url=one.settings.database_url, redis_url=REDIS_URL)
             alone = BudgetManager(Store(settings.database_url), settings)
             await asyncio.to_thread(alone.reset_budget, key.budgets[0].id)
@@ -321,3 +324,95 @@ async def test_a_reset_made_on_the_store_without_an_engine_is_marked_for_the_ins
     print(f"reset on the store alone, then {admitted} admitted ({code}): ${spent / 1e9:.2f}")
     assert (admitted, code) == (100, "budget_exceeded")
     assert spent == 100 * CENT
+
+
+async def test_a_reset_whose_mark_redis_lost_is_found_in_the_store(tmp_path: Path) -> None:
+    """$0.30 spent on the second instance, the budget reset on the first, then Redis restarts
+    empty (the reset's mark gone with it). The second instance, which reads its keys once an
+    hour here, seeds its window from the store: it finds the reset there and moves to it. 100
+    admitted in all after the reset, $1.00 (its old window's key was seeded with the new
+    window's value and it went on there: 200 admitted, $2.00 spent in the $1 window)."""
+    need_redis()
+    server = PrivateRedis()
+    server.start()
+    try:
+        async with instances(tmp_path, server.url, cache_ttl_seconds=3600) as (one, two, _):
+            one_app, two_app = host(one), host(two)
+            async with (
+                running(one_app),
+                running(two_app),
+                client(one_app) as a,
+                client(two_app) as b,
+            ):
+                key = one.manager.create_virtual_key(
+                    name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+                )
+                budget_id = key.budgets[0].id
+                for _ in range(30):
+                    answer = await b.post(
+                        "/v1/chat/completions", json=BODY, headers=auth(key.value)
+                    )
+                    assert answer.is_success
+                await two.flush()
+                await asyncio.to_thread(one.manager.reset_budget, budget_id)
+                await asyncio.sleep(0.3)  # the mark is written
+                server.stop()
+                server.start()  # empty: the mark is gone
+                counts = []
+                for http in (a, b, a):  # the first opens the new window's key
+                    admitted = 0
+                    for _ in range(300):
+                        answer = await http.post(
+                            "/v1/chat/completions", json=BODY, headers=auth(key.value)
+                        )
+                        if answer.status_code == 503:  # the first call finds Redis gone
+                            await asyncio.sleep(0.3)
+                            continue
+                        if answer.status_code != 200 or (http is a and not counts):
+                            admitted += answer.status_code == 200
+                            break
+                        admitted += 1
+                    counts.append(admitted)
+                await one.flush()
+                await two.flush()
+                spent = stored_spend(one, budget_id)
+    finally:
+        server.stop()
+    print(f"after the reset and an empty Redis, admitted {counts}: ${spent / 1e9:.2f}")
+    assert sum(counts) == 100
+    assert spent == 100 * CENT
+
+
+async def test_a_reset_made_while_redis_is_away_is_marked_when_it_is_back(tmp_path: Path) -> None:
+    """The reset's mark cannot be written while Redis is down: the heartbeat writes it once
+    Redis answers again, with no request needed (it waited for this instance's next admission,
+    while the others went on charging the old window)."""
+    need_redis()
+    server = PrivateRedis()
+    server.start()
+    try:
+        async with instances(
+            tmp_path, server.url, cache_ttl_seconds=3600, flush_interval_seconds=0.2
+        ) as (one, _, prefix):
+            app = host(one)
+            async with running(app), client(app) as http:
+                key = one.manager.create_virtual_key(
+                    name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+                )
+                answer = await http.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+                assert answer.is_success
+                server.stop()
+                await asyncio.to_thread(one.manager.reset_budget, key.budgets[0].id)
+                await asyncio.sleep(0.5)
+                server.start()
+                marks: list[str] = []
+                for _ in range(50):
+                    await asyncio.sleep(0.1)
+                    with contextlib.suppress(redis.RedisError):
+                        marks = redis.Redis.from_url(server.url).keys(f"{prefix}rs:*")
+                    if marks:
+                        break
+    finally:
+        server.stop()
+    print(f"marks in Redis once it was back: {marks}")
+    assert len(marks) == 1

@@ -87,16 +87,20 @@ class QueryParam:
         if _INTEGER.fullmatch(value) is None:
             raise self._refuse("must be an integer")
         minimum, maximum = self.schema.get("minimum"), self.schema.get("maximum")
+        negative = value.startswith("-")
+        digits = value.lstrip("+-").lstrip("0")  # int() refuses 4,301 digits and more
         at_most = self.at_most
-        if at_most is not None and not value.startswith("-"):
-            digits = value.lstrip("+").lstrip("0")  # int() refuses 4,301 digits and more
-            if len(digits) > len(str(at_most)) or int(value) > at_most:
-                return at_most
-        if len(value.lstrip("+-").lstrip("0")) > 18:  # beyond any database's integer
-            bound = minimum if value.startswith("-") else maximum
-            side = "least" if value.startswith("-") else "most"
+        if (
+            at_most is not None
+            and not negative
+            and (len(digits) > len(str(at_most)) or int(digits or "0") > at_most)
+        ):
+            return at_most
+        if len(digits) > 18:  # beyond any database's integer
+            bound = minimum if negative else maximum
+            side = "least" if negative else "most"
             raise self._refuse(f"must be at {side} {bound}" if bound is not None else _RANGE)
-        number = int(value)
+        number = -int(digits or "0") if negative else int(digits or "0")
         if minimum is not None and number < minimum:
             raise self._refuse(f"must be at least {minimum}")
         if maximum is not None and number > maximum:

@@ -664,7 +664,9 @@ class BudgetEngine:
         if loop is None or not loop.is_running() or self.cannot_wait():
             # No loop runs the engine, or this thread runs it or holds its lock: nothing
             # settles meanwhile.
-            return self._reset_counter(kind, id)
+            moment = self._reset_counter(kind, id)
+            self.counters.marks_soon()
+            return moment
         handoff = _Handoff()
         future = asyncio.run_coroutine_threadsafe(self._reset_there(kind, id, handoff), loop)
         try:
@@ -696,7 +698,10 @@ class BudgetEngine:
         return held_here is not None and bool(held_here())
 
     async def _reset_there(self, kind: str, id: str, handoff: _Handoff) -> float | None:
-        return handoff.take(self._reset_counter, kind, id)
+        at = handoff.take(self._reset_counter, kind, id)
+        if at is not None:
+            await self.counters.mark_now()  # the other instances see it when the reset returns
+        return at
 
     def _reset_counter(self, kind: str, id: str) -> float:
         at = from_ts(self.clock()).timestamp()  # to the microsecond, as the store keeps it

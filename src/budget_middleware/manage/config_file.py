@@ -133,25 +133,27 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 @functools.cache
 def _unique_key_loader() -> type:
     """PyYAML's SafeLoader, refusing a mapping that names a key twice (it keeps the last one
-    silently: a second `customers:` section dropped the first). Merge keys (`<<`) may still be
-    overridden, as YAML means them to be."""
+    silently: a second `customers:` section dropped the first). Checked as the mapping is read,
+    before merge keys (`<<`) are applied: their keys may still be overridden, as YAML means."""
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen: set[Any] = set()
+        def compose_mapping_node(self, anchor: Any) -> Any:
+            node = super().compose_mapping_node(anchor)
+            seen: set[tuple[str, str]] = set()
             for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
+                if not isinstance(key_node, yaml.ScalarNode):
                     continue
-                key = self.construct_object(key_node, deep=False)
-                if isinstance(key, str | int | float | bool) or key is None:
-                    if key in seen:
-                        raise yaml.constructor.ConstructorError(
-                            "while reading a mapping", node.start_mark,
-                            f"the key {key!r} is given twice", key_node.start_mark,
-                        )  # fmt: skip
-                    seen.add(key)
-            return super().construct_mapping(node, deep=deep)
+                key = (key_node.tag, key_node.value)
+                if key[0] == "tag:yaml.org,2002:merge":
+                    continue
+                if key in seen:
+                    raise yaml.composer.ComposerError(
+                        "while reading a mapping", node.start_mark,
+                        f"the key {key_node.value!r} is given twice", key_node.start_mark,
+                    )  # fmt: skip
+                seen.add(key)
+            return node
 
     return UniqueKeyLoader
 

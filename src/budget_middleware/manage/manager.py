@@ -480,14 +480,14 @@ def _route_out(row: RouteRow) -> RouteOut:
 def _mark_in_redis(settings: BudgetSettings, budget_id: str, at: float) -> None:
     """A reset made without an engine (the CLI on the store): the instances sharing Redis take
     it at their next admission of the budget rather than when they next read it."""
-    from budget_middleware.store.redis_counters import (  # the redis extra, set up
-        PREFIX,
-        mark_resets_now,
-        mark_ttl_ms,
-    )
-
-    marks = {f"{PREFIX}rs:{budget_id}": (at, mark_ttl_ms(settings))}
     try:
+        from budget_middleware.store.redis_counters import (  # the redis extra
+            PREFIX,
+            mark_resets_now,
+            mark_ttl_ms,
+        )
+
+        marks = {f"{PREFIX}rs:{budget_id}": (at, mark_ttl_ms(settings))}
         mark_resets_now(settings.redis_url or "", settings.redis_timeout_seconds, marks)
     except Exception as exc:  # the reset stands; the instances take it within the cache TTL
         logger.warning("budget-middleware could not mark a reset in Redis: %s", exc)

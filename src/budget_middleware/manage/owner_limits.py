@@ -222,7 +222,9 @@ _schema_lock = threading.Lock()
 
 
 def ensure_schema(store: Store) -> None:
-    if store in _schema_ready:
+    if store.within_transaction or store in _schema_ready:
+        # (a store of `Store.one_transaction`: its own store's schema was made before; waiting
+        # here for another thread making another store's could wait on this very transaction)
         return
     with _schema_lock:  # admin calls run in worker threads
         if store not in _schema_ready:

@@ -58,7 +58,14 @@ class CounterBackend(ABC):
         """Forget the parent's connections (shared backends)."""
 
     def reset_noted(self, budget_id: str, at: float) -> None:  # noqa: B027 - optional hook
-        """A budget was reset at `at` through this process (shared backends tell the others)."""
+        """A budget was reset at `at` through this process (shared backends tell the others,
+        by `mark_now` on the loop or `marks_soon` from elsewhere)."""
+
+    async def mark_now(self) -> None:  # noqa: B027 - optional hook
+        """Tell the other instances of the resets noted, now."""
+
+    def marks_soon(self) -> None:  # noqa: B027 - optional hook
+        """Tell the other instances of the resets noted, from a thread that cannot wait."""
 
     def after_loop_closed(self) -> None:  # noqa: B027 - optional hook
         """The engine's event loop closed: forget its connections and tasks (shared backends),

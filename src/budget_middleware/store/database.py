@@ -98,6 +98,8 @@ def make_engine(url: str) -> Engine:
 
 
 class Store:
+    within_transaction = False  # True for the stores `one_transaction` yields
+
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
@@ -122,6 +124,10 @@ class Store:
                 # one, and releasing it would commit. IMMEDIATE: the write lock now, not at the
                 # first write, which would fail at once if another connection wrote meanwhile.
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                # One at a time (workers starting together each apply the file): the next one
+                # waits, then finds what the first wrote, instead of colliding with its rows.
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (_ONE_AT_A_TIME,))
             try:
                 yield _Joined(self, conn)
             except BaseException:
@@ -566,8 +572,13 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
         yield items[start : start + size]
 
 
+_ONE_AT_A_TIME = 0x62756467  # the advisory lock of `Store.one_transaction` ("budg")
+
+
 class _Joined(Store):
     """The store of `Store.one_transaction`: its sessions join one connection's transaction."""
+
+    within_transaction = True
 
     def __init__(self, store: Store, conn: Connection) -> None:
         self.url = store.url

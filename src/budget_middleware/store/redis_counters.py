@@ -84,8 +84,9 @@ def _script(name: str) -> str:
 
 
 def mark_ttl_ms(settings: BudgetSettings) -> int:
-    """How long a reset's mark is kept: until every instance has read the budget again."""
-    return int(max(2 * settings.cache_ttl_seconds, 60) * 1000)
+    """How long a reset's mark is kept: until every instance has read the budget again, a day
+    at least (the instances' cache TTL may be longer than this process's: the CLI's)."""
+    return int(max(2 * settings.cache_ttl_seconds, 86400) * 1000)
 
 
 def mark_resets_now(url: str, timeout: float, marks: dict[str, tuple[float, int]]) -> None:
@@ -205,6 +206,9 @@ class RedisCounters(CounterBackend):
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     async def stop(self) -> None:
+        if self._marks and self.client is not None:  # resets not marked yet: now or never
+            with contextlib.suppress(RedisError, OSError):
+                await self.write_marks()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -277,6 +281,19 @@ class RedisCounters(CounterBackend):
         known = self._marks.get(key)
         if known is None or known[0] < at:
             self._marks[key] = (at, mark_ttl_ms(self.settings))
+
+    async def mark_now(self) -> None:
+        """The resets' marks written now, on the loop (a reset waits for it: the instances see
+        the reset as soon as it is made); kept for later should Redis not answer."""
+        if self._marks and self.client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self.write_marks()
+
+    def marks_soon(self) -> None:
+        """The resets' marks written as soon as can be from a thread that cannot wait for the
+        loop: a task on the loop if it runs, else written from here."""
+        if not self._marks:
+            return
         loop = self._loop
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(self._write_marks_soon)
@@ -345,10 +362,14 @@ class RedisCounters(CounterBackend):
                 return self._fallback(candidates, now, exc.__cause__)
         request_id = uuid.uuid4().hex
         try:
-            if self._marks:
-                await self.write_marks()
-            for _ in range(3):
-                answer = await self._run_admit(plans, candidates, request_id, now)
+            for _ in range(4):
+                if self._marks:
+                    await self.write_marks()
+                try:
+                    answer = await self._run_admit(plans, candidates, request_id, now)
+                except _Moved:  # a seed found a reset this instance had missed: moved there
+                    plans = [self._plan(lim.scopes, now, settling=False) for lim, _ in candidates]
+                    continue
                 if answer[0] != "moved":
                     break
                 # A budget reset on another instance since its window began: its window starts
@@ -469,6 +490,7 @@ class RedisCounters(CounterBackend):
             raise _StoreDown from exc
         keys: list[str] = []
         args: list[Any] = []
+        moved = False
         for entry, unwritten in zip(missing, mine, strict=True):
             counter = entry.counter
             assert counter is not None
@@ -476,6 +498,16 @@ class RedisCounters(CounterBackend):
             if entry.kind in "bs" and counter.id in budgets:
                 usage, last_reset = budgets[counter.id]
                 stored, reset_at = usage, last_reset.timestamp()
+                if counter.start < reset_at < counter.end:
+                    # Reset since this window began, and its mark is gone (Redis restarted
+                    # empty) or not there yet: the window moves to the reset, not seeded as it
+                    # was; the mark is written again for the other instances.
+                    counter.move_to(reset_at, now, self.ledger)
+                    mark = f"{self.prefix}rs:{counter.id}"
+                    if mark not in self._marks or self._marks[mark][0] < reset_at:
+                        self._marks[mark] = (reset_at, mark_ttl_ms(self.settings))
+                    moved = True
+                    continue
             elif counter.id in rates:
                 row = rates[counter.id]
                 if entry.kind == "r":
@@ -493,7 +525,10 @@ class RedisCounters(CounterBackend):
             keys.append(entry.keys[0])
             args += [max(value + unwritten, 0), self._ttl_ms(counter, now)]
         assert self._seed is not None
-        await self._seed(keys=keys, args=args)
+        if keys:
+            await self._seed(keys=keys, args=args)
+        if moved:
+            raise _Moved
 
     def _refusal(self, plan: list[_Entry], why: list[Any]) -> Refusal:
         """A candidate's refusal from the script's (counter from 1, code, used, reserved)."""
@@ -648,13 +683,17 @@ class RedisCounters(CounterBackend):
             else:
                 self._arrived(counter, amount)
         try:
-            for _ in range(3):
+            for _ in range(4):
                 if not todo:
                     return
                 entries = [
                     _Entry(_KINDS[c.kind], _NO_SCOPE, (k,), c.limit, 0, c) for k, c, _ in todo
                 ]
-                await self._seed_windows(entries, now)
+                try:
+                    await self._seed_windows(entries, now)
+                except _Moved:  # to the window a reset began: charged there (as it settles now)
+                    todo = [(self.window_key(c), c, a) for _, c, a in todo]
+                    continue
                 missing = await self._reconcile(
                     keys=[k for k, _, _ in todo], args=[a for _, _, a in todo]
                 )
@@ -765,6 +804,8 @@ class RedisCounters(CounterBackend):
                 if (self._owed or self._releases) and not self._backing_off():
                     await self.pay_debts()
                     self._recovered()
+                if self._marks and not self._backing_off():
+                    await self.write_marks()  # a reset made while Redis was away, say
                 await self.heartbeat()
             except (RedisError, OSError) as exc:
                 self._failed(exc)
@@ -868,3 +909,8 @@ async def _drop_connections(client: Redis) -> None:
 
 class _StoreDown(Exception):
     """The store could not be read to seed a window."""
+
+
+class _Moved(Exception):
+    """A window to seed was found reset since it began (`_seed_now`): the counter has moved to
+    the new window, whose key is another; the caller plans again."""
