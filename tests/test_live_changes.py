@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from fastapi import FastAPI, Request, Response
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, create_admin_app
+from budget_middleware.core.times import utc
 from conftest import REDIS_URL, need_redis
 from service_support import unique_prefix, use_prefix
 from support import chat, client, engine_of, host_app, running
@@ -419,3 +421,23 @@ async def test_the_flusher_sweeps_expired_windows_out_of_the_store(
         live = engine.manager.get_budget(budget_id).current_usage
     assert after == spent  # one request's price, alone in the new window
     assert round(live * 1e9) == spent
+
+
+async def test_a_calendar_budget_reset_midway_reads_as_the_window_it_counts_in(
+    make_settings: Callable[..., BudgetSettings],
+) -> None:
+    """A calendar-aligned monthly budget reset midway counts from the reset (live, in the
+    store, in Redis); its answer said the window began at the 1st of the month."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 10, "reset_duration": "1M", "calendar_aligned": True}]
+        )
+        budget_id = key.budgets[0].id
+        before = datetime.now(UTC)
+        out = await asyncio.to_thread(engine.manager.reset_budget, budget_id)
+        read = engine.manager.get_budget(budget_id)
+    print(f"reset at ~{before.isoformat()}: answer {out.last_reset}, read {read.last_reset_at}")
+    for budget in (out, read):
+        assert utc(budget.last_reset) >= before and utc(budget.last_reset_at) >= before

@@ -60,12 +60,13 @@ def current_window(
 ) -> tuple[datetime, datetime | None]:
     if reset_duration is None:
         return utc(last_reset), None
-    return window_bounds(
-        Duration.parse(reset_duration),
-        anchor=utc(last_reset),
-        now=now,
-        calendar_aligned=calendar_aligned,
+    anchor = utc(last_reset)
+    start, end = window_bounds(
+        Duration.parse(reset_duration), anchor=anchor, now=now, calendar_aligned=calendar_aligned
     )
+    if start < anchor < end:  # a calendar window reset (or made) midway starts there, as live
+        start = anchor
+    return start, end
 
 
 def current_usage(usage: int, last_reset: datetime, start: datetime) -> int:
