@@ -159,7 +159,8 @@ def test_workers_starting_together_apply_the_file_one_after_the_other(store_url:
     second found the first's rows uncommitted, then collided with them: an IntegrityError on
     PostgreSQL, and that worker's start failed). Each entry exists once."""
     settings = BudgetSettings(database_url=store_url)
-    Store(store_url).create_schema()
+    reader = Store(store_url)
+    reader.create_schema()
     path = Path(tempfile.mkdtemp()) / "budget.yaml"
     path.write_text(
         "customers:\n" + "".join(f"  - name: c{i}\n" for i in range(40))
@@ -183,11 +184,13 @@ def test_workers_starting_together_apply_the_file_one_after_the_other(store_url:
         thread.start()
     for thread in threads:
         thread.join(60)
-    manager = BudgetManager(Store(store_url), settings)
-    print(f"4 workers at once: errors {errors}, {len(manager.list_customers())} customers")
+    manager = BudgetManager(reader, settings)
+    customers, teams = manager.list_customers(), manager.list_teams()
+    reader.dispose()
+    print(f"4 workers at once: errors {errors}, {len(customers)} customers")
     assert errors == []
-    assert sorted(c.name for c in manager.list_customers()) == sorted(f"c{i}" for i in range(40))
-    assert len(manager.list_teams()) == 40
+    assert sorted(c.name for c in customers) == sorted(f"c{i}" for i in range(40))
+    assert len(teams) == 40
 
 
 @pytest.mark.parametrize(
