@@ -274,9 +274,10 @@ class RedisCounters(CounterBackend):
     # -- resets --------------------------------------------------------------------------
 
     def reset_noted(self, budget_id: str, at: float) -> None:
-        """A budget reset through this process (at `at`): its mark goes to Redis now, or before
-        this instance's next admission should that fail, for the other instances' admissions.
-        It is kept until every instance has read the budget again from the store."""
+        """A budget reset through this process (at `at`), for the other instances' admissions:
+        its mark is written by `mark_now` or `marks_soon` (the reset's), else by the heartbeat
+        or the next admission, and kept in Redis until every instance has read the budget
+        again from the store."""
         key = f"{self.prefix}rs:{budget_id}"
         known = self._marks.get(key)
         if known is None or known[0] < at:
