@@ -1,6 +1,6 @@
-"""The demo: budget-middleware in front of an example app, on the default SQLite store.
+"""The demo: budget-middleware in front of an example app, on the default store: SQLite.
 
-It creates a customer, a team and two virtual keys with small budgets and a rate limit, sends
+It creates a customer, a team and three virtual keys with small budgets and a rate limit, sends
 requests through the real middleware (in process, no network), shows the spend growing, a
 rate-limit refusal and a budget refusal with their messages, the alerts raised at 80 % and 100 %
 of a budget, a route falling over to its next

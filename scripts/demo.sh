@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo of the README's quick start: an example app on the default SQLite store.
+# The demo of the README's quick start: an example app on the default store, SQLite (a file of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh >/dev/null

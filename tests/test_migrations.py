@@ -52,3 +52,33 @@ def test_a_version_3_store_is_brought_to_version_5(tmp_path: Path) -> None:
     print(f"after the upgrade: version {version}, records {rows}, budgets {budgets}")
     assert version == "5" and [tuple(r) for r in rows] == [("old", "inbound", None)]
     assert [tuple(b) for b in budgets] == [("b1", 0, None)] and alerts == 0
+
+
+async def test_a_store_of_a_newer_release_stops_start_up_and_is_never_written(
+    tmp_path: Path,
+) -> None:
+    """A store whose schema a newer release made: the lifespan start-up fails naming both
+    versions (it logged the error and served: 503s saying the store could not be reached, a
+    healthy `/health`, and a 500 from the admin API)."""
+    import pytest
+
+    from admin_support import ADMIN, admin_client, admin_settings
+    from budget_middleware import StoreSchemaError
+    from support import host_app, running
+
+    settings = admin_settings(tmp_path)
+    store = Store(settings.database_url)
+    store.create_schema()
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE bm_meta SET value = '99' WHERE key = 'schema_version'"))
+    store.dispose()
+    with pytest.raises(RuntimeError, match="version 99, newer than this release"):
+        async with running(host_app(settings)):
+            pass
+    async with admin_client(admin_settings(tmp_path, cache_ttl_seconds=7)) as c:
+        health = await c.get("/health")  # an admin app of its own, started by nobody yet
+        listed = await c.get("/customers", headers=ADMIN)
+    print("admin:", listed.status_code, listed.json(), "health:", health.status_code, health.json())
+    assert listed.status_code == 503 and "version 99" in listed.json()["error"]["message"]
+    assert health.status_code == 503 and health.json()["store"] == "down"
+    assert issubclass(StoreSchemaError, RuntimeError) is False  # a ConfigurationError: final

@@ -23,6 +23,7 @@ from budget_middleware.exceptions import (
     PricingFileError,
     ServiceUnavailable,
     SettingsError,
+    StoreSchemaError,
 )
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ __all__ = [
     "PricingFileError",
     "ServiceUnavailable",
     "SettingsError",
+    "StoreSchemaError",
     "charge_to",
     "create_admin_app",
     "get_engine",

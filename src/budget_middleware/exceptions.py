@@ -4,7 +4,9 @@ BudgetError
  ├── ConfigurationError   the configuration cannot be used; start-up fails on it, never retried
  │    ├── SettingsError        an invalid `BUDGET_*` setting (the message names the variable)
  │    ├── ConfigFileError      an invalid `BUDGET_CONFIG_FILE` (names the file and the entry)
- │    └── PricingFileError     an invalid `BUDGET_PRICING_FILE` (names the file and the entry)
+ │    ├── PricingFileError     an invalid `BUDGET_PRICING_FILE` (names the file and the entry)
+ │    └── StoreSchemaError     the store's schema is newer than this release (an older one is
+ │                             upgraded)
  ├── ServiceUnavailable   the store or Redis cannot be reached (503 unless fail-open)
  └── AdminError           a management call refused (the admin API maps `status`)
       ├── NotFound        404  an id (or name) that does not exist
@@ -27,6 +29,7 @@ __all__ = [
     "PricingFileError",
     "ServiceUnavailable",
     "SettingsError",
+    "StoreSchemaError",
 ]
 
 
@@ -49,6 +52,11 @@ class ConfigFileError(ConfigurationError):
 
 class PricingFileError(ConfigurationError):
     """`BUDGET_PRICING_FILE` cannot be used; the message says which file and what is wrong."""
+
+
+class StoreSchemaError(ConfigurationError):
+    """The store was made by a newer release: this one refuses to start on it (it would write
+    what that release does not expect)."""
 
 
 class ServiceUnavailable(BudgetError, RuntimeError):

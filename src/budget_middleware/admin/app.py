@@ -28,7 +28,7 @@ from budget_middleware.admin.metrics import metrics_answer
 from budget_middleware.admin.openapi import openapi_document
 from budget_middleware.admin.routes import OPERATIONS
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.exceptions import AdminError
+from budget_middleware.exceptions import AdminError, StoreSchemaError
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.settings import BudgetSettings
 
@@ -74,6 +74,8 @@ async def _guarded(answer: Callable[[], Awaitable[Response]]) -> Response:
     except (ServiceUnavailable, SQLAlchemyError, OSError) as exc:
         logger.warning("admin API: store unavailable (%s)", type(exc).__name__)
         return error(503, "store_unavailable", "the budget store cannot be reached")
+    except StoreSchemaError as exc:  # a newer release's store: nothing is read or written
+        return error(503, "store_unavailable", f"the budget store cannot be used: {exc}")
 
 
 async def _admin(call: Call) -> None:

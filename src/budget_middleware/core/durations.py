@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from cachetools import LRUCache
+
 from budget_middleware.core.times import utc
 
 __all__ = [
@@ -202,3 +204,16 @@ def window_bounds(
     start = window_start(duration, anchor=anchor, now=now, calendar_aligned=calendar_aligned)
     end = window_end(duration, anchor=anchor, start=start, calendar_aligned=calendar_aligned)
     return start, end
+
+
+_durations: LRUCache[str, Duration] = LRUCache(1024)  # durations written in the store
+
+
+def parse_duration(text: str | None) -> Duration | None:
+    """A stored duration (or None: never), parsed once per text."""
+    if text is None:
+        return None
+    found = _durations.get(text)
+    if found is None:
+        found = _durations[text] = Duration.parse(text)
+    return found

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from cachetools import LRUCache, TTLCache
 
-from budget_middleware.core.durations import Duration
+from budget_middleware.core.durations import parse_duration
 from budget_middleware.core.routing import Route, parse_target
 from budget_middleware.core.scopes import (
     NO_POLICIES,
@@ -27,17 +27,6 @@ from budget_middleware.core.times import utc
 from budget_middleware.core.windows import CounterRegistry, RateLimitCounters, WindowCounter, shared
 from budget_middleware.store.database import GlobalRecord, KeyRecord, OwnerLimits
 from budget_middleware.store.tables import RateLimitRow
-
-_durations: LRUCache[str, Duration] = LRUCache(1024)  # durations written in the store
-
-
-def parse_duration(text: str | None) -> Duration | None:
-    if text is None:
-        return None
-    found = _durations.get(text)
-    if found is None:
-        found = _durations[text] = Duration.parse(text)
-    return found
 
 
 class ScopeBuilder:

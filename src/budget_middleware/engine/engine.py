@@ -36,7 +36,7 @@ from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
 from budget_middleware.engine.gate import Gate
 from budget_middleware.engine.hooks import Hook, Hooks
 from budget_middleware.engine.prices import PriceBook
-from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable
+from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable, StoreSchemaError
 from budget_middleware.settings import BudgetSettings, raised_again
 from budget_middleware.store.counters import CounterBackend, MemoryCounters
 from budget_middleware.store.database import KeyRecord, Store
@@ -813,7 +813,12 @@ class BudgetEngine:
         return True
 
     async def health(self) -> dict[str, str]:
+        if not self.started and self.failure is None:
+            with contextlib.suppress(Exception):  # a store it cannot use is told below
+                await self.ensure_started()
         try:
+            if isinstance(self.failure, StoreSchemaError):
+                raise self.failure  # reachable, not usable
             await anyio.to_thread.run_sync(self.store.ping)
             store = "ok"
         except Exception:

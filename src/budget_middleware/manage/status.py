@@ -13,11 +13,10 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from budget_middleware.core.durations import Duration, window_bounds
+from budget_middleware.core.durations import Duration, parse_duration, window_bounds
 from budget_middleware.core.money import usd_from_nanos
 from budget_middleware.core.times import from_ts, utc
 from budget_middleware.core.windows import CounterRegistry, WindowCounter
-from budget_middleware.engine.cache import parse_duration
 from budget_middleware.manage.schemas import BudgetOut, RateLimitOut
 from budget_middleware.store.tables import (
     BudgetRow,

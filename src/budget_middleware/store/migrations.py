@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from sqlalchemy import Connection, Engine, MetaData, inspect, select, text
 
+from budget_middleware.exceptions import StoreSchemaError
+
 _LOCK_ID = 0x62756467  # "budg"
 
 _STEPS: dict[int, Callable[[Connection], None]] = {
@@ -55,7 +57,7 @@ def upgrade(engine: Engine, metadata: MetaData, target: int) -> int:
         row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
         current = int(row[0]) if row else 0
         if current > target:
-            raise RuntimeError(
+            raise StoreSchemaError(
                 f"the store's schema is version {current}, newer than this release's {target}: "
                 "upgrade budget-middleware"
             )
