@@ -266,48 +266,50 @@ def test_now_before_anchor_returns_the_anchor(text: str) -> None:
     assert start == ANCHOR
 
 
-def test_monthly_window_from_jan_31_never_drifts() -> None:
+def test_monthly_windows_from_jan_31_follow_the_clamped_day() -> None:
+    """Each window starts a month after the one before, its day clamped to the month: from Jan
+    31, Feb 29, then the 29th. The store keeps each window's start as `last_reset`, and windows
+    counted from there are the same (they were counted from the first anchor in process, Mar
+    31, and from the store's Feb 29 after a restart, Mar 29: a window cut two days short)."""
     anchor = utc(2024, 1, 31, 12)
     starts = []
     now = anchor
     for _ in range(14):
         start, end = rolling("1M", anchor, now)
         starts.append(start)
+        assert rolling("1M", start, now) == (start, end)  # from the store's last_reset: the same
         now = end
-    assert starts == [
-        utc(2024, 1, 31, 12),
-        utc(2024, 2, 29, 12),
-        utc(2024, 3, 31, 12),
-        utc(2024, 4, 30, 12),
-        utc(2024, 5, 31, 12),
-        utc(2024, 6, 30, 12),
-        utc(2024, 7, 31, 12),
-        utc(2024, 8, 31, 12),
-        utc(2024, 9, 30, 12),
-        utc(2024, 10, 31, 12),
-        utc(2024, 11, 30, 12),
-        utc(2024, 12, 31, 12),
-        utc(2025, 1, 31, 12),
-        utc(2025, 2, 28, 12),
-    ]
+    assert starts == [utc(2024, 1, 31, 12), *(utc(2024, m, 29, 12) for m in range(2, 13)),
+                      utc(2025, 1, 29, 12), utc(2025, 2, 28, 12)]  # fmt: skip
+    # Any moment's window is the same from any earlier start of the series.
+    for moment in (utc(2024, 3, 30), utc(2024, 7, 29, 11), utc(2025, 3, 1)):
+        found = {rolling("1M", origin, moment) for origin in starts if origin <= moment}
+        assert len(found) == 1, (moment, found)
 
 
-def test_window_starting_on_a_clamped_day_ends_on_the_anchors_day() -> None:
+def test_a_window_ends_a_month_after_it_starts() -> None:
     d = Duration.parse("1M")
     anchor = utc(2023, 1, 31)
     end = window_end(d, anchor=anchor, start=utc(2023, 2, 28), calendar_aligned=False)
-    assert end == utc(2023, 3, 31)
+    assert end == utc(2023, 3, 28)
 
 
 def test_quarterly_window_from_nov_30_clamps_to_february() -> None:
     anchor = utc(2023, 11, 30)
-    assert rolling("1Q", anchor, utc(2024, 3, 1)) == (utc(2024, 2, 29), utc(2024, 5, 30))
+    assert rolling("1Q", anchor, utc(2024, 3, 1)) == (utc(2024, 2, 29), utc(2024, 5, 29))
 
 
 def test_yearly_window_from_feb_29_clamps_in_common_years() -> None:
     anchor = utc(2024, 2, 29)
     assert rolling("1Y", anchor, utc(2025, 6, 1)) == (utc(2025, 2, 28), utc(2026, 2, 28))
-    assert rolling("1Y", anchor, utc(2028, 3, 1)) == (utc(2028, 2, 29), utc(2029, 2, 28))
+    assert rolling("1Y", anchor, utc(2028, 3, 1)) == (utc(2028, 2, 28), utc(2029, 2, 28))
+
+
+def test_a_day_that_never_clamps_keeps_its_day() -> None:
+    """Jan 31 every year, and a 2-month series on the 30th that skips February."""
+    assert rolling("1Y", utc(2020, 1, 31), utc(2031, 6, 1)) == (utc(2031, 1, 31), utc(2032, 1, 31))
+    assert rolling("2M", utc(2023, 11, 30), utc(2025, 4, 2)) == (
+        utc(2025, 3, 30), utc(2025, 5, 30))  # fmt: skip
 
 
 def test_one_month_is_not_thirty_days_and_resets_once_in_a_31_day_month() -> None:

@@ -554,3 +554,46 @@ async def test_a_soft_budget_charged_without_redis_is_added_to_it_when_it_is_bac
     assert codes == [200] * 7  # soft: past its $0.02 and never refused
     assert in_redis == [7 * CENT]
     assert (count, total) == (7, 7 * CENT)
+
+
+async def test_a_deadlocked_flush_is_tried_again_never_set_aside(sqlite_url: str) -> None:
+    """A flush that fails for the moment (PostgreSQL's deadlock: SQLSTATE 40P01; a sweep and a
+    flush, or two instances' flushes, locking rows in other orders) is tried again next round.
+    It was taken for the store refusing the batch (the store takes writes, the batch was not
+    applied): refused twice, the batch was split and its charges set aside, out of the budget."""
+    from sqlalchemy.exc import OperationalError
+
+    from budget_middleware.exceptions import ServiceUnavailable
+
+    class Deadlock(Exception):
+        sqlstate = "40P01"
+
+    engine = get_engine(settings_for(sqlite_url, flush_interval_seconds=3600))
+    app = fault_app(engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 10, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        for _ in range(5):
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            assert answer.status_code == 200
+        apply_flush = engine.store.apply_flush
+        failures = []
+
+        def deadlocking(*args: Any) -> None:
+            if len(failures) < 6:
+                failures.append(1)
+                cause = OperationalError("UPDATE bm_budgets …", {}, Deadlock("deadlock detected"))
+                raise ServiceUnavailable("store write failed: OperationalError") from cause
+            apply_flush(*args)
+
+        engine.store.apply_flush = deadlocking  # type: ignore[method-assign]
+        rounds = [await engine.flush() for _ in range(7)]
+        stored = budget_usage(engine, key.budgets[0].id)
+        count, total = records(engine, key.id)
+        rejected = engine.store.list_rejects(10, 0)[1]
+    print(f"flush rounds {rounds}: stored {stored}, {count} records ({total}), aside {rejected}")
+    assert rounds == [False] * 6 + [True]
+    assert count == 5 and stored == total > 0
+    assert rejected == 0 and engine.stats.rejected == {}

@@ -570,11 +570,11 @@ async def test_a_request_carries_at_most_32_tags_and_none_it_did_not_send(
             datetime(2024, 3, 1, 4, 30, tzinfo=UTC),
             datetime(2024, 4, 1, 4, 30, tzinfo=UTC),
         ),
-        # a naive anchor is UTC: Jan 31, Feb 29, Mar 31
+        # a naive anchor is UTC: Jan 31, Feb 29, then the clamped day: Mar 29
         (
             datetime(2024, 1, 31, 12),
             datetime(2024, 2, 29, 12, tzinfo=UTC),
-            datetime(2024, 3, 31, 12, tzinfo=UTC),
+            datetime(2024, 3, 29, 12, tzinfo=UTC),
         ),
     ],
 )

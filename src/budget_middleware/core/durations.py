@@ -114,9 +114,8 @@ def _month_index(dt: datetime) -> int:
 def add_months(dt: datetime, months: int) -> datetime:
     """`dt` moved by `months` calendar months (may be negative), keeping the time of day.
 
-    The day is clamped to the target month's length (Jan 31 + 1 -> Feb 28/29). Clamping is lossy,
-    so a series must always be computed from its origin, never step by step (that would drift to the
-    28th). The tzinfo of `dt` is kept as is.
+    The day is clamped to the target month's length (Jan 31 + 1 -> Feb 28/29). The tzinfo of `dt`
+    is kept as is.
     """
     year, month0 = divmod(_month_index(dt) + months, 12)
     day = min(dt.day, _days_in_month(year, month0 + 1))
@@ -131,11 +130,22 @@ def _rolling_start(duration: Duration, anchor: datetime, now: datetime) -> datet
         length = timedelta(seconds=duration.approx_seconds)
         return anchor + (now - anchor) // length * length  # timedelta // timedelta: exact integer
     step = duration._months
-    k = (_month_index(now) - _month_index(anchor)) // step
-    start = add_months(anchor, k * step)
+    # Each window starts a step after the one before, its day clamped to the month's length: a
+    # window from Jan 31 is followed by Feb 29, then Mar 29. So any start of the series, the
+    # store's `last_reset` as much as the budget's first anchor, gives the same windows after it.
+    # A day past the 28th may clamp: stepped through (a few steps until it does, or until now).
+    start = anchor
+    while start.day > 28:
+        following = add_months(start, step)
+        if following > now:
+            return start
+        start = following
+    # From a day the months all have, the series is arithmetic.
+    k = (_month_index(now) - _month_index(start)) // step
+    found = add_months(start, k * step)
     # Same calendar month as `now` but later in it (day or time): the window is the previous one.
     # Any earlier month index is strictly before `now`, so one correction is always enough.
-    return start if start <= now else add_months(anchor, (k - 1) * step)
+    return found if found <= now else add_months(start, (k - 1) * step)
 
 
 def _calendar_start(duration: Duration, now: datetime) -> datetime:
@@ -163,9 +173,11 @@ def window_start(
     """Start of the window that contains `now`.
 
     Rolling (`calendar_aligned=False`, or any unit under a day): `anchor + k * duration` for the
-    largest k >= 0 not after `now`; months/quarters/years are `add_months(anchor, k * n)` computed
-    from the anchor, so an anchor of Jan 31 gives Feb 28/29, Mar 31, Apr 30 and never drifts.
-    When `now` is before `anchor`, the answer is `anchor`.
+    largest k >= 0 not after `now`; for months, quarters and years each window starts n months
+    after the one before, on its day clamped to the month's length, so an anchor of Jan 31 gives
+    Feb 28/29, then Mar 28/29 (as a reset a month after the last one would): the same series
+    from any of its starts, which the store keeps as `last_reset`. When `now` is before
+    `anchor`, the answer is `anchor`.
 
     Calendar-aligned (unit of a day or more): the UTC calendar boundary, `anchor` is ignored:
     midnight, Monday 00:00, the 1st, 1 Jan/Apr/Jul/Oct, 1 January. For n > 1 windows are blocks of n
@@ -183,18 +195,13 @@ def window_end(
 ) -> datetime:
     """End (exclusive) of the window beginning at `start`, which must come from `window_start`.
 
-    The end is the next window's start: for rolling month windows it is computed from `anchor`, so
-    the window starting Feb 28 (anchor Jan 31) ends Mar 31, not Mar 28.
+    The end is the next window's start: n months after `start` for months, quarters and years
+    (the window starting Feb 29 ends Mar 29).
     """
     start = utc(start)
     if duration.unit in _FIXED_SECONDS:
         return start + timedelta(seconds=duration.approx_seconds)
-    step = duration._months
-    if _aligned(duration, calendar_aligned):
-        return add_months(start, step)  # starts on the 1st: nothing to clamp
-    anchor = utc(anchor)
-    k = (_month_index(start) - _month_index(anchor)) // step
-    return add_months(anchor, (k + 1) * step)
+    return add_months(start, duration._months)
 
 
 def window_bounds(

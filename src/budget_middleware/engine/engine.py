@@ -747,6 +747,8 @@ class BudgetEngine:
                     self.stats.flush_failures += 1
                     if not isinstance(exc, Exception):
                         raise
+                    if _transient(exc):  # a deadlock, a lock wait: the next round tries again
+                        return False
                     refused = await self._refused(batch)
                     if refused is None:  # unreachable, or read-only: an outage, wait for it
                         self._store_failed(exc)
@@ -824,6 +826,26 @@ class BudgetEngine:
         except Exception:
             store = "down"
         return {"store": store, "redis": await self.counters.health()}
+
+
+# PostgreSQL's deadlock, serialization failure and lock-wait timeout: the write may pass if tried
+# again, and a refusal it is not (refused twice, a batch is split and its last delta set aside).
+_TRANSIENT_SQLSTATES = {"40P01", "40001", "55P03"}
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed write failed for the moment only, not for what it writes."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # the chain of causes, not followed round a loop
+        if seen is None:
+            break
+        if getattr(seen, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+            return True
+        if "database is locked" in str(seen):  # SQLite's busy timeout
+            return True
+        orig = getattr(seen, "orig", None)
+        seen = orig if isinstance(orig, BaseException) else seen.__cause__
+    return False
 
 
 def _error_text(exc: BaseException) -> str:

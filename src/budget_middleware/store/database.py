@@ -272,15 +272,17 @@ class Store:
                     duration = getattr(r, f"{kind}_reset_duration")
                     if duration and getattr(r, f"{kind}_current_usage"):
                         rows.append((RateLimitRow, r, kind, duration, False))
-        with self.engine.begin() as conn:
-            for table, row, kind, duration, aligned in rows:
-                _, usage, reset = _COUNTER_COLUMNS[kind]
-                last_reset = utc(getattr(row, reset))
-                start, _ = window_bounds(
-                    Duration.parse(duration), anchor=last_reset, now=now, calendar_aligned=aligned
-                )
-                if start <= last_reset:
-                    continue
+        for table, row, kind, duration, aligned in rows:
+            _, usage, reset = _COUNTER_COLUMNS[kind]
+            last_reset = utc(getattr(row, reset))
+            start, _ = window_bounds(
+                Duration.parse(duration), anchor=last_reset, now=now, calendar_aligned=aligned
+            )
+            if start <= last_reset:
+                continue
+            # A transaction a row: holding no other row's lock, it never deadlocks with a
+            # flush (which locks every row of its batch at once).
+            with self.engine.begin() as conn:
                 done = conn.execute(
                     update(table)
                     .where(table.id == row.id, getattr(table, reset) == getattr(row, reset))
