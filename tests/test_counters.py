@@ -458,6 +458,24 @@ def test_a_reset_elsewhere_keeps_what_this_instance_has_not_written_in_the_new_w
     assert counter.value == 7
 
 
+def test_a_reset_learnt_from_redis_moves_the_window_there_with_what_is_unwritten(
+    engine: BudgetEngine,
+) -> None:
+    """`move_to`: a reset another instance made at T0 + 20 min, found in Redis (its mark) at
+    T0 + 30 min: the window starts there, keeps its terms, and what this instance has not
+    written counts in it (as when the store tells the reset)."""
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, "budget", "b", now=T0 + 10 * MINUTE)
+    limit, duration = counter.limit, counter.duration
+    counter.add(5, ledger)
+    counter.move_to(T0 + 20 * MINUTE, T0 + 30 * MINUTE, ledger)
+    assert (counter.start, counter.end) == (T0 + 20 * MINUTE, T0 + 80 * MINUTE)
+    assert (counter.limit, counter.duration, counter.anchor) == (limit, duration, T0 + 20 * MINUTE)
+    counter.move_to(T0 + 20 * MINUTE, T0 + 40 * MINUTE, ledger)  # the same mark again: no move
+    assert counter.start == T0 + 20 * MINUTE
+    assert take(engine) == [("budget", "b", at(T0 + 20 * MINUTE), at(T0 + 80 * MINUTE), 5)]
+
+
 def test_changing_a_limit_s_duration_keeps_its_usage_while_the_windows_overlap(
     engine: BudgetEngine,
 ) -> None:

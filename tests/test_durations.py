@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -13,6 +14,7 @@ from budget_middleware.core import times
 from budget_middleware.core.durations import (
     Duration,
     add_months,
+    parse_duration,
     utcnow,
     window_bounds,
     window_end,
@@ -481,10 +483,12 @@ def test_window_contains_now_and_the_next_window_starts_at_its_end(
         # Anchor-derived: a whole number of units after the anchor, with its time of day.
         assert start >= anchor
         if d.unit in ("M", "Q", "Y"):
+            # Whole steps of months after the anchor, on its day or the day a short month
+            # clamped the series to (never before the 28th).
             assert start.time() == anchor.time()
-            assert start == add_months(
-                anchor, (start.year - anchor.year) * 12 + start.month - anchor.month
-            )
+            months = (start.year - anchor.year) * 12 + start.month - anchor.month
+            assert months % d._months == 0
+            assert min(anchor.day, 28) <= start.day <= anchor.day
         else:
             assert (start - anchor) % timedelta(seconds=d.approx_seconds) == timedelta(0)
     assert start <= now < end
@@ -521,3 +525,27 @@ def test_epoch_seconds_become_aware_utc_and_never_ending_windows_end_of_time() -
     assert times.from_ts(1_767_225_600.5) == utc(2026, 1, 1, 0, 0, 0, 500_000)
     assert times.from_ts(times.FAR_FUTURE) is times.END_OF_TIME
     assert utc(9999, 12, 31) == times.END_OF_TIME
+
+
+@pytest.mark.parametrize(
+    ("anchor", "now", "window"),
+    [
+        ((2023, 8, 31), (2023, 10, 1), ((2023, 9, 30), (2023, 10, 30))),  # September: 30 days
+        ((2023, 10, 31), (2023, 12, 1), ((2023, 11, 30), (2023, 12, 30))),  # November: 30 days
+        ((2023, 5, 31), (2023, 6, 29), ((2023, 5, 31), (2023, 6, 30))),  # June: 30 days
+        ((2023, 3, 31), (2023, 5, 1), ((2023, 4, 30), (2023, 5, 30))),  # April: 30 days
+    ],
+)
+def test_a_window_from_the_31st_clamps_in_each_30_day_month(
+    anchor: tuple[int, int, int], now: tuple[int, int, int], window: tuple[Any, Any]
+) -> None:
+    assert rolling("1M", utc(*anchor), utc(*now)) == (utc(*window[0]), utc(*window[1]))
+
+
+def test_a_stored_duration_is_parsed_once_and_none_is_never() -> None:
+    assert parse_duration(None) is None
+    first = parse_duration("3d")
+    assert first == Duration(3, "d") and parse_duration("3d") is first
+    assert parse_duration("1mo") == Duration(1, "M")
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration("3 days")
