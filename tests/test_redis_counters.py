@@ -213,6 +213,30 @@ async def test_the_heartbeat_keeps_a_long_request_s_slot(rig: Callable[..., Any]
     ticket(await other.admit(scopes, 0))
 
 
+async def test_a_heartbeat_delayed_behind_a_later_one_shortens_no_slot(
+    rig: Callable[..., Any],
+) -> None:
+    """Two heartbeats in flight at once (the background one, slowed, and another): the one that
+    read the clock earlier lands last. It pushed the slot's expiry back, and the slot expired
+    while its request ran: another instance was admitted past a concurrency limit of 1 (seen
+    once in a full run of the suite, as a flaky test above)."""
+    r = await rig(slot_ttl_seconds=2)
+    live, other = await r.engine(), await r.engine()
+    key = live.manager.create_virtual_key(name="alice", rate_limit={"max_concurrent_requests": 1})
+    held = ticket(await live.admit(await r.scopes(live, key.value), 0))
+    counters = live.counters
+    assert isinstance(counters, RedisCounters)
+    r.clock.advance(3.0)
+    await counters.heartbeat()  # holds it until 5 s in
+    r.clock.advance(-1.5)
+    await counters.heartbeat()  # the delayed one, read at 1.5 s: would hold it until 3.5 s only
+    r.clock.advance(3.0)  # 4.5 s in
+    decision = await other.admit(await r.scopes(other, key.value), 0)
+    print(f"4.5 s in, after a delayed heartbeat: {type(decision).__name__}")
+    assert refusal(decision).code == "concurrency_limit_exceeded"
+    await live.settle(held, 0, 0)
+
+
 async def test_a_crashed_instance_s_reservation_expires(rig: Callable[..., Any]) -> None:
     r = await rig(slot_ttl_seconds=2)
     crashed, other = await r.engine(), await r.engine()

@@ -6,8 +6,8 @@
 -- reservation HASH.
 -- ARGV: score (the holds' new expiry, ms), key ttl (ms), mark ttl (ms), then per hold:
 -- request id, "z" or "h", the reservation (for "h").
--- While the mark is there, only holds still present are pushed out (ZADD XX): a request that
--- settled meanwhile stays released. Without it, every hold is written again (the client then
+-- While the mark is there, only holds still present are pushed out (ZADD XX), never back: a
+-- request that settled meanwhile stays released. Without it, every hold is written again (the client then
 -- releases those of requests that settled meanwhile).
 -- Returns {1 when the mark was gone, else 0; how many holds were written again}.
 local lost = redis.call("EXISTS", KEYS[1]) == 0
@@ -20,7 +20,11 @@ for i = 2, #KEYS do
     if lost then
       restored = restored + redis.call("ZADD", key, ARGV[1], id)
     else
-      redis.call("ZADD", key, "XX", ARGV[1], id)
+      -- Never earlier than it is: a heartbeat delayed behind a later one shortens no hold.
+      local held = redis.call("ZSCORE", key, id)
+      if held and tonumber(held) < tonumber(ARGV[1]) then
+        redis.call("ZADD", key, "XX", ARGV[1], id)
+      end
     end
   elseif lost then
     redis.call("HSET", key, id, ARGV[a + 2])
