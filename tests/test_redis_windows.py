@@ -416,3 +416,39 @@ async def test_a_reset_made_while_redis_is_away_is_marked_when_it_is_back(tmp_pa
         server.stop()
     print(f"marks in Redis once it was back: {marks}")
     assert len(marks) == 1
+
+
+async def test_what_the_other_instance_settled_before_a_reset_stays_in_the_old_window(
+    tmp_path: Path,
+) -> None:
+    """$0.30 settled on the second instance and not yet written to the store when the first
+    resets the budget: taking the reset, the second instance keeps those charges in the old
+    window (they were settled before it) and counts in the new one only what it settles after.
+    20 more there, then the first admits 80, and the store holds $1.00 for the new window (it
+    could not tell them apart: all $0.50 counted in the new window, and the first admitted only
+    50)."""
+    need_redis()
+    async with instances(
+        tmp_path, REDIS_URL, cache_ttl_seconds=3600, flush_interval_seconds=3600
+    ) as (one, two, _):
+        one_app, two_app = host(one), host(two)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            key = one.manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            budget_id = key.budgets[0].id
+            for _ in range(30):  # settled on the second, not written
+                answer = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+                assert answer.is_success
+            await asyncio.to_thread(one.manager.reset_budget, budget_id)
+            for _ in range(20):
+                answer = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+                assert answer.is_success
+            admitted, code = await spend_until_refused(a, key.value)
+            await one.flush()
+            await two.flush()
+            spent = stored_spend(one, budget_id)
+    print(f"30 unwritten at the reset, 20 after, then {admitted} admitted ({code})")
+    print(f"stored for the new window: ${spent / 1e9:.2f}")
+    assert (admitted, code) == (80, "budget_exceeded")
+    assert spent == 100 * CENT

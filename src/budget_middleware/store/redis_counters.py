@@ -55,6 +55,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budget_middleware.core import admission
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
+from budget_middleware.core.records import Delta
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import FAR_FUTURE, utc
 from budget_middleware.core.windows import CounterRegistry, WindowCounter, ensure_current
@@ -159,6 +160,9 @@ class RedisCounters(CounterBackend):
         self._marks: dict[str, tuple[float, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # marks being written
+        # Per budget, this instance's charges (moment, amount) since the flusher last took
+        # them: a reset elsewhere splits them at its moment (`_move`).
+        self._since: dict[WindowCounter, list[tuple[float, int]]] = {}
         self._state = _Failure()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -172,6 +176,7 @@ class RedisCounters(CounterBackend):
         self._owed_to.clear()
         self._transit.clear()
         self._releases.clear()
+        self._since.clear()
 
     def after_loop_closed(self) -> None:
         """The connections, the heartbeat and any seed under way were the closed loop's; debts
@@ -272,6 +277,30 @@ class RedisCounters(CounterBackend):
         return entries
 
     # -- resets --------------------------------------------------------------------------
+
+    def take_deltas(self) -> list[Delta]:
+        deltas = super().take_deltas()
+        self._since.clear()  # nothing is pending any more
+        return deltas
+
+    def _move(self, counter: WindowCounter, at: float, now: float) -> None:
+        """A budget reset at `at` by another instance, learnt here (its mark, or the store):
+        what this instance settled in the window before `at` and has not written yet stays
+        in the old window (a delta ending at `at`); what it settled after counts in the new
+        one, where the window moves."""
+        charges = self._since.get(counter)
+        if (
+            charges
+            and counter.start < at
+            and counter.pending
+            and counter.pending_start == counter.start
+        ):
+            before = min(sum(amount for moment, amount in charges if moment < at), counter.pending)
+            if before:
+                counter.pending -= before
+                self.ledger.sealed.append((counter.kind, counter.id, counter.start, before))
+                self._since[counter] = [(m, a) for m, a in charges if m >= at]
+        counter.move_to(at, now, self.ledger)
 
     def reset_noted(self, budget_id: str, at: float) -> None:
         """A budget reset through this process (at `at`), for the other instances' admissions:
@@ -379,7 +408,7 @@ class RedisCounters(CounterBackend):
                 for n in range(1, len(answer), 2):
                     counter = entries[int(answer[n]) - 1].counter
                     assert counter is not None
-                    counter.move_to(float(answer[n + 1]), now, self.ledger)
+                    self._move(counter, float(answer[n + 1]), now)
                 plans = [self._plan(limits.scopes, now, settling=False) for limits, _ in candidates]
             else:
                 raise RedisError("budget windows kept moving while being admitted")
@@ -503,7 +532,7 @@ class RedisCounters(CounterBackend):
                     # Reset since this window began, and its mark is gone (Redis restarted
                     # empty) or not there yet: the window moves to the reset, not seeded as it
                     # was; the mark is written again for the other instances.
-                    counter.move_to(reset_at, now, self.ledger)
+                    self._move(counter, reset_at, now)
                     mark = f"{self.prefix}rs:{counter.id}"
                     if mark not in self._marks or self._marks[mark][0] < reset_at:
                         self._marks[mark] = (reset_at, mark_ttl_ms(self.settings))
@@ -728,6 +757,14 @@ class RedisCounters(CounterBackend):
         now = self.clock()
         # Locally exactly as in process: the charge goes to the ledger (and so to the store).
         admission.settle(ticket, cost, tokens, now, self.ledger)
+        if cost:  # when, for a reset another instance makes before the flusher takes it
+            since = self._since
+            for budget in ticket.limits.budgets + ticket.limits.soft_budgets:
+                charges = since.get(budget)
+                if charges is None:
+                    since[budget] = [(now, cost)]
+                else:
+                    charges.append((now, cost))
         if not ticket.request_id:  # admitted in process while Redis was down
             self._owe_settlement(ticket, cost, tokens)
             return
@@ -760,7 +797,7 @@ class RedisCounters(CounterBackend):
                     for n in range(1, len(answer), 2):
                         counter = plan[int(answer[n]) - 1].counter
                         assert counter is not None
-                        counter.move_to(float(answer[n + 1]), now, self.ledger)
+                        self._move(counter, float(answer[n + 1]), now)
                     plan = self._plan(ticket.scopes, now, settling=True)
                     keys, kinds = self._settle_layout(plan)
                 else:
