@@ -597,3 +597,48 @@ async def test_a_deadlocked_flush_is_tried_again_never_set_aside(sqlite_url: str
     assert rounds == [False] * 6 + [True]
     assert count == 5 and stored == total > 0
     assert rejected == 0 and engine.stats.rejected == {}
+
+
+def test_only_a_write_that_fails_for_the_moment_is_tried_again_as_such(tmp_path: Any) -> None:
+    """SQLite's busy database (its own error code) and PostgreSQL's deadlock are tried again
+    next round; an error whose text merely says "database is locked" (PostgreSQL quoting a
+    value it refuses) is not, or the value would hold every charge back for ever."""
+    import sqlite3
+
+    from sqlalchemy.exc import DataError, OperationalError
+
+    from budget_middleware.engine.engine import _transient
+    from budget_middleware.exceptions import ServiceUnavailable
+
+    path = str(tmp_path / "busy.db")
+    holder = sqlite3.connect(path, timeout=0)
+    holder.execute("CREATE TABLE t (x)")
+    holder.commit()
+    holder.execute("BEGIN IMMEDIATE")
+    other = sqlite3.connect(path, timeout=0)
+    try:
+        other.execute("INSERT INTO t VALUES (1)")
+        raise AssertionError("the database was not locked")
+    except sqlite3.OperationalError as exc:
+        busy = exc
+    finally:
+        holder.rollback()
+        holder.close()
+        other.close()
+
+    class Refused(Exception):
+        sqlstate = "22001"  # a value too long: never passes
+
+    def wrapped(cause: BaseException, kind: type = OperationalError) -> ServiceUnavailable:
+        try:
+            raise ServiceUnavailable("store write failed") from kind("INSERT …", {}, cause)
+        except ServiceUnavailable as exc:
+            return exc
+
+    text = Refused('value too long: CONTEXT: COPY …, "database is locked"')
+    found = {
+        "sqlite busy": _transient(wrapped(busy)),
+        "refused, says locked": _transient(wrapped(text, DataError)),
+    }
+    print(found, busy.sqlite_errorname)
+    assert found == {"sqlite busy": True, "refused, says locked": False}

@@ -452,3 +452,47 @@ async def test_what_the_other_instance_settled_before_a_reset_stays_in_the_old_w
     print(f"stored for the new window: ${spent / 1e9:.2f}")
     assert (admitted, code) == (80, "budget_exceeded")
     assert spent == 100 * CENT
+
+
+@pytest.mark.parametrize("case", ["same-window", "rolled", "clock-behind"])
+async def test_what_settles_after_a_reset_elsewhere_is_never_put_in_the_old_window(
+    tmp_path: Path, case: str
+) -> None:
+    """30 settled on the second instance and not written; 10 in flight there when the first
+    resets the budget, settling after it: those 10 count in the new window, where the first
+    then admits 90, and the store holds $1.00. Whether the second's window rolled since the 30
+    (it took them for charges of this window: $0.10 lost from the store), or its clock is 5 s
+    behind (what settled just after the reset looked settled before it: $0.10 lost)."""
+    need_redis()
+    clock = Clock()
+    held = Held(10)
+    async with instances(
+        tmp_path, REDIS_URL, clock, cache_ttl_seconds=3600, flush_interval_seconds=3600
+    ) as (one, two, _):
+        if case == "clock-behind":
+            two.clock = two.counters.clock = lambda: clock() - 5.0  # type: ignore[method-assign]
+        one_app, two_app = host(one), host(two, held)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            key = one.manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 1, "reset_duration": "1h"}]
+            )
+            budget_id = key.budgets[0].id
+            for _ in range(30):
+                answer = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+                assert answer.is_success
+            if case == "rolled":
+                clock.advance(3600)  # the next window: the second's counter rolls (30 sealed)
+            waiting = held.requests(b, key.value)
+            await held.all_in.wait()
+            await asyncio.to_thread(one.manager.reset_budget, budget_id)
+            clock.advance(0.2)
+            held.gate.set()
+            assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 10
+            admitted, code = await spend_until_refused(a, key.value)
+            await one.flush()
+            await two.flush()
+            spent = stored_spend(one, budget_id)
+    print(f"{case}: 10 settled after the reset, then {admitted} admitted ({code})")
+    print(f"stored for the new window: ${spent / 1e9:.2f}")
+    assert (admitted, code) == (90, "budget_exceeded")
+    assert spent == 100 * CENT

@@ -1,8 +1,10 @@
 """Durations and reset windows (SPEC §6 "Durations").
 
-A window is computed from the clock on every touch, never stored or stepped through: a limit
-left untouched for years costs the same O(1) as one touched a second ago (a reset loop that walks
-window by window spins at 100% CPU, Bifrost #4851).
+A window is computed from the clock on every touch, never stored: a limit left untouched for
+years costs about what one touched a second ago (a reset loop that walks window by window spins
+at 100% CPU, Bifrost #4851). The one walk is bounded: a month series from the 29th-31st steps
+until its day clamps or its next start is past now (at most the months since its anchor, ~1 µs a
+step; the anchor, the store's `last_reset`, moves with every window written).
 
 All datetimes are UTC. Naive inputs are taken as UTC, aware ones are converted; every output is
 aware UTC. Days are always 86 400 s: in UTC there is no DST to shorten or stretch one.

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -198,6 +199,7 @@ class BudgetEngine:
         self._start_lock: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock: asyncio.Lock | None = None
+        self._transient_failures = 0  # store writes failed for the moment, in a row
         self._stopping = asyncio.Event()
         self._key_loads: dict[str, asyncio.Future[KeyConfig | None]] = {}
         self._manager: BudgetManager | None = None
@@ -748,6 +750,14 @@ class BudgetEngine:
                     if not isinstance(exc, Exception):
                         raise
                     if _transient(exc):  # a deadlock, a lock wait: the next round tries again
+                        self._transient_failures += 1
+                        if self._transient_failures in (1, 10, 100, 1000):
+                            logger.warning(
+                                "budget-middleware store write failed for the moment (%s, "
+                                "%d in a row): tried again",
+                                _error_text(exc),
+                                self._transient_failures,
+                            )
                         return False
                     refused = await self._refused(batch)
                     if refused is None:  # unreachable, or read-only: an outage, wait for it
@@ -759,6 +769,7 @@ class BudgetEngine:
                             self.unwritten[0:1] = self._split(batch, exc)
                         continue
                 self.unwritten.pop(0)
+                self._transient_failures = 0
                 for d in batch.deltas:
                     ledger.confirmed(d.kind, d.id, d.start_ts, d.amount)
                 self.store_ok = True
@@ -841,7 +852,9 @@ def _transient(exc: BaseException) -> bool:
             break
         if getattr(seen, "sqlstate", None) in _TRANSIENT_SQLSTATES:
             return True
-        if "database is locked" in str(seen):  # SQLite's busy timeout
+        if isinstance(seen, sqlite3.OperationalError) and getattr(
+            seen, "sqlite_errorcode", None
+        ) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):  # SQLite's busy timeout
             return True
         orig = getattr(seen, "orig", None)
         seen = orig if isinstance(orig, BaseException) else seen.__cause__

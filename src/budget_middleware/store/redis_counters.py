@@ -160,9 +160,11 @@ class RedisCounters(CounterBackend):
         self._marks: dict[str, tuple[float, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # marks being written
-        # Per budget, this instance's charges (moment, amount) since the flusher last took
-        # them: a reset elsewhere splits them at its moment (`_move`).
+        # Per budget, this instance's charges (their window's start, amount) that Redis added to
+        # that window's key, since the flusher last took them: a reset elsewhere leaves them in
+        # the old window (`_move`).
         self._since: dict[WindowCounter, list[tuple[float, int]]] = {}
+        self._takes = 0  # how many times the flusher took the pending charges
         self._state = _Failure()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -281,25 +283,37 @@ class RedisCounters(CounterBackend):
     def take_deltas(self) -> list[Delta]:
         deltas = super().take_deltas()
         self._since.clear()  # nothing is pending any more
+        self._takes += 1
         return deltas
 
-    def _move(self, counter: WindowCounter, at: float, now: float) -> None:
-        """A budget reset at `at` by another instance, learnt here (its mark, or the store):
-        what this instance settled in the window before `at` and has not written yet stays
-        in the old window (a delta ending at `at`); what it settled after counts in the new
-        one, where the window moves."""
+    def _applied(self, counter: WindowCounter, window: float, amount: int) -> None:
+        """A charge of the window starting at `window` that settle.lua added to that window's
+        key (no reset marked there yet), still pending here: that window's, should a reset
+        turn up."""
         charges = self._since.get(counter)
+        if charges is None:
+            self._since[counter] = [(window, amount)]
+        else:
+            charges.append((window, amount))
+
+    def _move(self, counter: WindowCounter, at: float, now: float) -> None:
+        """A budget reset at `at` by another instance, learnt here (its mark, or the store).
+        What this instance's charges added to the old window's key before the mark was there,
+        and it has not written yet, stays in the old window, as in Redis (a delta ending at
+        `at`); the rest of what it has not written (settlements under way, made without Redis)
+        counts in the new window, where the window moves (a limit tightens by that much)."""
+        charges = self._since.pop(counter, None)
         if (
             charges
             and counter.start < at
             and counter.pending
             and counter.pending_start == counter.start
         ):
-            before = min(sum(amount for moment, amount in charges if moment < at), counter.pending)
+            start = counter.start  # (a charge of a window before was sealed with it)
+            before = min(sum(a for window, a in charges if window == start), counter.pending)
             if before:
                 counter.pending -= before
-                self.ledger.sealed.append((counter.kind, counter.id, counter.start, before))
-                self._since[counter] = [(m, a) for m, a in charges if m >= at]
+                self.ledger.sealed.append((counter.kind, counter.id, start, before))
         counter.move_to(at, now, self.ledger)
 
     def reset_noted(self, budget_id: str, at: float) -> None:
@@ -757,14 +771,9 @@ class RedisCounters(CounterBackend):
         now = self.clock()
         # Locally exactly as in process: the charge goes to the ledger (and so to the store).
         admission.settle(ticket, cost, tokens, now, self.ledger)
-        if cost:  # when, for a reset another instance makes before the flusher takes it
-            since = self._since
-            for budget in ticket.limits.budgets + ticket.limits.soft_budgets:
-                charges = since.get(budget)
-                if charges is None:
-                    since[budget] = [(now, cost)]
-                else:
-                    charges.append((now, cost))
+        takes = self._takes  # a flush taking the charge before the script answers: written
+        limits = ticket.limits
+        windows = {c: c.start for c in limits.budgets + limits.soft_budgets} if cost else {}
         if not ticket.request_id:  # admitted in process while Redis was down
             self._owe_settlement(ticket, cost, tokens)
             return
@@ -785,6 +794,7 @@ class RedisCounters(CounterBackend):
                 with contextlib.suppress(RedisError, OSError, _StoreDown):
                     await self.pay_debts()
             keys, kinds = self._settle_layout(plan)
+            moved: set[WindowCounter] = set()
             try:
                 for _ in range(3):
                     answer: list[Any] = await self._settle(
@@ -798,6 +808,7 @@ class RedisCounters(CounterBackend):
                         counter = plan[int(answer[n]) - 1].counter
                         assert counter is not None
                         self._move(counter, float(answer[n + 1]), now)
+                        moved.add(counter)
                     plan = self._plan(ticket.scopes, now, settling=True)
                     keys, kinds = self._settle_layout(plan)
                 else:
@@ -818,6 +829,8 @@ class RedisCounters(CounterBackend):
                     counter.value = int(value)
                     if amount:
                         self._arrived(counter, amount)
+                        if entry.kind in "bs" and takes == self._takes and counter not in moved:
+                            self._applied(counter, windows[counter], amount)
                 elif amount:
                     # Its window has no key yet (the window just began, or Redis restarted
                     # empty): the charge must reach it all the same.
