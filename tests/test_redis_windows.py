@@ -496,3 +496,40 @@ async def test_what_settles_after_a_reset_elsewhere_is_never_put_in_the_old_wind
     print(f"stored for the new window: ${spent / 1e9:.2f}")
     assert (admitted, code) == (90, "budget_exceeded")
     assert spent == 100 * CENT
+
+
+async def test_a_reset_read_from_the_store_keeps_what_redis_holds_in_the_old_window(
+    tmp_path: Path,
+) -> None:
+    """A reset written to the store with no mark in Redis (by a tool that knows nothing of
+    Redis), read by the instances when their cache expires: the $0.30 the second instance
+    settled before it, and has not written, stays in the old window as Redis holds it. 20 more
+    there after, then the first admits 80 (the $0.30 counted in the new window: 50)."""
+    need_redis()
+    async with instances(
+        tmp_path, REDIS_URL, cache_ttl_seconds=0.2, flush_interval_seconds=3600
+    ) as (one, two, _):
+        one_app, two_app = host(one), host(two)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            key = one.manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            budget_id = key.budgets[0].id
+            for _ in range(30):
+                answer = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+                assert answer.is_success
+            plain = BudgetSettings(database_url=one.settings.database_url)  # no Redis: no mark
+            await asyncio.to_thread(BudgetManager(Store(plain.database_url), plain).reset_budget,
+                                    budget_id)  # fmt: skip
+            await asyncio.sleep(0.5)  # both read the key again
+            for _ in range(20):
+                answer = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+                assert answer.is_success
+            admitted, code = await spend_until_refused(a, key.value)
+            await one.flush()
+            await two.flush()
+            spent = stored_spend(one, budget_id)
+    print(f"reset read from the store: 20 after, then {admitted} admitted ({code})")
+    print(f"stored for the new window: ${spent / 1e9:.2f}")
+    assert (admitted, code) == (80, "budget_exceeded")
+    assert spent == 100 * CENT

@@ -7,7 +7,7 @@ one event loop an admission is atomic across every counter it touches (all or no
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar, TypeVar
@@ -102,6 +102,8 @@ class WindowCounter:
         written into the new window: charged after the reset or shortly before it, it counts
         (limits tighten by what the flush interval holds at most; never lift)."""
         moved = (duration, calendar_aligned) != (self.duration, self.calendar_aligned)
+        if not moved and self.start < anchor < self.end and ledger.before_reset_elsewhere:
+            ledger.before_reset_elsewhere(self, anchor)
         self._set_terms(limit, calendar_aligned)
         if moved or anchor > self.anchor:
             self.duration = duration
@@ -246,6 +248,9 @@ class Ledger:
     dirty: set[WindowCounter] = field(default_factory=set)
     sealed: list[tuple[str, str, float, int]] = field(default_factory=list)
     unconfirmed: dict[tuple[str, str, float], int] = field(default_factory=dict)
+    # Told of a reset made elsewhere before a counter moves to it (`configure`), by a backend
+    # that knows which unwritten charges the old window already holds (Redis's).
+    before_reset_elsewhere: Callable[[WindowCounter, float], None] | None = None
 
     def taken(self, kind: str, id: str, start: float, amount: int) -> None:
         """A flush took this charge: it counts as ours until the store confirms it."""

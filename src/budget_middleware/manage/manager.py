@@ -423,14 +423,13 @@ class BudgetManager(KeyWriter):
         the reset stands here and the flusher writes it when the store is back. With Redis,
         the other instances take it at their next admission of the budget (a mark there)."""
         if self.reset_live is not None:  # an unknown budget has no live counter: nothing reset
-            at = from_ts(self.reset_live("budget", id_))
+            at = from_ts(self.reset_live("budget", id_))  # marked in Redis there
         else:
             at = datetime.now(UTC)
+            if self.settings.redis_url:  # no engine here: marked here, before the store has it
+                _mark_in_redis(self.settings, id_, at.timestamp())
         with self._session() as s:
-            budget = reports.reset_budget(s, id_, at)
-        if self.reset_live is None and self.settings.redis_url:  # no engine here: marked here
-            _mark_in_redis(self.settings, id_, at.timestamp())
-        return budget
+            return reports.reset_budget(s, id_, at)
 
     def list_alerts(
         self,

@@ -165,6 +165,7 @@ class RedisCounters(CounterBackend):
         # the old window (`_move`).
         self._since: dict[WindowCounter, list[tuple[float, int]]] = {}
         self._takes = 0  # how many times the flusher took the pending charges
+        self.ledger.before_reset_elsewhere = self._keep_the_old_window_s
         self._state = _Failure()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -297,11 +298,19 @@ class RedisCounters(CounterBackend):
             charges.append((window, amount))
 
     def _move(self, counter: WindowCounter, at: float, now: float) -> None:
-        """A budget reset at `at` by another instance, learnt here (its mark, or the store).
-        What this instance's charges added to the old window's key before the mark was there,
+        """A budget reset at `at` by another instance, learnt here from its mark in Redis, or
+        from the store: the window moves there (`_keep_the_old_window_s` first, by way of
+        `configure`)."""
+        counter.move_to(at, now, self.ledger)
+
+    def _keep_the_old_window_s(self, counter: WindowCounter, at: float) -> None:
+        """Before a counter moves to a reset made elsewhere (learnt from Redis or the store):
+        what this instance's charges added to the old window's key before the mark was there,
         and it has not written yet, stays in the old window, as in Redis (a delta ending at
         `at`); the rest of what it has not written (settlements under way, made without Redis)
-        counts in the new window, where the window moves (a limit tightens by that much)."""
+        counts in the new window (a limit tightens by that much)."""
+        if counter.kind != "budget":
+            return
         charges = self._since.pop(counter, None)
         if (
             charges
@@ -314,7 +323,6 @@ class RedisCounters(CounterBackend):
             if before:
                 counter.pending -= before
                 self.ledger.sealed.append((counter.kind, counter.id, start, before))
-        counter.move_to(at, now, self.ledger)
 
     def reset_noted(self, budget_id: str, at: float) -> None:
         """A budget reset through this process (at `at`), for the other instances' admissions:
