@@ -476,6 +476,32 @@ def test_a_reset_learnt_from_redis_moves_the_window_there_with_what_is_unwritten
     assert take(engine) == [("budget", "b", at(T0 + 20 * MINUTE), at(T0 + 80 * MINUTE), 5)]
 
 
+def test_the_backend_is_told_of_a_reset_elsewhere_before_the_window_moves(
+    engine: BudgetEngine,
+) -> None:
+    """`Ledger.before_reset_elsewhere` (Redis's backend keeps there what its key holds of the
+    old window) is called once a newer anchor falls inside the window, and for nothing else:
+    an anchor at the window's start or end, a later window, or changed terms."""
+    ledger = engine.registry.ledger
+    told: list[tuple[str, float]] = []
+    ledger.before_reset_elsewhere = lambda counter, at: told.append((counter.id, at))
+    try:
+        for n, anchor in enumerate((T0, T0 + 60 * MINUTE, T0 + 90 * MINUTE)):
+            # each counter's window [T0, T0 + 1h): an anchor at its start, its end, past it
+            window(engine.registry, "budget", f"b{n}", now=T0 + 10 * MINUTE)
+            window(engine.registry, "budget", f"b{n}", anchor=anchor, now=T0 + 10 * MINUTE)
+        assert told == []
+        window(engine.registry, "budget", "c", now=T0 + 10 * MINUTE)
+        window(engine.registry, "budget", "c", duration="1d", anchor=T0 + 20 * MINUTE,
+               now=T0 + 30 * MINUTE)  # fmt: skip
+        assert told == []  # new terms: the window is made anew
+        window(engine.registry, "budget", "d", now=T0 + 10 * MINUTE)
+        window(engine.registry, "budget", "d", anchor=T0 + 20 * MINUTE, now=T0 + 30 * MINUTE)
+        assert told == [("d", T0 + 20 * MINUTE)]
+    finally:
+        ledger.before_reset_elsewhere = None
+
+
 def test_changing_a_limit_s_duration_keeps_its_usage_while_the_windows_overlap(
     engine: BudgetEngine,
 ) -> None:
