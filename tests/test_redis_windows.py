@@ -120,6 +120,28 @@ def stored_spend(engine: BudgetEngine, budget_id: str) -> int:
     return round(engine.manager.get_budget(budget_id).current_usage * 1e9)
 
 
+def dollar_key(engine: BudgetEngine, duration: str = "1d") -> tuple[str, str]:
+    """A key with a $1 budget (100 requests): its value and its budget's id."""
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 1, "reset_duration": duration}]
+    )
+    return key.value or "", key.budgets[0].id
+
+
+async def spend(http: httpx.AsyncClient, key: str, requests: int) -> None:
+    """`requests` requests one after the other, each admitted."""
+    for _ in range(requests):
+        answer = await http.post("/v1/chat/completions", json=BODY, headers=auth(key))
+        assert answer.status_code == 200, answer.text
+
+
+async def written_spend(budget_id: str, *engines: BudgetEngine) -> int:
+    """What the store holds for the budget once every engine has written what it holds."""
+    for engine in engines:
+        await engine.flush()
+    return stored_spend(engines[0], budget_id)
+
+
 async def test_what_settles_in_a_window_with_no_key_yet_counts_there(tmp_path: Path) -> None:
     """30 requests admitted on one instance in a window settle in the next, before anybody
     admitted there (so its key does not exist yet); the other instance then spends the rest.
@@ -238,61 +260,21 @@ async def test_a_reset_on_one_instance_moves_the_other_s_next_admission_to_the_n
     async with instances(tmp_path, REDIS_URL, cache_ttl_seconds=3600) as (one, two, _):
         one_app, two_app = host(one), host(two)
         async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
-            key = one.manager.create_virtual_key(
-                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-            )
-            budget_id = key.budgets[0].id
-            for _ in range(30):
-                assert (
-                    await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
-                ).is_success
+            key, budget_id = dollar_key(one)
+            await spend(b, key, 30)
             await two.flush()
             await asyncio.to_thread(one.manager.reset_budget, budget_id)
             after = await asyncio.gather(
-                *[
-                    b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
-                    for _ in range(20)
-                ]
+                *[b.post("/v1/chat/completions", json=BODY, headers=auth(key)) for _ in range(20)]
             )
             assert [r.status_code for r in after] == [200] * 20
-            admitted, code = await spend_until_refused(a, key.value)
-            await one.flush()
-            await two.flush()
-            spent = stored_spend(one, budget_id)
+            admitted, code = await spend_until_refused(a, key)
+            spent = await written_spend(budget_id, one, two)
     print(
         f"reset on one, 20 on the other at once, then {admitted} admitted ({code}):",
         f"${spent / 1e9:.2f}",
     )
     assert (admitted, code) == (80, "budget_exceeded")
-    assert spent == 100 * CENT
-
-
-async def test_what_the_other_instance_had_in_flight_at_a_reset_counts_in_the_new_window(
-    tmp_path: Path,
-) -> None:
-    """10 requests in flight on the second instance when the first resets the budget: they
-    settle after the reset, in the new window (as in process), where the first then admits 90.
-    (Their settlements went to the old window's Redis key: the first admitted 100.)"""
-    need_redis()
-    held = Held(10)
-    async with instances(tmp_path, REDIS_URL, cache_ttl_seconds=3600) as (one, two, _):
-        one_app, two_app = host(one), host(two, held)
-        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
-            key = one.manager.create_virtual_key(
-                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-            )
-            budget_id = key.budgets[0].id
-            waiting = held.requests(b, key.value)
-            await held.all_in.wait()
-            await asyncio.to_thread(one.manager.reset_budget, budget_id)
-            held.gate.set()
-            assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 10
-            admitted, code = await spend_until_refused(a, key.value)
-            await one.flush()
-            await two.flush()
-            spent = stored_spend(one, budget_id)
-    print(f"10 in flight across the reset, then {admitted} admitted ({code}): ${spent / 1e9:.2f}")
-    assert (admitted, code) == (90, "budget_exceeded")
     assert spent == 100 * CENT
 
 
@@ -307,20 +289,14 @@ async def test_a_reset_made_on_the_store_without_an_engine_is_marked_for_the_ins
         monkeypatch.setattr(redis_counters, "PREFIX", prefix)
         app = host(one)
         async with running(app), client(app) as http:
-            key = one.manager.create_virtual_key(
-                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-            )
-            for _ in range(100):
-                assert (
-                    await http.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
-                ).is_success
+            key, budget_id = dollar_key(one)
+            await spend(http, key, 100)
             await one.flush()  # (what it has not written when it learns of a reset counts anew)
             settings = BudgetSettings(database_url=one.settings.database_url, redis_url=REDIS_URL)
             alone = BudgetManager(Store(settings.database_url), settings)
-            await asyncio.to_thread(alone.reset_budget, key.budgets[0].id)
-            admitted, code = await spend_until_refused(http, key.value)
-            await one.flush()
-            spent = stored_spend(one, key.budgets[0].id)
+            await asyncio.to_thread(alone.reset_budget, budget_id)
+            admitted, code = await spend_until_refused(http, key)
+            spent = await written_spend(budget_id, one)
     print(f"reset on the store alone, then {admitted} admitted ({code}): ${spent / 1e9:.2f}")
     assert (admitted, code) == (100, "budget_exceeded")
     assert spent == 100 * CENT
@@ -344,15 +320,8 @@ async def test_a_reset_whose_mark_redis_lost_is_found_in_the_store(tmp_path: Pat
                 client(one_app) as a,
                 client(two_app) as b,
             ):
-                key = one.manager.create_virtual_key(
-                    name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-                )
-                budget_id = key.budgets[0].id
-                for _ in range(30):
-                    answer = await b.post(
-                        "/v1/chat/completions", json=BODY, headers=auth(key.value)
-                    )
-                    assert answer.is_success
+                key, budget_id = dollar_key(one)
+                await spend(b, key, 30)
                 await two.flush()
                 await asyncio.to_thread(one.manager.reset_budget, budget_id)
                 await asyncio.sleep(0.3)  # the mark is written
@@ -363,7 +332,7 @@ async def test_a_reset_whose_mark_redis_lost_is_found_in_the_store(tmp_path: Pat
                     admitted = 0
                     for _ in range(300):
                         answer = await http.post(
-                            "/v1/chat/completions", json=BODY, headers=auth(key.value)
+                            "/v1/chat/completions", json=BODY, headers=auth(key)
                         )
                         if answer.status_code == 503:  # the first call finds Redis gone
                             await asyncio.sleep(0.3)
@@ -373,9 +342,7 @@ async def test_a_reset_whose_mark_redis_lost_is_found_in_the_store(tmp_path: Pat
                             break
                         admitted += 1
                     counts.append(admitted)
-                await one.flush()
-                await two.flush()
-                spent = stored_spend(one, budget_id)
+                spent = await written_spend(budget_id, one, two)
     finally:
         server.stop()
     print(f"after the reset and an empty Redis, admitted {counts}: ${spent / 1e9:.2f}")
@@ -396,13 +363,10 @@ async def test_a_reset_made_while_redis_is_away_is_marked_when_it_is_back(tmp_pa
         ) as (one, _, prefix):
             app = host(one)
             async with running(app), client(app) as http:
-                key = one.manager.create_virtual_key(
-                    name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-                )
-                answer = await http.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
-                assert answer.is_success
+                key, budget_id = dollar_key(one)
+                await spend(http, key, 1)
                 server.stop()
-                await asyncio.to_thread(one.manager.reset_budget, key.budgets[0].id)
+                await asyncio.to_thread(one.manager.reset_budget, budget_id)
                 await asyncio.sleep(0.5)
                 server.start()
                 marks: list[str] = []
@@ -418,51 +382,17 @@ async def test_a_reset_made_while_redis_is_away_is_marked_when_it_is_back(tmp_pa
     assert len(marks) == 1
 
 
-async def test_what_the_other_instance_settled_before_a_reset_stays_in_the_old_window(
-    tmp_path: Path,
-) -> None:
-    """$0.30 settled on the second instance and not yet written to the store when the first
-    resets the budget: taking the reset, the second instance keeps those charges in the old
-    window (they were settled before it) and counts in the new one only what it settles after.
-    20 more there, then the first admits 80, and the store holds $1.00 for the new window (it
-    could not tell them apart: all $0.50 counted in the new window, and the first admitted only
-    50)."""
-    need_redis()
-    async with instances(
-        tmp_path, REDIS_URL, cache_ttl_seconds=3600, flush_interval_seconds=3600
-    ) as (one, two, _):
-        one_app, two_app = host(one), host(two)
-        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
-            key = one.manager.create_virtual_key(
-                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-            )
-            budget_id = key.budgets[0].id
-            for _ in range(30):  # settled on the second, not written
-                answer = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
-                assert answer.is_success
-            await asyncio.to_thread(one.manager.reset_budget, budget_id)
-            for _ in range(20):
-                answer = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
-                assert answer.is_success
-            admitted, code = await spend_until_refused(a, key.value)
-            await one.flush()
-            await two.flush()
-            spent = stored_spend(one, budget_id)
-    print(f"30 unwritten at the reset, 20 after, then {admitted} admitted ({code})")
-    print(f"stored for the new window: ${spent / 1e9:.2f}")
-    assert (admitted, code) == (80, "budget_exceeded")
-    assert spent == 100 * CENT
-
-
 @pytest.mark.parametrize("case", ["same-window", "rolled", "clock-behind"])
 async def test_what_settles_after_a_reset_elsewhere_is_never_put_in_the_old_window(
     tmp_path: Path, case: str
 ) -> None:
     """30 settled on the second instance and not written; 10 in flight there when the first
-    resets the budget, settling after it: those 10 count in the new window, where the first
-    then admits 90, and the store holds $1.00. Whether the second's window rolled since the 30
-    (it took them for charges of this window: $0.10 lost from the store), or its clock is 5 s
-    behind (what settled just after the reset looked settled before it: $0.10 lost)."""
+    resets the budget, settling after it: those 10 count in the new window (as in process),
+    where the first then admits 90, and the store holds $1.00 (before the reset's mark in
+    Redis, their settlements went to the old window's key: the first admitted 100). Whether
+    the second's window rolled since the 30 (it took them for charges of this window: $0.10
+    lost from the store), or its clock is 5 s behind (what settled just after the reset looked
+    settled before it: $0.10 lost)."""
     need_redis()
     clock = Clock()
     held = Held(10)
@@ -473,63 +403,54 @@ async def test_what_settles_after_a_reset_elsewhere_is_never_put_in_the_old_wind
             two.clock = two.counters.clock = lambda: clock() - 5.0  # type: ignore[method-assign]
         one_app, two_app = host(one), host(two, held)
         async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
-            key = one.manager.create_virtual_key(
-                name="k", budgets=[{"max_limit": 1, "reset_duration": "1h"}]
-            )
-            budget_id = key.budgets[0].id
-            for _ in range(30):
-                answer = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
-                assert answer.is_success
+            key, budget_id = dollar_key(one, "1h")
+            await spend(b, key, 30)
             if case == "rolled":
                 clock.advance(3600)  # the next window: the second's counter rolls (30 sealed)
-            waiting = held.requests(b, key.value)
+            waiting = held.requests(b, key)
             await held.all_in.wait()
             await asyncio.to_thread(one.manager.reset_budget, budget_id)
             clock.advance(0.2)
             held.gate.set()
             assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 10
-            admitted, code = await spend_until_refused(a, key.value)
-            await one.flush()
-            await two.flush()
-            spent = stored_spend(one, budget_id)
+            admitted, code = await spend_until_refused(a, key)
+            spent = await written_spend(budget_id, one, two)
     print(f"{case}: 10 settled after the reset, then {admitted} admitted ({code})")
     print(f"stored for the new window: ${spent / 1e9:.2f}")
     assert (admitted, code) == (90, "budget_exceeded")
     assert spent == 100 * CENT
 
 
-async def test_a_reset_read_from_the_store_keeps_what_redis_holds_in_the_old_window(
-    tmp_path: Path,
+@pytest.mark.parametrize("learnt", ["from-the-mark", "from-the-store"])
+async def test_what_the_other_instance_settled_before_a_reset_stays_in_the_old_window(
+    tmp_path: Path, learnt: str
 ) -> None:
-    """A reset written to the store with no mark in Redis (by a tool that knows nothing of
-    Redis), read by the instances when their cache expires: the $0.30 the second instance
-    settled before it, and has not written, stays in the old window as Redis holds it. 20 more
-    there after, then the first admits 80 (the $0.30 counted in the new window: 50)."""
+    """$0.30 settled on the second instance and not yet written when the first resets the
+    budget. However the second takes the reset (its mark in Redis at its next request, or the
+    store when its cache expires, the reset made by a tool that knows nothing of Redis), it
+    keeps those in the old window, as Redis holds them, and counts in the new one only what it
+    settles after: 20 more there, then the first admits 80, and the store holds $1.00 (it could
+    not tell them apart: all $0.50 counted in the new window, and the first admitted only 50)."""
     need_redis()
+    ttl = 3600 if learnt == "from-the-mark" else 0.2
     async with instances(
-        tmp_path, REDIS_URL, cache_ttl_seconds=0.2, flush_interval_seconds=3600
+        tmp_path, REDIS_URL, cache_ttl_seconds=ttl, flush_interval_seconds=3600
     ) as (one, two, _):
         one_app, two_app = host(one), host(two)
         async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
-            key = one.manager.create_virtual_key(
-                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-            )
-            budget_id = key.budgets[0].id
-            for _ in range(30):
-                answer = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
-                assert answer.is_success
-            plain = BudgetSettings(database_url=one.settings.database_url)  # no Redis: no mark
-            await asyncio.to_thread(BudgetManager(Store(plain.database_url), plain).reset_budget,
-                                    budget_id)  # fmt: skip
-            await asyncio.sleep(0.5)  # both read the key again
-            for _ in range(20):
-                answer = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
-                assert answer.is_success
-            admitted, code = await spend_until_refused(a, key.value)
-            await one.flush()
-            await two.flush()
-            spent = stored_spend(one, budget_id)
-    print(f"reset read from the store: 20 after, then {admitted} admitted ({code})")
+            key, budget_id = dollar_key(one)
+            await spend(b, key, 30)  # settled on the second, not written
+            if learnt == "from-the-mark":
+                await asyncio.to_thread(one.manager.reset_budget, budget_id)
+            else:
+                plain = BudgetSettings(database_url=one.settings.database_url)  # no Redis
+                alone = BudgetManager(Store(plain.database_url), plain)
+                await asyncio.to_thread(alone.reset_budget, budget_id)
+                await asyncio.sleep(0.5)  # both read the key again
+            await spend(b, key, 20)
+            admitted, code = await spend_until_refused(a, key)
+            spent = await written_spend(budget_id, one, two)
+    print(f"{learnt}: 30 unwritten at the reset, 20 after, then {admitted} admitted ({code})")
     print(f"stored for the new window: ${spent / 1e9:.2f}")
     assert (admitted, code) == (80, "budget_exceeded")
     assert spent == 100 * CENT

@@ -192,14 +192,10 @@ def window_start(
     return _rolling_start(duration, utc(anchor), now)
 
 
-def window_end(
-    duration: Duration, *, anchor: datetime, start: datetime, calendar_aligned: bool
-) -> datetime:
-    """End (exclusive) of the window beginning at `start`, which must come from `window_start`.
-
-    The end is the next window's start: n months after `start` for months, quarters and years
-    (the window starting Feb 29 ends Mar 29).
-    """
+def window_end(duration: Duration, *, start: datetime) -> datetime:
+    """End (exclusive) of the window beginning at `start`, which must come from `window_start`:
+    the next window's start, rolling or calendar-aligned alike (n months after `start` for
+    months, quarters and years: the window starting Feb 29 ends Mar 29)."""
     start = utc(start)
     if duration.unit in _FIXED_SECONDS:
         return start + timedelta(seconds=duration.approx_seconds)
@@ -211,7 +207,7 @@ def window_bounds(
 ) -> tuple[datetime, datetime]:
     """`(start, end)` of the window containing `now`; `start <= now < end` unless now < anchor."""
     start = window_start(duration, anchor=anchor, now=now, calendar_aligned=calendar_aligned)
-    end = window_end(duration, anchor=anchor, start=start, calendar_aligned=calendar_aligned)
+    end = window_end(duration, start=start)
     return start, end
 
 

@@ -162,7 +162,7 @@ class RedisCounters(CounterBackend):
         self._tasks: set[asyncio.Task[None]] = set()  # marks being written
         # Per budget, this instance's charges (their window's start, amount) that Redis added to
         # that window's key, since the flusher last took them: a reset elsewhere leaves them in
-        # the old window (`_move`).
+        # the old window (`_keep_the_old_window_s`).
         self._since: dict[WindowCounter, list[tuple[float, int]]] = {}
         self._takes = 0  # how many times the flusher took the pending charges
         self.ledger.before_reset_elsewhere = self._keep_the_old_window_s
@@ -297,14 +297,9 @@ class RedisCounters(CounterBackend):
         else:
             charges.append((window, amount))
 
-    def _move(self, counter: WindowCounter, at: float, now: float) -> None:
-        """A budget reset at `at` by another instance, learnt here from its mark in Redis, or
-        from the store: the window moves there (`_keep_the_old_window_s` first, by way of
-        `configure`)."""
-        counter.move_to(at, now, self.ledger)
-
     def _keep_the_old_window_s(self, counter: WindowCounter, at: float) -> None:
-        """Before a counter moves to a reset made elsewhere (learnt from Redis or the store):
+        """Before a counter moves to a reset made elsewhere (`Ledger.before_reset_elsewhere`,
+        called by `configure`, learnt from Redis's mark or from the store):
         what this instance's charges added to the old window's key before the mark was there,
         and it has not written yet, stays in the old window, as in Redis (a delta ending at
         `at`); the rest of what it has not written (settlements under way, made without Redis)
@@ -361,13 +356,9 @@ class RedisCounters(CounterBackend):
 
     def _write_marks_soon(self) -> None:
         if self._marks:
-            task = asyncio.get_running_loop().create_task(self._write_marks_or_later())
+            task = asyncio.get_running_loop().create_task(self.mark_now())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    async def _write_marks_or_later(self) -> None:
-        with contextlib.suppress(RedisError, OSError):  # kept for the next admission
-            await self.write_marks()
 
     async def write_marks(self) -> None:
         if self._mark is None:
@@ -430,7 +421,7 @@ class RedisCounters(CounterBackend):
                 for n in range(1, len(answer), 2):
                     counter = entries[int(answer[n]) - 1].counter
                     assert counter is not None
-                    self._move(counter, float(answer[n + 1]), now)
+                    counter.move_to(float(answer[n + 1]), now, self.ledger)
                 plans = [self._plan(limits.scopes, now, settling=False) for limits, _ in candidates]
             else:
                 raise RedisError("budget windows kept moving while being admitted")
@@ -554,7 +545,7 @@ class RedisCounters(CounterBackend):
                     # Reset since this window began, and its mark is gone (Redis restarted
                     # empty) or not there yet: the window moves to the reset, not seeded as it
                     # was; the mark is written again for the other instances.
-                    self._move(counter, reset_at, now)
+                    counter.move_to(reset_at, now, self.ledger)
                     mark = f"{self.prefix}rs:{counter.id}"
                     if mark not in self._marks or self._marks[mark][0] < reset_at:
                         self._marks[mark] = (reset_at, mark_ttl_ms(self.settings))
@@ -815,7 +806,7 @@ class RedisCounters(CounterBackend):
                     for n in range(1, len(answer), 2):
                         counter = plan[int(answer[n]) - 1].counter
                         assert counter is not None
-                        self._move(counter, float(answer[n + 1]), now)
+                        counter.move_to(float(answer[n + 1]), now, self.ledger)
                         moved.add(counter)
                     plan = self._plan(ticket.scopes, now, settling=True)
                     keys, kinds = self._settle_layout(plan)
