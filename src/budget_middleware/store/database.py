@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, func, update
+from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, select
 
-from budget_middleware.core.durations import Duration, window_bounds
+from budget_middleware.core.durations import parse_duration, window_bounds
 from budget_middleware.core.money import NANOS_PER_USD
 from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.times import utc
@@ -256,39 +256,55 @@ class Store:
         none. Each row is updated only if it is still as read (a charge written meanwhile
         started the window itself). Returns how many were reset."""
         swept = 0
-        rows: list[tuple[Any, Any, Any, str, bool]] = []
-        with self.session() as s:
-            budgets = select(BudgetRow).where(
+        # (table, id, kind, duration, calendar-aligned, last_reset as stored): columns only, no
+        # ORM objects, for a sweep that reads every counter with usage once a minute
+        rows: list[tuple[Any, str, str, str, bool, Any]] = []
+        with self.engine.connect() as conn:
+            budgets = select(
+                BudgetRow.id, BudgetRow.reset_duration, BudgetRow.calendar_aligned,
+                BudgetRow.last_reset,
+            ).where(
                 col(BudgetRow.reset_duration).is_not(None), col(BudgetRow.current_usage_nanos) != 0
-            )
-            for b in s.exec(budgets):
-                rows.append((BudgetRow, b, "budget", b.reset_duration or "", b.calendar_aligned))
-            rates = select(RateLimitRow).where(
-                (col(RateLimitRow.request_current_usage) != 0)
-                | (col(RateLimitRow.token_current_usage) != 0)
-            )
-            for r in s.exec(rates):
-                for kind in ("request", "token"):
-                    duration = getattr(r, f"{kind}_reset_duration")
-                    if duration and getattr(r, f"{kind}_current_usage"):
-                        rows.append((RateLimitRow, r, kind, duration, False))
-        for table, row, kind, duration, aligned in rows:
-            _, usage, reset = _COUNTER_COLUMNS[kind]
-            last_reset = utc(getattr(row, reset))
-            start, _ = window_bounds(
-                Duration.parse(duration), anchor=last_reset, now=now, calendar_aligned=aligned
-            )
-            if start <= last_reset:
-                continue
-            # A transaction a row: holding no other row's lock, it never deadlocks with a
-            # flush (which locks every row of its batch at once).
-            with self.engine.begin() as conn:
-                done = conn.execute(
-                    update(table)
-                    .where(table.id == row.id, getattr(table, reset) == getattr(row, reset))
-                    .values({usage: 0, reset: start})
-                )
-                swept += done.rowcount
+            )  # fmt: skip
+            for id_, duration, aligned, last in conn.execute(budgets):
+                rows.append((BudgetRow, id_, "budget", duration, aligned, last))
+            for kind in ("request", "token"):
+                _, usage, reset = _COUNTER_COLUMNS[kind]
+                duration_column = getattr(RateLimitRow, f"{kind}_reset_duration")
+                rates = select(
+                    RateLimitRow.id, duration_column, getattr(RateLimitRow, reset)
+                ).where(col(duration_column).is_not(None), getattr(RateLimitRow, usage) != 0)
+                for id_, duration, last in conn.execute(rates):
+                    rows.append((RateLimitRow, id_, kind, duration, False, last))
+        due: list[tuple[Any, str, str, Any, datetime]] = []
+        for table, id_, kind, duration, aligned, stored in rows:
+            length = parse_duration(duration)  # never None: the query leaves those out
+            assert length is not None
+            start, _ = window_bounds(length, anchor=utc(stored), now=now, calendar_aligned=aligned)
+            if start > utc(stored):
+                due.append((table, id_, kind, stored, start))
+        # In id order, a few hundred rows a transaction: few commits when many windows end at
+        # once (midnight, for calendar-aligned daily budgets). Should one meet a flush's locks
+        # in a deadlock, the database ends one of the two: the flush is tried again next round,
+        # and these rows are swept next time.
+        due.sort(key=lambda row: (row[2], row[1]))
+        for first in range(0, len(due), _SWEPT_PER_TRANSACTION):
+            chunk = due[first : first + _SWEPT_PER_TRANSACTION]
+            try:
+                with self.engine.begin() as conn:
+                    for kind in ("budget", "request", "token"):
+                        params = [
+                            {"row": id_, "read": stored, "start": start}
+                            for table, id_, k, stored, start in chunk
+                            if k == kind
+                        ]
+                        if params:
+                            done = conn.execute(_sweep_update(kind), params)
+                            swept += done.rowcount
+            except SQLAlchemyError:
+                if first == 0:
+                    raise
+                break  # what is left is swept next time
         return swept
 
     def writable(self) -> bool:
@@ -572,6 +588,21 @@ def _copy_records(conn: Any, values: list[Any]) -> None:
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+_SWEPT_PER_TRANSACTION = 200  # rows of `Store.sweep_windows` committed at once
+
+
+@functools.cache
+def _sweep_update(kind: str) -> Any:
+    """A swept counter's window started anew, if the row is still as the sweep read it."""
+    table = BudgetRow if kind == "budget" else RateLimitRow
+    _, usage, reset = _COUNTER_COLUMNS[kind]
+    return (
+        update(table)
+        .where(col(table.id) == bindparam("row"), getattr(table, reset) == bindparam("read"))
+        .values({usage: 0, reset: bindparam("start")})
+    )
 
 
 _ONE_AT_A_TIME = 0x62756467  # the advisory lock of `Store.one_transaction` ("budg")
