@@ -241,3 +241,21 @@ def test_the_sweep_resets_expired_windows_and_nothing_else(store_url: str) -> No
     assert store.read_counters([expired], [])[0][expired] == (0, start + 2 * day)
     assert store.sweep_windows(now) == 0  # nothing left to sweep
     store.dispose()
+
+
+def test_the_sweep_resets_hundreds_of_windows_in_a_few_statements(store_url: str) -> None:
+    """450 budgets whose day ended (three chunks of rows), beside 50 whose day has not: each
+    expired one reset once, the others left, on every database."""
+    store = Store(store_url)
+    store.create_schema()
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    expired = [budget_row(store, 100 + n, start) for n in range(450)]
+    current = [budget_row(store, 7, start + timedelta(days=1)) for _ in range(50)]
+    now = start + timedelta(days=1, hours=3)
+    swept = store.sweep_windows(now)
+    budgets, _ = store.read_counters(expired + current, [])
+    print(f"swept {swept} of 500")
+    assert swept == 450 and store.sweep_windows(now) == 0
+    assert {budgets[id_] for id_ in expired} == {(0, start + timedelta(days=1))}
+    assert {budgets[id_] for id_ in current} == {(7, start + timedelta(days=1))}
+    store.dispose()
