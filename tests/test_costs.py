@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from genai_prices import Usage, calc_price
 from sqlmodel import select
 
@@ -266,3 +267,107 @@ async def test_a_compressed_request_body_is_read_and_charged(
     assert [(r.provider, r.model, r.cost_nanos) for r in rows] == [
         ("openai", "gpt-4o", 2_000_000)
     ] * 2
+
+
+def _compressing_app(settings: BudgetSettings, seen: list[str | None]) -> FastAPI:
+    """A completion answered in the best coding the request accepts, as a compressing
+    middleware inside ours would: br (which the middleware cannot read; the bytes stand for
+    it), else gzip, else plain JSON. It keeps the `accept-encoding` it was sent."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completion(request: Request) -> Response:
+        asked = await request.json()
+        accepted = request.headers.get("accept-encoding")
+        seen.append(accepted)
+        document = {
+            "id": "c",
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 400}}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": asked["max_tokens"] // 2},
+        }
+        body = json.dumps(document).encode()
+        offered = [c.split(";")[0].strip() for c in (accepted or "").split(",")]
+        if "br" in offered:
+            return Response(b"\x1b\x8f\x00 not decodable here", headers={"content-encoding": "br"})
+        if "gzip" in offered:
+            return Response(gzip.compress(body), headers={"content-encoding": "gzip"})
+        return Response(body, media_type="application/json")
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, str | None]:
+        return {"accept": request.headers.get("accept-encoding")}
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("accepted", "app_gets"),
+    [
+        ("br, gzip;q=0.8, zstd", "gzip;q=0.8"),
+        ("gzip, deflate, br", "gzip, deflate"),
+        ("br", "identity"),
+        ("*", "identity"),
+        ("gzip, deflate", "gzip, deflate"),
+    ],
+)
+async def test_a_metered_request_asks_the_app_only_for_codings_whose_usage_can_be_read(
+    make_settings: Settings, pricing_file: Path, accepted: str, app_gets: str
+) -> None:
+    """A client that accepts br or zstd (a browser, httpx with brotli installed) would get an
+    answer whose usage cannot be read: the app is asked for the codings that can be, and the
+    charge is exact. A request that is not metered keeps its header as sent."""
+    seen: list[str | None] = []
+    app = _compressing_app(make_settings(pricing_file=pricing_file), seen)
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat("house-model", max_tokens=100),
+            headers={"accept-encoding": accepted},
+        )
+        health = await http.get("/health", headers={"accept-encoding": accepted})
+        rows = await records(engine)
+    print(f"client accepted {accepted!r}; the app was asked {seen}; charged", rows[0].cost_nanos)
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 50
+    assert seen == [app_gets] and health.json() == {"accept": accepted}
+    assert (rows[0].input_tokens, rows[0].output_tokens, rows[0].estimated) == (20, 50, False)
+    assert rows[0].cost_nanos == (20 + 50) * 1000  # house-model: $1 per million tokens each
+
+
+async def test_an_answer_in_a_coding_that_cannot_be_read_is_charged_its_most_output(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """An app that answers br although it was not asked to (or a gzip body that is corrupt):
+    nothing of the answer can be read, so it is charged the most it could have cost, as its
+    reservation counted it (its output limit), estimated and said so; never its prompt alone."""
+    app = FastAPI()
+    answers = iter(
+        [
+            Response(b"\x1b\x8f\x00 brotli bytes", headers={"content-encoding": "br"}),
+            Response(
+                gzip.compress(b'{"usage": {}}')[:-6] + b"bad!!!",
+                headers={"content-encoding": "gzip"},
+            ),
+        ]
+    )
+
+    @app.post("/v1/chat/completions")
+    async def completion() -> Response:
+        return next(answers)
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings(pricing_file=pricing_file))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        for max_tokens in (300, 700):
+            body = chat("house-model", max_tokens=max_tokens)
+            async with http.stream("POST", "/v1/chat/completions", json=body) as answer:
+                async for _ in answer.aiter_raw():  # as sent: the client cannot decode it either
+                    pass
+        rows = await records(engine)
+    print("charged", [(r.input_tokens, r.output_tokens, r.cost_nanos, r.note) for r in rows])
+    assert [(r.output_tokens, r.estimated) for r in rows] == [(300, True), (700, True)]
+    assert [r.cost_nanos for r in rows] == [(r.input_tokens + r.output_tokens) * 1000 for r in rows]
+    assert rows[0].note == "content-encoding br not readable: charged its most output"
+    assert rows[1].note is not None and rows[1].note.endswith(": charged its most output")

@@ -1272,3 +1272,48 @@ async def test_a_stream_asked_for_its_usage_is_asked_for_in_clear(engine: Budget
     print(f"accept-encoding sent {seen}; choices per chunk {choices}; records {rows}")
     assert seen == ["identity"] and choices == [1, 1]
     assert rows == [("completed", 10 * 2500 + 2 * 10_000, 0)]
+
+
+async def test_a_call_asks_the_provider_only_for_codings_whose_usage_can_be_read(
+    engine: BudgetEngine,
+) -> None:
+    """httpx asks for br and zstd when their libraries are installed (brotli comes with many
+    apps): a provider answering br would leave the usage unread. A metered call asks only for
+    the codings that can be read, and is charged exactly; a call that is not metered goes as
+    it was made."""
+    seen: list[tuple[str, str]] = []
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        accepted = request.headers.get("accept-encoding", "")
+        seen.append((request.url.path, accepted))
+        usage = {"prompt_tokens": 10, "completion_tokens": 2}
+        document = {"id": "c", "object": "chat.completion", "choices": [], "usage": usage}
+        body = json.dumps(document).encode()
+        if "br" in accepted:  # bytes that stand for brotli: no decoder is installed here
+            return httpx2.Response(200, headers={"content-encoding": "br"}, content=b"\x1b\x8f")
+        headers = {"content-type": "application/json"}
+        if "gzip" in accepted:
+            body, headers["content-encoding"] = gzip.compress(body), "gzip"
+        return httpx2.Response(200, headers=headers, content=body)
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    client = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.MockTransport(provider), engine=engine),
+        headers={"accept-encoding": "br, gzip, zstd"},
+    )
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        max_retries=0,
+        http_client=client,
+    )
+    with charge_to(virtual_key=key.value):
+        answer = await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        other = await client.get("https://api.openai.com/v1/models")
+    await engine.flush()
+    rows = _costs(engine)
+    print(f"the provider was asked {seen}; records {rows}")
+    assert answer.usage is not None and answer.usage.completion_tokens == 2
+    assert seen == [("/v1/chat/completions", "gzip"), ("/v1/models", "br, gzip, zstd")]
+    assert other.status_code == 200
+    assert rows == [("completed", 10 * 2500 + 2 * 10_000, 0)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,8 @@ import httpx
 import httpx2
 import openai
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from sqlmodel import select
 from starlette.middleware.gzip import GZipMiddleware
 
@@ -483,3 +485,45 @@ async def test_a_cancelled_request_task_still_settles_once_and_frees_its_slot(
     assert [(r.outcome, r.estimated) for r in rows] == [("client_disconnected", True)]
     assert (slots.in_flight, budget.reserved) == (0, 0)
     assert budget.value == rows[0].cost_nanos > 0
+
+
+async def test_a_stream_asked_for_its_usage_is_asked_of_the_app_in_clear(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """An app that compresses its event streams when the client accepts it (Starlette's
+    GZipMiddleware does not; others do): the usage-only chunk our `include_usage` causes could
+    not be cut out of compressed bytes, so the app is asked for the stream in clear, and the
+    client gets the stream it asked for (every chunk with choices)."""
+    app = FastAPI()
+    seen: list[str | None] = []
+
+    @app.post("/v1/chat/completions")
+    async def completion(request: Request) -> Response:
+        asked = await request.json()
+        seen.append(request.headers.get("accept-encoding"))
+        base = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o"}
+        events = [{**base, "choices": [{"index": 0, "delta": {"content": "Hi"}}]}]
+        if (asked.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 7, "completion_tokens": 3}
+            events.append({**base, "choices": [], "usage": usage})
+        body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+        body += b"data: [DONE]\n\n"
+        headers = {"content-type": "text/event-stream"}
+        if "gzip" in (seen[-1] or ""):
+            body, headers["content-encoding"] = gzip.compress(body), "gzip"
+        return Response(body, headers=headers)
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings(pricing_file=pricing_file))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat(stream=True),
+            headers={"accept-encoding": "gzip, deflate"},
+        )
+        rows = await records(engine)
+    events = [json.loads(line[6:]) for line in answer.text.splitlines() if line[6:7] == "{"]
+    print("the app was asked", seen, "; the client got", events, "; charged", rows[0].cost_nanos)
+    assert seen == ["identity"] and all(e["choices"] for e in events) and len(events) == 1
+    assert (rows[0].output_tokens, rows[0].estimated) == (3, False)
+    assert rows[0].cost_nanos == cost_of(7, 3)

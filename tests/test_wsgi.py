@@ -464,6 +464,40 @@ def test_a_compressed_request_body_is_read_and_charged(make_settings: Settings) 
     ] * 2
 
 
+def test_a_metered_request_asks_the_app_only_for_codings_whose_usage_can_be_read(
+    make_settings: Settings,
+) -> None:
+    """As under ASGI: a client accepting br or zstd would get an answer whose usage cannot be
+    read; the app is asked for the codings that can be (a stream whose usage we asked for, in
+    clear), and the charges are exact. A request that is not metered keeps its header."""
+    seen: list[str | None] = []
+    app = flask_host(make_settings())
+
+    @app.get("/accept")
+    def accept() -> dict[str, str | None]:
+        return {"accept": request.headers.get("accept-encoding")}
+
+    @app.before_request
+    def keep() -> None:
+        seen.append(request.headers.get("accept-encoding"))
+
+    engine = engine_of(app)
+    client = app.test_client()
+    accepted = {"accept-encoding": "br, gzip, zstd"}
+    plain = client.post("/v1/chat/completions", json=chat(), headers=accepted, buffered=True)
+    stream = client.post(
+        "/v1/chat/completions", json=chat(stream=True), headers=accepted, buffered=True
+    )
+    other = client.get("/accept", headers=accepted)
+    rows = records(engine)
+    print("the app was asked:", seen, "; charged:", [r["cost_nanos"] for r in rows])
+    assert plain.status_code == stream.status_code == 200
+    assert seen == ["gzip", "identity", "br, gzip, zstd"]
+    assert other.get_json() == {"accept": "br, gzip, zstd"}
+    assert [r["estimated"] for r in rows] == [False, False]
+    assert rows[0]["cost_nanos"] == PRICE_NANOS
+
+
 def test_hooks_hear_refusals_and_settlements(make_settings: Settings) -> None:
     heard: dict[str, list[Any]] = {"refusal": [], "settled": []}
     app = flask_host(

@@ -248,6 +248,7 @@ class BudgetMiddleware:
         if state is None:
             state = scope["state"] = {}
         state["budget"] = exchange.name_caller()
+        accept = credentials.accept_encoding
         if exchange.parsed is not None:  # a route's target, a stream asked for its usage
             new_body = body_to_send(exchange)
             if new_body is not None:  # JSON as it is: its length, and no content-encoding
@@ -255,6 +256,12 @@ class BudgetMiddleware:
                 headers = [(n, v) for n, v in scope["headers"] if n not in _REWRITTEN]
                 headers.append((b"content-length", b"%d" % len(body)))
                 scope = {**scope, "headers": headers}
+            if exchange.injected_usage:  # the usage chunk we asked for is cut out of clear text
+                accept = "identity"
+        if accept is not None:  # answers in codings we cannot read are not asked for
+            headers = [(n, v) for n, v in scope["headers"] if n != b"accept-encoding"]
+            headers.append((b"accept-encoding", accept.encode("latin-1")))
+            scope = {**scope, "headers": headers}
         exchange.body = body
         exchange.receive_ = receive
         exchange.send_ = send

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
+from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept
+
 # Path prefixes that name a provider (`/openai/v1/chat/completions`).
 KNOWN_PROVIDERS = frozenset(
     {
@@ -46,6 +48,9 @@ class Credentials:
     # and the model is kept whole (OpenRouter's `anthropic/claude-sonnet-4`).
     provider_is_host: bool = False
     content_encoding: str | None = None  # the body's, when not `identity` (gzip, say)
+    # The `accept-encoding` the app or provider gets instead of the one sent, narrowed to the
+    # codings whose answers can be read (`usage.readable_accept`); None: it goes as sent.
+    accept_encoding: str | None = None
 
 
 def key_digest(value: str) -> bytes:
@@ -100,6 +105,7 @@ def header_reader(
             except ValueError:
                 size = None
         encoding = get(b"content-encoding")
+        accept = get(b"accept-encoding")
         return Credentials(
             key or None,
             (provider.decode("latin-1").strip() or None) if provider is not None else None,
@@ -107,6 +113,9 @@ def header_reader(
             size,
             False,
             None if encoding is None else body_encoding(encoding.decode("latin-1")),
+            None
+            if accept is None or accept == USUAL_ACCEPT
+            else readable_accept(accept.decode("latin-1")),
         )
 
     return read

@@ -182,6 +182,26 @@ def _unescaped(body: bytes, index: int) -> bool:
 
 _ZLIB_CODINGS: Final = frozenset({"gzip", "x-gzip", "deflate"})
 _MAX_DECODED: Final = 64 * 1024 * 1024
+_READABLE_CODINGS: Final = _ZLIB_CODINGS | {"identity"}
+USUAL_ACCEPT: Final = b"gzip, deflate"  # what httpx and requests send: nothing to narrow
+
+
+def readable_accept(value: str) -> str | None:
+    """An `accept-encoding` narrowed to the codings `BodyDecoder` reads (gzip, deflate,
+    identity), for a metered request: its answer's usage must be readable. br, zstd and `*`
+    are left out (an answer in them would be charged as unread, at its reservation's worst case);
+    "identity" when nothing is left. None: the header names no other coding, so it goes as sent."""
+    kept: list[str] = []
+    narrowed = False
+    for item in value.split(","):
+        coding = item.split(";", 1)[0].strip().lower()
+        if coding in _READABLE_CODINGS:
+            kept.append(item.strip())
+        elif coding:
+            narrowed = True
+    if not narrowed:
+        return None
+    return ", ".join(kept) or "identity"
 
 
 class BodyDecoder:

@@ -298,7 +298,7 @@ class Exchange:
 
     def _work_out(self, outcome: str) -> UsageRecord:
         """Work out the cost: the request's usage record (what it costs, what it counts)."""
-        usage = None if self.unreadable else self._usage()
+        usage = self._usage()  # what could be read: all of it, or a stream's up to a bad byte
         estimated = self.estimated
         note = self.unreadable
         if self.header_cost is not None:
@@ -312,9 +312,16 @@ class Exchange:
         else:
             if usage is None:  # no usage reported: charge what we can see, and say so
                 estimated = True
-                output_chars = self.stream.text_chars if self.stream is not None else 0
-                usage = TokenUsage(self.prompt_tokens, (output_chars + 3) // 4)
-                note = note or "no usage in the response"
+                streamed = self.stream.text_chars if self.stream is not None else 0
+                if note is not None and not streamed:
+                    # Nothing of the answer could be read (a coding we cannot decode, a corrupt
+                    # body): the most it could have cost, as its reservation counted it.
+                    output = self.engine.gate.most_output(self.target)
+                    note = f"{note}: charged its most output"
+                else:
+                    output = (streamed + 3) // 4
+                    note = note or "no usage in the response"
+                usage = TokenUsage(self.prompt_tokens, output)
             price = self.price
             if price is None:
                 cost, source = 0, "unpriced"  # noted by `book`

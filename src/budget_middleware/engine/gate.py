@@ -316,13 +316,18 @@ class Gate:
                     else min(most * target.choices, MAX_CHARGE_NANOS)  # each choice at most
                 )
             else:
-                output = target.max_output_tokens
-                if output is None:
-                    output = self.default_output
                 exchange.ticket_estimate = estimate_nanos(
-                    price, prompt_tokens, output * target.choices
+                    price, prompt_tokens, self.most_output(target)
                 )
         return exchange
+
+    def most_output(self, target: Target) -> int:
+        """The most output a request may be answered: its limit (or the default when it sets
+        none) for each choice. What a reservation counts, and an unread answer is charged."""
+        output = target.max_output_tokens
+        if output is None:
+            output = self.default_output
+        return output * target.choices
 
     # -- routes (SPEC §12) ---------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from budget_middleware.core.identity import (
     key_digest,
 )
 from budget_middleware.core.scopes import KeyConfig
+from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
 from budget_middleware.engine.exchange import Exchange
@@ -49,6 +50,7 @@ from budget_middleware.settings import BudgetSettings
 
 _UNKNOWN = "Unknown virtual key"
 _REWRITTEN = (b"content-length", b"content-encoding")  # not the rewritten body's
+_USUAL_ACCEPT = USUAL_ACCEPT.decode()
 
 # From the moment an app imports the transports (at its top, as it does), the middlewares note
 # every request's caller: also those of the request that makes the app's first client.
@@ -170,22 +172,30 @@ class _Meter:
 
     @staticmethod
     def outgoing(lib: ModuleType, request: Any, exchange: Exchange) -> Any:
-        """The request to send: as it is, or with the body `gate.body_to_send` rewrote."""
+        """The request to send: as it is, or with the body `gate.body_to_send` rewrote, and an
+        `accept-encoding` narrowed to the codings whose answers can be read."""
         new_body = body_to_send(exchange)
-        if new_body is None:
-            return request
-        # JSON as it is: its own length, and no content-encoding (the app's was for its body)
-        headers = [(n, v) for n, v in request.headers.raw if n.lower() not in _REWRITTEN]
         if exchange.injected_usage:
             # The stream in clear: the usage chunk we asked for is taken out of it on its way
             # to the SDK, which a compressed stream would not let us do.
+            accept: str | None = "identity"
+        else:
+            sent = request.headers.get("accept-encoding")
+            accept = None if sent is None or sent == _USUAL_ACCEPT else readable_accept(sent)
+        if new_body is None and accept is None:
+            return request
+        headers = request.headers.raw
+        if new_body is not None:
+            # JSON as it is: its own length, and no content-encoding (the app's was for its body)
+            headers = [(n, v) for n, v in headers if n.lower() not in _REWRITTEN]
+        if accept is not None:
             headers = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
-            headers.append((b"accept-encoding", b"identity"))
+            headers.append((b"accept-encoding", accept.encode("latin-1")))
         return lib.Request(
             request.method,
             request.url,
             headers=headers,
-            content=new_body,
+            content=request.content if new_body is None else new_body,
             extensions=request.extensions,
         )
 

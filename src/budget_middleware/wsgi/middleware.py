@@ -40,6 +40,7 @@ from budget_middleware.core.identity import (
     key_digest,
 )
 from budget_middleware.core.scopes import KeyConfig
+from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
 from budget_middleware.engine.exchange import COST_HEADER, BudgetState, Exchange
@@ -67,6 +68,7 @@ _STATUS_LINES: dict[int, str] = {}
 # The response headers `Exchange.read_start` reads (the rest pass through as the app wrote them).
 _COST = COST_HEADER.decode()
 _WATCHED = frozenset(("content-type", "content-encoding", _COST))
+_USUAL_ACCEPT = USUAL_ACCEPT.decode()
 
 
 def budget_state(environ: WSGIEnvironment) -> BudgetState | None:
@@ -207,6 +209,7 @@ class BudgetWSGIMiddleware:
         provider = get("HTTP_X_BUDGET_PROVIDER")
         tags = get("HTTP_X_BUDGET_TAGS")
         encoding = get("HTTP_CONTENT_ENCODING")
+        accept = get("HTTP_ACCEPT_ENCODING")
         length = get("CONTENT_LENGTH")
         size = None
         if length:
@@ -224,6 +227,7 @@ class BudgetWSGIMiddleware:
             size,
             False,
             None if encoding is None else body_encoding(encoding),
+            None if accept is None or accept == _USUAL_ACCEPT else readable_accept(accept),
         )
 
     # -- metered requests ----------------------------------------------------------------
@@ -265,11 +269,16 @@ class BudgetWSGIMiddleware:
             return answer(start_response, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
         environ[STATE_KEY] = exchange.name_caller()
+        accept = credentials.accept_encoding
         if exchange.parsed is not None:  # a route's target, a stream asked for its usage
             new_body = body_to_send(exchange)
             if new_body is not None:  # JSON as it is: no content-encoding
                 body = new_body
                 environ.pop("HTTP_CONTENT_ENCODING", None)
+            if exchange.injected_usage:  # the usage chunk we asked for is cut out of clear text
+                accept = "identity"
+        if accept is not None:  # answers in codings we cannot read are not asked for
+            environ["HTTP_ACCEPT_ENCODING"] = accept
         environ["wsgi.input"] = io.BytesIO(body)  # read once here: the app reads it again
         environ["CONTENT_LENGTH"] = str(len(body))
         response = MeteredResponse(self, exchange, start_response, direct)
