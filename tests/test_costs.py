@@ -201,7 +201,8 @@ async def test_a_2xx_answer_whose_counts_cannot_be_read_is_charged_an_estimate(
     make_settings: Settings, pricing_file: Path, usage: dict[str, Any]
 ) -> None:
     """Counts that are null or text are no usage at all: the answer is charged an estimate of
-    its prompt and marked so (it was charged a silent $0 as if it had used no token)."""
+    its prompt and of the text it answered, and marked so (it was charged a silent $0 as if it
+    had used no token)."""
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
@@ -216,7 +217,7 @@ async def test_a_2xx_answer_whose_counts_cannot_be_read_is_charged_an_estimate(
     print("charged:", row.input_tokens, row.output_tokens, row.cost_nanos, row.estimated, row.note)
     assert answer.status_code == 200
     assert row.estimated and row.note == "no usage in the response"
-    assert row.input_tokens > 0 and row.cost_nanos == row.input_tokens * 1_000  # $1/Mtok
+    assert (row.output_tokens, row.cost_nanos) == (1, (row.input_tokens + 1) * 1_000)  # "fine"
 
 
 async def test_a_compressed_request_body_is_read_and_charged(
@@ -371,3 +372,66 @@ async def test_an_answer_in_a_coding_that_cannot_be_read_is_charged_its_most_out
     assert [r.cost_nanos for r in rows] == [(r.input_tokens + r.output_tokens) * 1000 for r in rows]
     assert rows[0].note == "content-encoding br not readable: charged its most output"
     assert rows[1].note is not None and rows[1].note.endswith(": charged its most output")
+
+
+@pytest.mark.parametrize(
+    ("answer", "chars"),
+    [
+        ({"choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 400}}]}, 400),
+        ({"choices": [{"index": 0, "text": "y" * 120, "finish_reason": "stop"}]}, 120),
+        (
+            {
+                "id": "msg_1",
+                "type": "message",
+                "content": [
+                    {"type": "text", "text": "z" * 200},
+                    {"type": "tool_use", "id": "toolu_1", "input": {"city": "w" * 40}},
+                ],
+            },
+            240,
+        ),
+        (
+            {
+                "output": [
+                    {"type": "message", "content": [{"type": "output_text", "text": "v" * 80}]},
+                    {"type": "function_call", "call_id": "c1", "arguments": "u" * 20},
+                ]
+            },
+            100,
+        ),
+        (
+            {
+                "choices": [
+                    {
+                        "message": {
+                            "content": None,
+                            "tool_calls": [{"id": "call_1", "function": {"arguments": "t" * 60}}],
+                        }
+                    }
+                ]
+            },
+            60,
+        ),
+    ],
+    ids=["chat", "completion", "anthropic", "responses", "tool-call"],
+)
+async def test_a_json_answer_without_usage_is_charged_the_text_it_answered(
+    make_settings: Settings, pricing_file: Path, answer: dict[str, Any], chars: int
+) -> None:
+    """An upstream that reports no usage (some OpenAI-compatible servers): the answer's
+    generated text is estimated at 4 characters a token, as a stream's is, beside the prompt
+    (the output was free: 400 characters answered, 0 tokens charged)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completion() -> dict[str, Any]:
+        return answer
+
+    wrapped = BudgetMiddleware(app, settings=make_settings(pricing_file=pricing_file))
+    async with running(wrapped), client(wrapped) as http:
+        await http.post("/v1/chat/completions", json=chat("house-model", max_tokens=1000))
+        rows = await records(wrapped.engine)
+    row = rows[0]
+    print(f"{chars} characters answered: charged", row.output_tokens, "output tokens", row.note)
+    assert (row.output_tokens, row.estimated) == ((chars + 3) // 4, True)
+    assert row.cost_nanos == (row.input_tokens + row.output_tokens) * 1_000

@@ -15,6 +15,8 @@ import budget_middleware.core.usage as usage_module
 from budget_middleware.core.usage import (
     BodyDecoder,
     TokenUsage,
+    answered_chars,
+    readable_accept,
     usage_from_json,
     usage_from_mapping,
 )
@@ -456,3 +458,47 @@ def test_anthropic_counts_of_one_count_and_negative_ones_are_zero() -> None:
     assert usage_from_mapping({"output_tokens": 2.9}) == TokenUsage(0, 2, 0, 0)
     assert usage_from_mapping({"output_tokens": 1.0}) == TokenUsage(0, 1, 0, 0)
     assert usage_from_mapping({"output_tokens": float("inf")}) is None
+
+
+@pytest.mark.parametrize(
+    ("sent", "narrowed"),
+    [
+        ("gzip, deflate", None),
+        ("GZIP, Deflate, identity", None),
+        ("", None),
+        (" , gzip", None),
+        ("gzip, deflate, br", "gzip, deflate"),
+        ("Br;q=1.0, GZIP;q=0.5", "GZIP;q=0.5"),
+        ("zstd", "identity"),
+        ("*", "identity"),
+        ("identity;q=0, br", "identity;q=0"),
+        ("x-gzip, compress", "x-gzip"),
+    ],
+)
+def test_an_accept_encoding_is_narrowed_to_the_codings_that_can_be_read(
+    sent: str, narrowed: str | None
+) -> None:
+    assert readable_accept(sent) == narrowed
+
+
+def test_the_text_an_answer_generated_is_counted_without_its_ids_and_kinds() -> None:
+    answer = {
+        "id": "chatcmpl-" + "i" * 40,
+        "model": "gpt-4o",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "logprobs": {"content": [{"token": "ab", "logprob": -0.1}]},
+                "message": {"role": "assistant", "content": "abcd", "refusal": None},
+            }
+        ],
+        "system_fingerprint": "fp_" + "f" * 20,
+    }
+    assert answered_chars(json.dumps(answer).encode()) == 4
+    nested: object = "deep"
+    for _ in range(40):
+        nested = [nested]
+    assert answered_chars(json.dumps({"content": nested}).encode()) == 0  # bounded
+    assert answered_chars(json.dumps({"content": [[["deep"]]]}).encode()) == 4
+    assert answered_chars(b"plain text") == answered_chars(b"[1, 2]") == 0

@@ -180,6 +180,55 @@ def _unescaped(body: bytes, index: int) -> bool:
     return backslashes % 2 == 0
 
 
+# In an answer's output, what is not generated text: ids, kinds, roles, reasons, log-probs.
+_NOT_TEXT: Final = frozenset(
+    {
+        "id",
+        "call_id",
+        "type",
+        "object",
+        "role",
+        "status",
+        "model",
+        "name",
+        "index",
+        "finish_reason",
+        "stop_reason",
+        "stop_sequence",
+        "logprobs",
+        "annotations",
+    }
+)
+_OUTPUT_KEYS: Final = ("choices", "content", "output")  # OpenAI, Anthropic, the Responses API
+_MAX_DEPTH: Final = 32
+
+
+def answered_chars(body: bytes) -> int:
+    """The characters a JSON answer that reports no usage generated, for its estimate (as a
+    stream's are counted as they pass): the text under its `choices` (chat and legacy
+    completions), `content` (Anthropic) or `output` (the Responses API), a tool call's
+    arguments and input included, ids and kinds left out. 0 for a body that is not JSON."""
+    try:
+        document = json_loads(body)
+    except JSON_ERRORS:
+        return 0
+    if type(document) is not dict:
+        return 0
+    return sum(_chars(document.get(key), 0) for key in _OUTPUT_KEYS)
+
+
+def _chars(value: Any, depth: int) -> int:
+    if type(value) is str:
+        return len(value)
+    if depth == _MAX_DEPTH:
+        return 0
+    if type(value) is list:
+        return sum(_chars(item, depth + 1) for item in value)
+    if type(value) is dict:
+        return sum(_chars(v, depth + 1) for k, v in value.items() if k not in _NOT_TEXT)
+    return 0
+
+
 _ZLIB_CODINGS: Final = frozenset({"gzip", "x-gzip", "deflate"})
 _MAX_DECODED: Final = 64 * 1024 * 1024
 _READABLE_CODINGS: Final = _ZLIB_CODINGS | {"identity"}

@@ -22,7 +22,12 @@ from budget_middleware.core.pricing import (
 from budget_middleware.core.records import UsageRecord
 from budget_middleware.core.scopes import KeyConfig, LimitSet
 from budget_middleware.core.sse import StreamMeter
-from budget_middleware.core.usage import BodyDecoder, TokenUsage, usage_from_json
+from budget_middleware.core.usage import (
+    BodyDecoder,
+    TokenUsage,
+    answered_chars,
+    usage_from_json,
+)
 from budget_middleware.headers import add_limit_headers, tightest_now
 
 if TYPE_CHECKING:
@@ -312,14 +317,19 @@ class Exchange:
         else:
             if usage is None:  # no usage reported: charge what we can see, and say so
                 estimated = True
-                streamed = self.stream.text_chars if self.stream is not None else 0
-                if note is not None and not streamed:
+                # The generated text seen: streamed, or in a JSON answer (SPEC §7's estimate)
+                if self.stream is not None:
+                    seen = self.stream.text_chars
+                else:
+                    parts = self.json_parts
+                    seen = answered_chars(b"".join(parts)) if parts else 0
+                if note is not None and not seen:
                     # Nothing of the answer could be read (a coding we cannot decode, a corrupt
                     # body): the most it could have cost, as its reservation counted it.
                     output = self.engine.gate.most_output(self.target)
                     note = f"{note}: charged its most output"
                 else:
-                    output = (streamed + 3) // 4
+                    output = (seen + 3) // 4
                     note = note or "no usage in the response"
                 usage = TokenUsage(self.prompt_tokens, output)
             price = self.price
