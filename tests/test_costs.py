@@ -388,7 +388,7 @@ async def test_an_answer_in_a_coding_that_cannot_be_read_is_charged_its_most_out
                     {"type": "tool_use", "id": "toolu_1", "input": {"city": "w" * 40}},
                 ],
             },
-            240,
+            200 + len('{"city":"') + 40 + len('"}'),  # the input: the JSON the model wrote
         ),
         (
             {

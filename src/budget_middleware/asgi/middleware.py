@@ -248,25 +248,13 @@ class BudgetMiddleware:
         if state is None:
             state = scope["state"] = {}
         state["budget"] = exchange.name_caller()
-        accept = credentials.accept_encoding
-        if exchange.parsed is not None:  # a route's target, a stream asked for its usage
-            new_body = body_to_send(exchange)
-            if new_body is not None:  # JSON as it is: its length, and no content-encoding
-                body = new_body
-                headers = [(n, v) for n, v in scope["headers"] if n not in _REWRITTEN]
-                headers.append((b"content-length", b"%d" % len(body)))
-                scope = {**scope, "headers": headers}
-            if exchange.injected_usage:  # the usage chunk we asked for is cut out of clear text
-                accept = "identity"
-        if accept is not None:  # answers in codings we cannot read are not asked for
-            headers = [(n, v) for n, v in scope["headers"] if n != b"accept-encoding"]
-            headers.append((b"accept-encoding", accept.encode("latin-1")))
-            scope = {**scope, "headers": headers}
-        exchange.body = body
         exchange.receive_ = receive
         exchange.send_ = send
         outcome = "upstream_error"
-        try:
+        try:  # from admission on, whatever happens is settled (a body that cannot be rewritten)
+            if exchange.parsed is not None or credentials.accept_encoding is not None:
+                scope, body = _as_sent(scope, body, exchange, credentials.accept_encoding)
+            exchange.body = body
             await self.app(scope, exchange.replay, exchange.forward)
             outcome = "completed"
         except asyncio.CancelledError:
@@ -337,6 +325,28 @@ async def _read_body(first: Message, receive: Receive, limit: int) -> bytes:
             break
         message = await receive()
     return b"".join(chunks)
+
+
+def _as_sent(
+    scope: Scope_, body: bytes, exchange: Exchange, accept: str | None
+) -> tuple[Scope_, bytes]:
+    """The request as the app gets it: the body `body_to_send` rewrote (a route's target, a
+    stream asked for its usage) with its length and no content-encoding, and an
+    `accept-encoding` narrowed to the codings whose answers can be read (in clear, for a stream
+    whose usage chunk is cut out)."""
+    headers = scope["headers"]
+    if exchange.parsed is not None:
+        new_body = body_to_send(exchange)
+        if new_body is not None:  # JSON as it is: its length, and no content-encoding
+            body = new_body
+            headers = [(n, v) for n, v in headers if n not in _REWRITTEN]
+            headers.append((b"content-length", b"%d" % len(body)))
+        if exchange.injected_usage:
+            accept = "identity"
+    if accept is not None:
+        headers = [(n, v) for n, v in headers if n != b"accept-encoding"]
+        headers.append((b"accept-encoding", accept.encode("latin-1")))
+    return {**scope, "headers": headers}, body
 
 
 async def _answer(send: Send, answer: ErrorAnswer) -> None:

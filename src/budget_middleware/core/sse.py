@@ -209,9 +209,12 @@ class StreamMeter:
     stream: the caller must not ask for it on a compressed one.
 
     `usage` is the best known so far: OpenAI's usage chunk, `response.completed`'s usage, or
-    Anthropic's `message_start` usage updated by `message_delta` (cumulative: the last count wins).
-    Until `completed` it may be partial (Anthropic's output count only grows with `message_delta`):
-    for a cut stream, estimate the output from `text_chars`, the generated characters streamed.
+    Anthropic's `message_start` usage updated by `message_delta` (cumulative: each count keeps its
+    highest value). Until `completed` it may be partial (Anthropic's output count only grows with
+    `message_delta`): for a cut stream, estimate the output from `text_chars`, the generated
+    characters streamed; `text_at_usage` is how many had been streamed when `usage` was last
+    read (text after it is not in it). `gave_up`: an event over _MAX_PENDING bytes stopped the
+    reading, and nothing after it was read.
     """
 
     __slots__ = (
@@ -220,7 +223,9 @@ class StreamMeter:
         "_drop",
         "_owe_lf",
         "completed",
+        "gave_up",
         "model",
+        "text_at_usage",
         "text_chars",
         "usage",
     )
@@ -229,6 +234,8 @@ class StreamMeter:
         self.usage: TokenUsage | None = None
         self.completed = False  # saw `[DONE]`, `response.completed`/`.incomplete`, `message_stop`
         self.text_chars = 0
+        self.text_at_usage = 0
+        self.gave_up = False
         self.model: str | None = None
         self._drop = drop_usage_chunk
         self._decoder: SSEDecoder | None = SSEDecoder()  # None: gave up reading (see _MAX_PENDING)
@@ -253,6 +260,7 @@ class StreamMeter:
                 self._read(event)
             if decoder.pending > _MAX_PENDING:
                 self._decoder = None
+                self.gave_up = True
             return chunk
         out: list[bytes] = []
         for event in events:
@@ -264,6 +272,7 @@ class StreamMeter:
         self._emit(out, decoder.release())
         if decoder.pending > _MAX_PENDING:
             self._decoder = None
+            self.gave_up = True
             for event in decoder.flush():
                 self._emit(out, event.raw)
         return b"".join(out)
@@ -332,7 +341,7 @@ class StreamMeter:
         usage = body.get("usage")
         if not isinstance(usage, dict):  # `"usage": null` on every chunk but the last
             return False
-        self.usage = usage_from_mapping(usage) or self.usage
+        self._take(usage_from_mapping(usage))
         return self._drop and choices == []
 
     def _read_typed(self, kind: str, body: dict[str, Any]) -> None:
@@ -358,19 +367,36 @@ class StreamMeter:
                 self._see_model(response.get("model"))
                 usage = response.get("usage")
                 if isinstance(usage, dict):
-                    self.usage = usage_from_mapping(usage) or self.usage
+                    self._take(usage_from_mapping(usage))
             if kind in ("response.completed", "response.incomplete"):
                 self.completed = True
 
     def _merge_anthropic(self, usage: object) -> None:
-        # message_delta counts are cumulative, input/cache ones may repeat: overwrite, never add
+        # message_delta counts are cumulative, input/cache ones may repeat: never added, and
+        # never lowered (a gateway's message_delta with `input_tokens: 0` keeps message_start's)
         if isinstance(usage, dict):
-            self._anthropic.update((k, v) for k, v in usage.items() if v is not None)
-            self.usage = usage_from_mapping(self._anthropic) or self.usage
+            known = self._anthropic
+            for name, value in usage.items():
+                if value is None:
+                    continue
+                old = known.get(name)
+                if type(old) in _NUMBERS and type(value) in _NUMBERS and old > value:
+                    continue
+                known[name] = value
+            self._take(usage_from_mapping(known))
+
+    def _take(self, usage: TokenUsage | None) -> None:
+        """A usage read: the best known from now on, with the text streamed so far."""
+        if usage is not None:
+            self.usage = usage
+            self.text_at_usage = self.text_chars
 
     def _see_model(self, model: object) -> None:
         if isinstance(model, str) and model:
             self.model = model
+
+
+_NUMBERS: Final = (int, float)
 
 
 def _line_ends(data: bytes | bytearray, pos: int) -> list[tuple[int, int]]:

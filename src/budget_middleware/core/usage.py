@@ -142,9 +142,9 @@ def usage_from_json(body: bytes) -> TokenUsage | None:
     back to a full parse.
     """
     last = body.rfind(_USAGE_KEY)
-    if last < 0:  # no usage key anywhere: nothing worth parsing
+    if last < 0 and b"\\u" not in body:  # no usage key anywhere, not even escaped: no usage
         return None
-    found, usage = _usage_at_end(body, last)
+    found, usage = _usage_at_end(body, last) if last >= 0 else (False, None)
     if not found:
         try:
             document = json_loads(body)
@@ -200,6 +200,7 @@ _NOT_TEXT: Final = frozenset(
     }
 )
 _OUTPUT_KEYS: Final = ("choices", "content", "output")  # OpenAI, Anthropic, the Responses API
+_GENERATED_JSON: Final = frozenset({"input", "arguments"})  # Anthropic's tool input, OpenAI's
 _MAX_DEPTH: Final = 32
 
 
@@ -225,8 +226,22 @@ def _chars(value: Any, depth: int) -> int:
     if type(value) is list:
         return sum(_chars(item, depth + 1) for item in value)
     if type(value) is dict:
-        return sum(_chars(v, depth + 1) for k, v in value.items() if k not in _NOT_TEXT)
+        return sum(
+            (_json_chars(v) if k in _GENERATED_JSON else _chars(v, depth + 1))
+            for k, v in value.items()
+            if k not in _NOT_TEXT
+        )
     return 0
+
+
+def _json_chars(value: Any) -> int:
+    """A tool call's input or arguments, which the model wrote as JSON: all of it counts."""
+    if type(value) is str:
+        return len(value)
+    try:
+        return len(json_bytes(value))
+    except TypeError:  # nested deeper than orjson writes
+        return 0
 
 
 _ZLIB_CODINGS: Final = frozenset({"gzip", "x-gzip", "deflate"})

@@ -95,6 +95,7 @@ class Exchange:
     stream: StreamMeter | None = None
     json_parts: list[bytes] | None = None
     json_size = 0
+    json_dropped = 0  # bytes of a huge JSON answer left out before its kept tail
     decoder: BodyDecoder | None = None  # for a compressed answer, measured on the side
     unreadable: str | None = None
     client_gone = False
@@ -182,6 +183,7 @@ class Exchange:
         self.response_started = True
         self.status = status
         event_stream = False
+        typed = False
         encoding = b""
         cost_header = None
         for header in headers:
@@ -189,13 +191,17 @@ class Exchange:
             if name == b"content-type":
                 # a media type is case-insensitive (RFC 9110 8.3.1): `Text/Event-Stream` too
                 event_stream = header[1].strip().lower().startswith(b"text/event-stream")
+                typed = True
             elif name == b"content-encoding":
                 encoding = header[1].lower().strip()
             elif name == COST_HEADER:
                 cost_header = header
         if cost_header is not None:
+            # A cost that is no amount (negative, NaN, infinite, text) is not the cost: the
+            # usage decides.
             try:
-                self.header_cost = charge_nanos(float(cost_header[1]))
+                told = float(cost_header[1])
+                self.header_cost = charge_nanos(told) if told >= 0 else None
             except ValueError:
                 self.header_cost = None
         if encoding and encoding != b"identity":
@@ -204,6 +210,10 @@ class Exchange:
                 self.decoder = decoder
             else:
                 self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
+        if not typed and self.target.stream:
+            # A stream asked for and answered without a content-type (Starlette's
+            # `StreamingResponse(gen())`): the SDKs read it as the stream it is, and so do we.
+            event_stream = True
         if event_stream:
             dropping = self.injected_usage and self.decoder is None
             self.stream = StreamMeter(drop_usage_chunk=dropping)
@@ -248,8 +258,7 @@ class Exchange:
                     parts.append(chunk)
                 self.json_size += len(chunk)
                 if self.json_size > 2 * _JSON_TAIL:
-                    tail = b"".join(self.json_parts or ())[-_JSON_TAIL:]
-                    self.json_parts, self.json_size = [tail], len(tail)
+                    self._keep_the_tail()
             return chunk
         plain = chunk
         if decoder is not None:
@@ -274,20 +283,41 @@ class Exchange:
             parts.append(plain)
             self.json_size += len(plain)
             if self.json_size > 2 * _JSON_TAIL:
-                tail = b"".join(parts)[-_JSON_TAIL:]
-                self.json_parts, self.json_size = [tail], len(tail)
+                self._keep_the_tail()
         return chunk
+
+    def _keep_the_tail(self) -> None:
+        """Of a huge JSON answer keep the last MiB (its usage sits at the end), and count what
+        is left out (for an estimate, should it hold no usage)."""
+        tail = b"".join(self.json_parts or ())[-_JSON_TAIL:]
+        self.json_dropped += self.json_size - len(tail)
+        self.json_parts, self.json_size = [tail], len(tail)
 
     # -- settlement ----------------------------------------------------------------------
 
     def _usage(self) -> TokenUsage | None:
         stream = self.stream
         if stream is not None:
-            if stream.completed or stream.usage is None:
-                return stream.usage
+            usage = stream.usage
+            if usage is None:
+                return None
+            if stream.completed:
+                if stream.text_chars == stream.text_at_usage:  # the usual end: usage last
+                    return usage
+                # Text went on after the last usage the stream reported: it counts too.
+                streamed = (stream.text_chars + 3) // 4
+                if streamed <= usage.output_tokens:
+                    return usage
+                self.estimated = True
+                return TokenUsage(
+                    usage.input_tokens,
+                    streamed,
+                    usage.cached_tokens,
+                    usage.cache_write_tokens,
+                    usage.cost,
+                )
             # Cut before its end: Anthropic reported its input at the start, but the output so
             # far is only in the streamed text.
-            usage = stream.usage
             streamed = (stream.text_chars + 3) // 4
             self.estimated = True
             return TokenUsage(
@@ -306,6 +336,9 @@ class Exchange:
         usage = self._usage()  # what could be read: all of it, or a stream's up to a bad byte
         estimated = self.estimated
         note = self.unreadable
+        stream = self.stream
+        if note is None and stream is not None and stream.gave_up:
+            note = "an event over 16 MiB: the stream was not read on"
         if self.header_cost is not None:
             cost, source = self.header_cost, "header"
         elif usage is not None and usage.cost is not None:
@@ -317,16 +350,19 @@ class Exchange:
         else:
             if usage is None:  # no usage reported: charge what we can see, and say so
                 estimated = True
-                # The generated text seen: streamed, or in a JSON answer (SPEC §7's estimate)
-                if self.stream is not None:
-                    seen = self.stream.text_chars
+                # The generated text seen: streamed, or in a JSON answer (SPEC §7's estimate;
+                # of a huge one cut to its tail, every byte of it)
+                if stream is not None:
+                    seen = stream.text_chars
                 else:
                     parts = self.json_parts
                     seen = answered_chars(b"".join(parts)) if parts else 0
-                if note is not None and not seen:
+                    if self.json_dropped:
+                        seen = max(seen, self.json_dropped + self.json_size)
+                if note is not None and (not seen or (stream is not None and stream.gave_up)):
                     # Nothing of the answer could be read (a coding we cannot decode, a corrupt
                     # body): the most it could have cost, as its reservation counted it.
-                    output = self.engine.gate.most_output(self.target)
+                    output = max(self.engine.gate.most_output(self.target), (seen + 3) // 4)
                     note = f"{note}: charged its most output"
                 else:
                     output = (seen + 3) // 4

@@ -468,5 +468,10 @@ def body_to_send(exchange: Exchange) -> bytes | None:
     if not changed:
         return None
     if exchange.orjson_writes:
-        return json_bytes(parsed)
-    return json.dumps(parsed, ensure_ascii=False).encode()  # NaN, integers over 64 bits: as read
+        try:
+            return json_bytes(parsed)
+        except TypeError:  # nested deeper than orjson writes (it reads deeper): the stdlib's
+            pass
+    # NaN and integers over 64 bits as read; deeper than the stdlib writes raises, and the
+    # adapter settles the request as failed (its slot and reservation released).
+    return json.dumps(parsed, ensure_ascii=False).encode()

@@ -269,20 +269,20 @@ class BudgetWSGIMiddleware:
             return answer(start_response, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
         environ[STATE_KEY] = exchange.name_caller()
-        accept = credentials.accept_encoding
-        if exchange.parsed is not None:  # a route's target, a stream asked for its usage
-            new_body = body_to_send(exchange)
-            if new_body is not None:  # JSON as it is: no content-encoding
-                body = new_body
-                environ.pop("HTTP_CONTENT_ENCODING", None)
-            if exchange.injected_usage:  # the usage chunk we asked for is cut out of clear text
-                accept = "identity"
-        if accept is not None:  # answers in codings we cannot read are not asked for
-            environ["HTTP_ACCEPT_ENCODING"] = accept
-        environ["wsgi.input"] = io.BytesIO(body)  # read once here: the app reads it again
-        environ["CONTENT_LENGTH"] = str(len(body))
         response = MeteredResponse(self, exchange, start_response, direct)
-        try:
+        try:  # from admission on, whatever happens is settled (a body that cannot be rewritten)
+            accept = credentials.accept_encoding
+            if exchange.parsed is not None:  # a route's target, a stream asked for its usage
+                new_body = body_to_send(exchange)
+                if new_body is not None:  # JSON as it is: no content-encoding
+                    body = new_body
+                    environ.pop("HTTP_CONTENT_ENCODING", None)
+                if exchange.injected_usage:  # the usage chunk we asked for is cut out in clear
+                    accept = "identity"
+            if accept is not None:  # answers in codings we cannot read are not asked for
+                environ["HTTP_ACCEPT_ENCODING"] = accept
+            environ["wsgi.input"] = io.BytesIO(body)  # read once here: the app reads it again
+            environ["CONTENT_LENGTH"] = str(len(body))
             response.iterable = self.app(environ, response.start_response)
         except BaseException:
             if not response.wrote:  # nothing sent: the server answers 500 (an error costs nothing)

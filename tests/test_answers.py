@@ -1,0 +1,285 @@
+"""What an app or an upstream can answer, and a client send, that must still be charged in full
+and released once: a fault hunt's cases (2026-12-01), each charged less (or a slot held for
+ever) before its fix. The app here answers exactly the status, headers and chunks a test gives.
+
+Prices: gpt-4o at $1 a million input tokens and $10 a million output tokens (the pricing file).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlmodel import select
+from werkzeug.test import Client
+
+from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.engine.portal import shut_down_engines
+from budget_middleware.store.tables import UsageRecordRow
+from budget_middleware.wsgi import BudgetWSGIMiddleware
+from support import running
+
+Settings = Callable[..., BudgetSettings]
+Header = tuple[bytes, bytes]
+SSE = [(b"content-type", b"text/event-stream")]
+JSON = [(b"content-type", b"application/json")]
+IN_NANOS, OUT_NANOS = 1_000, 10_000  # a token, at the file's prices
+STREAM_REQUEST = {
+    "model": "openai/gpt-4o",
+    "stream": True,
+    "max_tokens": 100,
+    "stream_options": {"include_usage": True},
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+def cost(input_tokens: int, output_tokens: int) -> int:
+    return input_tokens * IN_NANOS + output_tokens * OUT_NANOS
+
+
+@pytest.fixture
+def settings(make_settings: Settings, tmp_path: Path) -> BudgetSettings:
+    path = tmp_path / "prices.json"
+    prices = {"input_per_mtok": 1, "output_per_mtok": 10}
+    path.write_text(json.dumps({"models": {"openai/gpt-4o": prices}}))
+    return make_settings(pricing_file=path)
+
+
+def answering(status: int, headers: list[Header], chunks: list[bytes]) -> Any:
+    """A raw ASGI app that answers these chunks, whatever it is asked."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for n, chunk in enumerate(chunks):
+            more = n < len(chunks) - 1
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+        if not chunks:
+            await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+def rows_of(engine: BudgetEngine) -> list[UsageRecordRow]:
+    with engine.store.session() as s:
+        return list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.id)))  # type: ignore[arg-type]
+
+
+async def charged(
+    settings: BudgetSettings,
+    headers: list[Header],
+    chunks: list[bytes],
+    request: dict[str, Any] | None = None,
+) -> UsageRecordRow:
+    """The one usage record of a request answered with these chunks."""
+    app = BudgetMiddleware(answering(200, headers, chunks), settings=settings)
+    body = request or {"model": "openai/gpt-4o", "messages": [], "max_tokens": 100}
+    async with running(app):
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            answer = await http.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200
+        await app.engine.flush()
+        rows = rows_of(app.engine)
+    assert len(rows) == 1, rows
+    row = rows[0]
+    print(f"charged {row.cost_nanos} ({row.input_tokens} in, {row.output_tokens} out): {row.note}")
+    return row
+
+
+def event(data: dict[str, Any], name: str | None = None) -> bytes:
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {json.dumps(data)}\n\n".encode()
+
+
+def chunk(text: str | None = None, usage: dict[str, int] | None = None) -> bytes:
+    choices = [] if text is None else [{"index": 0, "delta": {"content": text}}]
+    return event({"object": "chat.completion.chunk", "choices": choices, "usage": usage})
+
+
+# -- a client's request: its slot and reservation are released however it ends ---------------
+
+
+def _nested_stream_request(depth: int = 300) -> bytes:
+    """Valid JSON that orjson reads (up to 1,024 levels) but writes back only up to 254 levels,
+    and the stdlib up to about 990."""
+    nested = "[" * depth + "]" * depth
+    return (
+        '{"model": "openai/gpt-4o", "stream": true, "max_tokens": 10, '
+        '"messages": [{"role": "user", "content": "hi"}], "metadata": {"x": ' + nested + "}}"
+    ).encode()
+
+
+async def test_a_request_whose_body_cannot_be_rewritten_gives_back_its_slot(
+    settings: BudgetSettings,
+) -> None:
+    """A stream asked for its usage is rewritten; a body nested deeper than orjson writes is
+    written by the stdlib instead, and one that nothing can write fails after admission: in
+    both cases the request ends, and its concurrency slot and reservation with it (they were
+    held for ever: every later request of the key got 429 until a restart)."""
+    app = BudgetMiddleware(answering(200, SSE, [b"data: [DONE]\n\n"]), settings=settings)
+    engine = app.engine
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 10}], rate_limit={"max_concurrent_requests": 1}
+        )
+        auth = {"authorization": f"Bearer {key.value}", "content-type": "application/json"}
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        statuses = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for depth in (300, 1000, 0):
+                body = _nested_stream_request(depth)
+                answer = await http.post("/v1/chat/completions", content=body, headers=auth)
+                statuses.append(answer.status_code)
+        budget = next(iter(engine.registry.windows["budget"].values()))
+        slots = next(iter(engine.registry.concurrency.values()))
+    print("answered", statuses, "; held after:", budget.reserved, slots.in_flight)
+    assert statuses == [200, 500, 200]
+    assert (budget.reserved, slots.in_flight) == (0, 0)
+
+
+def test_a_wsgi_request_whose_body_cannot_be_rewritten_gives_back_its_slot(
+    settings: BudgetSettings,
+) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("content-type", "text/event-stream")])
+        return [b"data: [DONE]\n\n"]
+
+    wrapped = BudgetWSGIMiddleware(app, settings)
+    engine = wrapped.engine
+    try:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 10}], rate_limit={"max_concurrent_requests": 1}
+        )
+        auth = {"authorization": f"Bearer {key.value}", "content-type": "application/json"}
+        http = Client(wrapped)
+        failed = None
+        try:
+            http.post("/v1/chat/completions", data=_nested_stream_request(1000), headers=auth)
+        except RecursionError as exc:  # the server answers 500
+            failed = exc
+        body = _nested_stream_request(300)
+        after = http.post("/v1/chat/completions", data=body, headers=auth, buffered=True)
+        budget = next(iter(engine.registry.windows["budget"].values()))
+        slots = next(iter(engine.registry.concurrency.values()))
+        print("failed with", type(failed).__name__, "; then", after.status_code)
+        assert failed is not None and after.status_code == 200
+        assert (budget.reserved, slots.in_flight) == (0, 0)
+    finally:
+        shut_down_engines()
+
+
+# -- streams -------------------------------------------------------------------------------
+
+
+async def test_a_stream_answered_without_a_content_type_is_read_as_a_stream(
+    settings: BudgetSettings,
+) -> None:
+    """Starlette's `StreamingResponse(gen())` sends no content-type; the SDKs read the stream
+    all the same (they go by `stream: true`). It was read as JSON: the prompt alone."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 5000}
+    chunks = [chunk("hello " * 10) for _ in range(10)] + [chunk(None, usage), b"data: [DONE]\n\n"]
+    row = await charged(settings, [], chunks, STREAM_REQUEST)
+    assert (row.cost_nanos, row.streamed) == (cost(10, 5000), True)
+
+
+async def test_text_streamed_after_the_last_usage_counts_too(settings: BudgetSettings) -> None:
+    """A usage reported early (1 token so far), then 40,000 characters and `[DONE]`: the stream
+    was charged its 1 token. The text after it counts, estimated."""
+    chunks = [chunk("a", {"prompt_tokens": 10, "completion_tokens": 1})]
+    chunks += [chunk("word " * 200) for _ in range(40)] + [b"data: [DONE]\n\n"]
+    row = await charged(settings, SSE, chunks, STREAM_REQUEST)
+    assert (row.output_tokens, row.estimated) == ((40_001 + 3) // 4, True)
+    assert row.cost_nanos == cost(10, row.output_tokens)
+
+
+async def test_an_anthropic_count_is_never_lowered_by_a_later_event(
+    settings: BudgetSettings,
+) -> None:
+    """message_delta counts are cumulative: a gateway's `input_tokens: 0` there erased the
+    20,000 input tokens of message_start."""
+    start = {"id": "m", "type": "message", "role": "assistant", "content": []}
+    start["usage"] = {"input_tokens": 20_000, "output_tokens": 1}
+    delta = {"type": "text_delta", "text": "hi"}
+    chunks = [
+        event({"type": "message_start", "message": start}, "message_start"),
+        event({"type": "content_block_delta", "index": 0, "delta": delta}, "content_block_delta"),
+        event(
+            {"type": "message_delta", "usage": {"input_tokens": 0, "output_tokens": 50}},
+            "message_delta",
+        ),
+        event({"type": "message_stop"}, "message_stop"),
+    ]
+    request = {**STREAM_REQUEST, "stream_options": None}
+    row = await charged(settings, SSE, chunks, request)
+    assert (row.input_tokens, row.output_tokens, row.estimated) == (20_000, 50, False)
+
+
+async def test_a_stream_the_meter_gives_up_on_is_charged_its_most_output(
+    settings: BudgetSettings,
+) -> None:
+    """An "event" over 16 MiB is no SSE: the meter stops reading, and the usage after it is
+    never seen. It was charged its prompt alone; now the most its request allows."""
+    chunks = [b": " + b"p" * (1 << 20) for _ in range(17)] + [b"\n\n"]
+    chunks += [chunk(None, {"prompt_tokens": 10, "completion_tokens": 5000}), b"data: [DONE]\n\n"]
+    row = await charged(settings, SSE, chunks, STREAM_REQUEST)
+    assert (row.output_tokens, row.estimated) == (100, True)  # its max_tokens
+    assert row.note == "an event over 16 MiB: the stream was not read on: charged its most output"
+
+
+# -- JSON answers --------------------------------------------------------------------------
+
+
+async def test_a_usage_key_written_with_an_escape_is_read(settings: BudgetSettings) -> None:
+    """`"\\u0075sage"` is `usage` to every JSON reader, the client's included."""
+    body = (
+        b'{"choices": [{"message": {"role": "assistant", "content": "42"}}],'
+        b' "\\u0075sage": {"prompt_tokens": 10, "completion_tokens": 50000}}'
+    )
+    assert json.loads(body)["usage"]["completion_tokens"] == 50_000
+    row = await charged(settings, JSON, [body])
+    assert (row.cost_nanos, row.estimated) == (cost(10, 50_000), False)
+
+
+async def test_a_huge_answer_without_usage_is_charged_every_byte_it_answered(
+    settings: BudgetSettings,
+) -> None:
+    """Of an answer over 2 MiB only the last MiB is kept (its usage sits at the end); with no
+    usage, the estimate counted the text of that tail, which is no JSON on its own: 0."""
+    text = "z" * (3 * 1024 * 1024)
+    body = json.dumps({"choices": [{"message": {"content": text}}]}).encode()
+    chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+    row = await charged(settings, JSON, chunks)
+    assert row.estimated and row.output_tokens == (len(body) + 3) // 4
+
+
+async def test_a_tool_input_without_usage_counts_as_the_json_the_model_wrote(
+    settings: BudgetSettings,
+) -> None:
+    """Inside a tool's input, keys named like ids and kinds are the model's text too."""
+    tool_input = {"name": "n" * 2000, "status": "s" * 1000, "values": list(range(1000, 1200))}
+    block = {"type": "tool_use", "id": "tu_1", "name": "create_user", "input": tool_input}
+    body = json.dumps({"id": "msg_1", "type": "message", "content": [block]}).encode()
+    row = await charged(settings, JSON, [body])
+    written = len(json.dumps(tool_input, separators=(",", ":")))
+    assert (row.output_tokens, row.estimated) == ((written + 3) // 4, True)
+
+
+@pytest.mark.parametrize("told", ["-1", "-0.5", "nan", "1e400", "0x10", "free"])
+async def test_a_cost_header_that_is_no_amount_leaves_the_cost_to_the_usage(
+    settings: BudgetSettings, told: str
+) -> None:
+    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
+    headers = [*JSON, (b"x-budget-cost", told.encode())]
+    row = await charged(settings, headers, [body.encode()])
+    assert (row.cost_nanos, row.cost_source) == (cost(10, 5), "pricing_file")
