@@ -86,13 +86,20 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_guards.py",
         "tests/test_hierarchy.py",
     ),
-    "sse.py": ("tests/test_sse.py", "tests/test_guards.py", "tests/test_streaming.py"),
+    "sse.py": (
+        "tests/test_sse.py",
+        "tests/test_guards.py",
+        "tests/test_streaming.py",
+        "tests/test_answers.py",
+    ),
     "times.py": ("tests/test_durations.py", "tests/test_counters.py", "tests/test_store.py"),
     "usage.py": (
         "tests/test_usage.py",
         "tests/test_sse.py",
         "tests/test_guards.py",
         "tests/test_pricing.py",
+        "tests/test_answers.py",
+        "tests/test_costs.py",
     ),
     "windows.py": ("tests/test_counters.py", "tests/test_admission.py", "tests/test_guards.py"),
 }

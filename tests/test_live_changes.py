@@ -6,13 +6,14 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
+from sqlmodel import select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, create_admin_app
 from budget_middleware.core.times import utc
@@ -441,3 +442,122 @@ async def test_a_calendar_budget_reset_midway_reads_as_the_window_it_counts_in(
     print(f"reset at ~{before.isoformat()}: answer {out.last_reset}, read {read.last_reset_at}")
     for budget in (out, read):
         assert utc(budget.last_reset) >= before and utc(budget.last_reset_at) >= before
+
+
+def _a_minute_before_midnight() -> datetime:
+    """The start of a rolling day that began a minute before today's midnight (UTC)."""
+    now = datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if now - midnight > timedelta(hours=23, minutes=50):
+        pytest.skip("too close to midnight UTC: the rolling day would end during the test")
+    return midnight - timedelta(seconds=60)
+
+
+async def _statuses(http: httpx.AsyncClient, auth: dict[str, str], n: int) -> list[int]:
+    return [
+        (await http.post("/v1/chat/completions", json=chat(), headers=auth)).status_code
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("change", ["calendar", "owner calendar", "duration", "unwritten"])
+async def test_new_terms_for_a_budget_keep_what_its_window_holds(
+    make_settings: Settings, change: str
+) -> None:
+    """A $0.05 rolling day that began a minute before midnight, spent today; then its terms
+    change (its id kept): made calendar-aligned, by itself or with its owner, or 12-hourly, its
+    spend written or not yet. Changing a limit never resets its usage (SPEC §9): the store
+    moved its window to the one that holds now under the new terms and kept the usage, so no
+    sweep, re-read or new instance frees it (5 of 5 more were admitted after a sweep)."""
+    from budget_middleware.store.tables import BudgetRow
+
+    app, gate, _ = gated_app(make_settings())
+    gate.set()  # every request answers at once
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        daily = [{"max_limit": 0.05, "reset_duration": "1d"}]
+        if change == "owner calendar":
+            team = m.create_team(name="t", budgets=daily)
+            key = m.create_virtual_key(name="k", team_id=team.id)
+            budget_id = team.budgets[0].id
+        else:
+            key = m.create_virtual_key(name="k", budgets=daily)
+            budget_id = key.budgets[0].id
+        with engine.store.session() as s:
+            row = s.get(BudgetRow, budget_id)
+            assert row is not None
+            row.last_reset = _a_minute_before_midnight()
+            s.add(row)
+            s.commit()
+        await engine.invalidate()
+        auth = {"authorization": f"Bearer {key.value}"}
+        spent = await _statuses(http, auth, 6)
+        if change != "unwritten":
+            await engine.flush()
+        if change == "owner calendar":
+            m.update_team(team.id, calendar_aligned=True)
+        else:
+            terms = {"reset_duration": "12h"} if change == "duration" else daily[0]
+            aligned = change != "duration"
+            m.update_virtual_key(
+                key.id,
+                budgets=[{"id": budget_id, **daily[0], **terms, "calendar_aligned": aligned}],
+            )
+        right_after = await _statuses(http, auth, 1)
+        await engine.flush()
+        await engine.sweep()
+        await engine.counters.refresh()
+        later = await _statuses(http, auth, 3)
+        await engine.flush()
+        stored = m.get_budget(budget_id)
+    fresh, gate, _ = gated_app(make_settings(cache_ttl_seconds=4.5))  # an engine of its own
+    gate.set()
+    async with running(fresh), client(fresh) as http:
+        on_a_new_instance = await _statuses(http, auth, 2)
+    print(
+        f"{change}: {spent}, then {right_after}, after a sweep and a re-read {later}, on a new "
+        f"instance {on_a_new_instance}; stored ${stored.current_usage:.2f} from {stored.last_reset}"
+    )
+    assert spent == [200] * 5 + [402]
+    assert right_after + later + on_a_new_instance == [402] * 6
+    assert stored.current_usage == pytest.approx(0.05)
+    assert stored.last_reset > _a_minute_before_midnight()  # the window holding now
+
+
+async def test_a_new_rate_window_keeps_what_the_current_one_counted(
+    make_settings: Settings,
+) -> None:
+    """3 requests an hour, the hour begun 50 minutes ago and used up; then the window made
+    half an hour: the 3 requests are in it as far as anyone knows (SPEC §9), so the limit
+    holds after a sweep and a re-read, and on a new instance (3 more were admitted)."""
+    from budget_middleware.store.tables import RateLimitRow
+
+    app, gate, _ = gated_app(make_settings())
+    gate.set()
+    engine = engine_of(app)
+    rate = {"request_max_limit": 3, "request_reset_duration": "1h"}
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(name="k", rate_limit=rate)
+        with engine.store.session() as s:
+            row = s.exec(select(RateLimitRow)).one()
+            row.request_last_reset = datetime.now(UTC) - timedelta(minutes=50)
+            s.add(row)
+            s.commit()
+        await engine.invalidate()
+        auth = {"authorization": f"Bearer {key.value}"}
+        spent = await _statuses(http, auth, 4)
+        await engine.flush()
+        m.update_virtual_key(key.id, rate_limit={**rate, "request_reset_duration": "30m"})
+        later = await _statuses(http, auth, 1)
+        await engine.sweep()
+        await engine.counters.refresh()
+        later += await _statuses(http, auth, 1)
+    fresh, gate, _ = gated_app(make_settings(cache_ttl_seconds=4.5))  # an engine of its own
+    gate.set()
+    async with running(fresh), client(fresh) as http:
+        on_a_new_instance = await _statuses(http, auth, 2)
+    print(f"{spent}, then {later}, on a new instance {on_a_new_instance}")
+    assert spent == [200] * 3 + [429]
+    assert later + on_a_new_instance == [429] * 4

@@ -1317,3 +1317,122 @@ async def test_a_call_asks_the_provider_only_for_codings_whose_usage_can_be_read
     assert seen == [("/v1/chat/completions", "gzip"), ("/v1/models", "br, gzip, zstd")]
     assert other.status_code == 200
     assert rows == [("completed", 10 * 2500 + 2 * 10_000, 0)]
+
+
+@pytest.mark.parametrize("failure", ["WriteTimeout", "WriteError", "LocalProtocolError"])
+async def test_a_call_never_all_written_costs_nothing_however_often_it_is_retried(
+    engine: BudgetEngine, failure: str
+) -> None:
+    """A request whose body could not be written (a write that timed out or failed), or that
+    httpx refused to send: the provider never had it, so it bills nothing. Each of the SDK's
+    attempts was charged the prompt ($0.1667 for ~67k tokens, three times)."""
+    attempts: list[int] = []
+
+    class Failing(httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            attempts.append(1)
+            raise getattr(httpx2, failure)("the request body could not be written")
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        max_retries=2,
+        http_client=httpx2.AsyncClient(transport=BudgetTransport(Failing(), engine=engine)),
+    )
+    prompt = [{"role": "user", "content": "word " * 40_000}]
+    with charge_to(virtual_key=key.value), pytest.raises(openai.APIError):
+        await sdk.chat.completions.create(model="gpt-4o", messages=prompt)
+    await engine.flush()
+    rows = _costs(engine)
+    print(f"{failure}: {len(attempts)} attempts, recorded {rows}")
+    assert len(attempts) == 3 and rows == [("upstream_error", 0, 0)] * 3
+
+
+def test_charge_to_left_in_another_context_warns_and_changes_nothing() -> None:
+    """FastAPI runs a plain `def` dependency's two halves in two threads, each with a copy of
+    the request's context: leaving `charge_to` there raised IndexError (the request answered
+    500 after its calls were made). It now says why it had no effect."""
+    import contextvars
+
+    from budget_middleware.outbound.payer import payer
+
+    chosen = charge_to(virtual_key_id="key-1")
+    contextvars.copy_context().run(chosen.__enter__)
+    with pytest.warns(RuntimeWarning, match="another context"):
+        contextvars.copy_context().run(chosen.__exit__, None, None, None)
+    assert payer.get() is None
+
+
+_MIXED_LOOPS = """
+import asyncio, json, sys, threading, time
+import httpx2
+from budget_middleware import BudgetSettings, BudgetSyncTransport, BudgetTransport, charge_to
+from budget_middleware import get_engine
+
+sys.setswitchinterval(1e-6)  # threads switch as often as they can: the race, if there is one
+lock, in_flight, most = threading.Lock(), [0], [0]
+
+def provider(request):
+    with lock:
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+    time.sleep(0.0005)
+    with lock:
+        in_flight[0] -= 1
+    usage = {"prompt_tokens": 10, "completion_tokens": 1}
+    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
+
+settings = BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600)
+engine = get_engine(settings)
+key = engine.manager.create_virtual_key(
+    name="k", budgets=[{"max_limit": 1000}], rate_limit={"max_concurrent_requests": 1}
+)
+URL = "https://api.openai.com/v1/chat/completions"
+BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider), settings))
+with charge_to(virtual_key_id=key.id):
+    sync.post(URL, json=BODY)  # the engine starts on the background loop
+
+def sync_calls():
+    with charge_to(virtual_key_id=key.id):
+        for _ in range(150):
+            sync.post(URL, json=BODY)
+
+def async_calls():  # a view calling the async SDK through `asyncio.run`
+    async def job():
+        transport = BudgetTransport(httpx2.MockTransport(provider), settings)
+        client = httpx2.AsyncClient(transport=transport)
+        with charge_to(virtual_key_id=key.id):
+            for _ in range(150):
+                await client.post(URL, json=BODY)
+    asyncio.run(job())
+
+threads = [threading.Thread(target=f) for f in (sync_calls, sync_calls, async_calls, async_calls)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+slots = engine.registry.concurrency[next(iter(engine.registry.concurrency))]
+print(json.dumps({"most_in_flight": most[0], "held_after": slots.in_flight}))
+"""
+
+
+def test_async_calls_on_a_loop_of_their_own_share_the_engine_s_admission(tmp_path: Path) -> None:
+    """The engine on the background loop (a sync transport's, a WSGI app's), and threads that
+    call through `BudgetTransport` on loops of their own: they were admitted on their own loop,
+    beside the engine's, and two calls passed a one-at-a-time limit together (5 runs of 6).
+    They are admitted and settled on the engine's loop now. Three runs of 601 calls."""
+    script = tmp_path / "mixed.py"
+    script.write_text(_MIXED_LOOPS)
+    seen = []
+    for run in range(3):
+        url = f"sqlite:///{tmp_path / f'mixed{run}.db'}"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        out = subprocess.run(
+            [sys.executable, str(script), url], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        seen.append(json.loads(out.stdout.splitlines()[-1]))
+    print("calls in flight at the provider at most, and slots held after, per run:", seen)
+    assert seen == [{"most_in_flight": 1, "held_after": 0}] * 3

@@ -496,9 +496,22 @@ def test_the_text_an_answer_generated_is_counted_without_its_ids_and_kinds() -> 
         "system_fingerprint": "fp_" + "f" * 20,
     }
     assert answered_chars(json.dumps(answer).encode()) == 4
-    nested: object = "deep"
-    for _ in range(40):
-        nested = [nested]
-    assert answered_chars(json.dumps({"content": nested}).encode()) == 0  # bounded
-    assert answered_chars(json.dumps({"content": [[["deep"]]]}).encode()) == 4
     assert answered_chars(b"plain text") == answered_chars(b"[1, 2]") == 0
+
+
+def _nested(text: str, levels: int) -> object:
+    value: object = text
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_the_text_of_an_answer_is_counted_32_levels_deep_and_no_deeper() -> None:
+    """Nesting is bounded (a body is the upstream's): text inside 32 lists counts, inside 33 not;
+    a tool input deeper than orjson writes counts nothing (its strings are text all the same)."""
+    assert answered_chars(json.dumps({"content": _nested("deep", 32)}).encode()) == 4
+    assert answered_chars(json.dumps({"content": _nested("deep", 33)}).encode()) == 0
+    deep_input = {"content": [{"type": "tool_use", "input": {"a": _nested("x", 300)}}]}
+    shallow = {"content": [{"type": "tool_use", "input": {"a": "x"}}]}
+    assert answered_chars(json.dumps(deep_input).encode()) == 0
+    assert answered_chars(json.dumps(shallow).encode()) == len('{"a":"x"}')

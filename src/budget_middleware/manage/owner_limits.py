@@ -20,8 +20,10 @@ from sqlmodel import Session, col, delete, select
 
 from budget_middleware.core.money import limit_nanos
 from budget_middleware.core.scopes import model_name_problem
+from budget_middleware.core.times import utc
 from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
 from budget_middleware.manage.schemas import BudgetIn, RateLimitIn, _Limits
+from budget_middleware.manage.status import current_window
 from budget_middleware.settings import BudgetSettings
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import BudgetRow, RateLimitRow, utcnow
@@ -109,6 +111,7 @@ def write_limits(
         write_budgets(s, owner_type, owner_id, budgets, calendar_aligned, origin)
     elif realign:
         for row in owner_budgets(s, owner_type, owner_id):
+            _new_terms(row, "", row.reset_duration, calendar_aligned)
             row.calendar_aligned = calendar_aligned
             s.add(row)
     if body.touches_rate_limit():
@@ -172,14 +175,38 @@ def _write_budget(
     created = row is None
     if row is None:
         row = BudgetRow(owner_type=owner_type, owner_id=owner_id, max_limit_nanos=0)
+    aligned = budget.calendar_aligned
+    aligned = calendar_aligned if aligned is None else aligned
+    if not created:
+        _new_terms(row, "", budget.reset_duration, aligned)
     row.max_limit_nanos = limit_nanos(budget.max_limit)
     row.reset_duration = budget.reset_duration
-    aligned = budget.calendar_aligned
-    row.calendar_aligned = calendar_aligned if aligned is None else aligned
+    row.calendar_aligned = aligned
     row.soft = budget.soft
     row.alert_thresholds = budget.alert_thresholds
     origin.part(budget.model_dump(exclude={"id"})).stamp(row, created=created)
     s.add(row)
+
+
+def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> None:
+    """A stored window whose terms change (its duration, its calendar alignment): changing a
+    limit never resets its usage (SPEC §9). What the window holds now carries over to the window
+    that holds now under the new terms, which starts no earlier than the stored one (so every
+    reader, sweep and instance takes that usage as current): a limit may tighten by what was
+    spent before that window began, never lift. A stored window that had ended holds nothing.
+    `prefix`: "" for a budget, "request_" or "token_" for a rate limit's windows."""
+    old_duration = getattr(row, f"{prefix}reset_duration")
+    old_aligned = bool(getattr(row, "calendar_aligned", False)) if not prefix else False
+    if (old_duration, old_aligned) == (duration, aligned):
+        return
+    usage_column = "current_usage_nanos" if not prefix else f"{prefix}current_usage"
+    anchor = utc(getattr(row, f"{prefix}last_reset"))
+    now = utcnow()
+    if current_window(old_duration, anchor, old_aligned, now)[0] > anchor:
+        setattr(row, usage_column, 0)  # that window had ended: what it held is not current
+    start = current_window(duration, anchor, aligned, now)[0]
+    if start > anchor:
+        setattr(row, f"{prefix}last_reset", start)
 
 
 def write_rate_limit(
@@ -193,6 +220,9 @@ def write_rate_limit(
     created = row is None
     if row is None:
         row = RateLimitRow(owner_type=owner_type, owner_id=owner_id)
+    else:
+        for kind in ("request", "token"):
+            _new_terms(row, f"{kind}_", getattr(rate, f"{kind}_reset_duration"), False)
     for name, value in rate.model_dump().items():
         setattr(row, name, value)
     origin.part(rate.model_dump()).stamp(row, created=created)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
@@ -91,6 +92,18 @@ class charge_to:
         traceback: TracebackType | None,
     ) -> None:
         replaced = _replaced.get()
+        if not replaced:
+            # Left in another context than it was entered in: a FastAPI dependency written as
+            # a plain `def` with `yield` runs its two halves in two threads, each with a copy
+            # of the request's context (and the route in a third). It had no effect there.
+            warnings.warn(
+                "charge_to was left in another context than it was entered in, where it had no "
+                "effect (a FastAPI dependency that yields runs its halves in two threads): make "
+                "the dependency `async def`, or decorate the function that makes the calls",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
         payer.set(replaced[-1])
         _replaced.set(replaced[:-1])
 

@@ -17,13 +17,14 @@ atomic whatever the threads.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from time import perf_counter
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -48,6 +49,7 @@ from budget_middleware.outbound.hosts import HostTable
 from budget_middleware.outbound.payer import inbound_headers, noting, payer
 from budget_middleware.settings import BudgetSettings
 
+T = TypeVar("T")
 _UNKNOWN = "Unknown virtual key"
 _REWRITTEN = (b"content-length", b"content-encoding")  # not the rewritten body's
 _USUAL_ACCEPT = USUAL_ACCEPT.decode()
@@ -249,14 +251,25 @@ def _library(request: Any) -> ModuleType:
     return lib
 
 
-# Failures of a call the provider never received: the connection was never made.
-_NOT_SENT = ("ConnectError", "ConnectTimeout", "PoolTimeout", "UnsupportedProtocol", "ProxyError")
+# Failures of a call the provider never received whole: the connection was never made, or the
+# request was never all written (a write that timed out or failed, a request httpx refused to
+# send). The provider cannot answer a request it does not have: nothing to bill.
+_NOT_SENT = (
+    "ConnectError",
+    "ConnectTimeout",
+    "PoolTimeout",
+    "UnsupportedProtocol",
+    "ProxyError",
+    "WriteTimeout",
+    "WriteError",
+    "LocalProtocolError",
+)
 
 
 def _sent(lib: ModuleType, exc: BaseException) -> bool:
     """Whether a call that failed before its answer's headers reached the provider: anything
-    but a connection never made (a read timeout, a connection dropped, a cancelled wait). The
-    provider bills what it received: the prompt, at least."""
+    but a connection never made or a request never all written (a read timeout, a connection
+    dropped, a cancelled wait). The provider bills what it received: the prompt, at least."""
     return not any(isinstance(exc, getattr(lib, name)) for name in _NOT_SENT if hasattr(lib, name))
 
 
@@ -311,7 +324,18 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         body = meter.readable(request, await request.aread())
         if isinstance(body, ErrorAnswer):
             return meter.refused(lib, request, body)
-        admitted = await meter.admit(request, path, body)
+        loop = meter.engine.loop
+        if loop is None or loop is asyncio.get_running_loop() or not loop.is_running():
+            admitted = await meter.admit(request, path, body)
+        else:  # another thread's loop runs the engine: admitted there (`_there`)
+            chosen, inbound = payer.get(), inbound_headers.get()
+
+            async def admit() -> Exchange | ErrorAnswer:
+                payer.set(chosen)  # this task's context, on the engine's loop
+                inbound_headers.set(inbound)
+                return await meter.admit(request, path, body)
+
+            admitted = await _there(loop, admit())
         if type(admitted) is ErrorAnswer:
             return meter.refused(lib, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
@@ -319,13 +343,30 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
             response = await inner.handle_async_request(meter.outgoing(lib, request, exchange))
         except BaseException as exc:
             exchange.sent_unanswered = _sent(lib, exc)
-            await meter.settle(exchange, "upstream_error")
+            await _settled(meter, exchange, "upstream_error")
             raise
         return meter.metered_response(lib, request, response, exchange, _AsyncMetered)
 
     async def aclose(self) -> None:
         if self.transport is not None:
             await self.transport.aclose()
+
+
+async def _there(loop: asyncio.AbstractEventLoop, step: Coroutine[Any, Any, T]) -> T:
+    """`step` run on `loop`, which another thread runs: the engine's (a sync transport's or a
+    WSGI app's background loop, a server's), where every admission and settlement is one step
+    among its own. Run here, on a loop of its own (an async SDK called through `asyncio.run`
+    from a Flask view), two admissions could interleave and pass one limit together."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step, loop))
+
+
+async def _settled(meter: _Meter, exchange: Exchange, outcome: str) -> None:
+    """An async call settled where it was admitted (see `_there`)."""
+    loop = meter.engine.loop
+    if loop is None or loop is asyncio.get_running_loop() or not loop.is_running():
+        await meter.settle(exchange, outcome)
+    else:
+        await _there(loop, meter.settle(exchange, outcome))
 
 
 class _Metered:
@@ -408,7 +449,7 @@ class _AsyncMetered(_Metered):
     async def _settle(self) -> None:
         outcome = self._settling()
         if outcome is not None:
-            await self.meter.settle(self.exchange, outcome)
+            await _settled(self.meter, self.exchange, outcome)
 
 
 _STREAMS: dict[tuple[ModuleType, type], type] = {}
