@@ -207,7 +207,7 @@ async def test_an_anthropic_count_is_never_lowered_by_a_later_event(
     settings: BudgetSettings,
 ) -> None:
     """message_delta counts are cumulative: a gateway's `input_tokens: 0` there erased the
-    20,000 input tokens of message_start."""
+    20,000 input tokens of message_start (a null count beside it is no count)."""
     start = {"id": "m", "type": "message", "role": "assistant", "content": []}
     start["usage"] = {"input_tokens": 20_000, "output_tokens": 1}
     delta = {"type": "text_delta", "text": "hi"}
@@ -215,7 +215,10 @@ async def test_an_anthropic_count_is_never_lowered_by_a_later_event(
         event({"type": "message_start", "message": start}, "message_start"),
         event({"type": "content_block_delta", "index": 0, "delta": delta}, "content_block_delta"),
         event(
-            {"type": "message_delta", "usage": {"input_tokens": 0, "output_tokens": 50}},
+            {
+                "type": "message_delta",
+                "usage": {"cache_read_input_tokens": None, "input_tokens": 0, "output_tokens": 50},
+            },
             "message_delta",
         ),
         event({"type": "message_stop"}, "message_stop"),
@@ -225,14 +228,18 @@ async def test_an_anthropic_count_is_never_lowered_by_a_later_event(
     assert (row.input_tokens, row.output_tokens, row.estimated) == (20_000, 50, False)
 
 
+@pytest.mark.parametrize("usage", ["asked by the client", "asked by the middleware"])
 async def test_a_stream_the_meter_gives_up_on_is_charged_its_most_output(
-    settings: BudgetSettings,
+    settings: BudgetSettings, usage: str
 ) -> None:
     """An "event" over 16 MiB is no SSE: the meter stops reading, and the usage after it is
     never seen. It was charged its prompt alone; now the most its request allows."""
     chunks = [b": " + b"p" * (1 << 20) for _ in range(17)] + [b"\n\n"]
     chunks += [chunk(None, {"prompt_tokens": 10, "completion_tokens": 5000}), b"data: [DONE]\n\n"]
-    row = await charged(settings, SSE, chunks, STREAM_REQUEST)
+    request = STREAM_REQUEST if usage == "asked by the client" else {**STREAM_REQUEST}
+    if usage == "asked by the middleware":
+        del request["stream_options"]
+    row = await charged(settings, SSE, chunks, request)
     assert (row.output_tokens, row.estimated) == (100, True)  # its max_tokens
     assert row.note == "an event over 16 MiB: the stream was not read on: charged its most output"
 

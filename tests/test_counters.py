@@ -803,3 +803,20 @@ def test_confirming_nothing_that_was_never_taken_leaves_nothing() -> None:
     ledger = CounterRegistry().ledger
     ledger.confirmed("budget", "z", T0, 0)
     assert ledger.unconfirmed == {}
+
+
+def test_the_window_before_is_where_a_reset_elsewhere_would_roll_past() -> None:
+    """`Delta.ended_from`: a rolling series' window before (a window reset elsewhere within it
+    runs past the next start); the start itself where any older window has ended: the first
+    window, a calendar-aligned one (reset midway, it ends at the boundary), one that never ends."""
+    registry = CounterRegistry()
+    rolling = window(registry, "budget", "rolling", now=T0 + 150 * MINUTE)
+    assert rolling.window_before(T0 + 2 * HOUR) == T0 + HOUR
+    assert rolling.window_before(T0 + HOUR) == T0
+    assert rolling.window_before(T0) == T0
+    months = window(registry, "budget", "months", duration="1mo", now=T0 + 40 * DAY)
+    assert months.window_before(months.start) == T0  # a month back, whatever its length
+    daily = window(registry, "budget", "daily", duration="1d", calendar_aligned=True, now=T0 + DAY)
+    assert daily.window_before(daily.start) == daily.start
+    forever = window(registry, "budget", "forever", duration=None, now=T0 + DAY)
+    assert forever.window_before(T0 + DAY) == T0 + DAY

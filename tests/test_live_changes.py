@@ -561,3 +561,55 @@ async def test_a_new_rate_window_keeps_what_the_current_one_counted(
     print(f"{spent}, then {later}, on a new instance {on_a_new_instance}")
     assert spent == [200] * 3 + [429]
     assert later + on_a_new_instance == [429] * 4
+
+
+async def test_a_reset_elsewhere_is_not_undone_by_the_old_window_ending(
+    make_settings: Settings,
+) -> None:
+    """Two instances on one store, no Redis. A resets a $0.10 hourly budget 3 s before the hour
+    ends and charges $0.05; B, which has not read the budget since (its cache TTL is 5 s),
+    rolls into its next hour on the old schedule and charges $0.01. The store took B's charge
+    as the start of a new window and forgot A's $0.05 (A then admitted 9 of 10 more: $0.15
+    since the reset). The reset's window goes on past B's hour: B's charge is added to it."""
+    from budget_middleware.engine.engine import BudgetEngine
+    from support import Clock
+
+    clock = Clock()
+    url = make_settings().database_url  # SQLite, and PostgreSQL
+
+    def instance() -> tuple[Any, BudgetEngine]:  # the mock upstream: $0.01 a request, as asked
+        settings = BudgetSettings(
+            database_url=url, flush_interval_seconds=3600, cache_ttl_seconds=5
+        )
+        engine = BudgetEngine(settings, clock=clock)
+        app = host_app(None)
+        app.add_middleware(BudgetMiddleware, engine=engine)
+        return app, engine
+
+    (app_a, a), (app_b, b) = instance(), instance()
+    async with running(app_a), running(app_b), client(app_a) as one, client(app_b) as two:
+        key = a.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 0.10, "reset_duration": "1h"}]
+        )
+        budget_id = key.budgets[0].id
+        auth = {"authorization": f"Bearer {key.value}", "x-mock-header-cost": "0.01"}
+        first = await _statuses(one, auth, 1) + await _statuses(two, auth, 1)
+        await a.flush()
+        await b.flush()
+        clock.advance(3597)  # the hour ends in 3 s
+        a.manager.reset_budget(budget_id)  # a new hour from now, on A and in the store
+        since = await _statuses(one, auth, 5)
+        await a.flush()
+        clock.advance(4)  # B's old hour has ended; B has not read the budget again
+        since += await _statuses(two, auth, 1)
+        await b.flush()
+        stored = a.manager.get_budget(budget_id)
+        await a.counters.refresh()
+        more = await _statuses(one, auth, 10)
+    print(
+        f"{first}, since the reset {since}: stored ${stored.current_usage:.2f} from "
+        f"{stored.last_reset}; then A admitted {more.count(200)} of 10 more"
+    )
+    assert first + since == [200] * 8
+    assert stored.current_usage == pytest.approx(0.06)
+    assert more == [200] * 4 + [402] * 6

@@ -37,7 +37,11 @@ class UsageRecord(NamedTuple):
 @dataclass(slots=True)
 class Delta:
     """A charge to one counter's window, as the flusher writes it: `current += amount` when the
-    stored window is this one, a new window when the stored one is older, nothing when newer."""
+    stored window is this one, a new window when the stored one has ended, nothing when it
+    began after `window_end` (a reset since). The stored one has ended when it began before
+    `window_start` and no later than `ended_from`: the start of the window before in a rolling
+    series, since a window reset elsewhere within that one rolls on from the reset, past
+    `window_start` (the instance that wrote this had not read the reset yet)."""
 
     kind: str  # budget, request, token
     id: str
@@ -45,3 +49,4 @@ class Delta:
     window_end: datetime
     amount: int
     start_ts: float = 0.0  # window_start as the live counter holds it (epoch seconds)
+    ended_from: datetime | None = None  # None: `window_start` (any older window has ended)

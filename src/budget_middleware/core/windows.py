@@ -163,6 +163,15 @@ class WindowCounter:
             first = self.anchor
         return _shared_float(first), _shared_float(last)
 
+    def window_before(self, start: float) -> float:
+        """Where the window before the one beginning at `start` began, as this counter's terms
+        have it: a stored window that began after it (a reset made elsewhere within it) rolls
+        on past `start` (`Delta.ended_from`). `start` itself for a calendar-aligned window (one
+        reset midway ends at the calendar's boundary), a window that never ends, or the first."""
+        if self.duration is None or self.calendar_aligned or start <= self.anchor:
+            return start
+        return self._window_at(start - 0.001)[0]
+
     def window_end(self, start: float) -> float:
         """Where the window that contains `start` ends, as this counter's limit has it now."""
         return self._window_at(start)[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
@@ -125,7 +126,13 @@ class CounterBackend(ABC):
         ledger = self.ledger
         deltas = [
             Delta(
-                kind, id_, from_ts(start), from_ts(_end_of(kind, id_, start, self)), amount, start
+                kind,
+                id_,
+                from_ts(start),
+                from_ts(_end_of(kind, id_, start, self)),
+                amount,
+                start,
+                _ended_from(kind, id_, start, self),
             )
             for kind, id_, start, amount in ledger.sealed
         ]
@@ -139,14 +146,16 @@ class CounterBackend(ABC):
                 end = counter.end if counter.pending_start == counter.start else FAR_FUTURE
                 if counter.pending_start < now < end:
                     end = now
+                start = counter.pending_start
                 deltas.append(
                     Delta(
                         counter.kind,
                         counter.id,
-                        from_ts(counter.pending_start),
+                        from_ts(start),
                         from_ts(end),
                         counter.pending,
-                        counter.pending_start,
+                        start,
+                        from_ts(counter.window_before(start)),
                     )
                 )
                 counter.pending = 0
@@ -164,6 +173,12 @@ def _end_of(kind: str, id_: str, start: float, backend: CounterBackend) -> float
     if counter is not None and counter.start > start:
         return min(counter.start, counter.window_end(start))
     return FAR_FUTURE
+
+
+def _ended_from(kind: str, id_: str, start: float, backend: CounterBackend) -> datetime | None:
+    """`Delta.ended_from` of a sealed window, from its counter (None without one)."""
+    counter: WindowCounter | None = backend.registry.counter(kind, id_)
+    return None if counter is None else from_ts(counter.window_before(start))
 
 
 class MemoryCounters(CounterBackend):

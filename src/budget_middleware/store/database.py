@@ -365,7 +365,7 @@ _COUNTER_COLUMNS = {
     "request": (RateLimitRow.__tablename__, "request_current_usage", "request_last_reset"),
     "token": (RateLimitRow.__tablename__, "token_current_usage", "token_last_reset"),
 }
-_DELTAS_PER_UPDATE = 2000  # x 4 parameters: under SQLite's 32,766
+_DELTAS_PER_UPDATE = 2000  # x 5 parameters: under SQLite's 32,766
 
 
 @functools.cache
@@ -377,17 +377,17 @@ def _delta_sql(dialect: str, kind: str, rows: int) -> str:
     the placeholders of a long statement in Python on every call)."""
     table, usage, reset = _COUNTER_COLUMNS[kind]
     if dialect == "sqlite":
-        source = f"d(id, s, e, amount) AS (VALUES {', '.join(['(?, ?, ?, ?)'] * rows)})"
+        source = f"d(id, s, e, p, amount) AS (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * rows)})"
     else:
         source = (
             "d AS (SELECT * FROM json_to_recordset(%s::json) "
-            "AS x(id text, s timestamptz, e timestamptz, amount bigint))"
+            "AS x(id text, s timestamptz, e timestamptz, p timestamptz, amount bigint))"
         )
+    ended = f"{table}.{reset} < d.s AND {table}.{reset} <= d.p"  # `Delta.ended_from`
     return (
         f"WITH {source} UPDATE {table} SET "
-        f"{usage} = CASE WHEN {table}.{reset} < d.s THEN d.amount "
-        f"ELSE {table}.{usage} + d.amount END, "
-        f"{reset} = CASE WHEN {table}.{reset} < d.s THEN d.s ELSE {table}.{reset} END "
+        f"{usage} = CASE WHEN {ended} THEN d.amount ELSE {table}.{usage} + d.amount END, "
+        f"{reset} = CASE WHEN {ended} THEN d.s ELSE {table}.{reset} END "
         f"FROM d WHERE {table}.id = d.id AND {table}.{reset} < d.e"
     )
 
@@ -418,6 +418,7 @@ def _apply_deltas(conn: Any, deltas: Sequence[Delta]) -> None:
                             "id": d.id,
                             "s": d.window_start.isoformat(),
                             "e": d.window_end.isoformat(),
+                            "p": (d.ended_from or d.window_start).isoformat(),
                             "amount": d.amount,
                         }
                         for d in rows
@@ -436,7 +437,11 @@ def _apply_deltas(conn: Any, deltas: Sequence[Delta]) -> None:
                     end = texts.get(d.window_end)
                     if end is None:
                         end = texts[d.window_end] = _sqlite_time(d.window_end)
-                    params += (d.id, begin, end, d.amount)
+                    before = d.ended_from or d.window_start
+                    ended = texts.get(before)
+                    if ended is None:
+                        ended = texts[before] = _sqlite_time(before)
+                    params += (d.id, begin, end, ended, d.amount)
                 conn.exec_driver_sql(_delta_sql(dialect, kind, len(chunk)), tuple(params))
 
 
