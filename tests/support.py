@@ -122,3 +122,10 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
+
+
+async def serve_lifespan(receive: Any, send: Any) -> None:
+    """A raw ASGI app's lifespan: started, then shut down when the server asks."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})

@@ -7,6 +7,7 @@ Prices: gpt-4o at $1 a million input tokens and $10 a million output tokens (the
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.portal import shut_down_engines
 from budget_middleware.store.tables import UsageRecordRow
 from budget_middleware.wsgi import BudgetWSGIMiddleware
-from support import running
+from support import running, serve_lifespan
 
 Settings = Callable[..., BudgetSettings]
 Header = tuple[bytes, bytes]
@@ -55,9 +56,7 @@ def answering(status: int, headers: list[Header], chunks: list[bytes]) -> Any:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await serve_lifespan(receive, send)
             return
         await receive()
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -290,3 +289,13 @@ async def test_a_cost_header_that_is_no_amount_leaves_the_cost_to_the_usage(
     headers = [*JSON, (b"x-budget-cost", told.encode())]
     row = await charged(settings, headers, [body.encode()])
     assert (row.cost_nanos, row.cost_source) == (cost(10, 5), "pricing_file")
+
+
+async def test_a_gzip_answer_in_two_members_is_read_whole(settings: BudgetSettings) -> None:
+    """A streaming compressor that flushes by member writes several; the usage was in the
+    second, which the meter dropped without a word: the prompt alone was charged."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 5000}
+    body = json.dumps({"choices": [{"message": {"content": "hi"}}], "usage": usage}).encode()
+    members = gzip.compress(body[:30]) + gzip.compress(body[30:])
+    row = await charged(settings, [*JSON, (b"content-encoding", b"gzip")], [members])
+    assert (row.cost_nanos, row.estimated) == (cost(10, 5000), False)

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError, get_engine
-from support import chat, client, engine_of, host_app, running
+from support import chat, client, engine_of, host_app, running, serve_lifespan
 
 Settings = Callable[..., BudgetSettings]
 
@@ -27,9 +27,7 @@ async def test_the_body_is_replayed_once_then_receive_is_the_real_one(
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await serve_lifespan(receive, send)
             return
         seen.append(await receive())
         seen.append(await receive())  # waiting for a disconnect, as a streaming app does

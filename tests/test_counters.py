@@ -814,6 +814,8 @@ def test_the_window_before_is_where_a_reset_elsewhere_would_roll_past() -> None:
     assert rolling.window_before(T0 + 2 * HOUR) == T0 + HOUR
     assert rolling.window_before(T0 + HOUR) == T0
     assert rolling.window_before(T0) == T0
+    seconds = window(registry, "request", "seconds", duration="1s", now=T0 + 5.5)
+    assert seconds.window_before(T0 + 5) == T0 + 4  # the window just before, however short
     months = window(registry, "budget", "months", duration="1mo", now=T0 + 40 * DAY)
     assert months.window_before(months.start) == T0  # a month back, whatever its length
     daily = window(registry, "budget", "daily", duration="1d", calendar_aligned=True, now=T0 + DAY)

@@ -515,3 +515,23 @@ def test_the_text_of_an_answer_is_counted_32_levels_deep_and_no_deeper() -> None
     shallow = {"content": [{"type": "tool_use", "input": {"a": "x"}}]}
     assert answered_chars(json.dumps(deep_input).encode()) == 0
     assert answered_chars(json.dumps(shallow).encode()) == len('{"a":"x"}')
+
+
+def test_a_gzip_body_in_several_members_is_decoded_whole_wherever_it_is_cut() -> None:
+    """RFC 1952 allows several members, and clients decode them all: the usage in the second
+    was never seen (the rest after the first member was dropped, no error). Bytes after the
+    last member that are no member are ignored, as urllib3 and curl ignore them; a member
+    cut short is a truncated body."""
+    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 50}})
+    raw = body.encode()
+    members = gzip.compress(raw[:30]) + gzip.compress(raw[30:]) + gzip.compress(b"")
+    for cut in range(len(members) + 1):
+        decoder = BodyDecoder("gzip")
+        out = decoder.feed(members[:cut]) + decoder.feed(members[cut:]) + decoder.flush()
+        assert (out, decoder.error) == (raw, None), cut
+    trailing = BodyDecoder("gzip")
+    assert trailing.decode(gzip.compress(raw) + b"\x00\x00") == raw
+    cut_short = BodyDecoder("gzip")
+    assert cut_short.decode(gzip.compress(raw) + gzip.compress(b"more")[:8]) is None
+    assert cut_short.error == "truncated gzip body"
+    assert usage_from_json(raw) == TokenUsage(10, 50)

@@ -245,6 +245,7 @@ def _json_chars(value: Any) -> int:
 
 
 _ZLIB_CODINGS: Final = frozenset({"gzip", "x-gzip", "deflate"})
+_GZIP_MAGIC: Final = b"\x1f\x8b"
 _MAX_DECODED: Final = 64 * 1024 * 1024
 _READABLE_CODINGS: Final = _ZLIB_CODINGS | {"identity"}
 USUAL_ACCEPT: Final = b"gzip, deflate"  # what httpx and requests send: nothing to narrow
@@ -323,6 +324,15 @@ class BodyDecoder:
             self._prefix += chunk
             if len(self._prefix) >= 2:
                 self._prefix = None
+        inflater = self._inflater
+        if inflater.eof and self._coding != "deflate":
+            rest = inflater.unused_data
+            if rest[:2] == _GZIP_MAGIC:  # gzip in several members (RFC 1952 2.2): the next one
+                self._inflater = zlib.decompressobj(wbits=47)
+                out = self._count(out)
+                return out + self.feed(rest) if self.error is None else b""
+            # Not a member (yet: its first byte alone, wait for the next), or trailing bytes
+            # that clients ignore, as urllib3 and curl do: so do we.
         return self._count(out)
 
     def flush(self) -> bytes:
