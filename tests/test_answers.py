@@ -299,3 +299,26 @@ async def test_a_gzip_answer_in_two_members_is_read_whole(settings: BudgetSettin
     members = gzip.compress(body[:30]) + gzip.compress(body[30:])
     row = await charged(settings, [*JSON, (b"content-encoding", b"gzip")], [members])
     assert (row.cost_nanos, row.estimated) == (cost(10, 5000), False)
+
+
+async def test_two_anthropic_messages_in_one_stream_are_both_charged(
+    settings: BudgetSettings,
+) -> None:
+    """An app that streams a tool loop's two turns as two Anthropic messages in one answer: the
+    second `message_start` cleared the first's usage (10,000 input and 500 output tokens)."""
+
+    def message(n: int) -> list[bytes]:
+        start = {"id": f"m{n}", "type": "message", "role": "assistant", "content": []}
+        start["usage"] = {"input_tokens": 10_000, "output_tokens": 1}
+        text = {"type": "text_delta", "text": "hi"}
+        return [
+            event({"type": "message_start", "message": start}, "message_start"),
+            event({"type": "content_block_delta", "index": 0, "delta": text}),
+            event({"type": "message_delta", "usage": {"output_tokens": 500}}, "message_delta"),
+            event({"type": "message_stop"}, "message_stop"),
+        ]
+
+    request = {**STREAM_REQUEST, "max_tokens": 1000, "stream_options": None}
+    row = await charged(settings, SSE, message(1) + message(2), request)
+    assert (row.input_tokens, row.output_tokens, row.estimated) == (20_000, 1000, False)
+    assert row.cost_nanos == 2 * cost(10_000, 500)

@@ -644,7 +644,10 @@ def test_odd_shapes_in_chunks_are_ignored_not_fatal() -> None:
     assert meter.completed is True
 
 
-def test_a_new_message_start_forgets_the_usage_fields_of_the_one_before() -> None:
+def test_a_new_message_start_counts_its_fields_apart_and_the_stream_sums_them() -> None:
+    """A stream of two messages (a tool loop's turns): each message's fields are its own (the
+    first's cache read is not the second's), and the stream costs both."""
+
     def event(body: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(body).encode() + b"\n\n"
 
@@ -653,7 +656,9 @@ def test_a_new_message_start_forgets_the_usage_fields_of_the_one_before() -> Non
     meter.feed(event({"type": "message_start", "message": {"model": "claude", "usage": first}}))
     assert meter.usage == TokenUsage(15, 0, 5, 0)
     meter.feed(event({"type": "message_start", "message": {"usage": {"input_tokens": 3}}}))
-    assert meter.usage == TokenUsage(3, 0, 0, 0)
+    assert meter.usage == TokenUsage(15 + 3, 0, 5, 0)
+    meter.feed(event({"type": "message_delta", "usage": {"output_tokens": 7}}))
+    assert meter.usage == TokenUsage(18, 7, 5, 0)
     assert meter.model == "claude"
 
 

@@ -221,6 +221,7 @@ class StreamMeter:
         "_anthropic",
         "_decoder",
         "_drop",
+        "_earlier",
         "_owe_lf",
         "completed",
         "gave_up",
@@ -240,6 +241,7 @@ class StreamMeter:
         self._drop = drop_usage_chunk
         self._decoder: SSEDecoder | None = SSEDecoder()  # None: gave up reading (see _MAX_PENDING)
         self._anthropic: dict[str, Any] = {}  # Anthropic usage fields so far, the last value wins
+        self._earlier: TokenUsage | None = None  # of the Anthropic messages before this one
         self._owe_lf = False  # a dropped event ended in CR: a LF right after it is part of it
 
     def feed(self, chunk: bytes) -> bytes:
@@ -355,7 +357,11 @@ class StreamMeter:
             message = body.get("message")
             if isinstance(message, dict):
                 self._see_model(message.get("model"))
-                self._anthropic.clear()
+                if self._anthropic:  # a message before this one in the stream (a tool loop's)
+                    done = usage_from_mapping(self._anthropic)
+                    if done is not None:
+                        self._earlier = _added(self._earlier, done)
+                    self._anthropic = {}
                 self._merge_anthropic(message.get("usage"))
         elif kind == "message_delta":
             self._merge_anthropic(body.get("usage"))
@@ -383,7 +389,10 @@ class StreamMeter:
                 if type(old) in _NUMBERS and type(value) in _NUMBERS and old > value:
                     continue
                 known[name] = value
-            self._take(usage_from_mapping(known))
+            usage = usage_from_mapping(known)
+            if usage is not None and self._earlier is not None:
+                usage = _added(self._earlier, usage)
+            self._take(usage)
 
     def _take(self, usage: TokenUsage | None) -> None:
         """A usage read: the best known from now on, with the text streamed so far."""
@@ -397,6 +406,20 @@ class StreamMeter:
 
 
 _NUMBERS: Final = (int, float)
+
+
+def _added(earlier: TokenUsage | None, usage: TokenUsage) -> TokenUsage:
+    """Two messages' usage together (one answer streams each turn of a tool loop as one)."""
+    if earlier is None:
+        return usage
+    costs = [c for c in (earlier.cost, usage.cost) if c is not None]
+    return TokenUsage(
+        earlier.input_tokens + usage.input_tokens,
+        earlier.output_tokens + usage.output_tokens,
+        earlier.cached_tokens + usage.cached_tokens,
+        earlier.cache_write_tokens + usage.cache_write_tokens,
+        sum(costs) if costs else None,
+    )
 
 
 def _line_ends(data: bytes | bytearray, pos: int) -> list[tuple[int, int]]:
