@@ -322,3 +322,67 @@ async def test_two_anthropic_messages_in_one_stream_are_both_charged(
     row = await charged(settings, SSE, message(1) + message(2), request)
     assert (row.input_tokens, row.output_tokens, row.estimated) == (20_000, 1000, False)
     assert row.cost_nanos == 2 * cost(10_000, 500)
+
+
+# -- found by the review of the fixes above -------------------------------------------------
+
+
+async def test_an_untyped_answer_that_is_json_is_read_as_json(settings: BudgetSettings) -> None:
+    """An app that answers JSON without a content-type (Starlette's `Response(body)`) to a
+    request that said `stream: true`: read as a stream (the rule for untyped streams above),
+    it was charged its prompt alone. Its first byte says JSON."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 5000}
+    body = json.dumps({"choices": [{"message": {"content": "x" * 20000}}], "usage": usage})
+    row = await charged(settings, [], [b"\n" + body.encode()], STREAM_REQUEST)
+    assert (row.cost_nanos, row.streamed, row.estimated) == (cost(10, 5000), False, False)
+
+
+@pytest.mark.parametrize("shape", ["anthropic", "usage on every chunk"])
+async def test_a_stream_given_up_on_after_its_first_usage_is_charged_its_most_output(
+    settings: BudgetSettings, shape: str
+) -> None:
+    """Anthropic reports usage in `message_start`, vLLM on every chunk: a stream given up on
+    after that was charged from its usage so far (1 output token), not its most output."""
+    big = [b": " + b"p" * (1 << 20) for _ in range(17)] + [b"\n\n"]
+    if shape == "anthropic":
+        start = {"id": "m", "type": "message", "role": "assistant", "content": []}
+        start["usage"] = {"input_tokens": 10, "output_tokens": 1}
+        late = event({"type": "message_delta", "usage": {"output_tokens": 5000}}, "message_delta")
+        chunks = [event({"type": "message_start", "message": start}, "message_start"), *big]
+        chunks += [late, event({"type": "message_stop"}, "message_stop")]
+        request = {**STREAM_REQUEST, "stream_options": None}
+    else:
+        chunks = [chunk("a", {"prompt_tokens": 10, "completion_tokens": 1}), *big]
+        chunks += [chunk(None, {"prompt_tokens": 10, "completion_tokens": 5000})]
+        request = STREAM_REQUEST
+    row = await charged(settings, SSE, chunks, request)
+    assert (row.input_tokens, row.output_tokens, row.estimated) == (10, 100, True)  # max_tokens
+
+
+async def test_a_second_anthropic_message_cut_short_is_charged_its_streamed_text(
+    settings: BudgetSettings,
+) -> None:
+    """The first turn complete (2,000 output tokens), the second cut after 4,000 characters:
+    the first's `message_stop` left the stream complete, and the second's text was lost in
+    the first's count (2,001 charged, not estimated)."""
+
+    def start(n: int) -> bytes:
+        message = {"id": f"m{n}", "type": "message", "role": "assistant", "content": []}
+        message["usage"] = {"input_tokens": 10, "output_tokens": 1}
+        return event({"type": "message_start", "message": message}, "message_start")
+
+    def text(value: str) -> bytes:
+        delta = {"type": "text_delta", "text": value}
+        return event({"type": "content_block_delta", "index": 0, "delta": delta})
+
+    chunks = [
+        start(1),
+        text("x" * 400),
+        event({"type": "message_delta", "usage": {"output_tokens": 2000}}, "message_delta"),
+        event({"type": "message_stop"}, "message_stop"),
+        start(2),
+        *[text("y" * 400) for _ in range(10)],
+    ]
+    request = {**STREAM_REQUEST, "max_tokens": 5000, "stream_options": None}
+    row = await charged(settings, SSE, chunks, request)
+    assert (row.input_tokens, row.output_tokens, row.estimated) == (20, 2000 + 1000, True)

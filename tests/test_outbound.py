@@ -1436,3 +1436,57 @@ def test_async_calls_on_a_loop_of_their_own_share_the_engine_s_admission(tmp_pat
         seen.append(json.loads(out.stdout.splitlines()[-1]))
     print("calls in flight at the provider at most, and slots held after, per run:", seen)
     assert seen == [{"most_in_flight": 1, "held_after": 0}] * 3
+
+
+def test_a_call_whose_caller_stops_waiting_for_admission_gives_its_slot_back(
+    make_settings: Settings,
+) -> None:
+    """The engine on the background loop, an async call on a loop of its own, cancelled (a
+    timeout) while the engine's loop is busy: the admission went through there, and nobody
+    settled it. Its slot and reservation were held for ever (every later call: 429)."""
+    import threading
+
+    from budget_middleware import BudgetSyncTransport, get_engine
+    from budget_middleware.engine.portal import shut_down_engines
+
+    url = "https://api.openai.com/v1/chat/completions"
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        usage = {"prompt_tokens": 10, "completion_tokens": 1}
+        return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
+
+    settings = make_settings(flush_interval_seconds=3600)
+    engine = get_engine(settings)
+    try:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1000}], rate_limit={"max_concurrent_requests": 1}
+        )
+        transport = BudgetSyncTransport(httpx2.MockTransport(provider), settings)
+        sync = httpx2.Client(transport=transport)
+        with charge_to(virtual_key_id=key.id):
+            assert sync.post(url, json=body).status_code == 200  # on the background loop
+        loop = engine.loop
+        assert loop is not None and loop.is_running()
+        busy = threading.Event()
+
+        async def call_and_give_up() -> None:
+            client = httpx2.AsyncClient(
+                transport=BudgetTransport(httpx2.MockTransport(provider), settings)
+            )
+            with charge_to(virtual_key_id=key.id):
+                loop.call_soon_threadsafe(busy.wait, 0.5)  # the engine's loop busy a moment
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(client.post(url, json=body), 0.1)
+
+        asyncio.run(call_and_give_up())
+        busy.set()
+        time.sleep(0.3)  # the engine's loop runs what it was given
+        slots = next(iter(engine.registry.concurrency.values()))
+        budget = next(iter(engine.registry.windows["budget"].values()))
+        with charge_to(virtual_key_id=key.id):
+            after = sync.post(url, json=body).status_code
+        print("held after the timeout:", slots.in_flight, budget.reserved, "; then", after)
+        assert (slots.in_flight, budget.reserved, after) == (0, 0, 200)
+    finally:
+        shut_down_engines()

@@ -223,6 +223,7 @@ class StreamMeter:
         "_drop",
         "_earlier",
         "_owe_lf",
+        "_text_start",
         "completed",
         "gave_up",
         "model",
@@ -242,6 +243,7 @@ class StreamMeter:
         self._decoder: SSEDecoder | None = SSEDecoder()  # None: gave up reading (see _MAX_PENDING)
         self._anthropic: dict[str, Any] = {}  # Anthropic usage fields so far, the last value wins
         self._earlier: TokenUsage | None = None  # of the Anthropic messages before this one
+        self._text_start = 0  # `text_chars` when the current Anthropic message began
         self._owe_lf = False  # a dropped event ended in CR: a LF right after it is part of it
 
     def feed(self, chunk: bytes) -> bytes:
@@ -362,6 +364,8 @@ class StreamMeter:
                     if done is not None:
                         self._earlier = _added(self._earlier, done)
                     self._anthropic = {}
+                    self.completed = False  # the answer goes on: this message has to end too
+                    self._text_start = self.text_chars
                 self._merge_anthropic(message.get("usage"))
         elif kind == "message_delta":
             self._merge_anthropic(body.get("usage"))
@@ -393,6 +397,12 @@ class StreamMeter:
             if usage is not None and self._earlier is not None:
                 usage = _added(self._earlier, usage)
             self._take(usage)
+
+    def streamed_output(self) -> int:
+        """The output tokens the streamed text shows at least, 4 characters a token: of the
+        current message's text, beside what the messages before it reported."""
+        earlier = 0 if self._earlier is None else self._earlier.output_tokens
+        return earlier + (self.text_chars - self._text_start + 3) // 4
 
     def _take(self, usage: TokenUsage | None) -> None:
         """A usage read: the best known from now on, with the text streamed so far."""

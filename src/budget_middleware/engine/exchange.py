@@ -47,6 +47,7 @@ _COST_AND_LENGTH = (COST_HEADER, b"content-length")
 # 32-bit. (Its charge is capped by `money.charge_nanos`.)
 MAX_TOKENS = 2**31 - 1
 _MAX_NOTE = 200  # the store's `note` column
+_JSON_STARTS = (b"{", b"[")  # an untyped answer that begins so is JSON, not an event stream
 
 logger = logging.getLogger("budget_middleware")
 _DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped answers, until they end
@@ -93,6 +94,7 @@ class Exchange:
     response_complete = False
     header_cost: int | None = None
     stream: StreamMeter | None = None
+    sniffing = False  # an untyped answer read as a stream until its first bytes say JSON
     json_parts: list[bytes] | None = None
     json_size = 0
     json_dropped = 0  # bytes of a huge JSON answer left out before its kept tail
@@ -212,8 +214,9 @@ class Exchange:
                 self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
         if not typed and self.target.stream:
             # A stream asked for and answered without a content-type (Starlette's
-            # `StreamingResponse(gen())`): the SDKs read it as the stream it is, and so do we.
-            event_stream = True
+            # `StreamingResponse(gen())`): the SDKs read it as the stream it is, and so do we,
+            # unless its first bytes say JSON (`on_chunk`).
+            event_stream = self.sniffing = True
         if event_stream:
             dropping = self.injected_usage and self.decoder is None
             self.stream = StreamMeter(drop_usage_chunk=dropping)
@@ -247,6 +250,12 @@ class Exchange:
             self.response_complete = True
         if self.unreadable is not None:
             return chunk
+        if self.sniffing and self.decoder is None:
+            head = chunk.lstrip()
+            if head:
+                self.sniffing = False
+                if head[:1] in _JSON_STARTS:  # JSON after all, untyped: read as JSON
+                    self.stream = None
         decoder = self.decoder
         stream = self.stream
         if decoder is None and stream is None:  # plain JSON: keep it (the tail of a huge one)
@@ -301,11 +310,20 @@ class Exchange:
             usage = stream.usage
             if usage is None:
                 return None
+            if stream.gave_up:  # not read on after an event over 16 MiB: the most it may cost
+                self.estimated = True
+                most = self.engine.gate.most_output(self.target)
+                return TokenUsage(
+                    usage.input_tokens or self.prompt_tokens,
+                    max(usage.output_tokens, stream.streamed_output(), most),
+                    usage.cached_tokens,
+                    usage.cache_write_tokens,
+                )
             if stream.completed:
                 if stream.text_chars == stream.text_at_usage:  # the usual end: usage last
                     return usage
                 # Text went on after the last usage the stream reported: it counts too.
-                streamed = (stream.text_chars + 3) // 4
+                streamed = stream.streamed_output()
                 if streamed <= usage.output_tokens:
                     return usage
                 self.estimated = True
@@ -318,7 +336,7 @@ class Exchange:
                 )
             # Cut before its end: Anthropic reported its input at the start, but the output so
             # far is only in the streamed text.
-            streamed = (stream.text_chars + 3) // 4
+            streamed = stream.streamed_output()
             self.estimated = True
             return TokenUsage(
                 usage.input_tokens or self.prompt_tokens,

@@ -18,6 +18,7 @@ atomic whatever the threads.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import sys
 import threading
@@ -335,7 +336,7 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
                 inbound_headers.set(inbound)
                 return await meter.admit(request, path, body)
 
-            admitted = await _there(loop, admit())
+            admitted = await _admitted_there(loop, admit(), meter)
         if type(admitted) is ErrorAnswer:
             return meter.refused(lib, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
@@ -356,8 +357,43 @@ async def _there(loop: asyncio.AbstractEventLoop, step: Coroutine[Any, Any, T]) 
     """`step` run on `loop`, which another thread runs: the engine's (a sync transport's or a
     WSGI app's background loop, a server's), where every admission and settlement is one step
     among its own. Run here, on a loop of its own (an async SDK called through `asyncio.run`
-    from a Flask view), two admissions could interleave and pass one limit together."""
-    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step, loop))
+    from a Flask view), two admissions could interleave and pass one limit together. A wait
+    cancelled here (a timeout) leaves the step to finish there: it is never cut in half."""
+    return await asyncio.shield(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step, loop)))
+
+
+_SETTLING: set[asyncio.Task[None]] = set()  # admissions settled for a caller that left
+
+
+async def _admitted_there(
+    loop: asyncio.AbstractEventLoop,
+    step: Coroutine[Any, Any, Exchange | ErrorAnswer],
+    meter: _Meter,
+) -> Exchange | ErrorAnswer:
+    """An admission made on the engine's loop (`_there`). Should the caller stop waiting for it
+    (cancelled, a timeout), the call is never sent: an admission that went through all the
+    same is settled there as a disconnect, at no cost, so its slot and reservation go back."""
+    future = asyncio.run_coroutine_threadsafe(step, loop)
+    try:
+        return await asyncio.shield(asyncio.wrap_future(future))
+    except asyncio.CancelledError:
+
+        def release(done: concurrent.futures.Future[Exchange | ErrorAnswer]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            admitted = done.result()
+            if type(admitted) is Exchange:  # settled on the engine's loop, from any thread
+                exchange: Exchange = admitted
+
+                def start() -> None:
+                    task = loop.create_task(meter.settle(exchange, "client_disconnected"))
+                    _SETTLING.add(task)  # held until done: a task is only weakly referenced
+                    task.add_done_callback(_SETTLING.discard)
+
+                loop.call_soon_threadsafe(start)
+
+        future.add_done_callback(release)
+        raise
 
 
 async def _settled(meter: _Meter, exchange: Exchange, outcome: str) -> None:
