@@ -386,3 +386,37 @@ async def test_a_second_anthropic_message_cut_short_is_charged_its_streamed_text
     request = {**STREAM_REQUEST, "max_tokens": 5000, "stream_options": None}
     row = await charged(settings, SSE, chunks, request)
     assert (row.input_tokens, row.output_tokens, row.estimated) == (20, 2000 + 1000, True)
+
+
+async def test_a_post_in_lower_case_is_metered(settings: BudgetSettings) -> None:
+    """h11 passes the method on as sent, and Django's ASGI handler upper-cases it: `post`
+    reached the app's POST view unmetered, past every limit."""
+    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
+    app = BudgetMiddleware(answering(200, JSON, [body.encode()]), settings=settings)
+    request = json.dumps({"model": "openai/gpt-4o", "messages": []}).encode()
+    statuses: list[int] = []
+    async with running(app):
+        key = app.engine.manager.create_virtual_key(
+            name="k", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"}
+        )
+        for method in ("POST", "post", "Post"):
+            sent: list[dict[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": request, "more_body": False}
+
+            async def send(message: dict[str, Any], into: list[Any] = sent) -> None:
+                into.append(message)
+
+            scope = {
+                "type": "http",
+                "method": method,
+                "path": "/v1/chat/completions",
+                "headers": [(b"authorization", f"Bearer {key.value}".encode())],
+            }
+            await app(scope, receive, send)
+            statuses.append(sent[0]["status"])
+        await app.engine.flush()
+        rows = rows_of(app.engine)
+    print("POST, post, Post:", statuses, "; usage records", len(rows))
+    assert statuses == [200, 429, 429] and len(rows) == 1

@@ -1205,3 +1205,106 @@ def test_a_body_shorter_than_its_content_length_is_not_admitted(make_settings: S
     print(f"short body: {statuses}, app called {len(seen)} time(s); then {full.status_code}")
     assert statuses[0].startswith("400") and full.status_code == 200  # its one request is left
     assert seen == [body] and records(engine)[0]["status"] == 200
+
+
+@pytest.mark.parametrize("method", ["post", "Post"])
+def test_a_post_in_lower_case_is_metered_as_flask_serves_it(
+    make_settings: Settings, method: str
+) -> None:
+    """werkzeug's routing and Django upper-case the method, so `post` reaches the POST view
+    (werkzeug's and Django's development servers pass it on): it passed unmetered, past every
+    limit (a 1-an-hour key: 200, 429, then 200 200 200, the view run each time)."""
+    app = flask_host(make_settings())
+    engine = engine_of(app)
+    key = engine.manager.create_virtual_key(
+        name="k", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"}
+    )
+    client = Client(app)
+    statuses = [
+        client.open(
+            "/v1/chat/completions", method=m, json=chat(), headers=bearer(key.value)
+        ).status_code
+        for m in ("POST", method, method)
+    ]
+    rows = records(engine)
+    print(f"POST then {method} twice: {statuses}; usage records {len(rows)}")
+    assert statuses == [200, 429, 429] and len(rows) == 1
+
+
+def test_a_second_status_the_server_refuses_leaves_the_answer_measured(
+    make_settings: Settings,
+) -> None:
+    """An app that calls `start_response` again without `exc_info` after its body began: the
+    server refuses it (PEP 3333: an AssertionError), and the client got the 200 stream. It was
+    measured as a 500 of $0: the new status had replaced what was read."""
+    events = [
+        b"data: " + json.dumps({"choices": [{"delta": {"content": f"word{i} "}}]}).encode()
+        for i in range(20)
+    ]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("content-type", "text/event-stream")])
+        for line in events:
+            yield line + b"\n\n"
+        start_response("500 Internal Server Error", [("content-type", "text/plain")])
+        yield b"oops"
+
+    wrapped = BudgetWSGIMiddleware(app, make_settings())
+    engine = wrapped.engine
+    key = engine.manager.create_virtual_key(name="k")
+    started: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        if started and exc_info is None:
+            raise AssertionError("headers already set")  # as gunicorn and waitress do
+        started.append(status)
+        return lambda data: None
+
+    body = json.dumps(chat(stream=True)).encode()
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/v1/chat/completions",
+        "CONTENT_LENGTH": str(len(body)),
+        "HTTP_AUTHORIZATION": f"Bearer {key.value}",
+        "wsgi.input": io.BytesIO(body),
+    }
+    answer = wrapped(environ, start_response)
+    sent = []
+    with pytest.raises(AssertionError):
+        for chunk in answer:
+            sent.append(chunk)
+    answer.close()  # type: ignore[attr-defined]
+    rows = records(engine)
+    print(f"{len(sent)} chunks sent under {started}; recorded {rows}")
+    assert len(sent) == 20 and len(rows) == 1
+    assert (rows[0]["status"], rows[0]["estimated"]) == (200, 1) and rows[0]["cost_nanos"] > 0
+
+
+def test_an_app_answering_no_iterable_fails_as_a_500_of_nothing(make_settings: Settings) -> None:
+    """An app that returns None after `start_response("200 OK")`: the server answers 500. It
+    was charged as a 200 (the prompt, estimated), and the answer's `close()` raised too."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("content-type", "application/json")])
+        return None
+
+    wrapped = BudgetWSGIMiddleware(app, make_settings())
+    engine = wrapped.engine
+    key = engine.manager.create_virtual_key(name="k")
+    body = json.dumps(chat()).encode()
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/v1/chat/completions",
+        "CONTENT_LENGTH": str(len(body)),
+        "HTTP_AUTHORIZATION": f"Bearer {key.value}",
+        "wsgi.input": io.BytesIO(body),
+    }
+    answer = wrapped(environ, lambda status, headers, exc_info=None: None)
+    with pytest.raises(TypeError):
+        next(iter(answer))
+    answer.close()  # type: ignore[attr-defined]
+    rows = records(engine)
+    print("recorded", rows)
+    assert [(r["status"], r["cost_nanos"]) for r in rows] == [(500, 0)]

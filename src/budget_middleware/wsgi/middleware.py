@@ -171,14 +171,16 @@ class BudgetWSGIMiddleware:
             if type(answer) is list or type(answer) is tuple:
                 return answer
             return _Noted(answer, headers)
-        if environ["REQUEST_METHOD"] == "POST":
+        method = environ["REQUEST_METHOD"]
+        if method == "POST" or method.upper() == "POST":  # `post` too: the frameworks take it
             path: str = environ.get("PATH_INFO", "")
             if is_inference_path(path, self.suffixes):
                 return self._metered(environ, start_response, path)
         return self.app(environ, start_response)
 
     def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if environ["REQUEST_METHOD"] == "POST":
+        method = environ["REQUEST_METHOD"]
+        if method == "POST" or method.upper() == "POST":
             path: str = environ.get("PATH_INFO", "")
             if is_inference_path(path, self.suffixes):
                 return self._metered(environ, start_response, path)
@@ -532,12 +534,14 @@ class MeteredResponse:
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Write:
         exchange = self.exchange
-        if exc_info is None or not exchange.response_started:
+        if not exchange.response_started:
             return self._started(status, headers, exc_info)
         # PEP 3333's error pattern: a new status (`start_response("500", ..., exc_info)` after
         # a 200). The server takes it while no header is sent (before the body's first byte,
         # whatever the app's iteration did: a generator app runs inside the first `next()`),
-        # and re-raises after: the answer measured is the one the server sends.
+        # and re-raises after: the answer measured is the one the server sends. A server that
+        # refuses it (sent already, or called again without exc_info: an AssertionError) leaves
+        # the answer measured as it was.
         kept = (exchange.status, exchange.stream, exchange.decoder, exchange.unreadable,
                 exchange.header_cost, exchange.left_out)  # fmt: skip
         exchange.stream = exchange.decoder = exchange.unreadable = None
@@ -584,10 +588,10 @@ class MeteredResponse:
         return self
 
     def __next__(self) -> bytes:
-        next_ = self.next_
-        if next_ is None:
-            next_ = self.next_ = iter(self.iterable).__next__
         try:
+            next_ = self.next_
+            if next_ is None:  # an app's answer that is no iterable fails here, as the app
+                next_ = self.next_ = iter(self.iterable).__next__
             chunk = next_()
         except StopIteration:
             if self.done:
@@ -613,8 +617,8 @@ class MeteredResponse:
         whole. A stream ends where it was given up (the provider stops); it is estimated."""
         try:
             if self._to_drain():
-                next_ = self.next_ or iter(self.iterable).__next__
                 with contextlib.suppress(Exception):  # what it could read is charged
+                    next_ = self.next_ or iter(self.iterable).__next__
                     while True:
                         try:
                             chunk = next_()
