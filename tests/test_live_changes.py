@@ -613,3 +613,36 @@ async def test_a_reset_elsewhere_is_not_undone_by_the_old_window_ending(
     assert first + since == [200] * 8
     assert stored.current_usage == pytest.approx(0.06)
     assert more == [200] * 4 + [402] * 6
+
+
+@pytest.mark.parametrize(("new", "admitted"), [("1d", False), ("2h", True)])
+async def test_new_terms_keep_a_window_that_ended_unswept_only_if_it_lies_in_the_new_one(
+    make_settings: Settings, new: str, admitted: bool
+) -> None:
+    """A $0.05 hour spent from 90 to 30 minutes ago, not swept yet, then made a day: the
+    day holds that spend, and it counts (it was zeroed as an ended window's: a lift). Made two
+    hours instead, the current two hours began after it ended: it holds nothing of it."""
+    from budget_middleware.store.tables import BudgetRow
+
+    app, gate, _ = gated_app(make_settings())
+    gate.set()
+    engine = engine_of(app)
+    hourly = {"max_limit": 0.05, "reset_duration": "1h"}
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(name="k", budgets=[hourly])
+        budget_id = key.budgets[0].id
+        with engine.store.session() as s:
+            row = s.get(BudgetRow, budget_id)
+            assert row is not None
+            row.last_reset = datetime.now(UTC) - timedelta(minutes=210 if admitted else 90)
+            row.current_usage_nanos = 50_000_000
+            s.add(row)
+            s.commit()
+        m.update_virtual_key(key.id, budgets=[{"id": budget_id, **hourly, "reset_duration": new}])
+        await engine.invalidate()
+        auth = {"authorization": f"Bearer {key.value}"}
+        statuses = await _statuses(http, auth, 1)
+        stored = m.get_budget(budget_id)
+    print(f"made {new}: {statuses}; stored ${stored.current_usage:.2f} from {stored.last_reset}")
+    assert statuses == ([200] if admitted else [402])

@@ -193,7 +193,8 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
     limit never resets its usage (SPEC §9). What the window holds now carries over to the window
     that holds now under the new terms, which starts no earlier than the stored one (so every
     reader, sweep and instance takes that usage as current): a limit may tighten by what was
-    spent before that window began, never lift. A stored window that had ended holds nothing.
+    spent before that window began, never lift. Only a stored window that ended before the new
+    one began holds nothing of it (one that ended since, not swept yet, was spent in it).
     `prefix`: "" for a budget, "request_" or "token_" for a rate limit's windows."""
     old_duration = getattr(row, f"{prefix}reset_duration")
     old_aligned = bool(getattr(row, "calendar_aligned", False)) if not prefix else False
@@ -201,10 +202,10 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
         return
     usage_column = "current_usage_nanos" if not prefix else f"{prefix}current_usage"
     anchor = utc(getattr(row, f"{prefix}last_reset"))
-    now = utcnow()
-    if current_window(old_duration, anchor, old_aligned, now)[0] > anchor:
-        setattr(row, usage_column, 0)  # that window had ended: what it held is not current
-    start = current_window(duration, anchor, aligned, now)[0]
+    start = current_window(duration, anchor, aligned, utcnow())[0]
+    stored_end = current_window(old_duration, anchor, old_aligned, anchor)[1]  # the stored one's
+    if stored_end is not None and stored_end <= start:
+        setattr(row, usage_column, 0)  # all of it was spent before the new window began
     if start > anchor:
         setattr(row, f"{prefix}last_reset", start)
 
