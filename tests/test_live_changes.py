@@ -444,6 +444,13 @@ async def test_a_calendar_budget_reset_midway_reads_as_the_window_it_counts_in(
         assert utc(budget.last_reset) >= before and utc(budget.last_reset_at) >= before
 
 
+def _answering_app(settings: BudgetSettings) -> tuple[Any, Any]:
+    """`gated_app` with its gate open (every request answers $0.01 at once), and its engine."""
+    app, gate, _ = gated_app(settings)
+    gate.set()
+    return app, engine_of(app)
+
+
 def _a_minute_before_midnight() -> datetime:
     """The start of a rolling day that began a minute before today's midnight (UTC)."""
     now = datetime.now(UTC)
@@ -511,8 +518,7 @@ async def test_new_terms_for_a_budget_keep_what_its_window_holds(
         later = await _statuses(http, auth, 3)
         await engine.flush()
         stored = m.get_budget(budget_id)
-    fresh, gate, _ = gated_app(make_settings(cache_ttl_seconds=4.5))  # an engine of its own
-    gate.set()
+    fresh, _ = _answering_app(make_settings(cache_ttl_seconds=4.5))  # an engine of its own
     async with running(fresh), client(fresh) as http:
         on_a_new_instance = await _statuses(http, auth, 2)
     print(
@@ -533,9 +539,7 @@ async def test_a_new_rate_window_keeps_what_the_current_one_counted(
     holds after a sweep and a re-read, and on a new instance (3 more were admitted)."""
     from budget_middleware.store.tables import RateLimitRow
 
-    app, gate, _ = gated_app(make_settings())
-    gate.set()
-    engine = engine_of(app)
+    app, engine = _answering_app(make_settings())
     rate = {"request_max_limit": 3, "request_reset_duration": "1h"}
     async with running(app), client(app) as http:
         m = engine.manager
@@ -554,8 +558,7 @@ async def test_a_new_rate_window_keeps_what_the_current_one_counted(
         await engine.sweep()
         await engine.counters.refresh()
         later += await _statuses(http, auth, 1)
-    fresh, gate, _ = gated_app(make_settings(cache_ttl_seconds=4.5))  # an engine of its own
-    gate.set()
+    fresh, _ = _answering_app(make_settings(cache_ttl_seconds=4.5))  # an engine of its own
     async with running(fresh), client(fresh) as http:
         on_a_new_instance = await _statuses(http, auth, 2)
     print(f"{spent}, then {later}, on a new instance {on_a_new_instance}")
@@ -624,9 +627,7 @@ async def test_new_terms_keep_a_window_that_ended_unswept_only_if_it_lies_in_the
     hours instead, the current two hours began after it ended: it holds nothing of it."""
     from budget_middleware.store.tables import BudgetRow
 
-    app, gate, _ = gated_app(make_settings())
-    gate.set()
-    engine = engine_of(app)
+    app, engine = _answering_app(make_settings())
     hourly = {"max_limit": 0.05, "reset_duration": "1h"}
     async with running(app), client(app) as http:
         m = engine.manager

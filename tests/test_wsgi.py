@@ -61,6 +61,20 @@ def chat(**extra: Any) -> dict[str, Any]:
     }
 
 
+def posted(body: bytes, key: str, **extra: Any) -> dict[str, Any]:
+    """A raw WSGI environ: `body` posted to the chat path with this virtual key."""
+    return {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/v1/chat/completions",
+        "SCRIPT_NAME": "",
+        "wsgi.input": io.BytesIO(body),
+        "CONTENT_LENGTH": str(len(body)),
+        "CONTENT_TYPE": "application/json",
+        "HTTP_AUTHORIZATION": f"Bearer {key}",
+        **extra,
+    }
+
+
 def bearer(value: str) -> dict[str, str]:
     return {"authorization": f"Bearer {value}"}
 
@@ -877,11 +891,7 @@ def test_a_new_status_before_any_body_is_the_answer_measured(
     on_loop(engine, engine.ensure_started)
     key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10.0}])
     body = json.dumps(chat()).encode()
-    environ = {
-        "REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "SCRIPT_NAME": "",
-        "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
-        "CONTENT_TYPE": "application/json", "HTTP_AUTHORIZATION": f"Bearer {key.value}",
-    }  # fmt: skip
+    environ = posted(body, key.value)
     sent: list[str] = []
     headers_sent = [False]
 
@@ -1118,11 +1128,7 @@ def test_a_dropped_answer_s_app_generator_is_closed_where_it_was_dropped(
         name="k", budgets=[{"max_limit": 10}], rate_limit={"max_concurrent_requests": 2}
     )
     body = json.dumps(chat(stream=True)).encode()
-    environ = {
-        "REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "SCRIPT_NAME": "",
-        "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
-        "CONTENT_TYPE": "application/json", "HTTP_AUTHORIZATION": f"Bearer {key.value}",
-    }  # fmt: skip
+    environ = posted(body, key.value)
     answer = middleware(environ, lambda status, headers, exc_info=None: lambda data: None)
     next(iter(answer))  # one chunk sent, then dropped: no close()
     if lock == "held":
@@ -1190,11 +1196,7 @@ def test_a_body_shorter_than_its_content_length_is_not_admitted(make_settings: S
         name="k", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"}
     )
     body = json.dumps(chat()).encode()
-    environ = {
-        "REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "SCRIPT_NAME": "",
-        "wsgi.input": io.BytesIO(body[:20]), "CONTENT_LENGTH": str(len(body)),
-        "HTTP_AUTHORIZATION": f"Bearer {key.value}",
-    }  # fmt: skip
+    environ = posted(body, key.value, **{"wsgi.input": io.BytesIO(body[:20])})
     statuses: list[str] = []
     answer = middleware(environ, lambda status, headers, exc_info=None: statuses.append(status))
     b"".join(answer)
@@ -1262,13 +1264,7 @@ def test_a_second_status_the_server_refuses_leaves_the_answer_measured(
         return lambda data: None
 
     body = json.dumps(chat(stream=True)).encode()
-    environ = {
-        "REQUEST_METHOD": "POST",
-        "PATH_INFO": "/v1/chat/completions",
-        "CONTENT_LENGTH": str(len(body)),
-        "HTTP_AUTHORIZATION": f"Bearer {key.value}",
-        "wsgi.input": io.BytesIO(body),
-    }
+    environ = posted(body, key.value)
     answer = wrapped(environ, start_response)
     sent = []
     with pytest.raises(AssertionError):
@@ -1294,13 +1290,7 @@ def test_an_app_answering_no_iterable_fails_as_a_500_of_nothing(make_settings: S
     engine = wrapped.engine
     key = engine.manager.create_virtual_key(name="k")
     body = json.dumps(chat()).encode()
-    environ = {
-        "REQUEST_METHOD": "POST",
-        "PATH_INFO": "/v1/chat/completions",
-        "CONTENT_LENGTH": str(len(body)),
-        "HTTP_AUTHORIZATION": f"Bearer {key.value}",
-        "wsgi.input": io.BytesIO(body),
-    }
+    environ = posted(body, key.value)
     answer = wrapped(environ, lambda status, headers, exc_info=None: None)
     with pytest.raises(TypeError):
         next(iter(answer))
