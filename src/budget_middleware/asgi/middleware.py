@@ -16,6 +16,7 @@ from typing import Any
 
 from budget_middleware.answers import ErrorAnswer, request_too_large, store_unavailable
 from budget_middleware.core.identity import (
+    POST,
     header_reader,
     is_inference_path,
     key_digest,
@@ -97,7 +98,7 @@ class BudgetMiddleware:
         if kind == "http":
             if noting.active:  # the transports are imported: who calls is noted, on any path
                 await self._noted(scope, receive, send)
-            elif _posted(scope["method"]) and is_inference_path(scope["path"], self.suffixes):
+            elif scope["method"] in POST and is_inference_path(scope["path"], self.suffixes):
                 await self._metered(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -112,7 +113,7 @@ class BudgetMiddleware:
         `BudgetTransport` while serving it (read only if it does: SPEC §13)."""
         token = inbound_headers.set(scope["headers"])
         try:
-            if _posted(scope["method"]) and is_inference_path(scope["path"], self.suffixes):
+            if scope["method"] in POST and is_inference_path(scope["path"], self.suffixes):
                 await self._metered(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -267,12 +268,6 @@ class BudgetMiddleware:
                 exchange.settle_now(outcome)
             else:
                 await exchange.settle_shared(outcome)
-
-
-def _posted(method: str) -> bool:
-    """A POST, in any case: `post` reaches the app's POST routes in frameworks that upper-case
-    the method (Django's), and must not pass unmetered."""
-    return method == "POST" or method.upper() == "POST"
 
 
 class _Unusable:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from hashlib import sha256
@@ -31,6 +32,10 @@ KNOWN_PROVIDERS = frozenset(
         "ollama",
     }
 )
+
+# A POST in every case: `post` reaches the POST routes of frameworks that upper-case the method
+# (werkzeug's, Django's), so it must not pass unmetered. One set lookup, whatever the method.
+POST = frozenset(map("".join, itertools.product(*zip("POST", "post", strict=True))))
 
 OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 CHOICE_FIELDS = ("n", "best_of")  # outputs generated (and billed) for one request

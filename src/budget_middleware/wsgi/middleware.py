@@ -32,6 +32,7 @@ from budget_middleware.answers import (
     store_unavailable,
 )
 from budget_middleware.core.identity import (
+    POST,
     Credentials,
     _split_tags,
     body_encoding,
@@ -171,16 +172,14 @@ class BudgetWSGIMiddleware:
             if type(answer) is list or type(answer) is tuple:
                 return answer
             return _Noted(answer, headers)
-        method = environ["REQUEST_METHOD"]
-        if method == "POST" or method.upper() == "POST":  # `post` too: the frameworks take it
+        if environ["REQUEST_METHOD"] in POST:
             path: str = environ.get("PATH_INFO", "")
             if is_inference_path(path, self.suffixes):
                 return self._metered(environ, start_response, path)
         return self.app(environ, start_response)
 
     def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        method = environ["REQUEST_METHOD"]
-        if method == "POST" or method.upper() == "POST":
+        if environ["REQUEST_METHOD"] in POST:
             path: str = environ.get("PATH_INFO", "")
             if is_inference_path(path, self.suffixes):
                 return self._metered(environ, start_response, path)
