@@ -337,6 +337,21 @@ async def test_an_untyped_answer_that_is_json_is_read_as_json(settings: BudgetSe
     assert (row.cost_nanos, row.streamed, row.estimated) == (cost(10, 5000), False, False)
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_json_answer_labelled_an_event_stream_is_read_as_json(
+    settings: BudgetSettings, stream: bool
+) -> None:
+    """An app that labels a whole JSON answer `text/event-stream` (a proxy's blanket header):
+    read as a stream that holds no event, it was charged its prompt alone, $0.000048 for
+    $0.05001. An event stream cannot begin with `{`: its first byte says JSON."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 5000}
+    body = json.dumps({"choices": [{"message": {"content": "x" * 20000}}], "usage": usage})
+    request = {**STREAM_REQUEST, "stream": stream, "max_tokens": 10_000}
+    row = await charged(settings, SSE, [b" ", body.encode()[:50], body.encode()[50:]], request)
+    print(f"charged {row.cost_nanos / 1e9:.6f} USD, streamed={row.streamed}")
+    assert (row.cost_nanos, row.streamed, row.estimated) == (cost(10, 5000), False, False)
+
+
 @pytest.mark.parametrize("shape", ["anthropic", "usage on every chunk"])
 async def test_a_stream_given_up_on_after_its_first_usage_is_charged_its_most_output(
     settings: BudgetSettings, shape: str

@@ -169,6 +169,23 @@ def test_litellm_style_openai_usage_reads_anthropic_cache_fields_as_subsets() ->
     assert usage_from_mapping(usage) == TokenUsage(100, 5, 60, 30)
 
 
+def test_usage_of_both_shapes_with_null_openai_counts_is_read_by_its_other_counts() -> None:
+    """A gateway that writes both shapes, the OpenAI keys null: read by those keys alone, it
+    counted 0 tokens (an answer of 20,000 input and 500 output charged nothing)."""
+    usage = {
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "input_tokens": 20_000,
+        "output_tokens": 500,
+        "cache_read_input_tokens": 1_000,
+    }
+    assert usage_from_mapping(usage) == TokenUsage(21_000, 500, 1_000, 0)
+    zeros = {"prompt_tokens": 0, "completion_tokens": 0, "input_tokens": 7, "output_tokens": 3}
+    assert usage_from_mapping(zeros) == TokenUsage(7, 3)
+    both = {"prompt_tokens": 9, "completion_tokens": 2, "input_tokens": 7, "output_tokens": 3}
+    assert usage_from_mapping(both) == TokenUsage(9, 2)  # the OpenAI counts, when they say any
+
+
 # --- bad input never raises --------------------------------------------------------------------
 
 

@@ -98,17 +98,11 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         write = (
             0 if value is None else value if type(value) is int and value >= 0 else _count(value)
         )
+        if not (prompt or output) and ("input_tokens" in usage or "output_tokens" in usage):
+            # Both shapes, the OpenAI counts null or 0 (a gateway's): the other shape's counts
+            prompt, output, read, write = _input_output(usage)
     elif "input_tokens" in usage or "output_tokens" in usage:
-        output = _count(usage.get("output_tokens"))
-        details = _details(usage, "input_tokens_details")
-        if details is not None:  # Responses API: input_tokens already counts the cached ones
-            prompt = _count(usage.get("input_tokens"))
-            read = _count(details.get("cached_tokens"))
-            write = 0
-        else:  # Anthropic: input_tokens leaves out cache reads and writes
-            read = _count(usage.get("cache_read_input_tokens"))
-            write = _count(usage.get("cache_creation_input_tokens"))
-            prompt = _count(usage.get("input_tokens")) + read + write
+        prompt, output, read, write = _input_output(usage)
     elif "cost" in usage:
         prompt = output = read = write = 0
     else:
@@ -119,6 +113,18 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     if not (prompt or output) and cost is None and not any(_readable(usage, k) for k in _COUNTS):
         return None  # input and output counts null, text or negative: no usage reported at all
     return TokenUsage(prompt, output, read, write, cost)
+
+
+def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """Prompt, output, cache reads and writes of a usage object of the `input_tokens` shape."""
+    output = _count(usage.get("output_tokens"))
+    details = _details(usage, "input_tokens_details")
+    if details is not None:  # Responses API: input_tokens already counts the cached ones
+        return _count(usage.get("input_tokens")), output, _count(details.get("cached_tokens")), 0
+    # Anthropic: input_tokens leaves out cache reads and writes
+    read = _count(usage.get("cache_read_input_tokens"))
+    write = _count(usage.get("cache_creation_input_tokens"))
+    return _count(usage.get("input_tokens")) + read + write, output, read, write
 
 
 _COUNTS: Final = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")

@@ -94,7 +94,7 @@ class Exchange:
     response_complete = False
     header_cost: int | None = None
     stream: StreamMeter | None = None
-    sniffing = False  # an untyped answer read as a stream until its first bytes say JSON
+    sniffing = False  # an answer read as a stream until its first bytes say JSON
     json_parts: list[bytes] | None = None
     json_size = 0
     json_dropped = 0  # bytes of a huge JSON answer left out before its kept tail
@@ -214,10 +214,12 @@ class Exchange:
                 self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
         if not typed and self.target.stream:
             # A stream asked for and answered without a content-type (Starlette's
-            # `StreamingResponse(gen())`): the SDKs read it as the stream it is, and so do we,
-            # unless its first bytes say JSON (`on_chunk`).
-            event_stream = self.sniffing = True
+            # `StreamingResponse(gen())`): the SDKs read it as the stream it is, and so do we.
+            event_stream = True
         if event_stream:
+            # Unless its first bytes say JSON (`on_chunk`): an event stream cannot begin so (a
+            # JSON answer labelled `text/event-stream`, or untyped), and the whole answer is read.
+            self.sniffing = True
             dropping = self.injected_usage and self.decoder is None
             self.stream = StreamMeter(drop_usage_chunk=dropping)
             if dropping:
