@@ -647,3 +647,61 @@ async def test_new_terms_keep_a_window_that_ended_unswept_only_if_it_lies_in_the
         stored = m.get_budget(budget_id)
     print(f"made {new}: {statuses}; stored ${stored.current_usage:.2f} from {stored.last_reset}")
     assert statuses == ([200] if admitted else [402])
+
+
+async def test_new_terms_keep_a_charge_flushed_while_the_write_reads(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A $0.05 hour that ended 150 minutes ago, not swept, made half-hourly: its usage goes (it
+    was spent before the new window began). Another instance's flusher writes a $0.01 charge of
+    now while the write has read the row and not committed it: the write zeroed the row over it,
+    and the charge was lost (the store held $0.00 where $0.01 had been spent since)."""
+    from budget_middleware.core.records import Delta
+    from budget_middleware.manage import owner_limits
+    from budget_middleware.store.tables import BudgetRow
+
+    app, engine = _answering_app(make_settings())
+    hourly = {"max_limit": 0.05, "reset_duration": "1h"}
+    async with running(app):
+        m = engine.manager
+        key = m.create_virtual_key(name="k", budgets=[hourly])
+        budget_id = key.budgets[0].id
+        anchor = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=210)
+        with engine.store.session() as s:
+            row = s.get(BudgetRow, budget_id)
+            assert row is not None
+            row.last_reset, row.current_usage_nanos = anchor, 50_000_000
+            s.add(row)
+            s.commit()
+        # Instance B, on the old terms, charged $0.01 in the hour that holds now: its flush.
+        start = anchor + timedelta(hours=3)
+        delta = Delta(
+            "budget",
+            budget_id,
+            start,
+            start + timedelta(hours=1),
+            10_000_000,
+            start.timestamp(),
+            start - timedelta(hours=1),
+        )
+        real = owner_limits._new_terms
+        flushes: list[threading.Thread] = []
+
+        def meanwhile(row: Any, prefix: str, duration: str | None, aligned: bool) -> None:
+            if not flushes:  # the row is read: B's flusher writes now, before this commits
+                flush = threading.Thread(
+                    target=engine.store.apply_flush, args=("instance-b-1", [delta], [])
+                )
+                flushes.append(flush)
+                flush.start()
+                # PostgreSQL writes it at once; SQLite holds it until this write commits (the
+                # write has the database's lock by now), and then the order is plain.
+                flush.join(timeout=1.0)
+            real(row, prefix, duration, aligned)
+
+        monkeypatch.setattr(owner_limits, "_new_terms", meanwhile)
+        m.update_virtual_key(key.id, budgets=[{"id": budget_id, **hourly, "reset_duration": "30m"}])
+        flushes[0].join()
+        stored = m.get_budget(budget_id)
+    print(f"stored ${stored.current_usage:.2f} from {stored.last_reset} (B's $0.01 flushed)")
+    assert stored.current_usage == pytest.approx(0.01)

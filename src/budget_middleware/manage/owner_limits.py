@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import event
+from sqlalchemy import case, event
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
@@ -201,11 +201,19 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
     if (old_duration, old_aligned) == (duration, aligned):
         return
     usage_column = "current_usage_nanos" if not prefix else f"{prefix}current_usage"
-    anchor = utc(getattr(row, f"{prefix}last_reset"))
+    stamp_column = f"{prefix}last_reset"
+    stamp = getattr(row, stamp_column)
+    anchor = utc(stamp)
     start = current_window(duration, anchor, aligned, utcnow())[0]
     stored_end = current_window(old_duration, anchor, old_aligned, anchor)[1]  # the stored one's
     if stored_end is not None and stored_end <= start:
-        setattr(row, usage_column, 0)  # all of it was spent before the new window began
+        # All of it was spent before the new window began: what was read goes, and only that.
+        # Written as an expression, so that a charge another instance's flusher writes between
+        # this read and the commit stays (more on this window, or a window it began).
+        table = type(row)
+        usage, read = getattr(table, usage_column), getattr(row, usage_column)
+        left = case((usage > read, usage - read), else_=0)
+        setattr(row, usage_column, case((getattr(table, stamp_column) == stamp, left), else_=usage))
     if start > anchor:
         setattr(row, f"{prefix}last_reset", start)
 
