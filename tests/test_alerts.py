@@ -474,8 +474,11 @@ async def test_shadow_mode_refuses_nothing_and_says_what_it_would_have_refused(
 
 def test_bad_alert_thresholds_are_refused_with_a_clear_message(make_settings: Settings) -> None:
     manager = get_engine(make_settings()).manager
+    # A threshold sent as text or a boolean was read as a number (`true` stored as 1.0, "0.5"
+    # as 0.5), where every other number of the API is refused so (a fault hunt's).
     for bad, says in (([0], "greater than 0"), ([11], "less than or equal to 10"),
-                      (["x"], "valid number")):  # fmt: skip
+                      (["x"], "JSON number"), ([True], "JSON number"),
+                      (["0.5"], "JSON number")):  # fmt: skip
         with pytest.raises(ValueError, match=says):
             manager.create_virtual_key(
                 name="k", budgets=[{"max_limit": 1, "alert_thresholds": bad}]
@@ -484,6 +487,26 @@ def test_bad_alert_thresholds_are_refused_with_a_clear_message(make_settings: Se
         name="k", budgets=[{"max_limit": 1, "alert_thresholds": [0.9, 0.5, 0.9]}]
     )
     assert key.budgets[0].alert_thresholds == [0.5, 0.9]  # sorted, once each
+
+
+@pytest.mark.parametrize("bad", [True, "0.5"], ids=["boolean", "text"])
+async def test_a_threshold_that_is_no_json_number_is_a_422_naming_it(
+    make_settings: Settings, bad: object
+) -> None:
+    """Over HTTP, as `max_limit` is: 422 with the item's path (it was a 201, stored as 1.0)."""
+    app = create_admin_app(make_settings(admin_key="admin-secret"))
+    auth = {"authorization": "Bearer admin-secret"}
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://a", headers=auth)
+    async with http:
+        body = {"budgets": [{"max_limit": 1, "alert_thresholds": [bad]}]}
+        answer = await http.put("/providers/openai", json=body)
+        limit = await http.put("/providers/openai", json={"budgets": [{"max_limit": bad}]})
+    print(
+        f"alert_thresholds [{bad!r}]: {answer.status_code}; max_limit {bad!r}: {limit.status_code}"
+    )
+    assert (answer.status_code, limit.status_code) == (422, 422)
+    assert answer.json()["error"]["param"] == "budgets.0.alert_thresholds.0"
+    assert "JSON number" in answer.json()["error"]["message"]
 
 
 ROOT = Path(__file__).resolve().parents[1]

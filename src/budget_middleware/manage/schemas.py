@@ -98,6 +98,8 @@ JsonTime = Annotated[datetime, BeforeValidator(_json_time), AfterValidator(_utc_
 Usd = Annotated[float, Field(ge=0, le=1e9), BeforeValidator(_usd_number)]
 Count = Annotated[int, Field(ge=0, le=2**62), BeforeValidator(_not_text_or_bool)]
 Concurrency = Annotated[int, Field(ge=1, le=2**31), BeforeValidator(_not_text_or_bool)]
+# A fraction of a budget's max_limit at which an alert fires (SPEC §14): a JSON number.
+Threshold = Annotated[float, Field(gt=0, le=10), BeforeValidator(_not_text_or_bool)]
 
 
 def _numbers_up_to(top: int) -> str:
@@ -209,7 +211,7 @@ class BudgetIn(_Body):
         default=None, description="default: the owner's calendar_aligned"
     )
     soft: JsonBool = Field(default=False, description="counted and alerted, never refusing")
-    alert_thresholds: list[Annotated[float, Field(gt=0, le=10)]] | None = Field(
+    alert_thresholds: list[Threshold] | None = Field(
         default=None,
         max_length=20,
         description="fractions of max_limit at which alerts fire; null: BUDGET_ALERT_THRESHOLDS",
