@@ -145,11 +145,14 @@ def make_settings(store_url: str) -> Callable[..., BudgetSettings]:
 
 
 @pytest.fixture(autouse=True)
-def _no_budget_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests configure through arguments; a developer's BUDGET_* variables must not leak in."""
+def _no_budget_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tests configure through arguments; a developer's BUDGET_* variables must not leak in.
+    Charges spilled in an outage go to the test's own folder (`BUDGET_SPILL_DIR`'s default is
+    under `XDG_STATE_HOME`): not the user's, and not another test's on the same database."""
     for name in list(os.environ):
         if name.startswith("BUDGET_") and not name.startswith("BUDGET_TEST_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
 
 
 @pytest.fixture(autouse=True)

@@ -642,3 +642,187 @@ def test_only_a_write_that_fails_for_the_moment_is_tried_again_as_such(tmp_path:
     }
     print(found, busy.sqlite_errorname)
     assert found == {"sqlite busy": True, "refused, says locked": False}
+
+
+# -- an outage that outlasts the process -----------------------------------------------------
+
+
+async def test_charges_a_process_stopped_with_in_an_outage_are_written_by_the_next_once(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """The store read-only for a while: 30 requests of $0.01 admitted, the process stopped
+    before the store is back. Its charges were dropped at shutdown ("could not write"). Now
+    they wait on disk, and the next process on the store writes them, once: a third process,
+    and a file put back as if a crash came between the write and its removal, add nothing. While
+    the outage lasts, memory holds one batch, however many rounds fail."""
+    spill = tmp_path / "spill"
+    settings = settings_for(postgres_database, spill_dir=spill)
+    engine = BudgetEngine(settings)
+    app = fault_app(engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 10, "reset_duration": None}]
+        )
+        await engine.invalidate()
+        for _ in range(5):  # written at once
+            assert (
+                await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            ).status_code == 200
+        assert await engine.flush()
+        set_read_only(postgres_database, True)
+        held = 0
+        for n in range(30):
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            assert answer.status_code == 200
+            if n % 5 == 4:
+                await asyncio.sleep(0.2)  # rounds fail, and spill
+                held = max(held, len(engine.unwritten))
+        await asyncio.sleep(0.2)
+        in_memory = len(engine.unwritten), len(engine.records)
+        on_disk = sorted(spill.glob("*/*.json"))
+    # stopped: its shutdown cannot write
+    left = sorted(spill.glob("*/*.json"))
+    print(
+        f"during the outage: at most {held} batch(es) in memory, {len(on_disk)} on disk; at "
+        f"shutdown {len(left)} files left for the next process"
+    )
+    assert held == 1 and in_memory[1] == 0
+    assert left and engine.stats.spilled_batches >= len(left)
+    copy = left[0].read_bytes()
+    set_read_only(postgres_database, False)
+    assert records(engine, key.id) == (5, 5 * CENT)  # not written yet
+    engine.store.dispose()
+
+    nxt = BudgetEngine(settings)
+    await nxt.ensure_started()
+    assert await nxt.flush()
+    after_next = records(nxt, key.id), budget_usage(nxt, key.budgets[0].id)
+    left[0].write_bytes(copy)  # as if the next had died before removing it
+    third = BudgetEngine(settings)
+    await third.ensure_started()
+    assert await third.flush()
+    after_third = records(third, key.id), budget_usage(third, key.budgets[0].id)
+    remaining = sorted(spill.glob("*/*.json"))
+    await nxt.shutdown()
+    await third.shutdown()
+    print(f"written by the next process: {after_next}; after a third: {after_third}")
+    assert after_next == ((35, 35 * CENT), 35 * CENT)
+    assert after_third == after_next
+    assert remaining == []
+
+
+def test_only_batches_of_this_engine_or_a_gone_one_are_taken_back(tmp_path: Any) -> None:
+    """A live engine writes its own spilled batches (it still counts them as charges the store
+    has not confirmed): another live process's, or another engine's of this process, are not
+    taken; a dead process's are anyone's, and so are those an engine gave up as it shut down."""
+    import os
+    import subprocess
+    import sys
+
+    from budget_middleware.store.spill import Spill
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    mine, sibling = Spill(tmp_path), Spill(tmp_path)
+    other_live, dead = Spill(tmp_path), Spill(tmp_path)
+    other_live.pid, dead.pid = os.getppid(), gone.pid
+    record = UsageRecord(
+        "", 1.0, "k", None, None, "openai", "gpt-4o", ("t",), 1, 2, 0, 3, "usage", 200,
+        False, "completed", False, None, 1.5,
+    )  # fmt: skip
+    for spill, batch_id in [(other_live, "live"), (dead, "dead"), (sibling, "sibling")]:
+        spill.write(batch_id, [], [record])
+    mine.write("mine", [], [record])
+
+    def take_back() -> list[str]:
+        taken = []
+        while (found := mine.oldest()) is not None:
+            taken.append(found[1])
+            assert found[3] == [record]
+            mine.remove(found[0])
+        return taken
+
+    first = take_back()
+    given = sibling.give_up()  # the sibling engine shuts down with its batch unwritten
+    then = take_back()
+    left = sorted(p.name.rsplit("-", 1)[-1] for p in tmp_path.glob("*.json"))
+    print(f"taken back: {first}, then {then} (given up: {given}); left: {left}")
+    assert (first, given, then, left) == (["dead", "mine"], 1, ["sibling"], ["live.json"])
+
+
+def test_charges_of_a_server_killed_in_an_outage_are_written_by_the_next_process(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """uvicorn serving the example app, the store read-only: 40 requests answered, then the
+    server is killed (SIGKILL: no shutdown, no exit handler). Before, every charge it held in
+    memory was lost; now all but the last flush round's are on disk (none, once it has run),
+    and the next process writes them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from service_support import free_port, wait_for_port
+
+    spill = tmp_path / "spill"
+    settings = settings_for(postgres_database, spill_dir=spill)
+    local = BudgetEngine(settings)
+    key = local.manager.create_virtual_key(
+        name="alice", budgets=[{"max_limit": 10, "reset_duration": None}]
+    )
+    port = free_port()
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    env = {
+        **os.environ,
+        "BUDGET_DATABASE_URL": postgres_database,
+        "BUDGET_SPILL_DIR": str(spill),
+        "BUDGET_FLUSH_INTERVAL_SECONDS": "0.05",
+    }
+    argv = ["-m", "uvicorn", "app:app", "--app-dir", str(examples), "--port", str(port)]
+    server = subprocess.Popen([sys.executable, *argv, "--log-level", "warning"], env=env)
+    try:
+        wait_for_port(port, timeout=30)
+        auth = {"authorization": f"Bearer {key.value}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            assert http.post("/v1/chat/completions", json=chat(), headers=auth).status_code == 200
+            set_read_only(postgres_database, True)
+            remaining = [
+                float(
+                    http.post("/v1/chat/completions", json=chat(), headers=auth).headers.get(
+                        "x-budget-remaining", "0"
+                    )
+                )
+                for _ in range(40)
+            ]
+        time.sleep(1.0)  # a few rounds of the flusher: each fails, and spills
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+    files = sorted(spill.glob("*/*.json"))
+    set_read_only(postgres_database, False)
+    written_before = records(local, key.id)[0]
+    nxt = BudgetEngine(settings)
+
+    async def write() -> None:
+        await nxt.ensure_started()
+        assert await nxt.flush()
+        await nxt.shutdown()
+
+    asyncio.run(write())
+    count, total = records(local, key.id)
+    stored = budget_usage(local, key.budgets[0].id)
+    local.store.dispose()
+    spent = round((10 - remaining[-1]) * 1e9)  # what the server's live counter had charged
+    print(
+        f"killed with {len(files)} spilled batches; records in the store {written_before} "
+        f"before, {count} after (41 answered); ${total / 1e9:.6f} recorded, ${stored / 1e9:.6f} "
+        f"on the budget, the server's last answer said ${spent / 1e9:.6f} spent"
+    )
+    assert files
+    assert count == 41
+    assert stored == total
+    assert abs(stored - spent) <= total // 41  # the last answer's own charge came after it

@@ -61,8 +61,25 @@ def test_alert_and_mode_settings_refuse_bad_values_naming_the_variable(
 
 
 def test_every_field_is_covered_here() -> None:
-    files = {"pricing_file", "config_file"}  # paths: covered below
+    files = {"pricing_file", "config_file", "spill_dir"}  # paths: covered below
     assert set(BudgetSettings.model_fields) == set(SAME_VALUE) | files
+
+
+def test_the_spill_folder_from_the_environment_and_its_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from budget_middleware.engine.engine import BudgetEngine
+
+    monkeypatch.setenv("BUDGET_SPILL_DIR", str(tmp_path / "spill"))
+    assert BudgetSettings().spill_dir == BudgetSettings(spill_dir=tmp_path / "spill").spill_dir
+    monkeypatch.setenv("BUDGET_SPILL_DIR", " ")
+    assert BudgetSettings().spill_dir is None  # empty: the default below
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    engine = BudgetEngine(BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db"))
+    assert engine.spill is not None
+    assert engine.spill.folder.parent == tmp_path / "state" / "budget-middleware" / "spill"
+    engine.store.dispose()
+    assert BudgetEngine(BudgetSettings(database_url="sqlite://")).spill is None  # in memory
 
 
 @pytest.mark.parametrize("field", sorted(SAME_VALUE))

@@ -90,6 +90,8 @@ class BudgetSettings(BaseSettings):
     alert_webhook_urls: Annotated[tuple[str, ...], NoDecode] = ()
     alert_secret: str | None = None
     alert_thresholds: Annotated[tuple[float, ...], NoDecode] = (0.8, 1.0)
+    # Where charges the store cannot take wait on disk (None: `store.spill.default_spill_root`).
+    spill_dir: Path | None = None
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -180,7 +182,13 @@ class BudgetSettings(BaseSettings):
         return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator(
-        "admin_key", "redis_url", "pricing_file", "config_file", "alert_secret", mode="before"
+        "admin_key",
+        "redis_url",
+        "pricing_file",
+        "config_file",
+        "alert_secret",
+        "spill_dir",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:

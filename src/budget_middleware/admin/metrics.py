@@ -74,6 +74,12 @@ def _families(budgets: Sequence[BudgetOut], engine: Any, now: float) -> Iterator
     failures = CounterMetricFamily("budget_flush_failures", "Flushes that failed and were kept")
     failures.add_metric([], stats.flush_failures)
     yield failures
+    spilled = CounterMetricFamily(
+        "budget_spilled_batches",
+        "Batches of charges kept on disk while the store was down (BUDGET_SPILL_DIR)",
+    )
+    spilled.add_metric([], stats.spilled_batches)
+    yield spilled
     rejected = CounterMetricFamily(
         "budget_rejected",
         "Usage records and counter charges the store refused, set aside (GET /usage/rejected)",

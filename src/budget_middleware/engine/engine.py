@@ -41,6 +41,7 @@ from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable,
 from budget_middleware.settings import BudgetSettings, raised_again
 from budget_middleware.store.counters import CounterBackend, MemoryCounters
 from budget_middleware.store.database import KeyRecord, Store
+from budget_middleware.store.spill import Spill, default_spill_root, spill_folder
 
 if TYPE_CHECKING:
     from budget_middleware.engine.exchange import Exchange
@@ -85,6 +86,8 @@ class Stats:
     flush_failures: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # set aside, by kind
     shadow_refusals: dict[str, int] = field(default_factory=dict)  # by code (SPEC §14)
+    spilled_batches: int = 0  # written to disk while the store was down (`store.spill`)
+    spill_failures: int = 0
 
 
 @dataclass(slots=True)
@@ -96,6 +99,7 @@ class Batch:
     deltas: list[Delta]
     records: list[UsageRecord]
     refused: int = 0  # writes that failed while the store took others
+    path: str | None = None  # its copy on disk, while the store cannot take it (`store.spill`)
 
     @property
     def size(self) -> int:
@@ -120,6 +124,16 @@ class Batch:
             Batch(hashlib.sha256(f"{self.id}/{n}".encode()).hexdigest()[:32], *part)
             for n, part in enumerate(parts)
         ]
+
+
+def _spill_for(settings: BudgetSettings) -> Spill | None:
+    """The spill folder of this store; none for a store in memory (it goes with the process)."""
+    url = settings.database_url
+    base = url.split("?", 1)[0]
+    if base.endswith(":memory:") or base.rstrip("/") in ("sqlite:", "sqlite+pysqlite:"):
+        return None
+    root = settings.spill_dir if settings.spill_dir is not None else default_spill_root()
+    return Spill(spill_folder(root, url))
 
 
 _RESET_WAIT_SECONDS = 30.0
@@ -178,6 +192,9 @@ class BudgetEngine:
         self.records: list[UsageRecord] = []
         # Batches taken and not yet written, oldest first: retried before anything newer.
         self.unwritten: list[Batch] = []
+        # Where batches wait on disk while the store is down (None: a store in memory).
+        self.spill = _spill_for(settings)
+        self._spilled = self.spill is not None  # batches may wait there: look at start-up
         # Set aside (the store refuses them) and not yet saved in its table of rejects.
         self.rejects_to_save: list[tuple[str, str, str, float]] = []
         self.startup_hooks: list[Callable[[Store], None]] = []
@@ -409,6 +426,9 @@ class BudgetEngine:
         self.records = []
         self.unwritten = []
         self.rejects_to_save = []
+        if self.spill is not None:
+            self.spill.pid = self._pid  # the parent's files stay the parent's
+            self._spilled = True
         self.registry.forget_the_parent_s()
         self.store.engine.dispose(close=False)  # the parent's connections stay the parent's
         self.counters.after_fork_in_child()
@@ -441,11 +461,21 @@ class BudgetEngine:
                     await flusher
         await self.alerts.stop()
         if not await self.flush():
-            logger.error(
-                "budget-middleware could not write %d usage records at shutdown: the store is "
-                "unreachable",
-                self.pending_records,
-            )
+            if self.spill is not None and all(b.path is not None for b in self.unwritten):
+                await anyio.to_thread.run_sync(self.spill.give_up)
+                self.unwritten = []  # on disk, and anyone's: not this engine's to write
+                logger.warning(
+                    "budget-middleware could not write its pending charges at shutdown: the "
+                    "store is unreachable. They wait in %s, and the next engine on this store "
+                    "writes them",
+                    self.spill.folder,
+                )
+            else:
+                logger.error(
+                    "budget-middleware could not write %d usage records at shutdown: the "
+                    "store is unreachable",
+                    self.pending_records,
+                )
         try:
             await asyncio.wait_for(self.counters.stop(), grace)
         except TimeoutError:
@@ -484,6 +514,7 @@ class BudgetEngine:
                 if self.clock() - last_sweep >= SWEEP_SECONDS:
                     last_sweep = self.clock()
                     await self.sweep()
+                    self._spilled = self.spill is not None  # a gone process's, since?
             except Exception:  # the loop must survive anything; the next round retries
                 logger.exception("budget-middleware flusher round failed")
 
@@ -735,11 +766,15 @@ class BudgetEngine:
             ledger = self.registry.ledger
             while True:
                 if not self.unwritten:
-                    deltas = self.counters.take_deltas()
-                    records, self.records = self.records, []
-                    if not deltas and not records:
-                        return not self.rejects_to_save or await self._save_rejects()
-                    self.unwritten.append(Batch(uuid.uuid4().hex, deltas, records))
+                    spilled = await self._spilled_batch()
+                    if spilled is not None:  # written before anything newer, oldest first
+                        self.unwritten.append(spilled)
+                    else:
+                        deltas = self.counters.take_deltas()
+                        records, self.records = self.records, []
+                        if not deltas and not records:
+                            return not self.rejects_to_save or await self._save_rejects()
+                        self.unwritten.append(Batch(uuid.uuid4().hex, deltas, records))
                 batch = self.unwritten[0]
                 try:
                     await anyio.to_thread.run_sync(
@@ -762,18 +797,79 @@ class BudgetEngine:
                     refused = await self._refused(batch)
                     if refused is None:  # unreachable, or read-only: an outage, wait for it
                         self._store_failed(exc)
+                        await self._spill_behind()
                         return False
                     if refused:
                         batch.refused += 1
                         if batch.refused >= 2:
-                            self.unwritten[0:1] = self._split(batch, exc)
+                            halves = self._split(batch, exc)
+                            self.unwritten[0:1] = halves
+                            if batch.path is not None:  # the halves on disk in its place
+                                await self._spill_all(halves)
+                                self._unspill(batch.path)
                         continue
                 self.unwritten.pop(0)
+                if batch.path is not None:
+                    self._unspill(batch.path)
                 self._transient_failures = 0
                 for d in batch.deltas:
                     ledger.confirmed(d.kind, d.id, d.start_ts, d.amount)
                 self.store_ok = True
                 self.stats.last_flush_at = self.clock()
+
+    async def _spilled_batch(self) -> Batch | None:
+        """The oldest batch waiting on disk that this process may write (its own, or a gone
+        process's), while any may wait there; None otherwise."""
+        spill = self.spill
+        if spill is None or not self._spilled:
+            return None
+        found = await anyio.to_thread.run_sync(spill.oldest)
+        if found is None:
+            self._spilled = False  # none left: look again when this process spills, or sweeps
+            return None
+        path, batch_id, deltas, records = found
+        return Batch(batch_id, deltas, records, path=path)
+
+    async def _spill_behind(self) -> None:
+        """The store is down: what is pending now goes into a batch of its own, and every batch
+        not yet on disk is written there; in memory stays only the batch retried first. So an
+        outage holds at most a round's charges in memory alone, however long it lasts, and a
+        process that stops or dies meanwhile leaves them for the next one to write."""
+        if self.spill is None:
+            return
+        deltas = self.counters.take_deltas()
+        records, self.records = self.records, []
+        if deltas or records:
+            self.unwritten.append(Batch(uuid.uuid4().hex, deltas, records))
+        await self._spill_all(self.unwritten)
+        first, rest = self.unwritten[0], self.unwritten[1:]
+        self.unwritten = [first, *(b for b in rest if b.path is None)]  # the rest on disk
+
+    async def _spill_all(self, batches: list[Batch]) -> None:
+        spill = self.spill
+        assert spill is not None
+        for batch in batches:
+            if batch.path is None:
+                try:
+                    batch.path = await anyio.to_thread.run_sync(
+                        spill.write, batch.id, batch.deltas, batch.records
+                    )
+                except OSError as exc:  # kept in memory, as without a spill folder
+                    self.stats.spill_failures += 1
+                    if self.stats.spill_failures in (1, 100, 10_000):
+                        logger.error(
+                            "budget-middleware cannot keep unwritten charges on disk in %s "
+                            "(%s): they stay in memory until the store is back",
+                            spill.folder,
+                            exc,
+                        )
+                    return
+                self._spilled = True
+                self.stats.spilled_batches += 1
+
+    def _unspill(self, path: str) -> None:
+        assert self.spill is not None
+        self.spill.remove(path)
 
     async def _refused(self, batch: Batch) -> bool | None:
         """After a failed write: None when the store takes no writes at all; False when the

@@ -1,0 +1,208 @@
+"""Batches the store could not take, kept on local disk until it can (`BUDGET_SPILL_DIR`).
+
+While the store is down, the flusher writes each batch of charges and usage records here rather
+than hold them all in memory, and a process that stops (or dies) during the outage leaves them
+here. Any process on the same store takes them back, oldest first, when it next writes: its
+own, and those of engines that are gone (a live one takes back its own: it still counts them as
+charges the store has not confirmed; an engine that shuts down leaves its own to anyone). A batch
+keeps its id,
+so one written twice (taken back after a crash between the write and the file's removal) is
+applied once: the store skips a batch id it has applied.
+
+One file a batch, `<ns>-<pid>-<engine>-<batch id>.json`, written whole (a temporary file
+renamed) under a folder named after the store's URL: a spill is only applied to its own store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from budget_middleware.core.records import Delta, UsageRecord
+
+logger = logging.getLogger("budget_middleware")
+
+_VERSION = 1
+_SUFFIX = ".json"
+
+
+def default_spill_root() -> Path:
+    """`$XDG_STATE_HOME/budget-middleware/spill`, or `~/.local/state/budget-middleware/spill`."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "budget-middleware" / "spill"
+
+
+def spill_folder(root: Path, database_url: str) -> Path:
+    """The folder of one store's spilled batches (named by its URL's hash: no password shown)."""
+    return root / hashlib.sha256(database_url.encode()).hexdigest()[:16]
+
+
+_GONE = 0  # the pid of files an engine gave up at its shutdown: anyone's
+
+
+class Spill:
+    """One store's folder of spilled batches, for one engine of one process."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.pid = os.getpid()
+        self.engine = uuid.uuid4().hex[:12]  # two engines of one process keep theirs apart
+        self._warned = False
+
+    def write(self, batch_id: str, deltas: Sequence[Delta], records: Sequence[UsageRecord]) -> str:
+        """Write one batch whole; its file's path. Raises OSError when it cannot."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{self.pid}-{self.engine}-{batch_id}{_SUFFIX}"
+        final = self.folder / name
+        partial = self.folder / (name + ".part")
+        data = orjson.dumps(
+            {
+                "version": _VERSION,
+                "id": batch_id,
+                "deltas": [_delta_out(d) for d in deltas],
+                "records": [r._asdict() for r in records],
+            }
+        )
+        with open(partial, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, final)
+        _sync_folder(self.folder)
+        return str(final)
+
+    def oldest(self) -> tuple[str, str, list[Delta], list[UsageRecord]] | None:
+        """The oldest batch this process may take back (its own, or a gone process's): its
+        path, id, deltas and records; None when there is none. A file that cannot be read is
+        renamed `.bad` and logged, never retried for ever."""
+        try:
+            names = self._names()
+        except OSError as exc:
+            self._warn(f"cannot read the spill folder {self.folder}: {exc}")
+            return None
+        for name in names:
+            if not self._may_take(name):
+                continue
+            path = self.folder / name
+            try:
+                data = orjson.loads(path.read_bytes())
+                if data.get("version") != _VERSION:
+                    raise ValueError(f"version {data.get('version')!r}")
+                deltas = [_delta_in(d) for d in data["deltas"]]
+                records = [_record_in(r) for r in data["records"]]
+                return str(path), str(data["id"]), deltas, records
+            except FileNotFoundError:
+                continue  # taken back by another process meanwhile
+            except Exception as exc:
+                logger.error("budget-middleware: spilled batch %s cannot be read: %s", path, exc)
+                with contextlib.suppress(OSError):
+                    os.replace(path, str(path) + ".bad")
+        return None
+
+    def remove(self, path: str) -> None:
+        """The batch of `path` is in the store: its file goes (gone already is fine)."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self._warn(f"cannot remove the written batch {path}: {exc}")
+
+    def give_up(self) -> int:
+        """This engine stops: its batches left on disk are anyone's (the next engine on this
+        store, in this process or another, writes them). How many there are."""
+        given = 0
+        for name in self._names():
+            parts = name.split("-", 3)
+            if len(parts) == 4 and parts[1] == str(self.pid) and parts[2] == self.engine:
+                gone = "-".join([parts[0], str(_GONE), parts[2], parts[3]])
+                try:
+                    os.replace(self.folder / name, self.folder / gone)
+                    given += 1
+                except OSError as exc:
+                    self._warn(f"cannot leave {name} to the next process: {exc}")
+        return given
+
+    def _names(self) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self.folder) if e.name.endswith(_SUFFIX))
+        except FileNotFoundError:
+            return []
+
+    def _may_take(self, name: str) -> bool:
+        parts = name.split("-", 3)
+        if len(parts) != 4 or not parts[1].isdigit():
+            return False
+        pid = int(parts[1])
+        if pid == self.pid:
+            return parts[2] == self.engine  # another engine of this process keeps its own
+        return pid == _GONE or not _alive(pid)
+
+    def _warn(self, text: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.error("budget-middleware: %s", text)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's: alive
+    except OSError:
+        return False
+    return True
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _delta_out(d: Delta) -> dict[str, Any]:
+    return {
+        "kind": d.kind,
+        "id": d.id,
+        "window_start": d.window_start.isoformat(),
+        "window_end": d.window_end.isoformat(),
+        "amount": d.amount,
+        "start_ts": d.start_ts,
+        "ended_from": None if d.ended_from is None else d.ended_from.isoformat(),
+    }
+
+
+def _delta_in(d: dict[str, Any]) -> Delta:
+    ended = d["ended_from"]
+    return Delta(
+        kind=d["kind"],
+        id=d["id"],
+        window_start=datetime.fromisoformat(d["window_start"]),
+        window_end=datetime.fromisoformat(d["window_end"]),
+        amount=int(d["amount"]),
+        start_ts=float(d["start_ts"]),
+        ended_from=None if ended is None else datetime.fromisoformat(ended),
+    )
+
+
+def _record_in(r: dict[str, Any]) -> UsageRecord:
+    r["tags"] = tuple(r["tags"])
+    return UsageRecord(**r)
