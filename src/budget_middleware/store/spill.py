@@ -4,10 +4,9 @@ While the store is down, the flusher writes each batch of charges and usage reco
 than hold them all in memory, and a process that stops (or dies) during the outage leaves them
 here. Any process on the same store takes them back, oldest first, when it next writes: its
 own, and those of engines that are gone (a live one takes back its own: it still counts them as
-charges the store has not confirmed; an engine that shuts down leaves its own to anyone). A batch
-keeps its id,
-so one written twice (taken back after a crash between the write and the file's removal) is
-applied once: the store skips a batch id it has applied.
+charges the store has not confirmed; an engine that shuts down leaves its own to anyone). A
+batch keeps its id, so one written twice (taken back after a crash between the write and the
+file's removal) is applied once: the store skips a batch id it has applied.
 
 One file a batch, `<ns>-<pid>-<engine>-<batch id>.json`, written whole (a temporary file
 renamed) under a folder named after the store's URL: a spill is only applied to its own store.
