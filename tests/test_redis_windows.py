@@ -454,3 +454,42 @@ async def test_what_the_other_instance_settled_before_a_reset_stays_in_the_old_w
     print(f"stored for the new window: ${spent / 1e9:.2f}")
     assert (admitted, code) == (80, "budget_exceeded")
     assert spent == 100 * CENT
+
+
+async def test_charges_another_instance_had_not_written_survive_redis_restarting_empty(
+    tmp_path: Path,
+) -> None:
+    """$1 a day (100 requests of $0.01) on two instances. A spends $0.50 through Redis, which
+    restarts empty before A's flusher has written it; B's next admission seeds the window key
+    from the store, without A's $0.50: 150 were admitted on a limit of 100 (a fault hunt's).
+    A's heartbeat finds its mark gone and adds what B's seed could not hold."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        async with instances(tmp_path, server.url, flush_interval_seconds=1) as (one, two, _):
+            one_app, two_app = host(one), host(two)
+            async with (
+                running(one_app),
+                running(two_app),
+                client(one_app) as a,
+                client(two_app) as b,
+            ):
+                key, budget = dollar_key(one)
+                await spend(a, key, 50)  # $0.50, in Redis; written to the store within a second
+                server.stop()
+                server.start()  # empty
+                first = await b.post("/v1/chat/completions", json=BODY, headers=auth(key))
+                await asyncio.sleep(2.5)  # heartbeats (and A's flusher) go round
+                admitted_b, code_b = await spend_until_refused(b, key)
+                admitted_a, code_a = await spend_until_refused(a, key)
+                stored = await written_spend(budget, one, two)
+    finally:
+        server.stop()
+    admitted = 50 + (first.status_code == 200) + admitted_b + admitted_a
+    print(
+        f"A spent 50, Redis restarted empty, B seeded first: B then {admitted_b} ({code_b}), "
+        f"A {admitted_a} ({code_a}); admitted {admitted} on a limit of 100, overshoot "
+        f"{admitted - 100}; store holds ${stored / 1e9:.2f}"
+    )
+    assert stored == admitted * 10_000_000
+    assert admitted == 100

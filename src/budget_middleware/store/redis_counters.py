@@ -168,6 +168,14 @@ class RedisCounters(CounterBackend):
         self.ledger.before_reset_elsewhere = self._keep_the_old_window_s
         self._state = _Failure()
         self._heartbeat: asyncio.Task[None] | None = None
+        # Should Redis lose its data, another instance may seed a window key from the store
+        # before this one: the charges this instance added to that key and the store did not hold
+        # then are in no key. Its heartbeat finds its mark gone and adds them again: what is not
+        # written, and what was written since the heartbeat before (it may have been written
+        # after that seed; twice at worst, never lost), except in keys its own seed took.
+        self._seeded: set[str] = set()  # window keys seeded by this instance since the last beat
+        self._written: dict[tuple[str, str, float], int] = {}  # flushed since the last beat
+        self._beaten = False  # a first heartbeat finds no mark: nothing was lost
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -211,6 +219,10 @@ class RedisCounters(CounterBackend):
         self._beat = self.client.register_script(_script("heartbeat.lua"))
         self._mark = self.client.register_script(_script("mark_reset.lua"))
         self._loop = asyncio.get_running_loop()
+        with contextlib.suppress(RedisError, OSError):  # the mark, before anything is charged
+            mark_ms = int(max(self.slot_ttl * 4, 60) * 1000)
+            await self.client.set(f"{self.prefix}i:{self._instance}", "1", px=mark_ms)
+            self._beaten = True
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     async def stop(self) -> None:
@@ -283,6 +295,9 @@ class RedisCounters(CounterBackend):
 
     def take_deltas(self) -> list[Delta]:
         deltas = super().take_deltas()
+        for d in deltas:
+            window = (d.kind, d.id, d.start_ts)
+            self._written[window] = self._written.get(window, 0) + d.amount
         self._since.clear()  # nothing is pending any more
         self._takes += 1
         return deltas
@@ -569,7 +584,8 @@ class RedisCounters(CounterBackend):
             args += [max(value + unwritten, 0), self._ttl_ms(counter, now)]
         assert self._seed is not None
         if keys:
-            await self._seed(keys=keys, args=args)
+            done = await self._seed(keys=keys, args=args)
+            self._seeded.update(k for k, d in zip(keys, done, strict=False) if int(d))
         if moved:
             raise _Moved
 
@@ -658,6 +674,20 @@ class RedisCounters(CounterBackend):
             self._owe(budget, cost, in_transit)
         for counter in limits.tokens:
             self._owe(counter, tokens, in_transit)
+
+    def _owe_unwritten(self, seeded: set[str], written: dict[tuple[str, str, float], int]) -> None:
+        """Redis lost its data: this instance's charges to the current windows that a seed by
+        another instance may have missed are owed to it (`pay_debts` adds them)."""
+        now = self.clock()
+        for windows in self.registry.windows.values():
+            for counter in windows.values():
+                key = self.window_key(counter)
+                if key in seeded or not counter.start <= now < counter.end:
+                    continue
+                mine = counter.unwritten(self.ledger) - self._transit.get(counter, 0)
+                mine += written.get((counter.kind, counter.id, counter.start), 0)
+                if mine > 0:
+                    self._owe(counter, mine)
 
     async def pay_debts(self) -> None:
         """Release the holds of requests settled without Redis; add what was charged without
@@ -890,7 +920,13 @@ class RedisCounters(CounterBackend):
                     args += [ticket.request_id, "h", ticket.reservation]
                 else:
                     args += [ticket.request_id, "z", 0]
+        seeded, self._seeded = self._seeded, set()
+        written, self._written = self._written, {}
         lost, restored = await self._beat(keys=keys, args=args)
+        owe = int(lost) and self._beaten
+        if owe:
+            self._owe_unwritten(seeded, written)
+        self._beaten = True
         if int(lost):
             # Written again in a body: a request that settled meanwhile lets its holds go.
             settled = [t for t in beating if t.request_id not in live]
@@ -909,6 +945,8 @@ class RedisCounters(CounterBackend):
                     "in flight here; they are held again",
                     int(restored),
                 )
+        if owe and self._owed:
+            await self.pay_debts()
         self._recovered()
 
     # -- faults --------------------------------------------------------------------------
