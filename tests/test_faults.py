@@ -9,9 +9,14 @@ overshoot, lost.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -21,20 +26,24 @@ from sqlalchemy import text
 from sqlmodel import col, func, select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, create_admin_app, get_engine
-from budget_middleware.core.records import UsageRecord
+from budget_middleware.core.records import Delta, UsageRecord
+from budget_middleware.core.times import FAR_FUTURE, from_ts
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.exchange import MAX_CHARGE_NANOS, MAX_TOKENS
+from budget_middleware.store.spill import Spill
 from budget_middleware.store.tables import BudgetRow, UsageRecordRow
 from conftest import POSTGRES_BASE_URL, need_postgres
 from support import Clock, client, running
 
 from service_support import (  # isort: skip
     PrivateRedis,
+    free_port,
     private_database,
     set_read_only,
     tcp_proxy,
     unique_prefix,
     use_prefix,
+    wait_for_port,
 )
 
 CENT = 10_000_000  # $0.01 in nano-dollars
@@ -715,12 +724,6 @@ def test_only_batches_of_this_engine_or_a_gone_one_are_taken_back(tmp_path: Any)
     """A live engine writes its own spilled batches (it still counts them as charges the store
     has not confirmed): another live process's, or another engine's of this process, are not
     taken; a dead process's are anyone's, and so are those an engine gave up as it shut down."""
-    import os
-    import subprocess
-    import sys
-
-    from budget_middleware.store.spill import Spill
-
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     mine, sibling = Spill(tmp_path), Spill(tmp_path)
@@ -750,27 +753,28 @@ def test_only_batches_of_this_engine_or_a_gone_one_are_taken_back(tmp_path: Any)
     assert (first, given, then, left) == (["dead", "mine"], 1, ["sibling"], ["live.json"])
 
 
-def test_charges_of_a_server_killed_in_an_outage_are_written_by_the_next_process(
-    postgres_database: str, tmp_path: Any
-) -> None:
-    """uvicorn serving the example app, the store read-only: 40 requests answered, then the
-    server is killed (SIGKILL: no shutdown, no exit handler). Before, every charge it held in
-    memory was lost; now all but the last flush round's are on disk (none, once it has run),
-    and the next process writes them."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
+class Killed(NamedTuple):
+    """What `killed_in_an_outage` left: the key's id, what the server's answers said was left
+    of its $10 budget, the spill files, and the settings (for the next process)."""
 
-    from service_support import free_port, wait_for_port
+    key_id: str
+    budget_id: str
+    remaining: list[float]
+    files: list[Path]
+    settings: BudgetSettings
 
+
+def killed_in_an_outage(postgres_database: str, tmp_path: Any, requests: int) -> Killed:
+    """uvicorn serving the example app (a flush round every 0.05 s); one request written, then
+    the store read-only and `requests` more answered; then SIGKILL (no shutdown, no exit
+    handler), a second after the last answer (the flusher's rounds fail, and spill)."""
     spill = tmp_path / "spill"
     settings = settings_for(postgres_database, spill_dir=spill)
     local = BudgetEngine(settings)
     key = local.manager.create_virtual_key(
         name="alice", budgets=[{"max_limit": 10, "reset_duration": None}]
     )
+    local.store.dispose()
     port = free_port()
     examples = Path(__file__).resolve().parents[1] / "examples"
     env = {
@@ -787,25 +791,27 @@ def test_charges_of_a_server_killed_in_an_outage_are_written_by_the_next_process
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
             assert http.post("/v1/chat/completions", json=chat(), headers=auth).status_code == 200
             set_read_only(postgres_database, True)
-            remaining = [
-                float(
-                    http.post("/v1/chat/completions", json=chat(), headers=auth).headers.get(
-                        "x-budget-remaining", "0"
-                    )
-                )
-                for _ in range(40)
-            ]
-        time.sleep(1.0)  # a few rounds of the flusher: each fails, and spills
+            remaining = []
+            for _ in range(requests):
+                answer = http.post("/v1/chat/completions", json=chat(), headers=auth)
+                assert answer.status_code == 200
+                remaining.append(float(answer.headers["x-budget-remaining"]))
+        time.sleep(1.0)
         os.kill(server.pid, signal.SIGKILL)
         server.wait(10)
     finally:
         if server.poll() is None:
             server.kill()
             server.wait(10)
-    files = sorted(spill.glob("*/*.json"))
     set_read_only(postgres_database, False)
-    written_before = records(local, key.id)[0]
-    nxt = BudgetEngine(settings)
+    files = sorted(spill.glob("*/*.json"))
+    return Killed(key.id, key.budgets[0].id, remaining, files, settings)
+
+
+def written_by_the_next_process(killed: Killed) -> tuple[int, int, int]:
+    """A next process on the store writes what waits on disk: (records, their cost, the
+    budget's stored usage) of the key, read after it."""
+    nxt = BudgetEngine(killed.settings)
 
     async def write() -> None:
         await nxt.ensure_started()
@@ -813,16 +819,212 @@ def test_charges_of_a_server_killed_in_an_outage_are_written_by_the_next_process
         await nxt.shutdown()
 
     asyncio.run(write())
-    count, total = records(local, key.id)
-    stored = budget_usage(local, key.budgets[0].id)
-    local.store.dispose()
-    spent = round((10 - remaining[-1]) * 1e9)  # what the server's live counter had charged
+    reader = BudgetEngine(killed.settings)
+    count, total = records(reader, killed.key_id)
+    stored = budget_usage(reader, killed.budget_id)
+    reader.store.dispose()
+    return count, total, stored
+
+
+def test_charges_of_a_server_killed_in_an_outage_are_written_by_the_next_process(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """40 requests answered in the outage, then the server is killed. Before, every charge it
+    held in memory was lost; now all but the last flush round's are on disk (none, once it has
+    run), and the next process writes them."""
+    killed = killed_in_an_outage(postgres_database, tmp_path, 40)
+    count, total, stored = written_by_the_next_process(killed)
+    spent = round((10 - killed.remaining[-1]) * 1e9)  # as the server's live counter had it
     print(
-        f"killed with {len(files)} spilled batches; records in the store {written_before} "
-        f"before, {count} after (41 answered); ${total / 1e9:.6f} recorded, ${stored / 1e9:.6f} "
-        f"on the budget, the server's last answer said ${spent / 1e9:.6f} spent"
+        f"killed with {len(killed.files)} spilled batches; {count} records written by the next "
+        f"process (41 answered); ${total / 1e9:.6f} recorded, ${stored / 1e9:.6f} on the "
+        f"budget, the server's last answer said ${spent / 1e9:.6f} spent"
     )
-    assert files
+    assert killed.files
     assert count == 41
     assert stored == total
     assert abs(stored - spent) <= total // 41  # the last answer's own charge came after it
+
+
+def test_a_killed_process_s_spill_is_written_by_the_next_one_with_its_pid(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """The next process comes up with the killed one's pid (pid 1 of a restarted container, a
+    reused pid: emulated by naming the files with this process's pid). It took them for another
+    engine's of its own process, and never wrote them (a review's: 0 of 21 written)."""
+    killed = killed_in_an_outage(postgres_database, tmp_path, 20)
+    assert killed.files
+    for path in killed.files:
+        ns, _pid, rest = path.name.split("-", 2)
+        path.rename(path.with_name(f"{ns}-{os.getpid()}-{rest}"))
+    count, total, stored = written_by_the_next_process(killed)
+    left = sorted((tmp_path / "spill").glob("*/*.json"))
+    print(
+        f"killed with {len(killed.files)} spilled batches; the next process (same pid) wrote "
+        f"{count} records of 21 answered, ${stored / 1e9:.6f} on the budget; {len(left)} files left"
+    )
+    assert (count, stored, left) == (21, total, [])
+
+
+async def test_a_gone_engine_s_batch_takes_nothing_off_this_engine_s_unwritten_charges(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """A gone engine's spilled batch, written by this one, was confirmed in this engine's
+    ledger: it took its amount off this engine's own unwritten charges of the window, and the
+    live counter, re-read from the store in an outage, read $0.09 for $0.12 spent (a review's)."""
+    settings = settings_for(
+        postgres_database, spill_dir=tmp_path / "spill", flush_interval_seconds=30
+    )
+    engine = BudgetEngine(settings)
+    app = fault_app(engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 1, "reset_duration": None}]
+        )
+        await engine.invalidate()
+        budget_id = key.budgets[0].id
+
+        async def ask(times: int) -> None:
+            for _ in range(times):
+                answer = await http.post(
+                    "/v1/chat/completions", json=chat(), headers=bearer(key.value)
+                )
+                assert answer.status_code == 200
+
+        await ask(1)
+        assert await engine.flush()  # $0.01 in the store
+        counter = engine.registry.counter("budget", budget_id)
+        assert counter is not None
+        set_read_only(postgres_database, True)
+        await ask(3)
+        assert not await engine.flush()  # batch 1 ($0.03): in memory and on disk
+        # A gone engine's batch of the same window ($0.05), given up at its shutdown.
+        gone = Spill(engine.spill.folder)  # type: ignore[union-attr]
+        gone.pid = 0
+        start = counter.start
+        gone.write(
+            "gone-batch",
+            [Delta("budget", budget_id, from_ts(start), from_ts(FAR_FUTURE), 5 * CENT, start)],
+            [],
+        )
+        await ask(3)
+        assert not await engine.flush()  # batch 2 ($0.03): on disk
+        set_read_only(postgres_database, False)
+        applied = engine.store.apply_flush
+
+        def apply_then_outage(batch_id: str, deltas: Any, records: Any) -> None:
+            applied(batch_id, deltas, records)
+            if batch_id == "gone-batch":
+                set_read_only(postgres_database, True)  # the store goes again, right after it
+
+        engine.store.apply_flush = apply_then_outage  # type: ignore[method-assign]
+        assert not await engine.flush()
+        await engine.counters.refresh()  # the store can be read: the live counter is re-read
+        live = counter.value
+        set_read_only(postgres_database, False)
+        engine.store.apply_flush = applied  # type: ignore[method-assign]
+    spent = 1 + 3 + 3 + 5
+    print(
+        f"spent ${spent / 100:.2f} (this engine's $0.07 and a gone one's $0.05); with its own "
+        f"$0.03 still unwritten, the live counter reads ${live / 1e9:.2f}: "
+        f"{(spent * CENT - live) / 1e9:+.2f} of the limit lifted"
+    )
+    assert live == spent * CENT
+
+
+# -- Redis restarted empty, another instance seeding first ------------------------------------
+
+
+async def _drop(*engines: BudgetEngine) -> None:
+    """Redis restarted: the pools' old connections go (as the first failed call would drop)."""
+    for engine in engines:
+        client_ = engine.counters.client  # type: ignore[attr-defined]
+        await client_.connection_pool.disconnect()
+
+
+async def _until_refused(key: str, *https: httpx.AsyncClient) -> int:
+    admitted = 0
+    for _ in range(100):
+        for http in https:
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+            assert answer.status_code in (200, 402), answer.text
+            if answer.status_code == 402:
+                return admitted
+            admitted += 1
+    return admitted
+
+
+async def _scenario(postgres_database: str, tmp_path: Any, outage: bool) -> tuple[int, int]:
+    server = PrivateRedis()
+    server.start()
+    prefix = unique_prefix()
+    try:
+        # Flush and heartbeat every 30 s: the test runs them itself, in the order it needs.
+        settings = settings_for(
+            postgres_database,
+            redis_url=server.url,
+            flush_interval_seconds=30,
+            spill_dir=tmp_path / "spill",
+        )
+        a, b = BudgetEngine(settings), BudgetEngine(settings)
+        use_prefix(a, prefix)
+        use_prefix(b, prefix)
+        app_a, app_b = fault_app(a), fault_app(b)
+        async with running(app_a), running(app_b), client(app_a) as ha, client(app_b) as hb:
+            key = a.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 0.25, "reset_duration": None}]
+            )
+            await a.invalidate()
+            await b.invalidate()
+
+            async def ask(http: httpx.AsyncClient, times: int) -> None:
+                for _ in range(times):
+                    answer = await http.post(
+                        "/v1/chat/completions", json=chat(), headers=bearer(key.value)
+                    )
+                    assert answer.status_code == 200, answer.text
+
+            if outage:
+                await ask(ha, 5)
+                assert await a.flush()  # $0.05 in the store
+                await a.counters.heartbeat()
+                set_read_only(postgres_database, True)
+                await ask(ha, 5)  # $0.10 in Redis's key
+                assert not await a.flush()  # taken (and spilled); not written
+                await a.counters.heartbeat()  # a beat: Redis still has everything
+            else:
+                await a.counters.heartbeat()
+                await ask(ha, 5)  # A seeds the key (the first of its window), $0.05 in it
+            server.kill(keep_data=False)
+            server.start()
+            await _drop(a, b)
+            await ask(hb, 1)  # B seeds the key from the store, then adds its $0.01
+            if outage:
+                set_read_only(postgres_database, False)
+                assert await a.flush()  # A's $0.05 written after B read the store
+            await a.counters.heartbeat()  # A finds its mark gone: adds what B's seed missed
+            spent_before = 11 if outage else 6
+            more = await _until_refused(key.value, ha, hb)
+            assert await a.flush() and await b.flush()
+            count, _ = records(a, key.id)
+    finally:
+        server.stop()
+    return spent_before + more, count
+
+
+@pytest.mark.parametrize("outage", [True, False], ids=["written-after-seed", "own-seed-lost"])
+async def test_a_redis_restart_lifts_no_limit_when_another_instance_seeds_first(
+    postgres_database: str, tmp_path: Any, outage: bool
+) -> None:
+    """Redis restarts empty and another instance seeds the key from the store first. The
+    heartbeat's re-add missed a charge taken before the last beat and written after that seed
+    (the store read-only meanwhile), and the charges of a key this instance had seeded itself
+    before the restart: 30 admitted on a $0.25 budget of $0.01 requests (a review's)."""
+    admitted, count = await _scenario(postgres_database, tmp_path, outage)
+    print(
+        f"{'store read-only meanwhile' if outage else 'no store outage'}: admitted {admitted} "
+        f"requests of $0.01 on a $0.25 budget ({count} records), overshoot "
+        f"${(admitted - 25) / 100:.2f}"
+    )
+    assert count == admitted
+    assert admitted <= 25

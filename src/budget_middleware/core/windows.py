@@ -260,6 +260,9 @@ class Ledger:
     # Told of a reset made elsewhere before a counter moves to it (`configure`), by a backend
     # that knows which unwritten charges the old window already holds (Redis's).
     before_reset_elsewhere: Callable[[WindowCounter, float], None] | None = None
+    # Told of each charge the store confirmed (Redis's backend: what a seed from the store
+    # read before it may have missed).
+    after_confirmed: Callable[[str, str, float, int], None] | None = None
 
     def taken(self, kind: str, id: str, start: float, amount: int) -> None:
         """A flush took this charge: it counts as ours until the store confirms it."""
@@ -269,6 +272,8 @@ class Ledger:
     def confirmed(self, kind: str, id: str, start: float, amount: int) -> None:
         """The store holds this charge now."""
         key = (kind, id, start)
+        if self.after_confirmed is not None:
+            self.after_confirmed(kind, id, start, amount)
         left = self.unconfirmed.get(key, 0) - amount
         if left > 0:
             self.unconfirmed[key] = left

@@ -100,6 +100,7 @@ class Batch:
     records: list[UsageRecord]
     refused: int = 0  # writes that failed while the store took others
     path: str | None = None  # its copy on disk, while the store cannot take it (`store.spill`)
+    own: bool = True  # taken by this engine's flush: its charges are in this engine's ledger
 
     @property
     def size(self) -> int:
@@ -121,7 +122,7 @@ class Batch:
             middle = len(records) // 2
             parts = [([], records[:middle]), ([], records[middle:])]
         return [
-            Batch(hashlib.sha256(f"{self.id}/{n}".encode()).hexdigest()[:32], *part)
+            Batch(hashlib.sha256(f"{self.id}/{n}".encode()).hexdigest()[:32], *part, own=self.own)
             for n, part in enumerate(parts)
         ]
 
@@ -427,7 +428,7 @@ class BudgetEngine:
         self.unwritten = []
         self.rejects_to_save = []
         if self.spill is not None:
-            self.spill.pid = self._pid  # the parent's files stay the parent's
+            self.spill.after_fork()  # the parent's files stay the parent's
             self._spilled = True
         self.registry.forget_the_parent_s()
         self.store.engine.dispose(close=False)  # the parent's connections stay the parent's
@@ -812,8 +813,9 @@ class BudgetEngine:
                 if batch.path is not None:
                     self._unspill(batch.path)
                 self._transient_failures = 0
-                for d in batch.deltas:
-                    ledger.confirmed(d.kind, d.id, d.start_ts, d.amount)
+                if batch.own:  # another engine's charges were never in this ledger
+                    for d in batch.deltas:
+                        ledger.confirmed(d.kind, d.id, d.start_ts, d.amount)
                 self.store_ok = True
                 self.stats.last_flush_at = self.clock()
 
@@ -828,7 +830,7 @@ class BudgetEngine:
             self._spilled = False  # none left: look again when this process spills, or sweeps
             return None
         path, batch_id, deltas, records = found
-        return Batch(batch_id, deltas, records, path=path)
+        return Batch(batch_id, deltas, records, path=path, own=spill.is_own(path))
 
     async def _spill_behind(self) -> None:
         """The store is down: what is pending now goes into a batch of its own, and every batch

@@ -166,15 +166,16 @@ class RedisCounters(CounterBackend):
         self._since: dict[WindowCounter, list[tuple[float, int]]] = {}
         self._takes = 0  # how many times the flusher took the pending charges
         self.ledger.before_reset_elsewhere = self._keep_the_old_window_s
+        self.ledger.after_confirmed = self._confirmed
         self._state = _Failure()
         self._heartbeat: asyncio.Task[None] | None = None
         # Should Redis lose its data, another instance may seed a window key from the store
         # before this one: the charges this instance added to that key and the store did not hold
         # then are in no key. Its heartbeat finds its mark gone and adds them again: what is not
-        # written, and what was written since the heartbeat before (it may have been written
-        # after that seed; twice at worst, never lost), except in keys its own seed took.
-        self._seeded: set[str] = set()  # window keys seeded by this instance since the last beat
-        self._written: dict[tuple[str, str, float], int] = {}  # flushed since the last beat
+        # written, and what the store confirmed since the heartbeat before (it may have been
+        # written after that seed), in every current window, its own seeds' too (they may have
+        # come before the loss): twice at worst, never lost.
+        self._written: dict[tuple[str, str, float], int] = {}  # confirmed since the last beat
         self._beaten = False  # a first heartbeat finds no mark: nothing was lost
 
     # -- life cycle ----------------------------------------------------------------------
@@ -295,12 +296,16 @@ class RedisCounters(CounterBackend):
 
     def take_deltas(self) -> list[Delta]:
         deltas = super().take_deltas()
-        for d in deltas:
-            window = (d.kind, d.id, d.start_ts)
-            self._written[window] = self._written.get(window, 0) + d.amount
         self._since.clear()  # nothing is pending any more
         self._takes += 1
         return deltas
+
+    def _confirmed(self, kind: str, id: str, start: float, amount: int) -> None:
+        """The store holds this charge now: a seed that read the store before may lack it, and
+        it is no longer unwritten (`_owe_unwritten`). Counted when confirmed, not when taken: a
+        write taken before the last beat may commit after another instance's seed."""
+        window = (kind, id, start)
+        self._written[window] = self._written.get(window, 0) + amount
 
     def _applied(self, counter: WindowCounter, window: float, amount: int) -> None:
         """A charge of the window starting at `window` that settle.lua added to that window's
@@ -584,8 +589,7 @@ class RedisCounters(CounterBackend):
             args += [max(value + unwritten, 0), self._ttl_ms(counter, now)]
         assert self._seed is not None
         if keys:
-            done = await self._seed(keys=keys, args=args)
-            self._seeded.update(k for k, d in zip(keys, done, strict=False) if int(d))
+            await self._seed(keys=keys, args=args)
         if moved:
             raise _Moved
 
@@ -675,14 +679,15 @@ class RedisCounters(CounterBackend):
         for counter in limits.tokens:
             self._owe(counter, tokens, in_transit)
 
-    def _owe_unwritten(self, seeded: set[str], written: dict[tuple[str, str, float], int]) -> None:
+    def _owe_unwritten(self, written: dict[tuple[str, str, float], int]) -> None:
         """Redis lost its data: this instance's charges to the current windows that a seed by
         another instance may have missed are owed to it (`pay_debts` adds them)."""
         now = self.clock()
         for windows in self.registry.windows.values():
             for counter in windows.values():
-                key = self.window_key(counter)
-                if key in seeded or not counter.start <= now < counter.end:
+                # A key this instance seeded since the last beat counts too: its seed may have
+                # come before Redis lost it (twice at worst, never lost).
+                if not counter.start <= now < counter.end:
                     continue
                 mine = counter.unwritten(self.ledger) - self._transit.get(counter, 0)
                 mine += written.get((counter.kind, counter.id, counter.start), 0)
@@ -920,12 +925,11 @@ class RedisCounters(CounterBackend):
                     args += [ticket.request_id, "h", ticket.reservation]
                 else:
                     args += [ticket.request_id, "z", 0]
-        seeded, self._seeded = self._seeded, set()
         written, self._written = self._written, {}
         lost, restored = await self._beat(keys=keys, args=args)
         owe = int(lost) and self._beaten
         if owe:
-            self._owe_unwritten(seeded, written)
+            self._owe_unwritten(written)
         self._beaten = True
         if int(lost):
             # Written again in a body: a request that settled meanwhile lets its holds go.

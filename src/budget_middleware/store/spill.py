@@ -47,6 +47,10 @@ def spill_folder(root: Path, database_url: str) -> Path:
 
 
 _GONE = 0  # the pid of files an engine gave up at its shutdown: anyone's
+# The engines made in this process (a forked child inherits its parent's: their files carry the
+# parent's pid). A file with this process's pid and an engine not made here was left by an
+# earlier process that had the same pid (pid 1 of a restarted container, a reused pid): gone.
+_ENGINES: set[str] = set()
 
 
 class Spill:
@@ -56,6 +60,7 @@ class Spill:
         self.folder = folder
         self.pid = os.getpid()
         self.engine = uuid.uuid4().hex[:12]  # two engines of one process keep theirs apart
+        _ENGINES.add(self.engine)
         self._warned = False
 
     def write(self, batch_id: str, deltas: Sequence[Delta], records: Sequence[UsageRecord]) -> str:
@@ -108,6 +113,17 @@ class Spill:
                     os.replace(path, str(path) + ".bad")
         return None
 
+    def is_own(self, path: str) -> bool:
+        """Whether the batch of `path` was spilled by this engine (given up since, or not)."""
+        parts = Path(path).name.split("-", 3)
+        return len(parts) == 4 and parts[2] == self.engine
+
+    def after_fork(self) -> None:
+        """In a forked child: an engine of its own (the parent's batches stay the parent's)."""
+        self.pid = os.getpid()
+        self.engine = uuid.uuid4().hex[:12]
+        _ENGINES.add(self.engine)
+
     def remove(self, path: str) -> None:
         """The batch of `path` is in the store: its file goes (gone already is fine)."""
         try:
@@ -144,7 +160,8 @@ class Spill:
             return False
         pid = int(parts[1])
         if pid == self.pid:
-            return parts[2] == self.engine  # another engine of this process keeps its own
+            # Another engine of this process keeps its own; an earlier process's are anyone's.
+            return parts[2] == self.engine or parts[2] not in _ENGINES
         return pid == _GONE or not _alive(pid)
 
     def _warn(self, text: str) -> None:
