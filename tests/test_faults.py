@@ -1028,3 +1028,48 @@ async def test_a_redis_restart_lifts_no_limit_when_another_instance_seeds_first(
     )
     assert count == admitted
     assert admitted <= 25
+
+
+async def test_an_admission_redis_ran_past_the_timeout_holds_no_slot(sqlite_url: str) -> None:
+    """One request at a time, Redis stalled (SIGSTOP) for 0.6 s as a request is admitted: the
+    client gives up after 0.2 s and answers 503, and Redis runs the admission once it wakes. Its
+    slot was then held until `BUDGET_SLOT_TTL_SECONDS` (30 s): the key answered 429 meanwhile,
+    for a request that was refused (a fault hunt's suspicion). Its holds are released now."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(sqlite_url, redis_url=server.url, redis_timeout_seconds=0.2)
+        engine = BudgetEngine(settings)
+        use_prefix(engine, unique_prefix())
+        app = fault_app(engine)
+        async with running(app), client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice",
+                rate_limit={"max_concurrent_requests": 1},
+                budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+            )
+            await engine.invalidate()
+            auth = bearer(key.value)
+            first = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+            assert server.process is not None
+            process = server.process
+            process.send_signal(signal.SIGSTOP)
+            asyncio.get_running_loop().call_later(0.6, process.send_signal, signal.SIGCONT)
+            stalled = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+            await asyncio.sleep(2.0)  # Redis awake, past the back-off; heartbeats go round
+            after = [
+                (await http.post("/v1/chat/completions", json=chat(), headers=auth)).status_code
+                for _ in range(3)
+            ]
+            holds = redis.Redis.from_url(server.url)
+            slots = sum(holds.zcard(k) for k in holds.scan_iter(match="*c:*"))
+            holds.close()
+    finally:
+        server.stop()
+    print(
+        f"first {first.status_code}, stalled {stalled.status_code}, then {after}; "
+        f"slots held in Redis at the end: {slots}"
+    )
+    assert (first.status_code, stalled.status_code) == (200, 503)
+    assert after == [200, 200, 200]
+    assert slots == 0

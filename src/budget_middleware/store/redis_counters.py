@@ -173,10 +173,17 @@ class RedisCounters(CounterBackend):
         # before this one: the charges this instance added to that key and the store did not hold
         # then are in no key. Its heartbeat finds its mark gone and adds them again: what is not
         # written, and what the store confirmed since the heartbeat before (it may have been
-        # written after that seed), in every current window, its own seeds' too (they may have
-        # come before the loss): twice at worst, never lost.
+        # written after that seed), in every current window but those it seeded itself after
+        # the loss (its mark gone: the seed holds its unwritten charges): twice at worst, never
+        # lost.
         self._written: dict[tuple[str, str, float], int] = {}  # confirmed since the last beat
+        self._seeded_after_loss: set[str] = set()  # window keys, since the last beat
         self._beaten = False  # a first heartbeat finds no mark: nothing was lost
+
+    @property
+    def _mark_key(self) -> str:
+        """This instance's mark: there, Redis has kept its data since the last heartbeat."""
+        return f"{self.prefix}i:{self._instance}"
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -189,6 +196,10 @@ class RedisCounters(CounterBackend):
         self._transit.clear()
         self._releases.clear()
         self._since.clear()
+        self._instance = uuid.uuid4().hex  # a mark of its own: the parent's is the parent's
+        self._written.clear()
+        self._seeded_after_loss.clear()
+        self._beaten = False
 
     def after_loop_closed(self) -> None:
         """The connections, the heartbeat and any seed under way were the closed loop's; debts
@@ -222,7 +233,7 @@ class RedisCounters(CounterBackend):
         self._loop = asyncio.get_running_loop()
         with contextlib.suppress(RedisError, OSError):  # the mark, before anything is charged
             mark_ms = int(max(self.slot_ttl * 4, 60) * 1000)
-            await self.client.set(f"{self.prefix}i:{self._instance}", "1", px=mark_ms)
+            await self.client.set(self._mark_key, "1", px=mark_ms)
             self._beaten = True
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
@@ -447,6 +458,11 @@ class RedisCounters(CounterBackend):
                 raise RedisError("budget windows kept moving while being admitted")
         except (RedisError, OSError) as exc:
             self._failed(exc)
+            # Redis may have run it all the same (an answer past the timeout): whatever it
+            # holds under this request's id is let go once it answers again, not left to fill
+            # a concurrency limit or a budget's room until it expires.
+            for limits, _ in candidates:
+                self._release_later(Ticket(limits, 0, request_id=request_id), now)
             return self._fallback(candidates, now, exc)
         except _StoreDown as exc:
             return self._fallback(candidates, now, exc.__cause__)
@@ -589,7 +605,10 @@ class RedisCounters(CounterBackend):
             args += [max(value + unwritten, 0), self._ttl_ms(counter, now)]
         assert self._seed is not None
         if keys:
-            await self._seed(keys=keys, args=args)
+            done = await self._seed(keys=[*keys, self._mark_key], args=args)
+            if not int(done[-1]):  # Redis lost its data since the last heartbeat
+                seeded = zip(keys, done[:-1], strict=True)
+                self._seeded_after_loss.update(k for k, d in seeded if int(d))
         if moved:
             raise _Moved
 
@@ -679,15 +698,18 @@ class RedisCounters(CounterBackend):
         for counter in limits.tokens:
             self._owe(counter, tokens, in_transit)
 
-    def _owe_unwritten(self, written: dict[tuple[str, str, float], int]) -> None:
+    def _owe_unwritten(
+        self, written: dict[tuple[str, str, float], int], seeded_here: set[str]
+    ) -> None:
         """Redis lost its data: this instance's charges to the current windows that a seed by
-        another instance may have missed are owed to it (`pay_debts` adds them)."""
+        another instance may have missed are owed to it (`pay_debts` adds them). `seeded_here`:
+        keys this instance seeded after the loss (its seed holds them)."""
         now = self.clock()
         for windows in self.registry.windows.values():
             for counter in windows.values():
-                # A key this instance seeded since the last beat counts too: its seed may have
-                # come before Redis lost it (twice at worst, never lost).
                 if not counter.start <= now < counter.end:
+                    continue
+                if self.window_key(counter) in seeded_here:
                     continue
                 mine = counter.unwritten(self.ledger) - self._transit.get(counter, 0)
                 mine += written.get((counter.kind, counter.id, counter.start), 0)
@@ -910,7 +932,7 @@ class RedisCounters(CounterBackend):
             return
         live = self._state.live
         now = self.clock()
-        keys = [f"{self.prefix}i:{self._instance}"]
+        keys = [self._mark_key]
         args: list[Any] = [
             int((now + self.slot_ttl) * 1000),
             int(self.slot_ttl * 2000),
@@ -927,9 +949,12 @@ class RedisCounters(CounterBackend):
                     args += [ticket.request_id, "z", 0]
         written, self._written = self._written, {}
         lost, restored = await self._beat(keys=keys, args=args)
+        # Taken once the mark is back: a seed of ours made before it found the mark gone (its
+        # key is here), one made after finds it there (and holds nothing of the loss).
+        seeded_here, self._seeded_after_loss = self._seeded_after_loss, set()
         owe = int(lost) and self._beaten
         if owe:
-            self._owe_unwritten(written)
+            self._owe_unwritten(written, seeded_here)
         self._beaten = True
         if int(lost):
             # Written again in a body: a request that settled meanwhile lets its holds go.
