@@ -9,6 +9,7 @@ overshoot, lost.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from support import Clock, client, running
 
 from service_support import (  # isort: skip
     PrivateRedis,
+    TcpProxy,
     free_port,
     private_database,
     set_read_only,
@@ -1073,3 +1075,99 @@ async def test_an_admission_redis_ran_past_the_timeout_holds_no_slot(sqlite_url:
     assert (first.status_code, stalled.status_code) == (200, 503)
     assert after == [200, 200, 200]
     assert slots == 0
+
+
+# -- fail-open, the store never reached ---------------------------------------------------------
+
+
+async def test_fail_open_admissions_of_an_engine_that_never_started_are_kept(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """`BUDGET_FAIL_OPEN=true` and the store unreachable from the first request to the end: the
+    engine never starts (no flusher), and its lifespan's end wrote nothing (`shutdown` of an
+    engine not started did nothing): 10 admitted, 0 kept. What it admitted now waits on disk,
+    and the next engine on the store writes it (a fault hunt's, for the WSGI adapter)."""
+    proxy = TcpProxy(5432)  # not listening yet: the store is unreachable
+    url = postgres_database.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    settings = settings_for(url, fail_open=True, spill_dir=tmp_path / "spill")
+    engine = BudgetEngine(settings)
+    app = fault_app(engine)
+    async with running(app), client(app) as http:
+        statuses = [
+            (await http.post("/v1/chat/completions", json=chat())).status_code for _ in range(10)
+        ]
+    started = engine.started
+    files = sorted((tmp_path / "spill").glob("*/*.json"))
+    proxy.restore()
+    try:
+        nxt = BudgetEngine(settings)
+        await nxt.ensure_started()
+        assert await nxt.flush()
+        count, total = records(nxt)
+        await nxt.shutdown()
+    finally:
+        proxy.cut()
+    print(
+        f"store unreachable: {statuses.count(200)} of 10 admitted fail-open (engine started: "
+        f"{started}), {len(files)} batches kept on disk; the next engine wrote {count} records"
+    )
+    assert (statuses, started) == ([200] * 10, False)
+    assert files and count == 10 and total == 10 * CENT
+
+
+_FLASK_PROCESS = """
+import json, sys
+sys.path.insert(0, {examples!r})
+from flask_app import create_app
+client = create_app().test_client()
+statuses = []
+for _ in range({n}):
+    answer = client.post("/v1/chat/completions", json={{"model": "gpt-4o-mini",
+                         "messages": [{{"role": "user", "content": "hi"}}], "max_tokens": 8}})
+    answer.get_data()
+    answer.close()
+    statuses.append(answer.status_code)
+print(json.dumps(statuses))
+"""
+
+
+def test_a_wsgi_process_that_never_reached_the_store_keeps_what_it_admitted(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """The Flask example in a process of its own, fail-open, its store unreachable from start
+    to exit: 20 admitted, and the next process found none of them (no flusher, no exit hook for
+    an engine that never started). They are kept on disk at its exit now."""
+    proxy = TcpProxy(5432)
+    url = postgres_database.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    examples = str(Path(__file__).resolve().parents[1] / "examples")
+    env = {
+        **os.environ,
+        "BUDGET_DATABASE_URL": url,
+        "BUDGET_FAIL_OPEN": "true",
+        "BUDGET_SPILL_DIR": str(tmp_path / "spill"),
+    }
+
+    def serve(n: int) -> list[int]:
+        script = _FLASK_PROCESS.format(examples=examples, n=n)
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, timeout=120, check=True
+        )
+        statuses: list[int] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        return statuses
+
+    during = serve(20)
+    files = sorted((tmp_path / "spill").glob("*/*.json"))
+    proxy.restore()
+    try:
+        after = serve(1)
+    finally:
+        proxy.cut()
+    reader = BudgetEngine(settings_for(postgres_database))
+    count, _ = records(reader)
+    reader.store.dispose()
+    print(
+        f"unreachable: {during.count(200)} of 20 admitted fail-open, {len(files)} batches kept "
+        f"at exit; reachable: {after.count(200)} more; the store holds {count} records"
+    )
+    assert during == [200] * 20 and after == [200]
+    assert files and count == 21

@@ -199,6 +199,7 @@ class BudgetMiddleware:
                 if not self.fail_open:
                     await _answer(send, store_unavailable())
                     return
+                engine.write_at_exit()  # admitted with no flusher: written, or kept, at exit
         if engine.stale:
             await engine.ensure_current()
         key: KeyConfig | None = None

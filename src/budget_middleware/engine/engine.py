@@ -57,6 +57,10 @@ def _after_fork_in_child() -> None:
     for engine in list(_engines.values()):
         if engine.started or engine.loop is not None:
             engine.after_fork_in_child()
+        else:  # made, not started, in the parent (gunicorn --preload): this process's now
+            engine._pid = os.getpid()
+            if engine.spill is not None:  # its batches named for this process, not the parent
+                engine.spill.after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -310,7 +314,7 @@ class BudgetEngine:
             self.alerts.start(self.loop)
             self._flusher = self.loop.create_task(self._flush_loop())
             self.started = True
-            self._write_at_exit()
+            self.write_at_exit()
         while self._orphans:
             exchange, outcome = self._orphans.pop(next(iter(self._orphans)))
             try:
@@ -326,7 +330,7 @@ class BudgetEngine:
             self._keeps_orphans = True
             atexit.register(self._settle_at_exit)
 
-    def _write_at_exit(self) -> None:
+    def write_at_exit(self) -> None:
         """At the process's exit, write what is pending if no loop will (once per engine; its
         adapter keeps it alive, so the exit holds it weakly)."""
         if not self._settles_at_exit:
@@ -350,7 +354,12 @@ class BudgetEngine:
             return  # a loop runs the engine: it settled them as it started, and flushes at exit
 
         async def settle_and_write() -> None:
-            await self.ensure_started()  # settles them
+            try:
+                await self.ensure_started()  # settles them
+            except Exception as exc:  # the store unreachable: what is pending waits on disk
+                if self.failure is not None or self.spill is None:
+                    raise
+                logger.warning("budget-middleware could not start at exit: %s", exc)
             await self.shutdown()
 
         try:
@@ -447,6 +456,10 @@ class BudgetEngine:
         Every wait is bounded: a shutdown never hangs on a stuck flusher or a dead Redis.
         """
         if not self.started:
+            # Never started (the store unreachable from the first request on, fail-open): what
+            # it admitted is written, or waits on disk for the next engine.
+            if self.pending_records or self.pending_deltas or self.unwritten:
+                await self._write_or_keep()
             return
         self.started = False
         grace = max(5.0, 3 * self.settings.flush_interval_seconds)
@@ -461,28 +474,33 @@ class BudgetEngine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await flusher
         await self.alerts.stop()
-        if not await self.flush():
-            if self.spill is not None and all(b.path is not None for b in self.unwritten):
-                await anyio.to_thread.run_sync(self.spill.give_up)
-                self.unwritten = []  # on disk, and anyone's: not this engine's to write
-                logger.warning(
-                    "budget-middleware could not write its pending charges at shutdown: the "
-                    "store is unreachable. They wait in %s, and the next engine on this store "
-                    "writes them",
-                    self.spill.folder,
-                )
-            else:
-                logger.error(
-                    "budget-middleware could not write %d usage records at shutdown: the "
-                    "store is unreachable",
-                    self.pending_records,
-                )
+        await self._write_or_keep()
         try:
             await asyncio.wait_for(self.counters.stop(), grace)
         except TimeoutError:
             logger.warning("budget-middleware: the counter backend did not close in %ss", grace)
         self.store.dispose()  # connections are opened again if the engine starts again
         self._start_lock = None
+
+    async def _write_or_keep(self) -> None:
+        """At the end: write what is pending, or leave it on disk to the next engine on this
+        store (given up: anyone's), when the store cannot take it."""
+        if await self.flush():
+            return
+        if self.spill is not None and all(b.path is not None for b in self.unwritten):
+            await anyio.to_thread.run_sync(self.spill.give_up)
+            self.unwritten = []  # on disk, and anyone's: not this engine's to write
+            logger.warning(
+                "budget-middleware could not write its pending charges at shutdown: the store "
+                "is unreachable. They wait in %s, and the next engine on this store writes them",
+                self.spill.folder,
+            )
+        else:
+            logger.error(
+                "budget-middleware could not write %d usage records at shutdown: the store is "
+                "unreachable",
+                self.pending_records,
+            )
 
     async def _flush_loop(self) -> None:
         try:

@@ -259,6 +259,7 @@ class BudgetWSGIMiddleware:
             except Exception:
                 if not self.fail_open:
                     return answer(start_response, store_unavailable())
+                engine.write_at_exit()  # admitted with no flusher: written, or kept, at exit
         if engine.stale:
             on_loop(engine, engine.ensure_current)
         direct = engine.memory is not None and is_background(engine.loop)
