@@ -1490,3 +1490,82 @@ def test_a_call_whose_caller_stops_waiting_for_admission_gives_its_slot_back(
         assert (slots.in_flight, budget.reserved, after) == (0, 0, 200)
     finally:
         shut_down_engines()
+
+
+_USAGE = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+_ANSWER = json.dumps(
+    {"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
+                  "finish_reason": "stop"}],
+     "usage": _USAGE}
+).encode()  # fmt: skip
+
+
+class _SlowBody(httpx2.AsyncByteStream):
+    """The answer's first bytes, then the rest half a second later (as a socket gives it)."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield _ANSWER[:20]
+        await asyncio.sleep(0.5)
+        yield _ANSWER[20:]
+
+
+class _SlowProvider(httpx2.AsyncBaseTransport):
+    received = 0
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        await request.aread()
+        _SlowProvider.received += 1
+        headers = {"content-type": "application/json", "content-length": str(len(_ANSWER))}
+        return httpx2.Response(200, headers=headers, stream=_SlowBody())
+
+
+async def test_a_json_answer_whose_read_is_cancelled_is_charged_as_unreadable(
+    make_settings: Callable[..., BudgetSettings],
+) -> None:
+    """`asyncio.wait_for` around an SDK call, cancelled while the answer's body is read (its
+    headers came: the provider made and bills all of it). It was recorded `completed` and
+    charged the prompt's estimate alone, 1/35 of the bill (a fault hunt's). The rest cannot be
+    read: charged its most, as an unreadable answer is, and recorded `client_disconnected`."""
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    await engine.ensure_started()
+    try:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1}], rate_limit={"max_concurrent_requests": 1}
+        )
+        sdk = openai.AsyncOpenAI(
+            api_key="sk-provider-secret",
+            base_url="https://api.openai.com/v1",
+            max_retries=0,
+            http_client=httpx2.AsyncClient(
+                transport=BudgetTransport(_SlowProvider(), engine=engine)
+            ),
+        )
+        with charge_to(virtual_key=key.value):
+            for _ in range(3):
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        sdk.chat.completions.create(
+                            model="gpt-4o", messages=MESSAGES, max_tokens=100
+                        ),
+                        0.2,
+                    )
+        await engine.flush()
+        with engine.store.engine.connect() as conn:
+            query = "SELECT outcome, cost_nanos, estimated FROM bm_usage_records ORDER BY id"
+            rows: list[Any] = list(conn.execute(text(query)))
+        budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+    finally:
+        await engine.shutdown()
+    billed = _USAGE["prompt_tokens"] * 2500 + _USAGE["completion_tokens"] * 10_000
+    print(
+        f"provider received {_SlowProvider.received}, billed {billed} nano-$ each (headers sent);"
+        f" records {[tuple(r) for r in rows]}; reserved left {budget.reserved}"
+    )
+    assert _SlowProvider.received == len(rows) == 3 and budget.reserved == 0
+    for outcome, cost, estimated in rows:
+        # The SDK never got the answer: not `completed`.
+        assert outcome == "client_disconnected", outcome
+        # The provider made the whole answer (its headers came): charged its worst case
+        # (as an answer that cannot be read is), not the prompt alone (100,000 nano-$).
+        assert cost >= 100 * 10_000 and estimated, cost

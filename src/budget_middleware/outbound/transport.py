@@ -416,6 +416,9 @@ class _Metered:
         self.done = False
         self.settled = False
         self.failed = False  # the provider's body failed midway (a read timeout, a cut)
+        # Its read was stopped midway by the caller (a cancellation): the body's iterator is
+        # gone, the rest cannot be read.
+        self.cut = False
         self.chunks: Any = None  # the body's iterator, once the SDK began to read it
 
     def _to_drain(self) -> bool:
@@ -427,6 +430,7 @@ class _Metered:
         return (
             not self.done
             and not self.failed
+            and not self.cut
             and exchange.stream is None
             and exchange.unreadable is None
             and exchange.status < 400
@@ -441,7 +445,12 @@ class _Metered:
         if self.settled:
             return None
         self.settled = True
-        return "upstream_error" if self.failed else _outcome(self.exchange, self.done)
+        exchange = self.exchange
+        if self.cut and not self.done and exchange.stream is None and exchange.status < 400:
+            # A JSON answer the caller stopped reading (cancelled): the provider made and
+            # bills all of it, and the rest cannot be read for its usage: charged its most.
+            exchange.unreadable = exchange.unreadable or "its read was cancelled midway"
+        return "upstream_error" if self.failed else _outcome(exchange, self.done)
 
     def __del__(self) -> None:
         """A body the SDK dropped unread and unclosed (a stream it never iterated, a response
@@ -461,6 +470,9 @@ class _AsyncMetered(_Metered):
                 break
             except Exception:
                 self.failed = True  # the provider's failure, not the SDK's choice
+                raise
+            except BaseException:
+                self.cut = True  # the caller's: cancelled, interrupted
                 raise
             out = exchange.on_chunk(chunk, True)
             if out:
@@ -561,6 +573,9 @@ class _SyncMetered(_Metered):
                 break
             except Exception:
                 self.failed = True  # the provider's failure, not the SDK's choice
+                raise
+            except BaseException:
+                self.cut = True  # the caller's: cancelled, interrupted
                 raise
             out = exchange.on_chunk(chunk, True)
             if out:
