@@ -1511,11 +1511,12 @@ class _SlowBody(httpx2.AsyncByteStream):
 
 
 class _SlowProvider(httpx2.AsyncBaseTransport):
-    received = 0
+    def __init__(self) -> None:
+        self.received = 0
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         await request.aread()
-        _SlowProvider.received += 1
+        self.received += 1
         headers = {"content-type": "application/json", "content-length": str(len(_ANSWER))}
         return httpx2.Response(200, headers=headers, stream=_SlowBody())
 
@@ -1529,6 +1530,7 @@ async def test_a_json_answer_whose_read_is_cancelled_is_charged_as_unreadable(
     read: charged its most, as an unreadable answer is, and recorded `client_disconnected`."""
     engine = get_engine(make_settings(flush_interval_seconds=3600))
     await engine.ensure_started()
+    provider = _SlowProvider()
     try:
         key = engine.manager.create_virtual_key(
             name="k", budgets=[{"max_limit": 1}], rate_limit={"max_concurrent_requests": 1}
@@ -1537,9 +1539,7 @@ async def test_a_json_answer_whose_read_is_cancelled_is_charged_as_unreadable(
             api_key="sk-provider-secret",
             base_url="https://api.openai.com/v1",
             max_retries=0,
-            http_client=httpx2.AsyncClient(
-                transport=BudgetTransport(_SlowProvider(), engine=engine)
-            ),
+            http_client=httpx2.AsyncClient(transport=BudgetTransport(provider, engine=engine)),
         )
         with charge_to(virtual_key=key.value):
             for _ in range(3):
@@ -1559,10 +1559,10 @@ async def test_a_json_answer_whose_read_is_cancelled_is_charged_as_unreadable(
         await engine.shutdown()
     billed = _USAGE["prompt_tokens"] * 2500 + _USAGE["completion_tokens"] * 10_000
     print(
-        f"provider received {_SlowProvider.received}, billed {billed} nano-$ each (headers sent);"
+        f"provider received {provider.received}, billed {billed} nano-$ each (headers sent);"
         f" records {[tuple(r) for r in rows]}; reserved left {budget.reserved}"
     )
-    assert _SlowProvider.received == len(rows) == 3 and budget.reserved == 0
+    assert provider.received == len(rows) == 3 and budget.reserved == 0
     for outcome, cost, estimated in rows:
         # The SDK never got the answer: not `completed`.
         assert outcome == "client_disconnected", outcome

@@ -141,6 +141,7 @@ class RedisCounters(CounterBackend):
         self._settle: AsyncScript | None = None
         self._seed: AsyncScript | None = None
         self._reconcile: AsyncScript | None = None
+        self._once: AsyncScript | None = None
         self._beat: AsyncScript | None = None
         self._mark: AsyncScript | None = None
         self._instance = uuid.uuid4().hex  # its mark in Redis: there, Redis kept what we hold
@@ -155,6 +156,10 @@ class RedisCounters(CounterBackend):
         # there still, released when it answers again (settle.lua's keys and arguments, with
         # nothing to add), not left to fill a concurrency limit until they expire.
         self._releases: list[tuple[list[str], list[Any]]] = []
+        # Settlements whose call failed without an answer: Redis may have run them (a reply past
+        # the timeout). Per request: its done key, and its charges (key, counter, amount); added
+        # by `settled_once.lua` only if settle.lua did not run (the done key says which).
+        self._unsure: list[tuple[str, list[tuple[str, WindowCounter, int]]]] = []
         self._seeding: dict[str, asyncio.Future[None]] = {}  # one seed per key at a time
         # Budgets reset here whose mark Redis has not taken yet: mark key -> (moment, ttl_ms).
         self._marks: dict[str, tuple[float, int]] = {}
@@ -195,6 +200,7 @@ class RedisCounters(CounterBackend):
         self._owed_to.clear()
         self._transit.clear()
         self._releases.clear()
+        self._unsure.clear()
         self._since.clear()
         self._instance = uuid.uuid4().hex  # a mark of its own: the parent's is the parent's
         self._written.clear()
@@ -228,6 +234,7 @@ class RedisCounters(CounterBackend):
         self._settle = self.client.register_script(_script("settle.lua"))
         self._seed = self.client.register_script(_script("seed.lua"))
         self._reconcile = self.client.register_script(_script("reconcile.lua"))
+        self._once = self.client.register_script(_script("settled_once.lua"))
         self._beat = self.client.register_script(_script("heartbeat.lua"))
         self._mark = self.client.register_script(_script("mark_reset.lua"))
         self._loop = asyncio.get_running_loop()
@@ -426,7 +433,7 @@ class RedisCounters(CounterBackend):
             return admission.admit_first(candidates, reserve, now, self.ledger)
         if self._backing_off():
             return self._fallback(candidates, now, None)
-        if self._owed:
+        if self._owed or self._unsure:
             try:
                 await self.pay_debts()
             except (RedisError, OSError) as exc:
@@ -721,6 +728,7 @@ class RedisCounters(CounterBackend):
         it to the window keys it kept; seed those it lost (restarted empty) where their window
         is still the counter's, then add to them."""
         await self._release_held()
+        await self._settle_unsure()
         if not self._owed or self._reconcile is None:
             return
         owed, self._owed = self._owed, {}
@@ -737,6 +745,35 @@ class RedisCounters(CounterBackend):
             if key not in gone:
                 self._arrived(counters[key], owed[key])
         await self._into_windows([(key, counters[key], owed[key]) for key in gone])
+
+    def _done_key(self, request_id: str) -> str:
+        return f"{self.prefix}sd:{request_id}"
+
+    async def _settle_unsure(self) -> None:
+        """Settlements that failed without an answer: what Redis did not run is added now
+        (once: the done key settle.lua sets makes a late run of it add nothing)."""
+        if not self._unsure or self._once is None:
+            return
+        unsure, self._unsure = self._unsure, []
+        for n, (done, charges) in enumerate(unsure):
+            try:
+                missing = await self._once(
+                    keys=[done, *(k for k, _, _ in charges)], args=[a for _, _, a in charges]
+                )
+            except BaseException:
+                self._unsure[:0] = unsure[n:]
+                raise
+            gone = {int(i) - 1 for i in missing if int(i) > 0}
+            for i, (_, counter, amount) in enumerate(charges):
+                if i not in gone:
+                    self._arrived(counter, amount)  # added now, or by settle.lua late
+            lost = [c for i, c in enumerate(charges) if i in gone]
+            if lost:
+                try:
+                    await self._into_windows(lost)
+                except BaseException:
+                    self._unsure[:0] = unsure[n + 1 :]
+                    raise
 
     async def _release_held(self) -> None:
         if not self._releases or self._settle is None:
@@ -846,7 +883,7 @@ class RedisCounters(CounterBackend):
                 if amount:
                     self._in_transit(entry.counter, amount)
         with anyio.CancelScope(shield=True):
-            if self._owed or self._releases:  # what was charged while Redis was away first
+            if self._owed or self._releases or self._unsure:  # what was charged while Redis was away first
                 with contextlib.suppress(RedisError, OSError, _StoreDown):
                     await self.pay_debts()
             keys, kinds = self._settle_layout(plan)
@@ -854,7 +891,8 @@ class RedisCounters(CounterBackend):
             try:
                 for _ in range(3):
                     answer: list[Any] = await self._settle(
-                        keys=keys, args=[ticket.request_id, cost, tokens, *kinds]
+                        keys=[*keys, self._done_key(ticket.request_id)],
+                        args=[ticket.request_id, cost, tokens, *kinds],
                     )
                     if not answer or answer[0] != "moved":
                         break
@@ -871,7 +909,14 @@ class RedisCounters(CounterBackend):
                     raise RedisError("budget windows kept moving while being settled")
             except (RedisError, OSError) as exc:
                 self._failed(exc)
-                self._owe_settlement(ticket, cost, tokens, in_transit=True)
+                # It may have run (answered past the timeout): added later only if it did not.
+                charges = [
+                    (e.keys[0], e.counter, tokens if e.kind == "t" else cost)
+                    for e in plan
+                    if e.counter is not None and (tokens if e.kind == "t" else cost)
+                ]
+                if charges:
+                    self._unsure.append((self._done_key(ticket.request_id), charges))
                 self._releases.append((keys, [ticket.request_id, 0, 0, *kinds]))
                 return
             self._recovered()
@@ -908,7 +953,7 @@ class RedisCounters(CounterBackend):
         while True:
             await asyncio.sleep(interval)
             try:
-                if (self._owed or self._releases) and not self._backing_off():
+                if (self._owed or self._releases or self._unsure) and not self._backing_off():
                     await self.pay_debts()
                     self._recovered()
                 if self._marks and not self._backing_off():

@@ -41,6 +41,15 @@ if #moved > 1 and cost > 0 then
   return moved
 end
 
+-- KEYS[#KEYS], after the counters' keys: the request's done key. A settlement that adds runs
+-- once: a second run (the client gave up waiting for the first, settled_once.lua ran since)
+-- releases and reads, and adds nothing.
+if cost > 0 or tokens > 0 then
+  if not redis.call("SET", KEYS[#KEYS], "1", "NX", "PX", 600000) then
+    cost, tokens = 0, 0
+  end
+end
+
 local answer = {}
 k = 1
 a = 4
@@ -64,9 +73,9 @@ while ARGV[a] do
     else
       k = k + 1
     end
-    local amount, text = cost, ARGV[2]
+    local amount, text = cost, tostring(cost == 0 and 0 or ARGV[2])
     if kind == "t" then
-      amount, text = tokens, ARGV[3]
+      amount, text = tokens, tostring(tokens == 0 and 0 or ARGV[3])
     end
     if redis.call("EXISTS", key) == 1 then
       if amount > 0 then
