@@ -1171,3 +1171,70 @@ def test_a_wsgi_process_that_never_reached_the_store_keeps_what_it_admitted(
     )
     assert during == [200] * 20 and after == [200]
     assert files and count == 21
+
+
+def stalling_app(engine: BudgetEngine, server: PrivateRedis) -> FastAPI:
+    """A completion that, asked to (`x-stall`), stalls Redis for 0.6 s just as it answers: the
+    settlement that follows reaches Redis, which runs it once it wakes, past the client's
+    0.2 s timeout."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> Response:
+        await request.body()
+        if request.headers.get("x-stall") and server.process is not None:
+            process = server.process
+            process.send_signal(signal.SIGSTOP)
+            asyncio.get_running_loop().call_later(0.6, process.send_signal, signal.SIGCONT)
+        body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
+        return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
+
+    app.add_middleware(BudgetMiddleware, engine=engine)
+    return app
+
+
+async def test_a_settlement_redis_ran_past_the_timeout_is_counted_there_once(
+    sqlite_url: str,
+) -> None:
+    """$0.10 a day, $0.01 a request: 3 of them stall Redis while they settle (it runs the
+    settlement once it wakes, after the client gave up, and the client added it again as a
+    debt): 8 were admitted, the budget refused at $0.08 spent (a fault hunt's). A settlement
+    runs once now, whichever of its two calls Redis runs first: 10 admitted."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        engine = BudgetEngine(
+            settings_for(sqlite_url, redis_url=server.url, redis_timeout_seconds=0.2)
+        )
+        use_prefix(engine, unique_prefix())
+        app = stalling_app(engine, server)
+        codes: list[int] = []
+        async with running(app), client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 0.1, "reset_duration": "1d"}]
+            )
+            budget = key.budgets[0].id
+            await engine.invalidate()
+            for n in range(15):
+                headers: dict[str, Any] = bearer(key.value or "")
+                if n < 3:
+                    headers["x-stall"] = "1"
+                answer = await http.post("/v1/chat/completions", json=chat(), headers=headers)
+                codes.append(answer.status_code)
+                if n < 3:
+                    await asyncio.sleep(3.0)  # Redis awake, past the back-off
+                if answer.status_code == 402:
+                    break
+            assert await engine.flush()
+            count, total = records(engine, key.id)
+            stored = budget_usage(engine, budget)
+    finally:
+        server.stop()
+    admitted = codes.count(200)
+    print(
+        f"3 settlements ran late in Redis: codes {codes}; admitted {admitted} on a $0.10 budget "
+        f"(10 requests), {10 - admitted} refused too early; store {count} records "
+        f"${total / 1e9:.2f}, budget ${stored / 1e9:.2f}"
+    )
+    assert (count, total) == (admitted, admitted * CENT)
+    assert admitted == 10

@@ -190,6 +190,10 @@ class RedisCounters(CounterBackend):
         """This instance's mark: there, Redis has kept its data since the last heartbeat."""
         return f"{self.prefix}i:{self._instance}"
 
+    @property
+    def _mark_ttl_ms(self) -> int:
+        return int(max(self.slot_ttl * 4, 60) * 1000)
+
     # -- life cycle ----------------------------------------------------------------------
 
     def after_fork_in_child(self) -> None:
@@ -239,8 +243,7 @@ class RedisCounters(CounterBackend):
         self._mark = self.client.register_script(_script("mark_reset.lua"))
         self._loop = asyncio.get_running_loop()
         with contextlib.suppress(RedisError, OSError):  # the mark, before anything is charged
-            mark_ms = int(max(self.slot_ttl * 4, 60) * 1000)
-            await self.client.set(self._mark_key, "1", px=mark_ms)
+            await self.client.set(self._mark_key, "1", px=self._mark_ttl_ms)
             self._beaten = True
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
@@ -883,7 +886,9 @@ class RedisCounters(CounterBackend):
                 if amount:
                     self._in_transit(entry.counter, amount)
         with anyio.CancelScope(shield=True):
-            if self._owed or self._releases or self._unsure:  # what was charged while Redis was away first
+            if (
+                self._owed or self._releases or self._unsure
+            ):  # what was charged while Redis was away first
                 with contextlib.suppress(RedisError, OSError, _StoreDown):
                     await self.pay_debts()
             keys, kinds = self._settle_layout(plan)
@@ -981,7 +986,7 @@ class RedisCounters(CounterBackend):
         args: list[Any] = [
             int((now + self.slot_ttl) * 1000),
             int(self.slot_ttl * 2000),
-            int(max(self.slot_ttl * 4, 60) * 1000),
+            self._mark_ttl_ms,
         ]
         hashes = f"{self.prefix}rh:"
         beating = list(live.values())

@@ -45,7 +45,7 @@ end
 -- once: a second run (the client gave up waiting for the first, settled_once.lua ran since)
 -- releases and reads, and adds nothing.
 if cost > 0 or tokens > 0 then
-  if not redis.call("SET", KEYS[#KEYS], "1", "NX", "PX", 600000) then
+  if not redis.call("SET", KEYS[#KEYS], "1", "NX", "PX", 60000) then
     cost, tokens = 0, 0
   end
 end

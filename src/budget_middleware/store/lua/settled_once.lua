@@ -3,7 +3,7 @@
 -- KEYS[1]: the request's done key; then the window keys. ARGV: per window key the amount.
 -- Returns {0} when settle.lua had run (nothing added), else the indices (from 1) of window keys
 -- that are gone (the client seeds and adds them), after a 0.
-if not redis.call("SET", KEYS[1], "1", "NX", "PX", 600000) then
+if not redis.call("SET", KEYS[1], "1", "NX", "PX", 60000) then
   return {0}
 end
 local missing = {0}
