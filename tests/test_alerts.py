@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from budget_middleware import BudgetSettings, get_engine
+from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine
 from budget_middleware.admin import create_admin_app
 from budget_middleware.engine.engine import BudgetEngine
 from conftest import REDIS_URL, need_redis
@@ -789,3 +789,65 @@ def test_a_script_whose_last_call_raises_an_alert_ends_and_keeps_it(
     assert done.returncode == 0, done.stderr
     assert "the script's loop ended" in done.stdout
     assert ("budget.threshold", 0.8) in alerts
+
+
+async def test_two_instances_on_one_store_raise_the_thresholds_the_refusal_finds(
+    make_settings: Callable[..., object], receiver: Callable[..., Receiver]
+) -> None:
+    """Two instances on one store, each charging under the thresholds as it sees the budget:
+    the refusal that finds $1.20 spent raised `budget.exhausted` alone, and the 0.8 and 1.0
+    thresholds never came (nothing is charged any more; a fault hunt's)."""
+    hook = receiver()
+    # Each instance charges under the thresholds as it sees the budget (within its cache TTL).
+    engines = [get_engine(make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=t))
+               for t in (2.0, 2.1)]  # fmt: skip
+    apps = [BudgetMiddleware(host_app(None), engine=e) for e in engines]
+    https = [client(a) for a in apps]
+    try:
+        for e in engines:
+            quick(e)
+            await e.ensure_started()
+        key = engines[0].manager.create_virtual_key(name="pair", budgets=[{"max_limit": 1.0}])
+        first = await spend(https[0], key.value, 0.6, 1) + await spend(https[1], key.value, 0.6, 1)
+        for e in engines:
+            await e.flush()
+        await asyncio.sleep(2.5)  # the TTLs run out: both re-read the store ($1.20 spent)
+        then = await spend(https[0], key.value, 0.1, 1) + await spend(https[1], key.value, 0.1, 1)
+        await until(lambda: len(hook.delivered()) >= 3, 3.0)
+        await asyncio.sleep(0.3)
+        spent = engines[0].manager.list_budgets(owner_type="virtual_key", owner_id=key.id)[0].spent
+        kinds = sorted((a["type"], a.get("threshold") or 0) for a in hook.delivered())
+        print(f"two instances: {first} then {then}; spent ${spent:.2f} of $1.00; "
+              f"delivered {kinds}")  # fmt: skip
+        assert first == [200, 200] and then == [402, 402] and spent >= 1.0
+        assert kinds == [("budget.exhausted", 0), ("budget.threshold", 0.8),
+                         ("budget.threshold", 1.0)]  # fmt: skip
+    finally:
+        for h in https:
+            await h.aclose()
+        for e in engines:
+            await e.shutdown()
+
+
+async def test_a_limit_lowered_below_the_spend_raises_its_thresholds_with_the_refusal(
+    make_settings: Callable[..., object], receiver: Callable[..., Receiver]
+) -> None:
+    """$5 spent of $10, the limit lowered to $4: the refusals raised `budget.exhausted` alone."""
+    hook = receiver()
+    app = host_app(make_settings(alert_webhook_urls=hook.url))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        key = engine.manager.create_virtual_key(name="low", budgets=[{"max_limit": 10.0}])
+        before = await spend(http, key.value, 5.0, 1)  # 50 %: no alert
+        budget = {"id": key.budgets[0].id, "max_limit": 4.0}
+        engine.manager.update_virtual_key(key.id, {"budgets": [budget]})
+        await engine.invalidate()
+        after = await spend(http, key.value, 0.1, 2)
+        await until(lambda: len(hook.delivered()) >= 3, 3.0)
+        await asyncio.sleep(0.3)
+        kinds = sorted((a["type"], a.get("threshold") or 0) for a in hook.delivered())
+        print(f"$5 spent of $10, limit lowered to $4: {before} then {after}; delivered {kinds}")
+        assert before == [200] and after == [402, 402]
+        assert kinds == [("budget.exhausted", 0), ("budget.threshold", 0.8),
+                         ("budget.threshold", 1.0)]  # fmt: skip

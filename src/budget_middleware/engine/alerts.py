@@ -100,7 +100,9 @@ class Alerts:
             if counter.value >= counter.alert_at or counter.start != counter.alert_start:  # type: ignore[attr-defined]
                 self._look(counter, limits)
 
-    def _look(self, counter: WindowCounter, limits: LimitSet) -> None:
+    def _look(
+        self, counter: WindowCounter, limits: LimitSet | None, scope: Scope | None = None
+    ) -> None:
         start = counter.start
         counter.alert_start = start  # type: ignore[attr-defined]
         known = self._raised.get(counter.id)
@@ -110,7 +112,9 @@ class Alerts:
         thresholds = self.thresholds.get(counter.id, self.defaults)
         new, counter.alert_at = reached(counter.value, counter.limit, thresholds, raised)  # type: ignore[attr-defined]
         if new:
-            scope = limits.owner_of(counter)
+            if scope is None:
+                assert limits is not None
+                scope = limits.owner_of(counter)
             for threshold in new:
                 raised.add(threshold)
                 self._queue("budget.threshold", counter, threshold, scope)
@@ -118,7 +122,13 @@ class Alerts:
     def refused(self, refusal: Refusal) -> None:
         """A budget refused: the first time in its window raises `budget.exhausted`."""
         counter = refusal.counter
-        if counter is None or self._exhausted.get(counter.id) == counter.start:
+        if counter is None:
+            return
+        # The spend a refusal finds (charged by other instances, or a limit lowered below it)
+        # has reached thresholds no charge of this instance looked at: raised first.
+        if counter.value >= counter.alert_at or counter.start != counter.alert_start:  # type: ignore[attr-defined]
+            self._look(counter, None, refusal.scope)
+        if self._exhausted.get(counter.id) == counter.start:
             return
         self._exhausted[counter.id] = counter.start
         self._queue("budget.exhausted", counter, 0.0, refusal.scope)
