@@ -851,3 +851,27 @@ async def test_a_limit_lowered_below_the_spend_raises_its_thresholds_with_the_re
         assert before == [200] and after == [402, 402]
         assert kinds == [("budget.exhausted", 0), ("budget.threshold", 0.8),
                          ("budget.threshold", 1.0)]  # fmt: skip
+
+
+async def test_an_alert_tells_the_spend_its_crossing_found(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """A soft $1 budget alerting at 50 %, 9 requests of $0.30 at once: the alert is written by
+    the alert task while the others settle, and it told the spend then (up to $2.70, "reached
+    50 %: $2.70 of $1.00"). It tells the spend of its crossing: $0.60."""
+    hook = receiver()
+    app = host_app(make_settings(alert_webhook_urls=hook.url))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        soft = {"max_limit": 1.0, "soft": True, "alert_thresholds": [0.5]}
+        key = engine.manager.create_virtual_key(name="soft", budgets=[soft])
+        groups = await asyncio.gather(*(spend(http, key.value, 0.3, 1) for _ in range(9)))
+        statuses = [status for group in groups for status in group]
+        await until(lambda: len(hook.delivered()) >= 1, 5.0)
+        alert = hook.delivered()[0]
+    told = alert["budget"]
+    print(f"{statuses}; the 50 % alert told ${told['spent']:.2f}: {alert['text']}")
+    assert statuses == [200] * 9
+    assert (told["spent"], told["remaining"], told["usage_ratio"]) == (0.6, 0.4, 0.6)
+    assert "$0.6000 of $1.00" in alert["text"]

@@ -26,6 +26,7 @@ import httpx
 
 from budget_middleware.core.admission import Refusal
 from budget_middleware.core.alerts import reached
+from budget_middleware.core.money import usd_from_nanos
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import from_ts
 from budget_middleware.core.windows import WindowCounter
@@ -49,6 +50,10 @@ class AlertEvent:
     owner_id: str
     owner_name: str
     raised_at: float
+    # The budget as the crossing found it (nano-dollars): the alert tells these, not the spend
+    # when it is written or delivered (later requests, another window).
+    spent: int = 0
+    limit: int = 0
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -136,7 +141,16 @@ class Alerts:
     def _queue(self, type_: str, counter: WindowCounter, threshold: float, scope: Scope) -> None:
         now = self.engine.clock()
         event = AlertEvent(
-            type_, counter.id, counter.start, threshold, scope.type, scope.id, scope.name, now
+            type_,
+            counter.id,
+            counter.start,
+            threshold,
+            scope.type,
+            scope.id,
+            scope.name,
+            now,
+            counter.value,
+            counter.limit,
         )
         self.queue.append(event)
         loop, wake = self._loop, self._wake
@@ -253,6 +267,7 @@ class Alerts:
                     continue
                 budget = budget_out(row, paths.of(row.owner_type, row.owner_id), now,
                                     engine.registry).model_dump(mode="json")  # fmt: skip
+                budget |= _as_crossed(event)
                 raised_at = from_ts(event.raised_at)
                 body: dict[str, Any] = {"type": event.type}
                 if event.type == "budget.threshold":
@@ -343,6 +358,18 @@ class Alerts:
 
 def _usd(amount: float) -> str:
     return f"${amount:,.2f}" if amount >= 1 else f"${amount:.4f}"
+
+
+def _as_crossed(event: AlertEvent) -> dict[str, Any]:
+    """The budget's money as the crossing found it, over what the store shows when the alert
+    is written (requests settled since)."""
+    spent, limit = event.spent, event.limit
+    return {
+        "spent": usd_from_nanos(spent),
+        "current_usage": usd_from_nanos(spent),
+        "remaining": usd_from_nanos(max(limit - spent, 0)),
+        "usage_ratio": spent / limit if limit else (1.0 if spent else 0.0),
+    }
 
 
 def _text(event: AlertEvent, budget: dict[str, Any], shadow: bool) -> str:
