@@ -94,8 +94,9 @@ class Spill:
         except OSError as exc:
             self._warn(f"cannot read the spill folder {self.folder}: {exc}")
             return None
+        alive: dict[int, bool] = {}  # one look per process, however many batches it left
         for name in names:
-            if not self._may_take(name):
+            if not self._may_take(name, alive):
                 continue
             path = self.folder / name
             try:
@@ -154,7 +155,7 @@ class Spill:
         except FileNotFoundError:
             return []
 
-    def _may_take(self, name: str) -> bool:
+    def _may_take(self, name: str, alive: dict[int, bool]) -> bool:
         parts = name.split("-", 3)
         if len(parts) != 4 or not parts[1].isdigit():
             return False
@@ -162,7 +163,11 @@ class Spill:
         if pid == self.pid:
             # Another engine of this process keeps its own; an earlier process's are anyone's.
             return parts[2] == self.engine or parts[2] not in _ENGINES
-        return pid == _GONE or not _alive(pid)
+        if pid == _GONE:
+            return True
+        if pid not in alive:
+            alive[pid] = _alive(pid)
+        return not alive[pid]
 
     def _warn(self, text: str) -> None:
         if not self._warned:
