@@ -304,8 +304,9 @@ def test_a_failure_prints_one_line_naming_its_cause(
     assert line.startswith("error: invalid budget-middleware settings: BUDGET_DATABASE_URL:")
 
     # The same entry point in process, for the rest.
-    since, not_object, invalid_body, parent, command, both = [here(store, line) for line in [
+    since, far, not_object, invalid_body, parent, command, both = [here(store, line) for line in [
         "usage --since 7x",
+        "usage --since 99999Y",
         "customers create --body '[1]'",
         """customers create --body '{"calendar_aligned": true}'""",
         "teams create --name t --customer-id nobody",
@@ -314,6 +315,8 @@ def test_a_failure_prints_one_line_naming_its_cause(
     ]]  # fmt: skip
     line = since.failed_on_one_line(2)
     assert "--since" in line and "'7x' is neither a duration" in line
+    line = far.failed_on_one_line(2)  # a duration, too long: it said "neither a duration"
+    assert "--since" in line and "'99999Y'" in line and "at most 100 years" in line
     assert "--body" in not_object.failed_on_one_line(2) and "JSON object" in not_object.err
     assert invalid_body.failed_on_one_line() == "error: name: Field required"
     assert parent.failed_on_one_line() == "error: customer 'nobody' not found"

@@ -5,6 +5,7 @@ the option."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -58,12 +59,18 @@ def limit(text: str, option: str) -> tuple[int, str]:
     return _number(count, option, int), str(duration(period, option))
 
 
+# A count and a unit: a duration whatever its count (`0d`, `99999Y`: their error says why).
+_DURATION_SHAPE = re.compile(r"\d+(?:mo|[smhdwMQY])")
+
+
 def moment(text: str, option: str, *, ahead: bool = False) -> str:
     """A time as RFC 3339: a duration from now (`7d` ago, or ahead with `ahead`), a date
     (`2026-01-01`, midnight UTC) or a date-time (`2026-01-01T12:00:00Z`; UTC when no offset)."""
     try:
         span = Duration.parse(text)
-    except ValueError:
+    except ValueError as exc:
+        if _DURATION_SHAPE.fullmatch(text):  # a duration, out of range: say why
+            raise click.BadParameter(str(exc), param_hint=option) from None
         span = None
     now = datetime.now(UTC).replace(microsecond=0)
     if span is not None:
