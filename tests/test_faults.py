@@ -1238,3 +1238,158 @@ async def test_a_settlement_redis_ran_past_the_timeout_is_counted_there_once(
     )
     assert (count, total) == (admitted, admitted * CENT)
     assert admitted == 10
+
+
+async def _a_beat_after_an_empty_restart(sqlite_url: str, stall_a_beat: bool) -> tuple[int, int]:
+    server = PrivateRedis()
+    server.start()
+    prefix = unique_prefix()
+    try:
+        settings = settings_for(
+            sqlite_url, redis_url=server.url, flush_interval_seconds=30, redis_timeout_seconds=0.2
+        )
+        a, b = BudgetEngine(settings), BudgetEngine(settings)
+        use_prefix(a, prefix)
+        use_prefix(b, prefix)
+        app_a, app_b = fault_app(a), fault_app(b)
+        async with running(app_a), running(app_b), client(app_a) as ha, client(app_b) as hb:
+            key = a.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 0.25, "reset_duration": None}]
+            )
+            await a.invalidate()
+            await b.invalidate()
+
+            async def ask(http: httpx.AsyncClient, times: int) -> None:
+                for _ in range(times):
+                    answer = await http.post(
+                        "/v1/chat/completions", json=chat(), headers=bearer(key.value)
+                    )
+                    assert answer.status_code == 200, answer.text
+
+            await a.counters.heartbeat()
+            await ask(ha, 5)  # $0.05 in Redis's key, not written yet
+            server.kill(keep_data=False)
+            server.start()
+            await _drop(a, b)
+            await ask(hb, 1)  # B seeds the key from the store (without A's $0.05)
+            assert await a.flush()  # A's $0.05 written after B's seed: confirmed since the beat
+            if stall_a_beat:
+                # One beat of A's gets no answer (Redis stalled 0.6 s; its timeout is 0.2 s).
+                assert server.process is not None
+                process = server.process
+                process.send_signal(signal.SIGSTOP)
+                asyncio.get_running_loop().call_later(0.6, process.send_signal, signal.SIGCONT)
+                failed: Any = None
+                try:
+                    await a.counters.heartbeat()
+                except Exception as exc:  # as _heartbeat_loop: noted, tried next round
+                    failed = exc
+                    a.counters._failed(exc)  # type: ignore[attr-defined]
+                assert failed is not None
+                await asyncio.sleep(2.5)  # Redis awake, past the back-off
+            await a.counters.heartbeat()  # A should find its mark gone: adds what B's seed missed
+            more = await _until_refused(key.value or "", ha, hb)
+            assert await a.flush() and await b.flush()
+            count, _ = records(a, key.id)
+    finally:
+        server.stop()
+    return 6 + more, count
+
+
+async def test_a_beat_without_answer_after_an_empty_restart_lifts_no_limit(
+    sqlite_url: str,
+) -> None:
+    """Redis restarted empty, the other instance seeded the key first; one heartbeat of A's got
+    no answer (Redis stalled). The charges the store had confirmed since the beat before were
+    dropped with the failed call, and the late-run beat set the mark again, so no later beat
+    found the loss: 30 admitted on a $0.25 budget of $0.01 requests (a review's)."""
+    admitted, count = await _a_beat_after_an_empty_restart(sqlite_url, stall_a_beat=True)
+    print(
+        f"one heartbeat of A's timed out after Redis restarted empty: admitted "
+        f"{admitted} requests of $0.01 on a $0.25 budget ({count} records), overshoot "
+        f"${(admitted - 25) / 100:.2f}"
+    )
+    assert count == admitted
+    assert admitted <= 25
+
+
+async def test_every_beat_answered_after_an_empty_restart_lifts_no_limit(
+    sqlite_url: str,
+) -> None:
+    admitted, count = await _a_beat_after_an_empty_restart(sqlite_url, stall_a_beat=False)
+    print(f"every beat answered: admitted {admitted} on $0.25 ({count} records)")
+    assert count == admitted <= 25
+
+
+def rolling_stalling_app(engine: BudgetEngine, server: PrivateRedis, clock: Clock) -> FastAPI:
+    """Asked to (`x-stall`): the budget's window rolls while the request runs, and Redis stalls
+    0.6 s as it answers (the settlement reaches Redis, which runs it past the 0.2 s timeout)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> Response:
+        await request.body()
+        if request.headers.get("x-stall") and server.process is not None:
+            clock.advance(3700.0)
+            process = server.process
+            process.send_signal(signal.SIGSTOP)
+            asyncio.get_running_loop().call_later(0.6, process.send_signal, signal.SIGCONT)
+        body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
+        return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
+
+    app.add_middleware(BudgetMiddleware, engine=engine)
+    return app
+
+
+async def test_a_late_settlement_into_an_unseeded_window_is_counted_there(
+    sqlite_url: str,
+) -> None:
+    """A settlement Redis ran past the client's timeout found its window key missing (the
+    window began during the request): it added nothing but left its done key, so the debt was
+    taken as added. Once another instance seeded the window from the store, the charge was in no
+    key: a $0.05 hour took 6 charges of $0.01 (a review's). The done key names what it missed."""
+    server = PrivateRedis()
+    server.start()
+    prefix = unique_prefix()
+    clock = Clock()
+    try:
+        settings = settings_for(
+            sqlite_url, redis_url=server.url, flush_interval_seconds=30, redis_timeout_seconds=0.2
+        )
+        a, b = BudgetEngine(settings, clock=clock), BudgetEngine(settings, clock=clock)
+        use_prefix(a, prefix)
+        use_prefix(b, prefix)
+        app_a, app_b = (
+            rolling_stalling_app(a, server, clock),
+            rolling_stalling_app(b, server, clock),
+        )
+        async with running(app_a), running(app_b), client(app_a) as ha, client(app_b) as hb:
+            key = a.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 0.05, "reset_duration": "1h"}]
+            )
+            await a.invalidate()
+            await b.invalidate()
+            auth = bearer(key.value or "")
+            warm = await ha.post("/v1/chat/completions", json=chat(), headers=auth)
+            assert warm.status_code == 200  # settle.lua known to Redis (EVALSHA runs late)
+            # Admitted in the first hour; settled in the next, its key not there yet, Redis late.
+            stalled = await ha.post(
+                "/v1/chat/completions", json=chat(), headers={**auth, "x-stall": "1"}
+            )
+            assert stalled.status_code == 200
+            await asyncio.sleep(2.5)  # Redis awake (it ran the settlement), past the back-off
+            first_b = await hb.post("/v1/chat/completions", json=chat(), headers=auth)
+            assert first_b.status_code == 200  # B seeds the new hour from the store
+            more = await _until_refused(key.value or "", ha, hb)
+            assert await a.flush() and await b.flush()
+            count, total = records(a, key.id)
+    finally:
+        server.stop()
+    in_new_hour = 1 + 1 + more  # the stalled settlement, B's first, then until refused
+    print(
+        f"late settlement into an unseeded window: the new hour's $0.05 budget took "
+        f"{in_new_hour} charges of $0.01 ({count} records with the first hour's one, "
+        f"${total / 1e9:.2f})"
+    )
+    assert count == in_new_hour + 1  # and the warm-up, in the first hour
+    assert in_new_hour <= 5

@@ -184,6 +184,8 @@ class RedisCounters(CounterBackend):
         self._written: dict[tuple[str, str, float], int] = {}  # confirmed since the last beat
         self._seeded_after_loss: set[str] = set()  # window keys, since the last beat
         self._beaten = False  # a first heartbeat finds no mark: nothing was lost
+        # The last beat got no answer: Redis may have run it (found the mark gone, set it again).
+        self._beat_unanswered = False
 
     @property
     def _mark_key(self) -> str:
@@ -192,7 +194,10 @@ class RedisCounters(CounterBackend):
 
     @property
     def _mark_ttl_ms(self) -> int:
-        return int(max(self.slot_ttl * 4, 60) * 1000)
+        """Longer than beats are apart, however long the flush interval (else every beat would
+        find it gone, and add again what it owes)."""
+        every = self.settings.flush_interval_seconds
+        return int(max(self.slot_ttl * 4, 60, every * 4) * 1000)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -210,6 +215,7 @@ class RedisCounters(CounterBackend):
         self._written.clear()
         self._seeded_after_loss.clear()
         self._beaten = False
+        self._beat_unanswered = False
 
     def after_loop_closed(self) -> None:
         """The connections, the heartbeat and any seed under way were the closed loop's; debts
@@ -242,9 +248,11 @@ class RedisCounters(CounterBackend):
         self._beat = self.client.register_script(_script("heartbeat.lua"))
         self._mark = self.client.register_script(_script("mark_reset.lua"))
         self._loop = asyncio.get_running_loop()
-        with contextlib.suppress(RedisError, OSError):  # the mark, before anything is charged
-            await self.client.set(self._mark_key, "1", px=self._mark_ttl_ms)
-            self._beaten = True
+        if not self._beaten:  # the mark, before anything is charged (once: a restart on
+            # another loop leaves it to the heartbeat, which then tells a loss meanwhile)
+            with contextlib.suppress(RedisError, OSError):
+                await self.client.set(self._mark_key, "1", px=self._mark_ttl_ms)
+                self._beaten = True
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     async def stop(self) -> None:
@@ -987,6 +995,7 @@ class RedisCounters(CounterBackend):
             int((now + self.slot_ttl) * 1000),
             int(self.slot_ttl * 2000),
             self._mark_ttl_ms,
+            1 if self._beat_unanswered else 0,
         ]
         hashes = f"{self.prefix}rh:"
         beating = list(live.values())
@@ -998,7 +1007,16 @@ class RedisCounters(CounterBackend):
                 else:
                     args += [ticket.request_id, "z", 0]
         written, self._written = self._written, {}
-        lost, restored = await self._beat(keys=keys, args=args)
+        try:
+            lost, restored = await self._beat(keys=keys, args=args)
+        except BaseException:
+            # Unanswered: what the store confirmed is still to weigh, and a loss this call found
+            # (and marked "0") is told by the next.
+            for window, amount in written.items():
+                self._written[window] = self._written.get(window, 0) + amount
+            self._beat_unanswered = True
+            raise
+        self._beat_unanswered = False
         # Taken once the mark is back: a seed of ours made before it found the mark gone (its
         # key is here), one made after finds it there (and holds nothing of the loss).
         seeded_here, self._seeded_after_loss = self._seeded_after_loss, set()

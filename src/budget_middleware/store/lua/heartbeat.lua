@@ -4,17 +4,19 @@
 -- KEYS[1]: this instance's mark (set by the first heartbeat, kept alive by every one: gone
 -- means Redis lost its data); then per hold its key: a slot or reservation ZSET, or a
 -- reservation HASH.
--- ARGV: score (the holds' new expiry, ms), key ttl (ms), mark ttl (ms), then per hold:
+-- ARGV: score (the holds' new expiry, ms), key ttl (ms), mark ttl (ms), 1 when the client's
+-- beat before got no answer (it may have run: a mark "0" is a loss it found), then per hold:
 -- request id, "z" or "h", the reservation (for "h").
 -- While the mark is there, only holds still present are pushed out (ZADD XX), never back: a
 -- request that settled meanwhile stays released. Without it, every hold is written again (the client then
 -- releases those of requests that settled meanwhile).
 -- Returns {1 when the mark was gone, else 0; how many holds were written again}.
-local lost = redis.call("EXISTS", KEYS[1]) == 0
-redis.call("SET", KEYS[1], "1", "PX", ARGV[3])
+local mark = redis.call("GET", KEYS[1])
+local lost = (not mark) or (ARGV[4] == "1" and mark == "0")
+redis.call("SET", KEYS[1], lost and "0" or "1", "PX", ARGV[3])
 local restored = 0
 for i = 2, #KEYS do
-  local a = 4 + (i - 2) * 3
+  local a = 5 + (i - 2) * 3
   local key, id, kind = KEYS[i], ARGV[a], ARGV[a + 1]
   if kind == "z" then
     if lost then

@@ -51,6 +51,7 @@ if cost > 0 or tokens > 0 then
 end
 
 local answer = {}
+local missed = {}  -- window keys missing, with something to add: named in the done key
 k = 1
 a = 4
 while ARGV[a] do
@@ -83,9 +84,16 @@ while ARGV[a] do
       else
         value = tonumber(redis.call("GET", key))
       end
+    elseif amount > 0 then
+      missed[#missed + 1] = key
     end
   end
   answer[#answer + 1] = value
   a = a + 1
+end
+-- Its answer may be lost (past the client's timeout): settled_once.lua then tells the client
+-- which charges this run could not add.
+if #missed > 0 then
+  redis.call("SET", KEYS[#KEYS], table.concat(missed, "\n"), "PX", 60000)
 end
 return answer

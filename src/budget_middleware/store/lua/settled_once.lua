@@ -1,17 +1,29 @@
 -- Add a settlement's charges whose settle.lua call failed without an answer, unless it ran
 -- (its done key is there): each settlement is added once, whichever call Redis runs first.
 -- KEYS[1]: the request's done key; then the window keys. ARGV: per window key the amount.
--- Returns {0} when settle.lua had run (nothing added), else the indices (from 1) of window keys
--- that are gone (the client seeds and adds them), after a 0.
-if not redis.call("SET", KEYS[1], "1", "NX", "PX", 60000) then
-  return {0}
+-- Returns a 0, then the indices (from 1) of window keys the client must seed and add to: those
+-- gone now or, when a run before (settle.lua, or this script whose answer was lost) left the
+-- done key, those that run found gone (it names them in the done key) and added nothing to.
+local done = redis.call("GET", KEYS[1])
+if done then
+  local missing = {0}
+  local named = "\n" .. done .. "\n"
+  for i = 2, #KEYS do
+    if string.find(named, "\n" .. KEYS[i] .. "\n", 1, true) then
+      missing[#missing + 1] = i - 1
+    end
+  end
+  return missing
 end
 local missing = {0}
+local missed = {}
 for i = 2, #KEYS do
   if redis.call("EXISTS", KEYS[i]) == 1 then
     redis.call("INCRBY", KEYS[i], ARGV[i - 1])
   else
     missing[#missing + 1] = i - 1
+    missed[#missed + 1] = KEYS[i]
   end
 end
+redis.call("SET", KEYS[1], #missed > 0 and table.concat(missed, "\n") or "1", "PX", 60000)
 return missing
