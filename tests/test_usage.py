@@ -184,6 +184,15 @@ def test_usage_of_both_shapes_with_null_openai_counts_is_read_by_its_other_count
     assert usage_from_mapping(zeros) == TokenUsage(7, 3)
     both = {"prompt_tokens": 9, "completion_tokens": 2, "input_tokens": 7, "output_tokens": 3}
     assert usage_from_mapping(both) == TokenUsage(9, 2)  # the OpenAI counts, when they say any
+    half = {"prompt_tokens": 9, "completion_tokens": 0, "input_tokens": 7, "output_tokens": 3}
+    assert usage_from_mapping(half) == TokenUsage(9, 0)  # one of them is a count said
+    only_in = {"prompt_tokens": None, "completion_tokens": None, "input_tokens": 50}
+    assert usage_from_mapping(only_in) == TokenUsage(50, 0)
+    only_out = {"prompt_tokens": None, "completion_tokens": None, "output_tokens": 9}
+    assert usage_from_mapping(only_out) == TokenUsage(0, 9)
+    # No other shape there: LiteLLM's cache fields stay subsets of the (zero) prompt.
+    cached = {"prompt_tokens": 0, "completion_tokens": 0, "cache_read_input_tokens": 5}
+    assert usage_from_mapping(cached) == TokenUsage(0, 0, 0, 0)
 
 
 # --- bad input never raises --------------------------------------------------------------------
