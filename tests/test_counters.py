@@ -505,8 +505,10 @@ def test_the_backend_is_told_of_a_reset_elsewhere_before_the_window_moves(
 def test_changing_a_limit_s_duration_keeps_its_usage_while_the_windows_overlap(
     engine: BudgetEngine,
 ) -> None:
-    """1h -> 1d: the day's window holds the hour's; the charge pending for the hour is no longer
-    the current window's, so it goes to the store open-ended."""
+    """1h -> 1d: the day's window holds the hour's, and so does the store (`_new_terms`): the
+    charge pending for the hour goes with it, to the day's window. (Kept on the hour's start, a
+    charge after it sealed it with the new window's start as its end, and the store, which had
+    moved its window there, dropped it: a fault hunt's, 1d -> 1h.)"""
     ledger = engine.registry.ledger
     now = T0 + 150 * MINUTE
     counter = window(engine.registry, "budget", "b", now=now)  # [T0 + 2h, T0 + 3h)
@@ -519,10 +521,10 @@ def test_changing_a_limit_s_duration_keeps_its_usage_while_the_windows_overlap(
         T0 + DAY,
     )
     assert ledger.sealed == []
-    assert take(engine) == [("budget", "b", at(T0 + 2 * HOUR), END_OF_TIME, 5)]
+    assert take(engine) == [("budget", "b", at(T0), at(T0 + DAY), 5)]
 
 
-def test_a_charge_after_a_duration_change_keeps_the_old_window_s_pending_apart(
+def test_a_charge_after_a_duration_change_counts_in_the_new_window_with_the_old_one_s(
     engine: BudgetEngine,
 ) -> None:
     ledger = engine.registry.ledger
@@ -532,17 +534,13 @@ def test_a_charge_after_a_duration_change_keeps_the_old_window_s_pending_apart(
     window(engine.registry, "budget", "b", duration="1d", now=now)  # [T0, T0 + 1d)
     counter.add(3, ledger)
     assert counter.value == 8
-    assert take(engine) == [
-        ("budget", "b", at(T0 + 2 * HOUR), END_OF_TIME, 5),  # not followed by the day's window
-        ("budget", "b", at(T0), at(T0 + DAY), 3),
-    ]
+    assert take(engine) == [("budget", "b", at(T0), at(T0 + DAY), 8)]
 
 
-def test_a_charge_sealed_for_the_window_the_counter_is_back_in_stays_open_ended(
+def test_a_charge_pending_goes_with_its_window_through_two_changes(
     engine: BudgetEngine,
 ) -> None:
-    """1h -> 1d -> 1h: the hour's charge was sealed, and the counter's window is that hour
-    again; no window follows it, so it carries no end."""
+    """1h -> 1d -> 1h: what is pending follows the counter's window each time."""
     ledger = engine.registry.ledger
     now = T0 + 150 * MINUTE
     counter = window(engine.registry, "budget", "b", now=now)
@@ -551,10 +549,7 @@ def test_a_charge_sealed_for_the_window_the_counter_is_back_in_stays_open_ended(
     counter.add(3, ledger)
     window(engine.registry, "budget", "b", duration="1h", now=now)
     assert (counter.value, counter.start) == (8, T0 + 2 * HOUR)
-    assert take(engine) == [
-        ("budget", "b", at(T0 + 2 * HOUR), END_OF_TIME, 5),
-        ("budget", "b", at(T0), END_OF_TIME, 3),
-    ]
+    assert take(engine) == [("budget", "b", at(T0 + 2 * HOUR), at(T0 + 3 * HOUR), 8)]
 
 
 def test_a_new_duration_whose_window_starts_after_the_old_one_ended_starts_from_zero(

@@ -705,3 +705,89 @@ async def test_new_terms_keep_a_charge_flushed_while_the_write_reads(
         stored = m.get_budget(budget_id)
     print(f"stored ${stored.current_usage:.2f} from {stored.last_reset} (B's $0.01 flushed)")
     assert stored.current_usage == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("kind", ["budget", "requests"])
+async def test_charges_unwritten_at_a_duration_change_are_kept_in_the_store(
+    make_settings: Settings, kind: str
+) -> None:
+    """A $1 daily budget (or 100 requests a day) begun 3 h 10 min ago; 5 requests of $0.01
+    answered and not yet written, 50 more admitted and held in flight; then the window made
+    an hour (its id kept). Changing a limit never resets its usage (SPEC §9): the store keeps
+    what the hour holds; every admitted request is charged once, live and stored. The live
+    counter kept its unwritten charges in the old window, and the store dropped them: $0.01
+    stored for $0.56 spent, and after a re-read the limit lifted (a fault hunt's)."""
+    from budget_middleware.store.tables import BudgetRow, RateLimitRow
+
+    settings = make_settings(flush_interval_seconds=3600)
+    app, gate, here = gated_app(settings, waiting=55)
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        if kind == "budget":
+            key = m.create_virtual_key(name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}])
+            limit_id = key.budgets[0].id
+        else:
+            rate = {"request_max_limit": 100, "request_reset_duration": "1d"}
+            key = m.create_virtual_key(name="k", rate_limit=rate)
+            limit_id = key.rate_limit.id
+        with engine.store.session() as s:
+            row = s.get(BudgetRow if kind == "budget" else RateLimitRow, limit_id)
+            assert row is not None
+            then = datetime.now(UTC) - timedelta(hours=3, minutes=10)
+            if kind == "budget":
+                row.last_reset = then
+            else:
+                row.request_last_reset = then
+            s.add(row)
+            s.commit()
+        await engine.invalidate()
+        auth = {"authorization": f"Bearer {key.value}"}
+        gate.set()  # 5 answered at once, their charges not written yet
+        codes = [
+            (await http.post("/v1/chat/completions", json=chat(), headers=auth)).status_code
+            for _ in range(5)
+        ]
+        gate.clear()  # 50 more admitted and held mid-flight
+        held = [
+            asyncio.create_task(http.post("/v1/chat/completions", json=chat(), headers=auth))
+            for _ in range(50)
+        ]
+        await here.wait()
+        if kind == "budget":
+            m.update_virtual_key(
+                key.id, budgets=[{"id": limit_id, "max_limit": 1, "reset_duration": "1h"}]
+            )
+        else:
+            m.update_virtual_key(key.id, rate_limit={**rate, "request_reset_duration": "1h"})
+        gate.set()
+        codes += [r.status_code for r in await asyncio.gather(*held)]
+        after = [
+            (await http.post("/v1/chat/completions", json=chat(), headers=auth)).status_code
+            for _ in range(1)
+        ]
+        codes += after
+        await engine.flush()
+        admitted = codes.count(200)
+        if kind == "budget":
+            live = engine.registry.counter("budget", limit_id).value / 1e9
+            stored = m.get_budget(limit_id).current_usage
+        else:
+            live = engine.registry.counter("request", limit_id).value
+            stored = next(r for r in m.list_rate_limits() if r.id == limit_id)
+            stored = stored.request_current_usage
+        records = m.usage(group_by="virtual_key").total
+        await engine.counters.refresh()  # what every instance reads again each cache TTL
+        if kind == "budget":
+            refreshed = engine.registry.counter("budget", limit_id).value / 1e9
+        else:
+            refreshed = engine.registry.counter("request", limit_id).value
+    print(
+        f"{kind}: admitted {admitted}, usage records {records.requests} ${records.cost:.2f}; "
+        f"live {live}, stored {stored}, re-read {refreshed}"
+    )
+    expected = admitted * 0.01 if kind == "budget" else admitted
+    assert records.requests == admitted
+    assert live == pytest.approx(expected)
+    assert stored == pytest.approx(expected)
+    assert refreshed == pytest.approx(expected)

@@ -112,7 +112,7 @@ class WindowCounter:
             if start >= self.end:  # a later window: what we counted belongs to the one before
                 self._seal(ledger)
                 self.value = 0
-            elif not moved and self.pending and self.pending_start == self.start:
+            elif self.pending and self.pending_start == self.start:
                 self.pending_start = start
             self.start, self.end = start, end
 
