@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -956,6 +957,41 @@ async def _until_refused(key: str, *https: httpx.AsyncClient) -> int:
     return admitted
 
 
+class Pair(NamedTuple):
+    """Two engines on one store and one Redis, their clients, a key of $0.25 that never resets,
+    and `ask(http, n)`: n requests of $0.01 through that client, each answered 200."""
+
+    a: BudgetEngine
+    b: BudgetEngine
+    ha: httpx.AsyncClient
+    hb: httpx.AsyncClient
+    key: Any
+    ask: Callable[[httpx.AsyncClient, int], Awaitable[None]]
+
+
+@asynccontextmanager
+async def two_on_a_quarter(settings: BudgetSettings, prefix: str) -> AsyncIterator[Pair]:
+    a, b = BudgetEngine(settings), BudgetEngine(settings)
+    use_prefix(a, prefix)
+    use_prefix(b, prefix)
+    app_a, app_b = fault_app(a), fault_app(b)
+    async with running(app_a), running(app_b), client(app_a) as ha, client(app_b) as hb:
+        key = a.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 0.25, "reset_duration": None}]
+        )
+        await a.invalidate()
+        await b.invalidate()
+
+        async def ask(http: httpx.AsyncClient, times: int) -> None:
+            for _ in range(times):
+                answer = await http.post(
+                    "/v1/chat/completions", json=chat(), headers=bearer(key.value)
+                )
+                assert answer.status_code == 200, answer.text
+
+        yield Pair(a, b, ha, hb, key, ask)
+
+
 async def _scenario(postgres_database: str, tmp_path: Any, outage: bool) -> tuple[int, int]:
     server = PrivateRedis()
     server.start()
@@ -968,24 +1004,7 @@ async def _scenario(postgres_database: str, tmp_path: Any, outage: bool) -> tupl
             flush_interval_seconds=30,
             spill_dir=tmp_path / "spill",
         )
-        a, b = BudgetEngine(settings), BudgetEngine(settings)
-        use_prefix(a, prefix)
-        use_prefix(b, prefix)
-        app_a, app_b = fault_app(a), fault_app(b)
-        async with running(app_a), running(app_b), client(app_a) as ha, client(app_b) as hb:
-            key = a.manager.create_virtual_key(
-                name="alice", budgets=[{"max_limit": 0.25, "reset_duration": None}]
-            )
-            await a.invalidate()
-            await b.invalidate()
-
-            async def ask(http: httpx.AsyncClient, times: int) -> None:
-                for _ in range(times):
-                    answer = await http.post(
-                        "/v1/chat/completions", json=chat(), headers=bearer(key.value)
-                    )
-                    assert answer.status_code == 200, answer.text
-
+        async with two_on_a_quarter(settings, prefix) as (a, b, ha, hb, key, ask):
             if outage:
                 await ask(ha, 5)
                 assert await a.flush()  # $0.05 in the store
@@ -1248,24 +1267,7 @@ async def _a_beat_after_an_empty_restart(sqlite_url: str, stall_a_beat: bool) ->
         settings = settings_for(
             sqlite_url, redis_url=server.url, flush_interval_seconds=30, redis_timeout_seconds=0.2
         )
-        a, b = BudgetEngine(settings), BudgetEngine(settings)
-        use_prefix(a, prefix)
-        use_prefix(b, prefix)
-        app_a, app_b = fault_app(a), fault_app(b)
-        async with running(app_a), running(app_b), client(app_a) as ha, client(app_b) as hb:
-            key = a.manager.create_virtual_key(
-                name="alice", budgets=[{"max_limit": 0.25, "reset_duration": None}]
-            )
-            await a.invalidate()
-            await b.invalidate()
-
-            async def ask(http: httpx.AsyncClient, times: int) -> None:
-                for _ in range(times):
-                    answer = await http.post(
-                        "/v1/chat/completions", json=chat(), headers=bearer(key.value)
-                    )
-                    assert answer.status_code == 200, answer.text
-
+        async with two_on_a_quarter(settings, prefix) as (a, b, ha, hb, key, ask):
             await a.counters.heartbeat()
             await ask(ha, 5)  # $0.05 in Redis's key, not written yet
             server.kill(keep_data=False)

@@ -104,6 +104,22 @@ def client(app: FastAPI) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test")
 
 
+@asynccontextmanager
+async def serving_two(
+    tmp_path: Path, redis_url: str, **settings: Any
+) -> AsyncIterator[tuple[BudgetEngine, BudgetEngine, httpx.AsyncClient, httpx.AsyncClient]]:
+    """`instances`, each serving the host app (started), with a client of each."""
+    async with instances(tmp_path, redis_url, **settings) as (one, two, _):
+        one_app, two_app = host(one), host(two)
+        async with (
+            running(one_app),
+            running(two_app),
+            client(one_app) as a,
+            client(two_app) as b,
+        ):
+            yield one, two, a, b
+
+
 def auth(key: str, **extra: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}", **extra}
 
@@ -312,37 +328,28 @@ async def test_a_reset_whose_mark_redis_lost_is_found_in_the_store(tmp_path: Pat
     server = PrivateRedis()
     server.start()
     try:
-        async with instances(tmp_path, server.url, cache_ttl_seconds=3600) as (one, two, _):
-            one_app, two_app = host(one), host(two)
-            async with (
-                running(one_app),
-                running(two_app),
-                client(one_app) as a,
-                client(two_app) as b,
-            ):
-                key, budget_id = dollar_key(one)
-                await spend(b, key, 30)
-                await two.flush()
-                await asyncio.to_thread(one.manager.reset_budget, budget_id)
-                await asyncio.sleep(0.3)  # the mark is written
-                server.stop()
-                server.start()  # empty: the mark is gone
-                counts = []
-                for http in (a, b, a):  # the first opens the new window's key
-                    admitted = 0
-                    for _ in range(300):
-                        answer = await http.post(
-                            "/v1/chat/completions", json=BODY, headers=auth(key)
-                        )
-                        if answer.status_code == 503:  # the first call finds Redis gone
-                            await asyncio.sleep(0.3)
-                            continue
-                        if answer.status_code != 200 or (http is a and not counts):
-                            admitted += answer.status_code == 200
-                            break
-                        admitted += 1
-                    counts.append(admitted)
-                spent = await written_spend(budget_id, one, two)
+        async with serving_two(tmp_path, server.url, cache_ttl_seconds=3600) as (one, two, a, b):
+            key, budget_id = dollar_key(one)
+            await spend(b, key, 30)
+            await two.flush()
+            await asyncio.to_thread(one.manager.reset_budget, budget_id)
+            await asyncio.sleep(0.3)  # the mark is written
+            server.stop()
+            server.start()  # empty: the mark is gone
+            counts = []
+            for http in (a, b, a):  # the first opens the new window's key
+                admitted = 0
+                for _ in range(300):
+                    answer = await http.post("/v1/chat/completions", json=BODY, headers=auth(key))
+                    if answer.status_code == 503:  # the first call finds Redis gone
+                        await asyncio.sleep(0.3)
+                        continue
+                    if answer.status_code != 200 or (http is a and not counts):
+                        admitted += answer.status_code == 200
+                        break
+                    admitted += 1
+                counts.append(admitted)
+            spent = await written_spend(budget_id, one, two)
     finally:
         server.stop()
     print(f"after the reset and an empty Redis, admitted {counts}: ${spent / 1e9:.2f}")
@@ -466,23 +473,16 @@ async def test_charges_another_instance_had_not_written_survive_redis_restarting
     server = PrivateRedis()
     server.start()
     try:
-        async with instances(tmp_path, server.url, flush_interval_seconds=1) as (one, two, _):
-            one_app, two_app = host(one), host(two)
-            async with (
-                running(one_app),
-                running(two_app),
-                client(one_app) as a,
-                client(two_app) as b,
-            ):
-                key, budget = dollar_key(one)
-                await spend(a, key, 50)  # $0.50, in Redis; written to the store within a second
-                server.stop()
-                server.start()  # empty
-                first = await b.post("/v1/chat/completions", json=BODY, headers=auth(key))
-                await asyncio.sleep(2.5)  # heartbeats (and A's flusher) go round
-                admitted_b, code_b = await spend_until_refused(b, key)
-                admitted_a, code_a = await spend_until_refused(a, key)
-                stored = await written_spend(budget, one, two)
+        async with serving_two(tmp_path, server.url, flush_interval_seconds=1) as (one, two, a, b):
+            key, budget = dollar_key(one)
+            await spend(a, key, 50)  # $0.50, in Redis; written to the store within a second
+            server.stop()
+            server.start()  # empty
+            first = await b.post("/v1/chat/completions", json=BODY, headers=auth(key))
+            await asyncio.sleep(2.5)  # heartbeats (and A's flusher) go round
+            admitted_b, code_b = await spend_until_refused(b, key)
+            admitted_a, code_a = await spend_until_refused(a, key)
+            stored = await written_spend(budget, one, two)
     finally:
         server.stop()
     admitted = 50 + (first.status_code == 200) + admitted_b + admitted_a
