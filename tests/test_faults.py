@@ -1192,16 +1192,18 @@ def test_a_wsgi_process_that_never_reached_the_store_keeps_what_it_admitted(
     assert files and count == 21
 
 
-def stalling_app(engine: BudgetEngine, server: PrivateRedis) -> FastAPI:
+def stalling_app(engine: BudgetEngine, server: PrivateRedis, clock: Clock | None = None) -> FastAPI:
     """A completion that, asked to (`x-stall`), stalls Redis for 0.6 s just as it answers: the
     settlement that follows reaches Redis, which runs it once it wakes, past the client's
-    0.2 s timeout."""
+    0.2 s timeout. With `clock`, the window rolls meanwhile too (an hour and a bit later)."""
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request) -> Response:
         await request.body()
         if request.headers.get("x-stall") and server.process is not None:
+            if clock is not None:
+                clock.advance(3700.0)
             process = server.process
             process.send_signal(signal.SIGSTOP)
             asyncio.get_running_loop().call_later(0.6, process.send_signal, signal.SIGCONT)
@@ -1323,26 +1325,6 @@ async def test_every_beat_answered_after_an_empty_restart_lifts_no_limit(
     assert count == admitted <= 25
 
 
-def rolling_stalling_app(engine: BudgetEngine, server: PrivateRedis, clock: Clock) -> FastAPI:
-    """Asked to (`x-stall`): the budget's window rolls while the request runs, and Redis stalls
-    0.6 s as it answers (the settlement reaches Redis, which runs it past the 0.2 s timeout)."""
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def completions(request: Request) -> Response:
-        await request.body()
-        if request.headers.get("x-stall") and server.process is not None:
-            clock.advance(3700.0)
-            process = server.process
-            process.send_signal(signal.SIGSTOP)
-            asyncio.get_running_loop().call_later(0.6, process.send_signal, signal.SIGCONT)
-        body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
-        return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
-
-    app.add_middleware(BudgetMiddleware, engine=engine)
-    return app
-
-
 async def test_a_late_settlement_into_an_unseeded_window_is_counted_there(
     sqlite_url: str,
 ) -> None:
@@ -1362,8 +1344,8 @@ async def test_a_late_settlement_into_an_unseeded_window_is_counted_there(
         use_prefix(a, prefix)
         use_prefix(b, prefix)
         app_a, app_b = (
-            rolling_stalling_app(a, server, clock),
-            rolling_stalling_app(b, server, clock),
+            stalling_app(a, server, clock),
+            stalling_app(b, server, clock),
         )
         async with running(app_a), running(app_b), client(app_a) as ha, client(app_b) as hb:
             key = a.manager.create_virtual_key(
