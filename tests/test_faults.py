@@ -1382,3 +1382,39 @@ async def test_a_late_settlement_into_an_unseeded_window_is_counted_there(
     )
     assert count == in_new_hour + 1  # and the warm-up, in the first hour
     assert in_new_hour <= 5
+
+
+async def test_a_spill_folder_that_cannot_be_written_keeps_the_charges_in_memory(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """`BUDGET_SPILL_DIR` names a file, not a folder: nothing can be kept on disk. The charges
+    of the outage stay in memory, as before the spill, counted in `spill_failures`, and all of
+    them reach the store when it is writable again."""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    engine = BudgetEngine(settings_for(postgres_database, spill_dir=blocked))
+    app = fault_app(engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 10, "reset_duration": None}]
+        )
+        await engine.invalidate()
+        set_read_only(postgres_database, True)
+        statuses = []
+        for _ in range(4):
+            for _ in range(5):
+                answer = await http.post(
+                    "/v1/chat/completions", json=chat(), headers=bearer(key.value)
+                )
+                statuses.append(answer.status_code)
+            await asyncio.sleep(0.2)  # rounds fail; the spill too
+        failures, spilled = engine.stats.spill_failures, engine.stats.spilled_batches
+        set_read_only(postgres_database, False)
+        assert await engine.flush()
+        count, total = records(engine, key.id)
+    print(
+        f"{statuses.count(200)} admitted in the outage; spill failures {failures}, spilled "
+        f"{spilled}; then {count} records, ${total / 1e9:.2f}"
+    )
+    assert statuses == [200] * 20 and failures > 0 and spilled == 0
+    assert (count, total) == (20, 20 * CENT)

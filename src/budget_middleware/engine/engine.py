@@ -40,7 +40,7 @@ from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable, StoreSchemaError
 from budget_middleware.settings import BudgetSettings, raised_again
 from budget_middleware.store.counters import CounterBackend, MemoryCounters
-from budget_middleware.store.database import KeyRecord, Store
+from budget_middleware.store.database import KeyRecord, Store, in_memory
 from budget_middleware.store.spill import Spill, default_spill_root, spill_folder
 
 if TYPE_CHECKING:
@@ -58,9 +58,7 @@ def _after_fork_in_child() -> None:
         if engine.started or engine.loop is not None:
             engine.after_fork_in_child()
         else:  # made, not started, in the parent (gunicorn --preload): this process's now
-            engine._pid = os.getpid()
-            if engine.spill is not None:  # its batches named for this process, not the parent
-                engine.spill.after_fork()
+            engine.take_this_process()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -134,8 +132,7 @@ class Batch:
 def _spill_for(settings: BudgetSettings) -> Spill | None:
     """The spill folder of this store; none for a store in memory (it goes with the process)."""
     url = settings.database_url
-    base = url.split("?", 1)[0]
-    if base.endswith(":memory:") or base.rstrip("/") in ("sqlite:", "sqlite+pysqlite:"):
+    if in_memory(url):
         return None
     root = settings.spill_dir if settings.spill_dir is not None else default_spill_root()
     return Spill(spill_folder(root, url))
@@ -431,19 +428,24 @@ class BudgetEngine:
         child starts afresh on first use; what the parent charged is written by the parent."""
         self._forget_the_loop()
         self.forked_at = time.perf_counter()
-        self._pid = os.getpid()
         self._orphans = {}
         self.records = []
         self.unwritten = []
         self.rejects_to_save = []
-        if self.spill is not None:
-            self.spill.after_fork()  # the parent's files stay the parent's
-            self._spilled = True
+        self.take_this_process()
         self.registry.forget_the_parent_s()
         self.store.engine.dispose(close=False)  # the parent's connections stay the parent's
         self.counters.after_fork_in_child()
         self.alerts.after_fork_in_child()
         self.hooks.after_fork_in_child()
+
+    def take_this_process(self) -> None:
+        """In a forked child: this process's pid, and a spill of its own (the parent's batches
+        stay the parent's; the child looks for gone processes' at its first flush)."""
+        self._pid = os.getpid()
+        if self.spill is not None:
+            self.spill.after_fork()
+            self._spilled = True
 
     def _prepare_store(self) -> None:
         self.store.create_schema()
@@ -888,6 +890,7 @@ class BudgetEngine:
                 self.stats.spilled_batches += 1
 
     def _unspill(self, path: str) -> None:
+        """A batch on disk is in the store: its file goes (a batch has one only with a spill)."""
         assert self.spill is not None
         self.spill.remove(path)
 

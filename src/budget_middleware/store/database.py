@@ -73,9 +73,15 @@ class GlobalRecord:
     routes: list[RouteRow]
 
 
+def in_memory(url: str) -> bool:
+    """A SQLite store in this process's memory: it goes with the process."""
+    base = url.split("?", 1)[0]
+    return base.endswith(":memory:") or base.rstrip("/") in ("sqlite:", "sqlite+pysqlite:")
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        memory = url in ("sqlite://", "sqlite:///:memory:")
+        memory = in_memory(url)
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
