@@ -935,6 +935,57 @@ async def test_a_gone_engine_s_batch_takes_nothing_off_this_engine_s_unwritten_c
     assert live == spent * CENT
 
 
+async def test_an_engine_started_again_does_not_count_twice_what_it_gave_up(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """An engine that shut down in an outage leaves its charges on disk, anyone's. Started
+    again (a second lifespan of the same app, as a test client does), it still counted them as
+    its own unwritten charges; once another engine had written them, the live counter read them
+    twice for as long as the window lasts: $0.03 spent off a $0.10 budget refused $0.03 early."""
+    settings = settings_for(
+        postgres_database, spill_dir=tmp_path / "spill", flush_interval_seconds=30
+    )
+    engine = BudgetEngine(settings)
+    app = fault_app(engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 0.1, "reset_duration": None}]
+        )
+        await engine.invalidate()
+        budget_id = key.budgets[0].id
+        for _ in range(4):
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            assert answer.status_code == 200
+        assert await engine.flush()  # $0.04 in the store
+        set_read_only(postgres_database, True)
+        for _ in range(3):
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            assert answer.status_code == 200
+    # shut down in the outage: $0.03 left on disk, given up
+    set_read_only(postgres_database, False)
+    other = BudgetEngine(settings)
+    await other.ensure_started()
+    assert await other.flush()  # another engine writes them
+    stored = budget_usage(other, budget_id)
+    await other.shutdown()
+    async with running(app), client(app) as http:  # the first engine starts again
+        await engine.counters.refresh()
+        counter = engine.registry.counter("budget", budget_id)
+        assert counter is not None
+        live = counter.value
+        codes = []
+        for _ in range(5):
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            codes.append(answer.status_code)
+    print(
+        f"stored ${stored / 1e9:.2f}; the engine started again reads ${live / 1e9:.2f}; "
+        f"then 5 requests of $0.01 on the $0.10 budget: {codes}"
+    )
+    assert stored == 7 * CENT
+    assert live == stored
+    assert codes == [200, 200, 200, 402, 402]
+
+
 # -- Redis restarted empty, another instance seeding first ------------------------------------
 
 

@@ -280,6 +280,12 @@ class Ledger:
         else:
             self.unconfirmed.pop(key, None)
 
+    def left_to_others(self) -> None:
+        """This engine stops with what the store has not confirmed on disk, anyone's to write
+        (`store.spill`): none of it is ours any more, or started again it would count it beside
+        the store that another engine wrote it to."""
+        self.unconfirmed.clear()
+
 
 @dataclass(slots=True)
 class RateLimitCounters:

@@ -492,6 +492,7 @@ class BudgetEngine:
         if self.spill is not None and all(b.path is not None for b in self.unwritten):
             await anyio.to_thread.run_sync(self.spill.give_up)
             self.unwritten = []  # on disk, and anyone's: not this engine's to write
+            self.registry.ledger.left_to_others()
             logger.warning(
                 "budget-middleware could not write its pending charges at shutdown: the store "
                 "is unreachable. They wait in %s, and the next engine on this store writes them",

@@ -115,9 +115,10 @@ class Spill:
         return None
 
     def is_own(self, path: str) -> bool:
-        """Whether the batch of `path` was spilled by this engine (given up since, or not)."""
+        """Whether the batch of `path` was spilled by this engine and not given up since (its
+        charges are still this engine's unconfirmed ones)."""
         parts = Path(path).name.split("-", 3)
-        return len(parts) == 4 and parts[2] == self.engine
+        return len(parts) == 4 and parts[1] != str(_GONE) and parts[2] == self.engine
 
     def after_fork(self) -> None:
         """In a forked child: an engine of its own (the parent's batches stay the parent's)."""
