@@ -9,9 +9,9 @@ from sqlalchemy import text
 from budget_middleware.store.database import Store
 
 
-def test_a_version_3_store_is_brought_to_version_5(tmp_path: Path) -> None:
+def test_a_version_3_store_is_brought_to_version_6(tmp_path: Path) -> None:
     """Version 4 added the records' direction; 5 soft budgets, alert thresholds, shadow refusals
-    and the alerts table."""
+    and the alerts table; 6 an index on the applied batches' time (their prune)."""
     store = Store(f"sqlite:///{tmp_path}/old.db")
     store.create_schema()
     with store.engine.begin() as conn:  # as release 3 left it: one budget, one record
@@ -20,6 +20,7 @@ def test_a_version_3_store_is_brought_to_version_5(tmp_path: Path) -> None:
         conn.execute(text("ALTER TABLE bm_budgets DROP COLUMN soft"))
         conn.execute(text("ALTER TABLE bm_budgets DROP COLUMN alert_thresholds"))
         conn.execute(text("DROP TABLE bm_alerts"))
+        conn.execute(text("DROP INDEX ix_bm_flushes_applied_at"))
         conn.execute(
             text(
                 "INSERT INTO bm_budgets (id, owner_type, owner_id, max_limit_nanos,"
@@ -45,12 +46,18 @@ def test_a_version_3_store_is_brought_to_version_5(tmp_path: Path) -> None:
         ).all()
         budgets = conn.execute(text("SELECT id, soft, alert_thresholds FROM bm_budgets")).all()
         alerts = conn.execute(text("SELECT count(*) FROM bm_alerts")).scalar_one()
+        indexes = conn.execute(
+            text(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'ix_bm_flushes%'"
+            )
+        ).all()
         version = conn.execute(
             text("SELECT value FROM bm_meta WHERE key = 'schema_version'")
         ).scalar_one()
     store.dispose()
-    print(f"after the upgrade: version {version}, records {rows}, budgets {budgets}")
-    assert version == "5" and [tuple(r) for r in rows] == [("old", "inbound", None)]
+    print(f"after the upgrade: version {version}, records {rows}, budgets {budgets}, {indexes}")
+    assert [tuple(i) for i in indexes] == [("ix_bm_flushes_applied_at",)]
+    assert version == "6" and [tuple(r) for r in rows] == [("old", "inbound", None)]
     assert [tuple(b) for b in budgets] == [("b1", 0, None)] and alerts == 0
 
 
@@ -82,3 +89,50 @@ async def test_a_store_of_a_newer_release_stops_start_up_and_is_never_written(
     assert listed.status_code == 503 and "version 99" in listed.json()["error"]["message"]
     assert health.status_code == 503 and health.json()["store"] == "down"
     assert issubclass(StoreSchemaError, RuntimeError) is False  # a ConfigurationError: final
+
+
+async def test_the_sweep_forgets_batch_ids_older_than_kept_and_only_them(tmp_path: Path) -> None:
+    """`bm_flushes` grew a row a flush for ever (86,400 a day for a busy instance): the sweep
+    forgets the ids applied more than FLUSH_IDS_KEPT ago, once an hour; a batch applied within
+    it is still applied once when it comes again."""
+    from datetime import timedelta
+
+    from budget_middleware import BudgetSettings
+    from budget_middleware.core.times import from_ts
+    from budget_middleware.engine.engine import FLUSH_IDS_KEPT, PRUNE_SECONDS, BudgetEngine
+
+    now = [1_800_000_000.0]
+    engine = BudgetEngine(
+        BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db"), clock=lambda: now[0]
+    )
+    store = engine.store
+    store.create_schema()
+    ages = {"old": FLUSH_IDS_KEPT + timedelta(hours=1), "recent": FLUSH_IDS_KEPT / 2}
+    with store.engine.begin() as conn:
+        for batch_id, age in ages.items():
+            conn.execute(
+                text("INSERT INTO bm_flushes (batch_id, applied_at) VALUES (:id, :at)"),
+                {"id": batch_id, "at": from_ts(now[0]) - age},
+            )
+
+    def ids() -> list[str]:
+        with store.engine.connect() as conn:
+            return sorted(r[0] for r in conn.execute(text("SELECT batch_id FROM bm_flushes")))
+
+    await engine.sweep()
+    after_first = ids()
+    with store.engine.begin() as conn:  # older than kept again, but within the hour
+        conn.execute(
+            text("UPDATE bm_flushes SET applied_at = :at"),
+            {"at": from_ts(now[0]) - 2 * FLUSH_IDS_KEPT},
+        )
+    await engine.sweep()
+    within_the_hour = ids()
+    now[0] += PRUNE_SECONDS
+    await engine.sweep()
+    after_an_hour = ids()
+    store.dispose()
+    print(f"ids kept: {after_first}, then {within_the_hour}, an hour later {after_an_hour}")
+    assert after_first == ["recent"]
+    assert within_the_hour == ["recent"]
+    assert after_an_hour == []

@@ -21,6 +21,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -140,6 +141,10 @@ def _spill_for(settings: BudgetSettings) -> Spill | None:
 
 _RESET_WAIT_SECONDS = 30.0
 SWEEP_SECONDS = 60.0  # how often expired windows are reset in the store
+PRUNE_SECONDS = 3600.0  # how often the ids of applied batches older than FLUSH_IDS_KEPT go
+# A batch id is remembered this long: a batch tried again later (a spilled one, taken back after
+# a crash between its write and its file's removal) is applied once if it comes within it.
+FLUSH_IDS_KEPT = timedelta(days=30)
 
 
 def _written_at_exit(ref: weakref.ref[BudgetEngine]) -> None:
@@ -219,6 +224,7 @@ class BudgetEngine:
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock: asyncio.Lock | None = None
         self._transient_failures = 0  # store writes failed for the moment, in a row
+        self._pruned_at = float("-inf")  # the last prune of applied batch ids (`sweep`)
         self._stopping = asyncio.Event()
         self._key_loads: dict[str, asyncio.Future[KeyConfig | None]] = {}
         self._manager: BudgetManager | None = None
@@ -541,10 +547,19 @@ class BudgetEngine:
                 logger.exception("budget-middleware flusher round failed")
 
     async def sweep(self) -> int:
-        """Reset the store's expired windows (SPEC §6's background sweep); 0 when the store
-        cannot be written now (the next sweep tries again)."""
+        """Reset the store's expired windows (SPEC §6's background sweep), and once an hour
+        forget the ids of batches applied more than FLUSH_IDS_KEPT ago (else `bm_flushes` grows
+        a row a flush for ever); 0 when the store cannot be written now (the next sweep tries
+        again)."""
+        now = self.clock()
         try:
-            return await anyio.to_thread.run_sync(self.store.sweep_windows, from_ts(self.clock()))
+            swept = await anyio.to_thread.run_sync(self.store.sweep_windows, from_ts(now))
+            if now - self._pruned_at >= PRUNE_SECONDS:
+                await anyio.to_thread.run_sync(
+                    self.store.prune_flushes, from_ts(now) - FLUSH_IDS_KEPT
+                )
+                self._pruned_at = now
+            return swept
         except Exception as exc:
             logger.debug("budget-middleware window sweep failed: %s", exc)
             return 0

@@ -355,9 +355,11 @@ class Store:
             ).all()
             return list(rows), int(total)
 
-    def prune_flushes(self, before: datetime) -> None:
+    def prune_flushes(self, before: datetime) -> int:
+        """Forget the ids of batches applied before `before`; how many went."""
         with self.engine.begin() as conn:
-            conn.execute(delete(FlushRow).where(col(FlushRow.applied_at) < before))
+            gone = conn.execute(delete(FlushRow).where(col(FlushRow.applied_at) < before))
+            return int(gone.rowcount or 0)
 
     def schema_version(self) -> int | None:
         with self.session() as s:

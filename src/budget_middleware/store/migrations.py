@@ -32,7 +32,14 @@ _STEPS: dict[int, Callable[[Connection], None]] = {
         ("bm_budgets", "alert_thresholds JSON"),
         ("bm_usage_records", "would_refuse VARCHAR(40)"),
     ),
+    # 6: bm_flushes.applied_at indexed: the flusher prunes the batch ids older than a month.
+    6: lambda conn: _add_index(conn, "ix_bm_flushes_applied_at", "bm_flushes (applied_at)"),
 }
+
+
+def _add_index(conn: Connection, name: str, on: str) -> None:
+    """Add an index unless the store has it (a table made by this release already does)."""
+    conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {on}"))
 
 
 def _add_columns(conn: Connection, *columns: tuple[str, str]) -> None:

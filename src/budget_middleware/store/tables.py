@@ -15,7 +15,7 @@ from sqlmodel import Field, SQLModel
 
 # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction; 5: bm_alerts, bm_budgets.soft and
 # .alert_thresholds, bm_usage_records.would_refuse
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def new_id() -> str:
@@ -205,11 +205,14 @@ class AlertRow(StoreModel, table=True):
 
 
 class FlushRow(StoreModel, table=True):
-    """An applied flush batch: a batch retried after an unclear commit is not applied twice."""
+    """An applied flush batch: a batch retried after an unclear commit is not applied twice.
+    Kept `FLUSH_IDS_KEPT_DAYS`, then pruned by the flusher's sweep."""
 
     __tablename__ = "bm_flushes"
     batch_id: str = Field(primary_key=True, max_length=32)
-    applied_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    applied_at: datetime = Field(
+        default_factory=utcnow, sa_type=DateTime(timezone=True), index=True
+    )
 
 
 class RejectedRow(StoreModel, table=True):
