@@ -1192,6 +1192,70 @@ async def test_fail_open_admissions_of_an_engine_that_never_started_are_kept(
     assert files and count == 10 and total == 10 * CENT
 
 
+_DROPPED_UNSTARTED = """
+import asyncio, gc, sys
+import httpx2
+from budget_middleware import BudgetSettings, BudgetTransport
+
+def provider(request):
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100}
+    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
+
+settings = BudgetSettings(database_url=sys.argv[1], spill_dir=sys.argv[2], fail_open=True)
+kept = []
+
+async def job():
+    http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.MockTransport(provider), settings))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    request = http.build_request("POST", "https://api.openai.com/v1/chat/completions", json=body)
+    answer = await http.send(request, stream=True)  # neither read nor closed
+    print(answer.status_code)
+    kept.append(answer)
+
+asyncio.run(job())
+kept.clear()
+gc.collect()  # dropped after its loop ended: settled at exit
+"""
+
+
+def test_an_answer_dropped_by_an_engine_that_never_reached_its_store_is_kept(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """Fail-open with the store unreachable from the start, a script's outbound answer dropped
+    after its `asyncio.run` ended: the exit could not start the engine, so the dropped answer
+    was never settled (admitted, 0 kept). It is settled all the same and waits on disk; the next
+    engine on the store writes its record."""
+    proxy = TcpProxy(5432)  # not listening: the store is unreachable
+    url = postgres_database.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    script = tmp_path / "dropped.py"
+    script.write_text(_DROPPED_UNSTARTED)
+    spill = tmp_path / "spill"
+    done = subprocess.run(
+        [sys.executable, str(script), url, str(spill)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    files = sorted(spill.glob("*/*.json"))
+    proxy.restore()
+    try:
+        nxt = BudgetEngine(settings_for(url, spill_dir=spill))
+        written = asyncio.run(_written_by(nxt))
+    finally:
+        proxy.cut()
+    print(f"answered {done.stdout.split()}; {len(files)} batch(es) on disk; written {written}")
+    assert done.stdout.split() == ["200"] and len(files) == 1
+    assert [row[0] for row in written] == ["client_disconnected"]
+
+
+async def _written_by(engine: BudgetEngine) -> list[tuple[str, int]]:
+    """Start `engine`, flush, and read back the outcomes and costs of the records it wrote."""
+    await engine.ensure_started()
+    assert await engine.flush()
+    with engine.store.session() as s:
+        rows = s.exec(select(UsageRecordRow.outcome, UsageRecordRow.cost_nanos)).all()
+    await engine.shutdown()
+    return [(str(o), int(c)) for o, c in rows]
+
+
 _FLASK_PROCESS = """
 import json, sys
 sys.path.insert(0, {examples!r})

@@ -318,6 +318,10 @@ class BudgetEngine:
             self._flusher = self.loop.create_task(self._flush_loop())
             self.started = True
             self.write_at_exit()
+        await self._settle_orphans()
+
+    async def _settle_orphans(self) -> None:
+        """Settle the answers dropped while no loop ran this engine (`settle_later`)."""
         while self._orphans:
             exchange, outcome = self._orphans.pop(next(iter(self._orphans)))
             try:
@@ -363,6 +367,8 @@ class BudgetEngine:
                 if self.failure is not None or self.spill is None:
                     raise
                 logger.warning("budget-middleware could not start at exit: %s", exc)
+                if not self.started:  # never reached its store (fail-open): settled all the same
+                    await self._settle_orphans()
             await self.shutdown()
 
         try:
