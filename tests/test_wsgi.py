@@ -1147,32 +1147,39 @@ def test_a_dropped_answer_s_app_generator_is_closed_where_it_was_dropped(
     assert sorted(r["direction"] for r in rows) == ["inbound", "outbound"]
 
 
-@pytest.mark.parametrize("kind", ["generator", "function"])
+@pytest.mark.parametrize("kind", ["generator", "function", "empty chunk", "empty write"])
 def test_an_app_failing_before_its_first_chunk_costs_nothing(
     make_settings: Settings, kind: str
 ) -> None:
     """The app raises after `start_response("200 OK")`, before any body (at its iterable's
-    first `next()`, or in the call itself: a header the server refuses, say): nothing was
-    sent, the server answers 500, and an error without usage costs nothing (SPEC §7),
-    recorded as the 500 it was (the function was charged an estimate, as a 200)."""
+    first `next()`, or in the call itself: a header the server refuses, say; or after an empty
+    chunk or an empty `write()`, which send nothing, PEP 3333): nothing was sent, the server
+    answers 500, and an error without usage costs nothing (SPEC §7), recorded as the 500 it
+    was (the function was charged an estimate, as a 200; the empty chunk recorded a 200)."""
 
     def failing(environ: dict[str, Any], start_response: Any) -> None:
         environ["wsgi.input"].read()
-        start_response("200 OK", [("content-type", "application/json")])
+        write = start_response("200 OK", [("content-type", "application/json")])
+        if kind == "empty write":
+            write(b"")
         raise RuntimeError("the model backend failed")
 
     def generated(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
-        failing(environ, start_response)
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("content-type", "application/json")])
+        if kind == "empty chunk":
+            yield b""  # nothing sent: the server can still answer 500
+        raise RuntimeError("the model backend failed")
         yield b""  # a generator
 
-    app = generated if kind == "generator" else failing
+    app = failing if kind in ("function", "empty write") else generated
 
     middleware = BudgetWSGIMiddleware(app, make_settings(flush_interval_seconds=3600))
     engine = middleware.engine
     on_loop(engine, engine.ensure_started)
     key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
     with pytest.raises(RuntimeError, match="backend failed"):  # werkzeug reads the first chunk
-        Client(middleware).post("/v1/chat/completions", json=chat(),
+        Client(middleware).post("/v1/chat/completions", json=chat(), buffered=True,
                                 headers=bearer(key.value or ""))  # fmt: skip
     rows = records(engine)
     print(f"failed before its first chunk: {rows}")

@@ -579,10 +579,16 @@ class MeteredResponse:
     def write(self, data: bytes) -> None:
         """The legacy `write()` of `start_response`, metered as a chunk."""
         assert self.write_ is not None
-        self.wrote = True
-        out = self.exchange.on_chunk(data, True)
+        out = self._passed(self.exchange.on_chunk(data, True))
         if out:
             self.write_(out)
+
+    def _passed(self, out: bytes) -> bytes:
+        """What goes to the server. Only bytes send the headers (PEP 3333: an empty chunk sends
+        nothing), so only then can the server no longer answer a failure with its 500."""
+        if out:
+            self.wrote = True
+        return out
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -607,8 +613,7 @@ class MeteredResponse:
             if not self.wrote:  # nothing sent: the server answers 500 (an error costs nothing)
                 self.exchange.status = 500
             raise
-        self.wrote = True
-        return self.exchange.on_chunk(chunk, True)
+        return self._passed(self.exchange.on_chunk(chunk, True))
 
     def close(self) -> None:
         """Called by the server once the answer is sent, or given up (a client gone). A JSON
