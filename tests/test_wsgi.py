@@ -1305,3 +1305,50 @@ def test_an_app_answering_no_iterable_fails_as_a_500_of_nothing(make_settings: S
     rows = records(engine)
     print("recorded", rows)
     assert [(r["status"], r["cost_nanos"]) for r in rows] == [(500, 0)]
+
+
+@pytest.mark.parametrize("how", ["write", "generator"])
+def test_a_client_gone_under_write_is_a_disconnect(make_settings: Settings, how: str) -> None:
+    """A client gone while the app sends with PEP 3333's `write()`: the server's `write` raises
+    (waitress's `ClientDisconnected`, gunicorn's `BrokenPipeError`) through the app. It was
+    recorded as an `upstream_error`; a generator's answer given up the same way is a
+    `client_disconnected`, as ASGI's is. Both are now, estimated from what was streamed."""
+    base = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+    events = [
+        b"data: " + json.dumps({**base, "choices": [{"delta": {"content": f"w{i} "}}]}).encode()
+        for i in range(20)
+    ]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        write = start_response("200 OK", [("content-type", "text/event-stream")])
+        if how == "generator":
+            return iter([event + b"\n\n" for event in events])
+        for event in events:
+            write(event + b"\n\n")
+        return iter([])
+
+    wrapped = BudgetWSGIMiddleware(app, make_settings())
+    engine = wrapped.engine
+    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 1})
+    sent: list[bytes] = []
+
+    def send(data: bytes) -> None:  # the server's: the client is gone after 3 events
+        if len(sent) == 3:
+            raise ConnectionResetError("client gone")
+        sent.append(data)
+
+    environ = posted(json.dumps(chat(stream=True)).encode(), key.value or "")
+    answer: Any = None
+    with pytest.raises(ConnectionResetError):
+        answer = wrapped(environ, lambda status, headers, exc_info=None: send)
+        for chunk in answer:
+            send(chunk)
+    if answer is not None:
+        answer.close()  # as the server does with what it was given
+    rows = records(engine)
+    print(f"{how}: {len(sent)} events sent; recorded {rows}")
+    assert len(sent) == 3
+    assert [(r["status"], r["outcome"], r["estimated"]) for r in rows] == [
+        (200, "client_disconnected", 1)]  # fmt: skip
+    assert not any(slots.in_flight for slots in engine.registry.concurrency.values())

@@ -289,7 +289,8 @@ class BudgetWSGIMiddleware:
         except BaseException:
             if not response.wrote:  # nothing sent: the server answers 500 (an error costs nothing)
                 exchange.status = 500
-            response.settle("upstream_error")
+            response.failed = True
+            response.settle(response.cut())
             raise
         return response
 
@@ -581,7 +582,11 @@ class MeteredResponse:
         assert self.write_ is not None
         out = self._passed(self.exchange.on_chunk(data, True))
         if out:
-            self.write_(out)
+            try:
+                self.write_(out)
+            except Exception:  # the server could not send it: the client is gone (waitress's
+                self.exchange.client_gone = True  # `ClientDisconnected`, a `BrokenPipeError`)
+                raise
 
     def _passed(self, out: bytes) -> bytes:
         """What goes to the server. Only bytes send the headers (PEP 3333: an empty chunk sends
@@ -636,7 +641,14 @@ class MeteredResponse:
                 close()
         finally:
             if not self.once.done:  # settled at the last chunk (the usual case): no lock taken
-                self.settle("upstream_error" if self.failed else "client_disconnected")
+                self.settle(self.cut())
+
+    def cut(self) -> str:
+        """The outcome of an answer that did not reach its end: the app's failure, unless the
+        client was gone first (a `write()` the server could not send: the app raised it)."""
+        if self.failed and not self.exchange.client_gone:
+            return "upstream_error"
+        return "client_disconnected"
 
     def _to_drain(self) -> bool:
         exchange = self.exchange
@@ -657,8 +669,7 @@ class MeteredResponse:
         answer, so the app's iterable goes now, in this thread: its `finally:` and `with`
         exits (a provider stream it held) never run on the engine's loop."""
         if not self.once.done:
-            outcome = "upstream_error" if self.failed else "client_disconnected"
-            self.exchange.settle_dropped(functools.partial(self.once.take, outcome))
+            self.exchange.settle_dropped(functools.partial(self.once.take, self.cut()))
 
     def settle(self, outcome: str) -> None:
         """Exactly once, whichever thread gets here first (the flag is tested under the lock
