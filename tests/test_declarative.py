@@ -262,6 +262,45 @@ def test_a_key_given_twice_is_refused_not_silently_dropped(
     print("refused:", raised.value)
 
 
+SECRET = "sk-bm-literal-secret-0001"
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (f'virtual_keys:\n  - name: alice\n    value: "{SECRET}\n', "line 3, column 12"),
+        (f"virtual_keys:\n  - name: alice\n   value: {SECRET}\n", "line 3, column 4"),
+        (f"virtual_keys:\n  - name: alice\n    value: x\n    value: {SECRET}\n",
+         "line 4, column 5"),
+        (f"virtual_keys:\n  - {{name: alice, value: {SECRET}, team: [t}}\n",
+         "line 2, column 61"),
+    ],
+    ids=["unclosed-quote", "bad-indent", "field-twice", "flow"],
+)  # fmt: skip
+def test_a_yaml_error_names_the_line_but_never_quotes_a_key_value(
+    tmp_path: Path, text: str, line: str
+) -> None:
+    """SPEC §8: a virtual key never appears in an error. PyYAML quotes the lines around its
+    error, and a literal key `value` stood on them: in the start-up log, `config check`'s output
+    and the answer of `POST /config/apply` (which any admin client may log)."""
+    from budget_middleware.manage.config_file import apply_config_text, check_config_file
+
+    with pytest.raises(ConfigFileError) as at_start:
+        _start(tmp_path, text)
+    with pytest.raises(ConfigFileError) as checked:
+        check_config_file(tmp_path / "budget.yaml")
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db")
+    store = Store(settings.database_url)
+    with pytest.raises(ConfigFileError) as sent:
+        apply_config_text(store, settings, text, "yaml")
+    store.dispose()
+    for raised in (at_start, checked, sent):
+        message = str(raised.value)
+        print("refused:", message.replace("\n", " | "))
+        assert "invalid YAML" in message and line in message
+        assert "literal-secret" not in message  # not even the part of a line PyYAML shows
+
+
 def test_an_anchored_mapping_with_its_own_merge_is_merged_again(tmp_path: Path) -> None:
     """An anchor that overrides a merged key, merged again through an alias: PyYAML flattens the
     anchored mapping in place first, so a check made when mappings are built saw its keys twice

@@ -158,6 +158,16 @@ def _unique_key_loader() -> type:
     return UniqueKeyLoader
 
 
+def _unquoted(exc: Exception) -> str:
+    """A YAML error with its line and column but without the file's lines PyYAML quotes under
+    them: a key's `value` may stand on such a line (SPEC §8: a virtual key never appears in an
+    error), and the message reaches the start-up log, `config check` and `POST /config/apply`."""
+    for mark in (getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)):
+        if mark is not None:
+            mark.buffer = None  # PyYAML quotes no snippet of a mark without its buffer
+    return str(exc)
+
+
 def _read(path: Path) -> _FileData:
     text = config_text(path)
     if path.suffix.lower() == ".json":
@@ -179,7 +189,7 @@ def _read(path: Path) -> _FileData:
             data = yaml.load(text, Loader=_unique_key_loader())
         except yaml.YAMLError as exc:
             raise ConfigFileError(
-                f"BUDGET_CONFIG_FILE {str(path)!r}: invalid YAML: {exc}"
+                f"BUDGET_CONFIG_FILE {str(path)!r}: invalid YAML: {_unquoted(exc)}"
             ) from None
     data = data or {}
     if not isinstance(data, dict):
