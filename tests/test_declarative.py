@@ -301,6 +301,40 @@ def test_a_yaml_error_names_the_line_but_never_quotes_a_key_value(
         assert "literal-secret" not in message  # not even the part of a line PyYAML shows
 
 
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('customers:\n  - name: "a\\0b"\n',
+         r"customers\[0\] \(.*\): name: must not contain U\+0000"),
+        ('tags:\n  - tag: "t\\0"\n', r"tags\[0\] \(.*\): tag: must not contain U\+0000"),
+        ('virtual_keys:\n  - name: k\n    value: "sk-bm-abcdefgh\\0"\n',
+         r"virtual_keys\[0\] \(k\): value: must not contain U\+0000"),
+        ('virtual_keys:\n  - name: k\n    tags: [ok, "x\\0"]\n',
+         r"virtual_keys\[0\] \(k\): tags.1: must not contain U\+0000"),
+    ],
+    ids=["customer-name", "tag", "key-value", "key-tag"],
+)  # fmt: skip
+def test_a_nul_character_in_an_entry_is_refused_as_the_api_refuses_it(
+    tmp_path: Path, text: str, error: str
+) -> None:
+    """SPEC §10: each entry is a create body of §9, and the admin API refuses U+0000 in a body
+    (PostgreSQL cannot store it). A file, and `POST /config/apply`, stored it on SQLite: a name,
+    a tag, a key's value and tags the API itself would refuse with 422."""
+    from budget_middleware.manage.config_file import apply_config_text
+
+    with pytest.raises(ConfigFileError, match=error) as at_start:
+        _start(tmp_path, text)
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db")
+    store = Store(settings.database_url)
+    with pytest.raises(ConfigFileError, match=error) as sent:
+        apply_config_text(store, settings, text, "yaml")
+    print("refused:", repr(str(at_start.value)), "|", repr(str(sent.value)))
+    manager = BudgetManager(store, settings)
+    stored = manager.list_customers() + manager.list_tags() + manager.list_virtual_keys()
+    assert stored == []
+    store.dispose()
+
+
 def test_an_anchored_mapping_with_its_own_merge_is_merged_again(tmp_path: Path) -> None:
     """An anchor that overrides a merged key, merged again through an alias: PyYAML flattens the
     anchored mapping in place first, so a check made when mappings are built saw its keys twice

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from budget_middleware.admin.answers import AdminAnswer, invalid, invalid_param, unknown_param
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.manage.manager import BudgetManager
-from budget_middleware.manage.schemas import NO_NUL, RFC3339, to_utc
+from budget_middleware.manage.schemas import NO_NUL, NUL_MESSAGE, RFC3339, nul_in, to_utc
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -124,7 +124,7 @@ _FALSE = ("false", "0", "no")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _MOMENT: TypeAdapter[datetime] = TypeAdapter(datetime)
-_NUL = "must not contain U+0000 (NUL)"
+_NUL = NUL_MESSAGE
 _RANGE = "is out of range"
 PATH_PARAM: Mapping[str, Any] = {"type": "string", "minLength": 1, "pattern": NO_NUL}
 
@@ -209,7 +209,7 @@ class Call:
             raise Refused(invalid_param("body", "is not valid JSON")) from None
         if not isinstance(data, dict):
             raise Refused(invalid_param("body", "must be a JSON object"))
-        where = _nul_in(data)
+        where = nul_in(data)
         if where is not None:
             raise Refused(invalid_param(where, _NUL))
         try:
@@ -250,21 +250,3 @@ class Call:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
-
-
-def _nul_in(data: Any) -> str | None:
-    """Where the first string holding U+0000 is (`budgets.0.id`), or None. Not recursive: the
-    nesting json.loads accepts may be deeper than the stack left here."""
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, str):
-            if "\x00" in value:
-                return where or "body"
-        elif isinstance(value, dict):
-            items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
-            stack.extend(reversed(items))  # popped in document order
-        elif isinstance(value, list):
-            items = [(f"{where}.{i}" if where else str(i), v) for i, v in enumerate(value)]
-            stack.extend(reversed(items))
-    return None

@@ -56,6 +56,7 @@ from budget_middleware.manage.owner_limits import (
     ensure_schema,
 )
 from budget_middleware.manage.schemas import (
+    NUL_MESSAGE,
     CustomerCreate,
     ModelConfigCreate,
     ProviderPut,
@@ -63,6 +64,7 @@ from budget_middleware.manage.schemas import (
     TagPut,
     TeamCreate,
     VirtualKeyCreate,
+    nul_in,
 )
 from budget_middleware.settings import BudgetSettings
 from budget_middleware.store.database import Store
@@ -324,6 +326,9 @@ _REFERENCES = (("customer", "customer_id"), ("team", "team_id"), ("virtual_key",
 def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
     """What an entry's create body must be, checked without the store: references by name stand
     in as ids (whether they exist is known only when the file is applied)."""
+    found = nul_in(body)  # as the admin API refuses it in a body
+    if found is not None:
+        raise ConfigFileError(f"{where}: {found}: {NUL_MESSAGE}")
     if section in ("providers", "tags"):
         field = "provider" if section == "providers" else "tag"
         name = body.pop(field, None)

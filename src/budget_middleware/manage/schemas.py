@@ -44,6 +44,28 @@ GroupBy = Literal["virtual_key", "team", "customer", "provider", "model", "tag",
 NO_NUL: Final = "^[^\\u0000]*$"
 """The pattern of every free text of the admin API: PostgreSQL cannot store U+0000."""
 
+NUL_MESSAGE: Final = "must not contain U+0000 (NUL)"
+
+
+def nul_in(data: Any) -> str | None:
+    """Where the first string holding U+0000 is (`budgets.0.id`), or None: a body of the admin
+    API and an entry of a config file (SPEC §10: a create body) alike. Not recursive: the
+    nesting json.loads accepts may be deeper than the stack left here."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return where or "body"
+        elif isinstance(value, dict):
+            items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+            stack.extend(reversed(items))  # popped in document order
+        elif isinstance(value, list):
+            items = [(f"{where}.{i}" if where else str(i), v) for i, v in enumerate(value)]
+            stack.extend(reversed(items))
+    return None
+
+
 RFC3339: Final = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
