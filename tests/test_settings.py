@@ -183,3 +183,35 @@ def test_every_configuration_error_shares_one_base() -> None:
 
     for error in (SettingsError, ConfigFileError, PricingFileError):
         assert issubclass(error, ConfigurationError) and issubclass(error, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("sk-bm-admin", "must not begin with BUDGET_KEY_PREFIX"),
+        (" padded", "printable ASCII without spaces"),
+        ("secret\n", "printable ASCII without spaces"),
+        ("café-key", "printable ASCII without spaces"),
+        ("two words", "printable ASCII without spaces"),
+    ],
+)
+def test_an_admin_key_no_request_could_present_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, value: str, why: str
+) -> None:
+    """Such a key was taken at start-up and then met every call with a 401 (a bearer token is
+    stripped, sent as latin-1, and read as a virtual key when it has the prefix). Refused now,
+    naming the variable, and the error never shows the key."""
+    monkeypatch.setenv("BUDGET_ADMIN_KEY", value)
+    with pytest.raises(SettingsError) as caught:
+        BudgetSettings()
+    text = str(caught.value)
+    print(text)
+    assert "BUDGET_ADMIN_KEY" in text and why in text
+    assert value.strip() not in text
+
+
+def test_a_url_that_fails_its_check_is_not_shown_with_its_password() -> None:
+    with pytest.raises(SettingsError) as caught:
+        BudgetSettings(redis_url="http://user:hunter2@127.0.0.1:6379/0")
+    print(caught.value)
+    assert "BUDGET_REDIS_URL" in str(caught.value) and "hunter2" not in str(caught.value)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import httpx
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from budget_middleware.core.alerts import check_threshold
@@ -65,10 +65,10 @@ class BudgetSettings(BaseSettings):
 
     database_url: str = "sqlite:///./budget_middleware.db"
     redis_url: str | None = None
+    key_prefix: str = "sk-bm-"  # before admin_key: its check reads it
     admin_key: str | None = None
     require_virtual_key: bool = False
     key_header: str = "x-budget-key"
-    key_prefix: str = "sk-bm-"
     inference_paths: Annotated[tuple[str, ...], NoDecode] = DEFAULT_INFERENCE_PATHS
     exceeded_status: Literal[402, 429] = 402
     reserve: bool = True
@@ -194,6 +194,25 @@ class BudgetSettings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("admin_key")
+    @classmethod
+    def _usable_admin_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """An admin key no request could present is refused here, not met as a 401 later."""
+        if value is None:
+            return None
+        if not (value.isascii() and value.isprintable()) or " " in value:
+            raise ValueError(
+                "must be printable ASCII without spaces: a bearer token in a header could never "
+                "match it"
+            )
+        prefix = info.data.get("key_prefix")
+        if prefix and value.startswith(prefix):
+            raise ValueError(
+                f"must not begin with BUDGET_KEY_PREFIX ({prefix!r}): a bearer token that does "
+                "is read as a virtual key, never as the admin key"
+            )
+        return value
+
     @field_validator("key_header")
     @classmethod
     def _lower_header(cls, value: str) -> str:
@@ -244,11 +263,15 @@ def _env_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
 
 
+# Never shown in an error: a secret, or a URL that may hold a password.
+_SECRET = frozenset({"admin_key", "alert_secret", "database_url", "redis_url"})
+
+
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else "?"
         got = error.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if isinstance(got, dict) or field in _SECRET else f" (got {got!r})"
         lines.append(f"{_env_name(field)}: {error['msg']}{shown}")
     return "invalid budget-middleware settings:\n  " + "\n  ".join(lines)
