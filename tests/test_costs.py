@@ -435,3 +435,86 @@ async def test_a_json_answer_without_usage_is_charged_the_text_it_answered(
     print(f"{chars} characters answered: charged", row.output_tokens, "output tokens", row.note)
     assert (row.output_tokens, row.estimated) == ((chars + 3) // 4, True)
     assert row.cost_nanos == (row.input_tokens + row.output_tokens) * 1_000
+
+
+async def charged_for(
+    make_settings: Settings, path: str, model: str, answer: dict[str, Any] | list[dict[str, Any]]
+) -> UsageRecordRow:
+    """The usage record of one request whose app answers `answer`: a JSON body, or (a list) the
+    events of a `text/event-stream` (named by their `type` when they have one, as Anthropic's and
+    the Responses API's are; OpenAI chat chunks unnamed, then `[DONE]`)."""
+    app = FastAPI()
+    streamed = isinstance(answer, list)
+
+    @app.post(path)
+    async def answer_it() -> Response:
+        if not isinstance(answer, list):
+            return Response(json.dumps(answer), media_type="application/json")
+        events = [
+            (f"event: {e['type']}\n" if "type" in e else "") + f"data: {json.dumps(e)}\n\n"
+            for e in answer
+        ]
+        if not any("type" in e for e in answer):
+            events.append("data: [DONE]\n\n")
+        return Response("".join(events), media_type="text/event-stream")
+
+    wrapped = BudgetMiddleware(app, settings=make_settings())
+    async with running(wrapped), client(wrapped) as http:
+        sent = await http.post(path, json=chat(model, stream=streamed))
+        assert sent.status_code == 200
+        rows = await records(wrapped.engine)
+    return rows[0]
+
+
+def nanos(usage: Usage, model: str, provider: str) -> int:
+    """genai-prices' own price of this usage, in nano-dollars."""
+    return int(calc_price(usage, model, provider_id=provider).total_price * 10**9)
+
+
+def anthropic_answer(usage: dict[str, Any], stream: bool) -> dict[str, Any] | list[dict[str, Any]]:
+    """An Anthropic message reporting `usage`; streamed: `message_start` with the input counts
+    and 1 output token, then a `message_delta` that repeats them all, cumulative, as Anthropic
+    does."""
+    model = "claude-sonnet-4-20250514"
+    if not stream:
+        content = [{"type": "text", "text": "hi"}]
+        return {"type": "message", "model": model, "content": content, "usage": usage}
+    start = {k: v for k, v in usage.items() if k != "server_tool_use"} | {"output_tokens": 1}
+    return [
+        {"type": "message_start", "message": {"model": model, "usage": start}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage},
+        {"type": "message_stop"},
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_anthropic_cache_writes_are_priced_at_their_own_ttl(
+    make_settings: Settings, stream: bool
+) -> None:
+    """A 1-hour cache write costs 2x the input price, a 5-minute one 1.25x: Anthropic says which
+    is which in `cache_creation`, and each is charged at its own price."""
+    usage = {
+        "input_tokens": 100,
+        "cache_read_input_tokens": 2000,
+        "cache_creation_input_tokens": 3000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+        "output_tokens": 500,
+    }
+    model = "claude-sonnet-4-20250514"
+    row = await charged_for(make_settings, "/v1/messages", model, anthropic_answer(usage, stream))
+    want = nanos(
+        Usage(
+            input_tokens=5100,
+            cache_read_tokens=2000,
+            cache_write_tokens=3000,
+            cache_write_5m_tokens=1000,
+            cache_write_1h_tokens=2000,
+            output_tokens=500,
+        ),
+        model,
+        "anthropic",
+    )
+    print("1h cache writes: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert (row.input_tokens, row.cached_tokens, row.output_tokens) == (5100, 2000, 500)
+    assert row.cost_nanos == want

@@ -191,7 +191,7 @@ def test_genai_prices_input_price_applies_to_input_tokens_less_cache_reads() -> 
 
 def test_long_context_requests_are_priced_at_the_base_tier() -> None:
     price = PriceBook().price("anthropic", "claude-sonnet-4-5")
-    assert price == ModelPrice(3.0, 15.0, 0.3, 3.75, "catalog")
+    assert price == ModelPrice(3.0, 15.0, 0.3, 3.75, "catalog", cache_write_1h_per_mtok=6.0)
 
 
 def test_provider_aliases_and_unknown_providers_still_find_the_model() -> None:

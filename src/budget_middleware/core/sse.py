@@ -420,16 +420,7 @@ _NUMBERS: Final = (int, float)
 
 def _added(earlier: TokenUsage | None, usage: TokenUsage) -> TokenUsage:
     """Two messages' usage together (one answer streams each turn of a tool loop as one)."""
-    if earlier is None:
-        return usage
-    costs = [c for c in (earlier.cost, usage.cost) if c is not None]
-    return TokenUsage(
-        earlier.input_tokens + usage.input_tokens,
-        earlier.output_tokens + usage.output_tokens,
-        earlier.cached_tokens + usage.cached_tokens,
-        earlier.cache_write_tokens + usage.cache_write_tokens,
-        sum(costs) if costs else None,
-    )
+    return usage if earlier is None else earlier.plus(usage)
 
 
 def _line_ends(data: bytes | bytearray, pos: int) -> list[tuple[int, int]]:

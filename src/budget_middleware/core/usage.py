@@ -42,6 +42,8 @@ class TokenUsage:
     - `cache_write_tokens`: the cache writes within `input_tokens` (priced at the cache-write rate).
     - `output_tokens`: generated tokens, reasoning included.
     - `cost`: `usage.cost` (USD) when the upstream reported one (OpenRouter, LiteLLM), else None.
+    - `cache_write_1h_tokens`: the cache writes kept 1 hour, within `cache_write_tokens`
+      (Anthropic's `cache_creation.ephemeral_1h_input_tokens`; priced at the 1-hour write rate).
     """
 
     input_tokens: int = 0
@@ -49,6 +51,19 @@ class TokenUsage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     cost: float | None = None
+    cache_write_1h_tokens: int = 0
+
+    def plus(self, other: TokenUsage) -> TokenUsage:
+        """Two usages together (one answer that streams several messages, a tool loop's)."""
+        costs = [c for c in (self.cost, other.cost) if c is not None]
+        return TokenUsage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cached_tokens + other.cached_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+            sum(costs) if costs else None,
+            self.cache_write_1h_tokens + other.cache_write_1h_tokens,
+        )
 
     @property
     def total_tokens(self) -> int:
@@ -112,7 +127,11 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     cost = _cost(usage["cost"]) if "cost" in usage else None
     if not (prompt or output) and cost is None and not any(_readable(usage, k) for k in _COUNTS):
         return None  # input and output counts null, text or negative: no usage reported at all
-    return TokenUsage(prompt, output, read, write, cost)
+    hour = 0
+    if write and type(creation := usage.get("cache_creation")) is dict:  # Anthropic's TTLs
+        hour = _count(creation.get("ephemeral_1h_input_tokens"))
+        hour = hour if hour < write else write
+    return TokenUsage(prompt, output, read, write, cost, hour)
 
 
 def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:

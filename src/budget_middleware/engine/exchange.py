@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import replace
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -315,11 +316,11 @@ class Exchange:
             if stream.gave_up:  # not read on after an event over 16 MiB: the most it may cost
                 self.estimated = True
                 most = self.engine.gate.most_output(self.target)
-                return TokenUsage(
-                    usage.input_tokens or self.prompt_tokens,
-                    max(usage.output_tokens, stream.streamed_output(), most),
-                    usage.cached_tokens,
-                    usage.cache_write_tokens,
+                return replace(
+                    usage,
+                    input_tokens=usage.input_tokens or self.prompt_tokens,
+                    output_tokens=max(usage.output_tokens, stream.streamed_output(), most),
+                    cost=None,
                 )
             if stream.completed:
                 if stream.text_chars == stream.text_at_usage:  # the usual end: usage last
@@ -329,22 +330,16 @@ class Exchange:
                 if streamed <= usage.output_tokens:
                     return usage
                 self.estimated = True
-                return TokenUsage(
-                    usage.input_tokens,
-                    streamed,
-                    usage.cached_tokens,
-                    usage.cache_write_tokens,
-                    usage.cost,
-                )
+                return replace(usage, output_tokens=streamed)
             # Cut before its end: Anthropic reported its input at the start, but the output so
             # far is only in the streamed text.
             streamed = stream.streamed_output()
             self.estimated = True
-            return TokenUsage(
-                usage.input_tokens or self.prompt_tokens,
-                max(usage.output_tokens, streamed),
-                usage.cached_tokens,
-                usage.cache_write_tokens,
+            return replace(
+                usage,
+                input_tokens=usage.input_tokens or self.prompt_tokens,
+                output_tokens=max(usage.output_tokens, streamed),
+                cost=None,
             )
         parts = self.json_parts
         if parts:

@@ -38,6 +38,7 @@ class _FilePrice(pydantic.BaseModel):
     output_per_mtok: _Price
     cached_input_per_mtok: _Price | None = None
     cache_write_per_mtok: _Price | None = None
+    cache_write_1h_per_mtok: _Price | None = None
 
 
 class _PricingFile(pydantic.BaseModel):
@@ -116,7 +117,11 @@ def _catalog_price(info: gp.ModelInfo) -> ModelPrice | None:
     if inp is None and out is None:  # priced per request, second, page...: not token-priced
         return None
     return ModelPrice(
-        inp or 0.0, out or 0.0, _base(prices.cache_read_mtok), _base(prices.cache_write_mtok)
+        inp or 0.0,
+        out or 0.0,
+        _base(prices.cache_read_mtok),
+        _base(prices.cache_write_mtok),
+        cache_write_1h_per_mtok=_base(prices.cache_write_1h_mtok),
     )
 
 
