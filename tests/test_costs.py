@@ -518,3 +518,37 @@ async def test_anthropic_cache_writes_are_priced_at_their_own_ttl(
     print("1h cache writes: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
     assert (row.input_tokens, row.cached_tokens, row.output_tokens) == (5100, 2000, 500)
     assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_audio_tokens_are_priced_at_the_audio_rates(
+    make_settings: Settings, stream: bool
+) -> None:
+    """gpt-audio's audio costs $32/$64 per Mtok in and out, its text $2.50/$10: the audio counts
+    in `prompt_tokens_details` and `completion_tokens_details` are charged at their own prices."""
+    usage = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 500,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 600},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 400},
+        "total_tokens": 1500,
+    }
+    message = {"index": 0, "message": {"role": "assistant", "content": None}}
+    if stream:
+        answer: dict[str, Any] | list[dict[str, Any]] = [
+            {"model": "gpt-audio", "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+            {"model": "gpt-audio", "choices": [], "usage": usage},
+        ]
+    else:
+        answer = {"model": "gpt-audio", "choices": [message], "usage": usage}
+    row = await charged_for(make_settings, "/v1/chat/completions", "openai/gpt-audio", answer)
+    want = nanos(
+        Usage(
+            input_tokens=1000, input_audio_tokens=600, output_tokens=500, output_audio_tokens=400
+        ),
+        "gpt-audio",
+        "openai",
+    )
+    print("audio tokens: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert (row.input_tokens, row.output_tokens) == (1000, 500)
+    assert row.cost_nanos == want

@@ -27,8 +27,8 @@ def _rate(usd_per_mtok: float) -> int:
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """USD per million tokens; cache reads/writes without a price of their own cost the input,
-    1-hour cache writes without one cost a cache write."""
+    """USD per million tokens; cache reads/writes and input audio without a price of their own
+    cost the input, output audio the output, 1-hour cache writes a cache write."""
 
     input_per_mtok: float
     output_per_mtok: float
@@ -36,21 +36,27 @@ class ModelPrice:
     cache_write_per_mtok: float | None = None
     source: str = "catalog"  # "pricing_file" or "catalog"
     cache_write_1h_per_mtok: float | None = None
-    # (input, output, cache read, cache write, 1-hour cache write) in femto-dollars per token,
-    # computed once.
-    _rates: tuple[int, int, int, int, int] = field(init=False, repr=False, compare=False)
+    input_audio_per_mtok: float | None = None
+    output_audio_per_mtok: float | None = None
+    # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
+    # femto-dollars per token, computed once.
+    _rates: tuple[int, int, int, int, int, int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         inp = _rate(self.input_per_mtok)
         cached, write = self.cached_input_per_mtok, self.cache_write_per_mtok
         r_write = inp if write is None else _rate(write)
         hour = self.cache_write_1h_per_mtok
+        out = _rate(self.output_per_mtok)
+        heard, spoken = self.input_audio_per_mtok, self.output_audio_per_mtok
         rates = (
             inp,
-            _rate(self.output_per_mtok),
+            out,
             inp if cached is None else _rate(cached),
             r_write,
             r_write if hour is None else _rate(hour),
+            inp if heard is None else _rate(heard),
+            out if spoken is None else _rate(spoken),
         )
         object.__setattr__(self, "_rates", rates)
 
@@ -59,19 +65,24 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     """The charge in whole nano-dollars, rounded half up, never negative.
 
     `usage.input_tokens` counts every prompt token; the cache reads and writes within it (the
-    1-hour writes within those) are priced at their own rates and the rest (floored at 0) at the
-    input price. Integer arithmetic: exact.
+    1-hour writes within those) and its audio are priced at their own rates and the rest (floored
+    at 0) at the input price; the output's audio too. Integer arithmetic: exact.
     """
-    r_in, r_out, r_read, r_write, r_hour = price._rates
+    r_in, r_out, r_read, r_write, r_hour, r_heard, r_spoken = price._rates
     read, write, out = usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens
     read = read if read > 0 else 0  # conditionals, not max(): this runs on every request
     write = write if write > 0 else 0
     hour = usage.cache_write_1h_tokens
-    hour = hour if 0 < hour < write else write if hour > 0 else 0
-    plain = usage.input_tokens - read - write
+    hour = hour if hour > 0 else 0
+    hour = hour if hour < write else write
+    heard, spoken = usage.input_audio_tokens, usage.output_audio_tokens
+    heard = heard if heard > 0 else 0
+    out = out if out > 0 else 0
+    spoken = spoken if spoken > 0 else 0
+    spoken = spoken if spoken < out else out
+    plain = usage.input_tokens - read - write - heard
     femto = (plain if plain > 0 else 0) * r_in + read * r_read + (write - hour) * r_write
-    femto += hour * r_hour
-    femto += (out if out > 0 else 0) * r_out
+    femto += hour * r_hour + heard * r_heard + (out - spoken) * r_out + spoken * r_spoken
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
 

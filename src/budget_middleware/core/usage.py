@@ -44,6 +44,9 @@ class TokenUsage:
     - `cost`: `usage.cost` (USD) when the upstream reported one (OpenRouter, LiteLLM), else None.
     - `cache_write_1h_tokens`: the cache writes kept 1 hour, within `cache_write_tokens`
       (Anthropic's `cache_creation.ephemeral_1h_input_tokens`; priced at the 1-hour write rate).
+    - `input_audio_tokens`, `output_audio_tokens`: the audio within `input_tokens` (not cached)
+      and `output_tokens` (OpenAI's `prompt_tokens_details` / `completion_tokens_details`
+      `audio_tokens`; priced at the audio rates).
     """
 
     input_tokens: int = 0
@@ -52,6 +55,8 @@ class TokenUsage:
     cache_write_tokens: int = 0
     cost: float | None = None
     cache_write_1h_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's)."""
@@ -63,6 +68,8 @@ class TokenUsage:
             self.cache_write_tokens + other.cache_write_tokens,
             sum(costs) if costs else None,
             self.cache_write_1h_tokens + other.cache_write_1h_tokens,
+            self.input_audio_tokens + other.input_audio_tokens,
+            self.output_audio_tokens + other.output_audio_tokens,
         )
 
     @property
@@ -131,7 +138,12 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     if write and type(creation := usage.get("cache_creation")) is dict:  # Anthropic's TTLs
         hour = _count(creation.get("ephemeral_1h_input_tokens"))
         hour = hour if hour < write else write
-    return TokenUsage(prompt, output, read, write, cost, hour)
+    heard = spoken = 0  # OpenAI's audio counts, subsets of the prompt's uncached part and output
+    if type(details := usage.get("prompt_tokens_details")) is dict and "audio_tokens" in details:
+        heard = min(_count(details["audio_tokens"]), prompt - read - write)
+    if type(details := usage.get("completion_tokens_details")) is dict:
+        spoken = min(_count(details.get("audio_tokens")), output)
+    return TokenUsage(prompt, output, read, write, cost, hour, heard, spoken)
 
 
 def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:

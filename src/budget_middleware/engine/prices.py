@@ -39,6 +39,8 @@ class _FilePrice(pydantic.BaseModel):
     cached_input_per_mtok: _Price | None = None
     cache_write_per_mtok: _Price | None = None
     cache_write_1h_per_mtok: _Price | None = None
+    input_audio_per_mtok: _Price | None = None
+    output_audio_per_mtok: _Price | None = None
 
 
 class _PricingFile(pydantic.BaseModel):
@@ -122,6 +124,8 @@ def _catalog_price(info: gp.ModelInfo) -> ModelPrice | None:
         _base(prices.cache_read_mtok),
         _base(prices.cache_write_mtok),
         cache_write_1h_per_mtok=_base(prices.cache_write_1h_mtok),
+        input_audio_per_mtok=_base(prices.input_audio_mtok),
+        output_audio_per_mtok=_base(prices.output_audio_mtok),
     )
 
 
