@@ -471,11 +471,12 @@ def nanos(usage: Usage, model: str, provider: str) -> int:
     return int(calc_price(usage, model, provider_id=provider).total_price * 10**9)
 
 
-def anthropic_answer(usage: dict[str, Any], stream: bool) -> dict[str, Any] | list[dict[str, Any]]:
+def anthropic_answer(
+    usage: dict[str, Any], stream: bool, model: str = "claude-sonnet-4-20250514"
+) -> dict[str, Any] | list[dict[str, Any]]:
     """An Anthropic message reporting `usage`; streamed: `message_start` with the input counts
     and 1 output token, then a `message_delta` that repeats them all, cumulative, as Anthropic
     does."""
-    model = "claude-sonnet-4-20250514"
     if not stream:
         content = [{"type": "text", "text": "hi"}]
         return {"type": "message", "model": model, "content": content, "usage": usage}
@@ -551,4 +552,35 @@ async def test_audio_tokens_are_priced_at_the_audio_rates(
     )
     print("audio tokens: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
     assert (row.input_tokens, row.output_tokens) == (1000, 500)
+    assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("cached", [0, 150_000], ids=["uncached", "cache-read"])
+async def test_long_context_requests_are_charged_their_tier(
+    make_settings: Settings, stream: bool, cached: int
+) -> None:
+    """Above 200k input tokens (cache reads count in) Claude Sonnet 4.5 costs $6/$22.50 per Mtok,
+    not $3/$15: every token of such a request, as genai-prices' tiers say."""
+    model = "claude-sonnet-4-5"
+    usage = {"input_tokens": 250_000 - cached, "cache_read_input_tokens": cached}
+    usage["output_tokens"] = 500
+    row = await charged_for(
+        make_settings, "/v1/messages", model, anthropic_answer(usage, stream, model)
+    )
+    want = nanos(
+        Usage(input_tokens=250_000, cache_read_tokens=cached, output_tokens=500), model, "anthropic"
+    )
+    print("250k input tokens: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("prompt", [200_000, 200_001])
+async def test_gemini_is_charged_its_long_context_tier_above_200k_tokens(
+    make_settings: Settings, prompt: int
+) -> None:
+    answer = {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": 1000}}
+    row = await charged_for(make_settings, "/v1/chat/completions", "gemini/gemini-2.5-pro", answer)
+    want = nanos(Usage(input_tokens=prompt, output_tokens=1000), "gemini-2.5-pro", "google")
+    print(prompt, "prompt tokens: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
     assert row.cost_nanos == want

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from budget_middleware.core.pricing import (
     cost_nanos,
     cost_usd,
     estimate_nanos,
+    in_force,
 )
 from budget_middleware.core.usage import TokenUsage
 from budget_middleware.engine.prices import PriceBook
@@ -189,9 +191,14 @@ def test_genai_prices_input_price_applies_to_input_tokens_less_cache_reads() -> 
     assert price is not None and cost_nanos(price, usage) == 2_000_000_000
 
 
-def test_long_context_requests_are_priced_at_the_base_tier() -> None:
+def test_long_context_requests_are_priced_at_their_tier() -> None:
     price = PriceBook().price("anthropic", "claude-sonnet-4-5")
-    assert price == ModelPrice(3.0, 15.0, 0.3, 3.75, "catalog", cache_write_1h_per_mtok=6.0)
+    above = ModelPrice(6.0, 22.5, 0.6, 7.5, "catalog", cache_write_1h_per_mtok=12.0)
+    base = ModelPrice(3.0, 15.0, 0.3, 3.75, "catalog", cache_write_1h_per_mtok=6.0)
+    assert price == replace(base, tiers=((200_000, above),))
+    assert in_force(price, 200_000) is price and in_force(price, 200_001) == above
+    # a reservation of a long request is one at the tier's prices
+    assert estimate_nanos(price, 300_000, 1000) == 300_000 * 6_000 + 1000 * 22_500
 
 
 def test_provider_aliases_and_unknown_providers_still_find_the_model() -> None:

@@ -28,7 +28,11 @@ def _rate(usd_per_mtok: float) -> int:
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
     """USD per million tokens; cache reads/writes and input audio without a price of their own
-    cost the input, output audio the output, 1-hour cache writes a cache write."""
+    cost the input, output audio the output, 1-hour cache writes a cache write.
+
+    `tiers`: (start, prices) of long-context tiers, by start: a request of more than `start`
+    input tokens (cache reads and writes included) pays that tier's prices on every token.
+    """
 
     input_per_mtok: float
     output_per_mtok: float
@@ -38,6 +42,7 @@ class ModelPrice:
     cache_write_1h_per_mtok: float | None = None
     input_audio_per_mtok: float | None = None
     output_audio_per_mtok: float | None = None
+    tiers: tuple[tuple[int, ModelPrice], ...] = ()
     # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
     # femto-dollars per token, computed once.
     _rates: tuple[int, int, int, int, int, int, int] = field(init=False, repr=False, compare=False)
@@ -61,6 +66,14 @@ class ModelPrice:
         object.__setattr__(self, "_rates", rates)
 
 
+def in_force(price: ModelPrice, input_tokens: int) -> ModelPrice:
+    """The prices a request of this many input tokens pays: its long-context tier's, if any."""
+    for start, tier in reversed(price.tiers):  # usually none
+        if input_tokens > start:
+            return tier
+    return price
+
+
 def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     """The charge in whole nano-dollars, rounded half up, never negative.
 
@@ -68,6 +81,8 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     1-hour writes within those) and its audio are priced at their own rates and the rest (floored
     at 0) at the input price; the output's audio too. Integer arithmetic: exact.
     """
+    if price.tiers:
+        price = in_force(price, usage.input_tokens)
     r_in, r_out, r_read, r_write, r_hour, r_heard, r_spoken = price._rates
     read, write, out = usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens
     read = read if read > 0 else 0  # conditionals, not max(): this runs on every request
@@ -87,10 +102,10 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
 
 
 def estimate_nanos(price: ModelPrice | None, input_tokens: int, output_tokens: int) -> int:
-    """Worst-case cost to reserve: all input uncached, at base-tier prices; 0 when unpriced."""
+    """Worst-case cost to reserve: all input uncached, at its tier's prices; 0 when unpriced."""
     if price is None:
         return 0
-    rates = price._rates
+    rates = in_force(price, input_tokens)._rates
     femto = (input_tokens if input_tokens > 0 else 0) * rates[0]
     femto += (output_tokens if output_tokens > 0 else 0) * rates[1]
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO

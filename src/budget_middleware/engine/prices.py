@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -102,6 +103,20 @@ def _catalog_find(provider: str, model: str) -> tuple[gp.Provider, gp.ModelInfo]
 
 
 def _catalog_price(info: gp.ModelInfo) -> ModelPrice | None:
+    prices = _prices_in_force(info)
+    base = _token_price(prices, -1)
+    if base is None:  # priced per request, second, page...: not token-priced
+        return None
+    # Tiered (long-context) prices apply to the whole request above a threshold of input tokens
+    # (e.g. Claude Sonnet 4.5's and Gemini 2.5 Pro's above 200k): one ModelPrice per threshold.
+    starts = sorted(
+        {t.start for v in vars(prices).values() if isinstance(v, gp.TieredPrices) for t in v.tiers}
+    )
+    tiers = tuple((start, _token_price(prices, start) or base) for start in starts)
+    return replace(base, tiers=tiers) if tiers else base
+
+
+def _prices_in_force(info: gp.ModelInfo) -> gp.ModelPrice:
     if isinstance(info.prices, gp.ModelPrice):
         prices = info.prices
     else:
@@ -115,26 +130,33 @@ def _catalog_price(info: gp.ModelInfo) -> ModelPrice | None:
             if not isinstance(c, gp.StartDateConstraint) or c.active(now):
                 prices = conditional.prices
                 break
-    inp, out = _base(prices.input_mtok), _base(prices.output_mtok)
-    if inp is None and out is None:  # priced per request, second, page...: not token-priced
+    return prices
+
+
+def _token_price(prices: gp.ModelPrice, above: int) -> ModelPrice | None:
+    """The token prices of a request of more than `above` input tokens (-1: the base tier)."""
+
+    def at(value: Decimal | gp.TieredPrices | None) -> float | None:
+        if isinstance(value, gp.TieredPrices):
+            tiered = value.base
+            for tier in value.tiers:  # sorted by start
+                if tier.start <= above:
+                    tiered = tier.price
+            value = tiered
+        return None if value is None else float(value)
+
+    inp, out = at(prices.input_mtok), at(prices.output_mtok)
+    if inp is None and out is None:
         return None
     return ModelPrice(
         inp or 0.0,
         out or 0.0,
-        _base(prices.cache_read_mtok),
-        _base(prices.cache_write_mtok),
-        cache_write_1h_per_mtok=_base(prices.cache_write_1h_mtok),
-        input_audio_per_mtok=_base(prices.input_audio_mtok),
-        output_audio_per_mtok=_base(prices.output_audio_mtok),
+        at(prices.cache_read_mtok),
+        at(prices.cache_write_mtok),
+        cache_write_1h_per_mtok=at(prices.cache_write_1h_mtok),
+        input_audio_per_mtok=at(prices.input_audio_mtok),
+        output_audio_per_mtok=at(prices.output_audio_mtok),
     )
-
-
-def _base(value: Decimal | gp.TieredPrices | None) -> float | None:
-    # Tiered (long-context) prices apply to the whole request above a threshold of input tokens;
-    # we take the base tier (the price below the first threshold, e.g. Claude's <= 200k tokens).
-    if isinstance(value, gp.TieredPrices):
-        value = value.base
-    return None if value is None else float(value)
 
 
 class PriceBook:
