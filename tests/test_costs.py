@@ -584,3 +584,19 @@ async def test_gemini_is_charged_its_long_context_tier_above_200k_tokens(
     want = nanos(Usage(input_tokens=prompt, output_tokens=1000), "gemini-2.5-pro", "google")
     print(prompt, "prompt tokens: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
     assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_anthropic_web_searches_are_charged(make_settings: Settings, stream: bool) -> None:
+    """Anthropic bills $10 per thousand web searches besides the tokens; the count is in
+    `usage.server_tool_use.web_search_requests` (streamed: in the last `message_delta`)."""
+    usage = {
+        "input_tokens": 100,
+        "output_tokens": 500,
+        "server_tool_use": {"web_search_requests": 3},
+    }
+    model = "claude-sonnet-4-20250514"
+    row = await charged_for(make_settings, "/v1/messages", model, anthropic_answer(usage, stream))
+    want = nanos(Usage(input_tokens=100, output_tokens=500, web_searches=3), model, "anthropic")
+    print("3 web searches: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert row.cost_nanos == want

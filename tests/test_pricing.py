@@ -193,8 +193,8 @@ def test_genai_prices_input_price_applies_to_input_tokens_less_cache_reads() -> 
 
 def test_long_context_requests_are_priced_at_their_tier() -> None:
     price = PriceBook().price("anthropic", "claude-sonnet-4-5")
-    above = ModelPrice(6.0, 22.5, 0.6, 7.5, "catalog", cache_write_1h_per_mtok=12.0)
-    base = ModelPrice(3.0, 15.0, 0.3, 3.75, "catalog", cache_write_1h_per_mtok=6.0)
+    above = ModelPrice(6.0, 22.5, 0.6, 7.5, cache_write_1h_per_mtok=12.0, web_search_per_k=10.0)
+    base = ModelPrice(3.0, 15.0, 0.3, 3.75, cache_write_1h_per_mtok=6.0, web_search_per_k=10.0)
     assert price == replace(base, tiers=((200_000, above),))
     assert in_force(price, 200_000) is price and in_force(price, 200_001) == above
     # a reservation of a long request is one at the tier's prices

@@ -17,6 +17,7 @@ from budget_middleware.core.usage import TokenUsage
 _FEMTO_PER_TOKEN_PER_USD_PER_MTOK = 1e9
 _FEMTO_PER_NANO = 1_000_000
 _HALF_NANO = _FEMTO_PER_NANO // 2
+_PER_K_PER_MTOK = 1000  # $ per thousand searches, as a $/Mtok rate: a search a "token" x 1000
 
 
 def _rate(usd_per_mtok: float) -> int:
@@ -28,7 +29,8 @@ def _rate(usd_per_mtok: float) -> int:
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
     """USD per million tokens; cache reads/writes and input audio without a price of their own
-    cost the input, output audio the output, 1-hour cache writes a cache write.
+    cost the input, output audio the output, 1-hour cache writes a cache write; web searches
+    without a price cost nothing.
 
     `tiers`: (start, prices) of long-context tiers, by start: a request of more than `start`
     input tokens (cache reads and writes included) pays that tier's prices on every token.
@@ -42,10 +44,13 @@ class ModelPrice:
     cache_write_1h_per_mtok: float | None = None
     input_audio_per_mtok: float | None = None
     output_audio_per_mtok: float | None = None
+    web_search_per_k: float | None = None  # USD per thousand searches
     tiers: tuple[tuple[int, ModelPrice], ...] = ()
     # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
-    # femto-dollars per token, computed once.
-    _rates: tuple[int, int, int, int, int, int, int] = field(init=False, repr=False, compare=False)
+    # femto-dollars per token, and a web search's, computed once.
+    _rates: tuple[int, int, int, int, int, int, int, int] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         inp = _rate(self.input_per_mtok)
@@ -62,6 +67,7 @@ class ModelPrice:
             r_write if hour is None else _rate(hour),
             inp if heard is None else _rate(heard),
             out if spoken is None else _rate(spoken),
+            0 if self.web_search_per_k is None else _rate(self.web_search_per_k) * _PER_K_PER_MTOK,
         )
         object.__setattr__(self, "_rates", rates)
 
@@ -79,11 +85,12 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
 
     `usage.input_tokens` counts every prompt token; the cache reads and writes within it (the
     1-hour writes within those) and its audio are priced at their own rates and the rest (floored
-    at 0) at the input price; the output's audio too. Integer arithmetic: exact.
+    at 0) at the input price; the output's audio too; web searches at their price each.
+    Integer arithmetic: exact.
     """
     if price.tiers:
         price = in_force(price, usage.input_tokens)
-    r_in, r_out, r_read, r_write, r_hour, r_heard, r_spoken = price._rates
+    r_in, r_out, r_read, r_write, r_hour, r_heard, r_spoken, r_search = price._rates
     read, write, out = usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens
     read = read if read > 0 else 0  # conditionals, not max(): this runs on every request
     write = write if write > 0 else 0
@@ -98,6 +105,8 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     plain = usage.input_tokens - read - write - heard
     femto = (plain if plain > 0 else 0) * r_in + read * r_read + (write - hour) * r_write
     femto += hour * r_hour + heard * r_heard + (out - spoken) * r_out + spoken * r_spoken
+    searches = usage.web_searches
+    femto += (searches if searches > 0 else 0) * r_search
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
 

@@ -47,6 +47,8 @@ class TokenUsage:
     - `input_audio_tokens`, `output_audio_tokens`: the audio within `input_tokens` (not cached)
       and `output_tokens` (OpenAI's `prompt_tokens_details` / `completion_tokens_details`
       `audio_tokens`; priced at the audio rates).
+    - `web_searches`: the server-side web searches (Anthropic's
+      `server_tool_use.web_search_requests`), priced per search.
     """
 
     input_tokens: int = 0
@@ -57,6 +59,7 @@ class TokenUsage:
     cache_write_1h_tokens: int = 0
     input_audio_tokens: int = 0
     output_audio_tokens: int = 0
+    web_searches: int = 0
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's)."""
@@ -70,6 +73,7 @@ class TokenUsage:
             self.cache_write_1h_tokens + other.cache_write_1h_tokens,
             self.input_audio_tokens + other.input_audio_tokens,
             self.output_audio_tokens + other.output_audio_tokens,
+            self.web_searches + other.web_searches,
         )
 
     @property
@@ -143,7 +147,10 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         heard = min(_count(details["audio_tokens"]), prompt - read - write)
     if type(details := usage.get("completion_tokens_details")) is dict:
         spoken = min(_count(details.get("audio_tokens")), output)
-    return TokenUsage(prompt, output, read, write, cost, hour, heard, spoken)
+    searches = 0
+    if type(tools := usage.get("server_tool_use")) is dict:
+        searches = _count(tools.get("web_search_requests"))
+    return TokenUsage(prompt, output, read, write, cost, hour, heard, spoken, searches)
 
 
 def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:

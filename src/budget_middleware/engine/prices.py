@@ -42,6 +42,7 @@ class _FilePrice(pydantic.BaseModel):
     cache_write_1h_per_mtok: _Price | None = None
     input_audio_per_mtok: _Price | None = None
     output_audio_per_mtok: _Price | None = None
+    web_search_per_k: _Price | None = None
 
 
 class _PricingFile(pydantic.BaseModel):
@@ -156,6 +157,7 @@ def _token_price(prices: gp.ModelPrice, above: int) -> ModelPrice | None:
         cache_write_1h_per_mtok=at(prices.cache_write_1h_mtok),
         input_audio_per_mtok=at(prices.input_audio_mtok),
         output_audio_per_mtok=at(prices.output_audio_mtok),
+        web_search_per_k=at(prices.web_searches_kcount),
     )
 
 
