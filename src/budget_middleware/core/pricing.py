@@ -26,6 +26,11 @@ def _rate(usd_per_mtok: float) -> int:
     return round(usd_per_mtok * _FEMTO_PER_TOKEN_PER_USD_PER_MTOK)
 
 
+# (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
+# femto-dollars per token, and a web search's.
+_Rates = tuple[int, int, int, int, int, int, int, int]
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
     """USD per million tokens; cache reads/writes and input audio without a price of their own
@@ -46,11 +51,7 @@ class ModelPrice:
     output_audio_per_mtok: float | None = None
     web_search_per_k: float | None = None  # USD per thousand searches
     tiers: tuple[tuple[int, ModelPrice], ...] = ()
-    # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
-    # femto-dollars per token, and a web search's, computed once.
-    _rates: tuple[int, int, int, int, int, int, int, int] = field(
-        init=False, repr=False, compare=False
-    )
+    _rates: _Rates = field(init=False, repr=False, compare=False)  # computed once
 
     def __post_init__(self) -> None:
         inp = _rate(self.input_per_mtok)
@@ -83,31 +84,48 @@ def in_force(price: ModelPrice, input_tokens: int) -> ModelPrice:
 def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     """The charge in whole nano-dollars, rounded half up, never negative.
 
-    `usage.input_tokens` counts every prompt token; the cache reads and writes within it (the
-    1-hour writes within those) and its audio are priced at their own rates and the rest (floored
-    at 0) at the input price; the output's audio too; web searches at their price each.
+    `usage.input_tokens` counts every prompt token; the cache reads and writes within it are
+    priced at their own rates and the rest (floored at 0) at the input price, the output at the
+    output price. The kinds with rates of their own within those (1-hour cache writes within the
+    writes, audio within the rest of the input and within the output) add the difference of
+    their rate, and web searches their price each (`_other_kinds`: most answers have none).
     Integer arithmetic: exact.
     """
     if price.tiers:
         price = in_force(price, usage.input_tokens)
-    r_in, r_out, r_read, r_write, r_hour, r_heard, r_spoken, r_search = price._rates
+    rates = price._rates
     read, write, out = usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens
     read = read if read > 0 else 0  # conditionals, not max(): this runs on every request
     write = write if write > 0 else 0
-    hour = usage.cache_write_1h_tokens
-    hour = hour if hour > 0 else 0
-    hour = hour if hour < write else write
-    heard, spoken = usage.input_audio_tokens, usage.output_audio_tokens
-    heard = heard if heard > 0 else 0
     out = out if out > 0 else 0
-    spoken = spoken if spoken > 0 else 0
-    spoken = spoken if spoken < out else out
-    plain = usage.input_tokens - read - write - heard
-    femto = (plain if plain > 0 else 0) * r_in + read * r_read + (write - hour) * r_write
-    femto += hour * r_hour + heard * r_heard + (out - spoken) * r_out + spoken * r_spoken
-    searches = usage.web_searches
-    femto += (searches if searches > 0 else 0) * r_search
+    plain = usage.input_tokens - read - write
+    plain = plain if plain > 0 else 0
+    femto = plain * rates[0] + read * rates[2] + write * rates[3] + out * rates[1]
+    if (
+        usage.cache_write_1h_tokens
+        or usage.input_audio_tokens
+        or usage.output_audio_tokens
+        or usage.web_searches
+    ):
+        femto += _other_kinds(rates, usage, write, plain, out)
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
+
+
+def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: int) -> int:
+    """What the kinds with rates of their own add, in femto-dollars, to their tokens priced as
+    cache writes, input or output: each within its whole (1-hour writes within the writes, input
+    audio within the uncached input, output audio within the output)."""
+    r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search = rates
+    hour = min(max(usage.cache_write_1h_tokens, 0), write)
+    heard = min(max(usage.input_audio_tokens, 0), plain)
+    spoken = min(max(usage.output_audio_tokens, 0), out)
+    searches = max(usage.web_searches, 0)
+    return (
+        hour * (r_hour - r_write)
+        + heard * (r_heard - r_in)
+        + spoken * (r_spoken - r_out)
+        + searches * r_search
+    )
 
 
 def estimate_nanos(price: ModelPrice | None, input_tokens: int, output_tokens: int) -> int:

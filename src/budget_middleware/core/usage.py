@@ -107,6 +107,7 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     """The `TokenUsage` of a decoded `usage` object of any supported shape; None if it has no
     token count nor cost, or none that can be read. Bad values (strings, negatives, null)
     count as 0 beside one that can."""
+    audio: tuple[Any, Any] | None = None
     if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat/completions/embeddings
         # the usual values (non-negative ints) are taken as they are: this runs on every request
         value = usage.get("prompt_tokens")
@@ -117,8 +118,15 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         # LiteLLM-style bodies also carry Anthropic's cache fields, as subsets of prompt_tokens
         if type(details) is dict:
             value = details.get("cached_tokens")
+            heard_raw = details.get("audio_tokens")
         else:
             value = usage.get("cache_read_input_tokens")
+            heard_raw = None
+        spoken_raw = None
+        if type(out_details := usage.get("completion_tokens_details")) is dict:
+            spoken_raw = out_details.get("audio_tokens")
+        if heard_raw or spoken_raw:  # 0 or absent in most answers
+            audio = (heard_raw, spoken_raw)
         read = value if type(value) is int and value >= 0 else _count(value)  # None counts 0
         value = usage.get("cache_creation_input_tokens")  # OpenAI's usage has none
         write = (
@@ -138,19 +146,16 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     cost = _cost(usage["cost"]) if "cost" in usage else None
     if not (prompt or output) and cost is None and not any(_readable(usage, k) for k in _COUNTS):
         return None  # input and output counts null, text or negative: no usage reported at all
-    hour = 0
+    found = TokenUsage(prompt, output, read, write, cost)
+    # The kinds with prices of their own within those, which most answers do not have:
     if write and type(creation := usage.get("cache_creation")) is dict:  # Anthropic's TTLs
-        hour = _count(creation.get("ephemeral_1h_input_tokens"))
-        hour = hour if hour < write else write
-    heard = spoken = 0  # OpenAI's audio counts, subsets of the prompt's uncached part and output
-    if type(details := usage.get("prompt_tokens_details")) is dict and "audio_tokens" in details:
-        heard = min(_count(details["audio_tokens"]), prompt - read - write)
-    if type(details := usage.get("completion_tokens_details")) is dict:
-        spoken = min(_count(details.get("audio_tokens")), output)
-    searches = 0
-    if type(tools := usage.get("server_tool_use")) is dict:
-        searches = _count(tools.get("web_search_requests"))
-    return TokenUsage(prompt, output, read, write, cost, hour, heard, spoken, searches)
+        found.cache_write_1h_tokens = _count(creation.get("ephemeral_1h_input_tokens"))
+    if audio is not None:  # OpenAI's audio counts, within the uncached prompt and the output
+        found.input_audio_tokens = _count(audio[0])
+        found.output_audio_tokens = _count(audio[1])
+    if type(tools := usage.get("server_tool_use")) is dict:  # Anthropic's web searches
+        found.web_searches = _count(tools.get("web_search_requests"))
+    return found
 
 
 def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
