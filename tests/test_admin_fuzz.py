@@ -449,6 +449,20 @@ async def test_bodies_are_required_and_bounded(tmp_path: Path) -> None:
         assert r.status_code == 422 and "not valid JSON" in _error(r)["message"]
 
 
+async def test_a_key_given_twice_in_a_body_is_refused_as_a_config_file_refuses_it(
+    tmp_path: Path,
+) -> None:
+    """`{"max_limit": 1000, "max_limit": 1}` kept the last silently (a config file refuses it):
+    a body a person or a script merged by hand set a budget other than the one they read."""
+    async with admin_client(admin_settings(tmp_path)) as c:
+        body = b'{"name": "c", "budgets": [{"max_limit": 1000, "max_limit": 1}]}'
+        r = await c.post("/customers", content=body, headers=ADMIN)
+        print(r.status_code, _error(r)["message"] if r.status_code == 422 else r.text)
+        assert r.status_code == 422 and _error(r)["param"] == "body"
+        assert "'max_limit' is given twice" in _error(r)["message"]
+        assert (await c.get("/customers", headers=ADMIN)).json()["count"] == 0
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [("/customers", {"name": "c", "calendar_aligned": 0}, "calendar_aligned"),

@@ -17,7 +17,15 @@ from starlette.requests import Request
 from budget_middleware.admin.answers import AdminAnswer, invalid, invalid_param, unknown_param
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.manage.manager import BudgetManager
-from budget_middleware.manage.schemas import NO_NUL, NUL_MESSAGE, RFC3339, nul_in, to_utc
+from budget_middleware.manage.schemas import (
+    NO_NUL,
+    NUL_MESSAGE,
+    RFC3339,
+    TwiceGiven,
+    nul_in,
+    to_utc,
+    unique_keys,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -202,9 +210,11 @@ class Call:
         if not raw.strip():
             raise Refused(invalid_param("body", "is required: a JSON object"))
         try:
-            data = json.loads(raw, parse_constant=_no_constant)
+            data = json.loads(raw, parse_constant=_no_constant, object_pairs_hook=unique_keys)
         except RecursionError:
             raise Refused(invalid_param("body", "is nested too deeply")) from None
+        except TwiceGiven as exc:
+            raise Refused(invalid_param("body", str(exc))) from None
         except (ValueError, UnicodeDecodeError):
             raise Refused(invalid_param("body", "is not valid JSON")) from None
         if not isinstance(data, dict):

@@ -65,6 +65,7 @@ from budget_middleware.manage.schemas import (
     TeamCreate,
     VirtualKeyCreate,
     nul_in,
+    unique_keys,
 )
 from budget_middleware.settings import BudgetSettings
 from budget_middleware.store.database import Store
@@ -122,16 +123,6 @@ def config_text(path: Path) -> str:
         ) from None
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object, refused when it names a key twice (the last would silently win)."""
-    data: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in data:
-            raise ValueError(f"the key {key!r} is given twice in one object")
-        data[key] = value
-    return data
-
-
 @functools.cache
 def _unique_key_loader() -> type:
     """PyYAML's SafeLoader, refusing a mapping that names a key twice (it keeps the last one
@@ -174,7 +165,7 @@ def _read(path: Path) -> _FileData:
     text = config_text(path)
     if path.suffix.lower() == ".json":
         try:
-            data: Any = json.loads(text, object_pairs_hook=_unique_keys)
+            data: Any = json.loads(text, object_pairs_hook=unique_keys)
         except ValueError as exc:
             raise ConfigFileError(
                 f"BUDGET_CONFIG_FILE {str(path)!r}: invalid JSON: {exc}"

@@ -47,6 +47,21 @@ NO_NUL: Final = "^[^\\u0000]*$"
 NUL_MESSAGE: Final = "must not contain U+0000 (NUL)"
 
 
+class TwiceGiven(ValueError):
+    """A JSON object names a key twice."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object (`json.loads`'s `object_pairs_hook`), refused when it names a key twice:
+    the last would silently win. Admin API bodies and config files alike."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise TwiceGiven(f"the key {key!r} is given twice in one object")
+        data[key] = value
+    return data
+
+
 def nul_in(data: Any) -> str | None:
     """Where the first string holding U+0000 is (`budgets.0.id`), or None: a body of the admin
     API and an entry of a config file (SPEC §10: a create body) alike. Not recursive: the
