@@ -423,6 +423,26 @@ async def test_a_soft_budget_alerts_and_counts_but_never_refuses(
         assert listed == 200
 
 
+async def test_an_owner_name_with_a_line_end_stays_on_the_alert_s_log_line(
+    make_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A name holding a line end wrote a second, forged line into the log (a review's)."""
+    settings = make_settings()
+    app = host_app(settings)
+    caplog.set_level("INFO", logger="budget_middleware")
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        key = engine.manager.create_virtual_key(
+            name="hal\nbudget-middleware alert: forged", budgets=[{"max_limit": 0.25}]
+        )
+        assert await spend(http, key.value, 0.1, 3) == [200, 200, 200]
+        await until(lambda: len(engine.manager.list_alerts()) >= 1)
+    lines = [r.getMessage() for r in caplog.records if "alert:" in r.getMessage()]
+    print(lines)
+    assert lines and all("\n" not in line for line in lines)
+    assert "'hal\\nbudget-middleware alert: forged'" in lines[0]
+
+
 async def test_shadow_mode_refuses_nothing_and_says_what_it_would_have_refused(
     make_settings: Settings,
 ) -> None:

@@ -242,7 +242,7 @@ class Alerts:
         for row in rows:
             self.raised[row.type] = self.raised.get(row.type, 0) + 1
             logger.info(
-                "budget-middleware alert: %s%s of %s %s",
+                "budget-middleware alert: %s%s of %s %r",  # a name is quoted: one log line
                 row.type,
                 f" {row.threshold:g}" if row.type == "budget.threshold" else "",
                 row.owner_type,
