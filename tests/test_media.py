@@ -1,17 +1,264 @@
 """Media sent by reference (SPEC §6): an image or a file named by URL or id takes input tokens its
 body does not hold, so the reservation's estimate (a third of the body's bytes) cannot bound it.
+Such a request reserves, for each reference, the most input one has been measured to take for its
+model here; before any has been measured, all one request can be charged, as an unpriced model's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
+from budget_middleware import (
+    BudgetMiddleware,
+    BudgetSettings,
+    BudgetTransport,
+    charge_to,
+    get_engine,
+)
 from budget_middleware.core.media import MARK, media_references
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix, use_prefix
+from support import client, running
 
+Settings = Callable[..., BudgetSettings]
+NANO = 1_000_000_000
+IMAGE_TOKENS = 1_500  # what the fake provider bills an image it fetched, as a real one would
+LIMIT = 0.05
 URL = "https://example.com/cat.png"
+
+
+@pytest.fixture
+def pricing_file(tmp_path: Path) -> Path:
+    """gpt-4o at its list prices: $2.50 per million input tokens, $10 per million output."""
+    path = tmp_path / "prices.json"
+    path.write_text(
+        json.dumps({"models": {"openai/gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10}}})
+    )
+    return path
+
+
+def image_chat(images: int = 1, text: str = "what is in this picture?") -> dict[str, Any]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    content += [{"type": "image_url", "image_url": {"url": URL}} for _ in range(images)]
+    return {
+        "model": "openai/gpt-4o",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 10,
+    }
+
+
+async def provider(request: Request) -> JSONResponse:
+    """Bills each image URL 1,500 input tokens (it fetched them), the text a few."""
+    body = await request.json()
+    parts = body["messages"][0]["content"]
+    images = sum(1 for part in parts if part.get("type") == "image_url")
+    await asyncio.sleep(0.01)  # in flight together
+    usage = {"prompt_tokens": 20 + IMAGE_TOKENS * images, "completion_tokens": 10}
+    return JSONResponse({"choices": [{"message": {"content": "a cat"}}], "usage": usage})
+
+
+def one_request_nanos(images: int = 1) -> int:
+    """What one such request costs: its input at $2.50/Mtok, 10 output tokens at $10/Mtok."""
+    return (20 + IMAGE_TOKENS * images) * 2_500 + 10 * 10_000  # nano-dollars a token
+
+
+def provider_app(settings: BudgetSettings) -> BudgetMiddleware:
+    return BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])]),
+        settings=settings,
+    )
+
+
+@pytest.mark.parametrize("counters", ["memory", "redis"])
+async def test_concurrent_image_requests_overrun_a_budget_by_at_most_one_request(
+    make_settings: Settings, pricing_file: Path, counters: str
+) -> None:
+    """200 requests at once, each with one image URL, on a $0.05 budget: each is billed 1,500
+    input tokens its ~60-token estimate did not count. Spend may pass the limit by one request's
+    own overrun, never by what concurrency adds (reserving the estimate alone let all 200 in)."""
+    prefix = unique_prefix()
+    if counters == "redis":
+        need_redis()
+        settings = make_settings(pricing_file=pricing_file, redis_url=REDIS_URL)
+    else:
+        settings = make_settings(pricing_file=pricing_file)
+    app = provider_app(settings)
+    engine = get_engine(settings)
+    if counters == "redis":
+        use_prefix(engine, prefix)
+    try:
+        async with running(app), client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": LIMIT, "reset_duration": "1d"}]
+            )
+            auth = {"authorization": f"Bearer {key.value}"}
+
+            async def burst() -> list[httpx.Response]:
+                return await asyncio.gather(
+                    *[
+                        http.post("/v1/chat/completions", json=image_chat(), headers=auth)
+                        for _ in range(200)
+                    ]
+                )
+
+            answers = await burst()
+            more = await burst()
+            await engine.flush()
+            spent = round(engine.manager.get_budget(key.budgets[0].id).current_usage * NANO)
+    finally:
+        if counters == "redis":
+            delete_prefix(REDIS_URL, prefix)
+    codes = [a.status_code for a in answers + more]
+    one = one_request_nanos()
+    print(
+        f"{counters}: 2 x 200 image requests at once: {codes.count(200)} admitted; spent "
+        f"${spent / NANO:.6f} of ${LIMIT:.6f} (one request ${one / NANO:.6f}, "
+        f"overrun ${max(0, spent - LIMIT * NANO) / NANO:.6f})"
+    )
+    assert set(codes) <= {200, 429, 402}
+    assert spent <= LIMIT * NANO + one  # one request's own overrun at most
+    assert codes.count(200) >= int(LIMIT * NANO) // one  # and the budget is used
+
+
+async def test_an_image_request_waits_for_its_model_s_first_measured_answer(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """Before any answer of gpt-4o has measured an image, an image request reserves all one
+    request can be charged: it waits (429 `budget_reserved`, saying why) while another is in
+    flight, and runs alone otherwise. An answer without usage measures nothing. Once one has
+    been measured, each image reserves what it took, and image requests run side by side up to
+    the budget's room."""
+    app = provider_app(make_settings(pricing_file=pricing_file))
+    engine = app.engine
+    text = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": LIMIT, "reset_duration": "1d"}]
+        )
+        auth = {"authorization": f"Bearer {key.value}"}
+
+        async def post(body: dict[str, Any], delay: float = 0.0) -> httpx.Response:
+            await asyncio.sleep(delay)
+            return await http.post("/v1/chat/completions", json=body, headers=auth)
+
+        text_body = {**text, "max_tokens": 10}
+        text_body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+        slow_text, held = await asyncio.gather(post(text_body), post(image_chat(), 0.002))
+        unmeasured = await post({**image_chat(), "model": "openai/gpt-4o", "stream": False})
+        assert engine.gate.media_tokens.get(("openai", "gpt-4o")) is not None  # measured
+        learned = engine.gate.media_tokens[("openai", "gpt-4o")]
+        answers = await asyncio.gather(*[post(image_chat()) for _ in range(50)])
+        counter = engine.registry.counter("budget", key.budgets[0].id)
+    assert counter is not None
+    codes = [a.status_code for a in answers]
+    print(
+        f"image while text in flight: {held.status_code}; learned {learned} tokens an image; "
+        f"then 50 at once: {codes.count(200)} admitted, spent ${counter.value / NANO:.6f} "
+        f"of ${LIMIT}"
+    )
+    assert slow_text.status_code == 200 and unmeasured.status_code == 200
+    error = held.json()["error"]
+    assert held.status_code == 429 and error["code"] == "budget_reserved"
+    assert "media sent by reference" in error["message"] and "retry-after" in held.headers
+    # The text estimate is a third of the body's bytes; the rest of the 1,520 is the image's.
+    assert 1_300 < learned < IMAGE_TOKENS + 20
+    one = one_request_nanos()
+    room = int(LIMIT * NANO) - one_request_nanos(0) - one
+    assert codes.count(200) >= room // one - 1  # side by side up to the room
+    assert counter.value <= LIMIT * NANO + one and counter.reserved == 0
+
+
+async def test_an_answer_without_usage_measures_no_image(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """An error without usage (or any answer whose input is only estimated) tells nothing of
+    what an image takes: the next image requests still reserve all one can be charged."""
+    calls = 0
+
+    async def failing_first(request: Request) -> JSONResponse:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+        return await provider(request)
+
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", failing_first, methods=["POST"])]),
+        settings=make_settings(pricing_file=pricing_file),
+    )
+    engine = app.engine
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": LIMIT}])
+        auth = {"authorization": f"Bearer {key.value}"}
+        failed = await http.post("/v1/chat/completions", json=image_chat(), headers=auth)
+        assert ("openai", "gpt-4o") not in engine.gate.media_tokens
+        answers = await asyncio.gather(
+            *[http.post("/v1/chat/completions", json=image_chat(), headers=auth) for _ in range(20)]
+        )
+    codes = [a.status_code for a in answers]
+    assert failed.status_code == 503
+    assert codes.count(200) == 1 and codes.count(429) == 19  # the first runs alone
+
+
+async def test_inline_images_and_text_reserve_their_estimate_alone(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """A `data:` URL's bytes are in the body (its estimate counts them): no reference, so such
+    requests run side by side from the first, as text ones do."""
+    app = provider_app(make_settings(pricing_file=pricing_file))
+    engine = app.engine
+    inline = image_chat()
+    inline["messages"][0]["content"][1]["image_url"]["url"] = "data:image/png;base64,iVBORw0K"
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": LIMIT}])
+        auth = {"authorization": f"Bearer {key.value}"}
+        answers = await asyncio.gather(
+            *[http.post("/v1/chat/completions", json=inline, headers=auth) for _ in range(5)]
+        )
+    assert [a.status_code for a in answers] == [200] * 5
+    assert engine.gate.media_tokens == {}
+
+
+async def test_the_outbound_transport_reserves_for_images_too(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """SPEC §13: the transport's calls go through the same gate."""
+    engine = get_engine(make_settings(pricing_file=pricing_file))
+    await engine.ensure_started()
+    try:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": LIMIT}])
+        upstream = Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])])
+        transport = BudgetTransport(httpx.ASGITransport(upstream), engine=engine)
+        async with httpx.AsyncClient(transport=transport, base_url="https://api.openai.com") as sdk:
+            body = {**image_chat(), "model": "gpt-4o"}
+            with charge_to(virtual_key=key.value):
+                first = await asyncio.gather(
+                    *[sdk.post("/v1/chat/completions", json=body) for _ in range(20)]
+                )
+                then = await asyncio.gather(
+                    *[sdk.post("/v1/chat/completions", json=body) for _ in range(200)]
+                )
+        counter = engine.registry.counter("budget", key.budgets[0].id)
+        assert counter is not None
+        codes = [a.status_code for a in first + then]
+        print(f"outbound: {codes.count(200)} admitted, spent ${counter.value / NANO:.6f}")
+        assert [a.status_code for a in first].count(200) == 1  # unmeasured: alone
+        assert engine.gate.media_tokens.get(("openai", "gpt-4o"), 0) > 1_300
+        assert counter.value <= LIMIT * NANO + one_request_nanos()
+        assert codes.count(200) >= 10
+    finally:
+        await engine.shutdown()
 
 
 def _chat(*parts: Any) -> dict[str, Any]:

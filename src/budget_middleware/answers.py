@@ -99,8 +99,11 @@ def _usd(nanos: int) -> str:
     return usd_text(nanos)
 
 
-def refusal_answer(refusal: Refusal, exceeded_status: int, now: float | None = None) -> ErrorAnswer:
-    """The answer for a request refused by a limit: names the limit, the amounts, the reset."""
+def refusal_answer(
+    refusal: Refusal, exceeded_status: int, now: float | None = None, reserved: int = 0
+) -> ErrorAnswer:
+    """The answer for a request refused by a limit: names the limit, the amounts, the reset.
+    `reserved`: what the request itself would have reserved."""
     scope = refusal.scope
     owner = f"{_OWNER_LABELS[scope.type]} '{scope.name}'"
     scope_json = {"type": scope.type, "id": scope.id, "name": scope.name}
@@ -121,11 +124,20 @@ def refusal_answer(refusal: Refusal, exceeded_status: int, now: float | None = N
             headers=[(b"x-should-retry", b"false")],
         )
     if code == "budget_reserved":
-        if refusal.reserved >= MAX_CHARGE_NANOS:  # an unpriced request's: all it can be charged
+        if refusal.reserved >= MAX_CHARGE_NANOS:  # all one request can be charged: see gate
             message = (
-                f"{owner} budget is held by a request in flight to a model without a price, "
-                f"whose cost only its answer tells: {_usd(refusal.used)} spent of "
+                f"{owner} budget is held by a request in flight whose cost only its answer "
+                "tells (to a model without a price, or with media sent by reference that no "
+                f"answer of its model has measured yet): {_usd(refusal.used)} spent of "
                 f"{_usd(refusal.limit)}; retry when it finishes"
+            )
+        elif reserved >= MAX_CHARGE_NANOS:  # this request's own cost only its answer tells
+            message = (
+                f"{owner} budget is held by requests in flight ({_usd(refusal.used)} spent and "
+                f"{_usd(refusal.reserved)} reserved of {_usd(refusal.limit)}), and this request's "
+                "cost only its answer tells (to a model without a price, or with media sent by "
+                "reference that no answer of its model has measured yet), so it runs alone; "
+                "retry when they finish"
             )
         else:
             message = (

@@ -105,6 +105,7 @@ class Exchange:
     estimated = False
     direction = "inbound"  # "outbound" for the transport's calls (SPEC §13)
     would_refuse: str | None = None  # shadow mode: the code that would have refused it (§14)
+    media_references = 0  # media sent by reference (image URLs, file ids): `gate._with_media`
     left_out: tuple[bytes, ...] = (COST_HEADER,)  # headers the adapter drops (`read_start`)
 
     def __init__(
@@ -508,6 +509,15 @@ class Exchange:
             if record.cost_source == "unpriced":
                 engine.prices.note_unpriced(record.provider, record.model)
                 engine.stats.unpriced_requests += 1
+        if self.media_references and record.input_tokens and not record.estimated:
+            # Its input measured (an error without usage, an estimate, tells nothing of it):
+            # what each medium it sent by reference took, for the next to reserve.
+            engine.gate.saw_media(
+                record.provider,
+                record.model,
+                self.media_references,
+                record.input_tokens - self.prompt_tokens,
+            )
         engine.record(record)
 
     def charge(self, outcome: str) -> UsageRecord:

@@ -21,6 +21,7 @@ from budget_middleware.answers import (
 )
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import Credentials, Target, TargetResolver
+from budget_middleware.core.media import MARK, media_references
 from budget_middleware.core.money import MAX_CHARGE_NANOS
 from budget_middleware.core.pricing import estimate_nanos
 from budget_middleware.core.routing import Route, by_room, room
@@ -84,12 +85,23 @@ class Gate:
         self.max_body = s.max_body_bytes
         # Per model without a price: the most one of its requests has been charged here.
         self.unpriced_costs: LRUCache[tuple[str, str], int] = LRUCache(4096)
+        # Per model: the most input tokens one medium sent by reference (an image URL, a file
+        # id) has been measured to take here, beyond its request's estimate from the body.
+        self.media_tokens: LRUCache[tuple[str, str], int] = LRUCache(4096)
 
     def saw_unpriced(self, provider: str, model: str, cost: int) -> None:
         """A request to a model without a price was charged `cost`: what the next reserve."""
         key = (provider, model)
         if cost > self.unpriced_costs.get(key, -1):
             self.unpriced_costs[key] = cost
+
+    def saw_media(self, provider: str, model: str, references: int, beyond: int) -> None:
+        """A request sending `references` media by reference was measured to take `beyond`
+        input tokens more than its estimate from the body: what each of the next reserve."""
+        each = -(-beyond // references) if beyond > 0 else 0  # rounded up
+        key = (provider, model)
+        if each > self.media_tokens.get(key, -1):
+            self.media_tokens[key] = each
 
     def plain_body(self, body: bytes, encoding: str) -> bytes | None:
         """A request body sent with a `content-encoding` (gzip, deflate), decoded to be read:
@@ -194,14 +206,21 @@ class Gate:
                 plan = self._plan_route(
                     route, request, path, credentials, key, target, prompt_tokens, now, started
                 )
+                references = media_references(parsed) if MARK in body else 0
                 for _, candidate in plan.candidates + plan.shadow_only:
                     candidate.orjson_writes = orjson_writes
+                    if references:
+                        self._with_media(candidate, references)
                     if shadowed is not None:  # the credentials' refusal first, as in enforce
                         candidate.would_refuse = shadowed
                 return plan
         exchange = self._prepare(key, target, prompt_tokens, now, started)
         if type(exchange) is not Exchange:
             return self.refuse(*exchange, key=key, target=target)  # type: ignore[misc]
+        if MARK in body:  # media by reference, maybe (`core.media`): a text-only chat has none
+            references = media_references(parsed)
+            if references:
+                self._with_media(exchange, references)
         if shadowed is not None:  # the credentials' refusal comes first, as in enforce
             exchange.would_refuse = shadowed
         if target.stream and type(parsed) is dict and path.endswith(USAGE_PATHS):
@@ -239,7 +258,9 @@ class Gate:
             if not self.shadow:
                 refused = self.engine.stats.refused  # the request's outcome, counted once here
                 refused[ticket.code] = refused.get(ticket.code, 0) + 1
-                answer = refusal_answer(ticket, self.exceeded_status, exchange.admitted_at)
+                answer = refusal_answer(
+                    ticket, self.exceeded_status, exchange.admitted_at, exchange.ticket_estimate
+                )
                 self.tell_refusal(
                     ticket.code, answer.status, exchange.key, exchange.target, ticket.scope
                 )
@@ -321,6 +342,31 @@ class Gate:
                 )
         return exchange
 
+    def _with_media(self, exchange: Exchange, references: int) -> None:
+        """A request sending `references` media by reference (SPEC §6): their input tokens are
+        not in its body, so its reservation adds, for each, the most one has been measured to
+        take for its model here (learned from the answers, `saw_media`). Before any has been
+        measured, the most one request is charged, as for a model without a price: in flight,
+        it leaves no room on its budgets, so no other request can add to an overrun it makes."""
+        exchange.media_references = references  # its answer teaches the next (`saw_media`)
+        price = exchange.price
+        # Unpriced: its own rule reserves (the most a request to it has cost). Free input: the
+        # media cost nothing.
+        if (
+            price is None
+            or not price.input_per_mtok
+            or not (self.reserve and exchange.limits.budgets)
+        ):
+            return
+        target = exchange.target
+        each = self.media_tokens.get((target.provider, target.model))
+        if each is None:
+            exchange.ticket_estimate = MAX_CHARGE_NANOS
+        else:
+            prompt = exchange.prompt_tokens + each * references
+            most = estimate_nanos(price, prompt, self.most_output(target))
+            exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
+
     def most_output(self, target: Target) -> int:
         """The most output a request may be answered: its limit (or the default when it sets
         none) for each choice. What a reservation counts, and an unread answer is charged."""
@@ -382,7 +428,9 @@ class Gate:
                 self._count_shadow(exchange)
             return exchange
         for (index, exchange), refusal in zip(plan.candidates, first.refusals, strict=True):
-            answer = refusal_answer(refusal, self.exceeded_status, exchange.admitted_at)
+            answer = refusal_answer(
+                refusal, self.exceeded_status, exchange.admitted_at, exchange.ticket_estimate
+            )
             plan.refused[index] = (refusal.code, answer)
         tried = [
             (route_target.text, *plan.refused[index])
