@@ -13,10 +13,17 @@ from __future__ import annotations
 from typing import Any, Final
 
 # What every reference's JSON holds, as bytes: its part's `"type"` key, which each API requires.
-# A body without it names no media (unless it escapes the key as `"\u0074ype"`, which no encoder
-# does): the gate reads no further. A text-only chat has none; one with content parts, tools or a
-# response format is walked, cheaply.
+# A text-only chat has none; one with content parts, tools or a response format is walked,
+# cheaply (`may_reference`).
 MARK: Final = b'"type"'
+
+
+def may_reference(body: bytes) -> bool:
+    """Whether a request body may send media by reference, told from its bytes: it holds
+    `"type"`, or it could spell that key otherwise (a `\\u` escape, `"\\u0074ype"`; a UTF-16 or
+    UTF-32 body, whose bytes hold NULs). Only then is its parsed body walked."""
+    return MARK in body or b"\\u" in body or b"\x00" in body
+
 
 _DEPTH: Final = 3  # messages, their content, a tool result's content: no deeper
 

@@ -516,7 +516,7 @@ class Exchange:
                 record.provider,
                 record.model,
                 self.media_references,
-                record.input_tokens - self.prompt_tokens,
+                record.input_tokens,
             )
         engine.record(record)
 

@@ -21,7 +21,7 @@ from budget_middleware.answers import (
 )
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import Credentials, Target, TargetResolver
-from budget_middleware.core.media import MARK, media_references
+from budget_middleware.core.media import may_reference, media_references
 from budget_middleware.core.money import MAX_CHARGE_NANOS
 from budget_middleware.core.pricing import estimate_nanos
 from budget_middleware.core.routing import Route, by_room, room
@@ -95,10 +95,12 @@ class Gate:
         if cost > self.unpriced_costs.get(key, -1):
             self.unpriced_costs[key] = cost
 
-    def saw_media(self, provider: str, model: str, references: int, beyond: int) -> None:
-        """A request sending `references` media by reference was measured to take `beyond`
-        input tokens more than its estimate from the body: what each of the next reserve."""
-        each = -(-beyond // references) if beyond > 0 else 0  # rounded up
+    def saw_media(self, provider: str, model: str, references: int, input_tokens: int) -> None:
+        """A request sending `references` media by reference was measured to take
+        `input_tokens`: at most that each (its text, bounded by its body, is counted as theirs
+        too: what its body's estimate over-counts could hide what a medium takes, and teach 0),
+        what each of the next reserve."""
+        each = -(-input_tokens // references)  # rounded up
         key = (provider, model)
         if each > self.media_tokens.get(key, -1):
             self.media_tokens[key] = each
@@ -206,7 +208,7 @@ class Gate:
                 plan = self._plan_route(
                     route, request, path, credentials, key, target, prompt_tokens, now, started
                 )
-                references = media_references(parsed) if MARK in body else 0
+                references = media_references(parsed) if may_reference(body) else 0
                 for _, candidate in plan.candidates + plan.shadow_only:
                     candidate.orjson_writes = orjson_writes
                     if references:
@@ -217,7 +219,7 @@ class Gate:
         exchange = self._prepare(key, target, prompt_tokens, now, started)
         if type(exchange) is not Exchange:
             return self.refuse(*exchange, key=key, target=target)  # type: ignore[misc]
-        if MARK in body:  # media by reference, maybe (`core.media`): a text-only chat has none
+        if may_reference(body):  # media by reference? (`core.media`): a text-only chat has none
             references = media_references(parsed)
             if references:
                 self._with_media(exchange, references)
