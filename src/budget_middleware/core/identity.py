@@ -100,8 +100,6 @@ def header_reader(
                         if text.startswith(prefix):
                             key = text
                             break
-        provider = get(b"x-budget-provider")
-        tags = get(b"x-budget-tags")
         length = get(b"content-length")
         size = None
         if length is not None:
@@ -109,21 +107,32 @@ def header_reader(
                 size = int(length)
             except ValueError:
                 size = None
-        encoding = get(b"content-encoding")
+        credentials = Credentials(key or None, content_length=size)
+        if not _SELDOM_SENT.isdisjoint(found):  # one C call: the usual request sends none
+            _read_seldom_sent(credentials, get)
         accept = get(b"accept-encoding")
-        return Credentials(
-            key or None,
-            (provider.decode("latin-1").strip() or None) if provider is not None else None,
-            _split_tags(tags.decode("latin-1")) if tags is not None else (),
-            size,
-            False,
-            None if encoding is None else body_encoding(encoding.decode("latin-1")),
-            None
-            if accept is None or accept == USUAL_ACCEPT
-            else readable_accept(accept.decode("latin-1")),
-        )
+        if accept is not None and accept != USUAL_ACCEPT:
+            credentials.accept_encoding = readable_accept(accept.decode("latin-1"))
+        return credentials
 
     return read
+
+
+# Headers a metered request seldom carries: looked up only when one of them is there.
+_SELDOM_SENT = frozenset({b"x-budget-provider", b"x-budget-tags", b"content-encoding"})
+
+
+def _read_seldom_sent(credentials: Credentials, get: Callable[[bytes], bytes | None]) -> None:
+    """The provider, tags and body coding a request's headers name (`header_reader`)."""
+    provider = get(b"x-budget-provider")
+    if provider is not None:
+        credentials.provider = provider.decode("latin-1").strip() or None
+    tags = get(b"x-budget-tags")
+    if tags is not None:
+        credentials.tags = _split_tags(tags.decode("latin-1"))
+    encoding = get(b"content-encoding")
+    if encoding is not None:
+        credentials.content_encoding = body_encoding(encoding.decode("latin-1"))
 
 
 def body_encoding(value: str) -> str | None:
