@@ -39,6 +39,7 @@ POST = frozenset(map("".join, itertools.product(*zip("POST", "post", strict=True
 
 OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 CHOICE_FIELDS = ("n", "best_of")  # outputs generated (and billed) for one request
+_SIZE_FIELDS = frozenset(OUTPUT_LIMIT_FIELDS + CHOICE_FIELDS)
 
 
 @dataclass(slots=True)
@@ -238,16 +239,20 @@ class TargetResolver:
             if len(tags) > MAX_TAGS:
                 tags = _keep_key_tags(tags, key_tags)
         limit = None
-        for name in OUTPUT_LIMIT_FIELDS:
-            value = data.get(name)
-            if value is not None and type(value) is int and value >= 0:
-                limit = value
-                break
         choices = 1
-        for name in CHOICE_FIELDS:
-            value = data.get(name)
-            if type(value) is int and value > choices:
-                choices = value
+        sized = _SIZE_FIELDS.intersection(data)  # in C: none, or an output limit, usually
+        if sized:
+            for name in OUTPUT_LIMIT_FIELDS:
+                if name in sized:
+                    value = data[name]
+                    if type(value) is int and value >= 0:
+                        limit = value
+                        break
+            if not sized.isdisjoint(CHOICE_FIELDS):
+                for name in CHOICE_FIELDS:
+                    value = data.get(name)
+                    if type(value) is int and value > choices:
+                        choices = value
         return Target(found[0], found[1], tags, data.get("stream") is True, limit, choices)
 
     def retarget(
