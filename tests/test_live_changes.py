@@ -528,7 +528,12 @@ async def test_new_terms_for_a_budget_keep_what_its_window_holds(
     assert spent == [200] * 5 + [402]
     assert right_after + later + on_a_new_instance == [402] * 6
     assert stored.current_usage == pytest.approx(0.05)
-    assert stored.last_reset > _a_minute_before_midnight()  # the window holding now
+    # The window holding now under the new terms: today's from midnight when calendar-aligned;
+    # 12-hourly from the same anchor (before noon, that is still the anchor's own window).
+    anchor, start = _a_minute_before_midnight(), stored.last_reset
+    length = timedelta(hours=12) if change == "duration" else timedelta(days=1)
+    assert anchor <= start <= datetime.now(UTC) < start + length
+    assert start > anchor or change == "duration"
 
 
 async def test_a_new_rate_window_keeps_what_the_current_one_counted(
