@@ -96,6 +96,14 @@ def bearer(value: str) -> dict[str, str]:
     return {"authorization": f"Bearer {value}"}
 
 
+async def asked(http: httpx.AsyncClient, value: str, times: int) -> list[int]:
+    """The statuses of `times` chat completions of the key `value`, one after another."""
+    return [
+        (await http.post("/v1/chat/completions", json=chat(), headers=bearer(value))).status_code
+        for _ in range(times)
+    ]
+
+
 def budget_usage(engine: BudgetEngine, budget_id: str) -> int:
     with engine.store.session() as s:
         return int(
@@ -886,20 +894,12 @@ async def test_a_gone_engine_s_batch_takes_nothing_off_this_engine_s_unwritten_c
         )
         await engine.invalidate()
         budget_id = key.budgets[0].id
-
-        async def ask(times: int) -> None:
-            for _ in range(times):
-                answer = await http.post(
-                    "/v1/chat/completions", json=chat(), headers=bearer(key.value)
-                )
-                assert answer.status_code == 200
-
-        await ask(1)
+        assert await asked(http, key.value, 1) == [200]
         assert await engine.flush()  # $0.01 in the store
         counter = engine.registry.counter("budget", budget_id)
         assert counter is not None
         set_read_only(postgres_database, True)
-        await ask(3)
+        assert await asked(http, key.value, 3) == [200] * 3
         assert not await engine.flush()  # batch 1 ($0.03): in memory and on disk
         # A gone engine's batch of the same window ($0.05), given up at its shutdown.
         gone = Spill(engine.spill.folder)  # type: ignore[union-attr]
@@ -910,7 +910,7 @@ async def test_a_gone_engine_s_batch_takes_nothing_off_this_engine_s_unwritten_c
             [Delta("budget", budget_id, from_ts(start), from_ts(FAR_FUTURE), 5 * CENT, start)],
             [],
         )
-        await ask(3)
+        assert await asked(http, key.value, 3) == [200] * 3
         assert not await engine.flush()  # batch 2 ($0.03): on disk
         set_read_only(postgres_database, False)
         applied = engine.store.apply_flush
@@ -953,14 +953,10 @@ async def test_an_engine_started_again_does_not_count_twice_what_it_gave_up(
         )
         await engine.invalidate()
         budget_id = key.budgets[0].id
-        for _ in range(4):
-            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
-            assert answer.status_code == 200
+        assert await asked(http, key.value, 4) == [200] * 4
         assert await engine.flush()  # $0.04 in the store
         set_read_only(postgres_database, True)
-        for _ in range(3):
-            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
-            assert answer.status_code == 200
+        assert await asked(http, key.value, 3) == [200] * 3
     # shut down in the outage: $0.03 left on disk, given up
     set_read_only(postgres_database, False)
     other = BudgetEngine(settings)
@@ -973,10 +969,7 @@ async def test_an_engine_started_again_does_not_count_twice_what_it_gave_up(
         counter = engine.registry.counter("budget", budget_id)
         assert counter is not None
         live = counter.value
-        codes = []
-        for _ in range(5):
-            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
-            codes.append(answer.status_code)
+        codes = await asked(http, key.value, 5)
     print(
         f"stored ${stored / 1e9:.2f}; the engine started again reads ${live / 1e9:.2f}; "
         f"then 5 requests of $0.01 on the $0.10 budget: {codes}"

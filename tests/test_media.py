@@ -73,6 +73,21 @@ def one_request_nanos(images: int = 1) -> int:
     return (20 + IMAGE_TOKENS * images) * 2_500 + 10 * 10_000  # nano-dollars a token
 
 
+def overrun_at_most_one(what: str, answers: list[httpx.Response], spent: int) -> list[int]:
+    """Print what a burst measured and check it: refused as limits refuse, and spend past the
+    $0.05 limit by one request's own overrun at most. The burst's status codes."""
+    codes = [a.status_code for a in answers]
+    one = one_request_nanos()
+    print(
+        f"{what} at once: {codes.count(200)} admitted; spent ${spent / NANO:.6f} of "
+        f"${LIMIT:.2f} (one request ${one / NANO:.6f}, overrun "
+        f"${max(0, spent - LIMIT * NANO) / NANO:.6f})"
+    )
+    assert set(codes) <= {200, 429, 402}
+    assert spent <= LIMIT * NANO + one
+    return codes
+
+
 def provider_app(settings: BudgetSettings) -> BudgetMiddleware:
     return BudgetMiddleware(
         Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])]),
@@ -119,16 +134,8 @@ async def test_concurrent_image_requests_overrun_a_budget_by_at_most_one_request
     finally:
         if counters == "redis":
             delete_prefix(REDIS_URL, prefix)
-    codes = [a.status_code for a in answers + more]
-    one = one_request_nanos()
-    print(
-        f"{counters}: 2 x 200 image requests at once: {codes.count(200)} admitted; spent "
-        f"${spent / NANO:.6f} of ${LIMIT:.6f} (one request ${one / NANO:.6f}, "
-        f"overrun ${max(0, spent - LIMIT * NANO) / NANO:.6f})"
-    )
-    assert set(codes) <= {200, 429, 402}
-    assert spent <= LIMIT * NANO + one  # one request's own overrun at most
-    assert codes.count(200) >= int(LIMIT * NANO) // one  # and the budget is used
+    codes = overrun_at_most_one(f"{counters}: 2 x 200 image requests", answers + more, spent)
+    assert codes.count(200) >= int(LIMIT * NANO) // one_request_nanos()  # and the budget is used
 
 
 @pytest.mark.parametrize("first", ["a long prompt with its image", "keys spelt with escapes"])
@@ -161,15 +168,7 @@ async def test_no_body_lets_image_requests_overrun_together(
         )
         await engine.flush()
         spent = round(engine.manager.get_budget(key.budgets[0].id).current_usage * NANO)
-    codes = [a.status_code for a in answers]
-    one = one_request_nanos()
-    print(
-        f"{first}: then 200 image requests at once: {codes.count(200)} admitted; spent "
-        f"${spent / NANO:.6f} of ${LIMIT:.2f} (overrun "
-        f"${max(0, spent - LIMIT * NANO) / NANO:.6f}, one request ${one / NANO:.6f})"
-    )
-    assert set(codes) <= {200, 429, 402}
-    assert spent <= LIMIT * NANO + one
+    overrun_at_most_one(f"{first}, then 200 image requests", answers, spent)
 
 
 async def test_an_image_request_waits_for_its_model_s_first_measured_answer(
