@@ -147,6 +147,14 @@ PRUNE_SECONDS = 3600.0  # how often the ids of applied batches older than FLUSH_
 FLUSH_IDS_KEPT = timedelta(days=30)
 
 
+def _due(now: float, last: float, every: float) -> bool:
+    """Whether a flusher round that runs every `every` seconds of the clock is due: that long
+    has passed since `last`, or the clock was stepped back before `last` (NTP), which would
+    otherwise hold the round back until the clock came back there (an hour's step: an hour with
+    no re-read of the counters and configuration other instances write, and no sweep)."""
+    return now - last >= every or now < last
+
+
 def _written_at_exit(ref: weakref.ref[BudgetEngine]) -> None:
     engine = ref()
     if engine is not None:
@@ -541,11 +549,11 @@ class BudgetEngine:
                 pass
             try:
                 await self.flush()
-                if self.clock() - last_refresh >= ttl:
+                if _due(self.clock(), last_refresh, ttl):
                     last_refresh = self.clock()
                     await self.reload_globals()
                     await self.counters.refresh()
-                if self.clock() - last_sweep >= SWEEP_SECONDS:
+                if _due(self.clock(), last_sweep, SWEEP_SECONDS):
                     last_sweep = self.clock()
                     await self.sweep()
                     self._spilled = self.spill is not None  # a gone process's, since?
@@ -560,7 +568,7 @@ class BudgetEngine:
         now = self.clock()
         try:
             swept = await anyio.to_thread.run_sync(self.store.sweep_windows, from_ts(now))
-            if now - self._pruned_at >= PRUNE_SECONDS:
+            if _due(now, self._pruned_at, PRUNE_SECONDS):
                 await anyio.to_thread.run_sync(
                     self.store.prune_flushes, from_ts(now) - FLUSH_IDS_KEPT
                 )
