@@ -19,7 +19,9 @@ from test_redis_windows import (
     client,
     host,
     spend,
+    spend_until_refused,
     stored_spend,
+    written_spend,
 )
 
 
@@ -64,3 +66,65 @@ async def test_a_clock_stepped_back_does_not_stop_reading_the_other_instances(
     print(f"stored ${stored_spend(one, budget_id) / 1e9:.2f}, the first instance sees "
           f"${seen / 1e9:.2f} a second later")  # fmt: skip
     assert seen == 61 * CENT
+
+
+async def test_a_reset_after_the_clock_stepped_back_empties_the_window_everywhere(
+    tmp_path: Path,
+) -> None:
+    """A budget reset, $0.40 spent, the clock stepped back 30 s, reset again: the new window
+    starts from $0 on the live counter and in the store, and $1 of requests fit in it (the
+    store kept its window, which began after the moment of the second reset: it answered $0.40
+    spent, and once re-read the live counter had it too, and 60 requests fit)."""
+    clock = Clock()
+    (engine,) = engines(tmp_path, clock, 1)
+    app = host(engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        budget_id = key.budgets[0].id
+        engine.manager.reset_budget(budget_id)
+        await spend(http, key.value or "", 40)
+        await engine.flush()
+        clock.advance(-30)  # NTP steps the clock back 30 s
+        answered = engine.manager.reset_budget(budget_id).current_usage
+        await engine.flush()
+        stored = stored_spend(engine, budget_id)
+        await asyncio.sleep(0.5)  # the live counter re-reads the store
+        admitted, code = await spend_until_refused(http, key.value or "")
+        spent = await written_spend(budget_id, engine)
+    print(f"reset answered ${answered:.2f}, stored ${stored / 1e9:.2f}; then {admitted} "
+          f"admitted ({code}), ${spent / 1e9:.2f} stored")  # fmt: skip
+    assert (answered, stored) == (0, 0)
+    assert (admitted, code, spent) == (100, "budget_exceeded", 100 * CENT)
+
+
+async def test_a_reset_after_the_clock_stepped_back_across_a_window_does_not_bring_back_its_spend(
+    tmp_path: Path,
+) -> None:
+    """$0.30 spent in an hour's window, $0.40 in the next; the clock steps back 10 minutes into
+    the first hour and the budget is reset: the $0.40 spent before the reset stays out of the
+    new window (it came back in the store, as a window starting where the live counter's had,
+    and the live counter took it again from there)."""
+    clock = Clock()
+    (engine,) = engines(tmp_path, clock, 1)
+    app = host(engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1h"}]
+        )
+        budget_id = key.budgets[0].id
+        await spend(http, key.value or "", 30)
+        clock.advance(3600)
+        await spend(http, key.value or "", 40)
+        clock.advance(-600)  # NTP steps the clock back into the first hour
+        engine.manager.reset_budget(budget_id)
+        await engine.flush()
+        stored = stored_spend(engine, budget_id)
+        await asyncio.sleep(0.5)  # the live counter re-reads the store
+        admitted, code = await spend_until_refused(http, key.value or "")
+        spent = await written_spend(budget_id, engine)
+    print(f"stored ${stored / 1e9:.2f} after the reset; then {admitted} admitted ({code}), "
+          f"${spent / 1e9:.2f} stored")  # fmt: skip
+    assert stored == 0
+    assert (admitted, code, spent) == (100, "budget_exceeded", 100 * CENT)

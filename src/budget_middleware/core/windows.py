@@ -186,18 +186,27 @@ class WindowCounter:
         """Add to the current window (see `charge`)."""
         charge((self,), amount, self.start, ledger)
 
-    def reset(self, now: float, ledger: Ledger) -> None:
-        """Start a new window now (`POST /budgets/{id}/reset`). What was charged before stays
-        the old window's: sealed as its delta, which ends here (the store drops it once it holds
-        the reset, and adds it to the old window before). What is charged from now on counts in
-        the new window, requests admitted before included. The new window goes to the store as
-        a delta of nothing from now: should the store's own reset fail, the flusher writes it
-        (its rule starts a window the store holds an older one of)."""
+    def reset(self, now: float, ledger: Ledger) -> float:
+        """Start a new window now (`POST /budgets/{id}/reset`); returns its start. What was
+        charged before stays the old window's: sealed as its delta, which ends here (the store
+        drops it once it holds the reset, and adds it to the old window before). What is charged
+        from now on counts in the new window, requests admitted before included. The new window
+        goes to the store as a delta of nothing from now: should the store's own reset fail, the
+        flusher writes it (its rule starts a window the store holds an older one of).
+
+        A clock stepped back (NTP) to the current window's start or before it starts the new
+        window a microsecond after that start instead: everything counted so far was charged
+        before the reset, and a window starting earlier would be older than the store's (which
+        keeps its own, and what it holds) and than the charges sealed here (which the store
+        would take back as a window of their own)."""
+        if now <= self.start:
+            now = from_ts(self.start + 0.000001).timestamp()  # to the microsecond, as stored
         self._seal(ledger)
         self.anchor = now
         self.value = 0
         self.start, self.end = self._window_at(now)  # from now, calendar-aligned or not
         ledger.sealed.append((self.kind, self.id, self.start, 0))
+        return now
 
     @property
     def remaining(self) -> int:

@@ -791,7 +791,7 @@ class BudgetEngine:
         at = from_ts(self.clock()).timestamp()  # to the microsecond, as the store keeps it
         counter = self.registry.counter(kind, id)
         if counter is not None:
-            counter.reset(at, self.registry.ledger)
+            at = counter.reset(at, self.registry.ledger)
         if kind == "budget":
             self.counters.reset_noted(id, at)
         return at
