@@ -536,6 +536,36 @@ async def test_new_terms_for_a_budget_keep_what_its_window_holds(
     assert start > anchor or change == "duration"
 
 
+async def test_a_config_file_changing_a_budget_s_duration_keeps_its_usage(
+    make_settings: Settings,
+) -> None:
+    """A config file cannot name budget ids: its key's $0.05 daily budget made 12-hourly was
+    matched by no id and no duration, so it was removed and made anew at $0 (3 cents spent, then
+    5 more admitted: the limit lifted). One budget for one is the same budget on new terms."""
+    app, engine = _answering_app(make_settings(admin_key="admin-secret"))
+    admin = {"authorization": "Bearer admin-secret"}
+
+    def config(duration: str) -> dict[str, str]:
+        budget = {"max_limit": 0.05, "reset_duration": duration}
+        key = {"name": "k", "value": "sk-bm-config-key-1", "budgets": [budget]}
+        return {"text": json.dumps({"virtual_keys": [key]}), "format": "json"}
+
+    async with running(app), client(app) as http:
+        applied = await http.post("/admin/config/apply", json=config("1d"), headers=admin)
+        assert applied.status_code == 200, applied.text
+        auth = {"authorization": "Bearer sk-bm-config-key-1"}
+        spent = await _statuses(http, auth, 3)
+        await engine.flush()
+        applied = await http.post("/admin/config/apply", json=config("12h"), headers=admin)
+        assert applied.status_code == 200, applied.text
+        after = await _statuses(http, auth, 3)
+        await engine.flush()
+        budgets = (await http.get("/admin/budgets", headers=admin)).json()["budgets"]
+    print(f"spent {spent}; made 12-hourly, then {after}; stored {budgets}")
+    assert spent == [200] * 3 and after == [200, 200, 402]
+    assert [(b["reset_duration"], b["current_usage"]) for b in budgets] == [("12h", 0.05)]
+
+
 async def test_a_new_rate_window_keeps_what_the_current_one_counted(
     make_settings: Settings,
 ) -> None:

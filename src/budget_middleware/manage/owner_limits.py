@@ -1,8 +1,10 @@
 """Writing an owner's budgets and rate limit (SPEC §9): changing a limit never resets its usage.
 
 In an update, each budget of the body is matched to one of the owner's budgets by `id`, or else
-by `reset_duration`, and keeps its usage; budgets of the owner left out of the list are removed; an
-update without `budgets` leaves them alone. Two budgets of one owner never share a reset_duration.
+by `reset_duration`, and keeps its usage; when one budget of the body and one of the owner's are
+left unmatched, they are the same budget on new terms (a config file cannot name ids); budgets of
+the owner left out of the list are removed; an update without `budgets` leaves them alone. Two
+budgets of one owner never share a reset_duration.
 """
 
 from __future__ import annotations
@@ -156,6 +158,11 @@ def write_budgets(
             if row is not None:
                 del unmatched[row.id]
                 matched[i] = (budget, row)
+    new = [i for i, (budget, row) in enumerate(matched) if row is None and budget.id is None]
+    if len(new) == 1 and len(unmatched) == 1:
+        # One budget replaced by one on other terms (a config file's entry cannot name ids): the
+        # same budget changed, so it keeps its usage rather than start again from 0.
+        matched[new[0]] = (matched[new[0]][0], unmatched.popitem()[1])
     for row in unmatched.values():
         s.delete(row)
     s.flush()  # removed budgets free their reset_duration before the new ones are written
