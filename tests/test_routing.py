@@ -411,3 +411,85 @@ async def test_litellm_s_smallest_limit_never_becomes_zero(
     print(f"limit shown {shown!r}; provider answers {answers}; tag answers {tagged}")
     assert shown == 1e-09 and tag["budgets"][0]["max_limit"] == 1e-09
     assert answers == [200, 402] and tagged == [200, 402]
+
+
+async def test_most_remaining_on_redis_ranks_by_what_every_instance_spent_and_holds(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """Two instances on one Redis: `most_remaining` ranks on the shared counters (spent and
+    reserved by either), not on what this instance last saw (its own holds, and a store read of
+    up to a cache TTL ago). A request costs and reserves exactly $0.01."""
+    need_redis()
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"models": {"budget-test": {"input_per_mtok": 0, "output_per_mtok": 1000}}}')
+    gate = asyncio.Event()
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> JSONResponse:
+        model = (await request.json())["model"]
+        if request.headers.get("x-hold"):
+            await gate.wait()
+        usage = {"prompt_tokens": 0, "completion_tokens": 10}
+        return JSONResponse({"id": "c", "model": model, "choices": [], "usage": usage})
+
+    prefix = unique_prefix()
+    engines = [
+        get_engine(make_settings(redis_url=REDIS_URL, pricing_file=prices, cache_ttl_seconds=ttl))
+        for ttl in (30, 31)
+    ]
+    for engine in engines:
+        use_prefix(engine, prefix)
+    one, two = (
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(BudgetMiddleware(app, engine=e)), base_url="http://t"
+        )
+        for e in engines
+    )
+    try:
+        for engine in engines:
+            await engine.ensure_started()
+        m = engines[0].manager
+        m.put_provider("openai", budgets=[{"max_limit": 1.5}])
+        m.put_provider("azure", budgets=[{"max_limit": 2}])
+        m.create_route(
+            name="budget", targets=["openai/budget-test", "azure/budget-test"],
+            strategy="most_remaining",
+        )  # fmt: skip
+        for engine in engines:
+            await engine.invalidate()
+        body = chat("budget", max_tokens=10)
+        first = await two.post("/v1/chat/completions", json=body)  # instance two has looked
+        # Instance one holds 100 requests to azure in flight: $1 of its $2 reserved.
+        azure = chat("azure/budget-test", max_tokens=10)
+        held = [
+            asyncio.create_task(
+                one.post("/v1/chat/completions", json=azure, headers={"x-hold": "1"})
+            )
+            for _ in range(100)
+        ]
+        for _ in range(1000):  # all 100 admitted (their reservations held), none answered
+            if engines[0].stats.admitted == 100:
+                break
+            await asyncio.sleep(0.01)
+        reserved = (await two.post("/v1/chat/completions", json=body)).headers["x-budget-route"]
+        gate.set()
+        assert {a.status_code for a in await asyncio.gather(*held)} == {200}
+        # Now spent by instance one ($1.00 + $0.01): instance two has not read the store since.
+        spent = [
+            (await two.post("/v1/chat/completions", json=body)).headers["x-budget-route"]
+            for _ in range(20)
+        ]
+    finally:
+        for http in (one, two):
+            await http.aclose()
+        for engine in engines:
+            await engine.shutdown()
+        delete_prefix(REDIS_URL, prefix)
+    routed = Counter(spent)
+    print(f"first {first.headers['x-budget-route']}; with azure's $1 held by the other "
+          f"instance: {reserved}; with it spent there: {dict(routed)}")  # fmt: skip
+    assert first.headers["x-budget-route"] == "azure/budget-test"  # $2 left beats $1.5
+    assert reserved == "openai/budget-test"  # $1.5 left beats azure's $2 - $1 held
+    # openai $1.49 - $0.19 left beats azure's $0.99 for all 20 (ties: the route's order)
+    assert routed == {"openai/budget-test": 20}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from budget_middleware.core.routing import trial_order
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.windows import Ledger, WindowCounter, charge
 
@@ -158,25 +159,34 @@ def admit_anyway(
 @dataclass(slots=True)
 class FirstAdmitted:
     """Of several candidates (a route's targets, SPEC §12), the first admitted: its index and
-    ticket (-1 and None when every one refused), and the refusals of those tried before it."""
+    ticket (-1 and None when every one refused), and the refusals of those tried before it,
+    in the order tried, with their indexes in `tried`."""
 
     index: int = -1
     ticket: Ticket | None = None
     refusals: list[Refusal] = field(default_factory=list)
+    tried: list[int] = field(default_factory=list)
 
 
 def admit_first(
-    candidates: Sequence[tuple[LimitSet, int]], reserve: bool, now: float, ledger: Ledger
+    candidates: Sequence[tuple[LimitSet, int]],
+    reserve: bool,
+    now: float,
+    ledger: Ledger,
+    most_remaining: bool = False,
 ) -> FirstAdmitted:
-    """`admit` each (limits, estimate) in turn until one is admitted: within one event loop (or
-    under a lock) the whole choice is atomic, as one admission is."""
+    """`admit` each (limits, estimate) in turn (the route's order, or `most_remaining`'s) until
+    one is admitted: within one event loop (or under a lock) the whole choice, ranking
+    included, is atomic, as one admission is."""
     result = FirstAdmitted()
-    for index, (limits, estimate) in enumerate(candidates):
+    for index in trial_order([c[0] for c in candidates], most_remaining, now):
+        limits, estimate = candidates[index]
         decision = admit(limits, estimate, reserve, now, ledger)
         if type(decision) is Ticket:
             result.index, result.ticket = index, decision
             return result
         result.refusals.append(decision)  # type: ignore[arg-type]
+        result.tried.append(index)
     return result
 
 

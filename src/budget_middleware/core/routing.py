@@ -5,11 +5,14 @@ model, whose provider is found as a request's would be). The request is admitted
 target that passes every check (`ordered`), or, of those that pass, on the one whose tightest
 budget has the most left (`most_remaining`: targets are tried from the most room down, so the
 first that passes is that one; a target with no budget has unlimited room; ties keep the route's
-order). Which target passes is admission's business (`admission.admit`, `admit.lua`).
+order). Which target passes, and the ranking, are admission's business, in the same step
+(`admission.admit_first`, `admit.lua`): ranked earlier, on another instance's counters or an
+old read of them, the most room is not where it was.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,3 +76,12 @@ def room(limits: LimitSet, now: float) -> float:
 def by_room(candidates: list[tuple[float, int]]) -> list[int]:
     """Indexes of (room, index) pairs, most room first, ties in route order."""
     return [index for _, index in sorted(candidates, key=lambda c: (-c[0], c[1]))]
+
+
+def trial_order(limits: Sequence[LimitSet], most_remaining: bool, now: float) -> list[int]:
+    """The order a route's candidates (in route order) are tried in: the route's, or
+    `most_remaining`'s, ranked by the counters as they are at admission (`admit.lua` ranks
+    the same way on Redis's counters, which every instance shares)."""
+    if not most_remaining or len(limits) < 2:
+        return list(range(len(limits)))
+    return by_room([(room(candidate, now), n) for n, candidate in enumerate(limits)])

@@ -717,8 +717,10 @@ class BudgetEngine:
         if cost:
             self.alerts.check(ticket.limits)
 
-    async def admit_first(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
-        return await self.counters.admit_first(candidates)
+    async def admit_first(
+        self, candidates: Sequence[tuple[LimitSet, int]], most_remaining: bool = False
+    ) -> FirstAdmitted:
+        return await self.counters.admit_first(candidates, most_remaining)
 
     def settle_now(self, ticket: Ticket, cost: int, tokens: int) -> None:
         """Settlement in process (memory counters only)."""

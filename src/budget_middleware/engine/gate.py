@@ -24,7 +24,7 @@ from budget_middleware.core.identity import Credentials, Target, TargetResolver
 from budget_middleware.core.media import may_reference, media_references
 from budget_middleware.core.money import MAX_CHARGE_NANOS
 from budget_middleware.core.pricing import estimate_nanos
-from budget_middleware.core.routing import Route, by_room, room
+from budget_middleware.core.routing import Route
 from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts
 from budget_middleware.core.usage import JSON_ERRORS, BodyDecoder, json_bytes, json_loads
@@ -62,6 +62,11 @@ class RoutePlan:
     # Shadow mode: targets the key may not use, tried as in enforce (never), and gone on with
     # only when no target is left at all.
     shadow_only: list[tuple[int, Exchange]] = field(default_factory=list)
+
+    @property
+    def ranked(self) -> bool:
+        """`most_remaining`: the candidates are ranked at admission, in its atomic step."""
+        return self.route.strategy == "most_remaining"
 
 
 class Gate:
@@ -237,7 +242,7 @@ class Gate:
         assert memory is not None, "admit_now needs the in-process counters"
         if type(decision) is RoutePlan:
             options = [(e.limits, e.ticket_estimate) for _, e in decision.candidates]
-            return self._routed(decision, memory.admit_first_now(options))
+            return self._routed(decision, memory.admit_first_now(options, decision.ranked))
         exchange: Exchange = decision  # type: ignore[assignment]
         return self._admitted(exchange, memory.admit_now(exchange.limits, exchange.ticket_estimate))
 
@@ -247,7 +252,7 @@ class Gate:
         engine = self.engine
         if type(decision) is RoutePlan:
             options = [(e.limits, e.ticket_estimate) for _, e in decision.candidates]
-            return self._routed(decision, await engine.admit_first(options))
+            return self._routed(decision, await engine.admit_first(options, decision.ranked))
         exchange: Exchange = decision  # type: ignore[assignment]
         ticket = await engine.admit(exchange.limits, exchange.ticket_estimate)
         return self._admitted(exchange, ticket)
@@ -410,9 +415,6 @@ class Gate:
             else:
                 refused: Refused = prepared  # type: ignore[assignment]
                 plan.refused[index] = (refused.code, error_answer(*refused))
-        if route.strategy == "most_remaining" and len(plan.candidates) > 1:
-            ranked = by_room([(room(e.limits, now), n) for n, (_, e) in enumerate(plan.candidates)])
-            plan.candidates = [plan.candidates[n] for n in ranked]
         return plan
 
     def _routed(self, plan: RoutePlan, first: FirstAdmitted) -> Exchange | ErrorAnswer:
@@ -429,7 +431,8 @@ class Gate:
             if exchange.would_refuse is not None:
                 self._count_shadow(exchange)
             return exchange
-        for (index, exchange), refusal in zip(plan.candidates, first.refusals, strict=True):
+        for n, refusal in zip(first.tried, first.refusals, strict=True):
+            index, exchange = plan.candidates[n]
             answer = refusal_answer(
                 refusal, self.exceeded_status, exchange.admitted_at, exchange.ticket_estimate
             )

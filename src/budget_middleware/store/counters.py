@@ -17,6 +17,7 @@ import anyio.to_thread
 from budget_middleware.core import admission
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.records import Delta
+from budget_middleware.core.routing import trial_order
 from budget_middleware.core.scopes import LimitSet
 from budget_middleware.core.times import FAR_FUTURE, from_ts, utc
 from budget_middleware.core.windows import CounterRegistry, WindowCounter
@@ -84,15 +85,19 @@ class CounterBackend(ABC):
             limits, estimate, self.settings.reserve, self.clock(), self.ledger
         )
 
-    async def admit_first(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
+    async def admit_first(
+        self, candidates: Sequence[tuple[LimitSet, int]], most_remaining: bool = False
+    ) -> FirstAdmitted:
         """The first of several candidates admitted (a route's targets), one `admit` each."""
         result = FirstAdmitted()
-        for index, (limits, estimate) in enumerate(candidates):
+        for index in trial_order([c[0] for c in candidates], most_remaining, self.clock()):
+            limits, estimate = candidates[index]
             decision = await self.admit(limits, estimate)
             if type(decision) is Ticket:
                 result.index, result.ticket = index, decision
                 return result
             result.refusals.append(decision)  # type: ignore[arg-type]
+            result.tried.append(index)
         return result
 
     async def refresh(self) -> None:
@@ -191,14 +196,18 @@ class MemoryCounters(CounterBackend):
     def settle_now(self, ticket: Ticket, cost: int, tokens: int) -> None:
         admission.settle(ticket, cost, tokens, self.clock(), self.ledger)
 
-    def admit_first_now(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
+    def admit_first_now(
+        self, candidates: Sequence[tuple[LimitSet, int]], most_remaining: bool = False
+    ) -> FirstAdmitted:
         """A route's admission: the first target admitted, atomically (no await). The caller
         counts the request's outcome (one per request, not per target)."""
         reserve = self.settings.reserve
-        return admission.admit_first(candidates, reserve, self.clock(), self.ledger)
+        return admission.admit_first(candidates, reserve, self.clock(), self.ledger, most_remaining)
 
-    async def admit_first(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
-        return self.admit_first_now(candidates)
+    async def admit_first(
+        self, candidates: Sequence[tuple[LimitSet, int]], most_remaining: bool = False
+    ) -> FirstAdmitted:
+        return self.admit_first_now(candidates, most_remaining)
 
     async def admit(self, limits: LimitSet, estimate: int) -> Ticket | Refusal:
         return self.admit_now(limits, estimate)

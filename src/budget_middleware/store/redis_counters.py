@@ -430,9 +430,12 @@ class RedisCounters(CounterBackend):
         first = await self.admit_first(((limits, estimate),))
         return first.ticket if first.ticket is not None else first.refusals[0]
 
-    async def admit_first(self, candidates: Sequence[tuple[LimitSet, int]]) -> FirstAdmitted:
+    async def admit_first(
+        self, candidates: Sequence[tuple[LimitSet, int]], most_remaining: bool = False
+    ) -> FirstAdmitted:
         """One script call for every candidate (a route's targets): the first that passes is
-        admitted, atomically across instances, whatever the number of targets."""
+        admitted, atomically across instances, whatever the number of targets; with
+        `most_remaining`, ranked there on the counters every instance shares."""
         now = self.clock()
         reserve = self.settings.reserve
         plans: list[list[_Entry]] = []
@@ -441,24 +444,26 @@ class RedisCounters(CounterBackend):
                 ensure_current(windows, now, self.ledger)
             plans.append(self._plan(limits.scopes, now, settling=False))
         if not any(plans):
-            return admission.admit_first(candidates, reserve, now, self.ledger)
+            return admission.admit_first(candidates, reserve, now, self.ledger, most_remaining)
         if self._backing_off():
-            return self._fallback(candidates, now, None)
+            return self._fallback(candidates, now, None, most_remaining)
         if self._owed or self._unsure:
             try:
                 await self.pay_debts()
             except (RedisError, OSError) as exc:
                 self._failed(exc)
-                return self._fallback(candidates, now, exc)
+                return self._fallback(candidates, now, exc, most_remaining)
             except _StoreDown as exc:  # a lost key could not be seeded: the store is away
-                return self._fallback(candidates, now, exc.__cause__)
+                return self._fallback(candidates, now, exc.__cause__, most_remaining)
         request_id = uuid.uuid4().hex
         try:
             for _ in range(4):
                 if self._marks:
                     await self.write_marks()
                 try:
-                    answer = await self._run_admit(plans, candidates, request_id, now)
+                    answer = await self._run_admit(
+                        plans, candidates, request_id, now, most_remaining
+                    )
                 except _Moved:  # a seed found a reset this instance had missed: moved there
                     plans = [self._plan(lim.scopes, now, settling=False) for lim, _ in candidates]
                     continue
@@ -481,22 +486,27 @@ class RedisCounters(CounterBackend):
             # a concurrency limit or a budget's room until it expires.
             for limits, _ in candidates:
                 self._release_later(Ticket(limits, 0, request_id=request_id), now)
-            return self._fallback(candidates, now, exc)
+            return self._fallback(candidates, now, exc, most_remaining)
         except _StoreDown as exc:
-            return self._fallback(candidates, now, exc.__cause__)
+            return self._fallback(candidates, now, exc.__cause__, most_remaining)
         self._recovered()
         result = FirstAdmitted()
         admitted = answer[0] == "ok"
-        tried = int(answer[1]) - 1 if admitted else len(plans)  # refused before the admitted one
-        why = answer[2:] if admitted else answer[1:]
-        for n in range(tried):
-            result.refusals.append(self._refusal(plans[n], why[4 * n : 4 * n + 4]))
+        # Those refused before the admitted one (or all): (candidate, why) each, in the order
+        # the script tried them.
+        refused = int(answer[2]) if admitted else len(plans)
+        why = answer[3:] if admitted else answer[1:]
+        for n in range(refused):
+            index = int(why[5 * n]) - 1
+            result.tried.append(index)
+            result.refusals.append(self._refusal(plans[index], why[5 * n + 1 : 5 * n + 5]))
         if admitted:
-            limits, estimate = candidates[tried]
-            values = why[4 * tried :]
+            index = int(answer[1]) - 1
+            limits, estimate = candidates[index]
+            values = why[5 * refused :]
             reservation = estimate if reserve else 0
-            result.index = tried
-            result.ticket = self._admitted(limits, plans[tried], values, reservation, request_id)
+            result.index = index
+            result.ticket = self._admitted(limits, plans[index], values, reservation, request_id)
         return result
 
     async def _run_admit(
@@ -505,6 +515,7 @@ class RedisCounters(CounterBackend):
         candidates: Sequence[tuple[LimitSet, int]],
         request_id: str,
         now: float,
+        most_remaining: bool,
     ) -> list[Any]:
         """admit.lua's answer; window keys it found missing seeded, and asked again."""
         assert self._admit is not None
@@ -512,7 +523,7 @@ class RedisCounters(CounterBackend):
         p = self.prefix
         keys: list[str] = []
         args: list[Any] = [int(now * 1000), request_id, int((now + self.slot_ttl) * 1000)]
-        args += [1 if reserve else 0, len(candidates)]
+        args += [1 if reserve else 0, 1 if most_remaining else 0, len(candidates)]
         for (_, estimate), plan in zip(candidates, plans, strict=True):
             args += [estimate if reserve else 0, len(plan)]
             for entry in plan:
@@ -680,10 +691,12 @@ class RedisCounters(CounterBackend):
         candidates: Sequence[tuple[LimitSet, int]],
         now: float,
         exc: BaseException | None,
+        most_remaining: bool,
     ) -> FirstAdmitted:
         if not self.settings.fail_open:
             raise ServiceUnavailable("the budget counters (Redis) cannot be reached") from exc
-        first = admission.admit_first(candidates, self.settings.reserve, now, self.ledger)
+        reserve = self.settings.reserve
+        first = admission.admit_first(candidates, reserve, now, self.ledger, most_remaining)
         if first.ticket is not None:
             for counter in first.ticket.limits.requests:
                 self._owe(counter, 1)

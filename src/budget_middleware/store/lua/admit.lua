@@ -1,7 +1,8 @@
 -- Admit one request across every applicable counter, all or nothing (SPEC §5, §6); with several
 -- candidates (a route's targets, SPEC §12), on the first candidate that passes, in one call.
 --
--- ARGV: now_ms, request_id, hold_until_ms, reserve (0/1), the number of candidates, then per
+-- ARGV: now_ms, request_id, hold_until_ms, reserve (0/1), most_remaining (0/1: candidates tried
+--   from the most room down, as `routing.trial_order` ranks them), the number of candidates, then per
 --   candidate: its reservation, its number of counters, and per counter: kind ("r" requests,
 --   "t" tokens, "c" concurrency slots, "b" budget, "s" soft budget: seeded and read, never
 --   checked nor reserved), limit; b/s: then the window's start (epoch seconds, as text).
@@ -12,19 +13,21 @@
 -- Returns {"moved", g, at, ...} when a budget was reset (at: the mark) after its window began:
 -- the client starts that window at the mark and calls again; {"seed", g, ...} when window keys are missing (g: a counter's place among all the
 -- candidates' counters, from 1; the client seeds them from the store with SET NX and calls
--- again); {"ok", c, <why>..., v1, r1, v2, r2, ...}: candidate c (from 1) admitted, after why
--- each candidate before it was refused (i, code, used, reserved: its refusing counter, from 1),
--- then each of its counters' value and reservations in flight after admission; or
--- {"no", <why>...}: every candidate refused, each one's why in order.
+-- again); {"ok", c, n, <why>..., v1, r1, v2, r2, ...}: candidate c (from 1) admitted, after why
+-- each of the n candidates tried before it was refused (c, i, code, used, reserved: the
+-- candidate and its refusing counter, from 1), then each of its counters' value and
+-- reservations in flight after admission; or {"no", <why>...}: every candidate refused, each
+-- one's why in the order tried.
 local now = tonumber(ARGV[1])
 local request_id = ARGV[2]
 local hold_until = tonumber(ARGV[3])
 local reserve = ARGV[4] == "1"
+local most_remaining = ARGV[5] == "1"
 
 local candidates = {}
 local k = 1
-local a = 6
-for _ = 1, tonumber(ARGV[5]) do
+local a = 7
+for _ = 1, tonumber(ARGV[6]) do
   local candidate = {reservation = tonumber(ARGV[a]), reservation_text = ARGV[a], counters = {}}
   local n = tonumber(ARGV[a + 1])
   a = a + 2
@@ -137,9 +140,42 @@ local function refusal(counters, reservation)
   return held
 end
 
+-- What a candidate's tightest budget has left: limit - spent - reserved (`routing.room`);
+-- unlimited without a budget.
+local function room(candidate)
+  local least = math.huge
+  for _, c in ipairs(candidate.counters) do
+    if c.kind == "b" then
+      local left = c.limit - tonumber(redis.call("GET", c.key)) - live_reservations(c)
+      if left < least then
+        least = left
+      end
+    end
+  end
+  return least
+end
+
+-- The order candidates are tried in: the route's, or the most room first, ties in route order.
+local order = {}
+for index, candidate in ipairs(candidates) do
+  order[index] = index
+  if most_remaining then
+    candidate.room = room(candidate)
+  end
+end
+if most_remaining then
+  table.sort(order, function(x, y)
+    local rx, ry = candidates[x].room, candidates[y].room
+    if rx ~= ry then
+      return rx > ry
+    end
+    return x < y
+  end)
+end
+
 -- Numbers go to Redis as the ARGV strings: Lua would print big ones in exponent notation.
 local function take(candidate, index, refused)
-  local answer = {"ok", index}
+  local answer = {"ok", index, (#refused - 1) / 5}
   for n = 2, #refused do
     answer[#answer + 1] = refused[n]
   end
@@ -167,11 +203,13 @@ local function take(candidate, index, refused)
 end
 
 local refused = {"no"}
-for index, candidate in ipairs(candidates) do
+for _, index in ipairs(order) do
+  local candidate = candidates[index]
   local why = refusal(candidate.counters, candidate.reservation)
   if why == nil then
     return take(candidate, index, refused)
   end
+  refused[#refused + 1] = index
   for _, part in ipairs(why) do
     refused[#refused + 1] = part
   end
