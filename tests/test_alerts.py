@@ -895,3 +895,49 @@ async def test_an_alert_tells_the_spend_its_crossing_found(
     assert statuses == [200] * 9
     assert (told["spent"], told["remaining"], told["usage_ratio"]) == (0.6, 0.4, 0.6)
     assert "$0.6000 of $1.00" in alert["text"]
+
+
+async def test_shadow_mode_reports_a_routed_refusal_as_enforce_answers_it(
+    make_settings: Settings,
+) -> None:
+    """Every target of a route refused: shadow mode's report (`GET /refusals`, `on_refusal`)
+    names the code, scope and target enforce mode's answer names, request for request."""
+    reports: dict[str, list[tuple[Any, ...]]] = {}
+    for mode in ("enforce", "shadow"):
+        seen: list[dict[str, Any]] = []
+        settings = make_settings(mode=mode, cache_ttl_seconds=5 if mode == "enforce" else 6)
+        app = host_app(None)
+        from budget_middleware import BudgetMiddleware
+
+        app.add_middleware(BudgetMiddleware, settings=settings, on_refusal=seen.append)
+        async with running(app), client(app) as http:
+            m = get_engine(settings).manager
+            if mode == "enforce":  # one store for both modes
+                m.put_provider("openai", budgets=[{"max_limit": 0}])
+                limit = {"request_max_limit": 0, "request_reset_duration": "1h"}
+                m.put_provider("azure", rate_limit=limit)
+                m.create_route(name="gpt-4o", targets=["openai/gpt-4o", "azure/gpt-4o"])
+                m.create_route(name="gpt-4o-b", targets=["azure/gpt-4o", "openai/gpt-4o"])
+            await get_engine(settings).invalidate()
+            answers = [
+                await http.post("/v1/chat/completions", json=chat(model))
+                for model in ("gpt-4o", "gpt-4o-b")
+            ]
+            get_engine(settings).hooks.drain()
+            said = [
+                a.headers.get("x-budget-shadow-refusal") or a.json()["error"]["code"]
+                for a in answers
+            ]
+        reports[mode] = [
+            (code, r["code"], (r["scope"] or {}).get("name"), r["provider"], r["model"])
+            for code, r in zip(said, seen, strict=True)
+        ]
+    print(f"enforce {reports['enforce']}\nshadow  {reports['shadow']}")
+    assert (
+        reports["enforce"]
+        == [
+            ("request_limit_exceeded", "request_limit_exceeded", "azure", "azure", "gpt-4o"),
+        ]
+        * 2
+    )
+    assert reports["shadow"] == reports["enforce"]

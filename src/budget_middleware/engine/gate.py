@@ -282,12 +282,18 @@ class Gate:
             self._count_shadow(exchange, scope)
         return exchange
 
-    def _count_shadow(self, exchange: Exchange, scope: Scope | None = None) -> None:
+    def _count_shadow(
+        self,
+        exchange: Exchange,
+        scope: Scope | dict[str, Any] | None = None,
+        target: Target | None = None,  # a route's: the target enforce's answer names
+    ) -> None:
         code = exchange.would_refuse
         assert code is not None
         stats = self.engine.stats
         stats.shadow_refusals[code] = stats.shadow_refusals.get(code, 0) + 1
-        self.tell_refusal(code, None, exchange.key, exchange.target, scope, shadow=True)
+        told = exchange.target if target is None else target
+        self.tell_refusal(code, None, exchange.key, told, scope, shadow=True)
 
     def _prepare(
         self,
@@ -443,6 +449,11 @@ class Gate:
         ]
         answer, chosen, error = route_refusal_answer(tried)
         code = error["code"]
+        # Told as answered (and in shadow mode, as it would have been): the scope of the target
+        # whose refusal is the answer, and that target when it was tried (else the one asked
+        # for: the key may not use it).
+        tried_target = dict(plan.candidates).get(chosen)
+        told = tried_target.target if tried_target is not None else plan.asked
         left = plan.candidates or plan.shadow_only
         if self.shadow and left:  # the first target goes on, counted anyway
             exchange = left[0][1]
@@ -450,21 +461,15 @@ class Gate:
                 exchange.limits, exchange.ticket_estimate
             )
             engine.stats.admitted += 1
-            self._shadowed(exchange, code)
-            self._count_shadow(exchange)
+            if exchange.would_refuse is None:  # else its credentials' refusal comes first
+                self._shadowed(exchange, code)
+                self._count_shadow(exchange, error.get("scope"), told)
+            else:
+                self._count_shadow(exchange)
             return exchange
         refused = engine.stats.refused
         refused[code] = refused.get(code, 0) + 1
-        # Told as answered: the scope of the target whose refusal is the answer, and that
-        # target when it was tried (else the one asked for: the key may not use it).
-        tried_target = dict(plan.candidates).get(chosen)
-        self.tell_refusal(
-            code,
-            answer.status,
-            plan.key,
-            tried_target.target if tried_target is not None else plan.asked,
-            error.get("scope"),
-        )
+        self.tell_refusal(code, answer.status, plan.key, told, error.get("scope"))
         return answer
 
 
