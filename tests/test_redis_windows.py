@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,14 @@ import httpx
 import pytest
 import redis
 from fastapi import FastAPI, Request, Response
+from sqlmodel import select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.store import redis_counters
 from budget_middleware.store.database import Store
+from budget_middleware.store.tables import BudgetRow
 from conftest import REDIS_URL, need_redis
 from service_support import PrivateRedis, delete_prefix, unique_prefix, use_prefix
 from support import Clock, running
@@ -493,3 +496,41 @@ async def test_charges_another_instance_had_not_written_survive_redis_restarting
     )
     assert stored == admitted * 10_000_000
     assert admitted == 100
+
+
+async def test_new_terms_on_one_instance_carry_what_the_other_charged_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """A $1 daily budget begun 2.5 hours ago, $0.30 spent on the second instance; the first
+    makes it hourly (the window that holds now begins later: the usage carries over there) and
+    admits one. The second goes on for 20 more before its cache TTL (2 s) lets it read the new
+    terms, then both spend the rest: the hour holds $1.00 (the first seeded the new window's
+    key from the store, and the 20 went to the old day's key: 69 more admitted, $1.20 spent in
+    the $1 hour). The change carries the old key into the new one and marks it in Redis."""
+    need_redis()
+    async with serving_two(tmp_path, REDIS_URL, cache_ttl_seconds=2) as (one, two, a, b):
+        made = one.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        key, budget_id = made.value or "", made.budgets[0].id
+        with one.store.session() as s:  # begun earlier, as if made 2.5 hours ago
+            row = s.exec(select(BudgetRow).where(BudgetRow.id == budget_id)).one()
+            row.last_reset -= timedelta(hours=2.5)
+            s.add(row)
+            s.commit()
+        await spend(b, key, 30)
+        await two.flush()
+        hourly = [{"id": budget_id, "max_limit": 1, "reset_duration": "1h"}]
+        await asyncio.to_thread(one.manager.update_virtual_key, made.id, budgets=hourly)
+        await spend(a, key, 1)
+        await spend(b, key, 20)  # the second still on the daily terms
+        await asyncio.sleep(2.5)  # its cache TTL
+        admitted_b, code_b = await spend_until_refused(b, key)
+        admitted_a, code_a = await spend_until_refused(a, key)
+        spent = await written_spend(budget_id, one, two)
+    print(
+        f"30 + 1 + 20 around the change, then {admitted_b} ({code_b}) and {admitted_a} "
+        f"({code_a}) admitted: the hour holds ${spent / 1e9:.2f} of $1"
+    )
+    assert (admitted_b + admitted_a, code_a) == (49, "budget_exceeded")
+    assert spent == 100 * CENT

@@ -94,15 +94,19 @@ class WindowCounter:
         anchor: float,
         now: float,
         ledger: Ledger,
+        carried: bool = False,
     ) -> None:
         """Apply (new) limit parameters; the usage is kept (changing a limit never resets it),
         unless the window it was counted in has ended: a newer anchor from the store (another
         instance rolled the window) moves the window on, and the old window's usage stays there.
         A newer anchor inside the window (a reset elsewhere) takes what this instance has not
         written into the new window: charged after the reset or shortly before it, it counts
-        (limits tighten by what the flush interval holds at most; never lift)."""
+        (limits tighten by what the flush interval holds at most; never lift). New terms, here
+        or elsewhere (`carried`: learnt from the shared counters), carry the window's usage over
+        to the window they start, which is no reset: nothing of it stays behind."""
         moved = (duration, calendar_aligned) != (self.duration, self.calendar_aligned)
-        if not moved and self.start < anchor < self.end and ledger.before_reset_elsewhere:
+        reset = not (moved or carried) and self.start < anchor < self.end
+        if reset and ledger.before_reset_elsewhere:
             ledger.before_reset_elsewhere(self, anchor)
         self._set_terms(limit, calendar_aligned)
         if moved or anchor > self.anchor:
@@ -116,10 +120,12 @@ class WindowCounter:
                 self.pending_start = start
             self.start, self.end = start, end
 
-    def move_to(self, anchor: float, now: float, ledger: Ledger) -> None:
+    def move_to(self, anchor: float, now: float, ledger: Ledger, carried: bool = False) -> None:
         """A reset elsewhere, at `anchor`, learnt from the shared counters: as `configure`
-        takes it from the store (terms unchanged)."""
-        self.configure(self.limit, self.duration, self.calendar_aligned, anchor, now, ledger)
+        takes it from the store (terms unchanged); `carried`: new terms elsewhere started a
+        window there, which the usage carries over to (the terms come with the next reload)."""
+        limit, duration, aligned = self.limit, self.duration, self.calendar_aligned
+        self.configure(limit, duration, aligned, anchor, now, ledger, carried)
 
     def _set_terms(self, limit: int, calendar_aligned: bool) -> None:
         if calendar_aligned:

@@ -276,7 +276,11 @@ class BudgetEngine:
             from budget_middleware.manage.manager import BudgetManager
 
             self._manager = BudgetManager(
-                self.store, self.settings, on_change=self.mark_stale, reset_live=self.reset_live
+                self.store,
+                self.settings,
+                on_change=self.mark_stale,
+                reset_live=self.reset_live,
+                on_new_terms=self.terms_moved,
             )
         return self._manager
 
@@ -767,6 +771,16 @@ class BudgetEngine:
             ) from None
         assert at is not None  # given up only once the wait has ended
         return at
+
+    def terms_moved(self, carries: list[tuple[str, float, float, float]]) -> None:
+        """New terms written through this process moved budgets' windows, their usage carried
+        over (`owner_limits.carried`): told to the counters on the engine's loop (Redis's carry
+        it there, and mark it for the other instances)."""
+        loop = self.loop
+        if loop is not None and loop.is_running() and not self.cannot_wait():
+            loop.call_soon_threadsafe(self.counters.terms_noted, carries)
+        else:
+            self.counters.terms_noted(carries)
 
     def cannot_wait(self) -> bool:
         """Whether this thread must not wait for the engine's loop (it would never answer): it

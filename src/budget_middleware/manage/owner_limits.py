@@ -18,11 +18,12 @@ from typing import Any, TypeVar
 
 from sqlalchemy import case, event
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import object_session
 from sqlmodel import Session, col, delete, select
 
 from budget_middleware.core.money import limit_nanos
 from budget_middleware.core.scopes import model_name_problem
-from budget_middleware.core.times import utc
+from budget_middleware.core.times import FAR_FUTURE, utc
 from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
 from budget_middleware.manage.schemas import BudgetIn, RateLimitIn, _Limits
 from budget_middleware.manage.status import current_window
@@ -31,6 +32,7 @@ from budget_middleware.store.database import Store
 from budget_middleware.store.tables import BudgetRow, RateLimitRow, utcnow
 
 R = TypeVar("R")
+CARRIED = "budget_middleware.carried"  # a session's key for `carried`
 
 
 def config_hash(entry: Any) -> str:
@@ -213,6 +215,14 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
     anchor = utc(stamp)
     start = current_window(duration, anchor, aligned, utcnow())[0]
     stored_end = current_window(old_duration, anchor, old_aligned, anchor)[1]  # the stored one's
+    if not prefix and start > anchor and (stored_end is None or start < stored_end):
+        # The usage carries over to a window beginning later than the one live counters count
+        # in now (the stored one, or one it rolled to): told to them after the commit (`carried`).
+        was, until = current_window(old_duration, anchor, old_aligned, utcnow())
+        if was < start and (until is None or start < until):
+            end = current_window(duration, anchor, aligned, utcnow())[1]
+            ends = FAR_FUTURE if end is None else end.timestamp()
+            carried(row).append((row.id, was.timestamp(), start.timestamp(), ends))
     if stored_end is not None and stored_end <= start:
         # All of it was spent before the new window began: what was read goes, and only that.
         # Written as an expression, so that a charge another instance's flusher writes between
@@ -223,6 +233,16 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
         setattr(row, usage_column, case((getattr(table, stamp_column) == stamp, left), else_=usage))
     if start > anchor:
         setattr(row, f"{prefix}last_reset", start)
+
+
+def carried(row: Any) -> list[tuple[str, float, float, float]]:
+    """The budgets whose window new terms moved in the session of `row` (`_new_terms`): id,
+    the live window's start, the new one's start and end; told to the live counters once the
+    session commits (`OwnerWriter.on_new_terms`)."""
+    session = object_session(row)
+    assert session is not None
+    found: list[tuple[str, float, float, float]] = session.info.setdefault(CARRIED, [])
+    return found
 
 
 def write_rate_limit(
@@ -289,6 +309,7 @@ class OwnerWriter:
         *,
         on_change: Callable[[], None] | None = None,
         reset_live: Callable[[str, str], float] | None = None,
+        on_new_terms: Callable[[list[tuple[str, float, float, float]]], None] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -296,6 +317,8 @@ class OwnerWriter:
         self.on_change = on_change  # the engine of this process: the next request sees a write
         # The engine's live counter of a budget being reset: starts its window, says when.
         self.reset_live = reset_live
+        # The engine's live counters, told of budgets' windows that new terms moved (`carried`).
+        self.on_new_terms = on_new_terms
 
     def _session(self) -> Session:
         ensure_schema(self.store)
@@ -303,6 +326,15 @@ class OwnerWriter:
         if self.on_change is not None:
             notify = self.on_change
             event.listen(session, "after_commit", lambda _session: notify())
+        if self.on_new_terms is not None:
+            tell = self.on_new_terms
+
+            def moved(done: Session) -> None:
+                carries = done.info.pop(CARRIED, None)
+                if carries:
+                    tell(carries)
+
+            event.listen(session, "after_commit", moved)
         return session
 
     @staticmethod

@@ -63,6 +63,13 @@ class CounterBackend(ABC):
         """A budget was reset at `at` through this process (shared backends tell the others,
         by `mark_now` on the loop or `marks_soon` from elsewhere)."""
 
+    def terms_noted(  # noqa: B027 - optional hook
+        self, carries: Sequence[tuple[str, float, float, float]]
+    ) -> None:
+        """New terms written through this process moved budgets' windows (id, old window's
+        start, new one's start and end): their usage carries over (shared backends carry it
+        and tell the others)."""
+
     async def mark_now(self) -> None:  # noqa: B027 - optional hook
         """Tell the other instances of the resets noted, now."""
 

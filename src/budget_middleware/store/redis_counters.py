@@ -90,6 +90,14 @@ def mark_ttl_ms(settings: BudgetSettings) -> int:
     return int(max(2 * settings.cache_ttl_seconds, 86400) * 1000)
 
 
+def _key_ttl_ms(end: float, now: float) -> int:
+    """How long the key of a window ending at `end` is kept: past its end, for late
+    settlements; 0 (for ever) for a window that never ends."""
+    if end == FAR_FUTURE:
+        return 0
+    return max(int((end - now + WINDOW_MARGIN_SECONDS) * 1000), 1)
+
+
 def mark_resets_now(url: str, timeout: float, marks: dict[str, tuple[float, int]]) -> None:
     """Write reset marks (key -> moment, ttl_ms) from a thread that runs no event loop."""
     args: list[Any] = []
@@ -144,6 +152,7 @@ class RedisCounters(CounterBackend):
         self._once: AsyncScript | None = None
         self._beat: AsyncScript | None = None
         self._mark: AsyncScript | None = None
+        self._carry: AsyncScript | None = None
         self._instance = uuid.uuid4().hex  # its mark in Redis: there, Redis kept what we hold
         # Charged while Redis could not be reached, by window key: added to it when it is back.
         self._owed: dict[str, int] = {}
@@ -163,6 +172,9 @@ class RedisCounters(CounterBackend):
         self._seeding: dict[str, asyncio.Future[None]] = {}  # one seed per key at a time
         # Budgets reset here whose mark Redis has not taken yet: mark key -> (moment, ttl_ms).
         self._marks: dict[str, tuple[float, int]] = {}
+        # Budgets whose window new terms moved, not carried in Redis yet (`terms_noted`):
+        # mark key -> (old window's key, new window's key, its start, its key's ttl_ms).
+        self._carries: dict[str, tuple[str, str, float, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # marks being written
         # Per budget, this instance's charges (their window's start, amount) that Redis added to
@@ -247,6 +259,7 @@ class RedisCounters(CounterBackend):
         self._once = self.client.register_script(_script("settled_once.lua"))
         self._beat = self.client.register_script(_script("heartbeat.lua"))
         self._mark = self.client.register_script(_script("mark_reset.lua"))
+        self._carry = self.client.register_script(_script("carry.lua"))
         self._loop = asyncio.get_running_loop()
         if not self._beaten:  # the mark, before anything is charged (once: a restart on
             # another loop leaves it to the heartbeat, which then tells a loss meanwhile)
@@ -256,7 +269,7 @@ class RedisCounters(CounterBackend):
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     async def stop(self) -> None:
-        if self._marks and self.client is not None:  # resets not marked yet: now or never
+        if (self._marks or self._carries) and self.client is not None:  # now or never
             with contextlib.suppress(RedisError, OSError):
                 await self.write_marks()
         if self._heartbeat is not None:
@@ -281,12 +294,13 @@ class RedisCounters(CounterBackend):
     # -- keys ----------------------------------------------------------------------------
 
     def window_key(self, counter: WindowCounter) -> str:
-        return f"{self.prefix}w:{counter.kind}:{counter.id}:{int(counter.start * 1000)}"
+        return self._window_key(counter.kind, counter.id, counter.start)
+
+    def _window_key(self, kind: str, id: str, start: float) -> str:
+        return f"{self.prefix}w:{kind}:{id}:{int(start * 1000)}"
 
     def _ttl_ms(self, counter: WindowCounter, now: float) -> int:
-        if counter.end == FAR_FUTURE:
-            return 0
-        return max(int((counter.end - now + WINDOW_MARGIN_SECONDS) * 1000), 1)
+        return _key_ttl_ms(counter.end, now)
 
     def _plan(self, scopes: Sequence[Scope], now: float, settling: bool) -> list[_Entry]:
         """The counters of these scopes in the order `admission.admit` checks them."""
@@ -381,7 +395,7 @@ class RedisCounters(CounterBackend):
     async def mark_now(self) -> None:
         """The resets' marks written now, on the loop (a reset waits for it: the instances see
         the reset as soon as it is made); kept for later should Redis not answer."""
-        if self._marks and self.client is not None:
+        if (self._marks or self._carries) and self.client is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self.write_marks()
 
@@ -404,13 +418,49 @@ class RedisCounters(CounterBackend):
                     self._marks[key] = mark
 
     def _write_marks_soon(self) -> None:
-        if self._marks:
+        if self._marks or self._carries:
             task = asyncio.get_running_loop().create_task(self.mark_now())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def terms_noted(self, carries: Sequence[tuple[str, float, float, float]]) -> None:
+        """New terms written through this process moved budgets' windows (budget id, the old
+        window's start, the new one's, its end; `owner_limits.carried`): the usage carries
+        over in Redis too (carry.lua, by `write_marks` on the loop now, or before the next
+        admission or settlement), and the other instances move there at their next one."""
+        now = self.clock()
+        for id_, was, start, end in carries:
+            mark = f"{self.prefix}rs:{id_}"
+            old = self._carries.get(mark)
+            old_key = old[0] if old is not None else self._window_key("budget", id_, was)
+            new_key = self._window_key("budget", id_, start)
+            self._carries[mark] = (old_key, new_key, start, _key_ttl_ms(end, now))
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(self._write_marks_soon)
+
+    def _moved(self, counter: WindowCounter, mark: Any, now: float) -> None:
+        """A counter's window begun anew elsewhere, as its mark in Redis says: reset there, or
+        new terms (" carried", carry.lua's: the usage carried over)."""
+        at, _, how = str(mark).partition(" ")
+        counter.move_to(float(at), now, self.ledger, carried=how == "carried")
+
     async def write_marks(self) -> None:
-        if self._mark is None:
+        """The resets' marks, and the carries of budgets new terms moved (`_new_terms`)."""
+        if self._carries and self._carry is not None:
+            carries, self._carries = self._carries, {}
+            keys: list[str] = []
+            values: list[Any] = []
+            for key, (old_key, new_key, at, ttl) in carries.items():
+                keys += [key, old_key, new_key]
+                values += [repr(at), mark_ttl_ms(self.settings), ttl]
+            try:
+                await self._carry(keys=keys, args=values)
+            except BaseException:
+                for key, carry in carries.items():  # still to carry, unless moved again since
+                    self._carries.setdefault(key, carry)
+                raise
+        if self._mark is None or not self._marks:
             return
         marks, self._marks = self._marks, {}
         args: list[Any] = []
@@ -458,7 +508,7 @@ class RedisCounters(CounterBackend):
         request_id = uuid.uuid4().hex
         try:
             for _ in range(4):
-                if self._marks:
+                if self._marks or self._carries:
                     await self.write_marks()
                 try:
                     answer = await self._run_admit(
@@ -475,7 +525,7 @@ class RedisCounters(CounterBackend):
                 for n in range(1, len(answer), 2):
                     counter = entries[int(answer[n]) - 1].counter
                     assert counter is not None
-                    counter.move_to(float(answer[n + 1]), now, self.ledger)
+                    self._moved(counter, answer[n + 1], now)
                 plans = [self._plan(limits.scopes, now, settling=False) for limits, _ in candidates]
             else:
                 raise RedisError("budget windows kept moving while being admitted")
@@ -912,6 +962,9 @@ class RedisCounters(CounterBackend):
             ):  # what was charged while Redis was away first
                 with contextlib.suppress(RedisError, OSError, _StoreDown):
                     await self.pay_debts()
+            if self._carries:  # a window new terms moved: carried before it is charged
+                with contextlib.suppress(RedisError, OSError):
+                    await self.write_marks()
             keys, kinds = self._settle_layout(plan)
             moved: set[WindowCounter] = set()
             try:
@@ -927,7 +980,7 @@ class RedisCounters(CounterBackend):
                     for n in range(1, len(answer), 2):
                         counter = plan[int(answer[n]) - 1].counter
                         assert counter is not None
-                        counter.move_to(float(answer[n + 1]), now, self.ledger)
+                        self._moved(counter, answer[n + 1], now)
                         moved.add(counter)
                     plan = self._plan(ticket.scopes, now, settling=True)
                     keys, kinds = self._settle_layout(plan)
@@ -982,7 +1035,7 @@ class RedisCounters(CounterBackend):
                 if (self._owed or self._releases or self._unsure) and not self._backing_off():
                     await self.pay_debts()
                     self._recovered()
-                if self._marks and not self._backing_off():
+                if (self._marks or self._carries) and not self._backing_off():
                     await self.write_marks()  # a reset made while Redis was away, say
                 await self.heartbeat()
             except (RedisError, OSError) as exc:

@@ -10,8 +10,9 @@
 -- reservation ZSET (request id -> expiry), the reservation HASH (request id -> amount) and the
 -- reset mark (mark_reset.lua); s: the window key and the reset mark.
 --
--- Returns {"moved", g, at, ...} when a budget was reset (at: the mark) after its window began:
--- the client starts that window at the mark and calls again; {"seed", g, ...} when window keys are missing (g: a counter's place among all the
+-- Returns {"moved", g, at, ...} when a budget was reset (at: the mark, mark_reset.lua's, or
+-- carry.lua's for new terms) after its window began: the client starts that window at the mark
+-- and calls again; {"seed", g, ...} when window keys are missing (g: a counter's place among all the
 -- candidates' counters, from 1; the client seeds them from the store with SET NX and calls
 -- again); {"ok", c, n, <why>..., v1, r1, v2, r2, ...}: candidate c (from 1) admitted, after why
 -- each of the n candidates tried before it was refused (c, i, code, used, reserved: the
@@ -62,7 +63,7 @@ for _, candidate in ipairs(candidates) do
     g = g + 1
     if c.mark then
       local at = redis.call("GET", c.mark)
-      if at and tonumber(at) > c.start then
+      if at and tonumber(string.match(at, "^%S+")) > c.start then
         moved[#moved + 1] = g
         moved[#moved + 1] = at
       end

@@ -26,7 +26,7 @@ while ARGV[a] do
   if kind == "b" or kind == "s" then
     local mark = KEYS[k + (kind == "b" and 3 or 1)]
     local at = redis.call("GET", mark)
-    if at and tonumber(at) > tonumber(ARGV[a + 1]) then
+    if at and tonumber(string.match(at, "^%S+")) > tonumber(ARGV[a + 1]) then
       moved[#moved + 1] = n
       moved[#moved + 1] = at
     end
