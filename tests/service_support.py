@@ -124,7 +124,11 @@ def delete_prefix(url: str, prefix: str) -> int:
 class TcpProxy:
     """A loopback TCP forwarder to a real server (PostgreSQL, say) that a test can cut: `cut()`
     closes the listener and every connection through it, so the server looks unreachable to the
-    code under test while it goes on serving everybody else; `restore()` listens again."""
+    code under test while it goes on serving everybody else; `restore()` listens again. With
+    `reply_delay` (seconds) the server's answers reach the client that much later: the server
+    has done the work, and the client waits for its answer."""
+
+    reply_delay = 0.0
 
     def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
         self.host = host
@@ -169,12 +173,14 @@ class TcpProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._sockets.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, reply in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pipe, args=(a, b, reply), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, reply: bool) -> None:
         try:
             while data := source.recv(65536):
+                if reply and self.reply_delay:
+                    time.sleep(self.reply_delay)
                 sink.sendall(data)
         except OSError:
             pass

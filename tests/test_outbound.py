@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anthropic
 import httpx
@@ -36,7 +37,7 @@ from budget_middleware import (
 )
 from budget_middleware.engine.engine import BudgetEngine
 from conftest import REDIS_URL, need_redis
-from service_support import delete_prefix, unique_prefix, use_prefix
+from service_support import delete_prefix, tcp_proxy, unique_prefix, use_prefix
 from support import client, engine_of, running
 
 Settings = Callable[..., BudgetSettings]
@@ -689,6 +690,52 @@ async def test_the_transport_on_redis_admits_and_settles_there(make_settings: Se
     print(f"on Redis: {statuses}; Redis holds {held} nano-dollars; records {len(rows)}")
     assert statuses[0] == 200 and statuses[-1] == 402 and fake.calls == statuses.count(200)
     assert int(held) == sum(r["cost_nanos"] for r in rows)  # settled there, once each
+
+
+async def test_a_call_cancelled_while_redis_admits_it_gives_its_slot_back(
+    make_settings: Settings,
+) -> None:
+    """`asyncio.wait_for` around an SDK call on Redis, cancelled while Redis admits it (its answer
+    slow to come): Redis took the slot and the reservation all the same. They are let go, not
+    held until they expire (`slot_ttl_seconds`, 30 s): the key's one slot serves the next call."""
+    need_redis()
+    prefix = unique_prefix()
+    url = urlsplit(REDIS_URL)
+    with tcp_proxy(url.port or 6379) as proxy:
+        through = urlunsplit(url._replace(netloc=f"127.0.0.1:{proxy.port}"))
+        engine = get_engine(make_settings(flush_interval_seconds=3600, redis_url=through))
+        use_prefix(engine, prefix)
+        await engine.ensure_started()
+        try:
+            key = engine.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 1}], rate_limit={"max_concurrent_requests": 1}
+            )
+            fake = Counting()
+            sdk = openai_client(fake, engine, max_retries=0)
+            statuses: list[Any] = []
+            with charge_to(virtual_key=key.value):
+                await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # warm
+                proxy.reply_delay = 0.5  # Redis admits; its answer comes after the timeout
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(
+                        sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES), 0.2
+                    )
+                await asyncio.sleep(0.5)
+                proxy.reply_delay = 0.0
+                for _ in range(2):
+                    try:
+                        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                        statuses.append(200)
+                    except openai.APIStatusError as exc:
+                        statuses.append(f"{exc.status_code} {exc.body['code']}")  # type: ignore[index]
+            await engine.flush()
+            budget = engine.manager.list_budgets()[0]
+        finally:
+            await engine.shutdown()
+            delete_prefix(REDIS_URL, prefix)
+    print(f"after a call cancelled while Redis admitted it: {statuses}; sent {fake.calls}")
+    assert statuses == [200, 200] and fake.calls == 3
+    assert budget.reserved == 0.0
 
 
 def test_the_summarize_example_charges_each_caller(tmp_path: Path) -> None:

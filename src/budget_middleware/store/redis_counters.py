@@ -497,7 +497,7 @@ class RedisCounters(CounterBackend):
             return admission.admit_first(candidates, reserve, now, self.ledger, most_remaining)
         if self._backing_off():
             return self._fallback(candidates, now, None, most_remaining)
-        if self._owed or self._unsure:
+        if self._owed or self._releases or self._unsure:  # holds let go first
             try:
                 await self.pay_debts()
             except (RedisError, OSError) as exc:
@@ -529,13 +529,16 @@ class RedisCounters(CounterBackend):
                 plans = [self._plan(limits.scopes, now, settling=False) for limits, _ in candidates]
             else:
                 raise RedisError("budget windows kept moving while being admitted")
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            # Redis may have run it all the same (an answer past the timeout): whatever it
-            # holds under this request's id is let go once it answers again, not left to fill
-            # a concurrency limit or a budget's room until it expires.
+        except (RedisError, OSError, asyncio.CancelledError) as exc:
+            # Redis may have run it all the same (an answer past the timeout, or a caller that
+            # stopped waiting for it: `asyncio.wait_for` around an SDK call): whatever it holds
+            # under this request's id is let go, not left to fill a concurrency limit or a
+            # budget's room until it expires.
             for limits, _ in candidates:
                 self._release_later(Ticket(limits, 0, request_id=request_id), now)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self._failed(exc)
             return self._fallback(candidates, now, exc, most_remaining)
         except _StoreDown as exc:
             return self._fallback(candidates, now, exc.__cause__, most_remaining)
