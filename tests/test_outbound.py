@@ -1323,6 +1323,46 @@ async def test_a_stream_asked_for_its_usage_is_asked_for_in_clear(engine: Budget
     assert rows == [("completed", 10 * 2500 + 2 * 10_000, 0)]
 
 
+async def test_a_stream_compressed_all_the_same_reaches_the_sdk_without_our_usage_chunk(
+    engine: BudgetEngine,
+) -> None:
+    """A provider (or a proxy before it) that compresses a stream whatever `accept-encoding`
+    says: the usage chunk we asked for reached the SDK (`chunk.choices[0]` raises). The stream
+    is passed on decoded, without that chunk and without its `content-encoding`, chunk by
+    chunk; the call is charged from the chunk as usual."""
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+    events = [
+        {**base, "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]},
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**base, "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 2}},
+    ]
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    packed = gzip.compress(body + b"data: [DONE]\n\n")
+    pieces = [packed[i : i + 16] for i in range(0, len(packed), 16)]
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
+        return httpx2.Response(200, headers=headers, stream=_Pieces(pieces))
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    sdk = _sdk(httpx2.MockTransport(provider), engine)
+    choices: list[int] = []
+    with charge_to(virtual_key=key.value):
+        raw = await sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=MESSAGES, stream=True
+        )
+        async for chunk in raw.parse():
+            choices.append(len(chunk.choices))
+    await engine.flush()
+    rows = _costs(engine)
+    coding = raw.headers.get("content-encoding")
+    print(
+        f"compressed all the same: choices per chunk {choices}, content-encoding {coding}; {rows}"
+    )
+    assert choices == [1, 1] and coding is None
+    assert rows == [("completed", 10 * 2500 + 2 * 10_000, 0)]
+
+
 async def test_a_call_asks_the_provider_only_for_codings_whose_usage_can_be_read(
     engine: BudgetEngine,
 ) -> None:

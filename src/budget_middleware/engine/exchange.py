@@ -43,6 +43,8 @@ COST_HEADER = b"x-budget-cost"  # the app's or upstream's cost: read, never pass
 # What an adapter leaves out of an answer whose stream loses the usage chunk we asked for: its
 # `content-length` no longer fits the body.
 _COST_AND_LENGTH = (COST_HEADER, b"content-length")
+# ... and of one that comes compressed all the same: passed on decoded (`read_start`).
+_COST_LENGTH_AND_CODING = (*_COST_AND_LENGTH, b"content-encoding")
 
 # What one request is counted, whatever an upstream reports: the store's token columns are
 # 32-bit. (Its charge is capped by `money.charge_nanos`.)
@@ -100,6 +102,7 @@ class Exchange:
     json_size = 0
     json_dropped = 0  # bytes of a huge JSON answer left out before its kept tail
     decoder: BodyDecoder | None = None  # for a compressed answer, measured on the side
+    passed_decoded = False  # a compressed stream passed on decoded, less our usage chunk
     unreadable: str | None = None
     client_gone = False
     estimated = False
@@ -222,10 +225,14 @@ class Exchange:
             # Unless its first bytes say JSON (`on_chunk`): an event stream cannot begin so (a
             # JSON answer labelled `text/event-stream`, or untyped), and the whole answer is read.
             self.sniffing = True
-            dropping = self.injected_usage and self.decoder is None
+            dropping = self.injected_usage and self.unreadable is None
             self.stream = StreamMeter(drop_usage_chunk=dropping)
             if dropping:
-                self.left_out = _COST_AND_LENGTH
+                # The usage chunk we asked for is taken out in clear: a stream compressed all
+                # the same (asked for `identity`, the provider or a proxy did not listen) is
+                # passed on decoded, without its `content-encoding`.
+                self.passed_decoded = self.decoder is not None
+                self.left_out = _COST_LENGTH_AND_CODING if self.passed_decoded else _COST_AND_LENGTH
                 return True
         return cost_header is not None
 
@@ -253,7 +260,8 @@ class Exchange:
         if not more:
             self.response_complete = True
         if self.unreadable is not None:
-            return chunk
+            # Passed on decoded until it could not be decoded: the rest cannot be passed so.
+            return b"" if self.passed_decoded else chunk
         if self.sniffing and self.decoder is None:
             head = chunk.lstrip()
             if head:
@@ -280,9 +288,11 @@ class Exchange:
                 plain += decoder.flush()
             if decoder.error is not None:
                 self.unreadable = decoder.error
-                return chunk
+                return b"" if self.passed_decoded else chunk
         if stream is not None:
-            if decoder is not None:
+            if self.passed_decoded:
+                chunk = plain
+            elif decoder is not None:
                 stream.feed(plain)  # measure only: the compressed bytes go on untouched
                 return chunk
             out = stream.feed(chunk)
