@@ -534,3 +534,49 @@ async def test_new_terms_on_one_instance_carry_what_the_other_charged_meanwhile(
     )
     assert (admitted_b + admitted_a, code_a) == (49, "budget_exceeded")
     assert spent == 100 * CENT
+
+
+async def test_new_terms_whose_window_begins_before_the_live_one_lose_nothing_of_it(
+    tmp_path: Path,
+) -> None:
+    """A $1 hourly budget made 9.5 hours ago, $0.20 spent in its first hour, and the store's
+    window not rolled since (nothing written in the live hour yet: the flusher runs once an hour
+    here); $0.30 spent on the second instance in the live hour. The first makes it daily: under
+    the new terms from the stored start the day began 9.5 hours ago, before the live hour. It
+    admits 10, the second 20 more before its cache TTL (2 s), then both spend the rest: 20 more,
+    and the window holds $1.00 with the first hour's $0.20 (the first counted on a key of the day
+    from the stored start, without the live hour's $0.30; the second's first write then started
+    the store's window anew at the live hour, which lost the first hour and the first's 10)."""
+    need_redis()
+    async with serving_two(
+        tmp_path, REDIS_URL, cache_ttl_seconds=2, flush_interval_seconds=3600
+    ) as (one, two, a, b):
+        made = one.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1h"}]
+        )
+        key, budget_id = made.value or "", made.budgets[0].id
+        with one.store.session() as s:  # made 9.5 hours ago, $0.20 spent in its first hour
+            row = s.exec(select(BudgetRow).where(BudgetRow.id == budget_id)).one()
+            row.last_reset -= timedelta(hours=9.5)
+            row.current_usage_nanos = 20 * CENT
+            s.add(row)
+            s.commit()
+        await spend(b, key, 30)  # in the live hour, not written
+        daily = [{"id": budget_id, "max_limit": 1, "reset_duration": "1d"}]
+        await asyncio.to_thread(one.manager.update_virtual_key, made.id, budgets=daily)
+        await spend(a, key, 10)
+        await spend(b, key, 20)  # the second still on the hourly terms
+        await asyncio.sleep(2.5)  # its cache TTL
+        await two.flush()
+        await one.flush()
+        admitted_b, code_b = await spend_until_refused(b, key)
+        admitted_a, code_a = await spend_until_refused(a, key)
+        spent = await written_spend(budget_id, one, two)
+        stored = one.manager.get_budget(budget_id)
+    print(
+        f"30 in the live hour, then 10 + 20 around the change, then {admitted_b} ({code_b}) and "
+        f"{admitted_a} ({code_a}) admitted: the day from {stored.last_reset} holds "
+        f"${spent / 1e9:.2f} of $1"
+    )
+    assert (admitted_b + admitted_a, code_a) == (20, "budget_exceeded")
+    assert spent == 100 * CENT

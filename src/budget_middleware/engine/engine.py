@@ -772,7 +772,7 @@ class BudgetEngine:
         assert at is not None  # given up only once the wait has ended
         return at
 
-    def terms_moved(self, carries: list[tuple[str, float, float, float]]) -> None:
+    def terms_moved(self, carries: list[tuple[str, float, float, float, int]]) -> None:
         """New terms written through this process moved budgets' windows, their usage carried
         over (`owner_limits.carried`): told to the counters on the engine's loop (Redis's carry
         it there, and mark it for the other instances)."""

@@ -204,6 +204,11 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
     reader, sweep and instance takes that usage as current): a limit may tighten by what was
     spent before that window began, never lift. Only a stored window that ended before the new
     one began holds nothing of it (one that ended since, not swept yet, was spent in it).
+    Nor does it start earlier than the window the live counters count in now (the stored one,
+    or one the old terms rolled it to and nothing has been written in yet): one that began
+    before holds what the stored one held, and begins with the live one, so that the live
+    counters' charges stay in it (the store takes a charge of a window later than its own as
+    that window's beginning, and drops what it held).
     `prefix`: "" for a budget, "request_" or "token_" for a rate limit's windows."""
     old_duration = getattr(row, f"{prefix}reset_duration")
     old_aligned = bool(getattr(row, "calendar_aligned", False)) if not prefix else False
@@ -213,17 +218,21 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
     stamp_column = f"{prefix}last_reset"
     stamp = getattr(row, stamp_column)
     anchor = utc(stamp)
-    start = current_window(duration, anchor, aligned, utcnow())[0]
+    now = utcnow()
+    start, end = current_window(duration, anchor, aligned, now)
     stored_end = current_window(old_duration, anchor, old_aligned, anchor)[1]  # the stored one's
-    if not prefix and start > anchor and (stored_end is None or start < stored_end):
+    spent_before = stored_end is not None and stored_end <= start
+    was = current_window(old_duration, anchor, old_aligned, now)[0]  # the live window
+    added = 0  # the stored usage the live window's counters lack (it was not theirs)
+    if start < was:
+        added = 0 if spent_before else getattr(row, usage_column)
+        start, end = current_window(duration, was, aligned, now)
+    if not prefix and (start > was or added):
         # The usage carries over to a window beginning later than the one live counters count
-        # in now (the stored one, or one it rolled to): told to them after the commit (`carried`).
-        was, until = current_window(old_duration, anchor, old_aligned, utcnow())
-        if was < start and (until is None or start < until):
-            end = current_window(duration, anchor, aligned, utcnow())[1]
-            ends = FAR_FUTURE if end is None else end.timestamp()
-            carried(row).append((row.id, was.timestamp(), start.timestamp(), ends))
-    if stored_end is not None and stored_end <= start:
+        # in now, or they take the stored usage: told to them after the commit (`carried`).
+        ends = FAR_FUTURE if end is None else end.timestamp()
+        carried(row).append((row.id, was.timestamp(), start.timestamp(), ends, added))
+    if spent_before:
         # All of it was spent before the new window began: what was read goes, and only that.
         # Written as an expression, so that a charge another instance's flusher writes between
         # this read and the commit stays (more on this window, or a window it began).
@@ -235,13 +244,14 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
         setattr(row, f"{prefix}last_reset", start)
 
 
-def carried(row: Any) -> list[tuple[str, float, float, float]]:
+def carried(row: Any) -> list[tuple[str, float, float, float, int]]:
     """The budgets whose window new terms moved in the session of `row` (`_new_terms`): id,
-    the live window's start, the new one's start and end; told to the live counters once the
+    the live window's start, the new one's start and end, and the stored usage the live
+    window's counters take (when the new one begins with it); told to the live counters once the
     session commits (`OwnerWriter.on_new_terms`)."""
     session = object_session(row)
     assert session is not None
-    found: list[tuple[str, float, float, float]] = session.info.setdefault(CARRIED, [])
+    found: list[tuple[str, float, float, float, int]] = session.info.setdefault(CARRIED, [])
     return found
 
 
@@ -309,7 +319,7 @@ class OwnerWriter:
         *,
         on_change: Callable[[], None] | None = None,
         reset_live: Callable[[str, str], float] | None = None,
-        on_new_terms: Callable[[list[tuple[str, float, float, float]]], None] | None = None,
+        on_new_terms: Callable[[list[tuple[str, float, float, float, int]]], None] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings

@@ -64,7 +64,7 @@ class CounterBackend(ABC):
         by `mark_now` on the loop or `marks_soon` from elsewhere)."""
 
     def terms_noted(  # noqa: B027 - optional hook
-        self, carries: Sequence[tuple[str, float, float, float]]
+        self, carries: Sequence[tuple[str, float, float, float, int]]
     ) -> None:
         """New terms written through this process moved budgets' windows (id, old window's
         start, new one's start and end): their usage carries over (shared backends carry it

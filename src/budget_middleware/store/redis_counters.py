@@ -173,8 +173,9 @@ class RedisCounters(CounterBackend):
         # Budgets reset here whose mark Redis has not taken yet: mark key -> (moment, ttl_ms).
         self._marks: dict[str, tuple[float, int]] = {}
         # Budgets whose window new terms moved, not carried in Redis yet (`terms_noted`):
-        # mark key -> (old window's key, new window's key, its start, its key's ttl_ms).
-        self._carries: dict[str, tuple[str, str, float, int]] = {}
+        # mark key -> (old window's key, new window's key, its start, its key's ttl_ms, the
+        # stored usage to add to it).
+        self._carries: dict[str, tuple[str, str, float, int, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # marks being written
         # Per budget, this instance's charges (their window's start, amount) that Redis added to
@@ -423,18 +424,19 @@ class RedisCounters(CounterBackend):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def terms_noted(self, carries: Sequence[tuple[str, float, float, float]]) -> None:
+    def terms_noted(self, carries: Sequence[tuple[str, float, float, float, int]]) -> None:
         """New terms written through this process moved budgets' windows (budget id, the old
-        window's start, the new one's, its end; `owner_limits.carried`): the usage carries
-        over in Redis too (carry.lua, by `write_marks` on the loop now, or before the next
-        admission or settlement), and the other instances move there at their next one."""
+        window's start, the new one's, its end, the stored usage the live window takes;
+        `owner_limits.carried`): the usage carries over in Redis too (carry.lua, by
+        `write_marks` on the loop now, or before the next admission or settlement), and the
+        other instances move there at their next one."""
         now = self.clock()
-        for id_, was, start, end in carries:
+        for id_, was, start, end, added in carries:
             mark = f"{self.prefix}rs:{id_}"
             old = self._carries.get(mark)
             old_key = old[0] if old is not None else self._window_key("budget", id_, was)
             new_key = self._window_key("budget", id_, start)
-            self._carries[mark] = (old_key, new_key, start, _key_ttl_ms(end, now))
+            self._carries[mark] = (old_key, new_key, start, _key_ttl_ms(end, now), added)
         loop = self._loop
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(self._write_marks_soon)
@@ -451,9 +453,9 @@ class RedisCounters(CounterBackend):
             carries, self._carries = self._carries, {}
             keys: list[str] = []
             values: list[Any] = []
-            for key, (old_key, new_key, at, ttl) in carries.items():
+            for key, (old_key, new_key, at, ttl, added) in carries.items():
                 keys += [key, old_key, new_key]
-                values += [repr(at), mark_ttl_ms(self.settings), ttl]
+                values += [repr(at), mark_ttl_ms(self.settings), ttl, added]
             try:
                 await self._carry(keys=keys, args=values)
             except BaseException:

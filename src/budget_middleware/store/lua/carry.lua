@@ -5,15 +5,21 @@
 -- " carried"): admit.lua and settle.lua move every instance still charging the old key to the
 -- new one, in the same step as the charge, so nothing lands on the old key afterwards.
 --
+-- New terms whose window would begin before the live one begin with it (the same key): the
+-- stored usage that lies in their window, which the live key was not seeded with (it was an
+-- older window's), is added to it, once (the mark, at the live window's start, moves nobody).
+--
 -- KEYS: per budget its mark, the old window's key, the new window's key. ARGV: per budget the
 -- new window's start (epoch seconds, as text), the mark's ttl_ms, the new key's ttl_ms (0:
--- none). A mark at that moment or later (carried already, or reset since) leaves all as it is.
--- A new key already there is kept; an old key gone (Redis emptied) copies nothing: the new one
--- is seeded from the store. Returns nothing.
+-- none), the amount to add to the new key (0: none). A mark at that moment or later (carried
+-- already, or reset since) leaves all as it is. A new key already there is kept; an old key
+-- gone (Redis emptied) copies nothing, and nothing is added to a new key that is not there:
+-- it is seeded from the store. Returns nothing.
 for i = 1, #KEYS, 3 do
-  local a = (i - 1) / 3 * 3 + 1
+  local a = (i - 1) / 3 * 4 + 1
   local mark, old, new = KEYS[i], KEYS[i + 1], KEYS[i + 2]
   local at, mark_ttl, ttl = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local added = ARGV[a + 3]
   local known = redis.call("GET", mark)
   if not known or tonumber(string.match(known, "^%S+")) < tonumber(at) then
     local value = redis.call("GET", old)
@@ -22,6 +28,14 @@ for i = 1, #KEYS, 3 do
         redis.call("SET", new, value, "NX", "PX", ttl)
       else
         redis.call("SET", new, value, "NX")
+      end
+    end
+    if tonumber(added) > 0 and redis.call("EXISTS", new) == 1 then
+      redis.call("INCRBY", new, added)
+      if ttl > 0 then  -- the live key, kept as long as the new terms' window now
+        redis.call("PEXPIRE", new, ttl)
+      else
+        redis.call("PERSIST", new)
       end
     end
     if mark_ttl > 0 then
