@@ -26,6 +26,7 @@ from sqlmodel import select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.manage.config_file import load_config_file
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.store import redis_counters
 from budget_middleware.store.database import Store
@@ -579,4 +580,57 @@ async def test_new_terms_whose_window_begins_before_the_live_one_lose_nothing_of
         f"${spent / 1e9:.2f} of $1"
     )
     assert (admitted_b + admitted_a, code_a) == (20, "budget_exceeded")
+    assert spent == 100 * CENT
+
+
+@pytest.mark.parametrize("writer", ["manager", "config_file"])
+async def test_new_terms_written_on_the_store_without_an_engine_carry_what_the_instances_charge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    """As `test_new_terms_on_one_instance_carry_what_the_other_charged_meanwhile`, with the new
+    terms written by no engine: the CLI on the store (`update` without `--url`, a manager of
+    its own) or a config file applied to the store (`config apply` without `--url`, start-up).
+    The first instance reads them first (its one request opens the hour's key from the store),
+    the second adds 20 to the day's key before its cache TTL: the hour held $1.20 (69 more
+    admitted), as no carry was made on those paths."""
+    need_redis()
+    async with serving_two(tmp_path, REDIS_URL, cache_ttl_seconds=2) as (one, two, a, b):
+        monkeypatch.setattr(redis_counters, "PREFIX", one.counters.prefix)  # type: ignore[attr-defined]
+        made = one.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        key, budget_id = made.value or "", made.budgets[0].id
+        with one.store.session() as s:  # begun earlier, as if made 2.5 hours ago
+            row = s.exec(select(BudgetRow).where(BudgetRow.id == budget_id)).one()
+            row.last_reset -= timedelta(hours=2.5)
+            s.add(row)
+            s.commit()
+        await spend(b, key, 30)
+        await two.flush()
+        settings = BudgetSettings(database_url=one.settings.database_url, redis_url=REDIS_URL)
+        store = Store(settings.database_url)
+        if writer == "manager":
+            alone = BudgetManager(store, settings)
+            hourly = [{"id": budget_id, "max_limit": 1, "reset_duration": "1h"}]
+            await asyncio.to_thread(alone.update_virtual_key, made.id, budgets=hourly)
+        else:
+            path = tmp_path / "budget.yaml"
+            path.write_text(
+                "virtual_keys:\n  - name: k\n    budgets: [{max_limit: 1, reset_duration: 1h}]\n"
+            )
+            with_file = settings.model_copy(update={"config_file": path})
+            await asyncio.to_thread(load_config_file, store, with_file)
+        store.dispose()
+        await one.invalidate()
+        await spend(a, key, 1)
+        await spend(b, key, 20)  # the second still on the daily terms
+        await asyncio.sleep(2.5)  # its cache TTL
+        admitted_b, code_b = await spend_until_refused(b, key)
+        admitted_a, code_a = await spend_until_refused(a, key)
+        spent = await written_spend(budget_id, one, two)
+    print(
+        f"{writer}: 30 + 1 + 20 around the change, then {admitted_b} ({code_b}) and "
+        f"{admitted_a} ({code_a}) admitted: the hour holds ${spent / 1e9:.2f} of $1"
+    )
+    assert (admitted_b + admitted_a, code_a) == (49, "budget_exceeded")
     assert spent == 100 * CENT

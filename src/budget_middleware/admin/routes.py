@@ -329,7 +329,12 @@ async def apply_config(call: Call) -> AdminAnswer:
     engine = call.engine
     try:
         entries = await call.run(
-            apply_config_text, engine.store, engine.settings, body.text, body.format
+            apply_config_text,
+            engine.store,
+            engine.settings,
+            body.text,
+            body.format,
+            engine.terms_moved,
         )
     except ConfigFileError as exc:
         raise InvalidRequest(str(exc), param="text") from None

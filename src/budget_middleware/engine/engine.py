@@ -257,7 +257,8 @@ class BudgetEngine:
             # What can be checked without the store fails here, with the settings' own errors.
             check_config_file(self.settings.config_file)
             settings = self.settings
-            self.startup_hooks.append(lambda store: load_config_file(store, settings))
+            moved = self.terms_moved  # new terms carried in the live counters (Redis)
+            self.startup_hooks.append(lambda store: load_config_file(store, settings, moved))
 
     @property
     def pending_records(self) -> int:

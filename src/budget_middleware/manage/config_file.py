@@ -49,6 +49,7 @@ from budget_middleware.manage.litellm_config import (
 )
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.manage.owner_limits import (
+    OnNewTerms,
     Origin,
     check_budget_durations,
     check_model_names,
@@ -433,10 +434,17 @@ def _preflight(store: Store, data: _FileData) -> None:
 
 
 class _Loader:
-    def __init__(self, store: Store, settings: BudgetSettings, data: _FileData) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: BudgetSettings,
+        data: _FileData,
+        on_new_terms: OnNewTerms | None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.data = data
+        self.on_new_terms = on_new_terms  # the engine's (`OwnerWriter.on_new_terms`), if any
 
     def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
         return self.data.where(section, index, entry)
@@ -463,7 +471,9 @@ class _Loader:
         # guess of the value offline (a changed value is told by the key's own hash below).
         digest = config_hash({k: v for k, v in entry.items() if k != "value"})
         body = dict(entry)
-        manager = BudgetManager(self.store, self.settings, Origin("config", digest))
+        manager = BudgetManager(
+            self.store, self.settings, Origin("config", digest), on_new_terms=self.on_new_terms
+        )
         with _entry_errors(where):
             self._apply(section, body, digest, manager, where)
 
@@ -547,7 +557,11 @@ class _Loader:
 
 
 def apply_config_text(
-    store: Store, settings: BudgetSettings, text: str, suffix: str
+    store: Store,
+    settings: BudgetSettings,
+    text: str,
+    suffix: str,
+    on_new_terms: OnNewTerms | None = None,
 ) -> dict[str, int]:
     """A config file's text applied to the store, as start-up applies BUDGET_CONFIG_FILE (the
     admin API's `POST /config/apply`, the CLI's `config apply --url`); its entries by section.
@@ -557,14 +571,18 @@ def apply_config_text(
         path.write_text(text, encoding="utf-8")
         try:
             data = _check(path)
-            load_config_file(store, settings.model_copy(update={"config_file": path}))
+            with_file = settings.model_copy(update={"config_file": path})
+            load_config_file(store, with_file, on_new_terms)
         except ConfigFileError as exc:
             raise ConfigFileError(str(exc).replace(repr(str(path)), "(the config sent)")) from None
     return {section: len(data.sections[section]) for section in SECTIONS if data.sections[section]}
 
 
-def load_config_file(store: Store, settings: BudgetSettings) -> None:
-    """Apply `settings.config_file` to the store (a start-up hook of the engine; blocking)."""
+def load_config_file(
+    store: Store, settings: BudgetSettings, on_new_terms: OnNewTerms | None = None
+) -> None:
+    """Apply `settings.config_file` to the store (a start-up hook of the engine; blocking).
+    `on_new_terms`: the engine's live counters, told of budgets' windows new terms moved."""
     if settings.config_file is None:
         return
     path = Path(settings.config_file)
@@ -577,7 +595,7 @@ def load_config_file(store: Store, settings: BudgetSettings) -> None:
     _preflight(store, data)
     ensure_schema(store)
     with store.one_transaction() as joined:  # whole, or nothing written: SPEC §3
-        loader = _Loader(joined, settings, data)
+        loader = _Loader(joined, settings, data, on_new_terms)
         for section in SECTIONS:
             for index, entry in enumerate(data.sections[section]):
                 loader.apply(section, index, entry)

@@ -9,8 +9,10 @@ budgets of one owner never share a reset_duration.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +34,9 @@ from budget_middleware.store.database import Store
 from budget_middleware.store.tables import BudgetRow, RateLimitRow, utcnow
 
 R = TypeVar("R")
+logger = logging.getLogger("budget_middleware")
+# Told of budgets' windows that new terms moved, once written (`carried`, `OwnerWriter`).
+OnNewTerms = Callable[[list[tuple[str, float, float, float, int]]], None]
 CARRIED = "budget_middleware.carried"  # a session's key for `carried`
 
 
@@ -308,6 +313,19 @@ def ensure_schema(store: Store) -> None:
             _schema_ready.add(store)
 
 
+def _carry_in_redis(
+    settings: BudgetSettings, carries: list[tuple[str, float, float, float, int]]
+) -> None:
+    """New terms written without an engine: carried in Redis from here (`carry.lua`), so that
+    the instances sharing it move at their next admission, their usage carried over."""
+    try:
+        from budget_middleware.store.redis_counters import carry_now  # the redis extra
+
+        carry_now(settings, carries)
+    except Exception as exc:  # the terms stand; the instances take them within the cache TTL
+        logger.warning("budget-middleware could not carry new terms in Redis: %s", exc)
+
+
 class OwnerWriter:
     """What every writer of owners shares: the store, where writes come from, and checks."""
 
@@ -319,7 +337,7 @@ class OwnerWriter:
         *,
         on_change: Callable[[], None] | None = None,
         reset_live: Callable[[str, str], float] | None = None,
-        on_new_terms: Callable[[list[tuple[str, float, float, float, int]]], None] | None = None,
+        on_new_terms: OnNewTerms | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -327,7 +345,10 @@ class OwnerWriter:
         self.on_change = on_change  # the engine of this process: the next request sees a write
         # The engine's live counter of a budget being reset: starts its window, says when.
         self.reset_live = reset_live
-        # The engine's live counters, told of budgets' windows that new terms moved (`carried`).
+        # The engine's live counters, told of budgets' windows that new terms moved (`carried`);
+        # with no engine (the CLI, a config file on the store), Redis's counters directly.
+        if on_new_terms is None and settings.redis_url:
+            on_new_terms = functools.partial(_carry_in_redis, settings)
         self.on_new_terms = on_new_terms
 
     def _session(self) -> Session:
@@ -341,8 +362,8 @@ class OwnerWriter:
 
             def moved(done: Session) -> None:
                 carries = done.info.pop(CARRIED, None)
-                if carries:
-                    tell(carries)
+                if carries:  # once written for good (a config file's: once all of it is)
+                    self.store.when_committed(functools.partial(tell, carries))
 
             event.listen(session, "after_commit", moved)
         return session

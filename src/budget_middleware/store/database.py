@@ -8,7 +8,7 @@ so any number of processes can share one store.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -134,12 +134,20 @@ class Store:
                 # One at a time (workers starting together each apply the file): the next one
                 # waits, then finds what the first wrote, instead of colliding with its rows.
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (_ONE_AT_A_TIME,))
+            joined = _Joined(self, conn)
             try:
-                yield _Joined(self, conn)
+                yield joined
             except BaseException:
                 conn.rollback()
                 raise
             conn.commit()
+        for done in joined.committed:
+            done()
+
+    def when_committed(self, done: Callable[[], None]) -> None:
+        """Run `done` once what a session just committed is written for good: now (a
+        `one_transaction` store: once its transaction commits)."""
+        done()
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -630,6 +638,10 @@ class _Joined(Store):
         self.url = store.url
         self.engine = store.engine
         self.conn = conn
+        self.committed: list[Callable[[], None]] = []  # run once the transaction commits
+
+    def when_committed(self, done: Callable[[], None]) -> None:
+        self.committed.append(done)
 
     def create_schema(self) -> None:
         """Made by the store itself before (a schema change would end the transaction)."""

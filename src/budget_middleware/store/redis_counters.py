@@ -98,6 +98,28 @@ def _key_ttl_ms(end: float, now: float) -> int:
     return max(int((end - now + WINDOW_MARGIN_SECONDS) * 1000), 1)
 
 
+def carry_now(
+    settings: BudgetSettings, carries: Sequence[tuple[str, float, float, float, int]]
+) -> None:
+    """Carry budgets' windows that new terms moved (`RedisCounters.terms_noted`'s) from a
+    writer with no engine (the CLI, a config file applied on the store), under `PREFIX`."""
+    now = time.time()
+    keys: list[str] = []
+    args: list[Any] = []
+    for id_, was, start, end, added in carries:
+        old, new = (f"{PREFIX}w:budget:{id_}:{int(t * 1000)}" for t in (was, start))
+        keys += [f"{PREFIX}rs:{id_}", old, new]
+        args += [repr(start), mark_ttl_ms(settings), _key_ttl_ms(end, now), added]
+    timeout = settings.redis_timeout_seconds
+    client = SyncRedis.from_url(
+        settings.redis_url or "", socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+    try:
+        client.eval(_script("carry.lua"), len(keys), *keys, *args)
+    finally:
+        client.close()
+
+
 def mark_resets_now(url: str, timeout: float, marks: dict[str, tuple[float, int]]) -> None:
     """Write reset marks (key -> moment, ttl_ms) from a thread that runs no event loop."""
     args: list[Any] = []
