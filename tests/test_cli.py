@@ -542,3 +542,18 @@ def test_a_soft_budget_from_the_command_line(store: dict[str, str], here: Here) 
     assert windows == ["1M (soft)", "1d"]
     bad = here(store, "teams create --name x --budget 5/1d:hard")
     assert "unknown budget flag 'hard': only ':soft'" in bad.failed_on_one_line(2)
+
+
+# -- what the operator gives, and what answers -----------------------------------------------------
+
+
+def test_an_admin_key_no_header_can_carry_is_named(server: Server, here: Here) -> None:
+    at = f"--url {server.url} --admin-key"
+    quoted = here({}, f"{at} '\u201c{ADMIN_KEY}\u201d' keys list")  # pasted with curly quotes
+    print(quoted)  # a traceback of UnicodeEncodeError before
+    line = quoted.failed_on_one_line(2)
+    assert "--admin-key" in line and "printable ASCII without spaces" in line
+    padded = here({}, f"{at} '{ADMIN_KEY}\n' keys list --json")  # read from a file, its newline too
+    print(padded)  # "cannot be reached (Illegal header value ...)" before: the server was fine
+    assert ok(padded).json() == {"virtual_keys": [], "count": 0}  # trimmed, as the server reads it
+

@@ -35,6 +35,17 @@ def raised_again(error: Exception) -> Exception:
     return fresh.with_traceback(None)
 
 
+UNUSABLE_BEARER = (
+    "must be printable ASCII without spaces: a bearer token in a header could never match it"
+)
+
+
+def bearer_token_usable(value: str) -> bool:
+    """Whether `value` can travel as `Authorization: Bearer <value>` and be read back as it is:
+    the rule of BUDGET_ADMIN_KEY, and of the key a client (the CLI, the dashboard) sends."""
+    return value.isascii() and value.isprintable() and " " not in value
+
+
 def _list_text(value: Any, what: str) -> Any:
     """A list setting as the environment holds it: a JSON list (what pydantic-settings reads
     for list settings) or comma-separated parts; any other value as it is."""
@@ -200,11 +211,8 @@ class BudgetSettings(BaseSettings):
         """An admin key no request could present is refused here, not met as a 401 later."""
         if value is None:
             return None
-        if not (value.isascii() and value.isprintable()) or " " in value:
-            raise ValueError(
-                "must be printable ASCII without spaces: a bearer token in a header could never "
-                "match it"
-            )
+        if not bearer_token_usable(value):
+            raise ValueError(UNUSABLE_BEARER)
         prefix = info.data.get("key_prefix")
         if prefix and value.startswith(prefix):
             raise ValueError(

@@ -48,9 +48,14 @@ class State:
     def client(self) -> Client:
         if self._client is None:
             if self.url:
-                if not self.admin_key:
+                from budget_middleware.settings import UNUSABLE_BEARER, bearer_token_usable
+
+                key = (self.admin_key or "").strip()  # as the admin API reads a bearer token
+                if not key:
                     raise click.UsageError("--url needs --admin-key (or BUDGET_ADMIN_KEY)")
-                self._client = HttpClient(self.url, self.admin_key)
+                if not bearer_token_usable(key):
+                    raise click.BadParameter(UNUSABLE_BEARER, param_hint="--admin-key")
+                self._client = HttpClient(self.url, key)
             else:
                 from budget_middleware.exceptions import SettingsError
                 from budget_middleware.settings import BudgetSettings
