@@ -553,3 +553,48 @@ def _check_optional(page: Any, served: Served, box: str, route: str) -> None:
         expect(rows.filter(has_text="support-bot")).to_contain_text(["100% reached", "80% reached"])
         expect(rows.filter(has_text="bob")).to_contain_text(["exhausted"])
         expect(rows).to_have_count(min(len(answer.json()["alerts"]), 8))
+
+
+@pytest.fixture
+def bare(tmp_path: Path) -> Iterator[Served]:
+    """examples/app.py with an empty store: for what the page does before any data."""
+    _need_chromium()
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")}
+    env |= {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/bare.db", "BUDGET_ADMIN_KEY": ADMIN_KEY}
+    command = [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(ROOT / "examples"),
+               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    process = subprocess.Popen(command, env=env)
+    try:
+        server = Served(f"http://127.0.0.1:{port}", tmp_path)
+        _wait_until_up(server.url, process)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def test_a_key_no_header_can_carry_is_told_at_sign_in(bare: Served) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox"])  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(10_000)
+            page.goto(bare.admin + "/ui")
+            page.fill("#admin-key", f"\u201c{ADMIN_KEY}\u201d")  # pasted with a document's quotes
+            page.click("#login-form button[type=submit]")
+            page.wait_for_timeout(500)
+            shown = {box: page.locator(box).inner_text() for box in ("#login-error", "#app-error")}
+            print(shown)  # before: signed in, "the admin API cannot be reached" six times over
+            expect(page.locator("#login")).to_be_visible()
+            expect(page.locator("#login-error")).to_contain_text("printable ASCII without spaces")
+            assert page.evaluate("() => sessionStorage.length") == 0
+            page.fill("#admin-key", ADMIN_KEY)
+            page.click("#login-form button[type=submit]")
+            expect(page.locator("#app")).to_be_visible()
+            expect(page.locator("#app-error")).to_be_hidden()
+        finally:
+            browser.close()

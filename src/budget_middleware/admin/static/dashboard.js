@@ -16,6 +16,7 @@
   const OTHER_COLOR = "#c5ccd6";
   const MAX_SERIES = 7;
   const REFRESH_MS = 30000;
+  const USABLE_KEY = /^[\x21-\x7e]+$/;  // settings.bearer_token_usable: what a header carries
   const EDITABLE = {
     customer: (b) => "customers/" + enc(b.customer_id),
     team: (b) => "teams/" + enc(b.team_id),
@@ -211,6 +212,11 @@
     event.preventDefault();
     const key = $("admin-key").value.trim();
     if (!key) return;
+    if (!USABLE_KEY.test(key)) {  // the browser could not even send it: say so, not "unreachable"
+      showLogin("That is not an admin key: BUDGET_ADMIN_KEY is printable ASCII without spaces "
+        + "(were quotes pasted with it?)");
+      return;
+    }
     sessionStorage.setItem(KEY_STORAGE, key);
     $("admin-key").value = "";
     await start();
