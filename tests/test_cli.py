@@ -557,3 +557,13 @@ def test_an_admin_key_no_header_can_carry_is_named(server: Server, here: Here) -
     print(padded)  # "cannot be reached (Illegal header value ...)" before: the server was fine
     assert ok(padded).json() == {"virtual_keys": [], "count": 0}  # trimmed, as the server reads it
 
+
+def test_a_url_that_is_not_one_is_named(here: Here) -> None:
+    results = [here({}, f"--url {url} --admin-key k keys list") for url in
+               ["'http://[::1'", "http://localhost:80x/admin"]]  # fmt: skip
+    print(results)  # a traceback of httpx.InvalidURL before
+    assert [r.failed_on_one_line(2) for r in results] == [
+        "error: --url 'http://[::1' is not a URL (Invalid port: ':1')",
+        "error: --url 'http://localhost:80x/admin' is not a URL (Invalid port: '80x')",
+    ]
+

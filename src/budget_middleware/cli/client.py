@@ -248,11 +248,14 @@ class HttpClient:
         import httpx
 
         self.url = url.rstrip("/")
-        self.http = httpx.Client(
-            base_url=self.url,
-            headers={"authorization": f"Bearer {admin_key}", "accept": "application/json"},
-            timeout=timeout,
-        )
+        try:
+            self.http = httpx.Client(
+                base_url=self.url,
+                headers={"authorization": f"Bearer {admin_key}", "accept": "application/json"},
+                timeout=timeout,
+            )
+        except httpx.InvalidURL as exc:  # not an HTTPError: it would be a traceback
+            raise CliError(f"--url {url!r} is not a URL ({exc})", code=2) from None
 
     def _send(self, method: str, path: str, query: Json | None = None, body: Any = None) -> Json:
         import httpx
