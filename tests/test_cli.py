@@ -567,3 +567,44 @@ def test_a_url_that_is_not_one_is_named(here: Here) -> None:
         "error: --url 'http://localhost:80x/admin' is not a URL (Invalid port: '80x')",
     ]
 
+
+@pytest.fixture
+def other_json_service() -> Iterator[str]:
+    """A server that answers every call with a JSON object that is not the admin API's."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok"}')
+
+        do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/api"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_an_answer_that_is_not_the_admin_apis_is_named(other_json_service: str, here: Here) -> None:
+    env = {"BUDGET_ADMIN_URL": other_json_service, "BUDGET_ADMIN_KEY": ADMIN_KEY}
+    lines = ["keys list", "budgets list --json", "budgets reset b", "usage --by tag", "keys show x"]
+    results = [here(env, line) for line in lines]
+    print(results)  # KeyError tracebacks before, and `--json` printed {"status": "ok"}, exit 0
+    envelopes = ["virtual_keys", "budgets", "budget", "usage", "virtual_key"]
+    assert [r.failed_on_one_line() for r in results] == [
+        f"error: admin API answered 200 without {name!r}: is {other_json_service} where the "
+        "admin app is mounted?"
+        for name in envelopes
+    ]
+

@@ -257,7 +257,11 @@ class HttpClient:
         except httpx.InvalidURL as exc:  # not an HTTPError: it would be a traceback
             raise CliError(f"--url {url!r} is not a URL ({exc})", code=2) from None
 
-    def _send(self, method: str, path: str, query: Json | None = None, body: Any = None) -> Json:
+    def _send(
+        self, method: str, path: str, envelope: str, query: Json | None = None, body: Any = None
+    ) -> Json:
+        """The route's answer: a JSON object holding `envelope` (what the route names its
+        answer: `virtual_keys`, `budget`, ...), else a CliError."""
         import httpx
 
         try:
@@ -284,9 +288,10 @@ class HttpClient:
             raise CliError(
                 f"admin API answered {answer.status_code}: {message}", status=answer.status_code
             )
-        if not isinstance(data, dict):
+        if not isinstance(data, dict) or envelope not in data:
+            what = "a JSON object" if not isinstance(data, dict) else repr(envelope)
             raise CliError(
-                f"admin API answered {answer.status_code} without a JSON object: is {self.url} "
+                f"admin API answered {answer.status_code} without {what}: is {self.url} "
                 "where the admin app is mounted?"
             )
         return data
@@ -296,7 +301,7 @@ class HttpClient:
         return f"{kind.path}/{quote(ref, safe='')}"
 
     def list(self, kind: Kind, query: Json) -> Json:
-        return self._send("GET", kind.path, query)
+        return self._send("GET", kind.path, kind.many, query)
 
     def get(self, kind: Kind, ref: str) -> Json:
         if kind.named:  # the admin API lists providers and tags; it has no route for one
@@ -304,34 +309,34 @@ class HttpClient:
                 if item.get(kind.one) == ref:
                     return {kind.one: item}
             raise CliError(f"{kind.what} {ref!r} not found", status=404)
-        return self._send("GET", self._one(kind, ref))
+        return self._send("GET", self._one(kind, ref), kind.one)
 
     def create(self, kind: Kind, body: Json) -> Json:
-        return self._send("POST", kind.path, body=body)
+        return self._send("POST", kind.path, kind.one, body=body)
 
     def update(self, kind: Kind, ref: str, body: Json) -> Json:
-        return self._send("PUT", self._one(kind, ref), body=body)
+        return self._send("PUT", self._one(kind, ref), kind.one, body=body)
 
     def put(self, kind: Kind, name: str, body: Json) -> Json:
-        return self._send("PUT", self._one(kind, name), body=body)
+        return self._send("PUT", self._one(kind, name), kind.one, body=body)
 
     def delete(self, kind: Kind, ref: str) -> Json:
-        return self._send("DELETE", self._one(kind, ref))
+        return self._send("DELETE", self._one(kind, ref), "deleted")
 
     def rotate_key(self, ref: str) -> Json:
-        return self._send("POST", f"/virtual-keys/{quote(ref, safe='')}/rotate")
+        return self._send("POST", f"/virtual-keys/{quote(ref, safe='')}/rotate", "virtual_key")
 
     def budgets(self, query: Json) -> Json:
-        return self._send("GET", "/budgets", query)
+        return self._send("GET", "/budgets", "budgets", query)
 
     def reset_budget(self, ref: str) -> Json:
-        return self._send("POST", f"/budgets/{quote(ref, safe='')}/reset")
+        return self._send("POST", f"/budgets/{quote(ref, safe='')}/reset", "budget")
 
     def usage(self, query: Json) -> Json:
-        return self._send("GET", "/usage", query)
+        return self._send("GET", "/usage", "usage", query)
 
     def alerts(self, query: Json) -> Json:
-        return self._send("GET", "/alerts", query)
+        return self._send("GET", "/alerts", "alerts", query)
 
     def apply_config(self, path: Path) -> None:
         """The file's text to `POST /config/apply`: the server applies it to its store (its
@@ -344,7 +349,7 @@ class HttpClient:
         except ConfigFileError as exc:
             raise CliError(config_message(str(exc))) from None
         kind = "json" if path.suffix.lower() == ".json" else "yaml"
-        self._send("POST", "/config/apply", body={"text": text, "format": kind})
+        self._send("POST", "/config/apply", "applied", body={"text": text, "format": kind})
 
     def close(self) -> None:
         self.http.close()
