@@ -608,3 +608,25 @@ def test_an_answer_that_is_not_the_admin_apis_is_named(other_json_service: str, 
         for name in envelopes
     ]
 
+
+def test_ctrl_c_prints_one_line_and_exits_130(
+    store: dict[str, str], here: Here, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from budget_middleware.cli import client as client_module
+    from budget_middleware.cli import commands
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client_module.StoreClient, "budgets", interrupted)  # while a command runs
+    running_ = here(store, "budgets list")
+    monkeypatch.setattr(commands.cli, "main", interrupted)  # before click has it: start-up
+    try:
+        starting = here(store, "budgets list")
+    except KeyboardInterrupt:  # not re-raised: pytest would take it for the tester's Ctrl-C
+        pytest.fail(f"Ctrl-C at start-up escaped run() (a traceback); {running_}")
+    print(running_, starting)  # exit 1 "aborted", then a KeyboardInterrupt traceback, before
+    # click puts a newline first (after the terminal's "^C"): then the one line
+    assert (running_.code, running_.out, running_.err.strip()) == (130, "", "error: interrupted")
+    assert starting.failed_on_one_line(130) == "error: interrupted"
+

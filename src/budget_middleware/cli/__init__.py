@@ -3,7 +3,7 @@
 It works on the store of `BUDGET_DATABASE_URL` directly (the same `BUDGET_*` settings as the
 middleware), or on a running admin API with `--url` and `--admin-key` (`BUDGET_ADMIN_URL`,
 `BUDGET_ADMIN_KEY`). Tables for people, `--json` for scripts; a failure prints one line,
-`error: <cause>`, and exits non-zero (1; 2 for a command used wrongly).
+`error: <cause>`, and exits non-zero (1; 2 for a command used wrongly; 130 for Ctrl-C).
 
     budget-middleware keys create --name alice --team-id T --budget 10/1d --request-limit 60/1m
     budget-middleware usage --by model --since 7d
@@ -22,6 +22,13 @@ __all__ = ["main", "run"]
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: the process's); its exit status."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the package loads, before click could see it
+        return _fail("interrupted", 130)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     from budget_middleware.cli.client import CliError
     from budget_middleware.cli.commands import cli
     from budget_middleware.exceptions import BudgetError
@@ -43,8 +50,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _fail(exc.format_message() + hint, exc.exit_code)
     except click.ClickException as exc:
         return _fail(exc.format_message(), exc.exit_code)
-    except click.Abort:
-        return _fail("aborted", 1)
+    except click.Abort:  # click's word for Ctrl-C once a command runs
+        return _fail("interrupted", 130)
     except BudgetError as exc:  # a setting, a config file: messages that name the cause
         return _fail(str(exc), 1)
     return status if isinstance(status, int) else 0
