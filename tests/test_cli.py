@@ -630,3 +630,19 @@ def test_ctrl_c_prints_one_line_and_exits_130(
     assert (running_.code, running_.out, running_.err.strip()) == (130, "", "error: interrupted")
     assert starting.failed_on_one_line(130) == "error: interrupted"
 
+
+def test_config_check_names_every_problem(
+    store: dict[str, str], tmp_path: Path, here: Here
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "customers:\n  - name: acme\n    budgets: [{max_limit: -5, reset_duration: 1M}]\n"
+        "teams:\n  - name: ops\n    budgets: [{max_limit: 5, reset_duration: 1x}]\n"
+        "virtual_keys:\n  - name: bot\n    colour: blue\n"
+    )
+    line = here(store, f"config check {bad}").failed_on_one_line()
+    print(line)  # the first problem alone before: three runs to find three
+    assert line.startswith(f"error: config file '{bad}', customers[0] (acme): budgets.0.max_limit")
+    assert "(and 2 more: teams[0] (ops): budgets.0.reset_duration" in line
+    assert "; virtual_keys[0] (bot): colour: Extra inputs are not permitted)" in line
+    assert not _exists(store)

@@ -352,18 +352,25 @@ def check_config_file(path: Path) -> dict[str, Any]:
 
 
 def _check(path: Path) -> _FileData:
+    """The file's data, every entry checked; one ConfigFileError naming every problem found (the
+    first as it is, the others after it by their entry), so that one check shows them all."""
     data = _read(path)
+    problems: list[str] = []
     for section in SECTIONS:
         seen: dict[Any, str] = {}
         for index, raw in enumerate(data.sections[section]):
             where = data.where(section, index, raw)
-            entry = _expand(section, raw, where)
-            with _entry_errors(where):
-                _check_entry(section, dict(entry), where)
-            identity = _identity(section, entry)
+            try:
+                entry = _expand(section, raw, where)
+                with _entry_errors(where):
+                    _check_entry(section, dict(entry), where)
+                identity = _identity(section, entry)
+            except ConfigFileError as exc:
+                problems.append(str(exc))
+                continue
             first = seen.setdefault(identity, where)
             if first is not where:
-                raise ConfigFileError(
+                problems.append(
                     f"{where}: the same {_OWNER[section].replace('_', ' ')} as "
                     f"{first.rsplit(', ', 1)[-1]}: each is written once (the API answers 409)"
                 )
@@ -372,11 +379,17 @@ def _check(path: Path) -> _FileData:
         value = raw.get("value")
         if isinstance(value, str):
             where = data.where("virtual_keys", index, raw)
-            first = values.setdefault(_substitute(value, where), where)
+            try:
+                first = values.setdefault(_substitute(value, where), where)
+            except ConfigFileError:
+                continue  # said above, with the entry's other problems
             if first is not where:
-                raise ConfigFileError(
-                    f"{where}: this key value is also {first.rsplit(', ', 1)[-1]}'s"
-                )
+                problems.append(f"{where}: this key value is also {first.rsplit(', ', 1)[-1]}'s")
+    if problems:
+        file = f"BUDGET_CONFIG_FILE {str(path)!r}, "
+        rest = [problem.removeprefix(file) for problem in problems[1:]]
+        more = f" (and {len(rest)} more: {'; '.join(rest)})" if rest else ""
+        raise ConfigFileError(problems[0] + more)
     return data
 
 
