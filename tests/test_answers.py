@@ -20,7 +20,7 @@ from werkzeug.test import Client
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.engine.engine import BudgetEngine
-from budget_middleware.engine.portal import shut_down_engines
+from budget_middleware.engine.portal import on_loop, shut_down_engines
 from budget_middleware.store.tables import UsageRecordRow
 from budget_middleware.wsgi import BudgetWSGIMiddleware
 from support import running, serve_lifespan
@@ -435,3 +435,77 @@ async def test_a_post_in_lower_case_is_metered(settings: BudgetSettings) -> None
         rows = rows_of(app.engine)
     print("POST, post, Post:", statuses, "; usage records", len(rows))
     assert statuses == [200, 429, 429] and len(rows) == 1
+
+
+# -- a second hunt (2026-12-02) -------------------------------------------------------------
+
+
+def wsgi_charged(settings: BudgetSettings, headers: list[Header], body: bytes) -> UsageRecordRow:
+    """`charged`, through the WSGI middleware: an app that answers this body."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [(n.decode(), v.decode()) for n, v in headers])
+        return [body]
+
+    wrapped = BudgetWSGIMiddleware(app, settings)
+    try:
+        request = {"model": "openai/gpt-4o", "messages": [], "max_tokens": 100}
+        answer = Client(wrapped).post("/v1/chat/completions", json=request, buffered=True)
+        assert answer.status_code == 200
+        on_loop(wrapped.engine, wrapped.engine.flush)
+        rows = rows_of(wrapped.engine)
+    finally:
+        shut_down_engines()
+    assert len(rows) == 1, rows
+    row = rows[0]
+    print(f"charged {row.cost_nanos} ({row.input_tokens} in, {row.output_tokens} out): {row.note}")
+    return row
+
+
+_ANSWER = json.dumps(
+    {
+        "choices": [{"index": 0, "message": {"content": "hello"}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5000},
+    }
+).encode()
+_CUT = _ANSWER[:-60]  # what h11 hands on of it under a `content-length` 60 bytes short
+_CUT_NOTE = "a JSON body cut short or corrupt: charged its most output"
+
+
+async def test_a_json_answer_cut_short_is_charged_its_most_output(
+    settings: BudgetSettings,
+) -> None:
+    """A provider's `content-length` shorter than its body: the client's HTTP library (h11)
+    hands on the body cut to it, without its usage, and an app that passes it on answers that.
+    It was charged its prompt alone (0 output tokens, "no usage in the response"); JSON that
+    does not parse cannot be read, and is charged its most output, as a bad coding is."""
+    row = await charged(settings, JSON, [_CUT])
+    assert (row.output_tokens, row.estimated, row.note) == (100, True, _CUT_NOTE)  # max_tokens
+
+
+def test_a_wsgi_json_answer_cut_short_is_charged_its_most_output(
+    settings: BudgetSettings,
+) -> None:
+    row = wsgi_charged(settings, JSON, _CUT)
+    assert (row.output_tokens, row.estimated, row.note) == (100, True, _CUT_NOTE)
+
+
+_LONGER = [*JSON, (b"content-length", str(len(_CUT)).encode())]  # the body is 60 bytes longer
+
+
+async def test_an_answer_longer_than_its_content_length_is_charged_what_it_reports(
+    settings: BudgetSettings,
+) -> None:
+    """An app's `content-length` shorter than the body it writes: the server cuts it (werkzeug,
+    wsgiref, gunicorn) or drops the connection (uvicorn), after the middleware read it all.
+    The usage it reports is charged (as before the hunt)."""
+    row = await charged(settings, _LONGER, [_ANSWER])
+    assert (row.cost_nanos, row.estimated) == (cost(10, 5000), False)
+
+
+def test_a_wsgi_answer_longer_than_its_content_length_is_charged_what_it_reports(
+    settings: BudgetSettings,
+) -> None:
+    row = wsgi_charged(settings, _LONGER, _ANSWER)
+    assert (row.cost_nanos, row.estimated) == (cost(10, 5000), False)

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -1658,3 +1659,76 @@ async def test_a_json_answer_whose_read_is_cancelled_is_charged_as_unreadable(
         # The provider made the whole answer (its headers came): charged its worst case
         # (as an answer that cannot be read is), not the prompt alone (100,000 nano-$).
         assert cost >= 100 * 10_000 and estimated, cost
+
+
+# -- a second hunt (2026-12-02) -------------------------------------------------------------
+
+
+class _ShortLengthProvider:
+    """A provider on a real socket that answers `body` under a `content-length` `short` bytes
+    too small, as a proxy or provider that lies does (h11 reads no further)."""
+
+    def __init__(self, body: bytes, short: int) -> None:
+        self.body, self.short = body, short
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with self.listener:
+            while True:
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(65536)
+                    head, rest = data.split(b"\r\n\r\n", 1)
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(rest) < length:
+                        rest += conn.recv(65536)
+                    told = len(self.body) - self.short
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (told, self.body)
+                    )
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+async def test_a_json_answer_longer_than_its_content_length_is_charged_its_most_output(
+    make_settings: Callable[..., BudgetSettings],
+) -> None:
+    """The provider's `content-length` 60 bytes short of its body: h11 hands the SDK the body
+    cut there (it raises: the JSON does not parse), without the usage at its end. It was
+    charged its prompt's estimate alone ("no usage in the response"), 1/35 of the worst case;
+    now its most output, as an answer that cannot be read is."""
+    provider = _ShortLengthProvider(_ANSWER, 60)
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    await engine.ensure_started()
+    try:
+        sdk = openai.AsyncOpenAI(
+            api_key="sk-provider-secret",
+            base_url=f"http://127.0.0.1:{provider.port}/v1",
+            max_retries=0,
+            http_client=httpx2.AsyncClient(transport=BudgetTransport(engine=engine)),
+        )
+        with pytest.raises(json.JSONDecodeError):  # what the SDK makes of the cut body
+            await sdk.chat.completions.create(
+                model="openai/gpt-4o", messages=MESSAGES, max_tokens=100
+            )
+        await engine.flush()
+        with engine.store.engine.connect() as conn:
+            query = "SELECT output_tokens, cost_nanos, estimated, note FROM bm_usage_records"
+            rows: list[Any] = list(conn.execute(text(query)))
+    finally:
+        await engine.shutdown()
+        provider.close()
+    print("records:", [tuple(r) for r in rows])
+    assert len(rows) == 1
+    output, _, estimated, note = rows[0]
+    assert (output, estimated) == (100, True)  # its max_tokens
+    assert note == "a JSON body cut short or corrupt: charged its most output"

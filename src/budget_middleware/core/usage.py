@@ -253,15 +253,16 @@ _GENERATED_JSON: Final = frozenset({"input", "arguments"})  # Anthropic's tool i
 _MAX_DEPTH: Final = 32
 
 
-def answered_chars(body: bytes) -> int:
+def answered_chars(body: bytes) -> int | None:
     """The characters a JSON answer that reports no usage generated, for its estimate (as a
     stream's are counted as they pass): the text under its `choices` (chat and legacy
     completions), `content` (Anthropic) or `output` (the Responses API), a tool call's
-    arguments and input included, ids and kinds left out. 0 for a body that is not JSON."""
+    arguments and input included, ids and kinds left out. 0 for JSON that is no object; None
+    for a body that is not JSON at all (cut short, corrupt, or some other format)."""
     try:
         document = json_loads(body)
     except JSON_ERRORS:
-        return 0
+        return None
     if type(document) is not dict:
         return 0
     return sum(_chars(document.get(key), 0) for key in _OUTPUT_KEYS)

@@ -381,10 +381,16 @@ class Exchange:
                 if stream is not None:
                     seen = stream.text_chars
                 else:
-                    parts = self.json_parts
-                    seen = answered_chars(b"".join(parts)) if parts else 0
+                    body = b"".join(self.json_parts or ())
+                    told = answered_chars(body)
+                    seen = told or 0
                     if self.json_dropped:
                         seen = max(seen, self.json_dropped + self.json_size)
+                    elif told is None and note is None and body.lstrip()[:1] in _JSON_STARTS:
+                        # JSON that does not parse: cut short (a `content-length` shorter than
+                        # the body, which the client's HTTP library cuts it to) or corrupt. Its
+                        # usage may be in what is missing: unreadable, as a bad coding is.
+                        note = "a JSON body cut short or corrupt"
                 if note is not None and (not seen or (stream is not None and stream.gave_up)):
                     # Nothing of the answer could be read (a coding we cannot decode, a corrupt
                     # body): the most it could have cost, as its reservation counted it.
