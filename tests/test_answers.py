@@ -228,19 +228,18 @@ async def test_an_anthropic_count_is_never_lowered_by_a_later_event(
 
 
 @pytest.mark.parametrize("usage", ["asked by the client", "asked by the middleware"])
-async def test_a_stream_the_meter_gives_up_on_is_charged_its_most_output(
+async def test_a_stream_cut_after_an_event_over_16_mib_is_charged_its_most_output(
     settings: BudgetSettings, usage: str
 ) -> None:
-    """An "event" over 16 MiB is no SSE: the meter stops reading, and the usage after it is
-    never seen. It was charged its prompt alone; now the most its request allows."""
-    chunks = [b": " + b"p" * (1 << 20) for _ in range(17)] + [b"\n\n"]
-    chunks += [chunk(None, {"prompt_tokens": 10, "completion_tokens": 5000}), b"data: [DONE]\n\n"]
+    """An "event" over 16 MiB is not held but skipped unread; the stream cut after it, with
+    no usage read since, is charged the most its request allows (its prompt alone before)."""
+    chunks = [b": " + b"p" * (1 << 20) for _ in range(17)] + [b"\n\n", chunk("hi")]
     request = STREAM_REQUEST if usage == "asked by the client" else {**STREAM_REQUEST}
     if usage == "asked by the middleware":
         del request["stream_options"]
     row = await charged(settings, SSE, chunks, request)
     assert (row.output_tokens, row.estimated) == (100, True)  # its max_tokens
-    assert row.note == "an event over 16 MiB: the stream was not read on: charged its most output"
+    assert row.note == "an event over 16 MiB was not read: charged its most output"
 
 
 # -- JSON answers --------------------------------------------------------------------------
@@ -356,19 +355,17 @@ async def test_a_json_answer_labelled_an_event_stream_is_read_as_json(
 async def test_a_stream_given_up_on_after_its_first_usage_is_charged_its_most_output(
     settings: BudgetSettings, shape: str
 ) -> None:
-    """Anthropic reports usage in `message_start`, vLLM on every chunk: a stream given up on
-    after that was charged from its usage so far (1 output token), not its most output."""
+    """Anthropic reports usage in `message_start`, vLLM on every chunk: a stream cut after an
+    event over 16 MiB, no usage read since, was charged from its usage so far (1 output
+    token), not its most output."""
     big = [b": " + b"p" * (1 << 20) for _ in range(17)] + [b"\n\n"]
     if shape == "anthropic":
         start = {"id": "m", "type": "message", "role": "assistant", "content": []}
         start["usage"] = {"input_tokens": 10, "output_tokens": 1}
-        late = event({"type": "message_delta", "usage": {"output_tokens": 5000}}, "message_delta")
         chunks = [event({"type": "message_start", "message": start}, "message_start"), *big]
-        chunks += [late, event({"type": "message_stop"}, "message_stop")]
         request = {**STREAM_REQUEST, "stream_options": None}
     else:
         chunks = [chunk("a", {"prompt_tokens": 10, "completion_tokens": 1}), *big]
-        chunks += [chunk(None, {"prompt_tokens": 10, "completion_tokens": 5000})]
         request = STREAM_REQUEST
     row = await charged(settings, SSE, chunks, request)
     assert (row.input_tokens, row.output_tokens, row.estimated) == (10, 100, True)  # max_tokens
@@ -509,3 +506,42 @@ def test_a_wsgi_answer_longer_than_its_content_length_is_charged_what_it_reports
 ) -> None:
     row = wsgi_charged(settings, _LONGER, _ANSWER)
     assert (row.cost_nanos, row.estimated) == (cost(10, 5000), False)
+
+
+_BIG_EVENT = [b": " + b"p" * (1 << 20) for _ in range(17)] + [b"\n\n"]  # over 16 MiB
+
+
+@pytest.mark.parametrize("shape", ["openai, usage asked by the middleware", "anthropic"])
+async def test_the_usage_after_an_event_over_16_mib_is_read_and_ours_dropped(
+    settings: BudgetSettings, shape: str
+) -> None:
+    """The meter stopped reading a stream at an event over 16 MiB: the usage-only chunk it had
+    asked for reached the client after it (which naive clients read as `choices[0]`), and the
+    usage reported after it was never read (charged its max_tokens, 100 of 5,000 output tokens
+    reported). The event is skipped unread now, not held, and the stream read again after it."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 5000}
+    if shape == "anthropic":
+        start = {"id": "m", "type": "message", "role": "assistant", "content": []}
+        start["usage"] = {"input_tokens": 10, "output_tokens": 1}
+        late = event({"type": "message_delta", "usage": {"output_tokens": 5000}}, "message_delta")
+        chunks = [event({"type": "message_start", "message": start}, "message_start")]
+        chunks += [*_BIG_EVENT, late, event({"type": "message_stop"}, "message_stop")]
+        request = {**STREAM_REQUEST, "stream_options": None}
+    else:
+        chunks = [chunk("hi"), *_BIG_EVENT, chunk(None, usage), b"data: [DONE]\n\n"]
+        request = {**STREAM_REQUEST}
+        del request["stream_options"]
+    app = BudgetMiddleware(answering(200, SSE, chunks), settings=settings)
+    async with running(app):
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            answer = await http.post("/v1/chat/completions", json=request)
+        await app.engine.flush()
+        rows = rows_of(app.engine)
+    data = [line[6:] for line in answer.content.split(b"\n") if line.startswith(b"data: {")]
+    empty = sum(1 for d in data if json.loads(d).get("choices") == [])
+    row = rows[0]
+    print(f"chunks with no choice {empty}; charged {row.input_tokens} in, {row.output_tokens} out")
+    assert len(answer.content) > 16 << 20  # the event passed on, as it came
+    assert (row.input_tokens, row.output_tokens, row.estimated) == (10, 5000, False)
+    assert empty == 0

@@ -348,18 +348,20 @@ async def test_a_stream_whose_usage_is_followed_by_an_empty_one_is_charged_that_
 
 
 @pytest.mark.parametrize("drop", [False, True])
-def test_a_stream_that_is_no_sse_is_given_up_on_even_if_events_follow(
+def test_a_stream_is_read_again_after_an_event_too_large_to_hold(
     drop: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Past the limit of an event's size the meter stops reading (and holding) the stream: what
-    follows passes on unread, however well formed."""
+    """Past the limit of an event's size the meter stops holding it: it passes on unread, and
+    the stream is read again after its blank line (the usage chunk we asked for dropped)."""
     monkeypatch.setattr("budget_middleware.core.sse._MAX_PENDING", 100)
     garbage = b"x" * 150
     rest = b"\n\n" + b"".join(_stream(None))
     meter = StreamMeter(drop_usage_chunk=drop)
     out = meter.feed(garbage[:120]) + meter.feed(garbage[120:] + rest) + meter.finish()
-    assert out == garbage + rest
-    assert meter.usage is None and not meter.completed
+    kept = [c for c in _stream(None) if b'"choices":[]' not in c] if drop else _stream(None)
+    assert out == garbage + b"\n\n" + b"".join(kept)
+    assert meter.usage is not None and meter.completed and meter.gave_up
+    assert not meter.gap_unread()  # a usage read after it
 
 
 def test_a_chunk_with_a_type_of_its_own_is_still_read_as_a_chat_chunk() -> None:

@@ -433,6 +433,27 @@ def test_a_stream_that_is_no_sse_is_passed_on_unread(monkeypatch: pytest.MonkeyP
         assert run.output == stream and run.meter.usage is None
 
 
+@pytest.mark.parametrize("eol", ["\n", "\r", "\r\n"])
+@pytest.mark.parametrize("drop", [False, True])
+def test_a_stream_is_read_again_after_an_event_too_large_to_hold_however_cut(
+    eol: str, drop: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event over the limit (several lines, a comment among them) is skipped to its blank
+    line, wherever the chunks cut it (a CRLF split included): what follows is read, the usage
+    chunk we asked for dropped, every other byte passed on as it came."""
+    monkeypatch.setattr("budget_middleware.core.sse._MAX_PENDING", 400)  # over any other event
+    big = render([["data: " + "x" * 250, ": " + "y" * 250, "data: " + "z" * 250]], eol)
+    blocks = openai_chat(["Hel", "lo"])
+    stream = big + render(blocks, eol)
+    kept = big + render([b for b in blocks if b != [CHAT_USAGE_CHUNK]] if drop else blocks, eol)
+    for cut in range(1, len(stream)):
+        for cuts in ([cut], [cut, cut + 1]):
+            run = meter_all(stream, drop, cuts)
+            assert run.output == kept, cuts
+            assert run.meter.usage == TokenUsage(19, 10, 3), cuts
+            assert run.meter.completed and not run.meter.gap_unread(), cuts
+
+
 # --- fuzz: chunk boundaries change nothing -------------------------------------------------------
 
 texts = st.lists(st.text(st.characters(codec="utf-8"), min_size=1, max_size=8), max_size=5)

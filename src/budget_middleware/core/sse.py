@@ -16,7 +16,11 @@ _LF: Final = 0x0A
 _CR: Final = 0x0D
 _COLON: Final = 0x3A
 _BOM: Final = b"\xef\xbb\xbf"
-_MAX_PENDING: Final = 16 * 1024 * 1024  # an "event" this large is no SSE: stop reading the stream
+_MAX_PENDING: Final = 16 * 1024 * 1024  # an "event" this large is not held: skipped unread
+# Where the bytes of a skipped event have got to (`_gap_end`): at the start of a line, just
+# after a CR (a LF next is part of that line end).
+_AT_START: Final = 1
+_AFTER_CR: Final = 2
 
 # Responses API events whose `delta` is generated text (audio deltas are base64, not text)
 _RESPONSES_TEXT: Final = frozenset(
@@ -158,6 +162,18 @@ class SSEDecoder:
             buf += memoryview(chunk)[cut:]
         return events
 
+    def abandon(self) -> tuple[bytes, int | None]:
+        """Gives up the event in progress (one too large to hold): the bytes held, and where
+        they leave the event (`_AT_START`, `_AFTER_CR`; None: at no event, none to skip). The
+        decoder is then ready for what follows the event's blank line."""
+        buf = self._buf
+        held = bytes(buf)
+        gap = None
+        if self._block < len(buf):
+            gap = (_AT_START if self._line == len(buf) else 0) | (_AFTER_CR if self._skip_lf else 0)
+        self._reset()
+        return held, gap
+
     def release(self) -> bytes:
         """Hands back the comment-only blocks read since the last event, so they can go on now;
         the next event's `raw` then starts after them."""
@@ -213,8 +229,10 @@ class StreamMeter:
     highest value). Until `completed` it may be partial (Anthropic's output count only grows with
     `message_delta`): for a cut stream, estimate the output from `text_chars`, the generated
     characters streamed; `text_at_usage` is how many had been streamed when `usage` was last
-    read (text after it is not in it). `gave_up`: an event over _MAX_PENDING bytes stopped the
-    reading, and nothing after it was read.
+    read (text after it is not in it). `gave_up`: an event over _MAX_PENDING bytes was skipped
+    unread (passed on as it came, not held); the stream is read again from its end, so a usage
+    chunk after it is read, and dropped. `gap_unread()`: and no usage was read after it, so what
+    it held may be in no count.
     """
 
     __slots__ = (
@@ -222,8 +240,10 @@ class StreamMeter:
         "_decoder",
         "_drop",
         "_earlier",
+        "_gap",
         "_owe_lf",
         "_text_start",
+        "_usage_at_gap",
         "completed",
         "gave_up",
         "model",
@@ -245,12 +265,14 @@ class StreamMeter:
         self._earlier: TokenUsage | None = None  # of the Anthropic messages before this one
         self._text_start = 0  # `text_chars` when the current Anthropic message began
         self._owe_lf = False  # a dropped event ended in CR: a LF right after it is part of it
+        self._gap: int | None = None  # skipping an event over _MAX_PENDING (see `_gap_end`)
+        self._usage_at_gap: TokenUsage | None = None  # `usage` when the last one began
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to forward to the client now."""
         decoder = self._decoder
         if decoder is None:
-            return chunk
+            return chunk if self._gap is None else self._skip(chunk)
         data = decoder.whole_data(chunk)
         if data is not None:
             if self._read_data(data) and self._drop:  # the usage chunk we caused: drop it
@@ -263,8 +285,7 @@ class StreamMeter:
             for event in events:
                 self._read(event)
             if decoder.pending > _MAX_PENDING:
-                self._decoder = None
-                self.gave_up = True
+                self._give_up(decoder)
             return chunk
         out: list[bytes] = []
         for event in events:
@@ -275,11 +296,31 @@ class StreamMeter:
                 self._emit(out, event.raw)
         self._emit(out, decoder.release())
         if decoder.pending > _MAX_PENDING:
-            self._decoder = None
-            self.gave_up = True
-            for event in decoder.flush():
-                self._emit(out, event.raw)
+            self._emit(out, self._give_up(decoder))
         return b"".join(out)
+
+    def _give_up(self, decoder: SSEDecoder) -> bytes:
+        """An event over _MAX_PENDING bytes (no SSE, or one that big): not held, skipped unread
+        to its blank line (`_skip`), the stream read again after it. Its bytes held so far are
+        handed back, to go on."""
+        held, gap = decoder.abandon()
+        if gap is not None:
+            self._decoder = None
+            self._gap = gap
+            self.gave_up = True
+            self._usage_at_gap = self.usage
+        return held
+
+    def _skip(self, chunk: bytes) -> bytes:
+        """A chunk of the event being skipped, passed on unread; from its end on, read again."""
+        end, self._gap = _gap_end(chunk, self._gap or 0)
+        if end < 0:
+            return chunk
+        self._gap = None
+        self._decoder = SSEDecoder()
+        rest = chunk[end:]
+        out = self.feed(rest) if rest else rest
+        return chunk if out is rest else chunk[:end] + out
 
     def finish(self) -> bytes:
         """The bytes left to forward at the end of the stream."""
@@ -398,6 +439,11 @@ class StreamMeter:
                 usage = _added(self._earlier, usage)
             self._take(usage)
 
+    def gap_unread(self) -> bool:
+        """Whether no usage was read after the last event skipped (`gave_up`): a usage after it
+        counts all of it (OpenAI's last chunk, Anthropic's cumulative `message_delta`)."""
+        return self.gave_up and self.usage is self._usage_at_gap
+
     def streamed_output(self) -> int:
         """The output tokens the streamed text shows at least, 4 characters a token: of the
         current message's text, beside what the messages before it reported."""
@@ -439,6 +485,20 @@ def _line_ends(data: bytes | bytearray, pos: int) -> list[tuple[int, int]]:
         if 0 <= cr < pos:
             cr = data.find(b"\r", pos)
     return ends
+
+
+def _gap_end(data: bytes, gap: int) -> tuple[int, int | None]:
+    """Where a skipped event ends in `data`, just past its blank line (-1: not in it), and
+    where its bytes leave it for the next chunk (`gap` says where the last chunk left it)."""
+    if not data:
+        return -1, gap
+    pos = 1 if gap & _AFTER_CR and data[0] == _LF else 0  # the second half of a CRLF
+    start = pos if gap & _AT_START else -1  # where the current line starts, if in `data`
+    for eol, line_end in _line_ends(data, pos):
+        if eol == start:  # a blank line: the event's end
+            return line_end, None
+        start = line_end
+    return -1, (_AT_START if start == len(data) else 0) | (_AFTER_CR if data[-1] == _CR else 0)
 
 
 def _object(data: str) -> dict[str, Any] | None:

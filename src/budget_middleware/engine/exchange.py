@@ -324,7 +324,8 @@ class Exchange:
             usage = stream.usage
             if usage is None:
                 return None
-            if stream.gave_up:  # not read on after an event over 16 MiB: the most it may cost
+            if stream.gave_up and stream.gap_unread():  # (`gave_up` first: no call as a rule)
+                # An event over 16 MiB skipped unread, no usage read since: the most it may cost.
                 self.estimated = True
                 most = self.engine.gate.most_output(self.target)
                 return replace(
@@ -363,8 +364,8 @@ class Exchange:
         estimated = self.estimated
         note = self.unreadable
         stream = self.stream
-        if note is None and stream is not None and stream.gave_up:
-            note = "an event over 16 MiB: the stream was not read on"
+        if note is None and stream is not None and stream.gave_up and stream.gap_unread():
+            note = "an event over 16 MiB was not read"
         if self.header_cost is not None:
             cost, source = self.header_cost, "header"
         elif usage is not None and usage.cost is not None:
