@@ -1732,3 +1732,69 @@ async def test_a_json_answer_longer_than_its_content_length_is_charged_its_most_
     output, _, estimated, note = rows[0]
     assert (output, estimated) == (100, True)  # its max_tokens
     assert note == "a JSON body cut short or corrupt: charged its most output"
+
+
+def test_a_sync_stream_left_by_break_holds_its_slot_until_the_collector_runs(
+    make_settings: Settings,
+) -> None:
+    """The OpenAI SDK's sync stream, like its async one, is a reference cycle (the `Stream` and
+    its own generator): left by `break` and dropped unclosed, reference counting frees nothing,
+    and its slot (and reservation) are held until the collector runs: the next call on a key of
+    one slot is a 429. The transport cannot tell it apart from a stream being read slowly;
+    closed (`with ... as stream`, `stream.close()`) it is released at once. As the README says."""
+    from budget_middleware.outbound.transport import on_loop
+
+    delta = {"index": 0, "delta": {"content": "w "}}
+    event = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o", "choices": [delta]}
+
+    class Pieces(httpx2.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            for _ in range(50):
+                yield b"data: " + json.dumps(event).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Pieces())
+
+    transport = BudgetSyncTransport(httpx2.MockTransport(provider), make_settings())
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 1})
+    sdk = openai.OpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.Client(transport=transport),
+        max_retries=0,
+    )
+
+    def in_flight() -> int:
+        return sum(slot.in_flight for slot in engine.registry.concurrency.values())
+
+    def left_by_break(close: bool) -> None:
+        with charge_to(virtual_key=key.value):
+            stream = sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+            if close:
+                with stream:
+                    for _ in stream:
+                        break
+            else:
+                for _ in stream:
+                    break
+
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        left_by_break(close=False)
+        held = in_flight()
+        with pytest.raises(openai.RateLimitError):
+            left_by_break(close=False)
+        gc.collect()
+        after_collection = in_flight()
+        left_by_break(close=True)
+        closed = in_flight()
+    finally:
+        if collecting:
+            gc.enable()
+        on_loop(engine, engine.shutdown)
+    print(f"slot held: dropped {held}, after gc.collect() {after_collection}, closed {closed}")
+    assert (held, after_collection, closed) == (1, 0, 0)
