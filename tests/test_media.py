@@ -251,6 +251,31 @@ async def test_an_answer_without_usage_measures_no_image(
     assert codes.count(200) == 1 and codes.count(429) == 19  # the first runs alone
 
 
+async def test_a_charge_that_cannot_be_worked_out_is_no_image_request_s_reservation(
+    make_settings: Settings, pricing_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should working out a charge fail (a bug), the reservation's estimate is charged: an
+    unmeasured image request's reservation is all one request can be charged, which is no
+    estimate (a review's: $1,000,000 charged for one image request), so its body's is."""
+    from budget_middleware.engine.exchange import Exchange
+
+    def broken(self: Exchange, outcome: str) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Exchange, "_work_out", broken)
+    app = provider_app(make_settings(pricing_file=pricing_file))
+    engine = app.engine
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": LIMIT}])
+        auth = {"authorization": f"Bearer {key.value}"}
+        answer = await http.post("/v1/chat/completions", json=image_chat(), headers=auth)
+        counter = engine.registry.counter("budget", key.budgets[0].id)
+    assert counter is not None
+    print(f"charge failed: ${counter.value / NANO:.6f} charged")
+    assert answer.status_code == 200
+    assert 0 < counter.value < one_request_nanos()  # the body's estimate: its image unknown
+
+
 async def test_inline_images_and_text_reserve_their_estimate_alone(
     make_settings: Settings, pricing_file: Path
 ) -> None:

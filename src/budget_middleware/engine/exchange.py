@@ -548,8 +548,11 @@ class Exchange:
             logger.exception(
                 "budget-middleware could not work out a charge; the estimate is charged"
             )
-            # The reservation's estimate; none without a price (that reservation is no estimate).
+            # The reservation's estimate; none without a price, nor all one request can be
+            # charged (media not measured yet, `gate._with_media`): those are no estimate.
             reserved = self.ticket_estimate if self.price is not None else 0
+            if reserved >= MAX_CHARGE_NANOS:
+                reserved = 0
             cost = reserved or estimate_nanos(
                 self.price,
                 self.prompt_tokens,
