@@ -575,6 +575,24 @@ async def test_long_context_requests_are_charged_their_tier(
     assert row.cost_nanos == want
 
 
+async def test_a_tool_loop_s_turns_are_each_priced_at_their_own_tier(
+    make_settings: Settings,
+) -> None:
+    """Two turns of a tool loop streamed as one answer (two Anthropic messages), 150k input
+    tokens each: each turn is a request of its own below the 200k tier, so both pay $3/$15 per
+    Mtok. Their summed 300k paid the long-context tier on every token (a review's: $1.8225 for
+    $0.915)."""
+    model = "claude-sonnet-4-5"
+    usage = {"input_tokens": 150_000, "output_tokens": 500}
+    turn = anthropic_answer(usage, True, model)
+    assert isinstance(turn, list)
+    row = await charged_for(make_settings, "/v1/messages", model, turn + turn)
+    want = 2 * nanos(Usage(input_tokens=150_000, output_tokens=500), model, "anthropic")
+    print("two 150k turns: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert row.input_tokens == 300_000
+    assert row.cost_nanos == want
+
+
 @pytest.mark.parametrize("prompt", [200_000, 200_001])
 async def test_gemini_is_charged_its_long_context_tier_above_200k_tokens(
     make_settings: Settings, prompt: int

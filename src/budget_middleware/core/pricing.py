@@ -92,7 +92,7 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     Integer arithmetic: exact.
     """
     if price.tiers:
-        price = in_force(price, usage.input_tokens)
+        price = in_force(price, usage.tier_input_tokens or usage.input_tokens)
     rates = price._rates
     read, write, out = usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens
     read = read if read > 0 else 0  # conditionals, not max(): this runs on every request

@@ -49,6 +49,9 @@ class TokenUsage:
       `audio_tokens`; priced at the audio rates).
     - `web_searches`: the server-side web searches (Anthropic's
       `server_tool_use.web_search_requests`), priced per search.
+    - `tier_input_tokens`: the input that picks a long-context price tier when it is not
+      `input_tokens` (0): of several requests' usages added (`plus`, a tool loop's turns), the
+      largest one's, for each turn is priced by its own size (at most: all at the largest's).
     """
 
     input_tokens: int = 0
@@ -60,6 +63,7 @@ class TokenUsage:
     input_audio_tokens: int = 0
     output_audio_tokens: int = 0
     web_searches: int = 0
+    tier_input_tokens: int = 0
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's)."""
@@ -74,6 +78,10 @@ class TokenUsage:
             self.input_audio_tokens + other.input_audio_tokens,
             self.output_audio_tokens + other.output_audio_tokens,
             self.web_searches + other.web_searches,
+            max(
+                self.tier_input_tokens or self.input_tokens,
+                other.tier_input_tokens or other.input_tokens,
+            ),
         )
 
     @property
