@@ -132,7 +132,7 @@ def estimate_nanos(price: ModelPrice | None, input_tokens: int, output_tokens: i
     """Worst-case cost to reserve: all input uncached, at its tier's prices; 0 when unpriced."""
     if price is None:
         return 0
-    rates = in_force(price, input_tokens)._rates
+    rates = (in_force(price, input_tokens) if price.tiers else price)._rates
     femto = (input_tokens if input_tokens > 0 else 0) * rates[0]
     femto += (output_tokens if output_tokens > 0 else 0) * rates[1]
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO

@@ -206,7 +206,7 @@ class AlertRow(StoreModel, table=True):
 
 class FlushRow(StoreModel, table=True):
     """An applied flush batch: a batch retried after an unclear commit is not applied twice.
-    Kept `FLUSH_IDS_KEPT_DAYS`, then pruned by the flusher's sweep."""
+    Kept `engine.FLUSH_IDS_KEPT` (30 days), then pruned by the flusher's sweep."""
 
     __tablename__ = "bm_flushes"
     batch_id: str = Field(primary_key=True, max_length=32)
