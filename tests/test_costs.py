@@ -521,6 +521,41 @@ async def test_anthropic_cache_writes_are_priced_at_their_own_ttl(
     assert row.cost_nanos == want
 
 
+async def test_a_gateway_s_zeroed_cache_creation_in_message_delta_lowers_no_1h_write(
+    make_settings: Settings,
+) -> None:
+    """A gateway's `message_delta` repeating the counts with `cache_creation` zeroed replaced
+    message_start's whole object: its 2,000 one-hour writes were charged as 5-minute ones (a
+    review's). Nested counts, like the top-level ones, are never lowered."""
+    usage = {
+        "input_tokens": 100,
+        "cache_read_input_tokens": 2000,
+        "cache_creation_input_tokens": 3000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+        "output_tokens": 500,
+    }
+    model = "claude-sonnet-4-20250514"
+    events = anthropic_answer(usage, True)
+    assert isinstance(events, list)
+    zeroed = {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}
+    events[2] = {**events[2], "usage": {**usage, "cache_creation": zeroed}}
+    row = await charged_for(make_settings, "/v1/messages", model, events)
+    want = nanos(
+        Usage(
+            input_tokens=5100,
+            cache_read_tokens=2000,
+            cache_write_tokens=3000,
+            cache_write_5m_tokens=1000,
+            cache_write_1h_tokens=2000,
+            output_tokens=500,
+        ),
+        model,
+        "anthropic",
+    )
+    print("zeroed nested counts in message_delta: charged", row.cost_nanos, "of", want)
+    assert row.cost_nanos == want
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_audio_tokens_are_priced_at_the_audio_rates(
     make_settings: Settings, stream: bool

@@ -566,6 +566,39 @@ async def test_a_config_file_changing_a_budget_s_duration_keeps_its_usage(
     assert [(b["reset_duration"], b["current_usage"]) for b in budgets] == [("12h", 0.05)]
 
 
+async def test_a_soft_budget_dropped_for_a_hard_one_hands_it_none_of_its_spend(
+    make_settings: Settings,
+) -> None:
+    """One budget for one is the same budget on new terms only when both are hard or both soft:
+    a soft monthly budget replaced by a hard weekly one gave the week the month's spend."""
+    app, engine = _answering_app(make_settings())
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(
+            name="k",
+            budgets=[
+                {"max_limit": 0.03, "reset_duration": "1M", "soft": True},
+                {"max_limit": 10, "reset_duration": "1d"},
+            ],
+        )
+        auth = {"authorization": f"Bearer {key.value}"}
+        spent = await _statuses(http, auth, 5)
+        await engine.flush()
+        m.update_virtual_key(
+            key.id,
+            budgets=[
+                {"max_limit": 10, "reset_duration": "1d"},
+                {"max_limit": 0.04, "reset_duration": "1w"},
+            ],
+        )
+        after = await _statuses(http, auth, 5)
+        await engine.flush()
+        weekly = [b for b in m.list_budgets(owner_id=key.id) if b.reset_duration == "1w"]
+    print(f"spent {spent} (soft monthly $0.03 passed); the hard weekly $0.04 then {after}")
+    assert spent == [200] * 5
+    assert after == [200] * 4 + [402] and weekly[0].soft is False
+
+
 async def test_a_new_rate_window_keeps_what_the_current_one_counted(
     make_settings: Settings,
 ) -> None:

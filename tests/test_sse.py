@@ -677,9 +677,10 @@ def test_a_new_message_start_counts_its_fields_apart_and_the_stream_sums_them() 
     meter.feed(event({"type": "message_start", "message": {"model": "claude", "usage": first}}))
     assert meter.usage == TokenUsage(15, 0, 5, 0)
     meter.feed(event({"type": "message_start", "message": {"usage": {"input_tokens": 3}}}))
-    assert meter.usage == TokenUsage(15 + 3, 0, 5, 0)
+    # the largest turn's input picks a long-context tier (`tier_input_tokens`), not their sum
+    assert meter.usage == TokenUsage(15 + 3, 0, 5, 0, tier_input_tokens=15)
     meter.feed(event({"type": "message_delta", "usage": {"output_tokens": 7}}))
-    assert meter.usage == TokenUsage(18, 7, 5, 0)
+    assert meter.usage == TokenUsage(18, 7, 5, 0, tier_input_tokens=15)
     assert meter.model == "claude"
 
 

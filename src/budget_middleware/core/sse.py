@@ -214,6 +214,22 @@ class SSEDecoder:
             self._last_id = value
 
 
+def _merge_counts(known: dict[str, Any], usage: dict[str, Any], depth: int) -> None:
+    """`usage`'s counts into `known`, none lowered: in the objects nested in it too, down to
+    `depth` (Anthropic's `cache_creation` and `server_tool_use`: a `message_delta` with
+    `ephemeral_1h_input_tokens: 0` kept no 1-hour writes of those `message_start` reported)."""
+    for name, value in usage.items():
+        if value is None:
+            continue
+        old = known.get(name)
+        if type(old) in _NUMBERS and type(value) in _NUMBERS and old > value:
+            continue
+        if depth > 1 and type(old) is dict and type(value) is dict:
+            value = dict(old)
+            _merge_counts(value, usage[name], depth - 1)
+        known[name] = value
+
+
 class StreamMeter:
     """Reads usage from a `text/event-stream` response as it passes through (SPEC §7).
 
@@ -427,13 +443,7 @@ class StreamMeter:
         # never lowered (a gateway's message_delta with `input_tokens: 0` keeps message_start's)
         if isinstance(usage, dict):
             known = self._anthropic
-            for name, value in usage.items():
-                if value is None:
-                    continue
-                old = known.get(name)
-                if type(old) in _NUMBERS and type(value) in _NUMBERS and old > value:
-                    continue
-                known[name] = value
+            _merge_counts(known, usage, 2)
             usage = usage_from_mapping(known)
             if usage is not None and self._earlier is not None:
                 usage = _added(self._earlier, usage)

@@ -2,7 +2,8 @@
 
 In an update, each budget of the body is matched to one of the owner's budgets by `id`, or else
 by `reset_duration`, and keeps its usage; when one budget of the body and one of the owner's are
-left unmatched, they are the same budget on new terms (a config file cannot name ids); budgets of
+left unmatched, both hard or both soft, they are the same budget on new terms (a config file
+cannot name ids); budgets of
 the owner left out of the list are removed; an update without `budgets` leaves them alone. Two
 budgets of one owner never share a reset_duration.
 """
@@ -166,7 +167,11 @@ def write_budgets(
                 del unmatched[row.id]
                 matched[i] = (budget, row)
     new = [i for i, (budget, row) in enumerate(matched) if row is None and budget.id is None]
-    if len(new) == 1 and len(unmatched) == 1:
+    if (
+        len(new) == 1
+        and len(unmatched) == 1
+        and matched[new[0]][0].soft == next(iter(unmatched.values())).soft
+    ):
         # One budget replaced by one on other terms (a config file's entry cannot name ids): the
         # same budget changed, so it keeps its usage rather than start again from 0.
         matched[new[0]] = (matched[new[0]][0], unmatched.popitem()[1])
