@@ -30,7 +30,7 @@ from budget_middleware.manage.config_file import load_config_file
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.store import redis_counters
 from budget_middleware.store.database import Store
-from budget_middleware.store.tables import BudgetRow
+from budget_middleware.store.tables import BudgetRow, RateLimitRow
 from conftest import REDIS_URL, need_redis
 from service_support import PrivateRedis, delete_prefix, unique_prefix, use_prefix
 from support import Clock, running
@@ -634,3 +634,111 @@ async def test_new_terms_written_on_the_store_without_an_engine_carry_what_the_i
     )
     assert (admitted_b + admitted_a, code_a) == (49, "budget_exceeded")
     assert spent == 100 * CENT
+
+
+@pytest.mark.parametrize("kind", ["request", "token"])
+@pytest.mark.parametrize("writer", ["engine", "manager", "config_file"])
+async def test_new_terms_for_a_rate_limit_on_one_instance_carry_what_the_other_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str, kind: str
+) -> None:
+    """As `test_new_terms_on_one_instance_carry_what_the_other_charged_meanwhile`, for a rate
+    limit's request or token window: 100 requests (1000 tokens, 10 a request) a day, begun 2.5
+    hours ago, 30 requests counted on the second instance; the first makes it 100 an hour (the
+    window that holds now begins later: the count carries over there), through its admin API,
+    the CLI on the store or a config file, and admits one. The second counts 20 more before its
+    cache TTL (2 s), then both go on until refused: the hour holds 100 (the first seeded the
+    hour's key from the store, and the 20 went to the day's key: 69 more admitted, 120 in the
+    hour of 100)."""
+    need_redis()
+    async with serving_two(tmp_path, REDIS_URL, cache_ttl_seconds=2) as (one, two, a, b):
+        monkeypatch.setattr(redis_counters, "PREFIX", one.counters.prefix)  # type: ignore[attr-defined]
+        limit = 100 if kind == "request" else 1000
+        daily = {f"{kind}_max_limit": limit, f"{kind}_reset_duration": "1d"}
+        made = one.manager.create_virtual_key(name="k", rate_limit=daily)
+        key = made.value or ""
+        with one.store.session() as s:  # begun earlier, as if made 2.5 hours ago
+            row = s.exec(select(RateLimitRow).where(RateLimitRow.owner_id == made.id)).one()
+            setattr(row, f"{kind}_last_reset", row.request_last_reset - timedelta(hours=2.5))
+            s.add(row)
+            s.commit()
+            rate_id = row.id
+        await spend(b, key, 30)
+        await two.flush()
+        hourly = {f"{kind}_max_limit": limit, f"{kind}_reset_duration": "1h"}
+        settings = BudgetSettings(database_url=one.settings.database_url, redis_url=REDIS_URL)
+        store = Store(settings.database_url)
+        if writer == "engine":
+            await asyncio.to_thread(one.manager.update_virtual_key, made.id, rate_limit=hourly)
+        elif writer == "manager":
+            alone = BudgetManager(store, settings)
+            await asyncio.to_thread(alone.update_virtual_key, made.id, rate_limit=hourly)
+        else:
+            path = tmp_path / "budget.yaml"
+            path.write_text(f"virtual_keys:\n  - name: k\n    rate_limit: {json.dumps(hourly)}\n")
+            with_file = settings.model_copy(update={"config_file": path})
+            await asyncio.to_thread(load_config_file, store, with_file)
+        store.dispose()
+        await one.invalidate()
+        await spend(a, key, 1)
+        await spend(b, key, 20)  # the second still on the daily terms
+        await asyncio.sleep(2.5)  # its cache TTL
+        admitted_b, code_b = await spend_until_refused(b, key)
+        admitted_a, code_a = await spend_until_refused(a, key)
+        for engine in (one, two):
+            await engine.flush()
+        with one.store.session() as s:
+            row = s.exec(select(RateLimitRow).where(RateLimitRow.id == rate_id)).one()
+            stored = getattr(row, f"{kind}_current_usage")
+    print(
+        f"{writer}, {kind}s: 30 + 1 + 20 around the change, then {admitted_b} ({code_b}) and "
+        f"{admitted_a} ({code_a}) admitted: the hour holds {stored} of {limit}"
+    )
+    assert (admitted_b + admitted_a, code_a) == (49, f"{kind}_limit_exceeded")
+    assert stored == limit
+
+
+async def test_tokens_settled_after_new_terms_elsewhere_count_in_the_new_window(
+    tmp_path: Path,
+) -> None:
+    """1000 tokens a day (10 a request), begun 2.5 hours ago: 30 requests counted on the second
+    instance, and 20 more running there while the first makes it 1000 an hour and admits one.
+    The 20 settle after the carry: their 200 tokens go to the hour's key (settle.lua moves to
+    the carried window, as admit.lua does), and after the second's cache TTL both go on until
+    refused: 49 more, the hour holds 1000 (else the 200 went to the day's key: 69 more)."""
+    need_redis()
+    held = Held(20)
+    async with instances(tmp_path, REDIS_URL, cache_ttl_seconds=2) as (one, two, _):
+        one_app, two_app = host(one), host(two, held)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            daily = {"token_max_limit": 1000, "token_reset_duration": "1d"}
+            made = one.manager.create_virtual_key(name="k", rate_limit=daily)
+            key = made.value or ""
+            with one.store.session() as s:  # begun earlier, as if made 2.5 hours ago
+                row = s.exec(select(RateLimitRow).where(RateLimitRow.owner_id == made.id)).one()
+                row.token_last_reset -= timedelta(hours=2.5)
+                s.add(row)
+                s.commit()
+                rate_id = row.id
+            await spend(b, key, 30)
+            await two.flush()
+            waiting = held.requests(b, key)
+            await held.all_in.wait()
+            hourly = {"token_max_limit": 1000, "token_reset_duration": "1h"}
+            await asyncio.to_thread(one.manager.update_virtual_key, made.id, rate_limit=hourly)
+            await spend(a, key, 1)
+            held.gate.set()
+            assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 20
+            await asyncio.sleep(2.5)  # the second's cache TTL
+            admitted_b, code_b = await spend_until_refused(b, key)
+            admitted_a, code_a = await spend_until_refused(a, key)
+            for engine in (one, two):
+                await engine.flush()
+            with one.store.session() as s:
+                stored = s.exec(select(RateLimitRow).where(RateLimitRow.id == rate_id)).one()
+    print(
+        f"30, then 20 running across the change and 1, then {admitted_b} ({code_b}) and "
+        f"{admitted_a} ({code_a}) admitted: the hour holds {stored.token_current_usage} tokens "
+        "of 1000"
+    )
+    assert (admitted_b + admitted_a, code_a) == (49, "token_limit_exceeded")
+    assert stored.token_current_usage == 1000

@@ -27,6 +27,11 @@ _LIMITS: LRUCache[int, tuple[int, bytes]] = LRUCache(10_000)  # a budget's, with
 _COUNTS: LRUCache[int, int] = LRUCache(10_000)  # a rate window's
 _FLOATS: LRUCache[float, float] = LRUCache(10_000)
 
+# A window new terms moved (`owner_limits.carried`), its usage carried over: its kind ("budget",
+# "request" or "token"), its limit's id, the live window's start, the new one's start and end,
+# and the stored usage the live window's counters take (when the new one begins with it).
+Carry = tuple[str, str, float, float, float, int]
+
 
 def _shared_budget_limit(limit: int) -> tuple[int, bytes]:
     """A budget's limit and its text in dollars for the response headers, formatted once;

@@ -32,7 +32,7 @@ from budget_middleware.core.identity import hash_key, key_digest
 from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet
 from budget_middleware.core.times import from_ts
-from budget_middleware.core.windows import CounterRegistry
+from budget_middleware.core.windows import Carry, CounterRegistry
 from budget_middleware.engine.alerts import Alerts
 from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
 from budget_middleware.engine.gate import Gate
@@ -773,10 +773,10 @@ class BudgetEngine:
         assert at is not None  # given up only once the wait has ended
         return at
 
-    def terms_moved(self, carries: list[tuple[str, float, float, float, int]]) -> None:
-        """New terms written through this process moved budgets' windows, their usage carried
-        over (`owner_limits.carried`): told to the counters on the engine's loop (Redis's carry
-        it there, and mark it for the other instances)."""
+    def terms_moved(self, carries: list[Carry]) -> None:
+        """New terms written through this process moved windows (budgets', rate limits'), their
+        usage carried over (`owner_limits.carried`): told to the counters on the engine's loop
+        (Redis's carry it there, and mark it for the other instances)."""
         loop = self.loop
         if loop is not None and loop.is_running() and not self.cannot_wait():
             loop.call_soon_threadsafe(self.counters.terms_noted, carries)

@@ -595,7 +595,7 @@ def load_config_file(
     store: Store, settings: BudgetSettings, on_new_terms: OnNewTerms | None = None
 ) -> None:
     """Apply `settings.config_file` to the store (a start-up hook of the engine; blocking).
-    `on_new_terms`: the engine's live counters, told of budgets' windows new terms moved."""
+    `on_new_terms`: the engine's live counters, told of windows new terms moved."""
     if settings.config_file is None:
         return
     path = Path(settings.config_file)

@@ -27,6 +27,7 @@ from sqlmodel import Session, col, delete, select
 from budget_middleware.core.money import limit_nanos
 from budget_middleware.core.scopes import model_name_problem
 from budget_middleware.core.times import FAR_FUTURE, utc
+from budget_middleware.core.windows import Carry
 from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
 from budget_middleware.manage.schemas import BudgetIn, RateLimitIn, _Limits
 from budget_middleware.manage.status import current_window
@@ -36,8 +37,8 @@ from budget_middleware.store.tables import BudgetRow, RateLimitRow, utcnow
 
 R = TypeVar("R")
 logger = logging.getLogger("budget_middleware")
-# Told of budgets' windows that new terms moved, once written (`carried`, `OwnerWriter`).
-OnNewTerms = Callable[[list[tuple[str, float, float, float, int]]], None]
+# Told of windows that new terms moved, once written (`carried`, `OwnerWriter`).
+OnNewTerms = Callable[[list[Carry]], None]
 CARRIED = "budget_middleware.carried"  # a session's key for `carried`
 
 
@@ -237,11 +238,13 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
     if start < was:
         added = 0 if spent_before else getattr(row, usage_column)
         start, end = current_window(duration, was, aligned, now)
-    if not prefix and (start > was or added):
+    if start > was or added:
         # The usage carries over to a window beginning later than the one live counters count
-        # in now, or they take the stored usage: told to them after the commit (`carried`).
+        # in now, or they take the stored usage: told to them after the commit (`carried`), a
+        # budget's and a rate limit's request and token windows alike.
         ends = FAR_FUTURE if end is None else end.timestamp()
-        carried(row).append((row.id, was.timestamp(), start.timestamp(), ends, added))
+        kind = prefix.rstrip("_") or "budget"
+        carried(row).append((kind, row.id, was.timestamp(), start.timestamp(), ends, added))
     if spent_before:
         # All of it was spent before the new window began: what was read goes, and only that.
         # Written as an expression, so that a charge another instance's flusher writes between
@@ -254,14 +257,13 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
         setattr(row, f"{prefix}last_reset", start)
 
 
-def carried(row: Any) -> list[tuple[str, float, float, float, int]]:
-    """The budgets whose window new terms moved in the session of `row` (`_new_terms`): id,
-    the live window's start, the new one's start and end, and the stored usage the live
-    window's counters take (when the new one begins with it); told to the live counters once the
-    session commits (`OwnerWriter.on_new_terms`)."""
+def carried(row: Any) -> list[Carry]:
+    """The windows new terms moved in the session of `row` (`_new_terms`), a budget's or a rate
+    limit's (`Carry`); told to the live counters once the session commits
+    (`OwnerWriter.on_new_terms`)."""
     session = object_session(row)
     assert session is not None
-    found: list[tuple[str, float, float, float, int]] = session.info.setdefault(CARRIED, [])
+    found: list[Carry] = session.info.setdefault(CARRIED, [])
     return found
 
 
@@ -318,9 +320,7 @@ def ensure_schema(store: Store) -> None:
             _schema_ready.add(store)
 
 
-def _carry_in_redis(
-    settings: BudgetSettings, carries: list[tuple[str, float, float, float, int]]
-) -> None:
+def _carry_in_redis(settings: BudgetSettings, carries: list[Carry]) -> None:
     """New terms written without an engine: carried in Redis from here (`carry.lua`), so that
     the instances sharing it move at their next admission, their usage carried over."""
     try:
@@ -350,7 +350,7 @@ class OwnerWriter:
         self.on_change = on_change  # the engine of this process: the next request sees a write
         # The engine's live counter of a budget being reset: starts its window, says when.
         self.reset_live = reset_live
-        # The engine's live counters, told of budgets' windows that new terms moved (`carried`);
+        # The engine's live counters, told of windows that new terms moved (`carried`);
         # with no engine (the CLI, a config file on the store), Redis's counters directly.
         if on_new_terms is None and settings.redis_url:
             on_new_terms = functools.partial(_carry_in_redis, settings)

@@ -20,7 +20,7 @@ from budget_middleware.core.records import Delta
 from budget_middleware.core.routing import trial_order
 from budget_middleware.core.scopes import LimitSet
 from budget_middleware.core.times import FAR_FUTURE, from_ts, utc
-from budget_middleware.core.windows import CounterRegistry, WindowCounter
+from budget_middleware.core.windows import Carry, CounterRegistry, WindowCounter
 
 if TYPE_CHECKING:
     from budget_middleware.settings import BudgetSettings
@@ -63,12 +63,9 @@ class CounterBackend(ABC):
         """A budget was reset at `at` through this process (shared backends tell the others,
         by `mark_now` on the loop or `marks_soon` from elsewhere)."""
 
-    def terms_noted(  # noqa: B027 - optional hook
-        self, carries: Sequence[tuple[str, float, float, float, int]]
-    ) -> None:
-        """New terms written through this process moved budgets' windows (id, old window's
-        start, new one's start and end): their usage carries over (shared backends carry it
-        and tell the others)."""
+    def terms_noted(self, carries: Sequence[Carry]) -> None:  # noqa: B027 - optional hook
+        """New terms written through this process moved windows (`Carry`: budgets', rate
+        limits'): their usage carries over (shared backends carry it and tell the others)."""
 
     async def mark_now(self) -> None:  # noqa: B027 - optional hook
         """Tell the other instances of the resets noted, now."""

@@ -9,6 +9,9 @@ admitted, `admission.admit_first`'s rule); settlement is one call too. Keys, und
   or token count). The client computes the window from its `WindowCounter`, so every instance
   agrees on the key; the key expires by itself some time after the window ends.
 - `c:{rate limit id}`: a ZSET of request ids holding a concurrency slot, scored by expiry.
+- `rs:{budget id}`, `rs:request:{rate limit id}`, `rs:token:{rate limit id}`: where a window
+  began anew elsewhere (a budget's reset, new terms: `mark_key`); every admission and
+  settlement reads the marks of its windows, and moves there first.
 - `rz:{budget id}` / `rh:{budget id}`: the reservations in flight on a budget, a ZSET of
   request id -> expiry and a HASH of request id -> amount. The script removes expired entries
   and sums the live ones on every admission (no running total that could drift).
@@ -58,7 +61,7 @@ from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.records import Delta
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import FAR_FUTURE, utc
-from budget_middleware.core.windows import CounterRegistry, WindowCounter, ensure_current
+from budget_middleware.core.windows import Carry, CounterRegistry, WindowCounter, ensure_current
 from budget_middleware.exceptions import ServiceUnavailable
 from budget_middleware.store.counters import CounterBackend
 
@@ -98,17 +101,21 @@ def _key_ttl_ms(end: float, now: float) -> int:
     return max(int((end - now + WINDOW_MARGIN_SECONDS) * 1000), 1)
 
 
-def carry_now(
-    settings: BudgetSettings, carries: Sequence[tuple[str, float, float, float, int]]
-) -> None:
-    """Carry budgets' windows that new terms moved (`RedisCounters.terms_noted`'s) from a
-    writer with no engine (the CLI, a config file applied on the store), under `PREFIX`."""
+def mark_key(prefix: str, kind: str, id: str) -> str:
+    """The mark of a window begun anew elsewhere (`mark_reset.lua`, `carry.lua`): a budget's by
+    its id, a rate limit's request and token windows (one id) each by its kind."""
+    return f"{prefix}rs:{id}" if kind == "budget" else f"{prefix}rs:{kind}:{id}"
+
+
+def carry_now(settings: BudgetSettings, carries: Sequence[Carry]) -> None:
+    """Carry windows that new terms moved (`RedisCounters.terms_noted`'s) from a writer with no
+    engine (the CLI, a config file applied on the store), under `PREFIX`."""
     now = time.time()
     keys: list[str] = []
     args: list[Any] = []
-    for id_, was, start, end, added in carries:
-        old, new = (f"{PREFIX}w:budget:{id_}:{int(t * 1000)}" for t in (was, start))
-        keys += [f"{PREFIX}rs:{id_}", old, new]
+    for kind, id_, was, start, end, added in carries:
+        old, new = (f"{PREFIX}w:{kind}:{id_}:{int(t * 1000)}" for t in (was, start))
+        keys += [mark_key(PREFIX, kind, id_), old, new]
         args += [repr(start), mark_ttl_ms(settings), _key_ttl_ms(end, now), added]
     timeout = settings.redis_timeout_seconds
     client = SyncRedis.from_url(
@@ -194,7 +201,7 @@ class RedisCounters(CounterBackend):
         self._seeding: dict[str, asyncio.Future[None]] = {}  # one seed per key at a time
         # Budgets reset here whose mark Redis has not taken yet: mark key -> (moment, ttl_ms).
         self._marks: dict[str, tuple[float, int]] = {}
-        # Budgets whose window new terms moved, not carried in Redis yet (`terms_noted`):
+        # Windows new terms moved, not carried in Redis yet (`terms_noted`):
         # mark key -> (old window's key, new window's key, its start, its key's ttl_ms, the
         # stored usage to add to it).
         self._carries: dict[str, tuple[str, str, float, int, int]] = {}
@@ -410,7 +417,7 @@ class RedisCounters(CounterBackend):
         its mark is written by `mark_now` or `marks_soon` (the reset's), else by the heartbeat
         or the next admission, and kept in Redis until every instance has read the budget
         again from the store."""
-        key = f"{self.prefix}rs:{budget_id}"
+        key = mark_key(self.prefix, "budget", budget_id)
         known = self._marks.get(key)
         if known is None or known[0] < at:
             self._marks[key] = (at, mark_ttl_ms(self.settings))
@@ -446,18 +453,17 @@ class RedisCounters(CounterBackend):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def terms_noted(self, carries: Sequence[tuple[str, float, float, float, int]]) -> None:
-        """New terms written through this process moved budgets' windows (budget id, the old
-        window's start, the new one's, its end, the stored usage the live window takes;
-        `owner_limits.carried`): the usage carries over in Redis too (carry.lua, by
+    def terms_noted(self, carries: Sequence[Carry]) -> None:
+        """New terms written through this process moved windows, a budget's or a rate limit's
+        (`Carry`, `owner_limits.carried`): the usage carries over in Redis too (carry.lua, by
         `write_marks` on the loop now, or before the next admission or settlement), and the
         other instances move there at their next one."""
         now = self.clock()
-        for id_, was, start, end, added in carries:
-            mark = f"{self.prefix}rs:{id_}"
+        for kind, id_, was, start, end, added in carries:
+            mark = mark_key(self.prefix, kind, id_)
             old = self._carries.get(mark)
-            old_key = old[0] if old is not None else self._window_key("budget", id_, was)
-            new_key = self._window_key("budget", id_, start)
+            old_key = old[0] if old is not None else self._window_key(kind, id_, was)
+            new_key = self._window_key(kind, id_, start)
             self._carries[mark] = (old_key, new_key, start, _key_ttl_ms(end, now), added)
         loop = self._loop
         if loop is not None and loop.is_running():
@@ -470,7 +476,7 @@ class RedisCounters(CounterBackend):
         counter.move_to(float(at), now, self.ledger, carried=how == "carried")
 
     async def write_marks(self) -> None:
-        """The resets' marks, and the carries of budgets new terms moved (`_new_terms`)."""
+        """The resets' marks, and the carries of windows new terms moved (`_new_terms`)."""
         if self._carries and self._carry is not None:
             carries, self._carries = self._carries, {}
             keys: list[str] = []
@@ -543,8 +549,9 @@ class RedisCounters(CounterBackend):
                     continue
                 if answer[0] != "moved":
                     break
-                # A budget reset on another instance since its window began: its window starts
-                # at the reset here too, before anything is charged to it.
+                # A window begun anew elsewhere since it began here (a budget reset, new terms
+                # for a budget or a rate limit): it starts there here too, before anything is
+                # charged to it.
                 entries = [entry for plan in plans for entry in plan]
                 for n in range(1, len(answer), 2):
                     counter = entries[int(answer[n]) - 1].counter
@@ -605,10 +612,9 @@ class RedisCounters(CounterBackend):
             args += [estimate if reserve else 0, len(plan)]
             for entry in plan:
                 keys += entry.keys
-                if entry.kind in "bs":
-                    counter = entry.counter
-                    assert counter is not None
-                    keys.append(f"{p}rs:{counter.id}")
+                counter = entry.counter
+                if counter is not None:  # a window: its mark, and where it begins here
+                    keys.append(mark_key(p, counter.kind, counter.id))
                     args += [entry.kind, entry.limit, repr(counter.start)]
                 else:
                     args += [entry.kind, entry.limit]
@@ -688,7 +694,7 @@ class RedisCounters(CounterBackend):
                     # empty) or not there yet: the window moves to the reset, not seeded as it
                     # was; the mark is written again for the other instances.
                     counter.move_to(reset_at, now, self.ledger)
-                    mark = f"{self.prefix}rs:{counter.id}"
+                    mark = mark_key(self.prefix, "budget", counter.id)
                     if mark not in self._marks or self._marks[mark][0] < reset_at:
                         self._marks[mark] = (reset_at, mark_ttl_ms(self.settings))
                     moved = True
@@ -900,10 +906,9 @@ class RedisCounters(CounterBackend):
         for entry in plan:
             keys += entry.keys
             kinds.append(entry.kind)
-            if entry.kind in "bs":
-                counter = entry.counter
-                assert counter is not None
-                keys.append(f"{self.prefix}rs:{counter.id}")
+            counter = entry.counter
+            if counter is not None:  # a window: its mark, and where it begins here
+                keys.append(mark_key(self.prefix, counter.kind, counter.id))
                 kinds.append(repr(counter.start))
         return keys, kinds
 
@@ -1002,8 +1007,9 @@ class RedisCounters(CounterBackend):
                     )
                     if not answer or answer[0] != "moved":
                         break
-                    # A budget reset on another instance since its window began: what settles
-                    # now counts in the new window (as `admission.settle` counts it there).
+                    # A window begun anew elsewhere since it began here (a budget reset, new
+                    # terms): what settles now counts in the new window (as `admission.settle`
+                    # counts it there).
                     for n in range(1, len(answer), 2):
                         counter = plan[int(answer[n]) - 1].counter
                         assert counter is not None

@@ -5,20 +5,21 @@
 --   from the most room down, as `routing.trial_order` ranks them), the number of candidates, then per
 --   candidate: its reservation, its number of counters, and per counter: kind ("r" requests,
 --   "t" tokens, "c" concurrency slots, "b" budget, "s" soft budget: seeded and read, never
---   checked nor reserved), limit; b/s: then the window's start (epoch seconds, as text).
--- KEYS, in the same order: r/t: the window key; c: the slot ZSET; b: the window key, the
--- reservation ZSET (request id -> expiry), the reservation HASH (request id -> amount) and the
--- reset mark (mark_reset.lua); s: the window key and the reset mark.
+--   checked nor reserved), limit, then (every kind but c) the window's start (epoch seconds,
+--   as text).
+-- KEYS, in the same order: r/t/s: the window key and its mark (mark_reset.lua's, carry.lua's);
+-- c: the slot ZSET; b: the window key, the reservation ZSET (request id -> expiry), the
+-- reservation HASH (request id -> amount) and the mark.
 --
--- Returns {"moved", g, at, ...} when a budget was reset (at: the mark, mark_reset.lua's, or
--- carry.lua's for new terms) after its window began: the client starts that window at the mark
--- and calls again; {"seed", g, ...} when window keys are missing (g: a counter's place among all the
--- candidates' counters, from 1; the client seeds them from the store with SET NX and calls
--- again); {"ok", c, n, <why>..., v1, r1, v2, r2, ...}: candidate c (from 1) admitted, after why
--- each of the n candidates tried before it was refused (c, i, code, used, reserved: the
--- candidate and its refusing counter, from 1), then each of its counters' value and
--- reservations in flight after admission; or {"no", <why>...}: every candidate refused, each
--- one's why in the order tried.
+-- Returns {"moved", g, at, ...} when a window began anew after it began here (at: the mark, a
+-- budget's reset's, or carry.lua's for new terms, a budget's or a rate limit's): the client starts
+-- that window at the mark and calls again; {"seed", g, ...} when window keys are missing (g: a
+-- counter's place among all the candidates' counters, from 1; the client seeds them from the store
+-- with SET NX and calls again); {"ok", c, n, <why>..., v1, r1, v2, r2, ...}: candidate c (from 1)
+-- admitted, after why each of the n candidates tried before it was refused (c, i, code, used,
+-- reserved: the candidate and its refusing counter, from 1), then each of its counters' value and
+-- reservations in flight after admission; or {"no", <why>...}: every candidate refused, each one's
+-- why in the order tried.
 local now = tonumber(ARGV[1])
 local request_id = ARGV[2]
 local hold_until = tonumber(ARGV[3])
@@ -39,11 +40,11 @@ for _ = 1, tonumber(ARGV[6]) do
       c.rh = KEYS[k + 2]
       c.mark = KEYS[k + 3]
       k = k + 4
-    elseif c.kind == "s" then
+    elseif c.kind == "c" then
+      k = k + 1
+    else
       c.mark = KEYS[k + 1]
       k = k + 2
-    else
-      k = k + 1
     end
     if c.mark then
       c.start = tonumber(ARGV[a + 2])

@@ -1,19 +1,20 @@
--- New terms for budgets (a reset_duration or calendar_aligned changed) moved their window to a
--- later start within the one before: its usage carries over (SPEC §9), in Redis as in the
--- store. The old window's key, which holds what every instance charged, is copied to the new
--- window's, and the window is marked as begun there (the reset mark, mark_reset.lua's, with
--- " carried"): admit.lua and settle.lua move every instance still charging the old key to the
--- new one, in the same step as the charge, so nothing lands on the old key afterwards.
+-- New terms for budgets or rate limits (a reset_duration, a budget's calendar_aligned changed)
+-- moved their window to a later start within the one before: its usage carries over (SPEC §9),
+-- in Redis as in the store. The old window's key, which holds what every instance charged
+-- (spend, requests, tokens), is copied to the new window's, and the window is marked as begun
+-- there (a budget's reset mark, mark_reset.lua's, or a rate window's own, with " carried"):
+-- admit.lua and settle.lua move every instance still charging the old key to the new one, in
+-- the same step as the charge, so nothing lands on the old key afterwards.
 --
 -- New terms whose window would begin before the live one begin with it (the same key): the
 -- stored usage that lies in their window, which the live key was not seeded with (it was an
 -- older window's), is added to it, once (the mark, at the live window's start, moves nobody).
 --
--- KEYS: per budget its mark, the old window's key, the new window's key. ARGV: per budget the
--- new window's start (epoch seconds, as text), the mark's ttl_ms, the new key's ttl_ms (0:
--- none), the amount to add to the new key (0: none). A mark at that moment or later (carried
--- already, or reset since) leaves all as it is. A new key already there is kept; an old key
--- gone (Redis emptied) copies nothing, and nothing is added to a new key that is not there:
+-- KEYS: per window its mark (`redis_counters.mark_key`), the old window's key, the new window's
+-- key. ARGV: per window the new window's start (epoch seconds, as text), the mark's ttl_ms, the new
+-- key's ttl_ms (0: none), the amount to add to the new key (0: none). A mark at that moment or
+-- later (carried already, or reset since) leaves all as it is. A new key already there is kept; an
+-- old key gone (Redis emptied) copies nothing, and nothing is added to a new key that is not there:
 -- it is seeded from the store. Returns nothing.
 for i = 1, #KEYS, 3 do
   local a = (i - 1) / 3 * 4 + 1

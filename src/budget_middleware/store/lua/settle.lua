@@ -1,13 +1,14 @@
 -- Settle one request: drop its reservations and slots, add the actual cost and tokens.
 --
--- ARGV: request_id, cost, tokens, then per counter its kind ("t", "c", "b" or "s"), and for b/s
--- its window's start (epoch seconds, as text).
--- KEYS, in the same order: t: the window key; c: the slot ZSET; b: the window key, the
--- reservation ZSET, the reservation HASH and the reset mark; s: the window key and the reset
--- mark. A soft budget ("s") takes the cost as "b" does.
+-- ARGV: request_id, cost, tokens, then per counter its kind ("t", "c", "b" or "s"), then (every
+-- kind but c) its window's start (epoch seconds, as text).
+-- KEYS, in the same order: t/s: the window key and its mark; c: the slot ZSET; b: the window
+-- key, the reservation ZSET, the reservation HASH and the mark. A soft budget ("s") takes the
+-- cost as "b" does.
 --
--- Returns {"moved", n, at, ...} and changes nothing when a budget was reset (at: its mark) after
--- its window began: what settles now counts in the new window, which the client moves to.
+-- Returns {"moved", n, at, ...} and changes nothing when a window it adds to began anew (at: its
+-- mark, a budget's reset's or new terms') after it began here: what settles now counts in the
+-- new window, which the client moves to.
 --
 -- A window key that does not exist is not created: it has not been seeded from the store yet
 -- (new window, emptied Redis), and the charge reaches the store through the flusher; creating it
@@ -23,10 +24,11 @@ local n = 0
 while ARGV[a] do
   n = n + 1
   local kind = ARGV[a]
-  if kind == "b" or kind == "s" then
+  if kind ~= "c" then
     local mark = KEYS[k + (kind == "b" and 3 or 1)]
     local at = redis.call("GET", mark)
-    if at and tonumber(string.match(at, "^%S+")) > tonumber(ARGV[a + 1]) then
+    local adds = (kind == "t" and tokens or cost) > 0
+    if adds and at and tonumber(string.match(at, "^%S+")) > tonumber(ARGV[a + 1]) then
       moved[#moved + 1] = n
       moved[#moved + 1] = at
     end
@@ -37,7 +39,7 @@ while ARGV[a] do
     a = a + 1
   end
 end
-if #moved > 1 and cost > 0 then
+if #moved > 1 then
   return moved
 end
 
@@ -68,11 +70,9 @@ while ARGV[a] do
       redis.call("HDEL", KEYS[k + 2], request_id)
       k = k + 4
       a = a + 1
-    elseif kind == "s" then
+    else
       k = k + 2
       a = a + 1
-    else
-      k = k + 1
     end
     local amount, text = cost, tostring(cost == 0 and 0 or ARGV[2])
     if kind == "t" then
