@@ -437,3 +437,47 @@ def test_a_model_list_taken_out_of_the_file_is_taken_out_of_the_store(tmp_path: 
                                "      - {provider: openai}\n")  # fmt: skip
     (config,) = manager.list_virtual_keys()[0].provider_configs
     assert (config.allowed_models, config.blocked_models) == (["*"], [])
+
+
+def test_a_changed_entry_declares_all_of_its_entity_not_only_what_it_names(
+    tmp_path: Path,
+) -> None:
+    """An entry is a create body (SPEC §10): once it changes, the file wins, and what it leaves
+    out is the create body's default, not what the store held (an admin API edit, an earlier
+    entry). Applied as a partial update, a team taken out of its customer stayed in it, limits
+    taken out of the file stayed enforced and a route kept an edited strategy."""
+    text = """
+customers:
+  - name: acme
+teams:
+  - name: research
+    customer: acme
+    budgets: [{max_limit: 10, reset_duration: 1d}]
+    rate_limit: {request_max_limit: 5, request_reset_duration: 1m}
+routes:
+  - name: gpt-4o
+    targets: [openai/gpt-4o]
+"""
+    manager = _start(tmp_path, text)
+    manager.update_route(manager.list_routes()[0].id, strategy="most_remaining")
+    edited = (
+        text.replace("    customer: acme\n", "")
+        .replace("    budgets: [{max_limit: 10, reset_duration: 1d}]\n", "")
+        .replace("    rate_limit: {request_max_limit: 5, request_reset_duration: 1m}\n", "")
+        .replace("[openai/gpt-4o]", "[openai/gpt-4o, azure/gpt-4o]")
+    )
+    manager = _start(tmp_path, edited)
+    team, route = manager.list_teams()[0], manager.list_routes()[0]
+    measured = {
+        "team's customer": team.customer_id,
+        "team's budgets": [b.max_limit for b in team.budgets],
+        "team's rate limit": team.rate_limit and team.rate_limit.request_max_limit,
+        "route": (route.targets, route.strategy),
+    }
+    print(measured)
+    assert measured == {
+        "team's customer": None,
+        "team's budgets": [],
+        "team's rate limit": None,
+        "route": (["openai/gpt-4o", "azure/gpt-4o"], "ordered"),
+    }, measured

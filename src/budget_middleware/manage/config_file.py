@@ -8,8 +8,9 @@ to a key names it by `virtual_key` (name or id). A provider entry has `provider`
 
 Each entry's `config_hash` is the sha256 of its canonical JSON (after `${...}` is substituted). An
 entity is created when missing, updated when its stored hash differs, and left alone otherwise, so
-changes made through the admin API survive restarts until the file's entry changes. Entities are
-found by name (model configs by model, provider and scope). Nothing is ever deleted by the file.
+changes made through the admin API survive restarts until the file's entry changes. An entry
+declares all of its entity: what it leaves out is the create body's default (`_declared`). Entities
+are found by name (model configs by model, provider and scope). Nothing is ever deleted by the file.
 
 The whole file is checked before anything is applied, as far as it can be without the store (its
 shape, every entry's fields, model names, `${...}` variables): the engine does it when it is
@@ -60,6 +61,7 @@ from budget_middleware.manage.schemas import (
     NUL_MESSAGE,
     CustomerCreate,
     ModelConfigCreate,
+    ProviderConfigIn,
     ProviderPut,
     RouteCreate,
     TagPut,
@@ -313,6 +315,25 @@ _CREATE: dict[str, type[BaseModel]] = {
     "routes": RouteCreate,
 }
 _REFERENCES = (("customer", "customer_id"), ("team", "team_id"), ("virtual_key", "scope_id"))
+# What a create body's field left out means, where its default would read as "leave it alone"
+# in an update: no budgets, no rate limit, no provider configs, not calendar-aligned.
+_LEFT_OUT: dict[str, Any] = {
+    "budgets": [], "rate_limit": None, "provider_configs": [], "calendar_aligned": False,
+}  # fmt: skip
+_NOT_DECLARED = ("id", "value", "budget", "scope", "scope_id")  # not the entity's fields
+
+
+def _declared(model: type[BaseModel], body: dict[str, Any]) -> dict[str, Any]:
+    """An entry as the whole declaration of its entity (SPEC §10: a create body): every field
+    it leaves out at the create body's default, so that an update writes it too. Applied as it
+    is, a changed entry was a partial update: what it left out kept what the store held (an
+    admin API edit, or an earlier entry's customer, budgets, rate limit or strategy)."""
+    left_out = {
+        name: _LEFT_OUT[name] if name in _LEFT_OUT else info.get_default(call_default_factory=True)
+        for name, info in model.model_fields.items()
+        if name not in body and name not in _NOT_DECLARED and not info.is_required()
+    }
+    return {**left_out, **body}
 
 
 def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
@@ -504,7 +525,8 @@ class _Loader:
             table = ProviderRow if section == "providers" else TagRow
             row = self._stored(table, getattr(table, field) == name)
             if row is None or row.config_hash != digest:
-                (m.put_provider if section == "providers" else m.put_tag)(name, body)
+                put = m.put_provider if section == "providers" else m.put_tag
+                put(name, _declared(_CREATE[section], body))
             return
         if section == "customers":
             table, create, update = CustomerRow, m.create_customer, m.update_customer
@@ -516,12 +538,9 @@ class _Loader:
         elif section == "virtual_keys":
             table, create, update = VirtualKeyRow, m.create_virtual_key, m.update_virtual_key
             configs = body.get("provider_configs")
-            if isinstance(configs, list):  # the file says it all: a list left out is the default
+            if isinstance(configs, list):
                 body["provider_configs"] = [
-                    {"allowed_models": ["*"], "blocked_models": [], **c}
-                    if isinstance(c, dict)
-                    else c
-                    for c in configs
+                    _declared(ProviderConfigIn, c) if isinstance(c, dict) else c for c in configs
                 ]
             if "team" in body:
                 body["team_id"] = self._find(TeamRow, body.pop("team"), "team", where)
@@ -536,6 +555,7 @@ class _Loader:
         name = body.get("name")
         if not isinstance(name, str):
             raise ConfigFileError(f"{where}: needs a 'name'")
+        body = _declared(_CREATE[section], body)
         row = self._stored(table, table.name == name)
         if row is None:
             create(body)
@@ -554,6 +574,7 @@ class _Loader:
             body["scope"] = "virtual_key"
             body["scope_id"] = self._find(VirtualKeyRow, body.pop("virtual_key"), "virtual key",
                                           where)  # fmt: skip
+        body = _declared(ModelConfigCreate, body)
         row = self._stored(
             ModelConfigRow,
             (ModelConfigRow.model_name == body.get("model_name"))
