@@ -82,6 +82,7 @@ environment_variables:
 """
 
 IGNORED = [
+    "model_list[1].litellm_params.rpm",
     "router_settings.routing_strategy",
     "router_settings.redis_host",
     "router_settings.redis_port",
@@ -319,3 +320,28 @@ def test_litellm_s_period_words_are_its_durations() -> None:
         for p in translate(data).sections["providers"]
     }
     assert periods == {"openai": "1d", "azure": "1mo", "gemini": "1w"}
+
+
+def test_a_deployment_s_rpm_and_tpm_are_named_as_not_enforced() -> None:
+    """LiteLLM enforces a deployment's `rpm` / `tpm` (in `litellm_params` or beside them);
+    budget_middleware reads budgets only (SPEC §12), so the one warning names each such limit:
+    they were dropped silently, a file's rate limits lifted with no word."""
+    data = {
+        "model_list": [
+            {"model_name": "gpt-4o", "litellm_params": {"model": "azure/gpt-4o", "rpm": 600,
+                                                        "tpm": 100000, "max_budget": 5}},
+            {"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o"}, "rpm": 10,
+             "tpm": 5000},
+            {"model_name": "claude", "litellm_params": {"model": "anthropic/claude-sonnet-4",
+                                                        "max_parallel_requests": 4}},
+        ],
+    }  # fmt: skip
+    ignored = translate(data).ignored
+    print(ignored)
+    assert ignored == [
+        "model_list[0].litellm_params.rpm",
+        "model_list[0].litellm_params.tpm",
+        "model_list[1].rpm",
+        "model_list[1].tpm",
+        "model_list[2].litellm_params.max_parallel_requests",
+    ], ignored

@@ -16,9 +16,9 @@ model_list entries sharing model_name n              routes: {name: n, targets: 
 Durations are passed on as written (`1mo` is read as `1M`); a duration left out is a budget that
 never resets. Amounts written as text (`"1e-12"`, which YAML does not read as a number) are read
 as numbers, as LiteLLM's pydantic models do. Everything else (other sections and settings,
-credentials such as `os.environ/…`, wildcard deployments as routes) is not read: `ignored` names it
-for one warning. Whether a value is valid is the config file's checks' business, not this module's:
-it only reshapes.
+credentials such as `os.environ/…`, wildcard deployments as routes, a deployment's `rpm`, `tpm`
+and `max_parallel_requests`) is not read: `ignored` names it for one warning. Whether a value is
+valid is the config file's checks' business, not this module's: it only reshapes.
 """
 
 from __future__ import annotations
@@ -133,6 +133,11 @@ def litellm_period(duration: str | None) -> str | None:
     return duration
 
 
+# A deployment's limits LiteLLM enforces and this package does not read (SPEC §12 reads budgets):
+# named in the warning, since a file that sets them expects them enforced.
+_LIMITS_NOT_READ: Final = ("rpm", "tpm", "max_parallel_requests")
+
+
 def _model_list(value: Any, out: Translation) -> None:
     if value is None:
         return
@@ -151,6 +156,10 @@ def _model_list(value: Any, out: Translation) -> None:
             raise LiteLLMConfigError(where, "needs 'model_name', the name requests use")
         if not isinstance(model, str) or not model:
             raise LiteLLMConfigError(where, "needs 'litellm_params.model', like 'openai/gpt-4o'")
+        ignored = [f"{where}.{k}" for k in _LIMITS_NOT_READ if entry.get(k) is not None]
+        out.ignored += ignored + [
+            f"{where}.litellm_params.{k}" for k in _LIMITS_NOT_READ if params.get(k) is not None
+        ]
         where = f"{where} ({name}: {model})"
         if "*" in name or "*" in model:
             wildcards.append(f"{name}: {model}")
