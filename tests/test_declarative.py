@@ -481,3 +481,29 @@ routes:
         "team's rate limit": None,
         "route": (["openai/gpt-4o", "azure/gpt-4o"], "ordered"),
     }, measured
+
+
+def test_an_entry_s_hash_is_the_same_in_yaml_and_in_json(tmp_path: Path) -> None:
+    """`config_hash` is the entry's, whatever the file's format (SPEC §10): a YAML time was a
+    datetime to PyYAML, hashed as `2027-01-01 00:00:00+00:00`, the JSON one as written, so the
+    same file switched to JSON applied its keys again (over their admin API edits)."""
+    entry = {
+        "name": "alice",
+        "expires_at": "2027-01-01T00:00:00Z",
+        "budgets": [{"max_limit": 1, "reset_duration": "1d"}],
+    }
+    yaml_text = (
+        "virtual_keys:\n  - name: alice\n    expires_at: 2027-01-01T00:00:00Z\n"
+        "    budgets: [{max_limit: 1, reset_duration: 1d}]\n"
+    )
+    manager = _start(tmp_path, yaml_text)
+    key = manager.list_virtual_keys()[0]
+    manager.update_virtual_key(key.id, tags=["edited"])
+    manager = _start(tmp_path, json.dumps({"virtual_keys": [entry]}), "budget.json")
+    after = manager.list_virtual_keys()[0]
+    measured = (key.config_hash == after.config_hash, after.tags, after.expires_at)
+    print(measured)
+    assert measured[:2] == (True, ["edited"]), measured
+    # A time is checked as JSON's is: with its offset.
+    with pytest.raises(ConfigFileError, match=r"expires_at: .*RFC 3339"):
+        _start(tmp_path, yaml_text.replace("00:00:00Z", "00:00:00"))

@@ -151,6 +151,14 @@ def _unique_key_loader() -> type:
                 seen.add(key)
             return node
 
+    # A time is read as JSON reads it, as text for the schema's check (RFC 3339, its offset):
+    # PyYAML made `2027-01-01T00:00:00Z` a datetime, whose `config_hash` was not the same
+    # entry's in JSON (switching formats applied it again, over the admin API's edits), and let
+    # a time without an offset, or a bare date, past the check JSON's text gets.
+    UniqueKeyLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
     return UniqueKeyLoader
 
 
