@@ -507,3 +507,32 @@ def test_an_entry_s_hash_is_the_same_in_yaml_and_in_json(tmp_path: Path) -> None
     # A time is checked as JSON's is: with its offset.
     with pytest.raises(ConfigFileError, match=r"expires_at: .*RFC 3339"):
         _start(tmp_path, yaml_text.replace("00:00:00Z", "00:00:00"))
+
+
+def test_a_key_rotated_through_the_api_is_not_given_its_file_value_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC §10: a change made through the API stands until the file's entry changes. A key
+    rotated through the API (its old value leaked, say) got the file's value back at the next
+    start-up: the old value worked again, the new one no more (a fault hunt's). The file's value
+    applies when it changes (the `${ALICE_KEY}` the operator set anew)."""
+    import hashlib
+
+    def works(m: BudgetManager, value: str) -> bool:
+        return m.store.load_key(hashlib.sha256(value.encode()).hexdigest()) is not None
+
+    monkeypatch.setenv("ALICE_KEY", "sk-bm-alice-leaked-0001")
+    m = _start(tmp_path, CONFIG)
+    key_id = m.find_virtual_key("sk-bm-alice-leaked-0001")
+    assert key_id is not None
+    rotated = m.rotate_virtual_key(key_id).value
+    assert rotated is not None
+    m = _start(tmp_path, CONFIG)  # restarted, the file unchanged
+    after_restart = works(m, "sk-bm-alice-leaked-0001"), works(m, rotated)
+    monkeypatch.setenv("ALICE_KEY", "sk-bm-alice-new-0002")
+    m = _start(tmp_path, CONFIG)  # the file's value changed
+    after_change = works(m, rotated), works(m, "sk-bm-alice-new-0002")
+    print(f"after a restart: leaked, rotated work {after_restart}; after the file's new value: "
+          f"rotated, new work {after_change}")  # fmt: skip
+    assert after_restart == (False, True)
+    assert after_change == (False, True)

@@ -9,9 +9,10 @@ from sqlalchemy import text
 from budget_middleware.store.database import Store
 
 
-def test_a_version_3_store_is_brought_to_version_6(tmp_path: Path) -> None:
+def test_a_version_3_store_is_brought_to_version_7(tmp_path: Path) -> None:
     """Version 4 added the records' direction; 5 soft budgets, alert thresholds, shadow refusals
-    and the alerts table; 6 an index on the applied batches' time (their prune)."""
+    and the alerts table; 6 an index on the applied batches' time (their prune); 7 the value a
+    config file last gave a key."""
     store = Store(f"sqlite:///{tmp_path}/old.db")
     store.create_schema()
     with store.engine.begin() as conn:  # as release 3 left it: one budget, one record
@@ -21,6 +22,7 @@ def test_a_version_3_store_is_brought_to_version_6(tmp_path: Path) -> None:
         conn.execute(text("ALTER TABLE bm_budgets DROP COLUMN alert_thresholds"))
         conn.execute(text("DROP TABLE bm_alerts"))
         conn.execute(text("DROP INDEX ix_bm_flushes_applied_at"))
+        conn.execute(text("ALTER TABLE bm_virtual_keys DROP COLUMN file_value_hash"))
         conn.execute(
             text(
                 "INSERT INTO bm_budgets (id, owner_type, owner_id, max_limit_nanos,"
@@ -57,7 +59,7 @@ def test_a_version_3_store_is_brought_to_version_6(tmp_path: Path) -> None:
     store.dispose()
     print(f"after the upgrade: version {version}, records {rows}, budgets {budgets}, {indexes}")
     assert [tuple(i) for i in indexes] == [("ix_bm_flushes_applied_at",)]
-    assert version == "6" and [tuple(r) for r in rows] == [("old", "inbound", None)]
+    assert version == "7" and [tuple(r) for r in rows] == [("old", "inbound", None)]
     assert [tuple(b) for b in budgets] == [("b1", 0, None)] and alerts == 0
 
 

@@ -566,14 +566,44 @@ class _Loader:
         body = _declared(_CREATE[section], body)
         row = self._stored(table, table.name == name)
         if row is None:
-            create(body)
+            made = create(body)
+            if section == "virtual_keys" and body.get("value") is not None:
+                self._gave_value(made.id, hash_key(body["value"]))
             return
         if section == "virtual_keys":
             value = body.pop("value", None)
-            if value is not None and row.key_hash != hash_key(value):
-                m.set_virtual_key_value(row.id, value)
+            if value is not None:
+                self._declare_value(row, value, m, where)
         if row.config_hash != digest:
             update(row.id, body)
+
+    def _declare_value(
+        self, row: VirtualKeyRow, value: str, m: BudgetManager, where: str
+    ) -> None:
+        """A key's value as the file declares it, applied when the file's value changed since it
+        last applied one, as any edit of an entry is (SPEC §10): a value rotated through the API
+        meanwhile stands (the old one may have leaked) until the file's value changes."""
+        declared = hash_key(value)
+        if row.file_value_hash == declared:
+            return  # the file's value as last applied
+        if row.key_hash != declared:
+            if row.file_value_hash is None:  # a store from before the file's values were kept
+                logger.warning(
+                    "budget-middleware: %s: the key's stored value is not the file's (rotated "
+                    "through the API?): kept; change the file's value to apply it",
+                    where,
+                )
+            else:
+                m.set_virtual_key_value(row.id, value)
+        self._gave_value(row.id, declared)
+
+    def _gave_value(self, key_id: str, declared: str) -> None:
+        with self.store.session() as s:
+            row = s.get(VirtualKeyRow, key_id)
+            if row is not None:
+                row.file_value_hash = declared
+                s.add(row)
+                s.commit()
 
     def _apply_model_config(
         self, body: dict[str, Any], digest: str, m: BudgetManager, where: str

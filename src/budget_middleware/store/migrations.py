@@ -34,6 +34,8 @@ _STEPS: dict[int, Callable[[Connection], None]] = {
     ),
     # 6: bm_flushes.applied_at indexed: the flusher prunes the batch ids older than a month.
     6: lambda conn: _add_index(conn, "ix_bm_flushes_applied_at", "bm_flushes (applied_at)"),
+    # 7: bm_virtual_keys.file_value_hash, the value a config file last gave a key.
+    7: lambda conn: _add_column(conn, "bm_virtual_keys", "file_value_hash VARCHAR(64)"),
 }
 
 

@@ -15,7 +15,7 @@ from sqlmodel import Field, SQLModel
 
 # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction; 5: bm_alerts, bm_budgets.soft and
 # .alert_thresholds, bm_usage_records.would_refuse
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def new_id() -> str:
@@ -64,6 +64,9 @@ class VirtualKeyRow(_Stamped, table=True):
     expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     tags: list[str] = Field(default_factory=list, sa_type=JSON)
     calendar_aligned: bool = False
+    # The SHA-256 hex of the value a config file last gave it (never shown): a value rotated
+    # through the API since stands until the file's value changes (`config_file`).
+    file_value_hash: str | None = Field(default=None, max_length=64)
 
 
 class ProviderConfigRow(StoreModel, table=True):
