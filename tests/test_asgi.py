@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import BackgroundTasks, FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -167,3 +168,80 @@ async def test_two_processes_on_one_store_add_their_charges_not_overwrite(
     budgets = engine_one.manager.list_budgets()
     assert budgets[0].current_usage == pytest.approx(20 * 0.001)
     assert engine_one.manager.usage(group_by="virtual_key").total.requests == 20
+
+
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}
+
+
+def _scope(path: str, headers: list[tuple[bytes, bytes]], **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        **extra,
+    }
+
+
+async def test_a_response_s_background_task_holds_no_slot_and_no_reservation(
+    make_settings: Settings,
+) -> None:
+    """Starlette runs background tasks after the answer's last chunk, inside the app's call: the
+    request is over for the client (SPEC §6: concurrency counts until the response ends)."""
+    release = asyncio.Event()
+    app = FastAPI()
+    calls: list[int] = []
+
+    @app.post("/v1/chat/completions")
+    async def completions(tasks: BackgroundTasks) -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 1:  # an email, an audit write: seconds after the answer
+            tasks.add_task(release.wait)
+        return {"id": "c1", "choices": [], "usage": USAGE}
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice",
+            rate_limit={"max_concurrent_requests": 1},
+            budgets=[{"max_limit": 10, "reset_duration": "1d"}],
+        )
+        await engine.invalidate()
+        body = json.dumps(chat(max_tokens=500)).encode()
+        answered = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered.set()
+
+        auth = [(b"authorization", f"Bearer {key.value}".encode())]
+        first = asyncio.create_task(app(_scope("/v1/chat/completions", auth), receive, send))
+        await asyncio.wait_for(answered.wait(), 5)
+        budget = engine.registry.windows["budget"][key.budgets[0].id]
+        slots = engine.registry.concurrency[key.rate_limit.id]  # type: ignore[union-attr]
+        during = (slots.in_flight, budget.reserved, budget.value)
+        second = await http.post(
+            "/v1/chat/completions",
+            json=chat(),
+            headers={"authorization": f"Bearer {key.value}"},
+        )
+        release.set()
+        await asyncio.wait_for(first, 5)
+        rows = engine.stats.admitted
+    print(f"while the background task ran: in flight, reserved, spent = {during}")
+    print(f"the next request: {second.status_code} {second.text[:80]}")
+    assert during[:2] == (0, 0) and during[2] > 0  # settled when the answer ended
+    assert second.status_code == 200
+    assert rows == 2

@@ -169,7 +169,7 @@ class BudgetMiddleware:
             await _answer(send, request_too_large(self.max_body))
             return
         message = await receive()
-        if message["type"] == "http.request" and not message.get("more_body", False):
+        if message["type"] == "http.request" and not message.get("more_body"):
             body = message.get("body", b"")  # the whole body in one message: the usual case
             if len(body) > self.max_body:
                 await _answer(send, request_too_large(self.max_body))
@@ -252,23 +252,26 @@ class BudgetMiddleware:
         state["budget"] = exchange.name_caller()
         exchange.receive_ = receive
         exchange.send_ = send
-        outcome = "upstream_error"
+        outcome = "completed"
         try:  # from admission on, whatever happens is settled (a body that cannot be rewritten)
             if exchange.parsed is not None or credentials.accept_encoding is not None:
                 scope, body = _as_sent(scope, body, exchange, credentials.accept_encoding)
             exchange.body = body
             await self.app(scope, exchange.replay, exchange.forward)
-            outcome = "completed"
         except asyncio.CancelledError:
             outcome = "client_disconnected"
             raise
+        except BaseException:
+            outcome = "upstream_error"
+            raise
         finally:
-            if exchange.client_gone and not exchange.response_complete:
-                outcome = "client_disconnected"
-            if engine.in_process:
-                exchange.settle_now(outcome)
-            else:
-                await exchange.settle_shared(outcome)
+            if not exchange.settled:  # as a rule, settled as the answer's last chunk went
+                if exchange.client_gone and not exchange.response_complete:
+                    outcome = "client_disconnected"
+                if engine.in_process:
+                    exchange.settle_now(outcome)
+                else:
+                    await exchange.settle_shared(outcome)
 
 
 class _Unusable:

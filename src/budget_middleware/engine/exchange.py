@@ -105,6 +105,7 @@ class Exchange:
     passed_decoded = False  # a compressed stream passed on decoded, less our usage chunk
     unreadable: str | None = None
     client_gone = False
+    settled = False  # charged (`charge`): the ASGI adapter settles at the answer's end
     estimated = False
     direction = "inbound"  # "outbound" for the transport's calls (SPEC §13)
     would_refuse: str | None = None  # shadow mode: the code that would have refused it (§14)
@@ -135,14 +136,13 @@ class Exchange:
         """Once admitted: who is calling (`request.state.budget`, the usage record's owner)."""
         key = self.key
         target = self.target
-        self.caller = BudgetState(
-            virtual_key_id=key.id if key else None,
-            team_id=key.team_id if key else None,
-            customer_id=key.customer_id if key else None,
-            provider=target.provider,
-            model=target.model,
-            tags=target.tags,
-        )
+        # (virtual_key_id, team_id, customer_id, provider, model, tags)
+        if key is None:
+            self.caller = BudgetState(None, None, None, target.provider, target.model, target.tags)
+        else:
+            self.caller = BudgetState(
+                key.id, key.team_id, key.customer_id, target.provider, target.model, target.tags
+            )
         return self.caller
 
     async def replay(self) -> Message:
@@ -168,6 +168,13 @@ class Exchange:
         except OSError:
             self.client_gone = True
             raise
+        if self.response_complete and not self.settled:
+            # The answer's last chunk has gone: settled now, not when the app returns (Starlette
+            # runs its background tasks after the answer, in the app's call: no slot held then).
+            if self.engine.in_process:
+                self.settle_now("completed")
+            else:
+                await self.settle_shared("completed")
 
     # -- the response going by -----------------------------------------------------------
 
@@ -175,11 +182,8 @@ class Exchange:
         headers = message.get("headers") or ()
         if self.read_start(message["status"], headers):  # headers the client must not get
             left_out = self.left_out
-            kept = [h for h in headers if h[0].lower() not in left_out]
-        else:
-            kept = list(headers)
-        kept += self.headers_added()
-        return {**message, "headers": kept}
+            headers = [h for h in headers if h[0].lower() not in left_out]
+        return {**message, "headers": [*headers, *self.headers_added()]}
 
     def read_start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         """The answer's status and the headers the exchange reads (`content-type`,
@@ -542,6 +546,7 @@ class Exchange:
         working it out fail (a bug, whatever the answer held), the reservation's estimate,
         recorded as such: the slot and reservation are released and no admitted request goes
         uncharged."""
+        self.settled = True
         try:
             return self._work_out(outcome)
         except Exception as exc:
