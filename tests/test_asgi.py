@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 from fastapi import BackgroundTasks, FastAPI
+from sqlmodel import select
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError, get_engine
+from budget_middleware.store.tables import UsageRecordRow
 from support import chat, client, engine_of, host_app, running, serve_lifespan
 
 Settings = Callable[..., BudgetSettings]
@@ -245,3 +247,40 @@ async def test_a_response_s_background_task_holds_no_slot_and_no_reservation(
     assert during[:2] == (0, 0) and during[2] > 0  # settled when the answer ended
     assert second.status_code == 200
     assert rows == 2
+
+
+async def test_a_file_the_server_sends_itself_is_read_for_its_usage(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """A server that offers `http.response.pathsend` (Granian, Hypercorn) gets Starlette's
+    `FileResponse` as a path, not as body chunks: a cached answer's usage is in that file."""
+    answer = tmp_path / "answer.json"
+    answer.write_text(json.dumps({"id": "c1", "choices": [], "usage": USAGE}))
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions() -> FileResponse:
+        return FileResponse(answer, media_type="application/json")
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    engine = engine_of(app)
+    body = json.dumps(chat(max_tokens=500)).encode()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    extensions = {"http.response.pathsend": {}}
+    async with running(app):
+        scope = _scope("/v1/chat/completions", [], extensions=extensions)
+        await asyncio.wait_for(app(scope, receive, send), 5)
+        await engine.flush()
+        with engine.store.session() as s:
+            rows = list(s.exec(select(UsageRecordRow)))
+    measured = [(r.input_tokens, r.output_tokens, r.estimated) for r in rows]
+    print(f"sent: {[m['type'] for m in sent]}; charged (input, output, estimated): {measured}")
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.pathsend"]
+    assert measured == [(1000, 500, False)]

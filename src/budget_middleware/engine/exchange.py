@@ -12,6 +12,8 @@ from dataclasses import replace
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import anyio
+
 from budget_middleware.core.admission import Ticket
 from budget_middleware.core.identity import Target
 from budget_middleware.core.money import MAX_CHARGE_NANOS, charge_nanos
@@ -39,6 +41,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON_TAIL = 1 << 20  # of a huge JSON answer keep the last MiB: usage sits at the end
+_FILE_CHUNK = 1 << 20  # an answer sent as a file (`read_file`) is read a MiB at a time
 COST_HEADER = b"x-budget-cost"  # the app's or upstream's cost: read, never passed on
 # What an adapter leaves out of an answer whose stream loses the usage chunk we asked for: its
 # `content-length` no longer fits the body.
@@ -163,6 +166,8 @@ class Exchange:
                 message = {**message, "body": out}
         elif kind == "http.response.start":
             message = self.on_start(message)
+        elif kind == "http.response.pathsend":
+            await self.read_file(message["path"])
         try:
             await self.send_(message)
         except OSError:
@@ -175,6 +180,18 @@ class Exchange:
                 self.settle_now("completed")
             else:
                 await self.settle_shared("completed")
+
+    async def read_file(self, path: str) -> None:
+        """The answer as a file the server sends itself (`http.response.pathsend`: Starlette's
+        `FileResponse` where the server offers it): read here, off the loop, for its usage; the
+        server still sends it."""
+        try:
+            async with await anyio.open_file(path, "rb") as file:
+                while chunk := await file.read(_FILE_CHUNK):
+                    self.on_chunk(chunk, True)
+        except OSError as exc:
+            self.unreadable = f"file not readable: {type(exc).__name__}"
+        self.on_chunk(b"", False)
 
     # -- the response going by -----------------------------------------------------------
 
