@@ -577,9 +577,7 @@ class _Loader:
         if row.config_hash != digest:
             update(row.id, body)
 
-    def _declare_value(
-        self, row: VirtualKeyRow, value: str, m: BudgetManager, where: str
-    ) -> None:
+    def _declare_value(self, row: VirtualKeyRow, value: str, m: BudgetManager, where: str) -> None:
         """A key's value as the file declares it, applied when the file's value changed since it
         last applied one, as any edit of an entry is (SPEC §10): a value rotated through the API
         meanwhile stands (the old one may have leaked) until the file's value changes."""
