@@ -1115,7 +1115,8 @@ async def test_an_admission_redis_ran_past_the_timeout_holds_no_slot(sqlite_url:
     try:
         settings = settings_for(sqlite_url, redis_url=server.url, redis_timeout_seconds=0.2)
         engine = BudgetEngine(settings)
-        use_prefix(engine, unique_prefix())
+        prefix = unique_prefix()
+        use_prefix(engine, prefix)
         app = fault_app(engine)
         async with running(app), client(app) as http:
             key = engine.manager.create_virtual_key(
@@ -1134,7 +1135,7 @@ async def test_an_admission_redis_ran_past_the_timeout_holds_no_slot(sqlite_url:
             await asyncio.sleep(2.0)  # Redis awake, past the back-off; heartbeats go round
             after = [(await posted(http, auth)).status_code for _ in range(3)]
             holds = redis.Redis.from_url(server.url)
-            slots = sum(holds.zcard(k) for k in holds.scan_iter(match="*c:*"))
+            slots = sum(holds.zcard(k) for k in holds.scan_iter(match=f"{prefix}c:*"))
             holds.close()
     finally:
         server.stop()
