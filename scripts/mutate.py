@@ -68,6 +68,7 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_middleware.py",
     ),
     "durations.py": ("tests/test_durations.py", "tests/test_counters.py", "tests/test_guards.py"),
+    "media.py": ("tests/test_media.py",),
     "identity.py": (
         "tests/test_core_identity.py",
         "tests/test_guards.py",

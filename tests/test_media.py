@@ -26,7 +26,7 @@ from budget_middleware import (
     charge_to,
     get_engine,
 )
-from budget_middleware.core.media import MARK, media_references
+from budget_middleware.core.media import MARK, may_reference, media_references
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, unique_prefix, use_prefix
 from support import client, running
@@ -456,3 +456,26 @@ def test_media_references_stops_at_the_depth_the_apis_use() -> None:
     assert media_references({"messages": [deep]}) == 0
     nested = {"messages": [{"content": [{"type": "tool_result", "content": [deep["content"]]}]}]}
     assert media_references(nested) == 0  # a list in a list: not a part
+
+
+def test_media_references_counts_to_a_tool_result_s_content_and_no_deeper() -> None:
+    """Messages, their content, a tool result's content: three levels, each counted; a fourth
+    is not; and what is no part (a string, a number) is passed over, not an end of the list."""
+    image = {"type": "image_url", "image_url": {"url": URL}}
+    result = {"type": "tool_result", "content": ["text", 3, image]}
+    three = {"messages": [{"role": "user", "content": ["x", result, image]}]}
+    assert media_references(three) == 2
+    four = {"messages": [{"content": [{"type": "tool_result", "content": [result]}]}]}
+    assert media_references(four) == 0
+    parts = [{"type": "text", "text": "a"}, {"type": "input_text", "text": "b"}, image]
+    assert media_references({"messages": [{"content": parts}]}) == 1
+
+
+def test_only_a_body_that_may_name_media_is_walked() -> None:
+    """`may_reference` looks at the bytes first: a text-only chat is never walked; one that
+    holds `"type"`, a `\\u` escape (`"\\u0074ype"`) or NUL bytes (UTF-16) is."""
+    text_only = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert not may_reference(text_only.encode())
+    assert may_reference(b'{"type": "image_url"}')
+    assert may_reference(b'{"\\u0074ype": "image_url"}')
+    assert may_reference('{"type": "image_url"}'.encode("utf-16"))
