@@ -268,10 +268,7 @@ class BudgetMiddleware:
             if not exchange.settled:  # as a rule, settled as the answer's last chunk went
                 if exchange.client_gone and not exchange.response_complete:
                     outcome = "client_disconnected"
-                if engine.in_process:
-                    exchange.settle_now(outcome)
-                else:
-                    await exchange.settle_shared(outcome)
+                await exchange.settle(outcome)
 
 
 class _Unusable:

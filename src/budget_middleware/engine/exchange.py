@@ -176,10 +176,7 @@ class Exchange:
         if self.response_complete and not self.settled:
             # The answer's last chunk has gone: settled now, not when the app returns (Starlette
             # runs its background tasks after the answer, in the app's call: no slot held then).
-            if self.engine.in_process:
-                self.settle_now("completed")
-            else:
-                await self.settle_shared("completed")
+            await self.settle("completed")
 
     async def read_file(self, path: str) -> None:
         """The answer as a file the server sends itself (`http.response.pathsend`: Starlette's
@@ -479,6 +476,14 @@ class Exchange:
             would_refuse=self.would_refuse,
         )
 
+    async def settle(self, outcome: str) -> None:
+        """Charge it and release what it holds, by the engine's counters: in process at once
+        (`settle_now`), else through the shared ones (`settle_shared`)."""
+        if self.engine.in_process:
+            self.settle_now(outcome)
+        else:
+            await self.settle_shared(outcome)
+
     def settle_now(self, outcome: str) -> None:
         """Settle in process (memory counters): no await between the charge and the counters."""
         self.book(self.charge(outcome))
@@ -523,12 +528,8 @@ class Exchange:
         exit."""
         self.engine.taken(self)
         how = outcome()
-        if how is None:
-            return
-        if self.engine.in_process:
-            self.settle_now(how)
-        else:
-            await self.settle_shared(how)
+        if how is not None:
+            await self.settle(how)
 
     def book(self, record: UsageRecord) -> None:
         """The charge worked out (`charge`) booked in process: the usage record handed to the

@@ -167,12 +167,6 @@ class _Meter:
         exchange.name_caller()
         return exchange
 
-    async def settle(self, exchange: Exchange, outcome: str) -> None:
-        if self.engine.in_process:
-            exchange.settle_now(outcome)
-        else:
-            await exchange.settle_shared(outcome)
-
     @staticmethod
     def outgoing(lib: ModuleType, request: Any, exchange: Exchange) -> Any:
         """The request to send: as it is, or with the body `gate.body_to_send` rewrote, and an
@@ -386,7 +380,7 @@ async def _admitted_there(
                 exchange: Exchange = admitted
 
                 def start() -> None:
-                    task = loop.create_task(meter.settle(exchange, "client_disconnected"))
+                    task = loop.create_task(exchange.settle("client_disconnected"))
                     _SETTLING.add(task)  # held until done: a task is only weakly referenced
                     task.add_done_callback(_SETTLING.discard)
 
@@ -400,9 +394,9 @@ async def _settled(meter: _Meter, exchange: Exchange, outcome: str) -> None:
     """An async call settled where it was admitted (see `_there`)."""
     loop = meter.engine.loop
     if loop is None or loop is asyncio.get_running_loop() or not loop.is_running():
-        await meter.settle(exchange, outcome)
+        await exchange.settle(outcome)
     else:
-        await _there(loop, meter.settle(exchange, outcome))
+        await _there(loop, exchange.settle(outcome))
 
 
 class _Metered:
@@ -553,7 +547,7 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
             response = inner.handle_request(meter.outgoing(lib, request, exchange))
         except BaseException as exc:
             exchange.sent_unanswered = _sent(lib, exc)
-            on_loop(meter.engine, lambda: meter.settle(exchange, "upstream_error"))
+            on_loop(meter.engine, lambda: exchange.settle("upstream_error"))
             raise
         return meter.metered_response(lib, request, response, exchange, _SyncMetered)
 
@@ -606,4 +600,4 @@ class _SyncMetered(_Metered):
                 # finalizing an app's generator): waiting would block; settled on it next.
                 self.exchange.settle_dropped(lambda: outcome)
                 return
-            on_loop(meter.engine, lambda: meter.settle(self.exchange, outcome))
+            on_loop(meter.engine, lambda: self.exchange.settle(outcome))
