@@ -489,33 +489,38 @@ def anthropic_answer(
     ]
 
 
+# An Anthropic usage with cache writes of both TTLs: 1,000 for 5 minutes, 2,000 for an hour.
+CACHE_WRITES: dict[str, Any] = {
+    "input_tokens": 100,
+    "cache_read_input_tokens": 2000,
+    "cache_creation_input_tokens": 3000,
+    "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+    "output_tokens": 500,
+}
+
+
+def cache_writes_price(model: str) -> int:
+    """What genai-prices charges `CACHE_WRITES` on `model`, in nano-dollars."""
+    usage = Usage(
+        input_tokens=5100,
+        cache_read_tokens=2000,
+        cache_write_tokens=3000,
+        cache_write_5m_tokens=1000,
+        cache_write_1h_tokens=2000,
+        output_tokens=500,
+    )
+    return nanos(usage, model, "anthropic")
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_anthropic_cache_writes_are_priced_at_their_own_ttl(
     make_settings: Settings, stream: bool
 ) -> None:
     """A 1-hour cache write costs 2x the input price, a 5-minute one 1.25x: Anthropic says which
     is which in `cache_creation`, and each is charged at its own price."""
-    usage = {
-        "input_tokens": 100,
-        "cache_read_input_tokens": 2000,
-        "cache_creation_input_tokens": 3000,
-        "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
-        "output_tokens": 500,
-    }
-    model = "claude-sonnet-4-20250514"
+    usage, model = CACHE_WRITES, "claude-sonnet-4-20250514"
     row = await charged_for(make_settings, "/v1/messages", model, anthropic_answer(usage, stream))
-    want = nanos(
-        Usage(
-            input_tokens=5100,
-            cache_read_tokens=2000,
-            cache_write_tokens=3000,
-            cache_write_5m_tokens=1000,
-            cache_write_1h_tokens=2000,
-            output_tokens=500,
-        ),
-        model,
-        "anthropic",
-    )
+    want = cache_writes_price(model)
     print("1h cache writes: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
     assert (row.input_tokens, row.cached_tokens, row.output_tokens) == (5100, 2000, 500)
     assert row.cost_nanos == want
@@ -527,31 +532,13 @@ async def test_a_gateway_s_zeroed_cache_creation_in_message_delta_lowers_no_1h_w
     """A gateway's `message_delta` repeating the counts with `cache_creation` zeroed replaced
     message_start's whole object: its 2,000 one-hour writes were charged as 5-minute ones (a
     review's). Nested counts, like the top-level ones, are never lowered."""
-    usage = {
-        "input_tokens": 100,
-        "cache_read_input_tokens": 2000,
-        "cache_creation_input_tokens": 3000,
-        "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
-        "output_tokens": 500,
-    }
-    model = "claude-sonnet-4-20250514"
+    usage, model = CACHE_WRITES, "claude-sonnet-4-20250514"
     events = anthropic_answer(usage, True)
     assert isinstance(events, list)
     zeroed = {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}
     events[2] = {**events[2], "usage": {**usage, "cache_creation": zeroed}}
     row = await charged_for(make_settings, "/v1/messages", model, events)
-    want = nanos(
-        Usage(
-            input_tokens=5100,
-            cache_read_tokens=2000,
-            cache_write_tokens=3000,
-            cache_write_5m_tokens=1000,
-            cache_write_1h_tokens=2000,
-            output_tokens=500,
-        ),
-        model,
-        "anthropic",
-    )
+    want = cache_writes_price(model)
     print("zeroed nested counts in message_delta: charged", row.cost_nanos, "of", want)
     assert row.cost_nanos == want
 
