@@ -499,6 +499,50 @@ async def test_charges_another_instance_had_not_written_survive_redis_restarting
     assert admitted == 100
 
 
+async def _a_day_begun_with_30_spent(
+    one: BudgetEngine, two: BudgetEngine, b: httpx.AsyncClient
+) -> tuple[Any, str, str]:
+    """A key's $1 daily budget begun 2.5 hours ago, $0.30 spent through the second instance and
+    written: the key, its value and the budget's id."""
+    made = one.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+    )
+    key, budget_id = made.value or "", made.budgets[0].id
+    with one.store.session() as s:  # begun earlier, as if made 2.5 hours ago
+        row = s.exec(select(BudgetRow).where(BudgetRow.id == budget_id)).one()
+        row.last_reset -= timedelta(hours=2.5)
+        s.add(row)
+        s.commit()
+    await spend(b, key, 30)
+    await two.flush()
+    return made, key, budget_id
+
+
+async def _after_new_terms(
+    writer: str,
+    one: BudgetEngine,
+    two: BudgetEngine,
+    a: httpx.AsyncClient,
+    b: httpx.AsyncClient,
+    key: str,
+    budget_id: str,
+) -> None:
+    """The day made hourly by `writer`: one request on the first instance, 20 on the second
+    before its cache TTL, then both until refused. The hour must hold $1.00, no more."""
+    await spend(a, key, 1)
+    await spend(b, key, 20)  # the second still on the daily terms
+    await asyncio.sleep(2.5)  # its cache TTL
+    admitted_b, code_b = await spend_until_refused(b, key)
+    admitted_a, code_a = await spend_until_refused(a, key)
+    spent = await written_spend(budget_id, one, two)
+    print(
+        f"{writer}: 30 + 1 + 20 around the change, then {admitted_b} ({code_b}) and "
+        f"{admitted_a} ({code_a}) admitted: the hour holds ${spent / 1e9:.2f} of $1"
+    )
+    assert (admitted_b + admitted_a, code_a) == (49, "budget_exceeded")
+    assert spent == 100 * CENT
+
+
 async def test_new_terms_on_one_instance_carry_what_the_other_charged_meanwhile(
     tmp_path: Path,
 ) -> None:
@@ -510,31 +554,10 @@ async def test_new_terms_on_one_instance_carry_what_the_other_charged_meanwhile(
     the $1 hour). The change carries the old key into the new one and marks it in Redis."""
     need_redis()
     async with serving_two(tmp_path, REDIS_URL, cache_ttl_seconds=2) as (one, two, a, b):
-        made = one.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        key, budget_id = made.value or "", made.budgets[0].id
-        with one.store.session() as s:  # begun earlier, as if made 2.5 hours ago
-            row = s.exec(select(BudgetRow).where(BudgetRow.id == budget_id)).one()
-            row.last_reset -= timedelta(hours=2.5)
-            s.add(row)
-            s.commit()
-        await spend(b, key, 30)
-        await two.flush()
+        made, key, budget_id = await _a_day_begun_with_30_spent(one, two, b)
         hourly = [{"id": budget_id, "max_limit": 1, "reset_duration": "1h"}]
         await asyncio.to_thread(one.manager.update_virtual_key, made.id, budgets=hourly)
-        await spend(a, key, 1)
-        await spend(b, key, 20)  # the second still on the daily terms
-        await asyncio.sleep(2.5)  # its cache TTL
-        admitted_b, code_b = await spend_until_refused(b, key)
-        admitted_a, code_a = await spend_until_refused(a, key)
-        spent = await written_spend(budget_id, one, two)
-    print(
-        f"30 + 1 + 20 around the change, then {admitted_b} ({code_b}) and {admitted_a} "
-        f"({code_a}) admitted: the hour holds ${spent / 1e9:.2f} of $1"
-    )
-    assert (admitted_b + admitted_a, code_a) == (49, "budget_exceeded")
-    assert spent == 100 * CENT
+        await _after_new_terms("admin API", one, two, a, b, key, budget_id)
 
 
 async def test_new_terms_whose_window_begins_before_the_live_one_lose_nothing_of_it(
@@ -596,17 +619,7 @@ async def test_new_terms_written_on_the_store_without_an_engine_carry_what_the_i
     need_redis()
     async with serving_two(tmp_path, REDIS_URL, cache_ttl_seconds=2) as (one, two, a, b):
         monkeypatch.setattr(redis_counters, "PREFIX", one.counters.prefix)  # type: ignore[attr-defined]
-        made = one.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        key, budget_id = made.value or "", made.budgets[0].id
-        with one.store.session() as s:  # begun earlier, as if made 2.5 hours ago
-            row = s.exec(select(BudgetRow).where(BudgetRow.id == budget_id)).one()
-            row.last_reset -= timedelta(hours=2.5)
-            s.add(row)
-            s.commit()
-        await spend(b, key, 30)
-        await two.flush()
+        made, key, budget_id = await _a_day_begun_with_30_spent(one, two, b)
         settings = BudgetSettings(database_url=one.settings.database_url, redis_url=REDIS_URL)
         store = Store(settings.database_url)
         if writer == "manager":
@@ -622,18 +635,7 @@ async def test_new_terms_written_on_the_store_without_an_engine_carry_what_the_i
             await asyncio.to_thread(load_config_file, store, with_file)
         store.dispose()
         await one.invalidate()
-        await spend(a, key, 1)
-        await spend(b, key, 20)  # the second still on the daily terms
-        await asyncio.sleep(2.5)  # its cache TTL
-        admitted_b, code_b = await spend_until_refused(b, key)
-        admitted_a, code_a = await spend_until_refused(a, key)
-        spent = await written_spend(budget_id, one, two)
-    print(
-        f"{writer}: 30 + 1 + 20 around the change, then {admitted_b} ({code_b}) and "
-        f"{admitted_a} ({code_a}) admitted: the hour holds ${spent / 1e9:.2f} of $1"
-    )
-    assert (admitted_b + admitted_a, code_a) == (49, "budget_exceeded")
-    assert spent == 100 * CENT
+        await _after_new_terms(writer, one, two, a, b, key, budget_id)
 
 
 @pytest.mark.parametrize("kind", ["request", "token"])
