@@ -482,11 +482,12 @@ def _mark_in_redis(settings: BudgetSettings, budget_id: str, at: float) -> None:
     try:
         from budget_middleware.store.redis_counters import (  # the redis extra
             PREFIX,
+            mark_key,
             mark_resets_now,
             mark_ttl_ms,
         )
 
-        marks = {f"{PREFIX}rs:{budget_id}": (at, mark_ttl_ms(settings))}
+        marks = {mark_key(PREFIX, "budget", budget_id): (at, mark_ttl_ms(settings))}
         mark_resets_now(settings.redis_url or "", settings.redis_timeout_seconds, marks)
     except Exception as exc:  # the reset stands; the instances take it within the cache TTL
         logger.warning("budget-middleware could not mark a reset in Redis: %s", exc)
