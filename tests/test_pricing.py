@@ -426,3 +426,27 @@ def test_negative_cache_counts_are_no_tokens_at_any_rate() -> None:
     assert cost_nanos(price, TokenUsage(output_tokens=-3, input_tokens=1)) == 1 * k
     assert estimate_nanos(price, -10, 5) == 10 * k
     assert estimate_nanos(price, 10, -5) == 10 * k
+
+
+def test_each_kind_with_a_rate_of_its_own_adds_only_what_it_holds() -> None:
+    """A web search alone adds its price and nothing for the 1-hour writes, audio it does not
+    have (each kind taken as 0, not as 1 token); audio alone adds no search."""
+    price = ModelPrice(
+        3.0,
+        15.0,
+        0.3,
+        3.75,
+        cache_write_1h_per_mtok=6.0,
+        input_audio_per_mtok=40.0,
+        output_audio_per_mtok=80.0,
+        web_search_per_k=10.0,
+    )
+    tokens = {"input_tokens": 1000, "output_tokens": 100, "cache_write_tokens": 300}
+    base = 700 * 3000 + 300 * 3750 + 100 * 15000  # nano-dollars: input, 5-minute writes, output
+    searched = cost_nanos(price, TokenUsage(**tokens, web_searches=2))
+    assert searched == base + 2 * 10_000_000  # $10 a thousand searches: 1 cent each
+    heard = cost_nanos(price, TokenUsage(**tokens, input_audio_tokens=10))
+    assert heard == base + 10 * (40_000 - 3000)  # no search, no 1-hour write, no output audio
+    spoken = cost_nanos(price, TokenUsage(**tokens, output_audio_tokens=10))
+    assert spoken == base + 10 * (80_000 - 15_000)
+    print(f"base {base}, 2 searches {searched}, input audio {heard}, output audio {spoken} n$")
