@@ -89,7 +89,9 @@ class WindowCounter:
         self.value = 0  # usage in this window (nano-dollars for budgets), as far as we know
         self.reserved = 0  # held by requests in flight (budgets only)
         self.pending = 0  # charged here and not yet written to the store
-        self.pending_start = 0.0  # the window `pending` belongs to
+        # The window `pending` belongs to: while something is pending, always the current one
+        # (whatever moves `start` seals it first, or moves it along: `charge` relies on it).
+        self.pending_start = 0.0
 
     def configure(
         self,
@@ -381,17 +383,17 @@ class CounterRegistry:
 def charge(counters: Sequence[WindowCounter], amount: int, now: float, ledger: Ledger) -> None:
     """Add `amount` to each counter's window at `now` (a window that has ended rolls first).
 
-    The counter's value grows, and so does what it holds for the flusher (`pending`); the first
-    charge of a window seals what is pending for an older one as that window's own delta. A
-    counter with something pending is in `ledger.dirty` already (the flusher takes both at once)."""
+    The counter's value grows, and so does what it holds for the flusher (`pending`), which is
+    always the current window's: a window that ends (`roll`, `reset`, `configure`) seals what is
+    pending first. A counter with something pending is in `ledger.dirty` already (the flusher
+    takes both at once)."""
     for counter in counters:
         if now >= counter.end:
             counter.roll(now, ledger)
         counter.value += amount
-        if counter.pending and counter.pending_start == counter.start:
-            counter.pending += amount  # the usual case: more for the same window
-        else:  # the first charge since a flush, or of a window (an older one's is sealed)
-            counter._seal(ledger)
+        if counter.pending:  # the usual case: more for the same window (see `pending_start`)
+            counter.pending += amount
+        else:  # the first charge since a flush, or of a window
             counter.pending = amount
             counter.pending_start = counter.start
             ledger.dirty.add(counter)
