@@ -20,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
+import operator
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass
 from time import perf_counter
 from types import ModuleType
 from typing import Any, TypeVar
@@ -83,13 +86,13 @@ class _Meter:
         path: str = request.url.path
         return path if is_inference_path(path, self.suffixes) else None
 
-    def readable(self, request: Any, body: bytes) -> bytes | ErrorAnswer:
+    def readable(self, headers: _RawHeaders, body: bytes) -> bytes | ErrorAnswer:
         """The body as the gate reads it: decoded when the app sent it compressed (a
         `content-encoding` of gzip or deflate; the provider still gets it as sent), else as it
         is; a 413 answer when it is over BUDGET_MAX_BODY_BYTES, as sent or decoded."""
         if len(body) > self.max_body:
             return request_too_large(self.max_body)
-        sent = request.headers.get("content-encoding")
+        sent = _header(headers, b"content-encoding")
         coding = None if sent is None else body_encoding(sent)
         if coding is None:
             return body
@@ -168,20 +171,20 @@ class _Meter:
         return exchange
 
     @staticmethod
-    def outgoing(lib: ModuleType, request: Any, exchange: Exchange) -> Any:
-        """The request to send: as it is, or with the body `gate.body_to_send` rewrote, and an
-        `accept-encoding` narrowed to the codings whose answers can be read."""
+    def outgoing(lib: ModuleType, request: Any, headers: _RawHeaders, exchange: Exchange) -> Any:
+        """The request to send (its raw `headers`): as it is, or with the body
+        `gate.body_to_send` rewrote, and an `accept-encoding` narrowed to the codings whose
+        answers can be read."""
         new_body = body_to_send(exchange)
         if exchange.injected_usage:
             # The stream in clear: the usage chunk we asked for is taken out of it on its way
             # to the SDK, which a compressed stream would not let us do.
             accept: str | None = "identity"
         else:
-            sent = request.headers.get("accept-encoding")
+            sent = _header(headers, b"accept-encoding")
             accept = None if sent is None or sent == _USUAL_ACCEPT else readable_accept(sent)
         if new_body is None and accept is None:
             return request
-        headers = request.headers.raw
         if new_body is not None:
             # JSON as it is: its own length, and no content-encoding (the app's was for its body)
             headers = [(n, v) for n, v in headers if n.lower() not in _REWRITTEN]
@@ -203,11 +206,11 @@ class _Meter:
         `x-budget-cost`, which is ours to read, and a `content-length` that a dropped usage
         chunk made stale) with `x-budget-route` and
         `x-budget-shadow-refusal` when they apply, the body measured as it passes (`stream`: the
-        async or sync metered stream, as the library's own type)."""
+        async or sync metered stream, as the library's own type: `_Library`)."""
         raw = response.headers.raw
         cost = exchange.read_start(response.status_code, raw)
         added = exchange.headers_added(limits=False)
-        metered = _stream_class(lib, stream)(response, exchange, self)
+        metered = stream(response, exchange, self)
         if cost or hasattr(response, "_content"):
             # Read already (a mock transport), or headers to leave out: a new response,
             # which the client reads through the metered stream.
@@ -234,15 +237,46 @@ class _Meter:
         )
 
 
-_LIBRARIES: dict[type, ModuleType] = {}
+_RawHeaders = list[tuple[bytes, bytes]]
 
 
-def _library(request: Any) -> ModuleType:
-    """`httpx` or `httpx2`: the library of the client that sent `request`."""
-    kind = type(request)
-    lib = _LIBRARIES.get(kind)
+def _header(headers: _RawHeaders, name: bytes) -> str | None:
+    """A request header's value as `request.headers.get` gives it (several joined by ", "),
+    read from its raw list: `get` works out the headers' encoding first, a pass over them all,
+    on every new request (two headers read so took ~350 bytecodes of httpx's a call). Read as
+    latin-1: the codings it may name are ASCII, and any other text is read as unknown alike."""
+    named = map(name.__eq__, map(bytes.lower, map(_NAME, headers)))
+    values = list(itertools.compress(map(_VALUE, headers), named))  # chosen in C, not a loop
+    return b", ".join(values).decode("latin-1") if values else None
+
+
+_NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Library:
+    """`httpx` or `httpx2`, with the metered streams as its own byte-stream types (its
+    responses check the type)."""
+
+    module: ModuleType
+    async_stream: type[_AsyncMetered]
+    sync_stream: type[_SyncMetered]
+
+
+_LIBRARIES: dict[type, _Library] = {}
+
+
+def _library(request: Any) -> _Library:
+    """The library of the client that sent `request`."""
+    lib = _LIBRARIES.get(type(request))
     if lib is None:
-        lib = _LIBRARIES[kind] = sys.modules[kind.__module__.split(".", 1)[0]]
+        kind = type(request)
+        module = sys.modules[kind.__module__.split(".", 1)[0]]
+        lib = _LIBRARIES[kind] = _Library(
+            module=module,
+            async_stream=type("MeteredStream", (_AsyncMetered, module.AsyncByteStream), {}),
+            sync_stream=type("MeteredStream", (_SyncMetered, module.SyncByteStream), {}),
+        )
     return lib
 
 
@@ -311,14 +345,15 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: Any) -> Any:
         lib = _library(request)
-        inner = self._inner(lib)
+        inner = self._inner(lib.module)
         meter = self.meter
         path = meter.metered(request)
         if path is None:
             return await inner.handle_async_request(request)
-        body = meter.readable(request, await request.aread())
+        headers = request.headers.raw
+        body = meter.readable(headers, await request.aread())
         if isinstance(body, ErrorAnswer):
-            return meter.refused(lib, request, body)
+            return meter.refused(lib.module, request, body)
         loop = meter.engine.loop
         if loop is None or loop is asyncio.get_running_loop() or not loop.is_running():
             admitted = await meter.admit(request, path, body)
@@ -332,15 +367,16 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
 
             admitted = await _admitted_there(loop, admit(), meter)
         if type(admitted) is ErrorAnswer:
-            return meter.refused(lib, request, admitted)
+            return meter.refused(lib.module, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
         try:
-            response = await inner.handle_async_request(meter.outgoing(lib, request, exchange))
+            sent = meter.outgoing(lib.module, request, headers, exchange)
+            response = await inner.handle_async_request(sent)
         except BaseException as exc:
-            exchange.sent_unanswered = _sent(lib, exc)
+            exchange.sent_unanswered = _sent(lib.module, exc)
             await _settled(meter, exchange, "upstream_error")
             raise
-        return meter.metered_response(lib, request, response, exchange, _AsyncMetered)
+        return meter.metered_response(lib.module, request, response, exchange, lib.async_stream)
 
     async def aclose(self) -> None:
         if self.transport is not None:
@@ -390,30 +426,32 @@ async def _admitted_there(
         raise
 
 
-async def _settled(meter: _Meter, exchange: Exchange, outcome: str) -> None:
-    """An async call settled where it was admitted (see `_there`)."""
+def _settled(meter: _Meter, exchange: Exchange, outcome: str) -> Awaitable[None]:
+    """An async call settled where it was admitted (see `_there`): the settlement to await."""
     loop = meter.engine.loop
     if loop is None or loop is asyncio.get_running_loop() or not loop.is_running():
-        await exchange.settle(outcome)
-    else:
-        await _there(loop, exchange.settle(outcome))
+        return exchange.settle(outcome)
+    return _there(loop, exchange.settle(outcome))
 
 
 class _Metered:
     """The body on its way to the SDK, each chunk measured as it passes, settled once: when it
-    ends or is closed (the async and sync streams below differ only in how they wait)."""
+    ends or is closed (the async and sync streams below differ only in how they wait). An
+    iterator of its own, not a generator: an async generator costs asyncio's bookkeeping of
+    async generators (~50 bytecodes a call)."""
+
+    done = False  # its last chunk passed
+    settled = False
+    failed = False  # the provider's body failed midway (a read timeout, a cut)
+    # Its read was stopped midway by the caller (a cancellation): the body's iterator is gone,
+    # the rest cannot be read.
+    cut = False
+    chunks: Any = None  # the body's iterator, once the SDK began to read it
 
     def __init__(self, response: Any, exchange: Exchange, meter: _Meter) -> None:
         self.stream = response.stream  # the transport's: read through, closed through
         self.exchange = exchange
         self.meter = meter
-        self.done = False
-        self.settled = False
-        self.failed = False  # the provider's body failed midway (a read timeout, a cut)
-        # Its read was stopped midway by the caller (a cancellation): the body's iterator is
-        # gone, the rest cannot be read.
-        self.cut = False
-        self.chunks: Any = None  # the body's iterator, once the SDK began to read it
 
     def _to_drain(self) -> bool:
         """Closed before its end: a JSON answer (no stream) is read to its end here, from where
@@ -454,13 +492,21 @@ class _Metered:
 
 
 class _AsyncMetered(_Metered):
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> _AsyncMetered:
+        self.chunks = self.stream.__aiter__()  # raw, as it came (read already or not)
+        return self
+
+    async def __anext__(self) -> bytes:
+        """The next chunk that is not empty (a usage chunk taken out leaves nothing)."""
         exchange = self.exchange
-        chunks = self.chunks = self.stream.__aiter__()  # raw, as it came (read already or not)
-        while True:
+        chunks = self.chunks
+        while not self.done:
             try:
                 chunk = await chunks.__anext__()
             except StopAsyncIteration:
+                out = self._last()
+                if out:
+                    return out
                 break
             except Exception:
                 self.failed = True  # the provider's failure, not the SDK's choice
@@ -470,11 +516,9 @@ class _AsyncMetered(_Metered):
                 raise
             out = exchange.on_chunk(chunk, True)
             if out:
-                yield out
-        out = self._last()
-        if out:
-            yield out
+                return out
         await self._settle()
+        raise StopAsyncIteration
 
     async def aclose(self) -> None:
         try:
@@ -494,18 +538,6 @@ class _AsyncMetered(_Metered):
             await _settled(self.meter, self.exchange, outcome)
 
 
-_STREAMS: dict[tuple[ModuleType, type], type] = {}
-
-
-def _stream_class(lib: ModuleType, metered: type) -> Callable[[Any, Exchange, _Meter], Any]:
-    """`metered` as the library's own byte-stream type (its responses check the type)."""
-    base = lib.AsyncByteStream if metered is _AsyncMetered else lib.SyncByteStream
-    found = _STREAMS.get((lib, metered))
-    if found is None:
-        found = _STREAMS[(lib, metered)] = type("MeteredStream", (metered, base), {})
-    return found
-
-
 # -- sync --------------------------------------------------------------------------------------
 
 
@@ -523,14 +555,15 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
 
     def handle_request(self, request: Any) -> Any:
         lib = _library(request)
-        inner = self._inner(lib)
+        inner = self._inner(lib.module)
         meter = self.meter
         path = meter.metered(request)
         if path is None:
             return inner.handle_request(request)
-        body = meter.readable(request, request.read())
+        headers = request.headers.raw
+        body = meter.readable(headers, request.read())
         if isinstance(body, ErrorAnswer):
-            return meter.refused(lib, request, body)
+            return meter.refused(lib.module, request, body)
         plain: bytes = body
         chosen, inbound = payer.get(), inbound_headers.get()
 
@@ -541,15 +574,16 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
 
         admitted = on_loop(meter.engine, admit)
         if type(admitted) is ErrorAnswer:
-            return meter.refused(lib, request, admitted)
+            return meter.refused(lib.module, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
         try:
-            response = inner.handle_request(meter.outgoing(lib, request, exchange))
+            sent = meter.outgoing(lib.module, request, headers, exchange)
+            response = inner.handle_request(sent)
         except BaseException as exc:
-            exchange.sent_unanswered = _sent(lib, exc)
+            exchange.sent_unanswered = _sent(lib.module, exc)
             on_loop(meter.engine, lambda: exchange.settle("upstream_error"))
             raise
-        return meter.metered_response(lib, request, response, exchange, _SyncMetered)
+        return meter.metered_response(lib.module, request, response, exchange, lib.sync_stream)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -557,13 +591,20 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
 
 
 class _SyncMetered(_Metered):
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> _SyncMetered:
+        self.chunks = iter(self.stream)
+        return self
+
+    def __next__(self) -> bytes:
         exchange = self.exchange
-        chunks = self.chunks = iter(self.stream)
-        while True:
+        chunks = self.chunks
+        while not self.done:
             try:
                 chunk = next(chunks)
             except StopIteration:
+                out = self._last()
+                if out:
+                    return out
                 break
             except Exception:
                 self.failed = True  # the provider's failure, not the SDK's choice
@@ -573,11 +614,9 @@ class _SyncMetered(_Metered):
                 raise
             out = exchange.on_chunk(chunk, True)
             if out:
-                yield out
-        out = self._last()
-        if out:
-            yield out
+                return out
         self._settle()
+        raise StopIteration
 
     def close(self) -> None:
         try:
