@@ -115,31 +115,29 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     """The `TokenUsage` of a decoded `usage` object of any supported shape; None if it has no
     token count nor cost, or none that can be read. Bad values (strings, negatives, null)
     count as 0 beside one that can."""
-    audio: tuple[Any, Any] | None = None
+    heard = spoken = None  # OpenAI's audio counts, in its details objects
     if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat/completions/embeddings
         # the usual values (non-negative ints) are taken as they are: this runs on every request
-        value = usage.get("prompt_tokens")
-        prompt = value if type(value) is int and value >= 0 else _count(value)
-        value = usage.get("completion_tokens")
-        output = value if type(value) is int and value >= 0 else _count(value)
+        prompt = usage.get("prompt_tokens")
+        if type(prompt) is not int or prompt < 0:
+            prompt = _count(prompt)
+        output = usage.get("completion_tokens")
+        if type(output) is not int or output < 0:
+            output = _count(output)
         details = usage.get("prompt_tokens_details")
         # LiteLLM-style bodies also carry Anthropic's cache fields, as subsets of prompt_tokens
         if type(details) is dict:
-            value = details.get("cached_tokens")
-            heard_raw = details.get("audio_tokens")
+            read = details.get("cached_tokens")
+            heard = details.get("audio_tokens")
         else:
-            value = usage.get("cache_read_input_tokens")
-            heard_raw = None
-        spoken_raw = None
+            read = usage.get("cache_read_input_tokens")
+        if type(read) is not int or read < 0:
+            read = _count(read)  # None counts 0
         if type(out_details := usage.get("completion_tokens_details")) is dict:
-            spoken_raw = out_details.get("audio_tokens")
-        if heard_raw or spoken_raw:  # 0 or absent in most answers
-            audio = (heard_raw, spoken_raw)
-        read = value if type(value) is int and value >= 0 else _count(value)  # None counts 0
-        value = usage.get("cache_creation_input_tokens")  # OpenAI's usage has none
-        write = (
-            0 if value is None else value if type(value) is int and value >= 0 else _count(value)
-        )
+            spoken = out_details.get("audio_tokens")
+        write = 0  # OpenAI's usage has no cache writes
+        if "cache_creation_input_tokens" in usage:
+            write = _count(usage["cache_creation_input_tokens"])
         if not (prompt or output) and ("input_tokens" in usage or "output_tokens" in usage):
             # Both shapes, the OpenAI counts null or 0 (a gateway's): the other shape's counts
             prompt, output, read, write = _input_output(usage)
@@ -149,8 +147,11 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         prompt = output = read = write = 0
     else:
         return None
-    read = read if read < prompt else prompt  # subsets can't exceed the whole: a cost never < 0
-    write = write if write < prompt - read else prompt - read
+    # Subsets can't exceed the whole: a cost never < 0.
+    if read > prompt:
+        read = prompt
+    if write > prompt - read:
+        write = prompt - read
     cost = _cost(usage["cost"]) if "cost" in usage else None
     if not (prompt or output) and cost is None and not any(_readable(usage, k) for k in _COUNTS):
         return None  # input and output counts null, text or negative: no usage reported at all
@@ -158,10 +159,11 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     # The kinds with prices of their own within those, which most answers do not have:
     if write and type(creation := usage.get("cache_creation")) is dict:  # Anthropic's TTLs
         found.cache_write_1h_tokens = _count(creation.get("ephemeral_1h_input_tokens"))
-    if audio is not None:  # OpenAI's audio counts, within the uncached prompt and the output
-        found.input_audio_tokens = _count(audio[0])
-        found.output_audio_tokens = _count(audio[1])
-    if type(tools := usage.get("server_tool_use")) is dict:  # Anthropic's web searches
+    if heard or spoken:  # OpenAI's audio, within the uncached prompt and the output: 0 or absent
+        found.input_audio_tokens = _count(heard)
+        found.output_audio_tokens = _count(spoken)
+    # Anthropic's web searches:
+    if "server_tool_use" in usage and type(tools := usage["server_tool_use"]) is dict:
         found.web_searches = _count(tools.get("web_search_requests"))
     return found
 
@@ -198,35 +200,31 @@ def usage_from_json(body: bytes) -> TokenUsage | None:
     colon after it, or is escaped). What precedes is not validated. Anything unexpected falls
     back to a full parse.
     """
-    last = body.rfind(_USAGE_KEY)
-    if last < 0 and b"\\u" not in body:  # no usage key anywhere, not even escaped: no usage
+    index = body.rfind(_USAGE_KEY)
+    if index < 0 and b"\\u" not in body:  # no usage key anywhere, not even escaped: no usage
         return None
-    found, usage = _usage_at_end(body, last) if last >= 0 else (False, None)
-    if not found:
+    for _ in range(_CANDIDATES):  # the top-level key, from the end
+        if index < 0:
+            break
+        if body[index - 1] != 0x5C or _unescaped(body, index):  # `\"usage"` is inside a string
+            try:
+                document = json_loads(b"{" + body[index:])  # an object, if it parses
+            except JSON_ERRORS:
+                pass
+            else:
+                break
+        index = body.rfind(_USAGE_KEY, 0, index)
+    else:
+        index = -1
+    if index < 0:  # not found from the end: the whole body
         try:
             document = json_loads(body)
         except JSON_ERRORS:
             return None
-        usage = document.get("usage") if isinstance(document, dict) else None
+        if type(document) is not dict:
+            return None
+    usage = document.get("usage")
     return usage_from_mapping(usage) if type(usage) is dict else None
-
-
-def _usage_at_end(body: bytes, last: int) -> tuple[bool, Any]:
-    """(True, value of the top-level `usage` key) found from the end, or (False, None)."""
-    index = last
-    for _ in range(_CANDIDATES):
-        if index < 0:
-            return False, None
-        if body[index - 1] != 0x5C or _unescaped(body, index):  # `\"usage"` is inside a string
-            try:
-                tail = json_loads(b"{" + body[index:])
-            except JSON_ERRORS:
-                pass
-            else:
-                if type(tail) is dict:
-                    return True, tail.get("usage")
-        index = body.rfind(_USAGE_KEY, 0, index)
-    return False, None
 
 
 def _unescaped(body: bytes, index: int) -> bool:
