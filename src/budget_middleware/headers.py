@@ -65,17 +65,18 @@ def _window(
     names: tuple[bytes, bytes, bytes], window: WindowCounter, left: int, now: float
 ) -> tuple[tuple[bytes, bytes], ...]:
     """A rate window's three headers: its limit, what is left, the seconds until it resets
-    (round() as "%.0f" does, half to even, formatted as an int: twice as fast; a window already
-    over resets in 0s, compared rather than max()ed, which costs as much as the formatting)."""
+    ("%.0f" rounds half to even; a window already over resets in 0s, compared rather than
+    max()ed, which costs as much as the formatting)."""
+    limit_name, left_name, reset_name = names
     seconds = window.end - now
     if seconds == FAR_FUTURE:
         reset = b"never"
     elif seconds > 0:
-        reset = b"%ds" % round(seconds)
+        reset = b"%.0fs" % seconds
     else:
         reset = b"0s"
     return (
-        (names[0], b"%d" % window.limit),
-        (names[1], b"%d" % left if left > 0 else b"0"),
-        (names[2], reset),
+        (limit_name, b"%d" % window.limit),
+        (left_name, b"%d" % left if left > 0 else b"0"),
+        (reset_name, reset),
     )

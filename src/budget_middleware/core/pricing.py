@@ -94,12 +94,18 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     if price.tiers:
         price = in_force(price, usage.tier_input_tokens or usage.input_tokens)
     rates = price._rates
-    read, write, out = usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens
-    read = read if read > 0 else 0  # conditionals, not max(): this runs on every request
-    write = write if write > 0 else 0
-    out = out if out > 0 else 0
+    read = usage.cached_tokens
+    if read < 0:  # conditionals, not max(): this runs on every request
+        read = 0
+    write = usage.cache_write_tokens
+    if write < 0:
+        write = 0
+    out = usage.output_tokens
+    if out < 0:
+        out = 0
     plain = usage.input_tokens - read - write
-    plain = plain if plain > 0 else 0
+    if plain < 0:
+        plain = 0
     femto = plain * rates[0] + read * rates[2] + write * rates[3] + out * rates[1]
     if (
         usage.cache_write_1h_tokens
@@ -133,8 +139,11 @@ def estimate_nanos(price: ModelPrice | None, input_tokens: int, output_tokens: i
     if price is None:
         return 0
     rates = (in_force(price, input_tokens) if price.tiers else price)._rates
-    femto = (input_tokens if input_tokens > 0 else 0) * rates[0]
-    femto += (output_tokens if output_tokens > 0 else 0) * rates[1]
+    if input_tokens < 0:
+        input_tokens = 0
+    if output_tokens < 0:
+        output_tokens = 0
+    femto = input_tokens * rates[0] + output_tokens * rates[1]
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
 
