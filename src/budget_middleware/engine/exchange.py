@@ -41,6 +41,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON_TAIL = 1 << 20  # of a huge JSON answer keep the last MiB: usage sits at the end
+_JSON_KEPT = 2 * _JSON_TAIL  # ... once it holds more than twice that
 _FILE_CHUNK = 1 << 20  # an answer sent as a file (`read_file`) is read a MiB at a time
 COST_HEADER = b"x-budget-cost"  # the app's or upstream's cost: read, never passed on
 # What an adapter leaves out of an answer whose stream loses the usage chunk we asked for: its
@@ -48,6 +49,7 @@ COST_HEADER = b"x-budget-cost"  # the app's or upstream's cost: read, never pass
 _COST_AND_LENGTH = (COST_HEADER, b"content-length")
 # ... and of one that comes compressed all the same: passed on decoded (`read_start`).
 _COST_LENGTH_AND_CODING = (*_COST_AND_LENGTH, b"content-encoding")
+_READ_HEADERS = frozenset({b"content-type", b"content-encoding", COST_HEADER})  # `read_start`
 
 # What one request is counted, whatever an upstream reports: the store's token columns are
 # 32-bit. (Its charge is capped by `money.charge_nanos`.)
@@ -165,7 +167,11 @@ class Exchange:
             if out is not chunk:
                 message = {**message, "body": out}
         elif kind == "http.response.start":
-            message = self.on_start(message)
+            headers = message.get("headers") or ()
+            if self.read_start(message["status"], headers):  # headers the client must not get
+                left_out = self.left_out
+                headers = [h for h in headers if h[0].lower() not in left_out]
+            message = {**message, "headers": [*headers, *self.headers_added()]}
         elif kind == "http.response.pathsend":
             await self.read_file(message["path"])
         try:
@@ -192,13 +198,6 @@ class Exchange:
 
     # -- the response going by -----------------------------------------------------------
 
-    def on_start(self, message: Message) -> Message:
-        headers = message.get("headers") or ()
-        if self.read_start(message["status"], headers):  # headers the client must not get
-            left_out = self.left_out
-            headers = [h for h in headers if h[0].lower() not in left_out]
-        return {**message, "headers": [*headers, *self.headers_added()]}
-
     def read_start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         """The answer's status and the headers the exchange reads (`content-type`,
         `content-encoding`, `x-budget-cost`; names in any case): every adapter hands them here.
@@ -207,25 +206,25 @@ class Exchange:
         lose the usage chunk we asked for."""
         self.response_started = True
         self.status = status
-        event_stream = False
-        typed = False
+        event_stream: bool | None = None  # None: untyped
         encoding = b""
         cost_header = None
-        for header in headers:
-            name = header[0].lower()
+        for name, value in headers:
+            name = name.lower()
+            if name not in _READ_HEADERS:
+                continue
             if name == b"content-type":
                 # a media type is case-insensitive (RFC 9110 8.3.1): `Text/Event-Stream` too
-                event_stream = header[1].strip().lower().startswith(b"text/event-stream")
-                typed = True
+                event_stream = value.strip().lower().startswith(b"text/event-stream")
             elif name == b"content-encoding":
-                encoding = header[1].lower().strip()
-            elif name == COST_HEADER:
-                cost_header = header
+                encoding = value.lower().strip()
+            else:
+                cost_header = value
         if cost_header is not None:
             # A cost that is no amount (negative, NaN, infinite, text) is not the cost: the
             # usage decides.
             try:
-                told = float(cost_header[1])
+                told = float(cost_header)
                 self.header_cost = charge_nanos(told) if told >= 0 else None
             except ValueError:
                 self.header_cost = None
@@ -235,10 +234,10 @@ class Exchange:
                 self.decoder = decoder
             else:
                 self.unreadable = f"content-encoding {encoding.decode('latin-1')} not readable"
-        if not typed and self.target.stream:
+        if event_stream is None:
             # A stream asked for and answered without a content-type (Starlette's
             # `StreamingResponse(gen())`): the SDKs read it as the stream it is, and so do we.
-            event_stream = True
+            event_stream = self.target.stream
         if event_stream:
             # Unless its first bytes say JSON (`on_chunk`): an event stream cannot begin so (a
             # JSON answer labelled `text/event-stream`, or untyped), and the whole answer is read.
@@ -287,18 +286,6 @@ class Exchange:
                 if head[:1] in _JSON_STARTS:  # JSON after all, untyped: read as JSON
                     self.stream = None
         decoder = self.decoder
-        stream = self.stream
-        if decoder is None and stream is None:  # plain JSON: keep it (the tail of a huge one)
-            if chunk:
-                parts = self.json_parts
-                if parts is None:
-                    self.json_parts = [chunk]
-                else:
-                    parts.append(chunk)
-                self.json_size += len(chunk)
-                if self.json_size > 2 * _JSON_TAIL:
-                    self._keep_the_tail()
-            return chunk
         plain = chunk
         if decoder is not None:
             plain = decoder.feed(chunk) if chunk else b""
@@ -307,6 +294,7 @@ class Exchange:
             if decoder.error is not None:
                 self.unreadable = decoder.error
                 return b"" if self.passed_decoded else chunk
+        stream = self.stream
         if stream is not None:
             if self.passed_decoded:
                 chunk = plain
@@ -317,13 +305,15 @@ class Exchange:
             if not more:
                 out += stream.finish()
             return out
-        if plain:
+        if plain:  # JSON: kept (the tail of a huge one)
             parts = self.json_parts
             if parts is None:
-                self.json_parts = parts = []
-            parts.append(plain)
-            self.json_size += len(plain)
-            if self.json_size > 2 * _JSON_TAIL:
+                self.json_parts = [plain]
+            else:
+                parts.append(plain)
+            size = self.json_size + len(plain)
+            self.json_size = size
+            if size > _JSON_KEPT:
                 self._keep_the_tail()
         return chunk
 
@@ -373,7 +363,7 @@ class Exchange:
             )
         parts = self.json_parts
         if parts:
-            return usage_from_json(parts[0] if len(parts) == 1 else b"".join(parts))
+            return usage_from_json(b"".join(parts))  # of one part, that part: no copy
         return None
 
     def _work_out(self, outcome: str) -> UsageRecord:
