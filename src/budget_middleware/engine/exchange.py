@@ -160,6 +160,9 @@ class Exchange:
         return message
 
     async def forward(self, message: Message) -> None:
+        """The app's `send`: each message of the answer measured as it goes by (its start with
+        our headers, without those the client must not get), and the exchange settled as the
+        last chunk goes."""
         kind = message["type"]
         if kind == "http.response.body":
             chunk = message.get("body", b"")
@@ -218,7 +221,7 @@ class Exchange:
                 event_stream = value.strip().lower().startswith(b"text/event-stream")
             elif name == b"content-encoding":
                 encoding = value.lower().strip()
-            else:
+            else:  # x-budget-cost
                 cost_header = value
         if cost_header is not None:
             # A cost that is no amount (negative, NaN, infinite, text) is not the cost: the
