@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from collections.abc import Callable
@@ -9,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from fastapi import FastAPI, Request, Response
 from genai_prices import Usage, calc_price
 from sqlmodel import select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware.core.pricing import estimate_nanos, for_service_tier
 from budget_middleware.store.tables import UsageRecordRow
 from support import chat, client, engine_of, host_app, running
 
@@ -438,11 +441,16 @@ async def test_a_json_answer_without_usage_is_charged_the_text_it_answered(
 
 
 async def charged_for(
-    make_settings: Settings, path: str, model: str, answer: dict[str, Any] | list[dict[str, Any]]
+    make_settings: Settings,
+    path: str,
+    model: str,
+    answer: dict[str, Any] | list[dict[str, Any]],
+    **asked: Any,
 ) -> UsageRecordRow:
-    """The usage record of one request whose app answers `answer`: a JSON body, or (a list) the
-    events of a `text/event-stream` (named by their `type` when they have one, as Anthropic's and
-    the Responses API's are; OpenAI chat chunks unnamed, then `[DONE]`)."""
+    """The usage record of one request (its body's other fields `asked`) whose app answers
+    `answer`: a JSON body, or (a list) the events of a `text/event-stream` (named by their `type`
+    when they have one, as Anthropic's and the Responses API's are; OpenAI chat chunks unnamed,
+    then `[DONE]`)."""
     app = FastAPI()
     streamed = isinstance(answer, list)
 
@@ -460,10 +468,10 @@ async def charged_for(
 
     wrapped = BudgetMiddleware(app, settings=make_settings())
     async with running(wrapped), client(wrapped) as http:
-        sent = await http.post(path, json=chat(model, stream=streamed))
+        sent = await http.post(path, json=chat(model, stream=streamed, **asked))
         assert sent.status_code == 200
         rows = await records(wrapped.engine)
-    return rows[0]
+    return rows[-1]  # this request's: the store may hold an earlier one's of the same test
 
 
 def nanos(usage: Usage, model: str, provider: str) -> int:
@@ -640,3 +648,133 @@ async def test_anthropic_web_searches_are_charged(make_settings: Settings, strea
     want = nanos(Usage(input_tokens=100, output_tokens=500, web_searches=3), model, "anthropic")
     print("3 web searches: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
     assert row.cost_nanos == want
+
+
+# -- service tiers: OpenAI's priority and flex, priced apart ------------------------------------
+
+TIER_USAGE = {"prompt_tokens": 10_000, "completion_tokens": 2_000, "total_tokens": 12_000}
+
+
+def tier_price(tier: str | None, model: str = "gpt-5") -> int:
+    """What genai-prices charges `TIER_USAGE` on `model` served at `tier`, in nano-dollars."""
+    usage = Usage(input_tokens=10_000, output_tokens=2_000)
+    context = None if tier is None else {"service_tier": tier}
+    calc = calc_price(usage, model, provider_id="openai", price_context=context)
+    return int(calc.total_price * 10**9)
+
+
+def tier_answer(shape: str, tier: str | None) -> dict[str, Any] | list[dict[str, Any]]:
+    """An answer reporting `TIER_USAGE` served at `tier` (None: it does not say), as OpenAI
+    sends it: a chat completion has its `service_tier` after the usage, in each chunk of a
+    stream; the Responses API before the usage, in `response.completed` when streamed."""
+    said = {} if tier is None else {"service_tier": tier}
+    choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}}
+    if shape == "chat-json":
+        return {"model": "gpt-5", "choices": [choice], "usage": TIER_USAGE, **said}
+    if shape == "chat-sse":
+        delta = {"index": 0, "delta": {"content": "hi"}}
+        return [
+            {"model": "gpt-5", "choices": [delta], "usage": None, **said},
+            {"model": "gpt-5", "choices": [], "usage": TIER_USAGE, **said},
+        ]
+    usage = {
+        "input_tokens": 10_000,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 2_000,
+        "total_tokens": 12_000,
+    }
+    text = [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}]
+    response = {"object": "response", "model": "gpt-5", "output": text, **said}
+    response |= {"store": True, "tools": [], "usage": usage, "user": None}
+    if shape == "responses-json":
+        return response
+    return [{"type": "response.completed", "response": response}]
+
+
+SHAPES = ["chat-json", "chat-sse", "responses-json", "responses-sse"]
+
+
+def _path(shape: str) -> str:
+    return "/v1/chat/completions" if shape.startswith("chat") else "/v1/responses"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tier", ["priority", "flex"])
+async def test_a_request_served_at_a_service_tier_is_charged_that_tier_s_prices(
+    make_settings: Settings, shape: str, tier: str
+) -> None:
+    """gpt-5 served at `priority` costs twice its standard prices, at `flex` half: the tier the
+    answer says it was served at is charged, in every shape OpenAI answers in, whatever the
+    request asked for ("auto": the project's own tier)."""
+    row = await charged_for(
+        make_settings, _path(shape), "openai/gpt-5", tier_answer(shape, tier), service_tier="auto"
+    )
+    want, standard = tier_price(tier), tier_price(None)
+    print(f"{shape} served at {tier}: charged {row.cost_nanos} n$, genai-prices {want}")
+    print(f"  (the standard prices: {standard} n$)")
+    assert want != standard
+    assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("shape", ["chat-json", "responses-sse"])
+async def test_a_service_tier_asked_for_and_not_answered_is_charged_and_an_answer_s_wins(
+    make_settings: Settings, shape: str
+) -> None:
+    """An answer that does not say its tier is charged the tier the request asked for; one that
+    does is charged its own (OpenAI serves a `priority` request at `default` when it has no
+    room). "auto" and "default" pay the standard prices."""
+    charged = {}
+    for asked, said in [("priority", None), ("priority", "default"), ("auto", None)]:
+        answer = tier_answer(shape, said)
+        row = await charged_for(
+            make_settings, _path(shape), "openai/gpt-5", answer, service_tier=asked
+        )
+        charged[(asked, said)] = row.cost_nanos
+    print(f"{shape}: charged by (asked, answered) tier {charged}")
+    assert charged[("priority", None)] == tier_price("priority")
+    assert charged[("priority", "default")] == tier_price(None)
+    assert charged[("auto", None)] == tier_price(None)
+
+
+@pytest.mark.parametrize("asked", ["priority", "flex", "auto"])
+async def test_a_reservation_is_made_at_the_service_tier_asked_for(
+    make_settings: Settings, asked: str
+) -> None:
+    """In flight, a request holds its worst case at the prices of the tier it asks for: a
+    `priority` request to gpt-5 twice what a standard one holds (else its budget could be
+    overrun by every priority request in flight), `flex` half; "auto" the standard prices."""
+    app = FastAPI()
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    @app.post("/v1/chat/completions")
+    async def answer_it() -> Response:
+        arrived.set()
+        await release.wait()
+        return Response(json.dumps(tier_answer("chat-json", None)), media_type="application/json")
+
+    wrapped = BudgetMiddleware(app, settings=make_settings())
+    engine = wrapped.engine
+    async with running(wrapped), client(wrapped) as http:
+        key = engine.manager.create_virtual_key(
+            name="tiers", budgets=[{"max_limit": 100, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        body = chat("openai/gpt-5", max_tokens=1000, service_tier=asked)
+        auth = {"authorization": f"Bearer {key.value}"}
+        sent = asyncio.ensure_future(http.post("/v1/chat/completions", json=body, headers=auth))
+        await arrived.wait()
+        counter = engine.registry.counter("budget", key.budgets[0].id)
+        assert counter is not None
+        held = counter.reserved
+        release.set()
+        assert (await sent).status_code == 200
+    prompt = len(orjson.dumps(body)) // 3 + 1  # the body's estimate of its input
+    price = engine.prices.price("openai", "gpt-5")
+    assert price is not None
+    want = {
+        tier: estimate_nanos(for_service_tier(price, tier), prompt, 1000)
+        for tier in ("priority", "flex", "auto")
+    }
+    print(f"asked {asked}: {held} n$ held in flight; at each tier's prices {want}")
+    assert want["priority"] > want["auto"] > want["flex"]
+    assert held == want[asked]

@@ -113,7 +113,8 @@ def padded(document: dict[str, Any], size: int = 100_000) -> dict[str, Any]:
 
 
 def test_openai_chat_completion_usage_counts_cached_tokens_within_input() -> None:
-    assert usage_from_json(body(CHAT_COMPLETION)) == TokenUsage(1117, 10, 1024, 0)
+    served = TokenUsage(1117, 10, 1024, 0, service_tier="default")  # its tier, after the usage
+    assert usage_from_json(body(CHAT_COMPLETION)) == served
 
 
 def test_total_tokens_is_input_plus_output() -> None:
@@ -152,7 +153,9 @@ def test_usage_cost_is_read_when_the_upstream_reports_it() -> None:
         **CHAT_COMPLETION,
         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "cost": 0.00042},
     }
-    assert usage_from_json(body(openrouter)) == TokenUsage(5, 2, cost=0.00042)
+    assert usage_from_json(body(openrouter)) == TokenUsage(
+        5, 2, cost=0.00042, service_tier="default"
+    )
 
 
 def test_usage_with_only_a_cost_is_still_usage() -> None:
@@ -291,13 +294,13 @@ def test_large_body_ignores_a_usage_key_quoted_inside_a_string() -> None:
     document = padded(CHAT_COMPLETION)
     document["system_fingerprint"] = 'fp "usage": {"prompt_tokens": 999}'
     document['note "usage'] = {"prompt_tokens": 777}
-    assert usage_from_json(body(document)) == TokenUsage(1117, 10, 1024, 0)
+    assert usage_from_json(body(document)) == TokenUsage(1117, 10, 1024, 0, service_tier="default")
 
 
 def test_large_body_with_many_decoys_falls_back_to_a_full_parse() -> None:
     document = padded(CHAT_COMPLETION)
     document["notes"] = [f'decoy {n} "usage' for n in range(6)]
-    assert usage_from_json(body(document)) == TokenUsage(1117, 10, 1024, 0)
+    assert usage_from_json(body(document)) == TokenUsage(1117, 10, 1024, 0, service_tier="default")
 
 
 def test_large_body_ignores_a_nested_usage_key_after_the_real_one() -> None:
@@ -470,7 +473,7 @@ def test_usage_of_a_gzip_body_is_read_from_the_decoded_bytes() -> None:
     raw = body(padded(CHAT_COMPLETION))
     decoder = BodyDecoder("gzip")
     assert usage_from_json(decode_in_pieces(decoder, gzip.compress(raw), 1000)) == TokenUsage(
-        1117, 10, 1024, 0
+        1117, 10, 1024, 0, service_tier="default"
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
-from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept
+from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept, served_tier
 
 # Path prefixes that name a provider (`/openai/v1/chat/completions`).
 KNOWN_PROVIDERS = frozenset(
@@ -39,7 +39,10 @@ POST = frozenset(map("".join, itertools.product(*zip("POST", "post", strict=True
 
 OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 CHOICE_FIELDS = ("n", "best_of")  # outputs generated (and billed) for one request
-_SIZE_FIELDS = frozenset(OUTPUT_LIMIT_FIELDS + CHOICE_FIELDS)
+# What prices a request beyond its model and size: its service tier (OpenAI's `priority`, `flex`).
+SERVICE_TIER_FIELD = "service_tier"
+# The fields that shape a request's worst-case cost, looked for at once.
+_SIZE_FIELDS = frozenset((*OUTPUT_LIMIT_FIELDS, *CHOICE_FIELDS, SERVICE_TIER_FIELD))
 
 
 @dataclass(slots=True)
@@ -187,6 +190,7 @@ class Target:
     # Choices the provider generates and bills (OpenAI's `n`, a completion's `best_of`):
     # the worst case is each of them at the output limit.
     choices: int
+    service_tier: str | None = None  # asked for in the body (`served_tier`): it may be priced apart
 
 
 class TargetResolver:
@@ -240,6 +244,7 @@ class TargetResolver:
                 tags = _keep_key_tags(tags, key_tags)
         limit = None
         choices = 1
+        tier = None
         sized = _SIZE_FIELDS.intersection(data)  # in C: none, or an output limit, usually
         if sized:
             for name in OUTPUT_LIMIT_FIELDS:
@@ -253,7 +258,10 @@ class TargetResolver:
                     value = data.get(name)
                     if type(value) is int and value > choices:
                         choices = value
-        return Target(found[0], found[1], tags, data.get("stream") is True, limit, choices)
+            if SERVICE_TIER_FIELD in sized:
+                tier = served_tier(data[SERVICE_TIER_FIELD])
+        stream = data.get("stream") is True
+        return Target(found[0], found[1], tags, stream, limit, choices, tier)
 
     def retarget(
         self, target: Target, model: str, credentials: Credentials, route_path: str
@@ -265,7 +273,13 @@ class TargetResolver:
         if found is None:
             found = self._remember(self._routes, where, self._route(*where))
         return Target(
-            found[0], found[1], target.tags, target.stream, target.max_output_tokens, target.choices
+            found[0],
+            found[1],
+            target.tags,
+            target.stream,
+            target.max_output_tokens,
+            target.choices,
+            target.service_tier,
         )
 
     def _route(self, raw_model: str, header: str | None, route_path: str) -> tuple[str, str]:

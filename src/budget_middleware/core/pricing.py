@@ -39,6 +39,8 @@ class ModelPrice:
 
     `tiers`: (start, prices) of long-context tiers, by start: a request of more than `start`
     input tokens (cache reads and writes included) pays that tier's prices on every token.
+    `service_tiers`: (name, prices) of the service tiers priced apart (OpenAI's `priority` and
+    `flex`): a request served at one pays its prices (`for_service_tier`).
     """
 
     input_per_mtok: float
@@ -51,6 +53,7 @@ class ModelPrice:
     output_audio_per_mtok: float | None = None
     web_search_per_k: float | None = None  # USD per thousand searches
     tiers: tuple[tuple[int, ModelPrice], ...] = ()
+    service_tiers: tuple[tuple[str, ModelPrice], ...] = ()
     _rates: _Rates = field(init=False, repr=False, compare=False)  # computed once
 
     def __post_init__(self) -> None:
@@ -78,6 +81,16 @@ def in_force(price: ModelPrice, input_tokens: int) -> ModelPrice:
     for start, tier in reversed(price.tiers):  # usually none
         if input_tokens > start:
             return tier
+    return price
+
+
+def for_service_tier(price: ModelPrice, tier: str | None) -> ModelPrice:
+    """The prices of a request served at (or, when its answer does not say, asking for) the
+    service tier `tier`: that tier's when it is priced apart, else the standard ones ("auto",
+    "default", a tier this model has no price of its own for)."""
+    for name, prices in price.service_tiers:
+        if name == tier:
+            return prices
     return price
 
 

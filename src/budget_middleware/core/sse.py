@@ -10,7 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from budget_middleware.core.usage import JSON_ERRORS, TokenUsage, json_loads, usage_from_mapping
+from budget_middleware.core.usage import (
+    JSON_ERRORS,
+    TokenUsage,
+    json_loads,
+    served_tier,
+    usage_from_mapping,
+)
 
 _LF: Final = 0x0A
 _CR: Final = 0x0D
@@ -402,7 +408,10 @@ class StreamMeter:
         usage = body.get("usage")
         if not isinstance(usage, dict):  # `"usage": null` on every chunk but the last
             return False
-        self._take(usage_from_mapping(usage))
+        found = usage_from_mapping(usage)
+        if found is not None and "service_tier" in body:  # OpenAI's, on every chunk
+            found.service_tier = served_tier(body["service_tier"])
+        self._take(found)
         return self._drop and choices == []
 
     def _read_typed(self, kind: str, body: dict[str, Any]) -> None:
@@ -434,7 +443,10 @@ class StreamMeter:
                 self._see_model(response.get("model"))
                 usage = response.get("usage")
                 if isinstance(usage, dict):
-                    self._take(usage_from_mapping(usage))
+                    found = usage_from_mapping(usage)
+                    if found is not None:
+                        found.service_tier = served_tier(response.get("service_tier"))
+                    self._take(found)
             if kind in ("response.completed", "response.incomplete"):
                 self.completed = True
 

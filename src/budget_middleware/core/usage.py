@@ -8,6 +8,7 @@ bytes still go to the client as they are.
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ class TokenUsage:
     - `tier_input_tokens`: the input that picks a long-context price tier when it is not
       `input_tokens` (0): of several requests' usages added (`plus`, a tool loop's turns), the
       largest one's, for each turn is priced by its own size (at most: all at the largest's).
+    - `service_tier`: the service tier the answer says it was served at (OpenAI's top-level
+      `service_tier`: `default`, `priority`, `flex`), which some models price apart; None when it
+      does not say.
     """
 
     input_tokens: int = 0
@@ -64,6 +68,7 @@ class TokenUsage:
     output_audio_tokens: int = 0
     web_searches: int = 0
     tier_input_tokens: int = 0
+    service_tier: str | None = None
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's)."""
@@ -82,6 +87,7 @@ class TokenUsage:
                 self.tier_input_tokens or self.input_tokens,
                 other.tier_input_tokens or other.input_tokens,
             ),
+            other.service_tier or self.service_tier,
         )
 
     @property
@@ -224,7 +230,29 @@ def usage_from_json(body: bytes) -> TokenUsage | None:
         if type(document) is not dict:
             return None
     usage = document.get("usage")
-    return usage_from_mapping(usage) if type(usage) is dict else None
+    if type(usage) is not dict:
+        return None
+    found = usage_from_mapping(usage)
+    if found is not None:
+        # OpenAI's tier: after the usage in a chat completion, before it in the Responses API
+        # (whose usage has `input_tokens_details`), searched for back from the usage only then.
+        tier = document.get("service_tier")
+        if tier is None and index > 0 and "input_tokens_details" in usage:
+            at = body.rfind(_TIER_KEY, 0, index)
+            told = _TIER_VALUE.match(body, at) if at >= 0 else None
+            tier = None if told is None else told[1].decode("latin-1")
+        if tier is not None:
+            found.service_tier = served_tier(tier)
+    return found
+
+
+_TIER_KEY: Final = b'"service_tier"'
+_TIER_VALUE: Final = re.compile(rb'"service_tier"\s*:\s*"([^"\\]{1,32})"')
+
+
+def served_tier(value: object) -> str | None:
+    """An answer's `service_tier` as it is priced: a name (at most 32 characters), else None."""
+    return value if type(value) is str and 0 < len(value) <= 32 else None
 
 
 def _unescaped(body: bytes, index: int) -> bool:

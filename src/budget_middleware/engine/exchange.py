@@ -21,6 +21,7 @@ from budget_middleware.core.pricing import (
     ModelPrice,
     cost_nanos,
     estimate_nanos,
+    for_service_tier,
 )
 from budget_middleware.core.records import UsageRecord
 from budget_middleware.core.scopes import KeyConfig, LimitSet
@@ -416,6 +417,8 @@ class Exchange:
             if price is None:
                 cost, source = 0, "unpriced"  # noted by `book`
             else:
+                # At the service tier the answer was served at, else the one asked for.
+                price = for_service_tier(price, usage.service_tier or self.target.service_tier)
                 cost, source = cost_nanos(price, usage), price.source
         if usage is None:
             inp = out = cached = 0

@@ -23,7 +23,7 @@ from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import Credentials, Target, TargetResolver
 from budget_middleware.core.media import may_reference, media_references
 from budget_middleware.core.money import MAX_CHARGE_NANOS
-from budget_middleware.core.pricing import estimate_nanos
+from budget_middleware.core.pricing import estimate_nanos, for_service_tier
 from budget_middleware.core.routing import Route
 from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts
@@ -351,7 +351,9 @@ class Gate:
                 )
             else:
                 exchange.ticket_estimate = estimate_nanos(
-                    price, prompt_tokens, self.most_output(target)
+                    for_service_tier(price, target.service_tier),  # the tier asked for
+                    prompt_tokens,
+                    self.most_output(target),
                 )
         return exchange
 
@@ -377,7 +379,8 @@ class Gate:
             exchange.ticket_estimate = MAX_CHARGE_NANOS
         else:
             prompt = exchange.prompt_tokens + each * references
-            most = estimate_nanos(price, prompt, self.most_output(target))
+            asked = for_service_tier(price, target.service_tier)
+            most = estimate_nanos(asked, prompt, self.most_output(target))
             exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
 
     def most_output(self, target: Target) -> int:

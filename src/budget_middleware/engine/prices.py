@@ -105,16 +105,57 @@ def _catalog_find(provider: str, model: str) -> tuple[gp.Provider, gp.ModelInfo]
 
 def _catalog_price(info: gp.ModelInfo) -> ModelPrice | None:
     prices = _prices_in_force(info)
-    base = _token_price(prices, -1)
+    base = _with_tiers(prices)
     if base is None:  # priced per request, second, page...: not token-priced
         return None
-    # Tiered (long-context) prices apply to the whole request above a threshold of input tokens
-    # (e.g. Claude Sonnet 4.5's and Gemini 2.5 Pro's above 200k): one ModelPrice per threshold.
+    # The service tiers priced apart (OpenAI's `priority` and `flex`, genai-prices' variants
+    # `when service_tier`), each a whole price of its own, long-context tiers included.
+    served = []
+    for tier in _service_tiers(info):
+        tiered = _with_tiers(_variant(info, prices, tier))
+        if tiered is not None and tiered != base:
+            served.append((tier, tiered))
+    return replace(base, service_tiers=tuple(served)) if served else base
+
+
+def _with_tiers(prices: gp.ModelPrice) -> ModelPrice | None:
+    """The token prices with their long-context tiers, which apply to the whole request above a
+    threshold of input tokens (e.g. Claude Sonnet 4.5's and Gemini 2.5 Pro's above 200k): one
+    ModelPrice per threshold. None when the model is not priced by the token."""
+    base = _token_price(prices, -1)
+    if base is None:
+        return None
     starts = sorted(
         {t.start for v in vars(prices).values() if isinstance(v, gp.TieredPrices) for t in v.tiers}
     )
     tiers = tuple((start, _token_price(prices, start) or base) for start in starts)
     return replace(base, tiers=tiers) if tiers else base
+
+
+def _service_tiers(info: gp.ModelInfo) -> list[str]:
+    """The service tiers the catalog prices this model's requests at apart, in its order."""
+    names: list[str] = []
+    for variant in info.price_variants or ():
+        tier = variant.when.get("service_tier")
+        if tier is not None and len(variant.when) == 1 and tier not in names:
+            names.append(tier)
+    return names
+
+
+def _variant(info: gp.ModelInfo, prices: gp.ModelPrice, tier: str) -> gp.ModelPrice:
+    """`prices` as a request served at `tier` pays them: each price of the first variant for
+    that tier in force that names it, as genai-prices resolves variants (started ones only)."""
+    now = datetime.now(UTC)
+    overrides: dict[str, object] = {}
+    for variant in info.price_variants or ():
+        if variant.when != {"service_tier": tier}:
+            continue
+        if variant.constraint is not None and not variant.constraint.active(now):
+            continue
+        for name, value in vars(variant.prices).items():
+            if value is not None:
+                overrides.setdefault(name, value)
+    return gp.ModelPrice(**{**vars(prices), **overrides})
 
 
 def _prices_in_force(info: gp.ModelInfo) -> gp.ModelPrice:
