@@ -175,6 +175,24 @@ async def test_errors_of_the_app_stay_the_apps_and_cost_nothing(make_settings: S
     assert [(r.status, r.cost_nanos, r.outcome) for r in rows] == [(503, 0, "completed")]
 
 
+async def test_a_redirect_is_charged_nothing_only_the_answer_it_leads_to(
+    make_settings: Settings,
+) -> None:
+    # FastAPI answers `/v1/chat/completions/` with its own 307 to the path without the slash:
+    # no model ran, so the redirect costs nothing; the request it leads to is charged.
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        answer = await http.post("/v1/chat/completions/", json=chat(), follow_redirects=True)
+        rows = await records(engine)
+    seen = [(r.status, r.cost_nanos, r.estimated) for r in rows]
+    print("records (status, nano-dollars, estimated):", seen)
+    assert answer.status_code == 200
+    assert [r.status_code for r in answer.history] == [307]
+    assert seen[0] == (307, 0, False)
+    assert seen[1][0] == 200 and seen[1][1] > 0
+
+
 async def test_an_app_that_raises_gets_its_own_500_and_is_charged_nothing(
     make_settings: Settings,
 ) -> None:

@@ -383,9 +383,9 @@ class Exchange:
         elif usage is not None and usage.cost is not None:
             cost, source = charge_nanos(usage.cost), "usage"
         elif usage is None and (
-            self.status >= 400 or not (self.response_started or self.sent_unanswered)
+            self.status >= 300 or not (self.response_started or self.sent_unanswered)
         ):
-            cost, source = 0, "none"  # an error without usage costs nothing
+            cost, source = 0, "none"  # an error or a redirect without usage costs nothing
         else:
             if usage is None:  # no usage reported: charge what we can see, and say so
                 estimated = True
