@@ -217,19 +217,25 @@ def test_anonymous_limits_are_resolved_once_and_kept_bounded() -> None:
     assert glob.resolve_anonymous("openai", "gpt-4o", ()) is not first
 
 
-def test_a_keys_scopes_are_its_provider_config_hierarchy_globals_then_its_model_configs() -> None:
+def test_a_keys_scopes_are_its_provider_config_hierarchy_provider_model_configs_then_tags() -> None:
     team, customer = limited("team", "t"), limited("customer", "c")
     own_rule = limited("model_config", "own")
-    glob_scope = limited("provider", "p")
-    glob = GlobalConfig(providers={"openai": glob_scope})
+    glob_scope, glob_rule = limited("provider", "p"), limited("model_config", "g")
+    tag = limited("tag", "chat")
+    glob = GlobalConfig(
+        providers={"openai": glob_scope},
+        model_rules=(ModelRule("*", None, glob_rule),),
+        tags={"chat": tag},
+    )
     config = key(
         hierarchy=(team, customer),
         policies={"openai": policy({"*"}, limits=True)},
         rules=(ModelRule("gpt-*", None, own_rule),),
     )
-    limits = config.resolve(glob, "openai", "gpt-4o", ())
+    limits = config.resolve(glob, "openai", "gpt-4o", ("chat",))
     pc = config.policies["openai"].scope
-    assert limits.scopes == (pc, team, customer, glob_scope, own_rule)
+    # SPEC §5: every model config (the global ones, then the key's own) before the tags
+    assert limits.scopes == (pc, team, customer, glob_scope, glob_rule, own_rule, tag)
     # a provider config without limits takes no place
     bare = key(hierarchy=(team,), policies={"openai": policy({"*"})})
     assert bare.resolve(GlobalConfig(), "openai", "gpt-4o", ()).scopes == (team,)

@@ -122,6 +122,30 @@ async def test_key_scoped_model_config_applies_only_to_that_key(make_settings: S
         assert (await post(http)).status_code == 200
 
 
+async def test_a_key_s_own_model_config_refuses_before_a_tag_as_spec_5_orders_them(
+    make_settings: Settings,
+) -> None:
+    # SPEC §5's applicable scopes: ..., every model config that matches (global ones, and those
+    # scoped to this key), and every tag. Both exhausted: the model config is the one named.
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        alice = m.create_virtual_key(name="alice")
+        m.create_model_config(
+            model_name="gpt-4o", scope="virtual_key", scope_id=alice.id, budgets=SPENT
+        )
+        m.put_tag("chat", budgets=SPENT)
+        await engine.invalidate()
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat(model="openai/gpt-4o"),
+            headers={"x-budget-key": alice.value, "x-budget-tags": "chat"},
+        )
+    print("refused by:", answer.json()["error"]["scope"])
+    assert refused_by(answer) == (402, "budget_exceeded", "model_config")
+
+
 async def test_provider_config_limits_apply_to_that_provider_of_the_key(
     make_settings: Settings,
 ) -> None:

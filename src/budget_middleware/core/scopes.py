@@ -233,12 +233,21 @@ class GlobalConfig:
     resolved: dict[tuple[str, str, tuple[str, ...]], LimitSet] = field(default_factory=dict)
     routes: dict[str, Route] = field(default_factory=dict)  # by name (SPEC §12)
 
-    def scopes_for(self, provider: str, model: str, tags: tuple[str, ...]) -> list[Scope]:
+    def scopes_for(
+        self,
+        provider: str,
+        model: str,
+        tags: tuple[str, ...],
+        own_rules: tuple[ModelRule, ...] = (),
+    ) -> list[Scope]:
+        """The provider, the model configs (the global ones, then a key's `own_rules`), the
+        tags: SPEC §5's order, after the key's own hierarchy."""
         scopes = []
         provider_scope = self.providers.get(provider)
         if provider_scope is not None and provider_scope.has_limits:
             scopes.append(provider_scope)
         scopes.extend(r.scope for r in self.model_rules if r.matches(provider, model))
+        scopes.extend(r.scope for r in own_rules if r.matches(provider, model))
         for tag in tags:
             tag_scope = self.tags.get(tag)
             if tag_scope is not None and tag_scope.has_limits:
@@ -306,8 +315,7 @@ class KeyConfig:
         if policy is not None and policy.scope.has_limits:
             scopes.append(policy.scope)
         scopes.extend(self.hierarchy)
-        scopes.extend(glob.scopes_for(provider, model, tags))
-        scopes.extend(r.scope for r in self.model_rules if r.matches(provider, model))
+        scopes.extend(glob.scopes_for(provider, model, tags, self.model_rules))
         if not scopes:
             found = _NO_LIMITS
         else:  # the key's own hierarchy alone, the usual case: its tuple serves
