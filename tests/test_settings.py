@@ -177,6 +177,58 @@ def test_redis_timeout_must_be_a_positive_finite_number_of_seconds(
         BudgetSettings()
 
 
+@pytest.mark.parametrize(
+    "variable",
+    ["BUDGET_CACHE_TTL_SECONDS", "BUDGET_FLUSH_INTERVAL_SECONDS", "BUDGET_SLOT_TTL_SECONDS"],
+)
+@pytest.mark.parametrize("bad", ["inf", "Infinity", "nan"])
+def test_an_interval_must_be_a_finite_number_of_seconds(
+    variable: str, bad: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `inf` as a flush interval wrote nothing until shutdown (a killed process lost every
+    # charge), and as a cache TTL never re-read the counters other processes wrote (SPEC §11).
+    monkeypatch.setenv(variable, bad)
+    with pytest.raises(SettingsError, match=variable) as raised:
+        BudgetSettings()
+    print(raised.value)
+
+
+def test_every_default_is_the_one_spec_3_documents() -> None:
+    settings = BudgetSettings()  # the environment holds no BUDGET_* variable (conftest)
+    documented = {
+        "database_url": "sqlite:///./budget_middleware.db",
+        "redis_url": None,
+        "admin_key": None,
+        "require_virtual_key": False,
+        "key_header": "x-budget-key",
+        "key_prefix": "sk-bm-",
+        "inference_paths": (
+            "/chat/completions",
+            "/completions",
+            "/embeddings",
+            "/responses",
+            "/messages",
+        ),
+        "exceeded_status": 402,
+        "reserve": True,
+        "fail_open": False,
+        "pricing_file": None,
+        "config_file": None,
+        "cache_ttl_seconds": 5,
+        "flush_interval_seconds": 1,
+        "max_body_bytes": 33554432,
+        "unpriced_models": "allow",
+        "redis_timeout_seconds": 2,
+        "mode": "enforce",
+        "alert_webhook_urls": (),
+        "alert_secret": None,
+        "alert_thresholds": (0.8, 1.0),
+    }
+    found = {name: getattr(settings, name) for name in documented}
+    print(found)
+    assert found == documented
+
+
 def test_every_configuration_error_shares_one_base() -> None:
     from budget_middleware.exceptions import PricingFileError
     from budget_middleware.manage.config_file import ConfigFileError

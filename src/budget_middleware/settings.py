@@ -86,12 +86,12 @@ class BudgetSettings(BaseSettings):
     fail_open: bool = False
     pricing_file: Path | None = None
     config_file: Path | None = None
-    cache_ttl_seconds: float = Field(default=5.0, gt=0)
-    flush_interval_seconds: float = Field(default=1.0, gt=0)
+    cache_ttl_seconds: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    flush_interval_seconds: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     max_body_bytes: int = Field(default=33_554_432, ge=1)
     # Beyond SPEC §3 (documented in the README): tuning knobs with safe defaults.
     default_max_output_tokens: int = Field(default=1024, ge=0)
-    slot_ttl_seconds: float = Field(default=30.0, gt=0)
+    slot_ttl_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     unpriced_models: Literal["allow", "refuse"] = "allow"
     redis_timeout_seconds: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     # SPEC §13: host (or `*` pattern) -> provider, over the built-in table; a JSON object.
