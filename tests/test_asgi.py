@@ -284,3 +284,146 @@ async def test_a_file_the_server_sends_itself_is_read_for_its_usage(
     print(f"sent: {[m['type'] for m in sent]}; charged (input, output, estimated): {measured}")
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.pathsend"]
     assert measured == [(1000, 500, False)]
+
+
+def _sse_starlette_like(chunks: int) -> Callable[..., Any]:
+    """An app that streams as sse-starlette's `EventSourceResponse` does: the events and a ping
+    sent from two tasks at once, each awaiting `send` while the other may (PITFALLS)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        request = json.loads((await receive())["body"])
+        usage_asked = (request.get("stream_options") or {}).get("include_usage") is True
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+
+        def event(data: dict[str, Any] | str) -> bytes:
+            text = data if isinstance(data, str) else json.dumps(data)
+            return b"data: " + text.encode() + b"\r\n\r\n"
+
+        async def stream() -> None:
+            for n in range(chunks):
+                delta = {"choices": [{"index": 0, "delta": {"content": f"w{n} "}}]}
+                await send({"type": "http.response.body", "body": event(delta), "more_body": True})
+                await asyncio.sleep(0)
+            if usage_asked:
+                usage = {"prompt_tokens": 7, "completion_tokens": chunks}
+                last = {"choices": [], "usage": usage}
+                await send({"type": "http.response.body", "body": event(last), "more_body": True})
+            await send({"type": "http.response.body", "body": event("[DONE]"), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def ping() -> None:
+            ping = {"type": "http.response.body", "body": b": ping\r\n\r\n", "more_body": True}
+            while True:
+                await send(ping)
+                await asyncio.sleep(0)
+
+        pinging = asyncio.create_task(ping())
+        try:
+            await stream()
+        finally:
+            pinging.cancel()
+
+    return app
+
+
+async def test_a_stream_sent_from_two_tasks_is_passed_whole_and_charged_its_usage(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({"models": {"openai/gpt-4o": {"input_per_mtok": 1, "output_per_mtok": 2}}})
+    )
+    wrapped = BudgetMiddleware(_sse_starlette_like(50), settings=make_settings(pricing_file=prices))
+    engine = get_engine(wrapped.engine.settings)
+    async with running(wrapped), client(wrapped) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat(stream=True),  # no include_usage: the middleware asks, and removes it
+            headers={"x-budget-key": key.value},
+        )
+        await engine.flush()
+        with engine.store.session() as s:
+            rows = list(s.exec(select(UsageRecordRow)))
+    events = [e for e in answer.text.split("\r\n\r\n") if e]
+    data = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+    pings = [e for e in events if e == ": ping"]
+    seen = [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows]
+    print(f"{len(data)} chunks, {len(pings)} pings, record {seen}")
+    assert [d["choices"][0]["delta"]["content"] for d in data] == [f"w{n} " for n in range(50)]
+    assert pings  # the other task's sends went by too
+    assert events[-1] == "data: [DONE]"
+    assert seen == [(7, 50, 7 * 1000 + 50 * 2000, False)]
+    assert engine.registry.windows["budget"][key.budgets[0].id].reserved == 0
+
+
+def test_building_the_middleware_touches_neither_the_store_nor_redis(tmp_path: Path) -> None:
+    # Starlette builds its middleware stack on the first request, inside the event loop: the
+    # middleware's __init__ must do no I/O (PITFALLS). A listening socket stands for Redis.
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    database = tmp_path / "budget.db"
+    app = FastAPI()
+    app.add_middleware(
+        BudgetMiddleware,
+        settings=BudgetSettings(
+            database_url=f"sqlite:///{database}", redis_url=f"redis://127.0.0.1:{port}/0"
+        ),
+    )
+    app.build_middleware_stack()
+    try:
+        listener.accept()
+        connected = True
+    except BlockingIOError:
+        connected = False
+    finally:
+        listener.close()
+    print(f"store file made: {database.exists()}, Redis connected to: {connected}")
+    assert not database.exists()
+    assert not connected
+
+
+async def test_a_context_variable_set_by_the_endpoint_is_seen_around_the_middleware(
+    make_settings: Settings,
+) -> None:
+    # A pure ASGI middleware runs the app in the request's own task (BaseHTTPMiddleware does
+    # not, and what the endpoint sets in a ContextVar is lost to the middleware around it).
+    import contextvars
+
+    handled_by: contextvars.ContextVar[str] = contextvars.ContextVar("handled_by", default="")
+    app = host_app(make_settings())
+
+    @app.post("/v1/marked/completions")
+    async def marked() -> dict[str, Any]:
+        handled_by.set("endpoint")
+        return {"usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+
+    seen: list[str] = []
+
+    async def outer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await app(scope, receive, send)
+        if scope["type"] == "http":
+            seen.append(handled_by.get())
+
+    async with running(app), client(outer) as http:
+        answer = await http.post("/v1/marked/completions", json=chat())
+    print("seen after the call:", seen)
+    assert answer.status_code == 200
+    assert seen == ["endpoint"]
