@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 
@@ -452,3 +453,99 @@ def test_the_key_cache_trusts_an_entry_for_its_ttl_and_drops_the_oldest_when_ful
     clock[0] += 10
     cache.put(b"sixth", None)  # every other entry has expired: they go before anything else
     assert len(cache) == 1
+
+
+def _counted(app: Any, calls: list[str]) -> Any:
+    """`app` behind a layer that counts the HTTP requests that reach it."""
+
+    async def counting(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            calls.append(scope["path"])
+        await app(scope, receive, send)
+
+    return counting
+
+
+@pytest.mark.parametrize("status", [402, 429])
+async def test_sdks_raise_on_an_exhausted_budget_once_without_retrying(
+    make_settings: Settings, status: int
+) -> None:
+    # PITFALLS: the SDKs retry 429 and 5xx twice; an exhausted budget must not become a retry
+    # storm, even sent as 429 (`x-should-retry: false`).
+    import anthropic
+    import httpx2
+    import openai
+
+    app = host_app(make_settings(exceeded_status=status))
+    engine = engine_of(app)
+    calls: list[str] = []
+    transport = httpx.ASGITransport(_counted(app, calls))
+    async with running(app):
+        spent = engine.manager.create_virtual_key(name="spent", budgets=[{"max_limit": 0}])
+        await engine.invalidate()
+        sdk = openai.AsyncOpenAI(
+            base_url="http://test/v1",
+            api_key=spent.value or "",
+            http_client=httpx.AsyncClient(transport=transport),
+        )
+        with pytest.raises(openai.APIStatusError) as refused:
+            await sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+            )
+        claude = anthropic.AsyncAnthropic(
+            base_url="http://test",
+            api_key=spent.value or "",
+            http_client=httpx2.AsyncClient(transport=httpx2.ASGITransport(_counted(app, calls))),
+        )
+        with pytest.raises(anthropic.APIStatusError) as refused_too:
+            await claude.messages.create(
+                model="claude-haiku-4-5", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+            )
+    print(f"status {refused.value.status_code}, requests sent: {calls}")
+    assert calls == ["/v1/chat/completions", "/v1/messages"]  # one each: no retry
+    assert refused.value.status_code == refused_too.value.status_code == status
+    assert refused.value.code == "budget_exceeded"
+    assert "Virtual key 'spent' budget exceeded" in refused.value.message
+    assert "budget exceeded" in refused_too.value.message
+
+
+async def test_a_virtual_key_never_appears_in_a_log_an_answer_or_a_usage_record(
+    make_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from sqlmodel import select
+
+    from budget_middleware.store.tables import UsageRecordRow
+
+    caplog.set_level(logging.DEBUG)
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    answers: list[httpx.Response] = []
+    async with running(app), client(app) as http:
+        m = engine.manager
+        good = m.create_virtual_key(
+            name="alice", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"}
+        )
+        off = m.create_virtual_key(name="off", is_active=False)
+        limited = m.create_virtual_key(name="picky", provider_configs=[{"provider": "anthropic"}])
+        await engine.invalidate()
+        values = [good.value or "", off.value or "", limited.value or "", "sk-bm-not-a-real-key"]
+        for value in values:
+            for headers in ({"authorization": f"Bearer {value}"}, {"x-budget-key": value}):
+                answer = await http.post("/v1/chat/completions", json=chat(), headers=headers)
+                answers.append(answer)
+        answers.append(
+            await http.post(
+                "/v1/chat/completions", json=chat(), headers={"x-budget-key": "free text key"}
+            )
+        )
+        await engine.flush()
+        with engine.store.session() as s:
+            rows = [r.model_dump_json() for r in s.exec(select(UsageRecordRow))]
+    statuses = [a.status_code for a in answers]
+    print("statuses:", statuses, f"{len(rows)} records, {len(caplog.records)} log records")
+    assert statuses == [200, 429, 403, 403, 403, 403, 401, 401, 401]
+    shown = caplog.text + "".join(a.text + str(a.headers) for a in answers) + "".join(rows)
+    for value in [*values, "free text key"]:
+        assert value not in shown
