@@ -427,3 +427,52 @@ async def test_a_context_variable_set_by_the_endpoint_is_seen_around_the_middlew
     print("seen after the call:", seen)
     assert answer.status_code == 200
     assert seen == ["endpoint"]
+
+
+async def test_an_app_that_fails_after_its_headers_gets_no_second_start_from_us(
+    make_settings: Settings,
+) -> None:
+    # PITFALLS: after the headers have gone, a middleware can only pass on or stop; the error is
+    # the server's to handle, and the request is settled as an upstream error.
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        await receive()
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        chunk = {"choices": [{"index": 0, "delta": {"content": "partial answer"}}]}
+        body = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        raise RuntimeError("upstream went away")
+
+    wrapped = BudgetMiddleware(app, settings=make_settings())
+    sent: list[dict[str, Any]] = []
+    body = json.dumps(chat(stream=True)).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "query_string": b"",
+    }
+    engine = get_engine(wrapped.engine.settings)
+    async with running(wrapped):
+        with pytest.raises(RuntimeError, match="upstream went away"):
+            await wrapped(scope, receive, send)
+        await engine.flush()
+        with engine.store.session() as s:
+            rows = list(s.exec(select(UsageRecordRow)))
+    kinds = [m["type"] for m in sent]
+    print("sent:", kinds, "record:", [(r.outcome, r.estimated, r.output_tokens) for r in rows])
+    assert kinds == ["http.response.start", "http.response.body"]
+    assert [(r.outcome, r.estimated) for r in rows] == [("upstream_error", True)]
