@@ -549,3 +549,35 @@ async def test_a_virtual_key_never_appears_in_a_log_an_answer_or_a_usage_record(
     shown = caplog.text + "".join(a.text + str(a.headers) for a in answers) + "".join(rows)
     for value in [*values, "free text key"]:
         assert value not in shown
+
+
+async def test_a_client_that_waits_retry_after_ms_is_admitted(make_settings: Settings) -> None:
+    # SPEC §8: a rate limit's 429 carries `Retry-After` and `retry-after-ms`; the OpenAI SDK
+    # waits exactly `retry-after-ms`, so it must not end before the window does.
+    import time
+
+    from mock_upstream import mock_router
+
+    from budget_middleware.engine.engine import BudgetEngine
+
+    now = [time.time()]
+    engine = BudgetEngine(make_settings(), clock=lambda: now[0])
+    upstream = FastAPI()
+    upstream.include_router(mock_router("/v1"))
+    app = BudgetMiddleware(upstream, engine=engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", rate_limit={"request_max_limit": 1, "request_reset_duration": "1m"}
+        )
+        await engine.invalidate()
+        first = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+        window = next(iter(engine.registry.windows["request"].values()))
+        now[0] = window.end - 0.4567  # 456.7 ms before the window ends
+        refused = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+        waited_ms = int(refused.headers["retry-after-ms"])
+        now[0] += waited_ms / 1000
+        retried = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+    print(f"retry-after-ms {waited_ms} for a window ending in 456.7 ms: {retried.status_code}")
+    assert (first.status_code, refused.status_code) == (200, 429)
+    assert refused.headers["retry-after"] == "1"
+    assert retried.status_code == 200

@@ -162,7 +162,9 @@ def refusal_answer(
         wait = 1.0
     retry = [
         (b"retry-after", str(max(math.ceil(wait), 1)).encode()),
-        (b"retry-after-ms", str(max(int(wait * 1000), 1)).encode()),
+        # Rounded up, as Retry-After is: a client that waits it (the OpenAI SDK) finds the
+        # window ended, not a fraction of a millisecond before its end.
+        (b"retry-after-ms", str(max(math.ceil(wait * 1000), 1)).encode()),
     ]
     return error_answer(429, code, message, scope=scope_json, headers=retry)
 
