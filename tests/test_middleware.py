@@ -581,3 +581,63 @@ async def test_a_client_that_waits_retry_after_ms_is_admitted(make_settings: Set
     assert (first.status_code, refused.status_code) == (200, 429)
     assert refused.headers["retry-after"] == "1"
     assert retried.status_code == 200
+
+
+async def test_key_header_key_prefix_and_inference_paths_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    # SPEC §3: BUDGET_KEY_HEADER carries a key of any value; BUDGET_KEY_PREFIX is the prefix of
+    # generated keys and the one bearer / x-api-key / x-goog-api-key values need to count;
+    # BUDGET_INFERENCE_PATHS replaces the list of metered suffixes.
+    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/budget.db")
+    monkeypatch.setenv("BUDGET_KEY_HEADER", "X-Team-Key")
+    monkeypatch.setenv("BUDGET_KEY_PREFIX", "vk-")
+    monkeypatch.setenv("BUDGET_INFERENCE_PATHS", "/generate, /chat/completions")
+    settings = BudgetSettings()
+    app = host_app(settings)
+
+    @app.post("/v1/generate")
+    async def generate() -> dict[str, Any]:
+        return {"usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", rate_limit={"request_max_limit": 100, "request_reset_duration": "1h"}
+        )
+        await engine.invalidate()
+        value = key.value or ""
+        answers = {
+            "x-team-key": await http.post(
+                "/v1/generate", json=chat(), headers={"x-team-key": value}
+            ),
+            "bearer": await http.post("/v1/generate", json=chat(), headers=bearer(value)),
+            "x-goog-api-key": await http.post(
+                "/v1/generate", json=chat(), headers={"x-goog-api-key": value}
+            ),
+            "host bearer sk-bm-": await http.post(
+                "/v1/generate", json=chat(), headers=bearer("sk-bm-host-credential")
+            ),
+            "x-team-key any value": await http.post(
+                "/v1/generate", json=chat(), headers={"x-team-key": "no prefix at all"}
+            ),
+            "embeddings, no longer metered": await http.post(
+                "/v1/embeddings",
+                json={"model": "text-embedding-3-small", "input": "x"},
+                headers=bearer(value),
+            ),
+        }
+    seen = {
+        name: (a.status_code, a.headers.get("x-ratelimit-remaining-requests"))
+        for name, a in answers.items()
+    }
+    print(f"key {value[:3]}…:", seen)
+    assert value.startswith("vk-")
+    assert seen == {
+        "x-team-key": (200, "99"),
+        "bearer": (200, "98"),
+        "x-goog-api-key": (200, "97"),
+        "host bearer sk-bm-": (200, None),  # the host's own credential: no key, no limits
+        "x-team-key any value": (401, None),  # any value is a key there: this one is unknown
+        "embeddings, no longer metered": (200, None),
+    }
