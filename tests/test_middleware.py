@@ -641,3 +641,51 @@ async def test_key_header_key_prefix_and_inference_paths_from_the_environment(
         "x-team-key any value": (401, None),  # any value is a key there: this one is unknown
         "embeddings, no longer metered": (200, None),
     }
+
+
+async def test_a_proxy_s_own_limit_headers_give_way_to_ours_never_doubled(
+    make_settings: Settings,
+) -> None:
+    # A host app that proxies a provider passes on its `x-ratelimit-*` headers; SPEC §8's
+    # headers name the tightest of ours. Sent both, a client read "9999, 9" (an SDK's
+    # `headers.get` joins repeated headers) and could parse neither.
+    from fastapi.responses import JSONResponse
+
+    upstream_headers = {
+        "x-ratelimit-limit-requests": "10000",
+        "x-ratelimit-remaining-requests": "9999",
+        "x-ratelimit-reset-requests": "6ms",
+        "x-ratelimit-limit-tokens": "30000000",
+        "x-ratelimit-remaining-tokens": "29999990",
+        "x-ratelimit-reset-tokens": "0s",
+    }
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def proxied() -> JSONResponse:
+        usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+        return JSONResponse({"usage": usage}, headers=upstream_headers)
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", rate_limit={"request_max_limit": 10, "request_reset_duration": "1h"}
+        )
+        await engine.invalidate()
+        limited = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+        unlimited = await http.post("/v1/chat/completions", json=chat())
+    seen = {name: limited.headers.get_list(name) for name in upstream_headers}
+    print("with a request limit of ours:", seen)
+    assert seen == {
+        "x-ratelimit-limit-requests": ["10"],
+        "x-ratelimit-remaining-requests": ["9"],
+        "x-ratelimit-reset-requests": ["3600s"],
+        # no token limit of ours: the provider's pass on as they came
+        "x-ratelimit-limit-tokens": ["30000000"],
+        "x-ratelimit-remaining-tokens": ["29999990"],
+        "x-ratelimit-reset-tokens": ["0s"],
+    }
+    assert {name: unlimited.headers.get_list(name) for name in upstream_headers} == {
+        name: [value] for name, value in upstream_headers.items()
+    }

@@ -252,6 +252,51 @@ def test_answers_codes_and_headers_are_the_asgi_middleware_s(
     assert admitted["x-budget-limit"] == "5.000000"
 
 
+def test_a_proxy_s_own_limit_headers_give_way_to_ours_never_doubled(
+    make_settings: Settings,
+) -> None:
+    """As through the ASGI middleware (test_middleware.py): the app's `x-ratelimit-*` and
+    `x-budget-*` headers of a kind we set are replaced by ours, the others pass on."""
+    app = Flask(__name__)
+
+    @app.post("/v1/chat/completions")
+    def proxied() -> Response:
+        return Response(
+            COMPLETION,
+            content_type="application/json",
+            headers={
+                "X-RateLimit-Remaining-Requests": "9999",
+                "x-budget-remaining": "123.000000",
+                "x-ratelimit-remaining-tokens": "29999990",
+            },
+        )
+
+    app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, make_settings())  # type: ignore[method-assign]
+    manager = engine_of(app).manager
+    key = manager.create_virtual_key(
+        name="alice",
+        rate_limit={"request_max_limit": 10, "request_reset_duration": "1h"},
+        budgets=[{"max_limit": 5, "reset_duration": "1d"}],
+    )
+    answer = app.test_client().post(
+        "/v1/chat/completions", json=chat(), headers=bearer(key.value or "")
+    )
+    seen = {
+        name: answer.headers.getlist(name)
+        for name in (
+            "x-ratelimit-remaining-requests",
+            "x-budget-remaining",
+            "x-ratelimit-remaining-tokens",
+        )
+    }
+    print(seen)
+    assert seen == {
+        "x-ratelimit-remaining-requests": ["9"],
+        "x-budget-remaining": ["5.000000"],
+        "x-ratelimit-remaining-tokens": ["29999990"],
+    }
+
+
 # -- streams, close(), errors ---------------------------------------------------------------------
 
 

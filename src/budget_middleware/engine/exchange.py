@@ -172,10 +172,16 @@ class Exchange:
                 message = {**message, "body": out}
         elif kind == "http.response.start":
             headers = message.get("headers") or ()
-            if self.read_start(message["status"], headers):  # headers the client must not get
-                left_out = self.left_out
-                headers = [h for h in headers if h[0].lower() not in left_out]
-            message = {**message, "headers": [*headers, *self.headers_added()]}
+            hidden = self.read_start(message["status"], headers)  # headers the client must not get
+            added = self.headers_added()
+            if (
+                hidden or added
+            ):  # ours replace the app's of the same name (a proxy's `x-ratelimit-*`)
+                dropped = {name for name, _ in added}
+                if hidden:
+                    dropped.update(self.left_out)
+                headers = [h for h in headers if h[0].lower() not in dropped]
+            message = {**message, "headers": [*headers, *added]}
         elif kind == "http.response.pathsend":
             await self.read_file(message["path"])
         try:

@@ -557,10 +557,11 @@ class MeteredResponse:
         added = _as_text(exchange.headers_added())
         if cost:  # headers the client must not get (`x-budget-cost`, a stale content-length)
             left_out = [name.decode("latin-1") for name in exchange.left_out]
-            out = [h for h in headers if h[0].lower() not in left_out]
-            out += added
-        else:
-            out = headers + added
+            headers = [h for h in headers if h[0].lower() not in left_out]
+        if added:  # ours replace the app's of the same name (a proxy's `x-ratelimit-*`)
+            ours = {name for name, _ in added}
+            headers = [h for h in headers if h[0].lower() not in ours]
+        out = headers + added
         self.write_ = self.start(status, out, exc_info)
         return self.write
 
