@@ -106,6 +106,28 @@ def test_the_core_does_no_io() -> None:
     assert found == []
 
 
+def test_no_coroutine_function_is_cached_by_a_cachetools_decorator() -> None:
+    """PITFALLS: `@cached` on an `async def` caches the coroutine object, which can be awaited
+    once; every later call would get the spent coroutine back."""
+    found = []
+    decorated = 0
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for decorator in node.decorator_list:
+                target = decorator.func if isinstance(decorator, ast.Call) else decorator
+                called = (
+                    target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
+                )
+                if called in ("cached", "cachedmethod"):
+                    decorated += 1
+                    if isinstance(node, ast.AsyncFunctionDef):
+                        found.append(f"{name}:{node.lineno} {node.name}")
+    print(f"{decorated} functions under a cachetools decorator, {len(found)} of them async")
+    assert found == []
+
+
 # docs/architecture.md's table: the folders each folder may import (besides itself and the
 # top-level modules `exceptions`, `settings`, `answers`, `headers`, which core may not but for
 # `exceptions`).
