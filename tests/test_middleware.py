@@ -10,7 +10,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError
 from support import chat, client, engine_of, host_app, running
 
 Settings = Callable[..., BudgetSettings]
@@ -689,3 +689,40 @@ async def test_a_proxy_s_own_limit_headers_give_way_to_ours_never_doubled(
     assert {name: unlimited.headers.get_list(name) for name in upstream_headers} == {
         name: [value] for name, value in upstream_headers.items()
     }
+
+
+async def test_an_inference_path_written_with_a_trailing_slash_meters_both_spellings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    # A metered path is told with slashes after it or not (`/v1/generate/` as `/v1/generate`):
+    # a suffix written with its slash (Django's style) must meter the bare path too, not only
+    # the slashed one. A suffix of slashes alone names no path.
+    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/budget.db")
+    monkeypatch.setenv("BUDGET_INFERENCE_PATHS", "/generate/")
+    app = host_app(BudgetSettings())
+
+    @app.post("/v1/generate")
+    async def generate() -> dict[str, Any]:
+        return {"usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+
+    @app.post("/v1/generate/")
+    async def generate_slashed() -> dict[str, Any]:
+        return {"usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", rate_limit={"request_max_limit": 100, "request_reset_duration": "1h"}
+        )
+        await engine.invalidate()
+        seen = {
+            path: (await http.post(path, json=chat(), headers=bearer(key.value))).headers.get(
+                "x-ratelimit-remaining-requests"
+            )
+            for path in ("/v1/generate", "/v1/generate/")
+        }
+    print("remaining requests after each:", seen)
+    assert seen == {"/v1/generate": "99", "/v1/generate/": "98"}
+    monkeypatch.setenv("BUDGET_INFERENCE_PATHS", "/chat/completions,//")
+    with pytest.raises(SettingsError, match=r"BUDGET_INFERENCE_PATHS.*names no path"):
+        BudgetSettings()

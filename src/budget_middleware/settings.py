@@ -123,7 +123,10 @@ class BudgetSettings(BaseSettings):
             for part in value:
                 if not isinstance(part, str) or not part.startswith("/"):
                     raise ValueError(f"path suffix {part!r} must start with '/'")
-            return tuple(value)
+                if not part.strip("/"):
+                    raise ValueError(f"path suffix {part!r} names no path")
+            # Paths are told with slashes after them or not (`is_inference_path`): so are these.
+            return tuple(part.rstrip("/") for part in value)
         return value
 
     @field_validator("provider_hosts", mode="before")
