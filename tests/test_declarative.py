@@ -134,8 +134,19 @@ def test_bad_files_fail_loudly_naming_the_variable_and_the_entry(
             " {max_limit: 2, reset_duration: 1d}]\n",
             r"teams\[0\] \(t\): two budgets of one team have reset_duration 1d",
         ),
+        (  # a customer by name and another by id: the name won, the id was dropped unsaid
+            "customers:\n  - name: good\n  - name: other\n"
+            "teams:\n  - name: t\n    customer: good\n    customer_id: other\n",
+            r"teams\[0\] \(t\): give 'customer' \(a name or an id\) or 'customer_id', not both",
+        ),
     ],
-    ids=["unknown-reference", "key-value-in-use", "duplicate-name", "duplicate-duration"],
+    ids=[
+        "unknown-reference",
+        "key-value-in-use",
+        "duplicate-name",
+        "duplicate-duration",
+        "name-and-id",
+    ],
 )
 def test_an_invalid_file_writes_nothing(tmp_path: Path, text: str, error: str) -> None:
     """SPEC §3, §10: an invalid file fails naming the entry, and nothing of it is written (a

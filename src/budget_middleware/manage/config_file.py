@@ -356,6 +356,10 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigFileError(f"{where}: needs '{field}', the {field}'s name")
     for reference, id_field in _REFERENCES:
+        if reference in body and id_field in body:  # one would be dropped unsaid
+            raise ConfigFileError(
+                f"{where}: give '{reference}' (a name or an id) or '{id_field}', not both"
+            )
         if reference in body:
             value = body.pop(reference)
             body[id_field] = None if value is None else str(value)
