@@ -324,6 +324,18 @@ def test_a_failure_prints_one_line_naming_its_cause(
     assert "give --body or --file, not both" in both.failed_on_one_line(2)
 
 
+def test_a_usage_period_that_ends_before_it_starts_is_named(
+    store: dict[str, str], here: Here
+) -> None:
+    """SPEC §16: a failure prints one line naming the cause; `--until` before `--since` printed
+    "no usage in this period" and exited 0."""
+    swapped = here(store, "usage --since 2027-02-01 --until 2027-01-01")
+    print("until before since:", swapped.code, swapped.err.strip())
+    line = swapped.failed_on_one_line(2)
+    assert "--until" in line and "is not after --since '2027-02-01'" in line
+    assert here(store, "usage --since 2027-01-01 --until 2027-01-02").code == 0
+
+
 async def test_config_check_and_apply(store: dict[str, str], tmp_path: Path, here: Here) -> None:
     good, bad = tmp_path / "budget.yaml", tmp_path / "bad.yaml"
     good.write_text(

@@ -524,11 +524,8 @@ budgets_group.add_command(
 
 
 def _usage(by: str, since: str | None, until: str | None) -> None:
-    query = {
-        "group_by": USAGE_GROUPS[by],
-        "start": values.moment(since, "--since") if since else None,
-        "end": values.moment(until, "--until") if until else None,
-    }
+    start, end = values.period(since, until)
+    query = {"group_by": USAGE_GROUPS[by], "start": start, "end": end}
     answer = _state().client().usage(query)
     if _state().json:
         out.emit_json(answer)

@@ -94,6 +94,19 @@ def moment(text: str, option: str, *, ahead: bool = False) -> str:
     return _rfc3339(at if at.tzinfo is not None else at.replace(tzinfo=UTC))
 
 
+def period(since: str | None, until: str | None) -> tuple[str | None, str | None]:
+    """`--since` and `--until` as RFC 3339; `--until` not after `--since` (swapped by mistake)
+    holds nothing and is a usage error, not an empty report."""
+    start = moment(since, "--since") if since else None
+    end = moment(until, "--until") if until else None
+    if start and end and datetime.fromisoformat(end) <= datetime.fromisoformat(start):
+        raise click.BadParameter(
+            f"{until!r} ({end}) is not after --since {since!r} ({start}): the period holds nothing",
+            param_hint="--until",
+        )
+    return start, end
+
+
 def _rfc3339(at: datetime) -> str:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
