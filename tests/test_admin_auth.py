@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from admin_support import ADMIN, admin_client, admin_settings
+from budget_middleware.manage.manager import BudgetManager
+from budget_middleware.store.database import Store
 
 
 async def test_without_admin_key_every_route_but_health_answers_503_naming_the_variable(
@@ -36,11 +38,37 @@ async def test_a_virtual_key_is_never_an_admin_credential(tmp_path: Path) -> Non
 
 
 async def test_an_admin_key_that_is_also_a_stored_key_value_is_refused(tmp_path: Path) -> None:
-    async with admin_client(admin_settings(tmp_path)) as c:
-        body = {"name": "k", "value": "admin-secret"}
-        assert (await c.post("/virtual-keys", json=body, headers=ADMIN)).status_code == 201
+    """A key stored with that value where the admin key was not known (the CLI on the store
+    without BUDGET_ADMIN_KEY, or an admin key changed since)."""
+    settings = admin_settings(tmp_path)
+    without_admin_key = admin_settings(tmp_path, admin_key=None)
+    store = Store(settings.database_url)
+    store.create_schema()
+    BudgetManager(store, without_admin_key).create_virtual_key(name="k", value="admin-secret")
+    store.dispose()
+    async with admin_client(settings) as c:
         r = await c.get("/customers", headers=ADMIN)
         assert r.status_code == 401 and r.json()["error"]["code"] == "virtual_key_not_allowed"
+
+
+async def test_a_key_may_not_take_the_admin_key_as_its_value(tmp_path: Path) -> None:
+    """SPEC §9: a virtual key is never an admin credential. A key created (or given a value)
+    with BUDGET_ADMIN_KEY's value was accepted (201), and from then on the admin key itself was
+    refused as a virtual key's: the admin API locked its operator out. It is a 409 naming
+    `value`, and the admin key keeps working."""
+    async with admin_client(admin_settings(tmp_path)) as c:
+        body = {"name": "k", "value": "admin-secret"}
+        created = await c.post("/virtual-keys", json=body, headers=ADMIN)
+        print("a key valued as the admin key:", created.status_code, created.text)
+        assert created.status_code == 409 and created.json()["error"]["param"] == "value"
+        assert "admin-secret" not in created.text
+        key = (await c.post("/virtual-keys", json={"name": "k"}, headers=ADMIN)).json()
+        path = f"/virtual-keys/{key['virtual_key']['id']}"
+        updated = await c.put(path, json={"value": "admin-secret"}, headers=ADMIN)
+        assert updated.status_code in (409, 422)  # 422: an update takes no value at all
+        after = await c.get("/customers", headers=ADMIN)
+        print("the admin key afterwards:", after.status_code)
+        assert after.status_code == 200
 
 
 async def test_quota_answers_the_calling_keys_own_limits_with_status(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ the existing ones by `id` or else by `provider`, and keep their usage.
 
 from __future__ import annotations
 
+import hmac
 import secrets
 
 from sqlmodel import Session, col, select
@@ -58,6 +59,11 @@ class KeyWriter(OwnerWriter):
         other = s.exec(select(VirtualKeyRow).where(VirtualKeyRow.key_hash == digest)).first()
         if other is not None and other.id != row.id:
             raise Conflict("this key value is already in use", param="value")
+        admin_key = self.settings.admin_key  # the admin API would refuse it as a key's value
+        if admin_key and hmac.compare_digest(value.encode(), admin_key.encode()):
+            raise Conflict(
+                "this key value is BUDGET_ADMIN_KEY, which a key may not be", param="value"
+            )
         row.key_hash = digest
         row.key_display = display(value, self.settings.key_prefix)
 
