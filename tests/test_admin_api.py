@@ -123,6 +123,34 @@ async def test_conflicts_answer_409(settings: BudgetSettings) -> None:
         assert r.json()["count"] == 1  # the refused create left nothing behind
 
 
+async def test_one_budget_or_provider_config_id_given_twice_in_an_update_is_a_409(
+    settings: BudgetSettings,
+) -> None:
+    """SPEC §9: budgets are matched by `id`; an update naming one budget's id twice (on two
+    durations) matched the first and made the second a new budget under another id, without
+    its usage, answering 200; a provider config's id twice (two providers) made a second config
+    the same way. Both are a 409 naming the list now, and nothing changes."""
+    async with admin_client(settings) as c:
+        body = {"name": "k", "budgets": [{"max_limit": 1, "reset_duration": "1d"}],
+                "provider_configs": [{"provider": "openai"}]}  # fmt: skip
+        key = (await c.post("/virtual-keys", json=body, headers=ADMIN)).json()["virtual_key"]
+        budget, config = key["budgets"][0]["id"], key["provider_configs"][0]["id"]
+        twice = [{"id": budget, "max_limit": 2, "reset_duration": "1d"},
+                 {"id": budget, "max_limit": 3, "reset_duration": "1w"}]  # fmt: skip
+        r = await c.put(f"/virtual-keys/{key['id']}", json={"budgets": twice}, headers=ADMIN)
+        print("a budget id twice:", r.status_code, r.text[:200])
+        assert r.status_code == 409 and r.json()["error"]["param"] == "budgets"
+        configs = [{"id": config, "provider": "openai"}, {"id": config, "provider": "anthropic"}]
+        r = await c.put(
+            f"/virtual-keys/{key['id']}", json={"provider_configs": configs}, headers=ADMIN
+        )
+        print("a provider config id twice:", r.status_code, r.text[:200])
+        assert r.status_code == 409 and r.json()["error"]["param"] == "provider_configs"
+        after = (await c.get(f"/virtual-keys/{key['id']}", headers=ADMIN)).json()["virtual_key"]
+        assert [(b["id"], b["max_limit"]) for b in after["budgets"]] == [(budget, 1.0)]
+        assert [p["id"] for p in after["provider_configs"]] == [config]
+
+
 async def test_invalid_bodies_answer_422_naming_every_failing_field(
     settings: BudgetSettings,
 ) -> None:

@@ -141,6 +141,10 @@ class KeyWriter(OwnerWriter):
         for config in configs:
             if config.id is not None and config.id not in by_id:
                 raise NotFound(f"provider config {config.id!r} is not one of this key's")
+            if config.id is not None and config.id in kept:  # the second made a new one
+                raise Conflict(
+                    f"provider config {config.id!r} is given twice", param="provider_configs"
+                )
             row = by_id.get(config.id or "") or by_provider.get(config.provider)
             given = config.model_fields_set
             if row is None or row.id in kept:

@@ -157,6 +157,8 @@ def write_budgets(
     for budget in budgets:
         if budget.id is not None and budget.id not in existing:
             raise NotFound(f"budget {budget.id!r} is not a budget of this {owner_type}")
+        if budget.id is not None and budget.id not in unmatched:  # the second made a new one
+            raise Conflict(f"budget {budget.id!r} is given twice", param="budgets")
         row = unmatched.pop(budget.id, None) if budget.id is not None else None
         matched.append((budget, row))
     for i, (budget, row) in enumerate(matched):
