@@ -160,3 +160,26 @@ async def test_without_provider_budgets_the_answer_is_empty_and_admin_only(
     assert metric == {}
     assert statuses == [200, 401, 401, 401, 422]
     assert anonymous.json()["error"]["type"] == "authentication_error"
+
+
+async def test_a_soft_provider_budget_is_never_the_tightest(make_settings: Settings) -> None:
+    """SPEC §12, §14: the tightest budget is the one that refuses first, as routing's
+    `most_remaining` ranks them; a soft budget never refuses. A soft $10 a week beside a hard
+    $100 a day was shown as openai's `budget_limit` (10.0) and its remaining USD, and a provider
+    with only a soft budget was listed as capped."""
+    settings = make_settings(flush_interval_seconds=3600)
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    async with running(app), client(app) as http:
+        await _put(http, "openai", {"budgets": [
+            {"max_limit": 100, "reset_duration": "1d"},
+            {"max_limit": 10, "reset_duration": "1w", "soft": True},
+        ]})  # fmt: skip
+        await _put(http, "azure", {"budgets": [{"max_limit": 5, "soft": True}]})
+        await _spend(http, "openai/gpt-4o", "1")
+        shown = await _provider_budgets(http)
+        metric = await _metric(http)
+    print(f"with a soft budget beside a hard one: {shown}; metric {metric}")
+    assert list(shown) == ["openai"]  # azure's only budget is soft: nothing caps it
+    assert shown["openai"]["budget_limit"] == 100.0 and shown["openai"]["spend"] == 1.0
+    assert metric == {"openai": 99.0}

@@ -2,10 +2,11 @@
 shape, from the live counters (what `GET /budgets?from_memory=true` reads). `GET /metrics` shows
 the same budgets' remaining USD as `budget_provider_remaining_usd`.
 
-The tightest budget is the one with the least left, counting what requests in flight have reserved
-(limit - spent - reserved, as routing's `most_remaining` ranks them); on a tie, the one whose window
-ends first. `spend` and `budget_reset_at` mean what they mean in LiteLLM: the spend of the current
-window, and when that window ends (and spend goes back to 0); null for a budget that never resets.
+The tightest budget is the hard one with the least left, counting what requests in flight have
+reserved (limit - spent - reserved, as routing's `most_remaining` ranks them); on a tie, the one
+whose window ends first. A soft budget caps nothing: a provider with only soft ones is not listed.
+`spend` and `budget_reset_at` mean what they mean in LiteLLM: the spend of the current window, and
+when that window ends (and spend goes back to 0); null for a budget that never resets.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def tightest(budgets: Iterable[BudgetOut], counters: CounterRegistry) -> dict[st
     """Of the provider-wide budgets among `budgets`, each provider's tightest, by provider name."""
     by_provider: dict[str, list[BudgetOut]] = {}
     for budget in budgets:
-        if budget.owner_type == "provider" and budget.provider is not None:
+        # A soft budget never refuses (SPEC §14): it caps nothing, and routing never ranks it.
+        if budget.owner_type == "provider" and budget.provider is not None and not budget.soft:
             by_provider.setdefault(budget.provider, []).append(budget)
     return {
         provider: min(
