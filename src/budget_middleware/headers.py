@@ -7,7 +7,9 @@ local counters see it now (`tightest_now`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from operator import itemgetter
+from typing import TypeVar
 
 from budget_middleware.core.admission import Tightest
 from budget_middleware.core.money import usd_header
@@ -25,6 +27,34 @@ _TOKENS = (
     b"x-ratelimit-remaining-tokens",
     b"x-ratelimit-reset-tokens",
 )
+
+
+# Every header an answer may get from us (SPEC §8, §12, §14), as bytes (ASGI) and text (WSGI).
+ROUTE_HEADER = b"x-budget-route"  # the route's target that answered (SPEC §12)
+SHADOW_HEADER = b"x-budget-shadow-refusal"  # what shadow mode would have refused (SPEC §14)
+ADDED_NAMES = frozenset(
+    {*_REQUESTS, *_TOKENS, b"x-budget-limit", b"x-budget-remaining", ROUTE_HEADER, SHADOW_HEADER}
+)
+ADDED_TEXT_NAMES = frozenset(name.decode("latin-1") for name in ADDED_NAMES)
+
+_Name = TypeVar("_Name", bytes, str)
+_NAME = itemgetter(0)
+
+
+def replaced(
+    headers: Sequence[tuple[_Name, _Name]],
+    added: list[tuple[_Name, _Name]],
+    names: frozenset[_Name],
+    lower: Callable[[_Name], _Name],
+) -> Sequence[tuple[_Name, _Name]]:
+    """An app's `headers` less those our `added` ones replace: ours win over the app's of the
+    same name (a proxy's upstream `x-ratelimit-*` would come doubled), those of a kind we add
+    none of pass. `names`: `ADDED_NAMES` or `ADDED_TEXT_NAMES`, which an app seldom sends, looked
+    for first in C; `lower`: `bytes.lower` or `str.lower`."""
+    if not added or names.isdisjoint(map(lower, map(_NAME, headers))):
+        return headers
+    ours = {name for name, _ in added}
+    return [h for h in headers if lower(h[0]) not in ours]
 
 
 def tightest_now(limits: LimitSet) -> Tightest:

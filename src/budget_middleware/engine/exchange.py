@@ -32,7 +32,14 @@ from budget_middleware.core.usage import (
     answered_chars,
     usage_from_json,
 )
-from budget_middleware.headers import add_limit_headers, tightest_now
+from budget_middleware.headers import (
+    ADDED_NAMES,
+    ROUTE_HEADER,
+    SHADOW_HEADER,
+    add_limit_headers,
+    replaced,
+    tightest_now,
+)
 
 if TYPE_CHECKING:
     from budget_middleware.engine.engine import BudgetEngine
@@ -172,15 +179,11 @@ class Exchange:
                 message = {**message, "body": out}
         elif kind == "http.response.start":
             headers = message.get("headers") or ()
-            hidden = self.read_start(message["status"], headers)  # headers the client must not get
+            if self.read_start(message["status"], headers):  # headers the client must not get
+                left_out = self.left_out
+                headers = [h for h in headers if h[0].lower() not in left_out]
             added = self.headers_added()
-            if (
-                hidden or added
-            ):  # ours replace the app's of the same name (a proxy's `x-ratelimit-*`)
-                dropped = {name for name, _ in added}
-                if hidden:
-                    dropped.update(self.left_out)
-                headers = [h for h in headers if h[0].lower() not in dropped]
+            headers = replaced(headers, added, ADDED_NAMES, bytes.lower)
             message = {**message, "headers": [*headers, *added]}
         elif kind == "http.response.pathsend":
             await self.read_file(message["path"])
@@ -276,9 +279,9 @@ class Exchange:
                 added, tightest_now(self.limits) if tight is None else tight, self.admitted_at
             )
         if self.route_target is not None:
-            added.append((b"x-budget-route", self.route_target.encode()))
+            added.append((ROUTE_HEADER, self.route_target.encode()))
         if self.would_refuse is not None:
-            added.append((b"x-budget-shadow-refusal", self.would_refuse.encode()))
+            added.append((SHADOW_HEADER, self.would_refuse.encode()))
         return added
 
     def on_chunk(self, chunk: bytes, more: bool) -> bytes:
@@ -424,7 +427,9 @@ class Exchange:
                 cost, source = 0, "unpriced"  # noted by `book`
             else:
                 # At the service tier the answer was served at, else the one asked for.
-                price = for_service_tier(price, usage.service_tier or self.target.service_tier)
+                tier = usage.service_tier or self.target.service_tier
+                if tier is not None:
+                    price = for_service_tier(price, tier)
                 cost, source = cost_nanos(price, usage), price.source
         if usage is None:
             inp = out = cached = 0

@@ -350,10 +350,10 @@ class Gate:
                     else min(most * target.choices, MAX_CHARGE_NANOS)  # each choice at most
                 )
             else:
+                if target.service_tier is not None:  # at the prices of the tier asked for
+                    price = for_service_tier(price, target.service_tier)
                 exchange.ticket_estimate = estimate_nanos(
-                    for_service_tier(price, target.service_tier),  # the tier asked for
-                    prompt_tokens,
-                    self.most_output(target),
+                    price, prompt_tokens, self.most_output(target)
                 )
         return exchange
 

@@ -51,6 +51,7 @@ from budget_middleware.engine.gate import body_to_send, parse_json
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.portal import is_background, loop_lock, on_loop
 from budget_middleware.exceptions import ConfigurationError
+from budget_middleware.headers import ADDED_TEXT_NAMES, replaced
 from budget_middleware.outbound.payer import inbound_headers, noting
 from budget_middleware.settings import BudgetSettings, raised_again
 
@@ -558,10 +559,7 @@ class MeteredResponse:
         if cost:  # headers the client must not get (`x-budget-cost`, a stale content-length)
             left_out = [name.decode("latin-1") for name in exchange.left_out]
             headers = [h for h in headers if h[0].lower() not in left_out]
-        if added:  # ours replace the app's of the same name (a proxy's `x-ratelimit-*`)
-            ours = {name for name, _ in added}
-            headers = [h for h in headers if h[0].lower() not in ours]
-        out = headers + added
+        out = [*replaced(headers, added, ADDED_TEXT_NAMES, str.lower), *added]
         self.write_ = self.start(status, out, exc_info)
         return self.write
 
