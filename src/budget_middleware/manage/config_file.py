@@ -32,7 +32,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,12 +96,19 @@ class _FileData:
     sections: dict[str, list[dict[str, Any]]]
     origins: dict[str, list[str]] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    # A translated entry's fields as LiteLLM names them (`Translation.fields`), parallel too.
+    fields: dict[str, list[Mapping[str, str]]] = field(default_factory=dict)
 
     def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
         origins = self.origins.get(section, [])
         if index < len(origins):
             return f"BUDGET_CONFIG_FILE {str(self.path)!r}, {origins[index]}"
         return _where(self.path, section, index, entry)
+
+    def field_names(self, section: str, index: int) -> Mapping[str, str]:
+        """An entry's fields as the file names them, where it does not use ours (LiteLLM's)."""
+        names = self.fields.get(section, [])
+        return names[index] if index < len(names) else {}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -232,18 +239,20 @@ def _read_litellm(path: Path, data: dict[str, Any]) -> _FileData:
             )
         ours = {_identity(section, e) for e in entries}
         kept = [
-            (entry, origin)
-            for entry, origin in zip(
+            (entry, origin, names)
+            for entry, origin, names in zip(
                 translation.sections.get(section, []),
                 translation.origins.get(section, []),
+                translation.fields.get(section, []),
                 strict=True,
             )
             if _identity(section, entry) not in ours
         ]
-        out.sections[section] = [entry for entry, _ in kept] + entries
-        out.origins[section] = [origin for _, origin in kept] + [
+        out.sections[section] = [entry for entry, _, _ in kept] + entries
+        out.origins[section] = [origin for _, origin, _ in kept] + [
             _entry_label(section, index, entry) for index, entry in enumerate(entries)
         ]
+        out.fields[section] = [names for _, _, names in kept]
     return out
 
 
@@ -299,16 +308,17 @@ def _entry_label(section: str, index: int, entry: dict[str, Any]) -> str:
 
 
 @contextmanager
-def _entry_errors(where: str) -> Iterator[None]:
-    """An entry's validation or management error, as a ConfigFileError naming the entry."""
+def _entry_errors(where: str, names: Mapping[str, str]) -> Iterator[None]:
+    """An entry's validation or management error, as a ConfigFileError naming the entry and
+    its fields as the file does (`names`: ours to its, for a LiteLLM file's)."""
     try:
         yield
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}"
-            for e in exc.errors(include_input=False, include_url=False)
-        )
-        raise ConfigFileError(f"{where}: {problems}") from None
+        problems = []
+        for e in exc.errors(include_input=False, include_url=False):
+            loc = ".".join(map(str, e["loc"])) or "entry"
+            problems.append(f"{names.get(loc, loc)}: {e['msg']}")
+        raise ConfigFileError(f"{where}: {'; '.join(problems)}") from None
     except AdminError as exc:
         raise ConfigFileError(f"{where}: {exc.message}") from None
 
@@ -395,7 +405,7 @@ def _check(path: Path) -> _FileData:
             where = data.where(section, index, raw)
             try:
                 entry = _expand(section, raw, where)
-                with _entry_errors(where):
+                with _entry_errors(where, data.field_names(section, index)):
                     _check_entry(section, dict(entry), where)
                 identity = _identity(section, entry)
             except ConfigFileError as exc:
@@ -520,7 +530,7 @@ class _Loader:
         manager = BudgetManager(
             self.store, self.settings, Origin("config", digest), on_new_terms=self.on_new_terms
         )
-        with _entry_errors(where):
+        with _entry_errors(where, self.data.field_names(section, index)):
             self._apply(section, body, digest, manager, where)
 
     def _apply(

@@ -43,18 +43,40 @@ class LiteLLMConfigError(ValueError):
         self.problem = problem
 
 
+# Our fields as LiteLLM's entries name them, for an error to name what the file says.
+_BUDGET_FIELDS: Final = {
+    "provider_budget_config": {
+        "budgets.0.max_limit": "budget_limit",
+        "budgets.0.reset_duration": "time_period",
+    },
+    "tag_budget_config": {
+        "budgets.0.max_limit": "max_budget",
+        "budgets.0.reset_duration": "budget_duration",
+    },
+    "litellm_params": {
+        "budgets.0.max_limit": "litellm_params.max_budget",
+        "budgets.0.reset_duration": "litellm_params.budget_duration",
+    },
+}
+
+
 @dataclass(slots=True)
 class Translation:
     """The config file's sections, where each entry came from (`origins`, parallel to
-    `sections`), and what was not read (`ignored`, in file order)."""
+    `sections`) and what its fields are called there (`fields`: ours, dotted as a validation
+    error names them, to LiteLLM's), and what was not read (`ignored`, in file order)."""
 
     sections: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     origins: dict[str, list[str]] = field(default_factory=dict)
+    fields: dict[str, list[Mapping[str, str]]] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
 
-    def add(self, section: str, entry: dict[str, Any], origin: str) -> None:
+    def add(
+        self, section: str, entry: dict[str, Any], origin: str, fields: Mapping[str, str]
+    ) -> None:
         self.sections.setdefault(section, []).append(entry)
         self.origins.setdefault(section, []).append(origin)
+        self.fields.setdefault(section, []).append(fields)
 
 
 def is_litellm_config(data: Mapping[str, Any]) -> bool:
@@ -93,14 +115,16 @@ def _provider_budgets(value: Any, where: str, out: Translation) -> None:
     for provider, config in _mapping(value, where).items():
         origin = f"{where}.{provider}"
         budget = _budget(config, origin, "budget_limit", "time_period")
-        out.add("providers", {"provider": str(provider), "budgets": [budget]}, origin)
+        entry = {"provider": str(provider), "budgets": [budget]}
+        out.add("providers", entry, origin, _BUDGET_FIELDS["provider_budget_config"])
 
 
 def _tag_budgets(value: Any, where: str, out: Translation) -> None:
     for tag, config in _mapping(value, where).items():
         origin = f"{where}.{tag}"
         budget = _budget(config, origin, "max_budget", "budget_duration")
-        out.add("tags", {"tag": str(tag), "budgets": [budget]}, origin)
+        read = "tag_budget_config"
+        out.add("tags", {"tag": str(tag), "budgets": [budget]}, origin, _BUDGET_FIELDS[read])
 
 
 def _budget(config: Any, where: str, amount: str, duration: str) -> dict[str, Any]:
@@ -168,7 +192,8 @@ def _model_list(value: Any, out: Translation) -> None:
         if params.get("max_budget") is not None:
             _model_budget(params, model, where, budgets, out)
     for name, targets in routes.items():
-        out.add("routes", {"name": name, "targets": targets}, f"model_list (model_name {name})")
+        origin = f"model_list (model_name {name})"
+        out.add("routes", {"name": name, "targets": targets}, origin, {})
     if wildcards:
         out.ignored.append(f"model_list wildcard routes ({', '.join(wildcards)})")
 
@@ -200,7 +225,7 @@ def _model_budget(
     entry: dict[str, Any] = {"model_name": target.model, "budgets": [budget]}
     if target.provider is not None:
         entry["provider"] = target.provider
-    out.add("model_configs", entry, where)
+    out.add("model_configs", entry, where, _BUDGET_FIELDS["litellm_params"])
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
