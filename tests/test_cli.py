@@ -621,6 +621,52 @@ def test_an_answer_that_is_not_the_admin_apis_is_named(other_json_service: str, 
     ]
 
 
+@pytest.fixture
+def html_error_service() -> Iterator[str]:
+    """A proxy in front of an admin API that is down: every call a 502 HTML page."""
+    import http.server
+    import threading
+
+    page = (
+        b"<html>\r\n<head><title>502 Bad Gateway &amp; more</title></head>\r\n<body>\r\n"
+        b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+        b"</body>\r\n</html>\r\n"
+    )
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.send_response(502)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/api"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_an_html_error_page_is_named_by_its_title_on_one_line(
+    html_error_service: str, here: Here
+) -> None:
+    """A proxy's error page was quoted as markup, cut at 200 characters across lines."""
+    env = {"BUDGET_ADMIN_URL": html_error_service, "BUDGET_ADMIN_KEY": ADMIN_KEY}
+    result = here(env, "keys list")
+    print(result)
+    assert result.code != 0
+    assert result.failed_on_one_line() == "error: admin API answered 502: 502 Bad Gateway & more"
+
+
 def test_ctrl_c_prints_one_line_and_exits_130(
     store: dict[str, str], here: Here, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,6 +9,8 @@ Every failure is a `CliError` whose message is one line.
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 if TYPE_CHECKING:
+    import httpx
+
     from budget_middleware.manage.manager import BudgetManager
     from budget_middleware.settings import BudgetSettings
 
@@ -282,7 +286,7 @@ class HttpClient:
             if isinstance(error, dict) and error.get("message"):
                 message = str(error["message"])
             else:
-                message = answer.text.strip()[:200] or answer.reason_phrase
+                message = _page_text(answer)
                 if answer.status_code == 404:
                     message += f" (is {self.url} where the admin API is mounted?)"
             raise CliError(
@@ -353,3 +357,17 @@ class HttpClient:
 
     def close(self) -> None:
         self.http.close()
+
+
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _page_text(answer: httpx.Response) -> str:
+    """What an error answer that is not the admin API's says, on one line: an HTML page's title
+    (a proxy's or a server's error page, not its markup), else its text, whitespace collapsed,
+    at most 200 characters; else the status's reason."""
+    text = answer.text
+    if "html" in answer.headers.get("content-type", "") or text.lstrip()[:1] == "<":
+        found = _TITLE.search(text)
+        text = html.unescape(found[1]) if found else ""
+    return " ".join(text.split())[:200] or answer.reason_phrase
