@@ -598,3 +598,37 @@ def test_a_key_no_header_can_carry_is_told_at_sign_in(bare: Served) -> None:
             expect(page.locator("#app-error")).to_be_hidden()
         finally:
             browser.close()
+
+
+def test_a_cause_every_call_fails_for_is_told_once(bare: Served) -> None:
+    """The store away: the six calls of a refresh fail alike (503 naming it), and the page said
+    so six times over, in one line; it says it once."""
+    from playwright.sync_api import Route, expect, sync_playwright
+
+    down = {"error": {"message": "the store is unavailable", "type": "server_error"}}
+
+    def store_away(route: Route) -> None:
+        if "/ui" in route.request.url:  # the page and its assets still come
+            route.continue_()
+        else:
+            route.fulfill(status=503, json=down)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox"])  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(10_000)
+            page.goto(bare.admin + "/ui")
+            page.fill("#admin-key", ADMIN_KEY)
+            page.click("#login-form button[type=submit]")
+            expect(page.locator("#app")).to_be_visible()
+            page.route(bare.admin + "/**", store_away)
+            page.click("#refresh")
+            shown = page.locator("#app-error")
+            expect(shown).to_contain_text("the store is unavailable")
+            text = shown.inner_text()
+            print("shown:", text)
+            assert text.count("the store is unavailable") == 1
+        finally:
+            browser.close()

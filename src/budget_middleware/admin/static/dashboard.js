@@ -254,8 +254,9 @@
         signOut(refused.message);
         return false;
       }
+      // One line per cause: the six calls fail alike when the store is down.
       if (failed.length) showError($("app-error"), "Some data could not be loaded: "
-        + failed.map((e) => e.message).join("; "));
+        + [...new Set(failed.map((e) => e.message))].join("; "));
       $("updated").textContent = "Updated " + new Date().toLocaleTimeString();
       document.body.dataset.loaded = String(Date.now());
       return true;
