@@ -193,7 +193,8 @@ def spend(engine: BudgetEngine, scope: Scope, cost: int = 0, tokens: int = 0) ->
 
 
 def stored_budget(store: Store, budget_id: str) -> tuple[int, datetime]:
-    return store.read_counters([budget_id], [])[0][budget_id]
+    stored = store.read_counters([budget_id], [])[0][budget_id]
+    return stored.usage, stored.last_reset
 
 
 # -- instances sharing a store converge every cache TTL (SPEC §11) -------------------------------

@@ -34,7 +34,7 @@ def store() -> Iterator[Store]:
 
 def _usage(store: Store, id_: str) -> tuple[int, datetime]:
     budgets, _ = store.read_counters([id_], [])
-    return budgets[id_]
+    return budgets[id_].usage, budgets[id_].last_reset
 
 
 def test_schema_is_created_by_two_processes_at_once() -> None:

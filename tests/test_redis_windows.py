@@ -744,3 +744,109 @@ async def test_tokens_settled_after_new_terms_elsewhere_count_in_the_new_window(
     )
     assert (admitted_b + admitted_a, code_a) == (49, "token_limit_exceeded")
     assert stored.token_current_usage == 1000
+
+
+# -- new terms and what Redis may miss of them --------------------------------------------------
+
+UNIT = {"budget": CENT, "request": 1, "token": 10}  # what one request counts, by kind
+
+
+def _daily(kind: str, duration: str = "1d") -> dict[str, Any]:
+    """The update (or create) body that gives a key 100 requests' worth of `kind` per
+    `duration`: $1, 100 requests or 1000 tokens."""
+    if kind == "budget":
+        return {"budgets": [{"max_limit": 1, "reset_duration": duration}]}
+    return {
+        "rate_limit": {f"{kind}_max_limit": 100 * UNIT[kind], f"{kind}_reset_duration": duration}
+    }
+
+
+def _begun_earlier(
+    engine: BudgetEngine, kind: str, owner: str, hours: float, usage: int = 0
+) -> str:
+    """The key's limit of `kind` as if made `hours` ago, with `usage` stored: its id."""
+    table: Any = BudgetRow if kind == "budget" else RateLimitRow
+    prefix = "" if kind == "budget" else f"{kind}_"
+    usage_column = "current_usage_nanos" if kind == "budget" else f"{kind}_current_usage"
+    with engine.store.session() as s:
+        row = s.exec(select(table).where(table.owner_id == owner)).one()
+        setattr(
+            row, f"{prefix}last_reset", getattr(row, f"{prefix}last_reset") - timedelta(hours=hours)
+        )
+        setattr(row, usage_column, usage * UNIT[kind])
+        s.add(row)
+        s.commit()
+        return str(row.id)
+
+
+def _stored(engine: BudgetEngine, kind: str, limit_id: str) -> int:
+    """What the store holds for the limit, in requests' worth."""
+    with engine.store.session() as s:
+        if kind == "budget":
+            row: Any = s.exec(select(BudgetRow).where(BudgetRow.id == limit_id)).one()
+            return int(row.current_usage_nanos // UNIT[kind])
+        row = s.exec(select(RateLimitRow).where(RateLimitRow.id == limit_id)).one()
+        return int(getattr(row, f"{kind}_current_usage") // UNIT[kind])
+
+
+async def _until_refused(http: httpx.AsyncClient, key: str) -> tuple[int, str]:
+    """`spend_until_refused` through a Redis just restarted: a 503 (the pool's connections
+    were the server's before) is tried again after the back-off."""
+    admitted = 0
+    for _ in range(300):
+        answer = await http.post("/v1/chat/completions", json=BODY, headers=auth(key))
+        if answer.status_code == 503:
+            await asyncio.sleep(0.3)
+            continue
+        if answer.status_code != 200:
+            return admitted, answer.json()["error"]["code"]
+        admitted += 1
+    return admitted, ""
+
+
+@pytest.mark.parametrize("kind", ["budget", "request", "token"])
+async def test_new_terms_found_in_the_store_after_redis_restarts_empty_carry_what_was_unwritten(
+    tmp_path: Path, kind: str
+) -> None:
+    """100 requests' worth of `kind` a day ($1, 100 requests or 1000 tokens) begun 2.5 hours
+    ago: 30 on the second instance, written, and 20 more not written yet when the first makes it
+    100 an hour (carried in Redis) and Redis restarts empty, the carry's mark with it. The
+    second, on the daily terms still (it reads its keys once an hour here), seeds its day's key
+    from the store, finds there the window the new terms began and moves to it with its 20
+    unwritten: 50 more admitted, the hour holds 100. (A budget took the store's window for a
+    reset, and left the 20 in the day, which the store then dropped: 70 more, 120 admitted in
+    the hour of 100, the store 100. A rate window did not move: the second counted 50 more on
+    the day's key, the first 70 on the hour's, 170 in the hour.)"""
+    need_redis()
+    server = PrivateRedis()
+    server.start()
+    try:
+        async with serving_two(
+            tmp_path, server.url, cache_ttl_seconds=3600, flush_interval_seconds=3600
+        ) as (one, two, a, b):
+            made = one.manager.create_virtual_key(name="k", **_daily(kind))
+            key = made.value or ""
+            limit_id = _begun_earlier(one, kind, made.id, 2.5)
+            await one.invalidate()
+            await spend(b, key, 30)
+            await two.flush()
+            await spend(b, key, 20)  # not written
+            await asyncio.to_thread(one.manager.update_virtual_key, made.id, **_daily(kind, "1h"))
+            await asyncio.sleep(0.3)  # carried in Redis
+            server.stop()
+            server.start()  # empty: the hour's key and the mark are gone
+            admitted_b, code_b = await _until_refused(b, key)
+            admitted_a, code_a = await _until_refused(a, key)
+            for engine in (one, two):
+                await engine.flush()
+            stored = _stored(one, kind, limit_id)
+    finally:
+        server.stop()
+    hour = 30 + 20 + admitted_b + admitted_a
+    print(
+        f"{kind}: 30 + 20 unwritten, made hourly, Redis restarted empty: then {admitted_b} "
+        f"({code_b}) and {admitted_a} ({code_a}) admitted: {hour} in the hour of 100, the store "
+        f"holds {stored}"
+    )
+    assert hour == 100
+    assert stored == 100

@@ -115,10 +115,10 @@ class CounterBackend(ABC):
             self.store.read_counters, budget_ids, rate_ids
         )
         ledger = self.ledger
-        for id_, (usage, last_reset) in budgets.items():
+        for id_, stored in budgets.items():
             counter = windows["budget"].get(id_)
             if counter is not None:
-                counter.seed(usage, last_reset.timestamp(), ledger)
+                counter.seed(stored.usage, stored.last_reset.timestamp(), ledger)
         for id_, row in rates.items():
             requests = windows["request"].get(id_)
             if requests is not None:

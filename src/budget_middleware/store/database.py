@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, update
+from sqlalchemy import select as sql_select  # sqlmodel's takes at most four columns
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, select
@@ -44,6 +45,16 @@ from budget_middleware.store.tables import (
     metadata,
     new_id,
 )
+
+
+class StoredBudget(NamedTuple):
+    """A budget's counter as the store holds it (`Store.read_counters`): its usage, where its
+    window began, and the terms that window runs on."""
+
+    usage: int
+    last_reset: datetime
+    reset_duration: str | None
+    calendar_aligned: bool
 
 
 @dataclass(slots=True)
@@ -229,18 +240,27 @@ class Store:
 
     def read_counters(
         self, budget_ids: Iterable[str], rate_limit_ids: Iterable[str]
-    ) -> tuple[dict[str, tuple[int, datetime]], dict[str, RateLimitRow]]:
-        budgets: dict[str, tuple[int, datetime]] = {}
+    ) -> tuple[dict[str, StoredBudget], dict[str, RateLimitRow]]:
+        budgets: dict[str, StoredBudget] = {}
         rates: dict[str, RateLimitRow] = {}
         with self.session() as s:
             for chunk in _chunks(sorted(budget_ids), 500):
-                rows = s.exec(
-                    select(BudgetRow.id, BudgetRow.current_usage_nanos, BudgetRow.last_reset).where(
-                        col(BudgetRow.id).in_(chunk)
-                    )
+                rows = s.execute(
+                    sql_select(
+                        col(BudgetRow.id),
+                        col(BudgetRow.current_usage_nanos),
+                        col(BudgetRow.last_reset),
+                        col(BudgetRow.reset_duration),
+                        col(BudgetRow.calendar_aligned),
+                    ).where(col(BudgetRow.id).in_(chunk))
                 )
-                for id_, usage, last_reset in rows:
-                    budgets[id_] = (usage, utc(last_reset))
+                for id_, usage, last_reset, duration, aligned in rows:
+                    budgets[id_] = StoredBudget(
+                        usage=usage,
+                        last_reset=utc(last_reset),
+                        reset_duration=duration,
+                        calendar_aligned=bool(aligned),
+                    )
             for chunk in _chunks(sorted(rate_limit_ids), 500):
                 for rate in s.exec(select(RateLimitRow).where(col(RateLimitRow.id).in_(chunk))):
                     rates[rate.id] = rate

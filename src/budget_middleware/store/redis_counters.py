@@ -58,6 +58,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budget_middleware.core import admission
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
+from budget_middleware.core.durations import parse_duration
 from budget_middleware.core.records import Delta
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import FAR_FUTURE, utc
@@ -686,19 +687,12 @@ class RedisCounters(CounterBackend):
             counter = entry.counter
             assert counter is not None
             stored, reset_at = 0, float("-inf")
+            carried = True  # a rate window begins within another only by new terms
             if entry.kind in "bs" and counter.id in budgets:
-                usage, last_reset = budgets[counter.id]
-                stored, reset_at = usage, last_reset.timestamp()
-                if counter.start < reset_at < counter.end:
-                    # Reset since this window began, and its mark is gone (Redis restarted
-                    # empty) or not there yet: the window moves to the reset, not seeded as it
-                    # was; the mark is written again for the other instances.
-                    counter.move_to(reset_at, now, self.ledger)
-                    mark = mark_key(self.prefix, "budget", counter.id)
-                    if mark not in self._marks or self._marks[mark][0] < reset_at:
-                        self._marks[mark] = (reset_at, mark_ttl_ms(self.settings))
-                    moved = True
-                    continue
+                budget = budgets[counter.id]
+                stored, reset_at = budget.usage, budget.last_reset.timestamp()
+                terms = (parse_duration(budget.reset_duration), budget.calendar_aligned)
+                carried = terms != (counter.duration, counter.calendar_aligned)
             elif counter.id in rates:
                 row = rates[counter.id]
                 if entry.kind == "r":
@@ -711,6 +705,21 @@ class RedisCounters(CounterBackend):
                         row.token_current_usage,
                         utc(row.token_last_reset).timestamp(),
                     )
+            if counter.start < reset_at < counter.end:
+                # The store's window began since this one did, and its mark is gone (Redis
+                # restarted empty) or not there yet: the window moves there, not seeded as it
+                # was. New terms (the store's differ from the counter's, which reads them at
+                # its next reload) carry what this instance has not written along, as their
+                # mark does (`_moved`); a budget's reset leaves it in the old window, and its
+                # mark is written again for the other instances. (Theirs of new terms need
+                # none: the window key they charge is gone too, and its seed finds the same.)
+                counter.move_to(reset_at, now, self.ledger, carried=carried)
+                if not carried:
+                    mark = mark_key(self.prefix, "budget", counter.id)
+                    if mark not in self._marks or self._marks[mark][0] < reset_at:
+                        self._marks[mark] = (reset_at, mark_ttl_ms(self.settings))
+                moved = True
+                continue
             value = stored if counter.start <= reset_at < counter.end else 0
             # Our own charges of this window not yet in the store: Redis lost them too.
             keys.append(entry.keys[0])
