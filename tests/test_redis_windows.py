@@ -850,3 +850,55 @@ async def test_new_terms_found_in_the_store_after_redis_restarts_empty_carry_wha
     )
     assert hour == 100
     assert stored == 100
+
+
+async def _an_hour_with_an_older_hour_stored(
+    one: BudgetEngine, b: httpx.AsyncClient
+) -> tuple[Any, str, str]:
+    """A key's $1 hourly budget made 9.5 hours ago, $0.20 stored from its first hour (the store's
+    window not rolled since), $0.30 spent on the second instance in the live hour (begun half an
+    hour ago), not written: the key, its value, the budget's id."""
+    made = one.manager.create_virtual_key(name="k", **_daily("budget", "1h"))
+    budget_id = _begun_earlier(one, "budget", made.id, 9.5, usage=20)
+    await one.invalidate()
+    await spend(b, made.value or "", 30)
+    return made, made.value or "", budget_id
+
+
+async def test_two_new_terms_before_redis_takes_the_first_carry_what_both_carry(
+    tmp_path: Path,
+) -> None:
+    """The $1 hourly budget of `_an_hour_with_an_older_hour_stored` ($0.20 stored from its first
+    hour, $0.30 in the live hour, begun half an hour ago) made daily while Redis is down (the
+    day from its stored start holds the $0.20: added to the live hour's key), then, still down,
+    made 30-minutely (the live hour's key carried into the half-hour begun now). Once Redis is
+    back, the first admits 50 and the half-hour holds $1.00 (the second carry replaced the
+    first's $0.20: 70, $1.20 in the $1 half-hour)."""
+    need_redis()
+    server = PrivateRedis()
+    server.start()
+    try:
+        async with serving_two(
+            tmp_path, server.url, cache_ttl_seconds=3600, flush_interval_seconds=3600
+        ) as (one, two, a, b):
+            made, key, budget_id = await _an_hour_with_an_older_hour_stored(one, b)
+            server.kill(keep_data=True)
+            for duration in ("1d", "30m"):
+                await asyncio.to_thread(
+                    one.manager.update_virtual_key, made.id, **_daily("budget", duration)
+                )
+                await asyncio.sleep(0.2)  # the carry tried, Redis away
+            server.start()
+            admitted_a, code_a = await _until_refused(a, key)
+            admitted_b, code_b = await _until_refused(b, key)
+            spent = await written_spend(budget_id, one, two)
+    finally:
+        server.stop()
+    window = 20 + 30 + admitted_a + admitted_b
+    print(
+        f"$0.20 + $0.30, made daily then 30-minutely with Redis away: then {admitted_a} "
+        f"({code_a}) and {admitted_b} ({code_b}) admitted: ${window / 100:.2f} in the $1 "
+        f"half-hour, the store holds ${spent / 1e9:.2f}"
+    )
+    assert window == 100
+    assert spent == 100 * CENT

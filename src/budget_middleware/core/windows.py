@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import ClassVar, TypeVar
+from typing import ClassVar, NamedTuple, TypeVar
 
 from cachetools import LRUCache
 
@@ -27,10 +27,16 @@ _LIMITS: LRUCache[int, tuple[int, bytes]] = LRUCache(10_000)  # a budget's, with
 _COUNTS: LRUCache[int, int] = LRUCache(10_000)  # a rate window's
 _FLOATS: LRUCache[float, float] = LRUCache(10_000)
 
-# A window new terms moved (`owner_limits.carried`), its usage carried over: its kind ("budget",
-# "request" or "token"), its limit's id, the live window's start, the new one's start and end,
-# and the stored usage the live window's counters take (when the new one begins with it).
-Carry = tuple[str, str, float, float, float, int]
+
+class Carry(NamedTuple):
+    """A window new terms moved (`owner_limits.carried`), its usage carried over."""
+
+    kind: str  # "budget", "request" or "token"
+    id: str  # the limit's
+    was: float  # where the live window began
+    start: float  # where the new terms' window begins (`was` when theirs began before)
+    end: float  # where it ends (FAR_FUTURE: never)
+    added: int  # the stored usage the live window takes (when the new one begins with it)
 
 
 def _shared_budget_limit(limit: int) -> tuple[int, bytes]:

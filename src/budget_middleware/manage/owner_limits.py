@@ -244,9 +244,16 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
         # The usage carries over to a window beginning later than the one live counters count
         # in now, or they take the stored usage: told to them after the commit (`carried`), a
         # budget's and a rate limit's request and token windows alike.
-        ends = FAR_FUTURE if end is None else end.timestamp()
-        kind = prefix.rstrip("_") or "budget"
-        carried(row).append((kind, row.id, was.timestamp(), start.timestamp(), ends, added))
+        carried(row).append(
+            Carry(
+                kind=prefix.rstrip("_") or "budget",
+                id=row.id,
+                was=was.timestamp(),
+                start=start.timestamp(),
+                end=FAR_FUTURE if end is None else end.timestamp(),
+                added=added,
+            )
+        )
     if spent_before:
         # All of it was spent before the new window began: what was read goes, and only that.
         # Written as an expression, so that a charge another instance's flusher writes between

@@ -44,7 +44,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 import anyio.to_thread
@@ -108,16 +108,51 @@ def mark_key(prefix: str, kind: str, id: str) -> str:
     return f"{prefix}rs:{id}" if kind == "budget" else f"{prefix}rs:{kind}:{id}"
 
 
+class _Carrying(NamedTuple):
+    """A window new terms moved, to carry in Redis: carry.lua's keys and arguments."""
+
+    mark: str  # the window's mark (`mark_key`)
+    old: str  # the old window's key
+    new: str  # the new window's key
+    start: float  # where the new window begins
+    ttl_ms: int  # the new key's (0: none)
+    added: int  # `Carry.added`
+
+
+def _window_key(prefix: str, kind: str, id: str, start: float) -> str:
+    return f"{prefix}w:{kind}:{id}:{int(start * 1000)}"
+
+
+def _carrying(prefix: str, carries: Sequence[Carry], now: float) -> list[_Carrying]:
+    return [
+        _Carrying(
+            mark=mark_key(prefix, carry.kind, carry.id),
+            old=_window_key(prefix, carry.kind, carry.id, carry.was),
+            new=_window_key(prefix, carry.kind, carry.id, carry.start),
+            start=carry.start,
+            ttl_ms=_key_ttl_ms(carry.end, now),
+            added=carry.added,
+        )
+        for carry in carries
+    ]
+
+
+def _carry_call(carries: list[_Carrying], mark_ttl: int) -> tuple[list[str], list[Any]]:
+    """carry.lua's keys and arguments for these carries, in the order the terms were written
+    (a window moved twice before Redis took the first is carried twice, the second from the
+    first's new window: whether or not Redis ran the first already, its mark tells)."""
+    keys: list[str] = []
+    args: list[Any] = []
+    for carry in carries:
+        keys += [carry.mark, carry.old, carry.new]
+        args += [repr(carry.start), mark_ttl, carry.ttl_ms, carry.added]
+    return keys, args
+
+
 def carry_now(settings: BudgetSettings, carries: Sequence[Carry]) -> None:
     """Carry windows that new terms moved (`RedisCounters.terms_noted`'s) from a writer with no
     engine (the CLI, a config file applied on the store), under `PREFIX`."""
-    now = time.time()
-    keys: list[str] = []
-    args: list[Any] = []
-    for kind, id_, was, start, end, added in carries:
-        old, new = (f"{PREFIX}w:{kind}:{id_}:{int(t * 1000)}" for t in (was, start))
-        keys += [mark_key(PREFIX, kind, id_), old, new]
-        args += [repr(start), mark_ttl_ms(settings), _key_ttl_ms(end, now), added]
+    keys, args = _carry_call(_carrying(PREFIX, carries, time.time()), mark_ttl_ms(settings))
     timeout = settings.redis_timeout_seconds
     client = SyncRedis.from_url(
         settings.redis_url or "", socket_timeout=timeout, socket_connect_timeout=timeout
@@ -202,10 +237,8 @@ class RedisCounters(CounterBackend):
         self._seeding: dict[str, asyncio.Future[None]] = {}  # one seed per key at a time
         # Budgets reset here whose mark Redis has not taken yet: mark key -> (moment, ttl_ms).
         self._marks: dict[str, tuple[float, int]] = {}
-        # Windows new terms moved, not carried in Redis yet (`terms_noted`):
-        # mark key -> (old window's key, new window's key, its start, its key's ttl_ms, the
-        # stored usage to add to it).
-        self._carries: dict[str, tuple[str, str, float, int, int]] = {}
+        # Windows new terms moved, not carried in Redis yet (`terms_noted`), in order.
+        self._carries: list[_Carrying] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # marks being written
         # Per budget, this instance's charges (their window's start, amount) that Redis added to
@@ -325,10 +358,7 @@ class RedisCounters(CounterBackend):
     # -- keys ----------------------------------------------------------------------------
 
     def window_key(self, counter: WindowCounter) -> str:
-        return self._window_key(counter.kind, counter.id, counter.start)
-
-    def _window_key(self, kind: str, id: str, start: float) -> str:
-        return f"{self.prefix}w:{kind}:{id}:{int(start * 1000)}"
+        return _window_key(self.prefix, counter.kind, counter.id, counter.start)
 
     def _ttl_ms(self, counter: WindowCounter, now: float) -> int:
         return _key_ttl_ms(counter.end, now)
@@ -459,13 +489,7 @@ class RedisCounters(CounterBackend):
         (`Carry`, `owner_limits.carried`): the usage carries over in Redis too (carry.lua, by
         `write_marks` on the loop now, or before the next admission or settlement), and the
         other instances move there at their next one."""
-        now = self.clock()
-        for kind, id_, was, start, end, added in carries:
-            mark = mark_key(self.prefix, kind, id_)
-            old = self._carries.get(mark)
-            old_key = old[0] if old is not None else self._window_key(kind, id_, was)
-            new_key = self._window_key(kind, id_, start)
-            self._carries[mark] = (old_key, new_key, start, _key_ttl_ms(end, now), added)
+        self._carries += _carrying(self.prefix, carries, self.clock())
         loop = self._loop
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(self._write_marks_soon)
@@ -479,17 +503,14 @@ class RedisCounters(CounterBackend):
     async def write_marks(self) -> None:
         """The resets' marks, and the carries of windows new terms moved (`_new_terms`)."""
         if self._carries and self._carry is not None:
-            carries, self._carries = self._carries, {}
-            keys: list[str] = []
-            values: list[Any] = []
-            for key, (old_key, new_key, at, ttl, added) in carries.items():
-                keys += [key, old_key, new_key]
-                values += [repr(at), mark_ttl_ms(self.settings), ttl, added]
+            carries, self._carries = self._carries, []
+            keys, values = _carry_call(carries, mark_ttl_ms(self.settings))
             try:
                 await self._carry(keys=keys, args=values)
             except BaseException:
-                for key, carry in carries.items():  # still to carry, unless moved again since
-                    self._carries.setdefault(key, carry)
+                # Still to carry, before any noted since (Redis may have run them: their marks
+                # then leave them as they are).
+                self._carries[:0] = carries
                 raise
         if self._mark is None or not self._marks:
             return

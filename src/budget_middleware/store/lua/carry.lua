@@ -11,7 +11,8 @@
 -- older window's), is added to it, once (the mark, at the live window's start, moves nobody).
 --
 -- KEYS: per window its mark (`redis_counters.mark_key`), the old window's key, the new window's
--- key. ARGV: per window the new window's start (epoch seconds, as text), the mark's ttl_ms, the new
+-- key; a window moved twice before Redis took the first comes twice, in that order, the second
+-- from the first's new window. ARGV: per window the new window's start (epoch seconds, as text), the mark's ttl_ms, the new
 -- key's ttl_ms (0: none), the amount to add to the new key (0: none). A mark at that moment or
 -- later (carried already, or reset since) leaves all as it is. A new key already there is kept; an
 -- old key gone (Redis emptied) copies nothing, and nothing is added to a new key that is not there:
