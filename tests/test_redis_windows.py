@@ -852,6 +852,60 @@ async def test_new_terms_found_in_the_store_after_redis_restarts_empty_carry_wha
     assert stored == 100
 
 
+@pytest.mark.parametrize("kind", ["budget", "request", "token"])
+async def test_new_terms_carry_the_old_window_into_a_new_one_another_instance_opened_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """100 requests' worth of `kind` a day begun 2.5 hours ago: 30 on the first instance,
+    written, and 20 more not written yet, when the CLI makes it 100 an hour on the store. Between
+    its commit and its carry in Redis, the second instance reads the new terms and admits one:
+    it opens the hour's key from the store (30, and its 1). The carry then adds what the day's key
+    held beyond what the store held (the 20): 49 more, the hour holds 100. (The copy into a key
+    that was there already did nothing: 69 more, 120 in the hour of 100.)"""
+    need_redis()
+    async with serving_two(
+        tmp_path, REDIS_URL, cache_ttl_seconds=3600, flush_interval_seconds=3600
+    ) as (one, two, a, b):
+        monkeypatch.setattr(redis_counters, "PREFIX", one.counters.prefix)  # type: ignore[attr-defined]
+        made = one.manager.create_virtual_key(name="k", **_daily(kind))
+        key = made.value or ""
+        limit_id = _begun_earlier(one, kind, made.id, 2.5)
+        await one.invalidate()
+        await spend(a, key, 30)
+        await one.flush()
+        await spend(a, key, 20)  # not written
+        loop = asyncio.get_running_loop()
+        carry_now = redis_counters.carry_now
+
+        async def opened_first() -> None:
+            await two.invalidate()
+            await spend(b, key, 1)
+
+        def late_carry(settings: BudgetSettings, carries: Any) -> None:
+            asyncio.run_coroutine_threadsafe(opened_first(), loop).result()
+            carry_now(settings, carries)
+
+        monkeypatch.setattr(redis_counters, "carry_now", late_carry)
+        settings = BudgetSettings(database_url=one.settings.database_url, redis_url=REDIS_URL)
+        store = Store(settings.database_url)
+        alone = BudgetManager(store, settings)
+        await asyncio.to_thread(alone.update_virtual_key, made.id, **_daily(kind, "1h"))
+        store.dispose()
+        admitted_b, code_b = await spend_until_refused(b, key)
+        admitted_a, code_a = await spend_until_refused(a, key)
+        for engine in (one, two):
+            await engine.flush()
+        stored = _stored(one, kind, limit_id)
+    hour = 30 + 20 + 1 + admitted_b + admitted_a
+    print(
+        f"{kind}: 30 + 20 unwritten, made hourly, the hour opened by the other before the carry: "
+        f"then {admitted_b} ({code_b}) and {admitted_a} ({code_a}) admitted: {hour} in the hour "
+        f"of 100, the store holds {stored}"
+    )
+    assert hour == 100
+    assert stored == 100
+
+
 async def _an_hour_with_an_older_hour_stored(
     one: BudgetEngine, b: httpx.AsyncClient
 ) -> tuple[Any, str, str]:

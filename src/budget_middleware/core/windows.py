@@ -37,6 +37,9 @@ class Carry(NamedTuple):
     start: float  # where the new terms' window begins (`was` when theirs began before)
     end: float  # where it ends (FAR_FUTURE: never)
     added: int  # the stored usage the live window takes (when the new one begins with it)
+    # The stored usage the new window holds once the terms are written: what a key of it seeded
+    # from the store before the carry holds of the window before.
+    held: int
 
 
 def _shared_budget_limit(limit: int) -> tuple[int, bytes]:

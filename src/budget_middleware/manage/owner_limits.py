@@ -236,9 +236,10 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
     stored_end = current_window(old_duration, anchor, old_aligned, anchor)[1]  # the stored one's
     spent_before = stored_end is not None and stored_end <= start
     was = current_window(old_duration, anchor, old_aligned, now)[0]  # the live window
+    held = 0 if spent_before else getattr(row, usage_column)  # the new window's, once written
     added = 0  # the stored usage the live window's counters lack (it was not theirs)
     if start < was:
-        added = 0 if spent_before else getattr(row, usage_column)
+        added = held
         start, end = current_window(duration, was, aligned, now)
     if start > was or added:
         # The usage carries over to a window beginning later than the one live counters count
@@ -252,6 +253,7 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
                 start=start.timestamp(),
                 end=FAR_FUTURE if end is None else end.timestamp(),
                 added=added,
+                held=held,
             )
         )
     if spent_before:

@@ -117,6 +117,7 @@ class _Carrying(NamedTuple):
     start: float  # where the new window begins
     ttl_ms: int  # the new key's (0: none)
     added: int  # `Carry.added`
+    held: int  # `Carry.held`
 
 
 def _window_key(prefix: str, kind: str, id: str, start: float) -> str:
@@ -132,6 +133,7 @@ def _carrying(prefix: str, carries: Sequence[Carry], now: float) -> list[_Carryi
             start=carry.start,
             ttl_ms=_key_ttl_ms(carry.end, now),
             added=carry.added,
+            held=carry.held,
         )
         for carry in carries
     ]
@@ -145,7 +147,7 @@ def _carry_call(carries: list[_Carrying], mark_ttl: int) -> tuple[list[str], lis
     args: list[Any] = []
     for carry in carries:
         keys += [carry.mark, carry.old, carry.new]
-        args += [repr(carry.start), mark_ttl, carry.ttl_ms, carry.added]
+        args += [repr(carry.start), mark_ttl, carry.ttl_ms, carry.added, carry.held]
     return keys, args
 
 

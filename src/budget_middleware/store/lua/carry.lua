@@ -12,32 +12,50 @@
 --
 -- KEYS: per window its mark (`redis_counters.mark_key`), the old window's key, the new window's
 -- key; a window moved twice before Redis took the first comes twice, in that order, the second
--- from the first's new window. ARGV: per window the new window's start (epoch seconds, as text), the mark's ttl_ms, the new
--- key's ttl_ms (0: none), the amount to add to the new key (0: none). A mark at that moment or
--- later (carried already, or reset since) leaves all as it is. A new key already there is kept; an
--- old key gone (Redis emptied) copies nothing, and nothing is added to a new key that is not there:
--- it is seeded from the store. Returns nothing.
+-- from the first's new window. ARGV: per window the new window's start (epoch seconds, as
+-- text), the mark's ttl_ms, the new key's ttl_ms (0: none), the amount to add to the new key (0:
+-- none), and the stored usage the new window holds once the terms are written. A mark at that
+-- moment or later (carried already, or reset since) leaves all as it is. An old key gone (Redis
+-- emptied) copies nothing, and nothing is added to a new key that is not there: it is seeded
+-- from the store. A new key already there was seeded from the store after the terms were written
+-- (an instance read them before this carry): it holds that stored usage at least, with the old
+-- key's charges the store held then; what the old key holds beyond it is added. Returns nothing.
 for i = 1, #KEYS, 3 do
-  local a = (i - 1) / 3 * 4 + 1
+  local a = (i - 1) / 3 * 5 + 1
   local mark, old, new = KEYS[i], KEYS[i + 1], KEYS[i + 2]
   local at, mark_ttl, ttl = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local added = ARGV[a + 3]
+  local added, held = ARGV[a + 3], tonumber(ARGV[a + 4])
   local known = redis.call("GET", mark)
   if not known or tonumber(string.match(known, "^%S+")) < tonumber(at) then
-    local value = redis.call("GET", old)
-    if value then
-      if ttl > 0 then
-        redis.call("SET", new, value, "NX", "PX", ttl)
-      else
-        redis.call("SET", new, value, "NX")
+    if old == new then
+      -- The new window begins with the live one: the stored usage that lies in it is added.
+      if tonumber(added) > 0 and redis.call("EXISTS", new) == 1 then
+        redis.call("INCRBY", new, added)
+        if ttl > 0 then  -- the live key, kept as long as the new terms' window now
+          redis.call("PEXPIRE", new, ttl)
+        else
+          redis.call("PERSIST", new)
+        end
       end
-    end
-    if tonumber(added) > 0 and redis.call("EXISTS", new) == 1 then
-      redis.call("INCRBY", new, added)
-      if ttl > 0 then  -- the live key, kept as long as the new terms' window now
-        redis.call("PEXPIRE", new, ttl)
-      else
-        redis.call("PERSIST", new)
+    else
+      local value = redis.call("GET", old)
+      if value then
+        local copied
+        if ttl > 0 then
+          copied = redis.call("SET", new, value, "NX", "PX", ttl)
+        else
+          copied = redis.call("SET", new, value, "NX")
+        end
+        if copied then
+          if tonumber(added) > 0 then
+            redis.call("INCRBY", new, added)
+          end
+        else
+          local beyond = tonumber(value) + tonumber(added) - held
+          if beyond > 0 then
+            redis.call("INCRBY", new, string.format("%.0f", beyond))
+          end
+        end
       end
     end
     if mark_ttl > 0 then
