@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -954,5 +956,60 @@ async def test_two_new_terms_before_redis_takes_the_first_carry_what_both_carry(
         f"({code_a}) and {admitted_b} ({code_b}) admitted: ${window / 100:.2f} in the $1 "
         f"half-hour, the store holds ${spent / 1e9:.2f}"
     )
+    assert window == 100
+    assert spent == 100 * CENT
+
+
+@pytest.mark.parametrize("durations", [("1d",), ("1d", "30m")])
+async def test_a_carry_redis_ran_past_the_timeout_adds_once(
+    tmp_path: Path, durations: tuple[str, ...]
+) -> None:
+    """The $1 hourly budget of `_an_hour_with_an_older_hour_stored` ($0.20 stored from its first
+    hour, $0.30 in the live hour) made daily while Redis is stalled (SIGSTOP, 0.6 s; the client
+    waits 0.2 s): the carry (the $0.20 added to the live hour's key) gets no answer, Redis runs it
+    when it wakes, and the first instance carries again at its next admission. The mark the first
+    run left says it ran (carry.lua leaves a window whose mark is at that moment as it is): the
+    $0.20 is added once, 50 admitted, the window holds $1.00 (added twice: 30, $0.80). Likewise
+    when the budget is made 30-minutely as well before Redis wakes (carried from the day's window,
+    which is the live hour's key, whichever run of the first Redis took)."""
+    need_redis()
+    server = PrivateRedis()
+    server.start()
+    try:
+        async with serving_two(
+            tmp_path,
+            server.url,
+            cache_ttl_seconds=3600,
+            flush_interval_seconds=3600,
+            redis_timeout_seconds=0.2,
+        ) as (one, two, a, b):
+            made, key, budget_id = await _an_hour_with_an_older_hour_stored(one, b)
+            carry_lua = resources.files("budget_middleware").joinpath("store", "lua", "carry.lua")
+            left = redis.Redis.from_url(server.url)
+            left.script_load(carry_lua.read_text("utf-8"))  # as once it has carried before
+            assert server.process is not None
+            process = server.process
+            process.send_signal(signal.SIGSTOP)
+            asyncio.get_running_loop().call_later(0.8, process.send_signal, signal.SIGCONT)
+            for duration in durations:
+                await asyncio.to_thread(
+                    one.manager.update_virtual_key, made.id, **_daily("budget", duration)
+                )
+                await asyncio.sleep(0.3)  # the carry unanswered
+            await asyncio.sleep(1.0)  # run by Redis once awake
+            marks = [left.get(k) for k in left.scan_iter(match=f"{one.counters.prefix}rs:*")]  # type: ignore[attr-defined]
+            left.close()
+            admitted_a, code_a = await _until_refused(a, key)
+            admitted_b, code_b = await _until_refused(b, key)
+            spent = await written_spend(budget_id, one, two)
+    finally:
+        server.stop()
+    window = 20 + 30 + admitted_a + admitted_b
+    print(
+        f"made {' then '.join(durations)}, the carries' answers lost (marks {marks}): then "
+        f"{admitted_a} ({code_a}) and {admitted_b} ({code_b}) admitted: ${window / 100:.2f} in "
+        f"the $1 window, the store holds ${spent / 1e9:.2f}"
+    )
+    assert marks  # the stalled run took place
     assert window == 100
     assert spent == 100 * CENT
