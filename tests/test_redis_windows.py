@@ -1013,3 +1013,62 @@ async def test_a_carry_redis_ran_past_the_timeout_adds_once(
     assert marks  # the stalled run took place
     assert window == 100
     assert spent == 100 * CENT
+
+
+async def test_charges_made_without_redis_follow_new_terms_carried_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """A $1 daily budget begun 2.5 hours ago, $0.30 spent on the second instance and written.
+    Redis stalls (SIGSTOP; the client waits 0.2 s, fail-open): the second admits 20 without it
+    (owed to the day's key), and the first makes the budget hourly (its carry waits in Redis's
+    socket, and runs first when Redis wakes: the day's $0.30 copied into the hour's key). The
+    second's next request pays what it owes: into the hour's key, where the day's key was carried
+    (into the day's key, which nobody reads any more: the first then admitted 69, $1.20 in the $1
+    hour); the first admits 49, and the hour holds $1.00."""
+    need_redis()
+    server = PrivateRedis()
+    server.start()
+    try:
+        async with serving_two(
+            tmp_path,
+            server.url,
+            cache_ttl_seconds=3600,
+            flush_interval_seconds=3600,
+            redis_timeout_seconds=0.2,
+            fail_open=True,
+        ) as (one, two, a, b):
+            made = one.manager.create_virtual_key(name="k", **_daily("budget"))
+            key = made.value or ""
+            budget_id = _begun_earlier(one, "budget", made.id, 2.5)
+            await one.invalidate()
+            await spend(b, key, 30)
+            await two.flush()
+            carry_lua = resources.files("budget_middleware").joinpath("store", "lua", "carry.lua")
+            with contextlib.closing(redis.Redis.from_url(server.url)) as direct:
+                direct.script_load(carry_lua.read_text("utf-8"))  # as once it has carried before
+            assert server.process is not None
+            process = server.process
+            process.send_signal(signal.SIGSTOP)
+            try:
+                await spend(b, key, 20)  # without Redis: owed to the day's key
+                await asyncio.to_thread(
+                    one.manager.update_virtual_key, made.id, **_daily("budget", "1h")
+                )
+                await asyncio.sleep(0.5)  # the carry waits in Redis's socket
+            finally:
+                process.send_signal(signal.SIGCONT)
+            await asyncio.sleep(0.5)  # Redis ran the carry; past the back-off
+            await spend(b, key, 1)  # pays what it owes first
+            admitted_a, code_a = await spend_until_refused(a, key)
+            admitted_b, code_b = await spend_until_refused(b, key)
+            spent = await written_spend(budget_id, one, two)
+    finally:
+        server.stop()
+    hour = 30 + 20 + 1 + admitted_a + admitted_b
+    print(
+        f"30, then 20 without Redis and new terms, then 1 and {admitted_a} ({code_a}) and "
+        f"{admitted_b} ({code_b}) admitted: ${hour / 100:.2f} in the $1 hour, the store holds "
+        f"${spent / 1e9:.2f}"
+    )
+    assert hour == 100
+    assert spent == 100 * CENT

@@ -177,6 +177,15 @@ def mark_resets_now(url: str, timeout: float, marks: dict[str, tuple[float, int]
         client.close()
 
 
+class _Debt(NamedTuple):
+    """A window key charges are owed to (`RedisCounters._owe`): its counter, and the window's
+    bounds when they were charged."""
+
+    counter: WindowCounter
+    start: float
+    end: float
+
+
 @dataclass(slots=True)
 class _Entry:
     """One counter as the scripts see it."""
@@ -223,7 +232,7 @@ class RedisCounters(CounterBackend):
         self._instance = uuid.uuid4().hex  # its mark in Redis: there, Redis kept what we hold
         # Charged while Redis could not be reached, by window key: added to it when it is back.
         self._owed: dict[str, int] = {}
-        self._owed_to: dict[str, WindowCounter] = {}  # the counter of each key owed
+        self._owed_to: dict[str, _Debt] = {}  # the counter and window of each key owed
         # Per counter, this instance's charges in its ledger that its own calls will add to
         # Redis (a settlement under way, a debt): a seed leaves them out, so that each is added
         # once, by its own call, whoever seeds the key.
@@ -831,7 +840,7 @@ class RedisCounters(CounterBackend):
         if amount:
             key = self.window_key(counter)
             self._owed[key] = self._owed.get(key, 0) + amount
-            self._owed_to[key] = counter
+            self._owed_to[key] = _Debt(counter=counter, start=counter.start, end=counter.end)
             if not in_transit:
                 self._in_transit(counter, amount)
 
@@ -864,26 +873,63 @@ class RedisCounters(CounterBackend):
 
     async def pay_debts(self) -> None:
         """Release the holds of requests settled without Redis; add what was charged without
-        it to the window keys it kept; seed those it lost (restarted empty) where their window
-        is still the counter's, then add to them."""
+        it to the window keys it kept, or to the window begun anew within theirs elsewhere
+        meanwhile (a reset, new terms: its mark, as a settlement moves there); seed those it
+        lost (restarted empty) where their window is still the counter's, then add to them."""
         await self._release_held()
         await self._settle_unsure()
-        if not self._owed or self._reconcile is None:
-            return
-        owed, self._owed = self._owed, {}
-        counters, self._owed_to = self._owed_to, {}
-        keys = list(owed)
-        try:
-            missing = await self._reconcile(keys=keys, args=list(owed.values()))
-        except BaseException:
-            for key in keys:  # still owed, with anything owed meanwhile (still in transit)
-                self._owe(counters[key], owed[key], in_transit=True)
-            raise
-        gone = {keys[int(i) - 1] for i in missing}
-        for key in keys:
-            if key not in gone:
-                self._arrived(counters[key], owed[key])
-        await self._into_windows([(key, counters[key], owed[key]) for key in gone])
+        for _ in range(3):  # (owed again where a window moved elsewhere: added there now)
+            if not self._owed or self._reconcile is None:
+                return
+            owed, self._owed = self._owed, {}
+            debts, self._owed_to = self._owed_to, {}
+            charges = [(key, debts[key].counter, amount) for key, amount in owed.items()]
+            bounds = [(debts[key].start, debts[key].end) for key in owed]
+            try:
+                gone = await self._reconciled(charges, bounds)
+            except BaseException:
+                for _, counter, amount in charges:  # still owed, with anything owed meanwhile
+                    self._owe(counter, amount, in_transit=True)  # (still in transit)
+                raise
+            await self._into_windows([charges[i] for i in gone])
+
+    async def _reconciled(
+        self, charges: list[tuple[str, WindowCounter, int]], bounds: list[tuple[float, float]]
+    ) -> list[int]:
+        """Add charges (key, counter, amount) of windows with these bounds (start, end) to their
+        keys (reconcile.lua); returns the indices of those whose key is gone. A charge whose
+        window began anew elsewhere (its mark) moves its counter there, and is owed to the
+        window begun there (added by the next round; arrived, should the counter have left
+        that window too)."""
+        assert self._reconcile is not None
+        keys: list[str] = []
+        args: list[Any] = []
+        for (key, counter, amount), (start, end) in zip(charges, bounds, strict=True):
+            keys += [key, mark_key(self.prefix, counter.kind, counter.id)]
+            # (a window that never ends: a number later than any mark, not "inf", for Lua)
+            args += [amount, repr(start), repr(end) if end != FAR_FUTURE else "1e300"]
+        answer: list[Any] = await self._reconcile(keys=keys, args=args)
+        now = self.clock()
+        gone: list[int] = []
+        moved: dict[int, str] = {}
+        for n in range(0, len(answer), 2):
+            if answer[n + 1]:
+                moved[int(answer[n]) - 1] = str(answer[n + 1])
+            else:
+                gone.append(int(answer[n]) - 1)
+        for n, (_, counter, amount) in enumerate(charges):
+            mark = moved.get(n)
+            if mark is None:
+                if n not in gone:
+                    self._arrived(counter, amount)
+                continue
+            self._moved(counter, mark, now)
+            at = float(mark.partition(" ")[0])
+            if self.window_key(counter) == _window_key(self.prefix, counter.kind, counter.id, at):
+                self._owe(counter, amount, in_transit=True)
+            else:
+                self._arrived(counter, amount)
+        return gone
 
     def _done_key(self, request_id: str) -> str:
         return f"{self.prefix}sd:{request_id}"
@@ -969,14 +1015,8 @@ class RedisCounters(CounterBackend):
                 except _Moved:  # to the window a reset began: charged there (as it settles now)
                     todo = [(self.window_key(c), c, a) for _, c, a in todo]
                     continue
-                missing = await self._reconcile(
-                    keys=[k for k, _, _ in todo], args=[a for _, _, a in todo]
-                )
-                gone = {int(i) - 1 for i in missing}  # vanished again: seeded again
-                for n, (_, counter, amount) in enumerate(todo):
-                    if n not in gone:
-                        self._arrived(counter, amount)
-                todo = [c for n, c in enumerate(todo) if n in gone]
+                gone = await self._reconciled(todo, [(c.start, c.end) for _, c, _ in todo])
+                todo = [todo[i] for i in gone]  # vanished again: seeded again
             raise RedisError("window keys vanished while being seeded")
         except BaseException:
             for _, counter, amount in todo:
