@@ -270,8 +270,13 @@ async def test_an_emptied_redis_is_seeded_from_the_store_once(rig: Callable[...,
     decisions = await asyncio.gather(a.admit(scopes_a, 0), b.admit(scopes_b, 0))
     for decision in decisions:
         ticket(decision)
-    # The store's 120 once (never twice, whoever seeded first), plus b's unflushed 3 if b did.
-    assert await r.value("w:budget:*") in (120, 123)
+    # The store's 120 once (never twice, whoever seeded first), plus b's unflushed 3 if b did:
+    # twice at worst, when b's heartbeat adds them again to a key a seeded first (the rule's
+    # over-count, `RedisCounters._written`: limits tighten, never lift), which a loaded machine
+    # lets happen.
+    seeded = await r.value("w:budget:*")
+    print(f"an emptied Redis seeded with {seeded} of the store's 120 and b's unflushed 3")
+    assert seeded in (120, 123, 126)
     assert await r.value("w:request:*") in (2 + 2, 3 + 2)
     assert await a.flush() and await b.flush()
     # The store itself is exact: every charge once.
