@@ -442,8 +442,10 @@ def test_a_stream_is_read_again_after_an_event_too_large_to_hold_however_cut(
     line, wherever the chunks cut it (a CRLF split included): what follows is read, the usage
     chunk we asked for dropped, every other byte passed on as it came."""
     monkeypatch.setattr("budget_middleware.core.sse._MAX_PENDING", 400)  # over any other event
-    big = render([["data: " + "x" * 250, ": " + "y" * 250, "data: " + "z" * 250]], eol)
-    blocks = openai_chat(["Hel", "lo"])
+    # Its last line, read as an event of its own (the big one cut short), would be text.
+    last = json.dumps({"choices": [{"index": 0, "delta": {"content": "z" * 250}}]})
+    big = render([["data: " + "x" * 250, ": " + "y" * 250, "data: " + last]], eol)
+    blocks = openai_chat(["Hel", "lo"])[1:]  # text in the event right after the big one
     stream = big + render(blocks, eol)
     kept = big + render([b for b in blocks if b != [CHAT_USAGE_CHUNK]] if drop else blocks, eol)
     for cut in range(1, len(stream)):
@@ -452,6 +454,8 @@ def test_a_stream_is_read_again_after_an_event_too_large_to_hold_however_cut(
             assert run.output == kept, cuts
             assert run.meter.usage == TokenUsage(19, 10, 3), cuts
             assert run.meter.completed and not run.meter.gap_unread(), cuts
+            # every event after the skipped one read: none of them skipped with it
+            assert run.meter.text_chars == len("Hello"), cuts
 
 
 # --- fuzz: chunk boundaries change nothing -------------------------------------------------------
@@ -698,3 +702,34 @@ def test_only_tool_calls_lists_count_their_arguments() -> None:
     meter = StreamMeter()
     meter.feed(b"data: " + json.dumps(body).encode() + b"\n\n")
     assert meter.text_chars == 2
+
+
+def test_anthropic_counts_a_message_delta_nulls_or_nests_are_merged_never_lowered() -> None:
+    """A `message_delta` repeating the counts: a null keeps what `message_start` said (it is
+    no count), a count in a nested object that grows is taken (the 1-hour cache writes
+    `cache_creation` reports), one that is lower is not."""
+    start = {
+        "input_tokens": 10,
+        "cache_read_input_tokens": 300,
+        "cache_creation_input_tokens": 3000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 3000, "ephemeral_1h_input_tokens": 0},
+        "output_tokens": 1,
+    }
+    message = {"type": "message", "role": "assistant", "content": [], "usage": start}
+    late = {
+        "input_tokens": None,  # a gateway's null: no count, not 0
+        "cache_read_input_tokens": None,
+        "cache_creation_input_tokens": 3000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+        "output_tokens": 50,
+    }
+    blocks = [
+        typed("message_start", {"message": message}),
+        typed("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": late}),
+        typed("message_stop", {}),
+    ]
+    usage = meter_all(render(blocks), drop=False).meter.usage
+    print("merged:", usage)
+    assert usage is not None
+    assert (usage.input_tokens, usage.cached_tokens, usage.output_tokens) == (3310, 300, 50)
+    assert usage.cache_write_1h_tokens == 2000  # grown in the nested object: taken
