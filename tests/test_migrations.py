@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
 
 from budget_middleware.store.database import Store
 
 
-def test_a_version_3_store_is_brought_to_version_7(tmp_path: Path) -> None:
+def test_a_version_3_store_is_brought_to_version_8(tmp_path: Path) -> None:
     """Version 4 added the records' direction; 5 soft budgets, alert thresholds, shadow refusals
     and the alerts table; 6 an index on the applied batches' time (their prune); 7 the value a
-    config file last gave a key."""
+    config file last gave a key; 8 renamed providers to their one name."""
     store = Store(f"sqlite:///{tmp_path}/old.db")
     store.create_schema()
     with store.engine.begin() as conn:  # as release 3 left it: one budget, one record
@@ -59,7 +60,7 @@ def test_a_version_3_store_is_brought_to_version_7(tmp_path: Path) -> None:
     store.dispose()
     print(f"after the upgrade: version {version}, records {rows}, budgets {budgets}, {indexes}")
     assert [tuple(i) for i in indexes] == [("ix_bm_flushes_applied_at",)]
-    assert version == "7" and [tuple(r) for r in rows] == [("old", "inbound", None)]
+    assert version == "8" and [tuple(r) for r in rows] == [("old", "inbound", None)]
     assert [tuple(b) for b in budgets] == [("b1", 0, None)] and alerts == 0
 
 
@@ -138,3 +139,89 @@ async def test_the_sweep_forgets_batch_ids_older_than_kept_and_only_them(tmp_pat
     assert after_first == ["recent"]
     assert within_the_hour == ["recent"]
     assert after_an_hour == []
+
+
+def _insert(conn: Any, table: str, **values: Any) -> None:
+    names = ", ".join(values)
+    conn.execute(text(f"INSERT INTO {table} ({names}) VALUES (:{', :'.join(values)})"), values)
+
+
+_STAMPS = {"source": "manual", "created_at": "2026-11-30 00:00:00",
+           "updated_at": "2026-11-30 00:00:00"}  # fmt: skip
+
+
+def _budget(conn: Any, id_: str, owner_type: str, owner_id: str, usage: int) -> None:
+    _insert(conn, "bm_budgets", id=id_, owner_type=owner_type, owner_id=owner_id,
+            max_limit_nanos=10**7, reset_duration="1d", calendar_aligned=False,
+            current_usage_nanos=usage, last_reset="2026-11-30 00:00:00", soft=False,
+            **_STAMPS)  # fmt: skip
+
+
+def _rate_limit(conn: Any, id_: str, owner_type: str, owner_id: str) -> None:
+    _insert(conn, "bm_rate_limits", id=id_, owner_type=owner_type, owner_id=owner_id,
+            request_max_limit=5, request_reset_duration="1m", request_current_usage=0,
+            request_last_reset="2026-11-30 00:00:00", token_current_usage=0,
+            token_last_reset="2026-11-30 00:00:00", **_STAMPS)  # fmt: skip
+
+
+def _version_7_store(tmp_path: Path) -> Store:
+    """A store as version 7 left it: providers spelled `google` and `gemini` (both with a
+    budget), `OpenAI` with a rate limit, a key's provider config `X-AI`, a model config
+    `Anthropic/claude-*`, a record of `google`."""
+    store = Store(f"sqlite:///{tmp_path}/old.db")
+    store.create_schema()
+    with store.engine.begin() as conn:
+        for name in ("google", "gemini", "OpenAI"):
+            _insert(conn, "bm_providers", provider=name, calendar_aligned=False, **_STAMPS)
+        _budget(conn, "b-google", "provider", "google", 4)
+        _budget(conn, "b-gemini", "provider", "gemini", 6)
+        _rate_limit(conn, "r-openai", "provider", "OpenAI")
+        _insert(conn, "bm_provider_configs", id="pc1", virtual_key_id="k1", provider="X-AI",
+                allowed_models='["*"]', blocked_models="[]",
+                created_at="2026-11-30 00:00:00", updated_at="2026-11-30 00:00:00")  # fmt: skip
+        _insert(conn, "bm_model_configs", id="mc1", model_name="claude-*", provider="Anthropic",
+                scope="global", calendar_aligned=False, **_STAMPS)  # fmt: skip
+        conn.execute(text("UPDATE bm_meta SET value = '7' WHERE key = 'schema_version'"))
+    return store
+
+
+def test_version_8_names_each_stored_provider_by_its_one_name(tmp_path: Path) -> None:
+    store = _version_7_store(tmp_path)
+    store.create_schema()  # the next start-up
+    with store.engine.connect() as conn:
+        providers = sorted(r[0] for r in conn.execute(text("SELECT provider FROM bm_providers")))
+        budgets = sorted(
+            tuple(r) for r in conn.execute(text("SELECT id, owner_id, current_usage_nanos "
+                                                "FROM bm_budgets"))
+        )  # fmt: skip
+        limits = conn.execute(text("SELECT owner_id FROM bm_rate_limits")).scalars().all()
+        config = conn.execute(text("SELECT provider FROM bm_provider_configs")).scalar_one()
+        rule = conn.execute(text("SELECT provider FROM bm_model_configs")).scalar_one()
+    store.dispose()
+    print(f"after version 8: providers {providers}, budgets {budgets}, rate limits {limits}, "
+          f"provider config {config!r}, model config {rule!r}")  # fmt: skip
+    assert providers == ["gemini", "openai"]
+    # Both Google budgets now cap `gemini`, each with its usage.
+    assert budgets == [("b-gemini", "gemini", 6), ("b-google", "gemini", 4)]
+    assert limits == ["openai"] and config == "xai" and rule == "anthropic"
+
+
+def test_two_rate_limits_of_one_provider_stop_start_up_and_change_nothing(tmp_path: Path) -> None:
+    import pytest
+
+    from budget_middleware import StoreSchemaError
+
+    store = _version_7_store(tmp_path)
+    with store.engine.begin() as conn:
+        _insert(conn, "bm_providers", provider="openai", calendar_aligned=False, **_STAMPS)
+        _rate_limit(conn, "r-openai-2", "provider", "openai")
+    with pytest.raises(StoreSchemaError, match="'OpenAI' and 'openai' both have a rate limit"):
+        store.create_schema()
+    with store.engine.connect() as conn:
+        version = conn.execute(
+            text("SELECT value FROM bm_meta WHERE key = 'schema_version'")
+        ).scalar_one()
+        providers = sorted(r[0] for r in conn.execute(text("SELECT provider FROM bm_providers")))
+    store.dispose()
+    print(f"after the refused upgrade: version {version}, providers {providers}")
+    assert version == "7" and providers == ["OpenAI", "gemini", "google", "openai"]

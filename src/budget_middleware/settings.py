@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from budget_middleware.core.alerts import check_threshold
+from budget_middleware.core.providers import canonical_provider
 from budget_middleware.exceptions import SettingsError
 
 DEFAULT_INFERENCE_PATHS = (
@@ -149,7 +150,10 @@ class BudgetSettings(BaseSettings):
                     and all(isinstance(part, str) and part.strip() for part in pair)
                 ):
                     raise ValueError(f"maps a host to a provider, both non-empty text: {pair!r}")
-            return tuple((host.strip().lower(), provider.strip()) for host, provider in value)
+            # The provider by its one name (`X-AI` is `xai`), as a request's is.
+            return tuple(
+                (host.strip().lower(), canonical_provider(provider)) for host, provider in value
+            )
         return value
 
     @field_validator("alert_webhook_urls", mode="before")

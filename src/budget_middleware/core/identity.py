@@ -8,16 +8,17 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
+from budget_middleware.core.providers import canonical_provider
 from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept, served_tier
 
-# Path prefixes that name a provider (`/openai/v1/chat/completions`).
+# Path prefixes that name a provider (`/openai/v1/chat/completions`; `/Google/…` and the other
+# spellings `canonical_provider` knows too), by their one name.
 KNOWN_PROVIDERS = frozenset(
     {
         "openai",
         "anthropic",
         "azure",
         "gemini",
-        "google",
         "vertex",
         "bedrock",
         "mistral",
@@ -196,7 +197,8 @@ class Target:
 class TargetResolver:
     """Provider and model from the body's `model`, the header, the path, or the catalog; tags
     from the header, the key and the body. Built once per middleware: where a (model, header,
-    path) leads is worked out once and kept (bounded: all three come from clients)."""
+    path) leads is worked out once and kept (bounded: all three come from clients), the
+    provider by its one name (`canonical_provider`), so naming it costs nothing per request."""
 
     def __init__(self, guess_provider: Callable[[str], str | None]) -> None:
         self.guess_provider = guess_provider
@@ -294,8 +296,9 @@ class TargetResolver:
             provider = self.guess_provider(model)
         if provider is None and route_path.endswith("/messages"):
             provider = "anthropic"
+        name = canonical_provider(provider) if provider else ""
         return (
-            clean_text(provider, MAX_PROVIDER_CHARS) if provider else "unknown",
+            clean_text(name, MAX_PROVIDER_CHARS) if name else "unknown",
             clean_text(model, MAX_MODEL_CHARS) if model else "unknown",
         )
 
@@ -316,13 +319,13 @@ def _hosted(raw_model: str, provider: str) -> tuple[str, str]:
     """A call to a provider's host: that provider, and the model as sent."""
     model = raw_model.strip()
     return (
-        clean_text(provider, MAX_PROVIDER_CHARS),
+        clean_text(canonical_provider(provider), MAX_PROVIDER_CHARS),
         clean_text(model, MAX_MODEL_CHARS) if model else "unknown",
     )
 
 
 def _path_provider(route_path: str) -> str | None:
-    first = route_path.lstrip("/").split("/", 1)[0]
+    first = canonical_provider(route_path.lstrip("/").split("/", 1)[0])
     return first if first in KNOWN_PROVIDERS else None
 
 

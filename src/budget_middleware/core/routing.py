@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from budget_middleware.core.providers import canonical_provider
+
 if TYPE_CHECKING:
     from budget_middleware.core.scopes import LimitSet
 
@@ -41,10 +43,11 @@ class Route:
 
 
 def parse_target(text: str) -> RouteTarget:
-    """`provider/model` (the model may hold more `/`s: `openrouter/meta/llama`) or a bare model."""
+    """`provider/model` (the model may hold more `/`s: `openrouter/meta/llama`) or a bare model;
+    the provider by its one name (`Google/…` is `gemini`), the text as written."""
     head, sep, rest = text.partition("/")
     if sep and head and rest:
-        return RouteTarget(text, head, rest)
+        return RouteTarget(text, canonical_provider(head), rest)
     return RouteTarget(text, None, text)
 
 

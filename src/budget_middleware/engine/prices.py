@@ -19,6 +19,7 @@ from genai_prices.data import providers as _CATALOG  # bundled data: no remote u
 from genai_prices.data_snapshot import find_provider_by_id
 
 from budget_middleware.core.pricing import ModelPrice, cost_nanos, cost_usd
+from budget_middleware.core.providers import canonical_provider
 from budget_middleware.exceptions import PricingFileError
 
 logger = logging.getLogger("budget_middleware")
@@ -76,10 +77,18 @@ def _load_pricing_file(path: Path) -> dict[str, ModelPrice]:
                 problems.append(f"{where}: {err['msg']}")
         raise fail("; ".join(problems)) from exc
     prices: dict[str, ModelPrice] = {}
+    written: dict[str, str] = {}
     for key, p in parsed.models.items():
         if not key.strip("/ ") or key.startswith("/") or key.endswith("/"):
             raise fail(f"models: {key!r} is not a model name (use 'provider/model' or 'model')")
-        prices[key.lower()] = ModelPrice(**p.model_dump(), source="pricing_file")
+        # `provider/model` by the provider's one name, as requests name it (`google/…` is
+        # `gemini/…`): the price meets the requests however either spells the provider.
+        head, sep, name = key.lower().partition("/")
+        found = f"{canonical_provider(head)}/{name}" if sep else head
+        if found in written:
+            raise fail(f"models: {written[found]!r} and {key!r} name one model ({found!r})")
+        written[found] = key
+        prices[found] = ModelPrice(**p.model_dump(), source="pricing_file")
     return prices
 
 

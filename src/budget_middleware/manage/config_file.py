@@ -42,6 +42,7 @@ from pydantic import BaseModel, ValidationError
 from sqlmodel import select
 
 from budget_middleware.core.identity import hash_key
+from budget_middleware.core.providers import canonical_provider
 from budget_middleware.exceptions import AdminError, ConfigFileError
 from budget_middleware.manage.litellm_config import (
     LiteLLMConfigError,
@@ -259,15 +260,20 @@ def _read_litellm(path: Path, data: dict[str, Any]) -> _FileData:
 def _identity(section: str, entry: dict[str, Any]) -> str:
     """What the loader finds an entry's entity by."""
     if section == "providers":
-        identity: Any = entry.get("provider")
+        identity: Any = _provider(entry.get("provider"))
     elif section == "tags":
         identity = entry.get("tag")
     elif section == "model_configs":
         scope = entry.get("virtual_key") or entry.get("scope_id")
-        identity = [entry.get("model_name"), entry.get("provider"), scope]
+        identity = [entry.get("model_name"), _provider(entry.get("provider")), scope]
     else:
         identity = entry.get("name")
     return json.dumps(identity, sort_keys=True, default=str)
+
+
+def _provider(name: Any) -> Any:
+    """A provider as the store keeps it (`OpenAI` is `openai`), when the entry names one."""
+    return canonical_provider(name) if isinstance(name, str) else name
 
 
 def _expand(section: str, raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -545,6 +551,8 @@ class _Loader:
             if not isinstance(name, str) or not name:
                 raise ConfigFileError(f"{where}: needs '{field}', the {field}'s name")
             table = ProviderRow if section == "providers" else TagRow
+            if table is ProviderRow:
+                name = canonical_provider(name)  # found as it is stored: by its one name
             row = self._stored(table, getattr(table, field) == name)
             if row is None or row.config_hash != digest:
                 put = m.put_provider if section == "providers" else m.put_tag
@@ -625,10 +633,11 @@ class _Loader:
             body["scope_id"] = self._find(VirtualKeyRow, body.pop("virtual_key"), "virtual key",
                                           where)  # fmt: skip
         body = _declared(ModelConfigCreate, body)
+        provider = _provider(body.get("provider"))
         row = self._stored(
             ModelConfigRow,
             (ModelConfigRow.model_name == body.get("model_name"))
-            & (ModelConfigRow.provider == body.get("provider"))
+            & (ModelConfigRow.provider == provider)
             & (ModelConfigRow.scope == body.get("scope", "global"))
             & (ModelConfigRow.scope_id == body.get("scope_id")),
         )

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
+from budget_middleware.core.providers import canonical_provider
 from budget_middleware.core.times import from_ts
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
@@ -218,6 +219,8 @@ class BudgetManager(KeyWriter):
             raise InvalidRequest(
                 f"a {owner_type} name has no space at either end: {name!r}", param=owner_type
             )
+        if owner_type == "provider":
+            name = canonical_provider(name)  # one name per provider: `OpenAI` is `openai`
         row: Any = s.get(table, name)
         created = row is None
         if row is None:
@@ -233,7 +236,8 @@ class BudgetManager(KeyWriter):
 
     def get_provider(self, name: str) -> ProviderOut:
         with self._session() as s:
-            return Reader(s).provider(self._get(s, ProviderRow, name, "provider"))
+            row = self._get(s, ProviderRow, canonical_provider(name), "provider")
+            return Reader(s).provider(row)
 
     def list_providers(self) -> list[ProviderOut]:
         with self._session() as s:
@@ -242,7 +246,7 @@ class BudgetManager(KeyWriter):
             return [reader.provider(r) for r in rows]
 
     def delete_provider(self, name: str) -> None:
-        self._delete_named(ProviderRow, "provider", name)
+        self._delete_named(ProviderRow, "provider", canonical_provider(name))
 
     def _delete_named(self, table: Any, owner_type: str, name: str) -> None:
         with self._session() as s:
@@ -391,6 +395,8 @@ class BudgetManager(KeyWriter):
     ) -> tuple[list[ModelConfigOut], int]:
         """One page of model configs and the number of all that match the filters."""
         with self._session() as s:
+            if provider is not None:
+                provider = canonical_provider(provider)
             return reports.model_configs(
                 s, limit=limit, offset=offset, search=search, scope=scope, provider=provider,
                 counters=counters,
@@ -407,6 +413,8 @@ class BudgetManager(KeyWriter):
         counters: CounterRegistry | None = None,
     ) -> list[BudgetOut]:
         """Every budget (or one owner's); with `from_memory`, usage from the live `counters`."""
+        if owner_type == "provider" and owner_id is not None:
+            owner_id = canonical_provider(owner_id)
         with self._session() as s:
             live = counters if from_memory else None
             return reports.budgets(s, owner_type=owner_type, owner_id=owner_id, counters=live)

@@ -31,6 +31,7 @@ from pydantic import (
 
 from budget_middleware.core.alerts import check_threshold
 from budget_middleware.core.durations import Duration
+from budget_middleware.core.providers import canonical_provider
 from budget_middleware.core.routing import MAX_TARGETS, target_problem
 
 OwnerType = Literal[
@@ -355,9 +356,21 @@ class TeamUpdate(CustomerUpdate):
     customer_id: str | None = None
 
 
+def _provider(name: str) -> str:
+    """A provider as written to the store: by its one name (`OpenAI` is `openai`, `google` is
+    `gemini`), as every request names it (`core/providers.py`)."""
+    found = canonical_provider(name)
+    if not found:
+        raise ValueError("a provider has a name")
+    return found
+
+
+ProviderName = Annotated[str, AfterValidator(_provider)]
+
+
 class ProviderConfigIn(_Limits):
     id: str | None = None
-    provider: str = Field(min_length=1, max_length=100)
+    provider: ProviderName = Field(min_length=1, max_length=100)
     allowed_models: list[ModelName] = Field(default_factory=lambda: ["*"], description='["*"]: all')
     blocked_models: list[ModelName] = Field(default_factory=list)
 
@@ -423,7 +436,9 @@ class ModelConfigCreate(_Limits):
     )  # fmt: skip
 
     model_name: ModelName = Field(min_length=1, max_length=200, description="'*': every model")
-    provider: str | None = Field(default=None, max_length=100)
+    provider: Annotated[str, AfterValidator(canonical_provider)] | None = Field(
+        default=None, max_length=100
+    )
     scope: Literal["global", "virtual_key"] = "global"
     scope_id: str | None = Field(default=None, description="a key's id, with scope virtual_key")
     calendar_aligned: JsonBool = False
@@ -437,7 +452,9 @@ class ModelConfigCreate(_Limits):
 
 class ModelConfigUpdate(_Limits):
     model_name: ModelName | None = Field(default=None, min_length=1, max_length=200)
-    provider: str | None = Field(default=None, max_length=100)
+    provider: Annotated[str, AfterValidator(canonical_provider)] | None = Field(
+        default=None, max_length=100
+    )
     calendar_aligned: JsonBool | None = None
 
 

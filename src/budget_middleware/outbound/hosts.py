@@ -1,5 +1,7 @@
 """The provider of a call, from the host it goes to (SPEC §13); `BUDGET_PROVIDER_HOSTS` adds to
-or overrides the table (`{"llm.internal.example": "openai", "*.example.ai": "mistral"}`)."""
+or overrides the table (`{"llm.internal.example": "openai", "*.example.ai": "mistral"}`). The
+table's providers are their one names (`core/providers.py`); the target resolver reads any
+other spelling through `canonical_provider` too."""
 
 from __future__ import annotations
 

@@ -8,10 +8,12 @@ with `checkfirst`, and on PostgreSQL an advisory lock serialises the steps.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from sqlalchemy import Connection, Engine, MetaData, inspect, select, text
 
+from budget_middleware.core.providers import canonical_provider
 from budget_middleware.exceptions import StoreSchemaError
 
 _LOCK_ID = 0x62756467  # "budg"
@@ -36,7 +38,124 @@ _STEPS: dict[int, Callable[[Connection], None]] = {
     6: lambda conn: _add_index(conn, "ix_bm_flushes_applied_at", "bm_flushes (applied_at)"),
     # 7: bm_virtual_keys.file_value_hash, the value a config file last gave a key.
     7: lambda conn: _add_column(conn, "bm_virtual_keys", "file_value_hash VARCHAR(64)"),
+    # 8: provider names by their one name (`OpenAI` is `openai`, `google` is `gemini`).
+    8: lambda conn: _one_provider_name(conn),
 }
+
+
+def _one_provider_name(conn: Connection) -> None:
+    """Every stored provider name by its one name (`core/providers.py`), as requests now name
+    providers: a provider budget made as `google`, `OpenAI` or `x-ai` keeps capping the requests
+    to `gemini`, `openai`, `xai`. Where both spellings are stored for one owner (`google` and
+    `gemini` provider budgets), the alias's budgets join the one name's (each still applies),
+    and its rate limit too when the one name has none; two rate limits, or a key's two provider
+    configs that allow different models, cannot be one without lifting a limit: start-up stops
+    naming both, and the store is left as it was (one transaction)."""
+    rows = conn.execute(text("SELECT provider FROM bm_providers")).all()
+    stored = {r[0] for r in rows}
+    for (old,) in rows:
+        new = canonical_provider(old)
+        if new == old:
+            continue
+        if new in stored:
+            _merge_owner(conn, "provider", old, new, f"bm_providers {old!r} and {new!r}")
+            conn.execute(text("DELETE FROM bm_providers WHERE provider = :o"), {"o": old})
+        else:
+            conn.execute(
+                text("UPDATE bm_providers SET provider = :n WHERE provider = :o"),
+                {"n": new, "o": old},
+            )
+            _merge_owner(conn, "provider", old, new, "")
+            stored.add(new)
+        conn.execute(
+            text(
+                "UPDATE bm_alerts SET owner_id = :n WHERE owner_type = 'provider' AND owner_id = :o"
+            ),
+            {"n": new, "o": old},
+        )
+    configs = conn.execute(
+        text("SELECT id, virtual_key_id, provider, allowed_models, blocked_models "
+             "FROM bm_provider_configs")
+    ).all()  # fmt: skip
+    by_name = {(c.virtual_key_id, c.provider): c for c in configs}
+    for c in configs:
+        new = canonical_provider(c.provider)
+        if new == c.provider:
+            continue
+        other = by_name.get((c.virtual_key_id, new))
+        if other is None:
+            conn.execute(
+                text("UPDATE bm_provider_configs SET provider = :n WHERE id = :i"),
+                {"n": new, "i": c.id},
+            )
+            by_name[(c.virtual_key_id, new)] = c
+            continue
+        where = f"bm_provider_configs {c.provider!r} and {new!r} of virtual key {c.virtual_key_id}"
+        if _models(c.allowed_models) != _models(other.allowed_models) or _models(
+            c.blocked_models
+        ) != _models(other.blocked_models):
+            raise StoreSchemaError(f"{where} allow different models: {_ONE_OF_THEM}")
+        _merge_owner(conn, "provider_config", c.id, other.id, where)
+        conn.execute(text("DELETE FROM bm_provider_configs WHERE id = :i"), {"i": c.id})
+    rules = conn.execute(
+        text("SELECT id, model_name, provider, scope, scope_id FROM bm_model_configs "
+             "WHERE provider IS NOT NULL")
+    ).all()  # fmt: skip
+    by_rule = {(r.model_name, r.provider, r.scope, r.scope_id): r for r in rules}
+    for r in rules:
+        new = canonical_provider(r.provider)
+        if new == r.provider:
+            continue
+        other = by_rule.get((r.model_name, new, r.scope, r.scope_id))
+        if other is None:
+            conn.execute(
+                text("UPDATE bm_model_configs SET provider = :n WHERE id = :i"),
+                {"n": new, "i": r.id},
+            )
+            by_rule[(r.model_name, new, r.scope, r.scope_id)] = r
+            continue
+        where = f"bm_model_configs {r.provider}/{r.model_name} and {new}/{r.model_name}"
+        _merge_owner(conn, "model_config", r.id, other.id, where)
+        conn.execute(text("DELETE FROM bm_model_configs WHERE id = :i"), {"i": r.id})
+    # The usage already recorded, so that `GET /usage?group_by=provider` shows one provider.
+    for (old,) in conn.execute(text("SELECT DISTINCT provider FROM bm_usage_records")).all():
+        if canonical_provider(old) != old:
+            conn.execute(
+                text("UPDATE bm_usage_records SET provider = :n WHERE provider = :o"),
+                {"n": canonical_provider(old), "o": old},
+            )
+
+
+_ONE_OF_THEM = (
+    "they are one provider now; delete one of them with the release before (or merge them by "
+    "hand) and start again"
+)
+
+
+def _models(value: object) -> frozenset[str]:
+    """A provider config's model list as stored (JSON: a list, or its text on some drivers)."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    return frozenset(value) if isinstance(value, list) else frozenset()
+
+
+def _merge_owner(conn: Connection, owner_type: str, old: str, new: str, where: str) -> None:
+    """The budgets and rate limit of `old` moved to `new` (`where` names both when `new` is an
+    owner already: a second rate limit cannot join it)."""
+    params = {"t": owner_type, "o": old, "n": new}
+    conn.execute(
+        text("UPDATE bm_budgets SET owner_id = :n WHERE owner_type = :t AND owner_id = :o"), params
+    )
+    limits = conn.execute(
+        text("SELECT owner_id FROM bm_rate_limits WHERE owner_type = :t AND owner_id IN (:o, :n)"),
+        params,
+    ).all()
+    if len(limits) == 2:
+        raise StoreSchemaError(f"{where} both have a rate limit: {_ONE_OF_THEM}")
+    conn.execute(
+        text("UPDATE bm_rate_limits SET owner_id = :n WHERE owner_type = :t AND owner_id = :o"),
+        params,
+    )
 
 
 def _add_index(conn: Connection, name: str, on: str) -> None:

@@ -14,8 +14,8 @@ from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
 # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction; 5: bm_alerts, bm_budgets.soft and
-# .alert_thresholds, bm_usage_records.would_refuse
-SCHEMA_VERSION = 7
+# .alert_thresholds, bm_usage_records.would_refuse; 8: provider names by their one name
+SCHEMA_VERSION = 8
 
 
 def new_id() -> str:
