@@ -547,3 +547,20 @@ def test_a_key_rotated_through_the_api_is_not_given_its_file_value_back(
           f"rotated, new work {after_change}")  # fmt: skip
     assert after_restart == (False, True)
     assert after_change == (False, True)
+
+
+def test_a_provider_is_found_by_its_one_name_however_the_file_spells_it(tmp_path: Path) -> None:
+    """`provider: Google` is the `gemini` provider (SPEC §13's name): stored so, found so on
+    the next start (an edit through the API survives it, SPEC §10), and a second entry
+    spelling it `gemini` is the same provider twice."""
+    text = "providers:\n  - provider: Google\n    budgets: [{max_limit: 5, reset_duration: 1d}]\n"
+    m = _start(tmp_path, text)
+    m.put_provider("gemini", budgets=[{"max_limit": 7, "reset_duration": "1d"}])
+    m = _start(tmp_path, text)
+    kept = [(p.provider, p.budgets[0].max_limit) for p in m.list_providers()]
+    twice = text + "  - provider: gemini\n    budgets: [{max_limit: 9}]\n"
+    with pytest.raises(ConfigFileError) as refused:
+        _start(tmp_path, twice, "twice.yaml")
+    print(f"providers after a restart: {kept}; {refused.value}")
+    assert kept == [("gemini", 7.0)]
+    assert "the same provider as providers[0] (Google)" in str(refused.value)
