@@ -34,7 +34,8 @@ async def _admitted(
         r = await http.post(path, json=body, headers={"x-mock-cost": SPENT, **headers})
         assert r.status_code in (200, 402, 403), r.text
         if r.status_code == 200:
-            passed.append(f"{path} {body['model']} {headers}")
+            shown = {k: "…" if k == "x-budget-key" else v for k, v in headers.items()}
+            passed.append(f"{path} {body['model']} {shown}")
     return passed
 
 
@@ -97,7 +98,9 @@ async def test_operator_spellings_of_a_provider_name_one_provider(
     app.mount("/admin", create_admin_app(settings))
     async with running(app), client(app) as http:
         for provider in ("OpenAI", "google", "x-ai"):
-            body = {"budgets": [{"max_limit": 0.01, "reset_duration": "1d"}]}
+            body: dict[str, Any] = {"budgets": [{"max_limit": 0.01, "reset_duration": "1d"}]}
+            if provider == "OpenAI":
+                body["rate_limit"] = {"request_max_limit": 100, "request_reset_duration": "1h"}
             r = await http.put(f"/admin/providers/{provider}", json=body, headers=ADMIN)
             assert r.status_code == 201, r.text
         r = await http.post("/admin/virtual-keys", headers=ADMIN, json={
@@ -118,11 +121,18 @@ async def test_operator_spellings_of_a_provider_name_one_provider(
         ])  # fmt: skip
         listed = (await http.get("/admin/providers", headers=ADMIN)).json()["providers"]
         names = sorted(p["provider"] for p in listed)
+        filtered = {}
+        for listing in ("budgets", "rate-limits"):
+            r = await http.get(f"/admin/{listing}?owner_type=provider&owner_id=OpenAI",
+                               headers=ADMIN)  # fmt: skip
+            filtered[listing] = r.json()["count"]  # OpenAI's: openai's
         removed = await http.delete("/admin/providers/X-AI", headers=ADMIN)
-    print(f"admitted: {len(admitted)} of 8 {admitted}; stored providers {names}")
+    print(f"admitted: {len(admitted)} of 8 {admitted}; stored providers {names}; "
+          f"owner_id=OpenAI finds {filtered}")  # fmt: skip
     # The first request to each provider is admitted, the next refused.
     assert len(admitted) == 4
     assert names == ["gemini", "openai", "xai"]
+    assert filtered == {"budgets": 1, "rate-limits": 1}
     assert removed.status_code == 200, removed.text
 
 

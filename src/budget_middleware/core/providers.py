@@ -52,3 +52,11 @@ def canonical_provider(name: str) -> str:
     trimmed and lower-cased (an OpenAI-compatible gateway's own name)."""
     text = name.strip().lower()
     return PROVIDER_ALIASES.get(text, text)
+
+
+def owner_name(owner_type: str | None, owner_id: str | None) -> str | None:
+    """An owner's id in a filter (`GET /budgets?owner_type=provider&owner_id=OpenAI`), as the
+    store keeps it: a provider's by its one name, any other as given."""
+    if owner_type == "provider" and owner_id is not None:
+        return canonical_provider(owner_id)
+    return owner_id

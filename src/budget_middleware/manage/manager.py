@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
-from budget_middleware.core.providers import canonical_provider
+from budget_middleware.core.providers import canonical_provider, owner_name
 from budget_middleware.core.times import from_ts
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
@@ -413,8 +413,7 @@ class BudgetManager(KeyWriter):
         counters: CounterRegistry | None = None,
     ) -> list[BudgetOut]:
         """Every budget (or one owner's); with `from_memory`, usage from the live `counters`."""
-        if owner_type == "provider" and owner_id is not None:
-            owner_id = canonical_provider(owner_id)
+        owner_id = owner_name(owner_type, owner_id)
         with self._session() as s:
             live = counters if from_memory else None
             return reports.budgets(s, owner_type=owner_type, owner_id=owner_id, counters=live)
@@ -457,6 +456,7 @@ class BudgetManager(KeyWriter):
         from_memory: bool = False,
         counters: CounterRegistry | None = None,
     ) -> list[RateLimitOut]:
+        owner_id = owner_name(owner_type, owner_id)
         with self._session() as s:
             live = counters if from_memory else None
             return reports.rate_limits(s, owner_type=owner_type, owner_id=owner_id, counters=live)

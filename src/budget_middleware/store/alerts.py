@@ -18,6 +18,7 @@ from sqlalchemy import and_, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 
+from budget_middleware.core.providers import owner_name
 from budget_middleware.core.times import utc
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import AlertRow, new_id
@@ -144,6 +145,7 @@ def list_alerts(
     where = []
     if owner_type is not None:
         where.append(col(AlertRow.owner_type) == owner_type)
+    owner_id = owner_name(owner_type, owner_id)
     if owner_id is not None:
         where.append(col(AlertRow.owner_id) == owner_id)
     query = select(AlertRow).where(*where)
