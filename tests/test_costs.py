@@ -760,7 +760,8 @@ async def test_a_reservation_is_made_at_the_service_tier_asked_for(
 ) -> None:
     """In flight, a request holds its worst case at the prices of the tier it asks for: a
     `priority` request to gpt-5 twice what a standard one holds (else its budget could be
-    overrun by every priority request in flight), `flex` half; "auto" the standard prices."""
+    overrun by every priority request in flight); "auto" the standard prices, and so does
+    `flex`: an answer that does not say it was served at flex is charged the standard ones."""
     app = FastAPI()
     arrived, release = asyncio.Event(), asyncio.Event()
 
@@ -795,4 +796,41 @@ async def test_a_reservation_is_made_at_the_service_tier_asked_for(
     }
     print(f"asked {asked}: {held} n$ held in flight; at each tier's prices {want}")
     assert want["priority"] > want["auto"] > want["flex"]
-    assert held == want[asked]
+    assert held == want["auto" if asked == "flex" else asked]
+
+
+@pytest.mark.parametrize("shape", ["chat-json", "responses-sse"])
+async def test_a_cheaper_tier_asked_for_is_charged_only_when_the_answer_says_it_was_served(
+    make_settings: Settings, shape: str
+) -> None:
+    """A request asking for `flex` whose answer does not say its tier pays the standard prices:
+    OpenAI answers a flex request at flex (and says so) or refuses it, so a silent answer comes
+    through an app that may not have passed the field on, and the provider billed it standard
+    (before: charged flex, half). An answer saying `flex` is charged flex."""
+    charged = {}
+    for said in (None, "flex"):
+        answer = tier_answer(shape, said)
+        row = await charged_for(
+            make_settings, _path(shape), "openai/gpt-5", answer, service_tier="flex"
+        )
+        charged[said] = row.cost_nanos
+    print(f"{shape}: asked flex, charged by answered tier {charged}")
+    print(f"  (standard {tier_price(None)} n$, flex {tier_price('flex')} n$)")
+    assert charged[None] == tier_price(None)
+    assert charged["flex"] == tier_price("flex")
+
+
+async def test_a_tier_named_inside_an_echoed_tool_schema_is_not_the_answer_s(
+    make_settings: Settings,
+) -> None:
+    """The Responses API echoes the request's tools, after its own `service_tier` and before
+    the usage: a client's schema holding `"service_tier": "flex"` is not where the answer was
+    served (before: a priority answer charged flex, a quarter of what OpenAI bills)."""
+    answer = tier_answer("responses-json", "priority")
+    assert isinstance(answer, dict)
+    schema = {"type": "object", "properties": {}, "service_tier": "flex"}
+    answer["tools"] = [{"type": "function", "name": "pick", "parameters": schema}]
+    row = await charged_for(make_settings, "/v1/responses", "openai/gpt-5", answer)
+    print(f"served at priority, a tool's schema says flex: charged {row.cost_nanos} n$")
+    print(f"  (priority {tier_price('priority')} n$, flex {tier_price('flex')} n$)")
+    assert row.cost_nanos == tier_price("priority")

@@ -85,12 +85,25 @@ def in_force(price: ModelPrice, input_tokens: int) -> ModelPrice:
 
 
 def for_service_tier(price: ModelPrice, tier: str | None) -> ModelPrice:
-    """The prices of a request served at (or, when its answer does not say, asking for) the
-    service tier `tier`: that tier's when it is priced apart, else the standard ones ("auto",
-    "default", a tier this model has no price of its own for)."""
+    """The prices of a request served at the service tier `tier`: that tier's when it is priced
+    apart, else the standard ones ("auto", "default", a tier this model has no price of its own
+    for)."""
     for name, prices in price.service_tiers:
         if name == tier:
             return prices
+    return price
+
+
+def asked_prices(price: ModelPrice, tier: str | None) -> ModelPrice:
+    """The prices of a request asking for the service tier `tier` while nothing says where it
+    was served (its reservation; its charge when its answer does not say): that tier's when
+    they are no lower than the standard ones (OpenAI's `priority`), else the standard ones. A
+    cheaper tier (`flex`) is charged only when the answer says so: OpenAI serves a flex request
+    at flex and says so, or refuses it; an answer that does not say came through an app that
+    may not have passed the field on either, and the provider billed its standard prices."""
+    asked = for_service_tier(price, tier)
+    if asked is price or all(map(int.__ge__, asked._rates, price._rates)):
+        return asked
     return price
 
 

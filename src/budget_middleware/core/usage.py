@@ -8,7 +8,6 @@ bytes still go to the client as they are.
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -238,16 +237,30 @@ def usage_from_json(body: bytes) -> TokenUsage | None:
         # (whose usage has `input_tokens_details`), searched for back from the usage only then.
         tier = document.get("service_tier")
         if tier is None and index > 0 and "input_tokens_details" in usage:
-            at = body.rfind(_TIER_KEY, 0, index)
-            told = _TIER_VALUE.match(body, at) if at >= 0 else None
-            tier = None if told is None else told[1].decode("latin-1")
+            tier = _tier_before(body, index)
         if tier is not None:
             found.service_tier = served_tier(tier)
     return found
 
 
 _TIER_KEY: Final = b'"service_tier"'
-_TIER_VALUE: Final = re.compile(rb'"service_tier"\s*:\s*"([^"\\]{1,32})"')
+
+
+def _tier_before(body: bytes, index: int) -> object:
+    """The top-level `service_tier` before `index` (the Responses API's usage): of the keys so
+    named back from there, the first whose object's tail parses. Between the two the answer
+    echoes the request's tools and text format, whose schemas are the client's: a key nested
+    there leaves its object's closing braces behind, and does not parse."""
+    at = index
+    for _ in range(_CANDIDATES):
+        at = body.rfind(_TIER_KEY, 0, at)
+        if at < 0:
+            break
+        try:
+            return json_loads(b"{" + body[at:]).get("service_tier")  # an object, if it parses
+        except JSON_ERRORS:
+            pass
+    return None
 
 
 def served_tier(value: object) -> str | None:

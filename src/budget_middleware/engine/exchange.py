@@ -19,6 +19,7 @@ from budget_middleware.core.identity import Target
 from budget_middleware.core.money import MAX_CHARGE_NANOS, charge_nanos
 from budget_middleware.core.pricing import (
     ModelPrice,
+    asked_prices,
     cost_nanos,
     estimate_nanos,
     for_service_tier,
@@ -426,10 +427,13 @@ class Exchange:
             if price is None:
                 cost, source = 0, "unpriced"  # noted by `book`
             else:
-                # At the service tier the answer was served at, else the one asked for.
-                tier = usage.service_tier or self.target.service_tier
+                # At the service tier the answer was served at, else the one asked for when
+                # it costs no less (`asked_prices`).
+                tier = usage.service_tier
                 if tier is not None:
                     price = for_service_tier(price, tier)
+                elif self.target.service_tier is not None:
+                    price = asked_prices(price, self.target.service_tier)
                 cost, source = cost_nanos(price, usage), price.source
         if usage is None:
             inp = out = cached = 0

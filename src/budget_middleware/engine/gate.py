@@ -23,7 +23,7 @@ from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import Credentials, Target, TargetResolver
 from budget_middleware.core.media import may_reference, media_references
 from budget_middleware.core.money import MAX_CHARGE_NANOS
-from budget_middleware.core.pricing import estimate_nanos, for_service_tier
+from budget_middleware.core.pricing import asked_prices, estimate_nanos
 from budget_middleware.core.routing import Route
 from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts
@@ -351,7 +351,7 @@ class Gate:
                 )
             else:
                 if target.service_tier is not None:  # at the prices of the tier asked for
-                    price = for_service_tier(price, target.service_tier)
+                    price = asked_prices(price, target.service_tier)
                 exchange.ticket_estimate = estimate_nanos(
                     price, prompt_tokens, self.most_output(target)
                 )
@@ -379,7 +379,7 @@ class Gate:
             exchange.ticket_estimate = MAX_CHARGE_NANOS
         else:
             prompt = exchange.prompt_tokens + each * references
-            asked = for_service_tier(price, target.service_tier)
+            asked = asked_prices(price, target.service_tier)
             most = estimate_nanos(asked, prompt, self.most_output(target))
             exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
 
