@@ -27,13 +27,15 @@ _TOKENS = (
     b"x-ratelimit-remaining-tokens",
     b"x-ratelimit-reset-tokens",
 )
+_BUDGET_LIMIT = b"x-budget-limit"
+_BUDGET_REMAINING = b"x-budget-remaining"
 
 
 # Every header an answer may get from us (SPEC §8, §12, §14), as bytes (ASGI) and text (WSGI).
 ROUTE_HEADER = b"x-budget-route"  # the route's target that answered (SPEC §12)
 SHADOW_HEADER = b"x-budget-shadow-refusal"  # what shadow mode would have refused (SPEC §14)
 ADDED_NAMES = frozenset(
-    {*_REQUESTS, *_TOKENS, b"x-budget-limit", b"x-budget-remaining", ROUTE_HEADER, SHADOW_HEADER}
+    {*_REQUESTS, *_TOKENS, _BUDGET_LIMIT, _BUDGET_REMAINING, ROUTE_HEADER, SHADOW_HEADER}
 )
 ADDED_TEXT_NAMES = frozenset(name.decode("latin-1") for name in ADDED_NAMES)
 
@@ -86,8 +88,8 @@ def add_limit_headers(out: list[tuple[bytes, bytes]], tight: Tightest, now: floa
         out += _window(_TOKENS, tokens, tokens_left, now)
     if budget is not None:
         out += (
-            (b"x-budget-limit", budget.limit_text),
-            (b"x-budget-remaining", usd_header(budget_left)),
+            (_BUDGET_LIMIT, budget.limit_text),
+            (_BUDGET_REMAINING, usd_header(budget_left)),
         )
 
 

@@ -9,7 +9,7 @@ from hashlib import sha256
 from typing import Any
 
 from budget_middleware.core.providers import canonical_provider
-from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept, served_tier
+from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept, tier_name
 
 # Path prefixes that name a provider (`/openai/v1/chat/completions`; `/Google/…` and the other
 # spellings `canonical_provider` knows too), by their one name.
@@ -191,7 +191,7 @@ class Target:
     # Choices the provider generates and bills (OpenAI's `n`, a completion's `best_of`):
     # the worst case is each of them at the output limit.
     choices: int
-    service_tier: str | None = None  # asked for in the body (`served_tier`): it may be priced apart
+    service_tier: str | None = None  # asked for in the body (`tier_name`): it may be priced apart
 
 
 class TargetResolver:
@@ -261,7 +261,7 @@ class TargetResolver:
                     if type(value) is int and value > choices:
                         choices = value
             if SERVICE_TIER_FIELD in sized:
-                tier = served_tier(data[SERVICE_TIER_FIELD])
+                tier = tier_name(data[SERVICE_TIER_FIELD])
         stream = data.get("stream") is True
         return Target(found[0], found[1], tags, stream, limit, choices, tier)
 

@@ -14,7 +14,7 @@ from budget_middleware.core.usage import (
     JSON_ERRORS,
     TokenUsage,
     json_loads,
-    served_tier,
+    tier_name,
     usage_from_mapping,
 )
 
@@ -410,7 +410,7 @@ class StreamMeter:
             return False
         found = usage_from_mapping(usage)
         if found is not None and "service_tier" in body:  # OpenAI's, on every chunk
-            found.service_tier = served_tier(body["service_tier"])
+            found.service_tier = tier_name(body["service_tier"])
         self._take(found)
         return self._drop and choices == []
 
@@ -445,7 +445,7 @@ class StreamMeter:
                 if isinstance(usage, dict):
                     found = usage_from_mapping(usage)
                     if found is not None:
-                        found.service_tier = served_tier(response.get("service_tier"))
+                        found.service_tier = tier_name(response.get("service_tier"))
                     self._take(found)
             if kind in ("response.completed", "response.incomplete"):
                 self.completed = True

@@ -239,7 +239,7 @@ def usage_from_json(body: bytes) -> TokenUsage | None:
         if tier is None and index > 0 and "input_tokens_details" in usage:
             tier = _tier_before(body, index)
         if tier is not None:
-            found.service_tier = served_tier(tier)
+            found.service_tier = tier_name(tier)
     return found
 
 
@@ -263,8 +263,9 @@ def _tier_before(body: bytes, index: int) -> object:
     return None
 
 
-def served_tier(value: object) -> str | None:
-    """An answer's `service_tier` as it is priced: a name (at most 32 characters), else None."""
+def tier_name(value: object) -> str | None:
+    """A `service_tier`, asked for or answered, as it is priced: a name (at most 32
+    characters), else None."""
     return value if type(value) is str and 0 < len(value) <= 32 else None
 
 
