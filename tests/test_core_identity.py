@@ -273,7 +273,7 @@ def test_a_key_s_own_tags_are_kept_whatever_a_client_adds() -> None:
     assert found.tags[:30] == tuple(f"a{n:02}" for n in range(30))  # then the client's, in order
 
 
-def test_stream_only_when_true_and_the_output_limit_a_non_negative_int() -> None:
+def test_stream_only_when_true_and_the_output_limit_a_non_negative_count() -> None:
     assert target({"stream": True}).stream is True
     assert target({"stream": 1}).stream is False
     assert target({"stream": "true"}).stream is False
@@ -281,9 +281,18 @@ def test_stream_only_when_true_and_the_output_limit_a_non_negative_int() -> None
     assert target({"max_tokens": 7}).max_output_tokens == 7
     assert target({"max_tokens": -1}).max_output_tokens is None
     assert target({"max_tokens": True}).max_output_tokens is None
-    assert target({"max_tokens": 7.0}).max_output_tokens is None
+    # As a lax reader (FastAPI's pydantic) reads it, rounded up: what the upstream then gets
+    assert target({"max_tokens": 7.0}).max_output_tokens == 7
+    assert target({"max_tokens": " 7 "}).max_output_tokens == 7
+    assert target({"max_tokens": "7.0"}).max_output_tokens == 7
+    assert target({"max_tokens": 6.5}).max_output_tokens == 7
+    assert target({"max_tokens": "seven"}).max_output_tokens is None
+    assert target({"max_tokens": float("inf")}).max_output_tokens is None
+    assert target({"max_tokens": "-7"}).max_output_tokens is None
     assert target({"max_output_tokens": 9}).max_output_tokens == 9
-    assert target({"max_completion_tokens": 5, "max_tokens": 7}).max_output_tokens == 5
+    # Several limits: the largest (upstreams differ in which one they obey)
+    assert target({"max_completion_tokens": 5, "max_tokens": 7}).max_output_tokens == 7
+    assert target({"max_completion_tokens": 7, "max_tokens": 5}).max_output_tokens == 7
     assert target({"max_completion_tokens": -5, "max_tokens": 7}).max_output_tokens == 7
 
 
@@ -294,8 +303,8 @@ def test_the_choices_billed_are_the_larger_of_n_and_best_of_at_least_one() -> No
     assert target({"n": 2, "best_of": 3}).choices == 3
     assert target({"n": 4, "best_of": 3}).choices == 4
     assert target({"n": 0}).choices == 1  # a provider refuses it: one at most is made
-    assert target({"n": "5"}).choices == 1 and target({"n": True}).choices == 1
-    assert target({"n": 5.0}).choices == 1
+    assert target({"n": True}).choices == 1 and target({"n": "x"}).choices == 1
+    assert target({"n": "5"}).choices == 5 and target({"n": 5.0}).choices == 5
 
 
 def test_an_inference_path_is_metered_with_slashes_after_it_and_nothing_else() -> None:

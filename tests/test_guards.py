@@ -488,23 +488,25 @@ def test_every_cut_of_a_stream_forwards_all_but_the_usage_chunk_byte_for_byte(eo
 @pytest.mark.parametrize(
     ("fields", "limit"),
     [
-        ({"max_completion_tokens": 7, "max_tokens": 100, "max_output_tokens": 50}, 7),
+        ({"max_completion_tokens": 7, "max_tokens": 100, "max_output_tokens": 50}, 100),
         ({"max_tokens": 100, "max_output_tokens": 50}, 100),
         ({"max_output_tokens": 50}, 50),
         ({"max_tokens": 0}, 0),  # a limit of no output is a limit
         ({"max_completion_tokens": -1, "max_tokens": 9}, 9),  # a negative one is no limit
         ({"max_tokens": None, "max_output_tokens": 3}, 3),
         ({"max_tokens": True}, None),  # JSON true is not a count
-        ({"max_tokens": 5.0}, None),
-        ({"max_tokens": "5"}, None),
+        ({"max_tokens": 5.0}, 5),  # as FastAPI's pydantic model reads it
+        ({"max_tokens": "5"}, 5),
+        ({"max_tokens": "five"}, None),
         ({}, None),
     ],
 )
-def test_the_output_limit_that_prices_a_reservation_is_the_first_valid_field(
+def test_the_output_limit_that_prices_a_reservation_is_the_largest_valid_field(
     fields: dict[str, Any], limit: int | None
 ) -> None:
-    """`max_completion_tokens`, then `max_tokens`, then `max_output_tokens`: the first that is a
-    count (a non-negative integer) bounds the output the reservation is priced for."""
+    """Of `max_completion_tokens`, `max_tokens` and `max_output_tokens`, the largest that is a
+    count (a non-negative number, or a string of one) bounds the output the reservation is
+    priced for: upstreams differ in which one they obey."""
     resolve = TargetResolver(lambda model: None)
     target = resolve({"model": "gpt-4o", **fields}, "/v1/chat/completions", Credentials(), ())
     assert target.max_output_tokens == limit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from hashlib import sha256
@@ -249,16 +250,16 @@ class TargetResolver:
         tier = None
         sized = _SIZE_FIELDS.intersection(data)  # in C: none, or an output limit, usually
         if sized:
+            # Of the output limits given, the largest: upstreams differ in which one they obey.
             for name in OUTPUT_LIMIT_FIELDS:
                 if name in sized:
-                    value = data[name]
-                    if type(value) is int and value >= 0:
+                    value = _count(data[name])
+                    if value is not None and (limit is None or value > limit):
                         limit = value
-                        break
             if not sized.isdisjoint(CHOICE_FIELDS):
                 for name in CHOICE_FIELDS:
-                    value = data.get(name)
-                    if type(value) is int and value > choices:
+                    value = _count(data.get(name))
+                    if value is not None and value > choices:
                         choices = value
             if SERVICE_TIER_FIELD in sized:
                 tier = tier_name(data[SERVICE_TIER_FIELD])
@@ -304,6 +305,28 @@ class TargetResolver:
 
 
 _NO_BODY: dict[str, Any] = {}
+
+
+def _count(value: object) -> int | None:
+    """A token or choice count as the host app may read it: FastAPI validates a request model
+    in pydantic's lax mode, where `"2000"` and `2000.0` are the integer 2000 the upstream then
+    gets. So a number or a string of one counts, rounded up; None for anything else (a bool,
+    below 0, not finite), which leaves the default."""
+    if type(value) is int:
+        return value if value >= 0 else None
+    if type(value) is str:
+        try:
+            value = int(value)  # "2000", " 2000 ", "2_000"
+        except ValueError:
+            try:
+                value = float(value)  # "2000.0"
+            except ValueError:
+                return None
+        if type(value) is int:
+            return value if value >= 0 else None
+    if type(value) is float and math.isfinite(value) and value >= 0:
+        return math.ceil(value)
+    return None
 
 
 def _keep_key_tags(tags: tuple[str, ...], key_tags: tuple[str, ...]) -> tuple[str, ...]:

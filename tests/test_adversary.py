@@ -1,0 +1,167 @@
+"""A client holding a valid key with a small budget, trying to be served more than it pays for:
+through a FastAPI app that reads the request with a pydantic model (lax, as FastAPI does) and
+forwards it to an upstream that answers with the usage OpenAI would for what it was asked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from openai.types.chat import ChatCompletion
+from pydantic import BaseModel
+
+from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware.engine.engine import get_engine
+from support import client, running
+
+Settings = Callable[..., BudgetSettings]
+
+DEFAULT_OUTPUT = 4096  # what the upstream generates for a request that sets no limit
+
+
+@pytest.fixture
+def pricing_file(tmp_path: Path) -> Path:
+    """gpt-4o at $1 per million output tokens and free input: 1,000 output tokens cost $0.001;
+    its `priority` tier is not in a pricing file (the catalog's gpt-5 is used for tiers)."""
+    path = tmp_path / "prices.json"
+    path.write_text(
+        json.dumps({"models": {"openai/gpt-4o": {"input_per_mtok": 0, "output_per_mtok": 1}}})
+    )
+    return path
+
+
+class ChatRequest(BaseModel):
+    """The request as the host app declares it: FastAPI validates it in pydantic's lax mode, so
+    `"max_tokens": "20000"`, `20000.0` and `"n": "3"` are the integers they spell."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int = 1
+    service_tier: str | None = None
+
+
+class Upstream:
+    """Answers as OpenAI would for what it is asked; holds every answer until `release`."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = 0
+        self.progress = asyncio.Event()  # a request arrived (or, set by the test, ended)
+        self.served_tokens = 0
+        self.served_tier = "default"
+
+    async def answer(self, request: ChatRequest) -> dict[str, Any]:
+        self.waiting += 1
+        self.progress.set()
+        await self.gate.wait()
+        # `max_tokens` first, as an app that translates for Anthropic (or an older server) does
+        each = request.max_tokens or request.max_completion_tokens or DEFAULT_OUTPUT
+        output = each * request.n
+        self.served_tokens += output
+        completion = ChatCompletion.model_validate(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": request.model,
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": "word " * min(each, 100)},
+                        "finish_reason": "length",
+                    }
+                    for i in range(request.n)
+                ],
+                "usage": {
+                    "prompt_tokens": 10,
+                    "completion_tokens": output,
+                    "total_tokens": 10 + output,
+                },
+                "service_tier": self.served_tier,
+            }
+        )
+        # As an app that returns the SDK's object: its fields in the SDK's order
+        return completion.model_dump(exclude_none=True)
+
+
+def lenient_app(settings: BudgetSettings, upstream: Upstream) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: ChatRequest) -> dict[str, Any]:
+        return await upstream.answer(request)
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    return app
+
+
+async def _spend(
+    app: FastAPI, upstream: Upstream, body: dict[str, Any], key: str, requests: int
+) -> tuple[int, int]:
+    """`requests` sent at once, the upstream holding them until each is admitted or refused:
+    (admitted, refused)."""
+    upstream.gate.clear()
+    async with client(app) as http:
+        tasks = [
+            asyncio.create_task(
+                http.post(
+                    "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}
+                )
+            )
+            for _ in range(requests)
+        ]
+        for task in tasks:
+            task.add_done_callback(lambda _: upstream.progress.set())
+        while upstream.waiting + sum(t.done() for t in tasks) < requests:
+            upstream.progress.clear()
+            await upstream.progress.wait()
+        upstream.gate.set()
+        answers = await asyncio.gather(*tasks)
+    admitted = sum(a.status_code == 200 for a in answers)
+    return admitted, requests - admitted
+
+
+@pytest.mark.parametrize(
+    "spelled",
+    [
+        {"max_tokens": "20000"},
+        {"max_tokens": 20000.0},
+        {"max_completion_tokens": "20000"},
+        {"max_tokens": 2000, "n": "10"},
+        {"max_tokens": 2000, "n": 10.0},
+        {"max_completion_tokens": 1, "max_tokens": 20000},
+    ],
+    ids=["str", "float", "completion-str", "n-str", "n-float", "both-limits"],
+)
+async def test_an_output_limit_the_app_reads_leniently_is_reserved_as_the_app_reads_it(
+    make_settings: Settings, pricing_file: Path, spelled: dict[str, Any]
+) -> None:
+    """A limit written as the app's pydantic model reads it ("20000", 20000.0, n "10") is the
+    limit the upstream gets: reserved as such, 30 requests at once stay within the budget plus
+    one request's own overrun."""
+    upstream = Upstream()
+    app = lenient_app(make_settings(pricing_file=pricing_file), upstream)
+    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
+    async with running(app):
+        limit = 0.02  # each request is served 20,000 tokens: $0.02
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": limit, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], **spelled}
+        admitted, refused = await _spend(app, upstream, body, key.value, 30)
+        spent = engine.registry.windows["budget"][key.budgets[0].id].value / 1e9
+        one = 20000 / 1e6  # one request's cost: its own overrun at most
+        print(
+            f"{spelled}: admitted {admitted}, refused {refused}, served {upstream.served_tokens}"
+            f" tokens, spent ${spent:.4f} of ${limit} (limit + one request: ${limit + one})"
+        )
+        assert spent <= limit + one
