@@ -165,3 +165,42 @@ async def test_an_output_limit_the_app_reads_leniently_is_reserved_as_the_app_re
             f" tokens, spent ${spent:.4f} of ${limit} (limit + one request: ${limit + one})"
         )
         assert spent <= limit + one
+
+
+@pytest.mark.parametrize(("asked", "served"), [("auto", "priority"), ("flex", "default")])
+async def test_a_chat_answer_re_serialized_by_the_sdk_is_charged_at_the_tier_it_says(
+    make_settings: Settings, asked: str, served: str
+) -> None:
+    """An app that returns the SDK's `ChatCompletion` writes `service_tier` before `usage`:
+    the answer still says which tier served it, and that tier's prices are charged (gpt-5 from
+    the catalog: flex $5, default $10, priority $20 per million output tokens; 100,000 of them
+    served)."""
+    upstream = Upstream()
+    upstream.served_tier = served
+    app = lenient_app(make_settings(), upstream)
+    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 100, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        body = {
+            "model": "gpt-5",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 100_000,
+            "service_tier": asked,
+        }
+        async with client(app) as http:
+            answer = await http.post(
+                "/v1/chat/completions", json=body, headers={"x-budget-key": key.value}
+            )
+        assert answer.status_code == 200
+        assert answer.text.index('"service_tier"') < answer.text.index('"usage"')
+        price = engine.prices.price("openai", "gpt-5")
+        assert price is not None
+        tiers = dict(price.service_tiers)
+        at = tiers.get(served, price)
+        expected = (10 * at.input_per_mtok + 100_000 * at.output_per_mtok) / 1e6
+        charged = engine.registry.windows["budget"][key.budgets[0].id].value / 1e9
+        print(f"asked {asked}, served {served}: charged ${charged:.4f}, at {served}: ${expected}")
+        assert charged == pytest.approx(expected)

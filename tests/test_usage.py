@@ -565,3 +565,20 @@ def test_a_gzip_body_in_several_members_is_decoded_whole_wherever_it_is_cut() ->
     assert cut_short.decode(gzip.compress(raw) + gzip.compress(b"more")[:8]) is None
     assert cut_short.error == "truncated gzip body"
     assert usage_from_json(raw) == TokenUsage(10, 50)
+
+
+def test_a_service_tier_before_the_usage_is_read_when_top_level_only() -> None:
+    """An SDK's answer written back (`completion.model_dump()`) has `service_tier` before
+    `usage`: read there; a client's `metadata` echoed with a `service_tier` of its own is not
+    the answer's tier."""
+    sdk_order = {k: v for k, v in CHAT_COMPLETION.items() if k != "usage"}
+    sdk_order["service_tier"] = "priority"
+    sdk_order["usage"] = CHAT_COMPLETION["usage"]
+    assert usage_from_json(body(sdk_order)) == TokenUsage(
+        1117, 10, 1024, 0, service_tier="priority"
+    )
+    echoed = {k: v for k, v in sdk_order.items() if k != "service_tier"}
+    echoed = {"metadata": {"service_tier": "flex"}, **echoed}
+    assert usage_from_json(body(echoed)) == TokenUsage(1117, 10, 1024, 0)
+    both = {"metadata": {"service_tier": "flex"}, **sdk_order}
+    assert usage_from_json(body(both)) == TokenUsage(1117, 10, 1024, 0, service_tier="priority")

@@ -377,7 +377,9 @@ class Exchange:
             )
         parts = self.json_parts
         if parts:
-            return usage_from_json(b"".join(parts))  # of one part, that part: no copy
+            price = self.price  # a tier written before the usage is looked for if it prices
+            tiered = price is not None and bool(price.service_tiers)
+            return usage_from_json(b"".join(parts), tiered)  # of one part, that part: no copy
         return None
 
     def _work_out(self, outcome: str) -> UsageRecord:
