@@ -103,6 +103,12 @@ def lenient_app(settings: BudgetSettings, upstream: Upstream) -> FastAPI:
     return app
 
 
+def spent(engine: Any, budget_id: str) -> int:
+    """A budget's live spend (nano-dollars), 0 before its first charge."""
+    counter = engine.registry.windows["budget"].get(budget_id)
+    return 0 if counter is None else int(counter.value)
+
+
 async def _spend(
     app: FastAPI, upstream: Upstream, body: dict[str, Any], key: str, requests: int
 ) -> tuple[int, int]:
@@ -204,3 +210,45 @@ async def test_a_chat_answer_re_serialized_by_the_sdk_is_charged_at_the_tier_it_
         charged = engine.registry.windows["budget"][key.budgets[0].id].value / 1e9
         print(f"asked {asked}, served {served}: charged ${charged:.4f}, at {served}: ${expected}")
         assert charged == pytest.approx(expected)
+
+
+async def test_a_provider_header_does_not_unprice_a_model_the_pricing_file_prices(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """A model only the pricing file knows (a fine-tune, under `openai/`), asked for by its bare
+    name with `x-budget-provider` naming some other provider (the header is ours: the app
+    serves the same model whatever it says), is still charged the file's price, not $0."""
+    from support import host_app
+
+    path = tmp_path / "prices.json"
+    model = "ft:gpt-4o:acme:1"
+    path.write_text(
+        json.dumps({"models": {f"openai/{model}": {"input_per_mtok": 0, "output_per_mtok": 10}}})
+    )
+    app = host_app(make_settings(pricing_file=path))
+    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        charged = []
+        async with client(app) as http:
+            for provider in (None, "acme-gateway"):
+                headers = {"x-budget-key": key.value}
+                if provider is not None:
+                    headers["x-budget-provider"] = provider
+                before = spent(engine, key.budgets[0].id)
+                answer = await http.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": model,
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 1000,
+                    },
+                    headers=headers,
+                )
+                assert answer.status_code == 200
+                charged.append((spent(engine, key.budgets[0].id) - before) / 1e9)
+        print(f"charged without the header ${charged[0]}, with x-budget-provider ${charged[1]}")
+        assert charged == [0.01, 0.01]

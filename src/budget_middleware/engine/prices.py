@@ -240,6 +240,11 @@ class PriceBook:
         if found is None:
             hit = _catalog_find(provider, model)
             found = _catalog_price(hit[1]) if hit is not None else None
+        if found is None and (maker := self._file_providers.get(model.lower())) is not None:
+            # As the catalog is searched when the provider named does not list the model: the
+            # file's price under another provider (a bare name's provider comes from a header
+            # the client sets, and the app serves the same model whatever it says).
+            found = self._file[f"{maker}/{model.lower()}"]
         if len(self._prices) >= _MAX_CACHED:
             self._prices.clear()
         self._prices[key] = found
