@@ -5,6 +5,7 @@ forwards it to an upstream that answers with the usage OpenAI would for what it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -252,3 +253,97 @@ async def test_a_provider_header_does_not_unprice_a_model_the_pricing_file_price
                 charged.append((spent(engine, key.budgets[0].id) - before) / 1e9)
         print(f"charged without the header ${charged[0]}, with x-budget-provider ${charged[1]}")
         assert charged == [0.01, 0.01]
+
+
+@pytest.mark.parametrize("redis", [False, True], ids=["memory", "redis"])
+async def test_hundreds_at_once_leaving_midway_are_each_charged_once_within_the_limit(
+    make_settings: Settings, pricing_file: Path, redis: bool
+) -> None:
+    """300 streams at once on a budget of about 50 of them: a third read to the end, a third
+    disconnect after a few chunks, a third are cancelled (the server drops the task). Every
+    admitted request leaves one record, the budget holds their sum, nothing stays reserved or
+    in flight, and spend stays within the limit plus one request's own overrun."""
+    import os
+
+    from sqlmodel import select
+
+    from budget_middleware.store.tables import UsageRecordRow
+    from support import host_app
+    from test_accounting import store_totals
+    from test_streaming import http_scope
+
+    if redis:
+        from conftest import need_redis
+
+        need_redis()
+    extra = {"redis_url": os.environ.get("BUDGET_TEST_REDIS_URL")} if redis else {}
+    app = host_app(make_settings(pricing_file=pricing_file, **extra))
+    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
+    async with running(app):
+        limit = 0.01  # $1 per million output tokens: 200 tokens at most, $0.0002 each
+        key = engine.manager.create_virtual_key(
+            name="k",
+            budgets=[{"max_limit": limit, "reset_duration": "1d"}],
+            rate_limit={"max_concurrent_requests": 1000},
+        )
+        await engine.invalidate()
+        body = json.dumps(
+            {
+                "model": "gpt-4o",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 200,
+                "stream": True,
+            }
+        ).encode()
+        headers = [(b"x-budget-key", key.value.encode()), (b"x-mock-delay-ms", b"2")]
+        statuses: list[int] = []
+
+        async def one(n: int) -> None:
+            delivered = False
+            gone = asyncio.Event()
+            chunks = 0
+
+            async def receive() -> dict[str, Any]:
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                nonlocal chunks
+                if message["type"] == "http.response.start":
+                    statuses.append(message["status"])
+                elif message["type"] == "http.response.body":
+                    if gone.is_set():
+                        raise OSError("client gone")  # as uvicorn's send does then
+                    chunks += 1
+                    if n % 3 == 1 and chunks == 5:
+                        gone.set()  # the client leaves
+                    if n % 3 == 2 and chunks == 5:  # the server cancels the request's task
+                        asyncio.get_running_loop().call_soon(task.cancel)
+
+            scope = http_scope("/v1/chat/completions", body, headers)
+            task = asyncio.current_task()
+            assert task is not None
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await app(scope, receive, send)
+
+        await asyncio.gather(*(asyncio.create_task(one(n)) for n in range(300)))
+        if not redis:
+            window = engine.registry.windows["budget"][key.budgets[0].id]
+            assert window.reserved == 0
+    # the lifespan's shutdown wrote everything to the store
+    with engine.store.session() as s:
+        rows = list(s.exec(select(UsageRecordRow)))
+    usage, charged, count = store_totals(engine, key.budgets[0].id)
+    admitted = statuses.count(200)
+    outcomes = {o: sum(r.outcome == o for r in rows) for o in sorted({r.outcome for r in rows})}
+    print(
+        f"admitted {admitted} of 300, records {count} {outcomes}, charged "
+        f"${charged / 1e9:.6f}, budget ${usage / 1e9:.6f} of ${limit}"
+    )
+    assert count == admitted
+    assert usage == charged
+    assert charged <= (limit + 0.0002) * 1e9
