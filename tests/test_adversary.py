@@ -347,3 +347,86 @@ async def test_hundreds_at_once_leaving_midway_are_each_charged_once_within_the_
     assert count == admitted
     assert usage == charged
     assert charged <= (limit + 0.0002) * 1e9
+
+
+class CompletionRequest(BaseModel):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = 16
+    n: int = 1
+
+
+def completions_app(settings: BudgetSettings, upstream: Upstream) -> FastAPI:
+    """A legacy `/v1/completions` server (OpenAI's, vLLM's): a list of prompts is a batch, one
+    completion (of `n`) for each prompt, every one billed; a list of integers is one prompt."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def complete(request: CompletionRequest) -> dict[str, Any]:
+        upstream.waiting += 1
+        upstream.progress.set()
+        await upstream.gate.wait()
+        prompt = request.prompt
+        batch = len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
+        choices = batch * request.n
+        output = choices * request.max_tokens
+        upstream.served_tokens += output
+        return {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "created": 0,
+            "model": request.model,
+            "choices": [
+                {"text": "word", "index": i, "logprobs": None, "finish_reason": "length"}
+                for i in range(choices)
+            ],
+            "usage": {"prompt_tokens": batch, "completion_tokens": output},
+        }
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("prompt", "batch"),
+    [(["hi"] * 20, 20), ([[1, 2]] * 20, 20), ([1, 2, 3], 1), ("hi", 1)],
+    ids=["strings", "token-lists", "tokens", "one"],
+)
+async def test_a_batch_of_prompts_is_reserved_for_a_completion_of_each(
+    make_settings: Settings, pricing_file: Path, prompt: Any, batch: int
+) -> None:
+    """A legacy completion's `prompt` list is a batch: a completion for each, billed. 30
+    requests at once of 20 prompts of 1,000 tokens ($0.02 each) on a $0.02 budget."""
+    upstream = Upstream()
+    app = completions_app(make_settings(pricing_file=pricing_file), upstream)
+    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
+    async with running(app):
+        limit = 0.02
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": limit, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        body = {"model": "gpt-4o", "prompt": prompt, "max_tokens": 1000}
+        upstream.gate.clear()
+        async with client(app) as http:
+            tasks = [
+                asyncio.create_task(
+                    http.post("/v1/completions", json=body, headers={"x-budget-key": key.value})
+                )
+                for _ in range(30)
+            ]
+            for task in tasks:
+                task.add_done_callback(lambda _: upstream.progress.set())
+            while upstream.waiting + sum(t.done() for t in tasks) < 30:
+                upstream.progress.clear()
+                await upstream.progress.wait()
+            upstream.gate.set()
+            answers = await asyncio.gather(*tasks)
+        admitted = sum(a.status_code == 200 for a in answers)
+        one = batch * 1000 / 1e6
+        total = spent(engine, key.budgets[0].id) / 1e9
+        print(
+            f"{batch} prompt(s) a request: admitted {admitted}, served {upstream.served_tokens}"
+            f" tokens, spent ${total:.4f} of ${limit} (limit + one request: ${limit + one})"
+        )
+        assert total <= limit + one

@@ -305,6 +305,12 @@ def test_the_choices_billed_are_the_larger_of_n_and_best_of_at_least_one() -> No
     assert target({"n": 0}).choices == 1  # a provider refuses it: one at most is made
     assert target({"n": True}).choices == 1 and target({"n": "x"}).choices == 1
     assert target({"n": "5"}).choices == 5 and target({"n": 5.0}).choices == 5
+    # A legacy completion's batch of prompts: each completed (n times) and billed
+    assert target({"prompt": ["a", "b", "c"], "n": 2}).choices == 6
+    assert target({"prompt": [[1, 2], [3]]}).choices == 2
+    assert target({"prompt": [1, 2, 3]}).choices == 1  # token ids: one prompt
+    assert target({"prompt": "abc"}).choices == 1 and target({"prompt": []}).choices == 1
+    assert target({"prompt": {"id": "pmpt_1"}}).choices == 1  # the Responses API's template
 
 
 def test_an_inference_path_is_metered_with_slashes_after_it_and_nothing_else() -> None:

@@ -41,10 +41,11 @@ POST = frozenset(map("".join, itertools.product(*zip("POST", "post", strict=True
 
 OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 CHOICE_FIELDS = ("n", "best_of")  # outputs generated (and billed) for one request
+PROMPT_FIELD = "prompt"  # a legacy completion's: a list of prompts is a batch, each completed
 # What prices a request beyond its model and size: its service tier (OpenAI's `priority`, `flex`).
 SERVICE_TIER_FIELD = "service_tier"
 # The fields that shape a request's worst-case cost, looked for at once.
-_SIZE_FIELDS = frozenset((*OUTPUT_LIMIT_FIELDS, *CHOICE_FIELDS, SERVICE_TIER_FIELD))
+_SIZE_FIELDS = frozenset((*OUTPUT_LIMIT_FIELDS, *CHOICE_FIELDS, SERVICE_TIER_FIELD, PROMPT_FIELD))
 
 
 @dataclass(slots=True)
@@ -189,8 +190,8 @@ class Target:
     tags: tuple[str, ...]
     stream: bool
     max_output_tokens: int | None  # a choice's, as the body limits it
-    # Choices the provider generates and bills (OpenAI's `n`, a completion's `best_of`):
-    # the worst case is each of them at the output limit.
+    # Choices the provider generates and bills (OpenAI's `n`, a completion's `best_of`, for
+    # each prompt of a batch): the worst case is each of them at the output limit.
     choices: int
     service_tier: str | None = None  # asked for in the body (`tier_name`): it may be priced apart
 
@@ -263,6 +264,8 @@ class TargetResolver:
                         choices = value
             if SERVICE_TIER_FIELD in sized:
                 tier = tier_name(data[SERVICE_TIER_FIELD])
+            if PROMPT_FIELD in sized:
+                choices *= _batch(data[PROMPT_FIELD])
         stream = data.get("stream") is True
         return Target(found[0], found[1], tags, stream, limit, choices, tier)
 
@@ -305,6 +308,14 @@ class TargetResolver:
 
 
 _NO_BODY: dict[str, Any] = {}
+
+
+def _batch(prompt: object) -> int:
+    """The prompts of a legacy completion's `prompt`: a list of texts (or of token lists) is a
+    batch, each prompt completed and billed apart; a list of token ids is one prompt."""
+    if type(prompt) is list and prompt and type(prompt[0]) is not int:
+        return len(prompt)
+    return 1
 
 
 def _count(value: object) -> int | None:
