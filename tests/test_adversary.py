@@ -430,3 +430,54 @@ async def test_a_batch_of_prompts_is_reserved_for_a_completion_of_each(
             f" tokens, spent ${total:.4f} of ${limit} (limit + one request: ${limit + one})"
         )
         assert total <= limit + one
+
+
+def cjk_app(settings: BudgetSettings) -> FastAPI:
+    """An OpenAI-compatible server that streams Chinese (a token a character, as tokenizers
+    have it) and sends no usage: some servers ignore `stream_options`."""
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: ChatRequest) -> StreamingResponse:
+        tokens = request.max_tokens or DEFAULT_OUTPUT
+
+        async def events() -> Any:
+            for _ in range(tokens // 4):
+                chunk = {"choices": [{"index": 0, "delta": {"content": "预算中间"}}]}
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    return app
+
+
+async def test_a_stream_without_usage_in_chinese_is_estimated_a_token_a_character(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """4,000 characters of Chinese, about 4,000 tokens, streamed without usage: the estimate
+    counts a character beyond ASCII as a token, not a quarter of one."""
+    app = cjk_app(make_settings(pricing_file=pricing_file))
+    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        body = {
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4000,
+            "stream": True,
+        }
+        async with client(app) as http:
+            answer = await http.post(
+                "/v1/chat/completions", json=body, headers={"x-budget-key": key.value}
+            )
+        served = answer.text.count("预算中间") * 4
+        charged = spent(engine, key.budgets[0].id)  # $1 per million output tokens
+        print(f"served {served} characters (tokens), charged {charged / 1000:.0f} tokens")
+        assert charged >= served * 1000

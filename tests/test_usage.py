@@ -582,3 +582,15 @@ def test_a_service_tier_before_the_usage_is_read_when_top_level_only() -> None:
     assert usage_from_json(body(echoed)) == TokenUsage(1117, 10, 1024, 0)
     both = {"metadata": {"service_tier": "flex"}, **sdk_order}
     assert usage_from_json(body(both)) == TokenUsage(1117, 10, 1024, 0, service_tier="priority")
+
+
+def test_text_beyond_ascii_is_estimated_a_token_a_character() -> None:
+    """Chinese, Japanese and emoji take a token or more a character: the estimate of an answer
+    without usage counts each as 4 characters (a token), ASCII as one (a quarter)."""
+    from budget_middleware.core.usage import text_size
+
+    assert text_size("hello") == 5 and text_size("") == 0
+    assert text_size("预算") == 8 and text_size("a预") == 5 and text_size("🙂") == 4
+    answer = {"choices": [{"message": {"role": "assistant", "content": "预算中间件"}}]}
+    assert answered_chars(json.dumps(answer, ensure_ascii=False).encode()) == 20
+    assert answered_chars(json.dumps(answer).encode()) == 20  # escaped as \\u: the same text

@@ -14,6 +14,7 @@ from budget_middleware.core.usage import (
     JSON_ERRORS,
     TokenUsage,
     json_loads,
+    text_size,
     tier_name,
     usage_from_mapping,
 )
@@ -250,10 +251,11 @@ class StreamMeter:
     Anthropic's `message_start` usage updated by `message_delta` (cumulative: each count keeps its
     highest value). Until `completed` it may be partial (Anthropic's output count only grows with
     `message_delta`): for a cut stream, estimate the output from `text_chars`, the generated
-    characters streamed; `text_at_usage` is how many had been streamed when `usage` was last
-    read (text after it is not in it). `gave_up`: an event over _MAX_PENDING bytes was skipped
-    unread (passed on as it came, not held); the stream is read again from its end, so a usage
-    chunk after it is read, and dropped. `gap_unread()`: and no usage was read after it, so what
+    characters streamed (as `usage.text_size` counts them: 4 a token); `text_at_usage` is how
+    many had been streamed when `usage` was last read (text after it is not in it). `gave_up`:
+    an event over _MAX_PENDING bytes was skipped unread (passed on as it came, not held); the
+    stream is read again from its end, so a usage chunk after it is read, and dropped.
+    `gap_unread()`: and no usage was read after it, so what
     it held may be in no count.
     """
 
@@ -532,18 +534,18 @@ def _object(data: str) -> dict[str, Any] | None:
 
 
 def _text_chars(obj: dict[str, Any], keys: tuple[str, ...]) -> int:
-    return sum(len(value) for key in keys if isinstance(value := obj.get(key), str))
+    return sum(text_size(value) for key in keys if isinstance(value := obj.get(key), str))
 
 
 def _choice_chars(choice: dict[str, Any]) -> int:
     """Generated characters in a chat chunk's choice, or a legacy completion's `text`."""
     text = choice.get("text")
-    total = len(text) if isinstance(text, str) else 0
+    total = text_size(text) if isinstance(text, str) else 0
     delta = choice.get("delta")
     if isinstance(delta, dict):
         for key, value in delta.items():  # usually one key: cheaper than a get() per field
             if key in _DELTA_TEXT and isinstance(value, str):
-                total += len(value)
+                total += text_size(value)
             elif key == "tool_calls" and isinstance(value, list):
                 for call in value:
                     function = call.get("function") if isinstance(call, dict) else None

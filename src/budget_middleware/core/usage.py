@@ -319,9 +319,18 @@ def answered_chars(body: bytes) -> int | None:
     return sum(_chars(document.get(key), 0) for key in _OUTPUT_KEYS)
 
 
+def text_size(text: str) -> int:
+    """Generated text's characters as an estimate counts them, 4 a token: a character beyond
+    ASCII (Chinese, Japanese, most emoji: a token or more each to a tokenizer) counts 4."""
+    size = len(text)
+    if text.isascii():  # the usual case: a flag CPython keeps
+        return size
+    return size + 3 * (size - len(text.encode("ascii", "ignore")))
+
+
 def _chars(value: Any, depth: int) -> int:
     if type(value) is str:
-        return len(value)
+        return text_size(value)
     if depth == _MAX_DEPTH:
         return 0
     if type(value) is list:
@@ -338,9 +347,9 @@ def _chars(value: Any, depth: int) -> int:
 def _json_chars(value: Any) -> int:
     """A tool call's input or arguments, which the model wrote as JSON: all of it counts."""
     if type(value) is str:
-        return len(value)
+        return text_size(value)
     try:
-        return len(json_bytes(value))
+        return text_size(json_bytes(value).decode())
     except TypeError:  # nested deeper than orjson writes
         return 0
 
