@@ -644,3 +644,72 @@ async def test_requests_continuing_a_stored_conversation_overrun_together(
         total = spent(engine, key.budgets[0].id) / 1e9
         print(f"admitted {admitted} of 30, spent ${total:.4f} of ${limit} (one request: $0.10)")
         assert total <= limit + 0.1 + 0.001
+
+
+async def test_a_call_out_for_a_caller_without_a_key_is_refused_when_keys_are_required(
+    make_settings: Settings,
+) -> None:
+    """BUDGET_REQUIRE_VIRTUAL_KEY=true: an app's own route that calls OpenAI through the
+    transport for its caller. A caller whose key's budget is spent was refused (402), and the
+    same caller sending no key at all was served, charged to nobody; now refused 401
+    `virtual_key_required` (SPEC §13: §5's checks), and a call made inside `charge_to` goes."""
+    import httpx2
+    import openai
+    from fastapi.responses import JSONResponse
+    from mock_upstream import create_mock_app
+
+    from budget_middleware import BudgetTransport, charge_to
+
+    settings = make_settings(require_virtual_key=True)
+    fake = create_mock_app("/v1")
+    calls = []
+
+    async def provider(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            calls.append(scope["path"])
+        await fake(scope, receive, send)
+
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.ASGITransport(provider), settings)
+        ),
+    )
+    app = FastAPI()
+
+    @app.post("/summarize")
+    async def summarize(body: dict[str, str]) -> Any:
+        try:
+            await sdk.chat.completions.create(
+                model="gpt-4o",
+                messages=[{"role": "user", "content": body["text"]}],
+                max_tokens=100,
+            )
+        except openai.APIStatusError as exc:
+            return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+        return {"summary": "done"}
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 0.000001, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        headers = {"x-budget-key": key.value}
+        first = await http.post("/summarize", json={"text": "hi"}, headers=headers)
+        spent_key = await http.post("/summarize", json={"text": "hi"}, headers=headers)
+        no_key = await http.post("/summarize", json={"text": "hi"})
+        jobs = engine.manager.create_virtual_key(name="jobs")
+        await engine.invalidate()
+        with charge_to(virtual_key_id=jobs.id):  # a job of the app's own, charged to a key
+            job = await sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+            )
+    statuses = (first.status_code, spent_key.status_code, no_key.status_code)
+    print(f"with the key, then its budget spent, then no key: {statuses}; provider calls {calls}")
+    assert statuses == (200, 402, 401)
+    assert "virtual key is required" in no_key.json()["detail"]
+    assert job.choices and len(calls) == 2

@@ -76,6 +76,11 @@ class _Meter:
         self.suffixes = s.inference_paths
         self.max_body = s.max_body_bytes
         self.fail_open = s.fail_open
+        self.require_key = s.require_virtual_key
+        self.key_required = (
+            "A virtual key is required: the request being served carries none (send it in the "
+            f"'{s.key_header}' header), and the call is not made inside charge_to(...)"
+        )
         self.read_headers = header_reader(s.key_header, s.key_prefix)
         self.hosts = HostTable(dict(s.provider_hosts))
 
@@ -150,6 +155,12 @@ class _Meter:
                 key = engine.last_known.get(key_digest(value))
             if key is None:
                 return store_unavailable(self.fail_open)
+        if key is None and shadowed is None and self.require_key:
+            # Nobody pays, and keys are required (SPEC §13: §5's checks): a caller could
+            # otherwise leave its key out to be served free of its limits.
+            if not self.shadow:
+                return engine.gate.refuse(401, "virtual_key_required", self.key_required)
+            shadowed = "virtual_key_required"
         host_provider = self.hosts.provider(request.url.host)
         credentials = Credentials(None, host_provider, tags, len(body), host_provider is not None)
         gate = engine.gate
