@@ -713,3 +713,47 @@ async def test_a_call_out_for_a_caller_without_a_key_is_refused_when_keys_are_re
     assert statuses == (200, 402, 401)
     assert "virtual key is required" in no_key.json()["detail"]
     assert job.choices and len(calls) == 2
+
+
+@pytest.mark.xfail(strict=True, reason="SPEC §5: model names match exactly or by glob")
+async def test_a_blocked_model_asked_for_by_its_dated_name_is_served(
+    make_settings: Settings,
+) -> None:
+    """`blocked_models: ["claude-opus-4-1"]` and a model config's budget on `gpt-4o`: the same
+    models asked for by their dated names (which the providers serve, and the catalog prices
+    the same) match neither."""
+    from support import host_app
+
+    app = host_app(make_settings())
+    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
+    async with running(app):
+        manager = engine.manager
+        key = manager.create_virtual_key(
+            name="k",
+            provider_configs=[
+                {"provider": "openai", "allowed_models": ["*"]},
+                {"provider": "anthropic", "blocked_models": ["claude-opus-4-1"]},
+            ],
+        )
+        manager.create_model_config(
+            model_name="gpt-4o", budgets=[{"max_limit": 0.0000001, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        asked = {}
+        async with client(app) as http:
+            for model in (
+                "anthropic/claude-opus-4-1",
+                "anthropic/claude-opus-4-1-20250805",
+                "openai/gpt-4o",
+                "openai/gpt-4o",
+                "openai/gpt-4o-2024-11-20",
+            ):
+                body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                answer = await http.post(
+                    "/v1/chat/completions", json={**body, "max_tokens": 10},
+                    headers={"x-budget-key": key.value},
+                )  # fmt: skip
+                asked.setdefault(model, []).append(answer.status_code)
+        print(f"status by model: {asked}")
+        assert asked["anthropic/claude-opus-4-1-20250805"] == [403]
+        assert asked["openai/gpt-4o-2024-11-20"] == [402]
