@@ -31,7 +31,14 @@ def pricing_file(tmp_path: Path) -> Path:
     its `priority` tier is not in a pricing file (the catalog's gpt-5 is used for tiers)."""
     path = tmp_path / "prices.json"
     path.write_text(
-        json.dumps({"models": {"openai/gpt-4o": {"input_per_mtok": 0, "output_per_mtok": 1}}})
+        json.dumps(
+            {
+                "models": {
+                    "openai/gpt-4o": {"input_per_mtok": 0, "output_per_mtok": 1},
+                    "anthropic/claude-sonnet-4-5": {"input_per_mtok": 0, "output_per_mtok": 1},
+                }
+            }
+        )
     )
     return path
 
@@ -757,3 +764,94 @@ async def test_a_blocked_model_asked_for_by_its_dated_name_is_served(
         print(f"status by model: {asked}")
         assert asked["anthropic/claude-opus-4-1-20250805"] == [403]
         assert asked["openai/gpt-4o-2024-11-20"] == [402]
+
+
+def sse_app(settings: BudgetSettings, events: list[str], path: str) -> FastAPI:
+    """An upstream that streams `events` (each an SSE event's text) for any request."""
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+
+    @app.post(path)
+    async def stream(body: dict[str, Any]) -> StreamingResponse:
+        async def out() -> Any:
+            for event in events:
+                yield event.encode()
+
+        return StreamingResponse(out(), media_type="text/event-stream")
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    return app
+
+
+def _openai_chunk(text: str | None, usage: dict[str, int] | None = None) -> str:
+    choices = [] if text is None else [{"index": 0, "delta": {"content": text}}]
+    return f"data: {json.dumps({'choices': choices, 'usage': usage})}\n\n"
+
+
+def _anthropic(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+
+STREAMS = {
+    # usage reported twice (a proxy that repeats the last chunk): counted once
+    "openai-usage-twice": (
+        "/v1/chat/completions",
+        [
+            _openai_chunk("word " * 100),
+            _openai_chunk(None, {"prompt_tokens": 10, "completion_tokens": 100}),
+            _openai_chunk(None, {"prompt_tokens": 10, "completion_tokens": 100}),
+            "data: [DONE]\n\n",
+        ],
+        100,
+    ),
+    # cut before its usage chunk: the text streamed, estimated
+    "openai-cut-before-usage": (
+        "/v1/chat/completions",
+        [_openai_chunk("word " * 100)],
+        125,  # estimated: 500 characters at 4 a token
+    ),
+    # message_delta counts that go down: the highest kept (they are cumulative)
+    "anthropic-delta-down": (
+        "/v1/messages",
+        [
+            _anthropic(
+                "message_start",
+                {
+                    "message": {
+                        "model": "claude-sonnet-4-5",
+                        "usage": {"input_tokens": 10, "output_tokens": 1},
+                    }
+                },
+            ),
+            _anthropic("content_block_delta", {"delta": {"type": "text_delta", "text": "hi"}}),
+            _anthropic("message_delta", {"usage": {"output_tokens": 500}}),
+            _anthropic("message_delta", {"usage": {"output_tokens": 3}}),
+            _anthropic("message_stop", {}),
+        ],
+        500,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(STREAMS))
+async def test_odd_streams_are_charged_what_they_served_once(
+    make_settings: Settings, pricing_file: Path, name: str
+) -> None:
+    path, events, output = STREAMS[name]
+    app = sse_app(make_settings(pricing_file=pricing_file), events, path)
+    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        model = "claude-sonnet-4-5" if path == "/v1/messages" else "gpt-4o"
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 1000, "stream": True}  # fmt: skip
+        async with client(app) as http:
+            answer = await http.post(path, json=body, headers={"x-budget-key": key.value})
+        charged = spent(engine, key.budgets[0].id) // 1000  # $1 per million output tokens
+        print(f"{name}: served {output} output tokens, charged {charged}")
+        assert answer.status_code == 200
+        assert charged == output
