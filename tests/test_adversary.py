@@ -939,3 +939,71 @@ async def test_a_token_limit_is_passed_by_requests_at_once(
         admitted, _ = await _spend(app, upstream, body, key.value, 30)
         print(f"admitted {admitted} of 30, {upstream.served_tokens} tokens served of 1,000")
         assert upstream.served_tokens <= 2000
+
+
+def _raw(text: str) -> bytes:
+    return text.encode()
+
+
+BODIES = {
+    "max_tokens twice": _raw(
+        '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],'
+        ' "max_tokens": 1, "max_tokens": 20000}'
+    ),
+    "escaped key": _raw(
+        '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],'
+        ' "\\u006dax_tokens": 20000}'
+    ),
+    "utf-8 bom": b"\xef\xbb\xbf"
+    + _raw(
+        '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20000}'
+    ),
+    "utf-16": '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],'
+    ' "max_tokens": 20000}'.encode("utf-16"),
+    "nan beside": _raw(
+        '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],'
+        ' "temperature": NaN, "max_tokens": 20000}'
+    ),
+    "model twice": _raw(
+        '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],'
+        ' "max_tokens": 20000, "model": "gpt-4o"}'
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+async def test_bodies_read_as_the_app_reads_them(
+    make_settings: Settings, pricing_file: Path, name: str
+) -> None:
+    """Bodies that a parser could read otherwise than FastAPI does (duplicate keys, a `\\u` key,
+    a BOM, UTF-16, NaN): reserved for the 20,000 tokens the app asks for, 30 at once on a $0.02
+    budget stay within it plus one request."""
+    upstream = Upstream()
+    app = lenient_app(make_settings(pricing_file=pricing_file), upstream)
+    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
+    async with running(app):
+        limit = 0.02
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": limit, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        upstream.gate.clear()
+        headers = {"x-budget-key": key.value, "content-type": "application/json"}
+        async with client(app) as http:
+            tasks = [
+                asyncio.create_task(
+                    http.post("/v1/chat/completions", content=BODIES[name], headers=headers)
+                )
+                for _ in range(30)
+            ]
+            for task in tasks:
+                task.add_done_callback(lambda _: upstream.progress.set())
+            while upstream.waiting + sum(t.done() for t in tasks) < 30:
+                upstream.progress.clear()
+                await upstream.progress.wait()
+            upstream.gate.set()
+            answers = await asyncio.gather(*tasks)
+        admitted = sum(a.status_code == 200 for a in answers)
+        total = spent(engine, key.budgets[0].id) / 1e9
+        print(f"{name}: admitted {admitted}, served {upstream.served_tokens}, spent ${total:.4f}")
+        assert admitted >= 1 and total <= limit + 0.02
