@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel
 
@@ -1007,3 +1007,58 @@ async def test_bodies_read_as_the_app_reads_them(
         total = spent(engine, key.budgets[0].id) / 1e9
         print(f"{name}: admitted {admitted}, served {upstream.served_tokens}, spent ${total:.4f}")
         assert admitted >= 1 and total <= limit + 0.02
+
+
+@pytest.mark.parametrize(
+    "spelled",
+    [{"max_tokens": "20000"}, {"max_tokens": 20000.0}, {"max_tokens": 2000, "n": "10"}],
+    ids=["str", "float", "n-str"],
+)
+async def test_a_body_forwarded_as_is_through_the_transport_is_reserved_as_the_upstream_reads_it(
+    make_settings: Settings, pricing_file: Path, spelled: dict[str, Any]
+) -> None:
+    """An app that forwards its caller's JSON as it came to the provider (raw httpx through
+    `BudgetTransport`), whose server reads it laxly: 30 at once on a $0.02 budget."""
+    import httpx2
+    from fastapi.responses import JSONResponse
+
+    from budget_middleware import BudgetTransport
+
+    settings = make_settings(pricing_file=pricing_file)
+    upstream = Upstream()
+    provider = FastAPI()
+
+    @provider.post("/v1/chat/completions")
+    async def serve(request: ChatRequest) -> dict[str, Any]:
+        return await upstream.answer(request)
+
+    http_out = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.ASGITransport(provider), settings)
+    )
+    app = FastAPI()
+
+    @app.post("/proxy")
+    async def proxy(request: Request) -> Any:
+        sent = await http_out.post(
+            "https://api.openai.com/v1/chat/completions",
+            content=await request.body(),
+            headers={"content-type": "application/json"},
+        )
+        return JSONResponse(sent.json(), status_code=sent.status_code)
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    async with running(app):
+        limit = 0.02
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": limit, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], **spelled}
+        admitted, _ = await _spend(app, upstream, body, key.value, 30, "/proxy")
+        total = spent(engine, key.budgets[0].id) / 1e9
+        print(
+            f"{spelled}: admitted {admitted}, served {upstream.served_tokens} tokens, "
+            f"spent ${total:.4f} of ${limit}"
+        )
+        assert total <= limit + 0.02
