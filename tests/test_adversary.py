@@ -439,6 +439,30 @@ async def test_a_batch_of_prompts_is_reserved_for_a_completion_of_each(
         assert total <= limit + one
 
 
+async def asgi_post(app: Any, path: str, body: bytes, key: str) -> int:
+    """A POST to `path` exactly as written (an HTTP client would remove its dot segments, as
+    curl does without `--path-as-is`): the answer's status."""
+    from test_streaming import http_scope
+
+    status = 0
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            await asyncio.Event().wait()  # no disconnect
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(http_scope(path, body, [(b"x-budget-key", key.encode())]), receive, send)
+    return status
+
+
 def cjk_app(settings: BudgetSettings) -> FastAPI:
     """An OpenAI-compatible server that streams Chinese (a token a character, as tokenizers
     have it) and sends no usage: some servers ignore `stream_options`."""
@@ -1062,3 +1086,59 @@ async def test_a_body_forwarded_as_is_through_the_transport_is_reserved_as_the_u
             f"spent ${total:.4f} of ${limit}"
         )
         assert total <= limit + 0.02
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/chat/completions",
+        "/v1/chat/completions/",
+        "//v1/chat/completions",
+        "/v1/chat/completions/.",
+        "/v1/chat/completions/x/..",
+        "/v1/chat/completions/./",
+    ],
+)
+async def test_a_path_a_proxy_forwards_to_an_inference_path_is_metered(
+    make_settings: Settings, pricing_file: Path, path: str
+) -> None:
+    """A catch-all proxy that forwards any path to the provider with httpx, which removes dot
+    segments as RFC 3986 says (`/v1/chat/completions/.` reaches the provider as
+    `/v1/chat/completions`; curl sends it so with `--path-as-is`): every spelling is charged."""
+    import httpx2
+    from fastapi.responses import Response
+
+    upstream = Upstream()
+    provider = FastAPI()
+
+    @provider.post("/v1/chat/completions")
+    async def serve(request: ChatRequest) -> dict[str, Any]:
+        return await upstream.answer(request)
+
+    forward = httpx2.AsyncClient(transport=httpx2.ASGITransport(provider))
+    app = FastAPI()
+
+    @app.post("/{rest:path}")
+    async def proxy(rest: str, request: Request) -> Any:
+        sent = await forward.post(
+            f"https://api.openai.com{request.url.path}",
+            content=await request.body(),
+            headers={"content-type": "application/json"},
+        )
+        kind = sent.headers.get("content-type", "application/json")
+        return Response(sent.content, status_code=sent.status_code, media_type=kind)
+
+    settings = make_settings(pricing_file=pricing_file)
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 1000}  # fmt: skip
+        status = await asgi_post(app, path, json.dumps(body).encode(), key.value)
+        charged = spent(engine, key.budgets[0].id) / 1e9
+        print(f"{path}: {status}, served {upstream.served_tokens}, charged ${charged}")
+        assert charged == upstream.served_tokens / 1e6

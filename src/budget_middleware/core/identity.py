@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import posixpath
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from hashlib import sha256
@@ -377,8 +378,19 @@ def is_inference_path(path: str, suffixes: tuple[str, ...]) -> bool:
     """Whether a POST to `path` is metered: it ends with an inference path, slashes after it
     or not (Flask with `strict_slashes=False`, Django's slashed URLs and a catch-all route
     serve `/v1/chat/completions/` and `//` too: unmetered, they were a way around every
-    limit). The usual path is told by one `str.endswith`."""
-    return path.endswith(suffixes) or (path[-1:] == "/" and path.rstrip("/").endswith(suffixes))
+    limit), dot segments removed (a catch-all proxy's httpx sends `/v1/chat/completions/.`
+    on as `/v1/chat/completions`). The usual path is told by one `str.endswith`."""
+    return path.endswith(suffixes) or (
+        (path[-1:] == "/" or "/." in path) and plain_path(path).endswith(suffixes)
+    )
+
+
+def plain_path(path: str) -> str:
+    """`path` as a URL library sends it on (RFC 3986's dot segments removed) and without
+    slashes after it: what `is_inference_path` compares."""
+    if "/." in path:
+        path = posixpath.normpath(path)  # `.` and `x/..` segments; `//` in it collapsed
+    return path.rstrip("/")
 
 
 def route_path(scope: MutableMapping[str, Any]) -> str:

@@ -20,7 +20,7 @@ from budget_middleware.answers import (
     unpriced_message,
 )
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
-from budget_middleware.core.identity import Credentials, Target, TargetResolver
+from budget_middleware.core.identity import Credentials, Target, TargetResolver, plain_path
 from budget_middleware.core.media import may_reference, media_references
 from budget_middleware.core.money import MAX_CHARGE_NANOS
 from budget_middleware.core.pricing import asked_prices, estimate_nanos
@@ -188,8 +188,8 @@ class Gate:
         takes the lock the decision is made under)."""
         engine = self.engine
         now = engine.clock()
-        if path[-1:] == "/":  # `/v1/chat/completions/`: read as the path without its slash
-            path = path.rstrip("/")
+        if path[-1:] == "/" or "/." in path:  # `/v1/chat/completions/`, `.../.`: as metered
+            path = plain_path(path)
         if key is not None:
             refused: tuple[str, str] | None = None
             if not key.is_active:
