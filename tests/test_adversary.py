@@ -1142,3 +1142,34 @@ async def test_a_path_a_proxy_forwards_to_an_inference_path_is_metered(
         charged = spent(engine, key.budgets[0].id) / 1e9
         print(f"{path}: {status}, served {upstream.served_tokens}, charged ${charged}")
         assert charged == upstream.served_tokens / 1e6
+
+
+@pytest.mark.parametrize("how", ["gzip", "chunked", "gzip-chunked"])
+async def test_a_body_over_the_cap_is_refused_however_it_is_sent(
+    make_settings: Settings, how: str
+) -> None:
+    """1 MB of prompt against BUDGET_MAX_BODY_BYTES=100,000: gzipped (1 KB on the wire, a
+    bomb to an app that inflates it), chunked with no length, or both: 413 before the app."""
+    import gzip
+
+    upstream = Upstream()
+    app = lenient_app(make_settings(max_body_bytes=100_000), upstream)
+    body = json.dumps(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 1_000_000}]}
+    ).encode()
+    headers = {"content-type": "application/json"}
+    if how.startswith("gzip"):
+        body = gzip.compress(body)
+        headers["content-encoding"] = "gzip"
+    content: Any = body
+    if how.endswith("chunked"):
+
+        async def chunks() -> Any:
+            for i in range(0, len(body), 10_000):
+                yield body[i : i + 10_000]
+
+        content = chunks()
+    async with running(app), client(app) as http:
+        answer = await http.post("/v1/chat/completions", content=content, headers=headers)
+    print(f"{how}: {len(body)} bytes sent, {answer.status_code}, app called {upstream.waiting}")
+    assert answer.status_code == 413 and upstream.waiting == 0
