@@ -834,3 +834,23 @@ async def test_a_tier_named_inside_an_echoed_tool_schema_is_not_the_answer_s(
     print(f"served at priority, a tool's schema says flex: charged {row.cost_nanos} n$")
     print(f"  (priority {tier_price('priority')} n$, flex {tier_price('flex')} n$)")
     assert row.cost_nanos == tier_price("priority")
+
+
+async def test_a_tier_found_past_many_echoed_schemas_that_name_one(
+    make_settings: Settings,
+) -> None:
+    """The search for the answer's `service_tier` before the usage tries a few keys from the
+    end, as the usage's does, and then reads the whole answer, as the usage's does: a client's
+    tool schemas (echoed after the tier, before the usage) naming `service_tier` at least as
+    many times left it unread (before: served at priority, asking nothing, charged the standard
+    prices, half of what OpenAI bills)."""
+    answer = tier_answer("responses-json", "priority")
+    assert isinstance(answer, dict)
+    schema = {"type": "object", "properties": {"service_tier": {"type": "string"}}}
+    answer["tools"] = [
+        {"type": "function", "name": f"pick{i}", "parameters": schema} for i in range(4)
+    ]
+    row = await charged_for(make_settings, "/v1/responses", "openai/gpt-5", answer)
+    print(f"served at priority, 4 tool schemas name service_tier: charged {row.cost_nanos} n$")
+    print(f"  (priority {tier_price('priority')} n$, standard {tier_price(None)} n$)")
+    assert row.cost_nanos == tier_price("priority")

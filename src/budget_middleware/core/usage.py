@@ -252,18 +252,26 @@ _TIER_KEY: Final = b'"service_tier"'
 def _tier_before(body: bytes, end: int) -> object:
     """The top-level `service_tier` written before the usage key at `end`, found as the usage
     is: `{` + the body from the key on parses only when the key is a top-level one (a nested
-    one, such as a client's own `metadata` echoed back, leaves an extra closing bracket)."""
+    one, such as a client's tool schema echoed back, leaves an extra closing bracket). Past
+    _CANDIDATES keys that are not, the whole body is read, as for the usage: a client's schemas
+    could otherwise hide the answer's tier."""
     at = body.rfind(_TIER_KEY, 0, end)
     for _ in range(_CANDIDATES):
         if at < 0:
-            break
+            return None
         if body[at - 1] != 0x5C or _unescaped(body, at):
             try:
                 return json_loads(b"{" + body[at:]).get("service_tier")
             except JSON_ERRORS:
                 pass
         at = body.rfind(_TIER_KEY, 0, at)
-    return None
+    if at < 0:
+        return None
+    try:
+        document = json_loads(body)
+    except JSON_ERRORS:  # a huge answer's kept tail: not the whole of it
+        return None
+    return document.get("service_tier") if type(document) is dict else None
 
 
 def tier_name(value: object) -> str | None:
