@@ -1097,6 +1097,7 @@ async def test_a_body_forwarded_as_is_through_the_transport_is_reserved_as_the_u
         "/v1/chat/completions/.",
         "/v1/chat/completions/x/..",
         "/v1/chat/completions/./",
+        "/v1/chat/completions//..",  # `..` removes the empty segment, not `completions`
     ],
 )
 async def test_a_path_a_proxy_forwards_to_an_inference_path_is_metered(

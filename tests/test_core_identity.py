@@ -324,6 +324,8 @@ def test_an_inference_path_is_metered_with_slashes_after_it_and_nothing_else() -
     assert is_inference_path("/v1/chat/completions/x/..", paths)
     assert is_inference_path("/v1/chat/completions/./", paths)
     assert not is_inference_path("/v1/chat/completions/..", paths)
+    assert is_inference_path("/v1/chat/completions//..", paths)  # httpx sends .../completions
+    assert not is_inference_path("/..", paths) and not is_inference_path("/./", paths)
     assert not is_inference_path("/.well-known/x", paths)
     assert not is_inference_path("/v1/chat", paths) and not is_inference_path("/", paths)
     assert not is_inference_path("", paths) and not is_inference_path("/v1/chat/completions", ())

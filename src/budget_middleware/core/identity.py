@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import posixpath
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from hashlib import sha256
@@ -386,10 +385,18 @@ def is_inference_path(path: str, suffixes: tuple[str, ...]) -> bool:
 
 
 def plain_path(path: str) -> str:
-    """`path` as a URL library sends it on (RFC 3986's dot segments removed) and without
-    slashes after it: what `is_inference_path` compares."""
+    """`path` as a URL library sends it on (RFC 3986's dot segments removed, as httpx, urllib3
+    and yarl remove them) and without slashes after it: what `is_inference_path` compares. An
+    empty segment is one too: `/v1/chat/completions//..` is sent as `/v1/chat/completions`."""
     if "/." in path:
-        path = posixpath.normpath(path)  # `.` and `x/..` segments; `//` in it collapsed
+        kept: list[str] = []
+        for segment in path.split("/"):
+            if segment == "..":
+                if len(kept) > 1:  # never above the root
+                    kept.pop()
+            elif segment != ".":
+                kept.append(segment)
+        path = "/".join(kept)
     return path.rstrip("/")
 
 
