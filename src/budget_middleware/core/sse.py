@@ -255,8 +255,7 @@ class StreamMeter:
     many had been streamed when `usage` was last read (text after it is not in it). `gave_up`:
     an event over _MAX_PENDING bytes was skipped unread (passed on as it came, not held); the
     stream is read again from its end, so a usage chunk after it is read, and dropped.
-    `gap_unread()`: and no usage was read after it, so what
-    it held may be in no count.
+    `gap_unread()`: and no usage was read after it, so what it held may be in no count.
     """
 
     __slots__ = (
