@@ -581,3 +581,22 @@ def test_of_several_candidates_the_first_admitted_wins_after_the_refusals_before
     assert [r.code for r in none.refusals] == ["budget_exceeded", "request_limit_exceeded"]
     nothing = admission.admit_first([], True, T0, ledger)
     assert (nothing.index, nothing.ticket, nothing.refusals) == (-1, None, [])
+
+
+def test_a_rate_window_s_reset_header_rounds_up_as_retry_after_does() -> None:
+    """`x-ratelimit-reset-*` in whole seconds, rounded up: a window ending in 0.4 s said `0s`
+    (a client that waited it was refused), one 1.6 s away `2s` either way, one a minute away
+    `60s`; an hour's, admitted 0.6 s in, `3600s` (it said `3599s` on a loaded machine)."""
+    from budget_middleware.headers import add_limit_headers
+
+    registry = CounterRegistry()
+    key = rate_scope(registry, "alice", requests=5, duration="1m")
+    told = {}
+    for before_end in (60.0, 59.4, 1.6, 0.4, 0.0005):
+        ticket = admit((key,), 0, True, T0 + 60 - before_end, registry.ledger)
+        assert isinstance(ticket, Ticket) and ticket.tightest is not None
+        out: list[tuple[bytes, bytes]] = []
+        add_limit_headers(out, ticket.tightest, T0 + 60 - before_end)
+        told[before_end] = dict(out)[b"x-ratelimit-reset-requests"].decode()
+    print("reset header by seconds left:", told)
+    assert told == {60.0: "60s", 59.4: "60s", 1.6: "2s", 0.4: "1s", 0.0005: "1s"}

@@ -96,15 +96,16 @@ def add_limit_headers(out: list[tuple[bytes, bytes]], tight: Tightest, now: floa
 def _window(
     names: tuple[bytes, bytes, bytes], window: WindowCounter, left: int, now: float
 ) -> tuple[tuple[bytes, bytes], ...]:
-    """A rate window's three headers: its limit, what is left, the seconds until it resets
-    ("%.0f" rounds half to even; a window already over resets in 0s, compared rather than
-    max()ed, which costs as much as the formatting)."""
+    """A rate window's three headers: its limit, what is left, the whole seconds until it
+    resets, rounded up as `Retry-After` is (a client that waits them finds the window ended;
+    one already over resets in 0s, compared rather than max()ed, which costs as much as the
+    formatting)."""
     limit_name, left_name, reset_name = names
     seconds = window.end - now
     if seconds == FAR_FUTURE:
         reset = b"never"
     elif seconds > 0:
-        reset = b"%.0fs" % seconds
+        reset = b"%ds" % -(-seconds // 1)  # ceil, without a call
     else:
         reset = b"0s"
     return (
