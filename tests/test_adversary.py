@@ -622,13 +622,12 @@ def responses_app(settings: BudgetSettings, context_tokens: int) -> FastAPI:
     return app
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC silent on background responses: not changed")
 async def test_a_background_response_is_charged_what_it_makes(
     make_settings: Settings, pricing_file: Path
 ) -> None:
-    """`background: true` answers at once, queued and without usage (charged the estimate of
-    its prompt), and the response made meanwhile (100,000 output tokens) is fetched by a GET,
-    which is not metered."""
+    """`background: true` answers at once, queued and without usage, and the response made
+    meanwhile (100,000 output tokens) is fetched by a GET, which is not metered: it was charged
+    its prompt's estimate ($0.00), and is charged its most output now."""
     app = responses_app(make_settings(pricing_file=pricing_file), 0)
     engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
     async with running(app):

@@ -45,7 +45,12 @@ PROMPT_FIELD = "prompt"  # a legacy completion's: a list of prompts is a batch, 
 # What prices a request beyond its model and size: its service tier (OpenAI's `priority`, `flex`).
 SERVICE_TIER_FIELD = "service_tier"
 # The fields that shape a request's worst-case cost, looked for at once.
-_SIZE_FIELDS = frozenset((*OUTPUT_LIMIT_FIELDS, *CHOICE_FIELDS, SERVICE_TIER_FIELD, PROMPT_FIELD))
+# The Responses API's `background: true`: answered at once, queued and without usage; the result
+# (and its usage) is fetched by a GET, which is no inference path.
+BACKGROUND_FIELD = "background"
+_SIZE_FIELDS = frozenset(
+    (*OUTPUT_LIMIT_FIELDS, *CHOICE_FIELDS, SERVICE_TIER_FIELD, PROMPT_FIELD, BACKGROUND_FIELD)
+)
 
 
 @dataclass(slots=True)
@@ -194,6 +199,7 @@ class Target:
     # each prompt of a batch): the worst case is each of them at the output limit.
     choices: int
     service_tier: str | None = None  # asked for in the body (`tier_name`): it may be priced apart
+    background: bool = False  # made apart from its answer (`BACKGROUND_FIELD`)
 
 
 class TargetResolver:
@@ -266,6 +272,9 @@ class TargetResolver:
                 tier = tier_name(data[SERVICE_TIER_FIELD])
             if PROMPT_FIELD in sized:
                 choices *= _batch(data[PROMPT_FIELD])
+            if BACKGROUND_FIELD in sized and data[BACKGROUND_FIELD] is True:
+                stream = data.get("stream") is True
+                return Target(found[0], found[1], tags, stream, limit, choices, tier, True)
         stream = data.get("stream") is True
         return Target(found[0], found[1], tags, stream, limit, choices, tier)
 
@@ -286,6 +295,7 @@ class TargetResolver:
             target.max_output_tokens,
             target.choices,
             target.service_tier,
+            target.background,
         )
 
     def _route(self, raw_model: str, header: str | None, route_path: str) -> tuple[str, str]:

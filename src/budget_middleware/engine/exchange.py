@@ -416,6 +416,11 @@ class Exchange:
                         # the body, which the client's HTTP library cuts it to) or corrupt. Its
                         # usage may be in what is missing: unreadable, as a bad coding is.
                         note = "a JSON body cut short or corrupt"
+                if note is None and self.target.background:
+                    # Made apart from this answer (queued, or a stream left): its result and
+                    # usage are fetched by a GET, which is not metered. The most it may cost.
+                    note = "a background response, its usage not in this answer"
+                    seen = 0
                 if note is not None and (not seen or (stream is not None and stream.gave_up)):
                     # Nothing of the answer could be read (a coding we cannot decode, a corrupt
                     # body): the most it could have cost, as its reservation counted it.
