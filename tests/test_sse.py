@@ -636,11 +636,16 @@ def test_without_dropping_finish_forwards_nothing_more() -> None:
 
 @pytest.mark.parametrize("drop", [False, True])
 def test_an_event_of_exactly_16_mib_is_still_read_past(drop: bool) -> None:
-    meter = StreamMeter(drop_usage_chunk=drop)
-    big = b"data: " + b"x" * (16 * 1024 * 1024 - 6)
-    meter.feed(big)
-    meter.feed(b"\n\n" + USAGE_ONLY)
-    assert meter.usage == TokenUsage(3, 4)
+    """16 MiB held is the most: such an event is read whole; a byte more, and it is skipped
+    unread (the stream read again after it)."""
+    gave_up = []
+    for size in (16 * 1024 * 1024, 16 * 1024 * 1024 + 1):
+        meter = StreamMeter(drop_usage_chunk=drop)
+        meter.feed(b"data: " + b"x" * (size - 6))
+        meter.feed(b"\n\n" + USAGE_ONLY)
+        assert meter.usage == TokenUsage(3, 4)
+        gave_up.append(meter.gave_up)
+    assert gave_up == [False, True]
 
 
 def test_named_events_that_carry_no_usage_are_never_read_as_chunks() -> None:
@@ -733,3 +738,22 @@ def test_anthropic_counts_a_message_delta_nulls_or_nests_are_merged_never_lowere
     assert usage is not None
     assert (usage.input_tokens, usage.cached_tokens, usage.output_tokens) == (3310, 300, 50)
     assert usage.cache_write_1h_tokens == 2000  # grown in the nested object: taken
+
+
+def test_a_stream_s_service_tier_is_read_with_its_usage() -> None:
+    """The tier a stream says it was served at: an OpenAI chunk's `service_tier` (on every
+    chunk, read with the usage), `response.completed`'s; none said, none read."""
+    chat_usage = json.loads(CHAT_USAGE)
+    served = {"id": "c", "choices": [], "usage": chat_usage, "service_tier": "priority"}
+    said = meter_all(render([["data: " + json.dumps(served)], ["data: [DONE]"]]), drop=False)
+    unsaid = meter_all(render(openai_chat(["hi"])), drop=False)
+    blocks = responses(["hi"])
+    done = {**RESPONSE_BASE, "status": "completed", "usage": RESPONSE_USAGE}
+    blocks[-1] = typed("response.completed", {"response": {**done, "service_tier": "flex"}})
+    completed = meter_all(render(blocks), drop=False)
+    tiers = [run.meter.usage.service_tier if run.meter.usage else "?" for run in (said, unsaid)]
+    tiers.append(completed.meter.usage.service_tier if completed.meter.usage else "?")
+    print("tiers read:", tiers)
+    assert tiers == ["priority", None, "flex"]
+    plain = meter_all(render(responses(["hi"])), drop=False).meter.usage
+    assert plain is not None and plain.service_tier is None
