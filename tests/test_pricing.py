@@ -410,6 +410,9 @@ def test_amounts_are_shown_in_dollars_to_four_decimals_and_in_headers_exactly() 
     assert usd_header(1_234_567) == b"0.001234567"
     assert usd_header(1) == b"0.000000001"
     assert usd_header(10**15 + 1) == b"1000000.000000001"  # no float: exact at any size
+    # A negative amount keeps its sign on the magnitude (divmod alone floors: -1.998500).
+    assert usd_header(-1_500_000) == b"-0.001500"
+    assert usd_header(-1) == b"-0.000000001"
 
 
 def test_negative_cache_counts_are_no_tokens_at_any_rate() -> None:
