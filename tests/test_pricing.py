@@ -453,3 +453,12 @@ def test_each_kind_with_a_rate_of_its_own_adds_only_what_it_holds() -> None:
     spoken = cost_nanos(price, TokenUsage(**tokens, output_audio_tokens=10))
     assert spoken == base + 10 * (80_000 - 15_000)
     print(f"base {base}, 2 searches {searched}, input audio {heard}, output audio {spoken} n$")
+
+
+def test_web_searches_cost_nothing_on_a_model_without_a_search_price() -> None:
+    """A model without `web_search_per_k` charges no search, however many: a million searches
+    add not even a nano-dollar to 1,000 input tokens at $3/Mtok."""
+    price = ModelPrice(3.0, 15.0)
+    cost = cost_nanos(price, TokenUsage(input_tokens=1000, web_searches=1_000_000))
+    print(f"1,000 input tokens and 1,000,000 unpriced searches: {cost} n$")
+    assert cost == 1000 * 3000
