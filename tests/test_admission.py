@@ -574,11 +574,13 @@ def test_of_several_candidates_the_first_admitted_wins_after_the_refusals_before
     assert later.index == 2
     assert isinstance(later.ticket, Ticket) and later.ticket.limits is open_
     assert [r.code for r in later.refusals] == ["budget_exceeded", "request_limit_exceeded"]
+    assert later.tried == [0, 1]  # each refusal with the candidate it came from
     assert team.budgets[0].reserved == 30  # both tickets hold their reservation
 
     none = admission.admit_first([(spent, 10), (closed, 10)], True, T0, ledger)
     assert (none.index, none.ticket) == (-1, None)
     assert [r.code for r in none.refusals] == ["budget_exceeded", "request_limit_exceeded"]
+    assert none.tried == [0, 1]
     nothing = admission.admit_first([], True, T0, ledger)
     assert (nothing.index, nothing.ticket, nothing.refusals) == (-1, None, [])
 
@@ -600,3 +602,20 @@ def test_a_rate_window_s_reset_header_rounds_up_as_retry_after_does() -> None:
         told[before_end] = dict(out)[b"x-ratelimit-reset-requests"].decode()
     print("reset header by seconds left:", told)
     assert told == {60.0: "60s", 59.4: "60s", 1.6: "2s", 0.4: "1s", 0.0005: "1s"}
+
+
+def test_most_remaining_admits_the_candidate_whose_tightest_budget_has_the_most_left() -> None:
+    """most_remaining tries the candidates from the most room down: of $1 with $0.90 spent, $1
+    with $0.20 spent and a spent $1, the second is admitted first-hand (nothing tried before
+    it); the spent one, ranked last, is never tried."""
+    registry = CounterRegistry()
+    low = LimitSet((budget_scope(registry, "low", 1.0, used=9 * USD // 10),))
+    roomy = LimitSet((budget_scope(registry, "roomy", 1.0, used=2 * USD // 10),))
+    spent = LimitSet((budget_scope(registry, "spent", 1.0, used=USD),))
+    candidates = [(low, 10), (spent, 10), (roomy, 10)]
+    first = admission.admit_first(candidates, True, T0, registry.ledger, most_remaining=True)
+    print(f"most_remaining admitted candidate {first.index}, tried {first.tried} before it")
+    assert (first.index, first.tried, first.refusals) == (2, [], [])
+    assert isinstance(first.ticket, Ticket) and first.ticket.limits is roomy
+    ordered = admission.admit_first(candidates, True, T0, registry.ledger)
+    assert (ordered.index, ordered.tried) == (0, [])
