@@ -112,6 +112,21 @@ def test_provider_tags_and_length_headers() -> None:
     assert read(headers(x_budget_tags="")).tags == ()
 
 
+def test_the_body_coding_and_the_answer_codings_asked_for_are_read() -> None:
+    """content-encoding names the body's coding (None for identity); an accept-encoding naming
+    a coding whose answer cannot be read (br) is narrowed to the readable ones, the usual
+    `gzip, deflate` and one naming only readable codings go as sent (None)."""
+    assert read(headers(content_encoding=" GZip ")).content_encoding == "gzip"
+    assert read(headers(content_encoding="identity")).content_encoding is None
+    narrowed = read(headers(accept_encoding="br, gzip;q=0.8")).accept_encoding
+    print(f"accept-encoding 'br, gzip;q=0.8' goes on as {narrowed!r}")
+    assert narrowed == "gzip;q=0.8"
+    assert read(headers(accept_encoding="zstd")).accept_encoding == "identity"
+    assert read(headers(accept_encoding="gzip, deflate")).accept_encoding is None
+    assert read(headers(accept_encoding="gzip")).accept_encoding is None
+    assert read(headers()).accept_encoding is None
+
+
 def test_header_tags_are_cut_cleaned_and_at_most_32() -> None:
     many = ",".join(f"t{n}" for n in range(40))
     tags = read(headers(x_budget_tags=many)).tags
@@ -311,6 +326,14 @@ def test_the_choices_billed_are_the_larger_of_n_and_best_of_at_least_one() -> No
     assert target({"prompt": [1, 2, 3]}).choices == 1  # token ids: one prompt
     assert target({"prompt": "abc"}).choices == 1 and target({"prompt": []}).choices == 1
     assert target({"prompt": {"id": "pmpt_1"}}).choices == 1  # the Responses API's template
+
+
+def test_the_service_tier_asked_for_is_a_name_of_at_most_32_characters() -> None:
+    assert target({"service_tier": "priority"}).service_tier == "priority"
+    assert target({"service_tier": "flex", "max_tokens": 7}).service_tier == "flex"
+    assert target({"service_tier": 1}).service_tier is None
+    assert target({"service_tier": "x" * 33}).service_tier is None
+    assert target({"max_tokens": 7}).service_tier is None
 
 
 def test_an_inference_path_is_metered_with_slashes_after_it_and_nothing_else() -> None:
