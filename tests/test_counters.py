@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cachetools import LRUCache
@@ -499,6 +499,12 @@ def test_the_backend_is_told_of_a_reset_elsewhere_before_the_window_moves(
         window(engine.registry, "budget", "d", now=T0 + 10 * MINUTE)
         window(engine.registry, "budget", "d", anchor=T0 + 20 * MINUTE, now=T0 + 30 * MINUTE)
         assert told == [("d", T0 + 20 * MINUTE)]
+        # The same reset learnt from Redis's mark (`move_to`); new terms elsewhere are not one.
+        moved = window(engine.registry, "budget", "e", now=T0 + 10 * MINUTE)
+        moved.move_to(T0 + 25 * MINUTE, T0 + 30 * MINUTE, ledger)
+        carried = window(engine.registry, "budget", "f", now=T0 + 10 * MINUTE)
+        carried.move_to(T0 + 25 * MINUTE, T0 + 30 * MINUTE, ledger, carried=True)
+        assert told == [("d", T0 + 20 * MINUTE), ("e", T0 + 25 * MINUTE)]
     finally:
         ledger.before_reset_elsewhere = None
 
@@ -761,10 +767,12 @@ def test_only_counters_whose_window_has_ended_are_rolled() -> None:
     daily = window(registry, "request", "d", duration="1d")
     hourly.add(3, ledger)
     daily.add(4, ledger)
-    ensure_current([hourly, daily], T0 + HOUR, ledger)
+    idle = window(registry, "request", "idle", duration="1h")  # nothing charged in its window
+    ensure_current([hourly, daily, idle], T0 + HOUR, ledger)
     assert (hourly.start, hourly.value) == (T0 + HOUR, 0)
     assert (daily.start, daily.value) == (T0, 4)
-    assert ledger.sealed == [("request", "h", T0, 3)]
+    assert idle.start == T0 + HOUR
+    assert ledger.sealed == [("request", "h", T0, 3)]  # an idle window ends with nothing to write
 
 
 def test_a_new_counter_starts_empty_with_no_limit_and_no_window() -> None:
@@ -793,6 +801,47 @@ def test_reloading_unchanged_limits_leaves_the_window_and_its_usage_alone() -> N
     assert again is counter
     assert (counter.start, counter.value, counter.pending) == (T0, 5, 5)
     assert registry.ledger.sealed == []  # the window rolls when it is next used, not on a reload
+
+
+def test_the_backend_is_told_of_each_charge_the_store_confirmed() -> None:
+    """`Ledger.after_confirmed` (Redis's backend: what a seed read before may have missed)."""
+    ledger = CounterRegistry().ledger
+    told: list[tuple[str, str, float, int]] = []
+    ledger.after_confirmed = lambda *charge: told.append(charge)
+    ledger.taken("budget", "b", T0, 5)
+    ledger.confirmed("budget", "b", T0, 5)
+    ledger.confirmed("token", "t", T0, 2)
+    assert told == [("budget", "b", T0, 5), ("token", "t", T0, 2)]
+
+
+def test_what_an_engine_leaves_to_others_no_longer_counts_beside_the_store() -> None:
+    """An engine that stops with flushes unconfirmed (spilled to disk, anyone's to write) counts
+    them no more: a seed then reads the store's 10 nano-dollars alone, not 15."""
+    registry = CounterRegistry()
+    ledger = registry.ledger
+    counter = window(registry, "budget", "b")
+    ledger.taken("budget", "b", T0, 5)
+    counter.seed(10, T0, ledger)
+    assert counter.value == 15
+    ledger.left_to_others()
+    counter.seed(10, T0, ledger)
+    print(f"seeded after leaving the unconfirmed 5 to others: {counter.value} n$")
+    assert counter.value == 10
+
+
+@pytest.mark.parametrize("back", [0.0, 5.0])
+def test_a_reset_on_a_clock_at_or_before_the_window_s_start_starts_a_microsecond_after(
+    back: float,
+) -> None:
+    """A clock stepped back (NTP) to the window's start, or 5 s before it: the new window
+    starts a microsecond after the current one's start (to the microsecond, as stored), and
+    reset returns that moment."""
+    registry = CounterRegistry()
+    counter = window(registry, "budget", "b", now=T0 + 10 * MINUTE)
+    started = counter.reset(T0 - back, registry.ledger)
+    print(f"reset at start - {back} s: the new window starts at {at(started)}")
+    assert at(started) == at(T0) + timedelta(microseconds=1)
+    assert (counter.start, counter.anchor, counter.value) == (started, started, 0)
 
 
 def test_confirming_nothing_that_was_never_taken_leaves_nothing() -> None:
