@@ -598,3 +598,69 @@ def test_text_beyond_ascii_is_estimated_a_token_a_character() -> None:
     answer = {"choices": [{"message": {"role": "assistant", "content": "预算中间件"}}]}
     assert answered_chars(json.dumps(answer, ensure_ascii=False).encode()) == 20
     assert answered_chars(json.dumps(answer).encode()) == 20  # escaped as \\u: the same text
+
+
+def test_two_usages_together_add_every_count_and_keep_the_tier_told() -> None:
+    """`plus` (a tool loop's turns streamed as one answer): every count adds up, the tier input
+    is the larger turn's, the service tier the later one's unless it does not say."""
+    first = TokenUsage(
+        input_tokens=300,
+        output_tokens=10,
+        cached_tokens=20,
+        cache_write_tokens=30,
+        cache_write_1h_tokens=5,
+        input_audio_tokens=3,
+        output_audio_tokens=2,
+        web_searches=1,
+        service_tier="priority",
+    )
+    second = TokenUsage(
+        input_tokens=200,
+        output_tokens=20,
+        cached_tokens=40,
+        cache_write_tokens=50,
+        cost=0.25,
+        cache_write_1h_tokens=7,
+        input_audio_tokens=4,
+        output_audio_tokens=6,
+        web_searches=2,
+    )
+    both = first.plus(second)
+    print(f"two turns together: {both}")
+    assert both == TokenUsage(
+        input_tokens=500,
+        output_tokens=30,
+        cached_tokens=60,
+        cache_write_tokens=80,
+        cost=0.25,
+        cache_write_1h_tokens=12,
+        input_audio_tokens=7,
+        output_audio_tokens=8,
+        web_searches=3,
+        tier_input_tokens=300,
+        service_tier="priority",
+    )
+    assert second.plus(first).tier_input_tokens == 300  # the larger turn's, either way round
+
+
+def test_a_usage_of_completion_tokens_alone_or_input_audio_alone_is_read() -> None:
+    assert usage_from_mapping({"completion_tokens": 5}) == TokenUsage(0, 5)
+    heard = usage_from_mapping(
+        {
+            "prompt_tokens": 100,
+            "completion_tokens": 5,
+            "prompt_tokens_details": {"audio_tokens": 40},
+        }
+    )
+    assert heard is not None
+    assert (heard.input_audio_tokens, heard.output_audio_tokens) == (40, 0)
+
+
+@pytest.mark.parametrize(
+    ("told", "kept"), [("p", "p"), ("x" * 32, "x" * 32), ("x" * 33, None), ("", None)]
+)
+def test_the_service_tier_of_an_answer_is_a_name_of_1_to_32_characters(
+    told: str, kept: str | None
+) -> None:
+    document = {"usage": {"prompt_tokens": 3, "completion_tokens": 1}, "service_tier": told}
+    assert usage_from_json(json.dumps(document).encode()) == TokenUsage(3, 1, service_tier=kept)
