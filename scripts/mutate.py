@@ -224,9 +224,27 @@ SKIPS: tuple[Skip, ...] = (
     ),
     Skip(
         "core/identity.py",
-        "if type(value) is int and value > choices:",
+        "if value is not None and value > choices:",
         "value > choices -> value >= choices",
         "at value == choices the assignment gives choices the value it has",
+    ),
+    Skip(
+        "core/identity.py",
+        "if value is not None and (limit is None or value > limit):",
+        "value > limit -> value >= limit",
+        "at value == limit the assignment gives the limit the value it has",
+    ),
+    Skip(
+        "core/identity.py",
+        "if len(kept) > 1:  # never above the root",
+        "len(kept) > 1 -> len(kept) >= 1",
+        "plain_path: popping the root's empty segment leaves the same empty path",
+    ),
+    Skip(
+        "core/identity.py",
+        "if len(kept) > 1:  # never above the root",
+        "1 -> 0",
+        "plain_path: popping the root's empty segment leaves the same empty path",
     ),
     Skip(
         "core/admission.py",
@@ -328,7 +346,7 @@ SKIPS: tuple[Skip, ...] = (
     ),
     Skip(
         "core/identity.py",
-        'first = route_path.lstrip("/").split("/", 1)[0]',
+        'first = canonical_provider(route_path.lstrip("/").split("/", 1)[0])',
         "1 -> 2",
         "only the first part is read: one split more leaves it as it is",
     ),

@@ -350,6 +350,7 @@ def test_an_inference_path_is_metered_with_slashes_after_it_and_nothing_else() -
     assert is_inference_path("/v1/chat/completions//..", paths)  # httpx sends .../completions
     assert not is_inference_path("/..", paths) and not is_inference_path("/./", paths)
     assert not is_inference_path("/.well-known/x", paths)
+    assert not is_inference_path("/embeddings/..", paths)  # up to the root, not the path
     assert not is_inference_path("/v1/chat", paths) and not is_inference_path("/", paths)
     assert not is_inference_path("", paths) and not is_inference_path("/v1/chat/completions", ())
 
@@ -412,3 +413,21 @@ def test_a_host_s_provider_wins_and_keeps_the_model_whole() -> None:
     unknown_host = Credentials(provider=None, provider_is_host=True)
     found = resolve({"model": "mistral/large"}, "/v1/chat/completions", unknown_host, ())
     assert (found.provider, found.model) == ("mistral", "large")  # §4's rules
+
+
+def test_a_background_request_and_the_edges_of_a_lenient_count() -> None:
+    """`background: true` (the Responses API's, answered queued) is told, a stream with it or
+    not; anything else is not one. A count of 0 written as text or a float is a limit of 0; a
+    batch of one prompt is one."""
+    assert target({}).background is False
+    assert target({"background": False}).background is False
+    assert target({"background": "true"}).background is False
+    queued = target({"background": True, "max_output_tokens": 9, "n": 2, "service_tier": "flex"})
+    assert (queued.background, queued.stream, queued.max_output_tokens) == (True, False, 9)
+    assert (queued.choices, queued.service_tier) == (2, "flex")
+    streamed = target({"background": True, "stream": True, "model": "openai/gpt-4o"})
+    assert (streamed.background, streamed.stream) == (True, True)
+    assert (streamed.provider, streamed.model) == ("openai", "gpt-4o")
+    assert target({"max_tokens": "0"}).max_output_tokens == 0
+    assert target({"max_tokens": 0.0}).max_output_tokens == 0
+    assert target({"prompt": ["a"]}).choices == 1 and target({"prompt": [[1]]}).choices == 1
