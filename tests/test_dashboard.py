@@ -623,6 +623,8 @@ def test_a_cause_every_call_fails_for_is_told_once(bare: Served) -> None:
             page.fill("#admin-key", ADMIN_KEY)
             page.click("#login-form button[type=submit]")
             expect(page.locator("#app")).to_be_visible()
+            # The first load over (a refresh asked for while one runs is not made again)
+            page.wait_for_function("() => document.body.dataset.loaded !== undefined")
             page.route(bare.admin + "/**", store_away)
             page.click("#refresh")
             shown = page.locator("#app-error")
