@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -580,18 +581,19 @@ def test_a_url_that_is_not_one_is_named(here: Here) -> None:
     ]
 
 
-@pytest.fixture
-def other_json_service() -> Iterator[str]:
-    """A server that answers every call with a JSON object that is not the admin API's."""
+@contextmanager
+def _answering(status: int, content_type: str, body: bytes) -> Iterator[str]:
+    """A server that answers every call the same: `status`, `content_type`, `body`; its URL."""
     import http.server
     import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
             self.end_headers()
-            self.wfile.write(b'{"status": "ok"}')
+            self.wfile.write(body)
 
         do_GET = do_POST = do_PUT = do_DELETE = _answer
 
@@ -606,6 +608,13 @@ def other_json_service() -> Iterator[str]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def other_json_service() -> Iterator[str]:
+    """A server that answers every call with a JSON object that is not the admin API's."""
+    with _answering(200, "application/json", b'{"status": "ok"}') as url:
+        yield url
 
 
 def test_an_answer_that_is_not_the_admin_apis_is_named(other_json_service: str, here: Here) -> None:
@@ -624,36 +633,13 @@ def test_an_answer_that_is_not_the_admin_apis_is_named(other_json_service: str, 
 @pytest.fixture
 def html_error_service() -> Iterator[str]:
     """A proxy in front of an admin API that is down: every call a 502 HTML page."""
-    import http.server
-    import threading
-
     page = (
         b"<html>\r\n<head><title>502 Bad Gateway &amp; more</title></head>\r\n<body>\r\n"
         b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
         b"</body>\r\n</html>\r\n"
     )
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            self.send_response(502)
-            self.send_header("content-type", "text/html")
-            self.send_header("content-length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        do_GET = do_POST = do_PUT = do_DELETE = _answer
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/api"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with _answering(502, "text/html", page) as url:
+        yield url
 
 
 def test_an_html_error_page_is_named_by_its_title_on_one_line(
