@@ -8,9 +8,8 @@ from typing import NamedTuple
 
 
 class UsageRecord(NamedTuple):
-    """What one metered request leaves (SPEC §7), as the request path builds it (by position:
-    see `Exchange._record`); the flusher writes it as a row of `bm_usage_records` (its `cost`
-    in USD derived there)."""
+    """What one metered request leaves (SPEC §7), as the request path builds it (by keyword);
+    the flusher writes it as a row of `bm_usage_records` (its `cost` in USD derived there)."""
 
     request_id: str  # "" on the request path: the flush names it after its batch
     created_at: float  # epoch seconds

@@ -470,29 +470,28 @@ class Exchange:
         note: str | None,
     ) -> UsageRecord:
         caller = self.caller
-        # By position, in the order of its fields: a call naming 21 keywords costs ~1.2 µs more.
         return UsageRecord(
-            "",  # request_id: named when flushed, after its batch
-            self.admitted_at,  # created_at
-            caller.virtual_key_id,
-            caller.team_id,
-            caller.customer_id,
-            caller.provider,
-            caller.model,
-            caller.tags,
-            input_tokens,
-            output_tokens,
-            cached_tokens,
-            cost,  # cost_nanos
-            source,  # cost_source
-            self.status,
-            self.stream is not None,  # streamed
-            outcome,
-            estimated,
-            note if note is None or len(note) <= _MAX_NOTE else note[:_MAX_NOTE],
-            (perf_counter() - self.started) * 1000,  # duration_ms
-            self.direction,
-            self.would_refuse,
+            request_id="",  # named when flushed, after its batch
+            created_at=self.admitted_at,
+            virtual_key_id=caller.virtual_key_id,
+            team_id=caller.team_id,
+            customer_id=caller.customer_id,
+            provider=caller.provider,
+            model=caller.model,
+            tags=caller.tags,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_tokens=cached_tokens,
+            cost_nanos=cost,
+            cost_source=source,
+            status=self.status,
+            streamed=self.stream is not None,
+            outcome=outcome,
+            estimated=estimated,
+            note=note if note is None or len(note) <= _MAX_NOTE else note[:_MAX_NOTE],
+            duration_ms=(perf_counter() - self.started) * 1000,
+            direction=self.direction,
+            would_refuse=self.would_refuse,
         )
 
     async def settle(self, outcome: str) -> None:
