@@ -119,7 +119,7 @@ def header_reader(
                 size = int(length)
             except ValueError:
                 size = None
-        credentials = Credentials(key or None, content_length=size)
+        credentials = Credentials(key or None, None, (), size)  # by position: ~0.25 µs less
         if not _SELDOM_SENT.isdisjoint(found):  # one C call: the usual request sends none
             _read_seldom_sent(credentials, get)
         accept = get(b"accept-encoding")

@@ -196,7 +196,11 @@ class Exchange:
         if self.response_complete and not self.settled:
             # The answer's last chunk has gone: settled now, not when the app returns (Starlette
             # runs its background tasks after the answer, in the app's call: no slot held then).
-            await self.settle("completed")
+            # In process without a coroutine of its own (`settle` would make one).
+            if self.engine.in_process:
+                self.settle_now("completed")
+            else:
+                await self.settle_shared("completed")
 
     async def read_file(self, path: str) -> None:
         """The answer as a file the server sends itself (`http.response.pathsend`: Starlette's
