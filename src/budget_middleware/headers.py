@@ -8,6 +8,7 @@ local counters see it now (`tightest_now`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from math import ceil
 from operator import itemgetter
 from typing import TypeVar
 
@@ -99,13 +100,13 @@ def _window(
     """A rate window's three headers: its limit, what is left, the whole seconds until it
     resets, rounded up as `Retry-After` is (a client that waits them finds the window ended;
     one already over resets in 0s, compared rather than max()ed, which costs as much as the
-    formatting)."""
+    formatting). `ceil` makes the seconds an int: `%d` formats a float ~3x slower."""
     limit_name, left_name, reset_name = names
     seconds = window.end - now
     if seconds == FAR_FUTURE:
         reset = b"never"
     elif seconds > 0:
-        reset = b"%ds" % -(-seconds // 1)  # ceil, without a call
+        reset = b"%ds" % ceil(seconds)
     else:
         reset = b"0s"
     return (
