@@ -120,19 +120,23 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     if price.tiers:
         price = in_force(price, usage.tier_input_tokens or usage.input_tokens)
     rates = price._rates
-    read = usage.cached_tokens
-    if read < 0:  # conditionals, not max(): this runs on every request
-        read = 0
-    write = usage.cache_write_tokens
-    if write < 0:
-        write = 0
     out = usage.output_tokens
-    if out < 0:
+    if out < 0:  # conditionals, not max(): this runs on every request
         out = 0
-    plain = usage.input_tokens - read - write
+    femto = out * rates[1]
+    plain = usage.input_tokens
+    read = usage.cached_tokens
+    write = usage.cache_write_tokens
+    if read or write:  # cache reads and writes (most answers have none): priced apart
+        if read < 0:
+            read = 0
+        if write < 0:
+            write = 0
+        plain -= read + write
+        femto += read * rates[2] + write * rates[3]
     if plain < 0:
         plain = 0
-    femto = plain * rates[0] + read * rates[2] + write * rates[3] + out * rates[1]
+    femto += plain * rates[0]
     if (
         usage.cache_write_1h_tokens
         or usage.input_audio_tokens
