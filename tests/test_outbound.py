@@ -1798,3 +1798,31 @@ def test_a_sync_stream_left_by_break_holds_its_slot_until_the_collector_runs(
         on_loop(engine, engine.shutdown)
     print(f"slot held: dropped {held}, after gc.collect() {after_collection}, closed {closed}")
     assert (held, after_collection, closed) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("library", [httpx, httpx2])
+def test_a_request_header_is_read_from_its_raw_list_as_httpx_reads_it(library: Any) -> None:
+    """The transport reads `content-encoding` and `accept-encoding` from the raw headers, their
+    names lowered once: absent, once in any case, or repeated (joined by ", " as httpx's
+    `headers.get` joins them), the value it finds is httpx's own."""
+    from budget_middleware.outbound.transport import _header, _names
+
+    lists = [
+        [("Host", "api.openai.com"), ("Accept-Encoding", "gzip, deflate")],
+        [("content-encoding", "gzip"), ("ACCEPT-ENCODING", "br")],
+        [("Accept-Encoding", "gzip"), ("x-other", "1"), ("accept-encoding", "zstd")],
+        [("Content-Encoding", "gzip"), ("content-encoding", "deflate"), ("Content-Encoding", "")],
+    ]
+    found = []
+    for headers in lists:
+        request = library.Request("POST", "https://api.openai.com/v1/x", headers=headers)
+        raw = request.headers.raw
+        names = _names(raw)
+        for name in ("content-encoding", "accept-encoding"):
+            value = _header(raw, names, name.encode())
+            assert value == request.headers.get(name), (headers, name)
+            found.append(value)
+    print(found)
+    assert found == [
+        None, "gzip, deflate", "gzip", "br", None, "gzip, zstd", "gzip, deflate, ", None
+    ]  # fmt: skip
