@@ -465,20 +465,20 @@ class _Metered:
     """The body on its way to the SDK, each chunk measured as it passes, settled once: when it
     ends or is closed (the async and sync streams below differ only in how they wait). An
     iterator of its own, not a generator: an async generator costs asyncio's bookkeeping of
-    async generators (~50 bytecodes a call)."""
-
-    done = False  # its last chunk passed
-    settled = False
-    failed = False  # the provider's body failed midway (a read timeout, a cut)
-    # Its read was stopped midway by the caller (a cancellation): the body's iterator is gone,
-    # the rest cannot be read.
-    cut = False
-    chunks: Any = None  # the body's iterator, once the SDK began to read it
+    async generators (~50 bytecodes a call). Its state is set on each one, not left to class
+    defaults: an attribute read through the instance from its class is ~2.4x slower."""
 
     def __init__(self, response: Any, exchange: Exchange, meter: _Meter) -> None:
         self.stream = response.stream  # the transport's: read through, closed through
         self.exchange = exchange
         self.meter = meter
+        self.done = False  # its last chunk passed
+        self.settled = False
+        self.failed = False  # the provider's body failed midway (a read timeout, a cut)
+        # Its read was stopped midway by the caller (a cancellation): the body's iterator is
+        # gone, the rest cannot be read.
+        self.cut = False
+        self.chunks: Any = None  # the body's iterator, once the SDK began to read it
 
     def _to_drain(self) -> bool:
         """Closed before its end: a JSON answer (no stream) is read to its end here, from where
@@ -557,7 +557,8 @@ class _AsyncMetered(_Metered):
                     self._last()
             await self.stream.aclose()
         finally:
-            await self._settle()
+            if not self.settled:  # at its end already, as a rule: no coroutine made
+                await self._settle()
 
     async def _settle(self) -> None:
         outcome = self._settling()
