@@ -1480,12 +1480,15 @@ key = engine.manager.create_virtual_key(
 )
 URL = "https://api.openai.com/v1/chat/completions"
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+# By its id (admitted on the engine's loop), or by its value (a cached key: the sync calls are
+# admitted in their own threads, under the lock every step of the loop holds).
+PAYER = {"virtual_key_id": key.id} if sys.argv[2] == "id" else {"virtual_key": key.value}
 sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider), settings))
-with charge_to(virtual_key_id=key.id):
+with charge_to(**PAYER):
     sync.post(URL, json=BODY)  # the engine starts on the background loop
 
 def sync_calls():
-    with charge_to(virtual_key_id=key.id):
+    with charge_to(**PAYER):
         for _ in range(150):
             sync.post(URL, json=BODY)
 
@@ -1493,7 +1496,7 @@ def async_calls():  # a view calling the async SDK through `asyncio.run`
     async def job():
         transport = BudgetTransport(httpx2.MockTransport(provider), settings)
         client = httpx2.AsyncClient(transport=transport)
-        with charge_to(virtual_key_id=key.id):
+        with charge_to(**PAYER):
             for _ in range(150):
                 await client.post(URL, json=BODY)
     asyncio.run(job())
@@ -1508,11 +1511,16 @@ print(json.dumps({"most_in_flight": most[0], "held_after": slots.in_flight}))
 """
 
 
-def test_async_calls_on_a_loop_of_their_own_share_the_engine_s_admission(tmp_path: Path) -> None:
+@pytest.mark.parametrize("paid_by", ["id", "value"])
+def test_async_calls_on_a_loop_of_their_own_share_the_engine_s_admission(
+    tmp_path: Path, paid_by: str
+) -> None:
     """The engine on the background loop (a sync transport's, a WSGI app's), and threads that
     call through `BudgetTransport` on loops of their own: they were admitted on their own loop,
     beside the engine's, and two calls passed a one-at-a-time limit together (5 runs of 6).
-    They are admitted and settled on the engine's loop now. Three runs of 601 calls."""
+    They are admitted and settled on the engine's loop now. Three runs of 601 calls, the key
+    named by its id (every call admitted on the loop) or by its value (the sync calls admitted
+    in their threads, holding the loop's lock)."""
     script = tmp_path / "mixed.py"
     script.write_text(_MIXED_LOOPS)
     seen = []
@@ -1520,7 +1528,11 @@ def test_async_calls_on_a_loop_of_their_own_share_the_engine_s_admission(tmp_pat
         url = f"sqlite:///{tmp_path / f'mixed{run}.db'}"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         out = subprocess.run(
-            [sys.executable, str(script), url], capture_output=True, text=True, timeout=300, env=env
+            [sys.executable, str(script), url, paid_by],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
         )
         assert out.returncode == 0, out.stderr[-2000:]
         seen.append(json.loads(out.stdout.splitlines()[-1]))
@@ -1826,3 +1838,52 @@ def test_a_request_header_is_read_from_its_raw_list_as_httpx_reads_it(library: A
     assert found == [
         None, "gzip, deflate", "gzip", "br", None, "gzip, zstd", "gzip, deflate, ", None
     ]  # fmt: skip
+
+
+def test_a_sync_call_on_in_process_counters_is_admitted_and_settled_in_its_own_thread(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With in-process counters on the background loop, a sync call paid by a cached key is
+    admitted and settled in the calling thread, under the loop's lock, with no hop to the loop
+    (~100 µs each); a key named by its id is read through the loop, as before. Charged alike."""
+    from budget_middleware.outbound import transport as module
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        usage = {"prompt_tokens": 10, "completion_tokens": 5}
+        return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
+
+    transport = BudgetSyncTransport(
+        httpx2.MockTransport(provider), settings=make_settings(flush_interval_seconds=3600)
+    )
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    client = httpx2.Client(transport=transport)
+    url = "https://api.openai.com/v1/chat/completions"
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    with charge_to(virtual_key=key.value):
+        client.post(url, json=body).read()  # the engine starts, the key is read: on the loop
+    hops: list[str] = []
+    on_loop = module.on_loop
+
+    def counted(engine: BudgetEngine, work: Callable[[], Any]) -> Any:
+        hops.append(getattr(work, "__name__", "work"))
+        return on_loop(engine, work)
+
+    monkeypatch.setattr(module, "on_loop", counted)
+    with charge_to(virtual_key=key.value):
+        for _ in range(3):
+            assert client.post(url, json=body).status_code == 200
+    by_value = len(hops)
+    with charge_to(virtual_key_id=key.id):
+        client.post(url, json=body).read()
+    monkeypatch.undo()
+    client.close()
+    on_loop(engine, engine.flush)
+    rows = records(engine)
+    print(f"hops: {by_value} for 3 calls by value, then {hops[by_value:]} by id; {len(rows)} rows")
+    assert by_value == 0 and hops[by_value:] == ["admit"]  # settled in its thread, by id too
+    assert [(r["outcome"], r["direction"], r["input_tokens"]) for r in rows] == [
+        ("completed", "outbound", 10)
+    ] * 5
+    assert len({r["cost_nanos"] for r in rows}) == 1 and rows[0]["cost_nanos"] > 0
+    on_loop(engine, engine.shutdown)
