@@ -1840,12 +1840,13 @@ def test_a_request_header_is_read_from_its_raw_list_as_httpx_reads_it(library: A
     ]  # fmt: skip
 
 
-def test_a_sync_call_on_in_process_counters_is_admitted_and_settled_in_its_own_thread(
+def test_a_call_on_in_process_counters_is_admitted_and_settled_in_its_own_thread(
     make_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With in-process counters on the background loop, a sync call paid by a cached key is
-    admitted and settled in the calling thread, under the loop's lock, with no hop to the loop
-    (~100 µs each); a key named by its id is read through the loop, as before. Charged alike."""
+    """With in-process counters on the background loop, a sync call paid by a cached key (or an
+    async one on a loop of its own) is admitted and settled in the calling thread, under the
+    loop's lock, with no hop to the loop (~100 µs each); a key named by its id is read through
+    the loop, as before. Charged alike."""
     from budget_middleware.outbound import transport as module
 
     def provider(request: httpx2.Request) -> httpx2.Response:
@@ -1870,20 +1871,49 @@ def test_a_sync_call_on_in_process_counters_is_admitted_and_settled_in_its_own_t
         return on_loop(engine, work)
 
     monkeypatch.setattr(module, "on_loop", counted)
+    there = module._there
+
+    def counted_there(loop: Any, step: Any) -> Any:  # an async call's hop to the engine's loop
+        hops.append(step.__qualname__)
+        return there(loop, step)
+
+    monkeypatch.setattr(module, "_there", counted_there)
+    admitted_there = module._admitted_there
+
+    def counted_admission(loop: Any, step: Any, meter: Any) -> Any:
+        hops.append(step.__qualname__)
+        return admitted_there(loop, step, meter)
+
+    monkeypatch.setattr(module, "_admitted_there", counted_admission)
     with charge_to(virtual_key=key.value):
         for _ in range(3):
             assert client.post(url, json=body).status_code == 200
     by_value = len(hops)
+
+    async def on_a_loop_of_its_own() -> None:  # an async SDK called through `asyncio.run`
+        async with httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+        ) as async_client:
+            with charge_to(virtual_key=key.value):
+                for _ in range(2):
+                    assert (await async_client.post(url, json=body)).status_code == 200
+
+    asyncio.run(on_a_loop_of_its_own())
+    by_value_async = len(hops) - by_value
     with charge_to(virtual_key_id=key.id):
         client.post(url, json=body).read()
     monkeypatch.undo()
     client.close()
     on_loop(engine, engine.flush)
     rows = records(engine)
-    print(f"hops: {by_value} for 3 calls by value, then {hops[by_value:]} by id; {len(rows)} rows")
-    assert by_value == 0 and hops[by_value:] == ["admit"]  # settled in its thread, by id too
+    print(
+        f"hops: {by_value} for 3 sync calls by value, {by_value_async} for 2 async ones on a "
+        f"loop of their own, then {hops[by_value:]} by id; {len(rows)} rows"
+    )
+    # By id: admitted on the loop, settled in its thread.
+    assert (by_value, by_value_async, hops[by_value:]) == (0, 0, ["admit"])
     assert [(r["outcome"], r["direction"], r["input_tokens"]) for r in rows] == [
         ("completed", "outbound", 10)
-    ] * 5
+    ] * 7
     assert len({r["cost_nanos"] for r in rows}) == 1 and rows[0]["cost_nanos"] > 0
     on_loop(engine, engine.shutdown)

@@ -25,7 +25,7 @@ import contextlib
 import operator
 import sys
 import threading
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Generator
 from dataclasses import dataclass
 from time import perf_counter
 from types import ModuleType
@@ -228,17 +228,22 @@ class _Meter:
         credentials = Credentials(None, host_provider, tags, len(body), host_provider is not None)
         return engine.gate.decide(body, path, credentials, key, started, shadowed)
 
-    def settle_sync(self, exchange: Exchange, outcome: str) -> None:
-        """A sync call settled: in the calling thread holding `loop_lock` when the counters are
-        in process on the background loop (the charge worked out before the lock is taken, as
-        the WSGI middleware settles), else on the engine's loop."""
+    def settled_here(self, exchange: Exchange, outcome: str) -> bool:
+        """Whether the call was settled in the calling thread, holding `loop_lock`: when the
+        counters are in process on the background loop (the charge worked out before the lock
+        is taken, as the WSGI middleware settles). Else it is the engine's loop's to settle."""
         engine = self.engine
-        if engine.memory is not None and is_background(engine.loop):
-            record = exchange.charge(outcome)
-            with loop_lock:
-                exchange.book(record)
-            return
-        on_loop(engine, lambda: exchange.settle(outcome))
+        if engine.memory is None or not is_background(engine.loop):
+            return False
+        record = exchange.charge(outcome)
+        with loop_lock:
+            exchange.book(record)
+        return True
+
+    def settle_sync(self, exchange: Exchange, outcome: str) -> None:
+        """A sync call settled: here (`settled_here`), else on the engine's loop."""
+        if not self.settled_here(exchange, outcome):
+            on_loop(self.engine, lambda: exchange.settle(outcome))
 
     @staticmethod
     def outgoing(
@@ -452,15 +457,19 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         loop = meter.engine.loop
         if loop is None or loop is asyncio.get_running_loop() or not loop.is_running():
             admitted = await meter.admit(request, path, body)
-        else:  # another thread's loop runs the engine: admitted there (`_there`)
-            chosen, inbound = payer.get(), inbound_headers.get()
+        else:  # another thread's loop runs the engine: admitted here, or there (`_there`)
+            here = meter.admit_here(request, path, body)
+            if here is not None:
+                admitted = here
+            else:
+                chosen, inbound = payer.get(), inbound_headers.get()
 
-            async def admit() -> Exchange | ErrorAnswer:
-                payer.set(chosen)  # this task's context, on the engine's loop
-                inbound_headers.set(inbound)
-                return await meter.admit(request, path, body)
+                async def admit() -> Exchange | ErrorAnswer:
+                    payer.set(chosen)  # this task's context, on the engine's loop
+                    inbound_headers.set(inbound)
+                    return await meter.admit(request, path, body)
 
-            admitted = await _admitted_there(loop, admit(), meter)
+                admitted = await _admitted_there(loop, admit(), meter)
         if type(admitted) is ErrorAnswer:
             return meter.refused(lib.module, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
@@ -522,11 +531,26 @@ async def _admitted_there(
 
 
 def _settled(meter: _Meter, exchange: Exchange, outcome: str) -> Awaitable[None]:
-    """An async call settled where it was admitted (see `_there`): the settlement to await."""
+    """An async call settled where it was admitted (see `_there`; or in this thread, holding
+    the lock every step of the engine's background loop holds: `settled_here`): the
+    settlement to await."""
     loop = meter.engine.loop
     if loop is None or loop is asyncio.get_running_loop() or not loop.is_running():
         return exchange.settle(outcome)
+    if meter.settled_here(exchange, outcome):
+        return _SETTLED
     return _there(loop, exchange.settle(outcome))
+
+
+class _Settled:
+    """A settlement made already, to await all the same: done at once."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+_SETTLED = _Settled()
 
 
 class _Metered:
