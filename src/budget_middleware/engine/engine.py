@@ -790,11 +790,10 @@ class BudgetEngine:
         loop = self.loop
         if loop is None:
             return False
-        try:
-            if asyncio.get_running_loop() is loop:
-                return True
-        except RuntimeError:
-            pass
+        # `_get_running_loop` (in asyncio's `__all__`, for libraries) answers None in a thread
+        # running no loop; `get_running_loop` would raise, ~1 µs a sync transport's call.
+        if asyncio._get_running_loop() is loop:
+            return True
         held_here = getattr(loop, "held_here", None)
         return held_here is not None and bool(held_here())
 
