@@ -40,3 +40,12 @@ def test_the_management_api_creates_the_schema_of_a_fresh_database(tmp_path: Pat
     m = get_engine(settings).manager  # the engine has not started: nothing created the tables
     assert m.list_customers() == []
     assert m.create_team(name="research").name == "research"
+
+
+def test_no_sentence_of_the_readme_is_written_twice() -> None:
+    # An edit that pastes a new version of a passage beside the old one leaves the README saying
+    # both (the service tiers' paragraph once said its last three sentences twice, mid-sentence).
+    prose = re.sub(r"```.*?```", "", README.read_text(encoding="utf-8"), flags=re.S)
+    sentences = [s for s in re.split(r"(?<=[.;:])\s+", re.sub(r"\s+", " ", prose)) if len(s) >= 60]
+    repeated = sorted({s for s in sentences if sentences.count(s) > 1})
+    assert repeated == []
