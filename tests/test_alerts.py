@@ -131,6 +131,30 @@ async def spend(http: httpx.AsyncClient, key: str, cost: float, n: int) -> list[
     return statuses
 
 
+async def test_an_alert_names_a_budget_of_a_fraction_of_a_cent_exactly(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """Four decimals round a budget under a cent away: its alerts read "$0.0000 of $0.0000"."""
+    hook = receiver()
+    app = host_app(make_settings(alert_webhook_urls=hook.url))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 0.00002, "reset_duration": "1d"}]
+        )
+        assert await spend(http, key.value, 0.00001, 3) == [200, 200, 402]
+        got = await until(lambda: len(hook.delivered()) >= 3 and hook.delivered())
+    texts = sorted(a["text"] for a in got)
+    print(texts)
+    assert texts == [
+        "Budget alert: virtual_key alice reached 100% of its budget: $0.00002 of $0.00002 (daily).",
+        "Budget alert: virtual_key alice reached 80% of its budget: $0.00002 of $0.00002 (daily).",
+        "Budget exhausted: virtual_key alice has spent $0.00002 of $0.00002 (daily); "
+        "requests are refused.",
+    ]
+
+
 async def test_thresholds_and_exhaustion_alert_once_per_window_signed_and_listed(
     make_settings: Settings, receiver: Callable[..., Receiver]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -315,6 +316,31 @@ async def test_budget_exceeded_answer_names_scope_amounts_reset_and_says_do_not_
     assert error["message"].startswith("Team 'research' budget exceeded: $0.")
     assert "spent of $0.0000" in error["message"]
     assert f"(resets {next_month:%Y-%m-%dT%H:%M:%SZ})" in error["message"]
+
+
+async def test_a_refusal_names_a_budget_of_a_fraction_of_a_cent_exactly(
+    make_settings: Settings,
+) -> None:
+    """Four decimals round a budget under a cent away: a $0.00002 budget refused with
+    "$0.0000 spent of $0.0000". Such amounts are written exactly."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="tiny", budgets=[{"max_limit": 0.00002, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        for _ in range(20):
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            if answer.status_code != 200:
+                break
+    assert answer.status_code == 402
+    message = answer.json()["error"]["message"]
+    found = re.fullmatch(
+        r"Virtual key 'tiny' budget exceeded: \$(0\.\d+) spent of \$0\.00002 .*", message
+    )
+    assert found is not None, message
+    assert float(found[1]) >= 0.00002  # what it spent, exactly: not "$0.0000"
 
 
 async def test_exceeded_status_can_be_429_for_openai_parity(make_settings: Settings) -> None:
