@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from budget_middleware import BudgetSettings, SettingsError
+from budget_middleware import settings as settings_module
 from budget_middleware.exceptions import ConfigurationError
 
 # field: (the Python argument, the same value as an environment variable would spell it)
@@ -267,3 +268,26 @@ def test_a_url_that_fails_its_check_is_not_shown_with_its_password() -> None:
         BudgetSettings(redis_url="http://user:hunter2@127.0.0.1:6379/0")
     print(caught.value)
     assert "BUDGET_REDIS_URL" in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_looks_like(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`BUDGET_RESERV=false` left reservations on without a word: the environment is shared
+    with other programs, so such a name is not refused, but one this close to a setting's is
+    named, once a process, with the setting it looks like."""
+    monkeypatch.setattr(settings_module, "_warned", set())
+    monkeypatch.setenv("BUDGET_RESERV", "false")
+    monkeypatch.setenv("BUDGET_FAILOPEN", "true")
+    monkeypatch.setenv("BUDGET_ADMIN_URL", "http://127.0.0.1:8000/budget-admin")  # the CLI's
+    monkeypatch.setenv("BUDGET_SOMETHING_ELSE", "1")  # another program's, perhaps
+    with caplog.at_level("WARNING", logger="budget_middleware"):
+        settings = BudgetSettings()
+        BudgetSettings(reserve=True)  # said once, not at every read of the settings
+    assert settings.reserve is True and settings.fail_open is False  # ignored, as before
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        "BUDGET_FAILOPEN is not a budget-middleware setting and is ignored: "
+        "did you mean BUDGET_FAIL_OPEN?",
+        "BUDGET_RESERV is not a budget-middleware setting and is ignored: "
+        "did you mean BUDGET_RESERVE?",
+    ]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +28,8 @@ DEFAULT_INFERENCE_PATHS = (
 )
 
 ENV_PREFIX = "BUDGET_"
+
+logger = logging.getLogger("budget_middleware")
 
 
 def raised_again(error: Exception) -> Exception:
@@ -110,6 +116,7 @@ class BudgetSettings(BaseSettings):
             super().__init__(**values)
         except ValidationError as exc:
             raise SettingsError(_describe(exc)) from None
+        _warn_misspelt(os.environ)
 
     # The environment holds strings: every validator below takes the string form of a value as
     # well as the Python one, so that what is valid as an argument is valid as a variable too.
@@ -276,6 +283,37 @@ class BudgetSettings(BaseSettings):
 
 def _env_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
+
+
+_warned: set[str] = set()
+
+
+def misspelt_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Variables of the environment that look like a setting's name misspelt (`BUDGET_RESERV`),
+    each with that name. The environment is shared with other programs, so a `BUDGET_*` name
+    that is no setting is left alone, not refused; one this close to a setting's is a typo that
+    would silently leave the setting at its default."""
+    names = [_env_name(field) for field in BudgetSettings.model_fields]
+    found = []
+    for variable in environ:
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in names:
+            continue
+        close = difflib.get_close_matches(upper, names, n=1, cutoff=0.9)
+        if close:
+            found.append((variable, close[0]))
+    return found
+
+
+def _warn_misspelt(environ: Mapping[str, str]) -> None:
+    for variable, setting in misspelt_variables(environ):
+        if variable not in _warned:  # once a process: settings are read by every engine
+            _warned.add(variable)
+            logger.warning(
+                "%s is not a budget-middleware setting and is ignored: did you mean %s?",
+                variable,
+                setting,
+            )
 
 
 # Never shown in an error: a secret, or a URL that may hold a password.
