@@ -173,6 +173,24 @@ async def test_invalid_bodies_answer_422_naming_every_failing_field(
         assert r.status_code == 422 and "finite amount of USD" in r.json()["error"]["message"]
 
 
+async def test_every_422_lists_its_failure_in_errors(settings: BudgetSettings) -> None:
+    """A body's shape is checked by its schema, a model name, a glob or a config file by the
+    management API: those 422s had no `errors` list, which docs/admin-api.md promises every 422
+    (a client reading `error["errors"]` failed on them)."""
+    glob = {"name": "k", "provider_configs": [{"provider": "openai", "allowed_models": ["gpt["]}]}
+    config = {"text": "customers: [{name: acme, colour: red}]", "format": "yaml"}
+    async with admin_client(settings) as c:
+        for path, body in (("/virtual-keys", glob), ("/config/apply", config)):
+            r = await c.post(path, json=body, headers=ADMIN)
+            error = r.json()["error"]
+            print(path, r.status_code, error)
+            assert r.status_code == 422 and error["type"] == "invalid_request_error"
+            assert error["errors"] == [
+                {"param": error["param"], "message": error["message"], "kind": "value_error"}
+            ]
+            assert error["param"] in ("provider_configs", "text")
+
+
 async def test_provider_and_tag_names_are_those_requests_can_carry(
     settings: BudgetSettings,
 ) -> None:

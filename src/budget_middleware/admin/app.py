@@ -64,6 +64,9 @@ async def _guarded(answer: Callable[[], Awaitable[Response]]) -> Response:
     except Refused as exc:
         return exc.answer
     except AdminError as exc:
+        if exc.status == 422:  # a 422 lists its failure in `errors`, whoever found it
+            failure = {"param": exc.param, "message": exc.message, "kind": "value_error"}
+            return error(422, exc.code, exc.message, param=exc.param, errors=[failure])
         return error(exc.status, exc.code, exc.message, param=exc.param)
     except DataError:
         # A value the database cannot hold that no check caught: the request's fault, not the
