@@ -72,7 +72,7 @@ async def running(app: Any) -> AsyncIterator[None]:
     await receive_queue.put({"type": "lifespan.startup"})
     message = await sent.get()
     if message["type"] != "lifespan.startup.complete":
-        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)  # it raises after startup.failed
         raise RuntimeError(message.get("message", "startup failed"))
     try:
         yield

@@ -5,6 +5,7 @@ that is merely unreachable does not stop it (later requests try again)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -73,8 +74,38 @@ async def startup(app: Any) -> dict[str, Any]:
     await inbox.put({"type": "lifespan.startup"})
     answer = await asyncio.wait_for(outbox.get(), 30)
     await inbox.put({"type": "lifespan.shutdown"})  # what a server that carries on would send
-    await asyncio.wait_for(task, 30)
+    ended = await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+    if answer["type"] == "lifespan.startup.failed":  # then raised, as Starlette's router does
+        assert isinstance(ended[0], Exception) and str(ended[0]) == answer["message"]
     return answer
+
+
+def test_a_settings_error_stops_starlettes_test_client_instead_of_hanging_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`with TestClient(app)` (FastAPI's and Starlette's) runs the lifespan in a thread until the
+    lifespan ends: a middleware that answered startup.failed and returned let the error pass,
+    and the client hung at its exit, waiting for an answer to lifespan.shutdown."""
+    from starlette.testclient import TestClient
+
+    monkeypatch.setenv("BUDGET_MAX_BODY_BYTES", "lots")
+    host = Host(None)
+    ended: list[BaseException] = []
+
+    def enter() -> None:
+        try:
+            with TestClient(host.app) as http:
+                http.post("/v1/chat/completions", json=chat())
+        except BaseException as exc:
+            ended.append(exc)
+
+    worker = threading.Thread(target=enter, daemon=True)  # a hang must not hang the suite
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "TestClient hung"
+    assert len(ended) == 1 and isinstance(ended[0], SettingsError)
+    assert "BUDGET_MAX_BODY_BYTES" in str(ended[0])
+    assert not host.started
 
 
 def config(tmp_path: Path, text: str, **overrides: Any) -> BudgetSettings:

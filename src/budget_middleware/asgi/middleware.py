@@ -143,7 +143,11 @@ class BudgetMiddleware:
                 logger.error("budget-middleware could not start: %s", exc)
         if self.error is not None:
             await send({"type": "lifespan.startup.failed", "message": str(self.error)})
-            return
+            # Raised after the message, as Starlette's router does: a server that stops on the
+            # message (uvicorn) ignores it, and a test client raises it. One that waits for the
+            # lifespan to end instead (Starlette's TestClient) let the error pass, and hung at
+            # its exit waiting for an answer to lifespan.shutdown that never came.
+            raise raised_again(self.error)
         pending = [first]
 
         async def on_receive() -> Message:
