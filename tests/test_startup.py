@@ -108,6 +108,18 @@ def test_a_settings_error_stops_starlettes_test_client_instead_of_hanging_it(
     assert not host.started
 
 
+async def test_settings_given_as_a_dict_fail_the_lifespan_saying_what_is_expected() -> None:
+    """`add_middleware(BudgetMiddleware, settings={...})` failed with "'dict' object has no
+    attribute 'cache_key'"."""
+    with pytest.raises(TypeError, match="settings must be a BudgetSettings, not dict"):
+        get_engine({"reserve": False})  # type: ignore[arg-type]
+    host = Host({"reserve": False})  # type: ignore[arg-type]
+    answer = await startup(host.app)
+    assert answer["type"] == "lifespan.startup.failed"
+    assert answer["message"].startswith("settings must be a BudgetSettings, not dict: ")
+    assert not host.started
+
+
 def config(tmp_path: Path, text: str, **overrides: Any) -> BudgetSettings:
     path = tmp_path / "budget.yaml"
     path.write_text(text)

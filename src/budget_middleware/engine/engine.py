@@ -68,6 +68,11 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def get_engine(settings: BudgetSettings | None = None) -> BudgetEngine:
     """The engine for these settings; equal settings share one engine in a process."""
     settings = settings if settings is not None else BudgetSettings()
+    if not isinstance(settings, BudgetSettings):  # a dict of them said "no attribute cache_key"
+        raise TypeError(
+            f"settings must be a BudgetSettings, not {type(settings).__name__}: "
+            "settings=BudgetSettings(reserve=False), or BUDGET_* variables and no settings"
+        )
     key = settings.cache_key()
     engine = _engines.get(key)
     if engine is None:
