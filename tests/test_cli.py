@@ -397,6 +397,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         "BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/server.db",
         "BUDGET_ADMIN_KEY": ADMIN_KEY,
         "BUDGET_FLUSH_INTERVAL_SECONDS": "0.05",
+        "SERVERS_OWN_KEY": "sk-bm-in-the-servers-environment",  # not in the CLI's
     }
     line = f"uvicorn app:app --app-dir {ROOT / 'examples'} --port {port} --log-level warning"
     process = subprocess.Popen([sys.executable, "-m", *shlex.split(line)], env=variables)
@@ -490,6 +491,25 @@ def test_the_same_commands_on_a_running_admin_api(server: Server, here: Here) ->
     assert "(the config sent), teams[0] (y): customer 'nobody'" in refused_reference
     assert "early" not in ok(here(server.env, "customers list")).out
     assert ok(here(server.env, "alerts list --json")).json() == {"alerts": [], "count": 0}
+    # `${ENV_VAR}` is the server's variable: the CLI, which has none, said "not set" and exited 1
+    # after the server had applied the file (it checked the file here to count its entries).
+    assert "SERVERS_OWN_KEY" not in os.environ
+    referring = server.tmp / "referring.yaml"
+    referring.write_text("virtual_keys:\n  - name: sk\n    value: ${SERVERS_OWN_KEY}\n")
+    applied = ok(here(server.env, f"config apply {referring}"))
+    assert (
+        applied.out
+        == f"applied {referring}: virtual keys: 1 (created, or updated where the entry changed)\n"
+    )
+    line = f"config apply {referring} --json"
+    assert ok(here(server.env, line)).json() == {
+        "file": str(referring),
+        "applied": True,
+        "entries": {"virtual_keys": 1},
+    }
+    with httpx.Client(base_url=server.base) as http:
+        assert http.post("/v1/chat/completions", json=chat(),
+                         headers=_key("sk-bm-in-the-servers-environment")).is_success  # fmt: skip
     good = ROOT / "examples" / "gateway.yaml"  # config check reads the file alone
     assert ok(here(server.env, f"config check {good}")).out.startswith(f"{good} is valid")
 

@@ -78,7 +78,7 @@ class Client(Protocol):
     def reset_budget(self, ref: str) -> Json: ...
     def usage(self, query: Json) -> Json: ...
     def alerts(self, query: Json) -> Json: ...
-    def apply_config(self, path: Path) -> None: ...
+    def apply_config(self, path: Path) -> dict[str, int]: ...
     def close(self) -> None: ...
 
 
@@ -194,18 +194,20 @@ class StoreClient:
             return found
         return {"alerts": found, "count": len(found)}
 
-    def apply_config(self, path: Path) -> None:
+    def apply_config(self, path: Path) -> dict[str, int]:
+        """The file applied to the store; its entries by section."""
         from budget_middleware.exceptions import ConfigFileError
         from budget_middleware.manage.config_file import check_config_file, load_config_file
 
         settings = self.settings.model_copy(update={"config_file": path})
         store = self.manager.store
         try:
-            check_config_file(path)  # before anything is written, the store's schema included
+            sections = check_config_file(path)  # before anything is written, the schema included
             self._call(store.create_schema)  # a fresh store, as the engine's start-up does
             self._call(load_config_file, store, settings)
         except ConfigFileError as exc:
             raise CliError(config_message(str(exc))) from None
+        return {name: len(entries) for name, entries in sections.items() if entries}
 
     def close(self) -> None:
         if self._manager is not None:
@@ -342,9 +344,10 @@ class HttpClient:
     def alerts(self, query: Json) -> Json:
         return self._send("GET", "/alerts", "alerts", query)
 
-    def apply_config(self, path: Path) -> None:
+    def apply_config(self, path: Path) -> dict[str, int]:
         """The file's text to `POST /config/apply`: the server applies it to its store (its
-        `${ENV_VAR}` references are the server's)."""
+        `${ENV_VAR}` references are the server's); its entries by section, as the server
+        counted them (a check here would read `${ENV_VAR}` from this shell's environment)."""
         from budget_middleware.exceptions import ConfigFileError
         from budget_middleware.manage.config_file import config_text
 
@@ -353,7 +356,9 @@ class HttpClient:
         except ConfigFileError as exc:
             raise CliError(config_message(str(exc))) from None
         kind = "json" if path.suffix.lower() == ".json" else "yaml"
-        self._send("POST", "/config/apply", "applied", body={"text": text, "format": kind})
+        answer = self._send("POST", "/config/apply", "applied", body={"text": text, "format": kind})
+        entries = answer.get("entries")
+        return {str(k): int(n) for k, n in entries.items()} if isinstance(entries, dict) else {}
 
     def close(self) -> None:
         self.http.close()

@@ -641,8 +641,7 @@ def _config_check(file: str) -> None:
 
 
 def _config_apply(file: str) -> None:
-    _state().client().apply_config(Path(file))  # checks the file first
-    entries = _check(file)
+    entries = _state().client().apply_config(Path(file))  # checks the file first
     if _state().json:
         out.emit_json({"file": file, "applied": True, "entries": entries})
     else:
