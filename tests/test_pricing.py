@@ -403,8 +403,17 @@ def test_amounts_are_shown_in_dollars_to_four_decimals_and_in_headers_exactly() 
     so the smallest positive limit (SPEC §6: LiteLLM's 0.000000000001 is $0.000000001) never
     reads 0.000000."""
     assert usd_text(10_010_000_000) == "$10.0100"
-    assert usd_text(123_456) == "$0.0001"
     assert usd_text(0) == "$0.0000"
+    # Under a cent, what four decimals would round is written exactly (a budget of a fraction
+    # of a cent read `$0.0000 spent of $0.0000`); a cent and over, four decimals as before.
+    assert usd_text(123_456) == "$0.000123456"
+    assert usd_text(1) == "$0.000000001"
+    assert usd_text(20_000) == "$0.00002"
+    assert usd_text(-20_000) == "$-0.00002"
+    assert usd_text(100_000) == "$0.0001"  # four decimals hold it
+    assert usd_text(9_999_999) == "$0.009999999"
+    assert usd_text(10_000_001) == "$0.0100"  # a cent and over: four decimals
+    assert usd_text(-10_000_001) == "$-0.0100"
     assert usd_header(10_010_000_000) == b"10.010000"
     assert usd_header(0) == b"0.000000"
     assert usd_header(1_234_567) == b"0.001234567"

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from budget_middleware.core.admission import Refusal
-from budget_middleware.core.money import MAX_CHARGE_NANOS, usd_header, usd_text
+from budget_middleware.core.money import MAX_CHARGE_NANOS, usd_text
 
 _TYPES = {
     401: "authentication_error",
@@ -95,21 +95,8 @@ def _when(ts: float | None) -> str:
     return "resets " + datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-_CENT_NANOS = 10_000_000
-
-
-def usd_message(nanos: int) -> str:
-    """An amount as a message shows it: four decimals (`$10.0100`, SPEC §8), and an amount under
-    a cent that they would round exactly, trailing zeros left out (`$0.00002`): a budget of a
-    fraction of a cent (LiteLLM's `0.000000000001` is one nano-dollar) read `$0.0000 spent of
-    $0.0000` when it refused."""
-    if abs(nanos) >= _CENT_NANOS or nanos % 100_000 == 0:
-        return usd_text(nanos)
-    return "$" + usd_header(nanos).decode().rstrip("0")
-
-
 def _usd(nanos: int) -> str:
-    return usd_message(nanos)
+    return usd_text(nanos)
 
 
 def refusal_answer(

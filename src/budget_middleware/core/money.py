@@ -47,9 +47,18 @@ def usd_from_nanos(nanos: int) -> float:
     return nanos / NANOS_PER_USD
 
 
+_CENT_NANOS = 10_000_000
+_TENTH_OF_A_CENT_PART = 100_000  # nano-dollars below four decimals' last digit
+
+
 def usd_text(nanos: int) -> str:
-    """An amount as messages show it: `$10.0100`."""
-    return f"${nanos / NANOS_PER_USD:.4f}"
+    """An amount as messages show it: four decimals (`$10.0100`, SPEC §8), and exactly an
+    amount under a cent that four decimals would round, its trailing zeros left out
+    (`$0.00002`, `$0.000000001`): a budget of a fraction of a cent (LiteLLM's
+    `0.000000000001` is one nano-dollar) read `$0.0000 spent of $0.0000` when it refused."""
+    if abs(nanos) >= _CENT_NANOS or nanos % _TENTH_OF_A_CENT_PART == 0:
+        return f"${nanos / NANOS_PER_USD:.4f}"
+    return "$" + usd_header(nanos).decode().rstrip("0")
 
 
 def usd_header(nanos: int) -> bytes:

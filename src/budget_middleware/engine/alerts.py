@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 import httpx
 
-from budget_middleware.answers import usd_message
 from budget_middleware.core.admission import Refusal
 from budget_middleware.core.alerts import reached
-from budget_middleware.core.money import nanos_from_usd, usd_from_nanos
+from budget_middleware.core.money import nanos_from_usd, usd_from_nanos, usd_text
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import from_ts
 from budget_middleware.core.windows import WindowCounter
@@ -358,7 +357,7 @@ class Alerts:
 
 
 def _usd(amount: float) -> str:
-    return f"${amount:,.2f}" if amount >= 1 else usd_message(nanos_from_usd(amount))
+    return f"${amount:,.2f}" if amount >= 1 else usd_text(nanos_from_usd(amount))
 
 
 def _as_crossed(event: AlertEvent) -> dict[str, Any]:
