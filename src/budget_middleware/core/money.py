@@ -48,7 +48,7 @@ def usd_from_nanos(nanos: int) -> float:
 
 
 _CENT_NANOS = 10_000_000
-_TENTH_OF_A_CENT_PART = 100_000  # nano-dollars below four decimals' last digit
+_LAST_DECIMAL_NANOS = 100_000  # $0.0001: four decimals' last digit
 
 
 def usd_text(nanos: int) -> str:
@@ -56,7 +56,7 @@ def usd_text(nanos: int) -> str:
     amount under a cent that four decimals would round, its trailing zeros left out
     (`$0.00002`, `$0.000000001`): a budget of a fraction of a cent (LiteLLM's
     `0.000000000001` is one nano-dollar) read `$0.0000 spent of $0.0000` when it refused."""
-    if abs(nanos) >= _CENT_NANOS or nanos % _TENTH_OF_A_CENT_PART == 0:
+    if abs(nanos) >= _CENT_NANOS or nanos % _LAST_DECIMAL_NANOS == 0:
         return f"${nanos / NANOS_PER_USD:.4f}"
     return "$" + usd_header(nanos).decode().rstrip("0")
 
