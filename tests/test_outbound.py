@@ -1917,3 +1917,61 @@ def test_a_call_on_in_process_counters_is_admitted_and_settled_in_its_own_thread
     ] * 7
     assert len({r["cost_nanos"] for r in rows}) == 1 and rows[0]["cost_nanos"] > 0
     on_loop(engine, engine.shutdown)
+
+
+def test_a_call_admitted_in_its_own_thread_reads_its_body_before_taking_the_lock(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The direct path holds `loop_lock`, which the engine's loop and every other thread wait
+    for: the body is parsed and the key hashed before it is taken, as the WSGI middleware does
+    (a 5 MB body's parse alone held it ~9 ms)."""
+    from budget_middleware.engine import gate as gate_module
+    from budget_middleware.engine.portal import loop_lock
+    from budget_middleware.outbound import transport as module
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        usage = {"prompt_tokens": 10, "completion_tokens": 5}
+        return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
+
+    transport = BudgetSyncTransport(
+        httpx2.MockTransport(provider), settings=make_settings(flush_interval_seconds=3600)
+    )
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    client = httpx2.Client(transport=transport)
+    url = "https://api.openai.com/v1/chat/completions"
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    client.post(url, json=body, headers={}).read()  # the engine started, on the loop
+    with charge_to(virtual_key=key.value):
+        client.post(url, json=body).read()  # the key cached
+    under_lock: list[str] = []
+    parse, digest = gate_module.parse_json, module.key_digest
+
+    def parsing(raw: bytes) -> Any:
+        under_lock.append(f"parse {loop_lock._is_owned()}")
+        return parse(raw)
+
+    def hashing(value: str) -> bytes:
+        under_lock.append(f"hash {loop_lock._is_owned()}")
+        return digest(value)
+
+    monkeypatch.setattr(module, "parse_json", parsing, raising=False)  # (not there before)
+    monkeypatch.setattr(gate_module, "parse_json", parsing)  # where the gate would parse it
+    monkeypatch.setattr(module, "key_digest", hashing)
+    with charge_to(virtual_key=key.value):
+        assert client.post(url, json=body).status_code == 200
+    outer = httpx2.Client(transport=transport)
+    inbound = [(b"authorization", f"Bearer {key.value}".encode())]
+    token = module.inbound_headers.set(inbound)  # a key carried by the request being served
+    try:
+        assert outer.post(url, json=body).status_code == 200
+    finally:
+        module.inbound_headers.reset(token)
+    monkeypatch.undo()
+    print("parsed and hashed, lock held:", under_lock)
+    assert under_lock == ["parse False", "hash False", "parse False"]
+    client.close()
+    outer.close()
+    module.on_loop(engine, engine.flush)
+    assert len(records(engine)) == 4
+    module.on_loop(engine, engine.shutdown)

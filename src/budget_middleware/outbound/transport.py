@@ -46,7 +46,7 @@ from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept
 from budget_middleware.engine.cache import NOT_CACHED, NotCached
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
 from budget_middleware.engine.exchange import Exchange
-from budget_middleware.engine.gate import RoutePlan, body_to_send
+from budget_middleware.engine.gate import RoutePlan, body_to_send, parse_json
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.portal import is_background, loop_lock, on_loop
 from budget_middleware.exceptions import ConfigurationError
@@ -124,7 +124,7 @@ class _Meter:
         chosen = payer.get()
         value = self.key_value(chosen)
         try:
-            key = self.cached_key(chosen, value)
+            key = self.cached_key(chosen, self.digest(chosen, value))
             if key is NOT_CACHED:
                 if value is None:  # `charge_to(virtual_key_id=...)`
                     assert chosen is not None and chosen.virtual_key_id is not None
@@ -139,7 +139,8 @@ class _Meter:
                 key = engine.last_known.get(key_digest(value))
             if key is None:
                 return store_unavailable(self.fail_open)
-        decision = self.decide(request, path, body, chosen, value, key, started)
+        parsed = parse_json(body)
+        decision = self.decide(request, path, body, parsed, chosen, value, key, started)
         if type(decision) is ErrorAnswer:
             return decision
         gate = engine.gate
@@ -171,11 +172,15 @@ class _Meter:
         started = perf_counter()
         chosen = payer.get()
         value = self.key_value(chosen)
+        # The body read and the key hashed before the lock, as WSGI does: under it, every
+        # thread and the engine's loop wait (a 5 MB body's parse alone held it ~9 ms).
+        digest = self.digest(chosen, value)
+        parsed = parse_json(body)
         with loop_lock:
-            key = self.cached_key(chosen, value)
+            key = self.cached_key(chosen, digest)
             if key is NOT_CACHED:
                 return None
-            decision = self.decide(request, path, body, chosen, value, key, started)
+            decision = self.decide(request, path, body, parsed, chosen, value, key, started)
             if type(decision) is ErrorAnswer:
                 return decision
             admitted = engine.gate.admit_now(decision)  # type: ignore[arg-type]
@@ -189,27 +194,39 @@ class _Meter:
         headers = inbound_headers.get()
         return None if headers is None else self.read_headers(headers).key
 
-    def cached_key(self, chosen: Payer | None, value: str | None) -> KeyConfig | NotCached | None:
+    @staticmethod
+    def digest(chosen: Payer | None, value: str | None) -> bytes | None:
+        """The paying key's digest, the key cache's index: None when no key is given by its
+        value (nobody pays, or `charge_to` names it by its id)."""
+        if value is None:
+            return None
+        if chosen is not None:
+            return chosen.digest or b""  # hashed once, by `charge_to`
+        return key_digest(value)
+
+    def cached_key(
+        self, chosen: Payer | None, digest: bytes | None
+    ) -> KeyConfig | NotCached | None:
         """The paying key as the engine's cache has it, with no await (None: nobody pays, or
         the key is known not to exist), or NOT_CACHED: to be read (a key named by its id is
         read through `lookup_key_id`, which has a cache of its own)."""
-        if value is None:
+        if digest is None:
             return NOT_CACHED if chosen is not None else None
-        if chosen is not None:
-            return self.engine.keys.get(chosen.digest or b"")  # hashed once, by `charge_to`
-        return self.engine.keys.get(key_digest(value))
+        return self.engine.keys.get(digest)
 
     def decide(
         self,
         request: Any,
         path: str,
         body: bytes,
+        parsed: Any,
         chosen: Payer | None,
         value: str | None,
         key: KeyConfig | None,
         started: float,
     ) -> Exchange | ErrorAnswer | RoutePlan:
-        """The answer to the paying key (SPEC §5's checks) and the gate's decision: no await."""
+        """The answer to the paying key (SPEC §5's checks) and the gate's decision: no await.
+        `parsed`: the body's JSON (`parse_json`), read before any lock is taken."""
         engine = self.engine
         shadowed: str | None = None
         if key is None and (chosen is not None or value is not None):
@@ -226,7 +243,7 @@ class _Meter:
         host_provider = self.hosts.provider(request.url.host)
         tags = () if chosen is None else chosen.tags
         credentials = Credentials(None, host_provider, tags, len(body), host_provider is not None)
-        return engine.gate.decide(body, path, credentials, key, started, shadowed)
+        return engine.gate.decide(body, path, credentials, key, started, shadowed, parsed)
 
     def settled_here(self, exchange: Exchange, outcome: str) -> bool:
         """Whether the call was settled in the calling thread, holding `loop_lock`: when the
