@@ -965,3 +965,41 @@ async def test_shadow_mode_reports_a_routed_refusal_as_enforce_answers_it(
         * 2
     )
     assert reports["shadow"] == reports["enforce"]
+
+
+def test_hooks_emitted_first_from_two_threads_at_once_run_on_one_thread_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hook thread is made on first use: two threads emitting first at once (the outbound
+    transports' and the WSGI middleware's direct paths emit from the caller's thread) make one,
+    so the hooks still run one at a time in the order handed over."""
+    from budget_middleware.engine import hooks as module
+
+    made: list[int] = []
+    executor = module.ThreadPoolExecutor
+
+    def slow_to_make(*args: Any, **kwargs: Any) -> Any:
+        made.append(threading.get_ident())
+        time.sleep(0.05)  # the other thread looks meanwhile
+        return executor(*args, **kwargs)
+
+    monkeypatch.setattr(module, "ThreadPoolExecutor", slow_to_make)
+    hooks = module.Hooks()
+    heard: list[tuple[int, str]] = []
+    hooks.add(on_settled=lambda item: heard.append((threading.get_ident(), item)))
+    start = threading.Barrier(2)
+
+    def emit(item: str) -> None:
+        start.wait()
+        hooks.emit(hooks.on_settled, item)
+
+    threads = [threading.Thread(target=emit, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    hooks.drain()
+    print(f"hook threads made: {len(made)}; heard: {sorted(item for _, item in heard)}")
+    assert len(made) == 1
+    assert sorted(item for _, item in heard) == ["a", "b"]
+    assert len({ident for ident, _ in heard}) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,14 +73,23 @@ class Hooks:
         self.loop = None
 
     def _pool(self) -> ThreadPoolExecutor:
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="budget-hooks")
-        return self._thread
+        """The one thread hooks run on, in the order handed over: made on first use, once,
+        whatever threads emit at once (two would run hooks out of order)."""
+        pool = self._thread
+        if pool is None:
+            with _MAKING:
+                pool = self._thread
+                if pool is None:
+                    pool = self._thread = ThreadPoolExecutor(1, thread_name_prefix="budget-hooks")
+        return pool
 
     def drain(self, timeout: float = 5.0) -> None:
         """Wait (bounded) for the hooks handed to the hook thread so far (tests, shutdown)."""
         if self._thread is not None:
             self._thread.submit(lambda: None).result(timeout)
+
+
+_MAKING = threading.Lock()  # a hook thread made (`Hooks._pool`)
 
 
 def _guarded(hook: Hook, item: Any) -> None:
