@@ -1840,6 +1840,29 @@ def test_a_request_header_is_read_from_its_raw_list_as_httpx_reads_it(library: A
     ]  # fmt: skip
 
 
+_CHAT_URL = "https://api.openai.com/v1/chat/completions"
+_CHAT_BODY = {"model": "gpt-4o", "messages": MESSAGES}
+
+
+def _ten_in_five_out(request: httpx2.Request) -> httpx2.Response:
+    """A provider answering every call 10 input tokens and 5 output."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 5}
+    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
+
+
+def _direct_path(
+    make_settings: Settings,
+) -> tuple[BudgetSyncTransport, BudgetEngine, Any, httpx2.Client]:
+    """A sync transport on in-process counters (so on the background loop, where calls paid
+    by a cached key are admitted in their own thread), a key with a $10 budget, a client."""
+    transport = BudgetSyncTransport(
+        httpx2.MockTransport(_ten_in_five_out), settings=make_settings(flush_interval_seconds=3600)
+    )
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    return transport, engine, key, httpx2.Client(transport=transport)
+
+
 def test_a_call_on_in_process_counters_is_admitted_and_settled_in_its_own_thread(
     make_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1849,18 +1872,8 @@ def test_a_call_on_in_process_counters_is_admitted_and_settled_in_its_own_thread
     the loop, as before. Charged alike."""
     from budget_middleware.outbound import transport as module
 
-    def provider(request: httpx2.Request) -> httpx2.Response:
-        usage = {"prompt_tokens": 10, "completion_tokens": 5}
-        return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
-
-    transport = BudgetSyncTransport(
-        httpx2.MockTransport(provider), settings=make_settings(flush_interval_seconds=3600)
-    )
-    engine = transport.meter.engine
-    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
-    client = httpx2.Client(transport=transport)
-    url = "https://api.openai.com/v1/chat/completions"
-    body = {"model": "gpt-4o", "messages": MESSAGES}
+    _, engine, key, client = _direct_path(make_settings)
+    url, body = _CHAT_URL, _CHAT_BODY
     with charge_to(virtual_key=key.value):
         client.post(url, json=body).read()  # the engine starts, the key is read: on the loop
     hops: list[str] = []
@@ -1892,7 +1905,7 @@ def test_a_call_on_in_process_counters_is_admitted_and_settled_in_its_own_thread
 
     async def on_a_loop_of_its_own() -> None:  # an async SDK called through `asyncio.run`
         async with httpx2.AsyncClient(
-            transport=BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+            transport=BudgetTransport(httpx2.MockTransport(_ten_in_five_out), engine=engine)
         ) as async_client:
             with charge_to(virtual_key=key.value):
                 for _ in range(2):
@@ -1929,18 +1942,8 @@ def test_a_call_admitted_in_its_own_thread_reads_its_body_before_taking_the_lock
     from budget_middleware.engine.portal import loop_lock
     from budget_middleware.outbound import transport as module
 
-    def provider(request: httpx2.Request) -> httpx2.Response:
-        usage = {"prompt_tokens": 10, "completion_tokens": 5}
-        return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
-
-    transport = BudgetSyncTransport(
-        httpx2.MockTransport(provider), settings=make_settings(flush_interval_seconds=3600)
-    )
-    engine = transport.meter.engine
-    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
-    client = httpx2.Client(transport=transport)
-    url = "https://api.openai.com/v1/chat/completions"
-    body = {"model": "gpt-4o", "messages": MESSAGES}
+    transport, engine, key, client = _direct_path(make_settings)
+    url, body = _CHAT_URL, _CHAT_BODY
     client.post(url, json=body, headers={}).read()  # the engine started, on the loop
     with charge_to(virtual_key=key.value):
         client.post(url, json=body).read()  # the key cached
