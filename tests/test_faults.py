@@ -1527,3 +1527,76 @@ async def test_a_spill_folder_that_cannot_be_written_keeps_the_charges_in_memory
     )
     assert statuses == [200] * 20 and failures > 0 and spilled == 0
     assert (count, total) == (20, 20 * CENT)
+
+
+def test_outbound_calls_admitted_in_their_own_threads_lose_nothing_while_the_store_is_read_only(
+    postgres_database: str,
+) -> None:
+    """The sync transport's direct path (a cached key, admitted and settled in each calling
+    thread under `loop_lock`): a $0.50 budget, calls of $0.01 from 8 threads at once, the
+    database read-only throughout and the counters read again every 0.2 s (a call that finds
+    its key's cache expired is admitted on the loop, the others in their thread): exactly 50
+    admitted; once writable, all 50 reach the store, once each."""
+    import threading
+
+    import httpx2
+
+    from budget_middleware import BudgetSyncTransport, charge_to
+    from budget_middleware.engine.portal import on_loop
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
+        return httpx2.Response(200, content=body + _ONE_CENT_USAGE + "}")
+
+    transport = BudgetSyncTransport(
+        httpx2.MockTransport(provider),
+        settings=settings_for(postgres_database, cache_ttl_seconds=0.2),
+    )
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(
+        name="alice", budgets=[{"max_limit": 0.5, "reset_duration": None}]
+    )
+    client = httpx2.Client(transport=transport)
+    url = "https://api.openai.com/v1/chat/completions"
+    with charge_to(virtual_key=key.value):
+        client.post(url, json=chat(model="gpt-4o")).read()  # started, the key cached: $0.01
+    direct: list[bool] = []
+    admit_here = transport.meter.admit_here
+
+    def counted(*args: Any) -> Any:  # a call admitted in its own thread (not None)
+        admitted = admit_here(*args)
+        direct.append(admitted is not None)
+        return admitted
+
+    transport.meter.admit_here = counted  # type: ignore[method-assign]
+    set_read_only(postgres_database, True)
+    statuses: list[int] = []
+
+    def calls() -> None:
+        with charge_to(virtual_key=key.value):
+            for _ in range(15):
+                statuses.append(client.post(url, json=chat(model="gpt-4o")).status_code)
+                time.sleep(0.02)  # flushes fail meanwhile, the counters are read again
+
+    threads = [threading.Thread(target=calls) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failures = engine.stats.flush_failures
+    set_read_only(postgres_database, False)
+    assert on_loop(engine, engine.flush)
+    stored = budget_usage(engine, key.budgets[0].id)
+    count, total = records(engine, key.id)
+    client.close()
+    on_loop(engine, engine.shutdown)
+    admitted = statuses.count(200) + 1
+    print(
+        f"admitted {admitted} of {len(statuses) + 1} ($0.50 / $0.01 = 50), flushes failed "
+        f"{failures}; stored ${stored / 1e9:.2f}, {count} records, lost {admitted - count}; "
+        f"{direct.count(True)} of {len(direct)} admitted in their own thread"
+    )
+    assert failures > 0
+    assert direct.count(True) > len(direct) // 2  # the rest: the key read again on the loop
+    assert admitted == 50
+    assert (stored, count, total) == (50 * CENT, 50, 50 * CENT)
