@@ -16,13 +16,16 @@ from typing import Any, Final
 # A text-only chat has none; one with content parts, tools or a response format is walked,
 # cheaply (`may_reference`).
 MARK: Final = b'"type"'
+_NUL: Final = 0  # sought as an int (see `may_reference`)
 
 
 def may_reference(body: bytes) -> bool:
     """Whether a request body may send media by reference, told from its bytes: it holds
     `"type"`, or it could spell that key otherwise (a `\\u` escape, `"\\u0074ype"`; a UTF-16 or
     UTF-32 body, whose bytes hold NULs). Only then is its parsed body walked."""
-    return MARK in body or b"\\u" in body or b"\x00" in body
+    # `find`, and a NUL as an int: `bytes in bytes` first tries its operand as an int, which
+    # raises and clears a TypeError (~50 ns each in CPython 3.11)
+    return body.find(MARK) >= 0 or body.find(b"\\u") >= 0 or _NUL in body
 
 
 _DEPTH: Final = 3  # messages, their content, a tool result's content: no deeper

@@ -115,7 +115,7 @@ class SSEDecoder:
             or not chunk.startswith(b"data: ")
             or chunk.find(b"\n") != len(chunk) - 2
             or chunk[-1] != _LF
-            or b"\r" in chunk
+            or _CR in chunk  # a byte as an int: `b"\r" in` raises and clears a TypeError first
         ):
             return None
         self._started = True
