@@ -125,7 +125,7 @@ SKIPS: tuple[Skip, ...] = (
             "core/media.py",
             'return body.find(MARK) >= 0 or body.find(b"\\\\u") >= 0 or _NUL in body',
             change,
-            "may_reference: a body starting with `\"type\"` or `\\u` is not a JSON object, so"
+            'may_reference: a body starting with `"type"` or `\\u` is not a JSON object, so'
             " it sends no media whichever way the test at index 0 goes",
         )
         for change in (
