@@ -12,6 +12,8 @@ BudgetError
       ├── NotFound        404  an id (or name) that does not exist
       ├── Conflict        409  a duplicate name, a duplicate `reset_duration` on one owner
       └── InvalidRequest  422  a value the body's schema cannot catch (e.g. a team's customer id)
+           └── InvalidBody     a body its schema refuses, from the Python API (`errors` lists
+                               every failing field; pydantic's ValidationError is `__cause__`)
 
 `ConfigurationError` is also a `ValueError` and `ServiceUnavailable` a `RuntimeError`, as before.
 """
@@ -24,6 +26,7 @@ __all__ = [
     "ConfigFileError",
     "ConfigurationError",
     "Conflict",
+    "InvalidBody",
     "InvalidRequest",
     "NotFound",
     "PricingFileError",
@@ -89,3 +92,18 @@ class Conflict(AdminError):
 class InvalidRequest(AdminError):
     status = 422
     code = "invalid_value"
+
+
+class InvalidBody(InvalidRequest):
+    """A body (keyword arguments or a mapping) its schema refuses, in a call of the Python
+    management API. The message names the first failing field and what is wrong with it, as the
+    admin API's 422 does (`budgets.0.reset_duration: Value error, invalid duration ...`), and
+    never the value given; `param` is that field; `errors` lists every failure as the admin
+    API's `errors` does (`param`, `message`, `kind`). pydantic's ValidationError is `__cause__`.
+    """
+
+    def __init__(
+        self, message: str, *, param: str | None = None, errors: list[dict[str, str]] | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.errors = list(errors or [])

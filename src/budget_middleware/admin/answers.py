@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 from budget_middleware.answers import error_body
+from budget_middleware.manage.schemas import failures as validation_failures
 
 AdminAnswer = JSONResponse
 
@@ -33,15 +34,8 @@ def error(
     return JSONResponse(body, status_code=status)
 
 
-def _where(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "body"
-
-
 def invalid(exc: ValidationError, *, prefix: str = "") -> AdminAnswer:
-    failures = [
-        {"param": prefix + _where(e["loc"]), "message": e["msg"], "kind": e["type"]}
-        for e in exc.errors(include_url=False, include_input=False, include_context=False)
-    ]
+    failures = [{**f, "param": prefix + f["param"]} for f in validation_failures(exc)]
     first = failures[0] if failures else {"param": None, "message": "invalid"}
     return error(
         422,

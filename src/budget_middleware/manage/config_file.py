@@ -43,7 +43,7 @@ from sqlmodel import select
 
 from budget_middleware.core.identity import hash_key
 from budget_middleware.core.providers import canonical_provider
-from budget_middleware.exceptions import AdminError, ConfigFileError
+from budget_middleware.exceptions import AdminError, ConfigFileError, InvalidBody
 from budget_middleware.manage.litellm_config import (
     LiteLLMConfigError,
     is_litellm_config,
@@ -313,6 +313,14 @@ def _entry_label(section: str, index: int, entry: dict[str, Any]) -> str:
     return f"{section}[{index}] ({label})"
 
 
+def _problems(exc: ValidationError, names: Mapping[str, str]) -> str:
+    problems = []
+    for e in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(map(str, e["loc"])) or "entry"
+        problems.append(f"{names.get(loc, loc)}: {e['msg']}")
+    return "; ".join(problems)
+
+
 @contextmanager
 def _entry_errors(where: str, names: Mapping[str, str]) -> Iterator[None]:
     """An entry's validation or management error, as a ConfigFileError naming the entry and
@@ -320,11 +328,11 @@ def _entry_errors(where: str, names: Mapping[str, str]) -> Iterator[None]:
     try:
         yield
     except ValidationError as exc:
-        problems = []
-        for e in exc.errors(include_input=False, include_url=False):
-            loc = ".".join(map(str, e["loc"])) or "entry"
-            problems.append(f"{names.get(loc, loc)}: {e['msg']}")
-        raise ConfigFileError(f"{where}: {'; '.join(problems)}") from None
+        raise ConfigFileError(f"{where}: {_problems(exc, names)}") from None
+    except InvalidBody as exc:  # the manager's, when the file is applied: every field, as above
+        cause = exc.__cause__
+        found = _problems(cause, names) if isinstance(cause, ValidationError) else exc.message
+        raise ConfigFileError(f"{where}: {found}") from None
     except AdminError as exc:
         raise ConfigFileError(f"{where}: {exc.message}") from None
 

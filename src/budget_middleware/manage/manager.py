@@ -24,13 +24,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.providers import canonical_provider, owner_name
 from budget_middleware.core.times import from_ts
 from budget_middleware.core.windows import CounterRegistry
-from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
+from budget_middleware.exceptions import Conflict, InvalidBody, InvalidRequest, NotFound
 from budget_middleware.manage import reports
 from budget_middleware.manage.keys import KeyWriter
 from budget_middleware.manage.owner_limits import check_model_names, delete_limits, write_limits
@@ -57,6 +57,7 @@ from budget_middleware.manage.schemas import (
     VirtualKeyCreate,
     VirtualKeyOut,
     VirtualKeyUpdate,
+    failures,
     to_utc,
 )
 from budget_middleware.manage.views import Reader
@@ -72,7 +73,7 @@ from budget_middleware.store.tables import (
     VirtualKeyRow,
 )
 
-__all__ = ["BudgetManager", "Conflict", "InvalidRequest", "NotFound"]
+__all__ = ["BudgetManager", "Conflict", "InvalidBody", "InvalidRequest", "NotFound"]
 
 logger = logging.getLogger("budget_middleware")
 
@@ -82,11 +83,20 @@ Body = BaseModel | Mapping[str, Any] | None
 
 
 def _body(model: type[B], body: Body, fields: dict[str, Any]) -> B:
+    """The body validated by `model`; else InvalidBody (an InvalidRequest, 422) naming the first
+    failing field as the admin API does, pydantic's ValidationError as its `__cause__`."""
     if isinstance(body, model) and not fields:
         return body
     if isinstance(body, BaseModel):
         body = body.model_dump(exclude_unset=True)
-    return model.model_validate({**(body or {}), **fields})
+    try:
+        return model.model_validate({**(body or {}), **fields})
+    except ValidationError as exc:
+        found = failures(exc)
+        first = found[0] if found else {"param": "body", "message": "invalid"}
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        message = f"{first['param']}: {first['message']}{more}"
+        raise InvalidBody(message, param=first["param"], errors=found) from exc
 
 
 class BudgetManager(KeyWriter):

@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
+    ValidationError,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -89,6 +90,16 @@ RFC3339: Final = re.compile(
 
 _UTC_MIN: Final = datetime.min.replace(tzinfo=UTC)
 _UTC_MAX: Final = datetime.max.replace(tzinfo=UTC)
+
+
+def failures(exc: ValidationError) -> list[dict[str, str]]:
+    """Every failing field of `exc` as the admin API's 422 lists it in `errors` (`param`: the
+    field's dotted path, `message`, `kind`); never the value given (a body may hold a key's)."""
+    return [
+        {"param": ".".join(str(part) for part in e["loc"]) or "body", "message": e["msg"],
+         "kind": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]  # fmt: skip
 
 
 def to_utc(moment: datetime) -> datetime:

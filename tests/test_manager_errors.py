@@ -1,0 +1,104 @@
+"""The Python management API refuses a bad body with the package's own error (`InvalidBody`, an
+`InvalidRequest`, 422), worded as the admin API's 422, pydantic's ValidationError behind it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from admin_support import ADMIN, admin_client, admin_settings
+from budget_middleware import (
+    BudgetError,
+    BudgetSettings,
+    InvalidBody,
+    InvalidRequest,
+    get_engine,
+    get_manager,
+)
+
+BAD_MONEY = {"max_limit": "abc", "reset_duration": "1d"}
+BAD_DURATION = {"max_limit": 1, "reset_duration": "fortnight"}
+
+
+def refusal(call: Callable[[], Any]) -> InvalidBody:
+    with pytest.raises(InvalidBody) as caught:
+        call()
+    exc = caught.value
+    print(type(exc).__name__, exc.status, exc.param, "|", exc.message)
+    return exc
+
+
+def test_a_bad_body_is_an_invalid_request_naming_the_field(tmp_path: Path) -> None:
+    m = get_manager(BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db"))
+    exc = refusal(lambda: m.create_team(name="x", budgets=[BAD_MONEY]))
+    assert isinstance(exc, InvalidRequest) and isinstance(exc, BudgetError)
+    assert (exc.status, exc.code) == (422, "invalid_value")
+    assert exc.param == "budgets.0.max_limit"
+    assert exc.message == str(exc) == "budgets.0.max_limit: Value error, must be a JSON number"
+    assert exc.errors == [
+        {"param": exc.param, "message": "Value error, must be a JSON number", "kind": "value_error"}
+    ]
+    assert isinstance(exc.__cause__, ValidationError)  # still there for whoever wants it
+
+    exc = refusal(lambda: m.create_team(name="x", colour="red"))
+    assert exc.param == "colour" and exc.message == "colour: Extra inputs are not permitted"
+
+    exc = refusal(lambda: m.create_team({"name": "x", "budgets": [BAD_DURATION]}))
+    assert exc.param == "budgets.0.reset_duration"
+    assert exc.message.startswith("budgets.0.reset_duration: Value error, invalid duration")
+
+    # Several failures: the first named, the count of the others said, every one listed.
+    exc = refusal(lambda: m.create_team(name=5, colour="red", budgets=[BAD_DURATION]))
+    assert exc.message.endswith(" (and 2 more)")
+    assert {e["param"] for e in exc.errors} == {"name", "colour", "budgets.0.reset_duration"}
+
+    # A value given is never repeated (a key's value may be in the body).
+    exc = refusal(lambda: m.create_virtual_key(name="k", value="sk-secret-123", teams="t"))
+    assert exc.param == "teams" and "sk-secret" not in exc.message
+    assert "sk-secret" not in repr(exc.errors)
+    assert m.list_teams() == [] and m.list_virtual_keys() == []  # nothing written
+
+
+def test_every_method_that_takes_a_body_refuses_it_so(tmp_path: Path) -> None:
+    m = get_engine(BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db")).manager
+    customer = m.create_customer(name="c")
+    team = m.create_team(name="t")
+    key = m.create_virtual_key(name="k")
+    config = m.create_model_config(model_name="gpt-4o")
+    route = m.create_route(name="r", targets=["openai/gpt-4o"])
+    calls: dict[str, Callable[[], Any]] = {
+        "create_customer": lambda: m.create_customer(name="c2", budgets=[BAD_DURATION]),
+        "update_customer": lambda: m.update_customer(customer.id, budgets=[BAD_MONEY]),
+        "create_team": lambda: m.create_team(name="t2", budgets=[BAD_DURATION]),
+        "update_team": lambda: m.update_team(team.id, {"budgets": [BAD_MONEY]}),
+        "create_virtual_key": lambda: m.create_virtual_key(name="k2", budgets=[BAD_MONEY]),
+        "update_virtual_key": lambda: m.update_virtual_key(key.id, budgets=[BAD_DURATION]),
+        "put_provider": lambda: m.put_provider("openai", budgets=[BAD_DURATION]),
+        "put_tag": lambda: m.put_tag("chat", budgets=[BAD_MONEY]),
+        "create_model_config": lambda: m.create_model_config(model_name="m", budgets=[BAD_MONEY]),
+        "update_model_config": lambda: m.update_model_config(config.id, budgets=[BAD_DURATION]),
+        "create_route": lambda: m.create_route(name="r2", targets=["openai/gpt-4o"], colour=1),
+        "update_route": lambda: m.update_route(route.id, {"strategy": "sometimes"}),
+    }
+    for name, call in calls.items():
+        exc = refusal(call)
+        assert isinstance(exc.__cause__, ValidationError), name
+        assert exc.param is not None and exc.message.startswith(f"{exc.param}: "), name
+        assert exc.param.split(".")[0] in ("budgets", "colour", "strategy"), name
+
+
+async def test_the_python_api_words_a_bad_body_as_the_admin_api_does(tmp_path: Path) -> None:
+    settings = admin_settings(tmp_path)
+    body = {"name": "x", "colour": "red", "budgets": [BAD_MONEY]}
+    async with admin_client(settings) as http:
+        answer = await http.post("/teams", json=body, headers=ADMIN)
+        assert answer.status_code == 422
+        error = answer.json()["error"]
+        exc = refusal(lambda: get_engine(settings).manager.create_team(body))
+    assert exc.errors == error["errors"]
+    assert exc.param == error["param"]
+    assert exc.message == error["message"] + " (and 1 more)"
