@@ -291,8 +291,9 @@ def test_a_failure_prints_one_line_naming_its_cause(
 ) -> None:
     unreachable = {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/no/such/dir/b.db"}
     invalid = {"BUDGET_DATABASE_URL": "mysql://localhost/x"}
+    get_manager(_settings(store)).list_teams()  # the store exists: `show` needs one
     unknown, duration = cli_many(store, ["keys show nope", "keys create --name x --budget 1/1x"])
-    [down] = cli_many(unreachable, ["customers list"])
+    [down] = cli_many(unreachable, ["customers create --name x"])
     [settings] = cli_many(invalid, ["keys list"], script=True)
     assert unknown.failed_on_one_line() == "error: virtual key 'nope' not found"
     line = duration.failed_on_one_line(2)
@@ -330,6 +331,7 @@ def test_a_usage_period_that_ends_before_it_starts_is_named(
 ) -> None:
     """SPEC §16: a failure prints one line naming the cause; `--until` before `--since` printed
     "no usage in this period" and exited 0."""
+    get_manager(_settings(store)).list_teams()  # the store exists: `usage` needs one
     swapped = here(store, "usage --since 2027-02-01 --until 2027-01-01")
     print("until before since:", swapped.code, swapped.err.strip())
     line = swapped.failed_on_one_line(2)
@@ -682,6 +684,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(
     def interrupted(*_args: Any, **_kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
+    get_manager(_settings(store)).list_teams()  # the store exists: `budgets list` needs one
     monkeypatch.setattr(client_module.StoreClient, "budgets", interrupted)  # while a command runs
     running_ = here(store, "budgets list")
     monkeypatch.setattr(commands.cli, "main", interrupted)  # before click has it: start-up
@@ -710,3 +713,43 @@ def test_config_check_names_every_problem(
     assert "(and 2 more: teams[0] (ops): budgets.0.reset_duration" in line
     assert "; virtual_keys[0] (bot): colour: Extra inputs are not permitted)" in line
     assert not _exists(store)
+
+
+def test_a_command_that_reads_makes_no_store_where_there_is_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, here: Here
+) -> None:
+    """Run where the default store (`./budget_middleware.db`) is not, a command that reads made
+    the file and its tables, and printed empty results (or, for alerts, "cannot be reached")."""
+    monkeypatch.chdir(tmp_path)
+    default = tmp_path / "budget_middleware.db"
+    lines = [
+        "keys list", "teams show research", "budgets list", "usage --by model", "alerts list",
+        "keys update alice --inactive", "customers delete acme", "keys rotate alice",
+        "budgets reset 1f2e", "--json model-configs list",
+    ]  # fmt: skip
+    for line in lines:
+        refused = here({}, line)  # BUDGET_DATABASE_URL unset: its default
+        print(f"{line}: {refused.code} {refused.err.strip()}")
+        assert refused.failed_on_one_line() == (
+            f"error: no store at sqlite:///./budget_middleware.db: {default} does not exist. "
+            "Set BUDGET_DATABASE_URL to your store's URL, or --url to a running admin API; "
+            "'create' and 'config apply' make a new store there"
+        )
+        assert list(tmp_path.iterdir()) == []  # nothing made
+    [subprocess_run] = [  # the installed command, as a user runs it
+        subprocess.run([str(SCRIPT), "keys", "list"], cwd=tmp_path, capture_output=True,
+                       text=True, env=os.environ, timeout=60)
+    ]  # fmt: skip
+    assert subprocess_run.returncode == 1 and subprocess_run.stdout == ""
+    assert subprocess_run.stderr.startswith("error: no store at sqlite:///./budget_middleware.db")
+    assert list(tmp_path.iterdir()) == []
+
+    # A command that writes makes the store, as before; then the others read it.
+    assert ok(here({}, "teams create --name research")).out.startswith("created team")
+    assert default.exists()
+    assert table(ok(here({}, "teams list")).out)[1][1] == "research"
+    assert ok(here({}, "usage")).out == "no usage in this period\n"
+    # A store elsewhere, named by BUDGET_DATABASE_URL, is not affected.
+    other = {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/elsewhere.db"}
+    line = here(other, "keys list").failed_on_one_line()
+    assert f"no store at {other['BUDGET_DATABASE_URL']}: {tmp_path}/elsewhere.db" in line

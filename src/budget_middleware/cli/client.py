@@ -79,6 +79,7 @@ class Client(Protocol):
     def usage(self, query: Json) -> Json: ...
     def alerts(self, query: Json) -> Json: ...
     def apply_config(self, path: Path) -> dict[str, int]: ...
+    def need_store(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -101,6 +102,22 @@ def shown_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url.split("@")[-1] if "@" in url else url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite store's URL (relative to the working directory, as SQLite opens
+    it); None for another database, an in-memory one, or a `file:` URI."""
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+    except Exception:
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
 
 
 class StoreClient:
@@ -208,6 +225,17 @@ class StoreClient:
         except ConfigFileError as exc:
             raise CliError(config_message(str(exc))) from None
         return {name: len(entries) for name, entries in sections.items() if entries}
+
+    def need_store(self) -> None:
+        """Before a command that reads (or changes what must already exist): a SQLite store
+        whose file does not exist is refused, not made (empty) where the command was run."""
+        path = sqlite_file(self.settings.database_url)
+        if path is not None and not path.exists():
+            raise CliError(
+                f"no store at {shown_url(self.settings.database_url)}: {path.absolute()} does "
+                "not exist. Set BUDGET_DATABASE_URL to your store's URL, or --url to a running "
+                "admin API; 'create' and 'config apply' make a new store there"
+            )
 
     def close(self) -> None:
         if self._manager is not None:
@@ -359,6 +387,9 @@ class HttpClient:
         answer = self._send("POST", "/config/apply", "applied", body={"text": text, "format": kind})
         entries = answer.get("entries")
         return {str(k): int(n) for k, n in entries.items()} if isinstance(entries, dict) else {}
+
+    def need_store(self) -> None:
+        """The server has its store."""
 
     def close(self) -> None:
         self.http.close()

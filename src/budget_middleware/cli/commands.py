@@ -76,6 +76,14 @@ def _state() -> State:
     return click.get_current_context().ensure_object(State)
 
 
+def _existing() -> Client:
+    """The client of a command that reads the store, or changes what must be in it already: one
+    on a SQLite file that does not exist is refused (an empty store would be made, and shown)."""
+    client = _state().client()
+    client.need_store()
+    return client
+
+
 def _json_flag(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value:
         ctx.ensure_object(State).json = True
@@ -384,7 +392,7 @@ def entity_group(kind: Kind) -> click.Group:
     by = "by name" if kind.named else "by id or name"
 
     def list_(**filters: Any) -> None:
-        client = _state().client()
+        client = _existing()
         answer = client.list(kind, resolve_parents(client, filters))
         if _state().json:
             out.emit_json(answer)
@@ -392,7 +400,7 @@ def entity_group(kind: Kind) -> click.Group:
             out.table(answer[kind.many], COLUMNS[kind.command])
 
     def show_(ref: str) -> None:
-        item = resolve(_state().client(), kind, ref)
+        item = resolve(_existing(), kind, ref)
         emit(kind, {kind.one: item})
 
     def create_(**options: Any) -> None:
@@ -417,7 +425,7 @@ def entity_group(kind: Kind) -> click.Group:
         emit(kind, answer, f"created {_label(kind, answer[kind.one])}")
 
     def update_(ref: str, **options: Any) -> None:
-        client = _state().client()
+        client = _existing()
         body = resolve_parents(client, build_body(options))
         target = _ref(kind, resolve(client, kind, ref))
         put = kind.named
@@ -425,7 +433,7 @@ def entity_group(kind: Kind) -> click.Group:
         emit(kind, answer, f"updated {_label(kind, answer[kind.one])}")
 
     def delete_(ref: str) -> None:
-        client = _state().client()
+        client = _existing()
         item = resolve(client, kind, ref)
         answer = client.delete(kind, _ref(kind, item))
         if _state().json:
@@ -465,7 +473,7 @@ def entity_group(kind: Kind) -> click.Group:
     if kind.command == "keys":
 
         def rotate_(ref: str) -> None:
-            client = _state().client()
+            client = _existing()
             answer = client.rotate_key(resolve(client, kind, ref)["id"])
             emit(
                 kind,
@@ -483,7 +491,7 @@ def entity_group(kind: Kind) -> click.Group:
 
 
 def _budgets_list(owner_type: str | None, owner_id: str | None) -> None:
-    answer = _state().client().budgets({"owner_type": owner_type, "owner_id": owner_id})
+    answer = _existing().budgets({"owner_type": owner_type, "owner_id": owner_id})
     if _state().json:
         out.emit_json(answer)
     else:
@@ -491,7 +499,7 @@ def _budgets_list(owner_type: str | None, owner_id: str | None) -> None:
 
 
 def _budgets_reset(ref: str) -> None:
-    answer = _state().client().reset_budget(ref)
+    answer = _existing().reset_budget(ref)
     if _state().json:
         out.emit_json(answer)
         return
@@ -526,7 +534,7 @@ budgets_group.add_command(
 def _usage(by: str, since: str | None, until: str | None) -> None:
     start, end = values.period(since, until)
     query = {"group_by": USAGE_GROUPS[by], "start": start, "end": end}
-    answer = _state().client().usage(query)
+    answer = _existing().usage(query)
     if _state().json:
         out.emit_json(answer)
         return
@@ -570,7 +578,7 @@ usage_command = command(
 
 def _alerts_list(owner_type: str | None, owner_id: str | None, limit: int) -> None:
     query = {"owner_type": owner_type, "owner_id": owner_id, "limit": limit}
-    answer = _state().client().alerts(query)
+    answer = _existing().alerts(query)
     if _state().json:
         out.emit_json(answer)
         return
