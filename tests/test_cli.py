@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from budget_middleware import BudgetSettings, get_manager
+from budget_middleware import BudgetSettings, ConfigFileError, get_engine, get_manager
 from budget_middleware.cli import run
 from budget_middleware.cli.commands import cli as cli_group
 from support import chat, client, host_app, running
@@ -753,3 +753,57 @@ def test_a_command_that_reads_makes_no_store_where_there_is_none(
     other = {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/elsewhere.db"}
     line = here(other, "keys list").failed_on_one_line()
     assert f"no store at {other['BUDGET_DATABASE_URL']}: {tmp_path}/elsewhere.db" in line
+
+
+def test_config_check_warns_of_a_variable_only_the_server_has(
+    store: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, here: Here
+) -> None:
+    """A key's `value: ${VAR}` is read where the file is applied: checked in a shell without
+    VAR, the file failed as invalid ("environment variable VAR is not set", exit 1)."""
+    monkeypatch.delenv("BOT_KEY", raising=False)
+    monkeypatch.delenv("CI_KEY", raising=False)
+    file = tmp_path / "budget.yaml"
+    file.write_text(
+        "teams:\n  - name: ops\n    budgets: [{max_limit: 5, reset_duration: 1d}]\n"
+        "virtual_keys:\n  - name: bot\n    team: ops\n    value: ${BOT_KEY}\n"
+        "  - name: ci\n    value: sk-${CI_KEY}\n"
+    )
+    checked = here(store, f"config check {file}")
+    print(checked.code, checked.out.strip(), "|", checked.err.strip())
+    assert checked.code == 0
+    assert checked.out == f"{file} is valid: teams: 1, virtual keys: 2\n"
+    assert checked.err == (
+        "warning: BOT_KEY is not set here: the value of virtual_keys[0] (bot) is checked where "
+        "the file is applied (--require-env makes it an error)\n"
+        "warning: CI_KEY is not set here: the value of virtual_keys[1] (ci) is checked where "
+        "the file is applied (--require-env makes it an error)\n"
+    )
+    answer = ok(here(store, f"config check {file} --json")).json()
+    assert answer["valid"] is True and answer["unset_variables"] == {
+        "BOT_KEY": ["virtual_keys[0] (bot)"], "CI_KEY": ["virtual_keys[1] (ci)"]
+    }  # fmt: skip
+
+    # --require-env: as the server applies it, an unset variable is an error.
+    line = here(store, f"config check --require-env {file}").failed_on_one_line()
+    assert line.startswith(
+        f"error: config file '{file}', virtual_keys[0] (bot): environment variable BOT_KEY is "
+        "not set (and 1 more"
+    )
+    # The rest of the file is still checked: another problem fails it (one line, as ever),
+    # and that line does not count the unset variables among the problems.
+    file.write_text(file.read_text().replace("1d", "1x"))
+    line = here(store, f"config check {file}").failed_on_one_line()
+    assert line.startswith(f"error: config file '{file}', teams[0] (ops): budgets.0.reset_duration")
+    assert "KEY" not in line and "more" not in line
+    # Set here, the values are checked as before: too short a value is named.
+    monkeypatch.setenv("BOT_KEY", "short")
+    monkeypatch.setenv("CI_KEY", "a-long-enough-value")
+    file.write_text(file.read_text().replace("1x", "1d"))
+    line = here(store, f"config check {file}").failed_on_one_line()
+    assert "virtual_keys[0] (bot): value: String should have at least 8 characters" in line
+    # Applying it needs the variables, as ever; nothing is written without them.
+    monkeypatch.delenv("BOT_KEY")
+    line = here(store, f"config apply {file}").failed_on_one_line()
+    assert "environment variable BOT_KEY is not set" in line and not _exists(store)
+    with pytest.raises(ConfigFileError, match="environment variable BOT_KEY is not set"):
+        get_engine(BudgetSettings(database_url=store["BUDGET_DATABASE_URL"], config_file=file))

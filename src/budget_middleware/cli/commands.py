@@ -623,12 +623,12 @@ alerts_group.add_command(
 )
 
 
-def _check(file: str) -> dict[str, int]:
+def _check(file: str, unset: dict[str, list[str]] | None = None) -> dict[str, int]:
     from budget_middleware.exceptions import ConfigFileError
     from budget_middleware.manage.config_file import check_config_file
 
     try:
-        sections = check_config_file(Path(file))
+        sections = check_config_file(Path(file), unset=unset)
     except ConfigFileError as exc:
         raise CliError(config_message(str(exc))) from None
     return {name: len(entries) for name, entries in sections.items() if entries}
@@ -640,10 +640,20 @@ def _counts(entries: dict[str, int]) -> str:
     )
 
 
-def _config_check(file: str) -> None:
-    entries = _check(file)
+def _config_check(file: str, require_env: bool) -> None:
+    unset: dict[str, list[str]] | None = None if require_env else {}
+    entries = _check(file, unset)
+    for name, where in (unset or {}).items():
+        click.echo(
+            f"warning: {name} is not set here: the value of {', '.join(where)} is checked where "
+            "the file is applied (--require-env makes it an error)",
+            err=True,
+        )
     if _state().json:
-        out.emit_json({"file": file, "valid": True, "entries": entries})
+        answer: Json = {"file": file, "valid": True, "entries": entries}
+        if unset:
+            answer["unset_variables"] = unset
+        out.emit_json(answer)
     else:
         click.echo(f"{file} is valid: {_counts(entries)}")
 
@@ -665,7 +675,23 @@ config_group = click.Group(
     no_args_is_help=True,
 )
 config_group.add_command(
-    command("check", _config_check, "Check a config file without touching the store.", [_FILE])
+    command(
+        "check",
+        _config_check,
+        "Check a config file without touching the store. A key's `value: ${VAR}` whose VAR is "
+        "not set in this shell (the server that applies the file has it) is a warning naming "
+        "VAR, the rest of the file is checked, and the exit status is 0; that value itself is "
+        "checked where the file is applied.",
+        [
+            _FILE,
+            _opt(
+                "--require-env",
+                is_flag=True,
+                help="Fail (exit 1) on a ${VAR} not set here, as applying the file does: to "
+                "check the file in the environment that applies it.",
+            ),
+        ],
+    )
 )
 config_group.add_command(
     command(

@@ -276,14 +276,31 @@ def _provider(name: Any) -> Any:
     return canonical_provider(name) if isinstance(name, str) else name
 
 
-def _expand(section: str, raw: dict[str, Any], where: str) -> dict[str, Any]:
+Unset = dict[str, list[str]]  # a variable not set here: the entries whose value names it
+
+
+def _expand(
+    section: str, raw: dict[str, Any], where: str, unset: Unset | None = None
+) -> dict[str, Any]:
     """An entry as it applies: `${VAR}` read from the environment in a virtual key's `value`
     only (SPEC §10: key values stay out of the file). Every other text is taken as written: a
     variable never ends up in a name, a tag or a model the API shows (`POST /config/apply`
-    would otherwise read any of the server's variables, its passwords included, back)."""
+    would otherwise read any of the server's variables, its passwords included, back).
+    With `unset`, a variable not set here is recorded there and the entry is without its
+    value (unknown here) instead of an error."""
     if section == "virtual_keys" and isinstance(raw.get("value"), str):
+        missing = _missing(raw["value"])
+        if unset is not None and missing:
+            for name in missing:
+                unset.setdefault(name, []).append(where.rsplit(", ", 1)[-1])
+            return {k: v for k, v in raw.items() if k != "value"}
         return {**raw, "value": _substitute(raw["value"], where)}
     return raw
+
+
+def _missing(value: str) -> list[str]:
+    """The variables `value` names that this environment does not set, each once."""
+    return list(dict.fromkeys(m[1] for m in _ENV.finditer(value) if m[1] not in os.environ))
 
 
 def _substitute(value: Any, where: str) -> Any:
@@ -402,13 +419,17 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
                 check_model_names(getattr(config, field), "provider_configs", where_)
 
 
-def check_config_file(path: Path) -> dict[str, Any]:
+def check_config_file(path: Path, *, unset: Unset | None = None) -> dict[str, Any]:
     """Read `path` and check every entry as far as possible without the store (raises
-    ConfigFileError naming the file and the entry); the file's data, `${...}` not substituted."""
-    return dict(_check(path).sections)
+    ConfigFileError naming the file and the entry); the file's data, `${...}` not substituted.
+
+    A key's `value: ${VAR}` whose VAR this environment does not set is an error, unless
+    `unset` is given (the CLI's `config check`, run where the server's variables are not): VAR
+    is then recorded in it (with the entries naming it) and that value is left unchecked."""
+    return dict(_check(path, unset).sections)
 
 
-def _check(path: Path) -> _FileData:
+def _check(path: Path, unset: Unset | None = None) -> _FileData:
     """The file's data, every entry checked; one ConfigFileError naming every problem found (the
     first as it is, the others after it by their entry), so that one check shows them all."""
     data = _read(path)
@@ -418,7 +439,7 @@ def _check(path: Path) -> _FileData:
         for index, raw in enumerate(data.sections[section]):
             where = data.where(section, index, raw)
             try:
-                entry = _expand(section, raw, where)
+                entry = _expand(section, raw, where, unset)
                 with _entry_errors(where, data.field_names(section, index)):
                     _check_entry(section, dict(entry), where)
                 identity = _identity(section, entry)
@@ -436,6 +457,8 @@ def _check(path: Path) -> _FileData:
         value = raw.get("value")
         if isinstance(value, str):
             where = data.where("virtual_keys", index, raw)
+            if unset is not None and _missing(value):
+                continue  # unknown here: recorded above
             try:
                 first = values.setdefault(_substitute(value, where), where)
             except ConfigFileError:
