@@ -36,6 +36,7 @@ def test_a_bad_body_is_an_invalid_request_naming_the_field(tmp_path: Path) -> No
     m = get_manager(BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db"))
     exc = refusal(lambda: m.create_team(name="x", budgets=[BAD_MONEY]))
     assert isinstance(exc, InvalidRequest) and isinstance(exc, BudgetError)
+    assert isinstance(exc, ValueError)  # as ValidationError is: `except ValueError` still works
     assert (exc.status, exc.code) == (422, "invalid_value")
     assert exc.param == "budgets.0.max_limit"
     assert exc.message == str(exc) == "budgets.0.max_limit: Value error, must be a JSON number"

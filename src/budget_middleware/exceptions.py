@@ -15,7 +15,8 @@ BudgetError
            └── InvalidBody     a body its schema refuses, from the Python API (`errors` lists
                                every failing field; pydantic's ValidationError is `__cause__`)
 
-`ConfigurationError` is also a `ValueError` and `ServiceUnavailable` a `RuntimeError`, as before.
+`ConfigurationError` is also a `ValueError` and `ServiceUnavailable` a `RuntimeError`, as before;
+`InvalidBody` is a `ValueError` too, as the pydantic `ValidationError` it replaces was.
 """
 
 from __future__ import annotations
@@ -94,13 +95,13 @@ class InvalidRequest(AdminError):
     code = "invalid_value"
 
 
-class InvalidBody(InvalidRequest):
+class InvalidBody(InvalidRequest, ValueError):
     """A body (keyword arguments or a mapping) its schema refuses, in a call of the Python
     management API. The message names the first failing field and what is wrong with it, as the
     admin API's 422 does (`budgets.0.reset_duration: Value error, invalid duration ...`), and
     never the value given; `param` is that field; `errors` lists every failure as the admin
-    API's `errors` does (`param`, `message`, `kind`). pydantic's ValidationError is `__cause__`.
-    """
+    API's `errors` does (`param`, `message`, `kind`). pydantic's ValidationError is `__cause__`;
+    a `ValueError`, as that error is (`except ValueError` catches both)."""
 
     def __init__(
         self, message: str, *, param: str | None = None, errors: list[dict[str, str]] | None = None
