@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,22 @@ async def test_the_python_api_words_a_bad_body_as_the_admin_api_does(tmp_path: P
     assert exc.errors == error["errors"]
     assert exc.param == error["param"]
     assert exc.message == error["message"] + " (and 1 more)"
+
+
+def test_a_usage_report_takes_iso_text_and_refuses_other_bounds(tmp_path: Path) -> None:
+    """`usage`'s bounds: datetimes, or ISO 8601 text as the CLI and the admin API take them; any
+    other value is an InvalidRequest naming the bound (it raised AttributeError on `tzinfo`)."""
+    m = get_manager(BudgetSettings(database_url=f"sqlite:///{tmp_path}/u.db"))
+    by_text = m.usage("team", "2026-12-01T00:00:00Z", "2026-12-02T00:00:00+00:00")
+    assert by_text.model_dump()["start"] is not None
+    assert (
+        by_text.model_dump()
+        == m.usage("team", datetime(2026, 12, 1, tzinfo=UTC), datetime(2026, 12, 2)).model_dump()
+    )
+    for bound, value in (("start", "yesterday"), ("end", 1764547200), ("start", "")):
+        arguments = {bound: value}
+        with pytest.raises(InvalidRequest) as caught:
+            m.usage("team", **arguments)  # type: ignore[arg-type]
+        print(bound, repr(value), "->", caught.value.message)
+        assert caught.value.param == bound and caught.value.status == 422
+        assert repr(value) in caught.value.message

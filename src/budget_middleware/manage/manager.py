@@ -471,14 +471,37 @@ class BudgetManager(KeyWriter):
             live = counters if from_memory else None
             return reports.rate_limits(s, owner_type=owner_type, owner_id=owner_id, counters=live)
 
-    def usage(self, group_by: str = "virtual_key", start: Any = None, end: Any = None) -> UsageOut:
-        """Spend, tokens and requests between `start` (inclusive) and `end` (exclusive)."""
+    def usage(
+        self,
+        group_by: str = "virtual_key",
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+    ) -> UsageOut:
+        """Spend, tokens and requests between `start` (inclusive) and `end` (exclusive): each
+        a datetime (naive: UTC) or an ISO 8601 / RFC 3339 text (`2026-12-01T00:00:00Z`)."""
+        since, until = _moment(start, "start"), _moment(end, "end")
         with self._session() as s:
-            return reports.usage(s, group_by, start, end)
+            return reports.usage(s, group_by, since, until)
 
     @staticmethod
     def new_key_value(prefix: str) -> str:
         return prefix + secrets.token_urlsafe(32)
+
+
+def _moment(value: object, name: str) -> datetime | None:
+    """A report's bound as given to the Python API; anything else refused, naming it."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.strip())  # `Z` too, from Python 3.11
+        except ValueError:
+            pass
+    raise InvalidRequest(
+        f"{name} must be a datetime or an ISO 8601 date and time (2026-12-01T00:00:00Z), "
+        f"not {value!r}",
+        param=name,
+    )
 
 
 def _route_out(row: RouteRow) -> RouteOut:
