@@ -123,3 +123,22 @@ def test_a_usage_report_takes_iso_text_and_refuses_other_bounds(tmp_path: Path) 
         print(bound, repr(value), "->", caught.value.message)
         assert caught.value.param == bound and caught.value.status == 422
         assert repr(value) in caught.value.message
+
+
+def test_a_key_value_set_later_has_the_length_a_created_one_must_have(tmp_path: Path) -> None:
+    """`set_virtual_key_value` (the config file's `value`) took a one-character value, where a
+    create's `value` must have 8 to 512 characters: the same rule now, and the key keeps its
+    value when refused."""
+    m = get_manager(BudgetSettings(database_url=f"sqlite:///{tmp_path}/v.db"))
+    key = m.create_virtual_key(name="k", value="sk-first-value")
+    for value in ("x", "1234567", "v" * 513):
+        with pytest.raises(InvalidRequest) as caught:
+            m.set_virtual_key_value(key.id, value)
+        print(len(value), "characters ->", caught.value.message)
+        assert caught.value.param == "value" and caught.value.status == 422
+    assert m.get_virtual_key(key.id).key_display == key.key_display
+    for value in ("12345678", "w" * 512):
+        m.set_virtual_key_value(key.id, value)
+        assert m.get_virtual_key(key.id).key_display != key.key_display
+    with pytest.raises(InvalidBody):  # the create's rule, through its schema
+        m.create_virtual_key(name="short", value="1234567")

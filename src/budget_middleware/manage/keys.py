@@ -22,6 +22,7 @@ from budget_middleware.manage.owner_limits import (
     write_limits,
 )
 from budget_middleware.manage.schemas import (
+    KEY_VALUE_LENGTH,
     ProviderConfigIn,
     VirtualKeyCreate,
     VirtualKeyOut,
@@ -181,7 +182,13 @@ class KeyWriter(OwnerWriter):
             return Reader(s).virtual_key(row, value=value)
 
     def set_virtual_key_value(self, id_: str, value: str) -> None:
-        """Give the key a value of your choosing (the config file's `value`)."""
+        """Give the key a value of your choosing (the config file's `value`), of as many
+        characters as a create's `value` may have."""
+        shortest, longest = KEY_VALUE_LENGTH
+        if not isinstance(value, str) or not shortest <= len(value) <= longest:
+            raise InvalidRequest(
+                f"value: a key's value has {shortest} to {longest} characters", param="value"
+            )
         with self._session() as s:
             row = self._get(s, VirtualKeyRow, id_, "virtual key")
             self._set_value(s, row, value)

@@ -47,6 +47,8 @@ NO_NUL: Final = "^[^\\u0000]*$"
 """The pattern of every free text of the admin API: PostgreSQL cannot store U+0000."""
 
 NUL_MESSAGE: Final = "must not contain U+0000 (NUL)"
+# The length of a key's value chosen by the caller (a create's `value`, `set_virtual_key_value`)
+KEY_VALUE_LENGTH: Final = (8, 512)
 
 
 class TwiceGiven(ValueError):
@@ -418,7 +420,10 @@ class VirtualKeyCreate(_KeyFields):
     tags: list[str] = Field(default_factory=list, max_length=100)
     calendar_aligned: JsonBool = False
     value: str | None = Field(
-        default=None, min_length=8, max_length=512, description="default: a generated value"
+        default=None,
+        min_length=KEY_VALUE_LENGTH[0],
+        max_length=KEY_VALUE_LENGTH[1],
+        description="default: a generated value",
     )
 
 
