@@ -1,15 +1,20 @@
-"""Helpers for tests that drive a real host app through ASGI."""
+"""Helpers for tests that drive a real host app through ASGI, and for tests that make threads
+meet where only `loop_lock` keeps them apart (`Meeting`)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI, Request
 from mock_upstream import mock_router
 
@@ -129,3 +134,91 @@ async def serve_lifespan(receive: Any, send: Any) -> None:
     while (await receive())["type"] != "lifespan.shutdown":
         await send({"type": "lifespan.startup.complete"})
     await send({"type": "lifespan.shutdown.complete"})
+
+
+# -- threads made to meet where only `loop_lock` keeps them apart ---------------------------------
+
+# A call asking for at most 1,000 output tokens of gpt-4o and answered 1,000 (its input free):
+# reserved and charged the same $0.001, so a budget of N calls admits N whatever the order.
+CALL_NANOS = 1_000_000
+CALL_OUTPUT = 1000
+
+
+def call_priced(tmp_path: Path) -> Path:
+    """A pricing file: gpt-4o's input free and its output $1 a million tokens (`CALL_NANOS`)."""
+    path = tmp_path / "call_prices.json"
+    path.write_text(
+        json.dumps({"models": {"openai/gpt-4o": {"input_per_mtok": 0, "output_per_mtok": 1}}})
+    )
+    return path
+
+
+class Meeting:
+    """A point of the code where threads are made to meet, as if the first were preempted there:
+    the first to get there waits (up to `timeout` seconds) until `others` more have got there
+    too. Only a lock around that point keeps them apart: the first then waits alone, holding
+    it, and goes on after the timeout (`met` False)."""
+
+    def __init__(self, others: int, timeout: float = 1.5) -> None:
+        self.others = others
+        self.timeout = timeout
+        self.arrived = 0
+        self.met: bool | None = None  # whether the others came while the first waited
+        self.waited = 0.0  # how long the first waited
+        self._count = threading.Lock()
+        self._all_here = threading.Event()
+
+    def arrive(self) -> None:
+        with self._count:
+            self.arrived += 1
+            first = self.arrived == 1
+            if self.arrived == 1 + self.others:
+                self._all_here.set()
+        if first:
+            started = time.perf_counter()
+            self.met = self._all_here.wait(self.timeout)
+            self.waited = time.perf_counter() - started
+
+
+def meet_between_check_and_reservation(monkeypatch: pytest.MonkeyPatch, meeting: Meeting) -> None:
+    """Each admission in process arrives at `meeting` once every limit has passed, before it
+    counts the request or reserves its estimate (`admission.admit_anyway`): two admissions
+    there at once would both have passed on what neither had reserved yet."""
+    from budget_middleware.core import admission
+
+    counted = admission.admit_anyway
+
+    def reserving(*args: Any) -> Any:
+        meeting.arrive()
+        return counted(*args)
+
+    monkeypatch.setattr(admission, "admit_anyway", reserving)
+
+
+def meet_inside_a_budget_s_charge(monkeypatch: pytest.MonkeyPatch, meeting: Meeting) -> None:
+    """Each settlement in process arrives at `meeting` once it has read its budget's spend, before
+    it writes that spend plus its cost back (`counter.value += cost` in `windows.charge`): two
+    settlements there at once would write the same sum, and one cost would be lost."""
+    from budget_middleware.core import admission
+    from budget_middleware.core.windows import WindowCounter
+
+    slot = WindowCounter.__dict__["value"]  # the slot's descriptor, which the property wraps
+    settling = threading.local()
+    settle = admission.settle
+
+    def settled(*args: Any) -> Any:
+        settling.budget = True  # the next budget spend this thread reads is its charge's
+        try:
+            return settle(*args)
+        finally:
+            settling.budget = False
+
+    def read(counter: WindowCounter) -> int:
+        value: int = slot.__get__(counter, type(counter))
+        if getattr(settling, "budget", False) and counter.kind == "budget":
+            settling.budget = False
+            meeting.arrive()  # read, not yet written back
+        return value
+
+    monkeypatch.setattr(admission, "settle", settled)
+    monkeypatch.setattr(WindowCounter, "value", property(read, slot.__set__))

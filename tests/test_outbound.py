@@ -39,7 +39,17 @@ from budget_middleware import (
 from budget_middleware.engine.engine import BudgetEngine
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, tcp_proxy, unique_prefix, use_prefix
-from support import client, engine_of, running
+from support import (
+    CALL_NANOS,
+    CALL_OUTPUT,
+    Meeting,
+    call_priced,
+    client,
+    engine_of,
+    meet_between_check_and_reservation,
+    meet_inside_a_budget_s_charge,
+    running,
+)
 
 Settings = Callable[..., BudgetSettings]
 MESSAGES = [{"role": "user", "content": "Summarise the budget policy in one line."}]
@@ -1852,14 +1862,19 @@ def _ten_in_five_out(request: httpx2.Request) -> httpx2.Response:
 
 def _direct_path(
     make_settings: Settings,
+    provider: Callable[[httpx2.Request], httpx2.Response] = _ten_in_five_out,
+    budget: float = 10,
+    **settings: Any,
 ) -> tuple[BudgetSyncTransport, BudgetEngine, Any, httpx2.Client]:
     """A sync transport on in-process counters (so on the background loop, where calls paid
-    by a cached key are admitted in their own thread), a key with a $10 budget, a client."""
+    by a cached key are admitted in their own thread), a key with a $10 budget (or `budget`),
+    a client; the provider answers `_ten_in_five_out`'s (or `provider`'s)."""
     transport = BudgetSyncTransport(
-        httpx2.MockTransport(_ten_in_five_out), settings=make_settings(flush_interval_seconds=3600)
+        httpx2.MockTransport(provider),
+        settings=make_settings(flush_interval_seconds=3600, **settings),
     )
     engine = transport.meter.engine
-    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": budget}])
     return transport, engine, key, httpx2.Client(transport=transport)
 
 
@@ -1978,3 +1993,76 @@ def test_a_call_admitted_in_its_own_thread_reads_its_body_before_taking_the_lock
     module.on_loop(engine, engine.flush)
     assert len(records(engine)) == 4
     module.on_loop(engine, engine.shutdown)
+
+
+def _a_call_s_worth(request: httpx2.Request) -> httpx2.Response:
+    """A provider answering every call `CALL_OUTPUT` output tokens (`CALL_NANOS` at
+    `call_priced`'s prices)."""
+    usage = {"prompt_tokens": 10, "completion_tokens": CALL_OUTPUT}
+    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
+
+
+@pytest.mark.parametrize("where", ["admission", "settlement"])
+def test_calls_in_their_own_threads_never_overspend_whatever_they_interleave(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str
+) -> None:
+    """A budget of 3 calls' price on the direct path (admitted and settled in the calling
+    thread): threads made to meet where only `loop_lock` keeps them apart, between an
+    admission's check and its reservation (3 at once), or inside a settlement's read and write
+    of the budget's spend (2 at once). Admitted 3, never more, spend 3 x the price, overshoot 0.
+    Without the lock around either, a 4th call is admitted ($0.001 over)."""
+    from budget_middleware.engine.portal import on_loop
+
+    _, engine, key, client = _direct_path(
+        make_settings,
+        _a_call_s_worth,
+        budget=3 * CALL_NANOS / 1e9,
+        pricing_file=call_priced(tmp_path),
+    )
+    url, body = _CHAT_URL, {**_CHAT_BODY, "max_tokens": CALL_OUTPUT}
+    with charge_to(virtual_key=key.value):
+        assert client.post(url, json=body).status_code == 200  # started, key cached: 1 admitted
+    threads = 3 if where == "admission" else 2
+    meeting = Meeting(others=threads - 1)
+    if where == "admission":
+        meet_between_check_and_reservation(monkeypatch, meeting)
+    else:
+        meet_inside_a_budget_s_charge(monkeypatch, meeting)
+    statuses = [200]
+    go = threading.Barrier(threads)
+
+    def call() -> None:
+        go.wait()
+        with charge_to(virtual_key=key.value):
+            statuses.append(client.post(url, json=body).status_code)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=call) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    took = time.perf_counter() - started
+    with charge_to(virtual_key=key.value):  # then one at a time, until refused
+        while len(statuses) < 8:
+            statuses.append(client.post(url, json=body).status_code)
+            if statuses[-1] != 200:
+                break
+    monkeypatch.undo()
+    client.close()
+    on_loop(engine, engine.flush)
+    rows = records(engine)
+    spent = sum(r["cost_nanos"] for r in rows)
+    counter = engine.registry.counter("budget", key.budgets[0].id)
+    assert counter is not None
+    admitted = statuses.count(200)
+    print(
+        f"{where}: {threads} threads made to meet there: met {meeting.met} (the first waited "
+        f"{meeting.waited:.3f} s, {took:.3f} s in all); {admitted} admitted of a budget of 3 "
+        f"calls ({statuses}); spent ${spent / 1e9:.6f} in {len(rows)} records, live "
+        f"${counter.value / 1e9:.6f}, overshoot ${max(0, spent - 3 * CALL_NANOS) / 1e9:.6f}"
+    )
+    assert (admitted, len(rows)) == (3, 3) and statuses[-1] in (402, 429)
+    assert spent == counter.value == 3 * CALL_NANOS and counter.reserved == 0
+    assert meeting.met is False  # nobody got in while the first was there
+    on_loop(engine, engine.shutdown)
