@@ -33,7 +33,15 @@ from budget_middleware.engine.portal import on_loop, shut_down_engines
 from budget_middleware.wsgi import BudgetWSGIMiddleware, budget_state, create_admin_wsgi_app
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, unique_prefix
-from support import running
+from support import (
+    CALL_NANOS,
+    CALL_OUTPUT,
+    Meeting,
+    call_priced,
+    meet_between_check_and_reservation,
+    meet_inside_a_budget_s_charge,
+    running,
+)
 
 Settings = Callable[..., BudgetSettings]
 ROOT = Path(__file__).resolve().parents[1]
@@ -649,6 +657,93 @@ def test_threads_admit_exactly_in_process(make_settings: Settings) -> None:
     assert {r["cost_nanos"] for r in rows} == {PRICE_NANOS}
     assert spent == counter.value == limit_nanos and counter.reserved == 0
     assert set(statuses) <= {200, 402, 429}
+
+
+def _a_call_s_worth(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """An app answering every call `CALL_OUTPUT` output tokens of gpt-4o (`CALL_NANOS` at
+    `call_priced`'s prices)."""
+    start_response("200 OK", [("content-type", "application/json")])
+    usage = {"prompt_tokens": 10, "completion_tokens": CALL_OUTPUT}
+    return [json.dumps({"model": "gpt-4o", "choices": [], "usage": usage}).encode()]
+
+
+# Where threads are made to meet, and the budget there: (the budget's owner, how many requests'
+# price it holds, whether the request that starts the engine pays it, the code that must hold
+# `loop_lock`). Each case fails with that lock taken out.
+_MEETINGS = {
+    "admission, a cached key": ("key", 2, True, "_admit_here: the cached key's decision"),
+    "admission, a key read just now": ("key", 1, False, "_admit_here: after the key's read"),
+    "admission, no key": ("provider", 2, True, "_admit_here: a keyless request's decision"),
+    "settlement": ("key", 2, False, "MeteredResponse.settle: the direct booking"),
+}
+
+
+@pytest.mark.parametrize("case", list(_MEETINGS))
+def test_threads_never_overspend_whatever_they_interleave(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, case: str
+) -> None:
+    """Two threads made to meet where only `loop_lock` keeps them apart: between an admission's
+    check and its reservation (a key cached, a key read on the loop just before, no key), or
+    inside a settlement's read and write of the budget's spend. A budget of N requests' price
+    admits N, never more; spend N x the price, overshoot 0. Without the lock there, one more is
+    admitted ($0.001 over)."""
+    owner, calls, warm_up_pays, guarded = _MEETINGS[case]
+    settings = make_settings(flush_interval_seconds=3600, pricing_file=call_priced(tmp_path))
+    app = BudgetWSGIMiddleware(_a_call_s_worth, settings)
+    engine = app.engine
+    limit = [{"max_limit": calls * CALL_NANOS / 1e9}]
+    paid: dict[str, str] = {}  # the paying key's header (none: a provider budget pays)
+    if owner == "key":
+        key = engine.manager.create_virtual_key(name="k", budgets=limit)
+        budget_id, paid = key.budgets[0].id, bearer(key.value)
+    else:
+        budget_id = engine.manager.put_provider("openai", budgets=limit).budgets[0].id
+    body = chat(model="gpt-4o", max_tokens=CALL_OUTPUT)
+
+    def call(headers: dict[str, str]) -> int:
+        answer = Client(app).post("/v1/chat/completions", json=body, headers=headers, buffered=True)
+        return answer.status_code
+
+    # The engine started (and the key cached, when the warm-up pays with it).
+    assert call(paid if warm_up_pays else {}) == 200
+    meeting = Meeting(others=1)
+    if case == "settlement":
+        meet_inside_a_budget_s_charge(monkeypatch, meeting)
+    else:
+        meet_between_check_and_reservation(monkeypatch, meeting)
+    statuses = [200] if warm_up_pays else []
+    go = threading.Barrier(2)
+
+    def in_a_thread() -> None:
+        go.wait()
+        statuses.append(call(paid))
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=in_a_thread) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    took = time.perf_counter() - started
+    while len(statuses) < 8:  # then one at a time, until refused
+        statuses.append(call(paid))
+        if statuses[-1] != 200:
+            break
+    monkeypatch.undo()
+    rows = [r for r in records(engine) if owner != "key" or r["virtual_key_id"] == key.id]
+    spent = sum(r["cost_nanos"] for r in rows)
+    counter = engine.registry.counter("budget", budget_id)
+    assert counter is not None
+    admitted = statuses.count(200)
+    print(
+        f"{case} ({guarded}): 2 threads made to meet there: met {meeting.met} (the first waited "
+        f"{meeting.waited:.3f} s, {took:.3f} s in all); {admitted} admitted by a budget of "
+        f"{calls} requests ({statuses}); spent ${spent / 1e9:.6f} in {len(rows)} records, live "
+        f"${counter.value / 1e9:.6f}, overshoot ${max(0, spent - calls * CALL_NANOS) / 1e9:.6f}"
+    )
+    assert (admitted, len(rows)) == (calls, calls) and statuses[-1] in (402, 429)
+    assert spent == counter.value == calls * CALL_NANOS and counter.reserved == 0
+    assert meeting.met is False  # nobody got in while the first was there
 
 
 # -- the admin API under Flask and Django ---------------------------------------------------------
