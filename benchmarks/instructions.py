@@ -34,11 +34,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from harness import (  # noqa: E402
+from harness import (
     bench_settings,
     call,
     chat_body,
@@ -49,6 +45,7 @@ from harness import (  # noqa: E402
     trivial_host,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 _SEED = {"PYTHONHASHSEED": "0"}
 
 
