@@ -807,3 +807,24 @@ def test_config_check_warns_of_a_variable_only_the_server_has(
     assert "environment variable BOT_KEY is not set" in line and not _exists(store)
     with pytest.raises(ConfigFileError, match="environment variable BOT_KEY is not set"):
         get_engine(BudgetSettings(database_url=store["BUDGET_DATABASE_URL"], config_file=file))
+
+
+def test_config_check_names_a_key_whose_name_has_a_comma_whole(
+    store: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, here: Here
+) -> None:
+    """The entry an unset `${VAR}` is named by is the entry's whole label: a key named
+    `ci, prod` (in a folder whose name has one too) was cut at its last ", " (`prod)`)."""
+    monkeypatch.delenv("PROD_KEY", raising=False)
+    folder = tmp_path / "ops, eu"
+    folder.mkdir()
+    file = folder / "budget.yaml"
+    file.write_text('virtual_keys:\n  - name: "ci, prod"\n    value: ${PROD_KEY}\n')
+    checked = here(store, f"config check {shlex.quote(str(file))}")
+    print(checked.code, checked.out.strip(), "|", checked.err.strip())
+    assert checked.code == 0
+    assert checked.err == (
+        "warning: PROD_KEY is not set here: the value of virtual_keys[0] (ci, prod) is checked "
+        "where the file is applied (--require-env makes it an error)\n"
+    )
+    answer = ok(here(store, f"config check {shlex.quote(str(file))} --json")).json()
+    assert answer["unset_variables"] == {"PROD_KEY": ["virtual_keys[0] (ci, prod)"]}

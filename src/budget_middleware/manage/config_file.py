@@ -101,10 +101,12 @@ class _FileData:
     fields: dict[str, list[Mapping[str, str]]] = field(default_factory=dict)
 
     def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
+        return f"BUDGET_CONFIG_FILE {str(self.path)!r}, {self.label(section, index, entry)}"
+
+    def label(self, section: str, index: int, entry: dict[str, Any]) -> str:
+        """The entry, as `where` names it after the file (`virtual_keys[0] (bot)`)."""
         origins = self.origins.get(section, [])
-        if index < len(origins):
-            return f"BUDGET_CONFIG_FILE {str(self.path)!r}, {origins[index]}"
-        return _where(self.path, section, index, entry)
+        return origins[index] if index < len(origins) else _entry_label(section, index, entry)
 
     def field_names(self, section: str, index: int) -> Mapping[str, str]:
         """An entry's fields as the file names them, where it does not use ours (LiteLLM's)."""
@@ -280,19 +282,19 @@ Unset = dict[str, list[str]]  # a variable not set here: the entries whose value
 
 
 def _expand(
-    section: str, raw: dict[str, Any], where: str, unset: Unset | None = None
+    section: str, raw: dict[str, Any], where: str, unset: Unset | None = None, label: str = ""
 ) -> dict[str, Any]:
     """An entry as it applies: `${VAR}` read from the environment in a virtual key's `value`
     only (SPEC §10: key values stay out of the file). Every other text is taken as written: a
     variable never ends up in a name, a tag or a model the API shows (`POST /config/apply`
     would otherwise read any of the server's variables, its passwords included, back).
-    With `unset`, a variable not set here is recorded there and the entry is without its
-    value (unknown here) instead of an error."""
+    With `unset`, a variable not set here is recorded there (with `label`, the entry's name in
+    `where`) and the entry is without its value (unknown here) instead of an error."""
     if section == "virtual_keys" and isinstance(raw.get("value"), str):
         missing = _missing(raw["value"])
         if unset is not None and missing:
             for name in missing:
-                unset.setdefault(name, []).append(where.rsplit(", ", 1)[-1])
+                unset.setdefault(name, []).append(label or where)
             return {k: v for k, v in raw.items() if k != "value"}
         return {**raw, "value": _substitute(raw["value"], where)}
     return raw
@@ -318,10 +320,6 @@ def _substitute(value: Any, where: str) -> Any:
     if isinstance(value, dict):
         return {k: _substitute(v, where) for k, v in value.items()}
     return value
-
-
-def _where(path: Path, section: str, index: int, entry: dict[str, Any]) -> str:
-    return f"BUDGET_CONFIG_FILE {str(path)!r}, {_entry_label(section, index, entry)}"
 
 
 def _entry_label(section: str, index: int, entry: dict[str, Any]) -> str:
@@ -439,7 +437,7 @@ def _check(path: Path, unset: Unset | None = None) -> _FileData:
         for index, raw in enumerate(data.sections[section]):
             where = data.where(section, index, raw)
             try:
-                entry = _expand(section, raw, where, unset)
+                entry = _expand(section, raw, where, unset, data.label(section, index, raw))
                 with _entry_errors(where, data.field_names(section, index)):
                     _check_entry(section, dict(entry), where)
                 identity = _identity(section, entry)
