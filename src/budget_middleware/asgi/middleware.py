@@ -175,6 +175,8 @@ class BudgetMiddleware:
         message = await receive()
         if message["type"] == "http.request" and not message.get("more_body"):
             body = message.get("body", b"")  # the whole body in one message: the usual case
+            if type(body) is not bytes:  # ASGI says bytes; a bytearray or memoryview read as one
+                body = bytes(body)
             if len(body) > self.max_body:
                 await _answer(send, request_too_large(self.max_body))
                 return
