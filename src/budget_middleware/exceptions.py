@@ -98,8 +98,9 @@ class InvalidRequest(AdminError):
 class InvalidBody(InvalidRequest, ValueError):
     """A body (keyword arguments or a mapping) its schema refuses, in a call of the Python
     management API. The message names the first failing field and what is wrong with it, as the
-    admin API's 422 does (`budgets.0.reset_duration: Value error, invalid duration ...`), and
-    never the value given; `param` is that field; `errors` lists every failure as the admin
+    admin API's 422 does (`budgets.0.reset_duration: Value error, invalid duration ...`),
+    without the values given (pydantic's `input`; a rule's message may quote what it refused,
+    as that duration); `param` is that field; `errors` lists every failure as the admin
     API's `errors` does (`param`, `message`, `kind`). pydantic's ValidationError is `__cause__`;
     a `ValueError`, as that error is (`except ValueError` catches both)."""
 
