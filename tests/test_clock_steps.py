@@ -128,3 +128,50 @@ async def test_a_reset_after_the_clock_stepped_back_across_a_window_does_not_bri
           f"${spent / 1e9:.2f} stored")  # fmt: skip
     assert stored == 0
     assert (admitted, code, spent) == (100, "budget_exceeded", 100 * CENT)
+
+
+async def test_an_instance_under_steady_load_still_reads_what_the_others_spend(
+    tmp_path: Path,
+) -> None:
+    """Instances without Redis converge every cache TTL (SPEC §11), whatever their load. The
+    first serves a steady stream (8 requests at a time, without a pause, on a key of its own)
+    while the second spends $0.90 of a $1 budget the first also serves: within five TTLs the
+    first reads it. Its flusher's round used to write until nothing was pending, which under
+    steady load never came: the round never reached its refresh (nor its sweep), and the first
+    instance kept the budget at what it had seen itself, admitting what the store said was
+    spent."""
+    one, two = engines(tmp_path, Clock(), 2)
+    one_app, two_app = host(one), host(two)
+    async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+        shared = one.manager.create_virtual_key(
+            name="shared", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        own = one.manager.create_virtual_key(name="load")
+        budget_id = shared.budgets[0].id
+        await spend(a, shared.value or "", 1)  # the first instance holds the budget's counter
+        load = asyncio.Event()
+        served = 0
+
+        async def steady() -> None:
+            nonlocal served
+            while not load.is_set():
+                await spend(a, own.value or "", 1)
+                served += 1
+
+        workers = [asyncio.create_task(steady()) for _ in range(8)]
+        try:
+            await asyncio.sleep(0.3)  # the load under way
+            await spend(b, shared.value or "", 90)
+            await two.flush()
+            await asyncio.sleep(1)  # five cache TTLs, under load
+            counter = one.registry.counter("budget", budget_id)
+            assert counter is not None
+            seen = counter.value
+        finally:
+            load.set()
+            await asyncio.gather(*workers)
+        stored = stored_spend(one, budget_id)
+    print(f"{served} requests served meanwhile; the store holds ${stored / 1e9:.2f}, the loaded "
+          f"instance sees ${seen / 1e9:.2f}")  # fmt: skip
+    assert served > 200
+    assert seen == 91 * CENT

@@ -558,7 +558,7 @@ class BudgetEngine:
             except TimeoutError:
                 pass
             try:
-                await self.flush()
+                await self.flush(drain=False)
                 if _due(self.clock(), last_refresh, ttl):
                     last_refresh = self.clock()
                     await self.reload_globals()
@@ -819,9 +819,15 @@ class BudgetEngine:
 
     # -- the ledger's way to the store ---------------------------------------------------
 
-    async def flush(self) -> bool:
+    async def flush(self, *, drain: bool = True) -> bool:
         """Write pending deltas and usage records in one transaction per batch; False when the
-        store cannot be written now (everything is kept for the next round).
+        store cannot be written now (everything is kept for the next round). With `drain` (the
+        default: shutdown, an explicit flush) it writes until nothing is pending, what was
+        charged during its writes included; the flusher's rounds pass `drain=False`, to write
+        what was pending when the round began and leave what comes meanwhile to the next round:
+        under steady load, draining never ended, so the round's cache refresh and sweep never
+        ran (an instance sharing a store stopped seeing the others' spend), and each write
+        carried only what came during the one before.
 
         A batch whose write failed is kept whole and retried under its own id before anything
         newer; the store skips a batch id it has already applied, so every charge is written
@@ -836,12 +842,16 @@ class BudgetEngine:
             if self.rejects_to_save and not await self._save_rejects():
                 return False
             ledger = self.registry.ledger
+            took = False  # a batch taken from what is pending, this call
             while True:
                 if not self.unwritten:
                     spilled = await self._spilled_batch()
                     if spilled is not None:  # written before anything newer, oldest first
                         self.unwritten.append(spilled)
                     else:
+                        if took and not drain:  # what came during the writes: the next round's
+                            return True
+                        took = True
                         deltas = self.counters.take_deltas()
                         records, self.records = self.records, []
                         if not deltas and not records:
