@@ -96,14 +96,7 @@ async def test_a_body_in_one_message_is_read_whatever_bytes_like_type_it_comes_a
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json")],
-        "query_string": b"",
-    }
+    scope = _scope("/v1/chat/completions", [])
     async with running(wrapped):
         await asyncio.wait_for(wrapped(scope, receive, send), 5)
     print(kind.__name__, [m.get("status") for m in sent], seen == [body])
@@ -503,14 +496,7 @@ async def test_an_app_that_fails_after_its_headers_gets_no_second_start_from_us(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json")],
-        "query_string": b"",
-    }
+    scope = _scope("/v1/chat/completions", [])
     engine = get_engine(wrapped.engine.settings)
     async with running(wrapped):
         with pytest.raises(RuntimeError, match="upstream went away"):

@@ -198,7 +198,8 @@ class StoreClient:
         return {"budget": self._call(self.manager.reset_budget, ref)}
 
     def usage(self, query: Json) -> Json:
-        start, end = (_moment(query.get(name)) for name in ("start", "end"))
+        # RFC 3339 text, which the management API reads (`values.period` checked it)
+        start, end = query.get("start"), query.get("end")
         out: Json = self._call(self.manager.usage, query["group_by"], start, end)
         return out
 
@@ -252,18 +253,11 @@ def _plain(item: Any) -> Any:
     return item
 
 
-def _moment(text: Any) -> datetime | None:
-    return datetime.fromisoformat(text) if isinstance(text, str) else None
-
-
 def describe_validation(exc: Any) -> str:
     """A pydantic ValidationError as the admin API words its 422: the first failing field."""
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    if not errors:
-        return "invalid body"
-    where = ".".join(str(part) for part in errors[0]["loc"]) or "body"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {errors[0]['msg']}{more}"
+    from budget_middleware.manage.schemas import described, failures
+
+    return described(failures(exc))
 
 
 def config_message(message: str) -> str:

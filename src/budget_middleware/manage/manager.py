@@ -57,6 +57,7 @@ from budget_middleware.manage.schemas import (
     VirtualKeyCreate,
     VirtualKeyOut,
     VirtualKeyUpdate,
+    described,
     failures,
     to_utc,
 )
@@ -93,10 +94,8 @@ def _body(model: type[B], body: Body, fields: dict[str, Any]) -> B:
         return model.model_validate({**(body or {}), **fields})
     except ValidationError as exc:
         found = failures(exc)
-        first = found[0] if found else {"param": "body", "message": "invalid"}
-        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        message = f"{first['param']}: {first['message']}{more}"
-        raise InvalidBody(message, param=first["param"], errors=found) from exc
+        param = found[0]["param"] if found else "body"
+        raise InvalidBody(described(found), param=param, errors=found) from exc
 
 
 class BudgetManager(KeyWriter):

@@ -104,6 +104,15 @@ def failures(exc: ValidationError) -> list[dict[str, str]]:
     ]  # fmt: skip
 
 
+def described(found: list[dict[str, str]]) -> str:
+    """`failures` in one line, as the admin API's 422 words its message: the first failing field
+    and what is wrong with it, and how many more there are."""
+    if not found:
+        return "body: invalid"
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return f"{found[0]['param']}: {found[0]['message']}{more}"
+
+
 def to_utc(moment: datetime) -> datetime:
     """An aware time in UTC, naive ones taken as UTC. Times within a day of the calendar's ends
     (`0001-01-01T00:00:00+01:00`) are clamped to them instead of overflowing."""
