@@ -11,21 +11,30 @@ middleware's own time) and of the in-process part's FastAPI trivial route (the b
 scenario), so the added µs of each can be set against the calibration's bare Starlette. What
 `BudgetMiddleware` adds beyond `Essential` is its glue (every adapter's way in and out, the
 cases `Essential` leaves out); what `Essential` adds is the floor of this core in Python.
+
+`Least` does the same work as `Essential` with none of the package's code: the least plain Python
+that does it, written as one function over counters flattened into three tuples (a key's request
+windows, token windows and budgets), its price and its header texts prepared once. It is what
+Python itself costs for the work, without this core's objects and calls; what `Essential` adds
+beyond it is the price of the core's structure (its functions, tickets, ledger and records).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 from hashlib import sha256
+from math import ceil
 from pathlib import Path
-from time import perf_counter
+from time import perf_counter, time
 from typing import Any
 
 import orjson
 from harness import (
     FIXED_COMPLETION,
+    ROOT,
     ASGIApp,
     BudgetMiddleware,
     Message,
@@ -40,6 +49,7 @@ from harness import (
     make_world,
     trivial_host,
 )
+from http_load import HERE, SERVERS, _cpu_spent, _drive, _serve, _summary, thread_cpu
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -151,6 +161,160 @@ class Essential:
         await self.app(scope, replay, forward)
 
 
+class _Window:
+    """A counter of `Least`: a window's end, limit, value and what requests in flight hold."""
+
+    __slots__ = ("end", "length", "limit", "limit_text", "reserved", "value")
+
+    def __init__(self, limit: int, length: float) -> None:
+        self.limit, self.limit_text, self.length = limit, b"%d" % limit, length
+        self.value = self.reserved = 0
+        self.end = (time() // length + 1) * length
+
+    def roll(self, now: float) -> None:
+        self.value = 0
+        self.end = (now // self.length + 1) * self.length
+
+
+class _Flat:
+    """A key as `Least` keeps it: its owners' ids and its seven counters, flattened by kind."""
+
+    __slots__ = ("budgets", "customer", "id", "requests", "team", "tokens")
+
+    def __init__(self) -> None:
+        self.id, self.team, self.customer = "key", "team", "customer"
+        self.requests = (_Window(10**9, 60), _Window(10**9, 60))  # the team's and the key's
+        self.tokens = (_Window(10**12, 86_400), _Window(10**12, 86_400))
+        self.budgets = tuple(_Window(10**15, 86_400) for _ in range(3))  # customer, team, key
+
+
+_PRICES = {"gpt-4o-mini": (150, 600)}  # nano-dollars a token: input, output
+_LIMIT_NAMES = (
+    b"x-ratelimit-limit-requests",
+    b"x-ratelimit-remaining-requests",
+    b"x-ratelimit-reset-requests",
+    b"x-ratelimit-limit-tokens",
+    b"x-ratelimit-remaining-tokens",
+    b"x-ratelimit-reset-tokens",
+    b"x-budget-limit",
+    b"x-budget-remaining",
+)
+
+
+class Least:
+    """`Essential`'s work in the least plain Python, none of the package's code (see the module's
+    text): what Python itself costs for it."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.keys = {sha256(key.encode()).digest(): _Flat()}
+        self.records: list[tuple[Any, ...]] = []
+
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith(_SUFFIXES):
+            await self.app(scope, receive, send)
+            return
+        started = perf_counter()
+        key = self.keys[sha256(dict(scope["headers"])[b"authorization"][7:]).digest()]
+        first = await receive()
+        body = first["body"]
+        request = orjson.loads(body)
+        model = request["model"]
+        per_input, per_output = _PRICES[model]
+        estimate = (len(body) // 3 + 1) * per_input + (
+            request.get("max_tokens") or 4096
+        ) * per_output
+        now = time()
+        tight: list[Any] = []
+        for kind in (key.requests, key.tokens):
+            least = None
+            least_left = 0
+            for counter in kind:
+                if now >= counter.end:
+                    counter.roll(now)
+                left = counter.limit - counter.value
+                assert left > 0  # (a refusal's answer is not this script's)
+                if least is None or left < least_left:
+                    least, least_left = counter, left
+            tight += (least, least_left)
+        budget = None
+        budget_left = 0
+        for counter in key.budgets:
+            if now >= counter.end:
+                counter.roll(now)
+            left = counter.limit - counter.value
+            assert left > 0 and estimate + counter.reserved <= left
+            if budget is None or left < budget_left:
+                budget, budget_left = counter, left
+        for counter in key.requests:
+            counter.value += 1
+        for counter in key.budgets:
+            counter.reserved += estimate
+        requests, requests_left, tokens, tokens_left = tight
+        replayed = False
+        status = 0
+        parts: list[bytes] = []
+        records = self.records
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return first
+
+        async def forward(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                n = _LIMIT_NAMES
+                added = [
+                    (n[0], requests.limit_text),
+                    (n[1], b"%d" % (requests_left - 1)),
+                    (n[2], b"%ds" % ceil(requests.end - now)),
+                    (n[3], tokens.limit_text),
+                    (n[4], b"%d" % tokens_left),
+                    (n[5], b"%ds" % ceil(tokens.end - now)),
+                    (n[6], budget.limit_text),  # type: ignore[union-attr]
+                    (n[7], b"%d" % budget_left),
+                ]
+                await send({**message, "headers": [*message["headers"], *added]})
+                return
+            chunk = message.get("body", b"")
+            if message.get("more_body"):
+                parts.append(chunk)
+                await send(message)
+                return
+            await send(message)
+            usage = orjson.loads(b"".join(parts) + chunk if parts else chunk)["usage"]
+            input_tokens, output_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+            cost = input_tokens * per_input + output_tokens * per_output
+            duration = (perf_counter() - started) * 1000
+            records.append(
+                (
+                    now,
+                    key.id,
+                    key.team,
+                    key.customer,
+                    "openai",
+                    model,
+                    input_tokens,
+                    output_tokens,
+                    cost,
+                    status,
+                    duration,
+                )
+            )
+            for counter in key.budgets:
+                counter.reserved -= estimate
+                counter.value += cost
+            tokens_used = input_tokens + output_tokens
+            for counter in key.tokens:
+                counter.value += tokens_used
+
+        await self.app(scope, replay, forward)
+
+
 def bare_starlette() -> Starlette:
     async def chat(request: Request) -> Response:
         await request.body()
@@ -168,12 +332,16 @@ async def main(iterations: int, rounds: int) -> None:
         scope = http_scope("/v1/chat/completions", "POST", json_headers(body, world.key))
         essential_fastapi = trivial_host(None)
         essential_fastapi.add_middleware(Essential, engine=engine)
+        least_fastapi = trivial_host(None)
+        least_fastapi.add_middleware(Least, key=world.key)
         apps: dict[str, ASGIApp] = {
             "bare Starlette (calibration)": bare_starlette(),
             "raw ASGI app": raw_app,
+            "raw + Least": Least(raw_app, world.key),
             "raw + Essential": Essential(raw_app, engine),
             "raw + BudgetMiddleware": BudgetMiddleware(raw_app, settings=settings),
             "FastAPI trivial route": trivial_host(None),
+            "FastAPI + Least": least_fastapi,
             "FastAPI + Essential": essential_fastapi,
             "FastAPI + BudgetMiddleware": trivial_host(settings),
         }
@@ -191,7 +359,7 @@ async def main(iterations: int, rounds: int) -> None:
             base = timings[host].median
             print(f"| {host} | {base:.1f} | | | |")
             prefix = "raw" if host.startswith("raw") else "FastAPI"
-            for variant in ("Essential", "BudgetMiddleware"):
+            for variant in ("Least", "Essential", "BudgetMiddleware"):
                 median = timings[f"{prefix} + {variant}"].median
                 added = median - base
                 ratio = added / calibration
@@ -203,9 +371,64 @@ async def main(iterations: int, rounds: int) -> None:
         await engine.shutdown()
 
 
+async def over_http(repeats: int, duration: float) -> None:
+    """The example app under uvicorn (one worker), bare, with `Least` in front of it
+    (`floor_app.py`) and with `BudgetMiddleware`, driven as part 2 drives it, runs alternated."""
+    body = chat_body()
+    with tempfile.TemporaryDirectory(prefix="bm-floor-http-") as directory:
+        settings = bench_settings(Path(directory))
+        world = await make_world(settings, "http")
+        await world.engine.shutdown()
+        world.engine.store.dispose()
+        env = {
+            **os.environ,
+            "BUDGET_DATABASE_URL": settings.database_url,
+            "BUDGET_ADMIN_KEY": "bench-admin-key",
+            "BENCH_KEY": world.key,
+        }
+        variants: dict[str, tuple[bool, str, Path]] = {
+            "bare": (False, "app:app", ROOT / "examples"),
+            "Least": (False, "floor_app:app", HERE),
+            "BudgetMiddleware": (True, "app:app", ROOT / "examples"),
+        }
+        print("| server | app | req/s | of bare | loop thread µs a request |")
+        print("|---|---|---:|---:|---:|")
+        for server in SERVERS:
+            found: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+            for _ in range(repeats):
+                for name, (middleware, app, app_dir) in variants.items():
+                    process, port = _serve(server, middleware, env, app, app_dir)
+                    try:
+                        _drive(port, body, world.key, 32, 1)  # warm-up
+                        before = thread_cpu(process.pid)
+                        run = _drive(port, body, world.key, 32, duration)
+                        run["cpu"] = _cpu_spent(before, thread_cpu(process.pid), process.pid)
+                        assert run["non_2xx"] == 0, (name, run)
+                        found[name].append(run)
+                    finally:
+                        process.terminate()
+                        process.wait(10)
+            bare = _summary(found["bare"])["rps"]
+            for name, runs in found.items():
+                summary = _summary(runs)
+                print(
+                    f"| {server} | {name} | {summary['rps']:,.0f} | {summary['rps'] / bare:.0%} "
+                    f"| {summary['loop_cpu_us']:.1f} |"
+                )
+        print("\nIssue 12's target over HTTP: ≥ 85 % of the bare app's requests a second.")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=30_000)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--http", action="store_true", help="over HTTP under uvicorn instead (needs wrk or loadgen)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="--http: runs of each app")
+    parser.add_argument("--duration", type=float, default=8, help="--http: seconds a run")
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.iterations, arguments.rounds))
+    if arguments.http:
+        asyncio.run(over_http(arguments.repeats, arguments.duration))
+    else:
+        asyncio.run(main(arguments.iterations, arguments.rounds))

@@ -52,11 +52,16 @@ def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float = 30
 
 
 def _serve(
-    server: str, middleware: bool, env: dict[str, str]
+    server: str,
+    middleware: bool,
+    env: dict[str, str],
+    app: str = "app:app",
+    app_dir: Path = ROOT / "examples",
 ) -> tuple[subprocess.Popen[bytes], int]:
+    """uvicorn serving `app` (the example app by default; `middleware`: with BudgetMiddleware)."""
     port = _free_port()
     command = [
-        sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(ROOT / "examples"),
+        sys.executable, "-m", "uvicorn", app, "--app-dir", str(app_dir),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--no-access-log", "--log-level", "warning", *SERVERS[server],
     ]  # fmt: skip
