@@ -186,6 +186,8 @@ class _Flat:
         self.requests = (_Window(10**9, 60), _Window(10**9, 60))  # the team's and the key's
         self.tokens = (_Window(10**12, 86_400), _Window(10**12, 86_400))
         self.budgets = tuple(_Window(10**15, 86_400) for _ in range(3))  # customer, team, key
+        for budget in self.budgets:  # in dollars, as SPEC §8 shows a budget (nano-dollars here)
+            budget.limit_text = b"%d.%06d" % divmod(budget.limit // 1000, 1_000_000)
 
 
 _PRICES = {"gpt-4o-mini": (150, 600)}  # nano-dollars a token: input, output
@@ -276,7 +278,7 @@ class Least:
                     (n[4], b"%d" % tokens_left),
                     (n[5], b"%ds" % ceil(tokens.end - now)),
                     (n[6], budget.limit_text),  # type: ignore[union-attr]
-                    (n[7], b"%d" % budget_left),
+                    (n[7], b"%d.%06d" % divmod(budget_left // 1000, 1_000_000)),
                 ]
                 await send({**message, "headers": [*message["headers"], *added]})
                 return
