@@ -32,6 +32,8 @@ import pytest
 from budget_middleware import BudgetSettings, ConfigFileError, get_engine, get_manager
 from budget_middleware.cli import run
 from budget_middleware.cli.commands import cli as cli_group
+from conftest import POSTGRES_BASE_URL, need_postgres
+from service_support import private_database
 from support import chat, client, host_app, running
 
 pytestmark = pytest.mark.slow
@@ -753,6 +755,38 @@ def test_a_command_that_reads_makes_no_store_where_there_is_none(
     other = {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/elsewhere.db"}
     line = here(other, "keys list").failed_on_one_line()
     assert f"no store at {other['BUDGET_DATABASE_URL']}: {tmp_path}/elsewhere.db" in line
+
+
+def test_a_command_that_reads_makes_no_tables_in_an_empty_database(
+    tmp_path: Path, here: Here
+) -> None:
+    """On a PostgreSQL database without the store's tables (or a SQLite file without them), a
+    command that reads created every table, and printed empty results."""
+    from sqlalchemy import create_engine, inspect
+
+    need_postgres()
+    empty_file = tmp_path / "empty.db"
+    empty_file.touch()
+    with private_database(POSTGRES_BASE_URL) as url:
+        for env in ({"BUDGET_DATABASE_URL": url},
+                    {"BUDGET_DATABASE_URL": f"sqlite:///{empty_file}"}):  # fmt: skip
+            engine = create_engine(env["BUDGET_DATABASE_URL"])
+            for line in ("keys list", "usage --by model", "budgets list", "teams show research",
+                         "keys update alice --inactive", "--json model-configs list"):  # fmt: skip
+                refused = here(env, line)
+                print(f"{line}: {refused.code} {refused.err.strip()}")
+                assert refused.failed_on_one_line() == (
+                    f"error: no store at {env['BUDGET_DATABASE_URL']}: the database has no "
+                    "budget-middleware tables yet. Set BUDGET_DATABASE_URL to your store's URL, "
+                    "or --url to a running admin API; 'create' and 'config apply' make a new "
+                    "store there"
+                )
+                assert inspect(engine).get_table_names() == []  # nothing made
+            # A command that writes makes the tables, as before; then the others read them.
+            assert ok(here(env, "teams create --name research")).out.startswith("created team")
+            assert table(ok(here(env, "teams list")).out)[1][1] == "research"
+            assert ok(here(env, "usage")).out == "no usage in this period\n"
+            engine.dispose()
 
 
 def test_config_check_warns_of_a_variable_only_the_server_has(

@@ -228,15 +228,29 @@ class StoreClient:
         return {name: len(entries) for name, entries in sections.items() if entries}
 
     def need_store(self) -> None:
-        """Before a command that reads (or changes what must already exist): a SQLite store
-        whose file does not exist is refused, not made (empty) where the command was run."""
+        """Before a command that reads (or changes what must already exist): a store that is
+        not there is refused, not made: a SQLite file that does not exist (it would be made,
+        empty, where the command was run), or a database without the store's tables (the
+        management API would create them)."""
+        url = shown_url(self.settings.database_url)
+        advice = (
+            "Set BUDGET_DATABASE_URL to your store's URL, or --url to a running admin API; "
+            "'create' and 'config apply' make a new store there"
+        )
         path = sqlite_file(self.settings.database_url)
         if path is not None and not path.exists():
+            raise CliError(f"no store at {url}: {path.absolute()} does not exist. {advice}")
+        if not self._call(self._has_tables):
             raise CliError(
-                f"no store at {shown_url(self.settings.database_url)}: {path.absolute()} does "
-                "not exist. Set BUDGET_DATABASE_URL to your store's URL, or --url to a running "
-                "admin API; 'create' and 'config apply' make a new store there"
+                f"no store at {url}: the database has no budget-middleware tables yet. {advice}"
             )
+
+    def _has_tables(self) -> bool:
+        from sqlalchemy import inspect
+
+        from budget_middleware.store.tables import MetaRow
+
+        return bool(inspect(self.manager.store.engine).has_table(MetaRow.__tablename__))
 
     def close(self) -> None:
         if self._manager is not None:
