@@ -93,6 +93,62 @@ def test_every_method_that_takes_a_body_refuses_it_so(tmp_path: Path) -> None:
         assert exc.param.split(".")[0] in ("budgets", "colour", "strategy"), name
 
 
+def test_a_body_that_is_not_a_mapping_is_refused_naming_what_was_expected(tmp_path: Path) -> None:
+    """`create_team("research")` (the name where the body goes) raised a bare TypeError ("'str'
+    object is not a mapping") from inside the manager; `create_team(0, name="x")` created the
+    team, the 0 dropped; a body given for a key's id or a tag's name failed in SQLAlchemy."""
+    m = get_engine(BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db")).manager
+    team = m.create_team(name="t")
+    key = m.create_virtual_key(name="k")
+    config = m.create_model_config(model_name="gpt-4o")
+    route = m.create_route(name="r", targets=["openai/gpt-4o"])
+    calls: dict[str, tuple[str, str, Callable[[], Any]]] = {
+        "create_customer": ("CustomerCreate", "str", lambda: m.create_customer("acme")),
+        "update_customer": ("CustomerUpdate", "list", lambda: m.update_customer("c", ["x"])),
+        "create_team": ("TeamCreate", "str", lambda: m.create_team("research")),
+        "create_team 0": ("TeamCreate", "int", lambda: m.create_team(0, name="x")),
+        "update_team": ("TeamUpdate", "str", lambda: m.update_team(team.id, "x")),
+        "create_virtual_key": ("VirtualKeyCreate", "bytes", lambda: m.create_virtual_key(b"k")),
+        "update_virtual_key": (
+            "VirtualKeyUpdate",
+            "str",
+            lambda: m.update_virtual_key(key.id, "-"),
+        ),
+        "put_provider": ("ProviderPut", "str", lambda: m.put_provider("openai", "x")),
+        "put_tag": ("TagPut", "tuple", lambda: m.put_tag("chat", ())),
+        "create_model_config": ("ModelConfigCreate", "str", lambda: m.create_model_config("m")),
+        "update_model_config": (
+            "ModelConfigUpdate",
+            "int",
+            lambda: m.update_model_config(config.id, 1),
+        ),
+        "create_route": ("RouteCreate", "str", lambda: m.create_route("r2")),
+        "update_route": ("RouteUpdate", "str", lambda: m.update_route(route.id, "r")),
+    }
+    for name, (model, given, call) in calls.items():
+        exc = refusal(call)
+        assert exc.param == "body", name
+        message = (
+            f"must be a {model} or a mapping of its fields (or the fields as keyword arguments), "
+            f"not {given}"
+        )
+        assert exc.message == f"body: {message}", name
+        assert exc.errors == [{"param": "body", "message": message, "kind": "model_type"}], name
+    # The body given where the id or the name goes.
+    for call, message, param in (
+        (lambda: m.update_team({"name": "x"}), "a team id is a string, not dict", "id"),
+        (lambda: m.get_virtual_key(7), "a virtual key id is a string, not int", "id"),
+        (lambda: m.put_tag({"budgets": []}), "a tag name is a string, not dict", "tag"),
+        (lambda: m.put_provider({}), "a provider name is a string, not dict", "provider"),
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            call()
+        print(caught.value.message)
+        assert (caught.value.message, caught.value.param) == (message, param)
+    assert [t.name for t in m.list_teams()] == ["t"]  # nothing written
+    assert m.list_tags() == [] and m.list_providers() == []
+
+
 async def test_the_python_api_words_a_bad_body_as_the_admin_api_does(tmp_path: Path) -> None:
     settings = admin_settings(tmp_path)
     body = {"name": "x", "colour": "red", "budgets": [BAD_MONEY]}

@@ -85,11 +85,19 @@ Body = BaseModel | Mapping[str, Any] | None
 
 def _body(model: type[B], body: Body, fields: dict[str, Any]) -> B:
     """The body validated by `model`; else InvalidBody (an InvalidRequest, 422) naming the first
-    failing field as the admin API does, pydantic's ValidationError as its `__cause__`."""
+    failing field as the admin API does, pydantic's ValidationError as its `__cause__`. A body
+    that is neither the model nor a mapping (`create_team("research")`) is refused by name."""
     if isinstance(body, model) and not fields:
         return body
     if isinstance(body, BaseModel):
         body = body.model_dump(exclude_unset=True)
+    elif body is not None and not isinstance(body, Mapping):
+        message = (
+            f"must be a {model.__name__} or a mapping of its fields (or the fields as keyword "
+            f"arguments), not {type(body).__name__}"
+        )
+        found = [{"param": "body", "message": message, "kind": "model_type"}]
+        raise InvalidBody(described(found), param="body", errors=found)
     try:
         return model.model_validate({**(body or {}), **fields})
     except ValidationError as exc:
@@ -215,6 +223,7 @@ class BudgetManager(KeyWriter):
         return out
 
     def put_provider_created(self, name: str, data: ProviderPut) -> tuple[ProviderOut, bool]:
+        data = _body(ProviderPut, data, {})  # as given, when it is one (the admin API's)
         with self._session() as s:
             row, created = self._put_named(s, ProviderRow, "provider", name, data)
             return Reader(s).provider(row), created
@@ -222,6 +231,10 @@ class BudgetManager(KeyWriter):
     def _put_named(
         self, s: Session, table: type[R], owner_type: str, name: str, data: ProviderPut
     ) -> tuple[R, bool]:
+        if not isinstance(name, str):  # put_tag({...}): the body given for the name
+            raise InvalidRequest(
+                f"a {owner_type} name is a string, not {type(name).__name__}", param=owner_type
+            )
         if not name or len(name) > 200:
             raise InvalidRequest(f"a {owner_type} name has 1 to 200 characters", param=owner_type)
         if name != name.strip():  # a request's provider and tags are read trimmed: never met
@@ -269,6 +282,7 @@ class BudgetManager(KeyWriter):
         return out
 
     def put_tag_created(self, tag: str, data: TagPut) -> tuple[TagOut, bool]:
+        data = _body(TagPut, data, {})  # as given, when it is one (the admin API's)
         with self._session() as s:
             row, created = self._put_named(s, TagRow, "tag", tag, data)
             return Reader(s).tag(row), created

@@ -394,6 +394,8 @@ class OwnerWriter:
 
     @staticmethod
     def _get(s: Session, table: type[R], id_: str, what: str) -> R:
+        if not isinstance(id_, str):  # update_team({...}): the body given for the id
+            raise InvalidRequest(f"a {what} id is a string, not {type(id_).__name__}", param="id")
         row = s.get(table, id_)
         if row is None:
             raise NotFound(f"{what} {id_!r} not found")
