@@ -163,6 +163,14 @@ async def test_invalid_bodies_answer_422_naming_every_failing_field(
         assert error["type"] == "invalid_request_error"
         params = {e["param"] for e in error["errors"]}
         assert {"budgets.0.max_limit", "budgets.0.reset_duration", "rate_limit"} <= params
+        # The message names the first and says how many more, as the Python API's InvalidBody
+        # does (it named the first alone: a client fixed one field and met the next).
+        first = error["errors"][0]
+        print(error["message"])
+        assert error["param"] == first["param"]
+        assert error["message"] == (
+            f"{first['param']}: {first['message']} (and {len(error['errors']) - 1} more)"
+        )
         r = await c.post("/customers", content=b"{not json", headers=ADMIN)
         assert r.status_code == 422
         r = await c.post("/customers", json={"name": "x", "surprise": 1}, headers=ADMIN)

@@ -1,7 +1,8 @@
 """The admin API's answers: JSON objects, and errors in OpenAI's shape (SPEC §8).
 
-A validation error lists every failing field (`errors`) and names the first one in `param`; it
-never echoes the submitted values (a body may hold a key's value).
+A validation error lists every failing field (`errors`) and names the first one in `param` and
+its message (with how many more fail); it never echoes the submitted values (a body may hold a
+key's value).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 from budget_middleware.answers import error_body
+from budget_middleware.manage.schemas import described
 from budget_middleware.manage.schemas import failures as validation_failures
 
 AdminAnswer = JSONResponse
@@ -36,13 +38,12 @@ def error(
 
 def invalid(exc: ValidationError, *, prefix: str = "") -> AdminAnswer:
     failures = [{**f, "param": prefix + f["param"]} for f in validation_failures(exc)]
-    first = failures[0] if failures else {"param": None, "message": "invalid"}
     return error(
         422,
         "invalid_value",
-        f"{first['param']}: {first['message']}",
+        described(failures),  # as the management API's InvalidBody: "(and N more)"
         error_type="invalid_request_error",
-        param=first["param"],
+        param=failures[0]["param"] if failures else None,
         errors=failures,
     )
 
