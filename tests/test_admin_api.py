@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from admin_support import ADMIN, admin_client, admin_settings
-from budget_middleware import BudgetSettings, get_engine
+from budget_middleware import BudgetSettings, InvalidRequest, get_engine
 
 
 @pytest.fixture
@@ -218,6 +218,44 @@ async def test_provider_and_tag_names_are_those_requests_can_carry(
     assert slashed.json()["tag"]["id"] == tags[0]["id"] == "team/search"
     assert blank.status_code == padded.status_code == 422
     assert "no space at either end" in padded.json()["error"]["message"]
+
+
+async def test_a_name_no_request_can_carry_is_refused_naming_it(settings: BudgetSettings) -> None:
+    """A request's tag and provider are read with "?" for a control or unprintable character
+    and cut at 100 characters (`identity.clean_text`): such a name's limits never applied. PUT
+    /tags/a%0Ab answered 404 "no admin route /tags/ab" (the route's `.*` stops at a line
+    break), /tags/ab%0A wrote the tag `ab`, /tags/a%09b and /providers/a%0Ab wrote a name no
+    request meets, as did a tag of 101 to 200 characters."""
+    limit = {"budgets": [{"max_limit": 1}]}
+    refused = {
+        "/tags/a%0Ab": ("tag", "a tag name has no control or unprintable character: 'a\\nb' "
+                        "(a request's tag is read with '?' for it)"),
+        "/tags/ab%0A": ("tag", "a tag name has no space at either end: 'ab\\n'"),
+        "/tags/a%09b": ("tag", "a tag name has no control or unprintable character: 'a\\tb' "
+                        "(a request's tag is read with '?' for it)"),
+        "/tags/a%E2%80%A8b": ("tag", "a tag name has no control or unprintable character: "
+                              "'a\\u2028b' (a request's tag is read with '?' for it)"),
+        "/providers/a%0Ab": ("provider", "a provider name has no control or unprintable "
+                             "character: 'a\\nb' (a request's provider is read with '?' for it)"),
+        "/tags/" + "t" * 101: ("tag", "tag: has at most 100 characters"),
+        "/providers/" + "p" * 101: ("provider", "provider: has at most 100 characters"),
+    }  # fmt: skip
+    async with admin_client(settings) as c:
+        for path, (param, message) in refused.items():
+            r = await c.put(path, json=limit, headers=ADMIN)
+            print(path[:30], r.status_code, r.json()["error"]["message"])
+            assert r.status_code == 422, (path, r.text)
+            assert (r.json()["error"]["param"], r.json()["error"]["message"]) == (param, message)
+        gone = await c.delete("/tags/a%0Ab", headers=ADMIN)  # the route is found: no such tag
+        assert (gone.status_code, gone.json()["error"]["message"]) == (404, "tag 'a\\nb' not found")
+        kept = await c.put("/tags/" + "t" * 100, json=limit, headers=ADMIN)
+        assert kept.status_code == 201
+        assert [t["tag"] for t in (await c.get("/tags", headers=ADMIN)).json()["tags"]] == [
+            "t" * 100
+        ]
+    with pytest.raises(InvalidRequest) as caught:  # the Python API: the same rule
+        get_engine(settings).manager.put_tag("a\nb", limit)
+    assert caught.value.param == "tag" and "no control or unprintable" in caught.value.message
 
 
 async def test_unknown_ids_answer_404(settings: BudgetSettings) -> None:

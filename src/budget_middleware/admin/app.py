@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -37,6 +38,21 @@ __all__ = ["create_admin_app"]
 logger = logging.getLogger("budget_middleware.admin")
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Rest(Convertor[str]):
+    """The rest of the path, whatever it holds (Starlette's `path` stops at a line break)."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("budget_rest", _Rest())
 
 
 class _Holder:
@@ -143,9 +159,10 @@ def create_admin_app(settings: BudgetSettings | None = None, **_: Any) -> Starle
     paths["/openapi.json"] = {"GET": _openapi(holder)}
     paths["/metrics"] = {"GET": _metrics(holder)}
     routes: list[BaseRoute] = [
-        # A tag may hold a `/` (`team/search`), sent as %2F: the rest of the path is the tag.
+        # A tag may hold a `/` (`team/search`), sent as %2F: the rest of the path is the tag,
+        # line breaks too (`path`'s `.*` stops at one: a 404, or `ab\n` taken as `ab`).
         Route(
-            path.replace("{tag}", "{tag:path}"),
+            path.replace("{tag}", "{tag:budget_rest}"),
             _dispatch(handlers),
             methods=list(handlers),
             name=path,

@@ -9,6 +9,7 @@ from budget_middleware.admin import envelopes as env
 from budget_middleware.admin.answers import AdminAnswer, ok
 from budget_middleware.admin.context import Call, Operation, QueryParam
 from budget_middleware.admin.provider_budgets import provider_budgets
+from budget_middleware.core.identity import MAX_PROVIDER_CHARS, MAX_TAG_CHARS
 from budget_middleware.core.scopes import OWNER_TYPES
 from budget_middleware.exceptions import ConfigFileError, InvalidRequest
 from budget_middleware.manage.config_file import apply_config_text
@@ -47,8 +48,18 @@ OFFSET = QueryParam("offset", {"type": "integer", "minimum": 0, "default": 0}, "
                     at_most=PAGE_BOUND)  # fmt: skip
 OWNER_TYPE = QueryParam("owner_type", {"type": "string", "enum": list(OWNER_TYPES)})
 OWNER_ID = QueryParam("owner_id", {"type": "string"}, "for provider and tag: the name")
-# A provider's or a tag's name, in the path: 1 to 200 characters (as the manager checks).
-_NAME = {"type": "string", "minLength": 1, "maxLength": 200}
+
+
+# A provider's or a tag's name in the path. PUT takes one a request can carry (the manager
+# checks `identity.name_problem`): printable (the pattern says it of the controls, the manager
+# of the rest, by str.isprintable), no space at either end. DELETE takes what older releases
+# stored too (1 to 200 characters).
+def _put_name(limit: int) -> dict[str, object]:
+    return {"type": "string", "minLength": 1, "maxLength": limit,
+            "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"}  # fmt: skip
+
+
+_STORED_NAME = {"type": "string", "minLength": 1, "maxLength": 200}
 _ERRORS = {401: env.ErrorAnswer, 422: env.ErrorAnswer}
 _ONE_ERRORS = {**_ERRORS, 404: env.ErrorAnswer}
 _WRITE_ERRORS = {**_ONE_ERRORS, 409: env.ErrorAnswer}
@@ -447,9 +458,9 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: env.ProviderList, **_ERRORS}, query=_LIST),
     Operation("PUT", "/providers/{provider}", put_provider, "Set a provider's limits",
               {200: env.ProviderAnswer, 201: env.ProviderAnswer, **_WRITE_ERRORS},
-              body=ProviderPut, path_params={"provider": _NAME}),
+              body=ProviderPut, path_params={"provider": _put_name(MAX_PROVIDER_CHARS)}),
     Operation("DELETE", "/providers/{provider}", delete_provider, "Remove a provider's limits",
-              {200: env.Deleted, **_ONE_ERRORS}, path_params={"provider": _NAME}),
+              {200: env.Deleted, **_ONE_ERRORS}, path_params={"provider": _STORED_NAME}),
     Operation("GET", "/provider/budgets", provider_budgets, "Each provider's tightest budget "
               "(LiteLLM's shape)", {200: env.ProviderBudgets, **_ERRORS}),
     Operation("GET", "/model-configs", list_model_configs, "List model configs",
@@ -469,9 +480,9 @@ OPERATIONS: tuple[Operation, ...] = (
               query=_LIST),
     Operation("PUT", "/tags/{tag}", put_tag, "Set a tag's limits",
               {200: env.TagAnswer, 201: env.TagAnswer, **_WRITE_ERRORS}, body=TagPut,
-              path_params={"tag": _NAME}),
+              path_params={"tag": _put_name(MAX_TAG_CHARS)}),
     Operation("DELETE", "/tags/{tag}", delete_tag, "Remove a tag's limits",
-              {200: env.Deleted, **_ONE_ERRORS}, path_params={"tag": _NAME}),
+              {200: env.Deleted, **_ONE_ERRORS}, path_params={"tag": _STORED_NAME}),
     Operation("GET", "/usage", usage, "Spend, tokens and requests, grouped",
               {200: UsageOut, **_ERRORS},
               query=(QueryParam("group_by", {"type": "string", "enum": list(GROUPS)}),

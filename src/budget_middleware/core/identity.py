@@ -168,6 +168,22 @@ def clean_text(text: str, limit: int) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
 
 
+def name_problem(kind: str, name: str, limit: int) -> str | None:
+    """Why a provider's or a tag's name given to the admin side is none a request can carry (a
+    request's is read trimmed, cut at `limit` characters, unprintable ones as "?": `clean_text`),
+    so that limits on it would never be met; None when a request can carry it."""
+    if not name or len(name) > limit:
+        return f"a {kind} name has 1 to {limit} characters"
+    if name != name.strip():
+        return f"a {kind} name has no space at either end: {name!r}"
+    if not name.isprintable():
+        return (
+            f"a {kind} name has no control or unprintable character: {name!r} (a request's "
+            f"{kind} is read with '?' for it)"
+        )
+    return None
+
+
 def _clean_tags(tags: Iterable[str]) -> tuple[str, ...]:
     cleaned: list[str] = []
     for tag in tags:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from sqlmodel import Session, col, select
 
+from budget_middleware.core.identity import MAX_PROVIDER_CHARS, MAX_TAG_CHARS, name_problem
 from budget_middleware.core.providers import canonical_provider, owner_name
 from budget_middleware.core.times import from_ts
 from budget_middleware.core.windows import CounterRegistry
@@ -235,12 +236,10 @@ class BudgetManager(KeyWriter):
             raise InvalidRequest(
                 f"a {owner_type} name is a string, not {type(name).__name__}", param=owner_type
             )
-        if not name or len(name) > 200:
-            raise InvalidRequest(f"a {owner_type} name has 1 to 200 characters", param=owner_type)
-        if name != name.strip():  # a request's provider and tags are read trimmed: never met
-            raise InvalidRequest(
-                f"a {owner_type} name has no space at either end: {name!r}", param=owner_type
-            )
+        limit = MAX_PROVIDER_CHARS if owner_type == "provider" else MAX_TAG_CHARS
+        problem = name_problem(owner_type, name, limit)  # limits no request would ever meet
+        if problem is not None:
+            raise InvalidRequest(problem, param=owner_type)
         if owner_type == "provider":
             name = canonical_provider(name)  # one name per provider: `OpenAI` is `openai`
         row: Any = s.get(table, name)
