@@ -789,6 +789,27 @@ def test_a_command_that_reads_makes_no_tables_in_an_empty_database(
             engine.dispose()
 
 
+def test_times_at_the_calendar_s_ends_are_taken_as_the_admin_api_takes_them(
+    store: dict[str, str], here: Here
+) -> None:
+    """`--expires-at 9999-12-31T23:59:59-05:00` is past year 9999 in UTC: the CLI raised
+    OverflowError (a traceback), where the admin API and the Python API clamp it to the
+    calendar's end (`to_utc`); so did `--until` and `--since` near either end."""
+    created = ok(here(store, "--json keys create --name a --expires-at 9999-12-31T23:59:59-05:00"))
+    assert created.json()["virtual_key"]["expires_at"] == "9999-12-31T23:59:59.999999Z"
+    early = ok(here(store, "--json keys create --name b --expires-at 0001-01-01T00:00:00+05:00"))
+    assert early.json()["virtual_key"]["expires_at"] == "0001-01-01T00:00:00Z"
+    for line, bounds in (
+        ("usage --until 9999-12-31T23:59:59-05:00", (None, "9999-12-31T23:59:59.999999Z")),
+        ("usage --since 0001-01-01T00:00:00+05:00", ("0001-01-01T00:00:00Z", None)),
+        ("usage --since 0001-01-01T00:00:00+05:00 --until 9999-12-31T23:59:59-14:00",
+         ("0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z")),
+    ):  # fmt: skip
+        answer = ok(here(store, f"--json {line}")).json()
+        print(line, "->", answer["start"], answer["end"])
+        assert (answer["start"], answer["end"]) == bounds
+
+
 def test_config_check_warns_of_a_variable_only_the_server_has(
     store: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, here: Here
 ) -> None:

@@ -108,7 +108,11 @@ def period(since: str | None, until: str | None) -> tuple[str | None, str | None
 
 
 def _rfc3339(at: datetime) -> str:
-    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    # Clamped at the calendar's ends as the management API clamps (`9999-12-31T23:59:59-05:00`
+    # is past year 9999 in UTC: astimezone raised OverflowError, a traceback).
+    from budget_middleware.manage.schemas import to_utc
+
+    return to_utc(at).isoformat().replace("+00:00", "Z")
 
 
 def body(text: str | None, file: str | None) -> dict[str, Any]:
