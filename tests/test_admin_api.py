@@ -221,22 +221,22 @@ async def test_provider_and_tag_names_are_those_requests_can_carry(
 
 
 async def test_a_name_no_request_can_carry_is_refused_naming_it(settings: BudgetSettings) -> None:
-    """A request's tag and provider are read with "?" for a control or unprintable character
+    """A request's tag and provider are read with "?" for a control character or a line break
     and cut at 100 characters (`identity.clean_text`): such a name's limits never applied. PUT
     /tags/a%0Ab answered 404 "no admin route /tags/ab" (the route's `.*` stops at a line
     break), /tags/ab%0A wrote the tag `ab`, /tags/a%09b and /providers/a%0Ab wrote a name no
     request meets, as did a tag of 101 to 200 characters."""
     limit = {"budgets": [{"max_limit": 1}]}
     refused = {
-        "/tags/a%0Ab": ("tag", "a tag name has no control or unprintable character: 'a\\nb' "
+        "/tags/a%0Ab": ("tag", "a tag name has no control character or line break: 'a\\nb' "
                         "(a request's tag is read with '?' for it)"),
         "/tags/ab%0A": ("tag", "a tag name has no space at either end: 'ab\\n'"),
-        "/tags/a%09b": ("tag", "a tag name has no control or unprintable character: 'a\\tb' "
+        "/tags/a%09b": ("tag", "a tag name has no control character or line break: 'a\\tb' "
                         "(a request's tag is read with '?' for it)"),
-        "/tags/a%E2%80%A8b": ("tag", "a tag name has no control or unprintable character: "
+        "/tags/a%E2%80%A8b": ("tag", "a tag name has no control character or line break: "
                               "'a\\u2028b' (a request's tag is read with '?' for it)"),
-        "/providers/a%0Ab": ("provider", "a provider name has no control or unprintable "
-                             "character: 'a\\nb' (a request's provider is read with '?' for it)"),
+        "/providers/a%0Ab": ("provider", "a provider name has no control character or line "
+                             "break: 'a\\nb' (a request's provider is read with '?' for it)"),
         "/tags/" + "t" * 101: ("tag", "tag: has at most 100 characters"),
         "/providers/" + "p" * 101: ("provider", "provider: has at most 100 characters"),
     }  # fmt: skip
@@ -255,7 +255,7 @@ async def test_a_name_no_request_can_carry_is_refused_naming_it(settings: Budget
         ]
     with pytest.raises(InvalidRequest) as caught:  # the Python API: the same rule
         get_engine(settings).manager.put_tag("a\nb", limit)
-    assert caught.value.param == "tag" and "no control or unprintable" in caught.value.message
+    assert caught.value.param == "tag" and "no control character" in caught.value.message
 
 
 async def test_unknown_ids_answer_404(settings: BudgetSettings) -> None:

@@ -9,7 +9,7 @@ from budget_middleware.admin import envelopes as env
 from budget_middleware.admin.answers import AdminAnswer, ok
 from budget_middleware.admin.context import Call, Operation, QueryParam
 from budget_middleware.admin.provider_budgets import provider_budgets
-from budget_middleware.core.identity import MAX_PROVIDER_CHARS, MAX_TAG_CHARS
+from budget_middleware.core.identity import MAX_PROVIDER_CHARS, MAX_TAG_CHARS, NAME_PATTERN
 from budget_middleware.core.scopes import OWNER_TYPES
 from budget_middleware.exceptions import ConfigFileError, InvalidRequest
 from budget_middleware.manage.config_file import apply_config_text
@@ -51,12 +51,10 @@ OWNER_ID = QueryParam("owner_id", {"type": "string"}, "for provider and tag: the
 
 
 # A provider's or a tag's name in the path. PUT takes one a request can carry (the manager
-# checks `identity.name_problem`): printable (the pattern says it of the controls, the manager
-# of the rest, by str.isprintable), no space at either end. DELETE takes what older releases
-# stored too (1 to 200 characters).
+# checks `identity.name_problem`): no control character, no space at either end. DELETE takes
+# what older releases stored too (1 to 200 characters).
 def _put_name(limit: int) -> dict[str, object]:
-    return {"type": "string", "minLength": 1, "maxLength": limit,
-            "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"}  # fmt: skip
+    return {"type": "string", "minLength": 1, "maxLength": limit, "pattern": NAME_PATTERN}
 
 
 _STORED_NAME = {"type": "string", "minLength": 1, "maxLength": 200}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from hashlib import sha256
@@ -168,17 +169,26 @@ def clean_text(text: str, limit: int) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
 
 
+# The characters an operator's provider or tag name may not hold: controls (C0, DEL, C1) and
+# the line and paragraph separators, which a request's tag or provider is read with "?" for
+# (`clean_text`), so that limits on such a name never applied. NAME_PATTERN says it in the
+# OpenAPI document, exactly: a name valid by the document is never refused.
+_CONTROLS = "\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029"
+NAME_PATTERN = f"^[^{_CONTROLS}]*$"
+_CONTROL = re.compile(f"[{_CONTROLS}]")
+
+
 def name_problem(kind: str, name: str, limit: int) -> str | None:
     """Why a provider's or a tag's name given to the admin side is none a request can carry (a
-    request's is read trimmed, cut at `limit` characters, unprintable ones as "?": `clean_text`),
-    so that limits on it would never be met; None when a request can carry it."""
+    request's is read trimmed, cut at `limit` characters, a control character as "?"), so that
+    limits on it would never be met; None when a request can carry it."""
     if not name or len(name) > limit:
         return f"a {kind} name has 1 to {limit} characters"
     if name != name.strip():
         return f"a {kind} name has no space at either end: {name!r}"
-    if not name.isprintable():
+    if _CONTROL.search(name):
         return (
-            f"a {kind} name has no control or unprintable character: {name!r} (a request's "
+            f"a {kind} name has no control character or line break: {name!r} (a request's "
             f"{kind} is read with '?' for it)"
         )
     return None
