@@ -250,6 +250,20 @@ async def test_a_name_no_request_can_carry_is_refused_naming_it(settings: Budget
         assert (gone.status_code, gone.json()["error"]["message"]) == (404, "tag 'a\\nb' not found")
         kept = await c.put("/tags/" + "t" * 100, json=limit, headers=ADMIN)
         assert kept.status_code == 201
+        # A key's tags, which its requests carry, are held to the same: they were stored as
+        # given, and no tag limit could name them.
+        for tags, param, message in (
+            (["ok", "a\nb"], "tags.1",
+             "Value error, a tag has no control character or line break: 'a\\nb'"),
+            (["t" * 101], "tags.0", "String should have at most 100 characters"),
+        ):  # fmt: skip
+            r = await c.post("/virtual-keys", json={"name": "k", "tags": tags}, headers=ADMIN)
+            print(r.status_code, r.text[:200])
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["errors"][0] == {
+                "param": param, "message": message, "kind": r.json()["error"]["errors"][0]["kind"]
+            }  # fmt: skip
+        assert (await c.get("/virtual-keys", headers=ADMIN)).json()["count"] == 0
         assert [t["tag"] for t in (await c.get("/tags", headers=ADMIN)).json()["tags"]] == [
             "t" * 100
         ]

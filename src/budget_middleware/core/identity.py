@@ -175,7 +175,7 @@ def clean_text(text: str, limit: int) -> str:
 # OpenAPI document, exactly: a name valid by the document is never refused.
 _CONTROLS = "\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029"
 NAME_PATTERN = f"^[^{_CONTROLS}]*$"
-_CONTROL = re.compile(f"[{_CONTROLS}]")
+CONTROL = re.compile(f"[{_CONTROLS}]")
 
 
 def name_problem(kind: str, name: str, limit: int) -> str | None:
@@ -186,7 +186,7 @@ def name_problem(kind: str, name: str, limit: int) -> str | None:
         return f"a {kind} name has 1 to {limit} characters"
     if name != name.strip():
         return f"a {kind} name has no space at either end: {name!r}"
-    if _CONTROL.search(name):
+    if CONTROL.search(name):
         return (
             f"a {kind} name has no control character or line break: {name!r} (a request's "
             f"{kind} is read with '?' for it)"

@@ -32,6 +32,7 @@ from pydantic import (
 
 from budget_middleware.core.alerts import check_threshold
 from budget_middleware.core.durations import Duration
+from budget_middleware.core.identity import CONTROL, MAX_TAG_CHARS, NAME_PATTERN
 from budget_middleware.core.providers import canonical_provider
 from budget_middleware.core.routing import MAX_TARGETS, target_problem
 
@@ -251,6 +252,21 @@ ModelName = Annotated[
 ]
 
 
+def _no_control(tag: str) -> str:
+    if CONTROL.search(tag):
+        raise ValueError(f"a tag has no control character or line break: {tag!r}")
+    return tag
+
+
+KeyTag = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_TAG_CHARS, json_schema_extra={"pattern": NAME_PATTERN}),
+    AfterValidator(_no_control),
+]
+"""A key's tag, which every request of the key carries: one a tag's limits can name (as a request's
+tag is read: at most 100 characters, no control character; `PUT /tags/{tag}` takes the same)."""
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -413,7 +429,7 @@ class _KeyFields(_Limits):
     is_active: JsonBool | None = None
     expires_at: JsonTime | None = Field(default=None, description="RFC 3339, with its offset")
     provider_configs: list[ProviderConfigIn] | None = Field(default=None, max_length=100)
-    tags: list[str] | None = Field(default=None, max_length=100)
+    tags: list[KeyTag] | None = Field(default=None, max_length=100)
     calendar_aligned: JsonBool | None = None
 
     @model_validator(mode="after")
@@ -426,7 +442,7 @@ class _KeyFields(_Limits):
 class VirtualKeyCreate(_KeyFields):
     name: str = Field(min_length=1, max_length=200)
     is_active: JsonBool = True
-    tags: list[str] = Field(default_factory=list, max_length=100)
+    tags: list[KeyTag] = Field(default_factory=list, max_length=100)
     calendar_aligned: JsonBool = False
     value: str | None = Field(
         default=None,
