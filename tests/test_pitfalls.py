@@ -1,0 +1,312 @@
+"""Where the gateways we compete with went wrong (PITFALLS), replayed with the figures their users
+reported: each test sets up the reported case and measures what we do in it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from sqlmodel import select
+
+from budget_middleware import BudgetSettings
+from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.store.tables import UsageRecordRow
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix, use_prefix
+from support import chat, client, engine_of, host_app, running
+
+Settings = Callable[..., BudgetSettings]
+Message = dict[str, Any]
+NANO = 1_000_000_000
+
+
+def prices(tmp_path: Path, models: dict[str, dict[str, float]]) -> Path:
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"models": models}))
+    return path
+
+
+@asynccontextmanager
+async def deployment(
+    make_settings: Settings, backend: str, **overrides: Any
+) -> AsyncIterator[tuple[Any, BudgetEngine, str]]:
+    """A running host app on in-process counters or on Redis (under a prefix of its own)."""
+    prefix = unique_prefix()
+    if backend == "redis":
+        need_redis()
+        overrides["redis_url"] = REDIS_URL
+    app = host_app(make_settings(**overrides))
+    engine = engine_of(app)
+    if backend == "redis":
+        use_prefix(engine, prefix)
+    try:
+        async with running(app):
+            yield app, engine, prefix
+    finally:
+        if backend == "redis":
+            delete_prefix(REDIS_URL, prefix)
+
+
+async def records(engine: BudgetEngine) -> list[UsageRecordRow]:
+    await engine.flush()
+    with engine.store.session() as s:
+        return list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.id)))  # type: ignore[arg-type]
+
+
+async def held_in_redis(prefix: str, budget_id: str, rate_limit_id: str) -> tuple[int, int]:
+    """(reservations, slots) Redis holds for a budget and a rate limit."""
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        return int(await r.hlen(f"{prefix}rh:{budget_id}")), int(
+            await r.zcard(f"{prefix}c:{rate_limit_id}")
+        )
+    finally:
+        await r.aclose()
+
+
+# -- Money that leaks: overspend by concurrency ----------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_five_requests_at_once_against_a_45_cent_cap_spend_45_cents_not_60(
+    make_settings: Settings, tmp_path: Path, backend: str
+) -> None:
+    """LiteLLM let 4 of 5 concurrent $0.15 requests through a $0.45 cap ($0.60 spent): checked
+    before, charged after. Here the cap is the customer's, under looser team and key budgets,
+    so one atomic step across three counters decides; the two refused leave nothing on any of
+    them, nor on the key's request limit."""
+    # 100 output tokens at $1,500 per million: $0.15 a request, reserved exactly (input free)
+    pricing = prices(tmp_path, {"openai/gpt-4o": {"input_per_mtok": 0, "output_per_mtok": 1500}})
+    async with deployment(make_settings, backend, pricing_file=pricing) as (app, engine, prefix):
+        m = engine.manager
+        acme = m.create_customer(name="acme", budgets=[{"max_limit": 0.45, "reset_duration": "1d"}])
+        team = m.create_team(
+            name="agents", customer_id=acme.id, budgets=[{"max_limit": 10, "reset_duration": "1d"}]
+        )
+        key = m.create_virtual_key(
+            name="session",
+            team_id=team.id,
+            budgets=[{"max_limit": 10, "reset_duration": "1d"}],
+            rate_limit={"request_max_limit": 100, "request_reset_duration": "1h"},
+        )
+        await engine.invalidate()
+        headers = {"authorization": f"Bearer {key.value}", "x-mock-delay-ms": "2"}
+        async with client(app) as http:
+            answers = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/chat/completions",
+                        json=chat(max_tokens=100, stream=True),
+                        headers=headers,
+                    )
+                    for _ in range(5)
+                )
+            )
+            after = await http.post(
+                "/v1/chat/completions", json=chat(max_tokens=100), headers=headers
+            )
+        rows = await records(engine)
+        live = m.list_budgets(from_memory=True, counters=engine.registry)
+        spent = {b.user_path: (b.spent, b.reserved) for b in live}
+        requests = m.list_rate_limits(from_memory=True, counters=engine.registry)[0]
+        held = await held_in_redis(prefix, acme.budgets[0].id, "") if backend == "redis" else (0, 0)
+    codes = sorted(a.json()["error"]["code"] if a.status_code != 200 else "200" for a in answers)
+    print(f"{backend}: 5 at once -> {codes}; then {after.status_code}; spent/reserved {spent};")
+    charged = sum(r.cost_nanos for r in rows)
+    print(f"  requests counted {requests.request_current_usage}; records ${charged / NANO}")
+    assert codes.count("200") == 3 and set(codes) <= {"200", "budget_reserved", "budget_exceeded"}
+    assert after.status_code == 402 and after.json()["error"]["scope"]["name"] == "acme"
+    assert spent == {
+        "/acme": (0.45, 0.0),
+        "/acme/agents": (0.45, 0.0),
+        "/acme/agents/session": (0.45, 0.0),
+    }
+    assert held == (0, 0)
+    assert requests.request_current_usage == len(rows) == 3 and charged == 45 * NANO // 100
+
+
+# -- Counters that lie the other way: false blocks from over-reservation ---------------------
+
+
+async def test_a_64000_token_reservation_never_blocks_alone_a_budget_it_exceeds(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """LiteLLM reserved `max_tokens` worth of output: with `max_tokens=64000` a $0.50 budget was
+    "exhausted" by a spend 821x smaller. Here 64,000 tokens at $15 per million reserve $0.96,
+    more than the whole budget: alone, each request is admitted (SPEC §6: "with no request in
+    flight a request is always admitted while the budget is not exhausted"); two at once, the
+    second is told `budget_reserved` (429, Retry-After), never the final `budget_exceeded`."""
+    sonnet = {"input_per_mtok": 3, "output_per_mtok": 15}
+    pricing = prices(tmp_path, {"anthropic/claude-sonnet-4-5": sonnet})
+    async with deployment(make_settings, "memory", pricing_file=pricing) as (app, engine, _):
+        key = engine.manager.create_virtual_key(
+            name="agent", budgets=[{"max_limit": 0.5, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        body = {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 64000,
+            "messages": [{"role": "user", "content": "hello there"}],
+        }
+        headers = {"x-api-key": key.value or "", "x-mock-output-tokens": "5"}
+        async with client(app) as http:
+            alone = [
+                (await http.post("/v1/messages", json=body, headers=headers)).status_code
+                for _ in range(20)
+            ]
+            slow = {**headers, "x-mock-delay-ms": "20"}
+            together = await asyncio.gather(
+                http.post("/v1/messages", json=body | {"stream": True}, headers=slow),
+                _after(0.01, http.post("/v1/messages", json=body, headers=headers)),
+            )
+        rows = await records(engine)
+        budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+    reservation = 64000 * 15 / 1e6
+    per_request = rows[0].cost_nanos / NANO
+    refused = together[1]
+    print(
+        f"20 alone: {set(alone)}; two at once: {[a.status_code for a in together]} "
+        f"({refused.json()['error']['code']}, Retry-After {refused.headers.get('retry-after')});"
+        f" reservation ${reservation:.2f} vs ${per_request:.6f} spent a request "
+        f"({reservation / per_request:.0f}x); spent ${budget.spent:.6f}, reserved {budget.reserved}"
+    )
+    assert alone == [200] * 20
+    assert together[0].status_code == 200 and refused.status_code == 429
+    assert refused.json()["error"]["code"] == "budget_reserved"
+    assert int(refused.headers["retry-after"]) >= 1 and "x-should-retry" not in refused.headers
+    assert budget.reserved == 0 and len(rows) == 21
+    assert budget.spent == pytest.approx(sum(r.cost_nanos for r in rows) / NANO)
+    assert budget.spent < 0.5 / 100  # the budget was never near exhausted
+
+
+async def _after(seconds: float, call: Any) -> Any:
+    await asyncio.sleep(seconds)
+    return await call
+
+
+# -- Counters that lie the other way: leaked reservations and slots --------------------------
+
+
+def _scope(path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Message:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+
+
+async def _cut_by_client(app: Any, headers: list[tuple[bytes, bytes]], *, cancel: bool) -> None:
+    """A stream the client leaves after its first chunk: by disconnecting, or by the server
+    cancelling the request's task (a timeout)."""
+    body = json.dumps(chat(max_tokens=400, stream=True)).encode()
+    first = asyncio.Event()
+    gone = asyncio.Event()
+    delivered = False
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            first.set()
+
+    slow = [*headers, (b"x-mock-delay-ms", b"2")]
+    task = asyncio.create_task(app(_scope("/v1/chat/completions", body, slow), receive, send))
+    await first.wait()
+    if cancel:
+        task.cancel()
+    else:
+        gone.set()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_requests_that_end_badly_every_way_leave_no_reservation_and_no_slot(
+    make_settings: Settings, tmp_path: Path, backend: str
+) -> None:
+    """LiteLLM's leaked reservations (a request that errored or was cancelled never settled)
+    inflated counters to 2x real spend, and its unreleased slots blocked keys for good. Ten
+    rounds of every bad ending, on a key with 2 slots: the upstream's 500 and 429, a stream the
+    upstream cuts, a client that leaves, a task cancelled by a timeout. Afterwards nothing is
+    reserved or held (in Redis too), the budget holds exactly what the records cost, and both
+    slots serve again."""
+    pricing = prices(tmp_path, {"openai/gpt-4o": {"input_per_mtok": 1, "output_per_mtok": 2}})
+    async with deployment(make_settings, backend, pricing_file=pricing) as (app, engine, prefix):
+        key = engine.manager.create_virtual_key(
+            name="agent",
+            budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+            rate_limit={"max_concurrent_requests": 2},
+        )
+        assert key.rate_limit is not None
+        await engine.invalidate()
+        auth = [(b"authorization", f"Bearer {key.value}".encode())]
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            statuses: list[int] = []
+            for _ in range(10):
+                for knob in ({"x-mock-status": "500"}, {"x-mock-status": "429"}):
+                    answer = await http.post(
+                        "/v1/chat/completions",
+                        json=chat(max_tokens=400),
+                        headers={"authorization": f"Bearer {key.value}", **knob},
+                    )
+                    statuses.append(answer.status_code)
+                cut = await http.post(
+                    "/v1/chat/completions",
+                    json=chat(max_tokens=400, stream=True),
+                    headers={"authorization": f"Bearer {key.value}", "x-mock-fail-after": "3"},
+                )
+                statuses.append(cut.status_code)
+                await _cut_by_client(app, auth, cancel=False)
+                await _cut_by_client(app, auth, cancel=True)
+            rows = await records(engine)
+            budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+            held = (
+                await held_in_redis(prefix, key.budgets[0].id, key.rate_limit.id)
+                if backend == "redis"
+                else (
+                    engine.registry.windows["budget"][key.budgets[0].id].reserved,
+                    engine.registry.concurrency[key.rate_limit.id].in_flight,
+                )
+            )
+            slow = {"authorization": f"Bearer {key.value}", "x-mock-delay-ms": "5"}
+            both = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/chat/completions", json=chat(max_tokens=5, stream=True), headers=slow
+                    )
+                    for _ in range(2)
+                )
+            )
+    charged = sum(r.cost_nanos for r in rows)
+    outcomes = sorted({(r.status, r.outcome, r.estimated) for r in rows})
+    print(
+        f"{backend}: {len(rows)} records {outcomes}; charged ${charged / NANO:.6f}, budget spent "
+        f"${budget.spent:.6f}, reserved {budget.reserved}; held (reservations, slots) {held};"
+        f" then two at once: {[a.status_code for a in both]}"
+    )
+    assert set(statuses) == {500, 429, 200} and len(rows) == 50
+    assert budget.spent == pytest.approx(charged / NANO, abs=1e-9) and charged > 0
+    assert budget.reserved == 0 and held == (0, 0)
+    assert [a.status_code for a in both] == [200, 200]
