@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
+import httpx2
+import openai
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy import create_engine, text
 from sqlmodel import select
 
-from budget_middleware import BudgetSettings
+from budget_middleware import BudgetSettings, BudgetTransport, charge_to, get_engine
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.tables import UsageRecordRow
-from conftest import REDIS_URL, need_redis
+from conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, reset_postgres
 from service_support import delete_prefix, unique_prefix, use_prefix
 from support import chat, client, engine_of, host_app, running
 
@@ -310,3 +316,163 @@ async def test_requests_that_end_badly_every_way_leave_no_reservation_and_no_slo
     assert budget.spent == pytest.approx(charged / NANO, abs=1e-9) and charged > 0
     assert budget.reserved == 0 and held == (0, 0)
     assert [a.status_code for a in both] == [200, 200]
+
+
+# -- Money that leaks: dropped usage ---------------------------------------------------------
+
+
+@pytest.mark.services
+async def test_a_store_that_holds_every_write_for_seconds_loses_no_charge_and_delays_no_answer(
+    tmp_path: Path,
+) -> None:
+    """GoModel dropped usage records when its write buffer was full. Here PostgreSQL holds the
+    usage and budget tables locked (another session's ACCESS EXCLUSIVE lock) for 1.5 s while 200
+    requests are charged: the answers do not wait for the store, the flush rounds wait and try
+    again, and once the lock goes every record and every cent is written, once."""
+    need_postgres()
+    reset_postgres()
+    pricing = prices(tmp_path, {"openai/gpt-4o": {"input_per_mtok": 0, "output_per_mtok": 1}})
+    settings = BudgetSettings(
+        database_url=POSTGRES_URL, pricing_file=pricing, flush_interval_seconds=0.05
+    )
+    app = host_app(settings)
+    engine = engine_of(app)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_tables() -> None:
+        other = create_engine(POSTGRES_URL)
+        try:
+            with other.connect() as conn:
+                conn.execute(text("BEGIN"))
+                conn.execute(
+                    text("LOCK TABLE bm_usage_records, bm_budgets IN ACCESS EXCLUSIVE MODE")
+                )
+                locked.set()
+                release.wait(10)
+                conn.execute(text("COMMIT"))
+        finally:
+            other.dispose()
+
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="agent", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        auth = {"authorization": f"Bearer {key.value}"}
+        first = await http.post("/v1/chat/completions", json=chat(max_tokens=3), headers=auth)
+        await engine.flush()  # the key and its budget are live: nothing more to read
+        holder = threading.Thread(target=hold_the_tables)
+        holder.start()
+        await asyncio.to_thread(locked.wait)
+        began = time.perf_counter()
+        answers = await asyncio.gather(
+            *(
+                http.post("/v1/chat/completions", json=chat(max_tokens=1 + i % 7), headers=auth)
+                for i in range(200)
+            )
+        )
+        took = time.perf_counter() - began
+        await asyncio.sleep(1.5)  # flush rounds meet the lock meanwhile
+        pending = engine.pending_records
+        release.set()
+        await asyncio.to_thread(holder.join)
+        await engine.flush()
+        with engine.store.session() as s:
+            count, total = s.execute(
+                text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
+            ).one()
+            usage = s.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
+    want = 3_000 + sum((1 + i % 7) * 1_000 for i in range(200))  # $1 per million output tokens
+    print(
+        f"200 answered in {took:.2f} s with the tables locked; {pending} records pending while "
+        f"locked; then {count} records, ${total / NANO:.6f}, budget ${usage / NANO:.6f}"
+    )
+    assert first.status_code == 200 and {a.status_code for a in answers} == {200}
+    assert pending == 200 and took < 1.5
+    assert (count, total, usage) == (201, want, want)
+
+
+# -- Answers clients misread: the SDKs' own retries ------------------------------------------
+
+
+class Flaky:
+    """A provider that answers `statuses` first (errors without usage), then as the mock does."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        from mock_upstream import create_mock_app
+
+        self.app = create_mock_app("/v1")
+        self.statuses = list(statuses)
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.calls += 1
+            if self.statuses:
+                status = self.statuses.pop(0)
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"retry-after-ms", b"10"),
+                        ],
+                    }
+                )
+                body = {"error": {"message": "overloaded", "type": "overloaded_error"}}
+                await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+                return
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize(
+    ("sdk", "statuses"), [("openai", [500, 503]), ("openai", [429, 500]), ("anthropic", [529])]
+)
+async def test_a_call_the_sdk_retries_after_provider_errors_is_charged_once(
+    make_settings: Settings, sdk: str, statuses: list[int]
+) -> None:
+    """The SDKs retry a provider's 429 and 5xx (twice by default) below their own call, so the
+    transport meters each attempt: the failed ones cost nothing and hold nothing (a key of one
+    slot is not blocked by its own retries), the one answered is charged once."""
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    await engine.ensure_started()
+    try:
+        key = engine.manager.create_virtual_key(
+            name="agent", budgets=[{"max_limit": 1}], rate_limit={"max_concurrent_requests": 1}
+        )
+        provider = Flaky(statuses)
+        transport = BudgetTransport(httpx2.ASGITransport(provider), engine=engine)
+        with charge_to(virtual_key=key.value):
+            if sdk == "openai":
+                answer: Any = await openai.AsyncOpenAI(
+                    api_key="sk-provider-secret",
+                    base_url="https://api.openai.com/v1",
+                    http_client=httpx2.AsyncClient(transport=transport),
+                    max_retries=3,
+                ).chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=9
+                )
+                output = answer.usage.completion_tokens
+            else:
+                answer = await anthropic.AsyncAnthropic(
+                    api_key="sk-provider-secret",
+                    base_url="https://api.anthropic.com",
+                    http_client=httpx2.AsyncClient(transport=transport),
+                    max_retries=3,
+                ).messages.create(
+                    model="claude-haiku-4-5",
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=9,
+                )
+                output = answer.usage.output_tokens
+        rows = await records(engine)
+        budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+    finally:
+        await engine.shutdown()
+    charged = [(r.status, r.cost_nanos) for r in rows]
+    print(f"{sdk}: {provider.calls} attempts, records {charged}; spent ${budget.spent:.6f}")
+    assert provider.calls == len(rows) == len(statuses) + 1 and output == 9
+    assert [status for status, _ in charged] == [*statuses, 200]
+    assert [cost for _, cost in charged[:-1]] == [0] * len(statuses) and charged[-1][1] > 0
+    assert budget.spent == charged[-1][1] / NANO and budget.reserved == 0
