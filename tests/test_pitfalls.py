@@ -141,8 +141,9 @@ async def test_five_requests_at_once_against_a_45_cent_cap_spend_45_cents_not_60
 # -- Counters that lie the other way: false blocks from over-reservation ---------------------
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_a_64000_token_reservation_never_blocks_alone_a_budget_it_exceeds(
-    make_settings: Settings, tmp_path: Path
+    make_settings: Settings, tmp_path: Path, backend: str
 ) -> None:
     """LiteLLM reserved `max_tokens` worth of output: with `max_tokens=64000` a $0.50 budget was
     "exhausted" by a spend 821x smaller. Here 64,000 tokens at $15 per million reserve $0.96,
@@ -151,7 +152,7 @@ async def test_a_64000_token_reservation_never_blocks_alone_a_budget_it_exceeds(
     second is told `budget_reserved` (429, Retry-After), never the final `budget_exceeded`."""
     sonnet = {"input_per_mtok": 3, "output_per_mtok": 15}
     pricing = prices(tmp_path, {"anthropic/claude-sonnet-4-5": sonnet})
-    async with deployment(make_settings, "memory", pricing_file=pricing) as (app, engine, _):
+    async with deployment(make_settings, backend, pricing_file=pricing) as (app, engine, prefix):
         key = engine.manager.create_virtual_key(
             name="agent", budgets=[{"max_limit": 0.5, "reset_duration": "1d"}]
         )
@@ -174,11 +175,12 @@ async def test_a_64000_token_reservation_never_blocks_alone_a_budget_it_exceeds(
             )
         rows = await records(engine)
         budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+        held = await held_in_redis(prefix, budget.id, "") if backend == "redis" else (0, 0)
     reservation = 64000 * 15 / 1e6
     per_request = rows[0].cost_nanos / NANO
     refused = together[1]
     print(
-        f"20 alone: {set(alone)}; two at once: {[a.status_code for a in together]} "
+        f"{backend}: 20 alone: {set(alone)}; two at once: {[a.status_code for a in together]} "
         f"({refused.json()['error']['code']}, Retry-After {refused.headers.get('retry-after')});"
         f" reservation ${reservation:.2f} vs ${per_request:.6f} spent a request "
         f"({reservation / per_request:.0f}x); spent ${budget.spent:.6f}, reserved {budget.reserved}"
@@ -187,7 +189,7 @@ async def test_a_64000_token_reservation_never_blocks_alone_a_budget_it_exceeds(
     assert together[0].status_code == 200 and refused.status_code == 429
     assert refused.json()["error"]["code"] == "budget_reserved"
     assert int(refused.headers["retry-after"]) >= 1 and "x-should-retry" not in refused.headers
-    assert budget.reserved == 0 and len(rows) == 21
+    assert budget.reserved == 0 and held == (0, 0) and len(rows) == 21
     assert budget.spent == pytest.approx(sum(r.cost_nanos for r in rows) / NANO)
     assert budget.spent < 0.5 / 100  # the budget was never near exhausted
 
