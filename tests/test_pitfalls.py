@@ -18,10 +18,18 @@ import httpx2
 import openai
 import pytest
 import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 from sqlalchemy import create_engine, text
 from sqlmodel import select
 
-from budget_middleware import BudgetSettings, BudgetTransport, charge_to, get_engine
+from budget_middleware import (
+    BudgetMiddleware,
+    BudgetSettings,
+    BudgetTransport,
+    charge_to,
+    get_engine,
+)
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.tables import UsageRecordRow
 from conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, reset_postgres
@@ -631,11 +639,6 @@ async def test_a_reasoning_stream_left_before_its_first_word_is_charged_what_it_
     stream sends its role chunk, then reasons (billed as output tokens, streamed as nothing);
     the client leaves 0.2 s later. What the estimate charges is the prompt alone: 0 output
     tokens, whatever `max_tokens` allowed, however long it reasoned."""
-    from fastapi import FastAPI
-    from fastapi.responses import StreamingResponse
-
-    from budget_middleware import BudgetMiddleware
-
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
@@ -681,3 +684,52 @@ async def test_a_reasoning_stream_left_before_its_first_word_is_charged_what_it_
     )
     assert row.outcome == "client_disconnected" and row.estimated
     assert row.output_tokens > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §13: 'An inbound request whose own path is metered and whose handler also "
+    "calls out through the transport is charged for both'",
+)
+async def test_a_gateway_that_forwards_through_the_transport_charges_its_caller_once(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """A gateway serves `/v1/chat/completions` behind `BudgetMiddleware` and forwards each call
+    to the provider with the OpenAI SDK on `BudgetTransport` (both recipes of the README): one
+    call of its client is one provider call, yet two records are charged to the caller."""
+    pricing = prices(tmp_path, {"openai/gpt-4o": {"input_per_mtok": 0, "output_per_mtok": 1000}})
+    settings = make_settings(pricing_file=pricing)
+    provider = Flaky([])
+    upstream = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.ASGITransport(provider), settings=settings)
+        ),
+        max_retries=0,
+    )
+    gateway = FastAPI()
+
+    @gateway.post("/v1/chat/completions")
+    async def forward(request: Request) -> Any:
+        answer = await upstream.chat.completions.create(**await request.json())
+        return answer.model_dump()
+
+    gateway.add_middleware(BudgetMiddleware, settings=settings)
+    engine = engine_of(gateway)
+    async with running(gateway), client(gateway) as http:
+        key = engine.manager.create_virtual_key(
+            name="agent", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat("gpt-4o", max_tokens=10),
+            headers={"authorization": f"Bearer {key.value}"},
+        )
+        rows = await records(engine)
+        budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+    charged = [(r.direction, r.cost_nanos / NANO) for r in rows]
+    print(f"1 call, {provider.calls} to the provider: {charged}; the caller spent ${budget.spent}")
+    assert answer.status_code == 200 and provider.calls == 1
+    assert len(rows) == 1 and budget.spent == 0.01
