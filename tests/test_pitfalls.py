@@ -733,3 +733,70 @@ async def test_a_gateway_that_forwards_through_the_transport_charges_its_caller_
     print(f"1 call, {provider.calls} to the provider: {charged}; the caller spent ${budget.spent}")
     assert answer.status_code == 200 and provider.calls == 1
     assert len(rows) == 1 and budget.spent == 0.01
+
+
+class CountingTransport(httpx2.AsyncBaseTransport):
+    """Counts the attempts an SDK makes (its retries included) above `BudgetTransport`."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.attempts = 0
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        self.attempts += 1
+        return await self.inner.handle_async_request(request)
+
+
+async def test_an_exhausted_budget_sent_as_429_is_not_retried_by_the_sdks_calling_out(
+    make_settings: Settings,
+) -> None:
+    """The SDKs retry a 429 twice by default; an exhausted budget answered as 429
+    (`BUDGET_EXCEEDED_STATUS=429`, OpenAI parity) to a call going out through the transport
+    must not become a retry storm: `x-should-retry: false` stops both SDKs at one attempt."""
+    engine = get_engine(make_settings(flush_interval_seconds=3600, exceeded_status=429))
+    await engine.ensure_started()
+    try:
+        key = engine.manager.create_virtual_key(name="spent", budgets=[{"max_limit": 0}])
+        provider = Flaky([])
+        seen: dict[str, tuple[int, int, str]] = {}
+        for sdk in ("openai", "anthropic"):
+            counting = CountingTransport(
+                BudgetTransport(httpx2.ASGITransport(provider), engine=engine)
+            )
+            http = httpx2.AsyncClient(transport=counting)
+            began = time.monotonic()
+            with charge_to(virtual_key=key.value):
+                if sdk == "openai":
+                    with pytest.raises(openai.RateLimitError) as refused:
+                        await openai.AsyncOpenAI(
+                            api_key="sk-provider-secret",
+                            base_url="https://api.openai.com/v1",
+                            http_client=http,
+                            max_retries=3,
+                        ).chat.completions.create(
+                            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+                        )
+                    status, body = refused.value.status_code, refused.value.body
+                else:
+                    with pytest.raises(anthropic.RateLimitError) as rejected:
+                        await anthropic.AsyncAnthropic(
+                            api_key="sk-provider-secret",
+                            base_url="https://api.anthropic.com",
+                            http_client=http,
+                            max_retries=3,
+                        ).messages.create(
+                            model="claude-haiku-4-5",
+                            messages=[{"role": "user", "content": "hi"}],
+                            max_tokens=9,
+                        )
+                    status, body = rejected.value.status_code, rejected.value.body
+            waited = time.monotonic() - began
+            assert isinstance(body, dict)
+            code = body.get("code") or body.get("error", {}).get("code")
+            seen[sdk] = (counting.attempts, status, str(code))
+            assert waited < 0.4  # a retry would have waited 0.5 s at least
+    finally:
+        await engine.shutdown()
+    print(f"attempts, status, code by SDK: {seen}; provider calls {provider.calls}")
+    assert seen == {"openai": (1, 429, "budget_exceeded"), "anthropic": (1, 429, "budget_exceeded")}
+    assert provider.calls == 0
