@@ -371,6 +371,14 @@ class RedisCounters(CounterBackend):
     def window_key(self, counter: WindowCounter) -> str:
         return _window_key(self.prefix, counter.kind, counter.id, counter.start)
 
+    def _told(self, counter: WindowCounter, key: str, value: int) -> None:
+        """What Redis answered for a counter's window (`key`), into the live copy here, which
+        headers, alerts, `from_memory` and fail-open admissions read. Answers to calls made at
+        once come back in any order and a window's value only grows: a late one never sets it
+        back. An answer for a window the counter has left since is not this window's."""
+        if value > counter.value and key == self.window_key(counter):
+            counter.value = value
+
     def _ttl_ms(self, counter: WindowCounter, now: float) -> int:
         return _key_ttl_ms(counter.end, now)
 
@@ -772,7 +780,7 @@ class RedisCounters(CounterBackend):
         counter = entry.counter
         reset_at: float | None = None
         if counter is not None:
-            counter.value = used
+            self._told(counter, entry.keys[0], used)
             reset_at = None if counter.end == FAR_FUTURE else counter.end
         code = str(why[1])
         refused_by = counter if code == "budget_exceeded" else None
@@ -791,12 +799,13 @@ class RedisCounters(CounterBackend):
             value = int(values[2 * n])
             counter = entry.counter
             if entry.kind == "r" and counter is not None:
-                counter.value = value - 1
                 counter.add(1, self.ledger)  # the flusher writes the request count as a delta
+                counter.value -= 1  # counted in Redis's answer
+                self._told(counter, entry.keys[0], value)
             elif entry.kind == "c":
                 holds.append(entry.keys[0])
             elif counter is not None:
-                counter.value = value
+                self._told(counter, entry.keys[0], value)
                 if entry.kind == "b" and reservation:
                     holds += entry.keys[1:]  # the reservation's ZSET and HASH
         # The local counters keep this process's own holds, as `admission.admit` would: they
@@ -1111,7 +1120,7 @@ class RedisCounters(CounterBackend):
                     continue
                 amount = tokens if entry.kind == "t" else cost
                 if int(value) >= 0:
-                    counter.value = int(value)
+                    self._told(counter, entry.keys[0], int(value))
                     if amount:
                         self._arrived(counter, amount)
                         if entry.kind in "bs" and takes == self._takes and counter not in moved:
