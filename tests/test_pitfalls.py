@@ -854,3 +854,61 @@ async def test_an_exhausted_budget_sent_as_429_is_not_retried_by_the_sdks_callin
     print(f"attempts, status, code by SDK: {seen}; provider calls {provider.calls}")
     assert seen == {"openai": (1, 429, "budget_exceeded"), "anthropic": (1, 429, "budget_exceeded")}
     assert provider.calls == 0
+
+
+@pytest.mark.services
+async def test_a_budget_spent_by_requests_at_once_stays_spent_when_redis_goes_away(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """Fail open (SPEC §11): while Redis is away, a key seen valid is admitted on its
+    last-known limits, by the live counters here. Three keys' $1 budgets are each spent exactly
+    by a burst of 100 requests at once through Redis; Redis is killed; 30 more a key are asked
+    one by one: every budget is spent, none is admitted. When the live copy took Redis's
+    answers in the order they came back, it told less than was spent, and the outage admitted
+    the difference (up to 30 of 30: $1.30 spent of $1.00)."""
+    from service_support import PrivateRedis
+
+    need_redis()
+    pricing = prices(tmp_path, {"openai/gpt-4o": {"input_per_mtok": 0, "output_per_mtok": 1000}})
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = make_settings(
+            pricing_file=pricing, redis_url=server.url, fail_open=True, redis_timeout_seconds=1
+        )
+        app = host_app(settings)
+        engine = engine_of(app)
+        async with running(app), client(app) as http:
+            keys = [
+                engine.manager.create_virtual_key(
+                    name=f"agent-{n}", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+                )
+                for n in range(3)
+            ]
+            await engine.invalidate()
+
+            async def ask(key: Any) -> httpx.Response:
+                auth = {"authorization": f"Bearer {key.value}"}
+                return await http.post(
+                    "/v1/chat/completions", json=chat(max_tokens=10), headers=auth
+                )
+
+            burst = [
+                a for key in keys for a in await asyncio.gather(*(ask(key) for _ in range(100)))
+            ]
+            server.kill(keep_data=False)
+            later = {key.name: [(await ask(key)).status_code for _ in range(30)] for key in keys}
+            rows = await records(engine)
+    finally:
+        server.stop()
+    spent = {
+        key.name: sum(r.cost_nanos for r in rows if r.virtual_key_id == key.id) / NANO
+        for key in keys
+    }
+    admitted = {name: statuses.count(200) for name, statuses in later.items()}
+    print(
+        f"3 x 100 at once: {[a.status_code for a in burst].count(200)} admitted; Redis gone: "
+        f"admitted {admitted} of 30 each; spent {spent} (of $1.00 each)"
+    )
+    assert {a.status_code for a in burst} == {200}
+    assert set(admitted.values()) == {0} and set(spent.values()) == {1.0}
