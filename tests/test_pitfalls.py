@@ -912,3 +912,123 @@ async def test_a_budget_spent_by_requests_at_once_stays_spent_when_redis_goes_aw
     )
     assert {a.status_code for a in burst} == {200}
     assert set(admitted.values()) == {0} and set(spent.values()) == {1.0}
+
+
+# -- Counters that lie the other way: rejected requests counted -------------------------------
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_routed_request_refused_by_two_targets_counts_once(
+    make_settings: Settings, backend: str
+) -> None:
+    """LiteLLM counted refused requests against RPM. A request naming a route is tried on each
+    target until one passes (SPEC §12): the targets that refuse it count nothing, so the key's
+    and its team's request limits count one request per request, however many targets refused
+    it first (openai: budget spent; azure: its one request a hour taken)."""
+    async with deployment(make_settings, backend) as (app, engine, _):
+        m = engine.manager
+        m.put_provider("openai", budgets=[{"max_limit": 0}])
+        m.put_provider("azure", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"})
+        m.create_route(
+            name="gpt-4o", targets=["openai/gpt-4o", "azure/gpt-4o", "anthropic/claude-haiku-4-5"]
+        )
+        team = m.create_team(
+            name="agents", rate_limit={"request_max_limit": 100, "request_reset_duration": "1h"}
+        )
+        key = m.create_virtual_key(
+            name="agent",
+            team_id=team.id,
+            rate_limit={"request_max_limit": 4, "request_reset_duration": "1h"},
+        )
+        await engine.invalidate()
+        auth = {"authorization": f"Bearer {key.value}"}
+        went: list[str] = []
+        async with client(app) as http:
+            for _ in range(6):
+                answer = await http.post(
+                    "/v1/chat/completions", json=chat("gpt-4o", max_tokens=3), headers=auth
+                )
+                went.append(answer.headers.get("x-budget-route") or answer.json()["error"]["code"])
+        await records(engine)
+        counted = {
+            r.id: r.request_current_usage
+            for r in m.list_rate_limits(from_memory=True, counters=engine.registry)
+        }
+    assert key.rate_limit is not None and team.rate_limit is not None
+    print(f"{backend}: {went}; requests counted: key {counted[key.rate_limit.id]}, team "
+          f"{counted[team.rate_limit.id]}")  # fmt: skip
+    assert went == [
+        "azure/gpt-4o",
+        *["anthropic/claude-haiku-4-5"] * 3,
+        *["request_limit_exceeded"] * 2,
+    ]
+    assert counted[key.rate_limit.id] == counted[team.rate_limit.id] == 4
+
+
+# -- ASGI traps: caches shared by threads ----------------------------------------------------
+
+
+def test_wsgi_threads_meet_in_the_caches_as_their_entries_expire_and_count_exactly(
+    make_settings: Settings,
+) -> None:
+    """`cachetools` caches are not thread-safe. Under a threaded WSGI server every request
+    reads the key cache; with a TTL of 2 ms its entries expire (and are read again) all the
+    time while 8 threads send 800 requests over 100 keys: every request is answered and
+    charged, once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flask import Flask, Response
+
+    from budget_middleware.engine.portal import on_loop, shut_down_engines
+    from budget_middleware.wsgi import BudgetWSGIMiddleware
+
+    answer = json.dumps(
+        {"id": "c", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [],
+         "usage": {"prompt_tokens": 26, "completion_tokens": 20, "total_tokens": 46}}
+    )  # fmt: skip
+    flask = Flask(__name__)
+    flask.post("/v1/chat/completions")(lambda: Response(answer, content_type="application/json"))
+    wrapped = BudgetWSGIMiddleware(
+        flask.wsgi_app, settings=make_settings(flush_interval_seconds=0.02, cache_ttl_seconds=0.002)
+    )
+    flask.wsgi_app = wrapped  # type: ignore[method-assign]
+    engine = wrapped.engine
+    try:
+        m = engine.manager
+        team = m.create_team(name="agents", budgets=[{"max_limit": 1000}])
+        keys = [
+            m.create_virtual_key(name=f"k{n}", team_id=team.id, budgets=[{"max_limit": 100}]).value
+            for n in range(100)
+        ]
+        statuses: list[int] = []
+        go = threading.Barrier(8)
+
+        def worker(n: int) -> list[int]:
+            http = flask.test_client()
+            go.wait()
+            return [
+                http.post(
+                    "/v1/chat/completions",
+                    json=chat("gpt-4o-mini", max_tokens=64),
+                    headers={"authorization": f"Bearer {keys[(i * 7 + n * 13) % 100]}"},
+                    buffered=True,
+                ).status_code
+                for i in range(100)
+            ]
+
+        with ThreadPoolExecutor(8) as pool:
+            for done in [pool.submit(worker, n) for n in range(8)]:
+                statuses += done.result()
+        assert on_loop(engine, engine.flush)
+        counter = engine.registry.counter("budget", team.budgets[0].id)
+        with engine.store.session() as s:
+            count, total = s.execute(
+                text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
+            ).one()
+    finally:
+        shut_down_engines()
+    price = 26 * 150 + 20 * 600  # gpt-4o-mini: $0.15 / $0.60 a million tokens
+    print(f"8 threads x 100 over 100 keys, TTL 2 ms: {sorted(set(statuses))}; {count} records, "
+          f"${total / NANO:.6f}; live ${(counter.value if counter else 0) / NANO:.6f}")  # fmt: skip
+    assert statuses == [200] * 800 and count == 800
+    assert counter is not None and total == counter.value == 800 * price
