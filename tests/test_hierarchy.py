@@ -187,6 +187,34 @@ async def test_tag_limits_apply_from_body_and_header_with_and_without_a_key(
     assert untagged.status_code == 200
 
 
+async def test_a_tag_limit_on_any_name_the_admin_api_takes_applies_to_requests_naming_it(
+    make_settings: Settings,
+) -> None:
+    """Names the admin API takes (printable or not by Python's rule: a no-break space, an
+    emoji joined by U+200D) are the tags a request names: in the body, and in `x-budget-tags`
+    as UTF-8 (what httpx and the SDKs send for a non-ASCII header value). A request's tags were
+    read with '?' for every character `str.isprintable` refuses, and the header as latin-1
+    ('cafÃ©'), so such a tag's limits never applied."""
+    names = ["café", "coder 👩\u200d💻", "team\u00a0a"]
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        for name in names:
+            m.put_tag(name, budgets=SPENT)
+        key = m.create_virtual_key(name="alice")
+        await engine.invalidate()
+        in_body = [await post(http, key.value, metadata={"tags": [n]}) for n in names]
+        in_header = [
+            await post(http, key.value, headers={"x-budget-tags": n.encode()}) for n in names
+        ]
+        elsewhere = await post(http, key.value, metadata={"tags": ["cafe"]})
+    told = [(refused_by(a), a.json()["error"]["scope"]["name"]) for a in in_body + in_header]
+    print(told)
+    assert told == [((402, "budget_exceeded", "tag"), n) for n in names + names]
+    assert elsewhere.status_code == 200
+
+
 async def test_a_key_s_tag_limit_holds_however_many_tags_a_client_sends(
     make_settings: Settings,
 ) -> None:

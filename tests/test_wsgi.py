@@ -476,6 +476,25 @@ def test_the_app_sees_who_is_calling(make_settings: Settings) -> None:
     assert answer.json["tags"] == ["feature:x", "team:a"]
 
 
+def test_a_tag_header_sent_as_utf_8_is_the_tag_it_names(make_settings: Settings) -> None:
+    """`x-budget-tags: café` as httpx sends it (UTF-8 bytes, which the environ holds as their
+    latin-1 text, PEP 3333) is the tag `café`, as on the ASGI side; bytes that are no UTF-8
+    are read as latin-1."""
+    app = flask_host(make_settings())
+    key = engine_of(app).manager.create_virtual_key(name="alice")
+    sent = {"café 👩\u200d💻".encode().decode("latin-1"): "café 👩\u200d💻", "caf\xe9": "café"}
+    seen = []
+    for header in sent:
+        answer = app.test_client().post(
+            "/v1/state/completions",
+            json=chat(),
+            headers={**bearer(key.value), "x-budget-tags": header},
+        )
+        seen.append(answer.json["tags"])
+    print(seen)
+    assert seen == [[tag] for tag in sent.values()]
+
+
 def test_a_route_rewrites_the_model_and_names_its_target(make_settings: Settings) -> None:
     app = flask_host(make_settings())
     manager = engine_of(app).manager

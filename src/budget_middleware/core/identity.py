@@ -139,13 +139,23 @@ def _read_seldom_sent(credentials: Credentials, get: Callable[[bytes], bytes | N
     """The provider, tags and body coding a request's headers name (`header_reader`)."""
     provider = get(b"x-budget-provider")
     if provider is not None:
-        credentials.provider = provider.decode("latin-1").strip() or None
+        credentials.provider = header_text(provider).strip() or None
     tags = get(b"x-budget-tags")
     if tags is not None:
-        credentials.tags = _split_tags(tags.decode("latin-1"))
+        credentials.tags = _split_tags(header_text(tags))
     encoding = get(b"content-encoding")
     if encoding is not None:
         credentials.content_encoding = body_encoding(encoding.decode("latin-1"))
+
+
+def header_text(value: bytes) -> str:
+    """A name a header carries (`x-budget-tags`, `x-budget-provider`): UTF-8, as httpx, the SDKs
+    and browsers send a non-ASCII value, so that `café` is the tag an operator set; latin-1 for
+    bytes that are no UTF-8 (as Starlette reads every header)."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def body_encoding(value: str) -> str | None:
@@ -162,13 +172,6 @@ MAX_TAG_CHARS = 100
 MAX_TAGS = 32
 
 
-def clean_text(text: str, limit: int) -> str:
-    """`text` bounded to `limit` characters, every unprintable character replaced by "?"."""
-    if len(text) <= limit and text.isprintable():
-        return text  # the usual case: one C call
-    return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
-
-
 # The characters an operator's provider or tag name may not hold: controls (C0, DEL, C1) and
 # the line and paragraph separators, which a request's tag or provider is read with "?" for
 # (`clean_text`), so that limits on such a name never applied. NAME_PATTERN says it in the
@@ -176,6 +179,18 @@ def clean_text(text: str, limit: int) -> str:
 _CONTROLS = "\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029"
 NAME_PATTERN = f"^[^{_CONTROLS}]*$"
 CONTROL = re.compile(f"[{_CONTROLS}]")
+# ... and what no store takes (a lone surrogate is no UTF-8): what `clean_text` replaces.
+_UNSTORABLE = re.compile(f"[{_CONTROLS}\\ud800-\\udfff]")
+
+
+def clean_text(text: str, limit: int) -> str:
+    """`text` bounded to `limit` characters, every control character (`CONTROL`: what a name
+    set by the admin side may not hold) and lone surrogate replaced by "?". Any other character
+    is kept, printable by Python's rule or not (a no-break space, an emoji's U+200D joiner): an
+    operator's tag of them is a tag requests can name."""
+    if len(text) <= limit and text.isprintable():
+        return text  # the usual case: one C call
+    return _UNSTORABLE.sub("?", text[:limit])
 
 
 def name_problem(kind: str, name: str, limit: int) -> str | None:

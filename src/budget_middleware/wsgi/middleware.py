@@ -37,6 +37,7 @@ from budget_middleware.core.identity import (
     _split_tags,
     body_encoding,
     header_reader,
+    header_text,
     is_inference_path,
     key_digest,
 )
@@ -229,8 +230,8 @@ class BudgetWSGIMiddleware:
                     size = None
         return Credentials(
             key or None,
-            (provider.strip() or None) if provider else None,
-            _split_tags(tags) if tags else (),
+            (header_text(provider.encode("latin-1")).strip() or None) if provider else None,
+            _split_tags(header_text(tags.encode("latin-1"))) if tags else (),
             size,
             False,
             None if encoding is None else body_encoding(encoding),
