@@ -19,6 +19,7 @@ from budget_middleware.core.identity import (
     clean_text,
     hash_key,
     header_reader,
+    header_text,
     is_inference_path,
     key_digest,
     route_path,
@@ -154,6 +155,18 @@ def test_clean_text_bounds_and_replaces_unprintable_characters() -> None:
     assert clean_text("a\x00b\nc", 10) == "a?b?c"
     assert clean_text("a\x00bcdef", 3) == "a?b"
     assert clean_text("", 3) == ""
+    # Only what a tag or provider name set by the admin side may not hold is replaced, and what
+    # no store takes (a lone surrogate): a no-break space or an emoji's joiner stays.
+    assert clean_text("team\u00a0a", 10) == "team\u00a0a"
+    assert clean_text("👩\u200d💻", 3) == "👩\u200d💻"
+    assert clean_text("x\u2028y\u2029\ud800\x85\x7f", 10) == "x?y????"
+    assert clean_text("a\u00a0\x00b", 3) == "a\u00a0?"
+
+
+def test_a_name_in_a_header_is_read_as_utf_8_else_latin_1() -> None:
+    assert header_text("café 👩\u200d💻".encode()) == "café 👩\u200d💻"
+    assert header_text(b"caf\xe9") == "café"  # no UTF-8: latin-1, as Starlette reads it
+    assert header_text(b"plain") == "plain"
 
 
 # --- provider and model -------------------------------------------------------------------------
