@@ -199,3 +199,42 @@ def test_a_key_value_set_later_has_the_length_a_created_one_must_have(tmp_path: 
         assert m.get_virtual_key(key.id).key_display != key.key_display
     with pytest.raises(InvalidBody):  # the create's rule, through its schema
         m.create_virtual_key(name="short", value="1234567")
+
+
+async def test_from_memory_reads_the_engine_s_live_counters_or_is_refused(
+    make_settings: Callable[..., BudgetSettings],
+) -> None:
+    """`get_manager(settings).list_budgets(from_memory=True)` read the store without a word
+    (the engine's manager was not given its live counters): charges not yet written were not
+    there. It reads the engine's now; a manager of no engine refuses instead."""
+    from budget_middleware import BudgetManager
+    from budget_middleware.store.database import Store
+    from support import chat, client, engine_of, host_app, running
+
+    settings = make_settings(flush_interval_seconds=3600)
+    app = host_app(settings)
+    async with running(app), client(app) as http:
+        m = get_manager(settings)
+        key = m.create_virtual_key(
+            name="alice",
+            budgets=[{"max_limit": 10, "reset_duration": "1d"}],
+            rate_limit={"request_max_limit": 100, "request_reset_duration": "1h"},
+        )
+        await engine_of(app).invalidate()
+        for _ in range(3):
+            answer = await http.post(
+                "/v1/chat/completions", json=chat(), headers={"x-budget-key": key.value or ""}
+            )
+            assert answer.status_code == 200
+        live = m.list_budgets(from_memory=True)[0].current_usage
+        stored = m.list_budgets()[0].current_usage
+        requests = m.list_rate_limits(from_memory=True)[0].request_current_usage
+        print(f"live ${live}, stored ${stored}, live requests {requests}")
+        assert live > 0 and stored == 0 and requests == 3
+        alone = BudgetManager(Store(settings.database_url), settings)
+        for listing in (alone.list_budgets, alone.list_rate_limits):
+            with pytest.raises(InvalidRequest) as caught:
+                listing(from_memory=True)
+            assert caught.value.param == "from_memory"
+            assert "no engine" in caught.value.message
+        assert alone.list_budgets()[0].current_usage == stored  # without it: the store, as ever

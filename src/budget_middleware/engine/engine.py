@@ -287,6 +287,7 @@ class BudgetEngine:
                 on_change=self.mark_stale,
                 reset_live=self.reset_live,
                 on_new_terms=self.terms_moved,
+                live=self.registry,
             )
         return self._manager
 

@@ -434,10 +434,11 @@ class BudgetManager(KeyWriter):
         from_memory: bool = False,
         counters: CounterRegistry | None = None,
     ) -> list[BudgetOut]:
-        """Every budget (or one owner's); with `from_memory`, usage from the live `counters`."""
+        """Every budget (or one owner's); with `from_memory`, usage from the live `counters`
+        (this manager's engine's when none are given)."""
         owner_id = owner_name(owner_type, owner_id)
         with self._session() as s:
-            live = counters if from_memory else None
+            live = self.live_counters(from_memory, counters)
             return reports.budgets(s, owner_type=owner_type, owner_id=owner_id, counters=live)
 
     def get_budget(self, id_: str) -> BudgetOut:
@@ -480,7 +481,7 @@ class BudgetManager(KeyWriter):
     ) -> list[RateLimitOut]:
         owner_id = owner_name(owner_type, owner_id)
         with self._session() as s:
-            live = counters if from_memory else None
+            live = self.live_counters(from_memory, counters)
             return reports.rate_limits(s, owner_type=owner_type, owner_id=owner_id, counters=live)
 
     def usage(

@@ -27,7 +27,7 @@ from sqlmodel import Session, col, delete, select
 from budget_middleware.core.money import limit_nanos
 from budget_middleware.core.scopes import model_name_problem
 from budget_middleware.core.times import FAR_FUTURE, utc
-from budget_middleware.core.windows import Carry
+from budget_middleware.core.windows import Carry, CounterRegistry
 from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
 from budget_middleware.manage.schemas import BudgetIn, RateLimitIn, _Limits
 from budget_middleware.manage.status import current_window
@@ -354,11 +354,13 @@ class OwnerWriter:
         on_change: Callable[[], None] | None = None,
         reset_live: Callable[[str, str], float] | None = None,
         on_new_terms: OnNewTerms | None = None,
+        live: CounterRegistry | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.origin = origin
         self.on_change = on_change  # the engine of this process: the next request sees a write
+        self.live = live  # the engine's live counters, which `from_memory` reads
         # The engine's live counter of a budget being reset: starts its window, says when.
         self.reset_live = reset_live
         # The engine's live counters, told of windows that new terms moved (`carried`);
@@ -366,6 +368,23 @@ class OwnerWriter:
         if on_new_terms is None and settings.redis_url:
             on_new_terms = functools.partial(_carry_in_redis, settings)
         self.on_new_terms = on_new_terms
+
+    def live_counters(
+        self, from_memory: bool, given: CounterRegistry | None
+    ) -> CounterRegistry | None:
+        """The live counters a `from_memory` listing reads: those given, else this manager's
+        engine's; None without `from_memory`. A manager of no engine (`BudgetManager(store,
+        settings)`) has none to read: refused, where it read the store without a word."""
+        if not from_memory:
+            return None
+        found = given if given is not None else self.live
+        if found is None:
+            raise InvalidRequest(
+                "from_memory reads an engine's live counters, and this manager has no engine: "
+                "use the engine's (get_engine(settings).manager) or pass counters=",
+                param="from_memory",
+            )
+        return found
 
     def _session(self) -> Session:
         ensure_schema(self.store)
