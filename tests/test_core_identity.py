@@ -163,6 +163,19 @@ def test_clean_text_bounds_and_replaces_unprintable_characters() -> None:
     assert clean_text("a\u00a0\x00b", 3) == "a\u00a0?"
 
 
+def test_a_name_the_admin_side_takes_is_one_a_request_can_carry() -> None:
+    assert identity.name_problem("tag", "a" * MAX_TAG_CHARS, MAX_TAG_CHARS) is None
+    assert identity.name_problem("tag", "team\u00a0a 👩\u200d💻", MAX_TAG_CHARS) is None
+    too_long = identity.name_problem("tag", "a" * (MAX_TAG_CHARS + 1), MAX_TAG_CHARS)
+    assert too_long == f"a tag name has 1 to {MAX_TAG_CHARS} characters"
+    assert identity.name_problem("provider", "", 5) == "a provider name has 1 to 5 characters"
+    assert identity.name_problem("tag", " a", 5) == "a tag name has no space at either end: ' a'"
+    assert identity.name_problem("tag", "a ", 5) is not None
+    for control in ("\n", "\x00", "\x7f", "\x85", "\u2028"):
+        problem = identity.name_problem("tag", f"a{control}b", 5)
+        assert problem is not None and problem.startswith("a tag name has no control character")
+
+
 def test_a_name_in_a_header_is_read_as_utf_8_else_latin_1() -> None:
     assert header_text("café 👩\u200d💻".encode()) == "café 👩\u200d💻"
     assert header_text(b"caf\xe9") == "café"  # no UTF-8: latin-1, as Starlette reads it
