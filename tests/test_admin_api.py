@@ -47,6 +47,25 @@ async def test_key_value_is_returned_once_by_create_and_by_rotate(settings: Budg
         assert manager.find_virtual_key(new) == key["id"]
 
 
+@pytest.mark.parametrize(
+    "value", ["abcdefgh", "sk-bm-12345678", "team-a-key-0001", "x" * 20, "sk-bm-" + "y" * 19]
+)
+async def test_a_chosen_key_value_is_not_shown_back_by_its_display(
+    settings: BudgetSettings, value: str
+) -> None:
+    """`key_display` is in every list, the dashboard and the CLI's tables: of a short value
+    chosen by the operator it must not give most of the value away (`abc…efgh` showed 7 of 8)."""
+    async with admin_client(settings) as c:
+        r = await c.post("/virtual-keys", json={"name": "k", "value": value}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        r = await c.get("/virtual-keys", headers=ADMIN)
+        shown = r.json()["virtual_keys"][0]["key_display"]
+        secret = value.removeprefix("sk-bm-")
+        told = shown.removeprefix("sk-bm-").replace("…", "")
+        print(f"{value!r} is shown as {shown!r}: {len(told)} of {len(secret)} characters")
+        assert told == "" or (secret.endswith(told) and 4 * len(told) <= len(secret))
+
+
 async def test_budgets_carry_bifrost_and_gomodel_fields_with_the_user_path(
     settings: BudgetSettings,
 ) -> None:

@@ -187,7 +187,7 @@ def test_a_key_value_set_later_has_the_length_a_created_one_must_have(tmp_path: 
     create's `value` must have 8 to 512 characters: the same rule now, and the key keeps its
     value when refused."""
     m = get_manager(BudgetSettings(database_url=f"sqlite:///{tmp_path}/v.db"))
-    key = m.create_virtual_key(name="k", value="sk-first-value")
+    key = m.create_virtual_key(name="k", value="sk-first-value-long-enough-to-show")
     for value in ("x", "1234567", "v" * 513):
         with pytest.raises(InvalidRequest) as caught:
             m.set_virtual_key_value(key.id, value)

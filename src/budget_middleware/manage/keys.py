@@ -38,11 +38,17 @@ from budget_middleware.store.tables import (
     utcnow,
 )
 
+_TAIL = 4  # the last characters people see of a key
+_HIDDEN = 16  # ... only when at least this many others stay hidden
+
 
 def display(value: str, prefix: str) -> str:
-    """What people see of a key: the prefix and the last 4 characters."""
-    shown = prefix if value.startswith(prefix) else value[:3]
-    return f"{shown}…{value[-4:]}"
+    """What people see of a key: the prefix and the last 4 characters, these only when at
+    least 16 others stay hidden (a generated key hides 39; a chosen value of 8 characters
+    showed 7 of them, `abc…efgh`, in every list, the dashboard and the CLI's tables)."""
+    head = prefix if value.startswith(prefix) else ""
+    secret = len(value) - len(head)
+    return f"{head}…{value[-_TAIL:] if secret - _TAIL >= _HIDDEN else ''}"
 
 
 class KeyWriter(OwnerWriter):
