@@ -1173,3 +1173,52 @@ async def test_a_body_over_the_cap_is_refused_however_it_is_sent(
         answer = await http.post("/v1/chat/completions", content=content, headers=headers)
     print(f"{how}: {len(body)} bytes sent, {answer.status_code}, app called {upstream.waiting}")
     assert answer.status_code == 413 and upstream.waiting == 0
+
+
+async def test_a_body_nested_deeper_than_the_middleware_reads_is_refused_not_served_free(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """A pass-through host sends the bytes on to a provider whose JSON parser reads deeper than
+    Python's (~1,000 levels; orjson 1,024): a field nested 1,100 deep made the body unreadable
+    to the middleware alone, which served it as model `unknown`, unpriced, charged $0."""
+    import re
+
+    served: list[int] = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def proxy(request: Request) -> dict[str, Any]:
+        raw = await request.body()  # as the provider reads it: model and limit, however deep
+        found = re.search(rb'"model":"([^"]+)".*"max_tokens":(\d+)', raw)
+        assert found is not None
+        served.append(int(found[2]))
+        usage = {"prompt_tokens": 10, "completion_tokens": served[-1], "total_tokens": 0}
+        return {"id": "c", "object": "chat.completion", "created": 0, "model": "gpt-4o",
+                "choices": [], "usage": usage}  # fmt: skip
+
+    settings = make_settings(pricing_file=pricing_file)
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 0.001, "reset_duration": "1d"}]
+        )
+        deep = "[" * 1100 + "]" * 1100
+        body = (
+            '{"model":"gpt-4o","max_tokens":1000000,"messages":[{"role":"user","content":"hi"}],'
+            f'"tools":[{{"type":"function","function":{{"name":"f","parameters":{deep}}}}}]}}'
+        )
+        answers = [
+            await http.post(
+                "/v1/chat/completions",
+                content=body,
+                headers={"x-budget-key": key.value, "content-type": "application/json"},
+            )
+            for _ in range(3)
+        ]
+        charged = spent(engine, key.budgets[0].id) / 1e9
+    print(f"statuses {[a.status_code for a in answers]}, served {sum(served)} output tokens "
+          f"(${sum(served) / 1e6}), charged ${charged}")  # fmt: skip
+    assert served == [] and {a.status_code for a in answers} == {400}
+    error = answers[0].json()["error"]
+    assert error["code"] == "request_too_deep" and error["type"] == "invalid_request_error"

@@ -37,6 +37,10 @@ USAGE_PATHS = ("/chat/completions", "/completions")  # OpenAI-style: `stream_opt
 
 
 _UNREAD: Any = object()  # `decide` reads the body itself
+# `parse_json` of a body nested deeper than either parser reads: the model, output limit and
+# tags it names are unknown, so it would be served as an unpriced model and charged nothing
+# (a host that passes the bytes on to a parser with a deeper limit serves the model it names).
+TOO_DEEP: Any = object()
 
 
 class Refused(NamedTuple):
@@ -202,6 +206,11 @@ class Gate:
                 shadowed = shadowed or refused[0]
         if parsed is _UNREAD:
             parsed = parse_json(body)
+        if parsed is TOO_DEEP:
+            if not self.shadow:
+                return self.refuse(400, "request_too_deep", _TOO_DEEP, key=key)
+            shadowed = shadowed or "request_too_deep"
+            parsed = None
         target = self.resolve_target(parsed, path, credentials, key.tags if key is not None else ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
         routes = engine.globals.routes
@@ -476,8 +485,12 @@ class Gate:
         return answer
 
 
+_TOO_DEEP = "Request body is JSON nested deeper than budget-middleware reads: it cannot be metered"
+
+
 def parse_json(body: bytes) -> Any:
-    """The request's JSON, or None when it is not JSON (such a request is still metered)."""
+    """The request's JSON, or None when it is not JSON (such a request is still metered);
+    `TOO_DEEP` when it is nested too deep to read (refused: 400 `request_too_deep`)."""
     try:
         return json_loads(body)  # orjson: a third of the stdlib's time
     except JSON_ERRORS:
@@ -486,7 +499,9 @@ def parse_json(body: bytes) -> Any:
     # bodies are rare, so only they pay for the second parse.
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: not ours to read
+    except RecursionError:
+        return TOO_DEEP
+    except (ValueError, UnicodeDecodeError):
         return None
 
 
