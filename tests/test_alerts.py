@@ -255,6 +255,31 @@ async def test_a_receiver_that_is_down_is_retried_until_given_up_and_counted(
         assert engine.alerts.failed_deliveries == alert["attempts"]
 
 
+async def test_a_webhook_url_s_path_never_reaches_a_log_line(
+    make_settings: Settings,
+    receiver: Callable[..., Receiver],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Slack or Discord incoming webhook's path is its credential: a receiver that failed
+    (500, or no answer) was logged with its whole URL when the delivery was given up."""
+    hook = receiver(fail_first=1000)
+    secret = "/services/T0000/B0000/XXXXhookSECRET"
+    urls = f"{hook.url}{secret},{closed_port_url()}{secret}"
+    caplog.set_level("DEBUG", logger="budget_middleware")
+    app = host_app(make_settings(alert_webhook_urls=urls))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine, give_up_after=0.3)
+        key = engine.manager.create_virtual_key(name="dave", budgets=[{"max_limit": 1.0}])
+        assert await spend(http, key.value, 0.9, 1) == [200]
+        await until(lambda: engine.manager.list_alerts()[:1] and
+                    engine.manager.list_alerts()[0]["delivery"] == "failed")  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if "alert" in r.getMessage()]
+    print(*lines, sep="\n")
+    assert any("gave up" in line and "127.0.0.1" in line for line in lines)  # says where
+    assert not [line for line in lines if "hookSECRET" in line]
+
+
 async def test_a_slow_receiver_delays_no_answer_and_is_retried_after_its_timeout(
     make_settings: Settings, receiver: Callable[..., Receiver]
 ) -> None:

@@ -270,6 +270,34 @@ def test_a_url_that_fails_its_check_is_not_shown_with_its_password() -> None:
     assert "BUDGET_REDIS_URL" in str(caught.value) and "hunter2" not in str(caught.value)
 
 
+SLACK = "https://hooks.slack.com/services/T0000/B0000/XXXXhookSECRET"
+
+
+def test_settings_shown_by_repr_or_str_hold_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A traceback's locals, an error reporter, a debug log of the settings: `repr()` showed the
+    admin key, the alert secret, the store's and Redis' passwords and a Slack webhook's path."""
+    monkeypatch.setenv("BUDGET_ADMIN_KEY", "adminKEYsecret")
+    monkeypatch.setenv("BUDGET_ALERT_SECRET", "hmacKEYsecret")
+    monkeypatch.setenv("BUDGET_DATABASE_URL", "postgresql://bm:dbPASSsecret@db/budgets")
+    monkeypatch.setenv("BUDGET_REDIS_URL", "redis://:redisPASSsecret@cache:6379/0")
+    monkeypatch.setenv("BUDGET_ALERT_WEBHOOK_URLS", SLACK)
+    settings = BudgetSettings()
+    for shown in (repr(settings), str(settings)):
+        print(shown[:180], "…")
+        for secret in ("adminKEY", "hmacKEY", "dbPASS", "redisPASS", "hookSECRET"):
+            assert secret not in shown
+        assert "budgets" in shown and "hooks.slack.com" in shown  # still tells where
+    assert settings.admin_key == "adminKEYsecret"  # the values themselves are untouched
+
+
+def test_a_webhook_url_that_fails_its_check_is_not_shown() -> None:
+    with pytest.raises(SettingsError) as caught:
+        BudgetSettings(alert_webhook_urls=[SLACK, SLACK.replace("https", "ftp")])
+    print(caught.value)
+    assert "BUDGET_ALERT_WEBHOOK_URLS" in str(caught.value) and "URL 2" in str(caught.value)
+    assert "hookSECRET" not in str(caught.value)
+
+
 def test_a_misspelt_variable_is_named_with_the_setting_it_looks_like(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

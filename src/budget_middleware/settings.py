@@ -53,6 +53,29 @@ def bearer_token_usable(value: str) -> bool:
     return value.isascii() and value.isprintable() and " " not in value
 
 
+def shown_url(url: str) -> str:
+    """A URL as a log line or a message may show it: scheme, host and port, `/…` for a path.
+    A webhook's path is often its credential (Slack's, Discord's incoming webhooks), and a
+    URL's user part may hold a password."""
+    try:
+        parsed = httpx.URL(url)
+        host, port, path = parsed.host, parsed.port, parsed.raw_path
+    except Exception:
+        return "<a URL that cannot be read>"
+    where = f"[{host}]" if ":" in host else host
+    return f"{parsed.scheme}://{where}{f':{port}' if port else ''}{'/…' if path != b'/' else ''}"
+
+
+def _without_password(url: str) -> str:
+    """A store's or Redis' URL with its password hidden (as SQLAlchemy shows an engine's)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return shown_url(url)
+
+
 def _list_text(value: Any, what: str) -> Any:
     """A list setting as the environment holds it: a JSON list (what pydantic-settings reads
     for list settings) or comma-separated parts; any other value as it is."""
@@ -168,17 +191,17 @@ class BudgetSettings(BaseSettings):
     def _urls(cls, value: Any) -> Any:
         value = _list_text(value, "URLs")
         if isinstance(value, list | tuple):
-            for url in value:
+            for n, url in enumerate(value, 1):
                 if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                    raise ValueError(f"{url!r} is not an http:// or https:// URL")
+                    raise ValueError(f"URL {n} is not an http:// or https:// URL")
                 try:
                     parsed = httpx.URL(url)
                 except Exception:
-                    raise ValueError(f"{url!r} is not a valid URL") from None
+                    raise ValueError(f"URL {n} is not a valid URL") from None
                 if not parsed.host:
-                    raise ValueError(f"{url!r} names no host")
+                    raise ValueError(f"URL {n} names no host")
                 if parsed.port is not None and not 0 < parsed.port < 65536:
-                    raise ValueError(f"{url!r} has port {parsed.port}, outside 1-65535")
+                    raise ValueError(f"URL {n} has port {parsed.port}, outside 1-65535")
             return tuple(value)
         return value
 
@@ -276,6 +299,21 @@ class BudgetSettings(BaseSettings):
             raise ValueError(f"file {str(value)!r} does not exist")
         return value
 
+    def __repr_args__(self) -> Any:
+        """`repr()` and `str()` without a secret (a traceback's locals, a logged object): the
+        keys masked, the URLs as `shown_url` has them."""
+        for name, value in super().__repr_args__():
+            if value is None:
+                yield name, value
+            elif name in ("admin_key", "alert_secret"):
+                yield name, "********"
+            elif name in ("database_url", "redis_url"):
+                yield name, _without_password(value)
+            elif name == "alert_webhook_urls":
+                yield name, tuple(shown_url(url) for url in value)
+            else:
+                yield name, value
+
     def cache_key(self) -> str:
         """Equal settings give equal keys; the engine registry shares one engine per key."""
         return self.model_dump_json()
@@ -316,8 +354,10 @@ def _warn_misspelt(environ: Mapping[str, str]) -> None:
             )
 
 
-# Never shown in an error: a secret, or a URL that may hold a password.
-_SECRET = frozenset({"admin_key", "alert_secret", "database_url", "redis_url"})
+# Never shown in an error: a secret, or a URL that may hold a password (a webhook's, its path).
+_SECRET = frozenset(
+    {"admin_key", "alert_secret", "database_url", "redis_url", "alert_webhook_urls"}
+)
 
 
 def _describe(exc: ValidationError) -> str:

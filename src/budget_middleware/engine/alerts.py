@@ -30,6 +30,7 @@ from budget_middleware.core.money import nanos_from_usd, usd_from_nanos, usd_tex
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import from_ts
 from budget_middleware.core.windows import WindowCounter
+from budget_middleware.settings import shown_url
 from budget_middleware.store import alerts as stored
 
 if TYPE_CHECKING:
@@ -304,7 +305,8 @@ class Alerts:
             )
         for outcome in done:
             if isinstance(outcome, BaseException):  # its claim lapses: retried after the lease
-                logger.error("budget-middleware alert delivery failed: %r", outcome)
+                # By its type: a store error's text holds its parameters, the URLs among them.
+                logger.error("budget-middleware alert delivery failed: %s", type(outcome).__name__)
         return sum(1 for outcome in done if outcome is True)
 
     async def _deliver(self, client: httpx.AsyncClient, alert: stored.Due) -> bool:
@@ -325,11 +327,11 @@ class Alerts:
                 if answer.status_code < 300:
                     delivered.append(url)
                     continue
-                error = f"{url} answered {answer.status_code}"
+                error = f"{shown_url(url)} answered {answer.status_code}"
             except TimeoutError:
-                error = f"{url}: no answer within {self.timeout:g} s"
+                error = f"{shown_url(url)}: no answer within {self.timeout:g} s"
             except Exception as exc:  # whatever one URL does, the others' outcome is kept
-                error = f"{url}: {type(exc).__name__}"
+                error = f"{shown_url(url)}: {type(exc).__name__}"
             self.failed_deliveries += 1
         attempts = alert.attempts + 1
         now = datetime.now(UTC)
