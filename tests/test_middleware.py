@@ -577,6 +577,59 @@ async def test_a_virtual_key_never_appears_in_a_log_an_answer_or_a_usage_record(
         assert value not in shown
 
 
+async def test_a_key_sent_where_a_tag_model_or_provider_goes_is_kept_out_of_every_record(
+    make_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends its key in `x-budget-tags` (or its body's `metadata.tags`, or as
+    `model` or `x-budget-provider`) by mistake: the key reached the usage records, `GET /usage`
+    grouped by tag, the 403 of an unpriced model, the log line of one and the `on_settled`
+    hook. Text holding BUDGET_KEY_PREFIX is no tag (dropped) and no model or provider
+    (`unknown`); the request is served and charged as usual."""
+    import json
+    import logging
+
+    from sqlmodel import select
+
+    from budget_middleware.store.tables import UsageRecordRow
+
+    caplog.set_level(logging.DEBUG)
+    settled: list[Any] = []
+    settings = make_settings(unpriced_models="refuse")
+    app = host_app(None)
+    app.add_middleware(BudgetMiddleware, settings=settings, on_settled=settled.append)
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        value = engine.manager.create_virtual_key(name="alice").value or ""
+        sent = [
+            ({"x-budget-key": value, "x-budget-tags": f"team:a,{value}"}, chat()),
+            ({"x-budget-tags": value}, chat()),
+            ({"x-budget-key": value}, chat(metadata={"tags": ["team:a", f"user:{value}"]})),
+            ({"x-budget-key": value}, chat(model=value)),
+            ({"x-budget-key": value}, chat(model=f"openai/{value}")),
+            ({"x-budget-key": value, "x-budget-provider": value}, chat(model="gpt-4o")),
+        ]
+        answers = [
+            await http.post("/v1/chat/completions", json=body, headers=headers)
+            for headers, body in sent
+        ]
+        await engine.flush()
+        with engine.store.session() as s:
+            rows = [r.model_dump_json() for r in s.exec(select(UsageRecordRow))]
+        by_tag = engine.manager.usage("tag").model_dump_json()
+    statuses = [a.status_code for a in answers]
+    print("statuses:", statuses, f"{len(rows)} records, {len(settled)} settled")
+    assert statuses == [200, 200, 200, 403, 403, 200]  # a key as model: unknown, unpriced
+    assert '"team:a"' in by_tag  # the other tags stay
+    shown = (
+        caplog.text
+        + "".join(a.text + str(a.headers) for a in answers)
+        + "".join(rows)
+        + by_tag
+        + json.dumps([repr(r) for r in settled])
+    )
+    assert value not in shown
+
+
 async def test_a_client_that_waits_retry_after_ms_is_admitted(make_settings: Settings) -> None:
     # SPEC §8: a rate limit's 429 carries `Retry-After` and `retry-after-ms`; the OpenAI SDK
     # waits exactly `retry-after-ms`, so it must not end before the window does.

@@ -249,8 +249,11 @@ class TargetResolver:
     path) leads is worked out once and kept (bounded: all three come from clients), the
     provider by its one name (`canonical_provider`), so naming it costs nothing per request."""
 
-    def __init__(self, guess_provider: Callable[[str], str | None]) -> None:
+    def __init__(self, guess_provider: Callable[[str], str | None], key_prefix: str = "") -> None:
         self.guess_provider = guess_provider
+        # A text holding it is a virtual key sent where a name goes (`x-budget-tags: sk-bm-…`):
+        # kept, it would reach usage records, answers, logs and the dashboard (SPEC §8).
+        self.key_prefix = key_prefix
         self._routes: dict[tuple[str, str | None, str], tuple[str, str]] = {}
         self._hosted: dict[tuple[str, str | None, str], tuple[str, str]] = {}
 
@@ -278,17 +281,24 @@ class TargetResolver:
             where = (model, credentials.provider, "")
             found = self._hosted.get(where)
             if found is None:
-                found = self._remember(self._hosted, where, _hosted(model, credentials.provider))
+                hosted = self._no_key(_hosted(model, credentials.provider))
+                found = self._remember(self._hosted, where, hosted)
         else:
             where = (model, credentials.provider, route_path)
             found = self._routes.get(where)
             if found is None:
-                found = self._remember(self._routes, where, self._route(*where))
+                found = self._remember(self._routes, where, self._no_key(self._route(*where)))
         tags = credentials.tags
         if key_tags:
             tags += key_tags
         if "metadata" in data:
             tags += _body_tags(data)
+        if tags and self.key_prefix:
+            prefix = self.key_prefix
+            for tag in tags:
+                if prefix in tag:
+                    tags = tuple(t for t in tags if prefix not in t)
+                    break
         if len(tags) > 1:
             tags = tuple(sorted(set(tags)))
             if len(tags) > MAX_TAGS:
@@ -327,7 +337,7 @@ class TargetResolver:
         where = (model, credentials.provider, route_path)
         found = self._routes.get(where)
         if found is None:
-            found = self._remember(self._routes, where, self._route(*where))
+            found = self._remember(self._routes, where, self._no_key(self._route(*where)))
         return Target(
             found[0],
             found[1],
@@ -338,6 +348,17 @@ class TargetResolver:
             target.service_tier,
             target.background,
         )
+
+    def _no_key(self, found: tuple[str, str]) -> tuple[str, str]:
+        """Provider and model, "unknown" for one that holds a virtual key (`key_prefix`)."""
+        prefix = self.key_prefix
+        if prefix and (prefix in found[0] or prefix in found[1]):
+            provider, model = found
+            return (
+                "unknown" if prefix in provider else provider,
+                "unknown" if prefix in model else model,
+            )
+        return found
 
     def _route(self, raw_model: str, header: str | None, route_path: str) -> tuple[str, str]:
         model = raw_model.strip()
