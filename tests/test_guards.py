@@ -562,6 +562,74 @@ async def test_a_request_carries_at_most_32_tags_and_none_it_did_not_send(
     assert answer.json()["tags"] == expected
 
 
+async def test_fresh_provider_headers_and_paths_from_clients_do_not_stay_in_memory() -> None:
+    """Where a (model, `x-budget-provider`, path) leads is remembered, 4,096 of them: the model
+    was bounded, the header and the path were not, so a client sending fresh long ones (8 KB
+    each here; servers take 16 KB and more) made each request keep 16 KB: 18 MB after 1,000,
+    130 MB at 4,096, per middleware."""
+    import asyncio
+    import gc
+    import tracemalloc
+
+    from support import serve_lifespan
+
+    answer = json.dumps({"id": "c", "object": "chat.completion", "model": "gpt-4o",
+                         "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                                  "total_tokens": 2}}).encode()  # fmt: skip
+
+    async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return await serve_lifespan(receive, send)
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": answer})
+
+    body = json.dumps({"model": "gpt-4o", "messages": [], "max_tokens": 5}).encode()
+
+    async def post(app: Any, i: int, size: int) -> int:
+        path = "/" + "x" * size + f"{i}/v1/chat/completions"
+        headers = [(b"content-type", b"application/json"),
+                   (b"x-budget-provider", f"{i:08d}".encode() + b"p" * size)]  # fmt: skip
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+                 "root_path": "", "query_string": b"", "headers": headers, "state": {}}  # fmt: skip
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(3600)
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app(scope, receive, send)
+        return statuses[0]
+
+    settings = BudgetSettings(database_url="sqlite://", flush_interval_seconds=0.05)
+    app = BudgetMiddleware(upstream, settings=settings)
+    async with running(app):
+        for i in range(20):
+            await post(app, i, 10)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            statuses = {await post(app, i, 8000) for i in range(1000)}
+            await app.engine.flush()
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    print(f"1,000 requests with 8 KB provider headers and paths: {kept / 1e6:.1f} MB kept")
+    assert statuses == {200} and kept < 5e6
+
+
 # -- month windows whatever the anchor's time zone -----------------------------------------------
 
 
