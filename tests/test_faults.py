@@ -731,6 +731,28 @@ async def test_charges_a_process_stopped_with_in_an_outage_are_written_by_the_ne
     assert remaining == []
 
 
+def test_a_spilled_batch_and_its_folder_are_its_owner_s_alone(tmp_path: Any) -> None:
+    """A batch tells who spent what (keys, teams, models, tags, costs), and any file in the
+    folder is applied to the store as charges: under the usual umask (022) both were readable
+    by every user of the machine (0644 files in 0755 folders)."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        spill = Spill(tmp_path / "spill" / "store")
+        record = UsageRecord(
+            "", 1.0, "k", None, None, "openai", "gpt-4o", ("t",), 1, 2, 0, 3, "usage", 200,
+            False, "completed", False, None, 1.5,
+        )  # fmt: skip
+        path = spill.write("b1", [], [record])
+    finally:
+        os.umask(old)
+    modes = [stat.S_IMODE(os.stat(p).st_mode) for p in (path, spill.folder)]
+    print("batch and folder modes:", [oct(m) for m in modes])
+    assert modes == [0o600, 0o700]
+    assert spill.oldest() is not None  # still read back
+
+
 def test_only_batches_of_this_engine_or_a_gone_one_are_taken_back(tmp_path: Any) -> None:
     """A live engine writes its own spilled batches (it still counts them as charges the store
     has not confirmed): another live process's, or another engine's of this process, are not

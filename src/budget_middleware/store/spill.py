@@ -65,7 +65,9 @@ class Spill:
 
     def write(self, batch_id: str, deltas: Sequence[Delta], records: Sequence[UsageRecord]) -> str:
         """Write one batch whole; its file's path. Raises OSError when it cannot."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # The owner's alone (whatever the umask): a batch tells who spent what, and whoever may
+        # write a file here has it applied to the store as charges.
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         name = f"{time.time_ns():020d}-{self.pid}-{self.engine}-{batch_id}{_SUFFIX}"
         final = self.folder / name
         partial = self.folder / (name + ".part")
@@ -77,7 +79,8 @@ class Spill:
                 "records": [r._asdict() for r in records],
             }
         )
-        with open(partial, "wb") as file:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
