@@ -1222,3 +1222,55 @@ async def test_a_body_nested_deeper_than_the_middleware_reads_is_refused_not_ser
     assert served == [] and {a.status_code for a in answers} == {400}
     error = answers[0].json()["error"]
     assert error["code"] == "request_too_deep" and error["type"] == "invalid_request_error"
+
+
+async def test_a_body_in_a_coding_the_middleware_cannot_read_is_refused_not_served_free(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """A host (or the provider a proxy passes the bytes to) that decodes a request coding the
+    middleware does not (brotli, zstd; bzip2 stands for them here, no brotli being installed):
+    the body, unreadable to the middleware alone, was metered as model `unknown`, unpriced,
+    charged $0. Now 415 with `Accept-Encoding` (RFC 9110 15.5.16); a body that is JSON as it
+    is, whatever its header says, and gzip are metered as before."""
+    import bz2
+    import gzip
+
+    served: list[int] = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def host(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        coding = request.headers.get("content-encoding")
+        decoded = {"bzip2": bz2.decompress, "gzip": gzip.decompress}.get(coding or "", bytes)
+        asked = ChatRequest.model_validate_json(decoded(raw))
+        served.append(asked.max_tokens or 0)
+        usage = {"prompt_tokens": 10, "completion_tokens": served[-1], "total_tokens": 0}
+        return {"id": "c", "object": "chat.completion", "created": 0, "model": asked.model,
+                "choices": [], "usage": usage}  # fmt: skip
+
+    settings = make_settings(pricing_file=pricing_file)
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 100_000, "messages": []}).encode()
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        statuses = {}
+        for coding, content in (("bzip2", bz2.compress(body)), ("utf-8", body),
+                                ("gzip", gzip.compress(body))):  # fmt: skip
+            answer = await http.post(
+                "/v1/chat/completions",
+                content=content,
+                headers={"x-budget-key": key.value, "content-encoding": coding},
+            )
+            statuses[coding] = answer.status_code
+            if coding == "bzip2":
+                refused = answer
+        charged = spent(engine, key.budgets[0].id) / 1e9
+    print(f"statuses {statuses}; served {sum(served)} output tokens, charged ${charged}")
+    assert statuses == {"bzip2": 415, "utf-8": 200, "gzip": 200}
+    assert refused.json()["error"]["code"] == "unsupported_content_encoding"
+    assert refused.headers["accept-encoding"] == "gzip, deflate"
+    assert charged == sum(served) / 1e6 == 0.2

@@ -211,6 +211,15 @@ class Gate:
                 return self.refuse(400, "request_too_deep", _TOO_DEEP, key=key)
             shadowed = shadowed or "request_too_deep"
             parsed = None
+        elif parsed is None and credentials.content_encoding is not None:
+            coding = credentials.content_encoding
+            if not BodyDecoder(coding).supported:  # a body in a coding read nowhere here
+                if not self.shadow:
+                    answer = self.refuse(415, "unsupported_content_encoding",
+                                         _UNREADABLE.format(coding), key=key)  # fmt: skip
+                    answer.headers.append((b"accept-encoding", b"gzip, deflate"))
+                    return answer
+                shadowed = shadowed or "unsupported_content_encoding"
         target = self.resolve_target(parsed, path, credentials, key.tags if key is not None else ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
         routes = engine.globals.routes
@@ -486,6 +495,12 @@ class Gate:
 
 
 _TOO_DEEP = "Request body is JSON nested deeper than budget-middleware reads: it cannot be metered"
+# A body sent in a coding the middleware cannot decode (and not JSON as it is): a host or
+# provider that decodes it would be served a model the middleware never saw, at no charge.
+_UNREADABLE = (
+    "Request body is sent with content-encoding {!r}, which budget-middleware cannot read to "
+    "meter it: send it as is, or with gzip or deflate"
+)
 
 
 def parse_json(body: bytes) -> Any:
