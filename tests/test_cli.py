@@ -328,6 +328,18 @@ def test_a_failure_prints_one_line_naming_its_cause(
     assert "give --body or --file, not both" in both.failed_on_one_line(2)
 
 
+def test_a_password_in_url_is_not_printed(here: Here) -> None:
+    """An admin API behind a proxy's basic auth (`--url https://ops:secret@host/admin`): the
+    CLI's error named the URL whole, password included, in a terminal or a CI log."""
+    line = "--url http://ops:hunter2@127.0.0.1:9/admin --admin-key k keys list"
+    failed = here({}, line)
+    print(failed.err.strip())
+    assert failed.failed_on_one_line().startswith(
+        "error: the admin API at http://ops:***@127.0.0.1:9/admin cannot be reached"
+    )
+    assert "hunter2" not in failed.err + failed.out
+
+
 def test_a_usage_period_that_ends_before_it_starts_is_named(
     store: dict[str, str], here: Here
 ) -> None:

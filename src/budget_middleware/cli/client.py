@@ -283,21 +283,36 @@ def config_message(message: str) -> str:
 # -- a running admin API ---------------------------------------------------------------------
 
 
+def _shown_admin_url(url: str) -> str:
+    """`--url` as the CLI's messages show it: without the password of a proxy's basic auth
+    (`https://ops:secret@host/budget-admin`), which a terminal or a CI log would keep."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+        if not parsed.password:
+            return url
+        return str(parsed.copy_with(username=parsed.username, password="***"))
+    except Exception:
+        return url.rsplit("@", 1)[-1] if "@" in url else url
+
+
 class HttpClient:
     """The admin API at `url` (where it is mounted, e.g. `http://host:8000/budget-admin`)."""
 
     def __init__(self, url: str, admin_key: str, *, timeout: float = 30.0) -> None:
         import httpx
 
-        self.url = url.rstrip("/")
+        url = url.rstrip("/")
+        self.url = _shown_admin_url(url)  # as messages name it
         try:
             self.http = httpx.Client(
-                base_url=self.url,
+                base_url=url,
                 headers={"authorization": f"Bearer {admin_key}", "accept": "application/json"},
                 timeout=timeout,
             )
         except httpx.InvalidURL as exc:  # not an HTTPError: it would be a traceback
-            raise CliError(f"--url {url!r} is not a URL ({exc})", code=2) from None
+            raise CliError(f"--url {self.url!r} is not a URL ({exc})", code=2) from None
 
     def _send(
         self, method: str, path: str, envelope: str, query: Json | None = None, body: Any = None
