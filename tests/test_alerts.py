@@ -444,6 +444,53 @@ async def test_hooks_are_called_off_the_request_path_and_their_errors_change_not
         assert refusals["count"] == 1 and refusals["refusals"][0]["status"] == 402
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_hook_that_falls_behind_holds_a_bounded_backlog(
+    make_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    """An `on_refusal` hook that posts to a slow chat service, and a client sending unknown
+    keys: every refusal queued one more event without end, the process's memory growing as
+    fast as the client sent. Past `MAX_PENDING` (50 here, 10,000 by default) events are
+    dropped, counted and logged; those taken all run."""
+    from budget_middleware.engine import hooks as hooks_module
+
+    monkeypatch.setattr(hooks_module, "MAX_PENDING", 50, raising=False)
+    release = threading.Event()
+    seen: list[Any] = []
+
+    def blocked(refusal: dict[str, Any]) -> None:
+        release.wait(10)
+        seen.append(refusal)
+
+    async def blocked_async(refusal: dict[str, Any]) -> None:
+        await asyncio.to_thread(release.wait, 10)
+        seen.append(refusal)
+
+    hook = blocked if kind == "sync" else blocked_async
+    app = host_app(None)
+    app.add_middleware(BudgetMiddleware, settings=make_settings(), on_refusal=hook)
+    async with running(app), client(app) as http:
+        for n in range(200):
+            answer = await http.post(
+                "/v1/chat/completions", json=chat(), headers={"x-budget-key": f"unknown-{n}"}
+            )
+            assert answer.status_code == 401
+        hooks = engine_of(app).hooks
+        backlog = getattr(hooks, "pending", None)
+        if backlog is None and hooks._thread is not None:
+            backlog = hooks._thread._work_queue.qsize()  # before the bound: the pool's queue
+        release.set()
+        await until(lambda: len(seen) >= 50 and getattr(hooks, "pending", 0) == 0)
+        await asyncio.sleep(0.1)
+    print(f"{kind}: 200 refusals to a blocked hook: {backlog} waiting, "
+          f"{getattr(hooks, 'dropped', 0)} dropped, {len(seen)} run")  # fmt: skip
+    assert backlog == 50 and hooks.dropped == 150 and len(seen) == 50
+    assert "150 events dropped" in caplog.text or "1 events dropped" in caplog.text
+
+
 async def test_a_soft_budget_alerts_and_counts_but_never_refuses(
     make_settings: Settings,
 ) -> None:

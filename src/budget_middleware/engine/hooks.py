@@ -22,6 +22,11 @@ logger = logging.getLogger("budget_middleware.hooks")
 Hook = Callable[[Any], Any]
 EVENTS = ("on_alert", "on_refusal", "on_settled")
 RECENT_REFUSALS = 200  # kept in memory for the dashboard and `GET /refusals`
+# Events handed to hooks that have not run yet. A slow hook (one posting to a chat service)
+# fell behind without end: every refused request queued one more for `on_refusal`, so a
+# client sending unknown keys grew the process's memory as fast as it sent them. Past this
+# many, an event is dropped, counted (`dropped`) and logged.
+MAX_PENDING = 10_000
 
 
 class Hooks:
@@ -32,6 +37,9 @@ class Hooks:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.recent_refusals: deque[dict[str, Any]] = deque(maxlen=RECENT_REFUSALS)
         self._thread: ThreadPoolExecutor | None = None
+        self.pending = 0  # events handed over that have not run (`MAX_PENDING`)
+        self.dropped = 0
+        self._count = threading.Lock()  # hooks are emitted from several threads (WSGI)
 
     def add(self, **hooks: Hook | None) -> None:
         """Add hooks by event name; an unknown name or a value that is not callable raises."""
@@ -54,23 +62,62 @@ class Hooks:
 
     def _emit(self, hooks: tuple[Hook, ...], item: Any) -> None:
         for hook in hooks:
-            if inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(
-                getattr(hook, "__call__", None)  # noqa: B004 - an object with an async __call__
-            ):
-                loop = self.loop
-                if loop is not None and not loop.is_closed():
-                    try:
-                        asyncio.run_coroutine_threadsafe(_guarded_async(hook, item), loop)
-                        continue
-                    except RuntimeError:
-                        pass
-                self._pool().submit(_run_async, hook, item)
-            else:
-                self._pool().submit(_guarded, hook, item)
+            if not self._take():
+                continue
+            try:
+                self._hand_over(hook, item)
+            except BaseException:
+                self._done()
+                raise
+
+    def _hand_over(self, hook: Hook, item: Any) -> None:
+        if inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(
+            getattr(hook, "__call__", None)  # noqa: B004 - an object with an async __call__
+        ):
+            loop = self.loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    future = asyncio.run_coroutine_threadsafe(_guarded_async(hook, item), loop)
+                except RuntimeError:
+                    pass
+                else:  # done when it ran, or was cancelled with its loop
+                    future.add_done_callback(lambda _: self._done())
+                    return
+            self._pool().submit(self._sync, _run_async, hook, item)
+        else:
+            self._pool().submit(self._sync, _guarded, hook, item)
+
+    def _take(self) -> bool:
+        """Room for one more event (`MAX_PENDING`): taken; else the event is dropped."""
+        with self._count:
+            if self.pending < MAX_PENDING:
+                self.pending += 1
+                return True
+            self.dropped += 1
+            dropped = self.dropped
+        if dropped == 1 or dropped % MAX_PENDING == 0:
+            logger.warning(
+                "budget-middleware hooks are %d events behind: %d events dropped so far",
+                MAX_PENDING,
+                dropped,
+            )
+        return False
+
+    def _done(self) -> None:
+        with self._count:
+            self.pending -= 1
+
+    def _sync(self, run: Callable[[Hook, Any], None], hook: Hook, item: Any) -> None:
+        try:
+            run(hook, item)
+        finally:
+            self._done()
 
     def after_fork_in_child(self) -> None:
         self._thread = None  # its thread is the parent's
         self.loop = None
+        self.pending = 0  # the parent's events stay the parent's
+        self._count = threading.Lock()  # it may have been held as the process forked
 
     def _pool(self) -> ThreadPoolExecutor:
         """The one thread hooks run on, in the order handed over: made on first use, once,
