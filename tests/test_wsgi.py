@@ -807,6 +807,43 @@ def test_the_admin_api_under_flask_shares_the_engine(make_settings: Settings) ->
     assert live[0]["spent"] == pytest.approx(PRICE_NANOS / 1e9)
 
 
+def test_the_wsgi_admin_api_reads_no_body_before_the_admin_key(make_settings: Settings) -> None:
+    """The WSGI admin app read the whole body a request announced before the API checked its
+    credential: anyone could have a server thread read and hold what they sent (a lying
+    `Content-Length: 1000000000` here, 10 MB of it sent). A body is read for the admin key's
+    bearer only; the API refuses any other first."""
+    import io
+
+    class Sent(io.RawIOBase):
+        """What a client sends, counted as the app reads it."""
+
+        def __init__(self, size: int) -> None:
+            self.left, self.read_bytes = size, 0
+
+        def read(self, size: int = -1) -> bytes:
+            n = min(self.left if size < 0 else size, self.left)
+            self.left -= n
+            self.read_bytes += n
+            return b" " * n
+
+    app = create_admin_wsgi_app(make_settings())
+    read = {}
+    for name, authorization in (("none", None), ("wrong", "Bearer nope"),
+                                ("admin", "Bearer admin-secret")):  # fmt: skip
+        sent = Sent(10_000_000)
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/customers", "SERVER_NAME": "t",
+                   "SERVER_PORT": "80", "wsgi.input": sent, "CONTENT_LENGTH": "1000000000",
+                   "CONTENT_TYPE": "application/json"}  # fmt: skip
+        if authorization:
+            environ["HTTP_AUTHORIZATION"] = authorization
+        statuses: list[str] = []
+        b"".join(app(environ, lambda status, headers, *_, into=statuses: into.append(status)))
+        read[name] = (statuses[0][:3], sent.read_bytes)
+    print("status and bytes read:", read)
+    assert read["none"] == ("401", 0) and read["wrong"] == ("401", 0)
+    assert read["admin"] == ("422", 10_000_000)  # read, and not JSON
+
+
 def test_django_test_client_serves_the_admin_urls_and_the_middleware_wraps_its_wsgi_app(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -9,6 +9,7 @@ or `budget_middleware.wsgi.django.admin_urls` (Django): `SCRIPT_NAME` is its mou
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,10 @@ class AdminWSGIApp:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         scope = asgi_scope(environ)
-        body = _read_all(environ)
+        # Read for the admin key's bearer only: the API reads no other caller's body (it
+        # answers 401 first), and anyone could have this thread hold what they announce.
+        admin = _holds_admin_key(environ, self.engine.settings.admin_key)
+        body = _read_all(environ) if admin else b""
         status, headers, content = on_loop(self.engine, lambda: _serve(self.asgi, scope, body))
         start_response(
             status_line(status), [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
@@ -89,6 +93,14 @@ def _text(value: str) -> str:
         return value.encode("latin-1").decode("utf-8")
     except (UnicodeEncodeError, UnicodeDecodeError):
         return value
+
+
+def _holds_admin_key(environ: WSGIEnvironment, admin_key: str | None) -> bool:
+    """Whether the request's bearer token is `admin_key` (in constant time, as the API checks)."""
+    scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    if admin_key is None or scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode("latin-1", "replace"), admin_key.encode())
 
 
 def _read_all(environ: WSGIEnvironment) -> bytes:
