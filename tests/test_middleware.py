@@ -630,6 +630,30 @@ async def test_a_key_sent_where_a_tag_model_or_provider_goes_is_kept_out_of_ever
     assert value not in shown
 
 
+async def test_a_short_key_prefix_drops_no_tag_and_unprices_no_model(
+    make_settings: Settings,
+) -> None:
+    """Keys are told from names by the caller's own key, or by a generated key's shape (the
+    prefix and 40 URL-safe characters): with `BUDGET_KEY_PREFIX=g` a model `gpt-4o` is still
+    priced and a tag `gpt-team` kept (a tag dropped could escape its budget, a model made
+    `unknown` would be served free)."""
+    app = host_app(make_settings(key_prefix="g"))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice")
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat(metadata={"tags": ["gpt-team"]}),
+            headers={"x-budget-key": key.value or "", "x-budget-tags": "g" + "x" * 40},
+        )
+        await engine.flush()
+        [row] = engine.manager.usage("model").usage
+        by_tag = [r.key for r in engine.manager.usage("tag").usage]
+    print("model", row.key, "cost", row.cost, "tags", by_tag)
+    assert answer.status_code == 200 and row.key == "gpt-4o" and row.cost > 0
+    assert by_tag == ["gpt-team"]
+
+
 async def test_a_client_that_waits_retry_after_ms_is_admitted(make_settings: Settings) -> None:
     # SPEC §8: a rate limit's 429 carries `Retry-After` and `retry-after-ms`; the OpenAI SDK
     # waits exactly `retry-after-ms`, so it must not end before the window does.

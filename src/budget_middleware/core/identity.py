@@ -252,9 +252,13 @@ class TargetResolver:
 
     def __init__(self, guess_provider: Callable[[str], str | None], key_prefix: str = "") -> None:
         self.guess_provider = guess_provider
-        # A text holding it is a virtual key sent where a name goes (`x-budget-tags: sk-bm-…`):
-        # kept, it would reach usage records, answers, logs and the dashboard (SPEC §8).
-        self.key_prefix = key_prefix
+        # A virtual key sent where a name goes (`x-budget-tags: sk-bm-…`) would reach usage
+        # records, answers, logs and the dashboard (SPEC §8): a client's tag holding the
+        # caller's own key, or one shaped as a generated key (the prefix and 40 or more URL-safe
+        # characters), is dropped; a model or provider holding the caller's key is `unknown`.
+        # Only the caller's own key there: a model is never unpriced for looking like a key.
+        shaped = re.compile(re.escape(key_prefix) + "[A-Za-z0-9_-]{40}").search
+        self._key_shaped = shaped if key_prefix else _never
         self._routes: dict[tuple[str, str | None, str], tuple[str, str]] = {}
         self._hosted: dict[tuple[str, str | None, str], tuple[str, str]] = {}
 
@@ -277,8 +281,14 @@ class TargetResolver:
         return found
 
     def __call__(
-        self, body: Any, route_path: str, credentials: Credentials, key_tags: tuple[str, ...]
+        self,
+        body: Any,
+        route_path: str,
+        credentials: Credentials,
+        key_tags: tuple[str, ...],
+        own_key: str | None = None,
     ) -> Target:
+        """`own_key`: the caller's key's value, when it is a known key."""
         data = body if type(body) is dict else _NO_BODY
         raw_model = data.get("model")
         model = raw_model if type(raw_model) is str else ""
@@ -288,24 +298,21 @@ class TargetResolver:
             where = (model, credentials.provider, "")
             found = self._hosted.get(where)
             if found is None:
-                hosted = self._no_key(_hosted(model, credentials.provider))
-                found = self._remember(self._hosted, where, hosted)
+                found = self._remember(self._hosted, where, _hosted(model, credentials.provider))
         else:
             where = (model, credentials.provider, route_path)
             found = self._routes.get(where)
             if found is None:
-                found = self._remember(self._routes, where, self._no_key(self._route(*where)))
+                found = self._remember(self._routes, where, self._route(*where))
+        if own_key is not None and (own_key in found[1] or own_key in found[0]):
+            found = _without_key(found, own_key)
         tags = credentials.tags
-        if key_tags:
-            tags += key_tags
         if "metadata" in data:
             tags += _body_tags(data)
-        if tags and self.key_prefix:
-            prefix = self.key_prefix
-            for tag in tags:
-                if prefix in tag:
-                    tags = tuple(t for t in tags if prefix not in t)
-                    break
+        if tags:
+            tags = self._no_keys(tags, own_key)
+        if key_tags:
+            tags += key_tags
         if len(tags) > 1:
             tags = tuple(sorted(set(tags)))
             if len(tags) > MAX_TAGS:
@@ -344,7 +351,7 @@ class TargetResolver:
         where = (model, credentials.provider, route_path)
         found = self._routes.get(where)
         if found is None:
-            found = self._remember(self._routes, where, self._no_key(self._route(*where)))
+            found = self._remember(self._routes, where, self._route(*where))
         return Target(
             found[0],
             found[1],
@@ -356,16 +363,15 @@ class TargetResolver:
             target.background,
         )
 
-    def _no_key(self, found: tuple[str, str]) -> tuple[str, str]:
-        """Provider and model, "unknown" for one that holds a virtual key (`key_prefix`)."""
-        prefix = self.key_prefix
-        if prefix and (prefix in found[0] or prefix in found[1]):
-            provider, model = found
-            return (
-                "unknown" if prefix in provider else provider,
-                "unknown" if prefix in model else model,
-            )
-        return found
+    def _no_keys(self, tags: tuple[str, ...], own_key: str | None) -> tuple[str, ...]:
+        """A client's tags without those that hold a virtual key (`__init__`)."""
+        shaped = self._key_shaped
+        for tag in tags:
+            if shaped(tag) is not None or (own_key is not None and own_key in tag):
+                return tuple(
+                    t for t in tags if shaped(t) is None and (own_key is None or own_key not in t)
+                )
+        return tags
 
     def _route(self, raw_model: str, header: str | None, route_path: str) -> tuple[str, str]:
         model = raw_model.strip()
@@ -426,6 +432,15 @@ def _keep_key_tags(tags: tuple[str, ...], key_tags: tuple[str, ...]) -> tuple[st
     room = MAX_TAGS - len(kept)
     client = [t for t in tags if t not in kept][:room]
     return tuple(sorted(kept.union(client)))
+
+
+def _never(_: str) -> None:
+    return None
+
+
+def _without_key(found: tuple[str, str], key: str) -> tuple[str, str]:
+    provider, model = found
+    return ("unknown" if key in provider else provider, "unknown" if key in model else model)
 
 
 def _hosted(raw_model: str, provider: str) -> tuple[str, str]:

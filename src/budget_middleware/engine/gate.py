@@ -220,7 +220,10 @@ class Gate:
                     answer.headers.append((b"accept-encoding", b"gzip, deflate"))
                     return answer
                 shadowed = shadowed or "unsupported_content_encoding"
-        target = self.resolve_target(parsed, path, credentials, key.tags if key is not None else ())
+        if key is not None:
+            target = self.resolve_target(parsed, path, credentials, key.tags, credentials.key)
+        else:
+            target = self.resolve_target(parsed, path, credentials, ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
         routes = engine.globals.routes
         if routes and type(parsed) is dict:  # no route configured: one truth test
