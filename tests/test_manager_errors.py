@@ -232,9 +232,12 @@ async def test_from_memory_reads_the_engine_s_live_counters_or_is_refused(
         print(f"live ${live}, stored ${stored}, live requests {requests}")
         assert live > 0 and stored == 0 and requests == 3
         alone = BudgetManager(Store(settings.database_url), settings)
-        for listing in (alone.list_budgets, alone.list_rate_limits):
-            with pytest.raises(InvalidRequest) as caught:
-                listing(from_memory=True)
-            assert caught.value.param == "from_memory"
-            assert "no engine" in caught.value.message
-        assert alone.list_budgets()[0].current_usage == stored  # without it: the store, as ever
+        try:
+            for listing in (alone.list_budgets, alone.list_rate_limits):
+                with pytest.raises(InvalidRequest) as caught:
+                    listing(from_memory=True)
+                assert caught.value.param == "from_memory"
+                assert "no engine" in caught.value.message
+            assert alone.list_budgets()[0].current_usage == stored  # the store, as ever
+        finally:
+            alone.store.dispose()  # its connections closed, not left to the collector
