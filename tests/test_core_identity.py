@@ -270,6 +270,36 @@ def test_routes_are_remembered_bounded_and_never_for_huge_names() -> None:
     assert list(resolve._routes) == [("one-more", None, "/v1/x")]
 
 
+def test_a_huge_provider_header_or_path_is_worked_out_not_remembered() -> None:
+    resolve = resolver()
+    edge = "p" * MAX_PROVIDER_CHARS
+    path = "/" + "v" * 255  # 256 characters: the longest path remembered
+    for where in ((edge, "/v1/x"), ("p", path), (edge + "p", "/v1/x"), ("p", path + "v")):
+        found = resolve({"model": "m"}, where[1], Credentials(provider=where[0]), ())
+        assert found.model == "m"
+    print(list(resolve._routes))
+    assert list(resolve._routes) == [("m", edge, "/v1/x"), ("m", "p", path)]
+
+
+def test_a_virtual_key_sent_as_a_name_is_kept_out_of_the_target() -> None:
+    own = "sk-bm-mine"
+    shaped = "sk-bm-" + "A" * 40
+    resolve = TargetResolver({}.get, "sk-bm-")
+    creds = Credentials(provider="openai", tags=(f"x{own}", shaped + "!", "ok", "sk-bm-short"))
+    body = {"model": f"gpt-{own}", "metadata": {"tags": ["also-ok", own]}}
+    found = resolve(body, "/v1/x", creds, ("key-tag",), own)
+    assert (found.provider, found.model) == ("openai", "unknown")
+    assert found.tags == ("also-ok", "key-tag", "ok", "sk-bm-short")
+    # the caller's key as the provider: that one is unknown, the model kept
+    found = resolve({"model": "gpt-4o"}, "/v1/x", Credentials(provider=own), (), own)
+    assert (found.provider, found.model) == ("unknown", "gpt-4o")
+    # no key (an anonymous request): only a key's shape is told, never a model
+    found = resolve({"model": own}, "/v1/x", Credentials(tags=(own, shaped)), ())
+    assert (found.model, found.tags) == (own, (own,))
+    # no prefix: nothing is shaped as a key
+    assert TargetResolver({}.get)({}, "/v1/x", Credentials(tags=(shaped,)), ()).tags == (shaped,)
+
+
 # --- tags, stream, output limit -----------------------------------------------------------------
 
 
