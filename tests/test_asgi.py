@@ -508,3 +508,38 @@ async def test_an_app_that_fails_after_its_headers_gets_no_second_start_from_us(
     print("sent:", kinds, "record:", [(r.outcome, r.estimated, r.output_tokens) for r in rows])
     assert kinds == ["http.response.start", "http.response.body"]
     assert [(r.outcome, r.estimated) for r in rows] == [("upstream_error", True)]
+
+
+async def test_a_request_with_an_unknown_or_missing_key_is_answered_before_its_body_is_read(
+    make_settings: Settings,
+) -> None:
+    """A client with no valid key could make the middleware read (and hold) a body of up to
+    BUDGET_MAX_BODY_BYTES before it answered 401: the key is checked first, the body left
+    unread; a known key's request is read and served as ever."""
+    app = host_app(make_settings(require_virtual_key=True))
+    engine = engine_of(app)
+    chunk = json.dumps(chat()).encode()
+    async with running(app):
+        key = engine.manager.create_virtual_key(name="alice")
+        await engine.invalidate()
+        found: dict[str, tuple[int, int]] = {}
+        for name, auth in (
+            ("unknown", [(b"authorization", b"Bearer sk-bm-not-a-key")]),
+            ("missing", []),
+            ("known", [(b"authorization", f"Bearer {key.value}".encode())]),
+        ):
+            read = 0
+            sent: list[dict[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                nonlocal read
+                read += 1
+                return {"type": "http.request", "body": chunk, "more_body": False}
+
+            async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
+                sent.append(message)
+
+            await asyncio.wait_for(app(_scope("/v1/chat/completions", auth), receive, send), 5)
+            found[name] = (sent[0]["status"], read)
+    print(found)
+    assert found == {"unknown": (401, 0), "missing": (401, 0), "known": (200, 1)}

@@ -172,29 +172,8 @@ class BudgetMiddleware:
         if credentials.content_length is not None and credentials.content_length > self.max_body:
             await _answer(send, request_too_large(self.max_body))
             return
-        message = await receive()
-        if message["type"] == "http.request" and not message.get("more_body"):
-            body = message.get("body", b"")  # the whole body in one message: the usual case
-            if type(body) is not bytes:  # ASGI says bytes; a bytearray or memoryview read as one
-                body = bytes(body)
-            if len(body) > self.max_body:
-                await _answer(send, request_too_large(self.max_body))
-                return
-        else:
-            try:
-                body = await _read_body(message, receive, self.max_body)
-            except BodyTooLarge:
-                await _answer(send, request_too_large(self.max_body))
-                return
-            except ClientGone:
-                return
-        plain = body  # as the gate reads it: decoded, when it was sent compressed
-        if credentials.content_encoding is not None:
-            decoded = self.gate.plain_body(body, credentials.content_encoding)
-            if decoded is None:
-                await _answer(send, request_too_large(self.max_body))
-                return
-            plain = decoded
+        # Who is calling first: a request with no valid key is answered before its body is
+        # read (it could make this process read and hold BUDGET_MAX_BODY_BYTES for a 401).
         loop = engine.loop  # set once started; closed after a script's `asyncio.run`
         if loop is None or not engine.started or loop.is_closed():
             try:
@@ -235,6 +214,29 @@ class BudgetMiddleware:
                 await _answer(send, answer)
                 return
             shadowed = "virtual_key_required"
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body"):
+            body = message.get("body", b"")  # the whole body in one message: the usual case
+            if type(body) is not bytes:  # ASGI says bytes; a bytearray or memoryview read as one
+                body = bytes(body)
+            if len(body) > self.max_body:
+                await _answer(send, request_too_large(self.max_body))
+                return
+        else:
+            try:
+                body = await _read_body(message, receive, self.max_body)
+            except BodyTooLarge:
+                await _answer(send, request_too_large(self.max_body))
+                return
+            except ClientGone:
+                return
+        plain = body  # as the gate reads it: decoded, when it was sent compressed
+        if credentials.content_encoding is not None:
+            decoded = self.gate.plain_body(body, credentials.content_encoding)
+            if decoded is None:
+                await _answer(send, request_too_large(self.max_body))
+                return
+            plain = decoded
         gate = self.gate
         decision = gate.decide(plain, route_path(scope), credentials, key, started, shadowed)
         if type(decision) is ErrorAnswer:
