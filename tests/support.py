@@ -87,6 +87,44 @@ async def running(app: Any) -> AsyncIterator[None]:
         await task
 
 
+def post_scope(
+    path: str, headers: list[tuple[bytes, bytes]] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A raw ASGI scope of a JSON `POST` to `path`, as a server passes it."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        **extra,
+    }
+
+
+class BodyThenGone:
+    """An ASGI client's `receive`: the request's body in one message, then nothing until the
+    client leaves (`gone.set()`), which it says with `http.disconnect`."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.delivered = False
+        self.gone = asyncio.Event()
+
+    async def __call__(self) -> dict[str, Any]:
+        if not self.delivered:
+            self.delivered = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
 def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,11 @@ from starlette.routing import Route
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError, get_engine
 from budget_middleware.store.tables import UsageRecordRow
-from support import chat, client, engine_of, host_app, running, serve_lifespan
+from support import chat, client, engine_of, host_app, post_scope, running, serve_lifespan
+
+# The raw scopes here say ASGI spec 2.4, as current uvicorn does (Starlette's streaming answers
+# then leave disconnects to `send`).
+_scope = functools.partial(post_scope, asgi={"version": "3.0", "spec_version": "2.4"})
 
 Settings = Callable[..., BudgetSettings]
 
@@ -212,24 +217,6 @@ async def test_two_processes_on_one_store_add_their_charges_not_overwrite(
 
 
 USAGE = {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}
-
-
-def _scope(path: str, headers: list[tuple[bytes, bytes]], **extra: Any) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), *headers],
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-        **extra,
-    }
 
 
 async def test_a_response_s_background_task_holds_no_slot_and_no_reservation(

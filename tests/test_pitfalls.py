@@ -34,7 +34,7 @@ from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.tables import UsageRecordRow
 from conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, reset_postgres
 from service_support import delete_prefix, unique_prefix, use_prefix
-from support import chat, client, engine_of, host_app, running
+from support import BodyThenGone, chat, client, engine_of, host_app, post_scope, running
 
 Settings = Callable[..., BudgetSettings]
 Message = dict[str, Any]
@@ -264,50 +264,24 @@ async def test_the_live_counters_tell_every_charge_of_requests_answered_at_once(
 # -- Counters that lie the other way: leaked reservations and slots --------------------------
 
 
-def _scope(path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Message:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), *headers],
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-    }
-
-
 async def _cut_by_client(app: Any, headers: list[tuple[bytes, bytes]], *, cancel: bool) -> None:
     """A stream the client leaves after its first chunk: by disconnecting, or by the server
     cancelling the request's task (a timeout)."""
     body = json.dumps(chat(max_tokens=400, stream=True)).encode()
     first = asyncio.Event()
-    gone = asyncio.Event()
-    delivered = False
-
-    async def receive() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
+    receive = BodyThenGone(body)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
             first.set()
 
     slow = [*headers, (b"x-mock-delay-ms", b"2")]
-    task = asyncio.create_task(app(_scope("/v1/chat/completions", body, slow), receive, send))
+    task = asyncio.create_task(app(post_scope("/v1/chat/completions", slow), receive, send))
     await first.wait()
     if cancel:
         task.cancel()
     else:
-        gone.set()
+        receive.gone.set()
     await asyncio.gather(task, return_exceptions=True)
 
 
@@ -709,26 +683,18 @@ async def test_a_reasoning_stream_left_before_its_first_word_is_charged_what_it_
     app.add_middleware(BudgetMiddleware, settings=make_settings())
     engine = engine_of(app)
     body = json.dumps(chat("openai/o3", max_tokens=20000, stream=True)).encode()
-    first, gone = asyncio.Event(), asyncio.Event()
-    delivered = False
-
-    async def receive() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
+    first = asyncio.Event()
+    receive = BodyThenGone(body)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
             first.set()
 
     async with running(app):
-        task = asyncio.create_task(app(_scope("/v1/chat/completions", body, []), receive, send))
+        task = asyncio.create_task(app(post_scope("/v1/chat/completions"), receive, send))
         await first.wait()
         await asyncio.sleep(0.2)
-        gone.set()
+        receive.gone.set()
         await asyncio.wait_for(task, 5)
         rows = await records(engine)
     row = rows[0]

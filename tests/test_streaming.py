@@ -21,7 +21,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.store.tables import UsageRecordRow
-from support import chat, client, engine_of, host_app, running
+from support import BodyThenGone, chat, client, engine_of, host_app, post_scope, running
 
 Settings = Callable[..., BudgetSettings]
 Message = dict[str, Any]
@@ -44,23 +44,6 @@ async def records(engine: Any) -> list[UsageRecordRow]:
     await engine.flush()
     with engine.store.session() as s:
         return list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.id)))  # type: ignore[arg-type]
-
-
-def http_scope(path: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> Message:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), *(headers or [])],
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-    }
 
 
 def _event(choices: list[Any], usage: Any = None) -> bytes:
@@ -135,7 +118,7 @@ async def call(
             if on_body is not None:
                 on_body(message.get("body", b""))
 
-    await asyncio.wait_for(app(http_scope("/v1/chat/completions", b""), receive, send), 5)
+    await asyncio.wait_for(app(post_scope("/v1/chat/completions"), receive, send), 5)
     return b"".join(sent)
 
 
@@ -303,30 +286,19 @@ async def test_a_client_that_disconnects_mid_stream_is_charged_an_estimate_once(
         await engine.invalidate()
         body = json.dumps(chat(max_tokens=200, stream=True)).encode()
         bodies: list[bytes] = []
-        gone = asyncio.Event()
-        delivered = False
-
-        async def receive() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await gone.wait()
-            return {"type": "http.disconnect"}
+        receive = BodyThenGone(body)
 
         async def send(message: Message) -> None:
             if message["type"] == "http.response.body":
                 bodies.append(message.get("body", b""))
                 if len(bodies) == 5:
-                    gone.set()  # the client leaves after five chunks
+                    receive.gone.set()  # the client leaves after five chunks
 
         headers = [
             (b"authorization", f"Bearer {key.value}".encode()),
             (b"x-mock-delay-ms", b"5"),
         ]
-        await asyncio.wait_for(
-            app(http_scope("/v1/chat/completions", body, headers), receive, send), 5
-        )
+        await asyncio.wait_for(app(post_scope("/v1/chat/completions", headers), receive, send), 5)
         rows = await records(engine)
         budget = engine.registry.windows["budget"][key.budgets[0].id]
         slots = engine.registry.concurrency[key.rate_limit.id]  # type: ignore[union-attr]
@@ -472,9 +444,7 @@ async def test_a_cancelled_request_task_still_settles_once_and_frees_its_slot(
                 first_chunk.set()
 
         headers = [(b"authorization", f"Bearer {key.value}".encode()), (b"x-mock-delay-ms", b"5")]
-        task = asyncio.create_task(
-            app(http_scope("/v1/chat/completions", body, headers), receive, send)
-        )
+        task = asyncio.create_task(app(post_scope("/v1/chat/completions", headers), receive, send))
         await first_chunk.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
