@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import tempfile
 from hashlib import sha256
 from math import ceil
@@ -49,7 +48,7 @@ from harness import (
     make_world,
     trivial_host,
 )
-from http_load import HERE, SERVERS, _cpu_spent, _drive, _serve, _summary, thread_cpu
+from http_load import HERE, SERVERS, _summary, measured, world_env
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -376,18 +375,9 @@ async def main(iterations: int, rounds: int) -> None:
 async def over_http(repeats: int, duration: float) -> None:
     """The example app under uvicorn (one worker), bare, with `Least` in front of it
     (`floor_app.py`) and with `BudgetMiddleware`, driven as part 2 drives it, runs alternated."""
-    body = chat_body()
     with tempfile.TemporaryDirectory(prefix="bm-floor-http-") as directory:
-        settings = bench_settings(Path(directory))
-        world = await make_world(settings, "http")
-        await world.engine.shutdown()
-        world.engine.store.dispose()
-        env = {
-            **os.environ,
-            "BUDGET_DATABASE_URL": settings.database_url,
-            "BUDGET_ADMIN_KEY": "bench-admin-key",
-            "BENCH_KEY": world.key,
-        }
+        key, env = await world_env(directory)
+        env["BENCH_KEY"] = key
         variants: dict[str, tuple[bool, str, Path]] = {
             "bare": (False, "app:app", ROOT / "examples"),
             "Least": (False, "floor_app:app", HERE),
@@ -399,17 +389,9 @@ async def over_http(repeats: int, duration: float) -> None:
             found: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
             for _ in range(repeats):
                 for name, (middleware, app, app_dir) in variants.items():
-                    process, port = _serve(server, middleware, env, app, app_dir)
-                    try:
-                        _drive(port, body, world.key, 32, 1)  # warm-up
-                        before = thread_cpu(process.pid)
-                        run = _drive(port, body, world.key, 32, duration)
-                        run["cpu"] = _cpu_spent(before, thread_cpu(process.pid), process.pid)
-                        assert run["non_2xx"] == 0, (name, run)
-                        found[name].append(run)
-                    finally:
-                        process.terminate()
-                        process.wait(10)
+                    run = measured(server, middleware, env, key, 32, duration, app, app_dir)
+                    assert run["non_2xx"] == 0, (name, run)
+                    found[name].append(run)
             bare = _summary(found["bare"])["rps"]
             for name, runs in found.items():
                 summary = _summary(runs)

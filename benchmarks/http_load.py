@@ -98,35 +98,57 @@ def _drive(port: int, body: bytes, key: str, concurrency: int, duration: float) 
     return {**json.loads(line.removeprefix("BENCH_JSON ")), "tool": tool}
 
 
+async def world_env(directory: str) -> tuple[str, dict[str, str]]:
+    """A configured store in `directory` (its engine stopped): the hot path's key, and the
+    environment a server reads its settings from, as a deployment would."""
+    settings = bench_settings(Path(directory))
+    world = await make_world(settings, "http")
+    await world.engine.shutdown()
+    world.engine.store.dispose()
+    env = {
+        **os.environ,
+        "BUDGET_DATABASE_URL": settings.database_url,
+        "BUDGET_ADMIN_KEY": "bench-admin-key",
+    }
+    return world.key, env
+
+
+def measured(
+    server: str,
+    middleware: bool,
+    env: dict[str, str],
+    key: str,
+    concurrency: int,
+    duration: float,
+    app: str = "app:app",
+    app_dir: Path = ROOT / "examples",
+) -> dict[str, Any]:
+    """One served app under load, after a 1 s warm-up: the load run, with the server's CPU."""
+    body = chat_body()
+    process, port = _serve(server, middleware, env, app, app_dir)
+    try:
+        _drive(port, body, key, concurrency, 1)  # warm-up
+        before = thread_cpu(process.pid)
+        run = _drive(port, body, key, concurrency, duration)
+        run["cpu"] = _cpu_spent(before, thread_cpu(process.pid), process.pid)
+        return run
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 async def run(duration: float, repeats: int, concurrency: int = 32) -> list[dict[str, Any]]:
     """Requests/s, p50 and p99 per server and variant; runs alternate bare/middleware."""
-    body = chat_body()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bm-http-") as directory:
-        settings = bench_settings(Path(directory))
-        world = await make_world(settings, "http")
-        await world.engine.shutdown()
-        world.engine.store.dispose()
-        # The server reads its settings from the environment, as a deployment would.
-        env = {
-            **os.environ,
-            "BUDGET_DATABASE_URL": settings.database_url,
-            "BUDGET_ADMIN_KEY": "bench-admin-key",
-        }
+        key, env = await world_env(directory)
         for server in SERVERS:
             found: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
             for _ in range(repeats):
                 for middleware in (False, True):
-                    process, port = _serve(server, middleware, env)
-                    try:
-                        _drive(port, body, world.key, concurrency, 1)  # warm-up
-                        before = thread_cpu(process.pid)
-                        run_ = _drive(port, body, world.key, concurrency, duration)
-                        run_["cpu"] = _cpu_spent(before, thread_cpu(process.pid), process.pid)
-                        found[middleware].append(run_)
-                    finally:
-                        process.terminate()
-                        process.wait(10)
+                    found[middleware].append(
+                        measured(server, middleware, env, key, concurrency, duration)
+                    )
             bare, metered = _summary(found[False]), _summary(found[True])
             rows.append(
                 {
