@@ -277,9 +277,8 @@ async def test_hundreds_at_once_leaving_midway_are_each_charged_once_within_the_
 
     from budget_middleware.store.tables import UsageRecordRow
     from conftest import REDIS_URL, need_redis
-    from support import host_app
+    from support import host_app, post_scope
     from test_accounting import store_totals
-    from test_streaming import http_scope
 
     if redis:
         need_redis()
@@ -331,7 +330,7 @@ async def test_hundreds_at_once_leaving_midway_are_each_charged_once_within_the_
                     if n % 3 == 2 and chunks == 5:  # the server cancels the request's task
                         asyncio.get_running_loop().call_soon(task.cancel)
 
-            scope = http_scope("/v1/chat/completions", body, headers)
+            scope = post_scope("/v1/chat/completions", headers)
             task = asyncio.current_task()
             assert task is not None
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -442,7 +441,7 @@ async def test_a_batch_of_prompts_is_reserved_for_a_completion_of_each(
 async def asgi_post(app: Any, path: str, body: bytes, key: str) -> int:
     """A POST to `path` exactly as written (an HTTP client would remove its dot segments, as
     curl does without `--path-as-is`): the answer's status."""
-    from test_streaming import http_scope
+    from support import post_scope
 
     status = 0
     sent = False
@@ -459,7 +458,7 @@ async def asgi_post(app: Any, path: str, body: bytes, key: str) -> int:
         if message["type"] == "http.response.start":
             status = message["status"]
 
-    await app(http_scope(path, body, [(b"x-budget-key", key.encode())]), receive, send)
+    await app(post_scope(path, [(b"x-budget-key", key.encode())]), receive, send)
     return status
 
 
