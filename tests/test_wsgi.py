@@ -87,6 +87,20 @@ def bearer(value: str) -> dict[str, str]:
     return {"authorization": f"Bearer {value}"}
 
 
+class Sent(io.RawIOBase):
+    """What a client sends (`data`), counted as the app reads it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.read_bytes, self.reads = memoryview(data), 0, 0
+
+    def read(self, size: int = -1) -> bytes:
+        n = len(self.data) if size < 0 else min(size, len(self.data))
+        out, self.data = bytes(self.data[:n]), self.data[n:]
+        self.read_bytes += n
+        self.reads += 1
+        return out
+
+
 @pytest.fixture(autouse=True)
 def _engines_shut_down() -> Iterator[None]:
     """The engines a test started in the background loop are shut down when it ends."""
@@ -812,25 +826,11 @@ def test_the_wsgi_admin_api_reads_no_body_before_the_admin_key(make_settings: Se
     credential: anyone could have a server thread read and hold what they sent (a lying
     `Content-Length: 1000000000` here, 10 MB of it sent). A body is read for the admin key's
     bearer only; the API refuses any other first."""
-    import io
-
-    class Sent(io.RawIOBase):
-        """What a client sends, counted as the app reads it."""
-
-        def __init__(self, size: int) -> None:
-            self.left, self.read_bytes = size, 0
-
-        def read(self, size: int = -1) -> bytes:
-            n = min(self.left if size < 0 else size, self.left)
-            self.left -= n
-            self.read_bytes += n
-            return b" " * n
-
     app = create_admin_wsgi_app(make_settings())
     read = {}
     for name, authorization in (("none", None), ("wrong", "Bearer nope"),
                                 ("admin", "Bearer admin-secret")):  # fmt: skip
-        sent = Sent(10_000_000)
+        sent = Sent(b" " * 10_000_000)
         environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/customers", "SERVER_NAME": "t",
                    "SERVER_PORT": "80", "wsgi.input": sent, "CONTENT_LENGTH": "1000000000",
                    "CONTENT_TYPE": "application/json"}  # fmt: skip
@@ -1410,6 +1410,104 @@ def test_a_body_shorter_than_its_content_length_is_not_admitted(make_settings: S
     print(f"short body: {statuses}, app called {len(seen)} time(s); then {full.status_code}")
     assert statuses[0].startswith("400") and full.status_code == 200  # its one request is left
     assert seen == [body] and records(engine)[0]["status"] == 200
+
+
+@pytest.mark.parametrize("counters", ["in process", "redis"])
+def test_a_request_with_an_unknown_or_missing_key_is_answered_before_its_body_is_read(
+    make_settings: Settings, counters: str
+) -> None:
+    """A client with no valid key could make a server thread read (and hold) a body of up to
+    BUDGET_MAX_BODY_BYTES before the middleware answered 401: the key is checked first, the
+    body left unread; a known key's request is read once and served, and so is an unknown
+    key's in shadow mode. In process (admitted in the thread) and on Redis (on the loop)."""
+    seen: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(environ["wsgi.input"].read())
+        start_response("200 OK", [("content-type", "application/json")])
+        return [COMPLETION]
+
+    prefix = unique_prefix()
+    redis = {}
+    if counters == "redis":
+        need_redis()
+        redis = {"redis_url": REDIS_URL}
+    enforced = BudgetWSGIMiddleware(app, make_settings(require_virtual_key=True, **redis))
+    shadow = BudgetWSGIMiddleware(app, engine=get_engine(make_settings(mode="shadow", **redis)))
+    if counters == "redis":
+        for middleware in (enforced, shadow):
+            middleware.engine.counters.prefix = prefix  # type: ignore[attr-defined]
+    key = enforced.engine.manager.create_virtual_key(name="alice")
+    body = json.dumps(chat(messages=[{"role": "user", "content": "x" * 100_000}])).encode()
+    found: dict[str, tuple[str, int, int]] = {}
+    try:
+        for name, middleware, authorization in (
+            ("unknown", enforced, "Bearer sk-bm-not-a-key"),
+            ("missing", enforced, None),
+            ("known", enforced, f"Bearer {key.value}"),
+            ("unknown, shadow mode", shadow, "Bearer sk-bm-not-a-key"),
+        ):
+            sent = Sent(body)
+            environ = posted(body, "", **{"wsgi.input": sent})
+            del environ["HTTP_AUTHORIZATION"]
+            if authorization is not None:
+                environ["HTTP_AUTHORIZATION"] = authorization
+            statuses: list[str] = []
+            b"".join(middleware(environ, lambda status, headers, *_, i=statuses: i.append(status)))
+            found[name] = (statuses[0][:3], sent.reads, sent.read_bytes)
+    finally:
+        if counters == "redis":
+            delete_prefix(REDIS_URL, prefix)
+    print(f"{counters}: status, reads and bytes read of {len(body)}: {found}")
+    assert found == {
+        "unknown": ("401", 0, 0),
+        "missing": ("401", 0, 0),
+        "known": ("200", 1, len(body)),
+        "unknown, shadow mode": ("200", 1, len(body)),
+    }
+    assert seen == [body, body]  # the apps got the body read once
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_a_key_the_store_cannot_vouch_for_is_answered_before_its_body_is_read(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch, fail_open: bool
+) -> None:
+    """The store gone while a key is not cached: fail closed, a 503 with the body unread; fail
+    open, a key this process has seen valid is served (its body read once), one it has never
+    seen is a 503 with its body unread."""
+    from budget_middleware.exceptions import ServiceUnavailable
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("content-type", "application/json")])
+        return [COMPLETION]
+
+    middleware = BudgetWSGIMiddleware(app, make_settings(fail_open=fail_open))
+    engine = middleware.engine
+    seen = engine.manager.create_virtual_key(name="seen").value or ""
+    never = engine.manager.create_virtual_key(name="never").value or ""
+    body = json.dumps(chat()).encode()
+
+    def call(key: str) -> tuple[str, int]:
+        sent = Sent(body)
+        statuses: list[str] = []
+        environ = posted(body, key, **{"wsgi.input": sent})
+        b"".join(middleware(environ, lambda status, headers, *_, i=statuses: i.append(status)))
+        return statuses[0][:3], sent.read_bytes
+
+    assert call(seen) == ("200", len(body))  # the key seen valid (and cached)
+    on_loop(engine, engine.invalidate)  # no longer cached: the next request asks the store
+
+    async def gone(value: str) -> None:
+        raise ServiceUnavailable("the store cannot be reached")
+
+    monkeypatch.setattr(engine, "lookup_key", gone)
+    found = {"seen": call(seen), "never seen": call(never)}
+    print(f"store gone, fail_open={fail_open}: status and bytes read of {len(body)}: {found}")
+    assert found == {
+        "seen": ("200", len(body)) if fail_open else ("503", 0),
+        "never seen": ("503", 0),
+    }
 
 
 @pytest.mark.parametrize("method", ["post", "Post"])

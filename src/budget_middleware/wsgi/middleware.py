@@ -3,7 +3,8 @@
     app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app)        # Flask
     application = BudgetWSGIMiddleware(get_wsgi_application())  # Django
 
-Read the request body once, ask the gate, pass the request on (the body replayed from memory),
+Check who is calling (a request with no valid key is answered 401, its body unread), read the
+request body once, ask the gate, pass the request on (the body replayed from memory),
 pass the answer on chunk by chunk as the app yields it, measuring it, and settle the charge
 exactly once: at its last chunk, or when the server closes it early (a client gone).
 
@@ -23,7 +24,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from budget_middleware.answers import (
     ErrorAnswer,
@@ -246,6 +247,26 @@ class BudgetWSGIMiddleware:
         engine = self.engine
         started = perf_counter()
         credentials = self._credentials(environ)
+        length = credentials.content_length
+        if length is not None and length > self.max_body:
+            return answer(start_response, request_too_large(self.max_body))
+        if engine.needs_start():
+            try:
+                on_loop(engine, engine.ensure_started)
+            except ConfigurationError:
+                raise  # final: the configuration is wrong, not the store away
+            except Exception:
+                if not self.fail_open:
+                    return answer(start_response, store_unavailable())
+                engine.write_at_exit()  # admitted with no flusher: written, or kept, at exit
+        if engine.stale:
+            on_loop(engine, engine.ensure_current)
+        # Who is calling first: a request with no valid key is answered before its body is
+        # read (it could make this thread read and hold BUDGET_MAX_BODY_BYTES for a 401).
+        caller = self._caller(credentials)
+        if type(caller) is ErrorAnswer:
+            return answer(start_response, caller)
+        key, shadowed = caller  # type: ignore[misc]
         try:
             body = self._body(environ, credentials)
         except _TooLarge:
@@ -258,22 +279,13 @@ class BudgetWSGIMiddleware:
             if decoded is None:
                 return answer(start_response, request_too_large(self.max_body))
             plain = decoded
-        if engine.needs_start():
-            try:
-                on_loop(engine, engine.ensure_started)
-            except ConfigurationError:
-                raise  # final: the configuration is wrong, not the store away
-            except Exception:
-                if not self.fail_open:
-                    return answer(start_response, store_unavailable())
-                engine.write_at_exit()  # admitted with no flusher: written, or kept, at exit
-        if engine.stale:
-            on_loop(engine, engine.ensure_current)
         direct = engine.memory is not None and is_background(engine.loop)
         if direct:
-            admitted = self._admit_here(plain, path, credentials, started)
+            admitted = self._admit_here(plain, path, credentials, key, shadowed, started)
         else:  # Redis, or an engine an ASGI app runs: its loop decides
-            admitted = on_loop(engine, lambda: self._admit_there(plain, path, credentials, started))
+            admitted = on_loop(
+                engine, lambda: self._admit_there(plain, path, credentials, key, shadowed, started)
+            )
         if type(admitted) is ErrorAnswer:
             return answer(start_response, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
@@ -324,56 +336,45 @@ class BudgetWSGIMiddleware:
                 raise _TooLarge
             chunks.append(chunk)
 
-    def _admit_here(
-        self, body: bytes, path: str, credentials: Credentials, started: float
-    ) -> Exchange | ErrorAnswer:
-        """In-process counters: decided and admitted in this thread, holding the loop's lock
-        for as little as it can: the body is read and the key hashed before it is taken (a key
-        not cached yet is read on the loop first, without the lock)."""
+    def _caller(
+        self, credentials: Credentials
+    ) -> tuple[KeyConfig | None, str | None] | ErrorAnswer:
+        """Who is calling, from the headers alone: the key's configuration (None: no key, or
+        one shadow mode serves as none) and the code shadow mode would refuse the credentials
+        for; or the answer to give (401, or 503 when the store cannot vouch for the key)."""
+        found: KeyConfig | None = None
+        if credentials.key is not None:
+            looked_up = self._key(credentials.key)
+            if type(looked_up) is ErrorAnswer:
+                return looked_up
+            found = looked_up  # type: ignore[assignment]
+        refused = self._shadowed(credentials, found)
+        if type(refused) is ErrorAnswer:
+            return refused
+        return found, refused  # type: ignore[return-value]
+
+    def _key(self, value: str) -> KeyConfig | ErrorAnswer | None:
+        """The key's configuration (None: unknown). A cached key is read in this thread under
+        `loop_lock` (the background loop's every step holds it); any other is read on the loop."""
         engine = self.engine
-        parsed = parse_json(body)
-        value = credentials.key
-        if value is None:
-            with loop_lock:
-                return self._decide(None, body, parsed, path, credentials, started)
         digest = key_digest(value)
-        with loop_lock:
-            found = engine.keys.get(digest)  # a cached key: no hop
+        if is_background(engine.loop):
+            with loop_lock:
+                found = engine.keys.get(digest)  # a cached key: no hop
             if found is not NOT_CACHED:
-                return self._decide(found, body, parsed, path, credentials, started)
+                return found
+        return on_loop(engine, lambda: self._look_up(value, digest))
+
+    async def _look_up(self, value: str, digest: bytes) -> KeyConfig | ErrorAnswer | None:
         try:
-            found = on_loop(engine, lambda: engine.lookup_key(value))
+            return await self.engine.lookup_key(value)
         except ServiceUnavailable:
             # Fail open admits a key this process has seen valid, on its last-known limits;
             # a key it cannot vouch for is never admitted.
-            with loop_lock:
-                found = engine.last_known.get(digest) if self.fail_open else None
+            found = self.engine.last_known.get(digest) if self.fail_open else None
             if found is None:
                 return store_unavailable(self.fail_open)
-        with loop_lock:
-            return self._decide(found, body, parsed, path, credentials, started)
-
-    def _decide(
-        self,
-        found: KeyConfig | None,
-        body: bytes,
-        parsed: Any,
-        path: str,
-        credentials: Credentials,
-        started: float,
-    ) -> Exchange | ErrorAnswer:
-        """The key's answer, the gate's decision and admission (under `loop_lock`)."""
-        gate = self.gate
-        shadowed: str | None = None
-        if found is None and (credentials.key is not None or self.require_key):
-            refused = self._shadowed(credentials, found)
-            if type(refused) is ErrorAnswer:
-                return refused
-            shadowed = refused  # type: ignore[assignment]
-        decision = gate.decide(body, path, credentials, found, started, shadowed, parsed)
-        if type(decision) is ErrorAnswer:
-            return decision
-        return gate.admit_now(decision)  # type: ignore[arg-type]
+            return found
 
     def _shadowed(
         self, credentials: Credentials, found: KeyConfig | None
@@ -392,28 +393,37 @@ class BudgetWSGIMiddleware:
             return refused[0]
         return self.gate.refuse(401, *refused)
 
+    def _admit_here(
+        self,
+        body: bytes,
+        path: str,
+        credentials: Credentials,
+        key: KeyConfig | None,
+        shadowed: str | None,
+        started: float,
+    ) -> Exchange | ErrorAnswer:
+        """In-process counters: decided and admitted in this thread, holding the loop's lock
+        for as little as it can (the body is parsed before it is taken)."""
+        gate = self.gate
+        parsed = parse_json(body)
+        with loop_lock:
+            decision = gate.decide(body, path, credentials, key, started, shadowed, parsed)
+            if type(decision) is ErrorAnswer:
+                return decision
+            return gate.admit_now(decision)  # type: ignore[arg-type]
+
     async def _admit_there(
-        self, body: bytes, path: str, credentials: Credentials, started: float
+        self,
+        body: bytes,
+        path: str,
+        credentials: Credentials,
+        key: KeyConfig | None,
+        shadowed: str | None,
+        started: float,
     ) -> Exchange | ErrorAnswer:
         """On the engine's loop, as the ASGI middleware admits (Redis, or a foreign loop)."""
         engine = self.engine
         gate = self.gate
-        key: KeyConfig | None = None
-        if credentials.key is not None:
-            digest = key_digest(credentials.key)
-            found = engine.keys.get(digest)
-            if found is NOT_CACHED:
-                try:
-                    found = await engine.lookup_key(credentials.key)
-                except ServiceUnavailable:
-                    found = engine.last_known.get(digest) if self.fail_open else None
-                    if found is None:
-                        return store_unavailable(self.fail_open)
-            key = found
-        refused = self._shadowed(credentials, key)
-        if type(refused) is ErrorAnswer:
-            return refused
-        shadowed: str | None = refused  # type: ignore[assignment]
         decision = gate.decide(body, path, credentials, key, started, shadowed)
         if type(decision) is ErrorAnswer:
             return decision
