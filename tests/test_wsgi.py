@@ -844,11 +844,9 @@ def test_the_wsgi_admin_api_reads_no_body_before_the_admin_key(make_settings: Se
     assert read["admin"] == ("422", 10_000_000)  # read, and not JSON
 
 
-def test_django_test_client_serves_the_admin_urls_and_the_middleware_wraps_its_wsgi_app(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """The example Django project: its admin URL prefix through Django's test client, and its
-    WSGI application (`BudgetWSGIMiddleware(get_wsgi_application())`) through a WSGI client."""
+def django_site(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """The example Django project (examples/django_app) set up on this test's store: its WSGI
+    application, `BudgetWSGIMiddleware(get_wsgi_application())`."""
     monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/django.db")
     monkeypatch.setenv("BUDGET_ADMIN_KEY", "admin-secret")
     monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "llmsite.settings")
@@ -856,13 +854,23 @@ def test_django_test_client_serves_the_admin_urls_and_the_middleware_wraps_its_w
     for name in [m for m in sys.modules if m.startswith("llmsite")]:
         monkeypatch.delitem(sys.modules, name)
     import django
-    from django.test import Client as DjangoClient
     from django.urls import clear_url_caches
 
     django.setup()
     clear_url_caches()
     from llmsite.wsgi import application
 
+    return application
+
+
+def test_django_test_client_serves_the_admin_urls_and_the_middleware_wraps_its_wsgi_app(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The example Django project: its admin URL prefix through Django's test client, and its
+    WSGI application (`BudgetWSGIMiddleware(get_wsgi_application())`) through a WSGI client."""
+    from django.test import Client as DjangoClient
+
+    application = django_site(monkeypatch, tmp_path)
     django_client = DjangoClient()
     health = django_client.get("/budget-admin/health")
     created = django_client.post(
@@ -885,6 +893,34 @@ def test_django_test_client_serves_the_admin_urls_and_the_middleware_wraps_its_w
     assert answers[1].json["error"]["code"] == "budget_exceeded"
     assert streamed.data.count(b"data: ") == 5 and b'"usage"' not in streamed.data
     assert budgets.json()["count"] == 1
+
+
+def test_the_django_admin_urls_read_no_body_before_the_admin_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The Django view read the whole body (`request.body`, up to Django's 2.5 MB) before the
+    admin API checked its credential: anyone could have a server thread read and hold it. A body
+    is read for the admin key's bearer only; the API refuses any other first."""
+    application = django_site(monkeypatch, tmp_path)
+    body = json.dumps({"name": "alice"}).encode().ljust(2_000_000)  # under Django's limit
+    read = {}
+    for name, authorization in (("none", None), ("wrong", "Bearer nope"),
+                                ("admin", "Bearer admin-secret")):  # fmt: skip
+        sent = Sent(body)
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/budget-admin/virtual-keys",
+                   "SERVER_NAME": "t", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
+                   "wsgi.input": sent, "CONTENT_LENGTH": str(len(body)),
+                   "CONTENT_TYPE": "application/json"}  # fmt: skip
+        if authorization:
+            environ["HTTP_AUTHORIZATION"] = authorization
+        statuses: list[str] = []
+        answer = application(environ, lambda status, headers, *_, i=statuses: i.append(status))
+        b"".join(answer)
+        getattr(answer, "close", lambda: None)()
+        read[name] = (statuses[0][:3], sent.read_bytes)
+    print("status and bytes read:", read)
+    assert read["none"] == ("401", 0) and read["wrong"] == ("401", 0)
+    assert read["admin"] == ("201", len(body))  # read, and the key created
 
 
 # -- Redis, and the exit ---------------------------------------------------------------------------

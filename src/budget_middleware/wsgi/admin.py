@@ -44,7 +44,7 @@ class AdminWSGIApp:
         scope = asgi_scope(environ)
         # Read for the admin key's bearer only: the API reads no other caller's body (it
         # answers 401 first), and anyone could have this thread hold what they announce.
-        admin = _holds_admin_key(environ, self.engine.settings.admin_key)
+        admin = holds_admin_key(environ, self.engine.settings.admin_key)
         body = _read_all(environ) if admin else b""
         status, headers, content = on_loop(self.engine, lambda: _serve(self.asgi, scope, body))
         start_response(
@@ -95,7 +95,7 @@ def _text(value: str) -> str:
         return value
 
 
-def _holds_admin_key(environ: WSGIEnvironment, admin_key: str | None) -> bool:
+def holds_admin_key(environ: WSGIEnvironment, admin_key: str | None) -> bool:
     """Whether the request's bearer token is `admin_key` (in constant time, as the API checks)."""
     scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
     if admin_key is None or scheme.lower() != "bearer":

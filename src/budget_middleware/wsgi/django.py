@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from budget_middleware.settings import BudgetSettings
-from budget_middleware.wsgi.admin import AdminWSGIApp
+from budget_middleware.wsgi.admin import AdminWSGIApp, holds_admin_key
 
 
 def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = None) -> list[Any]:
@@ -38,9 +38,12 @@ def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = 
         below = path[at + len(marker) :] if at >= 0 else "/" + (rest or "").lstrip("/")
         environ["SCRIPT_NAME"] = script + path[: at + len(marker)] if at >= 0 else script + marker
         environ["PATH_INFO"] = below or "/"
-        body = request.body
-        environ["wsgi.input"] = io.BytesIO(body)
-        environ["CONTENT_LENGTH"] = str(len(body))
+        # Read for the admin key's bearer only (as the admin app reads): the API reads no other
+        # caller's body (it answers 401 first), and anyone could have this thread hold it.
+        if holds_admin_key(environ, admin.engine.settings.admin_key):
+            body = request.body  # through Django, within its DATA_UPLOAD_MAX_MEMORY_SIZE
+            environ["wsgi.input"] = io.BytesIO(body)
+            environ["CONTENT_LENGTH"] = str(len(body))
         started: list[Any] = []
 
         def start_response(status: str, headers: list[tuple[str, str]], exc: Any = None) -> Any:
