@@ -409,3 +409,34 @@ async def test_health_is_open_and_metrics_report_budgets(settings: BudgetSetting
         assert 'budget_remaining_usd{budget_id="' in r.text and 'user_path="/acme"' in r.text
         assert "budget_requests_admitted_total 0.0" in r.text
         assert (await c.get("/metrics")).status_code == 401
+
+
+async def test_a_path_with_a_line_break_after_a_route_is_no_route(settings: BudgetSettings) -> None:
+    """Starlette's route pattern ends in `$`, which also matches before a final line break:
+    `POST /customers%0A` created a customer, `GET /health%0A` answered, and
+    `DELETE /providers/openai%0A` removed `openai` (the name was read trimmed). SPEC §9: unknown
+    ids 404; no such path is a route."""
+    limit = {"budgets": [{"max_limit": 1}]}
+    async with admin_client(settings) as c:
+        assert (await c.put("/providers/openai", json=limit, headers=ADMIN)).status_code == 201
+        answers = {
+            path: (await c.request(method, path, json=body, headers=ADMIN)).status_code
+            for method, path, body in (
+                ("POST", "/customers%0A", {"name": "acme"}),
+                ("POST", "/teams%0A", {"name": "research"}),
+                ("POST", "/virtual-keys%0A", {"name": "alice"}),
+                ("POST", "/routes%0A", {"name": "r", "targets": ["openai/gpt-4o"]}),
+                ("GET", "/health%0A", None),
+                ("GET", "/ui%0A", None),
+                ("DELETE", "/providers/openai%0A", None),
+                ("DELETE", "/providers/%20openai", None),
+            )
+        }
+        print(answers)
+        assert set(answers.values()) == {404}, answers
+        assert (await c.get("/customers", headers=ADMIN)).json()["count"] == 0
+        assert (await c.get("/teams", headers=ADMIN)).json()["count"] == 0
+        assert (await c.get("/virtual-keys", headers=ADMIN)).json()["count"] == 0
+        providers = (await c.get("/providers", headers=ADMIN)).json()["providers"]
+        assert [p["provider"] for p in providers] == ["openai"]
+        assert (await c.delete("/providers/OpenAI", headers=ADMIN)).status_code == 200

@@ -10,6 +10,7 @@ serves all its methods, so that a 405 names every method of the path in `Allow`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -170,10 +171,19 @@ def create_admin_app(settings: BudgetSettings | None = None, **_: Any) -> Starle
         for path, handlers in paths.items()
     ]
     routes += dashboard_routes()  # the page and its assets: no data, no admin key (SPEC §9)
+    for route in routes:
+        _whole_path(route)
     app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
     app.router.redirect_slashes = False  # "/customers/" is no route: a 404, not a 307
     app.state.budget = holder
     return app
+
+
+def _whole_path(route: BaseRoute) -> None:
+    """Match `route` against the whole path: Starlette's `$` also matches before a final line
+    break, so `POST /customers%0A` created a customer and `GET /health%0A` answered."""
+    if isinstance(route, Route) and route.path_regex.pattern.endswith("$"):
+        route.path_regex = re.compile(route.path_regex.pattern[:-1] + r"\Z")
 
 
 def _admin_only(holder: _Holder, answer: Callable[[Call], Awaitable[Response]]) -> Handler:
