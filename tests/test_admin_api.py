@@ -273,7 +273,8 @@ async def test_a_name_no_request_can_carry_is_refused_naming_it(settings: Budget
         # given, and no tag limit could name them.
         for tags, param, message in (
             (["ok", "a\nb"], "tags.1",
-             "Value error, a tag has no control character or line break: 'a\\nb'"),
+             "Value error, a tag name has no control character or line break: 'a\\nb' (a "
+             "request's tag is read with '?' for it)"),
             (["t" * 101], "tags.0", "String should have at most 100 characters"),
         ):  # fmt: skip
             r = await c.post("/virtual-keys", json={"name": "k", "tags": tags}, headers=ADMIN)
@@ -440,3 +441,40 @@ async def test_a_path_with_a_line_break_after_a_route_is_no_route(settings: Budg
         providers = (await c.get("/providers", headers=ADMIN)).json()["providers"]
         assert [p["provider"] for p in providers] == ["openai"]
         assert (await c.delete("/providers/OpenAI", headers=ADMIN)).status_code == 200
+
+
+async def test_a_key_tag_with_a_space_at_either_end_is_refused_as_a_tag_name_is(
+    settings: BudgetSettings,
+) -> None:
+    """A request's tags are read trimmed (`x-budget-tags: research`), and `PUT /tags/%20research`
+    is a 422; a key's own tags were stored as given, so a tag budget on `research` never applied
+    to a key tagged ` research`. SPEC §9 (keys' `tags`): invalid bodies get 422."""
+    limit = {"budgets": [{"max_limit": 1}]}
+    async with admin_client(settings) as c:
+        assert (await c.put("/tags/research", json=limit, headers=ADMIN)).status_code == 201
+        created = await c.post(
+            "/virtual-keys", json={"name": "k", "tags": [" research"]}, headers=ADMIN
+        )
+        ok_key = await c.post(
+            "/virtual-keys", json={"name": "j", "tags": ["research"]}, headers=ADMIN
+        )
+        assert ok_key.status_code == 201, ok_key.text
+        updated = await c.put(
+            f"/virtual-keys/{ok_key.json()['virtual_key']['id']}",
+            json={"tags": ["research\u00a0"]},
+            headers=ADMIN,
+        )
+        print(created.status_code, created.text[:160])
+        print(updated.status_code, updated.text[:160])
+        for r, shown in ((created, "' research'"), (updated, "'research\\xa0'")):
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["param"] == "tags.0"
+            assert r.json()["error"]["errors"][0]["message"] == (
+                f"Value error, a tag name has no space at either end: {shown}"
+            )
+        keys = (await c.get("/virtual-keys", headers=ADMIN)).json()["virtual_keys"]
+        assert [(k["name"], k["tags"]) for k in keys] == [("j", ["research"])]
+    with pytest.raises(InvalidRequest) as caught:  # the Python API: the same rule
+        get_engine(settings).manager.create_virtual_key(name="k", tags=["research "])
+    print(caught.value.message)
+    assert "no space at either end: 'research '" in caught.value.message

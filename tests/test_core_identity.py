@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 import pytest
@@ -487,3 +488,17 @@ def test_a_background_request_and_the_edges_of_a_lenient_count() -> None:
     assert target({"max_tokens": "0"}).max_output_tokens == 0
     assert target({"max_tokens": 0.0}).max_output_tokens == 0
     assert target({"prompt": ["a"]}).choices == 1 and target({"prompt": [[1]]}).choices == 1
+
+
+def test_the_name_pattern_is_exactly_what_name_problem_accepts() -> None:
+    """The OpenAPI document's pattern for a tag, a provider and an owner's name says exactly
+    what the server takes: every character alone, inside a name and at either end of one."""
+    pattern = re.compile(identity.NAME_PATTERN.removesuffix("$") + r"\Z")
+    checked = 0
+    for code in range(0x3100):
+        c = chr(code)
+        for name in (c, f"a{c}b", f"{c}a", f"a{c}"):
+            accepted = identity.name_problem("tag", name, 5) is None
+            assert accepted is bool(pattern.match(name)), repr(name)
+            checked += 1
+    print(f"{checked} names checked")

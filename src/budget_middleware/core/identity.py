@@ -175,10 +175,12 @@ MAX_PATH_KEPT = 256  # a longer path's provider and model are worked out, not re
 
 # The characters an operator's provider or tag name may not hold: controls (C0, DEL, C1) and
 # the line and paragraph separators, which a request's tag or provider is read with "?" for
-# (`clean_text`), so that limits on such a name never applied. NAME_PATTERN says it in the
-# OpenAPI document, exactly: a name valid by the document is never refused.
+# (`clean_text`), so that limits on such a name never applied; nor, at either end, a space
+# (what `str.strip` removes: a request's is read trimmed). NAME_PATTERN says it in the OpenAPI
+# document, exactly (`name_problem`'s rule): a name valid by the document is never refused.
 _CONTROLS = "\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029"
-NAME_PATTERN = f"^[^{_CONTROLS}]*$"
+_SPACES = "\\u0020\\u00a0\\u1680\\u2000-\\u200a\\u202f\\u205f\\u3000"  # the others are controls
+NAME_PATTERN = f"^(?:[^{_CONTROLS}{_SPACES}](?:[^{_CONTROLS}]*[^{_CONTROLS}{_SPACES}])?)?$"
 CONTROL = re.compile(f"[{_CONTROLS}]")
 # ... and what no store takes (a lone surrogate is no UTF-8): what `clean_text` replaces.
 _UNSTORABLE = re.compile(f"[{_CONTROLS}\\ud800-\\udfff]")
@@ -195,9 +197,10 @@ def clean_text(text: str, limit: int) -> str:
 
 
 def name_problem(kind: str, name: str, limit: int) -> str | None:
-    """Why a provider's or a tag's name given to the admin side is none a request can carry (a
-    request's is read trimmed, cut at `limit` characters, a control character as "?"), so that
-    limits on it would never be met; None when a request can carry it."""
+    """Why a provider's or a tag's name given to the admin side (`PUT /providers/{provider}`,
+    `PUT /tags/{tag}`, a key's `tags`) is none a request can carry (a request's is read
+    trimmed, cut at `limit` characters, a control character as "?"), so that limits on it would
+    never be met; None when a request can carry it (NAME_PATTERN's rule)."""
     if not name or len(name) > limit:
         return f"a {kind} name has 1 to {limit} characters"
     if name != name.strip():

@@ -32,7 +32,7 @@ from pydantic import (
 
 from budget_middleware.core.alerts import check_threshold
 from budget_middleware.core.durations import Duration
-from budget_middleware.core.identity import CONTROL, MAX_TAG_CHARS, NAME_PATTERN
+from budget_middleware.core.identity import MAX_TAG_CHARS, NAME_PATTERN, name_problem
 from budget_middleware.core.providers import canonical_provider
 from budget_middleware.core.routing import MAX_TARGETS, target_problem
 
@@ -252,19 +252,24 @@ ModelName = Annotated[
 ]
 
 
-def _no_control(tag: str) -> str:
-    if CONTROL.search(tag):
-        raise ValueError(f"a tag has no control character or line break: {tag!r}")
-    return tag
+def _checked_name(kind: str, limit: int) -> AfterValidator:
+    def check(name: str) -> str:
+        problem = name_problem(kind, name, limit)
+        if problem is not None:
+            raise ValueError(problem)
+        return name
+
+    return AfterValidator(check)
 
 
 KeyTag = Annotated[
     str,
     Field(min_length=1, max_length=MAX_TAG_CHARS, json_schema_extra={"pattern": NAME_PATTERN}),
-    AfterValidator(_no_control),
+    _checked_name("tag", MAX_TAG_CHARS),
 ]
-"""A key's tag, which every request of the key carries: one a tag's limits can name (as a request's
-tag is read: at most 100 characters, no control character; `PUT /tags/{tag}` takes the same)."""
+"""A key's tag, which every request of the key carries: one a tag's limits can name, by the rule
+`PUT /tags/{tag}` keeps (`identity.name_problem`: as a request's tag is read, at most 100
+characters, no control character, no space at either end)."""
 
 
 class _Body(BaseModel):
