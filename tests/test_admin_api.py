@@ -478,3 +478,36 @@ async def test_a_key_tag_with_a_space_at_either_end_is_refused_as_a_tag_name_is(
         get_engine(settings).manager.create_virtual_key(name="k", tags=["research "])
     print(caught.value.message)
     assert "no space at either end: 'research '" in caught.value.message
+
+
+async def test_a_name_with_a_line_break_or_a_space_at_either_end_is_refused(
+    settings: BudgetSettings,
+) -> None:
+    """A customer's, a team's or a key's name goes into answers, error messages, logs and
+    `user_path`: `{"name": "acme\\n"}`, `" acme"` or `"a\\tb"` created one (201), a line break
+    in every message naming it. SPEC §9: invalid bodies get 422 with the failing fields."""
+    async with admin_client(settings) as c:
+        acme = await c.post("/customers", json={"name": "acme corp"}, headers=ADMIN)
+        assert acme.status_code == 201, acme.text  # a space inside is a name
+        acme_id = acme.json()["customer"]["id"]
+        answers = []
+        for path, kind in (("/customers", "customer"), ("/teams", "team"),
+                           ("/virtual-keys", "virtual key")):  # fmt: skip
+            for name in ("acme\n", " acme", "acme\u3000", "a\tb", "a\u2028b"):
+                r = await c.post(path, json={"name": name}, headers=ADMIN)
+                answers.append((path, name, r.status_code))
+                assert r.status_code == 422, (path, name, r.text)
+                assert r.json()["error"]["param"] == "name"
+                message = r.json()["error"]["errors"][0]["message"]
+                assert message.startswith(f"Value error, a {kind} name has no "), message
+        renamed = await c.put(f"/customers/{acme_id}", json={"name": "acme\r\n"}, headers=ADMIN)
+        print(answers, renamed.status_code)
+        assert renamed.status_code == 422
+        assert [
+            x["name"] for x in (await c.get("/customers", headers=ADMIN)).json()["customers"]
+        ] == ["acme corp"]
+        assert (await c.get("/teams", headers=ADMIN)).json()["count"] == 0
+        assert (await c.get("/virtual-keys", headers=ADMIN)).json()["count"] == 0
+    with pytest.raises(InvalidRequest) as caught:  # the Python API: the same rule
+        get_engine(settings).manager.create_team(name="research\n")
+    assert "a team name has no space at either end" in caught.value.message

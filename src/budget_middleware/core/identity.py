@@ -196,20 +196,19 @@ def clean_text(text: str, limit: int) -> str:
     return _UNSTORABLE.sub("?", text[:limit])
 
 
-def name_problem(kind: str, name: str, limit: int) -> str | None:
-    """Why a provider's or a tag's name given to the admin side (`PUT /providers/{provider}`,
-    `PUT /tags/{tag}`, a key's `tags`) is none a request can carry (a request's is read
-    trimmed, cut at `limit` characters, a control character as "?"), so that limits on it would
-    never be met; None when a request can carry it (NAME_PATTERN's rule)."""
+def name_problem(kind: str, name: str, limit: int, *, carried: bool = True) -> str | None:
+    """Why a name given to the admin side is refused, or None (NAME_PATTERN's rule). A
+    provider's or a tag's (`carried`) must be one a request can carry (a request's is read
+    trimmed, cut at `limit` characters, a control character as "?"), or limits on it would
+    never be met; a customer's, a team's or a key's goes into answers, logs and `user_path`,
+    which a line break or a hidden space at an end would garble."""
     if not name or len(name) > limit:
         return f"a {kind} name has 1 to {limit} characters"
     if name != name.strip():
         return f"a {kind} name has no space at either end: {name!r}"
     if CONTROL.search(name):
-        return (
-            f"a {kind} name has no control character or line break: {name!r} (a request's "
-            f"{kind} is read with '?' for it)"
-        )
+        why = f" (a request's {kind} is read with '?' for it)" if carried else ""
+        return f"a {kind} name has no control character or line break: {name!r}{why}"
     return None
 
 

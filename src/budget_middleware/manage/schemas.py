@@ -252,9 +252,9 @@ ModelName = Annotated[
 ]
 
 
-def _checked_name(kind: str, limit: int) -> AfterValidator:
+def _checked_name(kind: str, limit: int, carried: bool) -> AfterValidator:
     def check(name: str) -> str:
-        problem = name_problem(kind, name, limit)
+        problem = name_problem(kind, name, limit, carried=carried)
         if problem is not None:
             raise ValueError(problem)
         return name
@@ -265,7 +265,7 @@ def _checked_name(kind: str, limit: int) -> AfterValidator:
 KeyTag = Annotated[
     str,
     Field(min_length=1, max_length=MAX_TAG_CHARS, json_schema_extra={"pattern": NAME_PATTERN}),
-    _checked_name("tag", MAX_TAG_CHARS),
+    _checked_name("tag", MAX_TAG_CHARS, carried=True),
 ]
 """A key's tag, which every request of the key carries: one a tag's limits can name, by the rule
 `PUT /tags/{tag}` keeps (`identity.name_problem`: as a request's tag is read, at most 100
@@ -380,22 +380,39 @@ class _Limits(_Body):
 
 # -- owners ------------------------------------------------------------------------------
 
+# A customer's, a team's or a key's name: 1 to 200 characters, no control character or line
+# break, no space at either end (`identity.name_problem`): it goes into answers, error messages,
+# logs and `user_path`, and a config file names a team's customer by it.
+MAX_OWNER_NAME_CHARS: Final = 200
+_OWNER_NAME = Field(
+    min_length=1, max_length=MAX_OWNER_NAME_CHARS, json_schema_extra={"pattern": NAME_PATTERN}
+)
+CustomerName = Annotated[
+    str, _OWNER_NAME, _checked_name("customer", MAX_OWNER_NAME_CHARS, carried=False)
+]
+TeamName = Annotated[str, _OWNER_NAME, _checked_name("team", MAX_OWNER_NAME_CHARS, carried=False)]
+KeyName = Annotated[
+    str, _OWNER_NAME, _checked_name("virtual key", MAX_OWNER_NAME_CHARS, carried=False)
+]
+
 
 class CustomerCreate(_Limits):
-    name: str = Field(min_length=1, max_length=200)
+    name: CustomerName
     calendar_aligned: JsonBool = False
 
 
 class CustomerUpdate(_Limits):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: CustomerName | None = None
     calendar_aligned: JsonBool | None = None
 
 
 class TeamCreate(CustomerCreate):
+    name: TeamName
     customer_id: str | None = None
 
 
 class TeamUpdate(CustomerUpdate):
+    name: TeamName | None = None
     customer_id: str | None = None
 
 
@@ -445,7 +462,7 @@ class _KeyFields(_Limits):
 
 
 class VirtualKeyCreate(_KeyFields):
-    name: str = Field(min_length=1, max_length=200)
+    name: KeyName
     is_active: JsonBool = True
     tags: list[KeyTag] = Field(default_factory=list, max_length=100)
     calendar_aligned: JsonBool = False
@@ -458,7 +475,7 @@ class VirtualKeyCreate(_KeyFields):
 
 
 class VirtualKeyUpdate(_KeyFields):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: KeyName | None = None
 
 
 class ProviderPut(_Limits):
