@@ -395,6 +395,46 @@ async def test_an_answer_in_a_coding_that_cannot_be_read_is_charged_its_most_out
     assert rows[1].note is not None and rows[1].note.endswith(": charged its most output")
 
 
+@pytest.mark.parametrize("kind", ["json", "stream"])
+async def test_an_answer_declared_gzip_but_corrupt_charges_the_key_its_most_output(
+    make_settings: Settings, pricing_file: Path, kind: str
+) -> None:
+    """A 200 whose body says `content-encoding: gzip` but is no gzip, JSON or a stream: its
+    usage cannot be read, so the key's budget is charged the most the request could have cost
+    (its reservation: `max_tokens` of output), the record estimated and saying why (SPEC §6
+    reservation, §7); the outbound transport does the same (tests/test_outbound.py)."""
+    app = FastAPI()
+    kinds = {"json": "application/json", "stream": "text/event-stream"}
+
+    @app.post("/v1/chat/completions")
+    async def completion() -> Response:
+        body = gzip.compress(b'data: {"usage": {"prompt_tokens": 1}}\n\n' * 20)
+        return Response(
+            body[:-12] + b"not gzip at all",
+            headers={"content-encoding": "gzip", "content-type": kinds[kind]},
+        )
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings(pricing_file=pricing_file))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+        body = chat("house-model", max_tokens=400, stream=kind == "stream")
+        headers = {"x-budget-key": key.value}
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+            async for _ in r.aiter_raw():
+                pass
+        rows = await records(engine)
+        spent = engine.manager.list_budgets()[0].spent
+    print(kind, [(r.input_tokens, r.output_tokens, r.cost_nanos, r.note) for r in rows], spent)
+    assert r.status_code == 200 and len(rows) == 1
+    row = rows[0]
+    assert (row.output_tokens, row.estimated) == (400, True) and row.input_tokens > 0
+    assert row.cost_nanos == (row.input_tokens + 400) * 1000  # house-model: $1 / $1 per Mtok
+    assert row.note is not None and row.note.startswith("corrupt gzip body")
+    assert row.note.endswith(": charged its most output")
+    assert spent == pytest.approx(row.cost_nanos / 1e9)
+
+
 @pytest.mark.parametrize(
     ("answer", "chars"),
     [

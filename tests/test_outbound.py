@@ -2066,3 +2066,54 @@ def test_calls_in_their_own_threads_never_overspend_whatever_they_interleave(
     assert spent == counter.value == 3 * CALL_NANOS and counter.reserved == 0
     assert meeting.met is False  # nobody got in while the first was there
     on_loop(engine, engine.shutdown)
+
+
+@pytest.mark.parametrize("read", ["raw", "decoded"])
+async def test_an_answer_declared_gzip_but_corrupt_is_charged_its_most_output(
+    engine: BudgetEngine, read: str
+) -> None:
+    """A provider's 200 whose body says `content-encoding: gzip` but is no gzip: its usage
+    cannot be read, so the call is charged the most it could have cost, as its reservation
+    counted it (`max_tokens` of output at the model's price), and its record says it is an
+    estimate, never the prompt alone (SPEC §6 reservation, §7; as the ASGI middleware charges
+    it, tests/test_costs.py). Read as sent (`raw`), or by a client that decodes and fails."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 2}
+    plain = json.dumps({"id": "c", "object": "chat.completion", "choices": [], "usage": usage})
+    corrupt = gzip.compress(plain.encode())[:-12] + b"not gzip at all"
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-type": "application/json", "content-encoding": "gzip"}
+        return httpx2.Response(200, headers=headers, stream=httpx2.ByteStream(corrupt))
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    request = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 500}
+    failed = None
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key=key.value):
+            async with http.stream(
+                "POST", "https://api.openai.com/v1/chat/completions", json=request
+            ) as answer:
+                try:
+                    if read == "raw":
+                        async for _ in answer.aiter_raw():
+                            pass
+                    else:
+                        await answer.aread()
+                except httpx2.DecodingError as exc:
+                    failed = type(exc).__name__
+    await engine.flush()
+    with engine.store.engine.connect() as conn:
+        query = text(
+            "SELECT input_tokens, output_tokens, cost_nanos, estimated, outcome, note"
+            " FROM bm_usage_records"
+        )
+        rows = [tuple(r) for r in conn.execute(query)]
+    spent = engine.manager.list_budgets()[0].spent
+    print(f"corrupt gzip read {read} (client: {failed}): {rows}; key spent ${spent}")
+    assert len(rows) == 1
+    inp, out, cost, estimated, _, note = rows[0]
+    assert (out, bool(estimated)) == (500, True) and inp > 0
+    assert cost == inp * 2500 + 500 * 10_000  # gpt-4o: $2.50 / $10 per million tokens
+    assert note is not None and note.endswith(": charged its most output"), note
+    assert spent == pytest.approx(cost / 1e9)
