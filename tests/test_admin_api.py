@@ -511,3 +511,34 @@ async def test_a_name_with_a_line_break_or_a_space_at_either_end_is_refused(
     with pytest.raises(InvalidRequest) as caught:  # the Python API: the same rule
         get_engine(settings).manager.create_team(name="research\n")
     assert "a team name has no space at either end" in caught.value.message
+
+
+async def test_a_provider_name_in_a_body_keeps_the_rule_of_provider_names(
+    settings: BudgetSettings,
+) -> None:
+    """A key's `provider_configs[].provider` and a model config's `provider` took `"a\\nb"`
+    (stored: a provider no request carries, its limits never met) and read `" openai\\n"` as
+    `openai`, while `PUT /providers/%20openai` is a 422. SPEC §9: invalid bodies get 422."""
+    async with admin_client(settings) as c:
+        answers = []
+        for provider in ("a\nb", " openai\n", "openai "):
+            for path, body, param in (
+                ("/virtual-keys", {"name": "k", "provider_configs": [{"provider": provider}]},
+                 "provider_configs.0.provider"),
+                ("/model-configs", {"model_name": "gpt-4o", "provider": provider}, "provider"),
+            ):  # fmt: skip
+                r = await c.post(path, json=body, headers=ADMIN)
+                answers.append((path, provider, r.status_code))
+                assert r.status_code == 422, (path, provider, r.text)
+                assert r.json()["error"]["param"] == param
+                assert "a provider name has no " in r.json()["error"]["message"]
+        print(answers)
+        assert (await c.get("/virtual-keys", headers=ADMIN)).json()["count"] == 0
+        assert (await c.get("/model-configs", headers=ADMIN)).json()["total_count"] == 0
+        body = {"name": "k", "provider_configs": [{"provider": "OpenAI"}]}
+        key = await c.post("/virtual-keys", json=body, headers=ADMIN)
+        assert key.json()["virtual_key"]["provider_configs"][0]["provider"] == "openai"
+        anywhere = await c.post(
+            "/model-configs", json={"model_name": "gpt-4o", "provider": ""}, headers=ADMIN
+        )
+        assert anywhere.status_code == 201, anywhere.text

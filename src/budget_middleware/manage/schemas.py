@@ -32,7 +32,12 @@ from pydantic import (
 
 from budget_middleware.core.alerts import check_threshold
 from budget_middleware.core.durations import Duration
-from budget_middleware.core.identity import MAX_TAG_CHARS, NAME_PATTERN, name_problem
+from budget_middleware.core.identity import (
+    MAX_PROVIDER_CHARS,
+    MAX_TAG_CHARS,
+    NAME_PATTERN,
+    name_problem,
+)
 from budget_middleware.core.providers import canonical_provider
 from budget_middleware.core.routing import MAX_TARGETS, target_problem
 
@@ -417,20 +422,36 @@ class TeamUpdate(CustomerUpdate):
 
 
 def _provider(name: str) -> str:
-    """A provider as written to the store: by its one name (`OpenAI` is `openai`, `google` is
-    `gemini`), as every request names it (`core/providers.py`)."""
-    found = canonical_provider(name)
-    if not found:
-        raise ValueError("a provider has a name")
-    return found
+    """A provider as written to the store: one a request can carry (`identity.name_problem`,
+    as `PUT /providers/{provider}` takes it: `"a\\nb"` was stored and never met, `" openai\\n"`
+    read as `openai`), by its one name (`OpenAI` is `openai`, `google` is `gemini`), as every
+    request names it (`core/providers.py`)."""
+    problem = name_problem("provider", name, MAX_PROVIDER_CHARS)
+    if problem is not None:
+        raise ValueError(problem)
+    return canonical_provider(name)
 
 
-ProviderName = Annotated[str, AfterValidator(_provider)]
+def _any_or_provider(name: str) -> str:
+    return _provider(name) if name else name  # a model config's "": any provider
+
+
+ProviderName = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_PROVIDER_CHARS, json_schema_extra={"pattern": NAME_PATTERN}),
+    AfterValidator(_provider),
+]
+# A model config's provider: a provider's name, or "" (any).
+AnyProvider = Annotated[
+    str,
+    Field(max_length=MAX_PROVIDER_CHARS, json_schema_extra={"pattern": NAME_PATTERN}),
+    AfterValidator(_any_or_provider),
+]
 
 
 class ProviderConfigIn(_Limits):
     id: str | None = None
-    provider: ProviderName = Field(min_length=1, max_length=100)
+    provider: ProviderName
     allowed_models: list[ModelName] = Field(default_factory=lambda: ["*"], description='["*"]: all')
     blocked_models: list[ModelName] = Field(default_factory=list)
 
@@ -499,9 +520,7 @@ class ModelConfigCreate(_Limits):
     )  # fmt: skip
 
     model_name: ModelName = Field(min_length=1, max_length=200, description="'*': every model")
-    provider: Annotated[str, AfterValidator(canonical_provider)] | None = Field(
-        default=None, max_length=100
-    )
+    provider: AnyProvider | None = None
     scope: Literal["global", "virtual_key"] = "global"
     scope_id: str | None = Field(default=None, description="a key's id, with scope virtual_key")
     calendar_aligned: JsonBool = False
@@ -515,9 +534,7 @@ class ModelConfigCreate(_Limits):
 
 class ModelConfigUpdate(_Limits):
     model_name: ModelName | None = Field(default=None, min_length=1, max_length=200)
-    provider: Annotated[str, AfterValidator(canonical_provider)] | None = Field(
-        default=None, max_length=100
-    )
+    provider: AnyProvider | None = None
     calendar_aligned: JsonBool | None = None
 
 
