@@ -7,7 +7,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -260,15 +260,3 @@ def meet_inside_a_budget_s_charge(monkeypatch: pytest.MonkeyPatch, meeting: Meet
 
     monkeypatch.setattr(admission, "settle", settled)
     monkeypatch.setattr(WindowCounter, "value", property(read, slot.__set__))
-
-
-async def until(holds: Callable[[], bool], seconds: float) -> float:
-    """Wait until `holds()`, asking every 50 ms, for at most `seconds`: the seconds waited. For
-    what background work (a flush, a refresh) does by itself in time that a loaded machine
-    stretches; the test then asserts what it waited for."""
-    began = time.monotonic()
-    for _ in range(int(seconds / 0.05)):
-        if holds():
-            break
-        await asyncio.sleep(0.05)
-    return time.monotonic() - began

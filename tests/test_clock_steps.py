@@ -12,7 +12,7 @@ from typing import Any
 
 from budget_middleware import BudgetSettings
 from budget_middleware.engine.engine import BudgetEngine
-from support import Clock, running, until
+from support import Clock, running
 from test_redis_windows import (
     CENT,
     MODEL,
@@ -163,24 +163,18 @@ async def test_an_instance_under_steady_load_still_reads_what_the_others_spend(
             await asyncio.sleep(0.3)  # the load under way
             await spend(b, shared.value or "", 90)
             await two.flush()
-            # Five cache TTLs make a second on a quiet machine; a loaded one (the whole suite
-            # on 2 CPUs) took longer: asked until it is seen, for at most 20 s, under load.
-            # (Before the round's fix it was never seen.)
+            await asyncio.sleep(1)  # five cache TTLs, under load
             counter = one.registry.counter("budget", budget_id)
             assert counter is not None
-            waited = await until(lambda: counter.value == 91 * CENT, 20)
             seen = counter.value
         finally:
             load.set()
             await asyncio.gather(*workers)
-        # No load now: the rounds write the rest (ten flush intervals on a quiet machine).
-        expected = 1 + 90 + served
-        await until(lambda: one.manager.usage("virtual_key").total.requests == expected, 20)
+        await asyncio.sleep(0.5)  # ten flush intervals, no load: the rounds write the rest
         written = one.manager.usage("virtual_key").total.requests  # before shutdown's flush
         stored = stored_spend(one, budget_id)
     print(f"{served} requests served meanwhile; the store holds ${stored / 1e9:.2f}, the loaded "
-          f"instance sees ${seen / 1e9:.2f} after {waited:.1f} s; {written} records written by "
-          f"the rounds")  # fmt: skip
+          f"instance sees ${seen / 1e9:.2f}; {written} records written by the rounds")  # fmt: skip
     assert served > 200
     assert seen == 91 * CENT
     assert written == 1 + 90 + served  # what a round left to the next was written, once
