@@ -186,8 +186,15 @@ async def test_a_new_window_starts_from_zero_and_old_keys_expire(rig: Callable[.
     assert 0 < ttl <= (60 + 300 + 5) * 1000  # the window's end plus the margin, by itself
 
 
+# The crashed instance's holds expire by the engines' clock (moved by hand), and their keys by
+# Redis's own (real) TTL, twice the slot TTL after they were written: a short TTL (it was 2 s)
+# let a machine that stalled 4 s before the other instance asked lose the keys, and with them
+# the hold the test shows is there (reproduced with a 4.5 s pause). A minute holds them.
+SLOT_TTL = 60.0
+
+
 async def test_slots_of_a_crashed_instance_expire(rig: Callable[..., Any]) -> None:
-    r = await rig(slot_ttl_seconds=2)
+    r = await rig(slot_ttl_seconds=SLOT_TTL)
     crashed, other = await r.engine(), await r.engine()
     key = crashed.manager.create_virtual_key(
         name="alice", rate_limit={"max_concurrent_requests": 1}
@@ -196,7 +203,7 @@ async def test_slots_of_a_crashed_instance_expire(rig: Callable[..., Any]) -> No
     await crashed.counters.stop()  # like SIGKILL: no settlement, no heartbeat any more
     scopes = await r.scopes(other, key.value)
     assert refusal(await other.admit(scopes, 0)).code == "concurrency_limit_exceeded"
-    r.clock.advance(2.5)
+    r.clock.advance(SLOT_TTL + 0.5)
     ticket(await other.admit(scopes, 0))
 
 
@@ -245,7 +252,7 @@ async def test_a_heartbeat_delayed_behind_a_later_one_shortens_no_slot(
 
 
 async def test_a_crashed_instance_s_reservation_expires(rig: Callable[..., Any]) -> None:
-    r = await rig(slot_ttl_seconds=2)
+    r = await rig(slot_ttl_seconds=SLOT_TTL)
     crashed, other = await r.engine(), await r.engine()
     key = crashed.manager.create_virtual_key(
         name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
@@ -254,7 +261,7 @@ async def test_a_crashed_instance_s_reservation_expires(rig: Callable[..., Any])
     await crashed.counters.stop()
     scopes = await r.scopes(other, key.value)
     assert refusal(await other.admit(scopes, 1)).code == "budget_reserved"
-    r.clock.advance(2.5)
+    r.clock.advance(SLOT_TTL + 0.5)
     ticket(await other.admit(scopes, 1))
 
 
