@@ -186,10 +186,11 @@ async def test_a_new_window_starts_from_zero_and_old_keys_expire(rig: Callable[.
     assert 0 < ttl <= (60 + 300 + 5) * 1000  # the window's end plus the margin, by itself
 
 
-# The crashed instance's holds expire by the engines' clock (moved by hand), and their keys by
-# Redis's own (real) TTL, twice the slot TTL after they were written: a short TTL (it was 2 s)
-# let a machine that stalled 4 s before the other instance asked lose the keys, and with them
-# the hold the test shows is there (reproduced with a 4.5 s pause). A minute holds them.
+# Holds expire by the engines' clock (moved by hand), and their keys by Redis's own (real) TTL,
+# twice the slot TTL after they were written or refreshed: a short TTL (it was 2 s) let a
+# machine that stalled 4 s before the other instance asked (or before the next heartbeat) lose
+# the keys, and with them the hold the test shows is there (reproduced with a 4.5 s pause). A
+# minute holds them.
 SLOT_TTL = 60.0
 
 
@@ -208,7 +209,7 @@ async def test_slots_of_a_crashed_instance_expire(rig: Callable[..., Any]) -> No
 
 
 async def test_the_heartbeat_keeps_a_long_request_s_slot(rig: Callable[..., Any]) -> None:
-    r = await rig(slot_ttl_seconds=2)
+    r = await rig(slot_ttl_seconds=SLOT_TTL)
     live, other = await r.engine(), await r.engine()
     key = live.manager.create_virtual_key(
         name="alice",
@@ -217,7 +218,7 @@ async def test_the_heartbeat_keeps_a_long_request_s_slot(rig: Callable[..., Any]
     )
     held = ticket(await live.admit(await r.scopes(live, key.value), USD))
     for _ in range(3):
-        r.clock.advance(1.5)
+        r.clock.advance(0.75 * SLOT_TTL)
         counters = live.counters
         assert isinstance(counters, RedisCounters)
         await counters.heartbeat()
@@ -234,19 +235,19 @@ async def test_a_heartbeat_delayed_behind_a_later_one_shortens_no_slot(
     read the clock earlier lands last. It pushed the slot's expiry back, and the slot expired
     while its request ran: another instance was admitted past a concurrency limit of 1 (seen
     once in a full run of the suite, as a flaky test above)."""
-    r = await rig(slot_ttl_seconds=2)
+    r = await rig(slot_ttl_seconds=SLOT_TTL)
     live, other = await r.engine(), await r.engine()
     key = live.manager.create_virtual_key(name="alice", rate_limit={"max_concurrent_requests": 1})
     held = ticket(await live.admit(await r.scopes(live, key.value), 0))
     counters = live.counters
     assert isinstance(counters, RedisCounters)
-    r.clock.advance(3.0)
-    await counters.heartbeat()  # holds it until 5 s in
-    r.clock.advance(-1.5)
-    await counters.heartbeat()  # the delayed one, read at 1.5 s: would hold it until 3.5 s only
-    r.clock.advance(3.0)  # 4.5 s in
+    r.clock.advance(1.5 * SLOT_TTL)
+    await counters.heartbeat()  # holds it until 2.5 TTLs in
+    r.clock.advance(-0.75 * SLOT_TTL)
+    await counters.heartbeat()  # the delayed one, read at 0.75 TTL: would hold it to 1.75 only
+    r.clock.advance(1.5 * SLOT_TTL)  # 2.25 TTLs in
     decision = await other.admit(await r.scopes(other, key.value), 0)
-    print(f"4.5 s in, after a delayed heartbeat: {type(decision).__name__}")
+    print(f"2.25 slot TTLs in, after a delayed heartbeat: {type(decision).__name__}")
     assert refusal(decision).code == "concurrency_limit_exceeded"
     await live.settle(held, 0, 0)
 
