@@ -324,14 +324,27 @@ def _preloaded_outages(
             time.sleep(1.0)  # a few more rounds: spilled
             pids |= {p.name.split("-")[1] for p in (tmp_path / "spill").glob("*/*.json")}
             set_read_only(url, False)
-            time.sleep(3.0)  # every batch written, every worker refreshed
-            count, _, total, usage = written(url, key["id"])
-            query = f"owner_type=virtual_key&owner_id={key['id']}&from_memory=true"
-            live = {
-                round(call(port, "GET", f"/budget-admin/budgets?{query}", headers=ADMIN)[1][
-                    "budgets"][0]["spent"] * 1e9)
-                for _ in range(30)
-            }  # fmt: skip
+            count, total, usage, live = _settled(url, port, key["id"], statuses.count(200))
             if live != {usage}:
                 break
     return live, statuses, pids, (count, set(), total, usage)
+
+
+def _settled(url: str, port: int, key_id: str, admitted: int) -> tuple[int, int, int, set[int]]:
+    """The store back: (records, their sum, the budget's usage, the live spends the workers
+    show), once every admitted request is written and the workers (30 calls reach both) show
+    the store's spend, or after 60 s as they are then (the assertions say what is wrong). A
+    fixed 3 s wait fell short when a worker took over 3 s to write its batches back (with a
+    3.5 s pause there: 81 of 192 written)."""
+    query = f"owner_type=virtual_key&owner_id={key_id}&from_memory=true"
+    deadline = time.monotonic() + 60
+    while True:
+        count, _, total, usage = written(url, key_id)
+        live = {
+            round(call(port, "GET", f"/budget-admin/budgets?{query}", headers=ADMIN)[1][
+                "budgets"][0]["spent"] * 1e9)
+            for _ in range(30)
+        }  # fmt: skip
+        if (count == admitted and live == {usage}) or time.monotonic() > deadline:
+            return count, total, usage, live
+        time.sleep(0.2)
