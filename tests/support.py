@@ -167,6 +167,25 @@ class Clock:
         self.offset += seconds
 
 
+class FrozenClock:
+    """Time that stands still but where a test moves it: for windows shorter than a stall of a
+    loaded machine, which real time would end between two steps of the test. It starts at the
+    real time; `to_real_time` sets it there again (after the store began a window, by its own
+    clock, so that the engine is not before the window's start)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def to_real_time(self) -> None:
+        self.now = max(self.now, time.time())
+
+
 async def serve_lifespan(receive: Any, send: Any) -> None:
     """A raw ASGI app's lifespan: started, then shut down when the server asks."""
     while (await receive())["type"] != "lifespan.shutdown":

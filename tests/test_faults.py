@@ -35,7 +35,7 @@ from budget_middleware.engine.exchange import MAX_CHARGE_NANOS, MAX_TOKENS
 from budget_middleware.store.spill import Spill
 from budget_middleware.store.tables import BudgetRow, UsageRecordRow
 from conftest import POSTGRES_BASE_URL, need_postgres
-from support import Clock, client, running
+from support import Clock, FrozenClock, client, running
 
 from service_support import (  # isort: skip
     PrivateRedis,
@@ -137,8 +137,10 @@ async def test_a_windows_spend_does_not_count_in_the_next_after_the_store_moved_
     sqlite_url: str,
 ) -> None:
     """$0.03 a day and $0.01 every 2 s: a fresh 2-second window admits again even when the key's
-    configuration is read again after the store's window moved on (it kept the old value)."""
-    clock = Clock()
+    configuration is read again after the store's window moved on (it kept the old value).
+    The engine's clock stands still but where the test moves it: in real time, a machine that
+    stalled 2 s between the first two requests put them in two windows (both admitted)."""
+    clock = FrozenClock()
     engine = BudgetEngine(settings_for(sqlite_url), clock=clock)
     app = fault_app(engine)
     codes: list[int] = []
@@ -151,6 +153,7 @@ async def test_a_windows_spend_does_not_count_in_the_next_after_the_store_moved_
             ],
         )
         await engine.invalidate()
+        clock.to_real_time()  # not before the windows start (the store began them)
 
         async def ask() -> None:
             answer = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
