@@ -258,19 +258,64 @@ async def test_a_refused_call_is_never_sent_and_the_sdk_raises_its_usual_error(
     assert fake.calls == 1  # only the one admitted call reached the provider
 
 
+class WindowClock:
+    """The engine's time: at the start of the key's window until a refusal reaches the SDK,
+    then running with real time (the SDK waits `retry-after-ms` for real). On real time alone,
+    a machine that stalled 2 s between the first call and the second ended the window in
+    between: admitted at once, nothing waited (reproduced with a 2.1 s pause there)."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.since: float | None = None
+
+    def __call__(self) -> float:
+        return self.start if self.since is None else self.start + time.time() - self.since
+
+    def run(self) -> None:
+        if self.since is None:
+            self.since = time.time()
+
+
+class RunsOnRefusal(httpx2.AsyncBaseTransport):
+    """The SDK's transport: its clock starts running when a 429 comes back."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, clock: WindowClock) -> None:
+        self.inner, self.clock = inner, clock
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self.inner.handle_async_request(request)
+        if response.status_code == 429:
+            self.clock.run()
+        return response
+
+
 async def test_the_sdk_retries_a_rate_limit_after_its_window_and_one_call_is_sent(
-    engine: BudgetEngine,
+    make_settings: Settings,
 ) -> None:
+    clock = WindowClock()
+    engine = BudgetEngine(make_settings(flush_interval_seconds=3600), clock=clock)
+    await engine.ensure_started()
     key = engine.manager.create_virtual_key(
         name="alice", rate_limit={"request_max_limit": 1, "request_reset_duration": "2s"}
     )
+    assert key.rate_limit is not None
+    clock.start = key.rate_limit.request_last_reset.timestamp()  # the window's start
     fake = Counting()
-    sdk = openai_client(fake, engine, max_retries=2)
-    with charge_to(virtual_key=key.value):
-        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-        started = time.monotonic()
-        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # waits, then passes
-        waited = time.monotonic() - started
+    transport = BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(transport=RunsOnRefusal(transport, clock)),
+        max_retries=2,
+    )
+    try:
+        with charge_to(virtual_key=key.value):
+            await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            started = time.monotonic()
+            await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # waits, passes
+            waited = time.monotonic() - started
+    finally:
+        await engine.shutdown()
     print(f"the SDK waited {waited:.2f} s (Retry-After) and the provider saw {fake.calls} calls")
     assert fake.calls == 2 and waited > 0.2
     assert engine.stats.refused.get("request_limit_exceeded", 0) >= 1
