@@ -198,10 +198,13 @@ async def test_a_reservation_holds_while_its_request_runs_past_the_slot_ttl(
 ) -> None:
     """Requests held longer than twice BUDGET_SLOT_TTL_SECONDS (a long stream): their
     reservations stay held, the heartbeat keeps both the set and the amounts alive (the amounts
-    expired, so the other instance admitted 3 more on a budget already held: $1.80 of $1)."""
+    expired, so the other instance admitted 3 more on a budget already held: $1.80 of $1).
+    Real time: the slot TTL is 4 s, as it was 1 s a loop stalled 1.5 s (a loaded machine) ran
+    no heartbeat while the holds expired, and the other instance was admitted."""
     need_redis()
     held = Held(3)
-    async with instances(tmp_path, REDIS_URL, slot_ttl_seconds=1) as (one, two, _):
+    slot_ttl = 4.0
+    async with instances(tmp_path, REDIS_URL, slot_ttl_seconds=slot_ttl) as (one, two, _):
         one_app, two_app = host(one, held), host(two)
         async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
             key = one.manager.create_virtual_key(
@@ -210,7 +213,7 @@ async def test_a_reservation_holds_while_its_request_runs_past_the_slot_ttl(
             waiting = held.requests(a, key.value)
             await held.all_in.wait()
             early = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
-            await asyncio.sleep(2.5)  # past twice the slot TTL: only the heartbeat holds them
+            await asyncio.sleep(2 * slot_ttl + 0.5)  # past twice the TTL: only heartbeats hold
             late = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
             held.gate.set()
             assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 3
