@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,31 +16,11 @@ from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable
 from budget_middleware.store.redis_counters import RedisCounters
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, private_redis, unique_prefix, use_prefix
+from support import FrozenClock
 
 pytestmark = pytest.mark.services
 
 USD = 1_000_000_000  # nano-dollars
-
-
-class Clock:
-    """The engines' time: the real time when the test began, moved only by the test (Redis key
-    TTLs stay real)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def past_real_time(self, seconds: float) -> None:
-        """`seconds` after the real time now: past the end of a window the store began in real
-        time (a key's rate window starts when the key is written, by the wall clock), however
-        long the rig took to start. `advance` from the test's start fell short of it once a
-        start under load took over a second (in CI: a new window seeded 5 of an ended one)."""
-        self.now = max(self.now, time.time()) + seconds
 
 
 class Rig:
@@ -50,7 +29,7 @@ class Rig:
     def __init__(self, settings: BudgetSettings, prefix: str) -> None:
         self.settings = settings
         self.prefix = prefix
-        self.clock = Clock()
+        self.clock = FrozenClock()
         self.engines: list[BudgetEngine] = []
         self.redis = redis.asyncio.Redis.from_url(settings.redis_url or "", decode_responses=True)
 
@@ -178,7 +157,10 @@ async def test_a_new_window_starts_from_zero_and_old_keys_expire(rig: Callable[.
     ticket(await engine.admit(scopes, 0))
     assert refusal(await engine.admit(scopes, 0)).code == "request_limit_exceeded"
     old = [k async for k in r.redis.scan_iter(r.prefix + "w:request:*")]
-    r.clock.past_real_time(61)
+    # The key's window began when the key was written, by the wall clock: 61 s past the real
+    # time now, not the test's start (a rig that took over a second to start fell short).
+    r.clock.to_real_time()
+    r.clock.advance(61)
     ticket(await engine.admit(scopes, 0))
     keys = [k async for k in r.redis.scan_iter(r.prefix + "w:request:*")]
     assert len(keys) == 2
@@ -311,7 +293,10 @@ async def test_a_window_of_the_store_that_has_ended_seeds_nothing(
     for _ in range(5):
         ticket(await engine.admit(scopes, 0))
     assert await engine.flush()
-    r.clock.past_real_time(61)
+    # The key's window began when the key was written, by the wall clock: 61 s past the real
+    # time now, not the test's start (a rig that took over a second to start fell short).
+    r.clock.to_real_time()
+    r.clock.advance(61)
     delete_prefix(REDIS_URL, r.prefix)
     ticket(await engine.admit(scopes, 0))
     assert await r.value("w:request:*") == 1
