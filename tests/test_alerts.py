@@ -929,7 +929,7 @@ async def test_two_instances_on_one_store_raise_the_thresholds_the_refusal_finds
             await e.flush()
         await asyncio.sleep(2.5)  # the TTLs run out: both re-read the store ($1.20 spent)
         then = await spend(https[0], key.value, 0.1, 1) + await spend(https[1], key.value, 0.1, 1)
-        await until(lambda: len(hook.delivered()) >= 3, 3.0)
+        await until(lambda: len(hook.delivered()) >= 3)
         await asyncio.sleep(0.3)
         spent = engines[0].manager.list_budgets(owner_type="virtual_key", owner_id=key.id)[0].spent
         kinds = sorted((a["type"], a.get("threshold") or 0) for a in hook.delivered())
@@ -960,7 +960,7 @@ async def test_a_limit_lowered_below_the_spend_raises_its_thresholds_with_the_re
         engine.manager.update_virtual_key(key.id, {"budgets": [budget]})
         await engine.invalidate()
         after = await spend(http, key.value, 0.1, 2)
-        await until(lambda: len(hook.delivered()) >= 3, 3.0)
+        await until(lambda: len(hook.delivered()) >= 3)
         await asyncio.sleep(0.3)
         kinds = sorted((a["type"], a.get("threshold") or 0) for a in hook.delivered())
         print(f"$5 spent of $10, limit lowered to $4: {before} then {after}; delivered {kinds}")
