@@ -522,15 +522,22 @@ async def test_a_soft_budget_alerts_and_counts_but_never_refuses(
 async def test_an_owner_name_with_a_line_end_stays_on_the_alert_s_log_line(
     make_settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A name holding a line end wrote a second, forged line into the log (a review's)."""
+    """A name holding a line end wrote a second, forged line into the log (a review's). The
+    admin side refuses such a name now; a store written by an earlier release may hold one."""
+    from sqlalchemy import text
+
     settings = make_settings()
     app = host_app(settings)
     caplog.set_level("INFO", logger="budget_middleware")
     async with running(app), client(app) as http:
         engine = engine_of(app)
-        key = engine.manager.create_virtual_key(
-            name="hal\nbudget-middleware alert: forged", budgets=[{"max_limit": 0.25}]
-        )
+        key = engine.manager.create_virtual_key(name="hal", budgets=[{"max_limit": 0.25}])
+        with engine.store.engine.begin() as conn:  # as an earlier release let it be written
+            conn.execute(
+                text("UPDATE bm_virtual_keys SET name = :name WHERE id = :id"),
+                {"name": "hal\nbudget-middleware alert: forged", "id": key.id},
+            )
+        await engine.invalidate()
         assert await spend(http, key.value, 0.1, 3) == [200, 200, 200]
         await until(lambda: len(engine.manager.list_alerts()) >= 1)
     lines = [r.getMessage() for r in caplog.records if "alert:" in r.getMessage()]
