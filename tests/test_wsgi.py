@@ -509,6 +509,26 @@ def test_a_tag_header_sent_as_utf_8_is_the_tag_it_names(make_settings: Settings)
     assert seen == [[tag] for tag in sent.values()]
 
 
+def test_a_tag_header_a_test_client_puts_in_the_environ_as_text_is_read(
+    make_settings: Settings,
+) -> None:
+    """Flask's and Django's test clients put a header's text in the environ as given, not as
+    the latin-1 text of its bytes: a tag or provider beyond latin-1 (`🙂`) is read as it is,
+    where the UTF-8 reading of PEP 3333 text raised UnicodeEncodeError (a 500 in the app's
+    tests for a header every real server passes)."""
+    app = flask_host(make_settings())
+    key = engine_of(app).manager.create_virtual_key(name="alice")
+    answer = app.test_client().post(
+        "/v1/state/completions",
+        json=chat(model="gpt-4o"),
+        headers={**bearer(key.value), "x-budget-tags": "café,🙂", "x-budget-provider": "openai🙂"},
+    )
+    print(answer.status_code, answer.json)
+    assert answer.status_code == 200
+    assert answer.json["tags"] == ["café", "🙂"]
+    assert answer.json["provider"] == "openai🙂"
+
+
 def test_a_route_rewrites_the_model_and_names_its_target(make_settings: Settings) -> None:
     app = flask_host(make_settings())
     manager = engine_of(app).manager

@@ -122,6 +122,17 @@ def _environ_name(header: bytes) -> str:
     return "HTTP_" + header.decode("latin-1").upper().replace("-", "_")
 
 
+def _environ_text(value: str) -> str:
+    """A name a header carries, from the environ: the latin-1 text of its bytes (PEP 3333),
+    read as `header_text` reads the bytes; text beyond latin-1 as it is (Flask's and Django's
+    test clients put a header's text in the environ as given)."""
+    try:
+        raw = value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value
+    return header_text(raw)
+
+
 class BudgetWSGIMiddleware:
     """Budgets and rate limits for every metered request of a WSGI app (SPEC §15)."""
 
@@ -231,8 +242,8 @@ class BudgetWSGIMiddleware:
                     size = None
         return Credentials(
             key or None,
-            (header_text(provider.encode("latin-1")).strip() or None) if provider else None,
-            _split_tags(header_text(tags.encode("latin-1"))) if tags else (),
+            (_environ_text(provider).strip() or None) if provider else None,
+            _split_tags(_environ_text(tags)) if tags else (),
             size,
             False,
             None if encoding is None else body_encoding(encoding),
