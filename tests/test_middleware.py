@@ -654,6 +654,33 @@ async def test_a_short_key_prefix_drops_no_tag_and_unprices_no_model(
     assert by_tag == ["gpt-team"]
 
 
+async def test_a_long_tag_that_holds_the_key_prefix_inside_a_word_keeps_its_budget(
+    make_settings: Settings,
+) -> None:
+    """A generated key's shape starts where a word does: with `BUDGET_KEY_PREFIX=sk-` the tag
+    `risk-assessment-…` (`sk-` inside `risk`, then 44 URL-safe characters) is a tag, and its
+    spent budget refuses the request; a generated key sent in a tag (`user:sk-…`) is dropped."""
+    app = host_app(make_settings(key_prefix="sk-"))
+    engine = engine_of(app)
+    tag = "risk-assessment-pipeline-for-enterprise-customers"
+    async with running(app), client(app) as http:
+        engine.manager.put_tag(tag, budgets=[{"max_limit": 0}])
+        key = engine.manager.create_virtual_key(name="alice")
+        other = engine.manager.create_virtual_key(name="bob")
+        await engine.invalidate()
+        refused = await http.post(
+            "/v1/chat/completions", json=chat(), headers={**bearer(key.value), "x-budget-tags": tag}
+        )
+        served = await http.post(
+            "/v1/state/completions",
+            json=chat(),
+            headers={**bearer(key.value), "x-budget-tags": f"user:{other.value},kept"},
+        )
+    print(refused.status_code, served.json()["tags"])
+    assert refused.status_code == 402 and refused.json()["error"]["scope"]["type"] == "tag"
+    assert served.json()["tags"] == ["kept"]
+
+
 async def test_a_client_that_waits_retry_after_ms_is_admitted(make_settings: Settings) -> None:
     # SPEC §8: a rate limit's 429 carries `Retry-After` and `retry-after-ms`; the OpenAI SDK
     # waits exactly `retry-after-ms`, so it must not end before the window does.

@@ -259,8 +259,10 @@ class TargetResolver:
         # caller's own key, or one shaped as a generated key (the prefix and 40 or more URL-safe
         # characters), is dropped; a model or provider holding the caller's key is `unknown`.
         # Only the caller's own key there: a model is never unpriced for looking like a key.
-        shaped = re.compile(re.escape(key_prefix) + "[A-Za-z0-9_-]{40}").search
-        self._key_shaped = shaped if key_prefix else _never
+        # The shape starts where a word does: with the prefix `sk-`, `risk-assessment-…` (44
+        # URL-safe characters after `sk-`) is a tag, whose limits a dropped tag escaped.
+        shape = re.compile("(?<![A-Za-z0-9_-])" + re.escape(key_prefix) + "[A-Za-z0-9_-]{40}")
+        self._key_shaped = shape.search if key_prefix else _never
         self._routes: dict[tuple[str, str | None, str], tuple[str, str]] = {}
         self._hosted: dict[tuple[str, str | None, str], tuple[str, str]] = {}
 
