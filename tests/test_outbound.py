@@ -1067,6 +1067,56 @@ async def test_money_at_the_edges_of_an_outbound_call(
     assert budget is not None and budget.reserved == 0
 
 
+async def test_fail_open_admits_a_call_of_a_key_seen_valid_on_its_last_known_limits(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC §11's fail open, for calls going out as for requests coming in: with the store
+    unreachable, a key this process has seen valid is admitted on its last-known limits (its
+    $0.02 budget still holds: one more call, then 402); a key it never read is refused 503,
+    not sent. Fail closed, the seen key is refused 503 too."""
+    answers: dict[bool, dict[str, list[int]]] = {}
+    for fail_open in (True, False):
+        engine = get_engine(make_settings(flush_interval_seconds=3600, fail_open=fail_open))
+        await engine.ensure_started()
+        try:
+            m = engine.manager
+            seen = m.create_virtual_key(name=f"seen-{fail_open}", budgets=[{"max_limit": 0.02}])
+            unseen = m.create_virtual_key(name=f"unseen-{fail_open}")
+            fake = Counting()
+            sdk = openai_client(fake, engine, max_retries=0)
+
+            async def status(value: str, sdk: openai.AsyncOpenAI = sdk) -> int:
+                headers = {"x-mock-cost": "0.01"}
+                try:
+                    with charge_to(virtual_key=value):
+                        await sdk.chat.completions.create(
+                            model="gpt-4o", messages=MESSAGES, extra_headers=headers
+                        )
+                except openai.APIStatusError as refused:
+                    return refused.status_code
+                return 200
+
+            first = await status(seen.value or "")
+
+            def down(*args: Any) -> None:
+                raise OSError("store unreachable")
+
+            with monkeypatch.context() as patched:
+                patched.setattr(engine.store, "load_key", down)
+                engine.keys.clear()  # the cache's entries gone: the store must be read
+                answers[fail_open] = {
+                    "seen": [first] + [await status(seen.value or "") for _ in range(2)],
+                    "unseen": [await status(unseen.value or "") for _ in range(2)],
+                }
+            sent = fake.calls
+        finally:
+            await engine.shutdown()
+        print(f"fail_open={fail_open}: {answers[fail_open]}; {sent} calls reached the provider")
+        assert sent == answers[fail_open]["seen"].count(200)
+    assert answers[True] == {"seen": [200, 200, 402], "unseen": [503, 503]}
+    assert answers[False] == {"seen": [200, 503, 503], "unseen": [503, 503]}
+
+
 async def test_a_stream_closed_right_after_its_last_event_is_complete(
     engine: BudgetEngine,
 ) -> None:

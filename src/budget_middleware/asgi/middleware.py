@@ -194,14 +194,10 @@ class BudgetMiddleware:
             found = engine.keys.get(digest)  # a cached key: no await
             if found is NOT_CACHED:
                 try:
-                    found = await engine.lookup_key(credentials.key)
+                    found = await engine.vouch_for(credentials.key, self.fail_open)
                 except ServiceUnavailable:
-                    # Fail open admits a key this process has seen valid, on its last-known
-                    # limits; a key it cannot vouch for is never admitted.
-                    found = engine.last_known.get(digest) if self.fail_open else None
-                    if found is None:
-                        await _answer(send, store_unavailable(self.fail_open))
-                        return
+                    await _answer(send, store_unavailable(self.fail_open))
+                    return
             if found is None:
                 if not self.shadow:
                     await _answer(send, self.gate.refuse(401, "invalid_virtual_key", _UNKNOWN))

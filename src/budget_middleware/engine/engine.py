@@ -641,6 +641,19 @@ class BudgetEngine:
             logger.warning("budget-middleware store unreachable: %s", type(exc).__name__)
         self.store_ok = False
 
+    async def vouch_for(self, value: str, fail_open: bool) -> KeyConfig | None:
+        """The key's configuration (None: unknown), as `lookup_key` reads it; with the store
+        away and `fail_open`, the configuration this process last saw valid (a key admitted on
+        its last-known limits). Raises ServiceUnavailable for a key nobody can vouch for: it is
+        never admitted. Every adapter's way to a key it has not cached."""
+        try:
+            return await self.lookup_key(value)
+        except ServiceUnavailable:
+            found = self.last_known.get(key_digest(value)) if fail_open else None
+            if found is None:
+                raise
+            return found
+
     async def lookup_key(self, value: str) -> KeyConfig | None:
         """The key's configuration; a cached key costs a hash and a dict lookup."""
         digest = key_digest(value)

@@ -130,15 +130,9 @@ class _Meter:
                     assert chosen is not None and chosen.virtual_key_id is not None
                     key = await engine.lookup_key_id(chosen.virtual_key_id)
                 else:
-                    key = await engine.lookup_key(value)
+                    key = await engine.vouch_for(value, self.fail_open)
         except ServiceUnavailable:
-            # As inbound: fail open admits a key this process has seen valid, on its last-known
-            # limits; a key it cannot vouch for is never admitted.
-            key = None
-            if self.fail_open and value is not None:
-                key = engine.last_known.get(key_digest(value))
-            if key is None:
-                return store_unavailable(self.fail_open)
+            return store_unavailable(self.fail_open)
         parsed = parse_json(body)
         decision = self.decide(request, path, body, parsed, chosen, value, key, started)
         if type(decision) is ErrorAnswer:

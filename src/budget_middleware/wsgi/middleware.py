@@ -374,18 +374,13 @@ class BudgetWSGIMiddleware:
                 found = engine.keys.get(digest)  # a cached key: no hop
             if found is not NOT_CACHED:
                 return found
-        return on_loop(engine, lambda: self._look_up(value, digest))
+        return on_loop(engine, lambda: self._look_up(value))
 
-    async def _look_up(self, value: str, digest: bytes) -> KeyConfig | ErrorAnswer | None:
+    async def _look_up(self, value: str) -> KeyConfig | ErrorAnswer | None:
         try:
-            return await self.engine.lookup_key(value)
+            return await self.engine.vouch_for(value, self.fail_open)
         except ServiceUnavailable:
-            # Fail open admits a key this process has seen valid, on its last-known limits;
-            # a key it cannot vouch for is never admitted.
-            found = self.engine.last_known.get(digest) if self.fail_open else None
-            if found is None:
-                return store_unavailable(self.fail_open)
-            return found
+            return store_unavailable(self.fail_open)
 
     def _shadowed(
         self, credentials: Credentials, found: KeyConfig | None
