@@ -175,6 +175,15 @@ def test_a_name_the_admin_side_takes_is_one_a_request_can_carry() -> None:
     for control in ("\n", "\x00", "\x7f", "\x85", "\u2028"):
         problem = identity.name_problem("tag", f"a{control}b", 5)
         assert problem is not None and problem.startswith("a tag name has no control character")
+    # A tag's or a provider's (the default) says why a request could not carry it; a name no
+    # request carries (a customer's) only what it may not hold.
+    assert identity.name_problem("tag", "a\nb", 5) == (
+        "a tag name has no control character or line break: 'a\\nb' (a request's tag is read "
+        "with '?' for it)"
+    )
+    assert identity.name_problem("customer", "a\nb", 5, carried=False) == (
+        "a customer name has no control character or line break: 'a\\nb'"
+    )
 
 
 def test_a_name_in_a_header_is_read_as_utf_8_else_latin_1() -> None:
