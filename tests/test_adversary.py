@@ -1223,6 +1223,65 @@ async def test_a_body_nested_deeper_than_the_middleware_reads_is_refused_not_ser
     assert error["code"] == "request_too_deep" and error["type"] == "invalid_request_error"
 
 
+async def test_a_gzip_body_that_does_not_decode_is_refused_not_served_free(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """A gzip body cut short of its 8-byte trailer, behind a host whose decoder does not check
+    it (`zlib.decompressobj`, the usual streaming way): the host read the whole request, the
+    middleware could not decode it, metered it as model `unknown` and charged $0 (a review's
+    probe). Now 400 `undecodable_body`, the host never called; in shadow mode served, saying
+    so; a whole gzip body is metered as before."""
+    import gzip
+    import zlib
+
+    served: list[int] = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def host(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if request.headers.get("content-encoding") == "gzip":
+            raw = zlib.decompressobj(wbits=47).decompress(raw)  # the trailer left unchecked
+        asked = ChatRequest.model_validate_json(raw)
+        served.append(asked.max_tokens or 0)
+        usage = {"prompt_tokens": 10, "completion_tokens": served[-1], "total_tokens": 0}
+        return {"id": "c", "object": "chat.completion", "created": 0, "model": asked.model,
+                "choices": [], "usage": usage}  # fmt: skip
+
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 100_000, "messages": []}).encode()
+    whole = gzip.compress(body)
+    answers: dict[str, list[Any]] = {}
+    for mode in ("enforce", "shadow"):
+        settings = make_settings(pricing_file=pricing_file, mode=mode)
+        host_app = FastAPI(routes=app.routes)
+        host_app.add_middleware(BudgetMiddleware, settings=settings)
+        engine = get_engine(settings)
+        async with running(host_app), client(host_app) as http:
+            key = engine.manager.create_virtual_key(
+                name=f"k-{mode}", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            answers[mode] = [
+                await http.post(
+                    "/v1/chat/completions",
+                    content=content,
+                    headers={"x-budget-key": key.value, "content-encoding": "gzip"},
+                )
+                for content in (whole[:-8], whole)
+            ]
+            charged = spent(engine, key.budgets[0].id) / 1e9
+        print(f"{mode}: cut short {answers[mode][0].status_code}, whole "
+              f"{answers[mode][1].status_code}; served {served}; charged ${charged}")  # fmt: skip
+        if mode == "enforce":
+            assert [a.status_code for a in answers[mode]] == [400, 200]
+            error = answers[mode][0].json()["error"]
+            assert error["code"] == "undecodable_body" and "'gzip'" in error["message"]
+            assert served == [100_000] and charged == 0.1
+        else:  # shadow mode refuses nothing: served and said (still unread: $0 for it)
+            assert [a.status_code for a in answers[mode]] == [200, 200]
+            assert answers[mode][0].headers["x-budget-shadow-refusal"] == "undecodable_body"
+            assert served == [100_000] * 3 and charged == 0.1
+
+
 async def test_a_body_in_a_coding_the_middleware_cannot_read_is_refused_not_served_free(
     make_settings: Settings, pricing_file: Path
 ) -> None:

@@ -1117,6 +1117,32 @@ async def test_fail_open_admits_a_call_of_a_key_seen_valid_on_its_last_known_lim
     assert answers[False] == {"seen": [200, 503, 503], "unseen": [503, 503]}
 
 
+async def test_a_call_whose_gzip_body_does_not_decode_is_refused_not_sent(
+    engine: BudgetEngine,
+) -> None:
+    """As inbound: a compressed body cut short of its trailer cannot be read to be metered (a
+    lenient provider would serve the model it names, charged $0): 400 `undecodable_body`,
+    not sent; the whole body is sent (the fake provider reads no gzip: it answers it 400)."""
+    import gzip
+
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    fake = Counting()
+    http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine))
+    whole = gzip.compress(json.dumps({"model": "gpt-4o", "messages": MESSAGES}).encode())
+    statuses = []
+    async with http:
+        for content in (whole[:-8], whole):
+            with charge_to(virtual_key=key.value):
+                answer = await http.post(
+                    "https://api.openai.com/v1/chat/completions",
+                    content=content,
+                    headers={"content-encoding": "gzip", "content-type": "application/json"},
+                )
+            statuses.append((answer.status_code, answer.json().get("error", {}).get("code")))
+    print(f"cut short, then whole: {statuses}; {fake.calls} sent")
+    assert statuses[0] == (400, "undecodable_body") and fake.calls == 1
+
+
 async def test_a_stream_closed_right_after_its_last_event_is_complete(
     engine: BudgetEngine,
 ) -> None:

@@ -584,6 +584,34 @@ def test_a_compressed_request_body_is_read_and_charged(make_settings: Settings) 
     ] * 2
 
 
+def test_a_gzip_body_that_does_not_decode_is_refused(make_settings: Settings) -> None:
+    """As under ASGI: a gzip body cut short of its trailer cannot be read to be metered: 400
+    `undecodable_body`, the app never called; the whole body is served."""
+    import gzip
+
+    called: list[bytes] = []
+    app = Flask(__name__)
+
+    @app.post("/v1/chat/completions")
+    def completion() -> Response:
+        called.append(request.get_data())
+        return Response(COMPLETION, content_type="application/json")
+
+    app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, make_settings())  # type: ignore[method-assign]
+    whole = gzip.compress(json.dumps(chat()).encode())
+    answers = [
+        app.test_client().post(
+            "/v1/chat/completions",
+            data=content,
+            headers={"content-encoding": "gzip", "content-type": "application/json"},
+        )
+        for content in (whole[:-8], whole)
+    ]
+    codes = [(a.status_code, (a.get_json() or {}).get("error", {}).get("code")) for a in answers]
+    print(f"cut short, then whole: {codes}; the app called {len(called)} time(s)")
+    assert codes == [(400, "undecodable_body"), (200, None)] and called == [whole]
+
+
 def test_a_metered_request_asks_the_app_only_for_codings_whose_usage_can_be_read(
     make_settings: Settings,
 ) -> None:

@@ -43,6 +43,15 @@ _UNREAD: Any = object()  # `decide` reads the body itself
 TOO_DEEP: Any = object()
 
 
+class Undecodable(bytes):
+    """A request body its `content-encoding` (gzip, deflate) does not decode (corrupt, cut
+    short): the bytes as sent, marked by `Gate.plain_body` so that `decide` refuses it. Its
+    model and limits cannot be read; a host whose decoder is lenient (a `zlib.decompressobj`
+    that does not check the gzip trailer) would serve the model it names at no charge."""
+
+    coding = ""
+
+
 class Refused(NamedTuple):
     """A refusal worked out before admission: (status, code, message) of its answer."""
 
@@ -116,14 +125,19 @@ class Gate:
 
     def plain_body(self, body: bytes, encoding: str) -> bytes | None:
         """A request body sent with a `content-encoding` (gzip, deflate), decoded to be read:
-        the app still gets it as sent. One that cannot be decoded (another coding, corrupt) is
-        read as it is. None: over BUDGET_MAX_BODY_BYTES once decoded (a 413)."""
+        the app still gets it as sent. One in another coding is read as it is; one that does
+        not decode (corrupt, cut short) is `Undecodable`, which `decide` refuses (400
+        `undecodable_body`). None: over BUDGET_MAX_BODY_BYTES once decoded (a 413)."""
         decoder = BodyDecoder(encoding, max_size=self.max_body)
         if not decoder.supported:
             return body
         plain = decoder.decode(body)
         if plain is None:
-            return None if decoder.oversized else body
+            if decoder.oversized:
+                return None
+            undecodable = Undecodable(body)  # (a copy: on this refused path only)
+            undecodable.coding = encoding
+            return undecodable
         return plain
 
     def refuse(
@@ -211,15 +225,21 @@ class Gate:
                 return self.refuse(400, "request_too_deep", _TOO_DEEP, key=key)
             shadowed = shadowed or "request_too_deep"
             parsed = None
-        elif parsed is None and credentials.content_encoding is not None:
-            coding = credentials.content_encoding
-            if not BodyDecoder(coding).supported:  # a body in a coding read nowhere here
+        elif parsed is None:  # no JSON: metered as it is, unless it was sent compressed
+            if type(body) is Undecodable:  # what was sent, which its coding does not decode
                 if not self.shadow:
-                    answer = self.refuse(415, "unsupported_content_encoding",
-                                         _UNREADABLE.format(coding), key=key)  # fmt: skip
-                    answer.headers.append((b"accept-encoding", b"gzip, deflate"))
-                    return answer
-                shadowed = shadowed or "unsupported_content_encoding"
+                    message = _UNDECODABLE.format(body.coding)
+                    return self.refuse(400, "undecodable_body", message, key=key)
+                shadowed = shadowed or "undecodable_body"
+            elif credentials.content_encoding is not None:
+                coding = credentials.content_encoding
+                if not BodyDecoder(coding).supported:  # a body in a coding read nowhere here
+                    if not self.shadow:
+                        answer = self.refuse(415, "unsupported_content_encoding",
+                                             _UNREADABLE.format(coding), key=key)  # fmt: skip
+                        answer.headers.append((b"accept-encoding", b"gzip, deflate"))
+                        return answer
+                    shadowed = shadowed or "unsupported_content_encoding"
         if key is not None:
             target = self.resolve_target(parsed, path, credentials, key.tags, credentials.key)
         else:
@@ -503,6 +523,13 @@ _TOO_DEEP = "Request body is JSON nested deeper than budget-middleware reads: it
 _UNREADABLE = (
     "Request body is sent with content-encoding {!r}, which budget-middleware cannot read to "
     "meter it: send it as is, or with gzip or deflate"
+)
+
+
+# A body its content-encoding does not decode (`Undecodable`), for the same reason.
+_UNDECODABLE = (
+    "Request body is sent with content-encoding {!r} but does not decode (corrupt or cut "
+    "short): budget-middleware cannot read it to meter it"
 )
 
 
