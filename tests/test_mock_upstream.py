@@ -31,6 +31,8 @@ from mock_upstream import (
 )
 from openai.types.chat import ChatCompletionMessageParam
 
+from support import post_scope
+
 PROMPT = "Say hello to the budget middleware."
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
 CLAUDE_MESSAGES: list[MessageParam] = [{"role": "user", "content": PROMPT}]
@@ -442,21 +444,11 @@ async def asgi_post(
 
     httpx's ASGITransport buffers the whole body, so only this shows chunks arriving one by one."""
     raw = json.dumps(body).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json")]
-        + [(k.encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    scope = post_scope(
+        path,
+        [(k.encode(), v.encode()) for k, v in headers.items()],
+        asgi={"version": "3.0", "spec_version": "2.3"},
+    )
     request_sent = False
     disconnected = anyio.Event()
     chunks: list[tuple[float, bytes]] = []
