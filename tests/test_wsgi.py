@@ -586,7 +586,8 @@ def test_a_compressed_request_body_is_read_and_charged(make_settings: Settings) 
 
 def test_a_gzip_body_that_does_not_decode_is_refused(make_settings: Settings) -> None:
     """As under ASGI: a gzip body cut short of its trailer cannot be read to be metered: 400
-    `undecodable_body`, the app never called; the whole body is served."""
+    `undecodable_body`, the app never called; the whole body is served, and so is JSON sent as
+    it is under a `gzip` label it does not keep (read as it is: its model is charged)."""
     import gzip
 
     called: list[bytes] = []
@@ -598,18 +599,22 @@ def test_a_gzip_body_that_does_not_decode_is_refused(make_settings: Settings) ->
         return Response(COMPLETION, content_type="application/json")
 
     app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, make_settings())  # type: ignore[method-assign]
-    whole = gzip.compress(json.dumps(chat()).encode())
+    plain = json.dumps(chat()).encode()
+    whole = gzip.compress(plain)
     answers = [
         app.test_client().post(
             "/v1/chat/completions",
             data=content,
             headers={"content-encoding": "gzip", "content-type": "application/json"},
         )
-        for content in (whole[:-8], whole)
+        for content in (whole[:-8], whole, plain)
     ]
     codes = [(a.status_code, (a.get_json() or {}).get("error", {}).get("code")) for a in answers]
-    print(f"cut short, then whole: {codes}; the app called {len(called)} time(s)")
-    assert codes == [(400, "undecodable_body"), (200, None)] and called == [whole]
+    models = [r["model"] for r in records(engine_of(app))]
+    print(f"cut short, whole, JSON labelled gzip: {codes}; the app called {len(called)} "
+          f"time(s); charged {models}")  # fmt: skip
+    assert codes == [(400, "undecodable_body"), (200, None), (200, None)]
+    assert called == [whole, plain] and models == ["gpt-4o-mini"] * 2
 
 
 def test_a_metered_request_asks_the_app_only_for_codings_whose_usage_can_be_read(
