@@ -274,7 +274,8 @@ class BudgetWSGIMiddleware:
             on_loop(engine, engine.ensure_current)
         # Who is calling first: a request with no valid key is answered before its body is
         # read (it could make this thread read and hold BUDGET_MAX_BODY_BYTES for a 401).
-        caller = self._caller(credentials)
+        background = is_background(engine.loop)  # loop_lock guards its work: no hop needed
+        caller = self._caller(credentials, background)
         if type(caller) is ErrorAnswer:
             return answer(start_response, caller)
         key, shadowed = caller  # type: ignore[misc]
@@ -290,7 +291,7 @@ class BudgetWSGIMiddleware:
             if decoded is None:
                 return answer(start_response, request_too_large(self.max_body))
             plain = decoded
-        direct = engine.memory is not None and is_background(engine.loop)
+        direct = background and engine.memory is not None
         if direct:
             admitted = self._admit_here(plain, path, credentials, key, shadowed, started)
         else:  # Redis, or an engine an ASGI app runs: its loop decides
@@ -348,14 +349,14 @@ class BudgetWSGIMiddleware:
             chunks.append(chunk)
 
     def _caller(
-        self, credentials: Credentials
+        self, credentials: Credentials, background: bool
     ) -> tuple[KeyConfig | None, str | None] | ErrorAnswer:
         """Who is calling, from the headers alone: the key's configuration (None: no key, or
         one shadow mode serves as none) and the code shadow mode would refuse the credentials
         for; or the answer to give (401, or 503 when the store cannot vouch for the key)."""
         found: KeyConfig | None = None
         if credentials.key is not None:
-            looked_up = self._key(credentials.key)
+            looked_up = self._key(credentials.key, background)
             if type(looked_up) is ErrorAnswer:
                 return looked_up
             found = looked_up  # type: ignore[assignment]
@@ -364,14 +365,14 @@ class BudgetWSGIMiddleware:
             return refused
         return found, refused  # type: ignore[return-value]
 
-    def _key(self, value: str) -> KeyConfig | ErrorAnswer | None:
-        """The key's configuration (None: unknown). A cached key is read in this thread under
-        `loop_lock` (the background loop's every step holds it); any other is read on the loop."""
+    def _key(self, value: str, background: bool) -> KeyConfig | ErrorAnswer | None:
+        """The key's configuration (None: unknown). On the `background` loop a cached key is
+        read in this thread under `loop_lock` (the loop's every step holds it); any other key,
+        or any key of an engine another loop runs, is read on the loop."""
         engine = self.engine
-        digest = key_digest(value)
-        if is_background(engine.loop):
+        if background:
             with loop_lock:
-                found = engine.keys.get(digest)  # a cached key: no hop
+                found = engine.keys.get(key_digest(value))  # a cached key: no hop
             if found is not NOT_CACHED:
                 return found
         return on_loop(engine, lambda: self._look_up(value))
