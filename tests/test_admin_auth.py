@@ -95,3 +95,35 @@ async def test_quota_answers_the_calling_keys_own_limits_with_status(tmp_path: P
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_virtual_key"
         r = await c.get("/virtual-keys/quota", headers=ADMIN)
         assert r.status_code == 401  # the admin key is not a virtual key
+
+
+async def test_the_wsgi_admin_reads_a_body_for_exactly_the_bearers_the_api_admits(
+    tmp_path: Path,
+) -> None:
+    """One reading of `Authorization: Bearer …` for the admin API and for the WSGI admin app,
+    which reads a request's body only for the admin key's bearer (`holds_admin_key`): for every
+    spelling, the WSGI side reads the body exactly when the API admits the caller."""
+    from budget_middleware.wsgi.admin import holds_admin_key
+
+    spellings = [
+        "Bearer admin-secret",
+        "bearer admin-secret",
+        "BEARER   admin-secret  ",
+        "Bearer admin-secreT",
+        "Bearer",
+        "Bearer ",
+        "Basic admin-secret",
+        "admin-secret",
+        "Bearer\tadmin-secret",
+        "Bearer admin-secret extra",
+        "",
+    ]
+    verdicts = []
+    async with admin_client(admin_settings(tmp_path)) as c:
+        for value in spellings:
+            r = await c.get("/customers", headers={"Authorization": value} if value else {})
+            reads = holds_admin_key({"HTTP_AUTHORIZATION": value}, "admin-secret")
+            verdicts.append((value, r.status_code, reads))
+    print(verdicts)
+    assert [v for v in verdicts if (v[1] == 200) != v[2]] == []
+    assert sum(1 for v in verdicts if v[2]) == 3  # the three spellings of the admin key

@@ -15,10 +15,21 @@ from budget_middleware.admin.answers import AdminAnswer, error
 from budget_middleware.settings import BudgetSettings
 
 
-def bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization` header's value `Bearer <token>` (None for another scheme,
+    or no token): the one reading of it, for the admin API and for WSGI's `holds_admin_key`."""
+    scheme, _, token = authorization.partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
+
+
+def is_admin_key(token: str, admin_key: str) -> bool:
+    """Whether `token` is `admin_key`, compared in constant time."""
+    return hmac.compare_digest(token.encode("latin-1", "replace"), admin_key.encode())
+
+
+def bearer(request: Request) -> str | None:
+    return bearer_token(request.headers.get("authorization", ""))
 
 
 async def check_admin(
@@ -45,7 +56,7 @@ async def check_admin(
     virtual = "a virtual key is not an admin credential: use BUDGET_ADMIN_KEY"
     if token.startswith(settings.key_prefix):
         return error(401, "virtual_key_not_allowed", virtual, error_type="authentication_error")
-    if not hmac.compare_digest(token.encode(), settings.admin_key.encode()):
+    if not is_admin_key(token, settings.admin_key):
         return error(
             401,
             "invalid_admin_key",

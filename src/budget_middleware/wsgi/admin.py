@@ -9,10 +9,10 @@ or `budget_middleware.wsgi.django.admin_urls` (Django): `SCRIPT_NAME` is its mou
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from budget_middleware.admin.auth import bearer_token, is_admin_key
 from budget_middleware.engine.engine import BudgetEngine, get_engine
 from budget_middleware.engine.portal import on_loop
 from budget_middleware.settings import BudgetSettings
@@ -97,10 +97,8 @@ def _text(value: str) -> str:
 
 def holds_admin_key(environ: WSGIEnvironment, admin_key: str | None) -> bool:
     """Whether the request's bearer token is `admin_key` (in constant time, as the API checks)."""
-    scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-    if admin_key is None or scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(token.strip().encode("latin-1", "replace"), admin_key.encode())
+    token = bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
+    return admin_key is not None and token is not None and is_admin_key(token, admin_key)
 
 
 def _read_all(environ: WSGIEnvironment) -> bytes:
