@@ -493,3 +493,64 @@ async def test_most_remaining_on_redis_ranks_by_what_every_instance_spent_and_ho
     assert reserved == "openai/budget-test"  # $1.5 left beats azure's $2 - $1 held
     # openai $1.49 - $0.19 left beats azure's $0.99 for all 20 (ties: the route's order)
     assert routed == {"openai/budget-test": 20}
+
+
+async def test_an_outbound_routed_call_is_metered_as_the_host_s_like_a_direct_one(
+    make_settings: Settings,
+) -> None:
+    """A route of OpenRouter's models used through `BudgetTransport` on openrouter.ai: each
+    target is the call it becomes, OpenRouter's (SPEC §13: the host's provider, the model as
+    sent), as a direct call naming it is. It was metered as Anthropic's `claude-sonnet-4`, so
+    a call OpenRouter's spent budget refused directly was sent and served through the route,
+    charged to Anthropic's budget."""
+    import httpx2
+    import openai
+
+    from budget_middleware import BudgetTransport
+    from test_outbound import MESSAGES, Counting, records
+
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    await engine.ensure_started()
+    fake = Counting("/api/v1")
+    transport = BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-or-secret",
+        base_url="https://openrouter.ai/api/v1",
+        http_client=httpx2.AsyncClient(transport=transport),
+        max_retries=0,
+    )
+    outcomes: dict[str, Any] = {}
+    try:
+        m = engine.manager
+        spent = m.put_provider("openrouter", budgets=SPENT)
+        m.create_route(name="smart", targets=["anthropic/claude-sonnet-4", "openai/gpt-4o"])
+        await engine.invalidate()
+        for model in ("anthropic/claude-sonnet-4", "smart"):
+            try:
+                raw = await sdk.chat.completions.with_raw_response.create(
+                    model=model, messages=MESSAGES
+                )
+                outcomes[model] = (raw.status_code, raw.headers.get("x-budget-route"))
+            except openai.APIStatusError as refused:
+                outcomes[model] = (refused.status_code, refused.body)
+        sent_while_spent = fake.calls
+        m.put_provider("openrouter", budgets=[{"id": spent.budgets[0].id, "max_limit": 1}])
+        await engine.invalidate()
+        routed = await sdk.chat.completions.with_raw_response.create(
+            model="smart", messages=MESSAGES
+        )
+        await engine.flush()
+        rows = records(engine)
+    finally:
+        await engine.shutdown()
+    charged = [(r["provider"], r["model"]) for r in rows]
+    print(f"OpenRouter's budget spent: direct {outcomes['anthropic/claude-sonnet-4'][0]}, "
+          f"routed {outcomes['smart']}; sent {sent_while_spent}; then routed "
+          f"{routed.headers['x-budget-route']}, charged {charged}")  # fmt: skip
+    assert outcomes["anthropic/claude-sonnet-4"][0] == 402
+    assert outcomes["smart"][0] == 402 and sent_while_spent == 0
+    codes = [(t["target"], t["code"]) for t in outcomes["smart"][1]["targets"]]
+    assert codes == [("anthropic/claude-sonnet-4", "budget_exceeded"),
+                     ("openai/gpt-4o", "budget_exceeded")]  # fmt: skip
+    assert routed.headers["x-budget-route"] == "anthropic/claude-sonnet-4"
+    assert charged == [("openrouter", "anthropic/claude-sonnet-4")]

@@ -295,19 +295,9 @@ class TargetResolver:
         """`own_key`: the caller's key's value, when it is a known key."""
         data = body if type(body) is dict else _NO_BODY
         raw_model = data.get("model")
-        model = raw_model if type(raw_model) is str else ""
-        where: tuple[str, str | None, str]
-        if credentials.provider_is_host and credentials.provider is not None:
-            # The host's provider, and the model as sent (OpenRouter's `vendor/model` too).
-            where = (model, credentials.provider, "")
-            found = self._hosted.get(where)
-            if found is None:
-                found = self._remember(self._hosted, where, _hosted(model, credentials.provider))
-        else:
-            where = (model, credentials.provider, route_path)
-            found = self._routes.get(where)
-            if found is None:
-                found = self._remember(self._routes, where, self._route(*where))
+        found = self.provider_and_model(
+            raw_model if type(raw_model) is str else "", credentials, route_path
+        )
         if own_key is not None and (own_key in found[1] or own_key in found[0]):
             found = _without_key(found, own_key)
         tags = credentials.tags
@@ -347,15 +337,31 @@ class TargetResolver:
         stream = data.get("stream") is True
         return Target(found[0], found[1], tags, stream, limit, choices, tier)
 
-    def retarget(
-        self, target: Target, model: str, credentials: Credentials, route_path: str
-    ) -> Target:
-        """`target` sent to another model (a route's target, `provider/model` or bare): its
-        provider and model found as a request naming that model would have them."""
+    def provider_and_model(
+        self, model: str, credentials: Credentials, route_path: str
+    ) -> tuple[str, str]:
+        """Where a request naming `model` goes: a call to a provider's host (SPEC §13) is that
+        provider's, the model as sent (OpenRouter's `vendor/model` too); else §4's rules."""
+        where: tuple[str, str | None, str]
+        if credentials.provider_is_host and credentials.provider is not None:
+            where = (model, credentials.provider, "")
+            found = self._hosted.get(where)
+            if found is None:
+                found = self._remember(self._hosted, where, _hosted(model, credentials.provider))
+            return found
         where = (model, credentials.provider, route_path)
         found = self._routes.get(where)
         if found is None:
             found = self._remember(self._routes, where, self._route(*where))
+        return found
+
+    def retarget(
+        self, target: Target, model: str, credentials: Credentials, route_path: str
+    ) -> Target:
+        """`target` sent to another model (a route's target, `provider/model` or bare): its
+        provider and model found as a request naming that model would have them (a call to a
+        provider's host: that host's, as a direct call naming it is)."""
+        found = self.provider_and_model(model, credentials, route_path)
         return Target(
             found[0],
             found[1],
