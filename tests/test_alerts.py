@@ -1082,3 +1082,52 @@ def test_hooks_emitted_first_from_two_threads_at_once_run_on_one_thread_in_order
     assert len(made) == 1
     assert sorted(item for _, item in heard) == ["a", "b"]
     assert len({ident for ident, _ in heard}) == 1
+
+
+async def test_an_alert_tells_the_window_its_crossing_found(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """A budget of $1 every 3 s reaches 80 % while the store is away; it is back once the next
+    window has begun and been charged. The alert is written then: it told the spend of its
+    crossing ($0.90) in the window the store had then, whose start is after the alert's own
+    `raised_at` ("reached 80 %" in a window that had not begun). It tells the crossing's window."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy.exc import OperationalError
+
+    hook = receiver()
+    app = host_app(make_settings(alert_webhook_urls=hook.url))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        real = engine.alerts._insert
+        away = {"until": float("inf")}
+
+        def flaky(events: Any) -> Any:
+            if time.time() < away["until"]:
+                raise OperationalError("INSERT", {}, Exception("the store is away"))
+            return real(events)
+
+        engine.alerts._insert = flaky  # type: ignore[method-assign]
+        budget = {"max_limit": 1.0, "reset_duration": "3s"}
+        key = engine.manager.create_virtual_key(name="win", budgets=[budget])
+        assert await spend(http, key.value, 0.9, 1) == [200]
+        counter = engine.registry.counter("budget", key.budgets[0].id)
+        assert counter is not None
+        crossed = (counter.start, counter.end)
+        await until(lambda: time.time() > crossed[1] + 0.1, 10.0)  # the window has ended
+        assert await spend(http, key.value, 0.1, 1) == [200]  # charged in the next one
+        away["until"] = 0.0  # the store is back
+        await until(lambda: hook.delivered())
+        alert = hook.delivered()[0]
+    told = alert["budget"]
+    start, end = (datetime.fromisoformat(told[n]) for n in ("period_start", "period_end"))
+    raised_at = datetime.fromisoformat(alert["raised_at"])
+    window = tuple(datetime.fromtimestamp(t, UTC) for t in crossed)
+    print(f"crossed at {raised_at:%H:%M:%S.%f} in [{window[0]:%H:%M:%S.%f}, "
+          f"{window[1]:%H:%M:%S.%f}); the alert told [{start:%H:%M:%S.%f}, {end:%H:%M:%S.%f}), "
+          f"spent ${told['spent']}, last_reset {told['last_reset']}")  # fmt: skip
+    assert told["spent"] == 0.9
+    assert (start, end) == window and start <= raised_at < end
+    assert datetime.fromisoformat(told["last_reset"]) == start
+    assert datetime.fromisoformat(told["last_reset_at"]) == start

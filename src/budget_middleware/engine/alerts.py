@@ -28,7 +28,7 @@ from budget_middleware.core.admission import Refusal
 from budget_middleware.core.alerts import reached
 from budget_middleware.core.money import nanos_from_usd, usd_from_nanos, usd_text
 from budget_middleware.core.scopes import LimitSet, Scope
-from budget_middleware.core.times import from_ts
+from budget_middleware.core.times import FAR_FUTURE, from_ts
 from budget_middleware.core.windows import WindowCounter
 from budget_middleware.settings import shown_url
 from budget_middleware.store import alerts as stored
@@ -55,6 +55,7 @@ class AlertEvent:
     # when it is written or delivered (later requests, another window).
     spent: int = 0
     limit: int = 0
+    window_end: float = FAR_FUTURE  # the crossing's window: [window_start, window_end)
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -152,6 +153,7 @@ class Alerts:
             now,
             counter.value,
             counter.limit,
+            counter.end,
         )
         self.queue.append(event)
         loop, wake = self._loop, self._wake
@@ -266,9 +268,9 @@ class Alerts:
                 row = s.get(BudgetRow, event.budget_id)
                 if row is None:  # deleted meanwhile: nothing to tell
                     continue
-                budget = budget_out(row, paths.of(row.owner_type, row.owner_id), now,
-                                    engine.registry).model_dump(mode="json")  # fmt: skip
-                budget |= _as_crossed(event)
+                now_out = budget_out(row, paths.of(row.owner_type, row.owner_id), now,
+                                     engine.registry)  # fmt: skip
+                budget = now_out.model_copy(update=_as_crossed(event)).model_dump(mode="json")
                 raised_at = from_ts(event.raised_at)
                 body: dict[str, Any] = {"type": event.type}
                 if event.type == "budget.threshold":
@@ -363,14 +365,24 @@ def _usd(amount: float) -> str:
 
 
 def _as_crossed(event: AlertEvent) -> dict[str, Any]:
-    """The budget's money as the crossing found it, over what the store shows when the alert
-    is written (requests settled since)."""
+    """The budget's money and window as the crossing found them, over what the store shows
+    when the alert is written (requests settled since; a window begun since, when it is
+    written late: the store away, or the crossing at a window's end)."""
     spent, limit = event.spent, event.limit
+    start, end = event.window_start, event.window_end
+    seconds = int(end - start) if end != FAR_FUTURE else 0
     return {
         "spent": usd_from_nanos(spent),
         "current_usage": usd_from_nanos(spent),
         "remaining": usd_from_nanos(max(limit - spent, 0)),
         "usage_ratio": spent / limit if limit else (1.0 if spent else 0.0),
+        "has_usage": spent > 0,
+        "period_start": from_ts(start),
+        "period_end": from_ts(end) if end != FAR_FUTURE else None,
+        "period_seconds": seconds,
+        "period_ratio": min(max((event.raised_at - start) / seconds, 0.0), 1.0) if seconds else 0.0,
+        "last_reset": from_ts(start),
+        "last_reset_at": from_ts(start),
     }
 
 
