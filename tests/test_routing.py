@@ -72,6 +72,26 @@ async def test_routes_are_managed_through_the_admin_api(tmp_path: Path) -> None:
     await get_engine(settings).shutdown()
 
 
+async def test_a_bad_route_name_is_refused_naming_the_name(tmp_path: Path) -> None:
+    """A route's name is checked as a target is, but its refusal spoke of a target (`"name":
+    ""` answered "a target is a non-empty string") or of items (201 characters: "Value should
+    have at most 200 items after validation"). It names the route name, and its 200 characters."""
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db", admin_key="admin-secret")
+    transport = httpx.ASGITransport(create_admin_app(settings))
+    said = {}
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=ADMIN) as http:
+        for name in ("", " gpt-4o", "gpt-4o/", "x" * 201, "gpt-\u00e9"):
+            refused = await http.post("/routes", json={"name": name, "targets": ["openai/gpt-4o"]})
+            assert refused.status_code == 422, refused.text
+            said[name[:12]] = refused.json()["error"]["message"]
+    await get_engine(settings).shutdown()
+    print("\n".join(f"{name!r}: {message}" for name, message in said.items()))
+    for message in said.values():
+        assert message.startswith("name: ") and "route name" in message, message
+        assert "target" not in message and "items" not in message, message
+    assert "longer than 200 characters" in said["x" * 12]
+
+
 def test_the_python_api_refuses_a_bad_route_with_a_clear_message(make_settings: Settings) -> None:
     m = engine_of(host_app(make_settings())).manager
     with pytest.raises(ValueError, match="whitespace"):

@@ -51,16 +51,17 @@ def parse_target(text: str) -> RouteTarget:
     return RouteTarget(text, None, text)
 
 
-def target_problem(text: object) -> str | None:
-    """Why `text` cannot be a target; None when it can."""
+def target_problem(text: object, what: str = "target", limit: int = 300) -> str | None:
+    """Why `text` cannot be a target (or, `what` says, a route's name: a model a request
+    names, checked as a target is, of at most `limit` characters); None when it can."""
     if not isinstance(text, str) or not text:
-        return f"a target is a non-empty string like 'openai/gpt-4o', not {text!r}"
-    if len(text) > 300:
-        return f"target {text[:40]!r}… is longer than 300 characters"
+        return f"a {what} is a non-empty string like 'openai/gpt-4o', not {text!r}"
+    if len(text) > limit:
+        return f"{what} {text[:40]!r}… is longer than {limit} characters"
     if any(c.isspace() or not c.isprintable() for c in text):
-        return f"target {text!r} contains whitespace or control characters"
+        return f"{what} {text!r} contains whitespace or control characters"
     if text.startswith("/") or text.endswith("/"):
-        return f"target {text!r} has an empty provider or model around '/'"
+        return f"{what} {text!r} has an empty provider or model around '/'"
     return None
 
 

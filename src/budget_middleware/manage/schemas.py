@@ -546,11 +546,23 @@ TARGET_PATTERN: Final = f"^[{_NOT_SLASH}](?:[{_VISIBLE}]*[{_NOT_SLASH}])?$"
 either end (as model names)."""
 
 
-def _target(text: str) -> str:
-    problem = target_problem(text) or (None if text.isascii() else "a target is printable ASCII")
+def _checked(text: str, what: str, limit: int) -> str:
+    problem = target_problem(text, what, limit)
+    if problem is None and not text.isascii():
+        problem = f"a {what} is printable ASCII"
     if problem is not None:
         raise ValueError(problem)
     return text
+
+
+def _target(text: str) -> str:
+    return _checked(text, "target", 300)
+
+
+def _route_name(text: str) -> str:
+    """A route's name: the `model` a request names, checked as a target is (its refusal says
+    which of the two it is)."""
+    return _checked(text, "route name", 200)
 
 
 RouteTargetText = Annotated[
@@ -560,7 +572,7 @@ RouteTargetText = Annotated[
 ]
 RouteName = Annotated[
     str,
-    AfterValidator(_target),
+    AfterValidator(_route_name),
     Field(min_length=1, max_length=200, json_schema_extra={"pattern": TARGET_PATTERN}),
 ]
 Strategy = Literal["ordered", "most_remaining"]
