@@ -564,3 +564,34 @@ def test_a_provider_is_found_by_its_one_name_however_the_file_spells_it(tmp_path
     print(f"providers after a restart: {kept}; {refused.value}")
     assert kept == [("gemini", 7.0)]
     assert "the same provider as providers[0] (Google)" in str(refused.value)
+
+
+def test_a_number_in_exponent_form_is_a_number_in_yaml_as_in_json(tmp_path: Path) -> None:
+    """`max_limit: 1e-9` (LiteLLM's one-nano-dollar budget, SPEC §6) is a number in JSON and in
+    YAML 1.2; PyYAML's YAML 1.1 read it as the text '1e-9' without a dot, and start-up refused
+    the entry: "budgets.0.max_limit: Value error, must be a JSON number"."""
+    yaml_text = (
+        "customers:\n  - name: acme\n    budgets: [{max_limit: 1e-9, reset_duration: 1d}]\n"
+        "    rate_limit: {request_max_limit: 1E3, request_reset_duration: 1m}\n"
+    )
+    entry = {
+        "name": "acme",
+        "budgets": [{"max_limit": 1e-9, "reset_duration": "1d"}],
+        "rate_limit": {"request_max_limit": 1e3, "request_reset_duration": "1m"},
+    }
+    for folder in ("json", "quoted"):
+        (tmp_path / folder).mkdir()
+    from_json = _start(tmp_path / "json", json.dumps({"customers": [entry]}), "budget.json")
+    expected = from_json.list_customers()[0]
+    try:
+        customer = _start(tmp_path, yaml_text).list_customers()[0]
+    except ConfigFileError as exc:
+        pytest.fail(f"refused: {exc}")
+    assert customer.rate_limit is not None
+    measured = (customer.budgets[0].max_limit, customer.rate_limit.request_max_limit)
+    print("yaml:", measured, "json:", expected.budgets[0].max_limit)
+    assert measured == (1e-9, 1000)
+    assert customer.config_hash == expected.config_hash
+    # A name that only looks like a number stays text when quoted, as in JSON.
+    quoted = _start(tmp_path / "quoted", "tags:\n  - tag: '2e5'\n    budgets: [{max_limit: 1}]\n")
+    assert [t.tag for t in quoted.list_tags()] == ["2e5"]

@@ -169,6 +169,11 @@ def _unique_key_loader() -> type:
         first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
+    # A number with an exponent and no dot (`1e-9`, `5E3`) is a number, as JSON and YAML 1.2
+    # read it: YAML 1.1 made it text, and `max_limit: 1e-9` was refused as "not a number".
+    UniqueKeyLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789")
+    )
     return UniqueKeyLoader
 
 
