@@ -644,3 +644,46 @@ def test_a_cause_every_call_fails_for_is_told_once(bare: Served) -> None:
             assert text.count("the store is unavailable") == 1
         finally:
             browser.close()
+
+
+def test_a_budget_of_a_fraction_of_a_cent_can_be_set_from_the_page(bare: Served) -> None:
+    """SPEC §6: a budget may be a fraction of a cent (LiteLLM's `0.000000000001`), and an
+    operator changes a budget and creates a key from the page (§16). The limit fields had
+    `step="0.01"`: the browser refused $0.0025 ("The two nearest valid values are 0 and 0.01")
+    before the page could send it, and nothing was saved."""
+    from playwright.sync_api import expect, sync_playwright
+
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"name": "tiny", "budgets": [{"max_limit": 0.005, "reset_duration": "1d"}]}
+    created = httpx.post(bare.admin + "/customers", json=body, headers=headers)
+    assert created.status_code == 201, created.text
+    customer = created.json()["customer"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox"])  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(10_000)
+            page.goto(bare.admin + "/ui")
+            page.fill("#admin-key", ADMIN_KEY)
+            page.click("#login-form button[type=submit]")
+            row = page.locator(f'li.budget[data-id="{customer["budgets"][0]["id"]}"]')
+            row.locator('[data-action="edit"]').click()
+            page.fill("#edit-limit", "0.0025")
+            page.click("#edit-save")
+            refused = page.evaluate("() => document.getElementById('edit-limit').validationMessage")
+            print("browser refused:", refused or "nothing")
+            page.wait_for_function("() => !document.getElementById('edit-dialog').open")
+            expect(row.locator('[data-field="limit"]')).to_have_text("$0.0025")
+
+            page.fill("#create-name", "nano")
+            page.fill("#create-limit", "0.000000001")
+            page.click("#create-form button[type=submit]")
+            expect(page.locator("#new-key-value")).to_have_text(re.compile(r"^sk-bm-"))
+        finally:
+            browser.close()
+    saved = httpx.get(bare.admin + f"/customers/{customer['id']}", headers=headers).json()
+    keys = httpx.get(bare.admin + "/virtual-keys", headers=headers).json()["virtual_keys"]
+    limits = (saved["customer"]["budgets"][0]["max_limit"], keys[0]["budgets"][0]["max_limit"])
+    print("saved limits:", limits)
+    assert limits == (0.0025, 1e-9)
