@@ -593,6 +593,30 @@ def test_a_soft_budget_from_the_command_line(store: dict[str, str], here: Here) 
     assert "unknown budget flag 'hard': only ':soft'" in bad.failed_on_one_line(2)
 
 
+async def test_an_amount_under_a_cent_is_shown_as_charged(
+    store: dict[str, str], here: Here
+) -> None:
+    """An amount under a cent was rounded to 3 significant digits: $0.0049996 spent of a $0.005
+    budget read `$0.005` spent of `$0.005` (not exhausted, $0.0000004 left). It is shown as
+    charged, as the refusals and alerts write it (README: `$0.00002`, `$0.000000001`)."""
+    key = ok(here(store, "keys create --name tiny --budget 0.005/1d --json")).json()
+    value = key["virtual_key"]["value"]
+    app = host_app(_settings(store))
+    async with running(app), client(app) as http:
+        headers = {**_key(value), "x-mock-header-cost": "0.0049996"}
+        answer = await http.post("/v1/chat/completions", json=chat(), headers=headers)
+        assert answer.status_code == 200, answer.text
+    [budget] = ok(here(store, "budgets list --json")).json()["budgets"]
+    listed = ok(here(store, "budgets list"))
+    print(listed.out)
+    head, row = table(listed.out)
+    shown = {name: row[head.index(name)] for name in ("SPENT", "LIMIT", "REMAINING")}
+    print("api:", budget["spent"], budget["max_limit"], budget["remaining"], "shown:", shown)
+    assert shown == {"SPENT": "$0.0049996", "LIMIT": "$0.0050", "REMAINING": "$0.0000004"}
+    usage = table(ok(here(store, "usage --by key")).out)
+    assert usage[1][-1] == usage[2][-1] == "$0.0049996"
+
+
 # -- what the operator gives, and what answers -----------------------------------------------------
 
 

@@ -4,11 +4,12 @@ Scripts use `--json`, which prints the dicts themselves."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import click
+
+from budget_middleware.core.money import limit_nanos, usd_text
 
 Json = dict[str, Any]
 Column = tuple[str, Callable[[Json], Any]]
@@ -29,14 +30,15 @@ def text(value: Any) -> str:
 
 
 def usd(value: Any) -> str:
-    """USD to 4 decimals; amounts under a cent to 3 significant digits, so that no amount
-    that is not 0 shows as 0 ($0.0000000010 is $1e-09 spent)."""
+    """USD to 4 decimals; an amount under a cent as it is charged, to the nano-dollar, as the
+    refusals and alerts write it (`$0.0049996`, `$0.000000001`): no amount that is not 0 shows
+    as 0, and none is rounded to another amount that it is not ($0.0049996 read `$0.005`)."""
     if value is None:
         return "-"
     amount = float(value)
     if 0 < abs(amount) < 0.01:
-        places = min(2 - math.floor(math.log10(abs(amount))), 15)
-        return f"${amount:.{places}f}".rstrip("0")
+        text = usd_text(limit_nanos(abs(amount)))
+        return text if amount > 0 else "$-" + text[1:]
     return f"${amount:,.4f}"
 
 
