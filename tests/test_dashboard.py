@@ -10,7 +10,6 @@ reset a budget. `BUDGET_TEST_SCREENSHOT=1` has it write docs/dashboard.png anew.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import re
@@ -332,13 +331,12 @@ def _need_chromium() -> None:
 
 def usd(value: float) -> str:
     """As the page writes an amount: Intl.NumberFormat en-US, 2 decimals (4 under $1),
-    trailing zeros past the second left out; under a cent, 3 significant digits (never $0.00
-    for an amount that is not 0)."""
+    trailing zeros past the second left out; under a cent, as charged, to the nano-dollar
+    (never $0.00 for an amount that is not 0)."""
     size = abs(value)
     sign = "-" if value < 0 else ""
     if 0 < size < 0.01:
-        places = 2 - math.floor(math.log10(size))
-        return f"{sign}${float(f'{size:.3g}'):.{places}f}".rstrip("0")
+        return f"{sign}${size:.9f}".rstrip("0")
     digits = 2 if size == 0 or size >= 1 else 4
     whole, fraction = f"{size:,.{digits}f}".split(".")
     return sign + f"${whole}.{fraction.rstrip('0').ljust(2, '0')}"
@@ -687,3 +685,41 @@ def test_a_budget_of_a_fraction_of_a_cent_can_be_set_from_the_page(bare: Served)
     limits = (saved["customer"]["budgets"][0]["max_limit"], keys[0]["budgets"][0]["max_limit"])
     print("saved limits:", limits)
     assert limits == (0.0025, 1e-9)
+
+
+def test_an_amount_under_a_cent_is_shown_as_charged(bare: Served) -> None:
+    """An amount under a cent was rounded to 3 significant digits: $0.0049996 spent of a
+    $0.005 budget read `$0.005 of $0.005`, not marked exhausted. It is shown as charged, to
+    the nano-dollar, as the refusals and the CLI write it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"name": "tiny", "budgets": [{"max_limit": 0.005, "reset_duration": "1d"}]}
+    created = httpx.post(bare.admin + "/virtual-keys", json=body, headers=headers)
+    assert created.status_code == 201, created.text
+    key = created.json()["virtual_key"]
+    sent = httpx.post(
+        bare.url + "/v1/chat/completions",
+        json=_chat("gpt-4o", 10),
+        headers={"Authorization": f"Bearer {key['value']}", "x-mock-header-cost": "0.0049996"},
+    )
+    assert sent.status_code == 200, sent.text
+    query = f"/budgets?from_memory=true&owner_type=virtual_key&owner_id={key['id']}"
+    [budget] = httpx.get(bare.admin + query, headers=headers).json()["budgets"]
+    assert budget["spent"] == 0.0049996
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox"])  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(10_000)
+            page.goto(bare.admin + "/ui")
+            page.fill("#admin-key", ADMIN_KEY)
+            page.click("#login-form button[type=submit]")
+            row = page.locator(f'li.budget[data-id="{budget["id"]}"]')
+            expect(row).to_be_visible()
+            shown = [row.locator(f'[data-field="{f}"]').inner_text() for f in ("spent", "limit")]
+            print("api:", budget["spent"], budget["max_limit"], "shown:", shown)
+            assert shown == ["$0.0049996", "$0.005"]
+        finally:
+            browser.close()

@@ -49,13 +49,19 @@
   /* -- formatting -------------------------------------------------------------------- */
 
   const usdFormats = new Map();
+  // Under a cent, as charged (to the nano-dollar): never a non-zero amount as $0.00, and not
+  // $0.0049996 as $0.005, which read as a $0.005 budget used up.
+  // Under a nano-dollar (no charge is; a chart's tick can be), 3 significant digits.
   const tinyFormat = new Intl.NumberFormat("en-US", {
+    style: "currency", currency: "USD", minimumFractionDigits: 2, maximumFractionDigits: 9,
+  });
+  const subNanoFormat = new Intl.NumberFormat("en-US", {
     style: "currency", currency: "USD", maximumSignificantDigits: 3,
   });
   function usd(value) {
     const v = Number(value) || 0;
     const abs = Math.abs(v);
-    if (abs > 0 && abs < 0.01) return tinyFormat.format(v);  // never a non-zero amount as $0.00
+    if (abs > 0 && abs < 0.01) return (abs < 1e-9 ? subNanoFormat : tinyFormat).format(v);
     const digits = abs === 0 || abs >= 1 ? 2 : 4;
     if (!usdFormats.has(digits)) {
       usdFormats.set(digits, new Intl.NumberFormat("en-US", {
