@@ -723,3 +723,49 @@ def test_an_amount_under_a_cent_is_shown_as_charged(bare: Served) -> None:
             assert shown == ["$0.0049996", "$0.005"]
         finally:
             browser.close()
+
+
+def test_spend_by_tag_is_drawn_within_the_chart(bare: Served) -> None:
+    """By tag, a request with two tags counts under each (`GET /usage`), so a day's stacked
+    bar is taller than the day's spend; the axis was scaled to the day's spend, and the
+    segments above it were drawn outside the chart (y < 0: tags b and c not seen at all)."""
+    from playwright.sync_api import sync_playwright
+
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    created = httpx.post(bare.admin + "/virtual-keys", json={"name": "tagged"}, headers=headers)
+    value = created.json()["virtual_key"]["value"]
+    for tags in ("a,b", "a,b", "a,b,c"):
+        sent = httpx.post(
+            bare.url + "/v1/chat/completions",
+            json=_chat("gpt-4o", 10),
+            headers={"Authorization": f"Bearer {value}", "x-budget-tags": tags,
+                     "x-mock-header-cost": "1"},
+        )  # fmt: skip
+        assert sent.status_code == 200, sent.text
+    deadline = time.monotonic() + 10
+    while _stored_requests(bare) < 3:  # /usage reads the store
+        assert time.monotonic() < deadline, "the usage records were not written"
+        time.sleep(0.05)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox"])  # fmt: skip
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.set_default_timeout(10_000)
+            page.goto(bare.admin + "/ui")
+            page.fill("#admin-key", ADMIN_KEY)
+            page.click("#login-form button[type=submit]")
+            page.wait_for_function("() => document.body.dataset.loaded !== undefined")
+            page.select_option("#chart-group", "tag")
+            page.wait_for_function(
+                "() => document.querySelectorAll('#chart rect.seg[data-group=\"c\"]').length"
+            )
+            segments = page.evaluate(
+                "() => [...document.querySelectorAll('#chart rect.seg')].map(r =>"
+                " [r.dataset.group, Number(r.dataset.cost), Number(r.getAttribute('y'))])"
+            )
+        finally:
+            browser.close()
+    print("segments (tag, cost, y):", segments)
+    assert sorted((tag, cost) for tag, cost, _ in segments) == [("a", 3), ("b", 3), ("c", 1)]
+    assert min(y for _, _, y in segments) >= 0

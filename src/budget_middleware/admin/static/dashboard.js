@@ -538,7 +538,10 @@
     box.replaceChildren();
     legend.replaceChildren();
     if (!chart) return;
-    const max = Math.max(0, ...chart.points.map((p) => p.total));
+    // The tallest stack: by tag, a request with two tags counts under each, so a day's bar
+    // can be taller than its spend (scaled to the spend, the segments above were cut off).
+    const stacked = (p) => [...p.costs.values()].reduce((sum, cost) => sum + cost, 0);
+    const max = Math.max(0, ...chart.points.map((p) => Math.max(p.total, stacked(p))));
     if (max <= 0) {
       box.append(h("div", { class: "empty" }, "No spend in this period."));
       return;
