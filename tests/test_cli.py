@@ -617,6 +617,34 @@ async def test_an_amount_under_a_cent_is_shown_as_charged(
     assert usage[1][-1] == usage[2][-1] == "$0.0049996"
 
 
+def test_a_provider_is_found_by_any_spelling_of_its_name_on_a_running_admin_api(
+    server: Server, store: dict[str, str], here: Here
+) -> None:
+    """A provider has one name (`google` is `gemini`, `OpenAI` is `openai`); on the store the
+    CLI finds it by any spelling, as the admin API's PUT and DELETE do. With --url, `show`,
+    `update` and `delete` answered "provider 'google' not found" for the provider just created
+    as `google`, and `create Gemini` answered "created" over the existing one."""
+    lines = [
+        "providers create google --budget 1",
+        "providers show Google --json",
+        "providers update GOOGLE --budget 2 --json",
+        "providers create Gemini",
+        "providers delete google",
+    ]
+    at = f"--url {server.url} --admin-key {ADMIN_KEY}"
+    for where, prefix in (("store", ""), ("admin API", at)):
+        env = store if where == "store" else {}
+        created, shown, updated, again, deleted = [here(env, f"{prefix} {line}") for line in lines]
+        print(where, [r.code for r in (created, shown, updated, again, deleted)], shown.err.strip())
+        ok(created)
+        assert ok(shown).json()["provider"]["provider"] == "gemini"
+        assert [b["max_limit"] for b in ok(updated).json()["provider"]["budgets"]] == [2.0]
+        assert again.failed_on_one_line() == (
+            "error: provider 'Gemini' already exists: change it with 'providers update Gemini'"
+        )
+        assert ok(deleted).out == "deleted provider gemini\n"
+
+
 # -- what the operator gives, and what answers -----------------------------------------------------
 
 

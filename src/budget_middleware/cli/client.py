@@ -362,8 +362,12 @@ class HttpClient:
 
     def get(self, kind: Kind, ref: str) -> Json:
         if kind.named:  # the admin API lists providers and tags; it has no route for one
+            from budget_middleware.core.providers import stored_provider
+
+            # a provider by any spelling of its one name, as the store finds it (`google`)
+            name = stored_provider(ref) if kind.command == "providers" else ref
             for item in self.list(kind, {}).get(kind.many, []):
-                if item.get(kind.one) == ref:
+                if item.get(kind.one) == name:
                     return {kind.one: item}
             raise CliError(f"{kind.what} {ref!r} not found", status=404)
         return self._send("GET", self._one(kind, ref), kind.one)

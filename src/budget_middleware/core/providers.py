@@ -54,6 +54,13 @@ def canonical_provider(name: str) -> str:
     return PROVIDER_ALIASES.get(text, text)
 
 
+def stored_provider(name: str) -> str:
+    """The provider a name in a path finds: by its one name (`OpenAI` is `openai`), but never
+    one with a space or line break at either end, which no provider's name holds (`PUT` refuses
+    it): `DELETE /providers/openai%0A` removed `openai`."""
+    return canonical_provider(name) if name == name.strip() else name
+
+
 def owner_name(owner_type: str | None, owner_id: str | None) -> str | None:
     """An owner's id in a filter (`GET /budgets?owner_type=provider&owner_id=OpenAI`), as the
     store keeps it: a provider's by its one name, any other as given."""

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.identity import MAX_PROVIDER_CHARS, MAX_TAG_CHARS, name_problem
-from budget_middleware.core.providers import canonical_provider, owner_name
+from budget_middleware.core.providers import canonical_provider, owner_name, stored_provider
 from budget_middleware.core.times import from_ts
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.exceptions import Conflict, InvalidBody, InvalidRequest, NotFound
@@ -257,7 +257,7 @@ class BudgetManager(KeyWriter):
 
     def get_provider(self, name: str) -> ProviderOut:
         with self._session() as s:
-            row = self._get(s, ProviderRow, _stored_provider(name), "provider")
+            row = self._get(s, ProviderRow, stored_provider(name), "provider")
             return Reader(s).provider(row)
 
     def list_providers(self) -> list[ProviderOut]:
@@ -267,7 +267,7 @@ class BudgetManager(KeyWriter):
             return [reader.provider(r) for r in rows]
 
     def delete_provider(self, name: str) -> None:
-        self._delete_named(ProviderRow, "provider", _stored_provider(name))
+        self._delete_named(ProviderRow, "provider", stored_provider(name))
 
     def _delete_named(self, table: Any, owner_type: str, name: str) -> None:
         with self._session() as s:
@@ -499,13 +499,6 @@ class BudgetManager(KeyWriter):
     @staticmethod
     def new_key_value(prefix: str) -> str:
         return prefix + secrets.token_urlsafe(32)
-
-
-def _stored_provider(name: str) -> str:
-    """The provider a name in a path finds: by its one name (`OpenAI` is `openai`), but never
-    one with a space or line break at either end, which no provider's name holds (`PUT` refuses
-    it): `DELETE /providers/openai%0A` removed `openai`."""
-    return canonical_provider(name) if name == name.strip() else name
 
 
 def _moment(value: object, name: str) -> datetime | None:
