@@ -645,6 +645,20 @@ def test_a_provider_is_found_by_any_spelling_of_its_name_on_a_running_admin_api(
         assert ok(deleted).out == "deleted provider gemini\n"
 
 
+def test_a_name_of_dots_is_one_name_on_a_running_admin_api(server: Server, here: Here) -> None:
+    """A customer may be named `..` (a name is 1 to 200 characters): `--url`'s path to it,
+    `/customers/..`, was read as "up one level" (httpx removes dot segments), and `show` and
+    `delete` answered "admin API answered 307 without a JSON object: is ... where the admin app
+    is mounted?"."""
+    at = f"--url {server.url} --admin-key {ADMIN_KEY}"
+    created = ok(here({}, f"{at} customers create --name .. --json")).json()["customer"]
+    shown, dot = [here({}, f"{at} {line}") for line in ("customers show ..", "keys show .")]
+    print("show ..:", shown.code, shown.err.strip(), "| show .:", dot.err.strip())
+    assert ok(shown).out.startswith(f"id:               {created['id']}\n")
+    assert dot.failed_on_one_line() == "error: admin API answered 404: virtual key '.' not found"
+    assert ok(here({}, f"{at} customers delete ..")).out.startswith("deleted customer ")
+
+
 # -- what the operator gives, and what answers -----------------------------------------------------
 
 

@@ -355,7 +355,7 @@ class HttpClient:
 
     @staticmethod
     def _one(kind: Kind, ref: str) -> str:
-        return f"{kind.path}/{quote(ref, safe='')}"
+        return f"{kind.path}/{_segment(ref)}"
 
     def list(self, kind: Kind, query: Json) -> Json:
         return self._send("GET", kind.path, kind.many, query)
@@ -385,13 +385,13 @@ class HttpClient:
         return self._send("DELETE", self._one(kind, ref), "deleted")
 
     def rotate_key(self, ref: str) -> Json:
-        return self._send("POST", f"/virtual-keys/{quote(ref, safe='')}/rotate", "virtual_key")
+        return self._send("POST", f"/virtual-keys/{_segment(ref)}/rotate", "virtual_key")
 
     def budgets(self, query: Json) -> Json:
         return self._send("GET", "/budgets", "budgets", query)
 
     def reset_budget(self, ref: str) -> Json:
-        return self._send("POST", f"/budgets/{quote(ref, safe='')}/reset", "budget")
+        return self._send("POST", f"/budgets/{_segment(ref)}/reset", "budget")
 
     def usage(self, query: Json) -> Json:
         return self._send("GET", "/usage", "usage", query)
@@ -420,6 +420,14 @@ class HttpClient:
 
     def close(self) -> None:
         self.http.close()
+
+
+def _segment(ref: str) -> str:
+    """An id or a name as one segment of a path: its reserved characters quoted, and its dots
+    too when it is only dots (`..`, `.`), which a URL reads as "up one level" or "here" (httpx
+    removes them: `/customers/..` asked the admin app's root)."""
+    text = quote(ref, safe="")
+    return text.replace(".", "%2E") if not text.strip(".") else text
 
 
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
