@@ -769,3 +769,43 @@ def test_spend_by_tag_is_drawn_within_the_chart(bare: Served) -> None:
     print("segments (tag, cost, y):", segments)
     assert sorted((tag, cost) for tag, cost, _ in segments) == [("a", 3), ("b", 3), ("c", 1)]
     assert min(y for _, _, y in segments) >= 0
+
+
+def test_a_budget_of_zero_is_shown_used_up(bare: Served) -> None:
+    """A $0 budget refuses every request (SPEC §6: exhausted when `current_usage >= max_limit`),
+    an operator's way to stop a key. Its `usage_ratio` was 0.0, and the page showed it as
+    "$0.00 of $0.00 · 0%", not exhausted, last of the list, not counted as near its limit."""
+    from playwright.sync_api import expect, sync_playwright
+
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"name": "stopped", "budgets": [{"max_limit": 0, "reset_duration": "1d"}]}
+    created = httpx.post(bare.admin + "/virtual-keys", json=body, headers=headers)
+    key = created.json()["virtual_key"]
+    refused = httpx.post(
+        bare.url + "/v1/chat/completions",
+        json=_chat("gpt-4o", 10),
+        headers={"Authorization": f"Bearer {key['value']}"},
+    )
+    assert refused.status_code == 402, refused.text
+    [budget] = httpx.get(bare.admin + "/budgets?from_memory=true", headers=headers).json()[
+        "budgets"
+    ]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox"])  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(10_000)
+            page.goto(bare.admin + "/ui")
+            page.fill("#admin-key", ADMIN_KEY)
+            page.click("#login-form button[type=submit]")
+            row = page.locator(f'li.budget[data-id="{budget["id"]}"]')
+            expect(row).to_be_visible()
+            shown = row.locator(".budget-numbers").inner_text()
+            over = row.locator('[data-field="over"]').all_inner_texts()
+            hot = page.locator("#tile-hot").inner_text()
+        finally:
+            browser.close()
+    print("usage_ratio:", budget["usage_ratio"], "shown:", shown, over, "near the limit:", hot)
+    assert budget["usage_ratio"] == 1.0
+    assert (over, hot) == (["exhausted"], "1 of 1")

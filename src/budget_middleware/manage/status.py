@@ -178,7 +178,7 @@ def budget_out(
         amount=usd_from_nanos(amount),
         spent=usd_from_nanos(used),
         remaining=usd_from_nanos(max(amount - used, 0)),
-        usage_ratio=used / amount if amount else (1.0 if used else 0.0),
+        usage_ratio=used / amount if amount else 1.0,  # $0 is used up: it refuses (§6)
         period_start=start,
         period_end=end,
         period_label=period_label(parse_duration(row.reset_duration)),

@@ -309,8 +309,8 @@
     const spent = Number(b.spent ?? b.current_usage) || 0;
     const hasReserved = typeof b.reserved === "number";
     const reserved = hasReserved ? b.reserved : 0;
-    const ratio = amount > 0 ? spent / amount : (spent > 0 ? 1 : 0);
-    const spentWidth = amount > 0 ? Math.min(spent / amount, 1) : (spent > 0 ? 1 : 0);
+    const ratio = Number(b.usage_ratio) || 0;  // the API's: a $0 budget is used up (it refuses)
+    const spentWidth = Math.min(ratio, 1);
     const reservedWidth = amount > 0 ? Math.min(reserved / amount, 1 - spentWidth) : 0;
     const spentBar = h("div", {
       class: "bar-spent" + (ratio >= 1 && !b.soft ? " bad" : ratio >= 0.8 ? " warn" : "")
