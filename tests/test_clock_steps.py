@@ -6,17 +6,22 @@ request costs exactly $0.01 (10 output tokens at $1000 per million) against a $1
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from budget_middleware import BudgetSettings
 from budget_middleware.engine.engine import BudgetEngine
-from support import Clock, running
+from budget_middleware.store.tables import BudgetRow, RateLimitRow
+from support import Clock, FrozenClock, running
 from test_redis_windows import (
+    BODY,
     CENT,
     MODEL,
+    auth,
     client,
     host,
     spend,
@@ -198,3 +203,48 @@ async def test_an_instance_under_steady_load_still_reads_what_the_others_spend(
     assert served > 200
     assert seen == 91 * CENT
     assert written == 1 + 90 + served  # what a round left to the next was written, once
+
+
+async def test_the_reset_a_refusal_names_is_when_the_window_has_ended(tmp_path: Path) -> None:
+    """A refusal's message names when its window resets: a client that comes back then is
+    admitted. A window that ends midway through a second (a rolling one counts from when its
+    budget or rate limit was made) was named at the whole second before its end, where the
+    request is still refused."""
+    clock = FrozenClock()
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
+    )
+    settings = BudgetSettings(
+        database_url=f"sqlite:///{tmp_path / 'store.db'}",
+        pricing_file=prices,
+        flush_interval_seconds=0.05,
+    )
+    engine = BudgetEngine(settings, clock=clock)
+    spender = engine.manager.create_virtual_key(
+        name="spender", budgets=[{"max_limit": 0.01, "reset_duration": "1h"}]
+    )
+    caller = engine.manager.create_virtual_key(
+        name="caller", rate_limit={"request_max_limit": 1, "request_reset_duration": "1m"}
+    )
+    made = int(clock()) - 0.5  # so that the windows end half a second past a whole one
+    with engine.store.session() as s:
+        budget = s.get(BudgetRow, spender.budgets[0].id)
+        limit = s.get(RateLimitRow, caller.rate_limit.id)
+        assert budget is not None and limit is not None
+        budget.last_reset = limit.request_last_reset = datetime.fromtimestamp(made, UTC)
+        s.commit()
+    clock.now = made + 1
+    app = host(engine)
+    async with running(app), client(app) as http:
+        for key, refused in ((spender.value, 402), (caller.value, 429)):
+            post = functools.partial(http.post, "/v1/chat/completions", json=BODY)
+            assert (await post(headers=auth(key))).status_code == 200
+            answer = await post(headers=auth(key))
+            assert answer.status_code == refused
+            message = answer.json()["error"]["message"]
+            named = datetime.fromisoformat(message.rsplit("(resets ", 1)[1].rstrip(")"))
+            clock.now = named.timestamp()
+            again = await post(headers=auth(key))
+            print(f"{message!r}: at {named:%H:%M:%S.%f} answered {again.status_code}")
+            assert again.status_code == 200

@@ -90,9 +90,12 @@ def unpriced_message(provider: str, model: str) -> str:
 
 
 def _when(ts: float | None) -> str:
+    """When the window resets, to the whole second rounded up as `Retry-After` is: a window
+    ending midway through a second (a rolling one counts from when its limit was made) has not
+    ended at the second before, where a client that came back then was refused again."""
     if ts is None:
         return "never resets"
-    return "resets " + datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "resets " + datetime.fromtimestamp(math.ceil(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _usd(nanos: int) -> str:
