@@ -26,7 +26,7 @@ import httpx
 
 from budget_middleware.core.admission import Refusal
 from budget_middleware.core.alerts import reached
-from budget_middleware.core.money import nanos_from_usd, usd_from_nanos, usd_text
+from budget_middleware.core.money import nanos_from_usd, usd_text
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import FAR_FUTURE, from_ts
 from budget_middleware.core.windows import WindowCounter
@@ -368,22 +368,17 @@ def _as_crossed(event: AlertEvent) -> dict[str, Any]:
     """The budget's money and window as the crossing found them, over what the store shows
     when the alert is written (requests settled since; a window begun since, when it is
     written late: the store away, or the crossing at a window's end)."""
-    spent, limit = event.spent, event.limit
-    start, end = event.window_start, event.window_end
-    seconds = int(end - start) if end != FAR_FUTURE else 0
-    return {
-        "spent": usd_from_nanos(spent),
-        "current_usage": usd_from_nanos(spent),
-        "remaining": usd_from_nanos(max(limit - spent, 0)),
-        "usage_ratio": spent / limit if limit else (1.0 if spent else 0.0),
-        "has_usage": spent > 0,
-        "period_start": from_ts(start),
-        "period_end": from_ts(end) if end != FAR_FUTURE else None,
-        "period_seconds": seconds,
-        "period_ratio": min(max((event.raised_at - start) / seconds, 0.0), 1.0) if seconds else 0.0,
-        "last_reset": from_ts(start),
-        "last_reset_at": from_ts(start),
-    }
+    from budget_middleware.manage.status import spend_and_window
+
+    start, end = from_ts(event.window_start), event.window_end
+    crossed = spend_and_window(
+        event.limit,
+        event.spent,
+        start,
+        from_ts(end) if end != FAR_FUTURE else None,
+        from_ts(event.raised_at),
+    )
+    return {**crossed, "last_reset": start, "last_reset_at": start}
 
 
 def _text(event: AlertEvent, budget: dict[str, Any], shadow: bool) -> str:

@@ -162,37 +162,48 @@ def budget_out(
     # `last_reset`: where the current window began (the stored one is the anchor it rolls from)
     last_reset = start if row.reset_duration is not None else utc(row.last_reset)
     amount = row.max_limit_nanos
-    seconds = int((end - start).total_seconds()) if end else 0
-    elapsed = (now - start).total_seconds()
     return BudgetOut(
         id=row.id,
         max_limit=usd_from_nanos(amount),
         reset_duration=row.reset_duration,
         last_reset=last_reset,
-        current_usage=usd_from_nanos(used),
         calendar_aligned=row.calendar_aligned,
         config_hash=row.config_hash,
         created_at=utc(row.created_at),
         updated_at=utc(row.updated_at),
         owner_type=row.owner_type,  # type: ignore[arg-type]
         amount=usd_from_nanos(amount),
-        spent=usd_from_nanos(used),
-        remaining=usd_from_nanos(max(amount - used, 0)),
-        usage_ratio=used / amount if amount else 1.0,  # $0 is used up: it refuses (§6)
-        period_start=start,
-        period_end=end,
         period_label=period_label(parse_duration(row.reset_duration)),
-        period_seconds=seconds,
-        period_ratio=min(max(elapsed / seconds, 0.0), 1.0) if seconds else 0.0,
         last_reset_at=last_reset,
         source=row.source,
-        has_usage=used > 0,
         soft=row.soft,
         alert_thresholds=row.alert_thresholds,
         reserved=usd_from_nanos(live.reserved) if live is not None else 0.0,
         user_path=path,
         **_owner(row),
+        **spend_and_window(amount, used, start, end, now),
     )
+
+
+def spend_and_window(
+    amount: int, used: int, start: datetime, end: datetime | None, now: datetime
+) -> dict[str, Any]:
+    """A budget's spend in its window, as its answers show it: `budget_out` at `now`, and an
+    alert's budget as its crossing found it (`engine.alerts`), by the one rule. A $0 budget is
+    used up (ratio 1.0): it refuses every request (SPEC §6)."""
+    seconds = int((end - start).total_seconds()) if end else 0
+    elapsed = (now - start).total_seconds()
+    return {
+        "current_usage": usd_from_nanos(used),
+        "spent": usd_from_nanos(used),
+        "remaining": usd_from_nanos(max(amount - used, 0)),
+        "usage_ratio": used / amount if amount else 1.0,
+        "has_usage": used > 0,
+        "period_start": start,
+        "period_end": end,
+        "period_seconds": seconds,
+        "period_ratio": min(max(elapsed / seconds, 0.0), 1.0) if seconds else 0.0,
+    }
 
 
 def _rate_usage(
