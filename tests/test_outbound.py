@@ -2238,3 +2238,54 @@ async def test_an_answer_declared_gzip_but_corrupt_is_charged_its_most_output(
     assert cost == inp * 2500 + 500 * 10_000  # gpt-4o: $2.50 / $10 per million tokens
     assert note is not None and note.endswith(": charged its most output"), note
     assert spent == pytest.approx(cost / 1e9)
+
+
+_LEFT_OPEN = (
+    _SCRIPT_START
+    + """
+
+async def main():
+    transport = BudgetTransport(httpx2.MockTransport(provider), settings)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key_id=key.id):
+            for _ in range(3):
+                answer = await http.post("https://api.openai.com/v1/chat/completions", json=body)
+                assert answer.status_code == 200, answer.text
+
+loop = asyncio.new_event_loop()  # run once, never closed: open, and not running at exit
+loop.run_until_complete(main())
+if sys.argv[2] == "then sync":  # a sync call after it, its engine's loop open and stopped
+    sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider), settings))
+    with charge_to(virtual_key_id=key.id):
+        answer = sync.post("https://api.openai.com/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+"""
+)
+
+
+@pytest.mark.parametrize("then", ["exit"])
+def test_charges_are_written_at_exit_when_the_script_s_loop_is_left_open(
+    tmp_path: Path, then: str
+) -> None:
+    """A script that runs its calls with `loop.run_until_complete` on a loop of its own and
+    never closes it: at exit that loop is open and runs nothing, and what is pending is written
+    there (the exit took it for a running loop that would flush: 3 calls, $0.0105, and no
+    record). A sync call made after it is served, not sent to that loop to wait for ever."""
+    script = tmp_path / "left_open.py"
+    script.write_text(_LEFT_OPEN)
+    url = f"sqlite:///{tmp_path / 'left_open.db'}"
+    try:
+        subprocess.run([sys.executable, str(script), url, then], check=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the script did not end in 60 s: a call waited for a loop that never runs")
+    store_engine = create_engine(url)
+    with store_engine.connect() as conn:
+        count, total = conn.execute(
+            text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
+        ).one()
+        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
+    store_engine.dispose()
+    print(f"{then}: written {count} records, ${total / 1e9:.4f}; budget ${usage / 1e9:.4f}")
+    calls = 3 if then == "exit" else 4
+    price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
+    assert (count, total, usage) == (calls, calls * price, calls * price)

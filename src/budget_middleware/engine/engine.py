@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -376,8 +376,13 @@ class BudgetEngine:
         if not (self._orphans or self.pending_records or self.pending_deltas):
             return
         loop = self.loop
+        run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
         if loop is not None and not loop.is_closed():
-            return  # a loop runs the engine: it settled them as it started, and flushes at exit
+            if loop.is_running():
+                return  # a loop runs the engine: it settled them as it started, and flushes
+            # Left open and running nothing (a script's `run_until_complete`, never closed):
+            # its flusher and connections are there, and it runs once more to write it all.
+            run = loop.run_until_complete
 
         async def settle_and_write() -> None:
             try:
@@ -391,7 +396,7 @@ class BudgetEngine:
             await self.shutdown()
 
         try:
-            asyncio.run(settle_and_write())
+            run(settle_and_write())
         except Exception:
             logger.exception(
                 "budget-middleware could not write its pending charges at exit (%d dropped "
