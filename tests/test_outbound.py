@@ -2263,7 +2263,7 @@ if sys.argv[2] == "then sync":  # a sync call after it, its engine's loop open a
 )
 
 
-@pytest.mark.parametrize("then", ["exit"])
+@pytest.mark.parametrize("then", ["exit", "then sync"])
 def test_charges_are_written_at_exit_when_the_script_s_loop_is_left_open(
     tmp_path: Path, then: str
 ) -> None:

@@ -171,7 +171,29 @@ def on_loop(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
             "called from the event loop its engine runs in, which it would block: use the async "
             "one there (BudgetTransport, BudgetMiddleware)"
         )
+    if not is_background(loop) and (_driven is loop or not loop.is_running()):
+        # The app's loop, left open and stopped (a script's `run_until_complete`): nothing
+        # would run the work sent there, and the wait would never end. This thread runs it, one
+        # thread at a time (one that found another running it waits for it, then runs its own).
+        with _driving:
+            if not loop.is_running():
+                return _drive(loop, engine, work)
     return asyncio.run_coroutine_threadsafe(_awaited(engine, work), loop).result()
+
+
+_driving = threading.Lock()  # held by the thread running a stopped loop for its work (`on_loop`)
+_driven: asyncio.AbstractEventLoop | None = None  # that loop, while it does
+
+
+def _drive(
+    loop: asyncio.AbstractEventLoop, engine: BudgetEngine, work: Callable[[], Awaitable[T]]
+) -> T:
+    global _driven
+    _driven = loop
+    try:
+        return loop.run_until_complete(_awaited(engine, work))
+    finally:
+        _driven = None
 
 
 async def _awaited(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
