@@ -856,3 +856,46 @@ async def test_an_inference_path_written_with_a_trailing_slash_meters_both_spell
     monkeypatch.setenv("BUDGET_INFERENCE_PATHS", "/chat/completions,//")
     with pytest.raises(SettingsError, match=r"BUDGET_INFERENCE_PATHS.*names no path"):
         BudgetSettings()
+
+
+async def test_a_first_request_cancelled_while_its_key_is_read_leaves_the_read_to_the_others(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inbound, as outbound: two first requests of a key share one store read; the one that
+    began it cancelled as it reads (its client gone) leaves the other answered by the read
+    (it waited for ever)."""
+    import asyncio
+    import threading
+
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+        reading, go = threading.Event(), threading.Event()
+        load = engine.store.load_key
+
+        def held(*args: Any) -> Any:
+            reading.set()
+            go.wait(30)
+            return load(*args)
+
+        monkeypatch.setattr(engine.store, "load_key", held)
+
+        def request() -> asyncio.Task[httpx.Response]:
+            return asyncio.create_task(
+                http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            )
+
+        first = request()
+        assert await asyncio.to_thread(reading.wait, 10)
+        second = request()
+        for _ in range(50):  # the second on its way to the read under way, and waiting on it
+            await asyncio.sleep(0)
+        first.cancel()
+        go.set()
+        try:
+            answer = await asyncio.wait_for(second, 10)
+        except TimeoutError:
+            pytest.fail("the second request waited for ever on the cancelled request's read")
+    print(f"first cancelled: {first.cancelled()}; second: {answer.status_code}")
+    assert first.cancelled() and answer.status_code == 200

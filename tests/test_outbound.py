@@ -2289,3 +2289,48 @@ def test_charges_are_written_at_exit_when_the_script_s_loop_is_left_open(
     calls = 3 if then == "exit" else 4
     price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
     assert (count, total, usage) == (calls, calls * price, calls * price)
+
+
+def _held(read: Callable[..., Any], reading: threading.Event, go: threading.Event) -> Any:
+    """`read` (a store read, in its worker thread), held until `go` once it has begun."""
+
+    def held(*args: Any) -> Any:
+        reading.set()
+        go.wait(30)
+        return read(*args)
+
+    return held
+
+
+async def test_a_first_call_cancelled_while_its_key_is_read_leaves_the_read_to_the_others(
+    engine: BudgetEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first calls of a key share one store read. The one that began it cancelled as it
+    reads (`asyncio.wait_for` around an SDK call): the other is answered by the read all the
+    same (it waited on a read nobody would finish, for ever)."""
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1}])
+    reading, go = threading.Event(), threading.Event()
+    monkeypatch.setattr(engine.store, "load_key", _held(engine.store.load_key, reading, go))
+    transport = BudgetTransport(httpx2.MockTransport(_ten_in_five_out), engine=engine)
+    async with httpx2.AsyncClient(transport=transport) as http:
+
+        async def call() -> httpx2.Response:
+            with charge_to(virtual_key=key.value):
+                return await http.post(_CHAT_URL, json=_CHAT_BODY)
+
+        first = asyncio.create_task(call())
+        assert await asyncio.to_thread(reading.wait, 10)
+        second = asyncio.create_task(call())
+        for _ in range(50):  # the second on its way to the read under way, and waiting on it
+            await asyncio.sleep(0)
+        first.cancel()
+        go.set()
+        try:
+            answer = await asyncio.wait_for(second, 10)
+        except TimeoutError:
+            pytest.fail("the second call waited for ever on the cancelled call's read")
+    await engine.flush()
+    rows = records(engine)
+    print(f"first cancelled: {first.cancelled()}; second: {answer.status_code}, {len(rows)} rows")
+    assert first.cancelled() and answer.status_code == 200
+    assert [r["outcome"] for r in rows] == ["completed"]

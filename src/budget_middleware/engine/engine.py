@@ -667,10 +667,17 @@ class BudgetEngine:
             return found
         key_hash = digest.hex()  # as the store keeps it
         pending = self._key_loads.get(key_hash)
-        if pending is not None:  # many first requests of one key share one store read
-            return await asyncio.shield(pending)
-        future: asyncio.Future[KeyConfig | None] = asyncio.get_running_loop().create_future()
-        self._key_loads[key_hash] = future
+        if pending is None:
+            # Many first requests of one key share one store read, a task of its own: a caller
+            # cancelled (`asyncio.wait_for` around an SDK call) leaves it to the others.
+            pending = self._key_loads[key_hash] = asyncio.ensure_future(
+                self._load_key(digest, key_hash)
+            )
+            pending.add_done_callback(_retrieved)
+        return await asyncio.shield(pending)
+
+    async def _load_key(self, digest: bytes, key_hash: str) -> KeyConfig | None:
+        """A key not cached, read from the store and cached (`lookup_key`'s shared read)."""
         try:
             record, current = await self._read_across_writes(self.store.load_key, key_hash)
             config = None if record is None else self.builder.key(record)
@@ -681,12 +688,9 @@ class BudgetEngine:
             else:
                 self.last_known[digest] = config
             self.store_ok = True
-            future.set_result(config)
             return config
         except Exception as exc:
             self._store_failed(exc)
-            future.set_exception(ServiceUnavailable("the budget store cannot be reached"))
-            future.exception()  # retrieved: waiters re-raise it themselves
             raise ServiceUnavailable("the budget store cannot be reached") from exc
         finally:
             del self._key_loads[key_hash]
@@ -1036,6 +1040,12 @@ class BudgetEngine:
         except Exception:
             store = "down"
         return {"store": store, "redis": await self.counters.health()}
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """A shared task's end: its exception retrieved (its callers, if any left, raise it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 # PostgreSQL's deadlock, serialization failure and lock-wait timeout: the write may pass if tried
