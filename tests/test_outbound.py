@@ -2334,3 +2334,32 @@ async def test_a_first_call_cancelled_while_its_key_is_read_leaves_the_read_to_t
     print(f"first cancelled: {first.cancelled()}; second: {answer.status_code}, {len(rows)} rows")
     assert first.cancelled() and answer.status_code == 200
     assert [r["outcome"] for r in rows] == ["completed"]
+
+
+async def test_a_call_cancelled_while_it_reloads_a_change_leaves_it_to_be_reloaded(
+    engine: BudgetEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change (a $0 budget for the provider) is reloaded by the next call; that call
+    cancelled as it reloads: the reload is done all the same, and the call after it is refused
+    (the reload was marked done though it was not: the old limits served until the TTL, 200)."""
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1}])
+    transport = BudgetTransport(httpx2.MockTransport(_ten_in_five_out), engine=engine)
+    async with httpx2.AsyncClient(transport=transport) as http:
+
+        async def call() -> httpx2.Response:
+            with charge_to(virtual_key=key.value):
+                return await http.post(_CHAT_URL, json=_CHAT_BODY)
+
+        assert (await call()).status_code == 200  # the key cached, the provider unlimited
+        reading, go = threading.Event(), threading.Event()
+        monkeypatch.setattr(
+            engine.store, "load_globals", _held(engine.store.load_globals, reading, go)
+        )
+        engine.manager.put_provider("openai", budgets=[{"max_limit": 0}])
+        reloading = asyncio.create_task(call())
+        assert await asyncio.to_thread(reading.wait, 10)
+        reloading.cancel()
+        go.set()
+        after = await asyncio.wait_for(call(), 10)
+    print(f"reloading call cancelled: {reloading.cancelled()}; the next: {after.status_code}")
+    assert reloading.cancelled() and after.status_code == 402

@@ -231,7 +231,7 @@ class BudgetEngine:
         self._keeps_orphans = False
         self.forked_at = 0.0  # perf_counter() at a fork: what was admitted before is the parent's
         self._pid = os.getpid()
-        self._reloading: asyncio.Future[None] | None = None
+        self._reloading: asyncio.Future[None] | None = None  # the reload under way
         self.store_ok = True
         self._start_lock: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -624,22 +624,23 @@ class BudgetEngine:
         on what the write replaced."""
         while self.stale:
             reloading = self._reloading
-            if reloading is not None:
-                await asyncio.shield(reloading)
-                continue
-            reloading = self._reloading = asyncio.get_running_loop().create_future()
-            self._changed = False
-            try:
-                self.keys.clear()
-                self._keys_by_id.clear()
-                await self.reload_globals()
-            finally:
-                self._reloading = None
-                # A write during the reload (another thread's) leaves it stale: reloaded again.
-                self.stale = False
-                if self._changed:
-                    self.stale = True
-                reloading.set_result(None)
+            if reloading is None:
+                # A task of its own: a caller cancelled as it reloads leaves the reload to be
+                # done (marked done before, the old limits served until the TTL).
+                reloading = self._reloading = asyncio.ensure_future(self._reload())
+                reloading.add_done_callback(_retrieved)
+            await asyncio.shield(reloading)
+
+    async def _reload(self) -> None:
+        self._changed = False
+        try:
+            self.keys.clear()
+            self._keys_by_id.clear()
+            await self.reload_globals()
+        finally:
+            self._reloading = None
+        # A write during the reload (another thread's) leaves it stale: reloaded again.
+        self.stale = self._changed
 
     def _store_failed(self, exc: BaseException) -> None:
         if self.store_ok:
