@@ -2363,3 +2363,24 @@ async def test_a_call_cancelled_while_it_reloads_a_change_leaves_it_to_be_reload
         after = await asyncio.wait_for(call(), 10)
     print(f"reloading call cancelled: {reloading.cancelled()}; the next: {after.status_code}")
     assert reloading.cancelled() and after.status_code == 402
+
+
+async def test_a_hook_given_again_for_each_job_reports_each_call_once(engine: BudgetEngine) -> None:
+    """The same `on_settled` given to a transport made per job, the jobs sharing one engine:
+    each call is reported once (it was once per time the hook was given: 3 jobs, 6 reports)."""
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1}])
+    reports: list[Any] = []
+
+    def bill(record: Any) -> None:
+        reports.append(record)
+
+    for _ in range(3):  # a job: its transport, its client, one call
+        transport = BudgetTransport(
+            httpx2.MockTransport(_ten_in_five_out), engine=engine, on_settled=bill
+        )
+        async with httpx2.AsyncClient(transport=transport) as http:
+            with charge_to(virtual_key=key.value):
+                assert (await http.post(_CHAT_URL, json=_CHAT_BODY)).status_code == 200
+    engine.hooks.drain()
+    print(f"3 jobs, one call each: {len(reports)} reports")
+    assert len(reports) == 3 and len({id(r) for r in reports}) == 3

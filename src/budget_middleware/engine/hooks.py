@@ -42,7 +42,9 @@ class Hooks:
         self._count = threading.Lock()  # hooks are emitted from several threads (WSGI)
 
     def add(self, **hooks: Hook | None) -> None:
-        """Add hooks by event name; an unknown name or a value that is not callable raises."""
+        """Add hooks by event name; an unknown name or a value that is not callable raises. A
+        hook given again (a transport made per job with the same `on_settled`) is not added
+        twice: it was called once per time it was given."""
         for name, hook in hooks.items():
             if name not in EVENTS:
                 raise TypeError(f"unknown hook {name!r}: expected one of {', '.join(EVENTS)}")
@@ -50,7 +52,9 @@ class Hooks:
                 continue
             if not callable(hook):
                 raise TypeError(f"{name} must be callable, got {type(hook).__name__}")
-            setattr(self, name, (*getattr(self, name), hook))
+            given: tuple[Hook, ...] = getattr(self, name)
+            if hook not in given:
+                setattr(self, name, (*given, hook))
 
     def emit(self, hooks: tuple[Hook, ...], item: Any) -> None:
         """Call each hook with `item`, off the caller's path; never raises (at interpreter exit
