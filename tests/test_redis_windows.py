@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -1100,3 +1101,53 @@ async def test_charges_made_without_redis_follow_new_terms_carried_meanwhile(
     )
     assert hour == 100
     assert spent == 100 * CENT
+
+
+async def test_the_first_request_of_a_window_cancelled_as_it_seeds_leaves_the_seed_to_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three first requests of a window whose key Redis does not hold yet: one seeds it from
+    the store, the others wait for its seed. That one cancelled as it reads the store (its
+    client gone): the seed is made all the same and the others are admitted (they were told
+    Redis was down: [503, 503], and a back-off began)."""
+    need_redis()
+    async with instances(tmp_path, REDIS_URL) as (one, _, _):
+        app = host(one)
+        async with running(app), client(app) as http:
+            key, _ = dollar_key(one)
+            reading, go = threading.Event(), threading.Event()
+            read = one.store.read_counters
+
+            def held(*args: Any) -> Any:
+                reading.set()
+                go.wait(30)
+                return read(*args)
+
+            monkeypatch.setattr(one.store, "read_counters", held)
+            seeds = one.counters._seed_windows  # type: ignore[attr-defined]
+            entered, all_in = [0], asyncio.Event()
+
+            async def counted(*args: Any) -> None:
+                entered[0] += 1
+                if entered[0] == 3:
+                    all_in.set()
+                await seeds(*args)
+
+            monkeypatch.setattr(one.counters, "_seed_windows", counted)
+
+            def request() -> asyncio.Task[httpx.Response]:
+                return asyncio.create_task(
+                    http.post("/v1/chat/completions", json=BODY, headers=auth(key))
+                )
+
+            seeding = request()
+            assert await asyncio.to_thread(reading.wait, 10)
+            waiting = [request(), request()]
+            await asyncio.wait_for(all_in.wait(), 10)  # both wait for the seed under way
+            seeding.cancel()
+            go.set()
+            statuses = [r.status_code for r in await asyncio.wait_for(asyncio.gather(*waiting), 10)]
+            backoff = one.counters._state.backoff  # type: ignore[attr-defined]
+    print(f"the seeding request cancelled: {seeding.cancelled()}; the others: {statuses}, "
+          f"back-off {backoff} s")  # fmt: skip
+    assert seeding.cancelled() and statuses == [200, 200] and backoff == 0

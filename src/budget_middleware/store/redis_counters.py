@@ -672,34 +672,34 @@ class RedisCounters(CounterBackend):
         theirs, plus this instance's charges to the window that the store may not hold yet,
         less those its own calls will add (`_transit`). One seed per key at a time in this
         instance: the others wait for it."""
-        loop = asyncio.get_running_loop()
         waits: list[asyncio.Future[None]] = []
-        mine: list[tuple[_Entry, asyncio.Future[None]]] = []
+        mine: dict[str, _Entry] = {}
         for entry in missing:
             key = entry.keys[0]
             future = self._seeding.get(key)
             if future is None:
-                future = self._seeding[key] = loop.create_future()
-                mine.append((entry, future))
-            waits.append(future)
+                mine.setdefault(key, entry)
+            elif future not in waits:
+                waits.append(future)
         if mine:
-            try:
-                await self._seed_now([entry for entry, _ in mine], now)
-            except BaseException as exc:
-                # Those who wait are told it failed (a RedisError), not cancelled with us.
-                told = exc if isinstance(exc, Exception) else RedisError("seed abandoned")
-                for entry, future in mine:
-                    if self._seeding.get(entry.keys[0]) is future:
-                        del self._seeding[entry.keys[0]]
-                    future.set_exception(told)
-                    future.exception()  # retrieved: those who wait are told by their await
-                raise
-            for entry, future in mine:
-                if self._seeding.get(entry.keys[0]) is future:
-                    del self._seeding[entry.keys[0]]
-                future.set_result(None)
+            # A task of its own, which those who wait for it wait on: the request that began it
+            # cancelled (its client gone) leaves the seed to them (they were told Redis was
+            # down: 503, and a back-off began).
+            seed = asyncio.ensure_future(self._seed_now(list(mine.values()), now))
+            for key in mine:
+                self._seeding[key] = seed
+            seed.add_done_callback(lambda done: self._seeded(list(mine), done))
+            waits.append(seed)
         for future in waits:
             await asyncio.shield(future)
+
+    def _seeded(self, keys: list[str], seed: asyncio.Future[None]) -> None:
+        """A seed's end: its keys are no longer being seeded; what it raised is its waiters'."""
+        for key in keys:
+            if self._seeding.get(key) is seed:
+                del self._seeding[key]
+        if not seed.cancelled():
+            seed.exception()  # retrieved: those who wait are told by their await
 
     async def _seed_now(self, missing: list[_Entry], now: float) -> None:
         # What this instance has not written is taken before the store is read: a charge
