@@ -517,6 +517,74 @@ async def test_charges_admitted_without_redis_are_added_to_it_when_it_is_back(
     assert (count, total) == (10, 10 * CENT)
 
 
+async def test_debts_paid_by_an_admission_its_caller_gave_up_on_reach_redis_once(
+    sqlite_url: str,
+) -> None:
+    """$1 a day, $0.01 a request, fail open, Redis behind a proxy: 2 requests through Redis,
+    two short outages (1 request without Redis, 1 with it again, each), Redis cut, 3 admitted
+    without it ($0.03 owed to it), Redis back but answering 0.4 s late. The next request's
+    caller gives up after 0.6 s (`asyncio.wait_for`): by then Redis has added the debts
+    (reconcile.lua, sent at 0.4 s, once the held slots are let go) and has not answered. They
+    were owed again, and added twice: Redis's window $0.13 for $0.10 spent (a fault hunt's).
+    The debts are paid whole now, whoever stops waiting: one more request, and Redis's window
+    holds what the store does."""
+    server = PrivateRedis()
+    server.start()
+    prefix = unique_prefix()
+    try:
+        with tcp_proxy(server.port) as proxy:
+            engine = BudgetEngine(
+                settings_for(
+                    sqlite_url,
+                    redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                    fail_open=True,
+                    redis_timeout_seconds=2,
+                    flush_interval_seconds=60,  # no heartbeat pays the debts meanwhile
+                )
+            )
+            use_prefix(engine, prefix)
+            app = fault_app(engine)
+            async with running(app), client(app) as http:
+                key = engine.manager.create_virtual_key(
+                    name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+                )
+                budget = key.budgets[0].id
+                await engine.invalidate()
+                assert await asked(http, key.value, 2) == [200, 200]
+                for _ in range(2):  # an outage before: Redis knows reconcile.lua since
+                    proxy.cut()
+                    assert await asked(http, key.value, 1) == [200]
+                    proxy.restore()
+                    await asyncio.sleep(2.2)  # past the back-off: Redis is asked again
+                    assert await asked(http, key.value, 1) == [200]
+                proxy.cut()
+                assert await asked(http, key.value, 3) == [200, 200, 200]
+                proxy.restore()
+                await asyncio.sleep(2.2)  # past the back-off: Redis is asked again
+                assert (await engine.health())["redis"] == "ok"  # a connection in the pool
+                proxy.reply_delay = 0.4
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(asked(http, key.value, 1), 0.6)
+                await asyncio.sleep(1.0)  # Redis's late answers are in
+                proxy.reply_delay = 0.0
+                assert await asked(http, key.value, 1) == [200]
+                assert await engine.flush()
+                count, total = records(engine, key.id)
+                stored = budget_usage(engine, budget)
+        direct = redis.Redis.from_url(server.url)
+        windows = list(direct.scan_iter(match=f"{prefix}w:*:{budget}:*"))
+        in_redis = sum(int(direct.get(k) or 0) for k in windows)
+        direct.close()
+    finally:
+        server.stop()
+    print(
+        f"debts $0.03 paid by an admission given up on: Redis's window ${in_redis / 1e9:.2f}, "
+        f"store ${stored / 1e9:.2f} ({count} records ${total / 1e9:.2f})"
+    )
+    assert (count, total) == (10, 10 * CENT)
+    assert in_redis == stored
+
+
 async def test_a_soft_budget_charged_without_redis_is_added_to_it_when_it_is_back(
     sqlite_url: str,
 ) -> None:

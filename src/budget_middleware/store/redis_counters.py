@@ -252,6 +252,7 @@ class RedisCounters(CounterBackend):
         self._carries: list[_Carrying] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # marks being written
+        self._paying: set[asyncio.Task[None]] = set()  # debts being paid (`_pay_debts_whole`)
         # Per budget, this instance's charges (their window's start, amount) that Redis added to
         # that window's key, since the flusher last took them: a reset elsewhere leaves them in
         # the old window (`_keep_the_old_window_s`).
@@ -310,6 +311,7 @@ class RedisCounters(CounterBackend):
         self.client = None
         self._heartbeat = None
         self._seeding.clear()
+        self._paying.clear()
 
     async def start(self) -> None:
         # BUDGET_REDIS_TIMEOUT_SECONDS bounds every call (connecting, then each reply): past it
@@ -352,6 +354,8 @@ class RedisCounters(CounterBackend):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
             self._heartbeat = None
+        if self._paying:  # answered before the connections go (else owed, and added again)
+            await asyncio.gather(*self._paying, return_exceptions=True)
         if self.client is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self.client.aclose(close_connection_pool=True)
@@ -570,7 +574,7 @@ class RedisCounters(CounterBackend):
             return self._fallback(candidates, now, None, most_remaining)
         if self._owed or self._releases or self._unsure:  # holds let go first
             try:
-                await self.pay_debts()
+                await self._pay_debts_whole()
             except (RedisError, OSError) as exc:
                 self._failed(exc)
                 return self._fallback(candidates, now, exc, most_remaining)
@@ -902,6 +906,22 @@ class RedisCounters(CounterBackend):
                 raise
             await self._into_windows([charges[i] for i in gone])
 
+    async def _pay_debts_whole(self) -> None:
+        """`pay_debts` in a task of its own, which the caller waits for: a caller that stops
+        waiting (a client gone, `asyncio.wait_for` around an SDK call, `stop`) does not cut it
+        between Redis adding a debt and its answer, which would leave the debt owed, and
+        added again."""
+        task = asyncio.get_running_loop().create_task(self.pay_debts())
+        self._paying.add(task)
+        task.add_done_callback(self._paid)
+        await asyncio.shield(task)
+
+    def _paid(self, task: asyncio.Task[None]) -> None:
+        self._paying.discard(task)
+        exc = None if task.cancelled() else task.exception()  # (retrieved: its caller may
+        if isinstance(exc, RedisError | OSError):  # have left; Redis is left alone all the same)
+            self._failed(exc)
+
     async def _reconciled(
         self, charges: list[tuple[str, WindowCounter, int]], bounds: list[tuple[float, float]]
     ) -> list[int]:
@@ -1074,7 +1094,7 @@ class RedisCounters(CounterBackend):
                 self._owed or self._releases or self._unsure
             ):  # what was charged while Redis was away first
                 with contextlib.suppress(RedisError, OSError, _StoreDown):
-                    await self.pay_debts()
+                    await self._pay_debts_whole()
             if self._carries:  # a window new terms moved: carried before it is charged
                 with contextlib.suppress(RedisError, OSError):
                     await self.write_marks()
@@ -1147,7 +1167,7 @@ class RedisCounters(CounterBackend):
             await asyncio.sleep(interval)
             try:
                 if (self._owed or self._releases or self._unsure) and not self._backing_off():
-                    await self.pay_debts()
+                    await self._pay_debts_whole()
                     self._recovered()
                 if (self._marks or self._carries) and not self._backing_off():
                     await self.write_marks()  # a reset made while Redis was away, say
@@ -1223,7 +1243,7 @@ class RedisCounters(CounterBackend):
                     int(restored),
                 )
         if owe and self._owed:
-            await self.pay_debts()
+            await self._pay_debts_whole()
         self._recovered()
 
     # -- faults --------------------------------------------------------------------------
