@@ -535,6 +535,49 @@ async def test_sdks_raise_on_an_exhausted_budget_once_without_retrying(
     assert "budget exceeded" in refused_too.value.message
 
 
+@pytest.mark.parametrize("kind", ["request", "token"])
+async def test_a_rate_limit_of_zero_refuses_every_request_once_without_retrying(
+    make_settings: Settings, kind: str
+) -> None:
+    # A limit of 0 refuses every request, as a $0 budget does (SPEC §6): its window's end is no
+    # time to come back (the SDK waited Retry-After and was refused again, twice).
+    import openai
+
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    calls: list[str] = []
+    transport = httpx.ASGITransport(_counted(app, calls))
+    async with running(app):
+        blocked = engine.manager.create_virtual_key(
+            name="blocked",
+            rate_limit={f"{kind}_max_limit": 0, f"{kind}_reset_duration": "1s"},
+        )
+        await engine.invalidate()
+        sdk = openai.AsyncOpenAI(
+            base_url="http://test/v1",
+            api_key=blocked.value or "",
+            http_client=httpx.AsyncClient(transport=transport),
+        )
+        with pytest.raises(openai.APIStatusError) as refused:
+            await sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+            )
+    headers = refused.value.response.headers
+    print(
+        f"{kind} limit 0: status {refused.value.status_code}, requests sent: {len(calls)}, "
+        f"retry-after {headers.get('retry-after')}, message {refused.value.message!r}"
+    )
+    assert calls == ["/v1/chat/completions"]  # one: no retry
+    assert refused.value.status_code == 429
+    assert refused.value.code == f"{kind}_limit_exceeded"
+    assert headers["x-should-retry"] == "false"
+    assert "retry-after" not in headers and "retry-after-ms" not in headers
+    assert "resets" not in refused.value.message
+    assert f"Virtual key 'blocked' {kind} limit of 0 refuses every request" in (
+        refused.value.message
+    )
+
+
 async def test_a_virtual_key_never_appears_in_a_log_an_answer_or_a_usage_record(
     make_settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -194,6 +194,30 @@ async def test_a_retryable_refusal_wins_with_the_shortest_retry_after(
     assert (told["provider"], told["model"]) == ("azure", "gpt-4o")
 
 
+async def test_a_rate_limit_of_zero_is_no_retryable_refusal_of_a_route(
+    make_settings: Settings,
+) -> None:
+    """A limit of 0 refuses every request, for ever (no `Retry-After`): every target refused,
+    the route answers the first target's refusal, final, as when no refusal is retryable."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=SPENT)
+        m.put_provider("azure", rate_limit={"request_max_limit": 0, "request_reset_duration": "1m"})
+        m.create_route(**ROUTE)
+        await engine.invalidate()
+        answer = await post(http)
+    error = answer.json()["error"]
+    print("answer:", answer.status_code, dict(answer.headers), error["message"])
+    assert answer.status_code == 402 and error["code"] == "budget_exceeded"
+    assert answer.headers["x-should-retry"] == "false" and "retry-after" not in answer.headers
+    assert targets_of(answer) == [
+        ("openai/gpt-4o", "budget_exceeded"),
+        ("azure/gpt-4o", "request_limit_exceeded"),
+    ]
+
+
 async def test_targets_the_key_may_not_use_are_skipped(make_settings: Settings) -> None:
     app = host_app(make_settings())
     engine = engine_of(app)

@@ -89,6 +89,11 @@ def unpriced_message(provider: str, model: str) -> str:
     )
 
 
+# Rate limits counted in windows: a limit of 0 refuses every request, final as an exhausted
+# budget is (no `Retry-After`: nothing passes when its window ends).
+_WINDOWED = {"request_limit_exceeded": "request", "token_limit_exceeded": "token"}
+
+
 def _when(ts: float | None) -> str:
     """When the window resets, to the whole second rounded up as `Retry-After` is: a window
     ending midway through a second (a rolling one counts from when its limit was made) has not
@@ -149,6 +154,15 @@ def refusal_answer(
                 "finish"
             )
         wait = 1.0
+    elif refusal.limit == 0 and code in _WINDOWED:  # no window's end lets one through
+        kind = _WINDOWED[code]
+        message = (
+            f"{owner} {kind} limit of 0 refuses every request (as a $0 budget does); "
+            f"raise its {kind}_max_limit to admit any"
+        )
+        return error_answer(
+            429, code, message, scope=scope_json, headers=[(b"x-should-retry", b"false")]
+        )
     elif code == "request_limit_exceeded":
         message = (
             f"{owner} request limit exceeded: {refusal.used} of {refusal.limit} requests ({when})"
@@ -201,7 +215,11 @@ def route_refusal_answer(
     shortest `Retry-After` of them (an exhausted budget is not one, even sent as 429), or
     else the first target's; its `error.targets` lists each target and its code. Returns the
     answer, the index of the target whose refusal it is, and its `error` object."""
-    retryable = [answer for _, code, answer in tried if code in _RETRYABLE]
+    retryable = [
+        answer
+        for _, code, answer in tried
+        if code in _RETRYABLE and any(name == b"retry-after-ms" for name, _ in answer.headers)
+    ]  # (a rate limit of 0 is final: no Retry-After)
     chosen = retryable[0] if retryable else tried[0][2]
     index = [answer for _, _, answer in tried].index(chosen)
     document = json.loads(chosen.body)
