@@ -557,6 +557,36 @@ async def test_alerts_list(store: dict[str, str], here: Here) -> None:
     assert {a["owner"]["name"] for a in alerts["alerts"]} == {"alice"}
     filtered = ok(here(store, "alerts list --owner-type team --json")).json()
     assert filtered == {"alerts": [], "count": 0}
+    for line in (
+        "alerts list --owner-id alice",
+        "alerts list --owner-type virtual_key --owner-id alice",
+    ):
+        named = ok(here(store, line + " --json")).json()  # by its name, as by its id
+        assert named["count"] == alerts["count"], line
+
+
+def test_an_owner_named_by_its_name_has_its_budgets_and_alerts_listed(
+    store: dict[str, str], here: Here
+) -> None:
+    """`--owner-id alice` (a name, as every other command takes one) printed "(none)" for
+    alice's budget: the filter took the name for an id. An owner is found by its id or its
+    name, with or without its type. (Alerts: `test_alerts_list`.)"""
+    ok(here(store, "teams create --name research --budget 10/1d"))
+    key = ok(here(store, "keys create --name alice --budget 5/1d --json")).json()["virtual_key"]
+    shown = {}
+    for line in (
+        "budgets list --owner-id alice",
+        "budgets list --owner-type virtual_key --owner-id alice",
+        f"budgets list --owner-type virtual_key --owner-id {key['id']}",
+        "budgets list --owner-type team --owner-id research",
+    ):
+        shown[line] = table(ok(here(store, line)).out)
+    by_json = ok(here(store, "budgets list --owner-id alice --json")).json()["budgets"]
+    print({line: rows[1:] for line, rows in shown.items()})
+    for line, rows in shown.items():
+        owner = "/research" if "team" in line else "/alice"
+        assert [row[1] for row in rows[1:]] == [owner], line
+    assert [b["virtual_key_id"] for b in by_json] == [key["id"]]
 
 
 # -- help ------------------------------------------------------------------------------------------

@@ -490,8 +490,39 @@ def entity_group(kind: Kind) -> click.Group:
 # -- budgets, usage, alerts, config ----------------------------------------------------------
 
 
+# Owners known by an id or a name (`resolve`), by their owner type; providers and tags are
+# known by their name only, a provider config by its id.
+_OWNERS = {kind.one: kind for kind in KINDS.values() if not kind.named and kind.command != "routes"}
+
+
+def _owner_filter(client: Client, owner_type: str | None, owner_id: str | None) -> Json:
+    """`--owner-type` and `--owner-id` as the admin API takes them: an owner named by its name
+    (`--owner-id alice`, as every other command takes one) by its id; without `--owner-type`,
+    the one customer, team, key or model config of that name. Anything else as given (a
+    provider's or a tag's name, the id of an owner deleted since: its alerts)."""
+    query: Json = {"owner_type": owner_type, "owner_id": owner_id}
+    if owner_id is None or owner_type not in (None, *_OWNERS):
+        return query
+    kinds = [_OWNERS[owner_type]] if owner_type is not None else list(_OWNERS.values())
+    found: list[tuple[str, Json]] = []
+    for kind in kinds:
+        try:
+            found.append((kind.one, resolve(client, kind, owner_id)))
+        except CliError as exc:
+            if exc.status != 404:
+                raise
+    if not found or any(item["id"] == owner_id for _, item in found):
+        return query
+    if len(found) > 1:
+        named = ", ".join(f"{one} {item['id']}" for one, item in found)
+        raise CliError(f"{named} are named {owner_id!r}: give --owner-type", status=409)
+    [(one, item)] = found
+    return {"owner_type": one, "owner_id": item["id"]}
+
+
 def _budgets_list(owner_type: str | None, owner_id: str | None) -> None:
-    answer = _existing().budgets({"owner_type": owner_type, "owner_id": owner_id})
+    client = _existing()
+    answer = client.budgets(_owner_filter(client, owner_type, owner_id))
     if _state().json:
         out.emit_json(answer)
     else:
@@ -512,7 +543,7 @@ def _budgets_reset(ref: str) -> None:
 
 _OWNER_FILTERS = [
     _opt("--owner-type", type=click.Choice(OWNER_TYPES), help="Only this kind of owner's."),
-    _opt("--owner-id", help="Only this owner's (for a provider or a tag: its name)."),
+    _opt("--owner-id", help="Only this owner's: its id or name (a provider's or a tag's name)."),
 ]
 
 budgets_group = click.Group(
@@ -577,8 +608,8 @@ usage_command = command(
 
 
 def _alerts_list(owner_type: str | None, owner_id: str | None, limit: int) -> None:
-    query = {"owner_type": owner_type, "owner_id": owner_id, "limit": limit}
-    answer = _existing().alerts(query)
+    client = _existing()
+    answer = client.alerts({**_owner_filter(client, owner_type, owner_id), "limit": limit})
     if _state().json:
         out.emit_json(answer)
         return
