@@ -552,9 +552,12 @@ async def test_alerts_list(store: dict[str, str], here: Here) -> None:
     rows = table(ok(listed).out)
     assert rows[0] == ["RAISED", "TYPE", "OWNER", "THRESHOLD", "BUDGET", "DELIVERY", "ATTEMPTS"]
     assert any(row[2] == "virtual_key alice" for row in rows[1:])
+    # No webhook URL: nowhere to deliver ("delivered" in 0 attempts, SPEC's enum), told so.
+    assert {(row[5], row[6]) for row in rows[1:]} == {("no webhook", "0")}
     alerts = ok(as_json).json()
     assert alerts["count"] >= 1 and alerts["count"] == len(alerts["alerts"])
     assert {a["owner"]["name"] for a in alerts["alerts"]} == {"alice"}
+    assert {(a["delivery"], a["attempts"]) for a in alerts["alerts"]} == {("delivered", 0)}
     filtered = ok(here(store, "alerts list --owner-type team --json")).json()
     assert filtered == {"alerts": [], "count": 0}
     for line in (

@@ -809,3 +809,43 @@ def test_a_budget_of_zero_is_shown_used_up(bare: Served) -> None:
     print("usage_ratio:", budget["usage_ratio"], "shown:", shown, over, "near the limit:", hot)
     assert budget["usage_ratio"] == 1.0
     assert (over, hot) == (["exhausted"], "1 of 1")
+
+
+def test_an_alert_with_no_webhook_to_go_to_is_shown_not_sent(bare: Served) -> None:
+    """With no `BUDGET_ALERT_WEBHOOK_URLS` an alert has nowhere to go: the API says
+    `"delivery": "delivered"` (nothing left to deliver, never tried again) with `attempts: 0`,
+    and the page showed it as a green "delivered", as if a webhook had it. It shows "no
+    webhook", as the CLI does."""
+    from playwright.sync_api import expect, sync_playwright
+
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"name": "stopped", "budgets": [{"max_limit": 0, "reset_duration": "1d"}]}
+    created = httpx.post(bare.admin + "/virtual-keys", json=body, headers=headers)
+    key = created.json()["virtual_key"]
+    refused = httpx.post(
+        bare.url + "/v1/chat/completions",
+        json=_chat("gpt-4o", 10),
+        headers={"Authorization": f"Bearer {key['value']}"},
+    )
+    assert refused.status_code == 402, refused.text  # raises budget.exhausted
+    deadline = time.monotonic() + 10
+    while not (alerts := httpx.get(bare.admin + "/alerts", headers=headers).json()["alerts"]):
+        assert time.monotonic() < deadline, "no alert was raised"
+        time.sleep(0.1)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox"])  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(10_000)
+            page.goto(bare.admin + "/ui")
+            page.fill("#admin-key", ADMIN_KEY)
+            page.click("#login-form button[type=submit]")
+            row = page.locator("#alerts tbody tr").first
+            expect(row).to_contain_text("stopped")
+            shown = row.locator("td").last.inner_text()
+        finally:
+            browser.close()
+    print("alert:", alerts[0]["delivery"], alerts[0]["attempts"], "shown:", repr(shown))
+    assert (alerts[0]["delivery"], alerts[0]["attempts"]) == ("delivered", 0)
+    assert shown == "no webhook"

@@ -77,7 +77,10 @@ class AlertOut(BaseModel):
     owner: AlertOwner
     threshold: float | None = Field(description="null for budget.exhausted")
     raised_at: datetime
-    delivery: str = Field(description="pending, delivered or failed")
+    delivery: str = Field(
+        description="pending, delivered or failed (delivered with 0 attempts: no webhook URL was "
+        "configured, nothing to deliver, nothing sent)"
+    )
     attempts: int
 
 

@@ -626,7 +626,7 @@ def _alerts_list(owner_type: str | None, owner_id: str | None, limit: int) -> No
             ("OWNER", owner),
             ("THRESHOLD", lambda a: a.get("threshold")),
             ("BUDGET", lambda a: a.get("budget_id")),
-            ("DELIVERY", lambda a: a.get("delivery")),
+            ("DELIVERY", out.delivery),
             ("ATTEMPTS", lambda a: a.get("attempts")),
         ],
     )

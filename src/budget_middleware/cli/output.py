@@ -61,6 +61,15 @@ def table(rows: Iterable[Json], columns: Sequence[Column], *, empty: str = "(non
         click.echo("  ".join(cells_).rstrip())
 
 
+def delivery(alert: Json) -> str:
+    """An alert's delivery state (SPEC §14), for people: one "delivered" in 0 attempts had no
+    webhook URL to go to (nothing to deliver), and was sent nowhere: "no webhook"."""
+    state = alert.get("delivery")
+    if state == "delivered" and alert.get("attempts") == 0:
+        return "no webhook"
+    return text(state)
+
+
 def fields(item: Json, names: Sequence[str]) -> None:
     """`name: value` lines of the item's fields that are present, in this order."""
     present = [n for n in names if n in item]

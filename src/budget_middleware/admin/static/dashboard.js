@@ -686,9 +686,13 @@
             owner.type ? h("span", { class: "muted" }, " " + (OWNER_LABEL[owner.type] || owner.type))
               : null),
           h("td", null, what),
-          h("td", null, h("span", { class: "pill " + (delivery[a.delivery] || "") },
-            a.delivery || "–"),
-            a.attempts ? h("span", { class: "muted" }, " ×" + a.attempts) : null));
+          // Delivered in 0 attempts: there was no webhook URL to go to, nothing was sent.
+          a.delivery === "delivered" && a.attempts === 0
+            ? h("td", null, h("span", { class: "pill", title: "no BUDGET_ALERT_WEBHOOK_URLS" },
+              "no webhook"))
+            : h("td", null, h("span", { class: "pill " + (delivery[a.delivery] || "") },
+              a.delivery || "–"),
+              a.attempts ? h("span", { class: "muted" }, " ×" + a.attempts) : null));
       })));
   }
 
