@@ -585,6 +585,73 @@ async def test_debts_paid_by_an_admission_its_caller_gave_up_on_reach_redis_once
     assert in_redis == stored
 
 
+async def test_a_settlement_its_caller_gave_up_on_lifts_no_limit_after_a_redis_restart(
+    sqlite_url: str,
+) -> None:
+    """$0.05 a day, $0.01 a request, Redis behind a proxy. The third request's caller gives up
+    after 0.2 s (`asyncio.wait_for`) while its settlement waits for Redis, which answers 0.4 s
+    late (Redis ran it; the store has it). Redis then restarts empty, and the key's window is
+    seeded again from the store: 5 requests in all, as the budget says. The settlement was left
+    "in transit" for ever, and every seed of that budget left its $0.01 out (a fault hunt's):
+    6 were admitted."""
+    server = PrivateRedis()
+    server.start()
+    prefix = unique_prefix()
+    try:
+        with tcp_proxy(server.port) as proxy:
+            engine = BudgetEngine(
+                settings_for(
+                    sqlite_url,
+                    redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                    redis_timeout_seconds=2,
+                )
+            )
+            use_prefix(engine, prefix)
+            app = FastAPI()
+
+            @app.post("/v1/chat/completions")
+            async def completions(request: Request) -> Response:
+                await request.body()
+                if request.headers.get("x-slow-settlement"):
+                    proxy.reply_delay = 0.4  # admitted already: the settlement waits
+                body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
+                return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
+
+            app.add_middleware(BudgetMiddleware, engine=engine)
+            async with running(app), client(app) as http:
+                key = engine.manager.create_virtual_key(
+                    name="alice", budgets=[{"max_limit": 0.05, "reset_duration": "1d"}]
+                )
+                await engine.invalidate()
+                codes = await asked(http, key.value, 2)
+                slow = {**bearer(key.value), "x-slow-settlement": "1"}
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(
+                        http.post("/v1/chat/completions", json=chat(), headers=slow), 0.2
+                    )
+                await asyncio.sleep(0.5)  # Redis's late answer is in
+                proxy.reply_delay = 0.0
+                assert await engine.flush()
+                server.kill(keep_data=False)
+                server.start()
+                await asyncio.sleep(2.2)  # past any back-off
+                for _ in range(6):
+                    codes += await asked(http, key.value, 1)
+                    if codes[-1] != 200:
+                        break
+                assert await engine.flush()
+                count, total = records(engine, key.id)
+    finally:
+        server.stop()
+    admitted = codes.count(200) + 1  # and the one given up on (admitted, answered, charged)
+    print(
+        f"a settlement given up on, then Redis restarted empty: codes {codes}; admitted "
+        f"{admitted} on a $0.05 budget (5 requests); store {count} records ${total / 1e9:.2f}"
+    )
+    assert (count, total) == (admitted, admitted * CENT)
+    assert admitted == 5
+
+
 async def test_a_soft_budget_charged_without_redis_is_added_to_it_when_it_is_back(
     sqlite_url: str,
 ) -> None:

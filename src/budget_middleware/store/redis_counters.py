@@ -1120,9 +1120,10 @@ class RedisCounters(CounterBackend):
                     keys, kinds = self._settle_layout(plan)
                 else:
                     raise RedisError("budget windows kept moving while being settled")
-            except (RedisError, OSError) as exc:
-                self._failed(exc)
-                # It may have run (answered past the timeout): added later only if it did not.
+            except (RedisError, OSError, asyncio.CancelledError) as exc:
+                # It may have run (answered past the timeout, or after its caller stopped
+                # waiting: `asyncio.wait_for` around an SDK call): added later only if it did
+                # not, and out of transit then, not left out of every seed of its windows.
                 charges = [
                     (e.keys[0], e.counter, tokens if e.kind == "t" else cost)
                     for e in plan
@@ -1131,6 +1132,9 @@ class RedisCounters(CounterBackend):
                 if charges:
                     self._unsure.append((self._done_key(ticket.request_id), charges))
                 self._releases.append((keys, [ticket.request_id, 0, 0, *kinds]))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                self._failed(exc)
                 return
             self._recovered()
             lost: list[tuple[str, WindowCounter, int]] = []
