@@ -197,7 +197,7 @@ async def test_a_retryable_refusal_wins_with_the_shortest_retry_after(
 async def test_a_rate_limit_of_zero_is_no_retryable_refusal_of_a_route(
     make_settings: Settings,
 ) -> None:
-    """A limit of 0 refuses every request, for ever (no `Retry-After`): every target refused,
+    """A limit of 0 refuses every request, for ever (`x-should-retry: false`): every target refused,
     the route answers the first target's refusal, final, as when no refusal is retryable."""
     app = host_app(make_settings())
     engine = engine_of(app)

@@ -90,8 +90,10 @@ def unpriced_message(provider: str, model: str) -> str:
 
 
 # Rate limits counted in windows: a limit of 0 refuses every request, final as an exhausted
-# budget is (no `Retry-After`: nothing passes when its window ends).
+# budget is. Its 429 keeps SPEC §8's `Retry-After` (the window's end) and says no retry can
+# pass, which the OpenAI and Anthropic SDKs obey before any status, and a route reads (final).
 _WINDOWED = {"request_limit_exceeded": "request", "token_limit_exceeded": "token"}
+_FINAL = (b"x-should-retry", b"false")
 
 
 def _when(ts: float | None) -> str:
@@ -116,6 +118,7 @@ def refusal_answer(
     owner = f"{_OWNER_LABELS[scope.type]} '{scope.name}'"
     scope_json = {"type": scope.type, "id": scope.id, "name": scope.name}
     code = refusal.code
+    final = False  # a retry cannot pass: `x-should-retry: false` beside SPEC §8's Retry-After
     when = _when(refusal.reset_at)
     now = time.time() if now is None else now
     if code == "budget_exceeded":
@@ -129,7 +132,7 @@ def refusal_answer(
             message,
             error_type="budget_exceeded",
             scope=scope_json,
-            headers=[(b"x-should-retry", b"false")],
+            headers=[_FINAL],
         )
     if code == "budget_reserved":
         if refusal.reserved >= MAX_CHARGE_NANOS:  # all one request can be charged: see gate
@@ -160,9 +163,8 @@ def refusal_answer(
             f"{owner} {kind} limit of 0 refuses every request (as a $0 budget does); "
             f"raise its {kind}_max_limit to admit any"
         )
-        return error_answer(
-            429, code, message, scope=scope_json, headers=[(b"x-should-retry", b"false")]
-        )
+        wait = _wait(refusal.reset_at, now)
+        final = True
     elif code == "request_limit_exceeded":
         message = (
             f"{owner} request limit exceeded: {refusal.used} of {refusal.limit} requests ({when})"
@@ -183,6 +185,8 @@ def refusal_answer(
         # window ended, not a fraction of a millisecond before its end.
         (b"retry-after-ms", str(max(math.ceil(wait * 1000), 1)).encode()),
     ]
+    if final:
+        retry.append(_FINAL)
     return error_answer(429, code, message, scope=scope_json, headers=retry)
 
 
@@ -216,16 +220,15 @@ def route_refusal_answer(
     else the first target's; its `error.targets` lists each target and its code. Returns the
     answer, the index of the target whose refusal it is, and its `error` object."""
     retryable = [
-        answer
-        for _, code, answer in tried
-        if code in _RETRYABLE and any(name == b"retry-after-ms" for name, _ in answer.headers)
-    ]  # (a rate limit of 0 is final: no Retry-After)
+        answer for _, code, answer in tried if code in _RETRYABLE and _FINAL not in answer.headers
+    ]  # (a rate limit of 0 is final)
     chosen = retryable[0] if retryable else tried[0][2]
     index = [answer for _, _, answer in tried].index(chosen)
     document = json.loads(chosen.body)
     document["error"]["targets"] = [{"target": target, "code": code} for target, code, _ in tried]
     body = json.dumps(document).encode()
-    headers = [h for h in chosen.headers if h[0] not in _RETRY_HEADERS]
+    dropped = _RETRY_HEADERS if retryable else (b"content-length",)  # a final 429 keeps its own
+    headers = [h for h in chosen.headers if h[0] not in dropped]
     headers.append((b"content-length", str(len(body)).encode()))
     if retryable:
         waits = [dict(answer.headers) for answer in retryable]
