@@ -644,6 +644,42 @@ async def test_audio_tokens_are_priced_at_the_audio_rates(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_reasoning_tokens_left_out_of_completion_tokens_are_charged(
+    make_settings: Settings, stream: bool
+) -> None:
+    """xAI's chat completions count a reasoning model's reasoning apart from `completion_tokens`
+    (`total_tokens` is prompt + completion + reasoning), and bill it as output: Grok 4's 2,000
+    answer and 6,000 reasoning tokens cost 8,000 output tokens' price, as genai-prices says."""
+    usage = {
+        "prompt_tokens": 10_000,
+        "completion_tokens": 2_000,
+        "total_tokens": 18_000,
+        "prompt_tokens_details": {"text_tokens": 10_000, "cached_tokens": 4_000},
+        "completion_tokens_details": {"reasoning_tokens": 6_000, "audio_tokens": 0},
+    }
+    model = "grok-4-0709"
+    if stream:
+        answer: dict[str, Any] | list[dict[str, Any]] = [
+            {"model": model, "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+            {"model": model, "choices": [], "usage": usage},
+        ]
+    else:
+        answer = {"model": model, "choices": [], "usage": usage}
+    row = await charged_for(make_settings, "/v1/chat/completions", f"xai/{model}", answer)
+    want = nanos(
+        Usage(input_tokens=10_000, cache_read_tokens=4_000, output_tokens=8_000), model, "x-ai"
+    )
+    print(
+        "6,000 reasoning tokens apart: charged",
+        row.cost_nanos,
+        "nano-dollars, genai-prices says",
+        want,
+    )
+    assert row.output_tokens == 8_000
+    assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 @pytest.mark.parametrize("cached", [0, 150_000], ids=["uncached", "cache-read"])
 async def test_long_context_requests_are_charged_their_tier(
     make_settings: Settings, stream: bool, cached: int

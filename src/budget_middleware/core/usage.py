@@ -140,6 +140,11 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             read = _count(read)  # None counts 0
         if type(out_details := usage.get("completion_tokens_details")) is dict:
             spoken = out_details.get("audio_tokens")
+            total = usage.get("total_tokens")
+            if type(total) is int and total > prompt + output:
+                # xAI counts reasoning apart from completion_tokens, in total_tokens only (OpenAI
+                # within both): what the total says is left out is output, up to the reasoning
+                output += min(_count(out_details.get("reasoning_tokens")), total - prompt - output)
         write = 0  # OpenAI's usage has no cache writes
         if "cache_creation_input_tokens" in usage:
             write = _count(usage["cache_creation_input_tokens"])
