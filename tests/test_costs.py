@@ -643,6 +643,53 @@ async def test_audio_tokens_are_priced_at_the_audio_rates(
     assert row.cost_nanos == want
 
 
+@pytest.mark.parametrize(
+    ("path", "usage"),
+    [
+        (
+            "/v1/chat/completions",
+            {
+                "prompt_tokens": 12,
+                "completion_tokens": 300,
+                "total_tokens": 312,
+                "search_context_size": "low",
+                "cost": {
+                    "input_tokens_cost": 0.000012,
+                    "output_tokens_cost": 0.0003,
+                    "request_cost": 0.005,
+                    "total_cost": 0.005312,
+                },
+            },
+        ),
+        (
+            "/v1/responses",
+            {
+                "input_tokens": 12,
+                "output_tokens": 300,
+                "total_tokens": 312,
+                "cost": {
+                    "currency": "USD",
+                    "input_cost": 0.000012,
+                    "output_cost": 0.0003,
+                    "tool_calls_cost": 0.005,
+                    "total_cost": 0.005312,
+                },
+            },
+        ),
+    ],
+    ids=["chat", "responses"],
+)
+async def test_a_cost_reported_as_an_object_is_the_charge(
+    make_settings: Settings, path: str, usage: dict[str, Any]
+) -> None:
+    """Perplexity reports what a request cost as an object (`usage.cost.total_cost`, USD), its
+    request or search fee included, which its token prices leave out: $0.005312 is the charge."""
+    answer = {"model": "sonar", "usage": usage}
+    row = await charged_for(make_settings, path, "perplexity/sonar", answer)
+    print("Perplexity's total_cost $0.005312: charged", row.cost_nanos, "nano-dollars")
+    assert (row.cost_source, row.cost_nanos) == ("usage", 5_312_000)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_reasoning_tokens_left_out_of_completion_tokens_are_charged(
     make_settings: Settings, stream: bool

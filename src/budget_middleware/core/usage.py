@@ -104,6 +104,10 @@ def _count(value: object) -> int:
 
 
 def _cost(value: object) -> float | None:
+    """`usage.cost` in USD: a number (OpenRouter, LiteLLM), or an object's `total_cost` in USD
+    (Perplexity's, fees its token prices leave out included)."""
+    if type(value) is dict and value.get("currency", "USD") == "USD":
+        value = value.get("total_cost")
     if type(value) is int or type(value) is float:
         cost = float(value)
         if math.isfinite(cost) and cost >= 0:
