@@ -727,6 +727,34 @@ async def test_reasoning_tokens_left_out_of_completion_tokens_are_charged(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_reasoning_tokens_left_out_of_a_responses_output_count_are_charged(
+    make_settings: Settings, stream: bool
+) -> None:
+    """A gateway answering the Responses API for Gemini counts its thoughts apart from
+    `output_tokens` (`total_tokens` is input + output + reasoning), as Gemini does: Google bills
+    them as output, so 198 answer and 405 thought tokens cost 603 output tokens' price."""
+    usage = {
+        "input_tokens": 1_000,
+        "output_tokens": 198,
+        "total_tokens": 1_603,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 405},
+    }
+    model = "gemini-2.5-flash"
+    response = {"model": model, "output": [], "usage": usage}
+    answer: dict[str, Any] | list[dict[str, Any]] = (
+        [{"type": "response.completed", "response": response}] if stream else response
+    )
+    row = await charged_for(make_settings, "/v1/responses", f"gemini/{model}", answer)
+    want = nanos(Usage(input_tokens=1_000, output_tokens=603), model, "google")
+    print(
+        "405 thought tokens apart: charged", row.cost_nanos, "nano-dollars, genai-prices says", want
+    )
+    assert row.output_tokens == 603
+    assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 @pytest.mark.parametrize("cached", [0, 150_000], ids=["uncached", "cache-read"])
 async def test_long_context_requests_are_charged_their_tier(
     make_settings: Settings, stream: bool, cached: int

@@ -144,11 +144,7 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             read = _count(read)  # None counts 0
         if type(out_details := usage.get("completion_tokens_details")) is dict:
             spoken = out_details.get("audio_tokens")
-            total = usage.get("total_tokens")
-            if type(total) is int and total > prompt + output:
-                # xAI counts reasoning apart from completion_tokens, in total_tokens only (OpenAI
-                # within both): what the total says is left out is output, up to the reasoning
-                output += min(_count(out_details.get("reasoning_tokens")), total - prompt - output)
+            output += _reasoning_apart(usage, out_details, prompt + output)
         write = 0  # OpenAI's usage has no cache writes
         if "cache_creation_input_tokens" in usage:
             write = _count(usage["cache_creation_input_tokens"])
@@ -187,11 +183,25 @@ def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
     output = _count(usage.get("output_tokens"))
     details = _details(usage, "input_tokens_details")
     if details is not None:  # Responses API: input_tokens already counts the cached ones
-        return _count(usage.get("input_tokens")), output, _count(details.get("cached_tokens")), 0
+        prompt = _count(usage.get("input_tokens"))
+        if type(out_details := usage.get("output_tokens_details")) is dict:
+            output += _reasoning_apart(usage, out_details, prompt + output)
+        return prompt, output, _count(details.get("cached_tokens")), 0
     # Anthropic: input_tokens leaves out cache reads and writes
     read = _count(usage.get("cache_read_input_tokens"))
     write = _count(usage.get("cache_creation_input_tokens"))
     return _count(usage.get("input_tokens")) + read + write, output, read, write
+
+
+def _reasoning_apart(usage: Mapping[str, Any], details: Mapping[str, Any], counted: int) -> int:
+    """The reasoning an answer counts apart from its output count (xAI's chat completions, and
+    gateways' renderings of Gemini's thoughts), which `total_tokens` then says it left out of
+    the `counted` input and output: output too, billed as such. 0 when the total counts nothing
+    more (OpenAI counts reasoning within its output)."""
+    total = usage.get("total_tokens")
+    if type(total) is not int or total <= counted:
+        return 0
+    return min(_count(details.get("reasoning_tokens")), total - counted)
 
 
 _COUNTS: Final = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
