@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlmodel import select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.core.pricing import estimate_nanos, for_service_tier
+from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.tables import UsageRecordRow
 from support import chat, client, engine_of, host_app, running
 
@@ -817,6 +819,43 @@ async def test_anthropic_web_searches_are_charged(make_settings: Settings, strea
     want = nanos(Usage(input_tokens=100, output_tokens=500, web_searches=3), model, "anthropic")
     print("3 web searches: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
     assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("hour", [5, 7, 12, 23])
+async def test_a_model_priced_by_the_time_of_day_is_charged_the_price_of_its_hour(
+    make_settings: Settings, hour: int
+) -> None:
+    """DeepSeek V4 Flash costs $0.30 / $1.20 per Mtok from 01:00 to 04:00 and 06:00 to 10:00
+    UTC, and $0.15 / $0.60 at every other hour: a request is charged the prices of the hour it
+    was made at, as genai-prices says (every hour's peak price was charged, twice the price)."""
+    model = "deepseek-v4-flash"
+    made = datetime.now(UTC).replace(hour=hour, minute=30, second=0, microsecond=0)
+    usage = {
+        "prompt_tokens": 10_000,
+        "completion_tokens": 2_000,
+        "total_tokens": 12_000,
+        "prompt_tokens_details": {"cached_tokens": 4_000},
+    }
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def answer() -> dict[str, Any]:
+        return {"model": model, "choices": [], "usage": usage}
+
+    engine = BudgetEngine(make_settings(), clock=made.timestamp)
+    wrapped = BudgetMiddleware(app, engine=engine)
+    async with running(wrapped), client(wrapped) as http:
+        sent = await http.post("/v1/chat/completions", json=chat(f"deepseek/{model}"))
+        assert sent.status_code == 200
+        rows = await records(engine)
+    want = calc_price(
+        Usage(input_tokens=10_000, cache_read_tokens=4_000, output_tokens=2_000),
+        model,
+        provider_id="deepseek",
+        genai_request_timestamp=made,
+    ).total_price
+    print(f"{hour:02}:30 UTC: charged", rows[0].cost_nanos, "nano-dollars, genai-prices", want)
+    assert rows[0].cost_nanos == int(want * 10**9)
 
 
 # -- service tiers: OpenAI's priority and flex, priced apart ------------------------------------

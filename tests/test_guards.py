@@ -28,7 +28,7 @@ from budget_middleware.core import admission
 from budget_middleware.core.admission import Refusal, Ticket
 from budget_middleware.core.durations import Duration, window_bounds
 from budget_middleware.core.identity import Credentials, TargetResolver
-from budget_middleware.core.pricing import cost_nanos
+from budget_middleware.core.pricing import at_time, cost_nanos
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.sse import SSEDecoder, StreamMeter
 from budget_middleware.core.usage import TokenUsage, usage_from_json, usage_from_mapping
@@ -692,13 +692,18 @@ def test_a_price_changed_on_a_date_is_charged_at_the_price_in_force_now() -> Non
     assert charged("openai", "o3") == catalog_nanos("openai", "o3")
 
 
-def test_a_time_of_day_discount_is_never_assumed_the_peak_price_is_charged() -> None:
+@pytest.mark.parametrize("model", ["deepseek-chat", "deepseek-v4-flash"])
+def test_a_time_of_day_price_is_charged_at_the_hour_the_request_is_made(model: str) -> None:
+    """DeepSeek Chat's off-peak discount and V4 Flash's peak hours: each half hour of a day
+    (and the minute each window starts and ends at) costs what genai-prices says then."""
     day = datetime(2026, 11, 20, tzinfo=UTC)
-    by_hour = [
-        catalog_nanos("deepseek", "deepseek-chat", day + timedelta(hours=h)) for h in range(24)
-    ]
-    assert min(by_hour) < max(by_hour)  # DeepSeek's off-peak discount
-    assert charged("deepseek", "deepseek-chat") == max(by_hour)
+    price = PriceBook().price("deepseek", model)
+    assert price is not None
+    moments = [day + timedelta(minutes=m) for m in range(0, 24 * 60, 30)]
+    moments += [day + timedelta(hours=h, minutes=m) for h in (0, 1, 4, 6, 10, 16) for m in (29, 59)]
+    by_time = [catalog_nanos("deepseek", model, at) for at in moments]
+    assert min(by_time) < max(by_time)  # priced apart by the hour
+    assert [cost_nanos(at_time(price, at.timestamp()), MILLION_EACH) for at in moments] == by_time
 
 
 @pytest.mark.parametrize("key", ["/gpt-4o", "openai/", " / "])

@@ -41,6 +41,9 @@ class ModelPrice:
     input tokens (cache reads and writes included) pays that tier's prices on every token.
     `service_tiers`: (name, prices) of the service tiers priced apart (OpenAI's `priority` and
     `flex`): a request served at one pays its prices (`for_service_tier`).
+    `daily`: (start, end, prices) of the hours priced apart each day (DeepSeek's peak hours),
+    in seconds after midnight UTC, an end before its start across midnight: a request made
+    within one pays the first such prices (`at_time`), at any other time these.
     """
 
     input_per_mtok: float
@@ -54,6 +57,7 @@ class ModelPrice:
     web_search_per_k: float | None = None  # USD per thousand searches
     tiers: tuple[tuple[int, ModelPrice], ...] = ()
     service_tiers: tuple[tuple[str, ModelPrice], ...] = ()
+    daily: tuple[tuple[float, float, ModelPrice], ...] = ()
     _rates: _Rates = field(init=False, repr=False, compare=False)  # computed once
 
     def __post_init__(self) -> None:
@@ -81,6 +85,19 @@ def in_force(price: ModelPrice, input_tokens: int) -> ModelPrice:
     for start, tier in reversed(price.tiers):  # usually none
         if input_tokens > start:
             return tier
+    return price
+
+
+_DAY = 86_400
+
+
+def at_time(price: ModelPrice, ts: float) -> ModelPrice:
+    """The prices of a request made at `ts` (epoch seconds): those of the hours of the day it
+    falls in, if any are priced apart (`daily`)."""
+    second = ts % _DAY
+    for start, end, prices in price.daily:
+        if start <= second < end if start <= end else (second >= start or second < end):
+            return prices
     return price
 
 

@@ -23,7 +23,7 @@ from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import Credentials, Target, TargetResolver, plain_path
 from budget_middleware.core.media import may_reference, media_references
 from budget_middleware.core.money import MAX_CHARGE_NANOS
-from budget_middleware.core.pricing import asked_prices, estimate_nanos
+from budget_middleware.core.pricing import asked_prices, at_time, estimate_nanos
 from budget_middleware.core.routing import Route
 from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts
@@ -369,6 +369,8 @@ class Gate:
         else:
             limits = key.resolve(engine.globals, target.provider, target.model, target.tags)
         price = self.price(target.provider, target.model)  # once: it prices the charge too
+        if price is not None and price.daily:  # priced by the hour (DeepSeek's peak hours)
+            price = at_time(price, now)
         if price is None and self.refuse_unpriced and refused is None:  # UNPRICED_MODELS=refuse
             refused = Refused(
                 403, "model_not_priced", unpriced_message(target.provider, target.model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
@@ -113,7 +113,21 @@ def _catalog_find(provider: str, model: str) -> tuple[gp.Provider, gp.ModelInfo]
 
 
 def _catalog_price(info: gp.ModelInfo) -> ModelPrice | None:
-    prices = _prices_in_force(info)
+    """The catalog's prices of a model, with the hours of the day it prices apart (`daily`)."""
+    prices, hours = _prices_in_force(info)
+    base = _priced(info, prices)
+    if base is None or not hours:
+        return base
+    daily = []
+    for start, end, priced in hours:
+        found = _priced(info, priced)
+        if found is not None:
+            daily.append((start, end, found))
+    return replace(base, daily=tuple(daily))
+
+
+def _priced(info: gp.ModelInfo, prices: gp.ModelPrice) -> ModelPrice | None:
+    """`prices` with their long-context tiers and the service tiers priced apart."""
     base = _with_tiers(prices)
     if base is None:  # priced per request, second, page...: not token-priced
         return None
@@ -167,21 +181,33 @@ def _variant(info: gp.ModelInfo, prices: gp.ModelPrice, tier: str) -> gp.ModelPr
     return gp.ModelPrice(**{**vars(prices), **overrides})
 
 
-def _prices_in_force(info: gp.ModelInfo) -> gp.ModelPrice:
+_Hours = list[tuple[float, float, gp.ModelPrice]]
+
+
+def _prices_in_force(info: gp.ModelInfo) -> tuple[gp.ModelPrice, _Hours]:
+    """The prices in force, and the hours of the day priced apart (start and end in seconds
+    after midnight UTC), the first that holds winning: as genai-prices resolves them, the last
+    conditional price in force wins. Start dates are resolved now (a price that starts later is
+    picked up on restart); the hours, by the time each request is made (`at_time`)."""
     if isinstance(info.prices, gp.ModelPrice):
-        prices = info.prices
-    else:
-        # The last conditional price in force wins. Start dates are resolved now (a price that
-        # starts later is picked up on restart); time-of-day prices are treated as always in force,
-        # so DeepSeek is charged its standard (peak) price around the clock, never less.
-        now = datetime.now(UTC)
-        prices = info.prices[0].prices
-        for conditional in reversed(info.prices):
-            c = conditional.constraint
-            if not isinstance(c, gp.StartDateConstraint) or c.active(now):
-                prices = conditional.prices
-                break
-    return prices
+        return info.prices, []
+    now = datetime.now(UTC)
+    prices = info.prices[0].prices
+    hours: _Hours = []
+    for conditional in reversed(info.prices):
+        c = conditional.constraint
+        if isinstance(c, gp.TimeOfDateConstraint):
+            hours.append((_seconds(c.start_time), _seconds(c.end_time), conditional.prices))
+        elif not isinstance(c, gp.StartDateConstraint) or c.active(now):
+            prices = conditional.prices
+            break
+    return prices, hours
+
+
+def _seconds(moment: time) -> float:
+    """A time of day as seconds after midnight UTC (a naive one is UTC)."""
+    day = datetime.combine(date(2000, 1, 1), moment, moment.tzinfo or UTC).astimezone(UTC)
+    return day.hour * 3600 + day.minute * 60 + day.second + day.microsecond / 1e6
 
 
 def _token_price(prices: gp.ModelPrice, above: int) -> ModelPrice | None:
