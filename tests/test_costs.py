@@ -693,6 +693,37 @@ async def test_a_cost_reported_as_an_object_is_the_charge(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize(
+    ("byok", "cost", "want"), [(True, 0.00095, 19_950_000), (False, 0.019, 19_000_000)]
+)
+async def test_an_openrouter_byok_answer_is_charged_the_upstream_provider_s_cost_too(
+    make_settings: Settings, stream: bool, byok: bool, cost: float, want: int
+) -> None:
+    """With the caller's own provider key (BYOK) OpenRouter's `usage.cost` is only its fee (5 %);
+    the provider bills the inference itself, `cost_details.upstream_inference_cost`: both are
+    spent, $0.00095 + $0.019. Without BYOK the upstream cost is within `cost` (equal to it)."""
+    usage = {
+        "prompt_tokens": 194,
+        "completion_tokens": 2,
+        "total_tokens": 196,
+        "cost": cost,
+        "is_byok": byok,
+        "cost_details": {"upstream_inference_cost": 0.019},
+    }
+    model = "anthropic/claude-sonnet-4"
+    if stream:
+        answer: dict[str, Any] | list[dict[str, Any]] = [
+            {"model": model, "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+            {"model": model, "choices": [], "usage": usage},
+        ]
+    else:
+        answer = {"model": model, "choices": [], "usage": usage}
+    row = await charged_for(make_settings, "/v1/chat/completions", f"openrouter/{model}", answer)
+    print(f"is_byok={byok}, cost ${cost}, upstream $0.019: charged", row.cost_nanos, "nano-dollars")
+    assert (row.cost_source, row.cost_nanos) == ("usage", want)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_reasoning_tokens_left_out_of_completion_tokens_are_charged(
     make_settings: Settings, stream: bool
 ) -> None:

@@ -103,11 +103,23 @@ def _count(value: object) -> int:
     return 0
 
 
-def _cost(value: object) -> float | None:
-    """`usage.cost` in USD: a number (OpenRouter, LiteLLM), or an object's `total_cost` in USD
-    (Perplexity's, fees its token prices leave out included)."""
+def _cost(usage: Mapping[str, Any]) -> float | None:
+    """What the usage says was paid, in USD: `usage.cost`, a number (OpenRouter, LiteLLM) or an
+    object's `total_cost` in USD (Perplexity's, fees its token prices leave out included); with
+    the caller's own provider key (OpenRouter's `is_byok`) that is only the gateway's fee, and
+    the provider's bill, `cost_details.upstream_inference_cost`, is added."""
+    value = usage["cost"]
     if type(value) is dict and value.get("currency", "USD") == "USD":
         value = value.get("total_cost")
+    cost = _usd(value)
+    if usage.get("is_byok") is True and type(details := usage.get("cost_details")) is dict:
+        upstream = _usd(details.get("upstream_inference_cost"))
+        if upstream is not None:
+            cost = upstream + (cost or 0.0)
+    return cost
+
+
+def _usd(value: object) -> float | None:
     if type(value) is int or type(value) is float:
         cost = float(value)
         if math.isfinite(cost) and cost >= 0:
@@ -162,7 +174,7 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         read = prompt
     if write > prompt - read:
         write = prompt - read
-    cost = _cost(usage["cost"]) if "cost" in usage else None
+    cost = _cost(usage) if "cost" in usage else None
     if not (prompt or output) and cost is None and not any(_readable(usage, k) for k in _COUNTS):
         return None  # input and output counts null, text or negative: no usage reported at all
     found = TokenUsage(prompt, output, read, write, cost)
