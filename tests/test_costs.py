@@ -724,6 +724,33 @@ async def test_an_openrouter_byok_answer_is_charged_the_upstream_provider_s_cost
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_xai_s_reported_cost_is_the_charge(make_settings: Settings, stream: bool) -> None:
+    """xAI reports what a request was billed in `usage.cost_in_usd_ticks` (1e-10 USD), its
+    server-side tools included, which token prices leave out: Grok 4's 10,000 tokens in
+    (4,000 cached) and 2,000 out ($0.051) with two web searches ($0.01) cost $0.061."""
+    usage = {
+        "prompt_tokens": 10_000,
+        "completion_tokens": 2_000,
+        "total_tokens": 12_000,
+        "prompt_tokens_details": {"text_tokens": 10_000, "cached_tokens": 4_000},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+        "server_side_tool_usage_details": {"web_search_calls": 2},
+        "cost_in_usd_ticks": 610_000_000,
+    }
+    model = "grok-4-0709"
+    if stream:
+        answer: dict[str, Any] | list[dict[str, Any]] = [
+            {"model": model, "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+            {"model": model, "choices": [], "usage": usage},
+        ]
+    else:
+        answer = {"model": model, "choices": [], "usage": usage}
+    row = await charged_for(make_settings, "/v1/chat/completions", f"xai/{model}", answer)
+    print("cost_in_usd_ticks 610,000,000 ($0.061): charged", row.cost_nanos, "nano-dollars")
+    assert (row.cost_source, row.cost_nanos) == ("usage", 61_000_000)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_reasoning_tokens_left_out_of_completion_tokens_are_charged(
     make_settings: Settings, stream: bool
 ) -> None:

@@ -103,11 +103,19 @@ def _count(value: object) -> int:
     return 0
 
 
+_TICKS: Final = "cost_in_usd_ticks"
+_TICKS_PER_USD: Final = 10_000_000_000
+
+
 def _cost(usage: Mapping[str, Any]) -> float | None:
     """What the usage says was paid, in USD: `usage.cost`, a number (OpenRouter, LiteLLM) or an
     object's `total_cost` in USD (Perplexity's, fees its token prices leave out included); with
     the caller's own provider key (OpenRouter's `is_byok`) that is only the gateway's fee, and
-    the provider's bill, `cost_details.upstream_inference_cost`, is added."""
+    the provider's bill, `cost_details.upstream_inference_cost`, is added. Without `cost`,
+    xAI's `cost_in_usd_ticks` (1e-10 USD)."""
+    if "cost" not in usage:  # xAI's: in ticks of 1e-10 USD, its server-side tools included
+        ticks = _usd(usage[_TICKS])
+        return None if ticks is None else ticks / _TICKS_PER_USD
     value = usage["cost"]
     if type(value) is dict and value.get("currency", "USD") == "USD":
         value = value.get("total_cost")
@@ -165,7 +173,7 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             prompt, output, read, write = _input_output(usage)
     elif "input_tokens" in usage or "output_tokens" in usage:
         prompt, output, read, write = _input_output(usage)
-    elif "cost" in usage:
+    elif "cost" in usage or _TICKS in usage:
         prompt = output = read = write = 0
     else:
         return None
@@ -174,7 +182,7 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         read = prompt
     if write > prompt - read:
         write = prompt - read
-    cost = _cost(usage) if "cost" in usage else None
+    cost = _cost(usage) if "cost" in usage or "cost_in_usd_ticks" in usage else None
     if not (prompt or output) and cost is None and not any(_readable(usage, k) for k in _COUNTS):
         return None  # input and output counts null, text or negative: no usage reported at all
     found = TokenUsage(prompt, output, read, write, cost)
