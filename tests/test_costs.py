@@ -815,6 +815,29 @@ async def test_reasoning_tokens_left_out_of_a_responses_output_count_are_charged
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_anthropic_fast_mode_is_charged_its_prices(
+    make_settings: Settings, stream: bool
+) -> None:
+    """Claude Opus 5 asked for `speed: "fast"` costs $10/$50 per Mtok, not $5/$25; its answer
+    says `usage.speed: "fast"`: 10,000 tokens in and 2,000 out cost $0.20, not $0.10."""
+    model = "claude-opus-5"
+    usage = {"input_tokens": 10_000, "output_tokens": 2_000, "speed": "fast"}
+    answer = anthropic_answer(usage, stream, model)
+    row = await charged_for(make_settings, "/v1/messages", model, answer, speed="fast")
+    want = int(
+        calc_price(
+            Usage(input_tokens=10_000, output_tokens=2_000),
+            model,
+            provider_id="anthropic",
+            price_context={"speed": "fast"},
+        ).total_price
+        * 10**9
+    )
+    print("fast mode: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 @pytest.mark.parametrize("cached", [0, 150_000], ids=["uncached", "cache-read"])
 async def test_long_context_requests_are_charged_their_tier(
     make_settings: Settings, stream: bool, cached: int

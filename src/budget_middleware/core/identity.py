@@ -43,14 +43,23 @@ POST = frozenset(map("".join, itertools.product(*zip("POST", "post", strict=True
 OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 CHOICE_FIELDS = ("n", "best_of")  # outputs generated (and billed) for one request
 PROMPT_FIELD = "prompt"  # a legacy completion's: a list of prompts is a batch, each completed
-# What prices a request beyond its model and size: its service tier (OpenAI's `priority`, `flex`).
+# What prices a request beyond its model and size: its service tier (OpenAI's `priority`, `flex`),
+# or its speed (Anthropic's fast mode, `fast`), named as a service tier.
 SERVICE_TIER_FIELD = "service_tier"
+SPEED_FIELD = "speed"
 # The fields that shape a request's worst-case cost, looked for at once.
 # The Responses API's `background: true`: answered at once, queued and without usage; the result
 # (and its usage) is fetched by a GET, which is no inference path.
 BACKGROUND_FIELD = "background"
 _SIZE_FIELDS = frozenset(
-    (*OUTPUT_LIMIT_FIELDS, *CHOICE_FIELDS, SERVICE_TIER_FIELD, PROMPT_FIELD, BACKGROUND_FIELD)
+    (
+        *OUTPUT_LIMIT_FIELDS,
+        *CHOICE_FIELDS,
+        SERVICE_TIER_FIELD,
+        SPEED_FIELD,
+        PROMPT_FIELD,
+        BACKGROUND_FIELD,
+    )
 )
 
 
@@ -329,6 +338,8 @@ class TargetResolver:
                         choices = value
             if SERVICE_TIER_FIELD in sized:
                 tier = tier_name(data[SERVICE_TIER_FIELD])
+            elif SPEED_FIELD in sized:
+                tier = tier_name(data[SPEED_FIELD])
             if PROMPT_FIELD in sized:
                 choices *= _batch(data[PROMPT_FIELD])
             if BACKGROUND_FIELD in sized and data[BACKGROUND_FIELD] is True:

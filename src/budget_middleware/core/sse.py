@@ -458,6 +458,8 @@ class StreamMeter:
             known = self._anthropic
             _merge_counts(known, usage, 2)
             usage = usage_from_mapping(known)
+            if usage is not None and "speed" in known:  # fast mode, priced apart
+                usage.service_tier = tier_name(known["speed"])
             if usage is not None and self._earlier is not None:
                 usage = _added(self._earlier, usage)
             self._take(usage)

@@ -53,8 +53,8 @@ class TokenUsage:
       `input_tokens` (0): of several requests' usages added (`plus`, a tool loop's turns), the
       largest one's, for each turn is priced by its own size (at most: all at the largest's).
     - `service_tier`: the service tier the answer says it was served at (OpenAI's top-level
-      `service_tier`: `default`, `priority`, `flex`), which some models price apart; None when it
-      does not say.
+      `service_tier`: `default`, `priority`, `flex`; Anthropic's `usage.speed`: `standard`,
+      `fast`), which some models price apart; None when it does not say.
     """
 
     input_tokens: int = 0
@@ -278,8 +278,10 @@ def usage_from_json(body: bytes, tiered: bool = False) -> TokenUsage | None:
         # Searched for before the usage only for a model priced by its tier (`tiered`): a body
         # without the key is searched whole (~25 µs for 100 KB), and most answers have none.
         tier = document.get("service_tier")
-        if tier is None and tiered and index > 0:
-            tier = _tier_before(body, index)
+        if tier is None and tiered:  # Anthropic's fast mode, in its usage; else OpenAI's, before
+            tier = usage.get("speed")
+            if tier is None and index > 0:
+                tier = _tier_before(body, index)
         if tier is not None:
             found.service_tier = tier_name(tier)
     return found

@@ -132,10 +132,11 @@ def _priced(info: gp.ModelInfo, prices: gp.ModelPrice) -> ModelPrice | None:
     if base is None:  # priced per request, second, page...: not token-priced
         return None
     # The service tiers priced apart (OpenAI's `priority` and `flex`, genai-prices' variants
-    # `when service_tier`), each a whole price of its own, long-context tiers included.
+    # `when service_tier`; Anthropic's fast mode, `when speed`), each a whole price of its own,
+    # long-context tiers included.
     served = []
     for tier in _service_tiers(info):
-        tiered = _with_tiers(_variant(info, prices, tier))
+        tiered = _with_tiers(_variant(info, prices, _only(tier)))
         if tiered is not None and tiered != base:
             served.append((tier, tiered))
     return replace(base, service_tiers=tuple(served)) if served else base
@@ -155,23 +156,39 @@ def _with_tiers(prices: gp.ModelPrice) -> ModelPrice | None:
     return replace(base, tiers=tiers) if tiers else base
 
 
+# What a variant is priced apart by, and is named by its value: the service tier (OpenAI's,
+# Gemini's: `priority`, `flex`), Anthropic's fast mode (`speed`: `fast`). No model of the
+# catalog has variants by both.
+_TIER_KEYS = ("service_tier", "speed")
+
+
 def _service_tiers(info: gp.ModelInfo) -> list[str]:
     """The service tiers the catalog prices this model's requests at apart, in its order."""
     names: list[str] = []
     for variant in info.price_variants or ():
-        tier = variant.when.get("service_tier")
-        if tier is not None and len(variant.when) == 1 and tier not in names:
-            names.append(tier)
+        if len(variant.when) == 1:
+            for key in _TIER_KEYS:
+                tier = variant.when.get(key)
+                if tier is not None and tier not in names:
+                    names.append(tier)
     return names
 
 
-def _variant(info: gp.ModelInfo, prices: gp.ModelPrice, tier: str) -> gp.ModelPrice:
-    """`prices` as a request served at `tier` pays them: each price of the first variant for
-    that tier in force that names it, as genai-prices resolves variants (started ones only)."""
+def _only(tier: str) -> list[dict[str, str]]:
+    """The `when` of a variant for the service tier `tier`, by each key it may be named by."""
+    return [{key: tier} for key in _TIER_KEYS]
+
+
+def _variant(
+    info: gp.ModelInfo, prices: gp.ModelPrice, when: list[dict[str, str]]
+) -> gp.ModelPrice:
+    """`prices` as a request served at a tier pays them: each price of the first variant for
+    that tier (`when` is one of `when`) in force that names it, as genai-prices resolves
+    variants (started ones only)."""
     now = datetime.now(UTC)
     overrides: dict[str, object] = {}
     for variant in info.price_variants or ():
-        if variant.when != {"service_tier": tier}:
+        if variant.when not in when:
             continue
         if variant.constraint is not None and not variant.constraint.active(now):
             continue
