@@ -815,6 +815,62 @@ async def test_reasoning_tokens_left_out_of_a_responses_output_count_are_charged
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("api", ["chat", "responses"])
+async def test_openai_cache_writes_are_priced_at_the_cache_write_rate(
+    make_settings: Settings, stream: bool, api: str
+) -> None:
+    """From GPT-5.6 on OpenAI bills the prompt tokens it writes to the cache at 1.25 times the
+    input price, and reports them in `cache_write_tokens` beside `cached_tokens`: GPT-5.6 Sol's
+    100,000 tokens in, 40,000 read from the cache and 50,000 written, as genai-prices says."""
+    model = "gpt-5.6-sol"
+    if api == "chat":
+        path, usage = (
+            "/v1/chat/completions",
+            {
+                "prompt_tokens": 100_000,
+                "completion_tokens": 2_000,
+                "total_tokens": 102_000,
+                "prompt_tokens_details": {"cached_tokens": 40_000, "cache_write_tokens": 50_000},
+                "completion_tokens_details": {"reasoning_tokens": 0},
+            },
+        )
+        answer: dict[str, Any] | list[dict[str, Any]] = (
+            [
+                {"model": model, "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+                {"model": model, "choices": [], "usage": usage},
+            ]
+            if stream
+            else {"model": model, "choices": [], "usage": usage}
+        )
+    else:
+        path, usage = (
+            "/v1/responses",
+            {
+                "input_tokens": 100_000,
+                "output_tokens": 2_000,
+                "total_tokens": 102_000,
+                "input_tokens_details": {"cached_tokens": 40_000, "cache_write_tokens": 50_000},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            },
+        )
+        response = {"model": model, "output": [], "usage": usage}
+        answer = [{"type": "response.completed", "response": response}] if stream else response
+    row = await charged_for(make_settings, path, f"openai/{model}", answer)
+    want = nanos(
+        Usage(
+            input_tokens=100_000,
+            cache_read_tokens=40_000,
+            cache_write_tokens=50_000,
+            output_tokens=2_000,
+        ),
+        model,
+        "openai",
+    )
+    print("50,000 cache writes: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_anthropic_fast_mode_is_charged_its_prices(
     make_settings: Settings, stream: bool
 ) -> None:

@@ -39,7 +39,8 @@ class TokenUsage:
     - `input_tokens`: every prompt token, cache reads and cache writes included. Anthropic reports
       them apart, so its `cache_read_input_tokens` and `cache_creation_input_tokens` are added in.
     - `cached_tokens`: the cache reads within `input_tokens` (priced at the cached-input rate).
-    - `cache_write_tokens`: the cache writes within `input_tokens` (priced at the cache-write rate).
+    - `cache_write_tokens`: the cache writes within `input_tokens` (priced at the cache-write rate):
+      Anthropic's `cache_creation_input_tokens`, OpenAI's `cache_write_tokens` (GPT-5.6 on).
     - `output_tokens`: generated tokens, reasoning included.
     - `cost`: `usage.cost` (USD) when the upstream reported one (OpenRouter, LiteLLM), else None.
     - `cache_write_1h_tokens`: the cache writes kept 1 hour, within `cache_write_tokens`
@@ -155,9 +156,11 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             output = _count(output)
         details = usage.get("prompt_tokens_details")
         # LiteLLM-style bodies also carry Anthropic's cache fields, as subsets of prompt_tokens
+        write = None
         if type(details) is dict:
             read = details.get("cached_tokens")
             heard = details.get("audio_tokens")
+            write = details.get("cache_write_tokens")  # GPT-5.6 on: paid apart, before none
         else:
             read = usage.get("cache_read_input_tokens")
         if type(read) is not int or read < 0:
@@ -165,9 +168,12 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         if type(out_details := usage.get("completion_tokens_details")) is dict:
             spoken = out_details.get("audio_tokens")
             output += _reasoning_apart(usage, out_details, prompt + output)
-        write = 0  # OpenAI's usage has no cache writes
         if "cache_creation_input_tokens" in usage:
-            write = _count(usage["cache_creation_input_tokens"])
+            write = usage["cache_creation_input_tokens"]
+        if write is None:
+            write = 0
+        elif type(write) is not int or write < 0:
+            write = _count(write)
         if not (prompt or output) and ("input_tokens" in usage or "output_tokens" in usage):
             # Both shapes, the OpenAI counts null or 0 (a gateway's): the other shape's counts
             prompt, output, read, write = _input_output(usage)
@@ -206,7 +212,8 @@ def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
         prompt = _count(usage.get("input_tokens"))
         if type(out_details := usage.get("output_tokens_details")) is dict:
             output += _reasoning_apart(usage, out_details, prompt + output)
-        return prompt, output, _count(details.get("cached_tokens")), 0
+        read, write = details.get("cached_tokens"), details.get("cache_write_tokens")
+        return prompt, output, _count(read), _count(write)
     # Anthropic: input_tokens leaves out cache reads and writes
     read = _count(usage.get("cache_read_input_tokens"))
     write = _count(usage.get("cache_creation_input_tokens"))
