@@ -497,3 +497,34 @@ async def test_a_stream_asked_for_its_usage_is_asked_of_the_app_in_clear(
     assert seen == ["identity"] and all(e["choices"] for e in events) and len(events) == 1
     assert (rows[0].output_tokens, rows[0].estimated) == (3, False)
     assert rows[0].cost_nanos == cost_of(7, 3)
+
+
+async def test_a_stream_that_ends_after_its_usage_chunk_without_done_is_charged_that_usage(
+    make_settings: Settings,
+) -> None:
+    """An app that streams an SDK's chunks back (`chunk.model_dump_json()`) often leaves out
+    OpenAI's `[DONE]`; its usage-only chunk (`choices: []`), which OpenAI sends last, still ends
+    the answer. It was read as a cut stream: the usage's own cost ($0.05, OpenRouter's) dropped,
+    the model unpriced, $0 charged and the record marked estimated."""
+    app = FastAPI()
+    usage = {"prompt_tokens": 1000, "completion_tokens": 300, "total_tokens": 1300, "cost": 0.05}
+
+    @app.post("/v1/chat/completions")
+    async def answer() -> Response:
+        chunks = [
+            _event([{"index": 0, "delta": {"content": "Hello"}}]),
+            _event([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+            _event([], usage),
+        ]
+        return Response(b"".join(chunks), media_type="text/event-stream")
+
+    wrapped = BudgetMiddleware(app, settings=make_settings())
+    body = chat("openrouter/acme/new-model", stream=True, stream_options={"include_usage": True})
+    async with running(wrapped), client(wrapped) as http:
+        sent = await http.post("/v1/chat/completions", json=body)
+        rows = await records(wrapped.engine)
+    assert sent.status_code == 200
+    row = rows[0]
+    print("no [DONE]: charged", row.cost_nanos, "nano-dollars,", row.cost_source, row.estimated)
+    assert (row.cost_nanos, row.cost_source, row.estimated) == (50_000_000, "usage", False)
+    assert (row.input_tokens, row.output_tokens) == (1000, 300)

@@ -247,6 +247,10 @@ class StreamMeter:
     only the unfinished tail of the current event is held back. Dropping needs an identity-encoded
     stream: the caller must not ask for it on a compressed one.
 
+    `completed`: the stream reached its end: `[DONE]`, OpenAI's usage-only chunk (the last it
+    sends: an app streaming an SDK's chunks back often leaves `[DONE]` out), `message_stop`,
+    `response.completed` or `.incomplete`.
+
     `usage` is the best known so far: OpenAI's usage chunk, `response.completed`'s usage, or
     Anthropic's `message_start` usage updated by `message_delta` (cumulative: each count keeps its
     highest value). Until `completed` it may be partial (Anthropic's output count only grows with
@@ -277,7 +281,7 @@ class StreamMeter:
 
     def __init__(self, drop_usage_chunk: bool = False) -> None:
         self.usage: TokenUsage | None = None
-        self.completed = False  # saw `[DONE]`, `response.completed`/`.incomplete`, `message_stop`
+        self.completed = False  # the stream's end was seen (see the class's doc)
         self.text_chars = 0
         self.text_at_usage = 0
         self.gave_up = False
@@ -413,7 +417,10 @@ class StreamMeter:
         if found is not None and "service_tier" in body:  # OpenAI's, on every chunk
             found.service_tier = tier_name(body["service_tier"])
         self._take(found)
-        return self._drop and choices == []
+        if choices == []:  # the usage-only chunk, OpenAI's last: the answer ended, `[DONE]` or not
+            self.completed = True
+            return self._drop
+        return False
 
     def _read_typed(self, kind: str, body: dict[str, Any]) -> None:
         if kind == "content_block_delta":
