@@ -167,7 +167,9 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             read = _count(read)  # None counts 0
         if type(out_details := usage.get("completion_tokens_details")) is dict:
             spoken = out_details.get("audio_tokens")
-            output += _reasoning_apart(usage, out_details, prompt + output)
+            total = usage.get("total_tokens")
+            if type(total) is int and total > prompt + output:  # more than it counts: xAI's
+                output += _reasoning_apart(out_details, total - prompt - output)
         if "cache_creation_input_tokens" in usage:
             write = usage["cache_creation_input_tokens"]
         if write is None:
@@ -210,8 +212,10 @@ def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
     details = _details(usage, "input_tokens_details")
     if details is not None:  # Responses API: input_tokens already counts the cached ones
         prompt = _count(usage.get("input_tokens"))
-        if type(out_details := usage.get("output_tokens_details")) is dict:
-            output += _reasoning_apart(usage, out_details, prompt + output)
+        total = usage.get("total_tokens")
+        out_details = usage.get("output_tokens_details")
+        if type(total) is int and total > prompt + output and type(out_details) is dict:
+            output += _reasoning_apart(out_details, total - prompt - output)  # more than counted
         read, write = details.get("cached_tokens"), details.get("cache_write_tokens")
         return prompt, output, _count(read), _count(write)
     # Anthropic: input_tokens leaves out cache reads and writes
@@ -220,15 +224,12 @@ def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
     return _count(usage.get("input_tokens")) + read + write, output, read, write
 
 
-def _reasoning_apart(usage: Mapping[str, Any], details: Mapping[str, Any], counted: int) -> int:
+def _reasoning_apart(details: Mapping[str, Any], left_out: int) -> int:
     """The reasoning an answer counts apart from its output count (xAI's chat completions, and
-    gateways' renderings of Gemini's thoughts), which `total_tokens` then says it left out of
-    the `counted` input and output: output too, billed as such. 0 when the total counts nothing
-    more (OpenAI counts reasoning within its output)."""
-    total = usage.get("total_tokens")
-    if type(total) is not int or total <= counted:
-        return 0
-    return min(_count(details.get("reasoning_tokens")), total - counted)
+    gateways' renderings of Gemini's thoughts), when `total_tokens` counts `left_out` tokens
+    more than its input and output: output too, billed as such, up to what the total says.
+    (OpenAI counts reasoning within its output, and its total is input and output alone.)"""
+    return min(_count(details.get("reasoning_tokens")), left_out)
 
 
 _COUNTS: Final = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
