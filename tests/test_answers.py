@@ -323,6 +323,60 @@ async def test_two_anthropic_messages_in_one_stream_are_both_charged(
     assert row.cost_nanos == 2 * cost(10_000, 500)
 
 
+def _completion(n: int, shape: str) -> list[bytes]:
+    """One turn of a tool loop, streamed as OpenAI does: 10,000 input and 500 output tokens."""
+    if shape == "chat":
+        head = {"id": f"c{n}", "object": "chat.completion.chunk"}
+        counts = {"prompt_tokens": 10_000, "completion_tokens": 500}
+        return [
+            event({**head, "choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": None}),
+            event({**head, "choices": [], "usage": counts}),
+        ]
+    response = {"id": f"r{n}", "object": "response", "model": "gpt-4o", "usage": None}
+    usage = {"input_tokens": 10_000, "output_tokens": 500, "total_tokens": 10_500}
+    return [
+        event({"type": "response.created", "response": response}, "response.created"),
+        event({"type": "response.output_text.delta", "delta": "hi"}, "response.output_text.delta"),
+        event(
+            {"type": "response.completed", "response": {**response, "usage": usage}},
+            "response.completed",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("shape", ["chat", "responses"])
+async def test_two_openai_completions_in_one_stream_are_both_charged(
+    settings: BudgetSettings, shape: str
+) -> None:
+    """An app that streams a tool loop's two turns as two OpenAI completions (or responses) in
+    one answer, each its own `id` and usage: the second's usage replaced the first's (10,000
+    input and 500 output tokens charged of 20,000 and 1,000), as two Anthropic messages' did."""
+    chunks = _completion(1, shape) + _completion(2, shape)
+    if shape == "chat":
+        chunks.append(b"data: [DONE]\n\n")
+    row = await charged(settings, SSE, chunks, {**STREAM_REQUEST, "max_tokens": 1000})
+    print(f"{shape}: charged {row.input_tokens} in, {row.output_tokens} out, {row.cost_nanos}")
+    assert (row.input_tokens, row.output_tokens, row.estimated) == (20_000, 1000, False)
+    assert row.cost_nanos == 2 * cost(10_000, 500)
+
+
+async def test_usage_on_every_chunk_of_one_completion_counts_once(
+    settings: BudgetSettings,
+) -> None:
+    """vLLM's usage on every chunk (one `id`) counts all so far: the last one is the charge,
+    not their sum."""
+    head = {"id": "c1", "object": "chat.completion.chunk"}
+    chunks = [
+        event({**head, "choices": [{"index": 0, "delta": {"content": "hi"}}],
+               "usage": {"prompt_tokens": 10_000, "completion_tokens": n}})
+        for n in (1, 2, 3)
+    ]  # fmt: skip
+    last = {"prompt_tokens": 10_000, "completion_tokens": 3}
+    chunks += [event({**head, "choices": [], "usage": last}), b"data: [DONE]\n\n"]
+    row = await charged(settings, SSE, chunks, STREAM_REQUEST)
+    assert (row.input_tokens, row.output_tokens, row.estimated) == (10_000, 3, False)
+
+
 # -- found by the review of the fixes above -------------------------------------------------
 
 

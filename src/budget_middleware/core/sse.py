@@ -269,8 +269,10 @@ class StreamMeter:
         "_earlier",
         "_gap",
         "_owe_lf",
+        "_own",
         "_text_start",
         "_usage_at_gap",
+        "_usage_id",
         "completed",
         "gave_up",
         "model",
@@ -289,7 +291,13 @@ class StreamMeter:
         self._drop = drop_usage_chunk
         self._decoder: SSEDecoder | None = SSEDecoder()  # None: gave up reading (see _MAX_PENDING)
         self._anthropic: dict[str, Any] = {}  # Anthropic usage fields so far, the last value wins
-        self._earlier: TokenUsage | None = None  # of the Anthropic messages before this one
+        # Of the messages (Anthropic) or completions and responses (OpenAI) before this one in
+        # the stream: a tool loop's turns streamed as one answer, each its own usage.
+        self._earlier: TokenUsage | None = None
+        self._own: TokenUsage | None = (
+            None  # the usage of the OpenAI completion or response read last
+        )
+        self._usage_id: object = None  # that completion's or response's `id`
         self._text_start = 0  # `text_chars` when the current Anthropic message began
         self._owe_lf = False  # a dropped event ended in CR: a LF right after it is part of it
         self._gap: int | None = None  # skipping an event over _MAX_PENDING (see `_gap_end`)
@@ -414,8 +422,10 @@ class StreamMeter:
         if not isinstance(usage, dict):  # `"usage": null` on every chunk but the last
             return False
         found = usage_from_mapping(usage)
-        if found is not None and "service_tier" in body:  # OpenAI's, on every chunk
-            found.service_tier = tier_name(body["service_tier"])
+        if found is not None:
+            if "service_tier" in body:  # OpenAI's, on every chunk
+                found.service_tier = tier_name(body["service_tier"])
+            found = self._of_completion(body.get("id"), found)
         self._take(found)
         if choices == []:  # the usage-only chunk, OpenAI's last: the answer ended, `[DONE]` or not
             self.completed = True
@@ -454,9 +464,22 @@ class StreamMeter:
                     found = usage_from_mapping(usage)
                     if found is not None:
                         found.service_tier = tier_name(response.get("service_tier"))
+                        found = self._of_completion(response.get("id"), found)
                     self._take(found)
             if kind in ("response.completed", "response.incomplete"):
                 self.completed = True
+
+    def _of_completion(self, ident: object, usage: TokenUsage) -> TokenUsage:
+        """An OpenAI completion's or response's usage, with those of the ones before it in the
+        stream: a usage of another `id` ends the one before (a tool loop's turns, each with its
+        usage chunk; only the last was charged), one of the same `id` replaces its own (vLLM's
+        usage on every chunk counts all so far)."""
+        if ident != self._usage_id:
+            if self._own is not None:
+                self._earlier = _added(self._earlier, self._own)
+            self._usage_id = ident
+        self._own = usage
+        return usage if self._earlier is None else self._earlier.plus(usage)
 
     def _merge_anthropic(self, usage: object) -> None:
         # message_delta counts are cumulative, input/cache ones may repeat: never added, and
