@@ -582,6 +582,39 @@ def bare(tmp_path: Path) -> Iterator[Served]:
         process.wait(15)
 
 
+@contextmanager
+def _signed_in(served: Served, viewport: dict[str, int] | None = None) -> Iterator[Any]:
+    """A page of the dashboard in headless chromium, signed in with the admin key."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox"])  # fmt: skip
+        try:
+            page = browser.new_page(viewport=viewport) if viewport else browser.new_page()
+            page.set_default_timeout(10_000)
+            page.goto(served.admin + "/ui")
+            page.fill("#admin-key", ADMIN_KEY)
+            page.click("#login-form button[type=submit]")
+            yield page
+        finally:
+            browser.close()
+
+
+def _stopped_key(served: Served) -> None:
+    """A key named `stopped` with a $0 budget, refused once (402: `budget.exhausted` raised)."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"name": "stopped", "budgets": [{"max_limit": 0, "reset_duration": "1d"}]}
+    created = httpx.post(served.admin + "/virtual-keys", json=body, headers=headers)
+    key = created.json()["virtual_key"]
+    refused = httpx.post(
+        served.url + "/v1/chat/completions",
+        json=_chat("gpt-4o", 10),
+        headers={"Authorization": f"Bearer {key['value']}"},
+    )
+    assert refused.status_code == 402, refused.text
+
+
 def test_a_key_no_header_can_carry_is_told_at_sign_in(bare: Served) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -611,7 +644,7 @@ def test_a_key_no_header_can_carry_is_told_at_sign_in(bare: Served) -> None:
 def test_a_cause_every_call_fails_for_is_told_once(bare: Served) -> None:
     """The store away: the six calls of a refresh fail alike (503 naming it), and the page said
     so six times over, in one line; it says it once."""
-    from playwright.sync_api import Route, expect, sync_playwright
+    from playwright.sync_api import Route, expect
 
     down = {"error": {"message": "the store is unavailable", "type": "server_error"}}
 
@@ -621,27 +654,17 @@ def test_a_cause_every_call_fails_for_is_told_once(bare: Served) -> None:
         else:
             route.fulfill(status=503, json=down)
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox"])  # fmt: skip
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(10_000)
-            page.goto(bare.admin + "/ui")
-            page.fill("#admin-key", ADMIN_KEY)
-            page.click("#login-form button[type=submit]")
-            expect(page.locator("#app")).to_be_visible()
-            # The first load over (a refresh asked for while one runs is not made again)
-            page.wait_for_function("() => document.body.dataset.loaded !== undefined")
-            page.route(bare.admin + "/**", store_away)
-            page.click("#refresh")
-            shown = page.locator("#app-error")
-            expect(shown).to_contain_text("the store is unavailable")
-            text = shown.inner_text()
-            print("shown:", text)
-            assert text.count("the store is unavailable") == 1
-        finally:
-            browser.close()
+    with _signed_in(bare) as page:
+        expect(page.locator("#app")).to_be_visible()
+        # The first load over (a refresh asked for while one runs is not made again)
+        page.wait_for_function("() => document.body.dataset.loaded !== undefined")
+        page.route(bare.admin + "/**", store_away)
+        page.click("#refresh")
+        shown = page.locator("#app-error")
+        expect(shown).to_contain_text("the store is unavailable")
+        text = shown.inner_text()
+        print("shown:", text)
+        assert text.count("the store is unavailable") == 1
 
 
 def test_a_budget_of_a_fraction_of_a_cent_can_be_set_from_the_page(bare: Served) -> None:
@@ -649,37 +672,27 @@ def test_a_budget_of_a_fraction_of_a_cent_can_be_set_from_the_page(bare: Served)
     operator changes a budget and creates a key from the page (§16). The limit fields had
     `step="0.01"`: the browser refused $0.0025 ("The two nearest valid values are 0 and 0.01")
     before the page could send it, and nothing was saved."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     body = {"name": "tiny", "budgets": [{"max_limit": 0.005, "reset_duration": "1d"}]}
     created = httpx.post(bare.admin + "/customers", json=body, headers=headers)
     assert created.status_code == 201, created.text
     customer = created.json()["customer"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox"])  # fmt: skip
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(10_000)
-            page.goto(bare.admin + "/ui")
-            page.fill("#admin-key", ADMIN_KEY)
-            page.click("#login-form button[type=submit]")
-            row = page.locator(f'li.budget[data-id="{customer["budgets"][0]["id"]}"]')
-            row.locator('[data-action="edit"]').click()
-            page.fill("#edit-limit", "0.0025")
-            page.click("#edit-save")
-            refused = page.evaluate("() => document.getElementById('edit-limit').validationMessage")
-            print("browser refused:", refused or "nothing")
-            page.wait_for_function("() => !document.getElementById('edit-dialog').open")
-            expect(row.locator('[data-field="limit"]')).to_have_text("$0.0025")
+    with _signed_in(bare) as page:
+        row = page.locator(f'li.budget[data-id="{customer["budgets"][0]["id"]}"]')
+        row.locator('[data-action="edit"]').click()
+        page.fill("#edit-limit", "0.0025")
+        page.click("#edit-save")
+        refused = page.evaluate("() => document.getElementById('edit-limit').validationMessage")
+        print("browser refused:", refused or "nothing")
+        page.wait_for_function("() => !document.getElementById('edit-dialog').open")
+        expect(row.locator('[data-field="limit"]')).to_have_text("$0.0025")
 
-            page.fill("#create-name", "nano")
-            page.fill("#create-limit", "0.000000001")
-            page.click("#create-form button[type=submit]")
-            expect(page.locator("#new-key-value")).to_have_text(re.compile(r"^sk-bm-"))
-        finally:
-            browser.close()
+        page.fill("#create-name", "nano")
+        page.fill("#create-limit", "0.000000001")
+        page.click("#create-form button[type=submit]")
+        expect(page.locator("#new-key-value")).to_have_text(re.compile(r"^sk-bm-"))
     saved = httpx.get(bare.admin + f"/customers/{customer['id']}", headers=headers).json()
     keys = httpx.get(bare.admin + "/virtual-keys", headers=headers).json()["virtual_keys"]
     limits = (saved["customer"]["budgets"][0]["max_limit"], keys[0]["budgets"][0]["max_limit"])
@@ -691,7 +704,7 @@ def test_an_amount_under_a_cent_is_shown_as_charged(bare: Served) -> None:
     """An amount under a cent was rounded to 3 significant digits: $0.0049996 spent of a
     $0.005 budget read `$0.005 of $0.005`, not marked exhausted. It is shown as charged, to
     the nano-dollar, as the refusals and the CLI write it."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     body = {"name": "tiny", "budgets": [{"max_limit": 0.005, "reset_duration": "1d"}]}
@@ -707,29 +720,18 @@ def test_an_amount_under_a_cent_is_shown_as_charged(bare: Served) -> None:
     query = f"/budgets?from_memory=true&owner_type=virtual_key&owner_id={key['id']}"
     [budget] = httpx.get(bare.admin + query, headers=headers).json()["budgets"]
     assert budget["spent"] == 0.0049996
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox"])  # fmt: skip
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(10_000)
-            page.goto(bare.admin + "/ui")
-            page.fill("#admin-key", ADMIN_KEY)
-            page.click("#login-form button[type=submit]")
-            row = page.locator(f'li.budget[data-id="{budget["id"]}"]')
-            expect(row).to_be_visible()
-            shown = [row.locator(f'[data-field="{f}"]').inner_text() for f in ("spent", "limit")]
-            print("api:", budget["spent"], budget["max_limit"], "shown:", shown)
-            assert shown == ["$0.0049996", "$0.005"]
-        finally:
-            browser.close()
+    with _signed_in(bare) as page:
+        row = page.locator(f'li.budget[data-id="{budget["id"]}"]')
+        expect(row).to_be_visible()
+        shown = [row.locator(f'[data-field="{f}"]').inner_text() for f in ("spent", "limit")]
+        print("api:", budget["spent"], budget["max_limit"], "shown:", shown)
+        assert shown == ["$0.0049996", "$0.005"]
 
 
 def test_spend_by_tag_is_drawn_within_the_chart(bare: Served) -> None:
     """By tag, a request with two tags counts under each (`GET /usage`), so a day's stacked
     bar is taller than the day's spend; the axis was scaled to the day's spend, and the
     segments above it were drawn outside the chart (y < 0: tags b and c not seen at all)."""
-    from playwright.sync_api import sync_playwright
 
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     created = httpx.post(bare.admin + "/virtual-keys", json={"name": "tagged"}, headers=headers)
@@ -746,26 +748,16 @@ def test_spend_by_tag_is_drawn_within_the_chart(bare: Served) -> None:
     while _stored_requests(bare) < 3:  # /usage reads the store
         assert time.monotonic() < deadline, "the usage records were not written"
         time.sleep(0.05)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox"])  # fmt: skip
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.set_default_timeout(10_000)
-            page.goto(bare.admin + "/ui")
-            page.fill("#admin-key", ADMIN_KEY)
-            page.click("#login-form button[type=submit]")
-            page.wait_for_function("() => document.body.dataset.loaded !== undefined")
-            page.select_option("#chart-group", "tag")
-            page.wait_for_function(
-                "() => document.querySelectorAll('#chart rect.seg[data-group=\"c\"]').length"
-            )
-            segments = page.evaluate(
-                "() => [...document.querySelectorAll('#chart rect.seg')].map(r =>"
-                " [r.dataset.group, Number(r.dataset.cost), Number(r.getAttribute('y'))])"
-            )
-        finally:
-            browser.close()
+    with _signed_in(bare, {"width": 1280, "height": 800}) as page:
+        page.wait_for_function("() => document.body.dataset.loaded !== undefined")
+        page.select_option("#chart-group", "tag")
+        page.wait_for_function(
+            "() => document.querySelectorAll('#chart rect.seg[data-group=\"c\"]').length"
+        )
+        segments = page.evaluate(
+            "() => [...document.querySelectorAll('#chart rect.seg')].map(r =>"
+            " [r.dataset.group, Number(r.dataset.cost), Number(r.getAttribute('y'))])"
+        )
     print("segments (tag, cost, y):", segments)
     assert sorted((tag, cost) for tag, cost, _ in segments) == [("a", 3), ("b", 3), ("c", 1)]
     assert min(y for _, _, y in segments) >= 0
@@ -775,37 +767,19 @@ def test_a_budget_of_zero_is_shown_used_up(bare: Served) -> None:
     """A $0 budget refuses every request (SPEC §6: exhausted when `current_usage >= max_limit`),
     an operator's way to stop a key. Its `usage_ratio` was 0.0, and the page showed it as
     "$0.00 of $0.00 · 0%", not exhausted, last of the list, not counted as near its limit."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    body = {"name": "stopped", "budgets": [{"max_limit": 0, "reset_duration": "1d"}]}
-    created = httpx.post(bare.admin + "/virtual-keys", json=body, headers=headers)
-    key = created.json()["virtual_key"]
-    refused = httpx.post(
-        bare.url + "/v1/chat/completions",
-        json=_chat("gpt-4o", 10),
-        headers={"Authorization": f"Bearer {key['value']}"},
-    )
-    assert refused.status_code == 402, refused.text
+    _stopped_key(bare)
     [budget] = httpx.get(bare.admin + "/budgets?from_memory=true", headers=headers).json()[
         "budgets"
     ]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox"])  # fmt: skip
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(10_000)
-            page.goto(bare.admin + "/ui")
-            page.fill("#admin-key", ADMIN_KEY)
-            page.click("#login-form button[type=submit]")
-            row = page.locator(f'li.budget[data-id="{budget["id"]}"]')
-            expect(row).to_be_visible()
-            shown = row.locator(".budget-numbers").inner_text()
-            over = row.locator('[data-field="over"]').all_inner_texts()
-            hot = page.locator("#tile-hot").inner_text()
-        finally:
-            browser.close()
+    with _signed_in(bare) as page:
+        row = page.locator(f'li.budget[data-id="{budget["id"]}"]')
+        expect(row).to_be_visible()
+        shown = row.locator(".budget-numbers").inner_text()
+        over = row.locator('[data-field="over"]').all_inner_texts()
+        hot = page.locator("#tile-hot").inner_text()
     print("usage_ratio:", budget["usage_ratio"], "shown:", shown, over, "near the limit:", hot)
     assert budget["usage_ratio"] == 1.0
     assert (over, hot) == (["exhausted"], "1 of 1")
@@ -816,36 +790,18 @@ def test_an_alert_with_no_webhook_to_go_to_is_shown_not_sent(bare: Served) -> No
     `"delivery": "delivered"` (nothing left to deliver, never tried again) with `attempts: 0`,
     and the page showed it as a green "delivered", as if a webhook had it. It shows "no
     webhook", as the CLI does."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    body = {"name": "stopped", "budgets": [{"max_limit": 0, "reset_duration": "1d"}]}
-    created = httpx.post(bare.admin + "/virtual-keys", json=body, headers=headers)
-    key = created.json()["virtual_key"]
-    refused = httpx.post(
-        bare.url + "/v1/chat/completions",
-        json=_chat("gpt-4o", 10),
-        headers={"Authorization": f"Bearer {key['value']}"},
-    )
-    assert refused.status_code == 402, refused.text  # raises budget.exhausted
+    _stopped_key(bare)  # raises budget.exhausted
     deadline = time.monotonic() + 10
     while not (alerts := httpx.get(bare.admin + "/alerts", headers=headers).json()["alerts"]):
         assert time.monotonic() < deadline, "no alert was raised"
         time.sleep(0.1)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox"])  # fmt: skip
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(10_000)
-            page.goto(bare.admin + "/ui")
-            page.fill("#admin-key", ADMIN_KEY)
-            page.click("#login-form button[type=submit]")
-            row = page.locator("#alerts tbody tr").first
-            expect(row).to_contain_text("stopped")
-            shown = row.locator("td").last.inner_text()
-        finally:
-            browser.close()
+    with _signed_in(bare) as page:
+        row = page.locator("#alerts tbody tr").first
+        expect(row).to_contain_text("stopped")
+        shown = row.locator("td").last.inner_text()
     print("alert:", alerts[0]["delivery"], alerts[0]["attempts"], "shown:", repr(shown))
     assert (alerts[0]["delivery"], alerts[0]["attempts"]) == ("delivered", 0)
     assert shown == "no webhook"
