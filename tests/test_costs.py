@@ -567,6 +567,19 @@ CACHE_WRITES: dict[str, Any] = {
 }
 
 
+def chat_answer(
+    usage: dict[str, Any], stream: bool, model: str
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """A chat completion answering with `usage`: JSON, or its chunks (`stream`), the usage in the
+    last, usage-only one."""
+    if not stream:
+        return {"model": model, "choices": [], "usage": usage}
+    return [
+        {"model": model, "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+        {"model": model, "choices": [], "usage": usage},
+    ]
+
+
 def cache_writes_price(model: str) -> int:
     """What genai-prices charges `CACHE_WRITES` on `model`, in nano-dollars."""
     usage = Usage(
@@ -711,13 +724,7 @@ async def test_an_openrouter_byok_answer_is_charged_the_upstream_provider_s_cost
         "cost_details": {"upstream_inference_cost": 0.019},
     }
     model = "anthropic/claude-sonnet-4"
-    if stream:
-        answer: dict[str, Any] | list[dict[str, Any]] = [
-            {"model": model, "choices": [{"index": 0, "delta": {"content": "hi"}}]},
-            {"model": model, "choices": [], "usage": usage},
-        ]
-    else:
-        answer = {"model": model, "choices": [], "usage": usage}
+    answer = chat_answer(usage, stream, model)
     row = await charged_for(make_settings, "/v1/chat/completions", f"openrouter/{model}", answer)
     print(f"is_byok={byok}, cost ${cost}, upstream $0.019: charged", row.cost_nanos, "nano-dollars")
     assert (row.cost_source, row.cost_nanos) == ("usage", want)
@@ -738,13 +745,7 @@ async def test_xai_s_reported_cost_is_the_charge(make_settings: Settings, stream
         "cost_in_usd_ticks": 610_000_000,
     }
     model = "grok-4-0709"
-    if stream:
-        answer: dict[str, Any] | list[dict[str, Any]] = [
-            {"model": model, "choices": [{"index": 0, "delta": {"content": "hi"}}]},
-            {"model": model, "choices": [], "usage": usage},
-        ]
-    else:
-        answer = {"model": model, "choices": [], "usage": usage}
+    answer = chat_answer(usage, stream, model)
     row = await charged_for(make_settings, "/v1/chat/completions", f"xai/{model}", answer)
     print("cost_in_usd_ticks 610,000,000 ($0.061): charged", row.cost_nanos, "nano-dollars")
     assert (row.cost_source, row.cost_nanos) == ("usage", 61_000_000)
@@ -765,13 +766,7 @@ async def test_reasoning_tokens_left_out_of_completion_tokens_are_charged(
         "completion_tokens_details": {"reasoning_tokens": 6_000, "audio_tokens": 0},
     }
     model = "grok-4-0709"
-    if stream:
-        answer: dict[str, Any] | list[dict[str, Any]] = [
-            {"model": model, "choices": [{"index": 0, "delta": {"content": "hi"}}]},
-            {"model": model, "choices": [], "usage": usage},
-        ]
-    else:
-        answer = {"model": model, "choices": [], "usage": usage}
+    answer = chat_answer(usage, stream, model)
     row = await charged_for(make_settings, "/v1/chat/completions", f"xai/{model}", answer)
     want = nanos(
         Usage(input_tokens=10_000, cache_read_tokens=4_000, output_tokens=8_000), model, "x-ai"
@@ -834,14 +829,7 @@ async def test_openai_cache_writes_are_priced_at_the_cache_write_rate(
                 "completion_tokens_details": {"reasoning_tokens": 0},
             },
         )
-        answer: dict[str, Any] | list[dict[str, Any]] = (
-            [
-                {"model": model, "choices": [{"index": 0, "delta": {"content": "hi"}}]},
-                {"model": model, "choices": [], "usage": usage},
-            ]
-            if stream
-            else {"model": model, "choices": [], "usage": usage}
-        )
+        answer = chat_answer(usage, stream, model)
     else:
         path, usage = (
             "/v1/responses",
