@@ -473,3 +473,30 @@ def test_web_searches_cost_nothing_on_a_model_without_a_search_price() -> None:
     cost = cost_nanos(price, TokenUsage(input_tokens=1000, web_searches=1_000_000))
     print(f"1,000 input tokens and 1,000,000 unpriced searches: {cost} n$")
     assert cost == 1000 * 3000
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [(3600, 14_400), (59_400, 1_800), (7200, 7200)],
+    ids=["01-04", "16:30-00:30", "empty"],
+)
+def test_hours_priced_apart_are_in_force_as_genai_prices_says(start: int, end: int) -> None:
+    """`at_time` against genai-prices' own rule (`TimeOfDateConstraint.active`), at each edge
+    of the hours and a second either side: the start is in, the end is out, hours that cross
+    midnight hold on both sides of it, and hours that end where they start hold never."""
+    from datetime import UTC, datetime, time
+
+    from budget_middleware.core.pricing import at_time
+
+    def clock(second: int) -> time:
+        return time(second // 3600, second // 60 % 60, second % 60)
+
+    peak = ModelPrice(2.0, 8.0)
+    base = replace(ModelPrice(1.0, 4.0), daily=((float(start), float(end), peak),))
+    rule = gp.TimeOfDateConstraint(clock(start), clock(end))
+    day = datetime(2026, 12, 3, tzinfo=UTC).timestamp()
+    seconds = sorted({0, 86_399, *(t + d for t in (start, end) for d in (-1, 0, 1))})
+    found = [(s, at_time(base, day + s) is peak) for s in seconds if 0 <= s < 86_400]
+    want = [(s, rule.active(datetime.fromtimestamp(day + s, UTC))) for s, _ in found]
+    print(f"{clock(start)}-{clock(end)}:", found)
+    assert found == want
