@@ -2384,3 +2384,96 @@ async def test_a_hook_given_again_for_each_job_reports_each_call_once(engine: Bu
     engine.hooks.drain()
     print(f"3 jobs, one call each: {len(reports)} reports")
     assert len(reports) == 3 and len({id(r) for r in reports}) == 3
+
+
+def _answer_with(usage: dict[str, Any]) -> Callable[[httpx2.Request], httpx2.Response]:
+    """A provider answering every call with `usage`, as JSON or, asked to stream, as SSE."""
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        model = body["model"]
+        message = {"role": "assistant", "content": "Four."}
+        if not body.get("stream"):
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return httpx2.Response(
+                200, json={"id": "c", "object": "chat.completion", "created": 1, "model": model,
+                           "choices": [choice], "usage": usage})  # fmt: skip
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model}
+        events = [
+            {**chunk, "choices": [{"index": 0, "delta": message, "finish_reason": "stop"}]},
+            {**chunk, "choices": [], "usage": usage},
+        ]
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, text=text)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("base_url", "model", "usage", "output", "nanos"),
+    [
+        # xAI: reasoning is counted apart from `completion_tokens` (32 + 9 + 94 = 135), and
+        # billed as output: 32 x $0.30 + 103 x $0.50 a million tokens.
+        ("https://api.x.ai/v1", "grok-3-mini",
+         {"prompt_tokens": 32, "completion_tokens": 9, "total_tokens": 135,
+          "completion_tokens_details": {"reasoning_tokens": 94}}, 103, 61_100),
+        # OpenAI: reasoning is within `completion_tokens` (32 + 103 = 135): not counted twice.
+        ("https://api.x.ai/v1", "grok-3-mini",
+         {"prompt_tokens": 32, "completion_tokens": 103, "total_tokens": 135,
+          "completion_tokens_details": {"reasoning_tokens": 94}}, 103, 61_100),
+    ],
+)  # fmt: skip
+async def test_reasoning_reported_beside_the_completion_is_charged_as_output(
+    engine: BudgetEngine,
+    base_url: str,
+    model: str,
+    usage: dict[str, Any],
+    output: int,
+    nanos: int,
+) -> None:
+    """A provider whose `completion_tokens` leave out the reasoning (xAI's `total_tokens` is
+    prompt + completion + reasoning) bills that reasoning as output: the call is charged it,
+    answered as JSON or streamed."""
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1}])
+    sdk = openai.AsyncOpenAI(
+        api_key="xai-secret",
+        base_url=base_url,
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(_answer_with(usage)), engine=engine)
+        ),
+    )
+    with charge_to(virtual_key=key.value):
+        await sdk.chat.completions.create(model=model, messages=MESSAGES)
+        stream = await sdk.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+        async for _ in stream:
+            pass
+    await engine.flush()
+    rows = records(engine)
+    print("charged:", [(r["provider"], r["output_tokens"], r["cost_nanos"]) for r in rows])
+    assert [(r["provider"], r["model"]) for r in rows] == [("xai", model)] * 2
+    assert [(r["output_tokens"], r["cost_nanos"]) for r in rows] == [(output, nanos)] * 2
+
+
+async def test_deepseek_s_cache_hits_are_charged_at_the_cached_price(engine: BudgetEngine) -> None:
+    """DeepSeek reports its cache hits as `prompt_cache_hit_tokens` (within `prompt_tokens`,
+    beside `prompt_cache_miss_tokens`) and bills them at its cached-input price: deepseek-chat,
+    1,000 in of which 800 hits, 100 out: 200 x $0.27 + 800 x $0.07 + 100 x $1.10 a million."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100,
+             "prompt_cache_hit_tokens": 800, "prompt_cache_miss_tokens": 200}  # fmt: skip
+    sdk = openai.AsyncOpenAI(
+        api_key="ds-secret",
+        base_url="https://api.deepseek.com",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(_answer_with(usage)), engine=engine)
+        ),
+    )
+    await sdk.chat.completions.create(model="deepseek-chat", messages=MESSAGES)
+    stream = await sdk.chat.completions.create(
+        model="deepseek-chat", messages=MESSAGES, stream=True
+    )
+    async for _ in stream:
+        pass
+    await engine.flush()
+    rows = records(engine)
+    print("charged:", [(r["provider"], r["model"], r["cost_nanos"]) for r in rows])
+    assert [(r["provider"], r["cost_nanos"]) for r in rows] == [("deepseek", 220_000)] * 2

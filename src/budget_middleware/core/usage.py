@@ -163,6 +163,8 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             write = details.get("cache_write_tokens")  # GPT-5.6 on: paid apart, before none
         else:
             read = usage.get("cache_read_input_tokens")
+        if not read and "prompt_cache_hit_tokens" in usage:  # DeepSeek's, within prompt_tokens
+            read = usage["prompt_cache_hit_tokens"]
         if type(read) is not int or read < 0:
             read = _count(read)  # None counts 0
         if type(out_details := usage.get("completion_tokens_details")) is dict:
