@@ -2477,3 +2477,67 @@ async def test_deepseek_s_cache_hits_are_charged_at_the_cached_price(engine: Bud
     rows = records(engine)
     print("charged:", [(r["provider"], r["model"], r["cost_nanos"]) for r in rows])
     assert [(r["provider"], r["cost_nanos"]) for r in rows] == [("deepseek", 220_000)] * 2
+
+
+def _mistral(seen: list[dict[str, Any]]) -> Callable[[httpx2.Request], httpx2.Response]:
+    """Mistral's API: a field it does not know is refused, 422 (`stream_options` among them);
+    a stream reports its usage in its last chunk, unasked."""
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        if "stream_options" in body:
+            detail = {"type": "extra_forbidden", "loc": ["body", "stream_options"],
+                      "msg": "Extra inputs are not permitted"}  # fmt: skip
+            return httpx2.Response(422, json={"object": "error", "message": {"detail": [detail]},
+                                              "type": "invalid_request_error"})  # fmt: skip
+        chunk = {"id": "m", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+        usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+        events = [
+            {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Four."},
+                                   "finish_reason": None}]},
+            {**chunk, "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}],
+             "usage": usage},
+        ]  # fmt: skip
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, text=text)
+
+    return answer
+
+
+async def test_a_stream_from_mistral_s_api_is_not_asked_a_field_it_refuses(
+    engine: BudgetEngine,
+) -> None:
+    """Mistral's API refuses `stream_options` (422, `extra_forbidden`) and reports a stream's
+    usage unasked: a stream to its host goes as the SDK wrote it, answered and charged its
+    usage (mistral-large-latest, 1,000 in, 100 out: 1,000 x $2 + 100 x $6 a million)."""
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1}])
+    seen: list[dict[str, Any]] = []
+    sdk = openai.AsyncOpenAI(
+        api_key="mistral-secret",
+        base_url="https://api.mistral.ai/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(_mistral(seen)), engine=engine)
+        ),
+    )
+    texts: list[str] = []
+    failed: list[int] = []
+    with charge_to(virtual_key=key.value):
+        for _ in range(3):
+            try:
+                stream = await sdk.chat.completions.create(
+                    model="mistral-large-latest", messages=MESSAGES, stream=True
+                )
+                texts.append("".join([c.choices[0].delta.content or "" async for c in stream]))
+            except openai.APIStatusError as exc:
+                failed.append(exc.status_code)
+    await engine.flush()
+    rows = records(engine)
+    print(f"3 streams to Mistral: {len(texts)} answered, refused {failed}; charged",
+          [(r["provider"], r["output_tokens"], r["cost_nanos"]) for r in rows])  # fmt: skip
+    assert failed == [] and texts == ["Four."] * 3
+    assert all("stream_options" not in body for body in seen)
+    assert [(r["provider"], r["outcome"], r["cost_nanos"]) for r in rows] == [
+        ("mistral", "completed", 2_600_000)
+    ] * 3
