@@ -2541,3 +2541,41 @@ async def test_a_stream_from_mistral_s_api_is_not_asked_a_field_it_refuses(
     assert [(r["provider"], r["outcome"], r["cost_nanos"]) for r in rows] == [
         ("mistral", "completed", 2_600_000)
     ] * 3
+
+
+@pytest.mark.parametrize(
+    ("provider", "base_url", "model"),
+    [
+        # Azure OpenAI on an AI Foundry resource's endpoint
+        ("azure", "https://myco.cognitiveservices.azure.com/openai/deployments/gpt-4o", "gpt-4o"),
+        # Vertex AI's global endpoint (no region in the host), OpenAI-compatible
+        ("vertex", "https://aiplatform.googleapis.com/v1/projects/p/locations/global/endpoints"
+         "/openapi", "google/gemini-2.5-flash"),
+    ],
+)  # fmt: skip
+async def test_a_provider_s_other_hosts_meet_its_budget(
+    engine: BudgetEngine, provider: str, base_url: str, model: str
+) -> None:
+    """A call to another host of a provider is that provider's (SPEC §13): its exhausted
+    budget refuses the call, which is never sent."""
+    engine.manager.put_provider(provider, budgets=[{"max_limit": 0}])
+    await engine.invalidate()
+    fake = Counting()
+    sdk = openai.AsyncOpenAI(
+        api_key="secret",
+        base_url=base_url,
+        max_retries=0,
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
+        ),
+    )
+    status = 200
+    try:
+        await sdk.chat.completions.create(model=model, messages=MESSAGES)
+    except openai.APIStatusError as exc:
+        status = exc.status_code
+    await engine.flush()
+    rows = records(engine)
+    print(f"{provider} budget $0: answered {status}, sent {fake.calls}, charged to",
+          [r["provider"] for r in rows])  # fmt: skip
+    assert (status, fake.calls, rows) == (402, 0, [])

@@ -15,8 +15,10 @@ PROVIDER_HOSTS: Mapping[str, str] = {
     "generativelanguage.googleapis.com": "gemini",
     "*.openai.azure.com": "azure",
     "*.services.ai.azure.com": "azure",
+    "*.cognitiveservices.azure.com": "azure",  # an AI Foundry resource's Azure OpenAI endpoint
     "bedrock-runtime.*.amazonaws.com": "bedrock",
     "*-aiplatform.googleapis.com": "vertex",
+    "aiplatform.googleapis.com": "vertex",  # the global endpoint (`locations/global`)
     "api.mistral.ai": "mistral",
     "api.groq.com": "groq",
     "openrouter.ai": "openrouter",
