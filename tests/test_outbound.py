@@ -2579,3 +2579,98 @@ async def test_a_provider_s_other_hosts_meet_its_budget(
     print(f"{provider} budget $0: answered {status}, sent {fake.calls}, charged to",
           [r["provider"] for r in rows])  # fmt: skip
     assert (status, fake.calls, rows) == (402, 0, [])
+
+
+async def test_perplexity_s_reported_cost_is_charged(engine: BudgetEngine) -> None:
+    """Perplexity reports what a call cost as an object, `usage.cost.total_cost` (USD), with its
+    per-request search fee, which token prices leave out: that is the charge (SPEC §7's
+    `usage.cost`). sonar-pro, 7 in, 149 out: $0.000021 + $0.002235 + the $0.006 fee."""
+    cost = {"input_tokens_cost": 0.000021, "output_tokens_cost": 0.002235,
+            "request_cost": 0.006, "total_cost": 0.008256}  # fmt: skip
+    usage = {"prompt_tokens": 7, "completion_tokens": 149, "total_tokens": 156,
+             "search_context_size": "low", "cost": cost}  # fmt: skip
+    sdk = openai.AsyncOpenAI(
+        api_key="pplx-secret",
+        base_url="https://api.perplexity.ai",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(_answer_with(usage)), engine=engine)
+        ),
+    )
+    await sdk.chat.completions.create(model="sonar-pro", messages=MESSAGES)
+    stream = await sdk.chat.completions.create(model="sonar-pro", messages=MESSAGES, stream=True)
+    async for _ in stream:
+        pass
+    await engine.flush()
+    rows = records(engine)
+    print("charged:", [(r["provider"], r["model"], r["cost_nanos"]) for r in rows])
+    assert [(r["provider"], r["cost_nanos"]) for r in rows] == [("perplexity", 8_256_000)] * 2
+
+
+def _azure(seen: list[tuple[str, dict[str, Any]]]) -> Callable[[httpx2.Request], httpx2.Response]:
+    """Azure OpenAI: an api-version before 2024-09-01 refuses `stream_options` (400,
+    "Unrecognized request argument supplied"); later ones take it. Asked for its usage, a
+    stream ends with a usage-only chunk."""
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        version = request.url.params.get("api-version", "")
+        seen.append((version, body))
+        if "stream_options" in body and version < "2024-09-01":
+            message = "Unrecognized request argument supplied: stream_options"
+            error = {
+                "code": None,
+                "param": None,
+                "type": "invalid_request_error",
+                "message": message,
+            }
+            return httpx2.Response(400, json={"error": error})
+        chunk = {"id": "a", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+        events = [{**chunk, "choices": [{"index": 0, "delta": {"content": "Four."}}]}]
+        if body.get("stream_options", {}).get("include_usage"):
+            usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+            events.append({**chunk, "choices": [], "usage": usage})
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, text=text)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("version", "estimated"),
+    [("2024-06-01", True), ("2024-02-15-preview", True), ("2024-10-21", False)],
+)
+async def test_an_azure_stream_of_an_older_api_version_is_not_asked_a_field_it_refuses(
+    engine: BudgetEngine, version: str, estimated: bool
+) -> None:
+    """Azure OpenAI's api-versions before 2024-09-01 refuse `stream_options` (400): a stream
+    of one goes as the SDK wrote it, answered, and charged an estimate of what it streamed;
+    a later one is asked for its usage and charged it."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    sdk = openai.AsyncAzureOpenAI(
+        api_key="azure-secret",
+        azure_endpoint="https://myco.openai.azure.com",
+        api_version=version,
+        max_retries=0,
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(_azure(seen)), engine=engine)
+        ),
+    )
+    status = 200
+    answered = ""
+    try:
+        stream = await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        answered = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    except openai.APIStatusError as exc:
+        status = exc.status_code
+    await engine.flush()
+    rows = records(engine)
+    print(f"api-version {version}: answered {status} {answered!r}, charged",
+          [(r["provider"], r["input_tokens"], r["output_tokens"]) for r in rows])  # fmt: skip
+    assert (status, answered) == (200, "Four.")
+    assert ("stream_options" in seen[0][1]) is not estimated
+    assert [(r["provider"], r["outcome"]) for r in rows] == [("azure", "completed")]
+    with engine.store.engine.connect() as conn:
+        marked = conn.execute(text("SELECT estimated FROM bm_usage_records")).scalar_one()
+    assert bool(marked) is estimated
+    if not estimated:
+        assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (1000, 100)

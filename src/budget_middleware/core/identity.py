@@ -78,6 +78,9 @@ class Credentials:
     # The `accept-encoding` the app or provider gets instead of the one sent, narrowed to the
     # codings whose answers can be read (`usage.readable_accept`); None: it goes as sent.
     accept_encoding: str | None = None
+    # The call goes to an API that refuses `stream_options` (`outbound.hosts.usage_unasked`): a
+    # stream is sent as written, not asked for its usage.
+    usage_unasked: bool = False
 
 
 def key_digest(value: str) -> bytes:

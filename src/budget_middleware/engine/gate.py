@@ -34,17 +34,12 @@ if TYPE_CHECKING:
     from budget_middleware.engine.engine import BudgetEngine
 
 USAGE_PATHS = ("/chat/completions", "/completions")  # OpenAI-style: `stream_options` applies
-# Providers whose own API reports a stream's usage unasked and refuses `stream_options` (Mistral:
-# 422, `extra_forbidden`): a call to their host (SPEC §13) goes as written.
-USAGE_UNASKED = frozenset({"mistral"})
 
 
-def asks_usage(path: str, credentials: Credentials, provider: str) -> bool:
+def asks_usage(path: str, credentials: Credentials) -> bool:
     """Whether a stream to `path` is asked for its usage (`body_to_send`): an OpenAI-style path,
-    unless the call goes to the host of a provider that refuses the field (`USAGE_UNASKED`)."""
-    return path.endswith(USAGE_PATHS) and not (
-        credentials.provider_is_host and provider in USAGE_UNASKED
-    )
+    unless the call goes to an API that refuses the field (`Credentials.usage_unasked`)."""
+    return path.endswith(USAGE_PATHS) and not credentials.usage_unasked
 
 
 _UNREAD: Any = object()  # `decide` reads the body itself
@@ -282,11 +277,7 @@ class Gate:
                 self._with_media(exchange, references)
         if shadowed is not None:  # the credentials' refusal comes first, as in enforce
             exchange.would_refuse = shadowed
-        if (
-            target.stream
-            and type(parsed) is dict
-            and asks_usage(path, credentials, target.provider)
-        ):
+        if target.stream and type(parsed) is dict and asks_usage(path, credentials):
             exchange.parsed, exchange.orjson_writes = for_rewrite(parsed, body)
             exchange.ask_usage = True
         return exchange
@@ -465,7 +456,7 @@ class Gate:
     ) -> RoutePlan:
         """Each target of the route prepared as a request of its own; those the key may not use
         (or that have no price, where unpriced models are refused) are set aside as refused."""
-        plan = RoutePlan(route, parsed, asks_usage(path, credentials, target.provider), key, target)
+        plan = RoutePlan(route, parsed, asks_usage(path, credentials), key, target)
         for index, route_target in enumerate(route.targets):
             retargeted = self.resolve_target.retarget(target, route_target.text, credentials, path)
             prepared = self._prepare(key, retargeted, prompt_tokens, now, started)

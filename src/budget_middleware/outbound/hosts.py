@@ -52,3 +52,25 @@ class HostTable:
             if len(self.found) < 4096:
                 self.found[host] = found
         return found
+
+
+# APIs that refuse `stream_options` (a stream is then sent as written, not asked for its usage,
+# SPEC §7): Mistral's (422, `extra_forbidden`; it reports a stream's usage unasked), and Azure
+# OpenAI's api-versions before the field came (400, "Unrecognized request argument supplied").
+# Of the providers here, only the calls to these are looked at (one set lookup a call).
+USAGE_CHECKED = frozenset({"mistral", "azure"})
+_AZURE_STREAM_OPTIONS_SINCE = "2024-09-01"  # 2024-09-01-preview, 2024-10-21 and later take it
+
+
+def usage_unasked(provider: str, path: str, api_version: str | None) -> bool:
+    """Whether a call to `provider`'s host (one of USAGE_CHECKED), to `path` with the
+    `api-version` its URL names, refuses `stream_options`. Azure OpenAI's deployments API
+    (`/openai/deployments/…`) by its dated version, compared as text; its v1 API (`/openai/v1/`)
+    and Azure's other APIs take the field as they always did."""
+    if provider == "mistral":
+        return True
+    return (
+        api_version is not None
+        and path.startswith("/openai/deployments/")
+        and api_version < _AZURE_STREAM_OPTIONS_SINCE
+    )

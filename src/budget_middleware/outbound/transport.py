@@ -50,7 +50,7 @@ from budget_middleware.engine.gate import RoutePlan, body_to_send, parse_json
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.portal import is_background, loop_lock, on_loop
 from budget_middleware.exceptions import ConfigurationError
-from budget_middleware.outbound.hosts import HostTable
+from budget_middleware.outbound.hosts import USAGE_CHECKED, HostTable, usage_unasked
 from budget_middleware.outbound.payer import Payer, inbound_headers, noting, payer
 from budget_middleware.settings import BudgetSettings
 
@@ -237,6 +237,9 @@ class _Meter:
         host_provider = self.hosts.provider(request.url.host)
         tags = () if chosen is None else chosen.tags
         credentials = Credentials(None, host_provider, tags, len(body), host_provider is not None)
+        if host_provider in USAGE_CHECKED:
+            version = request.url.params.get("api-version")
+            credentials.usage_unasked = usage_unasked(host_provider, path, version)
         return engine.gate.decide(body, path, credentials, key, started, shadowed, parsed)
 
     def settled_here(self, exchange: Exchange, outcome: str) -> bool:
