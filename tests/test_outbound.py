@@ -2551,6 +2551,11 @@ async def test_a_stream_from_mistral_s_api_is_not_asked_a_field_it_refuses(
         # Vertex AI's global endpoint (no region in the host), OpenAI-compatible
         ("vertex", "https://aiplatform.googleapis.com/v1/projects/p/locations/global/endpoints"
          "/openapi", "google/gemini-2.5-flash"),
+        # Amazon Bedrock's OpenAI-compatible Mantle endpoint ("unknown" and free before)
+        ("bedrock", "https://bedrock-mantle.us-east-1.api.aws/v1", "openai.gpt-oss-120b"),
+        # ... and its Anthropic Messages API (Anthropic's before)
+        ("bedrock", "https://bedrock-mantle.us-east-1.api.aws/anthropic/v1",
+         "anthropic.claude-haiku-4-5"),
     ],
 )  # fmt: skip
 async def test_a_provider_s_other_hosts_meet_its_budget(
@@ -2561,18 +2566,20 @@ async def test_a_provider_s_other_hosts_meet_its_budget(
     engine.manager.put_provider(provider, budgets=[{"max_limit": 0}])
     await engine.invalidate()
     fake = Counting()
-    sdk = openai.AsyncOpenAI(
-        api_key="secret",
-        base_url=base_url,
-        max_retries=0,
-        http_client=httpx2.AsyncClient(
-            transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
-        ),
-    )
+    http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine))
     status = 200
     try:
-        await sdk.chat.completions.create(model=model, messages=MESSAGES)
-    except openai.APIStatusError as exc:
+        if base_url.endswith("/anthropic/v1"):  # the Anthropic SDK adds the /v1
+            claude = anthropic.AsyncAnthropic(
+                api_key="secret", base_url=base_url[:-3], max_retries=0, http_client=http
+            )
+            await claude.messages.create(model=model, max_tokens=10, messages=MESSAGES)
+        else:
+            sdk = openai.AsyncOpenAI(
+                api_key="secret", base_url=base_url, max_retries=0, http_client=http
+            )
+            await sdk.chat.completions.create(model=model, messages=MESSAGES)
+    except (openai.APIStatusError, anthropic.APIStatusError) as exc:
         status = exc.status_code
     await engine.flush()
     rows = records(engine)

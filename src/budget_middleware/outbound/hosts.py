@@ -17,6 +17,7 @@ PROVIDER_HOSTS: Mapping[str, str] = {
     "*.services.ai.azure.com": "azure",
     "*.cognitiveservices.azure.com": "azure",  # an AI Foundry resource's Azure OpenAI endpoint
     "bedrock-runtime.*.amazonaws.com": "bedrock",
+    "bedrock-mantle.*.api.aws": "bedrock",  # its OpenAI- and Anthropic-compatible APIs
     "*-aiplatform.googleapis.com": "vertex",
     "aiplatform.googleapis.com": "vertex",  # the global endpoint (`locations/global`)
     "api.mistral.ai": "mistral",
