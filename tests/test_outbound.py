@@ -2548,6 +2548,9 @@ async def test_a_stream_from_mistral_s_api_is_not_asked_a_field_it_refuses(
     [
         # Azure OpenAI on an AI Foundry resource's endpoint
         ("azure", "https://myco.cognitiveservices.azure.com/openai/deployments/gpt-4o", "gpt-4o"),
+        # ... and in Azure Government and Azure China
+        ("azure", "https://myco.openai.azure.us/openai/deployments/gpt-4o", "gpt-4o"),
+        ("azure", "https://myco.openai.azure.cn/openai/deployments/gpt-4o", "gpt-4o"),
         # Vertex AI's global endpoint (no region in the host), OpenAI-compatible
         ("vertex", "https://aiplatform.googleapis.com/v1/projects/p/locations/global/endpoints"
          "/openapi", "google/gemini-2.5-flash"),

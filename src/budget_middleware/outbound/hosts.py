@@ -16,6 +16,10 @@ PROVIDER_HOSTS: Mapping[str, str] = {
     "*.openai.azure.com": "azure",
     "*.services.ai.azure.com": "azure",
     "*.cognitiveservices.azure.com": "azure",  # an AI Foundry resource's Azure OpenAI endpoint
+    "*.openai.azure.us": "azure",  # Azure Government
+    "*.cognitiveservices.azure.us": "azure",
+    "*.openai.azure.cn": "azure",  # Azure China
+    "*.cognitiveservices.azure.cn": "azure",
     "bedrock-runtime.*.amazonaws.com": "bedrock",
     "bedrock-mantle.*.api.aws": "bedrock",  # its OpenAI- and Anthropic-compatible APIs
     "*-aiplatform.googleapis.com": "vertex",
