@@ -859,3 +859,40 @@ async def test_charges_unwritten_at_a_duration_change_are_kept_in_the_store(
     assert live == pytest.approx(expected)
     assert stored == pytest.approx(expected)
     assert refreshed == pytest.approx(expected)
+
+
+async def test_a_periodic_reload_read_before_a_write_does_not_undo_it(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher re-reads the provider, model and tag limits every cache TTL. One such read
+    took the store before a write ($0 provider budget) and ended after the next request had
+    applied the write: it put the limits the write replaced back, and every request was
+    served on them until the next re-read (an hour here)."""
+    app = host_app(make_settings(cache_ttl_seconds=3600))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        before = await status(http, None)
+        has_read, go_on = threading.Event(), threading.Event()
+        load_globals = engine.store.load_globals
+        reads: list[int] = []
+
+        def slow_load_globals() -> Any:
+            record = load_globals()
+            reads.append(len(record.providers))
+            if len(reads) == 1:  # the periodic re-read: held until the write has applied
+                has_read.set()
+                go_on.wait(10)
+            return record
+
+        monkeypatch.setattr(engine.store, "load_globals", slow_load_globals)
+        periodic = asyncio.create_task(engine.reload_globals())  # the flusher's round
+        assert await asyncio.to_thread(has_read.wait, 10)
+        m.put_provider("openai", budgets=[{"max_limit": 0}])
+        right_after = await status(http, None)
+        go_on.set()
+        await periodic
+        later = [await status(http, None) for _ in range(3)]
+    print(f"before {before}; providers read {reads}; right after {right_after}, later {later}")
+    assert (before, right_after) == (200, 402)
+    assert later == [402] * 3

@@ -196,6 +196,8 @@ class BudgetEngine:
         self.last_known: LRUCache[bytes, KeyConfig] = LRUCache(maxsize=1_000_000)
         self.globals = GlobalConfig()
         self.globals_loaded_at = float("-inf")
+        self._globals_reads = 0  # reads of them begun, numbered in order
+        self._globals_read = 0  # the number of the read in place
         self.prices = PriceBook(settings.pricing_file)
         self.counters: CounterBackend
         backend_needs = (self.registry, self.store, settings, clock, self._store_failed)
@@ -597,12 +599,20 @@ class BudgetEngine:
     # -- configuration -------------------------------------------------------------------
 
     async def reload_globals(self) -> None:
+        """Read the limits outside the key hierarchy again. A read that began before the one
+        in place (the flusher's, under way while a write was applied) never replaces it: it
+        would put back what the write replaced, until the next re-read."""
+        self._globals_reads += 1
+        read = self._globals_reads
         try:
             record = await anyio.to_thread.run_sync(self.store.load_globals)
         except Exception as exc:
             self._store_failed(exc)
             return
         self.store_ok = True
+        if read < self._globals_read:
+            return
+        self._globals_read = read
         self.globals = self.builder.globals(record)
         self.globals_loaded_at = self.clock()
 
