@@ -288,9 +288,14 @@ async def test_while_writes_fail_a_refresh_never_takes_back_what_this_instance_c
 
 def test_a_counter_seeded_from_the_store_adds_its_pending_charges_of_this_window() -> None:
     registry = CounterRegistry()
-    counter = window(registry, "budget", "b", now=T0 + 10 * MINUTE)  # [T0, T0 + 1h)
+    # Rolling hours from T0 - 1h, rolled on into [T0, T0 + 1h)
+    counter = window(registry, "budget", "b", anchor=T0 - HOUR, now=T0 + 10 * MINUTE)
     counter.add(5, registry.ledger)
     counter.seed(100, T0, registry.ledger)
+    assert counter.value == 105
+    # A stored window older than the one the counter took from the store: a read from before
+    # it (begun before new terms or a reset, ended after), left alone.
+    counter.seed(40, T0 - 2 * HOUR, registry.ledger)
     assert counter.value == 105
     counter.seed(100, T0 - HOUR, registry.ledger)  # the store still holds the window before
     assert counter.value == 5

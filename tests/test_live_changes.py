@@ -896,3 +896,57 @@ async def test_a_periodic_reload_read_before_a_write_does_not_undo_it(
     print(f"before {before}; providers read {reads}; right after {right_after}, later {later}")
     assert (before, right_after) == (200, 402)
     assert later == [402] * 3
+
+
+async def test_a_counter_re_read_begun_before_new_terms_does_not_drop_their_usage(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A $0.05 daily budget begun 3 h 10 min ago and spent; then made hourly: its usage
+    carries over to the hour that holds now. The flusher's re-read of the counters (every
+    cache TTL) read the store before that write and ended after the next request had applied
+    it: it took the old window's usage as another window's and left the counter at $0, so
+    the limit lifted until the next re-read."""
+    from budget_middleware.store.tables import BudgetRow
+
+    app, engine = _answering_app(make_settings(cache_ttl_seconds=3600))
+    daily = {"max_limit": 0.05, "reset_duration": "1d"}
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(name="k", budgets=[daily])
+        budget_id = key.budgets[0].id
+        with engine.store.session() as s:
+            row = s.get(BudgetRow, budget_id)
+            assert row is not None
+            row.last_reset = datetime.now(UTC) - timedelta(hours=3, minutes=10)
+            s.add(row)
+            s.commit()
+        await engine.invalidate()
+        auth = {"authorization": f"Bearer {key.value}"}
+        spent = await _statuses(http, auth, 6)
+        await engine.flush()
+        has_read, go_on = threading.Event(), threading.Event()
+        read_counters = engine.store.read_counters
+        reads: list[int] = []
+
+        def slow_read_counters(*args: Any) -> Any:
+            found = read_counters(*args)
+            reads.append(len(reads))
+            if len(reads) == 1:  # the periodic re-read: held until the write has applied
+                has_read.set()
+                go_on.wait(10)
+            return found
+
+        monkeypatch.setattr(engine.store, "read_counters", slow_read_counters)
+        periodic = asyncio.create_task(engine.counters.refresh())  # the flusher's round
+        assert await asyncio.to_thread(has_read.wait, 10)
+        m.update_virtual_key(key.id, budgets=[{"id": budget_id, **daily, "reset_duration": "1h"}])
+        right_after = await _statuses(http, auth, 1)
+        go_on.set()
+        await periodic
+        counter = engine.registry.counter("budget", budget_id)
+        assert counter is not None
+        live = counter.value / 1e9
+        later = await _statuses(http, auth, 3)
+    print(f"{spent}; made hourly: {right_after}, live ${live:.2f} after the re-read, then {later}")
+    assert spent == [200] * 5 + [402]
+    assert right_after + later == [402] * 4

@@ -159,7 +159,12 @@ class WindowCounter:
     def seed(self, stored_value: int, stored_reset: float, ledger: Ledger) -> None:
         """Take the store's usage; it counts for our window only if its window is ours. What
         this process charged and the store does not hold yet counts too: while writes fail, a
-        counter never goes back down."""
+        counter never goes back down. A stored window older than the one this counter took
+        from the store (its anchor: a reset, new terms) is a read from before that: it is left
+        alone (a re-read begun before new terms, taken as another window's, set the usage
+        they carried over to what was unwritten, $0, and the limit lifted)."""
+        if stored_reset < self.anchor:
+            return
         mine = self.unwritten(ledger)
         self.value = stored_value + mine if stored_reset >= self.start else mine
 
