@@ -950,3 +950,44 @@ async def test_a_counter_re_read_begun_before_new_terms_does_not_drop_their_usag
     print(f"{spent}; made hourly: {right_after}, live ${live:.2f} after the re-read, then {later}")
     assert spent == [200] * 5 + [402]
     assert right_after + later == [402] * 4
+
+
+@pytest.mark.parametrize("change", ["deactivated", "deleted", "rotated", "budget $0"])
+async def test_fail_open_never_vouches_for_a_key_as_it_was_before_a_write_here(
+    make_settings: Settings, change: str
+) -> None:
+    """BUDGET_FAIL_OPEN: an outage admits the keys this process has seen valid, on their
+    last-known configuration. A key this very process then deactivated, deleted, rotated or
+    gave a $0 budget, not requested since, was served in the outage as it was before the
+    write (200 200 200): a write to a key leaves nothing of it to vouch for until it is read
+    again, so the outage answers 503 for it."""
+    from sqlalchemy.exc import OperationalError
+
+    app = host_app(make_settings(fail_open=True, cache_ttl_seconds=3600))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(name="k", budgets=[{"max_limit": 100}])
+        other = m.create_virtual_key(name="other")
+        before = await status(http, key.value)
+        if change == "deactivated":
+            m.update_virtual_key(key.id, is_active=False)
+        elif change == "deleted":
+            m.delete_virtual_key(key.id)
+        elif change == "rotated":
+            m.rotate_virtual_key(key.id)
+        else:
+            m.update_virtual_key(key.id, budgets=[{"id": key.budgets[0].id, "max_limit": 0}])
+        assert await status(http, other.value) == 200  # the write is applied here
+
+        def down(*args: Any) -> Any:
+            raise OperationalError("SELECT", {}, Exception("the store is down (injected)"))
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine.store, "load_key", down)
+            patch.setattr(engine.store, "load_globals", down)
+            during = [await status(http, key.value) for _ in range(3)]
+            known = await status(http, other.value)
+    print(f"{change}: {before}, then in an outage {during}; a key unchanged {known}")
+    assert (before, known) == (200, 200)
+    assert during == [503] * 3

@@ -225,6 +225,7 @@ class BudgetEngine:
         self.stale = False  # a write to reload before the next request (`ensure_current`)
         self._changed = False  # a write since the reload under way began
         self._writes = 0  # writes seen (mark_stale): a key read across one is read again
+        self._forgotten: list[bytes] = []  # digests of keys written since (`forget_key`)
         # Answers dropped when no loop ran this engine, settled by the next one (or at exit)
         # Dropped answers to settle, by id: while no loop runs the engine, and while one is
         # sent to a loop that may never run it again (it is taken out when it runs there).
@@ -287,6 +288,7 @@ class BudgetEngine:
                 self.store,
                 self.settings,
                 on_change=self.mark_stale,
+                on_key_change=self.forget_key,
                 reset_live=self.reset_live,
                 on_new_terms=self.terms_moved,
                 live=self.registry,
@@ -628,6 +630,13 @@ class BudgetEngine:
         self._writes += 1
         self.stale = True
 
+    def forget_key(self, key_hash: str) -> None:
+        """A write through this process changed the key of this hash (from any thread): what
+        this process last saw of it vouches for it no more (fail-open) until it is read again,
+        at the next reload (it served the key as it was before the write in an outage)."""
+        self._forgotten.append(bytes.fromhex(key_hash))
+        self.mark_stale()
+
     async def ensure_current(self) -> None:
         """Reload what a write changed. `stale` stays set until the reload is done, so every
         request that comes meanwhile waits for it (one reload for all) instead of being decided
@@ -643,6 +652,9 @@ class BudgetEngine:
 
     async def _reload(self) -> None:
         self._changed = False
+        forgotten = self._forgotten
+        while forgotten:
+            self.last_known.pop(forgotten.pop(), None)
         try:
             self.keys.clear()
             self._keys_by_id.clear()

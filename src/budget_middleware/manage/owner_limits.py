@@ -352,6 +352,7 @@ class OwnerWriter:
         origin: Origin = MANUAL,
         *,
         on_change: Callable[[], None] | None = None,
+        on_key_change: Callable[[str], None] | None = None,
         reset_live: Callable[[str, str], float] | None = None,
         on_new_terms: OnNewTerms | None = None,
         live: CounterRegistry | None = None,
@@ -360,6 +361,8 @@ class OwnerWriter:
         self.settings = settings
         self.origin = origin
         self.on_change = on_change  # the engine of this process: the next request sees a write
+        # Told the hash of a key a write changed, once committed (the engine's `forget_key`).
+        self.on_key_change = on_key_change
         self.live = live  # the engine's live counters, which `from_memory` reads
         # The engine's live counter of a budget being reset: starts its window, says when.
         self.reset_live = reset_live
