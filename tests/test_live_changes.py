@@ -991,3 +991,57 @@ async def test_fail_open_never_vouches_for_a_key_as_it_was_before_a_write_here(
     print(f"{change}: {before}, then in an outage {during}; a key unchanged {known}")
     assert (before, known) == (200, 200)
     assert during == [503] * 3
+
+
+@pytest.mark.parametrize("backend", ["in process", "Redis"])
+async def test_requests_in_flight_are_charged_to_the_scopes_they_were_admitted_under(
+    make_settings: Settings, backend: str
+) -> None:
+    """200 requests of a key of team A admitted and held; then the key moved to team B, and a
+    provider budget made. Each is charged once, to what it was admitted under: team A (its
+    reservations released, its usage records naming A), not B nor the new provider budget;
+    the next requests are charged to B and the provider (README, "Managing keys")."""
+    redis = {"redis_url": REDIS_URL} if backend == "Redis" else {}
+    if redis:
+        need_redis()
+    app, gate, here = gated_app(make_settings(cache_ttl_seconds=3600, **redis), waiting=200)
+    engine = engine_of(app)
+    if redis:
+        use_prefix(engine, unique_prefix())
+    daily = [{"max_limit": 100, "reset_duration": "1d"}]
+    async with running(app), client(app) as http:
+        m = engine.manager
+        a, b = m.create_team(name="a", budgets=daily), m.create_team(name="b", budgets=daily)
+        key = m.create_virtual_key(name="k", team_id=a.id)
+        auth = {"authorization": f"Bearer {key.value}"}
+        held = [
+            asyncio.create_task(http.post("/v1/chat/completions", json=chat(), headers=auth))
+            for _ in range(200)
+        ]
+        await here.wait()
+        m.update_virtual_key(key.id, team_id=b.id)
+        provider = m.put_provider("openai", budgets=daily).budgets[0].id
+        gate.set()
+        codes = [r.status_code for r in await asyncio.gather(*held)]
+        codes += await _statuses(http, auth, 3)
+        await engine.flush()
+        spent = {
+            name: (
+                m.get_budget(budget_id).current_usage,
+                engine.registry.counter("budget", budget_id).reserved,  # type: ignore[union-attr]
+            )
+            for name, budget_id in (
+                ("a", a.budgets[0].id),
+                ("b", b.budgets[0].id),
+                ("openai", provider),
+            )
+        }
+        by_team = {row.name: (row.requests, row.cost) for row in m.usage(group_by="team").usage}
+    print(f"{backend}: (spent, reserved) {spent}; records by team {by_team}")
+    assert codes == [200] * 203
+    assert spent == {
+        "a": (pytest.approx(2.0), 0),
+        "b": (pytest.approx(0.03), 0),
+        "openai": (pytest.approx(0.03), 0),
+    }
+    assert by_team == {"a": (200, pytest.approx(2.0)), "b": (3, pytest.approx(0.03))}
