@@ -92,6 +92,7 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_guards.py",
         "tests/test_streaming.py",
         "tests/test_answers.py",
+        "tests/test_costs.py",
     ),
     "times.py": ("tests/test_durations.py", "tests/test_counters.py", "tests/test_store.py"),
     "usage.py": (

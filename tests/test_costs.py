@@ -858,16 +858,20 @@ async def test_openai_cache_writes_are_priced_at_the_cache_write_rate(
     assert row.cost_nanos == want
 
 
+@pytest.mark.parametrize("asked", [True, False], ids=["asked", "app's choice"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_anthropic_fast_mode_is_charged_its_prices(
-    make_settings: Settings, stream: bool
+    make_settings: Settings, stream: bool, asked: bool
 ) -> None:
     """Claude Opus 5 asked for `speed: "fast"` costs $10/$50 per Mtok, not $5/$25; its answer
-    says `usage.speed: "fast"`: 10,000 tokens in and 2,000 out cost $0.20, not $0.10."""
+    says `usage.speed: "fast"`: 10,000 tokens in and 2,000 out cost $0.20, not $0.10. The
+    answer says it too when the app behind the middleware chose fast mode itself, and the
+    client's request did not ask for it."""
     model = "claude-opus-5"
     usage = {"input_tokens": 10_000, "output_tokens": 2_000, "speed": "fast"}
     answer = anthropic_answer(usage, stream, model)
-    row = await charged_for(make_settings, "/v1/messages", model, answer, speed="fast")
+    speed = {"speed": "fast"} if asked else {}
+    row = await charged_for(make_settings, "/v1/messages", model, answer, **speed)
     want = int(
         calc_price(
             Usage(input_tokens=10_000, output_tokens=2_000),

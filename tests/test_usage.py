@@ -664,3 +664,72 @@ def test_the_service_tier_of_an_answer_is_a_name_of_1_to_32_characters(
 ) -> None:
     document = {"usage": {"prompt_tokens": 3, "completion_tokens": 1}, "service_tier": told}
     assert usage_from_json(json.dumps(document).encode()) == TokenUsage(3, 1, service_tier=kept)
+
+
+@pytest.mark.parametrize(
+    ("total", "output"),
+    [(18_000, 8_000), (13_000, 3_000), (12_000, 2_000), (9_000, 2_000), (None, 2_000)],
+    ids=["all apart", "total says less", "within output", "total below its parts", "no total"],
+)
+@pytest.mark.parametrize("shape", ["chat", "responses"])
+def test_reasoning_counted_apart_is_output_up_to_what_the_total_says(
+    shape: str, total: int | None, output: int
+) -> None:
+    """10,000 in, 2,000 out and 6,000 reasoning tokens: reasoning is output when the total
+    counts it apart from the output (xAI's chat, a gateway's Responses rendering of Gemini's
+    thoughts), as much of it as the total says is left out; within the output (OpenAI's), a
+    total that counts less than its parts, or none, adds nothing."""
+    if shape == "chat":
+        details = {"reasoning_tokens": 6_000}
+        usage: dict[str, Any] = {"prompt_tokens": 10_000, "completion_tokens": 2_000,
+                                 "completion_tokens_details": details}  # fmt: skip
+    else:
+        usage = {"input_tokens": 10_000, "output_tokens": 2_000,
+                 "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens_details": {"reasoning_tokens": 6_000}}  # fmt: skip
+    if total is not None:
+        usage["total_tokens"] = total
+    found = usage_from_mapping(usage)
+    assert found is not None and (found.input_tokens, found.output_tokens) == (10_000, output)
+
+
+@pytest.mark.parametrize(
+    ("usage", "cost"),
+    [
+        ({"cost_in_usd_ticks": 610_000_000}, 0.061),
+        ({"prompt_tokens": 1, "completion_tokens": 1, "cost_in_usd_ticks": 10**13}, 1000.0),
+        ({"cost": 0.5, "cost_in_usd_ticks": 10**13}, 0.5),
+        ({"cost": {"total_cost": 0.008256, "currency": "USD"}}, 0.008256),
+        ({"cost": {"total_cost": 0.008256, "currency": "EUR"}}, None),
+        ({"cost": 0.00095, "is_byok": True,
+          "cost_details": {"upstream_inference_cost": 0.019}}, 0.01995),
+        ({"cost": 0, "is_byok": True, "cost_details": {"upstream_inference_cost": 0.019}}, 0.019),
+        ({"cost": 0.019, "is_byok": False,
+          "cost_details": {"upstream_inference_cost": 0.019}}, 0.019),
+    ],
+    ids=["ticks", "ticks, $1000", "cost first", "object", "not USD", "byok", "byok, fee 0", "own"],
+)  # fmt: skip
+def test_what_a_usage_says_was_paid_is_its_cost(usage: dict[str, Any], cost: float | None) -> None:
+    """xAI's ticks (1e-10 USD), Perplexity's object, OpenRouter's fee with the provider's bill
+    on the caller's own key: each is the USD the usage says was paid (another currency's is
+    none, and a usage of nothing else is no usage)."""
+    found = usage_from_mapping(usage)
+    assert (None if found is None else found.cost) == cost
+
+
+@pytest.mark.parametrize(
+    ("details", "cached"),
+    [(None, 800), ({"cached_tokens": 0}, 800), ({"cached_tokens": 300}, 300)],
+    ids=["hits alone", "details of 0", "details say"],
+)
+def test_deepseek_s_cache_hits_are_cached_input(
+    details: dict[str, int] | None, cached: int
+) -> None:
+    """DeepSeek counts its cache hits in `prompt_cache_hit_tokens` (within `prompt_tokens`),
+    beside or instead of `prompt_tokens_details`: cached input, unless the details count some."""
+    usage: dict[str, Any] = {"prompt_tokens": 1_000, "completion_tokens": 100}
+    usage |= {"prompt_cache_hit_tokens": 800, "prompt_cache_miss_tokens": 200}
+    if details is not None:
+        usage["prompt_tokens_details"] = details
+    found = usage_from_mapping(usage)
+    assert found is not None and (found.input_tokens, found.cached_tokens) == (1_000, cached)
