@@ -2559,6 +2559,11 @@ async def test_a_stream_from_mistral_s_api_is_not_asked_a_field_it_refuses(
         # ... and its Anthropic Messages API (Anthropic's before)
         ("bedrock", "https://bedrock-mantle.us-east-1.api.aws/anthropic/v1",
          "anthropic.claude-haiku-4-5"),
+        # Bedrock's FIPS runtime endpoints (US and GovCloud regions), OpenAI-compatible
+        ("bedrock", "https://bedrock-runtime-fips.us-east-1.amazonaws.com/openai/v1",
+         "openai.gpt-oss-120b-1:0"),
+        ("bedrock", "https://bedrock-runtime-fips.us-gov-west-1.amazonaws.com/openai/v1",
+         "openai.gpt-oss-120b-1:0"),
     ],
 )  # fmt: skip
 async def test_a_provider_s_other_hosts_meet_its_budget(

@@ -21,6 +21,7 @@ PROVIDER_HOSTS: Mapping[str, str] = {
     "*.openai.azure.cn": "azure",  # Azure China
     "*.cognitiveservices.azure.cn": "azure",
     "bedrock-runtime.*.amazonaws.com": "bedrock",
+    "bedrock-runtime-fips.*.amazonaws.com": "bedrock",  # FIPS (US and GovCloud regions)
     "bedrock-mantle.*.api.aws": "bedrock",  # its OpenAI- and Anthropic-compatible APIs
     "*-aiplatform.googleapis.com": "vertex",
     "aiplatform.googleapis.com": "vertex",  # the global endpoint (`locations/global`)
