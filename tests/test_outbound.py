@@ -2689,3 +2689,86 @@ async def test_an_azure_stream_of_an_older_api_version_is_not_asked_a_field_it_r
     assert bool(marked) is estimated
     if not estimated:
         assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (1000, 100)
+
+
+def _azure_deployment(sent: list[str]) -> Callable[[httpx2.Request], httpx2.Response]:
+    """Azure OpenAI's deployment `prod-chat`, serving gpt-4o: its answers name the model served
+    (`gpt-4o-2024-08-06`), not the deployment the call named; 1,000 in, 100 out."""
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request.url.path)
+        body = json.loads(request.content)
+        usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+        served = {"id": "a", "created": 1, "model": "gpt-4o-2024-08-06"}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "Four."}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return httpx2.Response(200, json={**served, "object": "chat.completion",
+                                              "choices": [choice], "usage": usage})  # fmt: skip
+        chunk = {**served, "object": "chat.completion.chunk"}
+        events = [{**chunk, "choices": [{"index": 0, "delta": {"content": "Four."}}]}]
+        if body.get("stream_options", {}).get("include_usage"):
+            events.append({**chunk, "choices": [], "usage": usage})
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, text=text)
+
+    return answer
+
+
+@pytest.mark.parametrize("recipe", ["none", "pricing_file", "refuse"])
+async def test_an_azure_deployment_named_otherwise_than_its_model_is_priced_as_readme_says(
+    make_settings: Settings, tmp_path: Path, recipe: str
+) -> None:
+    """An Azure OpenAI deployment is named by the call (`prod-chat`), which is the model SPEC §4
+    reads (`azure/prod-chat`); the model its answer names is not read. Unpriced, it costs 0
+    (SPEC §7). README's recipe: price `azure/<deployment>` in BUDGET_PRICING_FILE (each call
+    charged its price, JSON and stream, and a raw call that names the deployment in its body
+    too), or BUDGET_UNPRICED_MODELS=refuse (403, never sent)."""
+    overrides: dict[str, Any] = {"flush_interval_seconds": 3600}
+    if recipe == "pricing_file":
+        prices = {"azure/prod-chat": {"input_per_mtok": 2.5, "output_per_mtok": 10}}
+        (tmp_path / "prices.json").write_text(json.dumps({"models": prices}))
+        overrides["pricing_file"] = tmp_path / "prices.json"
+    if recipe == "refuse":
+        overrides["unpriced_models"] = "refuse"
+    engine = get_engine(make_settings(**overrides))
+    await engine.ensure_started()
+    sent: list[str] = []
+    http = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.MockTransport(_azure_deployment(sent)), engine=engine)
+    )
+    sdk = openai.AsyncAzureOpenAI(
+        api_key="azure-secret",
+        azure_endpoint="https://myco.openai.azure.com",
+        api_version="2024-10-21",
+        max_retries=0,
+        http_client=http,
+    )
+    statuses: list[int] = []
+    try:
+        try:
+            await sdk.chat.completions.create(model="prod-chat", messages=MESSAGES)
+            stream = await sdk.chat.completions.create(
+                model="prod-chat", messages=MESSAGES, stream=True
+            )
+            assert [c.choices[0].delta.content async for c in stream if c.choices] == ["Four."]
+            statuses += [200, 200]
+        except openai.APIStatusError as exc:
+            statuses.append(exc.status_code)
+        url = "https://myco.openai.azure.com/openai/deployments/prod-chat/chat/completions"
+        for body in ({"messages": MESSAGES}, {"model": "prod-chat", "messages": MESSAGES}):
+            raw = await http.post(url, params={"api-version": "2024-10-21"}, json=body)
+            statuses.append(raw.status_code)
+        await engine.flush()
+        rows = records(engine)
+    finally:
+        await engine.shutdown()
+    charged = [(r["provider"], r["model"], r["cost_nanos"]) for r in rows]
+    print(f"{recipe}: answered {statuses}, sent {len(sent)}, charged {charged}")
+    priced = 3_500_000 if recipe == "pricing_file" else 0
+    if recipe == "refuse":
+        assert (statuses, sent, charged) == ([403, 403, 403], [], [])
+    else:
+        assert (statuses, len(sent)) == ([200] * 4, 4)
+        deployment = ("azure", "prod-chat", priced)
+        assert charged == [deployment, deployment, ("azure", "unknown", 0), deployment]
