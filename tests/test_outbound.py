@@ -2772,3 +2772,55 @@ async def test_an_azure_deployment_named_otherwise_than_its_model_is_priced_as_r
         assert (statuses, len(sent)) == ([200] * 4, 4)
         deployment = ("azure", "prod-chat", priced)
         assert charged == [deployment, deployment, ("azure", "unknown", 0), deployment]
+
+
+def _compacting(request: httpx2.Request) -> httpx2.Response:
+    """OpenAI's Responses API: `/responses` and `/responses/compact` (a billed compaction pass,
+    `response.compaction`), each 2,000 in and 300 out."""
+    usage = {"input_tokens": 2000, "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens": 300, "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": 2300}  # fmt: skip
+    item = {"id": "m", "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": "Four.", "annotations": []}]}  # fmt: skip
+    if request.url.path.endswith("/compact"):
+        compaction = {"id": "c", "object": "response.compaction", "created_at": 1,
+                      "output": [item], "usage": usage}  # fmt: skip
+        return httpx2.Response(200, json=compaction)
+    answer = {"id": "r", "object": "response", "created_at": 1, "model": "gpt-5.2",
+              "status": "completed", "output": [item], "usage": usage, "tools": [],
+              "parallel_tool_calls": True, "tool_choice": "auto"}  # fmt: skip
+    return httpx2.Response(200, json=answer)
+
+
+@pytest.mark.parametrize("paths", ["default", "with_compact"])
+async def test_responses_compact_is_metered_once_its_path_is_listed(
+    make_settings: Settings, paths: str
+) -> None:
+    """`/v1/responses/compact` (billed like a response) ends with none of SPEC §4's default
+    suffixes, so it passes unmetered; README's recipe lists it in BUDGET_INFERENCE_PATHS with the
+    defaults, and it is charged as a `/responses` call of the same usage."""
+    from budget_middleware.settings import DEFAULT_INFERENCE_PATHS
+
+    overrides: dict[str, Any] = {"flush_interval_seconds": 3600}
+    if paths == "with_compact":
+        overrides["inference_paths"] = ",".join((*DEFAULT_INFERENCE_PATHS, "/responses/compact"))
+    engine = get_engine(make_settings(**overrides))
+    await engine.ensure_started()
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(_compacting), engine=engine)
+        ),
+    )
+    try:
+        await sdk.responses.create(model="gpt-5.2", input="Summarise the budget policy.")
+        compacted = await sdk.responses.compact(model="gpt-5.2", input="Summarise it.")
+        await engine.flush()
+        rows = records(engine)
+    finally:
+        await engine.shutdown()
+    charged = [(r["model"], r["input_tokens"], r["output_tokens"], r["cost_nanos"]) for r in rows]
+    print(f"{paths}: compacted {compacted.usage.total_tokens} tokens; charged {charged}")
+    assert charged[0][:3] == ("gpt-5.2", 2000, 300) and charged[0][3] > 0
+    assert charged == [charged[0]] * (2 if paths == "with_compact" else 1)
