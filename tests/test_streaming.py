@@ -528,3 +528,83 @@ async def test_a_stream_that_ends_after_its_usage_chunk_without_done_is_charged_
     print("no [DONE]: charged", row.cost_nanos, "nano-dollars,", row.cost_source, row.estimated)
     assert (row.cost_nanos, row.cost_source, row.estimated) == (50_000_000, "usage", False)
     assert (row.input_tokens, row.output_tokens) == (1000, 300)
+
+
+def _mistral_upstream(seen: list[dict[str, Any]]) -> Callable[[httpx2.Request], httpx2.Response]:
+    """Mistral's API: `stream_options` refused (422, `extra_forbidden`); a stream's usage comes
+    unasked in its last chunk, the one that ends its choice (1,000 in, 100 out)."""
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        if "stream_options" in body:
+            detail = {"type": "extra_forbidden", "loc": ["body", "stream_options"]}
+            return httpx2.Response(422, json={"message": {"detail": [detail]}})
+        chunk = {"id": "m", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+        usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+        events = [
+            {**chunk, "choices": [{"index": 0, "delta": {"content": "Four."}}]},
+            {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+             "usage": usage},
+        ]  # fmt: skip
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, text=text)
+
+    return answer
+
+
+@pytest.mark.parametrize("gateway", ["forwards_as_received", "drops_stream_options"])
+async def test_a_gateway_to_mistral_drops_the_stream_options_the_middleware_asked_for(
+    make_settings: Settings, gateway: str
+) -> None:
+    """The middleware cannot tell where an app sends a call, so it asks every OpenAI-style stream
+    for its usage (SPEC §7), Mistral's models too; a gateway that forwards the body as received
+    to Mistral's API, which refuses the field, fails (422). README's recipe: the gateway drops
+    `stream_options` for Mistral; Mistral reports the usage unasked on the chunk that ends the
+    choice, which reaches the client whole, and the stream is charged it exactly."""
+    from fastapi.responses import StreamingResponse
+
+    seen: list[dict[str, Any]] = []
+    upstream = httpx2.AsyncClient(transport=httpx2.MockTransport(_mistral_upstream(seen)))
+    host = FastAPI()
+
+    @host.post("/v1/chat/completions")
+    async def forward(request: Request) -> Response:
+        body = await request.json()
+        if gateway == "drops_stream_options":
+            body.pop("stream_options", None)
+        answer = await upstream.post("https://api.mistral.ai/v1/chat/completions", json=body)
+        return StreamingResponse(
+            iter([answer.content]), answer.status_code, media_type=answer.headers["content-type"]
+        )
+
+    host.add_middleware(BudgetMiddleware, settings=make_settings())
+    sdk = openai.AsyncOpenAI(
+        api_key="mistral-secret",
+        base_url="http://gateway/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=httpx2.ASGITransport(host)),
+    )
+    status, deltas, finished = 200, [], []
+    async with running(host):
+        try:
+            stream = await sdk.chat.completions.create(
+                model="mistral-large-latest",
+                messages=[{"role": "user", "content": "2+2?"}],
+                stream=True,
+            )
+            async for c in stream:
+                deltas.append(c.choices[0].delta.content)
+                finished.append(c.choices[0].finish_reason)
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+        rows = await records(engine_of(host))
+    charged = [(r.provider, r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated)
+               for r in rows]  # fmt: skip
+    print(f"{gateway}: answered {status}, chunks {deltas} {finished}, charged {charged}")
+    assert ("stream_options" in seen[0]) is (gateway == "forwards_as_received")
+    if gateway == "forwards_as_received":
+        assert (status, charged) == (422, [("mistral", 0, 0, 0, False)])
+    else:
+        assert (status, deltas, finished) == (200, ["Four.", None], [None, "stop"])
+        assert charged == [("mistral", 1000, 100, 2_600_000, False)]
