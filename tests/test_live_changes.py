@@ -993,6 +993,76 @@ async def test_fail_open_never_vouches_for_a_key_as_it_was_before_a_write_here(
     assert during == [503] * 3
 
 
+def _store_down(engine: Any) -> pytest.MonkeyPatch:
+    """A store outage for this engine's key and global reads (undone on leaving)."""
+    from sqlalchemy.exc import OperationalError
+
+    def down(*args: Any) -> Any:
+        raise OperationalError("SELECT", {}, Exception("the store is down (injected)"))
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(engine.store, "load_key", down)
+    patch.setattr(engine.store, "load_globals", down)
+    return patch
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "team budget $0",
+        "team deleted",
+        "team moved",
+        "customer budget $0",
+        "customer deleted",
+        "key's model config $0",
+    ],
+)
+async def test_fail_open_never_vouches_for_a_key_on_owner_terms_replaced_here(
+    make_settings: Settings, change: str
+) -> None:
+    """BUDGET_FAIL_OPEN: a write here to the team or customer of a key (a $0 budget, deleted,
+    moved to another customer) or to a model config of the key, no key of it requested since,
+    then a store outage: the key was served on the old terms (200 200 200). A write to an
+    owner leaves nothing of its keys to vouch for until they are read again: 503."""
+    app = host_app(make_settings(fail_open=True, cache_ttl_seconds=3600))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        customer = m.create_customer(name="c", budgets=[{"max_limit": 100}])
+        team = m.create_team(name="t", customer_id=customer.id, budgets=[{"max_limit": 100}])
+        key = m.create_virtual_key(name="k", team_id=team.id)
+        other = m.create_virtual_key(name="other")
+        before = await status(http, key.value)
+        if change == "team budget $0":
+            m.update_team(team.id, budgets=[{"id": team.budgets[0].id, "max_limit": 0}])
+        elif change == "team deleted":
+            m.delete_team(team.id)
+        elif change == "team moved":
+            broke = m.create_customer(name="broke", budgets=[{"max_limit": 0}])
+            m.update_team(team.id, customer_id=broke.id)
+        elif change == "customer budget $0":
+            m.update_customer(customer.id, budgets=[{"id": customer.budgets[0].id, "max_limit": 0}])
+        elif change == "customer deleted":
+            m.delete_customer(customer.id)
+        else:
+            m.create_model_config(
+                model_name="gpt-4o",
+                scope="virtual_key",
+                scope_id=key.id,
+                budgets=[{"max_limit": 0}],
+            )
+        assert await status(http, other.value) == 200  # the write is applied here
+        patch = _store_down(engine)
+        try:
+            during = [await status(http, key.value) for _ in range(3)]
+            known = await status(http, other.value)
+        finally:
+            patch.undo()
+    print(f"{change}: {before}, then in an outage {during}; a key unchanged {known}")
+    assert (before, known) == (200, 200)
+    assert during == [503] * 3
+
+
 @pytest.mark.parametrize("backend", ["in process", "Redis"])
 async def test_requests_in_flight_are_charged_to_the_scopes_they_were_admitted_under(
     make_settings: Settings, backend: str

@@ -225,7 +225,7 @@ class BudgetEngine:
         self.stale = False  # a write to reload before the next request (`ensure_current`)
         self._changed = False  # a write since the reload under way began
         self._writes = 0  # writes seen (mark_stale): a key read across one is read again
-        self._forgotten: list[bytes] = []  # digests of keys written since (`forget_key`)
+        self._forgotten: list[str] = []  # ids of keys and owners written since (`forget`)
         # Answers dropped when no loop ran this engine, settled by the next one (or at exit)
         # Dropped answers to settle, by id: while no loop runs the engine, and while one is
         # sent to a loop that may never run it again (it is taken out when it runs there).
@@ -288,7 +288,7 @@ class BudgetEngine:
                 self.store,
                 self.settings,
                 on_change=self.mark_stale,
-                on_key_change=self.forget_key,
+                on_owner_change=self.forget,
                 reset_live=self.reset_live,
                 on_new_terms=self.terms_moved,
                 live=self.registry,
@@ -630,11 +630,12 @@ class BudgetEngine:
         self._writes += 1
         self.stale = True
 
-    def forget_key(self, key_hash: str) -> None:
-        """A write through this process changed the key of this hash (from any thread): what
-        this process last saw of it vouches for it no more (fail-open) until it is read again,
-        at the next reload (it served the key as it was before the write in an outage)."""
-        self._forgotten.append(bytes.fromhex(key_hash))
+    def forget(self, owner_id: str) -> None:
+        """A write through this process changed the key, team or customer of this id (from any
+        thread): what this process last saw of the keys it holds vouches for them no more
+        (fail-open) until they are read again. It served them in an outage as they were before
+        the write: a key deactivated, or a key of a team given a $0 budget or deleted."""
+        self._forgotten.append(owner_id)
         self.mark_stale()
 
     async def ensure_current(self) -> None:
@@ -653,8 +654,18 @@ class BudgetEngine:
     async def _reload(self) -> None:
         self._changed = False
         forgotten = self._forgotten
-        while forgotten:
-            self.last_known.pop(forgotten.pop(), None)
+        if forgotten:  # after a write only: a pass over the keys vouched for
+            written = set()
+            while forgotten:  # one at a time: another thread may add to it meanwhile
+                written.add(forgotten.pop())
+            last_known = self.last_known
+            for digest, config in list(last_known.items()):
+                if (
+                    config.id in written
+                    or config.team_id in written
+                    or config.customer_id in written
+                ):
+                    last_known.pop(digest, None)
         try:
             self.keys.clear()
             self._keys_by_id.clear()

@@ -52,12 +52,6 @@ def display(value: str, prefix: str) -> str:
 
 
 class KeyWriter(OwnerWriter):
-    def _key_written(self, key_hash: str) -> None:
-        """A write to this key (by its hash before the write) is committed: the engine vouches
-        for it no more as it last read it (fail-open, SPEC §11) until it reads it again."""
-        if self.on_key_change is not None:
-            self.on_key_change(key_hash)
-
     def _new_value(self) -> str:
         return self.settings.key_prefix + secrets.token_urlsafe(32)
 
@@ -132,7 +126,6 @@ class KeyWriter(OwnerWriter):
             if data.provider_configs is not None:
                 self._write_provider_configs(s, row, data.provider_configs)
             self._commit(s, "virtual key")
-            self._key_written(row.key_hash)
             return Reader(s).virtual_key(row)
 
     def _write_provider_configs(
@@ -187,13 +180,11 @@ class KeyWriter(OwnerWriter):
         """A new value for the key, returned once; the old value stops working."""
         with self._session() as s:
             row = self._get(s, VirtualKeyRow, id_, "virtual key")
-            old_hash = row.key_hash
             value = self._new_value()
             self._set_value(s, row, value)
             row.updated_at = utcnow()
             s.add(row)
             s.commit()
-            self._key_written(old_hash)
             return Reader(s).virtual_key(row, value=value)
 
     def set_virtual_key_value(self, id_: str, value: str) -> None:
@@ -206,12 +197,10 @@ class KeyWriter(OwnerWriter):
             )
         with self._session() as s:
             row = self._get(s, VirtualKeyRow, id_, "virtual key")
-            old_hash = row.key_hash
             self._set_value(s, row, value)
             row.updated_at = utcnow()
             s.add(row)
             self._commit(s, "virtual key")
-            self._key_written(old_hash)
 
     def delete_virtual_key(self, id_: str) -> None:
         with self._session() as s:
@@ -227,12 +216,10 @@ class KeyWriter(OwnerWriter):
             delete_limits(s, "provider_config", [p.id for p in policies])
             delete_limits(s, "model_config", [r.id for r in rules])
             delete_limits(s, "virtual_key", [id_])
-            key_hash = row.key_hash
             for child in [*policies, *rules]:
                 s.delete(child)
             s.delete(row)
             s.commit()
-            self._key_written(key_hash)
 
     def get_virtual_key(self, id_: str) -> VirtualKeyOut:
         with self._session() as s:

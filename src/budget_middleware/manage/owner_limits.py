@@ -33,7 +33,16 @@ from budget_middleware.manage.schemas import BudgetIn, RateLimitIn, _Limits
 from budget_middleware.manage.status import current_window
 from budget_middleware.settings import BudgetSettings
 from budget_middleware.store.database import Store
-from budget_middleware.store.tables import BudgetRow, RateLimitRow, utcnow
+from budget_middleware.store.tables import (
+    BudgetRow,
+    CustomerRow,
+    ModelConfigRow,
+    ProviderConfigRow,
+    RateLimitRow,
+    TeamRow,
+    VirtualKeyRow,
+    utcnow,
+)
 
 R = TypeVar("R")
 logger = logging.getLogger("budget_middleware")
@@ -342,6 +351,32 @@ def _carry_in_redis(settings: BudgetSettings, carries: list[Carry]) -> None:
         logger.warning("budget-middleware could not carry new terms in Redis: %s", exc)
 
 
+WRITTEN_OWNERS = "budget_middleware.written_owners"  # session.info: ids a write changed
+
+
+def _owner_of(row: object) -> str | None:
+    """The key, team or customer whose terms a written row is part of (None: no key's)."""
+    if isinstance(row, VirtualKeyRow | TeamRow | CustomerRow):
+        return row.id
+    if isinstance(row, BudgetRow | RateLimitRow):
+        return row.owner_id  # a key's, team's or customer's (or a config's: matches no key)
+    if isinstance(row, ProviderConfigRow):
+        return row.virtual_key_id
+    if isinstance(row, ModelConfigRow) and row.scope == "virtual_key":
+        return row.scope_id
+    return None
+
+
+def _note_owners(session: Session, _context: object) -> None:
+    """After a flush (its rows still listed as new, changed, deleted): the owners it wrote.
+    Limits deleted in bulk (`delete_limits`) go with their owner's row, which is noted."""
+    found = session.info.setdefault(WRITTEN_OWNERS, set())
+    for row in (*session.new, *session.dirty, *session.deleted):
+        owner_id = _owner_of(row)
+        if owner_id is not None:
+            found.add(owner_id)
+
+
 class OwnerWriter:
     """What every writer of owners shares: the store, where writes come from, and checks."""
 
@@ -352,7 +387,7 @@ class OwnerWriter:
         origin: Origin = MANUAL,
         *,
         on_change: Callable[[], None] | None = None,
-        on_key_change: Callable[[str], None] | None = None,
+        on_owner_change: Callable[[str], None] | None = None,
         reset_live: Callable[[str, str], float] | None = None,
         on_new_terms: OnNewTerms | None = None,
         live: CounterRegistry | None = None,
@@ -361,8 +396,9 @@ class OwnerWriter:
         self.settings = settings
         self.origin = origin
         self.on_change = on_change  # the engine of this process: the next request sees a write
-        # Told the hash of a key a write changed, once committed (the engine's `forget_key`).
-        self.on_key_change = on_key_change
+        # Told the id of each key, team and customer a write changed, once committed (the
+        # engine's `forget`: it vouches for their keys no more as it last read them).
+        self.on_owner_change = on_owner_change
         self.live = live  # the engine's live counters, which `from_memory` reads
         # The engine's live counter of a budget being reset: starts its window, says when.
         self.reset_live = reset_live
@@ -395,6 +431,15 @@ class OwnerWriter:
         if self.on_change is not None:
             notify = self.on_change
             event.listen(session, "after_commit", lambda _session: notify())
+        if self.on_owner_change is not None:
+            forget = self.on_owner_change
+            event.listen(session, "after_flush", _note_owners)
+
+            def written(done: Session) -> None:
+                for owner_id in done.info.pop(WRITTEN_OWNERS, ()):
+                    forget(owner_id)
+
+            event.listen(session, "after_commit", written)
         if self.on_new_terms is not None:
             tell = self.on_new_terms
 
