@@ -1063,6 +1063,48 @@ async def test_fail_open_never_vouches_for_a_key_on_owner_terms_replaced_here(
     assert during == [503] * 3
 
 
+async def test_fail_open_never_vouches_for_a_key_as_it_was_before_a_config_apply(
+    make_settings: Settings,
+) -> None:
+    """BUDGET_FAIL_OPEN: `POST /config/apply` deactivating a key (or giving it a $0 budget),
+    the key not requested since, then a store outage: it was served as it was before the
+    file (200 200 200), as a write through the manager no longer was. Now 503."""
+    settings = make_settings(fail_open=True, cache_ttl_seconds=3600)
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    engine = engine_of(app)
+    admin = {"authorization": "Bearer admin-secret"}
+    text = (
+        "virtual_keys:\n  - {name: paused, value: sk-bm-paused-0123456789, is_active: %s}\n"
+        "  - {name: zero, value: sk-bm-zero-0123456789, budgets: [{max_limit: %s}]}\n"
+        "  - {name: other, value: sk-bm-other-0123456789}\n"
+    )
+    async with running(app), client(app) as http:
+        r = await http.post("/admin/config/apply", headers=admin,
+                            json={"text": text % ("true", 100), "format": "yaml"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        before = [
+            await status(http, k) for k in ("sk-bm-paused-0123456789", "sk-bm-zero-0123456789")
+        ]
+        r = await http.post("/admin/config/apply", headers=admin,
+                            json={"text": text % ("false", 0), "format": "yaml"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert await status(http, "sk-bm-other-0123456789") == 200  # the apply is applied here
+        patch = _store_down(engine)
+        try:
+            during = [
+                await status(http, k)
+                for k in ("sk-bm-paused-0123456789", "sk-bm-zero-0123456789")
+                for _ in range(3)
+            ]
+            known = await status(http, "sk-bm-other-0123456789")
+        finally:
+            patch.undo()
+    print(f"config apply: {before}, then in an outage {during}; a key unchanged {known}")
+    assert (before, known) == ([200, 200], 200)
+    assert during == [503] * 6
+
+
 @pytest.mark.parametrize("backend", ["in process", "Redis"])
 async def test_requests_in_flight_are_charged_to_the_scopes_they_were_admitted_under(
     make_settings: Settings, backend: str

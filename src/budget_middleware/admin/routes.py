@@ -344,6 +344,7 @@ async def apply_config(call: Call) -> AdminAnswer:
             body.text,
             body.format,
             engine.terms_moved,
+            engine.forget,
         )
     except ConfigFileError as exc:
         raise InvalidRequest(str(exc), param="text") from None

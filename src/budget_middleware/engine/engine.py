@@ -266,7 +266,10 @@ class BudgetEngine:
             check_config_file(self.settings.config_file)
             settings = self.settings
             moved = self.terms_moved  # new terms carried in the live counters (Redis)
-            self.startup_hooks.append(lambda store: load_config_file(store, settings, moved))
+            forget = self.forget  # keys and owners written: not vouched for as last read
+            self.startup_hooks.append(
+                lambda store: load_config_file(store, settings, moved, forget)
+            )
 
     @property
     def pending_records(self) -> int:

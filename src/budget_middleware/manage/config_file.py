@@ -536,11 +536,13 @@ class _Loader:
         settings: BudgetSettings,
         data: _FileData,
         on_new_terms: OnNewTerms | None,
+        on_owner_change: Callable[[str], None] | None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.data = data
         self.on_new_terms = on_new_terms  # the engine's (`OwnerWriter.on_new_terms`), if any
+        self.on_owner_change = on_owner_change  # the engine's (`OwnerWriter.on_owner_change`)
 
     def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
         return self.data.where(section, index, entry)
@@ -568,7 +570,11 @@ class _Loader:
         digest = config_hash({k: v for k, v in entry.items() if k != "value"})
         body = dict(entry)
         manager = BudgetManager(
-            self.store, self.settings, Origin("config", digest), on_new_terms=self.on_new_terms
+            self.store,
+            self.settings,
+            Origin("config", digest),
+            on_new_terms=self.on_new_terms,
+            on_owner_change=self.on_owner_change,
         )
         with _entry_errors(where, self.data.field_names(section, index)):
             self._apply(section, body, digest, manager, where)
@@ -689,6 +695,7 @@ def apply_config_text(
     text: str,
     suffix: str,
     on_new_terms: OnNewTerms | None = None,
+    on_owner_change: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """A config file's text applied to the store, as start-up applies BUDGET_CONFIG_FILE (the
     admin API's `POST /config/apply`, the CLI's `config apply --url`); its entries by section.
@@ -699,17 +706,22 @@ def apply_config_text(
         try:
             data = _check(path)
             with_file = settings.model_copy(update={"config_file": path})
-            load_config_file(store, with_file, on_new_terms)
+            load_config_file(store, with_file, on_new_terms, on_owner_change)
         except ConfigFileError as exc:
             raise ConfigFileError(str(exc).replace(repr(str(path)), "(the config sent)")) from None
     return {section: len(data.sections[section]) for section in SECTIONS if data.sections[section]}
 
 
 def load_config_file(
-    store: Store, settings: BudgetSettings, on_new_terms: OnNewTerms | None = None
+    store: Store,
+    settings: BudgetSettings,
+    on_new_terms: OnNewTerms | None = None,
+    on_owner_change: Callable[[str], None] | None = None,
 ) -> None:
     """Apply `settings.config_file` to the store (a start-up hook of the engine; blocking).
-    `on_new_terms`: the engine's live counters, told of windows new terms moved."""
+    `on_new_terms`: the engine's live counters, told of windows new terms moved;
+    `on_owner_change`: the engine, told of the keys and owners written (`BudgetEngine.forget`:
+    it vouches no more for those keys as it last read them, under BUDGET_FAIL_OPEN)."""
     if settings.config_file is None:
         return
     path = Path(settings.config_file)
@@ -722,7 +734,7 @@ def load_config_file(
     _preflight(store, data)
     ensure_schema(store)
     with store.one_transaction() as joined:  # whole, or nothing written: SPEC §3
-        loader = _Loader(joined, settings, data, on_new_terms)
+        loader = _Loader(joined, settings, data, on_new_terms, on_owner_change)
         for section in SECTIONS:
             for index, entry in enumerate(data.sections[section]):
                 loader.apply(section, index, entry)

@@ -377,6 +377,11 @@ def _note_owners(session: Session, _context: object) -> None:
             found.add(owner_id)
 
 
+def _tell(forget: Callable[[str], None], owners: set[str]) -> None:
+    for owner_id in owners:
+        forget(owner_id)
+
+
 class OwnerWriter:
     """What every writer of owners shares: the store, where writes come from, and checks."""
 
@@ -436,8 +441,9 @@ class OwnerWriter:
             event.listen(session, "after_flush", _note_owners)
 
             def written(done: Session) -> None:
-                for owner_id in done.info.pop(WRITTEN_OWNERS, ()):
-                    forget(owner_id)
+                owners = done.info.pop(WRITTEN_OWNERS, None)
+                if owners:  # once written for good (a config file's: once all of it is)
+                    self.store.when_committed(functools.partial(_tell, forget, owners))
 
             event.listen(session, "after_commit", written)
         if self.on_new_terms is not None:
