@@ -25,7 +25,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
-from cachetools import LRUCache, TTLCache
+from cachetools import Cache, LRUCache, TTLCache
 
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import hash_key, key_digest
@@ -662,7 +662,8 @@ class BudgetEngine:
             while forgotten:  # one at a time: another thread may add to it meanwhile
                 written.add(forgotten.pop())
             last_known = self.last_known
-            for digest, config in list(last_known.items()):
+            for digest in list(last_known):
+                config = Cache.__getitem__(last_known, digest)  # read, not made most recent
                 if (
                     config.id in written
                     or config.team_id in written

@@ -352,6 +352,7 @@ def _carry_in_redis(settings: BudgetSettings, carries: list[Carry]) -> None:
 
 
 WRITTEN_OWNERS = "budget_middleware.written_owners"  # session.info: ids a write changed
+NEW_OWNERS = "budget_middleware.new_owners"  # rows it created: nobody vouched for them
 
 
 def _owner_of(row: object) -> str | None:
@@ -375,6 +376,11 @@ def _note_owners(session: Session, _context: object) -> None:
         owner_id = _owner_of(row)
         if owner_id is not None:
             found.add(owner_id)
+    created = session.info.setdefault(NEW_OWNERS, set())
+    for row in session.new:  # a key, team, customer or config: the owner of its limits
+        row_id = getattr(row, "id", None)
+        if isinstance(row_id, str):
+            created.add(row_id)
 
 
 def _tell(forget: Callable[[str], None], owners: set[str]) -> None:
@@ -441,7 +447,9 @@ class OwnerWriter:
             event.listen(session, "after_flush", _note_owners)
 
             def written(done: Session) -> None:
-                owners = done.info.pop(WRITTEN_OWNERS, None)
+                # A key, team or customer created is in no key the engine vouches for: a new
+                # key's budgets, say, cost it no pass over those it does (`BudgetEngine.forget`).
+                owners = done.info.pop(WRITTEN_OWNERS, set()) - done.info.pop(NEW_OWNERS, set())
                 if owners:  # once written for good (a config file's: once all of it is)
                     self.store.when_committed(functools.partial(_tell, forget, owners))
 
