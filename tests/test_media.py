@@ -188,13 +188,25 @@ async def test_an_image_request_waits_for_its_model_s_first_measured_answer(
         )
         auth = {"authorization": f"Bearer {key.value}"}
 
-        async def post(body: dict[str, Any], delay: float = 0.0) -> httpx.Response:
-            await asyncio.sleep(delay)
+        async def post(body: dict[str, Any]) -> httpx.Response:
             return await http.post("/v1/chat/completions", json=body, headers=auth)
 
         text_body = {**text, "max_tokens": 10}
         text_body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-        slow_text, held = await asyncio.gather(post(text_body), post(image_chat(), 0.002))
+
+        async def once_text_is_in_flight(body: dict[str, Any]) -> httpx.Response:
+            # Sent when the text request holds its reservation (a fixed 2 ms delay let the
+            # image go first on a loaded machine, and the text waited for it instead).
+            for _ in range(20_000):
+                reserved = engine.registry.counter("budget", key.budgets[0].id)
+                if reserved is not None and reserved.reserved > 0:
+                    break
+                await asyncio.sleep(0.0005)
+            return await post(body)
+
+        slow_text, held = await asyncio.gather(
+            post(text_body), once_text_is_in_flight(image_chat())
+        )
         unmeasured = await post({**image_chat(), "model": "openai/gpt-4o", "stream": False})
         assert engine.gate.media_tokens.get(("openai", "gpt-4o")) is not None  # measured
         learned = engine.gate.media_tokens[("openai", "gpt-4o")]
