@@ -619,3 +619,24 @@ def test_most_remaining_admits_the_candidate_whose_tightest_budget_has_the_most_
     assert isinstance(first.ticket, Ticket) and first.ticket.limits is roomy
     ordered = admission.admit_first(candidates, True, T0, registry.ledger)
     assert (ordered.index, ordered.tried) == (0, [])
+
+
+def test_retry_at_is_the_latest_end_of_the_rate_windows_spent_now() -> None:
+    """`retry_at`: when every spent request and token window has ended (the refusal names the
+    first; a client waiting for that one alone was refused again by the next)."""
+    registry = CounterRegistry()
+    key = rate_scope(registry, "key", requests=1, duration="1m")
+    team = rate_scope(registry, "team", tokens=100, duration="1h")
+    customer = rate_scope(registry, "customer", requests=5, duration="1d")  # not spent
+    never = rate_scope(registry, "zero", requests=0, duration="1w")  # a limit of 0: final
+    limits = LimitSet((key, team, customer, never))
+    assert admission.retry_at(limits, T0) is None  # nothing spent
+    key.rate_limit.requests.value = 1  # type: ignore[union-attr]
+    assert admission.retry_at(limits, T0) == T0 + 60
+    team.rate_limit.tokens.value = 150  # type: ignore[union-attr]  (over: measured after)
+    assert admission.retry_at(limits, T0) == T0 + 3600
+    assert admission.retry_at(limits, T0 + 60) == T0 + 3600  # the minute's end: ended
+    assert admission.retry_at(limits, T0 + 3600) is None  # both ended
+    team.rate_limit.tokens.value = 99  # type: ignore[union-attr]  (one left: not spent)
+    assert admission.retry_at(limits, T0) == T0 + 60
+    print("retry at +60 s, then +3,600 s with the team's hour spent too")

@@ -757,6 +757,70 @@ async def test_a_client_that_waits_retry_after_ms_is_admitted(make_settings: Set
     assert retried.status_code == 200
 
 
+@pytest.mark.parametrize("counters", ["in process", "redis"])
+async def test_retry_after_waits_for_every_rate_window_that_refuses(
+    make_settings: Settings, counters: str
+) -> None:
+    """A key's 1 request a minute and its team's 1 an hour, both spent: the 429 is the key's
+    (SPEC §5's order), but a client that waits its `Retry-After` must find the request
+    admitted, so it waits for the hour's end, not the minute's (it said 60 s, and the retry
+    was refused again, by the team, with 3,540 s)."""
+    import time
+
+    from mock_upstream import mock_router
+
+    from budget_middleware.engine.engine import BudgetEngine
+
+    now = [time.time()]
+    overrides: dict[str, Any] = {}
+    prefix = ""
+    if counters == "redis":
+        from conftest import REDIS_URL, need_redis
+        from service_support import delete_prefix, unique_prefix, use_prefix
+
+        need_redis()
+        overrides["redis_url"] = REDIS_URL
+        prefix = unique_prefix()
+    engine = BudgetEngine(make_settings(**overrides), clock=lambda: now[0])
+    if prefix:
+        use_prefix(engine, prefix)
+    upstream = FastAPI()
+    upstream.include_router(mock_router("/v1"))
+    app = BudgetMiddleware(upstream, engine=engine)
+    try:
+        async with running(app), client(app) as http:
+            m = engine.manager
+            team = m.create_team(
+                name="research",
+                rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"},
+            )
+            key = m.create_virtual_key(
+                name="alice",
+                team_id=team.id,
+                rate_limit={"request_max_limit": 1, "request_reset_duration": "1m"},
+            )
+            await engine.invalidate()
+            auth = bearer(key.value)
+            first = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+            refused = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+            waits = [int(refused.headers["retry-after"])]
+            now[0] += int(refused.headers["retry-after-ms"]) / 1000
+            retried = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+            while retried.status_code == 429 and len(waits) < 3:
+                waits.append(int(retried.headers["retry-after"]))
+                now[0] += int(retried.headers["retry-after-ms"]) / 1000
+                retried = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+    finally:
+        if prefix:
+            delete_prefix(REDIS_URL, prefix)
+    print(f"{counters}: Retry-After waited {waits} s, then {retried.status_code}")
+    assert (first.status_code, refused.status_code) == (200, 429)
+    assert refused.json()["error"]["code"] == "request_limit_exceeded"
+    assert refused.json()["error"]["scope"]["type"] == "virtual_key"  # SPEC §5's first
+    assert len(waits) == 1 and 3590 <= waits[0] <= 3601
+    assert retried.status_code == 200
+
+
 async def test_key_header_key_prefix_and_inference_paths_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:

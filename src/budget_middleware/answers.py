@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from budget_middleware.core.admission import Refusal
+from budget_middleware.core.admission import Refusal, retry_at
 from budget_middleware.core.money import MAX_CHARGE_NANOS, usd_text
+from budget_middleware.core.scopes import LimitSet
 
 _TYPES = {
     401: "authentication_error",
@@ -110,10 +111,15 @@ def _usd(nanos: int) -> str:
 
 
 def refusal_answer(
-    refusal: Refusal, exceeded_status: int, now: float | None = None, reserved: int = 0
+    refusal: Refusal,
+    exceeded_status: int,
+    now: float | None = None,
+    reserved: int = 0,
+    limits: LimitSet | None = None,
 ) -> ErrorAnswer:
     """The answer for a request refused by a limit: names the limit, the amounts, the reset.
-    `reserved`: what the request itself would have reserved."""
+    `reserved`: what the request itself would have reserved. `limits`: the request's, whose
+    other spent rate windows a rate limit's `Retry-After` waits for too (`retry_at`)."""
     scope = refusal.scope
     owner = f"{_OWNER_LABELS[scope.type]} '{scope.name}'"
     scope_json = {"type": scope.type, "id": scope.id, "name": scope.name}
@@ -179,6 +185,10 @@ def refusal_answer(
             "in flight; retry when one finishes"
         )
         wait = 1.0
+    if limits is not None and not final and code != "budget_reserved":
+        latest = retry_at(limits, now)
+        if latest is not None and latest - now > wait:
+            wait = latest - now
     retry = [
         (b"retry-after", str(max(math.ceil(wait), 1)).encode()),
         # Rounded up, as Retry-After is: a client that waits it (the OpenAI SDK) finds the

@@ -53,8 +53,11 @@ Tightest = tuple[
 ]
 
 
+_NEVER = float("inf")  # the end of a window that never resets
+
+
 def _reset_at(counter: WindowCounter) -> float | None:
-    return None if counter.end == float("inf") else counter.end
+    return None if counter.end == _NEVER else counter.end
 
 
 def admit(
@@ -139,6 +142,15 @@ def admit(
         requests_left -= 1  # this request is counted now
     ticket.tightest = (requests, requests_left, tokens, tokens_left, budget, budget_left)
     return ticket
+
+
+def retry_at(limits: LimitSet, now: float) -> float | None:
+    """When a request refused by a rate limit could pass every rate window that refuses it now:
+    the latest end among its request and token windows spent at `now` (None: none is). The
+    refusal names the first of them (SPEC §5's order); a client that waited for that one's end
+    alone (a key's minute) was refused again by the next (its team's hour). On a refusal only."""
+    spent = [c.end for c in (*limits.requests, *limits.tokens) if c.value >= c.limit > 0]
+    return max((end for end in spent if now < end < _NEVER), default=None)
 
 
 def admit_anyway(

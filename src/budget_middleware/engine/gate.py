@@ -313,7 +313,11 @@ class Gate:
                 refused = self.engine.stats.refused  # the request's outcome, counted once here
                 refused[ticket.code] = refused.get(ticket.code, 0) + 1
                 answer = refusal_answer(
-                    ticket, self.exceeded_status, exchange.admitted_at, exchange.ticket_estimate
+                    ticket,
+                    self.exceeded_status,
+                    exchange.admitted_at,
+                    exchange.ticket_estimate,
+                    exchange.limits,
                 )
                 self.tell_refusal(
                     ticket.code, answer.status, exchange.key, exchange.target, ticket.scope
@@ -492,7 +496,11 @@ class Gate:
         for n, refusal in zip(first.tried, first.refusals, strict=True):
             index, exchange = plan.candidates[n]
             answer = refusal_answer(
-                refusal, self.exceeded_status, exchange.admitted_at, exchange.ticket_estimate
+                refusal,
+                self.exceeded_status,
+                exchange.admitted_at,
+                exchange.ticket_estimate,
+                exchange.limits,
             )
             plan.refused[index] = (refusal.code, answer)
         tried = [
