@@ -398,6 +398,66 @@ async def test_usage_is_grouped_in_the_database(settings: BudgetSettings) -> Non
         assert (await c.get("/usage?group_by=nope", headers=ADMIN)).status_code == 422
 
 
+async def test_usage_keeps_the_names_of_deleted_keys_teams_and_customers(
+    settings: BudgetSettings,
+) -> None:
+    """Where the money went stays readable after the key, team or customer that spent it is
+    deleted: its rows keep its name, marked `deleted` (they came back with `name: null`, an id
+    nobody could place), and a live owner is never marked."""
+    from datetime import UTC, datetime
+
+    from budget_middleware.store.tables import UsageRecordRow
+
+    async with admin_client(settings) as c:
+        customer = (await c.post("/customers", json={"name": "acme"}, headers=ADMIN)).json()
+        team = (
+            await c.post(
+                "/teams",
+                json={"name": "research", "customer_id": customer["customer"]["id"]},
+                headers=ADMIN,
+            )
+        ).json()["team"]
+        owners = {"customer": customer["customer"], "team": team}
+        for name in ("alice", "bob"):
+            created = await c.post(
+                "/virtual-keys", json={"name": name, "team_id": team["id"]}, headers=ADMIN
+            )
+            owners[name] = created.json()["virtual_key"]
+        store = get_engine(settings).store
+        with store.session() as s:
+            for i, name in enumerate(("alice", "bob")):
+                s.add(
+                    UsageRecordRow(
+                        request_id=f"r{i}",
+                        created_at=datetime(2026, 1, 2, tzinfo=UTC),
+                        virtual_key_id=owners[name]["id"],
+                        team_id=team["id"],
+                        customer_id=customer["customer"]["id"],
+                        provider="openai",
+                        model="gpt-4o",
+                        input_tokens=10,
+                        output_tokens=5,
+                        cost_nanos=1_000_000_000,
+                    )
+                )
+            s.commit()
+        for path in (
+            f"/virtual-keys/{owners['alice']['id']}",
+            f"/teams/{team['id']}",
+            f"/customers/{customer['customer']['id']}",
+        ):
+            assert (await c.delete(path, headers=ADMIN)).status_code in (200, 204)
+        found = {}
+        for group in ("virtual_key", "team", "customer"):
+            r = await c.get(f"/usage?group_by={group}", headers=ADMIN)
+            assert r.status_code == 200
+            found[group] = sorted((u["name"], u["deleted"], u["cost"]) for u in r.json()["usage"])
+    print("usage after deleting alice, research and acme:", found)
+    assert found["virtual_key"] == [("alice", True, 1.0), ("bob", False, 1.0)]
+    assert found["team"] == [("research", True, 2.0)]
+    assert found["customer"] == [("acme", True, 2.0)]
+
+
 async def test_health_is_open_and_metrics_report_budgets(settings: BudgetSettings) -> None:
     async with admin_client(settings) as c:
         r = await c.get("/health")

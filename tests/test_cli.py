@@ -221,6 +221,12 @@ async def test_keys_budgets_and_usage_on_the_store(store: dict[str, str], here: 
     assert rotated["value"] != value and rotated["id"] == key["id"]
     assert await _requests(store, value, rotated["value"]) == [401, 200]
 
+    # keys delete: where its money went keeps its name, marked deleted.
+    ok(here(store, "keys delete alice"))
+    rows = table(ok(here(store, "usage --by key")).out)
+    print("usage by key after deleting alice:", rows[1])
+    assert rows[1][1:3] == ["alice (deleted)", "2"]
+
 
 def test_every_kind_from_options_and_from_the_api_bodies(
     store: dict[str, str], tmp_path: Path, here: Here

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from budget_middleware.store.database import Store
 
 
-def test_a_version_3_store_is_brought_to_version_8(tmp_path: Path) -> None:
+def test_a_version_3_store_is_brought_to_the_current_version(tmp_path: Path) -> None:
     """Version 4 added the records' direction; 5 soft budgets, alert thresholds, shadow refusals
     and the alerts table; 6 an index on the applied batches' time (their prune); 7 the value a
     config file last gave a key; 8 renamed providers to their one name."""
@@ -24,6 +24,7 @@ def test_a_version_3_store_is_brought_to_version_8(tmp_path: Path) -> None:
         conn.execute(text("DROP TABLE bm_alerts"))
         conn.execute(text("DROP INDEX ix_bm_flushes_applied_at"))
         conn.execute(text("ALTER TABLE bm_virtual_keys DROP COLUMN file_value_hash"))
+        conn.execute(text("DROP TABLE bm_deleted_owners"))
         conn.execute(
             text(
                 "INSERT INTO bm_budgets (id, owner_type, owner_id, max_limit_nanos,"
@@ -49,6 +50,7 @@ def test_a_version_3_store_is_brought_to_version_8(tmp_path: Path) -> None:
         ).all()
         budgets = conn.execute(text("SELECT id, soft, alert_thresholds FROM bm_budgets")).all()
         alerts = conn.execute(text("SELECT count(*) FROM bm_alerts")).scalar_one()
+        deleted = conn.execute(text("SELECT count(*) FROM bm_deleted_owners")).scalar_one()
         indexes = conn.execute(
             text(
                 "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'ix_bm_flushes%'"
@@ -60,8 +62,8 @@ def test_a_version_3_store_is_brought_to_version_8(tmp_path: Path) -> None:
     store.dispose()
     print(f"after the upgrade: version {version}, records {rows}, budgets {budgets}, {indexes}")
     assert [tuple(i) for i in indexes] == [("ix_bm_flushes_applied_at",)]
-    assert version == "8" and [tuple(r) for r in rows] == [("old", "inbound", None)]
-    assert [tuple(b) for b in budgets] == [("b1", 0, None)] and alerts == 0
+    assert version == "9" and [tuple(r) for r in rows] == [("old", "inbound", None)]
+    assert [tuple(b) for b in budgets] == [("b1", 0, None)] and alerts == 0 == deleted
 
 
 async def test_a_store_of_a_newer_release_stops_start_up_and_is_never_written(

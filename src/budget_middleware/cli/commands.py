@@ -562,6 +562,12 @@ budgets_group.add_command(
 )
 
 
+def _usage_name(row: dict[str, Any]) -> object:
+    """A group's name, marked when its key, team or customer has been deleted since."""
+    name = row.get("name")
+    return f"{name} (deleted)" if row.get("deleted") else name
+
+
 def _usage(by: str, since: str | None, until: str | None) -> None:
     start, end = values.period(since, until)
     query = {"group_by": USAGE_GROUPS[by], "start": start, "end": end}
@@ -573,7 +579,7 @@ def _usage(by: str, since: str | None, until: str | None) -> None:
     named = by in ("key", "team", "customer")
     columns: list[out.Column] = [(by.upper(), lambda r: r.get("key"))]
     if named:
-        columns.append(("NAME", lambda r: r.get("name")))
+        columns.append(("NAME", _usage_name))
     columns += [
         ("REQUESTS", lambda r: r["requests"]),
         ("INPUT TOKENS", lambda r: r["input_tokens"]),

@@ -19,6 +19,7 @@ from budget_middleware.manage.owner_limits import (
     OwnerWriter,
     check_model_names,
     delete_limits,
+    remember_deleted,
     write_limits,
 )
 from budget_middleware.manage.schemas import (
@@ -218,6 +219,7 @@ class KeyWriter(OwnerWriter):
             delete_limits(s, "virtual_key", [id_])
             for child in [*policies, *rules]:
                 s.delete(child)
+            remember_deleted(s, "virtual_key", row)
             s.delete(row)
             s.commit()
 

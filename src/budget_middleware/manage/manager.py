@@ -34,7 +34,12 @@ from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.exceptions import Conflict, InvalidBody, InvalidRequest, NotFound
 from budget_middleware.manage import reports
 from budget_middleware.manage.keys import KeyWriter
-from budget_middleware.manage.owner_limits import check_model_names, delete_limits, write_limits
+from budget_middleware.manage.owner_limits import (
+    check_model_names,
+    delete_limits,
+    remember_deleted,
+    write_limits,
+)
 from budget_middleware.manage.schemas import (
     BudgetOut,
     CustomerCreate,
@@ -142,6 +147,7 @@ class BudgetManager(KeyWriter):
                 key.customer_id = None
                 s.add(key)
             delete_limits(s, "customer", [id_])
+            remember_deleted(s, "customer", row)
             s.delete(row)
             s.commit()
 
@@ -194,6 +200,7 @@ class BudgetManager(KeyWriter):
                 key.team_id = None
                 s.add(key)
             delete_limits(s, "team", [id_])
+            remember_deleted(s, "team", row)
             s.delete(row)
             s.commit()
 

@@ -36,6 +36,7 @@ from budget_middleware.store.database import Store
 from budget_middleware.store.tables import (
     BudgetRow,
     CustomerRow,
+    DeletedOwnerRow,
     ModelConfigRow,
     ProviderConfigRow,
     RateLimitRow,
@@ -305,6 +306,13 @@ def write_rate_limit(
         setattr(row, name, value)
     origin.part(rate.model_dump()).stamp(row, created=created)
     s.add(row)
+
+
+def remember_deleted(
+    s: Session, owner_type: str, row: CustomerRow | TeamRow | VirtualKeyRow
+) -> None:
+    """Keep the name of a key, team or customer being deleted: its spend stays readable."""
+    s.add(DeletedOwnerRow(id=row.id, owner_type=owner_type, name=row.name))
 
 
 def delete_limits(s: Session, owner_type: str, owner_ids: list[str]) -> None:

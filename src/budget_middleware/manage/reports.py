@@ -30,6 +30,7 @@ from budget_middleware.manage.views import Reader
 from budget_middleware.store.tables import (
     BudgetRow,
     CustomerRow,
+    DeletedOwnerRow,
     ModelConfigRow,
     RateLimitRow,
     TeamRow,
@@ -180,10 +181,13 @@ def usage(s: Session, group_by: str, start: datetime | None, end: datetime | Non
     if group_by == "tag":
         rows = _split_tags(rows)
     names = _names(s, group_by)
+    deleted = _deleted_names(s, [r[0] for r in rows if r[0] is not None and r[0] not in names])
+    names.update(deleted)
     found = [
         UsageRow(
             key=None if key is None else str(key),
             name=names.get(key) if key is not None else None,
+            deleted=key in deleted,
             requests=int(n),
             input_tokens=int(i),
             output_tokens=int(o),
@@ -236,6 +240,14 @@ def _totals(s: Session, start: datetime | None, end: datetime | None) -> UsageRo
         cached_tokens=int(c),
         cost=usd_from_nanos(int(cost)),
     )
+
+
+def _deleted_names(s: Session, ids: list[Any]) -> dict[Any, str]:
+    """The names the deleted keys, teams or customers of these ids had (`remember_deleted`)."""
+    if not ids:
+        return {}
+    query = select(DeletedOwnerRow.id, DeletedOwnerRow.name)
+    return dict(s.exec(query.where(col(DeletedOwnerRow.id).in_(ids))).all())
 
 
 def _names(s: Session, group_by: str) -> dict[Any, str]:

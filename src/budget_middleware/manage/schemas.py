@@ -741,6 +741,10 @@ class RouteOut(BaseModel):
 class UsageRow(BaseModel):
     key: str | None = Field(description="the group: an id, a provider, a model, a tag or a day")
     name: str | None = None
+    deleted: bool = Field(
+        default=False,
+        description="the key, team or customer was deleted since: `name` is the one it had",
+    )
     requests: int
     input_tokens: int
     output_tokens: int

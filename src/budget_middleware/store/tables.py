@@ -14,8 +14,9 @@ from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
 # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction; 5: bm_alerts, bm_budgets.soft and
-# .alert_thresholds, bm_usage_records.would_refuse; 8: provider names by their one name
-SCHEMA_VERSION = 8
+# .alert_thresholds, bm_usage_records.would_refuse; 8: provider names by their one name;
+# 9: bm_deleted_owners
+SCHEMA_VERSION = 9
 
 
 def new_id() -> str:
@@ -229,6 +230,17 @@ class RejectedRow(StoreModel, table=True):
     created_at: datetime = Field(sa_type=DateTime(timezone=True), index=True)
     error: str = Field(max_length=300)
     payload: str = Field(sa_type=Text)
+
+
+class DeletedOwnerRow(StoreModel, table=True):
+    """The name a deleted key, team or customer had: where its money went stays readable by name
+    (`GET /usage`), marked deleted. Its id is the owner's (ids are never reused)."""
+
+    __tablename__ = "bm_deleted_owners"
+    id: str = Field(primary_key=True, max_length=32)
+    owner_type: str = Field(max_length=16)  # virtual_key, team, customer
+    name: str = Field(max_length=200)
+    deleted_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
 class MetaRow(StoreModel, table=True):

@@ -478,7 +478,7 @@
 
   function groupLabel(group, row) {
     if (row.key === null || row.key === undefined) return GROUP_NONE[group] || "(none)";
-    return row.name || row.key;
+    return row.name ? row.name + (row.deleted ? " (deleted)" : "") : row.key;
   }
 
   async function loadChart() {
@@ -613,7 +613,8 @@
       const share = h("div");
       share.style.width = ((r.cost / most) * 100).toFixed(1) + "%";
       body.append(h("tr", { "data-key": r.key },
-        h("td", null, h("div", null, r.name || r.key), h("div", { class: "share" }, share)),
+        h("td", null, h("div", null, groupLabel("virtual_key", r)),
+          h("div", { class: "share" }, share)),
         h("td", { class: "num" }, count(r.requests)),
         h("td", { class: "num" }, compact(r.input_tokens + r.output_tokens)),
         h("td", { class: "num" }, usd(r.cost))));
