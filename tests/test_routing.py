@@ -241,6 +241,40 @@ async def test_targets_the_key_may_not_use_are_skipped(make_settings: Settings) 
     assert off.status_code == 403 and "targets" not in off.json()["error"]
 
 
+async def test_a_target_the_key_may_not_use_is_not_the_answer_of_one_it_may(
+    make_settings: Settings,
+) -> None:
+    """A key that may use only azure, whose azure budget is spent: every target refused, and
+    the answer was the skipped first target's, 403 "may not use provider 'openai'" (no scope,
+    no `x-should-retry`), where the one target it may use is refused for its budget: 402."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.create_route(**ROUTE)
+        m.put_provider("azure", budgets=SPENT)
+        azure_only = m.create_virtual_key(name="az", provider_configs=[{"provider": "azure"}])
+        mini_only = m.create_virtual_key(  # openai's gpt-4o not allowed: its model skipped
+            name="mini",
+            provider_configs=[
+                {"provider": "openai", "allowed_models": ["gpt-4o-mini"]},
+                {"provider": "azure"},
+            ],
+        )
+        await engine.invalidate()
+        answers = [await post(http, key.value) for key in (azure_only, mini_only)]
+    told = engine.hooks.recent_refusals[-1]
+    for answer in answers:
+        error = answer.json()["error"]
+        print(answer.status_code, error["code"], error["message"], targets_of(answer))
+        assert answer.status_code == 402 and error["code"] == "budget_exceeded"
+        assert error["scope"]["name"] == "azure" and answer.headers["x-should-retry"] == "false"
+    assert targets_of(answers[0]) == [
+        ("openai/gpt-4o", "provider_not_allowed"), ("azure/gpt-4o", "budget_exceeded")]  # fmt: skip
+    assert targets_of(answers[1])[0] == ("openai/gpt-4o", "model_not_allowed")
+    assert (told["code"], told["provider"]) == ("budget_exceeded", "azure")
+
+
 async def test_most_remaining_picks_the_target_with_the_most_left(make_settings: Settings) -> None:
     app = host_app(make_settings())
     engine = engine_of(app)

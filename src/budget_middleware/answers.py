@@ -208,6 +208,9 @@ def _wait(reset_at: float | None, now: float) -> float:
 
 _RETRY_HEADERS = (b"retry-after", b"retry-after-ms", b"content-length")
 
+# A route's targets the key may not use (SPEC §12: skipped, not tried).
+_SKIPPED = frozenset(("provider_not_allowed", "model_not_allowed"))
+
 
 # Refusals a client may retry (429 with Retry-After); `budget_exceeded` is final, whatever
 # status BUDGET_EXCEEDED_STATUS gives it.
@@ -227,12 +230,18 @@ def route_refusal_answer(
     """Every target of a route refused (SPEC §12): (target, code, its answer) in route order.
     The answer is the first retryable refusal (a rate limit, a reservation: 429) with the
     shortest `Retry-After` of them (an exhausted budget is not one, even sent as 429), or
-    else the first target's; its `error.targets` lists each target and its code. Returns the
-    answer, the index of the target whose refusal it is, and its `error` object."""
+    else the first target's, of those the key may use (a target it may not is skipped: its
+    403 is the answer only when the key may use none); its `error.targets` lists each target
+    and its code. Returns the answer, the index of the target whose refusal it is, and its
+    `error` object."""
     retryable = [
         answer for _, code, answer in tried if code in _RETRYABLE and _FINAL not in answer.headers
     ]  # (a rate limit of 0 is final)
-    chosen = retryable[0] if retryable else tried[0][2]
+    if retryable:
+        chosen = retryable[0]
+    else:
+        usable = [answer for _, code, answer in tried if code not in _SKIPPED]
+        chosen = usable[0] if usable else tried[0][2]
     index = [answer for _, _, answer in tried].index(chosen)
     document = json.loads(chosen.body)
     document["error"]["targets"] = [{"target": target, "code": code} for target, code, _ in tried]
