@@ -155,6 +155,30 @@ async def test_an_alert_names_a_budget_of_a_fraction_of_a_cent_exactly(
     ]
 
 
+async def test_an_alert_names_a_threshold_between_whole_percents_as_set(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """The text rounded a threshold to a whole percent: 0.125 read "reached 12%" (the dashboard
+    said 13 %), and half a percent "reached 0% of its budget"."""
+    hook = receiver()
+    app = host_app(make_settings(alert_webhook_urls=hook.url))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        thresholds = [0.005, 0.125, 0.8]
+        budget = {"max_limit": 1.0, "reset_duration": "1d", "alert_thresholds": thresholds}
+        key = engine.manager.create_virtual_key(name="alice", budgets=[budget])
+        assert await spend(http, key.value, 0.3, 3) == [200] * 3
+        got = await until(lambda: len(hook.delivered()) >= 3 and hook.delivered())
+    texts = sorted(a["text"] for a in got)
+    print(texts)
+    assert texts == [
+        "Budget alert: virtual_key alice reached 0.5% of its budget: $0.3000 of $1.00 (daily).",
+        "Budget alert: virtual_key alice reached 12.5% of its budget: $0.3000 of $1.00 (daily).",
+        "Budget alert: virtual_key alice reached 80% of its budget: $0.9000 of $1.00 (daily).",
+    ]
+
+
 async def test_thresholds_and_exhaustion_alert_once_per_window_signed_and_listed(
     make_settings: Settings, receiver: Callable[..., Receiver]
 ) -> None:

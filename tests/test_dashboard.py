@@ -805,3 +805,28 @@ def test_an_alert_with_no_webhook_to_go_to_is_shown_not_sent(bare: Served) -> No
     print("alert:", alerts[0]["delivery"], alerts[0]["attempts"], "shown:", repr(shown))
     assert (alerts[0]["delivery"], alerts[0]["attempts"]) == ("delivered", 0)
     assert shown == "no webhook"
+
+
+def test_an_alert_s_threshold_is_shown_as_set(bare: Served) -> None:
+    """A threshold between whole percents was rounded: 0.125 showed "13% reached" (the alert's
+    own text said 12%), half a percent "1% reached". Shown as set, as the alert's text says."""
+    from playwright.sync_api import expect
+
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    budget = {"max_limit": 1, "reset_duration": "1d", "alert_thresholds": [0.005, 0.125]}
+    created = httpx.post(bare.admin + "/virtual-keys", headers=headers,
+                         json={"name": "eighth", "budgets": [budget]})  # fmt: skip
+    value = created.json()["virtual_key"]["value"]
+    auth = {"Authorization": f"Bearer {value}", "x-mock-cost": "0.2"}
+    spent = httpx.post(bare.url + "/v1/chat/completions", json=_chat("gpt-4o", 10), headers=auth)
+    assert spent.status_code == 200, spent.text
+    deadline = time.monotonic() + 10
+    while len(httpx.get(bare.admin + "/alerts", headers=headers).json()["alerts"]) < 2:
+        assert time.monotonic() < deadline, "the alerts were not raised"
+        time.sleep(0.1)
+    with _signed_in(bare) as page:
+        rows = page.locator("#alerts tbody tr")
+        expect(rows).to_have_count(2)
+        shown = sorted(row.locator("td").nth(2).inner_text() for row in rows.all())
+    print("shown:", shown)
+    assert shown == ["0.5% reached", "12.5% reached"]

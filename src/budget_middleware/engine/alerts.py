@@ -389,7 +389,9 @@ def _text(event: AlertEvent, budget: dict[str, Any], shadow: bool) -> str:
     if event.type == "budget.exhausted":
         then = "it would refuse requests (shadow mode)" if shadow else "requests are refused"
         return f"Budget exhausted: {who} has spent {money}; {then}."
-    return f"Budget alert: {who} reached {event.threshold:.0%} of its budget: {money}."
+    # As set (12.5%, 0.5%), not rounded to a whole percent (12%, 0%); float noise left out.
+    share = f"{event.threshold * 100:g}%"
+    return f"Budget alert: {who} reached {share} of its budget: {money}."
 
 
 __all__ = ["SIGNATURE_HEADER", "AlertEvent", "Alerts", "signature"]

@@ -679,7 +679,9 @@
       items.map((a) => {
         const owner = a.owner || {};
         const what = a.type === "budget.exhausted" ? "exhausted"
-          : typeof a.threshold === "number" ? Math.round(a.threshold * 100) + "% reached"
+          // as set (12.5%, 0.5%), as the alert's text says it; float noise left out
+          : typeof a.threshold === "number"
+            ? Number((a.threshold * 100).toPrecision(6)) + "% reached"
           : a.type;
         return h("tr", null,
           h("td", { class: "muted", title: a.raised_at }, when(a.raised_at)),
