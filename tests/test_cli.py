@@ -359,6 +359,31 @@ def test_a_usage_period_that_ends_before_it_starts_is_named(
     assert here(store, "usage --since 2027-01-01 --until 2027-01-02").code == 0
 
 
+def test_usage_by_day_lists_the_days_in_order(store: dict[str, str], here: Here) -> None:
+    """`usage --by day` (and `GET /usage?group_by=day`) listed the days by spend, as the other
+    groups are: 12-02, 11-30, 12-03, 12-01 for a week read as a time series. In date order."""
+    from datetime import UTC, datetime, timedelta
+
+    from budget_middleware.store.tables import UsageRecordRow
+
+    engine = get_engine(_settings(store))
+    engine.manager.list_teams()  # the store and its tables
+    today = datetime.now(UTC)
+    with engine.store.session() as s:
+        for back, usd in [(3, 5), (2, 1), (1, 9), (0, 2)]:
+            at = today - timedelta(days=back)
+            s.add(UsageRecordRow(request_id=f"r{back}", created_at=at, provider="openai",
+                                 model="gpt-4o", cost_nanos=usd * 10**9))  # fmt: skip
+        s.commit()
+    listed = ok(here(store, "usage --by day --since 7d"))
+    print(listed.out)
+    days = [row[0] for row in table(listed.out)[1:-1]]
+    expected = [(today - timedelta(days=back)).date().isoformat() for back in (3, 2, 1, 0)]
+    assert days == expected
+    as_json = ok(here(store, "usage --by day --since 7d --json")).json()
+    assert [row["key"] for row in as_json["usage"]] == expected
+
+
 async def test_config_check_and_apply(store: dict[str, str], tmp_path: Path, here: Here) -> None:
     good, bad = tmp_path / "budget.yaml", tmp_path / "bad.yaml"
     good.write_text(

@@ -196,7 +196,10 @@ def usage(s: Session, group_by: str, start: datetime | None, end: datetime | Non
         )
         for key, n, i, o, c, cost in rows
     ]
-    found.sort(key=lambda r: (-r.cost, r.key or ""))
+    if group_by == "day":  # a time series: in date order
+        found.sort(key=lambda r: r.key or "")
+    else:  # the most spent first
+        found.sort(key=lambda r: (-r.cost, r.key or ""))
     return UsageOut(
         group_by=group_by,  # type: ignore[arg-type]
         start=start,
