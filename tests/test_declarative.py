@@ -7,6 +7,7 @@ import json
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -595,3 +596,68 @@ def test_a_number_in_exponent_form_is_a_number_in_yaml_as_in_json(tmp_path: Path
     # A name that only looks like a number stays text when quoted, as in JSON.
     quoted = _start(tmp_path / "quoted", "tags:\n  - tag: '2e5'\n    budgets: [{max_limit: 1}]\n")
     assert [t.tag for t in quoted.list_tags()] == ["2e5"]
+
+
+def test_an_entity_renamed_through_the_api_is_still_its_unchanged_entry_s(tmp_path: Path) -> None:
+    """SPEC §10: a change made through the admin API stands until the file's entry changes; a
+    rename is one. Entities were found by name only: after a rename (the dashboard, the CLI)
+    the next start-up made each entry anew (a second customer, team and route, fresh budgets
+    beside the spent ones) or failed outright, the key's file value being the renamed key's."""
+    text = """
+customers:
+  - name: acme
+    budgets: [{max_limit: 100, reset_duration: 1M}]
+teams:
+  - name: research
+    customer: acme
+virtual_keys:
+  - name: alice
+    team: research
+    value: sk-bm-alice-renamed-0001
+  - name: bob
+    customer: acme
+model_configs:
+  - model_name: gpt-4o
+    provider: openai
+    budgets: [{max_limit: 5, reset_duration: 1d}]
+routes:
+  - name: gpt-4o
+    targets: [openai/gpt-4o]
+"""
+    m = _start(tmp_path, text)
+    m.update_customer(m.list_customers()[0].id, name="Acme Corp")
+    m.update_team(m.list_teams()[0].id, name="Research")
+    for key in m.list_virtual_keys():
+        m.update_virtual_key(key.id, name=key.name.title())
+    m.update_model_config(m.list_model_configs()[0][0].id, model_name="gpt-4o-2024-*")
+    m.update_route(m.list_routes()[0].id, name="smart")
+
+    def names(m: BudgetManager) -> dict[str, list[str]]:
+        return {
+            "customers": [c.name for c in m.list_customers()],
+            "teams": [t.name for t in m.list_teams()],
+            "keys": sorted(k.name for k in m.list_virtual_keys()),
+            "model_configs": [c.model_name for c in m.list_model_configs()[0]],
+            "routes": [r.name for r in m.list_routes()],
+        }
+
+    before = names(m)
+    try:
+        after: Any = names(_start(tmp_path, text))  # restarted, the file unchanged
+    except ConfigFileError as exc:
+        after = f"start-up failed: {exc}"
+    print(f"renamed: {before}\nafter a restart: {after}")
+    assert after == before
+    key_id = m.find_virtual_key("sk-bm-alice-renamed-0001")
+    assert key_id is not None and m.get_virtual_key(key_id).name == "Alice"
+    customer, team = m.list_customers()[0], m.list_teams()[0]
+    assert team.customer_id == customer.id
+    assert {k.name: (k.team_id, k.customer_id) for k in m.list_virtual_keys()} == {
+        "Alice": (team.id, None), "Bob": (None, customer.id)}  # fmt: skip
+    # Once a key's entry changes, the file declares it again: the key it gave its value to.
+    edited = text.replace("    value: sk-bm-alice-renamed-0001\n",
+                          "    value: sk-bm-alice-renamed-0001\n    tags: [edited]\n")  # fmt: skip
+    m = _start(tmp_path, edited)
+    keys = {k.name: (k.id, k.tags) for k in m.list_virtual_keys()}
+    print(f"after the entry changed: {keys}")
+    assert keys == {"alice": (key_id, ["edited"]), "Bob": (keys["Bob"][0], [])}

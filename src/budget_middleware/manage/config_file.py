@@ -10,7 +10,9 @@ Each entry's `config_hash` is the sha256 of its canonical JSON (after `${...}` i
 entity is created when missing, updated when its stored hash differs, and left alone otherwise, so
 changes made through the admin API survive restarts until the file's entry changes. An entry
 declares all of its entity: what it leaves out is the create body's default (`_declared`). Entities
-are found by name (model configs by model, provider and scope). Nothing is ever deleted by the file.
+are found by name (model configs by model, provider and scope), or else, while their entry is
+unchanged, by its hash: an entity renamed through the API is still its entry's, and a reference
+to the entry's name (a team's `customer`) is to it. Nothing is ever deleted by the file.
 
 The whole file is checked before anything is applied, as far as it can be without the store (its
 shape, every entry's fields, model names, `${...}` variables): the engine does it when it is
@@ -487,6 +489,15 @@ _OWNER = {
 }
 
 
+def _made_by(table: Any, digest: str, value: str | None = None) -> Any:
+    """Where a row is the one an entry with this hash made (renamed through the API since), or
+    (`value`: a key's) the key the file gave this value, whatever its entry has become."""
+    made = (table.source == "config") & (table.config_hash == digest)
+    if value is not None:
+        made = made | (table.file_value_hash == hash_key(value))
+    return made
+
+
 def _preflight(store: Store, data: _FileData) -> None:
     """What only the store can tell, checked before anything is written (so an invalid file
     writes nothing): every entry named by a reference exists, in the store or earlier in the
@@ -525,7 +536,13 @@ def _preflight(store: Store, data: _FileData) -> None:
                 other = s.exec(
                     select(VirtualKeyRow).where(VirtualKeyRow.key_hash == hash_key(value))
                 ).first()
-                if other is not None and other.name != entry.get("name"):
+                digest = config_hash({k: v for k, v in entry.items() if k != "value"})
+                if (
+                    other is not None
+                    and other.name != entry.get("name")
+                    and not (other.source == "config" and other.config_hash == digest)
+                    and other.file_value_hash != hash_key(value)  # the key the file gave it
+                ):
                     raise ConfigFileError(f"{where}: this key value is already in use")
 
 
@@ -543,6 +560,7 @@ class _Loader:
         self.data = data
         self.on_new_terms = on_new_terms  # the engine's (`OwnerWriter.on_new_terms`), if any
         self.on_owner_change = on_owner_change  # the engine's (`OwnerWriter.on_owner_change`)
+        self.declared: dict[tuple[Any, str], str] = {}  # (table, the entry's name): its id
 
     def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
         return self.data.where(section, index, entry)
@@ -553,14 +571,22 @@ class _Loader:
         with self.store.session() as s:
             if s.get(table, ref) is not None:
                 return ref
+            if (table, ref) in self.declared:  # an entry of the file, however it is named now
+                return self.declared[table, ref]
             row = s.exec(select(table).where(table.name == ref)).first()
         if row is None:
             raise ConfigFileError(f"{where}: {what} {ref!r} is neither a name nor an id")
         return str(row.id)
 
-    def _stored(self, table: Any, where_clause: Any) -> Any:
+    def _stored(self, table: Any, where_clause: Any, digest: str, value: Any = None) -> Any:
+        """The entity an entry declares: found by `where_clause`, or else the one the entry
+        made and the API renamed since (the entry unchanged: its hash; a key: its file value)."""
         with self.store.session() as s:
-            return s.exec(select(table).where(where_clause)).first()
+            row = s.exec(select(table).where(where_clause)).first()
+            if row is None:
+                value = value if isinstance(value, str) else None
+                row = s.exec(select(table).where(_made_by(table, digest, value))).first()
+            return row
 
     def apply(self, section: str, index: int, raw: dict[str, Any]) -> None:
         where = self.where(section, index, raw)
@@ -593,7 +619,7 @@ class _Loader:
             table = ProviderRow if section == "providers" else TagRow
             if table is ProviderRow:
                 name = canonical_provider(name)  # found as it is stored: by its one name
-            row = self._stored(table, getattr(table, field) == name)
+            row = self._stored(table, getattr(table, field) == name, digest)
             if row is None or row.config_hash != digest:
                 put = m.put_provider if section == "providers" else m.put_tag
                 put(name, _declared(_CREATE[section], body))
@@ -626,12 +652,14 @@ class _Loader:
         if not isinstance(name, str):
             raise ConfigFileError(f"{where}: needs a 'name'")
         body = _declared(_CREATE[section], body)
-        row = self._stored(table, table.name == name)
+        row = self._stored(table, table.name == name, digest, body.get("value"))
         if row is None:
             made = create(body)
+            self.declared[table, name] = made.id
             if section == "virtual_keys" and body.get("value") is not None:
                 self._gave_value(made.id, hash_key(body["value"]))
             return
+        self.declared[table, name] = row.id
         if section == "virtual_keys":
             value = body.pop("value", None)
             if value is not None:
@@ -680,6 +708,7 @@ class _Loader:
             & (ModelConfigRow.provider == provider)
             & (ModelConfigRow.scope == body.get("scope", "global"))
             & (ModelConfigRow.scope_id == body.get("scope_id")),
+            digest,
         )
         if row is None:
             m.create_model_config(body)
