@@ -127,3 +127,28 @@ async def test_the_wsgi_admin_reads_a_body_for_exactly_the_bearers_the_api_admit
     print(verdicts)
     assert [v for v in verdicts if (v[1] == 200) != v[2]] == []
     assert sum(1 for v in verdicts if v[2]) == 3  # the three spellings of the admin key
+
+
+async def test_every_401_names_the_bearer_scheme_in_www_authenticate(tmp_path: Path) -> None:
+    """RFC 9110 15.5.2: a 401 carries `WWW-Authenticate`, as FastAPI's `HTTPBearer` sends it
+    (`Bearer`); the admin API's and the quota route's 401s had none, so a client (httpx's auth
+    flows, a generated client) could not tell which credential to send."""
+    async with admin_client(admin_settings(tmp_path)) as c:
+        value = (await c.post("/virtual-keys", json={"name": "k"}, headers=ADMIN)).json()[
+            "virtual_key"
+        ]["value"]
+        asked = [
+            ("/customers", {}),
+            ("/customers", {"Authorization": "Bearer admin-secreT"}),
+            ("/customers", {"Authorization": f"Bearer {value}"}),
+            ("/virtual-keys/quota", {}),
+            ("/virtual-keys/quota", {"Authorization": "Bearer sk-bm-unknown-0000"}),
+        ]
+        seen = []
+        for path, headers in asked:
+            r = await c.get(path, headers=headers)
+            seen.append((path, r.status_code, r.headers.get("www-authenticate")))
+        ok = await c.get("/customers", headers=ADMIN)
+    print(seen)
+    assert seen == [(path, 401, "Bearer") for path, _ in asked]
+    assert "www-authenticate" not in ok.headers

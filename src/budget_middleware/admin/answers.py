@@ -33,7 +33,13 @@ def error(
     **extra: Any,
 ) -> AdminAnswer:
     body = error_body(status, code, message, error_type=error_type, param=param, **extra)
-    return JSONResponse(body, status_code=status)
+    # A 401 names the scheme of the credential it wants (RFC 9110 15.5.2), as FastAPI's
+    # `HTTPBearer` does: the admin key's and the quota route's virtual key, both bearers.
+    headers = _CHALLENGE if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def invalid(exc: ValidationError, *, prefix: str = "") -> AdminAnswer:
