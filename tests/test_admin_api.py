@@ -398,6 +398,41 @@ async def test_usage_is_grouped_in_the_database(settings: BudgetSettings) -> Non
         assert (await c.get("/usage?group_by=nope", headers=ADMIN)).status_code == 422
 
 
+async def test_usage_is_a_list_that_takes_limit_and_offset(settings: BudgetSettings) -> None:
+    """SPEC §9: lists take `limit` (≥ 1) and `offset` (≥ 0), other values 422. `GET /usage`
+    answered 422 'unknown query parameter' to any page, so a key-by-key report of a large
+    deployment came whole or not at all. Its `count` and `total` are of every group."""
+    from datetime import UTC, datetime
+
+    from budget_middleware.store.tables import UsageRecordRow
+
+    async with admin_client(settings) as c:
+        await c.get("/customers", headers=ADMIN)  # starts the engine: the tables exist
+        with get_engine(settings).store.session() as s:
+            for i, model in enumerate(["gpt-4o", "gpt-4o-mini", "o3"]):
+                when = datetime(2026, 1, 2, tzinfo=UTC)
+                s.add(UsageRecordRow(request_id=f"r{i}", created_at=when, provider="openai",
+                                     model=model, cost_nanos=(3 - i) * 10**9))  # fmt: skip
+            s.commit()
+        pages = []
+        for query in ("limit=2", "limit=2&offset=2", "offset=1", "limit=0", "offset=-1"):
+            r = await c.get(f"/usage?group_by=model&{query}", headers=ADMIN)
+            answer = r.json()
+            if r.status_code == 200:
+                shown = [row["key"] for row in answer["usage"]], answer["count"]
+                pages.append((query, 200, shown, answer["total"]["cost"]))
+            else:
+                pages.append((query, r.status_code, answer["error"]["param"], None))
+    print(pages)
+    assert pages == [
+        ("limit=2", 200, (["gpt-4o", "gpt-4o-mini"], 3), 6.0),
+        ("limit=2&offset=2", 200, (["o3"], 3), 6.0),
+        ("offset=1", 200, (["gpt-4o-mini", "o3"], 3), 6.0),
+        ("limit=0", 422, "limit", None),
+        ("offset=-1", 422, "offset", None),
+    ]
+
+
 async def test_usage_keeps_the_names_of_deleted_keys_teams_and_customers(
     settings: BudgetSettings,
 ) -> None:

@@ -315,7 +315,9 @@ async def list_rate_limits(call: Call) -> AdminAnswer:
 async def usage(call: Call) -> AdminAnswer:
     group_by = call.choice("group_by") or "virtual_key"
     start, end = call.moment("start"), call.moment("end")
-    return ok(dump(await call.run(call.manager.usage, group_by, start, end)))
+    answer = dump(await call.run(call.manager.usage, group_by, start, end))
+    answer["usage"] = _page(call, answer["usage"])  # `count` and `total`: of every group
+    return ok(answer)
 
 
 async def list_alerts(call: Call) -> AdminAnswer:
@@ -488,7 +490,8 @@ OPERATIONS: tuple[Operation, ...] = (
                      QueryParam("start", {"type": "string", "format": "date-time"},
                                 "from (inclusive): RFC 3339 with offset, or a date (00:00 UTC)"),
                      QueryParam("end", {"type": "string", "format": "date-time"},
-                                "to (exclusive): RFC 3339 with offset, or a date (00:00 UTC)"))),
+                                "to (exclusive): RFC 3339 with offset, or a date (00:00 UTC)"),
+                     *_LIST)),
     Operation("GET", "/usage/rejected", rejected,
               "Records and counter charges the store refused, set aside",
               {200: env.RejectedList, **_ERRORS}, query=_LIST),
