@@ -443,3 +443,60 @@ async def test_two_instances_never_both_take_a_targets_last_request(
     await asyncio.gather(route(one), route(two))
     print(f"two instances, 40 routed requests: openai {chosen.count(0)}, azure {chosen.count(1)}")
     assert chosen.count(0) == 3 and chosen.count(1) == 37
+
+
+async def test_live_answers_of_one_instance_show_what_every_instance_spent(
+    make_settings: Callable[..., BudgetSettings],
+) -> None:
+    """SPEC §9, §11, §12: `from_memory=true`, the quota and `GET /provider/budgets` answer from
+    the live counters, which with Redis are every instance's. An instance answered from its own
+    copy, as of its last request or its re-read a cache TTL later: 1 request and $0.00103 where
+    4 and $0.00411 were spent (the store, a flush behind, was fresher than "live")."""
+    from budget_middleware import create_admin_app
+    from budget_middleware.engine.engine import get_engine
+    from support import chat, client, host_app, running
+
+    need_redis()
+    prefix = unique_prefix()
+    apps, engines = [], []
+    for flush in (60.0, 61.0):  # two settings, two engines; nothing written to the store
+        settings = make_settings(redis_url=REDIS_URL, flush_interval_seconds=flush,
+                                 cache_ttl_seconds=60)  # fmt: skip
+        app = host_app(settings)
+        app.mount("/admin", create_admin_app(settings))
+        engines.append(get_engine(settings))
+        use_prefix(engines[-1], prefix)
+        apps.append(app)
+    admin = {"Authorization": "Bearer admin-secret"}
+    try:
+        async with running(apps[0]), running(apps[1]), client(apps[0]) as a, client(apps[1]) as b:
+            rate = {"request_max_limit": 100, "request_reset_duration": "1h"}
+            body = {"name": "k", "budgets": [{"max_limit": 1, "reset_duration": "1d"}],
+                    "rate_limit": rate}  # fmt: skip
+            for c in (a, b):  # each instance knows the provider's budget now, not a TTL later
+                await c.put("/admin/providers/openai", json={"budgets": [{"max_limit": 5}]},
+                            headers=admin)  # fmt: skip
+            key = (await a.post("/admin/virtual-keys", json=body, headers=admin)).json()
+            caller = {"Authorization": f"Bearer {key['virtual_key']['value']}"}
+            served = [(await a.post("/v1/chat/completions", json=chat(), headers=caller))]
+            for _ in range(3):
+                served.append(await b.post("/v1/chat/completions", json=chat(), headers=caller))
+            assert [r.status_code for r in served] == [200] * 4
+            seen = {}
+            for name, c in (("A", a), ("B", b)):
+                live = {"owner_type": "virtual_key", "from_memory": "true"}
+                quota = (await c.get("/admin/virtual-keys/quota", headers=caller)).json()
+                budget = (await c.get("/admin/budgets", params=live, headers=admin)).json()
+                rates = (await c.get("/admin/rate-limits", params=live, headers=admin)).json()
+                providers = (await c.get("/admin/provider/budgets", headers=admin)).json()
+                seen[name] = (
+                    budget["budgets"][0]["spent"],
+                    rates["rate_limits"][0]["request_current_usage"],
+                    quota["budgets"][0]["spent"],
+                    quota["rate_limits"][0]["request_current_usage"],
+                    providers["providers"]["openai"]["spend"],
+                )
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+    print(f"key spent, requests; quota's; provider spent: {seen}")
+    assert seen["B"][1] == 4 and seen["A"] == seen["B"], seen

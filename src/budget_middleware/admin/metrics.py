@@ -129,7 +129,8 @@ async def metrics_answer(call: Call) -> Response | AdminAnswer:
             error_type="not_implemented",
         )
     engine = call.engine
-    budgets = await call.run(call.manager.list_budgets, from_memory=True, counters=engine.registry)
+    live = await engine.live_counters()
+    budgets = await call.run(call.manager.list_budgets, from_memory=True, counters=live)
     families = list(_families(budgets, engine, engine.clock()))
     registry = CollectorRegistry(auto_describe=False)
     collector: Collector = _Snapshot(families)

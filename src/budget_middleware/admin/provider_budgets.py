@@ -59,7 +59,7 @@ def litellm_shape(budget: BudgetOut) -> ProviderBudgetOut:
 
 
 async def provider_budgets(call: Call) -> AdminAnswer:
-    counters = call.engine.registry
+    counters = await call.engine.live_counters()
     budgets = await call.run(
         call.manager.list_budgets, owner_type="provider", from_memory=True, counters=counters
     )

@@ -168,13 +168,18 @@ async def quota(call: Call) -> AdminAnswer:
     owners = [("virtual_key", key.id)]
     owners += [("provider_config", p.id) for p in key.provider_configs]
     budgets, rates = [], []
+    # What a key holder's call reads again: its own limits, not every counter of the process.
+    configs = key.provider_configs
+    ids = [b.id for b in key.budgets] + [b.id for p in configs for b in p.budgets]
+    ids += [r.id for r in (key.rate_limit, *(p.rate_limit for p in configs)) if r is not None]
+    live = await call.engine.live_counters(ids)
     for owner_type, owner_id in owners:
         budgets += await call.run(call.manager.list_budgets, owner_type=owner_type,
                                   owner_id=owner_id, from_memory=True,
-                                  counters=call.engine.registry)  # fmt: skip
+                                  counters=live)  # fmt: skip
         rates += await call.run(call.manager.list_rate_limits, owner_type=owner_type,
                                 owner_id=owner_id, from_memory=True,
-                                counters=call.engine.registry)  # fmt: skip
+                                counters=live)  # fmt: skip
     out = QuotaOut(
         virtual_key=key, budgets=budgets, rate_limits=rates, server_time=datetime.now(UTC)
     )
@@ -225,7 +230,7 @@ async def list_model_configs(call: Call) -> AdminAnswer:
         search=call.text("search"),
         scope=call.choice("scope"),
         provider=call.text("provider"),
-        counters=call.engine.registry if from_memory else None,
+        counters=await call.engine.live_counters() if from_memory else None,
     )
     return ok({"model_configs": [dump(m) for m in items], "total_count": total})
 
@@ -284,12 +289,13 @@ async def delete_route(call: Call) -> AdminAnswer:
 
 
 async def list_budgets(call: Call) -> AdminAnswer:
+    from_memory = call.flag("from_memory")
     budgets = await call.run(
         call.manager.list_budgets,
         owner_type=call.choice("owner_type"),
         owner_id=call.text("owner_id"),
-        from_memory=call.flag("from_memory"),
-        counters=call.engine.registry,
+        from_memory=from_memory,
+        counters=await call.engine.live_counters() if from_memory else call.engine.registry,
     )
     items = [dump(b) for b in budgets]
     return ok({"budgets": _page(call, items), "count": len(items), "server_time": _now()})
@@ -301,12 +307,13 @@ async def reset_budget(call: Call) -> AdminAnswer:
 
 
 async def list_rate_limits(call: Call) -> AdminAnswer:
+    from_memory = call.flag("from_memory")
     rates = await call.run(
         call.manager.list_rate_limits,
         owner_type=call.choice("owner_type"),
         owner_id=call.text("owner_id"),
-        from_memory=call.flag("from_memory"),
-        counters=call.engine.registry,
+        from_memory=from_memory,
+        counters=await call.engine.live_counters() if from_memory else call.engine.registry,
     )
     items = [dump(r) for r in rates]
     return ok({"rate_limits": _page(call, items), "count": len(items)})

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -640,6 +640,13 @@ class BudgetEngine:
         the write: a key deactivated, or a key of a team given a $0 budget or deleted."""
         self._forgotten.append(owner_id)
         self.mark_stale()
+
+    async def live_counters(self, ids: Collection[str] | None = None) -> CounterRegistry:
+        """The live counters, as an answer from them shows them (SPEC §9's `from_memory`, the
+        quota, §12's provider budgets, the metrics): with Redis, every instance's spend (`ids`:
+        only these limits' are read again)."""
+        await self.counters.read_live(ids)
+        return self.registry
 
     async def ensure_current(self) -> None:
         """Reload what a write changed. `stale` stays set until the reload is done, so every

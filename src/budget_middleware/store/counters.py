@@ -8,7 +8,7 @@ registry's ledger until the flusher has written them to the store as deltas.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -72,6 +72,11 @@ class CounterBackend(ABC):
 
     def marks_soon(self) -> None:  # noqa: B027 - optional hook
         """Tell the other instances of the resets noted, from a thread that cannot wait."""
+
+    async def read_live(self, ids: Collection[str] | None = None) -> None:  # noqa: B027
+        """Bring the live copies here up to the shared counters (shared backends), for an
+        answer from the live counters (`from_memory`, the quota, the provider budgets); `ids`:
+        only these limits'. An optional hook."""
 
     def after_loop_closed(self) -> None:  # noqa: B027 - optional hook
         """The engine's event loop closed: forget its connections and tasks (shared backends),

@@ -41,7 +41,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -382,6 +382,39 @@ class RedisCounters(CounterBackend):
         back. An answer for a window the counter has left since is not this window's."""
         if value > counter.value and key == self.window_key(counter):
             counter.value = value
+
+    async def read_live(self, ids: Collection[str] | None = None) -> None:
+        """Every instance's spend into the live copies here (`_told`), in one round trip: an
+        answer from the live counters shows it, not this instance's copy as of its last
+        request or re-read. `ids`: only these limits' (a key's quota), else every counter. A
+        window reset elsewhere (its mark after the copy's start) or ended is left to the next
+        request; when Redis cannot answer (or is known down), the copies stand."""
+        client = self.client
+        now = self.clock()
+        counters = [
+            counter
+            for windows in self.registry.windows.values()
+            for counter in (
+                windows.values()
+                if ids is None
+                else [c for c in map(windows.get, ids) if c is not None]
+            )
+            if counter.end > now
+        ]
+        if client is None or not counters or self._backing_off():  # down: no wait for it
+            return
+        keys = [self.window_key(c) for c in counters]
+        marks = [mark_key(self.prefix, c.kind, c.id) for c in counters]
+        try:
+            values = await client.mget(keys + marks)
+        except (RedisError, OSError):
+            return
+        for counter, key, value, mark in zip(
+            counters, keys, values, values[len(keys) :], strict=False
+        ):
+            with contextlib.suppress(ValueError, IndexError):  # none of ours: left alone
+                if value is not None and (mark is None or float(mark.split()[0]) <= counter.start):
+                    self._told(counter, key, int(value))
 
     def _ttl_ms(self, counter: WindowCounter, now: float) -> int:
         return _key_ttl_ms(counter.end, now)
