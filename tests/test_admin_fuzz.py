@@ -390,6 +390,30 @@ async def test_typed_query_parameters_refuse_what_their_schema_refuses(tmp_path:
             assert r.status_code == 422 and _error(r)["param"] in ("start", "end"), query
 
 
+async def test_a_flag_takes_every_spelling_fastapi_takes(tmp_path: Path) -> None:
+    """A boolean query parameter (`from_memory`) reads as a FastAPI route's `bool` does
+    (pydantic's spellings, any case): `yes`/`no` were taken but `on`/`off`, `t`/`f`, `y`/`n`
+    answered 422, so a client that worked against a FastAPI service was refused here."""
+    from pydantic import TypeAdapter, ValidationError
+
+    as_bool = TypeAdapter(bool)
+    spellings = ["true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n",
+                 "TRUE", "On", "OFF", "Y", "maybe", "2", "tru", "nope"]  # fmt: skip
+    differ = []
+    async with admin_client(admin_settings(tmp_path)) as c:
+        for spelling in spellings:
+            try:
+                as_bool.validate_python(spelling)
+                expected = 200
+            except ValidationError:
+                expected = 422
+            r = await c.get(f"/budgets?from_memory={spelling}", headers=ADMIN)
+            if r.status_code != expected:
+                differ.append((spelling, r.status_code, expected))
+    print(f"spellings answered otherwise than FastAPI would: {differ}")
+    assert differ == []
+
+
 @pytest.mark.parametrize(
     "moment",
     ["0001-01-01T00:00:00%2B01:00", "9999-12-31T23:59:59-01:00", "0001-01-01", "9999-12-31",

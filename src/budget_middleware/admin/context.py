@@ -127,8 +127,9 @@ class QueryParam:
                            "(2027-01-01T00:00:00Z) or a date (2027-01-01)")  # fmt: skip
 
 
-_TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
+# A FastAPI route's `bool` query parameter's spellings (pydantic's), lowercased.
+_TRUE = ("true", "1", "yes", "on", "t", "y")
+_FALSE = ("false", "0", "no", "off", "f", "n")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _MOMENT: TypeAdapter[datetime] = TypeAdapter(datetime)
