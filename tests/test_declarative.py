@@ -661,3 +661,74 @@ routes:
     keys = {k.name: (k.id, k.tags) for k in m.list_virtual_keys()}
     print(f"after the entry changed: {keys}")
     assert keys == {"alice": (key_id, ["edited"]), "Bob": (keys["Bob"][0], [])}
+
+
+def test_an_entity_deleted_through_the_api_stays_deleted_while_its_entry_is_unchanged(
+    tmp_path: Path,
+) -> None:
+    """SPEC §10: a change made through the admin API stands until the file's entry changes; a
+    deletion is one. The next start-up made every deleted entity again: a key deleted because
+    its value leaked answered 200 again with that value, a customer came back at $0."""
+    text = """
+customers:
+  - name: acme
+    budgets: [{max_limit: 100, reset_duration: 1M}]
+teams:
+  - name: research
+virtual_keys:
+  - name: alice
+    team: research
+    value: sk-bm-alice-leaked-00001
+  - name: bob
+model_configs:
+  - model_name: gpt-4o
+    provider: openai
+    budgets: [{max_limit: 5, reset_duration: 1d}]
+routes:
+  - name: smart
+    targets: [openai/gpt-4o]
+providers:
+  - provider: openai
+    budgets: [{max_limit: 50, reset_duration: 1d}]
+tags:
+  - tag: product:chat
+    budgets: [{max_limit: 20, reset_duration: 1d}]
+"""
+
+    def found(m: BudgetManager) -> dict[str, list[str]]:
+        return {
+            "customers": [c.name for c in m.list_customers()],
+            "teams": [t.name for t in m.list_teams()],
+            "keys": sorted(k.name for k in m.list_virtual_keys()),
+            "model_configs": [c.model_name for c in m.list_model_configs()[0]],
+            "routes": [r.name for r in m.list_routes()],
+            "providers": [p.provider for p in m.list_providers() if p.budgets],
+            "tags": [t.tag for t in m.list_tags() if t.budgets],
+        }
+
+    m = _start(tmp_path, text)
+    assert found(m)["keys"] == ["alice", "bob"]
+    m.delete_customer(m.list_customers()[0].id)
+    m.delete_team(m.list_teams()[0].id)
+    leaked = m.find_virtual_key("sk-bm-alice-leaked-00001")
+    assert leaked is not None
+    m.delete_virtual_key(leaked)
+    m.delete_model_config(m.list_model_configs()[0][0].id)
+    m.delete_route(m.list_routes()[0].id)
+    m.delete_provider("openai")
+    m.delete_tag("product:chat")
+    deleted = found(m)
+    after = found(_start(tmp_path, text))  # restarted, the file unchanged
+    print(f"deleted through the API: {deleted}\nafter a restart: {after}")
+    assert after == deleted == {
+        "customers": [], "teams": [], "keys": ["bob"], "model_configs": [], "routes": [],
+        "providers": [], "tags": []}  # fmt: skip
+    m = _start(tmp_path, text)
+    assert m.find_virtual_key("sk-bm-alice-leaked-00001") is None
+    # Once an entry changes, the file declares its entity again.
+    edited = text.replace(
+        "  - name: research\n", "  - name: research\n    calendar_aligned: true\n"
+    )
+    m = _start(tmp_path, edited)
+    print(f"after the team's entry changed: {found(m)['teams']}")
+    assert found(m)["teams"] == ["research"]

@@ -24,7 +24,7 @@ def test_a_version_3_store_is_brought_to_the_current_version(tmp_path: Path) -> 
         conn.execute(text("DROP TABLE bm_alerts"))
         conn.execute(text("DROP INDEX ix_bm_flushes_applied_at"))
         conn.execute(text("ALTER TABLE bm_virtual_keys DROP COLUMN file_value_hash"))
-        conn.execute(text("DROP TABLE bm_deleted_owners"))
+        conn.execute(text("DROP TABLE bm_deleted"))
         conn.execute(
             text(
                 "INSERT INTO bm_budgets (id, owner_type, owner_id, max_limit_nanos,"
@@ -50,7 +50,7 @@ def test_a_version_3_store_is_brought_to_the_current_version(tmp_path: Path) -> 
         ).all()
         budgets = conn.execute(text("SELECT id, soft, alert_thresholds FROM bm_budgets")).all()
         alerts = conn.execute(text("SELECT count(*) FROM bm_alerts")).scalar_one()
-        deleted = conn.execute(text("SELECT count(*) FROM bm_deleted_owners")).scalar_one()
+        deleted = conn.execute(text("SELECT count(*) FROM bm_deleted")).scalar_one()
         indexes = conn.execute(
             text(
                 "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'ix_bm_flushes%'"

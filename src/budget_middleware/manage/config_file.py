@@ -12,7 +12,8 @@ changes made through the admin API survive restarts until the file's entry chang
 declares all of its entity: what it leaves out is the create body's default (`_declared`). Entities
 are found by name (model configs by model, provider and scope), or else, while their entry is
 unchanged, by its hash: an entity renamed through the API is still its entry's, and a reference
-to the entry's name (a team's `customer`) is to it. Nothing is ever deleted by the file.
+to the entry's name (a team's `customer`) is to it. An entity deleted through the API stays
+deleted while its entry is unchanged (`DeletedRow`). Nothing is ever deleted by the file.
 
 The whole file is checked before anything is applied, as far as it can be without the store (its
 shape, every entry's fields, model names, `${...}` variables): the engine does it when it is
@@ -77,6 +78,7 @@ from budget_middleware.settings import BudgetSettings
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import (
     CustomerRow,
+    DeletedRow,
     ModelConfigRow,
     ProviderRow,
     RouteRow,
@@ -86,6 +88,22 @@ from budget_middleware.store.tables import (
 )
 
 SECTIONS = ("customers", "teams", "virtual_keys", "providers", "model_configs", "tags", "routes")
+_TABLES: dict[str, Any] = {
+    "customers": CustomerRow,
+    "teams": TeamRow,
+    "virtual_keys": VirtualKeyRow,
+    "routes": RouteRow,
+}
+# The kind an entity's deletion is recorded under (`DeletedRow.kind`, `remember_deleted`).
+_KINDS: dict[Any, str] = {
+    CustomerRow: "customer",
+    TeamRow: "team",
+    VirtualKeyRow: "virtual_key",
+    RouteRow: "route",
+    ModelConfigRow: "model_config",
+    ProviderRow: "provider",
+    TagRow: "tag",
+}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 logger = logging.getLogger("budget_middleware")
 
@@ -561,6 +579,7 @@ class _Loader:
         self.on_new_terms = on_new_terms  # the engine's (`OwnerWriter.on_new_terms`), if any
         self.on_owner_change = on_owner_change  # the engine's (`OwnerWriter.on_owner_change`)
         self.declared: dict[tuple[Any, str], str] = {}  # (table, the entry's name): its id
+        self.left_deleted: set[tuple[Any, str]] = set()  # (table, name): entries not made again
 
     def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
         return self.data.where(section, index, entry)
@@ -573,10 +592,30 @@ class _Loader:
                 return ref
             if (table, ref) in self.declared:  # an entry of the file, however it is named now
                 return self.declared[table, ref]
+            if (table, ref) in self.left_deleted:  # deleted through the API: refers to none
+                return None
             row = s.exec(select(table).where(table.name == ref)).first()
         if row is None:
             raise ConfigFileError(f"{where}: {what} {ref!r} is neither a name nor an id")
         return str(row.id)
+
+    def _deleted(self, table: Any, name: str, digest: str, where: str) -> bool:
+        """Whether the entity of this unchanged entry was deleted through the API: left deleted
+        (SPEC §10: an API change stands until the file's entry changes; a key deleted because
+        its value leaked is not made again with that value)."""
+        with self.store.session() as s:
+            query = select(DeletedRow.id).where(
+                DeletedRow.kind == _KINDS[table], DeletedRow.config_hash == digest
+            )
+            if s.exec(query).first() is None:
+                return False
+        self.left_deleted.add((table, name))
+        logger.info(
+            "budget-middleware: %s: deleted through the API since the file made it: left "
+            "deleted (change the entry to make it again)",
+            where,
+        )
+        return True
 
     def _stored(self, table: Any, where_clause: Any, digest: str, value: Any = None) -> Any:
         """The entity an entry declares: found by `where_clause`, or else the one the entry
@@ -620,9 +659,21 @@ class _Loader:
             if table is ProviderRow:
                 name = canonical_provider(name)  # found as it is stored: by its one name
             row = self._stored(table, getattr(table, field) == name, digest)
+            if row is None and self._deleted(table, name, digest, where):
+                return
             if row is None or row.config_hash != digest:
                 put = m.put_provider if section == "providers" else m.put_tag
                 put(name, _declared(_CREATE[section], body))
+            return
+        if section == "model_configs":
+            self._apply_model_config(body, digest, m, where)
+            return
+        table = _TABLES[section]
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise ConfigFileError(f"{where}: needs a 'name'")
+        row = self._stored(table, table.name == name, digest, body.get("value"))
+        if row is None and self._deleted(table, name, digest, where):
             return
         if section == "customers":
             table, create, update = CustomerRow, m.create_customer, m.update_customer
@@ -643,16 +694,9 @@ class _Loader:
             if "customer" in body:
                 body["customer_id"] = self._find(CustomerRow, body.pop("customer"), "customer",
                                                  where)  # fmt: skip
-        elif section == "routes":
-            table, create, update = RouteRow, m.create_route, m.update_route
         else:
-            self._apply_model_config(body, digest, m, where)
-            return
-        name = body.get("name")
-        if not isinstance(name, str):
-            raise ConfigFileError(f"{where}: needs a 'name'")
+            table, create, update = RouteRow, m.create_route, m.update_route
         body = _declared(_CREATE[section], body)
-        row = self._stored(table, table.name == name, digest, body.get("value"))
         if row is None:
             made = create(body)
             self.declared[table, name] = made.id
@@ -700,6 +744,8 @@ class _Loader:
             body["scope"] = "virtual_key"
             body["scope_id"] = self._find(VirtualKeyRow, body.pop("virtual_key"), "virtual key",
                                           where)  # fmt: skip
+            if body["scope_id"] is None:  # its key deleted through the API: no key to scope
+                return
         body = _declared(ModelConfigCreate, body)
         provider = _provider(body.get("provider"))
         row = self._stored(
@@ -710,6 +756,8 @@ class _Loader:
             & (ModelConfigRow.scope_id == body.get("scope_id")),
             digest,
         )
+        if row is None and self._deleted(ModelConfigRow, "", digest, where):
+            return
         if row is None:
             m.create_model_config(body)
         elif row.config_hash != digest:

@@ -219,7 +219,7 @@ class KeyWriter(OwnerWriter):
             delete_limits(s, "virtual_key", [id_])
             for child in [*policies, *rules]:
                 s.delete(child)
-            remember_deleted(s, "virtual_key", row)
+            remember_deleted(s, "virtual_key", row.id, row.name, row)
             s.delete(row)
             s.commit()
 

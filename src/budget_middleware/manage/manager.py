@@ -147,7 +147,7 @@ class BudgetManager(KeyWriter):
                 key.customer_id = None
                 s.add(key)
             delete_limits(s, "customer", [id_])
-            remember_deleted(s, "customer", row)
+            remember_deleted(s, "customer", row.id, row.name, row)
             s.delete(row)
             s.commit()
 
@@ -200,7 +200,7 @@ class BudgetManager(KeyWriter):
                 key.team_id = None
                 s.add(key)
             delete_limits(s, "team", [id_])
-            remember_deleted(s, "team", row)
+            remember_deleted(s, "team", row.id, row.name, row)
             s.delete(row)
             s.commit()
 
@@ -280,6 +280,7 @@ class BudgetManager(KeyWriter):
         with self._session() as s:
             row = self._get(s, table, name, owner_type)
             delete_limits(s, owner_type, [name])
+            remember_deleted(s, owner_type, name, name, row)
             s.delete(row)
             s.commit()
 
@@ -335,7 +336,9 @@ class BudgetManager(KeyWriter):
 
     def delete_route(self, id_: str) -> None:
         with self._session() as s:
-            s.delete(self._get(s, RouteRow, id_, "route"))
+            row = self._get(s, RouteRow, id_, "route")
+            remember_deleted(s, "route", row.id, row.name, row)
+            s.delete(row)
             s.commit()
 
     def get_route(self, id_: str) -> RouteOut:
@@ -405,6 +408,7 @@ class BudgetManager(KeyWriter):
         with self._session() as s:
             row = self._get(s, ModelConfigRow, id_, "model config")
             delete_limits(s, "model_config", [id_])
+            remember_deleted(s, "model_config", row.id, row.model_name, row)
             s.delete(row)
             s.commit()
 

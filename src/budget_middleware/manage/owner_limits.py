@@ -36,7 +36,7 @@ from budget_middleware.store.database import Store
 from budget_middleware.store.tables import (
     BudgetRow,
     CustomerRow,
-    DeletedOwnerRow,
+    DeletedRow,
     ModelConfigRow,
     ProviderConfigRow,
     RateLimitRow,
@@ -308,11 +308,11 @@ def write_rate_limit(
     s.add(row)
 
 
-def remember_deleted(
-    s: Session, owner_type: str, row: CustomerRow | TeamRow | VirtualKeyRow
-) -> None:
-    """Keep the name of a key, team or customer being deleted: its spend stays readable."""
-    s.add(DeletedOwnerRow(id=row.id, owner_type=owner_type, name=row.name))
+def remember_deleted(s: Session, kind: str, entity_id: str, name: str, row: Any) -> None:
+    """Record an entity being deleted through the API (`DeletedRow`): its name, and the hash
+    of the config file entry it stands for, if any (the file leaves it deleted while that
+    entry is unchanged)."""
+    s.add(DeletedRow(kind=kind, entity_id=entity_id, name=name, config_hash=row.config_hash))
 
 
 def delete_limits(s: Session, owner_type: str, owner_ids: list[str]) -> None:

@@ -30,7 +30,7 @@ from budget_middleware.manage.views import Reader
 from budget_middleware.store.tables import (
     BudgetRow,
     CustomerRow,
-    DeletedOwnerRow,
+    DeletedRow,
     ModelConfigRow,
     RateLimitRow,
     TeamRow,
@@ -181,7 +181,9 @@ def usage(s: Session, group_by: str, start: datetime | None, end: datetime | Non
     if group_by == "tag":
         rows = _split_tags(rows)
     names = _names(s, group_by)
-    deleted = _deleted_names(s, [r[0] for r in rows if r[0] is not None and r[0] not in names])
+    deleted = _deleted_names(
+        s, group_by, [r[0] for r in rows if r[0] is not None and r[0] not in names]
+    )
     names.update(deleted)
     found = [
         UsageRow(
@@ -245,12 +247,13 @@ def _totals(s: Session, start: datetime | None, end: datetime | None) -> UsageRo
     )
 
 
-def _deleted_names(s: Session, ids: list[Any]) -> dict[Any, str]:
+def _deleted_names(s: Session, kind: str, ids: list[Any]) -> dict[Any, str]:
     """The names the deleted keys, teams or customers of these ids had (`remember_deleted`)."""
     if not ids:
         return {}
-    query = select(DeletedOwnerRow.id, DeletedOwnerRow.name)
-    return dict(s.exec(query.where(col(DeletedOwnerRow.id).in_(ids))).all())
+    query = select(DeletedRow.entity_id, DeletedRow.name)
+    query = query.where(DeletedRow.kind == kind, col(DeletedRow.entity_id).in_(ids))
+    return dict(s.exec(query).all())
 
 
 def _names(s: Session, group_by: str) -> dict[Any, str]:

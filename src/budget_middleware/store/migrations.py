@@ -40,7 +40,7 @@ _STEPS: dict[int, Callable[[Connection], None]] = {
     7: lambda conn: _add_column(conn, "bm_virtual_keys", "file_value_hash VARCHAR(64)"),
     # 8: provider names by their one name (`OpenAI` is `openai`, `google` is `gemini`).
     8: lambda conn: _one_provider_name(conn),
-    # 9: bm_deleted_owners, a new table: the names of deleted keys, teams and customers.
+    # 9: bm_deleted, a new table: what was deleted through the API (names, file entry hashes).
     9: lambda conn: None,
 }
 

@@ -15,7 +15,7 @@ from sqlmodel import Field, SQLModel
 
 # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction; 5: bm_alerts, bm_budgets.soft and
 # .alert_thresholds, bm_usage_records.would_refuse; 8: provider names by their one name;
-# 9: bm_deleted_owners
+# 9: bm_deleted
 SCHEMA_VERSION = 9
 
 
@@ -232,14 +232,19 @@ class RejectedRow(StoreModel, table=True):
     payload: str = Field(sa_type=Text)
 
 
-class DeletedOwnerRow(StoreModel, table=True):
-    """The name a deleted key, team or customer had: where its money went stays readable by name
-    (`GET /usage`), marked deleted. Its id is the owner's (ids are never reused)."""
+class DeletedRow(StoreModel, table=True):
+    """An entity deleted through the management API: a key's, team's or customer's name, so
+    where its money went stays readable by name (`GET /usage`, marked deleted), and the hash of
+    the config file's entry it was made from or last declared by (any kind), so the next
+    start-up does not make it again while that entry is unchanged (SPEC §10: a change made
+    through the API stands until the file's entry changes)."""
 
-    __tablename__ = "bm_deleted_owners"
-    id: str = Field(primary_key=True, max_length=32)
-    owner_type: str = Field(max_length=16)  # virtual_key, team, customer
-    name: str = Field(max_length=200)
+    __tablename__ = "bm_deleted"
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)  # virtual_key, team, customer, model_config, route, ...
+    entity_id: str = Field(index=True, max_length=200)  # its id (a provider's or tag's name)
+    name: str = Field(max_length=300)
+    config_hash: str | None = Field(default=None, index=True, max_length=64)
     deleted_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
