@@ -164,6 +164,36 @@ async def test_without_a_lifespan_every_request_raises_the_settings_error(
             await http.get("/hello")
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("BUDGET_DATABASE_URL", "sqlite:", "not a valid SQLAlchemy URL"),
+        ("BUDGET_DATABASE_URL", "postgresql://bm:pw%40SECRET@db:5432x/budgets", "port"),
+        ("BUDGET_DATABASE_URL", "postgresql://bm:pwSECRET@db:99999/budgets", "port"),
+        ("BUDGET_REDIS_URL", "redis://:pwSECRET@127.0.0.1:63x79/7", "port"),
+        ("BUDGET_REDIS_URL", "redis://:pwSECRET@127.0.0.1:6379/seven", "database number"),
+        ("BUDGET_REDIS_URL", "redis://:pwSECRET@127.0.0.1:6379/0?db=seven", "db"),
+    ],
+)
+async def test_a_store_or_redis_url_that_cannot_be_read_fails_start_up_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str, says: str
+) -> None:
+    """A URL no driver can read is a setting's error, not an outage: `sqlite:` failed start-up
+    with SQLAlchemy's "Could not parse SQLAlchemy URL" (no variable named); a port that is no
+    number let the server start and answered 503 to every request, logged as "could not start"
+    (Redis: "Port could not be cast to integer value"); and `redis://…/seven` was Redis'
+    database 0, silently shared with whatever else uses it."""
+    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/b.db")
+    monkeypatch.setenv(variable, value)
+    host = Host(None)
+    answer = await startup(host.app)
+    print(answer)
+    assert answer["type"] == "lifespan.startup.failed"
+    assert variable in answer["message"] and says in answer["message"]
+    assert "SECRET" not in answer["message"]
+    assert not host.started
+
+
 async def test_a_raw_asgi_middleware_with_bad_settings_raises_on_every_request(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

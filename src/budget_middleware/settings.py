@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
@@ -74,6 +75,9 @@ def _without_password(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return shown_url(url)
+
+
+_BAD_PORT = "has a port that is not a number from 1 to 65535"
 
 
 def _list_text(value: Any, what: str) -> Any:
@@ -277,19 +281,54 @@ class BudgetSettings(BaseSettings):
     def _known_database(cls, value: str) -> str:
         for plain in ("postgresql://", "postgres://"):  # the driver we ship: psycopg 3
             if value.startswith(plain):
-                return "postgresql+psycopg://" + value[len(plain) :]
+                value = "postgresql+psycopg://" + value[len(plain) :]
         if not value.startswith(("sqlite:", "sqlite+pysqlite:", "postgresql+psycopg:")):
             raise ValueError(
                 "must be a sqlite:/// (or sqlite+pysqlite:///) or postgresql+psycopg:// URL: "
                 "the store writes through Python's sqlite3 or psycopg 3"
             )
+        # Read as the store will read it, so that a URL no driver can read is this setting's
+        # error at start-up, not an outage answered 503 on every request.
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            port = make_url(value).port
+        except ArgumentError:
+            raise ValueError("is not a valid SQLAlchemy URL") from None
+        except ValueError:  # int() of what follows the host's colon
+            raise ValueError(_BAD_PORT) from None
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(_BAD_PORT)
         return value
 
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+        if value is None:
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        parts = urlsplit(value)
+        if parts.scheme != "unix":
+            try:
+                port = parts.port
+            except ValueError:
+                raise ValueError(_BAD_PORT) from None
+            if port == 0:
+                raise ValueError(_BAD_PORT)
+            # redis-py reads a database number from the path, and a path that is none as
+            # database 0, without a word.
+            if not unquote(parts.path).replace("/", "").isdigit() and parts.path.strip("/"):
+                raise ValueError("names no database number after the host: redis://host:6379/0")
+        try:
+            from redis.connection import parse_url
+        except ImportError:  # the engine says what to install
+            return value
+        try:
+            parse_url(value)  # type: ignore[no-untyped-call]
+        except ValueError as exc:  # "Invalid value for 'db' in connection URL.": no password
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("pricing_file", "config_file")
