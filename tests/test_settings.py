@@ -319,3 +319,21 @@ def test_a_misspelt_variable_is_named_with_the_setting_it_looks_like(
         "BUDGET_RESERV is not a budget-middleware setting and is ignored: "
         "did you mean BUDGET_RESERVE?",
     ]
+
+
+@pytest.mark.parametrize("value", [" sk-", "sk-bm- ", "clé-", "sk bm-", "sk-\t"])
+def test_a_key_prefix_no_request_could_carry_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """Every generated key begins with BUDGET_KEY_PREFIX. One that begins with a space (a
+    `.env` line `BUDGET_KEY_PREFIX= sk-`) was taken, and every key it made met a 401 in every
+    header (a header's value is read trimmed, so no key could begin with it: 3 of 3 headers
+    refused); a non-ASCII one made keys httpx and the SDKs cannot send at all ("'ascii' codec
+    can't encode"); a space or tab inside is no bearer token (RFC 6750). Refused at start-up
+    as BUDGET_ADMIN_KEY is, by the same rule."""
+    monkeypatch.setenv("BUDGET_KEY_PREFIX", value)
+    with pytest.raises(SettingsError) as caught:
+        BudgetSettings()
+    print(caught.value)
+    assert "BUDGET_KEY_PREFIX" in str(caught.value)
+    assert "printable ASCII without spaces" in str(caught.value)

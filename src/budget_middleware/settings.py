@@ -274,6 +274,8 @@ class BudgetSettings(BaseSettings):
     def _prefix_not_empty(cls, value: str) -> str:
         if not value:
             raise ValueError("must not be empty: host credentials would count as virtual keys")
+        if not bearer_token_usable(value):  # every key begins with it
+            raise ValueError(UNUSABLE_BEARER)
         return value
 
     @field_validator("database_url")
