@@ -337,3 +337,21 @@ def test_a_key_prefix_no_request_could_carry_is_refused_naming_the_variable(
     print(caught.value)
     assert "BUDGET_KEY_PREFIX" in str(caught.value)
     assert "printable ASCII without spaces" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/openai/deployments/gpt-4o/chat/completions?api-version=2024-06-01", "/generate#v2"],
+)
+def test_an_inference_path_with_a_query_or_fragment_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """A request's path never holds its query string or fragment (ASGI's `path`, WSGI's
+    PATH_INFO), so such a suffix was taken and matched nothing: every request it was meant to
+    meter passed unmetered, past every limit ($0 budget: 200, charged $0)."""
+    monkeypatch.setenv("BUDGET_INFERENCE_PATHS", f"/chat/completions,{value}")
+    with pytest.raises(SettingsError) as caught:
+        BudgetSettings()
+    print(caught.value)
+    assert "BUDGET_INFERENCE_PATHS" in str(caught.value)
+    assert "query string" in str(caught.value)

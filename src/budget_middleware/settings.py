@@ -160,6 +160,11 @@ class BudgetSettings(BaseSettings):
                     raise ValueError(f"path suffix {part!r} must start with '/'")
                 if not part.strip("/"):
                     raise ValueError(f"path suffix {part!r} names no path")
+                if "?" in part or "#" in part:  # a request's path never holds them
+                    raise ValueError(
+                        f"path suffix {part!r} holds a query string or fragment, which no "
+                        "request's path does: it would meter nothing"
+                    )
             # Paths are told with slashes after them or not (`is_inference_path`): so are these.
             return tuple(part.rstrip("/") for part in value)
         return value
