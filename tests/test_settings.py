@@ -355,3 +355,27 @@ def test_an_inference_path_with_a_query_or_fragment_is_refused_naming_the_variab
     print(caught.value)
     assert "BUDGET_INFERENCE_PATHS" in str(caught.value)
     assert "query string" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("Authorization", "already carries virtual keys"),
+        ("x-budget-kéy", "not a valid header name"),
+        ("x(budget)key", "not a valid header name"),
+        ('"x-budget-key"', "not a valid header name"),
+    ],
+)
+def test_a_key_header_no_key_could_be_read_from_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str, why: str
+) -> None:
+    """BUDGET_KEY_HEADER=Authorization was taken, and the whole header value was read as the
+    key: every OpenAI SDK call (`Bearer sk-bm-…`, a valid virtual key) and every host
+    credential got 401 `invalid_virtual_key` (2 of 2). A name that is no HTTP token (a non-ASCII
+    letter, a parenthesis, quotes) was taken too, and no client can send such a header: the
+    key it was meant to carry was never read."""
+    monkeypatch.setenv("BUDGET_KEY_HEADER", value)
+    with pytest.raises(SettingsError) as caught:
+        BudgetSettings()
+    print(caught.value)
+    assert "BUDGET_KEY_HEADER" in str(caught.value) and why in str(caught.value)

@@ -7,6 +7,7 @@ import difflib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -77,6 +78,7 @@ def _without_password(url: str) -> str:
         return shown_url(url)
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _BAD_PORT = "has a port that is not a number from 1 to 65535"
 
 
@@ -270,8 +272,14 @@ class BudgetSettings(BaseSettings):
     @field_validator("key_header")
     @classmethod
     def _lower_header(cls, value: str) -> str:
-        if not value or any(c.isspace() or c == ":" for c in value):
+        if _HEADER_NAME.fullmatch(value) is None:  # RFC 9110's token: what a client can send
             raise ValueError(f"{value!r} is not a valid header name")
+        if value.lower() == "authorization":
+            raise ValueError(
+                "authorization already carries virtual keys, as 'Bearer <BUDGET_KEY_PREFIX>…' "
+                "(named here, its whole value, 'Bearer …', would be read as the key): name "
+                "another header, or leave the default x-budget-key"
+            )
         return value.lower()
 
     @field_validator("key_prefix")
