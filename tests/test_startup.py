@@ -439,3 +439,87 @@ def test_charges_are_written_when_uvicorn_is_made_to_quit(tmp_path: Path) -> Non
         spent = conn.execute("SELECT current_usage_nanos FROM bm_budgets").fetchone()[0]
     print(f"20 in flight at a force quit: {count} records ({cost} nano-USD), budget {spent}")
     assert count == 20 and spent == cost > 0
+
+
+NO_LIFESPAN_APP = """
+import json
+
+from budget_middleware import BudgetMiddleware
+
+
+async def host(scope, receive, send):
+    if scope["type"] != "http":  # as Django's ASGI handler says it
+        raise ValueError("Django can only handle ASGI/HTTP connections, not %s." % scope["type"])
+    while (await receive()).get("more_body"):
+        pass
+    usage = {"prompt_tokens": 1000, "completion_tokens": 1000}
+    body = json.dumps({"object": "chat.completion", "usage": usage}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+app = BudgetMiddleware(host)
+"""
+
+
+def test_charges_are_written_when_uvicorn_stops_a_host_app_without_a_lifespan(
+    tmp_path: Path,
+) -> None:
+    """A host app that does not speak the ASGI lifespan (Django's ASGI app raises on it, a bare
+    ASGI function): uvicorn started the middleware with it, took the app's error as "lifespan
+    unsupported", and never sent the shutdown that writes what is pending. Stopped by SIGTERM
+    (`docker stop`, Kubernetes), uvicorn re-raises the signal, so no `atexit` runs either: the
+    charges of the last flush interval were lost (3 admitted, 0 written). The middleware now
+    answers the lifespan itself when the app does not, and its shutdown writes them."""
+    import os
+    import signal
+    import socket
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "host.py").write_text(NO_LIFESPAN_APP)
+    db = tmp_path / "s.db"
+    env = {**os.environ, "BUDGET_DATABASE_URL": f"sqlite:///{db}",
+           "BUDGET_FLUSH_INTERVAL_SECONDS": "60", "PYTHONPATH": str(root / "src")}  # fmt: skip
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "host:app", "--app-dir", str(tmp_path),
+         "--port", str(port), "--log-level", "info", "--http", "h11"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.1)
+        body = b'{"model": "openai/gpt-4o", "messages": [], "max_tokens": 1000}'
+        request = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nconnection: close\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(request)
+                assert conn.recv(12).startswith(b"HTTP/1.1 200")
+        server.send_signal(signal.SIGTERM)
+        _, log = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    print(log)
+    with sqlite3.connect(db) as conn:
+        count, cost = conn.execute(
+            "SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records"
+        ).fetchone()
+    print(f"3 admitted, then SIGTERM: {count} records written ({cost} nano-USD)")
+    assert count == 3 and cost > 0

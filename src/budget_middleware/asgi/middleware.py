@@ -149,17 +149,36 @@ class BudgetMiddleware:
             # its exit waiting for an answer to lifespan.shutdown that never came.
             raise raised_again(self.error)
         pending = [first]
+        answered = False
 
         async def on_receive() -> Message:
             return pending.pop() if pending else await receive()
 
         async def on_send(message: Message) -> None:
+            nonlocal answered
+            answered = True
             # After the app's own shutdown, or when the app itself could not start.
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.startup.failed"):
                 await self.engine.shutdown()
             await send(message)
 
-        await self.app(scope, on_receive, on_send)
+        try:
+            await self.app(scope, on_receive, on_send)
+        except Exception as exc:
+            if answered or not pending:  # the app's own lifespan, which failed
+                raise
+            logger.info("the host app does not handle the ASGI lifespan (%r)", exc)
+        else:
+            if answered or not pending:
+                return
+        # The app does not speak the lifespan protocol (Django's ASGI app raises on it, a bare
+        # ASGI function returns): answered here, so that the server still sends its shutdown,
+        # which writes what is pending (uvicorn stopped by SIGTERM runs no `atexit`).
+        await send({"type": "lifespan.startup.complete"})
+        while (await receive())["type"] != "lifespan.shutdown":
+            pass
+        await self.engine.shutdown()
+        await send({"type": "lifespan.shutdown.complete"})
 
     # -- metered requests ----------------------------------------------------------------
 
