@@ -523,3 +523,37 @@ def test_charges_are_written_when_uvicorn_stops_a_host_app_without_a_lifespan(
         ).fetchone()
     print(f"3 admitted, then SIGTERM: {count} records written ({cost} nano-USD)")
     assert count == 3 and cost > 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "missing", "extra"),
+    [
+        ("BUDGET_REDIS_URL", "redis://127.0.0.1:6379/7", "redis", "redis"),
+        ("BUDGET_DATABASE_URL", "postgresql://bm@127.0.0.1:5432/budgets", "psycopg", "postgres"),
+    ],
+)
+async def test_a_url_whose_driver_is_not_installed_fails_start_up_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    variable: str,
+    value: str,
+    missing: str,
+    extra: str,
+) -> None:
+    """`pip install budget-middleware` without the extra, then BUDGET_REDIS_URL (or a
+    PostgreSQL BUDGET_DATABASE_URL) set: start-up failed with "import of redis halted" / "No
+    module named 'psycopg'", naming neither the variable nor what to install."""
+    import sys
+
+    for name in [missing, *(m for m in sys.modules if m.startswith(f"{missing}."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "budget_middleware.store.redis_counters", raising=False)
+    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/b.db")
+    monkeypatch.setenv(variable, value)
+    host = Host(None)
+    answer = await startup(host.app)
+    print(answer)
+    assert answer["type"] == "lifespan.startup.failed"
+    assert variable in answer["message"]
+    assert f"budget-middleware[{extra}]" in answer["message"]
+    assert not host.started

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -79,6 +80,7 @@ def _without_password(url: str) -> str:
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_NOT_INSTALLED = "needs the {} package, which is not installed: pip install 'budget-middleware[{}]'"
 _BAD_PORT = "has a port that is not a number from 1 to 65535"
 
 
@@ -315,6 +317,8 @@ class BudgetSettings(BaseSettings):
             raise ValueError(_BAD_PORT) from None
         if port is not None and not 0 < port < 65536:
             raise ValueError(_BAD_PORT)
+        if value.startswith("postgresql+psycopg:") and find_spec("psycopg") is None:
+            raise ValueError(_NOT_INSTALLED.format("psycopg", "postgres"))
         return value
 
     @field_validator("redis_url")
@@ -338,8 +342,8 @@ class BudgetSettings(BaseSettings):
                 raise ValueError("names no database number after the host: redis://host:6379/0")
         try:
             from redis.connection import parse_url
-        except ImportError:  # the engine says what to install
-            return value
+        except ImportError:
+            raise ValueError(_NOT_INSTALLED.format("redis", "redis")) from None
         try:
             parse_url(value)  # type: ignore[no-untyped-call]
         except ValueError as exc:  # "Invalid value for 'db' in connection URL.": no password
