@@ -557,3 +557,27 @@ async def test_a_url_whose_driver_is_not_installed_fails_start_up_naming_the_var
     assert variable in answer["message"]
     assert f"budget-middleware[{extra}]" in answer["message"]
     assert not host.started
+
+
+async def test_a_store_url_with_a_line_break_after_it_is_the_store_it_names(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A variable set from a file or a Kubernetes secret often ends with a line break
+    (`echo "sqlite:///…" | base64`). BUDGET_DATABASE_URL was taken with it: SQLite made a
+    second store, a file whose name ends with the line break, and `b.db` (the store the CLI,
+    the admin API of a process without it, and the operator read) was not even made. A URL
+    never ends with a blank: it is read without them."""
+    import os
+
+    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/b.db\n")
+    monkeypatch.setenv("BUDGET_REDIS_URL", "")
+    host = Host(None)
+    async with client(host.app) as http:  # no lifespan: started by the first request
+        answer = await http.post("/v1/chat/completions", json=chat())
+        assert answer.status_code == 200
+    engine = get_engine(BudgetSettings())
+    await engine.shutdown()
+    made = sorted(os.listdir(tmp_path))
+    print(made)
+    assert "b.db" in made and "b.db\n" not in made
+    assert engine.settings.database_url == f"sqlite:///{tmp_path}/b.db"
