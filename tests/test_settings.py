@@ -3,6 +3,7 @@ and every invalid value names its variable."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -379,3 +380,20 @@ def test_a_key_header_no_key_could_be_read_from_is_refused_naming_the_variable(
         BudgetSettings()
     print(caught.value)
     assert "BUDGET_KEY_HEADER" in str(caught.value) and why in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "host", ["https://llm.internal.example", "llm.internal.example/v1", "llm.internal.example:8443"]
+)
+def test_a_provider_host_written_as_a_url_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    """A call's host is compared as it is (`api.openai.com`): no scheme, path or port. Such an
+    entry was taken and matched no call, so the calls it named got their provider from the
+    model instead (`gpt-4o` on the internal gateway: `openai`, its limits and prices, never the
+    provider the operator named)."""
+    monkeypatch.setenv("BUDGET_PROVIDER_HOSTS", json.dumps({host: "internal"}))
+    with pytest.raises(SettingsError) as caught:
+        BudgetSettings()
+    print(caught.value)
+    assert "BUDGET_PROVIDER_HOSTS" in str(caught.value) and "not a host" in str(caught.value)

@@ -81,6 +81,7 @@ def _without_password(url: str) -> str:
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _NOT_INSTALLED = "needs the {} package, which is not installed: pip install 'budget-middleware[{}]'"
+_HOST_PORT = re.compile(r"[^:]*:[0-9]*")  # `host:8443` (an IPv6 address has more colons)
 _BAD_PORT = "has a port that is not a number from 1 to 65535"
 
 
@@ -193,6 +194,12 @@ class BudgetSettings(BaseSettings):
                     and all(isinstance(part, str) and part.strip() for part in pair)
                 ):
                     raise ValueError(f"maps a host to a provider, both non-empty text: {pair!r}")
+                host = pair[0].strip()
+                if "/" in host or host[:1] == "[" or _HOST_PORT.fullmatch(host):  # compared bare
+                    raise ValueError(
+                        f"{host!r} is not a host: write the host alone, without scheme, path, "
+                        "port or brackets (llm.example.com, 10.0.0.5, ::1)"
+                    )
             # The provider by its one name (`X-AI` is `xai`), as a request's is.
             return tuple(
                 (host.strip().lower(), canonical_provider(provider)) for host, provider in value
