@@ -581,3 +581,91 @@ async def test_a_store_url_with_a_line_break_after_it_is_the_store_it_names(
     print(made)
     assert "b.db" in made and "b.db\n" not in made
     assert engine.settings.database_url == f"sqlite:///{tmp_path}/b.db"
+
+
+MOUNTED_APP = """
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from budget_middleware import BudgetMiddleware, get_engine
+
+llm = FastAPI()
+
+
+@llm.post("/v1/chat/completions")
+async def completions():
+    usage = {"prompt_tokens": 1000, "completion_tokens": 1000}
+    return {"object": "chat.completion", "usage": usage}
+
+
+llm.add_middleware(BudgetMiddleware)
+
+
+@asynccontextmanager
+async def lifespan(app):
+    yield
+    await get_engine().shutdown()  # the sub-app gets no lifespan: its charges written here
+
+
+app = FastAPI(lifespan=lifespan)
+app.mount("/llm", llm)
+"""
+
+
+def test_a_middleware_on_a_mounted_sub_app_writes_its_charges_as_readme_says(
+    tmp_path: Path,
+) -> None:
+    """Starlette and FastAPI run the lifespan of the top app only: a middleware added to a
+    mounted sub-app starts on its first request and never hears the shutdown. Under uvicorn
+    stopped by SIGTERM (which re-raises the signal, so no `atexit` runs) the charges of the
+    last flush interval were lost: 3 admitted, 0 written (this app without its lifespan).
+    README's recipe, the engine shut down in the top app's lifespan, writes them: 3 of 3."""
+    import os
+    import signal
+    import socket
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "host.py").write_text(MOUNTED_APP)
+    db = tmp_path / "s.db"
+    env = {**os.environ, "BUDGET_DATABASE_URL": f"sqlite:///{db}",
+           "BUDGET_FLUSH_INTERVAL_SECONDS": "60", "PYTHONPATH": str(root / "src")}  # fmt: skip
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "host:app", "--app-dir", str(tmp_path),
+         "--port", str(port), "--log-level", "warning", "--http", "h11"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.1)
+        body = b'{"model": "openai/gpt-4o", "messages": [], "max_tokens": 1000}'
+        request = (
+            "POST /llm/v1/chat/completions HTTP/1.1\r\nHost: x\r\nconnection: close\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(request)
+                assert conn.recv(12).startswith(b"HTTP/1.1 200")
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    with sqlite3.connect(db) as conn:
+        count = conn.execute("SELECT count(*) FROM bm_usage_records").fetchone()[0]
+    print(f"3 admitted, then SIGTERM: {count} written")
+    assert count == 3
