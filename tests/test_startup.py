@@ -669,3 +669,48 @@ def test_a_middleware_on_a_mounted_sub_app_writes_its_charges_as_readme_says(
         count = conn.execute("SELECT count(*) FROM bm_usage_records").fetchone()[0]
     print(f"3 admitted, then SIGTERM: {count} written")
     assert count == 3
+
+
+async def test_charges_are_written_when_the_host_app_s_own_shutdown_fails(
+    tmp_path: Path,
+) -> None:
+    """The host app's lifespan raises after its `yield` (a pool that will not close): Starlette
+    answers `lifespan.shutdown.failed`, and the middleware wrote nothing, waiting for a
+    `shutdown.complete` that never came (3 admitted, 0 written; under uvicorn stopped by SIGTERM
+    no `atexit` writes them later). SPEC §2: lifespan shutdown writes every pending charge."""
+    import sqlite3
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        raise RuntimeError("the app's pool would not close")
+
+    async def completions(request: Request) -> JSONResponse:
+        usage = {"prompt_tokens": 1000, "completion_tokens": 1000}
+        return JSONResponse({"object": "chat.completion", "usage": usage})
+
+    db = tmp_path / "b.db"
+    host = Starlette(
+        routes=[Route("/v1/chat/completions", completions, methods=["POST"])], lifespan=lifespan
+    )
+    settings = BudgetSettings(database_url=f"sqlite:///{db}", flush_interval_seconds=60)
+    host.add_middleware(BudgetMiddleware, settings=settings)
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.create_task(host(scope, inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    assert (await asyncio.wait_for(outbox.get(), 30))["type"] == "lifespan.startup.complete"
+    async with client(host) as http:
+        for _ in range(3):
+            answer = await http.post("/v1/chat/completions", json=chat())
+            assert answer.status_code == 200
+    await inbox.put({"type": "lifespan.shutdown"})
+    ended = await asyncio.wait_for(outbox.get(), 30)
+    await asyncio.gather(task, return_exceptions=True)
+    assert ended["type"] == "lifespan.shutdown.failed"
+    with sqlite3.connect(db) as conn:
+        count = conn.execute("SELECT count(*) FROM bm_usage_records").fetchone()[0]
+    print(f"3 admitted, the app's shutdown failed: {count} written")
+    assert count == 3
+    await get_engine(settings).shutdown()

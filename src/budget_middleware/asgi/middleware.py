@@ -41,6 +41,9 @@ ASGIApp = Callable[[Scope_, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("budget_middleware")
 
 _UNKNOWN = "Unknown virtual key"
+_LIFESPAN_ENDS = frozenset(
+    ("lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed")
+)
 _REWRITTEN = (b"content-length", b"content-encoding")  # not the rewritten body's
 
 
@@ -157,8 +160,8 @@ class BudgetMiddleware:
         async def on_send(message: Message) -> None:
             nonlocal answered
             answered = True
-            # After the app's own shutdown, or when the app itself could not start.
-            if message["type"] in ("lifespan.shutdown.complete", "lifespan.startup.failed"):
+            # After the app's own shutdown (done, or failed), or when the app could not start.
+            if message["type"] in _LIFESPAN_ENDS:
                 await self.engine.shutdown()
             await send(message)
 
