@@ -714,3 +714,44 @@ async def test_charges_are_written_when_the_host_app_s_own_shutdown_fails(
     print(f"3 admitted, the app's shutdown failed: {count} written")
     assert count == 3
     await get_engine(settings).shutdown()
+
+
+async def test_charges_are_written_when_the_host_app_crashes_at_shutdown_without_answering(
+    tmp_path: Path,
+) -> None:
+    """A raw ASGI host app that handles the lifespan itself and raises at shutdown, before it
+    answers: the middleware saw neither `shutdown.complete` nor `shutdown.failed`, and wrote
+    nothing (3 admitted, 0 written)."""
+    import sqlite3
+
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            assert (await receive())["type"] == "lifespan.startup"
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            raise RuntimeError("the app's pool would not close")
+        await receive()
+        usage = {"prompt_tokens": 1000, "completion_tokens": 1000}
+        await JSONResponse({"object": "chat.completion", "usage": usage})(scope, receive, send)
+
+    db = tmp_path / "b.db"
+    settings = BudgetSettings(database_url=f"sqlite:///{db}", flush_interval_seconds=60)
+    app = BudgetMiddleware(host, settings)
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.create_task(app(scope, inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    assert (await asyncio.wait_for(outbox.get(), 30))["type"] == "lifespan.startup.complete"
+    async with client(app) as http:
+        for _ in range(3):
+            answer = await http.post("/v1/chat/completions", json=chat())
+            assert answer.status_code == 200
+    await inbox.put({"type": "lifespan.shutdown"})
+    ended = await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+    assert isinstance(ended[0], RuntimeError)  # the app's error goes on to the server
+    with sqlite3.connect(db) as conn:
+        count = conn.execute("SELECT count(*) FROM bm_usage_records").fetchone()[0]
+    print(f"3 admitted, the app crashed at shutdown: {count} written")
+    assert count == 3
+    await get_engine(settings).shutdown()

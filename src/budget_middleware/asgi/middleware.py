@@ -152,16 +152,20 @@ class BudgetMiddleware:
             # its exit waiting for an answer to lifespan.shutdown that never came.
             raise raised_again(self.error)
         pending = [first]
-        answered = False
+        answered = stopping = ended = False
 
         async def on_receive() -> Message:
-            return pending.pop() if pending else await receive()
+            nonlocal stopping
+            message = pending.pop() if pending else await receive()
+            stopping = stopping or message["type"] == "lifespan.shutdown"
+            return message
 
         async def on_send(message: Message) -> None:
-            nonlocal answered
+            nonlocal answered, ended
             answered = True
             # After the app's own shutdown (done, or failed), or when the app could not start.
             if message["type"] in _LIFESPAN_ENDS:
+                ended = True
                 await self.engine.shutdown()
             await send(message)
 
@@ -169,10 +173,14 @@ class BudgetMiddleware:
             await self.app(scope, on_receive, on_send)
         except Exception as exc:
             if answered or not pending:  # the app's own lifespan, which failed
+                if stopping and not ended:  # at its shutdown, before it answered it
+                    await self.engine.shutdown()
                 raise
             logger.info("the host app does not handle the ASGI lifespan (%r)", exc)
         else:
             if answered or not pending:
+                if stopping and not ended:
+                    await self.engine.shutdown()
                 return
         # The app does not speak the lifespan protocol (Django's ASGI app raises on it, a bare
         # ASGI function returns): answered here, so that the server still sends its shutdown,
