@@ -535,6 +535,37 @@ async def test_sdks_raise_on_an_exhausted_budget_once_without_retrying(
     assert "budget exceeded" in refused_too.value.message
 
 
+async def test_the_azure_openai_sdk_s_api_key_header_carries_a_virtual_key(
+    make_settings: Settings,
+) -> None:
+    """Azure OpenAI's SDK sends its key as `api-key`: a virtual key there was not read, so the
+    call went on to the app as one without a key, the key's $0 budget not applied (the app's
+    own answer, a 404 here; now 402)."""
+    import openai
+
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app):
+        spent = engine.manager.create_virtual_key(name="spent", budgets=[{"max_limit": 0}])
+        await engine.invalidate()
+        sdk = openai.AsyncAzureOpenAI(
+            azure_endpoint="http://test",
+            api_version="2024-10-21",
+            api_key=spent.value or "",
+            max_retries=0,
+            http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app)),
+        )
+        try:
+            await sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+            )
+            status = 200
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+    print("Azure OpenAI SDK, a key with a $0 budget in api-key:", status)
+    assert status == 402
+
+
 @pytest.mark.parametrize("kind", ["request", "token"])
 async def test_a_rate_limit_of_zero_refuses_every_request_once_without_retrying(
     make_settings: Settings, kind: str
@@ -825,7 +856,7 @@ async def test_key_header_key_prefix_and_inference_paths_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     # SPEC §3: BUDGET_KEY_HEADER carries a key of any value; BUDGET_KEY_PREFIX is the prefix of
-    # generated keys and the one bearer / x-api-key / x-goog-api-key values need to count;
+    # generated keys and the one bearer / x-api-key / x-goog-api-key / api-key values need to count;
     # BUDGET_INFERENCE_PATHS replaces the list of metered suffixes.
     monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/budget.db")
     monkeypatch.setenv("BUDGET_KEY_HEADER", "X-Team-Key")
@@ -853,6 +884,9 @@ async def test_key_header_key_prefix_and_inference_paths_from_the_environment(
             "x-goog-api-key": await http.post(
                 "/v1/generate", json=chat(), headers={"x-goog-api-key": value}
             ),
+            "api-key (Azure OpenAI's SDK)": await http.post(
+                "/v1/generate", json=chat(), headers={"api-key": value}
+            ),
             "host bearer sk-bm-": await http.post(
                 "/v1/generate", json=chat(), headers=bearer("sk-bm-host-credential")
             ),
@@ -875,6 +909,7 @@ async def test_key_header_key_prefix_and_inference_paths_from_the_environment(
         "x-team-key": (200, "99"),
         "bearer": (200, "98"),
         "x-goog-api-key": (200, "97"),
+        "api-key (Azure OpenAI's SDK)": (200, "96"),
         "host bearer sk-bm-": (200, None),  # the host's own credential: no key, no limits
         "x-team-key any value": (401, None),  # any value is a key there: this one is unknown
         "embeddings, no longer metered": (200, None),

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 
 from budget_middleware.admin.answers import AdminAnswer, error
+from budget_middleware.core.identity import API_KEY_HEADERS
 from budget_middleware.settings import BudgetSettings
 
 
@@ -78,8 +79,8 @@ def virtual_key_value(request: Request, settings: BudgetSettings) -> str | None:
     token = bearer(request)
     if token and token.startswith(prefix):
         return token
-    for header in ("x-api-key", "x-goog-api-key"):
-        value = request.headers.get(header, "").strip()
+    for header in API_KEY_HEADERS:
+        value = request.headers.get(header.decode(), "").strip()
         if value.startswith(prefix):
             return value
     return None

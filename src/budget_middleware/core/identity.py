@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from hashlib import sha256
-from typing import Any
+from typing import Any, Final
 
 from budget_middleware.core.providers import canonical_provider
 from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept, tier_name
@@ -93,6 +93,12 @@ def hash_key(value: str) -> str:
     return key_digest(value).hex()
 
 
+# The API-key headers that carry a virtual key with `BUDGET_KEY_PREFIX`, after the key header
+# and `Authorization: Bearer`, in this order (SPEC §4): Anthropic's, Gemini's, Azure OpenAI's
+# (its SDK sends `api-key`).
+API_KEY_HEADERS: Final = (b"x-api-key", b"x-goog-api-key", b"api-key")
+
+
 def header_reader(
     key_header_name: str, prefix: str
 ) -> Callable[[Iterable[tuple[bytes, bytes]]], Credentials]:
@@ -119,7 +125,8 @@ def header_reader(
                 if text and text.startswith(prefix):
                     key = text
             if key is None:
-                for value in (get(b"x-api-key"), get(b"x-goog-api-key")):
+                for name in API_KEY_HEADERS:
+                    value = get(name)
                     if value:
                         text = value.decode("latin-1").strip()
                         if text.startswith(prefix):

@@ -33,6 +33,7 @@ from budget_middleware.answers import (
     store_unavailable,
 )
 from budget_middleware.core.identity import (
+    API_KEY_HEADERS,
     POST,
     Credentials,
     _split_tags,
@@ -166,8 +167,7 @@ class BudgetWSGIMiddleware:
         names = [
             s.key_header.lower().encode(),
             b"authorization",
-            b"x-api-key",
-            b"x-goog-api-key",
+            *API_KEY_HEADERS,
             b"x-budget-provider",
             b"x-budget-tags",
         ]
