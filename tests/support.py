@@ -7,11 +7,11 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -22,6 +22,31 @@ from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import BudgetRow
+
+T = TypeVar("T")
+
+
+async def until(check: Callable[[], T], seconds: float = 10.0) -> T:
+    """Wait for what a test waits for, not a fixed time: `check()` every 20 ms until it is true,
+    for at most `seconds`; its last value (false after them: the test's assertion then says
+    what never came). A loaded machine (CI's two slow cores) runs the flusher, the engine's
+    loop, a delivery or Redis's answer late, and a fixed sleep fell short there."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.02)
+
+
+def until_sync(check: Callable[[], T], seconds: float = 10.0) -> T:
+    """`until` for a test outside any event loop (a thread, a sync client)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
 
 
 def host_app(settings: BudgetSettings | None, *, prefix: str = "/v1") -> FastAPI:

@@ -14,8 +14,9 @@ from fastapi import FastAPI, Request
 from sqlmodel import col, func, select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.tables import BudgetRow, UsageRecordRow
-from support import chat, client, engine_of, host_app, running
+from support import chat, client, engine_of, host_app, running, until
 
 Settings = Callable[..., BudgetSettings]
 NANO = 1_000_000_000
@@ -120,22 +121,25 @@ async def test_budget_reserved_is_a_retryable_429(
         )
         await engine.invalidate()
         async with client(app) as http:
+            before = engine.stats.admitted
             slow, held = await asyncio.gather(
                 http.post(
                     "/v1/chat/completions",
                     json=chat(max_tokens=1000, stream=True),
                     headers={
                         "authorization": f"Bearer {key.value}",
-                        "x-mock-delay-ms": "30",
+                        "x-mock-delay-ms": "100",  # in flight about 0.6 s once admitted
                         "x-mock-output-tokens": "5",  # reserved for 1,000, streams 5
                     },
                 ),
-                _later(
+                _once_admitted(
+                    engine,
+                    before,
                     http.post(
                         "/v1/chat/completions",
                         json=chat(max_tokens=1000),
                         headers={"authorization": f"Bearer {key.value}"},
-                    )
+                    ),
                 ),
             )
     assert slow.status_code == 200
@@ -146,8 +150,10 @@ async def test_budget_reserved_is_a_retryable_429(
     assert "reserved" in held.json()["error"]["message"]
 
 
-async def _later(awaitable: Any) -> Any:
-    await asyncio.sleep(0.02)
+async def _once_admitted(engine: BudgetEngine, before: int, awaitable: Any) -> Any:
+    """`awaitable`, sent once the engine has admitted more than `before` requests: the request
+    sent before it holds its reservation (a fixed 20 ms let it go first on a loaded machine)."""
+    assert await until(lambda: engine.stats.admitted > before)
     return await awaitable
 
 
