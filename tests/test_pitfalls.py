@@ -34,7 +34,7 @@ from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.tables import UsageRecordRow
 from conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, reset_postgres
 from service_support import delete_prefix, unique_prefix, use_prefix
-from support import BodyThenGone, chat, client, engine_of, host_app, post_scope, running
+from support import BodyThenGone, chat, client, engine_of, host_app, post_scope, running, until
 
 Settings = Callable[..., BudgetSettings]
 Message = dict[str, Any]
@@ -176,10 +176,13 @@ async def test_a_64000_token_reservation_never_blocks_alone_a_budget_it_exceeds(
                 (await http.post("/v1/messages", json=body, headers=headers)).status_code
                 for _ in range(20)
             ]
-            slow = {**headers, "x-mock-delay-ms": "20"}
+            slow = {**headers, "x-mock-delay-ms": "100"}  # in flight about 0.6 s once admitted
+            before = engine.stats.admitted
             together = await asyncio.gather(
                 http.post("/v1/messages", json=body | {"stream": True}, headers=slow),
-                _after(0.01, http.post("/v1/messages", json=body, headers=headers)),
+                _once_admitted(
+                    engine, before, http.post("/v1/messages", json=body, headers=headers)
+                ),
             )
         rows = await records(engine)
         budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
@@ -202,8 +205,10 @@ async def test_a_64000_token_reservation_never_blocks_alone_a_budget_it_exceeds(
     assert budget.spent < 0.5 / 100  # the budget was never near exhausted
 
 
-async def _after(seconds: float, call: Any) -> Any:
-    await asyncio.sleep(seconds)
+async def _once_admitted(engine: BudgetEngine, before: int, call: Any) -> Any:
+    """`call`, made once the engine has admitted more than `before` requests: the request sent
+    before it holds its reservation (a fixed 10 ms let it go first on a loaded machine)."""
+    assert await until(lambda: engine.stats.admitted > before)
     return await call
 
 
