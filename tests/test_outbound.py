@@ -49,6 +49,7 @@ from support import (
     meet_between_check_and_reservation,
     meet_inside_a_budget_s_charge,
     running,
+    until_sync,
 )
 
 Settings = Callable[..., BudgetSettings]
@@ -1714,9 +1715,13 @@ def test_a_call_whose_caller_stops_waiting_for_admission_gives_its_slot_back(
 
         asyncio.run(call_and_give_up())
         busy.set()
-        time.sleep(0.3)  # the engine's loop runs what it was given
+        # The engine's loop runs what it was given (the admission and its release), then the
+        # slot and the reservation are let go: waited for, not a fixed 0.3 s (a loaded machine
+        # ran it later; held for ever, as they were, fails below).
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(10)
         slots = next(iter(engine.registry.concurrency.values()))
         budget = next(iter(engine.registry.windows["budget"].values()))
+        until_sync(lambda: slots.in_flight == 0 and budget.reserved == 0)
         with charge_to(virtual_key_id=key.id):
             after = sync.post(url, json=body).status_code
         print("held after the timeout:", slots.in_flight, budget.reserved, "; then", after)
