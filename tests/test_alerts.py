@@ -26,7 +26,7 @@ from budget_middleware.admin import create_admin_app
 from budget_middleware.engine.engine import BudgetEngine
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, unique_prefix, use_prefix
-from support import chat, client, engine_of, host_app, running
+from support import chat, client, engine_of, host_app, running, until
 
 Settings = Callable[..., BudgetSettings]
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -99,6 +99,13 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/hook"
 
 
+def _all_delivered(engine: BudgetEngine, count: int) -> bool:
+    """Whether the store lists `count` alerts and the engine has recorded each delivered (it
+    does so once the receiver has answered, in a thread: later than the receiver has it)."""
+    alerts = engine.manager.list_alerts()
+    return len(alerts) == count and all(a["delivery"] == "delivered" for a in alerts)
+
+
 def quick(engine: BudgetEngine, **schedule: float) -> None:
     """A delivery schedule of fractions of a second (the real one: 4 s doubling to 5 minutes,
     given up after 10 minutes)."""
@@ -106,16 +113,6 @@ def quick(engine: BudgetEngine, **schedule: float) -> None:
     alerts.first_retry, alerts.max_delay, alerts.poll_interval = 0.05, 0.2, 0.05
     for name, value in schedule.items():
         setattr(alerts, name, value)
-
-
-async def until(check: Callable[[], Any], seconds: float = 10.0) -> Any:
-    """Wait (bounded) until `check()` is true; its last value."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.02)
 
 
 async def spend(http: httpx.AsyncClient, key: str, cost: float, n: int) -> list[int]:
@@ -196,7 +193,10 @@ async def test_thresholds_and_exhaustion_alert_once_per_window_signed_and_listed
         # $0.10 a request: the 10th reaches $1.00; the 11th and on are refused.
         assert statuses == [200] * 10 + [402] * 3, statuses
         got = await until(lambda: len(hook.delivered()) >= 3 and hook.delivered())
-        await asyncio.sleep(0.3)  # would a second alert of any of them come? (it must not)
+        # Each recorded delivered by the engine (after the receiver's answer: a fixed 0.3 s fell
+        # short of that on a loaded machine), then would a second alert of any come? (it must not)
+        await until(lambda: _all_delivered(engine, 3))
+        await asyncio.sleep(0.3)
         got = hook.delivered()
         kinds = [(a["type"], a.get("threshold")) for a in got]
         print(f"delivered: {kinds}")
@@ -251,6 +251,7 @@ async def test_a_receiver_that_fails_first_is_retried_and_never_posted_twice_aft
         key = engine.manager.create_virtual_key(name="bob", budgets=[{"max_limit": 1.0}])
         assert await spend(http, key.value, 0.45, 2) == [200, 200]  # 90 %: the 0.8 alert
         assert await until(lambda: hook.delivered())
+        await until(lambda: _all_delivered(engine, 1))  # recorded after the receiver's answer
         await asyncio.sleep(0.5)  # more rounds: nothing more may be posted
         statuses = [status for _, _, status in hook.posts]
         alerts = engine.manager.list_alerts()
@@ -350,7 +351,8 @@ async def test_deliveries_pending_at_shutdown_are_made_after_a_restart(
     await restarted.ensure_started()
     try:
         assert await until(lambda: hook.delivered())
-        await asyncio.sleep(0.3)
+        await until(lambda: _all_delivered(restarted, 1))  # recorded after the receiver's answer
+        await asyncio.sleep(0.3)  # nothing more may be posted
         alerts = restarted.manager.list_alerts()
         print(f"after the restart: {[(a['delivery'], a['attempts']) for a in alerts]}")
         assert len(hook.delivered()) == 1 and hook.delivered()[0]["owner"]["name"] == "erin"
