@@ -514,7 +514,11 @@ def _slow_request(served: Served, key: str, model: str) -> Iterator[float]:
     finally:
         thread.join(30)
     assert done == [200]
-    time.sleep(0.3)  # a flush
+    # The server settles it once its answer has ended (waited for: a fixed 0.3 s could come
+    # before a loaded machine's server had, and the page then showed it still reserved).
+    deadline = time.monotonic() + 10
+    while _budget(served, key)["reserved"] and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _screenshot_path(served: Served) -> Path:
