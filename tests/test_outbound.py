@@ -2829,3 +2829,69 @@ async def test_responses_compact_is_metered_once_its_path_is_listed(
     print(f"{paths}: compacted {compacted.usage.total_tokens} tokens; charged {charged}")
     assert charged[0][:3] == ("gpt-5.2", 2000, 300) and charged[0][3] > 0
     assert charged == [charged[0]] * (2 if paths == "with_compact" else 1)
+
+
+# A model's tool call streamed as code or arguments (200 characters an event, 10 events: 500
+# tokens of output at 4 characters a token), then the provider's connection fails.
+_TOOL_TEXT = "print(sum(range(10)))  # " * 8
+_TOOL_STREAMS = {
+    "code interpreter's code": ("responses", "response.code_interpreter_call_code.delta"),
+    "an MCP call's arguments": ("responses", "response.mcp_call_arguments.delta"),
+    "a shell call's command": ("responses", "response.shell_call_command.delta"),
+    "a legacy function call's arguments": ("chat", "function_call"),
+}
+
+
+def _tool_event(api: str, kind: str) -> bytes:
+    if api == "responses":
+        event: dict[str, Any] = {"type": kind, "item_id": "ci_1", "output_index": 0}
+        event |= {"delta": _TOOL_TEXT, "sequence_number": 1}
+        return f"event: {kind}\ndata: {json.dumps(event)}\n\n".encode()
+    delta = {"index": 0, "delta": {kind: {"arguments": _TOOL_TEXT}}, "finish_reason": None}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o", "choices": [delta]}
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+@pytest.mark.parametrize("what", sorted(_TOOL_STREAMS))
+async def test_a_cut_stream_of_a_tool_call_is_charged_the_call_it_streamed(
+    engine: BudgetEngine, what: str
+) -> None:
+    """A stream cut before its usage is charged its output estimated from what it streamed
+    (SPEC §7): a tool call the model wrote (the code interpreter's code, an MCP call's or a
+    legacy function call's arguments, a shell command) is generated text too, as a function
+    call's arguments are, and as a JSON answer's estimate counts it."""
+    api, kind = _TOOL_STREAMS[what]
+    created = {"type": "response.created", "sequence_number": 0}
+    created["response"] = {"id": "resp_1", "object": "response", "model": "gpt-4o"}
+    start = b"event: response.created\ndata: " + json.dumps(created).encode() + b"\n\n"
+
+    class Cut(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            if api == "responses":
+                yield start
+            for _ in range(10):
+                yield _tool_event(api, kind)
+            raise httpx2.ReadTimeout("the provider stopped answering")
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Cut())
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    sdk = _sdk(httpx2.MockTransport(provider), engine)
+    events = 0
+    with charge_to(virtual_key=key.value), pytest.raises(openai.APIError):
+        if api == "responses":
+            stream: Any = await sdk.responses.create(model="gpt-4o", input="sum", stream=True)
+        else:
+            function = {"name": "run", "parameters": {"type": "object"}}
+            stream = await sdk.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, functions=[function], stream=True
+            )
+        async for _ in stream:
+            events += 1
+    await engine.flush()
+    rows = records(engine)
+    charged = [(r["outcome"], r["output_tokens"], r["cost_nanos"] / 1e9) for r in rows]
+    print(f"{what}: {events} events read, then cut; charged (outcome, output, $)", charged)
+    assert len(rows) == 1 and rows[0]["outcome"] == "upstream_error"
+    assert rows[0]["output_tokens"] == 10 * len(_TOOL_TEXT) // 4  # 500

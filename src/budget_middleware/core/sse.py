@@ -29,7 +29,9 @@ _MAX_PENDING: Final = 16 * 1024 * 1024  # an "event" this large is not held: ski
 _AT_START: Final = 1
 _AFTER_CR: Final = 2
 
-# Responses API events whose `delta` is generated text (audio deltas are base64, not text)
+# Responses API events whose `delta` is generated text (audio deltas are base64, not text): a
+# tool call the model writes (the code interpreter's code, an MCP call's arguments, a shell
+# command) as much as a function call's arguments; not a shell's output, which it did not write
 _RESPONSES_TEXT: Final = frozenset(
     f"response.{kind}.delta"
     for kind in (
@@ -37,6 +39,9 @@ _RESPONSES_TEXT: Final = frozenset(
         "refusal",
         "function_call_arguments",
         "custom_tool_call_input",
+        "code_interpreter_call_code",
+        "mcp_call_arguments",
+        "shell_call_command",
         "reasoning_text",
         "reasoning_summary_text",
     )
@@ -582,4 +587,6 @@ def _choice_chars(choice: dict[str, Any]) -> int:
                     function = call.get("function") if isinstance(call, dict) else None
                     if isinstance(function, dict):
                         total += _text_chars(function, ("arguments",))
+            elif key == "function_call" and isinstance(value, dict):  # `functions=`, legacy
+                total += _text_chars(value, ("arguments",))
     return total
