@@ -2895,3 +2895,69 @@ async def test_a_cut_stream_of_a_tool_call_is_charged_the_call_it_streamed(
     print(f"{what}: {events} events read, then cut; charged (outcome, output, $)", charged)
     assert len(rows) == 1 and rows[0]["outcome"] == "upstream_error"
     assert rows[0]["output_tokens"] == 10 * len(_TOOL_TEXT) // 4  # 500
+
+
+def test_a_sync_call_interrupted_while_the_loop_admits_it_gives_its_slot_back(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync SDK call interrupted while the engine's loop admits it (Ctrl+C in a notebook, a
+    signal-based timeout around a job): the loop admits it all the same, and the call is never
+    sent. Its slot and reservation are let go, at no cost, as an async caller's are
+    (`_admitted_there`): they were held for the process's life, and every later call of a key
+    of one slot was refused 429."""
+    import _thread
+
+    from budget_middleware.outbound.transport import on_loop
+
+    transport = BudgetSyncTransport(httpx2.MockTransport(_ten_in_five_out), make_settings())
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 1}], rate_limit={"max_concurrent_requests": 1}
+    )
+    sdk = openai.OpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.Client(transport=transport),
+        max_retries=0,
+    )
+    lookup = engine.lookup_key_id
+    looked_up = threading.Event()
+
+    async def interrupted(key_id: str) -> Any:  # the loop's admission, under way
+        _thread.interrupt_main()  # KeyboardInterrupt in the thread waiting for it
+        await asyncio.sleep(0.01)
+        found = await lookup(key_id)  # cached: the rest of the admission runs in this step
+        looked_up.set()
+        return found
+
+    def in_flight() -> int:
+        return sum(slot.in_flight for slot in engine.registry.concurrency.values())
+
+    statuses: list[int] = []
+    try:
+        with charge_to(virtual_key_id=key.id):
+            sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # started, warm
+            monkeypatch.setattr(engine, "lookup_key_id", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            monkeypatch.undo()
+            assert looked_up.wait(5)
+            on_loop(engine, _asleep)  # after the step that admitted it (and let it go, or not)
+            held = in_flight()
+            try:
+                sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                statuses.append(200)
+            except openai.APIStatusError as exc:
+                statuses.append(exc.status_code)
+        on_loop(engine, engine.flush)
+        budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+        rows = _costs(engine)
+    finally:
+        on_loop(engine, engine.shutdown)
+    print(f"interrupted while admitted: slot held {held}; next call {statuses}; records {rows}")
+    assert held == 0 and statuses == [200] and budget.reserved == 0
+    assert len(rows) == 3 and rows[1][:2] == ("client_disconnected", 0)  # never sent: $0
+
+
+async def _asleep() -> None:
+    await asyncio.sleep(0)

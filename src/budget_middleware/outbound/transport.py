@@ -704,13 +704,18 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
         admitted = meter.admit_here(request, path, plain)
         if admitted is None:  # the engine's loop admits
             chosen, inbound = payer.get(), inbound_headers.get()
+            handoff = _Handoff()
 
             async def admit() -> Exchange | ErrorAnswer:
                 payer.set(chosen)  # this thread's context, on the loop's task
                 inbound_headers.set(inbound)
-                return await meter.admit(request, path, plain)
+                return await handoff.taken(await meter.admit(request, path, plain))
 
-            admitted = on_loop(meter.engine, admit)
+            try:
+                admitted = on_loop(meter.engine, admit)
+            except BaseException:
+                handoff.leave(meter)
+                raise
         if type(admitted) is ErrorAnswer:
             return meter.refused(lib.module, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
@@ -726,6 +731,38 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+class _Handoff:
+    """A sync call's admission made on the engine's loop while its thread waits. Should the
+    thread stop waiting (interrupted: Ctrl+C, a signal's timeout), the call is never sent: an
+    admission that went through all the same is settled as a disconnect, at no cost, so its
+    slot and reservation go back (as `_admitted_there` does for an async caller)."""
+
+    __slots__ = ("admitted", "left", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.left = False  # the thread stopped waiting
+        self.admitted: Exchange | ErrorAnswer | None = None  # handed to the thread
+
+    async def taken(self, admitted: Exchange | ErrorAnswer) -> Exchange | ErrorAnswer:
+        """On the loop: the admission handed over, or settled if its thread has left."""
+        with self.lock:
+            if not self.left:
+                self.admitted = admitted
+                return admitted
+        if type(admitted) is Exchange:
+            await admitted.settle("client_disconnected")
+        return admitted
+
+    def leave(self, meter: _Meter) -> None:
+        """In the thread, stopping its wait: an admission handed over already is settled."""
+        with self.lock:
+            self.left = True
+            admitted, self.admitted = self.admitted, None
+        if type(admitted) is Exchange:
+            meter.settle_sync(admitted, "client_disconnected")
 
 
 class _SyncMetered(_Metered):
