@@ -2961,3 +2961,86 @@ def test_a_sync_call_interrupted_while_the_loop_admits_it_gives_its_slot_back(
 
 async def _asleep() -> None:
     await asyncio.sleep(0)
+
+
+class _SilentProvider:
+    """A provider on a real socket that reads each request whole and never answers; `received`
+    counts the requests it got."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.got_one = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with self.listener:
+            while True:
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError:
+                    return
+                self.held.append(conn)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, rest = data.split(b"\r\n\r\n", 1)
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                self.received += 1
+                self.got_one.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
+async def test_a_call_cancelled_while_it_waits_for_a_connection_costs_nothing(
+    make_settings: Settings,
+) -> None:
+    """`asyncio.wait_for` around SDK calls, on a client whose pool is full (one connection
+    here, held by a call waiting for its answer): the call cancelled while it waits for a
+    connection never reached the provider, and costs nothing, as one whose connection could
+    not be made does (it was charged its prompt: $0.000085); the call cancelled while it
+    waits for its answer had been received, and is charged its prompt, as before."""
+    engine = get_engine(
+        make_settings(flush_interval_seconds=3600, provider_hosts='{"127.0.0.1": "openai"}')
+    )
+    await engine.ensure_started()
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1}])
+    provider = _SilentProvider()
+    pool = httpx2.AsyncHTTPTransport(limits=httpx2.Limits(max_connections=1))
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url=f"http://127.0.0.1:{provider.port}/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=BudgetTransport(pool, engine=engine)),
+    )
+    try:
+        with charge_to(virtual_key=key.value):
+            answered = asyncio.create_task(
+                sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            )
+            assert await asyncio.to_thread(provider.got_one.wait, 5)  # it holds the connection
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(
+                    sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES), 0.1
+                )
+            answered.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await answered
+        await engine.flush()
+        rows = _costs(engine)
+    finally:
+        await sdk.close()
+        provider.close()
+        await engine.shutdown()
+    print(f"received by the provider {provider.received}; (outcome, nano-dollars, estimated):")
+    print(f"  cancelled waiting for a connection {rows[0]}, for its answer {rows[1]}")
+    assert provider.received == 1 and len(rows) == 2
+    assert rows[0][1] == 0  # never sent
+    assert rows[1][1] > 0 and rows[1][2]  # sent, never answered: its prompt, estimated

@@ -408,11 +408,46 @@ _NOT_SENT = (
 )
 
 
+# The steps of httpcore (the connection pool of httpx's and httpx2's own transports) before a
+# request is all written: waiting for a connection from the pool, connecting (TCP, TLS, a SOCKS
+# proxy's handshake), writing the request's headers and body (HTTP/1.1 and HTTP/2).
+_UNSENT_STEPS = frozenset(
+    {
+        "wait_for_connection",
+        "_connect",
+        "_init_socks5_connection",
+        "_send_connection_init",
+        "_send_request_headers",
+        "_send_request_body",
+    }
+)
+
+
 def _sent(lib: ModuleType, exc: BaseException) -> bool:
     """Whether a call that failed before its answer's headers reached the provider: anything
     but a connection never made or a request never all written (a read timeout, a connection
-    dropped, a cancelled wait). The provider bills what it received: the prompt, at least."""
-    return not any(isinstance(exc, getattr(lib, name)) for name in _NOT_SENT if hasattr(lib, name))
+    dropped, a wait for the answer cancelled). The provider bills what it received: the prompt,
+    at least."""
+    if any(isinstance(exc, getattr(lib, name)) for name in _NOT_SENT if hasattr(lib, name)):
+        return False
+    return isinstance(exc, Exception) or not _stopped_unsent(exc)
+
+
+def _stopped_unsent(exc: BaseException) -> bool:
+    """Whether a call its caller stopped (cancelled: `asyncio.wait_for` around it, a task
+    group's cancellation, Ctrl+C) was stopped in one of httpcore's steps before its request was
+    all written (waiting for a pool's connection, as a rule, under load): read from where the
+    stop struck, on this failure's path only. Stopped anywhere else, or in a transport of
+    another kind, it may have reached the provider: sent."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in _UNSENT_STEPS and str(
+            frame.f_globals.get("__name__", "")
+        ).startswith("httpcore"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _outcome(exchange: Exchange, read_to_the_end: bool) -> str:
