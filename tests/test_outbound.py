@@ -3044,3 +3044,44 @@ async def test_a_call_cancelled_while_it_waits_for_a_connection_costs_nothing(
     assert provider.received == 1 and len(rows) == 2
     assert rows[0][1] == 0  # never sent
     assert rows[1][1] > 0 and rows[1][2]  # sent, never answered: its prompt, estimated
+
+
+async def test_a_call_its_caller_stops_waiting_for_is_a_disconnect_not_an_upstream_error(
+    make_settings: Settings,
+) -> None:
+    """A call the provider received and has not answered: stopped by its caller (`asyncio.
+    wait_for` around it) it is the client's disconnect, as a stream the caller stops reading
+    is; stopped by the SDK's read timeout it is the upstream's failure. Both were recorded as
+    `upstream_error`; each is charged its prompt, estimated."""
+    engine = get_engine(
+        make_settings(flush_interval_seconds=3600, provider_hosts='{"127.0.0.1": "openai"}')
+    )
+    await engine.ensure_started()
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1}])
+    provider = _SilentProvider()
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url=f"http://127.0.0.1:{provider.port}/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=BudgetTransport(engine=engine)),
+    )
+    try:
+        with charge_to(virtual_key=key.value):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(
+                    sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES), 0.2
+                )
+            with pytest.raises(openai.APITimeoutError):
+                await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, timeout=0.2)
+        await engine.flush()
+        rows = _costs(engine)
+    finally:
+        await sdk.close()
+        provider.close()
+        await engine.shutdown()
+    print(f"received {provider.received}; cancelled by its caller {rows[0]}, timed out {rows[1]}")
+    assert provider.received == 2 and [r[0] for r in rows] == [
+        "client_disconnected",
+        "upstream_error",
+    ]
+    assert all(cost > 0 and estimated for _, cost, estimated in rows)

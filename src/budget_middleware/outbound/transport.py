@@ -450,6 +450,13 @@ def _stopped_unsent(exc: BaseException) -> bool:
     return False
 
 
+def _failed(exc: BaseException) -> str:
+    """The outcome of a call that failed before its answer came: the upstream's failure (a
+    timeout, a connection lost), or its caller's leaving (cancelled, interrupted), as a body's
+    read is told apart (`_Metered`)."""
+    return "upstream_error" if isinstance(exc, Exception) else "client_disconnected"
+
+
 def _outcome(exchange: Exchange, read_to_the_end: bool) -> str:
     """An SDK closes a stream once it has seen its last event (`[DONE]`, `message_stop`),
     without reading on: that stream is complete too."""
@@ -527,7 +534,7 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
             response = await inner.handle_async_request(sent)
         except BaseException as exc:
             exchange.sent_unanswered = _sent(lib.module, exc)
-            await _settled(meter, exchange, "upstream_error")
+            await _settled(meter, exchange, _failed(exc))
             raise
         return meter.metered_response(lib.module, request, response, exchange, lib.async_stream)
 
@@ -759,7 +766,7 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
             response = inner.handle_request(sent)
         except BaseException as exc:
             exchange.sent_unanswered = _sent(lib.module, exc)
-            meter.settle_sync(exchange, "upstream_error")
+            meter.settle_sync(exchange, _failed(exc))
             raise
         return meter.metered_response(lib.module, request, response, exchange, lib.sync_stream)
 
