@@ -3085,3 +3085,77 @@ async def test_a_call_its_caller_stops_waiting_for_is_a_disconnect_not_an_upstre
         "upstream_error",
     ]
     assert all(cost > 0 and estimated for _, cost, estimated in rows)
+
+
+# Anthropic's server-side compaction: 1,000 in and 100 out for the answer, and the compaction's
+# own sampling (5,000 in, 800 out), which Anthropic bills and leaves out of the top-level counts.
+_COMPACTED = {
+    "input_tokens": 1000,
+    "output_tokens": 100,
+    "cache_read_input_tokens": 0,
+    "cache_creation_input_tokens": 0,
+    "iterations": [
+        {"type": "compaction", "input_tokens": 5000, "output_tokens": 800,
+         "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+        {"type": "message", "input_tokens": 1000, "output_tokens": 100,
+         "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+    ],
+}  # fmt: skip
+
+
+def _compacting_anthropic(request: httpx2.Request) -> httpx2.Response:
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5"}
+    message |= {"content": [{"type": "text", "text": "Done."}], "stop_reason": "end_turn"}
+    if not json.loads(request.content).get("stream"):
+        return httpx2.Response(200, json={**message, "usage": _COMPACTED})
+    start = {**message, "content": [], "stop_reason": None}
+    start["usage"] = {"input_tokens": 1000, "output_tokens": 1}
+    events = [
+        ("message_start", {"type": "message_start", "message": start}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "Done."}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                           "usage": _COMPACTED}),
+        ("message_stop", {"type": "message_stop"}),
+    ]  # fmt: skip
+    body = b"".join(
+        f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events
+    )
+    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_anthropic_s_compaction_is_charged_with_the_answer(
+    engine: BudgetEngine, stream: bool
+) -> None:
+    """A Messages call with server-side compaction (`context_management`): Anthropic bills the
+    compaction's sampling too, and reports it only in `usage.iterations` (its tokens "are not
+    included in the top-level usage fields", says the SDK). Charged with the answer's."""
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    transport = BudgetTransport(httpx2.MockTransport(_compacting_anthropic), engine=engine)
+    sdk = anthropic.AsyncAnthropic(
+        api_key="sk-provider-secret",
+        base_url="https://api.anthropic.com",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    with charge_to(virtual_key=key.value):
+        if stream:
+            async with sdk.beta.messages.stream(
+                model="claude-sonnet-4-5", max_tokens=1000, messages=MESSAGES
+            ) as events:
+                message = await events.get_final_message()
+        else:
+            message = await sdk.beta.messages.create(
+                model="claude-sonnet-4-5", max_tokens=1000, messages=MESSAGES
+            )
+    await engine.flush()
+    rows = records(engine)
+    charged = [(r["input_tokens"], r["output_tokens"], r["cost_nanos"] / 1e9) for r in rows]
+    compaction = message.usage.iterations[0] if message.usage.iterations else None
+    print(f"compaction {compaction}; charged (in, out, $) {charged}")
+    # claude-sonnet-4-5 at $3 / $15 a million: (1,000 + 5,000) in, (100 + 800) out
+    assert charged == [(6000, 900, 0.0315)]

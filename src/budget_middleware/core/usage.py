@@ -205,6 +205,23 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     # Anthropic's web searches:
     if "server_tool_use" in usage and type(tools := usage["server_tool_use"]) is dict:
         found.web_searches = _count(tools.get("web_search_requests"))
+    if "iterations" in usage and type(iterations := usage["iterations"]) is list:
+        found = _with_compactions(found, iterations)
+    return found
+
+
+def _with_compactions(found: TokenUsage, iterations: list[Any]) -> TokenUsage:
+    """Anthropic's usage with its server-side compactions' (`usage.iterations` entries of type
+    `compaction`): the sampling that summarized the context is billed, and its tokens are left
+    out of the top-level counts. Added as another request's are (`plus`: each priced by its own
+    size). The other entries (`message`, ...) are within the top-level counts."""
+    for entry in iterations:
+        if type(entry) is dict and entry.get("type") == "compaction":
+            prompt, output, read, write = _input_output(entry)
+            compaction = TokenUsage(prompt, output, min(read, prompt), min(write, prompt - read))
+            if write and type(creation := entry.get("cache_creation")) is dict:
+                compaction.cache_write_1h_tokens = _count(creation.get("ephemeral_1h_input_tokens"))
+            found = found.plus(compaction)
     return found
 
 
