@@ -3159,3 +3159,50 @@ async def test_anthropic_s_compaction_is_charged_with_the_answer(
     print(f"compaction {compaction}; charged (in, out, $) {charged}")
     # claude-sonnet-4-5 at $3 / $15 a million: (1,000 + 5,000) in, (100 + 800) out
     assert charged == [(6000, 900, 0.0315)]
+
+
+@pytest.mark.parametrize("kind", ["thinking", "text"])
+async def test_a_cut_stream_of_content_chunks_is_charged_what_it_streamed(
+    engine: BudgetEngine, kind: str
+) -> None:
+    """Mistral's reasoning models stream `delta.content` as a list of chunks (`thinking`, whose
+    own text is a list of chunks, then `text`), and report the usage only on the last chunk: a
+    stream cut before it was charged no output (a string `content` is counted, and a JSON
+    answer's estimate counts the same chunks)."""
+    piece = "Let me think about the budget policy first. " * 4  # 176 characters
+    if kind == "thinking":
+        content: list[Any] = [{"type": "thinking", "thinking": [{"type": "text", "text": piece}]}]
+    else:
+        content = [{"type": "text", "text": piece}]
+    delta = {"index": 0, "delta": {"content": content}, "finish_reason": None}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "mistral-large-latest"}
+    event = b"data: " + json.dumps({**chunk, "choices": [delta]}).encode() + b"\n\n"
+
+    class Cut(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for _ in range(10):
+                yield event
+            raise httpx2.ReadTimeout("the provider stopped answering")
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Cut())
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.mistral.ai/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    with charge_to(virtual_key=key.value), pytest.raises(openai.APIError):
+        stream = await sdk.chat.completions.create(
+            model="mistral-large-latest", messages=MESSAGES, stream=True
+        )
+        async for _ in stream:
+            pass
+    await engine.flush()
+    rows = records(engine)
+    charged = [(r["outcome"], r["output_tokens"], r["cost_nanos"] / 1e9) for r in rows]
+    print(f"{kind} chunks, 10 x {len(piece)} characters, then cut: charged {charged}")
+    assert len(rows) == 1 and rows[0]["output_tokens"] == 10 * len(piece) // 4  # 440

@@ -13,6 +13,7 @@ from typing import Any, Final
 from budget_middleware.core.usage import (
     JSON_ERRORS,
     TokenUsage,
+    generated_chars,
     json_loads,
     text_size,
     tier_name,
@@ -580,8 +581,11 @@ def _choice_chars(choice: dict[str, Any]) -> int:
     delta = choice.get("delta")
     if isinstance(delta, dict):
         for key, value in delta.items():  # usually one key: cheaper than a get() per field
-            if key in _DELTA_TEXT and isinstance(value, str):
-                total += text_size(value)
+            if key in _DELTA_TEXT:
+                if isinstance(value, str):
+                    total += text_size(value)
+                elif isinstance(value, list):  # chunks: Mistral's (its models' thinking)
+                    total += generated_chars(value)
             elif key == "tool_calls" and isinstance(value, list):
                 for call in value:
                     function = call.get("function") if isinstance(call, dict) else None

@@ -395,6 +395,12 @@ def answered_chars(body: bytes) -> int | None:
     return sum(_chars(document.get(key), 0) for key in _OUTPUT_KEYS)
 
 
+def generated_chars(value: Any) -> int:
+    """The generated characters in a piece of an answer as `answered_chars` counts them (its
+    strings, ids and kinds left out): a stream's content sent as a list of chunks."""
+    return _chars(value, 0)
+
+
 def text_size(text: str) -> int:
     """Generated text's characters as an estimate counts them, 4 a token: a character beyond
     ASCII (Chinese, Japanese, most emoji: a token or more each to a tokenizer) counts 4."""
