@@ -3206,3 +3206,51 @@ async def test_a_cut_stream_of_content_chunks_is_charged_what_it_streamed(
     charged = [(r["outcome"], r["output_tokens"], r["cost_nanos"] / 1e9) for r in rows]
     print(f"{kind} chunks, 10 x {len(piece)} characters, then cut: charged {charged}")
     assert len(rows) == 1 and rows[0]["output_tokens"] == 10 * len(piece) // 4  # 440
+
+
+async def test_a_cut_stream_of_a_compaction_is_charged_the_summary_it_streamed(
+    engine: BudgetEngine,
+) -> None:
+    """Anthropic's server-side compaction streams its summary as `compaction_delta` events (the
+    compaction's sampling, billed): a stream cut during it was charged no output for them, as
+    it is for the text, thinking and tool input it streams."""
+    summary = "The user asked about budgets; we agreed on limits. " * 4  # 204 characters
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
+    message |= {"model": "claude-sonnet-4-5", "usage": {"input_tokens": 1000, "output_tokens": 1}}
+    events = [
+        ("message_start", {"type": "message_start", "message": message}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "compaction", "content": None}}),
+    ] + [
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "compaction_delta", "content": summary}})
+    ] * 10  # fmt: skip
+
+    class Cut(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for name, data in events:
+                yield f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+            raise httpx2.ReadTimeout("the provider stopped answering")
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Cut())
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    sdk = anthropic.AsyncAnthropic(
+        api_key="sk-provider-secret",
+        base_url="https://api.anthropic.com",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    with charge_to(virtual_key=key.value), pytest.raises(httpx2.ReadTimeout):  # as it came
+        stream = await sdk.beta.messages.create(
+            model="claude-sonnet-4-5", max_tokens=4000, messages=MESSAGES, stream=True
+        )
+        async for _ in stream:
+            pass
+    await engine.flush()
+    rows = records(engine)
+    charged = [(r["outcome"], r["output_tokens"], r["cost_nanos"] / 1e9) for r in rows]
+    print(f"a compaction's summary, 10 x {len(summary)} characters, then cut: charged {charged}")
+    assert len(rows) == 1 and rows[0]["output_tokens"] == 10 * len(summary) // 4  # 510

@@ -60,7 +60,8 @@ _READ: Final = _RESPONSES_TEXT | {
 }
 _SKIP: Final = frozenset({"ping", "content_block_start", "content_block_stop", "error"})
 _DELTA_TEXT: Final = frozenset({"content", "refusal", "reasoning_content", "reasoning"})
-_BLOCK_TEXT: Final = ("text", "partial_json", "thinking")
+# an Anthropic content block's generated text: text, tool input, thinking, a compaction's summary
+_BLOCK_TEXT: Final = ("text", "partial_json", "thinking", "content")
 
 
 @dataclass(slots=True)
