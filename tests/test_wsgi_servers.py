@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -348,3 +349,61 @@ def _settled(url: str, port: int, key_id: str, admitted: int) -> tuple[int, int,
         if (count == admitted and live == {usage}) or time.monotonic() > deadline:
             return count, total, usage, live
         time.sleep(0.2)
+
+
+def _stream_in_flight(port: int, key: str) -> socket.socket:
+    """A slow stream (100 events, 200 ms apart) begun, its first 5 events read: in flight."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 100, "stream": True}).encode()  # fmt: skip
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + key.encode() + b"\r\nx-fake-delay-ms: 200\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    got = b""
+    while got.count(b"data: ") < 5:
+        got += sock.recv(65536)
+    return sock
+
+
+@pytest.mark.parametrize("how", ["waitress", "flask run"])
+def test_a_stream_in_flight_when_the_server_exits_is_charged(tmp_path: Path, how: str) -> None:
+    """waitress (on SIGINT) and `flask run` (on Ctrl-C) exit with their request threads still
+    running (daemon threads: waitress waits 5 s for them, werkzeug not at all). A stream in
+    flight then was never settled: its client had events, and the store had no record of it and
+    a spend of $0. Whatever is still open at exit is settled as a disconnect, before the last
+    write."""
+    url = f"sqlite:///{tmp_path}/exit.db"
+    port = free_port()
+    examples = ROOT / "examples"
+    env = base_env(url, PYTHONPATH=f"{ROOT / 'src'}:{examples}")
+    if how == "waitress":
+        command = [sys.executable, "-m", "waitress", "--threads=4", "--call",
+                   f"--listen=127.0.0.1:{port}", "flask_app:create_app"]  # fmt: skip
+    else:
+        command = [sys.executable, "-m", "flask", "--app", "flask_app", "run", "--port", str(port)]
+    with server(command, env, port, stop=signal.SIGINT) as process:
+        key = make_key(port, "alice", 10**10)
+        sock = _stream_in_flight(port, key["value"])
+        try:
+            assert stopped(process, signal.SIGINT) == 0
+        finally:
+            sock.close()
+    store = create_engine(url)
+    try:
+        with store.connect() as conn:
+            rows = conn.execute(
+                text("SELECT outcome, estimated, output_tokens, cost_nanos FROM bm_usage_records")
+            ).all()
+            usage = conn.execute(
+                text("SELECT current_usage_nanos FROM bm_budgets WHERE owner_id = :k"),
+                {"k": key["id"]},
+            ).scalar_one()
+    finally:
+        store.dispose()
+    print(f"{how}: a stream in flight at exit: records {rows}, budget spend {usage} nano-USD")
+    assert len(rows) == 1
+    outcome, estimated, output_tokens, cost = rows[0]
+    assert (outcome, bool(estimated)) == ("client_disconnected", True)
+    assert output_tokens >= 5 and cost > 0 and usage == cost

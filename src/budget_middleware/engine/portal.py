@@ -144,7 +144,7 @@ def background_loop() -> asyncio.AbstractEventLoop:
             ).start()
             _background, _background_pid = loop, os.getpid()
             if not _exit_registered:
-                atexit.register(shut_down_engines)
+                atexit.register(_at_exit)
                 _exit_registered = True
         return _background
 
@@ -200,6 +200,32 @@ async def _awaited(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
     if engine.started and engine.needs_start():  # its loop closed: it starts again in this one
         await engine.ensure_started()
     return await work()
+
+
+# Run at exit before the engines shut down: adapters settle the answers still open then.
+_before_exit: list[Callable[[], None]] = []
+
+
+def settle_before_exit(callback: Callable[[], None]) -> None:
+    """Have `callback` run at the process's exit, before the engines write what is pending."""
+    _before_exit.append(callback)
+
+
+def _at_exit() -> None:
+    """At exit the interpreter has joined the threads it waits for; a server's daemon threads
+    (waitress past its 5 s, `flask run`, `runserver`) may still serve answers no one will finish:
+    the adapters settle those first, so that the last write holds their charges."""
+    if _background_pid == os.getpid():
+        for callback in _before_exit:
+            try:
+                callback()
+            except Exception:
+                import logging
+
+                logging.getLogger("budget_middleware").exception(
+                    "budget-middleware could not settle the answers still open at exit"
+                )
+    shut_down_engines()
 
 
 def shut_down_engines(timeout: float = 30.0) -> None:

@@ -21,6 +21,8 @@ import contextlib
 import functools
 import io
 import logging
+import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from time import perf_counter
@@ -50,7 +52,12 @@ from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, ge
 from budget_middleware.engine.exchange import COST_HEADER, BudgetState, Exchange
 from budget_middleware.engine.gate import body_to_send, parse_json
 from budget_middleware.engine.hooks import Hook
-from budget_middleware.engine.portal import is_background, loop_lock, on_loop
+from budget_middleware.engine.portal import (
+    is_background,
+    loop_lock,
+    on_loop,
+    settle_before_exit,
+)
 from budget_middleware.exceptions import ConfigurationError
 from budget_middleware.headers import ADDED_TEXT_NAMES, replaced
 from budget_middleware.outbound.payer import inbound_headers, noting
@@ -514,6 +521,24 @@ class _Once:
         return outcome
 
 
+# The answers not settled yet, by id (weakly: an answer dropped unclosed is settled as it goes).
+_open: dict[int, weakref.ref[MeteredResponse]] = {}
+os.register_at_fork(after_in_child=_open.clear)  # the parent's answers are the parent's
+
+
+def _settle_open() -> None:
+    """At exit: the answers a server's daemon threads still serve (waitress past its 5 s of
+    grace, `flask run`, `runserver`) will never end; each is settled now as cut there, charged
+    what it streamed, before the engines write what is pending."""
+    for ref in list(_open.values()):
+        response = ref()
+        if response is not None:
+            response.settle(response.cut())
+
+
+settle_before_exit(_settle_open)
+
+
 class MeteredResponse:
     """The app's answer on its way to the server: headers completed at `start_response`, each
     chunk measured as it passes (never held back), settled exactly once, at the last chunk or
@@ -531,6 +556,7 @@ class MeteredResponse:
         self.start = start_response
         self.direct = direct  # settled in this thread under `loop_lock` (else on the loop)
         self.once = _Once()  # settled: shared with a dropped answer's settlement (`__del__`)
+        _open[id(self)] = weakref.ref(self)  # settled at exit if still open then
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
@@ -666,6 +692,7 @@ class MeteredResponse:
         here: the collector may run anywhere. What the loop is handed holds nothing of this
         answer, so the app's iterable goes now, in this thread: its `finally:` and `with`
         exits (a provider stream it held) never run on the engine's loop."""
+        _open.pop(id(self), None)
         if not self.once.done:
             self.exchange.settle_dropped(functools.partial(self.once.take, self.cut()))
 
