@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from flask import Flask, Response, request
+from flask import Flask, Response, request, send_file
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -1318,6 +1318,41 @@ def test_calls_out_from_a_streamed_answer_are_charged_to_its_caller(
     rows = records(engine)
     print(f"outbound calls charged to: {[r['virtual_key_id'] for r in rows]} (key {key.id})")
     assert [r["virtual_key_id"] for r in rows] == [key.id, key.id]
+
+
+def test_a_file_answer_reaches_the_server_as_its_file_wrapper_in_an_app_that_calls_out(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """Once the app imports the transports, the caller is noted for every request: every
+    answer but a list was wrapped to note it while iterated, a file too (Flask's `send_file`,
+    Django's `FileResponse` hand the server its `wsgi.file_wrapper`). gunicorn sends a file by
+    `sendfile()` only when the answer is its `FileWrapper`: a 300 MB download took 254 → 363 ms.
+    Nothing of the app runs while a file is read: it goes to the server as it is."""
+    from gunicorn.http.wsgi import FileWrapper
+
+    import budget_middleware.outbound.transport  # noqa: F401  (an app that calls out)
+
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"x" * 100_000)
+    app = Flask(__name__)
+
+    @app.get("/download")
+    def download() -> Response:
+        return send_file(data)
+
+    app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, make_settings())  # type: ignore[method-assign]
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/download", "SERVER_NAME": "t",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(),
+               "wsgi.file_wrapper": FileWrapper}  # fmt: skip
+    statuses: list[str] = []
+    answer = app.wsgi_app(environ, lambda status, headers, *_: statuses.append(status))
+    try:
+        body = b"".join(answer)
+    finally:
+        answer.close()  # type: ignore[attr-defined]
+    print(f"{statuses[0]}: the server got a {type(answer).__name__} of {len(body)} bytes")
+    assert statuses == ["200 OK"] and len(body) == 100_000
+    assert isinstance(answer, FileWrapper)  # gunicorn's test for sending it by sendfile()
 
 
 def test_an_answer_dropped_without_close_frees_its_slot(make_settings: Settings) -> None:

@@ -194,8 +194,13 @@ class BudgetWSGIMiddleware:
             finally:
                 inbound_headers.reset(token)
             # A streamed answer (a generator) runs while the server iterates it: noted then too.
-            # A list or tuple is made already: nothing runs then, it goes as it is.
+            # A list or tuple is made already, and a file the server's `wsgi.file_wrapper` reads
+            # runs nothing of the app: those go as they are (a server sends its file wrapper by
+            # `sendfile()`, and only it).
             if type(answer) is list or type(answer) is tuple:
+                return answer
+            wrapper = environ.get("wsgi.file_wrapper")
+            if isinstance(wrapper, type) and isinstance(answer, wrapper):
                 return answer
             return _Noted(answer, headers)
         if environ["REQUEST_METHOD"] in POST:
