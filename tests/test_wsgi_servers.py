@@ -407,3 +407,43 @@ def test_a_stream_in_flight_when_the_server_exits_is_charged(tmp_path: Path, how
     outcome, estimated, output_tokens, cost = rows[0]
     assert (outcome, bool(estimated)) == ("client_disconnected", True)
     assert output_tokens >= 5 and cost > 0 and usage == cost
+
+
+def test_the_admin_api_under_waitress_on_a_unix_socket(tmp_path: Path) -> None:
+    """waitress behind a proxy on a unix socket names the socket as `SERVER_PORT`: every admin
+    request failed with a 500 (`int()` of the path), the metered ones were served. A port that
+    is no number is none (ASGI's `server` of a unix socket)."""
+    path = tmp_path / "waitress.sock"
+    env = base_env(f"sqlite:///{tmp_path}/unix.db")
+    env["PYTHONPATH"] += f":{ROOT / 'examples'}"
+    command = [sys.executable, "-m", "waitress", "--call", f"--unix-socket={path}",
+               "flask_app:create_app"]  # fmt: skip
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+    def ask(request: bytes) -> tuple[int, Any]:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(20)
+            sock.connect(str(path))
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = json.dumps({"name": "alice"}).encode()
+        health = ask(b"GET /budget-admin/health HTTP/1.0\r\nHost: t\r\n\r\n")
+        created = ask(
+            b"POST /budget-admin/virtual-keys HTTP/1.0\r\nHost: t\r\n"
+            b"Authorization: Bearer admin-secret\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+    finally:
+        stopped(process, signal.SIGINT)
+    print(f"on a unix socket: health {health[0]}, create {created[0]} {created[1][:60]!r}")
+    assert health[0] == 200 and json.loads(health[1])["status"] == "ok"
+    assert created[0] == 201 and json.loads(created[1])["virtual_key"]["name"] == "alice"

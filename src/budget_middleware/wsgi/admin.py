@@ -66,7 +66,6 @@ def asgi_scope(environ: WSGIEnvironment) -> dict[str, Any]:
         value = environ.get(name)
         if value:
             headers.append((header, value.encode("latin-1")))
-    server_port = environ.get("SERVER_PORT") or "80"
     client = environ.get("REMOTE_ADDR")
     return {
         "type": "http",
@@ -81,10 +80,21 @@ def asgi_scope(environ: WSGIEnvironment) -> dict[str, Any]:
         ),
         "query_string": environ.get("QUERY_STRING", "").encode("latin-1"),
         "headers": headers,
-        "server": (environ.get("SERVER_NAME", "localhost"), int(server_port)),
-        "client": (client, int(environ.get("REMOTE_PORT") or 0)) if client else None,
+        "server": (environ.get("SERVER_NAME", "localhost"), _port(environ.get("SERVER_PORT"))),
+        "client": (client, _port(environ.get("REMOTE_PORT")) or 0) if client else None,
         "state": {},
     }
+
+
+def _port(value: object) -> int | None:
+    """A port from the environ (text; werkzeug's server gives `REMOTE_PORT` as an int); None
+    where it is no number (waitress on a unix socket names the socket there: ASGI's `server`
+    of a unix socket has no port)."""
+    if type(value) is int:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 def _text(value: str) -> str:
