@@ -447,3 +447,48 @@ def test_the_admin_api_under_waitress_on_a_unix_socket(tmp_path: Path) -> None:
     print(f"on a unix socket: health {health[0]}, create {created[0]} {created[1][:60]!r}")
     assert health[0] == 200 and json.loads(health[1])["status"] == "ok"
     assert created[0] == 201 and json.loads(created[1])["virtual_key"]["name"] == "alice"
+
+
+WORKER_EXIT_HOOK = """
+def worker_exit(server, worker):
+    import budget_middleware.wsgi
+    budget_middleware.wsgi.shutdown()
+"""
+
+
+def test_a_charge_settled_after_the_worker_exit_hook_s_shutdown_is_written(
+    tmp_path: Path,
+) -> None:
+    """gunicorn with the README's `worker_exit` hook (`shutdown()`) and `--max-requests`: a
+    worker restarts while a stream it serves goes on (no one kills it), its hook shuts the
+    engine down, and the stream ends after that. Its charge was settled into the shut-down
+    engine, which the exit then skipped: the stream streamed whole, the store had no record of
+    it. What is settled after a shutdown is written at exit."""
+    url = f"sqlite:///{tmp_path}/restart.db"
+    (tmp_path / "gunicorn_conf.py").write_text(WORKER_EXIT_HOOK)
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "4", "-w", "1",
+               "--max-requests", "3", "--graceful-timeout", "1",
+               "-c", str(tmp_path / "gunicorn_conf.py"), "-b", f"127.0.0.1:{port}",
+               "--chdir", str(ROOT / "examples"), "flask_app:create_app()"]  # fmt: skip
+    with server(command, base_env(url), port) as process:
+        key = make_key(port, "alice", 10**10)  # the worker's first request
+        body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 15, "stream": True,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()  # fmt: skip
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                b"Content-Type: application/json\r\nAuthorization: Bearer "
+                + key["value"].encode() + b"\r\nx-fake-delay-ms: 200\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body
+            )  # fmt: skip
+            streamed = sock.recv(65536)  # the second request, under way
+            status, _ = call(port, "POST", "/v1/chat/completions", BODY,
+                             {"authorization": f"Bearer {key['value']}"})  # fmt: skip
+            while chunk := sock.recv(65536):  # the third made the worker restart: it goes on
+                streamed += chunk
+        assert status == 200 and b"data: [DONE]" in streamed
+        assert stopped(process) == 0
+    count, costs, total, usage = written(url, key["id"])
+    print(f"records {count}, costs {sorted(costs)}, recorded {total}, budget spend {usage}")
+    assert count == 2 and total == usage and len(costs) == 2

@@ -239,8 +239,12 @@ def shut_down_engines(timeout: float = 30.0) -> None:
 
     for engine in list(_engines.values()):
         # Started here, or in a loop that has closed since (a script's `asyncio.run`): its
-        # pending charges are written from here.
-        if engine.started and (engine.loop is loop or engine.needs_start()):
+        # pending charges are written from here. Shut down here already (a gunicorn
+        # `worker_exit` hook), it may hold charges settled since (a stream that ended after):
+        # written too (`shutdown` of an engine not started writes what it holds, if anything).
+        if (engine.loop is loop and not engine.started) or (
+            engine.started and (engine.loop is loop or engine.needs_start())
+        ):
             try:
                 asyncio.run_coroutine_threadsafe(_awaited(engine, engine.shutdown), loop).result(
                     timeout=timeout
