@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import Any
 
-from budget_middleware.answers import ErrorAnswer, request_too_large, store_unavailable
+from budget_middleware.answers import ErrorAnswer
 from budget_middleware.core.identity import (
     POST,
     header_reader,
@@ -200,7 +200,7 @@ class BudgetMiddleware:
         started = perf_counter()
         credentials = self.read_headers(scope["headers"])
         if credentials.content_length is not None and credentials.content_length > self.max_body:
-            await _answer(send, request_too_large(self.max_body))
+            await _answer(send, self.gate.too_large())
             return
         # Who is calling first: a request with no valid key is answered before its body is
         # read (it could make this process read and hold BUDGET_MAX_BODY_BYTES for a 401).
@@ -212,7 +212,7 @@ class BudgetMiddleware:
                 raise  # final: the configuration is wrong, not the store away
             except Exception:
                 if not self.fail_open:
-                    await _answer(send, store_unavailable())
+                    await _answer(send, self.gate.unavailable())
                     return
                 engine.write_at_exit()  # admitted with no flusher: written, or kept, at exit
         if engine.stale:
@@ -226,7 +226,7 @@ class BudgetMiddleware:
                 try:
                     found = await engine.vouch_for(credentials.key, self.fail_open)
                 except ServiceUnavailable:
-                    await _answer(send, store_unavailable(self.fail_open))
+                    await _answer(send, self.gate.unavailable(self.fail_open))
                     return
             if found is None:
                 if not self.shadow:
@@ -246,13 +246,13 @@ class BudgetMiddleware:
             if type(body) is not bytes:  # ASGI says bytes; a bytearray or memoryview read as one
                 body = bytes(body)
             if len(body) > self.max_body:
-                await _answer(send, request_too_large(self.max_body))
+                await _answer(send, self.gate.too_large())
                 return
         else:
             try:
                 body = await _read_body(message, receive, self.max_body)
             except BodyTooLarge:
-                await _answer(send, request_too_large(self.max_body))
+                await _answer(send, self.gate.too_large())
                 return
             except ClientGone:
                 return
@@ -260,7 +260,7 @@ class BudgetMiddleware:
         if credentials.content_encoding is not None:
             decoded = self.gate.plain_body(body, credentials.content_encoding)
             if decoded is None:
-                await _answer(send, request_too_large(self.max_body))
+                await _answer(send, self.gate.too_large())
                 return
             plain = decoded
         gate = self.gate
@@ -274,7 +274,7 @@ class BudgetMiddleware:
             try:
                 admitted = await gate.admit(decision)  # type: ignore[arg-type]
             except ServiceUnavailable:
-                await _answer(send, store_unavailable())
+                await _answer(send, self.gate.unavailable())
                 return
         if type(admitted) is ErrorAnswer:
             await _answer(send, admitted)

@@ -16,7 +16,9 @@ from budget_middleware.answers import (
     ErrorAnswer,
     error_answer,
     refusal_answer,
+    request_too_large,
     route_refusal_answer,
+    store_unavailable,
     unpriced_message,
 )
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
@@ -158,6 +160,20 @@ class Gate:
         refused[code] = refused.get(code, 0) + 1
         self.tell_refusal(code, status, key, target, None)
         return error_answer(status, code, message)
+
+    def too_large(self) -> ErrorAnswer:
+        """413: a body over BUDGET_MAX_BODY_BYTES (as sent or decoded), counted among the
+        refusals (`budget_requests_refused_total{reason="request_too_large"}`)."""
+        refused = self.engine.stats.refused
+        refused["request_too_large"] = refused.get("request_too_large", 0) + 1
+        return request_too_large(self.max_body)
+
+    def unavailable(self, unknown_key: bool = False) -> ErrorAnswer:
+        """503: the store or Redis cannot decide (`answers.store_unavailable`), counted among
+        the refusals (`budget_requests_refused_total{reason="service_unavailable"}`)."""
+        refused = self.engine.stats.refused
+        refused["service_unavailable"] = refused.get("service_unavailable", 0) + 1
+        return store_unavailable(unknown_key)
 
     def tell_refusal(
         self,

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from budget_middleware.answers import ErrorAnswer, request_too_large, store_unavailable
+from budget_middleware.answers import ErrorAnswer
 from budget_middleware.core.identity import (
     Credentials,
     body_encoding,
@@ -99,13 +99,13 @@ class _Meter:
         `content-encoding` of gzip or deflate; the provider still gets it as sent), else as it
         is; a 413 answer when it is over BUDGET_MAX_BODY_BYTES, as sent or decoded."""
         if len(body) > self.max_body:
-            return request_too_large(self.max_body)
+            return self.engine.gate.too_large()
         sent = _header(headers, names, b"content-encoding")
         coding = None if sent is None else body_encoding(sent)
         if coding is None:
             return body
         plain = self.engine.gate.plain_body(body, coding)
-        return request_too_large(self.max_body) if plain is None else plain
+        return self.engine.gate.too_large() if plain is None else plain
 
     async def admit(self, request: Any, path: str, body: bytes) -> Exchange | ErrorAnswer:
         """Who pays, the gate's decision and admission (on the engine's event loop)."""
@@ -118,7 +118,7 @@ class _Meter:
                 raise
             except Exception:
                 if not self.fail_open:
-                    return store_unavailable()
+                    return self.engine.gate.unavailable()
         if engine.stale:
             await engine.ensure_current()
         chosen = payer.get()
@@ -132,7 +132,7 @@ class _Meter:
                 else:
                     key = await engine.vouch_for(value, self.fail_open)
         except ServiceUnavailable:
-            return store_unavailable(self.fail_open)
+            return self.engine.gate.unavailable(self.fail_open)
         parsed = parse_json(body)
         decision = self.decide(request, path, body, parsed, chosen, value, key, started)
         if type(decision) is ErrorAnswer:
@@ -144,7 +144,7 @@ class _Meter:
             else:
                 admitted = await gate.admit(decision)  # type: ignore[arg-type]
         except ServiceUnavailable:
-            return store_unavailable()
+            return self.engine.gate.unavailable()
         return _outbound(admitted)
 
     def admit_here(self, request: Any, path: str, body: bytes) -> Exchange | ErrorAnswer | None:

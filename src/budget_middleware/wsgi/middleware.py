@@ -31,8 +31,6 @@ from typing import TYPE_CHECKING
 from budget_middleware.answers import (
     ErrorAnswer,
     error_answer,
-    request_too_large,
-    store_unavailable,
 )
 from budget_middleware.core.identity import (
     API_KEY_HEADERS,
@@ -272,7 +270,7 @@ class BudgetWSGIMiddleware:
         credentials = self._credentials(environ)
         length = credentials.content_length
         if length is not None and length > self.max_body:
-            return answer(start_response, request_too_large(self.max_body))
+            return answer(start_response, self.gate.too_large())
         if engine.needs_start():
             try:
                 on_loop(engine, engine.ensure_started)
@@ -280,7 +278,7 @@ class BudgetWSGIMiddleware:
                 raise  # final: the configuration is wrong, not the store away
             except Exception:
                 if not self.fail_open:
-                    return answer(start_response, store_unavailable())
+                    return answer(start_response, self.gate.unavailable())
                 engine.write_at_exit()  # admitted with no flusher: written, or kept, at exit
         if engine.stale:
             on_loop(engine, engine.ensure_current)
@@ -294,14 +292,14 @@ class BudgetWSGIMiddleware:
         try:
             body = self._body(environ, credentials)
         except _TooLarge:
-            return answer(start_response, request_too_large(self.max_body))
+            return answer(start_response, self.gate.too_large())
         except _Incomplete:  # the client went away mid-body: nothing admitted, nothing counted
             return answer(start_response, _incomplete())
         plain = body  # as the gate reads it: decoded, when it was sent compressed
         if credentials.content_encoding is not None:
             decoded = self.gate.plain_body(body, credentials.content_encoding)
             if decoded is None:
-                return answer(start_response, request_too_large(self.max_body))
+                return answer(start_response, self.gate.too_large())
             plain = decoded
         direct = background and engine.memory is not None
         if direct:
@@ -393,7 +391,7 @@ class BudgetWSGIMiddleware:
         try:
             return await self.engine.vouch_for(value, self.fail_open)
         except ServiceUnavailable:
-            return store_unavailable(self.fail_open)
+            return self.gate.unavailable(self.fail_open)
 
     def _shadowed(
         self, credentials: Credentials, found: KeyConfig | None
@@ -451,7 +449,7 @@ class BudgetWSGIMiddleware:
         try:
             return await gate.admit(decision)  # type: ignore[arg-type]
         except ServiceUnavailable:
-            return store_unavailable()
+            return self.gate.unavailable()
 
 
 class EnvironHeaders:
