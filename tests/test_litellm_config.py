@@ -349,3 +349,42 @@ def test_a_deployment_s_rpm_and_tpm_are_named_as_not_enforced() -> None:
         "model_list[1].tpm",
         "model_list[2].litellm_params.max_parallel_requests",
     ], ignored
+
+
+async def test_litellm_s_proxy_budget_caps_every_request(
+    make_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`litellm_settings.max_budget` / `budget_duration` is LiteLLM's budget of the whole proxy
+    (enforced when above 0): it was only named in the warning, and a $0.02 cap let every
+    request through. It is a global model config of every model of every provider."""
+    text = (
+        "model_list:\n"
+        "  - model_name: gpt-4o\n"
+        "    litellm_params: {model: openai/gpt-4o, api_key: os.environ/OPENAI_API_KEY}\n"
+        "litellm_settings:\n"
+        "  max_budget: 0.02\n"
+        "  budget_duration: 30d\n"
+    )
+    settings = make_settings(config_file=_write(tmp_path, text))
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    cost = {"x-mock-cost": "0.01"}
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        async with running(app), client(app) as http:
+            statuses = [
+                (
+                    await http.post("/v1/chat/completions", json=chat(model), headers=cost)
+                ).status_code
+                for model in ("gpt-4o", "anthropic/claude-sonnet-4", "gpt-4o", "mistral/small")
+            ]
+            budgets = (await http.get("/admin/budgets?from_memory=true", headers=ADMIN)).json()[
+                "budgets"
+            ]
+    print("answers:", statuses, [(b["user_path"], b["max_limit"], b["spent"]) for b in budgets])
+    assert statuses == [200, 200, 402, 402]
+    assert [(b["max_limit"], b["reset_duration"], b["spent"]) for b in budgets] == [
+        (0.02, "30d", 0.02)
+    ]
+    assert not any("max_budget" in r.getMessage() for r in caplog.records)
+    # 0 is LiteLLM's default: no proxy budget, none made.
+    assert "model_configs" not in translate({"litellm_settings": {"max_budget": 0}}).sections

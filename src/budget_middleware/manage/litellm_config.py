@@ -8,6 +8,8 @@ router_settings.provider_budget_config.<p>           providers: {provider: p, bu
   .budget_limit / .time_period                         max_limit / reset_duration
 litellm_settings.tag_budget_config.<t>               tags: {tag: t, budgets: [...]}
   .max_budget / .budget_duration                       max_limit / reset_duration
+litellm_settings.max_budget (> 0; the proxy's)        model_configs: {model_name: "*",
+  / .budget_duration                                   budgets: [...]} (global, any provider)
 model_list[i].litellm_params.model  "azure/dep"      model_configs: {provider: azure,
   .max_budget / .budget_duration                       model_name: dep, budgets: [...]} (global)
 model_list entries sharing model_name n              routes: {name: n, targets: [their
@@ -53,6 +55,10 @@ _BUDGET_FIELDS: Final = {
         "budgets.0.max_limit": "max_budget",
         "budgets.0.reset_duration": "budget_duration",
     },
+    "litellm_settings": {
+        "budgets.0.max_limit": "max_budget",
+        "budgets.0.reset_duration": "budget_duration",
+    },
     "litellm_params": {
         "budgets.0.max_limit": "litellm_params.max_budget",
         "budgets.0.reset_duration": "litellm_params.budget_duration",
@@ -94,7 +100,10 @@ def translate(data: Mapping[str, Any], native: Collection[str] = ()) -> Translat
         if section == "router_settings":
             _settings(value, section, "provider_budget_config", _provider_budgets, out)
         elif section == "litellm_settings":
-            _settings(value, section, "tag_budget_config", _tag_budgets, out)
+            settings = _mapping(value, section)
+            if _proxy_budget(settings, out):
+                settings = {k: v for k, v in settings.items() if k not in _PROXY_BUDGET}
+            _settings(settings, section, "tag_budget_config", _tag_budgets, out)
         elif section == "model_list":
             _model_list(value, out)
         else:
@@ -117,6 +126,28 @@ def _provider_budgets(value: Any, where: str, out: Translation) -> None:
         budget = _budget(config, origin, "budget_limit", "time_period")
         entry = {"provider": str(provider), "budgets": [budget]}
         out.add("providers", entry, origin, _BUDGET_FIELDS["provider_budget_config"])
+
+
+# LiteLLM's budget of the whole proxy: every request's spend counts against it.
+_PROXY_BUDGET: Final = ("max_budget", "budget_duration")
+
+
+def _proxy_budget(settings: Mapping[str, Any], out: Translation) -> bool:
+    """`litellm_settings.max_budget` / `budget_duration` as a global model config of every
+    model of every provider; LiteLLM enforces it only when above 0 (0, its default, is none).
+    Whether it was read."""
+    amount = _number(settings.get("max_budget"))
+    if amount is None or (isinstance(amount, int | float) and amount == 0):
+        return False
+    budget = {"max_limit": amount, "reset_duration": _period(settings.get("budget_duration"))}
+    origin = "litellm_settings (max_budget, the proxy's budget)"
+    out.add(
+        "model_configs",
+        {"model_name": "*", "budgets": [budget]},
+        origin,
+        _BUDGET_FIELDS["litellm_settings"],
+    )
+    return True
 
 
 def _tag_budgets(value: Any, where: str, out: Translation) -> None:
