@@ -81,3 +81,46 @@ async def test_a_503_is_counted_as_a_refusal(make_settings: Settings) -> None:
     print("answers:", statuses, "counted:", refused)
     assert statuses == [503] * 3
     assert refused == {"service_unavailable": 3.0}
+
+
+async def test_two_instances_on_redis_show_one_budget_and_their_own_counts(
+    make_settings: Settings,
+) -> None:
+    from conftest import need_redis
+    from service_support import private_redis
+
+    need_redis()
+    with private_redis() as server:
+        a = make_settings(redis_url=server.url)
+        b = make_settings(redis_url=server.url, flush_interval_seconds=0.06)  # its own engine
+        apps = []
+        for settings in (a, b):
+            app = host_app(settings)
+            app.mount("/admin", create_admin_app(settings))
+            apps.append(app)
+        async with running(apps[0]), running(apps[1]), client(apps[0]) as ha, client(apps[1]) as hb:
+            r = await ha.post("/admin/virtual-keys", json={"name": "k",
+                "budgets": [{"max_limit": 1}]}, headers=ADMIN)  # fmt: skip
+            auth = {"authorization": f"Bearer {r.json()['virtual_key']['value']}",
+                    "x-mock-cost": "0.01"}  # fmt: skip
+            answers = await asyncio.gather(
+                *[ha.post("/v1/chat/completions", json=chat(), headers=auth) for _ in range(30)],
+                *[hb.post("/v1/chat/completions", json=chat(), headers=auth) for _ in range(20)],
+            )
+            assert all(x.status_code == 200 for x in answers)
+            seen = {}
+            for name, http in (("a", ha), ("b", hb)):
+                text = (await http.get("/admin/metrics", headers=ADMIN)).text
+                values = {}
+                for family in text_string_to_metric_families(text):
+                    for s in family.samples:
+                        if s.name in ("budget_spent_usd", "budget_remaining_usd",
+                                      "budget_requests_admitted_total"):  # fmt: skip
+                            values[s.name] = s.value
+                seen[name] = values
+    print(seen)
+    assert seen["a"]["budget_requests_admitted_total"] == 30
+    assert seen["b"]["budget_requests_admitted_total"] == 20
+    for name in ("a", "b"):
+        assert abs(seen[name]["budget_spent_usd"] - 0.5) < 1e-9
+        assert abs(seen[name]["budget_remaining_usd"] - 0.5) < 1e-9
