@@ -8,6 +8,7 @@ import gzip
 import json
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -124,3 +125,65 @@ async def test_two_instances_on_redis_show_one_budget_and_their_own_counts(
     for name in ("a", "b"):
         assert abs(seen[name]["budget_spent_usd"] - 0.5) < 1e-9
         assert abs(seen[name]["budget_remaining_usd"] - 0.5) < 1e-9
+
+
+def test_refusals_from_many_wsgi_threads_are_each_counted(make_settings: Settings) -> None:
+    """A WSGI server answers 401 `virtual_key_required` (and 413) in its own threads, outside
+    the engine's lock: counted there with a read-then-write of the reason's count, threads lost
+    each other's increments (20,001 refusals were counted as 19,813)."""
+    import io
+    import sys
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from werkzeug.test import Client
+
+    from budget_middleware.engine.portal import shut_down_engines
+    from budget_middleware.wsgi import BudgetWSGIMiddleware, create_admin_wsgi_app
+
+    settings = make_settings(require_virtual_key=True)
+
+    def host(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("content-type", "application/json")])
+        return [b"{}"]
+
+    app = BudgetWSGIMiddleware(host, settings)
+    body = json.dumps(chat()).encode()
+
+    def environ() -> dict[str, Any]:
+        return {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions",
+                "SCRIPT_NAME": "", "SERVER_NAME": "t", "SERVER_PORT": "80",
+                "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+                "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/json"}  # fmt: skip
+
+    statuses: list[str] = []
+    app(environ(), lambda status, headers, exc=None: statuses.append(status))
+    threads, each = 8, 2500
+    go = threading.Barrier(threads)
+
+    def worker() -> int:
+        answered = []
+        go.wait()
+        for _ in range(each):
+            b"".join(app(environ(), lambda status, headers, exc=None: answered.append(status)))
+        return sum(status.startswith("401") for status in answered)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: as many interleavings as a long run
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            refused = 1 + sum(f.result() for f in [pool.submit(worker) for _ in range(threads)])
+        admin = Client(create_admin_wsgi_app(settings))
+        text = admin.get("/metrics", headers=ADMIN).get_data(as_text=True)
+    finally:
+        sys.setswitchinterval(switch)
+        shut_down_engines()
+    counted = {
+        s.labels["reason"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "budget_requests_refused_total"
+    }
+    print("401s answered:", refused, "counted:", counted)
+    assert refused == threads * each + 1
+    assert counted == {"virtual_key_required": refused}

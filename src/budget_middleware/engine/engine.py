@@ -96,6 +96,14 @@ class Stats:
     shadow_refusals: dict[str, int] = field(default_factory=dict)  # by code (SPEC §14)
     spilled_batches: int = 0  # written to disk while the store was down (`store.spill`)
     spill_failures: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count_refused(self, code: str) -> None:
+        """One request refused for `code`. A WSGI server refuses in its own threads (a 401,
+        a 413), outside the engine's lock: the count is read and written under a lock of its
+        own, or threads lose each other's."""
+        with self.lock:
+            self.refused[code] = self.refused.get(code, 0) + 1
 
 
 @dataclass(slots=True)

@@ -156,23 +156,20 @@ class Gate:
         key: KeyConfig | None = None,
         target: Target | None = None,
     ) -> ErrorAnswer:
-        refused = self.engine.stats.refused
-        refused[code] = refused.get(code, 0) + 1
+        self.engine.stats.count_refused(code)
         self.tell_refusal(code, status, key, target, None)
         return error_answer(status, code, message)
 
     def too_large(self) -> ErrorAnswer:
         """413: a body over BUDGET_MAX_BODY_BYTES (as sent or decoded), counted among the
         refusals (`budget_requests_refused_total{reason="request_too_large"}`)."""
-        refused = self.engine.stats.refused
-        refused["request_too_large"] = refused.get("request_too_large", 0) + 1
+        self.engine.stats.count_refused("request_too_large")
         return request_too_large(self.max_body)
 
     def unavailable(self, unknown_key: bool = False) -> ErrorAnswer:
         """503: the store or Redis cannot decide (`answers.store_unavailable`), counted among
         the refusals (`budget_requests_refused_total{reason="service_unavailable"}`)."""
-        refused = self.engine.stats.refused
-        refused["service_unavailable"] = refused.get("service_unavailable", 0) + 1
+        self.engine.stats.count_refused("service_unavailable")
         return store_unavailable(unknown_key)
 
     def tell_refusal(
@@ -326,8 +323,7 @@ class Gate:
             if ticket.counter is not None:
                 self.alerts.refused(ticket)
             if not self.shadow:
-                refused = self.engine.stats.refused  # the request's outcome, counted once here
-                refused[ticket.code] = refused.get(ticket.code, 0) + 1
+                self.engine.stats.count_refused(ticket.code)  # the request's outcome, once here
                 answer = refusal_answer(
                     ticket,
                     self.exceeded_status,
@@ -543,8 +539,7 @@ class Gate:
             else:
                 self._count_shadow(exchange)
             return exchange
-        refused = engine.stats.refused
-        refused[code] = refused.get(code, 0) + 1
+        engine.stats.count_refused(code)
         self.tell_refusal(code, answer.status, plan.key, told, error.get("scope"))
         return answer
 
