@@ -36,7 +36,7 @@ from budget_middleware.store.database import Store
 from budget_middleware.store.tables import BudgetRow, RateLimitRow
 from conftest import REDIS_URL, need_redis
 from service_support import PrivateRedis, delete_prefix, unique_prefix, use_prefix
-from support import Clock, running
+from support import Clock, running, until
 
 CENT = 10_000_000
 MODEL = "openai/budget-test"
@@ -277,6 +277,11 @@ async def test_after_redis_restarts_empty_what_runs_is_held_again(
                 # Until a heartbeat has put the 4 slots back (30 s at most): a fixed second fell
                 # short when the heartbeat was 1.5 s late (a loaded machine): 8 admitted.
                 back = await slots_held(server.url, prefix, 4)
+                # And until the other instance has heard Redis again (its own heartbeat): a
+                # call of its that met a connection Redis's restart closed backs off for up to
+                # 2 s, and meanwhile admits as an outage does (fail open: on its own counters,
+                # 8 of 8 on a loaded machine; fail closed: 503s).
+                await until(lambda: not two.counters._backing_off(), 30)  # type: ignore[attr-defined]
                 tries = [
                     await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
                     for _ in range(8)
