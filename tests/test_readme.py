@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from admin_support import ADMIN, admin_client, admin_settings
 from budget_middleware import BudgetSettings, get_engine
+from support import engine_of, host_app, running
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -77,3 +80,48 @@ async def test_the_admin_api_doc_lists_every_route_the_app_serves(tmp_path: Path
     print("documented, not served:", sorted(documented - served - pages))
     assert served - documented == set()
     assert documented - served == pages
+
+
+async def test_the_sdks_wait_out_a_429_as_the_readme_says(
+    make_settings: Callable[..., BudgetSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "Good to know": an hourly limit's 429 (Retry-After 3600) is raised at once by `openai`
+    (which waits out at most two minutes) and waited out, twice, by `anthropic`."""
+    import anthropic
+    import httpx2
+    import openai
+    from anthropic import _base_client
+
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(_base_client.anyio, "sleep", no_wait)  # the wait recorded, not slept
+    app = host_app(make_settings())
+    calls: list[str] = []
+
+    async def counting(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            calls.append(scope["path"])
+        await app(scope, receive, send)
+
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(counting))
+    hi = [{"role": "user", "content": "hi"}]
+    async with running(app):
+        hourly = {"request_max_limit": 1, "request_reset_duration": "1h"}
+        manager = engine_of(app).manager
+        gpt = manager.create_virtual_key(name="gpt", rate_limit=hourly).value or ""
+        claude = manager.create_virtual_key(name="claude", rate_limit=hourly).value or ""
+        sdk = openai.AsyncOpenAI(base_url="http://test/v1", api_key=gpt, http_client=http)
+        await sdk.chat.completions.create(model="gpt-4o", messages=hi, max_tokens=5)
+        with pytest.raises(openai.RateLimitError):
+            await sdk.chat.completions.create(model="gpt-4o", messages=hi, max_tokens=5)
+        other = anthropic.AsyncAnthropic(base_url="http://test", api_key=claude, http_client=http)
+        await other.messages.create(model="claude-haiku-4-5", messages=hi, max_tokens=5)
+        with pytest.raises(anthropic.RateLimitError):
+            await other.messages.create(model="claude-haiku-4-5", messages=hi, max_tokens=5)
+    await http.aclose()
+    print(f"requests sent: {calls}; anthropic waited {waits} s")
+    assert calls == ["/v1/chat/completions"] * 2 + ["/v1/messages"] * 4
+    assert len(waits) == 2 and all(3500 < w <= 3600 for w in waits)
