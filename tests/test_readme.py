@@ -55,6 +55,20 @@ def test_no_sentence_of_the_readme_is_written_twice() -> None:
     assert repeated == []
 
 
+def test_no_table_of_the_docs_lists_a_row_twice() -> None:
+    # The CLI's table once had two `usage` rows, each with half of what the command does.
+    for doc in (
+        README,
+        README.parent / "docs" / "admin-api.md",
+        README.parent / "docs" / "deployment.md",
+    ):
+        text = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S)
+        for table in re.findall(r"(?:^\|.*\n)+", text, re.M):
+            firsts = [row.split(" | ", 1)[0] for row in table.splitlines()[2:]]
+            twice = sorted({f for f in firsts if firsts.count(f) > 1})
+            assert twice == [], f"{doc.name}: {twice}"
+
+
 ADMIN_DOC = README.parent / "docs" / "admin-api.md"
 
 
