@@ -11,7 +11,7 @@ import pytest
 
 from admin_support import ADMIN, admin_client, admin_settings
 from budget_middleware import BudgetSettings, get_engine
-from support import engine_of, host_app, running
+from support import client, engine_of, host_app, running
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -139,3 +139,53 @@ async def test_the_sdks_wait_out_a_429_as_the_readme_says(
     print(f"requests sent: {calls}; anthropic waited {waits} s")
     assert calls == ["/v1/chat/completions"] * 2 + ["/v1/messages"] * 4
     assert len(waits) == 2 and all(3500 < w <= 3600 for w in waits)
+
+
+def readme_block(starting: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    found = [b for b in blocks if b.startswith(starting)]
+    assert len(found) == 1, starting
+    return found[0]
+
+
+async def test_the_readme_one_line_app_meters_and_its_admin_api_changes_the_next_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's first snippet as written, configured from BUDGET_* variables: the admin API
+    it mounts shares the middleware's engine, so a change applies to the very next request."""
+    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/b.db")
+    monkeypatch.setenv("BUDGET_ADMIN_KEY", "admin-secret")
+    monkeypatch.setenv("BUDGET_FLUSH_INTERVAL_SECONDS", "0.05")
+    found: dict[str, Any] = {}
+    exec(compile(readme_block("from fastapi import FastAPI"), "README.md", "exec"), found)
+    app = found["app"]
+
+    @app.post("/v1/chat/completions")
+    async def completions() -> dict[str, Any]:
+        return {"choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}
+
+    admin = {"authorization": "Bearer admin-secret"}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+    statuses = []
+    async with running(app), client(app) as http:
+        made = await http.post(
+            "/budget-admin/virtual-keys",
+            json={"name": "alice", "budgets": [{"max_limit": 1, "reset_duration": "1d"}]},
+            headers=admin,
+        )
+        key = {"authorization": f"Bearer {made.json()['virtual_key']['value']}"}
+        key_id = made.json()["virtual_key"]["id"]
+        statuses.append(
+            (await http.post("/v1/chat/completions", json=body, headers=key)).status_code
+        )
+        changed = await http.put(
+            f"/budget-admin/virtual-keys/{key_id}",
+            json={"budgets": [{"max_limit": 0.001, "reset_duration": "1d"}]},
+            headers=admin,
+        )
+        assert changed.status_code == 200
+        answer = await http.post("/v1/chat/completions", json=body, headers=key)
+        statuses.append(answer.status_code)
+    print("statuses", statuses, answer.json()["error"]["message"])
+    assert statuses == [200, 402]  # $0.0035 spent of a budget lowered to $0.001
+    assert answer.headers["x-should-retry"] == "false"
