@@ -99,8 +99,9 @@ async def test_the_admin_api_doc_lists_every_route_the_app_serves(tmp_path: Path
 async def test_the_sdks_wait_out_a_429_as_the_readme_says(
     make_settings: Callable[..., BudgetSettings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ "Good to know": an hourly limit's 429 (Retry-After 3600) is raised at once by `openai`
-    (which waits out at most two minutes) and waited out, twice, by `anthropic`."""
+    """ "Good to know": an hourly limit's 429 (Retry-After 3600) is raised at once by both SDKs
+    (`x-should-retry: false` past two minutes, OpenAI's own limit; `anthropic` waited it out,
+    twice: a call held two hours), and a minute's is waited out by both, once."""
     import anthropic
     import httpx2
     import openai
@@ -135,10 +136,18 @@ async def test_the_sdks_wait_out_a_429_as_the_readme_says(
         await other.messages.create(model="claude-haiku-4-5", messages=hi, max_tokens=5)
         with pytest.raises(anthropic.RateLimitError):
             await other.messages.create(model="claude-haiku-4-5", messages=hi, max_tokens=5)
+        minutely = {"request_max_limit": 1, "request_reset_duration": "1m"}
+        minute = manager.create_virtual_key(name="minute", rate_limit=minutely).value or ""
+        waiting = anthropic.AsyncAnthropic(
+            base_url="http://test", api_key=minute, http_client=http, max_retries=1
+        )
+        await waiting.messages.create(model="claude-haiku-4-5", messages=hi, max_tokens=5)
+        with pytest.raises(anthropic.RateLimitError):  # its wait recorded, not slept: refused
+            await waiting.messages.create(model="claude-haiku-4-5", messages=hi, max_tokens=5)
     await http.aclose()
     print(f"requests sent: {calls}; anthropic waited {waits} s")
-    assert calls == ["/v1/chat/completions"] * 2 + ["/v1/messages"] * 4
-    assert len(waits) == 2 and all(3500 < w <= 3600 for w in waits)
+    assert calls == ["/v1/chat/completions"] * 2 + ["/v1/messages"] * 2 + ["/v1/messages"] * 3
+    assert len(waits) == 1 and 50 < waits[0] <= 60
 
 
 def readme_block(starting: str) -> str:

@@ -177,7 +177,10 @@ async def test_a_retryable_refusal_wins_with_the_shortest_retry_after(
     error = answer.json()["error"]
     print("answer:", answer.status_code, dict(answer.headers), error["message"])
     assert answer.status_code == 429 and error["code"] == "request_limit_exceeded"
-    assert error["scope"]["name"] == "azure"  # the first retryable refusal's body
+    # Azure's hour is past what an SDK waits (`x-should-retry: false`): no retryable refusal;
+    # anthropic's minute is the first (and shortest) retryable one, its body and its wait.
+    assert error["scope"]["name"] == "anthropic"
+    assert "x-should-retry" not in answer.headers
     assert 1 <= int(answer.headers["retry-after"]) <= 60  # anthropic's minute, not azure's hour
     assert int(answer.headers["retry-after-ms"]) <= 60_000
     assert targets_of(answer) == [
@@ -185,13 +188,13 @@ async def test_a_retryable_refusal_wins_with_the_shortest_retry_after(
         ("azure/gpt-4o", "request_limit_exceeded"),
         ("anthropic/claude-sonnet-4", "request_limit_exceeded"),
     ]
-    # The refusal is told (`on_refusal`, `GET /refusals`) as it was answered: azure's, with its
-    # scope (the scope used to be None, and the target the first one's).
+    # The refusal is told (`on_refusal`, `GET /refusals`) as it was answered: anthropic's, with
+    # its scope (the scope used to be None, and the target the first one's).
     told = engine.hooks.recent_refusals[-1]
     print("told:", told)
     assert (told["code"], told["status"], told["scope"]) == (
         "request_limit_exceeded", 429, error["scope"])  # fmt: skip
-    assert (told["provider"], told["model"]) == ("azure", "gpt-4o")
+    assert (told["provider"], told["model"]) == ("anthropic", "claude-sonnet-4")
 
 
 async def test_a_rate_limit_of_zero_is_no_retryable_refusal_of_a_route(

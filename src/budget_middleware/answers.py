@@ -95,6 +95,10 @@ def unpriced_message(provider: str, model: str) -> str:
 # pass, which the OpenAI and Anthropic SDKs obey before any status, and a route reads (final).
 _WINDOWED = {"request_limit_exceeded": "request", "token_limit_exceeded": "token"}
 _FINAL = (b"x-should-retry", b"false")
+# The longest `Retry-After` an SDK is left to sleep through within one call: OpenAI's own limit
+# (it raises at once a 429 that asks for longer). Past it a 429 says `x-should-retry: false` too,
+# which both SDKs obey: Anthropic's slept an hourly limit's 3,600 s, twice, before it raised.
+LONGEST_SDK_WAIT = 120.0
 
 
 def _when(ts: float | None) -> str:
@@ -189,6 +193,8 @@ def refusal_answer(
         latest = retry_at(limits, now)
         if latest is not None and latest - now > wait:
             wait = latest - now
+    if wait > LONGEST_SDK_WAIT:  # the caller decides when to come back, not its SDK's sleep
+        final = True
     retry = [
         (b"retry-after", str(max(math.ceil(wait), 1)).encode()),
         # Rounded up, as Retry-After is: a client that waits it (the OpenAI SDK) finds the
