@@ -354,10 +354,12 @@ async def test_a_reset_made_on_the_store_without_an_engine_is_marked_for_the_ins
 
 async def test_a_reset_whose_mark_redis_lost_is_found_in_the_store(tmp_path: Path) -> None:
     """$0.30 spent on the second instance, the budget reset on the first, then Redis restarts
-    empty (the reset's mark gone with it). The second instance, which reads its keys once an
-    hour here, seeds its window from the store: it finds the reset there and moves to it. 100
-    admitted in all after the reset, $1.00 (its old window's key was seeded with the new
-    window's value and it went on there: 200 admitted, $2.00 spent in the $1 window)."""
+    empty (the reset's mark gone with it) before the second's heartbeat runs again. The
+    second instance, which reads its keys once an hour here, seeds its window from the store:
+    it finds the reset there and moves to it. 100 admitted in all after the reset, $1.00 (its
+    old window's key was seeded with the new window's value and it went on there: 200
+    admitted, $2.00 spent in the $1 window; then its heartbeat, finding Redis emptied, added
+    the $0.30 written before the reset to the new window: 70 admitted, $0.70)."""
     need_redis()
     server = PrivateRedis()
     server.start()
@@ -367,8 +369,7 @@ async def test_a_reset_whose_mark_redis_lost_is_found_in_the_store(tmp_path: Pat
             await spend(b, key, 30)
             await two.flush()
             await asyncio.to_thread(one.manager.reset_budget, budget_id)
-            await asyncio.sleep(0.3)  # the mark is written
-            server.stop()
+            server.stop()  # at once: no heartbeat of the second's has run since the reset
             server.start()  # empty: the mark is gone
             counts = []
             for http in (a, b, a):  # the first opens the new window's key

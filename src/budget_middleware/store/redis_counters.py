@@ -760,6 +760,7 @@ class RedisCounters(CounterBackend):
         keys: list[str] = []
         args: list[Any] = []
         moved = False
+        reset: list[WindowCounter] = []  # moved by a reset, not new terms
         for entry, unwritten in zip(missing, mine, strict=True):
             counter = entry.counter
             assert counter is not None
@@ -792,6 +793,7 @@ class RedisCounters(CounterBackend):
                 # none: the window key they charge is gone too, and its seed finds the same.)
                 counter.move_to(reset_at, now, self.ledger, carried=carried)
                 if not carried:
+                    reset.append(counter)
                     mark = mark_key(self.prefix, "budget", counter.id)
                     if mark not in self._marks or self._marks[mark][0] < reset_at:
                         self._marks[mark] = (reset_at, mark_ttl_ms(self.settings))
@@ -808,7 +810,7 @@ class RedisCounters(CounterBackend):
                 seeded = zip(keys, done[:-1], strict=True)
                 self._seeded_after_loss.update(k for k, d in seeded if int(d))
         if moved:
-            raise _Moved
+            raise _Moved(reset)
 
     def _refusal(self, plan: list[_Entry], why: list[Any]) -> Refusal:
         """A candidate's refusal from the script's (counter from 1, code, used, reserved)."""
@@ -1074,8 +1076,8 @@ class RedisCounters(CounterBackend):
                 ]
                 try:
                     await self._seed_windows(entries, now)
-                except _Moved:  # to the window a reset began: charged there (as it settles now)
-                    todo = [(self.window_key(c), c, a) for _, c, a in todo]
+                except _Moved as moved:  # to the window begun anew: charged there
+                    todo = self._to_new_windows(todo, moved.reset)
                     continue
                 gone = await self._reconciled(todo, [(c.start, c.end) for _, c, _ in todo])
                 todo = [todo[i] for i in gone]  # vanished again: seeded again
@@ -1084,6 +1086,35 @@ class RedisCounters(CounterBackend):
             for _, counter, amount in todo:
                 self._owe(counter, amount, in_transit=True)
             raise
+
+    def _to_new_windows(
+        self, todo: list[tuple[str, WindowCounter, int]], reset: Collection[WindowCounter]
+    ) -> list[tuple[str, WindowCounter, int]]:
+        """Charges in transit whose counters a seed moved to a window begun anew (`_Moved`), to
+        add to the new window's key. New terms carry them all over; a reset found in the store
+        takes of them only what the ledger counts in the new window now (settled since, made
+        without Redis): what the store holds already in the old window, or what stays there
+        (`_keep_the_old_window_s`), is out of transit, not added to the new window (a heartbeat
+        that found Redis emptied owed the other instance's $0.30 written before a reset: charged
+        again in the new window, 70 admitted after the reset, not 100)."""
+        room: dict[WindowCounter, int] = {}
+        for _, counter, amount in todo:
+            if counter in reset:
+                room[counter] = room.get(counter, 0) + amount
+        for counter, ours in room.items():
+            others = self._transit.get(counter, 0) - ours  # added by their own calls
+            room[counter] = max(counter.unwritten(self.ledger) - others, 0)
+        moved: list[tuple[str, WindowCounter, int]] = []
+        for _, counter, amount in todo:
+            if counter in room:
+                take = min(amount, room[counter])
+                room[counter] -= take
+                if take < amount:
+                    self._arrived(counter, amount - take)
+                amount = take
+            if amount:
+                moved.append((self.window_key(counter), counter, amount))
+        return moved
 
     def _arrived(self, counter: WindowCounter, amount: int) -> None:
         """A charge in transit reached Redis (or needs not: its window ended)."""
@@ -1334,5 +1365,10 @@ class _StoreDown(Exception):
 
 
 class _Moved(Exception):
-    """A window to seed was found reset since it began (`_seed_now`): the counter has moved to
-    the new window, whose key is another; the caller plans again."""
+    """A window to seed was found begun anew since it began (`_seed_now`): the counter has moved
+    to the new window, whose key is another; the caller plans again. `reset`: the counters moved
+    by a reset (the others by new terms)."""
+
+    def __init__(self, reset: list[WindowCounter]) -> None:
+        super().__init__()
+        self.reset = reset
