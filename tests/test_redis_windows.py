@@ -1157,3 +1157,32 @@ async def test_the_first_request_of_a_window_cancelled_as_it_seeds_leaves_the_se
     print(f"the seeding request cancelled: {seeding.cancelled()}; the others: {statuses}, "
           f"back-off {backoff} s")  # fmt: skip
     assert seeding.cancelled() and statuses == [200, 200] and backoff == 0
+
+
+async def test_a_reset_just_before_the_other_instance_s_window_rolls_moves_it_there(
+    tmp_path: Path,
+) -> None:
+    """$1 an hour. The first instance resets the budget 10 s before the hour the second began
+    ends; the second's next request comes 10 s after it: its window rolls from its old anchor
+    to the next hour, past the reset's mark, where the budget's window is the one the reset
+    began (until an hour after it). 100 admitted in all after the reset, as in one process
+    (the mark, earlier than the rolled window's start, was taken as older than the window: the
+    second charged a key of its own from $0, 100 admitted on each, $2.00 in the $1 window)."""
+    need_redis()
+    clock = Clock()
+    async with instances(
+        tmp_path, REDIS_URL, clock, cache_ttl_seconds=86400, flush_interval_seconds=3600
+    ) as (one, two, _):
+        one_app, two_app = host(one), host(two)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            key, budget_id = dollar_key(one, "1h")
+            await spend(b, key, 1)  # the second's window begins
+            clock.advance(3590)
+            await asyncio.to_thread(one.manager.reset_budget, budget_id)
+            clock.advance(20)  # the second's hour has ended; the reset's has not
+            counts = [(await spend_until_refused(http, key))[0] for http in (b, a)]
+            spent = await written_spend(budget_id, one, two)
+    print(f"after a reset 10 s before the other's window rolled: admitted {counts}")
+    print(f"stored for the reset's window: ${spent / 1e9:.2f}")
+    assert sum(counts) == 100
+    assert spent == 100 * CENT

@@ -387,7 +387,7 @@ class RedisCounters(CounterBackend):
         """Every instance's spend into the live copies here (`_told`), in one round trip: an
         answer from the live counters shows it, not this instance's copy as of its last
         request or re-read. `ids`: only these limits' (a key's quota), else every counter. A
-        window reset elsewhere (its mark after the copy's start) or ended is left to the next
+        window reset elsewhere (its mark after the copy's anchor) or ended is left to the next
         request; when Redis cannot answer (or is known down), the copies stand."""
         client = self.client
         now = self.clock()
@@ -413,7 +413,7 @@ class RedisCounters(CounterBackend):
             counters, keys, values, values[len(keys) :], strict=False
         ):
             with contextlib.suppress(ValueError, IndexError):  # none of ours: left alone
-                if value is not None and (mark is None or float(mark.split()[0]) <= counter.start):
+                if value is not None and (mark is None or float(mark.split()[0]) <= counter.anchor):
                     self._told(counter, key, int(value))
 
     def _ttl_ms(self, counter: WindowCounter, now: float) -> int:
@@ -691,9 +691,9 @@ class RedisCounters(CounterBackend):
             for entry in plan:
                 keys += entry.keys
                 counter = entry.counter
-                if counter is not None:  # a window: its mark, and where it begins here
+                if counter is not None:  # a window: its mark, and where it was begun here
                     keys.append(mark_key(p, counter.kind, counter.id))
-                    args += [entry.kind, entry.limit, repr(counter.start)]
+                    args += [entry.kind, entry.limit, repr(counter.anchor)]
                 else:
                     args += [entry.kind, entry.limit]
         entries = [entry for plan in plans for entry in plan]
@@ -1049,9 +1049,9 @@ class RedisCounters(CounterBackend):
             keys += entry.keys
             kinds.append(entry.kind)
             counter = entry.counter
-            if counter is not None:  # a window: its mark, and where it begins here
+            if counter is not None:  # a window: its mark, and where it was begun here
                 keys.append(mark_key(self.prefix, counter.kind, counter.id))
-                kinds.append(repr(counter.start))
+                kinds.append(repr(counter.anchor))
         return keys, kinds
 
     async def _into_windows(self, charges: list[tuple[str, WindowCounter, int]]) -> None:

@@ -5,13 +5,15 @@
 --   from the most room down, as `routing.trial_order` ranks them), the number of candidates, then per
 --   candidate: its reservation, its number of counters, and per counter: kind ("r" requests,
 --   "t" tokens, "c" concurrency slots, "b" budget, "s" soft budget: seeded and read, never
---   checked nor reserved), limit, then (every kind but c) the window's start (epoch seconds,
---   as text).
+--   checked nor reserved), limit, then (every kind but c) the window's anchor (epoch seconds,
+--   as text): where the client last began it anew (a reset, new terms, the store's), which its
+--   rolled windows follow; a mark after it, even one before the rolled window's start (a reset
+--   just before the client's window rolled), is a window the client has not taken.
 -- KEYS, in the same order: r/t/s: the window key and its mark (mark_reset.lua's, carry.lua's);
 -- c: the slot ZSET; b: the window key, the reservation ZSET (request id -> expiry), the
 -- reservation HASH (request id -> amount) and the mark.
 --
--- Returns {"moved", g, at, ...} when a window began anew after it began here (at: the mark, a
+-- Returns {"moved", g, at, ...} when a window began anew after it was begun here (at: the mark, a
 -- budget's reset's, or carry.lua's for new terms, a budget's or a rate limit's): the client starts
 -- that window at the mark and calls again; {"seed", g, ...} when window keys are missing (g: a
 -- counter's place among all the candidates' counters, from 1; the client seeds them from the store
@@ -47,7 +49,7 @@ for _ = 1, tonumber(ARGV[6]) do
       k = k + 2
     end
     if c.mark then
-      c.start = tonumber(ARGV[a + 2])
+      c.anchor = tonumber(ARGV[a + 2])
       a = a + 3
     else
       a = a + 2
@@ -64,7 +66,7 @@ for _, candidate in ipairs(candidates) do
     g = g + 1
     if c.mark then
       local at = redis.call("GET", c.mark)
-      if at and tonumber(string.match(at, "^%S+")) > c.start then
+      if at and tonumber(string.match(at, "^%S+")) > c.anchor then
         moved[#moved + 1] = g
         moved[#moved + 1] = at
       end

@@ -1,13 +1,13 @@
 -- Settle one request: drop its reservations and slots, add the actual cost and tokens.
 --
 -- ARGV: request_id, cost, tokens, then per counter its kind ("t", "c", "b" or "s"), then (every
--- kind but c) its window's start (epoch seconds, as text).
+-- kind but c) its window's anchor (epoch seconds, as text: admit.lua's).
 -- KEYS, in the same order: t/s: the window key and its mark; c: the slot ZSET; b: the window
 -- key, the reservation ZSET, the reservation HASH and the mark. A soft budget ("s") takes the
 -- cost as "b" does.
 --
 -- Returns {"moved", n, at, ...} and changes nothing when a window it adds to began anew (at: its
--- mark, a budget's reset's or new terms') after it began here: what settles now counts in the
+-- mark, a budget's reset's or new terms') after it was begun here: what settles now counts in the
 -- new window, which the client moves to.
 --
 -- A window key that does not exist is not created: it has not been seeded from the store yet
