@@ -1186,3 +1186,56 @@ async def test_a_reset_just_before_the_other_instance_s_window_rolls_moves_it_th
     print(f"stored for the reset's window: ${spent / 1e9:.2f}")
     assert sum(counts) == 100
     assert spent == 100 * CENT
+
+
+async def test_a_reset_just_before_the_other_s_window_rolls_is_found_in_the_store(
+    tmp_path: Path,
+) -> None:
+    """As above, but Redis restarts empty after the reset (its mark gone with it): the second
+    instance seeds its rolled window's key from the store, and finds there the window the
+    reset began, which its rolled window lies in. 100 admitted in all after the reset (the
+    reset, earlier than the rolled window's start, was taken for a window before it: seeded
+    from $0, 100 admitted on each instance, $2.00 in the $1 window)."""
+    need_redis()
+    clock = Clock()
+    server = PrivateRedis()
+    server.start()
+    try:
+        async with instances(
+            tmp_path, server.url, clock, cache_ttl_seconds=86400, flush_interval_seconds=3600
+        ) as (one, two, _):
+            one_app, two_app = host(one), host(two)
+            async with (
+                running(one_app),
+                running(two_app),
+                client(one_app) as a,
+                client(two_app) as b,
+            ):
+                key, budget_id = dollar_key(one, "1h")
+                await spend(b, key, 1)  # the second's window begins
+                clock.advance(3590)
+                await asyncio.to_thread(one.manager.reset_budget, budget_id)
+                server.stop()
+                server.start()  # empty: the reset's mark is gone
+                clock.advance(20)  # the second's hour has ended; the reset's has not
+                counts = []
+                for http in (b, a):
+                    admitted = 0
+                    for _ in range(300):
+                        answer = await http.post(
+                            "/v1/chat/completions", json=BODY, headers=auth(key)
+                        )
+                        if answer.status_code == 503:  # the first call finds Redis gone
+                            await asyncio.sleep(0.3)
+                            continue
+                        if answer.status_code != 200:
+                            break
+                        admitted += 1
+                    counts.append(admitted)
+                spent = await written_spend(budget_id, one, two)
+    finally:
+        server.stop()
+    print(f"after a reset, an empty Redis and the other's window rolling: admitted {counts}")
+    print(f"stored for the reset's window: ${spent / 1e9:.2f}")
+    assert sum(counts) == 100
+    assert spent == 100 * CENT

@@ -199,6 +199,14 @@ class WindowCounter:
             return start
         return self._window_at(start - 0.001)[0]
 
+    def begun_anew_at(self, at: float) -> bool:
+        """Whether a stored window beginning at `at`, after this counter's anchor, was begun
+        anew there (a reset, new terms) rather than rolled to: a window that rolls from the
+        anchor begins where this counter's terms roll it (to the millisecond)."""
+        if self.duration is None:
+            return True
+        return abs(self._window_at(at + 0.001)[0] - at) >= 0.001
+
     def window_end(self, start: float) -> float:
         """Where the window that contains `start` ends, as this counter's limit has it now."""
         return self._window_at(start)[1]

@@ -783,8 +783,11 @@ class RedisCounters(CounterBackend):
                         row.token_current_usage,
                         utc(row.token_last_reset).timestamp(),
                     )
-            if counter.start < reset_at < counter.end:
-                # The store's window began since this one did, and its mark is gone (Redis
+            if counter.start < reset_at < counter.end or (
+                counter.anchor < reset_at < counter.start and counter.begun_anew_at(reset_at)
+            ):
+                # The store's window began since this one did (or since the window this one
+                # rolled from did: a reset just before it rolled), and its mark is gone (Redis
                 # restarted empty) or not there yet: the window moves there, not seeded as it
                 # was. New terms (the store's differ from the counter's, which reads them at
                 # its next reload) carry what this instance has not written along, as their
