@@ -1239,3 +1239,58 @@ async def test_a_reset_just_before_the_other_s_window_rolls_is_found_in_the_stor
     print(f"stored for the reset's window: ${spent / 1e9:.2f}")
     assert sum(counts) == 100
     assert spent == 100 * CENT
+
+
+async def test_a_reset_marked_again_after_redis_restarted_empty_adds_nothing_old_to_it(
+    tmp_path: Path,
+) -> None:
+    """$0.30 spent and written on the second instance; the budget reset on the first while
+    Redis is down, which then restarts empty; the first writes the reset's mark once it is back,
+    before the second's heartbeat (held here) finds Redis emptied. What that heartbeat owes
+    again ($0.30 of the window before the reset) stays out of the new window: 100 admitted
+    after the reset (the mark moved it to the new window: 70 admitted, $0.70)."""
+    need_redis()
+    server = PrivateRedis()
+    server.start()
+    try:
+        async with serving_two(tmp_path, server.url, cache_ttl_seconds=3600) as (one, two, a, b):
+            key, budget_id = dollar_key(one)
+            gate, beaten = asyncio.Event(), asyncio.Event()
+            beat = two.counters.heartbeat
+
+            async def held_beat() -> None:
+                await gate.wait()
+                await beat()
+                beaten.set()
+
+            two.counters.heartbeat = held_beat  # type: ignore[method-assign]
+            await spend(b, key, 30)
+            await two.flush()
+            server.stop()
+            await asyncio.to_thread(one.manager.reset_budget, budget_id)
+            server.start()  # empty
+            marks: list[bytes] = []
+            while not marks:  # the first's heartbeat writes the reset's mark
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(redis.RedisError):
+                    marks = redis.Redis.from_url(server.url).keys("*rs:*")
+            gate.set()
+            await asyncio.wait_for(beaten.wait(), 10)
+            counts = []
+            for http in (a, b):
+                admitted = 0
+                for _ in range(300):
+                    answer = await http.post("/v1/chat/completions", json=BODY, headers=auth(key))
+                    if answer.status_code == 503:  # a first call finds Redis gone
+                        await asyncio.sleep(0.3)
+                        continue
+                    if answer.status_code != 200:
+                        break
+                    admitted += 1
+                counts.append(admitted)
+            spent = await written_spend(budget_id, one, two)
+    finally:
+        server.stop()
+    print(f"after a reset marked again in an emptied Redis: admitted {counts}: ${spent / 1e9:.2f}")
+    assert sum(counts) == 100
+    assert spent == 100 * CENT

@@ -966,8 +966,8 @@ class RedisCounters(CounterBackend):
         """Add charges (key, counter, amount) of windows with these bounds (start, end) to their
         keys (reconcile.lua); returns the indices of those whose key is gone. A charge whose
         window began anew elsewhere (its mark) moves its counter there, and is owed to the
-        window begun there (added by the next round; arrived, should the counter have left
-        that window too)."""
+        window begun there as `_to_new_windows` takes it (added by the next round; arrived,
+        should the counter have left that window too)."""
         assert self._reconcile is not None
         keys: list[str] = []
         args: list[Any] = []
@@ -984,18 +984,26 @@ class RedisCounters(CounterBackend):
                 moved[int(answer[n]) - 1] = str(answer[n + 1])
             else:
                 gone.append(int(answer[n]) - 1)
-        for n, (_, counter, amount) in enumerate(charges):
+        there: list[tuple[str, WindowCounter, int]] = []
+        reset: list[WindowCounter] = []
+        for n, (key, counter, amount) in enumerate(charges):
             mark = moved.get(n)
             if mark is None:
                 if n not in gone:
                     self._arrived(counter, amount)
                 continue
             self._moved(counter, mark, now)
-            at = float(mark.partition(" ")[0])
-            if self.window_key(counter) == _window_key(self.prefix, counter.kind, counter.id, at):
-                self._owe(counter, amount, in_transit=True)
+            at, _, how = mark.partition(" ")
+            if not how:
+                reset.append(counter)
+            if self.window_key(counter) == _window_key(
+                self.prefix, counter.kind, counter.id, float(at)
+            ):
+                there.append((key, counter, amount))
             else:
                 self._arrived(counter, amount)
+        for _, counter, amount in self._to_new_windows(there, reset):
+            self._owe(counter, amount, in_transit=True)
         return gone
 
     def _done_key(self, request_id: str) -> str:
@@ -1093,13 +1101,13 @@ class RedisCounters(CounterBackend):
     def _to_new_windows(
         self, todo: list[tuple[str, WindowCounter, int]], reset: Collection[WindowCounter]
     ) -> list[tuple[str, WindowCounter, int]]:
-        """Charges in transit whose counters a seed moved to a window begun anew (`_Moved`), to
-        add to the new window's key. New terms carry them all over; a reset found in the store
-        takes of them only what the ledger counts in the new window now (settled since, made
-        without Redis): what the store holds already in the old window, or what stays there
-        (`_keep_the_old_window_s`), is out of transit, not added to the new window (a heartbeat
-        that found Redis emptied owed the other instance's $0.30 written before a reset: charged
-        again in the new window, 70 admitted after the reset, not 100)."""
+        """Charges in transit whose counters moved to a window begun anew (found in the store
+        by a seed, `_Moved`, or by its mark, `_reconciled`), to add to the new window's key.
+        New terms carry them all over; a reset takes of them only what the ledger counts in the
+        new window now (settled since, made without Redis): what the store holds already in
+        the old window, or what stays there (`_keep_the_old_window_s`), is out of transit, not
+        added to the new window (a heartbeat that found Redis emptied owed the $0.30 it wrote
+        before a reset: charged again in the new window, 70 admitted after the reset, not 100)."""
         room: dict[WindowCounter, int] = {}
         for _, counter, amount in todo:
             if counter in reset:
