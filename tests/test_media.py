@@ -7,7 +7,10 @@ model here; before any has been measured, all one request can be charged, as an 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,13 @@ from budget_middleware import (
     charge_to,
     get_engine,
 )
-from budget_middleware.core.media import MARK, may_reference, media_references
+from budget_middleware.core.media import (
+    MARK,
+    image_size,
+    image_tokens,
+    may_reference,
+    media_references,
+)
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, unique_prefix, use_prefix
 from support import client, running
@@ -491,3 +500,196 @@ def test_only_a_body_that_may_name_media_is_walked() -> None:
     assert may_reference(b'{"type": "image_url"}')
     assert may_reference(b'{"\\u0074ype": "image_url"}')
     assert may_reference('{"type": "image_url"}'.encode("utf-16"))
+
+
+# Inline images: billed by their pixels, not their bytes. The reservation reads each one's size
+# from its header (PNG, JPEG, GIF, WebP) and holds the most its provider bills that size.
+
+
+def png(width: int, height: int, size: int = 0) -> bytes:
+    """A PNG's signature and IHDR for `width` x `height`, padded to `size` bytes (a photo's)."""
+    ihdr = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + b"\x08\x02\x00\x00\x00"
+    head = (
+        b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + ihdr + zlib.crc32(ihdr).to_bytes(4, "big")
+    )
+    return head + os.urandom(max(0, size - len(head)))
+
+
+def jpeg(width: int, height: int, exif: int = 70_000) -> bytes:
+    """A JPEG with `exif` bytes of APPn segments (EXIF, ICC) before its frame header."""
+    out = b"\xff\xd8"
+    left = exif
+    while left > 0:
+        n = min(left, 65_000)
+        out += b"\xff\xe1" + (n + 2).to_bytes(2, "big") + os.urandom(n)
+        left -= n
+    sof = b"\x08" + height.to_bytes(2, "big") + width.to_bytes(2, "big") + b"\x03" + b"\x00" * 9
+    return out + b"\xff\xc0" + (len(sof) + 2).to_bytes(2, "big") + sof + os.urandom(5_000)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_image_size_reads_the_header_of_each_format() -> None:
+    vp8 = b"RIFF\x00\x00\x00\x00WEBPVP8 \x00\x00\x00\x00\x00\x00\x00\x9d\x01\x2a"
+    vp8 += (1500).to_bytes(2, "little") + (900).to_bytes(2, "little")
+    bits = (640 - 1) | ((480 - 1) << 14)
+    vp8l = b"RIFF\x00\x00\x00\x00WEBPVP8L\x00\x00\x00\x00\x2f" + bits.to_bytes(4, "little")
+    vp8x = b"RIFF\x00\x00\x00\x00WEBPVP8X\x0a\x00\x00\x00\x00\x00\x00\x00"
+    vp8x += (3999).to_bytes(3, "little") + (2999).to_bytes(3, "little")
+    gif = b"GIF89a" + (300).to_bytes(2, "little") + (200).to_bytes(2, "little") + b"\x00" * 30
+    cases = {
+        "png": (png(1024, 768, 1_000), (1024, 768)),
+        "jpeg": (jpeg(4032, 3024), (4032, 3024)),
+        "gif": (gif, (300, 200)),
+        "webp vp8": (vp8 + b"\x00" * 10, (1500, 900)),
+        "webp vp8l": (vp8l + b"\x00" * 10, (640, 480)),
+        "webp vp8x": (vp8x + b"\x00" * 10, (4000, 3000)),
+    }
+    for name, (data, size) in cases.items():
+        assert image_size(b64(data)) == size, name
+    # base64 in lines: a header in its first line is read; a JPEG's frame header, sought
+    # beyond the first line, is not (what was read there is not where it was sought)
+    assert image_size(base64.encodebytes(png(1024, 768, 1_000)).decode()) == (1024, 768)
+    wrapped = base64.encodebytes(jpeg(4032, 3024)).decode()
+    for unread in ["", "not base64!", b64(b"BM" + b"\x00" * 40), wrapped]:
+        assert image_size(unread) is None
+    assert image_size(b64(jpeg(10, 10, exif=0)[:8])) is None  # cut before its frame header
+
+
+def test_image_tokens_bound_what_each_provider_bills() -> None:
+    """The documented counts: gpt-4o's 1024x1024 is 765, 2048x4096 is 1,105; Claude's
+    1000x1000 ~1,334; Gemini 2's 258 a tile. The bound is never below them."""
+    assert 765 <= image_tokens("openai/gpt-4o", 1024, 1024) <= 1_000
+    assert 1_105 <= image_tokens("gpt-4o", 2048, 4096) <= 1_300
+    assert 1_334 <= image_tokens("claude-sonnet-4-5", 1000, 1000) <= 1_500
+    assert image_tokens("gemini-2.0-flash", 1024, 1024) >= 1_032
+    # another OpenAI model: tiles or patches (gpt-4.1-nano's patches x 2.46 here)
+    assert 1024 * 2.46 <= image_tokens("gpt-5.4", 1024, 1024) <= 2_700
+    assert image_tokens("gpt-4o-mini", 1024, 1024) >= 2833 + 4 * 5667
+    # a name that tells no family (an Azure deployment's): the largest of all, 4o-mini's here
+    assert image_tokens("prod-vision", 1024, 1024) >= 2833 + 4 * 5667
+
+
+ONE_MB_IMAGE = "data:image/png;base64," + b64(png(1024, 1024, 1_000_000))
+BILLED = {"gpt-4o": 765, "claude-sonnet-4-5": 1_399}  # 1024x1024, as each provider bills it
+
+
+def inline_request(shape: str) -> tuple[str, dict[str, Any]]:
+    data = ONE_MB_IMAGE.split(",", 1)[1]
+    anthropic_image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                    "data": data}}  # fmt: skip
+    text = {"type": "text", "text": "what is in this picture?"}
+    if shape == "chat":
+        part = {"type": "image_url", "image_url": {"url": ONE_MB_IMAGE}}
+        body = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": [text, part]}]}
+        return "/v1/chat/completions", {**body, "max_tokens": 10}
+    if shape == "responses":
+        inner = [{"type": "input_text", "text": "what?"},
+                 {"type": "input_image", "image_url": ONE_MB_IMAGE}]  # fmt: skip
+        body = {"model": "openai/gpt-4o", "input": [{"role": "user", "content": inner}]}
+        return "/v1/responses", {**body, "max_output_tokens": 10}
+    if shape == "anthropic":
+        content = [text, anthropic_image]
+    else:  # an image a tool returned
+        result = {"type": "tool_result", "tool_use_id": "t1", "content": [anthropic_image]}
+        content = [result]
+    body = {
+        "model": "anthropic/claude-sonnet-4-5",
+        "messages": [{"role": "user", "content": content}],
+    }
+    return "/v1/messages", {**body, "max_tokens": 10}
+
+
+async def billing_provider(request: Request) -> JSONResponse:
+    """Bills each image what its provider does for 1024x1024, the text 20 tokens."""
+    body = await request.json()
+    raw = json.dumps(body)
+    images = raw.count("iVBORw0KGgo")  # the PNG signature in base64
+    model = str(body["model"]).split("/")[-1]
+    await asyncio.sleep(0.02)  # in flight together
+    tokens = 20 + BILLED[model] * images
+    if request.url.path == "/v1/chat/completions":
+        usage: dict[str, Any] = {"prompt_tokens": tokens, "completion_tokens": 10}
+        return JSONResponse({"choices": [{"message": {"content": "a cat"}}], "usage": usage})
+    if request.url.path == "/v1/responses":
+        usage = {"input_tokens": tokens, "output_tokens": 10, "total_tokens": tokens + 10}
+        return JSONResponse({"object": "response", "status": "completed", "usage": usage})
+    usage = {"input_tokens": tokens, "output_tokens": 10}
+    return JSONResponse({"type": "message", "content": [], "usage": usage})
+
+
+@pytest.mark.parametrize("shape", ["chat", "responses", "anthropic", "tool_result"])
+async def test_inline_images_reserve_what_their_pixels_cost_not_their_bytes(
+    make_settings: Settings, tmp_path: Path, shape: str
+) -> None:
+    """A 1 MB PNG of 1024x1024 is billed 765 tokens by gpt-4o (1,399 by Claude) but was
+    reserved ~444k by its bytes ($1.11 on gpt-4o): on a $0.05 budget, one such request at a
+    time, the rest 429 `budget_reserved`. Reserving what its pixels can be billed, 10 at once
+    are all admitted, and a burst past the limit spends no more than it (overshoot 0)."""
+    prices = {
+        "openai/gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10},
+        "anthropic/claude-sonnet-4-5": {"input_per_mtok": 3, "output_per_mtok": 15},
+    }
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"models": prices}))
+    routes = [Route(p, billing_provider, methods=["POST"])
+              for p in ("/v1/chat/completions", "/v1/responses", "/v1/messages")]  # fmt: skip
+    app = BudgetMiddleware(Starlette(routes=routes), settings=make_settings(pricing_file=path))
+    engine = app.engine
+    url, body = inline_request(shape)
+    content = json.dumps(body).encode()
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": LIMIT}])
+        headers = {"authorization": f"Bearer {key.value}", "content-type": "application/json"}
+
+        async def burst(n: int) -> list[int]:
+            answers = await asyncio.gather(
+                *[http.post(url, content=content, headers=headers) for _ in range(n)]
+            )
+            return [a.status_code for a in answers]
+
+        first = await burst(10)
+        await engine.flush()
+        after_first = engine.manager.get_budget(key.budgets[0].id).current_usage
+        more = await burst(60)
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    print(
+        f"{shape}: 10 at once, {first.count(200)} admitted ({first.count(429)} x 429), "
+        f"${after_first:.6f} spent; then 60: {more.count(200)} admitted, ${spent:.6f} of "
+        f"${LIMIT} (overshoot ${max(0.0, spent - LIMIT):.6f})"
+    )
+    assert first == [200] * 10
+    assert set(more) <= {200, 429, 402}
+    assert spent <= LIMIT + 1e-9  # every reservation holds at least its bill
+    assert spent > LIMIT * 0.9  # and the budget is used
+
+
+async def test_a_small_image_of_many_pixels_reserves_its_pixels(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """A 2048x2048 PNG of 200 bytes (a flat colour compresses to little) is billed 765 tokens
+    on gpt-4o; by its bytes it was reserved ~150 in all: 60 at once overshot a $0.05 budget.
+    Reserving its pixels' bound, none does."""
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", billing_provider, methods=["POST"])]),
+        settings=make_settings(pricing_file=pricing_file),
+    )
+    engine = app.engine
+    small = "data:image/png;base64," + b64(png(2048, 2048, 200))
+    part = {"type": "image_url", "image_url": {"url": small}}
+    body = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": [part]}],
+            "max_tokens": 10}  # fmt: skip
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": LIMIT}])
+        auth = {"authorization": f"Bearer {key.value}"}
+        answers = await asyncio.gather(
+            *[http.post("/v1/chat/completions", json=body, headers=auth) for _ in range(60)]
+        )
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    codes = [a.status_code for a in answers]
+    print(f"60 at once: {codes.count(200)} admitted, ${spent:.6f} of ${LIMIT}")
+    assert spent <= LIMIT + 1e-9

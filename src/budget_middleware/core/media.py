@@ -4,12 +4,18 @@ The provider fetches such media and bills their tokens as input, yet the body ho
 reference, so the reservation's estimate from the body's size cannot bound them (an image is
 ~1,500 tokens, a PDF document can be hundreds of thousands, against the ~40 of its reference).
 `media_references` counts them; the gate reserves for each what one has been measured to take.
-Inline media (`data:` URLs, base64 sources, `file_data`) are not counted: their bytes are in the
-body, and so in its estimate.
+Inline media (`data:` URLs, base64 sources, `file_data`) are not references: their bytes are in
+the body, and so in its estimate. An inline image, though, is billed by its size in pixels, not
+its bytes (a 1 MB PNG of 1024x1024 is ~765 tokens on gpt-4o, ~333k by its bytes), and a small
+file of many pixels more than its bytes: `inline_images` reads each one's width and height from
+the first bytes of its base64 (PNG, JPEG, GIF, WebP) so that its bytes are counted instead as
+the most its provider bills an image of that size (`image_tokens`).
 """
 
 from __future__ import annotations
 
+import binascii
+import math
 from typing import Any, Final
 
 # What every reference's JSON holds, as bytes: its part's `"type"` key, which each API requires.
@@ -32,21 +38,27 @@ _DEPTH: Final = 3  # messages, their content, a tool result's content: no deeper
 
 
 def media_references(body: Any) -> int:
+    return walk(body, None)
+
+
+def walk(body: Any, images: list[tuple[int, int, int]] | None) -> int:
     """How many media a request's parsed body sends by reference: in `messages[*].content[*]`
     (OpenAI chat, Anthropic messages, and a `tool_result`'s content) and in `input[*]` and
     `input[*].content[*]` (the Responses API, and a `function_call_output`'s output). Whatever is
-    not as those APIs write it counts nothing."""
+    not as those APIs write it counts nothing. With `images`, each inline image found in the
+    same places is added to it as (characters of its base64, width, height) when its header is
+    read, else not (its bytes stay counted as text)."""
     if type(body) is not dict:
         return 0
     count = 0
     for name in ("messages", "input"):
         items = body.get(name)
         if type(items) is list:
-            count += _count(items, _DEPTH)
+            count += _count(items, _DEPTH, images)
     return count
 
 
-def _count(items: list[Any], depth: int) -> int:
+def _count(items: list[Any], depth: int, images: list[tuple[int, int, int]] | None) -> int:
     count = 0
     for item in items:
         if type(item) is not dict:
@@ -60,7 +72,13 @@ def _count(items: list[Any], depth: int) -> int:
             for name in ("content", "output"):
                 inner = item.get(name)
                 if type(inner) is list:
-                    count += _count(inner, depth - 1)
+                    count += _count(inner, depth - 1, images)
+        if images is not None:
+            data = _inline_image(item, kind)
+            if data is not None:
+                size = image_size(data)
+                if size is not None:
+                    images.append((len(data), *size))
     return count
 
 
@@ -86,6 +104,33 @@ def _is_reference(part: dict[str, Any], kind: Any) -> bool:
     return False
 
 
+def _inline_image(part: dict[str, Any], kind: Any) -> str | None:
+    """The base64 of an image a part sends inline: a `data:` URL (OpenAI chat `image_url`, the
+    Responses API's `input_image`) or an Anthropic `image` source of type `base64`."""
+    if kind == "image_url":
+        image = part.get("image_url")
+        return _data_url(image.get("url") if type(image) is dict else image)
+    if kind == "input_image":
+        return _data_url(part.get("image_url"))
+    if kind == "image":
+        source = part.get("source")
+        if type(source) is dict and source.get("type") == "base64":
+            data = source.get("data")
+            if type(data) is str:
+                return data
+    return None
+
+
+def _data_url(url: Any) -> str | None:
+    """The base64 of a `data:...;base64,` URL."""
+    if type(url) is not str or url[:5].lower() != "data:":
+        return None
+    comma = url.find(",", 0, 256)
+    if comma < 0 or not url[:comma].lower().endswith(";base64"):
+        return None
+    return url[comma + 1 :]
+
+
 def _remote(url: Any) -> bool:
     """A URL the provider fetches: a non-empty string, not a `data:` URL (its bytes are here)."""
     return type(url) is str and url != "" and url[:5].lower() != "data:"
@@ -93,3 +138,150 @@ def _remote(url: Any) -> bool:
 
 def _named(file_id: Any) -> bool:
     return type(file_id) is str and file_id != ""
+
+
+def inline_images(body: Any) -> list[tuple[int, int, int]]:
+    """The inline images of a parsed body whose size could be read: (characters of base64,
+    width, height) each."""
+    images: list[tuple[int, int, int]] = []
+    walk(body, images)
+    return images
+
+
+def _decode(data: str, start: int, size: int) -> bytes | None:
+    """Bytes `start` to `start + size` of base64 `data`, decoding only the characters that hold
+    them; None when they are not plain base64 (line breaks, a wrong alphabet)."""
+    first = start // 3
+    end = -(-(start + size) // 3)
+    try:
+        chunk = binascii.a2b_base64(data[first * 4 : end * 4], strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
+    piece = chunk[start - first * 3 : start - first * 3 + size]
+    return piece if len(piece) == size else None
+
+
+_JPEG_SEGMENTS: Final = 64  # APPn, tables: a picture's size comes in its first few
+_SPACES: Final = ("\n", "\r", " ", "\t")  # what a base64 encoder may break it with
+_SOF: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers: not DHT, JPG, DAC
+
+
+def image_size(data: str) -> tuple[int, int] | None:
+    """(width, height) of a PNG, JPEG, GIF or WebP image from the first bytes of its base64,
+    None for another format or what cannot be read."""
+    head = _decode(data, 0, 30)
+    if head is None:
+        return None
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    elif head[:6] in (b"GIF87a", b"GIF89a"):
+        # the logical screen; frames are drawn within it
+        width, height = int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        chunk = head[12:16]
+        if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+            width = int.from_bytes(head[26:28], "little") & 0x3FFF
+            height = int.from_bytes(head[28:30], "little") & 0x3FFF
+        elif chunk == b"VP8L" and head[20] == 0x2F:
+            bits = int.from_bytes(head[21:25], "little")
+            width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        elif chunk == b"VP8X":
+            width = int.from_bytes(head[24:27], "little") + 1
+            height = int.from_bytes(head[27:30], "little") + 1
+        else:
+            return None
+    elif head[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    else:
+        return None
+    return (width, height) if width > 0 and height > 0 else None
+
+
+def _jpeg_size(data: str) -> tuple[int, int] | None:
+    """A JPEG's size from its first frame header (SOFn), its segments before it skipped by their
+    lengths: only the few bytes of each marker decoded."""
+    at = 2
+    for _ in range(_JPEG_SEGMENTS):
+        marker = _decode(data, at, 4)
+        if marker is None or marker[0] != 0xFF:
+            return None
+        if marker[1] == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker[1] in _SOF:
+            frame = _decode(data, at + 5, 4)
+            if frame is None:
+                return None
+            height, width = int.from_bytes(frame[:2], "big"), int.from_bytes(frame[2:], "big")
+            end = -(-(at + 9) // 3) * 4
+            for space in _SPACES:  # base64 in lines: what was read is not where it was sought
+                if data.find(space, 0, end) >= 0:
+                    return None
+            return (width, height) if width > 0 and height > 0 else None
+        if marker[1] == 0xD9 or marker[1] == 0xDA:  # end, or scan data before any frame
+            return None
+        at += 2 + int.from_bytes(marker[2:], "big")
+    return None
+
+
+# The most tokens a provider bills an image of a size (SPEC §6), from each one's documentation:
+# - OpenAI (platform.openai.com/docs/guides/images-vision, "Calculating costs"): tiles: fit in
+#   2048x2048, shortest side to 768, 170 tokens a 512px tile + 85 (gpt-4o, gpt-4.1, o1, o3;
+#   gpt-4o-mini 5,667 a tile + 2,833); patches: ceil(w/32) x ceil(h/32), capped (1,536, or
+#   10,000 at detail "original") then x a model's multiplier (gpt-4.1-mini 1.62, gpt-4.1-nano
+#   2.46, o4-mini 1.72): counted here uncapped at 2.46, the largest.
+# - Anthropic (docs.anthropic.com, "Vision"): width x height / 750, after a resize that only
+#   lowers it (a long edge over 1568 px, 2576 on Opus 4.7): counted unresized, plus a margin.
+# - Gemini (ai.google.dev, "Understand and count tokens"): 258 a 768x768 tile (258 for an
+#   image within 384x384); Gemini 3's media_resolution up to 2,240 an image.
+# Another OpenAI model (gpt-5, o4-mini, ...) is counted at the larger of tiles and patches; a
+# model whose name tells no family here (an Azure deployment's) at the largest of them all.
+_IMAGE_MARGIN: Final = 100  # tokens an image's wrapping may take beside its pixels
+_PATCH_MULTIPLIER: Final = 2.46
+_MINI_TILE: Final = ("4o-mini",)
+_TILED: Final = ("gpt-4o", "gpt-4.1", "o1", "o3", "chatgpt-4o")
+_UNTILED: Final = ("-mini", "-nano")
+_OPENAI: Final = ("gpt-", "o1", "o3", "o4", "chatgpt-", "computer-use")
+
+
+def _tiles(width: int, height: int) -> int:
+    """512px tiles of an image fitted in 2048x2048 then its shortest side scaled to 768: the
+    largest count whether a smaller image is scaled up to 768 or kept."""
+    scale = min(1.0, 2048 / max(width, height))
+    w, h = width * scale, height * scale
+    most = 0
+    for short in (min(768.0, min(w, h)), 768.0):
+        s = short / min(w, h)
+        tw, th = min(w * s, 2048.0), min(h * s, 2048.0)
+        most = max(most, math.ceil(tw / 512) * math.ceil(th / 512))
+    return most
+
+
+def image_tokens(model: str, width: int, height: int) -> int:
+    """The most input tokens the provider of `model` bills an image of `width` x `height`
+    pixels (its family told by its name; the largest bound of all when it is not known)."""
+    name = model.rsplit("/", 1)[-1].lower()
+    claude = math.ceil(width * height / 750) + _IMAGE_MARGIN
+    if "claude" in name:
+        return claude
+    gemini = max(258 * math.ceil(width / 768) * math.ceil(height / 768), 2240) + _IMAGE_MARGIN
+    if "gemini" in name:
+        return gemini
+    tiles = _tiles(width, height)
+    mini = 2833 + 5667 * tiles + _IMAGE_MARGIN
+    if any(family in name for family in _MINI_TILE):
+        return mini
+    tiled = 85 + 170 * tiles + _IMAGE_MARGIN
+    if name.startswith(_TILED) and not any(size in name for size in _UNTILED):
+        return tiled
+    patches = math.ceil(width / 32) * math.ceil(height / 32)
+    patched = max(tiled, math.ceil(patches * _PATCH_MULTIPLIER) + _IMAGE_MARGIN)
+    if name.startswith(_OPENAI):
+        return patched
+    return max(patched, claude, gemini, mini)
+
+
+def inline_image_tokens(model: str, images: list[tuple[int, int, int]]) -> int:
+    """How many tokens to add to a body's estimate (a third of its bytes) for its inline images:
+    each one's bound for `model`, less the third of its base64 the estimate counted."""
+    return sum(image_tokens(model, width, height) - chars // 3 for chars, width, height in images)

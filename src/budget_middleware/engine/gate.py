@@ -23,7 +23,7 @@ from budget_middleware.answers import (
 )
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import Credentials, Target, TargetResolver, plain_path
-from budget_middleware.core.media import may_reference, media_references
+from budget_middleware.core.media import inline_image_tokens, may_reference, walk
 from budget_middleware.core.money import MAX_CHARGE_NANOS
 from budget_middleware.core.pricing import asked_prices, at_time, estimate_nanos
 from budget_middleware.core.routing import Route
@@ -264,16 +264,21 @@ class Gate:
         else:
             target = self.resolve_target(parsed, path, credentials, ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
+        references = 0
+        images: list[tuple[int, int, int]] = []
+        if may_reference(body):  # media by reference, or inline? (`core.media`): text has none
+            references = walk(parsed, images)
         routes = engine.globals.routes
         if routes and type(parsed) is dict:  # no route configured: one truth test
             name = parsed.get("model")
             route = routes.get(name) if type(name) is str else None
             if route is not None:
                 request, orjson_writes = for_rewrite(parsed, body)
+                if images:  # its candidates' models differ: the largest bound of all
+                    prompt_tokens += inline_image_tokens("", images)
                 plan = self._plan_route(
                     route, request, path, credentials, key, target, prompt_tokens, now, started
                 )
-                references = media_references(parsed) if may_reference(body) else 0
                 for _, candidate in plan.candidates + plan.shadow_only:
                     candidate.orjson_writes = orjson_writes
                     if references:
@@ -281,13 +286,13 @@ class Gate:
                     if shadowed is not None:  # the credentials' refusal first, as in enforce
                         candidate.would_refuse = shadowed
                 return plan
+        if images:  # inline images: the most their pixels are billed, not their bytes
+            prompt_tokens += inline_image_tokens(target.model, images)
         exchange = self._prepare(key, target, prompt_tokens, now, started)
         if type(exchange) is not Exchange:
             return self.refuse(*exchange, key=key, target=target)  # type: ignore[misc]
-        if may_reference(body):  # media by reference? (`core.media`): a text-only chat has none
-            references = media_references(parsed)
-            if references:
-                self._with_media(exchange, references)
+        if references:
+            self._with_media(exchange, references)
         if shadowed is not None:  # the credentials' refusal comes first, as in enforce
             exchange.would_refuse = shadowed
         if target.stream and type(parsed) is dict and asks_usage(path, credentials):
