@@ -693,3 +693,50 @@ async def test_a_small_image_of_many_pixels_reserves_its_pixels(
     codes = [a.status_code for a in answers]
     print(f"60 at once: {codes.count(200)} admitted, ${spent:.6f} of ${LIMIT}")
     assert spent <= LIMIT + 1e-9
+
+
+async def audio_provider(request: Request) -> JSONResponse:
+    """gpt-audio answering in speech: all 1,000 of its output tokens are audio ($64/Mtok)."""
+    body = await request.json()
+    await asyncio.sleep(0.02)  # in flight together
+    spoken = body["max_completion_tokens"]
+    usage = {
+        "prompt_tokens": 20,
+        "completion_tokens": spoken,
+        "completion_tokens_details": {"audio_tokens": spoken},
+    }
+    return JSONResponse({"choices": [{"message": {"content": None}}], "usage": usage})
+
+
+async def test_a_spoken_answer_reserves_its_output_at_the_audio_price(
+    make_settings: Settings,
+) -> None:
+    """A chat asking `modalities: ["text", "audio"]` of gpt-audio is billed its output audio at
+    $64/Mtok, 6.4 times its text output's $10: reserving 1,000 output tokens at the text price
+    ($0.01) let 20 at once spend $1.28 on a $0.20 budget. At the audio price, none overshoots."""
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", audio_provider, methods=["POST"])]),
+        settings=make_settings(),
+    )
+    engine = app.engine
+    body = {
+        "model": "gpt-audio",
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "wav"},
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_completion_tokens": 1_000,
+    }
+    limit = 0.20
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": limit}])
+        auth = {"authorization": f"Bearer {key.value}"}
+        answers = await asyncio.gather(
+            *[http.post("/v1/chat/completions", json=body, headers=auth) for _ in range(20)]
+        )
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    codes = [a.status_code for a in answers]
+    print(f"20 spoken answers at once: {codes.count(200)} admitted, ${spent:.6f} of ${limit}")
+    assert set(codes) <= {200, 429}
+    assert codes.count(200) >= 3  # one costs ~$0.064
+    assert spent <= limit + 1e-9

@@ -51,8 +51,11 @@ SPEED_FIELD = "speed"
 # The Responses API's `background: true`: answered at once, queued and without usage; the result
 # (and its usage) is fetched by a GET, which is no inference path.
 BACKGROUND_FIELD = "background"
+# OpenAI chat's `modalities: ["text", "audio"]`: an answer in speech, its output priced as audio.
+MODALITIES_FIELD = "modalities"
 _SIZE_FIELDS = frozenset(
     (
+        MODALITIES_FIELD,
         *OUTPUT_LIMIT_FIELDS,
         *CHOICE_FIELDS,
         SERVICE_TIER_FIELD,
@@ -263,6 +266,7 @@ class Target:
     choices: int
     service_tier: str | None = None  # asked for in the body (`tier_name`): it may be priced apart
     background: bool = False  # made apart from its answer (`BACKGROUND_FIELD`)
+    spoken: bool = False  # its output may be audio (`MODALITIES_FIELD`), priced as such
 
 
 class TargetResolver:
@@ -352,9 +356,14 @@ class TargetResolver:
                 tier = tier_name(data[SPEED_FIELD])
             if PROMPT_FIELD in sized:
                 choices *= _batch(data[PROMPT_FIELD])
-            if BACKGROUND_FIELD in sized and data[BACKGROUND_FIELD] is True:
+            background = BACKGROUND_FIELD in sized and data[BACKGROUND_FIELD] is True
+            modalities = data.get(MODALITIES_FIELD)
+            spoken = type(modalities) is list and "audio" in modalities
+            if background or spoken:
                 stream = data.get("stream") is True
-                return Target(found[0], found[1], tags, stream, limit, choices, tier, True)
+                return Target(
+                    found[0], found[1], tags, stream, limit, choices, tier, background, spoken
+                )
         stream = data.get("stream") is True
         return Target(found[0], found[1], tags, stream, limit, choices, tier)
 
@@ -392,6 +401,7 @@ class TargetResolver:
             target.choices,
             target.service_tier,
             target.background,
+            target.spoken,
         )
 
     def _no_keys(self, tags: tuple[str, ...], own_key: str | None) -> tuple[str, ...]:

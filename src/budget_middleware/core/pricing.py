@@ -181,8 +181,11 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
     )
 
 
-def estimate_nanos(price: ModelPrice | None, input_tokens: int, output_tokens: int) -> int:
-    """Worst-case cost to reserve: all input uncached, at its tier's prices; 0 when unpriced."""
+def estimate_nanos(
+    price: ModelPrice | None, input_tokens: int, output_tokens: int, spoken: bool = False
+) -> int:
+    """Worst-case cost to reserve: all input uncached, at its tier's prices; 0 when unpriced.
+    `spoken`: the output may be audio, so it is counted at the dearer of its two prices."""
     if price is None:
         return 0
     rates = (in_force(price, input_tokens) if price.tiers else price)._rates
@@ -190,7 +193,8 @@ def estimate_nanos(price: ModelPrice | None, input_tokens: int, output_tokens: i
         input_tokens = 0
     if output_tokens < 0:
         output_tokens = 0
-    femto = input_tokens * rates[0] + output_tokens * rates[1]
+    out = rates[6] if spoken and rates[6] > rates[1] else rates[1]
+    femto = input_tokens * rates[0] + output_tokens * out
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
 

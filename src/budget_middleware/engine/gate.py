@@ -423,7 +423,7 @@ class Gate:
                 if target.service_tier is not None:  # at the prices of the tier asked for
                     price = asked_prices(price, target.service_tier)
                 exchange.ticket_estimate = estimate_nanos(
-                    price, prompt_tokens, self.most_output(target)
+                    price, prompt_tokens, self.most_output(target), target.spoken
                 )
         return exchange
 
@@ -450,7 +450,7 @@ class Gate:
         else:
             prompt = exchange.prompt_tokens + each * references
             asked = asked_prices(price, target.service_tier)
-            most = estimate_nanos(asked, prompt, self.most_output(target))
+            most = estimate_nanos(asked, prompt, self.most_output(target), target.spoken)
             exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
 
     def most_output(self, target: Target) -> int:
