@@ -365,7 +365,7 @@ DATA = "data:image/png;base64,iVBORw0KGgo="
         (_chat({"type": "image_url", "image_url": {"url": DATA}}), 0),  # inline
         (_chat({"type": "image_url", "image_url": {"url": "DATA:image/png;base64,AA"}}), 0),
         (_chat({"type": "file", "file": {"file_id": "file-abc"}}), 1),
-        (_chat({"type": "file", "file": {"file_data": DATA, "filename": "a.pdf"}}), 0),
+        (_chat({"type": "file", "file": {"file_data": DATA, "filename": "a.pdf"}}), 1),  # pages
         (_chat({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}), 0),
         (_chat({"type": "text", "text": "an image_url with a file_id"}), 0),
         # The Responses API: in a message's content, or an item of `input` itself
@@ -387,7 +387,7 @@ DATA = "data:image/png;base64,iVBORw0KGgo="
                     }
                 ],
             },
-            4,
+            5,
         ),
         ({"model": "gpt-4o", "input": [{"type": "input_image", "image_url": URL}]}, 1),
         ({"model": "gpt-4o", "input": "a string input"}, 0),
@@ -411,6 +411,7 @@ DATA = "data:image/png;base64,iVBORw0KGgo="
         (_chat({"type": "document", "source": {"type": "url", "url": HTTPS}}), 1),
         (_chat({"type": "document", "source": {"type": "file", "file_id": "file_02"}}), 1),
         (_chat({"type": "document", "source": {"type": "text", "data": "plain"}}), 0),
+        (_chat({"type": "document", "source": {"type": "base64", "data": "JVBERi0"}}), 1),
         (
             _chat(
                 {
@@ -739,4 +740,84 @@ async def test_a_spoken_answer_reserves_its_output_at_the_audio_price(
     print(f"20 spoken answers at once: {codes.count(200)} admitted, ${spent:.6f} of ${limit}")
     assert set(codes) <= {200, 429}
     assert codes.count(200) >= 3  # one costs ~$0.064
+    assert spent <= limit + 1e-9
+
+
+PDF = "JVBERi0" + "A" * 8_000  # "%PDF-" and ~6 KB: a compact 10-page text PDF
+PAGES_BILLED = 30_000  # its 10 pages, each's text and image, as Claude or OpenAI bill them
+
+
+def inline_document(shape: str) -> tuple[str, dict[str, Any]]:
+    if shape == "anthropic":
+        doc = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                               "data": PDF}}  # fmt: skip
+        body = {"model": "anthropic/claude-sonnet-4-5", "max_tokens": 10,
+                "messages": [{"role": "user", "content": [doc]}]}  # fmt: skip
+        return "/v1/messages", body
+    data = "data:application/pdf;base64," + PDF
+    if shape == "chat":
+        part = {"type": "file", "file": {"filename": "a.pdf", "file_data": data}}
+        body = {"model": "openai/gpt-4o", "max_tokens": 10,
+                "messages": [{"role": "user", "content": [part]}]}  # fmt: skip
+        return "/v1/chat/completions", body
+    part = {"type": "input_file", "filename": "a.pdf", "file_data": data}
+    body = {"model": "openai/gpt-4o", "max_output_tokens": 10,
+            "input": [{"role": "user", "content": [part]}]}  # fmt: skip
+    return "/v1/responses", body
+
+
+async def pdf_provider(request: Request) -> JSONResponse:
+    """Bills each inline PDF its pages, 30,000 tokens, the text 20."""
+    raw = (await request.body()).decode()
+    await asyncio.sleep(0.02)  # in flight together
+    tokens = 20 + PAGES_BILLED * raw.count("JVBERi0")
+    if request.url.path == "/v1/chat/completions":
+        usage: dict[str, Any] = {"prompt_tokens": tokens, "completion_tokens": 10}
+        return JSONResponse({"choices": [{"message": {"content": "ok"}}], "usage": usage})
+    if request.url.path == "/v1/responses":
+        usage = {"input_tokens": tokens, "output_tokens": 10, "total_tokens": tokens + 10}
+        return JSONResponse({"object": "response", "status": "completed", "usage": usage})
+    usage = {"input_tokens": tokens, "output_tokens": 10}
+    return JSONResponse({"type": "message", "content": [], "usage": usage})
+
+
+@pytest.mark.parametrize("shape", ["anthropic", "chat", "responses"])
+async def test_an_inline_pdf_reserves_as_a_document_by_reference_does(
+    make_settings: Settings, tmp_path: Path, shape: str
+) -> None:
+    """A PDF is billed by its pages (each one's text and an image of it), which its bytes do not
+    bound: 6 KB of PDF reserved ~2,700 tokens, billed 30,000. 20 at once on a $0.50 budget spent
+    ~$1.80 (Claude) / $1.50 (gpt-4o). Reserving as a document sent by reference does (the most
+    one has been measured to take, all one request can be charged before), none overshoots."""
+    prices = {
+        "openai/gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10},
+        "anthropic/claude-sonnet-4-5": {"input_per_mtok": 3, "output_per_mtok": 15},
+    }
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"models": prices}))
+    routes = [Route(p, pdf_provider, methods=["POST"])
+              for p in ("/v1/chat/completions", "/v1/responses", "/v1/messages")]  # fmt: skip
+    app = BudgetMiddleware(Starlette(routes=routes), settings=make_settings(pricing_file=path))
+    engine = app.engine
+    url, body = inline_document(shape)
+    limit = 0.50
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": limit}])
+        auth = {"authorization": f"Bearer {key.value}"}
+
+        async def burst(n: int) -> list[int]:
+            answers = await asyncio.gather(
+                *[http.post(url, json=body, headers=auth) for _ in range(n)]
+            )
+            return [a.status_code for a in answers]
+
+        codes = await burst(20) + await burst(20)
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    print(
+        f"{shape}: 2 x 20 inline PDFs at once: {codes.count(200)} admitted, "
+        f"${spent:.4f} of ${limit}"
+    )
+    assert set(codes) <= {200, 429, 402}
+    assert codes.count(200) >= 3
     assert spent <= limit + 1e-9

@@ -4,12 +4,14 @@ The provider fetches such media and bills their tokens as input, yet the body ho
 reference, so the reservation's estimate from the body's size cannot bound them (an image is
 ~1,500 tokens, a PDF document can be hundreds of thousands, against the ~40 of its reference).
 `media_references` counts them; the gate reserves for each what one has been measured to take.
-Inline media (`data:` URLs, base64 sources, `file_data`) are not references: their bytes are in
-the body, and so in its estimate. An inline image, though, is billed by its size in pixels, not
-its bytes (a 1 MB PNG of 1024x1024 is ~765 tokens on gpt-4o, ~333k by its bytes), and a small
-file of many pixels more than its bytes: `inline_images` reads each one's width and height from
-the first bytes of its base64 (PNG, JPEG, GIF, WebP) so that its bytes are counted instead as
-the most its provider bills an image of that size (`image_tokens`).
+Inline images (`data:` URLs, base64 sources) are not references: their bytes are in the body,
+and so in its estimate; inline files (`file_data`, an Anthropic base64 `document`) count as
+references, for their pages are billed beyond their bytes. An inline image, though, is billed by
+its size in pixels, not its bytes (a 1 MB PNG of 1024x1024 is ~765 tokens on gpt-4o, ~333k by
+its bytes), and a small file of many pixels more than its bytes: `inline_images` reads each
+one's width and height from the first bytes of its base64 (PNG, JPEG, GIF, WebP) so that its
+bytes are counted instead as the most its provider bills an image of that size
+(`image_tokens`).
 """
 
 from __future__ import annotations
@@ -88,11 +90,18 @@ def _is_reference(part: dict[str, Any], kind: Any) -> bool:
         return _remote(image.get("url") if type(image) is dict else image)
     if kind == "input_image":  # Responses: `image_url` (a URL, or a data: URL) or `file_id`
         return _remote(part.get("image_url")) or _named(part.get("file_id"))
-    if kind == "input_file":  # Responses: `file_id` or `file_url` (`file_data` is inline)
-        return _named(part.get("file_id")) or _remote(part.get("file_url"))
-    if kind == "file":  # OpenAI chat: {"file": {"file_id": ...}} (`file_data` is inline)
+    # A file is billed by its pages (a PDF's: each one's text and an image of it), which its
+    # bytes do not bound (a compact 10-page PDF of 6 KB is ~30,000 tokens): one sent inline
+    # (`file_data`, an Anthropic `document` of type `base64`) counts as sent by reference.
+    if kind == "input_file":  # Responses: `file_id`, `file_url` or `file_data`
+        return (
+            _named(part.get("file_id"))
+            or _remote(part.get("file_url"))
+            or _named(part.get("file_data"))
+        )
+    if kind == "file":  # OpenAI chat: {"file": {"file_id": ...}} or `file_data`
         file = part.get("file")
-        return type(file) is dict and _named(file.get("file_id"))
+        return type(file) is dict and (_named(file.get("file_id")) or _named(file.get("file_data")))
     if kind == "image" or kind == "document":  # Anthropic: a source of type url or file
         source = part.get("source")
         if type(source) is dict:
@@ -101,6 +110,8 @@ def _is_reference(part: dict[str, Any], kind: Any) -> bool:
                 return _remote(source.get("url"))
             if how == "file":
                 return _named(source.get("file_id"))
+            if how == "base64" and kind == "document":
+                return _named(source.get("data"))
     return False
 
 
