@@ -19,7 +19,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from budget_middleware import (
@@ -821,3 +821,38 @@ async def test_an_inline_pdf_reserves_as_a_document_by_reference_does(
     assert set(codes) <= {200, 429, 402}
     assert codes.count(200) >= 3
     assert spent <= limit + 1e-9
+
+
+async def test_an_unread_spoken_answer_is_charged_its_most_output_as_audio(
+    make_settings: Settings,
+) -> None:
+    """A spoken answer (gpt-audio, `modalities` with audio) that cannot be read (a coding not
+    decoded here) is charged the most it could have cost, as its reservation counts it: its
+    1,000 output tokens at the audio price ($0.064), not the text price ($0.01)."""
+
+    async def unreadable(request: Request) -> Response:
+        await request.body()
+        return Response(b"\x1b\x8f\x00 brotli bytes", headers={"content-encoding": "br"})
+
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", unreadable, methods=["POST"])]),
+        settings=make_settings(),
+    )
+    engine = app.engine
+    body = {
+        "model": "gpt-audio",
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "wav"},
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_completion_tokens": 1_000,
+    }
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1.0}])
+        auth = {"authorization": f"Bearer {key.value}"}
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=auth) as a:
+            async for _ in a.aiter_raw():
+                pass
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    print(f"an unread spoken answer of at most 1,000 tokens: ${spent:.6f} charged")
+    assert spent >= 1_000 * 64 / 1e6

@@ -430,10 +430,12 @@ class Exchange:
                     # body): the most it could have cost, as its reservation counted it.
                     output = max(self.engine.gate.most_output(self.target), (seen + 3) // 4)
                     note = f"{note}: charged its most output"
+                    spoken = output if self.target.spoken else 0  # speech: at the audio price
                 else:
                     output = (seen + 3) // 4
                     note = note or "no usage in the response"
-                usage = TokenUsage(self.prompt_tokens, output)
+                    spoken = 0
+                usage = TokenUsage(self.prompt_tokens, output, output_audio_tokens=spoken)
             price = self.price
             if price is None:
                 cost, source = 0, "unpriced"  # noted by `book`
