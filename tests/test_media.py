@@ -856,3 +856,41 @@ async def test_an_unread_spoken_answer_is_charged_its_most_output_as_audio(
         spent = engine.manager.get_budget(key.budgets[0].id).current_usage
     print(f"an unread spoken answer of at most 1,000 tokens: ${spent:.6f} charged")
     assert spent >= 1_000 * 64 / 1e6
+
+
+async def test_a_stream_without_usage_is_charged_its_image_urls_too(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """A stream that ends without usage is charged an estimate of its prompt: for a request with
+    an image URL, that is what its reservation counted, the image's measured 1,500 tokens
+    included, not the ~60 of its body alone (the provider billed the image)."""
+
+    async def upstream(request: Request) -> Response:
+        body = await request.json()
+        if not body.get("stream"):
+            return await provider(request)  # teaches what an image takes: 1,500 tokens
+        chunk = {"choices": [{"index": 0, "delta": {"content": "a cat"}}]}
+        text = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"  # ended without its usage
+        return Response(text, media_type="text/event-stream")
+
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", upstream, methods=["POST"])]),
+        settings=make_settings(pricing_file=pricing_file),
+    )
+    engine = app.engine
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": LIMIT}])
+        auth = {"authorization": f"Bearer {key.value}"}
+        measured = await http.post("/v1/chat/completions", json=image_chat(), headers=auth)
+        assert measured.status_code == 200
+        await engine.flush()
+        before = engine.manager.get_budget(key.budgets[0].id).current_usage
+        body = {**image_chat(), "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=auth) as a:
+            async for _ in a.aiter_raw():
+                pass
+        await engine.flush()
+        after = engine.manager.get_budget(key.budgets[0].id).current_usage
+    charged = after - before
+    print(f"a stream with an image URL ended without usage: ${charged:.6f} charged")
+    assert charged >= IMAGE_TOKENS * 2.5 / 1e6

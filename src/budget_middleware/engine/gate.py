@@ -434,6 +434,10 @@ class Gate:
         measured, the most one request is charged, as for a model without a price: in flight,
         it leaves no room on its budgets, so no other request can add to an overrun it makes."""
         exchange.media_references = references  # its answer teaches the next (`saw_media`)
+        target = exchange.target
+        each = self.media_tokens.get((target.provider, target.model))
+        if each is not None:  # the prompt's estimate counts them: an answer without usage too
+            exchange.prompt_tokens += each * references
         price = exchange.price
         # Unpriced: its own rule reserves (the most a request to it has cost). Free input: the
         # media cost nothing.
@@ -443,14 +447,13 @@ class Gate:
             or not (self.reserve and exchange.limits.budgets)
         ):
             return
-        target = exchange.target
-        each = self.media_tokens.get((target.provider, target.model))
         if each is None:
             exchange.ticket_estimate = MAX_CHARGE_NANOS
         else:
-            prompt = exchange.prompt_tokens + each * references
             asked = asked_prices(price, target.service_tier)
-            most = estimate_nanos(asked, prompt, self.most_output(target), target.spoken)
+            most = estimate_nanos(
+                asked, exchange.prompt_tokens, self.most_output(target), target.spoken
+            )
             exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
 
     def most_output(self, target: Target) -> int:
