@@ -31,6 +31,7 @@ from budget_middleware import (
 )
 from budget_middleware.core.media import (
     MARK,
+    audio_seconds,
     image_size,
     image_tokens,
     may_reference,
@@ -894,3 +895,80 @@ async def test_a_stream_without_usage_is_charged_its_image_urls_too(
     charged = after - before
     print(f"a stream with an image URL ended without usage: ${charged:.6f} charged")
     assert charged >= IMAGE_TOKENS * 2.5 / 1e6
+
+
+def wav(seconds: int, rate: int = 16_000) -> bytes:
+    """PCM WAV, mono, 16-bit: `rate` x 2 bytes a second."""
+    data = os.urandom(seconds * rate * 2)
+    fmt = (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + rate.to_bytes(4, "little")
+    fmt += (rate * 2).to_bytes(4, "little") + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+    head = (
+        b"RIFF" + (36 + len(data)).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+    )
+    return head + fmt + b"data" + len(data).to_bytes(4, "little") + data
+
+
+async def voice_provider(request: Request) -> JSONResponse:
+    """gpt-audio: 10 audio tokens a second of the WAV it heard (its header's length)."""
+    body = await request.json()
+    part = body["messages"][0]["content"][1]["input_audio"]
+    heard = len(base64.b64decode(part["data"])) - 44
+    await asyncio.sleep(0.02)  # in flight together
+    audio = heard // 32_000 * 10
+    usage = {
+        "prompt_tokens": 20 + audio,
+        "completion_tokens": 10,
+        "prompt_tokens_details": {"audio_tokens": audio},
+    }
+    return JSONResponse({"choices": [{"message": {"content": "hello"}}], "usage": usage})
+
+
+def test_audio_seconds_reads_a_wav_s_byte_rate() -> None:
+    assert audio_seconds(b64(wav(3)), "wav") == 4  # its header counted: a second at most more
+    assert audio_seconds(b64(wav(2, rate=8_000)), "wav") == 3
+    assert audio_seconds(b64(b"ID3" + os.urandom(3_000)), "mp3") is None  # by its bytes
+    assert audio_seconds(b64(os.urandom(100)), "wav") is None
+
+
+async def test_inline_wav_reserves_its_length_not_its_bytes(make_settings: Settings) -> None:
+    """30 s of 16 kHz WAV (960 KB) is billed ~300 audio tokens ($0.0097 on gpt-audio, audio at
+    $32/Mtok) but reserved ~427k tokens by its bytes ($1.07): on a $0.30 budget, 1 of 4 at once
+    admitted, 3 false 429s. Reserving 64 tokens a second at the audio price ($0.066), all 4 are,
+    and 60 more at once spend no more than the limit (at the text price, $0.005 each, they
+    would: the audio costs more than that)."""
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", voice_provider, methods=["POST"])]),
+        settings=make_settings(),
+    )
+    engine = app.engine
+    part = {"type": "input_audio", "input_audio": {"data": b64(wav(30)), "format": "wav"}}
+    body = {
+        "model": "gpt-audio",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}],
+        "max_completion_tokens": 10,
+    }
+    content = json.dumps(body).encode()
+    limit = 0.30
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": limit}])
+        headers = {"authorization": f"Bearer {key.value}", "content-type": "application/json"}
+
+        async def burst(n: int) -> list[int]:
+            answers = await asyncio.gather(
+                *[
+                    http.post("/v1/chat/completions", content=content, headers=headers)
+                    for _ in range(n)
+                ]
+            )
+            return [a.status_code for a in answers]
+
+        first = await burst(4)
+        more = await burst(60)
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    print(
+        f"4 WAVs of 30 s at once: {first.count(200)} admitted; then 60: "
+        f"{more.count(200)} admitted, ${spent:.4f} of ${limit}"
+    )
+    assert first == [200] * 4
+    assert spent <= limit + 1e-9

@@ -49,7 +49,8 @@ def walk(body: Any, images: list[tuple[int, int, int]] | None) -> int:
     `input[*].content[*]` (the Responses API, and a `function_call_output`'s output). Whatever is
     not as those APIs write it counts nothing. With `images`, each inline image found in the
     same places is added to it as (characters of its base64, width, height) when its header is
-    read, else not (its bytes stay counted as text)."""
+    read, and each inline audio as (characters, 0, most seconds it lasts), else not (its bytes
+    stay counted as text)."""
     if type(body) is not dict:
         return 0
     count = 0
@@ -81,6 +82,12 @@ def _count(items: list[Any], depth: int, images: list[tuple[int, int, int]] | No
                 size = image_size(data)
                 if size is not None:
                     images.append((len(data), *size))
+            elif kind == "input_audio":  # OpenAI chat: {"input_audio": {"data", "format"}}
+                audio = item.get("input_audio")
+                if type(audio) is dict and type(data := audio.get("data")) is str:
+                    seconds = audio_seconds(data, audio.get("format"))
+                    if seconds is not None:
+                        images.append((len(data), 0, seconds))
     return count
 
 
@@ -292,7 +299,42 @@ def image_tokens(model: str, width: int, height: int) -> int:
     return max(patched, claude, gemini, mini)
 
 
-def inline_image_tokens(model: str, images: list[tuple[int, int, int]]) -> int:
-    """How many tokens to add to a body's estimate (a third of its bytes) for its inline images:
-    each one's bound for `model`, less the third of its base64 the estimate counted."""
-    return sum(image_tokens(model, width, height) - chars // 3 for chars, width, height in images)
+# Audio is billed by how long it lasts: Gemini 32 tokens a second (ai.google.dev, "Understand
+# and count tokens"), OpenAI's ~10 (1 a 100 ms, as its answers count them): 64 a second bounds
+# both. A WAV's length is its bytes over its byte rate (its header's). An MP3 is left counted
+# by its bytes: compressed, they bound it about as well (8 kbps, the lowest MPEG bit rate, is
+# ~440 tokens a second by its base64).
+_AUDIO_TOKENS_PER_SECOND: Final = 64
+
+
+def audio_seconds(data: str, audio_format: Any) -> int | None:
+    """The most whole seconds inline audio (base64, OpenAI's `format`) lasts, None when that
+    cannot be told from its header (its bytes then stay counted as text)."""
+    if audio_format != "wav":
+        return None
+    size = len(data) * 3 // 4
+    head = _decode(data, 0, 36)
+    if head is None or head[:4] != b"RIFF" or head[8:16] != b"WAVEfmt ":
+        return None
+    # PCM, IEEE float or extensible: a fixed byte rate (a compressed one's may not be)
+    if int.from_bytes(head[20:22], "little") not in (1, 3, 0xFFFE):
+        return None
+    rate = int.from_bytes(head[28:32], "little")
+    return -(-size // rate) if rate > 0 else None
+
+
+def inline_image_tokens(
+    model: str, images: list[tuple[int, int, int]], audio_weight: int = 1
+) -> int:
+    """How many tokens to add to a body's estimate (a third of its bytes) for its inline images
+    and audio: each one's bound for `model` (audio's times `audio_weight`, its price over the
+    input's, so that the estimate priced as input covers it), less the third of its base64 the
+    estimate counted."""
+    tokens = 0
+    for chars, width, height in images:
+        if width:
+            tokens += image_tokens(model, width, height) - chars // 3
+        else:
+            most = height * _AUDIO_TOKENS_PER_SECOND + _IMAGE_MARGIN
+            tokens += most * audio_weight - chars // 3
+    return tokens

@@ -6,6 +6,7 @@ and the outbound transport read their requests and hand over the same four thing
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -275,7 +276,7 @@ class Gate:
             if route is not None:
                 request, orjson_writes = for_rewrite(parsed, body)
                 if images:  # its candidates' models differ: the largest bound of all
-                    prompt_tokens += inline_image_tokens("", images)
+                    prompt_tokens += inline_image_tokens("", images, self._audio_weight(target))
                 plan = self._plan_route(
                     route, request, path, credentials, key, target, prompt_tokens, now, started
                 )
@@ -286,8 +287,8 @@ class Gate:
                     if shadowed is not None:  # the credentials' refusal first, as in enforce
                         candidate.would_refuse = shadowed
                 return plan
-        if images:  # inline images: the most their pixels are billed, not their bytes
-            prompt_tokens += inline_image_tokens(target.model, images)
+        if images:  # inline images and audio: the most their pixels or length are billed
+            prompt_tokens += inline_image_tokens(target.model, images, self._audio_weight(target))
         exchange = self._prepare(key, target, prompt_tokens, now, started)
         if type(exchange) is not Exchange:
             return self.refuse(*exchange, key=key, target=target)  # type: ignore[misc]
@@ -426,6 +427,13 @@ class Gate:
                     price, prompt_tokens, self.most_output(target), target.spoken
                 )
         return exchange
+
+    def _audio_weight(self, target: Target) -> int:
+        """How many input tokens an audio token costs at `target`'s prices (at least 1)."""
+        price = self.price(target.provider, target.model)
+        if price is None or price.input_audio_per_mtok is None or not price.input_per_mtok:
+            return 1
+        return max(1, math.ceil(price.input_audio_per_mtok / price.input_per_mtok))
 
     def _with_media(self, exchange: Exchange, references: int) -> None:
         """A request sending `references` media by reference (SPEC §6): their input tokens are
