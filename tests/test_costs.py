@@ -1173,3 +1173,49 @@ async def test_a_tier_found_past_many_echoed_schemas_that_name_one(
     print(f"served at priority, 4 tool schemas name service_tier: charged {row.cost_nanos} n$")
     print(f"  (priority {tier_price('priority')} n$, standard {tier_price(None)} n$)")
     assert row.cost_nanos == tier_price("priority")
+
+
+async def test_a_request_asking_for_cache_writes_reserves_its_input_at_their_price(
+    make_settings: Callable[..., BudgetSettings],
+) -> None:
+    """An Anthropic request with `cache_control` (1 hour) may be billed its whole prompt as
+    cache writes, at twice the input price (claude-sonnet-4-5: $6/Mtok, not $3): reserving it
+    at the input price, 40 at once with a 50k-token prompt each spent $1.20 on a $1 budget.
+    Reserved at the writes' price, none overshoots."""
+
+    app = FastAPI()
+
+    @app.post("/v1/messages")
+    async def anthropic(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        written = len(body["system"][0]["text"]) // 4  # English: ~4 characters a token
+        await asyncio.sleep(0.02)  # in flight together
+        usage = {
+            "input_tokens": 10,
+            "cache_creation_input_tokens": written,
+            "cache_creation": {"ephemeral_1h_input_tokens": written},
+            "output_tokens": 10,
+        }
+        return {"type": "message", "content": [], "usage": usage}
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    engine = engine_of(app)
+    cached = {"type": "ephemeral", "ttl": "1h"}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "system": [{"type": "text", "text": "word " * 40_000, "cache_control": cached}],
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 10,
+    }
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1.0}])
+        auth = {"authorization": f"Bearer {key.value}"}
+        answers = await asyncio.gather(
+            *[http.post("/v1/messages", json=body, headers=auth) for _ in range(40)]
+        )
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    codes = [a.status_code for a in answers]
+    print(f"40 cache-writing requests at once: {codes.count(200)} admitted, ${spent:.4f} of $1")
+    assert codes.count(200) >= 2
+    assert spent <= 1.0 + 1e-9

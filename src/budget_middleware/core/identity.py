@@ -267,6 +267,8 @@ class Target:
     service_tier: str | None = None  # asked for in the body (`tier_name`): it may be priced apart
     background: bool = False  # made apart from its answer (`BACKGROUND_FIELD`)
     spoken: bool = False  # its output may be audio (`MODALITIES_FIELD`), priced as such
+    # It asks for prompt caching (`cache_control`): its input may be writes; 2: kept 1 hour.
+    caches: int = 0
 
 
 class TargetResolver:
@@ -402,6 +404,7 @@ class TargetResolver:
             target.service_tier,
             target.background,
             target.spoken,
+            target.caches,
         )
 
     def _no_keys(self, tags: tuple[str, ...], own_key: str | None) -> tuple[str, ...]:

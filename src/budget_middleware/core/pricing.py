@@ -182,10 +182,17 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
 
 
 def estimate_nanos(
-    price: ModelPrice | None, input_tokens: int, output_tokens: int, spoken: bool = False
+    price: ModelPrice | None,
+    input_tokens: int,
+    output_tokens: int,
+    spoken: bool = False,
+    caches: int = 0,
 ) -> int:
     """Worst-case cost to reserve: all input uncached, at its tier's prices; 0 when unpriced.
-    `spoken`: the output may be audio, so it is counted at the dearer of its two prices."""
+    `spoken`: the output may be audio, so it is counted at the dearer of its two prices.
+    `caches`: the request asks for prompt caching, so its input may all be cache writes, counted
+    at the dearer of the input's and the writes' prices; 2: some kept 1 hour, at the dearest of
+    those and the 1-hour writes' (Anthropic's: 1.25 and 2 times the input)."""
     if price is None:
         return 0
     rates = (in_force(price, input_tokens) if price.tiers else price)._rates
@@ -194,7 +201,10 @@ def estimate_nanos(
     if output_tokens < 0:
         output_tokens = 0
     out = rates[6] if spoken and rates[6] > rates[1] else rates[1]
-    femto = input_tokens * rates[0] + output_tokens * out
+    inp = rates[0]
+    if caches:
+        inp = max(inp, rates[3], rates[4]) if caches > 1 else max(inp, rates[3])
+    femto = input_tokens * inp + output_tokens * out
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
 

@@ -269,6 +269,10 @@ class Gate:
         images: list[tuple[int, int, int]] = []
         if may_reference(body):  # media by reference, or inline? (`core.media`): text has none
             references = walk(parsed, images)
+            # Prompt caching asked for (its blocks hold `"type"` too): its input may be writes,
+            # dearer than input (Anthropic's: 1.25 times, 2 for a `"ttl": "1h"`)
+            if body.find(b'"cache_control"') >= 0:
+                target.caches = 2 if body.find(b'"1h"') >= 0 else 1
         routes = engine.globals.routes
         if routes and type(parsed) is dict:  # no route configured: one truth test
             name = parsed.get("model")
@@ -424,7 +428,7 @@ class Gate:
                 if target.service_tier is not None:  # at the prices of the tier asked for
                     price = asked_prices(price, target.service_tier)
                 exchange.ticket_estimate = estimate_nanos(
-                    price, prompt_tokens, self.most_output(target), target.spoken
+                    price, prompt_tokens, self.most_output(target), target.spoken, target.caches
                 )
         return exchange
 
@@ -460,7 +464,11 @@ class Gate:
         else:
             asked = asked_prices(price, target.service_tier)
             most = estimate_nanos(
-                asked, exchange.prompt_tokens, self.most_output(target), target.spoken
+                asked,
+                exchange.prompt_tokens,
+                self.most_output(target),
+                target.spoken,
+                target.caches,
             )
             exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
 
