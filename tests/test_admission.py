@@ -640,3 +640,18 @@ def test_retry_at_is_the_latest_end_of_the_rate_windows_spent_now() -> None:
     team.rate_limit.tokens.value = 99  # type: ignore[union-attr]  (one left: not spent)
     assert admission.retry_at(limits, T0) == T0 + 60
     print("retry at +60 s, then +3,600 s with the team's hour spent too")
+
+
+def test_a_stored_window_is_begun_anew_where_the_terms_do_not_roll_to() -> None:
+    """`begun_anew_at`: a window starting where a counter's terms roll (its anchor plus whole
+    durations) was rolled to; one starting anywhere else was begun anew (a reset, new terms).
+    A window that never ends is only ever begun anew."""
+    registry = CounterRegistry()
+    hourly = budget_scope(registry, "hourly", 1.0, "1h").budgets[0]
+    forever = budget_scope(registry, "forever", 1.0, None).budgets[0]
+    rolled = [hourly.begun_anew_at(T0 + n * 3600) for n in (1, 2, 24)]
+    anew = [hourly.begun_anew_at(T0 + s) for s in (1800, 3600.5, 3599, 7200 + 0.01)]
+    print("rolled to:", rolled, "begun anew:", anew)
+    assert rolled == [False, False, False]
+    assert anew == [True, True, True, True]
+    assert forever.begun_anew_at(T0 + 60) is True
