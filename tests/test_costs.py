@@ -659,6 +659,36 @@ async def test_audio_tokens_are_priced_at_the_audio_rates(
 
 
 @pytest.mark.parametrize(
+    ("provider", "model", "want"),
+    [
+        ("openai", "gpt-4o-audio-preview", 58_000_000),
+        ("openai", "gpt-4o-mini-audio-preview-2024-12-17", 14_120_000),
+        ("azure", "gpt-4o-audio-preview", 58_000_000),  # priced as OpenAI's by the catalog
+    ],
+)
+async def test_audio_of_an_audio_model_without_audio_prices_is_not_charged_as_text(
+    make_settings: Settings, provider: str, model: str, want: int
+) -> None:
+    """The catalog gives gpt-4o-audio-preview and gpt-4o-mini-audio-preview their text prices
+    only ($2.50/$10, $0.15/$0.60): their audio was charged as text, 16 and 67 times too little
+    in, 8 and 33 times out. They are charged the audio prices of their family (gpt-4o's $40/$80,
+    gpt-4o-mini's $10/$20 per Mtok, as OpenAI bills them)."""
+    usage = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 500,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 600},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 400},
+    }
+    answer = {"model": model, "choices": [{"index": 0, "message": {}}], "usage": usage}
+    row = await charged_for(make_settings, "/v1/chat/completions", f"{provider}/{model}", answer)
+    print(f"{provider}/{model}, 600 audio in, 400 out: {row.cost_nanos} n$, OpenAI's {want}")
+    assert row.cost_nanos == want
+    text = {**answer, "usage": {"prompt_tokens": 1000, "completion_tokens": 500}}
+    row = await charged_for(make_settings, "/v1/chat/completions", f"{provider}/{model}", text)
+    assert row.cost_nanos == nanos(Usage(input_tokens=1000, output_tokens=500), model, "openai")
+
+
+@pytest.mark.parametrize(
     ("path", "usage"),
     [
         (

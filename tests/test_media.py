@@ -744,6 +744,42 @@ async def test_a_spoken_answer_reserves_its_output_at_the_audio_price(
     assert spent <= limit + 1e-9
 
 
+async def test_a_spoken_answer_of_an_audio_model_without_audio_prices_reserves_audio(
+    make_settings: Settings,
+) -> None:
+    """gpt-4o-audio-preview has only text prices in the catalog ($10/Mtok out); OpenAI bills its
+    output audio $80/Mtok. Reserving 1,000 spoken tokens at $0.01 let 20 at once spend $1.60 on
+    a $0.20 budget; at its family's audio price ($0.08 each), none overshoots."""
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", audio_provider, methods=["POST"])]),
+        settings=make_settings(),
+    )
+    engine = app.engine
+    body = {
+        "model": "gpt-4o-audio-preview",
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "wav"},
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_completion_tokens": 1_000,
+    }
+    limit = 0.20
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": limit}])
+        auth = {"authorization": f"Bearer {key.value}"}
+        answers = await asyncio.gather(
+            *[http.post("/v1/chat/completions", json=body, headers=auth) for _ in range(20)]
+        )
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    codes = [a.status_code for a in answers]
+    each = (20 * 2.5 + 1_000 * 80) / 1e6  # 20 text tokens in, 1,000 audio out: $0.08005
+    print(f"20 spoken gpt-4o-audio-preview answers: {codes.count(200)} admitted, ${spent:.6f}")
+    assert set(codes) <= {200, 429}
+    assert codes.count(200) >= 2
+    assert spent == pytest.approx(codes.count(200) * each)
+    assert spent <= limit + 1e-9
+
+
 PDF = "JVBERi0" + "A" * 8_000  # "%PDF-" and ~6 KB: a compact 10-page text PDF
 PAGES_BILLED = 30_000  # its 10 pages, each's text and image, as Claude or OpenAI bill them
 

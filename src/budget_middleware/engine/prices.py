@@ -126,6 +126,34 @@ def _catalog_price(info: gp.ModelInfo) -> ModelPrice | None:
     return replace(base, daily=tuple(daily))
 
 
+def _family_audio(owner: gp.Provider, info: gp.ModelInfo, price: ModelPrice) -> ModelPrice:
+    """An audio model (`<family>-audio…`) that the catalog gives no audio price (OpenAI's
+    gpt-4o-audio-preview and gpt-4o-mini-audio-preview: their text prices only) has its audio
+    priced at the most its provider's models of its family charge for audio (gpt-4o's realtime
+    $40/$80 per Mtok, gpt-4o-mini's $10/$20, as OpenAI bills these), never at the text price."""
+    family, audio, _ = info.id.partition("-audio")
+    priced = price.input_audio_per_mtok, price.output_audio_per_mtok
+    if not audio or priced != (None, None):
+        return price
+    # The models listed beside it: its maker's when `owner` prices it as its maker does (Azure).
+    listing = next((p for p in (owner, *_CATALOG) if any(m is info for m in p.models)), owner)
+    heard: float | None = None
+    spoken: float | None = None
+    for other in listing.models:
+        if other is info or not other.id.startswith(family + "-"):
+            continue
+        sibling = _token_price(_prices_in_force(other)[0], -1)
+        if sibling is None:
+            continue
+        if sibling.input_audio_per_mtok is not None:
+            heard = max(heard or 0.0, sibling.input_audio_per_mtok)
+        if sibling.output_audio_per_mtok is not None:
+            spoken = max(spoken or 0.0, sibling.output_audio_per_mtok)
+    if heard is None and spoken is None:
+        return price
+    return replace(price, input_audio_per_mtok=heard, output_audio_per_mtok=spoken)
+
+
 def _priced(info: gp.ModelInfo, prices: gp.ModelPrice) -> ModelPrice | None:
     """`prices` with their long-context tiers and the service tiers priced apart."""
     base = _with_tiers(prices)
@@ -283,6 +311,8 @@ class PriceBook:
         if found is None:
             hit = _catalog_find(provider, model)
             found = _catalog_price(hit[1]) if hit is not None else None
+            if found is not None and hit is not None:
+                found = _family_audio(*hit, found)
         if found is None and (maker := self._file_providers.get(model.lower())) is not None:
             # As the catalog is searched when the provider named does not list the model: the
             # file's price under another provider (a bare name's provider comes from a header
