@@ -1157,3 +1157,35 @@ async def test_requests_in_flight_are_charged_to_the_scopes_they_were_admitted_u
         "openai": (pytest.approx(0.03), 0),
     }
     assert by_team == {"a": (200, pytest.approx(2.0)), "b": (3, pytest.approx(0.03))}
+
+
+@pytest.mark.parametrize("change", ["provider $0", "model config $0", "tag $0"])
+async def test_fail_open_serves_the_global_limits_written_here_before_an_outage(
+    make_settings: Settings, change: str
+) -> None:
+    """BUDGET_FAIL_OPEN: an outage serves the limits this process last read. A provider,
+    model or tag budget set to $0 through this very process (the Python management API), then
+    a store outage before any request: the re-read after the write failed, and the limits it
+    replaced were served (200 200 200). The write's own thread reads them while the store
+    answers, so the outage serves what was written: 402."""
+    app = host_app(make_settings(fail_open=True, cache_ttl_seconds=3600))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(name="k", tags=["team:a"])
+        before = await status(http, key.value)
+        spent = [{"max_limit": 0, "reset_duration": "1d"}]
+        if change == "provider $0":
+            m.put_provider("openai", budgets=spent)
+        elif change == "model config $0":
+            m.create_model_config(model_name="gpt-4o", provider="openai", budgets=spent)
+        else:
+            m.put_tag("team:a", budgets=spent)
+        patch = _store_down(engine)
+        try:
+            during = [await status(http, key.value) for _ in range(3)]
+        finally:
+            patch.undo()
+    print(f"{change} written here, then an outage: {before}, then {during}")
+    assert before == 200
+    assert during == [402] * 3

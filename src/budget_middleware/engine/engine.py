@@ -41,7 +41,7 @@ from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable, StoreSchemaError
 from budget_middleware.settings import BudgetSettings, raised_again
 from budget_middleware.store.counters import CounterBackend, MemoryCounters
-from budget_middleware.store.database import KeyRecord, Store, in_memory
+from budget_middleware.store.database import GlobalRecord, KeyRecord, Store, in_memory
 from budget_middleware.store.spill import Spill, default_spill_root, spill_folder
 
 if TYPE_CHECKING:
@@ -205,6 +205,9 @@ class BudgetEngine:
         self.globals = GlobalConfig()
         self.globals_loaded_at = float("-inf")
         self._globals_reads = 0  # reads of them begun, numbered in order
+        # The limits outside the key hierarchy as a write here left them, read by its thread
+        # right after it (`written_here`), with when: served if the next re-read fails.
+        self._written_globals: tuple[float, GlobalRecord] | None = None
         self._globals_read = 0  # the number of the read in place
         self.prices = PriceBook(settings.pricing_file)
         self.counters: CounterBackend
@@ -298,7 +301,7 @@ class BudgetEngine:
             self._manager = BudgetManager(
                 self.store,
                 self.settings,
-                on_change=self.mark_stale,
+                on_change=self.written_here,
                 on_owner_change=self.forget,
                 reset_live=self.reset_live,
                 on_new_terms=self.terms_moved,
@@ -617,12 +620,19 @@ class BudgetEngine:
         would put back what the write replaced, until the next re-read."""
         self._globals_reads += 1
         read = self._globals_reads
+        began = time.monotonic()
         try:
             record = await anyio.to_thread.run_sync(self.store.load_globals)
         except Exception as exc:
             self._store_failed(exc)
+            written, self._written_globals = self._written_globals, None
+            if written is not None:  # what a write here left, read as it was made
+                self.globals = self.builder.globals(written[1])
             return
         self.store_ok = True
+        written = self._written_globals
+        if written is not None and written[0] <= began:  # this read holds that write
+            self._written_globals = None
         if read < self._globals_read:
             return
         self._globals_read = read
@@ -633,6 +643,16 @@ class BudgetEngine:
         """After a write through the admin API: the next request sees the change."""
         self.mark_stale()
         await self.ensure_current()
+
+    def written_here(self) -> None:
+        """A write committed through this process's management API, told by its thread right
+        after the commit: the next request reloads what it changed (`mark_stale`), and the
+        limits outside the key hierarchy are read now, while the store answers. An outage
+        before that reload (fail open) served the provider, model or tag limits the write had
+        replaced; it serves those written."""
+        with contextlib.suppress(Exception):  # unread: the reload reads them, as before
+            self._written_globals = (time.monotonic(), self.store.load_globals())
+        self.mark_stale()
 
     def mark_stale(self) -> None:
         """After a write (the Python management API, from any thread): the next request in this
