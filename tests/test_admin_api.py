@@ -652,3 +652,14 @@ async def test_a_provider_name_in_a_body_keeps_the_rule_of_provider_names(
             "/model-configs", json={"model_name": "gpt-4o", "provider": ""}, headers=ADMIN
         )
         assert anywhere.status_code == 201, anywhere.text
+
+
+async def test_a_store_that_cannot_be_reached_is_a_503_with_retry_after(tmp_path: Path) -> None:
+    """The middleware's 503 (store or Redis away) says `Retry-After: 1`; the admin API's said
+    nothing, leaving a client (the CLI, a script, a proxy) no hint that a retry may pass."""
+    settings = admin_settings(tmp_path, database_url=f"sqlite:///{tmp_path}/no/such/dir/b.db")
+    async with admin_client(settings) as c:
+        r = await c.get("/teams", headers=ADMIN)
+        print(r.status_code, dict(r.headers), r.text)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+        assert r.headers.get("retry-after") == "1"

@@ -93,7 +93,9 @@ async def _guarded(answer: Callable[[], Awaitable[Response]]) -> Response:
                      error_type="invalid_request_error")  # fmt: skip
     except (ServiceUnavailable, SQLAlchemyError, OSError) as exc:
         logger.warning("admin API: store unavailable (%s)", type(exc).__name__)
-        return error(503, "store_unavailable", "the budget store cannot be reached")
+        away = error(503, "store_unavailable", "the budget store cannot be reached")
+        away.headers["Retry-After"] = "1"  # as the middleware's 503: a retry may pass
+        return away
     except StoreSchemaError as exc:  # a newer release's store: nothing is read or written
         return error(503, "store_unavailable", f"the budget store cannot be used: {exc}")
 
