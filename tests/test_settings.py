@@ -195,6 +195,19 @@ def test_an_interval_must_be_a_finite_number_of_seconds(
     print(raised.value)
 
 
+NUMBERS = ["max_body_bytes", "default_max_output_tokens", "cache_ttl_seconds",
+           "flush_interval_seconds", "slot_ttl_seconds", "redis_timeout_seconds"]  # fmt: skip
+
+
+@pytest.mark.parametrize("field", NUMBERS)
+def test_a_boolean_is_no_number_of_a_setting(field: str) -> None:
+    """`BudgetSettings(max_body_bytes=True)` was a 1-byte body limit (every inference request a
+    413), `redis_timeout_seconds=True` a 1 s timeout: a boolean is refused, naming the variable."""
+    with pytest.raises(SettingsError, match=f"BUDGET_{field.upper()}.*boolean") as raised:
+        print(field, "=", getattr(BudgetSettings(**{field: True}), field))
+    print(raised.value)
+
+
 def test_every_default_is_the_one_spec_3_documents() -> None:
     settings = BudgetSettings()  # the environment holds no BUDGET_* variable (conftest)
     documented = {

@@ -244,6 +244,22 @@ class BudgetSettings(BaseSettings):
             return int(value.strip())  # a Literal of ints takes no string: "429" from the env
         return value
 
+    @field_validator(
+        "max_body_bytes",
+        "default_max_output_tokens",
+        "cache_ttl_seconds",
+        "flush_interval_seconds",
+        "slot_ttl_seconds",
+        "redis_timeout_seconds",
+        mode="before",
+    )
+    @classmethod
+    def _no_boolean(cls, value: Any) -> Any:
+        """pydantic takes `True` for 1: a body limit of 1 byte, a timeout of 1 s."""
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, not the boolean {value}")
+        return value
+
     @field_validator("unpriced_models", "mode", mode="before")
     @classmethod
     def _choice(cls, value: Any) -> Any:
