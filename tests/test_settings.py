@@ -179,6 +179,19 @@ def test_redis_timeout_must_be_a_positive_finite_number_of_seconds(
         BudgetSettings()
 
 
+def test_a_redis_timeout_longer_than_an_hour_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1e10 s was accepted, then every Redis call failed ("timestamp out of range for platform
+    time_t"): every metered request a 503 for ever. Refused at start-up; an hour is still taken."""
+    assert BudgetSettings(redis_timeout_seconds=3600).redis_timeout_seconds == 3600
+    for bad in ("1e10", "3601"):
+        monkeypatch.setenv("BUDGET_REDIS_TIMEOUT_SECONDS", bad)
+        with pytest.raises(SettingsError, match=r"BUDGET_REDIS_TIMEOUT_SECONDS.*3600") as raised:
+            print(bad, "->", BudgetSettings().redis_timeout_seconds)
+        print(raised.value)
+
+
 @pytest.mark.parametrize(
     "variable",
     ["BUDGET_CACHE_TTL_SECONDS", "BUDGET_FLUSH_INTERVAL_SECONDS", "BUDGET_SLOT_TTL_SECONDS"],

@@ -132,7 +132,8 @@ class BudgetSettings(BaseSettings):
     default_max_output_tokens: int = Field(default=1024, ge=0)
     slot_ttl_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     unpriced_models: Literal["allow", "refuse"] = "allow"
-    redis_timeout_seconds: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    # At most an hour: past some 1e9 s every Redis call fails (time_t overflows), so for ever 503.
+    redis_timeout_seconds: float = Field(default=2.0, gt=0, le=3600, allow_inf_nan=False)
     # SPEC §13: host (or `*` pattern) -> provider, over the built-in table; a JSON object.
     provider_hosts: Annotated[tuple[tuple[str, str], ...], NoDecode] = ()
     # SPEC §14: shadow mode and alerts.
