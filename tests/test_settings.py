@@ -84,6 +84,17 @@ def test_the_spill_folder_from_the_environment_and_its_default(
     assert BudgetEngine(BudgetSettings(database_url="sqlite://")).spill is None  # in memory
 
 
+def test_a_spill_folder_with_a_line_break_after_it_is_the_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A variable set from a file or a secret often ends with a line break: the spill folder was
+    then created as `spill\\n`, beside the `spill` an operator looks in (the URLs were fixed so)."""
+    monkeypatch.setenv("BUDGET_SPILL_DIR", f" {tmp_path / 'spill'}\n")
+    print(repr(BudgetSettings().spill_dir))
+    assert BudgetSettings().spill_dir == tmp_path / "spill"
+    assert BudgetSettings(spill_dir=f"{tmp_path / 'spill'}\n").spill_dir == tmp_path / "spill"
+
+
 @pytest.mark.parametrize("field", sorted(SAME_VALUE))
 def test_a_value_valid_as_an_argument_is_valid_in_the_environment(
     field: str, monkeypatch: pytest.MonkeyPatch

@@ -279,11 +279,11 @@ class BudgetSettings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("database_url", "redis_url", mode="before")
+    @field_validator("database_url", "redis_url", "spill_dir", mode="before")
     @classmethod
     def _url_unpadded(cls, value: Any) -> Any:
-        """A URL never ends with a blank; a variable set from a file or a secret often ends
-        with a line break, which SQLite took as part of its file's name."""
+        """A URL (or the spill folder) never ends with a blank; a variable set from a file or a
+        secret often ends with a line break, which SQLite took as part of its file's name."""
         return value.strip() if isinstance(value, str) else value
 
     @field_validator("admin_key")
