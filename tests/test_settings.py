@@ -124,6 +124,22 @@ def test_exceeded_status_other_than_402_or_429_is_refused_naming_the_variable(
         BudgetSettings(exceeded_status="soon")
 
 
+def test_exceeded_status_429_0_is_refused_as_an_argument_as_in_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`BudgetSettings(exceeded_status=429.0)` was taken as 429 while `BUDGET_EXCEEDED_STATUS=429.0`
+    was refused: a value valid as an argument is valid as a variable, and the other way round."""
+    monkeypatch.setenv("BUDGET_EXCEEDED_STATUS", "429.0")
+    with pytest.raises(SettingsError, match=r"BUDGET_EXCEEDED_STATUS.*402 or 429") as raised:
+        BudgetSettings()
+    print("environment:", raised.value)
+    monkeypatch.delenv("BUDGET_EXCEEDED_STATUS")
+    for value in (429.0, 402.0, True):
+        with pytest.raises(SettingsError, match=r"BUDGET_EXCEEDED_STATUS.*402 or 429") as raised:
+            print(value, "->", BudgetSettings(exceeded_status=value).exceeded_status)
+        print("argument:", raised.value)
+
+
 def test_every_list_setting_takes_a_json_list_in_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -243,6 +243,8 @@ class BudgetSettings(BaseSettings):
     def _status_number(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().isdigit():
             return int(value.strip())  # a Literal of ints takes no string: "429" from the env
+        if isinstance(value, bool | float):  # as "429.0" in the environment is: a status is whole
+            raise ValueError("Input should be 402 or 429, a whole number")
         return value
 
     @field_validator(
