@@ -1042,3 +1042,30 @@ async def test_a_first_request_cancelled_while_its_key_is_read_leaves_the_read_t
             pytest.fail("the second request waited for ever on the cancelled request's read")
     print(f"first cancelled: {first.cancelled()}; second: {answer.status_code}")
     assert first.cancelled() and answer.status_code == 200
+
+
+async def test_the_budget_headers_show_both_amounts_with_the_same_decimals(
+    make_settings: Settings,
+) -> None:
+    """`x-budget-limit: 0.001000` beside `x-budget-remaining: 0.000922500`: six decimals beside
+    nine in one answer, read as two precisions. Nine for both when either holds part of a
+    micro-dollar (README), six for both otherwise."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    shown = []
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 0.001, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        for _ in range(2):
+            ok = await http.post(
+                "/v1/chat/completions", json=chat(max_tokens=5), headers=bearer(key.value)
+            )
+            assert ok.status_code == 200, ok.text
+            shown.append((ok.headers["x-budget-limit"], ok.headers["x-budget-remaining"]))
+    print(shown)
+    assert shown[0] == ("0.001000", "0.001000")
+    limit, left = shown[1]
+    assert len(left.split(".")[1]) == 9 and float(left) < 0.001  # charged part of a micro-dollar
+    assert limit == "0.001000000"

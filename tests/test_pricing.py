@@ -424,6 +424,9 @@ def test_amounts_are_shown_in_dollars_to_four_decimals_and_in_headers_exactly() 
     # A negative amount keeps its sign on the magnitude (divmod alone floors: -1.998500).
     assert usd_header(-1_500_000) == b"-0.001500"
     assert usd_header(-1) == b"-0.000000001"
+    # Nine decimals asked for (beside an amount that needs them): the same amount, as exactly.
+    assert usd_header(1_000_000, nine=True) == b"0.001000000"
+    assert usd_header(-1_500_000, nine=True) == b"-0.001500000"
 
 
 def test_negative_cache_counts_are_no_tokens_at_any_rate() -> None:

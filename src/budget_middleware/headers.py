@@ -88,10 +88,16 @@ def add_limit_headers(out: list[tuple[bytes, bytes]], tight: Tightest, now: floa
     if tokens is not None:
         out += _window(_TOKENS, tokens, tokens_left, now)
     if budget is not None:
-        out += (
-            (_BUDGET_LIMIT, budget.limit_text),
-            (_BUDGET_REMAINING, usd_header(budget_left)),
-        )
+        if budget_left % 1000 or budget.limit % 1000:  # part of a micro-dollar: nine decimals
+            out += (
+                (_BUDGET_LIMIT, budget.limit_text_nine),
+                (_BUDGET_REMAINING, usd_header(budget_left, True)),
+            )
+        else:  # both amounts with the same decimals: six
+            out += (
+                (_BUDGET_LIMIT, budget.limit_text),
+                (_BUDGET_REMAINING, usd_header(budget_left)),
+            )
 
 
 def _window(

@@ -61,12 +61,13 @@ def usd_text(nanos: int) -> str:
     return "$" + usd_header(nanos).decode().rstrip("0")
 
 
-def usd_header(nanos: int) -> bytes:
+def usd_header(nanos: int, nine: bool = False) -> bytes:
     """An amount as the response headers show it, exactly: `10.010000` (six decimals), or nine
-    when it holds a part of a micro-dollar (`0.000000001`: a positive amount never reads 0)."""
+    when it holds a part of a micro-dollar (`0.000000001`: a positive amount never reads 0) or
+    when `nine` asks for them (the other amount of the answer has nine)."""
     if nanos < 0:
-        return b"-" + usd_header(-nanos)
+        return b"-" + usd_header(-nanos, nine)
     whole, part = divmod(nanos, NANOS_PER_USD)
-    if part % 1000:
+    if nine or part % 1000:
         return b"%d.%09d" % (whole, part)
     return b"%d.%06d" % (whole, part // 1000)

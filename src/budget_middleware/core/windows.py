@@ -23,7 +23,8 @@ T = TypeVar("T")
 
 # Limits come from the store and are shared by many counters: each (limit, its header text) and
 # each window bound is kept once (LRU-bounded: a value that falls out only stops being shared).
-_LIMITS: LRUCache[int, tuple[int, bytes]] = LRUCache(10_000)  # a budget's, with its text
+# A budget's limit, with its text (six decimals or nine) and its text in nine decimals.
+_LIMITS: LRUCache[int, tuple[int, bytes, bytes]] = LRUCache(10_000)
 _COUNTS: LRUCache[int, int] = LRUCache(10_000)  # a rate window's
 _FLOATS: LRUCache[float, float] = LRUCache(10_000)
 
@@ -42,12 +43,13 @@ class Carry(NamedTuple):
     held: int
 
 
-def _shared_budget_limit(limit: int) -> tuple[int, bytes]:
-    """A budget's limit and its text in dollars for the response headers, formatted once;
-    equal limits (keys of one plan) share both objects (~80 bytes a counter)."""
+def _shared_budget_limit(limit: int) -> tuple[int, bytes, bytes]:
+    """A budget's limit and its texts in dollars for the response headers (as it reads alone,
+    and in nine decimals, beside a remaining amount that needs them), formatted once; equal
+    limits (keys of one plan) share the objects (~80 bytes a counter)."""
     found = _LIMITS.get(limit)
     if found is None:
-        found = _LIMITS[limit] = (limit, usd_header(limit))
+        found = _LIMITS[limit] = (limit, usd_header(limit), usd_header(limit, nine=True))
     return found
 
 
@@ -74,6 +76,7 @@ class WindowCounter:
     kind: ClassVar[str]
     calendar_aligned: bool  # a budget's own; never for a rate window (a class attribute there)
     limit_text: bytes  # a budget's own: its limit in dollars as the headers show it
+    limit_text_nine: bytes  # the same in nine decimals, beside a remaining amount that needs them
 
     __slots__ = (
         "anchor",
@@ -252,18 +255,19 @@ class BudgetWindow(WindowCounter):
     """A budget's spend. `alert_at`: the spend at which its next alert threshold is crossed in
     the window that starts at `alert_start` (SPEC §14); 0 until the alerts have looked at it."""
 
-    __slots__ = ("alert_at", "alert_start", "calendar_aligned", "limit_text")
+    __slots__ = ("alert_at", "alert_start", "calendar_aligned", "limit_text", "limit_text_nine")
     kind = "budget"
 
     def __init__(self, id: str) -> None:
         super().__init__(id)
         self.calendar_aligned = False
         self.limit_text = b"0"  # the limit as the response headers show it, formatted once
+        self.limit_text_nine = b"0"
         self.alert_at = 0
         self.alert_start = 0.0
 
     def _set_terms(self, limit: int, calendar_aligned: bool) -> None:
-        self.limit, self.limit_text = _shared_budget_limit(limit)
+        self.limit, self.limit_text, self.limit_text_nine = _shared_budget_limit(limit)
         self.calendar_aligned = calendar_aligned
 
 
