@@ -710,25 +710,23 @@ async def audio_provider(request: Request) -> JSONResponse:
     return JSONResponse({"choices": [{"message": {"content": None}}], "usage": usage})
 
 
-async def test_a_spoken_answer_reserves_its_output_at_the_audio_price(
-    make_settings: Settings,
-) -> None:
-    """A chat asking `modalities: ["text", "audio"]` of gpt-audio is billed its output audio at
-    $64/Mtok, 6.4 times its text output's $10: reserving 1,000 output tokens at the text price
-    ($0.01) let 20 at once spend $1.28 on a $0.20 budget. At the audio price, none overshoots."""
+async def twenty_spoken_answers(
+    make_settings: Settings, model: str, limit: float
+) -> tuple[list[int], float]:
+    """20 chats at once asking `model` for 1,000 spoken output tokens, on a key with a `limit`
+    budget: their statuses and what the budget spent."""
     app = BudgetMiddleware(
         Starlette(routes=[Route("/v1/chat/completions", audio_provider, methods=["POST"])]),
         settings=make_settings(),
     )
     engine = app.engine
     body = {
-        "model": "gpt-audio",
+        "model": model,
         "modalities": ["text", "audio"],
         "audio": {"voice": "alloy", "format": "wav"},
         "messages": [{"role": "user", "content": "Tell me a story."}],
         "max_completion_tokens": 1_000,
     }
-    limit = 0.20
     async with running(app), client(app) as http:
         key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": limit}])
         auth = {"authorization": f"Bearer {key.value}"}
@@ -737,7 +735,16 @@ async def test_a_spoken_answer_reserves_its_output_at_the_audio_price(
         )
         await engine.flush()
         spent = engine.manager.get_budget(key.budgets[0].id).current_usage
-    codes = [a.status_code for a in answers]
+    return [a.status_code for a in answers], spent
+
+
+async def test_a_spoken_answer_reserves_its_output_at_the_audio_price(
+    make_settings: Settings,
+) -> None:
+    """A chat asking `modalities: ["text", "audio"]` of gpt-audio is billed its output audio at
+    $64/Mtok, 6.4 times its text output's $10: reserving 1,000 output tokens at the text price
+    ($0.01) let 20 at once spend $1.28 on a $0.20 budget. At the audio price, none overshoots."""
+    codes, spent = await twenty_spoken_answers(make_settings, "gpt-audio", limit := 0.20)
     print(f"20 spoken answers at once: {codes.count(200)} admitted, ${spent:.6f} of ${limit}")
     assert set(codes) <= {200, 429}
     assert codes.count(200) >= 3  # one costs ~$0.064
@@ -750,28 +757,7 @@ async def test_a_spoken_answer_of_an_audio_model_without_audio_prices_reserves_a
     """gpt-4o-audio-preview has only text prices in the catalog ($10/Mtok out); OpenAI bills its
     output audio $80/Mtok. Reserving 1,000 spoken tokens at $0.01 let 20 at once spend $1.60 on
     a $0.20 budget; at its family's audio price ($0.08 each), none overshoots."""
-    app = BudgetMiddleware(
-        Starlette(routes=[Route("/v1/chat/completions", audio_provider, methods=["POST"])]),
-        settings=make_settings(),
-    )
-    engine = app.engine
-    body = {
-        "model": "gpt-4o-audio-preview",
-        "modalities": ["text", "audio"],
-        "audio": {"voice": "alloy", "format": "wav"},
-        "messages": [{"role": "user", "content": "Tell me a story."}],
-        "max_completion_tokens": 1_000,
-    }
-    limit = 0.20
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": limit}])
-        auth = {"authorization": f"Bearer {key.value}"}
-        answers = await asyncio.gather(
-            *[http.post("/v1/chat/completions", json=body, headers=auth) for _ in range(20)]
-        )
-        await engine.flush()
-        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
-    codes = [a.status_code for a in answers]
+    codes, spent = await twenty_spoken_answers(make_settings, "gpt-4o-audio-preview", limit := 0.20)
     each = (20 * 2.5 + 1_000 * 80) / 1e6  # 20 text tokens in, 1,000 audio out: $0.08005
     print(f"20 spoken gpt-4o-audio-preview answers: {codes.count(200)} admitted, ${spent:.6f}")
     assert set(codes) <= {200, 429}

@@ -1295,6 +1295,21 @@ async def test_a_compressed_request_body_is_read_for_its_model(
 # -- answers lost, cut, given up midway, compressed ---------------------------------------------
 
 
+def cut_stream(chunks: list[bytes]) -> httpx2.MockTransport:
+    """A provider that streams `chunks` as server-sent events, then stops answering."""
+
+    class Cut(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+            raise httpx2.ReadTimeout("the provider stopped answering")
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Cut())
+
+    return httpx2.MockTransport(provider)
+
+
 def _sdk(transport: Any, engine: BudgetEngine) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(
         api_key="sk-provider-secret",
@@ -1396,17 +1411,10 @@ async def test_a_stream_the_provider_cuts_is_an_upstream_error(engine: BudgetEng
     delta = {"index": 0, "delta": {"content": "word "}, "finish_reason": None}
     event = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o", "choices": [delta]}
 
-    class Cut(httpx2.AsyncByteStream):
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            for _ in range(5):
-                yield b"data: " + json.dumps(event).encode() + b"\n\n"
-            raise httpx2.ReadTimeout("the provider stopped answering")
-
-    def provider(request: httpx2.Request) -> httpx2.Response:
-        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Cut())
+    upstream = cut_stream([b"data: " + json.dumps(event).encode() + b"\n\n"] * 5)
 
     key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
-    sdk = _sdk(httpx2.MockTransport(provider), engine)
+    sdk = _sdk(upstream, engine)
     with charge_to(virtual_key=key.value), pytest.raises(openai.APIError):
         stream = await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
         async for _ in stream:
@@ -2865,19 +2873,10 @@ async def test_a_cut_stream_of_a_tool_call_is_charged_the_call_it_streamed(
     created["response"] = {"id": "resp_1", "object": "response", "model": "gpt-4o"}
     start = b"event: response.created\ndata: " + json.dumps(created).encode() + b"\n\n"
 
-    class Cut(httpx2.AsyncByteStream):
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            if api == "responses":
-                yield start
-            for _ in range(10):
-                yield _tool_event(api, kind)
-            raise httpx2.ReadTimeout("the provider stopped answering")
-
-    def provider(request: httpx2.Request) -> httpx2.Response:
-        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Cut())
+    upstream = cut_stream([start] * (api == "responses") + [_tool_event(api, kind)] * 10)
 
     key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
-    sdk = _sdk(httpx2.MockTransport(provider), engine)
+    sdk = _sdk(upstream, engine)
     events = 0
     with charge_to(virtual_key=key.value), pytest.raises(openai.APIError):
         if api == "responses":
@@ -3178,17 +3177,10 @@ async def test_a_cut_stream_of_content_chunks_is_charged_what_it_streamed(
     chunk = {"id": "c", "object": "chat.completion.chunk", "model": "mistral-large-latest"}
     event = b"data: " + json.dumps({**chunk, "choices": [delta]}).encode() + b"\n\n"
 
-    class Cut(httpx2.AsyncByteStream):
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            for _ in range(10):
-                yield event
-            raise httpx2.ReadTimeout("the provider stopped answering")
-
-    def provider(request: httpx2.Request) -> httpx2.Response:
-        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Cut())
+    upstream = cut_stream([event] * 10)
 
     key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
-    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    transport = BudgetTransport(upstream, engine=engine)
     sdk = openai.AsyncOpenAI(
         api_key="sk-provider-secret",
         base_url="https://api.mistral.ai/v1",
@@ -3226,17 +3218,12 @@ async def test_a_cut_stream_of_a_compaction_is_charged_the_summary_it_streamed(
                                  "delta": {"type": "compaction_delta", "content": summary}})
     ] * 10  # fmt: skip
 
-    class Cut(httpx2.AsyncByteStream):
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            for name, data in events:
-                yield f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-            raise httpx2.ReadTimeout("the provider stopped answering")
-
-    def provider(request: httpx2.Request) -> httpx2.Response:
-        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Cut())
+    upstream = cut_stream(
+        [f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events]
+    )
 
     key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
-    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    transport = BudgetTransport(upstream, engine=engine)
     sdk = anthropic.AsyncAnthropic(
         api_key="sk-provider-secret",
         base_url="https://api.anthropic.com",
