@@ -463,15 +463,10 @@ app = BudgetMiddleware(host)
 """
 
 
-def test_charges_are_written_when_uvicorn_stops_a_host_app_without_a_lifespan(
-    tmp_path: Path,
-) -> None:
-    """A host app that does not speak the ASGI lifespan (Django's ASGI app raises on it, a bare
-    ASGI function): uvicorn started the middleware with it, took the app's error as "lifespan
-    unsupported", and never sent the shutdown that writes what is pending. Stopped by SIGTERM
-    (`docker stop`, Kubernetes), uvicorn re-raises the signal, so no `atexit` runs either: the
-    charges of the last flush interval were lost (3 admitted, 0 written). The middleware now
-    answers the lifespan itself when the app does not, and its shutdown writes them."""
+def _three_posted_then_sigterm(tmp_path: Path, app_text: str, path: str) -> tuple[int, int, str]:
+    """`app_text` served by uvicorn in a process of its own (flushes a minute apart), 3 chat
+    completions posted to `path` and answered 200, then SIGTERM (uvicorn re-raises it: no
+    `atexit`): the usage records and nano-dollars written, and uvicorn's log."""
     import os
     import signal
     import socket
@@ -481,7 +476,7 @@ def test_charges_are_written_when_uvicorn_stops_a_host_app_without_a_lifespan(
     import time
 
     root = Path(__file__).resolve().parents[1]
-    (tmp_path / "host.py").write_text(NO_LIFESPAN_APP)
+    (tmp_path / "host.py").write_text(app_text)
     db = tmp_path / "s.db"
     env = {**os.environ, "BUDGET_DATABASE_URL": f"sqlite:///{db}",
            "BUDGET_FLUSH_INTERVAL_SECONDS": "60", "PYTHONPATH": str(root / "src")}  # fmt: skip
@@ -504,7 +499,7 @@ def test_charges_are_written_when_uvicorn_stops_a_host_app_without_a_lifespan(
                 time.sleep(0.1)
         body = b'{"model": "openai/gpt-4o", "messages": [], "max_tokens": 1000}'
         request = (
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nconnection: close\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nconnection: close\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
         ).encode() + body
         for _ in range(3):
@@ -516,11 +511,24 @@ def test_charges_are_written_when_uvicorn_stops_a_host_app_without_a_lifespan(
     finally:
         if server.poll() is None:
             server.kill()
-    print(log)
     with sqlite3.connect(db) as conn:
         count, cost = conn.execute(
             "SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records"
         ).fetchone()
+    return int(count), int(cost), log
+
+
+def test_charges_are_written_when_uvicorn_stops_a_host_app_without_a_lifespan(
+    tmp_path: Path,
+) -> None:
+    """A host app that does not speak the ASGI lifespan (Django's ASGI app raises on it, a bare
+    ASGI function): uvicorn started the middleware with it, took the app's error as "lifespan
+    unsupported", and never sent the shutdown that writes what is pending. Stopped by SIGTERM
+    (`docker stop`, Kubernetes), uvicorn re-raises the signal, so no `atexit` runs either: the
+    charges of the last flush interval were lost (3 admitted, 0 written). The middleware now
+    answers the lifespan itself when the app does not, and its shutdown writes them."""
+    count, cost, log = _three_posted_then_sigterm(tmp_path, NO_LIFESPAN_APP, "/v1/chat/completions")
+    print(log)
     print(f"3 admitted, then SIGTERM: {count} records written ({cost} nano-USD)")
     assert count == 3 and cost > 0
 
@@ -621,52 +629,7 @@ def test_a_middleware_on_a_mounted_sub_app_writes_its_charges_as_readme_says(
     stopped by SIGTERM (which re-raises the signal, so no `atexit` runs) the charges of the
     last flush interval were lost: 3 admitted, 0 written (this app without its lifespan).
     README's recipe, the engine shut down in the top app's lifespan, writes them: 3 of 3."""
-    import os
-    import signal
-    import socket
-    import sqlite3
-    import subprocess
-    import sys
-    import time
-
-    root = Path(__file__).resolve().parents[1]
-    (tmp_path / "host.py").write_text(MOUNTED_APP)
-    db = tmp_path / "s.db"
-    env = {**os.environ, "BUDGET_DATABASE_URL": f"sqlite:///{db}",
-           "BUDGET_FLUSH_INTERVAL_SECONDS": "60", "PYTHONPATH": str(root / "src")}  # fmt: skip
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "host:app", "--app-dir", str(tmp_path),
-         "--port", str(port), "--log-level", "warning", "--http", "h11"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "uvicorn did not start"
-                time.sleep(0.1)
-        body = b'{"model": "openai/gpt-4o", "messages": [], "max_tokens": 1000}'
-        request = (
-            "POST /llm/v1/chat/completions HTTP/1.1\r\nHost: x\r\nconnection: close\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-        ).encode() + body
-        for _ in range(3):
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-                conn.sendall(request)
-                assert conn.recv(12).startswith(b"HTTP/1.1 200")
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
-    finally:
-        if server.poll() is None:
-            server.kill()
-    with sqlite3.connect(db) as conn:
-        count = conn.execute("SELECT count(*) FROM bm_usage_records").fetchone()[0]
+    count, _, _ = _three_posted_then_sigterm(tmp_path, MOUNTED_APP, "/llm/v1/chat/completions")
     print(f"3 admitted, then SIGTERM: {count} written")
     assert count == 3
 
