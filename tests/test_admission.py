@@ -639,7 +639,16 @@ def test_retry_at_is_the_latest_end_of_the_rate_windows_spent_now() -> None:
     assert admission.retry_at(limits, T0 + 3600) is None  # both ended
     team.rate_limit.tokens.value = 99  # type: ignore[union-attr]  (one left: not spent)
     assert admission.retry_at(limits, T0) == T0 + 60
-    print("retry at +60 s, then +3,600 s with the team's hour spent too")
+    # A request window that never resets, spent: no retry passes, so no end to wait for (an
+    # infinite wait would be no Retry-After at all: it raised).
+    lifetime = registry.window(
+        "request", "r-lifetime", limit=1, duration=None, calendar_aligned=False,
+        last_reset=datetime.fromtimestamp(T0, UTC), usage=1, now=T0,
+    )  # fmt: skip
+    rate = RateLimitCounters("r-lifetime", lifetime, None, None)
+    only = LimitSet((Scope("team", "t", "t", rate_limit=rate),))
+    assert admission.retry_at(only, T0) is None
+    print("retry at +60 s, then +3,600 s with the team's hour spent too; never for a lifetime")
 
 
 def test_a_stored_window_is_begun_anew_where_the_terms_do_not_roll_to() -> None:
@@ -655,3 +664,4 @@ def test_a_stored_window_is_begun_anew_where_the_terms_do_not_roll_to() -> None:
     assert rolled == [False, False, False]
     assert anew == [True, True, True, True]
     assert forever.begun_anew_at(T0 + 60) is True
+    assert forever.begun_anew_at(T0) is True  # even where it was made: it never rolls
