@@ -470,6 +470,41 @@ async def test_hooks_are_called_off_the_request_path_and_their_errors_change_not
         assert refusals["count"] == 1 and refusals["refusals"][0]["status"] == 402
 
 
+@pytest.mark.parametrize("shape", ["lambda", "method"])
+async def test_a_plain_hook_that_returns_a_coroutine_has_it_run(
+    make_settings: Settings, shape: str
+) -> None:
+    """`on_settled=lambda record: notify(record)` with `notify` async (or an object's method
+    that returns one): the hook is a plain callable, so it ran in the hook thread, its coroutine
+    was never awaited and the notice never sent (one RuntimeWarning, nothing else). The
+    coroutine it returns is run, as an async hook is (SPEC §14: plain or async)."""
+    seen: list[Any] = []
+    seen_loops: list[asyncio.AbstractEventLoop] = []
+
+    async def notify(record: Any) -> None:
+        await asyncio.sleep(0)
+        seen_loops.append(asyncio.get_running_loop())
+        seen.append(record)
+
+    class Notifier:
+        def settled(self, record: Any) -> Any:
+            return notify(record)
+
+    hook = (lambda record: notify(record)) if shape == "lambda" else Notifier().settled
+    app = host_app(None)
+    app.add_middleware(BudgetMiddleware, settings=make_settings(), on_settled=hook)
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        key = engine.manager.create_virtual_key(name="lam", budgets=[{"max_limit": 1}])
+        statuses = await spend(http, key.value, 0.1, 2)
+        engine.hooks.drain()
+        await until(lambda: len(seen) == 2)
+        print(f"{shape}: {statuses}, the returned coroutines run: {len(seen)} of 2")
+        assert statuses == [200, 200]
+        assert [r.cost_nanos for r in seen] == [100_000_000, 100_000_000]
+        assert seen_loops[0] is asyncio.get_running_loop()  # on the app's loop, as an async hook
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_a_hook_that_falls_behind_holds_a_bounded_backlog(
     make_settings: Settings,

@@ -2,7 +2,8 @@
 
 A plain callable runs in this engine's one hook thread (in order, so a slow hook delays only later
 hooks, never an answer); an async one runs as a task on the engine's event loop (or, before the
-engine has one, in the hook thread under its own loop). What a hook raises is logged and changes
+engine has one, in the hook thread under its own loop), as does the coroutine a plain one returns
+(a lambda around an async function). What a hook raises is logged and changes
 nothing. With no hook for an event, emitting it costs one attribute test.
 """
 
@@ -89,7 +90,27 @@ class Hooks:
                     return
             self._pool().submit(self._sync, _run_async, hook, item)
         else:
-            self._pool().submit(self._sync, _guarded, hook, item)
+            self._pool().submit(self._sync, self._plain, hook, item)
+
+    def _plain(self, hook: Hook, item: Any) -> None:
+        """A plain callable, in the hook thread. What it returns may be a coroutine (a lambda
+        around an async function): run as an async hook's is, on the engine's loop (not
+        waited for) or, with none, under its own loop here; never left unawaited."""
+        try:
+            result = hook(item)
+        except Exception:
+            logger.exception("budget-middleware hook %s raised", getattr(hook, "__name__", hook))
+            return
+        if not inspect.isawaitable(result):
+            return
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(_awaited(hook, result), loop)
+                return
+            except RuntimeError:
+                pass
+        asyncio.run(_awaited(hook, result))
 
     def _take(self) -> bool:
         """Room for one more event (`MAX_PENDING`): taken; else the event is dropped."""
@@ -143,16 +164,16 @@ class Hooks:
 _MAKING = threading.Lock()  # a hook thread made (`Hooks._pool`)
 
 
-def _guarded(hook: Hook, item: Any) -> None:
+async def _guarded_async(hook: Hook, item: Any) -> None:
     try:
-        hook(item)
+        await hook(item)
     except Exception:
         logger.exception("budget-middleware hook %s raised", getattr(hook, "__name__", hook))
 
 
-async def _guarded_async(hook: Hook, item: Any) -> None:
+async def _awaited(hook: Hook, result: Any) -> None:
     try:
-        await hook(item)
+        await result
     except Exception:
         logger.exception("budget-middleware hook %s raised", getattr(hook, "__name__", hook))
 
