@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError
 from support import chat, client, engine_of, host_app, running
@@ -1069,3 +1069,30 @@ async def test_the_budget_headers_show_both_amounts_with_the_same_decimals(
     limit, left = shown[1]
     assert len(left.split(".")[1]) == 9 and float(left) < 0.001  # charged part of a micro-dollar
     assert limit == "0.001000000"
+
+
+def test_a_websocket_passes_unmetered_even_where_a_key_is_required(
+    make_settings: Callable[..., BudgetSettings],
+) -> None:
+    """The README's "Good to know": a WebSocket (OpenAI's Realtime API proxied by the app) is
+    not an HTTP request SPEC §4 meters. It reaches the app untouched, with no key and no limit,
+    while a POST to an inference path without a key is refused."""
+    from starlette.testclient import TestClient
+
+    app = host_app(None)
+
+    @app.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("echo " + await websocket.receive_text())
+        await websocket.close()
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings(require_virtual_key=True))
+    with TestClient(app) as http:
+        refused = http.post("/v1/chat/completions", json=chat())
+        with http.websocket_connect("/v1/realtime") as socket:
+            socket.send_text("hi")
+            echoed = socket.receive_text()
+    print(f"POST without a key: {refused.status_code}; the WebSocket without one: {echoed!r}")
+    assert refused.status_code == 401
+    assert echoed == "echo hi"
