@@ -635,3 +635,51 @@ async def test_an_outbound_routed_call_is_metered_as_the_host_s_like_a_direct_on
                      ("openai/gpt-4o", "budget_exceeded")]  # fmt: skip
     assert routed.headers["x-budget-route"] == "anthropic/claude-sonnet-4"
     assert charged == [("openrouter", "anthropic/claude-sonnet-4")]
+
+
+async def test_a_routed_request_reserves_inline_audio_at_its_target_s_audio_price(
+    make_settings: Settings,
+) -> None:
+    """Inline audio is reserved at the input audio price of the model it goes to (gpt-audio's
+    $32/Mtok, 13 times its text input's), so that 60 at once never spend past a budget. A
+    request naming a route weighed it by the route's name, which has no price: at the text
+    price, each reserved about half what it is billed, and the burst spent past the limit."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from test_media import b64, voice_provider, wav
+
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", voice_provider, methods=["POST"])]),
+        settings=make_settings(),
+    )
+    engine = app.engine
+    part = {"type": "input_audio", "input_audio": {"data": b64(wav(30)), "format": "wav"}}
+    limit = 0.30
+    spent: dict[str, float] = {}
+    admitted: dict[str, int] = {}
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.create_route(name="voice", targets=["openai/gpt-audio"])
+        for model in ("gpt-audio", "voice"):
+            key = m.create_virtual_key(name=model, budgets=[{"max_limit": limit}])
+            await engine.invalidate()
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}],
+                "max_completion_tokens": 10,
+            }
+            content = json.dumps(body).encode()
+            headers = {"authorization": f"Bearer {key.value}", "content-type": "application/json"}
+            answers = await asyncio.gather(
+                *(http.post("/v1/chat/completions", content=content, headers=headers)
+                  for _ in range(60))
+            )  # fmt: skip
+            admitted[model] = sum(a.status_code == 200 for a in answers)
+            await engine.flush()
+            spent[model] = m.get_budget(key.budgets[0].id).current_usage
+    print(f"60 WAVs of 30 s at once on ${limit}: direct {admitted['gpt-audio']} admitted, "
+          f"${spent['gpt-audio']:.4f} spent; routed {admitted['voice']} admitted, "
+          f"${spent['voice']:.4f} spent")  # fmt: skip
+    assert spent["gpt-audio"] <= limit + 1e-9
+    assert spent["voice"] <= limit + 1e-9

@@ -279,11 +279,10 @@ class Gate:
             route = routes.get(name) if type(name) is str else None
             if route is not None:
                 request, orjson_writes = for_rewrite(parsed, body)
-                if images:  # its candidates' models differ: the largest bound of all
-                    prompt_tokens += inline_image_tokens("", images, self._audio_weight(target))
                 plan = self._plan_route(
-                    route, request, path, credentials, key, target, prompt_tokens, now, started
-                )
+                    route, request, path, credentials, key, target, prompt_tokens, now, started,
+                    images,
+                )  # fmt: skip
                 for _, candidate in plan.candidates + plan.shadow_only:
                     candidate.orjson_writes = orjson_writes
                     if references:
@@ -493,13 +492,21 @@ class Gate:
         prompt_tokens: int,
         now: float,
         started: float,
+        images: list[tuple[int, int, int]],
     ) -> RoutePlan:
         """Each target of the route prepared as a request of its own; those the key may not use
-        (or that have no price, where unpriced models are refused) are set aside as refused."""
+        (or that have no price, where unpriced models are refused) are set aside as refused.
+        Inline images and audio count for each target as for a request naming it: its model's
+        bound, audio at its own audio price (the route's name has none: weighed by it, audio
+        was reserved at the text price, half what gpt-audio bills it)."""
         plan = RoutePlan(route, parsed, asks_usage(path, credentials), key, target)
         for index, route_target in enumerate(route.targets):
             retargeted = self.resolve_target.retarget(target, route_target.text, credentials, path)
-            prepared = self._prepare(key, retargeted, prompt_tokens, now, started)
+            tokens = prompt_tokens
+            if images:
+                weight = self._audio_weight(retargeted)
+                tokens += inline_image_tokens(retargeted.model, images, weight)
+            prepared = self._prepare(key, retargeted, tokens, now, started)
             if type(prepared) is Exchange:
                 prepared.route_target = route_target.text
                 prepared.parsed = parsed
