@@ -339,14 +339,21 @@ async def test_routes_come_from_the_config_file(make_settings: Settings, tmp_pat
 
 @pytest.mark.parametrize(
     "field",
-    ['"user": "\u00e9l\u00e8ve \u2603"', '"seed": 123456789012345678901234567890', '"top_p": NaN'],
-    ids=["text", "integer-over-64-bits", "NaN"],
+    [
+        '"user": "\u00e9l\u00e8ve \u2603"',
+        '"seed": 123456789012345678901234567890',
+        '"top_p": NaN',
+        '"user": "an emoji cut in half \\ud83d"',
+    ],
+    ids=["text", "integer-over-64-bits", "NaN", "lone-surrogate"],
 )
 async def test_a_routed_body_keeps_every_other_field_as_the_client_sent_it(
     make_settings: Settings, field: str
 ) -> None:
     """The body the app gets names the target; the rest is what the client sent, even what only
-    Python's own parser reads (integers over 64 bits, NaN)."""
+    Python's own parser reads (integers over 64 bits, NaN, and half a surrogate pair, as a
+    JavaScript client that cut a string through an emoji sends it: its rewriting raised
+    UnicodeEncodeError, a 500 for a request served unrouted)."""
     app = FastAPI()
 
     @app.post("/v1/chat/completions")

@@ -653,4 +653,9 @@ def body_to_send(exchange: Exchange) -> bytes | None:
             pass
     # NaN and integers over 64 bits as read; deeper than the stdlib writes raises, and the
     # adapter settles the request as failed (its slot and reservation released).
-    return json.dumps(parsed, ensure_ascii=False).encode()
+    try:
+        return json.dumps(parsed, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # Half a surrogate pair (`"\ud83d"`, a string cut through an emoji), which JSON may
+        # escape and UTF-8 cannot hold: escaped again, as the client sent it.
+        return json.dumps(parsed).encode()
