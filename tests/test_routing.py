@@ -342,10 +342,11 @@ async def test_routes_come_from_the_config_file(make_settings: Settings, tmp_pat
     [
         '"user": "\u00e9l\u00e8ve \u2603"',
         '"seed": 123456789012345678901234567890',
+        '"seed": -9223372036854775809',
         '"top_p": NaN',
         '"user": "an emoji cut in half \\ud83d"',
     ],
-    ids=["text", "integer-over-64-bits", "NaN", "lone-surrogate"],
+    ids=["text", "integer-over-64-bits", "19-digits-under-64-bits", "NaN", "lone-surrogate"],
 )
 async def test_a_routed_body_keeps_every_other_field_as_the_client_sent_it(
     make_settings: Settings, field: str

@@ -608,10 +608,11 @@ def parse_json(body: bytes) -> Any:
         return None
 
 
-# What orjson would not write back as the client sent it: a number with more digits than 64 bits
-# hold (orjson reads such an integer as a float) and NaN or Infinity (orjson refuses them, and
-# would write them as null). Searched for only in a body the middleware may rewrite.
-_NOT_ORJSON = re.compile(rb"[0-9]{20}|NaN|Infinity")
+# What orjson would not write back as the client sent it: an integer 64 bits may not hold (orjson
+# reads it as a float): of 20 digits or more, or of 19 below -2**63 (-9223372036854775809), and
+# NaN or Infinity (orjson refuses them, and would write them as null). Searched for only in a
+# body the middleware may rewrite.
+_NOT_ORJSON = re.compile(rb"[0-9]{19}|NaN|Infinity")
 
 
 def for_rewrite(parsed: Any, body: bytes) -> tuple[Any, bool]:
