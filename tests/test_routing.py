@@ -691,3 +691,57 @@ async def test_a_routed_request_reserves_inline_audio_at_its_target_s_audio_pric
           f"${spent['voice']:.4f} spent")  # fmt: skip
     assert spent["gpt-audio"] <= limit + 1e-9
     assert spent["voice"] <= limit + 1e-9
+
+
+async def test_a_soft_budget_never_makes_a_route_fall_over(make_settings: Settings) -> None:
+    """A soft budget raises alerts and counts spend but never refuses (SPEC §14): a route whose
+    first target's soft budget is spent keeps that target; only a hard one makes it fall over."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=[{"max_limit": 0.0003, "soft": True}])
+        m.put_provider("azure", budgets=[{"max_limit": 0.0003}])
+        m.create_route(name="gpt-4o", targets=["azure/gpt-4o", "openai/gpt-4o"])
+        await engine.invalidate()
+        seen = [(await post(http)).headers["x-budget-route"] for _ in range(8)]
+        await engine.flush()
+        spend = {b.user_path: b.spent for b in m.list_budgets()}
+    print(f"targets {seen}; spend {spend}")
+    first_openai = seen.index("openai/gpt-4o")
+    assert first_openai >= 1 and set(seen[:first_openai]) == {"azure/gpt-4o"}
+    assert set(seen[first_openai:]) == {"openai/gpt-4o"}  # its soft budget, spent, refuses none
+    assert spend["/provider/openai"] > 0.0003  # past its soft limit, counted
+
+
+async def test_an_upstream_error_is_answered_not_retried_on_the_next_target(
+    make_settings: Settings,
+) -> None:
+    """Routing happens at admission (SPEC §12): an upstream's 429 or 500 is the client's answer,
+    not a reason to try the next target; it costs nothing (§7) and gives its reservation back,
+    so the next request goes to the same first target."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=[{"max_limit": 0.0005}])
+        m.put_provider("azure", budgets=[{"max_limit": 1}])
+        m.create_route(**ROUTE)
+        await engine.invalidate()
+        failed = [
+            await http.post("/v1/chat/completions", json=chat("gpt-4o"),
+                            headers={"x-mock-status": status})
+            for status in ("429", "500")
+        ]  # fmt: skip
+        after = await post(http)
+        await engine.flush()
+        spend = {b.user_path: b.spent for b in m.list_budgets()}
+        rows = [(r.key, r.requests, r.cost) for r in m.usage(group_by="provider").usage]
+    print("upstream errors:", [(a.status_code, a.headers.get("x-budget-route")) for a in failed],
+          f"then {after.headers['x-budget-route']}; spend {spend}; usage {rows}")  # fmt: skip
+    assert [a.status_code for a in failed] == [429, 500]
+    assert [a.headers["x-budget-route"] for a in failed] == ["openai/gpt-4o"] * 2
+    assert after.status_code == 200 and after.headers["x-budget-route"] == "openai/gpt-4o"
+    assert spend["/provider/azure"] == 0  # never tried
+    assert 0 < spend["/provider/openai"] < 0.0005  # the one request that answered, alone
+    assert rows == [("openai", 3, pytest.approx(spend["/provider/openai"]))]  # each once
