@@ -745,3 +745,60 @@ async def test_an_upstream_error_is_answered_not_retried_on_the_next_target(
     assert spend["/provider/azure"] == 0  # never tried
     assert 0 < spend["/provider/openai"] < 0.0005  # the one request that answered, alone
     assert rows == [("openai", 3, pytest.approx(spend["/provider/openai"]))]  # each once
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_reported_fee_over_the_token_price_is_reserved_too(
+    make_settings: Settings, backend: str, tmp_path: Path
+) -> None:
+    """A provider whose answer reports its cost (`usage.cost`) above its tokens' price, as
+    Perplexity's per-request search fee is: reservations counted the tokens alone, so hundreds
+    of routed requests at once spent far past the target's budget (SPEC §6: concurrency never
+    pushes spend past a limit). What an answer reported over its tokens' price is reserved by
+    the next requests to that model, once an answer has reported it."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        '{"models": {"sonar-pro": {"input_per_mtok": 3, "output_per_mtok": 15}}}'
+    )  # 7 in, 10 out: $0.000171 by tokens, $0.006171 with the $0.006 fee
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> JSONResponse:
+        await asyncio.sleep(0.02)  # in flight together
+        usage = {"prompt_tokens": 7, "completion_tokens": 10, "cost": 0.006171}
+        return JSONResponse({"model": (await request.json())["model"], "usage": usage})
+
+    overrides: dict[str, Any] = {"pricing_file": prices}
+    prefix = unique_prefix()
+    if backend == "redis":
+        need_redis()
+        overrides["redis_url"] = REDIS_URL
+    settings = make_settings(**overrides)
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    if backend == "redis":
+        use_prefix(engine, prefix)
+    limit = 0.10
+    try:
+        async with running(app), client(app) as http:
+            m = engine.manager
+            m.put_provider("perplexity", budgets=[{"max_limit": limit}])
+            m.create_route(name="search", targets=["perplexity/sonar-pro"])
+            await engine.invalidate()
+            body = chat("search", max_tokens=10)
+            first = await http.post("/v1/chat/completions", json=body)  # its answer tells
+            answers = await asyncio.gather(
+                *(http.post("/v1/chat/completions", json=body) for _ in range(100))
+            )
+            await engine.flush()
+            spent = m.list_budgets(owner_type="provider")[0].spent
+    finally:
+        if backend == "redis":
+            delete_prefix(REDIS_URL, prefix)
+    served = sum(a.status_code == 200 for a in answers)
+    print(f"{backend}: 1 then 100 at once, $0.006171 each: {served} served, "
+          f"${spent:.6f} spent of ${limit}")  # fmt: skip
+    assert first.status_code == 200
+    assert spent <= limit + 1e-9
+    assert served >= 10  # the budget's worth, not one at a time

@@ -124,6 +124,7 @@ class Exchange:
     direction = "inbound"  # "outbound" for the transport's calls (SPEC §13)
     would_refuse: str | None = None  # shadow mode: the code that would have refused it (§14)
     media_references = 0  # media sent by reference (image URLs, file ids): `gate._with_media`
+    reported_over = 0  # a reported cost over its tokens' price (nano-dollars): `gate.saw_fee`
     left_out: tuple[bytes, ...] = (COST_HEADER,)  # headers the adapter drops (`read_start`)
 
     def __init__(
@@ -394,10 +395,15 @@ class Exchange:
         stream = self.stream
         if note is None and stream is not None and stream.gave_up and stream.gap_unread():
             note = "an event over 16 MiB was not read"
-        if self.header_cost is not None:
-            cost, source = self.header_cost, "header"
-        elif usage is not None and usage.cost is not None:
-            cost, source = charge_nanos(usage.cost), "usage"
+        if self.header_cost is not None or (usage is not None and usage.cost is not None):
+            if self.header_cost is not None:
+                cost, source = self.header_cost, "header"
+            else:
+                assert usage is not None and usage.cost is not None
+                cost, source = charge_nanos(usage.cost), "usage"
+            if self.price is not None and usage is not None and not estimated:
+                # Reported over what its tokens cost (a fee): for the next to reserve
+                self.reported_over = cost - cost_nanos(self._served_price(usage), usage)
         elif usage is None and (
             self.status >= 300 or not (self.response_started or self.sent_unanswered)
         ):
@@ -440,14 +446,8 @@ class Exchange:
             if price is None:
                 cost, source = 0, "unpriced"  # noted by `book`
             else:
-                # At the service tier the answer was served at, else the one asked for when
-                # it costs no less (`asked_prices`).
-                tier = usage.service_tier
-                if tier is not None:
-                    price = for_service_tier(price, tier)
-                elif self.target.service_tier is not None:
-                    price = asked_prices(price, self.target.service_tier)
-                cost, source = cost_nanos(price, usage), price.source
+                served = self._served_price(usage)
+                cost, source = cost_nanos(served, usage), price.source
         if usage is None:
             inp = out = cached = 0
         else:
@@ -463,6 +463,18 @@ class Exchange:
             cost = MAX_CHARGE_NANOS
             note = "cost over $1,000,000, charged $1,000,000"
         return self._record(outcome, inp, out, cached, cost, source, estimated, note)
+
+    def _served_price(self, usage: TokenUsage) -> ModelPrice:
+        """The price of the answer: at the service tier it was served at, else the one asked
+        for when it costs no less (`asked_prices`)."""
+        price = self.price
+        assert price is not None
+        tier = usage.service_tier
+        if tier is not None:
+            return for_service_tier(price, tier)
+        if self.target.service_tier is not None:
+            return asked_prices(price, self.target.service_tier)
+        return price
 
     def _record(
         self,
@@ -572,6 +584,8 @@ class Exchange:
             if record.cost_source == "unpriced":
                 engine.prices.note_unpriced(record.provider, record.model)
                 engine.stats.unpriced_requests += 1
+        elif self.reported_over > 0:
+            engine.gate.saw_fee(record.provider, record.model, self.reported_over)
         if self.media_references and record.input_tokens and not record.estimated:
             # Its input measured (an error without usage, an estimate, tells nothing of it):
             # what each medium it sent by reference took, for the next to reserve.

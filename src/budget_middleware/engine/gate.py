@@ -115,12 +115,23 @@ class Gate:
         # Per model: the most input tokens one medium sent by reference (an image URL, a file
         # id) has been measured to take here, beyond its request's estimate from the body.
         self.media_tokens: LRUCache[tuple[str, str], int] = LRUCache(4096)
+        # Per priced model: the most an answer's reported cost (`x-budget-cost`, `usage.cost`)
+        # has been over its tokens' price here (a per-request fee: Perplexity's searches, a
+        # host's markup), which its tokens' estimate does not hold. Empty as a rule.
+        self.fees: LRUCache[tuple[str, str], int] = LRUCache(4096)
 
     def saw_unpriced(self, provider: str, model: str, cost: int) -> None:
         """A request to a model without a price was charged `cost`: what the next reserve."""
         key = (provider, model)
         if cost > self.unpriced_costs.get(key, -1):
             self.unpriced_costs[key] = cost
+
+    def saw_fee(self, provider: str, model: str, over: int) -> None:
+        """An answer of a priced model reported a cost `over` its tokens' price: the most, what
+        the next requests to it reserve beside their tokens."""
+        key = (provider, model)
+        if over > self.fees.get(key, 0):
+            self.fees[key] = over
 
     def saw_media(self, provider: str, model: str, references: int, input_tokens: int) -> None:
         """A request sending `references` media by reference was measured to take
@@ -429,7 +440,18 @@ class Gate:
                 exchange.ticket_estimate = estimate_nanos(
                     price, prompt_tokens, self.most_output(target), target.spoken, target.caches
                 )
+                if self.fees:
+                    self._with_fee(exchange)
         return exchange
+
+    def _with_fee(self, exchange: Exchange) -> None:
+        """What an answer of its model reported over its tokens' price (`saw_fee`), reserved
+        beside its tokens: else requests at once each hold their tokens alone, and spend the
+        fee past the budget (SPEC §6)."""
+        target = exchange.target
+        fee = self.fees.get((target.provider, target.model))
+        if fee:
+            exchange.ticket_estimate = min(exchange.ticket_estimate + fee, MAX_CHARGE_NANOS)
 
     def _audio_weight(self, target: Target) -> int:
         """How many input tokens an audio token costs at `target`'s prices (at least 1)."""
@@ -470,6 +492,8 @@ class Gate:
                 target.caches,
             )
             exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
+            if self.fees:
+                self._with_fee(exchange)
 
     def most_output(self, target: Target) -> int:
         """The most output a request may be answered: its limit (or the default when it sets
