@@ -834,3 +834,37 @@ def test_an_alert_s_threshold_is_shown_as_set(bare: Served) -> None:
         shown = sorted(row.locator("td").nth(2).inner_text() for row in rows.all())
     print("shown:", shown)
     assert shown == ["0.5% reached", "12.5% reached"]
+
+
+def test_a_budget_of_a_tag_named_dots_is_not_offered_for_a_change_that_cannot_be_sent(
+    bare: Served,
+) -> None:
+    """A tag (or provider) may be named `..` or `.`, but no browser can send that name as a
+    path segment: `tags/..`, and `tags/%2E%2E` alike, is read as the admin app's root (WHATWG
+    URL), and the page's Edit ended in "no admin route /budget-admin/" with nothing saved. The
+    page says so on the Edit button (disabled) and names the CLI command that can change it."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    budget = {"budgets": [{"max_limit": 1, "reset_duration": "1d"}]}
+    for path in ("/tags/%2E%2E", "/providers/%2E", "/tags/a..b"):
+        created = httpx.put(bare.admin + path, json=budget, headers=headers)
+        assert created.status_code == 201, created.text
+    found = httpx.get(bare.admin + "/budgets", headers=headers).json()["budgets"]
+    ids = {b.get("tag") or b.get("provider"): b["id"] for b in found}
+    with _signed_in(bare) as page:
+        page.wait_for_function("() => document.body.dataset.loaded !== undefined")
+        buttons = {
+            name: page.locator(f'li.budget[data-id="{id_}"] [data-action="edit"]')
+            for name, id_ in ids.items()
+        }
+        shown = {n: (b.is_enabled(), b.get_attribute("title")) for n, b in buttons.items()}
+        print("edit buttons (enabled, title):", shown)
+        assert shown[".."] == (False, "A browser cannot send the name \"..\" in a URL: change "
+                               "it with budget-middleware tags update .. --budget ...")  # fmt: skip
+        assert shown["."][0] is False and "providers update ." in (shown["."][1] or "")
+        assert shown["a..b"] == (True, "Change the limit")  # dots among others: sent as they are
+        buttons["a..b"].click()
+        page.fill("#edit-limit", "2.5")
+        page.click("#edit-save")
+        page.wait_for_function("() => !document.getElementById('edit-dialog').open")
+    found = httpx.get(bare.admin + "/budgets", headers=headers).json()["budgets"]
+    assert {b.get("tag") or b.get("provider"): b["max_limit"] for b in found}["a..b"] == 2.5

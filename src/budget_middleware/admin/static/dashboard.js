@@ -300,6 +300,17 @@
     for (const b of shown) list.append(budgetItem(b));
   }
 
+  /** Why a browser cannot write this budget's owner, or "": a tag or provider named with dots
+   *  alone (`..`, `.`) is no path segment a browser can send (a URL reads `tags/..`, and
+   *  `tags/%2E%2E` alike, as the admin app's root); the CLI sends it. */
+  function unaddressable(b) {
+    const command = { tag: "tags", provider: "providers" }[b.owner_type];
+    const name = String(b[OWNER_ID[b.owner_type]] ?? "");
+    if (!command || !/^\.+$/.test(name)) return "";
+    return "A browser cannot send the name " + JSON.stringify(name) + " in a URL: change it with "
+      + "budget-middleware " + command + " update " + name + " --budget ...";
+  }
+
   function budgetName(b) {
     return b.user_path || "/" + b.owner_type + "/" + (b[OWNER_ID[b.owner_type]] || b.id);
   }
@@ -326,11 +337,13 @@
         + " of " + usd(amount),
     }, spentBar, reservedBar);
 
-    const editable = Boolean(EDITABLE[b.owner_type]) || b.owner_type === "provider_config";
+    const dots = unaddressable(b);
+    const editable = !dots && (Boolean(EDITABLE[b.owner_type]) || b.owner_type === "provider_config");
     const actions = h("div", { class: "budget-actions" },
       h("button", {
         type: "button", class: "btn btn-small", "data-action": "edit", disabled: !editable,
-        title: editable ? "Change the limit" : "This budget cannot be changed here",
+        title: editable ? "Change the limit" : dots ? dots
+          : "This budget cannot be changed here",
         onclick: () => openEdit(b),
       }, "Edit"),
       h("button", {
