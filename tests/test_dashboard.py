@@ -868,3 +868,58 @@ def test_a_budget_of_a_tag_named_dots_is_not_offered_for_a_change_that_cannot_be
         page.wait_for_function("() => !document.getElementById('edit-dialog').open")
     found = httpx.get(bare.admin + "/budgets", headers=headers).json()["budgets"]
     assert {b.get("tag") or b.get("provider"): b["max_limit"] for b in found}["a..b"] == 2.5
+
+
+def test_the_longest_names_stay_within_the_page(bare: Served) -> None:
+    """Names as long as the admin API takes them (200 characters, with no space to break at)
+    pushed the page past the window: the Create a key form's "Belongs to" list grew to the
+    longest customer's name and the top keys table to the longest key's, 2562 px of page in a
+    1400 px window, with the Spend column out of sight. Every card keeps its content now."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    long = "x" * 199
+
+    def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        answer = httpx.post(bare.admin + path, json=body, headers=headers)
+        assert answer.status_code == 201, answer.text
+        return dict(answer.json())
+
+    budget = [{"max_limit": 5, "reset_duration": "1d"}]
+    customer = post("/customers", {"name": "c" + long, "budgets": budget})["customer"]
+    post("/teams", {"name": "t" + long, "customer_id": customer["id"], "budgets": budget})
+    key = post("/virtual-keys", {"name": "k" + long, "budgets": budget})["virtual_key"]
+    sent = httpx.post(
+        bare.url + "/v1/chat/completions",
+        json={**_chat("m" + "z" * 150, 10)},
+        headers={"Authorization": f"Bearer {key['value']}", "x-mock-header-cost": "1",
+                 "x-budget-tags": "g" + "q" * 99},
+    )  # fmt: skip
+    assert sent.status_code == 200, sent.text
+    _stopped_key(bare)  # a refusal to show
+    deadline = time.monotonic() + 10
+    while _stored_requests(bare) < 1:
+        assert time.monotonic() < deadline, "the usage record was not written"
+        time.sleep(0.05)
+    measure = """() => ({
+        page: [document.documentElement.scrollWidth, window.innerWidth],
+        cards: [...document.querySelectorAll('.card, .tile, dialog[open]')]
+            .filter((c) => c.scrollWidth > c.clientWidth + 1)
+            .map((c) => (c.id || c.getAttribute('aria-labelledby') || c.className)
+                 + ': ' + c.scrollWidth + ' > ' + c.clientWidth),
+    })"""
+    edit = f'li.budget[data-id="{customer["budgets"][0]["id"]}"] [data-action="edit"]'
+    shown = {}
+    for width in (1400, 900):  # two columns, and one (under 1000 px)
+        with _signed_in(bare, {"width": width, "height": 900}) as page:
+            page.wait_for_function("() => document.querySelectorAll('#top-keys tbody tr').length")
+            page.wait_for_function("() => document.querySelectorAll('#refusals tbody tr').length")
+            shown[f"{width} signed in"] = page.evaluate(measure)
+            for group in ("model", "tag", "team", "customer"):
+                page.select_option("#chart-group", group)
+                page.wait_for_timeout(300)
+                shown[f"{width} by {group}"] = page.evaluate(measure)
+            page.locator(edit).click()
+            shown[f"{width} edit"] = page.evaluate(measure)
+    print(shown)
+    for measured in shown.values():
+        assert measured["page"][0] <= measured["page"][1]
+        assert measured["cards"] == []
