@@ -923,3 +923,39 @@ def test_the_longest_names_stay_within_the_page(bare: Served) -> None:
     for measured in shown.values():
         assert measured["page"][0] <= measured["page"][1]
         assert measured["cards"] == []
+
+
+def test_spend_under_its_limit_is_never_shown_as_the_limit(bare: Served) -> None:
+    """$9.996 spent of a $10 budget (it still admits: the next request is a 200) was shown
+    "$10.00 of $10.00 · 100%", as if used up; $0.99996 of $1 "$1.00 of $1.00 · 100%". Spend
+    under its limit is shown with the decimals that tell it from the limit, and under 100%."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    cases = {"ten": (10, 9.996), "one": (1, 0.99996), "cents": (0.02, 0.019999)}
+    ids = {}
+    for name, (limit, cost) in cases.items():
+        body = {"name": name, "budgets": [{"max_limit": limit, "reset_duration": "1d"}]}
+        created = httpx.post(bare.admin + "/virtual-keys", json=body, headers=headers)
+        key = created.json()["virtual_key"]
+        ids[name] = key["budgets"][0]["id"]
+        auth = {"Authorization": f"Bearer {key['value']}"}
+        codes = [
+            httpx.post(bare.url + "/v1/chat/completions", json=_chat("gpt-4o", 10),
+                       headers={**auth, "x-mock-header-cost": str(cost)}).status_code
+            for cost in (cost, 0)
+        ]  # fmt: skip
+        assert codes == [200, 200], (name, codes)  # not exhausted: the second is admitted
+    with _signed_in(bare) as page:
+        page.wait_for_function("() => document.body.dataset.loaded !== undefined")
+        shown = {
+            name: page.locator(f'li.budget[data-id="{id_}"] .budget-numbers > span').first
+            .inner_text()
+            for name, id_ in ids.items()
+        }  # fmt: skip
+        over = page.locator('[data-field="over"]').count()
+    print("shown:", shown)
+    assert shown == {
+        "ten": "$9.996 of $10.00 · 99%",
+        "one": "$0.99996 of $1.00 · 99%",
+        "cents": "$0.019999 of $0.02 · 99%",
+    }
+    assert over == 0

@@ -71,6 +71,26 @@
     }
     return usdFormats.get(digits).format(v);
   }
+  /** Spend beside its limit: while under it, never the limit's own text ($9.996 of $10 read
+   *  "$10.00 of $10.00", a budget that still admits shown as used up): the fewest decimals, up
+   *  to the nano-dollar a charge is counted in, that tell the two apart. */
+  function spentUsd(spent, limit) {
+    const shown = usd(spent);
+    if (!(spent < limit) || shown !== usd(limit) || Math.abs(spent) < 0.01) return shown;
+    for (let digits = 3; digits <= 9; digits += 1) {
+      const text = new Intl.NumberFormat("en-US", {
+        style: "currency", currency: "USD", minimumFractionDigits: 2,
+        maximumFractionDigits: digits,
+      }).format(spent);
+      if (text !== usd(limit)) return text;
+    }
+    return shown;
+  }
+  /** A share used, in whole percents: under 1 never "100%" (0.99996 read 100%). */
+  function percent(ratio) {
+    const whole = Math.round(ratio * 100);
+    return ratio < 1 ? Math.min(whole, 99) : whole;
+  }
   const intFormat = new Intl.NumberFormat("en-US");
   const compactFormat = new Intl.NumberFormat("en-US", { notation: "compact",
                                                          maximumFractionDigits: 1 });
@@ -333,7 +353,7 @@
     const bar = h("div", {
       class: "bar", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": amount,
       "aria-valuenow": spent, "aria-label": budgetName(b) + " spent",
-      title: usd(spent) + " spent" + (hasReserved ? ", " + usd(reserved) + " reserved" : "")
+      title: spentUsd(spent, amount) + " spent" + (hasReserved ? ", " + usd(reserved) + " reserved" : "")
         + " of " + usd(amount),
     }, spentBar, reservedBar);
 
@@ -371,12 +391,12 @@
       bar,
       h("div", { class: "budget-numbers" },
         h("span", null,
-          h("span", { class: "spent", "data-field": "spent" }, usd(spent)),
+          h("span", { class: "spent", "data-field": "spent" }, spentUsd(spent, amount)),
           reserved > 0 ? h("span", { class: "reserved", "data-field": "reserved" },
             " + " + usd(reserved) + " reserved") : null,
           h("span", { class: "muted" }, " of "),
           h("span", { "data-field": "limit" }, usd(amount)),
-          h("span", { class: "muted" }, " · " + Math.round(ratio * 100) + "%")),
+          h("span", { class: "muted" }, " · " + percent(ratio) + "%")),
         period));
   }
 
