@@ -1025,3 +1025,33 @@ def test_config_check_names_a_key_whose_name_has_a_comma_whole(
     )
     answer = ok(here(store, f"config check {shlex.quote(str(file))} --json")).json()
     assert answer["unset_variables"] == {"PROD_KEY": ["virtual_keys[0] (ci, prod)"]}
+
+
+async def test_spend_under_its_limit_is_never_shown_as_the_limit(
+    store: dict[str, str], here: Here
+) -> None:
+    """$0.99996 spent of a $1 budget (it still admits) read `$1.0000` spent of `$1.0000`, and
+    $0.019999 of $0.02 `$0.0200` of `$0.0200`: as if used up. Spend under its limit is shown
+    with the decimals that tell it from the limit."""
+    costs = {"one": (1, 0.99996), "cents": (0.02, 0.019999), "plain": (10, 2.5)}
+    values = {}
+    for name, (limit, _) in costs.items():
+        made = ok(here(store, f"keys create --name {name} --budget {limit}/1d --json")).json()
+        values[name] = made["virtual_key"]["value"]
+    app = host_app(_settings(store))
+    async with running(app), client(app) as http:
+        for name, (_, cost) in costs.items():
+            for charge in (cost, 0):  # the second is admitted: not exhausted
+                headers = {**_key(values[name]), "x-mock-header-cost": str(charge)}
+                answer = await http.post("/v1/chat/completions", json=chat(), headers=headers)
+                assert answer.status_code == 200, (name, answer.text)
+    head, *rows = table(ok(here(store, "budgets list")).out)
+    shown = {r[head.index("OWNER")]: (r[head.index("SPENT")], r[head.index("LIMIT")]) for r in rows}
+    listed = ok(here(store, "keys list")).out
+    print(shown, listed, sep="\n")
+    assert shown == {
+        "/one": ("$0.99996", "$1.0000"),
+        "/cents": ("$0.019999", "$0.0200"),
+        "/plain": ("$2.5000", "$10.0000"),
+    }
+    assert "$0.99996 of $1.0000/1d" in listed and "$0.019999 of $0.0200/1d" in listed

@@ -42,6 +42,25 @@ def usd(value: Any) -> str:
     return f"${amount:,.4f}"
 
 
+def spent_usd(spent: Any, limit: Any) -> str:
+    """Spend beside its limit: while under it, never the limit's own text ($0.99996 of $1 read
+    `$1.0000` of `$1.0000`, a budget that still admits shown as used up), but the fewest
+    decimals, up to the nano-dollar a charge is counted in, that tell the two apart."""
+    shown = usd(spent)
+    if spent is None or limit is None or not float(spent) < float(limit) or shown != usd(limit):
+        return shown
+    for digits in range(5, 10):
+        text = f"${float(spent):,.{digits}f}".rstrip("0")
+        text = text if len(text.partition(".")[2]) >= 4 else f"${float(spent):,.4f}"
+        if text != usd(limit):
+            return text
+    return shown
+
+
+def _spent(budget: Json) -> str:
+    return spent_usd(budget.get("spent", budget.get("current_usage")), budget.get("max_limit"))
+
+
 def when(value: Any) -> str:
     """An RFC 3339 time, to the minute: `2026-11-30 10:00Z`."""
     if not isinstance(value, str) or len(value) < 16:
@@ -86,9 +105,7 @@ def budgets_summary(item: Json) -> str:
     for b in item.get("budgets") or []:
         period = f"/{b['reset_duration']}" if b.get("reset_duration") else " total"
         soft = " (soft)" if b.get("soft") else ""
-        parts.append(
-            f"{usd(b.get('spent', b.get('current_usage')))} of {usd(b['max_limit'])}{period}{soft}"
-        )
+        parts.append(f"{_spent(b)} of {usd(b['max_limit'])}{period}{soft}")
     return ", ".join(parts) or "-"
 
 
@@ -115,7 +132,7 @@ def _window(budget: Json) -> str:
 BUDGET_COLUMNS: list[Column] = [
     ("ID", lambda b: b["id"]),
     ("OWNER", lambda b: b.get("user_path") or b.get("owner_type")),
-    ("SPENT", lambda b: usd(b.get("spent", b.get("current_usage")))),
+    ("SPENT", _spent),
     ("LIMIT", lambda b: usd(b.get("max_limit"))),
     ("REMAINING", lambda b: usd(b.get("remaining"))),
     ("RESERVED", lambda b: usd(b.get("reserved", 0.0))),
