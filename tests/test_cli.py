@@ -1055,3 +1055,26 @@ async def test_spend_under_its_limit_is_never_shown_as_the_limit(
         "/plain": ("$2.5000", "$10.0000"),
     }
     assert "$0.99996 of $1.0000/1d" in listed and "$0.019999 of $0.0200/1d" in listed
+
+
+def test_a_table_s_columns_line_up_under_wide_and_combining_characters(
+    store: dict[str, str], here: Here
+) -> None:
+    """Cells were padded by their number of characters: a name in CJK (two columns a
+    character on a terminal) pushed the rest of its row 5 columns right of the heading, and a
+    combining accent (no column) pulled it left. Cells are padded by the columns they take."""
+    import unicodedata
+
+    for name in ("名前の顧客", "e\u0301mile", "plain"):
+        ok(here(store, f"customers create --name '{name}' --budget 5/1d"))
+    listed = ok(here(store, "customers list")).out
+
+    def column(line: str, text: str) -> int:  # where `text` starts on a terminal
+        before = line[: line.index(text)]
+        wide = sum(unicodedata.east_asian_width(c) in "WF" for c in before)
+        return len(before) + wide - sum(unicodedata.combining(c) > 0 for c in before)
+
+    lines = listed.splitlines()
+    starts = [column(lines[0], "BUDGETS")] + [column(line, "$0.0000") for line in lines[1:]]
+    print(listed, "BUDGETS starts at:", starts)
+    assert len(set(starts)) == 1

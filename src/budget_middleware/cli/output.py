@@ -4,6 +4,7 @@ Scripts use `--json`, which prints the dicts themselves."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -68,16 +69,30 @@ def when(value: Any) -> str:
     return value[:10] + " " + value[11:16] + "Z"
 
 
+def columns_of(cell: str) -> int:
+    """The columns a cell takes on a terminal: two for a wide character (CJK, most emoji),
+    none for a combining one (an accent written after its letter), one for the rest."""
+    if cell.isascii():
+        return len(cell)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in cell
+    )
+
+
 def table(rows: Iterable[Json], columns: Sequence[Column], *, empty: str = "(none)") -> None:
     cells = [[text(get(row)) for _, get in columns] for row in rows]
     if not cells:
         click.echo(empty)
         return
     heads = [head for head, _ in columns]
-    widths = [max(len(line[i]) for line in [heads, *cells]) for i in range(len(heads))]
+    widths = [max(columns_of(line[i]) for line in [heads, *cells]) for i in range(len(heads))]
     for line in [heads, *cells]:
-        cells_ = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-        click.echo("  ".join(cells_).rstrip())
+        padded = (
+            cell + " " * (width - columns_of(cell))
+            for cell, width in zip(line, widths, strict=True)
+        )
+        click.echo("  ".join(padded).rstrip())
 
 
 def delivery(alert: Json) -> str:
