@@ -959,3 +959,43 @@ def test_spend_under_its_limit_is_never_shown_as_the_limit(bare: Served) -> None
         "cents": "$0.019999 of $0.02 · 99%",
     }
     assert over == 0
+
+
+def test_the_chart_shows_the_grouping_last_chosen(bare: Served) -> None:
+    """Each choice of "by" loads the chart anew, and the answers drew the chart in the order
+    they came: by team chosen, then by provider before team's answers were in, and the chart
+    ended by team ("(no team)") under a select that said provider. The last choice wins."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    created = httpx.post(bare.admin + "/virtual-keys", json={"name": "quick"}, headers=headers)
+    value = created.json()["virtual_key"]["value"]
+    sent = httpx.post(
+        bare.url + "/v1/chat/completions",
+        json=_chat("gpt-4o", 10),
+        headers={"Authorization": f"Bearer {value}", "x-mock-header-cost": "1"},
+    )
+    assert sent.status_code == 200, sent.text
+    deadline = time.monotonic() + 10
+    while _stored_requests(bare) < 1:
+        assert time.monotonic() < deadline, "the usage record was not written"
+        time.sleep(0.05)
+    slow_team = """(() => {  // the answers by team come 1.5 s late (a slow query)
+        const fetch = window.fetch.bind(window);
+        window.fetch = async (url, init) => {
+            if (String(url).includes("group_by=team")) await new Promise(r => setTimeout(r, 1500));
+            return fetch(url, init);
+        };
+    })();"""
+    with _signed_in(bare) as page:
+        page.wait_for_function("() => document.body.dataset.loaded !== undefined")
+        page.evaluate(slow_team)
+        page.select_option("#chart-group", "team")
+        page.select_option("#chart-group", "provider")
+        page.wait_for_timeout(2500)  # every answer in
+        chosen = page.locator("#chart-group").input_value()
+        legend = page.locator("#legend .name").all_inner_texts()
+        groups = page.evaluate(
+            "() => [...new Set([...document.querySelectorAll('#chart rect.seg')]"
+            ".map(r => r.dataset.group))]"
+        )
+    print("chosen:", chosen, "legend:", legend, "drawn:", groups)
+    assert (chosen, legend, groups) == ("provider", ["openai"], ["openai"])

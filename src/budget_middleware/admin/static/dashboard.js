@@ -523,7 +523,10 @@
       + edges[n]);
     const perDay = edges.slice(0, n).map((day, i) => api("usage?group_by=" + enc(group)
       + "&start=" + day + "&end=" + edges[i + 1]));
+    const ticket = (state.chartTicket = (state.chartTicket || 0) + 1);
     const [total, ...daily] = await Promise.all([range, ...perDay]);
+    // Answers come in any order: those of a choice made since (by, over) are not drawn.
+    if (ticket !== state.chartTicket) return;
 
     const label = n + " days";
     $("tile-spend-label").textContent = "Spend, last " + label;
@@ -632,7 +635,9 @@
   async function loadTopKeys() {
     const n = Number($("chart-days").value) || 14;
     const edges = days(n);
+    const ticket = (state.keysTicket = (state.keysTicket || 0) + 1);
     const answer = await api("usage?group_by=virtual_key&start=" + edges[0] + "&end=" + edges[n]);
+    if (ticket !== state.keysTicket) return;  // a period chosen since: its answer is drawn
     const rows = (answer.usage || []).filter((r) => r.key !== null).slice(0, 8);
     $("keys-range").textContent = "last " + n + " days";
     const body = $("top-keys").tBodies[0];
