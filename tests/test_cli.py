@@ -1078,3 +1078,27 @@ def test_a_table_s_columns_line_up_under_wide_and_combining_characters(
     starts = [column(lines[0], "BUDGETS")] + [column(line, "$0.0000") for line in lines[1:]]
     print(listed, "BUDGETS starts at:", starts)
     assert len(set(starts)) == 1
+
+
+def test_a_budget_or_limit_with_its_duration_left_out_after_the_slash_is_refused(
+    store: dict[str, str], here: Here
+) -> None:
+    """`--budget 10/` (the duration forgotten, or cut by a shell variable left empty:
+    `10/$PERIOD`) made a budget of $10 that never resets, a prepaid amount that stops the
+    key for good once spent, where the help reads `10` for that. It is a usage error."""
+    made = [
+        here(store, line)
+        for line in (
+            "keys create --name a --budget 10/",
+            "keys create --name b --budget 10/:soft",
+            "teams create --name c --request-limit 60/",
+        )
+    ]
+    print([(r.code, r.err.strip()) for r in made])
+    for result in made:
+        line = result.failed_on_one_line(2)
+        assert "invalid duration ''" in line
+    kept = ok(here(store, "keys create --name d --budget 10 --json")).json()["virtual_key"]
+    assert kept["budgets"][0]["reset_duration"] is None  # `10` alone: never resets, as before
+    keys = ok(here(store, "keys list --json")).json()["virtual_keys"]
+    assert [k["name"] for k in keys] == ["d"]  # nothing written by the refused ones

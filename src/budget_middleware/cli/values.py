@@ -43,9 +43,10 @@ def budget(text: str, option: str = "--budget") -> dict[str, Any]:
     text, colon, flag = text.partition(":")
     if colon and flag != "soft":
         raise click.BadParameter(f"unknown budget flag {flag!r}: only ':soft'", param_hint=option)
-    amount, _, period = text.partition("/")
+    amount, slash, period = text.partition("/")
     out: dict[str, Any] = {"max_limit": _number(amount, option, float)}
-    out["reset_duration"] = str(duration(period, option)) if period else None
+    # `10/` (a duration forgotten, or `10/$PERIOD` with PERIOD unset) is no `10`: an error
+    out["reset_duration"] = str(duration(period, option)) if slash else None
     if colon:
         out["soft"] = True
     return out
