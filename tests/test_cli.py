@@ -1102,3 +1102,22 @@ def test_a_budget_or_limit_with_its_duration_left_out_after_the_slash_is_refused
     assert kept["budgets"][0]["reset_duration"] is None  # `10` alone: never resets, as before
     keys = ok(here(store, "keys list --json")).json()["virtual_keys"]
     assert [k["name"] for k in keys] == ["d"]  # nothing written by the refused ones
+
+
+def test_the_dashboard_s_address_as_url_is_named(server: Server, here: Here) -> None:
+    """The README has the operator open `<mount>/ui` in a browser; that address given as
+    `--url` answered "admin API answered 404: no dashboard asset 'customers'", and a path
+    inside the admin app that is no route "no admin route /budget-admin/x/customers", with no
+    word of where the admin API is. Both say where to point `--url` now."""
+    at = f"--admin-key {ADMIN_KEY} --url"
+    ui, inside = [
+        here({}, f"{at} {url} customers list") for url in (server.url + "/ui", server.url + "/x")
+    ]
+    print(ui.err.strip(), inside.err.strip(), sep="\n")
+    assert ui.failed_on_one_line() == (
+        "error: admin API answered 404: no dashboard asset 'customers' "
+        f"(--url {server.url}/ui is the dashboard's address: the admin API is at {server.url})"
+    )
+    assert inside.failed_on_one_line().endswith(
+        f"(is {server.url}/x where the admin API is mounted?)"
+    )

@@ -314,6 +314,13 @@ class HttpClient:
         except httpx.InvalidURL as exc:  # not an HTTPError: it would be a traceback
             raise CliError(f"--url {self.url!r} is not a URL ({exc})", code=2) from None
 
+    def _mount_hint(self) -> str:
+        """Where `--url` should point, said after an admin app's "no such route"."""
+        url = self.url.rstrip("/")
+        if url.endswith("/ui"):  # the dashboard's address, as the README has it opened
+            return f" (--url {self.url} is the dashboard's address: the admin API is at {url[:-3]})"
+        return f" (is {self.url} where the admin API is mounted?)"
+
     def _send(
         self, method: str, path: str, envelope: str, query: Json | None = None, body: Any = None
     ) -> Json:
@@ -338,10 +345,12 @@ class HttpClient:
             error = data.get("error") if isinstance(data, dict) else None
             if isinstance(error, dict) and error.get("message"):
                 message = str(error["message"])
+                if error.get("code") == "route_not_found":  # inside the admin app, not its root
+                    message += self._mount_hint()
             else:
                 message = _page_text(answer)
                 if answer.status_code == 404:
-                    message += f" (is {self.url} where the admin API is mounted?)"
+                    message += self._mount_hint()
             raise CliError(
                 f"admin API answered {answer.status_code}: {message}", status=answer.status_code
             )
