@@ -999,3 +999,39 @@ def test_the_chart_shows_the_grouping_last_chosen(bare: Served) -> None:
         )
     print("chosen:", chosen, "legend:", legend, "drawn:", groups)
     assert (chosen, legend, groups) == ("provider", ["openai"], ["openai"])
+
+
+def test_an_admin_api_with_no_admin_key_set_is_told_at_sign_in(tmp_path: Path) -> None:
+    """With BUDGET_ADMIN_KEY unset the admin API answers 503 `admin_api_disabled` (SPEC §3):
+    no key can open it. The page signed in with whatever was typed, kept it, and showed an
+    empty dashboard under a banner, retried every 30 s (and at every reload). It stays at the
+    sign-in, saying what to set, and keeps nothing."""
+    from playwright.sync_api import expect
+
+    _need_chromium()
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")}
+    env |= {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/nokey.db"}
+    command = [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(ROOT / "examples"),
+               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    process = subprocess.Popen(command, env=env)
+    try:
+        server = Served(f"http://127.0.0.1:{port}", tmp_path)
+        _wait_until_up(server.url, process)
+        with _signed_in(server) as page:
+            page.wait_for_function(
+                "() => document.body.dataset.loaded !== undefined"
+                " || !document.getElementById('login-error').hidden"
+            )
+            shown = {
+                "login": page.locator("#login").is_visible(),
+                "app": page.locator("#app").is_visible(),
+                "said": page.locator("#login-error").inner_text(),
+                "kept": page.evaluate("() => sessionStorage.length"),
+            }
+            print(shown, "banner:", page.locator("#app-error").inner_text())
+            expect(page.locator("#login-error")).to_contain_text("set BUDGET_ADMIN_KEY")
+        assert (shown["login"], shown["app"], shown["kept"]) == (True, False, 0)
+    finally:
+        process.terminate()
+        process.wait(15)

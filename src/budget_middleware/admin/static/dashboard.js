@@ -160,9 +160,10 @@
 
   class Unauthorized extends Error {}
   class ApiError extends Error {
-    constructor(status, message) {
+    constructor(status, message, code) {
       super(message);
       this.status = status;
+      this.code = code || null;
     }
   }
 
@@ -196,7 +197,7 @@
     if (!response.ok) {
       const message = body && body.error && body.error.message ? body.error.message
         : "HTTP " + response.status;
-      throw new ApiError(response.status, message);
+      throw new ApiError(response.status, message, body && body.error && body.error.code);
     }
     return body;
   }
@@ -275,7 +276,10 @@
         loadBudgets(), loadChart(), loadTopKeys(), loadParents(), loadRefusals(), loadAlerts(),
       ]);
       const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason);
-      const refused = failed.find((e) => e instanceof Unauthorized);
+      // No key opens an admin API whose BUDGET_ADMIN_KEY is unset (503 admin_api_disabled):
+      // back to the sign-in, saying so, as for a key refused.
+      const refused = failed.find((e) => e instanceof Unauthorized
+        || (e instanceof ApiError && e.code === "admin_api_disabled"));
       if (refused) {
         signOut(refused.message);
         return false;
