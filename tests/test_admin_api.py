@@ -398,6 +398,36 @@ async def test_usage_is_grouped_in_the_database(settings: BudgetSettings) -> Non
         assert (await c.get("/usage?group_by=nope", headers=ADMIN)).status_code == 422
 
 
+async def test_a_usage_period_that_ends_before_it_starts_is_a_422_naming_both(
+    settings: BudgetSettings,
+) -> None:
+    """`GET /usage?start=2027-02-01&end=2027-01-01` answered 200 with no usage (as if nothing had
+    been spent). A 422 naming both, `param` `end`; an `end` equal to `start` (an empty period, the
+    calendar's ends) stays a 200, and so does an end after the start."""
+    async with admin_client(settings) as c:
+        r = await c.get("/usage?start=2027-02-01&end=2027-01-01", headers=ADMIN)
+        print(r.status_code, r.text)
+        assert r.status_code == 422
+        error = r.json()["error"]
+        assert error["param"] == "end" and error["code"] == "invalid_value"
+        assert "2027-01-01" in error["message"] and "2027-02-01" in error["message"]
+        # one microsecond apart, and the same moment written in two offsets
+        r = await c.get("/usage?start=2027-01-01T00:00:00.000001Z&end=2027-01-01T00:00:00Z",
+                        headers=ADMIN)  # fmt: skip
+        assert r.status_code == 422, r.text
+        for query in (
+            "start=2027-01-01&end=2027-01-01",
+            "start=2027-01-01T01:00:00%2B01:00&end=2027-01-01T00:00:00Z",
+            "start=2027-01-01&end=2027-02-01",
+            "start=2027-02-01",
+            "end=2027-01-01",
+        ):
+            r = await c.get(f"/usage?{query}", headers=ADMIN)
+            assert r.status_code == 200, (query, r.text)
+        document = (await c.get("/openapi.json", headers=ADMIN)).json()
+        assert "before `start` is refused, 422" in document["paths"]["/usage"]["get"]["description"]
+
+
 async def test_usage_is_a_list_that_takes_limit_and_offset(settings: BudgetSettings) -> None:
     """SPEC §9: lists take `limit` (≥ 1) and `offset` (≥ 0), other values 422. `GET /usage`
     answered 422 'unknown query parameter' to any page, so a key-by-key report of a large

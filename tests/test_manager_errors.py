@@ -182,6 +182,22 @@ def test_a_usage_report_takes_iso_text_and_refuses_other_bounds(tmp_path: Path) 
         assert repr(value) in caught.value.message
 
 
+def test_a_usage_period_that_ends_before_it_starts_is_refused_naming_both(
+    tmp_path: Path,
+) -> None:
+    """`usage(start=2027-02-01, end=2027-01-01)` answered an empty report, as if nothing had been
+    spent. An InvalidRequest (422) naming both; an `end` equal to `start` is an empty period."""
+    m = get_manager(BudgetSettings(database_url=f"sqlite:///{tmp_path}/u.db"))
+    with pytest.raises(InvalidRequest) as caught:
+        m.usage("team", "2027-02-01T00:00:00Z", "2027-01-01T00:00:00Z")
+    print(caught.value.status, caught.value.message)
+    assert caught.value.param == "end" and caught.value.status == 422
+    assert "2027-01-01T00:00:00+00:00" in caught.value.message
+    assert "2027-02-01T00:00:00+00:00" in caught.value.message
+    assert m.usage("team", "2027-01-01T00:00:00Z", "2027-01-01T00:00:00Z").usage == []
+    assert m.usage("team", "2027-01-01T00:00:00Z", "2027-01-02T00:00:00Z").usage == []
+
+
 def test_a_key_value_set_later_has_the_length_a_created_one_must_have(tmp_path: Path) -> None:
     """`set_virtual_key_value` (the config file's `value`) took a one-character value, where a
     create's `value` must have 8 to 512 characters: the same rule now, and the key keeps its

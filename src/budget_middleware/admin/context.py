@@ -179,6 +179,8 @@ class Operation:
     tag: str = "admin"
     path_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Schemas of path parameters other than the default (a non-empty string)."""
+    description: str = ""
+    """The OpenAPI entry's `description`: a rule its schemas cannot state (two parameters)."""
 
     def path_schema(self, name: str) -> Mapping[str, Any]:
         return self.path_params.get(name, PATH_PARAM)

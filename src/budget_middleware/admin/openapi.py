@@ -65,6 +65,8 @@ def _operation(op: Operation, found: dict[str, Any]) -> dict[str, Any]:
         "tags": [op.tag],
         "responses": {},
     }
+    if op.description:
+        entry["description"] = op.description
     params: list[dict[str, Any]] = [
         {"name": name, "in": "path", "required": True, "schema": _path_schema(op, name)}
         for name in _path_names(op.path)

@@ -497,8 +497,13 @@ OPERATIONS: tuple[Operation, ...] = (
                      QueryParam("start", {"type": "string", "format": "date-time"},
                                 "from (inclusive): RFC 3339 with offset, or a date (00:00 UTC)"),
                      QueryParam("end", {"type": "string", "format": "date-time"},
-                                "to (exclusive): RFC 3339 with offset, or a date (00:00 UTC)"),
-                     *_LIST)),
+                                "to (exclusive): RFC 3339 with offset, or a date (00:00 UTC); "
+                                "not before `start` (an end before the start is a 422 naming "
+                                "both, param `end`; an end equal to it, an empty period)"),
+                     *_LIST),
+              description="Between `start` (inclusive) and `end` (exclusive). An `end` before "
+              "`start` is refused, 422 `invalid_value` with `param` `end` and a message naming "
+              "both; an `end` equal to `start` is an empty period (200, no usage)."),
     Operation("GET", "/usage/rejected", rejected,
               "Records and counter charges the store refused, set aside",
               {200: env.RejectedList, **_ERRORS}, query=_LIST),

@@ -164,6 +164,12 @@ def usage(s: Session, group_by: str, start: datetime | None, end: datetime | Non
     if group_by not in GROUPS:
         raise InvalidRequest(f"group_by must be one of {', '.join(GROUPS)}", param="group_by")
     start, end = utc_or_none(start), utc_or_none(end)
+    if start is not None and end is not None and end < start:  # swapped: not an empty report
+        raise InvalidRequest(
+            f"end {end.isoformat()} is before start {start.isoformat()}: swapped? (an end equal "
+            "to the start is an empty period)",
+            param="end",
+        )
     group = _group_column(s, group_by)
     query = select(  # type: ignore[call-overload]
         group,
