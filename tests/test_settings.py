@@ -450,3 +450,29 @@ def test_a_provider_host_written_as_a_url_is_refused_naming_the_variable(
         BudgetSettings()
     print(caught.value)
     assert "BUDGET_PROVIDER_HOSTS" in str(caught.value) and "not a host" in str(caught.value)
+
+
+def test_an_empty_or_blank_alert_thresholds_is_the_default_and_an_empty_list_is_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`BUDGET_ALERT_THRESHOLDS=` (empty, as a compose file writes it) counted as unset, the
+    default 0.8,1.0, but a blank one (`" "`, a line break from a secret's file), a lone `,` and
+    `BudgetSettings(alert_thresholds="")` silently turned every threshold alert off: `()`.
+    Empty or blank, in the environment or as an argument, is unset (0.8, 1.0); `[]` says "no
+    threshold alerts" (budget.exhausted is still raised); text that names no fraction is refused."""
+    found = {}
+    for text in ("", " ", "\n", "\t "):
+        monkeypatch.setenv("BUDGET_ALERT_THRESHOLDS", text)
+        found[f"env {text!r}"] = BudgetSettings().alert_thresholds
+        monkeypatch.delenv("BUDGET_ALERT_THRESHOLDS")
+        found[f"argument {text!r}"] = BudgetSettings(alert_thresholds=text).alert_thresholds
+    print(found)
+    assert set(found.values()) == {(0.8, 1.0)}, found
+    monkeypatch.setenv("BUDGET_ALERT_THRESHOLDS", "[]")
+    assert BudgetSettings().alert_thresholds == ()
+    assert BudgetSettings(alert_thresholds=[]).alert_thresholds == ()
+    assert BudgetSettings(alert_thresholds="[]").alert_thresholds == ()
+    for text in (",", " , ,"):
+        monkeypatch.setenv("BUDGET_ALERT_THRESHOLDS", text)
+        with pytest.raises(SettingsError, match=r"BUDGET_ALERT_THRESHOLDS.*names no fraction"):
+            BudgetSettings()

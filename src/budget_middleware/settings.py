@@ -32,6 +32,9 @@ DEFAULT_INFERENCE_PATHS = (
 
 ENV_PREFIX = "BUDGET_"
 
+DEFAULT_ALERT_THRESHOLDS = (0.8, 1.0)
+"""SPEC §3's BUDGET_ALERT_THRESHOLDS: also what an empty or blank value means (unset)."""
+
 logger = logging.getLogger("budget_middleware")
 
 
@@ -140,7 +143,7 @@ class BudgetSettings(BaseSettings):
     mode: Literal["enforce", "shadow"] = "enforce"
     alert_webhook_urls: Annotated[tuple[str, ...], NoDecode] = ()
     alert_secret: str | None = None
-    alert_thresholds: Annotated[tuple[float, ...], NoDecode] = (0.8, 1.0)
+    alert_thresholds: Annotated[tuple[float, ...], NoDecode] = DEFAULT_ALERT_THRESHOLDS
     # Where charges the store cannot take wait on disk (None: `store.spill.default_spill_root`).
     spill_dir: Path | None = None
 
@@ -229,6 +232,20 @@ class BudgetSettings(BaseSettings):
     @field_validator("alert_thresholds", mode="before")
     @classmethod
     def _thresholds(cls, value: Any) -> Any:
+        """Empty or blank text is unset, as any empty variable is: the default 0.8,1.0 (a blank
+        one, a secret's line break, turned every threshold alert off). No threshold alerts is
+        said as `[]`; text that names no fraction (`,`) is refused."""
+        if isinstance(value, str) and not value.strip():
+            return DEFAULT_ALERT_THRESHOLDS
+        if (
+            isinstance(value, str)
+            and not value.lstrip().startswith("[")
+            and not any(part.strip() for part in value.split(","))
+        ):
+            raise ValueError(
+                "names no fraction: leave it unset for the default 0.8,1.0, or write [] for no "
+                "threshold alerts"
+            )
         value = _list_text(value, "fractions like 0.8,1.0")
         if isinstance(value, list | tuple):
             try:
