@@ -678,3 +678,44 @@ async def test_a_store_that_cannot_be_reached_is_a_503_with_retry_after(tmp_path
         print(r.status_code, dict(r.headers), r.text)
         assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
         assert r.headers.get("retry-after") == "1"
+
+
+async def test_a_trailing_slash_is_redirected_to_the_route_without_it(
+    settings: BudgetSettings,
+) -> None:
+    """`GET /customers/` and `POST /teams/` answered 404 `route_not_found` where `/customers`
+    and `/teams` answer: every route of the document, written with a trailing slash, is a 307
+    to the route without it (Starlette's and FastAPI's `redirect_slashes`), the query kept, so
+    a client that follows redirects gets the same answer, and one that does not is told where."""
+    async with admin_client(settings) as c:
+        customer = (await c.post("/customers", json={"name": "acme"}, headers=ADMIN)).json()
+        cid = customer["customer"]["id"]
+        await c.put("/tags/chat", json={"budgets": [{"max_limit": 1}]}, headers=ADMIN)
+        document = (await c.get("/openapi.json", headers=ADMIN)).json()
+        lists = [p for p, methods in document["paths"].items() if "{" not in p and "get" in methods]
+        lists += [f"/customers/{cid}"]
+        found = {}
+        for path in lists:
+            plain = await c.get(path, headers=ADMIN)
+            slashed = await c.get(path + "/", headers=ADMIN)
+            found[path] = slashed.status_code
+            assert slashed.status_code == 307, (path, slashed.status_code, slashed.text[:200])
+            assert slashed.headers["location"] == f"http://test{path}", path
+            followed = await c.get(path + "/", headers=ADMIN, follow_redirects=True)
+            assert followed.status_code == plain.status_code, (path, followed.text[:200])
+        print(f"{len(found)} routes with a trailing slash:", found)
+        r = await c.get("/customers/?limit=1", headers=ADMIN)
+        assert r.headers["location"] == "http://test/customers?limit=1"
+        r = await c.get("/tags/", headers=ADMIN, follow_redirects=True)  # not the tag ""
+        assert r.status_code == 200 and [t["tag"] for t in r.json()["tags"]] == ["chat"], r.text
+        r = await c.post("/teams/", json={"name": "research", "customer_id": cid}, headers=ADMIN,
+                         follow_redirects=True)  # fmt: skip
+        assert r.status_code == 201 and r.json()["team"]["customer_id"] == cid, r.text
+        r = await c.get("/teams", headers=ADMIN)
+        assert [t["name"] for t in r.json()["teams"]] == ["research"]
+        r = await c.get("/customers/", follow_redirects=True)  # still needs the admin key
+        assert r.status_code == 401
+        r = await c.get(f"/customers/{cid}%2F", headers=ADMIN)  # an id ending in "/": not moved
+        assert r.status_code == 404 and r.json()["error"]["param"] is None, r.text
+        r = await c.get("/nothing-here/", headers=ADMIN)  # no route either way: still a 404
+        assert r.status_code == 404 and r.json()["error"]["code"] == "route_not_found"

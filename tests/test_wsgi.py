@@ -874,6 +874,45 @@ def test_the_admin_api_under_flask_shares_the_engine(make_settings: Settings) ->
     assert live[0]["spent"] == pytest.approx(PRICE_NANOS / 1e9)
 
 
+def test_a_trailing_slash_on_the_wsgi_admin_api_is_redirected_under_its_mount(
+    make_settings: Settings,
+) -> None:
+    """`create_admin_wsgi_app()` under Flask at `/budget-admin`: `GET .../customers/` and
+    `POST .../teams/` answered 404 where `.../customers` and `.../teams` answer. A 307 to the
+    route without the slash, under the mount point (`SCRIPT_NAME`), the query kept; httpx (over
+    WSGI) follows it with the method and the body."""
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    settings = make_settings()
+    app = flask_host(settings)
+    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, {"/budget-admin": create_admin_wsgi_app(settings)}
+    )
+    transport = httpx.WSGITransport(app=app)
+    with httpx.Client(transport=transport, base_url="http://localhost", headers=ADMIN) as client:
+        created = client.post("/budget-admin/customers/", json={"name": "acme"})
+        print(
+            "POST /budget-admin/customers/:", created.status_code, created.headers.get("location")
+        )
+        assert created.status_code == 307
+        assert created.headers["location"] == "http://localhost/budget-admin/customers"
+        assert client.get("/budget-admin/customers").json()["count"] == 0  # nothing made yet
+        created = client.post("/budget-admin/customers/", json={"name": "acme"},
+                              follow_redirects=True)  # fmt: skip
+        assert created.status_code == 201, created.text
+        customer_id = created.json()["customer"]["id"]
+        team = client.post("/budget-admin/teams/", json={"name": "r", "customer_id": customer_id},
+                           follow_redirects=True)  # fmt: skip
+        assert team.status_code == 201, team.text
+        listed = client.get("/budget-admin/teams/?limit=5")
+        assert listed.headers["location"] == "http://localhost/budget-admin/teams?limit=5"
+        listed = client.get("/budget-admin/teams/?limit=5", follow_redirects=True)
+        assert [t["name"] for t in listed.json()["teams"]] == ["r"]
+        one = client.get(f"/budget-admin/customers/{customer_id}/", follow_redirects=True)
+        assert one.status_code == 200 and one.json()["customer"]["name"] == "acme"
+        assert client.get("/budget-admin/nothing/").status_code == 404
+
+
 def test_the_wsgi_admin_api_reads_no_body_before_the_admin_key(make_settings: Settings) -> None:
     """The WSGI admin app read the whole body a request announced before the API checked its
     credential: anyone could have a server thread read and hold what they sent (a lying

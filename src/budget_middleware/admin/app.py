@@ -17,10 +17,11 @@ from typing import Any
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.datastructures import URL
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Match, Route
 
 from budget_middleware.admin.answers import error
 from budget_middleware.admin.auth import check_admin, virtual_key_value
@@ -42,9 +43,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class _Rest(Convertor[str]):
-    """The rest of the path, whatever it holds (Starlette's `path` stops at a line break)."""
+    """The rest of the path, whatever it holds (Starlette's `path` stops at a line break), but
+    not nothing: `/tags/` is `/tags` with a trailing slash (redirected), not the tag ""."""
 
-    regex = "(?s:.*)"
+    regex = "(?s:.+)"
 
     def convert(self, value: str) -> str:
         return value
@@ -176,7 +178,9 @@ def create_admin_app(settings: BudgetSettings | None = None, **_: Any) -> Starle
     for route in routes:
         _whole_path(route)
     app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
-    app.router.redirect_slashes = False  # "/customers/" is no route: a 404, not a 307
+    # "/customers/" is a 307 to "/customers" (`_not_found`), not Starlette's own redirect, which
+    # would also send an id ending in an encoded slash (`/customers/x%2F`) to another object.
+    app.router.redirect_slashes = False
     app.state.budget = holder
     return app
 
@@ -225,7 +229,29 @@ def _metrics(holder: _Holder) -> Handler:
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
+    moved = _without_slash(request)
+    if moved is not None:
+        return RedirectResponse(moved, status_code=307)
     return error(404, "route_not_found", f"no admin route {request.url.path}")
+
+
+def _without_slash(request: Request) -> str | None:
+    """Where a path written with a trailing slash is a route without it (`/customers/`,
+    `/customers/{id}/`): that URL, its query kept, as Starlette's and FastAPI's
+    `redirect_slashes` answer (307: the method and body go with it). Only a slash the client
+    wrote as one: a `%2F` at the end of an id is part of the id."""
+    scope = request.scope
+    path, raw = scope["path"], scope.get("raw_path")
+    if not path.endswith("/") or (raw is not None and not raw.split(b"?")[0].endswith(b"/")):
+        return None
+    moved = {**scope, "path": path.rstrip("/")}
+    if len(moved["path"]) <= len(scope.get("root_path", "")):  # the mount point itself
+        return None
+    app = scope.get("app")
+    routes = app.router.routes if isinstance(app, Starlette) else ()
+    if any(route.matches(moved)[0] is not Match.NONE for route in routes):
+        return str(URL(scope=moved))
+    return None
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:
