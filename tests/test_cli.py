@@ -1121,3 +1121,57 @@ def test_the_dashboard_s_address_as_url_is_named(server: Server, here: Here) -> 
     assert inside.failed_on_one_line().endswith(
         f"(is {server.url}/x where the admin API is mounted?)"
     )
+
+
+PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for `git log | head -1`'s git
+
+
+def test_output_into_a_pipe_that_closed_ends_quietly(store: dict[str, str]) -> None:
+    """`budget-middleware keys list | head -1`: the table's next line, written into a pipe that
+    `head` had closed, exited 1 (the CLI's status for a failure) with no line naming a cause,
+    and a group's help (`keys | head -1`) exited 1 with a BrokenPipeError traceback. Now every
+    command ends quietly with 141 (128 + SIGPIPE, as a shell reports `git log | head`'s git):
+    nothing on stderr, and `head` has its line. A real pipeline first (the installed script,
+    its output past a pipe's 64 KiB), then a pipe whose reader has gone before the command runs
+    (every command that prints)."""
+    manager = get_manager(_settings(store))
+    for n in range(300):  # the table some 75 kB, the --json list 150: past what a pipe holds
+        manager.create_virtual_key(name=f"key-{n:03d}-" + "x" * 180)
+    env = {**os.environ, **store}
+    for args in (["keys", "list"], ["--json", "keys", "list"]):
+        cli_process = subprocess.Popen(
+            [str(SCRIPT), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        head = subprocess.Popen(["head", "-1"], stdin=cli_process.stdout, stdout=subprocess.PIPE)
+        assert cli_process.stdout is not None
+        cli_process.stdout.close()  # head alone reads it
+        first, _ = head.communicate(timeout=60)
+        code = cli_process.wait(timeout=60)
+        assert cli_process.stderr is not None
+        with cli_process.stderr:
+            err = cli_process.stderr.read().decode()
+        print(f"{' '.join(args)} | head -1: {first!r}, exit {code}, stderr {err!r}")
+        assert first.startswith(b"ID " if args[0] == "keys" else b"{")
+        assert (code, err) == (PIPE_CLOSED, "")
+    for line in ("keys list", "--json keys list", "usage --by model", "keys", "--help",
+                 "keys show key-001-" + "x" * 180):  # fmt: skip
+        read, write = os.pipe()
+        os.close(read)  # nobody will read: every write meets EPIPE
+        try:
+            done = subprocess.run(_argv(line, script=False), env=env, cwd=ROOT, stdout=write,
+                                  stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+        finally:
+            os.close(write)
+        print(f"{line} > closed pipe: exit {done.returncode}, stderr {done.stderr[-300:]!r}")
+        assert (done.returncode, done.stderr) == (PIPE_CLOSED, ""), line
+    # and a failure still prints its line and exits 1, into a closed pipe or not
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        argv = _argv("keys show nobody", script=False)
+        done = subprocess.run(argv, env=env, cwd=ROOT, stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=60)  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr.startswith("error: "), done.stderr

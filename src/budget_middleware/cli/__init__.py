@@ -3,7 +3,9 @@
 It works on the store of `BUDGET_DATABASE_URL` directly (the same `BUDGET_*` settings as the
 middleware), or on a running admin API with `--url` and `--admin-key` (`BUDGET_ADMIN_URL`,
 `BUDGET_ADMIN_KEY`). Tables for people, `--json` for scripts; a failure prints one line,
-`error: <cause>`, and exits non-zero (1; 2 for a command used wrongly; 130 for Ctrl-C).
+`error: <cause>`, and exits non-zero (1; 2 for a command used wrongly; 130 for Ctrl-C). Output
+into a pipe whose reader has gone (`| head -1`) ends it quietly, with 141 (128 + SIGPIPE: what a
+shell reports for `git log | head -1`'s git).
 
     budget-middleware keys create --name alice --team-id T --budget 10/1d --request-limit 60/1m
     budget-middleware usage --by model --since 7d
@@ -12,12 +14,17 @@ middleware), or on a running admin API with `--url` and `--admin-key` (`BUDGET_A
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 import click
 
-__all__ = ["main", "run"]
+__all__ = ["PIPE_CLOSED", "main", "run"]
+
+PIPE_CLOSED = 141
+"""The status of a command whose output's reader has gone (`| head -1`): 128 + SIGPIPE, as a
+shell reports it for `git log | head -1`'s git; nothing is printed."""
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +33,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _run(argv)
     except KeyboardInterrupt:  # Ctrl-C while the package loads, before click could see it
         return _fail("interrupted", 130)
+    except BrokenPipeError:  # written outside click's command (a group's help): the same
+        return PIPE_CLOSED
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -40,6 +49,11 @@ def _run(argv: Sequence[str] | None) -> int:
             prog_name="budget-middleware",
             standalone_mode=False,
         )
+    except SystemExit:
+        # Out of click's main without standalone mode, only where a write met EPIPE (the
+        # reader of the output has gone): click has silenced the streams and exits 1, the
+        # status of a failure that names its cause, which this is not.
+        return PIPE_CLOSED
     except CliError as exc:
         return _fail(exc.message, exc.code)
     except no_args_help as exc:  # a group alone: its help, as click shows it
@@ -65,4 +79,18 @@ def _fail(message: str, code: int) -> int:
 
 def main() -> None:
     """The console script `budget-middleware` and `python -m budget_middleware`."""
-    sys.exit(run())
+    status = run()
+    if status == PIPE_CLOSED:
+        _drop_output()
+    sys.exit(status)
+
+
+def _drop_output() -> None:
+    """Whatever is still buffered for the closed pipe goes nowhere: the interpreter's last
+    flush would print an 'Exception ignored … BrokenPipeError' of its own."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

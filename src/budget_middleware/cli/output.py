@@ -17,7 +17,19 @@ Column = tuple[str, Callable[[Json], Any]]
 
 
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    """Written as it is encoded, a few kB at a time: one write of a whole large list into a
+    pipe whose reader left (`| head -1`) was cut short without an error, and the command went
+    on to exit 0 as if all of it had been read."""
+    piece: list[str] = []
+    size = 0
+    for chunk in json.JSONEncoder(indent=2, ensure_ascii=False).iterencode(data):
+        piece.append(chunk)
+        size += len(chunk)
+        if size >= 8192:
+            click.echo("".join(piece), nl=False)
+            piece.clear()
+            size = 0
+    click.echo("".join(piece))
 
 
 def text(value: Any) -> str:
