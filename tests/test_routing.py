@@ -802,3 +802,47 @@ async def test_a_reported_fee_over_the_token_price_is_reserved_too(
     assert first.status_code == 200
     assert spent <= limit + 1e-9
     assert served >= 10  # the budget's worth, not one at a time
+
+
+async def test_a_route_that_names_a_target_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    """`{"targets": ["openai/gpt-4o", "azure/gpt-4o", "openai/gpt-4o"]}` was stored (201): a
+    request the first target refuses was tried on it again, and an answer refusing every target
+    listed it twice. The same target twice (also spelt with another provider name, `OpenAI/…`)
+    is a 422 naming it and both places, from the admin API, the Python API and a config file."""
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db", admin_key="admin-secret")
+    transport = httpx.ASGITransport(create_admin_app(settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=ADMIN) as http:
+        for targets, again in (
+            (["openai/gpt-4o", "azure/gpt-4o", "openai/gpt-4o"], "'openai/gpt-4o'"),
+            (["openai/gpt-4o", "OpenAI/gpt-4o"], "'OpenAI/gpt-4o'"),
+            (["gpt-4o", "gpt-4o"], "'gpt-4o'"),
+        ):
+            refused = await http.post("/routes", json={"name": "r", "targets": targets})
+            print(targets, "->", refused.status_code, refused.text)
+            assert refused.status_code == 422, refused.text
+            error = refused.json()["error"]
+            assert again in error["message"] and "twice" in error["message"], error
+        created = await http.post("/routes", json=ROUTE)
+        assert created.status_code == 201
+        route_id = created.json()["route"]["id"]
+        changed = await http.put(
+            f"/routes/{route_id}", json={"targets": ["azure/gpt-4o", "azure/gpt-4o"]}
+        )
+        assert changed.status_code == 422 and "twice" in changed.json()["error"]["message"]
+        kept = (await http.get(f"/routes/{route_id}")).json()["route"]["targets"]
+        assert kept == ROUTE["targets"]
+        # a bare model and one with its provider are not the same text: both are kept
+        both = await http.post(
+            "/routes", json={"name": "b", "targets": ["gpt-4o", "openai/gpt-4o"]}
+        )
+        assert both.status_code == 201, both.text
+    manager = get_engine(settings).manager
+    with pytest.raises(ValueError, match="twice"):
+        manager.create_route(name="p", targets=["openai/gpt-4o", "openai/gpt-4o"])
+    await get_engine(settings).shutdown()
+    path = tmp_path / "budget.yaml"
+    path.write_text("routes:\n  - name: gpt-4o\n    targets: [openai/gpt-4o, openai/gpt-4o]\n")
+    from budget_middleware import ConfigFileError
+
+    with pytest.raises(ConfigFileError, match=r"routes\[0\].*twice"):
+        get_engine(BudgetSettings(database_url=f"sqlite:///{tmp_path}/c.db", config_file=path))

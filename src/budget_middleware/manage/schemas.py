@@ -39,7 +39,7 @@ from budget_middleware.core.identity import (
     name_problem,
 )
 from budget_middleware.core.providers import canonical_provider
-from budget_middleware.core.routing import MAX_TARGETS, target_problem
+from budget_middleware.core.routing import MAX_TARGETS, parse_target, target_problem
 
 OwnerType = Literal[
     "customer", "team", "virtual_key", "provider_config", "provider", "model_config", "tag"
@@ -565,6 +565,35 @@ def _route_name(text: str) -> str:
     return _checked(text, "route name", 200)
 
 
+def _distinct_targets(targets: list[str] | None) -> list[str] | None:
+    """A route names each target once: the same target twice (`openai/gpt-4o`, or spelt with
+    another name of its provider, `OpenAI/gpt-4o`) was tried twice on one request and listed
+    twice in an answer refusing them all."""
+    if targets is None:
+        return None
+    seen: dict[tuple[str | None, str], tuple[int, str]] = {}
+    for n, text in enumerate(targets, 1):
+        target = parse_target(text)
+        first = seen.setdefault((target.provider, target.model), (n, text))
+        if first[0] != n:
+            same = (
+                f"target {first[0]} too"
+                if first[1] == text
+                else f"as {first[1]!r}, target {first[0]}"
+            )
+            raise ValueError(
+                f"target {n}, {text!r}, names the same target twice ({same}): a route lists "
+                "each target once"
+            )
+    return targets
+
+
+RouteTargets = Annotated[
+    list["RouteTargetText"],
+    AfterValidator(_distinct_targets),
+    Field(min_length=1, max_length=MAX_TARGETS, json_schema_extra={"uniqueItems": True}),
+]
+
 RouteTargetText = Annotated[
     str,
     AfterValidator(_target),
@@ -587,8 +616,9 @@ class ConfigApply(_Body):
 
 class RouteCreate(_Body):
     name: RouteName = Field(description="the `model` a request names to use this route")
-    targets: list[RouteTargetText] = Field(
-        min_length=1, max_length=MAX_TARGETS, description="'provider/model', tried in this order"
+    targets: RouteTargets = Field(
+        description="'provider/model', tried in this order; each once (a provider by any of "
+        "its names: 'OpenAI/gpt-4o' is 'openai/gpt-4o')"
     )
     strategy: Strategy = Field(
         default="ordered", description="ordered: the first that passes; most_remaining: most left"
@@ -597,9 +627,7 @@ class RouteCreate(_Body):
 
 class RouteUpdate(_Body):
     name: RouteName | None = None
-    targets: list[RouteTargetText] | None = Field(
-        default=None, min_length=1, max_length=MAX_TARGETS
-    )
+    targets: RouteTargets | None = None
     strategy: Strategy | None = None
 
 
