@@ -476,3 +476,31 @@ def test_an_empty_or_blank_alert_thresholds_is_the_default_and_an_empty_list_is_
         monkeypatch.setenv("BUDGET_ALERT_THRESHOLDS", text)
         with pytest.raises(SettingsError, match=r"BUDGET_ALERT_THRESHOLDS.*names no fraction"):
             BudgetSettings()
+
+
+@pytest.mark.parametrize(
+    ("field", "bound"),
+    [("flush_interval_seconds", 3600), ("cache_ttl_seconds", 86400), ("slot_ttl_seconds", 86400)],
+)
+def test_a_duration_past_its_bound_is_refused_naming_the_variable(
+    field: str, bound: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`BUDGET_FLUSH_INTERVAL_SECONDS=1e10` was accepted: the flusher's first round in 317
+    years, so charges reached the store (and other instances) only at shutdown;
+    `BUDGET_SLOT_TTL_SECONDS=1e10`, a crashed instance's concurrency slots held for as long;
+    `BUDGET_SLOT_TTL_SECONDS=1e300` made Redis refuse every admission (an expiry past its
+    integers: 3 of 3 requests 503). Each duration has an upper bound, as
+    BUDGET_REDIS_TIMEOUT_SECONDS has (3600): the bound is taken, past it is refused at start-up
+    naming the variable and the bound, as a variable and as an argument."""
+    variable = f"BUDGET_{field.upper()}"
+    assert getattr(BudgetSettings(**{field: bound}), field) == bound
+    monkeypatch.setenv(variable, str(bound))
+    assert getattr(BudgetSettings(), field) == bound
+    for bad in ("1e10", "1e300", str(bound + 1)):
+        monkeypatch.setenv(variable, bad)
+        with pytest.raises(SettingsError, match=rf"{variable}.*{bound}") as raised:
+            print(bad, "->", getattr(BudgetSettings(), field))
+        print(raised.value)
+        monkeypatch.delenv(variable)
+        with pytest.raises(SettingsError, match=rf"{variable}.*{bound}"):
+            BudgetSettings(**{field: float(bad)})

@@ -128,12 +128,16 @@ class BudgetSettings(BaseSettings):
     fail_open: bool = False
     pricing_file: Path | None = None
     config_file: Path | None = None
-    cache_ttl_seconds: float = Field(default=5.0, gt=0, allow_inf_nan=False)
-    flush_interval_seconds: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    # Durations have upper bounds, as the Redis timeout has: 1e10 s was taken (the flusher's
+    # first round in 317 years: charges reached the store only at shutdown; a crashed
+    # instance's slots held as long), and 1e300 put a slot's expiry past Redis' integers:
+    # every admission a 503.
+    cache_ttl_seconds: float = Field(default=5.0, gt=0, le=86400, allow_inf_nan=False)
+    flush_interval_seconds: float = Field(default=1.0, gt=0, le=3600, allow_inf_nan=False)
     max_body_bytes: int = Field(default=33_554_432, ge=1)
     # Beyond SPEC §3 (documented in the README): tuning knobs with safe defaults.
     default_max_output_tokens: int = Field(default=1024, ge=0)
-    slot_ttl_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    slot_ttl_seconds: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
     unpriced_models: Literal["allow", "refuse"] = "allow"
     # At most an hour: past some 1e9 s every Redis call fails (time_t overflows), so for ever 503.
     redis_timeout_seconds: float = Field(default=2.0, gt=0, le=3600, allow_inf_nan=False)
