@@ -227,6 +227,36 @@ async def test_a_reservation_holds_while_its_request_runs_past_the_slot_ttl(
     assert spent == 3 * CENT
 
 
+async def test_a_slot_holds_while_its_request_runs_with_a_flush_interval_past_the_slot_ttl(
+    tmp_path: Path,
+) -> None:
+    """BUDGET_FLUSH_INTERVAL_SECONDS at or past BUDGET_SLOT_TTL_SECONDS (fewer writes to the
+    store): the heartbeat ran once a flush interval, so a request's concurrency slot expired
+    while it ran, and the other instance was admitted past a limit of 1. The heartbeat runs at
+    least three times a slot TTL, whatever the flush interval."""
+    need_redis()
+    held = Held(1)
+    slot_ttl = 2.0
+    async with instances(
+        tmp_path, REDIS_URL, slot_ttl_seconds=slot_ttl, flush_interval_seconds=30
+    ) as (one, two, _):
+        one_app, two_app = host(one, held), host(two)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            key = one.manager.create_virtual_key(
+                name="k", rate_limit={"max_concurrent_requests": 1}
+            )
+            waiting = held.requests(a, key.value)
+            await held.all_in.wait()
+            await asyncio.sleep(2 * slot_ttl + 1)  # past twice the TTL: only heartbeats hold
+            late = await b.post("/v1/chat/completions", json=BODY, headers=auth(key.value))
+            held.gate.set()
+            statuses = [r.status_code for r in await asyncio.gather(*waiting)]
+    code = late.json().get("error", {}).get("code") if late.status_code != 200 else None
+    print(f"flush interval 30 s, slot TTL 2 s, one held 5 s: the other's {late.status_code} {code}")
+    assert statuses == [200]
+    assert late.status_code == 429 and code == "concurrency_limit_exceeded"
+
+
 async def slots_held(url: str, prefix: str, count: int) -> int:
     """The concurrency slots Redis holds under `prefix`, once there are `count` (or after 30 s)."""
     held = 0

@@ -17,8 +17,8 @@ admitted, `admission.admit_first`'s rule); settlement is one call too. Keys, und
   and sums the live ones on every admission (no running total that could drift).
 
 Slots and reservations expire `slot_ttl_seconds` after they were taken or last refreshed; a
-heartbeat refreshes those of this instance's requests in flight every flush interval, so a
-SIGKILLed instance's holds disappear by themselves.
+heartbeat refreshes those of this instance's requests in flight every flush interval (at least
+three times a slot TTL), so a SIGKILLed instance's holds disappear by themselves.
 
 A window key that does not exist (a new window, an emptied Redis) is seeded from the store with
 SET NX, so that concurrent instances never add the store's value twice: the admission script
@@ -1239,7 +1239,9 @@ class RedisCounters(CounterBackend):
     # -- slots of live requests ----------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.settings.flush_interval_seconds
+        # Every flush interval, and at least three times a slot TTL: a flush interval at or past
+        # the TTL (fewer writes to the store) let a running request's slot expire.
+        interval = min(self.settings.flush_interval_seconds, self.slot_ttl / 3)
         task = asyncio.current_task()
         assert task is not None
         while True:
