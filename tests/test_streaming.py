@@ -186,6 +186,34 @@ async def test_a_stream_s_media_type_is_read_in_any_case(
     ] == [(7, 3, cost_of(7, 3), False, True)]
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    [b"text/plain; charset=utf-8", b"text/html; charset=utf-8", b"application/octet-stream"],
+)
+async def test_a_stream_labelled_as_another_type_is_still_read_as_the_stream_it_is(
+    make_settings: Settings, pricing_file: Path, content_type: bytes
+) -> None:
+    """A stream asked for and relayed under another media type (Starlette's
+    `StreamingResponse(gen(), media_type="text/plain")`, Flask's `Response(gen())` and Django's
+    `StreamingHttpResponse` say `text/html` unless told): the SDKs read it as the stream it is
+    (they look at no content-type), and so must we. It was read as JSON and charged an
+    estimate of its prompt alone, 40,000 and 54,000 nano-dollars with 0 output, where 7 in and
+    3 out at $1/$2 cost 13,000; and the usage chunk we asked for reached a client that had not
+    asked for it."""
+    upstream = ScriptedUpstream(content_type=content_type)
+    app = BudgetMiddleware(upstream, settings=make_settings(pricing_file=pricing_file))
+    async with running(app):
+        out = await call(app, chat(stream=True))
+        asked = await call(app, chat(stream=True, stream_options={"include_usage": True}))
+        rows = await records(app.engine)
+    charged = [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows]
+    print(content_type, "expected", cost_of(7, 3), "charged", charged)
+    assert out == b"".join([*CHUNKS, DONE])  # the usage chunk we caused is not passed on
+    assert asked == b"".join([*CHUNKS, USAGE_CHUNK, DONE])  # byte for byte
+    assert charged == [(7, 3, cost_of(7, 3), False)] * 2
+    assert all(r.streamed for r in rows)
+
+
 async def test_a_stream_that_loses_its_usage_chunk_keeps_no_stale_content_length(
     make_settings: Settings, pricing_file: Path
 ) -> None:

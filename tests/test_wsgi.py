@@ -345,6 +345,43 @@ def test_a_stream_passes_chunk_by_chunk_and_is_metered_from_its_last_chunk(
     assert (row["input_tokens"], row["output_tokens"]) == (26, 40)
 
 
+def test_a_stream_flask_sends_as_text_html_is_read_as_the_stream_it_is(
+    make_settings: Settings,
+) -> None:
+    """Flask's `Response(generator)` says `text/html; charset=utf-8` unless told. The SDKs read
+    the stream they asked for whatever its type says; it was read as JSON: the usage chunk we
+    asked for reached a client that had not asked (`choices: []`, which breaks
+    `chunk.choices[0]`), and an estimate of the prompt was charged, no output, for 26 in, 3 out."""
+    app = Flask(__name__)
+
+    @app.post("/v1/chat/completions")
+    def completion() -> Response:
+        body = request.get_json(force=True)
+        base = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+
+        def events() -> Iterator[bytes]:
+            for word in ("one ", "two ", "three"):
+                chunk = {**base, "choices": [{"index": 0, "delta": {"content": word}}]}
+                yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": 26, "completion_tokens": 3}
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return Response(events())  # text/html: Flask's default
+
+    app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, make_settings())  # type: ignore[method-assign]
+    answer = app.test_client().post("/v1/chat/completions", json=chat(stream=True))
+    body = answer.get_data()
+    answer.close()
+    rows = records(engine_of(app))
+    charged = [(r["input_tokens"], r["output_tokens"], bool(r["estimated"])) for r in rows]
+    print(answer.headers["content-type"], "expected (26, 3, False), charged", charged)
+    assert answer.headers["content-type"].startswith("text/html")
+    assert b'"usage"' not in body and body.endswith(b"data: [DONE]\n\n")
+    assert charged == [(26, 3, False)]
+
+
 def test_close_before_the_end_is_a_disconnect_settled_once(make_settings: Settings) -> None:
     """The server gives up (a client gone): `close()` settles, once, whatever comes after; the
     slot and the reservation are free again."""

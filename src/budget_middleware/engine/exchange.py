@@ -70,6 +70,13 @@ logger = logging.getLogger("budget_middleware")
 _DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped answers, until they end
 
 
+def _json_type(media: bytes) -> bool:
+    """Whether a (lowercased) media type is JSON: `application/json`, `application/*+json`,
+    with or without parameters."""
+    essence = media.split(b";", 1)[0].rstrip()
+    return essence == b"application/json" or essence.endswith(b"+json")
+
+
 class BudgetState(NamedTuple):
     """Who is calling, for the host app to route on (read-only): `request.state.budget`."""
 
@@ -234,7 +241,16 @@ class Exchange:
                 continue
             if name == b"content-type":
                 # a media type is case-insensitive (RFC 9110 8.3.1): `Text/Event-Stream` too
-                event_stream = value.strip().lower().startswith(b"text/event-stream")
+                media = value.strip().lower()
+                if media.startswith(b"text/event-stream"):
+                    event_stream = True
+                elif not _json_type(media):
+                    # Another type (`text/plain`, `text/html`: Flask's and Django's streamed
+                    # answers unless told): the SDKs read a stream they asked for whatever its
+                    # type says, so it is taken as untyped (below: a stream if one was asked).
+                    event_stream = None
+                else:
+                    event_stream = False
             elif name == b"content-encoding":
                 encoding = value.lower().strip()
             else:  # x-budget-cost
