@@ -636,3 +636,57 @@ async def test_a_gateway_to_mistral_drops_the_stream_options_the_middleware_aske
     else:
         assert (status, deltas, finished) == (200, ["Four.", None], [None, "stop"])
         assert charged == [("mistral", 1000, 100, 2_600_000, False)]
+
+
+def _groq_stream(asked: bool) -> list[bytes]:
+    """A stream as Groq's API sends it: the usage (13 in, 8 out) in `x_groq.usage` on the chunk
+    that ends the choice, asked or not; asked (`stream_options.include_usage`), in a usage-only
+    chunk as well."""
+    base = {"id": "chatcmpl-g1", "object": "chat.completion.chunk", "model": "llama-3.3-70b"}
+    usage = {"queue_time": 0.02, "prompt_tokens": 13, "prompt_time": 0.001,
+             "completion_tokens": 8, "completion_time": 0.03, "total_tokens": 21,
+             "total_time": 0.031}  # fmt: skip
+    first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+             "x_groq": {"id": "req_1"}}  # fmt: skip
+    text = {**base, "choices": [{"index": 0, "delta": {"content": "Hello there!"}}]}
+    last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "x_groq": {"id": "req_1", "usage": usage}}  # fmt: skip
+    events = [first, text, last]
+    if asked:
+        events.append({**base, "choices": [], "usage": usage, "x_groq": {"id": "req_1"}})
+    return [b"data: %s\n\n" % json.dumps(e).encode() for e in events] + [DONE]
+
+
+@pytest.mark.parametrize("gateway", ["forwards_stream_options", "drops_stream_options"])
+async def test_a_groq_stream_is_charged_the_usage_in_its_x_groq(
+    make_settings: Settings, gateway: str
+) -> None:
+    """Groq reports a stream's usage in `x_groq.usage` on its last chunk, asked or not. A
+    gateway that calls Groq with a body of its own (a Groq SDK call that leaves out the
+    `stream_options` the middleware added) relays a stream whose only usage is that one: it
+    was not read, and the stream was charged an estimate (45 in, 3 out: 28,920 nano-dollars
+    where 13 in, 8 out cost 13,990 at llama-3.3-70b's $0.59/$0.79). Read now; asked for as well,
+    the usage-only chunk repeats it under the same `id` and it counts once."""
+    upstream = ScriptedUpstream()
+
+    async def groq(scope: Message, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await upstream(scope, receive, send)
+            return
+        body = json.loads((await receive())["body"])
+        asked = gateway == "forwards_stream_options" and "stream_options" in body
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+        for chunk in _groq_stream(asked):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    app = BudgetMiddleware(groq, settings=make_settings())
+    async with running(app):
+        out = await call(app, chat("groq/llama-3.3-70b-versatile", stream=True))
+        rows = await records(app.engine)
+    charged = [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows]
+    expected = 13 * 590 + 8 * 790  # llama-3.3-70b-versatile on Groq: $0.59 / $0.79 per MTok
+    print(f"{gateway}: expected (13, 8, {expected}, False), charged {charged}")
+    assert out == b"".join(_groq_stream(False))  # the usage chunk we caused is not passed on
+    assert charged == [(13, 8, expected, False)]

@@ -427,7 +427,11 @@ class StreamMeter:
                     self.text_chars += _choice_chars(choice)
         usage = body.get("usage")
         if not isinstance(usage, dict):  # `"usage": null` on every chunk but the last
-            return False
+            # Groq's, on the chunk that ends the choice, asked for or not (asked, repeated in a
+            # usage-only chunk of the same `id`: it counts once)
+            groq = body.get("x_groq")
+            if type(groq) is not dict or type(usage := groq.get("usage")) is not dict:
+                return False
         found = usage_from_mapping(usage)
         if found is not None:
             if "service_tier" in body:  # OpenAI's, on every chunk
