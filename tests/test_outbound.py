@@ -3246,3 +3246,74 @@ async def test_a_cut_stream_of_a_compaction_is_charged_the_summary_it_streamed(
     charged = [(r["outcome"], r["output_tokens"], r["cost_nanos"] / 1e9) for r in rows]
     print(f"a compaction's summary, 10 x {len(summary)} characters, then cut: charged {charged}")
     assert len(rows) == 1 and rows[0]["output_tokens"] == 10 * len(summary) // 4  # 510
+
+
+def _answers_200(body: bytes, content_type: str) -> httpx2.MockTransport:
+    """A provider that answers every call 200 with `body`."""
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": content_type}, content=body)
+
+    return httpx2.MockTransport(provider)
+
+
+_OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "anthropic: event error, overloaded",
+        "openrouter: data error, no choices",
+        "a json error with status 200",
+    ],
+)
+async def test_an_error_answered_with_200_and_nothing_generated_costs_nothing(
+    engine: BudgetEngine, answer: str
+) -> None:
+    """An error answered with status 200, before anything was generated: Anthropic's
+    documented `event: error` (`overloaded_error`) as a stream's first event, an OpenAI-style
+    gateway's `data: {"error": ...}` (OpenRouter's), a JSON error body. The SDK raises on the
+    first two; the provider bills nothing. Each was charged an estimate of its prompt:
+    141,000, 110,000 and 97,500 nano-dollars (47, 44 and 39 tokens at $3 and $2.50 a million; a
+    100k-token prompt to Claude Sonnet: $0.30 an error). Now nothing, as an answer of status
+    400 or more without usage costs."""
+    if answer.startswith("anthropic"):
+        body = b"event: error\ndata: " + json.dumps(_OVERLOADED).encode() + b"\n\n"
+        provider = _answers_200(body, "text/event-stream")
+        sdk: Any = anthropic.AsyncAnthropic(
+            api_key="sk-ant-secret",
+            base_url="https://api.anthropic.com",
+            max_retries=0,
+            http_client=httpx2.AsyncClient(transport=BudgetTransport(provider, engine=engine)),
+        )
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            stream = await sdk.messages.create(
+                model="claude-sonnet-4", max_tokens=50, messages=MESSAGES, stream=True
+            )
+            async for _ in stream:
+                pass
+        print(f"the SDK raised {raised.value!r}")
+    elif answer.startswith("openrouter"):
+        error = {"error": {"code": 502, "message": "Provider returned error"}}
+        body = b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
+        sdk = _sdk(_answers_200(body, "text/event-stream"), engine)
+        with pytest.raises(openai.APIError) as raised:
+            stream = await sdk.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, max_tokens=50, stream=True
+            )
+            async for _ in stream:
+                pass
+        print(f"the SDK raised {raised.value!r}")
+    else:
+        error = {"error": {"code": 502, "message": "Provider returned error"}}
+        sdk = _sdk(_answers_200(json.dumps(error).encode(), "application/json"), engine)
+        answered = await sdk.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, max_tokens=50
+        )
+        assert not answered.choices
+    await engine.flush()
+    charged = _costs(engine)
+    print(f"{answer}: charged {charged}")
+    assert [cost for _, cost, _ in charged] == [0]
+    assert not charged[0][2]  # not an estimate: the error says what it cost

@@ -267,6 +267,8 @@ class StreamMeter:
     an event over _MAX_PENDING bytes was skipped unread (passed on as it came, not held); the
     stream is read again from its end, so a usage chunk after it is read, and dropped.
     `gap_unread()`: and no usage was read after it, so what it held may be in no count.
+    `failed`: an error was streamed (Anthropic's `event: error`, the Responses API's `error` and
+    `response.failed`, an OpenAI-style `data: {"error": ...}` without `choices`).
     """
 
     __slots__ = (
@@ -281,6 +283,7 @@ class StreamMeter:
         "_usage_at_gap",
         "_usage_id",
         "completed",
+        "failed",
         "gave_up",
         "model",
         "text_at_usage",
@@ -294,6 +297,7 @@ class StreamMeter:
         self.text_chars = 0
         self.text_at_usage = 0
         self.gave_up = False
+        self.failed = False  # an error event was read (see the class's doc)
         self.model: str | None = None
         self._drop = drop_usage_chunk
         self._decoder: SSEDecoder | None = SSEDecoder()  # None: gave up reading (see _MAX_PENDING)
@@ -398,6 +402,8 @@ class StreamMeter:
                     self._read_typed(name, body)
                 return False
             if name in _SKIP or name.startswith("response."):
+                if name == "error":
+                    self.failed = True
                 return False
             # any other name: some OpenAI-compatible server; read it like an unnamed event
         return self._read_data(event.data)
@@ -425,6 +431,8 @@ class StreamMeter:
             for choice in choices:
                 if isinstance(choice, dict):
                     self.text_chars += _choice_chars(choice)
+        elif body.get("error") is not None or body.get("type") == "error":  # see `failed`
+            self.failed = True
         usage = body.get("usage")
         if not isinstance(usage, dict):  # `"usage": null` on every chunk but the last
             # Groq's, on the chunk that ends the choice, asked for or not (asked, repeated in a
@@ -479,6 +487,8 @@ class StreamMeter:
                     self._take(found)
             if kind in ("response.completed", "response.incomplete"):
                 self.completed = True
+            elif kind == "response.failed":
+                self.failed = True
 
     def _of_completion(self, ident: object, usage: TokenUsage) -> TokenUsage:
         """An OpenAI completion's or response's usage, with those of the ones before it in the

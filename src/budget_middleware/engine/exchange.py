@@ -28,9 +28,11 @@ from budget_middleware.core.records import UsageRecord
 from budget_middleware.core.scopes import KeyConfig, LimitSet
 from budget_middleware.core.sse import StreamMeter
 from budget_middleware.core.usage import (
+    JSON_ERRORS,
     BodyDecoder,
     TokenUsage,
     answered_chars,
+    json_loads,
     usage_from_json,
 )
 from budget_middleware.headers import (
@@ -421,9 +423,15 @@ class Exchange:
                 # Reported over what its tokens cost (a fee): for the next to reserve
                 self.reported_over = cost - cost_nanos(self._served_price(usage), usage)
         elif usage is None and (
-            self.status >= 300 or not (self.response_started or self.sent_unanswered)
+            self.status >= 300
+            or not (self.response_started or self.sent_unanswered)
+            or self._only_an_error()
         ):
-            cost, source = 0, "none"  # an error or a redirect without usage costs nothing
+            # An error or a redirect without usage costs nothing; so does an error answered
+            # with status 200 before any output (`_only_an_error`).
+            cost, source = 0, "none"
+            if note is None and self.status < 300 and self.response_started:
+                note = "an error answered with status 200, no output"
         else:
             if usage is None:  # no usage reported: charge what we can see, and say so
                 estimated = True
@@ -491,6 +499,27 @@ class Exchange:
         if self.target.service_tier is not None:
             return asked_prices(price, self.target.service_tier)
         return price
+
+    def _only_an_error(self) -> bool:
+        """Whether an answer without usage is an error and nothing else, whatever its status:
+        a stream that streamed an error and no output (Anthropic's `overloaded_error` as its
+        first event, an OpenAI-style gateway's `data: {"error": ...}`), or a JSON `error`
+        object without output."""
+        stream = self.stream
+        if stream is not None:
+            return stream.failed and not stream.text_chars
+        parts = self.json_parts
+        if not parts or self.json_dropped:
+            return False
+        try:
+            document = json_loads(b"".join(parts))
+        except JSON_ERRORS:
+            return False
+        return (
+            type(document) is dict
+            and document.get("error") is not None
+            and not any(document.get(key) for key in ("choices", "content", "output"))
+        )
 
     def _record(
         self,
