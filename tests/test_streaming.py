@@ -690,3 +690,53 @@ async def test_a_groq_stream_is_charged_the_usage_in_its_x_groq(
     print(f"{gateway}: expected (13, 8, {expected}, False), charged {charged}")
     assert out == b"".join(_groq_stream(False))  # the usage chunk we caused is not passed on
     assert charged == [(13, 8, expected, False)]
+
+
+_ANSWER = {
+    "id": "c1",
+    "object": "chat.completion",
+    "model": "gpt-4o",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}}],
+    "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+}
+
+
+@pytest.mark.parametrize("content_type", [None, b"text/event-stream", b"text/plain"])
+@pytest.mark.parametrize("asked", [True, False])
+async def test_a_compressed_json_answer_to_a_stream_request_is_read_as_json(
+    make_settings: Settings, pricing_file: Path, content_type: bytes | None, asked: bool
+) -> None:
+    """A stream asked for and answered with JSON all the same (a server that does not stream
+    that model), gzip-encoded, untyped or labelled as a stream or text: its first bytes were
+    looked at compressed, so it was read as a stream that never came, and charged an estimate
+    of the prompt, no output: 40,000 or 54,000 nano-dollars where 7 in, 3 out cost 13,000.
+    Its decoded first bytes say JSON now; one the middleware asked for its usage (which asked
+    for it uncompressed) goes on decoded, as such a stream does."""
+    body = json.dumps(_ANSWER).encode()
+
+    async def app(scope: Message, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await ScriptedUpstream()(scope, receive, send)
+            return
+        await receive()
+        headers = [(b"content-encoding", b"gzip")]
+        if content_type is not None:
+            headers.append((b"content-type", content_type))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        packed = gzip.compress(body)
+        for part in (packed[:5], packed[5:]):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    wrapped = BudgetMiddleware(app, settings=make_settings(pricing_file=pricing_file))
+    asks = {"stream_options": {"include_usage": True}} if asked else {}
+    started: list[Message] = []
+    async with running(wrapped):
+        out = await call(wrapped, chat(stream=True, **asks), started=started)
+        rows = await records(wrapped.engine)
+    charged = [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows]
+    print(content_type, "asked" if asked else "injected", "expected", cost_of(7, 3), charged)
+    coding = dict(started[0]["headers"]).get(b"content-encoding")
+    assert (gzip.decompress(out) if coding == b"gzip" else out) == body
+    assert coding == (b"gzip" if asked else None)
+    assert charged == [(7, 3, cost_of(7, 3), False)]

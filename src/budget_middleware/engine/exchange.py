@@ -316,12 +316,6 @@ class Exchange:
         if self.unreadable is not None:
             # Passed on decoded until it could not be decoded: the rest cannot be passed so.
             return b"" if self.passed_decoded else chunk
-        if self.sniffing and self.decoder is None:
-            head = chunk.lstrip()
-            if head:
-                self.sniffing = False
-                if head[:1] in _JSON_STARTS:  # JSON after all, untyped: read as JSON
-                    self.stream = None
         decoder = self.decoder
         plain = chunk
         if decoder is not None:
@@ -331,11 +325,17 @@ class Exchange:
             if decoder.error is not None:
                 self.unreadable = decoder.error
                 return b"" if self.passed_decoded else chunk
-        stream = self.stream
-        if stream is not None:
             if self.passed_decoded:
                 chunk = plain
-            elif decoder is not None:
+        if self.sniffing:
+            head = plain.lstrip()  # decoded: a compressed answer's first bytes say nothing
+            if head:
+                self.sniffing = False
+                if head[:1] in _JSON_STARTS:  # JSON after all, untyped: read as JSON
+                    self.stream = None
+        stream = self.stream
+        if stream is not None:
+            if decoder is not None and not self.passed_decoded:
                 stream.feed(plain)  # measure only: the compressed bytes go on untouched
                 return chunk
             out = stream.feed(chunk)
