@@ -214,6 +214,31 @@ async def test_a_stream_labelled_as_another_type_is_still_read_as_the_stream_it_
     assert all(r.streamed for r in rows)
 
 
+async def test_a_stream_labelled_json_is_charged_the_usage_it_streams(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """A stream relayed as `application/json` (`StreamingResponse(gen(),
+    media_type="application/json")`), which the SDKs read as the stream it is: it was read as
+    JSON, charged an estimate of its prompt and no output (54,000 nano-dollars where 7 in, 3 out
+    cost 13,000). Its usage is read now, and it passes byte for byte; an answer labelled JSON
+    keeps its headers, so a usage chunk the middleware asked for is not taken out of it."""
+    upstream = ScriptedUpstream(content_type=b"application/json", content_length=True)
+    app = BudgetMiddleware(upstream, settings=make_settings(pricing_file=pricing_file))
+    started: list[Message] = []
+    async with running(app):
+        asked = await call(
+            app, chat(stream=True, stream_options={"include_usage": True}), started=started
+        )
+        injected = await call(app, chat(stream=True))
+        rows = await records(app.engine)
+    charged = [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows]
+    print("expected", cost_of(7, 3), "charged", charged)
+    assert asked == b"".join([*CHUNKS, USAGE_CHUNK, DONE])
+    assert dict(started[0]["headers"])[b"content-length"] == b"%d" % len(asked)
+    assert injected == asked  # headers kept: the usage chunk stays, as its length says
+    assert charged == [(7, 3, cost_of(7, 3), False)] * 2
+
+
 async def test_a_stream_that_loses_its_usage_chunk_keeps_no_stale_content_length(
     make_settings: Settings, pricing_file: Path
 ) -> None:

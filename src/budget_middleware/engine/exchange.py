@@ -288,6 +288,12 @@ class Exchange:
                 self.passed_decoded = self.decoder is not None
                 self.left_out = _COST_LENGTH_AND_CODING if self.passed_decoded else _COST_AND_LENGTH
                 return True
+        elif self.target.stream and event_stream is False:
+            # A stream asked for and labelled JSON (`media_type="application/json"` on a relayed
+            # stream): read as the stream the SDKs read, unless its first bytes say JSON. Its
+            # headers are the app's: nothing is taken out of an answer that says it is JSON.
+            self.sniffing = True
+            self.stream = StreamMeter()
         return cost_header is not None
 
     def headers_added(self, limits: bool = True) -> list[tuple[bytes, bytes]]:
