@@ -4,9 +4,10 @@
     urlpatterns = [*admin_urls("budget-admin/"), ...]
 
 A view forwards every request under the prefix to `create_admin_wsgi_app()` (on the engine the
-middleware shares, for equal settings). It is CSRF-exempt: the admin API authenticates with
-`Authorization: Bearer $BUDGET_ADMIN_KEY`, never a cookie. Django is an optional extra
-(`budget-middleware[django]`); this module imports it only when called.
+middleware shares, for equal settings), under Django's WSGI handler and its ASGI handler alike
+(`get_asgi_application()`: a project's one URL conf serves both). It is CSRF-exempt: the admin
+API authenticates with `Authorization: Bearer $BUDGET_ADMIN_KEY`, never a cookie. Django is an
+optional extra (`budget-middleware[django]`); this module imports it only when called.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = 
     admin = AdminWSGIApp(settings)
 
     def view(request: Any, rest: str | None = None) -> Any:
-        environ = dict(request.environ)
+        environ = _environ(request)
         script = environ.get("SCRIPT_NAME", "").rstrip("/")
         path = environ.get("PATH_INFO", "")
         marker = "/" + mount
@@ -59,3 +60,22 @@ def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = 
         return response
 
     return [urls.re_path(rf"^{re.escape(mount)}(?P<rest>/.*)?$", csrf.csrf_exempt(view))]
+
+
+def _environ(request: Any) -> dict[str, Any]:
+    """The request as a WSGI environ: the server's, under Django's WSGI handler; under its ASGI
+    handler (whose request has no `environ`), the `META` Django made of the scope, which holds
+    the same CGI names."""
+    environ = getattr(request, "environ", None)
+    if environ is not None:
+        return dict(environ)
+    environ = dict(request.META)
+    environ["wsgi.url_scheme"] = request.scheme
+    # Django decoded the query string (UTF-8); WSGI's is the latin-1 text of its bytes.
+    environ["QUERY_STRING"] = _wsgi_text(environ.get("QUERY_STRING", ""))
+    return environ
+
+
+def _wsgi_text(value: str) -> str:
+    """Text Django decoded from UTF-8 as PEP 3333 gives it: the latin-1 text of its bytes."""
+    return value.encode("utf-8", "surrogateescape").decode("latin-1")

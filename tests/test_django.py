@@ -1,0 +1,96 @@
+"""Django (SPEC §15): the example project (examples/django_app) under Django's WSGI and ASGI
+handlers, Django's own test clients, and its admin API under a Django URL prefix."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from budget_middleware import BudgetMiddleware
+from budget_middleware.engine.portal import shut_down_engines
+from support import running
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN = {"authorization": "Bearer admin-secret"}
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 8,
+        **extra,
+    }
+
+
+@pytest.fixture(autouse=True)
+def _engines_shut_down() -> Iterator[None]:
+    yield
+    shut_down_engines()
+
+
+@pytest.fixture
+def site(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The example Django project, set up on this test's store (its URL conf imported anew, so
+    that its admin URLs are on this test's engine)."""
+    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/django.db")
+    monkeypatch.setenv("BUDGET_ADMIN_KEY", "admin-secret")
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "llmsite.settings")
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "django_app"))
+    for name in [m for m in sys.modules if m.startswith("llmsite")]:
+        monkeypatch.delitem(sys.modules, name)
+    import django
+    from django.urls import clear_url_caches
+
+    django.setup()
+    clear_url_caches()
+
+
+def asgi_application() -> Any:
+    from llmsite.asgi import application
+
+    return application
+
+
+# -- the admin API under a Django URL prefix, served by Django's ASGI handler ------------------
+
+
+async def test_the_admin_urls_serve_under_django_s_asgi_handler(site: None) -> None:
+    """`admin_urls()` read `request.environ`, which only Django's WSGI request has: under
+    `get_asgi_application()` (uvicorn, Django's `AsyncClient`) every admin call was a 500
+    (`AttributeError: 'ASGIRequest' object has no attribute 'environ'`)."""
+    from django.test import AsyncClient
+
+    application = asgi_application()
+    assert isinstance(application, BudgetMiddleware)
+    async with (
+        running(application),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(application), base_url="http://test"
+        ) as client,
+    ):
+        created = await client.post(
+            "/budget-admin/virtual-keys",
+            json={"name": "alice", "budgets": [{"max_limit": 0.000000000001}]},
+            headers=ADMIN,
+        )
+        health = await AsyncClient().get("/budget-admin/health")  # Django's own ASGI client
+        print("create:", created.status_code, "AsyncClient health:", health.status_code)
+        assert health.status_code == 200, health.content[:200]
+        assert created.status_code == 201, created.text[:300]
+        value = created.json()["virtual_key"]["value"]
+        bearer = {"authorization": f"Bearer {value}"}
+        statuses = [
+            (await client.post("/v1/chat/completions", json=chat(), headers=bearer)).status_code
+            for _ in range(2)
+        ]
+        listed = await client.get("/budget-admin/budgets?from_memory=true", headers=ADMIN)
+        budget = listed.json()["budgets"][0]
+        print("metered:", statuses, "spent:", budget["current_usage"])
+        assert statuses == [200, 402]
+        assert budget["current_usage"] > 0
