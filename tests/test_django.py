@@ -3,6 +3,7 @@ handlers, Django's own test clients, and its admin API under a Django URL prefix
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,3 +95,22 @@ async def test_the_admin_urls_serve_under_django_s_asgi_handler(site: None) -> N
         print("metered:", statuses, "spent:", budget["current_usage"])
         assert statuses == [200, 402]
         assert budget["current_usage"] > 0
+
+
+def test_a_tag_outside_latin_1_is_managed_through_the_django_admin_urls(site: None) -> None:
+    """Django hands its views the path decoded (UTF-8); the view passed it on to the WSGI admin
+    app as if it were WSGI's latin-1 text, whose `raw_path` then failed to encode: a tag named
+    outside latin-1 (`PUT /budget-admin/tags/产品`) was a 500."""
+    from django.test import Client
+
+    client = Client()
+    put = client.put(
+        "/budget-admin/tags/产品",
+        data=json.dumps({"budgets": [{"max_limit": 5, "reset_duration": "1d"}]}),
+        content_type="application/json",
+        HTTP_AUTHORIZATION="Bearer admin-secret",
+    )
+    listed = client.get("/budget-admin/tags", HTTP_AUTHORIZATION="Bearer admin-secret")
+    print("PUT tag:", put.status_code, put.content[:200])
+    assert put.status_code in (200, 201)
+    assert "产品" in json.dumps(listed.json(), ensure_ascii=False)

@@ -66,13 +66,16 @@ def _environ(request: Any) -> dict[str, Any]:
     """The request as a WSGI environ: the server's, under Django's WSGI handler; under its ASGI
     handler (whose request has no `environ`), the `META` Django made of the scope, which holds
     the same CGI names."""
-    environ = getattr(request, "environ", None)
-    if environ is not None:
-        return dict(environ)
-    environ = dict(request.META)
-    environ["wsgi.url_scheme"] = request.scheme
-    # Django decoded the query string (UTF-8); WSGI's is the latin-1 text of its bytes.
-    environ["QUERY_STRING"] = _wsgi_text(environ.get("QUERY_STRING", ""))
+    wsgi = getattr(request, "environ", None)
+    environ = dict(request.META if wsgi is None else wsgi)
+    if wsgi is None:
+        environ["wsgi.url_scheme"] = request.scheme
+        # Django decoded the query string (UTF-8); WSGI's is the latin-1 text of its bytes.
+        environ["QUERY_STRING"] = _wsgi_text(environ.get("QUERY_STRING", ""))
+    # Both handlers put the path in META decoded (UTF-8; the WSGI one over the server's
+    # environ): as WSGI text again, or a path outside latin-1 (`/tags/产品`) cannot be passed.
+    for name in ("SCRIPT_NAME", "PATH_INFO"):
+        environ[name] = _wsgi_text(environ.get(name, ""))
     return environ
 
 
