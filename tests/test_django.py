@@ -114,3 +114,49 @@ def test_a_tag_outside_latin_1_is_managed_through_the_django_admin_urls(site: No
     print("PUT tag:", put.status_code, put.content[:200])
     assert put.status_code in (200, 201)
     assert "产品" in json.dumps(listed.json(), ensure_ascii=False)
+
+
+async def test_a_django_view_under_the_asgi_handler_sees_who_is_calling(site: None) -> None:
+    """The README's Django way to see the caller, `budget_state(request.META)`, found nothing
+    under Django's ASGI handler (the ASGI middleware names the caller in the scope's state, and
+    Django's `META` holds none of it): the example's view said `x_caller: null` for a key's
+    call. `budget_state(request)` finds it under either handler."""
+    application = asgi_application()
+    async with (
+        running(application),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(application), base_url="http://test"
+        ) as client,
+    ):
+        created = await client.post(
+            "/budget-admin/virtual-keys", json={"name": "alice"}, headers=ADMIN
+        )
+        key = created.json()["virtual_key"]
+        answer = await client.post(
+            "/v1/chat/completions",
+            json=chat(),
+            headers={"authorization": f"Bearer {key['value']}"},
+        )
+        print("ASGI: x_caller", answer.json()["x_caller"], "key", key["id"])
+        assert answer.status_code == 200
+        assert answer.json()["x_caller"] == key["id"]
+
+
+def test_budget_state_of_a_django_request_under_the_wsgi_handler(site: None) -> None:
+    """`budget_state(request)` under Django's WSGI handler too (as `budget_state(request.META)`)."""
+    from django.test import Client as DjangoClient
+    from llmsite.wsgi import application
+    from werkzeug.test import Client
+
+    created = DjangoClient().post(
+        "/budget-admin/virtual-keys",
+        data={"name": "alice"},
+        content_type="application/json",
+        HTTP_AUTHORIZATION="Bearer admin-secret",
+    )
+    key = created.json()["virtual_key"]
+    answer = Client(application).post(
+        "/v1/chat/completions", json=chat(), headers={"authorization": f"Bearer {key['value']}"}
+    )
+    print("WSGI: x_caller", answer.json["x_caller"], "key", key["id"])
+    assert answer.status_code == 200 and answer.json["x_caller"] == key["id"]

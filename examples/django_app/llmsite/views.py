@@ -41,7 +41,7 @@ def _usage(body: dict[str, Any]) -> tuple[int, int]:
 @csrf_exempt
 def chat_completions(request: HttpRequest) -> HttpResponse:
     body = json.loads(request.body or b"{}")
-    caller = budget_state(request.META)  # who is calling, as the middleware resolved it
+    caller = budget_state(request)  # who is calling, as the middleware resolved it (WSGI or ASGI)
     prompt, output = _usage(body)
     base = {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",

@@ -23,7 +23,7 @@ import io
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -81,10 +81,26 @@ _WATCHED = frozenset(("content-type", "content-encoding", _COST))
 _USUAL_ACCEPT = USUAL_ACCEPT.decode()
 
 
-def budget_state(environ: WSGIEnvironment) -> BudgetState | None:
-    """Who is calling, as the middleware resolved it (None on a request it did not meter)."""
-    state: BudgetState | None = environ.get(STATE_KEY)
-    return state
+def budget_state(environ: WSGIEnvironment | object) -> BudgetState | None:
+    """Who is calling, as the middleware resolved it (None on a request it did not meter):
+    from the WSGI environ (Flask's `request.environ`, Django's `request.META`), or from a
+    request, Django's under either handler: under its ASGI handler (`BudgetMiddleware` around
+    `get_asgi_application()`) the caller is in the scope's state, and `META` holds none of it."""
+    if type(environ) is dict:  # an environ, or Django's META: the usual case
+        state: BudgetState | None = environ.get(STATE_KEY)
+        return state
+    scope = getattr(environ, "scope", None)  # an ASGI request: Django's, Starlette's
+    if isinstance(scope, Mapping):
+        held = scope.get("state")
+        found = held.get("budget") if isinstance(held, Mapping) else None
+        return found if isinstance(found, BudgetState) else None
+    meta = getattr(environ, "META", None)  # Django's WSGI request
+    if isinstance(meta, Mapping):
+        environ = meta
+    if isinstance(environ, Mapping):
+        state = environ.get(STATE_KEY)
+        return state
+    return None
 
 
 def status_line(status: int) -> str:
