@@ -160,3 +160,35 @@ def test_budget_state_of_a_django_request_under_the_wsgi_handler(site: None) -> 
     )
     print("WSGI: x_caller", answer.json["x_caller"], "key", key["id"])
     assert answer.status_code == 200 and answer.json["x_caller"] == key["id"]
+
+
+async def test_the_example_streams_under_the_asgi_handler_unbuffered(site: None) -> None:
+    """The example's stream was a sync generator: Django's ASGI handler reads such an iterator
+    whole in a thread before the first chunk goes (it warns: "StreamingHttpResponse must consume
+    synchronous iterators"), so under uvicorn the client got the whole stream at its end. Under
+    the ASGI handler the example streams through an async iterator, metered as it goes."""
+    import warnings
+
+    application = asgi_application()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with (
+            running(application),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(application), base_url="http://test"
+            ) as client,
+        ):
+            created = await client.post(
+                "/budget-admin/virtual-keys", json={"name": "alice"}, headers=ADMIN
+            )
+            value = created.json()["virtual_key"]["value"]
+            streamed = await client.post(
+                "/v1/chat/completions",
+                json=chat(stream=True, max_tokens=3),
+                headers={"authorization": f"Bearer {value}"},
+            )
+    buffered = [str(w.message) for w in caught if "must consume" in str(w.message)]
+    print("events:", streamed.text.count("data: "), "Django's warnings:", buffered)
+    assert streamed.status_code == 200 and streamed.text.count("data: ") == 5
+    assert b'"usage"' not in streamed.content  # the usage chunk we asked for is cut out
+    assert not buffered

@@ -6,7 +6,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -49,9 +49,10 @@ def chat_completions(request: HttpRequest) -> HttpResponse:
         "model": body.get("model", "gpt-4o-mini"),
     }
     if body.get("stream"):
-        return StreamingHttpResponse(
-            _events(base, body, prompt, output), content_type="text/event-stream"
-        )
+        events: Iterator[bytes] | AsyncIterator[bytes] = _events(base, body, prompt, output)
+        if hasattr(request, "scope"):  # Django's ASGI handler reads a sync iterator whole first
+            events = _async(events)
+        return StreamingHttpResponse(events, content_type="text/event-stream")
     text = " ".join(WORDS[i % len(WORDS)] for i in range(output))
     return JsonResponse(
         {
@@ -92,3 +93,9 @@ def _events(
         }
         yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n".encode()
     yield b"data: [DONE]\n\n"
+
+
+async def _async(events: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """The events as an async iterator: Django's ASGI handler sends each as it comes."""
+    for event in events:
+        yield event
