@@ -14,6 +14,8 @@ import pytest
 
 from budget_middleware import BudgetMiddleware
 from budget_middleware.engine.portal import shut_down_engines
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix, use_prefix
 from support import running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,3 +194,47 @@ async def test_the_example_streams_under_the_asgi_handler_unbuffered(site: None)
     assert streamed.status_code == 200 and streamed.text.count("data: ") == 5
     assert b'"usage"' not in streamed.content  # the usage chunk we asked for is cut out
     assert not buffered
+
+
+async def test_an_admin_call_first_under_a_server_with_no_lifespan_leaves_the_engine_its_loop(
+    site: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a server that sends no lifespan (daphne, `uvicorn --lifespan off`, an
+    `httpx.ASGITransport`), an admin call through `admin_urls` before any metered request
+    started the shared engine in the WSGI adapter's background loop (the view is sync, and it
+    hopped there), and the ASGI middleware then used that engine from the server's loop: on
+    Redis the first metered call raised ("got Future attached to a different loop": a 500
+    under a server), and so did the engine's Redis heartbeat. Under Django's ASGI handler the
+    admin view now runs the admin app on the server's own loop: 200 x4 on a budget of four
+    calls, then 402."""
+    from budget_middleware import get_engine
+
+    need_redis()
+    monkeypatch.setenv("BUDGET_REDIS_URL", REDIS_URL)
+    prefix = unique_prefix()
+    use_prefix(get_engine(), prefix)
+    application = asgi_application()
+    price = 4 * 0.00000645  # four calls of the example's fake (11 + 8 tokens of gpt-4o-mini)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(application), base_url="http://test"
+        ) as client:
+            created = await client.post(
+                "/budget-admin/virtual-keys",
+                json={"name": "alice", "budgets": [{"max_limit": price}]},
+                headers=ADMIN,
+            )
+            bearer = {"authorization": f"Bearer {created.json()['virtual_key']['value']}"}
+            statuses = []
+            for _ in range(6):
+                try:
+                    answer = await client.post("/v1/chat/completions", json=chat(), headers=bearer)
+                    statuses.append(answer.status_code)
+                except RuntimeError as exc:
+                    statuses.append(type(exc).__name__)
+            print("admin first, then metered:", created.status_code, statuses)
+            assert created.status_code == 201
+            assert statuses == [200, 200, 200, 200, 402, 402]
+    finally:
+        await get_engine().shutdown()
+        delete_prefix(REDIS_URL, prefix)

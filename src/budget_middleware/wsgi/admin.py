@@ -46,7 +46,7 @@ class AdminWSGIApp:
         # answers 401 first), and anyone could have this thread hold what they announce.
         admin = holds_admin_key(environ, self.engine.settings.admin_key)
         body = _read_all(environ) if admin else b""
-        status, headers, content = on_loop(self.engine, lambda: _serve(self.asgi, scope, body))
+        status, headers, content = on_loop(self.engine, lambda: serve(self.asgi, scope, body))
         start_response(
             status_line(status), [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
         )
@@ -127,7 +127,7 @@ def _read_all(environ: WSGIEnvironment) -> bytes:
     return b""
 
 
-async def _serve(app: Any, scope: dict[str, Any], body: bytes) -> tuple[int, list[Any], bytes]:
+async def serve(app: Any, scope: dict[str, Any], body: bytes) -> tuple[int, list[Any], bytes]:
     """Run the ASGI app for one request; its status, headers and whole body."""
     status = 500
     headers: list[Any] = []

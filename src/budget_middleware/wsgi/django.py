@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from budget_middleware.settings import BudgetSettings
-from budget_middleware.wsgi.admin import AdminWSGIApp, holds_admin_key
+from budget_middleware.wsgi.admin import AdminWSGIApp, asgi_scope, holds_admin_key, serve
 
 
 def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = None) -> list[Any]:
@@ -41,6 +41,7 @@ def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = 
         environ["PATH_INFO"] = below or "/"
         # Read for the admin key's bearer only (as the admin app reads): the API reads no other
         # caller's body (it answers 401 first), and anyone could have this thread hold it.
+        body = b""
         if holds_admin_key(environ, admin.engine.settings.admin_key):
             body = request.body  # through Django, within its DATA_UPLOAD_MAX_MEMORY_SIZE
             environ["wsgi.input"] = io.BytesIO(body)
@@ -51,10 +52,20 @@ def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = 
             started[:] = [status, headers]
             return lambda data: None
 
-        result = admin(environ, start_response)
-        content = b"".join(result)
-        response = http.HttpResponse(content, status=int(started[0][:3]))
-        for name, value in started[1]:
+        if hasattr(request, "environ"):  # Django's WSGI handler: on the engine's loop (its own)
+            content = b"".join(admin(environ, start_response))
+            status: int = int(started[0][:3])
+            headers: list[tuple[str, str]] = started[1]
+        else:
+            # Django's ASGI handler runs this sync view in a thread: the admin app runs on the
+            # server's loop, where the ASGI middleware runs the engine (started there if not
+            # yet). Sent to the WSGI adapter's background loop instead, an engine not started
+            # yet started there, and the middleware then used it from the server's loop.
+            to_sync = importlib.import_module("asgiref.sync").async_to_sync
+            status, raw, content = to_sync(serve)(admin.asgi, asgi_scope(environ), body)
+            headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
+        response = http.HttpResponse(content, status=status)
+        for name, value in headers:
             if name.lower() != "content-length":
                 response[name] = value
         return response
