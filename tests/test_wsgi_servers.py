@@ -233,6 +233,34 @@ def test_waitress_serves_the_django_example_exactly(tmp_path: Path) -> None:
     check_exact("waitress x8 (Django)", at_once, after, price, limit, written(url, key["id"]))
 
 
+@pytest.mark.parametrize("served", ["gunicorn gthread (WSGI)", "uvicorn (ASGI)"])
+def test_the_django_example_under_gunicorn_gthread_and_uvicorn_is_exact(
+    tmp_path: Path, served: str
+) -> None:
+    """The Django example under gunicorn `gthread` (its `wsgi.py`) and under uvicorn (its
+    `asgi.py`: `BudgetMiddleware(get_asgi_application())`, whose lifespan the middleware
+    answers): 400 requests from 16 clients at once on a budget of 20 requests' price, then one
+    by one until the 402; everything written at the server's exit (SIGTERM)."""
+    url = f"sqlite:///{tmp_path}/django.db"
+    port = free_port()
+    site = ROOT / "examples" / "django_app"
+    if served.startswith("gunicorn"):
+        command = gunicorn(port, "llmsite.wsgi:application", site)
+    else:
+        command = [sys.executable, "-m", "uvicorn", "--port", str(port), "--app-dir", str(site),
+                   "--log-level", "warning", "llmsite.asgi:application"]  # fmt: skip
+    env = base_env(url, PYTHONPATH=f"{ROOT / 'src'}:{site}")
+    with server(command, env, port) as process:
+        price = price_of_one(port)
+        limit = 20 * price
+        key = make_key(port, "alice", limit)
+        at_once = hammer(port, key["value"], threads=16, each=25)
+        after = one_by_one([port], key["value"])
+        # uvicorn raises the signal it stopped on again once it has shut down
+        assert stopped(process) in (0, -signal.SIGTERM)
+    check_exact(f"Django, {served}", at_once, after, price, limit, written(url, key["id"]))
+
+
 SHARED_APP = """
 import os, sys
 sys.path.insert(0, {examples!r})
