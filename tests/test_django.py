@@ -238,3 +238,77 @@ async def test_an_admin_call_first_under_a_server_with_no_lifespan_leaves_the_en
     finally:
         await get_engine().shutdown()
         delete_prefix(REDIS_URL, prefix)
+
+
+async def test_a_client_gone_before_django_answers_is_charged(
+    site: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Django's ASGI handler cancels the view when the client goes away, and answers nothing;
+    a sync view's thread runs on (the provider answers it in full), and an async one's provider
+    call is cut. Either way the call was made, yet it was charged $0 (outcome
+    `client_disconnected`, status 0): a client that hung up before each answer spent without
+    limit (under the WSGI handler the same call is charged its usage). It is now charged the
+    most it could have cost, as its reservation counted it, marked estimated."""
+    import asyncio
+    import time
+
+    import llmsite.views
+
+    from budget_middleware import get_engine
+    from support import BodyThenGone, post_scope
+
+    usage = llmsite.views._usage
+
+    def slow_usage(body: dict[str, Any]) -> tuple[int, int]:
+        time.sleep(0.5)  # the provider thinking
+        return usage(body)
+
+    monkeypatch.setattr(llmsite.views, "_usage", slow_usage)
+    application = asgi_application()
+    async with (
+        running(application),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(application), base_url="http://test"
+        ) as client,
+    ):
+        created = await client.post(
+            "/budget-admin/virtual-keys",
+            json={"name": "alice", "budgets": [{"max_limit": 1}]},
+            headers=ADMIN,
+        )
+        key = created.json()["virtual_key"]
+        body = json.dumps(chat()).encode()
+        receive = BodyThenGone(body)
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = post_scope(
+            "/v1/chat/completions",
+            [
+                (b"authorization", f"Bearer {key['value']}".encode()),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        )
+        call = asyncio.create_task(application(scope, receive, send))
+        await asyncio.sleep(0.1)
+        receive.gone.set()  # the client hangs up while the view works
+        await call
+        await asyncio.sleep(0.6)  # the view's thread ends
+        engine = get_engine()
+        await engine.flush()
+        with engine.store.engine.connect() as conn:
+            from sqlalchemy import text
+
+            rows = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    text("SELECT outcome, status, cost_nanos, estimated FROM bm_usage_records")
+                )
+            ]
+    print("answer sent:", [m["type"] for m in sent], "record:", rows)
+    assert not sent  # Django answered nothing
+    assert len(rows) == 1 and rows[0]["outcome"] == "client_disconnected"
+    # at least the answer's 11 + 8 tokens of gpt-4o-mini (6,450 nano-dollars), estimated
+    assert rows[0]["cost_nanos"] >= 6_450 and rows[0]["estimated"]

@@ -302,6 +302,9 @@ class BudgetMiddleware:
             if not exchange.settled:  # as a rule, settled as the answer's last chunk went
                 if exchange.client_gone and not exchange.response_complete:
                     outcome = "client_disconnected"
+                    # Left before any answer, which the app then never gave (Django's ASGI
+                    # handler cancels the view): the call was made; its cost is not $0.
+                    exchange.left_unanswered = not exchange.response_started
                 await exchange.settle(outcome)
 
 

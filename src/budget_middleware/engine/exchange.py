@@ -110,6 +110,10 @@ class Exchange:
     # An outbound call the provider received and never answered (a read timeout, a dropped
     # connection): what it was sent is charged, estimated (SPEC §13).
     sent_unanswered = False
+    # An inbound request whose client left before the app answered, and which the app then ended
+    # with no answer (Django's ASGI handler cancels the view): the call was made, its answer is
+    # never seen. The most it could have cost is charged, as its reservation counted it.
+    left_unanswered = False
     route_target: str | None = None  # the route's target admitted (SPEC §12): x-budget-route
     body = b""
     receive_: Receive
@@ -430,7 +434,7 @@ class Exchange:
                 self.reported_over = cost - cost_nanos(self._served_price(usage), usage)
         elif usage is None and (
             self.status >= 300
-            or not (self.response_started or self.sent_unanswered)
+            or not (self.response_started or self.sent_unanswered or self.left_unanswered)
             or self._only_an_error()
         ):
             # An error or a redirect without usage costs nothing; so does an error answered
@@ -456,6 +460,8 @@ class Exchange:
                         # the body, which the client's HTTP library cuts it to) or corrupt. Its
                         # usage may be in what is missing: unreadable, as a bad coding is.
                         note = "a JSON body cut short or corrupt"
+                if self.left_unanswered and not self.response_started:
+                    note = "the client left before the app answered"
                 if note is None and self.target.background:
                     # Made apart from this answer (queued, or a stream left): its result and
                     # usage are fetched by a GET, which is not metered. The most it may cost.
