@@ -312,3 +312,68 @@ async def test_a_client_gone_before_django_answers_is_charged(
     assert len(rows) == 1 and rows[0]["outcome"] == "client_disconnected"
     # at least the answer's 11 + 8 tokens of gpt-4o-mini (6,450 nano-dollars), estimated
     assert rows[0]["cost_nanos"] >= 6_450 and rows[0]["estimated"]
+
+
+async def test_a_sync_view_calling_out_first_leaves_the_asgi_middleware_its_engine(
+    site: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a server that sends no lifespan (daphne, `uvicorn --lifespan off`), a sync Django
+    view that called out through `BudgetSyncTransport` before the first metered request started
+    the shared engine in the background loop (Django runs sync views in a thread, which has no
+    loop), and `BudgetMiddleware` then used that engine from the server's loop: on Redis its
+    connections were used from both loops ("got Future attached to a different loop", raised
+    by metered calls at once after an admin call, and by the engine's shutdown). In a thread
+    that asgiref runs for an ASGI server (Django's way with sync views), an engine that a
+    `BudgetMiddleware` serves now starts on that server's loop."""
+    import asyncio
+
+    import llmsite.urls
+    from django.http import JsonResponse
+    from django.urls import clear_url_caches, path
+
+    from budget_middleware import BudgetSyncTransport, get_engine
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        usage = {"prompt_tokens": 10, "completion_tokens": 10}
+        return httpx.Response(200, json={"object": "chat.completion", "usage": usage})
+
+    def calls_out(request: Any) -> Any:  # a sync view, as most Django views are
+        transport = BudgetSyncTransport(transport=httpx.MockTransport(provider))
+        with httpx.Client(transport=transport) as out:
+            answer = out.post("https://api.openai.com/v1/chat/completions", json=chat())
+        return JsonResponse({"status": answer.status_code})
+
+    need_redis()
+    monkeypatch.setenv("BUDGET_REDIS_URL", REDIS_URL)
+    prefix = unique_prefix()
+    use_prefix(get_engine(), prefix)
+    key = get_engine().manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    bearer = {"authorization": f"Bearer {key.value}"}
+    llmsite.urls.urlpatterns.append(path("calls-out", calls_out))
+    clear_url_caches()
+    application = asgi_application()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(application), base_url="http://test"
+        ) as client:
+            first = await client.get("/calls-out")
+            on_the_server_s_loop = get_engine().loop is asyncio.get_running_loop()
+            answers = await asyncio.gather(
+                *[
+                    client.post("/v1/chat/completions", json=chat(), headers=bearer)
+                    for _ in range(3)
+                ],
+                return_exceptions=True,
+            )
+        statuses = [getattr(a, "status_code", type(a).__name__) for a in answers]
+        print("sync view called out first:", first.status_code, "engine on the server's loop:",
+              on_the_server_s_loop, "then 3 metered at once:", statuses)  # fmt: skip
+        assert first.status_code == 200 and first.json()["status"] == 200
+        assert statuses == [200, 200, 200]
+        assert on_the_server_s_loop
+    finally:
+        engine = get_engine()
+        if engine.loop is asyncio.get_running_loop():
+            await engine.shutdown()
+        shut_down_engines()  # or in the background loop
+        delete_prefix(REDIS_URL, prefix)

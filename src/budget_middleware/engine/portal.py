@@ -17,6 +17,7 @@ import asyncio
 import atexit
 import contextvars
 import os
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from time import sleep
@@ -160,7 +161,7 @@ def on_loop(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
     `loop_lock` (the loop needs it to run `work`)."""
     loop = engine.loop
     if loop is None or loop.is_closed() or (loop is _background and _background_pid != os.getpid()):
-        loop = background_loop()
+        loop = _asgi_server_loop(engine) or background_loop()
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
@@ -179,6 +180,26 @@ def on_loop(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
             if not loop.is_running():
                 return _drive(loop, engine, work)
     return asyncio.run_coroutine_threadsafe(_awaited(engine, work), loop).result()
+
+
+def _asgi_server_loop(engine: BudgetEngine) -> asyncio.AbstractEventLoop | None:
+    """The loop of the ASGI server this thread does sync work for (asgiref's `sync_to_async`:
+    Django's ASGI handler runs every sync view so), when a `BudgetMiddleware` serves `engine`:
+    an engine not started yet starts there, where that middleware uses it, not in the
+    background loop (a sync view calling out through `BudgetSyncTransport`, or the admin URLs,
+    before the first metered request of a server that sends no lifespan)."""
+    if not any(ref() is not None for ref in engine.failure_listeners):  # no ASGI middleware
+        return None
+    sync = sys.modules.get("asgiref.sync")
+    if sync is None:
+        return None
+    local = sync.SyncToAsync.threadlocal
+    if getattr(local, "main_event_loop_pid", None) != os.getpid():
+        return None
+    loop: asyncio.AbstractEventLoop | None = getattr(local, "main_event_loop", None)
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return None
+    return loop
 
 
 _driving = threading.Lock()  # held by the thread running a stopped loop for its work (`on_loop`)
