@@ -377,3 +377,32 @@ async def test_a_sync_view_calling_out_first_leaves_the_asgi_middleware_its_engi
             await engine.shutdown()
         shut_down_engines()  # or in the background loop
         delete_prefix(REDIS_URL, prefix)
+
+
+def test_django_s_test_client_is_not_metered_and_the_wrapped_application_is(site: None) -> None:
+    """What the README says of testing: Django's test `Client` calls Django's handler, not the
+    `application` of `wsgi.py`, so its calls pass unmetered; calls sent to `application`
+    (werkzeug's `Client`) are metered."""
+    from django.test import Client as DjangoClient
+    from llmsite.wsgi import application
+    from werkzeug.test import Client
+
+    created = DjangoClient().post(
+        "/budget-admin/virtual-keys",
+        data={"name": "tiny", "budgets": [{"max_limit": 0.000000000001}]},
+        content_type="application/json",
+        HTTP_AUTHORIZATION="Bearer admin-secret",
+    )
+    bearer = {"authorization": f"Bearer {created.json()['virtual_key']['value']}"}
+    django_statuses = [
+        DjangoClient(headers=bearer)
+        .post("/v1/chat/completions", data=chat(), content_type="application/json")
+        .status_code
+        for _ in range(2)
+    ]
+    wrapped = [
+        Client(application).post("/v1/chat/completions", json=chat(), headers=bearer).status_code
+        for _ in range(2)
+    ]
+    print("Django's Client:", django_statuses, "werkzeug's Client(application):", wrapped)
+    assert django_statuses == [200, 200] and wrapped == [200, 402]
