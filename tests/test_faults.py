@@ -661,6 +661,105 @@ async def test_a_settlement_its_caller_gave_up_on_lifts_no_limit_after_a_redis_r
     assert admitted == 5
 
 
+async def test_a_settlement_given_up_on_while_it_pays_debts_first_still_reaches_redis(
+    sqlite_url: str,
+) -> None:
+    """$0.05 a day, $0.01 a request, Redis behind a proxy, no heartbeat to pay debts meanwhile.
+    A request is admitted and held by the app; another's caller gives up while Redis admits it
+    (its hold is to be let go: a debt). Redis then answers 0.4 s late, the held request is
+    answered, and its settlement lets that hold go first; its caller gives up 0.2 s in (a
+    task cancelled). The cancellation went through anyio's shield (which stops no
+    `task.cancel()`): settle.lua never ran, Redis's window missed the $0.01 the store has, the
+    slot stayed held until it expired, and one request more than the budget holds was admitted
+    (a fault hunt's: Redis $0.02 for $0.03 spent; 6 admitted on $0.05)."""
+    server = PrivateRedis()
+    server.start()
+    prefix = unique_prefix()
+    try:
+        with tcp_proxy(server.port) as proxy:
+            engine = BudgetEngine(
+                settings_for(
+                    sqlite_url,
+                    redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                    redis_timeout_seconds=2,
+                    flush_interval_seconds=60,  # no heartbeat pays the debt meanwhile
+                )
+            )
+            use_prefix(engine, prefix)
+            app = FastAPI()
+            entered, go = asyncio.Event(), asyncio.Event()
+
+            @app.post("/v1/chat/completions")
+            async def completions(request: Request) -> Response:
+                await request.body()
+                if request.headers.get("x-hold"):
+                    entered.set()
+                    await go.wait()
+                body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
+                return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
+
+            app.add_middleware(BudgetMiddleware, engine=engine)
+            async with running(app), client(app) as http:
+                key = engine.manager.create_virtual_key(
+                    name="alice",
+                    budgets=[{"max_limit": 0.05, "reset_duration": "1d"}],
+                    rate_limit={"max_concurrent_requests": 2},
+                )
+                budget = key.budgets[0].id
+                await engine.invalidate()
+                codes = await asked(http, key.value, 2)
+                held = asyncio.create_task(
+                    http.post(
+                        "/v1/chat/completions",
+                        json=chat(),
+                        headers={**bearer(key.value), "x-hold": "1"},
+                    )
+                )
+                await asyncio.wait_for(entered.wait(), 10)
+                proxy.reply_delay = 0.4
+                with pytest.raises(TimeoutError):  # given up on while Redis admits it
+                    await asyncio.wait_for(asked(http, key.value, 1), 0.2)
+                await asyncio.sleep(0.6)  # Redis's late answer is in
+                go.set()  # answered: its settlement lets the other's hold go first
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(held, 0.2)
+                await asyncio.sleep(1.0)  # Redis's late answers come in
+                proxy.reply_delay = 0.0
+                direct = redis.Redis.from_url(server.url)
+
+                def in_redis_and_slots() -> tuple[int, int]:
+                    windows = direct.scan_iter(match=f"{prefix}w:*:{budget}:*")
+                    slots = direct.scan_iter(match=f"{prefix}c:*")
+                    return (
+                        sum(int(direct.get(k) or 0) for k in windows),
+                        sum(int(direct.zcard(k)) for k in slots),
+                    )
+
+                await until(lambda: in_redis_and_slots() == (3 * CENT, 0), 5)
+                in_redis, slots = in_redis_and_slots()
+                direct.close()
+                assert await engine.flush()
+                stored = budget_usage(engine, budget)
+                for _ in range(6):
+                    codes += await asked(http, key.value, 1)
+                    if codes[-1] != 200:
+                        break
+                assert await engine.flush()
+                count, total = records(engine, key.id)
+    finally:
+        server.stop()
+    admitted = codes.count(200) + 1  # and the one given up on (admitted, answered, charged)
+    print(
+        f"a settlement given up on while it paid a debt: Redis's window ${in_redis / 1e9:.2f}, "
+        f"store ${stored / 1e9:.2f}, slots held {slots}; then codes {codes}: admitted "
+        f"{admitted} on a $0.05 budget (5 requests); store {count} records ${total / 1e9:.2f}"
+    )
+    assert in_redis == stored == 3 * CENT
+    assert slots == 0
+    assert (count, total) == (admitted, admitted * CENT)
+    assert admitted == 5
+
+
 async def test_a_soft_budget_charged_without_redis_is_added_to_it_when_it_is_back(
     sqlite_url: str,
 ) -> None:

@@ -252,7 +252,7 @@ class RedisCounters(CounterBackend):
         self._carries: list[_Carrying] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # marks being written
-        self._paying: set[asyncio.Task[None]] = set()  # debts being paid (`_pay_debts_whole`)
+        self._paying: set[asyncio.Task[None]] = set()  # debts being paid, settlements (`settle`)
         # Per budget, this instance's charges (their window's start, amount) that Redis added to
         # that window's key, since the flusher last took them: a reset elsewhere leaves them in
         # the old window (`_keep_the_old_window_s`).
@@ -1164,77 +1164,101 @@ class RedisCounters(CounterBackend):
                 amount = tokens if entry.kind == "t" else cost
                 if amount:
                     self._in_transit(entry.counter, amount)
-        with anyio.CancelScope(shield=True):
-            if (
-                self._owed or self._releases or self._unsure
-            ):  # what was charged while Redis was away first
-                with contextlib.suppress(RedisError, OSError, _StoreDown):
-                    await self._pay_debts_whole()
-            if self._carries:  # a window new terms moved: carried before it is charged
-                with contextlib.suppress(RedisError, OSError):
-                    await self.write_marks()
-            keys, kinds = self._settle_layout(plan)
-            moved: set[WindowCounter] = set()
+        # A task of its own, which the caller waits for: a caller that stops waiting (a client
+        # gone, `asyncio.wait_for` around an SDK call, a task group's cancellation) does not
+        # cut it before settle.lua has run, nor between Redis adding a charge and its answer.
+        # (anyio's shielded scope stops no `task.cancel()`: a settlement cut while it paid the
+        # debts first never reached Redis, whose window then missed its cost for good.)
+        task = asyncio.get_running_loop().create_task(
+            self._settle_there(ticket, cost, tokens, plan, now, takes, windows)
+        )
+        self._paying.add(task)
+        task.add_done_callback(self._paid)
+        await asyncio.shield(task)
+
+    async def _settle_there(
+        self,
+        ticket: Ticket,
+        cost: int,
+        tokens: int,
+        plan: list[_Entry],
+        now: float,
+        takes: int,
+        windows: dict[WindowCounter, float],
+    ) -> None:
+        """`settle`'s part in Redis: the debts first, then settle.lua, then any window key
+        it found missing."""
+        if (
+            self._owed or self._releases or self._unsure
+        ):  # what was charged while Redis was away first
+            with contextlib.suppress(RedisError, OSError, _StoreDown):
+                await self._pay_debts_whole()
+        if self._carries:  # a window new terms moved: carried before it is charged
+            with contextlib.suppress(RedisError, OSError):
+                await self.write_marks()
+        assert self._settle is not None  # (`settle` saw it set)
+        keys, kinds = self._settle_layout(plan)
+        moved: set[WindowCounter] = set()
+        try:
+            for _ in range(3):
+                answer: list[Any] = await self._settle(
+                    keys=[*keys, self._done_key(ticket.request_id)],
+                    args=[ticket.request_id, cost, tokens, *kinds],
+                )
+                if not answer or answer[0] != "moved":
+                    break
+                # A window begun anew elsewhere since it began here (a budget reset, new
+                # terms): what settles now counts in the new window (as `admission.settle`
+                # counts it there).
+                for n in range(1, len(answer), 2):
+                    counter = plan[int(answer[n]) - 1].counter
+                    assert counter is not None
+                    self._moved(counter, answer[n + 1], now)
+                    moved.add(counter)
+                plan = self._plan(ticket.scopes, now, settling=True)
+                keys, kinds = self._settle_layout(plan)
+            else:
+                raise RedisError("budget windows kept moving while being settled")
+        except (RedisError, OSError, asyncio.CancelledError) as exc:
+            # It may have run (answered past the timeout, or after its caller stopped
+            # waiting: `asyncio.wait_for` around an SDK call): added later only if it did
+            # not, and out of transit then, not left out of every seed of its windows.
+            charges = [
+                (e.keys[0], e.counter, tokens if e.kind == "t" else cost)
+                for e in plan
+                if e.counter is not None and (tokens if e.kind == "t" else cost)
+            ]
+            if charges:
+                self._unsure.append((self._done_key(ticket.request_id), charges))
+            self._releases.append((keys, [ticket.request_id, 0, 0, *kinds]))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self._failed(exc)
+            return
+        self._recovered()
+        lost: list[tuple[str, WindowCounter, int]] = []
+        for entry, value in zip(plan, answer, strict=True):
+            counter = entry.counter
+            if counter is None:
+                continue
+            amount = tokens if entry.kind == "t" else cost
+            if int(value) >= 0:
+                self._told(counter, entry.keys[0], int(value))
+                if amount:
+                    self._arrived(counter, amount)
+                    if entry.kind in "bs" and takes == self._takes and counter not in moved:
+                        self._applied(counter, windows[counter], amount)
+            elif amount:
+                # Its window has no key yet (the window just began, or Redis restarted
+                # empty): the charge must reach it all the same.
+                lost.append((entry.keys[0], counter, amount))
+        if lost:
             try:
-                for _ in range(3):
-                    answer: list[Any] = await self._settle(
-                        keys=[*keys, self._done_key(ticket.request_id)],
-                        args=[ticket.request_id, cost, tokens, *kinds],
-                    )
-                    if not answer or answer[0] != "moved":
-                        break
-                    # A window begun anew elsewhere since it began here (a budget reset, new
-                    # terms): what settles now counts in the new window (as `admission.settle`
-                    # counts it there).
-                    for n in range(1, len(answer), 2):
-                        counter = plan[int(answer[n]) - 1].counter
-                        assert counter is not None
-                        self._moved(counter, answer[n + 1], now)
-                        moved.add(counter)
-                    plan = self._plan(ticket.scopes, now, settling=True)
-                    keys, kinds = self._settle_layout(plan)
-                else:
-                    raise RedisError("budget windows kept moving while being settled")
-            except (RedisError, OSError, asyncio.CancelledError) as exc:
-                # It may have run (answered past the timeout, or after its caller stopped
-                # waiting: `asyncio.wait_for` around an SDK call): added later only if it did
-                # not, and out of transit then, not left out of every seed of its windows.
-                charges = [
-                    (e.keys[0], e.counter, tokens if e.kind == "t" else cost)
-                    for e in plan
-                    if e.counter is not None and (tokens if e.kind == "t" else cost)
-                ]
-                if charges:
-                    self._unsure.append((self._done_key(ticket.request_id), charges))
-                self._releases.append((keys, [ticket.request_id, 0, 0, *kinds]))
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+                await self._into_windows(lost)  # what it cannot add stays owed
+            except (RedisError, OSError) as exc:
                 self._failed(exc)
-                return
-            self._recovered()
-            lost: list[tuple[str, WindowCounter, int]] = []
-            for entry, value in zip(plan, answer, strict=True):
-                counter = entry.counter
-                if counter is None:
-                    continue
-                amount = tokens if entry.kind == "t" else cost
-                if int(value) >= 0:
-                    self._told(counter, entry.keys[0], int(value))
-                    if amount:
-                        self._arrived(counter, amount)
-                        if entry.kind in "bs" and takes == self._takes and counter not in moved:
-                            self._applied(counter, windows[counter], amount)
-                elif amount:
-                    # Its window has no key yet (the window just began, or Redis restarted
-                    # empty): the charge must reach it all the same.
-                    lost.append((entry.keys[0], counter, amount))
-            if lost:
-                try:
-                    await self._into_windows(lost)  # what it cannot add stays owed
-                except (RedisError, OSError) as exc:
-                    self._failed(exc)
-                except _StoreDown:
-                    pass
+            except _StoreDown:
+                pass
 
     # -- slots of live requests ----------------------------------------------------------
 
