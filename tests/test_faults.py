@@ -760,6 +760,86 @@ async def test_a_settlement_given_up_on_while_it_pays_debts_first_still_reaches_
     assert admitted == 5
 
 
+async def test_requests_admitted_without_redis_still_fill_their_slots_when_it_is_back(
+    sqlite_url: str,
+) -> None:
+    """Fail open, a key allowed 2 requests at a time, Redis cut: 2 long requests admitted in
+    process. Redis back (past the back-off), 2 more asked for while those 2 still run. Redis
+    held no slot for them (admitted without it), and admitted both: 4 at once on a limit of 2
+    (a fault hunt's). This instance's own requests in flight now fill the limit first: 429."""
+    server = PrivateRedis()
+    server.start()
+    prefix = unique_prefix()
+    try:
+        with tcp_proxy(server.port) as proxy:
+            engine = BudgetEngine(
+                settings_for(
+                    sqlite_url,
+                    redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                    fail_open=True,
+                    redis_timeout_seconds=0.5,
+                )
+            )
+            use_prefix(engine, prefix)
+            app = FastAPI()
+            running_now = 0
+            most = 0
+            go = asyncio.Event()
+
+            @app.post("/v1/chat/completions")
+            async def completions(request: Request) -> Response:
+                nonlocal running_now, most
+                await request.body()
+                running_now += 1
+                most = max(most, running_now)
+                try:
+                    await go.wait()
+                finally:
+                    running_now -= 1
+                body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
+                return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
+
+            app.add_middleware(BudgetMiddleware, engine=engine)
+            async with running(app), client(app) as http:
+                key = engine.manager.create_virtual_key(
+                    name="alice",
+                    budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+                    rate_limit={"max_concurrent_requests": 2},
+                )
+                await engine.invalidate()
+                go.set()
+                assert await asked(http, key.value, 1) == [200]  # through Redis
+                go.clear()
+
+                def post() -> asyncio.Task[httpx.Response]:
+                    return asyncio.create_task(
+                        http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+                    )
+
+                proxy.cut()
+                without = [post(), post()]
+                await until(lambda: running_now == 2, 10)
+                proxy.restore()
+                await asyncio.sleep(2.5)  # past the back-off: Redis is asked again
+                assert (await engine.health())["redis"] == "ok"
+                back = [post(), post()]
+                await until(lambda: running_now == 4 or all(t.done() for t in back), 5)
+                at_once = running_now
+                go.set()
+                codes = [(await t).status_code for t in without + back]
+                assert await engine.flush()
+                count, total = records(engine, key.id)
+    finally:
+        server.stop()
+    print(
+        f"2 admitted without Redis still running, Redis back: then {codes[2:]}; at once "
+        f"{at_once} (most {most}) on a limit of 2; {count} records ${total / 1e9:.2f}"
+    )
+    assert codes == [200, 200, 429, 429]
+    assert most == 2
+    assert count == 3
+
+
 async def test_a_soft_budget_charged_without_redis_is_added_to_it_when_it_is_back(
     sqlite_url: str,
 ) -> None:

@@ -120,6 +120,16 @@ class _Carrying(NamedTuple):
     held: int  # `Carry.held`
 
 
+def _slots_full(limits: LimitSet) -> Refusal | None:
+    """The refusal of a concurrency limit this instance's own requests in flight fill."""
+    for scope in limits.scopes:
+        rate = scope.rate_limit
+        slots = None if rate is None else rate.concurrency
+        if slots is not None and slots.limit is not None and slots.in_flight >= slots.limit:
+            return Refusal("concurrency_limit_exceeded", scope, slots.limit, slots.in_flight, None)
+    return None
+
+
 def _window_key(prefix: str, kind: str, id: str, start: float) -> str:
     return f"{prefix}w:{kind}:{id}:{int(start * 1000)}"
 
@@ -253,6 +263,9 @@ class RedisCounters(CounterBackend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # marks being written
         self._paying: set[asyncio.Task[None]] = set()  # debts being paid, settlements (`settle`)
+        # Tickets admitted in process (fail open) and not settled yet, by id: Redis holds no slot
+        # for them, so admissions while they run check this instance's slots first.
+        self._here: set[int] = set()
         # Per budget, this instance's charges (their window's start, amount) that Redis added to
         # that window's key, since the flusher last took them: a reset elsewhere leaves them in
         # the old window (`_keep_the_old_window_s`).
@@ -605,6 +618,13 @@ class RedisCounters(CounterBackend):
             return admission.admit_first(candidates, reserve, now, self.ledger, most_remaining)
         if self._backing_off():
             return self._fallback(candidates, now, None, most_remaining)
+        if self._here:
+            # Requests admitted here without Redis still run, and Redis holds no slot for them:
+            # a target whose concurrency limit this instance's own requests fill is refused
+            # here (Redis would admit it: 4 at once on a limit of 2, a fault hunt's).
+            full = [_slots_full(limits) for limits, _ in candidates]
+            if any(full):
+                return await self._admit_not_full(candidates, full, most_remaining)
         if self._owed or self._releases or self._unsure:  # holds let go first
             try:
                 await self._pay_debts_whole()
@@ -669,6 +689,31 @@ class RedisCounters(CounterBackend):
             reservation = estimate if reserve else 0
             result.index = index
             result.ticket = self._admitted(limits, plans[index], values, reservation, request_id)
+        return result
+
+    async def _admit_not_full(
+        self,
+        candidates: Sequence[tuple[LimitSet, int]],
+        full: list[Refusal | None],
+        most_remaining: bool,
+    ) -> FirstAdmitted:
+        """`admit_first` of the candidates whose slots this instance's requests do not fill,
+        those that they fill refused (tried first)."""
+        result = FirstAdmitted()
+        passing: list[int] = []
+        for index, refusal in enumerate(full):
+            if refusal is None:
+                passing.append(index)
+            else:
+                result.tried.append(index)
+                result.refusals.append(refusal)
+        if not passing:
+            return result
+        rest = await self.admit_first([candidates[i] for i in passing], most_remaining)
+        result.tried += [passing[i] for i in rest.tried]
+        result.refusals += rest.refusals
+        if rest.ticket is not None:
+            result.index, result.ticket = passing[rest.index], rest.ticket
         return result
 
     async def _run_admit(
@@ -875,6 +920,8 @@ class RedisCounters(CounterBackend):
         if first.ticket is not None:
             for counter in first.ticket.limits.requests:
                 self._owe(counter, 1)
+            if first.ticket.limits.slots:
+                self._here.add(id(first.ticket))
         return first
 
     def admit_anyway(self, limits: LimitSet, estimate: int) -> Ticket:
@@ -1150,6 +1197,7 @@ class RedisCounters(CounterBackend):
         limits = ticket.limits
         windows = {c: c.start for c in limits.budgets + limits.soft_budgets} if cost else {}
         if not ticket.request_id:  # admitted in process while Redis was down
+            self._here.discard(id(ticket))
             self._owe_settlement(ticket, cost, tokens)
             return
         self._state.live.pop(ticket.request_id, None)
