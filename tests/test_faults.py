@@ -840,6 +840,86 @@ async def test_requests_admitted_without_redis_still_fill_their_slots_when_it_is
     assert count == 3
 
 
+async def test_an_empty_restart_lifts_no_concurrency_limit_before_the_next_heartbeat(
+    sqlite_url: str,
+) -> None:
+    """A key allowed 2 requests at a time, 2 long ones running through Redis, Redis killed and
+    restarted empty, 2 more asked for before the next heartbeat (one flush interval; 5 s
+    here) writes the slots of the 2 running again. Redis's slot set was empty: both admitted,
+    4 at once on a limit of 2 (a fault hunt's; docs/deployment.md said a restart lifted no
+    concurrency limit). This instance's own requests in flight now fill the limit first: 429."""
+    server = PrivateRedis()
+    server.start()
+    prefix = unique_prefix()
+    try:
+        engine = BudgetEngine(
+            settings_for(
+                sqlite_url,
+                redis_url=server.url,
+                redis_timeout_seconds=0.5,
+                flush_interval_seconds=5,
+            )
+        )
+        use_prefix(engine, prefix)
+        app = FastAPI()
+        running_now = 0
+        most = 0
+        go = asyncio.Event()
+
+        @app.post("/v1/chat/completions")
+        async def completions(request: Request) -> Response:
+            nonlocal running_now, most
+            await request.body()
+            running_now += 1
+            most = max(most, running_now)
+            try:
+                await go.wait()
+            finally:
+                running_now -= 1
+            body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
+            return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
+
+        app.add_middleware(BudgetMiddleware, engine=engine)
+        async with running(app), client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice",
+                budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+                rate_limit={"max_concurrent_requests": 2},
+            )
+            await engine.invalidate()
+
+            def post() -> asyncio.Task[httpx.Response]:
+                return asyncio.create_task(
+                    http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+                )
+
+            first = [post(), post()]
+            await until(lambda: running_now == 2, 10)
+            server.kill(keep_data=False)
+            server.start()
+            # The pool's connections died with it: one request finds out (503; or refused
+            # before Redis is asked: 429), then Redis is left alone for its back-off (0.25 s);
+            # the heartbeat is seconds away.
+            assert await asked(http, key.value, 1) in ([503], [429])
+            await asyncio.sleep(0.5)
+            then = [post(), post()]
+            await until(lambda: running_now == 4 or all(t.done() for t in then), 3)
+            at_once = running_now
+            go.set()
+            codes = [(await t).status_code for t in first + then]
+            assert await engine.flush()
+            count, total = records(engine, key.id)
+    finally:
+        server.stop()
+    print(
+        f"2 running through Redis, Redis restarted empty: then {codes[2:]}; at once {at_once} "
+        f"(most {most}) on a limit of 2; {count} records ${total / 1e9:.2f}"
+    )
+    assert codes == [200, 200, 429, 429]
+    assert most == 2
+    assert count == 2
+
+
 async def test_a_soft_budget_charged_without_redis_is_added_to_it_when_it_is_back(
     sqlite_url: str,
 ) -> None:

@@ -263,9 +263,6 @@ class RedisCounters(CounterBackend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # marks being written
         self._paying: set[asyncio.Task[None]] = set()  # debts being paid, settlements (`settle`)
-        # Tickets admitted in process (fail open) and not settled yet, by id: Redis holds no slot
-        # for them, so admissions while they run check this instance's slots first.
-        self._here: set[int] = set()
         # Per budget, this instance's charges (their window's start, amount) that Redis added to
         # that window's key, since the flusher last took them: a reset elsewhere leaves them in
         # the old window (`_keep_the_old_window_s`).
@@ -618,13 +615,13 @@ class RedisCounters(CounterBackend):
             return admission.admit_first(candidates, reserve, now, self.ledger, most_remaining)
         if self._backing_off():
             return self._fallback(candidates, now, None, most_remaining)
-        if self._here:
-            # Requests admitted here without Redis still run, and Redis holds no slot for them:
-            # a target whose concurrency limit this instance's own requests fill is refused
-            # here (Redis would admit it: 4 at once on a limit of 2, a fault hunt's).
-            full = [_slots_full(limits) for limits, _ in candidates]
-            if any(full):
-                return await self._admit_not_full(candidates, full, most_remaining)
+        # A target whose concurrency limit this instance's own requests in flight fill is
+        # refused here. Redis may hold no slot for some of them: admitted in process while it
+        # was away (fail open), or lost by an empty restart until the next heartbeat writes
+        # them again; it admitted 2 more on a limit of 2 either way (a fault hunt's).
+        full = [_slots_full(limits) for limits, _ in candidates]
+        if any(full):
+            return await self._admit_not_full(candidates, full, most_remaining)
         if self._owed or self._releases or self._unsure:  # holds let go first
             try:
                 await self._pay_debts_whole()
@@ -920,8 +917,6 @@ class RedisCounters(CounterBackend):
         if first.ticket is not None:
             for counter in first.ticket.limits.requests:
                 self._owe(counter, 1)
-            if first.ticket.limits.slots:
-                self._here.add(id(first.ticket))
         return first
 
     def admit_anyway(self, limits: LimitSet, estimate: int) -> Ticket:
@@ -1197,7 +1192,6 @@ class RedisCounters(CounterBackend):
         limits = ticket.limits
         windows = {c: c.start for c in limits.budgets + limits.soft_budgets} if cost else {}
         if not ticket.request_id:  # admitted in process while Redis was down
-            self._here.discard(id(ticket))
             self._owe_settlement(ticket, cost, tokens)
             return
         self._state.live.pop(ticket.request_id, None)
