@@ -1166,17 +1166,22 @@ def test_only_batches_of_this_engine_or_a_gone_one_are_taken_back(tmp_path: Any)
     """A live engine writes its own spilled batches (it still counts them as charges the store
     has not confirmed): another live process's, or another engine's of this process, are not
     taken; a dead process's are anyone's, and so are those an engine gave up as it shut down."""
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    mine, sibling = Spill(tmp_path), Spill(tmp_path)
-    other_live, dead = Spill(tmp_path), Spill(tmp_path)
-    other_live.pid, dead.pid = os.getppid(), gone.pid
+    mine, sibling, other_live = Spill(tmp_path), Spill(tmp_path), Spill(tmp_path)
+    other_live.pid = os.getppid()
     record = UsageRecord(
         "", 1.0, "k", None, None, "openai", "gpt-4o", ("t",), 1, 2, 0, 3, "usage", 200,
         False, "completed", False, None, 1.5,
     )  # fmt: skip
-    for spill, batch_id in [(other_live, "live"), (dead, "dead"), (sibling, "sibling")]:
-        spill.write(batch_id, [], [record])
+    other_live.write("live", [], [record])
+    # A process that spilled a batch and died (its engine's lock went with it).
+    dead = (
+        "import sys; from pathlib import Path; from budget_middleware.store.spill import Spill;"
+        "from budget_middleware.core.records import UsageRecord;"
+        f"Spill(Path(sys.argv[1])).write('dead', [], [UsageRecord(*{tuple(record)!r})])"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", dead, str(tmp_path)], env=env, check=True)
+    sibling.write("sibling", [], [record])
     mine.write("mine", [], [record])
 
     def take_back() -> list[str]:

@@ -24,6 +24,7 @@ import httpx
 import pytest
 import redis
 from sqlalchemy import func
+from sqlalchemy.engine import make_url
 from sqlmodel import select
 
 from budget_middleware import BudgetSettings
@@ -31,7 +32,7 @@ from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import UsageRecordRow
 from conftest import POSTGRES_URL, need_postgres, need_redis, reset_postgres
-from service_support import PrivateRedis, free_port, private_redis, wait_for_port
+from service_support import PrivateRedis, free_port, private_redis, tcp_proxy, wait_for_port
 from support import until
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -64,10 +65,18 @@ class Deployment:
     keys: dict[str, str] = field(default_factory=dict)  # name -> value
     budgets: dict[str, str] = field(default_factory=dict)  # key name -> budget id
 
-    def start(self, count: int = 2, **env: str) -> None:
+    def start(
+        self,
+        count: int = 2,
+        prefix: tuple[str, ...] = (),
+        database_url: str = POSTGRES_URL,
+        **env: str,
+    ) -> None:
+        """`prefix`: a command each server runs under (`unshare …`); `database_url`: the store
+        as the servers reach it (a proxy of `POSTGRES_URL` a test can cut)."""
         variables = {
             **{k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")},
-            "BUDGET_DATABASE_URL": POSTGRES_URL,
+            "BUDGET_DATABASE_URL": database_url,
             "BUDGET_PRICING_FILE": str(self.pricing),
             "BUDGET_FLUSH_INTERVAL_SECONDS": str(FLUSH),
             "BUDGET_CACHE_TTL_SECONDS": str(TTL),
@@ -84,6 +93,7 @@ class Deployment:
             port = free_port()
             process = subprocess.Popen(
                 [
+                    *prefix,
                     sys.executable,
                     "-m",
                     "uvicorn",
@@ -381,6 +391,77 @@ async def test_redis_stopped_mid_load(deployment: Any, fail_open: bool) -> None:
     # Every admitted request is charged once, a 503 never.
     assert d.store_spend("spender") == admitted * COST
     assert d.records() == (admitted, admitted * COST)
+
+
+def _own_pid_namespaces() -> tuple[str, ...]:
+    """The command that runs a server in a pid namespace of its own (as a container does: its
+    pid is 1, and the other servers' pids are not there), or skip."""
+    prefix = ("unshare", "--pid", "--fork", "--kill-child")
+    try:
+        done = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        done = None
+    if done is None or done.returncode != 0:
+        pytest.skip("cannot start a process in a pid namespace of its own here (unshare)")
+    return prefix
+
+
+async def test_instances_in_containers_sharing_a_spill_folder_count_each_charge_once(
+    deployment: Any, tmp_path: Path
+) -> None:
+    """Two instances in containers of their own (pid 1 each) keep their unwritten charges in one
+    folder (a volume both mount, `BUDGET_SPILL_DIR`) through a store outage. When the store is
+    back, one writes the other's batches: that one must not go on counting them as its own
+    unconfirmed charges beside the store that holds them (a live view of $0.46 for $0.42 spent,
+    refusing early until the window ends)."""
+    prefix = _own_pid_namespaces()
+    d: Deployment = deployment(with_redis=False)
+    target = make_url(POSTGRES_URL)
+    with tcp_proxy(target.port or 5432) as proxy:
+        proxied = target.set(port=proxy.port).render_as_string(hide_password=False)
+        d.start(
+            prefix=prefix,
+            database_url=proxied,
+            BUDGET_FAIL_OPEN="true",
+            BUDGET_ADMIN_KEY="admin-secret",
+            BUDGET_SPILL_DIR=str(tmp_path / "shared-volume"),
+        )
+        async with httpx.AsyncClient(timeout=30) as client:
+            for server in d.servers:  # each has seen the key valid: fail-open serves it
+                assert (await post(client, server, d.keys["spender"])).status_code == 200
+            await until(lambda: d.store_spend("spender") == 2 * COST, 30)
+            proxy.cut()
+            for i in range(40):
+                r = await post(client, d.servers[i % 2], d.keys["spender"])
+                assert r.status_code == 200
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(10 * FLUSH)  # rounds that fail and spill
+            files = [p.name for p in (tmp_path / "shared-volume").rglob("*.json")]
+            writers = {name.split("-")[1:3][1] for name in files}
+            print(
+                f"\n{len(files)} batches spilled by {len(writers)} engines, pids",
+                {name.split("-")[1] for name in files},
+            )
+            assert len(writers) == 2
+            proxy.restore()
+            await until(lambda: d.store_spend("spender") == 42 * COST, 30)
+            await asyncio.sleep(4 * TTL)  # every instance has read the counters again since
+
+            async def live_view(server: Server) -> float:
+                r = await client.get(
+                    server.url + "/budget-admin/budgets",
+                    params={"from_memory": "true", "owner_type": "virtual_key"},
+                    headers={"authorization": "Bearer admin-secret"},
+                )
+                found = [b for b in r.json()["budgets"] if b["id"] == d.budgets["spender"]]
+                return float(found[0]["spent"])
+
+            views = [await live_view(server) for server in d.servers]
+    left = list((tmp_path / "shared-volume").rglob("*.json"))
+    spent = d.store_spend("spender") / 1e9
+    print(f"spent: store ${spent:.2f} (42 requests), live views ${views}, {len(left)} files left")
+    assert not left
+    assert views == [spent, spent]
 
 
 @pytest.fixture(autouse=True)

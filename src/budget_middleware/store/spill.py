@@ -10,6 +10,13 @@ file's removal) is applied once: the store skips a batch id it has applied.
 
 One file a batch, `<ns>-<pid>-<engine>-<batch id>.json`, written whole (a temporary file
 renamed) under a folder named after the store's URL: a spill is only applied to its own store.
+
+Whether the engine that wrote a batch is still running is told by a lock it holds while it runs
+(`<engine>.lock`, `flock`), not by its pid alone: processes in containers of their own that mount
+one folder all have pid 1, or pids the others cannot see, so a live one's batches looked like a
+gone one's, were written by another, and their writer went on counting them as its own charges
+the store had not confirmed, beside the store that held them. A batch whose engine left no lock
+(an older release's) is judged by its pid, as before.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -29,10 +37,14 @@ import orjson
 
 from budget_middleware.core.records import Delta, UsageRecord
 
+if sys.platform != "win32":
+    import fcntl
+
 logger = logging.getLogger("budget_middleware")
 
 _VERSION = 1
 _SUFFIX = ".json"
+_LOCK_SUFFIX = ".lock"
 
 
 def default_spill_root() -> Path:
@@ -62,12 +74,15 @@ class Spill:
         self.engine = uuid.uuid4().hex[:12]  # two engines of one process keep theirs apart
         _ENGINES.add(self.engine)
         self._warned = False
+        self._lock: int | None = None  # the fd of this engine's lock, from its first batch on
+        self._unlockable = False
 
     def write(self, batch_id: str, deltas: Sequence[Delta], records: Sequence[UsageRecord]) -> str:
         """Write one batch whole; its file's path. Raises OSError when it cannot."""
         # The owner's alone (whatever the umask): a batch tells who spent what, and whoever may
         # write a file here has it applied to the store as charges.
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._hold_lock()
         name = f"{time.time_ns():020d}-{self.pid}-{self.engine}-{batch_id}{_SUFFIX}"
         final = self.folder / name
         partial = self.folder / (name + ".part")
@@ -97,7 +112,7 @@ class Spill:
         except OSError as exc:
             self._warn(f"cannot read the spill folder {self.folder}: {exc}")
             return None
-        alive: dict[int, bool] = {}  # one look per process, however many batches it left
+        alive: dict[int | str, bool] = {}  # one look per process or engine, however many batches
         for name in names:
             if not self._may_take(name, alive):
                 continue
@@ -128,6 +143,10 @@ class Spill:
         self.pid = os.getpid()
         self.engine = uuid.uuid4().hex[:12]
         _ENGINES.add(self.engine)
+        if self._lock is not None:  # the parent's: closed here (its lock stays the parent's)
+            with contextlib.suppress(OSError):
+                os.close(self._lock)
+            self._lock = None
 
     def remove(self, path: str) -> None:
         """The batch of `path` is in the store: its file goes (gone already is fine)."""
@@ -151,7 +170,58 @@ class Spill:
                     given += 1
                 except OSError as exc:
                     self._warn(f"cannot leave {name} to the next process: {exc}")
+        self._release_lock()
         return given
+
+    def _lock_path(self, engine: str) -> Path:
+        return self.folder / f"{engine}{_LOCK_SUFFIX}"
+
+    def _hold_lock(self) -> None:
+        """Lock this engine's lock file, before its first batch is written, until it gives its
+        batches up or its process ends (the kernel releases a dead process's locks)."""
+        if self._lock is not None or self._unlockable or sys.platform == "win32":
+            return
+        path = self._lock_path(self.engine)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:  # a folder that takes no locks: its batches judged by pid
+            self._unlockable = True
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            self._warn(f"cannot lock {path} ({exc}): batches here are told live by pid only")
+            return
+        self._lock = fd
+
+    def _release_lock(self) -> None:
+        fd, self._lock = self._lock, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_path(self.engine))
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _running(self, engine: str) -> bool | None:
+        """Whether the engine that wrote batches here runs (its lock is held), in any process,
+        container or host that shares the folder; None when it left no lock to tell."""
+        if sys.platform == "win32":
+            return None
+        try:
+            fd = os.open(self._lock_path(engine), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return True  # cannot look: left alone, as another user's process is
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        finally:
+            os.close(fd)  # releases the lock just taken, if it was
+        return False
 
     def _names(self) -> list[str]:
         try:
@@ -159,11 +229,18 @@ class Spill:
         except FileNotFoundError:
             return []
 
-    def _may_take(self, name: str, alive: dict[int, bool]) -> bool:
+    def _may_take(self, name: str, alive: dict[int | str, bool]) -> bool:
         parts = name.split("-", 3)
         if len(parts) != 4 or not parts[1].isdigit():
             return False
         pid = int(parts[1])
+        if pid != _GONE and parts[2] != self.engine:
+            if parts[2] not in alive:
+                running = self._running(parts[2])
+                if running is not None:
+                    alive[parts[2]] = running
+            if parts[2] in alive:
+                return not alive[parts[2]]
         if pid == self.pid:
             # Another engine of this process keeps its own; an earlier process's are anyone's.
             return parts[2] == self.engine or parts[2] not in _ENGINES
