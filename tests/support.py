@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -304,3 +305,22 @@ def meet_inside_a_budget_s_charge(monkeypatch: pytest.MonkeyPatch, meeting: Meet
 
     monkeypatch.setattr(admission, "settle", settled)
     monkeypatch.setattr(WindowCounter, "value", property(read, slot.__set__))
+
+
+def set_up_django_example(monkeypatch: Any, tmp_path: Path) -> None:
+    """The example Django project (examples/django_app) set up on this test's store, with the
+    admin key `admin-secret`: its modules imported anew, so that its admin URLs and middleware
+    are on this test's engine."""
+    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/django.db")
+    monkeypatch.setenv("BUDGET_ADMIN_KEY", "admin-secret")
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "llmsite.settings")
+    monkeypatch.syspath_prepend(
+        str(Path(__file__).resolve().parents[1] / "examples" / "django_app")
+    )
+    for name in [m for m in sys.modules if m.startswith("llmsite")]:
+        monkeypatch.delitem(sys.modules, name)
+    import django
+    from django.urls import clear_url_caches
+
+    django.setup()
+    clear_url_caches()

@@ -4,8 +4,8 @@ handlers, Django's own test clients, and its admin API under a Django URL prefix
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from budget_middleware import BudgetMiddleware
 from budget_middleware.engine.portal import shut_down_engines
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, unique_prefix, use_prefix
-from support import running
+from support import running, set_up_django_example
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -41,23 +41,25 @@ def _engines_shut_down() -> Iterator[None]:
 def site(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The example Django project, set up on this test's store (its URL conf imported anew, so
     that its admin URLs are on this test's engine)."""
-    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/django.db")
-    monkeypatch.setenv("BUDGET_ADMIN_KEY", "admin-secret")
-    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "llmsite.settings")
-    monkeypatch.syspath_prepend(str(ROOT / "examples" / "django_app"))
-    for name in [m for m in sys.modules if m.startswith("llmsite")]:
-        monkeypatch.delitem(sys.modules, name)
-    import django
-    from django.urls import clear_url_caches
-
-    django.setup()
-    clear_url_caches()
+    set_up_django_example(monkeypatch, tmp_path)
 
 
 def asgi_application() -> Any:
     from llmsite.asgi import application
 
     return application
+
+
+@asynccontextmanager
+async def served(application: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The application with its lifespan run, and a client of it through httpx's ASGI transport."""
+    async with (
+        running(application),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(application), base_url="http://test"
+        ) as client,
+    ):
+        yield client
 
 
 # -- the admin API under a Django URL prefix, served by Django's ASGI handler ------------------
@@ -71,12 +73,7 @@ async def test_the_admin_urls_serve_under_django_s_asgi_handler(site: None) -> N
 
     application = asgi_application()
     assert isinstance(application, BudgetMiddleware)
-    async with (
-        running(application),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(application), base_url="http://test"
-        ) as client,
-    ):
+    async with served(application) as client:
         created = await client.post(
             "/budget-admin/virtual-keys",
             json={"name": "alice", "budgets": [{"max_limit": 0.000000000001}]},
@@ -124,12 +121,7 @@ async def test_a_django_view_under_the_asgi_handler_sees_who_is_calling(site: No
     Django's `META` holds none of it): the example's view said `x_caller: null` for a key's
     call. `budget_state(request)` finds it under either handler."""
     application = asgi_application()
-    async with (
-        running(application),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(application), base_url="http://test"
-        ) as client,
-    ):
+    async with served(application) as client:
         created = await client.post(
             "/budget-admin/virtual-keys", json={"name": "alice"}, headers=ADMIN
         )
@@ -174,12 +166,7 @@ async def test_the_example_streams_under_the_asgi_handler_unbuffered(site: None)
     application = asgi_application()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        async with (
-            running(application),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(application), base_url="http://test"
-            ) as client,
-        ):
+        async with served(application) as client:
             created = await client.post(
                 "/budget-admin/virtual-keys", json={"name": "alice"}, headers=ADMIN
             )
@@ -265,12 +252,7 @@ async def test_a_client_gone_before_django_answers_is_charged(
 
     monkeypatch.setattr(llmsite.views, "_usage", slow_usage)
     application = asgi_application()
-    async with (
-        running(application),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(application), base_url="http://test"
-        ) as client,
-    ):
+    async with served(application) as client:
         created = await client.post(
             "/budget-admin/virtual-keys",
             json={"name": "alice", "budgets": [{"max_limit": 1}]},

@@ -760,6 +760,34 @@ async def test_a_settlement_given_up_on_while_it_pays_debts_first_still_reaches_
     assert admitted == 5
 
 
+class _Held:
+    """A host app whose completions wait for `go` (each one cent), counting how many run at
+    once (`running`) and the most that did (`most`)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.go = asyncio.Event()
+
+    def app(self, engine: BudgetEngine) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def completions(request: Request) -> Response:
+            await request.body()
+            self.running += 1
+            self.most = max(self.most, self.running)
+            try:
+                await self.go.wait()
+            finally:
+                self.running -= 1
+            body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
+            return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
+
+        app.add_middleware(BudgetMiddleware, engine=engine)
+        return app
+
+
 async def test_requests_admitted_without_redis_still_fill_their_slots_when_it_is_back(
     sqlite_url: str,
 ) -> None:
@@ -781,25 +809,9 @@ async def test_requests_admitted_without_redis_still_fill_their_slots_when_it_is
                 )
             )
             use_prefix(engine, prefix)
-            app = FastAPI()
-            running_now = 0
-            most = 0
-            go = asyncio.Event()
-
-            @app.post("/v1/chat/completions")
-            async def completions(request: Request) -> Response:
-                nonlocal running_now, most
-                await request.body()
-                running_now += 1
-                most = max(most, running_now)
-                try:
-                    await go.wait()
-                finally:
-                    running_now -= 1
-                body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
-                return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
-
-            app.add_middleware(BudgetMiddleware, engine=engine)
+            held = _Held()
+            app = held.app(engine)
+            go = held.go
             async with running(app), client(app) as http:
                 key = engine.manager.create_virtual_key(
                     name="alice",
@@ -818,13 +830,13 @@ async def test_requests_admitted_without_redis_still_fill_their_slots_when_it_is
 
                 proxy.cut()
                 without = [post(), post()]
-                await until(lambda: running_now == 2, 10)
+                await until(lambda: held.running == 2, 10)
                 proxy.restore()
                 await asyncio.sleep(2.5)  # past the back-off: Redis is asked again
                 assert (await engine.health())["redis"] == "ok"
                 back = [post(), post()]
-                await until(lambda: running_now == 4 or all(t.done() for t in back), 5)
-                at_once = running_now
+                await until(lambda: held.running == 4 or all(t.done() for t in back), 5)
+                at_once = held.running
                 go.set()
                 codes = [(await t).status_code for t in without + back]
                 assert await engine.flush()
@@ -833,10 +845,10 @@ async def test_requests_admitted_without_redis_still_fill_their_slots_when_it_is
         server.stop()
     print(
         f"2 admitted without Redis still running, Redis back: then {codes[2:]}; at once "
-        f"{at_once} (most {most}) on a limit of 2; {count} records ${total / 1e9:.2f}"
+        f"{at_once} (most {held.most}) on a limit of 2; {count} records ${total / 1e9:.2f}"
     )
     assert codes == [200, 200, 429, 429]
-    assert most == 2
+    assert held.most == 2
     assert count == 3
 
 
@@ -861,25 +873,9 @@ async def test_an_empty_restart_lifts_no_concurrency_limit_before_the_next_heart
             )
         )
         use_prefix(engine, prefix)
-        app = FastAPI()
-        running_now = 0
-        most = 0
-        go = asyncio.Event()
-
-        @app.post("/v1/chat/completions")
-        async def completions(request: Request) -> Response:
-            nonlocal running_now, most
-            await request.body()
-            running_now += 1
-            most = max(most, running_now)
-            try:
-                await go.wait()
-            finally:
-                running_now -= 1
-            body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
-            return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
-
-        app.add_middleware(BudgetMiddleware, engine=engine)
+        held = _Held()
+        app = held.app(engine)
+        go = held.go
         async with running(app), client(app) as http:
             key = engine.manager.create_virtual_key(
                 name="alice",
@@ -894,7 +890,7 @@ async def test_an_empty_restart_lifts_no_concurrency_limit_before_the_next_heart
                 )
 
             first = [post(), post()]
-            await until(lambda: running_now == 2, 10)
+            await until(lambda: held.running == 2, 10)
             server.kill(keep_data=False)
             server.start()
             # The pool's connections died with it: one request finds out (503; or refused
@@ -903,8 +899,8 @@ async def test_an_empty_restart_lifts_no_concurrency_limit_before_the_next_heart
             assert await asked(http, key.value, 1) in ([503], [429])
             await asyncio.sleep(0.5)
             then = [post(), post()]
-            await until(lambda: running_now == 4 or all(t.done() for t in then), 3)
-            at_once = running_now
+            await until(lambda: held.running == 4 or all(t.done() for t in then), 3)
+            at_once = held.running
             go.set()
             codes = [(await t).status_code for t in first + then]
             assert await engine.flush()
@@ -913,10 +909,10 @@ async def test_an_empty_restart_lifts_no_concurrency_limit_before_the_next_heart
         server.stop()
     print(
         f"2 running through Redis, Redis restarted empty: then {codes[2:]}; at once {at_once} "
-        f"(most {most}) on a limit of 2; {count} records ${total / 1e9:.2f}"
+        f"(most {held.most}) on a limit of 2; {count} records ${total / 1e9:.2f}"
     )
     assert codes == [200, 200, 429, 429]
-    assert most == 2
+    assert held.most == 2
     assert count == 2
 
 

@@ -41,6 +41,7 @@ from support import (
     meet_between_check_and_reservation,
     meet_inside_a_budget_s_charge,
     running,
+    set_up_django_example,
 )
 
 Settings = Callable[..., BudgetSettings]
@@ -976,17 +977,7 @@ def test_the_wsgi_admin_api_reads_no_body_before_the_admin_key(make_settings: Se
 def django_site(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     """The example Django project (examples/django_app) set up on this test's store: its WSGI
     application, `BudgetWSGIMiddleware(get_wsgi_application())`."""
-    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/django.db")
-    monkeypatch.setenv("BUDGET_ADMIN_KEY", "admin-secret")
-    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "llmsite.settings")
-    monkeypatch.syspath_prepend(str(ROOT / "examples" / "django_app"))
-    for name in [m for m in sys.modules if m.startswith("llmsite")]:
-        monkeypatch.delitem(sys.modules, name)
-    import django
-    from django.urls import clear_url_caches
-
-    django.setup()
-    clear_url_caches()
+    set_up_django_example(monkeypatch, tmp_path)
     from llmsite.wsgi import application
 
     return application
