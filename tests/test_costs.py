@@ -1249,3 +1249,65 @@ async def test_a_request_asking_for_cache_writes_reserves_its_input_at_their_pri
     print(f"40 cache-writing requests at once: {codes.count(200)} admitted, ${spent:.4f} of $1")
     assert codes.count(200) >= 2
     assert spent <= 1.0 + 1e-9
+
+
+# Claude Sonnet 4 and 4.5 with the 1M-token context window (Anthropic, Bedrock, Vertex): a
+# request of more than 200k input tokens, cache reads and writes included, pays twice the
+# input, cache read and cache write prices and 1.5 times the output price on all its tokens.
+# (model as sent, base $/Mtok input, output, cache read, cache write)
+LONG_CONTEXT_SONNETS = [
+    ("anthropic/claude-sonnet-4-20250514", 3.0, 15.0, 0.3, 3.75),
+    ("anthropic/claude-sonnet-4-0", 3.0, 15.0, 0.3, 3.75),
+    ("vertex/claude-sonnet-4@20250514", 3.0, 15.0, 0.3, 3.75),
+    ("bedrock/us.anthropic.claude-sonnet-4-20250514-v1:0", 3.0, 15.0, 0.3, 3.75),
+    ("bedrock/global.anthropic.claude-sonnet-4-20250514-v1:0", 3.0, 15.0, 0.3, 3.75),
+    ("bedrock/global.anthropic.claude-sonnet-4-5-20250929-v1:0", 3.0, 15.0, 0.3, 3.75),
+    ("bedrock/eu.anthropic.claude-sonnet-4-5-20250929-v1:0", 3.3, 16.5, 0.33, 4.125),
+    ("anthropic/claude-sonnet-4-5-20250929", 3.0, 15.0, 0.3, 3.75),
+]
+
+
+@pytest.mark.parametrize("model", LONG_CONTEXT_SONNETS, ids=[m[0] for m in LONG_CONTEXT_SONNETS])
+async def test_a_sonnet_4_request_above_200k_input_tokens_pays_the_long_context_prices(
+    make_settings: Settings, model: tuple[str, float, float, float, float]
+) -> None:
+    name, inp, out, read, write = model
+    usages = [  # Anthropic's: input_tokens leaves out the cache reads and writes
+        {"input_tokens": 200_000, "output_tokens": 1_000},  # at the threshold: base prices
+        {"input_tokens": 300_000, "output_tokens": 1_000},
+        {
+            "input_tokens": 1_000,
+            "cache_read_input_tokens": 190_000,
+            "cache_creation_input_tokens": 20_000,
+            "output_tokens": 2_000,
+        },
+    ]
+    app = FastAPI()
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> dict[str, Any]:
+        turn = int(request.headers["x-turn"])
+        return {"type": "message", "content": [], "usage": usages[turn]}
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        for turn in range(len(usages)):
+            body = {"model": name, "messages": [{"role": "user", "content": "hi"}]}
+            answer = await http.post(
+                "/v1/messages", json={**body, "max_tokens": 10}, headers={"x-turn": str(turn)}
+            )
+            assert answer.status_code == 200
+        rows = await records(engine)
+
+    def nanos(usd: float) -> int:
+        return round(usd * 1e9)
+
+    want = [
+        nanos((200_000 * inp + 1_000 * out) / 1e6),
+        nanos((300_000 * inp * 2 + 1_000 * out * 1.5) / 1e6),
+        nanos((1_000 * inp + 190_000 * read + 20_000 * write) * 2 / 1e6 + 2_000 * out * 1.5 / 1e6),
+    ]
+    charged = [r.cost_nanos for r in rows]
+    print(f"{name}: expected {want} nano-dollars, charged {charged}")
+    assert charged == want

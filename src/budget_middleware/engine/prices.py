@@ -154,6 +154,47 @@ def _family_audio(owner: gp.Provider, info: gp.ModelInfo, price: ModelPrice) -> 
     return replace(price, input_audio_per_mtok=heard, output_audio_per_mtok=spoken)
 
 
+# Claude Sonnet 4 and 4.5 with the 1M-token context window, as the catalog lists them without
+# the long-context prices their makers and hosts bill (catalog provider, catalog model).
+_LONG_CONTEXT_SONNETS = frozenset(
+    {
+        ("anthropic", "claude-sonnet-4-0"),
+        ("google", "claude-4-sonnet"),  # Vertex AI
+        ("aws", "regional.anthropic.claude-sonnet-4-20250514-v1:0"),
+        ("aws", "global.anthropic.claude-sonnet-4-20250514-v1:0"),
+        ("aws", "regional.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+        ("aws", "global.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+        ("openrouter", "anthropic/claude-sonnet-4"),
+    }
+)
+_LONG_CONTEXT_START = 200_000
+
+
+def _long_context(owner: gp.Provider, info: gp.ModelInfo, price: ModelPrice) -> ModelPrice:
+    """Claude Sonnet 4's and 4.5's prices with their long-context tier where the catalog has
+    none: a request of more than 200k input tokens (cache reads and writes included; only the
+    1M-token context window takes one) pays twice the input, cache read and cache write prices
+    and 1.5 times the output price on all its tokens, as Anthropic, Bedrock and Vertex AI bill
+    it (claude-sonnet-4-5 on Anthropic: $6 and $22.50 per Mtok, where the catalog has it)."""
+    if price.tiers or (owner.id, info.id) not in _LONG_CONTEXT_SONNETS:
+        return price
+
+    def twice(usd: float | None) -> float | None:
+        return None if usd is None else usd * 2
+
+    tier = replace(
+        price,
+        input_per_mtok=price.input_per_mtok * 2,
+        output_per_mtok=price.output_per_mtok * 1.5,
+        cached_input_per_mtok=twice(price.cached_input_per_mtok),
+        cache_write_per_mtok=twice(price.cache_write_per_mtok),
+        cache_write_1h_per_mtok=twice(price.cache_write_1h_per_mtok),
+        service_tiers=(),
+        daily=(),
+    )
+    return replace(price, tiers=((_LONG_CONTEXT_START, tier),))
+
+
 def _priced(info: gp.ModelInfo, prices: gp.ModelPrice) -> ModelPrice | None:
     """`prices` with their long-context tiers and the service tiers priced apart."""
     base = _with_tiers(prices)
@@ -312,7 +353,7 @@ class PriceBook:
             hit = _catalog_find(provider, model)
             found = _catalog_price(hit[1]) if hit is not None else None
             if found is not None and hit is not None:
-                found = _family_audio(*hit, found)
+                found = _long_context(*hit, _family_audio(*hit, found))
         if found is None and (maker := self._file_providers.get(model.lower())) is not None:
             # As the catalog is searched when the provider named does not list the model: the
             # file's price under another provider (a bare name's provider comes from a header
