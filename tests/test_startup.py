@@ -5,6 +5,7 @@ that is merely unreachable does not stop it (later requests try again)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -718,3 +719,31 @@ async def test_charges_are_written_when_the_host_app_crashes_at_shutdown_without
     print(f"3 admitted, the app crashed at shutdown: {count} written")
     assert count == 3
     await get_engine(settings).shutdown()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"input_per_mtok": 1e300, "output_per_mtok": 1},
+        {"input_per_mtok": 1, "output_per_mtok": 1, "cached_input_per_mtok": 1e300},
+    ],
+    ids=["input", "cached_input"],
+)
+async def test_a_price_too_large_to_count_fails_the_lifespan_naming_the_entry(
+    tmp_path: Path, entry: dict[str, float]
+) -> None:
+    """A price JSON holds as a finite number but that is no finite rate a token (1e300 $/Mtok:
+    1e309 femto-dollars a token) is refused as any bad price is, naming the file and the entry,
+    not an OverflowError from deep inside."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"models": {"gpt-4o": entry}}))
+    host = Host(BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db", pricing_file=prices))
+    answer = await startup(host.app)
+    print("lifespan answer:", answer)
+    assert answer["type"] == "lifespan.startup.failed"
+    message = answer["message"]
+    assert "BUDGET_PRICING_FILE" in message and "models.gpt-4o" in message
+    assert "from 0 to 1e299" in message
+    async with client(host.app) as http:
+        with pytest.raises(PricingFileError, match=r"BUDGET_PRICING_FILE.*models\.gpt-4o"):
+            await http.post("/v1/chat/completions", json=chat())

@@ -21,9 +21,12 @@ _PER_K_PER_MTOK = 1000  # $ per thousand searches, as a $/Mtok rate: a search a 
 
 
 def _rate(usd_per_mtok: float) -> int:
-    if not math.isfinite(usd_per_mtok) or usd_per_mtok < 0:
-        raise ValueError(f"a price must be a finite number >= 0, not {usd_per_mtok!r}")
-    return round(usd_per_mtok * _FEMTO_PER_TOKEN_PER_USD_PER_MTOK)
+    femto = usd_per_mtok * _FEMTO_PER_TOKEN_PER_USD_PER_MTOK
+    if not math.isfinite(femto) or usd_per_mtok < 0:  # 1e300 $/Mtok is finite, its rate not
+        raise ValueError(
+            f"a price must be a number from 0 to 1e299 USD per Mtok, not {usd_per_mtok!r}"
+        )
+    return round(femto)
 
 
 # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in

@@ -88,7 +88,10 @@ def _load_pricing_file(path: Path) -> dict[str, ModelPrice]:
         if found in written:
             raise fail(f"models: {written[found]!r} and {key!r} name one model ({found!r})")
         written[found] = key
-        prices[found] = ModelPrice(**p.model_dump(), source="pricing_file")
+        try:
+            prices[found] = ModelPrice(**p.model_dump(), source="pricing_file")
+        except ValueError as exc:  # a price JSON holds as finite, too large for a rate
+            raise fail(f"models.{key}: {exc}") from exc
     return prices
 
 
