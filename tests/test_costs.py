@@ -1311,3 +1311,45 @@ async def test_a_sonnet_4_request_above_200k_input_tokens_pays_the_long_context_
     charged = [r.cost_nanos for r in rows]
     print(f"{name}: expected {want} nano-dollars, charged {charged}")
     assert charged == want
+
+
+# Claude on Vertex AI, which the catalog lists without a 1-hour cache write price: Anthropic's
+# rule, on Vertex as on its own API, is twice the input price for a write kept 1 hour.
+# (model as sent, $/Mtok input, output, 5-minute write)
+ONE_HOUR_WRITERS = [
+    ("vertex/claude-opus-4-1@20250805", 15.0, 75.0, 18.75),
+    ("vertex/claude-sonnet-4@20250514", 3.0, 15.0, 3.75),
+    ("vertex/claude-3-7-sonnet@20250219", 3.0, 15.0, 3.75),
+    ("anthropic/claude-opus-4-1-20250805", 15.0, 75.0, 18.75),  # the catalog has it: $30
+]
+
+
+@pytest.mark.parametrize("model", ONE_HOUR_WRITERS, ids=[m[0] for m in ONE_HOUR_WRITERS])
+async def test_a_claude_cache_write_kept_1_hour_costs_twice_the_input_price_wherever_served(
+    make_settings: Settings, model: tuple[str, float, float, float]
+) -> None:
+    name, inp, out, write = model
+    usage = {
+        "input_tokens": 100,
+        "cache_creation_input_tokens": 30_000,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": 10_000,
+            "ephemeral_1h_input_tokens": 20_000,
+        },
+        "output_tokens": 500,
+    }
+    app = FastAPI()
+
+    @app.post("/v1/messages")
+    async def messages() -> dict[str, Any]:
+        return {"type": "message", "content": [], "usage": usage}
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+        assert (await http.post("/v1/messages", json=body)).status_code == 200
+        rows = await records(engine)
+    want = round((100 * inp + 10_000 * write + 20_000 * inp * 2 + 500 * out) * 1e3)
+    print(f"{name}: expected {want} nano-dollars, charged {rows[0].cost_nanos}")
+    assert rows[0].cost_nanos == want

@@ -314,12 +314,17 @@ def _token_price(prices: gp.ModelPrice, above: int) -> ModelPrice | None:
     inp, out = at(prices.input_mtok), at(prices.output_mtok)
     if inp is None and out is None:
         return None
+    write, hour = at(prices.cache_write_mtok), at(prices.cache_write_1h_mtok)
+    if hour is None and write is not None and inp is not None:
+        # Only Claude's answers report writes kept 1 hour, which Anthropic prices at twice the
+        # input wherever it is served (Vertex AI, whose listings the catalog leaves without)
+        hour = inp * 2
     return ModelPrice(
         inp or 0.0,
         out or 0.0,
         at(prices.cache_read_mtok),
-        at(prices.cache_write_mtok),
-        cache_write_1h_per_mtok=at(prices.cache_write_1h_mtok),
+        write,
+        cache_write_1h_per_mtok=hour,
         input_audio_per_mtok=at(prices.input_audio_mtok),
         output_audio_per_mtok=at(prices.output_audio_mtok),
         web_search_per_k=at(prices.web_searches_kcount),
