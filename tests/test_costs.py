@@ -1353,3 +1353,37 @@ async def test_a_claude_cache_write_kept_1_hour_costs_twice_the_input_price_wher
     want = round((100 * inp + 10_000 * write + 20_000 * inp * 2 + 500 * out) * 1e3)
     print(f"{name}: expected {want} nano-dollars, charged {rows[0].cost_nanos}")
     assert rows[0].cost_nanos == want
+
+
+async def test_a_catalog_price_that_starts_while_the_app_runs_is_charged_from_that_day(
+    make_settings: Settings,
+) -> None:
+    """The catalog dates price changes (gemini-3.8-flash: $0.75/$3.75 per Mtok, $1.50/$7.50
+    from 2027-01-01). A process that first priced the model before that day charges the new
+    prices from that day on, as the provider bills them, not the old ones until a restart."""
+    from budget_middleware.engine.engine import BudgetEngine
+
+    eve = datetime(2026, 12, 31, 23, 59, tzinfo=UTC).timestamp()
+    now = [eve]
+    engine = BudgetEngine(make_settings(), clock=lambda: now[0])
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions() -> dict[str, Any]:
+        usage = {"prompt_tokens": 100_000, "completion_tokens": 10_000, "total_tokens": 110_000}
+        return {"object": "chat.completion", "choices": [], "usage": usage}
+
+    app.add_middleware(BudgetMiddleware, engine=engine)
+    async with running(app), client(app) as http:
+        body = chat("gemini/gemini-3.8-flash")
+        assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+        now[0] = eve + 120  # 2027-01-01 00:01 UTC
+        assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+        rows = await records(engine)
+    charged = [r.cost_nanos for r in rows]
+    want = [
+        round((100_000 * 0.75 + 10_000 * 3.75) * 1e3),
+        round((100_000 * 1.5 + 10_000 * 7.5) * 1e3),
+    ]
+    print(f"gemini-3.8-flash before and after 2027-01-01: expected {want}, charged {charged}")
+    assert charged == want

@@ -1,12 +1,16 @@
 """Where prices come from (SPEC §7): `BUDGET_PRICING_FILE` first, then the `genai-prices`
 catalog bundled with the package (never updated over the network). Each (provider, model) is
-looked up once; afterwards a price costs a dict lookup.
+looked up once, and again from the day a price the catalog dates starts; afterwards a price costs
+a dict lookup.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import time as _time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
@@ -115,21 +119,24 @@ def _catalog_find(provider: str, model: str) -> tuple[gp.Provider, gp.ModelInfo]
     return None
 
 
-def _catalog_price(info: gp.ModelInfo) -> ModelPrice | None:
-    """The catalog's prices of a model, with the hours of the day it prices apart (`daily`)."""
-    prices, hours = _prices_in_force(info)
-    base = _priced(info, prices)
+def _catalog_price(info: gp.ModelInfo, now: datetime) -> ModelPrice | None:
+    """The catalog's prices of a model on the day of `now`, with the hours of the day it prices
+    apart (`daily`)."""
+    prices, hours = _prices_in_force(info, now)
+    base = _priced(info, prices, now)
     if base is None or not hours:
         return base
     daily = []
     for start, end, priced in hours:
-        found = _priced(info, priced)
+        found = _priced(info, priced, now)
         if found is not None:
             daily.append((start, end, found))
     return replace(base, daily=tuple(daily))
 
 
-def _family_audio(owner: gp.Provider, info: gp.ModelInfo, price: ModelPrice) -> ModelPrice:
+def _family_audio(
+    owner: gp.Provider, info: gp.ModelInfo, price: ModelPrice, now: datetime
+) -> ModelPrice:
     """An audio model (`<family>-audio…`) that the catalog gives no audio price (OpenAI's
     gpt-4o-audio-preview and gpt-4o-mini-audio-preview: their text prices only) has its audio
     priced at the most its provider's models of its family charge for audio (gpt-4o's realtime
@@ -145,7 +152,7 @@ def _family_audio(owner: gp.Provider, info: gp.ModelInfo, price: ModelPrice) -> 
     for other in listing.models:
         if other is info or not other.id.startswith(family + "-"):
             continue
-        sibling = _token_price(_prices_in_force(other)[0], -1)
+        sibling = _token_price(_prices_in_force(other, now)[0], -1)
         if sibling is None:
             continue
         if sibling.input_audio_per_mtok is not None:
@@ -198,7 +205,7 @@ def _long_context(owner: gp.Provider, info: gp.ModelInfo, price: ModelPrice) -> 
     return replace(price, tiers=((_LONG_CONTEXT_START, tier),))
 
 
-def _priced(info: gp.ModelInfo, prices: gp.ModelPrice) -> ModelPrice | None:
+def _priced(info: gp.ModelInfo, prices: gp.ModelPrice, now: datetime) -> ModelPrice | None:
     """`prices` with their long-context tiers and the service tiers priced apart."""
     base = _with_tiers(prices)
     if base is None:  # priced per request, second, page...: not token-priced
@@ -208,7 +215,7 @@ def _priced(info: gp.ModelInfo, prices: gp.ModelPrice) -> ModelPrice | None:
     # long-context tiers included.
     served = []
     for tier in _service_tiers(info):
-        tiered = _with_tiers(_variant(info, prices, _only(tier)))
+        tiered = _with_tiers(_variant(info, prices, _only(tier), now))
         if tiered is not None and tiered != base:
             served.append((tier, tiered))
     return replace(base, service_tiers=tuple(served)) if served else base
@@ -252,12 +259,11 @@ def _only(tier: str) -> list[dict[str, str]]:
 
 
 def _variant(
-    info: gp.ModelInfo, prices: gp.ModelPrice, when: list[dict[str, str]]
+    info: gp.ModelInfo, prices: gp.ModelPrice, when: list[dict[str, str]], now: datetime
 ) -> gp.ModelPrice:
     """`prices` as a request served at a tier pays them: each price of the first variant for
     that tier (`when` is one of `when`) in force that names it, as genai-prices resolves
-    variants (started ones only)."""
-    now = datetime.now(UTC)
+    variants (those started by `now` only)."""
     overrides: dict[str, object] = {}
     for variant in info.price_variants or ():
         if variant.when not in when:
@@ -273,14 +279,14 @@ def _variant(
 _Hours = list[tuple[float, float, gp.ModelPrice]]
 
 
-def _prices_in_force(info: gp.ModelInfo) -> tuple[gp.ModelPrice, _Hours]:
+def _prices_in_force(info: gp.ModelInfo, now: datetime) -> tuple[gp.ModelPrice, _Hours]:
     """The prices in force, and the hours of the day priced apart (start and end in seconds
     after midnight UTC), the first that holds winning: as genai-prices resolves them, the last
-    conditional price in force wins. Start dates are resolved now (a price that starts later is
-    picked up on restart); the hours, by the time each request is made (`at_time`)."""
+    conditional price in force wins. Start dates are resolved at `now` (a price that starts
+    later is picked up that day: `PriceBook`); the hours, by the time each request is made
+    (`at_time`)."""
     if isinstance(info.prices, gp.ModelPrice):
         return info.prices, []
-    now = datetime.now(UTC)
     prices = info.prices[0].prices
     hours: _Hours = []
     for conditional in reversed(info.prices):
@@ -291,6 +297,23 @@ def _prices_in_force(info: gp.ModelInfo) -> tuple[gp.ModelPrice, _Hours]:
             prices = conditional.prices
             break
     return prices, hours
+
+
+def _next_change(now: datetime) -> float:
+    """When the catalog's next dated price starts (epoch seconds of its day's midnight UTC,
+    as genai-prices dates them), after `now`; infinity when none does."""
+    today = now.astimezone(UTC).date()
+    starts: set[date] = set()
+    for owner in _CATALOG:
+        for info in owner.models:
+            conditions = [] if isinstance(info.prices, gp.ModelPrice) else info.prices
+            for dated in (*conditions, *(info.price_variants or ())):
+                c = dated.constraint
+                if isinstance(c, gp.StartDateConstraint) and c.start_date > today:
+                    starts.add(c.start_date)
+    if not starts:
+        return math.inf
+    return datetime.combine(min(starts), time(0), UTC).timestamp()
 
 
 def _seconds(moment: time) -> float:
@@ -337,8 +360,14 @@ class PriceBook:
     cost_nanos = staticmethod(cost_nanos)
     cost_usd = staticmethod(cost_usd)
 
-    def __init__(self, pricing_file: Path | None = None) -> None:
+    def __init__(
+        self, pricing_file: Path | None = None, clock: Callable[[], float] = _time.time
+    ) -> None:
         self.pricing_file = pricing_file
+        # The catalog's prices are those of the clock's day; at the next day a dated price
+        # starts (a new model's price, a rise), every price is looked up again.
+        self._clock = clock
+        self._changes_at = _next_change(self._now())
         self._file = _load_pricing_file(pricing_file) if pricing_file is not None else {}
         self._file_providers: dict[str, str] = {}
         for key in self._file:
@@ -350,8 +379,14 @@ class PriceBook:
         self.unpriced: set[tuple[str, str]] = set()
         self.unpriced_requests = 0
 
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
     def price(self, provider: str, model: str) -> ModelPrice | None:
         key = (provider, model)
+        if self._clock() >= self._changes_at:  # a dated catalog price starts: look up again
+            self._prices.clear()
+            self._changes_at = _next_change(self._now())
         try:
             return self._prices[key]
         except KeyError:
@@ -359,9 +394,10 @@ class PriceBook:
         found = self._file.get(f"{provider}/{model}".lower()) or self._file.get(model.lower())
         if found is None:
             hit = _catalog_find(provider, model)
-            found = _catalog_price(hit[1]) if hit is not None else None
+            now = self._now()
+            found = _catalog_price(hit[1], now) if hit is not None else None
             if found is not None and hit is not None:
-                found = _long_context(*hit, _family_audio(*hit, found))
+                found = _long_context(*hit, _family_audio(*hit, found, now))
         if found is None and (maker := self._file_providers.get(model.lower())) is not None:
             # As the catalog is searched when the provider named does not list the model: the
             # file's price under another provider (a bare name's provider comes from a header
