@@ -1191,3 +1191,61 @@ async def test_an_alert_tells_the_window_its_crossing_found(
     assert (start, end) == window and start <= raised_at < end
     assert datetime.fromisoformat(told["last_reset"]) == start
     assert datetime.fromisoformat(told["last_reset_at"]) == start
+
+
+async def test_a_receiver_hanging_on_one_alert_holds_back_no_other_alert_s_retry(
+    make_settings: Settings,
+) -> None:
+    """SPEC §14: a failed delivery is retried the first time within 5 s. Two alerts raised at
+    once: one answered 500 at once, the other held by the receiver past the timeout. The first
+    one's retry waited for the other's timeout (10 s with the real schedule: past the 5 s)."""
+    posts: list[tuple[float, str, int]] = []  # when, which budget, status answered (0: held)
+    lock = threading.Lock()
+    hold = 3.0
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # http.server's name
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            budget = json.loads(body)["budget"]["id"]
+            with lock:
+                n = len(posts)
+                status = 500 if n == 0 else 200
+                held = n == 1
+                posts.append((time.monotonic(), budget, 0 if held else status))
+            if held:
+                time.sleep(hold)
+            try:
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+            except OSError:
+                pass
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    try:
+        app = host_app(make_settings(alert_webhook_urls=url))
+        async with running(app), client(app) as http:
+            engine = engine_of(app)
+            quick(engine, first_retry=0.2, timeout=2.0)
+            key = engine.manager.create_virtual_key(name="fay", budgets=[{"max_limit": 1.0}])
+            engine.manager.put_provider("openai", budgets=[{"max_limit": 1.0}])
+            # One request takes both budgets past 0.8: two alerts, delivered in one round.
+            assert await spend(http, key.value, 0.9, 1) == [200]
+            await until(lambda: len(posts) >= 3, seconds=15)
+            with lock:
+                seen = list(posts)
+            failed_at, failed_budget, _ = seen[0]
+            retry_at = next(t for t, b, s in seen[1:] if b == failed_budget and s)
+            print(f"posts: {[(round(t - failed_at, 2), s) for t, _, s in seen]}; the 500's "
+                  f"retry came {retry_at - failed_at:.2f} s after it (receiver held one "
+                  f"post {hold} s, timeout 2 s, first retry due after 0.2 s)")  # fmt: skip
+            assert retry_at - failed_at < 1.2
+    finally:
+        server.shutdown()
+        server.server_close()

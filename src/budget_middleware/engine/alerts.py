@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("budget_middleware.alerts")
 
 SIGNATURE_HEADER = "x-budget-signature"
+MAX_IN_FLIGHT = 20  # alerts being delivered at once by one instance
 
 
 @dataclass(slots=True, frozen=True)
@@ -85,6 +86,10 @@ class Alerts:
         self.failed_deliveries = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        # Deliveries in flight, each its own task: one that hangs (up to `timeout` a URL) holds
+        # back no other alert's delivery or retry, nor the raising of new alerts.
+        self._deliveries: set[asyncio.Task[bool]] = set()
+        self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
 
@@ -175,6 +180,8 @@ class Alerts:
     def after_loop_closed(self) -> None:
         """The task was the closed loop's; what is queued is delivered once it starts again."""
         self._task = self._wake = self._loop = None
+        self._deliveries = set()  # the closed loop's tasks: their claims lapse
+        self._client = None
 
     async def stop(self) -> None:
         """Stop the task once its round ends (bounded: a delivery still hanging then is cut and
@@ -209,6 +216,22 @@ class Alerts:
             raise
 
     async def _rounds(self) -> None:
+        async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+            self._client = client
+            try:
+                await self._rounds_with()
+            except asyncio.CancelledError:
+                for delivery in self._deliveries:  # cut with the task, as they were in it
+                    delivery.cancel()
+                raise
+            finally:
+                # What is in flight ends (each post is bounded by `timeout`) before the client
+                # closes; cancelled with this task, its claim lapses and it is retried.
+                self._client = None
+                if self._deliveries:
+                    await asyncio.gather(*self._deliveries, return_exceptions=True)
+
+    async def _rounds_with(self) -> None:
         wake = self._wake
         task = asyncio.current_task()
         assert wake is not None and task is not None
@@ -295,21 +318,36 @@ class Alerts:
         return stored.raise_alerts(engine.store, alerts)
 
     async def deliver_due(self) -> int:
-        """Post every due alert to each URL it has not reached; the number delivered in full."""
+        """Post every due alert to each URL it has not reached: in tasks of their own from the
+        alert task (the number started), else here (the number delivered in full)."""
         now = datetime.now(UTC)
         lease = 30.0 + self.timeout * len(self.urls)
-        due = await anyio.to_thread.run_sync(stored.claim_due, self.engine.store, now, lease)
-        if not due:
+        client = self._client
+        room = MAX_IN_FLIGHT - len(self._deliveries)  # a bounded number of posts at once
+        if room <= 0:
             return 0
-        async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
-            done = await asyncio.gather(
-                *(self._deliver(client, alert) for alert in due), return_exceptions=True
-            )
-        for outcome in done:
-            if isinstance(outcome, BaseException):  # its claim lapses: retried after the lease
-                # By its type: a store error's text holds its parameters, the URLs among them.
-                logger.error("budget-middleware alert delivery failed: %s", type(outcome).__name__)
-        return sum(1 for outcome in done if outcome is True)
+        due = await anyio.to_thread.run_sync(stored.claim_due, self.engine.store, now, lease, room)
+        if client is None:  # called outside the alert task: delivered here, awaited
+            async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as own:
+                done = await asyncio.gather(
+                    *(self._deliver(own, alert) for alert in due), return_exceptions=True
+                )
+            for outcome in done:
+                _log_failure(outcome)
+            return sum(1 for outcome in done if outcome is True)
+        # Each alert's delivery its own task, not awaited: the next round (new alerts, retries
+        # due) comes at the poll interval whatever a receiver takes. A claimed alert is held by
+        # its lease until its outcome is written, so no round posts it twice meanwhile.
+        for alert in due:
+            delivery = asyncio.get_running_loop().create_task(self._deliver(client, alert))
+            self._deliveries.add(delivery)
+            delivery.add_done_callback(self._delivered)
+        return len(due)
+
+    def _delivered(self, delivery: asyncio.Task[bool]) -> None:
+        self._deliveries.discard(delivery)
+        if not delivery.cancelled():
+            _log_failure(delivery.exception())
 
     async def _deliver(self, client: httpx.AsyncClient, alert: stored.Due) -> bool:
         body = alert.body.encode()
@@ -358,6 +396,12 @@ class Alerts:
             error,
         )
         return recorded and state == "delivered"
+
+
+def _log_failure(outcome: object) -> None:
+    if isinstance(outcome, BaseException):  # its claim lapses: retried after the lease
+        # By its type: a store error's text holds its parameters, the URLs among them.
+        logger.error("budget-middleware alert delivery failed: %s", type(outcome).__name__)
 
 
 def _usd(amount: float) -> str:
