@@ -1249,3 +1249,28 @@ async def test_a_receiver_hanging_on_one_alert_holds_back_no_other_alert_s_retry
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_a_receiver_that_hangs_delays_no_other_url_s_post(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """Each URL of BUDGET_ALERT_WEBHOOK_URLS gets the alert (SPEC §14): posted one after the
+    other, a first URL that hangs (a firewall dropping packets) held the second one's post
+    back by the whole timeout, on every alert."""
+    hung = receiver(slow_first=1, delay=3.0)
+    healthy = receiver()
+    app = host_app(make_settings(alert_webhook_urls=f"{hung.url},{healthy.url}"))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine, timeout=2.0)
+        key = engine.manager.create_virtual_key(name="gus", budgets=[{"max_limit": 1.0}])
+        assert await spend(http, key.value, 0.9, 1) == [200]
+        started = time.monotonic()
+        await until(lambda: healthy.delivered())
+        took = time.monotonic() - started
+        await until(lambda: _all_delivered(engine, 1))
+        alert = engine.manager.list_alerts()[0]
+        print(f"the healthy URL had the alert {took:.2f} s after the request (the other held "
+              f"its post 3 s, timeout 2 s); {alert['attempts']} attempts")  # fmt: skip
+        assert took < 1.0
+        assert len(healthy.delivered()) == 1 and len(hung.delivered()) == 1

@@ -349,30 +349,40 @@ class Alerts:
         if not delivery.cancelled():
             _log_failure(delivery.exception())
 
+    async def _post(
+        self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
+    ) -> str | None:
+        """One URL's post: None when it took it (a status below 300), else why not."""
+        try:
+            # The whole post within `timeout` (httpx's bounds each read): so the claim's lease
+            # (30 s and `timeout` per URL) outlasts the delivery.
+            async with asyncio.timeout(self.timeout):
+                answer = await client.post(url, content=body, headers=headers)
+        except TimeoutError:
+            return f"{shown_url(url)}: no answer within {self.timeout:g} s"
+        except Exception as exc:  # whatever one URL does, the others' outcome is kept
+            return f"{shown_url(url)}: {type(exc).__name__}"
+        if answer.status_code < 300:
+            return None
+        return f"{shown_url(url)} answered {answer.status_code}"
+
     async def _deliver(self, client: httpx.AsyncClient, alert: stored.Due) -> bool:
         body = alert.body.encode()
         headers = {"content-type": "application/json", "user-agent": "budget-middleware"}
         if self.secret:
             headers[SIGNATURE_HEADER] = signature(self.secret, body)
         delivered = list(alert.delivered_to)
+        # Every URL it has not reached, at once: one that hangs holds back no other's post.
+        # Never twice after a success; a URL listed twice is posted to once.
+        todo = [url for url in dict.fromkeys(self.urls) if url not in delivered]
+        errors = await asyncio.gather(*(self._post(client, url, body, headers) for url in todo))
         error: str | None = None
-        for url in self.urls:
-            if url in delivered:
-                continue  # never twice after a success
-            try:
-                # The whole post within `timeout` (httpx's bounds each read): so the claim's
-                # lease, which counts `timeout` per URL, outlasts the round.
-                async with asyncio.timeout(self.timeout):
-                    answer = await client.post(url, content=body, headers=headers)
-                if answer.status_code < 300:
-                    delivered.append(url)
-                    continue
-                error = f"{shown_url(url)} answered {answer.status_code}"
-            except TimeoutError:
-                error = f"{shown_url(url)}: no answer within {self.timeout:g} s"
-            except Exception as exc:  # whatever one URL does, the others' outcome is kept
-                error = f"{shown_url(url)}: {type(exc).__name__}"
-            self.failed_deliveries += 1
+        for url, failed in zip(todo, errors, strict=True):
+            if failed is None:
+                delivered.append(url)
+            else:
+                error = failed
+                self.failed_deliveries += 1
         attempts = alert.attempts + 1
         now = datetime.now(UTC)
         first = alert.first_attempt_at or now
