@@ -317,6 +317,24 @@ def test_an_admin_key_no_request_could_present_is_refused_without_showing_it(
     assert value.strip() not in text
 
 
+@pytest.mark.parametrize("value", ["whsec-42\n", " whsec-42", "whsec-42\r\n"])
+def test_an_alert_secret_with_a_blank_at_an_end_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """BUDGET_ALERT_SECRET read from a file that ends with a line break: every alert was signed
+    with the line break, and a receiver checking with the secret as the operator knows it
+    refused every signature. Refused at start-up, naming the variable, never showing it (as a
+    BUDGET_ADMIN_KEY with a line break is)."""
+    monkeypatch.setenv("BUDGET_ALERT_SECRET", value)
+    with pytest.raises(SettingsError) as caught:
+        BudgetSettings()
+    text = str(caught.value)
+    print(text)
+    assert "BUDGET_ALERT_SECRET" in text and "begin or end with a blank" in text
+    assert "whsec-42" not in text
+    assert BudgetSettings(alert_secret="whsec 42").alert_secret == "whsec 42"  # inside: kept
+
+
 def test_a_url_that_fails_its_check_is_not_shown_with_its_password() -> None:
     with pytest.raises(SettingsError) as caught:
         BudgetSettings(redis_url="http://user:hunter2@127.0.0.1:6379/0")

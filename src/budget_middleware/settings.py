@@ -325,6 +325,18 @@ class BudgetSettings(BaseSettings):
             )
         return value
 
+    @field_validator("alert_secret")
+    @classmethod
+    def _unpadded_secret(cls, value: str | None) -> str | None:
+        """A secret read from a file often ends with a line break: alerts were signed with it,
+        and a receiver checking with the secret as the operator knows it refused every one."""
+        if value is not None and value != value.strip():
+            raise ValueError(
+                "must not begin or end with a blank (a line break from a secret's file?): the "
+                "alerts would be signed with it"
+            )
+        return value
+
     @field_validator("key_header")
     @classmethod
     def _lower_header(cls, value: str) -> str:
