@@ -106,9 +106,16 @@ def _window(
     """A rate window's three headers: its limit, what is left, the whole seconds until it
     resets, rounded up as `Retry-After` is (a client that waits them finds the window ended;
     one already over resets in 0s, compared rather than max()ed, which costs as much as the
-    formatting). `ceil` makes the seconds an int: `%d` formats a float ~3x slower."""
+    formatting). `ceil` makes the seconds an int: `%d` formats a float ~3x slower.
+
+    `now` is when admission found the window (`left`): a counter that began a window after it
+    (rolled by another request while this one ran) tells the end of the window `now` is in,
+    not of the one after (a minute too late for a one-minute limit)."""
     limit_name, left_name, reset_name = names
-    seconds = window.end - now
+    end = window.end
+    if window.start > now:
+        end = window.window_end(now)
+    seconds = end - now
     if seconds == FAR_FUTURE:
         reset = b"never"
     elif seconds > 0:

@@ -309,9 +309,10 @@ class Exchange:
         if limits:
             ticket = self.ticket
             tight = ticket.tightest if ticket is not None else None
-            add_limit_headers(
-                added, tightest_now(self.limits) if tight is None else tight, self.admitted_at
-            )
+            if tight is None:  # admitted by Redis: the local counters as they are now, and when
+                add_limit_headers(added, tightest_now(self.limits), self.engine.clock())
+            else:  # as admission found them, and when
+                add_limit_headers(added, tight, self.admitted_at)
         if self.route_target is not None:
             added.append((ROUTE_HEADER, self.route_target.encode()))
         if self.would_refuse is not None:

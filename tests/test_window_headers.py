@@ -1,0 +1,89 @@
+"""A window's reset header agrees with when its counter resets (SPEC §6, §8), for a request whose
+window rolled while it ran.
+
+One engine on SQLite on the test's `FrozenClock`, a key with a rate limit of 5 requests a
+minute; a request costs $0.01 (10 output tokens at $1000 per million)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from budget_middleware import BudgetSettings
+from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.store.tables import RateLimitRow
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix, use_prefix
+from support import FrozenClock, running
+from test_redis_windows import BODY, MODEL, Held, auth, client, host
+
+
+@pytest.mark.parametrize("counters", ["in process", "Redis"])
+async def test_the_reset_header_of_a_request_its_window_rolled_under_is_its_window_s(
+    tmp_path: Path, counters: str
+) -> None:
+    """A request admitted 50 s into a one-minute window is answered at 70 s, after another
+    request rolled the window: its `x-ratelimit-reset-requests` said 70s, the end of the window
+    after its own counted from its admission (a client at 0 left waited a minute past the
+    reset). In process the headers are the window admission found, from then: 10s. Admitted by
+    Redis they are the local counters as they are at the answer (4 left of the next window):
+    50s from then, as the next window's own request is told."""
+    clock = FrozenClock()
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
+    )
+    redis: dict[str, Any] = {}
+    if counters == "Redis":
+        need_redis()
+        redis = {"redis_url": REDIS_URL}
+    settings = BudgetSettings(
+        database_url=f"sqlite:///{tmp_path / 'store.db'}",
+        pricing_file=prices,
+        flush_interval_seconds=0.05,
+        **redis,
+    )
+    engine = BudgetEngine(settings, clock=clock)
+    prefix = unique_prefix()
+    if redis:
+        use_prefix(engine, prefix)
+    key = engine.manager.create_virtual_key(
+        name="k", rate_limit={"request_max_limit": 5, "request_reset_duration": "1m"}
+    )
+    begun = float(int(clock()))  # the window begins at a whole second: [begun, begun + 60)
+    with engine.store.session() as s:
+        row = s.get(RateLimitRow, key.rate_limit.id)
+        assert row is not None
+        row.request_last_reset = datetime.fromtimestamp(begun, UTC)
+        s.commit()
+    held = Held(1)
+    app = host(engine, held)
+    async with running(app), client(app) as http:
+        clock.now = begun + 50
+        (slow,) = held.requests(http, key.value or "")
+        await asyncio.wait_for(held.all_in.wait(), 10)
+        clock.now = begun + 70  # the next window: [begun + 60, begun + 120)
+        other = await http.post("/v1/chat/completions", json=BODY, headers=auth(key.value or ""))
+        held.gate.set()
+        answer = await slow
+    if redis:
+        delete_prefix(REDIS_URL, prefix)
+    told = answer.headers["x-ratelimit-reset-requests"]
+    print(
+        f"{counters}: admitted at +50 s, answered at +70 s: reset {told}, remaining "
+        f"{answer.headers['x-ratelimit-remaining-requests']}; the request of the next window "
+        f"(at +70 s): reset {other.headers['x-ratelimit-reset-requests']}, remaining "
+        f"{other.headers['x-ratelimit-remaining-requests']}"
+    )
+    assert answer.status_code == other.status_code == 200
+    assert other.headers["x-ratelimit-reset-requests"] == "50s"
+    if counters == "in process":  # as admission found it: its window, from its admission
+        assert told == "10s"
+    else:  # admitted by Redis: the local counters as they are at the answer, the next window
+        assert told == "50s"
+    assert answer.headers["x-ratelimit-remaining-requests"] == "4"
