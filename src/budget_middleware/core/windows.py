@@ -165,9 +165,18 @@ class WindowCounter:
         counter never goes back down. A stored window older than the one this counter took
         from the store (its anchor: a reset, new terms) is a read from before that: it is left
         alone (a re-read begun before new terms, taken as another window's, set the usage
-        they carried over to what was unwritten, $0, and the limit lifted)."""
+        they carried over to what was unwritten, $0, and the limit lifted).
+
+        A stored window that begins where ours ends or later (another instance rolled ours, or
+        reset it, and wrote there) is the current one: the counter moves there first, as a
+        reload of its terms would (`configure`). Taken as ours, it was rolled away by our next
+        request, and the others' spend in it was lost until the next re-read."""
         if stored_reset < self.anchor:
             return
+        if stored_reset >= self.end:
+            self.configure(
+                self.limit, self.duration, self.calendar_aligned, stored_reset, stored_reset, ledger
+            )
         mine = self.unwritten(ledger)
         self.value = stored_value + mine if stored_reset >= self.start else mine
 
