@@ -10,23 +10,32 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from budget_middleware.store.tables import BudgetRow
 from support import FrozenClock, running
 from test_clock_steps import engines
 from test_redis_windows import BODY, auth, client, host, spend_until_refused, written_spend
 
 
+@pytest.mark.parametrize("reads", ["counters", "key"])
 async def test_an_idle_instance_takes_the_next_window_s_spend_another_instance_made(
-    tmp_path: Path,
+    tmp_path: Path, reads: str
 ) -> None:
     """A spends $0.01 in a minute's window; in the next one B spends the whole $0.10 and is
     refused. A, idle since the first window, re-reads the store (its flusher, each cache TTL)
     before its next request: the store's $0.10 of the next window was taken as the spend of
     A's ended window, which A's next request rolled away, and A admitted 10 more requests,
     $0.20 spent in a window of $0.10, where SPEC §11 bounds the overshoot by what the others
-    spend in one cache TTL (here nothing: B spent before A re-read)."""
+    spend in one cache TTL (here nothing: B spent before A re-read).
+
+    The same when A reads the key again (its cache TTL) before its flusher re-reads the counters
+    (a flush interval of 5 s here): the key's budget row moved A's window on to the store's,
+    with $0 in it instead of the $0.10 read with it; A admitted 10 more."""
     clock = FrozenClock()
-    one, two = engines(tmp_path, clock, 2)
+    one, two = engines(
+        tmp_path, clock, 2, flush_interval_seconds=0.05 if reads == "counters" else 5
+    )
     key = one.manager.create_virtual_key(
         name="k", budgets=[{"max_limit": 0.1, "reset_duration": "1m"}]
     )
@@ -50,16 +59,20 @@ async def test_an_idle_instance_takes_the_next_window_s_spend_another_instance_m
         clock.advance(1)  # a cache TTL (0.2 s) on: A's flusher re-reads the store
         counter = one.registry.counter("budget", budget_id)
         assert counter is not None
-        for _ in range(200):
-            await asyncio.sleep(0.05)
-            if counter.value == 10 * 10_000_000:
-                break
+        if reads == "counters":
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if counter.value == 10 * 10_000_000:
+                    break
+        else:
+            await asyncio.sleep(0.3)  # the key's cache entry expires (real time): read again
         reread = counter.value
         by_a, a_code = await spend_until_refused(a, value)
         spent = await written_spend(budget_id, one, two)
     print(
-        f"B admitted {by_b} ({b_code}) in the next window; A re-read ${reread / 1e9:.2f}, then "
-        f"admitted {by_a} ({a_code}); ${spent / 1e9:.2f} stored for the window of $0.10"
+        f"{reads} read again: B admitted {by_b} ({b_code}) in the next window; A re-read "
+        f"${reread / 1e9:.2f}, then admitted {by_a} ({a_code}); ${spent / 1e9:.2f} stored "
+        "for the window of $0.10"
     )
     assert by_b == 10
     assert by_a == 0

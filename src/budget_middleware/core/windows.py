@@ -385,7 +385,12 @@ class CounterRegistry:
             counter.configure(limit, duration, calendar_aligned, anchor, now, self.ledger)
             counter.seed(usage, anchor, self.ledger)
         else:
+            ended = counter.end
             counter.configure(limit, duration, calendar_aligned, anchor, now, self.ledger)
+            if counter.start >= ended:
+                # Moved on to a later window, from the store's `last_reset`: another instance
+                # rolled there, and the usage read with it is that window's (`seed`), not $0.
+                counter.seed(usage, anchor, self.ledger)
         return counter
 
     def counter(self, kind: str, id: str) -> WindowCounter | None:
