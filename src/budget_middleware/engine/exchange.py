@@ -642,7 +642,7 @@ class Exchange:
             if record.cost_source == "unpriced":
                 engine.prices.note_unpriced(record.provider, record.model)
                 engine.stats.unpriced_requests += 1
-        elif self.reported_over > 0:
+        elif self.reported_over > 0 or (engine.gate.any_fee and not record.estimated):
             engine.gate.saw_fee(record.provider, record.model, self.reported_over)
         if self.media_references and record.input_tokens and not record.estimated:
             # Its input measured (an error without usage, an estimate, tells nothing of it):

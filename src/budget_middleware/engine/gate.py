@@ -115,10 +115,12 @@ class Gate:
         # Per model: the most input tokens one medium sent by reference (an image URL, a file
         # id) has been measured to take here, beyond its request's estimate from the body.
         self.media_tokens: LRUCache[tuple[str, str], int] = LRUCache(4096)
-        # Per priced model: the most an answer's reported cost (`x-budget-cost`, `usage.cost`)
-        # has been over its tokens' price here (a per-request fee: Perplexity's searches, a
-        # host's markup), which its tokens' estimate does not hold. Empty as a rule.
+        # Per priced model: what its latest measured answer's reported cost (`x-budget-cost`,
+        # `usage.cost`) was over its tokens' price (a per-request fee: Perplexity's searches, a
+        # host's markup), which its tokens' estimate does not hold. Empty as a rule, and then
+        # `any_fee` (a plain attribute: tested on every request) is False.
         self.fees: LRUCache[tuple[str, str], int] = LRUCache(4096)
+        self.any_fee = False
 
     def saw_unpriced(self, provider: str, model: str, cost: int) -> None:
         """A request to a model without a price was charged `cost`: what the next reserve."""
@@ -127,11 +129,16 @@ class Gate:
             self.unpriced_costs[key] = cost
 
     def saw_fee(self, provider: str, model: str, over: int) -> None:
-        """An answer of a priced model reported a cost `over` its tokens' price: the most, what
-        the next requests to it reserve beside their tokens."""
+        """A measured answer of a priced model cost `over` its tokens' price (0: nothing over,
+        or no cost reported): what the next requests to it reserve beside their tokens. The
+        latest answer's, not the largest ever: one request's markup does not hold every later
+        request of every key to it until a restart."""
         key = (provider, model)
-        if over > self.fees.get(key, 0):
+        if over > 0:
             self.fees[key] = over
+            self.any_fee = True
+        elif self.fees.pop(key, None) is not None and not self.fees:
+            self.any_fee = False
 
     def saw_media(self, provider: str, model: str, references: int, input_tokens: int) -> None:
         """A request sending `references` media by reference was measured to take
@@ -440,7 +447,7 @@ class Gate:
                 exchange.ticket_estimate = estimate_nanos(
                     price, prompt_tokens, self.most_output(target), target.spoken, target.caches
                 )
-                if self.fees:
+                if self.any_fee:
                     self._with_fee(exchange)
         return exchange
 
@@ -492,7 +499,7 @@ class Gate:
                 target.caches,
             )
             exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
-            if self.fees:
+            if self.any_fee:
                 self._with_fee(exchange)
 
     def most_output(self, target: Target) -> int:
