@@ -526,7 +526,7 @@ async def test_a_plain_hook_that_returns_a_coroutine_has_it_run(
         assert seen_loops[0] is asyncio.get_running_loop()  # on the app's loop, as an async hook
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", ["sync", "async", "returns a coroutine"])
 async def test_a_hook_that_falls_behind_holds_a_bounded_backlog(
     make_settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
@@ -551,7 +551,12 @@ async def test_a_hook_that_falls_behind_holds_a_bounded_backlog(
         await asyncio.to_thread(release.wait, 10)
         seen.append(refusal)
 
-    hook = blocked if kind == "sync" else blocked_async
+    hooks_by_kind: dict[str, Any] = {
+        "sync": blocked,
+        "async": blocked_async,
+        "returns a coroutine": lambda refusal: blocked_async(refusal),  # counted till it ran
+    }
+    hook = hooks_by_kind[kind]
     app = host_app(None)
     app.add_middleware(BudgetMiddleware, settings=make_settings(), on_refusal=hook)
     async with running(app), client(app) as http:

@@ -105,11 +105,15 @@ class Hooks:
             return
         loop = self.loop
         if loop is not None and not loop.is_closed():
+            with self._count:  # an event pending until its coroutine ran, as an async hook's
+                self.pending += 1
             try:
-                asyncio.run_coroutine_threadsafe(_awaited(hook, result), loop)
-                return
+                future = asyncio.run_coroutine_threadsafe(_awaited(hook, result), loop)
             except RuntimeError:
-                pass
+                self._done()
+            else:
+                future.add_done_callback(lambda _: self._done())
+                return
         asyncio.run(_awaited(hook, result))
 
     def _take(self) -> bool:
