@@ -732,3 +732,22 @@ tags:
     m = _start(tmp_path, edited)
     print(f"after the team's entry changed: {found(m)['teams']}")
     assert found(m)["teams"] == ["research"]
+
+
+def test_a_key_value_written_litellm_s_way_is_read_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`value: os.environ/BOT_KEY`, as a LiteLLM config names a secret, is the variable's value:
+    it was taken as written, and the key's value was the text `os.environ/BOT_KEY`, which anyone
+    reading the file (or LiteLLM's docs) could present."""
+    import hashlib
+
+    monkeypatch.setenv("BOT_KEY", "sk-bm-bot-from-env-0001")
+    manager = _start(tmp_path, "virtual_keys:\n  - name: bot\n    value: os.environ/BOT_KEY\n")
+    literal = manager.store.load_key(hashlib.sha256(b"os.environ/BOT_KEY").hexdigest())
+    real = manager.store.load_key(hashlib.sha256(b"sk-bm-bot-from-env-0001").hexdigest())
+    print("literal text is a key:", literal is not None, "; the variable's value is:", real)
+    assert literal is None and real is not None
+    monkeypatch.delenv("BOT_KEY")
+    with pytest.raises(ConfigFileError, match="BOT_KEY is not set"):
+        _start(tmp_path, "virtual_keys:\n  - name: bot\n    value: os.environ/BOT_KEY\n")

@@ -105,6 +105,8 @@ _KINDS: dict[Any, str] = {
     TagRow: "tag",
 }
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A key's value as a LiteLLM config names a secret: the whole value `os.environ/NAME`.
+_LITELLM_ENV = re.compile(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)")
 logger = logging.getLogger("budget_middleware")
 
 
@@ -325,8 +327,16 @@ def _expand(
     return raw
 
 
+def _reference(value: str) -> str:
+    """`os.environ/NAME` (LiteLLM's way) as `${NAME}`: taken as written, it made the key's value
+    that very text, which anyone reading the file could present."""
+    found = _LITELLM_ENV.fullmatch(value.strip())
+    return "${" + found[1] + "}" if found else value
+
+
 def _missing(value: str) -> list[str]:
     """The variables `value` names that this environment does not set, each once."""
+    value = _reference(value)
     return list(dict.fromkeys(m[1] for m in _ENV.finditer(value) if m[1] not in os.environ))
 
 
@@ -339,7 +349,7 @@ def _substitute(value: Any, where: str) -> Any:
                 raise ConfigFileError(f"{where}: environment variable {name} is not set")
             return os.environ[name]
 
-        return _ENV.sub(env, value)
+        return _ENV.sub(env, _reference(value))
     if isinstance(value, list):
         return [_substitute(v, where) for v in value]
     if isinstance(value, dict):
