@@ -751,3 +751,18 @@ def test_a_key_value_written_litellm_s_way_is_read_from_the_environment(
     monkeypatch.delenv("BOT_KEY")
     with pytest.raises(ConfigFileError, match="BOT_KEY is not set"):
         _start(tmp_path, "virtual_keys:\n  - name: bot\n    value: os.environ/BOT_KEY\n")
+
+
+def test_a_key_value_read_from_the_environment_has_no_blanks_around_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variable set from a secret file keeps its line break (`echo key > secret`): the key's
+    value ended in it, and no request could present that key (a header's value is read without
+    blanks around it), so every request with the right key was refused as unknown."""
+    import hashlib
+
+    monkeypatch.setenv("BOT_KEY", "sk-bm-bot-from-file-0001\n")
+    manager = _start(tmp_path, "virtual_keys:\n  - name: bot\n    value: ${BOT_KEY}\n")
+    found = manager.store.load_key(hashlib.sha256(b"sk-bm-bot-from-file-0001").hexdigest())
+    print("the key as a request presents it:", found)
+    assert found is not None

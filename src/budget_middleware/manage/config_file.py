@@ -347,7 +347,9 @@ def _substitute(value: Any, where: str) -> Any:
             name = match[1]
             if name not in os.environ:
                 raise ConfigFileError(f"{where}: environment variable {name} is not set")
-            return os.environ[name]
+            # without blanks around it: set from a secret file, it ends in a line break, and
+            # a request presents no key with one (a header's value is read without them)
+            return os.environ[name].strip()
 
         return _ENV.sub(env, _reference(value))
     if isinstance(value, list):
