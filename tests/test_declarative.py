@@ -766,3 +766,33 @@ def test_a_key_value_read_from_the_environment_has_no_blanks_around_it(
     found = manager.store.load_key(hashlib.sha256(b"sk-bm-bot-from-file-0001").hexdigest())
     print("the key as a request presents it:", found)
     assert found is not None
+
+
+def test_an_entry_taken_out_of_the_file_is_named_as_still_in_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file deletes nothing: a key taken out of it (its value leaked, say) still works after
+    the restart. That used to pass without a word, so the operator believed it revoked; the
+    start-up now names every entity the file made and no longer declares."""
+    import logging
+
+    monkeypatch.setenv("ALICE_KEY", "sk-bm-alice-from-env")
+    _start(tmp_path, CONFIG)
+    without = CONFIG.replace(
+        "  - name: alice\n    team: research\n    value: ${ALICE_KEY}\n"
+        "    budgets: [{max_limit: 1, reset_duration: 1d}]\n",
+        "",
+    ).replace("tags:\n  - tag: product:chat\n    budgets: [{max_limit: 2}]\n", "")
+    assert "alice" not in without and "product:chat" not in without
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        m = _start(tmp_path, without)
+    assert m.find_virtual_key("sk-bm-alice-from-env") is not None  # kept, as documented
+    said = [r.getMessage() for r in caplog.records if "no longer declares" in r.getMessage()]
+    print("warnings:", said)
+    assert len(said) == 1
+    assert "virtual key 'alice'" in said[0] and "tag 'product:chat'" in said[0]
+    assert "customer 'acme'" not in said[0] and "team 'research'" not in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        _start(tmp_path, CONFIG)  # everything declared again: nothing to name
+    assert not [r for r in caplog.records if "no longer declares" in r.getMessage()]

@@ -592,6 +592,22 @@ class _Loader:
         self.on_owner_change = on_owner_change  # the engine's (`OwnerWriter.on_owner_change`)
         self.declared: dict[tuple[Any, str], str] = {}  # (table, the entry's name): its id
         self.left_deleted: set[tuple[Any, str]] = set()  # (table, name): entries not made again
+        self.seen: set[tuple[Any, str]] = set()  # (table, primary key): the entities declared
+
+    def not_declared(self) -> list[str]:
+        """The entities a config file made that this file no longer declares (kept: the file
+        deletes nothing), each as `customer 'acme'`."""
+        found = []
+        with self.store.session() as s:
+            for table, key in ((CustomerRow, "id"), (TeamRow, "id"), (VirtualKeyRow, "id"),
+                               (ProviderRow, "provider"), (ModelConfigRow, "id"),
+                               (TagRow, "tag"), (RouteRow, "id")):  # fmt: skip
+                for row in s.exec(select(table).where(table.source == "config")).all():
+                    if (table, getattr(row, key)) not in self.seen:
+                        label = getattr(row, "name", None) or getattr(row, "model_name", None)
+                        label = label or getattr(row, key)
+                        found.append(f"{_KINDS[table].replace('_', ' ')} {label!r}")
+        return found
 
     def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
         return self.data.where(section, index, entry)
@@ -671,6 +687,9 @@ class _Loader:
             if table is ProviderRow:
                 name = canonical_provider(name)  # found as it is stored: by its one name
             row = self._stored(table, getattr(table, field) == name, digest)
+            self.seen.add((table, name))
+            if row is not None:
+                self.seen.add((table, getattr(row, field)))
             if row is None and self._deleted(table, name, digest, where):
                 return
             if row is None or row.config_hash != digest:
@@ -712,10 +731,12 @@ class _Loader:
         if row is None:
             made = create(body)
             self.declared[table, name] = made.id
+            self.seen.add((table, made.id))
             if section == "virtual_keys" and body.get("value") is not None:
                 self._gave_value(made.id, hash_key(body["value"]))
             return
         self.declared[table, name] = row.id
+        self.seen.add((table, row.id))
         if section == "virtual_keys":
             value = body.pop("value", None)
             if value is not None:
@@ -771,8 +792,10 @@ class _Loader:
         if row is None and self._deleted(ModelConfigRow, "", digest, where):
             return
         if row is None:
-            m.create_model_config(body)
-        elif row.config_hash != digest:
+            self.seen.add((ModelConfigRow, m.create_model_config(body).id))
+            return
+        self.seen.add((ModelConfigRow, row.id))
+        if row.config_hash != digest:
             for fixed in ("scope", "scope_id"):
                 body.pop(fixed, None)
             m.update_model_config(row.id, body)
@@ -827,3 +850,9 @@ def load_config_file(
         for section in SECTIONS:
             for index, entry in enumerate(data.sections[section]):
                 loader.apply(section, index, entry)
+        gone = loader.not_declared()
+    if gone:
+        logger.warning(
+            "BUDGET_CONFIG_FILE %r no longer declares %s: kept, still in force (the file deletes "
+            "nothing; delete them through the admin API or the CLI)", str(path), ", ".join(gone),
+        )  # fmt: skip
