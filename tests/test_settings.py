@@ -522,3 +522,22 @@ def test_a_duration_past_its_bound_is_refused_naming_the_variable(
         monkeypatch.delenv(variable)
         with pytest.raises(SettingsError, match=rf"{variable}.*{bound}"):
             BudgetSettings(**{field: float(bad)})
+
+
+def test_a_config_file_that_is_a_folder_is_named_as_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Kubernetes ConfigMap mounted at the file's own path makes it a folder: start-up said the
+    file `does not exist`, which `ls` contradicts. It now says what it is."""
+    folder = tmp_path / "budget.yaml"
+    folder.mkdir()
+    for name in ("BUDGET_CONFIG_FILE", "BUDGET_PRICING_FILE"):
+        monkeypatch.setenv(name, str(folder))
+        with pytest.raises(SettingsError) as caught:
+            BudgetSettings()
+        monkeypatch.delenv(name)
+        print(caught.value)
+        assert "is a folder, not a file" in str(caught.value)
+        assert "does not exist" not in str(caught.value)
+    with pytest.raises(SettingsError, match="does not exist"):
+        BudgetSettings(config_file=tmp_path / "missing.yaml")

@@ -419,6 +419,8 @@ class BudgetSettings(BaseSettings):
     @field_validator("pricing_file", "config_file")
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and value.is_dir():  # a volume mounted at the file's own path
+            raise ValueError(f"{str(value)!r} is a folder, not a file")
         if value is not None and not value.is_file():
             raise ValueError(f"file {str(value)!r} does not exist")
         return value
