@@ -796,3 +796,16 @@ def test_an_entry_taken_out_of_the_file_is_named_as_still_in_force(
     with caplog.at_level(logging.WARNING, logger="budget_middleware"):
         _start(tmp_path, CONFIG)  # everything declared again: nothing to name
     assert not [r for r in caplog.records if "no longer declares" in r.getMessage()]
+
+
+def test_a_key_value_from_an_empty_variable_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`BOT_KEY=` in a compose file sets the variable empty: start-up failed with `value: String
+    should have at least 8 characters`, naming neither the variable nor why. An empty variable
+    counts as unset, as it does for the BUDGET_* settings."""
+    monkeypatch.setenv("BOT_KEY", " \n")
+    with pytest.raises(ConfigFileError) as caught:
+        _start(tmp_path, "virtual_keys:\n  - name: bot\n    value: ${BOT_KEY}\n")
+    print(caught.value)
+    assert "virtual_keys[0] (bot): environment variable BOT_KEY is not set" in str(caught.value)

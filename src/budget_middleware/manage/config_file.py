@@ -337,7 +337,13 @@ def _reference(value: str) -> str:
 def _missing(value: str) -> list[str]:
     """The variables `value` names that this environment does not set, each once."""
     value = _reference(value)
-    return list(dict.fromkeys(m[1] for m in _ENV.finditer(value) if m[1] not in os.environ))
+    return list(dict.fromkeys(m[1] for m in _ENV.finditer(value) if not _set(m[1])))
+
+
+def _set(name: str) -> bool:
+    """Whether a variable is set here; an empty one (`BOT_KEY=` in a compose file) counts as
+    unset, as it does for the BUDGET_* settings."""
+    return bool(os.environ.get(name, "").strip())
 
 
 def _substitute(value: Any, where: str) -> Any:
@@ -345,8 +351,9 @@ def _substitute(value: Any, where: str) -> Any:
 
         def env(match: re.Match[str]) -> str:
             name = match[1]
-            if name not in os.environ:
-                raise ConfigFileError(f"{where}: environment variable {name} is not set")
+            if not _set(name):
+                empty = " (it is empty)" if name in os.environ else ""
+                raise ConfigFileError(f"{where}: environment variable {name} is not set{empty}")
             # without blanks around it: set from a secret file, it ends in a line break, and
             # a request presents no key with one (a header's value is read without them)
             return os.environ[name].strip()
