@@ -809,3 +809,31 @@ def test_a_key_value_from_an_empty_variable_names_the_variable(
         _start(tmp_path, "virtual_keys:\n  - name: bot\n    value: ${BOT_KEY}\n")
     print(caught.value)
     assert "virtual_keys[0] (bot): environment variable BOT_KEY is not set" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("written", "read_as"),
+    [("customer: no", "False"), ("customer: 007", "7"), ("customer: 1:30", "90")],
+)
+def test_a_name_yaml_reads_as_no_text_is_refused_by_the_check_asking_for_quotes(
+    tmp_path: Path, written: str, read_as: str
+) -> None:
+    """YAML 1.1 reads `no` as false, `007` as 7 and `1:30` as 90. A team's `customer: no` passed
+    `config check` (the name became 'False') and start-up then failed on a customer 'False'
+    nobody wrote, or, were there one named '7', joined the wrong customer. The check now names
+    the field and asks for quotes, before the store is touched."""
+    from budget_middleware.manage.config_file import check_config_file
+
+    name = written.split(": ", 1)[1]
+    path = tmp_path / "budget.yaml"
+    path.write_text(f"customers:\n  - name: '{name}'\nteams:\n  - name: t\n    {written}\n")
+    with pytest.raises(ConfigFileError) as caught:
+        check_config_file(path)
+    print(caught.value)
+    assert "teams[0] (t): customer is not text" in str(caught.value)
+    assert "write it in quotes" in str(caught.value) and read_as in str(caught.value)
+    quoted = path.read_text().replace(written, f"customer: '{name}'")
+    path.write_text(quoted)
+    check_config_file(path)  # in quotes: valid
+    manager = _start(tmp_path, quoted)
+    assert manager.list_teams()[0].customer_id == manager.list_customers()[0].id

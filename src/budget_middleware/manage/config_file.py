@@ -405,6 +405,8 @@ _CREATE: dict[str, type[BaseModel]] = {
     "tags": TagPut,
     "routes": RouteCreate,
 }
+# The fields that name an entity, or refer to one by its name.
+_NAMES = ("name", "provider", "tag", "model_name", "customer", "team", "virtual_key")
 _REFERENCES = (("customer", "customer_id"), ("team", "team_id"), ("virtual_key", "scope_id"))
 # What a create body's field left out means, where its default would read as "leave it alone"
 # in an update: no budgets, no rate limit, no provider configs, not calendar-aligned.
@@ -433,6 +435,13 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
     found = nul_in(body)  # as the admin API refuses it in a body
     if found is not None:
         raise ConfigFileError(f"{where}: {found}: {NUL_MESSAGE}")
+    for name in _NAMES:
+        value = body.get(name)
+        if isinstance(value, bool | int | float):  # a reference became 'False' or '7' unsaid
+            raise ConfigFileError(
+                f"{where}: {name} is not text but {value!r} (YAML reads no, yes, on and off as "
+                f"booleans, 007 as 7, 1:30 as 90): write it in quotes"
+            )
     if section in ("providers", "tags"):
         field = "provider" if section == "providers" else "tag"
         name = body.pop(field, None)
