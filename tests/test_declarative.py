@@ -813,12 +813,12 @@ def test_a_key_value_from_an_empty_variable_names_the_variable(
 
 @pytest.mark.parametrize(
     ("written", "read_as"),
-    [("customer: no", "False"), ("customer: 007", "7"), ("customer: 1:30", "90")],
+    [("customer: no", "False"), ("customer: 007", "7"), ("customer: off", "False")],
 )
 def test_a_name_yaml_reads_as_no_text_is_refused_by_the_check_asking_for_quotes(
     tmp_path: Path, written: str, read_as: str
 ) -> None:
-    """YAML 1.1 reads `no` as false, `007` as 7 and `1:30` as 90. A team's `customer: no` passed
+    """YAML 1.1 reads `no` and `off` as false and `007` as 7. A team's `customer: no` passed
     `config check` (the name became 'False') and start-up then failed on a customer 'False'
     nobody wrote, or, were there one named '7', joined the wrong customer. The check now names
     the field and asks for quotes, before the store is touched."""
@@ -837,3 +837,26 @@ def test_a_name_yaml_reads_as_no_text_is_refused_by_the_check_asking_for_quotes(
     check_config_file(path)  # in quotes: valid
     manager = _start(tmp_path, quoted)
     assert manager.list_teams()[0].customer_id == manager.list_customers()[0].id
+
+
+def test_yaml_1_1_s_octal_and_sexagesimal_numbers_are_read_as_yaml_1_2_reads_them(
+    tmp_path: Path,
+) -> None:
+    """YAML 1.1 read `max_limit: 050` as octal, a budget of $40 for the $50 written, without a
+    word, and `1:30` as 90 (base 60). As YAML 1.2 and JSON read them: 050 is 50, and `1:30` is
+    the text it is (a name, or a duration refused by name)."""
+    m = _start(
+        tmp_path,
+        "customers:\n  - name: 1:30\n    budgets: [{max_limit: 050, reset_duration: 1d}]\n"
+        "teams:\n  - name: t\n    customer: 1:30\n    rate_limit: {request_max_limit: 0100, "
+        "request_reset_duration: 1m}\n",
+    )
+    limit = m.list_budgets(owner_type="customer")[0].max_limit
+    team = m.list_teams()[0]
+    print("max_limit: 050 ->", limit, "; request_max_limit: 0100 ->", team.rate_limit)
+    assert limit == 50.0
+    assert team.rate_limit is not None and team.rate_limit.request_max_limit == 100
+    assert [c.name for c in m.list_customers()] == ["1:30"]
+    assert team.customer_id == m.list_customers()[0].id
+    with pytest.raises(ConfigFileError, match="invalid duration '1:30'"):
+        _start(tmp_path, "tags:\n  - tag: x\n    budgets: [{max_limit: 5, reset_duration: 1:30}]\n")

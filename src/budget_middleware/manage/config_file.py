@@ -196,7 +196,23 @@ def _unique_key_loader() -> type:
     UniqueKeyLoader.add_implicit_resolver(
         "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789")
     )
+    UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _yaml_1_2_int)
     return UniqueKeyLoader
+
+
+def _yaml_1_2_int(loader: Any, node: Any) -> Any:
+    """An integer as YAML 1.2 (and JSON) reads it: YAML 1.1 made `max_limit: 050` octal, a $40
+    budget for the $50 written, and `1:30` base 60 (90), a name or a duration nobody wrote.
+    A leading zero is decimal; `1:30` is the text it is."""
+    text = loader.construct_scalar(node)
+    digits = text.replace("_", "")
+    if ":" in digits:
+        return text
+    if re.fullmatch(r"[-+]?0[0-9]+", digits):
+        return int(digits, 10)
+    import yaml
+
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
 
 
 def _unquoted(exc: Exception) -> str:
@@ -440,7 +456,7 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
         if isinstance(value, bool | int | float):  # a reference became 'False' or '7' unsaid
             raise ConfigFileError(
                 f"{where}: {name} is not text but {value!r} (YAML reads no, yes, on and off as "
-                f"booleans, 007 as 7, 1:30 as 90): write it in quotes"
+                f"booleans, 007 as 7): write it in quotes"
             )
     if section in ("providers", "tags"):
         field = "provider" if section == "providers" else "tag"
