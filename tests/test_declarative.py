@@ -860,3 +860,25 @@ def test_yaml_1_1_s_octal_and_sexagesimal_numbers_are_read_as_yaml_1_2_reads_the
     assert team.customer_id == m.list_customers()[0].id
     with pytest.raises(ConfigFileError, match="invalid duration '1:30'"):
         _start(tmp_path, "tags:\n  - tag: x\n    budgets: [{max_limit: 5, reset_duration: 1:30}]\n")
+
+
+def test_a_key_value_without_the_key_prefix_is_named_at_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bearer and API-key headers count only with BUDGET_KEY_PREFIX (`sk-bm-`): a declared
+    `value: sk-alice-…` sent by an SDK as `Authorization: Bearer` is not read as the key, and
+    the request is served as one without a key, outside the key's budgets. That passed without
+    a word; start-up now names the entry (the value itself is never logged)."""
+    import logging
+
+    monkeypatch.setenv("ALICE_KEY", "sk-alice-0123456789")
+    text = (
+        "virtual_keys:\n  - name: alice\n    value: ${ALICE_KEY}\n"
+        "  - name: bob\n    value: sk-bm-bob-0123456789\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        _start(tmp_path, text)
+    said = [r.getMessage() for r in caplog.records if "BUDGET_KEY_PREFIX" in r.getMessage()]
+    print(said)
+    assert len(said) == 1 and "virtual_keys[0] (alice)" in said[0]
+    assert "sk-alice-0123456789" not in caplog.text

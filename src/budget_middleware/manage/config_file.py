@@ -690,6 +690,15 @@ class _Loader:
     def apply(self, section: str, index: int, raw: dict[str, Any]) -> None:
         where = self.where(section, index, raw)
         entry = _expand(section, raw, where)
+        value, prefix = entry.get("value"), self.settings.key_prefix
+        if section == "virtual_keys" and isinstance(value, str) and not value.startswith(prefix):
+            logger.warning(
+                "budget-middleware: %s: the key's value does not begin with BUDGET_KEY_PREFIX "
+                "%r: only the %s header carries it; sent as `Authorization: Bearer` (an SDK's "
+                "api_key) or `x-api-key` it is not read as this key, and the request is served "
+                "as one without a key, outside this key's limits",
+                where, prefix, self.settings.key_header,
+            )  # fmt: skip
         # A key's value is no part of its hash: the hash is shown in answers, and would check a
         # guess of the value offline (a changed value is told by the key's own hash below).
         digest = config_hash({k: v for k, v in entry.items() if k != "value"})
