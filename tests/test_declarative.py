@@ -882,3 +882,25 @@ def test_a_key_value_without_the_key_prefix_is_named_at_start_up(
     print(said)
     assert len(said) == 1 and "virtual_keys[0] (alice)" in said[0]
     assert "sk-alice-0123456789" not in caplog.text
+
+
+def test_warnings_of_a_config_sent_to_the_api_do_not_name_a_temporary_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`POST /config/apply` (and `config apply --url`) applies the text from a temporary file:
+    its errors say `(the config sent)`, but its warnings named `BUDGET_CONFIG_FILE
+    '/tmp/budget-config-…/config.yaml'`, a file that is gone and that nobody wrote."""
+    import logging
+
+    from budget_middleware.manage.config_file import apply_config_text
+
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db")
+    store = Store(settings.database_url)
+    store.create_schema()
+    apply_config_text(store, settings, "tags:\n  - tag: a\n  - tag: b\n", "yaml")
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        apply_config_text(store, settings, "tags:\n  - tag: a\n", "yaml")
+    said = [r.getMessage() for r in caplog.records]
+    print(said)
+    assert said and all("budget-config-" not in m for m in said)
+    assert any("(the config sent) no longer declares tag 'b'" in m for m in said)

@@ -842,6 +842,24 @@ class _Loader:
             m.update_model_config(row.id, body)
 
 
+_SENT = "(the config sent)"
+
+
+class _Shown(logging.Filter):
+    """A record naming the temporary file a config sent to the API was written to, naming it
+    as `(the config sent)` instead: that file is gone, and nobody wrote it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.path in message:
+            record.msg, record.args = message.replace(self.path, _SENT), None
+        return True
+
+
 def apply_config_text(
     store: Store,
     settings: BudgetSettings,
@@ -856,12 +874,16 @@ def apply_config_text(
     with tempfile.TemporaryDirectory(prefix="budget-config-") as folder:
         path = Path(folder) / f"config.{suffix}"
         path.write_text(text, encoding="utf-8")
+        shown = _Shown(repr(str(path)))  # its warnings, as its errors, without the file's name
+        logger.addFilter(shown)
         try:
             data = _check(path)
             with_file = settings.model_copy(update={"config_file": path})
             load_config_file(store, with_file, on_new_terms, on_owner_change)
         except ConfigFileError as exc:
-            raise ConfigFileError(str(exc).replace(repr(str(path)), "(the config sent)")) from None
+            raise ConfigFileError(str(exc).replace(repr(str(path)), _SENT)) from None
+        finally:
+            logger.removeFilter(shown)
     return {section: len(data.sections[section]) for section in SECTIONS if data.sections[section]}
 
 
