@@ -90,7 +90,8 @@ class Alerts:
         # Deliveries in flight, each its own task: one that hangs (up to `timeout` a URL) holds
         # back no other alert's delivery or retry, nor the raising of new alerts.
         self._deliveries: set[asyncio.Task[bool]] = set()
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # the alert task's, from its first post
+        self._in_rounds = False  # the alert task runs: deliveries are its tasks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
 
@@ -183,6 +184,7 @@ class Alerts:
         self._task = self._wake = self._loop = None
         self._deliveries = set()  # the closed loop's tasks: their claims lapse
         self._client = None
+        self._in_rounds = False
 
     async def stop(self) -> None:
         """Stop the task once its round ends (bounded: a delivery still hanging then is cut and
@@ -217,20 +219,22 @@ class Alerts:
             raise
 
     async def _rounds(self) -> None:
-        async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
-            self._client = client
-            try:
-                await self._rounds_with()
-            except asyncio.CancelledError:
-                for delivery in self._deliveries:  # cut with the task, as they were in it
-                    delivery.cancel()
-                raise
-            finally:
-                # What is in flight ends (each post is bounded by `timeout`) before the client
-                # closes; cancelled with this task, its claim lapses and it is retried.
-                self._client = None
-                if self._deliveries:
-                    await asyncio.gather(*self._deliveries, return_exceptions=True)
+        self._in_rounds = True
+        try:
+            await self._rounds_with()
+        except asyncio.CancelledError:
+            for delivery in self._deliveries:  # cut with the task, as they were in it
+                delivery.cancel()
+            raise
+        finally:
+            # What is in flight ends (each post is bounded by `timeout`) before the client
+            # closes; cancelled with this task, its claim lapses and it is retried.
+            self._in_rounds = False
+            client, self._client = self._client, None
+            if self._deliveries:
+                await asyncio.gather(*self._deliveries, return_exceptions=True)
+            if client is not None:
+                await client.aclose()
 
     async def _rounds_with(self) -> None:
         wake = self._wake
@@ -328,7 +332,9 @@ class Alerts:
         if room <= 0:
             return 0
         due = await anyio.to_thread.run_sync(stored.claim_due, self.engine.store, now, lease, room)
-        if client is None:  # called outside the alert task: delivered here, awaited
+        if not due:
+            return 0
+        if not self._in_rounds:  # called outside the alert task: delivered here, awaited
             async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as own:
                 done = await asyncio.gather(
                     *(self._deliver(own, alert) for alert in due), return_exceptions=True
@@ -338,7 +344,11 @@ class Alerts:
             return sum(1 for outcome in done if outcome is True)
         # Each alert's delivery its own task, not awaited: the next round (new alerts, retries
         # due) comes at the poll interval whatever a receiver takes. A claimed alert is held by
-        # its lease until its outcome is written, so no round posts it twice meanwhile.
+        # its lease until its outcome is written, so no round posts it twice meanwhile. The
+        # client is made at the first delivery: a process that never delivers one (most have no
+        # webhook) does not hold one (its TLS context: 2.4 MB of RSS).
+        if client is None:
+            client = self._client = httpx.AsyncClient(timeout=self.timeout, trust_env=False)
         for alert in due:
             delivery = asyncio.get_running_loop().create_task(self._deliver(client, alert))
             self._deliveries.add(delivery)
