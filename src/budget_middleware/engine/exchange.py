@@ -250,13 +250,13 @@ class Exchange:
                 media = value.strip().lower()
                 if media.startswith(b"text/event-stream"):
                     event_stream = True
-                elif not _json_type(media):
+                elif media == b"application/json" or _json_type(media):  # as a rule the first
+                    event_stream = False
+                else:
                     # Another type (`text/plain`, `text/html`: Flask's and Django's streamed
                     # answers unless told): the SDKs read a stream they asked for whatever its
                     # type says, so it is taken as untyped (below: a stream if one was asked).
                     event_stream = None
-                else:
-                    event_stream = False
             elif name == b"content-encoding":
                 encoding = value.lower().strip()
             else:  # x-budget-cost
@@ -483,7 +483,11 @@ class Exchange:
             if price is None:
                 cost, source = 0, "unpriced"  # noted by `book`
             else:
-                served = self._served_price(usage)
+                served = (  # at no tier, the usual case: no call
+                    price
+                    if usage.service_tier is None and self.target.service_tier is None
+                    else self._served_price(usage)
+                )
                 cost, source = cost_nanos(served, usage), price.source
         if usage is None:
             inp = out = cached = 0
