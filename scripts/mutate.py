@@ -103,7 +103,13 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_answers.py",
         "tests/test_costs.py",
     ),
-    "windows.py": ("tests/test_counters.py", "tests/test_admission.py", "tests/test_guards.py"),
+    "windows.py": (
+        "tests/test_counters.py",
+        "tests/test_admission.py",
+        "tests/test_guards.py",
+        "tests/test_window_rolls.py",
+        "tests/test_window_headers.py",
+    ),
 }
 
 

@@ -757,3 +757,37 @@ def test_a_stream_s_service_tier_is_read_with_its_usage() -> None:
     assert tiers == ["priority", None, "flex"]
     plain = meter_all(render(responses(["hi"])), drop=False).meter.usage
     assert plain is not None and plain.service_tier is None
+
+
+@pytest.mark.parametrize(
+    ("stream", "failed"),
+    [
+        (b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error"}}\n\n', True),
+        (b'data: {"error": {"message": "upstream overloaded"}}\n\n', True),
+        (b'data: {"type": "error", "message": "upstream overloaded"}\n\n', True),
+        (b'event: response.failed\ndata: {"type": "response.failed", "response": {}}\n\n', True),
+        (b'event: ping\ndata: {"type": "ping"}\n\n', False),
+        (b'data: {"error": null, "choices": [{"delta": {"content": "hi"}}]}\n\n', False),
+        (b'data: {"type": "message", "error": null}\n\n', False),
+        (b'event: response.completed\ndata: {"type": "response.completed"}\n\n', False),
+    ],
+    ids=[
+        "anthropic-error",
+        "gateway-error",
+        "typed-error",
+        "response-failed",
+        "ping",
+        "null-error",
+        "no-error",
+        "completed",
+    ],
+)
+def test_a_stream_that_streamed_an_error_is_told_failed(stream: bytes, failed: bool) -> None:
+    """`failed` is what settles a 200 answer that streamed an error and no output at $0 (the
+    provider bills nothing): Anthropic's `event: error`, a gateway's `data: {"error": ...}`,
+    one typed `error`, the Responses API's `response.failed`; never a ping, a null `error` or a
+    stream that ended well (those are charged their usage or estimate)."""
+    meter = StreamMeter(drop_usage_chunk=False)
+    meter.feed(stream)
+    print(f"{stream[:40]!r}: failed {meter.failed}")
+    assert meter.failed is failed
