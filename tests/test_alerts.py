@@ -281,6 +281,10 @@ async def test_a_failed_delivery_is_first_retried_within_5_seconds_on_the_real_s
     print(f"posts answered {[s for _, _, s in hook.posts]}; retried {gap:.2f} s after the 500")
     assert [s for _, _, s in hook.posts] == [500, 200]
     assert gap < 5.0
+    # Due after `first_retry`, found by a round at most `poll_interval` later: a second of the
+    # 5 s left for a loaded machine (the 4 s schedule left none, and measured 4.02 s here).
+    schedule = engine.alerts.first_retry + engine.alerts.poll_interval
+    assert schedule <= 4.0
 
 
 async def test_the_alert_task_holds_an_http_client_only_once_it_delivers(
