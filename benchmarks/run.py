@@ -63,7 +63,7 @@ def _environment() -> dict[str, Any]:
     }
 
 
-async def _run(quick: bool, parts: set[str]) -> dict[str, Any]:
+async def _run(quick: bool, parts: set[str], steady: float = 0.0) -> dict[str, Any]:
     report: dict[str, Any] = {"quick": quick, "environment": _environment()}
     timings: dict[str, float] = {}
     if "inprocess" in parts:
@@ -78,7 +78,7 @@ async def _run(quick: bool, parts: set[str]) -> dict[str, Any]:
         timings["http"] = time.perf_counter() - started
     if "scaling" in parts:
         started = time.perf_counter()
-        report["scaling"] = await scaling.run(*((3_000, 3) if quick else (10_000, 6)))
+        report["scaling"] = await scaling.run(*((3_000, 3) if quick else (10_000, 6)), steady)
         timings["scaling"] = time.perf_counter() - started
     if "redis" in parts:
         started = time.perf_counter()
@@ -203,6 +203,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_f(mem['added_mb'])} MB (bare {_f(mem['bare_rss_mb'])} MB, with "
             f"{_f(mem['middleware_rss_mb'])} MB) | < 25 MB |",
             f"| RSS per 10,000 cached keys | {_f(mem['per_10k_cached_keys_mb'])} MB | - |",
+            *(
+                [
+                    f"| RSS with the middleware {_f(mem['steady_seconds'], 0)} s later, serving "
+                    f"| {_f(mem['middleware_rss_steady_mb'])} MB | < 25 MB |"
+                ]
+                if "middleware_rss_steady_mb" in mem
+                else []
+            ),
             f"| flush of {fc['counters']:,} dirty counters | {_f(fc['ms'], 0)} ms | off the "
             "request path |",
             f"| flush of {fr['records']:,} usage records | {_f(fr['ms'], 0)} ms "
@@ -286,13 +294,21 @@ def main() -> None:
     parser.add_argument(
         "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}"
     )
+    parser.add_argument(
+        "--steady",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="scaling: measure the RSS again after SECONDS more of serving (75: past the "
+        "alerts' first sweep, a minute after start)",
+    )
     args = parser.parse_args()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - set(PARTS)
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     started = time.perf_counter()
-    report = asyncio.run(_run(args.quick, parts))
+    report = asyncio.run(_run(args.quick, parts, args.steady))
     report["total_seconds"] = time.perf_counter() - started
     table = markdown(report)
     report["markdown"] = table

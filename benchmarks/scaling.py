@@ -185,7 +185,7 @@ async def _hot_path(
     }
 
 
-async def run(iterations: int, rounds: int) -> dict[str, Any]:
+async def run(iterations: int, rounds: int, steady: float = 0.0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bm-scale-") as directory:
         settings = bench_settings(Path(directory))
@@ -193,7 +193,7 @@ async def run(iterations: int, rounds: int) -> dict[str, Any]:
         engine = world.engine
         out["scopes"] = await _scopes(world, iterations, rounds)
         out["keys"] = await _keys(world, iterations, rounds)
-        out["memory"] = _memory(world)
+        out["memory"] = _memory(world, steady)
         out["flush_dirty_counters"] = await _flush_counters(world, 10_000)
         out["flush_usage_records"] = await _flush_records(world, 10_000)
         await engine.shutdown()
@@ -245,9 +245,9 @@ async def _keys(world: World, iterations: int, rounds: int) -> list[dict[str, An
     return rows
 
 
-def _memory(world: World) -> dict[str, Any]:
+def _memory(world: World, steady: float) -> dict[str, Any]:
     """RSS of fresh processes: the bare host, and the host with the middleware, 10,000 cached
-    keys and the 100,000 keys of the store."""
+    keys and the 100,000 keys of the store (and, with `steady`, that many seconds later)."""
     probe = [sys.executable, str(Path(__file__).with_name("memory_probe.py"))]
     args = [world.settings.database_url, world.key, "9999"]
 
@@ -256,8 +256,9 @@ def _memory(world: World) -> dict[str, Any]:
         found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         return found
 
-    bare, metered = measure("--bare"), measure()
-    return {
+    bare = measure("--bare")
+    metered = measure("--after", str(steady)) if steady > 0 else measure()
+    found = {
         "bare_rss_mb": bare["rss_mb"],
         "middleware_rss_mb": metered["rss_mb"],
         "added_mb": metered["rss_mb"] - bare["rss_mb"],
@@ -266,6 +267,11 @@ def _memory(world: World) -> dict[str, Any]:
         * 10_000
         / max(metered["bulk_cached"], 1),
     }
+    if steady > 0:
+        found["middleware_rss_steady_mb"] = metered["rss_after_mb"]
+        found["steady_seconds"] = steady
+        found["steady_samples"] = metered["rss_samples"]  # (seconds, RSS MB) every 15 s
+    return found
 
 
 async def _flush_counters(world: World, count: int) -> dict[str, Any]:

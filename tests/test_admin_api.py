@@ -719,3 +719,187 @@ async def test_a_trailing_slash_is_redirected_to_the_route_without_it(
         assert r.status_code == 404 and r.json()["error"]["param"] is None, r.text
         r = await c.get("/nothing-here/", headers=ADMIN)  # no route either way: still a 404
         assert r.status_code == 404 and r.json()["error"]["code"] == "route_not_found"
+
+
+async def test_usage_totals_are_the_sum_of_the_groups_while_records_are_written(
+    settings: BudgetSettings,
+) -> None:
+    """`total` was read by a second query after the groups': a flush that landed between them
+    (any busy server) made the total differ from the sum of the rows it was shown beside (the
+    CLI's `total` line, the dashboard's spend tile against its chart). Both come from one read
+    now; by tag, the total counts each record once (a record with two tags is in two rows)."""
+    import threading
+    from datetime import UTC, datetime
+
+    from budget_middleware.store.tables import UsageRecordRow
+
+    async with admin_client(settings) as c:
+        await c.get("/customers", headers=ADMIN)  # starts the engine: the tables exist
+        store = get_engine(settings).store
+        stop = threading.Event()
+
+        def write() -> None:
+            i = 0
+            while not stop.is_set():
+                with store.session() as s:
+                    for _ in range(5):
+                        i += 1
+                        s.add(UsageRecordRow(
+                            request_id=f"w{i}", created_at=datetime.now(UTC), provider="openai",
+                            model=f"m{i % 3}", tags=[f"t{i % 2}", "all"], input_tokens=1,
+                            output_tokens=1, cost_nanos=7,
+                        ))  # fmt: skip
+                    s.commit()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        off = 0
+        try:
+            for group_by in ("model", "tag") * 40:
+                answer = (await c.get(f"/usage?group_by={group_by}", headers=ADMIN)).json()
+                rows, total = answer["usage"], answer["total"]
+                each = 2 if group_by == "tag" else 1  # every record has two tags
+                summed = sum(r["requests"] for r in rows)
+                nanos = sum(round(r["cost"] * 1e9) for r in rows)
+                if (summed, nanos) != (each * total["requests"], each * round(total["cost"] * 1e9)):
+                    off += 1
+        finally:
+            stop.set()
+            writer.join()
+    print("answers whose total was not the sum of their rows:", off, "of 80")
+    assert off == 0
+
+
+async def test_a_model_config_search_is_text_not_a_pattern(settings: BudgetSettings) -> None:
+    """`search` went to SQL's LIKE as given: `_` matched any character and `%` anything, so
+    `search=gpt_4` listed gpt-4o and `search=%` every config. It is a case-insensitive
+    substring of the model name, as written."""
+    async with admin_client(settings) as c:
+        for name in ("gpt-4o", "my_model", "100%-cheap"):
+            r = await c.post("/model-configs", json={"model_name": name}, headers=ADMIN)
+            assert r.status_code == 201, r.text
+        found = {}
+        for search in ("gpt_4", "_", "%", "my_", "100%"):
+            r = await c.get("/model-configs", params={"search": search}, headers=ADMIN)
+            found[search] = sorted(m["model_name"] for m in r.json()["model_configs"])
+    print(found)
+    assert found == {"gpt_4": [], "_": ["my_model"], "%": ["100%-cheap"], "my_": ["my_model"],
+                     "100%": ["100%-cheap"]}  # fmt: skip
+
+
+async def test_a_time_whose_plus_was_read_as_a_space_is_told_so(settings: BudgetSettings) -> None:
+    """`?start=2027-01-01T00:00:00+01:00` typed into a URL: a query reads `+` as a space, and the
+    422 said "must be an RFC 3339 date-time with its offset" of a time written with its offset.
+    It says what happened and how to send it (`%2B`)."""
+    async with admin_client(settings) as c:
+        r = await c.get("/usage?start=2027-01-01T00:00:00+01:00", headers=ADMIN)
+        good = await c.get("/usage?start=2027-01-01T00:00:00%2B01:00", headers=ADMIN)
+    message = r.json()["error"]["message"]
+    print(r.status_code, message)
+    assert r.status_code == 422 and good.status_code == 200
+    assert "'2027-01-01T00:00:00 01:00'" in message and "%2B" in message
+
+
+async def test_a_key_cannot_be_created_already_expired(settings: BudgetSettings) -> None:
+    """A key created with `expires_at` in the past was made (201) and its value handed out,
+    though every request with it is refused 403 `virtual_key_expired`: a typo in the year
+    (2025 for 2027) went unnoticed until the first request. Now a 422 naming `expires_at`, from
+    the admin API and from Python alike; an update may still set a past time (expire it now)."""
+    from datetime import UTC, datetime, timedelta
+
+    past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    async with admin_client(settings) as c:
+        r = await c.post("/virtual-keys", json={"name": "k", "expires_at": past}, headers=ADMIN)
+        print(r.status_code, r.text)
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["param"] == "expires_at" and "in the past" in error["message"]
+        listed = (await c.get("/virtual-keys", headers=ADMIN)).json()["count"]
+        assert listed == 0
+        with pytest.raises(InvalidRequest, match="in the past") as raised:
+            get_engine(settings).manager.create_virtual_key(name="k", expires_at=past)
+        assert raised.value.param == "expires_at"
+        r = await c.post("/virtual-keys", json={"name": "k", "expires_at": future}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        key_id = r.json()["virtual_key"]["id"]
+        r = await c.put(f"/virtual-keys/{key_id}", json={"expires_at": past}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+
+
+async def test_an_update_beside_a_stored_duration_no_longer_valid_still_matches(
+    settings: BudgetSettings,
+) -> None:
+    """Budgets are matched by their duration as meant (`7d` is `1w`); a stored duration that
+    today's rules refuse (written by an older release) is compared as written, not raised on."""
+    from budget_middleware.store.tables import BudgetRow
+
+    async with admin_client(settings) as c:
+        m = get_engine(settings).manager
+        budgets = [{"max_limit": 1, "reset_duration": d} for d in ("1d", "1w")]
+        key = m.create_virtual_key(name="k", budgets=budgets)
+        with get_engine(settings).store.session() as s:
+            row = s.get(BudgetRow, key.budgets[0].id)
+            assert row is not None
+            row.reset_duration = "1000Y"
+            s.add(row)
+            s.commit()
+        body = {"budgets": [{"max_limit": 2, "reset_duration": "7d"}]}
+        r = await c.put(f"/virtual-keys/{key.id}", json=body, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        kept = [(b["reset_duration"], b["id"]) for b in r.json()["virtual_key"]["budgets"]]
+        assert kept == [("7d", key.budgets[1].id)]
+
+
+async def test_a_null_budget_in_an_update_leaves_the_budgets_alone_as_null_budgets_does(
+    settings: BudgetSettings,
+) -> None:
+    """SPEC §9: an update without `budgets` leaves them alone, and `"budgets": null` did; but
+    `"budget": null` (the single object's field, as a Bifrost client sends an unset pointer)
+    removed every budget of the owner, their spend with them: the limits lifted. It leaves them
+    alone too; `"budgets": []` still removes them all."""
+    async with admin_client(settings) as c:
+        budgets = [{"max_limit": 5, "reset_duration": d} for d in ("1d", "1M")]
+        r = await c.post("/teams", json={"name": "t", "budgets": budgets}, headers=ADMIN)
+        team_id = r.json()["team"]["id"]
+        kept = []
+        for body in ({"budgets": None}, {"budget": None}, {"budget": None, "budgets": None}):
+            r = await c.put(f"/teams/{team_id}", json=body, headers=ADMIN)
+            assert r.status_code == 200, r.text
+            kept.append(len(r.json()["team"]["budgets"]))
+        r = await c.put(f"/teams/{team_id}", json={"budgets": []}, headers=ADMIN)
+        print("budgets kept after null budgets, null budget, both:", kept)
+        assert kept == [2, 2, 2] and r.json()["team"]["budgets"] == []
+        m = get_engine(settings).manager
+        m.update_team(team_id, budgets=budgets)
+        assert len(m.update_team(team_id, budget=None).budgets) == 2
+
+
+async def test_a_body_over_the_admin_api_s_bound_is_a_413_read_no_further(
+    settings: BudgetSettings,
+) -> None:
+    """`POST /config/apply` takes 4,000,000 characters of text, but the body was read whole
+    before anything was checked: an admin client sending gigabytes (a runaway script, a file
+    concatenated with itself) held them all in memory. A body over 64 MiB is a 413, and
+    reading stops there."""
+    from collections.abc import AsyncIterator
+
+    sent = [0]
+    chunk = b" " * (1 << 20)
+
+    async def endless() -> AsyncIterator[bytes]:
+        yield b'{"text": "'
+        for _ in range(200):  # 200 MiB, if it were all read
+            sent[0] += 1
+            yield chunk
+
+    async with admin_client(settings) as c:
+        r = await c.post("/config/apply", content=endless(), headers=ADMIN)
+        print(r.status_code, r.text[:200], f"{sent[0]} MiB sent")
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+        assert sent[0] <= 70
+        claimed = {**ADMIN, "content-length": str(1 << 40)}
+        r = await c.post("/teams", content=b"{}", headers=claimed)
+        assert r.status_code == 413
+        doc = (await c.get("/openapi.json", headers=ADMIN)).json()
+        assert "413" in doc["paths"]["/config/apply"]["post"]["responses"]

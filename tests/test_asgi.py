@@ -19,6 +19,8 @@ from starlette.routing import Route
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError, get_engine
 from budget_middleware.store.tables import UsageRecordRow
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix, use_prefix
 from support import chat, client, engine_of, host_app, post_scope, running, serve_lifespan
 
 # The raw scopes here say ASGI spec 2.4, as current uvicorn does (Starlette's streaming answers
@@ -361,15 +363,34 @@ def _sse_starlette_like(chunks: int) -> Callable[..., Any]:
     return app
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_a_stream_sent_from_two_tasks_is_passed_whole_and_charged_its_usage(
-    make_settings: Settings, tmp_path: Path
+    make_settings: Settings, tmp_path: Path, backend: str
 ) -> None:
+    """On Redis the settlement awaits: a ping sent by the other task while the last chunk's
+    settlement waits on Redis must find the exchange settled already (its state set before the
+    await), or the request is charged twice."""
     prices = tmp_path / "prices.json"
     prices.write_text(
         json.dumps({"models": {"openai/gpt-4o": {"input_per_mtok": 1, "output_per_mtok": 2}}})
     )
-    wrapped = BudgetMiddleware(_sse_starlette_like(50), settings=make_settings(pricing_file=prices))
+    overrides: dict[str, Any] = {"pricing_file": prices}
+    prefix = unique_prefix()
+    if backend == "redis":
+        need_redis()
+        overrides["redis_url"] = REDIS_URL
+    wrapped = BudgetMiddleware(_sse_starlette_like(50), settings=make_settings(**overrides))
     engine = get_engine(wrapped.engine.settings)
+    if backend == "redis":
+        use_prefix(engine, prefix)
+    try:
+        await _two_tasks_stream(wrapped, engine)
+    finally:
+        if backend == "redis":
+            delete_prefix(REDIS_URL, prefix)
+
+
+async def _two_tasks_stream(wrapped: BudgetMiddleware, engine: Any) -> None:
     async with running(wrapped), client(wrapped) as http:
         key = engine.manager.create_virtual_key(
             name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
@@ -380,6 +401,24 @@ async def test_a_stream_sent_from_two_tasks_is_passed_whole_and_charged_its_usag
             json=chat(stream=True),  # no include_usage: the middleware asks, and removes it
             headers={"x-budget-key": key.value},
         )
+        # The same through a server that takes (and drops) a send after the last chunk, as the
+        # ping task may make one while the last chunk's settlement awaits.
+        late: list[dict[str, Any]] = []
+
+        async def take(message: dict[str, Any]) -> None:
+            late.append(message)
+
+        body = json.dumps(chat(stream=True)).encode()
+        gone = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if gone:
+                return gone.pop()
+            await asyncio.Event().wait()  # the client stays
+            raise AssertionError
+
+        scope = _scope("/v1/chat/completions", [(b"x-budget-key", (key.value or "").encode())])
+        await asyncio.wait_for(wrapped(scope, receive, take), 10)
         await engine.flush()
         with engine.store.session() as s:
             rows = list(s.exec(select(UsageRecordRow)))
@@ -387,12 +426,14 @@ async def test_a_stream_sent_from_two_tasks_is_passed_whole_and_charged_its_usag
     data = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
     pings = [e for e in events if e == ": ping"]
     seen = [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows]
-    print(f"{len(data)} chunks, {len(pings)} pings, record {seen}")
+    print(f"{len(data)} chunks, {len(pings)} pings, records {seen}")
     assert [d["choices"][0]["delta"]["content"] for d in data] == [f"w{n} " for n in range(50)]
     assert pings  # the other task's sends went by too
     assert events[-1] == "data: [DONE]"
-    assert seen == [(7, 50, 7 * 1000 + 50 * 2000, False)]
-    assert engine.registry.windows["budget"][key.budgets[0].id].reserved == 0
+    budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+    print(f"spent ${budget.spent}, reserved {budget.reserved}")
+    assert seen == [(7, 50, 7 * 1000 + 50 * 2000, False)] * 2
+    assert budget.spent == pytest.approx(2 * 107000 / 1e9) and budget.reserved == 0
 
 
 def test_building_the_middleware_touches_neither_the_store_nor_redis(tmp_path: Path) -> None:

@@ -939,7 +939,8 @@ def test_times_at_the_calendar_s_ends_are_taken_as_the_admin_api_takes_them(
     calendar's end (`to_utc`); so did `--until` and `--since` near either end."""
     created = ok(here(store, "--json keys create --name a --expires-at 9999-12-31T23:59:59-05:00"))
     assert created.json()["virtual_key"]["expires_at"] == "9999-12-31T23:59:59.999999Z"
-    early = ok(here(store, "--json keys create --name b --expires-at 0001-01-01T00:00:00+05:00"))
+    ok(here(store, "--json keys create --name b"))  # a key created already expired is refused
+    early = ok(here(store, "--json keys update b --expires-at 0001-01-01T00:00:00+05:00"))
     assert early.json()["virtual_key"]["expires_at"] == "0001-01-01T00:00:00Z"
     for line, bounds in (
         ("usage --until 9999-12-31T23:59:59-05:00", (None, "9999-12-31T23:59:59.999999Z")),
@@ -1175,3 +1176,43 @@ def test_output_into_a_pipe_that_closed_ends_quietly(store: dict[str, str]) -> N
     finally:
         os.close(write)
     assert done.returncode == 1 and done.stderr.startswith("error: "), done.stderr
+
+
+def test_durations_count_from_the_server_s_clock(
+    server: Server, here: Here, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`usage --since 1h` counted back from the CLI's own clock: on a laptop whose clock was
+    ten days ahead of the server's, the last hour was ten days to come, and the report of a
+    request just made said "no usage in this period"; `--expires-at 30d` made a key that
+    expired in 40 days. Through `--url`, a duration counts from the server's time
+    (`server_time` of `GET /budgets`), as the dashboard's days do."""
+    from datetime import UTC, datetime, timedelta
+
+    import budget_middleware.cli.values as values
+
+    created = ok(here(server.env, "keys create --name clock --json")).json()["virtual_key"]
+    with httpx.Client(base_url=server.base) as http:
+        sent = http.post("/v1/chat/completions", json=chat(), headers=_key(created["value"]))
+        assert sent.is_success
+        deadline = time.monotonic() + 10
+        auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        while not http.get("/budget-admin/usage", headers=auth).json()["count"]:
+            assert time.monotonic() < deadline, "the usage record was never written"
+            time.sleep(0.05)
+
+    class Ahead(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Ahead:  # type: ignore[override]
+            at = datetime.now(tz or UTC) + timedelta(days=10)
+            return cls.fromtimestamp(at.timestamp(), tz)
+
+    monkeypatch.setattr(values, "datetime", Ahead)
+    report = ok(here(server.env, "usage --by model --since 1h --json")).json()
+    print("start asked:", report["start"], "requests:", report["total"]["requests"])
+    line = "keys create --name later --expires-at 30d --json"
+    expires = ok(here(server.env, line)).json()["virtual_key"]["expires_at"]
+    days = (datetime.fromisoformat(expires) - datetime.now(UTC)) / timedelta(days=1)
+    print("--expires-at 30d: expires in", round(days, 3), "days of the server's clock")
+    assert report["total"]["requests"] == 1
+    assert datetime.fromisoformat(report["start"]) < datetime.now(UTC)
+    assert 29.9 < days <= 30

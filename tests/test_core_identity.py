@@ -511,3 +511,23 @@ def test_the_name_pattern_is_exactly_what_name_problem_accepts() -> None:
             assert accepted is bool(pattern.match(name)), repr(name)
             checked += 1
     print(f"{checked} names checked")
+
+
+@pytest.mark.parametrize(
+    ("host", "model", "metered"),
+    [
+        ("openai", "openai/gpt-4o", "gpt-4o"),  # OpenAI's API names it bare
+        ("anthropic", "Anthropic/claude-sonnet-4", "claude-sonnet-4"),
+        ("openai", "azure/gpt-4o", "azure/gpt-4o"),  # another provider's: as sent
+        ("openrouter", "openrouter/auto", "openrouter/auto"),  # a real OpenRouter id
+        ("openrouter", "openai/gpt-4o", "openai/gpt-4o"),
+        ("groq", "groq/compound", "groq/compound"),  # a real Groq id
+    ],
+)
+def test_a_call_to_a_provider_s_host_drops_only_a_prefix_its_own_api_never_uses(
+    host: str, model: str, metered: str
+) -> None:
+    """A route's `openai/gpt-4o` on api.openai.com is OpenAI's `gpt-4o` (sent and metered so);
+    the review found `openrouter/auto` on OpenRouter's host sent as `auto`, which it has not."""
+    found = target({"model": model}, provider=host, provider_is_host=True)
+    assert (found.provider, found.model) == (host, metered)

@@ -1035,3 +1035,63 @@ def test_an_admin_api_with_no_admin_key_set_is_told_at_sign_in(tmp_path: Path) -
     finally:
         process.terminate()
         process.wait(15)
+
+
+def test_the_chart_and_the_periods_take_today_from_the_server(bare: Served) -> None:
+    """The page took "today" from the browser's clock: a browser whose clock was ten days
+    ahead (or a laptop's wrong date) asked `/usage` for ten days that had not come yet, drew
+    "No spend in this period." over the day's spend, and said of a daily budget that it reset
+    "9 d ago"; the end of a window was written in the browser's time zone, unlabelled (Dec 5,
+    03:19 AM in Kiritimati for Dec 4, 13:19 UTC). Days, periods and times are the server's (UTC,
+    as `/usage`, the budgets and the CLI have them): the page reads the server's time from
+    `/budgets` (`server_time`) and writes times in UTC, saying so."""
+    from playwright.sync_api import sync_playwright
+
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"name": "today", "budgets": [{"max_limit": 5, "reset_duration": "1d"}]}
+    created = httpx.post(bare.admin + "/virtual-keys", json=body, headers=headers)
+    key = created.json()["virtual_key"]
+    sent = httpx.post(
+        bare.url + "/v1/chat/completions",
+        json=_chat("gpt-4o", 10),
+        headers={"Authorization": f"Bearer {key['value']}", "x-mock-header-cost": "1.25"},
+    )
+    assert sent.status_code == 200, sent.text
+    deadline = time.monotonic() + 10
+    while _stored_requests(bare) < 1:
+        assert time.monotonic() < deadline, "the usage record was not written"
+        time.sleep(0.05)
+    wrong = datetime.now(UTC) + timedelta(days=10, hours=5)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox"])  # fmt: skip
+        try:
+            context = browser.new_context(timezone_id="Pacific/Kiritimati")  # UTC+14
+            page = context.new_page()
+            page.clock.install(time=wrong)
+            page.set_default_timeout(10_000)
+            page.goto(bare.admin + "/ui")
+            page.fill("#admin-key", ADMIN_KEY)
+            page.click("#login-form button[type=submit]")
+            page.wait_for_function("() => document.body.dataset.loaded !== undefined")
+            page.select_option("#chart-days", "7")
+            page.wait_for_timeout(500)
+            shown = {
+                "browser today": page.evaluate("() => new Date().toISOString().slice(0, 10)"),
+                "days": page.evaluate(
+                    "() => [...document.querySelectorAll('#chart rect.seg')]"
+                    ".map(r => r.dataset.day)"
+                ),
+                "spend": page.locator("#tile-spend").inner_text(),
+                "period": page.locator("li.budget .budget-numbers > span.muted").last.inner_text(),
+            }
+        finally:
+            browser.close()
+    end = datetime.fromisoformat(key["budgets"][0]["period_end"].replace("Z", "+00:00"))
+    print("server today:", _day(0), "shown:", shown, "period_end:", end.isoformat())
+    assert shown["browser today"] != _day(0)  # the browser's clock is wrong indeed
+    assert shown["days"] == [_day(0)]
+    assert shown["spend"] == "$1.25"
+    assert "resets in" in shown["period"] and "ago" not in shown["period"]
+    # when it ends, as the API and the CLI write it: in UTC, said so (not Kiritimati's day)
+    assert f"({end:%b} {end.day}, " in shown["period"] and shown["period"].endswith(" UTC)")

@@ -904,3 +904,215 @@ def test_warnings_of_a_config_sent_to_the_api_do_not_name_a_temporary_file(
     print(said)
     assert said and all("budget-config-" not in m for m in said)
     assert any("(the config sent) no longer declares tag 'b'" in m for m in said)
+
+
+def _laughs(levels: int, indent: str) -> str:
+    """Billion laughs: each anchor a list of ten aliases of the one before (10^levels leaves)."""
+    lines = [f"{indent}l0: &l0 [{', '.join(['lol'] * 10)}]"]
+    lines += [f"{indent}l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt", "error"),
+    [
+        ("customers:\n  - name: acme\n    junk:\n" + _laughs(9, "      ") + "\n", "yaml",
+         "aliases"),
+        ("customers:\n  - name: acme\n    junk: &a [*a]\n", "yaml", "refers to itself"),
+        ("customers:\n  - name: acme\n    junk: " + "[" * 5000 + "]" * 5000 + "\n", "yaml",
+         "nested too deeply"),
+        ('{"customers": [{"name": "acme", "junk": ' + "[" * 5000 + "]" * 5000 + "}]}", "json",
+         "nested too deeply"),
+    ],
+    ids=["billion-laughs", "self-reference", "deep-yaml", "deep-json"],
+)  # fmt: skip
+async def test_a_config_that_expands_without_bound_is_refused_at_once(
+    tmp_path: Path, text: str, fmt: str, error: str
+) -> None:
+    """A few hundred bytes of YAML aliases stand for 10^9 strings: `POST /config/apply` (any
+    admin client) walked them all (10^7 took 12 s of a worker thread; 10^9 hours), and an alias
+    of its own list never ended, its memory growing; a deeply nested list was a 500
+    (RecursionError). Each is a 422 at once, and the same file stops start-up by name."""
+    import asyncio
+    import time
+
+    from admin_support import ADMIN, admin_client, admin_settings
+
+    async with admin_client(admin_settings(tmp_path)) as http:
+        began = time.perf_counter()
+        sent = http.post("/config/apply", json={"text": text, "format": fmt}, headers=ADMIN)
+        answer = await asyncio.wait_for(sent, 20)
+        took = time.perf_counter() - began
+    print(f"{answer.status_code} in {took:.2f}s: {answer.text[:300]}")
+    assert answer.status_code == 422 and error in answer.json()["error"]["message"]
+    assert took < 5
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            _start(tmp_path / "start", text, f"budget.{fmt}")
+        except BaseException as exc:  # what start-up raised, checked below
+            raised.append(exc)
+
+    (tmp_path / "start").mkdir()
+    starting = threading.Thread(target=start, daemon=True)
+    starting.start()
+    starting.join(20)
+    assert not starting.is_alive() and isinstance(raised[0], ConfigFileError)
+    assert "BUDGET_CONFIG_FILE" in str(raised[0]) and error in str(raised[0])
+
+
+def test_a_config_file_longer_than_the_api_takes_stops_start_up_by_name(tmp_path: Path) -> None:
+    """`POST /config/apply` takes 4,000,000 characters; a file at start-up had no bound (a
+    file of any size was read whole into memory, then parsed). The same bound, by name."""
+    text = "tags:\n  - tag: a\n" + "#" * 4_000_000 + "\n"
+    with pytest.raises(ConfigFileError) as raised:
+        _start(tmp_path, text)
+    print(raised.value)
+    assert "BUDGET_CONFIG_FILE" in str(raised.value) and "4,000,000 characters" in str(raised.value)
+    assert _start(tmp_path, "tags:\n  - tag: a\n" + "#" * 3_000_000 + "\n").list_tags()
+
+
+def test_a_config_file_s_key_that_has_expired_since_is_still_declared(tmp_path: Path) -> None:
+    """A key created already expired is a 422 from the API; a file's key is not refused for
+    it: the file was valid when written, and a fresh store must still start from it (the key
+    is made, and refused 403 `virtual_key_expired` as any expired key)."""
+    m = _start(tmp_path, "virtual_keys:\n  - name: k\n    expires_at: 2020-01-01T00:00:00Z\n")
+    [key] = m.list_virtual_keys()
+    assert key.expires_at is not None and key.expires_at.year == 2020
+
+
+def test_an_entity_renamed_in_the_file_is_a_new_one_and_the_warning_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file finds its entities by name (SPEC §10 names no other way): a team renamed in
+    the file is a new team, with no spend, and the old one stays with its limits and spend.
+    The start-up warning named the old one as "no longer declared" without a word of why, so a
+    rename read as done; it now says that a renamed entry declares a new entity, and how to
+    rename one (through the API, then the file)."""
+    import logging
+
+    team = "teams:\n  - name: {}\n    budgets: [{{max_limit: 10, reset_duration: 1d}}]\n"
+    _start(tmp_path, team.format("research"))
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        m = _start(tmp_path, team.format("lab"))
+    said = [r.getMessage() for r in caplog.records if "no longer declares" in r.getMessage()]
+    print("teams:", sorted(t.name for t in m.list_teams()), "warnings:", said)
+    assert sorted(t.name for t in m.list_teams()) == ["lab", "research"]
+    assert len(said) == 1 and "team 'research'" in said[0]
+    message = said[0].split("budget.yaml'", 1)[1]  # not the test's folder, which says "renamed"
+    assert "renamed in the file" in message and "rename through the admin API" in message
+    # The way the warning gives: renamed through the API, then in the file: one team, kept.
+    [lab] = [t for t in m.list_teams() if t.name == "lab"]
+    m.update_team(lab.id, name="studio")
+    m = _start(tmp_path, team.format("studio").replace("10", "12"))
+    [studio] = [t for t in m.list_teams() if t.name == "studio"]
+    assert studio.id == lab.id and studio.budgets[0].max_limit == 12
+    assert sorted(t.name for t in m.list_teams()) == ["research", "studio"]
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt"),
+    [('tags:\n  - tag: "x\\ud800"\n', "yaml"),
+     ('customers:\n  - name: "x\\ud800"\n', "yaml"),
+     ('{"customers": [{"name": "x\\ud800"}]}', "json"),
+     ('routes:\n  - name: "r\\udfff"\n    targets: [openai/gpt-4o]\n', "yaml"),
+     ('router_settings:\n  provider_budget_config:\n    "o\\ud800": {budget_limit: 1}\n',
+      "yaml")],
+    ids=["tag", "customer", "json", "route", "litellm-provider"],
+)  # fmt: skip
+async def test_a_name_that_is_no_unicode_text_is_a_422_naming_the_entry(
+    tmp_path: Path, text: str, fmt: str
+) -> None:
+    """YAML's `\\ud800` (and JSON's) is a lone surrogate: no text UTF-8 can hold. The entry was
+    refused, but its error named it by that name, and the 422 could not be written:
+    `POST /config/apply` raised UnicodeEncodeError (a 500 in a server). The name is shown
+    escaped."""
+    from admin_support import ADMIN, admin_client, admin_settings
+
+    async with admin_client(admin_settings(tmp_path)) as http:
+        answer = await http.post("/config/apply", json={"text": text, "format": fmt}, headers=ADMIN)
+    print(answer.status_code, answer.text[:300])
+    assert answer.status_code == 422
+    assert "\\ud800" in answer.text or "\\udfff" in answer.text  # escaped, as it was written
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [('tags:\n  - tag: " research"\n', "no space at either end"),
+     ('providers:\n  - provider: "open\\nai"\n', "no control character"),
+     ("tags:\n  - tag: " + "t" * 101 + "\n", "1 to 100 characters"),
+     ('litellm_settings:\n  tag_budget_config:\n    "a\\tb": {max_budget: 1}\n',
+      "no control character")],
+    ids=["tag-space", "provider-line-break", "tag-too-long", "litellm-tag"],
+)  # fmt: skip
+def test_a_provider_or_tag_name_no_request_carries_is_found_by_config_check(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    """`config check` (and the check the engine runs before applying anything) let a tag or
+    provider name pass that the store's write then refused (`' research'`, a line break, 101
+    characters): the check said the file was fine and start-up failed on it. The check now
+    refuses it, naming the entry, as the write does."""
+    from budget_middleware.manage.config_file import check_config_file
+
+    path = tmp_path / "budget.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigFileError, match=problem) as raised:
+        check_config_file(path)
+    print(raised.value)
+
+
+def test_a_key_renamed_in_the_file_with_its_value_kept_is_the_same_key(tmp_path: Path) -> None:
+    """What docs/admin-api.md says of renaming in the file: a key is found by its declared
+    value, so renaming its entry renames it (its id and budgets kept), where a team is new."""
+    entry = "virtual_keys:\n  - name: {}\n    value: sk-bm-aaaaaaaaaaaaaaaaaaaaaaaa\n"
+    before = _start(tmp_path, entry.format("alice")).list_virtual_keys()
+    after = _start(tmp_path, entry.format("alice2")).list_virtual_keys()
+    assert [(k.id, k.name) for k in after] == [(before[0].id, "alice2")]
+
+
+@pytest.mark.parametrize("number", ["9" * 5000, "0x" + "f" * 5000], ids=["decimal", "hexadecimal"])
+async def test_an_integer_of_thousands_of_digits_is_a_422_naming_the_file(
+    tmp_path: Path, number: str
+) -> None:
+    """Python reads at most 4,300 digits into an int: a YAML `max_limit` of 5,000 digits raised
+    ValueError out of the YAML reader, a 500 from `POST /config/apply` and a start-up error
+    naming neither the file nor the line."""
+    from admin_support import ADMIN, admin_client, admin_settings
+
+    text = f"customers:\n  - name: a\n    budgets: [{{max_limit: {number}}}]\n"
+    async with admin_client(admin_settings(tmp_path)) as http:
+        answer = await http.post("/config/apply", json={"text": text}, headers=ADMIN)
+    print(answer.status_code, answer.text[:300])
+    assert answer.status_code == 422 and "line 3" in answer.json()["error"]["message"]
+    (tmp_path / "start").mkdir()
+    with pytest.raises(ConfigFileError, match=r"(?s)BUDGET_CONFIG_FILE .*line 3"):
+        _start(tmp_path / "start", text)
+
+
+def test_a_team_made_again_from_its_changed_entry_has_the_file_s_keys_again(
+    tmp_path: Path,
+) -> None:
+    """A team deleted through the API stays deleted while its entry is unchanged, and its keys
+    answer to no team. Once its entry changed, the team was made again, but the keys whose
+    unchanged entries put them in it stayed without a team: the file said `team: research`,
+    and the team's $10 a day applied to none of them (nor did a customer's made again to its
+    teams). They are in it again; a key moved elsewhere through the API stays where it is."""
+    text = (
+        "customers:\n  - name: acme\n    budgets: [{{max_limit: {0}, reset_duration: 1M}}]\n"
+        "teams:\n  - name: research\n    customer: acme\n"
+        "    budgets: [{{max_limit: {0}, reset_duration: 1d}}]\n"
+        "  - name: other\n"
+        "virtual_keys:\n  - name: k\n    team: research\n  - name: moved\n    team: research\n"
+    )
+    m = _start(tmp_path, text.format(10))
+    teams = {t.name: t.id for t in m.list_teams()}
+    m.update_virtual_key(m.list_virtual_keys()[1].id, team_id=teams["other"])
+    m.delete_team(teams["research"])
+    m.delete_customer(m.list_customers()[0].id)
+    m = _start(tmp_path, text.format(20))  # both entries changed: made again
+    research = next(t for t in m.list_teams() if t.name == "research")
+    keys = {k.name: k.team_id for k in m.list_virtual_keys()}
+    print("research", research.id, "customer", research.customer_id, "keys", keys)
+    assert keys == {"k": research.id, "moved": teams["other"]}
+    assert research.customer_id == m.list_customers()[0].id

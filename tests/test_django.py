@@ -389,3 +389,72 @@ def test_django_s_test_client_is_not_metered_and_the_wrapped_application_is(site
         wrapped.append(answer.status_code)
     print("Django's Client:", django_statuses, "werkzeug's Client(application):", wrapped)
     assert django_statuses == [200, 200] and wrapped == [200, 402]
+
+
+def test_the_admin_urls_included_under_a_path_that_begins_with_their_prefix_serve(
+    site: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`admin_urls("admin/")` included under `admin-tools/`: the view found its mount by the
+    first "/admin" in the path, the one of `/admin-tools`, and passed the admin API the path
+    `-tools/admin/health` (a 404 for every call). The mount is where Django matched it."""
+    from django.conf import settings
+    from django.test import Client
+    from django.urls import clear_url_caches
+
+    (tmp_path / "nested_urls.py").write_text(
+        "from django.urls import include, path\n"
+        "from budget_middleware.wsgi.django import admin_urls\n"
+        'urlpatterns = [path("admin-tools/", include(admin_urls("admin/")))]\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(settings, "ROOT_URLCONF", "nested_urls")
+    clear_url_caches()
+    try:
+        client = Client()
+        health = client.get("/admin-tools/admin/health")
+        keys = client.get(
+            "/admin-tools/admin/virtual-keys", HTTP_AUTHORIZATION="Bearer admin-secret"
+        )
+        slash = client.get(
+            "/admin-tools/admin/customers/", HTTP_AUTHORIZATION="Bearer admin-secret"
+        )
+    finally:
+        clear_url_caches()
+    print(
+        f"health {health.status_code}, virtual-keys {keys.status_code}, "
+        f"customers/ {slash.status_code} -> {slash.headers.get('location')}"
+    )
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert keys.status_code == 200
+    assert slash.status_code == 307
+    assert slash.headers["location"].endswith("/admin-tools/admin/customers")
+
+
+def test_the_admin_urls_included_under_a_path_that_captures_serve(
+    site: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Included under a path that captures (`<str:tenant>/`): Django passes the capture to the
+    view, which took only `rest`: a TypeError, a 500 for every admin call. It is ignored."""
+    from django.conf import settings
+    from django.test import Client
+    from django.urls import clear_url_caches
+
+    (tmp_path / "tenant_urls.py").write_text(
+        "from django.urls import include, path\n"
+        "from budget_middleware.wsgi.django import admin_urls\n"
+        'urlpatterns = [path("<str:tenant>/", include(admin_urls("budget-admin/")))]\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(settings, "ROOT_URLCONF", "tenant_urls")
+    clear_url_caches()
+    try:
+        client = Client(raise_request_exception=False)
+        health = client.get("/acme/budget-admin/health")
+        keys = client.get(
+            "/acme/budget-admin/virtual-keys", HTTP_AUTHORIZATION="Bearer admin-secret"
+        )
+    finally:
+        clear_url_caches()
+    print(f"under <str:tenant>/: health {health.status_code}, virtual-keys {keys.status_code}")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert keys.status_code == 200 and "virtual_keys" in keys.json()

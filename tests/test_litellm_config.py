@@ -10,15 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from sqlmodel import select
 
 from budget_middleware import BudgetSettings
 from budget_middleware.admin import create_admin_app
+from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import ConfigFileError
 from budget_middleware.manage.config_file import load_config_file
 from budget_middleware.manage.litellm_config import translate
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.store.database import Store
-from support import chat, client, host_app, running
+from budget_middleware.store.tables import UsageRecordRow
+from support import chat, client, engine_of, host_app, running
 
 Settings = Callable[..., BudgetSettings]
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -176,6 +180,7 @@ async def test_a_litellm_proxy_config_declares_budgets_and_routes(
     assert sorted((r["name"], r["targets"], r["strategy"]) for r in routes) == [
         ("claude-sonnet", ["anthropic/claude-sonnet-4"], "ordered"),
         ("gpt-4o", ["openai/gpt-4o", "azure/gpt-4o"], "ordered"),
+        ("openai-gpt-4o", ["openai/gpt-4o"], "ordered"),  # model_info.id: that deployment
     ]
 
     # LiteLLM's own example: the first request passes, the second is refused.
@@ -388,3 +393,428 @@ async def test_litellm_s_proxy_budget_caps_every_request(
     assert not any("max_budget" in r.getMessage() for r in caplog.records)
     # 0 is LiteLLM's default: no proxy budget, none made.
     assert "model_configs" not in translate({"litellm_settings": {"max_budget": 0}}).sections
+
+
+def test_deployments_of_one_model_with_one_budget_spelt_two_ways_are_one_budget() -> None:
+    """Two deployments of one model may keep one budget only when they say the same; `1d` and
+    `24h` (or `max_budget` 5 and `"5.0"`) say the same, and the file was refused as giving "a
+    different budget"."""
+    params = [
+        {"model": "openai/gpt-4o", "max_budget": 5, "budget_duration": "1d"},
+        {"model": "openai/gpt-4o", "max_budget": "5.0", "budget_duration": "24h"},
+    ]
+    data = {"model_list": [{"model_name": "gpt-4o", "litellm_params": p} for p in params]}
+    out = translate(data)
+    print(out.sections["model_configs"])
+    assert out.sections["model_configs"] == [
+        {"model_name": "gpt-4o", "provider": "openai",
+         "budgets": [{"max_limit": 5, "reset_duration": "1d"}]}
+    ]  # fmt: skip
+
+
+async def _spend(settings: BudgetSettings, models: list[str]) -> list[tuple[str, str, int, str]]:
+    """Each model asked for once (the same body, 100 output tokens) through the middleware: the
+    recorded (provider, model, cost in nano-dollars, cost source) of each, in order."""
+    app = host_app(settings)
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        for model in models:
+            answer = await http.post("/v1/chat/completions", json=chat(model, max_tokens=100))
+            assert answer.status_code == 200, answer.text
+        await engine.flush()
+        with engine.store.session() as s:
+            rows = list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.id)))  # type: ignore[arg-type]
+    return [(r.provider, r.model, r.cost_nanos, r.cost_source) for r in rows]
+
+
+async def test_an_azure_deployment_is_metered_at_its_base_model_s_price(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """LiteLLM prices an Azure deployment (`azure/<deployment name>`, a name no price list knows)
+    by `model_info.base_model`. It was not read: with BUDGET_UNPRICED_MODELS=allow (the default)
+    every request to the deployment cost $0, however many tokens. The request's model and the
+    record's stay the deployment's (`my-deployment`: its budgets apply); the price is the base
+    model's."""
+    text = (
+        "model_list:\n"
+        "  - model_name: my-gpt\n"
+        "    litellm_params: {model: azure/my-deployment, api_key: os.environ/AZURE_API_KEY}\n"
+        "    model_info: {base_model: azure/gpt-4o}\n"
+        "  - model_name: my-mini\n"
+        "    litellm_params: {model: azure/mini-deployment}\n"
+        "    model_info: {base_model: gpt-4o-mini}\n"  # bare, as LiteLLM's docs also write it
+    )
+    settings = make_settings(config_file=_write(tmp_path, text))
+    asked = ["my-gpt", "azure/my-deployment", "azure/gpt-4o", "my-mini", "azure/gpt-4o-mini"]
+    rows = await _spend(settings, asked)
+    print("recorded:", rows)
+    deployment, direct, base, mini, mini_base = rows
+    assert deployment[:2] == direct[:2] == ("azure", "my-deployment")
+    assert base[2] > 0
+    assert deployment[2] == direct[2] == base[2]
+    assert mini[:2] == ("azure", "mini-deployment") and mini[2] == mini_base[2] > 0
+
+
+async def test_a_deployment_s_own_prices_are_what_its_requests_cost(
+    make_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """LiteLLM's custom pricing: `input_cost_per_token` / `output_cost_per_token` (USD a token)
+    in `litellm_params` or `model_info` are what a deployment's tokens cost, over its price list
+    and its base model. They were not read: a self-hosted model cost $0 (BUDGET_UNPRICED_MODELS
+    =allow), a negotiated gpt-4o rate was charged at the list price. A cost key that cannot be
+    honoured (per second) is named in the start-up warning."""
+    text = (
+        "model_list:\n"
+        "  - model_name: llama\n"
+        "    litellm_params: {model: hosted_vllm/llama-3-70b, input_cost_per_token: 0.000003,\n"
+        "                     output_cost_per_token: 0.000012}\n"
+        "  - model_name: tuned\n"
+        "    litellm_params: {model: azure/tuned-deployment}\n"
+        "    model_info: {base_model: azure/gpt-4o, output_cost_per_token: 2e-5}\n"
+        "  - model_name: sage\n"
+        "    litellm_params: {model: sagemaker/llama-endpoint}\n"
+        "    model_info: {input_cost_per_second: 0.00042}\n"
+    )
+    settings = make_settings(config_file=_write(tmp_path, text))
+    app = host_app(settings)
+    engine = engine_of(app)
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        async with running(app), client(app) as http:
+            for model in ("llama", "tuned", "azure/gpt-4o"):
+                answer = await http.post("/v1/chat/completions", json=chat(model, max_tokens=100))
+                assert answer.status_code == 200, answer.text
+            await engine.flush()
+            with engine.store.session() as s:
+                rows = list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.id)))  # type: ignore[arg-type]
+    got = [(r.model, r.input_tokens, r.output_tokens, r.cost_nanos, r.cost_source) for r in rows]
+    print("recorded:", got)
+    llama, tuned, gpt = rows
+    assert llama.cost_nanos == llama.input_tokens * 3_000 + llama.output_tokens * 12_000 > 0
+    # gpt-4o's input price ($2.50 a million: 2,500 nano-dollars a token), the output at $20.
+    assert tuned.cost_nanos == tuned.input_tokens * 2_500 + tuned.output_tokens * 20_000
+    assert gpt.cost_nanos == gpt.input_tokens * 2_500 + gpt.output_tokens * 10_000
+    warned = " ".join(r.getMessage() for r in caplog.records if "LiteLLM" in r.getMessage())
+    assert "model_list[2].model_info.input_cost_per_second" in warned, warned
+
+
+async def test_a_model_group_alias_is_routed_as_the_group_it_names(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """`router_settings.model_group_alias` (`{"gpt-4": "gpt-4o"}`, or `{model: …, hidden: …}`)
+    sends a request for the alias to the named group's deployments, under their budgets. It was
+    only named in the warning: "gpt-4" reached the app as a model of its own, past the $0.01 that
+    the gpt-4o deployment may spend (3 requests at $0.005: all on the budget's model, none
+    counted). The alias is now a route with the group's targets."""
+    text = (
+        "model_list:\n"
+        "  - model_name: gpt-4o\n"
+        "    litellm_params: {model: openai/gpt-4o, max_budget: 0.01}\n"
+        "  - model_name: gpt-4o\n"
+        "    litellm_params: {model: azure/gpt-4o}\n"
+        "router_settings:\n"
+        "  model_group_alias: {gpt-4: gpt-4o, gpt-4-turbo: {model: gpt-4o, hidden: true}}\n"
+    )
+    settings = make_settings(config_file=_write(tmp_path, text))
+    app = host_app(settings)
+    engine = engine_of(app)
+    cost = {"x-mock-cost": "0.005"}
+    async with running(app), client(app) as http:
+        answers = [
+            await http.post("/v1/chat/completions", json=chat(model), headers=cost)
+            for model in ("gpt-4", "gpt-4-turbo", "gpt-4")
+        ]
+        await engine.flush()
+        with engine.store.session() as s:
+            rows = list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.id)))  # type: ignore[arg-type]
+    got = [(a.status_code, a.headers.get("x-budget-route")) for a in answers]
+    recorded = [(r.provider, r.model, r.cost_nanos) for r in rows]
+    print("answers:", got, "recorded:", recorded)
+    assert got == [(200, "openai/gpt-4o"), (200, "openai/gpt-4o"), (200, "azure/gpt-4o")]
+    assert [r[:2] for r in recorded] == [("openai", "gpt-4o")] * 2 + [("azure", "gpt-4o")]
+    assert "model_group_alias" not in str(translate(yaml_data(text)).ignored)
+
+
+def yaml_data(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def test_files_litellm_starts_with_load_their_unusable_parts_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files LiteLLM starts with, which loaded before aliases, ids and prices were read, still
+    load (the review found 8 of 11 stopped start-up): an alias of a group a wildcard serves (or
+    LiteLLM's database keeps), an id twice or with a space, `model_info: []`, one model served
+    by two backends priced apart (the first's price kept), a base_model said in both places
+    the same way (`azure/gpt-4o` and bare `gpt-4o` of an Azure deployment). Each part not
+    used is named in the warning."""
+    text = (
+        "model_list:\n"
+        "  - model_name: '*'\n"
+        "    litellm_params: {model: 'openai/*'}\n"
+        "  - model_name: llama\n"
+        "    litellm_params: {model: openai/llama-3-70b, api_base: 'http://a',\n"
+        "                     input_cost_per_token: 0.000003}\n"
+        "    model_info: {id: East US deployment}\n"
+        "  - model_name: llama\n"
+        "    litellm_params: {model: openai/llama-3-70b, api_base: 'http://b',\n"
+        "                     input_cost_per_token: 0.000005}\n"
+        "    model_info: {id: twice}\n"
+        "  - model_name: mine\n"
+        "    litellm_params: {model: azure/my-deployment, base_model: azure/gpt-4o}\n"
+        "    model_info: {base_model: gpt-4o, id: twice}\n"
+        "  - model_name: listed\n"
+        "    litellm_params: {model: openai/gpt-4o, api_base: 'http://a'}\n"
+        "  - model_name: listed\n"
+        "    litellm_params: {model: openai/gpt-4o, api_base: 'http://b',\n"
+        "                     input_cost_per_token: 0.00000025}\n"
+        "  - model_name: other\n"
+        "    litellm_params: {model: openai/gpt-4o-mini}\n"
+        "    model_info: []\n"
+        "router_settings:\n"
+        "  model_group_alias: {gpt-4: gpt-4o, fast: other}\n"
+    )
+    with caplog.at_level("WARNING", logger="budget_middleware"):
+        load_config_file(Store("sqlite://"), BudgetSettings(config_file=_write(tmp_path, text)))
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    print(warned)
+    translated = translate(yaml.safe_load(text))
+    routes = {r["name"]: r["targets"] for r in translated.sections["routes"]}
+    print(routes, translated.prices)
+    assert routes == {"llama": ["openai/llama-3-70b"], "mine": ["azure/my-deployment"],
+                      "listed": ["openai/gpt-4o"], "other": ["openai/gpt-4o-mini"],
+                      "fast": ["openai/gpt-4o-mini"]}  # fmt: skip
+    for named in ("model_group_alias.gpt-4 (alias of 'gpt-4o'", "'East US deployment'",
+                  "'twice'", "model_list[6].model_info (not a mapping)",
+                  "model_list[2] (llama: openai/llama-3-70b) (another price",
+                  "model_list[5] (listed: openai/gpt-4o) (another price"):  # fmt: skip
+        assert named in warned, named
+    assert translated.prices["openai/llama-3-70b"].rates == (("input_per_mtok", 3.0),)
+    assert translated.prices["azure/my-deployment"].base == ("azure", "gpt-4o")
+    # the first backend at its list price: the second's $0.25 a million is no price of it
+    assert "openai/gpt-4o" not in translated.prices
+
+
+async def test_a_deployment_s_id_names_that_deployment(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """LiteLLM serves a request naming a deployment's `model_info.id` by that one deployment
+    (under its budget). The id was not read: `eastus` reached the app as a model of its own, and
+    its requests went past the deployment's $0.01 (3 at $0.005: all answered). It is a route of
+    that deployment's model, as a `model_name` of one entry is."""
+    text = (
+        "model_list:\n"
+        "  - model_name: gpt-4o\n"
+        "    litellm_params: {model: azure/gpt-4o-eastus, max_budget: 0.01}\n"
+        "    model_info: {id: eastus, base_model: azure/gpt-4o}\n"
+        "  - model_name: gpt-4o\n"
+        "    litellm_params: {model: azure/gpt-4o-westus}\n"
+        "    model_info: {id: gpt-4o}\n"  # a model_name too: the group is found first
+    )
+    settings = make_settings(config_file=_write(tmp_path, text))
+    app = host_app(settings)
+    cost = {"x-mock-cost": "0.005"}
+    async with running(app), client(app) as http:
+        answers = [
+            await http.post("/v1/chat/completions", json=chat("eastus"), headers=cost)
+            for _ in range(3)
+        ]
+    got = [(a.status_code, a.headers.get("x-budget-route")) for a in answers]
+    print("answers:", got)
+    assert got == [(200, "azure/gpt-4o-eastus")] * 2 + [(402, None)]
+    routes = translate(yaml_data(text)).sections["routes"]
+    assert [r["name"] for r in routes] == ["gpt-4o", "eastus"]
+
+
+async def test_a_wildcard_deployment_s_prices_are_its_models_prices(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """LiteLLM's own example of custom prices is a wildcard deployment (fine-tuned models,
+    `openai/ft:gpt-4.1-2025-04-14:*`): every model it serves costs its prices. They were looked
+    up by the pattern's exact text, which no request names: a fine-tuned model cost $0."""
+    text = (
+        "model_list:\n"
+        "  - model_name: openai/ft:gpt-4.1-2025-04-14:*\n"
+        "    litellm_params: {model: 'openai/ft:gpt-4.1-2025-04-14:*'}\n"
+        "    model_info: {id: openai-fine-tuned, input_cost_per_token: 0.000003,\n"
+        "                 output_cost_per_token: 0.000012}\n"
+    )
+    rows = await _spend(
+        make_settings(config_file=_write(tmp_path, text)),
+        ["openai/ft:gpt-4.1-2025-04-14:my-org:example"],
+    )
+    print("recorded:", rows)
+    [(provider, model, cost, source)] = rows
+    assert (provider, model, source) == (
+        "openai",
+        "ft:gpt-4.1-2025-04-14:my-org:example",
+        "config_file",
+    )
+    assert cost == 11 * 3_000 + 100 * 12_000  # 11 input tokens at $3, 100 output at $12 a million
+
+
+async def test_a_deployment_s_custom_llm_provider_is_its_provider(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """`litellm_params.custom_llm_provider` names the provider of a deployment whose `model`
+    does not (`model: llama-3-70b, custom_llm_provider: hosted_vllm`), and LiteLLM counts it
+    under that provider's budget. It was not read: the route sent the bare `llama-3-70b`, of no
+    known provider, past `provider_budget_config.hosted_vllm`'s $0.01 (3 requests at $0.005:
+    all answered)."""
+    text = (
+        "model_list:\n"
+        "  - model_name: local\n"
+        "    litellm_params: {model: llama-3-70b, custom_llm_provider: hosted_vllm,\n"
+        "                     api_base: 'http://vllm:8000/v1'}\n"
+        "router_settings:\n"
+        "  provider_budget_config:\n"
+        "    hosted_vllm: {budget_limit: 0.01, time_period: 1d}\n"
+    )
+    settings = make_settings(config_file=_write(tmp_path, text))
+    app = host_app(settings)
+    cost = {"x-mock-cost": "0.005"}
+    async with running(app), client(app) as http:
+        answers = [
+            await http.post("/v1/chat/completions", json=chat("local"), headers=cost)
+            for _ in range(3)
+        ]
+    got = [(a.status_code, a.headers.get("x-budget-route")) for a in answers]
+    print("answers:", got)
+    assert got == [(200, "hosted_vllm/llama-3-70b")] * 2 + [(402, None)]
+
+
+async def test_limits_in_general_settings_are_named_in_the_warning(
+    make_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`general_settings` may set limits LiteLLM enforces (`max_parallel_requests`, a
+    `budget_duration`): the warning named only the section, which holds mostly the master key
+    and the database, so a file's limits went unenforced with no word of them. Each key that
+    reads as a limit is named too (never a value: the section holds secrets)."""
+    text = (
+        "model_list:\n"
+        "  - model_name: gpt-4o\n"
+        "    litellm_params: {model: openai/gpt-4o}\n"
+        "general_settings:\n"
+        "  master_key: sk-secret-1234\n"
+        "  database_url: postgresql://u:pw@db/litellm\n"
+        "  max_parallel_requests: 10\n"
+        "  global_max_parallel_requests: 100\n"
+        "  budget_duration: 30d\n"
+    )
+    settings = make_settings(config_file=_write(tmp_path, text))
+    app = host_app(settings)
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        async with running(app), client(app) as http:
+            answer = await http.post("/v1/chat/completions", json=chat("gpt-4o"))
+    warnings = [r.getMessage() for r in caplog.records if "LiteLLM" in r.getMessage()]
+    print(warnings)
+    assert answer.status_code == 200
+    ignored = warnings[0].split("ignored: ", 1)[1].split(", ")
+    assert ignored == [
+        "general_settings",
+        "general_settings.max_parallel_requests",
+        "general_settings.global_max_parallel_requests",
+        "general_settings.budget_duration",
+    ]
+    assert "sk-secret" not in warnings[0] and "pw@" not in warnings[0]
+
+
+async def test_prices_of_a_litellm_file_applied_through_the_admin_api(
+    make_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`POST /config/apply` (the CLI's `config apply`) of a LiteLLM file wrote its routes and
+    budgets, not its prices, which no store keeps: the route to `azure/my-deployment` then sent
+    every request to a model this process had no price for ($0), with no word. The process
+    that applies it prices the deployments from then on, and the warning says that the prices
+    are not in the store (another process, or this one restarted, needs the file as
+    BUDGET_CONFIG_FILE)."""
+    text = (
+        "model_list:\n"
+        "  - model_name: my-gpt\n"
+        "    litellm_params: {model: azure/my-deployment}\n"
+        "    model_info: {base_model: azure/gpt-4o}\n"
+    )
+    settings = make_settings()
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    engine = engine_of(app)
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        async with running(app), client(app) as http:
+            applied = await http.post(
+                "/admin/config/apply", json={"text": text, "format": "yaml"}, headers=ADMIN
+            )
+            answer = await http.post("/v1/chat/completions", json=chat("my-gpt", max_tokens=100))
+            await engine.flush()
+            with engine.store.session() as s:
+                rows = list(s.exec(select(UsageRecordRow)))
+    recorded = [(r.provider, r.model, r.cost_nanos, r.cost_source) for r in rows]
+    print(applied.json(), answer.headers.get("x-budget-route"), recorded)
+    assert applied.status_code == 200 and answer.headers["x-budget-route"] == "azure/my-deployment"
+    assert recorded == [("azure", "my-deployment", 1027500, "catalog")]
+    warned = [r.getMessage() for r in caplog.records if "not kept in the store" in r.getMessage()]
+    assert warned and "azure/my-deployment" in warned[0], warned
+
+
+def test_a_deployment_s_order_and_weight_are_named_as_not_read() -> None:
+    """LiteLLM picks within a group by `order` (lowest first) and `weight`; a route here takes
+    the group's deployments in file order, so which deployment serves (and at which price and
+    under which budget) may differ from LiteLLM's: they were dropped with no word."""
+    data = {
+        "model_list": [
+            {"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "order": 2}},
+            {"model_name": "gpt-4o", "litellm_params": {"model": "azure/gpt-4o", "order": 1,
+                                                        "weight": 3}},
+        ],
+    }  # fmt: skip
+    ignored = translate(data).ignored
+    print(ignored)
+    assert ignored == [
+        "model_list[0].litellm_params.order",
+        "model_list[1].litellm_params.order",
+        "model_list[1].litellm_params.weight",
+    ]
+
+
+def test_of_wildcard_deployments_the_most_specific_prices_a_model() -> None:
+    """LiteLLM tries the most specific pattern first: with `openai/*` listed before
+    `openai/ft:*`, a fine-tune was priced at the catch-all's price (2.5/10 for the file's
+    3/12). And each `*` matches in one pass: a regex of several `.*` backtracked for seconds on
+    a long model name a client sent (`openai/*-*-*-*-*-x`)."""
+    text = (
+        "model_list:\n"
+        "  - model_name: '*'\n"
+        "    litellm_params: {model: 'openai/*', input_cost_per_token: 0.0000025,\n"
+        "                     output_cost_per_token: 0.00001}\n"
+        "  - model_name: fine-tunes\n"
+        "    litellm_params: {model: 'openai/ft:*', input_cost_per_token: 0.000003,\n"
+        "                     output_cost_per_token: 0.000012}\n"
+        "  - model_name: odd\n"
+        "    litellm_params: {model: 'openai/*-*-*-*-*-x', input_cost_per_token: 0.000001}\n"
+    )
+    prices = PriceBook()
+    prices.add_deployments(translate(yaml.safe_load(text)).prices)
+    tuned = prices.price("openai", "ft:gpt-4.1-2025-04-14:acme::abc")
+    other = prices.price("openai", "my-own-model")
+    odd = prices.price("openai", "a-b-c-d-e-x")
+    long_name = prices.price("openai", "-" * 200 + "y")  # ends in no x: the catch-all's
+    print(tuned, other, odd, long_name, sep="\n")
+    assert tuned is not None and (tuned.input_per_mtok, tuned.output_per_mtok) == (3.0, 12.0)
+    assert other is not None and (other.input_per_mtok, other.output_per_mtok) == (2.5, 10.0)
+    assert odd is not None and odd.input_per_mtok == 1.0
+    assert long_name is not None and long_name.input_per_mtok == 2.5
+
+
+@pytest.mark.parametrize("pattern", ["a*", "*a", "a*b", "*a*b*", "ab*ba", "a*a*a", "*", "**x"])
+def test_a_wildcard_matches_from_the_start_as_fnmatch_s_star_would(pattern: str) -> None:
+    """From the start, as LiteLLM's `re.match` does: the model may go on past the pattern."""
+    from fnmatch import fnmatchcase
+    from itertools import product
+
+    from budget_middleware.engine.prices import _glob_match
+
+    parts = tuple(pattern.split("*"))
+    texts = ["".join(t) for n in range(7) for t in product("abx", repeat=n)]
+    wrong = [t for t in texts if _glob_match(parts, t) != fnmatchcase(t, pattern + "*")]
+    print(f"{pattern}: {len(texts)} texts, {len(wrong)} matched otherwise than fnmatch")
+    assert wrong == []

@@ -566,6 +566,47 @@ async def test_a_config_file_changing_a_budget_s_duration_keeps_its_usage(
     assert [(b["reset_duration"], b["current_usage"]) for b in budgets] == [("12h", 0.05)]
 
 
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (["1d"], ["24h", "1w"]),  # respelt, and a budget added with it
+        (["1d", "1w"], ["24h", "7d"]),  # two respelt at once
+        (["1d", "1M"], ["24h", "3M"]),  # one respelt, one on new terms
+    ],
+)
+async def test_a_config_file_respelling_durations_with_another_change_keeps_usage(
+    make_settings: Settings, before: list[str], after: list[str]
+) -> None:
+    """A key's $0.05 budget of a day spent, then its entry's durations spelt otherwise (1d as
+    24h, 1w as 7d) along with another change: the budgets were matched by neither id nor
+    duration text, more than one was left unmatched, so they were removed and made anew at $0
+    (the limit lifted: 3 more were admitted). A duration spelt otherwise is the same duration."""
+    app, engine = _answering_app(make_settings(admin_key="admin-secret"))
+    admin = {"authorization": "Bearer admin-secret"}
+
+    def config(durations: list[str]) -> dict[str, str]:
+        budgets = [{"max_limit": 0.05 if i == 0 else 10, "reset_duration": d}
+                   for i, d in enumerate(durations)]  # fmt: skip
+        key = {"name": "k", "value": "sk-bm-config-key-1", "budgets": budgets}
+        return {"text": json.dumps({"virtual_keys": [key]}), "format": "json"}
+
+    async with running(app), client(app) as http:
+        applied = await http.post("/admin/config/apply", json=config(before), headers=admin)
+        assert applied.status_code == 200, applied.text
+        auth = {"authorization": "Bearer sk-bm-config-key-1"}
+        spent = await _statuses(http, auth, 3)
+        await engine.flush()
+        applied = await http.post("/admin/config/apply", json=config(after), headers=admin)
+        assert applied.status_code == 200, applied.text
+        later = await _statuses(http, auth, 3)
+        await engine.flush()
+        budgets = (await http.get("/admin/budgets", headers=admin)).json()["budgets"]
+    usage = sorted((b["reset_duration"], round(b["current_usage"], 6)) for b in budgets)
+    print(f"{before} -> {after}: spent {spent}, then {later}; stored {usage}")
+    assert spent == [200] * 3 and later == [200, 200, 402]
+    assert ("24h", 0.05) in usage
+
+
 async def test_a_soft_budget_dropped_for_a_hard_one_hands_it_none_of_its_spend(
     make_settings: Settings,
 ) -> None:

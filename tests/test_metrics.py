@@ -187,3 +187,83 @@ def test_refusals_from_many_wsgi_threads_are_each_counted(make_settings: Setting
     print("401s answered:", refused, "counted:", counted)
     assert refused == threads * each + 1
     assert counted == {"virtual_key_required": refused}
+
+
+async def _gauge(http: httpx.AsyncClient, name: str) -> float:
+    r = await http.get("/admin/metrics", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    found = [
+        float(s.value)
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+        if s.name == name
+    ]
+    assert found, f"{name} is not in /metrics"
+    return sum(found)  # of every label
+
+
+async def test_an_idle_writer_has_no_flush_lag(make_settings: Settings) -> None:
+    """`budget_flush_lag_seconds` counted from the last batch written: an instance with
+    nothing to write (no traffic since) showed a lag growing without end (1.5 s idle: 1.5 s,
+    an hour idle: 3600 s), and an alert on the lag fired for every quiet instance while its
+    writer was caught up. The lag is the time since the writer was last caught up."""
+    settings = make_settings(flush_interval_seconds=0.05)
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    async with running(app), client(app) as http:
+        r = await http.post("/admin/virtual-keys", json={"name": "k"}, headers=ADMIN)
+        auth = {"authorization": f"Bearer {r.json()['virtual_key']['value']}"}
+        answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+        assert answer.status_code == 200
+        for _ in range(100):
+            if await _gauge(http, "budget_pending_writes") == 0:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # idle: nothing to write
+        pending = await _gauge(http, "budget_pending_writes")
+        lag = await _gauge(http, "budget_flush_lag_seconds")
+    print("pending:", pending, "lag after 1.5 s idle:", lag)
+    assert pending == 0
+    assert lag < 0.5
+
+
+async def test_metrics_answer_while_the_store_is_down(make_settings: Settings) -> None:
+    """The store unreachable: `/metrics` read the budgets from the store first and answered
+    503, so the figures that tell an outage (`budget_flush_failures_total`,
+    `budget_pending_writes`, `budget_flush_lag_seconds`) could not be scraped while it lasted.
+    It answers with the writer's figures, `budget_store_up 0` and no budget gauges."""
+    from conftest import POSTGRES_URL, need_postgres
+    from service_support import private_database, tcp_proxy
+
+    need_postgres()
+    with private_database(POSTGRES_URL) as database:
+        port = int(database.rsplit(":", 1)[1].split("/", 1)[0])
+        with tcp_proxy(port) as proxy:
+            url = database.replace(f":{port}/", f":{proxy.port}/")
+            settings = make_settings(database_url=url)
+            app = host_app(settings)
+            app.mount("/admin", create_admin_app(settings))
+            async with running(app), client(app) as http:
+                r = await http.post("/admin/virtual-keys", json={"name": "k",
+                    "budgets": [{"max_limit": 1}]}, headers=ADMIN)  # fmt: skip
+                auth = {"authorization": f"Bearer {r.json()['virtual_key']['value']}",
+                        "x-mock-cost": "0.01"}  # fmt: skip
+                answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+                assert answer.status_code == 200
+                proxy.cut()
+                answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+                assert answer.status_code == 200  # the key is cached: admitted
+                await asyncio.sleep(0.5)  # flushes fail
+                scraped = await http.get("/admin/metrics", headers=ADMIN)
+                proxy.restore()
+    print("while down:", scraped.status_code, scraped.text[:300])
+    assert scraped.status_code == 200
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(scraped.text):
+        for s in family.samples:
+            values[s.name] = values.get(s.name, 0.0) + s.value
+    print({k: v for k, v in values.items() if "flush" in k or "pending" in k or "spent" in k})
+    assert values["budget_flush_failures_total"] > 0
+    assert values["budget_pending_writes"] > 0
+    assert values["budget_store_up"] == 0
+    assert "budget_spent_usd" not in values  # the budgets cannot be listed

@@ -10,8 +10,10 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, WebSocket
+from sqlmodel import select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError
+from budget_middleware.store.tables import UsageRecordRow
 from support import chat, client, engine_of, host_app, running
 
 Settings = Callable[..., BudgetSettings]
@@ -227,8 +229,9 @@ async def test_inactive_and_expired_keys_get_403(make_settings: Settings) -> Non
     async with running(app), client(app) as http:
         m = engine.manager
         inactive = m.create_virtual_key(name="off", is_active=False)
-        expired = m.create_virtual_key(
-            name="old", expires_at=(datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+        expired = m.create_virtual_key(name="old")  # made expired by an update: a create is 422
+        m.update_virtual_key(
+            expired.id, expires_at=(datetime.now(UTC) - timedelta(seconds=1)).isoformat()
         )
         await engine.invalidate()
         off = await http.post("/v1/chat/completions", json=chat(), headers=bearer(inactive.value))
@@ -831,6 +834,9 @@ async def test_retry_after_waits_for_every_rate_window_that_refuses(
                 rate_limit={"request_max_limit": 1, "request_reset_duration": "1m"},
             )
             await engine.invalidate()
+            # The windows begin at the limits' stamps, which the store wrote by the real clock:
+            # the engine's starts from after them (a slow start-up past 1 s made the wait 3602).
+            now[0] = time.time()
             auth = bearer(key.value)
             first = await http.post("/v1/chat/completions", json=chat(), headers=auth)
             refused = await http.post("/v1/chat/completions", json=chat(), headers=auth)
@@ -1096,3 +1102,35 @@ def test_a_websocket_passes_unmetered_even_where_a_key_is_required(
     print(f"POST without a key: {refused.status_code}; the WebSocket without one: {echoed!r}")
     assert refused.status_code == 401
     assert echoed == "echo hi"
+
+
+async def test_a_request_through_the_middleware_twice_is_counted_and_charged_once(
+    make_settings: Settings,
+) -> None:
+    """The middleware added to the top app and left on a mounted sub-app too (README's advice
+    on sub-apps, half followed): every request was admitted and charged by each, so a key
+    limited to 2 requests an hour was refused its second, and one call made two usage records
+    of its cost (2 of 1 charged). The inner one now passes a request the same engine metered."""
+    settings = make_settings()
+    outer = FastAPI()
+    outer.mount("/api", host_app(settings))
+    outer.add_middleware(BudgetMiddleware, settings=settings)
+    engine = engine_of(outer)
+    await engine.ensure_started()
+    key = engine.manager.create_virtual_key(
+        name="alice", rate_limit={"request_max_limit": 2, "request_reset_duration": "1h"}
+    )
+    await engine.invalidate()
+    async with running(outer), client(outer) as http:
+        statuses = [
+            (
+                await http.post("/api/v1/chat/completions", json=chat(), headers=bearer(key.value))
+            ).status_code
+            for _ in range(2)
+        ]
+        await engine.flush()
+        with engine.store.session() as session:
+            rows = list(session.exec(select(UsageRecordRow)))
+    print("statuses", statuses, "usage records", len(rows), "for 2 requests")
+    assert statuses == [200, 200]
+    assert len(rows) == 2 and len({r.cost_nanos for r in rows}) == 1 and rows[0].cost_nanos > 0

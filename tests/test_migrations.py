@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
+from budget_middleware import BudgetSettings
+from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.database import Store
+from budget_middleware.store.tables import SCHEMA_VERSION
+from test_faults import sqlite_locked
 
 
 def test_a_version_3_store_is_brought_to_the_current_version(tmp_path: Path) -> None:
@@ -51,6 +58,7 @@ def test_a_version_3_store_is_brought_to_the_current_version(tmp_path: Path) -> 
         budgets = conn.execute(text("SELECT id, soft, alert_thresholds FROM bm_budgets")).all()
         alerts = conn.execute(text("SELECT count(*) FROM bm_alerts")).scalar_one()
         deleted = conn.execute(text("SELECT count(*) FROM bm_deleted")).scalar_one()
+        deliveries = conn.execute(text("SELECT count(*) FROM bm_alert_deliveries")).scalar_one()
         indexes = conn.execute(
             text(
                 "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'ix_bm_flushes%'"
@@ -62,8 +70,9 @@ def test_a_version_3_store_is_brought_to_the_current_version(tmp_path: Path) -> 
     store.dispose()
     print(f"after the upgrade: version {version}, records {rows}, budgets {budgets}, {indexes}")
     assert [tuple(i) for i in indexes] == [("ix_bm_flushes_applied_at",)]
-    assert version == "9" and [tuple(r) for r in rows] == [("old", "inbound", None)]
+    assert version == "10" and [tuple(r) for r in rows] == [("old", "inbound", None)]
     assert [tuple(b) for b in budgets] == [("b1", 0, None)] and alerts == 0 == deleted
+    assert deliveries == 0
 
 
 async def test_a_store_of_a_newer_release_stops_start_up_and_is_never_written(
@@ -227,3 +236,90 @@ def test_two_rate_limits_of_one_provider_stop_start_up_and_change_nothing(tmp_pa
     store.dispose()
     print(f"after the refused upgrade: version {version}, providers {providers}")
     assert version == "7" and providers == ["OpenAI", "gemini", "google", "openai"]
+
+
+def _at_once(workers: int, work: Callable[[threading.Barrier], None]) -> None:
+    """`work` in `workers` threads, each let go by one barrier (as processes starting together)."""
+    barrier = threading.Barrier(workers)
+    threads = [threading.Thread(target=work, args=(barrier,)) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+
+def test_processes_starting_at_once_on_a_new_sqlite_store_all_start(tmp_path: Path) -> None:
+    """Workers started together (`uvicorn --workers`, a deployment's replicas) on a SQLite file
+    that does not exist yet each create the schema. On SQLite each table was created in a
+    transaction of its own (the driver begins one only before a write): two of them found a
+    table missing and made it, and one failed ("table bm_customers already exists", or the
+    schema version's row twice); its start-up failed. Now the whole upgrade is one transaction
+    that takes the write lock first: the next waits, and finds the schema made."""
+    failures: list[str] = []
+    rounds, workers = 5, 6
+    for n in range(rounds):
+        url = f"sqlite:///{tmp_path}/fresh-{n}.db"
+
+        def start(barrier: threading.Barrier, url: str = url) -> None:
+            engine = BudgetEngine(BudgetSettings(database_url=url, spill_dir=tmp_path / "spill"))
+
+            async def up() -> None:
+                barrier.wait()
+                try:
+                    await engine.ensure_started()
+                except Exception as exc:
+                    failures.append(str(exc).splitlines()[0])
+                    return
+                await engine.shutdown()
+
+            asyncio.run(up())
+
+        _at_once(workers, start)
+        store = Store(url)
+        assert store.schema_version() == SCHEMA_VERSION
+        store.dispose()
+    print(f"{len(failures)} of {rounds * workers} start-ups failed: {sorted(set(failures))[:3]}")
+    assert failures == []
+
+
+def test_connections_opened_at_once_on_a_new_sqlite_file_all_open(tmp_path: Path) -> None:
+    """Each connection puts the file in WAL mode as it opens. SQLite answers "database is
+    locked" at once, without its busy wait, to one asking while another turns the new file to
+    WAL: a CI run saw 1 of 30 start-ups of the test above fail so (46 of 3,000 connections in
+    a bare loop, 3 of 360 here). Asked again within the busy timeout, every connection opens."""
+    failures: list[str] = []
+    files, workers = 60, 6
+    for n in range(files):
+        url = f"sqlite:///{tmp_path}/new-{n}.db"
+
+        def open_one(barrier: threading.Barrier, url: str = url) -> None:
+            store = Store(url)  # one each, as processes have (one engine's first is one at a time)
+            barrier.wait()
+            try:
+                with store.engine.connect() as conn:
+                    mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar_one()
+                if mode != "wal":
+                    failures.append(f"journal mode {mode}")
+            except Exception as exc:
+                failures.append(str(exc).splitlines()[0])
+            store.dispose()
+
+        _at_once(workers, open_one)
+    print(f"{len(failures)} of {files * workers} connections failed: {sorted(set(failures))[:3]}")
+    assert failures == []
+
+
+def test_a_start_up_on_an_up_to_date_sqlite_store_another_process_locks_asks_no_lock(
+    tmp_path: Path,
+) -> None:
+    """Start-up on a store already at this release's version writes nothing, so it needs no
+    write lock: another process holding the file locked (a `sqlite3` shell, a backup) lets
+    it start, read and keep its charges on disk until the lock goes."""
+    url = f"sqlite:///{tmp_path}/store.db?timeout=0.2"
+    Store(url).create_schema()
+    with sqlite_locked(tmp_path / "store.db"):
+        store = Store(url)
+        store.create_schema()  # raised "database is locked" when it asked for the write lock
+        version = store.schema_version()
+        store.dispose()
+    assert version == SCHEMA_VERSION

@@ -4,6 +4,7 @@ reported: each test sets up the reported case and measures what we do in it."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -391,7 +392,7 @@ async def test_a_store_that_holds_every_write_for_seconds_loses_no_charge_and_de
                     text("LOCK TABLE bm_usage_records, bm_budgets IN ACCESS EXCLUSIVE MODE")
                 )
                 locked.set()
-                release.wait(10)
+                release.wait(120)
                 conn.execute(text("COMMIT"))
         finally:
             other.dispose()
@@ -415,6 +416,9 @@ async def test_a_store_that_holds_every_write_for_seconds_loses_no_charge_and_de
             )
         )
         took = time.perf_counter() - began
+        # Answered while the lock is held (it goes only when told, below): none waited for it.
+        # (A time bound said the same, and failed on a machine loaded past it: 4.1 s for 1.5.)
+        answered_locked = holder.is_alive() and not release.is_set()
         await asyncio.sleep(1.5)  # flush rounds meet the lock meanwhile
         pending = engine.pending_records
         release.set()
@@ -431,7 +435,7 @@ async def test_a_store_that_holds_every_write_for_seconds_loses_no_charge_and_de
         f"locked; then {count} records, ${total / NANO:.6f}, budget ${usage / NANO:.6f}"
     )
     assert first.status_code == 200 and {a.status_code for a in answers} == {200}
-    assert pending == 200 and took < 1.5
+    assert pending == 200 and answered_locked
     assert (count, total, usage) == (201, want, want)
 
 
@@ -789,7 +793,6 @@ async def test_an_exhausted_budget_sent_as_429_is_not_retried_by_the_sdks_callin
                 BudgetTransport(httpx2.ASGITransport(provider), engine=engine)
             )
             http = httpx2.AsyncClient(transport=counting)
-            began = time.monotonic()
             with charge_to(virtual_key=key.value):
                 if sdk == "openai":
                     with pytest.raises(openai.RateLimitError) as refused:
@@ -815,11 +818,9 @@ async def test_an_exhausted_budget_sent_as_429_is_not_retried_by_the_sdks_callin
                             max_tokens=9,
                         )
                     status, body = rejected.value.status_code, rejected.value.body
-            waited = time.monotonic() - began
             assert isinstance(body, dict)
             code = body.get("code") or body.get("error", {}).get("code")
-            seen[sdk] = (counting.attempts, status, str(code))
-            assert waited < 0.4  # a retry would have waited 0.5 s at least
+            seen[sdk] = (counting.attempts, status, str(code))  # a retry: 2 attempts or more
     finally:
         await engine.shutdown()
     print(f"attempts, status, code by SDK: {seen}; provider calls {provider.calls}")
@@ -940,6 +941,39 @@ async def test_a_routed_request_refused_by_two_targets_counts_once(
     assert counted[key.rate_limit.id] == counted[team.rate_limit.id] == 4
 
 
+# -- Windows and resets: a reset loop that spins ----------------------------------------------
+
+
+async def test_an_idle_engine_s_flusher_waits_its_interval_between_rounds(
+    make_settings: Settings,
+) -> None:
+    """Bifrost's reset loop spun at 100% CPU (#4851). Here the loop that resets windows is the
+    flusher (its rounds write, re-read and sweep): idle, each round waits the flush interval
+    after the one before. Twenty rounds are timed; a loop that does not wait makes thousands a
+    second, the shortest gap then a few microseconds."""
+    interval = 0.05
+    engine = get_engine(make_settings(flush_interval_seconds=interval))
+    await engine.ensure_started()
+    rounds: list[float] = []
+    flush = engine.flush
+
+    async def counted(*, drain: bool = True) -> bool:
+        rounds.append(time.monotonic())
+        return await flush(drain=drain)
+
+    engine.flush = counted  # type: ignore[method-assign]
+    try:
+        assert await until(lambda: len(rounds) >= 20)
+    finally:
+        await engine.shutdown()
+    gaps = [b - a for a, b in itertools.pairwise(rounds)][:19]
+    print(
+        f"20 flusher rounds in {rounds[19] - rounds[0]:.2f} s (interval {interval} s); "
+        f"shortest gap {min(gaps) * 1000:.3f} ms"
+    )
+    assert min(gaps) >= interval * 0.8  # the loop's clock may fire a timer a hair early
+
+
 # -- ASGI traps: caches shared by threads ----------------------------------------------------
 
 
@@ -1007,3 +1041,218 @@ def test_wsgi_threads_meet_in_the_caches_as_their_entries_expire_and_count_exact
           f"${total / NANO:.6f}; live ${(counter.value if counter else 0) / NANO:.6f}")  # fmt: skip
     assert statuses == [200] * 480 and count == 480
     assert counter is not None and total == counter.value == 480 * price
+
+
+# -- Live counters re-read from the store while a flush writes --------------------------------
+
+
+class FlushDuringReRead:
+    """Has a flush (`engine.flush()`, as an app, a script or a test calls it) meet the
+    flusher's re-read of the counters from the store (every cache TTL), through the store's
+    own calls. The first re-read after `armed` is set has requests answered (`send`: charges
+    pending here), then starts the flush on the engine's loop and lets it take them. `order`
+    "read before the commit": the read is made before the flush's write, and handed back once
+    the flush is done (its charges confirmed); "read after the commit": the read is made once
+    the write committed, and the write hands back once the re-read was taken in. `seen`: the
+    team budget's live spend as that re-read left it (read where the flusher tells the alerts,
+    right after it). A flush that does not take the charges within a second (made to wait for
+    the re-read) is left to run after it."""
+
+    def __init__(
+        self,
+        engine: BudgetEngine,
+        order: str,
+        budget_id: str,
+        send: Callable[[], None],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        self.engine, self.order, self.budget_id, self.send = engine, order, budget_id, send
+        self.read_counters = engine.store.read_counters
+        self.apply_flush = engine.store.apply_flush
+        self.refreshed = engine.alerts.refreshed
+        monkeypatch.setattr(engine.store, "read_counters", self._read)
+        monkeypatch.setattr(engine.store, "apply_flush", self._write)
+        monkeypatch.setattr(engine.alerts, "refreshed", self._refreshed)
+        self.armed = False
+        self.state = "idle"  # -> "reading" -> "read" -> "seen"
+        self.took: bool | None = None  # whether the flush took the charges during the re-read
+        self.flushing: asyncio.Future[bool] | None = None
+        self.read_done = threading.Event()
+        self.committed = threading.Event()
+        self.seeded = threading.Event()
+        self.seen: int | None = None
+
+    def on_loop(self, work: Any) -> Any:
+        assert self.engine.loop is not None
+        return asyncio.run_coroutine_threadsafe(work, self.engine.loop).result(60)
+
+    def _read(self, budget_ids: Any, rate_ids: Any) -> Any:  # in a worker thread
+        if not self.armed or self.state != "idle":
+            return self.read_counters(budget_ids, rate_ids)
+        self.state = "reading"
+        self.send()
+        self.took = self.on_loop(self._flush_starts())
+        if self.order == "read before the commit":
+            read = self.read_counters(budget_ids, rate_ids)
+            self.read_done.set()
+            if self.took:
+                self.on_loop(self.flushed())
+        else:
+            if self.took:
+                self.committed.wait(30)
+            read = self.read_counters(budget_ids, rate_ids)
+        self.state = "read"
+        return read
+
+    async def _flush_starts(self) -> bool:
+        self.flushing = asyncio.ensure_future(self.engine.flush())
+        for _ in range(200):  # on Redis it reads the reset marks first
+            await asyncio.sleep(0.005)
+            if self.engine.pending_deltas == 0:
+                return True
+        return False
+
+    async def flushed(self) -> None:
+        assert self.flushing is not None
+        await asyncio.shield(self.flushing)
+
+    def _write(self, *args: Any) -> None:  # in a worker thread
+        if self.state == "reading" and self.order == "read before the commit":
+            self.read_done.wait(30)
+        self.apply_flush(*args)
+        if self.state == "reading" and self.order == "read after the commit":
+            self.committed.set()
+            self.seeded.wait(30)
+
+    def _refreshed(self, counters: Any) -> None:  # on the loop, right after the re-read
+        if self.state == "read":
+            self.state = "seen"
+            counter = self.engine.registry.counter("budget", self.budget_id)
+            self.seen = None if counter is None else counter.value
+            self.seeded.set()
+        self.refreshed(counters)
+
+
+def stored_spend(engine: BudgetEngine, budget_id: str) -> tuple[int, int]:
+    """The usage records' count and cost, and the budget's stored usage (the same)."""
+    with engine.store.session() as s:
+        count, total = s.execute(
+            text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
+        ).one()
+        usage = s.execute(
+            text("SELECT current_usage_nanos FROM bm_budgets WHERE id = :id"), {"id": budget_id}
+        ).scalar_one()
+    assert usage == total
+    return count, total
+
+
+RE_READ_ORDERS = ["read before the commit", "read after the commit"]
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("order", RE_READ_ORDERS)
+def test_wsgi_a_flush_during_the_counters_re_read_is_counted_once(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch, order: str, backend: str
+) -> None:
+    """The flusher re-reads the live counters from the store every cache TTL: the store's
+    usage, plus what this process charged that the store does not hold yet (pending, or taken
+    by a write not confirmed). A flush run meanwhile (`engine.flush()`) moves charges from the
+    one to the other under the read: read before its commit and taken in after it was
+    confirmed, the re-read lost them; read after its commit and taken in before, it counted
+    them twice, until the next re-read. (The 8-thread test above read its live counter right
+    after its last flush, which met a re-read about one run in six on a loaded machine: ±3-8
+    requests of 480.)"""
+    from flask import Flask, Response
+
+    from budget_middleware.engine.portal import on_loop, shut_down_engines
+    from budget_middleware.wsgi import BudgetWSGIMiddleware
+
+    answer = json.dumps(
+        {"id": "c", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [],
+         "usage": {"prompt_tokens": 26, "completion_tokens": 20, "total_tokens": 46}}
+    )  # fmt: skip
+    flask = Flask(__name__)
+    flask.post("/v1/chat/completions")(lambda: Response(answer, content_type="application/json"))
+    overrides: dict[str, Any] = {"flush_interval_seconds": 0.02, "cache_ttl_seconds": 0.002}
+    prefix = unique_prefix()
+    if backend == "redis":
+        need_redis()
+        overrides["redis_url"] = REDIS_URL
+    wrapped = BudgetWSGIMiddleware(flask.wsgi_app, settings=make_settings(**overrides))
+    flask.wsgi_app = wrapped  # type: ignore[method-assign]
+    engine = wrapped.engine
+    if backend == "redis":
+        use_prefix(engine, prefix)
+    try:
+        m = engine.manager
+        team = m.create_team(name="agents", budgets=[{"max_limit": 1000}])
+        key = m.create_virtual_key(name="k", team_id=team.id)
+        budget_id = team.budgets[0].id
+        http = flask.test_client()
+
+        def send(n: int = 4) -> None:
+            for _ in range(n):
+                status = http.post(
+                    "/v1/chat/completions",
+                    json=chat("gpt-4o-mini", max_tokens=64),
+                    headers={"authorization": f"Bearer {key.value}"},
+                ).status_code
+                assert status == 200
+
+        meet = FlushDuringReRead(engine, order, budget_id, send, monkeypatch)
+        send(3)  # the counters exist, the store holds some spend
+        meet.armed = True
+        assert meet.seeded.wait(30)
+        on_loop(engine, meet.flushed)
+        assert on_loop(engine, engine.flush)
+        count, total = stored_spend(engine, budget_id)
+    finally:
+        shut_down_engines()
+        if backend == "redis":
+            delete_prefix(REDIS_URL, prefix)
+    print(f"{backend}, {order}: the flush took its charges during the re-read: {meet.took}; "
+          f"{count} records, ${total / NANO:.6f}; live as re-read "
+          f"${(meet.seen or 0) / NANO:.6f}")  # fmt: skip
+    assert count == 7
+    assert meet.seen == total
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("order", RE_READ_ORDERS)
+async def test_asgi_a_flush_during_the_counters_re_read_is_counted_once(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch, order: str, backend: str
+) -> None:
+    """The WSGI test's race under BudgetMiddleware, whose engine runs in the server's loop."""
+    async with deployment(
+        make_settings, backend, flush_interval_seconds=0.02, cache_ttl_seconds=0.002
+    ) as (app, engine, _):
+        m = engine.manager
+        team = m.create_team(name="agents", budgets=[{"max_limit": 1000}])
+        key = m.create_virtual_key(name="k", team_id=team.id)
+        await engine.invalidate()
+        budget_id = team.budgets[0].id
+        async with client(app) as http:
+
+            async def post(n: int) -> None:
+                for _ in range(n):
+                    answer = await http.post(
+                        "/v1/chat/completions",
+                        json=chat(),
+                        headers={"authorization": f"Bearer {key.value}"},
+                    )
+                    assert answer.status_code == 200
+
+            meet = FlushDuringReRead(
+                engine, order, budget_id, lambda: meet.on_loop(post(4)), monkeypatch
+            )
+            await post(3)
+            meet.armed = True
+            assert await until(meet.seeded.is_set, 30)
+            await meet.flushed()
+        assert await engine.flush()
+        count, total = stored_spend(engine, budget_id)
+    print(f"{backend}, {order}: the flush took its charges during the re-read: {meet.took}; "
+          f"{count} records, ${total / NANO:.6f}; live as re-read "
+          f"${(meet.seen or 0) / NANO:.6f}")  # fmt: skip
+    assert count == 7
+    assert meet.seen == total

@@ -500,3 +500,47 @@ async def test_live_answers_of_one_instance_show_what_every_instance_spent(
         delete_prefix(REDIS_URL, prefix)
     print(f"key spent, requests; quota's; provider spent: {seen}")
     assert seen["B"][1] == 4 and seen["A"] == seen["B"], seen
+
+
+@pytest.mark.parametrize("outage", [False, True], ids=["store up", "store write failing"])
+async def test_charges_held_through_an_outage_at_a_reset_elsewhere_stay_in_the_old_window(
+    rig: Any, outage: bool
+) -> None:
+    """Charges this instance has not written when another resets the budget stay in the old
+    window (the flusher reads the reset marks before it takes them). While its store writes
+    fail, its batches were set aside without that look: the review's run put $0.30 made before
+    the reset into the new window once the store came back; $0 now, as with the store up."""
+    import sqlite3
+
+    from test_redis_windows import stored_spend
+
+    r = await rig(cache_ttl_seconds=3600, flush_interval_seconds=3600)
+    a = await r.engine()
+    b = await r.engine()
+    r.clock.to_real_time()
+    r.clock.advance(1)
+    key = a.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}])
+    limits = await r.scopes(a, key.value)
+    budget_id = limits.budgets[0].id
+    apply_flush = a.store.apply_flush
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        error = sqlite3.OperationalError("database is locked")
+        error.sqlite_errorcode = sqlite3.SQLITE_BUSY
+        raise error
+
+    await a.settle(ticket(await a.admit(limits, 0)), USD // 10, 0)
+    if outage:
+        a.store.apply_flush = locked
+        await a.flush(drain=False)  # fails for the moment: set aside
+    await a.settle(ticket(await a.admit(limits, 0)), 3 * USD // 10, 0)
+    r.clock.advance(1)
+    await asyncio.to_thread(b.manager.reset_budget, budget_id)
+    r.clock.advance(1)
+    await a.flush(drain=False)
+    a.store.apply_flush = apply_flush
+    await a.flush()
+    await b.flush()
+    new_window = stored_spend(a, budget_id)
+    print(f"{'outage' if outage else 'no outage'}: the new window holds ${new_window / USD:.2f}")
+    assert new_window == 0

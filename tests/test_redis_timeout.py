@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,7 @@ from budget_middleware import BudgetSettings
 from budget_middleware.core.admission import Ticket
 from budget_middleware.core.scopes import LimitSet
 from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.exceptions import ServiceUnavailable
 from budget_middleware.store.redis_counters import RedisCounters
 from service_support import PrivateRedis, private_redis
 from support import chat, client, engine_of, host_app, running
@@ -166,3 +169,43 @@ async def test_settlements_at_once_after_a_stall_each_release_their_own(
         print(f"settled at once: {results}; slots held {slots}; Redis holds {spent}")
         assert results == [None, None] and slots == 0 and not counters._releases
         assert spent == 700  # the stalled 500 owed and paid, and both 100s
+
+
+async def test_a_flush_that_finds_redis_stalled_starts_the_back_off(
+    make_settings: Settings,
+) -> None:
+    """Before a flush takes the pending charges it reads the reset marks of their budgets in
+    Redis (`before_take`). When Redis answered nothing, that read failed after the timeout and
+    was let go, with no back-off begun, unlike every other Redis call: the next request tried
+    Redis again and waited the whole timeout once more (a review's lead). Now the flush's
+    failure begins the back-off, and the next request falls back at once (503, closed)."""
+    async with stalling(make_settings, concurrent=10, flush_interval=60) as r:
+        counters = r.counters
+        assert counters.client is not None
+        await counters.settle(await r.admit(), 500, 10)  # added in Redis, pending here
+        calls: list[str] = []
+        execute = counters.client.execute_command
+
+        async def counted(*args: Any, **options: Any) -> Any:
+            calls.append(str(args[0]))
+            return await execute(*args, **options)
+
+        counters.client.execute_command = counted  # type: ignore[method-assign]
+        assert r.server.process is not None
+        r.server.process.send_signal(signal.SIGSTOP)
+        try:
+            assert await r.engine.flush()  # the store takes it; the marks' read times out
+            flushed = list(calls)
+            calls.clear()
+            began = time.monotonic()
+            with pytest.raises(ServiceUnavailable):
+                await counters.admit(r.limits, 1000)
+            waited = time.monotonic() - began
+        finally:
+            r.server.process.send_signal(signal.SIGCONT)
+        print(
+            f"Redis stalled (timeout 0.2 s): the flush sent {flushed}; the next request sent "
+            f"{calls} to Redis and was refused after {waited:.2f} s"
+        )
+        assert flushed == ["MGET"]
+        assert calls == []

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from mock_upstream import create_mock_app
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine
 from budget_middleware.admin import create_admin_app
@@ -643,6 +644,54 @@ async def test_an_outbound_routed_call_is_metered_as_the_host_s_like_a_direct_on
                      ("openai/gpt-4o", "budget_exceeded")]  # fmt: skip
     assert routed.headers["x-budget-route"] == "anthropic/claude-sonnet-4"
     assert charged == [("openrouter", "anthropic/claude-sonnet-4")]
+
+
+async def test_an_outbound_routed_call_to_a_provider_s_host_names_the_model_as_the_host_does(
+    make_settings: Settings,
+) -> None:
+    """A route written for the inbound side (`openai/gpt-4o-mini`, `openai/gpt-4o`) used
+    through `BudgetTransport` on api.openai.com: the call went out naming `openai/gpt-4o-mini`,
+    a model OpenAI's API does not know (every routed call failed there), and was metered as a
+    model of that name, past the limits set on `gpt-4o-mini` (its spent budget did not turn the
+    route to its next target). A target naming the host's own provider is sent, checked and
+    charged as the bare model a direct call names; OpenRouter's `vendor/model` stays whole."""
+    from test_outbound import MESSAGES, openai_client, records
+
+    sent: list[str] = []
+    fake = create_mock_app("/v1")
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        async def noted() -> Any:
+            message = await receive()
+            if message.get("body"):
+                sent.append(json.loads(message["body"])["model"])
+            return message
+
+        await fake(scope, noted, send)
+
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    await engine.ensure_started()
+    sdk = openai_client(upstream, engine, max_retries=0)
+    try:
+        m = engine.manager
+        m.create_route(name="smart", targets=["openai/gpt-4o-mini", "openai/gpt-4o"])
+        first = await sdk.chat.completions.with_raw_response.create(
+            model="smart", messages=MESSAGES
+        )
+        m.create_model_config(model_name="gpt-4o-mini", provider="openai", budgets=SPENT)
+        await engine.invalidate()
+        then = await sdk.chat.completions.with_raw_response.create(model="smart", messages=MESSAGES)
+        await engine.flush()
+        rows = records(engine)
+    finally:
+        await engine.shutdown()
+    charged = [(r["provider"], r["model"]) for r in rows]
+    print(f"sent {sent}; routes {first.headers['x-budget-route']}, then "
+          f"{then.headers['x-budget-route']}; charged {charged}")  # fmt: skip
+    assert sent == ["gpt-4o-mini", "gpt-4o"]
+    assert first.headers["x-budget-route"] == "openai/gpt-4o-mini"  # the target as written
+    assert then.headers["x-budget-route"] == "openai/gpt-4o"  # gpt-4o-mini's budget is spent
+    assert charged == [("openai", "gpt-4o-mini"), ("openai", "gpt-4o")]
 
 
 async def test_a_routed_request_reserves_inline_audio_at_its_target_s_audio_price(

@@ -419,10 +419,20 @@ def test_malformed_events_are_forwarded_and_ignored() -> None:
     assert run.meter.completed  # response.completed arrived, even with unreadable usage
 
 
-def test_usage_in_an_event_cut_off_by_the_end_of_stream_is_not_read() -> None:
-    stream = render([[CHAT_USAGE_CHUNK]])[:-1]
-    run = meter_all(stream, drop=True)
-    assert run.meter.usage is None and run.output == stream
+def test_usage_in_an_event_cut_off_by_the_end_of_stream_is_read_only_when_whole() -> None:
+    """No blank line after the last event (an app joining its events with blank lines): the
+    upstream sent that usage and billed it; read, and the usage chunk we caused dropped. A line
+    cut short is no JSON: not read, passed on as it came."""
+    whole = render([[": ping"], [CHAT_USAGE_CHUNK]])[:-1]
+    for drop in (False, True):
+        run = meter_all(whole, drop=drop)
+        assert run.meter.usage == TokenUsage(19, 10, 3, 0) and run.meter.completed
+        assert run.output == (b": ping\n\n" if drop else whole)
+    cut = render([[CHAT_USAGE_CHUNK]])[:-3]
+    run = meter_all(cut, drop=True)
+    assert run.meter.usage is None and run.output == cut
+    named = render(anthropic(["Hi"]))[:-1]  # `message_stop` not ended
+    assert meter_all(named, drop=False).meter.completed
 
 
 def test_a_stream_that_is_no_sse_is_passed_on_unread(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -791,3 +801,34 @@ def test_a_stream_that_streamed_an_error_is_told_failed(stream: bytes, failed: b
     meter.feed(stream)
     print(f"{stream[:40]!r}: failed {meter.failed}")
     assert meter.failed is failed
+
+
+def test_a_spoken_stream_s_transcript_is_counted_apart_from_its_other_text() -> None:
+    """`speech_chars`: of `text_chars`, what a spoken stream's transcripts say (Chat
+    Completions' `delta.audio.transcript`, the Responses API's transcript deltas): priced as
+    speech when no usage comes, the rest (a tool call's arguments, text) as text."""
+    said = "Hello there. "  # 13 characters
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"audio": {"data": "QUFB" * 50, "transcript": said}}}]},
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {"index": 0, "function": {"name": "f", "arguments": '{"q": 1}'}}
+                        ]
+                    },
+                }
+            ]
+        },
+        {"choices": [{"index": 0, "delta": {"content": "text"}}]},
+    ]
+    chat = meter_all(render([["data: " + json.dumps(c)] for c in chunks]), drop=False)
+    events = [("response.audio.transcript.delta", said), ("response.output_text.delta", "ok"),
+              ("response.audio.transcript.delta", said)]  # fmt: skip
+    responses = meter_all(render([[f"event: {k}", "data: " + json.dumps({"type": k, "delta": d})]
+                                  for k, d in events]), drop=False)  # fmt: skip
+    counted = [(m.meter.speech_chars, m.meter.text_chars) for m in (chat, responses)]
+    print(f"(speech, all) characters: chat {counted[0]}, responses {counted[1]}")
+    assert counted == [(13, 13 + 8 + 4), (26, 26 + 2)]

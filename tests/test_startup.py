@@ -747,3 +747,129 @@ async def test_a_price_too_large_to_count_fails_the_lifespan_naming_the_entry(
     async with client(host.app) as http:
         with pytest.raises(PricingFileError, match=r"BUDGET_PRICING_FILE.*models\.gpt-4o"):
             await http.post("/v1/chat/completions", json=chat())
+
+
+_ASGI_LIFESPAN = (
+    "import asyncio\n"
+    "async def main():\n"
+    "    queue = [{'type': 'lifespan.startup'}, {'type': 'lifespan.shutdown'}]\n"
+    "    async def receive(): return queue.pop(0)\n"
+    "    async def send(m): pass\n"
+    "    scope = {'type': 'lifespan', 'asgi': {'version': '3.0'}, 'state': {}}\n"
+    "    await application(scope, receive, send)\n"
+    "asyncio.run(main())\n"
+)
+_WSGI_FIRST_CALL = (
+    "from werkzeug.test import Client\n"
+    "answer = Client(application).get('/budget-admin/health')\n"
+    "print(answer.status_code)\n"
+)
+_MOUNTS = {
+    "Django's ASGI handler": (
+        "examples/django_app",
+        "from llmsite.asgi import application\n" + _ASGI_LIFESPAN,
+        "admin API at /budget-admin",
+    ),
+    "Django's WSGI handler": (
+        "examples/django_app",
+        "from llmsite.wsgi import application\n" + _WSGI_FIRST_CALL,
+        "admin API at /budget-admin",
+    ),
+    "Flask, DispatcherMiddleware": (
+        "examples",
+        "from flask_app import create_app\napplication = create_app()\n" + _WSGI_FIRST_CALL,
+        "admin API at /budget-admin",
+    ),
+    "a bare ASGI app": (
+        "examples",
+        "from budget_middleware import BudgetMiddleware\n"
+        "async def app(scope, receive, send): pass\n"
+        "application = BudgetMiddleware(app)\n" + _ASGI_LIFESPAN,
+        "admin API mount not known (an app whose routes cannot be read)",
+    ),
+}
+
+
+@pytest.mark.parametrize("host", list(_MOUNTS))
+def test_the_start_up_line_tells_where_the_admin_api_is_mounted(tmp_path: Path, host: str) -> None:
+    """Under Django (ASGI and WSGI, `admin_urls("budget-admin/")` in the URL conf) the line
+    said "no admin API mounted" with the admin API answering at /budget-admin; under WSGI
+    (Django, Flask with werkzeug's DispatcherMiddleware) no line was written at all; and an app
+    whose routes cannot be read was said to have no admin API. The line names the mount, or
+    says it cannot know."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    where, code, expected = _MOUNTS[host]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")}
+    env |= {"BUDGET_ADMIN_KEY": "x", "BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/s.db",
+            "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root / where)])}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=root / where, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [x for x in done.stderr.splitlines() if x.startswith("budget-middleware: store")]
+    print(host, lines)
+    assert lines == [
+        f"budget-middleware: store sqlite:///{tmp_path}/s.db, counters in process "
+        f"(no BUDGET_REDIS_URL), {expected}"
+    ]
+
+
+async def test_the_start_up_line_finds_an_admin_api_mounted_in_a_mounted_app(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`app.mount("/api", api)` with the admin API mounted in `api` at `/admin`: the line
+    looked at the top router only and said "no admin API mounted"."""
+    import logging
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from budget_middleware import create_admin_app
+
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/s.db", admin_key="x")
+    api = Starlette(routes=[Mount("/admin", create_admin_app(settings))])
+    app = Starlette(routes=[Route("/hello", lambda r: JSONResponse({})), Mount("/api", api)])
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    with caplog.at_level(logging.INFO, logger="budget_middleware"):
+        answer = await startup(app)
+    lines = [r.getMessage() for r in caplog.records if "budget-middleware: store" in r.getMessage()]
+    print(answer, lines)
+    assert answer["type"] == "lifespan.startup.complete"
+    assert len(lines) == 1 and lines[0].endswith(", admin API at /api/admin")
+    await get_engine(settings).shutdown()
+
+
+def test_the_start_up_line_reads_a_django_url_conf_that_runs_sync_code(tmp_path: Path) -> None:
+    """Under Django's ASGI handler the URL conf was imported on the event loop to find the
+    admin mount: a URL conf that runs the project's sync code as it loads (a query, anything
+    Django marks `async_unsafe`) raised SynchronousOnlyOperation there, and the line said
+    "admin API mount not known". It is read in a worker thread, as Django's handler would."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "syncurls.py").write_text(
+        "from django.utils.asyncio import async_unsafe\n"
+        "from budget_middleware.wsgi.django import admin_urls\n"
+        "async_unsafe('a query as the URL conf loads')(lambda: None)()\n"
+        'urlpatterns = [*admin_urls("budget-admin/")]\n'
+    )
+    (tmp_path / "syncsettings.py").write_text(
+        "from llmsite.settings import *\nROOT_URLCONF = 'syncurls'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")}
+    env |= {"BUDGET_ADMIN_KEY": "x", "BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/s.db",
+            "DJANGO_SETTINGS_MODULE": "syncsettings",
+            "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root / "examples/django_app"),
+                                           str(tmp_path)])}  # fmt: skip
+    code = "from llmsite.asgi import application\n" + _ASGI_LIFESPAN
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [x for x in done.stderr.splitlines() if x.startswith("budget-middleware: store")]
+    print(lines)
+    assert len(lines) == 1 and lines[0].endswith(", admin API at /budget-admin")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlmodel import select
 
 from budget_middleware.core.records import Delta, UsageRecord
@@ -240,6 +242,40 @@ def test_the_sweep_resets_expired_windows_and_nothing_else(store_url: str) -> No
     store.apply_flush(uuid.uuid4().hex, [Delta("budget", expired, start, start + day, 1000)], [])
     assert store.read_counters([expired], [])[0][expired][:2] == (0, start + 2 * day)
     assert store.sweep_windows(now) == 0  # nothing left to sweep
+    store.dispose()
+
+
+def test_a_charge_written_while_the_sweep_runs_is_not_reset_away(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PITFALLS (concurrent resets overwriting each other): the sweep reads the expired
+    windows, then resets them; another process's flush that starts the new window with a
+    charge in between must keep it. The flush is made where the sweep works out the windows,
+    after its read and before its update."""
+    store = Store(store_url)
+    store.create_schema()
+    other = Store(store_url)  # another process on the same store
+    day = timedelta(days=1)
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    now = start + 2 * day + timedelta(hours=5)
+    expired = budget_row(store, 500, start)
+    bounds = database.window_bounds
+    flushed: list[int] = []
+
+    def bounds_with_a_flush_between(*args: Any, **kwargs: Any) -> Any:
+        if not flushed:  # the other process's charge, once: $42 nano in the new window
+            other.apply_flush(
+                uuid.uuid4().hex, [Delta("budget", expired, start + 2 * day, END_OF_TIME, 42)], []
+            )
+            flushed.append(42)
+        return bounds(*args, **kwargs)
+
+    monkeypatch.setattr(database, "window_bounds", bounds_with_a_flush_between)
+    swept = store.sweep_windows(now)
+    usage, last_reset = store.read_counters([expired], [])[0][expired][:2]
+    print(f"swept {swept}; the new window holds {usage} of the 42 charged meanwhile")
+    assert (usage, last_reset) == (42, start + 2 * day)
+    other.dispose()
     store.dispose()
 
 

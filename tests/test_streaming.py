@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import tracemalloc
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -765,3 +767,138 @@ async def test_a_compressed_json_answer_to_a_stream_request_is_read_as_json(
     assert (gzip.decompress(out) if coding == b"gzip" else out) == body
     assert coding == (b"gzip" if asked else None)
     assert charged == [(7, 3, cost_of(7, 3), False)]
+
+
+async def test_a_gzip_answer_over_64_mib_decoded_is_charged_its_usage(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """A gzip-encoded answer whose decoded body passes 64 MiB (a large batch of embeddings,
+    base64 as the OpenAI SDK asks for them) was cut off unread at 64 MiB, its usage at the end
+    never seen, and charged its worst case: $30.03 where 7 input tokens cost 7,000 nano-dollars.
+    An identity answer of the same size was charged right (its tail is kept, not all of it)."""
+    body = (
+        b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":"'
+        + b"A" * (65 << 20)
+        + b'"}],"model":"gpt-4o","usage":{"prompt_tokens":7,"total_tokens":7}}'
+    )
+    packer = zlib.compressobj(1, zlib.DEFLATED, 31)
+    packed = packer.compress(body) + packer.flush()
+
+    async def app(scope: Message, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await ScriptedUpstream()(scope, receive, send)
+            return
+        await receive()
+        headers = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for start in range(0, len(packed), 1 << 16):
+            part = packed[start : start + (1 << 16)]
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    wrapped = BudgetMiddleware(app, settings=make_settings(pricing_file=pricing_file))
+    async with running(wrapped):
+        out = await call(wrapped, chat())
+        rows = await records(wrapped.engine)
+    charged = [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows]
+    print("expected", cost_of(7, 0), "charged", charged)
+    assert out == packed
+    assert charged == [(7, 0, cost_of(7, 0), False)]
+
+
+async def test_a_small_compressed_chunk_of_a_huge_answer_is_read_in_bounded_memory(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """A gzip answer sent in one message (an app's `Response(content=...)`) that inflates to
+    128 MiB: it was decoded whole at once, the 128 MiB held beside the kept tail. It is decoded
+    a slice of the chunk at a time now, each measured as it comes, and still charged its usage."""
+    packer = zlib.compressobj(1, zlib.DEFLATED, 31)
+    parts = [packer.compress(b'{"object":"list","data":[{"embedding":"')]
+    parts += [packer.compress(b"A" * (1 << 20)) for _ in range(128)]
+    parts.append(packer.compress(b'"}],"usage":{"prompt_tokens":7,"total_tokens":7}}'))
+    packed = b"".join([*parts, packer.flush()])
+
+    async def app(scope: Message, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await ScriptedUpstream()(scope, receive, send)
+            return
+        await receive()
+        headers = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": packed, "more_body": False})
+
+    wrapped = BudgetMiddleware(app, settings=make_settings(pricing_file=pricing_file))
+    async with running(wrapped):
+        tracemalloc.start()
+        try:
+            out = await call(wrapped, chat())
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        rows = await records(wrapped.engine)
+    charged = [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows]
+    print(f"peak {peak / 2**20:.1f} MiB for {len(packed)} bytes inflating to 128 MiB;", charged)
+    assert out == packed
+    assert charged == [(7, 0, cost_of(7, 0), False)]
+    assert peak < 32 << 20
+
+
+@pytest.mark.parametrize(("asked", "gzipped"), [(True, False), (False, False), (True, True)])
+async def test_a_stream_whose_last_event_has_no_blank_line_after_it_is_charged_its_usage(
+    make_settings: Settings, pricing_file: Path, asked: bool, gzipped: bool
+) -> None:
+    """An app that joins its events with blank lines, none after the last (and no `[DONE]`):
+    the usage chunk the upstream sent last, and billed, was not read, the stream charged an
+    estimate (44,000 or 58,000 nano-dollars where 7 in, 3 out cost 13,000), and the usage chunk
+    the middleware caused reached the client. Read when whole, and dropped when ours."""
+
+    async def app(scope: Message, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await ScriptedUpstream()(scope, receive, send)
+            return
+        await receive()
+        headers = [(b"content-type", b"text/event-stream")]
+        body = b"".join([*CHUNKS, USAGE_CHUNK])[:-2]
+        if gzipped:  # measured as it goes by, passed on compressed (the review: 58,000)
+            headers.append((b"content-encoding", b"gzip"))
+            body = gzip.compress(body)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    wrapped = BudgetMiddleware(app, settings=make_settings(pricing_file=pricing_file))
+    asks = {"stream_options": {"include_usage": True}} if asked else {}
+    async with running(wrapped):
+        out = await call(wrapped, chat(stream=True, **asks))
+        rows = await records(wrapped.engine)
+    if gzipped:
+        out = gzip.decompress(out)
+    charged = [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows]
+    print("asked" if asked else "injected", "gzip" if gzipped else "plain", "expected",
+          cost_of(7, 3), "charged", charged)  # fmt: skip
+    assert out == (b"".join([*CHUNKS, USAGE_CHUNK])[:-2] if asked else b"".join(CHUNKS))
+    assert charged == [(7, 3, cost_of(7, 3), False)]
+
+
+async def test_a_client_gone_as_the_last_chunk_is_sent_is_recorded_as_a_disconnect(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """The server fails the answer's last chunk (`OSError`: the client left as it went): the
+    whole answer was read and is charged its usage, but the record said `upstream_error`, the
+    app's fault, for the client's leaving."""
+    settings = make_settings(pricing_file=pricing_file)
+    wrapped = BudgetMiddleware(ScriptedUpstream(), settings=settings)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": json.dumps(chat(stream=True)).encode()}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            raise ConnectionResetError("the client left")
+
+    async with running(wrapped):
+        with pytest.raises(ConnectionResetError):
+            await wrapped(post_scope("/v1/chat/completions"), receive, send)
+        rows = await records(wrapped.engine)
+    recorded = [(r.outcome, r.cost_nanos, r.estimated) for r in rows]
+    print("recorded", recorded)
+    assert recorded == [("client_disconnected", cost_of(7, 3), False)]

@@ -17,6 +17,7 @@ from budget_middleware.core.usage import (
     TokenUsage,
     answered_chars,
     readable_accept,
+    spoken_chars,
     usage_from_json,
     usage_from_mapping,
 )
@@ -733,3 +734,55 @@ def test_deepseek_s_cache_hits_are_cached_input(
         usage["prompt_tokens_details"] = details
     found = usage_from_mapping(usage)
     assert found is not None and (found.input_tokens, found.cached_tokens) == (1_000, cached)
+
+
+def test_an_answer_s_decoder_has_no_bound_on_its_decoded_size() -> None:
+    """An answer is read as it goes by (kept no more than its tail): no bound by default."""
+    raw = b"0" * (65 << 20)
+    decoder = BodyDecoder("gzip")
+    assert len(decode_in_pieces(decoder, gzip.compress(raw, 1), 1 << 16)) == len(raw)
+    assert decoder.error is None
+
+
+def test_an_answer_s_opaque_tokens_are_no_generated_text() -> None:
+    """An answer without usage (a gateway's) is estimated from its text; a thinking block's
+    `signature` and a reasoning item's `encrypted_content` are opaque (base64, hundreds of
+    characters) and were counted as text, as a stream's estimate never counts them: the
+    Anthropic answer below read as 1,004 characters → 4 (the thinking "hm", the "ok"),
+    and the Responses one likewise."""
+    opaque = "A" * 1000
+    anthropic = {"content": [{"type": "thinking", "thinking": "hm", "signature": opaque},
+                             {"type": "text", "text": "ok"}]}  # fmt: skip
+    responses = {"output": [{"type": "reasoning", "summary": [], "encrypted_content": opaque},
+                            {"type": "message", "content": [{"type": "output_text",
+                                                             "text": "okay"}]}]}  # fmt: skip
+    counted = [answered_chars(json.dumps(a).encode()) for a in (anthropic, responses)]
+    print(f"characters counted: {counted}")
+    assert counted == [4, 4]
+
+
+def test_a_spoken_answer_s_transcripts_are_told_apart_from_its_other_text() -> None:
+    """`spoken_chars`: of what `answered_chars` counts, the transcripts a spoken answer says
+    (priced as speech), not a tool call's arguments nor other text (priced as text)."""
+    said = "Hello there, the budget is fine. "  # 33 characters
+    audio = {"id": "a", "data": "QUFB" * 100, "transcript": said}
+    call = {"type": "function", "function": {"name": "f", "arguments": '{"q": "abc"}'}}
+    message = {"role": "assistant", "content": "and text", "audio": audio, "tool_calls": [call]}
+    answer = {"choices": [{"message": message}, {"message": {"audio": audio}}]}
+    body = json.dumps(answer).encode()
+    counted = (spoken_chars(body), answered_chars(body))
+    print(f"spoken, all: {counted}")
+    assert counted == (66, 66 + len("and text") + len('{"q": "abc"}'))
+    odd = [{"choices": [{"message": {"audio": {"transcript": 5}}}]}, {"audio": audio}, [audio]]
+    assert [spoken_chars(json.dumps(o).encode()) for o in odd] == [0, 0, 0]
+    assert spoken_chars(b'{"choices": [') == 0 and spoken_chars(b"speech") == 0
+    nested: Any = {"audio": audio}
+    for _ in range(31):
+        nested = [nested]
+    assert spoken_chars(json.dumps({"output": nested}).encode()) == 33  # 32 deep: read
+    assert spoken_chars(json.dumps({"output": [nested]}).encode()) == 0  # 33: not
+    within: Any = {"audio": audio}
+    for _ in range(31):
+        within = {"message": within}
+    assert spoken_chars(json.dumps({"output": within}).encode()) == 33  # in objects too
+    assert spoken_chars(json.dumps({"output": {"more": within}}).encode()) == 0

@@ -971,7 +971,9 @@ def test_the_wsgi_admin_api_reads_no_body_before_the_admin_key(make_settings: Se
         read[name] = (statuses[0][:3], sent.read_bytes)
     print("status and bytes read:", read)
     assert read["none"] == ("401", 0) and read["wrong"] == ("401", 0)
-    assert read["admin"] == ("422", 10_000_000)  # read, and not JSON
+    # Nor for the admin key when it announces more than the admin API's 64 MiB: a 413, none
+    # of it read (the 1,000,000,000 bytes announced here were read, to be refused as not JSON).
+    assert read["admin"] == ("413", 0)
 
 
 def django_site(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
@@ -1603,6 +1605,51 @@ def test_a_body_shorter_than_its_content_length_is_not_admitted(make_settings: S
     assert seen == [body] and records(engine)[0]["status"] == 200
 
 
+class InParts(Sent):
+    """An input that reads at most 7 bytes a call (a raw socket's, unbuffered: PEP 3333 lets
+    `read(n)` return fewer than `n` before the end)."""
+
+    def read(self, size: int = -1) -> bytes:
+        return super().read(7 if size < 0 else min(size, 7))
+
+
+def test_a_body_an_input_reads_in_parts_is_read_whole(make_settings: Settings) -> None:
+    """The body was read with one `read(length)`: an input giving it in parts was answered 400
+    `incomplete_body` though the client sent it all (nothing served). It is read to its
+    length; a body that does end short is still a 400."""
+    seen: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(environ["wsgi.input"].read())
+        start_response("200 OK", [("content-type", "application/json")])
+        return [b"{}"]
+
+    middleware = BudgetWSGIMiddleware(app, make_settings(flush_interval_seconds=3600))
+    engine = middleware.engine
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(name="k")
+    body = json.dumps(chat()).encode()
+    statuses: list[str] = []
+    for sent in (InParts(body), InParts(body[:50])):
+        environ = posted(body, key.value, **{"wsgi.input": sent})
+        answer = middleware(environ, lambda status, headers, exc_info=None: statuses.append(status))
+        b"".join(answer)
+    print(f"read in parts, whole then short: {statuses}; the app got {[len(b) for b in seen]}")
+    assert [s[:3] for s in statuses] == ["200", "400"] and seen == [body]
+    assert len(records(engine)) == 1
+    # The WSGI admin API read its body the same way: a key's JSON cut at 7 bytes, a 422.
+    admin = create_admin_wsgi_app(make_settings())
+    created = json.dumps({"name": "in-parts"}).encode()
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/virtual-keys", "SERVER_NAME": "t",
+               "SERVER_PORT": "80", "wsgi.input": InParts(created),
+               "CONTENT_LENGTH": str(len(created)), "CONTENT_TYPE": "application/json",
+               "HTTP_AUTHORIZATION": "Bearer admin-secret"}  # fmt: skip
+    answered: list[str] = []
+    b"".join(admin(environ, lambda status, headers, *_: answered.append(status)))
+    print(f"the admin API, the body read in parts: {answered}")
+    assert answered[0][:3] == "201"
+
+
 @pytest.mark.parametrize("counters", ["in process", "redis"])
 def test_a_request_with_an_unknown_or_missing_key_is_answered_before_its_body_is_read(
     make_settings: Settings, counters: str
@@ -1837,3 +1884,232 @@ def test_a_client_gone_under_write_is_a_disconnect(make_settings: Settings, how:
     assert [(r["status"], r["outcome"], r["estimated"]) for r in rows] == [
         (200, "client_disconnected", 1)]  # fmt: skip
     assert not any(slots.in_flight for slots in engine.registry.concurrency.values())
+
+
+@pytest.mark.parametrize("when", ["while admitted", "once admitted"])
+def test_a_request_whose_thread_stops_waiting_for_its_admission_gives_its_slot_back(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch, when: str, sigint_raises: None
+) -> None:
+    """On Redis the engine's loop admits while the server's thread waits. A thread that stops
+    waiting (a signal-based request timeout, Ctrl+C under `flask run --without-threads`) never
+    calls the app: an admission that went through all the same is settled as a disconnect, at
+    no cost, so its slot and reservation go back (as `BudgetSyncTransport` does). They were
+    held for the process's life (its heartbeat kept them in Redis): every later request of a
+    key of one slot was refused 429."""
+    import _thread
+    import signal
+
+    need_redis()
+    prefix = unique_prefix()
+    called: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read()
+        called.append(1)
+        start_response("200 OK", [("content-type", "application/json")])
+        return [COMPLETION]
+
+    middleware = BudgetWSGIMiddleware(
+        app, make_settings(redis_url=REDIS_URL, flush_interval_seconds=3600, reserve=True)
+    )
+    engine = middleware.engine
+    engine.counters.prefix = prefix  # type: ignore[attr-defined]
+    admit = engine.admit
+    admitted = threading.Event()
+
+    async def interrupted(*args: Any) -> Any:  # the loop's admission, under way
+        if when == "while admitted":  # a real signal: it wakes the thread from its wait
+            os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt in the thread waiting
+            await asyncio.sleep(0.2)  # gone before the admission is handed over
+        ticket = await admit(*args)
+        if when == "once admitted":  # the thread is told as the admission is handed over
+            _thread.interrupt_main()
+        admitted.set()
+        return ticket
+
+    statuses: list[int] = []
+    try:
+        on_loop(engine, engine.ensure_started)
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1}], rate_limit={"max_concurrent_requests": 1}
+        )
+        client = Client(middleware)
+        headers = bearer(key.value or "")
+        statuses.append(client.post("/v1/chat/completions", json=chat(), headers=headers,
+                                    buffered=True).status_code)  # fmt: skip
+        monkeypatch.setattr(engine, "admit", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            client.post("/v1/chat/completions", json=chat(), headers=headers, buffered=True)
+        monkeypatch.undo()
+        assert admitted.wait(5)
+        time.sleep(0.2)  # the loop's next steps: the admission let go, or not
+        for _ in range(2):
+            statuses.append(client.post("/v1/chat/completions", json=chat(), headers=headers,
+                                        buffered=True).status_code)  # fmt: skip
+        rows = records(engine)
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+    print(f"thread stopped waiting {when}: app called {len(called)} times; then {statuses[1:]}; "
+          f"records {[(r['outcome'], r['status'], r['cost_nanos']) for r in rows]}")  # fmt: skip
+    assert statuses == [200, 200, 200] and len(called) == 3
+    assert sorted((r["outcome"], r["cost_nanos"]) for r in rows)[0] == ("client_disconnected", 0)
+
+
+def test_a_call_out_under_a_test_client_s_header_beyond_latin_1_is_charged_to_its_caller(
+    make_settings: Settings,
+) -> None:
+    """Flask's and Django's test clients put a header's text in the environ as given, beyond
+    latin-1 too (`x-budget-tags: 产品`): the middleware reads it inbound as the tag it names.
+    A call the app then made out through `BudgetSyncTransport` failed (the caller's headers
+    were encoded to latin-1 for it: UnicodeEncodeError, a 500); it is charged to the caller."""
+    from budget_middleware import BudgetSyncTransport
+
+    settings = make_settings(flush_interval_seconds=3600)
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=COMPLETION, headers={"content-type": "application/json"})
+
+    provider = httpx.Client(
+        transport=BudgetSyncTransport(httpx.MockTransport(upstream), settings),
+        base_url="https://api.openai.com",
+    )
+    app = Flask(__name__)
+
+    @app.get("/ask")
+    def ask() -> str:
+        provider.post("/v1/chat/completions", json=chat())
+        return "ok"
+
+    app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, settings)  # type: ignore[method-assign]
+    engine = engine_of(app)
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    client = app.test_client()
+    statuses = [
+        client.get("/ask", headers={**bearer(key.value or ""), "x-budget-tags": tag}).status_code
+        for tag in ("café", "产品")
+    ]
+    provider.close()
+    rows = records(engine)
+    print(f"calls out under a tag beyond latin-1: {statuses}, charged to "
+          f"{[r['virtual_key_id'] for r in rows]} (key {key.id})")  # fmt: skip
+    assert statuses == [200, 200]
+    assert [(r["virtual_key_id"], r["direction"]) for r in rows] == [(key.id, "outbound")] * 2
+
+
+def test_a_key_header_sent_twice_counts_by_its_first_value_as_under_asgi(
+    make_settings: Settings,
+) -> None:
+    """A header sent twice reaches a WSGI app as one value, joined with commas (gunicorn
+    `a,b`, waitress and werkzeug `a, b`: PEP 3333 has one value a name). The ASGI middleware
+    reads such a header by its first value (SPEC §15: the same checks and codes); the WSGI one
+    read the joined text as the key, and refused a valid key sent twice 401 (a client's default
+    header and its own, a proxy adding the key it was given). The first counts now, and a key
+    chosen with a comma in it is still itself."""
+    app = flask_host(make_settings(flush_interval_seconds=3600))
+    engine = engine_of(app)
+    on_loop(engine, engine.ensure_started)
+    manager = engine.manager
+    first = manager.create_virtual_key(name="first", budgets=[{"max_limit": 10}])
+    second = manager.create_virtual_key(name="second", budgets=[{"max_limit": 10}])
+    comma = manager.create_virtual_key(name="comma", value="sk-bm-with,comma")
+    client = Client(app)
+    cases = {
+        "the same key twice": [("authorization", f"Bearer {first.value}")] * 2,
+        "two keys": [("authorization", f"Bearer {first.value}"),
+                     ("authorization", f"Bearer {second.value}")],
+        "x-api-key twice": [("x-api-key", first.value or ""), ("x-api-key", second.value or "")],
+        "a key with a comma": [("authorization", "Bearer sk-bm-with,comma")],
+        "an unknown key first": [("authorization", "Bearer sk-bm-nobody"),
+                                 ("authorization", f"Bearer {first.value}")],
+    }  # fmt: skip
+    statuses = {}
+    for name, headers in cases.items():
+        answer = client.post("/v1/chat/completions", json=chat(), headers=headers)
+        answer.get_data()
+        statuses[name] = answer.status_code
+    rows = records(engine)
+    print(f"a key header sent twice: {statuses}")
+    assert statuses == {
+        "the same key twice": 200,
+        "two keys": 200,
+        "x-api-key twice": 200,
+        "a key with a comma": 200,
+        "an unknown key first": 401,  # as under ASGI: the first value counts
+    }
+    assert [r["virtual_key_id"] for r in rows] == [first.id, first.id, first.id, comma.id]
+
+
+def test_a_flask_view_finds_who_is_calling_from_its_request_as_a_django_view_does(
+    make_settings: Settings,
+) -> None:
+    """`budget_state(request)` finds the caller of a Django request (under either handler); a
+    Flask view passing its `request` the same way got None, as if the request were not
+    metered (only `request.environ` worked). A werkzeug request is read through its environ."""
+    app = Flask(__name__)
+
+    @app.post("/v1/who/completions")
+    def who() -> dict[str, Any]:
+        state = budget_state(request)
+        return {"key": None if state is None else state.virtual_key_id, "usage": {}}
+
+    app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, make_settings())  # type: ignore[method-assign]
+    engine = engine_of(app)
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    answer = app.test_client().post("/v1/who/completions", json=chat(),
+                                    headers=bearer(key.value or ""))  # fmt: skip
+    print(f"budget_state(request) in a Flask view: {answer.json}")
+    assert answer.status_code == 200 and answer.json["key"] == key.id
+
+
+def test_greenlet_workers_are_refused_with_what_to_use_instead(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under gunicorn `-k gevent` (threading patched into greenlets), every metered request was
+    a 503 "the budget store cannot be reached" and every admin call a 500 about an event loop:
+    the sync adapters now say what is wrong, and what to use, at their first call."""
+    import types
+
+    from budget_middleware.engine import portal
+    from budget_middleware.exceptions import ConfigurationError
+
+    monkey = types.ModuleType("gevent.monkey")
+    monkey.is_module_patched = lambda name: name == "threading"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gevent.monkey", monkey)
+    monkeypatch.setattr(portal, "_background", None)
+    app = flask_host(make_settings())
+    with pytest.raises(ConfigurationError, match="gthread") as raised:
+        app.test_client().post("/v1/chat/completions", json=chat(), headers=bearer("sk-bm-x"))
+    print("refused with:", raised.value)
+    admin = create_admin_wsgi_app(make_settings())
+    with pytest.raises(ConfigurationError, match="gevent or eventlet"):
+        Client(admin).get("/health", headers=ADMIN)
+    monkeypatch.setattr(monkey, "is_module_patched", lambda name: False)
+    assert app.test_client().get("/hello").text == "hello"  # gevent imported, not patched: served
+    answer = app.test_client().post("/v1/chat/completions", json=chat(), headers=bearer("sk-bm-x"))
+    assert answer.status_code == 401  # the engine started: an unknown key, not a store failure
+
+
+def test_a_request_through_the_middleware_twice_is_counted_and_charged_once(
+    make_settings: Settings,
+) -> None:
+    """Wrapped twice (`app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app)` in the app's module
+    and again where it is served): a key limited to 2 requests an hour was refused its second,
+    each call charged by both. The inner one passes on what its engine already metered."""
+    settings = make_settings()
+    app = flask_host(settings)
+    app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, settings=settings)  # type: ignore[method-assign]
+    engine = engine_of(app)
+    key = engine.manager.create_virtual_key(
+        name="alice", rate_limit={"request_max_limit": 2, "request_reset_duration": "1h"}
+    ).value
+    client = Client(app)
+    statuses = [
+        client.post("/v1/chat/completions", json=chat(), headers=bearer(key)).status_code
+        for _ in range(2)
+    ]
+    rows = records(engine)
+    print("statuses", statuses, "usage records", len(rows), "for 2 requests")
+    assert statuses == [200, 200]
+    assert len(rows) == 2

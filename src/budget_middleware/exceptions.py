@@ -53,6 +53,12 @@ class SettingsError(ConfigurationError):
 class ConfigFileError(ConfigurationError):
     """The file of `BUDGET_CONFIG_FILE` cannot be read or one of its entries is invalid."""
 
+    def __init__(self, message: str) -> None:
+        # A name quoted from the file may hold a lone surrogate (YAML's or JSON's `\ud800`),
+        # which no UTF-8 text holds: escaped, so the message can be logged and answered (the
+        # 422 of `POST /config/apply` raised UnicodeEncodeError).
+        super().__init__(message.encode("utf-8", "backslashreplace").decode("utf-8"))
+
 
 class PricingFileError(ConfigurationError):
     """`BUDGET_PRICING_FILE` cannot be used; the message says which file and what is wrong."""

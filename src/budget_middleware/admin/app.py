@@ -102,8 +102,8 @@ async def _guarded(answer: Callable[[], Awaitable[Response]]) -> Response:
         return error(503, "store_unavailable", f"the budget store cannot be used: {exc}")
 
 
-async def _admin(call: Call) -> None:
-    refused = await check_admin(call.request, call.engine.settings, _is_key(call))
+async def _admin(call: Call, *, store_optional: bool = False) -> None:
+    refused = await check_admin(call.request, call.engine.settings, _is_key(call, store_optional))
     if refused is not None:
         raise Refused(refused)
 
@@ -147,9 +147,16 @@ def _dispatch(by_method: dict[str, Handler]) -> Handler:
     return dispatch
 
 
-def _is_key(call: Call) -> Callable[[str], Awaitable[bool]]:
+def _is_key(call: Call, store_optional: bool = False) -> Callable[[str], Awaitable[bool]]:
     async def is_key(token: str) -> bool:
-        return await call.run(call.manager.find_virtual_key, token) is not None
+        try:
+            return await call.run(call.manager.find_virtual_key, token) is not None
+        except (ServiceUnavailable, SQLAlchemyError, OSError):
+            if not store_optional:
+                raise
+            # `/metrics` in a store outage: the token is BUDGET_ADMIN_KEY (checked first); the
+            # figures that tell the outage are not held back for want of the store's word
+            return False
 
     return is_key
 
@@ -192,15 +199,21 @@ def _whole_path(route: BaseRoute) -> None:
         route.path_regex = re.compile(route.path_regex.pattern[:-1] + r"\Z")
 
 
-def _admin_only(holder: _Holder, answer: Callable[[Call], Awaitable[Response]]) -> Handler:
-    """An admin route outside the route table: authenticated, takes no query parameters."""
+def _admin_only(
+    holder: _Holder,
+    answer: Callable[[Call], Awaitable[Response]],
+    *,
+    store_optional: bool = False,
+) -> Handler:
+    """An admin route outside the route table: authenticated, takes no query parameters;
+    `store_optional`: answered in a store outage too."""
 
     async def endpoint(request: Request) -> Response:
         async def guarded() -> Response:
             engine = holder.engine
             await engine.ensure_started()
             call = Call(request, engine, holder.manager)
-            await _admin(call)
+            await _admin(call, store_optional=store_optional)
             parse_query(request, ())
             return await answer(call)
 
@@ -225,7 +238,7 @@ def _openapi(holder: _Holder) -> Handler:
 
 
 def _metrics(holder: _Holder) -> Handler:
-    return _admin_only(holder, metrics_answer)
+    return _admin_only(holder, metrics_answer, store_optional=True)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

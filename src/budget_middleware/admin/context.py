@@ -14,7 +14,13 @@ import anyio.to_thread
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.requests import Request
 
-from budget_middleware.admin.answers import AdminAnswer, invalid, invalid_param, unknown_param
+from budget_middleware.admin.answers import (
+    AdminAnswer,
+    error,
+    invalid,
+    invalid_param,
+    unknown_param,
+)
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.manage.schemas import (
@@ -30,6 +36,11 @@ from budget_middleware.manage.schemas import (
 P = ParamSpec("P")
 T = TypeVar("T")
 B = TypeVar("B", bound=BaseModel)
+
+
+# The largest body an admin route reads: `POST /config/apply`'s 4,000,000 characters of text
+# JSON-escaped (`\uXXXX`, 12 bytes for a character past U+FFFF), with room to spare.
+MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 class Refused(Exception):
@@ -123,6 +134,12 @@ class QueryParam:
                 return to_utc(_MOMENT.validate_python(value))
         except (ValueError, ValidationError):
             pass
+        if _PLUS_AS_SPACE.search(value) and RFC3339.fullmatch(_PLUS_AS_SPACE.sub(r"+\1", value)):
+            shown = value if len(value) <= 60 else value[:60] + "…"
+            raise self._refuse(
+                f"{shown!r} is a time whose '+' a URL's query read as a space: "
+                "send the offset's '+' as %2B (2027-01-01T00:00:00%2B01:00)"
+            )
         raise self._refuse("must be an RFC 3339 date-time with its offset "
                            "(2027-01-01T00:00:00Z) or a date (2027-01-01)")  # fmt: skip
 
@@ -132,6 +149,7 @@ _TRUE = ("true", "1", "yes", "on", "t", "y")
 _FALSE = ("false", "0", "no", "off", "f", "n")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_PLUS_AS_SPACE = re.compile(r" ([0-9]{2}:[0-9]{2})$")  # `+01:00` sent unescaped in a query
 _MOMENT: TypeAdapter[datetime] = TypeAdapter(datetime)
 _NUL = NUL_MESSAGE
 _RANGE = "is out of range"
@@ -207,9 +225,29 @@ class Call:
         await self.engine.invalidate()
         return result
 
+    async def _raw_body(self) -> bytes:
+        """The body's bytes, at most MAX_BODY_BYTES: past them a 413, read no further."""
+        too_large = Refused(
+            error(413, "request_too_large",
+                  f"body: is over the admin API's {MAX_BODY_BYTES:,} bytes",
+                  error_type="invalid_request_error", param="body")
+        )  # fmt: skip
+        declared = self.request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in self.request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def body(self, model: type[B]) -> B:
-        """The JSON object of the request, validated by `model`; else `Refused` (422)."""
-        raw = await self.request.body()
+        """The JSON object of the request, validated by `model`; else `Refused` (422, or 413
+        over MAX_BODY_BYTES)."""
+        raw = await self._raw_body()
         if not raw.strip():
             raise Refused(invalid_param("body", "is required: a JSON object"))
         try:

@@ -4,12 +4,16 @@ engine's statistics, in a registry of our own (never the process-global one).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from budget_middleware.admin.answers import AdminAnswer, error
 from budget_middleware.admin.context import Call
 from budget_middleware.admin.provider_budgets import tightest
+from budget_middleware.exceptions import ServiceUnavailable
 from budget_middleware.manage.schemas import BudgetOut
 
 try:
@@ -22,6 +26,7 @@ except ImportError:  # pragma: no cover - the "metrics" extra is not installed
 from starlette.responses import Response
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+logger = logging.getLogger("budget_middleware.admin")
 
 
 def _families(budgets: Sequence[BudgetOut], engine: Any, now: float) -> Iterator[Metric]:
@@ -68,7 +73,10 @@ def _families(budgets: Sequence[BudgetOut], engine: Any, now: float) -> Iterator
     pending.add_metric(["usage_records"], engine.pending_records)
     pending.add_metric(["counter_deltas"], engine.pending_deltas)
     yield pending
-    lag = GaugeMetricFamily("budget_flush_lag_seconds", "Seconds since the last successful flush")
+    lag = GaugeMetricFamily(
+        "budget_flush_lag_seconds",
+        "Seconds since the writer last had everything written (0 to a flush interval when idle)",
+    )
     lag.add_metric([], now - stats.last_flush_at if stats.last_flush_at is not None else 0.0)
     yield lag
     failures = CounterMetricFamily("budget_flush_failures", "Flushes that failed and were kept")
@@ -82,10 +90,11 @@ def _families(budgets: Sequence[BudgetOut], engine: Any, now: float) -> Iterator
     yield spilled
     rejected = CounterMetricFamily(
         "budget_rejected",
-        "Usage records and counter charges the store refused, set aside (GET /usage/rejected)",
+        "Usage records and counter charges the store refused, and spilled batches that could "
+        "not be read, set aside (GET /usage/rejected)",
         labels=["kind"],
     )
-    for kind in ("usage_record", "counter"):
+    for kind in ("usage_record", "counter", "spilled_batch"):
         rejected.add_metric([kind], stats.rejected.get(kind, 0))
     yield rejected
     alerts = engine.alerts
@@ -130,8 +139,18 @@ async def metrics_answer(call: Call) -> Response | AdminAnswer:
         )
     engine = call.engine
     live = await engine.live_counters()
-    budgets = await call.run(call.manager.list_budgets, from_memory=True, counters=live)
+    try:
+        budgets = await call.run(call.manager.list_budgets, from_memory=True, counters=live)
+        store_up = 1.0
+    except (ServiceUnavailable, SQLAlchemyError, OSError) as exc:
+        # The store down: the budgets cannot be listed, but the writer's figures are what tell
+        # the outage (failures, pending writes, lag): answered without the budgets' gauges.
+        logger.warning("GET /metrics: the store cannot be read (%s)", type(exc).__name__)
+        budgets, store_up = [], 0.0
     families = list(_families(budgets, engine, engine.clock()))
+    up = GaugeMetricFamily("budget_store_up", "1 when /metrics could read the store, else 0")
+    up.add_metric([], store_up)
+    families.append(up)
     registry = CollectorRegistry(auto_describe=False)
     collector: Collector = _Snapshot(families)
     registry.register(collector)

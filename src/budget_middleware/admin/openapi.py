@@ -84,6 +84,8 @@ def _operation(op: Operation, found: dict[str, Any]) -> dict[str, Any]:
             "content": {"application/json": {"schema": _collect(op.body, found, "validation")}},
         }
     answers = {422: ErrorAnswer, 503: ErrorAnswer, **op.answers}  # any route can answer these
+    if op.body is not None:
+        answers[413] = ErrorAnswer  # a body over the admin API's bound (context.MAX_BODY_BYTES)
     for status, model in sorted(answers.items()):
         answer: dict[str, Any] = {"description": _describe(status)}
         if model is not None:
@@ -120,6 +122,7 @@ def _describe(status: int) -> str:
         401: "Missing or wrong credential",
         404: "Not found",
         409: "Conflict: duplicate name or reset_duration",
+        413: "The body is over 64 MiB",
         422: "Invalid body or parameter, or an unknown query parameter",
         501: "prometheus-client is not installed",
         503: "The admin API is disabled (BUDGET_ADMIN_KEY unset), or a part is down",

@@ -354,6 +354,7 @@ async def apply_config(call: Call) -> AdminAnswer:
             body.format,
             engine.terms_moved,
             engine.forget,
+            engine.prices.add_deployments,
         )
     except ConfigFileError as exc:
         raise InvalidRequest(str(exc), param="text") from None

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import Any
+
+import anyio.to_thread
 
 from budget_middleware.answers import ErrorAnswer
 from budget_middleware.core.identity import (
@@ -25,9 +26,10 @@ from budget_middleware.core.identity import (
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import Exchange
+from budget_middleware.engine.exchange import METERED_BY, Exchange
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.engine.hooks import Hook
+from budget_middleware.engine.mounts import admin_mount, announce
 from budget_middleware.exceptions import ConfigurationError
 from budget_middleware.outbound.payer import inbound_headers, noting
 from budget_middleware.settings import BudgetSettings, raised_again
@@ -139,7 +141,10 @@ class BudgetMiddleware:
         if first["type"] == "lifespan.startup" and self.error is None:
             try:
                 await self.engine.ensure_started()
-                _announce(self.engine.describe(_admin_mount(self.app)))
+                # in a worker thread: a Django URL conf imported to find the mount may run
+                # the project's sync code, which Django refuses in an event loop
+                mount = await anyio.to_thread.run_sync(admin_mount, self.app)
+                announce(self.engine.describe(mount))
             except ConfigurationError as exc:  # final: the server must stop
                 self._fail(exc)
             except Exception as exc:  # the store may come later: requests retry
@@ -197,6 +202,9 @@ class BudgetMiddleware:
         if self.error is not None:
             raise self.error
         engine = self.engine
+        if scope.get(METERED_BY) is engine:  # metered further out: counted and charged there
+            await self.app(scope, receive, send)
+            return
         started = perf_counter()
         credentials = self.read_headers(scope["headers"])
         if credentials.content_length is not None and credentials.content_length > self.max_body:
@@ -284,6 +292,7 @@ class BudgetMiddleware:
         if state is None:
             state = scope["state"] = {}
         state["budget"] = exchange.name_caller()
+        scope[METERED_BY] = engine
         exchange.receive_ = receive
         exchange.send_ = send
         outcome = "completed"
@@ -300,7 +309,7 @@ class BudgetMiddleware:
             raise
         finally:
             if not exchange.settled:  # as a rule, settled as the answer's last chunk went
-                if exchange.client_gone and not exchange.response_complete:
+                if exchange.client_gone:  # as the last chunk went too (the send failed)
                     outcome = "client_disconnected"
                     # Left before any answer, which the app then never gave (Django's ASGI
                     # handler cancels the view): the call was made; its cost is not $0.
@@ -317,33 +326,6 @@ class _Unusable:
 
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
         raise raised_again(self.error)
-
-
-def _admin_mount(app: Any) -> str | None:
-    """Where the host app mounts an admin app (`create_admin_app`), if it does: found through
-    the middleware stack down to the router, at start-up only."""
-    for _ in range(50):
-        routes = getattr(app, "routes", None)
-        if routes is not None:
-            for route in routes:
-                mounted = getattr(route, "app", None)
-                state = getattr(mounted, "state", None)
-                if state is not None and hasattr(state, "budget"):
-                    return str(getattr(route, "path", "")) or "/"
-            return None
-        app = getattr(app, "app", None)
-        if app is None:
-            return None
-    return None
-
-
-def _announce(line: str) -> None:
-    """The start-up line: logged at INFO; printed to stderr when no logging is configured, so
-    a first run says which store and Redis it uses."""
-    if logger.hasHandlers():
-        logger.info(line)
-    else:
-        sys.stderr.write(line + "\n")
 
 
 async def _read_body(first: Message, receive: Receive, limit: int) -> bytes:

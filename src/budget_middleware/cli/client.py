@@ -78,6 +78,7 @@ class Client(Protocol):
     def reset_budget(self, ref: str) -> Json: ...
     def usage(self, query: Json) -> Json: ...
     def alerts(self, query: Json) -> Json: ...
+    def server_time(self) -> datetime | None: ...
     def apply_config(self, path: Path) -> dict[str, int]: ...
     def need_store(self) -> None: ...
     def close(self) -> None: ...
@@ -202,6 +203,10 @@ class StoreClient:
         start, end = query.get("start"), query.get("end")
         out: Json = self._call(self.manager.usage, query["group_by"], start, end)
         return out
+
+    def server_time(self) -> datetime | None:
+        """None: this machine's clock (the store keeps no time of its own)."""
+        return None
 
     def alerts(self, query: Json) -> Json:
         fn = getattr(self.manager, "list_alerts", None)
@@ -407,6 +412,16 @@ class HttpClient:
 
     def alerts(self, query: Json) -> Json:
         return self._send("GET", "/alerts", "alerts", query)
+
+    def server_time(self) -> datetime | None:
+        """The server's time (`server_time` of `GET /budgets`, asked for one tag's budget at
+        most), or None when it does not say."""
+        answer = self._send("GET", "/budgets", "budgets", {"owner_type": "tag", "limit": 1})
+        try:
+            at = datetime.fromisoformat(str(answer.get("server_time")).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return at if at.tzinfo is not None else None
 
     def apply_config(self, path: Path) -> dict[str, int]:
         """The file's text to `POST /config/apply`: the server applies it to its store (its

@@ -232,7 +232,9 @@ def build_body(options: dict[str, Any]) -> Json:
         body["budgets"] = [values.budget(text) for text in budgets]
     expires = options.pop("expires_at", None)
     if expires is not None:
-        body["expires_at"] = values.moment(expires, "--expires-at", ahead=True)
+        # `30d` from the server's clock (which expires the key), not this machine's
+        now = _state().client().server_time() if values.is_duration(expires) else None
+        body["expires_at"] = values.moment(expires, "--expires-at", ahead=True, now=now)
     scope_id = options.pop("scope_id", None)
     if scope_id is not None:
         body["scope"], body["scope_id"] = "virtual_key", scope_id
@@ -569,9 +571,12 @@ def _usage_name(row: dict[str, Any]) -> object:
 
 
 def _usage(by: str, since: str | None, until: str | None) -> None:
-    start, end = values.period(since, until)
+    client = _existing()
+    # `7d` ago by the server's clock (as its records are dated), not this machine's
+    relative = values.is_duration(since) or values.is_duration(until)
+    start, end = values.period(since, until, client.server_time() if relative else None)
     query = {"group_by": USAGE_GROUPS[by], "start": start, "end": end}
-    answer = _existing().usage(query)
+    answer = client.usage(query)
     if _state().json:
         out.emit_json(answer)
         return

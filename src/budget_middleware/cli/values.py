@@ -64,16 +64,29 @@ def limit(text: str, option: str) -> tuple[int, str]:
 _DURATION_SHAPE = re.compile(r"\d+(?:mo|[smhdwMQY])")
 
 
-def moment(text: str, option: str, *, ahead: bool = False) -> str:
-    """A time as RFC 3339: a duration from now (`7d` ago, or ahead with `ahead`), a date
-    (`2026-01-01`, midnight UTC) or a date-time (`2026-01-01T12:00:00Z`; UTC when no offset)."""
+def is_duration(text: str | None) -> bool:
+    """`7d`, `12h`: a time counted from now (a duration out of range is not: its error is
+    told before anything is asked of a server)."""
+    if text is None:
+        return False
+    try:
+        Duration.parse(text)
+    except ValueError:
+        return False
+    return True
+
+
+def moment(text: str, option: str, *, ahead: bool = False, now: datetime | None = None) -> str:
+    """A time as RFC 3339: a duration from now (`7d` ago, or ahead with `ahead`; `now` the
+    server's time, when known), a date (`2026-01-01`, midnight UTC) or a date-time
+    (`2026-01-01T12:00:00Z`; UTC when no offset)."""
     try:
         span = Duration.parse(text)
     except ValueError as exc:
         if _DURATION_SHAPE.fullmatch(text):  # a duration, out of range: say why
             raise click.BadParameter(str(exc), param_hint=option) from None
         span = None
-    now = datetime.now(UTC).replace(microsecond=0)
+    now = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
     if span is not None:
         sign = 1 if ahead else -1
         if span.unit in _MONTHS:
@@ -95,11 +108,14 @@ def moment(text: str, option: str, *, ahead: bool = False) -> str:
     return _rfc3339(at if at.tzinfo is not None else at.replace(tzinfo=UTC))
 
 
-def period(since: str | None, until: str | None) -> tuple[str | None, str | None]:
-    """`--since` and `--until` as RFC 3339; `--until` not after `--since` (swapped by mistake)
-    holds nothing and is a usage error, not an empty report."""
-    start = moment(since, "--since") if since else None
-    end = moment(until, "--until") if until else None
+def period(
+    since: str | None, until: str | None, now: datetime | None = None
+) -> tuple[str | None, str | None]:
+    """`--since` and `--until` as RFC 3339 (a duration counted back from `now`, the server's
+    time when known); `--until` not after `--since` (swapped by mistake) holds nothing and is a
+    usage error, not an empty report."""
+    start = moment(since, "--since", now=now) if since else None
+    end = moment(until, "--until", now=now) if until else None
     if start and end and datetime.fromisoformat(end) <= datetime.fromisoformat(start):
         raise click.BadParameter(
             f"{until!r} ({end}) is not after --since {since!r} ({start}): the period holds nothing",

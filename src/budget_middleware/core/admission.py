@@ -7,6 +7,7 @@ charges nothing and counts against no limit. It never awaits: within one event l
 from __future__ import annotations
 
 from collections.abc import Sequence
+from copy import copy
 from dataclasses import dataclass, field
 
 from budget_middleware.core.routing import trial_order
@@ -157,7 +158,7 @@ def admit_anyway(
     limits: LimitSet, estimate: int, reserve: bool, now: float, ledger: Ledger
 ) -> Ticket:
     """Count the request on every limit without checking any: what `admit` does once every
-    limit passed, and what shadow mode (SPEC §14) does for a request it would have refused."""
+    limit passed."""
     charge(limits.requests, 1, now, ledger)
     for slots in limits.slots:
         slots.in_flight += 1
@@ -166,6 +167,18 @@ def admit_anyway(
         for counter in limits.budgets:
             counter.reserved += reservation
     return Ticket(limits, reservation)
+
+
+def count_refused(limits: LimitSet, now: float, ledger: Ledger) -> Ticket:
+    """Shadow mode (SPEC §14): a request its limits refused goes on, counted as enforce would
+    count it had it passed (its request now, its cost and tokens when settled), holding no
+    concurrency slot and no reservation: enforce gives a refused request none, and the slot
+    (or the room) it held had the next request, which enforce admits once the one that
+    filled it ended, reported as refused too."""
+    charge(limits.requests, 1, now, ledger)
+    held = copy(limits)  # settled without the slots it never took
+    held.slots = ()
+    return Ticket(held, 0)
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any, Final
 
-from budget_middleware.core.providers import canonical_provider
+from budget_middleware.core.providers import BARE_MODEL_PROVIDERS, canonical_provider
 from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept, tier_name
 
 # Path prefixes that name a provider (`/openai/v1/chat/completions`; `/Google/…` and the other
@@ -488,10 +488,18 @@ def _without_key(found: tuple[str, str], key: str) -> tuple[str, str]:
 
 
 def _hosted(raw_model: str, provider: str) -> tuple[str, str]:
-    """A call to a provider's host: that provider, and the model as sent."""
+    """A call to a provider's host: that provider, and the model as sent, but for a prefix
+    naming that provider itself where its API names models bare (a route's `openai/gpt-4o` on
+    api.openai.com is its `gpt-4o`, which its limits and prices name; OpenRouter's
+    `openai/gpt-4o` and `openrouter/auto` stay whole, as Groq's `groq/compound`)."""
     model = raw_model.strip()
+    provider = canonical_provider(provider)
+    if provider in BARE_MODEL_PROVIDERS:
+        head, slash, rest = model.partition("/")
+        if slash and rest and canonical_provider(head) == provider:
+            model = rest
     return (
-        clean_text(canonical_provider(provider), MAX_PROVIDER_CHARS),
+        clean_text(provider, MAX_PROVIDER_CHARS),
         clean_text(model, MAX_MODEL_CHARS) if model else "unknown",
     )
 

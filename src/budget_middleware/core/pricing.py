@@ -9,7 +9,7 @@ file, the bundled catalog) is `engine.prices`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from budget_middleware.core.money import NANOS_PER_USD
 from budget_middleware.core.usage import TokenUsage
@@ -32,6 +32,35 @@ def _rate(usd_per_mtok: float) -> int:
 # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
 # femto-dollars per token, and a web search's.
 _Rates = tuple[int, int, int, int, int, int, int, int]
+
+
+def price_key(provider: str | None, model: str) -> str:
+    """How a price file or a config file names a model's price: `provider/model` lowercased,
+    or the bare model's own name."""
+    return model.lower() if provider is None else f"{provider}/{model}".lower()
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentPrice:
+    """How a configured deployment (a LiteLLM `model_list` entry's `provider/name`) is priced:
+    as its base model (`base`: provider, model) is, whatever name the deployment has, with
+    `rates` (ModelPrice's fields, USD per million tokens) in place of the base's own."""
+
+    base: tuple[str | None, str]
+    rates: tuple[tuple[str, float], ...] = ()
+
+    def priced(self, base: ModelPrice | None) -> ModelPrice | None:
+        """The deployment's price, given its base model's (None: the base has none, and what
+        `rates` does not name costs nothing, as LiteLLM's custom prices do)."""
+        if not self.rates:
+            return base
+        rates = dict(self.rates)
+        if base is None:
+            inp, out = rates.pop("input_per_mtok", 0.0), rates.pop("output_per_mtok", 0.0)
+            return ModelPrice(inp, out, **rates, source="config_file")  # type: ignore[arg-type]
+        # The base's tiers (long context, service tiers, peak hours) are its list prices, not
+        # the ones the file sets: the file's apply to every token.
+        return replace(base, **rates, tiers=(), service_tiers=(), daily=(), source="config_file")  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,14 @@ PROVIDER_ALIASES: dict[str, str] = {
 }
 
 
+# The providers whose own APIs name every model without a `vendor/` prefix: on their hosts a
+# route's `openai/gpt-4o` is sent and metered as `gpt-4o` (SPEC §13). Not the gateways and
+# hosts whose ids hold one (`openrouter/auto`, `groq/compound`, `meta-llama/...`).
+BARE_MODEL_PROVIDERS = frozenset(
+    {"openai", "anthropic", "azure", "gemini", "deepseek", "mistral", "xai", "cohere"}
+)
+
+
 def canonical_provider(name: str) -> str:
     """The one name of the provider `name` spells: trimmed, lower case, aliases resolved
     (`OpenAI` -> `openai`, `google` -> `gemini`, `x-ai` -> `xai`). Other names are kept,

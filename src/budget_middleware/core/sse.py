@@ -30,9 +30,10 @@ _MAX_PENDING: Final = 16 * 1024 * 1024  # an "event" this large is not held: ski
 _AT_START: Final = 1
 _AFTER_CR: Final = 2
 
-# Responses API events whose `delta` is generated text (audio deltas are base64, not text): a
-# tool call the model writes (the code interpreter's code, an MCP call's arguments, a shell
-# command) as much as a function call's arguments; not a shell's output, which it did not write
+# Responses API events whose `delta` is generated text (audio deltas are base64, not text: the
+# speech is counted by its transcript): a tool call the model writes (the code interpreter's
+# code, an MCP call's arguments, a shell command) as much as a function call's arguments; not a
+# shell's output, which it did not write
 _RESPONSES_TEXT: Final = frozenset(
     f"response.{kind}.delta"
     for kind in (
@@ -45,8 +46,10 @@ _RESPONSES_TEXT: Final = frozenset(
         "shell_call_command",
         "reasoning_text",
         "reasoning_summary_text",
+        "audio.transcript",
     )
 )
+_TRANSCRIPT: Final = "response.audio.transcript.delta"  # speech, by what it says
 # named events worth a JSON parse; others (ping, content_block_start, ...) carry no usage nor text
 _READ: Final = _RESPONSES_TEXT | {
     "response.created",
@@ -89,7 +92,8 @@ class SSEDecoder:
     unknown fields are ignored; a block without `data` is no event.
 
     End of stream: like the WHATWG spec and openai-python's `_streaming.py`, an event not ended
-    by a blank line is discarded, never dispatched; `flush` hands back its bytes, `complete=False`.
+    by a blank line is discarded, never dispatched; `flush` hands back its bytes, `complete=False`
+    (`StreamMeter.finish` still reads its usage, when its data is whole).
     """
 
     __slots__ = ("_block", "_buf", "_data", "_event", "_last_id", "_line", "_skip_lf", "_started")
@@ -286,6 +290,7 @@ class StreamMeter:
         "failed",
         "gave_up",
         "model",
+        "speech_chars",
         "text_at_usage",
         "text_chars",
         "usage",
@@ -295,6 +300,7 @@ class StreamMeter:
         self.usage: TokenUsage | None = None
         self.completed = False  # the stream's end was seen (see the class's doc)
         self.text_chars = 0
+        self.speech_chars = 0  # of those, a spoken answer's transcript: priced as speech
         self.text_at_usage = 0
         self.gave_up = False
         self.failed = False  # an error event was read (see the class's doc)
@@ -374,8 +380,14 @@ class StreamMeter:
         if decoder is None:
             return b""
         out: list[bytes] = []
-        for event in decoder.flush():  # incomplete: not read, per the spec, but forwarded
-            if self._drop:
+        for event in decoder.flush():
+            # Cut off by the end of the stream, no blank line after it (an app that joins its
+            # events with blank lines, none after the last): no event to an SSE client, but
+            # what the upstream sent, and billed. Read when its data is whole (JSON that
+            # parses, `[DONE]`: a line cut short is neither); the usage chunk we caused dropped
+            # (nothing of another block before it: `feed` released those).
+            ours = self._read(event)
+            if self._drop and not ours:
                 self._emit(out, event.raw)
         return b"".join(out)
 
@@ -430,7 +442,7 @@ class StreamMeter:
         if isinstance(choices, list):
             for choice in choices:
                 if isinstance(choice, dict):
-                    self.text_chars += _choice_chars(choice)
+                    self.text_chars += _choice_chars(choice, self)
         elif body.get("error") is not None or body.get("type") == "error":  # see `failed`
             self.failed = True
         usage = body.get("usage")
@@ -457,7 +469,10 @@ class StreamMeter:
             if isinstance(delta, dict):
                 self.text_chars += _text_chars(delta, _BLOCK_TEXT)
         elif kind in _RESPONSES_TEXT:
-            self.text_chars += _text_chars(body, ("delta",))
+            made = _text_chars(body, ("delta",))
+            self.text_chars += made
+            if kind == _TRANSCRIPT:
+                self.speech_chars += made
         elif kind == "message_start":
             message = body.get("message")
             if isinstance(message, dict):
@@ -589,8 +604,9 @@ def _text_chars(obj: dict[str, Any], keys: tuple[str, ...]) -> int:
     return sum(text_size(value) for key in keys if isinstance(value := obj.get(key), str))
 
 
-def _choice_chars(choice: dict[str, Any]) -> int:
-    """Generated characters in a chat chunk's choice, or a legacy completion's `text`."""
+def _choice_chars(choice: dict[str, Any], meter: StreamMeter) -> int:
+    """Generated characters in a chat chunk's choice, or a legacy completion's `text` (those
+    of speech noted apart too, `meter.speech_chars`)."""
     text = choice.get("text")
     total = text_size(text) if isinstance(text, str) else 0
     delta = choice.get("delta")
@@ -608,4 +624,8 @@ def _choice_chars(choice: dict[str, Any]) -> int:
                         total += _text_chars(function, ("arguments",))
             elif key == "function_call" and isinstance(value, dict):  # `functions=`, legacy
                 total += _text_chars(value, ("arguments",))
+            elif key == "audio" and isinstance(value, dict):  # speech: its transcript (the
+                said = _text_chars(value, ("transcript",))  # base64 `data` is no text)
+                meter.speech_chars += said
+                total += said
     return total

@@ -373,6 +373,8 @@ _NOT_TEXT: Final = frozenset(
         "stop_sequence",
         "logprobs",
         "annotations",
+        "signature",  # a thinking block's (Anthropic's): opaque, as a stream's count leaves it
+        "encrypted_content",  # a reasoning item's (the Responses API's): opaque
     }
 )
 _OUTPUT_KEYS: Final = ("choices", "content", "output")  # OpenAI, Anthropic, the Responses API
@@ -393,6 +395,36 @@ def answered_chars(body: bytes) -> int | None:
     if type(document) is not dict:
         return 0
     return sum(_chars(document.get(key), 0) for key in _OUTPUT_KEYS)
+
+
+def spoken_chars(body: bytes) -> int:
+    """Of the characters `answered_chars` counts, those a spoken answer's transcripts say
+    (`message.audio.transcript`): priced as speech, the rest (a tool call's arguments) as
+    text. 0 for a body that is not JSON."""
+    try:
+        document = json_loads(body)
+    except JSON_ERRORS:
+        return 0
+    if type(document) is not dict:
+        return 0
+    return sum(_said(document.get(key), 0) for key in _OUTPUT_KEYS)
+
+
+def _said(value: Any, depth: int) -> int:
+    if depth == _MAX_DEPTH:
+        return 0
+    if type(value) is list:
+        return sum(_said(item, depth + 1) for item in value)
+    if type(value) is not dict:
+        return 0
+    total = 0
+    for key, item in value.items():
+        if key == "audio" and type(item) is dict:
+            transcript = item.get("transcript")
+            total += text_size(transcript) if type(transcript) is str else 0
+        else:  # a text or a number is 0
+            total += _said(item, depth + 1)
+    return total
 
 
 def generated_chars(value: Any) -> int:
@@ -419,11 +451,25 @@ def _chars(value: Any, depth: int) -> int:
         return sum(_chars(item, depth + 1) for item in value)
     if type(value) is dict:
         return sum(
-            (_json_chars(v) if k in _GENERATED_JSON else _chars(v, depth + 1))
+            (
+                _json_chars(v)
+                if k in _GENERATED_JSON
+                else _speech_chars(v, depth + 1)
+                if k == "audio"
+                else _chars(v, depth + 1)
+            )
             for k, v in value.items()
             if k not in _NOT_TEXT
         )
     return 0
+
+
+def _speech_chars(value: Any, depth: int) -> int:
+    """A spoken answer's `audio` (OpenAI's: base64 `data`, no text, and its `transcript`):
+    counted by its transcript, as a stream's speech is."""
+    if type(value) is dict:
+        return _chars(value.get("transcript"), depth)
+    return _chars(value, depth)
 
 
 def _json_chars(value: Any) -> int:
@@ -438,7 +484,6 @@ def _json_chars(value: Any) -> int:
 
 _ZLIB_CODINGS: Final = frozenset({"gzip", "x-gzip", "deflate"})
 _GZIP_MAGIC: Final = b"\x1f\x8b"
-_MAX_DECODED: Final = 64 * 1024 * 1024
 _READABLE_CODINGS: Final = _ZLIB_CODINGS | {"identity"}
 USUAL_ACCEPT: Final = b"gzip, deflate"  # what httpx and requests send: nothing to narrow
 
@@ -468,6 +513,8 @@ class BodyDecoder:
     encoding) passes through; gzip and deflate (zlib or raw) are inflated. Anything else (br, zstd,
     several codings) is not `supported`: `error` says why usage could not be read. Corrupt data,
     a truncated body or a decoded size over `max_size` also set `error`. It never raises.
+    `max_size` None: no bound (an answer, read as it goes by and kept no more than its tail: a
+    bound made one over it unreadable, charged its worst case for the usage at its end).
     """
 
     __slots__ = (
@@ -481,7 +528,7 @@ class BodyDecoder:
         "supported",
     )
 
-    def __init__(self, content_encoding: str | None, *, max_size: int = _MAX_DECODED) -> None:
+    def __init__(self, content_encoding: str | None, *, max_size: int | None = None) -> None:
         codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
         codings = [c for c in codings if c and c != "identity"]
         self.supported = len(codings) <= 1 and all(c in _ZLIB_CODINGS for c in codings)
@@ -504,7 +551,8 @@ class BodyDecoder:
         if self._inflater is None:
             return self._count(chunk)
         try:
-            out = self._inflater.decompress(chunk, self._max_size - self._size + 1)
+            limit = self._max_size
+            out = self._inflater.decompress(chunk, 0 if limit is None else limit - self._size + 1)
         except zlib.error as exc:
             if self._prefix is None:
                 return self._fail(f"corrupt {self._coding} body: {exc}")
@@ -539,7 +587,7 @@ class BodyDecoder:
 
     def _count(self, out: bytes) -> bytes:
         self._size += len(out)
-        if self._size > self._max_size:
+        if self._max_size is not None and self._size > self._max_size:
             self.oversized = True
             return self._fail(f"decoded body larger than {self._max_size} bytes")
         return out

@@ -42,8 +42,9 @@ class ScopeBuilder:
         )
         # Team and customer ids and names, one string object for all of their keys
         self._strings: LRUCache[str, str] = LRUCache(100_000)
-        # Told of every budget counter built, with its alert thresholds (the engine's alerts).
-        self.on_budget: Callable[[WindowCounter, list[float] | None], None] | None = None
+        # Told of every budget counter built, with its alert thresholds and owner (the engine's
+        # alerts).
+        self.on_budget: Callable[[WindowCounter, list[float] | None, Scope], None] | None = None
 
     def intern(self, text: str) -> str:
         return shared(self._strings, text)
@@ -69,6 +70,7 @@ class ScopeBuilder:
         now = self.clock()
         hard: list[WindowCounter] = []
         soft: list[WindowCounter] = []
+        built: list[tuple[WindowCounter, list[float] | None]] = []
         for b in limits.budgets:
             counter = self.registry.window(
                 "budget",
@@ -81,8 +83,7 @@ class ScopeBuilder:
                 now=now,
             )
             (soft if b.soft else hard).append(counter)
-            if self.on_budget is not None:
-                self.on_budget(counter, b.alert_thresholds)
+            built.append((counter, b.alert_thresholds))
         budgets = tuple(hard)
         rate = limits.rate_limit
         counters = None
@@ -94,7 +95,11 @@ class ScopeBuilder:
                 slots = self.registry.slots(rate.id, rate.max_concurrent_requests)
             if requests or tokens or slots:
                 counters = RateLimitCounters(rate.id, requests, tokens, slots)
-        return Scope(type_, id_, name, budgets, counters, tuple(soft))
+        scope = Scope(type_, id_, name, budgets, counters, tuple(soft))
+        if self.on_budget is not None:
+            for counter, thresholds in built:
+                self.on_budget(counter, thresholds, scope)
+        return scope
 
     def _rate_window(self, kind: str, rate: RateLimitRow, now: float) -> WindowCounter | None:
         """The request or token window of a rate limit (columns `<kind>_max_limit`, ...)."""

@@ -37,12 +37,19 @@ from budget_middleware.engine.alerts import Alerts
 from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
 from budget_middleware.engine.gate import Gate
 from budget_middleware.engine.hooks import Hook, Hooks
+from budget_middleware.engine.mounts import UNKNOWN, announce
 from budget_middleware.engine.prices import PriceBook
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable, StoreSchemaError
 from budget_middleware.settings import BudgetSettings, raised_again
 from budget_middleware.store.counters import CounterBackend, MemoryCounters
 from budget_middleware.store.database import GlobalRecord, KeyRecord, Store, in_memory
-from budget_middleware.store.spill import Spill, default_spill_root, spill_folder
+from budget_middleware.store.spill import (
+    Spill,
+    default_spill_root,
+    legacy_spill_folder,
+    spill_folder,
+    unclaimed_legacy_folder,
+)
 
 if TYPE_CHECKING:
     from budget_middleware.engine.exchange import Exchange
@@ -149,7 +156,18 @@ def _spill_for(settings: BudgetSettings) -> Spill | None:
     if in_memory(url):
         return None
     root = settings.spill_dir if settings.spill_dir is not None else default_spill_root()
-    return Spill(spill_folder(root, url))
+    folder = spill_folder(root, url)
+    unclaimed = unclaimed_legacy_folder(root, url)
+    if unclaimed is not None:
+        logger.warning(
+            "budget-middleware: an earlier release left unwritten batches in %s for a store "
+            "named %s, which may be this one or another app's with the same relative path: if "
+            "it is this store's, move its .json files into %s and they are written",
+            unclaimed,
+            url,
+            folder,
+        )
+    return Spill(folder, legacy_spill_folder(root, url))
 
 
 _RESET_WAIT_SECONDS = 30.0
@@ -259,6 +277,8 @@ class BudgetEngine:
         # not hold): the engine never starts, and its middlewares are told (they then raise it).
         self.failure: ConfigurationError | None = None
         self.failure_listeners: list[weakref.WeakMethod[Callable[[Exception], None]]] = []
+        # The start-up line, written at the first start (the WSGI middleware's: no lifespan).
+        self.start_line: Callable[[], str] | None = None
         self.hooks = Hooks()  # the app's on_alert, on_refusal, on_settled (SPEC §14)
         self.alerts = Alerts(self)
         self.builder.on_budget = self.alerts.on_budget
@@ -278,8 +298,9 @@ class BudgetEngine:
             settings = self.settings
             moved = self.terms_moved  # new terms carried in the live counters (Redis)
             forget = self.forget  # keys and owners written: not vouched for as last read
+            priced = self.prices.add_deployments  # the file's deployment prices (LiteLLM's)
             self.startup_hooks.append(
-                lambda store: load_config_file(store, settings, moved, forget)
+                lambda store: load_config_file(store, settings, moved, forget, priced)
             )
 
     @property
@@ -348,14 +369,38 @@ class BudgetEngine:
             await self.counters.start()
             await self.reload_globals()
             self._flush_lock = asyncio.Lock()
+            await self._write_spilled()
             self._stopping = asyncio.Event()
             self.loop = asyncio.get_running_loop()  # where sync callers send their work
             self.hooks.loop = self.loop
             self.alerts.start(self.loop)
             self._flusher = self.loop.create_task(self._flush_loop())
             self.started = True
+            if self.stats.last_flush_at is None:  # the lag of a writer that never wrote counts
+                self.stats.last_flush_at = self.clock()  # from its start, not 0 for ever
             self.write_at_exit()
+        line, self.start_line = self.start_line, None  # once
+        if line is not None:
+            # In a worker thread, the loop left free: finding the admin mount may import the
+            # host's URL conf (Django), whose code may call on this engine.
+            try:
+                announce(await anyio.to_thread.run_sync(line))
+            except Exception:
+                logger.exception("budget-middleware could not write its start-up line")
         await self._settle_orphans()
+
+    async def _write_spilled(self) -> None:
+        """Before the first request: write the batches gone engines left on disk (a process
+        stopped or killed while the store could not be written). Their charges are in no live
+        counter: served first, a budget they had spent was read from the store without them,
+        and admitted whole again until the next re-read (a $0.50 budget: $1.00 spent). A store
+        that cannot take them now leaves them to the flusher's rounds."""
+        if self.spill is None or not self._spilled:
+            return
+        try:
+            await self.flush()
+        except Exception:
+            logger.exception("budget-middleware could not write the spilled batches at start-up")
 
     async def _settle_orphans(self) -> None:
         """Settle the answers dropped while no loop ran this engine (`settle_later`)."""
@@ -448,7 +493,10 @@ class BudgetEngine:
             if s.redis_url
             else ("counters in process (no BUDGET_REDIS_URL)")
         )
-        admin = f"admin API at {admin_path}" if admin_path else "no admin API mounted"
+        if admin_path == UNKNOWN:  # the host app's routes cannot be read: not "none"
+            admin = "admin API mount not known (an app whose routes cannot be read)"
+        else:
+            admin = f"admin API at {admin_path}" if admin_path else "no admin API mounted"
         mode = ", shadow mode" if s.mode == "shadow" else ""
         return f"budget-middleware: store {hidden(s.database_url)}, {counters}, {admin}{mode}"
 
@@ -526,6 +574,11 @@ class BudgetEngine:
             try:
                 await asyncio.wait_for(asyncio.shield(flusher), grace)
             except TimeoutError:
+                # Its write is stuck (a lock's busy wait, a server that does not answer): what
+                # is held goes on disk first, the batch in that write too (applied after all,
+                # its file goes; its id is applied once), as a kill may come before the wait
+                # below ends (a supervisor's grace: every charge of the lock was lost).
+                await self._spill_behind()
                 flusher.cancel()  # a cancelled flush keeps its batch for the flush below
                 with contextlib.suppress(asyncio.CancelledError):
                     await flusher
@@ -543,6 +596,8 @@ class BudgetEngine:
         store (given up: anyone's), when the store cannot take it."""
         if await self.flush():
             return
+        if self.spill is not None:  # a write failed for the moment too: on disk, not dropped
+            await self._spill_behind()
         if self.spill is not None and all(b.path is not None for b in self.unwritten):
             await anyio.to_thread.run_sync(self.spill.give_up)
             self.unwritten = []  # on disk, and anyone's: not this engine's to write
@@ -586,13 +641,34 @@ class BudgetEngine:
                 if _due(self.clock(), last_refresh, ttl):
                     last_refresh = self.clock()
                     await self.reload_globals()
-                    await self.counters.refresh()
+                    await self._refresh_counters()
+                    self.alerts.refreshed(self.registry.windows["budget"].values())
                 if _due(self.clock(), last_sweep, SWEEP_SECONDS):
                     last_sweep = self.clock()
                     await self.sweep()
                     self._spilled = self.spill is not None  # a gone process's, since?
             except Exception:  # the loop must survive anything; the next round retries
                 logger.exception("budget-middleware flusher round failed")
+
+    @property
+    def _flushing(self) -> asyncio.Lock:
+        """The lock a flush and a re-read of the counters take turns under (made at its first
+        use, on the loop that uses it)."""
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+        return self._flush_lock
+
+    async def _refresh_counters(self) -> None:
+        """Re-read the live counters from the store (`CounterBackend.refresh`), never while a
+        flush writes. A counter re-read is the store's usage plus what this process charged
+        that the store does not hold yet (pending, or taken by a write not confirmed); a flush
+        meanwhile (`flush()` called by an app, a script, a shutdown) moves charges from the one
+        to the other under the read: read before its commit and taken in after it was
+        confirmed, they were in neither (4 requests lost of 7), read after its commit and taken
+        in before, in both (counted twice), until the next re-read. One uncontended lock a
+        cache TTL; a flush waits for one store read at most."""
+        async with self._flushing:
+            await self.counters.refresh()
 
     async def sweep(self) -> int:
         """Reset the store's expired windows (SPEC §6's background sweep), and once an hour
@@ -932,9 +1008,7 @@ class BudgetEngine:
         what the store can never take (an out-of-range value, a text it refuses) stands alone:
         that is set aside (`GET /usage/rejected`), and never holds back anyone else's charges.
         """
-        if self._flush_lock is None:
-            self._flush_lock = asyncio.Lock()
-        async with self._flush_lock:
+        async with self._flushing:
             if self.rejects_to_save and not await self._save_rejects():
                 return False
             ledger = self.registry.ledger
@@ -948,9 +1022,12 @@ class BudgetEngine:
                         if took and not drain:  # what came during the writes: the next round's
                             return True
                         took = True
+                        await self.counters.before_take()
                         deltas = self.counters.take_deltas()
                         records, self.records = self.records, []
                         if not deltas and not records:
+                            # caught up: the lag `/metrics` shows is counted from here
+                            self.stats.last_flush_at = self.clock()
                             return not self.rejects_to_save or await self._save_rejects()
                         self.unwritten.append(Batch(uuid.uuid4().hex, deltas, records))
                 batch = self.unwritten[0]
@@ -971,6 +1048,10 @@ class BudgetEngine:
                                 _error_text(exc),
                                 self._transient_failures,
                             )
+                        # On disk meanwhile: a lock another process holds on a SQLite file
+                        # lasts as long as that process wants (an outage), and a process
+                        # stopped or killed during it lost every charge of it.
+                        await self._spill_behind()
                         return False
                     refused = await self._refused(batch)
                     if refused is None:  # unreachable, or read-only: an outage, wait for it
@@ -991,6 +1072,11 @@ class BudgetEngine:
                     self._unspill(batch.path)
                 self._transient_failures = 0
                 if batch.own:  # another engine's charges were never in this ledger
+                    at: float | None = None  # unknown: taken as late as can be
+                    if self.counters.wants_commit_time:
+                        with contextlib.suppress(Exception):
+                            at = await anyio.to_thread.run_sync(self.store.clock)
+                    self.counters.committed_at(at)
                     for d in batch.deltas:
                         ledger.confirmed(d.kind, d.id, d.start_ts, d.amount)
                 self.store_ok = True
@@ -1003,11 +1089,32 @@ class BudgetEngine:
         if spill is None or not self._spilled:
             return None
         found = await anyio.to_thread.run_sync(spill.oldest)
+        if found is not None and self.memory is not None and not spill.is_own(found[0]):
+            # A gone engine's charges are in no live counter here (without Redis): taken over
+            # whole, all of its batches, and counted as this engine's unwritten ones until the
+            # store holds them, or a budget spent before a restart in an outage is spent again.
+            ledger = self.registry.ledger
+            for deltas in await anyio.to_thread.run_sync(spill.claim_gone):
+                for d in deltas:
+                    ledger.taken(d.kind, d.id, d.start_ts, d.amount)
+            found = await anyio.to_thread.run_sync(spill.oldest)
+        if spill.unreadable:
+            self._set_aside_unreadable(spill)
         if found is None:
             self._spilled = False  # none left: look again when this process spills, or sweeps
             return None
         path, batch_id, deltas, records = found
         return Batch(batch_id, deltas, records, path=path, own=spill.is_own(path))
+
+    def _set_aside_unreadable(self, spill: Spill) -> None:
+        """Batch files that could not be read (kept as `.bad`): their charges never reach the
+        store, so they are set aside as its refusals are, where an operator sees them (`GET
+        /usage/rejected`, `budget_rejected_total{kind="spilled_batch"}`), not in a log alone."""
+        for path, error in spill.unreadable:
+            self.stats.rejected["spilled_batch"] = self.stats.rejected.get("spilled_batch", 0) + 1
+            payload = json.dumps({"file": path}, ensure_ascii=True)
+            self.rejects_to_save.append(("spilled_batch", payload, error, self.clock()))
+        spill.unreadable.clear()
 
     async def _spill_behind(self) -> None:
         """The store is down: what is pending now goes into a batch of its own, and every batch
@@ -1016,10 +1123,13 @@ class BudgetEngine:
         process that stops or dies meanwhile leaves them for the next one to write."""
         if self.spill is None:
             return
+        await self.counters.before_take()  # resets made elsewhere: as a flush takes them
         deltas = self.counters.take_deltas()
         records, self.records = self.records, []
         if deltas or records:
             self.unwritten.append(Batch(uuid.uuid4().hex, deltas, records))
+        if not self.unwritten:
+            return
         await self._spill_all(self.unwritten)
         first, rest = self.unwritten[0], self.unwritten[1:]
         self.unwritten = [first, *(b for b in rest if b.path is None)]  # the rest on disk

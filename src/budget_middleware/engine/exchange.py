@@ -33,6 +33,7 @@ from budget_middleware.core.usage import (
     TokenUsage,
     answered_chars,
     json_loads,
+    spoken_chars,
     usage_from_json,
 )
 from budget_middleware.headers import (
@@ -53,6 +54,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 _JSON_TAIL = 1 << 20  # of a huge JSON answer keep the last MiB: usage sits at the end
 _JSON_KEPT = 2 * _JSON_TAIL  # ... once it holds more than twice that
+_INFLATE_SLICE = 1 << 12  # a compressed answer is decoded 4 KiB at a time: ~4 MiB at most
 _FILE_CHUNK = 1 << 20  # an answer sent as a file (`read_file`) is read a MiB at a time
 COST_HEADER = b"x-budget-cost"  # the app's or upstream's cost: read, never passed on
 # What an adapter leaves out of an answer whose stream loses the usage chunk we asked for: its
@@ -69,6 +71,10 @@ _MAX_NOTE = 200  # the store's `note` column
 _JSON_STARTS = (b"{", b"[")  # an untyped answer that begins so is JSON, not an event stream
 
 logger = logging.getLogger("budget_middleware")
+# The mark an adapter leaves in a request it meters (the ASGI scope, the WSGI environ): the
+# engine. A middleware of the same engine further in (added to a mounted sub-app as well as to
+# the top app) passes the request on: counted and charged once, by the outer one.
+METERED_BY = "budget_middleware.engine"
 _DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped answers, until they end
 
 
@@ -115,6 +121,9 @@ class Exchange:
     # never seen. The most it could have cost is charged, as its reservation counted it.
     left_unanswered = False
     route_target: str | None = None  # the route's target admitted (SPEC §12): x-budget-route
+    # The `model` the body gets for it: the target as written, or, on a call to a provider's
+    # host, the model as that host names it (`identity.provider_and_model`).
+    route_model: str | None = None
     body = b""
     receive_: Receive
     send_: Send
@@ -328,16 +337,33 @@ class Exchange:
             # Passed on decoded until it could not be decoded: the rest cannot be passed so.
             return b"" if self.passed_decoded else chunk
         decoder = self.decoder
-        plain = chunk
-        if decoder is not None:
-            plain = decoder.feed(chunk) if chunk else b""
-            if not more:
+        if decoder is None:
+            return self._measure(chunk, chunk, more)
+        # Decoded a slice at a time, each measured as it comes: a small chunk can inflate to
+        # a thousand times its size (an answer sent in one message, 128 MiB held at once).
+        size = len(chunk)
+        passed: list[bytes] = []
+        start = 0
+        while True:
+            end = start + _INFLATE_SLICE
+            piece = chunk if not start and end >= size else chunk[start:end]
+            plain = decoder.feed(piece) if piece else b""
+            last = end >= size
+            if last and not more:
                 plain += decoder.flush()
             if decoder.error is not None:
                 self.unreadable = decoder.error
-                return b"" if self.passed_decoded else chunk
-            if self.passed_decoded:
-                chunk = plain
+                return b"".join(passed) if self.passed_decoded else chunk
+            out = self._measure(plain, plain if self.passed_decoded else chunk, more or not last)
+            if self.passed_decoded and out:
+                passed.append(out)
+            if last:
+                return b"".join(passed) if self.passed_decoded else chunk
+            start = end
+
+    def _measure(self, plain: bytes, chunk: bytes, more: bool) -> bytes:
+        """The answer's bytes as they come, `plain` (decoded) and `chunk` (as passed on):
+        measured; what to pass on returned (the stream less the usage chunk we asked for)."""
         if self.sniffing:
             head = plain.lstrip()  # decoded: a compressed answer's first bytes say nothing
             if head:
@@ -346,8 +372,10 @@ class Exchange:
                     self.stream = None
         stream = self.stream
         if stream is not None:
-            if decoder is not None and not self.passed_decoded:
+            if self.decoder is not None and not self.passed_decoded:
                 stream.feed(plain)  # measure only: the compressed bytes go on untouched
+                if not more:  # a last event without a blank line after it, read too
+                    stream.finish()
                 return chunk
             out = stream.feed(chunk)
             if not more:
@@ -448,12 +476,16 @@ class Exchange:
                 estimated = True
                 # The generated text seen: streamed, or in a JSON answer (SPEC §7's estimate;
                 # of a huge one cut to its tail, every byte of it)
+                said = 0  # of `seen`, a spoken answer's transcript (priced as speech)
                 if stream is not None:
                     seen = stream.text_chars
+                    said = stream.speech_chars
                 else:
                     body = b"".join(self.json_parts or ())
                     told = answered_chars(body)
                     seen = told or 0
+                    if self.target.spoken and told:
+                        said = spoken_chars(body)
                     if self.json_dropped:
                         seen = max(seen, self.json_dropped + self.json_size)
                     elif told is None and note is None and body.lstrip()[:1] in _JSON_STARTS:
@@ -477,7 +509,9 @@ class Exchange:
                 else:
                     output = (seen + 3) // 4
                     note = note or "no usage in the response"
-                    spoken = 0
+                    # speech, counted by its transcript: at the audio price; the rest (a tool
+                    # call's arguments) at the text price
+                    spoken = min(output, (said + 3) // 4) if self.target.spoken else 0
                 usage = TokenUsage(self.prompt_tokens, output, output_audio_tokens=spoken)
             price = self.price
             if price is None:

@@ -331,6 +331,8 @@ class Gate:
             options = [(e.limits, e.ticket_estimate) for _, e in decision.candidates]
             return self._routed(decision, memory.admit_first_now(options, decision.ranked))
         exchange: Exchange = decision  # type: ignore[assignment]
+        if exchange.would_refuse is not None:  # shadow mode: refused before its limits
+            return self._refused_first(exchange)
         return self._admitted(exchange, memory.admit_now(exchange.limits, exchange.ticket_estimate))
 
     async def admit(self, decision: Exchange | RoutePlan) -> Exchange | ErrorAnswer:
@@ -341,8 +343,22 @@ class Gate:
             options = [(e.limits, e.ticket_estimate) for _, e in decision.candidates]
             return self._routed(decision, await engine.admit_first(options, decision.ranked))
         exchange: Exchange = decision  # type: ignore[assignment]
+        if exchange.would_refuse is not None:  # shadow mode: refused before its limits
+            return self._refused_first(exchange)
         ticket = await engine.admit(exchange.limits, exchange.ticket_estimate)
         return self._admitted(exchange, ticket)
+
+    def _refused_first(self, exchange: Exchange) -> Exchange:
+        """Shadow mode: a request enforce refuses before any limit (its key unknown, turned off
+        or expired, a provider or model it may not use, a body it cannot read) goes on, counted
+        and charged, its limits not asked, as enforce asks none: it holds no slot and no
+        reservation (`admission.count_refused`), where a request of another key of its team
+        was reported refused by the slot it held."""
+        engine = self.engine
+        exchange.ticket = engine.counters.admit_anyway(exchange.limits, exchange.ticket_estimate)
+        engine.stats.admitted += 1
+        self._count_shadow(exchange)
+        return exchange
 
     def _admitted(self, exchange: Exchange, ticket: Ticket | Refusal) -> Exchange | ErrorAnswer:
         scope: Scope | None = None
@@ -540,6 +556,9 @@ class Gate:
             prepared = self._prepare(key, retargeted, tokens, now, started)
             if type(prepared) is Exchange:
                 prepared.route_target = route_target.text
+                prepared.route_model = (
+                    retargeted.model if credentials.provider_is_host else route_target.text
+                )
                 prepared.parsed = parsed
                 prepared.ask_usage = target.stream and plan.usage_path
                 code = prepared.would_refuse  # shadow mode: a policy of the key refuses it
@@ -666,8 +685,8 @@ def body_to_send(exchange: Exchange) -> bytes | None:
         return None
     exchange.parsed = None
     changed = False
-    if exchange.route_target is not None:
-        parsed["model"] = exchange.route_target
+    if exchange.route_model is not None:
+        parsed["model"] = exchange.route_model
         changed = True
     if exchange.ask_usage:
         options = parsed.get("stream_options")

@@ -1,21 +1,25 @@
 """The app's hooks (SPEC §14): `on_alert`, `on_refusal`, `on_settled`, called off the request path.
 
 A plain callable runs in this engine's one hook thread (in order, so a slow hook delays only later
-hooks, never an answer); an async one runs as a task on the engine's event loop (or, before the
-engine has one, in the hook thread under its own loop), as does the coroutine a plain one returns
-(a lambda around an async function). What a hook raises is logged and changes
-nothing. With no hook for an event, emitting it costs one attribute test.
+hooks, never an answer, nor the process's exit past `EXIT_WAIT`); an async one runs as a task on
+the engine's event loop (or, before the engine has one, in the hook thread under its own loop), as
+does the coroutine a plain one returns (a lambda around an async function). What a hook raises is
+logged and changes nothing. With no hook for an event, emitting it costs one attribute test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import logging
+import os
+import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 logger = logging.getLogger("budget_middleware.hooks")
@@ -28,6 +32,55 @@ RECENT_REFUSALS = 200  # kept in memory for the dashboard and `GET /refusals`
 # client sending unknown keys grew the process's memory as fast as it sent them. Past this
 # many, an event is dropped, counted (`dropped`) and logged.
 MAX_PENDING = 10_000
+EXIT_WAIT = 5.0  # seconds the interpreter's exit waits for the hooks still queued
+
+
+class HookThread:
+    """One daemon thread that runs what it is given in order. A ThreadPoolExecutor's worker
+    is joined as the interpreter exits: a hook that never returned (a post with no timeout)
+    kept the process from ever ending. This one is waited for `EXIT_WAIT` at most."""
+
+    def __init__(self) -> None:
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]]
+        self._work = queue.SimpleQueue()
+        self.pid = os.getpid()  # a forked child's copy has no thread
+        threading.Thread(target=self._run, name="budget-hooks", daemon=True).start()
+        _LIVE.add(self)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._work.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._work.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+
+_LIVE: weakref.WeakSet[HookThread] = weakref.WeakSet()
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+    """What was handed to the hook threads runs before the process ends, for `EXIT_WAIT` at
+    most: a hook that hangs then is left (said once), never waited for without end."""
+    for thread in list(_LIVE):
+        if thread.pid != os.getpid():
+            continue
+        try:
+            thread.submit(lambda: None).result(EXIT_WAIT)
+        except TimeoutError:
+            logger.warning(
+                "budget-middleware left hooks unrun at exit: one still ran after %g s", EXIT_WAIT
+            )
 
 
 class Hooks:
@@ -37,7 +90,7 @@ class Hooks:
         self.on_settled: tuple[Hook, ...] = ()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.recent_refusals: deque[dict[str, Any]] = deque(maxlen=RECENT_REFUSALS)
-        self._thread: ThreadPoolExecutor | None = None
+        self._thread: HookThread | None = None
         self.pending = 0  # events handed over that have not run (`MAX_PENDING`)
         self.dropped = 0
         self._count = threading.Lock()  # hooks are emitted from several threads (WSGI)
@@ -148,7 +201,7 @@ class Hooks:
         self.pending = 0  # the parent's events stay the parent's
         self._count = threading.Lock()  # it may have been held as the process forked
 
-    def _pool(self) -> ThreadPoolExecutor:
+    def _pool(self) -> HookThread:
         """The one thread hooks run on, in the order handed over: made on first use, once,
         whatever threads emit at once (two would run hooks out of order)."""
         pool = self._thread
@@ -156,7 +209,7 @@ class Hooks:
             with _MAKING:
                 pool = self._thread
                 if pool is None:
-                    pool = self._thread = ThreadPoolExecutor(1, thread_name_prefix="budget-hooks")
+                    pool = self._thread = HookThread()
         return pool
 
     def drain(self, timeout: float = 5.0) -> None:

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextvars
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
-from time import sleep
+from time import monotonic, sleep
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from budget_middleware.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from budget_middleware.engine.engine import BudgetEngine
@@ -139,6 +143,7 @@ def background_loop() -> asyncio.AbstractEventLoop:
         return loop
     with _background_lock:
         if _background is None or _background_pid != os.getpid() or _background.is_closed():
+            _refuse_green_threads()
             loop = LockedLoop()
             threading.Thread(
                 target=loop.run_forever, name="budget-middleware-loop", daemon=True
@@ -150,6 +155,24 @@ def background_loop() -> asyncio.AbstractEventLoop:
         return _background
 
 
+def _refuse_green_threads() -> None:
+    """Under gevent's or eventlet's monkey-patching (gunicorn `-k gevent`, `-k eventlet`) a
+    thread is a greenlet of one OS thread: the loop's thread and the server's would share one
+    running event loop, and every request would fail as if the store were away. Said at once."""
+    monkey = sys.modules.get("gevent.monkey")
+    patched = monkey is not None and bool(monkey.is_module_patched("threading"))
+    if not patched:
+        patcher = sys.modules.get("eventlet.patcher")
+        patched = patcher is not None and bool(patcher.is_monkey_patched("thread"))
+    if patched:
+        raise ConfigurationError(
+            "budget-middleware's sync adapters (BudgetWSGIMiddleware, create_admin_wsgi_app, "
+            "BudgetSyncTransport) need real threads, and gevent or eventlet has patched "
+            "`threading` into greenlets: use gunicorn's `gthread` or `sync` workers (or "
+            "waitress), or serve the app over ASGI with BudgetMiddleware"
+        )
+
+
 def is_background(loop: asyncio.AbstractEventLoop | None) -> bool:
     """Whether `loop` is this process's background loop (so `loop_lock` guards its work)."""
     return loop is not None and loop is _background and _background_pid == os.getpid()
@@ -159,27 +182,97 @@ def on_loop(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
     """Run `work()` on the engine's event loop from a thread that is not that loop's, and wait
     for it. An engine not started yet starts in the background loop. Never call it holding
     `loop_lock` (the loop needs it to run `work`)."""
-    loop = engine.loop
-    if loop is None or loop.is_closed() or (loop is _background and _background_pid != os.getpid()):
-        loop = _asgi_server_loop(engine) or background_loop()
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:
+    while True:
+        loop = engine.loop
+        if (
+            loop is None
+            or loop.is_closed()
+            or (loop is _background and _background_pid != os.getpid())
+        ):
+            loop = _asgi_server_loop(engine) or background_loop()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError(
+                "a sync budget-middleware adapter (BudgetSyncTransport, BudgetWSGIMiddleware) "
+                "was called from the event loop its engine runs in, which it would block: use "
+                "the async one there (BudgetTransport, BudgetMiddleware)"
+            )
+        if not is_background(loop) and (_driven is loop or not loop.is_running()):
+            # The app's loop, left open and stopped (a script's `run_until_complete`): nothing
+            # would run the work sent there, and the wait would never end. This thread runs it,
+            # one thread at a time (one that found another running it waits for it, then runs
+            # its own). Not a loop stopped for a moment between the steps of `asyncio.run`'s
+            # end (its tasks cancelled, then its generators, then its executor): driven then,
+            # `asyncio.run` failed to close it ("Cannot close a running event loop").
+            if _driven is not loop and not _left_stopped(loop):
+                continue
+            with _driving:
+                if not loop.is_running():
+                    began: list[Any] = []
+                    try:
+                        return _drive(loop, engine, work, began)
+                    except RuntimeError:
+                        if began or not loop.is_closed():
+                            raise
+                    continue  # closed as this thread came to run it (`asyncio.run` ending)
+        began = []
+        step = _awaited(engine, work, began)
+        try:
+            future = asyncio.run_coroutine_threadsafe(step, loop)
+        except RuntimeError:  # closed since it was looked at: the next one runs the engine
+            step.close()
+            continue
+        answer = _waited(future, loop, began)
+        if answer is not _NEVER_BEGAN:
+            return answer  # type: ignore[return-value]
+
+
+NEVER_BEGAN = object()  # work handed to a loop that ended before its first step: run it again
+_NEVER_BEGAN = NEVER_BEGAN
+
+
+def closed_outcome(began: list[Any]) -> Any:
+    """What work handed to an engine loop that closed comes to (`began`: filled by the work as
+    it starts, then with its answer): the answer, if it was done; `NEVER_BEGAN`, if it never
+    started; else a RuntimeError, as it was cut midway. One rule for sync and async callers."""
+    if len(began) == 2:
+        return began[1]
+    if began:
         raise RuntimeError(
-            "a sync budget-middleware adapter (BudgetSyncTransport, BudgetWSGIMiddleware) was "
-            "called from the event loop its engine runs in, which it would block: use the async "
-            "one there (BudgetTransport, BudgetMiddleware)"
+            "the event loop that ran the budget-middleware engine closed while it did "
+            "this call's admission or settlement"
         )
-    if not is_background(loop) and (_driven is loop or not loop.is_running()):
-        # The app's loop, left open and stopped (a script's `run_until_complete`): nothing
-        # would run the work sent there, and the wait would never end. This thread runs it, one
-        # thread at a time (one that found another running it waits for it, then runs its own).
-        with _driving:
-            if not loop.is_running():
-                return _drive(loop, engine, work)
-    return asyncio.run_coroutine_threadsafe(_awaited(engine, work), loop).result()
+    return NEVER_BEGAN
+
+
+_LOOP_CHECK = 0.25  # seconds: how often a thread waiting for another's loop sees it still runs
+
+
+def _waited(
+    future: concurrent.futures.Future[T], loop: asyncio.AbstractEventLoop, began: list[Any]
+) -> T | object:
+    """The work handed to `loop` (another thread's) waited for. That loop can end meanwhile (a
+    script's `asyncio.run` returning while its threads still call out): work it cancelled
+    before its first step (`asyncio.run` cancels what is left) or dropped unrun (closed before
+    its turn) never began, `_NEVER_BEGAN`: it runs on the loop that runs the engine next. Work
+    done there whose answer the loop's end kept from the future (it is handed over by the
+    loop's next step) gives its answer all the same; work cut midway raises. None is waited
+    for for ever."""
+    while True:
+        try:
+            return future.result(_LOOP_CHECK)
+        except concurrent.futures.TimeoutError:
+            if not loop.is_closed() or future.done():
+                continue
+            outcome: T | object = closed_outcome(began)
+            return outcome
+        except concurrent.futures.CancelledError:
+            if began:
+                raise
+            return _NEVER_BEGAN
 
 
 def _asgi_server_loop(engine: BudgetEngine) -> asyncio.AbstractEventLoop | None:
@@ -203,24 +296,56 @@ def _asgi_server_loop(engine: BudgetEngine) -> asyncio.AbstractEventLoop | None:
 
 
 _driving = threading.Lock()  # held by the thread running a stopped loop for its work (`on_loop`)
+_STOPPED_FOR = 0.05  # seconds a loop stays stopped, neither running nor closed, to be left so
+_left: weakref.ReferenceType[asyncio.AbstractEventLoop] | None = None  # the last one seen so
+
+
+def _left_stopped(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether `loop` is left stopped (a script's `run_until_complete` returned), not stopped
+    between two of its owner's steps: it stays so for `_STOPPED_FOR` (once a loop: the last one
+    seen so is remembered)."""
+    global _left
+    if _left is not None and _left() is loop:
+        return True
+    until = monotonic() + _STOPPED_FOR
+    while monotonic() < until:
+        if loop.is_running() or loop.is_closed():
+            return False
+        sleep(0.001)
+    _left = weakref.ref(loop)
+    return True
+
+
 _driven: asyncio.AbstractEventLoop | None = None  # that loop, while it does
 
 
 def _drive(
-    loop: asyncio.AbstractEventLoop, engine: BudgetEngine, work: Callable[[], Awaitable[T]]
+    loop: asyncio.AbstractEventLoop,
+    engine: BudgetEngine,
+    work: Callable[[], Awaitable[T]],
+    began: list[Any],
 ) -> T:
     global _driven
     _driven = loop
+    step = _awaited(engine, work, began)
     try:
-        return loop.run_until_complete(_awaited(engine, work))
+        return loop.run_until_complete(step)
     finally:
+        step.close()  # (refused by a closed loop, it never began: no warning that it did not)
         _driven = None
 
 
-async def _awaited(engine: BudgetEngine, work: Callable[[], Awaitable[T]]) -> T:
+async def _awaited(
+    engine: BudgetEngine, work: Callable[[], Awaitable[T]], began: list[Any] | None = None
+) -> T:
+    if began is not None:
+        began.append(None)  # its first step, on the loop it was handed to (`_waited`)
     if engine.started and engine.needs_start():  # its loop closed: it starts again in this one
         await engine.ensure_started()
-    return await work()
+    done = await work()
+    if began is not None:
+        began.append(done)  # what it gave, should the loop end before it hands it over
+    return done
 
 
 # Run at exit before the engines shut down: adapters settle the answers still open then.

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time as _time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
@@ -22,7 +22,13 @@ from genai_prices import types as gp
 from genai_prices.data import providers as _CATALOG  # bundled data: no remote update, ever
 from genai_prices.data_snapshot import find_provider_by_id
 
-from budget_middleware.core.pricing import ModelPrice, cost_nanos, cost_usd
+from budget_middleware.core.pricing import (
+    DeploymentPrice,
+    ModelPrice,
+    cost_nanos,
+    cost_usd,
+    price_key,
+)
 from budget_middleware.core.providers import canonical_provider
 from budget_middleware.exceptions import PricingFileError
 
@@ -378,6 +384,49 @@ class PriceBook:
         self._guesses: dict[str, str | None] = {}
         self.unpriced: set[tuple[str, str]] = set()
         self.unpriced_requests = 0
+        # Deployments BUDGET_CONFIG_FILE prices (a LiteLLM `model_list`), by `provider/model`
+        # lowercased as the pricing file's keys (a bare model as itself).
+        self.deployments: dict[str, DeploymentPrice] = {}
+        self._all_deployments: dict[str, DeploymentPrice] = {}
+
+        # Wildcard deployments (`openai/ft:gpt-4.1:*`) as their texts between `*`s, the most
+        # specific first, matched against what a request names.
+        self._deployment_globs: list[tuple[tuple[str, ...], DeploymentPrice]] = []
+
+    def add_deployments(self, deployments: Mapping[str, DeploymentPrice]) -> None:
+        """Price these deployments as a config file says (after BUDGET_PRICING_FILE's own
+        price of the same name, before the catalog's), over any of the same name priced before;
+        a `*` in a name matches any text, as LiteLLM's wildcard deployments do."""
+        self._all_deployments.update(deployments)
+        deployments = self._all_deployments
+        self.deployments = {k: v for k, v in deployments.items() if "*" not in k}
+        globs = [(tuple(k.split("*")), v) for k, v in deployments.items() if "*" in k]
+        # The most specific pattern first, as LiteLLM tries them: here the most text besides
+        # its `*`s (file order among equals), so `openai/ft:*` prices a fine-tune before
+        # `openai/*` does.
+        globs.sort(key=lambda glob: -sum(map(len, glob[0])))
+        self._deployment_globs = globs
+        self._prices.clear()
+
+    def _deployed(self, provider: str, model: str) -> ModelPrice | None:
+        """A configured deployment's price for (provider, model), if one is configured."""
+        qualified, bare = price_key(provider, model), price_key(None, model)
+        deployed = self.deployments.get(qualified) or self.deployments.get(bare)
+        if deployed is None:
+            deployed = next(
+                (
+                    d
+                    for glob, d in self._deployment_globs
+                    if _glob_match(glob, qualified) or _glob_match(glob, bare)
+                ),
+                None,
+            )
+        if deployed is None:
+            return None
+        base_provider, base_model = deployed.base
+        if "*" in base_model:  # a wildcard priced as itself: as the model asked for is
+            base_provider, base_model = provider, model
+        return deployed.priced(self._lookup(base_provider or provider, base_model))
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)
@@ -391,23 +440,39 @@ class PriceBook:
             return self._prices[key]
         except KeyError:
             pass
-        found = self._file.get(f"{provider}/{model}".lower()) or self._file.get(model.lower())
+        found = self._from_file(provider, model)
+        if found is None and (self.deployments or self._deployment_globs):
+            found = self._deployed(provider, model)  # after the pricing file's own name
         if found is None:
-            hit = _catalog_find(provider, model)
-            now = self._now()
-            found = _catalog_price(hit[1], now) if hit is not None else None
-            if found is not None and hit is not None:
-                found = _long_context(*hit, _family_audio(*hit, found, now))
-        if found is None and (maker := self._file_providers.get(model.lower())) is not None:
-            # As the catalog is searched when the provider named does not list the model: the
-            # file's price under another provider (a bare name's provider comes from a header
-            # the client sets, and the app serves the same model whatever it says).
-            found = self._file[f"{maker}/{model.lower()}"]
+            found = self._listed(provider, model)
         if len(self._prices) >= _MAX_CACHED:
             self._prices.clear()
         self._prices[key] = found
         if found is None:
             self._warn_unpriced(provider, model)
+        return found
+
+    def _lookup(self, provider: str, model: str) -> ModelPrice | None:
+        """(provider, model)'s price: the pricing file's, else the catalog's, else the file's
+        under another provider; not cached."""
+        return self._from_file(provider, model) or self._listed(provider, model)
+
+    def _from_file(self, provider: str, model: str) -> ModelPrice | None:
+        """BUDGET_PRICING_FILE's price of (provider, model), or of the bare model."""
+        return self._file.get(price_key(provider, model)) or self._file.get(price_key(None, model))
+
+    def _listed(self, provider: str, model: str) -> ModelPrice | None:
+        """The catalog's price, else the pricing file's under another provider."""
+        hit = _catalog_find(provider, model)
+        now = self._now()
+        found = _catalog_price(hit[1], now) if hit is not None else None
+        if found is not None and hit is not None:
+            found = _long_context(*hit, _family_audio(*hit, found, now))
+        if found is None and (maker := self._file_providers.get(model.lower())) is not None:
+            # As the catalog is searched when the provider named does not list the model: the
+            # file's price under another provider (a bare name's provider comes from a header
+            # the client sets, and the app serves the same model whatever it says).
+            found = self._file[price_key(maker, model)]
         return found
 
     def guess_provider(self, model: str) -> str | None:
@@ -440,3 +505,19 @@ class PriceBook:
             model,
             provider,
         )
+
+
+def _glob_match(parts: tuple[str, ...], text: str) -> bool:
+    """Whether `text` matches the pattern whose texts between `*`s are `parts` (each `*` any
+    text) from its start, as LiteLLM matches (`openai/*-mini` prices `gpt-4o-mini-2024-07-18`
+    too): in one pass, each part at its first place after the one before (a regex of several
+    `.*` backtracked for seconds on a long model name a client sent)."""
+    if not text.startswith(parts[0]):
+        return False
+    at = len(parts[0])
+    for part in parts[1:]:
+        found = text.find(part, at)
+        if found < 0:
+            return False
+        at = found + len(part)
+    return True

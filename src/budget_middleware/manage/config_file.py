@@ -39,12 +39,18 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pydantic import BaseModel, ValidationError
 from sqlmodel import select
 
-from budget_middleware.core.identity import hash_key
+from budget_middleware.core.identity import (
+    MAX_PROVIDER_CHARS,
+    MAX_TAG_CHARS,
+    hash_key,
+    name_problem,
+)
+from budget_middleware.core.pricing import DeploymentPrice
 from budget_middleware.core.providers import canonical_provider
 from budget_middleware.exceptions import AdminError, ConfigFileError, InvalidBody
 from budget_middleware.manage.litellm_config import (
@@ -62,6 +68,7 @@ from budget_middleware.manage.owner_limits import (
     ensure_schema,
 )
 from budget_middleware.manage.schemas import (
+    MAX_CONFIG_CHARS,
     NUL_MESSAGE,
     CustomerCreate,
     ModelConfigCreate,
@@ -86,6 +93,9 @@ from budget_middleware.store.tables import (
     TeamRow,
     VirtualKeyRow,
 )
+
+# Where a config file's deployment prices go (the engine's `PriceBook.add_deployments`).
+OnPrices = Callable[[Mapping[str, DeploymentPrice]], None]
 
 SECTIONS = ("customers", "teams", "virtual_keys", "providers", "model_configs", "tags", "routes")
 _TABLES: dict[str, Any] = {
@@ -121,6 +131,8 @@ class _FileData:
     ignored: list[str] = field(default_factory=list)
     # A translated entry's fields as LiteLLM names them (`Translation.fields`), parallel too.
     fields: dict[str, list[Mapping[str, str]]] = field(default_factory=dict)
+    # A LiteLLM file's deployment prices (`Translation.prices`).
+    prices: dict[str, DeploymentPrice] = field(default_factory=dict)
 
     def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
         return f"BUDGET_CONFIG_FILE {str(self.path)!r}, {self.label(section, index, entry)}"
@@ -141,21 +153,113 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return dict(_read(path).sections)
 
 
+# What a config file may stand for, past its size (MAX_CONFIG_CHARS): YAML's aliases repeat what
+# an anchor holds, so a few hundred bytes of them stand for 10^9 values (billion laughs), or,
+# an alias inside its own anchor, for a list without end; every walk over the entries (the
+# checks, `config_hash`) went through all of them. Aliases may add this many values to those
+# the document writes, or as many as it writes, whichever is more; no entry nests deeper than
+# MAX_DEPTH (a real one nests 6 deep; PyYAML and json recurse, and ran out of stack).
+MAX_ALIAS_VALUES: Final = 100_000
+MAX_DEPTH: Final = 64
+_TOO_DEEP: Final = f"nested too deeply (more than {MAX_DEPTH} levels)"
+
+
+def _too_big(path: Path, size: str) -> ConfigFileError:
+    return ConfigFileError(
+        f"BUDGET_CONFIG_FILE {str(path)!r}: {size}, more than the {MAX_CONFIG_CHARS:,} "
+        "characters a config file may have"
+    )
+
+
 def config_text(path: Path) -> str:
     """The file's text: UTF-8 (a byte-order mark allowed), or UTF-16 with its mark, as
-    Windows editors and PowerShell's `>` write it; anything else is refused by name."""
+    Windows editors and PowerShell's `>` write it; anything else is refused by name. At most
+    MAX_CONFIG_CHARS characters, as `POST /config/apply` takes."""
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            raw = file.read(4 * MAX_CONFIG_CHARS + 5)  # 4 bytes a character at most, a mark
     except OSError as exc:
         raise ConfigFileError(f"BUDGET_CONFIG_FILE {str(path)!r}: cannot read: {exc}") from None
+    if len(raw) > 4 * MAX_CONFIG_CHARS + 4:
+        raise _too_big(path, f"over {len(raw) - 1:,} bytes")
     encoding = "utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
     try:
-        return raw.decode(encoding)
+        text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
         raise ConfigFileError(
             f"BUDGET_CONFIG_FILE {str(path)!r}: not {encoding.upper().removesuffix('-SIG')} "
             f"text ({exc.reason} at byte {exc.start}): save it as UTF-8"
         ) from None
+    if len(text) > MAX_CONFIG_CHARS:
+        raise _too_big(path, f"{len(text):,} characters")
+    return text
+
+
+def _yaml_children(node: Any) -> list[Any]:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _bounded(root: Any) -> None:
+    """Refuse a YAML document (its composed nodes, each alias the node of its anchor) that
+    refers to itself, nests deeper than MAX_DEPTH, or whose aliases stand for more values than
+    MAX_ALIAS_VALUES allows. Each node is visited once, however many aliases name it."""
+    import yaml
+
+    size: dict[int, int] = {}  # values a node stands for, its own and all below, aliases repeated
+    depth: dict[int, int] = {}
+    open_: set[int] = set()  # the nodes being walked: the current one and those above it
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            below = _yaml_children(node)
+            size[key] = 1 + sum(size[id(child)] for child in below)
+            depth[key] = 1 + max((depth[id(child)] for child in below), default=0)
+            open_.discard(key)
+            if depth[key] > MAX_DEPTH:
+                raise yaml.constructor.ConstructorError(None, None, _TOO_DEEP, node.start_mark)
+            continue
+        if key in size:
+            continue
+        open_.add(key)
+        stack.append((node, True))
+        for child in _yaml_children(node):
+            if id(child) in open_:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "an alias refers to itself (its anchor holds it)", child.start_mark
+                )
+            if id(child) not in size:
+                stack.append((child, False))
+    written = len(size)
+    stood_for = size[id(root)]
+    if stood_for - written > max(MAX_ALIAS_VALUES, written):
+        raise yaml.constructor.ConstructorError(
+            None, None,
+            f"its aliases stand for {stood_for:,} values, from {written:,} written: at most "
+            f"{max(MAX_ALIAS_VALUES, written):,} more (an alias repeats all its anchor holds)",
+            root.start_mark,
+        )  # fmt: skip
+
+
+def _json_depth_ok(data: Any) -> bool:
+    """Whether parsed JSON nests at most MAX_DEPTH deep (not recursive)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        if level > MAX_DEPTH:
+            return False
+        if isinstance(value, dict):
+            stack.extend((v, level + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, level + 1) for v in value)
+    return True
 
 
 @functools.cache
@@ -166,6 +270,15 @@ def _unique_key_loader() -> type:
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
+        def fetch_flow_collection_start(self, token_class: Any) -> None:
+            if self.flow_level >= MAX_DEPTH:  # `[[[[…`: refused as read, before any recursion
+                raise yaml.scanner.ScannerError(None, None, _TOO_DEEP, self.get_mark())
+            super().fetch_flow_collection_start(token_class)
+
+        def construct_document(self, node: Any) -> Any:
+            _bounded(node)  # before anything walks what its aliases stand for
+            return super().construct_document(node)
+
         def compose_mapping_node(self, anchor: Any) -> Any:
             node = super().compose_mapping_node(anchor)
             seen: set[tuple[str, str]] = set()
@@ -204,15 +317,26 @@ def _yaml_1_2_int(loader: Any, node: Any) -> Any:
     """An integer as YAML 1.2 (and JSON) reads it: YAML 1.1 made `max_limit: 050` octal, a $40
     budget for the $50 written, and `1:30` base 60 (90), a name or a duration nobody wrote.
     A leading zero is decimal; `1:30` is the text it is."""
+    import yaml
+
     text = loader.construct_scalar(node)
     digits = text.replace("_", "")
     if ":" in digits:
         return text
-    if re.fullmatch(r"[-+]?0[0-9]+", digits):
-        return int(digits, 10)
-    import yaml
-
-    return yaml.SafeLoader.construct_yaml_int(loader, node)
+    try:
+        if re.fullmatch(r"[-+]?0[0-9]+", digits):
+            number = int(digits, 10)
+        else:
+            number = yaml.SafeLoader.construct_yaml_int(loader, node)
+    except ValueError:  # Python reads at most 4,300 digits (sys.get_int_max_str_digits)
+        number = None
+    # Nor is one written out again past 4,300 digits (a hexadecimal one of 4,000 digits made
+    # ValueError in every message and hash that showed it): no limit needs more than 64 bits.
+    if number is None or number.bit_length() > 4096:
+        raise yaml.constructor.ConstructorError(
+            None, None, "an integer too long to read (thousands of digits)", node.start_mark
+        )
+    return number
 
 
 def _unquoted(exc: Exception) -> str:
@@ -230,10 +354,15 @@ def _read(path: Path) -> _FileData:
     if path.suffix.lower() == ".json":
         try:
             data: Any = json.loads(text, object_pairs_hook=unique_keys)
+            deep = not _json_depth_ok(data)
+        except RecursionError:  # json recurses: deeper than its stack
+            deep = True
         except ValueError as exc:
             raise ConfigFileError(
                 f"BUDGET_CONFIG_FILE {str(path)!r}: invalid JSON: {exc}"
             ) from None
+        if deep:
+            raise ConfigFileError(f"BUDGET_CONFIG_FILE {str(path)!r}: {_TOO_DEEP}")
     else:
         try:
             import yaml
@@ -244,6 +373,8 @@ def _read(path: Path) -> _FileData:
             ) from None
         try:
             data = yaml.load(text, Loader=_unique_key_loader())
+        except RecursionError:  # PyYAML composes recursively: deeper than its stack
+            raise ConfigFileError(f"BUDGET_CONFIG_FILE {str(path)!r}: {_TOO_DEEP}") from None
         except yaml.YAMLError as exc:
             raise ConfigFileError(
                 f"BUDGET_CONFIG_FILE {str(path)!r}: invalid YAML: {_unquoted(exc)}"
@@ -276,7 +407,7 @@ def _read_litellm(path: Path, data: dict[str, Any]) -> _FileData:
         translation = translate(data, native=SECTIONS)
     except LiteLLMConfigError as exc:
         raise ConfigFileError(f"BUDGET_CONFIG_FILE {str(path)!r}, {exc}") from None
-    out = _FileData(path, {}, ignored=translation.ignored)
+    out = _FileData(path, {}, ignored=translation.ignored, prices=translation.prices)
     for section in SECTIONS:
         entries = data.get(section) or []
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -451,6 +582,13 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
     found = nul_in(body)  # as the admin API refuses it in a body
     if found is not None:
         raise ConfigFileError(f"{where}: {found}: {NUL_MESSAGE}")
+    try:  # YAML's and JSON's `\ud800` is a lone surrogate, which no store's text holds
+        json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigFileError(
+            f"{where}: holds a lone surrogate (an escape from \\ud800 to \\udfff alone), "
+            "which is no Unicode text"
+        ) from None
     for name in _NAMES:
         value = body.get(name)
         if isinstance(value, bool | int | float):  # a reference became 'False' or '7' unsaid
@@ -463,6 +601,13 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
         name = body.pop(field, None)
         if not isinstance(name, str) or not name:
             raise ConfigFileError(f"{where}: needs '{field}', the {field}'s name")
+        # As the write checks it (`_put_named`): a name no request carries is refused here,
+        # where `config check` and the engine's check before applying see it.
+        checked = canonical_provider(name) if section == "providers" else name
+        limit = MAX_PROVIDER_CHARS if section == "providers" else MAX_TAG_CHARS
+        problem = name_problem(field, checked, limit)
+        if problem is not None:
+            raise ConfigFileError(f"{where}: {problem}")
     for reference, id_field in _REFERENCES:
         if reference in body and id_field in body:  # one would be dropped unsaid
             raise ConfigFileError(
@@ -625,6 +770,7 @@ class _Loader:
         self.declared: dict[tuple[Any, str], str] = {}  # (table, the entry's name): its id
         self.left_deleted: set[tuple[Any, str]] = set()  # (table, name): entries not made again
         self.seen: set[tuple[Any, str]] = set()  # (table, primary key): the entities declared
+        self.made: set[str] = set()  # ids of the entities this file made (`_reattach`)
 
     def not_declared(self) -> list[str]:
         """The entities a config file made that this file no longer declares (kept: the file
@@ -773,6 +919,7 @@ class _Loader:
             made = create(body)
             self.declared[table, name] = made.id
             self.seen.add((table, made.id))
+            self.made.add(made.id)
             if section == "virtual_keys" and body.get("value") is not None:
                 self._gave_value(made.id, hash_key(body["value"]))
             return
@@ -784,6 +931,21 @@ class _Loader:
                 self._declare_value(row, value, m, where)
         if row.config_hash != digest:
             update(row.id, body)
+        elif section in ("teams", "virtual_keys"):
+            self._reattach(row, body, update)
+
+    def _reattach(self, row: Any, body: dict[str, Any], update: Callable[..., Any]) -> None:
+        """An unchanged entry of an entity left with no parent (its team or customer deleted
+        through the API), whose parent this file has just made again (its entry changed): in
+        it again, as the entry says. It stayed with none, out of the made-again parent's limits.
+        One the API moved to another parent since stays there."""
+        if getattr(row, "team_id", None) is not None or row.customer_id is not None:
+            return
+        for parent_field in ("team_id", "customer_id"):
+            parent = body.get(parent_field)
+            if parent is not None and parent in self.made:
+                update(row.id, {parent_field: parent})
+                return
 
     def _declare_value(self, row: VirtualKeyRow, value: str, m: BudgetManager, where: str) -> None:
         """A key's value as the file declares it, applied when the file's value changed since it
@@ -867,6 +1029,7 @@ def apply_config_text(
     suffix: str,
     on_new_terms: OnNewTerms | None = None,
     on_owner_change: Callable[[str], None] | None = None,
+    on_prices: OnPrices | None = None,
 ) -> dict[str, int]:
     """A config file's text applied to the store, as start-up applies BUDGET_CONFIG_FILE (the
     admin API's `POST /config/apply`, the CLI's `config apply --url`); its entries by section.
@@ -879,7 +1042,9 @@ def apply_config_text(
         try:
             data = _check(path)
             with_file = settings.model_copy(update={"config_file": path})
-            load_config_file(store, with_file, on_new_terms, on_owner_change)
+            load_config_file(store, with_file, on_new_terms, on_owner_change, on_prices)
+            if data.prices and on_prices is not None:
+                _prices_not_kept(path, data.prices, here=True)
         except ConfigFileError as exc:
             raise ConfigFileError(str(exc).replace(repr(str(path)), _SENT)) from None
         finally:
@@ -887,24 +1052,40 @@ def apply_config_text(
     return {section: len(data.sections[section]) for section in SECTIONS if data.sections[section]}
 
 
+def _prices_not_kept(path: Path, prices: Mapping[str, DeploymentPrice], here: bool) -> None:
+    """The warning of a file applied (not read at start-up) that prices deployments: no store
+    keeps prices, and a route to a deployment no process prices is charged $0."""
+    logger.warning(
+        "BUDGET_CONFIG_FILE %r prices deployments (%s: LiteLLM's base_model or custom prices), "
+        "which are not kept in the store: %sa process meters them at these prices only when its "
+        "BUDGET_CONFIG_FILE names this file (or its BUDGET_PRICING_FILE prices them); elsewhere "
+        "they cost what the price catalog says (an Azure deployment's own name: nothing)",
+        str(path), ", ".join(sorted(prices)),
+        "this process does until it restarts; " if here else "",
+    )  # fmt: skip
+
+
 def load_config_file(
     store: Store,
     settings: BudgetSettings,
     on_new_terms: OnNewTerms | None = None,
     on_owner_change: Callable[[str], None] | None = None,
+    on_prices: OnPrices | None = None,
 ) -> None:
     """Apply `settings.config_file` to the store (a start-up hook of the engine; blocking).
     `on_new_terms`: the engine's live counters, told of windows new terms moved;
     `on_owner_change`: the engine, told of the keys and owners written (`BudgetEngine.forget`:
-    it vouches no more for those keys as it last read them, under BUDGET_FAIL_OPEN)."""
+    it vouches no more for those keys as it last read them, under BUDGET_FAIL_OPEN);
+    `on_prices`: the engine's prices, given the deployments a LiteLLM file prices, which the
+    store does not keep (without it, a warning names them: applied, not priced)."""
     if settings.config_file is None:
         return
     path = Path(settings.config_file)
     data = _check(path)
     if data.ignored:
         logger.warning(
-            "BUDGET_CONFIG_FILE %r is a LiteLLM config: only its budgets and routes are read; "
-            "ignored: %s", str(path), ", ".join(data.ignored),
+            "BUDGET_CONFIG_FILE %r is a LiteLLM config: only its budgets, routes and prices "
+            "are read; ignored: %s", str(path), ", ".join(data.ignored),
         )  # fmt: skip
     _preflight(store, data)
     ensure_schema(store)
@@ -914,8 +1095,16 @@ def load_config_file(
             for index, entry in enumerate(data.sections[section]):
                 loader.apply(section, index, entry)
         gone = loader.not_declared()
+    if data.prices:
+        if on_prices is not None:
+            on_prices(data.prices)
+        else:
+            _prices_not_kept(path, data.prices, here=False)
     if gone:
         logger.warning(
             "BUDGET_CONFIG_FILE %r no longer declares %s: kept, still in force (the file deletes "
-            "nothing; delete them through the admin API or the CLI)", str(path), ", ".join(gone),
+            "nothing; delete them through the admin API or the CLI). The file finds entities by "
+            "name: an entry renamed in the file declared a new one, without the old one's "
+            "spend; to keep it, rename through the admin API first, then in the file",
+            str(path), ", ".join(gone),
         )  # fmt: skip

@@ -76,6 +76,17 @@ class KeyWriter(OwnerWriter):
         row.key_display = display(value, self.settings.key_prefix)
 
     def _create_key(self, data: VirtualKeyCreate) -> VirtualKeyOut:
+        expires_at = utc_or_none(data.expires_at)
+        if expires_at is not None and expires_at <= utcnow() and self.origin.source != "config":
+            # Its value would be handed out for nothing: every request refused 403
+            # `virtual_key_expired` (a config file's key may have expired since it was written:
+            # a file valid then stays valid, so a fresh store can still be started from it).
+            raise InvalidRequest(
+                "expires_at: is in the past, so the key could never be used; give a later "
+                "time, or none for a key that never expires (an update may set a past time, "
+                "to expire a key now)",
+                param="expires_at",
+            )
         value = data.value or self._new_value()
         with self._session() as s:
             self._unique_name(s, VirtualKeyRow, data.name, "virtual key", None)
@@ -87,7 +98,7 @@ class KeyWriter(OwnerWriter):
                 team_id=data.team_id,
                 customer_id=data.customer_id,
                 is_active=data.is_active,
-                expires_at=utc_or_none(data.expires_at),
+                expires_at=expires_at,
                 tags=list(data.tags),
                 calendar_aligned=data.calendar_aligned,
             )

@@ -1,11 +1,11 @@
 """Writing an owner's budgets and rate limit (SPEC §9): changing a limit never resets its usage.
 
 In an update, each budget of the body is matched to one of the owner's budgets by `id`, or else
-by `reset_duration`, and keeps its usage; when one budget of the body and one of the owner's are
-left unmatched, both hard or both soft, they are the same budget on new terms (a config file
-cannot name ids); budgets of
-the owner left out of the list are removed; an update without `budgets` leaves them alone. Two
-budgets of one owner never share a reset_duration.
+by `reset_duration` (as written, then as meant: `24h` is `1d`), and keeps its usage; when one
+budget of the body and one of the owner's are left unmatched, both hard or both soft, they are
+the same budget on new terms (a config file cannot name ids); budgets of the owner left out of
+the list are removed; an update without `budgets` leaves them alone. Two budgets of one owner
+never share a reset_duration.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import object_session
 from sqlmodel import Session, col, delete, select
 
+from budget_middleware.core.durations import Duration
 from budget_middleware.core.money import limit_nanos
 from budget_middleware.core.scopes import model_name_problem
 from budget_middleware.core.times import FAR_FUTURE, utc
@@ -171,14 +172,19 @@ def write_budgets(
             raise Conflict(f"budget {budget.id!r} is given twice", param="budgets")
         row = unmatched.pop(budget.id, None) if budget.id is not None else None
         matched.append((budget, row))
-    for i, (budget, row) in enumerate(matched):
-        if row is None and budget.id is None:
-            row = next(
-                (r for r in unmatched.values() if r.reset_duration == budget.reset_duration), None
-            )
-            if row is not None:
-                del unmatched[row.id]
-                matched[i] = (budget, row)
+    # By reset_duration as written, then as meant: `24h` is `1d` spelt otherwise, `7d` is `1w`,
+    # `12M` is `1Y` (a config file respelling two durations at once, or one along with another
+    # change, left more than one unmatched: they were removed and made anew at $0).
+    for same in (_duration_text, _duration_length):
+        for i, (budget, row) in enumerate(matched):
+            if row is None and budget.id is None:
+                wanted = same(budget.reset_duration)
+                row = next(
+                    (r for r in unmatched.values() if same(r.reset_duration) == wanted), None
+                )
+                if row is not None:
+                    del unmatched[row.id]
+                    matched[i] = (budget, row)
     new = [i for i, (budget, row) in enumerate(matched) if row is None and budget.id is None]
     if (
         len(new) == 1
@@ -193,6 +199,21 @@ def write_budgets(
     s.flush()  # removed budgets free their reset_duration before the new ones are written
     for budget, row in matched:
         _write_budget(s, owner_type, owner_id, budget, row, calendar_aligned, origin)
+
+
+def _duration_text(duration: str | None) -> object:
+    return duration
+
+
+def _duration_length(duration: str | None) -> object:
+    """What a duration means, however it is spelt: seconds for s..w, months for M/Q/Y."""
+    if duration is None:
+        return None
+    try:
+        parsed = Duration.parse(duration)
+    except ValueError:  # a stored text no longer valid (an older release's): as written
+        return duration
+    return (parsed.unit in "MQY", parsed.approx_seconds)  # a month's seconds are nominal
 
 
 def _write_budget(

@@ -135,7 +135,9 @@ def model_configs(
         raise InvalidRequest("offset must be at least 0", param="offset")
     query = select(ModelConfigRow)
     if search:
-        query = query.where(func.lower(ModelConfigRow.model_name).contains(search.lower()))
+        # a substring as written: `_` and `%` are no LIKE wildcards here
+        found = func.lower(ModelConfigRow.model_name).contains(search.lower(), autoescape=True)
+        query = query.where(found)
     if scope is not None:
         query = query.where(ModelConfigRow.scope == scope)
     if provider is not None:
@@ -183,7 +185,10 @@ def usage(s: Session, group_by: str, start: datetime | None, end: datetime | Non
         query = query.where(col(UsageRecordRow.created_at) >= start)
     if end is not None:
         query = query.where(col(UsageRecordRow.created_at) < end)
-    rows: Iterable[tuple[Any, ...]] = s.exec(query.group_by(group)).all()
+    rows: Sequence[tuple[Any, ...]] = s.exec(query.group_by(group)).all()
+    # The total of the same read (a second query saw the records written since): each group
+    # holds records no other holds, by tag too before a record with two tags is split in two.
+    total = _total(rows)
     if group_by == "tag":
         rows = _split_tags(rows)
     names = _names(s, group_by)
@@ -214,7 +219,7 @@ def usage(s: Session, group_by: str, start: datetime | None, end: datetime | Non
         end=end,
         usage=found,
         count=len(found),
-        total=_totals(s, start, end),
+        total=total,
     )
 
 
@@ -230,26 +235,22 @@ def _split_tags(rows: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return [(tag, *numbers) for tag, numbers in sums.items()]
 
 
-def _totals(s: Session, start: datetime | None, end: datetime | None) -> UsageRow:
-    query = select(  # type: ignore[call-overload]
-        func.count(),
-        func.coalesce(func.sum(UsageRecordRow.input_tokens), 0),
-        func.coalesce(func.sum(UsageRecordRow.output_tokens), 0),
-        func.coalesce(func.sum(UsageRecordRow.cached_tokens), 0),
-        func.coalesce(func.sum(UsageRecordRow.cost_nanos), 0),
-    )
-    if start is not None:
-        query = query.where(col(UsageRecordRow.created_at) >= start)
-    if end is not None:
-        query = query.where(col(UsageRecordRow.created_at) < end)
-    n, i, o, c, cost = s.exec(query).one()
+def _total(rows: Sequence[tuple[Any, ...]]) -> UsageRow:
+    """The sums of groups of distinct records (a group, then its five sums)."""
+    n = i = o = c = cost = 0
+    for _group, *numbers in rows:
+        n += int(numbers[0])
+        i += int(numbers[1])
+        o += int(numbers[2])
+        c += int(numbers[3])
+        cost += int(numbers[4])
     return UsageRow(
         key=None,
-        requests=int(n),
-        input_tokens=int(i),
-        output_tokens=int(o),
-        cached_tokens=int(c),
-        cost=usd_from_nanos(int(cost)),
+        requests=n,
+        input_tokens=i,
+        output_tokens=o,
+        cached_tokens=c,
+        cost=usd_from_nanos(cost),
     )
 
 

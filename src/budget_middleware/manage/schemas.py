@@ -374,8 +374,9 @@ class _Limits(_Body):
     rate_limit: RateLimitIn | None = None
 
     def budget_list(self) -> list[BudgetIn] | None:
-        """The budgets to write, or None to leave them alone."""
-        if self.budgets is None and "budget" not in self.model_fields_set:
+        """The budgets to write, or None to leave them alone: `budgets` and `budget` both left
+        out or null (a null `budget` removed every budget, where a null `budgets` kept them)."""
+        if self.budgets is None and self.budget is None:
             return None
         return [*(self.budgets or []), *([self.budget] if self.budget else [])]
 
@@ -485,6 +486,10 @@ class _KeyFields(_Limits):
 class VirtualKeyCreate(_KeyFields):
     name: KeyName
     is_active: JsonBool = True
+    expires_at: JsonTime | None = Field(
+        default=None,
+        description="RFC 3339, with its offset; not in the past (a key created expired is a 422)",
+    )
     tags: list[KeyTag] = Field(default_factory=list, max_length=100)
     calendar_aligned: JsonBool = False
     value: str | None = Field(
@@ -607,10 +612,14 @@ RouteName = Annotated[
 Strategy = Literal["ordered", "most_remaining"]
 
 
+MAX_CONFIG_CHARS: Final = 4_000_000
+"""The longest config file (`BUDGET_CONFIG_FILE`, `POST /config/apply`'s text), in characters."""
+
+
 class ConfigApply(_Body):
     """A config file's text (BUDGET_CONFIG_FILE's format), applied as start-up applies it."""
 
-    text: str = Field(max_length=4_000_000, description="the file's content")
+    text: str = Field(max_length=MAX_CONFIG_CHARS, description="the file's content")
     format: Literal["yaml", "json"] = Field(default="yaml", description="yaml or json")
 
 

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Coroutine, Generator
 from dataclasses import dataclass
 from time import perf_counter
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 
@@ -40,6 +40,7 @@ from budget_middleware.core.identity import (
     header_reader,
     is_inference_path,
     key_digest,
+    plain_path,
 )
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept
@@ -48,7 +49,16 @@ from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, ge
 from budget_middleware.engine.exchange import Exchange
 from budget_middleware.engine.gate import RoutePlan, body_to_send, parse_json
 from budget_middleware.engine.hooks import Hook
-from budget_middleware.engine.portal import is_background, loop_lock, on_loop
+from budget_middleware.engine.portal import (
+    NEVER_BEGAN as _NEVER_BEGAN,
+)
+from budget_middleware.engine.portal import (
+    background_loop,
+    closed_outcome,
+    is_background,
+    loop_lock,
+    on_loop,
+)
 from budget_middleware.exceptions import ConfigurationError
 from budget_middleware.outbound.hosts import USAGE_CHECKED, HostTable, usage_unasked
 from budget_middleware.outbound.payer import Payer, inbound_headers, noting, payer
@@ -90,7 +100,11 @@ class _Meter:
         if request.method != "POST":
             return None
         path: str = request.url.path
-        return path if is_inference_path(path, self.suffixes) else None
+        if not is_inference_path(path, self.suffixes):
+            return None
+        if "/threads/" in path and _thread_messages(path):
+            return None
+        return path
 
     def readable(
         self, headers: _RawHeaders, names: list[bytes], body: bytes
@@ -331,6 +345,14 @@ class _Meter:
 _RawHeaders = list[tuple[bytes, bytes]]
 
 
+def _thread_messages(path: str) -> bool:
+    """Whether `path` is OpenAI's (and Azure's) Assistants API `/threads/{id}/messages`: a POST
+    there stores a message in a thread, generates nothing and is not billed, though its path
+    ends with `/messages` (the runs that read it, `/threads/{id}/runs`, are not metered)."""
+    segments = plain_path(path).split("/")
+    return len(segments) >= 3 and segments[-3] == "threads" and segments[-1] == "messages"
+
+
 def _outbound(admitted: Exchange | ErrorAnswer) -> Exchange | ErrorAnswer:
     """An admitted call marked as outbound (SPEC §13), its caller named."""
     if type(admitted) is ErrorAnswer:
@@ -511,21 +533,13 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         if isinstance(body, ErrorAnswer):
             return meter.refused(lib.module, request, body)
         loop = meter.engine.loop
-        if loop is None or loop is asyncio.get_running_loop() or not loop.is_running():
+        running = asyncio.get_running_loop()
+        if loop is not running and (loop is None or not loop.is_running()):
+            loop = _home(meter.engine)  # no loop runs the engine: it starts here, or there
+        if loop is None or loop is running:
             admitted = await meter.admit(request, path, body)
-        else:  # another thread's loop runs the engine: admitted here, or there (`_there`)
-            here = meter.admit_here(request, path, body)
-            if here is not None:
-                admitted = here
-            else:
-                chosen, inbound = payer.get(), inbound_headers.get()
-
-                async def admit() -> Exchange | ErrorAnswer:
-                    payer.set(chosen)  # this task's context, on the engine's loop
-                    inbound_headers.set(inbound)
-                    return await meter.admit(request, path, body)
-
-                admitted = await _admitted_there(loop, admit(), meter)
+        else:  # another thread's loop runs the engine: here, or there (`_admitted_elsewhere`)
+            admitted = await _admitted_elsewhere(meter, request, path, body, loop)
         if type(admitted) is ErrorAnswer:
             return meter.refused(lib.module, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
@@ -543,13 +557,93 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
             await self.transport.aclose()
 
 
-async def _there(loop: asyncio.AbstractEventLoop, step: Coroutine[Any, Any, T]) -> T:
-    """`step` run on `loop`, which another thread runs: the engine's (a sync transport's or a
-    WSGI app's background loop, a server's), where every admission and settlement is one step
-    among its own. Run here, on a loop of its own (an async SDK called through `asyncio.run`
-    from a Flask view), two admissions could interleave and pass one limit together. A wait
-    cancelled here (a timeout) leaves the step to finish there: it is never cut in half."""
-    return await asyncio.shield(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step, loop)))
+def _home(engine: BudgetEngine) -> asyncio.AbstractEventLoop | None:
+    """Where an engine that no loop runs (not started, or its loop has ended) starts for an
+    async call: on the call's loop (None), or on the background loop when the call's loop is
+    one of a thread other than the main one (`asyncio.run` in a worker thread, a Flask view):
+    such a loop ends with its job, and other threads' calls handed to it meanwhile were dropped
+    with it (stuck for ever) or cancelled by its end. An engine an ASGI middleware serves starts
+    where that middleware serves it."""
+    if not engine.needs_start() or threading.current_thread() is threading.main_thread():
+        return None
+    if any(ref() is not None for ref in engine.failure_listeners):  # an ASGI middleware's
+        return None
+    return background_loop()
+
+
+async def _admitted_elsewhere(
+    meter: _Meter, request: Any, path: str, body: bytes, loop: asyncio.AbstractEventLoop
+) -> Exchange | ErrorAnswer:
+    """An async call's admission when another thread's loop runs the engine (a sync
+    transport's or a WSGI app's background loop, a server's): here (`admit_here`), or on that
+    loop (`_admitted_there`), where every admission and settlement is one step among its own.
+    Run on a loop of its own (an async SDK called through `asyncio.run` from a Flask view), two
+    admissions could interleave and pass one limit together. Should that loop end before it
+    began there (a script's `asyncio.run` returning), on the loop that runs the engine next."""
+    while True:
+        here = meter.admit_here(request, path, body)
+        if here is not None:
+            return here
+        began: list[Any] = []
+        step = _admit(meter, request, path, body, payer.get(), inbound_headers.get(), began)
+        got = await _admitted_there(loop, step, meter, began)
+        if got is not _NEVER_BEGAN:
+            return got  # type: ignore[return-value]
+        running = asyncio.get_running_loop()
+        next_loop = meter.engine.loop
+        if next_loop is None or not next_loop.is_running() or next_loop is running:
+            next_loop = _home(meter.engine)
+        if next_loop is None or next_loop is running:
+            return await meter.admit(request, path, body)
+        loop = next_loop
+
+
+async def _admit(
+    meter: _Meter,
+    request: Any,
+    path: str,
+    body: bytes,
+    chosen: Payer | None,
+    inbound: Any,
+    began: list[Any],
+) -> Exchange | ErrorAnswer:
+    """An admission on the engine's loop, for a call of another thread's: `began` holds a
+    mark once it has begun there, then its answer (`_waited_there`)."""
+    began.append(None)
+    payer.set(chosen)  # this task's context, on the engine's loop
+    inbound_headers.set(inbound)
+    admitted = await meter.admit(request, path, body)
+    began.append(admitted)
+    return admitted
+
+
+async def _settle(exchange: Exchange, outcome: str, began: list[Any]) -> None:
+    """A settlement on the engine's loop, marked as `_admit` is."""
+    began.append(None)
+    await exchange.settle(outcome)
+    began.append(None)
+
+
+_LOOP_CHECK = 0.25  # seconds: how often a call waiting for another thread's loop sees it runs
+
+
+async def _waited_there(
+    loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future[T], began: list[Any]
+) -> T | object:
+    """`future`, of work handed to `loop`, waited for as `asyncio.shield` would (a wait
+    cancelled here leaves the work to finish there). Should that loop end meanwhile: work it
+    dropped unrun or cancelled before its first step never began, `_NEVER_BEGAN` (to run on
+    the loop that runs the engine next); work done there whose answer the loop's end kept back
+    gives it all the same; work cut midway raises. None is waited for for ever."""
+    waited = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait((waited,), timeout=_LOOP_CHECK)
+        if done:
+            if waited.cancelled() and not began:
+                return _NEVER_BEGAN
+            return waited.result()
+        if loop.is_closed():
+            return cast(T, closed_outcome(began))
 
 
 _SETTLING: set[asyncio.Task[None]] = set()  # admissions settled for a caller that left
@@ -559,13 +653,19 @@ async def _admitted_there(
     loop: asyncio.AbstractEventLoop,
     step: Coroutine[Any, Any, Exchange | ErrorAnswer],
     meter: _Meter,
-) -> Exchange | ErrorAnswer:
-    """An admission made on the engine's loop (`_there`). Should the caller stop waiting for it
-    (cancelled, a timeout), the call is never sent: an admission that went through all the
-    same is settled there as a disconnect, at no cost, so its slot and reservation go back."""
-    future = asyncio.run_coroutine_threadsafe(step, loop)
+    began: list[Any],
+) -> Exchange | ErrorAnswer | object:
+    """An admission made on the engine's loop, or `_NEVER_BEGAN` if that loop ended
+    before it began (`_waited_there`). Should the caller stop waiting for it (cancelled, a
+    timeout), the call is never sent: an admission that went through all the same is settled
+    there as a disconnect, at no cost, so its slot and reservation go back."""
     try:
-        return await asyncio.shield(asyncio.wrap_future(future))
+        future = asyncio.run_coroutine_threadsafe(step, loop)
+    except RuntimeError:  # closed since it was looked at
+        step.close()
+        return _NEVER_BEGAN
+    try:
+        return await _waited_there(loop, future, began)
     except asyncio.CancelledError:
 
         def release(done: concurrent.futures.Future[Exchange | ErrorAnswer]) -> None:
@@ -587,15 +687,42 @@ async def _admitted_there(
 
 
 def _settled(meter: _Meter, exchange: Exchange, outcome: str) -> Awaitable[None]:
-    """An async call settled where it was admitted (see `_there`; or in this thread, holding
-    the lock every step of the engine's background loop holds: `settled_here`): the
+    """An async call settled where it was admitted (see `_admitted_elsewhere`; or in this
+    thread, holding the lock every step of the engine's background loop holds: `settled_here`): the
     settlement to await."""
     loop = meter.engine.loop
     if loop is None or loop is asyncio.get_running_loop() or not loop.is_running():
         return exchange.settle(outcome)
     if meter.settled_here(exchange, outcome):
         return _SETTLED
-    return _there(loop, exchange.settle(outcome))
+    return _settled_there(meter, exchange, outcome, loop)
+
+
+async def _settled_there(
+    meter: _Meter, exchange: Exchange, outcome: str, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A settlement on another thread's loop (`_waited_there`); should that loop end before it began
+    there (a script's `asyncio.run` returning), on the loop that runs the engine next."""
+    while True:
+        began: list[Any] = []
+        step = _settle(exchange, outcome, began)
+        try:
+            future = asyncio.run_coroutine_threadsafe(step, loop)
+        except RuntimeError:  # closed since it was looked at
+            step.close()
+        else:
+            if await _waited_there(loop, future, began) is not _NEVER_BEGAN:
+                return
+        running = asyncio.get_running_loop()
+        next_loop = meter.engine.loop
+        if next_loop is None or not next_loop.is_running() or next_loop is running:
+            next_loop = _home(meter.engine)
+        if next_loop is None or next_loop is running:
+            await exchange.settle(outcome)
+            return
+        if meter.settled_here(exchange, outcome):
+            return
+        loop = next_loop
 
 
 class _Settled:
@@ -657,7 +784,13 @@ class _Metered:
             # A JSON answer the caller stopped reading (cancelled): the provider made and
             # bills all of it, and the rest cannot be read for its usage: charged its most.
             exchange.unreadable = exchange.unreadable or "its read was cancelled midway"
-        return "upstream_error" if self.failed else _outcome(exchange, self.done)
+        if self.failed:
+            return "upstream_error"
+        if exchange.status >= 400 and not self.cut:
+            # The provider's error, closed unread: an SDK does so before it retries a streamed
+            # call (429, 5xx). Whole as the provider gave it, as the same error read is.
+            return "completed"
+        return _outcome(exchange, self.done)
 
     def __del__(self) -> None:
         """A body the SDK dropped unread and unclosed (a stream it never iterated, a response
@@ -668,7 +801,11 @@ class _Metered:
 
 class _AsyncMetered(_Metered):
     def __aiter__(self) -> _AsyncMetered:
-        self.chunks = self.stream.__aiter__()  # raw, as it came (read already or not)
+        # Once: httpx asks twice as it begins to read, and an SDK again as it drains the rest
+        # (openai's `drain_response_async`); a body that can be read again (a mock's, a
+        # cache's `ByteStream`) began anew each time, its text metered twice.
+        if self.chunks is None:
+            self.chunks = self.stream.__aiter__()  # raw, as it came (read already or not)
         return self
 
     async def __anext__(self) -> bytes:
@@ -809,7 +946,8 @@ class _Handoff:
 
 class _SyncMetered(_Metered):
     def __iter__(self) -> _SyncMetered:
-        self.chunks = iter(self.stream)
+        if self.chunks is None:  # once, as `_AsyncMetered.__aiter__`
+            self.chunks = iter(self.stream)
         return self
 
     def __next__(self) -> bytes:

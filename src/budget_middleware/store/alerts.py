@@ -1,27 +1,32 @@
 """Alerts in the store (SPEC §14): raised once across every instance, and delivered.
 
 The table's unique constraint (budget, window, type, threshold) decides which instance raises an
-alert: the one whose insert lands; every other one's is ignored. Deliveries are leased: an
-instance claims due alerts with a conditional update, so two instances never post one alert at
-the same time, and a delivery left by a stopped instance is taken up once its lease runs out.
+alert: the one whose insert lands; every other one's is ignored. Each alert's delivery to each
+webhook URL is a row of its own, with its own retry schedule, and an instance delivers to the
+URLs of its settings: one URL that hangs holds back no other's retry, and one instance's settings
+close no delivery another instance would make. Deliveries are leased: an instance claims due ones
+with a conditional update, so two instances never post one alert to one URL at the same time, and
+a delivery left by a stopped instance is taken up once its lease runs out.
 Blocking calls, run in a worker thread.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, update
+from sqlalchemy import Connection, and_, delete, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 
 from budget_middleware.core.providers import owner_name
 from budget_middleware.core.times import utc
+from budget_middleware.settings import shown_url
 from budget_middleware.store.database import Store
-from budget_middleware.store.tables import AlertRow, new_id
+from budget_middleware.store.tables import AlertDeliveryRow, AlertRow, new_id
 
 
 @dataclass(slots=True)
@@ -38,30 +43,53 @@ class NewAlert:
     raised_at: datetime
     body: str
     delivery: str  # "pending", or "delivered" when there is nowhere to deliver
+    id: str = field(default_factory=new_id)  # in the body too: a receiver tells a repeat by it
 
 
 @dataclass(slots=True)
 class Due:
-    """An alert claimed for delivery."""
+    """An alert's delivery to one URL, claimed."""
 
-    id: str
+    alert_id: str
+    url: str
+    url_key: str
     body: str
-    delivered_to: list[str]
-    attempts: int
-    raised_at: datetime
+    attempts: int  # this URL's
     claimed_until: datetime  # this claim: its outcome is recorded only while it holds
-    first_attempt_at: datetime | None
+    first_attempt_at: datetime | None  # this URL's
 
 
-def raise_alerts(store: Store, alerts: Sequence[NewAlert]) -> list[AlertRow]:
-    """Insert each alert unless it was raised already (here or by another instance); the rows
-    this call inserted, which only this caller reports."""
+def url_key(url: str) -> str:
+    """How the store knows a webhook URL: its SHA-256 (the URL's path may be a credential)."""
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def _delivery_rows(
+    alert_id: str, urls: Sequence[str], due: datetime, done: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "alert_id": alert_id,
+            "url_key": url_key(url),
+            "url_shown": shown_url(url)[:200],
+            "delivery": "delivered" if url in done else "pending",
+            "attempts": 0,
+            "next_attempt_at": due,
+        }
+        for url in dict.fromkeys(urls)
+    ]
+
+
+def raise_alerts(
+    store: Store, alerts: Sequence[NewAlert], urls: Sequence[str] = ()
+) -> list[AlertRow]:
+    """Insert each alert unless it was raised already (here or by another instance), with its
+    delivery to each of `urls`; the rows this call inserted, which only this caller reports."""
     inserted: list[AlertRow] = []
     with store.engine.begin() as conn:
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         for alert in alerts:
             values = {
-                "id": new_id(),
                 "attempts": 0,
                 "delivered_to": [],
                 "next_attempt_at": alert.raised_at,
@@ -71,67 +99,225 @@ def raise_alerts(store: Store, alerts: Sequence[NewAlert]) -> list[AlertRow]:
             # RETURNING says whether the row went in (PostgreSQL's driver here reports no rowcount)
             if conn.execute(statement.returning(col(AlertRow.id))).first() is not None:
                 inserted.append(AlertRow(**values))
+                if urls and alert.delivery == "pending":
+                    rows = _delivery_rows(values["id"], urls, alert.raised_at)
+                    conn.execute(dialect.insert(AlertDeliveryRow).values(rows))
     return inserted
 
 
-def claim_due(store: Store, now: datetime, lease: float, limit: int = 20) -> list[Due]:
-    """Pending alerts whose next attempt is due and that no instance holds, claimed for `lease`
-    seconds (an instance that stops mid-delivery holds them no longer than that)."""
-    free = or_(col(AlertRow.claimed_until).is_(None), col(AlertRow.claimed_until) < now)
-    due = and_(col(AlertRow.delivery) == "pending", col(AlertRow.next_attempt_at) <= now, free)
+def adopt(store: Store, urls: Sequence[str], now: datetime, recent: float) -> int:
+    """This instance's URLs added to the alerts that lack them: those pending (raised before
+    this release kept deliveries by URL, or by an instance with other URLs) and those raised in
+    the last `recent` seconds (by an instance with no URL, or other ones): every instance's URLs
+    get every alert, whichever instance raised it. How many deliveries were added."""
+    since = now - timedelta(seconds=recent)
+    added = 0
+    with store.engine.begin() as conn:
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        for url in dict.fromkeys(urls):
+            mine = select(AlertDeliveryRow.alert_id).where(
+                col(AlertDeliveryRow.alert_id) == AlertRow.id,
+                col(AlertDeliveryRow.url_key) == url_key(url),
+            )
+            lacking = conn.execute(
+                select(col(AlertRow.id), col(AlertRow.delivered_to)).where(
+                    or_(col(AlertRow.delivery) == "pending", col(AlertRow.raised_at) >= since),
+                    ~mine.exists(),
+                )
+            ).all()
+            for alert_id, delivered_to in lacking:
+                _lock(conn, alert_id)  # summed up after any other instance's outcome
+                rows = _delivery_rows(alert_id, [url], now, delivered_to or ())
+                done = conn.execute(
+                    dialect.insert(AlertDeliveryRow)
+                    .values(rows)
+                    .on_conflict_do_nothing()
+                    .returning(col(AlertDeliveryRow.alert_id))
+                ).first()
+                if done is not None:
+                    added += 1
+                    _sum_up(conn, alert_id)
+    return added
+
+
+def claim_due(
+    store: Store, urls: Sequence[str], now: datetime, lease: float, limit: int = 20
+) -> list[Due]:
+    """Deliveries to `urls` whose next attempt is due and that no instance holds, claimed for
+    `lease` seconds (an instance that stops mid-delivery holds them no longer than that)."""
+    by_key = {url_key(url): url for url in urls}
+    if not by_key:
+        return []
+    free = or_(
+        col(AlertDeliveryRow.claimed_until).is_(None), col(AlertDeliveryRow.claimed_until) < now
+    )
+    due = and_(
+        col(AlertDeliveryRow.url_key).in_(list(by_key)),
+        col(AlertDeliveryRow.delivery) == "pending",
+        col(AlertDeliveryRow.next_attempt_at) <= now,
+        free,
+    )
+    until = now + timedelta(seconds=lease)
     claimed: list[Due] = []
     with store.session() as s:
         rows = s.exec(
-            select(AlertRow).where(due).order_by(col(AlertRow.raised_at)).limit(limit)
+            select(AlertDeliveryRow, AlertRow.body)
+            .join(AlertRow, col(AlertRow.id) == col(AlertDeliveryRow.alert_id))
+            .where(due)
+            # as raised: thresholds up, then exhausted (a tie of clocks: by type, threshold)
+            .order_by(col(AlertRow.raised_at), col(AlertRow.type).desc(), col(AlertRow.threshold))
+            .limit(limit)
         ).all()
-        for row in rows:
-            until = now + timedelta(seconds=lease)
+        for row, body in rows:
             taken = s.execute(
-                update(AlertRow)
-                .where(col(AlertRow.id) == row.id, free)
+                update(AlertDeliveryRow)
+                .where(
+                    col(AlertDeliveryRow.alert_id) == row.alert_id,
+                    col(AlertDeliveryRow.url_key) == row.url_key,
+                    free,
+                )
                 .values(claimed_until=until)
-                .returning(col(AlertRow.id))
+                .returning(col(AlertDeliveryRow.alert_id))
                 # nothing evaluated in Python: SQLite gives back naive datetimes
                 .execution_options(synchronize_session=False)
             ).first()
             if taken is not None:  # no other instance claimed it meanwhile
                 first = row.first_attempt_at
                 claimed.append(
-                    Due(row.id, row.body, list(row.delivered_to), row.attempts,
-                        utc(row.raised_at), until, None if first is None else utc(first))
+                    Due(row.alert_id, by_key[row.url_key], row.url_key, body, row.attempts,
+                        until, None if first is None else utc(first))
                 )  # fmt: skip
         s.commit()
     return claimed
 
 
 def record_attempt(
-    store: Store,
-    due: Due,
-    delivered_to: list[str],
-    delivery: str,
-    next_attempt_at: datetime,
-    error: str | None,
+    store: Store, due: Due, delivery: str, next_attempt_at: datetime, error: str | None
 ) -> bool:
-    """One delivery round's outcome, and the claim released; False (nothing written) when the
-    claim was no longer this round's (it ran past its lease and another instance took over)."""
-    with store.session() as s:
-        done = s.execute(
-            update(AlertRow)
-            .where(col(AlertRow.id) == due.id, col(AlertRow.claimed_until) == due.claimed_until)
+    """One URL's attempt, the claim released, and the alert's state summed up; False (nothing
+    written) when the claim was no longer this one's (it ran past its lease and another
+    instance took over)."""
+    with store.engine.begin() as conn:
+        _lock(conn, due.alert_id)
+        done = conn.execute(
+            update(AlertDeliveryRow)
+            .where(
+                col(AlertDeliveryRow.alert_id) == due.alert_id,
+                col(AlertDeliveryRow.url_key) == due.url_key,
+                col(AlertDeliveryRow.claimed_until) == due.claimed_until,
+            )
             .values(
-                delivered_to=delivered_to,
                 delivery=delivery,
-                attempts=AlertRow.attempts + 1,
+                attempts=AlertDeliveryRow.attempts + 1,
                 first_attempt_at=due.first_attempt_at or datetime.now(UTC),
                 next_attempt_at=next_attempt_at,
                 claimed_until=None,
                 last_error=None if error is None else error[:300],
             )
-            .returning(col(AlertRow.id))
-            .execution_options(synchronize_session=False)
+            .returning(col(AlertDeliveryRow.alert_id))
         ).first()
-        s.commit()
+        if done is not None:
+            _sum_up(conn, due.alert_id, error)
     return done is not None
+
+
+def _lock(conn: Connection, alert_id: str) -> None:
+    """The alert's row locked (SQLite: the write lock) before its deliveries are read: two
+    instances recording two URLs of one alert at once sum up one after the other."""
+    conn.execute(
+        update(AlertRow).where(col(AlertRow.id) == alert_id).values(attempts=AlertRow.attempts)
+    )
+
+
+def _sum_up(conn: Connection, alert_id: str, error: str | None = None) -> None:
+    """The alert's `delivery` and `attempts` from its deliveries: pending while any URL's is,
+    else failed if any URL's failed (or none is left: every URL removed), else delivered;
+    attempts are the most any URL took."""
+    rows = conn.execute(
+        select(col(AlertDeliveryRow.delivery), col(AlertDeliveryRow.attempts)).where(
+            col(AlertDeliveryRow.alert_id) == alert_id
+        )
+    ).all()
+    states = {row[0] for row in rows}
+    if "pending" in states:
+        state = "pending"
+    elif "failed" in states or not rows:
+        state = "failed"
+    else:
+        state = "delivered"
+    before = conn.execute(select(col(AlertRow.attempts)).where(col(AlertRow.id) == alert_id))
+    attempts = max([row[1] for row in rows] + [before.scalar_one_or_none() or 0])
+    values: dict[str, Any] = {"delivery": state, "attempts": attempts}
+    if error is not None:
+        values["last_error"] = error[:300]
+    conn.execute(update(AlertRow).where(col(AlertRow.id) == alert_id).values(**values))
+
+
+def give_up_unattended(
+    store: Store, now: datetime, idle: float, own: Sequence[str] = (), limit: int = 100
+) -> int:
+    """Deliveries to a URL that no instance has attempted for `idle` seconds past their due
+    time (the URL removed from every instance's settings: none will) are dropped, and their
+    alerts summed up again (failed when no URL is left); pending alerts with no delivery at all
+    (raised before this release) idle that long are failed. How many were given up. An
+    instance with a URL attempts what is due within a round and reschedules it at most
+    `Alerts.max_delay` ahead: what it is retrying is never that idle. Deliveries to `own` (the
+    URLs of the asking instance, by `url_key`) are never given up: it attempts them, however
+    long they waited for it (a restart after a downtime finds more due than a round claims)."""
+    idle_since = now - timedelta(seconds=idle)
+    free = or_(
+        col(AlertDeliveryRow.claimed_until).is_(None), col(AlertDeliveryRow.claimed_until) < now
+    )
+    stale = and_(
+        col(AlertDeliveryRow.delivery) == "pending",
+        col(AlertDeliveryRow.next_attempt_at) < idle_since,
+        free,
+        col(AlertDeliveryRow.url_key).not_in(list(own)),
+    )
+    any_delivery = select(AlertDeliveryRow.alert_id).where(
+        col(AlertDeliveryRow.alert_id) == AlertRow.id
+    )
+    free_alert = or_(col(AlertRow.claimed_until).is_(None), col(AlertRow.claimed_until) < now)
+    stale_alert = and_(
+        col(AlertRow.delivery) == "pending",
+        col(AlertRow.next_attempt_at) < idle_since,
+        free_alert,
+        ~any_delivery.exists(),
+    )
+    why = f"no instance with its webhook URL attempted it for {idle:g} s"
+    given_up = 0
+    with store.engine.connect() as conn:  # read first: the usual answer is none, no lock taken
+        found = conn.execute(
+            select(col(AlertDeliveryRow.alert_id), col(AlertDeliveryRow.url_key))
+            .where(stale)
+            .limit(limit)
+        ).all()
+        old = conn.execute(select(col(AlertRow.id)).where(stale_alert).limit(limit)).all()
+    for alert_id, key in found:
+        with store.engine.begin() as conn:
+            _lock(conn, alert_id)
+            gone = conn.execute(
+                delete(AlertDeliveryRow)
+                .where(
+                    col(AlertDeliveryRow.alert_id) == alert_id,
+                    col(AlertDeliveryRow.url_key) == key,
+                    stale,
+                )
+                .returning(col(AlertDeliveryRow.url_shown))
+            ).first()
+            if gone is not None:
+                given_up += 1
+                _sum_up(conn, alert_id, f"{gone[0]}: {why}")
+    if old:
+        with store.engine.begin() as conn:
+            done = conn.execute(
+                update(AlertRow)
+                .where(col(AlertRow.id).in_([row[0] for row in old]), stale_alert)
+                .values(delivery="failed", claimed_until=None, last_error=why)
+                .returning(col(AlertRow.id))
+            ).all()
+            given_up += len(done)
+    return given_up
 
 
 def list_alerts(

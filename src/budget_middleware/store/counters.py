@@ -73,10 +73,25 @@ class CounterBackend(ABC):
     def marks_soon(self) -> None:  # noqa: B027 - optional hook
         """Tell the other instances of the resets noted, from a thread that cannot wait."""
 
+    async def before_take(self) -> None:  # noqa: B027 - optional hook
+        """Before a flush takes what is pending: learn the resets made elsewhere that the
+        pending charges predate (shared backends), so that they go to the old window."""
+
     async def read_live(self, ids: Collection[str] | None = None) -> None:  # noqa: B027
         """Bring the live copies here up to the shared counters (shared backends), for an
         answer from the live counters (`from_memory`, the quota, the provider budgets); `ids`:
         only these limits'. An optional hook."""
+
+    # A backend that needs to know when the store committed the charges it confirms (Redis's,
+    # while it holds debts from an outage) says so; the flusher then reads the store's clock
+    # after each write it confirms and hands the moment over first (`committed_at`).
+    @property
+    def wants_commit_time(self) -> bool:
+        return False
+
+    def committed_at(self, at: float | None) -> None:  # noqa: B027 - optional hook
+        """The store's clock right after it committed the charges confirmed next (None: not
+        known)."""
 
     def after_loop_closed(self) -> None:  # noqa: B027 - optional hook
         """The engine's event loop closed: forget its connections and tasks (shared backends),
@@ -89,10 +104,9 @@ class CounterBackend(ABC):
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None: ...
 
     def admit_anyway(self, limits: LimitSet, estimate: int) -> Ticket:
-        """Shadow mode (SPEC §14): count a request its limits refused, as if they had not."""
-        return admission.admit_anyway(
-            limits, estimate, self.settings.reserve, self.clock(), self.ledger
-        )
+        """Shadow mode (SPEC §14): count a request its limits refused, holding nothing
+        (`admission.count_refused`)."""
+        return admission.count_refused(limits, self.clock(), self.ledger)
 
     async def admit_first(
         self, candidates: Sequence[tuple[LimitSet, int]], most_remaining: bool = False

@@ -2,14 +2,16 @@
 
 The schema version lives in `bm_meta`. Version 1 is created from the tables' metadata; each later
 version adds one function to `_STEPS` that upgrades from the version before it, so a store made by
-any release is brought up to date on start-up. Concurrent start-ups are safe: tables are created
-with `checkfirst`, and on PostgreSQL an advisory lock serialises the steps.
+any release is brought up to date on start-up. Concurrent start-ups are safe: the whole upgrade
+is one transaction, serialised by an advisory lock on PostgreSQL and by SQLite's write lock
+(`BEGIN IMMEDIATE`) on SQLite.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import Connection, Engine, MetaData, inspect, select, text
 
@@ -42,6 +44,8 @@ _STEPS: dict[int, Callable[[Connection], None]] = {
     8: lambda conn: _one_provider_name(conn),
     # 9: bm_deleted, a new table: what was deleted through the API (names, file entry hashes).
     9: lambda conn: None,
+    # 10: bm_alert_deliveries, a new table: each alert's delivery to each URL.
+    10: lambda conn: None,
 }
 
 
@@ -179,12 +183,26 @@ def _add_column(conn: Connection, table: str, definition: str) -> None:
 
 def upgrade(engine: Engine, metadata: MetaData, target: int) -> int:
     """Bring the store to `target`; returns the version it was at before (0 when new)."""
+    if engine.dialect.name == "sqlite":
+        # Up to date (every start-up but the first of a release): nothing to write, and no
+        # write lock asked for, which another process may hold for long (a `sqlite3` shell's
+        # transaction, a backup), while reads still work and the flusher keeps charges on disk.
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            if tables >= set(metadata.tables) and _version(conn, metadata) == target:
+                return target
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+        elif conn.dialect.name == "sqlite":
+            # The driver begins a transaction only before a write, so each CREATE TABLE and
+            # ALTER was a transaction of its own: processes starting together on a new file
+            # both made a table, and one failed. IMMEDIATE: the write lock first; the next
+            # waits (the busy timeout), then finds the schema made. An upgrade cut short
+            # leaves nothing of itself.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         metadata.create_all(conn, checkfirst=True)
-        meta = metadata.tables["bm_meta"]
-        row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+        row = _version_row(conn, metadata)
         current = int(row[0]) if row else 0
         if current > target:
             raise StoreSchemaError(
@@ -193,6 +211,7 @@ def upgrade(engine: Engine, metadata: MetaData, target: int) -> int:
             )
         for version in range(max(current, 1) + 1, target + 1):
             _STEPS[version](conn)
+        meta = metadata.tables["bm_meta"]
         if row is None:
             conn.execute(meta.insert().values(key="schema_version", value=str(target)))
         elif current != target:
@@ -200,3 +219,13 @@ def upgrade(engine: Engine, metadata: MetaData, target: int) -> int:
                 meta.update().where(meta.c.key == "schema_version").values(value=str(target))
             )
         return current
+
+
+def _version_row(conn: Connection, metadata: MetaData) -> Any:
+    meta = metadata.tables["bm_meta"]
+    return conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+
+
+def _version(conn: Connection, metadata: MetaData) -> int:
+    row = _version_row(conn, metadata)
+    return int(row[0]) if row else 0

@@ -8,6 +8,8 @@ admitted, `admission.admit_first`'s rule); settlement is one call too. Keys, und
 - `w:{kind}:{id}:{window start ms}`: a window's value (budget spend in nano-dollars, a request
   or token count). The client computes the window from its `WindowCounter`, so every instance
   agrees on the key; the key expires by itself some time after the window ends.
+- `sv:w:{kind}:{id}:{window start ms}`: beside a window key a seed set, when the seed read the
+  store (the store's clock) and which instance made it (`_leave_out_seeded`).
 - `c:{rate limit id}`: a ZSET of request ids holding a concurrency slot, scored by expiry.
 - `rs:{budget id}`, `rs:request:{rate limit id}`, `rs:token:{rate limit id}`: where a window
   began anew elsewhere (a budget's reset, new terms: `mark_key`); every admission and
@@ -70,7 +72,8 @@ if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
     from budget_middleware.settings import BudgetSettings
-    from budget_middleware.store.database import Store
+    from budget_middleware.store.database import Store, StoredBudget
+    from budget_middleware.store.tables import RateLimitRow
 
 logger = logging.getLogger("budget_middleware")
 
@@ -197,6 +200,25 @@ class _Debt(NamedTuple):
 
 
 @dataclass(slots=True)
+class _Track:
+    """This instance's charges to one window by their place in the order the store confirms
+    them (from 0 when the track began; a flush writes what was pending, in order), kept while
+    some were charged without Redis (`_owe`, `fresh`): a seed that another instance made after
+    Redis came back empty may hold them already, and which it holds is told by when the store
+    committed them (`stamps`) against when that seed read it (`seed.lua`'s record)."""
+
+    confirmed: int = 0  # confirmed by the store since the track began
+    stamps: list[tuple[float, int]] = field(default_factory=list)  # (store clock, confirmed)
+    fresh: list[list[int]] = field(default_factory=list)  # places [lo, hi) of charges owed
+    beat: int = 0  # `confirmed` at the last heartbeat answered (`_written` holds the rest)
+
+
+def _below(segments: list[list[int]], at: int, floor: int = -(2**62)) -> int:
+    """How much of these places lies in [floor, at)."""
+    return sum(max(0, min(hi, at) - max(lo, floor)) for lo, hi in segments)
+
+
+@dataclass(slots=True)
 class _Entry:
     """One counter as the scripts see it."""
 
@@ -243,6 +265,10 @@ class RedisCounters(CounterBackend):
         # Charged while Redis could not be reached, by window key: added to it when it is back.
         self._owed: dict[str, int] = {}
         self._owed_to: dict[str, _Debt] = {}  # the counter and window of each key owed
+        # Windows with charges owed since they were made without Redis, by window key: what a
+        # seed by another instance holds of them is not added again (`_leave_out_seeded`).
+        self._tracks: dict[str, _Track] = {}
+        self._commit_at: float | None = None  # the store's clock after the write confirmed
         # Per counter, this instance's charges in its ledger that its own calls will add to
         # Redis (a settlement under way, a debt): a seed leaves them out, so that each is added
         # once, by its own call, whoever seeds the key.
@@ -291,6 +317,19 @@ class RedisCounters(CounterBackend):
         return f"{self.prefix}i:{self._instance}"
 
     @property
+    def _fence_ms(self) -> int:
+        """How long admissions that take holds wait once Redis is found emptied (`admit.lua`):
+        twice the heartbeat interval, by when every instance's heartbeat has written its holds
+        again (theirs are as far apart as this one's: the same settings)."""
+        return max(int(2000 * self._beat_interval), 1)
+
+    @property
+    def _beat_interval(self) -> float:
+        # Every flush interval, and at least three times a slot TTL: a flush interval at or past
+        # the TTL (fewer writes to the store) let a running request's slot expire.
+        return min(self.settings.flush_interval_seconds, self.slot_ttl / 3)
+
+    @property
     def _mark_ttl_ms(self) -> int:
         """Longer than beats are apart, however long the flush interval (else every beat would
         find it gone, and add again what it owes)."""
@@ -305,6 +344,7 @@ class RedisCounters(CounterBackend):
         self._state.live.clear()
         self._owed.clear()
         self._owed_to.clear()
+        self._tracks.clear()
         self._transit.clear()
         self._releases.clear()
         self._unsure.clear()
@@ -366,6 +406,12 @@ class RedisCounters(CounterBackend):
             self._heartbeat = None
         if self._paying:  # answered before the connections go (else owed, and added again)
             await asyncio.gather(*self._paying, return_exceptions=True)
+        if (self._owed or self._releases or self._unsure) and self.client is not None:
+            # Now or never, back-off or not: what this instance charged without Redis is added
+            # by nobody else, and a Redis that kept its data would lack it for the rest of the
+            # window (stopped before its heartbeat after Redis came back: 13 admitted on 10).
+            with contextlib.suppress(RedisError, OSError, _StoreDown):
+                await self._pay_debts_whole()
         if self.client is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self.client.aclose(close_connection_pool=True)
@@ -476,6 +522,19 @@ class RedisCounters(CounterBackend):
         write taken before the last beat may commit after another instance's seed."""
         window = (kind, id, start)
         self._written[window] = self._written.get(window, 0) + amount
+        if self._tracks:
+            track = self._tracks.get(_window_key(self.prefix, kind, id, start))
+            if track is not None:
+                track.confirmed += amount
+                at = float("inf") if self._commit_at is None else self._commit_at
+                track.stamps.append((at, track.confirmed))
+
+    @property
+    def wants_commit_time(self) -> bool:
+        return bool(self._tracks)
+
+    def committed_at(self, at: float | None) -> None:
+        self._commit_at = at
 
     def _applied(self, counter: WindowCounter, window: float, amount: int) -> None:
         """A charge of the window starting at `window` that settle.lua added to that window's
@@ -486,6 +545,34 @@ class RedisCounters(CounterBackend):
             self._since[counter] = [(window, amount)]
         else:
             charges.append((window, amount))
+
+    async def before_take(self) -> None:
+        """The resets marked by other instances in the windows of the charges Redis added here
+        before any mark (`_applied`), read before a flush takes them: a flush that took them
+        unaware wrote them as the current window's, and the store (which holds the reset) and
+        every seed from it counted charges made before the reset in the new window (10 of 10
+        made on one instance just before a reset on another; 0 now). One round trip a flush
+        round, only while such charges are pending."""
+        client = self.client
+        if client is None or not self._since or self._backing_off():
+            return
+        counters = list(self._since)
+        try:
+            marks = await client.mget([mark_key(self.prefix, c.kind, c.id) for c in counters])
+        except (RedisError, OSError) as exc:
+            # As before: the next admission or re-read finds the reset. Redis is left alone for
+            # the back-off, as after any call that failed: a stalled Redis cost the next request
+            # the whole timeout again.
+            self._failed(exc)
+            return
+        now = self.clock()
+        for counter, mark in zip(counters, marks, strict=True):
+            if mark is None:
+                continue
+            with contextlib.suppress(ValueError, IndexError):
+                text = mark.decode() if isinstance(mark, bytes) else str(mark)
+                if counter.anchor < float(text.split()[0]) < counter.end:
+                    self._moved(counter, text, now)
 
     def _keep_the_old_window_s(self, counter: WindowCounter, at: float) -> None:
         """Before a counter moves to a reset made elsewhere (`Ledger.before_reset_elsewhere`,
@@ -738,9 +825,22 @@ class RedisCounters(CounterBackend):
                     args += [entry.kind, entry.limit, repr(counter.anchor)]
                 else:
                     args += [entry.kind, entry.limit]
+        keys += [self._mark_key, f"{p}fence"]
+        args.append(self._fence_ms if self._beaten else 0)
         entries = [entry for plan in plans for entry in plan]
-        for _ in range(3):
+        waited = 0.0
+        for _ in range(6):
             answer: list[Any] = await self._admit(keys=keys, args=args)
+            if answer[0] == "fence":
+                # Redis was emptied: the slots and reservations of the requests in flight are
+                # not all written again yet (racing admissions passed a concurrency limit: 9 at
+                # once on 8). Waited out, at most twice (a fence set again: a late heartbeat).
+                wait = int(answer[1]) / 1000
+                if waited + wait > 2 * self._fence_ms / 1000:
+                    raise RedisError("Redis was emptied and its holds are not back yet")
+                waited += wait
+                await asyncio.sleep(wait)
+                continue
             if answer[0] != "seed":
                 return answer
             await self._seed_windows([entries[int(i) - 1] for i in answer[1:]], now)
@@ -792,10 +892,15 @@ class RedisCounters(CounterBackend):
         ]
         budget_ids = [e.counter.id for e in missing if e.counter and e.kind in "bs"]
         rate_ids = [e.counter.id for e in missing if e.counter and e.kind not in "bs"]
+
+        def read() -> tuple[float, dict[str, StoredBudget], dict[str, RateLimitRow]]:
+            # The store's clock before the read: every write committed before it is in what
+            # the read sees (`_leave_out_seeded`).
+            at = self.store.clock()
+            return (at, *self.store.read_counters(budget_ids, rate_ids))
+
         try:
-            budgets, rates = await anyio.to_thread.run_sync(
-                self.store.read_counters, budget_ids, rate_ids
-            )
+            read_at, budgets, rates = await anyio.to_thread.run_sync(read)
         except Exception as exc:
             self.on_store_failed(exc)
             raise _StoreDown from exc
@@ -850,7 +955,11 @@ class RedisCounters(CounterBackend):
             args += [max(value + unwritten, 0), self._ttl_ms(counter, now)]
         assert self._seed is not None
         if keys:
-            done = await self._seed(keys=[*keys, self._mark_key], args=args)
+            records = [self._seed_record_key(k) for k in keys]
+            done = await self._seed(
+                keys=[*keys, *records, self._mark_key],
+                args=[*args, f"{read_at!r} {self._instance}"],
+            )
             if not int(done[-1]):  # Redis lost its data since the last heartbeat
                 seeded = zip(keys, done[:-1], strict=True)
                 self._seeded_after_loss.update(k for k, d in seeded if int(d))
@@ -916,35 +1025,46 @@ class RedisCounters(CounterBackend):
         first = admission.admit_first(candidates, reserve, now, self.ledger, most_remaining)
         if first.ticket is not None:
             for counter in first.ticket.limits.requests:
-                self._owe(counter, 1)
+                self._owe(counter, 1, fresh=True)
         return first
 
     def admit_anyway(self, limits: LimitSet, estimate: int) -> Ticket:
         """Shadow mode: counted here, and in Redis when its settlement is (as while Redis is
-        down: the ticket holds nothing there)."""
+        down); the ticket holds nothing, here or there (`admission.count_refused`)."""
         ticket = super().admit_anyway(limits, estimate)
         for counter in limits.requests:
-            self._owe(counter, 1)
+            self._owe(counter, 1, fresh=True)
         return ticket
 
-    def _owe(self, counter: WindowCounter, amount: int, in_transit: bool = False) -> None:
+    def _owe(
+        self, counter: WindowCounter, amount: int, in_transit: bool = False, fresh: bool = False
+    ) -> None:
         """A charge Redis has not seen, to add to its window key when it answers again (it is
-        in transit until then: a seed leaves it out)."""
+        in transit until then: a seed leaves it out). `fresh`: just charged to the ledger here
+        (the newest of its window), so its place in the store's order is known (`_Track`)."""
         if amount:
             key = self.window_key(counter)
             self._owed[key] = self._owed.get(key, 0) + amount
             self._owed_to[key] = _Debt(counter=counter, start=counter.start, end=counter.end)
             if not in_transit:
                 self._in_transit(counter, amount)
+            if fresh:
+                track = self._tracks.get(key)
+                if track is None:
+                    track = self._tracks[key] = _Track()
+                hi = track.confirmed + counter.unwritten(self.ledger)
+                segments = track.fresh
+                if segments and segments[-1][1] == hi - amount:
+                    segments[-1][1] = hi
+                else:
+                    segments.append([hi - amount, hi])
 
-    def _owe_settlement(
-        self, ticket: Ticket, cost: int, tokens: int, in_transit: bool = False
-    ) -> None:
+    def _owe_settlement(self, ticket: Ticket, cost: int, tokens: int) -> None:
         limits = ticket.limits
         for budget in limits.budgets + limits.soft_budgets:
-            self._owe(budget, cost, in_transit)
+            self._owe(budget, cost, fresh=True)
         for counter in limits.tokens:
-            self._owe(counter, tokens, in_transit)
+            self._owe(counter, tokens, fresh=True)
 
     def _owe_unwritten(
         self, written: dict[tuple[str, str, float], int], seeded_here: set[str]
@@ -976,15 +1096,89 @@ class RedisCounters(CounterBackend):
                 return
             owed, self._owed = self._owed, {}
             debts, self._owed_to = self._owed_to, {}
-            charges = [(key, debts[key].counter, amount) for key, amount in owed.items()]
-            bounds = [(debts[key].start, debts[key].end) for key in owed]
+            fresh = self._take_fresh(owed)
             try:
-                gone = await self._reconciled(charges, bounds)
+                if fresh:
+                    fresh = await self._leave_out_seeded(owed, debts, fresh)
             except BaseException:
-                for _, counter, amount in charges:  # still owed, with anything owed meanwhile
-                    self._owe(counter, amount, in_transit=True)  # (still in transit)
+                for key, amount in owed.items():  # still owed, with anything owed meanwhile
+                    self._owe(debts[key].counter, amount, in_transit=True)  # (in transit)
+                for key, segments in fresh.items():  # and where the store has them
+                    track = self._tracks.get(key)
+                    if track is not None:
+                        track.fresh[:0] = segments
                 raise
-            await self._into_windows([charges[i] for i in gone])
+            charges = [(key, debts[key].counter, a) for key, a in owed.items() if a]
+            bounds = [(debts[key].start, debts[key].end) for key, a in owed.items() if a]
+            gone = await self._reconciled(charges, bounds)  # unanswered: `_unsure`, once
+            lost = [charges[i] for i in gone]
+            try:  # (the places of what it adds: another instance may seed first)
+                await self._into_windows(lost, {k: fresh[k] for k, _, _ in lost if k in fresh})
+            finally:
+                self._drop_tracks()
+
+    def _take_fresh(self, owed: dict[str, int]) -> dict[str, list[list[int]]]:
+        """The places of the charges owed (`_Track.fresh`) to these keys, taken off their
+        tracks (given back should the debts stay owed)."""
+        fresh: dict[str, list[list[int]]] = {}
+        for key in owed:
+            track = self._tracks.get(key)
+            if track is not None and track.fresh:
+                fresh[key], track.fresh = track.fresh, []
+        return fresh
+
+    def _drop_tracks(self) -> None:
+        """Tracks with nothing owed left to place (a window moved, its debts went elsewhere)."""
+        for key in [k for k, t in self._tracks.items() if not t.fresh or k not in self._owed]:
+            del self._tracks[key]
+
+    async def _leave_out_seeded(
+        self, owed: dict[str, int], debts: dict[str, _Debt], fresh: dict[str, list[list[int]]]
+    ) -> dict[str, list[list[int]]]:
+        """Take off the debts what a seed by another instance holds already. After an empty
+        restart, a window key another instance seeded from the store holds every charge of
+        ours the store had committed when that seed read it (`seed.lua` records when, by the
+        store's clock); added again, the outage's charges counted twice for the rest of the
+        window. A charge committed before that moment (by the clock read after the write) is
+        left out, and out of transit; one committed later, or not known to be, is added. Returns
+        the places still owed (for `pay_debts` to give back should this round fail)."""
+        assert self.client is not None
+        keys = list(fresh)
+        records = await self.client.mget([self._seed_record_key(k) for k in keys])
+        left: dict[str, list[list[int]]] = {}
+        for key, record in zip(keys, records, strict=True):
+            segments = fresh[key]
+            track = self._tracks.get(key)
+            seeded, _, seeder = str(record or "").partition(" ")
+            if track is None or not seeded or seeder == self._instance:
+                left[key] = segments  # kept from before, or our own seed, which left them out
+                continue
+            at = float(seeded)
+            held = 0  # confirmed before that seed read the store
+            for committed, confirmed in track.stamps:
+                if committed >= at:
+                    break
+                held = confirmed
+            taken = min(_below(segments, held), owed[key])
+            if taken <= 0:
+                left[key] = segments
+                continue
+            owed[key] -= taken
+            debt = debts[key]
+            self._arrived(debt.counter, taken)
+            # What the heartbeat weighs after a loss (`_owe_unwritten`) holds those confirmed
+            # since the last beat: in the seed too.
+            window = (debt.counter.kind, debt.counter.id, debt.start)
+            since = min(_below(segments, held, track.beat), self._written.get(window, 0))
+            if since > 0:
+                self._written[window] -= since
+            left[key] = [[max(lo, held), hi] for lo, hi in segments if hi > held]
+        return left
+
+    def _seed_record_key(self, key: str) -> str:
+        """Where `seed.lua` records when (the store's clock) and by whom a window key was
+        seeded."""
+        return f"{self.prefix}sv:{key[len(self.prefix) :]}"
 
     async def _pay_debts_whole(self) -> None:
         """`pay_debts` in a task of its own, which the caller waits for: a caller that stops
@@ -1017,7 +1211,16 @@ class RedisCounters(CounterBackend):
             keys += [key, mark_key(self.prefix, counter.kind, counter.id)]
             # (a window that never ends: a number later than any mark, not "inf", for Lua)
             args += [amount, repr(start), repr(end) if end != FAR_FUTURE else "1e300"]
-        answer: list[Any] = await self._reconcile(keys=keys, args=args)
+        done = self._done_key(uuid.uuid4().hex)
+        try:
+            answer: list[Any] = await self._reconcile(keys=[*keys, done], args=args)
+        except BaseException:
+            # Unanswered, it may have run (an answer past the timeout): added by
+            # settled_once.lua only if it did not (its done key says), as a settlement is. Kept
+            # owed, it was added again: 3 debts counted twice, 7 admitted on a $0.10 budget.
+            if charges:
+                self._unsure.append((done, list(charges)))
+            raise
         now = self.clock()
         gone: list[int] = []
         moved: dict[int, str] = {}
@@ -1107,11 +1310,17 @@ class RedisCounters(CounterBackend):
                 kinds.append(repr(counter.anchor))
         return keys, kinds
 
-    async def _into_windows(self, charges: list[tuple[str, WindowCounter, int]]) -> None:
+    async def _into_windows(
+        self,
+        charges: list[tuple[str, WindowCounter, int]],
+        fresh: dict[str, list[list[int]]] | None = None,
+    ) -> None:
         """Charges of ours in transit (key, counter, amount) whose window key is missing: the
         key is seeded (without them: they are in transit), then each is added once. A charge is
         out of transit once added, or once its window has ended (the store holds it, and no
-        admission reads that key any more); one that is neither when this fails is owed."""
+        admission reads that key any more); one that is neither when this fails is owed.
+        `fresh`: where the store has the debts of these keys (`_Track`): another instance's
+        seed, made first, may hold some of them (`_leave_out_seeded`)."""
         assert self._reconcile is not None
         now = self.clock()
         todo: list[tuple[str, WindowCounter, int]] = []
@@ -1132,8 +1341,17 @@ class RedisCounters(CounterBackend):
                 except _Moved as moved:  # to the window begun anew: charged there
                     todo = self._to_new_windows(todo, moved.reset)
                     continue
-                gone = await self._reconciled(todo, [(c.start, c.end) for _, c, _ in todo])
-                todo = [todo[i] for i in gone]  # vanished again: seeded again
+                if fresh:  # (the keys of a debt: one charge each)
+                    owed = {k: a for k, _, a in todo}
+                    debts = {k: _Debt(c, c.start, c.end) for k, c, _ in todo}
+                    await self._leave_out_seeded(
+                        owed, debts, {k: p for k, p in fresh.items() if k in owed}
+                    )
+                    todo = [(k, c, owed[k]) for k, c, _ in todo if owed[k]]
+                    fresh = None
+                adding, todo = todo, []  # (unanswered: `_unsure`, not owed again)
+                gone = await self._reconciled(adding, [(c.start, c.end) for _, c, _ in adding])
+                todo = [adding[i] for i in gone]  # vanished again: seeded again
             raise RedisError("window keys vanished while being seeded")
         except BaseException:
             for _, counter, amount in todo:
@@ -1305,9 +1523,7 @@ class RedisCounters(CounterBackend):
     # -- slots of live requests ----------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        # Every flush interval, and at least three times a slot TTL: a flush interval at or past
-        # the TTL (fewer writes to the store) let a running request's slot expire.
-        interval = min(self.settings.flush_interval_seconds, self.slot_ttl / 3)
+        interval = self._beat_interval
         task = asyncio.current_task()
         assert task is not None
         while True:
@@ -1337,12 +1553,13 @@ class RedisCounters(CounterBackend):
             return
         live = self._state.live
         now = self.clock()
-        keys = [self._mark_key]
+        keys = [self._mark_key, f"{self.prefix}fence"]
         args: list[Any] = [
             int((now + self.slot_ttl) * 1000),
             int(self.slot_ttl * 2000),
             self._mark_ttl_ms,
             1 if self._beat_unanswered else 0,
+            self._fence_ms if self._beaten else 0,
         ]
         hashes = f"{self.prefix}rh:"
         beating = list(live.values())
@@ -1354,6 +1571,7 @@ class RedisCounters(CounterBackend):
                 else:
                     args += [ticket.request_id, "z", 0]
         written, self._written = self._written, {}
+        beats = {key: track.confirmed for key, track in self._tracks.items()}
         try:
             lost, restored = await self._beat(keys=keys, args=args)
         except BaseException:
@@ -1364,6 +1582,10 @@ class RedisCounters(CounterBackend):
             self._beat_unanswered = True
             raise
         self._beat_unanswered = False
+        for key, confirmed in beats.items():  # `_written` holds what was confirmed since
+            track = self._tracks.get(key)
+            if track is not None:
+                track.beat = confirmed
         # Taken once the mark is back: a seed of ours made before it found the mark gone (its
         # key is here), one made after finds it there (and holds nothing of the loss).
         seeded_here, self._seeded_after_loss = self._seeded_after_loss, set()

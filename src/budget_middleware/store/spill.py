@@ -9,7 +9,8 @@ batch keeps its id, so one written twice (taken back after a crash between the w
 file's removal) is applied once: the store skips a batch id it has applied.
 
 One file a batch, `<ns>-<pid>-<engine>-<batch id>.json`, written whole (a temporary file
-renamed) under a folder named after the store's URL: a spill is only applied to its own store.
+renamed) under a folder named after the store (`spill_folder`): a spill is only applied to its
+own store.
 
 Whether the engine that wrote a batch is still running is told by a lock it holds while it runs
 (`<engine>.lock`, `flock`), not by its pid alone: processes in containers of their own that mount
@@ -54,8 +55,76 @@ def default_spill_root() -> Path:
 
 
 def spill_folder(root: Path, database_url: str) -> Path:
-    """The folder of one store's spilled batches (named by its URL's hash: no password shown)."""
-    return root / hashlib.sha256(database_url.encode()).hexdigest()[:16]
+    """The folder of one store's spilled batches, named by a hash of the store itself (no
+    password shown): a SQLite file by its absolute path, a server's database by its host, port
+    and name. Not by the URL's text: two apps on the default `sqlite:///./budget.db` in folders
+    of their own shared one folder and wrote each other's batches into their own store, and
+    one store spelled anew (its password rotated, an option added) never found its own."""
+    return root / hashlib.sha256(_store_identity(database_url).encode()).hexdigest()[:16]
+
+
+def legacy_spill_folder(root: Path, database_url: str) -> Path | None:
+    """Where releases before named the store's folder (by its URL's text), when that is
+    another folder and could only be this store's: batches they left there are taken too. A
+    relative SQLite path's could be another app's store: none (`unclaimed_legacy_folder`)."""
+    if _relative_sqlite(database_url):
+        return None
+    legacy = root / hashlib.sha256(database_url.encode()).hexdigest()[:16]
+    return None if legacy == spill_folder(root, database_url) else legacy
+
+
+def unclaimed_legacy_folder(root: Path, database_url: str) -> Path | None:
+    """The folder an earlier release named after a relative SQLite URL (the default
+    `sqlite:///./budget.db`), when batches are left in it: they may be this store's or another
+    app's on the same URL in another folder, so they are not taken; the operator is told where
+    they are (`BudgetEngine` logs it at start-up) and moves them into this store's folder."""
+    if not _relative_sqlite(database_url):
+        return None
+    legacy = root / hashlib.sha256(database_url.encode()).hexdigest()[:16]
+    if legacy == spill_folder(root, database_url):
+        return None
+    try:
+        return legacy if any(legacy.glob("*" + _SUFFIX)) else None
+    except OSError:
+        return None
+
+
+def _relative_sqlite(database_url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(database_url)
+    except Exception:
+        return False
+    database = url.database or ""
+    return url.get_backend_name() == "sqlite" and not (
+        database.startswith("file:") or os.path.isabs(database)
+    )
+
+
+def _store_identity(database_url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(database_url)
+    except Exception:  # not a URL SQLAlchemy reads: its text, as before
+        return database_url
+    backend = url.get_backend_name()
+    database = url.database or ""
+    if backend == "sqlite":
+        if not database.startswith("file:"):
+            database = os.path.abspath(database)
+        return f"sqlite:{database}"
+    port = url.port if url.port is not None else _DEFAULT_PORTS.get(backend, "")
+    host = url.host or str(url.query.get("host", ""))  # a Unix socket's folder, if so given
+    # PostgreSQL's `options` may choose the schema (`-csearch_path=tenant_a`): stores told
+    # apart so in one database are not one (other query options, `sslmode` say, do not count).
+    options = url.query.get("options", "")
+    chosen = f"?options={options}" if options else ""
+    return f"{backend}://{host.lower()}:{port}/{database}{chosen}"
+
+
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 
 
 _GONE = 0  # the pid of files an engine gave up at its shutdown: anyone's
@@ -68,13 +137,17 @@ _ENGINES: set[str] = set()
 class Spill:
     """One store's folder of spilled batches, for one engine of one process."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, legacy: Path | None = None) -> None:
         self.folder = folder
+        self.legacy = legacy  # an earlier release's folder of this store: its batches taken too
         self.pid = os.getpid()
         self.engine = uuid.uuid4().hex[:12]  # two engines of one process keep theirs apart
         _ENGINES.add(self.engine)
         self._warned = False
         self._lock: int | None = None  # the fd of this engine's lock, from its first batch on
+        # Batch files that could not be read, renamed `.bad`: (new path, error), for the engine
+        # to set aside where an operator sees them (their charges never reach the store).
+        self.unreadable: list[tuple[str, str]] = []
         self._unlockable = False
 
     def write(self, batch_id: str, deltas: Sequence[Delta], records: Sequence[UsageRecord]) -> str:
@@ -95,11 +168,18 @@ class Spill:
             }
         )
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, final)
+        try:
+            with open(fd, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, final)
+        except BaseException:
+            # Half written (a full disk): never read, and a round's retry names a new one, so
+            # each failed round left one behind, taking what room the disk had.
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise
         _sync_folder(self.folder)
         return str(final)
 
@@ -107,30 +187,81 @@ class Spill:
         """The oldest batch this process may take back (its own, or a gone process's): its
         path, id, deltas and records; None when there is none. A file that cannot be read is
         renamed `.bad` and logged, never retried for ever."""
+        entries = self._entries()
+        if entries is None:
+            return None
+        alive: dict[int | str, bool] = {}  # one look per process or engine, however many batches
+        for name, folder in entries:
+            if not self._may_take(name, alive, folder):
+                continue
+            found = self._read(folder / name)
+            if found is not None:
+                return found
+        return None
+
+    def claim_gone(self) -> list[list[Delta]]:
+        """Every batch here of an engine that is gone, renamed to this engine's (a rename: one
+        engine takes each), from now on this engine's unwritten charges; their deltas. Taken
+        one at a time (`oldest`), while the store could not be written only the first was
+        this engine's: the rest counted nowhere, and a process started in an outage admitted
+        again what the one before had spent."""
+        entries = self._entries()
+        claimed: list[list[Delta]] = []
+        if entries is None:
+            return claimed
+        alive: dict[int | str, bool] = {}
+        for name, folder in entries:
+            parts = name.split("-", 3)
+            if self.is_own(name) or not self._may_take(name, alive, folder):
+                continue
+            mine = self.folder / f"{parts[0]}-{self.pid}-{self.engine}-{parts[3]}"
+            try:
+                self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # (a legacy one's)
+                self._hold_lock()
+                os.replace(folder / name, mine)
+            except FileNotFoundError:
+                continue  # claimed by another engine meanwhile
+            except OSError as exc:
+                self._warn(f"cannot take {name} over: {exc}")
+                continue
+            found = self._read(mine)
+            if found is not None:
+                claimed.append(found[2])
+        if claimed:
+            _sync_folder(self.folder)
+        return claimed
+
+    def _entries(self) -> list[tuple[str, Path]] | None:
+        """The batch files here (and in the legacy folder), oldest first; None: unreadable."""
         try:
-            names = self._names()
+            entries = [(name, self.folder) for name in self._names()]
+            if self.legacy is not None:
+                entries += [(name, self.legacy) for name in self._names(self.legacy)]
+                entries.sort()
         except OSError as exc:
             self._warn(f"cannot read the spill folder {self.folder}: {exc}")
             return None
-        alive: dict[int | str, bool] = {}  # one look per process or engine, however many batches
-        for name in names:
-            if not self._may_take(name, alive):
-                continue
-            path = self.folder / name
-            try:
-                data = orjson.loads(path.read_bytes())
-                if data.get("version") != _VERSION:
-                    raise ValueError(f"version {data.get('version')!r}")
-                deltas = [_delta_in(d) for d in data["deltas"]]
-                records = [_record_in(r) for r in data["records"]]
-                return str(path), str(data["id"]), deltas, records
-            except FileNotFoundError:
-                continue  # taken back by another process meanwhile
-            except Exception as exc:
-                logger.error("budget-middleware: spilled batch %s cannot be read: %s", path, exc)
-                with contextlib.suppress(OSError):
-                    os.replace(path, str(path) + ".bad")
-        return None
+        return entries
+
+    def _read(self, path: Path) -> tuple[str, str, list[Delta], list[UsageRecord]] | None:
+        """A batch file's path, id, deltas and records; None when it is gone (taken by another
+        process meanwhile) or cannot be read (renamed `.bad` and logged, never retried)."""
+        try:
+            data = orjson.loads(path.read_bytes())
+            if data.get("version") != _VERSION:
+                raise ValueError(f"version {data.get('version')!r}")
+            deltas = [_delta_in(d) for d in data["deltas"]]
+            records = [_record_in(r) for r in data["records"]]
+            return str(path), str(data["id"]), deltas, records
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            logger.error("budget-middleware: spilled batch %s cannot be read: %s", path, exc)
+            with contextlib.suppress(OSError):
+                os.replace(path, str(path) + ".bad")
+            error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+            self.unreadable.append((str(path) + ".bad", error[:300]))
+            return None
 
     def is_own(self, path: str) -> bool:
         """Whether the batch of `path` was spilled by this engine and not given up since (its
@@ -173,8 +304,8 @@ class Spill:
         self._release_lock()
         return given
 
-    def _lock_path(self, engine: str) -> Path:
-        return self.folder / f"{engine}{_LOCK_SUFFIX}"
+    def _lock_path(self, engine: str, folder: Path | None = None) -> Path:
+        return (folder or self.folder) / f"{engine}{_LOCK_SUFFIX}"
 
     def _hold_lock(self) -> None:
         """Lock this engine's lock file, before its first batch is written, until it gives its
@@ -202,13 +333,13 @@ class Spill:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _running(self, engine: str) -> bool | None:
-        """Whether the engine that wrote batches here runs (its lock is held), in any process,
-        container or host that shares the folder; None when it left no lock to tell."""
+    def _running(self, engine: str, folder: Path) -> bool | None:
+        """Whether the engine that wrote batches in `folder` runs (its lock is held), in any
+        process, container or host that shares the folder; None when it left no lock to tell."""
         if sys.platform == "win32":
             return None
         try:
-            fd = os.open(self._lock_path(engine), os.O_RDONLY)
+            fd = os.open(self._lock_path(engine, folder), os.O_RDONLY)
         except FileNotFoundError:
             return None
         except OSError:
@@ -223,20 +354,22 @@ class Spill:
             os.close(fd)  # releases the lock just taken, if it was
         return False
 
-    def _names(self) -> list[str]:
+    def _names(self, folder: Path | None = None) -> list[str]:
         try:
-            return sorted(e.name for e in os.scandir(self.folder) if e.name.endswith(_SUFFIX))
+            return sorted(
+                e.name for e in os.scandir(folder or self.folder) if e.name.endswith(_SUFFIX)
+            )
         except FileNotFoundError:
             return []
 
-    def _may_take(self, name: str, alive: dict[int | str, bool]) -> bool:
+    def _may_take(self, name: str, alive: dict[int | str, bool], folder: Path) -> bool:
         parts = name.split("-", 3)
         if len(parts) != 4 or not parts[1].isdigit():
             return False
         pid = int(parts[1])
         if pid != _GONE and parts[2] != self.engine:
             if parts[2] not in alive:
-                running = self._running(parts[2])
+                running = self._running(parts[2], folder)
                 if running is not None:
                     alive[parts[2]] = running
             if parts[2] in alive:

@@ -15,8 +15,8 @@ from sqlmodel import Field, SQLModel
 
 # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction; 5: bm_alerts, bm_budgets.soft and
 # .alert_thresholds, bm_usage_records.would_refuse; 8: provider names by their one name;
-# 9: bm_deleted
-SCHEMA_VERSION = 9
+# 9: bm_deleted; 10: bm_alert_deliveries
+SCHEMA_VERSION = 10
 
 
 def new_id() -> str:
@@ -202,6 +202,25 @@ class AlertRow(StoreModel, table=True):
     delivery: str = Field(default="pending", max_length=10)  # pending, delivered, failed
     attempts: int = 0
     delivered_to: list[str] = Field(default_factory=list, sa_type=JSON)
+    next_attempt_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    first_attempt_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    claimed_until: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    last_error: str | None = Field(default=None, max_length=300)
+
+
+class AlertDeliveryRow(StoreModel, table=True):
+    """An alert's delivery to one webhook URL (SPEC §14): each URL keeps its own retry
+    schedule, so one that hangs holds back no other's retry. The URL is known by its SHA-256
+    (a Slack or Discord URL's path is its credential); an instance delivers to the URLs of its
+    own settings, so one instance's settings never close another's deliveries."""
+
+    __tablename__ = "bm_alert_deliveries"
+    __table_args__ = (Index("ix_bm_alert_deliveries_due", "delivery", "next_attempt_at"),)
+    alert_id: str = Field(primary_key=True, max_length=32)
+    url_key: str = Field(primary_key=True, max_length=64)  # the URL's SHA-256, hex
+    url_shown: str = Field(default="", max_length=200)  # scheme://host:port/… for messages
+    delivery: str = Field(default="pending", max_length=10)  # pending, delivered, failed
+    attempts: int = 0
     next_attempt_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     first_attempt_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     claimed_until: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))

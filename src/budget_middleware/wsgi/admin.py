@@ -13,10 +13,11 @@ from collections.abc import Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from budget_middleware.admin.auth import bearer_token, is_admin_key
+from budget_middleware.admin.context import MAX_BODY_BYTES
 from budget_middleware.engine.engine import BudgetEngine, get_engine
 from budget_middleware.engine.portal import on_loop
 from budget_middleware.settings import BudgetSettings
-from budget_middleware.wsgi.middleware import status_line
+from budget_middleware.wsgi.middleware import read_rest, status_line
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -121,9 +122,12 @@ def _read_all(environ: WSGIEnvironment) -> bytes:
             size = int(length)
         except ValueError:
             size = 0
-        return bytes(stream.read(size)) if size > 0 else b""
+        if size > MAX_BODY_BYTES:  # the admin API answers 413 on the length: none read
+            return b""
+        body = bytes(stream.read(size)) if size > 0 else b""
+        return read_rest(stream, size, body) if len(body) < size else body
     if environ.get("wsgi.input_terminated"):
-        return bytes(stream.read())
+        return bytes(stream.read(MAX_BODY_BYTES + 1))  # past the bound: the API's 413
     return b""
 
 

@@ -30,12 +30,16 @@ def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = 
     mount = prefix.strip("/")
     admin = AdminWSGIApp(settings)
 
-    def view(request: Any, rest: str | None = None) -> Any:
+    def view(request: Any, rest: str | None = None, **captured: Any) -> Any:
+        # `captured`: what an outer `include` captures (`<str:tenant>/`): not the API's
         environ = _environ(request)
         script = environ.get("SCRIPT_NAME", "").rstrip("/")
         path = environ.get("PATH_INFO", "")
         marker = "/" + mount
-        at = path.find(marker)
+        # Where Django matched the mount: the path's end is `rest` (an outer path may hold the
+        # marker too: `admin-tools/` around `admin_urls("admin/")`).
+        matched = marker + _wsgi_text(rest or "")
+        at = len(path) - len(matched) if path.endswith(matched) else path.find(marker)
         below = path[at + len(marker) :] if at >= 0 else "/" + (rest or "").lstrip("/")
         environ["SCRIPT_NAME"] = script + path[: at + len(marker)] if at >= 0 else script + marker
         environ["PATH_INFO"] = below or "/"
@@ -70,7 +74,9 @@ def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = 
                 response[name] = value
         return response
 
-    return [urls.re_path(rf"^{re.escape(mount)}(?P<rest>/.*)?$", csrf.csrf_exempt(view))]
+    exempt = csrf.csrf_exempt(view)
+    exempt.budget_admin_mount = mount  # where the start-up line finds it (engine/mounts.py)
+    return [urls.re_path(rf"^{re.escape(mount)}(?P<rest>/.*)?$", exempt)]
 
 
 def _environ(request: Any) -> dict[str, Any]:

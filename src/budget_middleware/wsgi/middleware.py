@@ -22,8 +22,9 @@ import functools
 import io
 import logging
 import os
+import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -47,9 +48,10 @@ from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import COST_HEADER, BudgetState, Exchange
+from budget_middleware.engine.exchange import COST_HEADER, METERED_BY, BudgetState, Exchange
 from budget_middleware.engine.gate import body_to_send, parse_json
 from budget_middleware.engine.hooks import Hook
+from budget_middleware.engine.mounts import admin_mount
 from budget_middleware.engine.portal import (
     is_background,
     loop_lock,
@@ -63,7 +65,7 @@ from budget_middleware.settings import BudgetSettings, raised_again
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import InputStream, StartResponse, WSGIApplication, WSGIEnvironment
 
     Write = Callable[[bytes], object]
 
@@ -84,8 +86,9 @@ _USUAL_ACCEPT = USUAL_ACCEPT.decode()
 def budget_state(environ: WSGIEnvironment | object) -> BudgetState | None:
     """Who is calling, as the middleware resolved it (None on a request it did not meter):
     from the WSGI environ (Flask's `request.environ`, Django's `request.META`), or from a
-    request, Django's under either handler: under its ASGI handler (`BudgetMiddleware` around
-    `get_asgi_application()`) the caller is in the scope's state, and `META` holds none of it."""
+    request: Flask's, or Django's under either handler (under its ASGI handler,
+    `BudgetMiddleware` around `get_asgi_application()`, the caller is in the scope's state,
+    and `META` holds none of it)."""
     if type(environ) is dict:  # an environ, or Django's META: the usual case
         state: BudgetState | None = environ.get(STATE_KEY)
         return state
@@ -95,6 +98,8 @@ def budget_state(environ: WSGIEnvironment | object) -> BudgetState | None:
         found = held.get("budget") if isinstance(held, Mapping) else None
         return found if isinstance(found, BudgetState) else None
     meta = getattr(environ, "META", None)  # Django's WSGI request
+    if meta is None:
+        meta = getattr(environ, "environ", None)  # werkzeug's (Flask's `request`)
     if isinstance(meta, Mapping):
         environ = meta
     if isinstance(environ, Mapping):
@@ -128,6 +133,21 @@ def _as_text(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
 
 
+def read_rest(stream: InputStream, length: int, body: bytes) -> bytes:
+    """`body`, a first `read(length)` of a WSGI input that gave fewer bytes, with the rest up
+    to `length`, fewer only where the input ends first: an input may give them in parts (a
+    raw socket's: PEP 3333 lets `read(n)` return fewer than `n`)."""
+    parts = [body]
+    got = len(body)
+    while got < length:
+        part = stream.read(length - got)
+        if not part:
+            break
+        parts.append(bytes(part))
+        got += len(part)
+    return b"".join(parts)
+
+
 class _Incomplete(Exception):
     """The body ended before its Content-Length: the client is gone (ASGI's disconnect)."""
 
@@ -155,6 +175,16 @@ def _environ_text(value: str) -> str:
     return header_text(raw)
 
 
+def _environ_bytes(value: str) -> bytes:
+    """A header's bytes from the environ: the latin-1 of its text (PEP 3333); text beyond
+    latin-1 (a test client's, as `_environ_text` reads it) as UTF-8, which `header_text` reads
+    back as that text."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode()
+
+
 class BudgetWSGIMiddleware:
     """Budgets and rate limits for every metered request of a WSGI app (SPEC §15)."""
 
@@ -172,6 +202,8 @@ class BudgetWSGIMiddleware:
         # No lifespan in WSGI: invalid settings fail here, where the server loads the app.
         self.engine = engine if engine is not None else get_engine(settings)
         self.engine.add_hooks(on_alert=on_alert, on_refusal=on_refusal, on_settled=on_settled)
+        if not self.engine.started:  # no lifespan: the line is written as the engine starts
+            self.engine.start_line = lambda: self.engine.describe(admin_mount(self.app))
         s = self.engine.settings
         self.suffixes = s.inference_paths
         self.read_headers = header_reader(s.key_header, s.key_prefix)
@@ -282,6 +314,8 @@ class BudgetWSGIMiddleware:
         self, environ: WSGIEnvironment, start_response: StartResponse, path: str
     ) -> Iterable[bytes]:
         engine = self.engine
+        if environ.get(METERED_BY) is engine:  # metered further out: counted and charged there
+            return self.app(environ, start_response)
         started = perf_counter()
         credentials = self._credentials(environ)
         length = credentials.content_length
@@ -321,13 +355,22 @@ class BudgetWSGIMiddleware:
         if direct:
             admitted = self._admit_here(plain, path, credentials, key, shadowed, started)
         else:  # Redis, or an engine an ASGI app runs: its loop decides
-            admitted = on_loop(
-                engine, lambda: self._admit_there(plain, path, credentials, key, shadowed, started)
-            )
+            handoff = _Handoff()
+            try:
+                admitted = on_loop(
+                    engine,
+                    lambda: handoff.taken(
+                        self._admit_there(plain, path, credentials, key, shadowed, started)
+                    ),
+                )
+            except BaseException:  # this thread stopped waiting: the app is never called
+                handoff.leave()
+                raise
         if type(admitted) is ErrorAnswer:
             return answer(start_response, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
         environ[STATE_KEY] = exchange.name_caller()
+        environ[METERED_BY] = engine
         response = MeteredResponse(exchange, start_response, direct)
         try:  # from admission on, whatever happens is settled (a body that cannot be rewritten)
             accept = credentials.accept_encoding
@@ -359,7 +402,9 @@ class BudgetWSGIMiddleware:
                 raise _TooLarge
             body: bytes = stream.read(length) if length > 0 else b""
             if len(body) < length:
-                raise _Incomplete
+                body = read_rest(stream, length, body)
+                if len(body) < length:
+                    raise _Incomplete  # the client sent less than it said
             return body
         if not environ.get("wsgi.input_terminated"):
             return b""  # no length, and the server does not end the input: no body (PEP 3333)
@@ -383,6 +428,14 @@ class BudgetWSGIMiddleware:
         found: KeyConfig | None = None
         if credentials.key is not None:
             looked_up = self._key(credentials.key, background)
+            if looked_up is None and "," in credentials.key:
+                # Unknown: a header sent twice, maybe, which the server joined (`a,b`: PEP 3333
+                # has one value a name). Its first value counts, as under ASGI (a key chosen
+                # with a comma in it was found whole above).
+                first = credentials.key.split(",", 1)[0].strip()
+                if first:
+                    credentials.key = first
+                    looked_up = self._key(first, background)
             if type(looked_up) is ErrorAnswer:
                 return looked_up
             found = looked_up  # type: ignore[assignment]
@@ -484,7 +537,7 @@ class EnvironHeaders:
         for name, var in self.wanted:
             value = get(var)
             if value:
-                yield name, value.encode("latin-1")
+                yield name, _environ_bytes(value)
         length = get("CONTENT_LENGTH")
         if length:
             yield b"content-length", length.encode("latin-1")
@@ -521,6 +574,42 @@ class _Noted:
                 close()
             finally:
                 inbound_headers.reset(token)
+
+
+class _Handoff:
+    """A request's admission made on the engine's loop while its thread waits. Should the
+    thread stop waiting (interrupted: a signal-based request timeout, Ctrl+C), the app is never
+    called: an admission that went through all the same is settled as a disconnect, at no
+    cost, so its slot and reservation go back (as `BudgetSyncTransport`'s handoff does)."""
+
+    __slots__ = ("admitted", "left", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.left = False  # the thread stopped waiting
+        self.admitted: Exchange | ErrorAnswer | None = None  # handed to the thread
+
+    async def taken(self, admission: Awaitable[Exchange | ErrorAnswer]) -> Exchange | ErrorAnswer:
+        """On the loop: the admission handed over, or settled if its thread has left."""
+        admitted = await admission
+        with self.lock:
+            if not self.left:
+                self.admitted = admitted
+                return admitted
+        if type(admitted) is Exchange:
+            admitted.name_caller()  # the usage record's owner
+            await admitted.settle("client_disconnected")
+        return admitted
+
+    def leave(self) -> None:
+        """In the thread, stopping its wait: an admission handed over already is settled on
+        the loop (this thread, interrupted, does not wait for it)."""
+        with self.lock:
+            self.left = True
+            admitted, self.admitted = self.admitted, None
+        if type(admitted) is Exchange:
+            admitted.name_caller()
+            admitted.settle_dropped(functools.partial(_Once().take, "client_disconnected"))
 
 
 class _Once:

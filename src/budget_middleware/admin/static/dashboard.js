@@ -39,8 +39,40 @@
     provider: "(no provider)", tag: "(no tag)",
   };
 
-  const state = { budgets: [], timer: null, editing: null, resetting: null, loading: false };
+  // `skew`: the server's clock less this browser's, in ms (null until a `/budgets` answer
+  // says); `clock`: the `/budgets` call in flight that will say it.
+  const state = { budgets: [], timer: null, editing: null, resetting: null, loading: false,
+                  skew: null, clock: null };
   const $ = (id) => document.getElementById(id);
+
+  /* -- the server's clock ---------------------------------------------------------------- */
+
+  // "Today", the chart's days and when a window ends are the server's (SPEC §9: windows and
+  // `/usage` days are in UTC, by the server's clock), never this browser's: a browser whose
+  // clock is wrong asked for days to come and said a window ended days ago.
+  function learnServerTime(serverTime, sent) {
+    const at = Date.parse(serverTime);
+    if (Number.isFinite(at)) state.skew = at - (sent + Date.now()) / 2;
+  }
+
+  function serverNow() {
+    return Date.now() + (state.skew || 0);
+  }
+
+  /** The server's time, known: waits for the `/budgets` call that will say it, or makes one. */
+  async function serverClock() {
+    if (state.skew !== null) return serverNow();
+    try {
+      await state.clock;
+    } catch (exc) {
+      // told by the call's own loader
+    }
+    if (state.skew === null) {
+      const sent = Date.now();
+      learnServerTime((await api("budgets?owner_type=tag")).server_time, sent);
+    }
+    return serverNow();
+  }
 
   function enc(value) {
     return encodeURIComponent(String(value));
@@ -96,19 +128,22 @@
                                                          maximumFractionDigits: 1 });
   const count = (n) => intFormat.format(Number(n) || 0);
   const compact = (n) => compactFormat.format(Number(n) || 0);
-  const dateTimeFormat = new Intl.DateTimeFormat(undefined, {
-    month: "short", day: "numeric", hour: "2-digit", minute: "2-digit",
+  // Times as the API and the CLI write them: in UTC, and said so (a browser elsewhere wrote
+  // its own zone's day, unlabelled: Dec 5, 03:19 AM in Kiritimati for Dec 4, 13:19 UTC).
+  const dateTimeFormat = new Intl.DateTimeFormat("en-US", {
+    month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23",
+    timeZone: "UTC",
   });
   const dayFormat = new Intl.DateTimeFormat("en-US", { month: "short", day: "numeric",
                                                        timeZone: "UTC" });
 
   function when(text) {
     const t = new Date(text);
-    return Number.isNaN(t.getTime()) ? String(text || "") : dateTimeFormat.format(t);
+    return Number.isNaN(t.getTime()) ? String(text || "") : dateTimeFormat.format(t) + " UTC";
   }
 
   function relative(text) {
-    const ms = new Date(text).getTime() - Date.now();
+    const ms = new Date(text).getTime() - serverNow();
     if (Number.isNaN(ms)) return "";
     const abs = Math.abs(ms);
     const units = [["d", 86400000], ["h", 3600000], ["min", 60000]];
@@ -272,8 +307,9 @@
     state.loading = true;
     showError($("app-error"), "");
     try {
+      const budgets = (state.clock = loadBudgets());
       const results = await Promise.allSettled([
-        loadBudgets(), loadChart(), loadTopKeys(), loadParents(), loadRefusals(), loadAlerts(),
+        budgets, loadChart(), loadTopKeys(), loadParents(), loadRefusals(), loadAlerts(),
       ]);
       const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason);
       // No key opens an admin API whose BUDGET_ADMIN_KEY is unset (503 admin_api_disabled):
@@ -298,7 +334,9 @@
   /* -- budgets ------------------------------------------------------------------------- */
 
   async function loadBudgets() {
+    const sent = Date.now();
     const answer = await api("budgets?from_memory=true");
+    learnServerTime(answer.server_time, sent);
     state.budgets = answer.budgets || [];
     renderBudgets();
     const hot = state.budgets.filter((b) => Number(b.usage_ratio) >= 0.8).length;
@@ -505,8 +543,9 @@
 
   /* -- spend over time ------------------------------------------------------------------ */
 
-  function days(n) {
-    const today = new Date();
+  /** The n days up to the server's today (UTC), and the day after the last. */
+  async function days(n) {
+    const today = new Date(await serverClock());
     const base = Date.UTC(today.getUTCFullYear(), today.getUTCMonth(), today.getUTCDate());
     const out = [];
     for (let i = n - 1; i >= -1; i -= 1) out.push(new Date(base - i * 86400000));
@@ -521,7 +560,7 @@
   async function loadChart() {
     const group = $("chart-group").value;
     const n = Number($("chart-days").value) || 14;
-    const edges = days(n);
+    const edges = await days(n);
     // /usage groups by one field: one call for the range, and one a day for the series.
     const range = api("usage?group_by=" + enc(group) + "&start=" + edges[0] + "&end="
       + edges[n]);
@@ -638,7 +677,7 @@
 
   async function loadTopKeys() {
     const n = Number($("chart-days").value) || 14;
-    const edges = days(n);
+    const edges = await days(n);
     const ticket = (state.keysTicket = (state.keysTicket || 0) + 1);
     const answer = await api("usage?group_by=virtual_key&start=" + edges[0] + "&end=" + edges[n]);
     if (ticket !== state.keysTicket) return;  // a period chosen since: its answer is drawn

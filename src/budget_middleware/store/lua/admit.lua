@@ -13,7 +13,8 @@
 -- c: the slot ZSET; b: the window key, the reservation ZSET (request id -> expiry), the
 -- reservation HASH (request id -> amount) and the mark.
 --
--- Returns {"moved", g, at, ...} when a window began anew after it was begun here (at: the mark, a
+-- Returns {"fence", ms} while the holds of an emptied Redis are not all back (see below);
+-- {"moved", g, at, ...} when a window began anew after it was begun here (at: the mark, a
 -- budget's reset's, or carry.lua's for new terms, a budget's or a rate limit's): the client starts
 -- that window at the mark and calls again; {"seed", g, ...} when window keys are missing (g: a
 -- counter's place among all the candidates' counters, from 1; the client seeds them from the store
@@ -29,6 +30,7 @@ local reserve = ARGV[4] == "1"
 local most_remaining = ARGV[5] == "1"
 
 local candidates = {}
+local holds = false  -- a candidate takes a slot or a reservation
 local k = 1
 local a = 7
 for _ = 1, tonumber(ARGV[6]) do
@@ -37,6 +39,9 @@ for _ = 1, tonumber(ARGV[6]) do
   a = a + 2
   for _ = 1, n do
     local c = {kind = ARGV[a], limit = tonumber(ARGV[a + 1]), key = KEYS[k]}
+    if c.kind == "c" or (c.kind == "b" and reserve and candidate.reservation > 0) then
+      holds = true
+    end
     if c.kind == "b" then
       c.rz = KEYS[k + 1]
       c.rh = KEYS[k + 2]
@@ -75,6 +80,24 @@ for _, candidate in ipairs(candidates) do
 end
 if #moved > 1 then
   return moved
+end
+
+-- Redis emptied (restarted without its data) holds none of the slots and reservations of the
+-- requests in flight, until each instance's heartbeat writes its own again. A call that finds
+-- the instance's mark gone (its start or its last heartbeat set it: Redis lost its data since)
+-- sets a fence for twice its heartbeat interval, unless one is up: an admission that would take
+-- a slot or a reservation waits it out ({"fence", ms left}), by when the holds are back. Last
+-- KEYS: the instance's mark, the fence; last ARGV: the fence's length (ms), 0 when the instance
+-- never set its mark.
+local mark, fence = KEYS[#KEYS - 1], KEYS[#KEYS]
+if ARGV[a] ~= "0" and redis.call("EXISTS", mark) == 0 then
+  redis.call("SET", fence, "1", "NX", "PX", ARGV[a])
+end
+if holds then
+  local left = redis.call("PTTL", fence)
+  if left > 0 then
+    return {"fence", left}
+  end
 end
 
 local missing = {"seed"}

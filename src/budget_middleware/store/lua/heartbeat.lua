@@ -2,11 +2,11 @@
 -- reservations, and put back those Redis lost (it restarted empty while they ran).
 --
 -- KEYS[1]: this instance's mark (set by the first heartbeat, kept alive by every one: gone
--- means Redis lost its data); then per hold its key: a slot or reservation ZSET, or a
+-- means Redis lost its data); the fence; then per hold its key: a slot or reservation ZSET, or a
 -- reservation HASH.
 -- ARGV: score (the holds' new expiry, ms), key ttl (ms), mark ttl (ms), 1 when the client's
--- beat before got no answer (it may have run: a mark "0" is a loss it found), then per hold:
--- request id, "z" or "h", the reservation (for "h").
+-- beat before got no answer (it may have run: a mark "0" is a loss it found), the fence's length
+-- (ms), then per hold: request id, "z" or "h", the reservation (for "h").
 -- While the mark is there, only holds still present are pushed out (ZADD XX), never back: a
 -- request that settled meanwhile stays released. Without it, every hold is written again (the client then
 -- releases those of requests that settled meanwhile).
@@ -14,9 +14,15 @@
 local mark = redis.call("GET", KEYS[1])
 local lost = (not mark) or (ARGV[4] == "1" and mark == "0")
 redis.call("SET", KEYS[1], lost and "0" or "1", "PX", ARGV[3])
+-- KEYS[2]: the fence (admit.lua's); ARGV[5]: its length (ms), 0 when the client never set its
+-- mark. Found gone, Redis lost its data: admissions that take holds wait until every instance's
+-- heartbeat has written its own again.
+if not mark and tonumber(ARGV[5]) > 0 then
+  redis.call("SET", KEYS[2], "1", "NX", "PX", ARGV[5])
+end
 local restored = 0
-for i = 2, #KEYS do
-  local a = 5 + (i - 2) * 3
+for i = 3, #KEYS do
+  local a = 6 + (i - 3) * 3
   local key, id, kind = KEYS[i], ARGV[a], ARGV[a + 1]
   if kind == "z" then
     if lost then

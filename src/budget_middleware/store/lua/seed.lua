@@ -1,11 +1,16 @@
 -- Seed window keys that do not exist yet, each with SET NX: when several instances seed the same
--- window at once, the first value wins and none is added twice.
--- KEYS: window keys, then the seeding instance's mark (its heartbeat's).
--- ARGV: per window key its value and ttl_ms (0: the window never ends).
+-- window at once, the first value wins and none is added twice. Beside each key it sets, its record
+-- says when the seed read the store (the store's clock) and which instance seeded it: an instance
+-- paying debts from an outage leaves out what that seed holds of them
+-- (`RedisCounters._leave_out_seeded`).
+-- KEYS: window keys, then as many record keys (in the same order), then the seeding instance's
+-- mark (its heartbeat's).
+-- ARGV: per window key its value and ttl_ms (0: the window never ends); then the record.
 -- Returns per key 1 where this value was set, 0 where another was there first; then 1 when the
 -- instance's mark is there (Redis has not lost its data since its last heartbeat), else 0.
 local set = {}
-local keys = #KEYS - 1
+local keys = (#KEYS - 1) / 2
+local record = ARGV[2 * keys + 1]
 for i = 1, keys do
   local value = ARGV[2 * i - 1]
   local ttl = tonumber(ARGV[2 * i])
@@ -15,7 +20,14 @@ for i = 1, keys do
   else
     done = redis.call("SET", KEYS[i], value, "NX")
   end
+  if done then
+    if ttl > 0 then
+      redis.call("SET", KEYS[keys + i], record, "PX", ttl)
+    else
+      redis.call("SET", KEYS[keys + i], record)
+    end
+  end
   set[i] = done and 1 or 0
 end
-set[keys + 1] = redis.call("EXISTS", KEYS[keys + 1])
+set[keys + 1] = redis.call("EXISTS", KEYS[#KEYS])
 return set
