@@ -2697,6 +2697,75 @@ async def test_an_outage_s_charges_count_once_when_another_instance_seeds_first(
     assert window == 25
 
 
+async def test_an_outage_s_charges_count_once_when_the_other_seeds_while_they_are_paid(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """A's outage charges are in the store when Redis comes back empty. A looks for a seed of
+    their window (none yet), and B seeds it from the store (holding them) before A's payment
+    reaches Redis: the payment added them to B's seed all the same, counted twice for the rest
+    of the window (16 admitted on a $0.25 budget of $0.01 requests; CI's two servers admitted 70
+    of 100 so). The payment now adds only to the seed it looked at, else looks again: 25."""
+    server = PrivateRedis()
+    server.start()
+    prefix = unique_prefix()
+    try:
+        settings = settings_for(
+            postgres_database,
+            redis_url=server.url,
+            fail_open=True,
+            redis_timeout_seconds=1,
+            flush_interval_seconds=30,  # the test flushes and beats itself, in its order
+            spill_dir=tmp_path / "spill",
+        )
+        async with two_on_a_quarter(settings, prefix) as (a, b, ha, hb, key, ask):
+            await a.counters.heartbeat()
+            await ask(ha, 5)
+            assert await a.flush()
+            await a.counters.heartbeat()
+            server.kill(keep_data=False)
+            await ask(ha, 10)  # fail open: owed to Redis
+            assert await a.flush()  # and in the store
+            server.start()
+            await _drop(a, b)
+            await asyncio.sleep(2.1)  # past A's back-off
+            counters: Any = a.counters
+            reconcile = counters._reconcile
+            calls = 0
+
+            async def b_seeds_first(keys: list[str], args: list[Any]) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == 1:  # A has looked for a seed record; B seeds now
+                    await ask(hb, 1)
+                return await reconcile(keys=keys, args=args)
+
+            counters._reconcile = b_seeds_first
+            await a.counters.heartbeat()  # A finds its mark gone and pays its debts
+            counters._reconcile = reconcile
+            more = await _until_refused(key.value, ha, hb)
+            assert await a.flush() and await b.flush()
+            count, _ = records(a, key.id)
+            client_ = redis.Redis.from_url(server.url)
+            try:
+                window = sum(
+                    int(client_.get(k) or 0) for k in client_.scan_iter(match=f"{prefix}w:b*")
+                )
+            finally:
+                client_.close()
+    finally:
+        server.stop()
+    admitted = 16 + more
+    print(
+        f"B seeding between A's look for a seed and its payment: admitted {admitted} requests "
+        f"of $0.01 on a $0.25 budget ({count} records), Redis's window ${window // CENT / 100:.2f}"
+        f" ({calls} reconcile calls by A)"
+    )
+    assert calls >= 1
+    assert count == admitted
+    assert admitted == 25
+    assert window // CENT == 25
+
+
 class _Storm:
     """A host app whose completions take `hold` seconds (each one cent), counting how many run
     at once across every app it serves (`running`) and the most that did (`most`)."""

@@ -1097,9 +1097,10 @@ class RedisCounters(CounterBackend):
             owed, self._owed = self._owed, {}
             debts, self._owed_to = self._owed_to, {}
             fresh = self._take_fresh(owed)
+            seen: dict[str, str] = {}
             try:
                 if fresh:
-                    fresh = await self._leave_out_seeded(owed, debts, fresh)
+                    fresh, seen = await self._leave_out_seeded(owed, debts, fresh)
             except BaseException:
                 for key, amount in owed.items():  # still owed, with anything owed meanwhile
                     self._owe(debts[key].counter, amount, in_transit=True)  # (in transit)
@@ -1110,8 +1111,8 @@ class RedisCounters(CounterBackend):
                 raise
             charges = [(key, debts[key].counter, a) for key, a in owed.items() if a]
             bounds = [(debts[key].start, debts[key].end) for key, a in owed.items() if a]
-            gone = await self._reconciled(charges, bounds)  # unanswered: `_unsure`, once
-            lost = [charges[i] for i in gone]
+            gone = await self._reconciled(charges, bounds, seen)  # unanswered: `_unsure`, once
+            lost = [charges[i] for i in gone]  # (gone, or seeded by another since it looked)
             try:  # (the places of what it adds: another instance may seed first)
                 await self._into_windows(lost, {k: fresh[k] for k, _, _ in lost if k in fresh})
             finally:
@@ -1134,22 +1135,26 @@ class RedisCounters(CounterBackend):
 
     async def _leave_out_seeded(
         self, owed: dict[str, int], debts: dict[str, _Debt], fresh: dict[str, list[list[int]]]
-    ) -> dict[str, list[list[int]]]:
+    ) -> tuple[dict[str, list[list[int]]], dict[str, str]]:
         """Take off the debts what a seed by another instance holds already. After an empty
         restart, a window key another instance seeded from the store holds every charge of
         ours the store had committed when that seed read it (`seed.lua` records when, by the
         store's clock); added again, the outage's charges counted twice for the rest of the
         window. A charge committed before that moment (by the clock read after the write) is
         left out, and out of transit; one committed later, or not known to be, is added. Returns
-        the places still owed (for `pay_debts` to give back should this round fail)."""
+        the places still owed (for `pay_debts` to give back should this round fail), and the
+        records read: the payment adds to a key only while its record is the one read here
+        (`reconcile.lua`), as a seed made in between may hold the debts too."""
         assert self.client is not None
         keys = list(fresh)
         records = await self.client.mget([self._seed_record_key(k) for k in keys])
         left: dict[str, list[list[int]]] = {}
+        seen: dict[str, str] = {}
         for key, record in zip(keys, records, strict=True):
             segments = fresh[key]
             track = self._tracks.get(key)
-            seeded, _, seeder = str(record or "").partition(" ")
+            seen[key] = str(record or "")
+            seeded, _, seeder = seen[key].partition(" ")
             if track is None or not seeded or seeder == self._instance:
                 left[key] = segments  # kept from before, or our own seed, which left them out
                 continue
@@ -1173,7 +1178,7 @@ class RedisCounters(CounterBackend):
             if since > 0:
                 self._written[window] -= since
             left[key] = [[max(lo, held), hi] for lo, hi in segments if hi > held]
-        return left
+        return left, seen
 
     def _seed_record_key(self, key: str) -> str:
         """Where `seed.lua` records when (the store's clock) and by whom a window key was
@@ -1197,23 +1202,33 @@ class RedisCounters(CounterBackend):
             self._failed(exc)
 
     async def _reconciled(
-        self, charges: list[tuple[str, WindowCounter, int]], bounds: list[tuple[float, float]]
+        self,
+        charges: list[tuple[str, WindowCounter, int]],
+        bounds: list[tuple[float, float]],
+        seen: dict[str, str] | None = None,
     ) -> list[int]:
         """Add charges (key, counter, amount) of windows with these bounds (start, end) to their
-        keys (reconcile.lua); returns the indices of those whose key is gone. A charge whose
-        window began anew elsewhere (its mark) moves its counter there, and is owed to the
-        window begun there as `_to_new_windows` takes it (added by the next round; arrived,
-        should the counter have left that window too)."""
+        keys (reconcile.lua); returns the indices of those whose key is gone, or was seeded by
+        another instance since its seed record was read (`seen`, by key: keys not in it are
+        added to whoever seeded them). A charge whose window began anew elsewhere (its mark)
+        moves its counter there, and is owed to the window begun there as `_to_new_windows`
+        takes it (added by the next round; arrived, should the counter have left that window
+        too)."""
         assert self._reconcile is not None
         keys: list[str] = []
         args: list[Any] = []
+        seen = seen or {}
         for (key, counter, amount), (start, end) in zip(charges, bounds, strict=True):
             keys += [key, mark_key(self.prefix, counter.kind, counter.id)]
+            keys.append(self._seed_record_key(key))
             # (a window that never ends: a number later than any mark, not "inf", for Lua)
             args += [amount, repr(start), repr(end) if end != FAR_FUTURE else "1e300"]
+            args.append(seen.get(key, "*"))
         done = self._done_key(uuid.uuid4().hex)
         try:
-            answer: list[Any] = await self._reconcile(keys=[*keys, done], args=args)
+            answer: list[Any] = await self._reconcile(
+                keys=[*keys, done], args=[*args, self._instance]
+            )
         except BaseException:
             # Unanswered, it may have run (an answer past the timeout): added by
             # settled_once.lua only if it did not (its done key says), as a settlement is. Kept
@@ -1225,7 +1240,7 @@ class RedisCounters(CounterBackend):
         gone: list[int] = []
         moved: dict[int, str] = {}
         for n in range(0, len(answer), 2):
-            if answer[n + 1]:
+            if answer[n + 1] and answer[n + 1] != "seeded":
                 moved[int(answer[n]) - 1] = str(answer[n + 1])
             else:
                 gone.append(int(answer[n]) - 1)
@@ -1341,16 +1356,17 @@ class RedisCounters(CounterBackend):
                 except _Moved as moved:  # to the window begun anew: charged there
                     todo = self._to_new_windows(todo, moved.reset)
                     continue
+                seen: dict[str, str] = {}
                 if fresh:  # (the keys of a debt: one charge each)
                     owed = {k: a for k, _, a in todo}
                     debts = {k: _Debt(c, c.start, c.end) for k, c, _ in todo}
-                    await self._leave_out_seeded(
+                    fresh, seen = await self._leave_out_seeded(
                         owed, debts, {k: p for k, p in fresh.items() if k in owed}
                     )
                     todo = [(k, c, owed[k]) for k, c, _ in todo if owed[k]]
-                    fresh = None
                 adding, todo = todo, []  # (unanswered: `_unsure`, not owed again)
-                gone = await self._reconciled(adding, [(c.start, c.end) for _, c, _ in adding])
+                bounds = [(c.start, c.end) for _, c, _ in adding]
+                gone = await self._reconciled(adding, bounds, seen)
                 todo = [adding[i] for i in gone]  # vanished again: seeded again
             raise RedisError("window keys vanished while being seeded")
         except BaseException:

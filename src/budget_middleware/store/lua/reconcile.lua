@@ -6,10 +6,16 @@
 -- index is returned, and the client seeds it from the store, which holds those charges once
 -- written, plus what this instance has not written (or adds them, when another instance seeded
 -- it).
--- KEYS: per charge its window key and that window's mark; last, the payment's done key. ARGV: per
--- charge the amount, then the window's start and end (epoch seconds, as text).
--- Returns per charge not added its index (from 1), then the mark it moved to, or "" for a key
--- that is gone.
+-- A key seeded by another instance since the client looked at its seed record (seed.lua's) may
+-- hold charges of these already (the store had them when that seed read it): nothing is added,
+-- and its index is returned with "seeded", for the client to take off what that seed holds and
+-- add the rest (`RedisCounters._leave_out_seeded`); added anyway, an outage's charges counted
+-- twice (70 of 100 admitted).
+-- KEYS: per charge its window key, that window's mark and its seed record; last, the payment's
+-- done key. ARGV: per charge the amount, the window's start and end (epoch seconds, as text), and
+-- the seed record the client saw ("" for none, "*" for any); last, the client's instance.
+-- Returns per charge not added its index (from 1), then the mark it moved to, "seeded", or ""
+-- for a key that is gone.
 --
 -- Its answer may be lost (past the client's timeout) after it added the charges: the client then
 -- hands the payment to settled_once.lua, which adds them only if this did not run (the done key,
@@ -20,9 +26,16 @@ if redis.call("EXISTS", done) == 1 then
 end
 local answer = {}
 local missed = {}
-for i = 1, (#KEYS - 1) / 2 do
-  local key, mark = KEYS[2 * i - 1], KEYS[2 * i]
-  local amount, start, stop = ARGV[3 * i - 2], tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
+local me = " " .. ARGV[#ARGV]
+local function seeded_since(record, seen)
+  if seen == "*" or not record or record == seen then
+    return false
+  end
+  return string.sub(record, -#me) ~= me -- a seed of its own leaves its charges out
+end
+for i = 1, (#KEYS - 1) / 3 do
+  local key, mark, record = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local amount, start, stop = ARGV[4 * i - 3], tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1])
   local at = redis.call("GET", mark)
   local moved = at and tonumber(string.match(at, "^%S+"))
   if moved and start < moved and moved < stop then
@@ -30,7 +43,13 @@ for i = 1, (#KEYS - 1) / 2 do
     answer[#answer + 1] = at
     missed[#missed + 1] = key
   elseif redis.call("EXISTS", key) == 1 then
-    redis.call("INCRBY", key, amount)
+    if seeded_since(redis.call("GET", record), ARGV[4 * i]) then
+      answer[#answer + 1] = i
+      answer[#answer + 1] = "seeded"
+      missed[#missed + 1] = key
+    else
+      redis.call("INCRBY", key, amount)
+    end
   else
     answer[#answer + 1] = i
     answer[#answer + 1] = ""
