@@ -2620,6 +2620,15 @@ async def test_a_spilled_batch_that_cannot_be_read_is_set_aside_where_an_operato
     assert 'budget_rejected_total{kind="spilled_batch"} 1.0' in metrics
 
 
+def _budget_windows(server: PrivateRedis, prefix: str) -> int:
+    """What Redis's budget window keys hold, in all (nano-dollars)."""
+    client_ = redis.Redis.from_url(server.url)
+    try:
+        return sum(int(client_.get(k) or 0) for k in client_.scan_iter(match=f"{prefix}w:b*"))
+    finally:
+        client_.close()
+
+
 async def _outage_then_the_other_seeds(
     postgres_database: str, tmp_path: Any, keep_data: bool, written_first: bool
 ) -> tuple[int, int, int]:
@@ -2662,13 +2671,7 @@ async def _outage_then_the_other_seeds(
             more = await _until_refused(key.value, ha, hb)
             assert await a.flush() and await b.flush()
             count, _ = records(a, key.id)
-            client_ = redis.Redis.from_url(server.url)
-            try:
-                window = sum(
-                    int(client_.get(k) or 0) for k in client_.scan_iter(match=f"{prefix}w:b*")
-                )
-            finally:
-                client_.close()
+            window = _budget_windows(server, prefix)
     finally:
         server.stop()
     return 16 + more, count, window // CENT
@@ -2697,14 +2700,12 @@ async def test_an_outage_s_charges_count_once_when_another_instance_seeds_first(
     assert window == 25
 
 
-async def test_an_outage_s_charges_count_once_when_the_other_seeds_while_they_are_paid(
-    postgres_database: str, tmp_path: Any
-) -> None:
-    """A's outage charges are in the store when Redis comes back empty. A looks for a seed of
-    their window (none yet), and B seeds it from the store (holding them) before A's payment
-    reaches Redis: the payment added them to B's seed all the same, counted twice for the rest
-    of the window (16 admitted on a $0.25 budget of $0.01 requests; CI's two servers admitted 70
-    of 100 so). The payment now adds only to the seed it looked at, else looks again: 25."""
+@asynccontextmanager
+async def _a_owing_its_outage(postgres_database: str, tmp_path: Any) -> AsyncIterator[Pair]:
+    """Two fail-open engines, a $0.25 budget of $0.01 requests: 5 through Redis on A, Redis
+    killed, 10 admitted on A without it (owed to Redis, and written to the store), Redis back
+    empty, past A's back-off. A's heartbeats are the test's, in its order. On leaving, every
+    request admitted has its record, and Redis's window holds each once (asserted)."""
     server = PrivateRedis()
     server.start()
     prefix = unique_prefix()
@@ -2714,10 +2715,12 @@ async def test_an_outage_s_charges_count_once_when_the_other_seeds_while_they_ar
             redis_url=server.url,
             fail_open=True,
             redis_timeout_seconds=1,
-            flush_interval_seconds=30,  # the test flushes and beats itself, in its order
+            flush_interval_seconds=30,
             spill_dir=tmp_path / "spill",
         )
-        async with two_on_a_quarter(settings, prefix) as (a, b, ha, hb, key, ask):
+        async with two_on_a_quarter(settings, prefix) as pair:
+            a, b, ha, _, key, ask = pair
+            a.counters._heartbeat.cancel()  # type: ignore[attr-defined]
             await a.counters.heartbeat()
             await ask(ha, 5)
             assert await a.flush()
@@ -2728,42 +2731,79 @@ async def test_an_outage_s_charges_count_once_when_the_other_seeds_while_they_ar
             server.start()
             await _drop(a, b)
             await asyncio.sleep(2.1)  # past A's back-off
-            counters: Any = a.counters
-            reconcile = counters._reconcile
-            calls = 0
-
-            async def b_seeds_first(keys: list[str], args: list[Any]) -> Any:
-                nonlocal calls
-                calls += 1
-                if calls == 1:  # A has looked for a seed record; B seeds now
-                    await ask(hb, 1)
-                return await reconcile(keys=keys, args=args)
-
-            counters._reconcile = b_seeds_first
-            await a.counters.heartbeat()  # A finds its mark gone and pays its debts
-            counters._reconcile = reconcile
-            more = await _until_refused(key.value, ha, hb)
+            yield pair
             assert await a.flush() and await b.flush()
             count, _ = records(a, key.id)
-            client_ = redis.Redis.from_url(server.url)
-            try:
-                window = sum(
-                    int(client_.get(k) or 0) for k in client_.scan_iter(match=f"{prefix}w:b*")
-                )
-            finally:
-                client_.close()
+            window = _budget_windows(server, prefix)
     finally:
         server.stop()
-    admitted = 16 + more
-    print(
-        f"B seeding between A's look for a seed and its payment: admitted {admitted} requests "
-        f"of $0.01 on a $0.25 budget ({count} records), Redis's window ${window // CENT / 100:.2f}"
-        f" ({calls} reconcile calls by A)"
-    )
-    assert calls >= 1
-    assert count == admitted
-    assert admitted == 25
+    print(f"{count} requests admitted in all, Redis's window ${window // CENT / 100:.2f}")
+    assert count == 25
     assert window // CENT == 25
+
+
+async def test_an_outage_s_charges_count_once_when_the_other_seeds_while_they_are_paid(
+    postgres_database: str, tmp_path: Any
+) -> None:
+    """A's outage charges are in the store when Redis comes back empty. A looks for a seed of
+    their window (none yet), and B seeds it from the store (holding them) before A's payment
+    reaches Redis: the payment added them to B's seed all the same, counted twice for the rest
+    of the window (16 admitted on a $0.25 budget of $0.01 requests; CI's two servers admitted 70
+    of 100 so). The payment now adds only to the seed it looked at, else looks again: 25."""
+    async with _a_owing_its_outage(postgres_database, tmp_path) as (a, _, ha, hb, key, ask):
+        counters: Any = a.counters
+        reconcile = counters._reconcile
+        calls = 0
+
+        async def b_seeds_first(keys: list[str], args: list[Any]) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # A has looked for a seed record; B seeds now
+                await ask(hb, 1)
+            return await reconcile(keys=keys, args=args)
+
+        counters._reconcile = b_seeds_first
+        await a.counters.heartbeat()  # A finds its mark gone and pays its debts
+        counters._reconcile = reconcile
+        more = await _until_refused(key.value, ha, hb)
+        print(f"B seeding between A's look for a seed and its payment: {16 + more} admitted")
+        assert calls >= 2  # (the payment looked again)
+
+
+@pytest.mark.parametrize("seeded_by", ["A", "B"])
+async def test_an_outage_s_charges_count_once_when_paid_while_the_loss_is_being_found(
+    postgres_database: str, tmp_path: Any, seeded_by: str
+) -> None:
+    """A's outage charges are in the store when Redis comes back empty. A's heartbeat finds its
+    mark gone (Redis marks it "0": a loss found), and before its answer is read A pays its
+    debts, as an admission does. `A`: it seeds the window from the store itself and adds them;
+    the heartbeat, not told that seed came after the loss (the mark was there), owed again what
+    the store had confirmed since the beat before. `B`: B seeded the window first, and the
+    payment left them out; the heartbeat had taken what the store confirmed before the payment
+    took them off it, and owed them again. Either way the outage's charges counted twice for the
+    rest of the window (15 and 16 admitted on a $0.25 budget of $0.01 requests). 25 now."""
+    async with _a_owing_its_outage(postgres_database, tmp_path) as (a, _, ha, hb, key, ask):
+        if seeded_by == "B":
+            await ask(hb, 1)
+        counters: Any = a.counters
+        beat = counters._beat
+        calls = 0
+
+        async def paid_meanwhile(keys: list[str], args: list[Any]) -> Any:
+            nonlocal calls
+            calls += 1
+            answer = await beat(keys=keys, args=args)  # Redis found the loss
+            if calls == 1:
+                await counters._pay_debts_whole()  # before the answer is read
+            return answer
+
+        counters._beat = paid_meanwhile
+        await a.counters.heartbeat()
+        counters._beat = beat
+        more = await _until_refused(key.value, ha, hb)
+        admitted = 15 + (seeded_by == "B") + more
+        print(f"paid while the heartbeat waits, seeded by {seeded_by}: {admitted} admitted")
+        assert calls == 1
 
 
 class _Storm:

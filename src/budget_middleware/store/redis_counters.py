@@ -960,7 +960,7 @@ class RedisCounters(CounterBackend):
                 keys=[*keys, *records, self._mark_key],
                 args=[*args, f"{read_at!r} {self._instance}"],
             )
-            if not int(done[-1]):  # Redis lost its data since the last heartbeat
+            if not int(done[-1]):  # Redis lost its data since the last heartbeat read
                 seeded = zip(keys, done[:-1], strict=True)
                 self._seeded_after_loss.update(k for k, d in seeded if int(d))
         if moved:
@@ -1586,24 +1586,26 @@ class RedisCounters(CounterBackend):
                     args += [ticket.request_id, "h", ticket.reservation]
                 else:
                     args += [ticket.request_id, "z", 0]
-        written, self._written = self._written, {}
-        beats = {key: track.confirmed for key, track in self._tracks.items()}
         try:
             lost, restored = await self._beat(keys=keys, args=args)
         except BaseException:
             # Unanswered: what the store confirmed is still to weigh, and a loss this call found
             # (and marked "0") is told by the next.
-            for window, amount in written.items():
-                self._written[window] = self._written.get(window, 0) + amount
             self._beat_unanswered = True
             raise
         self._beat_unanswered = False
+        # What the store confirmed, taken once the answer is here: a payment of debts that ran
+        # meanwhile took off it what another instance's seed holds (`_leave_out_seeded`); taken
+        # before, the outage's charges were owed again (16 admitted on $0.25, not 25).
+        written, self._written = self._written, {}
+        beats = {key: track.confirmed for key, track in self._tracks.items()}
         for key, confirmed in beats.items():  # `_written` holds what was confirmed since
             track = self._tracks.get(key)
             if track is not None:
                 track.beat = confirmed
-        # Taken once the mark is back: a seed of ours made before it found the mark gone (its
-        # key is here), one made after finds it there (and holds nothing of the loss).
+        # Taken once the mark is back: a seed of ours made before it found the mark gone, or
+        # after but before this answer was read (the mark "0"), has its key here; one made
+        # after finds it "1" (and holds nothing of the loss).
         seeded_here, self._seeded_after_loss = self._seeded_after_loss, set()
         owe = int(lost) and self._beaten
         if owe:

@@ -7,7 +7,9 @@
 -- mark (its heartbeat's).
 -- ARGV: per window key its value and ttl_ms (0: the window never ends); then the record.
 -- Returns per key 1 where this value was set, 0 where another was there first; then 1 when the
--- instance's mark is there (Redis has not lost its data since its last heartbeat), else 0.
+-- instance's mark is there (Redis has not lost its data since its last heartbeat), else 0; also
+-- 0 when the mark is "0": a heartbeat found it gone, and its answer may not have been read yet
+-- (a seed made then counts as one after the loss: `RedisCounters._seeded_after_loss`).
 local set = {}
 local keys = (#KEYS - 1) / 2
 local record = ARGV[2 * keys + 1]
@@ -29,5 +31,6 @@ for i = 1, keys do
   end
   set[i] = done and 1 or 0
 end
-set[keys + 1] = redis.call("EXISTS", KEYS[#KEYS])
+local mark = redis.call("GET", KEYS[#KEYS])
+set[keys + 1] = (mark and mark ~= "0") and 1 or 0
 return set
