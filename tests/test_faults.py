@@ -2180,16 +2180,13 @@ async def test_charges_of_a_process_stopped_while_another_locks_its_sqlite_file_
     assert written == ((11, 11 * CENT), 11 * CENT)
 
 
-def test_charges_of_a_server_killed_while_its_sqlite_file_is_locked_are_kept(
-    tmp_path: Path,
-) -> None:
-    """uvicorn on a SQLite store that another process keeps locked: its flush rounds fail
-    "database is locked" round after round, and nothing was kept on disk, so a SIGKILL lost
-    every charge of the lock (1 of 21 requests reached the store). Now each failed round spills
-    its batch, and the next process writes all but what the last round had not taken."""
-    db = tmp_path / "budget.db"
-    spill = tmp_path / "spill"
-    url = f"sqlite:///{db}?timeout=0.2"
+def _example_server(
+    url: str, spill: Path
+) -> tuple[BudgetSettings, BudgetEngine, Any, subprocess.Popen[bytes], int]:
+    """A key of $10 that never resets in the store at `url`, and the example app served by
+    uvicorn on that store (a flush every 0.05 s, spilling to `spill`): the settings, an engine
+    on the store (its connections let go), the key, the server process and its port (the test
+    waits for it)."""
     settings = settings_for(url, spill_dir=spill)
     local = BudgetEngine(settings)
     key = local.manager.create_virtual_key(
@@ -2206,6 +2203,20 @@ def test_charges_of_a_server_killed_while_its_sqlite_file_is_locked_are_kept(
     }
     argv = ["-m", "uvicorn", "app:app", "--app-dir", str(examples), "--port", str(port)]
     server = subprocess.Popen([sys.executable, *argv, "--log-level", "critical"], env=env)
+    return settings, local, key, server, port
+
+
+def test_charges_of_a_server_killed_while_its_sqlite_file_is_locked_are_kept(
+    tmp_path: Path,
+) -> None:
+    """uvicorn on a SQLite store that another process keeps locked: its flush rounds fail
+    "database is locked" round after round, and nothing was kept on disk, so a SIGKILL lost
+    every charge of the lock (1 of 21 requests reached the store). Now each failed round spills
+    its batch, and the next process writes all but what the last round had not taken."""
+    db = tmp_path / "budget.db"
+    spill = tmp_path / "spill"
+    url = f"sqlite:///{db}?timeout=0.2"
+    settings, _, key, server, port = _example_server(url, spill)
     try:
         wait_for_port(port, timeout=30)
         auth = bearer(key.value)
@@ -2494,22 +2505,7 @@ def test_charges_of_a_server_killed_after_its_shutdown_overran_its_grace_are_kep
     db = tmp_path / "budget.db"
     spill = tmp_path / "spill"
     url = f"sqlite:///{db}?timeout=10"
-    settings = settings_for(url, spill_dir=spill)
-    local = BudgetEngine(settings)
-    key = local.manager.create_virtual_key(
-        name="alice", budgets=[{"max_limit": 10, "reset_duration": None}]
-    )
-    local.store.dispose()
-    port = free_port()
-    examples = Path(__file__).resolve().parents[1] / "examples"
-    env = {
-        **os.environ,
-        "BUDGET_DATABASE_URL": url,
-        "BUDGET_SPILL_DIR": str(spill),
-        "BUDGET_FLUSH_INTERVAL_SECONDS": "0.05",
-    }
-    argv = ["-m", "uvicorn", "app:app", "--app-dir", str(examples), "--port", str(port)]
-    server = subprocess.Popen([sys.executable, *argv, "--log-level", "critical"], env=env)
+    settings, local, key, server, port = _example_server(url, spill)
     try:
         wait_for_port(port, timeout=30)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
