@@ -178,9 +178,9 @@ async def test_a_retryable_refusal_wins_with_the_shortest_retry_after(
     error = answer.json()["error"]
     print("answer:", answer.status_code, dict(answer.headers), error["message"])
     assert answer.status_code == 429 and error["code"] == "request_limit_exceeded"
-    # Azure's hour is past what an SDK waits (`x-should-retry: false`): no retryable refusal;
-    # anthropic's minute is the first (and shortest) retryable one, its body and its wait.
-    assert error["scope"]["name"] == "anthropic"
+    # SPEC §12: the first retryable refusal (azure's hour: a rate limit, however long) with the
+    # shortest wait of them (anthropic's minute), which an SDK may wait: no `x-should-retry`.
+    assert error["scope"]["name"] == "azure"
     assert "x-should-retry" not in answer.headers
     assert 1 <= int(answer.headers["retry-after"]) <= 60  # anthropic's minute, not azure's hour
     assert int(answer.headers["retry-after-ms"]) <= 60_000
@@ -189,13 +189,45 @@ async def test_a_retryable_refusal_wins_with_the_shortest_retry_after(
         ("azure/gpt-4o", "request_limit_exceeded"),
         ("anthropic/claude-sonnet-4", "request_limit_exceeded"),
     ]
-    # The refusal is told (`on_refusal`, `GET /refusals`) as it was answered: anthropic's, with
+    # The refusal is told (`on_refusal`, `GET /refusals`) as it was answered: azure's, with
     # its scope (the scope used to be None, and the target the first one's).
     told = engine.hooks.recent_refusals[-1]
     print("told:", told)
     assert (told["code"], told["status"], told["scope"]) == (
         "request_limit_exceeded", 429, error["scope"])  # fmt: skip
-    assert (told["provider"], told["model"]) == ("anthropic", "claude-sonnet-4")
+    assert (told["provider"], told["model"]) == ("azure", "gpt-4o")
+
+
+async def test_an_hourly_rate_limit_is_a_retryable_refusal_of_a_route(
+    make_settings: Settings,
+) -> None:
+    """SPEC §12: a rate limit is a retryable reason, however long its window: a route whose first
+    target's budget is exhausted and whose second is rate limited for the hour answers the 429
+    (a client that comes back in an hour is admitted), not the first target's final 402. The
+    hour is past what an SDK sleeps, so the 429 keeps `x-should-retry: false`."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=SPENT)
+        m.put_provider("azure", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"})
+        m.create_route(**ROUTE)
+        await engine.invalidate()
+        first = await post(http)  # azure's one request of the hour
+        answer = await post(http)
+    error = answer.json()["error"]
+    print("first:", first.status_code, first.headers.get("x-budget-route"))
+    print("answer:", answer.status_code, dict(answer.headers), error["message"])
+    assert first.status_code == 200 and first.headers["x-budget-route"] == "azure/gpt-4o"
+    assert answer.status_code == 429 and error["code"] == "request_limit_exceeded"
+    assert error["scope"]["name"] == "azure"
+    assert 3_500 <= int(answer.headers["retry-after"]) <= 3_600
+    assert answer.headers["x-should-retry"] == "false"  # past an SDK's sleep: the caller decides
+    assert [k for k, _ in answer.headers.multi_items()].count("x-should-retry") == 1
+    assert targets_of(answer) == [
+        ("openai/gpt-4o", "budget_exceeded"),
+        ("azure/gpt-4o", "request_limit_exceeded"),
+    ]
 
 
 async def test_a_rate_limit_of_zero_is_no_retryable_refusal_of_a_route(

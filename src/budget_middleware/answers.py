@@ -41,6 +41,8 @@ class ErrorAnswer:
     status: int
     body: bytes
     headers: list[tuple[bytes, bytes]]
+    # A 429 no wait can pass (a rate limit of 0): a route takes it as final (SPEC §12).
+    never_passes: bool = False
 
 
 def error_body(
@@ -203,7 +205,10 @@ def refusal_answer(
     ]
     if final:
         retry.append(_FINAL)
-    return error_answer(429, code, message, scope=scope_json, headers=retry)
+    answer = error_answer(429, code, message, scope=scope_json, headers=retry)
+    if refusal.limit == 0 and code in _WINDOWED:
+        return ErrorAnswer(answer.status, answer.body, answer.headers, never_passes=True)
+    return answer
 
 
 def _wait(reset_at: float | None, now: float) -> float:
@@ -212,7 +217,7 @@ def _wait(reset_at: float | None, now: float) -> float:
     return max(reset_at - now, 0.001)
 
 
-_RETRY_HEADERS = (b"retry-after", b"retry-after-ms", b"content-length")
+_RETRY_HEADERS = (b"retry-after", b"retry-after-ms", b"x-should-retry", b"content-length")
 
 # A route's targets the key may not use (SPEC §12: skipped, not tried).
 _SKIPPED = frozenset(("provider_not_allowed", "model_not_allowed"))
@@ -235,14 +240,15 @@ def route_refusal_answer(
 ) -> tuple[ErrorAnswer, int, dict[str, Any]]:
     """Every target of a route refused (SPEC §12): (target, code, its answer) in route order.
     The answer is the first retryable refusal (a rate limit, a reservation: 429) with the
-    shortest `Retry-After` of them (an exhausted budget is not one, even sent as 429), or
-    else the first target's, of those the key may use (a target it may not is skipped: its
-    403 is the answer only when the key may use none); its `error.targets` lists each target
-    and its code. Returns the answer, the index of the target whose refusal it is, and its
-    `error` object."""
+    shortest `Retry-After` of them (an exhausted budget is not one, even sent as 429; nor is a
+    rate limit of 0, which no wait passes; an hourly limit is, though past what an SDK waits:
+    its 429 says `x-should-retry: false` when it is the shortest wait), or else the first
+    target's, of those the key may use (a target it may not is skipped: its 403 is the answer
+    only when the key may use none); its `error.targets` lists each target and its code.
+    Returns the answer, the index of the target whose refusal it is, and its `error` object."""
     retryable = [
-        answer for _, code, answer in tried if code in _RETRYABLE and _FINAL not in answer.headers
-    ]  # (a rate limit of 0 is final)
+        answer for _, code, answer in tried if code in _RETRYABLE and not answer.never_passes
+    ]
     if retryable:
         chosen = retryable[0]
     else:
@@ -252,7 +258,9 @@ def route_refusal_answer(
     document = json.loads(chosen.body)
     document["error"]["targets"] = [{"target": target, "code": code} for target, code, _ in tried]
     body = json.dumps(document).encode()
-    dropped = _RETRY_HEADERS if retryable else (b"content-length",)  # a final 429 keeps its own
+    # A final answer keeps its own; a retryable one takes the shortest wait's, with whether an
+    # SDK should wait it (`x-should-retry: false` past LONGEST_SDK_WAIT).
+    dropped = _RETRY_HEADERS if retryable else (b"content-length",)
     headers = [h for h in chosen.headers if h[0] not in dropped]
     headers.append((b"content-length", str(len(body)).encode()))
     if retryable:
@@ -260,6 +268,8 @@ def route_refusal_answer(
         shortest = min(waits, key=lambda h: int(h[b"retry-after-ms"]))
         headers.append((b"retry-after", shortest[b"retry-after"]))
         headers.append((b"retry-after-ms", shortest[b"retry-after-ms"]))
+        if shortest.get(_FINAL[0]) == _FINAL[1]:
+            headers.append(_FINAL)
     return ErrorAnswer(chosen.status, body, headers), index, document["error"]
 
 
