@@ -2040,6 +2040,40 @@ def test_a_key_header_sent_twice_counts_by_its_first_value_as_under_asgi(
     assert [r["virtual_key_id"] for r in rows] == [first.id, first.id, first.id, comma.id]
 
 
+def test_the_azure_openai_sdk_s_api_key_header_carries_a_virtual_key_under_wsgi(
+    make_settings: Settings,
+) -> None:
+    """Azure OpenAI's SDK sends its key as `api-key`, which the ASGI middleware reads (SPEC §15:
+    the same checks and codes). The WSGI one read only `x-api-key` and `x-goog-api-key`: a key
+    with a $0 budget there was served (200, the key's limits skipped) and an unknown one too."""
+    import openai
+
+    app = flask_host(make_settings())
+    engine = engine_of(app)
+    on_loop(engine, engine.ensure_started)
+    spent = engine.manager.create_virtual_key(name="spent", budgets=[{"max_limit": 0}])
+    statuses: dict[str, int] = {}
+    for name, value in (("a key with a $0 budget", spent.value or ""),
+                        ("an unknown key", "sk-bm-nobody")):  # fmt: skip
+        sdk = openai.AzureOpenAI(
+            azure_endpoint="http://test",
+            api_version="2024-10-21",
+            api_key=value,
+            max_retries=0,
+            http_client=httpx.Client(transport=httpx.WSGITransport(app=app)),
+        )
+        try:
+            sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+            )
+            statuses[name] = 200
+        except openai.APIStatusError as exc:
+            statuses[name] = exc.status_code
+    print("Azure OpenAI SDK under WSGI, the key in api-key:", statuses)
+    assert statuses == {"a key with a $0 budget": 402, "an unknown key": 401}
+    assert records(engine) == []  # neither was served
+
+
 def test_a_flask_view_finds_who_is_calling_from_its_request_as_a_django_view_does(
     make_settings: Settings,
 ) -> None:

@@ -226,6 +226,8 @@ class BudgetWSGIMiddleware:
         ]
         self.wanted = tuple((name, _environ_name(name)) for name in dict.fromkeys(names))
         self.key_var = _environ_name(names[0])
+        # `x-api-key`, `x-goog-api-key`, `api-key` (Azure OpenAI's SDK), as `header_reader` reads
+        self.api_key_vars = tuple(_environ_name(name) for name in API_KEY_HEADERS)
         self.prefix = s.key_prefix
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -278,7 +280,8 @@ class BudgetWSGIMiddleware:
                 if text and text.startswith(self.prefix):
                     key = text
             if key is None:
-                for value in (get("HTTP_X_API_KEY"), get("HTTP_X_GOOG_API_KEY")):
+                for name in self.api_key_vars:
+                    value = get(name)
                     if value:
                         text = value.strip()
                         if text.startswith(self.prefix):
