@@ -303,6 +303,15 @@ def test_a_virtual_key_sent_as_a_name_is_kept_out_of_the_target() -> None:
     # the caller's key as the provider: that one is unknown, the model kept
     found = resolve({"model": "gpt-4o"}, "/v1/x", Credentials(provider=own), (), own)
     assert (found.provider, found.model) == ("unknown", "gpt-4o")
+    # a key in mixed case, as generated ones are: a provider is named in lower case, so the
+    # key was not found in it, and reached records and messages lowered
+    mixed = "sk-bm-MiXed_Case-" + "Q" * 30
+    for creds, model in (
+        (Credentials(provider=mixed), "gpt-4o"),
+        (Credentials(), f"{mixed}/gpt-4o"),
+    ):
+        found = TargetResolver({}.get, "sk-bm-")({"model": model}, "/v1/x", creds, (), mixed)
+        assert (found.provider, found.model) == ("unknown", "gpt-4o"), found
     # no key (an anonymous request): only a key's shape is told, never a model
     found = resolve({"model": own}, "/v1/x", Credentials(tags=(own, shaped)), ())
     assert (found.model, found.tags) == (own, (own,))

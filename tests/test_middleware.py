@@ -678,6 +678,14 @@ async def test_a_key_sent_where_a_tag_model_or_provider_goes_is_kept_out_of_ever
     engine = engine_of(app)
     async with running(app), client(app) as http:
         value = engine.manager.create_virtual_key(name="alice").value or ""
+        # A key that may use only openai: its own key as the provider is refused 403, and the
+        # message names the provider, which was the key in lower case (a provider's one name).
+        only = (
+            engine.manager.create_virtual_key(
+                name="bob", provider_configs=[{"provider": "openai"}]
+            ).value
+            or ""
+        )
         sent = [
             ({"x-budget-key": value, "x-budget-tags": f"team:a,{value}"}, chat()),
             ({"x-budget-tags": value}, chat()),
@@ -685,6 +693,8 @@ async def test_a_key_sent_where_a_tag_model_or_provider_goes_is_kept_out_of_ever
             ({"x-budget-key": value}, chat(model=value)),
             ({"x-budget-key": value}, chat(model=f"openai/{value}")),
             ({"x-budget-key": value, "x-budget-provider": value}, chat(model="gpt-4o")),
+            ({"x-budget-key": value}, chat(model=f"{value}/gpt-4o")),
+            ({"x-budget-key": only, "x-budget-provider": only}, chat(model="gpt-4o")),
         ]
         answers = [
             await http.post("/v1/chat/completions", json=body, headers=headers)
@@ -696,16 +706,20 @@ async def test_a_key_sent_where_a_tag_model_or_provider_goes_is_kept_out_of_ever
         by_tag = engine.manager.usage("tag").model_dump_json()
     statuses = [a.status_code for a in answers]
     print("statuses:", statuses, f"{len(rows)} records, {len(settled)} settled")
-    assert statuses == [200, 200, 200, 403, 403, 200]  # a key as model: unknown, unpriced
+    # a key as model: unknown, unpriced; as provider: unknown (the model's own, from the
+    # catalog, is not guessed for a provider the client named), and not one bob may use
+    assert statuses == [200, 200, 200, 403, 403, 200, 200, 403]
     assert '"team:a"' in by_tag  # the other tags stay
     shown = (
         caplog.text
-        + "".join(a.text + str(a.headers) for a in answers)
+        # (a served answer's body is the app's, which echoes the model it was sent)
+        + "".join((a.text if a.status_code != 200 else "") + str(a.headers) for a in answers)
         + "".join(rows)
         + by_tag
         + json.dumps([repr(r) for r in settled])
     )
-    assert value not in shown
+    for key in (value, only):  # nor in lower case, as a provider's name is written
+        assert key not in shown and key.lower() not in shown.lower()
 
 
 async def test_a_short_key_prefix_drops_no_tag_and_unprices_no_model(

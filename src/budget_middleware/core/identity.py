@@ -323,7 +323,8 @@ class TargetResolver:
         found = self.provider_and_model(
             raw_model if type(raw_model) is str else "", credentials, route_path
         )
-        if own_key is not None and (own_key in found[1] or own_key in found[0]):
+        # (a provider is named in lower case: the key in it is too)
+        if own_key is not None and (own_key in found[1] or own_key.lower() in found[0]):
             found = _without_key(found, own_key)
         tags = credentials.tags
         if "metadata" in data:
@@ -484,7 +485,10 @@ def _never(_: str) -> None:
 
 def _without_key(found: tuple[str, str], key: str) -> tuple[str, str]:
     provider, model = found
-    return ("unknown" if key in provider else provider, "unknown" if key in model else model)
+    return (
+        "unknown" if key.lower() in provider else provider,
+        "unknown" if key in model else model,
+    )
 
 
 def _hosted(raw_model: str, provider: str) -> tuple[str, str]:
