@@ -58,7 +58,8 @@ async def test_openapi_document_is_valid_openapi_3_1(tmp_path: Path) -> None:
     # every route of SPEC §9 is documented
     for path in ("/customers", "/teams/{id}", "/virtual-keys/{id}/rotate", "/virtual-keys/quota",
                  "/budgets", "/budgets/{id}/reset", "/rate-limits", "/providers/{provider}",
-                 "/model-configs", "/tags/{tag}", "/usage", "/metrics", "/health"):  # fmt: skip
+                 "/model-configs", "/tags/{tag}", "/usage", "/metrics", "/health",
+                 "/ui", "/ui/{asset}"):  # fmt: skip
         assert path in document["paths"], path
     schema = schemathesis.openapi.from_dict(document)
     assert len(list(schema.get_all_operations())) >= 30

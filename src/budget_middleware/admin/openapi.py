@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from budget_middleware.admin.context import Operation
+from budget_middleware.admin.dashboard import ASSETS
 from budget_middleware.admin.envelopes import ErrorAnswer
 from budget_middleware.manage import schemas
 from budget_middleware.manage.schemas import NO_NUL
@@ -159,6 +160,7 @@ def openapi_document(operations: Iterable[Operation]) -> dict[str, Any]:
             },
         }
     }
+    paths.update(_dashboard_paths(found))
     return {
         "openapi": "3.1.0",
         "info": {
@@ -175,5 +177,47 @@ def openapi_document(operations: Iterable[Operation]) -> dict[str, Any]:
                 "VirtualKey": {"type": "apiKey", "in": "header", "name": "x-budget-key"},
                 "VirtualKeyBearer": {"type": "http", "scheme": "bearer"},
             },
+        },
+    }
+
+
+def _dashboard_paths(found: dict[str, Any]) -> dict[str, Any]:
+    """The dashboard's page and assets (SPEC §16): no admin key (they hold no data, SPEC §9),
+    GET (and HEAD); a copy the client holds (`If-None-Match`) is answered 304."""
+    unchanged = {"description": "Not modified: the copy the client holds (If-None-Match)"}
+    return {
+        "/ui": {
+            "get": {
+                "security": [],
+                "summary": "The dashboard's page",
+                "operationId": "dashboard",
+                "responses": {
+                    "200": {"description": "The page", "content": {"text/html": {}}},
+                    "304": unchanged,
+                },
+            }
+        },
+        "/ui/{asset}": {
+            "get": {
+                "security": [],
+                "summary": "An asset of the dashboard's page",
+                "operationId": "dashboard_asset",
+                "parameters": [
+                    {
+                        "name": "asset",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": sorted(ASSETS)},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The asset",
+                        "content": {media: {} for media in sorted(set(ASSETS.values()))},
+                    },
+                    "304": unchanged,
+                    "404": _error_answer(found, "No such asset"),
+                },
+            }
         },
     }
