@@ -903,3 +903,43 @@ async def test_a_body_over_the_admin_api_s_bound_is_a_413_read_no_further(
         assert r.status_code == 413
         doc = (await c.get("/openapi.json", headers=ADMIN)).json()
         assert "413" in doc["paths"]["/config/apply"]["post"]["responses"]
+
+
+async def test_concurrent_budget_lists_over_more_durations_than_are_cached_all_answer(
+    tmp_path: Path,
+) -> None:
+    """Each admin call runs in a worker thread, and reading a budget parses its duration through
+    a cachetools cache of 1,024, which is not thread-safe (its LRU order changes on every read).
+    With more distinct durations in the store than it holds, `GET /budgets` sent 12 at a time
+    answered 500 (`KeyError('152d')`, `OrderedDict mutated during iteration`): 16 of 60."""
+    import asyncio
+    import sys
+
+    settings = admin_settings(tmp_path)
+    manager = get_engine(settings).manager
+    durations = [f"{n}{unit}" for n in range(1, 276) for unit in "smhd"]  # 1,100
+    for first in range(0, len(durations), 100):
+        manager.create_customer(
+            name=f"c{first}",
+            budgets=[{"max_limit": 1, "reset_duration": d} for d in durations[first : first + 100]],
+        )
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: the race made likely
+    try:
+        async with admin_client(settings) as http:
+            statuses: dict[int, int] = {}
+            for _ in range(5):
+                answers = await asyncio.gather(
+                    *(
+                        http.get("/budgets", params={"limit": 2000}, headers=ADMIN)
+                        for _ in range(12)
+                    )
+                )
+                for answer in answers:
+                    statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+            counts = {answer.json()["count"] for answer in answers}
+    finally:
+        sys.setswitchinterval(switch)
+    print(f"{len(durations)} durations; GET /budgets 12 at a time x5: {statuses}, counts {counts}")
+    assert statuses == {200: 60}
+    assert counts == {len(durations)}

@@ -548,3 +548,47 @@ def test_a_stored_duration_is_parsed_once_and_none_is_never() -> None:
     assert parse_duration("1mo") == Duration(1, "M")
     with pytest.raises(ValueError, match="invalid duration"):
         parse_duration("3 days")
+
+
+def test_the_shared_caches_take_threads_past_their_size() -> None:
+    """`parse_duration` and the window bounds' interning are called from worker threads (the
+    admin API's, the store's) beside the loop; their cachetools caches are not thread-safe, and
+    past their size (1,024 durations, 10,000 bounds) threads switching often raised `KeyError`
+    (10 of 12 threads here)."""
+    import sys
+    import threading
+
+    from budget_middleware.core import windows
+
+    texts = [f"{n}{unit}" for n in range(1, 2000) for unit in "smhd"]
+    errors: list[str] = []
+
+    def durations(seed: int) -> None:
+        try:
+            for i in range(15_000):
+                text = texts[(i * 7919 + seed * 104729) % len(texts)]
+                assert parse_duration(text) == Duration.parse(text)
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    def bounds(seed: int) -> None:
+        try:
+            for i in range(15_000):
+                value = float((i * 31 + seed * 17) % 30_000)
+                assert windows.shared(windows._FLOATS, value) == value
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=durations, args=(n,)) for n in range(6)]
+    threads += [threading.Thread(target=bounds, args=(n,)) for n in range(6)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    print(f"{len(threads)} threads, {len(errors)} raised: {sorted(set(errors))[:3]}")
+    assert errors == []

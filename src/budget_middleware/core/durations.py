@@ -13,6 +13,7 @@ aware UTC. Days are always 86 400 s: in UTC there is no DST to shorten or stretc
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -212,13 +213,20 @@ def window_bounds(
 
 
 _durations: LRUCache[str, Duration] = LRUCache(1024)  # durations written in the store
+# Read by the admin API's and the store's worker threads too: a cachetools cache is not
+# thread-safe (its LRU order changes on every read), and with more durations than it holds,
+# concurrent `GET /budgets` answered 500 (`KeyError`, `OrderedDict mutated during iteration`).
+_durations_lock = threading.Lock()
 
 
 def parse_duration(text: str | None) -> Duration | None:
-    """A stored duration (or None: never), parsed once per text."""
+    """A stored duration (or None: never), parsed once per text; any thread."""
     if text is None:
         return None
-    found = _durations.get(text)
+    with _durations_lock:
+        found = _durations.get(text)
     if found is None:
-        found = _durations[text] = Duration.parse(text)
+        found = Duration.parse(text)  # (outside the lock: it may raise)
+        with _durations_lock:
+            _durations[text] = found
     return found

@@ -7,6 +7,7 @@ one event loop an admission is atomic across every counter it touches (all or no
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +28,10 @@ T = TypeVar("T")
 _LIMITS: LRUCache[int, tuple[int, bytes, bytes]] = LRUCache(10_000)
 _COUNTS: LRUCache[int, int] = LRUCache(10_000)  # a rate window's
 _FLOATS: LRUCache[float, float] = LRUCache(10_000)
+# Counters are built and rolled by the admin API's and the store's worker threads too, and a
+# cachetools cache is not thread-safe (its LRU order changes on every read): one lock for the
+# three, held for a look-up and an insertion (never on a request's path but a window's roll).
+_SHARING = threading.Lock()
 
 
 class Carry(NamedTuple):
@@ -47,17 +52,19 @@ def _shared_budget_limit(limit: int) -> tuple[int, bytes, bytes]:
     """A budget's limit and its texts in dollars for the response headers (as it reads alone,
     and in nine decimals, beside a remaining amount that needs them), formatted once; equal
     limits (keys of one plan) share the objects (~80 bytes a counter)."""
-    found = _LIMITS.get(limit)
-    if found is None:
-        found = _LIMITS[limit] = (limit, usd_header(limit), usd_header(limit, nine=True))
+    with _SHARING:
+        found = _LIMITS.get(limit)
+        if found is None:
+            found = _LIMITS[limit] = (limit, usd_header(limit), usd_header(limit, nine=True))
     return found
 
 
 def shared(table: MutableMapping[T, T], value: T) -> T:
-    """One object for equal values, kept in `table` (a bounded cache)."""
-    found = table.get(value)
-    if found is None:
-        found = table[value] = value
+    """One object for equal values, kept in `table` (a bounded cache); any thread."""
+    with _SHARING:
+        found = table.get(value)
+        if found is None:
+            found = table[value] = value
     return found
 
 
