@@ -116,7 +116,7 @@ async def test_unknown_assets_are_404(tmp_path: Path) -> None:
         assert answer.status_code == 404, name
         assert answer.json()["error"]["code"] == "route_not_found"
     (slash,) = await _get(tmp_path, "/ui/")
-    assert slash.status_code == 308 and slash.headers["location"] == "/ui"
+    assert slash.status_code == 307 and slash.headers["location"].endswith("/ui")
 
 
 async def test_mounted_under_a_prefix_the_page_finds_its_assets(tmp_path: Path) -> None:
@@ -129,7 +129,8 @@ async def test_mounted_under_a_prefix_the_page_finds_its_assets(tmp_path: Path) 
         for ref in re.findall(r'(?:src|href)="([^"]+)"', page.text):
             assert (await client.get("/budget-admin/" + ref)).status_code == 200, ref
         slash = await client.get("/budget-admin/ui/")
-        assert slash.status_code == 308 and slash.headers["location"] == "/budget-admin/ui"
+        assert slash.status_code == 307
+        assert slash.headers["location"] == "http://test/budget-admin/ui"
 
 
 async def test_the_page_answers_head_and_refuses_other_methods(tmp_path: Path) -> None:

@@ -17,8 +17,9 @@ import hashlib
 from dataclasses import dataclass
 from importlib.resources import files
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from budget_middleware.admin.answers import error
@@ -107,8 +108,8 @@ def dashboard_routes() -> list[BaseRoute]:
 
     async def asset(request: Request) -> Response:
         name = request.path_params["asset"]
-        if name == "":
-            return RedirectResponse(request.url.path.rstrip("/"), status_code=308)
+        if name == "":  # `/ui/`: the admin app's 307 to `/ui`, as for every route with a slash
+            raise HTTPException(404)
         if name not in ASSETS:
             shown = name if len(name) <= 100 else name[:100] + "…"
             return error(404, "route_not_found", f"no dashboard asset {shown!r}")
