@@ -230,6 +230,19 @@ async def test_two_instances_with_redis_spend_one_budget_exactly(deployment: Any
     assert set(statuses(responses)) <= {200, 402, 429}
     assert statuses(limited).get(200) == 50  # 50 per window across both processes
     assert d.redis_spend("spender") == admitted * COST
+    # No false blocks either (LiteLLM's multi-instance budgets refused early): a client that
+    # comes back after the burst's 429s (`budget_reserved`, retryable) is admitted, through
+    # either server, until the $1 is spent, and not once more.
+    later: dict[int, int] = {}
+    async with httpx.AsyncClient(timeout=30) as client:
+        for n in range(101):
+            answer = await post(client, d.servers[n % 2], d.keys["spender"])
+            later[answer.status_code] = later.get(answer.status_code, 0) + 1
+            if answer.status_code == 402:
+                break
+    print(f"after the burst, one at a time: {later}")
+    assert admitted + later.get(200, 0) == 100 and later.get(402) == 1, later
+    admitted += later.get(200, 0)
     t2 = time.monotonic()
     d.stop_all()
     print(f"start {t1 - t0:.1f}s, load {t2 - t1:.1f}s, stop {time.monotonic() - t2:.1f}s")
