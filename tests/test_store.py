@@ -279,6 +279,42 @@ def test_a_charge_written_while_the_sweep_runs_is_not_reset_away(
     store.dispose()
 
 
+def test_two_sweeps_at_once_reset_a_window_once_and_keep_what_was_charged_between(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PITFALLS (concurrent resets overwriting each other), two instances sweeping at once:
+    the other's sweep resets the window between this sweep's read and its update, and the
+    other's flush then charges the new window; this sweep, which read the old window, must
+    reset nothing (a second reset would take the charge away)."""
+    store = Store(store_url)
+    store.create_schema()
+    other = Store(store_url)  # another process on the same store
+    day = timedelta(days=1)
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    now = start + 2 * day + timedelta(hours=5)
+    expired = budget_row(store, 500, start)
+    bounds = database.window_bounds
+    theirs: list[int] = []
+
+    def bounds_with_another_sweep_between(*args: Any, **kwargs: Any) -> Any:
+        if not theirs:  # once: the other instance sweeps, then charges $42 nano
+            theirs.append(0)
+            theirs[0] = other.sweep_windows(now)
+            other.apply_flush(
+                uuid.uuid4().hex, [Delta("budget", expired, start + 2 * day, END_OF_TIME, 42)], []
+            )
+        return bounds(*args, **kwargs)
+
+    monkeypatch.setattr(database, "window_bounds", bounds_with_another_sweep_between)
+    swept = store.sweep_windows(now)
+    usage, last_reset = store.read_counters([expired], [])[0][expired][:2]
+    print(f"the other swept {theirs[0]}, this one {swept}; the window holds {usage} of 42")
+    assert (theirs[0], swept) == (1, 0)
+    assert (usage, last_reset) == (42, start + 2 * day)
+    other.dispose()
+    store.dispose()
+
+
 def test_the_sweep_resets_hundreds_of_windows_in_a_few_statements(store_url: str) -> None:
     """450 budgets whose day ended (three chunks of rows), beside 50 whose day has not: each
     expired one reset once, the others left, on every database."""
