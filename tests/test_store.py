@@ -245,6 +245,19 @@ def test_the_sweep_resets_expired_windows_and_nothing_else(store_url: str) -> No
     store.dispose()
 
 
+def _an_expired_window_on_two_stores(
+    store_url: str,
+) -> tuple[Store, Store, datetime, datetime, str]:
+    """Two processes' stores on one database, a daily budget of 500 nano whose window began
+    two days before `now`: (store, the other, its start, now, its id)."""
+    store = Store(store_url)
+    store.create_schema()
+    other = Store(store_url)  # another process on the same store
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    now = start + timedelta(days=2, hours=5)
+    return store, other, start, now, budget_row(store, 500, start)
+
+
 def test_a_charge_written_while_the_sweep_runs_is_not_reset_away(
     store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,13 +265,8 @@ def test_a_charge_written_while_the_sweep_runs_is_not_reset_away(
     windows, then resets them; another process's flush that starts the new window with a
     charge in between must keep it. The flush is made where the sweep works out the windows,
     after its read and before its update."""
-    store = Store(store_url)
-    store.create_schema()
-    other = Store(store_url)  # another process on the same store
+    store, other, start, now, expired = _an_expired_window_on_two_stores(store_url)
     day = timedelta(days=1)
-    start = datetime(2026, 3, 1, tzinfo=UTC)
-    now = start + 2 * day + timedelta(hours=5)
-    expired = budget_row(store, 500, start)
     bounds = database.window_bounds
     flushed: list[int] = []
 
@@ -286,13 +294,8 @@ def test_two_sweeps_at_once_reset_a_window_once_and_keep_what_was_charged_betwee
     the other's sweep resets the window between this sweep's read and its update, and the
     other's flush then charges the new window; this sweep, which read the old window, must
     reset nothing (a second reset would take the charge away)."""
-    store = Store(store_url)
-    store.create_schema()
-    other = Store(store_url)  # another process on the same store
+    store, other, start, now, expired = _an_expired_window_on_two_stores(store_url)
     day = timedelta(days=1)
-    start = datetime(2026, 3, 1, tzinfo=UTC)
-    now = start + 2 * day + timedelta(hours=5)
-    expired = budget_row(store, 500, start)
     bounds = database.window_bounds
     theirs: list[int] = []
 
