@@ -129,6 +129,8 @@ INVALID_FILES: list[tuple[str, Any, str]] = [
     ("missing_output_price", {"models": {"m": {"input_per_mtok": 1}}}, "output_per_mtok"),
     ("unknown_model_field", {"models": {"m": {"input": 1, "output_per_mtok": 1}}}, "unknown field"),
     ("unknown_top_field", {"models": {}, "currency": "EUR"}, "unknown field"),
+    # not "a valid dictionary or instance of _FilePrice": a class of ours the user never wrote
+    ("model_not_an_object", {"models": {"m": 5}}, "m: must be an object of prices (input_per_mtok"),
     (
         "empty_model_key",
         {"models": {"/": {"input_per_mtok": 1, "output_per_mtok": 1}}},
@@ -149,7 +151,7 @@ def test_an_invalid_pricing_file_is_refused_naming_the_variable_the_file_and_the
     message = str(info.value)
     assert "BUDGET_PRICING_FILE" in message
     assert str(path) in message
-    assert problem in message
+    assert problem in message and "_" + "FilePrice" not in message
     assert isinstance(info.value, ValueError)
 
 

@@ -83,6 +83,9 @@ def _load_pricing_file(path: Path) -> dict[str, ModelPrice]:
             if err["type"] == "extra_forbidden":
                 allowed = ", ".join(_FilePrice.model_fields) if len(err["loc"]) > 2 else "models"
                 problems.append(f"{where}: unknown field (allowed: {allowed})")
+            elif err["type"] == "model_type":  # not an object (pydantic names our class)
+                fields = ", ".join(_FilePrice.model_fields)
+                problems.append(f"{where}: must be an object of prices ({fields})")
             else:
                 problems.append(f"{where}: {err['msg']}")
         raise fail("; ".join(problems)) from exc
