@@ -64,7 +64,9 @@ async def test_a_stalled_redis_counts_as_unreachable_after_the_timeout(
                 server.process.send_signal(signal.SIGCONT)
         assert stalled.status_code == status
         if status == 503:
-            assert stalled.json()["error"]["code"] == "service_unavailable"
+            error = stalled.json()["error"]
+            assert error["code"] == "service_unavailable"
+            assert "Redis" in error["message"]  # it said "the budget store" alone: the database
 
 
 @dataclass

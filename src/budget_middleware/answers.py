@@ -284,7 +284,8 @@ def store_unavailable(unknown_key: bool = False) -> ErrorAnswer:
         )
     else:
         message = (
-            "The budget store cannot be reached; the request was not sent (BUDGET_FAIL_OPEN=false)"
+            "The budget store or Redis cannot be reached, so the request's limits cannot be "
+            "checked; it was not sent (BUDGET_FAIL_OPEN=false)"
         )
     return error_answer(503, "service_unavailable", message, headers=[(b"retry-after", b"1")])
 
