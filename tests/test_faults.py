@@ -2959,3 +2959,54 @@ async def test_debts_redis_added_past_the_timeout_are_added_once(sqlite_url: str
     )
     assert (count, total) == (admitted, admitted * CENT)
     assert admitted == 10
+
+
+async def test_a_store_away_logs_one_traceback_not_one_a_flush_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every flusher round logged the traceback of its failure: with the store away, one every
+    flush interval (an audit's store cut for 3 s at 0.3 s: every round). Now the first, a line
+    at the 10th round failing in a row (and the 100th, every 1,000th), and one when rounds
+    succeed again; a round that fails otherwise than the one before logs its traceback."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="budget_middleware")
+    settings = BudgetSettings(
+        database_url=f"sqlite:///{tmp_path}/b.db", flush_interval_seconds=0.01
+    )
+    engine = get_engine(settings)
+    await engine.ensure_started()
+    real = engine.flush
+    rounds: list[int] = []
+
+    async def away(drain: bool = True) -> None:
+        rounds.append(1)
+        raise (OSError if len(rounds) <= 12 else ConnectionError)("the store is away")
+
+    try:
+        engine.flush = away  # type: ignore[method-assign]
+        for _ in range(500):
+            if len(rounds) >= 14:
+                break
+            await asyncio.sleep(0.01)
+        engine.flush = real  # type: ignore[method-assign]
+        for _ in range(500):
+            if "succeed again" in caplog.text:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        engine.flush = real  # type: ignore[method-assign]
+        await engine.shutdown()
+        engine.store.dispose()
+    lines = [r for r in caplog.records if "flusher round" in r.getMessage()]
+    shown = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in lines]
+    print(f"{len(rounds)} rounds failed; logged:", *shown, sep="\n  ")
+    assert len(rounds) >= 14
+    assert shown == [
+        ("ERROR", "budget-middleware flusher round failed", True),  # the first OSError
+        ("WARNING", "budget-middleware flusher rounds failed 10 times in a row "
+                    "(the last: OSError: the store is away)", False),
+        ("ERROR", "budget-middleware flusher round failed", True),  # then a ConnectionError
+        ("WARNING", f"budget-middleware flusher rounds succeed again, after {len(rounds)} "
+                    "that failed", False),
+    ]  # fmt: skip

@@ -178,6 +178,34 @@ PRUNE_SECONDS = 3600.0  # how often the ids of applied batches older than FLUSH_
 FLUSH_IDS_KEPT = timedelta(days=30)
 
 
+
+@dataclass(slots=True)
+class _Failures:
+    """The flusher rounds failing in a row, and what the last one raised."""
+
+    count: int = 0
+    kind: str = ""
+
+
+def _round_failed(failures: _Failures, exc: Exception) -> None:
+    """A flusher round failed (the store away, as a rule): its traceback logged when a run of
+    failures begins or what fails changes, then a line at the 10th, 100th and every 1,000th
+    round (a store away for a minute logged a traceback every flush interval: 200 of them)."""
+    kind = type(exc).__name__
+    failures.count += 1
+    n = failures.count
+    if n == 1 or kind != failures.kind:
+        logger.exception("budget-middleware flusher round failed")
+    elif n in (10, 100) or n % 1000 == 0:
+        logger.warning(
+            "budget-middleware flusher rounds failed %d times in a row (the last: %s: %s)",
+            n,
+            kind,
+            exc,
+        )
+    failures.kind = kind
+
+
 def _due(now: float, last: float, every: float) -> bool:
     """Whether a flusher round that runs every `every` seconds of the clock is due: that long
     has passed since `last`, or the clock was stepped back before `last` (NTP), which would
@@ -630,6 +658,7 @@ class BudgetEngine:
         ttl = self.settings.cache_ttl_seconds
         last_refresh = last_sweep = self.clock()
         stopping = self._stopping
+        failures = _Failures()
         while not stopping.is_set():
             try:
                 await asyncio.wait_for(stopping.wait(), interval)
@@ -647,8 +676,15 @@ class BudgetEngine:
                     last_sweep = self.clock()
                     await self.sweep()
                     self._spilled = self.spill is not None  # a gone process's, since?
-            except Exception:  # the loop must survive anything; the next round retries
-                logger.exception("budget-middleware flusher round failed")
+            except Exception as exc:  # the loop must survive anything; the next round retries
+                _round_failed(failures, exc)
+            else:
+                if failures.count:
+                    logger.warning(
+                        "budget-middleware flusher rounds succeed again, after %d that failed",
+                        failures.count,
+                    )
+                    failures.count = 0
 
     @property
     def _flushing(self) -> asyncio.Lock:
