@@ -178,7 +178,6 @@ PRUNE_SECONDS = 3600.0  # how often the ids of applied batches older than FLUSH_
 FLUSH_IDS_KEPT = timedelta(days=30)
 
 
-
 @dataclass(slots=True)
 class _Failures:
     """The flusher rounds failing in a row, and what the last one raised."""

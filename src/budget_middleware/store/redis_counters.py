@@ -390,9 +390,13 @@ class RedisCounters(CounterBackend):
         self._loop = asyncio.get_running_loop()
         if not self._beaten:  # the mark, before anything is charged (once: a restart on
             # another loop leaves it to the heartbeat, which then tells a loss meanwhile)
-            with contextlib.suppress(RedisError, OSError):
+            try:
                 await self.client.set(self._mark_key, "1", px=self._mark_ttl_ms)
                 self._beaten = True
+            except (RedisError, OSError) as exc:
+                # Redis away as this instance starts: the back-off begins here, as after any
+                # call, so the first request is not held for a second timeout (it waited two).
+                self._failed(exc)
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     async def stop(self) -> None:
