@@ -32,6 +32,7 @@ from budget_middleware.core.money import nanos_from_usd, usd_text
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import FAR_FUTURE, from_ts
 from budget_middleware.core.windows import WindowCounter
+from budget_middleware.engine.rounds import FailedRounds
 from budget_middleware.settings import shown_url
 from budget_middleware.store import alerts as stored
 from budget_middleware.store.tables import new_id
@@ -269,6 +270,7 @@ class Alerts:
         # own store reads (2 MB more RSS at 10,000 cached keys, 24.2 → 26.3 MB); what it looks
         # for has idled `give_up_after` (10 minutes), so a minute later finds the same.
         swept = time.monotonic()
+        failures = FailedRounds("alert")
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.poll_interval)
@@ -282,8 +284,10 @@ class Alerts:
                 if time.monotonic() - swept >= max(self.poll_interval, self.give_up_after / 10):
                     swept = time.monotonic()
                     await self.give_up_unattended()
-            except Exception:  # the task must survive anything: the next round retries
-                logger.exception("budget-middleware alert round failed")
+            except Exception as exc:  # the task must survive anything: the next round retries
+                failures.failed(exc)
+            else:
+                failures.succeeded()
             if task.cancelling():
                 # Cancelled while it waited for a worker thread (`asyncio.run` cancels every
                 # task as it ends): anyio's wait for the thread absorbs the cancellation, and

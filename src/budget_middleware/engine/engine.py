@@ -39,6 +39,7 @@ from budget_middleware.engine.gate import Gate
 from budget_middleware.engine.hooks import Hook, Hooks
 from budget_middleware.engine.mounts import UNKNOWN, announce
 from budget_middleware.engine.prices import PriceBook
+from budget_middleware.engine.rounds import FailedRounds
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable, StoreSchemaError
 from budget_middleware.settings import BudgetSettings, raised_again
 from budget_middleware.store.counters import CounterBackend, MemoryCounters
@@ -176,33 +177,6 @@ PRUNE_SECONDS = 3600.0  # how often the ids of applied batches older than FLUSH_
 # A batch id is remembered this long: a batch tried again later (a spilled one, taken back after
 # a crash between its write and its file's removal) is applied once if it comes within it.
 FLUSH_IDS_KEPT = timedelta(days=30)
-
-
-@dataclass(slots=True)
-class _Failures:
-    """The flusher rounds failing in a row, and what the last one raised."""
-
-    count: int = 0
-    kind: str = ""
-
-
-def _round_failed(failures: _Failures, exc: Exception) -> None:
-    """A flusher round failed (the store away, as a rule): its traceback logged when a run of
-    failures begins or what fails changes, then a line at the 10th, 100th and every 1,000th
-    round (a store away for a minute logged a traceback every flush interval: 200 of them)."""
-    kind = type(exc).__name__
-    failures.count += 1
-    n = failures.count
-    if n == 1 or kind != failures.kind:
-        logger.exception("budget-middleware flusher round failed")
-    elif n in (10, 100) or n % 1000 == 0:
-        logger.warning(
-            "budget-middleware flusher rounds failed %d times in a row (the last: %s: %s)",
-            n,
-            kind,
-            exc,
-        )
-    failures.kind = kind
 
 
 def _due(now: float, last: float, every: float) -> bool:
@@ -657,7 +631,7 @@ class BudgetEngine:
         ttl = self.settings.cache_ttl_seconds
         last_refresh = last_sweep = self.clock()
         stopping = self._stopping
-        failures = _Failures()
+        failures = FailedRounds("flusher")
         while not stopping.is_set():
             try:
                 await asyncio.wait_for(stopping.wait(), interval)
@@ -676,14 +650,9 @@ class BudgetEngine:
                     await self.sweep()
                     self._spilled = self.spill is not None  # a gone process's, since?
             except Exception as exc:  # the loop must survive anything; the next round retries
-                _round_failed(failures, exc)
+                failures.failed(exc)
             else:
-                if failures.count:
-                    logger.warning(
-                        "budget-middleware flusher rounds succeed again, after %d that failed",
-                        failures.count,
-                    )
-                    failures.count = 0
+                failures.succeeded()
 
     @property
     def _flushing(self) -> asyncio.Lock:
