@@ -652,7 +652,8 @@ class BudgetEngine:
             except Exception as exc:  # the loop must survive anything; the next round retries
                 failures.failed(exc)
             else:
-                failures.succeeded()
+                if self.store_ok:  # (a flush with the store away does not raise: it keeps)
+                    failures.succeeded()
 
     @property
     def _flushing(self) -> asyncio.Lock:
