@@ -12,6 +12,7 @@ aware UTC. Days are always 86 400 s: in UTC there is no DST to shorten or stretc
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -217,6 +218,7 @@ _durations: LRUCache[str, Duration] = LRUCache(1024)  # durations written in the
 # thread-safe (its LRU order changes on every read), and with more durations than it holds,
 # concurrent `GET /budgets` answered 500 (`KeyError`, `OrderedDict mutated during iteration`).
 _durations_lock = threading.Lock()
+os.register_at_fork(after_in_child=_durations_lock._at_fork_reinit)  # type: ignore[attr-defined]
 
 
 def parse_duration(text: str | None) -> Duration | None:

@@ -7,6 +7,7 @@ one event loop an admission is atomic across every counter it touches (all or no
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -28,10 +29,13 @@ T = TypeVar("T")
 _LIMITS: LRUCache[int, tuple[int, bytes, bytes]] = LRUCache(10_000)
 _COUNTS: LRUCache[int, int] = LRUCache(10_000)  # a rate window's
 _FLOATS: LRUCache[float, float] = LRUCache(10_000)
-# Counters are built and rolled by the admin API's and the store's worker threads too, and a
-# cachetools cache is not thread-safe (its LRU order changes on every read): one lock for the
-# three, held for a look-up and an insertion (never on a request's path but a window's roll).
+# Read beside the loop by threads (a WSGI server's, the admin API's and the store's workers),
+# and a cachetools cache is not thread-safe (its LRU order changes on every read): one lock for
+# the three, held for a look-up and an insertion, taken when a key's counters are built (a
+# cache miss) and when a window rolls, never otherwise on a request's path.
 _SHARING = threading.Lock()
+# A child forked while a thread held it (gunicorn --preload) would wait for it for ever.
+os.register_at_fork(after_in_child=_SHARING._at_fork_reinit)  # type: ignore[attr-defined]
 
 
 class Carry(NamedTuple):
