@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -131,6 +131,7 @@ def refusal_answer(
     scope_json = {"type": scope.type, "id": scope.id, "name": scope.name}
     code = refusal.code
     final = False  # a retry cannot pass: `x-should-retry: false` beside SPEC §8's Retry-After
+    never = False  # no wait passes (a rate limit of 0), not only none an SDK should sleep
     when = _when(refusal.reset_at)
     now = time.time() if now is None else now
     if code == "budget_exceeded":
@@ -176,7 +177,7 @@ def refusal_answer(
             f"raise its {kind}_max_limit to admit any"
         )
         wait = _wait(refusal.reset_at, now)
-        final = True
+        final = never = True
     elif code == "request_limit_exceeded":
         message = (
             f"{owner} request limit exceeded: {refusal.used} of {refusal.limit} requests ({when})"
@@ -206,9 +207,7 @@ def refusal_answer(
     if final:
         retry.append(_FINAL)
     answer = error_answer(429, code, message, scope=scope_json, headers=retry)
-    if refusal.limit == 0 and code in _WINDOWED:
-        return ErrorAnswer(answer.status, answer.body, answer.headers, never_passes=True)
-    return answer
+    return replace(answer, never_passes=True) if never else answer
 
 
 def _wait(reset_at: float | None, now: float) -> float:
