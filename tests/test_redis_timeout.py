@@ -94,6 +94,35 @@ async def test_a_redis_stalled_as_the_instance_starts_holds_its_first_request_on
     assert took < 1.6  # one timeout (it was two: 2.0 s and more)
 
 
+async def test_fail_closed_serves_a_request_no_limit_applies_to_while_redis_is_away(
+    make_settings: Settings,
+) -> None:
+    """docs/deployment.md: with BUDGET_FAIL_OPEN=false and Redis away, a request with limits to
+    check is refused 503, and one that no limit applies to (no key, no provider, model or tag
+    limits) asks Redis nothing and is served, its usage recorded, as with Redis up."""
+    with private_redis() as server:
+        app = host_app(make_settings(redis_url=server.url, redis_timeout_seconds=0.3))
+        engine = engine_of(app)
+        async with running(app), client(app) as http:
+            engine.manager.put_provider("anthropic", budgets=[{"max_limit": 1}])
+            await engine.invalidate()
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)  # it accepts connections, answers nothing
+            try:
+                limited = await http.post(
+                    "/v1/chat/completions", json=chat(model="anthropic/claude-sonnet-4")
+                )
+                free = await http.post("/v1/chat/completions", json=chat(model="openai/gpt-4o"))
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            await engine.flush()
+            records = engine.manager.usage("provider").model_dump()
+    print("Redis away, fail closed: limited", limited.status_code, "free", free.status_code)
+    print("usage by provider:", records)
+    assert limited.status_code == 503 and free.status_code == 200
+    assert "openai" in str(records) and "anthropic" not in str(records)
+
+
 @dataclass
 class Stalling:
     """A key on a private Redis that a test stops (SIGSTOP) and resumes: its counters, its
