@@ -2961,14 +2961,16 @@ async def test_debts_redis_added_past_the_timeout_are_added_once(sqlite_url: str
     assert admitted == 10
 
 
+@pytest.mark.parametrize("loop", ["flusher", "alert"])
 async def test_a_store_away_logs_one_traceback_not_one_a_flush_interval(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, loop: str
 ) -> None:
     """Every flusher round that failed logged its traceback: with the store away, one every
     cache TTL (the rounds that re-read the counters raise; a flush keeps what it cannot write).
     Now the first, a line at the 10th round failing in a row (and the 100th, every 1,000th),
     and one when the store is back, not before (a first version said so after each failure:
-    the rounds between, which raise nothing, passed for successes)."""
+    the rounds between, which raise nothing, passed for successes). The alerts' loop logs its
+    rounds the same way: with a webhook URL, each round looks for due deliveries in the store."""
     import logging
 
     from sqlalchemy.exc import OperationalError
@@ -2978,9 +2980,11 @@ async def test_a_store_away_logs_one_traceback_not_one_a_flush_interval(
         database_url=f"sqlite:///{tmp_path}/b.db",
         flush_interval_seconds=0.01,
         cache_ttl_seconds=0.02,
+        alert_webhook_urls=("http://127.0.0.1:9/hook",) if loop == "alert" else (),
     )
     engine = get_engine(settings)
     await engine.ensure_started()
+    engine.alerts.poll_interval = 0.01
     engine.manager.put_provider("openai", budgets=[{"max_limit": 100}])
     store = engine.store
 
@@ -2993,13 +2997,13 @@ async def test_a_store_away_logs_one_traceback_not_one_a_flush_interval(
         for name in kept:
             setattr(store, name, away)
         for _ in range(1000):  # until ten rounds in a row have failed
-            if "10 times in a row" in caplog.text:
+            if f"{loop} rounds failed 10 times in a row" in caplog.text:
                 break
             await asyncio.sleep(0.01)
         for name, method in kept.items():
             setattr(store, name, method)
         for _ in range(1000):
-            if "succeed again" in caplog.text:
+            if f"{loop} rounds succeed again" in caplog.text:
                 break
             await asyncio.sleep(0.01)
     finally:
@@ -3007,7 +3011,7 @@ async def test_a_store_away_logs_one_traceback_not_one_a_flush_interval(
             setattr(store, name, method)
         await engine.shutdown()
         engine.store.dispose()
-    lines = [r for r in caplog.records if "flusher round" in r.getMessage()]
+    lines = [r for r in caplog.records if f"{loop} round" in r.getMessage()]
     shown = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in lines]
     print("logged:", *shown, sep="\n  ")
     assert [(level, traceback) for level, _, traceback in shown] == [
@@ -3015,6 +3019,6 @@ async def test_a_store_away_logs_one_traceback_not_one_a_flush_interval(
         ("WARNING", False),  # the 10th in a row
         ("WARNING", False),  # back: nothing between
     ]
-    assert shown[0][1] == "budget-middleware flusher round failed"
-    assert shown[1][1].startswith("budget-middleware flusher rounds failed 10 times in a row")
-    assert shown[2][1].startswith("budget-middleware flusher rounds succeed again, after 1")
+    assert shown[0][1] == f"budget-middleware {loop} round failed"
+    assert shown[1][1].startswith(f"budget-middleware {loop} rounds failed 10 times in a row")
+    assert shown[2][1].startswith(f"budget-middleware {loop} rounds succeed again, after 1")
