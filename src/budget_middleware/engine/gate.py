@@ -136,7 +136,7 @@ class Gate:
         # key cache is ~0.4 KB an entry. First in, first out: a read changes nothing (an LRU
         # cache's reads reorder it, in Python), and a hot key that falls out is decided once.
         # Read and written where requests are decided: on the engine's loop, or under its lock.
-        self.kept: FIFOCache[tuple[object, ...], KeptDecision] = FIFOCache(1024)
+        self.kept: FIFOCache[tuple[object, ...], KeptDecision] = FIFOCache(512)
 
     def saw_unpriced(self, provider: str, model: str, cost: int) -> None:
         """A request to a model without a price was charged `cost`: what the next reserve."""
