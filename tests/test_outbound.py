@@ -353,6 +353,37 @@ async def test_the_anthropic_sdk_is_metered_too(engine: BudgetEngine) -> None:
     assert {r["virtual_key_id"] for r in rows} == {key.id}
 
 
+async def test_a_key_s_value_is_kept_out_of_a_request_model_after_a_call_charged_by_its_id(
+    engine: BudgetEngine,
+) -> None:
+    """A call the app makes charged to a key by its id (`charge_to(virtual_key_id=...)`) carries
+    no key value, so its model is not searched for one; a request that carries the key is, and
+    a model holding it is `unknown` (SPEC §8). A decision kept for a key's usual requests
+    (`Gate.kept`) is not the other's: the request's record names `unknown` though the call of
+    the same model, path and output limit, charged to the same key, came first. (Each is kept
+    apart twice over: by the key's configuration, which the two look up in caches of their own,
+    and by whether the key's value came, `TargetResolver.usual_shape`.)"""
+    key = engine.manager.create_virtual_key(name="alice")
+    assert key.value is not None
+    body = {"model": key.value, "messages": MESSAGES, "max_tokens": 5}
+    calls = BudgetTransport(httpx2.ASGITransport(Counting()), engine=engine)
+    async with httpx2.AsyncClient(transport=calls) as outbound:
+        with charge_to(virtual_key_id=key.id):
+            called = await outbound.post("http://models.internal/v1/chat/completions", json=body)
+    app = BudgetMiddleware(create_mock_app("/v1"), engine=engine)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://app"
+    ) as inbound:
+        auth = {"authorization": f"Bearer {key.value}"}
+        answered = await inbound.post("/v1/chat/completions", json=body, headers=auth)
+    await engine.flush()
+    rows = records(engine)
+    print("statuses", called.status_code, answered.status_code, "records:", rows)
+    assert (called.status_code, answered.status_code) == (200, 200)
+    assert [r["direction"] for r in rows] == ["outbound", "inbound"]
+    assert rows[1]["model"] == "unknown" and rows[1]["virtual_key_id"] == key.id
+
+
 async def test_a_route_of_the_app_calls_out_for_the_inbound_caller(make_settings: Settings) -> None:
     """A FastAPI app whose own route (not an inference path) calls OpenAI through the transport:
     the call is charged to the virtual key of the request being served; without one, to nobody."""

@@ -376,11 +376,12 @@ class TargetResolver:
         body: dict[str, Any], route_path: str, credentials: Credentials, key: object
     ) -> tuple[object, ...] | None:
         """Everything `__call__` reads of a usual request, as a key for what it led to (one key,
-        one target: `Gate.decide` keeps its decision by it): the caller's `key`, the model, the
-        stream flag and one integer output limit, the path and the headers' provider. None when
-        the request reads more (tags sent, a choice count, a service tier, a batch, audio, a
-        background response, a model that is no string): such a request is resolved every
-        time. Change this beside `__call__`."""
+        one target: `Gate.decide` keeps its decision by it): the caller's `key` (and whether
+        its value came with the request), the model, the stream flag and one integer output
+        limit, the path and the headers' provider. None when the request reads more (tags
+        sent, a choice count, a service tier, a batch, audio, a background response, a model
+        that is no string): such a request is resolved every time. Change this beside
+        `__call__`."""
         model = body.get("model")
         if type(model) is not str or credentials.tags or "metadata" in body:
             return None
@@ -402,6 +403,7 @@ class TargetResolver:
             route_path,
             credentials.provider,
             credentials.provider_is_host,
+            credentials.key is None,  # else its value is kept out of the model and provider
         )
 
     def provider_and_model(
