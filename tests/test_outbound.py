@@ -46,6 +46,7 @@ from support import (
     CALL_OUTPUT,
     Meeting,
     call_priced,
+    chat,
     client,
     engine_of,
     meet_between_check_and_reservation,
@@ -353,35 +354,41 @@ async def test_the_anthropic_sdk_is_metered_too(engine: BudgetEngine) -> None:
     assert {r["virtual_key_id"] for r in rows} == {key.id}
 
 
-async def test_a_key_s_value_is_kept_out_of_a_request_model_after_a_call_charged_by_its_id(
-    engine: BudgetEngine,
+@pytest.mark.parametrize("named_by", ["id", "value"])
+async def test_a_key_s_value_is_kept_out_of_a_request_model_after_a_call_charged_to_it(
+    engine: BudgetEngine, named_by: str
 ) -> None:
-    """A call the app makes charged to a key by its id (`charge_to(virtual_key_id=...)`) carries
-    no key value, so its model is not searched for one; a request that carries the key is, and
-    a model holding it is `unknown` (SPEC §8). A decision kept for a key's usual requests
-    (`Gate.kept`) is not the other's: the request's record names `unknown` though the call of
-    the same model, path and output limit, charged to the same key, came first. (Each is kept
-    apart twice over: by the key's configuration, which the two look up in caches of their own,
-    and by whether the key's value came, `TargetResolver.usual_shape`.)"""
+    """A model holding the caller's key is `unknown` in the record (SPEC §8): in a request that
+    carries the key, and in a call charged to it by its value (by its id the transport does not
+    know the value; it used not to look for a value it knew either). Charged by value, the call
+    and the request find the same cached key and have one shape, so they share the decision
+    kept for it (`Gate.kept`): a review's differential test found the request's record naming
+    the key when the call, which did not look for it, was decided first. (The shape also tells
+    whether the key's value came, `TargetResolver.usual_shape`: a call charged by the id of a
+    key cached by value would not share a request's decision either.)"""
     key = engine.manager.create_virtual_key(name="alice")
     assert key.value is not None
     body = {"model": key.value, "messages": MESSAGES, "max_tokens": 5}
-    calls = BudgetTransport(httpx2.ASGITransport(Counting()), engine=engine)
-    async with httpx2.AsyncClient(transport=calls) as outbound:
-        with charge_to(virtual_key_id=key.id):
-            called = await outbound.post("http://models.internal/v1/chat/completions", json=body)
+    payer = charge_to(virtual_key_id=key.id) if named_by == "id" else charge_to(key.value)
     app = BudgetMiddleware(create_mock_app("/v1"), engine=engine)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app), base_url="http://app"
-    ) as inbound:
+    calls = BudgetTransport(httpx2.ASGITransport(Counting()), engine=engine)
+    async with (
+        httpx2.AsyncClient(transport=calls) as outbound,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://app") as inbound,
+    ):
         auth = {"authorization": f"Bearer {key.value}"}
+        first = await inbound.post("/v1/chat/completions", json=chat(), headers=auth)
+        with payer:  # the key cached by its value now: the call finds it there
+            called = await outbound.post("http://models.internal/v1/chat/completions", json=body)
         answered = await inbound.post("/v1/chat/completions", json=body, headers=auth)
     await engine.flush()
     rows = records(engine)
-    print("statuses", called.status_code, answered.status_code, "records:", rows)
-    assert (called.status_code, answered.status_code) == (200, 200)
-    assert [r["direction"] for r in rows] == ["outbound", "inbound"]
-    assert rows[1]["model"] == "unknown" and rows[1]["virtual_key_id"] == key.id
+    print("statuses", first.status_code, called.status_code, answered.status_code, rows[1:])
+    assert (first.status_code, called.status_code, answered.status_code) == (200, 200, 200)
+    assert [r["direction"] for r in rows] == ["inbound", "outbound", "inbound"]
+    assert rows[2]["model"] == "unknown" and rows[2]["virtual_key_id"] == key.id
+    # The call's record too, where the transport knows the key's value (it cannot by the id)
+    assert rows[1]["model"] == ("unknown" if named_by == "value" else key.value)
 
 
 async def test_a_route_of_the_app_calls_out_for_the_inbound_caller(make_settings: Settings) -> None:

@@ -250,7 +250,9 @@ class _Meter:
             shadowed = "virtual_key_required"
         host_provider = self.hosts.provider(request.url.host)
         tags = () if chosen is None else chosen.tags
-        credentials = Credentials(None, host_provider, tags, len(body), host_provider is not None)
+        # The payer's key, when its value is known (`charge_to(virtual_key=...)`, the inbound
+        # caller's): a model or provider holding it is `unknown` in the record (SPEC §8).
+        credentials = Credentials(value, host_provider, tags, len(body), host_provider is not None)
         if host_provider in USAGE_CHECKED:
             version = request.url.params.get("api-version")
             credentials.usage_unasked = usage_unasked(host_provider, path, version)
