@@ -8,12 +8,11 @@ once with one phase replaced by what it returned the first time (its work skippe
 the request the same), in interleaved rounds in one process: the difference is what the phase
 costs in place. The phases:
 
-- `decision kept`: a decision made the general way every time against one kept for the key and
-  shape (`Gate.kept`); the difference is what keeping it saves;
-- `usage`: the usage read from the answer (`Exchange._usage`: the JSON tail, the usage object);
-- `record`: the usage record built (`Exchange._record`, 21 fields by keyword);
-- `headers`: the limit headers worked out (`Exchange.headers_added`);
-- `work out`: the whole cost worked out (`Exchange._work_out`: usage, price, record).
+- `usage skipped`: the usage read from the answer (`Exchange._usage`: the JSON tail, the
+  usage object);
+- `record skipped`: the usage record built (`Exchange._record`, 21 fields by keyword);
+- `headers skipped`: the limit headers worked out (`Exchange.headers_added`);
+- `work out skipped`: the whole cost worked out (`Exchange._work_out`: usage, price, record).
 
 Not a benchmark of the package against its targets (that is `run.py`): a guide to where a
 change would save most.
@@ -43,14 +42,7 @@ from harness import (
     trivial_host,
 )
 
-from budget_middleware.core.identity import TargetResolver
 from budget_middleware.engine.exchange import Exchange
-
-_SHAPE = TargetResolver.usual_shape
-
-
-def _never_kept(*args: Any) -> None:
-    return None
 
 
 def _first_answer(name: str) -> Callable[..., Any]:
@@ -71,7 +63,6 @@ def _first_answer(name: str) -> Callable[..., Any]:
 _METHODS = ("_usage", "_record", "headers_added", "_work_out")
 _VARIANTS: dict[str, dict[str, Any]] = {
     "as it is": {},
-    "decided the general way": {"usual_shape": staticmethod(_never_kept)},
     "usage skipped": {"_usage": _first_answer("_usage")},
     "record skipped": {"_record": _first_answer("_record")},
     "headers skipped": {"headers_added": _first_answer("headers_added")},
@@ -88,7 +79,6 @@ class _Variant:
         self.own = {name: getattr(Exchange, name) for name in _METHODS}
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
-        TargetResolver.usual_shape = self.changes.get("usual_shape", staticmethod(_SHAPE))  # type: ignore[method-assign]
         for name in _METHODS:
             setattr(Exchange, name, self.changes.get(name, self.own[name]))
         await self.app(scope, receive, send)

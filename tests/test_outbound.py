@@ -355,17 +355,15 @@ async def test_the_anthropic_sdk_is_metered_too(engine: BudgetEngine) -> None:
 
 
 @pytest.mark.parametrize("named_by", ["id", "value"])
-async def test_a_key_s_value_is_kept_out_of_a_request_model_after_a_call_charged_to_it(
+async def test_a_key_s_value_is_kept_out_of_a_call_s_model_charged_to_it_by_value(
     engine: BudgetEngine, named_by: str
 ) -> None:
     """A model holding the caller's key is `unknown` in the record (SPEC §8): in a request that
-    carries the key, and in a call charged to it by its value (by its id the transport does not
-    know the value; it used not to look for a value it knew either). Charged by value, the call
-    and the request find the same cached key and have one shape, so they share the decision
-    kept for it (`Gate.kept`): a review's differential test found the request's record naming
-    the key when the call, which did not look for it, was decided first. (The shape also tells
-    whether the key's value came, `TargetResolver.usual_shape`: a call charged by the id of a
-    key cached by value would not share a request's decision either.)"""
+    carries the key, and in a call charged to it by its value, where the transport gave the
+    gate no value to look for and the call's record named the key (found by a differential
+    review). Charged by its id, the transport does not know the value: the model is kept as
+    sent. The request after the call, of the same model, path and output limit, is decided
+    apart from it."""
     key = engine.manager.create_virtual_key(name="alice")
     assert key.value is not None
     body = {"model": key.value, "messages": MESSAGES, "max_tokens": 5}
@@ -387,7 +385,7 @@ async def test_a_key_s_value_is_kept_out_of_a_request_model_after_a_call_charged
     assert (first.status_code, called.status_code, answered.status_code) == (200, 200, 200)
     assert [r["direction"] for r in rows] == ["inbound", "outbound", "inbound"]
     assert rows[2]["model"] == "unknown" and rows[2]["virtual_key_id"] == key.id
-    # The call's record too, where the transport knows the key's value (it cannot by the id)
+    # The call's record, where the transport knows the key's value (it cannot by the id)
     assert rows[1]["model"] == ("unknown" if named_by == "value" else key.value)
 
 

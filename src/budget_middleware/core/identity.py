@@ -53,7 +53,6 @@ SPEED_FIELD = "speed"
 BACKGROUND_FIELD = "background"
 # OpenAI chat's `modalities: ["text", "audio"]`: an answer in speech, its output priced as audio.
 MODALITIES_FIELD = "modalities"
-_OUTPUT_LIMITS = frozenset(OUTPUT_LIMIT_FIELDS)
 _SIZE_FIELDS = frozenset(
     (
         MODALITIES_FIELD,
@@ -370,41 +369,6 @@ class TargetResolver:
                 )
         stream = data.get("stream") is True
         return Target(found[0], found[1], tags, stream, limit, choices, tier)
-
-    @staticmethod
-    def usual_shape(
-        body: dict[str, Any], route_path: str, credentials: Credentials, key: object
-    ) -> tuple[object, ...] | None:
-        """Everything `__call__` reads of a usual request, as a key for what it led to (one key,
-        one target: `Gate.decide` keeps its decision by it): the caller's `key` (and whether
-        its value came with the request), the model, the stream flag and one integer output
-        limit, the path and the headers' provider. None when the request reads more (tags
-        sent, a choice count, a service tier, a batch, audio, a background response, a model
-        that is no string): such a request is resolved every time. Change this beside
-        `__call__`."""
-        model = body.get("model")
-        if type(model) is not str or credentials.tags or "metadata" in body:
-            return None
-        sized = _SIZE_FIELDS.intersection(body)
-        limit = None
-        if sized:  # one output limit, an integer: the largest of one is itself
-            if len(sized) > 1 or not sized.issubset(_OUTPUT_LIMITS):
-                return None
-            (name,) = sized
-            limit = body[name]
-            if type(limit) is not int:
-                return None
-        stream = body.get("stream") is True
-        return (
-            key,
-            model,
-            stream,
-            limit,
-            route_path,
-            credentials.provider,
-            credentials.provider_is_host,
-            credentials.key is None,  # else its value is kept out of the model and provider
-        )
 
     def provider_and_model(
         self, model: str, credentials: Credentials, route_path: str

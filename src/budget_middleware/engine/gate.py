@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from cachetools import FIFOCache, LRUCache
+from cachetools import LRUCache
 
 from budget_middleware.answers import (
     ErrorAnswer,
@@ -26,9 +26,9 @@ from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.identity import Credentials, Target, TargetResolver, plain_path
 from budget_middleware.core.media import inline_image_tokens, may_reference, walk
 from budget_middleware.core.money import MAX_CHARGE_NANOS
-from budget_middleware.core.pricing import ModelPrice, asked_prices, at_time, estimate_nanos
+from budget_middleware.core.pricing import asked_prices, at_time, estimate_nanos
 from budget_middleware.core.routing import Route
-from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet, Scope
+from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts
 from budget_middleware.core.usage import JSON_ERRORS, BodyDecoder, json_bytes, json_loads
 from budget_middleware.engine.exchange import Exchange
@@ -91,17 +91,6 @@ class RoutePlan:
         return self.route.strategy == "most_remaining"
 
 
-class KeptDecision(NamedTuple):
-    """What a usual request was decided to (`Gate.decide`), kept for the next of its key and
-    shape (`TargetResolver.usual_shape`) while the configuration it was read from is current
-    and its model's price the same object."""
-
-    globals: GlobalConfig
-    target: Target
-    limits: LimitSet
-    price: ModelPrice | None
-
-
 class Gate:
     """Decides, admits and counts the requests of one engine, whatever adapter they come by."""
 
@@ -132,11 +121,6 @@ class Gate:
         # `any_fee` (a plain attribute: tested on every request) is False.
         self.fees: LRUCache[tuple[str, str], int] = LRUCache(4096)
         self.any_fee = False
-        # Per (key, shape): its decision, kept (`decide`). Bounded: what it holds beside the
-        # key cache is ~0.4 KB an entry. First in, first out: a read changes nothing (an LRU
-        # cache's reads reorder it, in Python), and a hot key that falls out is decided once.
-        # Read and written where requests are decided: on the engine's loop, or under its lock.
-        self.kept: FIFOCache[tuple[object, ...], KeptDecision] = FIFOCache(512)
 
     def saw_unpriced(self, provider: str, model: str, cost: int) -> None:
         """A request to a model without a price was charged `cost`: what the next reserve."""
@@ -294,44 +278,19 @@ class Gate:
                         answer.headers.append((b"accept-encoding", b"gzip, deflate"))
                         return answer
                     shadowed = shadowed or "unsupported_content_encoding"
+        if key is not None:
+            target = self.resolve_target(parsed, path, credentials, key.tags, credentials.key)
+        else:
+            target = self.resolve_target(parsed, path, credentials, ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
-        references = caches = 0
+        references = 0
         images: list[tuple[int, int, int]] = []
         if may_reference(body):  # media by reference, or inline? (`core.media`): text has none
             references = walk(parsed, images)
             # Prompt caching asked for (its blocks hold `"type"` too): its input may be writes,
             # dearer than input (Anthropic's: 1.25 times, 2 for a `"ttl": "1h"`)
             if body.find(b'"cache_control"') >= 0:
-                caches = 2 if body.find(b'"1h"') >= 0 else 1
-        kept_as: tuple[object, ...] | None = None
-        if key is not None and type(parsed) is dict and not self.shadow:
-            shape = self.resolve_target.usual_shape(parsed, path, credentials, key)
-            if shape is not None and not (references or images or caches):
-                # A usual request: what its key with this shape was decided to last time (its
-                # target, limits and price), unless the configuration or the price has changed
-                # since. Every request that could be decided otherwise goes the whole way.
-                kept_as = shape
-                try:
-                    kept = self.kept[kept_as]
-                except KeyError:
-                    kept = None
-                if kept is not None and kept.globals is engine.globals:
-                    target = kept.target
-                    price = self.price(target.provider, target.model)
-                    if price is kept.price:
-                        usual = self._exchange(
-                            key, target, kept.limits, price, prompt_tokens, now, started
-                        )
-                        if target.stream and asks_usage(path, credentials):
-                            usual.parsed, usual.orjson_writes = for_rewrite(parsed, body)
-                            usual.ask_usage = True
-                        return usual
-        if key is not None:
-            target = self.resolve_target(parsed, path, credentials, key.tags, credentials.key)
-        else:
-            target = self.resolve_target(parsed, path, credentials, ())
-        if caches:
-            target.caches = caches
+                target.caches = 2 if body.find(b'"1h"') >= 0 else 1
         routes = engine.globals.routes
         if routes and type(parsed) is dict:  # no route configured: one truth test
             name = parsed.get("model")
@@ -354,9 +313,6 @@ class Gate:
         exchange = self._prepare(key, target, prompt_tokens, now, started)
         if type(exchange) is not Exchange:
             return self.refuse(*exchange, key=key, target=target)  # type: ignore[misc]
-        if kept_as is not None:  # no route, no media: the next of its shape is decided alike
-            price = self.price(target.provider, target.model)  # as `_prepare` found it
-            self.kept[kept_as] = KeptDecision(engine.globals, target, exchange.limits, price)
         if references:
             self._with_media(exchange, references)
         if shadowed is not None:  # the credentials' refusal comes first, as in enforce
@@ -478,32 +434,17 @@ class Gate:
         else:
             limits = key.resolve(engine.globals, target.provider, target.model, target.tags)
         price = self.price(target.provider, target.model)  # once: it prices the charge too
+        if price is not None and price.daily:  # priced by the hour (DeepSeek's peak hours)
+            price = at_time(price, now)
         if price is None and self.refuse_unpriced and refused is None:  # UNPRICED_MODELS=refuse
             refused = Refused(
                 403, "model_not_priced", unpriced_message(target.provider, target.model)
             )
             if not self.shadow:
                 return refused
-        exchange = self._exchange(key, target, limits, price, prompt_tokens, now, started)
+        exchange = Exchange(engine, key, target, limits, price, prompt_tokens, now, started)
         if refused is not None:  # shadow mode: it goes on
             exchange.would_refuse = refused.code
-        return exchange
-
-    def _exchange(
-        self,
-        key: KeyConfig | None,
-        target: Target,
-        limits: LimitSet,
-        price: ModelPrice | None,
-        prompt_tokens: int,
-        now: float,
-        started: float,
-    ) -> Exchange:
-        """A request `_prepare` let through (or whose decision was kept, `decide`): priced at
-        `now`, its reservation worked out."""
-        if price is not None and price.daily:  # priced by the hour (DeepSeek's peak hours)
-            price = at_time(price, now)
-        exchange = Exchange(self.engine, key, target, limits, price, prompt_tokens, now, started)
         if self.reserve and limits.budgets:
             if price is None:
                 # Its cost is known only from the answer (`x-budget-cost`, `usage.cost`): the
