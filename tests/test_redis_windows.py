@@ -528,22 +528,54 @@ async def test_what_the_other_instance_settled_before_a_reset_stays_in_the_old_w
     assert spent == 100 * CENT
 
 
+@pytest.mark.parametrize("written", ["by-the-flusher", "after-a-s-last-heartbeat"])
 async def test_charges_another_instance_had_not_written_survive_redis_restarting_empty(
-    tmp_path: Path,
+    tmp_path: Path, written: str
 ) -> None:
     """$1 a day (100 requests of $0.01) on two instances. A spends $0.50 through Redis, which
     restarts empty before A's flusher has written it; B's next admission seeds the window key
     from the store, without A's $0.50: 150 were admitted on a limit of 100 (a fault hunt's).
-    A's heartbeat finds its mark gone and adds what B's seed could not hold."""
+    A's heartbeat finds its mark gone and adds what B's seed could not hold. Written after A's
+    last heartbeat and before B's seed read the store, the $0.50 is in that seed: added again,
+    B's first was refused and 50 were admitted (CI, 2026-12-04; every time here, where A's
+    heartbeat waits for B's seed)."""
     server = PrivateRedis()
     server.start()
     try:
         async with serving_two(tmp_path, server.url, flush_interval_seconds=1) as (one, two, a, b):
             key, budget = dollar_key(one)
             await spend(a, key, 50)  # $0.50, in Redis; written to the store within a second
-            server.stop()
-            server.start()  # empty
-            first = await b.post("/v1/chat/completions", json=BODY, headers=auth(key))
+            if written == "by-the-flusher":
+                server.stop()
+                server.start()  # empty
+                first = await b.post("/v1/chat/completions", json=BODY, headers=auth(key))
+            else:
+                await asyncio.sleep(1.2)  # A's heartbeat has gone round: a loss is told now
+                seeded = asyncio.Event()
+                beat = one.counters.heartbeat
+
+                async def after_b_s_seed() -> None:
+                    await seeded.wait()
+                    await beat()
+
+                one.counters.heartbeat = after_b_s_seed  # type: ignore[method-assign]
+                await one.flush()  # (written already, or now: after A's last heartbeat)
+                server.stop()
+                server.start()  # empty
+                asking = asyncio.create_task(
+                    b.post("/v1/chat/completions", json=BODY, headers=auth(key))
+                )
+                shared = redis.Redis.from_url(server.url)
+                for _ in range(100):
+                    if shared.keys("*w:budget:*"):
+                        break
+                    await asyncio.sleep(0.02)
+                b_first = shared.keys("*w:budget:*") != []
+                shared.close()
+                print(f"seeded by B before A's heartbeat: {b_first}")
+                assert b_first
+                seeded.set()
+                first = await asking
             await asyncio.sleep(2.5)  # heartbeats (and A's flusher) go round
             admitted_b, code_b = await spend_until_refused(b, key)
             admitted_a, code_a = await spend_until_refused(a, key)
@@ -552,9 +584,9 @@ async def test_charges_another_instance_had_not_written_survive_redis_restarting
         server.stop()
     admitted = 50 + (first.status_code == 200) + admitted_b + admitted_a
     print(
-        f"A spent 50, Redis restarted empty, B seeded first: B then {admitted_b} ({code_b}), "
-        f"A {admitted_a} ({code_a}); admitted {admitted} on a limit of 100, overshoot "
-        f"{admitted - 100}; store holds ${stored / 1e9:.2f}"
+        f"A spent 50, Redis restarted empty, B seeded first ({first.status_code}): B then "
+        f"{admitted_b} ({code_b}), A {admitted_a} ({code_a}); admitted {admitted} on a limit "
+        f"of 100, overshoot {admitted - 100}; store holds ${stored / 1e9:.2f}"
     )
     assert stored == admitted * 10_000_000
     assert admitted == 100

@@ -82,9 +82,10 @@ class CounterBackend(ABC):
         answer from the live counters (`from_memory`, the quota, the provider budgets); `ids`:
         only these limits'. An optional hook."""
 
-    # A backend that needs to know when the store committed the charges it confirms (Redis's,
-    # while it holds debts from an outage) says so; the flusher then reads the store's clock
-    # after each write it confirms and hands the moment over first (`committed_at`).
+    # A backend that needs to know when the store committed the charges it confirms (Redis's:
+    # which of them a seed made after an empty restart holds) says so; the flusher then reads
+    # the store's clock after each write it confirms and hands the moment over first
+    # (`committed_at`).
     @property
     def wants_commit_time(self) -> bool:
         return False

@@ -213,6 +213,16 @@ class _Track:
     beat: int = 0  # `confirmed` at the last heartbeat answered (`_written` holds the rest)
 
 
+def _take_oldest(chunks: list[list[float]], amount: int) -> None:
+    """Take `amount` off the oldest of these (commit moment, amount) chunks."""
+    while amount > 0 and chunks:
+        taken = min(int(chunks[0][1]), amount)
+        chunks[0][1] -= taken
+        amount -= taken
+        if not chunks[0][1]:
+            del chunks[0]
+
+
 def _below(segments: list[list[int]], at: int, floor: int = -(2**62)) -> int:
     """How much of these places lies in [floor, at)."""
     return sum(max(0, min(hi, at) - max(lo, floor)) for lo, hi in segments)
@@ -301,11 +311,12 @@ class RedisCounters(CounterBackend):
         # Should Redis lose its data, another instance may seed a window key from the store
         # before this one: the charges this instance added to that key and the store did not hold
         # then are in no key. Its heartbeat finds its mark gone and adds them again: what is not
-        # written, and what the store confirmed since the heartbeat before (it may have been
-        # written after that seed), in every current window but those it seeded itself after
-        # the loss (its mark gone: the seed holds its unwritten charges): twice at worst, never
-        # lost.
-        self._written: dict[tuple[str, str, float], int] = {}  # confirmed since the last beat
+        # written, and what the store confirmed since the heartbeat before but after that seed
+        # read it (`_held_by_seeds`), in every current window but those it seeded itself after
+        # the loss (its mark gone: the seed holds its unwritten charges): twice at worst (a
+        # seed made while the heartbeat pays), never lost.
+        # Confirmed since the last beat, per window: [the store's clock after the commit, amount]
+        self._written: dict[tuple[str, str, float], list[list[float]]] = {}
         self._seeded_after_loss: set[str] = set()  # window keys, since the last beat
         self._beaten = False  # a first heartbeat finds no mark: nothing was lost
         # The last beat got no answer: Redis may have run it (found the mark gone, set it again).
@@ -525,17 +536,23 @@ class RedisCounters(CounterBackend):
         it is no longer unwritten (`_owe_unwritten`). Counted when confirmed, not when taken: a
         write taken before the last beat may commit after another instance's seed."""
         window = (kind, id, start)
-        self._written[window] = self._written.get(window, 0) + amount
+        at = float("inf") if self._commit_at is None else self._commit_at
+        chunks = self._written.get(window)
+        if chunks is None:
+            self._written[window] = [[at, amount]]
+        elif chunks[-1][0] == at:
+            chunks[-1][1] += amount
+        else:
+            chunks.append([at, amount])
         if self._tracks:
             track = self._tracks.get(_window_key(self.prefix, kind, id, start))
             if track is not None:
                 track.confirmed += amount
-                at = float("inf") if self._commit_at is None else self._commit_at
                 track.stamps.append((at, track.confirmed))
 
     @property
     def wants_commit_time(self) -> bool:
-        return bool(self._tracks)
+        return True  # (one read of the store's clock a flush: `_written`, `_Track.stamps`)
 
     def committed_at(self, at: float | None) -> None:
         self._commit_at = at
@@ -1071,11 +1088,15 @@ class RedisCounters(CounterBackend):
             self._owe(counter, tokens, fresh=True)
 
     def _owe_unwritten(
-        self, written: dict[tuple[str, str, float], int], seeded_here: set[str]
+        self,
+        written: dict[tuple[str, str, float], list[list[float]]],
+        seeded_here: set[str],
+        seeds: dict[tuple[str, str, float], float],
     ) -> None:
         """Redis lost its data: this instance's charges to the current windows that a seed by
         another instance may have missed are owed to it (`pay_debts` adds them). `seeded_here`:
-        keys this instance seeded after the loss (its seed holds them)."""
+        keys this instance seeded after the loss (its seed holds them); `seeds`: when another
+        instance's seed of a window read the store (`_held_by_seeds`)."""
         now = self.clock()
         for windows in self.registry.windows.values():
             for counter in windows.values():
@@ -1083,10 +1104,40 @@ class RedisCounters(CounterBackend):
                     continue
                 if self.window_key(counter) in seeded_here:
                     continue
-                mine = counter.unwritten(self.ledger) - self._transit.get(counter, 0)
-                mine += written.get((counter.kind, counter.id, counter.start), 0)
+                window = (counter.kind, counter.id, counter.start)
+                transit = self._transit.get(counter, 0)
+                chunks = written.get(window, ())
+                confirmed = int(sum(amount for _, amount in chunks))
+                mine = counter.unwritten(self.ledger) - transit + confirmed
+                read_at = seeds.get(window)
+                if read_at is not None:
+                    # Committed before that seed read the store: in it. Those in transit too
+                    # (a debt, a settlement under way) are added by their own calls, which
+                    # leave out what that seed holds: taken as all held, never twice off.
+                    held = int(sum(amount for at, amount in chunks if at < read_at))
+                    mine -= max(0, held - min(transit, confirmed))
                 if mine > 0:
                     self._owe(counter, mine)
+
+    async def _held_by_seeds(self) -> dict[tuple[str, str, float], float]:
+        """Per window this instance confirmed charges to since its last heartbeat, when another
+        instance's seed of its key read the store (`seed.lua`'s record): what was committed
+        before is in that seed (added again, $0.50 written by one instance just before Redis
+        restarted empty counted twice, and the other refused at once). None read (Redis away):
+        none held, every charge added (twice at worst)."""
+        assert self.client is not None
+        windows = list(self._written)
+        keys = [self._seed_record_key(_window_key(self.prefix, *w)) for w in windows]
+        try:
+            records = await self.client.mget(keys)
+        except (RedisError, OSError):
+            return {}
+        seeds: dict[tuple[str, str, float], float] = {}
+        for window, record in zip(windows, records, strict=True):
+            seeded, _, seeder = str(record or "").partition(" ")
+            if seeded and seeder != self._instance:
+                seeds[window] = float(seeded)
+        return seeds
 
     async def pay_debts(self) -> None:
         """Release the holds of requests settled without Redis; add what was charged without
@@ -1178,9 +1229,9 @@ class RedisCounters(CounterBackend):
             # What the heartbeat weighs after a loss (`_owe_unwritten`) holds those confirmed
             # since the last beat: in the seed too.
             window = (debt.counter.kind, debt.counter.id, debt.start)
-            since = min(_below(segments, held, track.beat), self._written.get(window, 0))
-            if since > 0:
-                self._written[window] -= since
+            chunks = self._written.get(window)
+            if chunks:  # (the oldest: those places come first since the beat)
+                _take_oldest(chunks, _below(segments, held, track.beat))
             left[key] = [[max(lo, held), hi] for lo, hi in segments if hi > held]
         return left, seen
 
@@ -1598,6 +1649,10 @@ class RedisCounters(CounterBackend):
             self._beat_unanswered = True
             raise
         self._beat_unanswered = False
+        owe = int(lost) and self._beaten
+        # Read before what the store confirmed and what is unwritten are taken: a flush that
+        # confirmed in between moved charges from one to the other unseen.
+        seeds = await self._held_by_seeds() if owe and self._written else {}
         # What the store confirmed, taken once the answer is here: a payment of debts that ran
         # meanwhile took off it what another instance's seed holds (`_leave_out_seeded`); taken
         # before, the outage's charges were owed again (16 admitted on $0.25, not 25).
@@ -1611,9 +1666,8 @@ class RedisCounters(CounterBackend):
         # after but before this answer was read (the mark "0"), has its key here; one made
         # after finds it "1" (and holds nothing of the loss).
         seeded_here, self._seeded_after_loss = self._seeded_after_loss, set()
-        owe = int(lost) and self._beaten
         if owe:
-            self._owe_unwritten(written, seeded_here)
+            self._owe_unwritten(written, seeded_here, seeds)
         self._beaten = True
         if int(lost):
             # Written again in a body: a request that settled meanwhile lets its holds go.
