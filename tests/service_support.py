@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,6 +46,8 @@ class PrivateRedis:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.dir = tempfile.mkdtemp(prefix="bm-redis-")
+        # Removed with the object, or at exit: a suite run left some 90 of them in /tmp.
+        weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
 
     @property
     def url(self) -> str:
