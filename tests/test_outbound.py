@@ -1798,8 +1798,6 @@ def test_async_calls_on_loops_of_their_own_threads_start_no_engine_there(
         )
         assert out.returncode == 0, out.stderr[-2000:]
         seen.append(json.loads(out.stdout.splitlines()[-1]))
-        if seen[-1]["late"]:
-            print(f"run {run}: threads still calling 5 s after the stop:\n{out.stderr[-6000:]}")
     print("per run:", seen)
     assert all(run["stuck"] == 0 and run["failed"] == 0 for run in seen)
     assert all(run["admitted"] == 20 and run["spent"] == pytest.approx(0.02) for run in seen)
