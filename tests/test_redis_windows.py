@@ -592,6 +592,61 @@ async def test_charges_another_instance_had_not_written_survive_redis_restarting
     assert admitted == 100
 
 
+async def test_what_an_instance_seeded_after_a_loss_is_told_by_the_seed_now_there(
+    tmp_path: Path,
+) -> None:
+    """Redis restarts empty twice within one heartbeat interval of A. A's 20 requests in flight
+    across the first settle after it: their settlements seed the window key (A's mark gone) and
+    add themselves. The second restart loses that key; B's request in flight settles and seeds
+    it from the store, which lacks A's 20 (not written). A's heartbeat then found its mark gone
+    and skipped the key as one it had seeded itself after the loss: A's $0.20 were in no key,
+    and 120 were admitted on a limit of 100 (a fault hunt's, every time). The seed's record
+    now says whose seed the key holds."""
+    server = PrivateRedis()
+    server.start()
+    held_a, held_b = Held(20), Held(1)
+    try:
+        async with instances(tmp_path, server.url, flush_interval_seconds=2) as (one, two, _):
+            one_app, two_app = host(one, held_a), host(two, held_b)
+            async with (
+                running(one_app),
+                running(two_app),
+                client(one_app) as a,
+                client(two_app) as b,
+            ):
+                key, budget = dollar_key(one)
+                await spend(a, key, 10)
+                await spend(b, key, 10)
+                await one.flush()
+                await two.flush()
+                waiting_a, waiting_b = held_a.requests(a, key), held_b.requests(b, key)
+                await held_a.all_in.wait()
+                await held_b.all_in.wait()
+                server.stop()
+                server.start()  # empty
+                held_a.gate.set()  # A's 20 settle: they seed the key, A's mark gone
+                settled_a = [r.status_code for r in await asyncio.gather(*waiting_a)]
+                server.stop()
+                server.start()  # empty again, before A's next heartbeat
+                held_b.gate.set()  # B's settles: it seeds the key from the store
+                settled_b = [r.status_code for r in await asyncio.gather(*waiting_b)]
+                await asyncio.sleep(5.5)  # heartbeats go round
+                admitted_b, code_b = await spend_until_refused(b, key)
+                admitted_a, code_a = await spend_until_refused(a, key)
+                stored = await written_spend(budget, one, two)
+    finally:
+        server.stop()
+    assert settled_a == [200] * 20 and settled_b == [200]
+    admitted = 20 + 21 + admitted_b + admitted_a
+    print(
+        f"20 spent, 21 settled across two empty restarts, then B {admitted_b} ({code_b}), A "
+        f"{admitted_a} ({code_a}): admitted {admitted} on a limit of 100; store holds "
+        f"${stored / 1e9:.2f}"
+    )
+    assert stored == admitted * 10_000_000
+    assert admitted == 100
+
+
 async def _a_day_begun_with_30_spent(
     one: BudgetEngine, two: BudgetEngine, b: httpx.AsyncClient
 ) -> tuple[Any, str, str]:

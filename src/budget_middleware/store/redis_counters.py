@@ -312,9 +312,10 @@ class RedisCounters(CounterBackend):
         # before this one: the charges this instance added to that key and the store did not hold
         # then are in no key. Its heartbeat finds its mark gone and adds them again: what is not
         # written, and what the store confirmed since the heartbeat before but after that seed
-        # read it (`_held_by_seeds`), in every current window but those it seeded itself after
-        # the loss (its mark gone: the seed holds its unwritten charges): twice at worst (a
-        # seed made while the heartbeat pays), never lost.
+        # read it (`_seed_records`), in every current window but those whose key it seeded
+        # itself after the loss (the seed holds its unwritten charges; told by the seed's
+        # record, as Redis may have lost that key too since): twice at worst (a seed made while
+        # the heartbeat pays), never lost.
         # Confirmed since the last beat, per window: [the store's clock after the commit, amount]
         self._written: dict[tuple[str, str, float], list[list[float]]] = {}
         self._seeded_after_loss: set[str] = set()  # window keys, since the last beat
@@ -1090,27 +1091,27 @@ class RedisCounters(CounterBackend):
     def _owe_unwritten(
         self,
         written: dict[tuple[str, str, float], list[list[float]]],
-        seeded_here: set[str],
-        seeds: dict[tuple[str, str, float], float],
+        seeds: dict[str, tuple[float, str]],
     ) -> None:
         """Redis lost its data: this instance's charges to the current windows that a seed by
-        another instance may have missed are owed to it (`pay_debts` adds them). `seeded_here`:
-        keys this instance seeded after the loss (its seed holds them); `seeds`: when another
-        instance's seed of a window read the store (`_held_by_seeds`)."""
+        another instance may have missed are owed to it (`pay_debts` adds them). `seeds`: the
+        seed now in a window key, when it read the store and who made it (`_seed_records`);
+        this instance's holds them."""
         now = self.clock()
         for windows in self.registry.windows.values():
             for counter in windows.values():
                 if not counter.start <= now < counter.end:
                     continue
-                if self.window_key(counter) in seeded_here:
+                seed = seeds.get(self.window_key(counter))
+                if seed is not None and seed[1] == self._instance:
                     continue
                 window = (counter.kind, counter.id, counter.start)
                 transit = self._transit.get(counter, 0)
                 chunks = written.get(window, ())
                 confirmed = int(sum(amount for _, amount in chunks))
                 mine = counter.unwritten(self.ledger) - transit + confirmed
-                read_at = seeds.get(window)
-                if read_at is not None:
+                if seed is not None:
+                    read_at = seed[0]
                     # Committed before that seed read the store: in it. Those in transit too
                     # (a debt, a settlement under way) are added by their own calls, which
                     # leave out what that seed holds: taken as all held, never twice off.
@@ -1119,24 +1120,29 @@ class RedisCounters(CounterBackend):
                 if mine > 0:
                     self._owe(counter, mine)
 
-    async def _held_by_seeds(self) -> dict[tuple[str, str, float], float]:
-        """Per window this instance confirmed charges to since its last heartbeat, when another
-        instance's seed of its key read the store (`seed.lua`'s record): what was committed
-        before is in that seed (added again, $0.50 written by one instance just before Redis
-        restarted empty counted twice, and the other refused at once). None read (Redis away):
-        none held, every charge added (twice at worst)."""
+    async def _seed_records(self) -> dict[str, tuple[float, str]]:
+        """After a loss, per window key this instance seeded since its last heartbeat or
+        confirmed charges to, the seed there now (`seed.lua`'s record): when it read the store
+        and which instance made it.
+        - Another's holds what was committed before (added again, $0.50 written by one instance
+          just before Redis restarted empty counted twice, and the other refused at once).
+        - One of ours holds every charge of ours (left out whole). A key this instance seeded
+          after the loss is told so by its record, not by having seeded it: Redis restarted
+          empty again before this heartbeat, and another instance's seed, without our
+          unwritten charges, was taken for ours (120 admitted on 100, a fault hunt's).
+        None read (Redis away): none holds any, every charge is added (twice at worst)."""
         assert self.client is not None
-        windows = list(self._written)
-        keys = [self._seed_record_key(_window_key(self.prefix, *w)) for w in windows]
+        keys = list(self._seeded_after_loss)
+        keys += [_window_key(self.prefix, *w) for w in self._written]
         try:
-            records = await self.client.mget(keys)
+            records = await self.client.mget([self._seed_record_key(k) for k in keys])
         except (RedisError, OSError):
             return {}
-        seeds: dict[tuple[str, str, float], float] = {}
-        for window, record in zip(windows, records, strict=True):
+        seeds: dict[str, tuple[float, str]] = {}
+        for key, record in zip(keys, records, strict=True):
             seeded, _, seeder = str(record or "").partition(" ")
-            if seeded and seeder != self._instance:
-                seeds[window] = float(seeded)
+            if seeded:
+                seeds[key] = (float(seeded), seeder)
         return seeds
 
     async def pay_debts(self) -> None:
@@ -1652,7 +1658,9 @@ class RedisCounters(CounterBackend):
         owe = int(lost) and self._beaten
         # Read before what the store confirmed and what is unwritten are taken: a flush that
         # confirmed in between moved charges from one to the other unseen.
-        seeds = await self._held_by_seeds() if owe and self._written else {}
+        seeds: dict[str, tuple[float, str]] = {}
+        if owe and (self._written or self._seeded_after_loss):
+            seeds = await self._seed_records()
         # What the store confirmed, taken once the answer is here: a payment of debts that ran
         # meanwhile took off it what another instance's seed holds (`_leave_out_seeded`); taken
         # before, the outage's charges were owed again (16 admitted on $0.25, not 25).
@@ -1662,12 +1670,12 @@ class RedisCounters(CounterBackend):
             track = self._tracks.get(key)
             if track is not None:
                 track.beat = confirmed
-        # Taken once the mark is back: a seed of ours made before it found the mark gone, or
-        # after but before this answer was read (the mark "0"), has its key here; one made
+        # A seed of ours made before the beat found the mark gone, or after but before its
+        # answer was read (the mark "0"), has its key here (its record read above); one made
         # after finds it "1" (and holds nothing of the loss).
-        seeded_here, self._seeded_after_loss = self._seeded_after_loss, set()
+        self._seeded_after_loss = set()
         if owe:
-            self._owe_unwritten(written, seeded_here, seeds)
+            self._owe_unwritten(written, seeds)
         self._beaten = True
         if int(lost):
             # Written again in a body: a request that settled meanwhile lets its holds go.
