@@ -362,8 +362,7 @@ async def test_a_key_s_value_is_kept_out_of_a_call_s_model_charged_to_it_by_valu
     carries the key, and in a call charged to it by its value, where the transport gave the
     gate no value to look for and the call's record named the key (found by a differential
     review). Charged by its id, the transport does not know the value: the model is kept as
-    sent. The request after the call, of the same model, path and output limit, is decided
-    apart from it."""
+    sent. The request after the call, which carries the key, records `unknown` too."""
     key = engine.manager.create_virtual_key(name="alice")
     assert key.value is not None
     body = {"model": key.value, "messages": MESSAGES, "max_tokens": 5}
@@ -1893,7 +1892,7 @@ def test_calls_outlive_the_loop_that_ran_their_engine(tmp_path: Path, kind: str)
     of 12 went wrong so, 4 with threads stuck (async: 4 of 5, 3 stuck). A call that never
     began there now runs on the loop that runs the engine next (the background one); every
     thread ends. One still calling 5 s after the stop is reported with where it waits (once in
-    CI, 2026-12-04, not seen in 160 runs under load here); one still there 30 s later fails."""
+    CI, 2026-12-04, not seen in 310 runs here); one still there 30 s later fails."""
     script = tmp_path / "ending.py"
     script.write_text(_LOOP_ENDS_UNDER_THREADS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
