@@ -1919,6 +1919,87 @@ def test_calls_outlive_the_loop_that_ran_their_engine(tmp_path: Path, kind: str)
     assert all(run["held"] == 0 and run["charged_all"] for run in seen)
 
 
+_SETTLED_AFTER_ITS_LOOP = """
+import asyncio, json, sys, threading
+import httpx2
+from budget_middleware import BudgetSettings, BudgetTransport, charge_to, get_engine
+from budget_middleware.engine.portal import loop_lock, on_loop
+
+answered, release = threading.Event(), threading.Event()
+
+def provider(request):
+    answered.set()
+    release.wait(30)
+    usage = {"prompt_tokens": 10, "completion_tokens": 5}
+    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
+
+engine = get_engine(BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600))
+key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 100}])
+URL = "https://api.openai.com/v1/chat/completions"
+BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+status = []
+
+def caller():  # a worker thread's own loop; paid by id, so admitted on the engine's loop
+    async def call():
+        transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+        async with httpx2.AsyncClient(transport=transport) as client:
+            with charge_to(virtual_key_id=key.id):
+                status.append((await client.post(URL, json=BODY)).status_code)
+    asyncio.run(call())
+
+thread = threading.Thread(target=caller, daemon=True)
+
+async def main():  # the script's own loop runs the engine, and ends with the call in flight
+    await engine.ensure_started()
+    thread.start()
+    while not answered.is_set():
+        await asyncio.sleep(0.01)
+
+asyncio.run(main())
+counter = engine.registry.counter("budget", key.budgets[0].id)
+with loop_lock:  # what the engine's next loop (the background one) holds at every step
+    release.set()
+    thread.join(2)
+    waited = thread.is_alive()
+    during = counter.value
+thread.join(30)
+on_loop(engine, engine.flush)
+print(json.dumps({"waited": waited, "during": during, "after": counter.value,
+                  "reserved": counter.reserved, "status": status,
+                  "spent": engine.manager.list_budgets()[0].spent}))
+sys.stdout.flush()
+import os; os._exit(0)
+"""
+
+
+def test_a_call_whose_engine_s_loop_ended_in_flight_settles_on_the_loop_that_runs_it_next(
+    tmp_path: Path,
+) -> None:
+    """A script's `asyncio.run(main())` runs the engine; a worker thread's call on a loop of its
+    own is admitted there, and that loop ends while the provider answers. Its settlement was
+    made on the worker's loop, holding nothing, where the engine's next loop (the background
+    one, which another thread's call starts) could be taking what is pending at the same time:
+    a charge lost between a read and a write. It is now made on that next loop, as an
+    admission would be: while the test holds the lock every step of it holds, the call waits
+    and nothing is charged; once let go, it is charged once."""
+    script = tmp_path / "settled.py"
+    script.write_text(_SETTLED_AFTER_ITS_LOOP)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, str(script), f"sqlite:///{tmp_path / 'settled.db'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.splitlines()[-1])
+    print("measured:", seen)
+    assert seen["waited"] and seen["during"] == 0  # before: settled at once, 75,000 nano-USD
+    assert seen["status"] == [200] and seen["after"] == 75_000 and seen["reserved"] == 0
+    assert seen["spent"] == pytest.approx(75e-6)
+
+
 def test_a_call_whose_caller_stops_waiting_for_admission_gives_its_slot_back(
     make_settings: Settings,
 ) -> None:

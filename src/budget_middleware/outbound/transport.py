@@ -689,11 +689,16 @@ async def _admitted_there(
 
 
 def _settled(meter: _Meter, exchange: Exchange, outcome: str) -> Awaitable[None]:
-    """An async call settled where it was admitted (see `_admitted_elsewhere`; or in this
-    thread, holding the lock every step of the engine's background loop holds: `settled_here`): the
-    settlement to await."""
+    """An async call settled where a call would be admitted now (see `_admitted_elsewhere`; or
+    in this thread, holding the lock every step of the engine's background loop holds:
+    `settled_here`): the settlement to await. Should the loop that admitted it have ended, on
+    the loop that runs the engine next (`_home`), as an admission would be: settled on this
+    thread's own loop, it could interleave with that loop's flusher taking what is pending."""
     loop = meter.engine.loop
-    if loop is None or loop is asyncio.get_running_loop() or not loop.is_running():
+    running = asyncio.get_running_loop()
+    if loop is not running and (loop is None or not loop.is_running()):
+        loop = _home(meter.engine)
+    if loop is None or loop is running:
         return exchange.settle(outcome)
     if meter.settled_here(exchange, outcome):
         return _SETTLED
