@@ -355,14 +355,15 @@ async def test_the_anthropic_sdk_is_metered_too(engine: BudgetEngine) -> None:
 
 
 @pytest.mark.parametrize("named_by", ["id", "value"])
-async def test_a_key_s_value_is_kept_out_of_a_call_s_model_charged_to_it_by_value(
+async def test_a_key_s_value_is_kept_out_of_a_call_s_model_charged_to_it(
     engine: BudgetEngine, named_by: str
 ) -> None:
     """A model holding the caller's key is `unknown` in the record (SPEC §8): in a request that
     carries the key, and in a call charged to it by its value, where the transport gave the
     gate no value to look for and the call's record named the key (found by a differential
-    review). Charged by its id, the transport does not know the value: the model is kept as
-    sent. The request after the call, which carries the key, records `unknown` too."""
+    review). Charged by its id, the transport does not know the value: a string shaped as a
+    key in the model whose digest is the key's is `unknown` too (it was kept as sent). The
+    request after the call, which carries the key, records `unknown` too."""
     key = engine.manager.create_virtual_key(name="alice")
     assert key.value is not None
     body = {"model": key.value, "messages": MESSAGES, "max_tokens": 5}
@@ -384,8 +385,7 @@ async def test_a_key_s_value_is_kept_out_of_a_call_s_model_charged_to_it_by_valu
     assert (first.status_code, called.status_code, answered.status_code) == (200, 200, 200)
     assert [r["direction"] for r in rows] == ["inbound", "outbound", "inbound"]
     assert rows[2]["model"] == "unknown" and rows[2]["virtual_key_id"] == key.id
-    # The call's record, where the transport knows the key's value (it cannot by the id)
-    assert rows[1]["model"] == ("unknown" if named_by == "value" else key.value)
+    assert rows[1]["model"] == "unknown"  # before, charged by its id: the key's value
 
 
 async def test_a_route_of_the_app_calls_out_for_the_inbound_caller(make_settings: Settings) -> None:

@@ -84,6 +84,9 @@ class Credentials:
     # The call goes to an API that refuses `stream_options` (`outbound.hosts.usage_unasked`): a
     # stream is sent as written, not asked for its usage.
     usage_unasked: bool = False
+    # The caller's key's digest when its value is not known (a call charged to a key named by
+    # its id): a model or provider holding the key is told by it (`TargetResolver`).
+    key_digest: bytes | None = None
 
 
 def key_digest(value: str) -> bytes:
@@ -282,11 +285,12 @@ class TargetResolver:
         # A virtual key sent where a name goes (`x-budget-tags: sk-bm-…`) would reach usage
         # records, answers, logs and the dashboard (SPEC §8): a client's tag holding the
         # caller's own key, or one shaped as a generated key (the prefix and 40 or more URL-safe
-        # characters), is dropped; a model or provider holding the caller's key is `unknown`.
+        # characters), is dropped; a model or provider holding the caller's key is `unknown`
+        # (known by its digest alone when the call is charged to a key named by its id).
         # Only the caller's own key there: a model is never unpriced for looking like a key.
         # The shape starts where a word does: with the prefix `sk-`, `risk-assessment-…` (44
         # URL-safe characters after `sk-`) is a tag, whose limits a dropped tag escaped.
-        shape = re.compile("(?<![A-Za-z0-9_-])" + re.escape(key_prefix) + "[A-Za-z0-9_-]{40}")
+        shape = re.compile("(?<![A-Za-z0-9_-])" + re.escape(key_prefix) + "[A-Za-z0-9_-]{40,}")
         self._key_shaped = shape.search if key_prefix else _never
         self._routes: dict[tuple[str, str | None, str], tuple[str, str]] = {}
         self._hosted: dict[tuple[str, str | None, str], tuple[str, str]] = {}
@@ -324,6 +328,8 @@ class TargetResolver:
             raw_model if type(raw_model) is str else "", credentials, route_path
         )
         # (a provider is named in lower case: the key in it is too)
+        if own_key is None and credentials.key_digest is not None:
+            own_key = self._own_key_in(raw_model, credentials)
         if own_key is not None and (own_key in found[1] or own_key.lower() in found[0]):
             found = _without_key(found, own_key)
         tags = credentials.tags
@@ -408,6 +414,20 @@ class TargetResolver:
             target.caches,
         )
 
+    def _own_key_in(self, raw_model: object, credentials: Credentials) -> str | None:
+        """The caller's key as the body's model or the provider header holds it, when only its
+        digest is known (`Credentials.key_digest`): a string shaped as a generated key there
+        whose digest is the caller's."""
+        for text in (raw_model, credentials.provider):
+            if type(text) is not str:
+                continue
+            shaped = self._key_shaped(text)
+            while shaped is not None:
+                if key_digest(shaped.group()) == credentials.key_digest:
+                    return shaped.group()
+                shaped = self._key_shaped(text, shaped.end())
+        return None
+
     def _no_keys(self, tags: tuple[str, ...], own_key: str | None) -> tuple[str, ...]:
         """A client's tags without those that hold a virtual key (`__init__`)."""
         shaped = self._key_shaped
@@ -479,7 +499,7 @@ def _keep_key_tags(tags: tuple[str, ...], key_tags: tuple[str, ...]) -> tuple[st
     return tuple(sorted(kept.union(client)))
 
 
-def _never(_: str) -> None:
+def _never(_: str, __: int = 0) -> None:
     return None
 
 

@@ -285,7 +285,7 @@ class BudgetEngine:
         self.builder.on_budget = self.alerts.on_budget
         self.gate = Gate(self)  # the way in for every adapter's requests
         self.loop: asyncio.AbstractEventLoop | None = None  # the one it was started in
-        self._keys_by_id: TTLCache[str, KeyConfig | None] = TTLCache(
+        self._keys_by_id: TTLCache[str, tuple[KeyConfig, bytes] | None] = TTLCache(
             maxsize=100_000, ttl=settings.cache_ttl_seconds
         )
         self._install_default_hooks()
@@ -849,8 +849,10 @@ class BudgetEngine:
         finally:
             del self._key_loads[key_hash]
 
-    async def lookup_key_id(self, key_id: str) -> KeyConfig | None:
-        """A key's configuration by its id (`charge_to(virtual_key_id=...)`), cached as by value."""
+    async def lookup_key_id(self, key_id: str) -> tuple[KeyConfig, bytes] | None:
+        """A key's configuration by its id (`charge_to(virtual_key_id=...)`), cached as by value,
+        with the key's digest: the value is not known there, and a model or provider holding
+        it is told by its digest (SPEC §8)."""
         try:
             return self._keys_by_id[key_id]
         except KeyError:
@@ -860,10 +862,12 @@ class BudgetEngine:
         except Exception as exc:
             self._store_failed(exc)
             raise ServiceUnavailable("the budget store cannot be reached") from exc
-        config = None if record is None else self.builder.key(record)
+        found = None
+        if record is not None:
+            found = (self.builder.key(record), bytes.fromhex(record.key.key_hash))
         if current:
-            self._keys_by_id[key_id] = config
-        return config
+            self._keys_by_id[key_id] = found
+        return found
 
     async def _read_across_writes(
         self, load: Callable[[str], KeyRecord | None], arg: str

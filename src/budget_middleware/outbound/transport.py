@@ -137,18 +137,20 @@ class _Meter:
             await engine.ensure_current()
         chosen = payer.get()
         value = self.key_value(chosen)
+        by_id: bytes | None = None  # the digest of a key named by its id
         try:
             key = self.cached_key(chosen, self.digest(chosen, value))
             if key is NOT_CACHED:
                 if value is None:  # `charge_to(virtual_key_id=...)`
                     assert chosen is not None and chosen.virtual_key_id is not None
-                    key = await engine.lookup_key_id(chosen.virtual_key_id)
+                    found = await engine.lookup_key_id(chosen.virtual_key_id)
+                    key, by_id = (None, None) if found is None else found
                 else:
                     key = await engine.vouch_for(value, self.fail_open)
         except ServiceUnavailable:
             return self.engine.gate.unavailable(self.fail_open)
         parsed = parse_json(body)
-        decision = self.decide(request, path, body, parsed, chosen, value, key, started)
+        decision = self.decide(request, path, body, parsed, chosen, value, key, started, by_id)
         if type(decision) is ErrorAnswer:
             return decision
         gate = engine.gate
@@ -232,9 +234,11 @@ class _Meter:
         value: str | None,
         key: KeyConfig | None,
         started: float,
+        by_id: bytes | None = None,
     ) -> Exchange | ErrorAnswer | RoutePlan:
         """The answer to the paying key (SPEC §5's checks) and the gate's decision: no await.
-        `parsed`: the body's JSON (`parse_json`), read before any lock is taken."""
+        `parsed`: the body's JSON (`parse_json`), read before any lock is taken. `by_id`: the
+        digest of a key named by its id (its value unknown here)."""
         engine = self.engine
         shadowed: str | None = None
         if key is None and (chosen is not None or value is not None):
@@ -253,6 +257,7 @@ class _Meter:
         # The payer's key, when its value is known (`charge_to(virtual_key=...)`, the inbound
         # caller's): a model or provider holding it is `unknown` in the record (SPEC §8).
         credentials = Credentials(value, host_provider, tags, len(body), host_provider is not None)
+        credentials.key_digest = by_id
         if host_provider in USAGE_CHECKED:
             version = request.url.params.get("api-version")
             credentials.usage_unasked = usage_unasked(host_provider, path, version)
