@@ -655,7 +655,7 @@ def test_the_duration_pattern_is_exactly_what_the_server_accepts() -> None:
     limits = {"s": 3155695200, "m": 52594920, "h": 876582, "d": 36524, "w": 5217, "M": 1200,
               "mo": 1200, "Q": 400, "Y": 100}  # fmt: skip
     for unit, top in limits.items():
-        for count in (*range(0, 25), top - 1, top, top + 1, 10 * top, f"0{top}"):
+        for count in (*range(0, 25), top - 1, top, top + 1, 10 * top, f"0{top}", "00", "001"):
             text = f"{count}{unit}"
             try:
                 BudgetIn(max_limit=1, reset_duration=text)

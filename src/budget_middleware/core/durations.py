@@ -41,7 +41,7 @@ _NOMINAL_MONTH_SECONDS: Final = 2_629_746
 # (year 9999) deep in the request path; anything longer is a typo or "never resets" (use null).
 _MAX_SECONDS: Final = 100 * 12 * _NOMINAL_MONTH_SECONDS
 
-_PATTERN: Final = re.compile(r"([1-9][0-9]*)(mo|[smhdwMQY])")
+_PATTERN: Final = re.compile(r"0*([1-9][0-9]*)(mo|[smhdwMQY])")  # n >= 1: `01d` is `1d`
 _FORMS: Final = "expected <n>s|m|h|d|w|M|Q|Y with n >= 1 ('mo' is accepted for months)"
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)

@@ -205,13 +205,15 @@ def _valid_duration(count: int, unit: str) -> bool:
 
 def _duration_pattern() -> str:
     spelled = {"M": "(M|mo)"}
-    forms = [f"({_numbers_up_to(_longest(unit))}){spelled.get(unit, unit)}" for unit in "smhdwMQY"]
+    forms = [
+        f"0*({_numbers_up_to(_longest(unit))}){spelled.get(unit, unit)}" for unit in "smhdwMQY"
+    ]
     return "^(" + "|".join(forms) + ")$"
 
 
 DURATION_PATTERN: Final = _duration_pattern()
 """Exactly the durations `Duration.parse` accepts, without surrounding blanks: `<n>s|m|h|d|w|M|Q|Y`
-(or `mo`), n >= 1, at most 100 years."""
+(or `mo`), n >= 1 (leading zeros allowed: `01d` is `1d`), at most 100 years."""
 
 
 def _duration(value: str | None) -> str | None:
