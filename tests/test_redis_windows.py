@@ -647,6 +647,94 @@ async def test_what_an_instance_seeded_after_a_loss_is_told_by_the_seed_now_ther
     assert admitted == 100
 
 
+async def test_debts_another_s_seed_holds_are_left_out_once_by_the_heartbeat_after_a_loss(
+    tmp_path: Path,
+) -> None:
+    """$1 a day on two instances (fail open). Redis goes away keeping its data: A admits 5
+    without it (owed to Redis) and writes them to the store. Redis is back: A's payment of the
+    $0.05 takes them and waits for Redis's answer; meanwhile A spends 10 through Redis (not
+    written). Redis restarts empty, the payment fails (owed again), and B seeds the key from the
+    store: it holds the $0.05, not A's $0.10. A's heartbeat then finds its mark gone and owes
+    the $0.10; the $0.05, in transit, are its payment's to leave out (B's seed holds them).
+    Taken off the heartbeat's count too, only $0.05 of the $0.10 were owed: 105 admitted."""
+    server = PrivateRedis()
+    server.start()
+    settings = {"fail_open": True, "flush_interval_seconds": 3600, "slot_ttl_seconds": 3}
+    try:
+        async with serving_two(tmp_path, server.url, **settings) as (one, two, a, b):
+            counters: Any = one.counters
+            others: Any = two.counters
+            key, budget = dollar_key(one)
+            await spend(a, key, 10)
+            await spend(b, key, 10)
+            await one.flush()
+            await two.flush()
+            server.kill(keep_data=True)
+            await spend(a, key, 5)  # admitted without Redis: owed to it
+            await one.flush()  # and written: B's seed will hold them
+            taken, answer = asyncio.Event(), asyncio.Event()
+            leave_out = counters._leave_out_seeded
+
+            async def slow_answer(*args: Any) -> Any:
+                if not taken.is_set():  # the payment has taken the debts: Redis answers late
+                    taken.set()
+                    await answer.wait()
+                return await leave_out(*args)
+
+            counters._leave_out_seeded = slow_answer
+            server.start()  # with its data
+            assert await until(taken.is_set, 30)
+            await until(lambda: not counters._backing_off(), 30)
+            await spend(a, key, 10)  # through Redis, meanwhile
+            through_redis = not counters._owed
+            server.kill(keep_data=False)
+            parked, beat_gate, beaten = asyncio.Event(), asyncio.Event(), asyncio.Event()
+            beat = counters.heartbeat
+
+            async def after_b_s_seed() -> None:
+                if not beat_gate.is_set():
+                    parked.set()
+                    await beat_gate.wait()
+                    try:
+                        await beat()
+                    finally:
+                        beaten.set()
+                else:
+                    await beat()
+
+            counters.heartbeat = after_b_s_seed
+            answer.set()  # the payment fails: Redis is down, the $0.05 owed again
+            assert await until(parked.is_set, 30)
+            server.start()  # empty
+            await until(lambda: not others._backing_off(), 30)
+            first = await b.post("/v1/chat/completions", json=BODY, headers=auth(key))
+            shared = redis.Redis.from_url(server.url, decode_responses=True)
+            seeders = await until(  # (B's seed: its admission's, or its payment's if it failed)
+                lambda: [str(shared.get(k)).split()[-1] for k in shared.keys("*sv:w:budget:*")],
+                30,
+            )
+            shared.close()
+            b_seeded = seeders == [others._instance]
+            beat_gate.set()  # A's heartbeat finds its mark gone
+            assert await until(beaten.is_set, 30)
+            await until(lambda: not counters._backing_off() and not others._backing_off(), 30)
+            admitted_b, code_b = await spend_until_refused(b, key)
+            admitted_a, code_a = await spend_until_refused(a, key)
+            stored = await written_spend(budget, one, two)
+    finally:
+        server.stop()
+    admitted = 10 + 10 + 5 + 10 + (first.status_code == 200) + admitted_b + admitted_a
+    print(
+        f"10 + 10 spent, 5 without Redis (written), 10 through Redis while their payment "
+        f"waited, Redis restarted empty, B seeded ({b_seeded}, {first.status_code}): B then "
+        f"{admitted_b} ({code_b}), A {admitted_a} ({code_a}); admitted {admitted} on a limit of "
+        f"100; store holds ${stored / 1e9:.2f}"
+    )
+    assert through_redis and b_seeded
+    assert stored == admitted * 10_000_000
+    assert admitted == 100
+
+
 async def _a_day_begun_with_30_spent(
     one: BudgetEngine, two: BudgetEngine, b: httpx.AsyncClient
 ) -> tuple[Any, str, str]:
