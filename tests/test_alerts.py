@@ -805,6 +805,51 @@ def _new_alert(budget_id: str, raised_at: Any) -> Any:
     )  # fmt: skip
 
 
+def test_two_instances_raising_the_same_alerts_in_other_orders_never_deadlock(
+    store_url: str,
+) -> None:
+    """Two instances raise the same alerts at once, each in the order its own queue has them:
+    on PostgreSQL, one's insert waited for the other's uncommitted row of the unique key and
+    the other's for its, and the database aborted one batch (`DeadlockDetected`, a fault
+    hunt's: 3 runs of 4 with 40 clients on 20 keys; its other alerts came a round late). Each
+    batch is inserted in the key's order now: every alert raised once, by one of them."""
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import UTC, datetime
+
+    from budget_middleware.store import alerts as stored
+    from budget_middleware.store.database import Store
+
+    store = Store(store_url)
+    store.create_schema()
+    failures, raised = 0, 0
+    for round_ in range(8):
+        now = datetime.now(UTC)
+        batch = [_new_alert(f"r{round_}-b{i:03d}", now) for i in range(150)]
+        other = [_new_alert(a.budget_id, now) for a in reversed(batch)]  # another's ids
+        start = threading.Barrier(2)
+
+        def raise_(
+            alerts: list[Any], start: threading.Barrier = start, round_: int = round_
+        ) -> list[str] | None:
+            start.wait()
+            try:
+                return [row.budget_id for row in stored.raise_alerts(store, alerts)]
+            except Exception as exc:  # the aborted batch
+                print(f"round {round_}: {type(exc).__name__}")
+                return None
+
+        with ThreadPoolExecutor(2) as pool:
+            one, two = pool.map(raise_, [batch, other])
+        if one is None or two is None:
+            failures += 1
+            continue
+        assert sorted(one + two) == sorted(a.budget_id for a in batch)  # each once
+        assert one == [a.budget_id for a in batch if a.budget_id in set(one)]  # in its order
+        raised += len(one + two)
+    print(f"8 rounds of 150 alerts raised by two at once: {failures} aborted, {raised} raised")
+    assert failures == 0 and raised == 8 * 150
+
+
 def test_a_lapsed_claim_is_taken_over_and_its_late_outcome_is_not_written(store_url: str) -> None:
     """A delivery round that outlived its lease (a crash, a hung receiver): another instance
     claims the alert (on SQLite too, whose datetimes come back naive), and the first round's
@@ -906,6 +951,73 @@ async def test_a_soft_budget_on_redis_is_shared_by_instances(
         for engine in engines:
             await engine.shutdown()
         delete_prefix(REDIS_URL, prefix)
+
+
+async def test_a_budget_of_0_raises_its_exhaustion_alone(make_settings: Settings) -> None:
+    """A key blocked by a $0 budget: its first refusal raised 80 % and 100 % "of $0.0000" as
+    well as `budget.exhausted` (a fault hunt's); the exhaustion alone now, once."""
+    settings = make_settings()
+    alerts: list[dict[str, Any]] = []
+    app = host_app(None)
+    app.add_middleware(BudgetMiddleware, settings=settings, on_alert=alerts.append)
+    async with running(app), client(app) as http:
+        engine = get_engine(settings)
+        blocked = engine.manager.create_virtual_key(name="blocked", budgets=[{"max_limit": 0}])
+        auth = {"authorization": f"Bearer {blocked.value}"}
+        statuses = [
+            (await http.post("/v1/chat/completions", json=chat("gpt-4o"), headers=auth)).status_code
+            for _ in range(2)
+        ]
+        exhausted = lambda: any(a["type"] == "budget.exhausted" for a in alerts)  # noqa: E731
+        assert await until(exhausted, 15)  # (raised in one round with those queued before it)
+        engine.hooks.drain()
+    raised = [(a["type"], a.get("threshold")) for a in alerts]
+    print(f"a $0 budget refused {statuses}: alerts {raised}")
+    assert statuses == [402, 402]
+    assert raised == [("budget.exhausted", None)]
+
+
+async def test_a_body_too_large_and_a_store_away_are_refusals_the_hooks_and_the_list_hear(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC §14: `on_refusal` hears each refusal, `GET /refusals` lists them. A 413 (a body over
+    BUDGET_MAX_BODY_BYTES) and a 503 (the store away for a key not cached) were counted in
+    `budget_requests_refused_total` and told to neither (a fault hunt's: the hook heard only
+    the budget's refusal). Both are told now, with the budget's."""
+    settings = make_settings(max_body_bytes=2_000, fail_open=False)
+    seen: list[dict[str, Any]] = []
+    app = host_app(None)
+    app.add_middleware(BudgetMiddleware, settings=settings, on_refusal=seen.append)
+    admin = create_admin_app(settings)
+    async with running(app), client(app) as http, client(admin) as ops:
+        engine = get_engine(settings)
+        spent = engine.manager.create_virtual_key(name="spent", budgets=[{"max_limit": 0}])
+        unseen = engine.manager.create_virtual_key(name="unseen")
+        auth = {"authorization": f"Bearer {spent.value}"}
+        over = await http.post("/v1/chat/completions", json=chat("gpt-4o"), headers=auth)
+        big = await http.post("/v1/chat/completions", json=chat("gpt-4o", extra="x" * 5_000),
+                              headers=auth)  # fmt: skip
+
+        def store_away(key_hash: str) -> None:
+            raise OSError("the store is away")
+
+        monkeypatch.setattr(engine.store, "load_key", store_away)
+        away = await http.post("/v1/chat/completions", json=chat("gpt-4o"),
+                               headers={"authorization": f"Bearer {unseen.value}"})  # fmt: skip
+        monkeypatch.undo()
+        engine.hooks.drain()
+        listed = await ops.get("/refusals", headers={"authorization": "Bearer admin-secret"})
+    statuses = [over.status_code, big.status_code, away.status_code]
+    heard = [(r["code"], r["status"]) for r in seen]
+    print(f"answered {statuses}; on_refusal heard {heard}")
+    assert statuses == [402, 413, 503]
+    assert heard == [("budget_exceeded", 402), ("request_too_large", 413),
+                     ("service_unavailable", 503)]  # fmt: skip
+    assert [r["code"] for r in listed.json()["refusals"]] == [
+        "service_unavailable",
+        "request_too_large",
+        "budget_exceeded",
+    ]  # newest first
 
 
 async def test_shadow_mode_takes_the_route_enforce_takes_and_reports_enforce_s_code(

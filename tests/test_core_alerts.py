@@ -32,6 +32,14 @@ def test_reached_gives_the_new_thresholds_and_the_next_one() -> None:
     assert reached(5, DOLLAR, (), set()) == ([], NEVER)
 
 
+def test_a_budget_of_0_has_no_threshold_to_reach() -> None:
+    """A $0 budget (a key blocked) raised 80 % and 100 % "of $0.0000" with its first refusal (a
+    fault hunt's); its `budget.exhausted` says it all. The least limit above 0 still has them."""
+    assert reached(0, 0, (0.8, 1.0), ()) == ([], NEVER)
+    assert reached(5, 0, (0.8, 1.0), ()) == ([], NEVER)  # a limit lowered to 0 below the spend
+    assert reached(1, 1, (0.8, 1.0), ()) == ([0.8, 1.0], NEVER)
+
+
 def test_the_next_threshold_is_the_lowest_not_reached_whatever_the_order() -> None:
     assert reached(0, DOLLAR, (1.0, 0.5), set()) == ([], 500_000_000)
     assert reached(600_000_000, DOLLAR, (1.0, 0.5, 0.9), set()) == ([0.5], 900_000_000)

@@ -31,6 +31,8 @@ def reached(
     spend at which the lowest one not yet reached will be (`NEVER` when none is left)."""
     new: list[float] = []
     next_at = NEVER
+    if limit <= 0:  # a $0 budget (a key blocked): no share of it to reach; its first refusal
+        return new, next_at  # raises `budget.exhausted`, which says it all
     for threshold in thresholds:
         at = threshold_nanos(limit, threshold)
         if value >= at:

@@ -180,15 +180,19 @@ class Gate:
         return error_answer(status, code, message)
 
     def too_large(self) -> ErrorAnswer:
-        """413: a body over BUDGET_MAX_BODY_BYTES (as sent or decoded), counted among the
-        refusals (`budget_requests_refused_total{reason="request_too_large"}`)."""
+        """413: a body over BUDGET_MAX_BODY_BYTES (as sent or decoded), a refusal as any other
+        (`budget_requests_refused_total{reason="request_too_large"}`, `GET /refusals`,
+        `on_refusal`): it is told before the key is read."""
         self.engine.stats.count_refused("request_too_large")
+        self.tell_refusal("request_too_large", 413, None, None, None)
         return request_too_large(self.max_body)
 
     def unavailable(self, unknown_key: bool = False) -> ErrorAnswer:
-        """503: the store or Redis cannot decide (`answers.store_unavailable`), counted among
-        the refusals (`budget_requests_refused_total{reason="service_unavailable"}`)."""
+        """503: the store or Redis cannot decide (`answers.store_unavailable`), a refusal as
+        any other (`budget_requests_refused_total{reason="service_unavailable"}`, `GET
+        /refusals`, `on_refusal`)."""
         self.engine.stats.count_refused("service_unavailable")
+        self.tell_refusal("service_unavailable", 503, None, None, None)
         return store_unavailable(unknown_key)
 
     def tell_refusal(

@@ -84,11 +84,20 @@ def raise_alerts(
     store: Store, alerts: Sequence[NewAlert], urls: Sequence[str] = ()
 ) -> list[AlertRow]:
     """Insert each alert unless it was raised already (here or by another instance), with its
-    delivery to each of `urls`; the rows this call inserted, which only this caller reports."""
-    inserted: list[AlertRow] = []
+    delivery to each of `urls`; the rows this call inserted, which only this caller reports, in
+    the order of `alerts`. Inserted in the order of their unique key, as every instance inserts
+    them: in each instance's own order, two raising the same alerts at once each waited for a
+    row of the other's (PostgreSQL aborted one batch: `DeadlockDetected`)."""
+    inserted: dict[int, AlertRow] = {}
+    ordered = sorted(
+        range(len(alerts)),
+        key=lambda i: (alerts[i].budget_id, alerts[i].window_start, alerts[i].type,
+                       alerts[i].threshold),
+    )  # fmt: skip
     with store.engine.begin() as conn:
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-        for alert in alerts:
+        for index in ordered:
+            alert = alerts[index]
             values = {
                 "attempts": 0,
                 "delivered_to": [],
@@ -98,11 +107,11 @@ def raise_alerts(
             statement = dialect.insert(AlertRow).values(**values).on_conflict_do_nothing()
             # RETURNING says whether the row went in (PostgreSQL's driver here reports no rowcount)
             if conn.execute(statement.returning(col(AlertRow.id))).first() is not None:
-                inserted.append(AlertRow(**values))
+                inserted[index] = AlertRow(**values)
                 if urls and alert.delivery == "pending":
                     rows = _delivery_rows(values["id"], urls, alert.raised_at)
                     conn.execute(dialect.insert(AlertDeliveryRow).values(rows))
-    return inserted
+    return [inserted[index] for index in sorted(inserted)]
 
 
 def adopt(store: Store, urls: Sequence[str], now: datetime, recent: float) -> int:
