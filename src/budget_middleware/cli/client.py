@@ -193,6 +193,8 @@ class StoreClient:
 
     def budgets(self, query: Json) -> Json:
         items = self._call(self.manager.list_budgets, **_given(query))
+        for item in items:  # held by requests in flight: the serving processes alone know it
+            item["reserved"] = None
         return {"budgets": items, "count": len(items), "server_time": _now()}
 
     def reset_budget(self, ref: str) -> Json:
@@ -402,7 +404,9 @@ class HttpClient:
         return self._send("POST", f"/virtual-keys/{_segment(ref)}/rotate", "virtual_key")
 
     def budgets(self, query: Json) -> Json:
-        return self._send("GET", "/budgets", "budgets", query)
+        """The server's live counters (`from_memory=true`, as the dashboard reads them): what is
+        spent and not written yet, and what requests in flight hold."""
+        return self._send("GET", "/budgets", "budgets", {**query, "from_memory": "true"})
 
     def reset_budget(self, ref: str) -> Json:
         return self._send("POST", f"/budgets/{_segment(ref)}/reset", "budget")

@@ -522,13 +522,36 @@ def _owner_filter(client: Client, owner_type: str | None, owner_id: str | None) 
     return {"owner_type": one, "owner_id": item["id"]}
 
 
+def _no_such_owner(client: Client, owner_type: str | None, owner_id: str | None) -> None:
+    """A filter that found nothing: an error when nothing has that id or name (a typo would
+    read as an owner with no budgets or alerts). A deleted owner's id still finds its alerts."""
+    if owner_id is None:
+        return
+    named = {kind.one: kind for kind in KINDS.values() if kind.command != "routes"}
+    if owner_type is not None and owner_type not in named:
+        return  # a provider config: named by its id alone, not looked up here
+    kinds = [named[owner_type]] if owner_type is not None else list(named.values())
+    for kind in kinds:
+        try:
+            resolve(client, kind, owner_id)
+            return
+        except CliError as exc:
+            if exc.status != 404:
+                raise
+    words = [kind.what for kind in kinds]
+    what = " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+    raise CliError(f"no {what} has the id or name {owner_id!r}", status=404)
+
+
 def _budgets_list(owner_type: str | None, owner_id: str | None) -> None:
     client = _existing()
     answer = client.budgets(_owner_filter(client, owner_type, owner_id))
+    if not answer["budgets"]:
+        _no_such_owner(client, owner_type, owner_id)
     if _state().json:
         out.emit_json(answer)
     else:
-        out.table(answer["budgets"], out.BUDGET_COLUMNS)
+        out.table(answer["budgets"], out.LIVE_BUDGET_COLUMNS)
 
 
 def _budgets_reset(ref: str) -> None:
@@ -621,6 +644,8 @@ usage_command = command(
 def _alerts_list(owner_type: str | None, owner_id: str | None, limit: int) -> None:
     client = _existing()
     answer = client.alerts({**_owner_filter(client, owner_type, owner_id), "limit": limit})
+    if not answer.get("alerts"):
+        _no_such_owner(client, owner_type, owner_id)
     if _state().json:
         out.emit_json(answer)
         return

@@ -56,9 +56,10 @@ def usd(value: Any) -> str:
 
 
 def spent_usd(spent: Any, limit: Any) -> str:
-    """Spend beside its limit: while under it, never the limit's own text ($0.99996 of $1 read
-    `$1.0000` of `$1.0000`, a budget that still admits shown as used up), but the fewest
-    decimals, up to the nano-dollar a charge is counted in, that tell the two apart."""
+    """Spend (or what remains) beside its limit: while under it, never the limit's own text
+    ($0.99996 of $1 read `$1.0000` of `$1.0000`, a budget that still admits shown as used up;
+    $0.9999781 left of $1 read as untouched), but the fewest decimals, up to the nano-dollar a
+    charge is counted in, that tell the two apart."""
     shown = usd(spent)
     if spent is None or limit is None or not float(spent) < float(limit) or shown != usd(limit):
         return shown
@@ -161,11 +162,18 @@ BUDGET_COLUMNS: list[Column] = [
     ("OWNER", lambda b: b.get("user_path") or b.get("owner_type")),
     ("SPENT", _spent),
     ("LIMIT", lambda b: usd(b.get("max_limit"))),
-    ("REMAINING", lambda b: usd(b.get("remaining"))),
-    ("RESERVED", lambda b: usd(b.get("reserved", 0.0))),
+    # (a remainder under the limit by less than its last digit shows that digit too)
+    ("REMAINING", lambda b: spent_usd(b.get("remaining"), b.get("max_limit"))),
     ("WINDOW", lambda b: _window(b)),
     ("RESETS", lambda b: when(b.get("period_end"))),
     ("SOURCE", lambda b: b.get("source")),
+]
+# `budgets list`: with what requests in flight hold, which the serving processes alone know
+# (`--url`: their live counters, `from_memory=true`; on the store directly: `-`, not known)
+LIVE_BUDGET_COLUMNS: list[Column] = [
+    *BUDGET_COLUMNS[:5],
+    ("RESERVED", lambda b: usd(b.get("reserved"))),
+    *BUDGET_COLUMNS[5:],
 ]
 
 
