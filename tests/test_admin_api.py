@@ -101,6 +101,37 @@ async def test_budgets_carry_bifrost_and_gomodel_fields_with_the_user_path(
         assert [b["tag"] for b in r.json()["budgets"]] == ["product:chat"]
 
 
+async def test_a_customer_s_keys_are_its_own_and_those_of_its_teams(
+    settings: BudgetSettings,
+) -> None:
+    """`GET /virtual-keys?customer_id=` listed only the keys attached to the customer itself,
+    none of its teams' (`keys list --customer-id acme`: "(none)" for a key at /acme/research,
+    whose spend acme's budget counts; a fault hunt's). A key's customer is its team's, or its
+    own (SPEC §5): the filter says the same."""
+    async with admin_client(settings) as c:
+        ids = {}
+        for name in ("acme", "other"):
+            made = await c.post("/customers", json={"name": name}, headers=ADMIN)
+            ids[name] = made.json()["customer"]["id"]
+        team = {"name": "research", "customer_id": ids["acme"]}
+        research = (await c.post("/teams", json=team, headers=ADMIN)).json()["team"]["id"]
+        loose = (await c.post("/teams", json={"name": "loose"}, headers=ADMIN)).json()["team"]["id"]
+        for body in (
+            {"name": "in-team", "team_id": research},
+            {"name": "direct", "customer_id": ids["acme"]},
+            {"name": "elsewhere", "customer_id": ids["other"]},
+            {"name": "team-alone", "team_id": loose},
+            {"name": "nobody"},
+        ):
+            assert (await c.post("/virtual-keys", json=body, headers=ADMIN)).status_code == 201
+        listed = {}
+        for name, customer in ids.items():
+            r = await c.get(f"/virtual-keys?customer_id={customer}", headers=ADMIN)
+            listed[name] = sorted(k["name"] for k in r.json()["virtual_keys"])
+    print(f"keys by customer: {listed}")
+    assert listed == {"acme": ["direct", "in-team"], "other": ["elsewhere"]}
+
+
 async def test_update_keeps_the_usage_of_budgets_matched_by_reset_duration(
     settings: BudgetSettings,
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import secrets
 
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.identity import hash_key
@@ -246,7 +247,11 @@ class KeyWriter(OwnerWriter):
             if team_id is not None:
                 query = query.where(VirtualKeyRow.team_id == team_id)
             if customer_id is not None:
-                query = query.where(VirtualKeyRow.customer_id == customer_id)
+                # The key's customer as its limits find it (SPEC §5): its team's, or its own.
+                # Only the keys attached to the customer itself were listed, none of its teams'.
+                teams = select(TeamRow.customer_id).where(col(TeamRow.id) == VirtualKeyRow.team_id)
+                owner = func.coalesce(teams.scalar_subquery(), VirtualKeyRow.customer_id)
+                query = query.where(owner == customer_id)
             reader = Reader(s)
             return [reader.virtual_key(r) for r in s.exec(query).all()]
 
