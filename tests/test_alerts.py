@@ -975,6 +975,8 @@ async def test_a_budget_of_0_raises_its_exhaustion_alone(make_settings: Settings
     print(f"a $0 budget refused {statuses}: alerts {raised}")
     assert statuses == [402, 402]
     assert raised == [("budget.exhausted", None)]
+    # its time written as every other time of the API (`Z`; it was `+00:00`)
+    assert alerts[0]["raised_at"].endswith("Z")
 
 
 async def test_a_body_too_large_and_a_store_away_are_refusals_the_hooks_and_the_list_hear(
@@ -1018,6 +1020,7 @@ async def test_a_body_too_large_and_a_store_away_are_refusals_the_hooks_and_the_
         "request_too_large",
         "budget_exceeded",
     ]  # newest first
+    assert all(r["at"].endswith("Z") for r in listed.json()["refusals"])  # was `+00:00`
 
 
 async def test_shadow_mode_takes_the_route_enforce_takes_and_reports_enforce_s_code(

@@ -11,6 +11,7 @@ from budget_middleware.admin.context import Call, Operation, QueryParam
 from budget_middleware.admin.provider_budgets import provider_budgets
 from budget_middleware.core.identity import MAX_PROVIDER_CHARS, MAX_TAG_CHARS, NAME_PATTERN
 from budget_middleware.core.scopes import OWNER_TYPES
+from budget_middleware.core.times import rfc3339
 from budget_middleware.exceptions import ConfigFileError, InvalidRequest
 from budget_middleware.manage.config_file import apply_config_text
 from budget_middleware.manage.reports import GROUPS
@@ -70,7 +71,7 @@ def _page(call: Call, items: list[dict[str, object]]) -> list[dict[str, object]]
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return rfc3339(datetime.now(UTC))
 
 
 def _deleted(id_: str) -> AdminAnswer:
@@ -379,7 +380,7 @@ async def rejected(call: Call) -> AdminAnswer:
         {
             "id": f"unsaved-{n}",
             "kind": kind,
-            "created_at": datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z"),
+            "created_at": rfc3339(datetime.fromtimestamp(at, UTC)),
             "error": error,
             "record": json.loads(payload),
             "saved": False,
@@ -391,7 +392,7 @@ async def rejected(call: Call) -> AdminAnswer:
         {
             "id": str(row.id),
             "kind": row.kind,
-            "created_at": to_utc(row.created_at).isoformat().replace("+00:00", "Z"),
+            "created_at": rfc3339(to_utc(row.created_at)),
             "error": row.error,
             "record": json.loads(row.payload),
             "saved": True,

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
+from budget_middleware.core.times import rfc3339
+
 if TYPE_CHECKING:
     import httpx
 
@@ -89,7 +91,7 @@ def _given(query: Json) -> Json:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return rfc3339(datetime.now(UTC))
 
 
 # -- the store, directly -------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from budget_middleware.core.durations import Duration, add_months
+from budget_middleware.core.times import rfc3339
 
 _MONTHS = {"M": 1, "Q": 3, "Y": 12}
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -129,7 +130,7 @@ def _rfc3339(at: datetime) -> str:
     # is past year 9999 in UTC: astimezone raised OverflowError, a traceback).
     from budget_middleware.manage.schemas import to_utc
 
-    return to_utc(at).isoformat().replace("+00:00", "Z")
+    return rfc3339(to_utc(at))
 
 
 def body(text: str | None, file: str | None) -> dict[str, Any]:

@@ -19,6 +19,12 @@ def utc_or_none(moment: datetime | None) -> datetime | None:
     return None if moment is None else utc(moment)
 
 
+def rfc3339(moment: datetime) -> str:
+    """A time as every answer writes it: RFC 3339 in UTC with `Z` (`2026-12-04T16:20:24.4Z`),
+    as pydantic writes the models' times; a naive one taken as UTC (`utc`)."""
+    return utc(moment).isoformat().replace("+00:00", "Z")
+
+
 def from_ts(ts: float) -> datetime:
     """Epoch seconds as an aware UTC datetime; `FAR_FUTURE` as `END_OF_TIME`."""
     return END_OF_TIME if ts == FAR_FUTURE else datetime.fromtimestamp(ts, UTC)

@@ -30,7 +30,7 @@ from budget_middleware.core.admission import Refusal
 from budget_middleware.core.alerts import reached
 from budget_middleware.core.money import nanos_from_usd, usd_text
 from budget_middleware.core.scopes import LimitSet, Scope
-from budget_middleware.core.times import FAR_FUTURE, from_ts
+from budget_middleware.core.times import FAR_FUTURE, from_ts, rfc3339
 from budget_middleware.core.windows import WindowCounter
 from budget_middleware.engine.rounds import FailedRounds
 from budget_middleware.settings import shown_url
@@ -340,7 +340,7 @@ class Alerts:
                 if event.type == "budget.threshold":
                     body["threshold"] = event.threshold
                 owner = {"type": event.owner_type, "id": event.owner_id, "name": event.owner_name}
-                body |= {"budget": budget, "owner": owner, "raised_at": raised_at.isoformat()}
+                body |= {"budget": budget, "owner": owner, "raised_at": rfc3339(raised_at)}
                 body["text"] = _text(event, budget, self.engine.gate.shadow)  # shown by Slack
                 alerts.append(
                     stored.NewAlert(

@@ -29,7 +29,7 @@ from budget_middleware.core.money import MAX_CHARGE_NANOS
 from budget_middleware.core.pricing import asked_prices, at_time, estimate_nanos
 from budget_middleware.core.routing import Route
 from budget_middleware.core.scopes import KeyConfig, Scope
-from budget_middleware.core.times import from_ts
+from budget_middleware.core.times import from_ts, rfc3339
 from budget_middleware.core.usage import JSON_ERRORS, BodyDecoder, json_bytes, json_loads
 from budget_middleware.engine.exchange import Exchange
 
@@ -220,7 +220,7 @@ class Gate:
             "provider": None if target is None else target.provider,
             "model": None if target is None else target.model,
             "shadow": shadow,
-            "at": from_ts(self.engine.clock()).isoformat(),
+            "at": rfc3339(from_ts(self.engine.clock())),
         }
         hooks.recent_refusals.append(item)
         if hooks.on_refusal:

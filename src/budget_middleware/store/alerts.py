@@ -23,7 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 
 from budget_middleware.core.providers import owner_name
-from budget_middleware.core.times import utc
+from budget_middleware.core.times import rfc3339, utc
 from budget_middleware.settings import shown_url
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import AlertDeliveryRow, AlertRow, new_id
@@ -357,7 +357,7 @@ def alert_out(row: AlertRow) -> dict[str, Any]:
         "budget_id": row.budget_id,
         "owner": {"type": row.owner_type, "id": row.owner_id, "name": row.owner_name},
         "threshold": row.threshold if row.type == "budget.threshold" else None,
-        "raised_at": utc(row.raised_at).isoformat(),
+        "raised_at": rfc3339(row.raised_at),
         "delivery": row.delivery,
         "attempts": row.attempts,
     }
