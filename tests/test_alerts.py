@@ -846,6 +846,7 @@ def test_two_instances_raising_the_same_alerts_in_other_orders_never_deadlock(
         assert sorted(one + two) == sorted(a.budget_id for a in batch)  # each once
         assert one == [a.budget_id for a in batch if a.budget_id in set(one)]  # in its order
         raised += len(one + two)
+    store.engine.dispose()  # (its connections closed: a test's leftovers warn)
     print(f"8 rounds of 150 alerts raised by two at once: {failures} aborted, {raised} raised")
     assert failures == 0 and raised == 8 * 150
 
