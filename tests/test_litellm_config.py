@@ -596,6 +596,51 @@ def test_files_litellm_starts_with_load_their_unusable_parts_named(
     assert "openai/gpt-4o" not in translated.prices
 
 
+def test_groups_no_route_can_take_load_unrouted_and_a_model_from_the_environment_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files LiteLLM starts with stopped start-up (a fault hunt's): a `model_name` with a space
+    or beyond ASCII (no request can name it here), a group of 17 models (a route takes 16),
+    a group of one model spelt with both names of its provider (`azure/` and `azure_ai/`: "the
+    same target twice"). They load: the first two unrouted, named in the warning, their
+    budgets read; the third one target. And `model: os.environ/MODEL`, which LiteLLM reads
+    from the environment, was a target of its own (provider `os.environ`, unpriced: the
+    provider's budget never refused it); it is the variable's model now, and unrouted (named
+    in the warning) when the variable is not set."""
+    monkeypatch.setenv("BM_TEST_MODEL", "openai/gpt-4o")
+    monkeypatch.delenv("BM_TEST_UNSET", raising=False)
+    many = "".join(
+        f"  - model_name: big\n    litellm_params: {{model: azure/region-{n}}}\n" for n in range(17)
+    )
+    text = (
+        "model_list:\n"
+        "  - model_name: my model\n"
+        "    litellm_params: {model: openai/gpt-4o-mini, max_budget: 5, budget_duration: 1d}\n"
+        "  - model_name: gpt-\u00e9\n"
+        "    litellm_params: {model: openai/gpt-4.1}\n" + many + "  - model_name: g\n"
+        "    litellm_params: {model: azure/gpt-4o}\n"
+        "  - model_name: g\n"
+        "    litellm_params: {model: azure_ai/gpt-4o}\n"
+        "  - model_name: env\n"
+        "    litellm_params: {model: os.environ/BM_TEST_MODEL}\n"
+        "  - model_name: unset\n"
+        "    litellm_params: {model: os.environ/BM_TEST_UNSET, max_budget: 1}\n"
+    )
+    with caplog.at_level("WARNING", logger="budget_middleware"):
+        load_config_file(Store("sqlite://"), BudgetSettings(config_file=_write(tmp_path, text)))
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    translated = translate(yaml.safe_load(text))
+    routes = {r["name"]: r["targets"] for r in translated.sections["routes"]}
+    budgets = {m["model_name"]: m["budgets"] for m in translated.sections["model_configs"]}
+    print(warned, routes, budgets, sep="\n")
+    assert routes == {"g": ["azure/gpt-4o"], "env": ["openai/gpt-4o"]}
+    assert list(budgets) == ["gpt-4o-mini"]  # the unrouted group's budget, read
+    for named in ("model_name my model", "contains whitespace", "model_name gpt-\u00e9",
+                  "printable ASCII", "model_name big", "17 models, more than a route's 16",
+                  "os.environ/BM_TEST_UNSET: not set here"):  # fmt: skip
+        assert named in warned, named
+
+
 async def test_a_deployment_s_id_names_that_deployment(
     make_settings: Settings, tmp_path: Path
 ) -> None:

@@ -65,6 +65,15 @@ def target_problem(text: object, what: str = "target", limit: int = 300) -> str 
     return None
 
 
+def route_name_problem(text: object) -> str | None:
+    """Why `text` cannot name a route (the `model` a request names: checked as a target is, of
+    at most 200 characters, printable ASCII); None when it can."""
+    problem = target_problem(text, "route name", 200)
+    if problem is None and not str(text).isascii():
+        problem = "a route name is printable ASCII"
+    return problem
+
+
 def room(limits: LimitSet, now: float) -> float:
     """What the tightest budget has left (limit - spent - reserved), a window that has ended
     counting as empty; `inf` without a budget."""

@@ -54,6 +54,7 @@ from budget_middleware.core.pricing import DeploymentPrice
 from budget_middleware.core.providers import canonical_provider
 from budget_middleware.exceptions import AdminError, ConfigFileError, InvalidBody
 from budget_middleware.manage.litellm_config import (
+    LITELLM_ENV,
     LiteLLMConfigError,
     is_litellm_config,
     translate,
@@ -115,8 +116,6 @@ _KINDS: dict[Any, str] = {
     TagRow: "tag",
 }
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# A key's value as a LiteLLM config names a secret: the whole value `os.environ/NAME`.
-_LITELLM_ENV = re.compile(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)")
 logger = logging.getLogger("budget_middleware")
 
 
@@ -477,7 +476,7 @@ def _expand(
 def _reference(value: str) -> str:
     """`os.environ/NAME` (LiteLLM's way) as `${NAME}`: taken as written, it made the key's value
     that very text, which anyone reading the file could present."""
-    found = _LITELLM_ENV.fullmatch(value.strip())
+    found = LITELLM_ENV.fullmatch(value.strip())
     return "${" + found[1] + "}" if found else value
 
 

@@ -25,7 +25,9 @@ model_list[i].model_info.base_model "azure/gpt-4o"   `prices` (not a section: th
 Durations are passed on as written (`1mo` is read as `1M`); a duration left out is a budget that
 never resets. Amounts written as text (`"1e-12"`, which YAML does not read as a number) are read
 as numbers, as LiteLLM's pydantic models do. Everything else (other sections and settings,
-credentials such as `os.environ/…`, wildcard deployments as routes, a deployment's `rpm`, `tpm`
+credentials such as `os.environ/…` (read for a deployment's `model` alone, as LiteLLM reads it),
+a `model_name` no request can name or of more than 16 models as a route, wildcard deployments as
+routes, a deployment's `rpm`, `tpm`
 and `max_parallel_requests`, cost keys other than the token prices above) is not read:
 `ignored` names what could change money or limits for one warning. Whether a value is
 valid is the config file's checks' business, not this module's: it only reshapes.
@@ -34,6 +36,8 @@ valid is the config file's checks' business, not this module's: it only reshapes
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -41,7 +45,7 @@ from typing import Any, Final
 
 from budget_middleware.core.durations import Duration
 from budget_middleware.core.pricing import DeploymentPrice, price_key
-from budget_middleware.core.routing import parse_target, target_problem
+from budget_middleware.core.routing import MAX_TARGETS, parse_target, route_name_problem
 
 LITELLM_SECTIONS: Final = ("model_list", "router_settings", "litellm_settings", "general_settings")
 """Top-level sections that make a config file a LiteLLM one."""
@@ -154,7 +158,7 @@ def _aliases(value: Any, out: Translation) -> None:
             # LiteLLM finds a model group before an alias of that name: the alias is never used.
             out.ignored.append(f"{here} (a model_name of its own)")
             continue
-        if group not in routes or target_problem(str(alias), "route name") is not None:
+        if group not in routes or route_name_problem(str(alias)) is not None:
             # A group a wildcard deployment serves, or LiteLLM keeps in its database (LiteLLM
             # starts with either): not routed here, named in the warning.
             out.ignored.append(f"{here} (alias of {group!r}, no model_list group here: not routed)")
@@ -248,6 +252,10 @@ def litellm_period(duration: str | None) -> str | None:
     return duration
 
 
+# A value LiteLLM reads from the environment: the whole value `os.environ/NAME` (a key's value, a
+# deployment's model).
+LITELLM_ENV: Final = re.compile(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)")
+
 # A deployment's limits LiteLLM enforces and this package does not read (SPEC §12 reads budgets):
 # named in the warning, since a file that sets them expects them enforced; and how LiteLLM
 # picks within a group (`order`, lowest first; `weight`), where a route takes file order.
@@ -274,6 +282,13 @@ def _model_list(value: Any, out: Translation) -> None:
             raise LiteLLMConfigError(where, "needs 'model_name', the name requests use")
         if not isinstance(model, str) or not model:
             raise LiteLLMConfigError(where, "needs 'litellm_params.model', like 'openai/gpt-4o'")
+        secret = LITELLM_ENV.fullmatch(model.strip())
+        if secret is not None:  # LiteLLM reads it from the environment, as every param
+            model = os.environ.get(secret[1], "").strip()
+            if not model:
+                out.ignored.append(f"{where}.litellm_params.model ({secret[0].strip()}: not set "
+                                   "here; not routed, its budget and prices not read)")  # fmt: skip
+                continue
         model = _with_provider(model, params.get("custom_llm_provider"), where)
         ignored = [f"{where}.{k}" for k in _LIMITS_NOT_READ if entry.get(k) is not None]
         out.ignored += ignored + [
@@ -282,8 +297,14 @@ def _model_list(value: Any, out: Translation) -> None:
         where = f"{where} ({name}: {model})"
         if "*" in name or "*" in model:
             wildcards.append(f"{name}: {model}")
-        elif model not in routes.setdefault(name, []):
-            routes[name].append(model)
+        else:
+            # (a target named twice, or spelt with another name of its provider, `azure_ai/`
+            # as `azure/`: the group's deployments of one model, one target)
+            target = parse_target(model)
+            if (target.provider, target.model) not in {
+                (t.provider, t.model) for t in map(parse_target, routes.setdefault(name, []))
+            }:
+                routes[name].append(model)
         if params.get("max_budget") is not None:
             _model_budget(params, model, where, budgets, out)
         info = entry.get("model_info")
@@ -294,7 +315,7 @@ def _model_list(value: Any, out: Translation) -> None:
         ident = info.get("id")
         if ident is not None and str(ident):
             ident = str(ident)
-            if ident in ids or target_problem(ident, "route name") is not None:
+            if ident in ids or route_name_problem(ident) is not None:
                 # two deployments of one id, or an id no request can name as a model: the
                 # deployment stays, its id is not routed (LiteLLM starts with either)
                 out.ignored.append(f"{where}.model_info.id ({ident!r}: not routed)")
@@ -310,6 +331,15 @@ def _model_list(value: Any, out: Translation) -> None:
         _deployment_price(params, info, model, where, priced, out)
     for name, targets in routes.items():
         origin = f"model_list (model_name {name})"
+        # A group no request can name as a model here, or of more models than a route takes
+        # (LiteLLM starts with either): not routed, named in the warning; its budgets and
+        # prices are read all the same.
+        problem = route_name_problem(name)
+        if problem is None and len(targets) > MAX_TARGETS:
+            problem = f"{len(targets)} models, more than a route's {MAX_TARGETS}"
+        if problem is not None:
+            out.ignored.append(f"{origin} ({problem}: not routed)")
+            continue
         out.add("routes", {"name": name, "targets": targets}, origin, {})
     # A request naming a deployment's id is served by that one deployment (LiteLLM finds a
     # model group of that name first, and a wildcard deployment has no one model to name).

@@ -39,7 +39,12 @@ from budget_middleware.core.identity import (
     name_problem,
 )
 from budget_middleware.core.providers import canonical_provider
-from budget_middleware.core.routing import MAX_TARGETS, parse_target, target_problem
+from budget_middleware.core.routing import (
+    MAX_TARGETS,
+    parse_target,
+    route_name_problem,
+    target_problem,
+)
 
 OwnerType = Literal[
     "customer", "team", "virtual_key", "provider_config", "provider", "model_config", "tag"
@@ -569,7 +574,10 @@ def _target(text: str) -> str:
 def _route_name(text: str) -> str:
     """A route's name: the `model` a request names, checked as a target is (its refusal says
     which of the two it is)."""
-    return _checked(text, "route name", 200)
+    problem = route_name_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
 
 
 def _distinct_targets(targets: list[str] | None) -> list[str] | None:
