@@ -131,6 +131,31 @@ async def test_a_request_falls_over_to_the_next_target_when_a_budget_runs_out(
     assert 0.0005 <= spend["/provider/openai"] < 0.0005 + one_request  # over by one at most
 
 
+async def test_a_route_s_name_with_blanks_around_it_is_routed_as_it_is_metered(
+    make_settings: Settings,
+) -> None:
+    """`"gpt-4o "` was metered as `openai/gpt-4o` (the model's blanks left out) but not routed
+    (the route looked up as sent): with openai's budget spent, a 402 where `"gpt-4o"` fell over
+    to azure (a fault hunt's). Both are routed now."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=[{"max_limit": 0}])
+        m.create_route(**ROUTE)
+        key = m.create_virtual_key(name="alice")
+        await engine.invalidate()
+        auth = {"authorization": f"Bearer {key.value}"}
+        answers = [
+            await http.post("/v1/chat/completions", json=chat(model), headers=auth)
+            for model in ("gpt-4o", "gpt-4o ", " gpt-4o\n")
+        ]
+    seen = [(a.status_code, a.headers.get("x-budget-route")) for a in answers]
+    print(f"answers: {seen}")
+    assert seen == [(200, "azure/gpt-4o")] * 3
+    assert {a.json()["model"] for a in answers} == {"azure/gpt-4o"}  # the app saw the target
+
+
 @pytest.mark.parametrize("status", [402, 429])
 async def test_when_every_target_refuses_the_first_answers_with_every_code(
     make_settings: Settings, status: int

@@ -298,7 +298,8 @@ class Gate:
         routes = engine.globals.routes
         if routes and type(parsed) is dict:  # no route configured: one truth test
             name = parsed.get("model")
-            route = routes.get(name) if type(name) is str else None
+            # (the name as metered: blanks around it are no part of it, and a route's has none)
+            route = routes.get(name.strip()) if type(name) is str else None
             if route is not None:
                 request, orjson_writes = for_rewrite(parsed, body)
                 plan = self._plan_route(
