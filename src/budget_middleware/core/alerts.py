@@ -25,14 +25,19 @@ def threshold_nanos(limit: int, threshold: float) -> int:
 
 
 def reached(
-    value: int, limit: int, thresholds: Sequence[float], raised: Collection[float]
+    value: int,
+    limit: int,
+    thresholds: Sequence[float],
+    raised: Collection[float],
+    hard: bool = True,
 ) -> tuple[list[float], int]:
     """The thresholds (ascending) that `value` has reached and that are not in `raised`, and the
     spend at which the lowest one not yet reached will be (`NEVER` when none is left)."""
     new: list[float] = []
     next_at = NEVER
-    if limit <= 0:  # a $0 budget (a key blocked): no share of it to reach; its first refusal
-        return new, next_at  # raises `budget.exhausted`, which says it all
+    if limit <= 0 and hard:  # a $0 budget (a key blocked): no share of it to reach; its first
+        return new, next_at  # refusal raises `budget.exhausted`, which says it all (a soft one
+    # never refuses: its thresholds are all it raises, reached with its first charge)
     for threshold in thresholds:
         at = threshold_nanos(limit, threshold)
         if value >= at:

@@ -147,7 +147,8 @@ class Alerts:
             known = self._raised[counter.id] = (start, set())
         raised = known[1]
         thresholds = self.thresholds.get(counter.id, self.defaults)
-        new, counter.alert_at = reached(counter.value, counter.limit, thresholds, raised)  # type: ignore[attr-defined]
+        hard = counter.limit > 0 or not _soft(counter, scope or self.owners.get(counter.id))
+        new, counter.alert_at = reached(counter.value, counter.limit, thresholds, raised, hard)  # type: ignore[attr-defined]
         if new:
             if scope is None:
                 assert limits is not None
@@ -525,3 +526,8 @@ def _text(event: AlertEvent, budget: dict[str, Any], shadow: bool) -> str:
 
 
 __all__ = ["SIGNATURE_HEADER", "AlertEvent", "Alerts", "signature"]
+
+
+def _soft(counter: WindowCounter, owner: Scope | None) -> bool:
+    """Whether `counter` is a soft budget of `owner` (SPEC §14: it never refuses)."""
+    return owner is not None and any(c is counter for c in owner.soft_budgets)
