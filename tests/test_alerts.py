@@ -991,7 +991,8 @@ async def test_a_body_too_large_and_a_store_away_are_refusals_the_hooks_and_the_
     """SPEC §14: `on_refusal` hears each refusal, `GET /refusals` lists them. A 413 (a body over
     BUDGET_MAX_BODY_BYTES) and a 503 (the store away for a key not cached) were counted in
     `budget_requests_refused_total` and told to neither (a fault hunt's: the hook heard only
-    the budget's refusal). Both are told now, with the budget's."""
+    the budget's refusal). Both are told now, with the budget's; a body found too large once
+    the key was read (sent in chunks, no `content-length`) with that key."""
     settings = make_settings(max_body_bytes=2_000, fail_open=False)
     seen: list[dict[str, Any]] = []
     app = host_app(None)
@@ -1006,6 +1007,12 @@ async def test_a_body_too_large_and_a_store_away_are_refusals_the_hooks_and_the_
         big = await http.post("/v1/chat/completions", json=chat("gpt-4o", extra="x" * 5_000),
                               headers=auth)  # fmt: skip
 
+        async def chunks() -> Any:  # no content-length: read until it is too large
+            for _ in range(6):
+                yield b"x" * 1_000
+
+        chunked = await http.post("/v1/chat/completions", content=chunks(), headers=auth)
+
         def store_away(key_hash: str) -> None:
             raise OSError("the store is away")
 
@@ -1015,14 +1022,16 @@ async def test_a_body_too_large_and_a_store_away_are_refusals_the_hooks_and_the_
         monkeypatch.undo()
         engine.hooks.drain()
         listed = await ops.get("/refusals", headers={"authorization": "Bearer admin-secret"})
-    statuses = [over.status_code, big.status_code, away.status_code]
-    heard = [(r["code"], r["status"]) for r in seen]
+    statuses = [over.status_code, big.status_code, chunked.status_code, away.status_code]
+    heard = [(r["code"], r["status"], r["key_name"]) for r in seen]
     print(f"answered {statuses}; on_refusal heard {heard}")
-    assert statuses == [402, 413, 503]
-    assert heard == [("budget_exceeded", 402), ("request_too_large", 413),
-                     ("service_unavailable", 503)]  # fmt: skip
+    assert statuses == [402, 413, 413, 503]
+    assert heard == [("budget_exceeded", 402, "spent"), ("request_too_large", 413, None),
+                     ("request_too_large", 413, "spent"),
+                     ("service_unavailable", 503, None)]  # fmt: skip
     assert [r["code"] for r in listed.json()["refusals"]] == [
         "service_unavailable",
+        "request_too_large",
         "request_too_large",
         "budget_exceeded",
     ]  # newest first

@@ -254,13 +254,13 @@ class BudgetMiddleware:
             if type(body) is not bytes:  # ASGI says bytes; a bytearray or memoryview read as one
                 body = bytes(body)
             if len(body) > self.max_body:
-                await _answer(send, self.gate.too_large())
+                await _answer(send, self.gate.too_large(key))
                 return
         else:
             try:
                 body = await _read_body(message, receive, self.max_body)
             except BodyTooLarge:
-                await _answer(send, self.gate.too_large())
+                await _answer(send, self.gate.too_large(key))
                 return
             except ClientGone:
                 return
@@ -268,7 +268,7 @@ class BudgetMiddleware:
         if credentials.content_encoding is not None:
             decoded = self.gate.plain_body(body, credentials.content_encoding)
             if decoded is None:
-                await _answer(send, self.gate.too_large())
+                await _answer(send, self.gate.too_large(key))
                 return
             plain = decoded
         gate = self.gate
@@ -282,7 +282,7 @@ class BudgetMiddleware:
             try:
                 admitted = await gate.admit(decision)  # type: ignore[arg-type]
             except ServiceUnavailable:
-                await _answer(send, self.gate.unavailable())
+                await _answer(send, self.gate.unavailable_after(decision))  # type: ignore[arg-type]
                 return
         if type(admitted) is ErrorAnswer:
             await _answer(send, admitted)

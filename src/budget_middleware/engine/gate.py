@@ -179,21 +179,31 @@ class Gate:
         self.tell_refusal(code, status, key, target, None)
         return error_answer(status, code, message)
 
-    def too_large(self) -> ErrorAnswer:
+    def too_large(self, key: KeyConfig | None = None) -> ErrorAnswer:
         """413: a body over BUDGET_MAX_BODY_BYTES (as sent or decoded), a refusal as any other
         (`budget_requests_refused_total{reason="request_too_large"}`, `GET /refusals`,
-        `on_refusal`): it is told before the key is read."""
+        `on_refusal`), with the caller's key once it is known."""
         self.engine.stats.count_refused("request_too_large")
-        self.tell_refusal("request_too_large", 413, None, None, None)
+        self.tell_refusal("request_too_large", 413, key, None, None)
         return request_too_large(self.max_body)
 
-    def unavailable(self, unknown_key: bool = False) -> ErrorAnswer:
+    def unavailable(
+        self, unknown_key: bool = False, key: KeyConfig | None = None, target: Target | None = None
+    ) -> ErrorAnswer:
         """503: the store or Redis cannot decide (`answers.store_unavailable`), a refusal as
         any other (`budget_requests_refused_total{reason="service_unavailable"}`, `GET
-        /refusals`, `on_refusal`)."""
+        /refusals`, `on_refusal`), with the caller's key and target once they are known."""
         self.engine.stats.count_refused("service_unavailable")
-        self.tell_refusal("service_unavailable", 503, None, None, None)
+        self.tell_refusal("service_unavailable", 503, key, target, None)
         return store_unavailable(unknown_key)
+
+    def unavailable_after(self, decision: Exchange | RoutePlan) -> ErrorAnswer:
+        """503 for a request decided and not admitted (Redis away): told with its key and
+        target (a route's: the model it named)."""
+        if type(decision) is RoutePlan:
+            return self.unavailable(key=decision.key, target=decision.asked)
+        exchange: Exchange = decision  # type: ignore[assignment]
+        return self.unavailable(key=exchange.key, target=exchange.target)
 
     def tell_refusal(
         self,

@@ -160,7 +160,7 @@ class _Meter:
             else:
                 admitted = await gate.admit(decision)  # type: ignore[arg-type]
         except ServiceUnavailable:
-            return self.engine.gate.unavailable()
+            return gate.unavailable_after(decision)  # type: ignore[arg-type]
         return _outbound(admitted)
 
     def admit_here(self, request: Any, path: str, body: bytes) -> Exchange | ErrorAnswer | None:

@@ -345,14 +345,14 @@ class BudgetWSGIMiddleware:
         try:
             body = self._body(environ, credentials)
         except _TooLarge:
-            return answer(start_response, self.gate.too_large())
+            return answer(start_response, self.gate.too_large(key))
         except _Incomplete:  # the client went away mid-body: nothing admitted, nothing counted
             return answer(start_response, _incomplete())
         plain = body  # as the gate reads it: decoded, when it was sent compressed
         if credentials.content_encoding is not None:
             decoded = self.gate.plain_body(body, credentials.content_encoding)
             if decoded is None:
-                return answer(start_response, self.gate.too_large())
+                return answer(start_response, self.gate.too_large(key))
             plain = decoded
         direct = background and engine.memory is not None
         if direct:
@@ -521,7 +521,7 @@ class BudgetWSGIMiddleware:
         try:
             return await gate.admit(decision)  # type: ignore[arg-type]
         except ServiceUnavailable:
-            return self.gate.unavailable()
+            return self.gate.unavailable_after(decision)  # type: ignore[arg-type]
 
 
 class EnvironHeaders:
