@@ -149,6 +149,31 @@ def test_keys_are_indexed_and_stored_by_their_sha256() -> None:
 # --- client text --------------------------------------------------------------------------------
 
 
+def test_a_key_known_by_its_digest_alone_is_kept_out_of_the_model_wherever_it_stands() -> None:
+    """A call charged to a key named by its id: the transport knows the key's digest, not its
+    value. A generated key in the model is `unknown` wherever it stands (a review found
+    `gpt-4o-<key>` and `<key>-v2` kept whole: the shape's word boundary, and a match running
+    past the key); another key, or text that only looks like one, is kept."""
+    import secrets
+
+    from budget_middleware.core.identity import GENERATED_KEY_CHARS, KEY_BYTES
+
+    value = "sk-bm-" + secrets.token_urlsafe(KEY_BYTES)
+    other = "sk-bm-" + secrets.token_urlsafe(KEY_BYTES)
+    assert len(value) == len("sk-bm-") + GENERATED_KEY_CHARS
+    resolve = TargetResolver(lambda model: None, "sk-bm-")
+    seen = {}
+    for model in (value, f"{value}/gpt-4o", f"gpt-4o-{value}", f"{value}-v2", f"x sk-bm- {value}",
+                  other, "gpt-4o"):  # fmt: skip
+        credentials = Credentials(None, None, (), 10)
+        credentials.key_digest = key_digest(value)
+        target = resolve({"model": model}, "/v1/chat/completions", credentials, ())
+        seen[model] = (target.provider, target.model)
+    print(seen)
+    assert all("unknown" in seen[m] and value not in "".join(seen[m]) for m in list(seen)[:5])
+    assert seen[other][1] == other and seen["gpt-4o"] == ("unknown", "gpt-4o")
+
+
 def test_clean_text_bounds_and_replaces_unprintable_characters() -> None:
     assert clean_text("gpt-4o", 10) == "gpt-4o"
     assert clean_text("abcdef", 6) == "abcdef"

@@ -89,6 +89,12 @@ class Credentials:
     key_digest: bytes | None = None
 
 
+# A generated key: `BUDGET_KEY_PREFIX` and `secrets.token_urlsafe(KEY_BYTES)`, whose URL-safe
+# base64 of 32 bytes is 43 characters.
+KEY_BYTES: Final = 32
+GENERATED_KEY_CHARS: Final = 43
+
+
 def key_digest(value: str) -> bytes:
     """A virtual key's SHA-256: the key cache's index (its hex is the store's `key_hash`)."""
     return sha256(value.encode()).digest()
@@ -290,8 +296,9 @@ class TargetResolver:
         # Only the caller's own key there: a model is never unpriced for looking like a key.
         # The shape starts where a word does: with the prefix `sk-`, `risk-assessment-…` (44
         # URL-safe characters after `sk-`) is a tag, whose limits a dropped tag escaped.
-        shape = re.compile("(?<![A-Za-z0-9_-])" + re.escape(key_prefix) + "[A-Za-z0-9_-]{40,}")
+        shape = re.compile("(?<![A-Za-z0-9_-])" + re.escape(key_prefix) + "[A-Za-z0-9_-]{40}")
         self._key_shaped = shape.search if key_prefix else _never
+        self._prefix = key_prefix
         self._routes: dict[tuple[str, str | None, str], tuple[str, str]] = {}
         self._hosted: dict[tuple[str, str | None, str], tuple[str, str]] = {}
 
@@ -416,16 +423,22 @@ class TargetResolver:
 
     def _own_key_in(self, raw_model: object, credentials: Credentials) -> str | None:
         """The caller's key as the body's model or the provider header holds it, when only its
-        digest is known (`Credentials.key_digest`): a string shaped as a generated key there
-        whose digest is the caller's."""
+        digest is known (`Credentials.key_digest`): a generated key there (the prefix and its
+        `GENERATED_KEY_CHARS`, wherever they stand) whose digest is the caller's. A value chosen
+        by hand is not told so (each of its lengths at each place would be hashed)."""
+        prefix = self._prefix
+        if not prefix:
+            return None
+        size = len(prefix) + GENERATED_KEY_CHARS
         for text in (raw_model, credentials.provider):
             if type(text) is not str:
                 continue
-            shaped = self._key_shaped(text)
-            while shaped is not None:
-                if key_digest(shaped.group()) == credentials.key_digest:
-                    return shaped.group()
-                shaped = self._key_shaped(text, shaped.end())
+            at = text.find(prefix)
+            while at >= 0:
+                candidate = text[at : at + size]
+                if len(candidate) == size and key_digest(candidate) == credentials.key_digest:
+                    return candidate
+                at = text.find(prefix, at + 1)
         return None
 
     def _no_keys(self, tags: tuple[str, ...], own_key: str | None) -> tuple[str, ...]:
@@ -499,7 +512,7 @@ def _keep_key_tags(tags: tuple[str, ...], key_tags: tuple[str, ...]) -> tuple[st
     return tuple(sorted(kept.union(client)))
 
 
-def _never(_: str, __: int = 0) -> None:
+def _never(_: str) -> None:
     return None
 
 

@@ -13,7 +13,7 @@ import secrets
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from budget_middleware.core.identity import hash_key
+from budget_middleware.core.identity import KEY_BYTES, hash_key
 from budget_middleware.core.times import utc_or_none
 from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
 from budget_middleware.manage.owner_limits import (
@@ -55,7 +55,7 @@ def display(value: str, prefix: str) -> str:
 
 class KeyWriter(OwnerWriter):
     def _new_value(self) -> str:
-        return self.settings.key_prefix + secrets.token_urlsafe(32)
+        return self.settings.key_prefix + secrets.token_urlsafe(KEY_BYTES)
 
     def _check_parents(self, s: Session, team_id: str | None, customer_id: str | None) -> None:
         if team_id is not None and s.get(TeamRow, team_id) is None:
