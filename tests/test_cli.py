@@ -635,10 +635,17 @@ def test_an_owner_named_by_its_name_has_its_budgets_and_alerts_listed(
     )
     print(typo.err, typed.err, sep="")
     assert typo.failed_on_one_line() == (
-        "error: no customer, team, virtual key, provider, model config or tag has the id or name "
-        "'alcie'"
+        "error: no customer, team, virtual key, provider, model config, tag or provider config "
+        "has the id or name 'alcie'"
     )
     assert typed.failed_on_one_line() == "error: no virtual key has the id or name 'alcie'"
+    # A key's provider config is an owner by its id too: one with no budget lists none, exit 0
+    body = '{"provider_configs": [{"provider": "openai", "allowed_models": ["*"]}]}'
+    made = ok(here(store, f"keys create --name bob --body '{body}' --json")).json()
+    config = made["virtual_key"]["provider_configs"][0]["id"]
+    assert table(ok(here(store, f"budgets list --owner-id {config}")).out) == [["(none)"]]
+    [config_typo] = cli_many(store, ["budgets list --owner-type provider_config --owner-id x1"])
+    assert config_typo.failed_on_one_line() == "error: no provider config has the id or name 'x1'"
 
 
 # -- help ------------------------------------------------------------------------------------------

@@ -528,9 +528,9 @@ def _no_such_owner(client: Client, owner_type: str | None, owner_id: str | None)
     if owner_id is None:
         return
     named = {kind.one: kind for kind in KINDS.values() if kind.command != "routes"}
-    if owner_type is not None and owner_type not in named:
-        return  # a provider config: named by its id alone, not looked up here
-    kinds = [named[owner_type]] if owner_type is not None else list(named.values())
+    kinds = [named[owner_type]] if owner_type in named else []
+    if owner_type is None:
+        kinds = list(named.values())
     for kind in kinds:
         try:
             resolve(client, kind, owner_id)
@@ -539,6 +539,11 @@ def _no_such_owner(client: Client, owner_type: str | None, owner_id: str | None)
             if exc.status != 404:
                 raise
     words = [kind.what for kind in kinds]
+    if owner_type in (None, "provider_config"):  # a key's provider config: by its id, in its key
+        keys = client.list(KINDS["keys"], {})[KINDS["keys"].many]
+        if any(pc.get("id") == owner_id for k in keys for pc in k.get("provider_configs") or ()):
+            return
+        words.append("provider config")
     what = " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
     raise CliError(f"no {what} has the id or name {owner_id!r}", status=404)
 

@@ -247,10 +247,11 @@ class KeyWriter(OwnerWriter):
             if team_id is not None:
                 query = query.where(VirtualKeyRow.team_id == team_id)
             if customer_id is not None:
-                # The key's customer as its limits find it (SPEC §5): its team's, or its own.
-                # Only the keys attached to the customer itself were listed, none of its teams'.
+                # The key's customer as the store reads it for its limits (its own, else its
+                # team's; the API refuses a key with both). Only the keys attached to the
+                # customer itself were listed, none of its teams'.
                 teams = select(TeamRow.customer_id).where(col(TeamRow.id) == VirtualKeyRow.team_id)
-                owner = func.coalesce(teams.scalar_subquery(), VirtualKeyRow.customer_id)
+                owner = func.coalesce(VirtualKeyRow.customer_id, teams.scalar_subquery())
                 query = query.where(owner == customer_id)
             reader = Reader(s)
             return [reader.virtual_key(r) for r in s.exec(query).all()]
