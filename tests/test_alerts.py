@@ -1207,9 +1207,12 @@ async def test_two_instances_on_one_store_raise_the_thresholds_the_refusal_finds
         await until(lambda: len(hook.delivered()) >= 3)
         await asyncio.sleep(0.3)
         spent = engines[0].manager.list_budgets(owner_type="virtual_key", owner_id=key.id)[0].spent
-        kinds = sorted((a["type"], a.get("threshold") or 0) for a in hook.delivered())
+        # (by id: a delivery whose claim lapsed on a loaded machine is posted again, the same
+        # alert, which a receiver tells by its id; once in a review's full run)
+        alerts = {a["id"]: a for a in hook.delivered()}.values()
+        kinds = sorted((a["type"], a.get("threshold") or 0) for a in alerts)
         print(f"two instances: {first} then {then}; spent ${spent:.2f} of $1.00; "
-              f"delivered {kinds}")  # fmt: skip
+              f"delivered {kinds} in {len(hook.delivered())} posts")  # fmt: skip
         assert first == [200, 200] and then == [402, 402] and spent >= 1.0
         assert kinds == [("budget.exhausted", 0), ("budget.threshold", 0.8),
                          ("budget.threshold", 1.0)]  # fmt: skip
