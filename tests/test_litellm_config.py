@@ -540,6 +540,16 @@ def yaml_data(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _loaded_and_translated(
+    tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+) -> tuple[str, Any]:
+    """The file loaded at start-up as BUDGET_CONFIG_FILE (its warning's text), and its
+    translation."""
+    with caplog.at_level("WARNING", logger="budget_middleware"):
+        load_config_file(Store("sqlite://"), BudgetSettings(config_file=_write(tmp_path, text)))
+    return " ".join(r.getMessage() for r in caplog.records), translate(yaml.safe_load(text))
+
+
 def test_files_litellm_starts_with_load_their_unusable_parts_named(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -575,11 +585,8 @@ def test_files_litellm_starts_with_load_their_unusable_parts_named(
         "router_settings:\n"
         "  model_group_alias: {gpt-4: gpt-4o, fast: other}\n"
     )
-    with caplog.at_level("WARNING", logger="budget_middleware"):
-        load_config_file(Store("sqlite://"), BudgetSettings(config_file=_write(tmp_path, text)))
-    warned = " ".join(r.getMessage() for r in caplog.records)
+    warned, translated = _loaded_and_translated(tmp_path, text, caplog)
     print(warned)
-    translated = translate(yaml.safe_load(text))
     routes = {r["name"]: r["targets"] for r in translated.sections["routes"]}
     print(routes, translated.prices)
     assert routes == {"llama": ["openai/llama-3-70b"], "mine": ["azure/my-deployment"],
@@ -626,10 +633,7 @@ def test_groups_no_route_can_take_load_unrouted_and_a_model_from_the_environment
         "  - model_name: unset\n"
         "    litellm_params: {model: os.environ/BM_TEST_UNSET, max_budget: 1}\n"
     )
-    with caplog.at_level("WARNING", logger="budget_middleware"):
-        load_config_file(Store("sqlite://"), BudgetSettings(config_file=_write(tmp_path, text)))
-    warned = " ".join(r.getMessage() for r in caplog.records)
-    translated = translate(yaml.safe_load(text))
+    warned, translated = _loaded_and_translated(tmp_path, text, caplog)
     routes = {r["name"]: r["targets"] for r in translated.sections["routes"]}
     budgets = {m["model_name"]: m["budgets"] for m in translated.sections["model_configs"]}
     print(warned, routes, budgets, sep="\n")

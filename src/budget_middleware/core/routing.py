@@ -62,16 +62,15 @@ def target_problem(text: object, what: str = "target", limit: int = 300) -> str 
         return f"{what} {text!r} contains whitespace or control characters"
     if text.startswith("/") or text.endswith("/"):
         return f"{what} {text!r} has an empty provider or model around '/'"
+    if not text.isascii():
+        return f"a {what} is printable ASCII"
     return None
 
 
 def route_name_problem(text: object) -> str | None:
     """Why `text` cannot name a route (the `model` a request names: checked as a target is, of
-    at most 200 characters, printable ASCII); None when it can."""
-    problem = target_problem(text, "route name", 200)
-    if problem is None and not str(text).isascii():
-        problem = "a route name is printable ASCII"
-    return problem
+    at most 200 characters); None when it can."""
+    return target_problem(text, "route name", 200)
 
 
 def room(limits: LimitSet, now: float) -> float:

@@ -525,9 +525,9 @@ def _text(event: AlertEvent, budget: dict[str, Any], shadow: bool) -> str:
     return f"Budget alert: {who} reached {share} of its budget: {money}."
 
 
-__all__ = ["SIGNATURE_HEADER", "AlertEvent", "Alerts", "signature"]
-
-
 def _soft(counter: WindowCounter, owner: Scope | None) -> bool:
     """Whether `counter` is a soft budget of `owner` (SPEC §14: it never refuses)."""
     return owner is not None and any(c is counter for c in owner.soft_budgets)
+
+
+__all__ = ["SIGNATURE_HEADER", "AlertEvent", "Alerts", "signature"]

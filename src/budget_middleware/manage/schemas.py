@@ -558,26 +558,20 @@ TARGET_PATTERN: Final = f"^[{_NOT_SLASH}](?:[{_VISIBLE}]*[{_NOT_SLASH}])?$"
 either end (as model names)."""
 
 
-def _checked(text: str, what: str, limit: int) -> str:
-    problem = target_problem(text, what, limit)
-    if problem is None and not text.isascii():
-        problem = f"a {what} is printable ASCII"
+def _checked(text: str, problem: str | None) -> str:
     if problem is not None:
         raise ValueError(problem)
     return text
 
 
 def _target(text: str) -> str:
-    return _checked(text, "target", 300)
+    return _checked(text, target_problem(text))
 
 
 def _route_name(text: str) -> str:
     """A route's name: the `model` a request names, checked as a target is (its refusal says
     which of the two it is)."""
-    problem = route_name_problem(text)
-    if problem is not None:
-        raise ValueError(problem)
-    return text
+    return _checked(text, route_name_problem(text))
 
 
 def _distinct_targets(targets: list[str] | None) -> list[str] | None:
