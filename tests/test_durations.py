@@ -593,3 +593,13 @@ def test_the_shared_caches_take_threads_past_their_size() -> None:
         sys.setswitchinterval(switch)
     print(f"{len(threads)} threads, {len(errors)} raised: {sorted(set(errors))[:3]}")
     assert errors == []
+
+
+def test_a_time_is_written_in_utc_with_z_as_every_answer_writes_it() -> None:
+    """`times.rfc3339`: alerts' `raised_at`, refusals' `at` and the webhook's were written with
+    `+00:00` where the answers' other times have `Z`; every one is written by it now."""
+    moment = datetime(2026, 12, 4, 16, 20, 24, 400000, tzinfo=UTC)
+    assert times.rfc3339(moment) == "2026-12-04T16:20:24.400000Z"
+    assert times.rfc3339(moment.replace(tzinfo=None)) == "2026-12-04T16:20:24.400000Z"  # naive
+    east = moment.astimezone(timezone(timedelta(hours=5, minutes=30)))
+    assert times.rfc3339(east) == "2026-12-04T16:20:24.400000Z"  # converted, not relabelled
