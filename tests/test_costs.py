@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -808,6 +809,51 @@ async def test_reasoning_tokens_left_out_of_completion_tokens_are_charged(
         want,
     )
     assert row.output_tokens == 8_000
+    assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_thoughts_counted_in_the_total_alone_are_charged_as_output(
+    make_settings: Settings, stream: bool
+) -> None:
+    """Gemini's own OpenAI-compatible endpoint counts a thinking model's thoughts in
+    `total_tokens` alone, with no `completion_tokens_details` (streamed, every chunk carries the
+    usage so far): Google bills `total - prompt` as output, so 3 answer and 1,093 thought tokens
+    cost 1,096 output tokens' price (they cost 3 before: 270 times less)."""
+    model = "gemini-2.5-flash"
+    last = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 1_105}
+    answer: dict[str, Any] | list[dict[str, Any]] = chat_answer(last, stream, model)
+    if isinstance(answer, list):  # the usage so far on every chunk, as Gemini streams it
+        so_far = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 1_103}
+        answer[0]["usage"] = so_far
+    row = await charged_for(make_settings, "/v1/chat/completions", f"gemini/{model}", answer)
+    want = nanos(Usage(input_tokens=9, output_tokens=1_096), model, "google")
+    print("1,093 thought tokens in the total alone: charged", row.cost_nanos, "genai-prices", want)
+    assert row.output_tokens == 1_096
+    assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_an_answer_with_nan_or_infinity_is_read_as_python_reads_it(
+    make_settings: Settings, stream: bool
+) -> None:
+    """`json.dumps` writes NaN and -Infinity by default (a host app's answer may hold a -inf
+    logprob), and Python's parser, httpx's `.json()` and the SDKs read them. The usage of such an
+    answer is the one charged: before, JSON was charged the request's most output (11 times
+    the cost: 40,095,000 nano-dollars for 3,500,000) and a stream an estimate (34 times less)."""
+    model = "gpt-4o"
+    usage = {"prompt_tokens": 1_000, "completion_tokens": 100}
+    answer = chat_answer(usage, stream, model)
+    if isinstance(answer, list):
+        answer[-1]["metrics"] = {"tpot": math.nan}
+    else:
+        answer["logprobs"] = [{"token": "hi", "logprob": -math.inf}]
+    row = await charged_for(
+        make_settings, "/v1/chat/completions", f"openai/{model}", answer, max_tokens=4_000
+    )
+    want = nanos(Usage(input_tokens=1_000, output_tokens=100), model, "openai")
+    print("an answer holding NaN/-Infinity: charged", row.cost_nanos, "genai-prices", want)
+    assert (row.input_tokens, row.output_tokens, row.estimated) == (1_000, 100, False)
     assert row.cost_nanos == want
 
 

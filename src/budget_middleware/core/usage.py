@@ -7,6 +7,7 @@ bytes still go to the client as they are.
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from collections.abc import Callable, Mapping
@@ -15,7 +16,18 @@ from typing import Any, Final
 
 import orjson
 
-json_loads: Callable[[bytes | str], Any] = orjson.loads
+
+def json_loads(data: bytes | str) -> Any:
+    """JSON as Python's own parser reads it, at orjson's speed: what orjson refuses and the
+    standard library reads (NaN and Infinity, which `json.dumps` writes by default, so a host
+    app's answer may hold them; a UTF-16 body) is read by the standard library. Raises one of
+    `JSON_ERRORS`."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:  # rare: only such bodies pay for the second parse
+        return json.loads(data)
+
+
 json_bytes: Callable[[Any], bytes] = orjson.dumps  # compact JSON, UTF-8
 
 
@@ -169,9 +181,9 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             read = _count(read)  # None counts 0
         if type(out_details := usage.get("completion_tokens_details")) is dict:
             spoken = out_details.get("audio_tokens")
-            total = usage.get("total_tokens")
-            if type(total) is int and total > prompt + output:  # more than it counts: xAI's
-                output += _reasoning_apart(out_details, total - prompt - output)
+        total = usage.get("total_tokens")
+        if type(total) is int and total > prompt + output and (prompt or output):
+            output += _reasoning_apart(out_details, total - prompt - output)  # xAI's, Gemini's
         if "cache_creation_input_tokens" in usage:
             write = usage["cache_creation_input_tokens"]
         if write is None:
@@ -243,12 +255,17 @@ def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
     return _count(usage.get("input_tokens")) + read + write, output, read, write
 
 
-def _reasoning_apart(details: Mapping[str, Any], left_out: int) -> int:
-    """The reasoning an answer counts apart from its output count (xAI's chat completions, and
-    gateways' renderings of Gemini's thoughts), when `total_tokens` counts `left_out` tokens
-    more than its input and output: output too, billed as such, up to what the total says.
-    (OpenAI counts reasoning within its output, and its total is input and output alone.)"""
-    return min(_count(details.get("reasoning_tokens")), left_out)
+def _reasoning_apart(details: object, left_out: int) -> int:
+    """The reasoning an answer counts apart from its output count, when `total_tokens` counts
+    `left_out` tokens more than its input and output: output too, billed as such, up to what
+    the total says. Where the output's details count it (`reasoning_tokens`: xAI's chat
+    completions, gateways' renderings of Gemini's thoughts), that count; where nothing does
+    (Gemini's own OpenAI-compatible endpoint: its thoughts are in the total alone), all of
+    `left_out`. (OpenAI counts reasoning within its output, and its total is input and output
+    alone: nothing is left out.)"""
+    if type(details) is dict and _readable(details, "reasoning_tokens"):
+        return min(_count(details["reasoning_tokens"]), left_out)
+    return left_out
 
 
 _COUNTS: Final = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")

@@ -30,7 +30,7 @@ from budget_middleware.core.pricing import asked_prices, at_time, estimate_nanos
 from budget_middleware.core.routing import Route
 from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts, rfc3339
-from budget_middleware.core.usage import JSON_ERRORS, BodyDecoder, json_bytes, json_loads
+from budget_middleware.core.usage import BodyDecoder, json_bytes, json_loads
 from budget_middleware.engine.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -660,16 +660,10 @@ def parse_json(body: bytes) -> Any:
     """The request's JSON, or None when it is not JSON (such a request is still metered);
     `TOO_DEEP` when it is nested too deep to read (refused: 400 `request_too_deep`)."""
     try:
-        return json_loads(body)  # orjson: a third of the stdlib's time
-    except JSON_ERRORS:
-        pass
-    # What orjson refuses and the stdlib reads (NaN, UTF-16 bodies) is read as before; such
-    # bodies are rare, so only they pay for the second parse.
-    try:
-        return json.loads(body)
+        return json_loads(body)
     except RecursionError:
         return TOO_DEEP
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # UnicodeDecodeError is one
         return None
 
 
