@@ -3960,3 +3960,185 @@ async def test_a_stream_that_can_be_read_again_is_metered_once(engine: BudgetEng
     rows = records(engine)
     print(f"streamed {texts!r:.40}…; output tokens recorded {[r['output_tokens'] for r in rows]}")
     assert texts == ["x" * 100] and len(rows) == 1 and rows[0]["output_tokens"] == 25
+
+
+async def test_a_call_whose_body_is_in_a_coding_not_read_here_is_refused_not_sent(
+    engine: BudgetEngine,
+) -> None:
+    """As inbound: a body in a coding the middleware cannot read (zstd, br) is refused, 415,
+    and never sent. It was sent, its model `unknown`, charged $0 past every model limit."""
+    import zlib
+
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 0.01}])
+    fake = Counting()
+    http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine))
+    opaque = zlib.compress(json.dumps({"model": "gpt-4o", "messages": MESSAGES}).encode())
+    answers = []
+    async with http:
+        for coding in ("zstd", "br", "gzip, br"):
+            with charge_to(virtual_key=key.value):
+                answer = await http.post(
+                    "https://api.openai.com/v1/chat/completions",
+                    content=opaque,
+                    headers={"content-encoding": coding, "content-type": "application/json"},
+                )
+            answers.append((answer.status_code, answer.json()["error"]["code"]))
+    print(f"bodies in zstd, br, 'gzip, br': {answers}; {fake.calls} sent")
+    assert answers == [(415, "unsupported_content_encoding")] * 3 and fake.calls == 0
+
+
+@pytest.mark.parametrize("library", [httpx, httpx2], ids=["httpx", "httpx2"])
+async def test_a_body_sent_chunked_and_rewritten_goes_with_its_length_alone(
+    engine: BudgetEngine, library: Any
+) -> None:
+    """A body given as an iterator goes `transfer-encoding: chunked`; rewritten (a stream asked
+    for its usage), it goes with its length alone: under httpx it went with both headers, which
+    a server refuses (uvicorn answered 400: RFC 9112 forbids it)."""
+    sent: list[dict[str, str]] = []
+
+    async def provider(request: Any) -> Any:
+        sent.append(dict(request.headers))
+        body = json.loads(await request.aread())
+        assert body["stream_options"] == {"include_usage": True}
+        usage = {"prompt_tokens": 10, "completion_tokens": 2}
+        events = f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
+        headers = {"content-type": "text/event-stream"}
+        return library.Response(200, headers=headers, content=events.encode())
+
+    key = engine.manager.create_virtual_key(name="alice")
+    transport = BudgetTransport(library.MockTransport(provider), engine=engine)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield json.dumps({"model": "gpt-4o", "messages": MESSAGES, "stream": True}).encode()
+
+    async with library.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key=key.value):
+            answer = await http.post("https://api.openai.com/v1/chat/completions", content=chunks())
+            await answer.aread()
+    print(
+        "headers the provider got:",
+        {k: v for k, v in sent[0].items() if "length" in k or "transfer" in k},
+    )
+    assert "transfer-encoding" not in sent[0]
+    assert int(sent[0]["content-length"]) > 0 and answer.status_code == 200
+
+
+async def test_a_transport_wrapping_another_of_its_engine_counts_a_call_once(
+    engine: BudgetEngine,
+) -> None:
+    """`BudgetTransport(BudgetTransport(...))` on one engine: the outer one meters, the inner
+    passes the call on (as a middleware further in does). Each call was counted and charged
+    twice: a key allowed 2 requests an hour was refused its second call. The mark goes with
+    the call: the same request sent again is metered again."""
+    key = engine.manager.create_virtual_key(
+        name="alice", rate_limit={"request_max_limit": 2, "request_reset_duration": "1h"}
+    )
+    fake = Counting()
+    inner = BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
+    url = "https://api.openai.com/v1/chat/completions"
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    statuses = []
+    async with httpx2.AsyncClient(transport=BudgetTransport(inner, engine=engine)) as http:
+        with charge_to(virtual_key=key.value):
+            request = http.build_request("POST", url, json=body)
+            for sent in (request, request, http.build_request("POST", url, json=body)):
+                statuses.append((await http.send(sent)).status_code)
+    await engine.flush()
+    rows = records(engine)
+    print(f"3 calls through two transports: {statuses}, {fake.calls} sent, {len(rows)} records")
+    assert statuses == [200, 200, 429] and fake.calls == 2 and len(rows) == 2
+
+
+async def test_a_transport_s_hooks_go_with_it(engine: BudgetEngine) -> None:
+    """A transport made per job with a hook of its own (a closure): each job's hook hears its
+    own call once, and the engine keeps none once the transports are gone. It kept all 50, and
+    job 0's was called for every job's call (1,275 calls for 50)."""
+    key = engine.manager.create_virtual_key(name="alice")
+    heard: list[int] = []
+    fake = Counting()
+    for job in range(50):
+        transport = BudgetTransport(
+            httpx2.ASGITransport(fake),
+            engine=engine,
+            on_settled=lambda _, job=job: heard.append(job),
+        )
+        async with httpx2.AsyncClient(transport=transport) as http:
+            with charge_to(virtual_key=key.value):
+                answer = await http.post(
+                    "https://api.openai.com/v1/chat/completions",
+                    json={"model": "gpt-4o", "messages": MESSAGES},
+                )
+        assert answer.status_code == 200
+        engine.hooks.drain()
+        del transport, http
+        gc.collect()
+    kept = len(engine.hooks.on_settled)
+    print(f"50 jobs: {len(heard)} hook calls, {kept} hooks kept by the engine")
+    assert sorted(heard) == list(range(50)) and kept == 0
+
+    def shared(record: Any) -> None:  # given by two transports: it stays while one lives
+        pass
+
+    first = BudgetTransport(engine=engine, on_settled=shared)
+    second = BudgetTransport(engine=engine, on_settled=shared)
+    del first
+    gc.collect()
+    assert engine.hooks.on_settled == (shared,)
+    del second
+    gc.collect()
+    assert engine.hooks.on_settled == ()
+
+
+async def test_charge_to_decorates_what_returns_the_sdk_s_coroutine(engine: BudgetEngine) -> None:
+    """A plain function that returns the async SDK's call for its caller to await, and an
+    object whose `__call__` is async, decorated with `charge_to`: the call is charged to the
+    key. Both ran unpaid (the payer was set while the coroutine was made, not while it ran)."""
+    key = engine.manager.create_virtual_key(name="alice")
+    fake = Counting()
+    sdk = openai_client(fake, engine)
+
+    @charge_to(virtual_key_id=key.id)
+    def summarize() -> Any:
+        return sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+    class Job:
+        async def __call__(self) -> Any:
+            return await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+    await summarize()
+    await charge_to(virtual_key_id=key.id)(Job())()
+    await engine.flush()
+    payers = [r["virtual_key_id"] for r in records(engine)]
+    print("payers of a returned coroutine and an async callable:", payers)
+    assert payers == [key.id, key.id]
+
+
+def test_one_transport_serves_httpx_and_httpx2_clients(
+    make_settings: Settings, provider_url: str
+) -> None:
+    """One `BudgetSyncTransport()` (its own inner transports) given to an httpx2 client and an
+    httpx one: each library's calls go through that library's own transport. The second
+    library's failed (`AssertionError`): the inner transport was the first's."""
+    settings = make_settings(flush_interval_seconds=3600, provider_hosts='{"127.0.0.1": "openai"}')
+    shared = BudgetSyncTransport(settings=settings)
+    engine = shared.meter.engine
+    key = engine.manager.create_virtual_key(name="alice")
+    statuses = []
+    with (
+        httpx2.Client(transport=shared) as two,
+        httpx.Client(transport=shared) as one,
+        charge_to(virtual_key=key.value),
+    ):
+        for http in (two, one, two):
+            answer = http.post(
+                f"{provider_url}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": MESSAGES},
+            )
+            statuses.append((type(http).__module__, answer.status_code))
+    from budget_middleware.outbound.transport import on_loop
+
+    on_loop(engine, engine.flush)
+    rows = records(engine)
+    print("httpx2, httpx, httpx2 through one transport:", statuses, f"{len(rows)} records")
+    assert [s for _, s in statuses] == [200, 200, 200] and len(rows) == 3
+    on_loop(engine, engine.shutdown)

@@ -46,7 +46,8 @@ _UNKNOWN = "Unknown virtual key"
 _LIFESPAN_ENDS = frozenset(
     ("lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed")
 )
-_REWRITTEN = (b"content-length", b"content-encoding")  # not the rewritten body's
+# Not the rewritten body's: its length is known (a body sent chunked goes with its length).
+_REWRITTEN = (b"content-length", b"content-encoding", b"transfer-encoding")
 
 
 class BodyTooLarge(Exception):

@@ -71,9 +71,10 @@ _MAX_NOTE = 200  # the store's `note` column
 _JSON_STARTS = (b"{", b"[")  # an untyped answer that begins so is JSON, not an event stream
 
 logger = logging.getLogger("budget_middleware")
-# The mark an adapter leaves in a request it meters (the ASGI scope, the WSGI environ): the
-# engine. A middleware of the same engine further in (added to a mounted sub-app as well as to
-# the top app) passes the request on: counted and charged once, by the outer one.
+# The mark an adapter leaves in a request it meters (the ASGI scope, the WSGI environ, an
+# outbound call's extensions): the engine. A middleware of the same engine further in (added to
+# a mounted sub-app as well as to the top app), or a transport (one `BudgetTransport` wrapping
+# another), passes the request on: counted and charged once, by the outer one.
 METERED_BY = "budget_middleware.engine"
 _DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped answers, until they end
 

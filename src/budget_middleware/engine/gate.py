@@ -61,6 +61,14 @@ class Undecodable(bytes):
     coding = ""
 
 
+class Unreadable(bytes):
+    """A request body sent in a coding read nowhere here (br, zstd): the bytes as sent, marked
+    by `Gate.plain_body` so that `decide` refuses it (415) unless it reads as JSON all the same.
+    Its model and limits cannot be read."""
+
+    coding = ""
+
+
 class Refused(NamedTuple):
     """A refusal worked out before admission: (status, code, message) of its answer."""
 
@@ -152,12 +160,15 @@ class Gate:
 
     def plain_body(self, body: bytes, encoding: str) -> bytes | None:
         """A request body sent with a `content-encoding` (gzip, deflate), decoded to be read:
-        the app still gets it as sent. One in another coding is read as it is; one that does
-        not decode (corrupt, cut short) is `Undecodable`, which `decide` refuses (400
-        `undecodable_body`). None: over BUDGET_MAX_BODY_BYTES once decoded (a 413)."""
+        the app (or the provider) still gets it as sent. One in another coding is `Unreadable`,
+        and one that does not decode (corrupt, cut short) `Undecodable`: `decide` refuses them
+        (415 `unsupported_content_encoding`, 400 `undecodable_body`). None: over
+        BUDGET_MAX_BODY_BYTES once decoded (a 413)."""
         decoder = BodyDecoder(encoding, max_size=self.max_body)
         if not decoder.supported:
-            return body
+            unreadable = Unreadable(body)  # (a copy: on this seldom path only)
+            unreadable.coding = encoding
+            return unreadable
         plain = decoder.decode(body)
         if plain is None:
             if decoder.oversized:
@@ -283,15 +294,13 @@ class Gate:
                     message = _UNDECODABLE.format(body.coding)
                     return self.refuse(400, "undecodable_body", message, key=key)
                 shadowed = shadowed or "undecodable_body"
-            elif credentials.content_encoding is not None:
-                coding = credentials.content_encoding
-                if not BodyDecoder(coding).supported:  # a body in a coding read nowhere here
-                    if not self.shadow:
-                        answer = self.refuse(415, "unsupported_content_encoding",
-                                             _UNREADABLE.format(coding), key=key)  # fmt: skip
-                        answer.headers.append((b"accept-encoding", b"gzip, deflate"))
-                        return answer
-                    shadowed = shadowed or "unsupported_content_encoding"
+            elif type(body) is Unreadable:  # a body in a coding read nowhere here
+                if not self.shadow:
+                    answer = self.refuse(415, "unsupported_content_encoding",
+                                         _UNREADABLE.format(body.coding), key=key)  # fmt: skip
+                    answer.headers.append((b"accept-encoding", b"gzip, deflate"))
+                    return answer
+                shadowed = shadowed or "unsupported_content_encoding"
         if key is not None:
             target = self.resolve_target(parsed, path, credentials, key.tags, credentials.key)
         else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator, Iterable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
@@ -115,7 +115,8 @@ class charge_to:
             return cast(F, _async_generator(fn, chosen))
         if inspect.isgeneratorfunction(fn):
             return cast(F, _generator(fn, chosen))
-        if inspect.iscoroutinefunction(fn):
+        # (or an object whose `__call__` is async)
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
 
             @functools.wraps(fn)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
@@ -131,11 +132,25 @@ class charge_to:
         def run(*args: Any, **kwargs: Any) -> Any:
             token = payer.set(chosen)
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
             finally:
                 payer.reset(token)
+            if inspect.iscoroutine(result):  # an async SDK's call, returned to be awaited
+                return _paid(result, chosen)
+            return result
 
         return cast(F, run)
+
+
+async def _paid(call: Coroutine[Any, Any, Any], chosen: Payer) -> Any:
+    """`call` awaited with the payer set: a plain function decorated with `charge_to` that
+    returns the coroutine an async SDK's method made (`return client.chat.completions.create(
+    ...)`) had the payer only while it made it, and the call ran unpaid when awaited."""
+    token = payer.set(chosen)
+    try:
+        return await call
+    finally:
+        payer.reset(token)
 
 
 # The payers `charge_to` blocks replaced, innermost last, in this context.

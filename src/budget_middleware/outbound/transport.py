@@ -46,7 +46,7 @@ from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept
 from budget_middleware.engine.cache import NOT_CACHED, NotCached
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import Exchange
+from budget_middleware.engine.exchange import METERED_BY, Exchange
 from budget_middleware.engine.gate import RoutePlan, body_to_send, parse_json
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.portal import (
@@ -66,7 +66,8 @@ from budget_middleware.settings import BudgetSettings
 
 T = TypeVar("T")
 _UNKNOWN = "Unknown virtual key"
-_REWRITTEN = (b"content-length", b"content-encoding")  # not the rewritten body's
+# Not the rewritten body's: its length is known (a body sent chunked goes with its length).
+_REWRITTEN = (b"content-length", b"content-encoding", b"transfer-encoding")
 _USUAL_ACCEPT = USUAL_ACCEPT.decode()
 
 # From the moment an app imports the transports (at its top, as it does), the middlewares note
@@ -78,10 +79,15 @@ class _Meter:
     """What both transports share: which calls are metered, who pays, and the answers."""
 
     def __init__(
-        self, settings: BudgetSettings | None, engine: BudgetEngine | None, hooks: dict[str, Any]
+        self,
+        settings: BudgetSettings | None,
+        engine: BudgetEngine | None,
+        hooks: dict[str, Any],
+        owner: object,
     ) -> None:
         self.engine = engine if engine is not None else get_engine(settings)
-        self.engine.add_hooks(**hooks)  # on_alert, on_refusal, on_settled (SPEC §14)
+        # on_alert, on_refusal, on_settled (SPEC §14): the engine's while the transport lives
+        self.engine.add_hooks(**hooks, owner=owner)
         s = self.engine.settings
         self.shadow = s.mode == "shadow"
         self.suffixes = s.inference_paths
@@ -512,9 +518,10 @@ class _Transport:
         on_refusal: Hook | None = None,
         on_settled: Hook | None = None,
     ) -> None:
-        self.transport = transport
+        self.transport = transport  # the one given, else each library's own, made on first use:
+        self.own: dict[ModuleType, Any] = {}  # one transport may serve httpx and httpx2 clients
         hooks = {"on_alert": on_alert, "on_refusal": on_refusal, "on_settled": on_settled}
-        self.meter = _Meter(settings, engine, hooks)
+        self.meter = _Meter(settings, engine, hooks, self)
         self._lock = threading.Lock()  # threads share a sync client: one transport, one pool
 
 
@@ -523,17 +530,20 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
     inference calls going through `transport` (default: the library's own)."""
 
     def _inner(self, lib: ModuleType) -> Any:
-        if self.transport is None:
-            self.transport = lib.AsyncHTTPTransport()
-        return self.transport
+        if self.transport is not None:
+            return self.transport
+        own = self.own.get(lib)
+        if own is None:
+            own = self.own[lib] = lib.AsyncHTTPTransport()
+        return own
 
     async def handle_async_request(self, request: Any) -> Any:
         lib = _library(request)
         inner = self._inner(lib.module)
         meter = self.meter
         path = meter.metered(request)
-        if path is None:
-            return await inner.handle_async_request(request)
+        if path is None or request.extensions.get(METERED_BY) is meter.engine:
+            return await inner.handle_async_request(request)  # or metered further out
         headers = request.headers.raw
         names = _names(headers)
         body = meter.readable(headers, names, await request.aread())
@@ -552,7 +562,12 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         exchange: Exchange = admitted  # type: ignore[assignment]
         try:
             sent = meter.outgoing(lib.module, request, headers, names, exchange)
-            response = await inner.handle_async_request(sent)
+            marks = sent.extensions  # metered here: a transport of this engine further in
+            marks[METERED_BY] = meter.engine  # passes it on (`METERED_BY`), till it is sent
+            try:
+                response = await inner.handle_async_request(sent)
+            finally:
+                marks.pop(METERED_BY, None)  # a request sent again is metered again
         except BaseException as exc:
             exchange.sent_unanswered = _sent(lib.module, exc)
             await _settled(meter, exchange, _failed(exc))
@@ -560,8 +575,9 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         return meter.metered_response(lib.module, request, response, exchange, lib.async_stream)
 
     async def aclose(self) -> None:
-        if self.transport is not None:
-            await self.transport.aclose()
+        for transport in (self.transport, *self.own.values()):
+            if transport is not None:
+                await transport.aclose()
 
 
 def _home(engine: BudgetEngine) -> asyncio.AbstractEventLoop | None:
@@ -873,19 +889,23 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
     engine admits; the call itself runs in the caller's thread."""
 
     def _inner(self, lib: ModuleType) -> Any:
-        if self.transport is None:
+        if self.transport is not None:
+            return self.transport
+        own = self.own.get(lib)
+        if own is None:
             with self._lock:  # threads share the client: one transport, one pool
-                if self.transport is None:
-                    self.transport = lib.HTTPTransport()
-        return self.transport
+                own = self.own.get(lib)
+                if own is None:
+                    own = self.own[lib] = lib.HTTPTransport()
+        return own
 
     def handle_request(self, request: Any) -> Any:
         lib = _library(request)
         inner = self._inner(lib.module)
         meter = self.meter
         path = meter.metered(request)
-        if path is None:
-            return inner.handle_request(request)
+        if path is None or request.extensions.get(METERED_BY) is meter.engine:
+            return inner.handle_request(request)  # or metered further out
         headers = request.headers.raw
         names = _names(headers)
         body = meter.readable(headers, names, request.read())
@@ -912,7 +932,12 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
         exchange: Exchange = admitted  # type: ignore[assignment]
         try:
             sent = meter.outgoing(lib.module, request, headers, names, exchange)
-            response = inner.handle_request(sent)
+            marks = sent.extensions  # as the async transport marks it
+            marks[METERED_BY] = meter.engine
+            try:
+                response = inner.handle_request(sent)
+            finally:
+                marks.pop(METERED_BY, None)
         except BaseException as exc:
             exchange.sent_unanswered = _sent(lib.module, exc)
             meter.settle_sync(exchange, _failed(exc))
@@ -920,8 +945,9 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
         return meter.metered_response(lib.module, request, response, exchange, lib.sync_stream)
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        for transport in (self.transport, *self.own.values()):
+            if transport is not None:
+                transport.close()
 
 
 class _Handoff:
