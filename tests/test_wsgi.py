@@ -2147,3 +2147,99 @@ def test_a_request_through_the_middleware_twice_is_counted_and_charged_once(
     print("statuses", statuses, "usage records", len(rows), "for 2 requests")
     assert statuses == [200, 200]
     assert len(rows) == 2
+
+
+async def test_a_wsgi_app_an_asgi_app_mounts_is_metered_once_by_the_outer_middleware(
+    make_settings: Settings,
+) -> None:
+    """A FastAPI/Starlette app with `BudgetMiddleware` mounting a Flask app through Starlette's
+    `WSGIMiddleware` (FastAPI's documented way), the Flask app metered on its own too, one
+    engine: the environ is built afresh, without the scope's mark, so each request was counted
+    and charged twice (a key allowed 3 requests an hour refused its second). The inner
+    middleware passes on what the outer one meters (`metering`, a context variable)."""
+    import warnings
+
+    from starlette.exceptions import StarletteDeprecationWarning
+    from starlette.routing import Mount
+
+    with warnings.catch_warnings():  # Starlette's, deprecated for a2wsgi's (which copies the
+        warnings.simplefilter("ignore", StarletteDeprecationWarning)  # context as it does)
+        from starlette.middleware.wsgi import WSGIMiddleware
+
+    settings = make_settings(flush_interval_seconds=3600)
+    flask_app = flask_host(settings)
+    app = BudgetMiddleware(
+        Starlette(routes=[Mount("/legacy", WSGIMiddleware(flask_app))]), settings
+    )
+    engine = app.engine
+    assert engine is engine_of(flask_app)
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="alice", rate_limit={"request_max_limit": 3, "request_reset_duration": "1h"}
+        )
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            statuses = [
+                (
+                    await client.post(
+                        "/legacy/v1/chat/completions", json=chat(), headers=bearer(key.value or "")
+                    )
+                ).status_code
+                for _ in range(4)
+            ]
+        await engine.flush()
+        with engine.store.engine.connect() as conn:
+            costs = [c for (c,) in conn.execute(text("SELECT cost_nanos FROM bm_usage_records"))]
+    print(f"4 requests through both middlewares: {statuses}; records {costs}")
+    assert statuses == [200, 200, 200, 429]
+    assert costs == [PRICE_NANOS] * 3
+
+
+def test_tag_header_lines_are_one_list_under_asgi_as_under_wsgi(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """A gateway's `x-budget-tags` line and the client's: a WSGI server joins them (PEP 3333),
+    so both lines' tags count; the ASGI middleware read the first line alone, and a tag budget
+    named on the second never applied there (200 where WSGI answered 402)."""
+    tiny = [{"max_limit": 0.000001}]  # spent by one call
+    lines = [("x-budget-tags", "product:chat"), ("x-budget-tags", "team:capped")]
+    flask_app = flask_host(make_settings(flush_interval_seconds=3600))
+    manager = engine_of(flask_app).manager
+    manager.put_tag("team:capped", budgets=tiny)
+    key = manager.create_virtual_key(name="alice").value or ""
+    client = Client(flask_app)
+    wsgi = [
+        client.post(
+            "/v1/chat/completions",
+            json=chat(),
+            headers=[*bearer(key).items(), *lines],
+            buffered=True,  # read whole: settled before the next
+        )
+        for _ in range(2)
+    ]
+
+    async def upstream(request: Request) -> StarletteResponse:
+        await request.body()
+        return StarletteResponse(COMPLETION, media_type="application/json")
+
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/asgi.db", admin_key="admin")
+    routes = [Route("/v1/chat/completions", upstream, methods=["POST"])]
+    asgi_app = BudgetMiddleware(Starlette(routes=routes), settings=settings)
+
+    async def through_asgi() -> list[int]:
+        async with running(asgi_app):
+            asgi_manager = get_engine(settings).manager
+            asgi_manager.put_tag("team:capped", budgets=tiny)
+            value = asgi_manager.create_virtual_key(name="alice").value or ""
+            headers = [*bearer(value).items(), *lines]
+            transport = httpx.ASGITransport(asgi_app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                return [
+                    (await c.post("/v1/chat/completions", json=chat(), headers=headers)).status_code
+                    for _ in range(2)
+                ]
+
+    asgi = asyncio.run(through_asgi())
+    statuses = [answer.status_code for answer in wsgi]
+    print(f"two tag lines, the second's budget spent by one call: WSGI {statuses}, ASGI {asgi}")
+    assert statuses == asgi == [200, 402]

@@ -26,7 +26,7 @@ from budget_middleware.core.identity import (
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import METERED_BY, Exchange
+from budget_middleware.engine.exchange import METERED_BY, Exchange, metering
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.mounts import admin_mount, announce
@@ -294,6 +294,7 @@ class BudgetMiddleware:
             state = scope["state"] = {}
         state["budget"] = exchange.name_caller()
         scope[METERED_BY] = engine
+        marked = metering.set(engine)  # and for a WSGI app it mounts
         exchange.receive_ = receive
         exchange.send_ = send
         outcome = "completed"
@@ -309,6 +310,7 @@ class BudgetMiddleware:
             outcome = "upstream_error"
             raise
         finally:
+            metering.reset(marked)
             if not exchange.settled:  # as a rule, settled as the answer's last chunk went
                 if exchange.client_gone:  # as the last chunk went too (the send failed)
                     outcome = "client_disconnected"

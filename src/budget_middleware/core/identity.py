@@ -117,7 +117,8 @@ def header_reader(
     """Build, once, the function that reads the headers of a metered request: one dict of them,
     built in C, and a lookup per header of interest (a client SDK sends a dozen others). A
     header sent twice counts by its first value, as the host app reads it (Starlette's
-    `request.headers`): the key the app sees is the key charged.
+    `request.headers`): the key the app sees is the key charged. But `x-budget-tags`, a list:
+    its lines are one list, as a WSGI server joins them (a gateway's line and the client's).
     `key_header_name` carries a key of any value; bearer and API-key headers count only with
     `prefix` (`BUDGET_KEY_HEADER`, `BUDGET_KEY_PREFIX`)."""
     key_header = key_header_name.lower().encode()
@@ -153,7 +154,7 @@ def header_reader(
                 size = None
         credentials = Credentials(key or None, None, (), size)  # by position: ~0.25 µs less
         if not _SELDOM_SENT.isdisjoint(found):  # one C call: the usual request sends none
-            _read_seldom_sent(credentials, get)
+            _read_seldom_sent(credentials, get, rows)
         accept = get(b"accept-encoding")
         if accept is not None and accept != USUAL_ACCEPT:
             credentials.accept_encoding = readable_accept(accept.decode("latin-1"))
@@ -166,13 +167,20 @@ def header_reader(
 _SELDOM_SENT = frozenset({b"x-budget-provider", b"x-budget-tags", b"content-encoding"})
 
 
-def _read_seldom_sent(credentials: Credentials, get: Callable[[bytes], bytes | None]) -> None:
+def _read_seldom_sent(
+    credentials: Credentials,
+    get: Callable[[bytes], bytes | None],
+    rows: Iterable[tuple[bytes, bytes]],
+) -> None:
     """The provider, tags and body coding a request's headers name (`header_reader`)."""
     provider = get(b"x-budget-provider")
     if provider is not None:
         credentials.provider = header_text(provider).strip() or None
     tags = get(b"x-budget-tags")
     if tags is not None:
+        lines = [value for name, value in rows if name == b"x-budget-tags"]
+        if len(lines) > 1:  # every line's tags, as a WSGI server reads them, joined
+            tags = b",".join(lines)
         credentials.tags = _split_tags(header_text(tags))
     encoding = get(b"content-encoding")
     if encoding is not None:

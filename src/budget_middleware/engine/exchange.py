@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from contextvars import ContextVar
 from dataclasses import replace
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -76,6 +77,10 @@ logger = logging.getLogger("budget_middleware")
 # a mounted sub-app as well as to the top app), or a transport (one `BudgetTransport` wrapping
 # another), passes the request on: counted and charged once, by the outer one.
 METERED_BY = "budget_middleware.engine"
+# The same, for a request an ASGI middleware passes on to a WSGI app it mounts (Starlette's
+# `WSGIMiddleware`, which builds the environ afresh: the scope's mark is not in it): the engine
+# metering the request being served in this context, else None.
+metering: ContextVar[object] = ContextVar("budget_middleware.metering", default=None)
 _DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped answers, until they end
 
 

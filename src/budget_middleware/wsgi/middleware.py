@@ -48,7 +48,13 @@ from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import COST_HEADER, METERED_BY, BudgetState, Exchange
+from budget_middleware.engine.exchange import (
+    COST_HEADER,
+    METERED_BY,
+    BudgetState,
+    Exchange,
+    metering,
+)
 from budget_middleware.engine.gate import body_to_send, parse_json
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.mounts import admin_mount
@@ -317,8 +323,8 @@ class BudgetWSGIMiddleware:
         self, environ: WSGIEnvironment, start_response: StartResponse, path: str
     ) -> Iterable[bytes]:
         engine = self.engine
-        if environ.get(METERED_BY) is engine:  # metered further out: counted and charged there
-            return self.app(environ, start_response)
+        if environ.get(METERED_BY) is engine or metering.get() is engine:
+            return self.app(environ, start_response)  # metered further out: counted there
         started = perf_counter()
         credentials = self._credentials(environ)
         length = credentials.content_length
