@@ -813,6 +813,27 @@ async def test_reasoning_tokens_left_out_of_completion_tokens_are_charged(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_a_model_s_fee_a_request_is_charged_with_its_tokens(
+    make_settings: Settings, stream: bool
+) -> None:
+    """Perplexity's Sonar models cost $12 a thousand requests beside their tokens (the
+    catalog's `requests_kcount`): an answer that does not report its cost is charged both, as
+    genai-prices prices it. The fee was left out: 300,000 nano-dollars of 12,300,000 (41
+    times less)."""
+    usage = {"prompt_tokens": 100, "completion_tokens": 200}
+    row = await charged_for(
+        make_settings,
+        "/v1/chat/completions",
+        "perplexity/sonar",
+        chat_answer(usage, stream, "sonar"),
+    )
+    want = nanos(Usage(input_tokens=100, output_tokens=200), "sonar", "perplexity")
+    print("sonar, 100 in and 200 out: charged", row.cost_nanos, "genai-prices", want)
+    assert (row.cost_source, row.cost_nanos) == ("catalog", want)
+    assert want == 300 * 1_000 + 12_000_000  # $1 a million tokens, and the fee
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_thoughts_counted_in_the_total_alone_are_charged_as_output(
     make_settings: Settings, stream: bool
 ) -> None:

@@ -505,3 +505,21 @@ def test_hours_priced_apart_are_in_force_as_genai_prices_says(start: int, end: i
     want = [(s, rule.active(datetime.fromtimestamp(day + s, UTC))) for s, _ in found]
     print(f"{clock(start)}-{clock(end)}:", found)
     assert found == want
+
+
+def test_a_fee_a_request_is_charged_and_reserved_once_whatever_the_tokens(tmp_path: Path) -> None:
+    """`request_per_k` (a pricing file's, or the catalog's `requests_kcount`): USD a thousand
+    requests, added once to a request's cost and to its reservation, whatever its tokens or
+    choices; a model without one adds nothing."""
+    entry = {"input_per_mtok": 1, "output_per_mtok": 1, "request_per_k": 5}
+    price = PriceBook(write_prices(tmp_path, {"models": {"acme/sonar": entry}})).price(
+        "acme", "sonar"
+    )
+    assert price is not None and price.request_per_k == 5
+    fee = 5_000_000  # $5 a thousand requests: half a cent each
+    alone = cost_nanos(price, TokenUsage())
+    tokens = cost_nanos(price, TokenUsage(input_tokens=1000, output_tokens=2000))
+    reserved = estimate_nanos(price, 1000, 3 * 2000)  # three choices of 2,000 tokens at most
+    print(f"fee alone {alone}, with 3,000 tokens {tokens}, reserved {reserved} n$")
+    assert (alone, tokens, reserved) == (fee, fee + 3000 * 1000, fee + 7000 * 1000)
+    assert cost_nanos(ModelPrice(1.0, 1.0), TokenUsage()) == 0

@@ -30,8 +30,8 @@ def _rate(usd_per_mtok: float) -> int:
 
 
 # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
-# femto-dollars per token, and a web search's.
-_Rates = tuple[int, int, int, int, int, int, int, int]
+# femto-dollars per token, a web search's and a request's.
+_Rates = tuple[int, int, int, int, int, int, int, int, int]
 
 
 def price_key(provider: str | None, model: str) -> str:
@@ -67,7 +67,8 @@ class DeploymentPrice:
 class ModelPrice:
     """USD per million tokens; cache reads/writes and input audio without a price of their own
     cost the input, output audio the output, 1-hour cache writes a cache write; web searches
-    without a price cost nothing.
+    without a price cost nothing. `request_per_k`: a fee per request (USD a thousand requests:
+    Perplexity's Sonar models), whatever its tokens.
 
     `tiers`: (start, prices) of long-context tiers, by start: a request of more than `start`
     input tokens (cache reads and writes included) pays that tier's prices on every token.
@@ -87,6 +88,7 @@ class ModelPrice:
     input_audio_per_mtok: float | None = None
     output_audio_per_mtok: float | None = None
     web_search_per_k: float | None = None  # USD per thousand searches
+    request_per_k: float | None = None  # USD per thousand requests
     tiers: tuple[tuple[int, ModelPrice], ...] = ()
     service_tiers: tuple[tuple[str, ModelPrice], ...] = ()
     daily: tuple[tuple[float, float, ModelPrice], ...] = ()
@@ -108,6 +110,7 @@ class ModelPrice:
             inp if heard is None else _rate(heard),
             out if spoken is None else _rate(spoken),
             0 if self.web_search_per_k is None else _rate(self.web_search_per_k) * _PER_K_PER_MTOK,
+            0 if self.request_per_k is None else _rate(self.request_per_k) * _PER_K_PER_MTOK,
         )
         object.__setattr__(self, "_rates", rates)
 
@@ -172,7 +175,7 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     out = usage.output_tokens
     if out < 0:  # conditionals, not max(): this runs on every request
         out = 0
-    femto = out * rates[1]
+    femto = out * rates[1] + rates[8]  # (the fee a request, most models none)
     plain = usage.input_tokens
     read = usage.cached_tokens
     write = usage.cache_write_tokens
@@ -200,7 +203,7 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
     """What the kinds with rates of their own add, in femto-dollars, to their tokens priced as
     cache writes, input or output: each within its whole (1-hour writes within the writes, input
     audio within the uncached input, output audio within the output)."""
-    r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search = rates
+    r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search, _ = rates
     hour = min(max(usage.cache_write_1h_tokens, 0), write)
     heard = min(max(usage.input_audio_tokens, 0), plain)
     spoken = min(max(usage.output_audio_tokens, 0), out)
@@ -236,7 +239,7 @@ def estimate_nanos(
     inp = rates[0]
     if caches:
         inp = max(inp, rates[3], rates[4]) if caches > 1 else max(inp, rates[3])
-    femto = input_tokens * inp + output_tokens * out
+    femto = input_tokens * inp + output_tokens * out + rates[8]
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
 

@@ -54,6 +54,7 @@ class _FilePrice(pydantic.BaseModel):
     input_audio_per_mtok: _Price | None = None
     output_audio_per_mtok: _Price | None = None
     web_search_per_k: _Price | None = None
+    request_per_k: _Price | None = None
 
 
 class _PricingFile(pydantic.BaseModel):
@@ -360,6 +361,7 @@ def _token_price(prices: gp.ModelPrice, above: int) -> ModelPrice | None:
         input_audio_per_mtok=at(prices.input_audio_mtok),
         output_audio_per_mtok=at(prices.output_audio_mtok),
         web_search_per_k=at(prices.web_searches_kcount),
+        request_per_k=at(prices.requests_kcount),
     )
 
 
