@@ -2243,3 +2243,15 @@ def test_tag_header_lines_are_one_list_under_asgi_as_under_wsgi(
     statuses = [answer.status_code for answer in wsgi]
     print(f"two tag lines, the second's budget spent by one call: WSGI {statuses}, ASGI {asgi}")
     assert statuses == asgi == [200, 402]
+
+
+def test_a_head_request_to_the_wsgi_admin_api_gets_headers_alone(make_settings: Settings) -> None:
+    """HEAD answers headers only, the body's length told, as uvicorn sends the ASGI admin
+    API's. The WSGI app gave the JSON body as well, which waitress sent after the headers."""
+    admin = create_admin_wsgi_app(make_settings())
+    client = Client(admin)
+    got = client.get("/health")
+    head = client.head("/health")
+    print(f"GET {got.status_code} {len(got.data)} bytes; HEAD {head.status_code} {len(head.data)}")
+    assert (head.status_code, head.data) == (200, b"")
+    assert head.headers["content-length"] == str(len(got.data)) != "0"

@@ -51,6 +51,8 @@ class AdminWSGIApp:
         start_response(
             status_line(status), [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
         )
+        if scope["method"] == "HEAD":  # its headers alone, as an ASGI server sends them (some
+            return []  # WSGI servers, waitress, send what the app gives: a body after them)
         return [content]
 
 
