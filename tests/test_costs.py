@@ -833,6 +833,22 @@ async def test_a_model_s_fee_a_request_is_charged_with_its_tokens(
     assert want == 300 * 1_000 + 12_000_000  # $1 a million tokens, and the fee
 
 
+async def test_a_huge_answer_with_its_usage_first_is_charged_its_usage(
+    make_settings: Settings,
+) -> None:
+    """Of a JSON answer over 2 MiB the last MiB is kept (usage sits at the end), and its first
+    64 KiB: an app that writes its usage first (`{"usage": ..., "choices": [...]}`) is
+    charged that usage. Every byte was charged as output instead, estimated: 7,500,402,500
+    nano-dollars for 3,500,000 (2,143 times the cost)."""
+    usage = {"prompt_tokens": 1_000, "completion_tokens": 100}
+    text = "word " * 600_000  # 3 MB
+    answer = {"usage": usage, "choices": [{"message": {"role": "assistant", "content": text}}]}
+    row = await charged_for(make_settings, "/v1/chat/completions", "openai/gpt-4o", answer)
+    want = nanos(Usage(input_tokens=1_000, output_tokens=100), "gpt-4o", "openai")
+    print("3 MB, its usage first: charged", row.cost_nanos, "genai-prices", want)
+    assert (row.cost_nanos, row.estimated) == (want, False)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_thoughts_counted_in_the_total_alone_are_charged_as_output(
     make_settings: Settings, stream: bool

@@ -18,6 +18,7 @@ from budget_middleware.core.usage import (
     answered_chars,
     readable_accept,
     spoken_chars,
+    usage_from_head,
     usage_from_json,
     usage_from_mapping,
 )
@@ -786,3 +787,30 @@ def test_a_spoken_answer_s_transcripts_are_told_apart_from_its_other_text() -> N
         within = {"message": within}
     assert spoken_chars(json.dumps({"output": within}).encode()) == 33  # in objects too
     assert spoken_chars(json.dumps({"output": {"more": within}}).encode()) == 0
+
+
+@pytest.mark.parametrize(
+    ("head", "counts"),
+    [
+        (b'{"usage": {"prompt_tokens": 5, "completion_tokens": 7}, "choices": [{"t": "x', (5, 7)),
+        (b'{"id": "a", "usage" : {"input_tokens": 3, "output_tokens": 4}, "content": [', (3, 4)),
+        # a key in a string, a nested `usage`, a value "usage": none of them the top-level key
+        (
+            b'{"a": "\\"usage\\": {}", "usage": {"prompt_tokens": 2, "completion_tokens": 1}, "b',
+            (2, 1),
+        ),
+        (b'{"choices": [{"usage": {"prompt_tokens": 5}}], "id": "usage", "x', None),
+        (b'{"usage": {"prompt_tokens": 5, "completion_tok', None),  # cut within it
+        (b'[{"usage": {"prompt_tokens": 5, "completion_tokens": 1}}, ', None),  # not an object
+    ],
+    ids=["first", "after-a-field", "past-a-string", "nested-only", "cut", "in-a-list"],
+)
+def test_a_huge_answer_s_usage_is_read_from_its_head_only_at_the_top_level(
+    head: bytes, counts: tuple[int, int] | None
+) -> None:
+    """`usage_from_head`: the top-level `usage` object of a JSON answer's first bytes, when they
+    hold it whole; never a nested one, a key inside a string, or a value."""
+    usage = usage_from_head(head)
+    got = None if usage is None else (usage.input_tokens, usage.output_tokens)
+    print(head[:40], "->", got)
+    assert got == counts

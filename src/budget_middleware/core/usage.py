@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -277,6 +278,36 @@ def _readable(usage: Mapping[str, Any], key: str) -> bool:
     if type(value) is int:
         return value >= 0
     return type(value) is float and math.isfinite(value) and value >= 0
+
+
+# A JSON string, or a bracket: what tells a key's depth in a document (`usage_from_head`).
+_STRING_OR_BRACKET: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[][{}]', re.DOTALL)
+
+
+def usage_from_head(head: bytes) -> TokenUsage | None:
+    """The usage of a huge JSON answer that writes it before its bulk (`{"usage": {...},
+    "choices": [...]}`), whose kept tail holds none: the top-level `usage` object of its
+    first bytes `head`, when they hold it whole; else None."""
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(head):
+        token = match.group()
+        first = token[0]
+        if first == 0x22:  # a string: the key, at the top level and followed by a colon?
+            if depth == 1 and token == _USAGE_KEY:
+                rest = head[match.end() :].lstrip()
+                if rest[:1] != b":":
+                    continue  # a value, not a key
+                try:
+                    text = rest[1:].decode(errors="replace")  # (cut at any byte)
+                    usage, _ = json.JSONDecoder().raw_decode(text.lstrip())
+                except (ValueError, RecursionError):  # not whole in the head
+                    return None
+                return usage_from_mapping(usage) if type(usage) is dict else None
+        elif first == 0x7B or first == 0x5B:  # { [
+            depth += 1
+        else:
+            depth -= 1
+    return None
 
 
 def usage_from_json(body: bytes, tiered: bool = False) -> TokenUsage | None:

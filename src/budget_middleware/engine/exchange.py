@@ -35,6 +35,7 @@ from budget_middleware.core.usage import (
     answered_chars,
     json_loads,
     spoken_chars,
+    usage_from_head,
     usage_from_json,
 )
 from budget_middleware.headers import (
@@ -55,6 +56,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 _JSON_TAIL = 1 << 20  # of a huge JSON answer keep the last MiB: usage sits at the end
 _JSON_KEPT = 2 * _JSON_TAIL  # ... once it holds more than twice that
+_JSON_HEAD = 1 << 16  # and its first 64 KiB: some write their usage first
 _INFLATE_SLICE = 1 << 12  # a compressed answer is decoded 4 KiB at a time: ~4 MiB at most
 _FILE_CHUNK = 1 << 20  # an answer sent as a file (`read_file`) is read a MiB at a time
 COST_HEADER = b"x-budget-cost"  # the app's or upstream's cost: read, never passed on
@@ -143,6 +145,7 @@ class Exchange:
     json_parts: list[bytes] | None = None
     json_size = 0
     json_dropped = 0  # bytes of a huge JSON answer left out before its kept tail
+    json_head = b""  # ... and its first bytes, kept (`_JSON_HEAD`)
     decoder: BodyDecoder | None = None  # for a compressed answer, measured on the side
     passed_decoded = False  # a compressed stream passed on decoded, less our usage chunk
     unreadable: str | None = None
@@ -402,7 +405,10 @@ class Exchange:
     def _keep_the_tail(self) -> None:
         """Of a huge JSON answer keep the last MiB (its usage sits at the end), and count what
         is left out (for an estimate, should it hold no usage)."""
-        tail = b"".join(self.json_parts or ())[-_JSON_TAIL:]
+        whole = b"".join(self.json_parts or ())
+        if not self.json_dropped:
+            self.json_head = whole[:_JSON_HEAD]
+        tail = whole[-_JSON_TAIL:]
         self.json_dropped += self.json_size - len(tail)
         self.json_parts, self.json_size = [tail], len(tail)
 
@@ -447,7 +453,10 @@ class Exchange:
         if parts:
             price = self.price  # a tier written before the usage is looked for if it prices
             tiered = price is not None and bool(price.service_tiers)
-            return usage_from_json(b"".join(parts), tiered)  # of one part, that part: no copy
+            usage = usage_from_json(b"".join(parts), tiered)  # of one part, that part: no copy
+            if usage is None and self.json_dropped:  # a huge answer: its usage may come first
+                usage = usage_from_head(self.json_head)
+            return usage
         return None
 
     def _work_out(self, outcome: str) -> UsageRecord:
