@@ -64,6 +64,7 @@ _SIZE_FIELDS = frozenset(
         BACKGROUND_FIELD,
     )
 )
+_OUTPUT_LIMITS = frozenset(OUTPUT_LIMIT_FIELDS)
 
 
 @dataclass(slots=True)
@@ -359,37 +360,19 @@ class TargetResolver:
             if len(tags) > MAX_TAGS:
                 tags = _keep_key_tags(tags, key_tags)
         limit = None
-        choices = 1
-        tier = None
         sized = _SIZE_FIELDS.intersection(data)  # in C: none, or an output limit, usually
         if sized:
-            # Of the output limits given, the largest: upstreams differ in which one they obey.
-            for name in OUTPUT_LIMIT_FIELDS:
-                if name in sized:
-                    value = _count(data[name])
-                    if value is not None and (limit is None or value > limit):
-                        limit = value
-            if not sized.isdisjoint(CHOICE_FIELDS):
-                for name in CHOICE_FIELDS:
-                    value = _count(data.get(name))
-                    if value is not None and value > choices:
-                        choices = value
-            if SERVICE_TIER_FIELD in sized:
-                tier = tier_name(data[SERVICE_TIER_FIELD])
-            elif SPEED_FIELD in sized:
-                tier = tier_name(data[SPEED_FIELD])
-            if PROMPT_FIELD in sized:
-                choices *= _batch(data[PROMPT_FIELD])
-            background = BACKGROUND_FIELD in sized and data[BACKGROUND_FIELD] is True
-            modalities = data.get(MODALITIES_FIELD)
-            spoken = type(modalities) is list and "audio" in modalities
-            if background or spoken:
-                stream = data.get("stream") is True
-                return Target(
-                    found[0], found[1], tags, stream, limit, choices, tier, background, spoken
-                )
-        stream = data.get("stream") is True
-        return Target(found[0], found[1], tags, stream, limit, choices, tier)
+            # Of the output limits given, the largest (in any order): upstreams differ in which
+            # one they obey.
+            for name in _OUTPUT_LIMITS.intersection(sized):
+                value = data[name]
+                if type(value) is not int or value < 0:  # a count is taken as it is
+                    value = _count(value)
+                if value is not None and (limit is None or value > limit):
+                    limit = value
+            if not sized <= _OUTPUT_LIMITS:  # choices, a tier, a batch, audio: seldom asked
+                return _shaped(found, tags, data, sized, limit)
+        return Target(found[0], found[1], tags, data.get("stream") is True, limit, 1)
 
     def provider_and_model(
         self, model: str, credentials: Credentials, route_path: str
@@ -487,6 +470,36 @@ def _batch(prompt: object) -> int:
     if type(prompt) is list and prompt and type(prompt[0]) is not int:
         return len(prompt)
     return 1
+
+
+def _shaped(
+    found: tuple[str, str],
+    tags: tuple[str, ...],
+    data: dict[str, Any],
+    sized: frozenset[str],
+    limit: int | None,
+) -> Target:
+    """The target of a request whose body names more than an output limit among the fields
+    that shape its worst-case cost (`_SIZE_FIELDS`): its choices, service tier, batch,
+    background and audio output (`TargetResolver.__call__`)."""
+    choices = 1
+    tier = None
+    if not sized.isdisjoint(CHOICE_FIELDS):
+        for name in CHOICE_FIELDS:
+            value = _count(data.get(name))
+            if value is not None and value > choices:
+                choices = value
+    if SERVICE_TIER_FIELD in sized:
+        tier = tier_name(data[SERVICE_TIER_FIELD])
+    elif SPEED_FIELD in sized:
+        tier = tier_name(data[SPEED_FIELD])
+    if PROMPT_FIELD in sized:
+        choices *= _batch(data[PROMPT_FIELD])
+    background = BACKGROUND_FIELD in sized and data[BACKGROUND_FIELD] is True
+    modalities = data.get(MODALITIES_FIELD)
+    spoken = type(modalities) is list and "audio" in modalities
+    stream = data.get("stream") is True
+    return Target(found[0], found[1], tags, stream, limit, choices, tier, background, spoken)
 
 
 def _count(value: object) -> int | None:
