@@ -9,6 +9,7 @@ file, the bundled catalog) is `engine.prices`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from budget_middleware.core.money import NANOS_PER_USD
@@ -28,6 +29,9 @@ def _rate(usd_per_mtok: float) -> int:
         )
     return round(femto)
 
+
+# The tiers of a model without any (read only): one mapping for every such price.
+_NO_TIERS: Mapping[str | None, ModelPrice] = {}
 
 # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
 # femto-dollars per token, a web search's and a request's.
@@ -93,6 +97,8 @@ class ModelPrice:
     service_tiers: tuple[tuple[str, ModelPrice], ...] = ()
     daily: tuple[tuple[float, float, ModelPrice], ...] = ()
     _rates: _Rates = field(init=False, repr=False, compare=False)  # computed once
+    # `service_tiers` by name, the first of a name kept (`for_service_tier`): computed once.
+    _by_tier: Mapping[str | None, ModelPrice] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         inp = _rate(self.input_per_mtok)
@@ -113,6 +119,8 @@ class ModelPrice:
             0 if self.request_per_k is None else _rate(self.request_per_k) * _PER_K_PER_MTOK,
         )
         object.__setattr__(self, "_rates", rates)
+        tiers = dict(reversed(self.service_tiers)) if self.service_tiers else _NO_TIERS
+        object.__setattr__(self, "_by_tier", tiers)
 
 
 def in_force(price: ModelPrice, input_tokens: int) -> ModelPrice:
@@ -140,10 +148,7 @@ def for_service_tier(price: ModelPrice, tier: str | None) -> ModelPrice:
     """The prices of a request served at the service tier `tier`: that tier's when it is priced
     apart, else the standard ones ("auto", "default", a tier this model has no price of its own
     for)."""
-    for name, prices in price.service_tiers:
-        if name == tier:
-            return prices
-    return price
+    return price._by_tier.get(tier, price)
 
 
 def asked_prices(price: ModelPrice, tier: str | None) -> ModelPrice:
