@@ -228,9 +228,9 @@ class Exchange:
         if self.response_complete and not self.settled:
             # The answer's last chunk has gone: settled now, not when the app returns (Starlette
             # runs its background tasks after the answer, in the app's call: no slot held then).
-            # In process without a coroutine of its own (`settle` would make one).
+            # In process without a coroutine of its own (`settle` would make one): `settle_now`.
             if self.engine.in_process:
-                self.settle_now("completed")
+                self.book(self.charge("completed"))
             else:
                 await self.settle_shared("completed")
 
