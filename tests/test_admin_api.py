@@ -698,6 +698,16 @@ async def test_a_provider_name_in_a_body_keeps_the_rule_of_provider_names(
             "/model-configs", json={"model_name": "gpt-4o", "provider": ""}, headers=ADMIN
         )
         assert anywhere.status_code == 201, anywhere.text
+        # "" is any provider, stored as none is: it was stored as "", which no request names
+        # (its limits never applied), and a second rule for gpt-4o on any provider was a 201.
+        again = await c.post("/model-configs", json={"model_name": "gpt-4o"}, headers=ADMIN)
+        print(
+            "provider '':",
+            anywhere.json()["model_config"]["provider"],
+            "; again:",
+            again.status_code,
+        )
+        assert anywhere.json()["model_config"]["provider"] is None and again.status_code == 409
 
 
 async def test_a_store_that_cannot_be_reached_is_a_503_with_retry_after(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_a_version_3_store_is_brought_to_the_current_version(tmp_path: Path) -> 
     store.dispose()
     print(f"after the upgrade: version {version}, records {rows}, budgets {budgets}, {indexes}")
     assert [tuple(i) for i in indexes] == [("ix_bm_flushes_applied_at",)]
-    assert version == "10" and [tuple(r) for r in rows] == [("old", "inbound", None)]
+    assert version == str(SCHEMA_VERSION) and [tuple(r) for r in rows] == [("old", "inbound", None)]
     assert [tuple(b) for b in budgets] == [("b1", 0, None)] and alerts == 0 == deleted
     assert deliveries == 0
 
@@ -215,6 +215,27 @@ def test_version_8_names_each_stored_provider_by_its_one_name(tmp_path: Path) ->
     # Both Google budgets now cap `gemini`, each with its usage.
     assert budgets == [("b-gemini", "gemini", 6), ("b-google", "gemini", 4)]
     assert limits == ["openai"] and config == "xai" and rule == "anthropic"
+
+
+def test_version_11_stores_a_model_config_for_any_provider_as_none(tmp_path: Path) -> None:
+    """A model config written with `provider: ""` was stored as "", which no request names: its
+    limits never applied. Version 11 stores it as a config for any provider is (NULL)."""
+    store = Store(f"sqlite:///{tmp_path}/old.db")
+    store.create_schema()
+    with store.engine.begin() as conn:
+        _insert(conn, "bm_model_configs", id="mc1", model_name="gpt-4o", provider="",
+                scope="global", calendar_aligned=False, **_STAMPS)  # fmt: skip
+        _insert(conn, "bm_model_configs", id="mc2", model_name="gpt-4o", provider="openai",
+                scope="global", calendar_aligned=False, **_STAMPS)  # fmt: skip
+        conn.execute(text("UPDATE bm_meta SET value = '10' WHERE key = 'schema_version'"))
+    store.create_schema()  # the next start-up
+    with store.engine.connect() as conn:
+        rows = sorted(conn.execute(text("SELECT id, provider FROM bm_model_configs")).all())
+    version = store.schema_version()
+    store.dispose()
+    print(f"after version 11: {rows}, schema version {version}")
+    assert [tuple(r) for r in rows] == [("mc1", None), ("mc2", "openai")]
+    assert version == SCHEMA_VERSION == 11
 
 
 def test_two_rate_limits_of_one_provider_stop_start_up_and_change_nothing(tmp_path: Path) -> None:

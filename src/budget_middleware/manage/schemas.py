@@ -440,8 +440,10 @@ def _provider(name: str) -> str:
     return canonical_provider(name)
 
 
-def _any_or_provider(name: str) -> str:
-    return _provider(name) if name else name  # a model config's "": any provider
+def _any_or_provider(name: str) -> str | None:
+    """A model config's provider: "" is any provider, stored as none is (it was stored as "",
+    which no request's provider is: its limits never applied)."""
+    return _provider(name) if name else None
 
 
 ProviderName = Annotated[

@@ -46,7 +46,16 @@ _STEPS: dict[int, Callable[[Connection], None]] = {
     9: lambda conn: None,
     # 10: bm_alert_deliveries, a new table: each alert's delivery to each URL.
     10: lambda conn: None,
+    # 11: a model config for any provider stored as none, not "" (which no request names: its
+    # limits never applied).
+    11: lambda conn: _execute(
+        conn, "UPDATE bm_model_configs SET provider = NULL WHERE provider = ''"
+    ),
 }
+
+
+def _execute(conn: Connection, statement: str) -> None:
+    conn.execute(text(statement))
 
 
 def _one_provider_name(conn: Connection) -> None:

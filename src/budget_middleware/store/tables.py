@@ -16,7 +16,7 @@ from sqlmodel import Field, SQLModel
 # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction; 5: bm_alerts, bm_budgets.soft and
 # .alert_thresholds, bm_usage_records.would_refuse; 8: provider names by their one name;
 # 9: bm_deleted; 10: bm_alert_deliveries
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 
 def new_id() -> str:
