@@ -161,6 +161,42 @@ async def test_update_keeps_the_usage_of_budgets_matched_by_reset_duration(
         assert r.status_code == 200 and r.json()["budget"]["current_usage"] == 0.0
 
 
+async def test_a_budget_matched_by_its_id_keeps_the_terms_an_update_leaves_out(
+    settings: BudgetSettings,
+) -> None:
+    """`PUT budgets=[{"id": ..., "max_limit": 20}]` changes the limit alone: the daily, soft,
+    calendar-aligned budget with its thresholds stays so. It became a budget that never resets
+    and refuses (its other terms set to their defaults). Its duration kept counts as given: a
+    second budget of that duration in the same update is a 409."""
+    async with admin_client(settings) as c:
+        budget = {"max_limit": 10, "reset_duration": "1d", "soft": True,
+                  "alert_thresholds": [0.5], "calendar_aligned": True}  # fmt: skip
+        team = (await c.post("/teams", json={"name": "research", "budgets": [budget]},
+                             headers=ADMIN)).json()["team"]  # fmt: skip
+        daily = team["budgets"][0]
+        update = {"budgets": [{"id": daily["id"], "max_limit": 20}]}
+        r = await c.put(f"/teams/{team['id']}", json=update, headers=ADMIN)
+        after = r.json()["team"]["budgets"]
+        terms = (
+            "id",
+            "max_limit",
+            "reset_duration",
+            "soft",
+            "alert_thresholds",
+            "calendar_aligned",
+        )
+        print("after an update of the limit alone:", {k: after[0][k] for k in terms})
+        assert r.status_code == 200 and len(after) == 1
+        assert {k: after[0][k] for k in terms} == {
+            "id": daily["id"], "max_limit": 20.0, "reset_duration": "1d", "soft": True,
+            "alert_thresholds": [0.5], "calendar_aligned": True,
+        }  # fmt: skip
+        twice = {"budgets": [{"id": daily["id"], "max_limit": 20},
+                             {"max_limit": 5, "reset_duration": "1d"}]}  # fmt: skip
+        r = await c.put(f"/teams/{team['id']}", json=twice, headers=ADMIN)
+        assert r.status_code == 409, r.text
+
+
 async def test_conflicts_answer_409(settings: BudgetSettings) -> None:
     async with admin_client(settings) as c:
         await c.post("/teams", json={"name": "research"}, headers=ADMIN)

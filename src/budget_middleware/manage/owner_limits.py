@@ -161,8 +161,9 @@ def write_budgets(
     calendar_aligned: bool,
     origin: Origin,
 ) -> None:
-    check_budget_durations(owner_type, budgets)
     existing = {row.id: row for row in owner_budgets(s, owner_type, owner_id)}
+    budgets = [_completed(budget, existing.get(budget.id or "")) for budget in budgets]
+    check_budget_durations(owner_type, budgets)
     unmatched = dict(existing)
     matched: list[tuple[BudgetIn, BudgetRow | None]] = []
     for budget in budgets:
@@ -199,6 +200,20 @@ def write_budgets(
     s.flush()  # removed budgets free their reset_duration before the new ones are written
     for budget, row in matched:
         _write_budget(s, owner_type, owner_id, budget, row, calendar_aligned, origin)
+
+
+# What a budget matched by its id keeps of its terms when the update leaves them out.
+_KEPT_TERMS = ("reset_duration", "calendar_aligned", "soft", "alert_thresholds")
+
+
+def _completed(budget: BudgetIn, row: BudgetRow | None) -> BudgetIn:
+    """A budget matched by its `id`, with the terms the update leaves out as they are: an update
+    of its limit alone (`{"id": ..., "max_limit": 20}`) made a daily budget one that never
+    resets, and a soft one a hard one that refuses."""
+    if row is None:
+        return budget
+    kept = {name: getattr(row, name) for name in _KEPT_TERMS if name not in budget.model_fields_set}
+    return budget.model_copy(update=kept) if kept else budget
 
 
 def _duration_text(duration: str | None) -> object:
