@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,39 @@ async def test_a_budget_matched_by_its_id_keeps_the_terms_an_update_leaves_out(
                              {"max_limit": 5, "reset_duration": "1d"}]}  # fmt: skip
         r = await c.put(f"/teams/{team['id']}", json=twice, headers=ADMIN)
         assert r.status_code == 409, r.text
+
+
+async def test_a_duplicate_the_store_finds_before_the_commit_is_a_409_not_a_503(
+    settings: BudgetSettings,
+) -> None:
+    """Creates of one name at once, with budgets (the duplicate found as the budgets are
+    flushed, before the commit): one 201 and 409s. The store's `IntegrityError` escaped the
+    write and was answered 503 "the budget store cannot be reached", `Retry-After: 1`. And a
+    key's provider config renamed to the provider of one the update drops is a 200: the one
+    dropped goes first (it was the same 503)."""
+    answers: set[int] = set()
+    async with admin_client(settings) as c:
+        for attempt in range(15):
+            body = {
+                "name": f"acme-{attempt}",
+                "budgets": [{"max_limit": 10, "reset_duration": "1d"}],
+            }
+            sent = [c.post("/customers", json=body, headers=ADMIN) for _ in range(3)]
+            statuses = sorted(r.status_code for r in await asyncio.gather(*sent))
+            answers.update(statuses)
+            assert statuses.count(201) == 1 and set(statuses) <= {201, 409}, statuses
+        body = {
+            "name": "k",
+            "provider_configs": [{"provider": "openai"}, {"provider": "anthropic"}],
+        }
+        key = (await c.post("/virtual-keys", json=body, headers=ADMIN)).json()["virtual_key"]
+        openai_config = next(p for p in key["provider_configs"] if p["provider"] == "openai")
+        renamed = {"provider_configs": [{"id": openai_config["id"], "provider": "anthropic"}]}
+        r = await c.put(f"/virtual-keys/{key['id']}", json=renamed, headers=ADMIN)
+    print(f"15 rounds of 3 creates of one name: {sorted(answers)} seen; rename {r.status_code}")
+    assert r.status_code == 200, r.text
+    configs = r.json()["virtual_key"]["provider_configs"]
+    assert [(p["id"], p["provider"]) for p in configs] == [(openai_config["id"], "anthropic")]
 
 
 async def test_conflicts_answer_409(settings: BudgetSettings) -> None:

@@ -158,6 +158,7 @@ class KeyWriter(OwnerWriter):
         by_id = {p.id: p for p in existing}
         by_provider = {p.provider: p for p in existing}
         kept: set[str] = set()
+        written: list[tuple[ProviderConfigIn, ProviderConfigRow, set[str]]] = []
         for config in configs:
             if config.id is not None and config.id not in by_id:
                 raise NotFound(f"provider config {config.id!r} is not one of this key's")
@@ -166,11 +167,20 @@ class KeyWriter(OwnerWriter):
                     f"provider config {config.id!r} is given twice", param="provider_configs"
                 )
             row = by_id.get(config.id or "") or by_provider.get(config.provider)
-            given = config.model_fields_set
+            given = set(config.model_fields_set)
             if row is None or row.id in kept:
                 row = ProviderConfigRow(virtual_key_id=key.id, provider=config.provider)
-                given = given | {"allowed_models", "blocked_models"}  # new: the defaults
+                given |= {"allowed_models", "blocked_models"}  # new: the defaults
             kept.add(row.id)
+            written.append((config, row, given))
+        # Those left out go first: a config renamed to the provider of one left out (`openai`
+        # made `anthropic`, the key's `anthropic` dropped) was refused as a duplicate.
+        gone = [p for p in existing if p.id not in kept]
+        delete_limits(s, "provider_config", [p.id for p in gone])
+        for row in gone:
+            s.delete(row)
+        s.flush()
+        for config, row, given in written:
             row.provider = config.provider
             # A config matched to the key's own keeps the model lists it is not sent with (as
             # an owner keeps the budgets it is not sent with): an update naming only the
@@ -183,10 +193,6 @@ class KeyWriter(OwnerWriter):
             s.add(row)
             write_limits(s, "provider_config", row.id, config,
                          calendar_aligned=key.calendar_aligned, origin=self.origin)  # fmt: skip
-        gone = [p for p in existing if p.id not in kept]
-        delete_limits(s, "provider_config", [p.id for p in gone])
-        for row in gone:
-            s.delete(row)
         s.flush()
 
     def rotate_virtual_key(self, id_: str) -> VirtualKeyOut:

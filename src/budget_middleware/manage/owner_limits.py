@@ -480,7 +480,7 @@ class OwnerWriter:
             )
         return found
 
-    def _session(self) -> Session:
+    def _session(self) -> _Writing:
         ensure_schema(self.store)
         session = self.store.session()
         if self.on_change is not None:
@@ -507,10 +507,10 @@ class OwnerWriter:
                     self.store.when_committed(functools.partial(tell, carries))
 
             event.listen(session, "after_commit", moved)
-        return session
+        return _Writing(session)
 
     @staticmethod
-    def _commit(s: Session, what: str) -> None:
+    def _commit(s: Session, what: str) -> None:  # (`_Writing` says which, when it cannot)
         try:
             s.commit()
         except IntegrityError:
@@ -547,3 +547,27 @@ class OwnerWriter:
         owner_id = getattr(row, "id", None) or getattr(row, owner_type)
         write_limits(s, owner_type, owner_id, data, calendar_aligned=row.calendar_aligned,
                      origin=self.origin, realign=realign)  # fmt: skip
+
+
+class _Writing:
+    """A manager's session, as `with self._session() as s:` uses it: a write the store refuses
+    as a duplicate wherever it is found (a flush before the commit: two creates of one name at
+    once, a key's provider configs renamed into each other) is a `Conflict` (409), as one found
+    at the commit is, not the store's raw `IntegrityError` (which the admin API answered 503,
+    "the store cannot be reached", with a `Retry-After`)."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def __enter__(self) -> Session:
+        return self.session.__enter__()
+
+    def __exit__(self, kind: Any, error: BaseException | None, trace: Any) -> None:
+        self.session.__exit__(kind, error, trace)
+        if isinstance(error, IntegrityError):
+            raise Conflict(
+                "the write conflicts with what the store holds (a duplicate name, made at the "
+                "same time?): read it again and retry"
+            ) from None
