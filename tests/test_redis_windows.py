@@ -36,7 +36,7 @@ from budget_middleware.store.database import Store
 from budget_middleware.store.tables import BudgetRow, RateLimitRow
 from conftest import REDIS_URL, need_redis
 from service_support import PrivateRedis, delete_prefix, unique_prefix, use_prefix
-from support import Clock, running, until
+from support import Clock, FrozenClock, running, until
 
 CENT = 10_000_000
 MODEL = "openai/budget-test"
@@ -1499,3 +1499,65 @@ async def test_a_reset_marked_again_after_redis_restarted_empty_adds_nothing_old
     print(f"after a reset marked again in an emptied Redis: admitted {counts}: ${spent / 1e9:.2f}")
     assert sum(counts) == 100
     assert spent == 100 * CENT
+
+
+async def test_retry_after_waits_for_a_window_another_instance_spent(tmp_path: Path) -> None:
+    """A key's 1 request a minute (spent on B) and its team's 3 an hour (spent on A): B's 429
+    names the key's minute (SPEC §5's order) and waits for the hour, so a client that waits its
+    `Retry-After` is admitted. admit.lua tells the window that refuses alone, and B read the
+    team's hour as it last saw it (1 of 3): it said 60 s, and refused the retry by the team
+    (3,540 s). The other windows of a rate refusal are read from Redis (one round trip)."""
+    need_redis()
+    clock = FrozenClock()
+    async with instances(tmp_path, REDIS_URL, clock) as (a, b, _):
+        app_a, app_b = host(a), host(b)
+        async with running(app_a), running(app_b), client(app_a) as on_a, client(app_b) as on_b:
+            m = a.manager
+            hour = {"request_max_limit": 3, "request_reset_duration": "1h"}
+            team = m.create_team(name="t", rate_limit=hour)
+            other = m.create_virtual_key(name="k1", team_id=team.id).value or ""
+            minute = {"request_max_limit": 1, "request_reset_duration": "1m"}
+            key = m.create_virtual_key(name="k2", team_id=team.id, rate_limit=minute).value or ""
+            clock.to_real_time()
+            clock.advance(0.5)
+            await spend(on_b, key, 1)
+            await spend(on_a, other, 2)  # the team's hour: 3 of 3
+            refused = await on_b.post("/v1/chat/completions", json=BODY, headers=auth(key))
+            clock.advance(int(refused.headers["retry-after-ms"]) / 1000)
+            retried = await on_b.post("/v1/chat/completions", json=BODY, headers=auth(key))
+    error = refused.json()["error"]
+    print(f"refused by the {error['scope']['type']}'s minute: Retry-After "
+          f"{refused.headers['retry-after']} s; after it, {retried.status_code}")  # fmt: skip
+    assert (error["code"], error["scope"]["type"]) == ("request_limit_exceeded", "virtual_key")
+    assert 3590 <= int(refused.headers["retry-after"]) <= 3600
+    assert retried.status_code == 200
+
+
+async def test_a_full_concurrency_slot_refuses_in_the_order_of_spec_5(tmp_path: Path) -> None:
+    """A key's provider config allows 1 request an hour and the key 1 request at a time; one
+    request in flight holds both. The next is refused by the provider config's requests, as
+    in process (SPEC §5: each scope's requests, tokens, then concurrency, provider config
+    first): this instance's slots were checked before the script's ordered pass, and the
+    refusal named the key's concurrency ("retry when one finishes", though the hour held)."""
+    need_redis()
+    held = Held(1)
+    async with instances(tmp_path, REDIS_URL) as (engine, _, _):
+        app = host(engine, held)
+        async with running(app), client(app) as http:
+            configs = [
+                {
+                    "provider": "openai",
+                    "rate_limit": {"request_max_limit": 1, "request_reset_duration": "1h"},
+                }
+            ]
+            key = engine.manager.create_virtual_key(
+                name="k", provider_configs=configs, rate_limit={"max_concurrent_requests": 1}
+            ).value or ""  # fmt: skip
+            first = held.requests(http, key)
+            await held.all_in.wait()
+            refused = await http.post("/v1/chat/completions", json=BODY, headers=auth(key))
+            held.gate.set()
+            await asyncio.gather(*first)
+    error = refused.json()["error"]
+    print(f"with one in flight: {refused.status_code} {error['code']} by {error['scope']['type']}")
+    assert (error["code"], error["scope"]["type"]) == ("request_limit_exceeded", "provider_config")

@@ -123,14 +123,18 @@ class _Carrying(NamedTuple):
     held: int  # `Carry.held`
 
 
-def _slots_full(limits: LimitSet) -> Refusal | None:
-    """The refusal of a concurrency limit this instance's own requests in flight fill."""
-    for scope in limits.scopes:
-        rate = scope.rate_limit
-        slots = None if rate is None else rate.concurrency
-        if slots is not None and slots.limit is not None and slots.in_flight >= slots.limit:
-            return Refusal("concurrency_limit_exceeded", scope, slots.limit, slots.in_flight, None)
-    return None
+_RATE_REFUSALS = frozenset(("request_limit_exceeded", "token_limit_exceeded"))
+
+
+def _in_flight(scope: Scope) -> int:
+    """This instance's requests in flight on a scope's concurrency limit: Redis may hold no
+    slot for some of them (admitted in process while it was away, under fail-open; lost by an
+    empty restart until the next heartbeat writes them again), and admitted 2 more on a limit
+    of 2 either way (a fault hunt's). admit.lua counts at least these, in SPEC §5's order: they
+    were refused before the script ran, ahead of a scope's request window named first."""
+    rate = scope.rate_limit
+    slots = None if rate is None else rate.concurrency
+    return 0 if slots is None else slots.in_flight
 
 
 def _window_key(prefix: str, kind: str, id: str, start: float) -> str:
@@ -724,13 +728,6 @@ class RedisCounters(CounterBackend):
             return admission.admit_first(candidates, reserve, now, self.ledger, most_remaining)
         if self._backing_off():
             return self._fallback(candidates, now, None, most_remaining)
-        # A target whose concurrency limit this instance's own requests in flight fill is
-        # refused here. Redis may hold no slot for some of them: admitted in process while it
-        # was away (fail open), or lost by an empty restart until the next heartbeat writes
-        # them again; it admitted 2 more on a limit of 2 either way (a fault hunt's).
-        full = [_slots_full(limits) for limits, _ in candidates]
-        if any(full):
-            return await self._admit_not_full(candidates, full, most_remaining)
         if self._owed or self._releases or self._unsure:  # holds let go first
             try:
                 await self._pay_debts_whole()
@@ -795,32 +792,33 @@ class RedisCounters(CounterBackend):
             reservation = estimate if reserve else 0
             result.index = index
             result.ticket = self._admitted(limits, plans[index], values, reservation, request_id)
+        await self._read_rate_windows(plans, result)
         return result
 
-    async def _admit_not_full(
-        self,
-        candidates: Sequence[tuple[LimitSet, int]],
-        full: list[Refusal | None],
-        most_remaining: bool,
-    ) -> FirstAdmitted:
-        """`admit_first` of the candidates whose slots this instance's requests do not fill,
-        those that they fill refused (tried first)."""
-        result = FirstAdmitted()
-        passing: list[int] = []
-        for index, refusal in enumerate(full):
-            if refusal is None:
-                passing.append(index)
-            else:
-                result.tried.append(index)
-                result.refusals.append(refusal)
-        if not passing:
-            return result
-        rest = await self.admit_first([candidates[i] for i in passing], most_remaining)
-        result.tried += [passing[i] for i in rest.tried]
-        result.refusals += rest.refusals
-        if rest.ticket is not None:
-            result.index, result.ticket = passing[rest.index], rest.ticket
-        return result
+    async def _read_rate_windows(self, plans: list[list[_Entry]], result: FirstAdmitted) -> None:
+        """A candidate refused by a rate window: its other request and token windows as every
+        instance has spent them, into the copies here (one more round trip, on such a refusal
+        only). The answer names the first window that refuses and waits for the last
+        (`admission.retry_at`, which reads the copies): admit.lua tells the first alone, and
+        a team's hour another instance spent read as this instance last saw it (1 of 3), so a
+        key refused by its minute was told to retry in 60 s, and refused then by the hour."""
+        entries = [
+            entry
+            for index, refusal in zip(result.tried, result.refusals, strict=True)
+            if refusal.code in _RATE_REFUSALS
+            for entry in plans[index]
+            if entry.kind in "rt" and entry.counter is not None
+        ]
+        client = self.client
+        if client is None or len(entries) < 2:  # the one that refused is told already
+            return
+        try:
+            values = await client.mget([entry.keys[0] for entry in entries])
+        except (RedisError, OSError):  # the refusal stands; its wait may be short of the last
+            return
+        for entry, value in zip(entries, values, strict=True):
+            if value is not None and entry.counter is not None:
+                self._told(entry.counter, entry.keys[0], int(value))
 
     async def _run_admit(
         self,
@@ -845,8 +843,8 @@ class RedisCounters(CounterBackend):
                 if counter is not None:  # a window: its mark, and where it was begun here
                     keys.append(mark_key(p, counter.kind, counter.id))
                     args += [entry.kind, entry.limit, repr(counter.anchor)]
-                else:
-                    args += [entry.kind, entry.limit]
+                else:  # slots: with this instance's own requests in flight, at the least
+                    args += [entry.kind, entry.limit, _in_flight(entry.scope)]
         keys += [self._mark_key, f"{p}fence"]
         args.append(self._fence_ms if self._beaten else 0)
         entries = [entry for plan in plans for entry in plan]

@@ -8,7 +8,9 @@
 --   checked nor reserved), limit, then (every kind but c) the window's anchor (epoch seconds,
 --   as text): where the client last began it anew (a reset, new terms, the store's), which its
 --   rolled windows follow; a mark after it, even one before the rolled window's start (a reset
---   just before the client's window rolled), is a window the client has not taken.
+--   just before the client's window rolled), is a window the client has not taken; (c) the
+--   client's own requests in flight, which the slots count at the least (Redis may hold none
+--   of some: admitted without it, or lost by an empty restart).
 -- KEYS, in the same order: r/t/s: the window key and its mark (mark_reset.lua's, carry.lua's);
 -- c: the slot ZSET; b: the window key, the reservation ZSET (request id -> expiry), the
 -- reservation HASH (request id -> amount) and the mark.
@@ -55,10 +57,10 @@ for _ = 1, tonumber(ARGV[6]) do
     end
     if c.mark then
       c.anchor = tonumber(ARGV[a + 2])
-      a = a + 3
     else
-      a = a + 2
+      c.floor = tonumber(ARGV[a + 2])
     end
+    a = a + 3
     candidate.counters[#candidate.counters + 1] = c
   end
   candidates[#candidates + 1] = candidate
@@ -144,7 +146,7 @@ local function refusal(counters, reservation)
       end
     elseif c.kind == "c" then
       redis.call("ZREMRANGEBYSCORE", c.key, "-inf", ARGV[1])
-      c.value = redis.call("ZCARD", c.key)
+      c.value = math.max(redis.call("ZCARD", c.key), c.floor)
       if c.value >= c.limit then
         return {i, "concurrency_limit_exceeded", c.value, 0}
       end
