@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from admin_support import ADMIN, admin_client, admin_settings
 from budget_middleware import BudgetSettings, InvalidRequest, get_engine
@@ -229,6 +230,28 @@ async def test_a_duplicate_the_store_finds_before_the_commit_is_a_409_not_a_503(
     assert r.status_code == 200, r.text
     configs = r.json()["virtual_key"]["provider_configs"]
     assert [(p["id"], p["provider"]) for p in configs] == [(openai_config["id"], "anthropic")]
+
+
+async def test_a_key_whose_team_went_as_it_was_made_can_still_be_updated(
+    settings: BudgetSettings,
+) -> None:
+    """A team deleted while a key was created in it (the two at once: the key keeps the
+    team's id). An update that does not name the team (`{"is_active": false}`) was refused
+    404 "team ... not found", so the operator could not deactivate the key. The key is left
+    without the team, as the team's delete leaves its keys."""
+    async with admin_client(settings) as c:
+        team = (await c.post("/teams", json={"name": "t"}, headers=ADMIN)).json()["team"]
+        body = {"name": "k", "team_id": team["id"]}
+        key = (await c.post("/virtual-keys", json=body, headers=ADMIN)).json()["virtual_key"]
+        with get_engine(settings).store.engine.begin() as conn:  # the race's outcome
+            conn.execute(text("DELETE FROM bm_teams WHERE id = :id"), {"id": team["id"]})
+        r = await c.put(f"/virtual-keys/{key['id']}", json={"is_active": False}, headers=ADMIN)
+    print("deactivating a key whose team is gone:", r.status_code, r.json().get("error"))
+    assert r.status_code == 200, r.text
+    assert (r.json()["virtual_key"]["is_active"], r.json()["virtual_key"]["team_id"]) == (
+        False,
+        None,
+    )
 
 
 async def test_conflicts_answer_409(settings: BudgetSettings) -> None:

@@ -127,6 +127,13 @@ class KeyWriter(OwnerWriter):
                 raise InvalidRequest(
                     "a virtual key belongs to a team or to a customer, not both", param="team_id"
                 )
+            # A parent the key keeps that is gone (deleted as the key was made in it, the two at
+            # once) is left, as its delete leaves its keys: the update is not refused 404 for a
+            # team it does not name, which no update could then change.
+            if "team_id" not in given and team_id is not None and not s.get(TeamRow, team_id):
+                team_id = None
+            if "customer_id" not in given and customer_id and not s.get(CustomerRow, customer_id):
+                customer_id = None
             self._check_parents(s, team_id, customer_id)
             row.team_id, row.customer_id = team_id, customer_id
             if data.is_active is not None:
