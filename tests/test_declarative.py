@@ -1116,3 +1116,27 @@ def test_a_team_made_again_from_its_changed_entry_has_the_file_s_keys_again(
     print("research", research.id, "customer", research.customer_id, "keys", keys)
     assert keys == {"k": research.id, "moved": teams["other"]}
     assert research.customer_id == m.list_customers()[0].id
+
+
+@pytest.mark.parametrize("by", ["name", "id"])
+def test_a_customer_the_file_names_and_the_api_deleted_refers_to_none(
+    tmp_path: Path, by: str
+) -> None:
+    """A customer made through the API, named by the file's team (by name or id), then deleted
+    through the API: the next start-up, the file unchanged, leaves the team without it, as the
+    delete did. It stopped ("customer 'acme' is neither a name nor an id"): the API's change
+    made the unchanged file unusable. A name never made is still refused."""
+    store = Store(f"sqlite:///{tmp_path}/b.db")
+    store.create_schema()
+    acme = BudgetManager(store, BudgetSettings(database_url=store.url)).create_customer(name="acme")
+    ref = "acme" if by == "name" else acme.id
+    text = f"teams:\n  - name: research\n    customer: {ref}\n"
+    m = _start(tmp_path, text)
+    assert m.list_teams()[0].customer_id == acme.id
+    m.delete_customer(acme.id)
+    m = _start(tmp_path, text)  # the next start-up, the file unchanged
+    teams = [(t.name, t.customer_id) for t in m.list_teams()]
+    print(f"after the customer's delete and a restart: {teams}")
+    assert teams == [("research", None)]
+    with pytest.raises(ConfigFileError, match="'nobody' is neither a name nor an id"):
+        _start(tmp_path, text.replace(ref, "nobody"))

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pydantic import BaseModel, ValidationError
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from budget_middleware.core.identity import (
     MAX_PROVIDER_CHARS,
@@ -704,6 +704,18 @@ def _made_by(table: Any, digest: str, value: str | None = None) -> Any:
     return made
 
 
+def _deleted_through_api(s: Session, table: Any, ref: str) -> bool:
+    """Whether a reference the file makes (a team's `customer`, a key's `team`, by name or id)
+    names what was deleted through the API and is not in the store: it refers to none, as the
+    delete left its members (start-up stopped, "neither a name nor an id", while the file's
+    entries were unchanged: SPEC §10 keeps the API's change)."""
+    kind = _KINDS[table]
+    found = select(DeletedRow.id).where(
+        DeletedRow.kind == kind, (DeletedRow.entity_id == ref) | (DeletedRow.name == ref)
+    )
+    return s.exec(found).first() is not None
+
+
 def _preflight(store: Store, data: _FileData) -> None:
     """What only the store can tell, checked before anything is written (so an invalid file
     writes nothing): every entry named by a reference exists, in the store or earlier in the
@@ -730,6 +742,7 @@ def _preflight(store: Store, data: _FileData) -> None:
                     if (
                         s.get(table, ref) is None
                         and s.exec(select(table).where(table.name == ref)).first() is None
+                        and not _deleted_through_api(s, table, ref)
                     ):
                         raise ConfigFileError(
                             f"{where}: {what} {ref!r} is neither a name nor an id"
@@ -800,6 +813,14 @@ class _Loader:
             if (table, ref) in self.left_deleted:  # deleted through the API: refers to none
                 return None
             row = s.exec(select(table).where(table.name == ref)).first()
+            if row is None and _deleted_through_api(s, table, ref):
+                logger.info(
+                    "budget-middleware: %s: %s %r was deleted through the API: refers to none",
+                    where,
+                    what,
+                    ref,
+                )
+                return None
         if row is None:
             raise ConfigFileError(f"{where}: {what} {ref!r} is neither a name nor an id")
         return str(row.id)
