@@ -1140,3 +1140,38 @@ def test_a_customer_the_file_names_and_the_api_deleted_refers_to_none(
     assert teams == [("research", None)]
     with pytest.raises(ConfigFileError, match="'nobody' is neither a name nor an id"):
         _start(tmp_path, text.replace(ref, "nobody"))
+
+
+def test_an_entity_deleted_and_made_again_through_the_api_keeps_the_api_s_terms(
+    tmp_path: Path,
+) -> None:
+    """A customer and a tag the file made, deleted through the API and made again through it
+    with other budgets: the next start-up, the file unchanged, leaves them as the API made
+    them (SPEC §10: the API's change stands until the entry changes). The file took them back,
+    at its own terms ($100 a month and $20 a day where the API had set $5 a day and $1 an
+    hour); a changed entry still applies."""
+    text = """
+customers:
+  - name: acme
+    budgets: [{max_limit: 100, reset_duration: 1M}]
+tags:
+  - tag: chat
+    budgets: [{max_limit: 20, reset_duration: 1d}]
+"""
+
+    def terms(m: BudgetManager) -> list[tuple[str, str, float, str | None]]:
+        customers = [(c.name, c.source, c.budgets[0]) for c in m.list_customers()]
+        tags = [(t.tag, t.source, t.budgets[0]) for t in m.list_tags()]
+        return [(n, src, b.max_limit, b.reset_duration) for n, src, b in customers + tags]
+
+    m = _start(tmp_path, text)
+    m.delete_customer(m.list_customers()[0].id)
+    m.create_customer(name="acme", budgets=[{"max_limit": 5, "reset_duration": "1d"}])
+    m.delete_tag("chat")
+    m.put_tag("chat", budgets=[{"max_limit": 1, "reset_duration": "1h"}])
+    made = terms(m)
+    after = terms(_start(tmp_path, text))  # restarted, the file unchanged
+    print(f"made again through the API: {made}\nafter a restart: {after}")
+    assert after == made == [("acme", "manual", 5.0, "1d"), ("chat", "manual", 1.0, "1h")]
+    edited = terms(_start(tmp_path, text.replace("max_limit: 100", "max_limit: 150")))
+    assert edited[0] == ("acme", "config", 150.0, "1M")

@@ -829,16 +829,35 @@ class _Loader:
         """Whether the entity of this unchanged entry was deleted through the API: left deleted
         (SPEC §10: an API change stands until the file's entry changes; a key deleted because
         its value leaked is not made again with that value)."""
-        with self.store.session() as s:
-            query = select(DeletedRow.id).where(
-                DeletedRow.kind == _KINDS[table], DeletedRow.config_hash == digest
-            )
-            if s.exec(query).first() is None:
-                return False
+        if not self._entry_deleted(table, digest):
+            return False
         self.left_deleted.add((table, name))
         logger.info(
             "budget-middleware: %s: deleted through the API since the file made it: left "
             "deleted (change the entry to make it again)",
+            where,
+        )
+        return True
+
+    def _entry_deleted(self, table: Any, digest: str) -> bool:
+        """Whether what this entry (its hash) made or declared was deleted through the API."""
+        with self.store.session() as s:
+            query = select(DeletedRow.id).where(
+                DeletedRow.kind == _KINDS[table], DeletedRow.config_hash == digest
+            )
+            return s.exec(query).first() is not None
+
+    def _made_again(self, table: Any, row: Any, digest: str, where: str) -> bool:
+        """Whether `row` was made through the API after the entity of this unchanged entry was
+        deleted through it (a manual row, no entry's hash): the API's stands (SPEC §10), as the
+        delete alone would. The file took it back, its terms over the API's, at the next start."""
+        if row is None or row.source != "manual" or row.config_hash is not None:
+            return False
+        if not self._entry_deleted(table, digest):
+            return False
+        logger.info(
+            "budget-middleware: %s: deleted and made again through the API since the file made "
+            "it: left as the API made it (change the entry to apply it)",
             where,
         )
         return True
@@ -899,6 +918,8 @@ class _Loader:
                 self.seen.add((table, getattr(row, field)))
             if row is None and self._deleted(table, name, digest, where):
                 return
+            if self._made_again(table, row, digest, where):
+                return
             if row is None or row.config_hash != digest:
                 put = m.put_provider if section == "providers" else m.put_tag
                 put(name, _declared(_CREATE[section], body))
@@ -912,6 +933,8 @@ class _Loader:
             raise ConfigFileError(f"{where}: needs a 'name'")
         row = self._stored(table, table.name == name, digest, body.get("value"))
         if row is None and self._deleted(table, name, digest, where):
+            return
+        if self._made_again(table, row, digest, where):
             return
         if section == "customers":
             table, create, update = CustomerRow, m.create_customer, m.update_customer
