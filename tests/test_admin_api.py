@@ -1077,3 +1077,41 @@ async def test_concurrent_budget_lists_over_more_durations_than_are_cached_all_a
     print(f"{len(durations)} durations; GET /budgets 12 at a time x5: {statuses}, counts {counts}")
     assert statuses == {200: 60}
     assert counts == {len(durations)}
+
+
+def test_model_configs_created_at_once_are_one(store_url: str) -> None:
+    """4 threads create the same global model config for any provider at once, 10 times: one
+    is stored each time, the others are refused 409. The check ran before the write, and the
+    store's unique constraint holds no two NULLs equal: SQLite stored duplicates in 8 of 20
+    trials, PostgreSQL in 20 of 20 (each duplicate's budgets applied too)."""
+    import threading
+
+    from budget_middleware.exceptions import Conflict
+    from budget_middleware.manage.manager import BudgetManager
+    from budget_middleware.store.database import Store
+
+    store = Store(store_url)
+    store.create_schema()
+    manager = BudgetManager(store, BudgetSettings(database_url=store_url))
+    outcomes: list[str] = []
+    for trial in range(10):
+        barrier = threading.Barrier(4)
+
+        def create(model: str = f"model-{trial}", barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                manager.create_model_config(model_name=model, budgets=[{"max_limit": 1}])
+                outcomes.append("created")
+            except Conflict:
+                outcomes.append("409")
+
+        threads = [threading.Thread(target=create) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    stored = manager.list_model_configs(limit=100)[1]
+    store.dispose()
+    print(f"10 rounds of 4 creates at once: {outcomes.count('created')} created, "
+          f"{outcomes.count('409')} refused 409, {stored} stored")  # fmt: skip
+    assert stored == outcomes.count("created") == 10 and outcomes.count("409") == 30

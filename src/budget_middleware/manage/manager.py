@@ -37,6 +37,7 @@ from budget_middleware.manage.keys import KeyWriter
 from budget_middleware.manage.owner_limits import (
     check_model_names,
     delete_limits,
+    one_writer_at_a_time,
     remember_deleted,
     write_limits,
 )
@@ -353,6 +354,9 @@ class BudgetManager(KeyWriter):
     # -- model configs -------------------------------------------------------------------
 
     def _unique_rule(self, s: Session, row: ModelConfigRow) -> None:
+        """One model config per (model, provider, scope, scope id): checked here, under
+        `one_writer_at_a_time`, since the store's unique constraint holds no two NULLs equal
+        (a config for any provider, or a global one: 4 creates at once stored 4)."""
         same = s.exec(
             select(ModelConfigRow).where(
                 ModelConfigRow.model_name == row.model_name,
@@ -372,6 +376,7 @@ class BudgetManager(KeyWriter):
         data = _body(ModelConfigCreate, body, fields)
         check_model_names([data.model_name], "model_name")
         with self._session() as s:
+            one_writer_at_a_time(s)  # (`_unique_rule`'s check and the write, as one)
             if data.scope_id is not None and s.get(VirtualKeyRow, data.scope_id) is None:
                 raise NotFound(f"virtual key {data.scope_id!r} not found", param="scope_id")
             row = ModelConfigRow(
@@ -394,6 +399,7 @@ class BudgetManager(KeyWriter):
         if data.model_name is not None:
             check_model_names([data.model_name], "model_name")
         with self._session() as s:
+            one_writer_at_a_time(s)
             row = self._get(s, ModelConfigRow, id_, "model config")
             if data.model_name is not None:
                 row.model_name = data.model_name

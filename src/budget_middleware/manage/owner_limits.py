@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import case, event
+from sqlalchemy import case, event, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import object_session
 from sqlmodel import Session, col, delete, select
@@ -349,6 +349,23 @@ def remember_deleted(s: Session, kind: str, entity_id: str, name: str, row: Any)
     of the config file entry it stands for, if any (the file leaves it deleted while that
     entry is unchanged)."""
     s.add(DeletedRow(kind=kind, entity_id=entity_id, name=name, config_hash=row.config_hash))
+
+
+# The advisory lock of writes that check before they write (`one_writer_at_a_time`); the
+# schema's upgrade holds another ("budg").
+_CHECKED_WRITES = 0x62756477  # "budw"
+
+
+def one_writer_at_a_time(s: Session) -> None:
+    """Hold, until the session's transaction ends, the lock that makes a check of what is
+    stored and the write that follows one step among the writers of every process: taken as
+    the transaction's first statement (so that what it then reads is what the last writer
+    committed). PostgreSQL: a transaction-level advisory lock; SQLite: its write lock."""
+    conn = s.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CHECKED_WRITES})
+    else:  # the write lock, before anything is read: a writer waits for the one before
+        conn.execute(text("UPDATE bm_meta SET value = value WHERE key = 'schema_version'"))
 
 
 def delete_limits(s: Session, owner_type: str, owner_ids: list[str]) -> None:
