@@ -166,15 +166,15 @@ async def test_update_keeps_the_usage_of_budgets_matched_by_reset_duration(
 async def test_a_budget_matched_by_its_id_keeps_the_terms_an_update_leaves_out(
     settings: BudgetSettings,
 ) -> None:
-    """`PUT budgets=[{"id": ..., "max_limit": 20}]` changes the limit alone: the daily, soft,
-    calendar-aligned budget with its thresholds stays so. It became a budget that never resets
+    """`PUT budgets=[{"id": ..., "max_limit": 20}]` changes the limit alone: the daily, soft
+    budget with its thresholds stays so. It became a budget that never resets
     and refuses (its other terms set to their defaults). Its duration kept counts as given: a
     second budget of that duration in the same update is a 409."""
     async with admin_client(settings) as c:
         budget = {"max_limit": 10, "reset_duration": "1d", "soft": True,
-                  "alert_thresholds": [0.5], "calendar_aligned": True}  # fmt: skip
-        team = (await c.post("/teams", json={"name": "research", "budgets": [budget]},
-                             headers=ADMIN)).json()["team"]  # fmt: skip
+                  "alert_thresholds": [0.5]}  # fmt: skip
+        body = {"name": "research", "calendar_aligned": True, "budgets": [budget]}
+        team = (await c.post("/teams", json=body, headers=ADMIN)).json()["team"]
         daily = team["budgets"][0]
         update = {"budgets": [{"id": daily["id"], "max_limit": 20}]}
         r = await c.put(f"/teams/{team['id']}", json=update, headers=ADMIN)
@@ -197,6 +197,10 @@ async def test_a_budget_matched_by_its_id_keeps_the_terms_an_update_leaves_out(
                              {"max_limit": 5, "reset_duration": "1d"}]}  # fmt: skip
         r = await c.put(f"/teams/{team['id']}", json=twice, headers=ADMIN)
         assert r.status_code == 409, r.text
+        # Its calendar_aligned left out is its owner's, as ever: the owner's changed with it.
+        realigned = {"calendar_aligned": False, **update}
+        r = await c.put(f"/teams/{team['id']}", json=realigned, headers=ADMIN)
+        assert r.json()["team"]["budgets"][0]["calendar_aligned"] is False
 
 
 async def test_a_duplicate_the_store_finds_before_the_commit_is_a_409_not_a_503(

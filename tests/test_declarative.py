@@ -1125,7 +1125,7 @@ def test_a_customer_the_file_names_and_the_api_deleted_refers_to_none(
     """A customer made through the API, named by the file's team (by name or id), then deleted
     through the API: the next start-up, the file unchanged, leaves the team without it, as the
     delete did. It stopped ("customer 'acme' is neither a name nor an id"): the API's change
-    made the unchanged file unusable. A name never made is still refused."""
+    made the unchanged file unusable. A name never made, or a changed entry, is still refused."""
     store = Store(f"sqlite:///{tmp_path}/b.db")
     store.create_schema()
     acme = BudgetManager(store, BudgetSettings(database_url=store.url)).create_customer(name="acme")
@@ -1140,6 +1140,10 @@ def test_a_customer_the_file_names_and_the_api_deleted_refers_to_none(
     assert teams == [("research", None)]
     with pytest.raises(ConfigFileError, match="'nobody' is neither a name nor an id"):
         _start(tmp_path, text.replace(ref, "nobody"))
+    # A changed entry naming what is gone is refused, as one naming what never was: the team
+    # would otherwise be left out of limits its entry, as written now, says it is under.
+    with pytest.raises(ConfigFileError, match=f"'{ref}' is neither a name nor an id"):
+        _start(tmp_path, text + "    calendar_aligned: true\n")
 
 
 def test_an_entity_deleted_and_made_again_through_the_api_keeps_the_api_s_terms(
@@ -1175,3 +1179,21 @@ tags:
     assert after == made == [("acme", "manual", 5.0, "1d"), ("chat", "manual", 1.0, "1h")]
     edited = terms(_start(tmp_path, text.replace("max_limit: 100", "max_limit: 150")))
     assert edited[0] == ("acme", "config", 150.0, "1M")
+
+
+def test_a_model_config_for_any_provider_is_found_again_once_its_entry_changes(
+    tmp_path: Path,
+) -> None:
+    """`provider: ""` (any provider) is stored as none: the file's entry, once changed, finds
+    it as none, not as "" (start-up stopped: "a model config for 'gpt-4o' with this provider
+    and scope already exists")."""
+    text = (
+        "model_configs:\n  - model_name: gpt-4o\n    provider: ''\n    budgets: [{max_limit: 5}]\n"
+    )
+    m = _start(tmp_path, text)
+    m = _start(tmp_path, text.replace("max_limit: 5", "max_limit: 7"))
+    configs = [
+        (c.model_name, c.provider, c.budgets[0].max_limit) for c in m.list_model_configs()[0]
+    ]
+    print(f"after the entry changed: {configs}")
+    assert configs == [("gpt-4o", None, 7.0)]

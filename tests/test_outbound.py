@@ -4049,46 +4049,6 @@ async def test_a_transport_wrapping_another_of_its_engine_counts_a_call_once(
     assert statuses == [200, 200, 429] and fake.calls == 2 and len(rows) == 2
 
 
-async def test_a_transport_s_hooks_go_with_it(engine: BudgetEngine) -> None:
-    """A transport made per job with a hook of its own (a closure): each job's hook hears its
-    own call once, and the engine keeps none once the transports are gone. It kept all 50, and
-    job 0's was called for every job's call (1,275 calls for 50)."""
-    key = engine.manager.create_virtual_key(name="alice")
-    heard: list[int] = []
-    fake = Counting()
-    for job in range(50):
-        transport = BudgetTransport(
-            httpx2.ASGITransport(fake),
-            engine=engine,
-            on_settled=lambda _, job=job: heard.append(job),
-        )
-        async with httpx2.AsyncClient(transport=transport) as http:
-            with charge_to(virtual_key=key.value):
-                answer = await http.post(
-                    "https://api.openai.com/v1/chat/completions",
-                    json={"model": "gpt-4o", "messages": MESSAGES},
-                )
-        assert answer.status_code == 200
-        engine.hooks.drain()
-        del transport, http
-        gc.collect()
-    kept = len(engine.hooks.on_settled)
-    print(f"50 jobs: {len(heard)} hook calls, {kept} hooks kept by the engine")
-    assert sorted(heard) == list(range(50)) and kept == 0
-
-    def shared(record: Any) -> None:  # given by two transports: it stays while one lives
-        pass
-
-    first = BudgetTransport(engine=engine, on_settled=shared)
-    second = BudgetTransport(engine=engine, on_settled=shared)
-    del first
-    gc.collect()
-    assert engine.hooks.on_settled == (shared,)
-    del second
-    gc.collect()
-    assert engine.hooks.on_settled == ()
-
-
 async def test_charge_to_decorates_what_returns_the_sdk_s_coroutine(engine: BudgetEngine) -> None:
     """A plain function that returns the async SDK's call for its caller to await, and an
     object whose `__call__` is async, decorated with `charge_to`: the call is charged to the

@@ -802,8 +802,19 @@ def test_a_spoken_answer_s_transcripts_are_told_apart_from_its_other_text() -> N
         (b'{"choices": [{"usage": {"prompt_tokens": 5}}], "id": "usage", "x', None),
         (b'{"usage": {"prompt_tokens": 5, "completion_tok', None),  # cut within it
         (b'[{"usage": {"prompt_tokens": 5, "completion_tokens": 1}}, ', None),  # not an object
+        # a head cut in a string of escaped quotes: read in one pass (it took 20 s, each
+        # quote a new try to the end)
+        ((b'{"choices": [{"content": "' + b'\\"' * 40_000)[:65_536], None),
     ],
-    ids=["first", "after-a-field", "past-a-string", "nested-only", "cut", "in-a-list"],
+    ids=[
+        "first",
+        "after-a-field",
+        "past-a-string",
+        "nested-only",
+        "cut",
+        "in-a-list",
+        "cut-in-escaped-quotes",
+    ],
 )
 def test_a_huge_answer_s_usage_is_read_from_its_head_only_at_the_top_level(
     head: bytes, counts: tuple[int, int] | None
@@ -814,3 +825,41 @@ def test_a_huge_answer_s_usage_is_read_from_its_head_only_at_the_top_level(
     got = None if usage is None else (usage.input_tokens, usage.output_tokens)
     print(head[:40], "->", got)
     assert got == counts
+
+
+@pytest.mark.parametrize(
+    ("usage", "output"),
+    [
+        ({"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 1_105}, 1_096),
+        # a reasoning detail counts what is left out, up to the total
+        (
+            {
+                "prompt_tokens": 9,
+                "completion_tokens": 3,
+                "total_tokens": 1_105,
+                "completion_tokens_details": {"reasoning_tokens": 100},
+            },
+            103,
+        ),
+        # beside Anthropic's cache fields, the surplus is the cache a gateway's total counts
+        (
+            {
+                "prompt_tokens": 80,
+                "completion_tokens": 173,
+                "total_tokens": 550,
+                "cache_read_input_tokens": 297,
+            },
+            173,
+        ),
+        ({"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}, 3),
+    ],
+    ids=["in-the-total-alone", "detail", "gateway-cache", "none-left-out"],
+)
+def test_what_a_chat_total_counts_beyond_prompt_and_completion(
+    usage: dict[str, Any], output: int
+) -> None:
+    """Output counted apart from `completion_tokens` (SPEC §7): the total's surplus."""
+    found = usage_from_mapping(usage)
+    assert found is not None
+    print(usage, "->", found.output_tokens)
+    assert found.output_tokens == output

@@ -184,7 +184,7 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             spoken = out_details.get("audio_tokens")
         total = usage.get("total_tokens")
         if type(total) is int and total > prompt + output and (prompt or output):
-            output += _reasoning_apart(out_details, total - prompt - output)  # xAI's, Gemini's
+            output += _reasoning_apart(usage, out_details, total - prompt - output)
         if "cache_creation_input_tokens" in usage:
             write = usage["cache_creation_input_tokens"]
         if write is None:
@@ -247,7 +247,7 @@ def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
         total = usage.get("total_tokens")
         out_details = usage.get("output_tokens_details")
         if type(total) is int and total > prompt + output and type(out_details) is dict:
-            output += _reasoning_apart(out_details, total - prompt - output)  # more than counted
+            output += _reasoning_apart(usage, out_details, total - prompt - output)
         read, write = details.get("cached_tokens"), details.get("cache_write_tokens")
         return prompt, output, _count(read), _count(write)
     # Anthropic: input_tokens leaves out cache reads and writes
@@ -256,16 +256,21 @@ def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
     return _count(usage.get("input_tokens")) + read + write, output, read, write
 
 
-def _reasoning_apart(details: object, left_out: int) -> int:
+def _reasoning_apart(usage: Mapping[str, Any], details: object, left_out: int) -> int:
     """The reasoning an answer counts apart from its output count, when `total_tokens` counts
     `left_out` tokens more than its input and output: output too, billed as such, up to what
     the total says. Where the output's details count it (`reasoning_tokens`: xAI's chat
     completions, gateways' renderings of Gemini's thoughts), that count; where nothing does
     (Gemini's own OpenAI-compatible endpoint: its thoughts are in the total alone), all of
-    `left_out`. (OpenAI counts reasoning within its output, and its total is input and output
-    alone: nothing is left out.)"""
+    `left_out`, the dearer reading: Gemini's tool-use prompt (grounding, code execution) is in
+    that total too, and is charged so at the output's price. But a total beside Anthropic's
+    cache fields (a gateway's that counts the cache reads and writes its prompt count leaves
+    out) leaves out no output: nothing. (OpenAI counts reasoning within its output, and its
+    total is input and output alone: nothing is left out.)"""
     if type(details) is dict and _readable(details, "reasoning_tokens"):
         return min(_count(details["reasoning_tokens"]), left_out)
+    if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:
+        return 0
     return left_out
 
 
@@ -280,8 +285,10 @@ def _readable(usage: Mapping[str, Any], key: str) -> bool:
     return type(value) is float and math.isfinite(value) and value >= 0
 
 
-# A JSON string, or a bracket: what tells a key's depth in a document (`usage_from_head`).
-_STRING_OR_BRACKET: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[][{}]', re.DOTALL)
+# A JSON string (or one the head cuts, to its end: matched in one pass, where a string left
+# unclosed was tried again from each quote in it, 20 s for a head of escaped quotes), or a
+# bracket: what tells a key's depth in a document (`usage_from_head`).
+_STRING_OR_BRACKET: Final = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)|[][{}]', re.DOTALL)
 
 
 def usage_from_head(head: bytes) -> TokenUsage | None:
@@ -293,6 +300,8 @@ def usage_from_head(head: bytes) -> TokenUsage | None:
         token = match.group()
         first = token[0]
         if first == 0x22:  # a string: the key, at the top level and followed by a colon?
+            if len(token) == 1 or token[-1] != 0x22:
+                return None  # cut by the head's end (or ending with an escaped quote)
             if depth == 1 and token == _USAGE_KEY:
                 rest = head[match.end() :].lstrip()
                 if rest[:1] != b":":

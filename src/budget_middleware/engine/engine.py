@@ -474,11 +474,9 @@ class BudgetEngine:
         on_alert: Hook | None = None,
         on_refusal: Hook | None = None,
         on_settled: Hook | None = None,
-        owner: object | None = None,
     ) -> None:
-        """Hooks an adapter was given (SPEC §14); every adapter on this engine sees every event.
-        `owner`: they go with it (a transport: once it is collected, no longer called)."""
-        self.hooks.add(owner, on_alert=on_alert, on_refusal=on_refusal, on_settled=on_settled)
+        """Hooks an adapter was given (SPEC §14); every adapter on this engine sees every event."""
+        self.hooks.add(on_alert=on_alert, on_refusal=on_refusal, on_settled=on_settled)
 
     def describe(self, admin_path: str | None = None) -> str:
         """One line for the start-up log: the store and Redis (no password), the admin mount."""

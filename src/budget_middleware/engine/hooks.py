@@ -94,17 +94,11 @@ class Hooks:
         self.pending = 0  # events handed over that have not run (`MAX_PENDING`)
         self.dropped = 0
         self._count = threading.Lock()  # hooks are emitted from several threads (WSGI)
-        # Hooks that go with the adapters that gave them (`add`'s `owner`): by (event, id of
-        # the hook), the hook and how many live adapters gave it.
-        self._owned: dict[tuple[str, int], list[Any]] = {}
-        self._owning = threading.RLock()  # (a collection may release an owner's while held)
 
-    def add(self, owner: object | None = None, **hooks: Hook | None) -> None:
+    def add(self, **hooks: Hook | None) -> None:
         """Add hooks by event name; an unknown name or a value that is not callable raises. A
         hook given again (a transport made per job with the same `on_settled`) is not added
-        twice: it was called once per time it was given. `owner`: the hooks go with it, once
-        no other live owner gave them (a transport made per job with a closure of its own: the
-        engine kept every one, and called each for every job's calls)."""
+        twice: it was called once per time it was given."""
         for name, hook in hooks.items():
             if name not in EVENTS:
                 raise TypeError(f"unknown hook {name!r}: expected one of {', '.join(EVENTS)}")
@@ -112,30 +106,9 @@ class Hooks:
                 continue
             if not callable(hook):
                 raise TypeError(f"{name} must be callable, got {type(hook).__name__}")
-            with self._owning:
-                given: tuple[Hook, ...] = getattr(self, name)
-                owned = (name, id(hook))
-                if owner is None:
-                    self._owned.pop(owned, None)  # given for good: it stays
-                elif hook not in given or owned in self._owned:
-                    held = self._owned.setdefault(owned, [hook, 0])
-                    held[1] += 1
-                    weakref.finalize(owner, self._release, name, id(hook))
-                if hook not in given:
-                    setattr(self, name, (*given, hook))
-
-    def _release(self, name: str, hook_id: int) -> None:
-        """An owner of a hook is gone: the hook goes when it was the last."""
-        with self._owning:
-            held = self._owned.get((name, hook_id))
-            if held is None:  # given for good since
-                return
-            held[1] -= 1
-            if held[1] > 0:
-                return
-            del self._owned[(name, hook_id)]
-            hook = held[0]
-            setattr(self, name, tuple(h for h in getattr(self, name) if h is not hook))
+            given: tuple[Hook, ...] = getattr(self, name)
+            if hook not in given:
+                setattr(self, name, (*given, hook))
 
     def emit(self, hooks: tuple[Hook, ...], item: Any) -> None:
         """Call each hook with `item`, off the caller's path; never raises (at interpreter exit

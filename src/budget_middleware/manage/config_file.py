@@ -447,8 +447,11 @@ def _identity(section: str, entry: dict[str, Any]) -> str:
 
 
 def _provider(name: Any) -> Any:
-    """A provider as the store keeps it (`OpenAI` is `openai`), when the entry names one."""
-    return canonical_provider(name) if isinstance(name, str) else name
+    """A provider as the store keeps it (`OpenAI` is `openai`), when the entry names one; ""
+    (a model config's any provider) as none, as the store keeps it."""
+    if not isinstance(name, str):
+        return name
+    return canonical_provider(name) if name else None
 
 
 Unset = dict[str, list[str]]  # a variable not set here: the entries whose value names it
@@ -704,16 +707,27 @@ def _made_by(table: Any, digest: str, value: str | None = None) -> Any:
     return made
 
 
-def _deleted_through_api(s: Session, table: Any, ref: str) -> bool:
-    """Whether a reference the file makes (a team's `customer`, a key's `team`, by name or id)
-    names what was deleted through the API and is not in the store: it refers to none, as the
-    delete left its members (start-up stopped, "neither a name nor an id", while the file's
-    entries were unchanged: SPEC §10 keeps the API's change)."""
+def _deleted_through_api(s: Session, table: Any, ref: str, entry: Any, digest: str) -> bool:
+    """Whether a reference an unchanged entry makes (a team's `customer`, a key's `team`, by
+    name or id) names what was deleted through the API and is not in the store: it refers to
+    none, as the delete left the entry's entity (start-up stopped, "neither a name nor an id":
+    SPEC §10 keeps the API's change while the entry is unchanged). `entry`: the table of the
+    entry's entity, which holds the entry's hash `digest` when it is unchanged; a new or
+    changed entry naming what is gone is refused, as one naming what never was."""
+    if s.exec(select(entry).where(entry.config_hash == digest)).first() is None:
+        return False
     kind = _KINDS[table]
     found = select(DeletedRow.id).where(
         DeletedRow.kind == kind, (DeletedRow.entity_id == ref) | (DeletedRow.name == ref)
     )
     return s.exec(found).first() is not None
+
+
+_ENTRY_TABLES: dict[str, Any] = {
+    "teams": TeamRow,
+    "virtual_keys": VirtualKeyRow,
+    "model_configs": ModelConfigRow,
+}
 
 
 def _preflight(store: Store, data: _FileData) -> None:
@@ -734,6 +748,8 @@ def _preflight(store: Store, data: _FileData) -> None:
             for index, raw in enumerate(data.sections[section]):
                 where = data.where(section, index, raw)
                 entry = raw
+                expanded = _expand(section, raw, where)
+                digest = config_hash({k: v for k, v in expanded.items() if k != "value"})
                 for field_, (target, table, what) in targets.items():
                     ref = entry.get(field_)
                     if ref is None or ref in defined[target]:
@@ -742,7 +758,7 @@ def _preflight(store: Store, data: _FileData) -> None:
                     if (
                         s.get(table, ref) is None
                         and s.exec(select(table).where(table.name == ref)).first() is None
-                        and not _deleted_through_api(s, table, ref)
+                        and not _deleted_through_api(s, table, ref, _ENTRY_TABLES[section], digest)
                     ):
                         raise ConfigFileError(
                             f"{where}: {what} {ref!r} is neither a name nor an id"
@@ -802,7 +818,11 @@ class _Loader:
     def where(self, section: str, index: int, entry: dict[str, Any]) -> str:
         return self.data.where(section, index, entry)
 
-    def _find(self, table: Any, ref: str | None, what: str, where: str) -> str | None:
+    def _find(
+        self, table: Any, ref: str | None, what: str, where: str, entry: Any, digest: str
+    ) -> str | None:
+        """The id a reference names (`entry`, `digest`: the table of the referring entry's
+        entity, and its hash, for `_deleted_through_api`)."""
         if ref is None:
             return None
         with self.store.session() as s:
@@ -813,7 +833,7 @@ class _Loader:
             if (table, ref) in self.left_deleted:  # deleted through the API: refers to none
                 return None
             row = s.exec(select(table).where(table.name == ref)).first()
-            if row is None and _deleted_through_api(s, table, ref):
+            if row is None and _deleted_through_api(s, table, ref, entry, digest):
                 logger.info(
                     "budget-middleware: %s: %s %r was deleted through the API: refers to none",
                     where,
@@ -942,7 +962,7 @@ class _Loader:
             table, create, update = TeamRow, m.create_team, m.update_team
             if "customer" in body:
                 body["customer_id"] = self._find(CustomerRow, body.pop("customer"), "customer",
-                                                 where)  # fmt: skip
+                                                 where, TeamRow, digest)  # fmt: skip
         elif section == "virtual_keys":
             table, create, update = VirtualKeyRow, m.create_virtual_key, m.update_virtual_key
             configs = body.get("provider_configs")
@@ -951,10 +971,11 @@ class _Loader:
                     _declared(ProviderConfigIn, c) if isinstance(c, dict) else c for c in configs
                 ]
             if "team" in body:
-                body["team_id"] = self._find(TeamRow, body.pop("team"), "team", where)
+                body["team_id"] = self._find(TeamRow, body.pop("team"), "team", where,
+                                             VirtualKeyRow, digest)  # fmt: skip
             if "customer" in body:
                 body["customer_id"] = self._find(CustomerRow, body.pop("customer"), "customer",
-                                                 where)  # fmt: skip
+                                                 where, VirtualKeyRow, digest)  # fmt: skip
         else:
             table, create, update = RouteRow, m.create_route, m.update_route
         body = _declared(_CREATE[section], body)
@@ -1022,7 +1043,7 @@ class _Loader:
         if "virtual_key" in body:
             body["scope"] = "virtual_key"
             body["scope_id"] = self._find(VirtualKeyRow, body.pop("virtual_key"), "virtual key",
-                                          where)  # fmt: skip
+                                          where, ModelConfigRow, digest)  # fmt: skip
             if body["scope_id"] is None:  # its key deleted through the API: no key to scope
                 return
         body = _declared(ModelConfigCreate, body)

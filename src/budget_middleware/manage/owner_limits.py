@@ -202,8 +202,9 @@ def write_budgets(
         _write_budget(s, owner_type, owner_id, budget, row, calendar_aligned, origin)
 
 
-# What a budget matched by its id keeps of its terms when the update leaves them out.
-_KEPT_TERMS = ("reset_duration", "calendar_aligned", "soft", "alert_thresholds")
+# What a budget matched by its id keeps of its terms when the update leaves them out (its
+# `calendar_aligned` left out is its owner's, as ever: an update may change the owner's).
+_KEPT_TERMS = ("reset_duration", "soft", "alert_thresholds")
 
 
 def _completed(budget: BudgetIn, row: BudgetRow | None) -> BudgetIn:

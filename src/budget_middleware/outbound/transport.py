@@ -79,15 +79,10 @@ class _Meter:
     """What both transports share: which calls are metered, who pays, and the answers."""
 
     def __init__(
-        self,
-        settings: BudgetSettings | None,
-        engine: BudgetEngine | None,
-        hooks: dict[str, Any],
-        owner: object,
+        self, settings: BudgetSettings | None, engine: BudgetEngine | None, hooks: dict[str, Any]
     ) -> None:
         self.engine = engine if engine is not None else get_engine(settings)
-        # on_alert, on_refusal, on_settled (SPEC §14): the engine's while the transport lives
-        self.engine.add_hooks(**hooks, owner=owner)
+        self.engine.add_hooks(**hooks)  # on_alert, on_refusal, on_settled (SPEC §14)
         s = self.engine.settings
         self.shadow = s.mode == "shadow"
         self.suffixes = s.inference_paths
@@ -521,7 +516,7 @@ class _Transport:
         self.transport = transport  # the one given, else each library's own, made on first use:
         self.own: dict[ModuleType, Any] = {}  # one transport may serve httpx and httpx2 clients
         hooks = {"on_alert": on_alert, "on_refusal": on_refusal, "on_settled": on_settled}
-        self.meter = _Meter(settings, engine, hooks, self)
+        self.meter = _Meter(settings, engine, hooks)
         self._lock = threading.Lock()  # threads share a sync client: one transport, one pool
 
 

@@ -792,13 +792,15 @@ class RedisCounters(CounterBackend):
             reservation = estimate if reserve else 0
             result.index = index
             result.ticket = self._admitted(limits, plans[index], values, reservation, request_id)
-        await self._read_rate_windows(plans, result)
+        if result.ticket is None:  # refused: nothing admitted is held across this await
+            await self._read_rate_windows(plans, result)
         return result
 
     async def _read_rate_windows(self, plans: list[list[_Entry]], result: FirstAdmitted) -> None:
-        """A candidate refused by a rate window: its other request and token windows as every
-        instance has spent them, into the copies here (one more round trip, on such a refusal
-        only). The answer names the first window that refuses and waits for the last
+        """Every candidate refused, one by a rate window: its other request and token windows
+        as every instance has spent them, into the copies here (one more round trip, on such a
+        refusal only: never while an admitted ticket waits, which a cancellation would lose).
+        The answer names the first window that refuses and waits for the last
         (`admission.retry_at`, which reads the copies): admit.lua tells the first alone, and
         a team's hour another instance spent read as this instance last saw it (1 of 3), so a
         key refused by its minute was told to retry in 60 s, and refused then by the hour."""

@@ -393,7 +393,8 @@ class BudgetWSGIMiddleware:
             if accept is not None:  # answers in codings we cannot read are not asked for
                 environ["HTTP_ACCEPT_ENCODING"] = accept
             environ["wsgi.input"] = io.BytesIO(body)  # read once here: the app reads it again
-            environ["CONTENT_LENGTH"] = str(len(body))
+            environ["CONTENT_LENGTH"] = str(len(body))  # its length known: no longer chunked
+            environ.pop("HTTP_TRANSFER_ENCODING", None)
             response.iterable = self.app(environ, response.start_response)
         except BaseException:
             if not response.wrote:  # nothing sent: the server answers 500 (an error costs nothing)
