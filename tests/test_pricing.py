@@ -523,3 +523,29 @@ def test_a_fee_a_request_is_charged_and_reserved_once_whatever_the_tokens(tmp_pa
     print(f"fee alone {alone}, with 3,000 tokens {tokens}, reserved {reserved} n$")
     assert (alone, tokens, reserved) == (fee, fee + 3000 * 1000, fee + 7000 * 1000)
     assert cost_nanos(ModelPrice(1.0, 1.0), TokenUsage()) == 0
+
+
+def test_a_reservation_prices_its_output_and_input_at_the_dearest_they_may_be() -> None:
+    """`estimate_nanos`: a text answer's output at the text price, one that may be speech at
+    the dearer audio price; an input that may be cached at the dearer of the input and the
+    5-minute writes, or (1-hour writes asked) of those and the 1-hour writes. Each kind's rate
+    taken apart, so that a mutant reading the wrong one is told (rates 1, 2, 3, 5, 10, 40)."""
+    price = ModelPrice(1.0, 10.0, 0.5, 2.0, cache_write_1h_per_mtok=3.0,
+                       output_audio_per_mtok=40.0)  # fmt: skip
+    k = 1000  # nano-dollars a token at $1/Mtok
+    cheap_audio = ModelPrice(1.0, 10.0, output_audio_per_mtok=5.0)
+    cases = {
+        "text": estimate_nanos(price, 100, 10),
+        "speech": estimate_nanos(price, 100, 10, spoken=True),
+        "cached": estimate_nanos(price, 100, 10, caches=1),
+        "cached 1h": estimate_nanos(price, 100, 10, caches=2),
+        "speech, cheaper audio": estimate_nanos(cheap_audio, 100, 10, spoken=True),
+    }
+    print(cases)
+    assert cases == {
+        "text": (100 * 1 + 10 * 10) * k,
+        "speech": (100 * 1 + 10 * 40) * k,
+        "cached": (100 * 2 + 10 * 10) * k,
+        "cached 1h": (100 * 3 + 10 * 10) * k,
+        "speech, cheaper audio": (100 * 1 + 10 * 10) * k,
+    }
