@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import text
 
 from admin_support import ADMIN, admin_client, admin_settings
 from budget_middleware import BudgetSettings, InvalidRequest, get_engine
+from budget_middleware.admin import create_admin_app
 
 
 @pytest.fixture
@@ -1119,3 +1121,26 @@ def test_model_configs_created_at_once_are_one(store_url: str) -> None:
     print(f"10 rounds of 4 creates at once: {outcomes.count('created')} created, "
           f"{outcomes.count('409')} refused 409, {stored} stored")  # fmt: skip
     assert stored == outcomes.count("created") == 10 and outcomes.count("409") == 30
+
+
+async def test_budgets_by_owner_id_alone_find_a_provider_by_any_spelling(tmp_path: Path) -> None:
+    """`GET /budgets?owner_type=provider&owner_id=OpenAI` answered openai's budget, and
+    `GET /budgets?owner_id=OpenAI` (no type, as the CLI sends it) none; `GET /alerts` alike (a
+    fault hunt's). A provider is read by any spelling of its name wherever it is named."""
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/a.db", admin_key="adm-secret-1")
+    headers = {"Authorization": "Bearer adm-secret-1"}
+    app = create_admin_app(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        put = await http.put(
+            "/providers/openai",
+            json={"budgets": [{"max_limit": 10, "alert_thresholds": [0.5]}]},
+            headers=headers,
+        )
+        assert put.status_code in (200, 201), put.text
+        found = [
+            (await http.get("/budgets", params=params, headers=headers)).json()["count"]
+            for params in ({"owner_type": "provider", "owner_id": "OpenAI"}, {"owner_id": "OpenAI"})
+        ]
+    await get_engine(settings).shutdown()
+    print("budgets found by type and name, by name alone:", found)
+    assert found == [1, 1]

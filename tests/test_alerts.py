@@ -1985,3 +1985,121 @@ async def test_shadow_mode_gives_a_request_enforce_refuses_for_its_key_no_slot(
     print(f"{counters}: enforce refused {seen['enforce']}, shadow would refuse {seen['shadow']}")
     assert seen["enforce"] == ["virtual_key_inactive", None]
     assert seen["shadow"] == seen["enforce"]
+
+
+async def test_on_refusal_and_get_refusals_carry_the_request_s_whole_identity(
+    make_settings: Any,
+) -> None:
+    """SPEC §14: hooks are called "with ... the refusal (code, scope, request identity)"; §2
+    names a request's identity: "virtual key id, team id, customer id, provider, model, tags".
+    A key of team `research` of customer `acme`, tagged `product:chat`, refused by its team's
+    budget: `on_refusal` (and `GET /refusals`, the same dict) told the key, provider and model,
+    but neither the team, the customer nor the tags (an app that pages the team owning the
+    refused caller, or counts refusals by tag, could not), while `request.state.budget` and
+    the usage record carry all six."""
+    settings = make_settings()
+    app = host_app(settings)
+    heard: list[dict[str, Any]] = []
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        engine.add_hooks(on_refusal=heard.append)
+        m = engine.manager
+        acme = m.create_customer(name="acme")
+        team = m.create_team(name="research", customer_id=acme.id, budgets=[{"max_limit": 0}])
+        key = m.create_virtual_key(name="ann", team_id=team.id)
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat("openai/gpt-4o", metadata={"tags": ["product:chat"]}),
+            headers={"authorization": f"Bearer {key.value}"},
+        )
+        assert answer.status_code == 402, answer.text
+        await until(lambda: heard, 5.0)
+        admin = httpx.AsyncClient(
+            transport=httpx.ASGITransport(create_admin_app(settings)),
+            base_url="http://a",
+            headers={"authorization": "Bearer admin-secret"},
+        )
+        async with admin:
+            listed = (await admin.get("/refusals")).json()["refusals"]
+    told = heard[0]
+    print(f"on_refusal: {told}")
+    assert told["code"] == "budget_exceeded" and told["virtual_key_id"] == key.id
+    assert listed[0] == told
+    identity = {k: told.get(k, "<missing>") for k in ("team_id", "customer_id", "tags")}
+    print(
+        f"identity told: {identity}; expected team {team.id}, customer {acme.id}, "
+        f"tags ['product:chat']"
+    )
+    assert identity == {"team_id": team.id, "customer_id": acme.id, "tags": ["product:chat"]}
+
+
+@pytest.mark.parametrize(
+    ("limit", "threshold", "cost", "n"),
+    [(100, 0.55, 11, 5), (100, 0.28, 7, 4), (50, 0.68, 8.5, 4), (5000, 0.81, 810, 5)],
+)
+async def test_a_threshold_reached_exactly_is_raised(
+    make_settings: Any, limit: float, threshold: float, cost: float, n: int
+) -> None:
+    """SPEC §14: "When a budget's spend reaches or crosses one of its thresholds ... one alert is
+    raised". A $100 budget with `alert_thresholds: [0.55]`, spent $55.00 exactly (5 requests of
+    $11): no alert. `core.alerts.threshold_nanos` computes the spend that reaches a threshold in
+    binary floating point, `ceil(100e9 * 0.55 - 1e-6)`, and 100e9 * 0.55 is 55000000000.00001:
+    $55.000000001, one nano-dollar above the spend that reaches 55 %. (0.28 of $100, 0.68 of $50,
+    0.81 of $5,000 and 52 more pairs of a round budget and a whole percent do the same.)"""
+    settings = make_settings()
+    app = host_app(settings)
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        key = engine.manager.create_virtual_key(
+            name="exact",
+            budgets=[{"max_limit": limit, "reset_duration": "1M", "alert_thresholds": [threshold]}],
+        )
+        for _ in range(n):
+            answer = await http.post(
+                "/v1/chat/completions",
+                json=chat("gpt-4o"),
+                headers={"authorization": f"Bearer {key.value}", "x-mock-cost": str(cost)},
+            )
+            assert answer.status_code == 200, answer.text
+        await engine.flush()
+        spent = engine.manager.list_budgets(owner_type="virtual_key", owner_id=key.id)[0].spent
+        alerts = await until(lambda: engine.manager.list_alerts(owner_id=key.id), 3.0)
+    print(
+        f"${spent} spent of ${limit} (threshold {threshold}: ${limit * threshold:g}); "
+        f"alerts raised: {[(a['type'], a['threshold']) for a in alerts]}"
+    )
+    assert spent == pytest.approx(limit * threshold)
+    assert [(a["type"], a["threshold"]) for a in alerts] == [("budget.threshold", threshold)]
+
+
+async def test_a_provider_s_alerts_are_listed_by_any_spelling_of_its_name(
+    make_settings: Any,
+) -> None:
+    """`GET /alerts?owner_id=OpenAI` listed none of provider openai's alerts (`openai`: all of
+    them), where a provider is read by any spelling of its name (a fault hunt's)."""
+    settings = make_settings()
+    app = host_app(settings)
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        engine.manager.put_provider(
+            "openai", budgets=[{"max_limit": 10, "alert_thresholds": [0.5]}]
+        )
+        await engine.invalidate()
+        answer = await http.post(
+            "/v1/chat/completions", json=chat("openai/gpt-4o"), headers={"x-mock-cost": "6"}
+        )
+        assert answer.status_code == 200, answer.text
+        await engine.flush()
+        await until(lambda: engine.manager.list_alerts(owner_id="openai"), 3.0)
+        admin = httpx.AsyncClient(
+            transport=httpx.ASGITransport(create_admin_app(settings)),
+            base_url="http://a",
+            headers={"authorization": "Bearer admin-secret"},
+        )
+        async with admin:
+            counts = [
+                (await admin.get("/alerts", params={"owner_id": name})).json()["count"]
+                for name in ("openai", "OpenAI")
+            ]
+    print("alerts listed by openai, by OpenAI:", counts)
+    assert counts == [1, 1]

@@ -1285,3 +1285,39 @@ def test_durations_count_from_the_server_s_clock(
     assert report["total"]["requests"] == 1
     assert datetime.fromisoformat(report["start"]) < datetime.now(UTC)
     assert 29.9 < days <= 30
+
+
+def test_budgets_list_by_a_provider_s_other_spelling_shows_its_budget(
+    store: dict[str, str], here: Here
+) -> None:
+    """`budgets list --owner-type provider --owner-id OpenAI` found provider openai's $10/1d
+    budget; without the type it printed "(none)" and exited 0 (a fault hunt's): an owner by any
+    spelling of a provider's name is that provider, as everywhere a provider is named."""
+    ok(here(store, "providers create openai --budget 10/1d"))
+    for line in ("budgets list --owner-type provider --owner-id OpenAI --json",
+                 "budgets list --owner-id OpenAI --json"):  # fmt: skip
+        budgets = json.loads(ok(here(store, line)).out)["budgets"]
+        print(line, "->", [(b["provider"], b["max_limit"]) for b in budgets])
+        assert [(b["provider"], b["max_limit"]) for b in budgets] == [("openai", 10.0)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"budgets": [{"max_limit": 1, "reset_duration": "1d", "max_limit": 100}]}',
+        '{"budgets": [{"max_limit": 1, "reset_duration": "1d"}], "budgets": []}',
+    ],
+)
+def test_a_body_naming_a_key_twice_is_refused_as_the_admin_api_refuses_it(
+    store: dict[str, str], tmp_path: Path, here: Here, body: str
+) -> None:
+    """`customers create --body` made a $100 budget of `max_limit: 1 ... max_limit: 100`, and
+    none of `budgets: [$1], budgets: []`, exit 0, where the admin API answers 422 and a config
+    file is refused (a fault hunt's): the last key silently won."""
+    file = tmp_path / "body.json"
+    file.write_text(body)
+    for n, option in enumerate((f"--body {shlex.quote(body)}", f"--file {file}")):
+        line = here(store, f"customers create --name c{n} {option}").failed_on_one_line(2)
+        print(option[:6], "->", line)
+        assert "is given twice in one object" in line
+    assert not _exists(store)  # nothing written: not even the store made

@@ -1096,3 +1096,36 @@ def test_the_chart_and_the_periods_take_today_from_the_server(bare: Served) -> N
     assert "resets in" in shown["period"] and "ago" not in shown["period"]
     # when it ends, as the API and the CLI write it: in UTC, said so (not Kiritimati's day)
     assert f"({end:%b} {end.day}, " in shown["period"] and shown["period"].endswith(" UTC)")
+
+
+def test_the_chart_by_tag_adds_up_to_the_records_with_a_tag_named_null(bare: Served) -> None:
+    """SPEC §16: the chart adds up to the records. Tags are the clients': the page keyed each
+    series by `String(row.key)`, so spend with no tag (null) and a tag named "null" were one
+    series drawn twice: $1 untagged and $2 tagged "null" drew $6 for $3 (a fault hunt's)."""
+    served = bare
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    sent = [
+        httpx.post(served.url + "/v1/chat/completions", json=_chat("gpt-4o", 10),
+                   headers={"x-mock-header-cost": "1", **({"x-budget-tags": t} if t else {})})
+        for t in ("", "null", "null")
+    ]  # fmt: skip
+    assert [s.status_code for s in sent] == [200, 200, 200], [s.text for s in sent]
+    deadline = time.monotonic() + 10
+    while _stored_requests(served) < 3:
+        assert time.monotonic() < deadline, "the usage records were not written"
+        time.sleep(0.05)
+    usage = httpx.get(served.admin + "/usage", params={"group_by": "tag"}, headers=headers).json()
+    print("GET /usage by tag:", [(u["key"], u["cost"]) for u in usage["usage"]])
+    with _signed_in(served, {"width": 1280, "height": 800}) as page:
+        page.wait_for_function("() => document.body.dataset.loaded !== undefined")
+        page.select_option("#chart-group", "tag")
+        page.wait_for_function(  # drawn by tag: the model's series gone
+            "() => { const s = [...document.querySelectorAll('#chart rect.seg')];"
+            " return s.length && !s.some(r => r.dataset.group === 'gpt-4o'); }"
+        )
+        segments = page.evaluate(
+            "() => [...document.querySelectorAll('#chart rect.seg')].map(r =>"
+            " [r.dataset.group, Number(r.dataset.cost)])"
+        )
+    print("segments drawn (series, cost):", segments)
+    assert sum(cost for _, cost in segments) == pytest.approx(3.0), segments

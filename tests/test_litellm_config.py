@@ -867,3 +867,35 @@ def test_a_wildcard_matches_from_the_start_as_fnmatch_s_star_would(pattern: str)
     wrong = [t for t in texts if _glob_match(parts, t) != fnmatchcase(t, pattern + "*")]
     print(f"{pattern}: {len(texts)} texts, {len(wrong)} matched otherwise than fnmatch")
     assert wrong == []
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "named"),
+    [
+        ("providers:\n  - provider: openai\n    budgets: [{max_limit: 100, reset_duration: 1d}]\n",
+         "router_settings:\n  provider_budget_config:\n"
+         "    openai: {budget_limit: 1, time_period: 1w}\n",
+         "provider_budget_config"),
+        ("tags:\n  - tag: prod\n    budgets: [{max_limit: 200, reset_duration: 1d}]\n",
+         "litellm_settings:\n  tag_budget_config:\n"
+         "    prod: {max_budget: 2, budget_duration: 1w}\n",
+         "tag_budget_config"),
+    ],
+)  # fmt: skip
+def test_a_litellm_budget_beside_our_own_entry_for_its_owner_is_refused(
+    tmp_path: Path, ours: str, theirs: str, named: str
+) -> None:
+    """A file declaring provider openai $100/1d in `providers` and $1/1w in LiteLLM's
+    `provider_budget_config` stored $100/1d alone, `config check` said valid and nothing was
+    logged: the weekly $1 the file declares never applied (tags alike; a fault hunt's). The
+    same owner in both is refused, naming both entries, and nothing is written."""
+    settings = BudgetSettings(
+        database_url=f"sqlite:///{tmp_path}/b.db", config_file=_write(tmp_path, ours + theirs)
+    )
+    store = Store(settings.database_url)
+    store.create_schema()
+    with pytest.raises(ConfigFileError) as info:
+        load_config_file(store, settings)
+    print(info.value)
+    assert named in str(info.value) and "declare its budgets in one place" in str(info.value)
+    assert BudgetManager(store, settings).list_budgets() == []

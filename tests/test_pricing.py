@@ -549,3 +549,20 @@ def test_a_reservation_prices_its_output_and_input_at_the_dearest_they_may_be() 
         "cached 1h": (100 * 3 + 10 * 10) * k,
         "speech, cheaper audio": (100 * 1 + 10 * 10) * k,
     }
+
+
+def test_a_pricing_file_naming_a_key_twice_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """openai/gpt-4o priced 2.5/10 $/Mtok and then 0/0 in one object started, and a chat of 11 in
+    and 10 out was charged $0 where the first prices make $0.0001275: the last key silently won
+    (a fault hunt's). SPEC §3: an invalid pricing file fails start-up naming the file and the
+    entry."""
+    path = write_prices(
+        tmp_path,
+        '{"models": {"openai/gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10,'
+        ' "output_per_mtok": 0}}}',
+    )
+    with pytest.raises(PricingFileError) as info:
+        PriceBook(path)
+    print(info.value)
+    assert "BUDGET_PRICING_FILE" in str(info.value) and str(path) in str(info.value)
+    assert "the key 'output_per_mtok' is given twice in one object" in str(info.value)

@@ -981,3 +981,80 @@ async def test_a_route_that_names_a_target_twice_is_refused_naming_it(tmp_path: 
 
     with pytest.raises(ConfigFileError, match=r"routes\[0\].*twice"):
         get_engine(BudgetSettings(database_url=f"sqlite:///{tmp_path}/c.db", config_file=path))
+
+
+@pytest.mark.parametrize("target", ["openai//gpt-4o", "azure//gpt-4o", "openrouter/meta//llama"])
+async def test_a_route_target_with_an_empty_segment_is_refused(tmp_path: Path, target: str) -> None:
+    """`openai/` and `/gpt-4o` are refused ("has an empty provider or model around '/'"), but
+    `openai//gpt-4o` is stored (201): its model is `/gpt-4o`, which no provider serves and no
+    price lists, so every request routed there is metered as an unpriced model (cost 0) and the
+    app is sent a model name that cannot exist. SPEC §9: invalid bodies get 422 with the
+    failing fields."""
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db", admin_key="admin-secret")
+    transport = httpx.ASGITransport(create_admin_app(settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=ADMIN) as http:
+        answer = await http.post("/routes", json={"name": "smart", "targets": [target]})
+    await get_engine(settings).shutdown()
+    print(f"POST /routes targets=[{target!r}] -> {answer.status_code} {answer.text[:160]}")
+    assert answer.status_code == 422, answer.text
+    assert "targets" in answer.json()["error"]["message"]
+
+
+async def test_a_routed_azure_call_is_sent_to_the_chosen_target_s_deployment(
+    make_settings: Settings,
+) -> None:
+    """SPEC §12: "Routing also applies to calls metered by the transport of §13"; README: a
+    target is "sent, checked and charged as the model that host names". Azure OpenAI names the
+    model by the URL (`/openai/deployments/<name>/…`, which `AzureOpenAI` builds from `model`),
+    and only rewrites of the body were made: a route `gpt-4o` -> [azure/gpt-4o, azure/gpt-4o-mini]
+    whose gpt-4o budget ($0) is spent fell over to gpt-4o-mini for checks and charges, but the
+    call still went to `/openai/deployments/gpt-4o/…`: Azure serves gpt-4o past its $0 budget
+    (the limit lifts) and it is charged at gpt-4o-mini's price (1000 in + 1000 out: $0.00075
+    charged for $0.0125 served)."""
+    import httpx2
+    import openai
+
+    from budget_middleware import BudgetTransport
+    from test_outbound import MESSAGES, records
+
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    await engine.ensure_started()
+    sent: list[tuple[str, str, str | None]] = []
+
+    def azure(request: Any) -> Any:
+        body = json.loads(request.content)
+        sent.append((request.url.path, request.url.params.get("api-version"), body.get("model")))
+        deployment = request.url.path.split("/deployments/")[1].split("/")[0]
+        return httpx2.Response(200, json={
+            "id": "c", "object": "chat.completion", "model": deployment,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000},
+        })  # fmt: skip
+
+    try:
+        m = engine.manager
+        m.create_route(name="gpt-4o", targets=["azure/gpt-4o", "azure/gpt-4o-mini"])
+        m.create_model_config(model_name="gpt-4o", provider="azure", budgets=[{"max_limit": 0}])
+        await engine.invalidate()
+        transport = BudgetTransport(httpx2.MockTransport(azure), engine=engine)
+        sdk = openai.AsyncAzureOpenAI(
+            api_key="azure-secret",
+            api_version="2024-10-21",
+            azure_endpoint="https://res.openai.azure.com",
+            http_client=httpx2.AsyncClient(transport=transport),
+            max_retries=0,
+        )
+        raw = await sdk.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+        await engine.flush()
+        rows = records(engine)
+    finally:
+        await engine.shutdown()
+    charged = [(r["provider"], r["model"], r["cost_nanos"]) for r in rows]
+    print(f"x-budget-route {raw.headers.get('x-budget-route')}; sent {sent}; charged {charged}")
+    assert raw.headers["x-budget-route"] == "azure/gpt-4o-mini"
+    assert charged[0][:2] == ("azure", "gpt-4o-mini")
+    # The deployment Azure serves is the one checked and charged, the query left as it was.
+    assert sent == [
+        ("/openai/deployments/gpt-4o-mini/chat/completions", "2024-10-21", "gpt-4o-mini")
+    ]

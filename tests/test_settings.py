@@ -524,6 +524,29 @@ def test_a_duration_past_its_bound_is_refused_naming_the_variable(
             BudgetSettings(**{field: float(bad)})
 
 
+@pytest.mark.parametrize(
+    ("field", "least", "bad"),
+    [
+        ("flush_interval_seconds", 0.01, ["1e-9", "0.009"]),
+        ("slot_ttl_seconds", 1, ["0.001", "0.5"]),
+    ],
+)
+def test_a_duration_under_its_floor_is_refused_naming_the_variable(
+    field: str, least: float, bad: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`BUDGET_FLUSH_INTERVAL_SECONDS=1e-9` was accepted, and an idle app spun half a core
+    flushing nothing; `BUDGET_SLOT_TTL_SECONDS=0.001`, and slots expired before a heartbeat could
+    refresh them: two instances on one Redis held 2 streams at once on a limit of 1 in flight.
+    Each has a floor now (0.01 s, 1 s), taken, and under it refused naming the variable."""
+    variable = f"BUDGET_{field.upper()}"
+    assert getattr(BudgetSettings(**{field: least}), field) == least
+    for text in bad:
+        monkeypatch.setenv(variable, text)
+        with pytest.raises(SettingsError, match=rf"{variable}.*greater than or equal to {least}"):
+            print(text, "->", getattr(BudgetSettings(), field))
+        monkeypatch.delenv(variable)
+
+
 def test_a_config_file_that_is_a_folder_is_named_as_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -541,3 +564,67 @@ def test_a_config_file_that_is_a_folder_is_named_as_one(
         assert "does not exist" not in str(caught.value)
     with pytest.raises(SettingsError, match="does not exist"):
         BudgetSettings(config_file=tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://hooks example.com/alerts",  # a blank in the host (a typo)
+        "http://127.0.0.1 :8080/hook",  # a blank before the port
+        "http://hooks..example.com/alerts",  # an empty label
+        "http://hooks%20example.com/alerts",
+    ],
+)
+def test_a_webhook_url_whose_host_can_never_be_reached_fails_at_start_up(url: str) -> None:
+    """SPEC §3: "Invalid settings fail at start-up with a message that names the variable";
+    the brief: bad input fails loudly. A `BUDGET_ALERT_WEBHOOK_URLS` entry whose host holds a
+    blank (`http://hooks example.com/alerts`) was accepted: httpx sends it to the host
+    `hooks%20example.com`, which no resolver knows, so every alert's delivery fails, is
+    retried for 10 minutes and given up, and the operator hears of it only from
+    `budget_alert_deliveries_failed_total` and a log line, long after start-up."""
+    with pytest.raises(SettingsError) as refused:
+        BudgetSettings(alert_webhook_urls=url, database_url="sqlite://")
+    message = str(refused.value)
+    print(f"{url!r} refused: {message.splitlines()[-1]}")
+    assert "BUDGET_ALERT_WEBHOOK_URLS" in message and "invalid host" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/hook",
+        "https://hooks.slack.com/services/T000/B000/XXXX",
+        "http://[::1]:8080/hook",
+        "http://bücher.example/hook",
+        "http://localhost./hook",
+        "http://receiver_1.internal/hook",
+    ],
+)
+def test_valid_webhook_urls_stay_accepted(url: str) -> None:
+    """The fix must not refuse real receivers (IPv6, IDNA, a trailing dot, an underscore)."""
+    settings = BudgetSettings(alert_webhook_urls=url, database_url="sqlite://")
+    assert settings.alert_webhook_urls == (url,)
+
+
+def test_provider_hosts_naming_a_host_twice_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`{"llm.example.com": "openai", "llm.example.com": "anthropic"}` was taken as anthropic
+    alone: which provider's budgets meter that host was left to the last key (a fault hunt's)."""
+    monkeypatch.setenv(
+        "BUDGET_PROVIDER_HOSTS", '{"llm.example.com": "openai", "llm.example.com": "anthropic"}'
+    )
+    with pytest.raises(SettingsError, match=r"BUDGET_PROVIDER_HOSTS.*'llm.example.com'.*twice"):
+        BudgetSettings()
+
+
+@pytest.mark.parametrize("header", ["host", "Content-Type", "content-length"])
+def test_a_key_header_every_request_carries_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, header: str
+) -> None:
+    """As `BUDGET_KEY_HEADER=authorization` is refused: with `host`, `content-type` or
+    `content-length`, every metered request, a keyless one too, was answered 401
+    `invalid_virtual_key` (its value, `application/json` say, read as a key; a fault hunt's)."""
+    monkeypatch.setenv("BUDGET_KEY_HEADER", header)
+    with pytest.raises(SettingsError, match=r"BUDGET_KEY_HEADER.*sent with every request"):
+        BudgetSettings()

@@ -85,6 +85,10 @@ def _without_password(url: str) -> str:
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _NOT_INSTALLED = "needs the {} package, which is not installed: pip install 'budget-middleware[{}]'"
 _HOST_PORT = re.compile(r"[^:]*:[0-9]*")  # `host:8443` (an IPv6 address has more colons)
+# A webhook URL's host as httpx sends it (IDNA-encoded): DNS labels, or an IPv6 address. A host
+# holding a blank or `%` (a typo: `http://hooks example.com/x`) can never be reached.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_URL_HOST = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\.?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 _BAD_PORT = "has a port that is not a number from 1 to 65535"
 
 
@@ -102,6 +106,12 @@ def _list_text(value: Any, what: str) -> Any:
             raise ValueError(f"is neither a JSON list nor comma-separated {what}")
         return found
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+# Headers HTTP sends with every (JSON) request: never a virtual key's carrier.
+_PROTOCOL_HEADERS = frozenset(
+    {"host", "content-type", "content-length", "transfer-encoding", "connection", "te"}
+)
 
 
 class BudgetSettings(BaseSettings):
@@ -133,11 +143,14 @@ class BudgetSettings(BaseSettings):
     # instance's slots held as long), and 1e300 put a slot's expiry past Redis' integers:
     # every admission a 503.
     cache_ttl_seconds: float = Field(default=5.0, gt=0, le=86400, allow_inf_nan=False)
-    flush_interval_seconds: float = Field(default=1.0, gt=0, le=3600, allow_inf_nan=False)
+    # Lower bounds too: a flush every nanosecond spun an idle process at half a core, and
+    # slots that expire within milliseconds, before a heartbeat can refresh them, let two
+    # instances hold 2 streams on a limit of 1 in flight (a fault hunt's).
+    flush_interval_seconds: float = Field(default=1.0, ge=0.01, le=3600, allow_inf_nan=False)
     max_body_bytes: int = Field(default=33_554_432, ge=1)
     # Beyond SPEC §3 (documented in the README): tuning knobs with safe defaults.
     default_max_output_tokens: int = Field(default=1024, ge=0)
-    slot_ttl_seconds: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
+    slot_ttl_seconds: float = Field(default=30.0, ge=1, le=86400, allow_inf_nan=False)
     unpriced_models: Literal["allow", "refuse"] = "allow"
     # At most an hour: past some 1e9 s every Redis call fails (time_t overflows), so for ever 503.
     redis_timeout_seconds: float = Field(default=2.0, gt=0, le=3600, allow_inf_nan=False)
@@ -187,7 +200,11 @@ class BudgetSettings(BaseSettings):
     def _hosts(cls, value: Any) -> Any:
         if isinstance(value, str):
             try:
-                value = json.loads(value) if value.strip() else {}
+                from budget_middleware.manage.schemas import TwiceGiven, unique_keys
+
+                value = json.loads(value, object_pairs_hook=unique_keys) if value.strip() else {}
+            except TwiceGiven as exc:  # the last would silently win
+                raise ValueError(str(exc)) from None
             except ValueError:
                 raise ValueError(
                     'is not a JSON object like {"llm.example.com": "openai"}'
@@ -228,6 +245,8 @@ class BudgetSettings(BaseSettings):
                     raise ValueError(f"URL {n} is not a valid URL") from None
                 if not parsed.host:
                     raise ValueError(f"URL {n} names no host")
+                if not _URL_HOST.fullmatch(parsed.raw_host.decode("ascii", "replace")):
+                    raise ValueError(f"URL {n} has an invalid host {parsed.host!r}")
                 if parsed.port is not None and not 0 < parsed.port < 65536:
                     raise ValueError(f"URL {n} has port {parsed.port}, outside 1-65535")
             return tuple(value)
@@ -347,6 +366,12 @@ class BudgetSettings(BaseSettings):
                 "authorization already carries virtual keys, as 'Bearer <BUDGET_KEY_PREFIX>…' "
                 "(named here, its whole value, 'Bearer …', would be read as the key): name "
                 "another header, or leave the default x-budget-key"
+            )
+        if value.lower() in _PROTOCOL_HEADERS:
+            raise ValueError(
+                f"{value.lower()} is sent with every request by HTTP itself: its value would be "
+                "read as a virtual key (every request 401): name another header, or leave the "
+                "default x-budget-key"
             )
         return value.lower()
 

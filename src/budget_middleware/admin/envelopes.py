@@ -92,8 +92,11 @@ class RefusalOut(BaseModel):
     scope: AlertOwner | None = Field(description="the owner whose limit refused, when one did")
     virtual_key_id: str | None
     key_name: str | None
+    team_id: str | None = Field(description="the caller's team (SPEC §2's identity)")
+    customer_id: str | None = Field(description="the caller's customer (the team's, or the key's)")
     provider: str | None
     model: str | None
+    tags: list[str] = Field(description="the request's tags, when they were read")
     shadow: bool
     at: datetime
 

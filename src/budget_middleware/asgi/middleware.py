@@ -305,6 +305,9 @@ class BudgetMiddleware:
             await self.app(scope, exchange.replay, exchange.forward)
         except asyncio.CancelledError:
             outcome = "client_disconnected"
+            # Cut by the server (its graceful timeout, a gone client's app killed) before any
+            # answer: the call was made, as when its client left before it (below).
+            exchange.left_unanswered = not exchange.response_started
             raise
         except BaseException:
             outcome = "upstream_error"

@@ -149,8 +149,12 @@ def body(text: str | None, file: str | None) -> dict[str, Any]:
         option = "--body"
     if text is None:
         return {}
-    try:
-        data = json.loads(text)
+    from budget_middleware.manage.schemas import TwiceGiven, unique_keys
+
+    try:  # a key given twice is refused, as the admin API and a config file refuse it
+        data = json.loads(text, object_pairs_hook=unique_keys)
+    except TwiceGiven as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
     except ValueError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint=option) from None
     if not isinstance(data, dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
+from fractions import Fraction
 from typing import Any
 
 NEVER = 2**63  # an `alert_at` no spend reaches
@@ -20,8 +21,12 @@ def check_threshold(value: Any) -> float:
 
 
 def threshold_nanos(limit: int, threshold: float) -> int:
-    """The spend at which `threshold` of `limit` is reached (rounded up: 0.8 of $1 is $0.80)."""
-    return math.ceil(limit * threshold - 1e-6)
+    """The spend at which `threshold` of `limit` is reached (rounded up: 0.8 of $1 is $0.80).
+    Exact, with the threshold as written (its shortest repr: 0.55, not its binary neighbour):
+    in floating point 0.55 of $100 was 55000000000.00001 nano-dollars, so a spend of $55.00
+    exactly never reached 55 %."""
+    exact = Fraction(repr(float(threshold))) * limit
+    return -(-exact.numerator // exact.denominator)
 
 
 def reached(

@@ -583,15 +583,23 @@ def is_inference_path(path: str, suffixes: tuple[str, ...]) -> bool:
     serve `/v1/chat/completions/` and `//` too: unmetered, they were a way around every
     limit), dot segments removed (a catch-all proxy's httpx sends `/v1/chat/completions/.`
     on as `/v1/chat/completions`). The usual path is told by one `str.endswith`."""
-    return path.endswith(suffixes) or (
-        (path[-1:] == "/" or "/." in path) and plain_path(path).endswith(suffixes)
-    )
+    return path.endswith(suffixes) or (needs_plain(path) and plain_path(path).endswith(suffixes))
+
+
+def needs_plain(path: str) -> bool:
+    """Whether a (decoded) path may be sent on as another: slashes after it, dot segments, or a
+    `?`/`#` (sent as `%3F`/`%23`) that a proxy's URL library reads as the query's start."""
+    return path[-1:] == "/" or "/." in path or "?" in path or "#" in path
 
 
 def plain_path(path: str) -> str:
     """`path` as a URL library sends it on (RFC 3986's dot segments removed, as httpx, urllib3
     and yarl remove them) and without slashes after it: what `is_inference_path` compares. An
-    empty segment is one too: `/v1/chat/completions//..` is sent as `/v1/chat/completions`."""
+    empty segment is one too: `/v1/chat/completions//..` is sent as `/v1/chat/completions`.
+    A decoded `?` or `#` (`%3F`, `%23` in the request line) ends it, as a URL library reads it."""
+    cut = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        path = path[:cut]
     if "/." in path:
         kept: list[str] = []
         for segment in path.split("/"):

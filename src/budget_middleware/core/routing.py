@@ -60,7 +60,7 @@ def target_problem(text: object, what: str = "target", limit: int = 300) -> str 
         return f"{what} {text[:40]!r}… is longer than {limit} characters"
     if any(c.isspace() or not c.isprintable() for c in text):
         return f"{what} {text!r} contains whitespace or control characters"
-    if text.startswith("/") or text.endswith("/"):
+    if text.startswith("/") or text.endswith("/") or "//" in text:
         return f"{what} {text!r} has an empty provider or model around '/'"
     if not text.isascii():
         return f"a {what} is printable ASCII"

@@ -207,23 +207,33 @@ class Exchange:
         kind = message["type"]
         if kind == "http.response.body":
             chunk = message.get("body", b"")
+            if type(chunk) is not bytes:  # ASGI says bytes; a bytearray or memoryview read as one
+                chunk = bytes(chunk)
+                message = {**message, "body": chunk}
             out = self.on_chunk(chunk, message.get("more_body", False))
             if out is not chunk:
                 message = {**message, "body": out}
         elif kind == "http.response.start":
-            headers = message.get("headers") or ()
-            if self.read_start(message["status"], headers):  # headers the client must not get
-                left_out = self.left_out
-                headers = [h for h in headers if h[0].lower() not in left_out]
-            added = self.headers_added()
-            headers = replaced(headers, added, ADDED_NAMES, bytes.lower)
-            message = {**message, "headers": [*headers, *added]}
+            # A second start (an app's bug, which the server refuses) passes as it is: the
+            # answer the client has is the first's.
+            if not self.response_started:
+                headers = message.get("headers") or []
+                if type(headers) is not list:  # any iterable (ASGI): read here, then passed on
+                    headers = list(headers)
+                if self.read_start(message["status"], headers):  # headers the client must not get
+                    left_out = self.left_out
+                    headers = [h for h in headers if h[0].lower() not in left_out]
+                added = self.headers_added()
+                headers = replaced(headers, added, ADDED_NAMES, bytes.lower)
+                message = {**message, "headers": [*headers, *added]}
         elif kind == "http.response.pathsend":
             await self.read_file(message["path"])
         try:
             await self.send_(message)
         except OSError:
             self.client_gone = True
+            if kind == "http.response.start":  # the server refused it: no answer was seen
+                self.response_started = False
             raise
         if self.response_complete and not self.settled:
             # The answer's last chunk has gone: settled now, not when the app returns (Starlette

@@ -238,8 +238,12 @@ class Gate:
             "scope": owner,
             "virtual_key_id": None if key is None else key.id,
             "key_name": None if key is None else key.name,
+            # the rest of the request's identity (SPEC §2: `request.state.budget`'s six)
+            "team_id": None if key is None else key.team_id,
+            "customer_id": None if key is None else key.customer_id,
             "provider": None if target is None else target.provider,
             "model": None if target is None else target.model,
+            "tags": [] if target is None else list(target.tags),
             "shadow": shadow,
             "at": rfc3339(from_ts(self.engine.clock())),
         }
@@ -269,7 +273,7 @@ class Gate:
         takes the lock the decision is made under)."""
         engine = self.engine
         now = engine.clock()
-        if path[-1:] == "/" or "/." in path:  # `/v1/chat/completions/`, `.../.`: as metered
+        if path[-1:] == "/" or "/." in path or "?" in path or "#" in path:  # (`needs_plain`)
             path = plain_path(path)
         if key is not None:
             refused: tuple[str, str] | None = None

@@ -31,6 +31,7 @@ from budget_middleware.core.pricing import (
 )
 from budget_middleware.core.providers import canonical_provider
 from budget_middleware.exceptions import PricingFileError
+from budget_middleware.manage.schemas import TwiceGiven, unique_keys
 
 logger = logging.getLogger("budget_middleware")
 
@@ -67,9 +68,12 @@ def _load_pricing_file(path: Path) -> dict[str, ModelPrice]:
         return PricingFileError(f"BUDGET_PRICING_FILE={path}: {what}")
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        # a key given twice is refused: the last would silently win (a price of 0, say)
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except OSError as exc:
         raise fail(f"cannot be read ({exc.strerror or exc})") from exc
+    except TwiceGiven as exc:  # the last would silently win (a price of 0, say)
+        raise fail(str(exc)) from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise fail(f"is not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):

@@ -413,7 +413,23 @@ def _read_litellm(path: Path, data: dict[str, Any]) -> _FileData:
             raise ConfigFileError(
                 f"BUDGET_CONFIG_FILE {str(path)!r}: {section} must be a list of mappings"
             )
-        ours = {_identity(section, e) for e in entries}
+        ours = {_identity(section, e): i for i, e in enumerate(entries)}
+        if section in ("providers", "tags", "model_configs"):
+            # A limit LiteLLM's part declares is never dropped unsaid (a route of ours may
+            # replace one built from model_list: README): the same owner twice is refused.
+            for entry, origin in zip(
+                translation.sections.get(section, []),
+                translation.origins.get(section, []),
+                strict=True,
+            ):
+                clash = ours.get(_identity(section, entry))
+                if clash is not None:
+                    raise ConfigFileError(
+                        f"BUDGET_CONFIG_FILE {str(path)!r}, "
+                        f"{_entry_label(section, clash, entries[clash])}: the same owner as "
+                        f"{origin}, whose budget would be dropped: declare its budgets in one "
+                        "place"
+                    )
         kept = [
             (entry, origin, names)
             for entry, origin, names in zip(

@@ -15,6 +15,7 @@ from sqlalchemy import String, case, cast, func, update
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.money import usd_from_nanos
+from budget_middleware.core.providers import stored_provider
 from budget_middleware.core.times import utc_or_none
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.exceptions import InvalidRequest, NotFound
@@ -102,7 +103,13 @@ def _owned(
     if owner_type is not None:
         query = query.where(table.owner_type == owner_type)
     if owner_id is not None:
-        query = query.where(table.owner_id == owner_id)
+        found = table.owner_id == owner_id
+        provider = stored_provider(owner_id)
+        if owner_type is None and provider != owner_id:
+            # no type given: a provider by any spelling of its one name too (`OpenAI`), as
+            # `owner_type=provider` finds it (the others' ids and names are taken as given)
+            found = found | ((table.owner_type == "provider") & (table.owner_id == provider))
+        query = query.where(found)
     return s.exec(query).all()
 
 

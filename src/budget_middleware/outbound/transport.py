@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from time import perf_counter
 from types import ModuleType
 from typing import Any, TypeVar, cast
+from urllib.parse import quote
 
 import httpx
 
@@ -73,6 +74,26 @@ _USUAL_ACCEPT = USUAL_ACCEPT.decode()
 # From the moment an app imports the transports (at its top, as it does), the middlewares note
 # every request's caller: also those of the request that makes the app's first client.
 noting.active = True
+
+
+def _deployment_routed(url: Any, exchange: Exchange) -> Any:
+    """A routed call to Azure OpenAI (SPEC §12, §13): Azure serves the deployment its path names
+    (`/openai/deployments/<name>/…`), not the body's `model`, so the chosen target goes there
+    too; else the route's own name is served while the target is checked and charged."""
+    if exchange.target.provider != "azure":
+        return url
+    path: str = url.path
+    marker = "/deployments/"
+    at = path.find(marker)
+    if at < 0:
+        return url
+    start = at + len(marker)
+    end = path.find("/", start)
+    if end <= start:
+        return url
+    model = exchange.route_model
+    assert model is not None
+    return url.copy_with(path=path[:start] + quote(model, safe="") + path[end:])
 
 
 class _Meter:
@@ -304,9 +325,12 @@ class _Meter:
         if accept is not None:
             headers = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
             headers.append((b"accept-encoding", accept.encode("latin-1")))
+        url = request.url
+        if exchange.route_model is not None:
+            url = _deployment_routed(url, exchange)
         return lib.Request(
             request.method,
-            request.url,
+            url,
             headers=headers,
             content=request.content if new_body is None else new_body,
             extensions=request.extensions,

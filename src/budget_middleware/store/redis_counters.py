@@ -275,6 +275,7 @@ class RedisCounters(CounterBackend):
         self._beat: AsyncScript | None = None
         self._mark: AsyncScript | None = None
         self._carry: AsyncScript | None = None
+        self._unadmit: AsyncScript | None = None
         self._instance = uuid.uuid4().hex  # its mark in Redis: there, Redis kept what we hold
         # Charged while Redis could not be reached, by window key: added to it when it is back.
         self._owed: dict[str, int] = {}
@@ -289,8 +290,10 @@ class RedisCounters(CounterBackend):
         self._transit: dict[WindowCounter, int] = {}
         # Requests settled while Redis could not be reached: their slots and reservations, held
         # there still, released when it answers again (settle.lua's keys and arguments, with
-        # nothing to add), not left to fill a concurrency limit until they expire.
-        self._releases: list[tuple[list[str], list[Any]]] = []
+        # nothing to add), not left to fill a concurrency limit until they expire; admissions
+        # given up on: what Redis may have counted of them. The script's name, its keys and its
+        # arguments.
+        self._releases: list[tuple[str, list[str], list[Any]]] = []
         # Settlements whose call failed without an answer: Redis may have run them (a reply past
         # the timeout). Per request: its done key, and its charges (key, counter, amount); added
         # by `settled_once.lua` only if settle.lua did not run (the done key says which).
@@ -403,6 +406,7 @@ class RedisCounters(CounterBackend):
         self._beat = self.client.register_script(_script("heartbeat.lua"))
         self._mark = self.client.register_script(_script("mark_reset.lua"))
         self._carry = self.client.register_script(_script("carry.lua"))
+        self._unadmit = self.client.register_script(_script("unadmit.lua"))
         self._loop = asyncio.get_running_loop()
         if not self._beaten:  # the mark, before anything is charged (once: a restart on
             # another loop leaves it to the heartbeat, which then tells a loss meanwhile)
@@ -765,9 +769,13 @@ class RedisCounters(CounterBackend):
             # Redis may have run it all the same (an answer past the timeout, or a caller that
             # stopped waiting for it: `asyncio.wait_for` around an SDK call): whatever it holds
             # under this request's id is let go, not left to fill a concurrency limit or a
-            # budget's room until it expires.
-            for limits, _ in candidates:
+            # budget's room until it expires, and what it counted on request windows is taken
+            # back (a 503 counts against nothing; admitted in process, it is owed: counted once).
+            let_go = self._admission_key(request_id)
+            for n, (limits, _) in enumerate(candidates):
                 self._release_later(Ticket(limits, 0, request_id=request_id), now)
+                counted = [entry.keys[0] for entry in plans[n] if entry.kind == "r"]
+                self._releases.append(("unadmit", [let_go, *counted], [n + 1]))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             self._failed(exc)
@@ -847,7 +855,7 @@ class RedisCounters(CounterBackend):
                     args += [entry.kind, entry.limit, repr(counter.anchor)]
                 else:  # slots: with this instance's own requests in flight, at the least
                     args += [entry.kind, entry.limit, _in_flight(entry.scope)]
-        keys += [self._mark_key, f"{p}fence"]
+        keys += [self._mark_key, f"{p}fence", self._admission_key(request_id)]
         args.append(self._fence_ms if self._beaten else 0)
         entries = [entry for plan in plans for entry in plan]
         waited = 0.0
@@ -864,6 +872,8 @@ class RedisCounters(CounterBackend):
                 await asyncio.sleep(wait)
                 continue
             if answer[0] != "seed":
+                if answer[0] == "gone":  # (only a call this client gave up on meets its mark)
+                    raise RedisError("the admission was let go before it ran")
                 return answer
             await self._seed_windows([entries[int(i) - 1] for i in answer[1:]], now)
         raise RedisError("window keys vanished while being seeded")
@@ -1330,6 +1340,10 @@ class RedisCounters(CounterBackend):
     def _done_key(self, request_id: str) -> str:
         return f"{self.prefix}sd:{request_id}"
 
+    def _admission_key(self, request_id: str) -> str:
+        """admit.lua's mark of the candidate it counted (`unadmit.lua`)."""
+        return f"{self.prefix}ad:{request_id}"
+
     async def _settle_unsure(self) -> None:
         """Settlements that failed without an answer: what Redis did not run is added now
         (once: the done key settle.lua sets makes a late run of it add nothing)."""
@@ -1357,21 +1371,22 @@ class RedisCounters(CounterBackend):
                     raise
 
     async def _release_held(self) -> None:
-        if not self._releases or self._settle is None:
+        if not self._releases or self._settle is None or self._unadmit is None:
             return
         # Taken whole, so that settlements and the heartbeat releasing at once (as they do
         # when Redis comes back) each release their own; what fails is kept for the next round.
         held, self._releases = self._releases, []
-        for n, (keys, args) in enumerate(held):
+        for n, (name, keys, args) in enumerate(held):
+            script = self._settle if name == "settle" else self._unadmit
             try:
-                await self._settle(keys=keys, args=args)
+                await script(keys=keys, args=args)
             except BaseException:
                 self._releases[:0] = held[n:]
                 raise
 
     def _release_later(self, ticket: Ticket, now: float) -> None:
         keys, kinds = self._settle_layout(self._plan(ticket.scopes, now, settling=True))
-        self._releases.append((keys, [ticket.request_id, 0, 0, *kinds]))
+        self._releases.append(("settle", keys, [ticket.request_id, 0, 0, *kinds]))
 
     def _settle_layout(self, plan: list[_Entry]) -> tuple[list[str], list[Any]]:
         """settle.lua's keys, and its arguments after the amounts, for this plan."""
@@ -1567,7 +1582,7 @@ class RedisCounters(CounterBackend):
             ]
             if charges:
                 self._unsure.append((self._done_key(ticket.request_id), charges))
-            self._releases.append((keys, [ticket.request_id, 0, 0, *kinds]))
+            self._releases.append(("settle", keys, [ticket.request_id, 0, 0, *kinds]))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             self._failed(exc)

@@ -580,7 +580,9 @@
 
     const ranked = (total.usage || []).filter((r) => r.cost > 0)
       .sort((a, b) => b.cost - a.cost);
-    const top = ranked.slice(0, MAX_SERIES).map((r) => String(r.key));
+    // A group's key as one text: "no tag" (null) apart from a tag named "null"
+    const keyOf = (r) => (r.key === null || r.key === undefined ? "\u0000none" : "=" + r.key);
+    const top = ranked.slice(0, MAX_SERIES).map(keyOf);
     const series = top.map((key, i) => {
       const row = ranked[i];
       return { key, label: groupLabel(group, row), color: COLORS[i % COLORS.length],
@@ -594,7 +596,7 @@
     const points = edges.slice(0, n).map((day, i) => {
       const costs = new Map();
       for (const row of daily[i].usage || []) {
-        const key = top.includes(String(row.key)) ? String(row.key) : "\u0000other";
+        const key = top.includes(keyOf(row)) ? keyOf(row) : "\u0000other";
         costs.set(key, (costs.get(key) || 0) + row.cost);
       }
       return { day, costs, total: daily[i].total.cost };

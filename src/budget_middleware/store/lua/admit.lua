@@ -15,7 +15,9 @@
 -- c: the slot ZSET; b: the window key, the reservation ZSET (request id -> expiry), the
 -- reservation HASH (request id -> amount) and the mark.
 --
--- Returns {"fence", ms} while the holds of an emptied Redis are not all back (see below);
+-- Returns {"gone"} and takes nothing when its client let this admission go (`unadmit.lua`: the
+-- call answered past the client's timeout, whose request was answered 503 or admitted in process);
+-- {"fence", ms} while the holds of an emptied Redis are not all back (see below);
 -- {"moved", g, at, ...} when a window began anew after it was begun here (at: the mark, a
 -- budget's reset's, or carry.lua's for new terms, a budget's or a rate limit's): the client starts
 -- that window at the mark and calls again; {"seed", g, ...} when window keys are missing (g: a
@@ -89,9 +91,9 @@ end
 -- the instance's mark gone (its start or its last heartbeat set it: Redis lost its data since)
 -- sets a fence for twice its heartbeat interval, unless one is up: an admission that would take
 -- a slot or a reservation waits it out ({"fence", ms left}), by when the holds are back. Last
--- KEYS: the instance's mark, the fence; last ARGV: the fence's length (ms), 0 when the instance
--- never set its mark.
-local mark, fence = KEYS[#KEYS - 1], KEYS[#KEYS]
+-- KEYS: the instance's mark, the fence, then the request's admission mark (`ad:<request id>`);
+-- last ARGV: the fence's length (ms), 0 when the instance never set its mark.
+local mark, fence, admission = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
 if ARGV[a] ~= "0" and redis.call("EXISTS", mark) == 0 then
   redis.call("SET", fence, "1", "NX", "PX", ARGV[a])
 end
@@ -203,7 +205,13 @@ if most_remaining then
 end
 
 -- Numbers go to Redis as the ARGV strings: Lua would print big ones in exponent notation.
+-- The admission's mark says which candidate was counted, for a minute: a client that gave up
+-- waiting for this call lets go of what it counted (`unadmit.lua`); a mark already there is that
+-- client's, which let it go before this call ran (it waited in Redis).
 local function take(candidate, index, refused)
+  if not redis.call("SET", admission, index, "NX", "PX", 60000) then
+    return {"gone"}
+  end
   local answer = {"ok", index, (#refused - 1) / 5}
   for n = 2, #refused do
     answer[#answer + 1] = refused[n]
