@@ -471,3 +471,33 @@ async def test_a_stream_cut_under_a_naive_error_middleware_is_charged_what_it_st
     assert server_send.status == 200
     assert record.status == 200 and record.cost_nanos > 0
     assert record.output_tokens >= 50 * len("hello world " * 10) // 4
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/chat/completions?"])
+async def test_a_stream_at_an_encoded_query_mark_asks_for_its_usage_as_any_stream(
+    make_settings: Settings, path: str
+) -> None:
+    """The path up to the `?` is the one the target and the stream's usage are read from: a
+    stream sent to `/v1/chat/completions%3F` reaches the app asking for its usage
+    (`stream_options.include_usage`), as one sent to `/v1/chat/completions` does, so that it is
+    charged what the provider counts, not an estimate."""
+    seen: list[Any] = []
+    app = FastAPI()
+
+    @app.post("/{rest:path}")
+    async def catch_all(rest: str, request: Request) -> dict[str, Any]:
+        seen.append(json.loads(await request.body()))
+        return {}
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    async with running(app):
+        scope = post_scope(path, [])
+        scope["raw_path"] = path.replace("?", "%3F").encode()
+        body = json.dumps(chat("openai/gpt-4o", stream=True)).encode()
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        await app(scope, BodyThenGone(body), send)
+    print(f"{path!r}: the app got stream_options {seen[0].get('stream_options')}")
+    assert seen[0]["stream_options"] == {"include_usage": True}
