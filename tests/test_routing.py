@@ -1058,3 +1058,61 @@ async def test_a_routed_azure_call_is_sent_to_the_chosen_target_s_deployment(
     assert sent == [
         ("/openai/deployments/gpt-4o-mini/chat/completions", "2024-10-21", "gpt-4o-mini")
     ]
+
+
+def _azure_answer(httpx2: Any, sent: list[tuple[str, str | None, str | None]]) -> Any:
+    def azure(request: Any) -> Any:
+        body = json.loads(request.content)
+        sent.append((request.url.path, request.url.params.get("api-version"), body.get("model")))
+        deployment = request.url.path.split("/deployments/")[1].split("/")[0]
+        return httpx2.Response(200, json={
+            "id": "c", "object": "chat.completion", "model": deployment,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000},
+        })  # fmt: skip
+
+    return azure
+
+
+@pytest.mark.parametrize("other", ["azure/gpt-4o-mini", "openai/gpt-4o-mini"])
+async def test_a_routed_azure_call_through_a_gateway_host_names_the_deployment_bare(
+    make_settings: Settings, other: str
+) -> None:
+    """Azure OpenAI behind API Management (`*.azure-api.net`, not in the host table) or any
+    Azure-shaped gateway: the route's targets are written `azure/<deployment>` as the README
+    says. The fix wrote `exchange.route_model` into the URL, which on a host that is not a
+    provider's is the target *as written*: `/openai/deployments/azure%2Fgpt-4o-mini/...`, a
+    deployment no Azure resource has (404 DeploymentNotFound: every routed call fails). The
+    deployment is the target's model (`exchange.target.model`), `gpt-4o-mini`, whatever the
+    target's provider: the route's deployment would be served past its $0 budget."""
+    import httpx2
+    import openai
+
+    from budget_middleware import BudgetTransport
+    from test_outbound import MESSAGES
+
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    await engine.ensure_started()
+    sent: list[tuple[str, str | None, str | None]] = []
+    try:
+        m = engine.manager
+        m.create_route(name="gpt-4o", targets=["azure/gpt-4o", other])
+        m.create_model_config(model_name="gpt-4o", provider="azure", budgets=[{"max_limit": 0}])
+        await engine.invalidate()
+        transport = BudgetTransport(
+            httpx2.MockTransport(_azure_answer(httpx2, sent)), engine=engine
+        )
+        sdk = openai.AsyncAzureOpenAI(
+            api_key="azure-secret",
+            api_version="2024-10-21",
+            azure_endpoint="https://corp-gateway.azure-api.net",
+            http_client=httpx2.AsyncClient(transport=transport),
+            max_retries=0,
+        )
+        raw = await sdk.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    finally:
+        await engine.shutdown()
+    print(f"x-budget-route {raw.headers.get('x-budget-route')}; sent {sent}")
+    assert raw.headers["x-budget-route"] == other
+    assert sent[0][0] == "/openai/deployments/gpt-4o-mini/chat/completions"

@@ -628,3 +628,20 @@ def test_a_key_header_every_request_carries_is_refused_naming_the_variable(
     monkeypatch.setenv("BUDGET_KEY_HEADER", header)
     with pytest.raises(SettingsError, match=r"BUDGET_KEY_HEADER.*sent with every request"):
         BudgetSettings()
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        '{"LLM.example.com": "openai", "llm.example.com": "anthropic"}',
+        '{"llm.example.com": "openai", " llm.example.com": "anthropic"}',
+        [("llm.example.com", "openai"), ("llm.example.com", "anthropic")],
+    ],
+)
+def test_a_host_given_twice_in_provider_hosts_is_refused_in_any_spelling(hosts: Any) -> None:
+    """The fix refuses `{"a": "openai", "a": "anthropic"}` (the last would silently win), but
+    the table compares hosts lowercased and stripped: `LLM.example.com` and `llm.example.com`
+    (or a blank in front) are one host, and the last still silently wins (HostTable's dict):
+    every call to it metered as Anthropic's, OpenAI's provider budget never charged."""
+    with pytest.raises(SettingsError, match="twice"):
+        BudgetSettings(provider_hosts=hosts)

@@ -226,9 +226,19 @@ class BudgetSettings(BaseSettings):
                         "port or brackets (llm.example.com, 10.0.0.5, ::1)"
                     )
             # The provider by its one name (`X-AI` is `xai`), as a request's is.
-            return tuple(
+            pairs = tuple(
                 (host.strip().lower(), canonical_provider(provider)) for host, provider in value
             )
+            # A host is compared lowercased and bare: `LLM.example.com` and `llm.example.com`
+            # are one, whose last provider would silently win.
+            seen: set[str] = set()
+            for host, _ in pairs:
+                if host in seen:
+                    raise ValueError(
+                        f"the host {host!r} is given twice (hosts are compared lowercased)"
+                    )
+                seen.add(host)
+            return pairs
         return value
 
     @field_validator("alert_webhook_urls", mode="before")

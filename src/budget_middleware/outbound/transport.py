@@ -79,9 +79,10 @@ noting.active = True
 def _deployment_routed(url: Any, exchange: Exchange) -> Any:
     """A routed call to Azure OpenAI (SPEC §12, §13): Azure serves the deployment its path names
     (`/openai/deployments/<name>/…`), not the body's `model`, so the chosen target goes there
-    too; else the route's own name is served while the target is checked and charged."""
-    if exchange.target.provider != "azure":
-        return url
+    too; else the route's own name is served while the target is checked and charged. By the
+    path's shape, whatever the target's provider: on a gateway's host (API Management's
+    `*.azure-api.net`) a target of another provider is no deployment there either, and a 404
+    costs nothing where the route's deployment would be served past its budget."""
     path: str = url.path
     marker = "/deployments/"
     at = path.find(marker)
@@ -91,8 +92,10 @@ def _deployment_routed(url: Any, exchange: Exchange) -> Any:
     end = path.find("/", start)
     if end <= start:
         return url
-    model = exchange.route_model
-    assert model is not None
+    # The target's model (`azure/gpt-4o-mini` on a host that is not a provider's, APIM's
+    # `*.azure-api.net` say, is deployment `gpt-4o-mini`: the route's text is what the body
+    # gets, never a deployment's name)
+    model = exchange.target.model
     return url.copy_with(path=path[:start] + quote(model, safe="") + path[end:])
 
 
