@@ -4,9 +4,12 @@ Redis and no event loop, and no module imports another that imports it back."""
 from __future__ import annotations
 
 import ast
+import importlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "budget_middleware"
 
@@ -210,3 +213,14 @@ def test_the_cli_and_the_exceptions_load_without_the_heavy_libraries() -> None:
     print(f"heavy modules loaded by the CLI: {loaded}; exports: {exports}")
     assert loaded == "[]"
     assert exports == "BudgetMiddleware charge_to get_manager"
+
+
+@pytest.mark.parametrize("name", ["BudgetWSGIMiddleware", "create_admin_wsgi_app"])
+def test_the_wsgi_entry_points_are_importable_from_the_package(name: str) -> None:
+    """SPEC §2: "Everything public is importable from `budget_middleware`"; §15's entry points
+    were only in `budget_middleware.wsgi` (`from budget_middleware import BudgetWSGIMiddleware`:
+    AttributeError)."""
+    package = importlib.import_module("budget_middleware")
+    wsgi = importlib.import_module("budget_middleware.wsgi")
+    assert getattr(package, name) is getattr(wsgi, name)
+    assert name in package.__all__ and name in dir(package)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from budget_middleware.manage.manager import BudgetManager
     from budget_middleware.outbound import BudgetSyncTransport, BudgetTransport, charge_to
     from budget_middleware.settings import BudgetSettings
+    from budget_middleware.wsgi import BudgetWSGIMiddleware, create_admin_wsgi_app
 
 # Imported when first used (PEP 562): `import budget_middleware.cli` (the command's `--help`)
 # or `budget_middleware.exceptions` need no web framework, database or HTTP client.
@@ -47,6 +48,9 @@ _LAZY = {
     "BudgetTransport": "budget_middleware.outbound.transport",
     "charge_to": "budget_middleware.outbound.payer",
     "BudgetSettings": "budget_middleware.settings",
+    # SPEC §15's entry points; SPEC §2: everything public is importable from here.
+    "BudgetWSGIMiddleware": "budget_middleware.wsgi",
+    "create_admin_wsgi_app": "budget_middleware.wsgi",
 }
 
 
@@ -87,6 +91,7 @@ __all__ = [
     "BudgetState",
     "BudgetSyncTransport",
     "BudgetTransport",
+    "BudgetWSGIMiddleware",
     "ConfigFileError",
     "ConfigurationError",
     "Conflict",
@@ -99,6 +104,7 @@ __all__ = [
     "StoreSchemaError",
     "charge_to",
     "create_admin_app",
+    "create_admin_wsgi_app",
     "get_engine",
     "get_manager",
 ]
