@@ -517,11 +517,15 @@ def test_a_host_s_provider_wins_and_keeps_the_model_whole() -> None:
 
 def test_a_background_request_and_the_edges_of_a_lenient_count() -> None:
     """`background: true` (the Responses API's, answered queued) is told, a stream with it or
-    not; anything else is not one. A count of 0 written as text or a float is a limit of 0; a
-    batch of one prompt is one."""
+    not, and written as the host app's lax pydantic model reads a True (`"true"`, `"1"`, `1`),
+    which it sends on as `true`; anything else is not one. A count of 0 written as text or a
+    float is a limit of 0; a batch of one prompt is one."""
     assert target({}).background is False
     assert target({"background": False}).background is False
-    assert target({"background": "true"}).background is False
+    for false in ("false", "0", 0, "no", None, [], "maybe"):
+        assert target({"background": false}).background is False, false
+    for true in ("true", " True ", "1", "on", "yes", 1, 1.0):
+        assert target({"background": true}).background is True, true
     queued = target({"background": True, "max_output_tokens": 9, "n": 2, "service_tier": "flex"})
     assert (queued.background, queued.stream, queued.max_output_tokens) == (True, False, 9)
     assert (queued.choices, queued.service_tier) == (2, "flex")

@@ -495,11 +495,25 @@ def _shaped(
         tier = tier_name(data[SPEED_FIELD])
     if PROMPT_FIELD in sized:
         choices *= _batch(data[PROMPT_FIELD])
-    background = BACKGROUND_FIELD in sized and data[BACKGROUND_FIELD] is True
+    background = BACKGROUND_FIELD in sized and _true(data[BACKGROUND_FIELD])
     modalities = data.get(MODALITIES_FIELD)
     spoken = type(modalities) is list and "audio" in modalities
     stream = data.get("stream") is True
     return Target(found[0], found[1], tags, stream, limit, choices, tier, background, spoken)
+
+
+# What pydantic's lax mode (FastAPI's request models) reads as the boolean True, which the host
+# app then sends on as `true`: `"true"`, `"1"`, `"on"`, `1`, `1.0` (`_count`'s reason).
+_TRUE_TEXTS = frozenset(("1", "on", "t", "true", "y", "yes"))
+
+
+def _true(value: object) -> bool:
+    """Whether a flag is True as the host app may read it (pydantic's lax bool)."""
+    if value is True:
+        return True
+    if type(value) is str:
+        return value.strip().lower() in _TRUE_TEXTS
+    return type(value) in (int, float) and value == 1
 
 
 def _count(value: object) -> int | None:

@@ -671,13 +671,33 @@ _UNDECODABLE = (
 
 def parse_json(body: bytes) -> Any:
     """The request's JSON, or None when it is not JSON (such a request is still metered);
-    `TOO_DEEP` when it is nested too deep to read (refused: 400 `request_too_deep`)."""
+    `TOO_DEEP` when it is nested too deep to read (refused: 400 `request_too_deep`). A body
+    that is JSON to a lenient parser alone is read as that parser reads it (`_lenient`)."""
     try:
         return json_loads(body)
     except RecursionError:
         return TOO_DEEP
     except ValueError:  # UnicodeDecodeError is one
+        pass
+    try:
+        return _lenient(body)
+    except RecursionError:
+        return TOO_DEEP
+    except ValueError:
         return None
+
+
+_DECODER = json.JSONDecoder()
+_JSON_BLANKS = " \t\r\n\ufeff"
+
+
+def _lenient(body: bytes) -> Any:
+    """A body as a lenient server reads it, which a host passing the bytes on may have serve
+    the model it names (so it must be charged as such): a byte that is no UTF-8 as U+FFFD
+    (Go's encoding/json, silently), and only the first JSON value, what follows it left unread
+    (Go's `json.NewDecoder(body).Decode(&v)`, the usual way a Go server reads a request)."""
+    text = body.decode("utf-8", "replace").lstrip(_JSON_BLANKS)
+    return _DECODER.raw_decode(text)[0]
 
 
 # What orjson would not write back as the client sent it: an integer 64 bits may not hold (orjson
