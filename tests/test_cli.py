@@ -1321,3 +1321,27 @@ def test_a_body_naming_a_key_twice_is_refused_as_the_admin_api_refuses_it(
         print(option[:6], "->", line)
         assert "is given twice in one object" in line
     assert not _exists(store)  # nothing written: not even the store made
+
+
+def test_a_failure_names_the_store_without_the_password_of_its_query() -> None:
+    """`?password=` (libpq's) was printed in clear in the store's error line (a fault hunt's)."""
+    url = "postgresql+psycopg://u@127.0.0.1:1/x?password=DBSECRETQ9"
+    line = cli({"BUDGET_DATABASE_URL": url}, "keys list").failed_on_one_line()
+    print(line)
+    assert "DBSECRETQ9" not in line and "password=***" in line
+
+
+def test_a_config_entry_s_name_reaches_an_error_line_without_its_control_characters(
+    tmp_path: Path,
+) -> None:
+    """A config file's entry named with a line break and terminal escapes was refused, but
+    its label `virtual_keys[0] (<name>)` put the name raw in the error line: a forged second
+    line, an OSC sequence for the terminal (a fault hunt's). Shown with "?" for each, as a
+    request's text is stored."""
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"virtual_keys": [{"name": "a\nFAKE: ok\x1b]0;PWNED\x07"}]}))
+    env = {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/s.db"}
+    line = cli(env, f"config check {file}").failed_on_one_line()
+    print(repr(line))
+    assert "\x1b" not in line and "\x07" not in line
+    assert "(a?FAKE: ok?]0;PWNED?)" in line

@@ -645,3 +645,20 @@ def test_a_host_given_twice_in_provider_hosts_is_refused_in_any_spelling(hosts: 
     every call to it metered as Anthropic's, OpenAI's provider budget never charged."""
     with pytest.raises(SettingsError, match="twice"):
         BudgetSettings(provider_hosts=hosts)
+
+
+def test_a_password_in_a_url_s_query_is_hidden_in_repr_and_the_start_up_line() -> None:
+    """libpq and redis-py take the password as `?password=` too: `repr()`, `str()` and the
+    start-up line hid `user:password@` only, and showed the query's in clear (a fault hunt's).
+    README: the start-up line names the store and Redis "(passwords hidden)"."""
+    from budget_middleware import get_engine
+
+    settings = BudgetSettings(
+        database_url="postgresql+psycopg://u@127.0.0.1:1/x?password=DBSECRETQ9&sslmode=require",
+        redis_url="redis://127.0.0.1:6379/1?password=REDISSECRETQ9",
+    )
+    line = get_engine(settings).describe("/budget-admin")
+    print(line)
+    for shown in (repr(settings), str(settings), line):
+        assert "DBSECRETQ9" not in shown and "REDISSECRETQ9" not in shown, shown
+        assert "password=***" in shown and "sslmode=require" in shown

@@ -72,14 +72,22 @@ def shown_url(url: str) -> str:
     return f"{parsed.scheme}://{where}{f':{port}' if port else ''}{'/…' if path != b'/' else ''}"
 
 
-def _without_password(url: str) -> str:
-    """A store's or Redis' URL with its password hidden (as SQLAlchemy shows an engine's)."""
+def without_password(url: str) -> str:
+    """A store's or Redis' URL with its password hidden (as SQLAlchemy shows an engine's), in
+    its user part or its query (`?password=`, which libpq and redis-py read too)."""
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        secret = {k: "***" for k in parsed.query if k.lower() in _QUERY_SECRETS}
+        shown = parsed.update_query_dict(secret).render_as_string(hide_password=True)
+        return shown.replace("=%2A%2A%2A", "=***")  # (the query's value is URL-encoded)
     except Exception:
         return shown_url(url)
+
+
+# Query parameters that carry a password (libpq's `?password=`, redis-py's `?password=`).
+_QUERY_SECRETS = frozenset({"password", "passwd", "pwd", "pass", "sslpassword", "sslkey_password"})
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -469,7 +477,7 @@ class BudgetSettings(BaseSettings):
             elif name in ("admin_key", "alert_secret"):
                 yield name, "********"
             elif name in ("database_url", "redis_url"):
-                yield name, _without_password(value)
+                yield name, without_password(value)
             elif name == "alert_webhook_urls":
                 yield name, tuple(shown_url(url) for url in value)
             else:

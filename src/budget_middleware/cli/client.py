@@ -99,12 +99,9 @@ def _now() -> str:
 
 def shown_url(url: str) -> str:
     """A database URL as it may be printed: without its password."""
-    try:
-        from sqlalchemy.engine import make_url
+    from budget_middleware.settings import without_password
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
+    return without_password(url)
 
 
 def sqlite_file(url: str) -> Path | None:

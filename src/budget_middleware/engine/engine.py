@@ -480,13 +480,7 @@ class BudgetEngine:
 
     def describe(self, admin_path: str | None = None) -> str:
         """One line for the start-up log: the store and Redis (no password), the admin mount."""
-        from sqlalchemy.engine import make_url
-
-        def hidden(url: str) -> str:
-            try:
-                return make_url(url).render_as_string(hide_password=True)
-            except Exception:
-                return url.split("@")[-1]
+        from budget_middleware.settings import without_password as hidden
 
         s = self.settings
         counters = (

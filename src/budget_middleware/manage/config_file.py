@@ -45,6 +45,7 @@ from pydantic import BaseModel, ValidationError
 from sqlmodel import Session, select
 
 from budget_middleware.core.identity import (
+    CONTROL,
     MAX_PROVIDER_CHARS,
     MAX_TAG_CHARS,
     hash_key,
@@ -534,7 +535,9 @@ def _substitute(value: Any, where: str) -> Any:
 def _entry_label(section: str, index: int, entry: dict[str, Any]) -> str:
     label = entry.get("name") or entry.get("provider") or entry.get("tag")
     label = label or entry.get("model_name") or f"#{index + 1}"
-    return f"{section}[{index}] ({label})"
+    # The label goes into error lines and logs: a control character (a line break, a terminal
+    # escape) of a name the file gives is shown as "?", as a request's text is stored.
+    return f"{section}[{index}] ({CONTROL.sub('?', str(label))})"
 
 
 def _problems(exc: ValidationError, names: Mapping[str, str]) -> str:
