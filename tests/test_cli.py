@@ -1345,3 +1345,21 @@ def test_a_config_entry_s_name_reaches_an_error_line_without_its_control_charact
     print(repr(line))
     assert "\x1b" not in line and "\x07" not in line
     assert "(a?FAKE: ok?]0;PWNED?)" in line
+
+
+def test_a_stored_name_s_control_characters_never_reach_the_terminal(
+    store: dict[str, str], here: Here
+) -> None:
+    """A name stored as an older release wrote it (control characters were not refused then)
+    was printed raw in tables: a terminal escape sets the window's title or the clipboard even
+    through a pipe (a security hunt's). Shown with "?" for each."""
+    import sqlite3
+
+    ok(here(store, "customers create --name acme"))
+    with sqlite3.connect(store["BUDGET_DATABASE_URL"].removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE bm_customers SET name = ?", ("acme\x1b]0;PWNED\x07\nx",))
+    for line in ("customers list", "budgets list"):
+        out = ok(here(store, line)).out
+        print(repr(out))
+        assert "\x1b" not in out and "\x07" not in out
+    assert "acme?]0;PWNED??x" in ok(here(store, "customers list")).out

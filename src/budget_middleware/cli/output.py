@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from budget_middleware.core.identity import CONTROL
 from budget_middleware.core.money import limit_nanos, usd_text
 
 Json = dict[str, Any]
@@ -39,7 +40,9 @@ def text(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, list):
         return ", ".join(text(v) for v in value) or "-"
-    return str(value)
+    # A name stored as an older release or a client wrote it may hold a line break or a
+    # terminal's escape: shown as "?", never sent to the terminal (a title, the clipboard).
+    return CONTROL.sub("?", str(value))
 
 
 def usd(value: Any) -> str:
