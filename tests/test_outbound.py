@@ -4102,3 +4102,16 @@ def test_one_transport_serves_httpx_and_httpx2_clients(
     print("httpx2, httpx, httpx2 through one transport:", statuses, f"{len(rows)} records")
     assert [s for _, s in statuses] == [200, 200, 200] and len(rows) == 3
     on_loop(engine, engine.shutdown)
+
+
+def test_a_payer_s_repr_holds_no_key_value() -> None:
+    """`charge_to(virtual_key=...)` kept the caller's key in a dataclass whose repr showed it
+    (`Payer(virtual_key='sk-bm-…')`): an error reporter recording locals would keep it (a
+    security hunt's). Its id and tags are shown, not its value nor the value's digest."""
+    from budget_middleware import charge_to
+
+    paying = charge_to(virtual_key="sk-bm-secret-value-1", tags=["t"])
+    shown = repr(paying.payer)
+    print(shown)
+    assert "sk-bm-secret-value-1" not in shown and "digest" not in shown
+    assert "tags=('t',)" in shown

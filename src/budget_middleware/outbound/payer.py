@@ -15,7 +15,7 @@ import inspect
 import warnings
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator, Iterable
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -26,10 +26,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass(frozen=True, slots=True)
 class Payer:
-    virtual_key: str | None
+    # Not in its repr: an error reporter that records locals (Sentry's) would keep the key.
+    virtual_key: str | None = field(repr=False)
     virtual_key_id: str | None
     tags: tuple[str, ...]
-    digest: bytes | None = None  # of `virtual_key`, hashed once: the key cache's index
+    digest: bytes | None = field(default=None, repr=False)  # of `virtual_key`, hashed once
 
 
 class _Noting:
