@@ -3,6 +3,7 @@ handlers, Django's own test clients, and its admin API under a Django URL prefix
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from budget_middleware import BudgetMiddleware
 from budget_middleware.engine.portal import shut_down_engines
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, unique_prefix, use_prefix
-from support import running, set_up_django_example
+from support import BodyThenGone, post_scope, running, set_up_django_example
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -458,3 +459,100 @@ def test_the_admin_urls_included_under_a_path_that_captures_serve(
     print(f"under <str:tenant>/: health {health.status_code}, virtual-keys {keys.status_code}")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert keys.status_code == 200 and "virtual_keys" in keys.json()
+
+
+def _records(engine: Any) -> list[dict[str, Any]]:
+    from sqlalchemy import text
+
+    with engine.store.engine.connect() as conn:
+        return [
+            dict(r._mapping)
+            for r in conn.execute(
+                text(
+                    "SELECT direction, outcome, status, cost_nanos, estimated, input_tokens,"
+                    " output_tokens, virtual_key_id FROM bm_usage_records"
+                )
+            )
+        ]
+
+
+@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume")
+async def test_a_client_gone_after_the_headers_of_a_sync_django_stream_is_charged_its_most(
+    site: None,
+) -> None:
+    """Under Django's ASGI handler a `StreamingHttpResponse` over a sync iterator (the usual
+    relay of a sync SDK's stream) sends its headers, then reads the iterator whole in a thread
+    before its first chunk goes (README). A client that hangs up in between makes Django cancel
+    the sending; asgiref waits for the thread, so the provider serves the whole answer (usage
+    included), and Django drops all of it. The middleware saw a started answer with no byte of
+    body and charged an estimate of "what was streamed": the prompt alone. README ("What an
+    answer cost"): a request whose client went away before the app answered, and which the app
+    then ended without an answer, "is charged the most it could have cost ... the call was
+    made, and its answer is never seen". It cost 0.5 % of what it served (6,000 of 1,201,650
+    nano-USD): a client that always hung up after the headers spent without limit. Headers
+    with no byte of body are no answer (a fault hunt's)."""
+    import time
+
+    import llmsite.urls
+    from django.http import StreamingHttpResponse
+    from django.urls import clear_url_caches, path
+
+    from budget_middleware import get_engine
+
+    served: list[int] = []
+
+    def relay(request: Any) -> Any:  # a sync view relaying a provider's stream (sync SDK)
+        def provider_stream() -> Iterator[bytes]:
+            chunk = {"id": "c1", "object": "chat.completion.chunk"}
+            for _ in range(40):
+                time.sleep(0.02)  # the provider generating
+                delta = {**chunk, "choices": [{"index": 0, "delta": {"content": " word"}}]}
+                yield f"data: {json.dumps(delta)}\n\n".encode()
+            usage = {"prompt_tokens": 11, "completion_tokens": 2000, "total_tokens": 2011}
+            served.append(11 * 150 + 2000 * 600)  # gpt-4o-mini: $0.15 / $0.60 per Mtok
+            yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingHttpResponse(provider_stream(), content_type="text/event-stream")
+
+    llmsite.urls.urlpatterns.append(path("relay/v1/chat/completions", relay))
+    clear_url_caches()
+    from llmsite.asgi import application
+
+    async with running(application):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(application), base_url="http://t"
+        ) as c:
+            created = await c.post(
+                "/budget-admin/virtual-keys",
+                json={"name": "alice", "budgets": [{"max_limit": 1}]},
+                headers=ADMIN,
+            )
+            key = created.json()["virtual_key"]["value"]
+        body = json.dumps(chat(stream=True, max_tokens=2000)).encode()
+        receive = BodyThenGone(body)
+        sent: list[dict[str, Any]] = []
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        scope = post_scope(
+            "/relay/v1/chat/completions",
+            [
+                (b"authorization", f"Bearer {key}".encode()),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        )
+        call = asyncio.create_task(application(scope, receive, send))
+        await asyncio.sleep(0.3)  # the headers have gone; the thread reads the stream
+        receive.gone.set()  # the client hangs up
+        await call
+        engine = get_engine()
+        await engine.flush()
+        rows = _records(engine)
+    charged = sum(r["cost_nanos"] for r in rows)
+    print("sent:", [m["type"] for m in sent], f"served {sum(served):,} nano-USD,",
+          f"charged {charged:,} nano-USD", rows)  # fmt: skip
+    assert served and len(rows) == 1
+    # the most it could have cost: at least the 2,000 tokens of output it was allowed
+    assert charged >= 2000 * 600

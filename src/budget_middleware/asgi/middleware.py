@@ -307,7 +307,7 @@ class BudgetMiddleware:
             outcome = "client_disconnected"
             # Cut by the server (its graceful timeout, a gone client's app killed) before any
             # answer: the call was made, as when its client left before it (below).
-            exchange.left_unanswered = not exchange.response_started
+            exchange.left_unanswered = not exchange.body_sent
             raise
         except BaseException:
             outcome = "upstream_error"
@@ -319,7 +319,9 @@ class BudgetMiddleware:
                     outcome = "client_disconnected"
                     # Left before any answer, which the app then never gave (Django's ASGI
                     # handler cancels the view): the call was made; its cost is not $0.
-                    exchange.left_unanswered = not exchange.response_started
+                    # Its headers alone are no answer either (Django reads a sync stream
+                    # whole in a thread after them, and drops it all when the client left).
+                    exchange.left_unanswered = not exchange.body_sent
                 await exchange.settle(outcome)
 
 

@@ -128,6 +128,7 @@ class Exchange:
     # with no answer (Django's ASGI handler cancels the view): the call was made, its answer is
     # never seen. The most it could have cost is charged, as its reservation counted it.
     left_unanswered = False
+    body_sent = False  # a byte of the answer's body was passed to the server (ASGI)
     route_target: str | None = None  # the route's target admitted (SPEC §12): x-budget-route
     # The `model` the body gets for it: the target as written, or, on a call to a provider's
     # host, the model as that host names it (`identity.provider_and_model`).
@@ -210,6 +211,8 @@ class Exchange:
             if type(chunk) is not bytes:  # ASGI says bytes; a bytearray or memoryview read as one
                 chunk = bytes(chunk)
                 message = {**message, "body": chunk}
+            if chunk:  # a byte of the answer's body goes to the server (headers are no answer)
+                self.body_sent = True
             out = self.on_chunk(chunk, message.get("more_body", False))
             if out is not chunk:
                 message = {**message, "body": out}
@@ -518,7 +521,7 @@ class Exchange:
                         # the body, which the client's HTTP library cuts it to) or corrupt. Its
                         # usage may be in what is missing: unreadable, as a bad coding is.
                         note = "a JSON body cut short or corrupt"
-                if self.left_unanswered and not self.response_started:
+                if self.left_unanswered and not self.body_sent:
                     note = "the client left before the app answered"
                 if note is None and self.target.background:
                     # Made apart from this answer (queued, or a stream left): its result and
