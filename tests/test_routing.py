@@ -1000,6 +1000,24 @@ async def test_a_route_target_with_an_empty_segment_is_refused(tmp_path: Path, t
     assert "targets" in answer.json()["error"]["message"]
 
 
+def _azure_answer(httpx2: Any, sent: list[tuple[str, str | None, str | None]]) -> Any:
+    """Azure OpenAI as a mock: it serves the deployment its URL names, and notes each call's
+    path, `api-version` and body `model` in `sent`."""
+
+    def azure(request: Any) -> Any:
+        body = json.loads(request.content)
+        sent.append((request.url.path, request.url.params.get("api-version"), body.get("model")))
+        deployment = request.url.path.split("/deployments/")[1].split("/")[0]
+        return httpx2.Response(200, json={
+            "id": "c", "object": "chat.completion", "model": deployment,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000},
+        })  # fmt: skip
+
+    return azure
+
+
 async def test_a_routed_azure_call_is_sent_to_the_chosen_target_s_deployment(
     make_settings: Settings,
 ) -> None:
@@ -1019,25 +1037,16 @@ async def test_a_routed_azure_call_is_sent_to_the_chosen_target_s_deployment(
 
     engine = get_engine(make_settings(flush_interval_seconds=3600))
     await engine.ensure_started()
-    sent: list[tuple[str, str, str | None]] = []
-
-    def azure(request: Any) -> Any:
-        body = json.loads(request.content)
-        sent.append((request.url.path, request.url.params.get("api-version"), body.get("model")))
-        deployment = request.url.path.split("/deployments/")[1].split("/")[0]
-        return httpx2.Response(200, json={
-            "id": "c", "object": "chat.completion", "model": deployment,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000},
-        })  # fmt: skip
+    sent: list[tuple[str, str | None, str | None]] = []
 
     try:
         m = engine.manager
         m.create_route(name="gpt-4o", targets=["azure/gpt-4o", "azure/gpt-4o-mini"])
         m.create_model_config(model_name="gpt-4o", provider="azure", budgets=[{"max_limit": 0}])
         await engine.invalidate()
-        transport = BudgetTransport(httpx2.MockTransport(azure), engine=engine)
+        transport = BudgetTransport(
+            httpx2.MockTransport(_azure_answer(httpx2, sent)), engine=engine
+        )
         sdk = openai.AsyncAzureOpenAI(
             api_key="azure-secret",
             api_version="2024-10-21",
@@ -1058,21 +1067,6 @@ async def test_a_routed_azure_call_is_sent_to_the_chosen_target_s_deployment(
     assert sent == [
         ("/openai/deployments/gpt-4o-mini/chat/completions", "2024-10-21", "gpt-4o-mini")
     ]
-
-
-def _azure_answer(httpx2: Any, sent: list[tuple[str, str | None, str | None]]) -> Any:
-    def azure(request: Any) -> Any:
-        body = json.loads(request.content)
-        sent.append((request.url.path, request.url.params.get("api-version"), body.get("model")))
-        deployment = request.url.path.split("/deployments/")[1].split("/")[0]
-        return httpx2.Response(200, json={
-            "id": "c", "object": "chat.completion", "model": deployment,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000},
-        })  # fmt: skip
-
-    return azure
 
 
 @pytest.mark.parametrize("other", ["azure/gpt-4o-mini", "openai/gpt-4o-mini"])
