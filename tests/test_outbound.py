@@ -4115,3 +4115,57 @@ def test_a_payer_s_repr_holds_no_key_value() -> None:
     print(shown)
     assert "sk-bm-secret-value-1" not in shown and "digest" not in shown
     assert "tags=('t',)" in shown
+
+
+async def test_a_call_s_own_tag_header_meets_the_tag_s_budget(engine: BudgetEngine) -> None:
+    """SPEC §13: a call is metered like an inbound request, whose tags come from the body and
+    the `x-budget-tags` header (§4). A call's own header (an SDK's `default_headers`) was not
+    read: a tag's $0.00001 budget admitted 3 of 3 gpt-4o calls ($0.000075 each), recorded
+    untagged (a fault hunt's). Now as with the body's tags: the first, then 402."""
+    engine.manager.put_tag("feature:chat", budgets=[{"max_limit": 0.00001}])
+    await engine.invalidate()
+    sdk = openai_client(
+        Counting(), engine, default_headers={"x-budget-tags": "feature:chat"}, max_retries=0
+    )
+    outcomes: list[Any] = []
+    for _ in range(3):
+        try:
+            await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            outcomes.append("ok")
+        except openai.APIStatusError as exc:
+            outcomes.append(exc.status_code)
+    await engine.flush()
+    rows = records(engine)
+    print("outcomes", outcomes, "records' tags", [r["tags"] for r in rows])
+    assert outcomes == ["ok", 402, 402]
+    assert len(rows) == 1 and "feature:chat" in rows[0]["tags"]
+
+
+async def test_a_call_s_own_provider_header_names_the_provider_of_an_unknown_host(
+    engine: BudgetEngine,
+) -> None:
+    """SPEC §13: "The provider comes from the request's host (...), else from §4's rules": a
+    bare model's provider from `x-budget-provider`. A call to a self-hosted server with
+    `x-budget-provider: together` was recorded as `unknown`, past together's $0 budget (a
+    fault hunt's). On a provider's own host, the host's provider stays."""
+    engine.manager.put_provider("together", budgets=[{"max_limit": 0}])
+    await engine.invalidate()
+    upstream = Counting()
+    transport = BudgetTransport(httpx2.ASGITransport(upstream), engine=engine)
+    local = openai.AsyncOpenAI(
+        api_key="x",
+        base_url="http://127.0.0.1:9/v1",
+        http_client=httpx2.AsyncClient(transport=transport),
+        default_headers={"x-budget-provider": "together"},
+        max_retries=0,
+    )
+    with pytest.raises(openai.APIStatusError) as refused:
+        await local.chat.completions.create(model="llama-3", messages=MESSAGES)
+    hosted = openai_client(upstream, engine, default_headers={"x-budget-provider": "together"})
+    await hosted.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    await engine.flush()
+    rows = records(engine)
+    print("refused", refused.value.status_code, "calls sent", upstream.calls, "records",
+          [(r["provider"], r["model"]) for r in rows])  # fmt: skip
+    assert refused.value.status_code == 402 and upstream.calls == 1
+    assert [(r["provider"], r["model"]) for r in rows] == [("openai", "gpt-4o")]

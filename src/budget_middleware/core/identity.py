@@ -188,6 +188,15 @@ def _read_seldom_sent(
         credentials.content_encoding = body_encoding(encoding.decode("latin-1"))
 
 
+def headers_named(rows: list[tuple[bytes, bytes]]) -> Credentials:
+    """The provider and tags (and the body's coding) a request's headers name, their names
+    lowered, as `header_reader` reads them: no key (an outbound call's own headers, which may
+    carry the provider's key, never a virtual key)."""
+    credentials = Credentials(None, None, (), None)
+    _read_seldom_sent(credentials, dict(reversed(rows)).get, rows)
+    return credentials
+
+
 def header_text(value: bytes) -> str:
     """A name a header carries (`x-budget-tags`, `x-budget-provider`): UTF-8, as httpx, the SDKs
     and browsers send a non-ASCII value, so that `café` is the tag an operator set; latin-1 for

@@ -39,6 +39,7 @@ from budget_middleware.core.identity import (
     Credentials,
     body_encoding,
     header_reader,
+    headers_named,
     is_inference_path,
     key_digest,
     plain_path,
@@ -279,9 +280,19 @@ class _Meter:
             shadowed = "virtual_key_required"
         host_provider = self.hosts.provider(request.url.host)
         tags = () if chosen is None else chosen.tags
+        # SPEC §4's headers of the call itself (an SDK's `default_headers` / `extra_headers`):
+        # the provider a bare model names on a host that is no provider's, and tags.
+        provider = host_provider
+        raw = request.headers.raw
+        names = _names(raw)
+        if not _NAMED.isdisjoint(names):  # seldom sent: one pass in C
+            named = headers_named(list(zip(names, map(_VALUE, raw), strict=True)))
+            tags = (*tags, *(t for t in named.tags if t not in tags))
+            if provider is None:  # the host's first
+                provider = named.provider
         # The payer's key, when its value is known (`charge_to(virtual_key=...)`, the inbound
         # caller's): a model or provider holding it is `unknown` in the record (SPEC §8).
-        credentials = Credentials(value, host_provider, tags, len(body), host_provider is not None)
+        credentials = Credentials(value, provider, tags, len(body), host_provider is not None)
         credentials.key_digest = by_id
         if host_provider in USAGE_CHECKED:
             version = request.url.params.get("api-version")
@@ -380,6 +391,11 @@ class _Meter:
 _RawHeaders = list[tuple[bytes, bytes]]
 
 
+# SPEC §4's headers that name a provider and tags, which a call's own headers may carry (an
+# SDK's `default_headers` or `extra_headers`).
+_NAMED = frozenset((b"x-budget-provider", b"x-budget-tags"))
+
+
 def _thread_messages(path: str) -> bool:
     """Whether `path` is OpenAI's (and Azure's) Assistants API `/threads/{id}/messages`: a POST
     there stores a message in a thread, generates nothing and is not billed, though its path
@@ -405,6 +421,7 @@ def _names(headers: _RawHeaders) -> list[bytes]:
 
 
 _NAME = operator.itemgetter(0)
+_VALUE = operator.itemgetter(1)
 
 
 def _header(headers: _RawHeaders, names: list[bytes], name: bytes) -> str | None:
