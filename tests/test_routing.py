@@ -1018,6 +1018,32 @@ def _azure_answer(httpx2: Any, sent: list[tuple[str, str | None, str | None]]) -
     return azure
 
 
+async def _routed_azure_call(
+    engine: Any, endpoint: str, other: str, sent: list[tuple[str, str | None, str | None]]
+) -> Any:
+    """A call for `gpt-4o` by the Azure OpenAI SDK at `endpoint`, through `BudgetTransport`,
+    routed over [azure/gpt-4o, `other`] with a $0 budget on azure's gpt-4o: the raw answer."""
+    import httpx2
+    import openai
+
+    from budget_middleware import BudgetTransport
+    from test_outbound import MESSAGES
+
+    m = engine.manager
+    m.create_route(name="gpt-4o", targets=["azure/gpt-4o", other])
+    m.create_model_config(model_name="gpt-4o", provider="azure", budgets=[{"max_limit": 0}])
+    await engine.invalidate()
+    transport = BudgetTransport(httpx2.MockTransport(_azure_answer(httpx2, sent)), engine=engine)
+    sdk = openai.AsyncAzureOpenAI(
+        api_key="azure-secret",
+        api_version="2024-10-21",
+        azure_endpoint=endpoint,
+        http_client=httpx2.AsyncClient(transport=transport),
+        max_retries=0,
+    )
+    return await sdk.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+
+
 async def test_a_routed_azure_call_is_sent_to_the_chosen_target_s_deployment(
     make_settings: Settings,
 ) -> None:
@@ -1029,32 +1055,17 @@ async def test_a_routed_azure_call_is_sent_to_the_chosen_target_s_deployment(
     call still went to `/openai/deployments/gpt-4o/…`: Azure serves gpt-4o past its $0 budget
     (the limit lifts) and it is charged at gpt-4o-mini's price (1000 in + 1000 out: $0.00075
     charged for $0.0125 served)."""
-    import httpx2
-    import openai
 
-    from budget_middleware import BudgetTransport
-    from test_outbound import MESSAGES, records
+    from test_outbound import records
 
     engine = get_engine(make_settings(flush_interval_seconds=3600))
     await engine.ensure_started()
     sent: list[tuple[str, str | None, str | None]] = []
 
     try:
-        m = engine.manager
-        m.create_route(name="gpt-4o", targets=["azure/gpt-4o", "azure/gpt-4o-mini"])
-        m.create_model_config(model_name="gpt-4o", provider="azure", budgets=[{"max_limit": 0}])
-        await engine.invalidate()
-        transport = BudgetTransport(
-            httpx2.MockTransport(_azure_answer(httpx2, sent)), engine=engine
+        raw = await _routed_azure_call(
+            engine, "https://res.openai.azure.com", "azure/gpt-4o-mini", sent
         )
-        sdk = openai.AsyncAzureOpenAI(
-            api_key="azure-secret",
-            api_version="2024-10-21",
-            azure_endpoint="https://res.openai.azure.com",
-            http_client=httpx2.AsyncClient(transport=transport),
-            max_retries=0,
-        )
-        raw = await sdk.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
         await engine.flush()
         rows = records(engine)
     finally:
@@ -1080,31 +1091,12 @@ async def test_a_routed_azure_call_through_a_gateway_host_names_the_deployment_b
     deployment no Azure resource has (404 DeploymentNotFound: every routed call fails). The
     deployment is the target's model (`exchange.target.model`), `gpt-4o-mini`, whatever the
     target's provider: the route's deployment would be served past its $0 budget."""
-    import httpx2
-    import openai
-
-    from budget_middleware import BudgetTransport
-    from test_outbound import MESSAGES
 
     engine = get_engine(make_settings(flush_interval_seconds=3600))
     await engine.ensure_started()
     sent: list[tuple[str, str | None, str | None]] = []
     try:
-        m = engine.manager
-        m.create_route(name="gpt-4o", targets=["azure/gpt-4o", other])
-        m.create_model_config(model_name="gpt-4o", provider="azure", budgets=[{"max_limit": 0}])
-        await engine.invalidate()
-        transport = BudgetTransport(
-            httpx2.MockTransport(_azure_answer(httpx2, sent)), engine=engine
-        )
-        sdk = openai.AsyncAzureOpenAI(
-            api_key="azure-secret",
-            api_version="2024-10-21",
-            azure_endpoint="https://corp-gateway.azure-api.net",
-            http_client=httpx2.AsyncClient(transport=transport),
-            max_retries=0,
-        )
-        raw = await sdk.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+        raw = await _routed_azure_call(engine, "https://corp-gateway.azure-api.net", other, sent)
     finally:
         await engine.shutdown()
     print(f"x-budget-route {raw.headers.get('x-budget-route')}; sent {sent}")

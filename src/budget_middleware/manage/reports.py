@@ -15,7 +15,6 @@ from sqlalchemy import String, case, cast, func, update
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.money import usd_from_nanos
-from budget_middleware.core.providers import stored_provider
 from budget_middleware.core.times import utc_or_none
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.exceptions import InvalidRequest, NotFound
@@ -37,6 +36,7 @@ from budget_middleware.store.tables import (
     TeamRow,
     UsageRecordRow,
     VirtualKeyRow,
+    owned_by,
 )
 
 GROUPS = ("virtual_key", "team", "customer", "provider", "model", "tag", "day")
@@ -103,13 +103,7 @@ def _owned(
     if owner_type is not None:
         query = query.where(table.owner_type == owner_type)
     if owner_id is not None:
-        found = table.owner_id == owner_id
-        provider = stored_provider(owner_id)
-        if owner_type is None and provider != owner_id:
-            # no type given: a provider by any spelling of its one name too (`OpenAI`), as
-            # `owner_type=provider` finds it (the others' ids and names are taken as given)
-            found = found | ((table.owner_type == "provider") & (table.owner_id == provider))
-        query = query.where(found)
+        query = query.where(owned_by(table.owner_type, table.owner_id, owner_type, owner_id))
     return s.exec(query).all()
 
 

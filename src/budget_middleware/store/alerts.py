@@ -22,11 +22,11 @@ from sqlalchemy import Connection, and_, delete, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 
-from budget_middleware.core.providers import owner_name, stored_provider
+from budget_middleware.core.providers import owner_name
 from budget_middleware.core.times import rfc3339, utc
 from budget_middleware.settings import shown_url
 from budget_middleware.store.database import Store
-from budget_middleware.store.tables import AlertDeliveryRow, AlertRow, new_id
+from budget_middleware.store.tables import AlertDeliveryRow, AlertRow, new_id, owned_by
 
 
 @dataclass(slots=True)
@@ -342,13 +342,9 @@ def list_alerts(
         where.append(col(AlertRow.owner_type) == owner_type)
     owner_id = owner_name(owner_type, owner_id)
     if owner_id is not None:
-        found = col(AlertRow.owner_id) == owner_id
-        provider = stored_provider(owner_id)
-        if owner_type is None and provider != owner_id:  # a provider by any spelling too
-            found = found | (
-                (col(AlertRow.owner_type) == "provider") & (col(AlertRow.owner_id) == provider)
-            )
-        where.append(found)
+        where.append(
+            owned_by(col(AlertRow.owner_type), col(AlertRow.owner_id), owner_type, owner_id)
+        )
     query = select(AlertRow).where(*where)
     query = query.order_by(col(AlertRow.raised_at).desc(), col(AlertRow.id)).offset(offset)
     with store.session() as s:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ColumnElement, DateTime, Index, Text, UniqueConstraint
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
+
+from budget_middleware.core.providers import stored_provider
 
 # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction; 5: bm_alerts, bm_budgets.soft and
 # .alert_thresholds, bm_usage_records.would_refuse; 8: provider names by their one name;
@@ -274,3 +277,16 @@ class MetaRow(StoreModel, table=True):
 
 
 metadata = StoreModel.metadata
+
+
+def owned_by(
+    type_column: Any, id_column: Any, owner_type: str | None, owner_id: str
+) -> ColumnElement[bool]:
+    """Rows of the owner `owner_id` names (of `owner_type`, when given, filtered apart): with no
+    type, a provider by any spelling of its one name too (`OpenAI`), as `owner_type=provider`
+    finds it; the other owners' ids and names are taken as given."""
+    found: ColumnElement[bool] = id_column == owner_id
+    provider = stored_provider(owner_id)
+    if owner_type is None and provider != owner_id:
+        found = found | ((type_column == "provider") & (id_column == provider))
+    return found
