@@ -106,6 +106,11 @@ class Deployment:
                     str(port),
                     "--log-level",
                     "warning",
+                    # Past any test: the client's idle connections (hundreds after a storm) were
+                    # closed by uvicorn's 5 s default as a request went out on one of them, and
+                    # that request failed with `httpx.ReadError` (CI, 2026-12-05).
+                    "--timeout-keep-alive",
+                    "600",
                 ],
                 env=variables,
             )

@@ -194,6 +194,74 @@ async def test_what_settles_in_a_window_with_no_key_yet_counts_there(tmp_path: P
     assert spent == 100 * CENT
 
 
+async def test_requests_in_flight_as_a_window_ends_hold_their_room_in_the_next(
+    tmp_path: Path,
+) -> None:
+    """30 requests admitted on one instance in a window are still running when the next one
+    begins; what they spend counts in the window they settle in, so their reservations hold
+    their room there: the other instance admits 70 while they run, then nothing. The new
+    window holds exactly $1 (a window that let their room go would admit 100, $1.30)."""
+    need_redis()
+    clock = Clock()
+    held = Held(30)
+    async with instances(tmp_path, REDIS_URL, clock, flush_interval_seconds=3600) as (one, two, _):
+        one_app, two_app = host(one), host(two, held)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            key = one.manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 1, "reset_duration": "1h"}]
+            )
+            waiting = held.requests(b, key.value)
+            await held.all_in.wait()
+            clock.advance(3600)  # the next window begins while they are in flight
+            await two.counters.heartbeat()  # as it runs every second: their holds live on
+            during = await spend_until_refused(a, key.value)
+            held.gate.set()
+            assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 30
+            after = await spend_until_refused(a, key.value)
+            await one.flush()
+            await two.flush()
+            spent = stored_spend(one, key.budgets[0].id)
+    print(
+        f"30 in flight into the new window: {during} while they ran, then {after}: "
+        f"${spent / 1e9:.2f}"
+    )
+    assert during == (70, "budget_reserved") and after == (0, "budget_exceeded")
+    assert spent == 100 * CENT
+
+
+async def test_requests_in_flight_as_a_window_ends_hold_their_room_in_the_next_in_process(
+    tmp_path: Path,
+) -> None:
+    """The same on one instance without Redis: 70 admitted while the 30 run, then none."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
+    )
+    clock = Clock()
+    settings = BudgetSettings(
+        database_url=f"sqlite:///{tmp_path / 'store.db'}", pricing_file=prices
+    )
+    engine = BudgetEngine(settings, clock=clock)
+    held = Held(30)
+    app = host(engine, held)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1h"}]
+        )
+        waiting = held.requests(http, key.value or "")
+        await held.all_in.wait()
+        clock.advance(3600)
+        during = await spend_until_refused(http, key.value or "")
+        held.gate.set()
+        assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 30
+        after = await spend_until_refused(http, key.value or "")
+        await engine.flush()
+        spent = stored_spend(engine, key.budgets[0].id)
+    print(f"in process: {during} while they ran, then {after}: ${spent / 1e9:.2f}")
+    assert during == (70, "budget_reserved") and after == (0, "budget_exceeded")
+    assert spent == 100 * CENT
+
+
 async def test_a_reservation_holds_while_its_request_runs_past_the_slot_ttl(
     tmp_path: Path,
 ) -> None:
