@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +14,7 @@ from sqlalchemy import text
 from admin_support import ADMIN, admin_client, admin_settings
 from budget_middleware import BudgetSettings, InvalidRequest, get_engine
 from budget_middleware.admin import create_admin_app
+from budget_middleware.manage.schemas import ProviderPut, TagPut
 
 
 @pytest.fixture
@@ -1121,6 +1124,60 @@ def test_model_configs_created_at_once_are_one(store_url: str) -> None:
     print(f"10 rounds of 4 creates at once: {outcomes.count('created')} created, "
           f"{outcomes.count('409')} refused 409, {stored} stored")  # fmt: skip
     assert stored == outcomes.count("created") == 10 and outcomes.count("409") == 30
+
+
+@pytest.mark.parametrize("what", ["tag", "provider"])
+def test_puts_of_one_new_tag_or_provider_at_once_all_succeed(
+    store_url: str, what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PUT is idempotent: 3 threads PUT the same new tag (or provider) at once, each past
+    its read before any writes, 5 times. Each round one creates it (201) and the others update
+    it (200), leaving one row and one budget. Before, the others were refused 409 ("tag
+    conflicts with an existing one"), as the store's key refused their second insert."""
+    import threading
+
+    from budget_middleware.manage import manager as manager_module
+    from budget_middleware.manage.manager import BudgetManager
+    from budget_middleware.store.database import Store
+
+    store = Store(store_url)
+    store.create_schema()
+    manager = BudgetManager(store, BudgetSettings(database_url=store_url))
+    put = manager.put_tag_created if what == "tag" else manager.put_provider_created
+    body: Any = TagPut if what == "tag" else ProviderPut
+    barrier: list[threading.Barrier] = []
+    real = manager_module.write_limits
+
+    def write_limits(*args: Any, **kwargs: Any) -> None:  # each writer, its read made
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier[-1].wait(5)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(manager_module, "write_limits", write_limits)
+    outcomes: list[str] = []
+    for trial in range(5):
+        barrier.append(threading.Barrier(3))
+        name = f"{what}-{trial}" if what == "tag" else f"self-hosted-{trial}"
+
+        def write(name: str = name, n: int = 0) -> None:
+            data = body(budgets=[{"max_limit": 1 + n, "reset_duration": "1d"}])
+            try:
+                outcomes.append("created" if put(name, data)[1] else "updated")
+            except Exception as exc:
+                outcomes.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=write, kwargs={"n": n}) for n in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    listed = manager.list_tags() if what == "tag" else manager.list_providers()
+    budgets = manager.list_budgets(owner_type=what)
+    store.dispose()
+    print(f"5 rounds of 3 PUTs at once: {sorted(outcomes)}; {len(listed)} stored, "
+          f"{len(budgets)} budgets")  # fmt: skip
+    assert outcomes.count("created") == 5 and outcomes.count("updated") == 10
+    assert len(listed) == 5 and len(budgets) == 5
 
 
 async def test_budgets_by_owner_id_alone_find_a_provider_by_any_spelling(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.identity import MAX_PROVIDER_CHARS, MAX_TAG_CHARS, name_problem
@@ -250,17 +251,30 @@ class BudgetManager(KeyWriter):
             raise InvalidRequest(problem, param=owner_type)
         if owner_type == "provider":
             name = canonical_provider(name)  # one name per provider: `OpenAI` is `openai`
-        row: Any = s.get(table, name)
-        created = row is None
-        if row is None:
-            row = table(**{owner_type: name, "calendar_aligned": bool(data.calendar_aligned)})
-            self.origin.stamp(row, created=True)
-            s.add(row)
-            write_limits(s, owner_type, name, data, calendar_aligned=row.calendar_aligned,
-                         origin=self.origin)  # fmt: skip
-        else:
-            self._update_owner(s, owner_type, row, data)
-        self._commit(s, owner_type)
+        for attempt in range(2):
+            row: Any = s.get(table, name)
+            created = row is None
+            try:
+                if row is None:
+                    row = table(
+                        **{owner_type: name, "calendar_aligned": bool(data.calendar_aligned)}
+                    )
+                    self.origin.stamp(row, created=True)
+                    s.add(row)
+                    write_limits(s, owner_type, name, data, calendar_aligned=row.calendar_aligned,
+                                 origin=self.origin)  # fmt: skip
+                else:
+                    self._update_owner(s, owner_type, row, data)
+                self._commit(s, owner_type)
+            except (Conflict, IntegrityError):
+                # Created by another writer between this read and this write (PUTs of one new
+                # tag at once, refused at a flush or at the commit): a PUT is idempotent, so
+                # this one is made again, as an update of what the other made.
+                if not created or attempt:
+                    raise
+                s.rollback()
+                continue
+            break
         return row, created
 
     def get_provider(self, name: str) -> ProviderOut:
