@@ -241,6 +241,39 @@ async def test_a_duplicate_the_store_finds_before_the_commit_is_a_409_not_a_503(
     assert [(p["id"], p["provider"]) for p in configs] == [(openai_config["id"], "anthropic")]
 
 
+async def test_a_key_s_provider_configs_swapped_by_id_keep_their_budgets(
+    settings: BudgetSettings,
+) -> None:
+    """An update naming both of a key's provider configs by id, each with the other's provider
+    (openai's $1 a day made anthropic's, anthropic's $2 made openai's): it was refused 409 (the
+    first renamed met the second's provider still stored, at the store's unique key). Each
+    config keeps its id and budget under its new provider."""
+    async with admin_client(settings) as c:
+        body = {
+            "name": "k",
+            "provider_configs": [
+                {"provider": "openai", "budgets": [{"max_limit": 1, "reset_duration": "1d"}]},
+                {"provider": "anthropic", "budgets": [{"max_limit": 2, "reset_duration": "1d"}]},
+            ],
+        }
+        key = (await c.post("/virtual-keys", json=body, headers=ADMIN)).json()["virtual_key"]
+        ids = {p["provider"]: p["id"] for p in key["provider_configs"]}
+        swapped = {
+            "provider_configs": [
+                {"id": ids["openai"], "provider": "anthropic"},
+                {"id": ids["anthropic"], "provider": "openai"},
+            ]
+        }
+        r = await c.put(f"/virtual-keys/{key['id']}", json=swapped, headers=ADMIN)
+        print(f"swap: {r.status_code} {r.text[:200]}")
+        assert r.status_code == 200, r.text
+        configs = {
+            p["id"]: (p["provider"], [b["max_limit"] for b in p["budgets"]])
+            for p in r.json()["virtual_key"]["provider_configs"]
+        }
+        assert configs == {ids["openai"]: ("anthropic", [1]), ids["anthropic"]: ("openai", [2])}
+
+
 async def test_a_key_whose_team_went_as_it_was_made_can_still_be_updated(
     settings: BudgetSettings,
 ) -> None:

@@ -186,6 +186,12 @@ class KeyWriter(OwnerWriter):
         delete_limits(s, "provider_config", [p.id for p in gone])
         for row in gone:
             s.delete(row)
+        # Those renamed let go of their provider first: configs swapped by id (`openai` made
+        # `anthropic` and `anthropic` made `openai`) met each other's at the store's unique key.
+        moving = [r for c, r, _ in written if r.id in by_id and r.provider != c.provider]
+        if len(moving) > 1:
+            for row in moving:
+                row.provider = f"~{row.id}"  # for the moment: a name no other config holds
         s.flush()
         for config, row, given in written:
             row.provider = config.provider
