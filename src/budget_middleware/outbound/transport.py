@@ -152,6 +152,15 @@ class _Meter:
         engine = self.engine
         started = perf_counter()
         if engine.needs_start():  # not yet, or its loop closed (`asyncio.run` per job)
+            home = _home(engine)
+            if home is not None and home is not asyncio.get_running_loop():
+                # Its loop closed since this call chose to be admitted here (stopped, not
+                # closed, between the steps of a script's `asyncio.run` ending): started here,
+                # on a worker thread's loop, while another thread's call starts it on the
+                # background one, both would take `_start_lock`, an asyncio lock of one loop,
+                # and the one let go by the other's thread was never woken (3 threads of 4
+                # waiting for ever). Admitted where it starts, as the call would be now.
+                return await _admitted_elsewhere(self, request, path, body, home)
             try:
                 await engine.ensure_started()
             except ConfigurationError:
