@@ -873,3 +873,59 @@ def test_the_start_up_line_reads_a_django_url_conf_that_runs_sync_code(tmp_path:
     lines = [x for x in done.stderr.splitlines() if x.startswith("budget-middleware: store")]
     print(lines)
     assert len(lines) == 1 and lines[0].endswith(", admin API at /budget-admin")
+
+
+def test_starts_from_loops_of_two_threads_at_once_start_the_engine_once(tmp_path: Path) -> None:
+    """Two threads, each with a loop of its own (`asyncio.run`), start one engine at once, 10
+    times, the first start slow. The start was guarded by an asyncio lock, which is one
+    loop's: the second thread's wait was refused ("bound to a different event loop") or, let
+    go from the other thread, never woken (waiting for ever). Now each returns, and the engine
+    starts once a round."""
+    from budget_middleware.engine.engine import BudgetEngine
+
+    outcomes: list[str] = []
+    started_counters = 0
+    for trial in range(10):
+        engine = BudgetEngine(BudgetSettings(database_url=f"sqlite:///{tmp_path}/s{trial}.db"))
+        start = engine.counters.start
+        first_in = threading.Event()
+
+        async def slow_start(start: Any = start, first_in: threading.Event = first_in) -> None:
+            nonlocal started_counters
+            started_counters += 1
+            first_in.set()
+            await asyncio.sleep(0.1)
+            await start()
+
+        engine.counters.start = slow_start  # type: ignore[method-assign]
+
+        both_back = threading.Event()
+
+        def starter(
+            engine: BudgetEngine = engine, hold: bool = False, both_back: Any = both_back
+        ) -> None:
+            async def begin() -> None:
+                await engine.ensure_started()
+                outcomes.append("started")
+                if hold:  # the first's loop runs on (closed, the engine would start again)
+                    await asyncio.get_running_loop().run_in_executor(None, both_back.wait, 10)
+
+            try:
+                asyncio.run(begin())
+            except Exception as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+
+        first = threading.Thread(target=starter, kwargs={"hold": True}, daemon=True)
+        first.start()
+        first_in.wait(5)
+        second = threading.Thread(target=starter, daemon=True)
+        second.start()
+        second.join(10)
+        both_back.set()
+        first.join(10)
+        if first.is_alive() or second.is_alive():
+            outcomes.append("waiting for ever")
+        engine.store.dispose()
+    print(f"10 rounds of 2 starts at once: {sorted(set(outcomes))}, {outcomes.count('started')} "
+          f"returned, the counters started {started_counters} times")  # fmt: skip
+    assert outcomes == ["started"] * 20 and started_counters == 10

@@ -266,7 +266,10 @@ class BudgetEngine:
         self._pid = os.getpid()
         self._reloading: asyncio.Future[None] | None = None  # the reload under way
         self.store_ok = True
-        self._start_lock: asyncio.Lock | None = None
+        # The loop a start is under way on (`ensure_started`), claimed under `_claim`, a
+        # thread's lock: callers of other loops and threads wait for that start to end.
+        self._starting: asyncio.AbstractEventLoop | None = None
+        self._claim = threading.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock: asyncio.Lock | None = None
         self._transient_failures = 0  # store writes failed for the moment, in a row
@@ -343,18 +346,28 @@ class BudgetEngine:
             loop = self.loop
             if loop is None or not loop.is_closed():
                 return
-            # The event loop it ran in is gone (a script's `asyncio.run` per job): what it
-            # holds unwritten stays, and its flusher and connections start again in this one.
-            self._left_closed_loop()
-        if self.failure is not None:
-            raise raised_again(self.failure)
-        if self._start_lock is None:
-            self._start_lock = asyncio.Lock()
-        async with self._start_lock:
-            if self.started:
-                return
-            if self.failure is not None:
-                raise raised_again(self.failure)
+        running = asyncio.get_running_loop()
+        while True:
+            with self._claim:
+                if self.started:
+                    loop = self.loop
+                    if loop is None or not loop.is_closed():
+                        return
+                    # The event loop it ran in is gone (a script's `asyncio.run` per job): what
+                    # it holds unwritten stays; its flusher and connections start again here.
+                    self._left_closed_loop()
+                if self.failure is not None:
+                    raise raised_again(self.failure)
+                starting = self._starting
+                if starting is None or starting.is_closed():  # (one cut with its loop)
+                    self._starting = running
+                    break
+            # Another call starts it, on this loop or on another thread's: waited for, not
+            # with an asyncio lock (one of two loops: a release from the other thread never
+            # woke the waiter, and a waiter of the other loop was refused "bound to a
+            # different event loop"). Start-up only: a few polls.
+            await asyncio.sleep(0.005)
+        try:
             if not self._prepared:
                 try:
                     await anyio.to_thread.run_sync(self._prepare_store)
@@ -380,6 +393,8 @@ class BudgetEngine:
             if self.stats.last_flush_at is None:  # the lag of a writer that never wrote counts
                 self.stats.last_flush_at = self.clock()  # from its start, not 0 for ever
             self.write_at_exit()
+        finally:
+            self._starting = None
         line, self.start_line = self.start_line, None  # once
         if line is not None:
             # In a worker thread, the loop left free: finding the admin mount may import the
@@ -514,7 +529,7 @@ class BudgetEngine:
         self.loop = None
         self._flusher = None
         self._flush_lock = None
-        self._start_lock = None
+        self._starting = None
         self._stopping = asyncio.Event()
         self._key_loads = {}
         self._reloading = None
@@ -524,6 +539,7 @@ class BudgetEngine:
         `--preload`): its loop, threads, connections and unwritten charges are the parent's. The
         child starts afresh on first use; what the parent charged is written by the parent."""
         self._forget_the_loop()
+        self._claim = threading.Lock()  # (one some parent thread held at the fork stays held)
         self.forked_at = time.perf_counter()
         self._orphans = {}
         self.records = []
@@ -584,7 +600,6 @@ class BudgetEngine:
         except TimeoutError:
             logger.warning("budget-middleware: the counter backend did not close in %ss", grace)
         self.store.dispose()  # connections are opened again if the engine starts again
-        self._start_lock = None
 
     async def _write_or_keep(self) -> None:
         """At the end: write what is pending, or leave it on disk to the next engine on this

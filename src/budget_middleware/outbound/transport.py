@@ -156,10 +156,10 @@ class _Meter:
             if home is not None and home is not asyncio.get_running_loop():
                 # Its loop closed since this call chose to be admitted here (stopped, not
                 # closed, between the steps of a script's `asyncio.run` ending): started here,
-                # on a worker thread's loop, while another thread's call starts it on the
-                # background one, both would take `_start_lock`, an asyncio lock of one loop,
-                # and the one let go by the other's thread was never woken (3 threads of 4
-                # waiting for ever). Admitted where it starts, as the call would be now.
+                # on a worker thread's loop, the engine would run on a loop that ends with
+                # this call's `asyncio.run`, while other threads' calls start it on the
+                # background one (3 threads of 4 once waited there for ever, on an asyncio
+                # lock of two loops). Admitted where it starts, as the call would be now.
                 return await _admitted_elsewhere(self, request, path, body, home)
             try:
                 await engine.ensure_started()
