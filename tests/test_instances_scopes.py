@@ -419,14 +419,62 @@ def stall(url: str, seconds: float) -> None:
         c.close()
 
 
+def _redis_window_state(url: str) -> dict[str, Any]:
+    """What Redis holds of the test's request window: the window key's value (`bm:w:request:*`),
+    the admissions' marks (`ad:*`: "1" counted, "0" let go by unadmit.lua), the payments' and
+    settlements' done keys (`sd:*`), the seed records (`sv:*`) and the instances' marks
+    (`i:*`); unreadable, its error."""
+    c = redis.Redis.from_url(url, socket_timeout=5, decode_responses=True)
+    try:
+        windows = {k: c.get(k) for k in c.scan_iter(match="bm:w:request:*")}
+        marks: dict[str, int] = {}
+        for k in c.scan_iter(match="bm:ad:*"):
+            value = str(c.get(k))
+            marks[value] = marks.get(value, 0) + 1
+        return {
+            "window": windows,
+            "admission marks": marks,
+            "done keys": sum(1 for _ in c.scan_iter(match="bm:sd:*")),
+            "seed records": {k: c.get(k) for k in c.scan_iter(match="bm:sv:w:request:*")},
+            "instance marks": {k: c.get(k) for k in c.scan_iter(match="bm:i:*")},
+        }
+    except Exception as exc:  # a diagnostic: never the test's failure
+        return {"unreadable": repr(exc)}
+    finally:
+        c.close()
+
+
+def _window_value(url: str) -> str | None:
+    """The request window key's value in Redis now (one key: the test's key's hour)."""
+    state = _redis_window_state(url)
+    windows = state.get("window") or {}
+    return ",".join(str(v) for v in windows.values()) if windows else str(state)
+
+
 @pytest.mark.parametrize("fail_open", [False, True])
 async def test_requests_answered_during_a_redis_stall_count_once_against_the_rate_limit(
-    world: Any, fail_open: bool
+    world: Any, fail_open: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Request window of 30 an hour, 2 instances, Redis timeout 0.3 s; Redis stalls 1.2 s
     (DEBUG SLEEP) while requests come: those answered 503 must count against nothing, those
-    admitted under fail-open once. Then requests until refused: admitted in all == 30."""
+    admitted under fail-open once. Then requests until refused: admitted in all == 30.
+
+    On failure the end of the output (and the assertion's message, which CI's tail shows) says
+    where the counts went: Redis's window value after each phase and at the end, the admission
+    marks left in Redis, every request of the "after" phase (instance, status, code, the
+    remaining requests its headers told), and the tail of each instance's log."""
+    import test_instances
+
     d, m = world
+    logs = [tmp_path / f"instance{n}.log" for n in range(2)]
+    files = iter(logs)
+    popen = test_instances.subprocess.Popen
+
+    def logged(*args: Any, **kwargs: Any) -> Any:  # each instance's stderr to a file of its own
+        with open(next(files), "wb") as log:  # (the child keeps its own descriptor)
+            return popen(*args, **kwargs, stderr=log)
+
+    monkeypatch.setattr(test_instances.subprocess, "Popen", logged)
     key = m.create_virtual_key(
         name="rl",
         rate_limit={"request_max_limit": 30, "request_reset_duration": "1h"},
@@ -437,38 +485,83 @@ async def test_requests_answered_during_a_redis_stall_count_once_against_the_rat
         BUDGET_REDIS_TIMEOUT_SECONDS="0.3",
         BUDGET_FAIL_OPEN=str(fail_open).lower(),
     )
+    monkeypatch.undo()
+    assert d.redis is not None
+    url = d.redis.url
     seen: dict[str, dict[Any, int]] = {"before": {}, "stall": {}, "after": {}}
+    redis_at: dict[str, str | None] = {}
+    trail: list[str] = []  # the "after" phase, request by request
     admitted = 0
     async with httpx.AsyncClient(timeout=60) as client:
         for i in range(6):
             r = await send(client, d.servers[i % 2], key.value)
             assert r.status_code == 200
             admitted += 1
+        seen["before"] = {200: 6}
+        redis_at["before the stall (6 admitted)"] = _window_value(url)
         proc = d.redis.process
         proc.send_signal(signal.SIGSTOP)  # DEBUG SLEEP is disabled in this redis-server
         staller = asyncio.get_running_loop().run_in_executor(None, time.sleep, 1.2)
+        started = time.monotonic()
         during = await asyncio.gather(
             *(send(client, d.servers[i % 2], key.value) for i in range(8))
         )
+        answered = time.monotonic() - started
         seen["stall"] = count(during)
         admitted += seen["stall"].get(200, 0)
         await staller
         proc.send_signal(signal.SIGCONT)
+        redis_at[f"right after SIGCONT ({admitted} admitted)"] = _window_value(url)
         await asyncio.sleep(3.0)  # past any back-off; heartbeats and debts go round
+        redis_at[f"after the 3 s sleep ({admitted} admitted)"] = _window_value(url)
         for n in range(60):
             r = await send(client, d.servers[n % 2], key.value)
+            left = r.headers.get("x-ratelimit-remaining-requests")
+            code: Any = r.status_code
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                code = (code, r.json()["error"]["code"])
+            trail.append(f"{n}:i{n % 2}:{code}:left={left}:redis={_window_value(url)}")
             if r.status_code == 200:
                 admitted += 1
             elif r.status_code == 429 and r.json()["error"]["code"] == "request_limit_exceeded":
+                trail.append(f"refusal: {r.text[:300]}")
                 break
             else:
                 seen["after"][r.status_code] = seen["after"].get(r.status_code, 0) + 1
                 await asyncio.sleep(0.3)
+    redis_at["at the refusal"] = _window_value(url)
     d.stop_all()
     recs = records_by(d.store).get(key.id, (0, 0))
-    print(f"\nfail_open={fail_open}: {seen}, admitted {admitted} of 30, records {recs}")
-    assert recs[0] == admitted
-    assert admitted == 30
+    stored: Any = "?"
+    with contextlib.suppress(Exception):  # the store's window: what every instance wrote
+        from budget_middleware.store.tables import RateLimitRow
+
+        with d.store.session() as s:
+            stored = [
+                (row.request_current_usage, str(row.request_last_reset))
+                for row in s.exec(select(RateLimitRow)).all()
+            ]
+    tails = []
+    for n, log in enumerate(logs):
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        tails.append(
+            f"instance {n} log ({len(lines)} lines), last 15:\n  " + "\n  ".join(lines[-15:])
+        )
+    diagnosis = "\n".join(
+        [
+            f"fail_open={fail_open}: {seen}, admitted {admitted} of 30, records {recs}",
+            f"the stall's 8 requests answered in {answered:.2f} s",
+            "Redis's request window: "
+            + "; ".join(f"{when}: {value}" for when, value in redis_at.items()),
+            "after, request by request: " + " | ".join(trail),
+            f"Redis at the end: {_redis_window_state(url)}",
+            f"the store's request windows (usage, last reset): {stored}",
+            *tails,
+        ]
+    )
+    print("\n" + diagnosis)  # last: CI shows the tail
+    assert recs[0] == admitted, diagnosis
+    assert admitted == 30, diagnosis
 
 
 async def test_short_windows_seen_by_three_instances_never_hold_more_than_the_limit(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from budget_middleware import BudgetSettings
 from budget_middleware.core.admission import Ticket
@@ -265,3 +266,104 @@ async def test_a_flush_that_finds_redis_stalled_starts_the_back_off(
         )
         assert flushed == ["MGET"]
         assert calls == []
+
+
+_LATE_OWED = 5  # requests A admits while it backs off
+
+
+@pytest.mark.parametrize("seed_fails", [False, True])
+async def test_debts_answered_late_are_not_added_again_over_another_instance_s_seed(
+    make_settings: Settings, seed_fails: bool
+) -> None:
+    """A payment of debts whose answer came past the timeout, after another instance seeded the
+    window from the store (h2's hunt of the stall test: `assert 25 == 30` on CI).
+
+    Two instances share a private Redis and a store. Instance A admits requests without Redis
+    (fail-open, owed to it) and writes them to the store; its payment (reconcile.lua) runs in Redis
+    but is answered past BUDGET_REDIS_TIMEOUT_SECONDS, having found the window key missing (not
+    seeded yet: Redis was slow as the instances started). Instance B then seeds the key from the
+    store, which holds A's requests. A's next payment learns from settled_once.lua that its charges
+    were not added, and adds them: without the places of its debts in the store's order, it could
+    not tell that B's seed held them already, and they counted twice (a proxy that delayed Redis's
+    answers at random: Redis 7 over the 14 admitted after the stall, in 2 runs of 6; with both fixes
+    Redis held what was admitted in 6 runs of 6).
+
+    `seed_fails`: A's first try to add them again fails too (its seed of the key, which B
+    made first, gets no answer): owed again, they kept no places, and were added whole."""
+    with private_redis() as server:
+        apps = [
+            host_app(
+                make_settings(
+                    redis_url=server.url,
+                    redis_timeout_seconds=0.3,
+                    fail_open=True,
+                    flush_interval_seconds=60,  # flushes and heartbeats by the test alone
+                    slot_ttl_seconds=600,
+                    admin_key=f"admin-{name}",  # two engines, not one shared
+                )
+            )
+            for name in "ab"
+        ]
+        a_engine, b_engine = (engine_of(app) for app in apps)
+        async with running(apps[0]), running(apps[1]):
+            key = a_engine.manager.create_virtual_key(
+                name="rl", rate_limit={"request_max_limit": 30, "request_reset_duration": "1h"}
+            )
+            limits = []
+            for engine in (a_engine, b_engine):
+                await engine.invalidate()
+                config = await engine.lookup_key(key.value or "")
+                limits.append(engine.limits_for(config, "openai", "gpt-4o", ()))
+            a, b = a_engine.counters, b_engine.counters
+            assert isinstance(a, RedisCounters) and isinstance(b, RedisCounters)
+            assert a.client is not None
+
+            # A admits without Redis (its back-off), and the store takes those requests.
+            a._state.retry_at = time.monotonic() + 60
+            for _ in range(_LATE_OWED):
+                assert isinstance(await a.admit(limits[0], 1000), Ticket)
+            a._state.retry_at = 0.0
+            assert await a_engine.flush()
+
+            # A pays: reconcile.lua runs (the key is missing: nothing added), answered late.
+            reconcile = a._reconcile
+            assert reconcile is not None
+
+            async def answered_late(**call: Any) -> Any:
+                await reconcile(**call)
+                raise RedisTimeoutError("Timeout reading from the socket")
+
+            a._reconcile = answered_late  # type: ignore[assignment]
+            with pytest.raises(RedisTimeoutError):
+                await a.pay_debts()
+            a._reconcile = reconcile
+            windows = await a.client.keys(f"{a.prefix}w:request:*")
+            missing_after_late_payment = not windows
+
+            # B admits one: it seeds the window from the store (A's requests in it).
+            assert isinstance(await b.admit(limits[1], 1000), Ticket)
+            (window,) = await a.client.keys(f"{a.prefix}w:request:*")
+            seeded = int(await a.client.get(window))
+
+            # A pays again: settled_once.lua says its charges were not added.
+            if seed_fails:
+                seed = a._seed
+
+                async def unanswered(**call: Any) -> Any:
+                    raise RedisTimeoutError("Timeout reading from the socket")
+
+                a._seed = unanswered  # type: ignore[assignment]
+                with pytest.raises(RedisTimeoutError):
+                    await a.pay_debts()
+                a._seed = seed
+            await a.pay_debts()
+            value = int(await a.client.get(window))
+    admitted = _LATE_OWED + 1
+    print(
+        f"\nseed fails: {seed_fails}; key missing after A's late payment:"
+        f" {missing_after_late_payment}; B's seed and"
+        f" admission: {seeded}; Redis after A's second payment: {value}; admitted {admitted};"
+        f" A still owes {a._owed}, unsure {len(a._unsure)}"
+    )
+    assert missing_after_late_payment and seeded == admitted
+    assert value == admitted  # it was 11: A's 5 requests counted twice

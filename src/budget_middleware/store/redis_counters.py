@@ -296,8 +296,13 @@ class RedisCounters(CounterBackend):
         self._releases: list[tuple[str, list[str], list[Any]]] = []
         # Settlements whose call failed without an answer: Redis may have run them (a reply past
         # the timeout). Per request: its done key, and its charges (key, counter, amount); added
-        # by `settled_once.lua` only if settle.lua did not run (the done key says which).
-        self._unsure: list[tuple[str, list[tuple[str, WindowCounter, int]]]] = []
+        # by `settled_once.lua` only if settle.lua did not run (the done key says which). A
+        # payment of debts (reconcile.lua's) is one too, with the places of its charges in the
+        # store's order by key (`_Track.fresh`): should they be added after all, another
+        # instance's seed may hold some of them (`_leave_out_seeded`).
+        self._unsure: list[
+            tuple[str, list[tuple[str, WindowCounter, int]], dict[str, list[list[int]]]]
+        ] = []
         self._seeding: dict[str, asyncio.Future[None]] = {}  # one seed per key at a time
         # Budgets reset here whose mark Redis has not taken yet: mark key -> (moment, ttl_ms).
         self._marks: dict[str, tuple[float, int]] = {}
@@ -1182,7 +1187,8 @@ class RedisCounters(CounterBackend):
                 raise
             charges = [(key, debts[key].counter, a) for key, a in owed.items() if a]
             bounds = [(debts[key].start, debts[key].end) for key, a in owed.items() if a]
-            gone = await self._reconciled(charges, bounds, seen)  # unanswered: `_unsure`, once
+            # Unanswered: `_unsure`, once, with the places of its charges.
+            gone = await self._reconciled(charges, bounds, seen, fresh)
             lost = [charges[i] for i in gone]  # (gone, or seeded by another since it looked)
             try:  # (the places of what it adds: another instance may seed first)
                 await self._into_windows(lost, {k: fresh[k] for k, _, _ in lost if k in fresh})
@@ -1200,8 +1206,14 @@ class RedisCounters(CounterBackend):
         return fresh
 
     def _drop_tracks(self) -> None:
-        """Tracks with nothing owed left to place (a window moved, its debts went elsewhere)."""
-        for key in [k for k, t in self._tracks.items() if not t.fresh or k not in self._owed]:
+        """Tracks with nothing owed left to place (a window moved, its debts went elsewhere),
+        nor a payment unanswered whose charges they place (`_unsure`)."""
+        unsure = {key for _, _, places in self._unsure for key in places}
+        for key in [
+            k
+            for k, t in self._tracks.items()
+            if k not in unsure and (not t.fresh or k not in self._owed)
+        ]:
             del self._tracks[key]
 
     async def _leave_out_seeded(
@@ -1277,6 +1289,7 @@ class RedisCounters(CounterBackend):
         charges: list[tuple[str, WindowCounter, int]],
         bounds: list[tuple[float, float]],
         seen: dict[str, str] | None = None,
+        places: dict[str, list[list[int]]] | None = None,
     ) -> list[int]:
         """Add charges (key, counter, amount) of windows with these bounds (start, end) to their
         keys (reconcile.lua); returns the indices of those whose key is gone, or was seeded by
@@ -1284,7 +1297,8 @@ class RedisCounters(CounterBackend):
         added to whoever seeded them). A charge whose window began anew elsewhere (its mark)
         moves its counter there, and is owed to the window begun there as `_to_new_windows`
         takes it (added by the next round; arrived, should the counter have left that window
-        too)."""
+        too). `places`: where the store has the debts among them (`_Track.fresh`), kept with
+        the payment should it go unanswered."""
         assert self._reconcile is not None
         keys: list[str] = []
         args: list[Any] = []
@@ -1304,8 +1318,13 @@ class RedisCounters(CounterBackend):
             # Unanswered, it may have run (an answer past the timeout): added by
             # settled_once.lua only if it did not (its done key says), as a settlement is. Kept
             # owed, it was added again: 3 debts counted twice, 7 admitted on a $0.10 budget.
+            # With their places: a key it found missing may be seeded by another instance
+            # before they are added, from a store that holds them (without, counted twice:
+            # Redis 11 for 6 requests admitted).
             if charges:
-                self._unsure.append((done, list(charges)))
+                keys_owed = {key for key, _, _ in charges}
+                kept = {k: p for k, p in (places or {}).items() if k in keys_owed}
+                self._unsure.append((done, list(charges), kept))
             raise
         now = self.clock()
         gone: list[int] = []
@@ -1346,11 +1365,23 @@ class RedisCounters(CounterBackend):
 
     async def _settle_unsure(self) -> None:
         """Settlements that failed without an answer: what Redis did not run is added now
-        (once: the done key settle.lua sets makes a late run of it add nothing)."""
+        (once: the done key settle.lua sets makes a late run of it add nothing). Debts among
+        them are added with their places (`_Track.fresh`): a seed by another instance since may
+        hold some (`_leave_out_seeded`)."""
         if not self._unsure or self._once is None:
             return
         unsure, self._unsure = self._unsure, []
-        for n, (done, charges) in enumerate(unsure):
+        try:
+            await self._settle_each(unsure)
+        finally:
+            self._drop_tracks()  # (kept for these while they were unsure)
+
+    async def _settle_each(
+        self,
+        unsure: list[tuple[str, list[tuple[str, WindowCounter, int]], dict[str, list[list[int]]]]],
+    ) -> None:
+        assert self._once is not None  # (`_settle_unsure` saw it set)
+        for n, (done, charges, places) in enumerate(unsure):
             try:
                 missing = await self._once(
                     keys=[done, *(k for k, _, _ in charges)], args=[a for _, _, a in charges]
@@ -1365,7 +1396,9 @@ class RedisCounters(CounterBackend):
             lost = [c for i, c in enumerate(charges) if i in gone]
             if lost:
                 try:
-                    await self._into_windows(lost)
+                    await self._into_windows(
+                        lost, {k: places[k] for k, _, _ in lost if k in places}
+                    )
                 except BaseException:
                     self._unsure[:0] = unsure[n + 1 :]
                     raise
@@ -1442,12 +1475,18 @@ class RedisCounters(CounterBackend):
                     todo = [(k, c, owed[k]) for k, c, _ in todo if owed[k]]
                 adding, todo = todo, []  # (unanswered: `_unsure`, not owed again)
                 bounds = [(c.start, c.end) for _, c, _ in adding]
-                gone = await self._reconciled(adding, bounds, seen)
+                gone = await self._reconciled(adding, bounds, seen, fresh)
                 todo = [adding[i] for i in gone]  # vanished again: seeded again
             raise RedisError("window keys vanished while being seeded")
         except BaseException:
-            for _, counter, amount in todo:
+            for key, counter, amount in todo:
                 self._owe(counter, amount, in_transit=True)
+                # With their places again, for the payment that adds them: owed without, a
+                # seed by another instance that holds them had them added again (+1 after an
+                # unanswered payment whose key a seed failed to make).
+                track = self._tracks.get(key)
+                if fresh and key in fresh and track is not None:
+                    track.fresh[:0] = fresh[key]
             raise
 
     def _to_new_windows(
@@ -1581,7 +1620,7 @@ class RedisCounters(CounterBackend):
                 if e.counter is not None and (tokens if e.kind == "t" else cost)
             ]
             if charges:
-                self._unsure.append((self._done_key(ticket.request_id), charges))
+                self._unsure.append((self._done_key(ticket.request_id), charges, {}))
             self._releases.append(("settle", keys, [ticket.request_id, 0, 0, *kinds]))
             if isinstance(exc, asyncio.CancelledError):
                 raise
