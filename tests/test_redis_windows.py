@@ -25,6 +25,7 @@ import httpx
 import pytest
 import redis
 from fastapi import FastAPI, Request, Response
+from redis.exceptions import RedisError
 from sqlmodel import select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
@@ -1629,3 +1630,77 @@ async def test_a_full_concurrency_slot_refuses_in_the_order_of_spec_5(tmp_path: 
     error = refused.json()["error"]
     print(f"with one in flight: {refused.status_code} {error['code']} by {error['scope']['type']}")
     assert (error["code"], error["scope"]["type"]) == ("request_limit_exceeded", "provider_config")
+
+
+async def _beat_through(counters: Any) -> None:
+    """One heartbeat that reaches Redis (the first after a restart may meet a pooled
+    connection to the old server)."""
+    for _ in range(20):
+        try:
+            await counters.heartbeat()
+            return
+        except (RedisError, OSError):
+            await asyncio.sleep(0.05)
+    raise AssertionError("no heartbeat reached Redis")
+
+
+async def test_a_seed_made_after_a_heartbeat_looked_and_before_it_paid_holds_its_debts(
+    tmp_path: Path,
+) -> None:
+    """$1 a day on two instances: A and B each spend $0.10 through Redis and write them to the
+    store. Redis restarts empty. B's heartbeat finds its mark gone and reads the seed records:
+    none yet, so its $0.10 written since its last beat are owed; before it pays them, A's
+    heartbeat finds its own loss, seeds the key from the store (which holds B's $0.10) and adds
+    its own. B's payment then found the key there and added its $0.10 again: Redis $0.30 for
+    $0.20 spent (the instances test's `{'rl': 30, 'tg': 20, 'tm': 25}`, 10 short on every
+    scope, 1 run in 4)."""
+    server = PrivateRedis()
+    server.start()
+    # No heartbeat nor flush but those called here.
+    settings = {"flush_interval_seconds": 3600, "slot_ttl_seconds": 3600}
+    try:
+        async with serving_two(tmp_path, server.url, **settings) as (one, two, a, b):
+            counters_a: Any = one.counters
+            counters_b: Any = two.counters
+            key, budget = dollar_key(one)
+            await spend(a, key, 10)
+            await spend(b, key, 10)
+            await one.flush()
+            await two.flush()
+            server.kill(keep_data=False)
+            server.start()  # empty
+
+            looked, pay = asyncio.Event(), asyncio.Event()
+            pay_whole = counters_b._pay_debts_whole
+
+            async def pay_after_a() -> None:  # B's heartbeat has looked and owes its $0.10
+                looked.set()
+                await pay.wait()
+                await pay_whole()
+
+            counters_b._pay_debts_whole = pay_after_a
+            beating_b = asyncio.create_task(_beat_through(counters_b))
+            shared = redis.Redis.from_url(server.url, decode_responses=True)
+            try:
+                assert await until(looked.is_set, 30)
+                owed_b = dict(counters_b._owed)
+                await _beat_through(counters_a)  # A's loss: it seeds the key and adds its own
+                windows = [k for k in shared.keys("*w:budget:*") if ":sv:" not in k]
+                assert len(windows) == 1
+                seeded = int(shared.get(windows[0]) or 0)
+            finally:
+                pay.set()
+                await beating_b
+            counters_b._pay_debts_whole = pay_whole
+            in_redis = int(shared.get(windows[0]) or 0)
+            shared.close()
+            stored = await written_spend(budget, one, two)
+    finally:
+        server.stop()
+    print(
+        f"\nA and B spent $0.10 each, written; Redis restarted empty; B's heartbeat owed "
+        f"{[v / 1e9 for v in owed_b.values()]} before A seeded ${seeded / 1e9:.2f}; after B "
+        f"paid, Redis holds ${in_redis / 1e9:.2f}, the store ${stored / 1e9:.2f}"
+    )
+    assert stored == 20 * 10_000_000
+    assert in_redis == stored

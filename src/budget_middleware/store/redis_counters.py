@@ -232,6 +232,19 @@ def _below(segments: list[list[int]], at: int, floor: int = -(2**62)) -> int:
     return sum(max(0, min(hi, at) - max(lo, floor)) for lo, hi in segments)
 
 
+def _written_track(chunks: Sequence[list[float]], lo: int, owed: int) -> _Track:
+    """The track, begun at the last heartbeat, of debts a heartbeat found after a loss: the
+    charges the store confirmed since (these [commit moment, amount] chunks, in order) come
+    first, then those not written; those owed are at places [lo, lo + owed)."""
+    track = _Track()
+    for at, amount in chunks:
+        track.confirmed += int(amount)
+        track.stamps.append((at, track.confirmed))
+    track.beat = track.confirmed
+    track.fresh = [[lo, lo + owed]]
+    return track
+
+
 @dataclass(slots=True)
 class _Entry:
     """One counter as the scripts see it."""
@@ -1125,15 +1138,26 @@ class RedisCounters(CounterBackend):
                 chunks = written.get(window, ())
                 confirmed = int(sum(amount for _, amount in chunks))
                 mine = counter.unwritten(self.ledger) - transit + confirmed
+                # Those in transit (a debt, a settlement under way) are added by their own
+                # calls, which leave out what a seed holds: taken as the oldest confirmed.
+                lo = min(transit, confirmed)
                 if seed is not None:
                     read_at = seed[0]
-                    # Committed before that seed read the store: in it. Those in transit too
-                    # (a debt, a settlement under way) are added by their own calls, which
-                    # leave out what that seed holds: taken as all held, never twice off.
+                    # Committed before that seed read the store: in it; taken as all held,
+                    # never twice off.
                     held = int(sum(amount for at, amount in chunks if at < read_at))
-                    mine -= max(0, held - min(transit, confirmed))
+                    mine -= max(0, held - lo)
+                    lo = max(lo, held)
                 if mine > 0:
                     self._owe(counter, mine)
+                    key = self.window_key(counter)
+                    if chunks and key not in self._tracks:
+                        # Their places, for the payment (`_leave_out_seeded`): another
+                        # instance may seed the key from the store after the records were read
+                        # above and before it, holding what was committed here before that
+                        # seed read the store. Added to it all the same, one instance's 10
+                        # requests were counted twice on every scope: Redis 30 for 20 admitted.
+                        self._tracks[key] = _written_track(chunks, lo, mine)
 
     async def _seed_records(self) -> dict[str, tuple[float, str]]:
         """After a loss, per window key this instance seeded since its last heartbeat or
