@@ -166,11 +166,12 @@ async def written_spend(budget_id: str, *engines: BudgetEngine) -> int:
     return stored_spend(engines[0], budget_id)
 
 
-async def test_what_settles_in_a_window_with_no_key_yet_counts_there(tmp_path: Path) -> None:
-    """30 requests admitted on one instance in a window settle in the next, before anybody
-    admitted there (so its key does not exist yet); the other instance then spends the rest.
-    The new window holds exactly $1: the settlements seeded its key (they were lost, and the
-    other instance admitted 100 more: $1.30)."""
+async def _thirty_held_into_the_next_window(
+    tmp_path: Path, spend_while_held: bool
+) -> tuple[tuple[int, str] | None, tuple[int, str], int]:
+    """$1 an hour, two instances: 30 requests of $0.01 admitted on one are held as the next
+    window begins; the other spends until refused while they run (`spend_while_held`: what it
+    admitted, and why it stopped), then after they settled; and what the window holds."""
     need_redis()
     clock = Clock()
     held = Held(30)
@@ -184,12 +185,25 @@ async def test_what_settles_in_a_window_with_no_key_yet_counts_there(tmp_path: P
             waiting = held.requests(b, key.value)
             await held.all_in.wait()
             clock.advance(3600)  # the next window begins while they are in flight
+            during = None
+            if spend_while_held:
+                await two.counters.heartbeat()  # as it runs every second: their holds live on
+                during = await spend_until_refused(a, key.value)
             held.gate.set()
             assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 30
-            admitted, code = await spend_until_refused(a, key.value)
+            after = await spend_until_refused(a, key.value)
             await one.flush()
             await two.flush()
             spent = stored_spend(one, key.budgets[0].id)
+    return during, after, spent
+
+
+async def test_what_settles_in_a_window_with_no_key_yet_counts_there(tmp_path: Path) -> None:
+    """30 requests admitted on one instance in a window settle in the next, before anybody
+    admitted there (so its key does not exist yet); the other instance then spends the rest.
+    The new window holds exactly $1: the settlements seeded its key (they were lost, and the
+    other instance admitted 100 more: $1.30)."""
+    _, (admitted, code), spent = await _thirty_held_into_the_next_window(tmp_path, False)
     print(f"30 settled into the new window, then {admitted} admitted ({code}): ${spent / 1e9:.2f}")
     assert (admitted, code) == (70, "budget_exceeded")
     assert spent == 100 * CENT
@@ -202,26 +216,7 @@ async def test_requests_in_flight_as_a_window_ends_hold_their_room_in_the_next(
     begins; what they spend counts in the window they settle in, so their reservations hold
     their room there: the other instance admits 70 while they run, then nothing. The new
     window holds exactly $1 (a window that let their room go would admit 100, $1.30)."""
-    need_redis()
-    clock = Clock()
-    held = Held(30)
-    async with instances(tmp_path, REDIS_URL, clock, flush_interval_seconds=3600) as (one, two, _):
-        one_app, two_app = host(one), host(two, held)
-        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
-            key = one.manager.create_virtual_key(
-                name="k", budgets=[{"max_limit": 1, "reset_duration": "1h"}]
-            )
-            waiting = held.requests(b, key.value)
-            await held.all_in.wait()
-            clock.advance(3600)  # the next window begins while they are in flight
-            await two.counters.heartbeat()  # as it runs every second: their holds live on
-            during = await spend_until_refused(a, key.value)
-            held.gate.set()
-            assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 30
-            after = await spend_until_refused(a, key.value)
-            await one.flush()
-            await two.flush()
-            spent = stored_spend(one, key.budgets[0].id)
+    during, after, spent = await _thirty_held_into_the_next_window(tmp_path, True)
     print(
         f"30 in flight into the new window: {during} while they ran, then {after}: "
         f"${spent / 1e9:.2f}"
