@@ -1631,6 +1631,19 @@ def test_charge_to_left_in_another_context_warns_and_changes_nothing() -> None:
     assert payer.get() is None
 
 
+def _script_said(script: Path, *args: str, timeout: float = 120) -> tuple[dict[str, Any], str]:
+    """What a script run in a process of its own printed last (a JSON line), and its stderr."""
+    out = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.splitlines()[-1]), out.stderr
+
+
 _MIXED_LOOPS = """
 import asyncio, json, sys, threading, time
 import httpx2
@@ -1703,16 +1716,7 @@ def test_async_calls_on_a_loop_of_their_own_share_the_engine_s_admission(
     seen = []
     for run in range(3):
         url = f"sqlite:///{tmp_path / f'mixed{run}.db'}"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        out = subprocess.run(
-            [sys.executable, str(script), url, paid_by],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        seen.append(json.loads(out.stdout.splitlines()[-1]))
+        seen.append(_script_said(script, url, paid_by, timeout=300)[0])
     print("calls in flight at the provider at most, and slots held after, per run:", seen)
     assert seen == [{"most_in_flight": 1, "held_after": 0}] * 3
 
@@ -1782,41 +1786,41 @@ def test_async_calls_on_loops_of_their_own_threads_start_no_engine_there(
     calls on a budget of 20 calls' price, admitted 20, spent the budget to the cent."""
     script = tmp_path / "threads.py"
     script.write_text(_THREADS_OF_THEIR_OWN)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     seen = []
     for run in range(3):
         url = f"sqlite:///{tmp_path / f'threads{run}.db'}"
-        out = subprocess.run(
-            [sys.executable, str(script), url, str(call_priced(tmp_path))],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        seen.append(json.loads(out.stdout.splitlines()[-1]))
+        seen.append(_script_said(script, url, str(call_priced(tmp_path)))[0])
     print("per run:", seen)
     assert all(run["stuck"] == 0 and run["failed"] == 0 for run in seen)
     assert all(run["admitted"] == 20 and run["spent"] == pytest.approx(0.02) for run in seen)
     assert all(set(run["others"]) <= {402, 429} for run in seen)
 
 
-_LOOP_ENDS_UNDER_THREADS = """
-import asyncio, json, sys, threading, time
-import httpx2
-from budget_middleware import BudgetSettings, BudgetSyncTransport, BudgetTransport, charge_to
-from budget_middleware import get_engine
-from budget_middleware.engine.portal import on_loop
-
+# What the scripts below share: a provider that answers at once (75,000 nano-USD a call), an
+# engine on the store the first argument names, a key of $100, and the call they make.
+_ANSWERED_AT_ONCE = """
 def provider(request):
     usage = {"prompt_tokens": 10, "completion_tokens": 5}
     return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
 
 engine = get_engine(BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600))
 key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 100}])
-sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider), engine=engine))
 URL = "https://api.openai.com/v1/chat/completions"
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+"""
+
+
+_LOOP_ENDS_UNDER_THREADS = (
+    """
+import asyncio, json, sys, threading, time
+import httpx2
+from budget_middleware import BudgetSettings, BudgetSyncTransport, BudgetTransport, charge_to
+from budget_middleware import get_engine
+from budget_middleware.engine.portal import on_loop
+"""
+    + _ANSWERED_AT_ONCE
+    + """
+sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider), engine=engine))
 stop, seen = threading.Event(), []
 
 def sync_worker():
@@ -1915,6 +1919,7 @@ print(json.dumps({"late": late, "stuck": stuck, "answers": sorted(set(seen)),
 sys.stdout.flush()
 import os; os._exit(0)
 """
+)
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -1930,20 +1935,12 @@ def test_calls_outlive_the_loop_that_ran_their_engine(tmp_path: Path, kind: str)
     CI, 2026-12-04, not seen in 310 runs here); one still there 30 s later fails."""
     script = tmp_path / "ending.py"
     script.write_text(_LOOP_ENDS_UNDER_THREADS)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     seen = []
     for run in range(5):
-        out = subprocess.run(
-            [sys.executable, str(script), f"sqlite:///{tmp_path / f'ending{run}.db'}", kind],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        seen.append(json.loads(out.stdout.splitlines()[-1]))
-        if seen[-1]["late"]:
-            print(f"run {run}: threads still calling 5 s after the stop:\n{out.stderr[-6000:]}")
+        said, stderr = _script_said(script, f"sqlite:///{tmp_path / f'ending{run}.db'}", kind)
+        seen.append(said)
+        if said["late"]:
+            print(f"run {run}: threads still calling 5 s after the stop:\n{stderr[-6000:]}")
     print("per run:", [{k: v for k, v in run.items() if k != "awaits"} for run in seen])
     # Last, as CI shows a failure's tail: what each late thread's tasks await (project frames)
     # and what the background loop's do.
@@ -1959,21 +1956,16 @@ def test_calls_outlive_the_loop_that_ran_their_engine(tmp_path: Path, kind: str)
     assert all(run["held"] == 0 and run["charged_all"] for run in seen)
 
 
-_START_MEETS_START = """
+_START_MEETS_START = (
+    """
 import asyncio, json, sys, threading, time
 import httpx2
 import budget_middleware.outbound.transport as transport
 from budget_middleware import BudgetSettings, BudgetTransport, charge_to, get_engine
 from budget_middleware.engine.portal import is_background
-
-def provider(request):
-    usage = {"prompt_tokens": 10, "completion_tokens": 5}
-    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
-
-engine = get_engine(BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600))
-key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 100}])
-URL = "https://api.openai.com/v1/chat/completions"
-BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+"""
+    + _ANSWERED_AT_ONCE
+    + """
 
 script_loop = asyncio.new_event_loop()  # the script's loop: stopped, not closed yet
 script_loop.run_until_complete(engine.ensure_started())
@@ -2018,6 +2010,7 @@ print(json.dumps({"waiting": [t.name for t in (first, second) if t.is_alive()],
 sys.stdout.flush()
 import os; os._exit(0)
 """
+)
 
 
 def test_a_call_admitted_as_its_engine_s_loop_closes_starts_it_on_the_background_loop(
@@ -2034,16 +2027,7 @@ def test_a_call_admitted_as_its_engine_s_loop_closes_starts_it_on_the_background
     (on the first call's own loop, it would end with that call's `asyncio.run`)."""
     script = tmp_path / "meet.py"
     script.write_text(_START_MEETS_START)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run(
-        [sys.executable, str(script), f"sqlite:///{tmp_path / 'meet.db'}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    seen = json.loads(out.stdout.splitlines()[-1])
+    seen, _ = _script_said(script, f"sqlite:///{tmp_path / 'meet.db'}", timeout=60)
     # before: {'waiting': ['second'], 'statuses': [200], 'on_background': False}; with the
     # engine's start waited for across loops alone, no wait, but on the first call's own loop
     print("measured:", seen)
@@ -2115,16 +2099,7 @@ def test_a_call_whose_engine_s_loop_ended_in_flight_settles_on_the_loop_that_run
     and nothing is charged; once let go, it is charged once."""
     script = tmp_path / "settled.py"
     script.write_text(_SETTLED_AFTER_ITS_LOOP)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run(
-        [sys.executable, str(script), f"sqlite:///{tmp_path / 'settled.db'}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    seen = json.loads(out.stdout.splitlines()[-1])
+    seen, _ = _script_said(script, f"sqlite:///{tmp_path / 'settled.db'}")
     print("measured:", seen)
     assert seen["waited"] and seen["during"] == 0  # before: settled at once, 75,000 nano-USD
     assert seen["status"] == [200] and seen["after"] == 75_000 and seen["reserved"] == 0
