@@ -84,6 +84,11 @@ BACKOFF_MAX_SECONDS = 2.0
 MAX_POOL_CONNECTIONS = 64
 
 _KINDS = {"request": "r", "token": "t", "budget": "b"}
+# A charge to a window's key: (key, counter, amount).
+_Charge = tuple[str, WindowCounter, int]
+# A call that went unanswered, which Redis may have run: its done key, its charges, and where
+# the store has those that are debts, by key (`_Track.fresh`).
+_Unsure = tuple[str, list[_Charge], dict[str, list[list[int]]]]
 _NO_SCOPE = Scope("", "", "")  # a window seeded outside an admission: no refusal names it
 
 
@@ -313,9 +318,7 @@ class RedisCounters(CounterBackend):
         # payment of debts (reconcile.lua's) is one too, with the places of its charges in the
         # store's order by key (`_Track.fresh`): should they be added after all, another
         # instance's seed may hold some of them (`_leave_out_seeded`).
-        self._unsure: list[
-            tuple[str, list[tuple[str, WindowCounter, int]], dict[str, list[list[int]]]]
-        ] = []
+        self._unsure: list[_Unsure] = []
         self._seeding: dict[str, asyncio.Future[None]] = {}  # one seed per key at a time
         # Budgets reset here whose mark Redis has not taken yet: mark key -> (moment, ttl_ms).
         self._marks: dict[str, tuple[float, int]] = {}
@@ -1310,7 +1313,7 @@ class RedisCounters(CounterBackend):
 
     async def _reconciled(
         self,
-        charges: list[tuple[str, WindowCounter, int]],
+        charges: list[_Charge],
         bounds: list[tuple[float, float]],
         seen: dict[str, str] | None = None,
         places: dict[str, list[list[int]]] | None = None,
@@ -1358,7 +1361,7 @@ class RedisCounters(CounterBackend):
                 moved[int(answer[n]) - 1] = str(answer[n + 1])
             else:
                 gone.append(int(answer[n]) - 1)
-        there: list[tuple[str, WindowCounter, int]] = []
+        there: list[_Charge] = []
         reset: list[WindowCounter] = []
         for n, (key, counter, amount) in enumerate(charges):
             mark = moved.get(n)
@@ -1402,7 +1405,7 @@ class RedisCounters(CounterBackend):
 
     async def _settle_each(
         self,
-        unsure: list[tuple[str, list[tuple[str, WindowCounter, int]], dict[str, list[list[int]]]]],
+        unsure: list[_Unsure],
     ) -> None:
         assert self._once is not None  # (`_settle_unsure` saw it set)
         for n, (done, charges, places) in enumerate(unsure):
@@ -1460,7 +1463,7 @@ class RedisCounters(CounterBackend):
 
     async def _into_windows(
         self,
-        charges: list[tuple[str, WindowCounter, int]],
+        charges: list[_Charge],
         fresh: dict[str, list[list[int]]] | None = None,
     ) -> None:
         """Charges of ours in transit (key, counter, amount) whose window key is missing: the
@@ -1471,7 +1474,7 @@ class RedisCounters(CounterBackend):
         seed, made first, may hold some of them (`_leave_out_seeded`)."""
         assert self._reconcile is not None
         now = self.clock()
-        todo: list[tuple[str, WindowCounter, int]] = []
+        todo: list[_Charge] = []
         for key, counter, amount in charges:
             if now < counter.end and key == self.window_key(counter):
                 todo.append((key, counter, amount))
@@ -1514,8 +1517,8 @@ class RedisCounters(CounterBackend):
             raise
 
     def _to_new_windows(
-        self, todo: list[tuple[str, WindowCounter, int]], reset: Collection[WindowCounter]
-    ) -> list[tuple[str, WindowCounter, int]]:
+        self, todo: list[_Charge], reset: Collection[WindowCounter]
+    ) -> list[_Charge]:
         """Charges in transit whose counters moved to a window begun anew (found in the store
         by a seed, `_Moved`, or by its mark, `_reconciled`), to add to the new window's key.
         New terms carry them all over; a reset takes of them only what the ledger counts in the
@@ -1530,7 +1533,7 @@ class RedisCounters(CounterBackend):
         for counter, ours in room.items():
             others = self._transit.get(counter, 0) - ours  # added by their own calls
             room[counter] = max(counter.unwritten(self.ledger) - others, 0)
-        moved: list[tuple[str, WindowCounter, int]] = []
+        moved: list[_Charge] = []
         for _, counter, amount in todo:
             if counter in room:
                 take = min(amount, room[counter])
@@ -1651,7 +1654,7 @@ class RedisCounters(CounterBackend):
             self._failed(exc)
             return
         self._recovered()
-        lost: list[tuple[str, WindowCounter, int]] = []
+        lost: list[_Charge] = []
         for entry, value in zip(plan, answer, strict=True):
             counter = entry.counter
             if counter is None:
