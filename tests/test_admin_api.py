@@ -1213,6 +1213,82 @@ def test_puts_of_one_new_tag_or_provider_at_once_all_succeed(
     assert len(listed) == 5 and len(budgets) == 5
 
 
+@pytest.mark.parametrize("child", ["team_of_customer", "key_of_team", "key_of_customer"])
+def test_a_parent_deleted_as_a_child_is_made_in_it_leaves_no_child_naming_it(
+    store_url: str, child: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A team made in a customer (a key in a team, a key in a customer) while that customer
+    is deleted, both past their reads before either writes, 3 rounds. Before, the child was
+    written naming a parent that was gone, which the delete had looked for children of before
+    it was there: `customer_id` left dangling for ever (3 of 3 rounds). Now one of the two
+    goes first: the child is refused 404, or made and then taken out of the parent by its
+    delete, as the delete leaves every child it finds."""
+    import threading
+
+    from budget_middleware.manage import keys as keys_module
+    from budget_middleware.manage import manager as manager_module
+    from budget_middleware.manage.manager import BudgetManager
+    from budget_middleware.store.database import Store
+
+    store = Store(store_url)
+    store.create_schema()
+    manager = BudgetManager(store, BudgetSettings(database_url=store_url))
+    parent_kind = "team" if child == "key_of_team" else "customer"
+    barrier: list[threading.Barrier] = []
+
+    def waiting(real: Any) -> Any:
+        def wait_then(*args: Any, **kwargs: Any) -> Any:  # each writer, its read made
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier[-1].wait(1)
+            return real(*args, **kwargs)
+
+        return wait_then
+
+    made_in = keys_module if child.startswith("key") else manager_module
+    monkeypatch.setattr(made_in, "write_limits", waiting(made_in.write_limits))
+    monkeypatch.setattr(manager_module, "delete_limits", waiting(manager_module.delete_limits))
+    outcomes: list[str] = []
+    for trial in range(3):
+        barrier.append(threading.Barrier(2))
+        if parent_kind == "team":
+            parent = manager.create_team(name=f"parent-{trial}").id
+        else:
+            parent = manager.create_customer(name=f"parent-{trial}").id
+
+        def make(parent: str = parent, trial: int = trial) -> None:
+            try:
+                if child == "team_of_customer":
+                    manager.create_team(name=f"child-{trial}", customer_id=parent)
+                elif child == "key_of_team":
+                    manager.create_virtual_key(name=f"child-{trial}", team_id=parent)
+                else:
+                    manager.create_virtual_key(name=f"child-{trial}", customer_id=parent)
+                outcomes.append("made")
+            except Exception as exc:
+                outcomes.append(type(exc).__name__)
+
+        def delete(parent: str = parent) -> None:
+            if parent_kind == "team":
+                manager.delete_team(parent)
+            else:
+                manager.delete_customer(parent)
+
+        threads = [threading.Thread(target=make), threading.Thread(target=delete)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    parents = {t.id for t in manager.list_teams()} | {c.id for c in manager.list_customers()}
+    children = manager.list_teams() if child == "team_of_customer" else manager.list_virtual_keys()
+    named = [getattr(c, f"{parent_kind}_id") for c in children]
+    dangling = [p for p in named if p is not None and p not in parents]
+    store.dispose()
+    print(f"3 rounds, a {child} made as its parent was deleted: {outcomes}; "
+          f"{len(dangling)} children naming a parent that is gone")  # fmt: skip
+    assert not dangling
+    assert set(outcomes) <= {"made", "NotFound"} and len(outcomes) == 3
+
+
 async def test_budgets_by_owner_id_alone_find_a_provider_by_any_spelling(tmp_path: Path) -> None:
     """`GET /budgets?owner_type=provider&owner_id=OpenAI` answered openai's budget, and
     `GET /budgets?owner_id=OpenAI` (no type, as the CLI sends it) none; `GET /alerts` alike (a

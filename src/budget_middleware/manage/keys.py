@@ -20,6 +20,7 @@ from budget_middleware.manage.owner_limits import (
     OwnerWriter,
     check_model_names,
     delete_limits,
+    is_held,
     remember_deleted,
     write_limits,
 )
@@ -58,9 +59,9 @@ class KeyWriter(OwnerWriter):
         return self.settings.key_prefix + secrets.token_urlsafe(KEY_BYTES)
 
     def _check_parents(self, s: Session, team_id: str | None, customer_id: str | None) -> None:
-        if team_id is not None and s.get(TeamRow, team_id) is None:
+        if team_id is not None and not is_held(s, TeamRow, team_id):
             raise NotFound(f"team {team_id!r} not found", param="team_id")
-        if customer_id is not None and s.get(CustomerRow, customer_id) is None:
+        if customer_id is not None and not is_held(s, CustomerRow, customer_id):
             raise NotFound(f"customer {customer_id!r} not found", param="customer_id")
 
     def _set_value(self, s: Session, row: VirtualKeyRow, value: str) -> None:
@@ -236,7 +237,7 @@ class KeyWriter(OwnerWriter):
 
     def delete_virtual_key(self, id_: str) -> None:
         with self._session() as s:
-            row = self._get(s, VirtualKeyRow, id_, "virtual key")
+            row = self._get(s, VirtualKeyRow, id_, "virtual key", held=True)
             policies = s.exec(
                 select(ProviderConfigRow).where(ProviderConfigRow.virtual_key_id == id_)
             ).all()

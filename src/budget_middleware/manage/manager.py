@@ -38,6 +38,7 @@ from budget_middleware.manage.keys import KeyWriter
 from budget_middleware.manage.owner_limits import (
     check_model_names,
     delete_limits,
+    is_held,
     one_writer_at_a_time,
     remember_deleted,
     write_limits,
@@ -141,7 +142,7 @@ class BudgetManager(KeyWriter):
 
     def delete_customer(self, id_: str) -> None:
         with self._session() as s:
-            row = self._get(s, CustomerRow, id_, "customer")
+            row = self._get(s, CustomerRow, id_, "customer", held=True)
             for team in s.exec(select(TeamRow).where(TeamRow.customer_id == id_)):
                 team.customer_id = None
                 s.add(team)
@@ -166,7 +167,7 @@ class BudgetManager(KeyWriter):
     # -- teams ---------------------------------------------------------------------------
 
     def _check_customer(self, s: Session, customer_id: str | None) -> None:
-        if customer_id is not None and s.get(CustomerRow, customer_id) is None:
+        if customer_id is not None and not is_held(s, CustomerRow, customer_id):
             raise NotFound(f"customer {customer_id!r} not found", param="customer_id")
 
     def create_team(self, body: Body = None, /, **fields: Any) -> TeamOut:
@@ -197,7 +198,7 @@ class BudgetManager(KeyWriter):
 
     def delete_team(self, id_: str) -> None:
         with self._session() as s:
-            row = self._get(s, TeamRow, id_, "team")
+            row = self._get(s, TeamRow, id_, "team", held=True)
             for key in s.exec(select(VirtualKeyRow).where(VirtualKeyRow.team_id == id_)):
                 key.team_id = None
                 s.add(key)

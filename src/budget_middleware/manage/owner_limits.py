@@ -17,9 +17,9 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import case, event, text
+from sqlalchemy import CursorResult, case, event, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import object_session
 from sqlmodel import Session, col, delete, select
@@ -450,6 +450,17 @@ def _tell(forget: Callable[[str], None], owners: set[str]) -> None:
         forget(owner_id)
 
 
+def is_held(s: Session, table: Any, id_: str) -> bool:
+    """Whether the row `id_` of `table` exists, locked for the session's transaction: a parent
+    a child is written into, or one deleted with its children. The statement changes nothing
+    (the id set to itself) but takes the row's lock (SQLite's write lock is the whole store's),
+    so of a child's write and its parent's delete, one waits for the other to commit. Checked
+    by a plain read, a child made as its parent was deleted was written naming it after the
+    delete had looked for its children: left naming a parent that was gone, for ever."""
+    held = s.execute(update(table).where(col(table.id) == id_).values(id=id_))
+    return bool(cast(CursorResult[Any], held).rowcount)
+
+
 class OwnerWriter:
     """What every writer of owners shares: the store, where writes come from, and checks."""
 
@@ -536,10 +547,12 @@ class OwnerWriter:
             raise Conflict(f"{what} conflicts with an existing one (duplicate name?)") from None
 
     @staticmethod
-    def _get(s: Session, table: type[R], id_: str, what: str) -> R:
+    def _get(s: Session, table: type[R], id_: str, what: str, held: bool = False) -> R:
+        """The row `id_` of `table`, or NotFound; `held`: locked till the session commits
+        (`is_held`), as a delete that looks for the row's children next needs it."""
         if not isinstance(id_, str):  # update_team({...}): the body given for the id
             raise InvalidRequest(f"a {what} id is a string, not {type(id_).__name__}", param="id")
-        row = s.get(table, id_)
+        row = s.get(table, id_) if not held or is_held(s, table, id_) else None
         if row is None:
             raise NotFound(f"{what} {id_!r} not found")
         return row
