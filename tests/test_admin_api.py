@@ -1289,6 +1289,73 @@ def test_a_parent_deleted_as_a_child_is_made_in_it_leaves_no_child_naming_it(
     assert set(outcomes) <= {"made", "NotFound"} and len(outcomes) == 3
 
 
+@pytest.mark.parametrize("owner", ["customer", "team", "virtual_key"])
+def test_an_owner_updated_as_it_is_deleted_leaves_no_budget_behind(
+    store_url: str, owner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A customer (team, key) given a budget by an update while it is deleted, both past their
+    reads before either writes, 3 rounds. Before, the update failed in every round with
+    SQLAlchemy's `StaleDataError` (its row gone as it wrote it: a 500 over HTTP). Now the
+    update waits for the delete and is refused 404, or the delete for the update and removes
+    its budget with the others: no budget is left of an owner that is gone."""
+    import threading
+
+    from budget_middleware.manage import keys as keys_module
+    from budget_middleware.manage import manager as manager_module
+    from budget_middleware.manage import owner_limits
+    from budget_middleware.manage.manager import BudgetManager
+    from budget_middleware.store.database import Store
+
+    store = Store(store_url)
+    store.create_schema()
+    manager = BudgetManager(store, BudgetSettings(database_url=store_url))
+    barrier: list[threading.Barrier] = []
+
+    def waiting(real: Any) -> Any:
+        def wait_then(*args: Any, **kwargs: Any) -> Any:  # each writer, its read made
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier[-1].wait(1)
+            return real(*args, **kwargs)
+
+        return wait_then
+
+    monkeypatch.setattr(owner_limits, "write_limits", waiting(owner_limits.write_limits))
+    deleted_in = keys_module if owner == "virtual_key" else manager_module
+    monkeypatch.setattr(deleted_in, "delete_limits", waiting(deleted_in.delete_limits))
+    make, update, delete = {
+        "customer": (manager.create_customer, manager.update_customer, manager.delete_customer),
+        "team": (manager.create_team, manager.update_team, manager.delete_team),
+        "virtual_key": (
+            manager.create_virtual_key,
+            manager.update_virtual_key,
+            manager.delete_virtual_key,
+        ),
+    }[owner]
+    outcomes: list[str] = []
+    for trial in range(3):
+        barrier.append(threading.Barrier(2))
+        made = make(name=f"owner-{trial}").id
+
+        def give(made: str = made) -> None:
+            try:
+                update(made, budgets=[{"max_limit": 5, "reset_duration": "1d"}])
+                outcomes.append("updated")
+            except Exception as exc:
+                outcomes.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=give), threading.Thread(target=delete, args=(made,))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    left = [b.owner_id for b in manager.list_budgets(owner_type=owner)]
+    store.dispose()
+    print(f"3 rounds, a {owner} given a budget as it was deleted: {outcomes}; "
+          f"{len(left)} budgets left of owners that are gone")  # fmt: skip
+    assert not left
+    assert set(outcomes) <= {"updated", "NotFound"} and len(outcomes) == 3
+
+
 async def test_budgets_by_owner_id_alone_find_a_provider_by_any_spelling(tmp_path: Path) -> None:
     """`GET /budgets?owner_type=provider&owner_id=OpenAI` answered openai's budget, and
     `GET /budgets?owner_id=OpenAI` (no type, as the CLI sends it) none; `GET /alerts` alike (a

@@ -117,7 +117,7 @@ class KeyWriter(OwnerWriter):
     def _update_key(self, id_: str, data: VirtualKeyUpdate) -> VirtualKeyOut:
         given = data.model_fields_set
         with self._session() as s:
-            row = self._get(s, VirtualKeyRow, id_, "virtual key")
+            row = self._get(s, VirtualKeyRow, id_, "virtual key", held=True)
             team_id = data.team_id if "team_id" in given else row.team_id
             customer_id = data.customer_id if "customer_id" in given else row.customer_id
             if "team_id" in given and data.team_id is not None and "customer_id" not in given:
@@ -212,7 +212,7 @@ class KeyWriter(OwnerWriter):
     def rotate_virtual_key(self, id_: str) -> VirtualKeyOut:
         """A new value for the key, returned once; the old value stops working."""
         with self._session() as s:
-            row = self._get(s, VirtualKeyRow, id_, "virtual key")
+            row = self._get(s, VirtualKeyRow, id_, "virtual key", held=True)
             value = self._new_value()
             self._set_value(s, row, value)
             row.updated_at = utcnow()
@@ -229,7 +229,7 @@ class KeyWriter(OwnerWriter):
                 f"value: a key's value has {shortest} to {longest} characters", param="value"
             )
         with self._session() as s:
-            row = self._get(s, VirtualKeyRow, id_, "virtual key")
+            row = self._get(s, VirtualKeyRow, id_, "virtual key", held=True)
             self._set_value(s, row, value)
             row.updated_at = utcnow()
             s.add(row)

@@ -135,7 +135,7 @@ class BudgetManager(KeyWriter):
     def update_customer(self, id_: str, body: Body = None, /, **fields: Any) -> CustomerOut:
         data = _body(CustomerUpdate, body, fields)
         with self._session() as s:
-            row = self._get(s, CustomerRow, id_, "customer")
+            row = self._get(s, CustomerRow, id_, "customer", held=True)
             self._update_owner(s, "customer", row, data)
             self._commit(s, "customer")
             return Reader(s).customer(row)
@@ -188,7 +188,7 @@ class BudgetManager(KeyWriter):
     def update_team(self, id_: str, body: Body = None, /, **fields: Any) -> TeamOut:
         data = _body(TeamUpdate, body, fields)
         with self._session() as s:
-            row = self._get(s, TeamRow, id_, "team")
+            row = self._get(s, TeamRow, id_, "team", held=True)
             if "customer_id" in data.model_fields_set:
                 self._check_customer(s, data.customer_id)
                 row.customer_id = data.customer_id
