@@ -109,11 +109,12 @@ def _record(figures: Figures, event: events.ScenarioFinished) -> None:
             if node.failure_info is None:
                 continue
             interaction = recorder.interactions.get(case_id)
-            where = (
-                f"{interaction.request.method} {interaction.request.uri}"
-                if interaction is not None
-                else case_id
-            )
+            where = case_id
+            if interaction is not None:  # with what was sent and answered, to replay it
+                sent, answer = interaction.request, interaction.response
+                where = f"{sent.method} {sent.uri} {(sent.body or b'')[:300]!r}"
+                if answer is not None:
+                    where += f" -> {answer.status_code} {answer.content[:200]!r}"
             failure = node.failure_info.failure
             message = f"{failure.title}: {failure.message}".replace("\n", " ")[:300]
             figures.failed_checks[node.name].append(f"{where}: {message}")

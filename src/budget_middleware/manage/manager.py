@@ -253,7 +253,9 @@ class BudgetManager(KeyWriter):
         if owner_type == "provider":
             name = canonical_provider(name)  # one name per provider: `OpenAI` is `openai`
         for attempt in range(2):
-            row: Any = s.get(table, name)
+            # Held, as an update holds its row: a DELETE of it at once waits for this PUT, or
+            # this PUT for it (then made anew), and leaves no budget of a tag that is gone.
+            row: Any = s.get(table, name) if is_held(s, table, name) else None
             created = row is None
             try:
                 if row is None:
@@ -294,7 +296,7 @@ class BudgetManager(KeyWriter):
 
     def _delete_named(self, table: Any, owner_type: str, name: str) -> None:
         with self._session() as s:
-            row = self._get(s, table, name, owner_type)
+            row = self._get(s, table, name, owner_type, held=True)
             delete_limits(s, owner_type, [name])
             remember_deleted(s, owner_type, name, name, row)
             s.delete(row)
@@ -337,7 +339,7 @@ class BudgetManager(KeyWriter):
     def update_route(self, id_: str, body: Body = None, /, **fields: Any) -> RouteOut:
         data = _body(RouteUpdate, body, fields)
         with self._session() as s:
-            row = self._get(s, RouteRow, id_, "route")
+            row = self._get(s, RouteRow, id_, "route", held=True)
             if data.name is not None:
                 self._unique_name(s, RouteRow, data.name, "route", row.id)
                 row.name = data.name
@@ -352,7 +354,7 @@ class BudgetManager(KeyWriter):
 
     def delete_route(self, id_: str) -> None:
         with self._session() as s:
-            row = self._get(s, RouteRow, id_, "route")
+            row = self._get(s, RouteRow, id_, "route", held=True)
             remember_deleted(s, "route", row.id, row.name, row)
             s.delete(row)
             s.commit()
@@ -415,7 +417,7 @@ class BudgetManager(KeyWriter):
             check_model_names([data.model_name], "model_name")
         with self._session() as s:
             one_writer_at_a_time(s)
-            row = self._get(s, ModelConfigRow, id_, "model config")
+            row = self._get(s, ModelConfigRow, id_, "model config", held=True)
             if data.model_name is not None:
                 row.model_name = data.model_name
             if "provider" in data.model_fields_set:
@@ -427,7 +429,7 @@ class BudgetManager(KeyWriter):
 
     def delete_model_config(self, id_: str) -> None:
         with self._session() as s:
-            row = self._get(s, ModelConfigRow, id_, "model config")
+            row = self._get(s, ModelConfigRow, id_, "model config", held=True)
             delete_limits(s, "model_config", [id_])
             remember_deleted(s, "model_config", row.id, row.model_name, row)
             s.delete(row)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import CursorResult, case, event, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import object_session
+from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import Session, col, delete, select
 
 from budget_middleware.core.durations import Duration
@@ -457,7 +458,8 @@ def is_held(s: Session, table: Any, id_: str) -> bool:
     so of a child's write and its parent's delete, one waits for the other to commit. Checked
     by a plain read, a child made as its parent was deleted was written naming it after the
     delete had looked for its children: left naming a parent that was gone, for ever."""
-    held = s.execute(update(table).where(col(table.id) == id_).values(id=id_))
+    (key,) = table.__table__.primary_key.columns  # `id`; a tag's and a provider's name
+    held = s.execute(update(table).where(key == id_).values({key.name: id_}))
     return bool(cast(CursorResult[Any], held).rowcount)
 
 
@@ -597,6 +599,8 @@ class _Writing:
 
     def __exit__(self, kind: Any, error: BaseException | None, trace: Any) -> None:
         self.session.__exit__(kind, error, trace)
+        if isinstance(error, StaleDataError):  # its row deleted as it wrote it (no lock held)
+            raise NotFound("what this request changes was deleted meanwhile") from None
         if isinstance(error, IntegrityError):
             raise Conflict(
                 "the write conflicts with what the store holds (a duplicate name, made at the "
