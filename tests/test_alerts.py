@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine
 from budget_middleware.admin import create_admin_app
 from budget_middleware.engine.engine import BudgetEngine
-from conftest import REDIS_URL, need_redis
+from conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, reset_postgres
 from service_support import delete_prefix, unique_prefix, use_prefix
 from support import chat, client, engine_of, host_app, running, until
 
@@ -2103,3 +2103,221 @@ async def test_a_provider_s_alerts_are_listed_by_any_spelling_of_its_name(
             ]
     print("alerts listed by openai, by OpenAI:", counts)
     assert counts == [1, 1]
+
+
+class SlowBodyReceiver:
+    """A webhook receiver that takes each post with `200 OK` at once, and then sends the body
+    its headers announce slowly (`hold` seconds): a receiver that flushes its answer's status
+    before its work is done (a streaming framework, a proxy in front of it)."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold = hold
+        self.posts: list[bytes] = []
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            while len(body) < length:
+                body += conn.recv(65536)
+            with self.lock:
+                self.posts.append(body)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n")
+                time.sleep(self.hold)  # the status is out: the alert was taken
+                conn.sendall(b"ok")
+            except OSError:
+                pass  # the sender stopped waiting for the body
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
+async def test_a_receiver_that_answers_200_before_its_body_is_posted_once(
+    make_settings: Settings,
+) -> None:
+    """SPEC §14: a delivery fails when there is no answer or a status >= 300, and is never
+    retried after a success. A receiver that answered `200 OK` at once but whose body came later
+    than the sender's timeout was counted failed and posted the alert again, and again."""
+    hook = SlowBodyReceiver(hold=2.5)
+    settings = make_settings(alert_webhook_urls=hook.url)
+    app = host_app(settings)
+    admin = httpx.AsyncClient(
+        transport=httpx.ASGITransport(create_admin_app(settings)),
+        base_url="http://a",
+        headers=ADMIN,
+    )
+    try:
+        async with running(app), client(app) as http, admin:
+            engine = engine_of(app)
+            quick(engine, timeout=1.0)
+            key = engine.manager.create_virtual_key(name="ivy", budgets=[{"max_limit": 1.0}])
+            assert await spend(http, key.value, 0.85, 1) == [200]  # 85 %: the 0.8 alert
+            await until(lambda: hook.posts)
+            # The receiver's status came at once; its body 2.5 s later. Time for a retry (the
+            # first within 0.05 s of a failure here) and then some.
+            await until(lambda: len(hook.posts) > 1, 4.0)
+            listed = (await admin.get("/alerts")).json()["alerts"]
+            told = [(a["type"], a["threshold"], a["delivery"], a["attempts"]) for a in listed]
+            print(f"receiver answered 200 at once, its body after 2.5 s: {len(hook.posts)} "
+                  f"posts of one alert; GET /alerts: {told}")  # fmt: skip
+            assert len(hook.posts) == 1
+            await until(lambda: engine.manager.list_alerts()[0]["delivery"] == "delivered", 4.0)
+            alert = engine.manager.list_alerts()[0]
+            assert (alert["delivery"], alert["attempts"]) == ("delivered", 1)
+    finally:
+        hook.close()
+
+
+class ForwardProxy:
+    """An HTTP forward proxy on 127.0.0.1 (an egress proxy's role): it takes `POST
+    http://host/path` in absolute form and passes it on to `target` (a port on 127.0.0.1),
+    whatever the host; the hosts it was asked for are kept."""
+
+    def __init__(self, target: int) -> None:
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.hosts: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # http.server's name
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                proxy.hosts.append(httpx.URL(self.path).host)
+                upstream = http.client.HTTPConnection("127.0.0.1", target, timeout=10)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                upstream.request("POST", httpx.URL(self.path).raw_path.decode(), body, headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_alerts_reach_a_receiver_through_the_environment_s_proxy(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC §14: alerts are delivered by httpx, which sends through the proxy the environment
+    names (`HTTP_PROXY`/`HTTPS_PROXY`, `NO_PROXY`), as servers whose egress goes through one
+    reach Slack. The delivery's client was made with `trust_env=False`: it went direct, to a
+    host only the proxy can reach, and the alert was never delivered (failed after 10 minutes
+    of retries)."""
+    hook = Receiver()
+    proxy = ForwardProxy(int(hook.url.rsplit(":", 1)[1].split("/")[0]))
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("http_proxy", proxy.url)
+    outside = "http://hooks.example.invalid/hook"  # resolves nowhere: only the proxy reaches it
+    app = host_app(make_settings(alert_webhook_urls=outside))
+    try:
+        async with running(app), client(app) as http:
+            engine = engine_of(app)
+            quick(engine)
+            key = engine.manager.create_virtual_key(name="joy", budgets=[{"max_limit": 1.0}])
+            assert await spend(http, key.value, 0.85, 1) == [200]  # 85 %: the 0.8 alert
+            await until(lambda: hook.delivered() or engine.alerts.failed_deliveries >= 3, 5.0)
+            alert = engine.manager.list_alerts()[0]
+            print(f"egress through HTTP_PROXY: the proxy was asked for {proxy.hosts}; the "
+                  f"receiver took {len(hook.delivered())} post(s); "
+                  f"{engine.alerts.failed_deliveries} failed attempt(s); GET /alerts: "
+                  f"{alert['delivery']}")  # fmt: skip
+            assert [a["threshold"] for a in hook.delivered()] == [0.8]
+            assert proxy.hosts == ["hooks.example.invalid"]
+    finally:
+        proxy.close()
+        hook.close()
+
+
+async def test_a_provider_config_s_alert_with_a_long_key_name_is_raised_and_blocks_no_other(
+    tmp_path: Path,
+) -> None:
+    """SPEC §14: an alert is raised once its threshold is reached, for every budget: a key's
+    provider config included. Its owner is named `<key name>/<provider>`, up to 200 + 1 + 100
+    characters for names the admin API accepts, and the alerts table held 200: on PostgreSQL
+    its insert failed (`StringDataRightTruncation`), and with it, every round, the batch of
+    every alert queued with it, another key's too: none was ever raised nor delivered."""
+    need_postgres()
+    reset_postgres()
+    hook = Receiver()
+    settings = BudgetSettings(
+        database_url=POSTGRES_URL,
+        admin_key="admin-secret",
+        flush_interval_seconds=0.05,
+        alert_webhook_urls=hook.url,
+    )
+    app = host_app(settings)
+    try:
+        async with running(app), client(app) as http:
+            engine = engine_of(app)
+            quick(engine)
+            m = engine.manager
+            long_name = "research-assistant-" + "x" * 181  # 200 characters, as accepted
+            per_provider = m.create_virtual_key(
+                name=long_name,
+                provider_configs=[
+                    {
+                        "provider": "openai",
+                        "budgets": [{"max_limit": 1.0, "alert_thresholds": [0.5]}],
+                    }
+                ],
+            )
+            other = m.create_virtual_key(
+                name="bob", budgets=[{"max_limit": 1.0, "alert_thresholds": [0.5]}]
+            )
+            # In one round of the alert task: both alerts raised in one batch.
+            assert await spend(http, per_provider.value, 0.6, 1) == [200]
+            assert await spend(http, other.value, 0.6, 1) == [200]
+            await until(lambda: len(hook.delivered()) >= 2, 5.0)
+            listed = engine.manager.list_alerts()
+            named = sorted(a["owner"]["name"][:24] for a in listed)
+            print(f"alerts raised: {named}; delivered {len(hook.delivered())}; alert task's "
+                  f"queue still holds {len(engine.alerts.queue)}")  # fmt: skip
+            assert sorted(a["owner"]["type"] for a in listed) == ["provider_config", "virtual_key"]
+            assert len(hook.delivered()) == 2
+            owner = next(a for a in hook.delivered() if a["owner"]["type"] == "provider_config")
+            assert owner["owner"]["name"] == f"{long_name}/openai"  # the body names it whole
+    finally:
+        hook.close()

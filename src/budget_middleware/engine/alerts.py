@@ -394,7 +394,7 @@ class Alerts:
         if not due:
             return 0
         if not self._in_rounds:  # called outside the alert task: delivered here, awaited
-            async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as own:
+            async with _webhook_client(self.timeout) as own:
                 done = await asyncio.gather(
                     *(self._start(own, delivery) for delivery in due), return_exceptions=True
                 )
@@ -409,7 +409,7 @@ class Alerts:
         # delivery: a process that never delivers one (most have no webhook) does not hold one
         # (its TLS context: 2.4 MB of RSS).
         if client is None:
-            client = self._client = httpx.AsyncClient(timeout=self.timeout, trust_env=False)
+            client = self._client = _webhook_client(self.timeout)
         for delivery in due:
             task = self._start(client, delivery)
             self._deliveries.add(task)
@@ -434,18 +434,26 @@ class Alerts:
         self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
     ) -> str | None:
         """One URL's post: None when it took it (a status below 300), else why not."""
+        status: int | None = None
         try:
             # The whole post within `timeout` (httpx's bounds each read): so the claim's lease
-            # (30 s and `timeout`) outlasts the delivery.
-            async with asyncio.timeout(self.timeout):
-                answer = await client.post(url, content=body, headers=headers)
+            # (30 s and `timeout`) outlasts the delivery. Its status is the answer (SPEC §14):
+            # the body after it is not waited for (a receiver that sent `200 OK` and its body
+            # after the timeout was counted failed and posted the alert again, and again).
+            async with (
+                asyncio.timeout(self.timeout),
+                client.stream("POST", url, content=body, headers=headers) as answer,
+            ):
+                status = answer.status_code
         except TimeoutError:
-            return f"{shown_url(url)}: no answer within {self.timeout:g} s"
+            if status is None:
+                return f"{shown_url(url)}: no answer within {self.timeout:g} s"
         except Exception as exc:  # whatever one URL does, the others' outcome is kept
-            return f"{shown_url(url)}: {type(exc).__name__}"
-        if answer.status_code < 300:
+            if status is None:
+                return f"{shown_url(url)}: {type(exc).__name__}"
+        if status < 300:
             return None
-        return f"{shown_url(url)} answered {answer.status_code}"
+        return f"{shown_url(url)} answered {status}"
 
     async def _deliver(
         self, client: httpx.AsyncClient, due: stored.Due, before: asyncio.Task[bool] | None
@@ -483,6 +491,14 @@ class Alerts:
             error,
         )
         return recorded and state == "delivered"
+
+
+def _webhook_client(timeout: float) -> httpx.AsyncClient:
+    """The client alerts are posted with: httpx's, reading the environment as httpx does
+    (`HTTPS_PROXY`, `NO_PROXY`, `SSL_CERT_FILE`): a server whose egress goes through a proxy
+    reaches its receivers through it (made with `trust_env=False`, it went direct, and a
+    receiver only the proxy reaches never got an alert)."""
+    return httpx.AsyncClient(timeout=timeout)
 
 
 def _log_failure(outcome: object) -> None:

@@ -28,6 +28,8 @@ from budget_middleware.settings import shown_url
 from budget_middleware.store.database import Store
 from budget_middleware.store.tables import AlertDeliveryRow, AlertRow, new_id, owned_by
 
+OWNER_NAME_CHARS = 200  # `AlertRow.owner_name`'s length
+
 
 @dataclass(slots=True)
 class NewAlert:
@@ -104,6 +106,11 @@ def raise_alerts(
                 "next_attempt_at": alert.raised_at,
                 **{name: getattr(alert, name) for name in NewAlert.__slots__},
             }
+            # As its column holds it (the body names it whole): a provider config's owner is
+            # `<key name>/<provider>`, a model config's `<provider>/<model>`, up to 301
+            # characters, and PostgreSQL refused the insert, and with it every alert of the
+            # batch, every round, for ever.
+            values["owner_name"] = alert.owner_name[:OWNER_NAME_CHARS]
             statement = dialect.insert(AlertRow).values(**values).on_conflict_do_nothing()
             # RETURNING says whether the row went in (PostgreSQL's driver here reports no rowcount)
             if conn.execute(statement.returning(col(AlertRow.id))).first() is not None:
