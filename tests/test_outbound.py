@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import gc
 import gzip
 import json
@@ -39,6 +40,7 @@ from budget_middleware import (
     get_engine,
 )
 from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.engine.portal import on_loop
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, tcp_proxy, unique_prefix, use_prefix
 from support import (
@@ -4277,3 +4279,217 @@ async def test_a_call_s_own_provider_header_names_the_provider_of_an_unknown_hos
           [(r["provider"], r["model"]) for r in rows])  # fmt: skip
     assert refused.value.status_code == 402 and upstream.calls == 1
     assert [(r["provider"], r["model"]) for r in rows] == [("openai", "gpt-4o")]
+
+
+_OPENAI_CHAT_URL = "https://api.openai.com/v1/chat/completions"
+
+
+def _answer_1000_in_100_out(request: httpx2.Request) -> httpx2.Response:
+    """A provider that made 1,000 input tokens and 100 output (a JSON answer)."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100}
+    answer = json.dumps({"model": "gpt-4o", "choices": [], "usage": usage}).encode()
+    headers = {"content-type": "application/json"}
+    return httpx2.Response(200, headers=headers, stream=httpx2.ByteStream(answer))
+
+
+# -- charge_to around a function that returns an SDK's stream manager ----------------------------
+
+
+async def test_a_decorated_function_returning_an_sdk_stream_manager_charges_its_call(
+    engine: BudgetEngine,
+) -> None:
+    """`@charge_to(...)` on a function that returns `client.messages.stream(...)` (Anthropic),
+    `client.chat.completions.stream(...)` or `.with_streaming_response.create(...)` (OpenAI),
+    used as `async with open_stream() as stream:`. The SDK makes the call when the manager is
+    entered, after the function returned: each call went out paid by nobody (3 of 3), free of
+    the key's limits, as an SDK's coroutine returned un-awaited did before `_paid`."""
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    http = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.ASGITransport(create_mock_app("/v1")), engine=engine)
+    )
+    claude = anthropic.AsyncAnthropic(
+        api_key="sk-provider", base_url="https://api.anthropic.com", http_client=http
+    )
+    gpt = openai.AsyncOpenAI(
+        api_key="sk-provider", base_url="https://api.openai.com/v1", http_client=http
+    )
+    paid = charge_to(virtual_key=key.value)
+
+    @paid
+    def anthropic_stream() -> Any:
+        return claude.messages.stream(model="claude-sonnet-4-5", messages=MESSAGES, max_tokens=20)
+
+    @paid
+    def openai_stream() -> Any:
+        return gpt.chat.completions.stream(model="gpt-4o", messages=MESSAGES, max_tokens=20)
+
+    @paid
+    async def openai_raw() -> Any:  # an async function returning it, to `await` first
+        return gpt.chat.completions.with_streaming_response.create(
+            model="gpt-4o", messages=MESSAGES, max_tokens=20
+        )
+
+    async with anthropic_stream() as stream:
+        text = [t async for t in stream.text_stream]
+    async with openai_stream() as chunks:
+        async for _ in chunks:
+            pass
+    async with await openai_raw() as raw:
+        await raw.parse()
+    await engine.flush()
+    rows = records(engine)
+    await http.aclose()
+    charged = [(r["provider"], r["virtual_key_id"]) for r in rows]
+    print(f"streamed {len(text)} pieces; charged (provider, key): {charged}")
+    assert charged == [("anthropic", key.id), ("openai", key.id), ("openai", key.id)]
+
+
+def test_a_decorated_function_returning_a_sync_stream_manager_charges_its_call(
+    make_settings: Settings,
+) -> None:
+    """The same with the sync Anthropic SDK (`with open_stream() as stream:`) through
+    `BudgetSyncTransport`, for a key whose budget is spent: its call went out (paid by nobody)
+    instead of being refused with 402."""
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        sent.append(1)
+        usage = {"input_tokens": 10, "output_tokens": 5}
+        body = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+                "content": [], "stop_reason": "end_turn", "usage": usage}  # fmt: skip
+        stream = (
+            f"event: message_start\ndata: {json.dumps({'type': 'message_start', 'message': body})}"
+            '\n\nevent: message_stop\ndata: {"type": "message_stop"}\n\n'
+        )
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, text=stream)
+
+    sent: list[int] = []
+    transport = BudgetSyncTransport(
+        httpx2.MockTransport(provider), settings=make_settings(flush_interval_seconds=3600)
+    )
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="broke", budgets=[{"max_limit": 0}])
+    claude = anthropic.Anthropic(
+        api_key="sk-provider",
+        base_url="https://api.anthropic.com",
+        http_client=httpx2.Client(transport=transport),
+        max_retries=0,
+    )
+
+    @charge_to(virtual_key=key.value)
+    def open_stream() -> Any:
+        return claude.messages.stream(model="claude-sonnet-4-5", messages=MESSAGES, max_tokens=5)
+
+    try:
+        with open_stream() as stream:
+            stream.get_final_message()
+        outcome: Any = "sent"
+    except anthropic.APIStatusError as exc:
+        outcome = exc.status_code
+    on_loop(engine, engine.flush)
+    rows = records(engine)
+    on_loop(engine, engine.shutdown)
+    print(f"a $0 key's stream: {outcome}; reached the provider {len(sent)}; records {rows}")
+    assert outcome == 402 and sent == [] and rows == []
+
+
+# -- a JSON answer dropped before its end ---------------------------------------------------------
+
+
+async def test_a_json_answer_dropped_before_its_end_is_charged_its_most(
+    engine: BudgetEngine,
+) -> None:
+    """An outbound JSON answer sent for with `stream=True` and dropped unread and unclosed: the
+    provider made and bills all of it (1,000 tokens in, 100 out: $0.0035), and the rest cannot
+    be read in a finalizer. It was charged its prompt's estimate alone ($0.0001, 40 tokens): as
+    an answer whose read the caller cut is, it is charged its most (its prompt and `max_tokens`
+    of output)."""
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    transport = BudgetTransport(httpx2.MockTransport(_answer_1000_in_100_out), engine=engine)
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 100}
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key=key.value):
+            request = http.build_request("POST", _OPENAI_CHAT_URL, json=body)
+            dropped = await http.send(request, stream=True)  # neither read nor closed
+            assert dropped.status_code == 200
+            del dropped, request
+            gc.collect()
+            await asyncio.sleep(0.05)  # the engine's loop settles it
+    await engine.flush()
+    rows = [(r["outcome"], r["cost_nanos"], r["output_tokens"]) for r in records(engine)]
+    budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+    print(f"billed 3,500,000 nano-$; charged (outcome, cost, output): {rows}")
+    assert len(rows) == 1 and rows[0][0] == "client_disconnected"
+    assert rows[0][1] >= 100 * 10_000  # its 100 tokens of output at least, at gpt-4o's $10/M
+    assert budget.reserved == 0
+
+
+# -- a call whose admission the end of its engine's loop cut -------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_a_call_whose_admission_its_engine_s_loop_end_cut_says_so(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A script's `asyncio.run` runs the engine and ends while a worker thread's call (async on
+    a loop of its own, or sync) is being admitted there (its key, named by id, read from the
+    store). The call raised a bare CancelledError (asyncio's, or concurrent.futures'), in a task
+    or thread nobody cancelled: a task group or `asyncio.timeout` around it takes it for its own
+    cancellation (`test_calls_outlive_the_loop_that_ran_their_engine` saw it 1 run in 5 here).
+    It says what happened, as a cut settlement does (`closed_outcome`)."""
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1}])
+    reading = threading.Event()
+    read = engine.lookup_key_id
+
+    async def slow_read(key_id: str) -> Any:
+        reading.set()
+        await asyncio.sleep(30)  # the script's loop ends meanwhile
+        return await read(key_id)
+
+    monkeypatch.setattr(engine, "lookup_key_id", slow_read)
+    ready = threading.Event()
+    got: list[Any] = []
+
+    async def script() -> None:  # the script's own loop runs the engine, and ends
+        await engine.ensure_started()
+        ready.set()
+        await asyncio.to_thread(reading.wait, 10)  # till the call is admitted here
+
+    async def async_call() -> None:
+        transport = BudgetTransport(httpx2.MockTransport(_answer_1000_in_100_out), engine=engine)
+        async with httpx2.AsyncClient(transport=transport) as http:
+            with charge_to(virtual_key_id=key.id):
+                try:
+                    answer = await http.post(
+                        _OPENAI_CHAT_URL, json={"model": "gpt-4o", "messages": MESSAGES}
+                    )
+                    got.append(answer.status_code)
+                except BaseException as exc:  # what the caller gets
+                    got.append(exc)
+
+    def sync_call() -> None:
+        transport = BudgetSyncTransport(
+            httpx2.MockTransport(_answer_1000_in_100_out), engine=engine
+        )
+        with httpx2.Client(transport=transport) as http, charge_to(virtual_key_id=key.id):
+            try:
+                answer = http.post(_OPENAI_CHAT_URL, json={"model": "gpt-4o", "messages": MESSAGES})
+                got.append(answer.status_code)
+            except BaseException as exc:
+                got.append(exc)
+
+    loop_thread = threading.Thread(target=asyncio.run, args=(script(),))
+    loop_thread.start()
+    assert ready.wait(10)
+    if kind == "async":
+        worker = threading.Thread(target=asyncio.run, args=(async_call(),))
+    else:
+        worker = threading.Thread(target=sync_call)
+    worker.start()
+    loop_thread.join(10)
+    worker.join(30)
+    print(f"{kind}: the call's answer: {got!r}")
+    assert len(got) == 1 and not worker.is_alive()
+    cancelled = (asyncio.CancelledError, concurrent.futures.CancelledError)
+    assert not isinstance(got[0], cancelled)
+    assert isinstance(got[0], RuntimeError) and "closed while it did" in str(got[0])

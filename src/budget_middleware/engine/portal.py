@@ -270,9 +270,11 @@ def _waited(
             outcome: T | object = closed_outcome(began)
             return outcome
         except concurrent.futures.CancelledError:
-            if began:
-                raise
-            return _NEVER_BEGAN
+            # Cancelled there by the loop's end (`asyncio.run` cancels what is left): never
+            # begun, run again; cut midway, said so (a bare CancelledError out of a call its
+            # caller never cancelled).
+            outcome = closed_outcome(began)
+            return outcome
 
 
 def _asgi_server_loop(engine: BudgetEngine) -> asyncio.AbstractEventLoop | None:

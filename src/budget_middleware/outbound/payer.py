@@ -123,7 +123,7 @@ class charge_to:
             async def run_async(*args: Any, **kwargs: Any) -> Any:
                 token = payer.set(chosen)
                 try:
-                    return await fn(*args, **kwargs)
+                    return _entered_paid(await fn(*args, **kwargs), chosen)
                 finally:
                     payer.reset(token)
 
@@ -138,7 +138,7 @@ class charge_to:
                 payer.reset(token)
             if inspect.iscoroutine(result):  # an async SDK's call, returned to be awaited
                 return _paid(result, chosen)
-            return result
+            return _entered_paid(result, chosen)
 
         return cast(F, run)
 
@@ -152,6 +152,59 @@ async def _paid(call: Coroutine[Any, Any, Any], chosen: Payer) -> Any:
         return await call
     finally:
         payer.reset(token)
+
+
+# The SDKs whose stream managers (`.stream(...)`, `.with_streaming_response.create(...)`) make
+# their call when entered, not when made.
+_DEFERRING_SDKS = frozenset({"openai", "anthropic"})
+
+
+def _entered_paid(result: Any, chosen: Payer) -> Any:
+    """`result`, or, when it is an SDK's stream manager, that manager entered with the payer
+    set: a function decorated with `charge_to` that returns `client.messages.stream(...)` (to
+    be used as `with open_stream() as stream:`) had the payer only while it made the manager,
+    and the call, made as it is entered, ran unpaid."""
+    kind = type(result)
+    if not kind.__name__.endswith("Manager") or (
+        kind.__module__.partition(".")[0] not in _DEFERRING_SDKS
+    ):
+        return result
+    return _PaidManager(result, chosen)
+
+
+class _PaidManager:
+    """An SDK's stream manager (`_entered_paid`), entered with the payer set; the rest as it is."""
+
+    __slots__ = ("_chosen", "_manager")
+
+    def __init__(self, manager: Any, chosen: Payer) -> None:
+        self._manager = manager
+        self._chosen = chosen
+
+    def __enter__(self) -> Any:
+        token = payer.set(self._chosen)
+        try:
+            return self._manager.__enter__()
+        finally:
+            payer.reset(token)
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._manager.__exit__(*exc)
+
+    async def __aenter__(self) -> Any:
+        token = payer.set(self._chosen)
+        try:
+            return await self._manager.__aenter__()
+        finally:
+            payer.reset(token)
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self._manager.__aexit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _PaidManager.__slots__:  # not set (a copy made without `__init__`)
+            raise AttributeError(name)
+        return getattr(self._manager, name)
 
 
 # The payers `charge_to` blocks replaced, innermost last, in this context.

@@ -710,8 +710,11 @@ async def _waited_there(
     while True:
         done, _ = await asyncio.wait((waited,), timeout=_LOOP_CHECK)
         if done:
-            if waited.cancelled() and not began:
-                return _NEVER_BEGAN
+            if waited.cancelled():
+                # By that loop's end (`asyncio.run` cancels what is left): as `closed_outcome`
+                # says, not a bare CancelledError in a task nobody cancelled (the caller's
+                # task group or `asyncio.timeout` would take it for their own).
+                return cast(T, closed_outcome(began))
             return waited.result()
         if loop.is_closed():
             return cast(T, closed_outcome(began))
@@ -872,6 +875,11 @@ class _Metered:
         """A body the SDK dropped unread and unclosed (a stream it never iterated, a response
         abandoned with its client): settled on the engine's loop, as a disconnect."""
         if not self.settled:
+            if self._to_drain():
+                # A JSON answer dropped before its end: the provider made and bills all of it,
+                # and the rest cannot be read in a finalizer. Charged its most, as a read the
+                # caller cut is (it was charged its prompt's estimate alone).
+                self.exchange.unreadable = "dropped before its end, unread"
             self.exchange.settle_dropped(self._settling)
 
 
