@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from flask import Flask, Response, request, send_file
 from sqlalchemy import text
 from starlette.applications import Starlette
@@ -32,7 +34,7 @@ from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.portal import on_loop, shut_down_engines
 from budget_middleware.wsgi import BudgetWSGIMiddleware, budget_state, create_admin_wsgi_app
 from conftest import REDIS_URL, need_redis
-from service_support import delete_prefix, unique_prefix
+from service_support import delete_prefix, private_redis, unique_prefix
 from support import (
     CALL_NANOS,
     CALL_OUTPUT,
@@ -2255,3 +2257,101 @@ def test_a_head_request_to_the_wsgi_admin_api_gets_headers_alone(make_settings: 
     print(f"GET {got.status_code} {len(got.data)} bytes; HEAD {head.status_code} {len(head.data)}")
     assert (head.status_code, head.data) == (200, b"")
     assert head.headers["content-length"] == str(len(got.data)) != "0"
+
+
+def _window_in_redis(client: redis.Redis, budget_id: str) -> int:
+    """Redis's value of the budget's window key (0: none)."""
+    keys = list(client.scan_iter(match=f"bm:w:budget:{budget_id}:*"))
+    return sum(int(client.get(k) or 0) for k in keys)
+
+
+@pytest.mark.parametrize("how", ["stalled", "gone", "quiet"])
+def test_a_settlement_redis_took_after_an_empty_restart_is_not_added_again(
+    make_settings: Settings, how: str
+) -> None:
+    """Two instances (two gunicorn workers, say) on one Redis, which restarts empty while
+    streams of the first end: their settlements go unanswered (`stalled`: SIGSTOP, then killed)
+    or are owed (`gone`: the second, during the back-off), or are taken by the emptied Redis
+    before the first has called it at all (`quiet`). The second instance seeds the window key
+    from the store (plus what it has not written). The first then adds those settlements to
+    that key (`settled_once.lua`, `reconcile.lua`, `settle.lua`) before its heartbeat finds its
+    mark gone, which owed again every charge it had not written, those included: each stream
+    was counted twice in Redis. Under gunicorn (2 workers x 8 threads, Redis killed and
+    restarted empty mid-load) Redis held 200 requests' price for 196 or 198 admitted: the
+    budget refused early."""
+    with private_redis() as server:
+        common: dict[str, Any] = {
+            "redis_url": server.url,
+            "redis_timeout_seconds": 0.3,
+            "flush_interval_seconds": 3600,  # nothing written: Redis is the only live count
+        }
+        # Distinct settings: two engines, as two worker processes have. The first beats
+        # every 10 s, the second every 0.5 s (its admission waits out its fence, 1 s): the
+        # second seeds the key before the first's heartbeat finds Redis emptied.
+        first = flask_host(make_settings(slot_ttl_seconds=30, **common))
+        second = flask_host(make_settings(slot_ttl_seconds=1.5, **common))
+        a, b = engine_of(first), engine_of(second)
+        assert a is not b
+        key = a.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+        budget_id = key.budgets[0].id
+        client = redis.Redis(port=server.port)
+
+        def ask(app: Any) -> int:
+            answer = app.test_client().post(
+                "/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=True
+            )
+            return int(answer.status_code)
+
+        assert ask(first) == 200 and ask(second) == 200  # both know the key, both marked
+        # Streams on the first, their last chunks read while Redis is stalled (the settlement
+        # goes unanswered) or gone (the first's goes unanswered, the next is owed: back-off).
+        streams = []
+        for _ in range(1 if how == "stalled" else 2):
+            answer = first.test_client().post(
+                "/v1/chat/completions",
+                json=chat(stream=True),
+                headers={**bearer(key.value), "x-words": "5"},
+            )
+            chunks = iter(answer.response)  # the middleware's iterable, under way
+            got = next(chunks) + next(chunks)
+            assert got.startswith(b"data: ")
+            streams.append((answer, chunks, got))
+        assert server.process is not None
+        if how == "quiet":  # gone and back while the first calls nothing
+            server.kill(keep_data=False)
+            server.start()
+            assert ask(second) == 200  # seeds the window key
+        elif how == "stalled":
+            server.process.send_signal(signal.SIGSTOP)
+        else:
+            server.kill(keep_data=False)
+        for answer, chunks, got in streams:
+            rest = got + b"".join(chunks)  # the last chunk settles
+            answer.close()
+            assert b"[DONE]" in rest
+        if how != "quiet":
+            server.kill(keep_data=False)  # (stalled, then gone): back empty
+            server.start()
+            time.sleep(0.5)  # the first's back-off over
+            assert ask(second) == 200  # seeds the window key (the store holds nothing yet)
+        time.sleep(10.5)  # the first's heartbeat round: debts paid, then the beat
+        assert ask(first) == 200
+        time.sleep(1)
+        in_redis = _window_in_redis(client, budget_id)
+        for engine in (a, b):
+            on_loop(engine, engine.flush)
+        with a.store.engine.connect() as conn:
+            costs = [
+                c
+                for (c,) in conn.execute(
+                    text("SELECT cost_nanos FROM bm_usage_records WHERE virtual_key_id = :k"),
+                    {"k": key.id},
+                )
+            ]
+        client.close()
+    print(
+        f"{how}: {len(costs)} requests admitted, costing {sum(costs)} nano-USD in all; "
+        f"Redis's window holds {in_redis} (over by {in_redis - sum(costs)})"
+    )
+    assert len(costs) == (5 if how == "stalled" else 6)
+    assert in_redis == sum(costs)

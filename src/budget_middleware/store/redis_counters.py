@@ -347,9 +347,14 @@ class RedisCounters(CounterBackend):
         # Confirmed since the last beat, per window: [the store's clock after the commit, amount]
         self._written: dict[tuple[str, str, float], list[list[float]]] = {}
         self._seeded_after_loss: set[str] = set()  # window keys, since the last beat
+        # Per counter, charges settle.lua added after Redis lost its data and before the
+        # heartbeat found it (its answer said the mark was gone): in the keys already, not owed
+        # again as unwritten (added twice, two workers: 200 requests' price for 196 admitted).
+        self._after_loss: dict[WindowCounter, int] = {}
         self._beaten = False  # a first heartbeat finds no mark: nothing was lost
         # The last beat got no answer: Redis may have run it (found the mark gone, set it again).
         self._beat_unanswered = False
+        self._beating = False  # a heartbeat under way (`pay_debts` does not begin another)
 
     @property
     def _mark_key(self) -> str:
@@ -392,6 +397,7 @@ class RedisCounters(CounterBackend):
         self._instance = uuid.uuid4().hex  # a mark of its own: the parent's is the parent's
         self._written.clear()
         self._seeded_after_loss.clear()
+        self._after_loss.clear()
         self._beaten = False
         self._beat_unanswered = False
 
@@ -400,6 +406,7 @@ class RedisCounters(CounterBackend):
         stay owed."""
         self.client = None
         self._heartbeat = None
+        self._beating = False  # (a beat the closed loop cut: its `finally` never ran)
         self._seeding.clear()
         self._paying.clear()
 
@@ -1123,6 +1130,7 @@ class RedisCounters(CounterBackend):
         self,
         written: dict[tuple[str, str, float], list[list[float]]],
         seeds: dict[str, tuple[float, str]],
+        after_loss: dict[WindowCounter, int] | None = None,
     ) -> None:
         """Redis lost its data: this instance's charges to the current windows that a seed by
         another instance may have missed are owed to it (`pay_debts` adds them). `seeds`: the
@@ -1141,6 +1149,8 @@ class RedisCounters(CounterBackend):
                 chunks = written.get(window, ())
                 confirmed = int(sum(amount for _, amount in chunks))
                 mine = counter.unwritten(self.ledger) - transit + confirmed
+                if after_loss:  # settled into the key since the loss: there already
+                    mine -= after_loss.get(counter, 0)
                 # Those in transit (a debt, a settlement under way) are added by their own
                 # calls, which leave out what a seed holds: taken as the oldest confirmed.
                 lo = min(transit, confirmed)
@@ -1193,6 +1203,13 @@ class RedisCounters(CounterBackend):
         meanwhile (a reset, new terms: its mark, as a settlement moves there); seed those it
         lost (restarted empty) where their window is still the counter's, then add to them."""
         await self._release_held()
+        if (self._unsure or self._owed) and await self._lost_unbeaten():
+            # Redis lost its data since the last heartbeat, which has not found it yet: it goes
+            # first, owing again what is unwritten and not in transit, then paying it all. Paid
+            # before it, these debts reached the key another instance seeded, and the heartbeat
+            # owed them again as unwritten (two workers, Redis killed mid-load: 200 requests'
+            # price in Redis for 196 admitted, the budget refused early).
+            await self.heartbeat()
         await self._settle_unsure()
         for _ in range(3):  # (owed again where a window moved elsewhere: added there now)
             if not self._owed or self._reconcile is None:
@@ -1221,6 +1238,13 @@ class RedisCounters(CounterBackend):
                 await self._into_windows(lost, {k: fresh[k] for k, _, _ in lost if k in fresh})
             finally:
                 self._drop_tracks()
+
+    async def _lost_unbeaten(self) -> bool:
+        """Whether this instance's mark is gone (Redis lost its data) and no heartbeat of ours
+        is under way to find it."""
+        if not self._beaten or self._beating or self.client is None:
+            return False
+        return not await self.client.exists(self._mark_key)
 
     def _take_fresh(self, owed: dict[str, int]) -> dict[str, list[list[int]]]:
         """The places of the charges owed (`_Track.fresh`) to these keys, taken off their
@@ -1620,10 +1644,11 @@ class RedisCounters(CounterBackend):
         try:
             for _ in range(3):
                 answer: list[Any] = await self._settle(
-                    keys=[*keys, self._done_key(ticket.request_id)],
+                    keys=[*keys, self._done_key(ticket.request_id), self._mark_key],
                     args=[ticket.request_id, cost, tokens, *kinds],
                 )
                 if not answer or answer[0] != "moved":
+                    kept = int(answer.pop()) if answer else 1  # the mark: Redis kept its data
                     break
                 # A window begun anew elsewhere since it began here (a budget reset, new
                 # terms): what settles now counts in the new window (as `admission.settle`
@@ -1664,6 +1689,8 @@ class RedisCounters(CounterBackend):
                 self._told(counter, entry.keys[0], int(value))
                 if amount:
                     self._arrived(counter, amount)
+                    if not kept:  # in a key made since the loss (`heartbeat` takes it)
+                        self._after_loss[counter] = self._after_loss.get(counter, 0) + amount
                     if entry.kind in "bs" and takes == self._takes and counter not in moved:
                         self._applied(counter, windows[counter], amount)
             elif amount:
@@ -1709,6 +1736,14 @@ class RedisCounters(CounterBackend):
         # wait, and a slot left to expire after Redis is back would lift a concurrency limit.
         if self.client is None or self._beat is None:
             return
+        self._beating = True
+        try:
+            await self._beat_once()
+        finally:
+            self._beating = False
+
+    async def _beat_once(self) -> None:
+        assert self.client is not None and self._beat is not None
         live = self._state.live
         now = self.clock()
         keys = [self._mark_key, f"{self.prefix}fence"]
@@ -1755,8 +1790,9 @@ class RedisCounters(CounterBackend):
         # answer was read (the mark "0"), has its key here (its record read above); one made
         # after finds it "1" (and holds nothing of the loss).
         self._seeded_after_loss = set()
+        after_loss, self._after_loss = self._after_loss, {}
         if owe:
-            self._owe_unwritten(written, seeds)
+            self._owe_unwritten(written, seeds, after_loss)
         self._beaten = True
         if int(lost):
             # Written again in a body: a request that settled meanwhile lets its holds go.

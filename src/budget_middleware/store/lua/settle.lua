@@ -43,11 +43,12 @@ if #moved > 1 then
   return moved
 end
 
--- KEYS[#KEYS], after the counters' keys: the request's done key. A settlement that adds runs
+-- KEYS[k], after the counters' keys: the request's done key. A settlement that adds runs
 -- once: a second run (the client gave up waiting for the first, settled_once.lua ran since)
--- releases and reads, and adds nothing.
+-- releases and reads, and adds nothing. (A release, adding nothing, passes none.)
+local done, mark = KEYS[k], KEYS[k + 1]
 if cost > 0 or tokens > 0 then
-  if not redis.call("SET", KEYS[#KEYS], "1", "NX", "PX", 60000) then
+  if not redis.call("SET", done, "1", "NX", "PX", 60000) then
     cost, tokens = 0, 0
   end
 end
@@ -94,6 +95,12 @@ end
 -- Its answer may be lost (past the client's timeout): settled_once.lua then tells the client
 -- which charges this run could not add.
 if #missed > 0 then
-  redis.call("SET", KEYS[#KEYS], table.concat(missed, "\n"), "PX", 60000)
+  redis.call("SET", done, table.concat(missed, "\n"), "PX", 60000)
+end
+-- KEYS[k + 1], after the done key (a settlement's, not a release's): the instance's mark. Its
+-- existence ends the answer (0: Redis lost its data since the instance's last heartbeat, which
+-- then owes again what the instance has not written: this charge, added here, is not).
+if mark then
+  answer[#answer + 1] = redis.call("EXISTS", mark)
 end
 return answer
