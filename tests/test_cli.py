@@ -1363,3 +1363,168 @@ def test_a_stored_name_s_control_characters_never_reach_the_terminal(
         print(repr(out))
         assert "\x1b" not in out and "\x07" not in out
     assert "acme?]0;PWNED??x" in ok(here(store, "customers list")).out
+
+
+def _run_in(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    line: str,
+) -> tuple[int, str, str]:
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        code = run(shlex.split(line))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        # PowerShell's `>` and Notepad's "Unicode": UTF-16 with its mark
+        ("utf16", '{"name": "from-windows"}'.encode("utf-16")),
+        # Notepad's "UTF-8 with BOM"
+        ("bom", b"\xef\xbb\xbf" + b'{"name": "with-bom"}'),
+    ],
+    ids=["utf-16", "utf-8-bom"],
+)
+def test_a_body_file_written_on_windows_is_read_as_a_config_file_is(
+    name: str,
+    raw: bytes,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--file body.json` read the file in the locale's encoding: UTF-16 (PowerShell's
+    `> body.json`) escaped as a UnicodeDecodeError traceback, exit 1 with no `error:` line; a
+    UTF-8 byte-order mark was "not valid JSON". A config file in either encoding is read
+    (`config_text`)."""
+    env = {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/b.db"}
+    (tmp_path / "body.json").write_bytes(raw)
+    try:
+        code, out, err = _run_in(
+            capsys, monkeypatch, env, f"customers create --file {tmp_path}/body.json"
+        )
+    except UnicodeDecodeError as exc:
+        pytest.fail(f"traceback: {exc!r}")
+    print(name, code, out[:80], err)
+    assert code == 0, err
+    assert out.startswith("created customer ")
+
+
+def test_a_body_file_that_is_not_text_is_named_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/b.db"}
+    (tmp_path / "body.json").write_bytes(b'{"name": "caf\xe9"}')  # Latin-1
+    try:
+        code, out, err = _run_in(
+            capsys, monkeypatch, env, f"customers create --file {tmp_path}/body.json"
+        )
+    except UnicodeDecodeError as exc:
+        pytest.fail(f"traceback: {exc!r}")
+    print(code, err)
+    assert (code, out) == (2, "")
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "--file" in err and "UTF-8" in err
+
+
+def test_a_name_the_output_s_encoding_cannot_write_is_no_traceback(tmp_path: Path) -> None:
+    """Output redirected on Windows (`budget-middleware customers list > out.txt`) is in the
+    ANSI code page, cp1252 (PYTHONIOENCODING=cp1252 here): a customer named `名前` made the
+    table and `--json` end in a UnicodeEncodeError traceback, exit 1, the list cut short."""
+    env = {
+        **os.environ,
+        "BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/b.db",
+        "PYTHONIOENCODING": "cp1252",
+    }
+    for name in ("acme", "名前 😀"):
+        made = subprocess.run(
+            [sys.executable, "-m", "budget_middleware", "customers", "create", "--name", name],
+            env={**env, "PYTHONIOENCODING": "utf-8"},
+            capture_output=True,
+            timeout=60,
+        )
+        assert made.returncode == 0, made.stderr
+    table, as_json = (
+        subprocess.run(
+            [sys.executable, "-m", "budget_middleware", "customers", "list", *extra],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        for extra in ([], ["--json"])
+    )
+    print(table.returncode, table.stderr[-200:], as_json.returncode, as_json.stderr[-200:])
+    assert table.returncode == 0 and b"Traceback" not in table.stderr
+    assert b"acme" in table.stdout and b"?? ?" in table.stdout  # as a control character is shown
+    assert as_json.returncode == 0 and b"Traceback" not in as_json.stderr
+    names = [c["name"] for c in json.loads(as_json.stdout.decode("cp1252"))["customers"]]
+    assert sorted(names) == ["acme", "名前 😀"]  # the same JSON, every character kept
+
+
+@pytest.mark.parametrize(
+    ("entry", "error"),
+    [
+        (
+            "{name: k, provider_configs: [{provider: openai}, {provider: OpenAI}]}",
+            "virtual_keys[0] (k): two provider configs for 'openai'",
+        ),
+        (
+            "{name: k, provider_configs: [{provider: openai, budgets: "
+            "[{max_limit: 1, reset_duration: 1d}, {max_limit: 2, reset_duration: 1d}]}]}",
+            "virtual_keys[0] (k): two budgets of one provider_config have reset_duration 1d",
+        ),
+    ],
+    ids=["two-configs-of-one-provider", "two-budgets-of-one-duration-in-a-config"],
+)
+def test_config_check_refuses_what_applying_the_file_refuses(
+    entry: str,
+    error: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`config check` said the file was valid (exit 0) and `config apply` (and start-up, the
+    engine's check passing too) then failed on it: the key's write refuses two provider
+    configs for one provider, or two budgets of one duration in a config, which the check,
+    made "as far as it can be without the store", did not look at."""
+    env = {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/b.db"}
+    path = tmp_path / "budgets.yaml"
+    path.write_text(f"virtual_keys:\n  - {entry}\n")
+    checked = _run_in(capsys, monkeypatch, env, f"config check {path}")
+    applied = _run_in(capsys, monkeypatch, env, f"config apply {path}")
+    print("check:", checked, "apply:", applied)
+    assert applied[0] == 1 and error in applied[2]  # the store refuses it
+    assert checked[0] == 1, checked
+    assert checked[1] == "" and error in checked[2] and str(path) in checked[2]
+
+
+def test_a_model_config_entry_both_global_and_of_a_key_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`scope: global` beside `virtual_key: k` (a line copied from a key's entry) was dropped
+    unsaid: the file applied a model config of key k alone, and the $1 limit meant for every
+    key held for none of the others. The admin API refuses the same body (`scope: global`
+    with a `scope_id`): the entry is refused, naming the file and the entry."""
+    url = f"sqlite:///{tmp_path}/b.db"
+    path = tmp_path / "budgets.yaml"
+    path.write_text(
+        "virtual_keys:\n  - {name: k}\n"
+        "model_configs:\n"
+        "  - {model_name: gpt-4o, scope: global, virtual_key: k,"
+        " budgets: [{max_limit: 1, reset_duration: 1d}]}\n"
+    )
+    code, out, err = _run_in(
+        capsys, monkeypatch, {"BUDGET_DATABASE_URL": url}, f"config apply {path}"
+    )
+    written = [
+        (c.scope, c.scope_id)
+        for c in get_manager(BudgetSettings(database_url=url)).list_model_configs()[0]
+    ]
+    print(code, out, err, "model configs written (scope, scope_id):", written)
+    assert code == 1 and out == ""
+    assert str(path) in err and "model_configs[0] (gpt-4o)" in err and "not both" in err
+    assert written == []

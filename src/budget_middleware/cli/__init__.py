@@ -14,6 +14,7 @@ shell reports for `git log | head -1`'s git).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -79,10 +80,22 @@ def _fail(message: str, code: int) -> int:
 
 def main() -> None:
     """The console script `budget-middleware` and `python -m budget_middleware`."""
+    _unencodable_replaced()
     status = run()
     if status == PIPE_CLOSED:
         _drop_output()
     sys.exit(status)
+
+
+def _unencodable_replaced() -> None:
+    """A character the output's encoding has no byte for is written as "?", not a traceback:
+    output redirected on Windows (`> keys.txt`, `| findstr`) is in the ANSI code page (cp1252),
+    which has no `名` for a team named so (`--json` writes such a character as its `\\u` escape,
+    `output.emit_json`; standard error's is `backslashreplace` already)."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and getattr(sys.stdout, "errors", None) == "strict":
+        with contextlib.suppress(OSError, ValueError):
+            reconfigure(errors="replace")
 
 
 def _drop_output() -> None:

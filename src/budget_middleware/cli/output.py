@@ -3,7 +3,9 @@ Scripts use `--json`, which prints the dicts themselves."""
 
 from __future__ import annotations
 
+import codecs
 import json
+import sys
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -23,7 +25,13 @@ def emit_json(data: Any) -> None:
     on to exit 0 as if all of it had been read."""
     piece: list[str] = []
     size = 0
-    for chunk in json.JSONEncoder(indent=2, ensure_ascii=False).iterencode(data):
+    # Characters as themselves where the output is Unicode; else as their `\\u` escapes, the
+    # same JSON: output redirected on Windows is in cp1252, which has no byte for `名`.
+    try:
+        unicode_out = codecs.lookup(getattr(sys.stdout, "encoding", None) or "").name[:3] == "utf"
+    except LookupError:
+        unicode_out = False
+    for chunk in json.JSONEncoder(indent=2, ensure_ascii=not unicode_out).iterencode(data):
         piece.append(chunk)
         size += len(chunk)
         if size >= 8192:

@@ -133,6 +133,14 @@ def _rfc3339(at: datetime) -> str:
     return rfc3339(to_utc(at))
 
 
+def _file_text(path: Path) -> str:
+    """A body file's text as a config file's is read (`config_text`): UTF-8, a byte-order mark
+    allowed, or UTF-16 with its mark, as Notepad and PowerShell's `>` write it (read as the
+    locale's encoding, UTF-16 was a UnicodeDecodeError's traceback and a mark "not valid JSON")."""
+    raw = path.read_bytes()
+    return raw.decode("utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
+
+
 def body(text: str | None, file: str | None) -> dict[str, Any]:
     """The JSON object of `--body` or `--file` (`-`: standard input); {} when neither."""
     if text is not None and file is not None:
@@ -140,10 +148,16 @@ def body(text: str | None, file: str | None) -> dict[str, Any]:
     if file is not None:
         option = "--file"
         try:
-            text = sys.stdin.read() if file == "-" else Path(file).read_text()
+            text = sys.stdin.read() if file == "-" else _file_text(Path(file))
         except OSError as exc:
             raise click.BadParameter(
                 f"cannot read {file!r}: {exc.strerror}", param_hint=option
+            ) from None
+        except UnicodeDecodeError as exc:  # a ValueError, not an OSError: it was a traceback
+            raise click.BadParameter(
+                f"{file!r} is not {exc.encoding.upper().removesuffix('-SIG')} text "
+                f"({exc.reason} at byte {exc.start}): save it as UTF-8",
+                param_hint=option,
             ) from None
     else:
         option = "--body"

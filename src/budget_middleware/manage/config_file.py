@@ -53,7 +53,7 @@ from budget_middleware.core.identity import (
 )
 from budget_middleware.core.pricing import DeploymentPrice
 from budget_middleware.core.providers import canonical_provider
-from budget_middleware.exceptions import AdminError, ConfigFileError, InvalidBody
+from budget_middleware.exceptions import AdminError, ConfigFileError, Conflict, InvalidBody
 from budget_middleware.manage.litellm_config import (
     LITELLM_ENV,
     LiteLLMConfigError,
@@ -635,6 +635,14 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
                 f"{where}: give '{reference}' (a name or an id) or '{id_field}', not both"
             )
         if reference in body:
+            if reference == "virtual_key" and body.get("scope", "virtual_key") != "virtual_key":
+                # A key's model config: `scope: global` beside it was dropped unsaid, and the
+                # limit meant for every key held for this one alone (the admin API refuses
+                # `scope: global` with a `scope_id`).
+                raise ConfigFileError(
+                    f"{where}: give 'virtual_key' (the model config of that key) or scope "
+                    f"{body['scope']!r}, not both"
+                )
             value = body.pop(reference)
             body[id_field] = None if value is None else str(value)
             if reference == "virtual_key":
@@ -646,10 +654,21 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
     if section == "model_configs":
         check_model_names([data.model_name], "model_name")
     elif section == "virtual_keys":
-        for i, config in enumerate(data.provider_configs or ()):
+        configs = data.provider_configs or []
+        providers = [config.provider for config in configs]
+        for i, config in enumerate(configs):
             for field in ("allowed_models", "blocked_models"):
                 where_ = f"provider_configs[{i}].{field}"
                 check_model_names(getattr(config, field), "provider_configs", where_)
+            # As the key's write refuses them (`_write_provider_configs`, `write_budgets`): the
+            # file passed `config check` and failed at start-up.
+            if providers.count(config.provider) > 1:
+                raise Conflict(
+                    f"two provider configs for {config.provider!r}", param="provider_configs"
+                )
+            config_budgets = config.budget_list()
+            if config_budgets:
+                check_budget_durations("provider_config", config_budgets)
 
 
 def check_config_file(path: Path, *, unset: Unset | None = None) -> dict[str, Any]:
