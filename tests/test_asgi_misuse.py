@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -16,12 +16,15 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from sqlmodel import select
+from starlette.requests import ClientDisconnect
+from starlette.responses import StreamingResponse
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.store.tables import UsageRecordRow
-from support import BodyThenGone, chat, post_scope, running
+from support import BodyThenGone, chat, engine_of, post_scope, running
 
 Settings = Callable[..., BudgetSettings]
+Message = dict[str, Any]
 
 
 def _stream_start() -> dict[str, Any]:
@@ -501,3 +504,113 @@ async def test_a_stream_at_an_encoded_query_mark_asks_for_its_usage_as_any_strea
         await app(scope, BodyThenGone(body), send)
     print(f"{path!r}: the app got stream_options {seen[0].get('stream_options')}")
     assert seen[0]["stream_options"] == {"include_usage": True}
+
+
+async def _records_of(engine: Any) -> list[UsageRecordRow]:
+    await engine.flush()
+    with engine.store.session() as s:
+        return list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.id)))  # type: ignore[arg-type]
+
+
+async def test_a_client_gone_after_the_headers_is_charged_alike_under_an_http_middleware(
+    make_settings: Settings,
+) -> None:
+    """README/SPEC: a client that left before any answer (its headers alone are none) is
+    charged the most its call could cost: the provider call was made. A FastAPI app with an
+    `@app.middleware("http")` (a `BaseHTTPMiddleware`) added before `BudgetMiddleware`, so
+    inside it: the stream's headers go, the provider works 1 s, the client leaves at 0.2 s.
+    Starlette's BaseHTTPMiddleware ends the cut stream with an empty last chunk, which settled
+    it as `completed`, its prompt alone (102,500 nano-USD, 0 output tokens); without the
+    http middleware the same leave is `client_disconnected`, 4,000 output tokens
+    (40,102,500 nano-USD)."""
+    charged: dict[str, tuple[str, int, int]] = {}
+    for stack in ("plain", "http-middleware"):
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def slow(request: Request) -> StreamingResponse:
+            await request.body()
+
+            async def events() -> AsyncIterator[bytes]:
+                await asyncio.sleep(1)  # the provider works: nothing streams yet
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        if stack == "http-middleware":
+
+            @app.middleware("http")
+            async def passing(
+                request: Request, call_next: Callable[[Request], Awaitable[Response]]
+            ) -> Response:
+                return await call_next(request)
+
+        app.add_middleware(BudgetMiddleware, settings=make_settings())
+        engine = engine_of(app)
+        body = json.dumps(chat("openai/gpt-4o", max_tokens=4000, stream=True)).encode()
+        receive = BodyThenGone(body)
+
+        async def send(message: Message, receive: BodyThenGone = receive) -> None:
+            if message["type"] == "http.response.start":  # the client leaves 0.2 s after them
+                asyncio.get_running_loop().call_later(0.2, receive.gone.set)
+
+        async with running(app):
+            await asyncio.wait_for(app(post_scope("/v1/chat/completions"), receive, send), 5)
+            rows = await _records_of(engine)
+        assert len(rows) == len(charged) + 1  # one more record: this request's
+        row = rows[-1]
+        charged[stack] = (row.outcome, row.output_tokens, row.cost_nanos)
+    print(f"client gone after the headers: {charged}")
+    assert charged["http-middleware"] == charged["plain"]
+    assert charged["plain"][:2] == ("client_disconnected", 4000)
+
+
+async def test_a_client_gone_after_the_headers_is_charged_alike_on_an_asgi_2_4_server(
+    make_settings: Settings,
+) -> None:
+    """The same leave on either kind of server: the stream's headers go, the provider works
+    1 s (4,000 output tokens asked), the client leaves at 0.2 s. On an ASGI 2.3 server
+    (uvicorn) Starlette sees the disconnect and stops: charged its most output, 4,000 tokens.
+    On an ASGI 2.4 server nobody listens; the first chunk's `send` raises OSError, as ASGI 2.4
+    says: that chunk never reached the client, yet it counted as 'a byte of the answer was
+    sent', and the request was charged its prompt alone (102,500 for 40,102,500 nano-USD)."""
+    charged: dict[str, tuple[str, int, int]] = {}
+    for spec in ("2.3", "2.4"):
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def slow(request: Request) -> StreamingResponse:
+            await request.body()
+
+            async def events() -> AsyncIterator[bytes]:
+                await asyncio.sleep(1)  # the provider works: nothing streams yet
+                role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+                chunk = {"id": "c", "object": "chat.completion.chunk", "choices": [role]}
+                yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        app.add_middleware(BudgetMiddleware, settings=make_settings())
+        engine = engine_of(app)
+        body = json.dumps(chat("openai/gpt-4o", max_tokens=4000, stream=True)).encode()
+        receive = BodyThenGone(body)
+
+        async def send(message: Message, receive: BodyThenGone = receive, spec: str = spec) -> None:
+            if spec == "2.4" and receive.gone.is_set():
+                raise OSError("client disconnected")  # ASGI 2.4: send on a closed connection
+            if message["type"] == "http.response.start":  # the client leaves 0.2 s after them
+                asyncio.get_running_loop().call_later(0.2, receive.gone.set)
+
+        scope = post_scope("/v1/chat/completions")
+        scope["asgi"] = {"version": "3.0", "spec_version": spec}
+        async with running(app):
+            with contextlib.suppress(ClientDisconnect):  # Starlette's, from the OSError
+                await asyncio.wait_for(app(scope, receive, send), 5)
+            rows = await _records_of(engine)
+        assert len(rows) == len(charged) + 1  # one more record: this request's
+        row = rows[-1]
+        charged[spec] = (row.outcome, row.output_tokens, row.cost_nanos)
+    print(f"client gone after the headers: {charged}")
+    assert charged["2.4"] == charged["2.3"]
+    assert charged["2.3"][:2] == ("client_disconnected", 4000)

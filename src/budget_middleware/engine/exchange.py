@@ -211,6 +211,7 @@ class Exchange:
             if type(chunk) is not bytes:  # ASGI says bytes; a bytearray or memoryview read as one
                 chunk = bytes(chunk)
                 message = {**message, "body": chunk}
+            sent_before = self.body_sent  # (a chunk the server refuses was not sent)
             if chunk:  # a byte of the answer's body goes to the server (headers are no answer)
                 self.body_sent = True
             out = self.on_chunk(chunk, message.get("more_body", False))
@@ -237,15 +238,26 @@ class Exchange:
             self.client_gone = True
             if kind == "http.response.start":  # the server refused it: no answer was seen
                 self.response_started = False
+            elif kind == "http.response.body":
+                # Nor is a chunk it refused (an ASGI 2.4 server whose client left after the
+                # headers, as the first chunk comes): still no byte of the answer.
+                self.body_sent = sent_before
             raise
         if self.response_complete and not self.settled:
             # The answer's last chunk has gone: settled now, not when the app returns (Starlette
             # runs its background tasks after the answer, in the app's call: no slot held then).
             # In process without a coroutine of its own (`settle` would make one): `settle_now`.
+            outcome = "completed"
+            if self.client_gone:
+                # Ended after its client left (a `BaseHTTPMiddleware` inside ends the stream it
+                # cut with an empty last chunk): settled as the middleware's `finally` would,
+                # headers alone being no answer.
+                outcome = "client_disconnected"
+                self.left_unanswered = not self.body_sent
             if self.engine.in_process:
-                self.book(self.charge("completed"))
+                self.book(self.charge(outcome))
             else:
-                await self.settle_shared("completed")
+                await self.settle_shared(outcome)
 
     async def read_file(self, path: str) -> None:
         """The answer as a file the server sends itself (`http.response.pathsend`: Starlette's
