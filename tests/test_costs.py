@@ -17,11 +17,16 @@ import pytest
 from fastapi import FastAPI, Request, Response
 from genai_prices import Usage, calc_price
 from sqlmodel import select
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
-from budget_middleware import BudgetMiddleware, BudgetSettings
+from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine
 from budget_middleware.core.pricing import estimate_nanos, for_service_tier
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.tables import UsageRecordRow
+from conftest import REDIS_URL, need_redis
+from service_support import delete_prefix, unique_prefix, use_prefix
 from support import chat, client, engine_of, host_app, running
 
 Settings = Callable[..., BudgetSettings]
@@ -1470,3 +1475,92 @@ async def test_a_catalog_price_that_starts_while_the_app_runs_is_charged_from_th
     ]
     print(f"gemini-3.8-flash before and after 2027-01-01: expected {want}, charged {charged}")
     assert charged == want
+
+
+@pytest.mark.parametrize("counters", ["memory", "redis"])
+async def test_server_side_searches_in_flight_together_cannot_spend_past_the_budget(
+    make_settings: Settings, counters: str
+) -> None:
+    """Claude with Anthropic's server-side web search tool: each search costs $0.01 and its
+    results are input tokens the request body never held (Anthropic bills them: 20,000 here).
+    The reservation counts only the body and `max_tokens` ($0.0156), so 60 such requests at
+    once on a $1 budget were all admitted and spent $5.58. SPEC §6: only one
+    request's own overrun may pass the limit (here one request costs $0.093)."""
+    usage = {
+        "input_tokens": 20_000,
+        "output_tokens": 200,
+        "server_tool_use": {"web_search_requests": 3},
+    }
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(0.05)  # in flight together
+        answer = {"type": "message", "role": "assistant", "content": [], "usage": usage}
+        return JSONResponse(answer)
+
+    prefix = unique_prefix()
+    if counters == "redis":
+        need_redis()
+        settings = make_settings(redis_url=REDIS_URL)
+    else:
+        settings = make_settings()
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/messages", provider, methods=["POST"])]), settings=settings
+    )
+    engine = get_engine(settings)
+    if counters == "redis":
+        use_prefix(engine, prefix)
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1024,
+        "messages": [{"role": "user", "content": "What happened in the news today?"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+    }
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        auth = {"x-api-key": key.value or ""}
+
+        async def at_once() -> list[httpx.Response]:
+            return await asyncio.gather(
+                *[http.post("/v1/messages", json=body, headers=auth) for _ in range(60)]
+            )
+
+        unknown = await at_once()  # none has ended: its cost is not known yet
+        learned = await at_once()  # each reserves the most one cost
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    if counters == "redis":
+        delete_prefix(REDIS_URL, prefix)
+    # One request: 20,000 input tokens at $3/Mtok, 200 output at $15/Mtok, 3 searches at $0.01
+    each = 20_000 * 3e-6 + 200 * 15e-6 + 3 * 0.01
+    first = [a.status_code for a in unknown].count(200)
+    second = [a.status_code for a in learned].count(200)
+    print(f"{counters}: 60 at once on $1, twice: {first} then {second} admitted, ", end="")
+    print(f"spent ${spent:.4f}")
+    print(f"  (${each:.4f} a request)")
+    assert spent <= 1 + each + 1e-9
+    assert second > 1  # once one is measured, they run side by side
+    held = next(a for a in unknown if a.status_code != 200)
+    print("  held:", held.status_code, held.json()["error"]["message"])
+    assert held.json()["error"]["code"] == "budget_reserved" and "retry-after" in held.headers
+
+
+async def test_a_model_the_catalog_lists_free_is_priced_at_zero_not_unpriced(
+    make_settings: Settings,
+) -> None:
+    """genai-prices lists free models with an empty price (`Gemma 3 (free)` on the Gemini API,
+    OpenRouter's `Llama 3.3 70B Instruct (free)`), which it charges $0. They were taken as
+    having no price: BUDGET_UNPRICED_MODELS=refuse refused them 403 `model_not_priced`."""
+    app = host_app(make_settings(unpriced_models="refuse"))
+    engine = engine_of(app)
+    models = ("gemini/gemma-3-27b-it", "openrouter/meta-llama/llama-3.3-70b-instruct:free")
+    async with running(app), client(app) as http:
+        answers = [await http.post("/v1/chat/completions", json=chat(m)) for m in models]
+        await engine.flush()
+    got = [(a.status_code, a.json().get("error", {}).get("code")) for a in answers]
+    print("refuse mode, free catalog models:", got)
+    assert got == [(200, None), (200, None)]
+    assert engine.stats.unpriced_requests == 0
+    assert engine.manager.usage(group_by="model").total.cost == 0

@@ -899,3 +899,31 @@ def test_a_litellm_budget_beside_our_own_entry_for_its_owner_is_refused(
     print(info.value)
     assert named in str(info.value) and "declare its budgets in one place" in str(info.value)
     assert BudgetManager(store, settings).list_budgets() == []
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "1.0e+300"])
+async def test_a_litellm_price_no_rate_can_hold_fails_start_up_naming_the_entry(
+    make_settings: Settings, tmp_path: Path, value: str
+) -> None:
+    """A LiteLLM deployment's `input_cost_per_token: .inf` (YAML's infinity; `.nan`, or a price
+    past what a rate holds) is an invalid BUDGET_CONFIG_FILE: start-up fails naming the file and
+    the entry (SPEC §3). It started, and every request to the deployment raised ValueError (the
+    server's 500), naming neither."""
+    path = tmp_path / "litellm.yaml"
+    path.write_text(
+        "model_list:\n"
+        "  - model_name: llama\n"
+        f"    litellm_params: {{model: hosted_vllm/llama-3-70b, input_cost_per_token: {value},\n"
+        "                     output_cost_per_token: 0.000012}\n"
+    )
+    app = host_app(make_settings(config_file=path))
+    try:
+        async with running(app), client(app) as http:
+            answer = await http.post("/v1/chat/completions", json=chat("llama", max_tokens=100))
+            outcome = f"started; the request answered {answer.status_code}"
+    except Exception as exc:  # what it raised is the finding
+        outcome = f"{type(exc).__name__}: {exc}"
+    print(f"input_cost_per_token: {value} ->", outcome)
+    assert outcome.startswith("RuntimeError: BUDGET_CONFIG_FILE"), outcome
+    assert str(path) in outcome and "model_list[0]" in outcome
+    assert "input_cost_per_token" in outcome

@@ -151,8 +151,9 @@ def refusal_answer(
         if refusal.reserved >= MAX_CHARGE_NANOS:  # all one request can be charged: see gate
             message = (
                 f"{owner} budget is held by a request in flight whose cost only its answer "
-                "tells (to a model without a price, or with media sent by reference that no "
-                f"answer of its model has measured yet): {_usd(refusal.used)} spent of "
+                "tells (to a model without a price, or with media sent by reference or tools its "
+                "provider runs, such as web search, that no answer of its model has measured "
+                f"yet): {_usd(refusal.used)} spent of "
                 f"{_usd(refusal.limit)}; retry when it finishes"
             )
         elif reserved >= MAX_CHARGE_NANOS:  # this request's own cost only its answer tells
@@ -160,7 +161,8 @@ def refusal_answer(
                 f"{owner} budget is held by requests in flight ({_usd(refusal.used)} spent and "
                 f"{_usd(refusal.reserved)} reserved of {_usd(refusal.limit)}), and this request's "
                 "cost only its answer tells (to a model without a price, or with media sent by "
-                "reference that no answer of its model has measured yet), so it runs alone; "
+                "reference or tools its provider runs, such as web search, that no answer of its "
+                "model has measured yet), so it runs alone; "
                 "retry when they finish"
             )
         else:

@@ -156,6 +156,7 @@ class Exchange:
     direction = "inbound"  # "outbound" for the transport's calls (SPEC §13)
     would_refuse: str | None = None  # shadow mode: the code that would have refused it (§14)
     media_references = 0  # media sent by reference (image URLs, file ids): `gate._with_media`
+    server_tools = False  # tools its provider runs (web search): `gate._with_tools`
     reported_over = 0  # a reported cost over its tokens' price (nano-dollars): `gate.saw_fee`
     left_out: tuple[bytes, ...] = (COST_HEADER,)  # headers the adapter drops (`read_start`)
 
@@ -722,6 +723,10 @@ class Exchange:
                 engine.stats.unpriced_requests += 1
         elif self.reported_over > 0 or (engine.gate.any_fee and not record.estimated):
             engine.gate.saw_fee(record.provider, record.model, self.reported_over)
+        if self.server_tools and not record.estimated and record.cost_source != "none":
+            # Its cost measured (an error without usage, an estimate, tells nothing of it):
+            # what the next requests with such tools to its model reserve at least.
+            engine.gate.saw_tools(record.provider, record.model, record.cost_nanos)
         if self.media_references and record.input_tokens and not record.estimated:
             # Its input measured (an error without usage, an estimate, tells nothing of it):
             # what each medium it sent by reference took, for the next to reserve.

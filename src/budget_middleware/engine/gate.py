@@ -129,6 +129,9 @@ class Gate:
         # `any_fee` (a plain attribute: tested on every request) is False.
         self.fees: LRUCache[tuple[str, str], int] = LRUCache(4096)
         self.any_fee = False
+        # Per priced model: the most one of its requests with server-side tools (`_with_tools`)
+        # has been charged here.
+        self.tool_costs: LRUCache[tuple[str, str], int] = LRUCache(4096)
 
     def saw_unpriced(self, provider: str, model: str, cost: int) -> None:
         """A request to a model without a price was charged `cost`: what the next reserve."""
@@ -147,6 +150,12 @@ class Gate:
             self.any_fee = True
         elif self.fees.pop(key, None) is not None and not self.fees:
             self.any_fee = False
+
+    def saw_tools(self, provider: str, model: str, cost: int) -> None:
+        """A request with server-side tools was charged `cost`: what the next reserve."""
+        key = (provider, model)
+        if cost > self.tool_costs.get(key, -1):
+            self.tool_costs[key] = cost
 
     def saw_media(self, provider: str, model: str, references: int, input_tokens: int) -> None:
         """A request sending `references` media by reference was measured to take
@@ -310,6 +319,7 @@ class Gate:
         else:
             target = self.resolve_target(parsed, path, credentials, ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
+        tools = body.find(b'"tools"') >= 0 and _server_tools(parsed)
         references = 0
         images: list[tuple[int, int, int]] = []
         if may_reference(body):  # media by reference, or inline? (`core.media`): text has none
@@ -333,6 +343,8 @@ class Gate:
                     candidate.orjson_writes = orjson_writes
                     if references:
                         self._with_media(candidate, references)
+                    if tools:
+                        self._with_tools(candidate)
                     if shadowed is not None:  # the credentials' refusal first, as in enforce
                         candidate.would_refuse = shadowed
                 return plan
@@ -343,6 +355,8 @@ class Gate:
             return self.refuse(*exchange, key=key, target=target)  # type: ignore[misc]
         if references:
             self._with_media(exchange, references)
+        if tools:
+            self._with_tools(exchange)
         if shadowed is not None:  # the credentials' refusal comes first, as in enforce
             exchange.would_refuse = shadowed
         if target.stream and type(parsed) is dict and asks_usage(path, credentials):
@@ -503,6 +517,22 @@ class Gate:
         fee = self.fees.get((target.provider, target.model))
         if fee:
             exchange.ticket_estimate = min(exchange.ticket_estimate + fee, MAX_CHARGE_NANOS)
+
+    def _with_tools(self, exchange: Exchange) -> None:
+        """A request with tools its provider runs (`_server_tools`): their results are input
+        tokens its body never held, and their calls a fee each, so its estimate is no worst
+        case. It reserves at least the most such a request to its model has been charged here
+        (`saw_tools`); before any has ended, the most one request is charged, as for a model
+        without a price: in flight, it leaves no room on its budgets, so requests at once
+        cannot each add their overrun past the limit (SPEC §6: 60 searches at once spent 6
+        times a $1 budget)."""
+        exchange.server_tools = True  # its answer teaches the next (`saw_tools`)
+        if exchange.price is None or not (self.reserve and exchange.limits.budgets):
+            return  # unpriced: its own rule reserves
+        target = exchange.target
+        most = self.tool_costs.get((target.provider, target.model), MAX_CHARGE_NANOS)
+        if most > exchange.ticket_estimate:
+            exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
 
     def _audio_weight(self, target: Target) -> int:
         """How many input tokens an audio token costs at `target`'s prices (at least 1)."""
@@ -667,6 +697,23 @@ _UNDECODABLE = (
     "Request body is sent with content-encoding {!r} but does not decode (corrupt or cut "
     "short): budget-middleware cannot read it to meter it"
 )
+
+
+# The tools a provider runs itself, by their `type`'s start: Anthropic's `web_search_20250305`,
+# `web_fetch_…` and `code_execution_…`, OpenAI's Responses `web_search` (`_preview`),
+# `file_search` and `code_interpreter`. Client tools (`function`, `custom`, none) are not.
+_SERVER_TOOLS = ("web_search", "web_fetch", "code_execution", "code_interpreter", "file_search")
+
+
+def _server_tools(parsed: Any) -> bool:
+    """Whether a request's body asks for tools its provider runs and bills (`_with_tools`)."""
+    tools = parsed.get("tools") if type(parsed) is dict else None
+    return type(tools) is list and any(
+        type(tool) is dict
+        and type(kind := tool.get("type")) is str
+        and kind.startswith(_SERVER_TOOLS)
+        for tool in tools
+    )
 
 
 def parse_json(body: bytes) -> Any:

@@ -350,7 +350,13 @@ def _token_price(prices: gp.ModelPrice, above: int) -> ModelPrice | None:
 
     inp, out = at(prices.input_mtok), at(prices.output_mtok)
     if inp is None and out is None:
-        return None
+        if not any(value is not None for value in vars(prices).values()):
+            # The catalog's empty price (`{}`) is a free model's (Gemma 3 on the Gemini API,
+            # OpenRouter's `:free` models; genai-prices charges them 0): priced at 0, not
+            # unpriced (refused under BUDGET_UNPRICED_MODELS=refuse, its first request in flight
+            # holding its budgets whole).
+            return ModelPrice(0.0, 0.0)
+        return None  # priced per request, second, page...: not by the token
     write, hour = at(prices.cache_write_mtok), at(prices.cache_write_1h_mtok)
     if hour is None and write is not None and inp is not None:
         # Only Claude's answers report writes kept 1 hour, which Anthropic prices at twice the

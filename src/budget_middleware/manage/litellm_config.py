@@ -44,7 +44,7 @@ from decimal import Decimal
 from typing import Any, Final
 
 from budget_middleware.core.durations import Duration
-from budget_middleware.core.pricing import DeploymentPrice, price_key
+from budget_middleware.core.pricing import DeploymentPrice, ModelPrice, price_key
 from budget_middleware.core.routing import MAX_TARGETS, parse_target, route_name_problem
 
 LITELLM_SECTIONS: Final = ("model_list", "router_settings", "litellm_settings", "general_settings")
@@ -449,9 +449,17 @@ def _deployment_price(
         value = _number(_one_value(params, info, key, where))
         if value is None:
             continue
+        wrong = LiteLLMConfigError(where, f"{key} must be a price in USD a token, not {value!r}")
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise LiteLLMConfigError(where, f"{key} must be a price in USD a token, not {value!r}")
-        rates.append((ours, float(Decimal(str(value)) * 1_000_000)))
+            raise wrong
+        per_mtok = float(Decimal(str(value)) * 1_000_000)
+        try:
+            # YAML's `.nan`, `.inf` or a price past what a rate holds: refused here, naming the
+            # entry, not raised by every request the deployment prices (a 500 each)
+            ModelPrice(per_mtok, 0.0)
+        except ValueError:
+            raise wrong from None
+        rates.append((ours, per_mtok))
     deployment = parse_target(model)
 
     def as_model(base: Any) -> Any:  # a bare base model is the deployment's provider's
