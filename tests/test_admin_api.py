@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,9 @@ from sqlalchemy import text
 from admin_support import ADMIN, admin_client, admin_settings
 from budget_middleware import BudgetSettings, InvalidRequest, get_engine
 from budget_middleware.admin import create_admin_app
+from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.manage.schemas import ProviderPut, TagPut
+from budget_middleware.store.database import Store
 
 
 @pytest.fixture
@@ -1216,6 +1218,17 @@ def test_puts_of_one_new_tag_or_provider_at_once_all_succeed(
     assert len(listed) == 5 and len(budgets) == 5
 
 
+@pytest.fixture
+def manager(store_url: str) -> Iterator[BudgetManager]:
+    """A manager of its own store, closed (its pool's connections too) whatever the test did."""
+    store = Store(store_url)
+    store.create_schema()
+    try:
+        yield BudgetManager(store, BudgetSettings(database_url=store_url))
+    finally:
+        store.dispose()
+
+
 def _together(*steps: Callable[[], Any]) -> None:
     """Run each step in a thread of its own, at once, and wait for all."""
     threads = [threading.Thread(target=step) for step in steps]
@@ -1242,7 +1255,7 @@ def _waiting_at(barrier: list[threading.Barrier]) -> Callable[[Any], Any]:
 
 @pytest.mark.parametrize("child", ["team_of_customer", "key_of_team", "key_of_customer"])
 def test_a_parent_deleted_as_a_child_is_made_in_it_leaves_no_child_naming_it(
-    store_url: str, child: str, monkeypatch: pytest.MonkeyPatch
+    manager: BudgetManager, child: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A team made in a customer (a key in a team, a key in a customer) while that customer
     is deleted, both past their reads before either writes, 3 rounds. Before, the child was
@@ -1252,12 +1265,7 @@ def test_a_parent_deleted_as_a_child_is_made_in_it_leaves_no_child_naming_it(
     delete, as the delete leaves every child it finds."""
     from budget_middleware.manage import keys as keys_module
     from budget_middleware.manage import manager as manager_module
-    from budget_middleware.manage.manager import BudgetManager
-    from budget_middleware.store.database import Store
 
-    store = Store(store_url)
-    store.create_schema()
-    manager = BudgetManager(store, BudgetSettings(database_url=store_url))
     parent_kind = "team" if child == "key_of_team" else "customer"
     barrier: list[threading.Barrier] = []
     waiting = _waiting_at(barrier)
@@ -1296,7 +1304,6 @@ def test_a_parent_deleted_as_a_child_is_made_in_it_leaves_no_child_naming_it(
     children = manager.list_teams() if child == "team_of_customer" else manager.list_virtual_keys()
     named = [getattr(c, f"{parent_kind}_id") for c in children]
     dangling = [p for p in named if p is not None and p not in parents]
-    store.dispose()
     print(f"3 rounds, a {child} made as its parent was deleted: {outcomes}; "
           f"{len(dangling)} children naming a parent that is gone")  # fmt: skip
     assert not dangling
@@ -1305,7 +1312,7 @@ def test_a_parent_deleted_as_a_child_is_made_in_it_leaves_no_child_naming_it(
 
 @pytest.mark.parametrize("owner", ["customer", "team", "virtual_key"])
 def test_an_owner_updated_as_it_is_deleted_leaves_no_budget_behind(
-    store_url: str, owner: str, monkeypatch: pytest.MonkeyPatch
+    manager: BudgetManager, owner: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A customer (team, key) given a budget by an update while it is deleted, both past their
     reads before either writes, 3 rounds. Before, the update failed in every round with
@@ -1315,12 +1322,7 @@ def test_an_owner_updated_as_it_is_deleted_leaves_no_budget_behind(
     from budget_middleware.manage import keys as keys_module
     from budget_middleware.manage import manager as manager_module
     from budget_middleware.manage import owner_limits
-    from budget_middleware.manage.manager import BudgetManager
-    from budget_middleware.store.database import Store
 
-    store = Store(store_url)
-    store.create_schema()
-    manager = BudgetManager(store, BudgetSettings(database_url=store_url))
     barrier: list[threading.Barrier] = []
     waiting = _waiting_at(barrier)
 
@@ -1350,7 +1352,6 @@ def test_an_owner_updated_as_it_is_deleted_leaves_no_budget_behind(
 
         _together(give, functools.partial(delete, made))
     left = [b.id for b in manager.list_budgets(owner_type=owner)]
-    store.dispose()
     print(f"3 rounds, a {owner} given a budget as it was deleted: {outcomes}; "
           f"{len(left)} budgets left of owners that are gone")  # fmt: skip
     assert not left
@@ -1359,7 +1360,7 @@ def test_an_owner_updated_as_it_is_deleted_leaves_no_budget_behind(
 
 @pytest.mark.parametrize("what", ["route", "model_config", "tag"])
 def test_a_route_model_config_or_tag_updated_as_it_is_deleted_is_not_found(
-    store_url: str, what: str, monkeypatch: pytest.MonkeyPatch
+    manager: BudgetManager, what: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A route (a model config, a tag's PUT) updated while it is deleted, both past their
     reads before either writes, 3 rounds: the update is made (the delete then removes it, its
@@ -1368,12 +1369,7 @@ def test_a_route_model_config_or_tag_updated_as_it_is_deleted_is_not_found(
     SQLite, a tag's PUT in 3 rounds of 3), and a model config's new budget was written after
     its delete (PostgreSQL: 3 budgets left of model configs that were gone)."""
     from budget_middleware.manage import manager as manager_module
-    from budget_middleware.manage.manager import BudgetManager
-    from budget_middleware.store.database import Store
 
-    store = Store(store_url)
-    store.create_schema()
-    manager = BudgetManager(store, BudgetSettings(database_url=store_url))
     barrier: list[threading.Barrier] = []
     waiting = _waiting_at(barrier)
 
@@ -1421,7 +1417,6 @@ def test_a_route_model_config_or_tag_updated_as_it_is_deleted_is_not_found(
     if what == "tag":  # made anew by a PUT after the delete: with its budget, and only those
         assert sorted(str(b.tag) for b in budgets) == sorted(t.tag for t in left)
         left = budgets = []
-    store.dispose()
     print(f"3 rounds, a {what} updated as it was deleted: {outcomes}; {len(left)} left, "
           f"{len(budgets)} budgets")  # fmt: skip
     assert set(outcomes) <= {"updated", "NotFound", "deleted"} and outcomes.count("deleted") == 3
