@@ -506,10 +506,53 @@ async def test_a_stream_at_an_encoded_query_mark_asks_for_its_usage_as_any_strea
     assert seen[0]["stream_options"] == {"include_usage": True}
 
 
-async def _records_of(engine: Any) -> list[UsageRecordRow]:
-    await engine.flush()
-    with engine.store.session() as s:
-        return list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.id)))  # type: ignore[arg-type]
+async def _left_after_the_headers(
+    settings: BudgetSettings, spec: str = "2.3", http_middleware: bool = False
+) -> tuple[str, int, int]:
+    """A FastAPI app streaming after 1 s of the provider's work (4,000 output tokens asked),
+    `@app.middleware("http")` inside ours or not, whose client leaves 0.2 s after the headers
+    on an ASGI `spec` server (2.4: `send` raises OSError once it is gone, and nobody listens
+    for the disconnect): the record's outcome, output tokens and cost."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def slow(request: Request) -> StreamingResponse:
+        await request.body()
+
+        async def events() -> AsyncIterator[bytes]:
+            await asyncio.sleep(1)  # the provider works: nothing streams yet
+            yield b"data: " + json.dumps(_chunk("")).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    if http_middleware:
+
+        @app.middleware("http")
+        async def passing(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            return await call_next(request)
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = engine_of(app)
+    receive = BodyThenGone(json.dumps(chat("openai/gpt-4o", max_tokens=4000, stream=True)).encode())
+
+    async def send(message: Message) -> None:
+        if spec == "2.4" and receive.gone.is_set():
+            raise OSError("client disconnected")  # ASGI 2.4: send on a closed connection
+        if message["type"] == "http.response.start":  # the client leaves 0.2 s after them
+            asyncio.get_running_loop().call_later(0.2, receive.gone.set)
+
+    scope = post_scope("/v1/chat/completions")
+    scope["asgi"] = {"version": "3.0", "spec_version": spec}
+    async with running(app):
+        before = {row.id for row in await _records(engine)}  # (the test's other requests')
+        with contextlib.suppress(ClientDisconnect):  # Starlette's, from the OSError
+            await asyncio.wait_for(app(scope, receive, send), 5)
+        rows = [row for row in await _records(engine) if row.id not in before]
+    assert len(rows) == 1, rows  # this request's, once
+    return rows[0].outcome, rows[0].output_tokens, rows[0].cost_nanos
 
 
 async def test_a_client_gone_after_the_headers_is_charged_alike_under_an_http_middleware(
@@ -523,45 +566,12 @@ async def test_a_client_gone_after_the_headers_is_charged_alike_under_an_http_mi
     it as `completed`, its prompt alone (102,500 nano-USD, 0 output tokens); without the
     http middleware the same leave is `client_disconnected`, 4,000 output tokens
     (40,102,500 nano-USD)."""
-    charged: dict[str, tuple[str, int, int]] = {}
-    for stack in ("plain", "http-middleware"):
-        app = FastAPI()
-
-        @app.post("/v1/chat/completions")
-        async def slow(request: Request) -> StreamingResponse:
-            await request.body()
-
-            async def events() -> AsyncIterator[bytes]:
-                await asyncio.sleep(1)  # the provider works: nothing streams yet
-                yield b"data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        if stack == "http-middleware":
-
-            @app.middleware("http")
-            async def passing(
-                request: Request, call_next: Callable[[Request], Awaitable[Response]]
-            ) -> Response:
-                return await call_next(request)
-
-        app.add_middleware(BudgetMiddleware, settings=make_settings())
-        engine = engine_of(app)
-        body = json.dumps(chat("openai/gpt-4o", max_tokens=4000, stream=True)).encode()
-        receive = BodyThenGone(body)
-
-        async def send(message: Message, receive: BodyThenGone = receive) -> None:
-            if message["type"] == "http.response.start":  # the client leaves 0.2 s after them
-                asyncio.get_running_loop().call_later(0.2, receive.gone.set)
-
-        async with running(app):
-            await asyncio.wait_for(app(post_scope("/v1/chat/completions"), receive, send), 5)
-            rows = await _records_of(engine)
-        assert len(rows) == len(charged) + 1  # one more record: this request's
-        row = rows[-1]
-        charged[stack] = (row.outcome, row.output_tokens, row.cost_nanos)
+    charged = {
+        stack: await _left_after_the_headers(make_settings(), http_middleware=stack == "http")
+        for stack in ("plain", "http")
+    }
     print(f"client gone after the headers: {charged}")
-    assert charged["http-middleware"] == charged["plain"]
+    assert charged["http"] == charged["plain"]
     assert charged["plain"][:2] == ("client_disconnected", 4000)
 
 
@@ -574,43 +584,9 @@ async def test_a_client_gone_after_the_headers_is_charged_alike_on_an_asgi_2_4_s
     On an ASGI 2.4 server nobody listens; the first chunk's `send` raises OSError, as ASGI 2.4
     says: that chunk never reached the client, yet it counted as 'a byte of the answer was
     sent', and the request was charged its prompt alone (102,500 for 40,102,500 nano-USD)."""
-    charged: dict[str, tuple[str, int, int]] = {}
-    for spec in ("2.3", "2.4"):
-        app = FastAPI()
-
-        @app.post("/v1/chat/completions")
-        async def slow(request: Request) -> StreamingResponse:
-            await request.body()
-
-            async def events() -> AsyncIterator[bytes]:
-                await asyncio.sleep(1)  # the provider works: nothing streams yet
-                role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
-                chunk = {"id": "c", "object": "chat.completion.chunk", "choices": [role]}
-                yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
-                yield b"data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        app.add_middleware(BudgetMiddleware, settings=make_settings())
-        engine = engine_of(app)
-        body = json.dumps(chat("openai/gpt-4o", max_tokens=4000, stream=True)).encode()
-        receive = BodyThenGone(body)
-
-        async def send(message: Message, receive: BodyThenGone = receive, spec: str = spec) -> None:
-            if spec == "2.4" and receive.gone.is_set():
-                raise OSError("client disconnected")  # ASGI 2.4: send on a closed connection
-            if message["type"] == "http.response.start":  # the client leaves 0.2 s after them
-                asyncio.get_running_loop().call_later(0.2, receive.gone.set)
-
-        scope = post_scope("/v1/chat/completions")
-        scope["asgi"] = {"version": "3.0", "spec_version": spec}
-        async with running(app):
-            with contextlib.suppress(ClientDisconnect):  # Starlette's, from the OSError
-                await asyncio.wait_for(app(scope, receive, send), 5)
-            rows = await _records_of(engine)
-        assert len(rows) == len(charged) + 1  # one more record: this request's
-        row = rows[-1]
-        charged[spec] = (row.outcome, row.output_tokens, row.cost_nanos)
+    charged = {
+        spec: await _left_after_the_headers(make_settings(), spec) for spec in ("2.3", "2.4")
+    }
     print(f"client gone after the headers: {charged}")
     assert charged["2.4"] == charged["2.3"]
     assert charged["2.3"][:2] == ("client_disconnected", 4000)
