@@ -319,7 +319,8 @@ class Gate:
         else:
             target = self.resolve_target(parsed, path, credentials, ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
-        tools = body.find(b'"tools"') >= 0 and _server_tools(parsed)
+        # A key looked up, not a search of the body (a 100 KB prompt read whole for nothing)
+        tools = type(parsed) is dict and "tools" in parsed and _server_tools(parsed)
         references = 0
         images: list[tuple[int, int, int]] = []
         if may_reference(body):  # media by reference, or inline? (`core.media`): text has none
