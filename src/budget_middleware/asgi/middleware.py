@@ -304,10 +304,9 @@ class BudgetMiddleware:
             exchange.body = body
             await self.app(scope, exchange.replay, exchange.forward)
         except asyncio.CancelledError:
-            outcome = "client_disconnected"
-            # Cut by the server (its graceful timeout, a gone client's app killed) before any
-            # answer: the call was made, as when its client left before it (below).
-            exchange.left_unanswered = not exchange.body_sent
+            # Cut by the server (its graceful timeout, a gone client's app killed): as when its
+            # client left (below).
+            outcome = exchange.client_left()
             raise
         except BaseException:
             outcome = "upstream_error"
@@ -316,12 +315,10 @@ class BudgetMiddleware:
             metering.reset(marked)
             if not exchange.settled:  # as a rule, settled as the answer's last chunk went
                 if exchange.client_gone:  # as the last chunk went too (the send failed)
-                    outcome = "client_disconnected"
                     # Left before any answer, which the app then never gave (Django's ASGI
-                    # handler cancels the view): the call was made; its cost is not $0.
-                    # Its headers alone are no answer either (Django reads a sync stream
-                    # whole in a thread after them, and drops it all when the client left).
-                    exchange.left_unanswered = not exchange.body_sent
+                    # handler cancels the view), or after its headers alone (Django reads a
+                    # sync stream whole in a thread after them, and drops it all).
+                    outcome = exchange.client_left()
                 await exchange.settle(outcome)
 
 

@@ -248,17 +248,20 @@ class Exchange:
             # The answer's last chunk has gone: settled now, not when the app returns (Starlette
             # runs its background tasks after the answer, in the app's call: no slot held then).
             # In process without a coroutine of its own (`settle` would make one): `settle_now`.
-            outcome = "completed"
-            if self.client_gone:
-                # Ended after its client left (a `BaseHTTPMiddleware` inside ends the stream it
-                # cut with an empty last chunk): settled as the middleware's `finally` would,
-                # headers alone being no answer.
-                outcome = "client_disconnected"
-                self.left_unanswered = not self.body_sent
+            # Ended after its client left (a `BaseHTTPMiddleware` inside ends the stream it cut
+            # with an empty last chunk): settled as the middleware's `finally` would.
+            outcome = self.client_left() if self.client_gone else "completed"
             if self.engine.in_process:
                 self.book(self.charge(outcome))
             else:
                 await self.settle_shared(outcome)
+
+    def client_left(self) -> str:
+        """The outcome of an exchange whose client left (SPEC §8's `client_disconnected`). The
+        call was made: left before a byte of the answer's body went (headers alone are no
+        answer), its cost is the most it could have been, not $0 (`left_unanswered`)."""
+        self.left_unanswered = not self.body_sent
+        return "client_disconnected"
 
     async def read_file(self, path: str) -> None:
         """The answer as a file the server sends itself (`http.response.pathsend`: Starlette's
