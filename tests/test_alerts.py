@@ -1915,9 +1915,10 @@ async def test_shadow_mode_would_refuse_what_enforce_refuses_after_a_hold_ends(
 
 
 async def _off_key_then_on_key(
-    settings: BudgetSettings, prefix: str
+    settings: BudgetSettings, prefix: str, model: str = "gpt-4o"
 ) -> tuple[httpx.Response, httpx.Response]:
-    """A team's turned-off key's request runs while its active key's comes."""
+    """A team's turned-off key's request runs while its active key's comes (both naming
+    `model`: a route's name when it is `routed`)."""
     gate, entered = asyncio.Event(), asyncio.Event()
     upstream = FastAPI()
 
@@ -1938,29 +1939,35 @@ async def _off_key_then_on_key(
         team = m.create_team(name=f"t-{mode}", rate_limit={"max_concurrent_requests": 1})
         off = m.create_virtual_key(name=f"off-{mode}", team_id=team.id, is_active=False)
         on = m.create_virtual_key(name=f"on-{mode}", team_id=team.id)
+        if model.startswith("routed"):
+            model = f"routed-{mode}"
+            m.create_route(name=model, targets=["openai/gpt-4o", "azure/gpt-4o"])
         await engine.invalidate()
         held = asyncio.create_task(
-            http.post("/v1/chat/completions", json=chat("gpt-4o"),
+            http.post("/v1/chat/completions", json=chat(model),
                       headers={"authorization": f"Bearer {off.value}", "x-hold": "1"})
         )  # fmt: skip
         waited = asyncio.ensure_future(entered.wait())
         await asyncio.wait_for(asyncio.wait({held, waited}, return_when="FIRST_COMPLETED"), 10)
         waited.cancel()
         auth = {"authorization": f"Bearer {on.value}"}
-        other = await http.post("/v1/chat/completions", json=chat("gpt-4o"), headers=auth)
+        other = await http.post("/v1/chat/completions", json=chat(model), headers=auth)
         gate.set()
         return await held, other
 
 
+@pytest.mark.parametrize("model", ["gpt-4o", "routed"])
 @pytest.mark.parametrize("counters", ["in process", "redis"])
 async def test_shadow_mode_gives_a_request_enforce_refuses_for_its_key_no_slot(
-    make_settings: Callable[..., BudgetSettings], counters: str
+    make_settings: Callable[..., BudgetSettings], counters: str, model: str
 ) -> None:
     """A team of one request in flight, a key of it turned off: its request runs (403
     `virtual_key_inactive` in enforce, before any limit), and a request of the team's active
     key comes meanwhile. Enforce admits it; shadow mode said it would be refused
     (`concurrency_limit_exceeded`): the turned-off key's request, gone on, held the team's slot,
-    which enforce never gives it. Its limits are not asked now, as enforce asks none."""
+    which enforce never gives it. Its limits are not asked now, as enforce asks none. The same
+    naming a route (SPEC §12): the turned-off key's request was admitted on its first target's
+    limits, holding the slot, where one naming the target directly held none."""
     overrides: dict[str, Any] = {}
     prefix = ""
     if counters == "redis":
@@ -1971,7 +1978,7 @@ async def test_shadow_mode_gives_a_request_enforce_refuses_for_its_key_no_slot(
     for mode in ("enforce", "shadow"):
         settings = make_settings(mode=mode, **overrides)
         try:
-            answers = await _off_key_then_on_key(settings, prefix and f"{prefix}{mode}:")
+            answers = await _off_key_then_on_key(settings, prefix and f"{prefix}{mode}:", model)
         finally:
             if prefix:
                 delete_prefix(REDIS_URL, f"{prefix}{mode}:")
@@ -1982,7 +1989,10 @@ async def test_shadow_mode_gives_a_request_enforce_refuses_for_its_key_no_slot(
         else:
             assert [a.status_code for a in answers] == [200, 200]
             seen[mode] = [a.headers.get("x-budget-shadow-refusal") for a in answers]
-    print(f"{counters}: enforce refused {seen['enforce']}, shadow would refuse {seen['shadow']}")
+    print(
+        f"{counters}, {model}: enforce refused {seen['enforce']}, "
+        f"shadow would refuse {seen['shadow']}"
+    )
     assert seen["enforce"] == ["virtual_key_inactive", None]
     assert seen["shadow"] == seen["enforce"]
 

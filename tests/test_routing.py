@@ -387,8 +387,16 @@ async def test_routes_come_from_the_config_file(make_settings: Settings, tmp_pat
         '"seed": -9223372036854775809',
         '"top_p": NaN',
         '"user": "an emoji cut in half \\ud83d"',
+        '"temperature": 1e400',
     ],
-    ids=["text", "integer-over-64-bits", "19-digits-under-64-bits", "NaN", "lone-surrogate"],
+    ids=[
+        "text",
+        "integer-over-64-bits",
+        "19-digits-under-64-bits",
+        "NaN",
+        "lone-surrogate",
+        "float-over-a-double",
+    ],
 )
 async def test_a_routed_body_keeps_every_other_field_as_the_client_sent_it(
     make_settings: Settings, field: str
@@ -396,7 +404,9 @@ async def test_a_routed_body_keeps_every_other_field_as_the_client_sent_it(
     """The body the app gets names the target; the rest is what the client sent, even what only
     Python's own parser reads (integers over 64 bits, NaN, and half a surrogate pair, as a
     JavaScript client that cut a string through an emoji sends it: its rewriting raised
-    UnicodeEncodeError, a 500 for a request served unrouted)."""
+    UnicodeEncodeError, a 500 for a request served unrouted), and a number past a double's
+    range (`1e400`: orjson refuses it, the stdlib reads inf, and orjson wrote that back as
+    null, another value than the client's)."""
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
@@ -1102,3 +1112,66 @@ async def test_a_routed_azure_call_through_a_gateway_host_names_the_deployment_b
     print(f"x-budget-route {raw.headers.get('x-budget-route')}; sent {sent}")
     assert raw.headers["x-budget-route"] == other
     assert sent[0][0] == "/openai/deployments/gpt-4o-mini/chat/completions"
+
+
+def test_an_outbound_call_whose_body_cannot_be_rewritten_is_neither_sent_nor_charged(
+    make_settings: Settings,
+) -> None:
+    """A routed call through `BudgetTransport` / `BudgetSyncTransport` (SPEC §12, §13) whose
+    JSON orjson reads but neither orjson nor the stdlib writes back (nested 1,010 deep): its
+    body cannot be made to name the target, so the call fails before anything is sent. It was
+    charged all the same, as a call the provider received and never answered ($0.0017 of
+    prompt on gpt-4o each, and an SDK retries such a failure twice): nothing reached the
+    provider, nothing is owed."""
+    import httpx2
+
+    from budget_middleware import BudgetSyncTransport, BudgetTransport
+    from budget_middleware.engine.portal import shut_down_engines
+    from budget_middleware.outbound.transport import on_loop
+    from test_outbound import records
+
+    sent: list[bytes] = []
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request.content)
+        usage = {"prompt_tokens": 10, "completion_tokens": 1}
+        return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": usage})
+
+    deep = 1010
+    body = b'{"model": "gpt-4o", "messages": [], "x": ' + b"[" * deep + b"]" * deep + b"}"
+    url = "https://gateway.internal/v1/chat/completions"
+    headers = {"content-type": "application/json"}
+    settings = make_settings(flush_interval_seconds=3600)
+    engine = get_engine(settings)
+    failed: list[str] = []
+    try:
+        m = engine.manager
+        m.put_provider("openai", budgets=[{"max_limit": 1}])
+        m.create_route(**ROUTE)
+        sync = httpx2.Client(
+            transport=BudgetSyncTransport(httpx2.MockTransport(provider), settings)
+        )
+        on_loop(engine, engine.invalidate)
+        try:
+            sync.post(url, content=body, headers=headers)
+        except Exception as exc:  # what it raises is not the point
+            failed.append(type(exc).__name__)
+
+        async def call() -> None:
+            transport = BudgetTransport(httpx2.MockTransport(provider), settings)
+            async with httpx2.AsyncClient(transport=transport) as http:
+                try:
+                    await http.post(url, content=body, headers=headers)
+                except Exception as exc:
+                    failed.append(type(exc).__name__)
+
+        asyncio.run(call())
+        on_loop(engine, engine.flush)
+        rows = [(r["provider"], r["cost_nanos"], r["outcome"]) for r in records(engine)]
+        budget = m.list_budgets(from_memory=True, counters=engine.registry)[0]
+    finally:
+        shut_down_engines()
+    print(f"failed {failed}; sent {len(sent)}; charged {rows}; reserved ${budget.reserved}")
+    assert len(failed) == 2 and not sent
+    assert [cost for _, cost, _ in rows] == [0, 0]  # was 1,720,000 nano-dollars each
+    assert budget.spent == 0 and budget.reserved == 0

@@ -348,6 +348,12 @@ class Gate:
                         self._with_tools(candidate)
                     if shadowed is not None:  # the credentials' refusal first, as in enforce
                         candidate.would_refuse = shadowed
+                left = plan.candidates or plan.shadow_only
+                if shadowed is not None and left:
+                    # Refused before any target is tried, as enforce refuses it: it goes on
+                    # to the first target the key may use, its limits not asked, as one
+                    # naming that target does (`_refused_first`: no slot, no reservation).
+                    return left[0][1]
                 return plan
         if images:  # inline images and audio: the most their pixels or length are billed
             prompt_tokens += inline_image_tokens(target.model, images, self._audio_weight(target))
@@ -753,12 +759,16 @@ def _lenient(body: bytes) -> Any:
 # NaN or Infinity (orjson refuses them, and would write them as null). Searched for only in a
 # body the middleware may rewrite.
 _NOT_ORJSON = re.compile(rb"[0-9]{19}|NaN|Infinity")
+# ... nor a number of a 3-digit exponent, which may be past a double's range (`1e400`: orjson
+# refuses it, the stdlib reads inf, which orjson wrote back as null). Searched apart: led by a
+# literal, this search costs a fifth of the one above.
+_BIG_EXPONENT = re.compile(rb"[eE]\+?[0-9]{3}")
 
 
 def for_rewrite(parsed: Any, body: bytes) -> tuple[Any, bool]:
     """The request as `body_to_send` may rewrite it, and whether orjson may write it back (else
     it is the stdlib's reading, written back by the stdlib, so integers and NaN stay exact)."""
-    if _NOT_ORJSON.search(body) is None:
+    if _NOT_ORJSON.search(body) is None and _BIG_EXPONENT.search(body) is None:
         return parsed, True
     try:
         return json.loads(body), False

@@ -608,6 +608,7 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         if type(admitted) is ErrorAnswer:
             return meter.refused(lib.module, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
+        sent = None
         try:
             sent = meter.outgoing(lib.module, request, headers, names, exchange)
             marks = sent.extensions  # metered here: a transport of this engine further in
@@ -617,7 +618,8 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
             finally:
                 marks.pop(METERED_BY, None)  # a request sent again is metered again
         except BaseException as exc:
-            exchange.sent_unanswered = _sent(lib.module, exc)
+            # (a request its body could not be written for, `outgoing`, was never sent)
+            exchange.sent_unanswered = sent is not None and _sent(lib.module, exc)
             await _settled(meter, exchange, _failed(exc))
             raise
         return meter.metered_response(lib.module, request, response, exchange, lib.async_stream)
@@ -986,6 +988,7 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
         if type(admitted) is ErrorAnswer:
             return meter.refused(lib.module, request, admitted)
         exchange: Exchange = admitted  # type: ignore[assignment]
+        sent = None
         try:
             sent = meter.outgoing(lib.module, request, headers, names, exchange)
             marks = sent.extensions  # as the async transport marks it
@@ -995,7 +998,7 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
             finally:
                 marks.pop(METERED_BY, None)
         except BaseException as exc:
-            exchange.sent_unanswered = _sent(lib.module, exc)
+            exchange.sent_unanswered = sent is not None and _sent(lib.module, exc)
             meter.settle_sync(exchange, _failed(exc))
             raise
         return meter.metered_response(lib.module, request, response, exchange, lib.sync_stream)
