@@ -569,6 +569,40 @@ async def test_usage_is_grouped_in_the_database(settings: BudgetSettings) -> Non
         assert (await c.get("/usage?group_by=nope", headers=ADMIN)).status_code == 422
 
 
+async def test_usage_past_2_63_nano_dollars_is_reported_not_a_store_outage(
+    settings: BudgetSettings,
+) -> None:
+    """9,300 charges at the $1,000,000 a request is capped at: $9.3 billion, more nano-dollars
+    than a 64-bit integer holds. SQLite's sum() of integers raises "integer overflow" there, and
+    every `GET /usage` (the CLI's `usage`, the dashboard's chart and tiles) answered 503 "the
+    budget store cannot be reached" with `Retry-After: 1`, for good. The report adds them up."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert
+
+    from budget_middleware.core.money import MAX_CHARGE_NANOS
+    from budget_middleware.store.tables import UsageRecordRow
+
+    records = 9_300
+    async with admin_client(settings) as c:
+        await c.get("/customers", headers=ADMIN)  # starts the engine: the tables exist
+        store = get_engine(settings).store
+        at = datetime(2026, 1, 2, tzinfo=UTC)
+        with store.session() as s:
+            s.execute(insert(UsageRecordRow), [
+                {"request_id": f"r{i}", "created_at": at, "provider": "openai", "model": "gpt-4o",
+                 "tags": ["a"], "cost_nanos": MAX_CHARGE_NANOS, "cost": 1e6}
+                for i in range(records)
+            ])  # fmt: skip
+            s.commit()
+        found = {}
+        for group_by in ("model", "tag", "day", "virtual_key"):
+            r = await c.get(f"/usage?group_by={group_by}", headers=ADMIN)
+            found[group_by] = (r.status_code, r.json().get("total", {}).get("cost"))
+    print("status and total USD by group:", found)
+    assert found == {g: (200, records * 1e6) for g in ("model", "tag", "day", "virtual_key")}
+
+
 async def test_a_usage_period_that_ends_before_it_starts_is_a_422_naming_both(
     settings: BudgetSettings,
 ) -> None:
@@ -1444,3 +1478,108 @@ async def test_budgets_by_owner_id_alone_find_a_provider_by_any_spelling(tmp_pat
     await get_engine(settings).shutdown()
     print("budgets found by type and name, by name alone:", found)
     assert found == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"reset_duration": "1M"},
+        {"reset_duration": None},
+        {"reset_duration": "1d", "calendar_aligned": True},
+    ],
+    ids=["daily-to-monthly", "daily-to-lifetime", "calendar-aligned"],
+)
+async def test_live_answers_show_a_budget_s_new_terms_before_its_next_request(
+    tmp_path: Path, change: dict[str, Any]
+) -> None:
+    """A key's daily budget, spent once, made monthly (or lifetime, or calendar-aligned) through
+    the admin API. The store's answer moved its window (SPEC §9: changing a limit keeps its
+    usage); the live answers (`from_memory=true`, the dashboard's bars, the key's own
+    `GET /virtual-keys/quota`) kept the old day's window until the key's next request in this
+    process: `reset_duration` "1M", `period_label` "monthly", but `period_end` tomorrow and
+    `period_seconds` 86400. They show the window that request will count in."""
+    from support import chat, client, host_app, running
+
+    settings = admin_settings(tmp_path)
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    fields = ("spent", "period_start", "period_end", "period_seconds", "period_label")
+    async with running(app), client(app) as http:
+        body = {"name": "k", "budgets": [{"max_limit": 10, "reset_duration": "1d"}]}
+        key = (await http.post("/admin/virtual-keys", json=body, headers=ADMIN)).json()
+        key = key["virtual_key"]
+        auth = {"Authorization": f"Bearer {key['value']}"}
+        assert (
+            await http.post("/v1/chat/completions", json=chat(), headers=auth)
+        ).status_code == 200
+        await get_engine(settings).flush()
+        budget = {"id": key["budgets"][0]["id"], "max_limit": 10, **change}
+        r = await http.put(f"/admin/virtual-keys/{key['id']}", json={"budgets": [budget]},
+                           headers=ADMIN)  # fmt: skip
+        assert r.status_code == 200, r.text
+
+        async def answers() -> dict[str, tuple[Any, ...]]:
+            found = {}
+            for name, path, headers in (
+                ("store", "/admin/budgets", ADMIN),
+                ("live", "/admin/budgets?from_memory=true", ADMIN),
+                ("quota", "/admin/virtual-keys/quota", auth),
+            ):
+                b = (await http.get(path, headers=headers)).json()["budgets"][0]
+                found[name] = tuple(b[f] for f in fields)
+            return found
+
+        before = await answers()
+        assert (
+            await http.post("/v1/chat/completions", json=chat(), headers=auth)
+        ).status_code == 200
+        after = await answers()
+    print("before the next request:", before)
+    print("after it:", after)
+    assert before["live"] == before["store"] == before["quota"]
+    # the next request counts in the window shown before it
+    assert after["live"][1:] == before["live"][1:] and after["live"][0] > before["live"][0]
+
+
+async def test_live_answers_show_a_rate_window_s_new_duration_before_its_next_request(
+    tmp_path: Path,
+) -> None:
+    """The same for a rate limit: 60 requests an hour made 60 a minute. The store's answer
+    started the minute that holds now (`request_last_reset`); `from_memory=true` kept the
+    hour's start, ten minutes back, until the key's next request."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlmodel import select
+
+    from budget_middleware.store.tables import RateLimitRow
+    from support import chat, client, host_app, running
+
+    settings = admin_settings(tmp_path)
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    engine = get_engine(settings)
+    async with running(app), client(app) as http:
+        rate = {"request_max_limit": 60, "request_reset_duration": "1h"}
+        body = {"name": "k", "rate_limit": rate}
+        key = (await http.post("/admin/virtual-keys", json=body, headers=ADMIN)).json()
+        key = key["virtual_key"]
+        with engine.store.session() as s:  # its current hour began ten minutes ago
+            row = s.exec(select(RateLimitRow)).one()
+            row.request_last_reset = datetime.now(UTC) - timedelta(hours=3, minutes=10)
+            s.add(row)
+            s.commit()
+        await engine.invalidate()
+        auth = {"Authorization": f"Bearer {key['value']}"}
+        sent = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+        assert sent.status_code == 200
+        await engine.flush()
+        body = {"rate_limit": {**rate, "request_reset_duration": "1m"}}
+        r = await http.put(f"/admin/virtual-keys/{key['id']}", json=body, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        found = {}
+        for name, query in (("store", ""), ("live", "?from_memory=true")):
+            answer = (await http.get(f"/admin/rate-limits{query}", headers=ADMIN)).json()
+            limit = answer["rate_limits"][0]
+            found[name] = (limit["request_current_usage"], limit["request_last_reset"])
+    print("requests counted and window start, by answer:", found)
+    assert found["live"] == found["store"]

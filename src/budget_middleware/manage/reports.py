@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from sqlalchemy import String, case, cast, func, update
 from sqlmodel import Session, col, select
 
-from budget_middleware.core.money import usd_from_nanos
+from budget_middleware.core.money import NANOS_PER_USD, usd_from_nanos
 from budget_middleware.core.times import utc_or_none
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.exceptions import InvalidRequest, NotFound
@@ -180,13 +180,20 @@ def usage(s: Session, group_by: str, start: datetime | None, end: datetime | Non
         func.coalesce(func.sum(UsageRecordRow.input_tokens), 0),
         func.coalesce(func.sum(UsageRecordRow.output_tokens), 0),
         func.coalesce(func.sum(UsageRecordRow.cached_tokens), 0),
-        func.coalesce(func.sum(UsageRecordRow.cost_nanos), 0),
+        # Nano-dollars summed as whole dollars and the nano-dollars left over: SQLite's sum()
+        # of integers fails past 2**63 ($9.2 billion, 9,224 charges at the $1,000,000 cap),
+        # the whole report a 503 "store cannot be reached"; each part is far from it.
+        func.coalesce(func.sum(UsageRecordRow.cost_nanos // NANOS_PER_USD), 0),
+        func.coalesce(func.sum(UsageRecordRow.cost_nanos % NANOS_PER_USD), 0),
     )
     if start is not None:
         query = query.where(col(UsageRecordRow.created_at) >= start)
     if end is not None:
         query = query.where(col(UsageRecordRow.created_at) < end)
-    rows: Sequence[tuple[Any, ...]] = s.exec(query.group_by(group)).all()
+    rows: Sequence[tuple[Any, ...]] = [
+        (*sums[:5], int(sums[5]) * NANOS_PER_USD + int(sums[6]))
+        for sums in s.exec(query.group_by(group)).all()
+    ]
     # The total of the same read (a second query saw the records written since): each group
     # holds records no other holds, by tag too before a record with two tags is split in two.
     total = _total(rows)

@@ -145,9 +145,12 @@ def budget_out(
 ) -> BudgetOut:
     """One budget with its status; from the live counter when `counters` has one."""
     live: WindowCounter | None = counters.counter("budget", row.id) if counters else None
-    if live is not None and live.duration is not None and live.start:
+    moved = _moved(live, row.reset_duration, row.calendar_aligned, row.last_reset, now)
+    if moved is not None:
+        used, start, end = moved
+    elif live is not None and live.duration is not None and live.start:
         if now.timestamp() < live.end:
-            start: datetime = from_ts(live.start)
+            start = from_ts(live.start)
             end = from_ts(live.end) if live.end != float("inf") else None
             used = live.value
         else:  # its window has ended and no request has rolled it yet: a new window, unused
@@ -185,6 +188,27 @@ def budget_out(
     )
 
 
+def _moved(
+    live: WindowCounter | None,
+    reset_duration: str | None,
+    calendar_aligned: bool,
+    last_reset: datetime,
+    now: datetime,
+) -> tuple[int, datetime, datetime | None] | None:
+    """A live counter whose terms (duration, calendar alignment) were changed since this process
+    last used it still holds the old terms' window: an hourly budget made monthly read "resets
+    in an hour" until the owner's next request. Its usage and current window as that request
+    takes them (`WindowCounter.configure`): the new terms' window from the later anchor, the
+    usage carried over unless that window begins where the old one ended or later. None when
+    there is no live counter or its terms are the row's."""
+    terms = parse_duration(reset_duration)
+    if live is None or (live.duration, live.calendar_aligned) == (terms, calendar_aligned):
+        return None
+    anchor = max(utc(last_reset), from_ts(live.anchor))
+    start, end = current_window(reset_duration, anchor, calendar_aligned, now)
+    return (0 if start.timestamp() >= live.end else live.value), start, end
+
+
 def spend_and_window(
     amount: int, used: int, start: datetime, end: datetime | None, now: datetime
 ) -> dict[str, Any]:
@@ -216,6 +240,9 @@ def _rate_usage(
     live = counters.counter(kind, row.id) if counters else None
     duration: str | None = getattr(row, f"{kind}_reset_duration")
     last_reset: datetime = utc(getattr(row, f"{kind}_last_reset"))
+    moved = _moved(live, duration, False, last_reset, now)
+    if moved is not None:
+        return moved[0], moved[1]
     if duration is None:
         return (live.value if live is not None else 0), last_reset
     if live is not None and live.start and now.timestamp() < live.end:
