@@ -454,6 +454,38 @@ async def test_a_second_anthropic_message_cut_short_is_charged_its_streamed_text
     assert (row.input_tokens, row.output_tokens, row.estimated) == (20, 2000 + 1000, True)
 
 
+@pytest.mark.parametrize(
+    ("shape", "end"),
+    [("chat", "cut"), ("chat", "done"), ("responses", "cut")],
+    ids=["chat-cut", "chat-done-without-its-usage", "responses-cut"],
+)
+async def test_a_second_openai_completion_cut_short_is_charged_its_prompt_and_text(
+    settings: BudgetSettings, shape: str, end: str
+) -> None:
+    """A tool loop's first turn streamed whole (10,000 in, 500 out, its usage), the second
+    (another `id`) cut after 4,000 characters, or ended by `[DONE]` without its usage: the
+    first's usage left the stream complete, and the second was charged as more text of the
+    first (10,000 in, 1,001 out: its prompt lost, and the first's 500 output tokens replaced
+    by the characters of both), not as the Anthropic message after another is."""
+    if shape == "chat":
+        head = {"id": "c2", "object": "chat.completion.chunk", "usage": None}
+        text = {"index": 0, "delta": {"content": "y" * 400}}
+        second = [event({**head, "choices": [text]}) for _ in range(10)]
+    else:
+        response = {"id": "r2", "object": "response", "model": "gpt-4o", "usage": None}
+        second = [event({"type": "response.created", "response": response}, "response.created")]
+        delta = {"type": "response.output_text.delta", "delta": "y" * 400}
+        second += [event(delta, "response.output_text.delta") for _ in range(10)]
+    if end == "done":
+        second.append(b"data: [DONE]\n\n")
+    request = {**STREAM_REQUEST, "max_tokens": 5000}
+    row = await charged(settings, SSE, _completion(1, shape) + second, request)
+    prompt = row.input_tokens - 10_000  # the second's: the request's estimate
+    assert 0 < prompt < 100
+    assert (row.output_tokens, row.estimated) == (500 + 1000, True)
+    assert row.cost_nanos == cost(10_000 + prompt, 1500)
+
+
 async def test_a_post_in_lower_case_is_metered(settings: BudgetSettings) -> None:
     """h11 passes the method on as sent, and Django's ASGI handler upper-cases it: `post`
     reached the app's POST view unmetered, past every limit."""

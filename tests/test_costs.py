@@ -976,6 +976,62 @@ async def test_openai_cache_writes_are_priced_at_the_cache_write_rate(
     assert row.cost_nanos == want
 
 
+# A gateway's chat usage of a Claude answer whose `prompt_tokens` leaves cache tokens out, and
+# what Anthropic billed: (usage, input, cache reads, cache writes, output).
+_GATEWAY_CACHE: dict[str, tuple[dict[str, Any], int, int, int, int]] = {
+    # the cache reads in the total alone (prompt 80 + completion 173 + reads 297 = 550)
+    "reads-in-the-total": (
+        {
+            "prompt_tokens": 80,
+            "completion_tokens": 173,
+            "total_tokens": 550,
+            "cache_read_input_tokens": 297,
+        },
+        377,
+        297,
+        0,
+        173,
+    ),
+    # LiteLLM's of mid-2025: `prompt_tokens` the input and the reads, the writes apart
+    "writes-apart": (
+        {
+            "prompt_tokens": 12,
+            "completion_tokens": 50,
+            "total_tokens": 62,
+            "prompt_tokens_details": {"cached_tokens": 10},
+            "cache_read_input_tokens": 10,
+            "cache_creation_input_tokens": 5_000,
+        },
+        5_012,
+        10,
+        5_000,
+        50,
+    ),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("shape", list(_GATEWAY_CACHE))
+async def test_cache_tokens_a_gateway_s_prompt_count_leaves_out_are_charged(
+    make_settings: Settings, stream: bool, shape: str
+) -> None:
+    """A gateway's chat usage beside Anthropic's cache fields whose `prompt_tokens` leaves cache
+    tokens out (its total counts them beyond the prompt, or the writes cannot fit in it beside
+    the reads): they were read as subsets of the prompt, cut to fit it (297 reads charged as 80
+    of the prompt's own tokens; 5,000 writes as 2), though Anthropic bills every one."""
+    usage, inp, read, write, out = _GATEWAY_CACHE[shape]
+    model = "claude-sonnet-4-20250514"
+    answer = chat_answer(usage, stream, model)
+    row = await charged_for(make_settings, "/v1/chat/completions", f"anthropic/{model}", answer)
+    billed = Usage(
+        input_tokens=inp, cache_read_tokens=read, cache_write_tokens=write, output_tokens=out
+    )
+    want = nanos(billed, model, "anthropic")
+    print(f"{shape}: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert (row.input_tokens, row.cached_tokens, row.output_tokens) == (inp, read, out)
+    assert row.cost_nanos == want
+
+
 @pytest.mark.parametrize("asked", [True, False], ids=["asked", "app's choice"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_anthropic_fast_mode_is_charged_its_prices(

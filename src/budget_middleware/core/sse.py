@@ -293,6 +293,7 @@ class StreamMeter:
         "speech_chars",
         "text_at_usage",
         "text_chars",
+        "unreported",
         "usage",
     )
 
@@ -304,6 +305,7 @@ class StreamMeter:
         self.text_at_usage = 0
         self.gave_up = False
         self.failed = False  # an error event was read (see the class's doc)
+        self.unreported = False  # a completion streams after the last usage, none of its own
         self.model: str | None = None
         self._drop = drop_usage_chunk
         self._decoder: SSEDecoder | None = SSEDecoder()  # None: gave up reading (see _MAX_PENDING)
@@ -440,9 +442,13 @@ class StreamMeter:
             self._see_model(body.get("model"))
         choices = body.get("choices")
         if isinstance(choices, list):
+            made = 0
             for choice in choices:
                 if isinstance(choice, dict):
-                    self.text_chars += _choice_chars(choice, self)
+                    made += _choice_chars(choice, self)
+            if made and self._own is not None and body.get("id") != self._usage_id:
+                self._next_completion(body.get("id"))
+            self.text_chars += made
         elif body.get("error") is not None or body.get("type") == "error":  # see `failed`
             self.failed = True
         usage = body.get("usage")
@@ -493,17 +499,34 @@ class StreamMeter:
             response = body.get("response")
             if isinstance(response, dict):
                 self._see_model(response.get("model"))
+                ident = response.get("id")
+                if kind == "response.created" and self._own is not None and ident != self._usage_id:
+                    self._next_completion(ident)  # another response, after one's usage
                 usage = response.get("usage")
                 if isinstance(usage, dict):
                     found = usage_from_mapping(usage)
                     if found is not None:
                         found.service_tier = tier_name(response.get("service_tier"))
-                        found = self._of_completion(response.get("id"), found)
+                        found = self._of_completion(ident, found)
                     self._take(found)
             if kind in ("response.completed", "response.incomplete"):
                 self.completed = True
             elif kind == "response.failed":
                 self.failed = True
+
+    def _next_completion(self, ident: object) -> None:
+        """Text of another `id` after a completion's usage (or another response created after
+        one's): the next completion of a tool loop's turns streamed as one answer. Until its
+        own usage comes it is `unreported`: cut before it (or its usage left out), it is
+        charged its prompt and its streamed text, beside the completions before it, as a
+        second Anthropic message is."""
+        assert self._own is not None
+        self._earlier = _added(self._earlier, self._own)
+        self._own = None
+        self._usage_id = ident
+        self._text_start = self.text_chars
+        self.completed = False  # the answer goes on: this completion has to end too
+        self.unreported = True
 
     def _of_completion(self, ident: object, usage: TokenUsage) -> TokenUsage:
         """An OpenAI completion's or response's usage, with those of the ones before it in the
@@ -546,6 +569,7 @@ class StreamMeter:
         if usage is not None:
             self.usage = usage
             self.text_at_usage = self.text_chars
+            self.unreported = False
 
     def _see_model(self, model: object) -> None:
         if isinstance(model, str) and model:

@@ -182,15 +182,19 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             read = _count(read)  # None counts 0
         if type(out_details := usage.get("completion_tokens_details")) is dict:
             spoken = out_details.get("audio_tokens")
-        total = usage.get("total_tokens")
-        if type(total) is int and total > prompt + output and (prompt or output):
-            output += _reasoning_apart(usage, out_details, total - prompt - output)
         if "cache_creation_input_tokens" in usage:
             write = usage["cache_creation_input_tokens"]
         if write is None:
             write = 0
         elif type(write) is not int or write < 0:
             write = _count(write)
+        total = usage.get("total_tokens")
+        if type(total) is int and total > prompt + output and (prompt or output):
+            output += _reasoning_apart(usage, out_details, total - prompt - output)
+        if (prompt or output) and (
+            "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage
+        ):
+            prompt = _gateway_prompt(prompt, output, total, read, write)
         if not (prompt or output) and ("input_tokens" in usage or "output_tokens" in usage):
             # Both shapes, the OpenAI counts null or 0 (a gateway's): the other shape's counts
             prompt, output, read, write = _input_output(usage)
@@ -254,6 +258,19 @@ def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
     read = _count(usage.get("cache_read_input_tokens"))
     write = _count(usage.get("cache_creation_input_tokens"))
     return _count(usage.get("input_tokens")) + read + write, output, read, write
+
+
+def _gateway_prompt(prompt: int, output: int, total: object, read: int, write: int) -> int:
+    """The prompt of a gateway's chat usage beside Anthropic's cache fields, with the cache
+    reads and writes its `prompt_tokens` leaves out: those its `total_tokens` counts beyond the
+    prompt and completion (up to the reads and writes), and writes that cannot fit in the
+    prompt beside its reads (LiteLLM's Anthropic usage of mid-2025: `prompt_tokens` is the
+    input and the cache reads, the writes apart). Anthropic bills every one of them."""
+    if type(total) is int and total > prompt + output:
+        prompt += min(total - prompt - output, read + write)
+    if read <= prompt and write > prompt - read:
+        prompt += write
+    return prompt
 
 
 def _reasoning_apart(usage: Mapping[str, Any], details: object, left_out: int) -> int:

@@ -459,7 +459,7 @@ class Exchange:
                     output_tokens=max(usage.output_tokens, stream.streamed_output(), most),
                     cost=None,
                 )
-            if stream.completed:
+            if stream.completed and not stream.unreported:
                 if stream.text_chars == stream.text_at_usage:  # the usual end: usage last
                     return usage
                 # Text went on after the last usage the stream reported: it counts too.
@@ -469,14 +469,21 @@ class Exchange:
                 self.estimated = True
                 return replace(usage, output_tokens=streamed)
             # Cut before its end: Anthropic reported its input at the start, but the output so
-            # far is only in the streamed text.
+            # far is only in the streamed text. A completion after the last usage that reported
+            # none of its own (`unreported`): its prompt too, beside those before it.
             streamed = stream.streamed_output()
             self.estimated = True
+            prompt = usage.input_tokens or self.prompt_tokens
+            cost = None
+            if stream.unreported:
+                prompt = usage.input_tokens + self.prompt_tokens
+                if self.price is None:  # what those before it reported they cost, not $0
+                    cost = usage.cost
             return replace(
                 usage,
-                input_tokens=usage.input_tokens or self.prompt_tokens,
+                input_tokens=prompt,
                 output_tokens=max(usage.output_tokens, streamed),
-                cost=None,
+                cost=cost,
             )
         parts = self.json_parts
         if parts:
