@@ -1578,6 +1578,48 @@ def test_an_app_failing_before_its_first_chunk_costs_nothing(
         ("upstream_error", 500, 0)]  # fmt: skip
 
 
+@pytest.mark.parametrize("kind", ["function", "generator"])
+def test_an_app_the_server_stops_mid_call_is_charged_as_under_asgi(
+    make_settings: Settings, kind: str
+) -> None:
+    """gunicorn's default (`sync`) worker stops a request that outlives `--timeout` (30 s: a
+    long LLM call) by raising SystemExit in it (its SIGABRT handler; Ctrl+C's SIGINT does
+    likewise): the call was made, the provider bills it. It was recorded as the app's own
+    failure, a 500 costing $0, and each such call was free; under ASGI a request the server
+    cuts before its answer is charged its most output (as its reservation counted it). So it
+    is under WSGI: a disconnect, charged that most."""
+
+    def calling(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read()
+        raise SystemExit(1)  # raised in the provider call by the worker's signal handler
+
+    def generated(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()  # a stream relayed: the call is made at the first next()
+        raise SystemExit(1)
+        yield b""  # a generator
+
+    app = calling if kind == "function" else generated
+    middleware = BudgetWSGIMiddleware(app, make_settings(flush_interval_seconds=3600))
+    engine = middleware.engine
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 10}], rate_limit={"max_concurrent_requests": 1}
+    )
+    environ = posted(json.dumps(chat(max_tokens=1000)).encode(), key.value or "")
+    answer: Any = None
+    with pytest.raises(SystemExit):
+        answer = middleware(environ, lambda status, headers, exc_info=None: None)
+        next(iter(answer))
+    if answer is not None:
+        answer.close()  # as the server does on its way out (`finally:`)
+    rows = records(engine)
+    print(f"{kind}: stopped by the server mid-call: {rows}")
+    assert [(r["outcome"], r["estimated"], r["output_tokens"]) for r in rows] == [
+        ("client_disconnected", 1, 1000)]  # fmt: skip
+    assert rows[0]["cost_nanos"] > 0
+    assert not any(slots.in_flight for slots in engine.registry.concurrency.values())
+
+
 def test_a_body_shorter_than_its_content_length_is_not_admitted(make_settings: Settings) -> None:
     """A client gone mid-body: the app is not called, nothing is counted (ASGI's disconnect)."""
     seen: list[bytes] = []
@@ -1882,6 +1924,52 @@ def test_a_client_gone_under_write_is_a_disconnect(make_settings: Settings, how:
         answer.close()  # as the server does with what it was given
     rows = records(engine)
     print(f"{how}: {len(sent)} events sent; recorded {rows}")
+    assert len(sent) == 3
+    assert [(r["status"], r["outcome"], r["estimated"]) for r in rows] == [
+        (200, "client_disconnected", 1)]  # fmt: skip
+    assert not any(slots.in_flight for slots in engine.registry.concurrency.values())
+
+
+def test_a_client_gone_under_write_that_the_app_stops_for_is_a_disconnect(
+    make_settings: Settings,
+) -> None:
+    """An app relaying with PEP 3333's `write()` that stops when the server says its client is
+    gone (`except OSError: break`) and returns normally: the answer then ends, but not where its
+    stream does. It was recorded as `completed`; it is a `client_disconnected`, as when the
+    error goes through the app (the test above), and as under ASGI."""
+    base = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+    events = [
+        b"data: " + json.dumps({**base, "choices": [{"delta": {"content": f"w{i} "}}]}).encode()
+        for i in range(20)
+    ]
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read()
+        write = start_response("200 OK", [("content-type", "text/event-stream")])
+        for event in events:
+            try:
+                write(event + b"\n\n")
+            except OSError:
+                break  # the client is gone: stop relaying
+        return []
+
+    wrapped = BudgetWSGIMiddleware(app, make_settings())
+    engine = wrapped.engine
+    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 1})
+    sent: list[bytes] = []
+
+    def send(data: bytes) -> None:  # the server's: the client is gone after 3 events
+        if len(sent) == 3:
+            raise ConnectionResetError("client gone")
+        sent.append(data)
+
+    environ = posted(json.dumps(chat(stream=True)).encode(), key.value or "")
+    answer: Any = wrapped(environ, lambda status, headers, exc_info=None: send)
+    for chunk in answer:
+        send(chunk)
+    answer.close()
+    rows = records(engine)
+    print(f"{len(sent)} events sent; recorded {rows}")
     assert len(sent) == 3
     assert [(r["status"], r["outcome"], r["estimated"]) for r in rows] == [
         (200, "client_disconnected", 1)]  # fmt: skip

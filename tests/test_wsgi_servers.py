@@ -520,3 +520,85 @@ def test_a_charge_settled_after_the_worker_exit_hook_s_shutdown_is_written(
     count, costs, total, usage = written(url, key["id"])
     print(f"records {count}, costs {sorted(costs)}, recorded {total}, budget spend {usage}")
     assert count == 2 and total == usage and len(costs) == 2
+
+
+SLOW_APP = """
+import json, sys, time
+sys.path.insert(0, {examples!r})
+from flask_app import create_app, fake_completion
+from flask import Response, request
+
+app = create_app()
+
+
+@app.post("/v1/slow/chat/completions")
+def slow():  # a provider call that outlives gunicorn's --timeout
+    body = request.get_json(force=True)
+    time.sleep(10)
+    return Response(json.dumps(fake_completion(body)), content_type="application/json")
+"""
+
+
+def test_a_call_gunicorn_s_sync_worker_times_out_is_charged(tmp_path: Path) -> None:
+    """gunicorn's default worker (`sync`) stops a request that outlives `--timeout` by raising
+    SystemExit in it, then exits (what is pending is written at its exit). The provider call
+    it cut was made and is billed; it was recorded as a 500 costing $0. It is charged its most
+    output, as under ASGI a request its server cuts before its answer is."""
+    url = f"sqlite:///{tmp_path}/timeout.db"
+    (tmp_path / "slow_app.py").write_text(SLOW_APP.format(examples=str(ROOT / "examples")))
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-w", "1", "--timeout", "2",
+               "-b", f"127.0.0.1:{port}", "--chdir", str(tmp_path), "slow_app:app"]  # fmt: skip
+    with server(command, base_env(url), port) as process:
+        key = make_key(port, "alice", 10**10)
+        body = json.loads(BODY)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/slow/chat/completions",
+                     body=json.dumps({**body, "max_tokens": 1000}).encode(),
+                     headers={"authorization": f"Bearer {key['value']}"})  # fmt: skip
+        status = conn.getresponse().status  # gunicorn's 500, as its worker goes
+        conn.close()
+        wait_for_port(port, 30)  # a new worker
+        assert stopped(process) == 0
+    count, _, total, usage = written(url, key["id"])
+    print(
+        f"a call cut by the worker timeout (answered {status}): {count} record(s), "
+        f"charged {total} nano-USD, budget spend {usage}"
+    )
+    assert count == 1 and total == usage
+    assert total >= 1000 * 600  # its 1000 output tokens of gpt-4o-mini at $0.60 a million
+
+
+@pytest.mark.parametrize("how", ["waitress", "flask run"])
+def test_a_call_in_flight_when_the_server_exits_is_charged(tmp_path: Path, how: str) -> None:
+    """waitress (on SIGINT, after its 5 s of grace) and `flask run` (on Ctrl-C) exit with a
+    request thread still in the app's provider call, which was made and is billed. It was
+    settled at exit as a disconnect that had streamed nothing: $0. It is charged its most
+    output, as under ASGI a request its server cuts before its answer is."""
+    url = f"sqlite:///{tmp_path}/exit.db"
+    (tmp_path / "slow_app.py").write_text(SLOW_APP.format(examples=str(ROOT / "examples")))
+    port = free_port()
+    env = base_env(url, PYTHONPATH=f"{ROOT / 'src'}:{tmp_path}")
+    if how == "waitress":
+        command = [sys.executable, "-m", "waitress", "--threads=4", f"--listen=127.0.0.1:{port}",
+                   "slow_app:app"]  # fmt: skip
+    else:
+        command = [sys.executable, "-m", "flask", "--app", "slow_app", "run", "--port", str(port)]
+    with server(command, env, port, stop=signal.SIGINT) as process:
+        key = make_key(port, "alice", 10**10)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/slow/chat/completions",
+                     body=json.dumps({**json.loads(BODY), "max_tokens": 1000}).encode(),
+                     headers={"authorization": f"Bearer {key['value']}"})  # fmt: skip
+        time.sleep(1)  # the request in the app's call
+        try:
+            assert stopped(process, signal.SIGINT) == 0
+        finally:
+            conn.close()
+    count, _, total, usage = written(url, key["id"])
+    print(
+        f"{how}: a call in flight at exit: {count} record(s), charged {total} nano-USD, "
+        f"budget spend {usage}"
+    )
+    assert count == 1 and total == usage
+    assert total >= 1000 * 600  # its 1000 output tokens of gpt-4o-mini at $0.60 a million

@@ -396,10 +396,8 @@ class BudgetWSGIMiddleware:
             environ["CONTENT_LENGTH"] = str(len(body))  # its length known: no longer chunked
             environ.pop("HTTP_TRANSFER_ENCODING", None)
             response.iterable = self.app(environ, response.start_response)
-        except BaseException:
-            if not response.wrote:  # nothing sent: the server answers 500 (an error costs nothing)
-                exchange.status = 500
-            response.failed = True
+        except BaseException as exc:
+            response.raised(exc)
             response.settle(response.cut())
             raise
         return response
@@ -647,10 +645,13 @@ os.register_at_fork(after_in_child=_open.clear)  # the parent's answers are the 
 def _settle_open() -> None:
     """At exit: the answers a server's daemon threads still serve (waitress past its 5 s of
     grace, `flask run`, `runserver`) will never end; each is settled now as cut there, charged
-    what it streamed, before the engines write what is pending."""
+    what it streamed, before the engines write what is pending. One of which nothing was sent
+    yet (the app still in its provider call) made that call: charged its most output, as ASGI
+    charges a request its server cuts before its answer."""
     for ref in list(_open.values()):
         response = ref()
-        if response is not None:
+        if response is not None and not response.once.done:
+            response.exchange.left_unanswered = not response.wrote
             response.settle(response.cut())
 
 
@@ -751,17 +752,33 @@ class MeteredResponse:
             if self.done:
                 raise
             self.done = True
-            last = self.exchange.on_chunk(b"", False)
-            self.settle("completed")
+            exchange = self.exchange
+            last = exchange.on_chunk(b"", False)
+            # Ended after a `write()` the server could not send (the app stopped for it and
+            # returned): its client was gone, as under ASGI.
+            self.settle("client_disconnected" if exchange.client_gone else "completed")
             if last:
                 return last
             raise
-        except BaseException:
-            self.failed = True
-            if not self.wrote:  # nothing sent: the server answers 500 (an error costs nothing)
-                self.exchange.status = 500
+        except BaseException as exc:
+            self.raised(exc)
             raise
         return self._passed(self.exchange.on_chunk(chunk, True))
+
+    def raised(self, exc: BaseException) -> None:
+        """The app raised `exc`: its own failure (nothing sent, the server answers 500, and an
+        error costs nothing), or the server stopping it with no Exception of the app's
+        (gunicorn's sync worker past `--timeout` raises SystemExit in it, Ctrl+C
+        KeyboardInterrupt): a call that was made, settled as ASGI's cut by its server, a
+        disconnect charged its most output when nothing of its answer was sent."""
+        self.failed = True  # (not read to its end at `close()`, either way)
+        exchange = self.exchange
+        if isinstance(exc, Exception):
+            if not self.wrote:
+                exchange.status = 500
+        else:
+            exchange.client_gone = True
+            exchange.left_unanswered = not self.wrote
 
     def close(self) -> None:
         """Called by the server once the answer is sent, or given up (a client gone). A JSON
