@@ -392,6 +392,44 @@ def test_django_s_test_client_is_not_metered_and_the_wrapped_application_is(site
     assert django_statuses == [200, 200] and wrapped == [200, 402]
 
 
+@pytest.mark.parametrize(
+    "middleware",
+    ["budget_middleware.wsgi.BudgetWSGIMiddleware", "budget_middleware.BudgetMiddleware"],
+)
+def test_a_middleware_listed_in_django_s_middleware_setting_fails_saying_where_it_goes(
+    site: None, middleware: str
+) -> None:
+    """Listed in `settings.MIDDLEWARE` (a Django user's first guess), either middleware was
+    built around Django's request handler and failed every request with a `TypeError`
+    (`__call__() missing 1 required positional argument: 'start_response'`), under the WSGI
+    and the ASGI handler alike. Django loading its middleware now stops with a
+    `ConfigurationError` that says to wrap the application in wsgi.py or asgi.py."""
+    from django.test import AsyncClient, Client, override_settings
+
+    from budget_middleware import ConfigurationError
+
+    chain = ["django.middleware.common.CommonMiddleware", middleware]
+    failures: list[str] = []
+    with override_settings(MIDDLEWARE=chain):
+        for call in (
+            lambda: Client().post(
+                "/v1/chat/completions", data=chat(), content_type="application/json"
+            ),
+            lambda: asyncio.run(
+                AsyncClient().post(
+                    "/v1/chat/completions", data=chat(), content_type="application/json"
+                )
+            ),
+        ):
+            with pytest.raises(ConfigurationError) as raised:
+                call()
+            failures.append(str(raised.value))
+    print(failures)
+    assert all(
+        "settings.MIDDLEWARE" in text and "get_wsgi_application()" in text for text in failures
+    )
+
+
 def test_the_admin_urls_included_under_a_path_that_begins_with_their_prefix_serve(
     site: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

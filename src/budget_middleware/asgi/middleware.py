@@ -29,7 +29,7 @@ from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, ge
 from budget_middleware.engine.exchange import METERED_BY, Exchange, metering
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.engine.hooks import Hook
-from budget_middleware.engine.mounts import admin_mount, announce
+from budget_middleware.engine.mounts import admin_mount, announce, refuse_django_chain
 from budget_middleware.exceptions import ConfigurationError
 from budget_middleware.outbound.payer import inbound_headers, noting
 from budget_middleware.settings import BudgetSettings, raised_again
@@ -71,6 +71,7 @@ class BudgetMiddleware:
         on_refusal: Hook | None = None,
         on_settled: Hook | None = None,
     ) -> None:
+        refuse_django_chain(app, "BudgetMiddleware")
         self.app = app
         self.error: Exception | None = None
         try:

@@ -5,18 +5,22 @@ through any middleware in front of it), werkzeug's `DispatcherMiddleware` (Flask
 `app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {...})`, found through the Flask app) and
 Django's URL conf (`admin_urls("budget-admin/")`, under its ASGI and WSGI handlers). Anything
 else (a bare ASGI or WSGI function, a mount around the app this middleware is given) cannot be
-read: the line says so rather than "no admin API mounted".
+read: the line says so rather than "no admin API mounted". And whether the app a middleware was
+given is Django's handler (`refuse_django_chain`): listed in `MIDDLEWARE`, it cannot work.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import re
 import sys
 from typing import Any, Final
 
-__all__ = ["UNKNOWN", "admin_mount", "announce"]
+from budget_middleware.exceptions import ConfigurationError
+
+__all__ = ["UNKNOWN", "admin_mount", "announce", "refuse_django_chain"]
 
 logger = logging.getLogger("budget_middleware")
 
@@ -30,6 +34,27 @@ def admin_mount(app: Any) -> str | None:
         return _find(app, "", set())
     except Exception:  # a host app's internals: never a reason to stop the start
         return UNKNOWN
+
+
+def refuse_django_chain(app: Any, middleware: str) -> None:
+    """Raise `ConfigurationError` when `app` is the handler Django gives an entry of its
+    `MIDDLEWARE` setting: the middleware was listed there, where Django calls it with a request
+    and it fails every request with a `TypeError`. It wraps the application in `wsgi.py` or
+    `asgi.py` instead (README, "Django")."""
+    # Django's handler there is a function or a method of its `django.core.handlers` (one of
+    # asgiref's wrappers in an async chain); the application itself is an instance of a class
+    # of theirs (`WSGIHandler`, `ASGIHandler`), wrapped as it should be.
+    if inspect.isfunction(app) or inspect.ismethod(app):
+        if not str(getattr(app, "__module__", "")).startswith("django.core.handlers."):
+            return
+    elif type(app).__module__ != "asgiref.sync":
+        return
+    raise ConfigurationError(
+        f"{middleware} wraps an application, not Django's request handler: it cannot be listed "
+        "in settings.MIDDLEWARE. Wrap the application instead: in wsgi.py, `application = "
+        "BudgetWSGIMiddleware(get_wsgi_application())`; in asgi.py, `application = "
+        "BudgetMiddleware(get_asgi_application())`"
+    )
 
 
 def _is_admin(app: Any) -> bool:

@@ -57,7 +57,7 @@ from budget_middleware.engine.exchange import (
 )
 from budget_middleware.engine.gate import body_to_send, parse_json
 from budget_middleware.engine.hooks import Hook
-from budget_middleware.engine.mounts import admin_mount
+from budget_middleware.engine.mounts import admin_mount, refuse_django_chain
 from budget_middleware.engine.portal import (
     is_background,
     loop_lock,
@@ -204,6 +204,7 @@ class BudgetWSGIMiddleware:
         on_refusal: Hook | None = None,
         on_settled: Hook | None = None,
     ) -> None:
+        refuse_django_chain(app, "BudgetWSGIMiddleware")
         self.app = app
         # No lifespan in WSGI: invalid settings fail here, where the server loads the app.
         self.engine = engine if engine is not None else get_engine(settings)
