@@ -1076,6 +1076,103 @@ async def test_a_deadlocked_flush_is_tried_again_never_set_aside(sqlite_url: str
     assert rejected == 0 and engine.stats.rejected == {}
 
 
+async def test_a_flush_cut_by_a_statement_timeout_is_tried_again_never_set_aside(
+    postgres_database: str,
+) -> None:
+    """A database with a `statement_timeout` (common in production) and a table lock held a
+    while (a migration, a backup's `LOCK TABLE`, a long admin transaction): the flush's UPDATE of
+    the budgets is cancelled (SQLSTATE 57014) while the store takes other writes. A cancelled
+    statement fails for the moment, not for what it writes: it was taken for the store refusing
+    the batch, split, and the budget's delta set aside: the store's budget kept $0.00 of $0.20."""
+    from sqlalchemy import create_engine
+
+    engine = BudgetEngine(settings_for(postgres_database, flush_interval_seconds=3600))
+    app = fault_app(engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 10, "reset_duration": None}]
+        )
+        await engine.invalidate()
+        assert await asked(http, key.value, 20) == [200] * 20
+        base, name = postgres_database.rsplit("/", 1)
+        admin = create_engine(base + "/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f"ALTER DATABASE \"{name}\" SET statement_timeout = '200ms'"))
+        admin.dispose()
+        engine.store.engine.dispose()  # new connections: the timeout applies to them
+        holder = create_engine(postgres_database)
+        with holder.connect() as conn:
+            conn.execute(text("SET statement_timeout = 0"))
+            conn.execute(text("LOCK TABLE bm_budgets IN EXCLUSIVE MODE"))  # reads still pass
+            rounds = [await engine.flush() for _ in range(3)]
+            conn.rollback()
+        holder.dispose()
+        rounds.append(await engine.flush())
+        stored = budget_usage(engine, key.budgets[0].id)
+        count, total = records(engine, key.id)
+        rejected = engine.store.list_rejects(10, 0)[1]
+    print(
+        f"flush rounds {rounds}: budget ${stored / 1e9:.2f} of $0.20, {count} records "
+        f"(${total / 1e9:.2f}), set aside {rejected} {engine.stats.rejected}"
+    )
+    assert rounds[-1] is True
+    assert (stored, count, total) == (20 * CENT, 20, 20 * CENT)
+    assert rejected == 0 and engine.stats.rejected == {}
+
+
+async def test_a_flush_refused_by_a_full_disk_is_tried_again_never_set_aside(
+    sqlite_url: str,
+) -> None:
+    """A disk (nearly) full: SQLite answers SQLITE_FULL to a flush's batch, while the flush's
+    probe (one row, rolled back) still fits. A full disk is the server's fault, not the batch's:
+    it was taken for the store refusing the batch, which was split until each record stood alone
+    and set aside (388 of 400 records, out of `GET /usage` for good). Here the file's room is
+    capped with `max_page_count` on every new connection, which SQLite answers as it does a full
+    disk."""
+    from sqlalchemy import event
+
+    engine = BudgetEngine(settings_for(sqlite_url, flush_interval_seconds=3600))
+    room: dict[str, int] = {}
+
+    @event.listens_for(engine.store.engine, "connect")
+    def _capped(conn: Any, _record: Any) -> None:
+        if room:
+            conn.execute(f"PRAGMA max_page_count={room['pages']}")
+
+    app = fault_app(engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 100, "reset_duration": None}]
+        )
+        await engine.invalidate()
+        assert await asked(http, key.value, 10) == [200] * 10
+        assert await engine.flush()
+        with engine.store.engine.connect() as conn:
+            room["pages"] = int(conn.exec_driver_sql("PRAGMA page_count").scalar_one()) + 1
+        engine.store.engine.dispose()  # new connections: capped
+        answers = await asyncio.gather(
+            *(
+                http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+                for _ in range(200)
+            )
+        )
+        assert [a.status_code for a in answers] == [200] * 200
+        while_full = await engine.flush()
+        room.clear()
+        engine.store.engine.dispose()  # room again
+        after = await engine.flush()
+        stored = budget_usage(engine, key.budgets[0].id)
+        count, total = records(engine, key.id)
+        rejected = engine.store.list_rejects(1000, 0)[1]
+    print(
+        f"flush while full {while_full}, after {after}: budget ${stored / 1e9:.2f} of $2.10, "
+        f"{count} records of 210 (${total / 1e9:.2f}), set aside {rejected}"
+    )
+    assert (while_full, after) == (False, True)
+    assert (stored, count, total) == (210 * CENT, 210, 210 * CENT)
+    assert rejected == 0 and engine.stats.rejected == {}
+
+
 def test_only_a_write_that_fails_for_the_moment_is_tried_again_as_such(tmp_path: Any) -> None:
     """SQLite's busy database (its own error code) and PostgreSQL's deadlock are tried again
     next round; an error whose text merely says "database is locked" (PostgreSQL quoting a

@@ -139,6 +139,38 @@ async def test_a_reset_on_one_instance_keeps_what_another_charged_since(
     assert stored == pytest.approx(4 * price, abs=1e-9)
 
 
+async def test_a_provider_budget_lowered_on_one_instance_holds_on_the_other_within_the_ttl(
+    sqlite_url: str,
+) -> None:
+    """Two instances on one store. The limits outside the key hierarchy (provider, model config
+    and tag budgets, routes) are configuration read from the store, trusted for
+    BUDGET_CACHE_TTL_SECONDS as keys are (SPEC §3): they were read again only on the flusher's
+    round, so an instance that writes every 3 s and trusts for 0.2 s kept admitting a provider
+    whose budget another instance had set to $0, for 3 s instead of 0.2 s."""
+    common = {"database_url": sqlite_url}
+    first = host_app(BudgetSettings(**common, flush_interval_seconds=3600, cache_ttl_seconds=3600))
+    second = host_app(BudgetSettings(**common, flush_interval_seconds=3, cache_ttl_seconds=0.2))
+    m = engine_of(first).manager
+    m.put_provider("openai", budgets=[{"max_limit": 10, "reset_duration": "1d"}])
+    async with running(first), running(second), client(second) as two:
+        assert await status(two, None) == 200
+        m.put_provider("openai", budgets=[{"max_limit": 0, "reset_duration": "1d"}])
+        clock = asyncio.get_running_loop().time
+        lowered = clock()
+        answers: list[tuple[float, int]] = []  # (seconds after the write, status)
+        while clock() - lowered < 2.5:
+            answers.append((clock() - lowered, await status(two, None)))
+            await asyncio.sleep(0.05)
+    admitted_late = [round(at, 2) for at, code in answers if code == 200 and at > 1.5]
+    print(
+        f"after the provider budget went to $0 elsewhere: "
+        f"{sum(code == 200 for _, code in answers)} of {len(answers)} requests admitted in 2.5 s, "
+        f"{len(admitted_late)} of them past 1.5 s (TTL 0.2 s, flush every 3 s)"
+    )
+    assert admitted_late == []
+    assert answers[-1][1] == 402
+
+
 async def test_a_key_read_while_a_write_lands_is_read_again_not_cached_as_it_was(
     make_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

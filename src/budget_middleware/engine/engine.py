@@ -641,14 +641,26 @@ class BudgetEngine:
         last_refresh = last_sweep = self.clock()
         stopping = self._stopping
         failures = FailedRounds("flusher")
+        # A flush an interval after the last one ended; woken every TTL meanwhile, for the
+        # re-read (configuration outside the key hierarchy is trusted a TTL, as keys are: read
+        # on the flush's rounds alone, a flush interval longer than the TTL kept a provider
+        # budget lowered elsewhere from applying here for that interval).
+        next_flush = time.monotonic() + interval
+        tick = max(ttl, 0.01)  # (the shortest flush interval: a TTL of 1 µs spins no core)
         while not stopping.is_set():
             try:
-                await asyncio.wait_for(stopping.wait(), interval)
+                await asyncio.wait_for(
+                    stopping.wait(), max(0.0, min(next_flush - time.monotonic(), tick))
+                )
                 return
             except TimeoutError:
                 pass
             try:
-                await self.flush(drain=False)
+                if time.monotonic() >= next_flush:
+                    try:
+                        await self.flush(drain=False)
+                    finally:
+                        next_flush = time.monotonic() + interval
                 if _due(self.clock(), last_refresh, ttl):
                     last_refresh = self.clock()
                     await self.reload_globals()
@@ -1249,9 +1261,22 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-# PostgreSQL's deadlock, serialization failure and lock-wait timeout: the write may pass if tried
-# again, and a refusal it is not (refused twice, a batch is split and its last delta set aside).
-_TRANSIENT_SQLSTATES = {"40P01", "40001", "55P03"}
+# PostgreSQL's deadlock, serialization failure and lock-wait timeout, a server short of room (a
+# full disk, memory, connections; not 53400, a limit a batch's size may pass), and the classes of
+# errors that are the server's, not the batch's: 08 (the connection), 57 (an operator or a timeout
+# ended it: `statement_timeout`, a cancel, a shutdown) and 58 (an I/O error). The write may pass
+# if tried again, and a refusal it is not (refused twice, a batch is split and its last delta set
+# aside: a statement timeout while a lock was held set aside a budget's every charge of a round).
+_TRANSIENT_SQLSTATES = {"40P01", "40001", "55P03", "53000", "53100", "53200", "53300"}
+_TRANSIENT_CLASSES = {"08", "57", "58"}
+# SQLite's busy timeout, and a full disk or an I/O error: the server's side of it, as above (a
+# nearly full disk took a flush's probe and refused its batch: 388 records of 400 set aside).
+_TRANSIENT_SQLITE = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_IOERR,
+}
 
 
 def _transient(exc: BaseException) -> bool:
@@ -1260,11 +1285,17 @@ def _transient(exc: BaseException) -> bool:
     for _ in range(10):  # the chain of causes, not followed round a loop
         if seen is None:
             break
-        if getattr(seen, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        state = getattr(seen, "sqlstate", None)
+        if isinstance(state, str) and (
+            state in _TRANSIENT_SQLSTATES or state[:2] in _TRANSIENT_CLASSES
+        ):
             return True
-        if isinstance(seen, sqlite3.OperationalError) and getattr(
-            seen, "sqlite_errorcode", None
-        ) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):  # SQLite's busy timeout
+        code = getattr(seen, "sqlite_errorcode", None)
+        if (
+            isinstance(seen, sqlite3.OperationalError)
+            and isinstance(code, int)
+            and code & 0xFF in _TRANSIENT_SQLITE  # (an extended code's primary one)
+        ):
             return True
         orig = getattr(seen, "orig", None)
         seen = orig if isinstance(orig, BaseException) else seen.__cause__
