@@ -552,14 +552,16 @@ def test_a_charge_after_a_duration_change_counts_in_the_new_window_with_the_old_
 def test_a_charge_pending_goes_with_its_window_through_two_changes(
     engine: BudgetEngine,
 ) -> None:
-    """1h -> 1d -> 1h: what is pending follows the counter's window each time."""
+    """1h -> 1d -> 1h: what is pending follows the counter's window each time. (The store
+    moves `last_reset` to the new terms' window that holds the change: the day's is T0, the
+    hour's T0 + 2h.)"""
     ledger = engine.registry.ledger
     now = T0 + 150 * MINUTE
     counter = window(engine.registry, "budget", "b", now=now)
     counter.add(5, ledger)
     window(engine.registry, "budget", "b", duration="1d", now=now)
     counter.add(3, ledger)
-    window(engine.registry, "budget", "b", duration="1h", now=now)
+    window(engine.registry, "budget", "b", duration="1h", anchor=T0 + 2 * HOUR, now=now)
     assert (counter.value, counter.start) == (8, T0 + 2 * HOUR)
     assert take(engine) == [("budget", "b", at(T0 + 2 * HOUR), at(T0 + 3 * HOUR), 8)]
 
@@ -574,6 +576,23 @@ def test_a_new_duration_whose_window_starts_after_the_old_one_ended_starts_from_
     window(engine.registry, "budget", "b", duration="2h", now=T0 + 130 * MINUTE)
     assert (counter.value, counter.start, counter.end) == (0, T0 + 2 * HOUR, T0 + 4 * HOUR)
     assert take(engine) == [("budget", "b", at(T0), at(T0 + 2 * HOUR), 5)]
+
+
+@pytest.mark.parametrize("kind", ["budget", "request", "token"])
+def test_new_terms_read_after_their_window_of_the_change_ended_start_from_zero(
+    engine: BudgetEngine, kind: str
+) -> None:
+    """1h -> 2m, changed at T0 + 31 s (the store keeps `last_reset` T0: the new terms' window
+    of the change begins there) and read at T0 + 3 min: what was counted was the window
+    [T0, T0 + 2m)'s, which has ended; the window now, [T0 + 2m, T0 + 4m), holds none of it (it
+    was kept as this window's: a key refused for two minutes by what the ended one held)."""
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, kind, "b", now=T0 + 30)
+    counter.add(5, ledger)
+    window(engine.registry, kind, "b", duration="2m", now=T0 + 3 * MINUTE)
+    print(f"{kind}: {counter.value} counted in [T0 + 2m, T0 + 4m)")
+    assert (counter.value, counter.start, counter.end) == (0, T0 + 2 * MINUTE, T0 + 4 * MINUTE)
+    assert take(engine) == [(kind, "b", at(T0), at(T0 + 2 * MINUTE), 5)]
 
 
 # -- what the answers show, the backend in process -------------------------------------------
@@ -834,18 +853,19 @@ def test_what_an_engine_leaves_to_others_no_longer_counts_beside_the_store() -> 
     assert counter.value == 10
 
 
-@pytest.mark.parametrize("back", [0.0, 5.0])
-def test_a_reset_on_a_clock_at_or_before_the_window_s_start_starts_a_microsecond_after(
+@pytest.mark.parametrize("back", [0.0, 5.0, -0.0005])
+def test_a_reset_on_a_clock_at_or_before_the_window_s_start_starts_a_millisecond_after(
     back: float,
 ) -> None:
-    """A clock stepped back (NTP) to the window's start, or 5 s before it: the new window
-    starts a microsecond after the current one's start (to the microsecond, as stored), and
-    reset returns that moment."""
+    """A clock stepped back (NTP) to the window's start, or 5 s before it, or a reset within
+    the millisecond the window began: the new window starts a millisecond after the current
+    one's start (Redis keys a window by the millisecond of its start: in the same one, the new
+    window was the old one's key), and reset returns that moment."""
     registry = CounterRegistry()
     counter = window(registry, "budget", "b", now=T0 + 10 * MINUTE)
     started = counter.reset(T0 - back, registry.ledger)
     print(f"reset at start - {back} s: the new window starts at {at(started)}")
-    assert at(started) == at(T0) + timedelta(microseconds=1)
+    assert at(started) == at(T0) + timedelta(milliseconds=1)
     assert (counter.start, counter.anchor, counter.value) == (started, started, 0)
 
 

@@ -7,15 +7,26 @@ output tokens at $1000 per million) against a budget of $0.10 a minute."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.tables import BudgetRow
+from conftest import REDIS_URL, need_redis
 from support import FrozenClock, running
 from test_clock_steps import engines
-from test_redis_windows import BODY, auth, client, host, spend_until_refused, written_spend
+from test_redis_windows import (
+    BODY,
+    auth,
+    client,
+    host,
+    instances,
+    spend_until_refused,
+    written_spend,
+)
 
 
 @pytest.mark.parametrize("reads", ["counters", "key"])
@@ -77,3 +88,107 @@ async def test_an_idle_instance_takes_the_next_window_s_spend_another_instance_m
     assert by_b == 10
     assert by_a == 0
     assert spent == 10 * 10_000_000
+
+
+@pytest.mark.parametrize("counters", ["memory", "redis"])
+async def test_new_terms_read_after_their_window_ended_carry_nothing_into_the_next(
+    tmp_path: Path, counters: str
+) -> None:
+    """$0.10 an hour, $0.04 spent in its first 31 s; then made $0.03 every 2 minutes (its id
+    kept): the spend carries over to the new terms' window that holds the change, [0, 2 min)
+    (SPEC §9: changing a limit never resets its usage). No request comes until 3 minutes in,
+    in the next window, [2 min, 4 min), where nothing was spent: its $0.03 is all left.
+    The live counter took the new terms only then, and kept the $0.04 as the new window's
+    (it compared that window with the old terms' hour, not with the new terms' window of the
+    change): every request was refused (`$0.0400 spent of $0.0300`) for two minutes, in
+    process and on Redis alike."""
+    clock = FrozenClock()
+    async with contextlib.AsyncExitStack() as stack:
+        if counters == "redis":
+            need_redis()
+            engine, _, _ = await stack.enter_async_context(instances(tmp_path, REDIS_URL, clock))
+        else:
+            (engine,) = engines(tmp_path, clock, 1)
+        told, admitted, code, spent = await _next_window_after_new_terms(engine, clock)
+    print(
+        f"{counters}: in the next window {admitted} admitted ({code}), the first told "
+        f"x-budget-remaining {told}; ${spent / 1e9:.2f} stored for it"
+    )
+    assert (told, admitted, code) == ("0.030000", 3, "budget_exceeded")
+    assert spent == 3 * 10_000_000
+
+
+async def _next_window_after_new_terms(
+    engine: BudgetEngine, clock: FrozenClock
+) -> tuple[str | None, int, str, int]:
+    """The first test's steps: what the first request in the next window was told, how many
+    were admitted there, why the next was refused, and what the store holds for it."""
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 0.1, "reset_duration": "1h"}]
+    )
+    budget_id = key.budgets[0].id
+    begun = clock.now - 31  # the change (at the real time: the store's clock) is 31 s in
+    with engine.store.session() as s:
+        row = s.get(BudgetRow, budget_id)
+        assert row is not None
+        row.last_reset = datetime.fromtimestamp(begun, UTC)
+        s.commit()
+    value = key.value or ""
+    app = host(engine)
+    async with running(app), client(app) as http:
+        for _ in range(4):
+            assert (
+                await http.post("/v1/chat/completions", json=BODY, headers=auth(value))
+            ).status_code == 200
+        engine.manager.update_virtual_key(
+            key.id, budgets=[{"id": budget_id, "max_limit": 0.03, "reset_duration": "2m"}]
+        )
+        clock.now = begun + 181  # the next two minutes: [begun + 120, begun + 240)
+        first = await http.post("/v1/chat/completions", json=BODY, headers=auth(value))
+        told = first.headers.get("x-budget-remaining")
+        more, code = await spend_until_refused(http, value)
+        if first.status_code != 200:
+            more, code = 0, first.json()["error"]["code"]
+        admitted = (first.status_code == 200) + more
+        spent = await written_spend(budget_id, engine)
+    return told, admitted, code, spent
+
+
+@pytest.mark.parametrize("counters", ["memory", "redis"])
+async def test_a_reset_in_the_millisecond_its_window_began_frees_the_budget(
+    tmp_path: Path, counters: str
+) -> None:
+    """$0.10 a day whose window began at this very moment (the clock stood still: a reset a
+    moment ago, or a clock stepped back to its start by NTP), spent. A reset now starts the
+    new window a moment after the old one's start (`WindowCounter.reset`): a microsecond
+    after, which Redis, keying windows by the millisecond of their start, took as the old
+    window: its $0.10 stayed there, and after a reset that answered $0 spent every request
+    was still refused (0 of 10 admitted)."""
+    clock = FrozenClock()
+    async with contextlib.AsyncExitStack() as stack:
+        if counters == "redis":
+            need_redis()
+            engine, _, _ = await stack.enter_async_context(instances(tmp_path, REDIS_URL, clock))
+        else:
+            (engine,) = engines(tmp_path, clock, 1)
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 0.1, "reset_duration": "1d"}]
+        )
+        budget_id = key.budgets[0].id
+        with engine.store.session() as s:
+            row = s.get(BudgetRow, budget_id)
+            assert row is not None
+            row.last_reset = datetime.fromtimestamp(clock.now, UTC)
+            s.commit()
+        value = key.value or ""
+        app = host(engine)
+        async with running(app), client(app) as http:
+            before, _ = await spend_until_refused(http, value)
+            told = engine.manager.reset_budget(budget_id).current_usage
+            after, code = await spend_until_refused(http, value)
+    print(
+        f"{counters}: {before} admitted, reset (the store tells ${told:.2f} spent), then "
+        f"{after} admitted ({code})"
+    )
+    assert (before, told) == (10, 0)
+    assert (after, code) == (10, "budget_exceeded")

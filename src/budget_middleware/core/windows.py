@@ -143,7 +143,15 @@ class WindowCounter:
             self.duration = duration
             self.anchor = _shared_float(max(anchor, self.anchor))
             start, end = self._window_at(now)
-            if start >= self.end:  # a later window: what we counted belongs to the one before
+            ended = self.end
+            if moved:
+                # New terms: what we counted carries over to their window that holds the
+                # anchor (the store's `last_reset`, which the change moved there), not to the
+                # one `now` is in: read after that window ended (no request since the change),
+                # it was taken as this window's usage, and refused a key whose new window was
+                # empty (1h -> 2m: $0.04 of the ended window blocked the next one's $0.03).
+                ended = min(ended, self._window_at(self.anchor)[1])
+            if start >= ended:  # a later window: what we counted belongs to the one before
                 self._seal(ledger)
                 self.value = 0
             elif self.pending and self.pending_start == self.start:
@@ -253,12 +261,16 @@ class WindowCounter:
         flusher writes it (its rule starts a window the store holds an older one of).
 
         A clock stepped back (NTP) to the current window's start or before it starts the new
-        window a microsecond after that start instead: everything counted so far was charged
+        window a millisecond after that start instead: everything counted so far was charged
         before the reset, and a window starting earlier would be older than the store's (which
         keeps its own, and what it holds) and than the charges sealed here (which the store
-        would take back as a window of their own)."""
-        if now <= self.start:
-            now = from_ts(self.start + 0.000001).timestamp()  # to the microsecond, as stored
+        would take back as a window of their own). The same within the millisecond the current
+        window began (a clock stood still or stepped back there, two resets at once): Redis
+        keeps a window by the millisecond of its start, and a new window in the same
+        millisecond was the old one's key, its spend kept after the reset."""
+        if now < self.start + 0.001:
+            # A millisecond on, to the microsecond as stored (Redis's key: `_window_key`).
+            now = from_ts(self.start + 0.001).timestamp()
         self._seal(ledger)
         self.anchor = now
         self.value = 0
