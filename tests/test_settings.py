@@ -662,3 +662,24 @@ def test_a_password_in_a_url_s_query_is_hidden_in_repr_and_the_start_up_line() -
     for shown in (repr(settings), str(settings), line):
         assert "DBSECRETQ9" not in shown and "REDISSECRETQ9" not in shown, shown
         assert "password=***" in shown and "sslmode=require" in shown
+
+
+def test_a_dot_env_file_shared_with_the_app_is_read_and_its_other_variables_left_alone(
+    tmp_path: Path,
+) -> None:
+    """`BudgetSettings(_env_file=".env")` (pydantic-settings' own way): the app's `.env` holds
+    its other variables too. Each was refused, named as a setting that does not exist
+    ("BUDGET_OPENAI_API_KEY: Extra inputs are not permitted"), and the middleware could not
+    start; the environment leaves them alone, and so does a `.env` now."""
+    env = tmp_path / ".env"
+    env.write_text("OPENAI_API_KEY=sk-proj-abc\nBUDGET_EXCEEDED_STATUS=429\n")
+    settings = BudgetSettings(_env_file=env)  # type: ignore[call-arg]
+    print(f"exceeded_status read from .env: {settings.exceeded_status}")
+    assert settings.exceeded_status == 429
+    env.write_text("OPENAI_API_KEY=sk-proj-abc\nBUDGET_EXCEEDED_STATUS=500\n")
+    with pytest.raises(SettingsError) as caught:
+        BudgetSettings(_env_file=env)  # type: ignore[call-arg]
+    print(caught.value)
+    assert "BUDGET_EXCEEDED_STATUS" in str(caught.value) and "OPENAI" not in str(caught.value)
+    with pytest.raises(SettingsError, match="BUDGET_DATABSE_URL: is not a setting"):
+        BudgetSettings(databse_url="sqlite://")  # type: ignore[call-arg]

@@ -929,3 +929,138 @@ def test_starts_from_loops_of_two_threads_at_once_start_the_engine_once(tmp_path
     print(f"10 rounds of 2 starts at once: {sorted(set(outcomes))}, {outcomes.count('started')} "
           f"returned, the counters started {started_counters} times")  # fmt: skip
     assert outcomes == ["started"] * 20 and started_counters == 10
+
+
+def test_one_app_s_shutdown_in_its_own_loop_writes_what_the_shared_engine_holds(
+    sqlite_url: str,
+) -> None:
+    """Two apps with equal settings share one engine (SPEC §2), each run by a test client of
+    its own (an event loop in a thread of its own). The engine started in the first one's loop;
+    the second one's lifespan shutdown raised "The future belongs to a different loop" (its
+    client's exit too) and wrote none of its 3 charges; they are written now."""
+    from fastapi.testclient import TestClient
+
+    from support import host_app
+
+    def settings() -> BudgetSettings:
+        return BudgetSettings(database_url=sqlite_url, flush_interval_seconds=60)
+
+    manager = get_engine(settings()).manager
+    key = manager.create_virtual_key(name="k", budgets=[{"max_limit": 100}]).value
+    first, second = TestClient(host_app(settings())), TestClient(host_app(settings()))
+    with first:
+        second.__enter__()
+        for _ in range(3):
+            answer = second.post("/v1/chat/completions", json=chat(), headers={"x-budget-key": key})
+            assert answer.status_code == 200
+        second.__exit__(None, None, None)
+        written = manager.list_budgets()[0].current_usage
+        print(f"3 admitted through the second app, written at its shutdown: {written} USD")
+        assert written > 0
+        answer = first.post("/v1/chat/completions", json=chat(), headers={"x-budget-key": key})
+        assert answer.status_code == 200
+    total = manager.list_budgets()[0].current_usage
+    print(f"4 admitted, written at the last shutdown: {total} USD")
+    assert total == pytest.approx(written * 4 / 3)
+
+
+def test_an_engine_shut_down_by_a_later_asyncio_run_writes_and_raises_nothing(
+    sqlite_url: str,
+) -> None:
+    """README: `await get_engine().shutdown()` writes what is pending. A script that ran its
+    requests in one `asyncio.run` and shut the engine down in the next got "The future belongs
+    to a different loop" from the engine's own shutdown."""
+    from support import host_app
+
+    settings = BudgetSettings(database_url=sqlite_url, flush_interval_seconds=60)
+    engine = get_engine(settings)
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 100}]).value
+    app = host_app(settings)
+
+    async def job() -> None:
+        async with client(app) as http:
+            answer = await http.post(
+                "/v1/chat/completions", json=chat(), headers={"x-budget-key": key}
+            )
+            assert answer.status_code == 200
+
+    asyncio.run(job())
+    asyncio.run(engine.shutdown())
+    spent = engine.manager.list_budgets()[0].current_usage
+    print(f"1 admitted, in the store after the shutdown: {spent} USD")
+    assert spent > 0 and not engine.started
+
+
+FORKED_READS = """
+import os, sys
+from budget_middleware import BudgetSettings, get_manager
+
+manager = get_manager(BudgetSettings(database_url=sys.argv[1]))
+manager.create_virtual_key(name="seeded", budgets=[{"max_limit": 100}])  # at import, in the master
+read, write = os.pipe()
+
+
+def reads() -> int:
+    failed = 0
+    for _ in range(300):
+        try:
+            manager.list_budgets()
+        except Exception:
+            failed += 1
+    return failed
+
+
+child = os.fork()
+if child == 0:
+    os.write(write, str(reads()).encode())
+    os._exit(0)
+os.close(write)
+mine = reads()
+os.waitpid(child, 0)
+print(mine, int(os.read(read, 100)))
+"""
+
+
+def test_workers_forked_from_a_master_that_seeded_the_store_have_connections_of_their_own(
+    tmp_path: Path,
+) -> None:
+    """gunicorn --preload: the app module seeds its configuration through `get_manager()` at
+    import (README: "a config seeded at import"), in the master, whose engine does not start.
+    Its pooled PostgreSQL connections went to every forked worker, which then read and wrote
+    on one server session at once: "server closed the connection", "can't change 'autocommit'
+    now" (3 of 600 reads failed in a run, and a session's answers went to the wrong process)."""
+    import subprocess
+    import sys
+
+    from conftest import POSTGRES_URL, need_postgres, reset_postgres
+
+    need_postgres()
+    reset_postgres()
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED_READS)
+    env = {"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    ran = subprocess.run(
+        [sys.executable, str(script), POSTGRES_URL],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    parent, child = map(int, ran.stdout.split())
+    print(f"reads failed after the fork: {parent} of 300 in the master, {child} of 300 in a worker")
+    assert (parent, child) == (0, 0)
+
+
+async def test_a_hook_that_is_not_callable_fails_the_lifespan_naming_it(sqlite_url: str) -> None:
+    """`add_middleware(BudgetMiddleware, on_alert="https://hooks…")`: the TypeError came out of
+    Starlette's middleware stack, built at lifespan startup, with no startup.failed answer;
+    uvicorn (`--lifespan auto`) logged "ASGI 'lifespan' protocol appears unsupported", served
+    on, and answered every request 500, `/health` included. It fails the start now."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    settings = BudgetSettings(database_url=sqlite_url)
+    app.add_middleware(BudgetMiddleware, settings=settings, on_alert="https://hooks.example.com/x")
+    answer = await startup(app)
+    print(answer)
+    assert answer["type"] == "lifespan.startup.failed"
+    assert answer["message"] == "on_alert must be callable, got str"

@@ -125,10 +125,13 @@ _PROTOCOL_HEADERS = frozenset(
 class BudgetSettings(BaseSettings):
     """Every `BUDGET_*` variable of the spec; field names are the variable names, lowercased."""
 
-    # An empty variable (`BUDGET_REDIS_URL=` in a compose file) means "not set".
+    # An empty variable (`BUDGET_REDIS_URL=` in a compose file) means "not set". Extra values
+    # are ignored here, not forbidden: a `.env` file (`_env_file=`) is the app's too, and its
+    # other variables (OPENAI_API_KEY) were refused as "BUDGET_OPENAI_API_KEY". An argument that
+    # is no setting is refused by `__init__`.
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
-        extra="forbid",
+        extra="ignore",
         frozen=True,
         validate_default=True,
         env_ignore_empty=True,
@@ -173,6 +176,13 @@ class BudgetSettings(BaseSettings):
     spill_dir: Path | None = None
 
     def __init__(self, **values: Any) -> None:
+        unknown = [name for name in values if name not in type(self).model_fields]
+        unknown = [name for name in unknown if not name.startswith("_")]  # `_env_file=`...
+        if unknown:
+            raise SettingsError(
+                "invalid budget-middleware settings:\n  "
+                + "\n  ".join(f"{_env_name(name)}: is not a setting" for name in unknown)
+            )
         try:
             super().__init__(**values)
         except ValidationError as exc:

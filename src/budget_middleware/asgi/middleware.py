@@ -76,11 +76,14 @@ class BudgetMiddleware:
         self.error: Exception | None = None
         try:
             self.engine = engine if engine is not None else get_engine(settings)
+            # Called off the request path with the alert, the refusal, the usage record (SPEC
+            # §14). A hook that is not callable is the app's error as bad settings are: raised
+            # here, in Starlette's lazy stack at lifespan startup, uvicorn took it for a
+            # lifespan not supported, served on, and answered every request (/health too) 500.
+            self.engine.add_hooks(on_alert=on_alert, on_refusal=on_refusal, on_settled=on_settled)
         except Exception as exc:  # reported at lifespan startup, where a server stops on it
             self._fail(exc)
             return
-        # Called off the request path with the alert, the refusal, the usage record (SPEC §14).
-        self.engine.add_hooks(on_alert=on_alert, on_refusal=on_refusal, on_settled=on_settled)
         listeners = self.engine.failure_listeners
         listeners[:] = [ref for ref in listeners if ref() is not None]
         listeners.append(weakref.WeakMethod(self._fail))

@@ -547,15 +547,18 @@ class BudgetEngine:
         self.rejects_to_save = []
         self.take_this_process()
         self.registry.forget_the_parent_s()
-        self.store.engine.dispose(close=False)  # the parent's connections stay the parent's
         self.counters.after_fork_in_child()
         self.alerts.after_fork_in_child()
         self.hooks.after_fork_in_child()
 
     def take_this_process(self) -> None:
-        """In a forked child: this process's pid, and a spill of its own (the parent's batches
-        stay the parent's; the child looks for gone processes' at its first flush)."""
+        """In a forked child: this process's pid, store connections of its own (the parent's
+        stay the parent's: a config seeded through the manager at import, gunicorn --preload,
+        left pooled connections that every worker then shared), and a spill of its own (the
+        parent's batches stay the parent's; the child looks for gone processes' at its first
+        flush)."""
         self._pid = os.getpid()
+        self.store.engine.dispose(close=False)
         if self.spill is not None:
             self.spill.after_fork()
             self._spilled = True
@@ -569,7 +572,17 @@ class BudgetEngine:
         """Stop the flusher and write every pending charge (lifespan shutdown).
 
         Every wait is bounded: a shutdown never hangs on a stuck flusher or a dead Redis.
+        Called from another loop than the engine's (an app of equal settings served by another
+        thread's loop, a script's next `asyncio.run`), it is done where the flusher runs.
         """
+        loop = self.loop
+        if self.started and loop is not None and loop is not asyncio.get_running_loop():
+            if loop.is_running():  # its flusher, locks and connections are that loop's
+                future = asyncio.run_coroutine_threadsafe(self.shutdown(), loop)
+                await asyncio.wrap_future(future)
+                return
+            if loop.is_closed():  # what it holds unwritten stays, and is written below
+                self._left_closed_loop()
         if not self.started:
             # Never started (the store unreachable from the first request on, fail-open): what
             # it admitted is written, or waits on disk for the next engine.
