@@ -191,8 +191,10 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         total = usage.get("total_tokens")
         if type(total) is int and total > prompt + output and (prompt or output):
             output += _reasoning_apart(usage, out_details, total - prompt - output)
-        if (prompt or output) and (
-            "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage
+        if (
+            (read or write)  # (none: nothing to add; one truth test for a usual request)
+            and ("cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage)
+            and (prompt or output)
         ):
             prompt = _gateway_prompt(prompt, output, total, read, write)
         if not (prompt or output) and ("input_tokens" in usage or "output_tokens" in usage):
