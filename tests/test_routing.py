@@ -445,6 +445,48 @@ async def test_a_routed_body_keeps_every_other_field_as_the_client_sent_it(
     assert json.dumps(stream_got[name]) == json.dumps(expected[name])
 
 
+async def test_a_body_too_deep_to_write_back_is_refused_if_routed_and_sent_as_written_if_not(
+    make_settings: Settings,
+) -> None:
+    """A body orjson reads but neither orjson nor the stdlib writes back (JSON nested 1,010
+    deep). Routed, it cannot name its target: it answered 500 (a traceback), which the SDKs
+    retry; it is refused before admission, 400 `request_too_deep`, as a body too deep to read
+    is (deeper than 512 levels, for a routed request). A stream naming no route, asked for its
+    usage (`stream_options` added), also answered 500: it goes as the client wrote it, not asked
+    for its usage, and is charged an estimate."""
+    app = FastAPI()
+    got: list[bytes] = []
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> JSONResponse:
+        got.append(await request.body())
+        return JSONResponse({"model": "gpt-4o-mini", "choices": []})
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings(flush_interval_seconds=3600))
+    engine = engine_of(app)
+    deep = 1010
+    nested = b"[" * deep + b"]" * deep
+    routed = b'{"model": "gpt-4o", "messages": [], "x": ' + nested + b"}"
+    streamed = b'{"model": "gpt-4o-mini", "stream": true, "messages": [], "x": ' + nested + b"}"
+    async with running(app), client(app) as http:
+        engine.manager.create_route(**ROUTE)
+        await engine.invalidate()
+        answers = [
+            await http.post(
+                "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+            )
+            for body in (routed, streamed)
+        ]
+    print(
+        f"routed: {answers[0].status_code} {answers[0].text[:80]}; "
+        f"stream: {answers[1].status_code}; the app got {[len(b) for b in got]} bytes"
+    )
+    assert answers[0].status_code == 400
+    assert answers[0].json()["error"]["code"] == "request_too_deep"
+    assert answers[1].status_code == 200
+    assert got == [streamed]
+
+
 async def test_a_request_naming_no_route_is_left_as_it_is(make_settings: Settings) -> None:
     app = host_app(make_settings())
     engine = engine_of(app)
@@ -1119,10 +1161,10 @@ def test_an_outbound_call_whose_body_cannot_be_rewritten_is_neither_sent_nor_cha
 ) -> None:
     """A routed call through `BudgetTransport` / `BudgetSyncTransport` (SPEC §12, §13) whose
     JSON orjson reads but neither orjson nor the stdlib writes back (nested 1,010 deep): its
-    body cannot be made to name the target, so the call fails before anything is sent. It was
+    body cannot be made to name the target. The call failed before anything was sent, and was
     charged all the same, as a call the provider received and never answered ($0.0017 of
-    prompt on gpt-4o each, and an SDK retries such a failure twice): nothing reached the
-    provider, nothing is owed."""
+    prompt on gpt-4o each, and an SDK retries such a failure twice). It is refused before
+    admission (400 `request_too_deep`, which SDKs do not retry): nothing sent, nothing owed."""
     import httpx2
 
     from budget_middleware import BudgetSyncTransport, BudgetTransport
@@ -1143,7 +1185,6 @@ def test_an_outbound_call_whose_body_cannot_be_rewritten_is_neither_sent_nor_cha
     headers = {"content-type": "application/json"}
     settings = make_settings(flush_interval_seconds=3600)
     engine = get_engine(settings)
-    failed: list[str] = []
     try:
         m = engine.manager
         m.put_provider("openai", budgets=[{"max_limit": 1}])
@@ -1152,18 +1193,12 @@ def test_an_outbound_call_whose_body_cannot_be_rewritten_is_neither_sent_nor_cha
             transport=BudgetSyncTransport(httpx2.MockTransport(provider), settings)
         )
         on_loop(engine, engine.invalidate)
-        try:
-            sync.post(url, content=body, headers=headers)
-        except Exception as exc:  # what it raises is not the point
-            failed.append(type(exc).__name__)
+        answers = [sync.post(url, content=body, headers=headers)]
 
         async def call() -> None:
             transport = BudgetTransport(httpx2.MockTransport(provider), settings)
             async with httpx2.AsyncClient(transport=transport) as http:
-                try:
-                    await http.post(url, content=body, headers=headers)
-                except Exception as exc:
-                    failed.append(type(exc).__name__)
+                answers.append(await http.post(url, content=body, headers=headers))
 
         asyncio.run(call())
         on_loop(engine, engine.flush)
@@ -1171,7 +1206,8 @@ def test_an_outbound_call_whose_body_cannot_be_rewritten_is_neither_sent_nor_cha
         budget = m.list_budgets(from_memory=True, counters=engine.registry)[0]
     finally:
         shut_down_engines()
-    print(f"failed {failed}; sent {len(sent)}; charged {rows}; reserved ${budget.reserved}")
-    assert len(failed) == 2 and not sent
-    assert [cost for _, cost, _ in rows] == [0, 0]  # was 1,720,000 nano-dollars each
+    codes = [(a.status_code, a.json()["error"]["code"]) for a in answers]
+    print(f"answers {codes}; sent {len(sent)}; charged {rows}; reserved ${budget.reserved}")
+    assert codes == [(400, "request_too_deep")] * 2 and not sent
+    assert rows == []  # was 1,720,000 nano-dollars each, as sent and unanswered
     assert budget.spent == 0 and budget.reserved == 0

@@ -334,6 +334,13 @@ class Gate:
             name = parsed.get("model")
             # (the name as metered: blanks around it are no part of it, and a route's has none)
             route = routes.get(name.strip()) if type(name) is str else None
+            if route is not None and _deeper_than(body, parsed, _ROUTED_DEPTH):
+                # Its target could not be written into it (`body_to_send`: nested deeper than
+                # the stdlib writes, it was a 500 after admission, which SDKs retry)
+                if not self.shadow:
+                    return self.refuse(400, "request_too_deep", _TOO_DEEP_ROUTED, key=key)
+                shadowed = shadowed or "request_too_deep"
+                route = None  # in shadow mode: served as named
             if route is not None:
                 request, orjson_writes = for_rewrite(parsed, body)
                 plan = self._plan_route(
@@ -691,6 +698,30 @@ class Gate:
 
 
 _TOO_DEEP = "Request body is JSON nested deeper than budget-middleware reads: it cannot be metered"
+# A routed body is written again naming its target: nested deeper than this, it is refused (the
+# stdlib writes ~990 levels less the stack's; orjson reads 1,024).
+_ROUTED_DEPTH = 512
+_TOO_DEEP_ROUTED = (
+    f"Request body is JSON nested deeper than {_ROUTED_DEPTH} levels, which budget-middleware "
+    "cannot write again naming the route's target"
+)
+
+
+def _deeper_than(body: bytes, parsed: Any, limit: int) -> bool:
+    """Whether `parsed` (read from `body`) nests arrays and objects deeper than `limit`: at
+    once (in C) for a body holding no more brackets than that, as every usual one does."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    stack: list[tuple[Any, int]] = [(parsed, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        items = value.values() if type(value) is dict else value
+        stack.extend((item, depth + 1) for item in items if type(item) in (dict, list))
+    return False
+
+
 # A body sent in a coding the middleware cannot decode (and not JSON as it is): a host or
 # provider that decodes it would be served a model the middleware never saw, at no charge.
 _UNREADABLE = (
@@ -802,10 +833,15 @@ def body_to_send(exchange: Exchange) -> bytes | None:
             return json_bytes(parsed)
         except TypeError:  # nested deeper than orjson writes (it reads deeper): the stdlib's
             pass
-    # NaN and integers over 64 bits as read; deeper than the stdlib writes raises, and the
-    # adapter settles the request as failed (its slot and reservation released).
+    # NaN and integers over 64 bits as read. Deeper than the stdlib writes (a routed body is
+    # refused before: `_ROUTED_DEPTH`), a stream goes as written, not asked for its usage.
     try:
         return json.dumps(parsed, ensure_ascii=False).encode()
+    except RecursionError:
+        if exchange.route_model is not None:
+            raise  # (the adapter settles the request as failed: its slot and reservation back)
+        exchange.injected_usage = False
+        return None
     except UnicodeEncodeError:
         # Half a surrogate pair (`"\ud83d"`, a string cut through an emoji), which JSON may
         # escape and UTF-8 cannot hold: escaped again, as the client sent it.
