@@ -1131,11 +1131,13 @@ class RedisCounters(CounterBackend):
         written: dict[tuple[str, str, float], list[list[float]]],
         seeds: dict[str, tuple[float, str]],
         after_loss: dict[WindowCounter, int] | None = None,
+        early: dict[str, int] | None = None,
     ) -> None:
         """Redis lost its data: this instance's charges to the current windows that a seed by
         another instance may have missed are owed to it (`pay_debts` adds them). `seeds`: the
         seed now in a window key, when it read the store and who made it (`_seed_records`);
-        this instance's holds them."""
+        this instance's holds them. `early`: of the debts in transit, by key, those the store
+        confirmed before the last beat (`_confirmed_before_beat`)."""
         now = self.clock()
         for windows in self.registry.windows.values():
             for counter in windows.values():
@@ -1146,6 +1148,10 @@ class RedisCounters(CounterBackend):
                     continue
                 window = (counter.kind, counter.id, counter.start)
                 transit = self._transit.get(counter, 0)
+                # Confirmed before the last beat, they are neither unwritten nor in `written`:
+                # taken off the rest all the same, as many of ours were owed to no key (a
+                # payment of $0.05 written before a beat failed across the loss: 105 on 100).
+                transit -= min(transit, (early or {}).get(self.window_key(counter), 0))
                 chunks = written.get(window, ())
                 confirmed = int(sum(amount for _, amount in chunks))
                 mine = counter.unwritten(self.ledger) - transit + confirmed
@@ -1171,6 +1177,20 @@ class RedisCounters(CounterBackend):
                         # seed read the store. Added to it all the same, one instance's 10
                         # requests were counted twice on every scope: Redis 30 for 20 admitted.
                         self._tracks[key] = _written_track(chunks, lo, mine)
+
+    def _confirmed_before_beat(self) -> dict[str, int]:
+        """By window key, how much of the debts in transit whose places are known (owed:
+        `_Track.fresh`; in a payment unanswered: `_unsure`) the store confirmed before the
+        last heartbeat answered (`_Track.beat`)."""
+        early: dict[str, int] = {}
+        for key, track in self._tracks.items():
+            segments = list(track.fresh)
+            for _, _, places in self._unsure:
+                segments += places.get(key, [])
+            below = _below(segments, track.beat)
+            if below:
+                early[key] = below
+        return early
 
     async def _seed_records(self) -> dict[str, tuple[float, str]]:
         """After a loss, per window key this instance seeded since its last heartbeat or
@@ -1781,6 +1801,7 @@ class RedisCounters(CounterBackend):
         # meanwhile took off it what another instance's seed holds (`_leave_out_seeded`); taken
         # before, the outage's charges were owed again (16 admitted on $0.25, not 25).
         written, self._written = self._written, {}
+        early = self._confirmed_before_beat() if owe else {}
         beats = {key: track.confirmed for key, track in self._tracks.items()}
         for key, confirmed in beats.items():  # `_written` holds what was confirmed since
             track = self._tracks.get(key)
@@ -1792,7 +1813,7 @@ class RedisCounters(CounterBackend):
         self._seeded_after_loss = set()
         after_loss, self._after_loss = self._after_loss, {}
         if owe:
-            self._owe_unwritten(written, seeds, after_loss)
+            self._owe_unwritten(written, seeds, after_loss, early)
         self._beaten = True
         if int(lost):
             # Written again in a body: a request that settled meanwhile lets its holds go.
