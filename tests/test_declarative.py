@@ -12,7 +12,11 @@ from typing import Any
 import pytest
 
 from budget_middleware import BudgetSettings
-from budget_middleware.manage.config_file import ConfigFileError, load_config_file
+from budget_middleware.manage.config_file import (
+    ConfigFileError,
+    check_config_file,
+    load_config_file,
+)
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.store.database import Store
 
@@ -1197,3 +1201,53 @@ def test_a_model_config_for_any_provider_is_found_again_once_its_entry_changes(
     ]
     print(f"after the entry changed: {configs}")
     assert configs == [("gpt-4o", None, 7.0)]
+
+
+def test_a_value_added_to_a_key_the_file_made_without_one_is_applied(tmp_path: Path) -> None:
+    """SPEC §10: a key's entry declares its value. A key the file made without one (its value
+    generated) that the file then gives a value kept the generated one: the declared value
+    answered 401, with a warning that the key was "rotated through the API" (it never was),
+    until the file's value changed a second time."""
+    import hashlib
+
+    def works(m: BudgetManager, value: str) -> bool:
+        return m.store.load_key(hashlib.sha256(value.encode()).hexdigest()) is not None
+
+    _start(tmp_path, "virtual_keys:\n  - name: bob\n    budgets: [{max_limit: 1}]\n")
+    m = _start(tmp_path, "virtual_keys:\n  - name: bob\n    value: sk-bm-bob-declared-01\n"
+                         "    budgets: [{max_limit: 1}]\n")  # fmt: skip
+    added = works(m, "sk-bm-bob-declared-01")
+    m = _start(tmp_path, "virtual_keys:\n  - name: bob\n    value: sk-bm-bob-declared-01\n"
+                         "    budgets: [{max_limit: 1}]\n")  # fmt: skip
+    print(f"the value the file added works: {added}; after a restart: "
+          f"{works(m, 'sk-bm-bob-declared-01')}; keys: {len(m.list_virtual_keys())}")  # fmt: skip
+    assert added and works(m, "sk-bm-bob-declared-01")
+    assert len(m.list_virtual_keys()) == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "virtual_keys: [{name: k, team: [research]}]",
+        "teams: [{name: t, customer: {name: acme}}]",
+        "model_configs: [{model_name: gpt-4o, virtual_key: [alice]}]",
+    ],
+)
+def test_a_reference_that_is_a_list_or_a_mapping_is_refused_by_name(
+    tmp_path: Path, text: str
+) -> None:
+    """A team, customer or key named by a list or a mapping passed `config check` and then
+    failed start-up, `config apply` and `POST /config/apply` with `TypeError: unhashable type`
+    (a traceback, no entry named): refused as the file is checked, naming the entry."""
+    path = tmp_path / "refs.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigFileError) as checked:
+        check_config_file(path)
+    try:
+        _start(tmp_path, text + "\n")
+        applied = "applied"
+    except Exception as exc:
+        applied = f"{type(exc).__name__}: {exc}"
+    print(f"config check: {checked.value}; start-up: {applied}")
+    assert "is not text but a" in str(checked.value)
+    assert applied.startswith("ConfigFileError") and "is not text but a" in applied

@@ -116,6 +116,10 @@ _KINDS: dict[Any, str] = {
     ProviderRow: "provider",
     TagRow: "tag",
 }
+# A key's `file_value_hash` when its entry declares no value (its value generated): a value the
+# entry declares later is a change of the file's value, applied (None: a store from before the
+# file's values were kept, where a stored value unlike the file's may be the API's rotation).
+_NO_VALUE: Final = "-"
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 logger = logging.getLogger("budget_middleware")
 
@@ -617,6 +621,9 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
                 f"{where}: {name} is not text but {value!r} (YAML reads no, yes, on and off as "
                 f"booleans, 007 as 7): write it in quotes"
             )
+        if isinstance(value, list | dict):  # `team: [research]`: start-up raised TypeError
+            kind = "list" if isinstance(value, list) else "mapping"
+            raise ConfigFileError(f"{where}: {name} is not text but a {kind}: give one name or id")
     if section in ("providers", "tags"):
         field = "provider" if section == "providers" else "tag"
         name = body.pop(field, None)
@@ -1022,8 +1029,9 @@ class _Loader:
             self.declared[table, name] = made.id
             self.seen.add((table, made.id))
             self.made.add(made.id)
-            if section == "virtual_keys" and body.get("value") is not None:
-                self._gave_value(made.id, hash_key(body["value"]))
+            if section == "virtual_keys":
+                value = body.get("value")
+                self._gave_value(made.id, _NO_VALUE if value is None else hash_key(value))
             return
         self.declared[table, name] = row.id
         self.seen.add((table, row.id))
@@ -1031,6 +1039,8 @@ class _Loader:
             value = body.pop("value", None)
             if value is not None:
                 self._declare_value(row, value, m, where)
+            elif row.file_value_hash != _NO_VALUE:
+                self._gave_value(row.id, _NO_VALUE)
         if row.config_hash != digest:
             update(row.id, body)
         elif section in ("teams", "virtual_keys"):
