@@ -26,7 +26,7 @@ import httpx
 import httpx2
 import openai
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 from mock_upstream import create_mock_app
 from sqlalchemy import create_engine, text
@@ -4493,3 +4493,154 @@ def test_a_call_whose_admission_its_engine_s_loop_end_cut_says_so(
     cancelled = (asyncio.CancelledError, concurrent.futures.CancelledError)
     assert not isinstance(got[0], cancelled)
     assert isinstance(got[0], RuntimeError) and "closed while it did" in str(got[0])
+
+
+async def test_a_host_written_with_its_trailing_dot_is_its_provider_s(
+    engine: BudgetEngine,
+) -> None:
+    """`myco.openai.azure.com.` (the fully qualified name, its root's dot written out) is the
+    same host as `myco.openai.azure.com`, and httpx sends it so: Azure's, whose exhausted
+    budget refuses the call, never sent."""
+    engine.manager.put_provider("azure", budgets=[{"max_limit": 0}])
+    await engine.invalidate()
+    fake = Counting()
+    http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine))
+    sdk = openai.AsyncOpenAI(
+        api_key="secret",
+        base_url="https://myco.openai.azure.com./openai/deployments/gpt-4o",
+        max_retries=0,
+        http_client=http,
+    )
+    status = 200
+    try:
+        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    except openai.APIStatusError as exc:
+        status = exc.status_code
+    await engine.flush()
+    rows = records(engine)
+    print(f"azure budget $0, host with its dot: answered {status}, sent {fake.calls}, charged to",
+          [r["provider"] for r in rows])  # fmt: skip
+    assert (status, fake.calls, rows) == (402, 0, [])
+
+
+def test_a_pattern_of_the_settings_overrides_a_built_in_one() -> None:
+    """BUDGET_PROVIDER_HOSTS adds to or overrides the built-in table: its pattern for some of
+    an Azure domain's hosts (an AI Foundry resource serving Mistral's models) is what those
+    hosts are, not the broader built-in `*.services.ai.azure.com`."""
+    from budget_middleware.outbound.hosts import HostTable
+
+    table = HostTable({"mistral-*.services.ai.azure.com": "mistral"})
+    found = [
+        table.provider(h) for h in ("mistral-eu.services.ai.azure.com", "x.services.ai.azure.com")
+    ]
+    print("mistral-eu / x .services.ai.azure.com:", found)
+    assert found == ["mistral", "azure"]
+    # `llm.example.com.` is `llm.example.com`: given both, the last would silently win
+    with pytest.raises(Exception, match="given twice"):
+        BudgetSettings(provider_hosts='{"llm.example.com.": "openai", "llm.example.com": "groq"}')
+
+
+def test_a_websocket_s_caller_pays_for_the_calls_its_handler_makes(
+    make_settings: Settings,
+) -> None:
+    """A chat app's WebSocket route that calls OpenAI through the transport for each message:
+    the socket is not metered (README), but its handshake carries the caller's key, and the
+    calls its handler makes are that caller's (SPEC §13: noted for every request that carries
+    a key, on any path), as a plain route's are: refused once its budget is spent."""
+    from starlette.testclient import TestClient
+
+    settings = make_settings(flush_interval_seconds=3600)
+    sent: list[int] = []
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        sent.append(1)
+        return _answer_with({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15})(
+            request
+        )
+
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(answer), settings)
+        ),
+    )
+    app = FastAPI()
+
+    @app.websocket("/chat")
+    async def chat_socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        text = await websocket.receive_text()
+        try:
+            await sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": text}]
+            )
+            await websocket.send_text("200")
+        except openai.APIStatusError as exc:
+            await websocket.send_text(str(exc.status_code))
+        await websocket.close()
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = engine_of(app)
+    with TestClient(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 0}])
+        on_loop(engine, engine.invalidate)
+        with http.websocket_connect("/chat", headers={"x-budget-key": key.value}) as socket:
+            socket.send_text("hello")
+            status = socket.receive_text()
+        on_loop(engine, engine.flush)
+        rows = records(engine)
+    print(f"budget $0, call from the socket's handler: {status}, sent {len(sent)}, charged to",
+          [r["virtual_key_id"] for r in rows])  # fmt: skip
+    assert (status, len(sent), rows) == ("402", 0, [])
+
+
+async def test_an_azure_client_s_own_deployment_is_the_model_charged(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """`AzureOpenAI(azure_deployment="prod-chat")` puts the deployment in every call's path and
+    sends the `model` it is given in the body (a default such as `gpt-4o-mini`), which Azure
+    ignores: it serves the deployment. README: the model is the deployment's name
+    (`azure/prod-chat`), priced as BUDGET_PRICING_FILE says; and a key allowed only
+    `gpt-4o-mini` may not call it."""
+    prices = {"azure/prod-chat": {"input_per_mtok": 2.5, "output_per_mtok": 10}}
+    (tmp_path / "prices.json").write_text(json.dumps({"models": prices}))
+    engine = get_engine(
+        make_settings(flush_interval_seconds=3600, pricing_file=tmp_path / "prices.json")
+    )
+    await engine.ensure_started()
+    sent: list[str] = []
+    sdk = openai.AsyncAzureOpenAI(
+        api_key="azure-secret",
+        azure_endpoint="https://myco.openai.azure.com",
+        azure_deployment="prod-chat",
+        api_version="2024-10-21",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(_azure_deployment(sent)), engine=engine)
+        ),
+    )
+    narrow = engine.manager.create_virtual_key(
+        name="mini-only",
+        provider_configs=[{"provider": "azure", "allowed_models": ["gpt-4o-mini"]}],
+    )
+    statuses: list[int] = []
+    try:
+        await sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        statuses.append(200)
+        with charge_to(virtual_key=narrow.value):
+            try:
+                await sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+                statuses.append(200)
+            except openai.APIStatusError as exc:
+                statuses.append(exc.status_code)
+        await engine.flush()
+        rows = records(engine)
+    finally:
+        await engine.shutdown()
+    charged = [(r["provider"], r["model"], r["cost_nanos"]) for r in rows]
+    print(f"deployment prod-chat, body gpt-4o-mini: answered {statuses}, sent {sent}, "
+          f"charged {charged}")  # fmt: skip
+    assert charged == [("azure", "prod-chat", 3_500_000)]  # 1,000 in, 100 out at its price
+    assert statuses == [200, 403] and len(sent) == 1

@@ -245,15 +245,17 @@ class BudgetSettings(BaseSettings):
                     )
             # The provider by its one name (`X-AI` is `xai`), as a request's is.
             pairs = tuple(
-                (host.strip().lower(), canonical_provider(provider)) for host, provider in value
+                (host.strip().lower().rstrip("."), canonical_provider(provider))
+                for host, provider in value
             )
-            # A host is compared lowercased and bare: `LLM.example.com` and `llm.example.com`
-            # are one, whose last provider would silently win.
+            # A host is compared lowercased and bare: `LLM.example.com`, `llm.example.com.` and
+            # `llm.example.com` are one, whose last provider would silently win.
             seen: set[str] = set()
             for host, _ in pairs:
                 if host in seen:
                     raise ValueError(
-                        f"the host {host!r} is given twice (hosts are compared lowercased)"
+                        f"the host {host!r} is given twice (hosts are compared lowercased, "
+                        "without a trailing dot)"
                     )
                 seen.add(host)
             return pairs

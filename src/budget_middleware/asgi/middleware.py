@@ -116,6 +116,15 @@ class BudgetMiddleware:
         if kind == "lifespan":
             await self._lifespan(scope, receive, send)
             return
+        if kind == "websocket" and noting.active:
+            # Not metered (README), but its handshake's caller pays for the calls its handler
+            # makes through `BudgetTransport` (SPEC §13), as an HTTP request's does.
+            token = inbound_headers.set(scope["headers"])
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                inbound_headers.reset(token)
+            return
         await self.app(scope, receive, send)
 
     async def _noted(self, scope: Scope_, receive: Receive, send: Send) -> None:

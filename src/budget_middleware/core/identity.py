@@ -88,6 +88,9 @@ class Credentials:
     # The caller's key's digest when its value is not known (a call charged to a key named by
     # its id): a model or provider holding the key is told by it (`TargetResolver`).
     key_digest: bytes | None = None
+    # The model the call's URL names, over the body's: an Azure OpenAI deployment
+    # (`outbound.hosts.deployment_named`), which is served whatever the body says.
+    model: str | None = None
 
 
 # A generated key: `BUDGET_KEY_PREFIX` and `secrets.token_urlsafe(KEY_BYTES)`, whose URL-safe
@@ -348,7 +351,7 @@ class TargetResolver:
     ) -> Target:
         """`own_key`: the caller's key's value, when it is a known key."""
         data = body if type(body) is dict else _NO_BODY
-        raw_model = data.get("model")
+        raw_model = data.get("model") if credentials.model is None else credentials.model
         found = self.provider_and_model(
             raw_model if type(raw_model) is str else "", credentials, route_path
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping
+from typing import Any
 
 PROVIDER_HOSTS: Mapping[str, str] = {
     "api.openai.com": "openai",
@@ -42,22 +43,31 @@ class HostTable:
     """Exact hosts by dict lookup, patterns (`*`) in order; what a host leads to is kept."""
 
     def __init__(self, extra: Mapping[str, str]) -> None:
-        table = {**PROVIDER_HOSTS, **{h.lower(): p for h, p in extra.items()}}
+        extra = {_bare(h): p for h, p in extra.items()}
+        table = {**PROVIDER_HOSTS, **extra}
         self.exact = {h: p for h, p in table.items() if "*" not in h}
-        self.patterns = [
-            (re.compile(fnmatch.translate(h)), p) for h, p in table.items() if "*" in h
-        ]
+        # The settings' patterns first: one of theirs overrides a broader built-in one
+        # (`mistral-*.services.ai.azure.com` over `*.services.ai.azure.com`).
+        ordered = {**extra, **table}
+        self.patterns = [(re.compile(fnmatch.translate(h)), table[h]) for h in ordered if "*" in h]
         self.found: dict[str, str | None] = {}
 
     def provider(self, host: str) -> str | None:
         found = self.found.get(host)
         if found is None and host not in self.found:
-            found = self.exact.get(host.lower())
+            name = _bare(host)
+            found = self.exact.get(name)
             if found is None:
-                found = next((p for rx, p in self.patterns if rx.match(host.lower())), None)
+                found = next((p for rx, p in self.patterns if rx.match(name)), None)
             if len(self.found) < 4096:
                 self.found[host] = found
         return found
+
+
+def _bare(host: str) -> str:
+    """A host as the table compares it: lowercased, without the root's dot a fully qualified
+    name may end with (`api.openai.com.` is `api.openai.com`, and is sent so by httpx)."""
+    return host.lower().rstrip(".")
 
 
 # APIs that refuse `stream_options` (a stream is then sent as written, not asked for its usage,
@@ -80,3 +90,15 @@ def usage_unasked(provider: str, path: str, api_version: str | None) -> bool:
         and path.startswith("/openai/deployments/")
         and api_version < _AZURE_STREAM_OPTIONS_SINCE
     )
+
+
+def deployment_named(path: str, parsed: Any) -> str | None:
+    """The deployment an Azure OpenAI call's path names (`/openai/deployments/<name>/…`) when
+    the body's `model` says another (`AzureOpenAI(azure_deployment=...)` sends the `model` it
+    is given, which Azure ignores): that deployment is served, and is the model (README)."""
+    marker = "/openai/deployments/"
+    if not path.startswith(marker):
+        return None
+    name = path[len(marker) :].partition("/")[0]
+    model = parsed.get("model") if type(parsed) is dict else None
+    return name if name and type(model) is str and model != name else None

@@ -62,7 +62,12 @@ from budget_middleware.engine.portal import (
     on_loop,
 )
 from budget_middleware.exceptions import ConfigurationError
-from budget_middleware.outbound.hosts import USAGE_CHECKED, HostTable, usage_unasked
+from budget_middleware.outbound.hosts import (
+    USAGE_CHECKED,
+    HostTable,
+    deployment_named,
+    usage_unasked,
+)
 from budget_middleware.outbound.payer import Payer, inbound_headers, noting, payer
 from budget_middleware.settings import BudgetSettings
 
@@ -306,6 +311,8 @@ class _Meter:
         if host_provider in USAGE_CHECKED:
             version = request.url.params.get("api-version")
             credentials.usage_unasked = usage_unasked(host_provider, path, version)
+            if host_provider == "azure":
+                credentials.model = deployment_named(path, parsed)
         return engine.gate.decide(body, path, credentials, key, started, shadowed, parsed)
 
     def settled_here(self, exchange: Exchange, outcome: str) -> bool:
