@@ -869,3 +869,24 @@ def test_what_a_chat_total_counts_beyond_prompt_and_completion(
     assert found is not None
     print(usage, "->", found.output_tokens)
     assert found.output_tokens == output
+
+
+@pytest.mark.parametrize("output", [0, 12])
+def test_a_gateway_s_cache_reads_outside_its_prompt_count_with_or_without_output(
+    output: int,
+) -> None:
+    """A gateway's chat usage whose `total_tokens` counts Anthropic cache reads beyond its
+    `prompt_tokens` (`_gateway_prompt`): the reads are input whether or not the answer had any
+    output (an answer cut before its first token reports 0). The rule was tried only when
+    prompt or output was there; a mutant asking for both passed every test."""
+    found = usage_from_mapping(
+        {
+            "prompt_tokens": 80,
+            "completion_tokens": output,
+            "total_tokens": 80 + output + 297,
+            "cache_read_input_tokens": 297,
+        }
+    )
+    print(output, found)
+    assert found is not None
+    assert (found.input_tokens, found.cached_tokens, found.output_tokens) == (377, 297, output)
