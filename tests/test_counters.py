@@ -869,6 +869,21 @@ def test_a_reset_on_a_clock_at_or_before_the_window_s_start_starts_a_millisecond
     assert (counter.start, counter.anchor, counter.value) == (started, started, 0)
 
 
+@pytest.mark.parametrize("after", [0.002, 0.5])
+def test_a_reset_past_the_window_s_first_millisecond_starts_where_it_was_made(
+    after: float,
+) -> None:
+    """The millisecond's rule above holds within it alone: a reset made later (2 ms, half a
+    second after the window began) starts the new window at that moment, not a millisecond
+    after the old start (a bound of a second there passed every other test)."""
+    registry = CounterRegistry()
+    counter = window(registry, "budget", "b", now=T0 + 10 * MINUTE)
+    started = counter.reset(T0 + after, registry.ledger)
+    print(f"reset at start + {after} s: the new window starts at {at(started)}")
+    assert at(started) == at(T0 + after)
+    assert (counter.start, counter.anchor, counter.value) == (started, started, 0)
+
+
 def test_confirming_nothing_that_was_never_taken_leaves_nothing() -> None:
     ledger = CounterRegistry().ledger
     ledger.confirmed("budget", "z", T0, 0)
