@@ -1620,3 +1620,49 @@ async def test_a_model_the_catalog_lists_free_is_priced_at_zero_not_unpriced(
     assert got == [(200, None), (200, None)]
     assert engine.stats.unpriced_requests == 0
     assert engine.manager.usage(group_by="model").total.cost == 0
+
+
+async def test_a_price_for_another_provider_s_deployment_does_not_move_a_bare_model_there(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """A bare model name takes its provider from the catalog (SPEC §4): `gpt-4o` is OpenAI's.
+    A pricing file that prices Azure's `gpt-4o` (a negotiated rate) overrides that price, for
+    requests to Azure; it does not make every bare `gpt-4o` Azure's. It did: the file's
+    provider was guessed first, so a key that may use only openai was refused
+    `provider_not_allowed` (for provider `azure`), and openai's provider budget no longer saw
+    those requests (they counted on azure's, at the Azure price)."""
+    path = tmp_path / "prices.json"
+    path.write_text(
+        json.dumps({"models": {"azure/gpt-4o": {"input_per_mtok": 2, "output_per_mtok": 8}}})
+    )
+    app = host_app(make_settings(pricing_file=path))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="openai-only", provider_configs=[{"provider": "openai"}]
+        )
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat("gpt-4o", max_tokens=100),
+            headers={"x-budget-key": key.value or ""},
+        )
+        azure = await http.post(
+            "/v1/chat/completions",
+            json=chat("azure/gpt-4o", max_tokens=100),
+            headers={"x-budget-key": key.value or ""},
+        )
+        rows = await records(engine)
+    print(
+        f"bare gpt-4o: {answer.status_code}, "
+        f"charged as {[(r.provider, r.cost_source, r.cost_nanos) for r in rows]}"
+    )
+    assert answer.status_code == 200
+    assert azure.status_code == 403  # the key may not use azure: the file's price is azure's
+    usage = answer.json()["usage"]
+    want = calc_price(
+        Usage(input_tokens=usage["prompt_tokens"], output_tokens=usage["completion_tokens"]),
+        model_ref="gpt-4o",
+        provider_id="openai",
+    ).total_price
+    assert [(r.provider, r.cost_source) for r in rows] == [("openai", "catalog")]
+    assert abs(rows[0].cost_nanos - int(want * 10**9)) <= 1

@@ -491,14 +491,16 @@ class PriceBook:
         return found
 
     def guess_provider(self, model: str) -> str | None:
-        """The provider that the pricing file or the catalog knows for a bare model name."""
+        """The provider that the catalog knows for a bare model name, else the one the pricing
+        file names it under (a model the catalog does not list): a file's price for another
+        provider's deployment of a listed model (`azure/gpt-4o`) is that provider's price,
+        not where every bare `gpt-4o` goes."""
         try:
             return self._guesses[model]
         except KeyError:
             pass
-        guess = self._file_providers.get(model.lower())
-        if guess is None and (hit := _catalog_find("", model)) is not None:
-            guess = hit[0].id
+        hit = _catalog_find("", model)
+        guess = hit[0].id if hit is not None else self._file_providers.get(model.lower())
         if len(self._guesses) >= _MAX_CACHED:
             self._guesses.clear()
         self._guesses[model] = guess
