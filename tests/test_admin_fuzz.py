@@ -11,6 +11,7 @@ Then one plain test per class of bug the fuzzer found.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -513,6 +514,40 @@ async def test_nul_characters_answer_422_on_every_store(settings: BudgetSettings
             r = await c.request(method, path, json={}, headers=ADMIN)
             assert r.status_code == 422, (path, r.text)
         assert (await c.get("/customers", headers=ADMIN)).json()["count"] == 0
+
+
+async def test_a_lone_surrogate_in_a_reference_answers_422_on_every_store(
+    settings: BudgetSettings,
+) -> None:
+    """JSON's `"\\ud800"` (half a surrogate pair: valid JSON, no Unicode text) in a name was
+    refused 422, but in a reference to another object (`team_id`, `customer_id`, `scope_id`) it
+    reached the store's lookup, whose UTF-8 encoding raised UnicodeEncodeError: a 500 with no
+    error body, on create and update alike. It is a 422 naming the field, as U+0000 is."""
+    async with admin_client(settings) as c:
+        team = (await c.post("/teams", json={"name": "t"}, headers=ADMIN)).json()["team"]
+        key = (await c.post("/virtual-keys", json={"name": "k"}, headers=ADMIN)).json()
+        key_id = key["virtual_key"]["id"]
+        cases = [
+            ("POST", "/virtual-keys", {"name": "k2", "team_id": "\ud800"}, "team_id"),
+            ("POST", "/virtual-keys", {"name": "k3", "customer_id": "a\udfff"}, "customer_id"),
+            ("POST", "/teams", {"name": "t2", "customer_id": "\ud800"}, "customer_id"),
+            ("PUT", f"/teams/{team['id']}", {"customer_id": "\ud800"}, "customer_id"),
+            ("PUT", f"/virtual-keys/{key_id}", {"team_id": "\udbff"}, "team_id"),
+            ("POST", "/model-configs",
+             {"model_name": "gpt-4o", "scope": "virtual_key", "scope_id": "\ud800"}, "scope_id"),
+        ]  # fmt: skip
+        found = []
+        headers = {**ADMIN, "content-type": "application/json"}
+        for method, path, body, _param in cases:
+            raw = json.dumps(body).encode()  # the surrogate as its `\ud800` escape
+            try:
+                r = await c.request(method, path, content=raw, headers=headers)
+                found.append((r.status_code, _error(r).get("param")))
+            except UnicodeEncodeError:  # raised through the app: a server answers 500
+                found.append((500, None))
+        print(found)
+        assert found == [(422, param) for *_, param in cases]
+        assert (await c.get("/virtual-keys", headers=ADMIN)).json()["count"] == 1
 
 
 async def test_bodies_are_required_and_bounded(tmp_path: Path) -> None:

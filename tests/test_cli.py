@@ -1323,6 +1323,90 @@ def test_a_body_naming_a_key_twice_is_refused_as_the_admin_api_refuses_it(
     assert not _exists(store)  # nothing written: not even the store made
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--budget nan/1d",
+        "--budget inf",
+        "--budget 1e400/1d",
+        """--body '{"budgets": [{"max_limit": NaN}]}'""",
+        """--body '{"budgets": [{"max_limit": 1e400, "reset_duration": "1d"}]}'""",
+    ],
+)
+def test_an_amount_json_cannot_carry_is_named_on_one_line(
+    store: dict[str, str], here: Here, option: str
+) -> None:
+    """`--budget nan/1d`, `inf`, `1e400` (read by float()) and a `--body` with `NaN` or
+    `1e400` (read by json.loads) are no JSON number: with `--url` the request could not be
+    encoded, and the command died with json's ValueError's traceback (exit 1) before sending
+    anything; on the store it was refused by the management API instead. Either way, a usage
+    error naming the option (exit 2), and nothing written."""
+    lines = {
+        "url": f"--url http://127.0.0.1:9/admin --admin-key k customers create --name c {option}",
+        "store": f"customers create --name c {option}",
+    }
+    results = {}
+    for where, line in lines.items():
+        try:
+            results[where] = here(store, line)
+        except ValueError as exc:  # raised through `run`: a traceback for the user
+            results[where] = Result(1, "", f"Traceback ... ValueError: {exc}\n")
+    for where, result in results.items():
+        print(f"{where}: {option} -> exit {result.code}: {result.err.strip()}")
+    for result in results.values():
+        error = result.failed_on_one_line(2)
+        assert error.startswith(
+            ("error: Invalid value for --budget", "error: Invalid value for --body")
+        )
+    assert not _exists(store)  # nothing written: not even the store made
+
+
+def test_an_argument_the_terminal_could_not_decode_is_named_on_one_line(
+    store: dict[str, str], here: Here
+) -> None:
+    """An argument holding bytes the locale cannot decode (Latin-1 `\xff` typed or pasted in a
+    UTF-8 terminal) reaches Python as a lone surrogate, which no store lookup, URL or JSON body
+    can encode: `customers show`, `keys create --team-id` on the store and any command with
+    `--url` died with UnicodeEncodeError's traceback. A usage error naming the argument."""
+    url = "--url http://127.0.0.1:9/admin --admin-key k"
+    lines = [
+        "customers create --name acme",  # a store to look in
+        "customers show \udcff",
+        "keys create --name k --team-id ab\udcff",
+        f"{url} customers show \udcff",
+        f"{url} customers create --name \udcff",
+    ]
+    results = []
+    for line in lines:
+        try:
+            results.append(here(store, line))
+        except UnicodeEncodeError as exc:  # raised through `run`: a traceback for the user
+            results.append(Result(1, "", f"Traceback ... UnicodeEncodeError: {exc}\n"))
+    for line, result in zip(lines, results, strict=True):
+        print(f"{line!r} -> exit {result.code}: {result.err.strip()}")
+    ok(results[0])
+    for result in results[1:]:
+        line = result.failed_on_one_line(2)
+        assert "\\udcff' is not valid text in this terminal's encoding" in line
+    keys = ok(here(store, "keys list --json")).json()["virtual_keys"]
+    assert keys == []
+
+
+def test_alerts_list_with_a_limit_past_any_database_integer_on_the_store(
+    store: dict[str, str], here: Here
+) -> None:
+    """`alerts list --limit 100000000000000000000` (any number, as the admin API takes it: a
+    page past every list) died on the store with OverflowError's traceback ("Python int too
+    large to convert to SQLite INTEGER"). It lists every alert, as with `--url`."""
+    ok(here(store, "customers create --name acme"))  # a store to read
+    try:
+        result = here(store, "alerts list --limit 100000000000000000000 --json")
+    except OverflowError as exc:  # raised through `run`: a traceback for the user
+        result = Result(1, "", f"Traceback ... OverflowError: {exc}\n")
+    print(f"exit {result.code}: {result.out.strip() or result.err.strip()}")
+    assert ok(result).json() == {"alerts": [], "count": 0}
+
+
 def test_a_failure_names_the_store_without_the_password_of_its_query() -> None:
     """`?password=` (libpq's) was printed in clear in the store's error line (a fault hunt's)."""
     url = "postgresql+psycopg://u@127.0.0.1:1/x?password=DBSECRETQ9"

@@ -28,7 +28,7 @@ from budget_middleware.manage.schemas import (
     NUL_MESSAGE,
     RFC3339,
     TwiceGiven,
-    nul_in,
+    text_problem_in,
     to_utc,
     unique_keys,
 )
@@ -260,9 +260,9 @@ class Call:
             raise Refused(invalid_param("body", "is not valid JSON")) from None
         if not isinstance(data, dict):
             raise Refused(invalid_param("body", "must be a JSON object"))
-        where = nul_in(data)
-        if where is not None:
-            raise Refused(invalid_param(where, _NUL))
+        problem = text_problem_in(data)
+        if problem is not None:
+            raise Refused(invalid_param(*problem))
         try:
             return model.model_validate(data)
         except ValidationError as exc:

@@ -44,6 +44,11 @@ def _run(argv: Sequence[str] | None) -> int:
     from budget_middleware.exceptions import BudgetError
 
     no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    for arg in argv if argv is not None else sys.argv[1:]:
+        # Bytes the locale cannot decode reach Python as lone surrogates (`\udcff`), which no
+        # store, URL or JSON body can carry: each command died on them with a traceback.
+        if any("\ud800" <= c <= "\udfff" for c in arg):
+            return _fail(f"the argument {arg!r} is not valid text in this terminal's encoding", 2)
     try:
         status = cli.main(
             args=list(argv) if argv is not None else None,

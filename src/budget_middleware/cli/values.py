@@ -5,6 +5,7 @@ the option."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from datetime import UTC, date, datetime, timedelta
@@ -33,6 +34,8 @@ def _number(text: str, option: str, kind: type[int] | type[float]) -> Any:
     except ValueError:
         what = "an amount of USD" if kind is float else "a whole number"
         raise click.BadParameter(f"{text!r} is not {what}", param_hint=option) from None
+    if not math.isfinite(value):  # `nan`, `inf`, `1e400`: no JSON number (a traceback with --url)
+        raise click.BadParameter(f"{text!r} is not a finite amount of USD", param_hint=option)
     if value < 0:
         raise click.BadParameter(f"{text!r} is negative", param_hint=option)
     return value
@@ -141,6 +144,19 @@ def _file_text(path: Path) -> str:
     return raw.decode("utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float: one past a float's range (`1e400`) is refused, as `NaN` is:
+    neither can be sent as JSON (`--url`: a traceback), nor is either a valid amount."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of the range of a number")
+    return value
+
+
 def body(text: str | None, file: str | None) -> dict[str, Any]:
     """The JSON object of `--body` or `--file` (`-`: standard input); {} when neither."""
     if text is not None and file is not None:
@@ -166,7 +182,9 @@ def body(text: str | None, file: str | None) -> dict[str, Any]:
     from budget_middleware.manage.schemas import TwiceGiven, unique_keys
 
     try:  # a key given twice is refused, as the admin API and a config file refuse it
-        data = json.loads(text, object_pairs_hook=unique_keys)
+        data = json.loads(
+            text, object_pairs_hook=unique_keys, parse_constant=_no_constant, parse_float=_finite
+        )
     except TwiceGiven as exc:
         raise click.BadParameter(str(exc), param_hint=option) from None
     except ValueError as exc:

@@ -71,7 +71,6 @@ from budget_middleware.manage.owner_limits import (
 )
 from budget_middleware.manage.schemas import (
     MAX_CONFIG_CHARS,
-    NUL_MESSAGE,
     CustomerCreate,
     ModelConfigCreate,
     ProviderConfigIn,
@@ -80,7 +79,7 @@ from budget_middleware.manage.schemas import (
     TagPut,
     TeamCreate,
     VirtualKeyCreate,
-    nul_in,
+    text_problem_in,
     unique_keys,
 )
 from budget_middleware.settings import BudgetSettings
@@ -604,10 +603,10 @@ def _declared(model: type[BaseModel], body: dict[str, Any]) -> dict[str, Any]:
 def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
     """What an entry's create body must be, checked without the store: references by name stand
     in as ids (whether they exist is known only when the file is applied)."""
-    found = nul_in(body)  # as the admin API refuses it in a body
+    found = text_problem_in(body)  # as the admin API refuses it in a body
     if found is not None:
-        raise ConfigFileError(f"{where}: {found}: {NUL_MESSAGE}")
-    try:  # YAML's and JSON's `\ud800` is a lone surrogate, which no store's text holds
+        raise ConfigFileError(f"{where}: {found[0]}: {found[1]}")
+    try:  # a lone surrogate (YAML's and JSON's `\ud800`) in a mapping's key
         json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")
     except UnicodeEncodeError:
         raise ConfigFileError(

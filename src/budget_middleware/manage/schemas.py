@@ -77,16 +77,27 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return data
 
 
-def nul_in(data: Any) -> str | None:
-    """Where the first string holding U+0000 is (`budgets.0.id`), or None: a body of the admin
-    API and an entry of a config file (SPEC §10: a create body) alike. Not recursive: the
-    nesting json.loads accepts may be deeper than the stack left here."""
+SURROGATE_MESSAGE: Final = (
+    "must not hold a lone surrogate (an escape from \\ud800 to \\udfff alone): it is no "
+    "Unicode text"
+)
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def text_problem_in(data: Any) -> tuple[str, str] | None:
+    """Where the first string that no store can hold is (`budgets.0.id`), and what is wrong with
+    it: U+0000 (PostgreSQL cannot store it) or a lone surrogate (JSON's `"\\ud800"`: no UTF-8
+    encodes it, so a write or a lookup of it raised UnicodeEncodeError, a 500); or None. A body
+    of the admin API and an entry of a config file (SPEC §10: a create body) alike. Not
+    recursive: the nesting json.loads accepts may be deeper than the stack left here."""
     stack: list[tuple[str, Any]] = [("", data)]
     while stack:
         where, value = stack.pop()
         if isinstance(value, str):
             if "\x00" in value:
-                return where or "body"
+                return where or "body", NUL_MESSAGE
+            if _LONE_SURROGATE.search(value):
+                return where or "body", SURROGATE_MESSAGE
         elif isinstance(value, dict):
             items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
             stack.extend(reversed(items))  # popped in document order

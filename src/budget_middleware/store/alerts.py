@@ -336,6 +336,9 @@ def give_up_unattended(
     return given_up
 
 
+_MOST_ROWS = 2**63 - 1  # a BIGINT's largest, SQLite's and PostgreSQL's
+
+
 def list_alerts(
     store: Store,
     owner_type: str | None = None,
@@ -343,7 +346,10 @@ def list_alerts(
     limit: int = 100,
     offset: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Recent alerts, newest first, as `GET /alerts` answers them; and how many there are."""
+    """Recent alerts, newest first, as `GET /alerts` answers them; and how many there are. A
+    `limit` or `offset` past what a database's integer holds is taken as that (the CLI's
+    `alerts list --limit 100000000000000000000` on the store raised OverflowError)."""
+    limit, offset = min(limit, _MOST_ROWS), min(offset, _MOST_ROWS)
     where = []
     if owner_type is not None:
         where.append(col(AlertRow.owner_type) == owner_type)
