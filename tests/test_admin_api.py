@@ -313,6 +313,36 @@ async def test_conflicts_answer_409(settings: BudgetSettings) -> None:
         assert r.json()["count"] == 1  # the refused create left nothing behind
 
 
+async def test_one_duration_spelt_two_ways_is_a_duplicate_reset_duration(
+    settings: BudgetSettings,
+) -> None:
+    """SPEC §9: an owner holds at most one budget per `reset_duration`, a 409 otherwise. `24h`
+    is `1d` spelt otherwise (an update matches them as one), so `1d` beside `24h` is that
+    duplicate: both were created, and an update naming `1d` then matched either one."""
+    async with admin_client(settings) as c:
+        answers = []
+        for twice in (("1d", "24h"), ("1w", "7d"), ("1Y", "12M"), ("60s", "1m")):
+            budgets = [{"max_limit": n + 1, "reset_duration": d} for n, d in enumerate(twice)]
+            r = await c.post("/teams", json={"name": f"t-{twice[0]}", "budgets": budgets},
+                             headers=ADMIN)  # fmt: skip
+            answers.append((twice, r.status_code, r.json().get("error", {}).get("param")))
+        r = await c.post("/teams", json={"name": "ok", "budgets": [
+            {"max_limit": 1, "reset_duration": "1d"}, {"max_limit": 2, "reset_duration": "1h"},
+            {"max_limit": 3, "reset_duration": "1mo"}, {"max_limit": 4, "reset_duration": "30d"},
+        ]}, headers=ADMIN)  # fmt: skip
+        team = r.json()["team"]
+        put = await c.put(f"/teams/{team['id']}", json={"budgets": [
+            {"max_limit": 1, "reset_duration": "1d"}, {"max_limit": 5, "reset_duration": "24h"},
+        ]}, headers=ADMIN)  # fmt: skip
+        print("\nanswers:", answers, "different durations:", r.status_code, "update:",
+              put.status_code)  # fmt: skip
+        assert answers == [(t, 409, "budgets") for t, _, _ in answers]
+        assert r.status_code == 201 and len(team["budgets"]) == 4  # a month is not 30 days
+        assert put.status_code == 409
+        r = await c.get("/teams", headers=ADMIN)
+        assert r.json()["count"] == 1  # the refused creates left nothing behind
+
+
 async def test_one_budget_or_provider_config_id_given_twice_in_an_update_is_a_409(
     settings: BudgetSettings,
 ) -> None:
@@ -1132,7 +1162,7 @@ async def test_concurrent_budget_lists_over_more_durations_than_are_cached_all_a
 
     settings = admin_settings(tmp_path)
     manager = get_engine(settings).manager
-    durations = [f"{n}{unit}" for n in range(1, 276) for unit in "smhd"]  # 1,100
+    durations = [f"{n}s" for n in range(1, 1101)]  # 1,100 (of one unit: no two of one length)
     for first in range(0, len(durations), 100):
         manager.create_customer(
             name=f"c{first}",

@@ -142,14 +142,18 @@ def write_limits(
 
 
 def check_budget_durations(owner_type: str, budgets: Sequence[BudgetIn]) -> None:
-    """An owner holds at most one budget per `reset_duration` (409 otherwise)."""
-    durations = [b.reset_duration for b in budgets]
-    for duration in durations:
-        if durations.count(duration) > 1:
-            shown = duration or "null (never resets)"
+    """An owner holds at most one budget per `reset_duration` (409 otherwise), as meant: `24h`
+    beside `1d` is the same duration twice (an update matches either by it)."""
+    lengths = [_duration_length(b.reset_duration) for b in budgets]
+    for length in lengths:
+        if lengths.count(length) > 1:
+            shown = " and ".join(
+                sorted({b.reset_duration or "null (never resets)"
+                        for b, n in zip(budgets, lengths, strict=True) if n == length})
+            )  # fmt: skip
             raise Conflict(
                 f"two budgets of one {owner_type} have reset_duration {shown}: an owner holds "
-                "at most one budget per reset_duration",
+                "at most one budget per reset_duration (`24h` is `1d` spelt otherwise)",
                 param="budgets",
             )
 
