@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel
 
@@ -1332,3 +1333,112 @@ async def test_a_body_in_a_coding_the_middleware_cannot_read_is_refused_not_serv
     assert refused.json()["error"]["code"] == "unsupported_content_encoding"
     assert refused.headers["accept-encoding"] == "gzip, deflate"
     assert charged == sum(served) / 1e6 == 0.2
+
+
+class StreamRequest(BaseModel):
+    """A streaming chat request as the host app declares it: `stream` a bool, which pydantic's
+    lax mode (FastAPI's) reads from `"true"`, `1`, `"yes"` as well as from `true`."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+
+@pytest.mark.parametrize("spelled", [True, "true", 1, "yes"], ids=["bool", "str", "int", "yes"])
+async def test_a_stream_flag_the_app_reads_leniently_is_metered_as_the_stream_it_serves(
+    make_settings: Settings, pricing_file: Path, spelled: Any
+) -> None:
+    """`"stream": "true"` (or 1, "yes") is the stream the app's pydantic model reads, and what
+    it streams (here as Starlette's `StreamingResponse(gen())`, untyped, which the README says is
+    read as the stream it is). The middleware took it for no stream: it did not ask for the
+    usage, read the stream as JSON, found no output in it and charged the prompt alone: 1,000
+    output tokens served for $0 (free input). Now it is asked for its usage, charged it, and
+    the usage chunk that adds is taken out, as for `true`."""
+    output = 1000
+
+    def event(choices: list[Any], usage: Any = None) -> bytes:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "choices": choices, "usage": usage}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: StreamRequest) -> StreamingResponse:
+        assert request.stream
+        asked = (request.stream_options or {}).get("include_usage") is True
+
+        async def words() -> AsyncIterator[bytes]:
+            for _ in range(output):
+                yield event([{"index": 0, "delta": {"content": "word "}}])
+            if asked:
+                usage = {"prompt_tokens": 10, "completion_tokens": output, "total_tokens": 0}
+                yield event([], usage)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(words())
+
+    settings = make_settings(pricing_file=pricing_file)
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        body = {"model": "gpt-4o", "messages": [], "max_tokens": output, "stream": spelled}
+        answer = await http.post(
+            "/v1/chat/completions", json=body, headers={"x-budget-key": key.value}
+        )
+        charged = spent(engine, key.budgets[0].id)
+    print(f"stream {spelled!r}: charged {charged} nano-dollars, expected {output * 1000}")
+    assert answer.status_code == 200 and answer.text.count("word") == output
+    assert '"choices": []' not in answer.text  # the usage chunk it did not ask for
+    assert charged == output * 1000  # $1 a million output tokens
+
+
+@pytest.mark.parametrize("spelled", ["no", "false", 2, {"please": True}])
+async def test_a_stream_an_app_serves_for_any_truthy_flag_is_charged_what_it_streamed(
+    make_settings: Settings, pricing_file: Path, spelled: Any
+) -> None:
+    """An app that reads the body as a dict and streams when `body.get("stream")` is truthy (a
+    proxy's usual test; Flask's and Django's too), in a `StreamingResponse(gen())` with no type
+    (Flask's `Response(gen())` says `text/html`): `"stream": "no"` (or `2`, an object) is no
+    stream to the middleware, which read the answer as JSON, found no JSON and charged the
+    prompt alone: 1,000 output tokens served for $0 (free input). The event stream it is, is
+    read as one: its streamed text is charged (estimated: its usage was not asked for)."""
+    output = 1000
+
+    def event(content: str) -> bytes:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "usage": None,
+                 "choices": [{"index": 0, "delta": {"content": content}}]}  # fmt: skip
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> StreamingResponse:
+        assert (await request.json()).get("stream")
+
+        async def words() -> AsyncIterator[bytes]:
+            for _ in range(output):
+                yield event("word")  # 4 characters: a token each, as the estimate counts them
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(words())
+
+    settings = make_settings(pricing_file=pricing_file)
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        body = {"model": "gpt-4o", "messages": [], "max_tokens": output, "stream": spelled}
+        answer = await http.post(
+            "/v1/chat/completions", json=body, headers={"x-budget-key": key.value}
+        )
+        charged = spent(engine, key.budgets[0].id)
+    print(f"stream {spelled!r}: charged {charged} nano-dollars, expected {output * 1000}")
+    assert answer.status_code == 200 and answer.text.count("word") == output
+    assert charged == output * 1000  # $1 a million output tokens

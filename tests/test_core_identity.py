@@ -388,10 +388,16 @@ def test_a_key_s_own_tags_are_kept_whatever_a_client_adds() -> None:
     assert found.tags[:30] == tuple(f"a{n:02}" for n in range(30))  # then the client's, in order
 
 
-def test_stream_only_when_true_and_the_output_limit_a_non_negative_count() -> None:
+def test_stream_when_true_as_the_app_reads_it_and_the_output_limit_a_non_negative_count() -> None:
     assert target({"stream": True}).stream is True
-    assert target({"stream": 1}).stream is False
-    assert target({"stream": "true"}).stream is False
+    # As a lax reader (FastAPI's pydantic, vLLM's) reads it: the stream the upstream then gets
+    assert target({"stream": 1}).stream is True
+    assert target({"stream": "true"}).stream is True
+    assert target({"stream": "True", "n": 2}).stream is True
+    for no in (False, None, 0, 2, "false", "0", "x", [], {}):
+        assert target({"stream": no}).stream is False
+        assert target({"stream": no, "n": 2}).stream is False
+    assert target({}).stream is False
     assert target({"max_tokens": 0}).max_output_tokens == 0
     assert target({"max_tokens": 7}).max_output_tokens == 7
     assert target({"max_tokens": -1}).max_output_tokens is None

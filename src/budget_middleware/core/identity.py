@@ -384,7 +384,7 @@ class TargetResolver:
                     limit = value
             if not sized <= _OUTPUT_LIMITS:  # choices, a tier, a batch, audio: seldom asked
                 return _shaped(found, tags, data, sized, limit)
-        return Target(found[0], found[1], tags, data.get("stream") is True, limit, 1)
+        return Target(found[0], found[1], tags, _streams(data), limit, 1)
 
     def provider_and_model(
         self, model: str, credentials: Credentials, route_path: str
@@ -510,7 +510,7 @@ def _shaped(
     background = BACKGROUND_FIELD in sized and _true(data[BACKGROUND_FIELD])
     modalities = data.get(MODALITIES_FIELD)
     spoken = type(modalities) is list and "audio" in modalities
-    stream = data.get("stream") is True
+    stream = _streams(data)
     return Target(found[0], found[1], tags, stream, limit, choices, tier, background, spoken)
 
 
@@ -526,6 +526,14 @@ def _true(value: object) -> bool:
     if type(value) is str:
         return value.strip().lower() in _TRUE_TEXTS
     return type(value) in (int, float) and value == 1
+
+
+def _streams(data: dict[str, Any]) -> bool:
+    """Whether the request asks for a stream as the host app reads it: `"stream": "true"`, `1`
+    is the stream a lax reader serves (FastAPI's models, vLLM's), asked for its usage and read
+    as one. (`true`, `false` or none, the usual values, are told without `_true`.)"""
+    stream = data.get("stream")
+    return stream is True or (stream is not None and stream is not False and _true(stream))
 
 
 def _count(value: object) -> int | None:

@@ -489,11 +489,29 @@ class Exchange:
         if parts:
             price = self.price  # a tier written before the usage is looked for if it prices
             tiered = price is not None and bool(price.service_tiers)
-            usage = usage_from_json(b"".join(parts), tiered)  # of one part, that part: no copy
+            body = b"".join(parts)  # of one part, that part: no copy
+            usage = usage_from_json(body, tiered)
             if usage is None and self.json_dropped:  # a huge answer: its usage may come first
                 usage = usage_from_head(self.json_head)
+            elif usage is None and self._read_as_events(body):
+                return self._usage()
             return usage
         return None
+
+    def _read_as_events(self, body: bytes) -> bool:
+        """Whether an answer read as JSON, which holds no usage and is no JSON, is an event
+        stream after all, read as one from now on (`stream`): an app that streams whenever its
+        request's `stream` is truthy (`"no"`, `2`: `body.get("stream")`), untyped or as
+        `text/plain` or `text/html`, for a request that is no stream as the SDKs send one."""
+        if body[:64].lstrip()[:1] in _JSON_STARTS:  # (JSON that does not parse, as a rule)
+            return False
+        meter = StreamMeter()
+        meter.feed(body)
+        meter.finish()
+        if meter.usage is None and not (meter.text_chars or meter.completed or meter.failed):
+            return False
+        self.stream, self.json_parts = meter, None
+        return True
 
     def _work_out(self, outcome: str) -> UsageRecord:
         """Work out the cost: the request's usage record (what it costs, what it counts)."""
