@@ -2331,3 +2331,59 @@ async def test_a_provider_config_s_alert_with_a_long_key_name_is_raised_and_bloc
             assert owner["owner"]["name"] == f"{long_name}/openai"  # the body names it whole
     finally:
         hook.close()
+
+
+_SCRIPT_SPENDING_ITS_BUDGET = """
+import asyncio, sys
+import httpx2
+from budget_middleware import (BudgetSettings, BudgetSyncTransport, BudgetTransport, charge_to,
+                               get_engine)
+
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+
+def provider(request):
+    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": USAGE})
+
+settings = BudgetSettings(database_url=sys.argv[1], alert_webhook_urls=sys.argv[2])
+# $0.0035 a call: the fifth reaches 80 % of $0.02, the sixth 100 %, the seventh is refused
+key = get_engine(settings).manager.create_virtual_key(name="job", budgets=[{"max_limit": 0.02}])
+url = "https://api.openai.com/v1/chat/completions"
+body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+async def job():
+    transport = BudgetTransport(httpx2.MockTransport(provider), settings)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key_id=key.id):
+            return [(await http.post(url, json=body)).status_code for _ in range(7)]
+
+if sys.argv[3] == "asyncio.run":
+    statuses = asyncio.run(job())
+else:
+    transport = BudgetSyncTransport(httpx2.MockTransport(provider), settings)
+    with httpx2.Client(transport=transport) as http, charge_to(virtual_key_id=key.id):
+        statuses = [http.post(url, json=body).status_code for _ in range(7)]
+print(statuses)
+"""
+
+
+@pytest.mark.parametrize("client_kind", ["asyncio.run", "sync"])
+def test_a_job_that_spends_its_budget_and_ends_posts_its_alerts(
+    tmp_path: Path, receiver: Callable[..., Receiver], client_kind: str
+) -> None:
+    """A batch job (the outbound transport's, in a script) crosses 80 %, 100 % and is refused,
+    then ends. Its alerts were raised in the store and left there: no receiver heard of them
+    until another process with the URL started (the next night's run). They are posted as it
+    ends."""
+    hook = receiver()
+    script = tmp_path / "job.py"
+    script.write_text(_SCRIPT_SPENDING_ITS_BUDGET)
+    url = f"sqlite:///{tmp_path / 'job.db'}"
+    done = subprocess.run(
+        [sys.executable, str(script), url, hook.url, client_kind],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    got = sorted((a["type"], a.get("threshold") or 0) for a in hook.delivered())
+    print(f"{client_kind}: {done.stdout.strip()}; the receiver got {got}")
+    assert "402" in done.stdout
+    assert got == [("budget.exhausted", 0), ("budget.threshold", 0.8), ("budget.threshold", 1.0)]

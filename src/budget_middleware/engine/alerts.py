@@ -241,7 +241,20 @@ class Alerts:
                 await self.raise_queued()
             except Exception as exc:
                 logger.warning("budget-middleware could not save alerts as its loop ended: %s", exc)
+            await self.deliver_last()
             raise
+
+    async def deliver_last(self) -> None:
+        """As the process ends (a shutdown, once the charges are written; a script's loop
+        ending): what is due posted once, awaited, each post bounded by `timeout`. Left in the
+        store alone, the alerts of a process's last requests waited for the next process with
+        the URL: a job that spent its budget and ended told no receiver of it."""
+        if not self.urls:
+            return
+        try:
+            await self.deliver_due()
+        except Exception as exc:  # what is left is delivered after a restart
+            logger.warning("budget-middleware could not deliver alerts as it ended: %s", exc)
 
     async def _rounds(self) -> None:
         self._in_rounds = True

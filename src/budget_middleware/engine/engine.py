@@ -608,6 +608,7 @@ class BudgetEngine:
                     await flusher
         await self.alerts.stop()
         await self._write_or_keep()
+        await self.alerts.deliver_last()  # after the charges: a receiver's wait delays no write
         try:
             await asyncio.wait_for(self.counters.stop(), grace)
         except TimeoutError:
