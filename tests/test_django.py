@@ -594,3 +594,44 @@ async def test_a_client_gone_after_the_headers_of_a_sync_django_stream_is_charge
     assert served and len(rows) == 1
     # the most it could have cost: at least the 2,000 tokens of output it was allowed
     assert charged >= 2000 * 600
+
+
+def test_the_admin_urls_serve_a_site_that_requires_login_everywhere(site: None) -> None:
+    """Django 5.1's `LoginRequiredMiddleware` (a site private by default) sends every view not
+    marked `login_not_required` to the login page. The admin API authenticates with its bearer
+    (`BUDGET_ADMIN_KEY`), never a Django session, as it is CSRF-exempt for: every call of the
+    admin URLs, the admin key's included, was a 302 to `/accounts/login/`."""
+    import django
+    from django.test import Client, override_settings
+
+    if django.VERSION < (5, 1):
+        pytest.skip("LoginRequiredMiddleware came with Django 5.1")
+
+    chain = [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.common.CommonMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    ]
+    apps = ["django.contrib.auth", "django.contrib.contenttypes", "django.contrib.sessions"]
+    with override_settings(
+        INSTALLED_APPS=apps,
+        MIDDLEWARE=chain,
+        SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies",
+    ):
+        client = Client()
+        created = client.post(
+            "/budget-admin/virtual-keys",
+            data={"name": "alice"},
+            content_type="application/json",
+            HTTP_AUTHORIZATION="Bearer admin-secret",
+        )
+        health = client.get("/budget-admin/health")
+        anonymous = client.get("/budget-admin/virtual-keys")
+    print(
+        f"create a key: {created.status_code} {created.headers.get('location')}; health: "
+        f"{health.status_code}; without the admin key: {anonymous.status_code}"
+    )
+    assert created.status_code == 201 and created.json()["virtual_key"]["name"] == "alice"
+    assert health.status_code == 200
+    assert anonymous.status_code == 401  # the admin API's own answer, not the login page

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -1647,6 +1648,42 @@ def test_a_body_shorter_than_its_content_length_is_not_admitted(make_settings: S
     print(f"short body: {statuses}, app called {len(seen)} time(s); then {full.status_code}")
     assert statuses[0].startswith("400") and full.status_code == 200  # its one request is left
     assert seen == [body] and records(engine)[0]["status"] == 200
+
+
+def test_a_content_length_past_int_s_digits_is_a_413_not_a_500(make_settings: Settings) -> None:
+    """werkzeug's server (`flask run`) and wsgiref's (Django's `runserver`) put the
+    Content-Length header in the environ as sent. One of 5,000 digits (past the 4,300 that
+    `int()` reads) raised ValueError in the middleware: the server's 500, with a traceback. It
+    is a length over any BUDGET_MAX_BODY_BYTES: the 413 a client is due, its body unread."""
+    from werkzeug.serving import make_server
+
+    called: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        called.append(environ["wsgi.input"].read())
+        start_response("200 OK", [("content-type", "application/json")])
+        return [COMPLETION]
+
+    server = make_server("127.0.0.1", 0, BudgetWSGIMiddleware(app, make_settings()))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n"
+                b"Content-Type: application/json\r\nContent-Length: " + b"9" * 5000 + b"\r\n"
+                b"Connection: close\r\n\r\n" + json.dumps(chat()).encode()
+            )
+            reply = b""
+            while chunk := conn.recv(65536):
+                reply += chunk
+    finally:
+        server.shutdown()
+        thread.join(10)
+    status = reply.split(b"\r\n", 1)[0].decode()
+    print(f"a Content-Length of 5,000 digits: {status}")
+    assert status.split()[1] == "413" and b"request_too_large" in reply
+    assert called == []
 
 
 class InParts(Sent):

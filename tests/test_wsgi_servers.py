@@ -329,6 +329,64 @@ def test_preloaded_workers_in_an_outage_take_back_only_their_own_batches(tmp_pat
     assert live == {usage}
 
 
+PRELOADED_APP = """
+import json, sys
+sys.path.insert(0, {examples!r})
+from flask_app import create_app
+from budget_middleware import get_engine
+from budget_middleware.engine.portal import on_loop
+app = create_app()
+engine = get_engine()
+body = {body!r}
+def warm_up(key):
+    answer = app.test_client().post(
+        "/v1/chat/completions", data=body, headers={{"authorization": "Bearer " + key.value}}
+    )
+    assert answer.status_code == 200, answer.get_data()
+probe = engine.manager.create_virtual_key(name="probe", budgets=[{{"max_limit": 100}}])
+warm_up(probe)  # the engine starts in the master
+price = engine.registry.counter("budget", probe.budgets[0].id).value
+key = engine.manager.create_virtual_key(name="alice", budgets=[{{"max_limit": 30 * price / 1e9}}])
+warm_up(key)  # its counter held by the master, and written
+on_loop(engine, engine.flush)
+with open({out!r}, "w") as out:
+    json.dump({{"id": key.id, "value": key.value, "price": price}}, out)
+"""
+
+
+def test_workers_preload_forks_anew_admit_on_the_store_s_spend_not_the_master_s(
+    tmp_path: Path,
+) -> None:
+    """gunicorn `--preload --max-requests 5`, one worker, the engine started in the master (a
+    warm-up request on a budget of 30 requests' price). Each worker forked anew to replace one
+    at its 5th request admitted on the counters the master held (1 request spent), not on the
+    store's, until its first re-read a TTL later: its whole life. One by one until the 402:
+    every request admitted and charged once, spend at most the limit."""
+    url = f"sqlite:///{tmp_path}/preload.db"
+    out = tmp_path / "key.json"
+    (tmp_path / "preloaded_app.py").write_text(
+        PRELOADED_APP.format(examples=str(ROOT / "examples"), body=BODY, out=str(out))
+    )
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "4", "--preload",
+               "--max-requests", "5", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "10",
+               "--chdir", str(tmp_path), "preloaded_app:app"]  # fmt: skip
+    with server(command, base_env(url, BUDGET_FLUSH_INTERVAL_SECONDS="1"), port) as process:
+        key = json.loads(out.read_text())
+        after = one_by_one([port], key["value"])
+        assert stopped(process) == 0
+    price, limit = key["price"], 30 * key["price"]
+    count, costs, total, usage = written(url, key["id"])
+    print(
+        f"after the master's warm-up: {after.count(200)} admitted one by one, then "
+        f"{after[-1]}; store: {count} records, spend ${usage / 1e9:.6f} of ${limit / 1e9:.6f}, "
+        f"overshoot ${max(0, usage - limit) / 1e9:.6f}"
+    )
+    assert after[-1] == 402 and costs == {price}
+    assert count == after.count(200) + 1 and total == usage == count * price
+    assert usage == limit  # nothing in flight: spent to the last request, and not past it
+
+
 def _preloaded_outages(
     url: str, tmp_path: Path
 ) -> tuple[set[int], list[int], set[str], tuple[int, set[int], int, int]]:

@@ -384,6 +384,7 @@ class BudgetEngine:
             await self.reload_globals()
             self._flush_lock = asyncio.Lock()
             await self._write_spilled()
+            await self._reread_counters()
             self._stopping = asyncio.Event()
             self.loop = asyncio.get_running_loop()  # where sync callers send their work
             self.hooks.loop = self.loop
@@ -417,6 +418,18 @@ class BudgetEngine:
             await self.flush()
         except Exception:
             logger.exception("budget-middleware could not write the spilled batches at start-up")
+
+    async def _reread_counters(self) -> None:
+        """Before the first request of a start, the live counters this engine holds already
+        (none at a process's first start) re-read from the store, as the flusher re-reads them
+        every TTL after: they may be of any age. A forked child's are its parent's as it last
+        read them: each worker gunicorn `--preload` forks anew (`--max-requests`) admitted on
+        the spend the master saw, for a TTL, and a budget of 30 requests' price took 38. A
+        store that cannot be read leaves them as they are, for the flusher's next re-read."""
+        try:
+            await self._refresh_counters()
+        except Exception as exc:
+            self._store_failed(exc)
 
     async def _settle_orphans(self) -> None:
         """Settle the answers dropped while no loop ran this engine (`settle_later`)."""

@@ -6,8 +6,9 @@
 A view forwards every request under the prefix to `create_admin_wsgi_app()` (on the engine the
 middleware shares, for equal settings), under Django's WSGI handler and its ASGI handler alike
 (`get_asgi_application()`: a project's one URL conf serves both). It is CSRF-exempt: the admin
-API authenticates with `Authorization: Bearer $BUDGET_ADMIN_KEY`, never a cookie. Django is an
-optional extra (`budget-middleware[django]`); this module imports it only when called.
+API authenticates with `Authorization: Bearer $BUDGET_ADMIN_KEY`, never a cookie, and needs no
+Django login (`LoginRequiredMiddleware` lets it through). Django is an optional extra
+(`budget-middleware[django]`); this module imports it only when called.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = 
         return response
 
     exempt = csrf.csrf_exempt(view)
+    # Nor does it need a Django login: a site private by default (Django 5.1's
+    # `LoginRequiredMiddleware`) sends every view not marked so to its login page. The mark
+    # `login_not_required` sets, without importing `django.contrib.auth` (an app may have none).
+    exempt.login_required = False
     exempt.budget_admin_mount = mount  # where the start-up line finds it (engine/mounts.py)
     return [urls.re_path(rf"^{re.escape(mount)}(?P<rest>/.*)?$", exempt)]
 

@@ -302,7 +302,10 @@ class BudgetWSGIMiddleware:
         size = None
         if length:
             if length.isdigit() and length.isascii():
-                size = int(length)
+                try:
+                    size = int(length)
+                except ValueError:  # past the 4,300 digits `int()` reads: over any limit
+                    size = self.max_body + 1
             else:  # as `int()` reads the bytes (ASCII spaces only, no "²")
                 try:
                     size = int(length.encode("latin-1"))
