@@ -2732,6 +2732,127 @@ def test_charges_are_written_at_exit_when_the_script_s_loop_is_left_open(
     assert (count, total, usage) == (calls, calls * price, calls * price)
 
 
+_PROCESS_POOL = """
+import multiprocessing, sys
+from concurrent.futures import ProcessPoolExecutor
+import httpx2
+from budget_middleware import BudgetSettings, BudgetSyncTransport, charge_to, get_engine
+
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+
+def provider(request):
+    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": USAGE})
+
+settings = BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600)
+body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+def job(key_id):
+    sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider), settings))
+    with charge_to(virtual_key_id=key_id):
+        answer = sync.post("https://api.openai.com/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+    return 1
+
+if __name__ == "__main__":
+    key = get_engine(settings).manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    context = multiprocessing.get_context(sys.argv[2])
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        assert sum(pool.map(job, [key.id] * 4)) == 4
+"""
+
+
+@pytest.mark.parametrize("start", ["fork", "forkserver", "spawn"])
+def test_charges_of_a_process_pool_s_workers_are_written_when_they_exit(
+    tmp_path: Path, start: str
+) -> None:
+    """A script that fans its calls out to a `ProcessPoolExecutor` (`multiprocessing.Pool`
+    alike): each worker calls through `BudgetSyncTransport` and ends, before a flush, with
+    `os._exit` (fork and forkserver: Linux's default start methods), past `atexit`. What it
+    charged is written at its exit all the same (4 calls answered, no record and $0 written)."""
+    script = tmp_path / "pool.py"
+    script.write_text(_PROCESS_POOL)
+    url = f"sqlite:///{tmp_path / 'pool.db'}"
+    subprocess.run([sys.executable, str(script), url, start], check=True, timeout=120)
+    store_engine = create_engine(url)
+    with store_engine.connect() as conn:
+        count, total = conn.execute(
+            text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
+        ).one()
+        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
+    store_engine.dispose()
+    print(f"{start}: 4 calls answered; written {count} records, ${total / 1e9:.4f};"
+          f" budget ${usage / 1e9:.4f}")  # fmt: skip
+    price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
+    assert (count, total, usage) == (4, 4 * price, 4 * price)
+
+
+_DAEMON_STREAM = (
+    _SCRIPT_START
+    + """
+import json, threading, time
+
+def chunks():
+    for n in range(200):  # 200 words, one every 20 ms
+        choice = {"index": 0, "delta": {"content": "word "}}
+        yield ("data: " + json.dumps({"id": "c", "choices": [choice]}) + "\\n\\n").encode()
+        time.sleep(0.02)
+
+def streaming(request):
+    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=chunks())
+
+sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(streaming), settings))
+seen = []
+
+def work():
+    with charge_to(virtual_key_id=key.id):
+        with sync.stream("POST", "https://api.openai.com/v1/chat/completions",
+                         json={**body, "stream": True}) as answer:
+            for line in answer.iter_lines():
+                seen.append(line)
+
+if sys.argv[2] == "daemon":
+    threading.Thread(target=work, daemon=True).start()
+    while len(seen) < 20:  # the script ends as its daemon thread reads the stream
+        time.sleep(0.01)
+else:  # Ctrl+C as the script handles a chunk of the OpenAI SDK's stream
+    import openai
+    sdk = openai.OpenAI(api_key="sk-provider", base_url="https://api.openai.com/v1",
+                        http_client=sync, max_retries=0)
+    with charge_to(virtual_key_id=key.id):
+        stream = sdk.chat.completions.create(model="gpt-4o", messages=body["messages"],
+                                             stream=True)
+        for chunk in stream:  # the stream, in a cycle with its generator, outlives the frame
+            seen.append(chunk)
+            if len(seen) == 10:
+                raise KeyboardInterrupt
+"""
+)
+
+
+@pytest.mark.parametrize("ends", ["daemon", "ctrl-c"])
+def test_a_stream_still_open_as_the_script_ends_is_charged(tmp_path: Path, ends: str) -> None:
+    """A script ends while a stream read through `BudgetSyncTransport` is open: its daemon
+    thread reads it as the main thread ends, or Ctrl+C struck as the script handled a line
+    (the traceback holds the stream). Nothing will close it. It is settled at exit as cut,
+    charged its prompt and what it streamed (it was never charged: no record, $0), as the
+    WSGI middleware settles the answers its server's daemon threads leave."""
+    script = tmp_path / "open.py"
+    script.write_text(_DAEMON_STREAM)
+    url = f"sqlite:///{tmp_path / 'open.db'}"
+    done = subprocess.run([sys.executable, str(script), url, ends], timeout=60)
+    assert (done.returncode == 0) is (ends == "daemon")  # Ctrl+C: ended by SIGINT
+    store_engine = create_engine(url)
+    query = text("SELECT outcome, input_tokens, output_tokens, cost_nanos FROM bm_usage_records")
+    with store_engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(query)]
+        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
+    store_engine.dispose()
+    print(f"{ends}: a stream cut by the script's end: records {rows}; budget ${usage / 1e9:.6f}")
+    assert [r[0] for r in rows] == ["client_disconnected"]
+    assert rows[0][1] > 0 and rows[0][2] >= 5  # its prompt, and at least the 20 words read
+    assert usage == rows[0][3] > 0
+
+
 def _held(read: Callable[..., Any], reading: threading.Event, go: threading.Event) -> Any:
     """`read` (a store read, in its worker thread), held until `go` once it has begun."""
 
@@ -3140,6 +3261,102 @@ async def test_an_azure_stream_of_an_older_api_version_is_not_asked_a_field_it_r
     assert bool(marked) is estimated
     if not estimated:
         assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (1000, 100)
+
+
+async def test_an_azure_stream_through_api_management_is_not_asked_a_field_it_refuses(
+    engine: BudgetEngine,
+) -> None:
+    """Azure OpenAI behind API Management (`*.azure-api.net`, a host the table does not name, as
+    enterprises front it): a stream of an api-version before 2024-09-01 is told by its path's
+    shape (`/openai/deployments/…?api-version=`), as on Azure's own host, and goes as the SDK
+    wrote it. Asked for its usage there, Azure's 400 broke every such stream of the app."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    provider = httpx2.MockTransport(_azure(seen))
+    sdk = openai.AsyncAzureOpenAI(
+        api_key="apim-subscription-key",
+        azure_endpoint="https://corp-gateway.azure-api.net",
+        api_version="2024-06-01",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=BudgetTransport(provider, engine=engine)),
+    )
+    status, answered = 200, ""
+    try:
+        stream = await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        answered = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    except openai.APIStatusError as exc:
+        status = exc.status_code
+    await engine.flush()
+    rows = records(engine)
+    asked = ["stream_options" in body for _, body in seen]
+    print(f"through API Management, api-version 2024-06-01: answered {status} {answered!r};")
+    print(f"asked for usage: {asked}; charged {[(r['outcome'], r['output_tokens']) for r in rows]}")
+    assert (status, answered) == (200, "Four.")
+    assert asked == [False]
+    assert [r["outcome"] for r in rows] == ["completed"] and rows[0]["output_tokens"] > 0
+
+
+def _azure_on_your_data(seen: list[dict[str, Any]]) -> Callable[[httpx2.Request], httpx2.Response]:
+    """Azure OpenAI "On Your Data": a chat call with `data_sources` (Azure AI Search) refuses
+    `stream_options` whatever the api-version (400, as openai-python#2296 and semantic-kernel
+    #10510 report it), and its stream carries no usage (azure-sdk-for-net#50719)."""
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        if "stream_options" in body and "data_sources" in body:
+            message = "Validation error at #/stream_options: Extra inputs are not permitted"
+            return httpx2.Response(400, json={"error": {"code": 400, "message": message}})
+        chunk = {"id": "a", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+        delta = {"role": "assistant", "content": "Our policy caps each team at $10 a day."}
+        events = [{**chunk, "choices": [{"index": 0, "delta": delta}]}]
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, text=text)
+
+    return answer
+
+
+@pytest.mark.parametrize("version", ["2024-10-21", "2025-01-01-preview"])
+async def test_an_azure_on_your_data_stream_is_not_asked_a_field_it_refuses(
+    engine: BudgetEngine, version: str
+) -> None:
+    """A streamed Azure OpenAI call with `data_sources` (On Your Data) refuses `stream_options`
+    on every api-version, the current ones too: it goes as the SDK wrote it (it was asked for
+    its usage, and the provider's 400 broke every such stream the app made through the
+    transport), is answered, and is charged an estimate of what it streamed."""
+    seen: list[dict[str, Any]] = []
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    provider = httpx2.MockTransport(_azure_on_your_data(seen))
+    sdk = openai.AsyncAzureOpenAI(
+        api_key="azure-secret",
+        azure_endpoint="https://myco.openai.azure.com",
+        api_version=version,
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=BudgetTransport(provider, engine=engine)),
+    )
+    search = {"endpoint": "https://myco.search.windows.net", "index_name": "policies"}
+    status, answered = 200, ""
+    with charge_to(virtual_key=key.value):
+        try:
+            stream = await sdk.chat.completions.create(
+                model="gpt-4o",
+                messages=MESSAGES,
+                stream=True,
+                extra_body={"data_sources": [{"type": "azure_search", "parameters": search}]},
+            )
+            parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            answered = "".join(parts)
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+    await engine.flush()
+    rows = records(engine)
+    charged = [(r["outcome"], r["input_tokens"], r["output_tokens"], r["cost_nanos"]) for r in rows]
+    asked = ["stream_options" in body for body in seen]
+    print(f"api-version {version} with data_sources: answered {status} {answered!r};")
+    print(f"asked for usage: {asked}; charged {charged}")
+    assert (status, answered) == (200, "Our policy caps each team at $10 a day.")
+    assert asked == [False]
+    assert [(r["provider"], r["outcome"]) for r in rows] == [("azure", "completed")]
+    assert rows[0]["output_tokens"] > 0 and rows[0]["cost_nanos"] > 0  # the estimate
 
 
 def _azure_deployment(sent: list[str]) -> Callable[[httpx2.Request], httpx2.Response]:

@@ -152,7 +152,20 @@ def background_loop() -> asyncio.AbstractEventLoop:
             if not _exit_registered:
                 atexit.register(_at_exit)
                 _exit_registered = True
+            _exit_with_multiprocessing()
         return _background
+
+
+def _exit_with_multiprocessing() -> None:
+    """In a process `multiprocessing` started (a `Process`, a worker of a `Pool` or a
+    `ProcessPoolExecutor`), `_at_exit` runs with its own exit finalizers too: forked (`fork`,
+    `forkserver`: Linux's defaults), such a process ends with `os._exit`, past `atexit`, and
+    what its engines had not written yet was lost. (`_at_exit` may run twice: it is idempotent.)"""
+    multiprocessing = sys.modules.get("multiprocessing")
+    if multiprocessing is not None and multiprocessing.parent_process() is not None:
+        from multiprocessing import util
+
+        util.Finalize(None, _at_exit, exitpriority=0)
 
 
 def _refuse_green_threads() -> None:

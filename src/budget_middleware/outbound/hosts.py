@@ -73,23 +73,29 @@ def _bare(host: str) -> str:
 # APIs that refuse `stream_options` (a stream is then sent as written, not asked for its usage,
 # SPEC §7): Mistral's (422, `extra_forbidden`; it reports a stream's usage unasked), and Azure
 # OpenAI's api-versions before the field came (400, "Unrecognized request argument supplied").
-# Of the providers here, only the calls to these are looked at (one set lookup a call).
+# Of the providers here, only the calls to these are looked at (one set lookup a call), and the
+# calls to a host the table does not name whose path is Azure OpenAI's (`AZURE_PATHS`: API
+# Management's `*.azure-api.net` fronting it, as enterprises do; one `startswith` for those).
 USAGE_CHECKED = frozenset({"mistral", "azure"})
+AZURE_PATHS = "/openai/"
 _AZURE_STREAM_OPTIONS_SINCE = "2024-09-01"  # 2024-09-01-preview, 2024-10-21 and later take it
 
 
-def usage_unasked(provider: str, path: str, api_version: str | None) -> bool:
-    """Whether a call to `provider`'s host (one of USAGE_CHECKED), to `path` with the
-    `api-version` its URL names, refuses `stream_options`. Azure OpenAI's deployments API
+def usage_unasked(provider: str | None, path: str, api_version: str | None, parsed: Any) -> bool:
+    """Whether a call to `provider`'s host (one of USAGE_CHECKED, or None: a host the table
+    does not name, on an Azure OpenAI path), to `path` with the `api-version` its URL names and
+    the body `parsed`, refuses `stream_options`. Azure OpenAI's deployments API
     (`/openai/deployments/…`) by its dated version, compared as text; its v1 API (`/openai/v1/`)
-    and Azure's other APIs take the field as they always did."""
+    and Azure's other APIs take the field as they always did. An Azure "On Your Data" call
+    (`data_sources` in its body) refuses it on every version (400, "Validation error at
+    #/stream_options: Extra inputs are not permitted"), and streams no usage anyway."""
     if provider == "mistral":
         return True
     return (
         api_version is not None
         and path.startswith("/openai/deployments/")
         and api_version < _AZURE_STREAM_OPTIONS_SINCE
-    )
+    ) or (type(parsed) is dict and "data_sources" in parsed)
 
 
 def deployment_named(path: str, parsed: Any) -> str | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import operator
 import sys
 import threading
@@ -60,9 +61,11 @@ from budget_middleware.engine.portal import (
     is_background,
     loop_lock,
     on_loop,
+    settle_before_exit,
 )
 from budget_middleware.exceptions import ConfigurationError
 from budget_middleware.outbound.hosts import (
+    AZURE_PATHS,
     USAGE_CHECKED,
     HostTable,
     deployment_named,
@@ -308,9 +311,11 @@ class _Meter:
         # caller's): a model or provider holding it is `unknown` in the record (SPEC §8).
         credentials = Credentials(value, provider, tags, len(body), host_provider is not None)
         credentials.key_digest = by_id
-        if host_provider in USAGE_CHECKED:
+        if host_provider in USAGE_CHECKED or (
+            host_provider is None and path.startswith(AZURE_PATHS)
+        ):
             version = request.url.params.get("api-version")
-            credentials.usage_unasked = usage_unasked(host_provider, path, version)
+            credentials.usage_unasked = usage_unasked(host_provider, path, version, parsed)
             if host_provider == "azure":
                 credentials.model = deployment_named(path, parsed)
         return engine.gate.decide(body, path, credentials, key, started, shadowed, parsed)
@@ -884,12 +889,32 @@ class _Metered:
         """A body the SDK dropped unread and unclosed (a stream it never iterated, a response
         abandoned with its client): settled on the engine's loop, as a disconnect."""
         if not self.settled:
-            if self._to_drain():
-                # A JSON answer dropped before its end: the provider made and bills all of it,
-                # and the rest cannot be read in a finalizer. Charged its most, as a read the
-                # caller cut is (it was charged its prompt's estimate alone).
-                self.exchange.unreadable = "dropped before its end, unread"
-            self.exchange.settle_dropped(self._settling)
+            self.dropped()
+
+    def dropped(self) -> None:
+        """Settled as dropped: by its finalizer, or at exit (`_settle_open_at_exit`)."""
+        if self._to_drain():
+            # A JSON answer dropped before its end: the provider made and bills all of it,
+            # and the rest cannot be read in a finalizer. Charged its most, as a read the
+            # caller cut is (it was charged its prompt's estimate alone).
+            self.exchange.unreadable = "dropped before its end, unread"
+        self.exchange.settle_dropped(self._settling)
+
+
+def _settle_open_at_exit() -> None:
+    """At exit (before the engines write what is pending), the bodies still open: nothing will
+    end them (a stream a daemon thread reads as the script ends, a response held unclosed). Each
+    is settled as dropped: a stream cut, charged what it streamed, which was never charged.
+    Found among the live objects then, at no cost to a call (as the WSGI middleware's answers
+    its server's daemon threads leave are settled)."""
+    for found in gc.get_objects():
+        # By its type: `isinstance` would read `__class__`, which a proxy may answer by raising
+        # (werkzeug's `LocalProxy` of `flask.request`, outside a request)
+        if issubclass(type(found), _Metered) and not found.settled:
+            found.dropped()
+
+
+settle_before_exit(_settle_open_at_exit)
 
 
 class _AsyncMetered(_Metered):
