@@ -778,3 +778,73 @@ def _no_leftover_redis() -> Iterator[None]:
     with private_redis():  # proves redis-server can be started here; cheap
         pass
     yield
+
+
+async def test_load_across_a_redis_kill_and_empty_restart_counts_each_charge_once(
+    deployment: Any,
+) -> None:
+    """Two fail-open servers under steady load (requests of 50 ms, ~250 a second) while Redis
+    is killed and, still under load, restarted empty: each server's heartbeat finds the loss
+    while its outage's debts are being written, and another server's seed already holds some.
+    The heartbeat took the debts for the oldest charges the store had confirmed, so the debts
+    not written yet were owed again; and what it owed had no place in the store's order, so it
+    was added whole to a seed that held it. Redis counted 7 to 42 requests twice, and the
+    budget refused at 458 to 493 of its 500. Then, one at a time until refused: exactly 500."""
+    d: Deployment = deployment()
+    manager = BudgetManager(d.store, BudgetSettings(database_url=POSTGRES_URL))
+    key = manager.create_virtual_key(
+        name="steady", budgets=[{"max_limit": 5, "reset_duration": "1d"}]
+    )
+    assert key.value is not None and d.redis is not None
+    d.keys["steady"], d.budgets["steady"] = key.value, key.budgets[0].id
+    # Flushes a second apart: a seed reading the store as another instance's flush commits
+    # cannot tell whether it holds that write, which is added then (twice at worst, as the
+    # docs say): rarer so, this test measures the rest.
+    d.start(BUDGET_FAIL_OPEN="true", BUDGET_FLUSH_INTERVAL_SECONDS="1")
+    admitted = 0
+    limits = httpx.Limits(max_connections=500)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+        async def ask(n: int, delay_ms: int = 0) -> int:
+            r = await post(
+                client, d.servers[n % 2], key.value or "", **{"x-mock-delay-ms": str(delay_ms)}
+            )
+            return r.status_code
+
+        async def load(seconds: float) -> None:
+            nonlocal admitted
+            sent: list[asyncio.Task[int]] = []
+            start = time.monotonic()
+            while time.monotonic() - start < seconds:
+                sent.append(asyncio.create_task(ask(len(sent), 50)))
+                await asyncio.sleep(0.004)
+            admitted += [await t for t in sent].count(200)
+
+        async def after(seconds: float, action: Any) -> None:
+            await asyncio.sleep(seconds)
+            action()
+
+        await asyncio.gather(load(0.8), after(0.4, d.redis.stop))
+        await load(0.3)
+        await asyncio.gather(load(0.8), after(0.4, d.redis.start))  # empty
+        await asyncio.sleep(4.0)  # heartbeats, flushes
+        in_redis = d.redis_spend("steady")
+        under_load = admitted
+        later: dict[int, int] = {}
+        for n in range(600):
+            code = await ask(n)
+            later[code] = later.get(code, 0) + 1
+            if code == 402:
+                break
+        admitted += later.get(200, 0)
+    d.stop_all()
+    print(
+        f"\nRedis held {in_redis / COST:g} requests' price for {under_load} admitted;"
+        f" then one at a time: {later}; admitted {admitted} of 500"
+    )
+    # The store's spend is exact. Redis may hold a write a seed read as it committed twice,
+    # the race the docs name (one request in 4 runs here, none in 22 of a helper's): two
+    # requests' price at most, where it held 41 and 42 more at these flushes before the fix.
+    assert 0 <= in_redis - under_load * COST <= 2 * COST
+    assert 498 <= admitted <= 500
+    assert d.store_spend("steady") == admitted * COST

@@ -220,6 +220,55 @@ class _Track:
     stamps: list[tuple[float, int]] = field(default_factory=list)  # (store clock, confirmed)
     fresh: list[list[int]] = field(default_factory=list)  # places [lo, hi) of charges owed
     beat: int = 0  # `confirmed` at the last heartbeat answered (`_written` holds the rest)
+    base: int = 0  # the place of the oldest charge it holds (below 0: `reach_back`)
+
+    def held(self, read_at: float) -> int:
+        """How far the charges confirmed before this moment of the store's clock reach: a
+        seed that read the store then holds them."""
+        held = self.base
+        for committed, confirmed in self.stamps:
+            if committed >= read_at:
+                break
+            held = confirmed
+        return held
+
+
+def _reach_back(track: _Track, chunks: Sequence[list[float]]) -> None:
+    """Give the track the places of the charges the store confirmed since the last heartbeat
+    (these [commit moment, amount] chunks, oldest first) before it began, below its first."""
+    before = int(sum(amount for _, amount in chunks)) - (track.confirmed - track.beat)
+    if before <= 0:
+        return
+    stamps: list[tuple[float, int]] = []
+    place = track.base - before
+    for at, amount in chunks:
+        taken = min(int(amount), track.base - place)
+        if taken <= 0:
+            break
+        place += taken
+        stamps.append((at, place))
+    track.stamps[:0] = stamps
+    track.base = track.beat = track.base - before
+
+
+def _newest_between(segments: list[list[int]], lo: int, hi: int, amount: int) -> list[list[int]]:
+    """The newest `amount` of the places in [lo, hi) that these segments leave free."""
+    free: list[list[int]] = []
+    top = hi
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in segments if b > lo and a < hi)[::-1]:
+        if b < top:
+            free.append([b, top])
+        top = min(top, a)
+    if top > lo:
+        free.append([lo, top])
+    placed: list[list[int]] = []
+    for a, b in free:  # (newest first)
+        if amount <= 0:
+            break
+        taken = min(b - a, amount)
+        placed.insert(0, [b - taken, b])
+        amount -= taken
+    return placed
 
 
 def _take_oldest(chunks: list[list[float]], amount: int) -> None:
@@ -1143,7 +1192,8 @@ class RedisCounters(CounterBackend):
             for counter in windows.values():
                 if not counter.start <= now < counter.end:
                     continue
-                seed = seeds.get(self.window_key(counter))
+                key = self.window_key(counter)
+                seed = seeds.get(key)
                 if seed is not None and seed[1] == self._instance:
                     continue
                 window = (counter.kind, counter.id, counter.start)
@@ -1151,26 +1201,46 @@ class RedisCounters(CounterBackend):
                 # Confirmed before the last beat, they are neither unwritten nor in `written`:
                 # taken off the rest all the same, as many of ours were owed to no key (a
                 # payment of $0.05 written before a beat failed across the loss: 105 on 100).
-                transit -= min(transit, (early or {}).get(self.window_key(counter), 0))
+                transit -= min(transit, (early or {}).get(key, 0))
                 chunks = written.get(window, ())
                 confirmed = int(sum(amount for _, amount in chunks))
                 mine = counter.unwritten(self.ledger) - transit + confirmed
                 if after_loss:  # settled into the key since the loss: there already
                     mine -= after_loss.get(counter, 0)
                 # Those in transit (a debt, a settlement under way) are added by their own
-                # calls, which leave out what a seed holds: taken as the oldest confirmed.
-                lo = min(transit, confirmed)
+                # calls, which leave out what a seed holds: taken as the oldest confirmed, but
+                # for the debts whose places are known (`_places`), which are where those
+                # say, confirmed or not, before that seed read the store or after. (Taken as
+                # the oldest confirmed, debts written after the seed's read or not at all were
+                # taken for ours that it held, which were owed again: added twice, Redis 287
+                # for 276 admitted after an empty restart under load.)
+                track = self._tracks.get(key)
+                if track is not None:
+                    _reach_back(track, chunks)
+                places, floor = (self._places(key, track), track.beat) if track else ([], 0)
+                unplaced = max(0, transit - _below(places, 2**62, floor))
+                lo = min(
+                    unplaced + _below(places, track.confirmed if track else 0, floor), confirmed
+                )
                 if seed is not None:
                     read_at = seed[0]
                     # Committed before that seed read the store: in it; taken as all held,
                     # never twice off.
                     held = int(sum(amount for at, amount in chunks if at < read_at))
-                    mine -= max(0, held - lo)
+                    in_seed = unplaced + (
+                        _below(places, track.held(read_at), floor) if track else 0
+                    )
+                    mine -= max(0, held - in_seed)
                     lo = max(lo, held)
                 if mine > 0:
                     self._owe(counter, mine)
-                    key = self.window_key(counter)
-                    if chunks and key not in self._tracks:
+                    if track is not None:
+                        # Their places beside the debts', the newest of ours that are not
+                        # debts: without, a payment added them whole to a seed made after
+                        # this beat that held them (Redis 396 for 368 admitted).
+                        top = track.confirmed + counter.unwritten(self.ledger)
+                        track.fresh += _newest_between(places, floor, top, mine)
+                    elif chunks:
                         # Their places, for the payment (`_leave_out_seeded`): another
                         # instance may seed the key from the store after the records were read
                         # above and before it, holding what was committed here before that
@@ -1184,13 +1254,18 @@ class RedisCounters(CounterBackend):
         last heartbeat answered (`_Track.beat`)."""
         early: dict[str, int] = {}
         for key, track in self._tracks.items():
-            segments = list(track.fresh)
-            for _, _, places in self._unsure:
-                segments += places.get(key, [])
-            below = _below(segments, track.beat)
+            below = _below(self._places(key, track), track.beat)
             if below:
                 early[key] = below
         return early
+
+    def _places(self, key: str, track: _Track) -> list[list[int]]:
+        """The places of the debts in transit to this key that are known (owed: `_Track.fresh`;
+        in a payment unanswered: `_unsure`)."""
+        segments = list(track.fresh)
+        for _, _, places in self._unsure:
+            segments += places.get(key, [])
+        return segments
 
     async def _seed_records(self) -> dict[str, tuple[float, str]]:
         """After a loss, per window key this instance seeded since its last heartbeat or
@@ -1312,12 +1387,7 @@ class RedisCounters(CounterBackend):
             if track is None or not seeded or seeder == self._instance:
                 left[key] = segments  # kept from before, or our own seed, which left them out
                 continue
-            at = float(seeded)
-            held = 0  # confirmed before that seed read the store
-            for committed, confirmed in track.stamps:
-                if committed >= at:
-                    break
-                held = confirmed
+            held = track.held(float(seeded))  # confirmed before that seed read the store
             taken = min(_below(segments, held), owed[key])
             if taken <= 0:
                 left[key] = segments
@@ -1803,17 +1873,17 @@ class RedisCounters(CounterBackend):
         written, self._written = self._written, {}
         early = self._confirmed_before_beat() if owe else {}
         beats = {key: track.confirmed for key, track in self._tracks.items()}
-        for key, confirmed in beats.items():  # `_written` holds what was confirmed since
-            track = self._tracks.get(key)
-            if track is not None:
-                track.beat = confirmed
         # A seed of ours made before the beat found the mark gone, or after but before its
         # answer was read (the mark "0"), has its key here (its record read above); one made
         # after finds it "1" (and holds nothing of the loss).
         self._seeded_after_loss = set()
         after_loss, self._after_loss = self._after_loss, {}
-        if owe:
+        if owe:  # (the places of debts since the beat before: `_Track.beat`, not moved yet)
             self._owe_unwritten(written, seeds, after_loss, early)
+        for key, confirmed in beats.items():  # `_written` holds what was confirmed since
+            track = self._tracks.get(key)
+            if track is not None:
+                track.beat = confirmed
         self._beaten = True
         if int(lost):
             # Written again in a body: a request that settled meanwhile lets its holds go.
