@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from admin_support import ADMIN, admin_client, admin_settings
@@ -152,3 +153,63 @@ async def test_every_401_names_the_bearer_scheme_in_www_authenticate(tmp_path: P
     print(seen)
     assert seen == [(path, 401, "Bearer") for path, _ in asked]
     assert "www-authenticate" not in ok.headers
+
+
+async def test_a_key_value_no_request_could_present_is_refused_at_write_time(
+    tmp_path: Path,
+) -> None:
+    """SPEC §4: a request's key is read from a header, trimmed, as the latin-1 text of its
+    bytes. A value chosen at create (`value`) with a blank at an end (pasted with its line
+    break) or a character outside printable ASCII (which httpx, the SDKs' client, cannot send,
+    and curl sends as UTF-8) was accepted (201), and every request presenting it was refused
+    401 `invalid_virtual_key`: a key handed out that could never be used. It is a 422 naming
+    `value` (never showing it), as BUDGET_ADMIN_KEY's own rule refuses such a key at start-up."""
+    from budget_middleware import create_admin_app
+    from support import chat, client, host_app
+
+    settings = admin_settings(tmp_path)
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    values = ["sk-bm-team-key-0001\n", " sk-bm-team-key-0002", "sk-bm-équipe-key-0003"]
+    async with client(app) as c:
+        seen = []
+        for n, value in enumerate(values):
+            body = {"name": f"k{n}", "value": value}
+            created = await c.post("/admin/virtual-keys", json=body, headers=ADMIN)
+            sent = None
+            if created.status_code == 201:  # presented as a client sends it: trimmed, UTF-8
+                bearer = b"Bearer " + value.strip().encode()
+                answer = await c.post("/v1/chat/completions", json=chat(),
+                                      headers=[(b"authorization", bearer)])  # fmt: skip
+                sent = (answer.status_code, answer.json()["error"]["code"])
+            seen.append((value, created.status_code, sent))
+        print("created, then presented:", seen)  # before: 201, then 401 invalid_virtual_key
+        assert [status for _, status, _ in seen] == [422, 422, 422]
+        for value in values:
+            refused = await c.post("/admin/virtual-keys", json={"name": "x", "value": value},
+                                   headers=ADMIN)  # fmt: skip
+            assert refused.json()["error"]["param"] == "value"
+            assert value.strip() not in refused.text
+        # A value of printable ASCII, spaces inside, is one a request presents.
+        body = {"name": "spaced", "value": "sk-bm-our team key 4"}
+        created = await c.post("/admin/virtual-keys", json=body, headers=ADMIN)
+        assert created.status_code == 201
+        for header in ({"x-api-key": "sk-bm-our team key 4"},
+                       {"Authorization": "Bearer sk-bm-our team key 4"}):  # fmt: skip
+            answer = await c.post("/v1/chat/completions", json=chat(), headers=header)
+            assert answer.status_code == 200
+    # The OpenAPI document's pattern states exactly that rule.
+    from budget_middleware.core.identity import KEY_VALUE_PATTERN, key_value_problem
+
+    pattern = re.compile(KEY_VALUE_PATTERN.removesuffix("$") + r"\Z")
+    for value in [*values, "sk-bm-our team key 4", "a\tb", "a\x7fb", "~!x", "a\xa0", "k" * 9]:
+        assert (pattern.match(value) is not None) == (key_value_problem(value) is None), value
+    manager = BudgetManager(Store(settings.database_url), settings)
+    key = manager.create_virtual_key(name="file-key")
+    try:  # a config file's value (`set_virtual_key_value`) meets the same rule
+        manager.set_virtual_key_value(key.id, "sk-bm-from-a-file-5\n")
+        raised = None
+    except Exception as exc:
+        raised = exc
+    print("a file's value with its line break:", repr(raised))
+    assert raised is not None and getattr(raised, "param", None) == "value"

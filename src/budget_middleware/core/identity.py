@@ -109,6 +109,23 @@ def hash_key(value: str) -> str:
     return key_digest(value).hex()
 
 
+# A key's value chosen by hand (a create's `value`, a config file's) as a request can present
+# it: a request's key is read trimmed, as the latin-1 text of the header's bytes, and httpx
+# (the SDKs' client) sends no character outside ASCII (curl sends UTF-8, read otherwise). So:
+# printable ASCII, spaces inside only. KEY_VALUE_PATTERN says it in the OpenAPI document.
+KEY_VALUE_PATTERN: Final = "^[\\x21-\\x7e](?:[\\x20-\\x7e]*[\\x21-\\x7e])?$"
+
+
+def key_value_problem(value: str) -> str | None:
+    """Why no request could present a key of this value (KEY_VALUE_PATTERN's rule), or None;
+    the value itself is never in the answer (a key's value stays out of messages)."""
+    if value != value.strip():
+        return "a key's value has no blank at either end: a request's key is read trimmed"
+    if not (value.isascii() and value.isprintable()):
+        return "a key's value is printable ASCII: a header carries no other as it is"
+    return None
+
+
 # The API-key headers that carry a virtual key with `BUDGET_KEY_PREFIX`, after the key header
 # and `Authorization: Bearer`, in this order (SPEC §4): Anthropic's, Gemini's, Azure OpenAI's
 # (its SDK sends `api-key`).

@@ -13,7 +13,7 @@ import secrets
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from budget_middleware.core.identity import KEY_BYTES, hash_key
+from budget_middleware.core.identity import KEY_BYTES, hash_key, key_value_problem
 from budget_middleware.core.times import utc_or_none
 from budget_middleware.exceptions import Conflict, InvalidRequest, NotFound
 from budget_middleware.manage.owner_limits import (
@@ -228,6 +228,9 @@ class KeyWriter(OwnerWriter):
             raise InvalidRequest(
                 f"value: a key's value has {shortest} to {longest} characters", param="value"
             )
+        problem = key_value_problem(value)
+        if problem is not None:
+            raise InvalidRequest(f"value: {problem}", param="value")
         with self._session() as s:
             row = self._get(s, VirtualKeyRow, id_, "virtual key", held=True)
             self._set_value(s, row, value)

@@ -33,9 +33,11 @@ from pydantic import (
 from budget_middleware.core.alerts import check_threshold
 from budget_middleware.core.durations import Duration
 from budget_middleware.core.identity import (
+    KEY_VALUE_PATTERN,
     MAX_PROVIDER_CHARS,
     MAX_TAG_CHARS,
     NAME_PATTERN,
+    key_value_problem,
     name_problem,
 )
 from budget_middleware.core.providers import canonical_provider
@@ -295,6 +297,26 @@ KeyTag = Annotated[
 characters, no control character, no space at either end)."""
 
 
+def _presentable(value: str) -> str:
+    problem = key_value_problem(value)
+    if problem is not None:  # accepted, every request presenting it was refused 401
+        raise ValueError(problem)
+    return value
+
+
+KeyValue = Annotated[
+    str,
+    Field(
+        min_length=KEY_VALUE_LENGTH[0],
+        max_length=KEY_VALUE_LENGTH[1],
+        description="default: a generated value; printable ASCII, no space at either end",
+        json_schema_extra={"pattern": KEY_VALUE_PATTERN},
+    ),
+    AfterValidator(_presentable),
+]
+"""A key's value chosen by hand: one a request can present (`identity.key_value_problem`)."""
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -512,12 +534,7 @@ class VirtualKeyCreate(_KeyFields):
     )
     tags: list[KeyTag] = Field(default_factory=list, max_length=100)
     calendar_aligned: JsonBool = False
-    value: str | None = Field(
-        default=None,
-        min_length=KEY_VALUE_LENGTH[0],
-        max_length=KEY_VALUE_LENGTH[1],
-        description="default: a generated value",
-    )
+    value: KeyValue | None = None
 
 
 class VirtualKeyUpdate(_KeyFields):
