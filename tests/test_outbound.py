@@ -1962,7 +1962,7 @@ _START_MEETS_START = (
     """
 import asyncio, json, sys, threading, time
 import httpx2
-import budget_middleware.outbound.transport as transport
+import budget_middleware.engine.portal as portal
 from budget_middleware import BudgetSettings, BudgetTransport, charge_to, get_engine
 from budget_middleware.engine.portal import is_background
 """
@@ -1972,13 +1972,13 @@ from budget_middleware.engine.portal import is_background
 script_loop = asyncio.new_event_loop()  # the script's loop: stopped, not closed yet
 script_loop.run_until_complete(engine.ensure_started())
 
-home = transport._home
+home = portal.home
 def closing_home(engine):  # the script's loop closes right after the first call's choice
     chosen = home(engine)
     if threading.current_thread().name == "first" and not script_loop.is_closed():
         script_loop.close()
     return chosen
-transport._home = closing_home
+portal.home = closing_home
 
 starting, statuses = threading.Event(), []
 start = engine.counters.start
@@ -2020,7 +2020,7 @@ def test_a_call_admitted_as_its_engine_s_loop_closes_starts_it_on_the_background
 ) -> None:
     """CI saw 3 worker threads of 4 wait for ever (`test_calls_outlive_...[async]`): the
     script's loop, stopped between the steps of `asyncio.run`'s end, was not closed when a
-    worker's call chose to be admitted on its own loop (`_home`: nothing to start), and closed
+    worker's call chose to be admitted on its own loop (`home`: nothing to start), and closed
     before that admission looked again (`needs_start`): the engine started on the worker's loop
     while another worker's call started it on the background loop, both under one asyncio
     lock (then), one loop's, whose release from the other thread never woke the waiter
@@ -2447,6 +2447,7 @@ def test_a_call_on_in_process_counters_is_admitted_and_settled_in_its_own_thread
     async one on a loop of its own) is admitted and settled in the calling thread, under the
     loop's lock, with no hop to the loop (~100 µs each); a key named by its id is read through
     the loop, as before. Charged alike."""
+    from budget_middleware.engine import portal
     from budget_middleware.outbound import transport as module
 
     _, engine, key, client = _direct_path(make_settings)
@@ -2461,20 +2462,13 @@ def test_a_call_on_in_process_counters_is_admitted_and_settled_in_its_own_thread
         return on_loop(engine, work)
 
     monkeypatch.setattr(module, "on_loop", counted)
-    there = module._settled_there
+    marked = portal._marked
 
-    def counted_there(*args: Any) -> Any:  # an async call's settlement on the engine's loop
-        hops.append("settle")
-        return there(*args)
+    def counted_there(work: Any, began: list[Any]) -> Any:
+        hops.append("there")  # an async call's admission or settlement on the engine's loop
+        return marked(work, began)
 
-    monkeypatch.setattr(module, "_settled_there", counted_there)
-    admitted_there = module._admitted_there
-
-    def counted_admission(loop: Any, step: Any, *rest: Any) -> Any:
-        hops.append(step.__qualname__)
-        return admitted_there(loop, step, *rest)
-
-    monkeypatch.setattr(module, "_admitted_there", counted_admission)
+    monkeypatch.setattr(portal, "_marked", counted_there)
     with charge_to(virtual_key=key.value):
         for _ in range(3):
             assert client.post(url, json=body).status_code == 200
@@ -3557,7 +3551,7 @@ def test_a_sync_call_interrupted_while_the_loop_admits_it_gives_its_slot_back(
     """A sync SDK call interrupted while the engine's loop admits it (Ctrl+C in a notebook, a
     signal-based timeout around a job): the loop admits it all the same, and the call is never
     sent. Its slot and reservation are let go, at no cost, as an async caller's are
-    (`_admitted_there`): they were held for the process's life, and every later call of a key
+    (`portal.done_there`): they were held for the process's life, and every later call of a key
     of one slot was refused 429."""
     import _thread
 

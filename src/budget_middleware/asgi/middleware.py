@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from asyncio import get_running_loop
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import Any
@@ -18,6 +19,7 @@ import anyio.to_thread
 from budget_middleware.answers import ErrorAnswer
 from budget_middleware.core.identity import (
     POST,
+    Credentials,
     header_reader,
     is_inference_path,
     key_digest,
@@ -26,10 +28,11 @@ from budget_middleware.core.identity import (
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import METERED_BY, Exchange, metering
+from budget_middleware.engine.exchange import METERED_BY, Exchange, metering, settle_unwanted
 from budget_middleware.engine.gate import body_to_send
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.mounts import admin_mount, announce, refuse_django_chain
+from budget_middleware.engine.portal import done_there, engine_loop
 from budget_middleware.exceptions import ConfigurationError
 from budget_middleware.outbound.payer import inbound_headers, noting
 from budget_middleware.settings import BudgetSettings, raised_again
@@ -221,32 +224,46 @@ class BudgetMiddleware:
             return
         started = perf_counter()
         credentials = self.read_headers(scope["headers"])
-        if credentials.content_length is not None and credentials.content_length > self.max_body:
+        if (credentials.content_length or 0) > self.max_body:  # (the limit is at least 1)
             await _answer(send, self.gate.too_large())
             return
         # Who is calling first: a request with no valid key is answered before its body is
         # read (it could make this process read and hold BUDGET_MAX_BODY_BYTES for a 401).
         loop = engine.loop  # set once started; closed after a script's `asyncio.run`
-        if loop is None or not engine.started or loop.is_closed():
-            try:
-                await engine.ensure_started()
-            except ConfigurationError:
-                raise  # final: the configuration is wrong, not the store away
-            except Exception:
-                if not self.fail_open:
-                    await _answer(send, self.gate.unavailable())
-                    return
-                engine.write_at_exit()  # admitted with no flusher: written, or kept, at exit
+        there = None  # the engine's loop, when another thread's runs it: its steps go there
+        if loop is not get_running_loop() or not engine.started:
+            # Not started, its loop closed (a script's `asyncio.run`), or another thread's loop
+            # runs it: two apps of equal settings (one engine) served by two loops at once.
+            if loop is None or not engine.started or loop.is_closed():
+                try:
+                    await engine.ensure_started()
+                except ConfigurationError:
+                    raise  # final: the configuration is wrong, not the store away
+                except Exception:
+                    if not self.fail_open:
+                        await _answer(send, self.gate.unavailable())
+                        return
+                    engine.write_at_exit()  # admitted with no flusher: written, or kept, at exit
+            there = engine_loop(engine)
         if engine.stale:
-            await engine.ensure_current()
+            if there is None:
+                await engine.ensure_current()
+            else:
+                await done_there(engine, there, engine.ensure_current)
         key: KeyConfig | None = None
         shadowed: str | None = None  # shadow mode: what the credentials would be refused for
         if credentials.key is not None:
             digest = key_digest(credentials.key)
             found = engine.keys.get(digest)  # a cached key: no await
             if found is NOT_CACHED:
+                value = credentials.key
                 try:
-                    found = await engine.vouch_for(credentials.key, self.fail_open)
+                    if there is None:
+                        found = await engine.vouch_for(value, self.fail_open)
+                    else:
+                        found = await done_there(
+                            engine, there, lambda: engine.vouch_for(value, self.fail_open)
+                        )
                 except ServiceUnavailable:
                     await _answer(send, self.gate.unavailable(self.fail_open))
                     return
@@ -286,18 +303,23 @@ class BudgetMiddleware:
                 return
             plain = decoded
         gate = self.gate
-        decision = gate.decide(plain, route_path(scope), credentials, key, started, shadowed)
-        if type(decision) is ErrorAnswer:
-            await _answer(send, decision)
-            return
-        if engine.in_process:
-            admitted = gate.admit_now(decision)  # type: ignore[arg-type]
+        if there is not None:  # decided and admitted on the engine's loop, settled there
+            admitted = await self._admitted_there(
+                there, plain, route_path(scope), credentials, key, started, shadowed
+            )
         else:
-            try:
-                admitted = await gate.admit(decision)  # type: ignore[arg-type]
-            except ServiceUnavailable:
-                await _answer(send, self.gate.unavailable_after(decision))  # type: ignore[arg-type]
+            decision = gate.decide(plain, route_path(scope), credentials, key, started, shadowed)
+            if type(decision) is ErrorAnswer:
+                await _answer(send, decision)
                 return
+            if engine.in_process:
+                admitted = gate.admit_now(decision)  # type: ignore[arg-type]
+            else:
+                try:
+                    admitted = await gate.admit(decision)  # type: ignore[arg-type]
+                except ServiceUnavailable:
+                    await _answer(send, gate.unavailable_after(decision))  # type: ignore[arg-type]
+                    return
         if type(admitted) is ErrorAnswer:
             await _answer(send, admitted)
             return
@@ -332,7 +354,32 @@ class BudgetMiddleware:
                     # handler cancels the view), or after its headers alone (Django reads a
                     # sync stream whole in a thread after them, and drops it all).
                     outcome = exchange.client_left()
-                await exchange.settle(outcome)
+                await exchange.settle_anywhere(outcome)
+
+    async def _admitted_there(
+        self,
+        there: asyncio.AbstractEventLoop,
+        body: bytes,
+        path: str,
+        credentials: Credentials,
+        key: KeyConfig | None,
+        started: float,
+        shadowed: str | None,
+    ) -> Exchange | ErrorAnswer:
+        """A request served on a loop other than its engine's (another thread's), decided and
+        admitted there (`portal.done_there`), as every admission of that engine is: admitted on
+        this loop, two loops' admissions could interleave (in-process counters) or use one
+        loop's Redis connections from the other ("attached to a different loop", a 500). It is
+        settled there too (`Exchange.elsewhere`)."""
+        admitted = await done_there(
+            self.engine,
+            there,
+            lambda: self.gate.decided_and_admitted(body, path, credentials, key, started, shadowed),
+            unwanted=settle_unwanted,
+        )
+        if type(admitted) is Exchange:
+            admitted.elsewhere = True
+        return admitted
 
 
 class _Unusable:

@@ -38,6 +38,7 @@ from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
 from budget_middleware.engine.gate import Gate
 from budget_middleware.engine.hooks import Hook, Hooks
 from budget_middleware.engine.mounts import UNKNOWN, announce
+from budget_middleware.engine.portal import engines
 from budget_middleware.engine.prices import PriceBook
 from budget_middleware.engine.rounds import FailedRounds
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable, StoreSchemaError
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("budget_middleware")
 
-_engines: weakref.WeakValueDictionary[str, BudgetEngine] = weakref.WeakValueDictionary()
+_engines = engines  # every engine of this process, by its settings
 
 
 def _after_fork_in_child() -> None:

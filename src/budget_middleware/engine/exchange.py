@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, MutableMapping
 from contextvars import ContextVar
 from dataclasses import replace
 from time import perf_counter
@@ -38,6 +38,7 @@ from budget_middleware.core.usage import (
     usage_from_head,
     usage_from_json,
 )
+from budget_middleware.engine.portal import done_there, engine_loop, is_background, loop_lock
 from budget_middleware.headers import (
     ADDED_NAMES,
     ROUTE_HEADER,
@@ -152,6 +153,9 @@ class Exchange:
     unreadable: str | None = None
     client_gone = False
     settled = False  # charged (`charge`): the ASGI adapter settles at the answer's end
+    # Served on a loop other than its engine's (two servers' loops in one process): settled
+    # there (`settle_anywhere`), as it was admitted there.
+    elsewhere = False
     estimated = False
     direction = "inbound"  # "outbound" for the transport's calls (SPEC §13)
     would_refuse: str | None = None  # shadow mode: the code that would have refused it (§14)
@@ -251,7 +255,9 @@ class Exchange:
             # Ended after its client left (a `BaseHTTPMiddleware` inside ends the stream it cut
             # with an empty last chunk): settled as the middleware's `finally` would.
             outcome = self.client_left() if self.client_gone else "completed"
-            if self.engine.in_process:
+            if self.elsewhere:
+                await self.settle_anywhere(outcome)
+            elif self.engine.in_process:
                 self.book(self.charge(outcome))
             else:
                 await self.settle_shared(outcome)
@@ -689,6 +695,38 @@ class Exchange:
         """Settle in process (memory counters): no await between the charge and the counters."""
         self.book(self.charge(outcome))
 
+    def settle_anywhere(self, outcome: str) -> Awaitable[None]:
+        """Settled from whatever loop the caller is on, where it would be admitted now: on the
+        engine's loop when another thread's runs it (`portal.done_there`), or in this thread
+        holding the lock every step of the engine's background loop holds (`settle_locked`);
+        here, when the engine runs here (or no loop runs it: `portal.engine_loop`). Settled on
+        this thread's own loop, it could interleave with the engine's loop (its flusher taking
+        what is pending, another admission) or use its Redis connections. The settlement to
+        await."""
+        loop = engine_loop(self.engine)
+        if loop is None:
+            return self.settle(outcome)
+        if self.settle_locked(outcome):
+            return _SETTLED
+        return done_there(
+            self.engine,
+            loop,
+            lambda: self.settle(outcome),
+            lambda: self.settle_locked(outcome) or None,
+        )
+
+    def settle_locked(self, outcome: str) -> bool:
+        """Whether it was settled in the calling thread, holding `loop_lock`: when the counters
+        are in process on the background loop (the charge worked out before the lock is taken,
+        as the WSGI middleware settles). Else it is the engine's loop's to settle."""
+        engine = self.engine
+        if engine.memory is None or not is_background(engine.loop):
+            return False
+        record = self.charge(outcome)
+        with loop_lock:
+            self.book(record)
+        return True
+
     async def settle_shared(self, outcome: str) -> None:
         record = self.charge(outcome)
         self._note(record)
@@ -790,3 +828,24 @@ class Exchange:
             )
             note = f"charge failed: {type(exc).__name__}"
             return self._record(outcome, self.prompt_tokens, 0, 0, cost, "estimate", True, note)
+
+
+async def settle_unwanted(admitted: object) -> None:
+    """An admission made on the engine's loop for a caller that stopped waiting for it
+    (cancelled, a timeout): the call is never made; settled there as a disconnect, at no cost,
+    so its slot and reservation go back (`portal.done_there`'s `unwanted`)."""
+    if type(admitted) is Exchange:
+        exchange: Exchange = admitted
+        exchange.name_caller()  # the usage record's owner
+        await exchange.settle("client_disconnected")
+
+
+class _Settled:
+    """A settlement made already, to await all the same: done at once."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+_SETTLED = _Settled()

@@ -32,6 +32,7 @@ from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts, rfc3339
 from budget_middleware.core.usage import BodyDecoder, json_bytes, json_loads
 from budget_middleware.engine.exchange import Exchange
+from budget_middleware.exceptions import ServiceUnavailable
 
 if TYPE_CHECKING:
     from budget_middleware.engine.engine import BudgetEngine
@@ -403,6 +404,28 @@ class Gate:
             return self._refused_first(exchange)
         ticket = await engine.admit(exchange.limits, exchange.ticket_estimate)
         return self._admitted(exchange, ticket)
+
+    async def decided_and_admitted(
+        self,
+        body: bytes,
+        path: str,
+        credentials: Credentials,
+        key: KeyConfig | None,
+        started: float,
+        shadowed: str | None,
+    ) -> Exchange | ErrorAnswer:
+        """A request's decision and admission on the engine's loop, for an adapter that hands
+        them there (a WSGI thread, an ASGI app served on another thread's loop): one step among
+        the loop's own, as the engine's every admission is. 503 when Redis cannot decide."""
+        decision = self.decide(body, path, credentials, key, started, shadowed)
+        if type(decision) is ErrorAnswer:
+            return decision
+        if self.engine.in_process:
+            return self.admit_now(decision)  # type: ignore[arg-type]
+        try:
+            return await self.admit(decision)  # type: ignore[arg-type]
+        except ServiceUnavailable:
+            return self.unavailable_after(decision)  # type: ignore[arg-type]
 
     def _refused_first(self, exchange: Exchange) -> Exchange:
         """Shadow mode: a request enforce refuses before any limit (its key unknown, turned off

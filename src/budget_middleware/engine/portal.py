@@ -1,4 +1,5 @@
-"""The engine's event loop for callers that have none: WSGI servers' threads, sync clients.
+"""The engine's event loop for callers that have none (WSGI servers' threads, sync clients), and
+for async callers on another thread's loop (`done_there`).
 
 An engine first used by such a caller starts in one event loop of this module's, run by a daemon
 thread (`background_loop`). Every callback that loop runs holds `loop_lock`, so a step of any task
@@ -21,9 +22,9 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from time import monotonic, sleep
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from budget_middleware.exceptions import ConfigurationError
 
@@ -82,6 +83,10 @@ loop_lock = LoopLock()
 
 # In a forked child, a lock some parent thread held at the fork would be held for ever.
 os.register_at_fork(after_in_child=loop_lock._at_fork_reinit)
+
+# Every engine of this process, by its settings (`engine.get_engine`): kept here, where the
+# exit's shutdown finds them, with nothing of the engine's module imported.
+engines: weakref.WeakValueDictionary[str, BudgetEngine] = weakref.WeakValueDictionary()
 
 _background: asyncio.AbstractEventLoop | None = None
 _background_pid = 0
@@ -310,6 +315,127 @@ def _asgi_server_loop(engine: BudgetEngine) -> asyncio.AbstractEventLoop | None:
     return loop
 
 
+def home(engine: BudgetEngine) -> asyncio.AbstractEventLoop | None:
+    """Where an engine that no loop runs (not started, or its loop has ended) starts for an
+    async call: on the call's loop (None), or on the background loop when the call's loop is
+    one of a thread other than the main one (`asyncio.run` in a worker thread, a Flask view):
+    such a loop ends with its job, and other threads' calls handed to it meanwhile were dropped
+    with it (stuck for ever) or cancelled by its end. An engine an ASGI middleware serves starts
+    where that middleware serves it."""
+    if not engine.needs_start() or threading.current_thread() is threading.main_thread():
+        return None
+    if any(ref() is not None for ref in engine.failure_listeners):  # an ASGI middleware's
+        return None
+    return background_loop()
+
+
+def engine_loop(engine: BudgetEngine) -> asyncio.AbstractEventLoop | None:
+    """Where an async caller's admission and settlement run: on the loop that runs the engine,
+    when it is another thread's (`done_there`); None on the caller's own, when the engine runs
+    there or starts there (`home`). One loop decides: two loops admitting against one engine
+    would interleave (Redis's connections, an asyncio future, are one loop's)."""
+    loop = engine.loop
+    running = asyncio.get_running_loop()  # (called in a coroutine: its loop)
+    if loop is running:  # the usual case
+        return None
+    if loop is None or not loop.is_running():
+        loop = home(engine)  # no loop runs the engine: it starts here, or there
+    return None if loop is running else loop
+
+
+async def done_there(
+    engine: BudgetEngine,
+    loop: asyncio.AbstractEventLoop,
+    work: Callable[[], Awaitable[T]],
+    here: Callable[[], Any] | None = None,
+    unwanted: Callable[[T], Coroutine[Any, Any, None]] | None = None,
+) -> T:
+    """`work()` for an async caller, done on `loop`, the engine's (another thread's: an ASGI
+    app served by a second loop, an async SDK called through `asyncio.run` from a Flask view),
+    where every admission and settlement is one step among its own; or in this thread by
+    `here()` when it can (None: it cannot), holding the lock every step of the background loop
+    holds. Waited for as `asyncio.shield` would: a wait cancelled here leaves the work to end
+    there, and hands what it gives to `unwanted` there (an admission for a caller that left:
+    its slot and reservation go back). Should that loop end before the work began there (a
+    script's `asyncio.run` returning), done on the loop that runs the engine next, or here."""
+    while True:
+        if here is not None:
+            done = here()
+            if done is not None:
+                return cast(T, done)
+        began: list[Any] = []
+        step = _marked(work, began)
+        try:
+            future = asyncio.run_coroutine_threadsafe(step, loop)
+        except RuntimeError:  # closed since it was looked at
+            step.close()
+        else:
+            try:
+                got = await _waited_there(loop, future, began)
+            except asyncio.CancelledError:
+                if unwanted is not None:
+                    future.add_done_callback(_handed_to(loop, unwanted))
+                raise
+            if got is not NEVER_BEGAN:
+                return cast(T, got)
+        next_loop = engine_loop(engine)
+        if next_loop is None:
+            return await work()
+        loop = next_loop
+
+
+async def _marked(work: Callable[[], Awaitable[T]], began: list[Any]) -> T:
+    """`work()` on the loop it was handed to: `began` holds a mark once it has begun there,
+    then its answer (`closed_outcome`)."""
+    began.append(None)
+    done = await work()
+    began.append(done)
+    return done
+
+
+_HANDED: set[asyncio.Task[None]] = set()  # answers handed to `unwanted`, until it is done
+
+
+def _handed_to(
+    loop: asyncio.AbstractEventLoop, unwanted: Callable[[T], Coroutine[Any, Any, None]]
+) -> Callable[[concurrent.futures.Future[T]], None]:
+    def hand(done: concurrent.futures.Future[T]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        answer = done.result()
+
+        def start() -> None:
+            task = loop.create_task(unwanted(answer))
+            _HANDED.add(task)  # held until done: a task is only weakly referenced
+            task.add_done_callback(_HANDED.discard)
+
+        loop.call_soon_threadsafe(start)
+
+    return hand
+
+
+async def _waited_there(
+    loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future[T], began: list[Any]
+) -> T | object:
+    """`future`, of work handed to `loop`, waited for as `asyncio.shield` would (a wait
+    cancelled here leaves the work to finish there). Should that loop end meanwhile: work it
+    dropped unrun or cancelled before its first step never began, `NEVER_BEGAN` (to run on
+    the loop that runs the engine next); work done there whose answer the loop's end kept back
+    gives it all the same; work cut midway raises. None is waited for for ever."""
+    waited = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait((waited,), timeout=_LOOP_CHECK)
+        if done:
+            if waited.cancelled():
+                # By that loop's end (`asyncio.run` cancels what is left): as `closed_outcome`
+                # says, not a bare CancelledError in a task nobody cancelled (the caller's
+                # task group or `asyncio.timeout` would take it for their own).
+                return cast(T, closed_outcome(began))
+            return waited.result()
+        if loop.is_closed():
+            return cast(T, closed_outcome(began))
+
+
 _driving = threading.Lock()  # held by the thread running a stopped loop for its work (`on_loop`)
 _STOPPED_FOR = 0.05  # seconds a loop stays stopped, neither running nor closed, to be left so
 _left: weakref.ReferenceType[asyncio.AbstractEventLoop] | None = None  # the last one seen so
@@ -396,9 +522,7 @@ def shut_down_engines(timeout: float = 30.0) -> None:
     loop = _background
     if loop is None or loop.is_closed() or _background_pid != os.getpid():
         return
-    from budget_middleware.engine.engine import _engines
-
-    for engine in list(_engines.values()):
+    for engine in list(engines.values()):
         # Started here, or in a loop that has closed since (a script's `asyncio.run`): its
         # pending charges are written from here. Shut down here already (a gunicorn
         # `worker_exit` hook), it may hold charges settled since (a stream that ended after):

@@ -20,17 +20,15 @@ WSGI middleware does), unless something must be awaited.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import gc
 import operator
 import sys
 import threading
-from collections.abc import Awaitable, Coroutine, Generator
 from dataclasses import dataclass
 from time import perf_counter
 from types import ModuleType
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -49,15 +47,13 @@ from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept
 from budget_middleware.engine.cache import NOT_CACHED, NotCached
 from budget_middleware.engine.engine import BudgetEngine, ServiceUnavailable, get_engine
-from budget_middleware.engine.exchange import METERED_BY, Exchange
+from budget_middleware.engine.exchange import METERED_BY, Exchange, settle_unwanted
 from budget_middleware.engine.gate import RoutePlan, body_to_send, parse_json
 from budget_middleware.engine.hooks import Hook
 from budget_middleware.engine.portal import (
-    NEVER_BEGAN as _NEVER_BEGAN,
-)
-from budget_middleware.engine.portal import (
-    background_loop,
-    closed_outcome,
+    done_there,
+    engine_loop,
+    home,
     is_background,
     loop_lock,
     on_loop,
@@ -160,15 +156,15 @@ class _Meter:
         engine = self.engine
         started = perf_counter()
         if engine.needs_start():  # not yet, or its loop closed (`asyncio.run` per job)
-            home = _home(engine)
-            if home is not None and home is not asyncio.get_running_loop():
+            there = home(engine)
+            if there is not None and there is not asyncio.get_running_loop():
                 # Its loop closed since this call chose to be admitted here (stopped, not
                 # closed, between the steps of a script's `asyncio.run` ending): started here,
                 # on a worker thread's loop, the engine would run on a loop that ends with
                 # this call's `asyncio.run`, while other threads' calls start it on the
                 # background one (3 threads of 4 once waited there for ever, on an asyncio
                 # lock of two loops). Admitted where it starts, as the call would be now.
-                return await _admitted_elsewhere(self, request, path, body, home)
+                return await _admitted_elsewhere(self, request, path, body, there)
             try:
                 await engine.ensure_started()
             except ConfigurationError:
@@ -320,21 +316,9 @@ class _Meter:
                 credentials.model = deployment_named(path, parsed)
         return engine.gate.decide(body, path, credentials, key, started, shadowed, parsed)
 
-    def settled_here(self, exchange: Exchange, outcome: str) -> bool:
-        """Whether the call was settled in the calling thread, holding `loop_lock`: when the
-        counters are in process on the background loop (the charge worked out before the lock
-        is taken, as the WSGI middleware settles). Else it is the engine's loop's to settle."""
-        engine = self.engine
-        if engine.memory is None or not is_background(engine.loop):
-            return False
-        record = exchange.charge(outcome)
-        with loop_lock:
-            exchange.book(record)
-        return True
-
     def settle_sync(self, exchange: Exchange, outcome: str) -> None:
-        """A sync call settled: here (`settled_here`), else on the engine's loop."""
-        if not self.settled_here(exchange, outcome):
+        """A sync call settled: here (`Exchange.settle_locked`), else on the engine's loop."""
+        if not exchange.settle_locked(outcome):
             on_loop(self.engine, lambda: exchange.settle(outcome))
 
     @staticmethod
@@ -609,11 +593,8 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         body = meter.readable(headers, names, await request.aread())
         if isinstance(body, ErrorAnswer):
             return meter.refused(lib.module, request, body)
-        loop = meter.engine.loop
-        running = asyncio.get_running_loop()
-        if loop is not running and (loop is None or not loop.is_running()):
-            loop = _home(meter.engine)  # no loop runs the engine: it starts here, or there
-        if loop is None or loop is running:
+        loop = engine_loop(meter.engine)
+        if loop is None:  # the engine runs here, or starts here
             admitted = await meter.admit(request, path, body)
         else:  # another thread's loop runs the engine: here, or there (`_admitted_elsewhere`)
             admitted = await _admitted_elsewhere(meter, request, path, body, loop)
@@ -632,7 +613,7 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         except BaseException as exc:
             # (a request its body could not be written for, `outgoing`, was never sent)
             exchange.sent_unanswered = sent is not None and _sent(lib.module, exc)
-            await _settled(meter, exchange, _failed(exc))
+            await exchange.settle_anywhere(_failed(exc))
             raise
         return meter.metered_response(lib.module, request, response, exchange, lib.async_stream)
 
@@ -642,191 +623,31 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
                 await transport.aclose()
 
 
-def _home(engine: BudgetEngine) -> asyncio.AbstractEventLoop | None:
-    """Where an engine that no loop runs (not started, or its loop has ended) starts for an
-    async call: on the call's loop (None), or on the background loop when the call's loop is
-    one of a thread other than the main one (`asyncio.run` in a worker thread, a Flask view):
-    such a loop ends with its job, and other threads' calls handed to it meanwhile were dropped
-    with it (stuck for ever) or cancelled by its end. An engine an ASGI middleware serves starts
-    where that middleware serves it."""
-    if not engine.needs_start() or threading.current_thread() is threading.main_thread():
-        return None
-    if any(ref() is not None for ref in engine.failure_listeners):  # an ASGI middleware's
-        return None
-    return background_loop()
-
-
 async def _admitted_elsewhere(
     meter: _Meter, request: Any, path: str, body: bytes, loop: asyncio.AbstractEventLoop
 ) -> Exchange | ErrorAnswer:
     """An async call's admission when another thread's loop runs the engine (a sync
     transport's or a WSGI app's background loop, a server's): here (`admit_here`), or on that
-    loop (`_admitted_there`), where every admission and settlement is one step among its own.
+    loop (`portal.done_there`), where every admission and settlement is one step among its own.
     Run on a loop of its own (an async SDK called through `asyncio.run` from a Flask view), two
-    admissions could interleave and pass one limit together. Should that loop end before it
-    began there (a script's `asyncio.run` returning), on the loop that runs the engine next."""
-    while True:
-        here = meter.admit_here(request, path, body)
-        if here is not None:
-            return here
-        began: list[Any] = []
-        step = _admit(meter, request, path, body, payer.get(), inbound_headers.get(), began)
-        got = await _admitted_there(loop, step, meter, began)
-        if got is not _NEVER_BEGAN:
-            return got  # type: ignore[return-value]
-        running = asyncio.get_running_loop()
-        next_loop = meter.engine.loop
-        if next_loop is None or not next_loop.is_running() or next_loop is running:
-            next_loop = _home(meter.engine)
-        if next_loop is None or next_loop is running:
-            return await meter.admit(request, path, body)
-        loop = next_loop
+    admissions could interleave and pass one limit together."""
+    chosen, inbound = payer.get(), inbound_headers.get()
+    return await done_there(
+        meter.engine,
+        loop,
+        lambda: _admit(meter, request, path, body, chosen, inbound),
+        lambda: meter.admit_here(request, path, body),
+        settle_unwanted,
+    )
 
 
 async def _admit(
-    meter: _Meter,
-    request: Any,
-    path: str,
-    body: bytes,
-    chosen: Payer | None,
-    inbound: Any,
-    began: list[Any],
+    meter: _Meter, request: Any, path: str, body: bytes, chosen: Payer | None, inbound: Any
 ) -> Exchange | ErrorAnswer:
-    """An admission on the engine's loop, for a call of another thread's: `began` holds a
-    mark once it has begun there, then its answer (`_waited_there`)."""
-    began.append(None)
+    """An admission on the engine's loop, for a call of another thread's."""
     payer.set(chosen)  # this task's context, on the engine's loop
     inbound_headers.set(inbound)
-    admitted = await meter.admit(request, path, body)
-    began.append(admitted)
-    return admitted
-
-
-async def _settle(exchange: Exchange, outcome: str, began: list[Any]) -> None:
-    """A settlement on the engine's loop, marked as `_admit` is."""
-    began.append(None)
-    await exchange.settle(outcome)
-    began.append(None)
-
-
-_LOOP_CHECK = 0.25  # seconds: how often a call waiting for another thread's loop sees it runs
-
-
-async def _waited_there(
-    loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future[T], began: list[Any]
-) -> T | object:
-    """`future`, of work handed to `loop`, waited for as `asyncio.shield` would (a wait
-    cancelled here leaves the work to finish there). Should that loop end meanwhile: work it
-    dropped unrun or cancelled before its first step never began, `_NEVER_BEGAN` (to run on
-    the loop that runs the engine next); work done there whose answer the loop's end kept back
-    gives it all the same; work cut midway raises. None is waited for for ever."""
-    waited = asyncio.wrap_future(future)
-    while True:
-        done, _ = await asyncio.wait((waited,), timeout=_LOOP_CHECK)
-        if done:
-            if waited.cancelled():
-                # By that loop's end (`asyncio.run` cancels what is left): as `closed_outcome`
-                # says, not a bare CancelledError in a task nobody cancelled (the caller's
-                # task group or `asyncio.timeout` would take it for their own).
-                return cast(T, closed_outcome(began))
-            return waited.result()
-        if loop.is_closed():
-            return cast(T, closed_outcome(began))
-
-
-_SETTLING: set[asyncio.Task[None]] = set()  # admissions settled for a caller that left
-
-
-async def _admitted_there(
-    loop: asyncio.AbstractEventLoop,
-    step: Coroutine[Any, Any, Exchange | ErrorAnswer],
-    meter: _Meter,
-    began: list[Any],
-) -> Exchange | ErrorAnswer | object:
-    """An admission made on the engine's loop, or `_NEVER_BEGAN` if that loop ended
-    before it began (`_waited_there`). Should the caller stop waiting for it (cancelled, a
-    timeout), the call is never sent: an admission that went through all the same is settled
-    there as a disconnect, at no cost, so its slot and reservation go back."""
-    try:
-        future = asyncio.run_coroutine_threadsafe(step, loop)
-    except RuntimeError:  # closed since it was looked at
-        step.close()
-        return _NEVER_BEGAN
-    try:
-        return await _waited_there(loop, future, began)
-    except asyncio.CancelledError:
-
-        def release(done: concurrent.futures.Future[Exchange | ErrorAnswer]) -> None:
-            if done.cancelled() or done.exception() is not None:
-                return
-            admitted = done.result()
-            if type(admitted) is Exchange:  # settled on the engine's loop, from any thread
-                exchange: Exchange = admitted
-
-                def start() -> None:
-                    task = loop.create_task(exchange.settle("client_disconnected"))
-                    _SETTLING.add(task)  # held until done: a task is only weakly referenced
-                    task.add_done_callback(_SETTLING.discard)
-
-                loop.call_soon_threadsafe(start)
-
-        future.add_done_callback(release)
-        raise
-
-
-def _settled(meter: _Meter, exchange: Exchange, outcome: str) -> Awaitable[None]:
-    """An async call settled where a call would be admitted now (see `_admitted_elsewhere`; or
-    in this thread, holding the lock every step of the engine's background loop holds:
-    `settled_here`): the settlement to await. Should the loop that admitted it have ended, on
-    the loop that runs the engine next (`_home`), as an admission would be: settled on this
-    thread's own loop, it could interleave with that loop's flusher taking what is pending."""
-    loop = meter.engine.loop
-    running = asyncio.get_running_loop()
-    if loop is not running and (loop is None or not loop.is_running()):
-        loop = _home(meter.engine)
-    if loop is None or loop is running:
-        return exchange.settle(outcome)
-    if meter.settled_here(exchange, outcome):
-        return _SETTLED
-    return _settled_there(meter, exchange, outcome, loop)
-
-
-async def _settled_there(
-    meter: _Meter, exchange: Exchange, outcome: str, loop: asyncio.AbstractEventLoop
-) -> None:
-    """A settlement on another thread's loop (`_waited_there`); should that loop end before it began
-    there (a script's `asyncio.run` returning), on the loop that runs the engine next."""
-    while True:
-        began: list[Any] = []
-        step = _settle(exchange, outcome, began)
-        try:
-            future = asyncio.run_coroutine_threadsafe(step, loop)
-        except RuntimeError:  # closed since it was looked at
-            step.close()
-        else:
-            if await _waited_there(loop, future, began) is not _NEVER_BEGAN:
-                return
-        running = asyncio.get_running_loop()
-        next_loop = meter.engine.loop
-        if next_loop is None or not next_loop.is_running() or next_loop is running:
-            next_loop = _home(meter.engine)
-        if next_loop is None or next_loop is running:
-            await exchange.settle(outcome)
-            return
-        if meter.settled_here(exchange, outcome):
-            return
-        loop = next_loop
-
-
-class _Settled:
-    """A settlement made already, to await all the same: done at once."""
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return
-        yield
-
-
-_SETTLED = _Settled()
+    return await meter.admit(request, path, body)
 
 
 class _Metered:
@@ -966,7 +787,7 @@ class _AsyncMetered(_Metered):
     async def _settle(self) -> None:
         outcome = self._settling()
         if outcome is not None:
-            await _settled(self.meter, self.exchange, outcome)
+            await self.exchange.settle_anywhere(outcome)
 
 
 # -- sync --------------------------------------------------------------------------------------
@@ -1045,7 +866,7 @@ class _Handoff:
     """A sync call's admission made on the engine's loop while its thread waits. Should the
     thread stop waiting (interrupted: Ctrl+C, a signal's timeout), the call is never sent: an
     admission that went through all the same is settled as a disconnect, at no cost, so its
-    slot and reservation go back (as `_admitted_there` does for an async caller)."""
+    slot and reservation go back (as `portal.done_there` does for an async caller)."""
 
     __slots__ = ("admitted", "left", "lock")
 

@@ -373,7 +373,9 @@ class BudgetWSGIMiddleware:
                 admitted = on_loop(
                     engine,
                     lambda: handoff.taken(
-                        self._admit_there(plain, path, credentials, key, shadowed, started)
+                        self.gate.decided_and_admitted(
+                            plain, path, credentials, key, started, shadowed
+                        )
                     ),
                 )
             except BaseException:  # this thread stopped waiting: the app is never called
@@ -509,28 +511,6 @@ class BudgetWSGIMiddleware:
             if type(decision) is ErrorAnswer:
                 return decision
             return gate.admit_now(decision)  # type: ignore[arg-type]
-
-    async def _admit_there(
-        self,
-        body: bytes,
-        path: str,
-        credentials: Credentials,
-        key: KeyConfig | None,
-        shadowed: str | None,
-        started: float,
-    ) -> Exchange | ErrorAnswer:
-        """On the engine's loop, as the ASGI middleware admits (Redis, or a foreign loop)."""
-        engine = self.engine
-        gate = self.gate
-        decision = gate.decide(body, path, credentials, key, started, shadowed)
-        if type(decision) is ErrorAnswer:
-            return decision
-        if engine.in_process:
-            return gate.admit_now(decision)  # type: ignore[arg-type]
-        try:
-            return await gate.admit(decision)  # type: ignore[arg-type]
-        except ServiceUnavailable:
-            return self.gate.unavailable_after(decision)  # type: ignore[arg-type]
 
 
 class EnvironHeaders:
