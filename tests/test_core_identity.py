@@ -14,6 +14,7 @@ from budget_middleware.core.identity import (
     MAX_PROVIDER_CHARS,
     MAX_TAG_CHARS,
     MAX_TAGS,
+    MAX_TAGS_READ,
     Credentials,
     TargetResolver,
     body_encoding,
@@ -130,9 +131,11 @@ def test_the_body_coding_and_the_answer_codings_asked_for_are_read() -> None:
 
 
 def test_header_tags_are_cut_cleaned_and_at_most_32() -> None:
-    many = ",".join(f"t{n}" for n in range(40))
+    """At most 256 are read, of which a request keeps 32 (those with limits first)."""
+    many = ",".join(f"t{n}" for n in range(300))
     tags = read(headers(x_budget_tags=many)).tags
-    assert tags == tuple(f"t{n}" for n in range(MAX_TAGS))
+    assert tags == tuple(f"t{n}" for n in range(MAX_TAGS_READ))
+    assert len(resolver()({"model": "m"}, "/v1/x", Credentials(tags=tags), ()).tags) == MAX_TAGS
     long = "x" * (MAX_TAG_CHARS + 5)
     assert read(headers(x_budget_tags=f"{long},ok")).tags == ("x" * MAX_TAG_CHARS, "ok")
     assert read(headers(x_budget_tags="a\x01b")).tags == ("a?b",)

@@ -237,6 +237,31 @@ async def test_a_key_s_tag_limit_holds_however_many_tags_a_client_sends(
     assert [refused_by(a) for a in answers] == [(402, "budget_exceeded", "tag")] * 3
 
 
+async def test_a_client_s_tag_limit_holds_however_many_other_tags_it_sends(
+    make_settings: Settings,
+) -> None:
+    """SPEC §5: every tag of the request that has limits applies. Tags are capped at 32 a
+    request, cut in name order: 32 other tags before it pushed `zz-prod` (and its spent budget)
+    out of the request, which went through as if it had not named it."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_tag("zz-prod", budgets=SPENT)
+        key = m.create_virtual_key(name="alice")
+        await engine.invalidate()
+        answers = []
+        for n in (0, 32, 40, 250):
+            junk = [f"a{i:03}" for i in range(n)]
+            answers += [
+                await post(http, headers={"x-budget-tags": ",".join([*junk, "zz-prod"])}),
+                await post(http, key.value, metadata={"tags": [*junk, "zz-prod"]}),
+            ]
+    told = [refused_by(a) if a.status_code != 200 else 200 for a in answers]
+    print(f"with 0, 32, 40 and 250 other tags (header, body): {told}")
+    assert told == [(402, "budget_exceeded", "tag")] * 8
+
+
 async def test_a_refusal_by_one_scope_consumes_no_other_limit(make_settings: Settings) -> None:
     app = host_app(make_settings())
     engine = engine_of(app)

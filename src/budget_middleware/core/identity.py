@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Container, Iterable, MutableMapping
 from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any, Final
@@ -234,11 +234,14 @@ def body_encoding(value: str) -> str | None:
 
 
 # Client text as the store keeps it (its column sizes): longer is cut, and characters a store
-# refuses or a log would mangle (NUL, controls, lone surrogates) become "?". Tags: at most 32.
+# refuses or a log would mangle (NUL, controls, lone surrogates) become "?". Tags: at most 32
+# kept, of at most 256 read: those with limits are kept first (`_kept_tags`), so that a client's
+# 32 other tags do not push a tag's limits out of its request.
 MAX_PROVIDER_CHARS = 100
 MAX_MODEL_CHARS = 200
 MAX_TAG_CHARS = 100
 MAX_TAGS = 32
+MAX_TAGS_READ = 256
 MAX_PATH_KEPT = 256  # a longer path's provider and model are worked out, not remembered
 
 
@@ -284,7 +287,7 @@ def name_problem(kind: str, name: str, limit: int, *, carried: bool = True) -> s
 def _clean_tags(tags: Iterable[str]) -> tuple[str, ...]:
     cleaned: list[str] = []
     for tag in tags:
-        if len(cleaned) == MAX_TAGS:
+        if len(cleaned) == MAX_TAGS_READ:
             break
         tag = clean_text(tag.strip(), MAX_TAG_CHARS)
         if tag:
@@ -294,7 +297,7 @@ def _clean_tags(tags: Iterable[str]) -> tuple[str, ...]:
 
 def _split_tags(text: str) -> tuple[str, ...]:
     # Split whole: a bounded split left the rest as one tag when empty entries came first
-    # (`,,t0,...,t32` gave "t30,t31,t32"); `_clean_tags` stops at MAX_TAGS.
+    # (`,,t0,...,t32` gave "t30,t31,t32"); `_clean_tags` stops at MAX_TAGS_READ.
     return _clean_tags(text.split(","))
 
 
@@ -324,8 +327,16 @@ class TargetResolver:
     path) leads is worked out once and kept (bounded: all three come from clients), the
     provider by its one name (`canonical_provider`), so naming it costs nothing per request."""
 
-    def __init__(self, guess_provider: Callable[[str], str | None], key_prefix: str = "") -> None:
+    def __init__(
+        self,
+        guess_provider: Callable[[str], str | None],
+        key_prefix: str = "",
+        limited_tags: Callable[[], Container[str]] = frozenset,
+    ) -> None:
         self.guess_provider = guess_provider
+        # The tags that have limits now (the engine's configuration): asked only of a request
+        # with more than MAX_TAGS tags, which keeps them before the others.
+        self.limited_tags = limited_tags
         # A virtual key sent where a name goes (`x-budget-tags: sk-bm-…`) would reach usage
         # records, answers, logs and the dashboard (SPEC §8): a client's tag holding the
         # caller's own key, or one shaped as a generated key (the prefix and 40 or more URL-safe
@@ -387,7 +398,7 @@ class TargetResolver:
         if len(tags) > 1:
             tags = tuple(sorted(set(tags)))
             if len(tags) > MAX_TAGS:
-                tags = _keep_key_tags(tags, key_tags)
+                tags = _kept_tags(tags, key_tags, self.limited_tags())
         limit = None
         sized = _SIZE_FIELDS.intersection(data)  # in C: none, or an output limit, usually
         if sized:
@@ -575,13 +586,17 @@ def _count(value: object) -> int | None:
     return None
 
 
-def _keep_key_tags(tags: tuple[str, ...], key_tags: tuple[str, ...]) -> tuple[str, ...]:
+def _kept_tags(
+    tags: tuple[str, ...], key_tags: tuple[str, ...], limited: Container[str]
+) -> tuple[str, ...]:
     """At most MAX_TAGS of the sorted `tags`: the key's own first (its operator set them, and
-    their limits apply whatever a client sends), then the client's, in order."""
+    their limits apply whatever a client sends), then the client's that have limits (SPEC §5:
+    every tag of the request that has limits applies; cut in name order, `zz-prod` escaped its
+    $0 budget behind 32 tags sent before it), then the others, in order."""
     kept = set(key_tags[:MAX_TAGS])
-    room = MAX_TAGS - len(kept)
-    client = [t for t in tags if t not in kept][:room]
-    return tuple(sorted(kept.union(client)))
+    client = [t for t in tags if t not in kept]
+    client = [t for t in client if t in limited] + [t for t in client if t not in limited]
+    return tuple(sorted(kept.union(client[: MAX_TAGS - len(kept)])))
 
 
 def _never(_: str) -> None:

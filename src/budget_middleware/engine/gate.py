@@ -110,7 +110,9 @@ class Gate:
         self.default_output = s.default_max_output_tokens
         self.exceeded_status = s.exceeded_status
         self.refuse_unpriced = s.unpriced_models == "refuse"
-        self.resolve_target = TargetResolver(engine.prices.guess_provider, s.key_prefix)
+        self.resolve_target = TargetResolver(
+            engine.prices.guess_provider, s.key_prefix, lambda: engine.globals.tags
+        )
         self.price = engine.prices.price
         # Shadow mode (SPEC §14): every check runs, nothing is refused; what would have been
         # is said on the answer, in the usage record and in the metrics.
