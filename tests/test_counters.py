@@ -907,3 +907,53 @@ def test_the_window_before_is_where_a_reset_elsewhere_would_roll_past() -> None:
     assert daily.window_before(daily.start) == daily.start
     forever = window(registry, "budget", "forever", duration=None, now=T0 + DAY)
     assert forever.window_before(T0 + DAY) == T0 + DAY
+
+
+def test_a_deleted_limit_s_counter_is_kept_while_anything_of_it_is_unwritten_or_held() -> None:
+    """The counters of limits the store no longer holds are forgotten (a server whose keys come
+    and go kept them all for ever), but never while this process has something of them to write
+    (pending, sealed, taken by a flush the store has not confirmed) or requests hold them."""
+    registry = CounterRegistry()
+    ledger = registry.ledger
+    pending = window(registry, "budget", "pending")
+    pending.add(7, ledger)
+    sealed = window(registry, "request", "sealed")
+    sealed.add(2, ledger)
+    sealed.roll(T0 + HOUR, ledger)  # its window ended: what it counted is sealed
+    unconfirmed = window(registry, "budget", "unconfirmed")
+    ledger.taken("budget", "unconfirmed", T0, 3)
+    reserved = window(registry, "budget", "reserved")
+    reserved.reserved = 5
+    window(registry, "token", "slots")
+    registry.slots("slots", 3).in_flight = 1
+    idle = window(registry, "budget", "idle")
+    stays = window(registry, "budget", "stays")
+    budgets = ["pending", "unconfirmed", "reserved", "idle", "stays"]
+    forgotten = registry.forget_deleted(budgets, {"stays"}, ["sealed", "slots"], set())
+    print(f"forgotten: {[(c.kind, c.id) for c in forgotten]}")
+    assert forgotten == [idle]
+    assert registry.counter("budget", "idle") is None
+    left = [registry.counter("budget", id_) for id_ in ("pending", "unconfirmed", "reserved")]
+    assert left == [pending, unconfirmed, reserved]
+    assert registry.counter("budget", "stays") is stays
+    assert registry.counter("request", "sealed") is sealed
+    assert "slots" in registry.concurrency
+    # Written, confirmed and released: forgotten then.
+    ledger.dirty.clear()
+    pending.pending = 0
+    ledger.sealed.clear()
+    ledger.confirmed("budget", "unconfirmed", T0, 3)
+    reserved.reserved = 0
+    registry.concurrency["slots"].in_flight = 0
+    forgotten = registry.forget_deleted(budgets, {"stays"}, ["sealed", "slots"], set())
+    assert sorted((c.kind, c.id) for c in forgotten) == [
+        ("budget", "pending"),
+        ("budget", "reserved"),
+        ("budget", "unconfirmed"),
+        ("request", "sealed"),
+        ("token", "slots"),
+    ]
+    assert list(registry.windows["budget"]) == ["stays"]
+    assert (registry.windows["request"], registry.windows["token"]) == ({}, {})
+    assert registry.concurrency == {}
+    assert idle.value == 0  # (a counter still held elsewhere is left as it was)

@@ -254,8 +254,18 @@ class GlobalConfig:
                 scopes.append(tag_scope)
         return scopes
 
+    def limiting(self, tags: tuple[str, ...]) -> tuple[str, ...]:
+        """The tags of a request that have a scope here, in order: the others change none of
+        its limits. The limits resolved are kept by these (the rest are a client's to choose:
+        a request id, a session, tags sent once each filled a key's resolved limits to their
+        bound, 5 KB an entry, 2.5 MB a key, kept as long as the key is)."""
+        known = self.tags
+        return tuple(t for t in tags if t in known) if known else ()
+
     def resolve_anonymous(self, provider: str, model: str, tags: tuple[str, ...]) -> LimitSet:
         """The limits of a request without a virtual key."""
+        if tags:
+            tags = self.limiting(tags)
         key = (provider, model, tags)
         found = self.resolved.get(key)
         if found is None:
@@ -295,6 +305,8 @@ class KeyConfig:
         self, glob: GlobalConfig, provider: str, model: str, tags: tuple[str, ...]
     ) -> LimitSet:
         """Every applicable limit, its scopes in the order of SPEC §5 (provider config first)."""
+        if tags:
+            tags = glob.limiting(tags)
         if self.resolved_for is glob:
             if (
                 provider == self.last_provider

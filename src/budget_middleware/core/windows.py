@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Container, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar, NamedTuple, TypeVar
@@ -419,6 +419,46 @@ class CounterRegistry:
     def counter(self, kind: str, id: str) -> WindowCounter | None:
         """The live counter of a limit, if this process has one."""
         return self.windows[kind].get(id)
+
+    def forget_deleted(
+        self,
+        budgets: Iterable[str],
+        stored_budgets: Container[str],
+        rate_limits: Iterable[str],
+        stored_rate_limits: Container[str],
+    ) -> list[WindowCounter]:
+        """Forget the counters of these budgets and rate limits that the store no longer holds
+        (not among the stored ones: deleted, with their key, team or owner). Kept, every
+        counter this process ever built stayed for good: a server whose keys come and go (one
+        a user, one a job) held them all, and read them all again every cache TTL. One that
+        this process has something of still to write (pending, sealed, not confirmed by the
+        store), or that requests hold (a reservation, a concurrency slot), stays until it has
+        none. The counters forgotten."""
+        ledger = self.ledger
+        unwritten = {(kind, id) for kind, id, _, _ in ledger.sealed}
+        unwritten.update((kind, id) for kind, id, _ in ledger.unconfirmed)
+        forgotten: list[WindowCounter] = []
+        for kinds, ids, stored in (
+            (("budget",), budgets, stored_budgets),
+            (("request", "token"), rate_limits, stored_rate_limits),
+        ):
+            for id in ids:
+                if id in stored:
+                    continue
+                counters = [c for c in (self.windows[k].get(id) for k in kinds) if c is not None]
+                slots = self.concurrency.get(id) if kinds[0] != "budget" else None
+                if not counters and slots is None:
+                    continue
+                if any(c.pending or c.reserved or (c.kind, id) in unwritten for c in counters) or (
+                    slots is not None and slots.in_flight
+                ):
+                    continue
+                for counter in counters:
+                    del self.windows[counter.kind][id]
+                if slots is not None:
+                    del self.concurrency[id]
+                forgotten += counters
+        return forgotten
 
     def forget_the_parent_s(self) -> None:
         """In a forked child: what the parent charged and holds is the parent's to write and to

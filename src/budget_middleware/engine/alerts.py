@@ -128,6 +128,20 @@ class Alerts:
                 if owner is not None:
                     self._look(counter, None, owner)
 
+    def forget(self, budget_ids: Iterable[str]) -> None:
+        """Budgets deleted from the store, whose counters were forgotten: what is kept of them
+        goes (their owner's scope held their key's counters)."""
+        for id_ in budget_ids:
+            self.thresholds.pop(id_, None)
+            self.owners.pop(id_, None)
+            self._raised.pop(id_, None)
+            self._exhausted.pop(id_, None)
+
+    def _forgotten(self, counter: WindowCounter) -> bool:
+        """A budget deleted, whose counter a key cached before the deletion still charges
+        until the cache TTL: nothing to tell (`_insert` finds no budget), nor to keep."""
+        return self.engine.registry.counter("budget", counter.id) is not counter
+
     def check(self, limits: LimitSet) -> None:
         """After a charge: has any budget reached its next threshold (or a new window begun)?"""
         for counter in limits.budgets:
@@ -140,6 +154,8 @@ class Alerts:
     def _look(
         self, counter: WindowCounter, limits: LimitSet | None, scope: Scope | None = None
     ) -> None:
+        if self._forgotten(counter):
+            return
         start = counter.start
         counter.alert_start = start  # type: ignore[attr-defined]
         known = self._raised.get(counter.id)
@@ -160,7 +176,7 @@ class Alerts:
     def refused(self, refusal: Refusal) -> None:
         """A budget refused: the first time in its window raises `budget.exhausted`."""
         counter = refusal.counter
-        if counter is None:
+        if counter is None or self._forgotten(counter):
             return
         # The spend a refusal finds (charged by other instances, or a limit lowered below it)
         # has reached thresholds no charge of this instance looked at: raised first.

@@ -722,7 +722,8 @@ class BudgetEngine:
         in before, in both (counted twice), until the next re-read. One uncontended lock a
         cache TTL; a flush waits for one store read at most."""
         async with self._flushing:
-            await self.counters.refresh()
+            forgotten = await self.counters.refresh()
+        self.alerts.forget(c.id for c in forgotten if c.kind == "budget")
 
     async def sweep(self) -> int:
         """Reset the store's expired windows (SPEC §6's background sweep), and once an hour

@@ -124,16 +124,19 @@ class CounterBackend(ABC):
             result.tried.append(index)
         return result
 
-    async def refresh(self) -> None:
-        """Re-read the counters from the store, every cache TTL (instances sharing a store)."""
+    async def refresh(self) -> list[WindowCounter]:
+        """Re-read the counters from the store, every cache TTL (instances sharing a store);
+        those of limits deleted from it are forgotten (`CounterRegistry.forget_deleted`), and
+        returned."""
         windows = self.registry.windows
         budget_ids = list(windows["budget"])
-        rate_ids = {*windows["request"], *windows["token"]}
+        rate_ids = {*windows["request"], *windows["token"], *self.registry.concurrency}
         if not budget_ids and not rate_ids:
-            return
+            return []
         budgets, rates = await anyio.to_thread.run_sync(
             self.store.read_counters, budget_ids, rate_ids
         )
+        forgotten = self.registry.forget_deleted(budget_ids, budgets, rate_ids, rates)
         ledger = self.ledger
         for id_, stored in budgets.items():
             counter = windows["budget"].get(id_)
@@ -148,6 +151,7 @@ class CounterBackend(ABC):
             tokens = windows["token"].get(id_)
             if tokens is not None:
                 tokens.seed(row.token_current_usage, utc(row.token_last_reset).timestamp(), ledger)
+        return forgotten
 
     def take_deltas(self) -> list[Delta]:
         """Everything charged here since the last flush, moved out of the ledger's pending

@@ -540,6 +540,26 @@ class RedisCounters(CounterBackend):
         if value > counter.value and key == self.window_key(counter):
             counter.value = value
 
+    async def refresh(self) -> list[WindowCounter]:
+        """As every backend re-reads the counters; the keys of a window that never ends, of a
+        limit deleted from the store (its counter forgotten: `CounterRegistry.forget_deleted`),
+        expire after the margin any window's key has (late settlements), as one that ends
+        does: kept for ever, every key made and deleted left two in Redis for good."""
+        forgotten = await super().refresh()
+        client = self.client
+        never = [self.window_key(c) for c in forgotten if c.end == FAR_FUTURE]
+        if never and client is not None and not self._backing_off():
+            margin = int(WINDOW_MARGIN_SECONDS * 1000)
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for key in never:
+                        pipe.pexpire(key, margin)
+                        pipe.pexpire(self._seed_record_key(key), margin)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:  # the next instance to forget them tries
+                self._failed(exc)
+        return forgotten
+
     async def read_live(self, ids: Collection[str] | None = None) -> None:
         """Every instance's spend into the live copies here (`_told`), in one round trip: an
         answer from the live counters shows it, not this instance's copy as of its last
