@@ -675,3 +675,38 @@ def test_two_loops_serving_one_in_process_engine_never_pass_its_limit(
           f"500s {statuses[500]} {raised[:1]}")  # fmt: skip
     assert statuses == {200: 100, 429: 200} and not raised
     assert charged == 100 and spent == pytest.approx(cost) and cost > 0
+
+
+def test_a_stream_served_on_a_second_loop_is_charged_once(make_settings: Settings) -> None:
+    """A streamed answer (Starlette's `StreamingResponse`, which listens for the client's
+    disconnect beside the stream) served on a loop other than its engine's: its last chunk
+    settles it on the engine's loop; the test client then says the client left, Starlette
+    cancels the stream's task while that settlement is on its way there, and the middleware
+    saw it unsettled and settled it a second time. Each stream is charged once."""
+    from fastapi.testclient import TestClient
+
+    settings = functools.partial(make_settings, redis_url=REDIS_URL)
+    need_redis()
+    prefix = unique_prefix()
+    use_prefix(get_engine(settings()), prefix)
+    manager = get_engine(settings()).manager
+    key = manager.create_virtual_key(name="k", budgets=[{"max_limit": 100}]).value
+    first = TestClient(host_app(settings()), raise_server_exceptions=False)
+    second = TestClient(host_app(settings()), raise_server_exceptions=False)
+    statuses: Counter[int] = Counter()
+    try:
+        with first, second:
+            for _ in range(30):
+                answer = second.post(
+                    "/v1/chat/completions",
+                    json=chat(stream=True),
+                    headers={"x-budget-key": key},
+                )
+                statuses[answer.status_code] += 1
+        charged, cost, spent = _charged(settings())
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+    print(f"30 streams through the second loop: {dict(statuses)}; usage records {charged} "
+          f"(${cost:.6f}), budget ${spent:.6f}")  # fmt: skip
+    assert statuses == {200: 30}
+    assert charged == 30 and spent == pytest.approx(cost)

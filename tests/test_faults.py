@@ -3119,3 +3119,78 @@ async def test_a_store_away_logs_one_traceback_not_one_a_flush_interval(
     assert shown[0][1] == f"budget-middleware {loop} round failed"
     assert shown[1][1].startswith(f"budget-middleware {loop} rounds failed 10 times in a row")
     assert shown[2][1].startswith(f"budget-middleware {loop} rounds succeed again, after 1")
+
+
+async def test_a_hanging_alert_receiver_does_not_hold_back_the_redis_debts_at_shutdown(
+    sqlite_url: str,
+) -> None:
+    """Fail open, Redis behind a proxy: requests admitted while Redis was cut are owed to it;
+    Redis is back and the app shuts down before a heartbeat pays them. The shutdown posts the
+    retry of an alert those requests raised (`Alerts.deliver_last`) to a receiver that takes its
+    time,
+    and paid the debts ("now or never") only after that post: a supervisor's kill during it
+    lost them, and Redis held less than was admitted for the rest of the window. The debts are
+    paid before any post at shutdown."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    posts: list[None] = []
+    owed_at_post: list[bool] = []  # at each post made at shutdown
+    counters: Any = None
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # http.server's name
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            posts.append(None)
+            if len(posts) > 1:  # the retry, at shutdown
+                owed_at_post.append(bool(counters._owed))
+                time.sleep(0.3)  # a receiver that takes its time
+            self.send_response(500 if len(posts) == 1 else 200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    receiver.daemon_threads = True
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    server = PrivateRedis()
+    server.start()
+    try:
+        with tcp_proxy(server.port) as proxy:
+            engine = BudgetEngine(
+                settings_for(
+                    sqlite_url,
+                    redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                    fail_open=True,
+                    redis_timeout_seconds=0.2,
+                    flush_interval_seconds=30,  # no heartbeat pays them meanwhile
+                    alert_webhook_urls=(f"http://127.0.0.1:{receiver.server_address[1]}/h",),
+                )
+            )
+            # The alert's first post fails (500), its retry due at once and posted at shutdown
+            # (no round meanwhile: rounds come as alerts are raised).
+            engine.alerts.poll_interval, engine.alerts.first_retry = 3600, 0.0
+            use_prefix(engine, unique_prefix())
+            counters = engine.counters
+            app = fault_app(engine)
+            async with running(app), client(app) as http:
+                key = engine.manager.create_virtual_key(
+                    name="alice", budgets=[{"max_limit": 0.1, "reset_duration": "1d"}]
+                )
+                await engine.invalidate()
+                assert await asked(http, key.value or "", 2) == [200, 200]
+                proxy.cut()
+                assert await asked(http, key.value or "", 7) == [200] * 7  # in process
+                proxy.restore()
+                assert counters._owed
+            left_owed = bool(counters._owed)
+    finally:
+        server.stop()
+        receiver.shutdown()
+        receiver.server_close()
+    print(f"posts at shutdown: {len(owed_at_post)}; Redis's debts still unpaid at each: "
+          f"{owed_at_post}; unpaid after the shutdown: {left_owed}")  # fmt: skip
+    assert owed_at_post and not any(owed_at_post)
+    assert not left_owed

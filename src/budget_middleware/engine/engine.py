@@ -622,11 +622,13 @@ class BudgetEngine:
                     await flusher
         await self.alerts.stop()
         await self._write_or_keep()
-        await self.alerts.deliver_last()  # after the charges: a receiver's wait delays no write
-        try:
+        try:  # (Redis's debts paid, now or never)
             await asyncio.wait_for(self.counters.stop(), grace)
         except TimeoutError:
             logger.warning("budget-middleware: the counter backend did not close in %ss", grace)
+        # After the charges, the store's and Redis's: a receiver's wait delays no write (a kill
+        # meanwhile lost Redis's debts).
+        await self.alerts.deliver_last()
         self.store.dispose()  # connections are opened again if the engine starts again
 
     async def _write_or_keep(self) -> None:

@@ -708,6 +708,9 @@ class Exchange:
             return self.settle(outcome)
         if self.settle_locked(outcome):
             return _SETTLED
+        # On its way there, whatever this caller does meanwhile (cancelled as it waits: Starlette
+        # ends a stream's task once its client is gone): settled once, not again by the caller.
+        self.settled = True
         return done_there(
             self.engine,
             loop,
