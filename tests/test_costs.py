@@ -1666,3 +1666,29 @@ async def test_a_price_for_another_provider_s_deployment_does_not_move_a_bare_mo
     ).total_price
     assert [(r.provider, r.cost_source) for r in rows] == [("openai", "catalog")]
     assert abs(rows[0].cost_nanos - int(want * 10**9)) <= 1
+
+
+@pytest.mark.parametrize("costed", ["first", "second"])
+async def test_a_tool_loop_s_turn_without_a_reported_cost_is_charged_its_tokens(
+    make_settings: Settings, costed: str
+) -> None:
+    """Two turns of a tool loop streamed as one answer (two chat completions, each with its
+    usage chunk), only one reporting what it cost (`usage.cost`, $0.01): that one is charged its
+    cost, the other its tokens' price. The reported cost won for both: the other turn's 2,000
+    input and 1,000 output tokens went uncharged."""
+    model = "anthropic/claude-sonnet-4"
+    paid = {"prompt_tokens": 1000, "completion_tokens": 500, "cost": 0.01}
+    bare = {"prompt_tokens": 2000, "completion_tokens": 1000}
+    turns = [paid, bare] if costed == "first" else [bare, paid]
+    answer = []
+    for n, usage in enumerate(turns):
+        chunk = {"id": f"chatcmpl-{n}", "model": model}
+        answer += [
+            chunk | {"choices": [{"index": 0, "delta": {"content": "hi"}}]},
+            chunk | {"choices": [], "usage": usage},
+        ]
+    row = await charged_for(make_settings, "/v1/chat/completions", f"openrouter/{model}", answer)
+    want = 10_000_000 + nanos(Usage(input_tokens=2000, output_tokens=1000), model, "openrouter")
+    print(f"$0.01 reported + 2,000/1,000 tokens: charged {row.cost_nanos} n$, expected {want}")
+    assert row.input_tokens == 3000
+    assert row.cost_nanos == want

@@ -39,6 +39,8 @@ from budget_middleware import (
     charge_to,
     get_engine,
 )
+from budget_middleware.core.pricing import cost_nanos
+from budget_middleware.core.usage import TokenUsage
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.portal import on_loop
 from conftest import REDIS_URL, need_redis
@@ -2847,6 +2849,75 @@ def test_a_stream_still_open_as_the_script_ends_is_charged(tmp_path: Path, ends:
     assert usage == rows[0][3] > 0
 
 
+_ASYNC_OPEN_STREAM = (
+    _SCRIPT_START
+    + """
+import json, openai
+
+async def chunks():
+    for n in range(200):  # 200 words, one every 20 ms
+        choice = {"index": 0, "delta": {"content": "word "}}
+        yield ("data: " + json.dumps({"id": "c", "choices": [choice]}) + "\\n\\n").encode()
+        await asyncio.sleep(0.02)
+
+def streaming(request):
+    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=chunks())
+
+http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.MockTransport(streaming), settings))
+sdk = openai.AsyncOpenAI(api_key="sk-provider", base_url="https://api.openai.com/v1",
+                         http_client=http, max_retries=0)
+streams, seen = [], []
+
+async def read():
+    with charge_to(virtual_key_id=key.id):
+        stream = await sdk.chat.completions.create(model="gpt-4o", messages=body["messages"],
+                                                   stream=True)
+        streams.append(stream)  # held to the end: nothing closes it
+        if sys.argv[2] == "reading":
+            async for chunk in stream:
+                seen.append(chunk)
+
+async def main():  # the script's own loop runs the engine: no background loop is started
+    if sys.argv[2] == "never read":
+        await read()
+    else:  # a task still reading it as `asyncio.run` ends (and cancels it)
+        asyncio.create_task(read())
+        while len(seen) < 10:
+            await asyncio.sleep(0.01)
+
+asyncio.run(main())
+"""
+)
+
+
+@pytest.mark.parametrize("ends", ["never read", "reading"])
+def test_an_async_stream_still_open_as_the_script_s_asyncio_run_ends_is_charged(
+    tmp_path: Path, ends: str
+) -> None:
+    """An async-only script (`asyncio.run(main())`, no background loop ever started) ends with
+    a stream `BudgetTransport` admitted still open: made and never read nor closed, or read by a
+    task `asyncio.run` cancels. Nothing will close it. It is settled at exit as cut, charged its
+    prompt and what it streamed (one never read was never charged: no record, $0; the answers
+    still open were settled at exit only with a background loop)."""
+    script = tmp_path / "open.py"
+    script.write_text(_ASYNC_OPEN_STREAM)
+    url = f"sqlite:///{tmp_path / 'open.db'}"
+    done = subprocess.run([sys.executable, str(script), url, ends], timeout=60)
+    assert done.returncode == 0
+    store_engine = create_engine(url)
+    query = text("SELECT outcome, input_tokens, output_tokens, cost_nanos FROM bm_usage_records")
+    with store_engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(query)]
+        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
+    store_engine.dispose()
+    print(f"{ends}: a stream open at the script's end: records {rows}; budget ${usage / 1e9:.6f}")
+    assert [r[0] for r in rows] == ["client_disconnected"]
+    assert rows[0][1] > 0  # its prompt
+    if ends == "reading":
+        assert rows[0][2] >= 3  # at least the 10 words read
+    assert usage == rows[0][3] > 0
+
+
 def _held(read: Callable[..., Any], reading: threading.Event, go: threading.Event) -> Any:
     """`read` (a store read, in its worker thread), held until `go` once it has begun."""
 
@@ -3185,6 +3256,46 @@ async def test_perplexity_s_reported_cost_is_charged(engine: BudgetEngine) -> No
     rows = records(engine)
     print("charged:", [(r["provider"], r["model"], r["cost_nanos"]) for r in rows])
     assert [(r["provider"], r["cost_nanos"]) for r in rows] == [("perplexity", 8_256_000)] * 2
+
+
+async def test_an_outbound_tool_loop_s_turn_without_a_reported_cost_is_charged(
+    engine: BudgetEngine,
+) -> None:
+    """A stream of two completions (a tool loop's turns, each with its usage chunk) of which
+    only the first reports its cost ($0.01, OpenRouter's `usage.cost`): the second is charged
+    its tokens' price beside it, as the catalog prices them (the cost won for both)."""
+    turns = [{"prompt_tokens": 1000, "completion_tokens": 500, "cost": 0.01},
+             {"prompt_tokens": 2000, "completion_tokens": 1000}]  # fmt: skip
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        model = json.loads(request.content)["model"]
+        events = []
+        for n, usage in enumerate(turns):
+            chunk = {"id": f"c{n}", "object": "chat.completion.chunk", "created": 1, "model": model}
+            delta = {"role": "assistant", "content": "Four."}
+            events += [{**chunk, "choices": [{"index": 0, "delta": delta}]},
+                       {**chunk, "choices": [], "usage": usage}]  # fmt: skip
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, text=text)
+
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-or-secret",
+        base_url="https://openrouter.ai/api/v1",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(answer), engine=engine)
+        ),
+    )
+    model = "anthropic/claude-sonnet-4"
+    stream = await sdk.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+    async for _ in stream:
+        pass
+    await engine.flush()
+    rows = records(engine)
+    price = engine.prices.price("openrouter", model)
+    assert price is not None
+    want = 10_000_000 + cost_nanos(price, TokenUsage(2000, 1000))
+    print(f"$0.01 + 2,000/1,000 tokens: charged {[r['cost_nanos'] for r in rows]}, expected {want}")
+    assert [r["cost_nanos"] for r in rows] == [want]
 
 
 def _azure(seen: list[tuple[str, dict[str, Any]]]) -> Callable[[httpx2.Request], httpx2.Response]:

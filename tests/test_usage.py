@@ -610,7 +610,8 @@ def test_text_beyond_ascii_is_estimated_a_token_a_character() -> None:
 
 def test_two_usages_together_add_every_count_and_keep_the_tier_told() -> None:
     """`plus` (a tool loop's turns streamed as one answer): every count adds up, the tier input
-    is the larger turn's, the service tier the later one's unless it does not say."""
+    is the larger turn's, the service tier the later one's unless it does not say; the cost is
+    the turn's that reported one, the other's tokens kept apart to be priced (`uncosted`)."""
     first = TokenUsage(
         input_tokens=300,
         output_tokens=10,
@@ -647,8 +648,10 @@ def test_two_usages_together_add_every_count_and_keep_the_tier_told() -> None:
         web_searches=3,
         tier_input_tokens=300,
         service_tier="priority",
+        uncosted=first,
     )
     assert second.plus(first).tier_input_tokens == 300  # the larger turn's, either way round
+    assert second.plus(first).uncosted == first
 
 
 def test_a_usage_of_completion_tokens_alone_or_input_audio_alone_is_read() -> None:

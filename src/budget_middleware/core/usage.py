@@ -56,6 +56,8 @@ class TokenUsage:
       Anthropic's `cache_creation_input_tokens`, OpenAI's `cache_write_tokens` (GPT-5.6 on).
     - `output_tokens`: generated tokens, reasoning included.
     - `cost`: `usage.cost` (USD) when the upstream reported one (OpenRouter, LiteLLM), else None.
+    - `uncosted`: of several usages added (`plus`) with a `cost`, those that reported none (a
+      tool loop's turn): their tokens are priced beside the cost; None when there are none.
     - `cache_write_1h_tokens`: the cache writes kept 1 hour, within `cache_write_tokens`
       (Anthropic's `cache_creation.ephemeral_1h_input_tokens`; priced at the 1-hour write rate).
     - `input_audio_tokens`, `output_audio_tokens`: the audio within `input_tokens` (not cached)
@@ -82,10 +84,19 @@ class TokenUsage:
     web_searches: int = 0
     tier_input_tokens: int = 0
     service_tier: str | None = None
+    uncosted: TokenUsage | None = None
 
     def plus(self, other: TokenUsage) -> TokenUsage:
-        """Two usages together (one answer that streams several messages, a tool loop's)."""
+        """Two usages together (one answer that streams several messages, a tool loop's). Of
+        those with a cost and those without, the cost is theirs and the others' tokens are kept
+        apart (`uncosted`), to be priced: a cost does not cover what it was not reported for."""
         costs = [c for c in (self.cost, other.cost) if c is not None]
+        uncosted = None
+        if costs:
+            for part in (self.uncosted if self.cost is not None else self,
+                         other.uncosted if other.cost is not None else other):  # fmt: skip
+                if part is not None:
+                    uncosted = part if uncosted is None else uncosted.plus(part)
         return TokenUsage(
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
@@ -101,6 +112,7 @@ class TokenUsage:
                 other.tier_input_tokens or other.input_tokens,
             ),
             other.service_tier or self.service_tier,
+            uncosted,
         )
 
     @property
@@ -241,6 +253,7 @@ def _with_compactions(found: TokenUsage, iterations: list[Any]) -> TokenUsage:
             if write and type(creation := entry.get("cache_creation")) is dict:
                 compaction.cache_write_1h_tokens = _count(creation.get("ephemeral_1h_input_tokens"))
             found = found.plus(compaction)
+    found.uncosted = None  # a cost it reported is the whole answer's, its compactions' too
     return found
 
 

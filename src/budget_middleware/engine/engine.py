@@ -38,7 +38,7 @@ from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
 from budget_middleware.engine.gate import Gate
 from budget_middleware.engine.hooks import Hook, Hooks
 from budget_middleware.engine.mounts import UNKNOWN, announce
-from budget_middleware.engine.portal import engines
+from budget_middleware.engine.portal import engines, settle_open_at_exit
 from budget_middleware.engine.prices import PriceBook
 from budget_middleware.engine.rounds import FailedRounds
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable, StoreSchemaError
@@ -466,6 +466,7 @@ class BudgetEngine:
         second Ctrl+C to uvicorn skips the lifespan's end, and with it the last flush)."""
         if os.getpid() != self._pid:
             return
+        settle_open_at_exit()  # (no background loop, whose exit does it first: by the first)
         if not (self._orphans or self.pending_records or self.pending_deltas):
             return
         loop = self.loop

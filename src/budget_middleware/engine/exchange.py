@@ -533,6 +533,10 @@ class Exchange:
             else:
                 assert usage is not None and usage.cost is not None
                 cost, source = charge_nanos(usage.cost), "usage"
+                if usage.uncosted is not None and self.price is not None:
+                    # The turns that reported no cost (a tool loop's, beside one that did):
+                    # their tokens' price.
+                    cost += cost_nanos(self._served_price(usage.uncosted), usage.uncosted)
             if self.price is not None and usage is not None and not estimated:
                 # Reported over what its tokens cost (a fee): for the next to reserve
                 self.reported_over = cost - cost_nanos(self._served_price(usage), usage)

@@ -498,20 +498,35 @@ def settle_before_exit(callback: Callable[[], None]) -> None:
     _before_exit.append(callback)
 
 
+_settled_open_in: int | None = None  # the process whose answers still open were settled
+
+
+def settle_open_at_exit() -> None:
+    """At exit, once a process: the answers still open, which nothing will end, settled by
+    their adapters (`settle_before_exit`) before the engines write what is pending. By the
+    background loop's exit (`_at_exit`), or, with none ever started (a script's `asyncio.run`
+    ran the engine), by the engines' own (`BudgetEngine._settle_at_exit`)."""
+    global _settled_open_in
+    if _settled_open_in == os.getpid():
+        return
+    _settled_open_in = os.getpid()
+    for callback in _before_exit:
+        try:
+            callback()
+        except Exception:
+            import logging
+
+            logging.getLogger("budget_middleware").exception(
+                "budget-middleware could not settle the answers still open at exit"
+            )
+
+
 def _at_exit() -> None:
     """At exit the interpreter has joined the threads it waits for; a server's daemon threads
     (waitress past its 5 s, `flask run`, `runserver`) may still serve answers no one will finish:
     the adapters settle those first, so that the last write holds their charges."""
     if _background_pid == os.getpid():
-        for callback in _before_exit:
-            try:
-                callback()
-            except Exception:
-                import logging
-
-                logging.getLogger("budget_middleware").exception(
-                    "budget-middleware could not settle the answers still open at exit"
-                )
+        settle_open_at_exit()
     shut_down_engines()
 
 
