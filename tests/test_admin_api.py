@@ -1613,3 +1613,20 @@ async def test_live_answers_show_a_rate_window_s_new_duration_before_its_next_re
             found[name] = (limit["request_current_usage"], limit["request_last_reset"])
     print("requests counted and window start, by answer:", found)
     assert found["live"] == found["store"]
+
+
+async def test_a_positive_max_limit_too_small_for_a_float_is_not_zero(
+    settings: BudgetSettings,
+) -> None:
+    """SPEC §6: a positive `max_limit` never becomes zero, however small. `1e-400` is a
+    positive JSON number that a float cannot hold (it reads as 0.0): it is the one nano-dollar
+    that `5e-324` is, not a $0 budget that refuses every request."""
+    async with admin_client(settings) as c:
+        limits = []
+        for written in ("5e-324", "1e-400"):
+            body = '{"name": "tiny-' + written + '", "budgets": [{"max_limit": ' + written + "}]}"
+            r = await c.post("/virtual-keys", content=body.encode(), headers=ADMIN)
+            assert r.status_code == 201, r.text
+            limits.append(r.json()["virtual_key"]["budgets"][0]["max_limit"])
+    print(f"max_limit 5e-324 and 1e-400 became {limits}")
+    assert limits[1] == limits[0] > 0

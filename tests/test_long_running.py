@@ -3,6 +3,7 @@ store holds, however many keys come and go (one a user, one a job)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -149,3 +150,49 @@ async def test_tags_a_client_makes_up_are_not_kept_with_its_key(make_settings: S
     print(f"limits kept resolved for the key after 200 requests of made-up tags: {resolved}")
     assert set(statuses["batch"]) == {402} and set(statuses["other"]) == {200}, statuses
     assert resolved <= 2  # with the `batch` tag, and without
+
+
+async def test_the_redis_keys_of_a_lifetime_budget_s_windows_reset_expire(
+    make_settings: Settings,
+) -> None:
+    """A budget that never resets (a prepaid amount), spent and reset through the admin API,
+    round after round: the windows a reset ended keep their Redis keys for the margin any
+    window's key has (late settlements), not for good; only the live window's (its key and
+    its seed record) are kept, until it is given a reset period its window has passed: the window
+    moves on, and ends. Kept, every reset and the change left two keys in Redis for ever."""
+    need_redis()
+    settings = make_settings(redis_url=REDIS_URL)
+    app = host_app(settings)
+    engine = engine_of(app)
+    prefix = unique_prefix()
+    use_prefix(engine, prefix)
+    resets = 5
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="prepaid", budgets=[{"max_limit": 10.0}])
+        budget_id = key.budgets[0].id
+        auth = {"authorization": f"Bearer {key.value}"}
+        statuses = []
+        for n in range(resets + 1):
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+            statuses.append(answer.status_code)
+            if n < resets:
+                await asyncio.to_thread(engine.manager.reset_budget, budget_id)
+        await engine.flush()
+        r = Redis.from_url(REDIS_URL, decode_responses=True)
+        for_good = [k for k in r.scan_iter(match=prefix + "*") if r.pttl(k) == -1]
+        # Given a reset period its last window has passed (a second), the window moves on (its
+        # usage carried over) and ends: none of its keys is kept for good.
+        await asyncio.sleep(1.1)
+        budget = {"id": budget_id, "max_limit": 10.0, "reset_duration": "1s"}
+        await asyncio.to_thread(engine.manager.update_virtual_key, key.id, budgets=[budget])
+        await engine.invalidate()
+        answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+        statuses.append(answer.status_code)
+        await engine.flush()
+        then = [k for k in r.scan_iter(match=prefix + "*") if r.pttl(k) == -1]
+        r.close()
+    delete_prefix(REDIS_URL, prefix)
+    print(f"after {resets} resets, keys Redis keeps for good: {len(for_good)} {for_good}")
+    print(f"given a reset period then: {len(then)} {then}")
+    assert set(statuses) == {200}
+    assert (len(for_good), then) == (2, [])

@@ -4966,3 +4966,34 @@ async def test_an_azure_client_s_own_deployment_is_the_model_charged(
           f"charged {charged}")  # fmt: skip
     assert charged == [("azure", "prod-chat", 3_500_000)]  # 1,000 in, 100 out at its price
     assert statuses == [200, 403] and len(sent) == 1
+
+
+async def test_a_stream_to_codestral_s_endpoint_is_mistral_s(engine: BudgetEngine) -> None:
+    """Codestral's own endpoint, `codestral.mistral.ai` (its own API key), is Mistral's API: a
+    stream there is not asked a field Mistral refuses (`stream_options`: 422), and its call is
+    Mistral's, charged its usage."""
+    seen: list[dict[str, Any]] = []
+    sdk = openai.AsyncOpenAI(
+        api_key="codestral-secret",
+        base_url="https://codestral.mistral.ai/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(_mistral(seen)), engine=engine)
+        ),
+    )
+    texts: list[str] = []
+    failed: list[int] = []
+    try:
+        stream = await sdk.chat.completions.create(
+            model="codestral-latest", messages=MESSAGES, stream=True
+        )
+        texts.append("".join([c.choices[0].delta.content or "" async for c in stream]))
+    except openai.APIStatusError as exc:
+        failed.append(exc.status_code)
+    await engine.flush()
+    rows = records(engine)
+    print(f"a stream to Codestral: answered {texts}, refused {failed}; charged",
+          [(r["provider"], r["outcome"], r["cost_nanos"]) for r in rows])  # fmt: skip
+    assert failed == [] and texts == ["Four."]
+    assert [(r["provider"], r["outcome"]) for r in rows] == [("mistral", "completed")]
+    assert rows[0]["cost_nanos"] > 0

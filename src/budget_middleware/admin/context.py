@@ -28,6 +28,7 @@ from budget_middleware.manage.schemas import (
     NUL_MESSAGE,
     RFC3339,
     TwiceGiven,
+    json_float,
     text_problem_in,
     to_utc,
     unique_keys,
@@ -251,7 +252,12 @@ class Call:
         if not raw.strip():
             raise Refused(invalid_param("body", "is required: a JSON object"))
         try:
-            data = json.loads(raw, parse_constant=_no_constant, object_pairs_hook=unique_keys)
+            data = json.loads(
+                raw,
+                parse_constant=_no_constant,
+                parse_float=json_float,
+                object_pairs_hook=unique_keys,
+            )
         except RecursionError:
             raise Refused(invalid_param("body", "is nested too deeply")) from None
         except TwiceGiven as exc:

@@ -151,7 +151,9 @@ def _no_constant(name: str) -> Any:
 def _finite(text: str) -> float:
     """A JSON number as a float: one past a float's range (`1e400`) is refused, as `NaN` is:
     neither can be sent as JSON (`--url`: a traceback), nor is either a valid amount."""
-    value = float(text)
+    from budget_middleware.manage.schemas import json_float
+
+    value = json_float(text)
     if not math.isfinite(value):
         raise ValueError(f"{text} is out of the range of a number")
     return value

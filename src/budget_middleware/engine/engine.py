@@ -1045,10 +1045,12 @@ class BudgetEngine:
     def _reset_counter(self, kind: str, id: str) -> float:
         at = from_ts(self.clock()).timestamp()  # to the microsecond, as the store keeps it
         counter = self.registry.counter(kind, id)
+        was = None
         if counter is not None:
+            was = counter.start
             at = counter.reset(at, self.registry.ledger)
         if kind == "budget":
-            self.counters.reset_noted(id, at)
+            self.counters.reset_noted(id, at, was)
         return at
 
     # -- the ledger's way to the store ---------------------------------------------------

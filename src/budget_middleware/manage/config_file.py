@@ -79,6 +79,7 @@ from budget_middleware.manage.schemas import (
     TagPut,
     TeamCreate,
     VirtualKeyCreate,
+    json_float,
     text_problem_in,
     unique_keys,
 )
@@ -356,7 +357,7 @@ def _read(path: Path) -> _FileData:
     text = config_text(path)
     if path.suffix.lower() == ".json":
         try:
-            data: Any = json.loads(text, object_pairs_hook=unique_keys)
+            data: Any = json.loads(text, object_pairs_hook=unique_keys, parse_float=json_float)
             deep = not _json_depth_ok(data)
         except RecursionError:  # json recurses: deeper than its stack
             deep = True

@@ -68,6 +68,17 @@ class TwiceGiven(ValueError):
     """A JSON object names a key twice."""
 
 
+def json_float(text: str) -> float:
+    """A JSON number with a fraction or an exponent (`json.loads`'s `parse_float`): one too
+    small for a float (`1e-400`, which reads as 0.0) keeps its sign as the smallest float of
+    it, so that a positive amount written stays positive (SPEC §6: a positive `max_limit`
+    never becomes zero, however small) and a negative one is refused as negative."""
+    value = float(text)
+    if value == 0.0 and any(c in "123456789" for c in re.split("[eE]", text, maxsplit=1)[0]):
+        return math.copysign(5e-324, value)
+    return value
+
+
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object (`json.loads`'s `object_pairs_hook`), refused when it names a key twice:
     the last would silently win. Admin API bodies and config files alike."""

@@ -27,6 +27,7 @@ PROVIDER_HOSTS: Mapping[str, str] = {
     "*-aiplatform.googleapis.com": "vertex",
     "aiplatform.googleapis.com": "vertex",  # the global endpoint (`locations/global`)
     "api.mistral.ai": "mistral",
+    "codestral.mistral.ai": "mistral",  # Codestral's own endpoint (its own API key)
     "api.groq.com": "groq",
     "openrouter.ai": "openrouter",
     "api.deepseek.com": "deepseek",

@@ -59,9 +59,12 @@ class CounterBackend(ABC):
     def after_fork_in_child(self) -> None:  # noqa: B027 - optional hook
         """Forget the parent's connections (shared backends)."""
 
-    def reset_noted(self, budget_id: str, at: float) -> None:  # noqa: B027 - optional hook
-        """A budget was reset at `at` through this process (shared backends tell the others,
-        by `mark_now` on the loop or `marks_soon` from elsewhere)."""
+    def reset_noted(  # noqa: B027 - optional hook
+        self, budget_id: str, at: float, was: float | None = None
+    ) -> None:
+        """A budget was reset at `at` through this process, its live window here begun at
+        `was` (shared backends tell the others, by `mark_now` on the loop or `marks_soon` from
+        elsewhere)."""
 
     def terms_noted(self, carries: Sequence[Carry]) -> None:  # noqa: B027 - optional hook
         """New terms written through this process moved windows (`Carry`: budgets', rate

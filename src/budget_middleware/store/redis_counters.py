@@ -342,6 +342,7 @@ class RedisCounters(CounterBackend):
         self._beat: AsyncScript | None = None
         self._mark: AsyncScript | None = None
         self._carry: AsyncScript | None = None
+        self._expire: AsyncScript | None = None
         self._unadmit: AsyncScript | None = None
         self._instance = uuid.uuid4().hex  # its mark in Redis: there, Redis kept what we hold
         # Charged while Redis could not be reached, by window key: added to it when it is back.
@@ -371,6 +372,8 @@ class RedisCounters(CounterBackend):
         self._seeding: dict[str, asyncio.Future[None]] = {}  # one seed per key at a time
         # Budgets reset here whose mark Redis has not taken yet: mark key -> (moment, ttl_ms).
         self._marks: dict[str, tuple[float, int]] = {}
+        # The keys of windows left by resets and new terms, to expire with the marks' writing.
+        self._left: list[str] = []
         # Windows new terms moved, not carried in Redis yet (`terms_noted`), in order.
         self._carries: list[_Carrying] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -483,6 +486,7 @@ class RedisCounters(CounterBackend):
         self._beat = self.client.register_script(_script("heartbeat.lua"))
         self._mark = self.client.register_script(_script("mark_reset.lua"))
         self._carry = self.client.register_script(_script("carry.lua"))
+        self._expire = self.client.register_script(_script("expire_left.lua"))
         self._unadmit = self.client.register_script(_script("unadmit.lua"))
         self._loop = asyncio.get_running_loop()
         if not self._beaten:  # the mark, before anything is charged (once: a restart on
@@ -546,19 +550,22 @@ class RedisCounters(CounterBackend):
         expire after the margin any window's key has (late settlements), as one that ends
         does: kept for ever, every key made and deleted left two in Redis for good."""
         forgotten = await super().refresh()
-        client = self.client
         never = [self.window_key(c) for c in forgotten if c.end == FAR_FUTURE]
-        if never and client is not None and not self._backing_off():
-            margin = int(WINDOW_MARGIN_SECONDS * 1000)
+        if never and self.client is not None and not self._backing_off():
             try:
-                async with client.pipeline(transaction=False) as pipe:
-                    for key in never:
-                        pipe.pexpire(key, margin)
-                        pipe.pexpire(self._seed_record_key(key), margin)
-                    await pipe.execute()
+                await self._expire_left(never)
             except (RedisError, OSError) as exc:  # the next instance to forget them tries
                 self._failed(exc)
         return forgotten
+
+    async def _expire_left(self, keys: list[str]) -> None:
+        """The keys of windows left for good, and their seed records, expire after the margin
+        any window's key has (`expire_left.lua`): kept for ever (a window that never ends),
+        every lifetime budget deleted or reset, or given a reset period, left two in Redis
+        for good."""
+        if self._expire is not None:
+            keys = keys + [self._seed_record_key(key) for key in keys]
+            await self._expire(keys=keys, args=[int(WINDOW_MARGIN_SECONDS * 1000)])
 
     async def read_live(self, ids: Collection[str] | None = None) -> None:
         """Every instance's spend into the live copies here (`_told`), in one round trip: an
@@ -723,12 +730,16 @@ class RedisCounters(CounterBackend):
                 counter.pending -= before
                 self.ledger.sealed.append((counter.kind, counter.id, start, before))
 
-    def reset_noted(self, budget_id: str, at: float) -> None:
+    def reset_noted(self, budget_id: str, at: float, was: float | None = None) -> None:
         """A budget reset through this process (at `at`), for the other instances' admissions:
         its mark is written by `mark_now` or `marks_soon` (the reset's), else by the heartbeat
         or the next admission, and kept in Redis until every instance has read the budget
         again from the store."""
         key = mark_key(self.prefix, "budget", budget_id)
+        if was is not None and (left := _window_key(self.prefix, "budget", budget_id, was)) != (
+            _window_key(self.prefix, "budget", budget_id, at)
+        ):
+            self._left.append(left)
         known = self._marks.get(key)
         if known is None or known[0] < at:
             self._marks[key] = (at, mark_ttl_ms(self.settings))
@@ -769,7 +780,9 @@ class RedisCounters(CounterBackend):
         (`Carry`, `owner_limits.carried`): the usage carries over in Redis too (carry.lua, by
         `write_marks` on the loop now, or before the next admission or settlement), and the
         other instances move there at their next one."""
-        self._carries += _carrying(self.prefix, carries, self.clock())
+        carrying = _carrying(self.prefix, carries, self.clock())
+        self._carries += carrying
+        self._left += [c.old for c in carrying if c.old != c.new]
         loop = self._loop
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(self._write_marks_soon)
@@ -781,7 +794,8 @@ class RedisCounters(CounterBackend):
         counter.move_to(float(at), now, self.ledger, carried=how == "carried")
 
     async def write_marks(self) -> None:
-        """The resets' marks, and the carries of windows new terms moved (`_new_terms`)."""
+        """The resets' marks, and the carries of windows new terms moved (`_new_terms`); the
+        keys of the windows they left expire (`_expire_left`)."""
         if self._carries and self._carry is not None:
             carries, self._carries = self._carries, []
             keys, values = _carry_call(carries, mark_ttl_ms(self.settings))
@@ -792,19 +806,25 @@ class RedisCounters(CounterBackend):
                 # then leave them as they are).
                 self._carries[:0] = carries
                 raise
-        if self._mark is None or not self._marks:
-            return
-        marks, self._marks = self._marks, {}
-        args: list[Any] = []
-        for at, ttl_ms in marks.values():
-            args += [repr(at), ttl_ms]
-        try:
-            await self._mark(keys=list(marks), args=args)
-        except BaseException:
-            for key, mark in marks.items():  # still to write, unless a later reset replaced it
-                if key not in self._marks or self._marks[key][0] < mark[0]:
-                    self._marks[key] = mark
-            raise
+        if self._mark is not None and self._marks:
+            marks, self._marks = self._marks, {}
+            args: list[Any] = []
+            for at, ttl_ms in marks.values():
+                args += [repr(at), ttl_ms]
+            try:
+                await self._mark(keys=list(marks), args=args)
+            except BaseException:
+                for key, mark in marks.items():  # still to write, unless a later reset did
+                    if key not in self._marks or self._marks[key][0] < mark[0]:
+                        self._marks[key] = mark
+                raise
+        if self._left:  # the windows they left (a key kept for ever: one that never ends)
+            left, self._left = self._left, []
+            try:
+                await self._expire_left(left)
+            except BaseException:
+                self._left[:0] = left
+                raise
 
     # -- admission -----------------------------------------------------------------------
 
