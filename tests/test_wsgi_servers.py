@@ -330,7 +330,7 @@ def test_preloaded_workers_in_an_outage_take_back_only_their_own_batches(tmp_pat
 
 
 PRELOADED_APP = """
-import json, sys
+import json, sys, time
 sys.path.insert(0, {examples!r})
 from flask_app import create_app
 from budget_middleware import get_engine
@@ -345,7 +345,12 @@ def warm_up(key):
     assert answer.status_code == 200, answer.get_data()
 probe = engine.manager.create_virtual_key(name="probe", budgets=[{{"max_limit": 100}}])
 warm_up(probe)  # the engine starts in the master
-price = engine.registry.counter("budget", probe.budgets[0].id).value
+counter = engine.registry.counter("budget", probe.budgets[0].id)
+deadline = time.monotonic() + 20
+while not counter.value and time.monotonic() < deadline:
+    time.sleep(0.01)  # settled on the engine's loop, a moment after the answer
+price = counter.value
+assert price > 0, "the warm-up request was never charged"
 key = engine.manager.create_virtual_key(name="alice", budgets=[{{"max_limit": 30 * price / 1e9}}])
 warm_up(key)  # its counter held by the master, and written
 on_loop(engine, engine.flush)
