@@ -1692,3 +1692,36 @@ async def test_a_tool_loop_s_turn_without_a_reported_cost_is_charged_its_tokens(
     print(f"$0.01 reported + 2,000/1,000 tokens: charged {row.cost_nanos} n$, expected {want}")
     assert row.input_tokens == 3000
     assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize(
+    ("model", "maker"),
+    [
+        ("ft:o4-mini-2025-04-16:acme::B2x9", "openai"),
+        ("ft:gpt-4.1-mini-2025-04-14:acme:support:C3y0", "openai"),
+        ("ft:open-mistral-7b:587a6b29:20240514:7e773925", "mistral"),
+    ],
+)
+async def test_a_bare_fine_tune_is_its_base_model_s_provider_s(
+    make_settings: Settings, model: str, maker: str
+) -> None:
+    """A fine-tune is named `ft:<base>:<org>:…` (OpenAI's and Mistral's naming), and the catalog
+    lists few of them: a bare one's provider (SPEC §4, "from the pricing catalog") is its base
+    model's. It was Azure's for `ft:o4-mini…` (the catalog matched Azure's o4-mini by the
+    name's middle) and `unknown` for the others, so a key that may use only its maker was
+    refused `provider_not_allowed`, and the maker's provider budget never saw the requests."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="maker-only", provider_configs=[{"provider": maker}]
+        )
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat(model, max_tokens=10),
+            headers={"x-budget-key": key.value or ""},
+        )
+        rows = await records(engine)
+    print(f"{model}: {answer.status_code}, recorded as {[r.provider for r in rows]}")
+    assert answer.status_code == 200, answer.text
+    assert [(r.provider, r.model) for r in rows] == [(maker, model)]

@@ -492,14 +492,22 @@ class PriceBook:
 
     def guess_provider(self, model: str) -> str | None:
         """The provider that the catalog knows for a bare model name, else the one the pricing
-        file names it under (a model the catalog does not list): a file's price for another
-        provider's deployment of a listed model (`azure/gpt-4o`) is that provider's price,
-        not where every bare `gpt-4o` goes."""
+        file names it under (a model the catalog does not list); a fine-tune (`ft:<base>:…`)
+        is its base model's provider's. A file's price for another provider's deployment of a
+        listed model (`azure/gpt-4o`) is that provider's price, not where every bare `gpt-4o`
+        goes."""
         try:
             return self._guesses[model]
         except KeyError:
             pass
-        hit = _catalog_find("", model)
+        hit = None
+        if model[:3].lower() == "ft:":  # a fine-tune, `ft:<base>:<org>:…`: its base's maker
+            # (OpenAI's and Mistral's naming); the catalog lists few fine-tunes, and matched
+            # `ft:o4-mini:…` to Azure's o4-mini by its name's middle.
+            base = model[3:].partition(":")[0]
+            hit = _catalog_find("", base) if base else None
+        if hit is None:
+            hit = _catalog_find("", model)
         guess = hit[0].id if hit is not None else self._file_providers.get(model.lower())
         if len(self._guesses) >= _MAX_CACHED:
             self._guesses.clear()
