@@ -229,7 +229,7 @@ def test_wrong_types_and_negative_counts_count_as_zero_beside_a_readable_one() -
     when no input or output count can be read (nor a cost), no usage was reported: the answer
     is charged an estimate, marked so, never a silent 0."""
     usage = {
-        "prompt_tokens": "12",
+        "prompt_tokens": "twelve",
         "completion_tokens": 4,
         "prompt_tokens_details": None,
         "cost": "0.1",
@@ -238,12 +238,26 @@ def test_wrong_types_and_negative_counts_count_as_zero_beside_a_readable_one() -
     assert usage_from_mapping({"input_tokens": True, "output_tokens": 7.0}) == TokenUsage(0, 7)
     assert usage_from_mapping({"prompt_tokens": 0, "completion_tokens": 0}) == TokenUsage()
     unreadable = [
-        {"prompt_tokens": "12", "completion_tokens": -4, "cost": "0.1"},
+        {"prompt_tokens": "-12", "completion_tokens": -4, "cost": "0.1"},
         {"prompt_tokens": None, "completion_tokens": None, "total_tokens": 107},
         {"output_tokens": float("nan"), "cost": -1},
-        {"input_tokens": False, "output_tokens": "7"},
+        {"input_tokens": False, "output_tokens": "7.5"},
+        {"input_tokens": "", "output_tokens": " 7"},
+        {"input_tokens": "\uff17", "output_tokens": "1" * 19},  # a full-width 7; past 18 digits
     ]
-    assert [usage_from_mapping(u) for u in unreadable] == [None] * 4
+    assert [usage_from_mapping(u) for u in unreadable] == [None] * 6
+
+
+def test_a_count_written_as_digits_is_that_count() -> None:
+    """`"12"` is 12 tokens: a gateway that quotes its numbers was charged its prompt as 0
+    beside a readable output count (a whole prompt's tokens lost), or an estimate from the
+    answer's characters when every count was quoted."""
+    quoted = {"prompt_tokens": "1200", "completion_tokens": 40}
+    assert usage_from_mapping(quoted) == TokenUsage(1200, 40)
+    anthropic = {"input_tokens": "30", "output_tokens": "5", "cache_read_input_tokens": "100"}
+    assert usage_from_mapping(anthropic) == TokenUsage(130, 5, 100, 0)
+    responses = {"input_tokens": "7", "output_tokens": "3", "input_tokens_details": {}}
+    assert usage_from_mapping(responses) == TokenUsage(7, 3)
     assert usage_from_mapping({"prompt_tokens": None, "cost": 0.25}) == TokenUsage(cost=0.25)
 
 

@@ -121,10 +121,13 @@ class TokenUsage:
 
 
 def _count(value: object) -> int:
-    """A token count from JSON; anything that is not a non-negative number counts as 0."""
+    """A token count from JSON: a non-negative number, or one written as a string of digits
+    (`"12"`, as a gateway that quotes its numbers sends it); anything else counts as 0."""
     if type(value) is int:  # `type() is`, not isinstance: True is not a count
         return value if value > 0 else 0
     if type(value) is float and math.isfinite(value) and value > 0:
+        return int(value)
+    if type(value) is str and 0 < len(value) <= 18 and value.isascii() and value.isdigit():
         return int(value)
     return 0
 
