@@ -66,9 +66,13 @@ class ScriptedUpstream:
     """A raw ASGI app that streams fixed chunks, one per send, and can wait between them."""
 
     def __init__(
-        self, content_length: bool = False, content_type: bytes = b"text/event-stream"
+        self,
+        content_length: bool = False,
+        content_type: bytes = b"text/event-stream",
+        lax: bool = False,
     ) -> None:
         self.gate: asyncio.Event | None = None
+        self.lax = lax  # reads `include_usage` as pydantic's lax bool does: "true" is True
         self.seen_body: dict[str, Any] = {}
         self.content_length = content_length  # sent with the stream (a server that knows it)
         self.content_type = content_type
@@ -82,7 +86,8 @@ class ScriptedUpstream:
                     return
         message = await receive()
         self.seen_body = json.loads(message["body"])
-        asked = self.seen_body.get("stream_options", {}).get("include_usage") is True
+        asked = self.seen_body.get("stream_options", {}).get("include_usage")
+        asked = asked in (True, "true", 1) if self.lax else asked is True
         chunks = [*CHUNKS, USAGE_CHUNK, DONE] if asked else [*CHUNKS, DONE]
         headers = [(b"content-type", self.content_type)]
         if self.content_length:
@@ -149,6 +154,31 @@ async def test_a_stream_that_asked_for_usage_passes_byte_for_byte(make_settings:
         through = await call(app, body)
         direct = await call(upstream, body)
     assert through == direct == b"".join([*CHUNKS, USAGE_CHUNK, DONE])
+
+
+async def test_a_usage_chunk_asked_for_as_a_lax_reader_reads_the_flag_is_the_client_s(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """`"include_usage": "true"` is asked for by a host app that reads it as pydantic's lax
+    bool (a FastAPI request model) and streams the usage chunk: the client asked for that
+    chunk. It was rewritten to `true` as if the middleware had added it, and the chunk removed
+    on the way back: the client lost the usage it asked for."""
+    upstream = ScriptedUpstream(lax=True)
+    app = BudgetMiddleware(upstream, settings=make_settings(pricing_file=pricing_file))
+    seen = []
+    async with running(app):
+        for flag in ("true", 1):
+            body = chat(stream=True, stream_options={"include_usage": flag})
+            through = await call(app, body)
+            seen.append(upstream.seen_body["stream_options"])
+            direct = await call(upstream, body)
+            assert through == direct == b"".join([*CHUNKS, USAGE_CHUNK, DONE])
+        rows = await records(app.engine)
+    print(f"sent upstream: {seen}; charged: {[(r.input_tokens, r.output_tokens) for r in rows]}")
+    assert seen == [{"include_usage": "true"}, {"include_usage": 1}]  # as the client wrote it
+    assert [(r.input_tokens, r.output_tokens, r.cost_nanos) for r in rows] == [
+        (7, 3, cost_of(7, 3))
+    ] * 2
 
 
 async def test_the_usage_chunk_we_asked_for_is_removed_and_still_charged(

@@ -535,7 +535,7 @@ def _shaped(
         tier = tier_name(data[SPEED_FIELD])
     if PROMPT_FIELD in sized:
         choices *= _batch(data[PROMPT_FIELD])
-    background = BACKGROUND_FIELD in sized and _true(data[BACKGROUND_FIELD])
+    background = BACKGROUND_FIELD in sized and lax_true(data[BACKGROUND_FIELD])
     modalities = data.get(MODALITIES_FIELD)
     spoken = type(modalities) is list and "audio" in modalities
     stream = _streams(data)
@@ -547,7 +547,7 @@ def _shaped(
 _TRUE_TEXTS = frozenset(("1", "on", "t", "true", "y", "yes"))
 
 
-def _true(value: object) -> bool:
+def lax_true(value: object) -> bool:
     """Whether a flag is True as the host app may read it (pydantic's lax bool)."""
     if value is True:
         return True
@@ -559,9 +559,9 @@ def _true(value: object) -> bool:
 def _streams(data: dict[str, Any]) -> bool:
     """Whether the request asks for a stream as the host app reads it: `"stream": "true"`, `1`
     is the stream a lax reader serves (FastAPI's models, vLLM's), asked for its usage and read
-    as one. (`true`, `false` or none, the usual values, are told without `_true`.)"""
+    as one. (`true`, `false` or none, the usual values, are told without `lax_true`.)"""
     stream = data.get("stream")
-    return stream is True or (stream is not None and stream is not False and _true(stream))
+    return stream is True or (stream is not None and stream is not False and lax_true(stream))
 
 
 def _count(value: object) -> int | None:

@@ -23,7 +23,13 @@ from budget_middleware.answers import (
     unpriced_message,
 )
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
-from budget_middleware.core.identity import Credentials, Target, TargetResolver, plain_path
+from budget_middleware.core.identity import (
+    Credentials,
+    Target,
+    TargetResolver,
+    lax_true,
+    plain_path,
+)
 from budget_middleware.core.media import inline_image_tokens, may_reference, walk
 from budget_middleware.core.money import MAX_CHARGE_NANOS
 from budget_middleware.core.pricing import asked_prices, at_time, estimate_nanos
@@ -846,7 +852,9 @@ def body_to_send(exchange: Exchange) -> bytes | None:
         changed = True
     if exchange.ask_usage:
         options = parsed.get("stream_options")
-        asked = isinstance(options, dict) and options.get("include_usage") is True
+        # Asked as the host app reads the flag: `"true"` is asked too (pydantic's lax bool),
+        # and its usage chunk the client's, not one to remove.
+        asked = isinstance(options, dict) and lax_true(options.get("include_usage"))
         if options is None or (isinstance(options, dict) and not asked):  # else left as written
             parsed["stream_options"] = {**(options or {}), "include_usage": True}
             exchange.injected_usage = True
