@@ -4081,6 +4081,62 @@ async def test_an_error_answered_with_200_and_nothing_generated_costs_nothing(
     assert not charged[0][2]  # not an estimate: the error says what it cost
 
 
+@pytest.mark.parametrize("shape", ["anthropic", "openai"])
+async def test_a_stream_an_error_event_ends_after_output_is_recorded_an_upstream_error(
+    engine: BudgetEngine, shape: str
+) -> None:
+    """Output streamed, then the provider's error event (Anthropic's documented mid-stream
+    `overloaded_error`, an OpenAI-style gateway's `data: {"error": ...}`), status 200
+    throughout: the output is charged (an estimate: no usage came), and the record says the
+    upstream failed. It said `completed`, or `client_disconnected` where the SDK stops reading
+    at the event: an operator's failed calls hid among the rest."""
+    text_out = "The budget caps spend per key. " * 8
+    if shape == "anthropic":
+        start = {"type": "message_start", "message": {"id": "m", "type": "message",
+                 "role": "assistant", "model": "claude-sonnet-4", "content": [],
+                 "usage": {"input_tokens": 40, "output_tokens": 1}}}  # fmt: skip
+        delta = {"type": "content_block_delta", "index": 0,
+                 "delta": {"type": "text_delta", "text": text_out}}  # fmt: skip
+        events = [("message_start", start), ("content_block_delta", delta), ("error", _OVERLOADED)]
+        body = b"".join(
+            f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events
+        )
+        sdk: Any = anthropic.AsyncAnthropic(
+            api_key="sk-ant-secret",
+            base_url="https://api.anthropic.com",
+            max_retries=0,
+            http_client=httpx2.AsyncClient(
+                transport=BudgetTransport(_answers_200(body, "text/event-stream"), engine=engine)
+            ),
+        )
+        with pytest.raises(anthropic.APIStatusError):
+            stream = await sdk.messages.create(
+                model="claude-sonnet-4", max_tokens=500, messages=MESSAGES, stream=True
+            )
+            async for _ in stream:
+                pass
+    else:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
+                 "choices": [{"index": 0, "delta": {"content": text_out}}]}  # fmt: skip
+        error = {"error": {"code": 502, "message": "Provider returned error"}}
+        body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in (chunk, error))
+        sdk = _sdk(_answers_200(body + b"data: [DONE]\n\n", "text/event-stream"), engine)
+        with pytest.raises(openai.APIError):
+            stream = await sdk.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, max_tokens=500, stream=True
+            )
+            async for _ in stream:
+                pass
+    await engine.flush()
+    rows = records(engine)
+    recorded = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in rows]
+    print(f"{shape}: output, then an error event: recorded {recorded}")
+    assert [(r["outcome"], r["output_tokens"]) for r in rows] == [
+        ("upstream_error", (len(text_out) + 3) // 4)
+    ]
+    assert rows[0]["cost_nanos"] > 0
+
+
 # -- a hunt through the SDKs' own features (sdkfix) ----------------------------------------------
 
 _THREAD_MESSAGE = {

@@ -616,6 +616,11 @@ class Exchange:
         if cost > MAX_CHARGE_NANOS:
             cost = MAX_CHARGE_NANOS
             note = "cost over $1,000,000, charged $1,000,000"
+        if stream is not None and stream.failed and outcome != "upstream_error":
+            # An error event ended it, after output or before (status 200 all the same), and a
+            # client that left then left for it (an SDK raises at the event): the upstream
+            # failed, whatever it is charged.
+            outcome = "upstream_error"
         return self._record(outcome, inp, out, cached, cost, source, estimated, note)
 
     def _served_price(self, usage: TokenUsage) -> ModelPrice:
