@@ -2782,6 +2782,83 @@ def test_charges_of_a_process_pool_s_workers_are_written_when_they_exit(
     assert (count, total, usage) == (4, 4 * price, 4 * price)
 
 
+_BILLIARD_POOL = """
+import sys, time
+import billiard
+import httpx2
+from budget_middleware import BudgetSettings, BudgetSyncTransport, charge_to, get_engine
+
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+
+def provider(request):
+    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": USAGE})
+
+settings = BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600)
+body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+def job(key_id):
+    sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider), settings))
+    with charge_to(virtual_key_id=key_id):
+        answer = sync.post("https://api.openai.com/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+    return 1
+
+if __name__ == "__main__":
+    key = get_engine(settings).manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    calls, ends = int(sys.argv[2]), sys.argv[3]
+    if ends == "max_tasks_per_child":  # each worker leaves after its one task
+        pool = billiard.Pool(processes=2, maxtasksperchild=1)
+        assert sum(pool.map(job, [key.id] * calls)) == calls
+        pool.close()
+        pool.join()
+    elif ends == "close-join":  # a Celery-like warm shutdown: the workers end when idle
+        pool = billiard.Pool(processes=2)
+        assert sum(pool.map(job, [key.id] * calls)) == calls
+        pool.close()
+        pool.join()
+    elif ends == "terminate":  # the workers are sent SIGTERM once their calls are answered
+        pool = billiard.Pool(processes=2)
+        assert sum(pool.map(job, [key.id] * calls)) == calls
+        pool.terminate()
+        pool.join()
+    else:  # "process": a `billiard.Process` each, which leaves by `os._exit` too
+        processes = [billiard.Process(target=job, args=(key.id,)) for _ in range(calls)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+        assert [process.exitcode for process in processes] == [0] * calls
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ends", ["max_tasks_per_child", "close-join", "terminate", "process"])
+def test_charges_of_a_celery_prefork_pool_s_workers_are_written_when_they_exit(
+    tmp_path: Path, ends: str
+) -> None:
+    """Celery's prefork pool is `billiard`'s, whose workers end with `os._exit` from inside
+    their task loop: past `atexit` and past `multiprocessing`'s exit finalizers too. A worker
+    that leaves after its task (`max_tasks_per_child=1`), at a pool's close and join (a warm
+    shutdown) or at its `terminate` (SIGTERM, idle), and a `billiard.Process`, writes what it
+    charged all the same (before the fix: 0 of 20 calls written, $0, in each)."""
+    script = tmp_path / "billiard_pool.py"
+    script.write_text(_BILLIARD_POOL)
+    url = f"sqlite:///{tmp_path / 'billiard_pool.db'}"
+    calls = 20
+    subprocess.run([sys.executable, str(script), url, str(calls), ends], check=True, timeout=120)
+    store_engine = create_engine(url)
+    with store_engine.connect() as conn:
+        count, total = conn.execute(
+            text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
+        ).one()
+        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
+    store_engine.dispose()
+    print(f"{ends}: {calls} calls answered; written {count} records, ${total / 1e9:.4f};"
+          f" budget ${usage / 1e9:.4f}")  # fmt: skip
+    price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
+    assert (count, total, usage) == (calls, calls * price, calls * price)
+
+
 _DAEMON_STREAM = (
     _SCRIPT_START
     + """

@@ -171,6 +171,48 @@ def _exit_with_multiprocessing() -> None:
         from multiprocessing import util
 
         util.Finalize(None, _at_exit, exitpriority=0)
+    _exit_with_billiard()
+
+
+def _exit_with_billiard() -> None:
+    """In a process `billiard` started (Celery's prefork pool is billiard's), which
+    `multiprocessing.parent_process` does not know: `_at_exit` runs with billiard's exit
+    finalizers (a `billiard.Process` runs them, then leaves by `os._exit`), and, in a worker of
+    its pool, which leaves by `os._exit` from inside its task loop (past `atexit` and every
+    finalizer: `max_tasks_per_child`, a pool's close, `terminate`'s SIGTERM, a warm shutdown),
+    before the worker's own exit callback (Celery's `worker_process_shutdown`). Only where the
+    app imported billiard; the worker's callback is chained on this process's worker alone."""
+    process = sys.modules.get("billiard.process")
+    if process is None:
+        return
+    current = process.current_process()
+    if getattr(current, "_parent_pid", None) is None:  # billiard's main process
+        return
+    util = sys.modules.get("billiard.util")
+    multiprocessing_util = sys.modules.get("multiprocessing.util")
+    finalize = getattr(util, "Finalize", None)
+    if finalize is not None and (
+        finalize is not getattr(multiprocessing_util, "Finalize", None)
+        or sys.modules["multiprocessing"].parent_process() is None  # not registered above
+    ):
+        finalize(None, _at_exit, exitpriority=0)
+    pool = sys.modules.get("billiard.pool")
+    worker = getattr(current, "_target", None)
+    if pool is not None and isinstance(worker, pool.Worker):
+        worker.on_exit = _then(getattr(worker, "on_exit", None))
+
+
+def _then(on_exit: Callable[[int, int], object] | None) -> Callable[[int, int], None]:
+    """A billiard pool worker's exit callback: what is pending is written, then `on_exit`."""
+
+    def written_then(pid: int, exitcode: int) -> None:
+        try:
+            _at_exit()
+        finally:
+            if on_exit is not None:
+                on_exit(pid, exitcode)
+
+    return written_then
 
 
 def _refuse_green_threads() -> None:
