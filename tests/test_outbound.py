@@ -1370,9 +1370,12 @@ def _costs(engine: BudgetEngine) -> list[tuple[str, int, int]]:
 async def test_a_call_sent_and_never_answered_is_charged_what_it_sent(
     engine: BudgetEngine, lost: str
 ) -> None:
-    """The provider received the call, and its answer never came (a read timeout): it bills the
-    prompt, which is charged, estimated (it was free, and the budget never stopped the calls).
-    A call whose connection was never made reached no one: it costs nothing."""
+    """The provider received the call, and its answer never came (a read timeout): it may have
+    answered it whole (a provider finishes, and bills, a call its client gave up on), so the
+    most it could cost is charged, estimated, as an inbound request whose client left before
+    the app answered is. It was free, then its prompt alone (1,202,500 nano-dollars; now
+    2,202,500, with its 100 output tokens). A call whose connection was never made reached no
+    one: it costs nothing."""
 
     class Provider(httpx2.AsyncBaseTransport):
         received = 0
@@ -1401,6 +1404,7 @@ async def test_a_call_sent_and_never_answered_is_charged_what_it_sent(
         assert rows and all(outcome == "upstream_error" and cost > 0 and estimated
                             for outcome, cost, estimated in rows)  # fmt: skip
         assert Provider.received == len(rows) < 10  # the budget stopped them
+        assert {r["output_tokens"] for r in records(engine)} == {100}  # its max_tokens
     else:
         assert rows == [("upstream_error", 0, 0)] * 10
 

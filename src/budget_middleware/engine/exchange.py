@@ -123,7 +123,8 @@ class Exchange:
     ask_usage = False  # an OpenAI-style stream: asked for its usage (`gate.body_to_send`)
     injected_usage = False
     # An outbound call the provider received and never answered (a read timeout, a dropped
-    # connection): what it was sent is charged, estimated (SPEC §13).
+    # connection): as `left_unanswered`, the most it could have cost is charged, estimated (a
+    # provider finishes, and bills, a call its client gave up on).
     sent_unanswered = False
     # An inbound request whose client left before the app answered, and which the app then ended
     # with no answer (Django's ASGI handler cancels the view): the call was made, its answer is
@@ -574,6 +575,8 @@ class Exchange:
                         note = "a JSON body cut short or corrupt"
                 if self.left_unanswered and not self.body_sent:
                     note = "the client left before the app answered"
+                elif self.sent_unanswered and not self.response_started:
+                    note = "sent, and its answer never came"
                 if note is None and self.target.background:
                     # Made apart from this answer (queued, or a stream left): its result and
                     # usage are fetched by a GET, which is not metered. The most it may cost.

@@ -505,8 +505,8 @@ _UNSENT_STEPS = frozenset(
 def _sent(lib: ModuleType, exc: BaseException) -> bool:
     """Whether a call that failed before its answer's headers reached the provider: anything
     but a connection never made or a request never all written (a read timeout, a connection
-    dropped, a wait for the answer cancelled). The provider bills what it received: the prompt,
-    at least."""
+    dropped, a wait for the answer cancelled). The provider may have answered it whole: it is
+    charged the most it could cost."""
     if any(isinstance(exc, getattr(lib, name)) for name in _NOT_SENT if hasattr(lib, name)):
         return False
     return isinstance(exc, Exception) or not _stopped_unsent(exc)
