@@ -302,24 +302,14 @@ class BudgetMiddleware:
                 await _answer(send, self.gate.too_large(key))
                 return
             plain = decoded
-        gate = self.gate
-        if there is not None:  # decided and admitted on the engine's loop, settled there
+        if there is None:
+            admitted = await self.gate.decided_and_admitted(
+                plain, route_path(scope), credentials, key, started, shadowed
+            )
+        else:  # decided and admitted on the engine's loop, settled there
             admitted = await self._admitted_there(
                 there, plain, route_path(scope), credentials, key, started, shadowed
             )
-        else:
-            decision = gate.decide(plain, route_path(scope), credentials, key, started, shadowed)
-            if type(decision) is ErrorAnswer:
-                await _answer(send, decision)
-                return
-            if engine.in_process:
-                admitted = gate.admit_now(decision)  # type: ignore[arg-type]
-            else:
-                try:
-                    admitted = await gate.admit(decision)  # type: ignore[arg-type]
-                except ServiceUnavailable:
-                    await _answer(send, gate.unavailable_after(decision))  # type: ignore[arg-type]
-                    return
         if type(admitted) is ErrorAnswer:
             await _answer(send, admitted)
             return
