@@ -222,7 +222,7 @@ async def test_an_app_that_raises_gets_its_own_500_and_is_charged_nothing(
     "usage",
     [
         {"prompt_tokens": None, "completion_tokens": None, "total_tokens": 107},
-        {"prompt_tokens": "10", "completion_tokens": "7"},
+        {"prompt_tokens": "ten", "completion_tokens": "7.5"},  # ("10" is a count: 10)
     ],
     ids=["null-counts", "text-counts"],
 )
@@ -1725,3 +1725,32 @@ async def test_a_bare_fine_tune_is_its_base_model_s_provider_s(
     print(f"{model}: {answer.status_code}, recorded as {[r.provider for r in rows]}")
     assert answer.status_code == 200, answer.text
     assert [(r.provider, r.model) for r in rows] == [(maker, model)]
+
+
+async def test_a_fine_tune_the_pricing_file_names_under_a_provider_is_that_provider_s(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """A pricing file that prices a bare fine-tune under a provider (`acmecloud/ft:…`, where
+    the operator serves it) says where it goes: that provider, as for any model the catalog
+    does not list, not its base model's maker. It went to `openai` (its base's), and a key
+    that may use only `acmecloud` was refused 403 `provider_not_allowed`."""
+    model = "ft:gpt-4.1-mini-2025-04-14:acme:support:C3y0"
+    pricing = tmp_path / "fine_tunes.json"
+    prices = {"input_per_mtok": 1, "output_per_mtok": 2}
+    pricing.write_text(json.dumps({"models": {f"acmecloud/{model}": prices}}))
+    app = host_app(make_settings(pricing_file=pricing))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="acmecloud-only", provider_configs=[{"provider": "acmecloud"}]
+        )
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat(model, max_tokens=10),
+            headers={"x-budget-key": key.value or ""},
+        )
+        rows = await records(engine)
+    print(f"{answer.status_code}; recorded {[(r.provider, r.cost_nanos) for r in rows]}")
+    assert answer.status_code == 200, answer.text
+    assert [(r.provider, r.model) for r in rows] == [("acmecloud", model)]
+    assert rows[0].cost_nanos > 0

@@ -1409,6 +1409,41 @@ async def test_a_call_sent_and_never_answered_is_charged_what_it_sent(
         assert rows == [("upstream_error", 0, 0)] * 10
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_call_whose_answer_breaks_off_after_its_headers_alone_is_charged_its_most(
+    engine: BudgetEngine, stream: bool
+) -> None:
+    """Its headers came, and nothing of its answer before a read timeout (a stream of a model
+    that thinks before its first token, a server that sends its headers at once): the provider
+    received the call as one whose headers never came did, and is charged as it is, the most
+    it could cost (it was charged its prompt alone: 112,500 nano-dollars, where the same call
+    timed out a moment before its headers was charged 1,112,500)."""
+
+    class Nothing(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            raise httpx2.ReadTimeout("no answer in time")
+            yield b""  # (an async generator)
+
+    kind = "text/event-stream" if stream else "application/json"
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": kind}, stream=Nothing())
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    sdk = _sdk(httpx2.MockTransport(provider), engine)
+    with charge_to(virtual_key=key.value), pytest.raises((openai.APIError, httpx2.ReadTimeout)):
+        answer: Any = await sdk.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, max_tokens=100, stream=stream
+        )
+        async for _ in answer:
+            pass
+    await engine.flush()
+    rows = records(engine)
+    charged = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in rows]
+    print(f"stream={stream}: headers, then a read timeout: charged {charged}")
+    assert [(r["outcome"], r["output_tokens"]) for r in rows] == [("upstream_error", 100)]
+
+
 async def test_a_json_answer_given_up_after_its_first_chunk_is_read_for_its_usage(
     engine: BudgetEngine,
 ) -> None:

@@ -258,7 +258,42 @@ def test_a_count_written_as_digits_is_that_count() -> None:
     assert usage_from_mapping(anthropic) == TokenUsage(130, 5, 100, 0)
     responses = {"input_tokens": "7", "output_tokens": "3", "input_tokens_details": {}}
     assert usage_from_mapping(responses) == TokenUsage(7, 3)
+    most = {"prompt_tokens": "9" * 18, "completion_tokens": "0012"}  # 18 digits: the most read
+    assert usage_from_mapping(most) == TokenUsage(10**18 - 1, 12)
     assert usage_from_mapping({"prompt_tokens": None, "cost": 0.25}) == TokenUsage(cost=0.25)
+
+
+def test_a_quoted_total_counts_and_a_quoted_count_is_never_lowered_in_a_stream() -> None:
+    """Where every count is quoted, `total_tokens` is one too: the reasoning a total counts
+    beyond the input and output (Gemini's thoughts) is output, as with an unquoted total (it
+    was left out: 40 output tokens charged of 3,800). And a streamed Anthropic count never goes
+    down: a gateway's `message_delta` with `"input_tokens": "0"` kept `message_start`'s
+    `"1200"` (it was charged 0 input tokens)."""
+    from budget_middleware.core.sse import StreamMeter
+
+    quoted = {"prompt_tokens": "1200", "completion_tokens": "40", "total_tokens": "5000"}
+    plain = {"prompt_tokens": 1200, "completion_tokens": 40, "total_tokens": 5000}
+    responses = {"input_tokens": "1200", "output_tokens": "40", "total_tokens": "5000",
+                 "input_tokens_details": {}, "output_tokens_details": {}}  # fmt: skip
+    read = [usage_from_mapping(u) for u in (quoted, plain, responses)]
+    print(f"quoted total: {read[0]}; unquoted: {read[1]}")
+    assert read == [TokenUsage(1200, 3800)] * 3
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+    for later in ("0", 0):
+        meter = StreamMeter()
+        start = {"id": "m", "model": "claude-sonnet-4",
+                 "usage": {"input_tokens": "1200", "output_tokens": "1"}}  # fmt: skip
+        meter.feed(event("message_start", {"message": start}))
+        meter.feed(
+            event("message_delta", {"usage": {"input_tokens": later, "output_tokens": "62"}})
+        )
+        meter.feed(event("message_stop", {}))
+        meter.finish()
+        print(f'"1200", then {later!r}: {meter.usage}')
+        assert meter.usage == TokenUsage(1200, 62)
 
 
 def test_a_count_is_read_only_where_one_can_be() -> None:

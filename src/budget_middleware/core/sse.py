@@ -15,6 +15,7 @@ from budget_middleware.core.usage import (
     TokenUsage,
     generated_chars,
     json_loads,
+    quoted_count,
     text_size,
     tier_name,
     usage_from_mapping,
@@ -239,6 +240,8 @@ def _merge_counts(known: dict[str, Any], usage: dict[str, Any], depth: int) -> N
     for name, value in usage.items():
         if value is None:
             continue
+        if type(value) is str and (count := quoted_count(value)) is not None:
+            value = count  # quoted (`"1200"`): a count, which a later `"0"` does not lower
         old = known.get(name)
         if type(old) in _NUMBERS and type(value) in _NUMBERS and old > value:
             continue

@@ -127,9 +127,16 @@ def _count(value: object) -> int:
         return value if value > 0 else 0
     if type(value) is float and math.isfinite(value) and value > 0:
         return int(value)
-    if type(value) is str and 0 < len(value) <= 18 and value.isascii() and value.isdigit():
-        return int(value)
+    if type(value) is str:
+        return quoted_count(value) or 0
     return 0
+
+
+def quoted_count(value: str) -> int | None:
+    """A count written as a string of digits (`"12"`, up to 18 of them), else None."""
+    if 0 < len(value) <= 18 and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 _TICKS: Final = "cost_in_usd_ticks"
@@ -177,11 +184,16 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat/completions/embeddings
         # the usual values (non-negative ints) are taken as they are: this runs on every request
         prompt = usage.get("prompt_tokens")
+        total = usage.get("total_tokens")
         if type(prompt) is not int or prompt < 0:
             prompt = _count(prompt)
+            if type(total) is str:  # quoted, as its prompt count is
+                total = quoted_count(total)
         output = usage.get("completion_tokens")
         if type(output) is not int or output < 0:
             output = _count(output)
+            if type(total) is str:
+                total = quoted_count(total)
         details = usage.get("prompt_tokens_details")
         # LiteLLM-style bodies also carry Anthropic's cache fields, as subsets of prompt_tokens
         write = None
@@ -203,7 +215,6 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             write = 0
         elif type(write) is not int or write < 0:
             write = _count(write)
-        total = usage.get("total_tokens")
         if type(total) is int and total > prompt + output and (prompt or output):
             output += _reasoning_apart(usage, out_details, total - prompt - output)
         if (
@@ -267,6 +278,8 @@ def _input_output(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
     if details is not None:  # Responses API: input_tokens already counts the cached ones
         prompt = _count(usage.get("input_tokens"))
         total = usage.get("total_tokens")
+        if type(total) is str:  # quoted, as its other counts may be
+            total = quoted_count(total)
         out_details = usage.get("output_tokens_details")
         if type(total) is int and total > prompt + output and type(out_details) is dict:
             output += _reasoning_apart(usage, out_details, total - prompt - output)

@@ -123,8 +123,9 @@ class Exchange:
     ask_usage = False  # an OpenAI-style stream: asked for its usage (`gate.body_to_send`)
     injected_usage = False
     # An outbound call the provider received and never answered (a read timeout, a dropped
-    # connection): as `left_unanswered`, the most it could have cost is charged, estimated (a
-    # provider finishes, and bills, a call its client gave up on).
+    # connection), or whose answer broke off after its headers: as `left_unanswered`, with
+    # nothing of its answer read, the most it could have cost is charged, estimated (a provider
+    # finishes, and bills, a call its client gave up on).
     sent_unanswered = False
     # An inbound request whose client left before the app answered, and which the app then ended
     # with no answer (Django's ASGI handler cancels the view): the call was made, its answer is
@@ -575,7 +576,9 @@ class Exchange:
                         note = "a JSON body cut short or corrupt"
                 if self.left_unanswered and not self.body_sent:
                     note = "the client left before the app answered"
-                elif self.sent_unanswered and not self.response_started:
+                elif self.sent_unanswered and note is None and not seen:
+                    # (its headers alone came, as they may long before the answer: a stream
+                    # of a model that thinks first, a server that sends them at once)
                     note = "sent, and its answer never came"
                 if note is None and self.target.background:
                     # Made apart from this answer (queued, or a stream left): its result and

@@ -500,15 +500,19 @@ class PriceBook:
             return self._guesses[model]
         except KeyError:
             pass
-        hit = None
+        guess = hit = None
         if model[:3].lower() == "ft:":  # a fine-tune, `ft:<base>:<org>:…`: its base's maker
             # (OpenAI's and Mistral's naming); the catalog lists few fine-tunes, and matched
-            # `ft:o4-mini:…` to Azure's o4-mini by its name's middle.
+            # `ft:o4-mini:…` to Azure's o4-mini by its name's middle. But a pricing file that
+            # names the fine-tune itself under a provider says where it is served: that one.
+            guess = self._file_providers.get(model.lower())
             base = model[3:].partition(":")[0]
-            hit = _catalog_find("", base) if base else None
-        if hit is None:
-            hit = _catalog_find("", model)
-        guess = hit[0].id if hit is not None else self._file_providers.get(model.lower())
+            if guess is None and base:
+                hit = _catalog_find("", base)
+        if guess is None:
+            if hit is None:
+                hit = _catalog_find("", model)
+            guess = hit[0].id if hit is not None else self._file_providers.get(model.lower())
         if len(self._guesses) >= _MAX_CACHED:
             self._guesses.clear()
         self._guesses[model] = guess

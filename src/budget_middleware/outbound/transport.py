@@ -699,6 +699,9 @@ class _Metered:
             # bills all of it, and the rest cannot be read for its usage: charged its most.
             exchange.unreadable = exchange.unreadable or "its read was cancelled midway"
         if self.failed:
+            # Received, and its answer broke off: with nothing of it read (its headers alone),
+            # as one whose headers never came (`Exchange.sent_unanswered`).
+            exchange.sent_unanswered = True
             return "upstream_error"
         if exchange.status >= 400 and not self.cut:
             # The provider's error, closed unread: an SDK does so before it retries a streamed
