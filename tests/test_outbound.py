@@ -911,6 +911,92 @@ def test_charges_are_written_when_each_job_runs_its_own_event_loop(tmp_path: Pat
     assert (count, total, usage) == (4, 4 * price, 4 * price)
 
 
+_REDIS_JOBS = (
+    _SCRIPT_START
+    + """
+import json
+
+settings = BudgetSettings(database_url=sys.argv[1], redis_url=sys.argv[2],
+                          flush_interval_seconds=3600)
+get_engine(settings).counters.prefix = sys.argv[3]
+
+async def chunks():
+    for n in range(200):  # 200 words, one every 20 ms
+        choice = {"index": 0, "delta": {"content": "word "}}
+        yield ("data: " + json.dumps({"id": "c", "choices": [choice]}) + "\\n\\n").encode()
+        await asyncio.sleep(0.02)
+
+def streaming(request):
+    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=chunks())
+
+async def read(http, seen):
+    with charge_to(virtual_key_id=key.id):
+        request = http.build_request("POST", "https://api.openai.com/v1/chat/completions",
+                                     json={**body, "stream": True})
+        answer = await http.send(request, stream=True)
+        async for line in answer.aiter_lines():
+            seen.append(line)
+
+async def job():
+    if sys.argv[4] == "a call":
+        transport = BudgetTransport(httpx2.MockTransport(provider), settings)
+        async with httpx2.AsyncClient(transport=transport) as http:
+            with charge_to(virtual_key_id=key.id):
+                answer = await http.post("https://api.openai.com/v1/chat/completions", json=body)
+                assert answer.status_code == 200, answer.text
+    else:  # a task still reading a stream as `asyncio.run` ends: its settlement comes then
+        http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.MockTransport(streaming),
+                                                            settings))
+        seen = []
+        reading = asyncio.create_task(read(http, seen))
+        while len(seen) < 10 and not reading.done():
+            await asyncio.sleep(0.01)
+        assert not reading.done(), reading
+
+for _ in range(2):  # a worker's asyncio.run per job: each job's loop closes after it
+    asyncio.run(job())
+    gc.collect()  # what the loop left open is collected here, as in any later code of the script
+print("jobs done", flush=True)
+"""
+)
+
+
+@pytest.mark.parametrize("job", ["a call", "a stream read as the loop ends"])
+def test_a_script_s_asyncio_run_on_redis_leaves_no_connection_open(
+    tmp_path: Path, job: str
+) -> None:
+    """A script's `asyncio.run(main())` whose `BudgetTransport` counts in Redis, twice: each
+    loop's end closes the Redis connections opened on it, after the settlement of a stream a
+    task was reading (which `asyncio.run` cancels). Left open, the collector found them after the
+    loop had closed, and each warned (`ResourceWarning: unclosed Connection`, `loop is
+    closed` from its StreamWriter), in whatever code ran then: under `-W error` in a test
+    suite, a later, unrelated test failed on it."""
+    need_redis()
+    prefix = unique_prefix()
+    script = tmp_path / "redis_jobs.py"
+    script.write_text(_REDIS_JOBS)
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-X", "dev", "-W", "error::ResourceWarning", str(script), url,
+             REDIS_URL, prefix, job],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+    warned = [line for line in done.stderr.splitlines() if "ResourceWarning" in line]
+    print(f"{job}: exit {done.returncode}; {len(warned)} ResourceWarnings: {warned}")
+    assert done.returncode == 0 and "jobs done" in done.stdout, done.stderr
+    assert warned == [] and "loop is closed" not in done.stderr, done.stderr
+    store_engine = create_engine(url)
+    with store_engine.connect() as conn:
+        query = text("SELECT outcome FROM bm_usage_records ORDER BY id")
+        outcomes = [outcome for (outcome,) in conn.execute(query)]
+    store_engine.dispose()
+    print(f"{job}: charged {outcomes}")
+    assert outcomes == 2 * ["completed" if job == "a call" else "client_disconnected"]
+
+
 _KEPT_JOB = """
 kept = []
 

@@ -97,6 +97,10 @@ class CounterBackend(ABC):
         """The store's clock right after it committed the charges confirmed next (None: not
         known)."""
 
+    async def loop_ending(self) -> None:  # noqa: B027 - optional hook
+        """The engine's event loop ends without a shutdown (a script's `asyncio.run` returns):
+        close the connections opened on it (shared backends), keep what is owed."""
+
     def after_loop_closed(self) -> None:  # noqa: B027 - optional hook
         """The engine's event loop closed: forget its connections and tasks (shared backends),
         keep what is owed."""

@@ -453,6 +453,17 @@ class RedisCounters(CounterBackend):
         self._beaten = False
         self._beat_unanswered = False
 
+    async def loop_ending(self) -> None:
+        """The loop's connections closed as it ends, once the settlements under way are
+        answered (else owed, and added again); the next loop makes a pool of its own
+        (`after_loop_closed`), and what is owed is paid there or at exit."""
+        if self._paying:
+            await asyncio.gather(*self._paying, return_exceptions=True)
+        client = self.client
+        if client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await client.connection_pool.disconnect()
+
     def after_loop_closed(self) -> None:
         """The connections, the heartbeat and any seed under way were the closed loop's; debts
         stay owed."""
