@@ -640,7 +640,13 @@ async def test_charges_another_instance_had_not_written_survive_redis_restarting
                 assert b_first
                 seeded.set()
                 first = await asking
-            await asyncio.sleep(2.5)  # heartbeats (and A's flusher) go round
+            # Each heartbeat has found the loss (its mark gone: that beat marks it "0", and adds
+            # what it owes) and gone round again ("1"), however late a loaded loop runs them (a
+            # fixed 2.5 s, and B spent against its seed before A's beat had added the $0.50).
+            shared = redis.Redis.from_url(server.url)
+            marks = [one.counters._mark_key, two.counters._mark_key]
+            beaten = await until(lambda: [shared.get(m) for m in marks] == [b"1", b"1"], 30)
+            shared.close()
             admitted_b, code_b = await spend_until_refused(b, key)
             admitted_a, code_a = await spend_until_refused(a, key)
             stored = await written_spend(budget, one, two)
@@ -652,8 +658,100 @@ async def test_charges_another_instance_had_not_written_survive_redis_restarting
         f"{admitted_b} ({code_b}), A {admitted_a} ({code_a}); admitted {admitted} on a limit "
         f"of 100, overshoot {admitted - 100}; store holds ${stored / 1e9:.2f}"
     )
+    assert beaten, "a heartbeat never went round after the loss"
     assert stored == admitted * 10_000_000
     assert admitted == 100
+
+
+async def test_a_write_committed_before_another_s_seed_and_confirmed_after_is_added_once(
+    tmp_path: Path,
+) -> None:
+    """A spends $0.30 through Redis; its flusher writes them, and the store commits, but the
+    confirmation has not reached A's loop yet (a loaded machine runs the flusher's thread and
+    loop late). Redis restarts empty; B seeds the window from the store: $0.30 in it. A's
+    heartbeat finds its mark gone while the write is still unconfirmed: it took those $0.30 for
+    unwritten, in no seed, and added them again: $0.60 in Redis for $0.30 spent, and 70 admitted
+    in all on a limit of 100 (CI's by-the-flusher case admitted 84 so under load). It lets the
+    write under way be confirmed first (its moment, before the seed's read, places it there)."""
+    server = PrivateRedis()
+    server.start()
+    gate = threading.Event()
+    try:
+        async with serving_two(
+            tmp_path, server.url, flush_interval_seconds=3600, cache_ttl_seconds=3600
+        ) as (one, two, a, b):
+            key, budget = dollar_key(one)
+            await spend(a, key, 30)  # in Redis, not written
+            await one.counters.heartbeat()
+            clock = one.store.clock
+
+            def confirmed_late() -> float:  # the moment after the commit, read at once; the
+                at = clock()  # confirmation reaches the loop later
+                gate.wait(10)
+                return at
+
+            one.store.clock = confirmed_late  # type: ignore[method-assign]
+            writing = asyncio.create_task(one.flush())
+            committed = await until(lambda: stored_spend(two, budget) == 30 * CENT)
+            server.stop()
+            server.start()  # empty
+            first = await b.post("/v1/chat/completions", json=BODY, headers=auth(key))
+            beat = asyncio.create_task(one.counters.heartbeat())  # finds its mark gone
+            await asyncio.sleep(0.3)
+            gate.set()  # the write's confirmation arrives
+            await writing
+            await beat
+            one.store.clock = clock  # type: ignore[method-assign]
+            shared = redis.Redis.from_url(server.url)
+            windows = [k for k in shared.keys("*w:budget:*") if b":sv:" not in k]
+            held = [int(shared.get(k) or 0) for k in windows]
+            shared.close()
+            admitted_b, code_b = await spend_until_refused(b, key)
+            admitted_a, code_a = await spend_until_refused(a, key)
+            stored = await written_spend(budget, one, two)
+    finally:
+        gate.set()
+        server.stop()
+    admitted = 30 + (first.status_code == 200) + admitted_b + admitted_a
+    print(
+        f"committed before the restart: {committed}; Redis after A's heartbeat: "
+        f"{[f'${v / 1e9:.2f}' for v in held]} for $0.31 spent; then B {admitted_b} ({code_b}), "
+        f"A {admitted_a} ({code_a}): admitted {admitted} on a limit of 100; store holds "
+        f"${stored / 1e9:.2f}"
+    )
+    assert committed
+    assert held == [31 * CENT]
+    assert stored == admitted * CENT
+    assert admitted == 100
+
+
+async def test_a_write_s_moment_is_read_as_it_commits_not_when_the_loop_comes_back(
+    tmp_path: Path,
+) -> None:
+    """The moment a flush's write committed (what places it before or after another instance's
+    seed read the store) is read in the write's own thread: a loop that runs late after the
+    commit (0.3 s here, a loaded machine) made it 0.3 s late, and a write committed before a
+    seed's read looked committed after it (added to that seed again)."""
+    need_redis()
+    async with serving_two(tmp_path, REDIS_URL, flush_interval_seconds=3600) as (one, _, a, _b):
+        key, _ = dollar_key(one)
+        await spend(a, key, 1)
+        loop = asyncio.get_running_loop()
+        apply, moments = one.store.apply_flush, []
+
+        def then_a_late_loop(*args: Any) -> None:
+            apply(*args)
+            moments.append(one.store.clock())
+            loop.call_soon_threadsafe(time.sleep, 0.3)  # the loop busy as the write returns
+
+        one.store.apply_flush = then_a_late_loop  # type: ignore[method-assign]
+        await one.flush()
+        one.store.apply_flush = apply  # type: ignore[method-assign]
+        read = one.counters._commit_at
+    assert moments and read is not None
+    late = read - moments[0]
+    print(f"the write's moment read {late * 1000:.0f} ms after its commit")
+    assert late < 0.15
 
 
 async def test_what_an_instance_seeded_after_a_loss_is_told_by_the_seed_now_there(

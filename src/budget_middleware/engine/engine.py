@@ -1115,10 +1115,11 @@ class BudgetEngine:
                             return not self.rejects_to_save or await self._save_rejects()
                         self.unwritten.append(Batch(uuid.uuid4().hex, deltas, records))
                 batch = self.unwritten[0]
+                at: float | None = None  # the store's clock after the commit; None: unknown
+                read_at_commit = False
                 try:
-                    await anyio.to_thread.run_sync(
-                        self.store.apply_flush, batch.id, batch.deltas, batch.records
-                    )
+                    at = await anyio.to_thread.run_sync(self._write_batch, batch)
+                    read_at_commit = True
                 except BaseException as exc:  # cancelled too: nothing taken may be dropped
                     self.stats.flush_failures += 1
                     if not isinstance(exc, Exception):
@@ -1156,8 +1157,9 @@ class BudgetEngine:
                     self._unspill(batch.path)
                 self._transient_failures = 0
                 if batch.own:  # another engine's charges were never in this ledger
-                    at: float | None = None  # unknown: taken as late as can be
-                    if self.counters.wants_commit_time:
+                    if not read_at_commit and self.counters.wants_commit_time:
+                        # Applied by an earlier try (`_refused` found it): a moment read now
+                        # is after that commit too.
                         with contextlib.suppress(Exception):
                             at = await anyio.to_thread.run_sync(self.store.clock)
                     self.counters.committed_at(at)
@@ -1165,6 +1167,20 @@ class BudgetEngine:
                         ledger.confirmed(d.kind, d.id, d.start_ts, d.amount)
                 self.store_ok = True
                 self.stats.last_flush_at = self.clock()
+
+    def _write_batch(self, batch: Batch) -> float | None:
+        """Write a batch (in a worker thread); for the counters that want it, the store's clock
+        read right after the commit, in the same thread (None: unknown, taken as late as can
+        be). Read in a second hop to a thread, it came as late as a loaded machine ran that
+        hop: a write committed before another instance's seed read the store looked committed
+        after it, and was added to the seed again after an empty restart."""
+        self.store.apply_flush(batch.id, batch.deltas, batch.records)
+        if not (batch.own and self.counters.wants_commit_time):
+            return None
+        try:
+            return self.store.clock()
+        except Exception:
+            return None
 
     async def _spilled_batch(self) -> Batch | None:
         """The oldest batch waiting on disk that this process may write (its own, or a gone
