@@ -2853,9 +2853,10 @@ def test_charges_are_written_at_exit_when_the_script_s_loop_is_left_open(
     assert (count, total, usage) == (calls, calls * price, calls * price)
 
 
-_PROCESS_POOL = """
-import multiprocessing, sys
-from concurrent.futures import ProcessPoolExecutor
+# A worker's job in the pool scripts: one call through `BudgetSyncTransport`, flushed only at
+# exit (the store's URL is the script's first argument).
+_SYNC_JOB = """
+import sys
 import httpx2
 from budget_middleware import BudgetSettings, BudgetSyncTransport, charge_to, get_engine
 
@@ -2873,6 +2874,13 @@ def job(key_id):
         answer = sync.post("https://api.openai.com/v1/chat/completions", json=body)
         assert answer.status_code == 200, answer.text
     return 1
+"""
+
+_PROCESS_POOL = (
+    _SYNC_JOB
+    + """
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 if __name__ == "__main__":
     key = get_engine(settings).manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
@@ -2880,6 +2888,19 @@ if __name__ == "__main__":
     with ProcessPoolExecutor(2, mp_context=context) as pool:
         assert sum(pool.map(job, [key.id] * 4)) == 4
 """
+)
+
+
+def _written_by_the_pool(url: str) -> tuple[int, int, int]:
+    """(records, their sum, the budget's usage) in a pool script's store."""
+    store_engine = create_engine(url)
+    with store_engine.connect() as conn:
+        count, total = conn.execute(
+            text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
+        ).one()
+        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
+    store_engine.dispose()
+    return count, total, usage
 
 
 @pytest.mark.parametrize("start", ["fork", "forkserver", "spawn"])
@@ -2894,39 +2915,17 @@ def test_charges_of_a_process_pool_s_workers_are_written_when_they_exit(
     script.write_text(_PROCESS_POOL)
     url = f"sqlite:///{tmp_path / 'pool.db'}"
     subprocess.run([sys.executable, str(script), url, start], check=True, timeout=120)
-    store_engine = create_engine(url)
-    with store_engine.connect() as conn:
-        count, total = conn.execute(
-            text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
-        ).one()
-        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
-    store_engine.dispose()
+    count, total, usage = _written_by_the_pool(url)
     print(f"{start}: 4 calls answered; written {count} records, ${total / 1e9:.4f};"
           f" budget ${usage / 1e9:.4f}")  # fmt: skip
     price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
     assert (count, total, usage) == (4, 4 * price, 4 * price)
 
 
-_BILLIARD_POOL = """
-import sys, time
+_BILLIARD_POOL = (
+    _SYNC_JOB
+    + """
 import billiard
-import httpx2
-from budget_middleware import BudgetSettings, BudgetSyncTransport, charge_to, get_engine
-
-USAGE = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
-
-def provider(request):
-    return httpx2.Response(200, json={"model": "gpt-4o", "choices": [], "usage": USAGE})
-
-settings = BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600)
-body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-
-def job(key_id):
-    sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider), settings))
-    with charge_to(virtual_key_id=key_id):
-        answer = sync.post("https://api.openai.com/v1/chat/completions", json=body)
-        assert answer.status_code == 200, answer.text
-    return 1
 
 if __name__ == "__main__":
     key = get_engine(settings).manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
@@ -2954,6 +2953,7 @@ if __name__ == "__main__":
             process.join()
         assert [process.exitcode for process in processes] == [0] * calls
 """
+)
 
 
 @pytest.mark.slow
@@ -2971,13 +2971,7 @@ def test_charges_of_a_celery_prefork_pool_s_workers_are_written_when_they_exit(
     url = f"sqlite:///{tmp_path / 'billiard_pool.db'}"
     calls = 20
     subprocess.run([sys.executable, str(script), url, str(calls), ends], check=True, timeout=120)
-    store_engine = create_engine(url)
-    with store_engine.connect() as conn:
-        count, total = conn.execute(
-            text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
-        ).one()
-        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
-    store_engine.dispose()
+    count, total, usage = _written_by_the_pool(url)
     print(f"{ends}: {calls} calls answered; written {count} records, ${total / 1e9:.4f};"
           f" budget ${usage / 1e9:.4f}")  # fmt: skip
     price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
