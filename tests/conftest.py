@@ -20,9 +20,21 @@ from budget_middleware import BudgetSettings
 POSTGRES_BASE_URL = os.environ.get(
     "BUDGET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (a container's own): a pid means a process only within it."""
+    try:
+        return os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        return "0"
+
+
 # Each test run gets a database of its own, so that runs going on at once (several developers,
-# several checkouts) never drop each other's tables. It is dropped when the run ends.
-_RUN_DATABASE = f"bm_test_{os.getpid()}"
+# several checkouts, several containers on one PostgreSQL) never drop each other's tables. It is
+# dropped when the run ends; one a killed run left is dropped by the next run of its namespace.
+_RUN_PREFIX = f"bm_test_{_pid_namespace()}_"
+_RUN_DATABASE = f"{_RUN_PREFIX}{os.getpid()}"
 POSTGRES_URL = POSTGRES_BASE_URL.rsplit("/", 1)[0] + "/" + _RUN_DATABASE
 _run_database_made = False
 
@@ -43,7 +55,9 @@ def _make_run_database() -> None:
     with engine.connect() as conn:
         names = conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE 'bm_test_%'"))
         for (name,) in list(names):
-            pid = name.removeprefix("bm_test_")
+            if not name.startswith(_RUN_PREFIX):  # another namespace's: not this one's to judge
+                continue
+            pid = name.removeprefix(_RUN_PREFIX)
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():  # a killed run's
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         conn.execute(text(f'DROP DATABASE IF EXISTS "{_RUN_DATABASE}"'))
