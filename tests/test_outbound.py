@@ -911,6 +911,20 @@ def test_charges_are_written_when_each_job_runs_its_own_event_loop(tmp_path: Pat
     assert (count, total, usage) == (4, 4 * price, 4 * price)
 
 
+# A provider's slow stream for the scripts (200 words, one every 20 ms): `streaming`, a
+# `httpx2.MockTransport` handler (the script imports json, asyncio and httpx2).
+_SLOW_STREAM = """
+async def chunks():
+    for n in range(200):
+        choice = {"index": 0, "delta": {"content": "word "}}
+        yield ("data: " + json.dumps({"id": "c", "choices": [choice]}) + "\\n\\n").encode()
+        await asyncio.sleep(0.02)
+
+def streaming(request):
+    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=chunks())
+"""
+
+
 _REDIS_JOBS = (
     _SCRIPT_START
     + """
@@ -920,15 +934,9 @@ settings = BudgetSettings(database_url=sys.argv[1], redis_url=sys.argv[2],
                           flush_interval_seconds=3600)
 get_engine(settings).counters.prefix = sys.argv[3]
 
-async def chunks():
-    for n in range(200):  # 200 words, one every 20 ms
-        choice = {"index": 0, "delta": {"content": "word "}}
-        yield ("data: " + json.dumps({"id": "c", "choices": [choice]}) + "\\n\\n").encode()
-        await asyncio.sleep(0.02)
-
-def streaming(request):
-    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=chunks())
-
+"""
+    + _SLOW_STREAM
+    + """
 async def read(http, seen):
     with charge_to(virtual_key_id=key.id):
         request = http.build_request("POST", "https://api.openai.com/v1/chat/completions",
@@ -3050,15 +3058,9 @@ _ASYNC_OPEN_STREAM = (
     + """
 import json, openai
 
-async def chunks():
-    for n in range(200):  # 200 words, one every 20 ms
-        choice = {"index": 0, "delta": {"content": "word "}}
-        yield ("data: " + json.dumps({"id": "c", "choices": [choice]}) + "\\n\\n").encode()
-        await asyncio.sleep(0.02)
-
-def streaming(request):
-    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=chunks())
-
+"""
+    + _SLOW_STREAM
+    + """
 http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.MockTransport(streaming), settings))
 sdk = openai.AsyncOpenAI(api_key="sk-provider", base_url="https://api.openai.com/v1",
                          http_client=http, max_retries=0)
