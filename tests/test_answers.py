@@ -631,3 +631,67 @@ async def test_the_usage_after_an_event_over_16_mib_is_read_and_ours_dropped(
     assert len(answer.content) > 16 << 20  # the event passed on, as it came
     assert (row.input_tokens, row.output_tokens, row.estimated) == (10, 5000, False)
     assert empty == 0
+
+
+# -- a usage that reports nothing was made -------------------------------------------------
+
+_NOTHING = {
+    "openai": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    "anthropic": {"input_tokens": 0, "output_tokens": 0},
+}
+
+
+def _answer(shape: str, text: str, usage: dict[str, Any]) -> bytes:
+    if shape == "anthropic":
+        return json.dumps({"type": "message", "content": [{"type": "text", "text": text}],
+                           "usage": usage}).encode()  # fmt: skip
+    message = {"role": "assistant", "content": text}
+    return json.dumps({"choices": [{"index": 0, "message": message}], "usage": usage}).encode()
+
+
+@pytest.mark.parametrize("shape", sorted(_NOTHING))
+async def test_a_usage_of_0_tokens_beside_an_answer_is_charged_what_the_answer_shows(
+    settings: BudgetSettings, shape: str
+) -> None:
+    """An upstream (a broken gateway, a proxy that zeroes what it does not know) reports 0
+    tokens in and 0 out beside 2,000 characters it generated: it was charged $0, so a budget
+    never moved however much it served. No prompt is 0 tokens: such a usage reports nothing,
+    and the answer is estimated as one without usage is (SPEC §7), and says so."""
+    text = "word " * 400
+    request = {"model": "openai/gpt-4o", "max_tokens": 1000,
+               "messages": [{"role": "user", "content": "say a word " * 40}]}  # fmt: skip
+    row = await charged(settings, JSON, [_answer(shape, text, _NOTHING[shape])], request)
+    assert (row.output_tokens, row.estimated) == (500, True)
+    assert row.input_tokens > 0 and row.cost_nanos == cost(row.input_tokens, 500)
+    assert row.note is not None and "0 tokens" in row.note
+
+
+async def test_a_stream_whose_usage_reports_0_tokens_is_charged_its_text(
+    settings: BudgetSettings,
+) -> None:
+    """The same in a stream's last chunk, after 2,000 characters: $0 before."""
+    chunks = [chunk("word " * 40) for _ in range(10)]
+    chunks += [chunk(None, _NOTHING["openai"]), b"data: [DONE]\n\n"]
+    row = await charged(settings, SSE, chunks, STREAM_REQUEST)
+    assert (row.output_tokens, row.estimated) == (500, True)
+    assert row.input_tokens > 0 and row.cost_nanos == cost(row.input_tokens, 500)
+
+
+async def test_a_stream_that_reports_0_tokens_first_is_charged_its_prompt_with_its_text(
+    settings: BudgetSettings,
+) -> None:
+    """A server that opens its stream with a usage of 0 (its counts so far) and never reports
+    again: the text after it was counted, its prompt was 0 tokens."""
+    chunks = [chunk("a", _NOTHING["openai"])] + [chunk("word " * 40) for _ in range(10)]
+    chunks.append(b"data: [DONE]\n\n")
+    row = await charged(settings, SSE, chunks, STREAM_REQUEST)
+    assert row.estimated and row.output_tokens == (2_001 + 3) // 4
+    assert row.input_tokens > 0 and row.cost_nanos == cost(row.input_tokens, row.output_tokens)
+
+
+async def test_a_usage_of_0_tokens_with_a_cost_is_that_cost(settings: BudgetSettings) -> None:
+    """A gateway that says what the answer cost (`usage.cost`, a free model's $0) is believed:
+    the rule above is for counts that say nothing, not for a price the gateway states."""
+    usage = {**_NOTHING["openai"], "cost": 0.0}
+    row = await charged(settings, JSON, [_answer("openai", "word " * 400, usage)])
+    assert (row.cost_nanos, row.estimated, row.output_tokens) == (0, False, 0)

@@ -474,8 +474,12 @@ class Exchange:
                 streamed = stream.streamed_output()
                 if streamed <= usage.output_tokens:
                     return usage
-                self.estimated = True
-                return replace(usage, output_tokens=streamed)
+                self.estimated = True  # (a prompt of 0 tokens is none reported: see below)
+                return replace(
+                    usage,
+                    input_tokens=usage.input_tokens or self.prompt_tokens,
+                    output_tokens=streamed,
+                )
             # Cut before its end: Anthropic reported its input at the start, but the output so
             # far is only in the streamed text. A completion after the last usage that reported
             # none of its own (`unreported`): its prompt too, beside those before it.
@@ -524,6 +528,13 @@ class Exchange:
     def _work_out(self, outcome: str) -> UsageRecord:
         """Work out the cost: the request's usage record (what it costs, what it counts)."""
         usage = self._usage()  # what could be read: all of it, or a stream's up to a bad byte
+        nothing = False
+        if usage is not None and not usage.input_tokens and not usage.output_tokens:
+            # 0 tokens in and out, no cost: no prompt is 0 tokens, so it reports nothing (a
+            # gateway's zeroed counts), and is estimated as an answer without usage is
+            nothing = usage.cost is None
+            if nothing:
+                usage = None
         estimated = self.estimated
         note = self.unreadable
         stream = self.stream
@@ -593,7 +604,8 @@ class Exchange:
                     spoken = output if self.target.spoken else 0  # speech: at the audio price
                 else:
                     output = (seen + 3) // 4
-                    note = note or "no usage in the response"
+                    if note is None:
+                        note = "a usage of 0 tokens" if nothing else "no usage in the response"
                     # speech, counted by its transcript: at the audio price; the rest (a tool
                     # call's arguments) at the text price
                     spoken = min(output, (said + 3) // 4) if self.target.spoken else 0
