@@ -1005,6 +1005,90 @@ def test_a_script_s_asyncio_run_on_redis_leaves_no_connection_open(
     assert outcomes == 2 * ["completed" if job == "a call" else "client_disconnected"]
 
 
+# A job whose task, cancelled as `asyncio.run` ends, takes a moment before it closes the
+# stream it was reading (its settlement after the flusher's last flush), then its client, and
+# with it the engine, dropped (`sys.argv[2]`: "memory" or a Redis URL).
+_SETTLED_AS_THE_LOOP_ENDS = (
+    _SCRIPT_START
+    + """
+import json
+
+if sys.argv[2] != "memory":
+    settings = BudgetSettings(database_url=sys.argv[1], redis_url=sys.argv[2],
+                              flush_interval_seconds=3600)
+    get_engine(settings).counters.prefix = sys.argv[3]
+"""
+    + _SLOW_STREAM
+    + """
+async def job():
+    http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.MockTransport(streaming),
+                                                        settings))
+    seen = []
+
+    async def read():
+        with charge_to(virtual_key_id=key.id):
+            request = http.build_request("POST", "https://api.openai.com/v1/chat/completions",
+                                         json={**body, "stream": True})
+            answer = await http.send(request, stream=True)
+            try:
+                async for line in answer.aiter_lines():
+                    seen.append(line)
+                    if len(seen) == 10:
+                        await asyncio.sleep(30)  # cancelled here by `asyncio.run`
+            finally:  # its own cleanup first, then the close
+                await asyncio.sleep(0.2)
+                await answer.aclose()
+
+    reading = asyncio.create_task(read())
+    while len(seen) < 10 and not reading.done():
+        await asyncio.sleep(0.01)
+    assert not reading.done(), reading
+
+for _ in range(2):
+    asyncio.run(job())
+    gc.collect()  # the job's client is gone, and the engine it alone held
+print("jobs done", flush=True)
+"""
+)
+
+
+@pytest.mark.parametrize("counters", ["memory", "redis"])
+def test_a_stream_settled_as_its_loop_ends_is_written_though_its_engine_is_dropped(
+    tmp_path: Path, counters: str
+) -> None:
+    """A script's `asyncio.run(job())` per job, each job's client its own `BudgetTransport`: a
+    task reading a stream as the loop ends is cancelled, and closes the stream after the
+    engine's flusher made its last flush. Its charge was left pending in the engine, which
+    only the job's client held: dropped with it, the charge was never written (under load, 1
+    in 10 of the Redis script above lost a job's record). Each loop's end writes what its
+    cancelled tasks settled."""
+    prefix = unique_prefix()
+    if counters == "redis":
+        need_redis()
+    script = tmp_path / "loop_ends.py"
+    script.write_text(_SETTLED_AS_THE_LOOP_ENDS)
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    where = REDIS_URL if counters == "redis" else "memory"
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), url, where, prefix],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        if counters == "redis":
+            delete_prefix(REDIS_URL, prefix)
+    assert done.returncode == 0 and "jobs done" in done.stdout, done.stderr
+    store_engine = create_engine(url)
+    with store_engine.connect() as conn:
+        query = text("SELECT outcome, cost_nanos FROM bm_usage_records ORDER BY id")
+        rows = [tuple(row) for row in conn.execute(query)]
+        spent = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
+    store_engine.dispose()
+    print(f"{counters}: written {rows}; the budget holds {spent}")
+    assert [outcome for outcome, _ in rows] == 2 * ["client_disconnected"]
+    assert all(cost > 0 for _, cost in rows) and spent == sum(cost for _, cost in rows)
+
+
 _KEPT_JOB = """
 kept = []
 

@@ -262,7 +262,7 @@ class BudgetEngine:
         # sent to a loop that may never run it again (it is taken out when it runs there).
         self._orphans: dict[int, tuple[Exchange, Callable[[], str | None]]] = {}
         self._settles_at_exit = False
-        self._keeps_orphans = False
+        self._held_for_exit = False
         self.forked_at = 0.0  # perf_counter() at a fork: what was admitted before is the parent's
         self._pid = os.getpid()
         self._reloading: asyncio.Future[None] | None = None  # the reload under way
@@ -448,8 +448,14 @@ class BudgetEngine:
         """An answer dropped while no loop runs this engine: the next `ensure_started` settles
         it, or, if none comes, the process's exit (its charge written then)."""
         self._orphans[id(exchange)] = (exchange, outcome)
-        if not self._keeps_orphans:  # held by the exit: the answer's holder may go before it
-            self._keeps_orphans = True
+        self.held_for_exit()  # the answer's holder may go before it
+
+    def held_for_exit(self) -> None:
+        """Kept alive by the process's exit, which settles and writes what it holds then (once
+        per engine): its adapters, which otherwise keep it, may go before (`engines` holds it
+        weakly)."""
+        if not self._held_for_exit:
+            self._held_for_exit = True
             atexit.register(self._settle_at_exit)
 
     def write_at_exit(self) -> None:
@@ -470,7 +476,9 @@ class BudgetEngine:
         if os.getpid() != self._pid:
             return
         settle_open_at_exit()  # (no background loop, whose exit does it first: by the first)
-        if not (self._orphans or self.pending_records or self.pending_deltas):
+        if not (
+            self._orphans or self.pending_records or self.pending_deltas or self.counters.owes()
+        ):
             return
         loop = self.loop
         run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
@@ -672,8 +680,16 @@ class BudgetEngine:
         try:
             yield
         finally:
+            if self.started and (self.pending_records or self.pending_deltas):
+                # What the cancelled tasks settled after the flusher's last flush (a stream a
+                # task was reading, closed in its cleanup): written while the loop runs, as the
+                # engine may go with the job's last client, and what it held with it.
+                with contextlib.suppress(Exception):
+                    await self.flush()
             with contextlib.suppress(Exception):
                 await self.counters.loop_ending()
+            if self.pending_records or self.pending_deltas or self.counters.owes():
+                self.held_for_exit()  # not written (the store down), or owed to Redis
 
     async def _flush_loop(self) -> None:
         try:

@@ -101,6 +101,11 @@ class CounterBackend(ABC):
         """The engine's event loop ends without a shutdown (a script's `asyncio.run` returns):
         close the connections opened on it (shared backends), keep what is owed."""
 
+    def owes(self) -> bool:
+        """Whether it holds charges the shared counters lack (paid on the next loop, or at
+        exit): none in process."""
+        return False
+
     def after_loop_closed(self) -> None:  # noqa: B027 - optional hook
         """The engine's event loop closed: forget its connections and tasks (shared backends),
         keep what is owed."""

@@ -465,6 +465,9 @@ class RedisCounters(CounterBackend):
             with contextlib.suppress(RedisError, OSError):
                 await client.connection_pool.disconnect()
 
+    def owes(self) -> bool:
+        return bool(self._owed or self._releases or self._unsure)
+
     def after_loop_closed(self) -> None:
         """The connections, the heartbeat and any seed under way were the closed loop's; debts
         stay owed."""
