@@ -695,3 +695,13 @@ async def test_a_usage_of_0_tokens_with_a_cost_is_that_cost(settings: BudgetSett
     usage = {**_NOTHING["openai"], "cost": 0.0}
     row = await charged(settings, JSON, [_answer("openai", "word " * 400, usage)])
     assert (row.cost_nanos, row.estimated, row.output_tokens) == (0, False, 0)
+
+
+async def test_a_usage_of_0_tokens_from_the_app_s_own_cache_is_free_when_it_says_so(
+    settings: BudgetSettings,
+) -> None:
+    """An app that answers from its own cache and zeroes the usage states the cost with
+    `x-budget-cost: 0` (README): that is believed, where the bare zeroes are estimated."""
+    body = _answer("openai", "word " * 400, _NOTHING["openai"])
+    row = await charged(settings, [*JSON, (b"x-budget-cost", b"0")], [body])
+    assert (row.cost_nanos, row.cost_source, row.estimated) == (0, "header", False)
