@@ -911,6 +911,64 @@ def test_charges_are_written_when_each_job_runs_its_own_event_loop(tmp_path: Pat
     assert (count, total, usage) == (4, 4 * price, 4 * price)
 
 
+# Each job on a loop of its own that is closed without its end (no `shutdown_asyncgens`: what
+# `run_until_complete` and `close` leave out), its client closed and dropped with it.
+_CLOSED_LOOPS = (
+    _SCRIPT_START
+    + """
+# spent by one call ($0.0035, over the $0.001 it reserves): no room for a second
+tight = get_engine(settings).manager.create_virtual_key(name="t", budgets=[{"max_limit": 0.003}])
+statuses = []
+
+async def job(payer):
+    transport = BudgetTransport(httpx2.MockTransport(provider), settings)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key_id=payer.id):
+            answer = await http.post("https://api.openai.com/v1/chat/completions",
+                                     json={**body, "max_tokens": 100})
+            statuses.append(answer.status_code)
+
+for payer in (key, key, tight, tight):
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(job(payer))
+    loop.close()
+    gc.collect()  # the job's client is gone, and the engine it alone held
+print("jobs done", statuses, flush=True)
+"""
+)
+
+
+def test_charges_of_jobs_on_loops_closed_without_their_end_are_written_at_exit(
+    tmp_path: Path,
+) -> None:
+    """A script that runs each job with `loop.run_until_complete(job())` then `loop.close()`,
+    its client made and closed in the job: the loop's end never comes (no task cancelled, no
+    async generator closed), the flusher's next round never runs, and the engine, held by the
+    job's client alone, was collected with both charges: 2 calls answered, 0 records and $0
+    on the budget. An engine collected while it holds charges is kept for the exit's write,
+    and stays its settings' engine: the next job's new engine would have admitted on the
+    store's spend without them (a budget with room for one call admitted two)."""
+    script = tmp_path / "closed_loops.py"
+    script.write_text(_CLOSED_LOOPS)
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    done = subprocess.run(
+        [sys.executable, str(script), url], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "jobs done" in done.stdout, done.stderr
+    store_engine = create_engine(url)
+    with store_engine.connect() as conn:
+        count, total = conn.execute(
+            text("SELECT count(*), sum(cost_nanos) FROM bm_usage_records")
+        ).one()
+        query = "SELECT current_usage_nanos FROM bm_budgets ORDER BY max_limit_nanos DESC"
+        usage = [spent for (spent,) in conn.execute(text(query))]
+    store_engine.dispose()
+    print(f"{done.stdout.strip()}; written: {count} records, {total} nUSD; budgets: {usage}")
+    price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
+    assert "[200, 200, 200, 402]" in done.stdout
+    assert (count, total, usage) == (3, 3 * price, [2 * price, price])
+
+
 # A provider's slow stream for the scripts (200 words, one every 20 ms): `streaming`, a
 # `httpx2.MockTransport` handler (the script imports json, asyncio and httpx2).
 _SLOW_STREAM = """

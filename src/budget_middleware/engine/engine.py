@@ -450,6 +450,24 @@ class BudgetEngine:
         self._orphans[id(exchange)] = (exchange, outcome)
         self.held_for_exit()  # the answer's holder may go before it
 
+    def __del__(self) -> None:
+        """Collected while it holds charges it never wrote: its loop closed without its end (a
+        script's `run_until_complete` then `close`: no task cancelled, no last flush) and the
+        job's client, which alone held it (`engines` holds it weakly), dropped. Kept alive,
+        from here, for the exit's write: the charges are not lost with it."""
+        try:
+            if os.getpid() == self._pid and (
+                self._orphans or self.pending_records or self.pending_deltas or self.counters.owes()
+            ):
+                self.held_for_exit()
+                # And the engine of its settings again, unless another is already: a new one
+                # would admit on the store's spend, without these charges, until the exit.
+                key = self.settings.cache_key()
+                if _engines.get(key) is None:
+                    _engines[key] = self
+        except Exception:  # (made in part: its constructor failed; the interpreter ending)
+            pass
+
     def held_for_exit(self) -> None:
         """Kept alive by the process's exit, which settles and writes what it holds then (once
         per engine): its adapters, which otherwise keep it, may go before (`engines` holds it
