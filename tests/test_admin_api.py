@@ -1630,3 +1630,32 @@ async def test_a_positive_max_limit_too_small_for_a_float_is_not_zero(
             limits.append(r.json()["virtual_key"]["budgets"][0]["max_limit"])
     print(f"max_limit 5e-324 and 1e-400 became {limits}")
     assert limits[1] == limits[0] > 0
+
+
+async def test_a_budget_given_by_its_id_may_leave_its_limit_out(settings: BudgetSettings) -> None:
+    """README: a budget given with its `id` "changes only the terms it gives". Its duration
+    alone (`{"id": ..., "reset_duration": "1h"}`, as Bifrost's update takes either field) was
+    refused, 422 `max_limit: Field required`; it keeps its limit, to the nano-dollar, and its
+    usage. A budget without its id still needs its limit, and a null limit is no limit."""
+    async with admin_client(settings) as c:
+        budget = {"max_limit": 0.000000003, "reset_duration": "1d"}
+        body = {"name": "research", "budgets": [budget]}
+        team = (await c.post("/teams", json=body, headers=ADMIN)).json()["team"]
+        daily = team["budgets"][0]
+        update = {"budgets": [{"id": daily["id"], "reset_duration": "1h"}]}
+        r = await c.put(f"/teams/{team['id']}", json=update, headers=ADMIN)
+        print("its duration alone:", r.status_code, r.json())
+        assert r.status_code == 200, r.text
+        after = r.json()["team"]["budgets"]
+        assert [(b["id"], b["max_limit"], b["reset_duration"]) for b in after] == [
+            (daily["id"], 3e-9, "1h")
+        ]
+        without = {"budgets": [{"reset_duration": "1w"}]}
+        r = await c.put(f"/teams/{team['id']}", json=without, headers=ADMIN)
+        assert r.status_code == 422 and "max_limit is required" in r.text, r.text
+        null = {"budgets": [{"id": daily["id"], "max_limit": None}]}
+        r = await c.put(f"/teams/{team['id']}", json=null, headers=ADMIN)
+        assert r.status_code == 422 and "not null" in r.text, r.text
+        unknown = {"budgets": [{"id": "nope", "reset_duration": "1h"}]}
+        r = await c.put(f"/teams/{team['id']}", json=unknown, headers=ADMIN)
+        assert r.status_code == 404, r.text

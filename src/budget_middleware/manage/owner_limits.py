@@ -209,7 +209,7 @@ def write_budgets(
 
 # What a budget matched by its id keeps of its terms when the update leaves them out (its
 # `calendar_aligned` left out is its owner's, as ever: an update may change the owner's).
-_KEPT_TERMS = ("reset_duration", "soft", "alert_thresholds")
+_KEPT_TERMS = ("reset_duration", "soft", "alert_thresholds")  # and its limit: `_write_budget`
 
 
 def _completed(budget: BudgetIn, row: BudgetRow | None) -> BudgetIn:
@@ -253,7 +253,8 @@ def _write_budget(
     aligned = calendar_aligned if aligned is None else aligned
     if not created:
         _new_terms(row, "", budget.reset_duration, aligned)
-    row.max_limit_nanos = limit_nanos(budget.max_limit)
+    if budget.max_limit is not None:  # (None: matched by its id, and its limit kept)
+        row.max_limit_nanos = limit_nanos(budget.max_limit)
     row.reset_duration = budget.reset_duration
     row.calendar_aligned = aligned
     row.soft = budget.soft

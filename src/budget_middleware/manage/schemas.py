@@ -335,12 +335,34 @@ class _Body(BaseModel):
 # -- limits ------------------------------------------------------------------------------
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    """A field's JSON Schema without its Python default (None, which is no JSON value of it)."""
+    schema.pop("default", None)
+
+
 class BudgetIn(_Body):
     """A budget as written through its owner. `id` (or else `reset_duration`) matches an existing
     budget of the owner on update, which then keeps its usage."""
 
+    # JSON Schema: `max_limit` (never null), unless the budget is given by its id.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["max_limit"]},
+                {"required": ["id"], "properties": {"id": {"type": "string"}}},
+            ]
+        }
+    )
+
     id: str | None = None
-    max_limit: Usd = Field(description="USD, at most 1e9")
+    max_limit: Annotated[
+        Usd | None, WithJsonSchema({"type": "number", "minimum": 0, "maximum": 1e9})
+    ] = Field(
+        default=None,
+        description="USD, at most 1e9; required, except in an update of a budget given by its "
+        "id (left out: kept)",
+        json_schema_extra=_no_default,  # (never null)
+    )
     reset_duration: DurationText | None = Field(
         default=None, description="<n>s|m|h|d|w|M|Q|Y, or null: never resets"
     )
@@ -363,10 +385,22 @@ class BudgetIn(_Body):
 
     @field_validator("max_limit")
     @classmethod
-    def _finite(cls, value: float) -> float:
+    def _finite(cls, value: float | None) -> float | None:
+        if value is None:
+            raise ValueError("must be an amount of USD, not null")
         if not math.isfinite(value) or value > 1e9:
             raise ValueError("must be a finite amount of USD, at most 1e9")
         return value
+
+    @model_validator(mode="after")
+    def _limited(self) -> BudgetIn:
+        # Only a budget matched by its id keeps a limit it is not given (`_completed`).
+        if self.max_limit is None and self.id is None:
+            raise ValueError(
+                "max_limit is required, except to change the other terms of a budget given "
+                "by its id"
+            )
+        return self
 
     @field_validator("reset_duration")
     @classmethod
