@@ -725,6 +725,72 @@ async def test_a_write_committed_before_another_s_seed_and_confirmed_after_is_ad
     assert admitted == 100
 
 
+async def test_debts_the_flusher_writes_before_the_seed_reads_the_store_are_added_once(
+    tmp_path: Path,
+) -> None:
+    """A spends $0.30 through Redis, not written yet; Redis restarts empty. A's heartbeat finds
+    its mark gone and owes the $0.30 (unwritten, in no key); paying them, it finds the window
+    key gone and seeds it from the store, leaving out its debts, which it adds after. Its
+    flusher writes the $0.30 after the seed took what was unwritten and before it read the
+    store (a loaded machine runs the seed's thread late): the seed held them, and the payment
+    added them again: $0.60 in Redis for $0.30 spent, 70 admitted in all on a limit of 100 (the
+    by-the-flusher case above admitted 66 so under load). The charges the store confirms
+    while a seed reads it, committed before its read, are taken off what it holds."""
+    server = PrivateRedis()
+    server.start()
+    gate, entered = threading.Event(), threading.Event()
+    try:
+        async with serving_two(
+            tmp_path, server.url, flush_interval_seconds=3600, cache_ttl_seconds=3600
+        ) as (one, two, a, b):
+            key, budget = dollar_key(one)
+            await spend(a, key, 30)  # in Redis, not written
+            await one.counters.heartbeat()
+            server.stop()
+            server.start()  # empty
+            for engine in (one, two):  # their connections from before the restart let go
+                with contextlib.suppress(RedisError):
+                    await engine.counters.client.ping()  # type: ignore[union-attr]
+            clock = one.store.clock
+
+            def read_late() -> float:  # the seed's moment before its read, on a late thread
+                if not entered.is_set():
+                    entered.set()
+                    gate.wait(10)
+                return clock()
+
+            one.store.clock = read_late  # type: ignore[method-assign]
+            beat = asyncio.create_task(one.counters.heartbeat())  # owes the $0.30, seeds
+            seeding = await until(entered.is_set)
+            await one.flush()  # the $0.30 committed before the seed reads the store
+            committed = stored_spend(two, budget)
+            gate.set()
+            await beat
+            one.store.clock = clock  # type: ignore[method-assign]
+            shared = redis.Redis.from_url(server.url)
+            windows = [k for k in shared.keys("*w:budget:*") if b":sv:" not in k]
+            held = [int(shared.get(k) or 0) for k in windows]
+            shared.close()
+            admitted_b, code_b = await spend_until_refused(b, key)
+            admitted_a, code_a = await spend_until_refused(a, key)
+            stored = await written_spend(budget, one, two)
+    finally:
+        gate.set()
+        server.stop()
+    admitted = 30 + admitted_b + admitted_a
+    print(
+        f"written while A's seed read: ${committed / 1e9:.2f}; Redis after A's heartbeat: "
+        f"{[f'${v / 1e9:.2f}' for v in held]} for $0.30 spent; then B {admitted_b} ({code_b}), "
+        f"A {admitted_a} ({code_a}): admitted {admitted} on a limit of 100; store holds "
+        f"${stored / 1e9:.2f}"
+    )
+    assert seeding
+    assert committed == 30 * CENT
+    assert held == [30 * CENT]
+    assert stored == admitted * CENT
+    assert admitted == 100
+
+
 async def test_a_write_s_moment_is_read_as_it_commits_not_when_the_loop_comes_back(
     tmp_path: Path,
 ) -> None:

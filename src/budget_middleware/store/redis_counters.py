@@ -353,6 +353,9 @@ class RedisCounters(CounterBackend):
         self._tracks: dict[str, _Track] = {}
         self._commit_at: float | None = None  # the store's clock after the write confirmed
         self._write_came: asyncio.Event | None = None  # a heartbeat waits for a write under way
+        # Per seed reading the store, the charges of its windows the store confirmed meanwhile:
+        # window -> [(the store's clock after the commit, amount)] (`_seed_now`).
+        self._seeds_reading: list[dict[tuple[str, str, float], list[tuple[float, int]]]] = []
         # Per counter, this instance's charges in its ledger that its own calls will add to
         # Redis (a settlement under way, a debt): a seed leaves them out, so that each is added
         # once, by its own call, whoever seeds the key.
@@ -476,6 +479,7 @@ class RedisCounters(CounterBackend):
         self._beating = False  # (a beat the closed loop cut: its `finally` never ran)
         self._write_came = None
         self._seeding.clear()
+        self._seeds_reading.clear()  # (the closed loop's seeds: their `finally` never ran)
         self._paying.clear()
 
     async def start(self) -> None:
@@ -666,6 +670,10 @@ class RedisCounters(CounterBackend):
         write taken before the last beat may commit after another instance's seed."""
         window = (kind, id, start)
         at = float("inf") if self._commit_at is None else self._commit_at
+        for confirming in self._seeds_reading:
+            during = confirming.get(window)
+            if during is not None:
+                during.append((at, amount))
         chunks = self._written.get(window)
         if chunks is None:
             self._written[window] = [[at, amount]]
@@ -1048,8 +1056,9 @@ class RedisCounters(CounterBackend):
             seed.exception()  # retrieved: those who wait are told by their await
 
     async def _seed_now(self, missing: list[_Entry], now: float) -> None:
-        # What this instance has not written is taken before the store is read: a charge
-        # written in between is then counted twice at worst (limits tighten), never lost.
+        # What this instance has not written is taken before the store is read, and the
+        # charges the store confirms meanwhile are watched (`_confirmed`): one committed before
+        # the read is in what it sees, and taken off once (`late` below).
         transit = self._transit
         mine = [
             entry.counter.unwritten(self.ledger) - transit.get(entry.counter, 0)
@@ -1057,6 +1066,23 @@ class RedisCounters(CounterBackend):
             else 0
             for entry in missing
         ]
+        windows = [(e.counter.kind, e.counter.id, e.counter.start) for e in missing if e.counter]
+        confirming: dict[tuple[str, str, float], list[tuple[float, int]]] = {
+            window: [] for window in windows
+        }
+        self._seeds_reading.append(confirming)
+        try:
+            await self._read_and_seed(missing, now, mine, confirming)
+        finally:
+            self._seeds_reading.remove(confirming)
+
+    async def _read_and_seed(
+        self,
+        missing: list[_Entry],
+        now: float,
+        mine: list[int],
+        confirming: dict[tuple[str, str, float], list[tuple[float, int]]],
+    ) -> None:
         budget_ids = [e.counter.id for e in missing if e.counter and e.kind in "bs"]
         rate_ids = [e.counter.id for e in missing if e.counter and e.kind not in "bs"]
 
@@ -1071,6 +1097,10 @@ class RedisCounters(CounterBackend):
         except Exception as exc:
             self.on_store_failed(exc)
             raise _StoreDown from exc
+        # A write under way may have committed before the read: its confirmation (with the
+        # moment it committed) tells so.
+        if confirming:
+            await self._writes_confirmed(confirming)
         keys: list[str] = []
         args: list[Any] = []
         moved = False
@@ -1117,9 +1147,16 @@ class RedisCounters(CounterBackend):
                 moved = True
                 continue
             value = stored if counter.start <= reset_at < counter.end else 0
-            # Our own charges of this window not yet in the store: Redis lost them too.
+            # Our own charges of this window not yet in the store: Redis lost them too. Those
+            # the store committed after they were taken and before it was read are in `value`
+            # already: unwritten then, or in transit (a debt, a settlement), which their own
+            # calls add. Counted again, the debts a heartbeat owed after an empty restart and
+            # the flusher wrote before this seed read the store were added twice: Redis $0.60
+            # for $0.30 spent, 70 admitted on a limit of 100.
+            window = (counter.kind, counter.id, counter.start)
+            late = sum(amount for at, amount in confirming.get(window, ()) if at < read_at)
             keys.append(entry.keys[0])
-            args += [max(value + unwritten, 0), self._ttl_ms(counter, now)]
+            args += [max(value - min(late, value) + unwritten, 0), self._ttl_ms(counter, now)]
         assert self._seed is not None
         if keys:
             records = [self._seed_record_key(k) for k in keys]
@@ -1967,21 +2004,28 @@ class RedisCounters(CounterBackend):
             await self._pay_debts_whole()
         self._recovered()
 
-    async def _writes_confirmed(self) -> None:
+    async def _writes_confirmed(self, windows: Collection[tuple[str, str, float]] = ()) -> None:
         """After a loss, a write the flusher has under way (taken, not confirmed yet) is let
         come back before the heartbeat weighs: the store may have committed it before another
         instance's seed read the store, so that seed holds it, and only its confirmation (with
         the moment it committed) tells so. Weighed before, it counted as unwritten, in no seed,
         and was added again ($0.30 written just before an empty restart, confirmed late on a
-        loaded loop: $0.61 in Redis for $0.31 spent, 70 admitted on a limit of 100). Bounded
-        by a beat interval: a write that hangs or fails (the store away) is weighed as
-        unwritten, twice at worst."""
+        loaded loop: $0.61 in Redis for $0.31 spent, 70 admitted on a limit of 100). A seed
+        of ours waits so for a write of its `windows` (`_seed_now`). Bounded by a beat
+        interval: a write that hangs or fails (the store away) is weighed as unwritten, twice
+        at worst."""
         deadline = time.monotonic() + self._beat_interval
-        while self.ledger.unconfirmed:
+        while (
+            any(w in self.ledger.unconfirmed for w in windows)
+            if windows
+            else self.ledger.unconfirmed
+        ):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            came = self._write_came = asyncio.Event()  # set by `committed_at`
+            came = self._write_came  # set by `committed_at`, for every waiter
+            if came is None or came.is_set():
+                came = self._write_came = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(came.wait(), left)
 
