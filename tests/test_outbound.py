@@ -870,6 +870,25 @@ key = get_engine(settings).manager.create_virtual_key(name="k", budgets=[{"max_l
 body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 """
 
+# What one call of `_SCRIPT_START`'s provider costs: 1,000 + 100 tokens of gpt-4o ($2.50 and
+# $10 a million).
+_CALL_NANOS = 1000 * 2500 + 100 * 10_000
+
+
+def _written(url: str) -> tuple[int, int, list[int]]:
+    """A script's store: its usage records, their sum, and each budget's usage (the largest
+    limit first)."""
+    store_engine = create_engine(url)
+    with store_engine.connect() as conn:
+        count, total = conn.execute(
+            text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
+        ).one()
+        query = "SELECT current_usage_nanos FROM bm_budgets ORDER BY max_limit_nanos DESC"
+        usage = [spent for (spent,) in conn.execute(text(query))]
+    store_engine.dispose()
+    return count, total, usage
+
+
 _JOBS = (
     _SCRIPT_START
     + """
@@ -899,16 +918,9 @@ def test_charges_are_written_when_each_job_runs_its_own_event_loop(tmp_path: Pat
     script.write_text(_JOBS)
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     subprocess.run([sys.executable, str(script), url], check=True, timeout=120)
-    store_engine = create_engine(url)
-    with store_engine.connect() as conn:
-        count, total = conn.execute(
-            text("SELECT count(*), sum(cost_nanos) FROM bm_usage_records")
-        ).one()
-        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
-    store_engine.dispose()
+    count, total, (usage,) = _written(url)
     print(f"written: {count} records, ${total / 1e9:.4f}; the budget holds ${usage / 1e9:.4f}")
-    price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
-    assert (count, total, usage) == (4, 4 * price, 4 * price)
+    assert (count, total, usage) == (4, 4 * _CALL_NANOS, 4 * _CALL_NANOS)
 
 
 # Each job on a loop of its own that is closed without its end (no `shutdown_asyncgens`: what
@@ -955,18 +967,10 @@ def test_charges_of_jobs_on_loops_closed_without_their_end_are_written_at_exit(
         [sys.executable, str(script), url], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "jobs done" in done.stdout, done.stderr
-    store_engine = create_engine(url)
-    with store_engine.connect() as conn:
-        count, total = conn.execute(
-            text("SELECT count(*), sum(cost_nanos) FROM bm_usage_records")
-        ).one()
-        query = "SELECT current_usage_nanos FROM bm_budgets ORDER BY max_limit_nanos DESC"
-        usage = [spent for (spent,) in conn.execute(text(query))]
-    store_engine.dispose()
+    count, total, usage = _written(url)
     print(f"{done.stdout.strip()}; written: {count} records, {total} nUSD; budgets: {usage}")
-    price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
     assert "[200, 200, 200, 402]" in done.stdout
-    assert (count, total, usage) == (3, 3 * price, [2 * price, price])
+    assert (count, total, usage) == (3, 3 * _CALL_NANOS, [2 * _CALL_NANOS, _CALL_NANOS])
 
 
 # A provider's slow stream for the scripts (200 words, one every 20 ms): `streaming`, a
@@ -2990,17 +2994,10 @@ def test_charges_are_written_at_exit_when_the_script_s_loop_is_left_open(
         subprocess.run([sys.executable, str(script), url, then], check=True, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("the script did not end in 60 s: a call waited for a loop that never runs")
-    store_engine = create_engine(url)
-    with store_engine.connect() as conn:
-        count, total = conn.execute(
-            text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
-        ).one()
-        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
-    store_engine.dispose()
+    count, total, (usage,) = _written(url)
     print(f"{then}: written {count} records, ${total / 1e9:.4f}; budget ${usage / 1e9:.4f}")
     calls = 3 if then == "exit" else 4
-    price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
-    assert (count, total, usage) == (calls, calls * price, calls * price)
+    assert (count, total, usage) == (calls, calls * _CALL_NANOS, calls * _CALL_NANOS)
 
 
 # A worker's job in the pool scripts: one call through `BudgetSyncTransport`, flushed only at
@@ -3041,18 +3038,6 @@ if __name__ == "__main__":
 )
 
 
-def _written_by_the_pool(url: str) -> tuple[int, int, int]:
-    """(records, their sum, the budget's usage) in a pool script's store."""
-    store_engine = create_engine(url)
-    with store_engine.connect() as conn:
-        count, total = conn.execute(
-            text("SELECT count(*), coalesce(sum(cost_nanos), 0) FROM bm_usage_records")
-        ).one()
-        usage = conn.execute(text("SELECT current_usage_nanos FROM bm_budgets")).scalar_one()
-    store_engine.dispose()
-    return count, total, usage
-
-
 @pytest.mark.parametrize("start", ["fork", "forkserver", "spawn"])
 def test_charges_of_a_process_pool_s_workers_are_written_when_they_exit(
     tmp_path: Path, start: str
@@ -3065,11 +3050,10 @@ def test_charges_of_a_process_pool_s_workers_are_written_when_they_exit(
     script.write_text(_PROCESS_POOL)
     url = f"sqlite:///{tmp_path / 'pool.db'}"
     subprocess.run([sys.executable, str(script), url, start], check=True, timeout=120)
-    count, total, usage = _written_by_the_pool(url)
+    count, total, (usage,) = _written(url)
     print(f"{start}: 4 calls answered; written {count} records, ${total / 1e9:.4f};"
           f" budget ${usage / 1e9:.4f}")  # fmt: skip
-    price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
-    assert (count, total, usage) == (4, 4 * price, 4 * price)
+    assert (count, total, usage) == (4, 4 * _CALL_NANOS, 4 * _CALL_NANOS)
 
 
 _BILLIARD_POOL = (
@@ -3121,11 +3105,10 @@ def test_charges_of_a_celery_prefork_pool_s_workers_are_written_when_they_exit(
     url = f"sqlite:///{tmp_path / 'billiard_pool.db'}"
     calls = 20
     subprocess.run([sys.executable, str(script), url, str(calls), ends], check=True, timeout=120)
-    count, total, usage = _written_by_the_pool(url)
+    count, total, (usage,) = _written(url)
     print(f"{ends}: {calls} calls answered; written {count} records, ${total / 1e9:.4f};"
           f" budget ${usage / 1e9:.4f}")  # fmt: skip
-    price = 1000 * 2500 + 100 * 10_000  # gpt-4o: $2.50 / $10 a million tokens
-    assert (count, total, usage) == (calls, calls * price, calls * price)
+    assert (count, total, usage) == (calls, calls * _CALL_NANOS, calls * _CALL_NANOS)
 
 
 _DAEMON_STREAM = (

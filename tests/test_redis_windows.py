@@ -663,6 +663,30 @@ async def test_charges_another_instance_had_not_written_survive_redis_restarting
     assert admitted == 100
 
 
+async def _held_then_spent(
+    url: str,
+    key: str,
+    budget: str,
+    engines: tuple[BudgetEngine, BudgetEngine],
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+) -> tuple[list[int], int, int, str]:
+    """What Redis holds in the budget's window keys; then B, and A, spend until refused: what
+    Redis held, how many both admitted, the store's spend after, and the figures in words."""
+    shared = redis.Redis.from_url(url)
+    windows = [k for k in shared.keys("*w:budget:*") if b":sv:" not in k]
+    held = [int(shared.get(k) or 0) for k in windows]
+    shared.close()
+    a, b = clients
+    admitted_b, code_b = await spend_until_refused(b, key)
+    admitted_a, code_a = await spend_until_refused(a, key)
+    stored = await written_spend(budget, *engines)
+    said = (
+        f"Redis after A's heartbeat: {[f'${v / 1e9:.2f}' for v in held]}; then B {admitted_b} "
+        f"({code_b}), A {admitted_a} ({code_a}); store holds ${stored / 1e9:.2f}"
+    )
+    return held, admitted_b + admitted_a, stored, said
+
+
 async def test_a_write_committed_before_another_s_seed_and_confirmed_after_is_added_once(
     tmp_path: Path,
 ) -> None:
@@ -702,23 +726,15 @@ async def test_a_write_committed_before_another_s_seed_and_confirmed_after_is_ad
             await writing
             await beat
             one.store.clock = clock  # type: ignore[method-assign]
-            shared = redis.Redis.from_url(server.url)
-            windows = [k for k in shared.keys("*w:budget:*") if b":sv:" not in k]
-            held = [int(shared.get(k) or 0) for k in windows]
-            shared.close()
-            admitted_b, code_b = await spend_until_refused(b, key)
-            admitted_a, code_a = await spend_until_refused(a, key)
-            stored = await written_spend(budget, one, two)
+            held, after, stored, said = await _held_then_spent(
+                server.url, key, budget, (one, two), (a, b)
+            )
     finally:
         gate.set()
         server.stop()
-    admitted = 30 + (first.status_code == 200) + admitted_b + admitted_a
-    print(
-        f"committed before the restart: {committed}; Redis after A's heartbeat: "
-        f"{[f'${v / 1e9:.2f}' for v in held]} for $0.31 spent; then B {admitted_b} ({code_b}), "
-        f"A {admitted_a} ({code_a}): admitted {admitted} on a limit of 100; store holds "
-        f"${stored / 1e9:.2f}"
-    )
+    admitted = 30 + (first.status_code == 200) + after
+    print(f"committed before the restart: {committed}; $0.31 spent; {said}: "
+          f"admitted {admitted} on a limit of 100")  # fmt: skip
     assert committed
     assert held == [31 * CENT]
     assert stored == admitted * CENT
@@ -767,23 +783,15 @@ async def test_debts_the_flusher_writes_before_the_seed_reads_the_store_are_adde
             gate.set()
             await beat
             one.store.clock = clock  # type: ignore[method-assign]
-            shared = redis.Redis.from_url(server.url)
-            windows = [k for k in shared.keys("*w:budget:*") if b":sv:" not in k]
-            held = [int(shared.get(k) or 0) for k in windows]
-            shared.close()
-            admitted_b, code_b = await spend_until_refused(b, key)
-            admitted_a, code_a = await spend_until_refused(a, key)
-            stored = await written_spend(budget, one, two)
+            held, after, stored, said = await _held_then_spent(
+                server.url, key, budget, (one, two), (a, b)
+            )
     finally:
         gate.set()
         server.stop()
-    admitted = 30 + admitted_b + admitted_a
-    print(
-        f"written while A's seed read: ${committed / 1e9:.2f}; Redis after A's heartbeat: "
-        f"{[f'${v / 1e9:.2f}' for v in held]} for $0.30 spent; then B {admitted_b} ({code_b}), "
-        f"A {admitted_a} ({code_a}): admitted {admitted} on a limit of 100; store holds "
-        f"${stored / 1e9:.2f}"
-    )
+    admitted = 30 + after
+    print(f"written while A's seed read: ${committed / 1e9:.2f}; $0.30 spent; {said}: "
+          f"admitted {admitted} on a limit of 100")  # fmt: skip
     assert seeding
     assert committed == 30 * CENT
     assert held == [30 * CENT]
