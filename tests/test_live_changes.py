@@ -1262,3 +1262,44 @@ async def test_fail_open_serves_the_global_limits_written_here_before_an_outage(
     print(f"{change} written here, then an outage: {before}, then {during}")
     assert before == 200
     assert during == [402] * 3
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_rate_limit_lowered_keeps_its_requests_in_flight_one_given_anew_does_not(
+    make_settings: Settings, backend: str
+) -> None:
+    """README: a rate limit made anew (removed, `rate_limit: null`, then given again) counts
+    from the next request, none in flight among them; one lowered keeps what it counts."""
+    redis = {"redis_url": REDIS_URL} if backend == "redis" else {}
+    if redis:
+        need_redis()
+    app = host_app(None)
+    held, arrived = asyncio.Event(), asyncio.Event()
+
+    @app.post("/v1/held/chat/completions")
+    async def hold() -> dict[str, Any]:
+        arrived.set()
+        await held.wait()
+        return {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings(cache_ttl_seconds=3600, **redis))
+    engine = engine_of(app)
+    if redis:
+        use_prefix(engine, unique_prefix())
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 2})
+        auth = {"authorization": f"Bearer {key.value}"}
+        in_flight = asyncio.create_task(
+            http.post("/v1/held/chat/completions", json=chat(), headers=auth)
+        )
+        await arrived.wait()
+        m.update_virtual_key(key.id, rate_limit={"max_concurrent_requests": 1})
+        lowered = await status(http, key.value)
+        m.update_virtual_key(key.id, rate_limit=None)
+        m.update_virtual_key(key.id, rate_limit={"max_concurrent_requests": 1})
+        anew = await status(http, key.value)
+        held.set()
+        first = await in_flight
+    print(f"{backend}, one held in flight: lowered to 1 → {lowered}; given anew → {anew}")
+    assert (first.status_code, lowered, anew) == (200, 429, 200)
