@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,6 +27,7 @@ import httpx
 import httpx2
 import openai
 import pytest
+import redis
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 from mock_upstream import create_mock_app
@@ -971,6 +973,119 @@ def test_charges_of_jobs_on_loops_closed_without_their_end_are_written_at_exit(
     print(f"{done.stdout.strip()}; written: {count} records, {total} nUSD; budgets: {usage}")
     assert "[200, 200, 200, 402]" in done.stdout
     assert (count, total, usage) == (3, 3 * _CALL_NANOS, [2 * _CALL_NANOS, _CALL_NANOS])
+
+
+# Jobs on loops closed without their end, as `_CLOSED_LOOPS`'s, and the engine they dropped left
+# to the collector, which first runs at exit: another exit handler's work (an allocation-heavy
+# one, another engine's write, or `gc.collect()` itself) before the engine's own exit write.
+_COLLECTED_AT_EXIT = (
+    _SCRIPT_START
+    + """
+import atexit
+
+statuses = []
+
+async def job():
+    transport = BudgetTransport(httpx2.MockTransport(provider), settings)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key_id=key.id):
+            answer = await http.post("https://api.openai.com/v1/chat/completions", json=body)
+            statuses.append(answer.status_code)
+
+gc.disable()  # (when the collector runs, made plain: at exit, below, not by chance before)
+for _ in range(2):
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(job())
+    loop.close()
+atexit.register(gc.collect)  # runs before the exit callbacks registered by the jobs
+print("jobs done", statuses, flush=True)
+"""
+)
+
+
+def test_charges_of_an_engine_first_collected_at_exit_are_written(tmp_path: Path) -> None:
+    """Two jobs on loops closed without their end, the engine they dropped not collected
+    before the exit, and the collector run then by an exit handler before the engine's own
+    exit write: collected, its weak exit callback found nothing, and the one `__del__`
+    registered to keep it came too late to run (the exit had begun): 2 calls answered, 0
+    records, $0 on the budget. Engines held for the exit are written by one callback,
+    registered at import, which runs after the others."""
+    script = tmp_path / "collected_at_exit.py"
+    script.write_text(_COLLECTED_AT_EXIT)
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    done = subprocess.run(
+        [sys.executable, str(script), url], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "jobs done" in done.stdout, done.stderr
+    count, total, (usage,) = _written(url)
+    print(f"{done.stdout.strip()}; written: {count} records, {total} nUSD; budget: {usage}")
+    assert "[200, 200]" in done.stdout
+    assert (count, total, usage) == (2, 2 * _CALL_NANOS, 2 * _CALL_NANOS)
+
+
+# Two calls on Redis counters, the second's answered as Redis (`sys.argv[3]`: its pid), which
+# saves its data first, is killed: its settlement is owed to Redis, which is still away at exit.
+_OWED_TO_REDIS_AT_EXIT = (
+    _SCRIPT_START
+    + """
+import os, signal
+import redis
+
+settings = BudgetSettings(database_url=sys.argv[1], redis_url=sys.argv[2],
+                          flush_interval_seconds=3600, redis_timeout_seconds=0.5)
+answered = []
+
+def killing(request):
+    if answered:  # the second call: Redis goes (its data saved) while it is answered
+        redis.Redis.from_url(sys.argv[2]).save()
+        os.kill(int(sys.argv[3]), signal.SIGKILL)
+    answered.append(request)
+    return provider(request)
+
+async def job():
+    transport = BudgetTransport(httpx2.MockTransport(killing), settings)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        with charge_to(virtual_key_id=key.id):
+            for _ in range(2):
+                answer = await http.post("https://api.openai.com/v1/chat/completions", json=body)
+                assert answer.status_code == 200, answer.text
+
+asyncio.run(job())
+print("jobs done", flush=True)
+"""
+)
+
+
+def test_charges_owed_to_redis_it_cannot_take_at_exit_are_reported() -> None:
+    """Redis killed (its data saved) while a script's second call is answered, and still away
+    at exit: the store holds both calls ($0.007), and the Redis that comes back with its data
+    holds one ($0.0035) for the rest of the window, the second owed and dropped as the script
+    ended, without a word (one warning as Redis went). The exit now says what it could not
+    add to Redis, in dollars."""
+    from service_support import private_redis
+
+    with private_redis() as server, tempfile.TemporaryDirectory() as folder:
+        assert server.process is not None
+        script = Path(folder) / "owed_at_exit.py"
+        script.write_text(_OWED_TO_REDIS_AT_EXIT)
+        url = f"sqlite:///{Path(folder) / 'jobs.db'}"
+        done = subprocess.run(
+            [sys.executable, str(script), url, server.url, str(server.process.pid)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0 and "jobs done" in done.stdout, done.stderr
+        server.process.wait(10)
+        server.start()  # with the data it saved
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        windows = [k for k in client.scan_iter("*w:budget:*") if ":sv:" not in k]
+        held = [int(client.get(k) or 0) for k in windows]
+        client.close()
+        count, total, (usage,) = _written(url)
+    warned = [line for line in done.stderr.splitlines() if "owed to Redis" in line]
+    print(f"store: {count} records, {total} nUSD, budget {usage}; Redis: {held}; {warned}")
+    assert (count, total, usage) == (2, 2 * _CALL_NANOS, 2 * _CALL_NANOS)
+    assert held == [_CALL_NANOS]  # (the Redis that kept its data lacks the debt)
+    assert any("$0.0035" in line for line in warned), done.stderr
 
 
 # A provider's slow stream for the scripts (200 words, one every 20 ms): `streaming`, a

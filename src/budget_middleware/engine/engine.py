@@ -194,6 +194,24 @@ def _written_at_exit(ref: weakref.ref[BudgetEngine]) -> None:
         engine._settle_at_exit()
 
 
+# The engines kept for the exit's write (`BudgetEngine.held_for_exit`), written by one exit
+# callback registered at import, so run after any registered later: an engine the collector
+# finds holding charges during the exit (another handler's work) is held then, and written
+# too. A callback of its own registered then never ran, and its weak one was cut: all lost.
+_held: list[BudgetEngine] = []
+
+
+def _write_held_at_exit() -> None:
+    while _held:
+        try:
+            _held.pop(0)._settle_at_exit()
+        except Exception:  # (as a callback of its own: the others are written all the same)
+            logger.exception("budget-middleware could not write an engine's charges at exit")
+
+
+atexit.register(_write_held_at_exit)
+
+
 class _Handoff:
     """A reset sent to the engine's loop: done there unless its caller gave up waiting."""
 
@@ -474,7 +492,7 @@ class BudgetEngine:
         weakly)."""
         if not self._held_for_exit:
             self._held_for_exit = True
-            atexit.register(self._settle_at_exit)
+            _held.append(self)  # (written by `_write_held_at_exit`)
 
     def write_at_exit(self) -> None:
         """At the process's exit, write what is pending if no loop will (once per engine; its

@@ -61,6 +61,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from budget_middleware.core import admission
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
 from budget_middleware.core.durations import parse_duration
+from budget_middleware.core.money import NANOS_PER_USD
 from budget_middleware.core.records import Delta
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import FAR_FUTURE, utc
@@ -537,6 +538,15 @@ class RedisCounters(CounterBackend):
             # window (stopped before its heartbeat after Redis came back: 13 admitted on 10).
             with contextlib.suppress(RedisError, OSError, _StoreDown):
                 await self._pay_debts_whole()
+        owed = [(self._owed_to[k].counter, a) for k, a in self._owed.items()]
+        owed += [(counter, a) for _, charges, _ in self._unsure for _, counter, a in charges]
+        if owed:  # (the store holds them: a Redis restarted empty seeds them from it)
+            logger.warning(
+                "budget-middleware could not add what it owed to Redis (unreachable as it "
+                "stopped): $%.9g of budget spend; a Redis that kept its data lacks it for the "
+                "rest of its windows",
+                sum(a for counter, a in owed if counter.kind == "budget") / NANOS_PER_USD,
+            )
         if self.client is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self.client.aclose(close_connection_pool=True)
