@@ -1056,12 +1056,30 @@ print("jobs done", flush=True)
 )
 
 
-def test_charges_owed_to_redis_it_cannot_take_at_exit_are_reported() -> None:
+_NEXT_PROCESS = """
+import asyncio, sys
+from budget_middleware import BudgetSettings, get_engine
+
+settings = BudgetSettings(database_url=sys.argv[1], redis_url=sys.argv[2],
+                          flush_interval_seconds=3600)
+
+async def main():
+    engine = get_engine(settings)
+    await engine.ensure_started()
+    await engine.shutdown()
+
+asyncio.run(main())
+print("started", flush=True)
+"""
+
+
+def test_charges_owed_to_redis_it_cannot_take_at_exit_are_added_by_the_next_process() -> None:
     """Redis killed (its data saved) while a script's second call is answered, and still away
     at exit: the store holds both calls ($0.007), and the Redis that comes back with its data
-    holds one ($0.0035) for the rest of the window, the second owed and dropped as the script
-    ended, without a word (one warning as Redis went). The exit now says what it could not
-    add to Redis, in dollars."""
+    held one ($0.0035) for the rest of the window, the second owed and dropped as the script
+    ended (a warning from f8eb427 on). The exit now leaves the debt on disk, and the next
+    process on the store adds it to the window Redis kept, once: the file paid again (a process
+    that died before removing it) adds nothing."""
     from service_support import private_redis
 
     with private_redis() as server, tempfile.TemporaryDirectory() as folder:
@@ -1078,13 +1096,28 @@ def test_charges_owed_to_redis_it_cannot_take_at_exit_are_reported() -> None:
         server.start()  # with the data it saved
         client = redis.Redis.from_url(server.url, decode_responses=True)
         windows = [k for k in client.scan_iter("*w:budget:*") if ":sv:" not in k]
-        held = [int(client.get(k) or 0) for k in windows]
+        left = list(Path(os.environ["XDG_STATE_HOME"]).glob("**/redis-*/*.json"))
+        kept = [(path, path.read_bytes()) for path in left]
+        held = []
+        for n in range(2):  # the next process adds the debt; the one after, nothing
+            if n:  # as if the first had died before removing the file it paid
+                for path, data in kept:
+                    path.write_bytes(data)
+            nexts = Path(folder) / "next.py"
+            nexts.write_text(_NEXT_PROCESS)
+            started = subprocess.run(
+                [sys.executable, str(nexts), url, server.url],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert started.returncode == 0 and "started" in started.stdout, started.stderr
+            held.append([int(client.get(k) or 0) for k in windows])
         client.close()
         count, total, (usage,) = _written(url)
     warned = [line for line in done.stderr.splitlines() if "owed to Redis" in line]
     print(f"store: {count} records, {total} nUSD, budget {usage}; Redis: {held}; {warned}")
     assert (count, total, usage) == (2, 2 * _CALL_NANOS, 2 * _CALL_NANOS)
-    assert held == [_CALL_NANOS]  # (the Redis that kept its data lacks the debt)
+    assert held == [[2 * _CALL_NANOS]] * 2  # (1 * before: the Redis that kept its data lacked it)
+    assert len(left) == 1
     assert any("$0.0035" in line for line in warned), done.stderr
 
 

@@ -34,6 +34,8 @@ reaches the store through the ledger). After a failure Redis is left alone for a
 What was charged without Redis (requests admitted locally, settlements it did not take) is owed
 to it: when it answers again, the amounts are added to the window keys it kept
 (`reconcile.lua`) before the next admission, so a Redis that kept its data does not forget them.
+What an engine still owes as it stops is left on disk, for the next process on the same store and
+Redis to add (`_leave_debts`, `_pay_left`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ from budget_middleware.core.times import FAR_FUTURE, utc
 from budget_middleware.core.windows import Carry, CounterRegistry, WindowCounter, ensure_current
 from budget_middleware.exceptions import ServiceUnavailable
 from budget_middleware.store.counters import CounterBackend
+from budget_middleware.store.database import in_memory
+from budget_middleware.store.spill import debts_folder, default_spill_root, left_debts, write_debts
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -300,6 +304,24 @@ def _written_track(chunks: Sequence[list[float]], lo: int, owed: int) -> _Track:
     return track
 
 
+def _held_of_left(debt: dict[str, Any], record: str, instance: str, settled: float | None) -> int:
+    """How much of a debt an engine left on disk (`RedisCounters._leave_debts`) the seed of its
+    window key holds (this record: `seed.lua`'s), as `_leave_out_seeded` weighs it: none when
+    that engine's instance made the seed (its seeds left its debts out) or nobody did; all when
+    the seed read the store after that engine's last write confirmed them all (`settled`); else
+    those committed before the seed read the store, by their places (`_Track`)."""
+    seeded, _, seeder = record.partition(" ")
+    amount = int(debt["amount"])
+    if not seeded or seeder == instance:
+        return 0
+    read_at = float(seeded)
+    if settled is not None and read_at >= settled:
+        return amount
+    stamps = [(float("inf") if at is None else at, n) for at, n in debt["stamps"]]
+    track = _Track(stamps=stamps, base=debt["base"])
+    return min(_below(debt["places"], track.held(read_at)), amount)
+
+
 @dataclass(slots=True)
 class _Entry:
     """One counter as the scripts see it."""
@@ -412,6 +434,12 @@ class RedisCounters(CounterBackend):
         # The last beat got no answer: Redis may have run it (found the mark gone, set it again).
         self._beat_unanswered = False
         self._beating = False  # a heartbeat under way (`pay_debts` does not begin another)
+        # Where debts are left as the engine stops with Redis away, and read back (`_pay_left`):
+        # none for a store in memory (its charges go with the process).
+        url = settings.database_url
+        root = settings.spill_dir if settings.spill_dir is not None else default_spill_root()
+        self._debts = None if in_memory(url) else debts_folder(root, url, self.url)
+        self._confirmed_all = True  # the store confirmed every charge taken (`settled`)
 
     @property
     def _mark_key(self) -> str:
@@ -515,6 +543,7 @@ class RedisCounters(CounterBackend):
             try:
                 await self.client.set(self._mark_key, "1", px=self._mark_ttl_ms)
                 self._beaten = True
+                await self._pay_left()
             except (RedisError, OSError) as exc:
                 # Redis away as this instance starts: the back-off begins here, as after any
                 # call, so the first request is not held for a second timeout (it waited two).
@@ -541,16 +570,142 @@ class RedisCounters(CounterBackend):
         owed = [(self._owed_to[k].counter, a) for k, a in self._owed.items()]
         owed += [(counter, a) for _, charges, _ in self._unsure for _, counter, a in charges]
         if owed:  # (the store holds them: a Redis restarted empty seeds them from it)
-            logger.warning(
-                "budget-middleware could not add what it owed to Redis (unreachable as it "
-                "stopped): $%.9g of budget spend; a Redis that kept its data lacks it for the "
-                "rest of its windows",
-                sum(a for counter, a in owed if counter.kind == "budget") / NANOS_PER_USD,
-            )
+            spend = sum(a for counter, a in owed if counter.kind == "budget") / NANOS_PER_USD
+            left = await self._leave_debts()
+            if left is not None:
+                logger.warning(
+                    "budget-middleware could not add what it owed to Redis (unreachable as it "
+                    "stopped): $%.9g of budget spend, left in %s for the next process on this "
+                    "store to add",
+                    spend,
+                    left,
+                )
+            else:
+                logger.warning(
+                    "budget-middleware could not add what it owed to Redis (unreachable as it "
+                    "stopped): $%.9g of budget spend; a Redis that kept its data lacks it for "
+                    "the rest of its windows",
+                    spend,
+                )
         if self.client is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self.client.aclose(close_connection_pool=True)
             self.client = None
+
+    async def _leave_debts(self) -> str | None:
+        """What this engine still owes Redis as it stops, on disk (`spill.write_debts`) for the
+        next process to add (`_pay_left`); the file's path, or None when it cannot be written.
+        Each debt with its keys, its window, the done key of a payment or settlement Redis may
+        have run (`_unsure`), and where the store has it (`_Track`): a Redis restarted empty
+        meanwhile is seeded from the store, which holds it. The debts are the file's then:
+        forgotten here, under a new instance (its seeds hold them now)."""
+        if self._debts is None:
+            return None
+        debts: list[dict[str, Any]] = []
+
+        def debt(key: str, counter: WindowCounter, amount: int, start: float, end: float,
+                 done: str | None, places: list[list[int]]) -> None:  # fmt: skip
+            track = self._tracks.get(key) or _Track()
+            debts.append(
+                {
+                    "key": key,
+                    "mark": mark_key(self.prefix, counter.kind, counter.id),
+                    "record": self._seed_record_key(key),
+                    "amount": amount,
+                    "start": start,
+                    "end": None if end == FAR_FUTURE else end,
+                    "done": done,
+                    "places": places,
+                    "stamps": [[None if at == float("inf") else at, n] for at, n in track.stamps],
+                    "base": track.base,
+                }
+            )
+
+        for key, amount in self._owed.items():
+            owed, track = self._owed_to[key], self._tracks.get(key)
+            debt(
+                key, owed.counter, amount, owed.start, owed.end, None, track.fresh if track else []
+            )
+        for done, charges, places in self._unsure:
+            for key, counter, amount in charges:
+                if key == self.window_key(counter):  # (else its window is over, or begun anew)
+                    end = counter.end
+                    debt(key, counter, amount, counter.start, end, done, places.get(key, []))
+        ledger = self.ledger  # (all its charges in the store: none pending, none unconfirmed)
+        written = self._confirmed_all and not (ledger.dirty or ledger.sealed or ledger.unconfirmed)
+        paid = uuid.uuid4().hex  # the file's id
+        left = {
+            "id": paid,
+            "done": self._done_key(paid),  # (its prefix's)
+            "instance": self._instance,
+            "settled": self._commit_at if written else None,
+            "debts": debts,
+        }
+        try:
+            path = await anyio.to_thread.run_sync(write_debts, self._debts, left)
+        except OSError as exc:
+            logger.error("budget-middleware could not leave its debts to Redis on disk: %s", exc)
+            return None
+        self._owed.clear()
+        self._owed_to.clear()
+        self._unsure.clear()
+        self._tracks.clear()
+        self._transit.clear()
+        self._written.clear()
+        self._seeded_after_loss.clear()
+        self._after_loss.clear()
+        self._instance = uuid.uuid4().hex
+        self._beaten = False
+        return path
+
+    async def _pay_left(self) -> None:
+        """Add the debts engines left on disk as they stopped (`_leave_debts`), each file once."""
+        if self._debts is None or self.client is None:
+            return
+        try:
+            files = await anyio.to_thread.run_sync(left_debts, self._debts)
+        except OSError as exc:
+            logger.error("budget-middleware could not read the debts to Redis on disk: %s", exc)
+            return
+        for path, left in files:
+            await self._pay_left_file(left)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
+    async def _pay_left_file(self, left: dict[str, Any]) -> None:
+        """One file's debts, by reconcile.lua under the file's id (a file paid twice is added
+        once), to the window keys Redis kept, less what a seed made since holds
+        (`_held_of_left`); skipped: a window over, a key gone (seeded from the store, which has
+        them), a window begun anew elsewhere, a payment or settlement Redis ran (its done key)."""
+        assert self.client is not None and self._reconcile is not None
+        now = self.clock()
+        debts = [d for d in left["debts"] if d["end"] is None or now < d["end"]]
+        if not debts:
+            return
+        dones = [d["done"] for d in debts if d["done"]]
+        found = await self.client.mget([d["record"] for d in debts] + dones)
+        ran = dict(zip(dones, found[len(debts) :], strict=True))
+        keys: list[str] = []
+        args: list[Any] = []
+        ttl = 0
+        for debt, record in zip(debts, found, strict=False):
+            done = ran.get(debt["done"]) if debt["done"] else None
+            if done is not None and debt["key"] not in str(done).split("\n"):
+                continue  # added by the call Redis ran
+            seen = str(record or "")
+            amount = int(debt["amount"]) - _held_of_left(
+                debt, seen, left["instance"], left["settled"]
+            )
+            if amount <= 0:
+                continue
+            end = debt["end"]
+            keys += [debt["key"], debt["mark"], debt["record"]]
+            args += [amount, repr(debt["start"]), "1e300" if end is None else repr(end), seen]
+            ttl = -1 if end is None or ttl < 0 else max(ttl, _key_ttl_ms(end, now))
+        if keys:
+            await self._reconcile(
+                keys=[*keys, left["done"]], args=[*args, max(ttl, 0), left["instance"]]
+            )
 
     async def health(self) -> str:
         if self.client is None:
@@ -671,6 +826,8 @@ class RedisCounters(CounterBackend):
     def take_deltas(self) -> list[Delta]:
         deltas = super().take_deltas()
         self._since.clear()  # nothing is pending any more
+        if deltas:
+            self._confirmed_all = False  # (until a write commits: `committed_at`)
         self._takes += 1
         return deltas
 
@@ -703,6 +860,7 @@ class RedisCounters(CounterBackend):
 
     def committed_at(self, at: float | None) -> None:
         self._commit_at = at
+        self._confirmed_all = True  # (a flush takes nothing new before its last batch is written)
         if self._write_came is not None:  # (its charges are confirmed before anything else runs)
             self._write_came.set()
 
@@ -1558,7 +1716,7 @@ class RedisCounters(CounterBackend):
         done = self._done_key(uuid.uuid4().hex)
         try:
             answer: list[Any] = await self._reconcile(
-                keys=[*keys, done], args=[*args, self._instance]
+                keys=[*keys, done], args=[*args, 60000, self._instance]
             )
         except BaseException:
             # Unanswered, it may have run (an answer past the timeout): added by
@@ -1915,6 +2073,7 @@ class RedisCounters(CounterBackend):
                 if (self._marks or self._carries) and not self._backing_off():
                     await self.write_marks()  # a reset made while Redis was away, say
                 await self.heartbeat()
+                await self._pay_left()  # (left by engines stopped while Redis was away)
             except (RedisError, OSError) as exc:
                 self._failed(exc)
             except _StoreDown:

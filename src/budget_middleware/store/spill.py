@@ -441,3 +441,62 @@ def _delta_in(d: dict[str, Any]) -> Delta:
 def _record_in(r: dict[str, Any]) -> UsageRecord:
     r["tags"] = tuple(r["tags"])
     return UsageRecord(**r)
+
+
+# What a Redis backend owed Redis as its engine stopped (Redis away then): one file an engine,
+# `<ns>-<id>.json`, in a folder of that Redis (no password) within the store's spill folder, for
+# the next process on both to add (`RedisCounters._pay_left`).
+_DEBTS_VERSION = 1
+
+
+def debts_folder(root: Path, database_url: str, redis_url: str) -> Path:
+    from budget_middleware.settings import without_password
+
+    redis = hashlib.sha256(without_password(redis_url).encode()).hexdigest()[:16]
+    return spill_folder(root, database_url) / f"redis-{redis}"
+
+
+def write_debts(folder: Path, debts: dict[str, Any]) -> str:
+    """Write one engine's debts to Redis whole (a temporary file renamed); the file's path.
+    Raises OSError when it cannot."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    final = folder / f"{time.time_ns():020d}-{debts['id']}{_SUFFIX}"
+    partial = folder / (final.name + ".part")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "wb") as file:
+            file.write(orjson.dumps({**debts, "version": _DEBTS_VERSION}))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+    _sync_folder(folder)
+    return str(final)
+
+
+def left_debts(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The debts to Redis engines left here, oldest first (any process may pay them: each file
+    is paid once, under its id). A file that cannot be read is renamed `.bad` and logged."""
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(_SUFFIX))
+    except FileNotFoundError:
+        return []
+    found: list[tuple[Path, dict[str, Any]]] = []
+    for name in names:
+        path = folder / name
+        try:
+            data = orjson.loads(path.read_bytes())
+            if data.get("version") != _DEBTS_VERSION:
+                raise ValueError(f"version {data.get('version')!r}")
+        except FileNotFoundError:
+            continue  # paid by another process meanwhile
+        except Exception as exc:
+            logger.error("budget-middleware: debts to Redis in %s cannot be read: %s", path, exc)
+            with contextlib.suppress(OSError):
+                os.replace(path, str(path) + ".bad")
+            continue
+        found.append((path, data))
+    return found

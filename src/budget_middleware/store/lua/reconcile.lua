@@ -13,13 +13,17 @@
 -- twice (70 of 100 admitted).
 -- KEYS: per charge its window key, that window's mark and its seed record; last, the payment's
 -- done key. ARGV: per charge the amount, the window's start and end (epoch seconds, as text), and
--- the seed record the client saw ("" for none, "*" for any); last, the client's instance.
+-- the seed record the client saw ("" for none, "*" for any); last, how long the done key is kept
+-- (ms, 0: for ever) and the client's instance.
 -- Returns per charge not added its index (from 1), then the mark it moved to, "seeded", or ""
 -- for a key that is gone.
 --
 -- Its answer may be lost (past the client's timeout) after it added the charges: the client then
 -- hands the payment to settled_once.lua, which adds them only if this did not run (the done key,
 -- kept a minute, naming the keys this run added nothing to); a late run after that adds nothing.
+-- Debts an engine left on disk as it stopped are paid under the file's id, the done key kept as
+-- long as their windows' keys: a file paid twice (two processes, a crash before its removal) is
+-- added once.
 local done = KEYS[#KEYS]
 if redis.call("EXISTS", done) == 1 then
   return {}
@@ -56,5 +60,11 @@ for i = 1, (#KEYS - 1) / 3 do
     missed[#missed + 1] = key
   end
 end
-redis.call("SET", done, #missed > 0 and table.concat(missed, "\n") or "1", "PX", 60000)
+local ttl = tonumber(ARGV[#ARGV - 1])
+local value = #missed > 0 and table.concat(missed, "\n") or "1"
+if ttl > 0 then
+  redis.call("SET", done, value, "PX", ttl)
+else
+  redis.call("SET", done, value)
+end
 return answer
