@@ -1,14 +1,20 @@
 -- Add a settlement's charges whose settle.lua call failed without an answer, unless it ran
 -- (its done key is there): each settlement is added once, whichever call Redis runs first.
--- KEYS[1]: the request's done key; then the window keys. ARGV: per window key the amount.
+-- KEYS[1]: the request's done key; then the window keys; then as many seed records (seed.lua's),
+-- in the same order. ARGV: per window key the amount; the client's instance; per window key "1"
+-- for a payment's debts whose places the client knows (another instance's seed there may hold
+-- some: left to the client, `RedisCounters._leave_out_seeded`), else "0".
 -- Returns a 0, then the indices (from 1) of window keys the client must seed and add to: those
--- gone now or, when a run before (settle.lua, or this script whose answer was lost) left the
--- done key, those that run found gone (it names them in the done key) and added nothing to.
+-- gone now (or, for "1", seeded by another instance) or, when a run before (settle.lua, or
+-- reconcile.lua, or this script whose answer was lost) left the done key, those that run found
+-- gone (it names them in the done key) and added nothing to.
+local n = (#KEYS - 1) / 2
+local me = " " .. ARGV[n + 1]
 local done = redis.call("GET", KEYS[1])
 if done then
   local missing = {0}
   local named = "\n" .. done .. "\n"
-  for i = 2, #KEYS do
+  for i = 2, n + 1 do
     if string.find(named, "\n" .. KEYS[i] .. "\n", 1, true) then
       missing[#missing + 1] = i - 1
     end
@@ -17,8 +23,12 @@ if done then
 end
 local missing = {0}
 local missed = {}
-for i = 2, #KEYS do
-  if redis.call("EXISTS", KEYS[i]) == 1 then
+local function another_s_seed(i)
+  local record = ARGV[n + i] == "1" and redis.call("GET", KEYS[n + i])
+  return record and string.sub(record, -#me) ~= me
+end
+for i = 2, n + 1 do
+  if redis.call("EXISTS", KEYS[i]) == 1 and not another_s_seed(i) then
     redis.call("INCRBY", KEYS[i], ARGV[i - 1])
   else
     missing[#missing + 1] = i - 1
