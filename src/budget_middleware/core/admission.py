@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from budget_middleware.core.routing import trial_order
 from budget_middleware.core.scopes import LimitSet, Scope
-from budget_middleware.core.windows import Ledger, WindowCounter, charge
+from budget_middleware.core.windows import Ledger, WindowCounter, charge, ensure_current
 
 
 @dataclass(slots=True, frozen=True)
@@ -174,8 +174,12 @@ def count_refused(limits: LimitSet, now: float, ledger: Ledger) -> Ticket:
     count it had it passed (its request now, its cost and tokens when settled), holding no
     concurrency slot and no reservation: enforce gives a refused request none, and the slot
     (or the room) it held had the next request, which enforce admits once the one that
-    filled it ended, reported as refused too."""
+    filled it ended, reported as refused too. Its other windows are brought to `now` as
+    admission brings those it reaches (a window that had ended, behind the limit that refused,
+    was shown in the answer's headers: 0 tokens left of it, resetting in 0s)."""
     charge(limits.requests, 1, now, ledger)
+    ensure_current(limits.tokens, now, ledger)
+    ensure_current(limits.budgets, now, ledger)
     held = copy(limits)  # settled without the slots it never took
     held.slots = ()
     return Ticket(held, 0)

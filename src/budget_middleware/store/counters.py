@@ -254,3 +254,15 @@ class MemoryCounters(CounterBackend):
 
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
         self.settle_now(ticket, cost, tokens)
+
+    def terms_noted(self, carries: Sequence[Carry]) -> None:
+        """New terms written through this process moved windows (`owner_limits.carried`): a live
+        counter already in the window they begin with (rolled there by a request since the
+        stored window) takes the stored usage they carried into it (`Carry.added`), as the
+        store and Redis (carry.lua) do; it kept $0 there, and admitted what the store and
+        Redis refuse. One still in an older window takes it from the store when the new terms
+        are read (`CounterRegistry.window`)."""
+        for carry in carries:
+            counter = self.registry.counter(carry.kind, carry.id)
+            if counter is not None and carry.added and abs(counter.start - carry.was) < 0.001:
+                counter.value += carry.added
