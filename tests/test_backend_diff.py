@@ -702,6 +702,37 @@ async def test_the_two_backends_answer_alike(
 # -- regressions the comparison found --------------------------------------------------------------
 
 
+def one_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counters: str, **settings: Any
+) -> tuple[BudgetEngine, FrozenClock, str]:
+    """An engine on a store of its own, in process or on Redis (under a prefix of its own,
+    returned), its clock (the store's too) frozen on a whole second."""
+    extra: dict[str, Any] = {}
+    prefix = unique_prefix()
+    if counters == "Redis":
+        need_redis()
+        extra = {"redis_url": REDIS_URL}
+    clock = StoreTime.clock = FrozenClock()  # the store's time too
+    monkeypatch.setattr(tables, "datetime", StoreTime)
+    monkeypatch.setattr(durations, "datetime", StoreTime)
+    clock.now = float(int(clock.now))
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"models": PRICES}))
+    engine = BudgetEngine(
+        BudgetSettings(
+            database_url=f"sqlite:///{tmp_path}/store.db",
+            pricing_file=prices,
+            flush_interval_seconds=0.05,
+            **settings,
+            **extra,
+        ),
+        clock=clock,
+    )
+    if extra:
+        use_prefix(engine, prefix)
+    return engine, clock, prefix
+
+
 @pytest.mark.parametrize("counters", ["in process", "Redis"])
 async def test_new_terms_carry_the_usage_into_a_window_already_rolled_to(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counters: str
@@ -714,26 +745,7 @@ async def test_new_terms_carry_the_usage_into_a_window_already_rolled_to(
     that window, ignored the carried usage: 429 `budget_reserved` (its $0 left room but for the
     held request), where Redis and the store had it spent (seed 2135 of the comparison,
     narrowed down)."""
-    extra: dict[str, Any] = {}
-    prefix = unique_prefix()
-    if counters == "Redis":
-        need_redis()
-        extra = {"redis_url": REDIS_URL}
-    clock = StoreTime.clock = FrozenClock()  # the store's time too
-    monkeypatch.setattr(tables, "datetime", StoreTime)
-    monkeypatch.setattr(durations, "datetime", StoreTime)
-    clock.now = float(int(clock.now))
-    prices = tmp_path / "prices.json"
-    prices.write_text(json.dumps({"models": PRICES}))
-    settings = BudgetSettings(
-        database_url=f"sqlite:///{tmp_path}/store.db",
-        pricing_file=prices,
-        flush_interval_seconds=0.05,
-        **extra,
-    )
-    engine = BudgetEngine(settings, clock=clock)
-    if extra:
-        use_prefix(engine, prefix)
+    engine, clock, prefix = one_engine(tmp_path, monkeypatch, counters)
     key = engine.manager.create_virtual_key(
         name="alice", value=KEY, budgets=[{"max_limit": 0.01, "reset_duration": "30s"}]
     )
@@ -787,27 +799,7 @@ async def test_shadow_answers_show_the_windows_as_they_are(
     30 s window and $1 a day: a request of 100 tokens ($0.001), then another 31 s later, in the
     next token window. Its answer shows that window (10,000 left, reset in 29 s) and the $0.999
     left of the day (seed 2156 of the comparison, narrowed down)."""
-    extra: dict[str, Any] = {}
-    prefix = unique_prefix()
-    if counters == "Redis":
-        need_redis()
-        extra = {"redis_url": REDIS_URL}
-    clock = StoreTime.clock = FrozenClock()  # the store's time too
-    monkeypatch.setattr(tables, "datetime", StoreTime)
-    monkeypatch.setattr(durations, "datetime", StoreTime)
-    clock.now = float(int(clock.now))
-    prices = tmp_path / "prices.json"
-    prices.write_text(json.dumps({"models": PRICES}))
-    settings = BudgetSettings(
-        database_url=f"sqlite:///{tmp_path}/store.db",
-        pricing_file=prices,
-        flush_interval_seconds=0.05,
-        mode="shadow",
-        **extra,
-    )
-    engine = BudgetEngine(settings, clock=clock)
-    if extra:
-        use_prefix(engine, prefix)
+    engine, clock, prefix = one_engine(tmp_path, monkeypatch, counters, mode="shadow")
     engine.manager.create_virtual_key(
         name="alice",
         value=KEY,

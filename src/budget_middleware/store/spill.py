@@ -157,31 +157,13 @@ class Spill:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._hold_lock()
         name = f"{time.time_ns():020d}-{self.pid}-{self.engine}-{batch_id}{_SUFFIX}"
-        final = self.folder / name
-        partial = self.folder / (name + ".part")
-        data = orjson.dumps(
-            {
-                "version": _VERSION,
-                "id": batch_id,
-                "deltas": [_delta_out(d) for d in deltas],
-                "records": [r._asdict() for r in records],
-            }
-        )
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with open(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(partial, final)
-        except BaseException:
-            # Half written (a full disk): never read, and a round's retry names a new one, so
-            # each failed round left one behind, taking what room the disk had.
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
-            raise
-        _sync_folder(self.folder)
-        return str(final)
+        data = {
+            "version": _VERSION,
+            "id": batch_id,
+            "deltas": [_delta_out(d) for d in deltas],
+            "records": [r._asdict() for r in records],
+        }
+        return _write_whole(self.folder, name, data)
 
     def oldest(self) -> tuple[str, str, list[Delta], list[UsageRecord]] | None:
         """The oldest batch this process may take back (its own, or a gone process's): its
@@ -401,6 +383,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _write_whole(folder: Path, name: str, data: dict[str, Any]) -> str:
+    """`data` as the file `name` in `folder`, whole (a temporary file, synced, renamed), the
+    owner's alone; its path. Raises OSError when it cannot."""
+    final = folder / name
+    partial = folder / (name + ".part")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "wb") as file:
+            file.write(orjson.dumps(data))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, final)
+    except BaseException:
+        # Half written (a full disk): never read, and a round's retry names a new one, so
+        # each failed round left one behind, taking what room the disk had.
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+    _sync_folder(folder)
+    return str(final)
+
+
 def _sync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -460,21 +464,8 @@ def write_debts(folder: Path, debts: dict[str, Any]) -> str:
     """Write one engine's debts to Redis whole (a temporary file renamed); the file's path.
     Raises OSError when it cannot."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    final = folder / f"{time.time_ns():020d}-{debts['id']}{_SUFFIX}"
-    partial = folder / (final.name + ".part")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with open(fd, "wb") as file:
-            file.write(orjson.dumps({**debts, "version": _DEBTS_VERSION}))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        raise
-    _sync_folder(folder)
-    return str(final)
+    name = f"{time.time_ns():020d}-{debts['id']}{_SUFFIX}"
+    return _write_whole(folder, name, {**debts, "version": _DEBTS_VERSION})
 
 
 def left_debts(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
