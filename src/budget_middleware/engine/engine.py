@@ -47,9 +47,9 @@ from budget_middleware.store.counters import CounterBackend, MemoryCounters
 from budget_middleware.store.database import GlobalRecord, KeyRecord, Store, in_memory
 from budget_middleware.store.spill import (
     Spill,
-    default_spill_root,
     legacy_spill_folder,
     spill_folder,
+    spill_root,
     unclaimed_legacy_folder,
 )
 
@@ -157,7 +157,7 @@ def _spill_for(settings: BudgetSettings) -> Spill | None:
     url = settings.database_url
     if in_memory(url):
         return None
-    root = settings.spill_dir if settings.spill_dir is not None else default_spill_root()
+    root = spill_root(settings.spill_dir)
     folder = spill_folder(root, url)
     unclaimed = unclaimed_legacy_folder(root, url)
     if unclaimed is not None:

@@ -71,7 +71,7 @@ from budget_middleware.core.windows import Carry, CounterRegistry, WindowCounter
 from budget_middleware.exceptions import ServiceUnavailable
 from budget_middleware.store.counters import CounterBackend
 from budget_middleware.store.database import in_memory
-from budget_middleware.store.spill import debts_folder, default_spill_root, left_debts, write_debts
+from budget_middleware.store.spill import debts_folder, left_debts, spill_root, write_debts
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -437,7 +437,7 @@ class RedisCounters(CounterBackend):
         # Where debts are left as the engine stops with Redis away, and read back (`_pay_left`):
         # none for a store in memory (its charges go with the process).
         url = settings.database_url
-        root = settings.spill_dir if settings.spill_dir is not None else default_spill_root()
+        root = spill_root(settings.spill_dir)
         self._debts = None if in_memory(url) else debts_folder(root, url, self.url)
         self._confirmed_all = True  # the store confirmed every charge taken (`settled`)
 

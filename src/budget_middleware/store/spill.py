@@ -54,6 +54,11 @@ def default_spill_root() -> Path:
     return Path(state) / "budget-middleware" / "spill"
 
 
+def spill_root(spill_dir: Path | None) -> Path:
+    """Where spilled batches and debts to Redis go: `BUDGET_SPILL_DIR`, else the default."""
+    return spill_dir if spill_dir is not None else default_spill_root()
+
+
 def spill_folder(root: Path, database_url: str) -> Path:
     """The folder of one store's spilled batches, named by a hash of the store itself (no
     password shown): a SQLite file by its absolute path, a server's database by its host, port
