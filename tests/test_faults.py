@@ -17,6 +17,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -3194,3 +3195,320 @@ async def test_a_hanging_alert_receiver_does_not_hold_back_the_redis_debts_at_sh
           f"{owed_at_post}; unpaid after the shutdown: {left_owed}")  # fmt: skip
     assert owed_at_post and not any(owed_at_post)
     assert not left_owed
+
+
+# -- Debts to Redis an engine leaves on disk as it stops (`_leave_debts`, `_pay_left`) --------
+
+
+def _debts_settings(tmp_path: Path, server: PrivateRedis, **overrides: Any) -> BudgetSettings:
+    """Fail open on a SQLite file that a test may lock (`sqlite_locked`), Redis the test's own,
+    no heartbeat or flush round before the test's own steps (a beat every 30 s)."""
+    values: dict[str, Any] = {
+        "redis_url": server.url,
+        "fail_open": True,
+        "redis_timeout_seconds": 1,
+        "flush_interval_seconds": 30,
+        "slot_ttl_seconds": 300,
+        "spill_dir": tmp_path / "spill",
+        **overrides,
+    }
+    return settings_for(f"sqlite:///{tmp_path / 'budget.db'}?timeout=0.2", **values)
+
+
+def _budget_in_redis(server: PrivateRedis, budget_id: str) -> dict[str, int]:
+    """A budget's window keys in Redis (the default prefix): window start (ms) -> nano-dollars."""
+    direct = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        keys = list(direct.scan_iter(match=f"bm:w:budget:{budget_id}:*"))
+        return {k.rsplit(":", 1)[1]: int(direct.get(k) or 0) for k in keys}
+    finally:
+        direct.close()
+
+
+def _left_debts(tmp_path: Path) -> list[Path]:
+    """What is left in the folders of debts to Redis (files of debts, notes of batches)."""
+    return sorted((tmp_path / "spill").glob("*/redis-*/*"))
+
+
+async def _stopped_owing_redis(
+    tmp_path: Path,
+    server: PrivateRedis,
+    *,
+    spilled: bool = False,
+    clock: Callable[[], float] = time.time,
+    reset: str = "1d",
+) -> tuple[str, str]:
+    """Engine A: a $1 budget, $0.02 through Redis (and written), Redis killed (its data saved),
+    $0.03 admitted without it (fail open), then A stops with Redis still away: the $0.03 it
+    owes Redis is left on disk. `spilled`: the store is locked meanwhile, and A's last flush
+    could not write them either (a spilled batch, for the next engine to write). Returns the
+    key's value and its budget's id."""
+    a = BudgetEngine(_debts_settings(tmp_path, server), clock)
+    app = fault_app(a)
+    with contextlib.ExitStack() as lock:
+        async with running(app), client(app) as http:
+            key = a.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 1, "reset_duration": reset}]
+            )
+            await a.invalidate()
+            assert await asked(http, key.value or "", 2) == [200] * 2
+            assert await a.flush()
+            server.kill(keep_data=True)
+            if spilled:
+                lock.enter_context(sqlite_locked(tmp_path / "budget.db"))
+            assert await asked(http, key.value or "", 3) == [200] * 3
+        a.store.dispose()  # stopped: the store lock goes after
+    assert len(_left_debts(tmp_path)) == 1
+    batches = list((tmp_path / "spill").glob("*/*.json"))
+    assert len(batches) == (1 if spilled else 0), batches
+    return key.value or "", key.budgets[0].id
+
+
+@pytest.mark.parametrize("spilled", [False, True], ids=["written", "spilled"])
+async def test_debts_left_on_disk_reach_a_redis_that_kept_its_data_once(
+    tmp_path: Path, spilled: bool
+) -> None:
+    """$0.02 through Redis, $0.03 admitted while it was away, the engine stopped with Redis
+    still away (and the store too: `spilled`, its last flush kept on disk): the next engine
+    adds the debt to the window Redis kept and writes the spilled batch to the store, and the
+    $0.03 counts once in each."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        value, budget = await _stopped_owing_redis(tmp_path, server, spilled=spilled)
+        server.start()  # with its data: $0.02
+        kept = _budget_in_redis(server, budget)
+        b = BudgetEngine(_debts_settings(tmp_path, server))
+        app = fault_app(b)
+        async with running(app), client(app) as http:
+            assert await asked(http, value, 1) == [200]
+            assert await b.flush()
+            in_redis = _budget_in_redis(server, budget)
+            stored = budget_usage(b, budget)
+            left = _left_debts(tmp_path)
+    finally:
+        server.stop()
+    print(
+        f"debts left {'with a spilled batch' if spilled else 'after the store had them'}: Redis "
+        f"kept {kept}, then {in_redis} after the next engine's start and 1 request; store "
+        f"{stored}"
+    )
+    assert list(kept.values()) == [2 * CENT]
+    assert list(in_redis.values()) == [6 * CENT]
+    assert stored == 6 * CENT
+    assert left == []
+
+
+@pytest.mark.parametrize("spilled", [False, True], ids=["written", "spilled"])
+async def test_debts_left_on_disk_are_not_added_to_a_window_seeded_from_the_store_since(
+    tmp_path: Path, spilled: bool
+) -> None:
+    """As above, but Redis comes back empty, and another engine (C, started while Redis was
+    still away: it wrote the spilled batch) seeds the window from the store, which holds the
+    $0.03, before the next engine (B) pays the file: B adds nothing. With the charges spilled
+    (not written by the engine that owed them, so its file could not say when the store had
+    them) the $0.03 was added on top: Redis $0.09 for $0.06 spent."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        value, budget = await _stopped_owing_redis(tmp_path, server, spilled=spilled)
+        server.kill(keep_data=False)  # (stopped already: its saved data goes)
+        c = BudgetEngine(_debts_settings(tmp_path, server))
+        app = fault_app(c)
+        async with running(app), client(app) as http:
+            server.start()  # empty
+            await asyncio.sleep(1.2)  # past C's back-off
+            assert await asked(http, value, 1) == [200]  # seeds the window from the store
+            seeded = _budget_in_redis(server, budget)
+            b = BudgetEngine(_debts_settings(tmp_path, server))
+            await b.ensure_started()  # pays the file
+            left = _left_debts(tmp_path)
+            assert await c.flush()
+            in_redis = _budget_in_redis(server, budget)
+            stored = budget_usage(c, budget)
+            await b.shutdown()
+    finally:
+        server.stop()
+    print(
+        f"Redis back empty, seeded by another engine after the store had the debts "
+        f"({'spilled' if spilled else 'written'}): {seeded}; after the next engine paid the "
+        f"file: {in_redis}; store {stored}"
+    )
+    assert list(seeded.values()) == [6 * CENT]
+    assert stored == 6 * CENT
+    assert list(in_redis.values()) == [stored]
+    assert left == []
+
+
+async def test_debts_left_on_disk_whose_window_ended_add_nothing_to_the_next(
+    tmp_path: Path,
+) -> None:
+    """$0.02 then $0.03 owed to Redis in an hour's window, left on disk; the next engine
+    starts an hour and a half later (the window rolled): the old window's key keeps its $0.02,
+    the new one holds only what was spent in it ($0.01)."""
+    server = PrivateRedis()
+    server.start()
+    clock = Clock()
+    try:
+        value, budget = await _stopped_owing_redis(tmp_path, server, clock=clock, reset="1h")
+        server.start()  # with its data
+        before = _budget_in_redis(server, budget)
+        clock.advance(5400)
+        b = BudgetEngine(_debts_settings(tmp_path, server), clock)
+        app = fault_app(b)
+        async with running(app), client(app) as http:
+            left = _left_debts(tmp_path)
+            assert await asked(http, value, 1) == [200]
+            assert await b.flush()
+            after = _budget_in_redis(server, budget)
+            stored = budget_usage(b, budget)
+    finally:
+        server.stop()
+    print(f"Redis before the next engine: {before}; after it started an hour and a half "
+          f"later and took $0.01: {after}; store {stored}")  # fmt: skip
+    assert list(before.values()) == [2 * CENT]
+    old = next(iter(before))
+    assert after.pop(old) == 2 * CENT
+    assert list(after.values()) == [CENT]
+    assert stored == CENT
+    assert left == []
+
+
+async def test_debts_left_on_disk_are_added_once_by_engines_that_start_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$0.03 owed to Redis left on disk; three engines start at once on that folder (and on
+    the Redis that kept its data), each reading the file before any has paid it (they wait
+    for each other): it is added once."""
+    from budget_middleware.store import redis_counters, spill
+
+    server = PrivateRedis()
+    server.start()
+    try:
+        _, budget = await _stopped_owing_redis(tmp_path, server)
+        server.start()  # with its data
+        engines = [BudgetEngine(_debts_settings(tmp_path, server)) for _ in range(3)]
+        together = threading.Barrier(3, timeout=10)
+        found: list[int] = []
+        read = spill.left_debts
+
+        def all_read(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+            files = read(folder)
+            found.append(len(files))
+            together.wait()  # (in the worker threads the engines read in)
+            return files
+
+        monkeypatch.setattr(spill, "left_debts", all_read)
+        monkeypatch.setattr(redis_counters, "left_debts", all_read, raising=False)
+        await asyncio.gather(*(e.ensure_started() for e in engines))
+        in_redis = _budget_in_redis(server, budget)
+        left = _left_debts(tmp_path)
+        for engine in engines:
+            await engine.shutdown()
+    finally:
+        server.stop()
+    print(
+        f"three engines started at once on a debt of $0.03 (Redis kept $0.02), files each "
+        f"found: {found}; Redis {in_redis}"
+    )
+    assert found == [1, 1, 1]
+    assert list(in_redis.values()) == [5 * CENT]
+    assert left == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no debts", "a debt without its amount"])
+async def test_a_damaged_debt_file_is_set_aside_and_the_others_are_paid(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file of debts to Redis that cannot be read (cut short, or a field missing) beside a
+    good one: it is renamed `.bad` and logged, the good one is paid, and the engine starts and
+    its heartbeat goes on."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        value, budget = await _stopped_owing_redis(tmp_path, server)
+        (good,) = _left_debts(tmp_path)
+        data = good.read_bytes()
+        if damage == "truncated":
+            bad = data[: len(data) // 2]
+        else:
+            left = json.loads(data)
+            left["id"] = "0" * 32  # another file's
+            left["done"] = left["done"].replace(left["done"].rsplit(":", 1)[1], left["id"])
+            if damage == "no debts":
+                del left["debts"]
+            else:
+                del left["debts"][0]["amount"]
+            bad = json.dumps(left).encode()
+        damaged = good.with_name("00000000000000000001-" + "0" * 32 + ".json")
+        damaged.write_bytes(bad)
+        server.start()  # with its data
+        b = BudgetEngine(_debts_settings(tmp_path, server, flush_interval_seconds=0.1))
+        app = fault_app(b)
+        with caplog.at_level("ERROR", logger="budget_middleware"):
+            async with running(app), client(app) as http:
+                paid = _budget_in_redis(server, budget)
+                await asyncio.sleep(0.5)  # a few heartbeats
+                assert await asked(http, value, 1) == [200]
+                assert await b.flush()
+                in_redis = _budget_in_redis(server, budget)
+                beating = b.counters._heartbeat  # type: ignore[attr-defined]
+                alive = beating is not None and not beating.done()
+        left = sorted(p.name for p in good.parent.iterdir())
+    finally:
+        server.stop()
+    logged = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    print(
+        f"a debt file ({damage}) beside a good one: Redis {paid} at start, {in_redis} after one "
+        f"more request; heartbeat running: {alive}; left {left}; logged {logged}"
+    )
+    assert list(paid.values()) == [5 * CENT]
+    assert list(in_redis.values()) == [6 * CENT]
+    assert alive
+    assert left == [damaged.name + ".bad"]
+    assert len(logged) == 1 and damaged.name in logged[0]
+
+
+async def test_a_folder_of_debts_with_many_bad_files_is_not_listed_every_heartbeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,000 `.bad` files set aside long ago in the folder of debts to Redis, an engine that
+    beats every 0.1 s: the folder was listed every round, 2.7 ms of a thread each (10,000:
+    22 ms), for as long as the engine runs. It is listed again once it changed: a file of debts
+    an engine leaves meanwhile is paid at the next beat all the same."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        _, budget = await _stopped_owing_redis(tmp_path, server)
+        (debt,) = _left_debts(tmp_path)
+        data = debt.read_bytes()
+        debt.unlink()
+        folder = debt.parent
+        for n in range(1000):
+            (folder / f"{n:020d}-{n:032x}.json.bad").write_bytes(b"{")
+        long_ago = time.time() - 3600
+        os.utime(folder, (long_ago, long_ago))
+        server.start()  # with its data: $0.02
+        listed: list[float] = []
+        scandir = os.scandir
+
+        def counting(path: Any = ".") -> Any:
+            if isinstance(path, str | os.PathLike) and Path(path) == folder:
+                listed.append(time.monotonic())
+            return scandir(path)
+
+        monkeypatch.setattr(os, "scandir", counting)
+        b = BudgetEngine(_debts_settings(tmp_path, server, flush_interval_seconds=0.1))
+        await b.ensure_started()
+        await asyncio.sleep(1.5)  # some 15 heartbeats
+        quiet = len(listed)
+        debt.write_bytes(data)  # an engine stops owing $0.03 meanwhile
+        await until(lambda: not debt.exists())
+        in_redis = _budget_in_redis(server, budget)
+        await b.shutdown()
+    finally:
+        server.stop()
+    print(f"a folder of 1,000 .bad files listed {quiet} times in 1.5 s of heartbeats every "
+          f"0.1 s; a file of debts left then paid: Redis {in_redis}")  # fmt: skip
+    assert quiet <= 2
+    assert list(in_redis.values()) == [5 * CENT]

@@ -692,6 +692,7 @@ class BudgetEngine:
             await self._spill_behind()
         if self.spill is not None and all(b.path is not None for b in self.unwritten):
             await anyio.to_thread.run_sync(self.spill.give_up)
+            self.counters.left_to_others(self.spill.given_up)
             self.unwritten = []  # on disk, and anyone's: not this engine's to write
             self.registry.ledger.left_to_others()
             logger.warning(
@@ -1208,15 +1209,17 @@ class BudgetEngine:
                 if batch.path is not None:
                     self._unspill(batch.path)
                 self._transient_failures = 0
+                if not read_at_commit and self.counters.wants_commit_time:
+                    # Applied by an earlier try (`_refused` found it): a moment read now is
+                    # after that commit too.
+                    with contextlib.suppress(Exception):
+                        at = await anyio.to_thread.run_sync(self.store.clock)
                 if batch.own:  # another engine's charges were never in this ledger
-                    if not read_at_commit and self.counters.wants_commit_time:
-                        # Applied by an earlier try (`_refused` found it): a moment read now
-                        # is after that commit too.
-                        with contextlib.suppress(Exception):
-                            at = await anyio.to_thread.run_sync(self.store.clock)
                     self.counters.committed_at(at)
                     for d in batch.deltas:
                         ledger.confirmed(d.kind, d.id, d.start_ts, d.amount)
+                else:  # (when the store had them, for what that engine owed Redis)
+                    await self.counters.written_for_others(batch.id, at)
                 self.store_ok = True
                 self.stats.last_flush_at = self.clock()
 
@@ -1227,7 +1230,7 @@ class BudgetEngine:
         hop: a write committed before another instance's seed read the store looked committed
         after it, and was added to the seed again after an empty restart."""
         self.store.apply_flush(batch.id, batch.deltas, batch.records)
-        if not (batch.own and self.counters.wants_commit_time):
+        if not self.counters.wants_commit_time:
             return None
         try:
             return self.store.clock()

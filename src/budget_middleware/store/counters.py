@@ -97,6 +97,14 @@ class CounterBackend(ABC):
         """The store's clock right after it committed the charges confirmed next (None: not
         known)."""
 
+    def left_to_others(self, batch_ids: Sequence[str]) -> None:  # noqa: B027 - optional hook
+        """The engine stops with the charges the store has not confirmed in these batches on
+        disk, given up to the next engine on the store (`Spill.give_up`)."""
+
+    async def written_for_others(self, batch_id: str, at: float | None) -> None:  # noqa: B027
+        """A batch another engine gave up as it stopped is in the store now: the store's clock
+        right after the commit (None: not known)."""
+
     async def loop_ending(self) -> None:  # noqa: B027 - optional hook
         """The engine's event loop ends without a shutdown (a script's `asyncio.run` returns):
         close the connections opened on it (shared backends), keep what is owed."""

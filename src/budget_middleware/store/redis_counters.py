@@ -71,7 +71,15 @@ from budget_middleware.core.windows import Carry, CounterRegistry, WindowCounter
 from budget_middleware.exceptions import ServiceUnavailable
 from budget_middleware.store.counters import CounterBackend
 from budget_middleware.store.database import in_memory
-from budget_middleware.store.spill import debts_folder, left_debts, spill_root, write_debts
+from budget_middleware.store.spill import (
+    LeftDebts,
+    debts_folder,
+    debts_paid,
+    note_written,
+    spill_root,
+    write_debts,
+    written_at,
+)
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -439,7 +447,9 @@ class RedisCounters(CounterBackend):
         url = settings.database_url
         root = spill_root(settings.spill_dir)
         self._debts = None if in_memory(url) else debts_folder(root, url, self.url)
+        self._debts_left = None if self._debts is None else LeftDebts(self._debts)
         self._confirmed_all = True  # the store confirmed every charge taken (`settled`)
+        self._given_up: list[str] = []  # the batches the engine left to others as it stopped
 
     @property
     def _mark_key(self) -> str:
@@ -592,6 +602,19 @@ class RedisCounters(CounterBackend):
                 await self.client.aclose(close_connection_pool=True)
             self.client = None
 
+    def left_to_others(self, batch_ids: Sequence[str]) -> None:
+        self._given_up = list(batch_ids)
+
+    async def written_for_others(self, batch_id: str, at: float | None) -> None:
+        """Noted beside the debts to Redis (`spill.note_written`): the engine that gave the
+        batch up may have left debts whose charges it holds."""
+        if self._debts is None or at is None:
+            return
+        try:
+            await anyio.to_thread.run_sync(note_written, self._debts, batch_id, at)
+        except OSError as exc:  # (its debts are added whole: twice at worst)
+            logger.error("budget-middleware could not note a batch written for debts: %s", exc)
+
     async def _leave_debts(self) -> str | None:
         """What this engine still owes Redis as it stops, on disk (`spill.write_debts`) for the
         next process to add (`_pay_left`); the file's path, or None when it cannot be written.
@@ -633,12 +656,17 @@ class RedisCounters(CounterBackend):
                     debt(key, counter, amount, counter.start, end, done, places.get(key, []))
         ledger = self.ledger  # (all its charges in the store: none pending, none unconfirmed)
         written = self._confirmed_all and not (ledger.dirty or ledger.sealed or ledger.unconfirmed)
+        # Else, when the rest is in batches given up to the next engine (the store unreachable
+        # too), settled once the store has those (`spill.written_at`): without, a window seeded
+        # from the store after another engine wrote them had them added again.
+        spilled = [] if written or ledger.dirty or ledger.sealed else self._given_up
         paid = uuid.uuid4().hex  # the file's id
         left = {
             "id": paid,
             "done": self._done_key(paid),  # (its prefix's)
             "instance": self._instance,
             "settled": self._commit_at if written else None,
+            "batches": spilled,
             "debts": debts,
         }
         try:
@@ -646,6 +674,7 @@ class RedisCounters(CounterBackend):
         except OSError as exc:
             logger.error("budget-middleware could not leave its debts to Redis on disk: %s", exc)
             return None
+        self._given_up = []
         self._owed.clear()
         self._owed_to.clear()
         self._unsure.clear()
@@ -660,28 +689,30 @@ class RedisCounters(CounterBackend):
 
     async def _pay_left(self) -> None:
         """Add the debts engines left on disk as they stopped (`_leave_debts`), each file once."""
-        if self._debts is None or self.client is None:
+        if self._debts_left is None or self.client is None:
             return
         try:
-            files = await anyio.to_thread.run_sync(left_debts, self._debts)
+            files = await anyio.to_thread.run_sync(self._debts_left.read)
         except OSError as exc:
             logger.error("budget-middleware could not read the debts to Redis on disk: %s", exc)
             return
         for path, left in files:
             await self._pay_left_file(left)
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
+            await anyio.to_thread.run_sync(debts_paid, path, left.get("batches", []))
 
     async def _pay_left_file(self, left: dict[str, Any]) -> None:
         """One file's debts, by reconcile.lua under the file's id (a file paid twice is added
         once), to the window keys Redis kept, less what a seed made since holds
         (`_held_of_left`); skipped: a window over, a key gone (seeded from the store, which has
         them), a window begun anew elsewhere, a payment or settlement Redis ran (its done key)."""
-        assert self.client is not None and self._reconcile is not None
+        assert self.client is not None and self._reconcile is not None and self._debts is not None
         now = self.clock()
         debts = [d for d in left["debts"] if d["end"] is None or now < d["end"]]
         if not debts:
             return
+        settled = left["settled"]
+        if settled is None and left.get("batches"):  # (given up in batches: when written)
+            settled = await anyio.to_thread.run_sync(written_at, self._debts, left["batches"])
         dones = [d["done"] for d in debts if d["done"]]
         found = await self.client.mget([d["record"] for d in debts] + dones)
         ran = dict(zip(dones, found[len(debts) :], strict=True))
@@ -693,9 +724,7 @@ class RedisCounters(CounterBackend):
             if done is not None and debt["key"] not in str(done).split("\n"):
                 continue  # added by the call Redis ran
             seen = str(record or "")
-            amount = int(debt["amount"]) - _held_of_left(
-                debt, seen, left["instance"], left["settled"]
-            )
+            amount = int(debt["amount"]) - _held_of_left(debt, seen, left["instance"], settled)
             if amount <= 0:
                 continue
             end = debt["end"]
