@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from sqlmodel import select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
@@ -722,8 +723,7 @@ def one_engine(
         BudgetSettings(
             database_url=f"sqlite:///{tmp_path}/store.db",
             pricing_file=prices,
-            flush_interval_seconds=0.05,
-            **settings,
+            **{"flush_interval_seconds": 0.05, **settings},
             **extra,
         ),
         clock=clock,
@@ -785,6 +785,85 @@ async def test_new_terms_carry_the_usage_into_a_window_already_rolled_to(
         delete_prefix(REDIS_URL, prefix)
     print(f"{counters}: {statuses}")
     assert statuses == [200, 200, 402]
+
+
+# (limits made, the new terms, the refusal, the kind of the window's Redis key, what it holds)
+LENGTHENED = {
+    "budget": (
+        {"budgets": [{"max_limit": 0.1, "reset_duration": "1m"}]},
+        {"budgets": [{"max_limit": 0.0002, "reset_duration": "1d"}]},
+        (402, "budget_exceeded"),
+        "budget",
+        500_000,  # $0.0005
+    ),
+    "tokens": (
+        {"rate_limit": {"token_max_limit": 1000, "token_reset_duration": "1m"}},
+        {"rate_limit": {"token_max_limit": 40, "token_reset_duration": "1d"}},
+        (429, "token_limit_exceeded"),
+        "token",
+        50,
+    ),
+}
+
+
+@pytest.mark.parametrize("limit", list(LENGTHENED))
+@pytest.mark.parametrize("counters", ["in process", "Redis"])
+async def test_what_settles_after_new_terms_lengthened_its_window_counts_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counters: str, limit: str
+) -> None:
+    """A key's $0.1 budget of a minute (or 1,000 tokens a minute); 30 s in, a request admitted
+    (held open), then the budget becomes $0.0002 a day (40 tokens a day): the same window, from
+    the same start, now a day long. The request settles 31 s later ($0.0005, 50 tokens), past
+    where the minute would have ended, before any other request has read the new terms: the
+    live counter, still on the old ones, rolls to the next minute. The next request is refused
+    (402 `budget_exceeded`, 429 `token_limit_exceeded`). In process the counter carries what
+    it counted into the day when it reads the new terms; on Redis the settlement went to the key
+    of the next minute, which the new terms never read: the day's key held $0 (0 tokens), and
+    the next request was admitted (seed 5152 of the comparison, narrowed down)."""
+    made, terms, refused, kind, charged = LENGTHENED[limit]
+    engine, clock, prefix = one_engine(tmp_path, monkeypatch, counters, flush_interval_seconds=3600)
+    key = engine.manager.create_virtual_key(name="alice", value=KEY, **made)
+    if limit == "budget":
+        window = key.budgets[0]
+        id_, began = window.id, window.last_reset
+        terms = {"budgets": [{**terms["budgets"][0], "id": id_}]}  # the same budget
+    else:
+        assert key.rate_limit is not None
+        id_, began = key.rate_limit.id, key.rate_limit.token_last_reset
+    host = Host()
+    app = BudgetMiddleware(host, engine=engine)
+    body = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"authorization": f"Bearer {KEY}", "x-test-id": "held"}
+    host.answers["held"] = Answer("json", prompt=0, completion=50, hold="after")  # $0.0005
+    host.answers["next"] = Answer("json", prompt=0, completion=0)
+    in_redis: int | None = None
+    try:
+        async with running(app), client_of(app) as http:
+            clock.advance(30)
+            held = asyncio.create_task(
+                http.post("/v1/chat/completions", json=body, headers=headers)
+            )
+            await asyncio.wait_for(host.entered.setdefault("held", asyncio.Event()).wait(), 10)
+            engine.manager.update_virtual_key(key.id, **terms)
+            clock.advance(31)
+            host.gates.setdefault("held", asyncio.Event()).set()
+            statuses = [(await held).status_code]
+            headers = {**headers, "x-test-id": "next"}
+            answer = await http.post("/v1/chat/completions", json=body, headers=headers)
+            statuses.append(answer.status_code)
+            if counters == "Redis":
+                shared = redis.Redis.from_url(REDIS_URL)
+                found = shared.get(f"{prefix}w:{kind}:{id_}:{int(began.timestamp() * 1000)}")
+                shared.close()
+                in_redis = None if found is None else int(found)
+    finally:
+        engine.store.dispose()
+        delete_prefix(REDIS_URL, prefix)
+    code = answer.json()["error"]["code"] if answer.status_code >= 400 else ""
+    print(f"{counters}, {limit}: {statuses} {code}; the day's Redis key holds {in_redis}")
+    assert (statuses, code) == ([200, refused[0]], refused[1])
+    if counters == "Redis":
+        assert in_redis == charged
 
 
 def client_of(app: Any) -> httpx.AsyncClient:

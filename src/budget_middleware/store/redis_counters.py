@@ -1312,12 +1312,12 @@ class RedisCounters(CounterBackend):
             counter = entry.counter
             assert counter is not None
             stored, reset_at = 0, float("-inf")
-            carried = True  # a rate window begins within another only by new terms
+            own = (counter.duration, counter.calendar_aligned)
+            terms = own  # the store's, where it holds the limit
             if entry.kind in "bs" and counter.id in budgets:
                 budget = budgets[counter.id]
                 stored, reset_at = budget.usage, budget.last_reset.timestamp()
                 terms = (parse_duration(budget.reset_duration), budget.calendar_aligned)
-                carried = terms != (counter.duration, counter.calendar_aligned)
             elif counter.id in rates:
                 row = rates[counter.id]
                 if entry.kind == "r":
@@ -1325,11 +1325,15 @@ class RedisCounters(CounterBackend):
                         row.request_current_usage,
                         utc(row.request_last_reset).timestamp(),
                     )
+                    terms = (parse_duration(row.request_reset_duration), False)
                 else:
                     stored, reset_at = (
                         row.token_current_usage,
                         utc(row.token_last_reset).timestamp(),
                     )
+                    terms = (parse_duration(row.token_reset_duration), False)
+            # A rate window begins within another only by new terms.
+            carried = terms != own or entry.kind not in "bs"
             if counter.start < reset_at < counter.end or (
                 counter.anchor < reset_at < counter.start and counter.begun_anew_at(reset_at)
             ):
@@ -1349,6 +1353,18 @@ class RedisCounters(CounterBackend):
                         self._marks[mark] = (reset_at, mark_ttl_ms(self.settings))
                 moved = True
                 continue
+            if terms != own:
+                # New terms the counter has not read yet (at its next reload): on its old ones it
+                # rolled into a window theirs may not have (a minute made a day, settled past the
+                # minute's end: the next minute's key, which no admission reads once the counter
+                # has read the day, took the charge). It takes them now, as its reload would, and
+                # moves to their window with what it counted (`configure`), before anything is
+                # seeded or charged where the old terms put it.
+                start = counter.start
+                counter.configure(counter.limit, *terms, reset_at, now, self.ledger)
+                if counter.start != start:
+                    moved = True
+                    continue
             value = stored if counter.start <= reset_at < counter.end else 0
             # Our own charges of this window not yet in the store: Redis lost them too. Those
             # the store committed after they were taken and before it was read are in `value`
