@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 from admin_support import ADMIN, admin_client, admin_settings
 from budget_middleware.manage.manager import BudgetManager
@@ -213,3 +216,57 @@ async def test_a_key_value_no_request_could_present_is_refused_at_write_time(
         raised = exc
     print("a file's value with its line break:", repr(raised))
     assert raised is not None and getattr(raised, "param", None) == "value"
+
+
+async def test_an_authorization_header_sent_twice_is_read_alike_by_the_asgi_and_wsgi_admin(
+    tmp_path: Path,
+) -> None:
+    """Two `Authorization` headers, the admin key's and another: ASGI keeps both, and the admin
+    API (Starlette's `request.headers`) read the first; a WSGI server joins them into one
+    `HTTP_AUTHORIZATION` (`a,b` gunicorn and werkzeug, `a, b` waitress: PEP 3333 has one value a
+    name), and `create_admin_wsgi_app()` read that whole as the token: the same request was
+    served 200 by one and refused 401 `invalid_admin_key` by the other (and the quota route's
+    key: 200 and 401 `invalid_virtual_key`). Both read the first value now, as the middleware
+    reads a virtual key sent twice: the admin key first is admitted, second is refused."""
+    from wsgiref.util import setup_testing_defaults
+
+    from budget_middleware.wsgi import create_admin_wsgi_app
+
+    settings = admin_settings(tmp_path)
+    wsgi = create_admin_wsgi_app(settings)
+
+    def over_wsgi(path: str, values: list[str], joiner: str) -> tuple[int, str]:
+        environ: dict[str, Any] = {"PATH_INFO": path, "HTTP_AUTHORIZATION": joiner.join(values)}
+        setup_testing_defaults(environ)
+        statuses: list[str] = []
+        body = b"".join(wsgi(environ, lambda status, headers: statuses.append(status)))  # type: ignore[arg-type, func-returns-value]
+        status = int(statuses[0].split()[0])
+        return status, json.loads(body)["error"]["code"] if status != 200 else ""
+
+    seen = []
+    async with admin_client(settings) as c:
+        created = await c.post("/virtual-keys", json={"name": "k"}, headers=ADMIN)
+        value = created.json()["virtual_key"]["value"]
+        cases = [
+            ("/customers", ["Bearer admin-secret", "Bearer junk"]),
+            ("/customers", ["Bearer junk", "Bearer admin-secret"]),
+            ("/customers", [f"Bearer {value}", "Bearer admin-secret"]),
+            ("/virtual-keys/quota", [f"Bearer {value}", "Bearer junk"]),
+            ("/virtual-keys/quota", ["Bearer sk-bm-junk", f"Bearer {value}"]),
+        ]
+        for path, values in cases:
+            r = await c.get(path, headers=[("authorization", v) for v in values])
+            asgi = (r.status_code, r.json()["error"]["code"] if r.status_code != 200 else "")
+            for joiner in (",", ", "):
+                answer = await asyncio.to_thread(over_wsgi, path, values, joiner)
+                seen.append((path, values[0][:14], repr(joiner), asgi, answer))
+    for row in seen:
+        print(row)
+    assert [row[3] for row in seen] == [
+        (200, ""), (200, ""),
+        (401, "invalid_admin_key"), (401, "invalid_admin_key"),
+        (401, "virtual_key_not_allowed"), (401, "virtual_key_not_allowed"),
+        (200, ""), (200, ""),
+        (401, "invalid_virtual_key"), (401, "invalid_virtual_key"),
+    ]  # fmt: skip
+    assert [row for row in seen if row[3] != row[4]] == []

@@ -1694,6 +1694,42 @@ async def test_a_tool_loop_s_turn_without_a_reported_cost_is_charged_its_tokens(
     assert row.cost_nanos == want
 
 
+@pytest.mark.parametrize("end", ["done", "cut"])
+async def test_a_turn_cut_short_after_one_that_reported_its_cost_keeps_that_cost(
+    make_settings: Settings, end: str
+) -> None:
+    """Two turns of a tool loop streamed as one answer: the first reports what it cost
+    (`usage.cost`, $0.01: a search fee beside 100 input and 50 output tokens, as Perplexity's
+    models report it through OpenRouter), the second streams 4,000 characters and no usage (its
+    `[DONE]` without it, or cut). The first is charged its cost and the second an estimate of its
+    prompt and text. The estimate priced both turns by their tokens: the first's fee was dropped
+    ($0.0163 where $0.0250 is due)."""
+    model = "anthropic/claude-sonnet-4"
+    head = {"id": "chatcmpl-0", "model": model}
+    answer = [
+        head | {"choices": [{"index": 0, "delta": {"content": "hi"}}]},
+        head
+        | {"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 50, "cost": 0.01}},
+    ]
+    text = {
+        "id": "chatcmpl-1",
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": "y" * 400}}],
+    }
+    answer += [text] * 10
+    if end == "cut":  # the app's stream ends there: no `[DONE]`
+        answer.append({"type": "cut"})
+    row = await charged_for(make_settings, "/v1/chat/completions", f"openrouter/{model}", answer)
+    prompt = row.input_tokens - 100  # the second's: the request's estimate
+    second = nanos(Usage(input_tokens=prompt, output_tokens=1000), model, "openrouter")
+    print(
+        f"$0.01 reported, then {prompt} in / 1,000 out estimated: charged {row.cost_nanos} n$,"
+        f" expected {10_000_000 + second}"
+    )
+    assert 0 < prompt < 100 and row.output_tokens == 1050 and row.estimated
+    assert abs(row.cost_nanos - (10_000_000 + second)) <= 1
+
+
 @pytest.mark.parametrize(
     ("model", "maker"),
     [

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from budget_middleware import BudgetSettings
+from budget_middleware import BudgetSettings, create_admin_app
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.tables import BudgetRow
 from conftest import REDIS_URL, need_redis
@@ -196,3 +196,110 @@ async def test_the_redis_keys_of_a_lifetime_budget_s_windows_reset_expire(
     print(f"given a reset period then: {len(then)} {then}")
     assert set(statuses) == {200}
     assert (len(for_good), then) == (2, [])
+
+
+async def test_a_lifetime_budget_given_a_reset_period_its_window_holds_expires_with_it(
+    make_settings: Settings,
+) -> None:
+    """A prepaid budget (it never resets) given a reset period whose first window is the one it
+    is in (a day, the budget a minute old): the window stays, its key too (the usage is there),
+    and that key and its seed record expire as any window's do, after its end and the margin.
+    They were kept as they were, for ever: every such change left two keys in Redis for good,
+    and a later change from a day to a week left the live key to expire after the first day, in
+    its window. Through the admin API, and the key's next request on the new terms."""
+    need_redis()
+    settings = make_settings(redis_url=REDIS_URL)
+    app = host_app(settings)
+    engine = engine_of(app)
+    prefix = unique_prefix()
+    use_prefix(engine, prefix)
+    admin = create_admin_app(settings)
+    bearer = {"authorization": "Bearer admin-secret"}
+    async with running(app), client(app) as http, client(admin) as api:
+        made = await api.post(
+            "/virtual-keys", json={"name": "prepaid", "budgets": [{"max_limit": 10.0}]},
+            headers=bearer,
+        )  # fmt: skip
+        key = made.json()["virtual_key"]
+        auth = {"authorization": f"Bearer {key['value']}"}
+        first = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+        statuses = [first.status_code]
+        await engine.flush()
+        r = Redis.from_url(REDIS_URL, decode_responses=True)
+        before = {k: r.pttl(k) for k in r.scan_iter(match=prefix + "*w:budget:*")}
+        ttls = {}
+        for period in ("1d", "1w"):
+            budget = {"id": key["budgets"][0]["id"], "max_limit": 10.0, "reset_duration": period}
+            changed = await api.put(
+                f"/virtual-keys/{key['id']}", json={"budgets": [budget]}, headers=bearer
+            )
+            assert changed.status_code == 200, changed.text
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+            statuses.append(answer.status_code)
+            await engine.flush()
+            ttls[period] = {k: r.pttl(k) for k in r.scan_iter(match=prefix + "*w:budget:*")}
+        listed = (await api.get("/budgets", headers=bearer)).json()["budgets"]
+        spent = [b["current_usage"] for b in listed]
+        r.close()
+    delete_prefix(REDIS_URL, prefix)
+    print(f"never resetting: {before}")
+    print(f"given a period of a day, then a week: {ttls}")
+    assert statuses == [200, 200, 200]
+    assert sorted(before.values()) == [-1, -1]  # the key and its seed record: for good
+    day, week = 86_400_000, 7 * 86_400_000
+    for period, most in (("1d", day), ("1w", week)):
+        assert len(ttls[period]) == 2, ttls  # the same window: no key left behind
+        for ttl in ttls[period].values():  # its end, less the minutes gone, plus the margin
+            assert most < ttl <= most + 300_000, (period, ttls)
+    print(f"spent: {spent}")
+    assert spent == [pytest.approx(3 * 0.0001275)]  # three requests: the usage carried over
+
+
+async def test_a_lifetime_budget_deleted_by_an_instance_that_never_served_it_leaves_no_key(
+    make_settings: Settings,
+) -> None:
+    """Prepaid keys (budgets that never reset) spent through one instance, then, after a
+    restart (a deploy), one key deleted, another's budget removed by an update and a third's
+    reset (a top-up), through an instance that has not served them since: the keys in Redis of
+    the windows that ended so, and their seed records, expire after the margin any window's key
+    has. Only an instance holding their live counters let them expire (its re-read forgets
+    them, its reset names the window it ends): these were kept for good, two Redis keys a
+    deleted or reset prepaid budget. The key left alone keeps its two."""
+    need_redis()
+    settings = make_settings(redis_url=REDIS_URL)
+    app = host_app(settings)
+    engine = engine_of(app)
+    prefix = unique_prefix()
+    use_prefix(engine, prefix)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        keys = [
+            m.create_virtual_key(name=f"prepaid-{n}", budgets=[{"max_limit": 10.0}])
+            for n in range(4)
+        ]
+        for key in keys:
+            auth = {"authorization": f"Bearer {key.value}"}
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+            assert answer.status_code == 200
+    after_restart = BudgetEngine(make_settings(redis_url=REDIS_URL))
+    use_prefix(after_restart, prefix)
+    await after_restart.ensure_started()
+    try:
+        after_restart.manager.delete_virtual_key(keys[0].id)
+        after_restart.manager.update_virtual_key(keys[1].id, budgets=[])
+        after_restart.manager.reset_budget(keys[3].budgets[0].id)
+        await after_restart.counters.mark_now()
+    finally:
+        await after_restart.shutdown()
+        after_restart.store.dispose()
+    r = Redis.from_url(REDIS_URL, decode_responses=True)
+    ttls = {
+        n: sorted(r.pttl(k) for k in r.scan_iter(match=f"{prefix}*w:budget:{key.budgets[0].id}:*"))
+        for n, key in enumerate(keys)
+    }
+    r.close()
+    delete_prefix(REDIS_URL, prefix)
+    print(f"the keys' windows in Redis, their TTLs (ms; -1: for good): {ttls}")
+    assert ttls[2] == [-1, -1]  # left alone: its live window
+    for gone in (0, 1, 3):
+        assert len(ttls[gone]) == 2 and all(0 < t <= 300_000 for t in ttls[gone]), ttls

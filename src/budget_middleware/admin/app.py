@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Match, Route
 
 from budget_middleware.admin.answers import error
-from budget_middleware.admin.auth import check_admin, virtual_key_value
+from budget_middleware.admin.auth import check_admin, first_joined, virtual_key_value
 from budget_middleware.admin.context import Call, Operation, Refused, check_path, parse_query
 from budget_middleware.admin.dashboard import dashboard_routes
 from budget_middleware.admin.metrics import metrics_answer
@@ -112,6 +112,8 @@ async def _virtual_key(call: Call) -> None:
     """The credential of `GET /virtual-keys/quota`: the virtual key itself."""
     value = virtual_key_value(call.request, call.manager.settings)
     call.key_id = await call.run(call.manager.find_virtual_key, value) if value else None
+    if call.key_id is None and value and (first := first_joined(value)):
+        call.key_id = await call.run(call.manager.find_virtual_key, first)  # a header sent twice
     if call.key_id is None:
         code = "invalid_virtual_key" if value else "virtual_key_required"
         message = "unknown virtual key" if value else "this route needs the virtual key itself"

@@ -29,6 +29,28 @@ def is_admin_key(token: str, admin_key: str) -> bool:
     return hmac.compare_digest(token.encode("latin-1", "replace"), admin_key.encode())
 
 
+def first_joined(value: str) -> str | None:
+    """The first of a header's values joined into one (`a,b`, `a, b`: a header sent twice, as a
+    WSGI server passes it, PEP 3333 having one value a name, and as some proxies do), for a
+    credential that is not found whole; None when nothing was joined. ASGI keeps each line, and
+    a header sent twice counts by its first (Starlette's `request.headers`, the middleware's
+    `header_reader`): every adapter then reads the same request alike."""
+    first, comma, _ = value.partition(",")
+    return first.strip() if comma else None
+
+
+def admin_token(authorization: str, admin_key: str) -> str | None:
+    """The bearer token an `Authorization` value presents to the admin API: whole when it is
+    the admin key (one with a comma in it included), else its first joined value's
+    (`first_joined`)."""
+    token = bearer_token(authorization)
+    if token is not None and not is_admin_key(token, admin_key):
+        first = first_joined(authorization)
+        if first is not None:
+            token = bearer_token(first)
+    return token
+
+
 def bearer(request: Request) -> str | None:
     return bearer_token(request.headers.get("authorization", ""))
 
@@ -46,7 +68,7 @@ async def check_admin(
             "the admin API is disabled: set BUDGET_ADMIN_KEY to enable it",
             error_type="service_unavailable",
         )
-    token = bearer(request)
+    token = admin_token(request.headers.get("authorization", ""), settings.admin_key)
     if token is None:
         return error(
             401,

@@ -475,28 +475,16 @@ class Exchange:
                 if streamed <= usage.output_tokens:
                     return usage
                 self.estimated = True  # (a prompt of 0 tokens is none reported: see below)
-                return replace(
-                    usage,
-                    input_tokens=usage.input_tokens or self.prompt_tokens,
-                    output_tokens=streamed,
-                )
+                return _grown(usage, usage.input_tokens or self.prompt_tokens, streamed)
             # Cut before its end: Anthropic reported its input at the start, but the output so
             # far is only in the streamed text. A completion after the last usage that reported
             # none of its own (`unreported`): its prompt too, beside those before it.
             streamed = stream.streamed_output()
             self.estimated = True
             prompt = usage.input_tokens or self.prompt_tokens
-            cost = None
             if stream.unreported:
                 prompt = usage.input_tokens + self.prompt_tokens
-                if self.price is None:  # what those before it reported they cost, not $0
-                    cost = usage.cost
-            return replace(
-                usage,
-                input_tokens=prompt,
-                output_tokens=max(usage.output_tokens, streamed),
-                cost=cost,
-            )
+            return _grown(usage, prompt, max(usage.output_tokens, streamed))
         parts = self.json_parts
         if parts:
             price = self.price  # a tier written before the usage is looked for if it prices
@@ -879,3 +867,21 @@ class _Settled:
 
 
 _SETTLED = _Settled()
+
+
+def _grown(usage: TokenUsage, input_tokens: int, output_tokens: int) -> TokenUsage:
+    """A stream's usage grown to the counts its text shows (an estimate): what reported a cost
+    keeps it, and the tokens beyond what was reported are priced beside it (`uncosted`, as a
+    turn that reported no cost is), so that a turn's reported cost (a fee, a markup) is never
+    replaced by its tokens' price, nor the estimated rest left uncharged."""
+    if usage.cost is None:
+        return replace(usage, input_tokens=input_tokens, output_tokens=output_tokens)
+    more = TokenUsage(
+        max(input_tokens - usage.input_tokens, 0), max(output_tokens - usage.output_tokens, 0)
+    )
+    return replace(
+        usage,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        uncosted=more if usage.uncosted is None else usage.uncosted.plus(more),
+    )

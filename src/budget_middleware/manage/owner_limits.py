@@ -17,6 +17,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, case, event, text, update
@@ -202,6 +203,8 @@ def write_budgets(
         matched[new[0]] = (matched[new[0]][0], unmatched.popitem()[1])
     for row in unmatched.values():
         s.delete(row)
+    gone = unmatched.values()
+    ended_for_good(s, [(r.id, r.last_reset) for r in gone if r.reset_duration is None])
     s.flush()  # removed budgets free their reset_duration before the new ones are written
     for budget, row in matched:
         _write_budget(s, owner_type, owner_id, budget, row, calendar_aligned, origin)
@@ -288,16 +291,17 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
     start, end = current_window(duration, anchor, aligned, now)
     stored_end = current_window(old_duration, anchor, old_aligned, anchor)[1]  # the stored one's
     spent_before = stored_end is not None and stored_end <= start
-    was = current_window(old_duration, anchor, old_aligned, now)[0]  # the live window
+    was, was_end = current_window(old_duration, anchor, old_aligned, now)  # the live window
     held = 0 if spent_before else getattr(row, usage_column)  # the new window's, once written
     added = 0  # the stored usage the live window's counters lack (it was not theirs)
     if start < was:
         added = held
         start, end = current_window(duration, was, aligned, now)
-    if start > was or added:
+    if start > was or added or end != was_end:
         # The usage carries over to a window beginning later than the one live counters count
-        # in now, or they take the stored usage: told to them after the commit (`carried`), a
-        # budget's and a rate limit's request and token windows alike.
+        # in now, or they take the stored usage, or the live window ends elsewhere (its key in
+        # Redis expires with it: one that never ended was kept for good): told to them after the
+        # commit (`carried`), a budget's and a rate limit's request and token windows alike.
         carried(row).append(
             Carry(
                 kind=prefix.rstrip("_") or "budget",
@@ -319,6 +323,22 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
         setattr(row, usage_column, case((getattr(table, stamp_column) == stamp, left), else_=usage))
     if start > anchor:
         setattr(row, f"{prefix}last_reset", start)
+
+
+def ended_for_good(s: Session, budgets: list[tuple[str, datetime]]) -> None:
+    """Budgets that never reset (id, last_reset), deleted or reset in this session: their
+    window ends now, a `Carry` to no later window, told after the commit as new terms are
+    (`carried`), so that its key in Redis (and the key's seed record) expires as an ended
+    window's does (carry.lua). Only an instance that held the live counter let it expire
+    (`refresh`, `reset_noted`): one deleted or reset after a restart, or by the CLI, kept its two
+    keys in Redis for good."""
+    if not budgets:
+        return
+    now = utcnow().timestamp()
+    found: list[Carry] = s.info.setdefault(CARRIED, [])
+    for id_, last_reset in budgets:
+        start = utc(last_reset).timestamp()
+        found.append(Carry("budget", id_, was=start, start=start, end=now, added=0, held=0))
 
 
 def carried(row: Any) -> list[Carry]:
@@ -379,11 +399,12 @@ def delete_limits(s: Session, owner_type: str, owner_ids: list[str]) -> None:
     """Remove the budgets and rate limits of these owners."""
     if not owner_ids:
         return
-    s.exec(
-        delete(BudgetRow).where(
-            col(BudgetRow.owner_type) == owner_type, col(BudgetRow.owner_id).in_(owner_ids)
-        )
+    owned = (col(BudgetRow.owner_type) == owner_type, col(BudgetRow.owner_id).in_(owner_ids))
+    lifetime = select(BudgetRow.id, BudgetRow.last_reset).where(
+        *owned, col(BudgetRow.reset_duration).is_(None)
     )
+    ended_for_good(s, list(s.exec(lifetime)))
+    s.exec(delete(BudgetRow).where(*owned))
     s.exec(
         delete(RateLimitRow).where(
             col(RateLimitRow.owner_type) == owner_type, col(RateLimitRow.owner_id).in_(owner_ids)

@@ -15,9 +15,10 @@ from sqlalchemy import String, case, cast, func, update
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.money import NANOS_PER_USD, usd_from_nanos
-from budget_middleware.core.times import utc_or_none
+from budget_middleware.core.times import utc, utc_or_none
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.exceptions import InvalidRequest, NotFound
+from budget_middleware.manage.owner_limits import ended_for_good
 from budget_middleware.manage.schemas import (
     BudgetOut,
     ModelConfigOut,
@@ -75,7 +76,9 @@ def reset_budget(s: Session, id_: str, now: datetime) -> BudgetOut:
     """A new window from `now` (the moment this process's live counter started it at), in one
     statement: a flush may have written charges of that window already (settled after `now`,
     they started it in the store), and they stay; the old window's usage goes."""
-    _budget_row(s, id_)
+    row = _budget_row(s, id_)
+    if row.reset_duration is None and utc(row.last_reset) < now:
+        ended_for_good(s, [(row.id, row.last_reset)])  # (its window's key in Redis expires)
     older = col(BudgetRow.last_reset) < now
     s.execute(
         update(BudgetRow)

@@ -123,6 +123,11 @@ def _key_ttl_ms(end: float, now: float) -> int:
     return max(int((end - now + WINDOW_MARGIN_SECONDS) * 1000), 1)
 
 
+def _seed_record_key(prefix: str, key: str) -> str:
+    """Where `seed.lua` records when (the store's clock) and by whom a window key was seeded."""
+    return f"{prefix}sv:{key[len(prefix) :]}"
+
+
 def mark_key(prefix: str, kind: str, id: str) -> str:
     """The mark of a window begun anew elsewhere (`mark_reset.lua`, `carry.lua`): a budget's by
     its id, a rate limit's request and token windows (one id) each by its kind."""
@@ -135,6 +140,7 @@ class _Carrying(NamedTuple):
     mark: str  # the window's mark (`mark_key`)
     old: str  # the old window's key
     new: str  # the new window's key
+    record: str  # the new window's seed record (`RedisCounters._seed_record_key`)
     start: float  # where the new window begins
     ttl_ms: int  # the new key's (0: none)
     added: int  # `Carry.added`
@@ -165,6 +171,7 @@ def _carrying(prefix: str, carries: Sequence[Carry], now: float) -> list[_Carryi
             mark=mark_key(prefix, carry.kind, carry.id),
             old=_window_key(prefix, carry.kind, carry.id, carry.was),
             new=_window_key(prefix, carry.kind, carry.id, carry.start),
+            record=_seed_record_key(prefix, _window_key(prefix, carry.kind, carry.id, carry.start)),
             start=carry.start,
             ttl_ms=_key_ttl_ms(carry.end, now),
             added=carry.added,
@@ -181,7 +188,7 @@ def _carry_call(carries: list[_Carrying], mark_ttl: int) -> tuple[list[str], lis
     keys: list[str] = []
     args: list[Any] = []
     for carry in carries:
-        keys += [carry.mark, carry.old, carry.new]
+        keys += [carry.mark, carry.old, carry.new, carry.record]
         args += [repr(carry.start), mark_ttl, carry.ttl_ms, carry.added, carry.held]
     return keys, args
 
@@ -1721,9 +1728,7 @@ class RedisCounters(CounterBackend):
         return left, seen
 
     def _seed_record_key(self, key: str) -> str:
-        """Where `seed.lua` records when (the store's clock) and by whom a window key was
-        seeded."""
-        return f"{self.prefix}sv:{key[len(self.prefix) :]}"
+        return _seed_record_key(self.prefix, key)
 
     async def _pay_debts_whole(self) -> None:
         """`pay_debts` in a task of its own, which the caller waits for: a caller that stops

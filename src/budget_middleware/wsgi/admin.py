@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from budget_middleware.admin.auth import bearer_token, is_admin_key
+from budget_middleware.admin.auth import admin_token, is_admin_key
 from budget_middleware.admin.context import MAX_BODY_BYTES
 from budget_middleware.engine.engine import BudgetEngine, get_engine
 from budget_middleware.engine.portal import on_loop
@@ -110,8 +110,10 @@ def _text(value: str) -> str:
 
 def holds_admin_key(environ: WSGIEnvironment, admin_key: str | None) -> bool:
     """Whether the request's bearer token is `admin_key` (in constant time, as the API checks)."""
-    token = bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
-    return admin_key is not None and token is not None and is_admin_key(token, admin_key)
+    if admin_key is None:
+        return False
+    token = admin_token(environ.get("HTTP_AUTHORIZATION", ""), admin_key)
+    return token is not None and is_admin_key(token, admin_key)
 
 
 def _read_all(environ: WSGIEnvironment) -> bytes:

@@ -10,32 +10,48 @@
 -- stored usage that lies in their window, which the live key was not seeded with (it was an
 -- older window's), is added to it, once (the mark, at the live window's start, moves nobody).
 --
+-- Terms that leave the live window where it begins but end it elsewhere (a budget that never
+-- reset given a period; a day made a week; a budget that never resets deleted or reset: it ends
+-- now, `owner_limits.ended_for_good`) keep its key and seed record as long as that window now.
+--
 -- KEYS: per window its mark (`redis_counters.mark_key`), the old window's key, the new window's
--- key; a window moved twice before Redis took the first comes twice, in that order, the second
--- from the first's new window. ARGV: per window the new window's start (epoch seconds, as
--- text), the mark's ttl_ms, the new key's ttl_ms (0: none), the amount to add to the new key (0:
--- none), and the stored usage the new window holds once the terms are written. A mark at that
--- moment or later (carried already, or reset since) leaves all as it is. An old key gone (Redis
--- emptied) copies nothing, and nothing is added to a new key that is not there: it is seeded
--- from the store. A new key already there was seeded from the store after the terms were written
--- (an instance read them before this carry): it holds that stored usage at least, with the old
--- key's charges the store held then; what the old key holds beyond it is added. Returns nothing.
-for i = 1, #KEYS, 3 do
-  local a = (i - 1) / 3 * 5 + 1
-  local mark, old, new = KEYS[i], KEYS[i + 1], KEYS[i + 2]
+-- key and its seed record (seed.lua's); a window moved twice before Redis took the first comes
+-- twice, in that order, the second from the first's new window. ARGV: per window the new
+-- window's start (epoch seconds, as text), the mark's ttl_ms, the new key's ttl_ms (0: none),
+-- the amount to add to the new key (0: none), and the stored usage the new window holds once
+-- the terms are written. A mark at that moment or later (carried already, or reset since)
+-- leaves all as it is but the live key's expiry. An old key gone (Redis emptied) copies nothing,
+-- and nothing is added to a new key that is not there: it is seeded from the store. A new key
+-- already there was seeded from the store after the terms were written (an instance read them
+-- before this carry): it holds that stored usage at least, with the old key's charges the store
+-- held then; what the old key holds beyond it is added. Returns nothing.
+for i = 1, #KEYS, 4 do
+  local a = (i - 1) / 4 * 5 + 1
+  local mark, old, new, record = KEYS[i], KEYS[i + 1], KEYS[i + 2], KEYS[i + 3]
   local at, mark_ttl, ttl = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local added, held = ARGV[a + 3], tonumber(ARGV[a + 4])
   local known = redis.call("GET", mark)
-  if not known or tonumber(string.match(known, "^%S+")) < tonumber(at) then
+  local since = known and tonumber(string.match(known, "^%S+"))
+  local ended = since and since > tonumber(at)  -- a reset since (a later mark) ended it
+  if old == new and not (ended and ttl == 0) and redis.call("EXISTS", new) == 1 then
+    -- The live key and its seed record, kept as long as the new terms' window now: a window
+    -- that never ended, given an end (a period; deleted or reset: it ends now), kept them for
+    -- good; one made longer lost its key before its end. Terms written again for the same
+    -- window (carried there already) set it too; a window a reset has ended since is never
+    -- kept for good.
+    for _, key in ipairs({new, record}) do
+      if ttl > 0 then
+        redis.call("PEXPIRE", key, ttl)
+      else
+        redis.call("PERSIST", key)
+      end
+    end
+  end
+  if not since or since < tonumber(at) then
     if old == new then
       -- The new window begins with the live one: the stored usage that lies in it is added.
       if tonumber(added) > 0 and redis.call("EXISTS", new) == 1 then
         redis.call("INCRBY", new, added)
-        if ttl > 0 then  -- the live key, kept as long as the new terms' window now
-          redis.call("PEXPIRE", new, ttl)
-        else
-          redis.call("PERSIST", new)
-        end
       end
     else
       local value = redis.call("GET", old)
