@@ -66,9 +66,21 @@ class CounterBackend(ABC):
         `was` (shared backends tell the others, by `mark_now` on the loop or `marks_soon` from
         elsewhere)."""
 
-    def terms_noted(self, carries: Sequence[Carry]) -> None:  # noqa: B027 - optional hook
+    def terms_noted(self, carries: Sequence[Carry]) -> None:
         """New terms written through this process moved windows (`Carry`: budgets', rate
-        limits'): their usage carries over (shared backends carry it and tell the others)."""
+        limits'): their usage carries over (shared backends carry it and tell the others).
+
+        A live counter already in the window they begin with (rolled there by a request since
+        the stored window) takes the stored usage they carried into it (`Carry.added`), as the
+        store and Redis (carry.lua) do; it kept $0 there: in process it admitted what the store
+        and Redis refuse, and with Redis a shadow answer refused by another limit (admit.lua
+        tells this process that one alone) showed the budget without it. One still in an
+        older window takes it from the store when the new terms are read
+        (`CounterRegistry.window`)."""
+        for carry in carries:
+            counter = self.registry.counter(carry.kind, carry.id)
+            if counter is not None and carry.added and abs(counter.start - carry.was) < 0.001:
+                counter.value += carry.added
 
     async def mark_now(self) -> None:  # noqa: B027 - optional hook
         """Tell the other instances of the resets noted, now."""
@@ -262,15 +274,3 @@ class MemoryCounters(CounterBackend):
 
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
         self.settle_now(ticket, cost, tokens)
-
-    def terms_noted(self, carries: Sequence[Carry]) -> None:
-        """New terms written through this process moved windows (`owner_limits.carried`): a live
-        counter already in the window they begin with (rolled there by a request since the
-        stored window) takes the stored usage they carried into it (`Carry.added`), as the
-        store and Redis (carry.lua) do; it kept $0 there, and admitted what the store and
-        Redis refuse. One still in an older window takes it from the store when the new terms
-        are read (`CounterRegistry.window`)."""
-        for carry in carries:
-            counter = self.registry.counter(carry.kind, carry.id)
-            if counter is not None and carry.added and abs(counter.start - carry.was) < 0.001:
-                counter.value += carry.added

@@ -1009,7 +1009,9 @@ class RedisCounters(CounterBackend):
         """New terms written through this process moved windows, a budget's or a rate limit's
         (`Carry`, `owner_limits.carried`): the usage carries over in Redis too (carry.lua, by
         `write_marks` on the loop now, or before the next admission or settlement), and the
-        other instances move there at their next one."""
+        other instances move there at their next one; the copies here take it at once
+        (`CounterBackend.terms_noted`)."""
+        super().terms_noted(carries)
         carrying = _carrying(self.prefix, carries, self.clock())
         self._carries += carrying
         self._left += [c.old for c in carrying if c.old != c.new]
