@@ -866,6 +866,92 @@ async def test_what_settles_after_new_terms_lengthened_its_window_counts_in_it(
         assert in_redis == charged
 
 
+# (limits made, the new terms, the refusal, the kind of the window's counter, what the day
+# holds): $0.0003 (30 tokens) spent before a request is held, $0.0003 (30 tokens) that it spends
+SPENT_BEFORE_LENGTHENED = {
+    "budget": (
+        {"budgets": [{"max_limit": 0.1, "reset_duration": "1m"}]},
+        {"budgets": [{"max_limit": 0.0005, "reset_duration": "1d"}]},
+        (402, "budget_exceeded"),
+        "budget",
+        600_000,  # $0.0006
+    ),
+    "tokens": (
+        {"rate_limit": {"token_max_limit": 1000, "token_reset_duration": "1m"}},
+        {"rate_limit": {"token_max_limit": 50, "token_reset_duration": "1d"}},
+        (429, "token_limit_exceeded"),
+        "token",
+        60,
+    ),
+}
+
+
+@pytest.mark.parametrize("flushed", [False, True])
+@pytest.mark.parametrize("limit", list(SPENT_BEFORE_LENGTHENED))
+@pytest.mark.parametrize("counters", ["in process", "Redis"])
+async def test_what_was_spent_before_new_terms_lengthened_its_window_counts_in_it_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counters: str, limit: str, flushed: bool
+) -> None:
+    """As above, with $0.0003 (30 tokens) spent 10 s into the minute: a request held open 30 s
+    in spends $0.0003 more, and settles 31 s after the budget became $0.0005 a day (50 tokens a
+    day), past the minute's end, before any request has read the new terms. The day from the
+    same start holds both: $0.0006 (60 tokens), and the next request is refused. In process the
+    live counter, rolled to the next minute on the old terms, sealed the first minute's $0.0003
+    and kept only the second's when the new terms carried it back into the day: it showed
+    $0.0003 and admitted the next request where Redis refused it (402) and the store held
+    $0.0006 (seed 5152 of the comparison, at 60 steps). `flushed`: the first $0.0003 written
+    to the store before the terms change (the live counter takes it from there)."""
+    made, terms, refused, kind, charged = SPENT_BEFORE_LENGTHENED[limit]
+    engine, clock, prefix = one_engine(tmp_path, monkeypatch, counters, flush_interval_seconds=3600)
+    key = engine.manager.create_virtual_key(name="alice", value=KEY, **made)
+    if limit == "budget":
+        id_ = key.budgets[0].id
+        terms = {"budgets": [{**terms["budgets"][0], "id": id_}]}  # the same budget
+    else:
+        assert key.rate_limit is not None
+        id_ = key.rate_limit.id
+    host = Host()
+    app = BudgetMiddleware(host, engine=engine)
+    body = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    statuses: list[int] = []
+
+    async def send(rid: str) -> httpx.Response:
+        headers = {"authorization": f"Bearer {KEY}", "x-test-id": rid}
+        return await http.post("/v1/chat/completions", json=body, headers=headers)
+
+    host.answers["before"] = Answer("json", prompt=0, completion=30)  # $0.0003
+    host.answers["held"] = Answer("json", prompt=0, completion=30, hold="after")
+    host.answers["next"] = Answer("json", prompt=0, completion=0)
+    try:
+        async with running(app), client_of(app) as http:
+            clock.advance(10)
+            statuses.append((await send("before")).status_code)
+            if flushed:
+                await engine.flush()
+            clock.advance(20)
+            held = asyncio.create_task(send("held"))
+            await asyncio.wait_for(host.entered.setdefault("held", asyncio.Event()).wait(), 10)
+            engine.manager.update_virtual_key(key.id, **terms)
+            clock.advance(31)
+            host.gates.setdefault("held", asyncio.Event()).set()
+            statuses.append((await held).status_code)
+            answer = await send("next")
+            statuses.append(answer.status_code)
+            counter = engine.registry.counter(kind, id_)
+            live = None if counter is None else counter.value
+            await engine.flush()
+            with engine.store.session() as s:
+                budget, rate = s.get(BudgetRow, id_), s.get(RateLimitRow, id_)
+                stored = budget.current_usage_nanos if budget else rate and rate.token_current_usage
+    finally:
+        engine.store.dispose()
+        delete_prefix(REDIS_URL, prefix)
+    code = answer.json()["error"]["code"] if answer.status_code >= 400 else ""
+    print(f"{counters}, {limit}, {flushed=}: {statuses} {code}; live {live}, stored {stored}")
+    assert (statuses, code) == ([200, 200, refused[0]], refused[1])
+    assert (live, stored) == (charged, charged)
+
+
 def client_of(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test")
 

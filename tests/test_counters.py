@@ -29,6 +29,7 @@ from budget_middleware.core.windows import (
     CounterRegistry,
     RateLimitCounters,
     WindowCounter,
+    charge,
     ensure_current,
     shared,
 )
@@ -564,6 +565,25 @@ def test_a_charge_pending_goes_with_its_window_through_two_changes(
     window(engine.registry, "budget", "b", duration="1h", anchor=T0 + 2 * HOUR, now=now)
     assert (counter.value, counter.start) == (8, T0 + 2 * HOUR)
     assert take(engine) == [("budget", "b", at(T0 + 2 * HOUR), at(T0 + 3 * HOUR), 8)]
+
+
+def test_minutes_the_old_terms_rolled_through_count_in_the_day_that_lengthened_them(
+    engine: BudgetEngine,
+) -> None:
+    """1m -> 1d from the same start (the store keeps `last_reset` T0), read only after the old
+    terms rolled the counter through two minutes (requests settled past each minute's end):
+    the day holds all three minutes' charges, counted and written there as one delta. (The
+    new terms carried back only the last minute's: 4 counted of 7, the others left sealed, the
+    second minute's written as a window the store began anew, the first's dropped.)"""
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, "budget", "b", duration="1m", now=T0 + 10)
+    charge((counter,), 1, T0 + 10, ledger)
+    charge((counter,), 2, T0 + MINUTE + 1, ledger)
+    charge((counter,), 4, T0 + 2 * MINUTE + 1, ledger)
+    window(engine.registry, "budget", "b", duration="1d", now=T0 + 2 * MINUTE + 5)
+    print(f"{counter.value} counted in [T0, T0 + 1d); sealed {ledger.sealed}")
+    assert (counter.value, counter.start, counter.end) == (7, T0, T0 + DAY)
+    assert take(engine) == [("budget", "b", at(T0), at(T0 + DAY), 7)]
 
 
 def test_a_new_duration_whose_window_starts_after_the_old_one_ended_starts_from_zero(

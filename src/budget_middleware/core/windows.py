@@ -344,6 +344,27 @@ class Ledger:
     # read before it may have missed).
     after_confirmed: Callable[[str, str, float, int], None] | None = None
 
+    def unseal(self, counter: WindowCounter) -> None:
+        """Charges sealed, and not taken by a flush yet, of windows that begin in the counter's
+        current one (none, unless new terms lengthened it over windows the old terms rolled it
+        through: `CounterRegistry.window`) are pending in it again: counted there, and written
+        there (as a window of their own, the store started it anew and dropped the rest)."""
+        kind, id, start, end = counter.kind, counter.id, counter.start, counter.end
+        kept: list[tuple[str, str, float, int]] = []
+        amount = 0
+        for entry in self.sealed:  # (a reset's mark, of nothing, stays: `WindowCounter.reset`)
+            if entry[3] and entry[1] == id and entry[0] == kind and start <= entry[2] < end:
+                amount += entry[3]
+            else:
+                kept.append(entry)
+        if not amount:
+            return
+        self.sealed = kept
+        if not counter.pending:
+            counter.pending_start = start
+            self.dirty.add(counter)
+        counter.pending += amount
+
     def taken(self, kind: str, id: str, start: float, amount: int) -> None:
         """A flush took this charge: it counts as ours until the store confirms it."""
         key = (kind, id, start)
@@ -408,11 +429,19 @@ class CounterRegistry:
             counter.configure(limit, duration, calendar_aligned, anchor, now, self.ledger)
             counter.seed(usage, anchor, self.ledger)
         else:
-            ended = counter.end
+            began, ended = counter.start, counter.end
             counter.configure(limit, duration, calendar_aligned, anchor, now, self.ledger)
             if counter.start >= ended:
                 # Moved on to a later window, from the store's `last_reset`: another instance
                 # rolled there, and the usage read with it is that window's (`seed`), not $0.
+                counter.seed(usage, anchor, self.ledger)
+            elif counter.start < began:
+                # Moved back: new terms' window holds the one the old terms rolled the counter
+                # to (a request settled past the old window's end before they were read), and
+                # what it counted in the windows before, sealed (pending again) or written
+                # since (the store's usage, read with them), counts in it too: carried back
+                # alone, the rolled window's usage left the rest out ($0.0003 of $0.0006).
+                self.ledger.unseal(counter)
                 counter.seed(usage, anchor, self.ledger)
         return counter
 
