@@ -886,11 +886,11 @@ SPENT_BEFORE_LENGTHENED = {
 }
 
 
-@pytest.mark.parametrize("flushed", [False, True])
+@pytest.mark.parametrize("flushed", ["never", "before", "after", "before and after"])
 @pytest.mark.parametrize("limit", list(SPENT_BEFORE_LENGTHENED))
 @pytest.mark.parametrize("counters", ["in process", "Redis"])
 async def test_what_was_spent_before_new_terms_lengthened_its_window_counts_in_it_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counters: str, limit: str, flushed: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counters: str, limit: str, flushed: str
 ) -> None:
     """As above, with $0.0003 (30 tokens) spent 10 s into the minute: a request held open 30 s
     in spends $0.0003 more, and settles 31 s after the budget became $0.0005 a day (50 tokens a
@@ -900,7 +900,10 @@ async def test_what_was_spent_before_new_terms_lengthened_its_window_counts_in_i
     and kept only the second's when the new terms carried it back into the day: it showed
     $0.0003 and admitted the next request where Redis refused it (402) and the store held
     $0.0006 (seed 5152 of the comparison, at 60 steps). `flushed`: the first $0.0003 written
-    to the store before the terms change (the live counter takes it from there)."""
+    to the store before the terms change (the live counter takes it from there), and the
+    held request's after it settled, before the next request: in process the flusher wrote
+    the second minute, rolled to on the old terms, as a window the store began anew, and the
+    store and the live counter dropped the first ($0.000324, the next request admitted)."""
     made, terms, refused, kind, charged = SPENT_BEFORE_LENGTHENED[limit]
     engine, clock, prefix = one_engine(tmp_path, monkeypatch, counters, flush_interval_seconds=3600)
     key = engine.manager.create_virtual_key(name="alice", value=KEY, **made)
@@ -926,7 +929,7 @@ async def test_what_was_spent_before_new_terms_lengthened_its_window_counts_in_i
         async with running(app), client_of(app) as http:
             clock.advance(10)
             statuses.append((await send("before")).status_code)
-            if flushed:
+            if flushed.startswith("before"):
                 await engine.flush()
             clock.advance(20)
             held = asyncio.create_task(send("held"))
@@ -935,6 +938,8 @@ async def test_what_was_spent_before_new_terms_lengthened_its_window_counts_in_i
             clock.advance(31)
             host.gates.setdefault("held", asyncio.Event()).set()
             statuses.append((await held).status_code)
+            if flushed.endswith("after"):
+                await engine.flush()
             answer = await send("next")
             statuses.append(answer.status_code)
             counter = engine.registry.counter(kind, id_)

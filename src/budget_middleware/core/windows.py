@@ -50,6 +50,9 @@ class Carry(NamedTuple):
     # The stored usage the new window holds once the terms are written: what a key of it seeded
     # from the store before the carry holds of the window before.
     held: int
+    # The new terms (duration, calendar alignment); None when only the window's end moved (a
+    # budget that never resets, deleted or reset: `owner_limits.ended_for_good`).
+    terms: tuple[Duration | None, bool] | None = None
 
 
 def _shared_budget_limit(limit: int) -> tuple[int, bytes, bytes]:
@@ -444,6 +447,31 @@ class CounterRegistry:
                 self.ledger.unseal(counter)
                 counter.seed(usage, anchor, self.ledger)
         return counter
+
+    def carried(self, carries: Sequence[Carry], now: float) -> None:
+        """New terms written through this process moved windows (`Carry`): a live counter in
+        the window they carry from takes what they carried into it (`Carry.added`: rolled there
+        by a request since the stored window, it kept $0 there, where the store and Redis hold
+        it), and, when their window begins where its own did, the terms themselves, as their
+        reload will (`window`): a request in flight that settled past the old window's end
+        before that reload rolled it on the old terms, to a window the new ones do not have (in
+        process a flush then wrote that window as one the store began anew, which dropped
+        what the window before held: $0.000324 stored of $0.0006 spent). One in another window
+        takes them at the reload, from the store."""
+        for carry in carries:
+            counter = self.counter(carry.kind, carry.id)
+            if counter is None or abs(counter.start - carry.was) >= 0.001:
+                continue
+            if carry.added:
+                counter.value += carry.added
+            terms = carry.terms
+            if (
+                terms is not None
+                and terms != (counter.duration, counter.calendar_aligned)
+                and abs(carry.start - carry.was) < 0.001
+                and now < carry.end
+            ):
+                counter.configure(counter.limit, *terms, carry.start, now, self.ledger)
 
     def counter(self, kind: str, id: str) -> WindowCounter | None:
         """The live counter of a limit, if this process has one."""

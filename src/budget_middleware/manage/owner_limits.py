@@ -26,7 +26,7 @@ from sqlalchemy.orm import object_session
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import Session, col, delete, select
 
-from budget_middleware.core.durations import Duration
+from budget_middleware.core.durations import Duration, parse_duration
 from budget_middleware.core.money import limit_nanos
 from budget_middleware.core.scopes import model_name_problem
 from budget_middleware.core.times import FAR_FUTURE, utc
@@ -311,6 +311,7 @@ def _new_terms(row: Any, prefix: str, duration: str | None, aligned: bool) -> No
                 end=FAR_FUTURE if end is None else end.timestamp(),
                 added=added,
                 held=held,
+                terms=(parse_duration(duration), aligned),
             )
         )
     if spent_before:

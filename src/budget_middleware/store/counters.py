@@ -68,19 +68,11 @@ class CounterBackend(ABC):
 
     def terms_noted(self, carries: Sequence[Carry]) -> None:
         """New terms written through this process moved windows (`Carry`: budgets', rate
-        limits'): their usage carries over (shared backends carry it and tell the others).
-
-        A live counter already in the window they begin with (rolled there by a request since
-        the stored window) takes the stored usage they carried into it (`Carry.added`), as the
-        store and Redis (carry.lua) do; it kept $0 there: in process it admitted what the store
-        and Redis refuse, and with Redis a shadow answer refused by another limit (admit.lua
-        tells this process that one alone) showed the budget without it. One still in an
-        older window takes it from the store when the new terms are read
-        (`CounterRegistry.window`)."""
-        for carry in carries:
-            counter = self.registry.counter(carry.kind, carry.id)
-            if counter is not None and carry.added and abs(counter.start - carry.was) < 0.001:
-                counter.value += carry.added
+        limits'): their usage carries over (shared backends carry it and tell the others),
+        and the live counters here take it, and the terms, at once (`CounterRegistry.carried`;
+        with Redis a shadow answer refused by another limit, which admit.lua alone tells this
+        process of, showed a budget without the usage carried)."""
+        self.registry.carried(carries, self.clock())
 
     async def mark_now(self) -> None:  # noqa: B027 - optional hook
         """Tell the other instances of the resets noted, now."""
