@@ -452,12 +452,15 @@ class CounterRegistry:
         """New terms written through this process moved windows (`Carry`): a live counter in
         the window they carry from takes what they carried into it (`Carry.added`: rolled there
         by a request since the stored window, it kept $0 there, where the store and Redis hold
-        it), and, when their window begins where its own did, the terms themselves, as their
-        reload will (`window`): a request in flight that settled past the old window's end
-        before that reload rolled it on the old terms, to a window the new ones do not have (in
-        process a flush then wrote that window as one the store began anew, which dropped
-        what the window before held: $0.000324 stored of $0.0006 spent). One in another window
-        takes them at the reload, from the store."""
+        it), and the terms themselves, as their reload will (`window`, from the store's
+        `last_reset`, which is `Carry.start`): a request in flight that settled past the old
+        window's end before that reload rolled it on the old terms, to a window the new ones do
+        not have (in process a flush then wrote that window as one the store began anew, which
+        dropped what the window before held: $0.000324 stored of $0.0006 spent). Their window
+        holds now, and the live one did (it is current: `was`), so the counter's usage carries
+        over into it, as in the store. A window of theirs that ended before this runs (a few
+        milliseconds after the commit) is left to the reload, which seeds the next from the
+        store. One in another window takes them at the reload too."""
         for carry in carries:
             counter = self.counter(carry.kind, carry.id)
             if counter is None or abs(counter.start - carry.was) >= 0.001:
@@ -468,7 +471,6 @@ class CounterRegistry:
             if (
                 terms is not None
                 and terms != (counter.duration, counter.calendar_aligned)
-                and abs(carry.start - carry.was) < 0.001
                 and now < carry.end
             ):
                 counter.configure(counter.limit, *terms, carry.start, now, self.ledger)
