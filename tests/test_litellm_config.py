@@ -927,3 +927,38 @@ async def test_a_litellm_price_no_rate_can_hold_fails_start_up_naming_the_entry(
     assert outcome.startswith("RuntimeError: BUDGET_CONFIG_FILE"), outcome
     assert str(path) in outcome and "model_list[0]" in outcome
     assert "input_cost_per_token" in outcome
+
+
+async def test_a_litellm_file_sent_to_the_admin_api_reads_no_server_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model: os.environ/NAME` is read from the environment in a process's own
+    BUDGET_CONFIG_FILE (the test above). A LiteLLM file sent to `POST /config/apply` read the
+    server's variables the same way, so an admin-API caller read them back: a provider's API
+    key as a route's target and a model config's name (`GET /routes`, `GET /model-configs`),
+    a database URL with its password in the 422's message. Such a file is refused now, naming
+    the entry, never the value, and nothing is written."""
+    import httpx
+
+    from budget_middleware import get_engine
+
+    monkeypatch.setenv("BM_TEST_PROVIDER_KEY", "sk-proj-SECRET0123456789")
+    monkeypatch.setenv("BM_TEST_DB_URL", "postgresql+psycopg://app:hunter2@db.internal/prod")
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db", admin_key="admin-secret")
+    transport = httpx.ASGITransport(create_admin_app(settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://a", headers=ADMIN) as http:
+        answers = []
+        for variable in ("BM_TEST_PROVIDER_KEY", "BM_TEST_DB_URL"):
+            text = ("model_list:\n  - model_name: leak\n    litellm_params:\n"
+                    f"      model: os.environ/{variable}\n      max_budget: 1\n")  # fmt: skip
+            answers.append(await http.post("/config/apply", json={"text": text}))
+        shown = (await http.get("/routes")).text + (await http.get("/model-configs")).text
+        await get_engine(settings).shutdown()
+    print("answers:", [(a.status_code, a.text[:300]) for a in answers])
+    print("shown:", shown)
+    said = " ".join(a.text for a in answers) + shown
+    assert "SECRET0123456789" not in said and "hunter2" not in said
+    assert [a.status_code for a in answers] == [422, 422]
+    assert all("model_list[0].litellm_params.model" in a.json()["error"]["message"]
+               for a in answers)  # fmt: skip
+    assert '"count":0' in shown and '"total_count":0' in shown  # nothing written

@@ -183,3 +183,27 @@ async def test_a_soft_provider_budget_is_never_the_tightest(make_settings: Setti
     assert list(shown) == ["openai"]  # azure's only budget is soft: nothing caps it
     assert shown["openai"]["budget_limit"] == 100.0 and shown["openai"]["spend"] == 1.0
     assert metric == {"openai": 99.0}
+
+
+# What LiteLLM's `duration_in_seconds` reads (litellm_core_utils/duration_parser.py): a number
+# and `s`, `m`, `h`, `d`, `w` or `mo`; anything else raises "Unsupported duration unit".
+_LITELLM_PERIOD = re.compile(r"^[1-9][0-9]*(mo|[smhdw])$")
+
+
+async def test_a_quarter_or_a_year_is_written_as_litellm_reads_it(make_settings: Settings) -> None:
+    """SPEC §12: `time_period` in LiteLLM's shape. A quarter or a year was written `1Q` / `1Y`,
+    which LiteLLM's own parser refuses (as `1M` was, before it became `1mo`); now in months."""
+    settings = make_settings()
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    async with running(app), client(app) as http:
+        durations = {"openai": "1Q", "azure": "1Y", "anthropic": "2Q", "mistral": "1M",
+                     "gemini": "1w"}  # fmt: skip
+        for provider, duration in durations.items():
+            await _put(http, provider, {"budgets": [{"max_limit": 5, "reset_duration": duration}]})
+        shown = await _provider_budgets(http)
+    periods = {provider: answer["time_period"] for provider, answer in shown.items()}
+    print(f"time_period by provider: {periods}")
+    assert periods == {"openai": "3mo", "azure": "12mo", "anthropic": "6mo", "mistral": "1mo",
+                       "gemini": "1w"}  # fmt: skip
+    assert all(_LITELLM_PERIOD.match(period) for period in periods.values())

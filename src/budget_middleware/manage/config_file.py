@@ -58,6 +58,7 @@ from budget_middleware.manage.litellm_config import (
     LITELLM_ENV,
     LiteLLMConfigError,
     is_litellm_config,
+    sent_through_api,
     translate,
 )
 from budget_middleware.manage.manager import BudgetManager
@@ -1152,9 +1153,10 @@ def apply_config_text(
         shown = _Shown(repr(str(path)))  # its warnings, as its errors, without the file's name
         logger.addFilter(shown)
         try:
-            data = _check(path)
-            with_file = settings.model_copy(update={"config_file": path})
-            load_config_file(store, with_file, on_new_terms, on_owner_change, on_prices)
+            with sent_through_api():  # the server's environment is not the sender's to read
+                data = _check(path)
+                with_file = settings.model_copy(update={"config_file": path})
+                load_config_file(store, with_file, on_new_terms, on_owner_change, on_prices)
             if data.prices and on_prices is not None:
                 _prices_not_kept(path, data.prices, here=True)
         except ConfigFileError as exc:

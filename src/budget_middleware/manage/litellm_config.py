@@ -25,7 +25,8 @@ model_list[i].model_info.base_model "azure/gpt-4o"   `prices` (not a section: th
 Durations are passed on as written (`1mo` is read as `1M`); a duration left out is a budget that
 never resets. Amounts written as text (`"1e-12"`, which YAML does not read as a number) are read
 as numbers, as LiteLLM's pydantic models do. Everything else (other sections and settings,
-credentials such as `os.environ/…` (read for a deployment's `model` alone, as LiteLLM reads it),
+credentials such as `os.environ/…` (read for a deployment's `model` alone, as LiteLLM reads it, and
+never in a file sent through the admin API: `sent_through_api`),
 a `model_name` no request can name or of more than 16 models as a route, wildcard deployments as
 routes, a deployment's `rpm`, `tpm`
 and `max_parallel_requests`, cost keys other than the token prices above) is not read:
@@ -38,7 +39,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final
@@ -245,16 +248,39 @@ def _period(value: Any) -> Any:
     return value
 
 
+_MONTHS_OF = {"M": 1, "Q": 3, "Y": 12}
+
+
 def litellm_period(duration: str | None) -> str | None:
-    """A duration as LiteLLM writes it: months as `mo` (`1M` is no unit to LiteLLM's parser)."""
-    if duration is not None and duration.endswith("M"):
-        return duration[:-1] + "mo"
+    """A duration as LiteLLM writes it: months, quarters and years as months (`1M` → `1mo`,
+    `1Q` → `3mo`, `1Y` → `12mo`): LiteLLM's parser knows `s`, `m`, `h`, `d`, `w`, `mo`."""
+    count, unit = (duration[:-1], duration[-1:]) if duration is not None else ("", "")
+    if unit in _MONTHS_OF and count.isascii() and count.isdigit():
+        return f"{int(count) * _MONTHS_OF[unit]}mo"
     return duration
 
 
 # A value LiteLLM reads from the environment: the whole value `os.environ/NAME` (a key's value, a
 # deployment's model).
 LITELLM_ENV: Final = re.compile(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)")
+
+# Whether the file being read was sent through the admin API (`POST /config/apply`), where the
+# server's environment is not the sender's to read: `sent_through_api()` while it is read.
+_SENT: ContextVar[bool] = ContextVar("budget_middleware_litellm_sent", default=False)
+
+
+@contextmanager
+def sent_through_api() -> Iterator[None]:
+    """While a LiteLLM file sent through the admin API is read: a deployment's `model` written
+    `os.environ/NAME` is refused, not read from this server's environment (its value, an API key
+    or a database URL with its password, would be shown back as a route's target, a model
+    config's name or an error's text)."""
+    token = _SENT.set(True)
+    try:
+        yield
+    finally:
+        _SENT.reset(token)
+
 
 # A deployment's limits LiteLLM enforces and this package does not read (SPEC §12 reads budgets):
 # named in the warning, since a file that sets them expects them enforced; and how LiteLLM
@@ -283,6 +309,13 @@ def _model_list(value: Any, out: Translation) -> None:
         if not isinstance(model, str) or not model:
             raise LiteLLMConfigError(where, "needs 'litellm_params.model', like 'openai/gpt-4o'")
         secret = LITELLM_ENV.fullmatch(model.strip())
+        if secret is not None and _SENT.get():
+            raise LiteLLMConfigError(
+                f"{where}.litellm_params.model",
+                f"{secret[0].strip()} is read from the environment only in a process's own "
+                "BUDGET_CONFIG_FILE, never in a config sent through the admin API (the "
+                "variable's value would be shown back); write the model itself",
+            )
         if secret is not None:  # LiteLLM reads it from the environment, as every param
             model = os.environ.get(secret[1], "").strip()
             if not model:
