@@ -267,3 +267,27 @@ async def test_metrics_answer_while_the_store_is_down(make_settings: Settings) -
     assert values["budget_pending_writes"] > 0
     assert values["budget_store_up"] == 0
     assert "budget_spent_usd" not in values  # the budgets cannot be listed
+
+
+async def test_metrics_answer_while_the_store_was_never_reached(make_settings: Settings) -> None:
+    """The store unreachable from the first request on (a process started in an outage): the
+    engine could not start, and `/metrics` answered 503 where `docs/admin-api.md` says it
+    answers `budget_store_up 0` rather than a 503, so a scraper saw the target down and no
+    figure at all. It answers 200 now, with `budget_store_up 0`; the admin key still counts."""
+    from service_support import free_port
+
+    url = f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none?connect_timeout=2"
+    app = create_admin_app(make_settings(database_url=url))
+    async with client(app) as http:
+        scraped = await http.get("/metrics", headers=ADMIN)
+        anonymous = await http.get("/metrics")
+        health = await http.get("/health")
+    print("never reached:", scraped.status_code, "anonymous:", anonymous.status_code,
+          "health:", health.status_code, health.text)  # fmt: skip
+    assert scraped.status_code == 200, scraped.text
+    values = {s.name: s.value for f in text_string_to_metric_families(scraped.text)
+              for s in f.samples}  # fmt: skip
+    assert values["budget_store_up"] == 0
+    assert values["budget_flush_failures_total"] == 0
+    assert anonymous.status_code == 401
+    assert health.status_code == 503  # /health says the store is down, as before

@@ -213,7 +213,11 @@ def _admin_only(
     async def endpoint(request: Request) -> Response:
         async def guarded() -> Response:
             engine = holder.engine
-            await engine.ensure_started()
+            try:
+                await engine.ensure_started()
+            except (ServiceUnavailable, SQLAlchemyError, OSError):
+                if not store_optional:
+                    raise
             call = Call(request, engine, holder.manager)
             await _admin(call, store_optional=store_optional)
             parse_query(request, ())
