@@ -37,7 +37,7 @@ from sqlmodel import select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.core import durations
-from budget_middleware.core.times import from_ts
+from budget_middleware.core.times import from_ts, utc
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store import tables
 from budget_middleware.store.tables import BudgetRow, RateLimitRow, UsageRecordRow
@@ -955,6 +955,130 @@ async def test_what_was_spent_before_new_terms_lengthened_its_window_counts_in_i
     print(f"{counters}, {limit}, {flushed=}: {statuses} {code}; live {live}, stored {stored}")
     assert (statuses, code) == ([200, 200, refused[0]], refused[1])
     assert (live, stored) == (charged, charged)
+
+
+# (limits made, the new terms, the refusal, the stored usage column, what the day holds): two
+# charges of $0.0003 (30 tokens, a request), the second counted on the old terms in their next
+# minute, after another process lengthened the minute to a day
+LENGTHENED_ELSEWHERE = {
+    "budget": (
+        {"budgets": [{"max_limit": 0.1, "reset_duration": "1m"}]},
+        {"budgets": [{"max_limit": 0.0005, "reset_duration": "1d"}]},
+        (402, "budget_exceeded"),
+        "current_usage_nanos",
+        600_000,  # $0.0006
+    ),
+    "tokens": (
+        {"rate_limit": {"token_max_limit": 1000, "token_reset_duration": "1m"}},
+        {"rate_limit": {"token_max_limit": 50, "token_reset_duration": "1d"}},
+        (429, "token_limit_exceeded"),
+        "token_current_usage",
+        60,
+    ),
+    "requests": (
+        {"rate_limit": {"request_max_limit": 100, "request_reset_duration": "1m"}},
+        {"rate_limit": {"request_max_limit": 2, "request_reset_duration": "1d"}},
+        (429, "request_limit_exceeded"),
+        "request_current_usage",
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize("limit", list(LENGTHENED_ELSEWHERE))
+async def test_what_was_counted_on_terms_another_process_lengthened_stays_in_their_window(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str
+) -> None:
+    """Two processes on one store, without Redis (SPEC §11). A key's $0.1 budget of a minute
+    (1,000 tokens, 100 requests a minute): $0.0003 (30 tokens, a request) spent through the
+    first 10 s in and written to the store; 30 s in, the second process makes it $0.0005 a day
+    (50 tokens, 2 requests a day), the same window from the same start. The first still has the
+    old terms until its cache's next reload: a request it admitted 30 s in settles 31 s later,
+    $0.0003 more (30 tokens; for requests, one more admitted then), counted in the old terms'
+    next minute, and its flusher writes that minute before the reload. The store's day, not
+    ended under the terms it holds, takes it: $0.0006 (60 tokens, 2 requests), and the next
+    request after the reload is refused. The flusher wrote the minute as a window the store
+    began anew, dropping the first $0.0003 from the day: the reload read $0.0003 and admitted
+    it."""
+    made, terms, refused, column, charged = LENGTHENED_ELSEWHERE[limit]
+    clock = StoreTime.clock = FrozenClock()  # the store's time too
+    monkeypatch.setattr(tables, "datetime", StoreTime)
+    monkeypatch.setattr(durations, "datetime", StoreTime)
+    clock.now = float(int(clock.now))
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"models": PRICES}))
+    settings = BudgetSettings(
+        database_url=store_url,
+        pricing_file=prices,
+        flush_interval_seconds=3600,
+        cache_ttl_seconds=3600,  # the first reloads when the test says (`invalidate`)
+    )
+    first = BudgetEngine(settings, clock=clock)
+    second = BudgetEngine(settings.model_copy(update={"admin_key": "second"}), clock=clock)
+    key = first.manager.create_virtual_key(name="alice", value=KEY, **made)
+    if limit == "budget":
+        id_ = key.budgets[0].id
+        terms = {"budgets": [{**terms["budgets"][0], "id": id_}]}  # the same budget
+    else:
+        assert key.rate_limit is not None
+        id_ = key.rate_limit.id
+    host = Host()
+    app = BudgetMiddleware(host, engine=first)
+    body = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    statuses: list[int] = []
+
+    async def send(rid: str) -> httpx.Response:
+        headers = {"authorization": f"Bearer {KEY}", "x-test-id": rid}
+        return await http.post("/v1/chat/completions", json=body, headers=headers)
+
+    def stored() -> tuple[int, float]:
+        table = BudgetRow if limit == "budget" else RateLimitRow
+        reset = {"budget": "last_reset", "tokens": "token_last_reset"}.get(limit)
+        with first.store.session() as s:
+            row = s.get(table, id_)
+            assert row is not None
+            began = getattr(row, reset or "request_last_reset")
+            return getattr(row, column), utc(began).timestamp() - start
+
+    late = limit != "requests"
+    host.answers["before"] = Answer("json", prompt=0, completion=30)  # $0.0003
+    host.answers["late"] = Answer("json", prompt=0, completion=30, hold="after" if late else "")
+    host.answers["next"] = Answer("json", prompt=0, completion=0)
+    try:
+        second_app = BudgetMiddleware(host, engine=second)
+        async with running(app), running(second_app), client_of(app) as http:
+            start = clock.now
+            clock.advance(10)
+            statuses.append((await send("before")).status_code)
+            await first.flush()
+            clock.advance(20)
+            if late:
+                held = asyncio.create_task(send("late"))
+                entered = host.entered.setdefault("late", asyncio.Event())
+                await asyncio.wait_for(entered.wait(), 10)
+            second.manager.update_virtual_key(key.id, **terms)  # the other process
+            clock.advance(31)
+            if late:
+                host.gates.setdefault("late", asyncio.Event()).set()
+                statuses.append((await held).status_code)
+            else:
+                statuses.append((await send("late")).status_code)  # on the old terms
+            before = stored()
+            await first.flush()  # before its reload: the old terms' next minute
+            after = stored()
+            await first.invalidate()  # its cache's reload
+            answer = await send("next")
+            statuses.append(answer.status_code)
+    finally:
+        first.store.dispose()
+        second.store.dispose()
+    code = answer.json()["error"]["code"] if answer.status_code >= 400 else ""
+    print(
+        f"{store_url.split(':')[0]}, {limit}: stored (usage, window start - T0) {before} before "
+        f"the flush, {after} after; {statuses} {code}"
+    )
+    assert after == (charged, 0.0)
+    assert (statuses, code) == ([200, 200, refused[0]], refused[1])
 
 
 def client_of(app: Any) -> httpx.AsyncClient:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
+from budget_middleware.core.durations import Duration
 from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.times import END_OF_TIME, utc
 from budget_middleware.store import database
@@ -125,6 +126,77 @@ def test_deltas_land_in_their_windows_on_every_database(store_url: str) -> None:
     # A late delta of a window that has ended is not added to the one after it.
     store.apply_flush(uuid.uuid4().hex, [Delta("budget", a, start, start + day, 1000)], [])
     assert store.read_counters([a], [])[0][a][:2] == (7, start + day)
+    store.dispose()
+
+
+def test_a_delta_counted_on_terms_the_store_no_longer_holds_goes_by_the_stored_ones(
+    store_url: str,
+) -> None:
+    """New terms written by another process, which this one has not read yet: its deltas were
+    counted on the old ones (`Delta.terms`), and the stored window's end is the stored terms'.
+    A minute after the one a day was made of is added to the day (its window was taken as
+    begun anew, what the day held dropped); a week of a month from 31 January (ending 28
+    February) too, and the week after its end begins the month from 28 February; a minute of
+    a calendar day begun at 23:59 begins the next day at midnight. Deltas on the stored terms
+    keep their rule (a later window begins anew)."""
+    store = Store(store_url)
+    store.create_schema()
+    start = datetime(2026, 1, 31, 10, 0, tzinfo=UTC)
+    minute, week = timedelta(minutes=1), timedelta(weeks=1)
+    day_of_minutes = budget_row(store, 300, start)  # 1d, made of 1m elsewhere
+    month = budget_row(store, 500, start)
+    aligned = budget_row(store, 40, datetime(2026, 3, 1, 23, 59, tzinfo=UTC))
+    same = budget_row(store, 9, start)
+    with store.session() as s:
+        for id_, duration, calendar in ((month, "1M", False), (aligned, "1d", True)):
+            row = s.get(BudgetRow, id_)
+            assert row is not None
+            row.reset_duration, row.calendar_aligned = duration, calendar
+            s.add(row)
+        rate = RateLimitRow(
+            owner_type="tag",
+            owner_id="chat",
+            token_max_limit=1000,
+            token_reset_duration="1d",
+            token_last_reset=start,
+            token_current_usage=30,
+        )
+        s.add(rate)
+        s.commit()
+        rate_id = rate.id
+    one_minute, one_week, one_day = Duration(1, "m"), Duration(1, "w"), Duration(1, "d")
+
+    def counted(kind: str, id_: str, begun: datetime, length: timedelta, amount: int,
+                terms: Duration) -> Delta:  # fmt: skip
+        return Delta(kind, id_, begun, begun + length, amount, 0.0, begun - length, (terms, False))
+
+    late = datetime(2026, 3, 2, 0, 0, 15, tzinfo=UTC)
+    store.apply_flush(
+        uuid.uuid4().hex,
+        [
+            counted("budget", day_of_minutes, start + minute, minute, 300, one_minute),
+            counted("budget", month, start + 4 * week - timedelta(days=1), week, 3, one_week),
+            counted("budget", aligned, late, minute, 2, one_minute),
+            counted("token", rate_id, start + minute, minute, 30, one_minute),
+            counted("budget", same, start + 2 * timedelta(days=1), timedelta(days=1), 4, one_day),
+        ],
+        [],
+    )
+    in_month = store.read_counters([month], [])[0][month][:2]
+    store.apply_flush(
+        uuid.uuid4().hex, [counted("budget", month, start + 5 * week, week, 7, one_week)], []
+    )
+    names = {day_of_minutes: "day", month: "month", aligned: "aligned day", same: "same"}
+    budgets, rates = store.read_counters(names, [rate_id])
+    found = {names[id_]: (b.usage, b.last_reset) for id_, b in budgets.items()}
+    tokens = (rates[rate_id].token_current_usage, utc(rates[rate_id].token_last_reset))
+    print(f"month before its end {in_month}; {found}; tokens {tokens}")
+    assert in_month == (503, start)
+    assert found["day"] == (600, start)
+    assert found["month"] == (7, datetime(2026, 2, 28, 10, 0, tzinfo=UTC))
+    assert found["aligned day"] == (2, datetime(2026, 3, 2, tzinfo=UTC))
+    assert found["same"] == (4, start + 2 * timedelta(days=1))
+    assert tokens == (60, start)
     store.dispose()
 
 

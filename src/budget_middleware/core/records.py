@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from budget_middleware.core.durations import Duration
 
 
 class UsageRecord(NamedTuple):
@@ -41,7 +44,11 @@ class Delta:
     began after `window_end` (a reset since). The stored one has ended when it began before
     `window_start` and no later than `ended_from`: the start of the window before in a rolling
     series, since a window reset elsewhere within that one rolls on from the reset, past
-    `window_start` (the instance that wrote this had not read the reset yet)."""
+    `window_start` (the instance that wrote this had not read the reset yet).
+
+    That rule holds for a stored window on the terms the delta was counted on (`terms`). New
+    terms written elsewhere, which this instance had not read yet, may make the stored window
+    another: its end is the stored terms' (`store.database._by_stored_terms`)."""
 
     kind: str  # budget, request, token
     id: str
@@ -50,3 +57,6 @@ class Delta:
     amount: int
     start_ts: float = 0.0  # window_start as the live counter holds it (epoch seconds)
     ended_from: datetime | None = None  # None: `window_start` (any older window has ended)
+    # The counter's (duration, calendar-aligned) it was counted on; None: not known (the stored
+    # ones taken)
+    terms: tuple[Duration | None, bool] | None = None

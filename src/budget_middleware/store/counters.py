@@ -23,6 +23,7 @@ from budget_middleware.core.times import FAR_FUTURE, from_ts, utc
 from budget_middleware.core.windows import Carry, CounterRegistry, WindowCounter
 
 if TYPE_CHECKING:
+    from budget_middleware.core.durations import Duration
     from budget_middleware.settings import BudgetSettings
     from budget_middleware.store.database import Store
 
@@ -190,6 +191,7 @@ class CounterBackend(ABC):
                 amount,
                 start,
                 _ended_from(kind, id_, start, self),
+                _terms_of(kind, id_, self),
             )
             for kind, id_, start, amount in ledger.sealed
         ]
@@ -213,6 +215,7 @@ class CounterBackend(ABC):
                         counter.pending,
                         start,
                         from_ts(counter.window_before(start)),
+                        (counter.duration, counter.calendar_aligned),
                     )
                 )
                 counter.pending = 0
@@ -236,6 +239,12 @@ def _ended_from(kind: str, id_: str, start: float, backend: CounterBackend) -> d
     """`Delta.ended_from` of a sealed window, from its counter (None without one)."""
     counter: WindowCounter | None = backend.registry.counter(kind, id_)
     return None if counter is None else from_ts(counter.window_before(start))
+
+
+def _terms_of(kind: str, id_: str, backend: CounterBackend) -> tuple[Duration | None, bool] | None:
+    """`Delta.terms` of a sealed window, from its counter (None without one)."""
+    counter: WindowCounter | None = backend.registry.counter(kind, id_)
+    return None if counter is None else (counter.duration, counter.calendar_aligned)
 
 
 class MemoryCounters(CounterBackend):

@@ -16,14 +16,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    literal,
+    update,
+)
 from sqlalchemy import select as sql_select  # sqlmodel's takes at most four columns
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, col, select
 
-from budget_middleware.core.durations import parse_duration, window_bounds
+from budget_middleware.core.durations import Duration, parse_duration, window_bounds
 from budget_middleware.core.money import NANOS_PER_USD
 from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.times import utc
@@ -446,31 +456,119 @@ _COUNTER_COLUMNS = {
     "request": (RateLimitRow.__tablename__, "request_current_usage", "request_last_reset"),
     "token": (RateLimitRow.__tablename__, "token_current_usage", "token_last_reset"),
 }
-_DELTAS_PER_UPDATE = 2000  # x 5 parameters: under SQLite's 32,766
+_DELTAS_PER_UPDATE = 2000  # x 6 parameters: under SQLite's 32,766
+
+
+def _stored_terms(kind: str) -> str:
+    """A row's terms as SQL text, as `_terms_text` writes a delta's."""
+    table = _COUNTER_COLUMNS[kind][0]
+    if kind == "budget":
+        return (
+            f"COALESCE({table}.reset_duration, '-') || "
+            f"CASE WHEN {table}.calendar_aligned THEN '@' ELSE '' END"
+        )
+    return f"COALESCE({table}.{kind}_reset_duration, '-')"
+
+
+def _terms_text(terms: tuple[Duration | None, bool] | None) -> str | None:
+    """`Delta.terms` as the store's text: the duration as stored (`1d`; `-`: never resets), `@`
+    after it when calendar-aligned; None: not known."""
+    if terms is None:
+        return None
+    duration, aligned = terms
+    return f"{'-' if duration is None else duration}{'@' if aligned else ''}"
 
 
 @functools.cache
 def _delta_sql(dialect: str, kind: str, rows: int) -> str:
     """Add deltas to the windows they belong to, in one statement: a stored window that is older
     is started anew; a newer one (reset meanwhile) does not take charges of a window that has
-    ended. A per-row executemany hands the GIL back and forth once a row (see `_values_sql`).
-    SQLite gets the rows as bound VALUES, PostgreSQL as one JSON parameter (psycopg would parse
-    the placeholders of a long statement in Python on every call)."""
+    ended. A row whose terms are not those the delta was counted on (new terms written by
+    another process, which this one has not read yet) is left to `_by_stored_terms`: the
+    stored window older than the delta's may be one the stored terms have not ended (a minute
+    made a day). A per-row executemany hands the GIL back and forth once a row (see
+    `_values_sql`). SQLite gets the rows as bound VALUES, PostgreSQL as one JSON parameter
+    (psycopg would parse the placeholders of a long statement in Python on every call)."""
     table, usage, reset = _COUNTER_COLUMNS[kind]
     if dialect == "sqlite":
-        source = f"d(id, s, e, p, amount) AS (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * rows)})"
+        source = f"d(id, s, e, p, amount, t) AS (VALUES {', '.join(['(?, ?, ?, ?, ?, ?)'] * rows)})"
     else:
         source = (
             "d AS (SELECT * FROM json_to_recordset(%s::json) "
-            "AS x(id text, s timestamptz, e timestamptz, p timestamptz, amount bigint))"
+            "AS x(id text, s timestamptz, e timestamptz, p timestamptz, amount bigint, t text))"
         )
     ended = f"{table}.{reset} < d.s AND {table}.{reset} <= d.p"  # `Delta.ended_from`
     return (
         f"WITH {source} UPDATE {table} SET "
         f"{usage} = CASE WHEN {ended} THEN d.amount ELSE {table}.{usage} + d.amount END, "
         f"{reset} = CASE WHEN {ended} THEN d.s ELSE {table}.{reset} END "
-        f"FROM d WHERE {table}.id = d.id AND {table}.{reset} < d.e"
+        f"FROM d WHERE {table}.id = d.id AND {table}.{reset} < d.e "
+        f"AND (d.t IS NULL OR {_stored_terms(kind)} = d.t)"
     )
+
+
+def _by_stored_terms(conn: Any, kind: str, deltas: Sequence[Delta]) -> None:
+    """The deltas `_delta_sql` left because their row's terms are not those they were counted
+    on: new terms written by another process, which this one counts on once its cache reloads
+    them (SPEC §11). Each goes to the stored window if the stored terms have not ended it where
+    the delta's window begins, else it begins their window that holds that moment. On the
+    old terms' rule, a delta of the minute after the one a day was made of (a request admitted
+    on the old terms and settled after the minute) was written as a window begun anew, and the
+    day dropped what it held ($0.0003 of $0.0006). Read, in the flush's transaction, only when
+    the statement updated fewer rows than it had deltas (this, a reset since, a limit deleted)."""
+    table = BudgetRow if kind == "budget" else RateLimitRow
+    _, usage_name, reset_name = _COUNTER_COLUMNS[kind]
+    usage, reset = getattr(table, usage_name), getattr(table, reset_name)
+    duration_column = getattr(
+        table, "reset_duration" if kind == "budget" else f"{kind}_reset_duration"
+    )
+    aligned_column = col(BudgetRow.calendar_aligned) if kind == "budget" else literal(False)
+    ids = sorted({d.id for d in deltas if d.terms is not None})
+    stored: dict[str, tuple[datetime, str | None, bool]] = {}
+    for chunk in _chunks(ids, 500):
+        query = sql_select(col(table.id), reset, duration_column, aligned_column).where(
+            col(table.id).in_(chunk)
+        )
+        locked = query.order_by(col(table.id)).with_for_update()  # (PostgreSQL; SQLite's is held)
+        for id_, last_reset, duration, aligned in conn.execute(locked):
+            stored[id_] = (utc(last_reset), duration, bool(aligned))
+    added: list[dict[str, Any]] = []
+    begun: list[dict[str, Any]] = []
+    for d in deltas:
+        row = stored.get(d.id)
+        if row is None or d.terms is None:
+            continue  # a limit deleted; terms not known (the statement's)
+        last_reset, text, aligned = row
+        if f"{'-' if text is None else text}{'@' if aligned else ''}" == _terms_text(d.terms):
+            continue  # the same terms: the statement's
+        if last_reset >= d.window_end:
+            continue  # a reset since: its window holds none of it (as the statement's rule)
+        try:
+            duration = parse_duration(text)
+        except ValueError:  # (a text no longer valid: nothing reads it as a window)
+            duration = None
+        if duration is not None:
+            bounds = window_bounds(
+                duration, anchor=last_reset, now=last_reset, calendar_aligned=aligned
+            )
+            if bounds[1] <= d.window_start:
+                start = window_bounds(
+                    duration, anchor=last_reset, now=d.window_start, calendar_aligned=aligned
+                )[0]
+                begun.append({"row": d.id, "amount": d.amount, "start": start})
+                continue
+        added.append({"row": d.id, "amount": d.amount})
+    where = col(table.id) == bindparam("row")
+    if added:
+        more = update(table).where(where).values({usage_name: usage + bindparam("amount")})
+        conn.execute(more, added)
+    if begun:
+        conn.execute(
+            update(table)
+            .where(where)
+            .values({usage_name: bindparam("amount"), reset_name: bindparam("start")}),
+            begun,
+        )
 
 
 def _apply_deltas(conn: Any, deltas: Sequence[Delta]) -> None:
@@ -487,6 +585,7 @@ def _apply_deltas(conn: Any, deltas: Sequence[Delta]) -> None:
                 break
         else:
             rounds.append({key: d})
+    names = {terms: _terms_text(terms) for terms in {d.terms for d in deltas}}  # once each
     for batch in rounds:
         by_kind: dict[str, list[Delta]] = {}
         for d in batch.values():
@@ -501,11 +600,14 @@ def _apply_deltas(conn: Any, deltas: Sequence[Delta]) -> None:
                             "e": d.window_end.isoformat(),
                             "p": (d.ended_from or d.window_start).isoformat(),
                             "amount": d.amount,
+                            "t": names[d.terms],
                         }
                         for d in rows
                     ]
                 )
-                conn.exec_driver_sql(_delta_sql(dialect, kind, 0), (payload,))
+                done = conn.exec_driver_sql(_delta_sql(dialect, kind, 0), (payload,))
+                if done.rowcount < len(rows):
+                    _by_stored_terms(conn, kind, rows)
                 continue
             texts: dict[datetime, str] = {}  # windows often share their bounds: format once
             for start in range(0, len(rows), _DELTAS_PER_UPDATE):
@@ -522,8 +624,10 @@ def _apply_deltas(conn: Any, deltas: Sequence[Delta]) -> None:
                     ended = texts.get(before)
                     if ended is None:
                         ended = texts[before] = _sqlite_time(before)
-                    params += (d.id, begin, end, ended, d.amount)
-                conn.exec_driver_sql(_delta_sql(dialect, kind, len(chunk)), tuple(params))
+                    params += (d.id, begin, end, ended, d.amount, names[d.terms])
+                done = conn.exec_driver_sql(_delta_sql(dialect, kind, len(chunk)), tuple(params))
+                if done.rowcount < len(chunk):
+                    _by_stored_terms(conn, kind, chunk)
 
 
 def _sqlite_time(moment: datetime) -> str:

@@ -39,6 +39,7 @@ import orjson
 from pydantic import StrictInt, StringConstraints, TypeAdapter, ValidationError
 from typing_extensions import TypedDict  # (pydantic reads it so on Python 3.11)
 
+from budget_middleware.core.durations import Duration, parse_duration
 from budget_middleware.core.records import Delta, UsageRecord
 
 if sys.platform != "win32":
@@ -436,11 +437,17 @@ def _delta_out(d: Delta) -> dict[str, Any]:
         "amount": d.amount,
         "start_ts": d.start_ts,
         "ended_from": None if d.ended_from is None else d.ended_from.isoformat(),
+        "terms": None if d.terms is None else [_duration_out(d.terms[0]), d.terms[1]],
     }
+
+
+def _duration_out(duration: Duration | None) -> str | None:
+    return None if duration is None else str(duration)
 
 
 def _delta_in(d: dict[str, Any]) -> Delta:
     ended = d["ended_from"]
+    terms = d.get("terms")  # (none in a file an earlier release wrote)
     return Delta(
         kind=d["kind"],
         id=d["id"],
@@ -449,7 +456,17 @@ def _delta_in(d: dict[str, Any]) -> Delta:
         amount=int(d["amount"]),
         start_ts=float(d["start_ts"]),
         ended_from=None if ended is None else datetime.fromisoformat(ended),
+        terms=_terms_in(terms),
     )
+
+
+def _terms_in(terms: Any) -> tuple[Duration | None, bool] | None:
+    """`Delta.terms` as written (None: not known, the stored ones taken: as an earlier release
+    wrote the delta, and not worth setting the batch's charges aside for)."""
+    try:
+        return (parse_duration(terms[0]), bool(terms[1]))
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
 
 
 def _record_in(r: dict[str, Any]) -> UsageRecord:
