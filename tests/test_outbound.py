@@ -763,6 +763,78 @@ def test_the_sync_transport_meters_threads_exactly(
     on_loop(engine, engine.shutdown)
 
 
+def _closed_under_it(outcomes: list[tuple[str, int, int]], own_close: tuple[str, int, int]) -> None:
+    print(f"client closed under the stream: {outcomes[0]}; the stream's own close: {own_close}")
+    assert own_close[:2] == ("client_disconnected", 0)
+    assert outcomes == [own_close]
+
+
+async def test_a_stream_whose_async_client_is_closed_under_it_is_a_disconnect(
+    engine: BudgetEngine, provider_url: str
+) -> None:
+    """A stream whose client the app closes (its connections with it) before reading it: the
+    app's leaving, as the stream's own close is, a `client_disconnected` charged what it
+    streamed. It was an `upstream_error` charged its most output (500 tokens, 5,110,000
+    nano-dollars, where the stream's own close charged 110,000)."""
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    slow = {"x-mock-delay-ms": "20"}  # its tokens come after the client is closed
+    for closing in ("client", "stream"):
+        sdk = openai.AsyncOpenAI(
+            api_key="sk-provider-secret",
+            base_url=f"{provider_url}/v1",
+            http_client=httpx2.AsyncClient(transport=BudgetTransport(engine=engine)),
+            max_retries=0,
+        )
+        with charge_to(virtual_key=key.value):
+            stream = await sdk.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, stream=True, max_tokens=500, extra_headers=slow
+            )
+        if closing == "client":  # the app's client closed (an `async with` left, a shutdown)
+            await sdk.close()
+            with pytest.raises(openai.APIConnectionError):
+                async for _ in stream:
+                    pass
+        else:
+            await stream.close()
+            await sdk.close()
+    await engine.flush()
+    rows = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in records(engine)]
+    _closed_under_it(rows[:1], rows[1])
+
+
+def test_a_stream_whose_sync_client_is_closed_under_it_is_a_disconnect(
+    make_settings: Settings, provider_url: str
+) -> None:
+    """The same with the sync client: its socket closed under the read (`EBADF`)."""
+    transport = BudgetSyncTransport(settings=make_settings(flush_interval_seconds=3600))
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    slow = {"x-mock-delay-ms": "20"}
+    for closing in ("client", "stream"):
+        sdk = openai.OpenAI(
+            api_key="sk-provider-secret",
+            base_url=f"{provider_url}/v1",
+            http_client=httpx2.Client(transport=BudgetSyncTransport(engine=engine)),
+            max_retries=0,
+        )
+        with charge_to(virtual_key=key.value):
+            stream = sdk.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, stream=True, max_tokens=500, extra_headers=slow
+            )
+        if closing == "client":
+            sdk.close()
+            with pytest.raises(openai.APIConnectionError):
+                for _ in stream:
+                    pass
+        else:
+            stream.close()
+            sdk.close()
+    on_loop(engine, engine.flush)
+    rows = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in records(engine)]
+    on_loop(engine, engine.shutdown)
+    _closed_under_it(rows[:1], rows[1])
+
+
 async def test_the_transport_on_redis_admits_and_settles_there(make_settings: Settings) -> None:
     need_redis()
     prefix = unique_prefix()
@@ -4227,6 +4299,43 @@ class _SilentProvider:
         self.listener.close()
         for conn in self.held:
             conn.close()
+
+
+async def test_a_call_whose_client_is_closed_as_it_waits_for_its_answer_is_a_disconnect(
+    make_settings: Settings,
+) -> None:
+    """A call the provider received and has not answered, its client closed by the app meanwhile
+    (a shutdown, another task's `await client.close()`): the caller's leaving, as a call its
+    caller stops waiting for is, charged the most it could cost as both were. It was recorded as
+    an `upstream_error`."""
+    engine = get_engine(
+        make_settings(flush_interval_seconds=3600, provider_hosts='{"127.0.0.1": "openai"}')
+    )
+    await engine.ensure_started()
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1}])
+    provider = _SilentProvider()
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url=f"http://127.0.0.1:{provider.port}/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=BudgetTransport(engine=engine)),
+    )
+    try:
+        with charge_to(virtual_key=key.value):
+            call = asyncio.ensure_future(
+                sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100)
+            )
+            assert await asyncio.to_thread(provider.got_one.wait, 30)
+            await sdk.close()
+            with pytest.raises(openai.APIConnectionError):
+                await call
+        await engine.flush()
+        rows = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in records(engine)]
+    finally:
+        provider.close()
+        await engine.shutdown()
+    print(f"its client closed as it waited for its answer: {rows}")
+    assert rows == [("client_disconnected", 100, 1_100_000)]
 
 
 async def test_a_call_cancelled_while_it_waits_for_a_connection_costs_nothing(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import operator
 import sys
@@ -529,11 +530,32 @@ def _stopped_unsent(exc: BaseException) -> bool:
     return False
 
 
+def _closed_here(exc: BaseException | None) -> bool:
+    """Whether a body's read failed because this process closed its connection (the app's
+    client closed, and its pool with it, while the body was open: an `async with` client left,
+    a shutdown): anyio's `ClosedResourceError` (async), a socket closed under a read, `EBADF`
+    (sync), in the failure's causes. The caller's leaving, as its own close of the body is,
+    not the provider's failure (an `upstream_error`, charged its most output when nothing had
+    streamed yet)."""
+    for _ in range(8):  # httpx's error, from httpcore's, from the socket's
+        if exc is None:
+            return False
+        if type(exc).__name__ == "ClosedResourceError" or (
+            isinstance(exc, OSError) and exc.errno == errno.EBADF
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _failed(exc: BaseException) -> str:
     """The outcome of a call that failed before its answer came: the upstream's failure (a
     timeout, a connection lost), or its caller's leaving (cancelled, interrupted), as a body's
-    read is told apart (`_Metered`)."""
-    return "upstream_error" if isinstance(exc, Exception) else "client_disconnected"
+    read is told apart (`_Metered`): a failure on a connection this process closed (the app's
+    client closed as the call waited) is its caller's leaving too (`_closed_here`)."""
+    if isinstance(exc, Exception) and not _closed_here(exc):
+        return "upstream_error"
+    return "client_disconnected"
 
 
 def _outcome(exchange: Exchange, read_to_the_end: bool) -> str:
@@ -762,8 +784,11 @@ class _AsyncMetered(_Metered):
                 if out:
                     return out
                 break
-            except Exception:
-                self.failed = True  # the provider's failure, not the SDK's choice
+            except Exception as exc:
+                if _closed_here(exc):  # the app closed its client under it: the caller's
+                    self.cut = True
+                else:
+                    self.failed = True  # the provider's failure, not the SDK's choice
                 raise
             except BaseException:
                 self.cut = True  # the caller's: cancelled, interrupted
@@ -914,8 +939,11 @@ class _SyncMetered(_Metered):
                 if out:
                     return out
                 break
-            except Exception:
-                self.failed = True  # the provider's failure, not the SDK's choice
+            except Exception as exc:
+                if _closed_here(exc):  # the app closed its client under it: the caller's
+                    self.cut = True
+                else:
+                    self.failed = True  # the provider's failure, not the SDK's choice
                 raise
             except BaseException:
                 self.cut = True  # the caller's: cancelled, interrupted
