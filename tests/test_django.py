@@ -157,6 +157,27 @@ def test_budget_state_of_a_django_request_under_the_wsgi_handler(site: None) -> 
     assert answer.status_code == 200 and answer.json["x_caller"] == key["id"]
 
 
+def test_a_head_request_to_the_django_admin_urls_tells_the_body_s_length(site: None) -> None:
+    """HEAD answers headers only, the body's length told (RFC 9110: never another length), as
+    the admin app answers it under werkzeug and the admin URLs under Django's ASGI handler
+    (uvicorn: 47 of `/health`). Under Django's WSGI handler (gunicorn, waitress, `runserver`)
+    the admin URLs answered `Content-Length: 0` to every HEAD: the admin app's length was
+    dropped for the empty body Django then measured."""
+    from llmsite.wsgi import application
+    from werkzeug.test import Client
+
+    client = Client(application)
+    lengths = {}
+    for path, headers in (("/budget-admin/health", {}), ("/budget-admin/customers", ADMIN)):
+        got = client.get(path, headers=headers)
+        head = client.head(path, headers=headers)
+        lengths[path] = (len(got.data), head.headers.get("content-length"), len(head.data))
+        assert got.status_code == head.status_code == 200
+    print("GET bytes, HEAD content-length, HEAD bytes:", lengths)
+    for got_bytes, head_length, head_bytes in lengths.values():
+        assert head_length == str(got_bytes) != "0" and head_bytes == 0
+
+
 async def test_the_example_streams_under_the_asgi_handler_unbuffered(site: None) -> None:
     """The example's stream was a sync generator: Django's ASGI handler reads such an iterator
     whole in a thread before the first chunk goes (it warns: "StreamingHttpResponse must consume

@@ -954,6 +954,36 @@ def test_a_trailing_slash_on_the_wsgi_admin_api_is_redirected_under_its_mount(
         assert client.get("/budget-admin/nothing/").status_code == 404
 
 
+def test_a_tag_outside_latin_1_is_managed_through_the_wsgi_admin_api_under_httpx(
+    make_settings: Settings,
+) -> None:
+    """httpx's WSGI transport (a test client) puts the path in the environ decoded (UTF-8),
+    not as WSGI's latin-1 text: the admin app read it so (`_text`), then failed to encode its
+    `raw_path`, and `PUT /budget-admin/tags/产品` raised a UnicodeEncodeError out of the app;
+    so did any header werkzeug's client (Flask's) sent beyond latin-1 (it puts a header's text
+    in the environ as given). Their bytes are taken as the middleware takes a header's."""
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    settings = make_settings()
+    app = flask_host(settings)
+    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, {"/budget-admin": create_admin_wsgi_app(settings)}
+    )
+    transport = httpx.WSGITransport(app=app)
+    with httpx.Client(transport=transport, base_url="http://localhost", headers=ADMIN) as client:
+        put = client.put("/budget-admin/tags/产品", json={"budgets": [{"max_limit": 5}]})
+        listed = client.get("/budget-admin/tags")
+        gone = client.delete("/budget-admin/tags/产品")
+    # werkzeug's client (Flask's) puts a header's text in the environ as given: beyond latin-1
+    noted = app.test_client().get("/budget-admin/health", headers={"x-note": "产品"})
+    print("PUT tag:", put.status_code, "listed:", listed.text[:120], "DELETE:", gone.status_code,
+          "a header beyond latin-1:", noted.status_code)  # fmt: skip
+    assert noted.status_code == 200
+    assert put.status_code in (200, 201)
+    assert "产品" in json.dumps(listed.json(), ensure_ascii=False)
+    assert gone.status_code in (200, 204)
+
+
 def test_the_wsgi_admin_api_reads_no_body_before_the_admin_key(make_settings: Settings) -> None:
     """The WSGI admin app read the whole body a request announced before the API checked its
     credential: anyone could have a server thread read and hold what they sent (a lying
@@ -1577,6 +1607,51 @@ def test_an_app_failing_before_its_first_chunk_costs_nothing(
     print(f"failed before its first chunk: {rows}")
     assert [(r["outcome"], r["status"], r["cost_nanos"]) for r in rows] == [
         ("upstream_error", 500, 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["chunk", "write"])
+def test_a_stream_cut_within_its_first_event_is_charged_whether_or_not_usage_was_asked(
+    make_settings: Settings, how: str
+) -> None:
+    """An app relays a provider's stream as its bytes come and the provider cuts it 40 bytes
+    into its first event (SPEC §7: a stream cut upstream is charged an estimate). When the
+    client asked for the usage chunk, those bytes went to the server: charged its input's
+    estimate, 8,100 nano-USD, as under ASGI. When it did not, the middleware (which asked for
+    it, to cut it out) holds an event's start until its end: nothing had gone, and the call was
+    recorded as a 500 that cost $0. Bytes the app gave are its answer begun, held or not:
+    5,850 (its body, without `stream_options`, is 15 tokens shorter)."""
+    delta = {"choices": [{"delta": {"content": "hello " * 10}}]}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini", **delta}
+    event = b"data: " + json.dumps(chunk).encode()
+
+    def relayed(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        write = start_response("200 OK", [("content-type", "text/event-stream")])
+        if how == "write":
+            write(event[:40])
+        else:
+            yield event[:40]
+        raise ConnectionError("the provider reset the stream")
+
+    middleware = BudgetWSGIMiddleware(relayed, make_settings(flush_interval_seconds=3600))
+    engine = middleware.engine
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    charged = {}
+    for asked in (True, False):
+        body = chat(stream=True, **({"stream_options": {"include_usage": True}} if asked else {}))
+        with pytest.raises(ConnectionError):
+            Client(middleware).post("/v1/chat/completions", json=body, buffered=True,
+                                    headers=bearer(key.value or ""))  # fmt: skip
+        row = records(engine)[-1]
+        charged[asked] = (row["status"], row["outcome"], row["estimated"], row["cost_nanos"])
+    print(
+        f"cut 40 bytes into its first event ({how}): usage asked {charged[True]}, "
+        f"not asked {charged[False]}"
+    )
+    for status, outcome, estimated, cost in charged.values():  # (the body asking for usage
+        assert (status, outcome, estimated) == (200, "upstream_error", True)  # is longer: its
+        assert cost > 0  # input estimate is 15 tokens more)
 
 
 @pytest.mark.parametrize("kind", ["function", "generator"])

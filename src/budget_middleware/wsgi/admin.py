@@ -17,7 +17,7 @@ from budget_middleware.admin.context import MAX_BODY_BYTES
 from budget_middleware.engine.engine import BudgetEngine, get_engine
 from budget_middleware.engine.portal import on_loop
 from budget_middleware.settings import BudgetSettings
-from budget_middleware.wsgi.middleware import read_rest, status_line
+from budget_middleware.wsgi.middleware import environ_bytes, read_rest, status_line
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -57,14 +57,16 @@ class AdminWSGIApp:
 
 
 def asgi_scope(environ: WSGIEnvironment) -> dict[str, Any]:
-    """The ASGI scope of a WSGI request (the mount point, `SCRIPT_NAME`, as `root_path`)."""
+    """The ASGI scope of a WSGI request (the mount point, `SCRIPT_NAME`, as `root_path`). Its
+    bytes are the latin-1 of WSGI's text; a test client's text beyond it (httpx's path,
+    werkzeug's header values) as UTF-8 (`environ_bytes`), never a UnicodeEncodeError."""
     script = _text(environ.get("SCRIPT_NAME", ""))
     path = _text(environ.get("PATH_INFO", "")) or "/"
     headers: list[tuple[bytes, bytes]] = []
     for name, value in environ.items():
         if name.startswith("HTTP_"):
             headers.append((name[5:].replace("_", "-").lower().encode("latin-1"),
-                            value.encode("latin-1")))  # fmt: skip
+                            environ_bytes(value)))  # fmt: skip
     for name, header in (("CONTENT_TYPE", b"content-type"), ("CONTENT_LENGTH", b"content-length")):
         value = environ.get(name)
         if value:
@@ -78,9 +80,7 @@ def asgi_scope(environ: WSGIEnvironment) -> dict[str, Any]:
         "scheme": environ.get("wsgi.url_scheme", "http"),
         "root_path": script,
         "path": script + path,
-        "raw_path": (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode(
-            "latin-1"
-        ),
+        "raw_path": environ_bytes(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")),
         "query_string": environ.get("QUERY_STRING", "").encode("latin-1"),
         "headers": headers,
         "server": (environ.get("SERVER_NAME", "localhost"), _port(environ.get("SERVER_PORT"))),

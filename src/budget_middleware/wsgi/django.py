@@ -70,8 +70,11 @@ def admin_urls(prefix: str = "budget-admin/", settings: BudgetSettings | None = 
             status, raw, content = to_sync(serve)(admin.asgi, asgi_scope(environ), body)
             headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
         response = http.HttpResponse(content, status=status)
+        # Django measures the content; a HEAD's is none (the admin app sends its headers
+        # alone), and its length is the GET's, as the admin app tells it (RFC 9110 8.6).
+        head = request.method == "HEAD"
         for name, value in headers:
-            if name.lower() != "content-length":
+            if head or name.lower() != "content-length":
                 response[name] = value
         return response
 

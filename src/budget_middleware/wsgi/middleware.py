@@ -181,7 +181,7 @@ def _environ_text(value: str) -> str:
     return header_text(raw)
 
 
-def _environ_bytes(value: str) -> bytes:
+def environ_bytes(value: str) -> bytes:
     """A header's bytes from the environ: the latin-1 of its text (PEP 3333); text beyond
     latin-1 (a test client's, as `_environ_text` reads it) as UTF-8, which `header_text` reads
     back as that text."""
@@ -529,7 +529,7 @@ class EnvironHeaders:
         for name, var in self.wanted:
             value = get(var)
             if value:
-                yield name, _environ_bytes(value)
+                yield name, environ_bytes(value)
         length = get("CONTENT_LENGTH")
         if length:
             yield b"content-length", length.encode("latin-1")
@@ -652,7 +652,7 @@ class MeteredResponse:
     write_: Write | None = None  # the server's `write()`, once the headers are given
     done = False  # its last chunk passed
     failed = False  # the app raised
-    wrote = False  # bytes went to the server: the headers are sent
+    wrote = False  # the app gave bytes of its answer: sent (the headers with them), or held
 
     def __init__(self, exchange: Exchange, start_response: StartResponse, direct: bool) -> None:
         self.exchange = exchange
@@ -708,7 +708,7 @@ class MeteredResponse:
     def write(self, data: bytes) -> None:
         """The legacy `write()` of `start_response`, metered as a chunk."""
         assert self.write_ is not None
-        out = self._passed(self.exchange.on_chunk(data, True))
+        out = self._passed(data, self.exchange.on_chunk(data, True))
         if out:
             try:
                 self.write_(out)
@@ -716,10 +716,14 @@ class MeteredResponse:
                 self.exchange.client_gone = True  # `ClientDisconnected`, a `BrokenPipeError`)
                 raise
 
-    def _passed(self, out: bytes) -> bytes:
-        """What goes to the server. Only bytes send the headers (PEP 3333: an empty chunk sends
-        nothing), so only then can the server no longer answer a failure with its 500."""
-        if out:
+    def _passed(self, chunk: bytes, out: bytes) -> bytes:
+        """`out`, what goes to the server of the app's `chunk`. Only bytes begin the answer
+        (PEP 3333: an empty chunk sends nothing; the server can answer a failure before them
+        with its 500, which costs nothing). So do bytes the exchange holds back (an SSE
+        event's start, until its end, where it cuts out the usage chunk it asked for): the
+        provider's answer had begun, and a cut is charged as a cut stream, as it is when the
+        client asked for that chunk and the same bytes went on (SPEC §7)."""
+        if chunk:
             self.wrote = True
         return out
 
@@ -747,7 +751,7 @@ class MeteredResponse:
         except BaseException as exc:
             self.raised(exc)
             raise
-        return self._passed(self.exchange.on_chunk(chunk, True))
+        return self._passed(chunk, self.exchange.on_chunk(chunk, True))
 
     def raised(self, exc: BaseException) -> None:
         """The app raised `exc`: its own failure (nothing sent, the server answers 500, and an
