@@ -925,6 +925,30 @@ async def test_a_store_that_cannot_be_reached_is_a_503_with_retry_after(tmp_path
         assert r.headers.get("retry-after") == "1"
 
 
+async def test_a_tag_written_with_a_trailing_slash_is_the_tag_without_it(
+    settings: BudgetSettings,
+) -> None:
+    """A tag is the rest of the path (it may hold a `/`), so `PUT /tags/chat/` made the tag
+    `chat/`, whose cap no request tagged `chat` meets, where every other route redirects a
+    trailing slash. A slash written at the end is redirected now (307, the body with it); one
+    sent as `%2F` is still part of the tag."""
+    async with admin_client(settings) as c:
+        put = await c.put("/tags/chat/", json={"budgets": [{"max_limit": 1}]}, headers=ADMIN)
+        followed = await c.put("/tags/chat/", json={"budgets": [{"max_limit": 2}]},
+                               headers=ADMIN, follow_redirects=True)  # fmt: skip
+        escaped = await c.put("/tags/team%2F", json={"budgets": [{"max_limit": 3}]}, headers=ADMIN)
+        tags = {t["tag"]: t["budgets"][0]["max_limit"]
+                for t in (await c.get("/tags", headers=ADMIN)).json()["tags"]}  # fmt: skip
+        deleted = await c.delete("/tags/chat/", headers=ADMIN, follow_redirects=True)
+        left = [t["tag"] for t in (await c.get("/tags", headers=ADMIN)).json()["tags"]]
+    print("PUT /tags/chat/:", put.status_code, put.headers.get("location"), "tags:", tags,
+          "after DELETE /tags/chat/:", left)  # fmt: skip
+    assert put.status_code == 307 and put.headers["location"] == "http://test/tags/chat"
+    assert followed.status_code == 201 and escaped.status_code == 201
+    assert tags == {"chat": 2.0, "team/": 3.0}
+    assert deleted.status_code == 200 and left == ["team/"]
+
+
 async def test_a_trailing_slash_is_redirected_to_the_route_without_it(
     settings: BudgetSettings,
 ) -> None:

@@ -149,6 +149,21 @@ def _dispatch(by_method: dict[str, Handler]) -> Handler:
     return dispatch
 
 
+def _slash_ended(handler: Handler) -> Handler:
+    """A route whose tag is the rest of the path matched `/tags/chat/` as the tag `chat/`, where
+    every other route redirects a trailing slash (`PUT /tags/chat/` capped a tag no request
+    sends for `chat`): a slash the client wrote at the end is redirected here too; `%2F` is part
+    of the tag (`_without_slash`)."""
+
+    async def dispatch(request: Request) -> Response:
+        moved = _without_slash(request)
+        if moved is not None:
+            return RedirectResponse(moved, status_code=307)
+        return await handler(request)
+
+    return dispatch
+
+
 def _is_key(call: Call, store_optional: bool = False) -> Callable[[str], Awaitable[bool]]:
     async def is_key(token: str) -> bool:
         try:
@@ -177,7 +192,7 @@ def create_admin_app(settings: BudgetSettings | None = None, **_: Any) -> Starle
         # line breaks too (`path`'s `.*` stops at one: a 404, or `ab\n` taken as `ab`).
         Route(
             path.replace("{tag}", "{tag:budget_rest}"),
-            _dispatch(handlers),
+            _slash_ended(_dispatch(handlers)) if "{tag}" in path else _dispatch(handlers),
             methods=list(handlers),
             name=path,
         )
