@@ -1756,6 +1756,129 @@ async def test_an_admission_redis_ran_past_the_timeout_holds_no_slot(sqlite_url:
     assert slots == 0
 
 
+async def test_new_terms_carried_in_redis_as_the_instance_stops_reach_the_other_instances(
+    tmp_path: Path,
+) -> None:
+    """Two instances, A and C. A budget of $1 every 30 s, $0.05 spent in its first 3 s; then its
+    terms become $1 every 3 s through A's manager (from a thread, as the admin API's): the
+    window moves to a later start, its usage carried over. Redis stalls for 0.6 s then
+    (SIGSTOP), and A stops at once. A's carry (the usage moved to the new window, and the mark
+    that moves the other instances there) was under way in a task its stop did not wait for:
+    the connections closed under it, it was never written, and C's next charge landed on the
+    old window's key ($0.06 there), not in the new window."""
+    server = PrivateRedis()
+    server.start()
+    settings = settings_for(
+        f"sqlite:///{tmp_path / 'budget.db'}",
+        redis_url=server.url,
+        redis_timeout_seconds=3,
+        flush_interval_seconds=30,
+    )
+    try:
+        a, c = BudgetEngine(settings), BudgetEngine(settings)
+        app_a, app_c = fault_app(a), fault_app(c)
+        async with running(app_c), client(app_c) as http_c:
+            async with running(app_a):
+                key = a.manager.create_virtual_key(
+                    name="alice", budgets=[{"max_limit": 1, "reset_duration": "30s"}]
+                )
+                value, budget = key.value or "", key.budgets[0].id
+                assert await asked(http_c, value, 5) == [200] * 5
+                assert await c.flush()
+                before = _budget_in_redis(server, budget)
+                await asyncio.sleep(3.2)  # into the second window of the new terms
+                assert server.process is not None
+                process = server.process
+                process.send_signal(signal.SIGSTOP)
+                asyncio.get_running_loop().call_later(0.6, process.send_signal, signal.SIGCONT)
+                await asyncio.to_thread(
+                    a.manager.update_virtual_key,
+                    key.id,
+                    budgets=[{"id": budget, "max_limit": 1, "reset_duration": "3s"}],
+                )
+                await asyncio.sleep(0.05)  # the carry's task under way
+            await asyncio.sleep(0.8)  # Redis awake
+            assert await asked(http_c, value, 1) == [200]
+            after = _budget_in_redis(server, budget)
+    finally:
+        server.stop()
+    (old,) = before
+    print(f"Redis before the new terms: {before}; after A stopped and C's next charge: {after}")
+    assert after.get(old, 0) <= 5 * CENT  # the old window's key took no charge after them
+    assert any(k != old for k in after)  # C's charge went to the new terms' window
+
+
+async def test_requests_that_settle_after_the_shutdown_leave_no_connection_to_redis_open(
+    tmp_path: Path,
+) -> None:
+    """20 requests admitted through Redis and still being answered by the host app as the
+    engine shuts down (its lifespan's end), answered after. Their settlements ran on the
+    Redis client the shutdown had closed: each opened a connection again that nobody closed
+    (20 left open, "unclosed Connection" when collected). Now they settle as with Redis away
+    (owed, paid when the engine next starts, or at exit): no connection left, every answer a
+    200, and each charge in Redis and the store once."""
+    server = PrivateRedis()
+    server.start()
+    settings = settings_for(
+        f"sqlite:///{tmp_path / 'budget.db'}",
+        redis_url=server.url,
+        fail_open=True,
+        redis_timeout_seconds=1,
+        flush_interval_seconds=30,
+    )
+    engine = BudgetEngine(settings)
+    gate, inside = asyncio.Event(), asyncio.Semaphore(0)
+    host = FastAPI()
+
+    @host.post("/v1/chat/completions")
+    async def completions(request: Request) -> Response:
+        await request.body()
+        if request.headers.get("x-held"):
+            inside.release()
+            await gate.wait()
+        body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
+        return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
+
+    host.add_middleware(BudgetMiddleware, engine=engine)
+    direct = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        async with client(host) as http:
+            async with running(host):
+                key = engine.manager.create_virtual_key(
+                    name="alice", budgets=[{"max_limit": 10, "reset_duration": "1d"}]
+                )
+                value, budget = key.value or "", key.budgets[0].id
+                headers = {**bearer(value), "x-held": "1"}
+                held = [
+                    asyncio.create_task(
+                        http.post("/v1/chat/completions", json=chat(), headers=headers)
+                    )
+                    for _ in range(20)
+                ]
+                for _ in held:
+                    await asyncio.wait_for(inside.acquire(), 10)
+            gate.set()  # the engine shut down: the answers come now
+            answers = await asyncio.gather(*held, return_exceptions=True)
+            connections = sum(1 for c in direct.client_list() if c["cmd"] != "client|list")
+            await engine.ensure_started()  # as the process's exit does: what it holds, paid
+            await engine.shutdown()
+            in_redis = sum(_budget_in_redis(server, budget).values())
+            stored = budget_usage(engine, budget)
+    finally:
+        direct.close()
+        server.stop()
+    statuses = [
+        a.status_code if isinstance(a, httpx.Response) else type(a).__name__ for a in answers
+    ]
+    print(
+        f"20 admitted, answered after the shutdown: {statuses}; connections to "
+        f"Redis left open by the stopped engine: {connections}; Redis {in_redis}, store {stored}"
+    )
+    assert statuses == [200] * 20
+    assert connections == 0
+    assert in_redis == stored == 20 * CENT
+
+
 # -- fail-open, the store never reached ---------------------------------------------------------
 
 
@@ -3335,6 +3458,65 @@ async def test_debts_left_on_disk_are_not_added_to_a_window_seeded_from_the_stor
         f"file: {in_redis}; store {stored}"
     )
     assert list(seeded.values()) == [6 * CENT]
+    assert stored == 6 * CENT
+    assert list(in_redis.values()) == [stored]
+    assert left == []
+
+
+@pytest.mark.parametrize("locked", [True, False], ids=["seeded-before", "seeded-after"])
+async def test_debts_left_with_a_spilled_batch_reach_a_window_seeded_before_the_store_had_it(
+    tmp_path: Path, locked: bool
+) -> None:
+    """Engine A stops owing Redis $0.03 that the store could not take either (a spilled batch);
+    Redis comes back empty, and the next engine (B) starts and seeds the window from the store
+    while it is still locked: the seed lacks the $0.03. Its start found the debt's key gone
+    and dropped the file as "seeded from the store, which has them": Redis $0.03 for $0.06
+    spent, once B had written the batch. The file waits until the key is seeded, and is paid
+    then (here by the next engine to start, C). Unlocked before B starts (`seeded-after`), B
+    writes the batch before it seeds, and the $0.03 is not added again."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        a = BudgetEngine(_debts_settings(tmp_path, server))
+        app = fault_app(a)
+        with contextlib.ExitStack() as lock:
+            async with running(app), client(app) as http:
+                key = a.manager.create_virtual_key(
+                    name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+                )
+                value, budget = key.value or "", key.budgets[0].id
+                await a.invalidate()
+                assert await asked(http, value, 2) == [200] * 2
+                assert await a.flush()
+                server.kill(keep_data=True)
+                lock.enter_context(sqlite_locked(tmp_path / "budget.db"))
+                assert await asked(http, value, 3) == [200] * 3  # fail open: owed to Redis
+            a.store.dispose()
+            assert len(list((tmp_path / "spill").glob("*/*.json"))) == 1  # the spilled batch
+            server.kill(keep_data=False)
+            server.start()  # empty
+            if not locked:
+                lock.close()
+            b = BudgetEngine(_debts_settings(tmp_path, server))
+            app = fault_app(b)
+            async with running(app), client(app) as http:
+                assert await asked(http, value, 1) == [200]  # seeds the window from the store
+                seeded = _budget_in_redis(server, budget)
+                lock.close()
+                assert await b.flush()  # the spilled batch and B's charge
+                c = BudgetEngine(_debts_settings(tmp_path, server))
+                await c.ensure_started()  # pays what is left on disk
+                await c.shutdown()
+                in_redis = _budget_in_redis(server, budget)
+                stored = budget_usage(b, budget)
+                left = _left_debts(tmp_path)
+    finally:
+        server.stop()
+    print(
+        f"admitted 6 x $0.01; Redis back empty, seeded {'before' if locked else 'after'} the "
+        f"store had the spilled batch: {seeded}; after it was written and the debts paid: "
+        f"Redis {in_redis}, store {stored}"
+    )
     assert stored == 6 * CENT
     assert list(in_redis.values()) == [stored]
     assert left == []

@@ -641,6 +641,17 @@ def written_at(folder: Path, batch_ids: Sequence[str]) -> float | None:
     return latest
 
 
+def still_spilled(folder: Path, batch_ids: Sequence[str]) -> bool:
+    """Whether any of these batches waits in the store's spill folder `folder` still (given up,
+    or taken by an engine that has not written it yet): the store does not hold it."""
+    ends = tuple(f"-{batch_id}{_SUFFIX}" for batch_id in batch_ids)
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.endswith(ends) for e in entries)
+    except FileNotFoundError:
+        return False
+
+
 def debts_paid(path: Path, batch_ids: Sequence[str]) -> None:
     """A file of debts is paid: it goes, and the notes of the batches it names."""
     with contextlib.suppress(OSError):
