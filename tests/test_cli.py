@@ -565,6 +565,33 @@ def test_the_same_commands_on_a_running_admin_api(server: Server, here: Here) ->
 # -- alerts (SPEC §14) ---------------------------------------------------------------------------
 
 
+def test_alerts_list_first_on_a_store_of_a_release_before_alerts(
+    store: dict[str, str], here: Here
+) -> None:
+    """`alerts list` run first on a store an earlier release left (version 4, as 90b018b made
+    it: no `bm_alerts`): every other command brings the store up to date as it reads it
+    (`ensure_schema`), this one read it as it was: "cannot be reached (no such table:
+    bm_alerts)" until some other command ran."""
+    from sqlalchemy import text
+
+    from budget_middleware.store.database import Store
+    from budget_middleware.store.tables import SCHEMA_VERSION
+
+    old = Store(store["BUDGET_DATABASE_URL"])
+    old.create_schema()
+    with old.engine.begin() as conn:
+        conn.execute(text("DROP TABLE bm_alert_deliveries"))
+        conn.execute(text("DROP TABLE bm_alerts"))
+        conn.execute(text("UPDATE bm_meta SET value = '4' WHERE key = 'schema_version'"))
+    old.dispose()
+    listed = here(store, "alerts list --json")
+    print("alerts list on a version 4 store:", listed.code, listed.out.strip(), listed.err.strip())
+    assert ok(listed).json() == {"alerts": [], "count": 0}
+    upgraded = Store(store["BUDGET_DATABASE_URL"])
+    assert upgraded.schema_version() == SCHEMA_VERSION
+    upgraded.dispose()
+
+
 async def test_alerts_list(store: dict[str, str], here: Here) -> None:
     from budget_middleware.manage.manager import BudgetManager
 

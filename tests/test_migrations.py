@@ -235,7 +235,73 @@ def test_version_11_stores_a_model_config_for_any_provider_as_none(tmp_path: Pat
     store.dispose()
     print(f"after version 11: {rows}, schema version {version}")
     assert [tuple(r) for r in rows] == [("mc1", None), ("mc2", "openai")]
-    assert version == SCHEMA_VERSION == 11
+    assert version == SCHEMA_VERSION
+
+
+async def test_a_version_5_store_made_before_first_attempt_at_lists_its_alerts(
+    tmp_path: Path,
+) -> None:
+    """The first release with alerts (456185e, schema 5) made `bm_alerts` without
+    `first_attempt_at`; the next commit (b571704) added the column and kept version 5, and no
+    step added it: such a store, upgraded, answered `GET /alerts` with 503 "cannot be reached
+    (no such column: bm_alerts.first_attempt_at)", and `budget-middleware alerts list` the
+    same, for good. Version 12 adds it."""
+    from admin_support import ADMIN, admin_client, admin_settings
+
+    settings = admin_settings(tmp_path)
+    store = Store(settings.database_url)
+    store.create_schema()
+    with store.engine.begin() as conn:  # as 456185e left it (its `AlertRow`), one alert raised
+        conn.execute(text("ALTER TABLE bm_alerts DROP COLUMN first_attempt_at"))
+        _insert(conn, "bm_alerts", id="a1", type="budget.threshold", budget_id="b1",
+                window_start="2026-11-30 00:00:00", threshold=0.8, owner_type="virtual_key",
+                owner_id="k1", owner_name="alice", raised_at="2026-11-30 00:00:00", body="{}",
+                delivery="delivered", attempts=0, delivered_to="[]",
+                next_attempt_at="2026-11-30 00:00:00")  # fmt: skip
+        conn.execute(text("UPDATE bm_meta SET value = '5' WHERE key = 'schema_version'"))
+    store.dispose()
+    async with admin_client(settings) as c:
+        listed = await c.get("/alerts", headers=ADMIN)
+    print("GET /alerts after the upgrade:", listed.status_code, listed.text[:300])
+    assert listed.status_code == 200
+    assert [a["id"] for a in listed.json()["alerts"]] == ["a1"]
+
+
+async def test_a_version_9_store_of_bm_deleted_owners_keeps_the_deleted_names(
+    tmp_path: Path,
+) -> None:
+    """Version 9 was first (8750d9b) `bm_deleted_owners`: the names of deleted keys, teams and
+    customers, for `GET /usage`. The next commit (2b6f70a) made it `bm_deleted`, at version 9
+    still: a store of the first lost them all on its upgrade: the usage of a deleted key
+    `leaver` was shown with no name, not marked deleted. Version 13 takes them over."""
+    from admin_support import ADMIN, admin_client, admin_settings
+
+    settings = admin_settings(tmp_path)
+    store = Store(settings.database_url)
+    store.create_schema()
+    with store.engine.begin() as conn:  # as 8750d9b left it: a key deleted after it spent
+        conn.execute(text("DROP TABLE bm_deleted"))
+        conn.execute(
+            text(
+                "CREATE TABLE bm_deleted_owners (id VARCHAR(32) NOT NULL PRIMARY KEY, owner_type"
+                " VARCHAR(16) NOT NULL, name VARCHAR(200) NOT NULL, deleted_at DATETIME NOT NULL)"
+            )
+        )
+        _insert(conn, "bm_deleted_owners", id="k1", owner_type="virtual_key", name="leaver",
+                deleted_at="2026-12-03 07:00:00")  # fmt: skip
+        _insert(conn, "bm_usage_records", request_id="r1", created_at="2026-12-03 06:00:00",
+                virtual_key_id="k1", provider="openai", model="gpt-4o", tags="[]",
+                input_tokens=10, output_tokens=5, cached_tokens=0, cost_nanos=30_000_000,
+                cost=0.03, cost_source="catalog", status=200, streamed=False,
+                outcome="completed", estimated=False, duration_ms=1.0,
+                direction="inbound")  # fmt: skip
+        conn.execute(text("UPDATE bm_meta SET value = '9' WHERE key = 'schema_version'"))
+    store.dispose()
+    async with admin_client(settings) as c:
+        usage = await c.get("/usage", params={"group_by": "virtual_key"}, headers=ADMIN)
+    rows = [(u["key"], u["name"], u["deleted"], u["cost"]) for u in usage.json()["usage"]]
+    print("GET /usage after the upgrade:", usage.status_code, rows)
+    assert rows == [("k1", "leaver", True, 0.03)]
 
 
 def test_two_rate_limits_of_one_provider_stop_start_up_and_change_nothing(tmp_path: Path) -> None:

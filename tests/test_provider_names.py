@@ -272,3 +272,46 @@ def test_one_name_per_provider() -> None:
         "azure_ai": "azure", "together_ai": "together", "my-gateway": "my-gateway",
     }  # fmt: skip
     assert {name: canonical_provider(name) for name in cases} == cases
+
+
+async def test_a_batch_an_earlier_release_spilled_names_its_provider_by_its_one_name(
+    tmp_path: Any,
+) -> None:
+    """A release before version 8 (0faa08b) recorded a request to `google/gemini-1.5-pro` as
+    provider `google`, and a batch it spilled in an outage kept it so. Version 8 renamed the
+    stored records (`GET /usage?group_by=provider` shows one provider), but the batch, applied
+    by the next release, wrote `google` beside them: usage by provider told `gemini` $0.12
+    and `google` $0.03 where the store has one provider."""
+    from budget_middleware.core.records import UsageRecord
+    from budget_middleware.store.spill import Spill
+
+    settings = BudgetSettings(
+        database_url=f"sqlite:///{tmp_path}/b.db", admin_key="admin-secret",
+        spill_dir=tmp_path / "spill", flush_interval_seconds=0.05,
+    )  # fmt: skip
+    first = BudgetEngine(settings)
+    await first.ensure_started()
+    key = first.manager.create_virtual_key(name="alice")
+    await first.shutdown()
+
+    def record(provider: str) -> UsageRecord:
+        return UsageRecord(
+            "", 1.0, key.id, None, None, provider, "gemini-1.5-pro", (), 10, 5, 0, 10_000_000,
+            "usage", 200, False, "completed", False, None, 1.5,
+        )  # fmt: skip
+
+    assert first.spill is not None
+    gone = Spill(first.spill.folder)  # the earlier release's, stopped in the outage
+    gone.write("oldbatch", [], [record("google")])
+    gone.write("newbatch", [], [record("gemini")])
+    gone.give_up()
+    engine = get_engine(settings)  # the next release's start-up
+    await engine.ensure_started()
+    assert await engine.flush()
+    admin = create_admin_app(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(admin), base_url="http://t") as c:
+        usage = (await c.get("/usage", params={"group_by": "provider"}, headers=ADMIN)).json()
+    await engine.shutdown()
+    rows = [(u["key"], u["requests"]) for u in usage["usage"]]
+    print("usage by provider after the old batch:", rows)
+    assert rows == [("gemini", 2)]

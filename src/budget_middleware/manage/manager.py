@@ -38,6 +38,7 @@ from budget_middleware.manage.keys import KeyWriter
 from budget_middleware.manage.owner_limits import (
     check_model_names,
     delete_limits,
+    ensure_schema,
     is_held,
     one_writer_at_a_time,
     remember_deleted,
@@ -503,6 +504,7 @@ class BudgetManager(KeyWriter):
         offset: int = 0,
     ) -> list[dict[str, Any]]:
         """Recent alerts, newest first, with their delivery state (SPEC §14)."""
+        ensure_schema(self.store)  # (as every other call's session does)
         return stored_alerts.list_alerts(self.store, owner_type, owner_id, limit, offset)[0]
 
     def list_rate_limits(

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, inspect, select, text
+from sqlalchemy import Connection, DateTime, Engine, MetaData, inspect, select, text
 
 from budget_middleware.core.providers import canonical_provider
 from budget_middleware.exceptions import StoreSchemaError
@@ -51,11 +51,37 @@ _STEPS: dict[int, Callable[[Connection], None]] = {
     11: lambda conn: _execute(
         conn, "UPDATE bm_model_configs SET provider = NULL WHERE provider = ''"
     ),
+    # 12: bm_alerts.first_attempt_at, which the first release with alerts did not make (the
+    # column came later within version 5, with no step).
+    12: lambda conn: _add_column(
+        conn,
+        "bm_alerts",
+        "first_attempt_at " + DateTime(timezone=True).compile(dialect=conn.dialect),
+    ),
+    # 13: the names of deleted owners from bm_deleted_owners, version 9's first table, into
+    # bm_deleted, which took its place within version 9 (with no step).
+    13: lambda conn: _deleted_owners(conn),
 }
 
 
 def _execute(conn: Connection, statement: str) -> None:
     conn.execute(text(statement))
+
+
+def _deleted_owners(conn: Connection) -> None:
+    """The deleted keys', teams' and customers' names a store of bm_deleted_owners holds, kept
+    in bm_deleted (`GET /usage` shows them by name, marked deleted); the old table goes."""
+    if "bm_deleted_owners" not in inspect(conn).get_table_names():
+        return
+    conn.execute(
+        text(
+            "INSERT INTO bm_deleted (kind, entity_id, name, deleted_at) "
+            "SELECT o.owner_type, o.id, o.name, o.deleted_at FROM bm_deleted_owners o "
+            "WHERE NOT EXISTS (SELECT 1 FROM bm_deleted d "
+            "WHERE d.kind = o.owner_type AND d.entity_id = o.id)"
+        )
+    )
+    conn.execute(text("DROP TABLE bm_deleted_owners"))
 
 
 def _one_provider_name(conn: Connection) -> None:

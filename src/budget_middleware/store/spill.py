@@ -40,6 +40,7 @@ from pydantic import StrictInt, StringConstraints, TypeAdapter, ValidationError
 from typing_extensions import TypedDict  # (pydantic reads it so on Python 3.11)
 
 from budget_middleware.core.durations import Duration, parse_duration
+from budget_middleware.core.providers import canonical_provider
 from budget_middleware.core.records import Delta, UsageRecord
 
 if sys.platform != "win32":
@@ -471,6 +472,9 @@ def _terms_in(terms: Any) -> tuple[Duration | None, bool] | None:
 
 def _record_in(r: dict[str, Any]) -> UsageRecord:
     r["tags"] = tuple(r["tags"])
+    # By its one name, as schema version 8 renamed the stored records: a batch an earlier
+    # release spilled names `google`, `OpenAI` as its requests did.
+    r["provider"] = canonical_provider(r["provider"])
     return UsageRecord(**r)
 
 

@@ -18,8 +18,9 @@ from budget_middleware.core.providers import stored_provider
 
 # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction; 5: bm_alerts, bm_budgets.soft and
 # .alert_thresholds, bm_usage_records.would_refuse; 8: provider names by their one name;
-# 9: bm_deleted; 10: bm_alert_deliveries
-SCHEMA_VERSION = 11
+# 9: bm_deleted; 10: bm_alert_deliveries; 11: a model config for any provider stored as none;
+# 12: bm_alerts.first_attempt_at in stores that lack it; 13: bm_deleted_owners into bm_deleted
+SCHEMA_VERSION = 13
 
 
 def new_id() -> str:
