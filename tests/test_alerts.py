@@ -28,7 +28,7 @@ from budget_middleware.admin import create_admin_app
 from budget_middleware.engine.engine import BudgetEngine
 from conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, reset_postgres
 from service_support import delete_prefix, unique_prefix, use_prefix
-from support import chat, client, engine_of, host_app, running, until
+from support import chat, client, engine_of, host_app, running, until, until_sync
 
 Settings = Callable[..., BudgetSettings]
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -881,6 +881,58 @@ def test_a_lapsed_claim_is_taken_over_and_its_late_outcome_is_not_written(store_
           f"{alerts[0]['attempts']} attempt")  # fmt: skip
     assert total == 1 and (alerts[0]["delivery"], alerts[0]["attempts"]) == ("pending", 1)
     store.dispose()
+
+
+async def test_a_delivery_another_instance_made_while_one_claimed_it_is_not_posted_again(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """Two instances with one webhook URL: A finds an alert's delivery due, and before its
+    claim lands B claims it, posts it and records it delivered (a fast receiver; a loaded
+    machine slowing A). A's claim asked only that no one held it, so A claimed the delivered
+    alert and posted it a second time (2 posts, no failed attempt: seen once in a full run of
+    this file). A claim takes only what is still due."""
+    from sqlalchemy import event
+
+    hook = receiver()
+    engines = [get_engine(make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=t))
+               for t in (5, 6)]  # fmt: skip
+    a, b = engines
+    a_found, waited = threading.Event(), []
+
+    def a_claims(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("UPDATE bm_alert_deliveries SET claimed_until") and not waited:
+            waited.append(True)
+            a_found.set()  # A has found it due; B goes first, and delivers it
+            waited.append(until_sync(lambda: _delivered_in(b), 5.0))
+
+    def b_looks(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "JOIN bm_alerts" in statement and "claimed_until" in statement:
+            a_found.wait(5.0)  # B claims only once A has found it due
+
+    event.listen(a.store.engine, "before_cursor_execute", a_claims)
+    event.listen(b.store.engine, "before_cursor_execute", b_looks)
+    try:
+        for e in engines:
+            quick(e)
+            await e.ensure_started()
+        key = a.manager.create_virtual_key(name="ann", budgets=[{"max_limit": 1.0}])
+        async with client(BudgetMiddleware(host_app(None), engine=a)) as http:
+            statuses = await spend(http, key.value, 0.85, 1)
+        await until(lambda: _all_delivered(a, 1))
+        await asyncio.sleep(0.5)  # a second post would come meanwhile
+        posts = [json.loads(body)["id"] for _, body, _ in hook.posts]
+        failed = sum(e.alerts.failed_deliveries for e in engines)
+    finally:
+        for e in engines:
+            await e.shutdown()
+    print(f"{statuses}: B delivered while A claimed ({waited}); {len(posts)} post(s) of "
+          f"{len(set(posts))} alert, {failed} failed attempts")  # fmt: skip
+    assert statuses == [200] and waited == [True, True]
+    assert len(posts) == 1 and failed == 0
+
+
+def _delivered_in(engine: BudgetEngine) -> bool:
+    return [a["delivery"] for a in engine.manager.list_alerts()] == ["delivered"]
 
 
 async def test_one_failing_url_leaves_the_others_delivered_once(
@@ -1755,6 +1807,48 @@ async def test_two_instances_on_one_store_raise_a_threshold_their_spend_crossed_
     print(f"two instances, {statuses}: ${spent:.2f} of $1.00 spent; delivered {kinds}")
     assert statuses == [200, 200]
     assert kinds == [("budget.threshold", 0.8)]
+
+
+@pytest.mark.parametrize("owner", ["virtual_key", "team"])
+async def test_a_threshold_set_below_the_spend_is_raised_with_no_request_after_it(
+    make_settings: Settings, receiver: Callable[..., Receiver], owner: str
+) -> None:
+    """Two instances on one store; $0.60 spent of a $1 budget alerting at 90 %, then its
+    thresholds set to 50 % and 90 % through the admin API of the other instance. A provider's
+    or tag's budget raised 50 % within a cache TTL; a key's or team's never did while no request
+    of the key came (its thresholds were read again only with the key): 0 alerts in 3 s."""
+    hook = receiver()
+    settings = [make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=t) for t in (0.5, 0.6)]
+    engines = [get_engine(one) for one in settings]
+    apps = [BudgetMiddleware(host_app(None), engine=e) for e in engines]
+    admin = httpx.AsyncClient(transport=httpx.ASGITransport(create_admin_app(settings[1])),
+                              base_url="http://admin", headers=ADMIN)  # fmt: skip
+    try:
+        for e in engines:
+            quick(e)
+            await e.ensure_started()
+        budget = {"max_limit": 1.0, "alert_thresholds": [0.9]}
+        team = engines[0].manager.create_team(name="t", budgets=[budget] if owner == "team" else [])
+        key = engines[0].manager.create_virtual_key(
+            name="k", team_id=team.id, budgets=[budget] if owner == "virtual_key" else []
+        )
+        async with client(apps[0]) as http:
+            statuses = await spend(http, key.value, 0.6, 1)
+        path = f"/virtual-keys/{key.id}" if owner == "virtual_key" else f"/teams/{team.id}"
+        new = {"budgets": [{"max_limit": 1.0, "alert_thresholds": [0.5, 0.9]}]}
+        changed = (await admin.put(path, json=new)).status_code
+        await until(lambda: hook.delivered(), 3.0)
+        kinds = [(a["type"], a["owner"]["type"], a.get("threshold")) for a in hook.delivered()]
+        rows = [(a["type"], a["threshold"]) for a in engines[0].manager.list_alerts()]
+    finally:
+        await admin.aclose()
+        for e in engines:
+            await e.shutdown()
+    print(f"{owner}: {statuses}, thresholds changed ({changed}) at 60 % spent, no request "
+          f"after: {len(rows)} alert(s) raised {rows}, delivered {kinds}")  # fmt: skip
+    assert statuses == [200] and changed == 200
+    assert rows == [("budget.threshold", 0.5)]
+    assert kinds == [("budget.threshold", owner, 0.5)]
 
 
 async def test_a_post_retried_after_its_answer_was_lost_names_the_alert_it_repeats(

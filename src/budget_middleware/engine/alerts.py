@@ -118,6 +118,23 @@ class Alerts:
         self.owners[counter.id] = owner  # the scope the key cache holds anyway: no copy
         counter.alert_at = 0  # type: ignore[attr-defined]
 
+    def stored_thresholds(self, counter: WindowCounter, thresholds: list[float] | None) -> None:
+        """A budget's thresholds as the store holds them, read with its spend each cache TTL:
+        new ones (set through any instance) are taken now, and `refreshed` raises those its
+        spend has passed. Taken only when a key's request read them again, a threshold set
+        below a key's, team's or customer's spend was never raised while no request of the key
+        came (a provider's or tag's, read again each TTL, was)."""
+        if counter.id not in self.owners:
+            return  # no scope built on it yet: `on_budget` takes them
+        known = self.thresholds.get(counter.id)
+        if known == (None if thresholds is None else tuple(thresholds)):
+            return
+        if thresholds is None:
+            self.thresholds.pop(counter.id, None)
+        else:
+            self.thresholds[counter.id] = tuple(thresholds)
+        counter.alert_at = 0  # type: ignore[attr-defined]
+
     def refreshed(self, counters: Iterable[WindowCounter]) -> None:
         """The budgets' spend read again from the store (instances sharing a store without
         Redis): a threshold that the charges of others took a budget past is raised here,

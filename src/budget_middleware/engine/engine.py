@@ -306,6 +306,7 @@ class BudgetEngine:
         self.hooks = Hooks()  # the app's on_alert, on_refusal, on_settled (SPEC §14)
         self.alerts = Alerts(self)
         self.builder.on_budget = self.alerts.on_budget
+        self.counters.on_thresholds = self.alerts.stored_thresholds
         self.gate = Gate(self)  # the way in for every adapter's requests
         self.loop: asyncio.AbstractEventLoop | None = None  # the one it was started in
         self._keys_by_id: TTLCache[str, tuple[KeyConfig, bytes] | None] = TTLCache(

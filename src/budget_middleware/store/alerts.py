@@ -190,14 +190,16 @@ def claim_due(
                 .where(
                     col(AlertDeliveryRow.alert_id) == row.alert_id,
                     col(AlertDeliveryRow.url_key) == row.url_key,
-                    free,
+                    # still due, not only unheld: another instance may have claimed, posted
+                    # and recorded it since it was read (it was posted twice)
+                    due,
                 )
                 .values(claimed_until=until)
                 .returning(col(AlertDeliveryRow.alert_id))
                 # nothing evaluated in Python: SQLite gives back naive datetimes
                 .execution_options(synchronize_session=False)
             ).first()
-            if taken is not None:  # no other instance claimed it meanwhile
+            if taken is not None:  # no other instance claimed (or delivered) it meanwhile
                 first = row.first_attempt_at
                 claimed.append(
                     Due(row.alert_id, by_key[row.url_key], row.url_key, body, row.attempts,

@@ -47,6 +47,8 @@ class CounterBackend(ABC):
         self.settings = settings
         self.clock = clock
         self.on_store_failed = on_store_failed
+        # Told of each budget's alert thresholds as `refresh` reads them (the engine's alerts).
+        self.on_thresholds: Callable[[WindowCounter, list[float] | None], None] | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (shared backends)."""
@@ -167,6 +169,8 @@ class CounterBackend(ABC):
             counter = windows["budget"].get(id_)
             if counter is not None:
                 counter.seed(stored.usage, stored.last_reset.timestamp(), ledger)
+                if self.on_thresholds is not None:
+                    self.on_thresholds(counter, stored.alert_thresholds)
         for id_, row in rates.items():
             requests = windows["request"].get(id_)
             if requests is not None:

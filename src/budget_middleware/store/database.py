@@ -62,12 +62,13 @@ from budget_middleware.store.tables import (
 
 class StoredBudget(NamedTuple):
     """A budget's counter as the store holds it (`Store.read_counters`): its usage, where its
-    window began, and the terms that window runs on."""
+    window began, the terms that window runs on, and its alert thresholds (None: the default)."""
 
     usage: int
     last_reset: datetime
     reset_duration: str | None
     calendar_aligned: bool
+    alert_thresholds: list[float] | None = None
 
 
 @dataclass(slots=True)
@@ -307,14 +308,16 @@ class Store:
                         col(BudgetRow.last_reset),
                         col(BudgetRow.reset_duration),
                         col(BudgetRow.calendar_aligned),
+                        col(BudgetRow.alert_thresholds),
                     ).where(col(BudgetRow.id).in_(chunk))
                 )
-                for id_, usage, last_reset, duration, aligned in rows:
+                for id_, usage, last_reset, duration, aligned, thresholds in rows:
                     budgets[id_] = StoredBudget(
                         usage=usage,
                         last_reset=utc(last_reset),
                         reset_duration=duration,
                         calendar_aligned=bool(aligned),
+                        alert_thresholds=thresholds,
                     )
             for chunk in _chunks(sorted(rate_limit_ids), 500):
                 for rate in s.exec(select(RateLimitRow).where(col(RateLimitRow.id).in_(chunk))):
