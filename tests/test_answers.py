@@ -705,3 +705,50 @@ async def test_a_usage_of_0_tokens_from_the_app_s_own_cache_is_free_when_it_says
     body = _answer("openai", "word " * 400, _NOTHING["openai"])
     row = await charged(settings, [*JSON, (b"x-budget-cost", b"0")], [body])
     assert (row.cost_nanos, row.cost_source, row.estimated) == (0, "header", False)
+
+
+async def test_text_after_the_usage_that_it_already_counts_leaves_the_usage_as_reported(
+    settings: BudgetSettings,
+) -> None:
+    """Text streamed after the last usage that the usage's count already covers (8 characters
+    in all, 2 tokens at 4 a token, 2 reported) leaves the usage as the provider reported it:
+    measured, not an estimate (only text beyond the count is estimated)."""
+    chunks = [chunk("abcd", {"prompt_tokens": 10, "completion_tokens": 2}), chunk("efgh")]
+    chunks.append(b"data: [DONE]\n\n")
+    row = await charged(settings, SSE, chunks, STREAM_REQUEST)
+    assert (row.output_tokens, row.estimated, row.cost_nanos) == (2, False, cost(10, 2))
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ({"error": {"message": "overloaded", "type": "overloaded_error"}}, 0),
+        ({"error": {"message": "partial"}, "choices": [{"message": {"content": "x" * 400}}]}, 100),
+    ],
+    ids=["error-only", "error-beside-output"],
+)
+async def test_an_error_answered_with_status_200_and_no_output_costs_nothing(
+    settings: BudgetSettings, answer: dict[str, Any], expected: int
+) -> None:
+    """A JSON `error` object answered with status 200 and no usage: an error and nothing else
+    costs nothing, as an error status does (SPEC §7); one beside output is charged that output
+    (400 characters, 100 tokens)."""
+    row = await charged(settings, JSON, [json.dumps(answer).encode()])
+    charge = cost(row.input_tokens, row.output_tokens) if expected else 0
+    assert (row.output_tokens, row.cost_nanos) == (expected, charge)
+
+
+async def test_an_answer_without_usage_is_charged_a_prompt_of_a_third_of_its_body(
+    settings: BudgetSettings,
+) -> None:
+    """README ('a budget'): the prompt's estimate is a third of its body's bytes (rounded up
+    past it: 600 bytes, 201 tokens), what an answer without usage is charged as its input."""
+    request: dict[str, Any] = {"model": "openai/gpt-4o", "max_tokens": 100, "messages": []}
+    request["messages"] = [{"role": "user", "content": ""}]
+    padding = 600 - len(json.dumps(request, separators=(",", ":")))
+    request["messages"][0]["content"] = "x" * padding
+    assert len(json.dumps(request, separators=(",", ":"))) == 600  # as httpx writes it
+    answer = {"choices": [{"message": {"content": "y" * 40}}]}
+    row = await charged(settings, JSON, [json.dumps(answer).encode()], request)
+    assert (row.input_tokens, row.output_tokens) == (201, 10)
+    assert (row.cost_nanos, row.estimated) == (cost(201, 10), True)

@@ -590,3 +590,40 @@ async def test_a_client_gone_after_the_headers_is_charged_alike_on_an_asgi_2_4_s
     print(f"client gone after the headers: {charged}")
     assert charged["2.4"] == charged["2.3"]
     assert charged["2.3"][:2] == ("client_disconnected", 4000)
+
+
+async def test_a_client_gone_while_it_sends_its_body_is_neither_served_nor_charged(
+    make_settings: Settings,
+) -> None:
+    """A client that leaves halfway through sending its body (`http.disconnect` after a first
+    `more_body` chunk): no call can be made of half a request, so the app is not called, nothing
+    is answered and nothing is charged (no usage record, no slot held)."""
+    called: list[bytes] = []
+
+    async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        called.append((await receive()).get("body", b""))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = BudgetMiddleware(inner, settings=make_settings())
+    engine = app.engine
+    body = json.dumps(chat()).encode()
+    messages: list[Message] = [
+        {"type": "http.request", "body": body[:10], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async with running(app):
+        await app(post_scope("/v1/chat/completions"), receive, send)
+        records = await _records(engine)
+    print(f"app called with {called}, {len(sent)} messages sent, {len(records)} usage records")
+    assert (called, sent, records) == ([], [], [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from sqlmodel import select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, SettingsError
 from budget_middleware.store.tables import UsageRecordRow
-from support import chat, client, engine_of, host_app, running
+from support import chat, client, engine_of, host_app, post_scope, running
 
 Settings = Callable[..., BudgetSettings]
 
@@ -286,6 +287,49 @@ async def test_body_over_the_size_cap_gets_413(make_settings: Settings) -> None:
     assert answer.json()["error"]["type"] == "invalid_request_error"
     assert "BUDGET_MAX_BODY_BYTES" in answer.json()["error"]["message"]
     assert chunked.status_code == 413
+
+
+async def test_a_body_of_exactly_the_size_cap_is_served_and_one_byte_more_is_not(
+    make_settings: Settings,
+) -> None:
+    """BUDGET_MAX_BODY_BYTES is the largest body served: a body of exactly that many bytes is
+    metered and served, however it arrives (httpx's messages, chunked, or whole in one
+    `http.request` message, which takes another check); one byte more is 413."""
+    app = host_app(make_settings(max_body_bytes=1000))
+
+    def body(size: int) -> bytes:
+        request = chat()
+        request["messages"][0]["content"] = ""
+        empty = json.dumps(request).encode()
+        request["messages"][0]["content"] = "x" * (size - len(empty))
+        data = json.dumps(request).encode()
+        assert len(data) == size
+        return data
+
+    headers = {"content-type": "application/json"}
+    async with running(app), client(app) as http:
+        statuses = [
+            (await http.post("/v1/chat/completions", content=data, headers=headers)).status_code
+            for data in (body(1000), body(1001))
+        ]
+        statuses += [
+            (await http.post("/v1/chat/completions", content=_chunks(data))).status_code
+            for data in (body(1000), body(1001))
+        ]
+        for size in (1000, 1001):  # in one `http.request` message, as uvicorn hands a small one
+            sent: list[dict[str, Any]] = []
+            whole = [{"type": "http.request", "body": body(size), "more_body": False}]
+
+            async def receive(whole: list[dict[str, Any]] = whole) -> dict[str, Any]:
+                return whole.pop() if whole else {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
+                sent.append(message)
+
+            await app(post_scope("/v1/chat/completions"), receive, send)
+            statuses.append(sent[0]["status"])
+    print("statuses at 1000 and 1001 bytes (httpx, chunked, one message):", statuses)
+    assert statuses == [200, 413, 200, 413, 200, 413]
 
 
 async def _chunks(data: bytes) -> Any:

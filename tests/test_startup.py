@@ -721,6 +721,47 @@ async def test_charges_are_written_when_the_host_app_crashes_at_shutdown_without
     await get_engine(settings).shutdown()
 
 
+async def test_charges_are_written_when_the_host_app_returns_at_shutdown_without_answering(
+    tmp_path: Path,
+) -> None:
+    """A raw ASGI host app that handles the lifespan itself and, told to shut down, returns
+    without answering `lifespan.shutdown` (its own work done): the server's shutdown still
+    writes every pending charge (SPEC §2), as when it raises there; none may wait for an exit
+    that runs no `atexit` (uvicorn stopped by SIGTERM)."""
+    import sqlite3
+
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            assert (await receive())["type"] == "lifespan.startup"
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown, never answered
+            return
+        await receive()
+        usage = {"prompt_tokens": 1000, "completion_tokens": 1000}
+        await JSONResponse({"object": "chat.completion", "usage": usage})(scope, receive, send)
+
+    db = tmp_path / "b.db"
+    settings = BudgetSettings(database_url=f"sqlite:///{db}", flush_interval_seconds=60)
+    app = BudgetMiddleware(host, settings)
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.create_task(app(scope, inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    assert (await asyncio.wait_for(outbox.get(), 30))["type"] == "lifespan.startup.complete"
+    async with client(app) as http:
+        for _ in range(3):
+            answer = await http.post("/v1/chat/completions", json=chat())
+            assert answer.status_code == 200
+    await inbox.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(task, 30)
+    with sqlite3.connect(db) as conn:
+        count = conn.execute("SELECT count(*) FROM bm_usage_records").fetchone()[0]
+    print(f"3 admitted, the app returned at shutdown without answering: {count} written")
+    assert count == 3
+    await get_engine(settings).shutdown()
+
+
 @pytest.mark.parametrize(
     "entry",
     [
