@@ -2172,6 +2172,83 @@ async def test_every_beat_answered_after_an_empty_restart_lifts_no_limit(
     assert count == admitted <= 25
 
 
+def holding_app(engine: BudgetEngine, inside: list[int], release: asyncio.Event) -> FastAPI:
+    """A completion that, asked to (`x-hold`), waits to answer until the test lets it: the
+    test does something (kills Redis) while those requests are in flight."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> Response:
+        await request.body()
+        if request.headers.get("x-hold"):
+            inside.append(1)
+            await release.wait()
+        body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
+        return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
+
+    app.add_middleware(BudgetMiddleware, engine=engine)
+    return app
+
+
+async def test_settlements_redis_died_under_count_once_in_another_s_seed(
+    sqlite_url: str,
+) -> None:
+    """Two instances on a $0.25 budget of $0.01 requests. 5 of B's requests settle just as
+    Redis dies (their calls get no answer: Redis may have run them), B's flusher writes them,
+    Redis comes back empty and A seeds the key from the store, which holds them (a request of
+    A's settles). B then added them to that seed all the same, as settlements whose run it
+    could not tell: counted twice, 20 admitted (two instances under load with Redis restarted
+    empty mid-load: Redis $9.13 to $9.97 for $9.00 admitted, a helper's storm). What another
+    instance's seed read after the store committed them is left out now: 25."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(
+            sqlite_url, redis_url=server.url, flush_interval_seconds=30, redis_timeout_seconds=0.2
+        )
+        a, b = BudgetEngine(settings), BudgetEngine(settings)  # (a private Redis: no prefix)
+        inside_a: list[int] = []
+        inside_b: list[int] = []
+        release_a, release_b = asyncio.Event(), asyncio.Event()
+        app_a, app_b = holding_app(a, inside_a, release_a), holding_app(b, inside_b, release_b)
+        async with running(app_a), running(app_b), client(app_a) as ha, client(app_b) as hb:
+            key = a.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 0.25, "reset_duration": None}]
+            )
+            await a.invalidate()
+            await b.invalidate()
+            await a.counters.heartbeat()
+            await b.counters.heartbeat()
+            headers = {**bearer(key.value or ""), "x-hold": "1"}
+            url = "/v1/chat/completions"
+            held_b = [
+                asyncio.create_task(hb.post(url, json=chat(), headers=headers)) for _ in range(5)
+            ]
+            held_a = asyncio.create_task(ha.post(url, json=chat(), headers=headers))
+            assert await until(lambda: len(inside_b) == 5 and len(inside_a) == 1)  # admitted
+            server.kill(keep_data=False)
+            release_b.set()  # B's settle: Redis gives no answer
+            assert [answer.status_code for answer in await asyncio.gather(*held_b)] == [200] * 5
+            assert await b.flush()  # their $0.05 in the store
+            server.start()
+            await _drop(a, b)
+            release_a.set()  # A's settles into a missing key: A seeds it, $0.05 in it
+            assert (await held_a).status_code == 200
+            more = await _until_refused(key.value or "", ha, hb)
+            in_redis = sum(_budget_in_redis(server, key.budgets[0].id).values())
+            assert await a.flush() and await b.flush()
+            count, _ = records(a, key.id)
+    finally:
+        server.stop()
+    admitted = 5 + 1 + more
+    print(
+        f"5 settlements Redis died under, written, then in A's seed: admitted {admitted} of 25 "
+        f"on a $0.25 budget ({count} records), Redis ${in_redis / 1e9:.2f} at the refusal"
+    )
+    assert count == admitted
+    assert admitted == 25
+
+
 async def test_a_late_settlement_into_an_unseeded_window_is_counted_there(
     sqlite_url: str,
 ) -> None:

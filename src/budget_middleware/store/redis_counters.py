@@ -412,6 +412,14 @@ class RedisCounters(CounterBackend):
         # store's order by key (`_Track.fresh`): should they be added after all, another
         # instance's seed may hold some of them (`_leave_out_seeded`).
         self._unsure: list[_Unsure] = []
+        # Per window, the settlements under way (by done key) whose charge the store may write
+        # before their call adds it to Redis: [how much of the window's charges up to and
+        # including it the store has yet to confirm, when the store committed the last of it
+        # (None: not yet)]. Should the call go unanswered or find the key gone, another
+        # instance's seed may hold it (`_committed_before`).
+        self._settling: dict[tuple[str, str, float], dict[str, list[Any]]] = {}
+        # (done key -> window key -> window)
+        self._settling_of: dict[str, dict[str, tuple[str, str, float]]] = {}
         self._seeding: dict[str, asyncio.Future[None]] = {}  # one seed per key at a time
         # Budgets reset here whose mark Redis has not taken yet: mark key -> (moment, ttl_ms).
         self._marks: dict[str, tuple[float, int]] = {}
@@ -496,6 +504,8 @@ class RedisCounters(CounterBackend):
         self._transit.clear()
         self._releases.clear()
         self._unsure.clear()
+        self._settling.clear()
+        self._settling_of.clear()
         self._since.clear()
         self._instance = uuid.uuid4().hex  # a mark of its own: the parent's is the parent's
         self._written.clear()
@@ -690,6 +700,8 @@ class RedisCounters(CounterBackend):
         self._owed.clear()
         self._owed_to.clear()
         self._unsure.clear()
+        self._settling.clear()
+        self._settling_of.clear()
         self._tracks.clear()
         self._transit.clear()
         self._written.clear()
@@ -895,9 +907,14 @@ class RedisCounters(CounterBackend):
             during = confirming.get(window)
             if during is not None:
                 during.append((at, amount))
+        for waiting in self._settling.get(window, {}).values():
+            if waiting[1] is None:
+                waiting[0] -= amount
+                if waiting[0] <= 0:
+                    waiting[1] = at
         chunks = self._written.get(window)
-        if chunks is None:
-            self._written[window] = [[at, amount]]
+        if not chunks:  # (none yet, or `_leave_out_seeded` took them all: an IndexError here
+            self._written[window] = [[at, amount]]  # left the rest of a batch unconfirmed)
         elif chunks[-1][0] == at:
             chunks[-1][1] += amount
         else:
@@ -1841,6 +1858,53 @@ class RedisCounters(CounterBackend):
     def _done_key(self, request_id: str) -> str:
         return f"{self.prefix}sd:{request_id}"
 
+    def _committed(self, done: str) -> dict[str, float]:
+        """By window key, when the store committed the charge of this settlement under way
+        (by its clock read after the commit), where it has."""
+        committed: dict[str, float] = {}
+        for key, window in self._settling_of.get(done, {}).items():
+            waiting = self._settling.get(window, {}).get(done)
+            if waiting is not None and waiting[1] is not None:
+                committed[key] = waiting[1]
+        return committed
+
+    def _settled_out(self, done: str) -> None:
+        """A settlement no longer under way: its charge is added, or owed (`_settling`)."""
+        for window in self._settling_of.pop(done, {}).values():
+            waiting = self._settling.get(window)
+            if waiting is not None:
+                waiting.pop(done, None)
+                if not waiting:
+                    del self._settling[window]
+
+    async def _committed_before(
+        self, todo: list[_Charge], committed: dict[str, float], seen: dict[str, str]
+    ) -> list[_Charge]:
+        """Of settlements' charges to add to keys that were missing, those another instance's
+        seed holds (it read the store after the store committed them) are there already, and
+        out of transit; the rest are added only while the seed record is the one read here
+        (`seen`, for `reconcile.lua`)."""
+        assert self.client is not None
+        keys = [k for k, _, _ in todo if k in committed]
+        if not keys:
+            return todo
+        records = await self.client.mget([self._seed_record_key(k) for k in keys])
+        held: set[str] = set()
+        for key, record in zip(keys, records, strict=True):
+            text = record.decode() if isinstance(record, bytes) else str(record or "")
+            seeded, _, seeder = text.partition(" ")
+            if seeded and seeder != self._instance and committed[key] < float(seeded):
+                held.add(key)
+            else:
+                seen[key] = text
+        left: list[_Charge] = []
+        for key, counter, amount in todo:
+            if key in held:
+                self._arrived(counter, amount)
+            else:
+                left.append((key, counter, amount))
+        return left
+
     def _admission_key(self, request_id: str) -> str:
         """admit.lua's mark of the candidate it counted (`unadmit.lua`)."""
         return f"{self.prefix}ad:{request_id}"
@@ -1869,13 +1933,18 @@ class RedisCounters(CounterBackend):
             # refused a connection after an empty restart counted them twice: Redis $0.61 for
             # $0.31 spent, 70 admitted on a limit of 100).
             keys = [k for k, _, _ in charges]
+            # A settlement's charge the store committed before another instance's seed read it
+            # is held there: left to `_into_windows` too (added whole, the settlements Redis
+            # died under while the flusher wrote them counted twice: Redis $9.13-9.97 for $9.00
+            # admitted, two instances under load, Redis restarted empty).
+            committed = self._committed(done)
             try:
                 missing = await self._once(
                     keys=[done, *keys, *map(self._seed_record_key, keys)],
                     args=[
                         *(a for _, _, a in charges),
                         self._instance,
-                        *("1" if k in places else "0" for k in keys),
+                        *("1" if k in places or k in committed else "0" for k in keys),
                     ],
                 )
             except BaseException:
@@ -1886,14 +1955,18 @@ class RedisCounters(CounterBackend):
                 if i not in gone:
                     self._arrived(counter, amount)  # added now, or by settle.lua late
             lost = [c for i, c in enumerate(charges) if i in gone]
-            if lost:
-                try:
-                    await self._into_windows(
-                        lost, {k: places[k] for k, _, _ in lost if k in places}
-                    )
-                except BaseException:
-                    self._unsure[:0] = unsure[n + 1 :]
-                    raise
+            if not lost:
+                self._settled_out(done)
+                continue
+            try:
+                await self._into_windows(
+                    lost, {k: places[k] for k, _, _ in lost if k in places}, committed
+                )
+            except BaseException:
+                self._unsure[:0] = unsure[n + 1 :]
+                raise
+            finally:
+                self._settled_out(done)
 
     async def _release_held(self) -> None:
         if not self._releases or self._settle is None or self._unadmit is None:
@@ -1930,6 +2003,7 @@ class RedisCounters(CounterBackend):
         self,
         charges: list[_Charge],
         fresh: dict[str, list[list[int]]] | None = None,
+        committed: dict[str, float] | None = None,
     ) -> None:
         """Charges of ours in transit (key, counter, amount) whose window key is missing: the
         key is seeded (without them: they are in transit), then each is added once. A charge is
@@ -1965,6 +2039,8 @@ class RedisCounters(CounterBackend):
                         owed, debts, {k: p for k, p in fresh.items() if k in owed}
                     )
                     todo = [(k, c, owed[k]) for k, c, _ in todo if owed[k]]
+                if committed:  # (a settlement's: its charge, which the store may hold)
+                    todo = await self._committed_before(todo, committed, seen)
                 adding, todo = todo, []  # (unanswered: `_unsure`, not owed again)
                 bounds = [(c.start, c.end) for _, c, _ in adding]
                 gone = await self._reconciled(adding, bounds, seen, fresh)
@@ -2045,11 +2121,19 @@ class RedisCounters(CounterBackend):
             return
         plan = self._plan(ticket.scopes, now, settling=True)
         # In transit until the script has added it: a seed meanwhile leaves it out.
+        done = self._done_key(ticket.request_id)
         for entry in plan:
             if entry.counter is not None:
                 amount = tokens if entry.kind == "t" else cost
                 if amount:
                     self._in_transit(entry.counter, amount)
+                    # The newest charge of its window here: confirmed once the store has
+                    # confirmed all the window's charges it has not yet.
+                    counter = entry.counter
+                    window = (counter.kind, counter.id, counter.start)
+                    waiting = self._settling.setdefault(window, {})
+                    waiting[done] = [counter.unwritten(self.ledger), None]
+                    self._settling_of.setdefault(done, {})[entry.keys[0]] = window
         # A task of its own, which the caller waits for: a caller that stops waiting (a client
         # gone, `asyncio.wait_for` around an SDK call, a task group's cancellation) does not
         # cut it before settle.lua has run, nor between Redis adding a charge and its answer.
@@ -2117,6 +2201,8 @@ class RedisCounters(CounterBackend):
             ]
             if charges:
                 self._unsure.append((self._done_key(ticket.request_id), charges, {}))
+            else:
+                self._settled_out(self._done_key(ticket.request_id))
             self._releases.append(("settle", keys, [ticket.request_id, 0, 0, *kinds]))
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -2141,13 +2227,18 @@ class RedisCounters(CounterBackend):
                 # Its window has no key yet (the window just began, or Redis restarted
                 # empty): the charge must reach it all the same.
                 lost.append((entry.keys[0], counter, amount))
-        if lost:
-            try:
-                await self._into_windows(lost)  # what it cannot add stays owed
-            except (RedisError, OSError) as exc:
-                self._failed(exc)
-            except _StoreDown:
-                pass
+        done = self._done_key(ticket.request_id)
+        if not lost:
+            self._settled_out(done)
+            return
+        try:  # what it cannot add stays owed
+            await self._into_windows(lost, committed=self._committed(done))
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+        except _StoreDown:
+            pass
+        finally:
+            self._settled_out(done)
 
     # -- slots of live requests ----------------------------------------------------------
 
