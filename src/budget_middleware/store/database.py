@@ -478,7 +478,11 @@ def _terms_text(terms: tuple[Duration | None, bool] | None) -> str | None:
     after it when calendar-aligned; None: not known."""
     if terms is None:
         return None
-    duration, aligned = terms
+    return _terms_key(*terms)
+
+
+def _terms_key(duration: Duration | str | None, aligned: bool) -> str:
+    """Terms as `_stored_terms` writes a row's: a duration as stored, or `-`; `@` if aligned."""
     return f"{'-' if duration is None else duration}{'@' if aligned else ''}"
 
 
@@ -542,7 +546,7 @@ def _by_stored_terms(conn: Any, kind: str, deltas: Sequence[Delta]) -> None:
         if row is None or d.terms is None:
             continue  # a limit deleted; terms not known (the statement's)
         last_reset, text, aligned = row
-        if f"{'-' if text is None else text}{'@' if aligned else ''}" == _terms_text(d.terms):
+        if _terms_key(text, aligned) == _terms_text(d.terms):
             continue  # the same terms: the statement's
         if last_reset >= d.window_end:
             continue  # a reset since: its window holds none of it (as the statement's rule)
