@@ -694,6 +694,11 @@ async def test_shadow_mode_refuses_nothing_and_says_what_it_would_have_refused(
             )
         unknown = await http.post("/v1/chat/completions", json=chat("gpt-4o"),
                                   headers={"authorization": "Bearer sk-bm-nobody"})  # fmt: skip
+        off = engine.manager.create_virtual_key(name="off", is_active=False)
+        turned_off = await http.post("/v1/chat/completions", json=chat("gpt-4o"),
+                                     headers={"authorization": f"Bearer {off.value}"})  # fmt: skip
+        assert turned_off.status_code == 200
+        assert turned_off.headers["x-budget-shadow-refusal"] == "virtual_key_inactive"
         shadow = [a.headers.get("x-budget-shadow-refusal") for a in answers]
         print(
             f"shadow: statuses {[a.status_code for a in answers]}, would refuse {shadow}; "
@@ -713,14 +718,21 @@ async def test_shadow_mode_refuses_nothing_and_says_what_it_would_have_refused(
             refused = s.exec(select(UsageRecordRow.would_refuse)
                              .order_by(col(UsageRecordRow.id))).all()  # fmt: skip
         assert list(refused) == [None, None, "budget_exceeded", "budget_exceeded",
-                                 "invalid_virtual_key"]  # fmt: skip
+                                 "invalid_virtual_key", "virtual_key_inactive"]  # fmt: skip
         admin = httpx.AsyncClient(transport=httpx.ASGITransport(create_admin_app(settings)),
                                   base_url="http://a", headers=ADMIN)  # fmt: skip
         async with admin:
             metrics = (await admin.get("/metrics")).text
         assert 'budget_shadow_refusals_total{reason="budget_exceeded"} 2.0' in metrics
         assert 'budget_shadow_refusals_total{reason="invalid_virtual_key"} 1.0' in metrics
+        assert 'budget_shadow_refusals_total{reason="virtual_key_inactive"} 1.0' in metrics
         assert 'budget_requests_refused_total{reason="budget_exceeded"}' not in metrics
+        # Every request went on, so each is counted admitted: the four of the key, the unknown
+        # key's (served as one without a key) and the turned-off key's.
+        admitted = [line for line in metrics.splitlines()
+                    if line.startswith("budget_requests_admitted_total")]  # fmt: skip
+        print(f"shadow: {admitted}")
+        assert admitted == ["budget_requests_admitted_total 6.0"]
 
 
 def test_bad_alert_thresholds_are_refused_with_a_clear_message(make_settings: Settings) -> None:
