@@ -635,6 +635,40 @@ def test_a_middleware_on_a_mounted_sub_app_writes_its_charges_as_readme_says(
     assert count == 3
 
 
+async def _three_charged_then_shut_down(
+    app: Any, db: Path
+) -> tuple[int, list[str], BaseException | None]:
+    """Run `app`'s lifespan by hand as a server does: start it, send 3 metered requests, tell it
+    to shut down. The usage records written to `db`, what the app told the server after the
+    shutdown, and what its lifespan ended with."""
+    import sqlite3
+
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.create_task(app(scope, inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    assert (await asyncio.wait_for(outbox.get(), 30))["type"] == "lifespan.startup.complete"
+    async with client(app) as http:
+        for _ in range(3):
+            answer = await http.post("/v1/chat/completions", json=chat())
+            assert answer.status_code == 200
+    await inbox.put({"type": "lifespan.shutdown"})
+    ended = (await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30))[0]
+    told = []
+    while not outbox.empty():
+        told.append(outbox.get_nowait()["type"])
+    with sqlite3.connect(db) as conn:
+        count = conn.execute("SELECT count(*) FROM bm_usage_records").fetchone()[0]
+    return count, told, ended
+
+
+async def _answered(scope: Any, receive: Any, send: Any) -> None:
+    await receive()
+    usage = {"prompt_tokens": 1000, "completion_tokens": 1000}
+    await JSONResponse({"object": "chat.completion", "usage": usage})(scope, receive, send)
+
+
 async def test_charges_are_written_when_the_host_app_s_own_shutdown_fails(
     tmp_path: Path,
 ) -> None:
@@ -642,7 +676,6 @@ async def test_charges_are_written_when_the_host_app_s_own_shutdown_fails(
     answers `lifespan.shutdown.failed`, and the middleware wrote nothing, waiting for a
     `shutdown.complete` that never came (3 admitted, 0 written; under uvicorn stopped by SIGTERM
     no `atexit` writes them later). SPEC §2: lifespan shutdown writes every pending charge."""
-    import sqlite3
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -659,105 +692,42 @@ async def test_charges_are_written_when_the_host_app_s_own_shutdown_fails(
     )
     settings = BudgetSettings(database_url=f"sqlite:///{db}", flush_interval_seconds=60)
     host.add_middleware(BudgetMiddleware, settings=settings)
-    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    task = asyncio.create_task(host(scope, inbox.get, outbox.put))
-    await inbox.put({"type": "lifespan.startup"})
-    assert (await asyncio.wait_for(outbox.get(), 30))["type"] == "lifespan.startup.complete"
-    async with client(host) as http:
-        for _ in range(3):
-            answer = await http.post("/v1/chat/completions", json=chat())
-            assert answer.status_code == 200
-    await inbox.put({"type": "lifespan.shutdown"})
-    ended = await asyncio.wait_for(outbox.get(), 30)
-    await asyncio.gather(task, return_exceptions=True)
-    assert ended["type"] == "lifespan.shutdown.failed"
-    with sqlite3.connect(db) as conn:
-        count = conn.execute("SELECT count(*) FROM bm_usage_records").fetchone()[0]
-    print(f"3 admitted, the app's shutdown failed: {count} written")
+    count, told, _ = await _three_charged_then_shut_down(host, db)
+    print(f"3 admitted, the app's shutdown failed ({told}): {count} written")
+    assert told == ["lifespan.shutdown.failed"]
     assert count == 3
     await get_engine(settings).shutdown()
 
 
-async def test_charges_are_written_when_the_host_app_crashes_at_shutdown_without_answering(
-    tmp_path: Path,
+@pytest.mark.parametrize("ending", ["raises", "returns"])
+async def test_charges_are_written_when_the_host_app_ends_its_lifespan_without_answering(
+    tmp_path: Path, ending: str
 ) -> None:
-    """A raw ASGI host app that handles the lifespan itself and raises at shutdown, before it
-    answers: the middleware saw neither `shutdown.complete` nor `shutdown.failed`, and wrote
-    nothing (3 admitted, 0 written)."""
-    import sqlite3
+    """A raw ASGI host app that handles the lifespan itself and, told to shut down, raises
+    before it answers (the middleware saw neither `shutdown.complete` nor `shutdown.failed`,
+    and wrote nothing: 3 admitted, 0 written), or returns without answering (its own work
+    done): the server's shutdown still writes every pending charge (SPEC §2); none may wait for
+    an exit that runs no `atexit` (uvicorn stopped by SIGTERM)."""
 
     async def host(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            assert (await receive())["type"] == "lifespan.startup"
-            await send({"type": "lifespan.startup.complete"})
-            await receive()  # lifespan.shutdown
+        if scope["type"] != "lifespan":
+            return await _answered(scope, receive, send)
+        assert (await receive())["type"] == "lifespan.startup"
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown, never answered
+        if ending == "raises":
             raise RuntimeError("the app's pool would not close")
-        await receive()
-        usage = {"prompt_tokens": 1000, "completion_tokens": 1000}
-        await JSONResponse({"object": "chat.completion", "usage": usage})(scope, receive, send)
 
     db = tmp_path / "b.db"
     settings = BudgetSettings(database_url=f"sqlite:///{db}", flush_interval_seconds=60)
     app = BudgetMiddleware(host, settings)
-    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    task = asyncio.create_task(app(scope, inbox.get, outbox.put))
-    await inbox.put({"type": "lifespan.startup"})
-    assert (await asyncio.wait_for(outbox.get(), 30))["type"] == "lifespan.startup.complete"
-    async with client(app) as http:
-        for _ in range(3):
-            answer = await http.post("/v1/chat/completions", json=chat())
-            assert answer.status_code == 200
-    await inbox.put({"type": "lifespan.shutdown"})
-    ended = await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
-    assert isinstance(ended[0], RuntimeError)  # the app's error goes on to the server
-    with sqlite3.connect(db) as conn:
-        count = conn.execute("SELECT count(*) FROM bm_usage_records").fetchone()[0]
-    print(f"3 admitted, the app crashed at shutdown: {count} written")
-    assert count == 3
-    await get_engine(settings).shutdown()
-
-
-async def test_charges_are_written_when_the_host_app_returns_at_shutdown_without_answering(
-    tmp_path: Path,
-) -> None:
-    """A raw ASGI host app that handles the lifespan itself and, told to shut down, returns
-    without answering `lifespan.shutdown` (its own work done): the server's shutdown still
-    writes every pending charge (SPEC §2), as when it raises there; none may wait for an exit
-    that runs no `atexit` (uvicorn stopped by SIGTERM)."""
-    import sqlite3
-
-    async def host(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            assert (await receive())["type"] == "lifespan.startup"
-            await send({"type": "lifespan.startup.complete"})
-            await receive()  # lifespan.shutdown, never answered
-            return
-        await receive()
-        usage = {"prompt_tokens": 1000, "completion_tokens": 1000}
-        await JSONResponse({"object": "chat.completion", "usage": usage})(scope, receive, send)
-
-    db = tmp_path / "b.db"
-    settings = BudgetSettings(database_url=f"sqlite:///{db}", flush_interval_seconds=60)
-    app = BudgetMiddleware(host, settings)
-    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    task = asyncio.create_task(app(scope, inbox.get, outbox.put))
-    await inbox.put({"type": "lifespan.startup"})
-    assert (await asyncio.wait_for(outbox.get(), 30))["type"] == "lifespan.startup.complete"
-    async with client(app) as http:
-        for _ in range(3):
-            answer = await http.post("/v1/chat/completions", json=chat())
-            assert answer.status_code == 200
-    await inbox.put({"type": "lifespan.shutdown"})
-    await asyncio.wait_for(task, 30)
-    with sqlite3.connect(db) as conn:
-        count = conn.execute("SELECT count(*) FROM bm_usage_records").fetchone()[0]
-    print(f"3 admitted, the app returned at shutdown without answering: {count} written")
+    count, told, ended = await _three_charged_then_shut_down(app, db)
+    print(f"3 admitted, the app {ending} at shutdown without answering: {count} written")
+    assert told == []
+    if ending == "raises":  # the app's error goes on to the server
+        assert isinstance(ended, RuntimeError)
+    else:
+        assert ended is None
     assert count == 3
     await get_engine(settings).shutdown()
 
