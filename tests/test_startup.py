@@ -519,16 +519,35 @@ def _three_posted_then_sigterm(tmp_path: Path, app_text: str, path: str) -> tupl
     return int(count), int(cost), log
 
 
+# A raw ASGI app that answers the lifespan's startup and returns, done with it.
+STARTED_THEN_RETURNS_APP = NO_LIFESPAN_APP.replace(
+    """    if scope["type"] != "http":  # as Django's ASGI handler says it
+        raise ValueError("Django can only handle ASGI/HTTP connections, not %s." % scope["type"])
+""",
+    """    if scope["type"] == "lifespan":
+        await receive()  # lifespan.startup
+        await send({"type": "lifespan.startup.complete"})
+        return  # nothing of its own to close: it does not wait for the shutdown
+""",
+)
+assert STARTED_THEN_RETURNS_APP != NO_LIFESPAN_APP
+
+
+@pytest.mark.parametrize("app_text", [NO_LIFESPAN_APP, STARTED_THEN_RETURNS_APP],
+                         ids=["no-lifespan", "started-then-returns"])  # fmt: skip
 def test_charges_are_written_when_uvicorn_stops_a_host_app_without_a_lifespan(
-    tmp_path: Path,
+    tmp_path: Path, app_text: str
 ) -> None:
     """A host app that does not speak the ASGI lifespan (Django's ASGI app raises on it, a bare
     ASGI function): uvicorn started the middleware with it, took the app's error as "lifespan
     unsupported", and never sent the shutdown that writes what is pending. Stopped by SIGTERM
     (`docker stop`, Kubernetes), uvicorn re-raises the signal, so no `atexit` runs either: the
     charges of the last flush interval were lost (3 admitted, 0 written). The middleware now
-    answers the lifespan itself when the app does not, and its shutdown writes them."""
-    count, cost, log = _three_posted_then_sigterm(tmp_path, NO_LIFESPAN_APP, "/v1/chat/completions")
+    answers the lifespan itself when the app does not, and its shutdown writes them.
+    The same for an app that answers the startup and returns, not waiting for a shutdown it
+    has nothing to do at: its lifespan ended there, and with it the middleware's, so uvicorn
+    had no one to send the shutdown to (3 admitted, 0 written)."""
+    count, cost, log = _three_posted_then_sigterm(tmp_path, app_text, "/v1/chat/completions")
     print(log)
     print(f"3 admitted, then SIGTERM: {count} records written ({cost} nano-USD)")
     assert count == 3 and cost > 0

@@ -200,14 +200,17 @@ class BudgetMiddleware:
                 raise
             logger.info("the host app does not handle the ASGI lifespan (%r)", exc)
         else:
-            if answered or not pending:
-                if stopping and not ended:
+            if stopping or ended:  # the app's own lifespan, to its end (or a failed start)
+                if not ended:  # its shutdown taken, never answered
                     await self.engine.shutdown()
                 return
         # The app does not speak the lifespan protocol (Django's ASGI app raises on it, a bare
-        # ASGI function returns): answered here, so that the server still sends its shutdown,
-        # which writes what is pending (uvicorn stopped by SIGTERM runs no `atexit`).
-        await send({"type": "lifespan.startup.complete"})
+        # ASGI function returns), or it answered the startup and returned, done with it: the
+        # lifespan is carried on here, so that the server still sends its shutdown (uvicorn
+        # sends it only to a lifespan still running), which writes what is pending (uvicorn
+        # stopped by SIGTERM runs no `atexit`).
+        if not answered:
+            await send({"type": "lifespan.startup.complete"})
         while (await receive())["type"] != "lifespan.shutdown":
             pass
         await self.engine.shutdown()
