@@ -531,10 +531,19 @@ STARTED_THEN_RETURNS_APP = NO_LIFESPAN_APP.replace(
 """,
 )
 assert STARTED_THEN_RETURNS_APP != NO_LIFESPAN_APP
+# One whose lifespan fails after its startup (a task it ran there crashed).
+STARTED_THEN_FAILS_APP = STARTED_THEN_RETURNS_APP.replace(
+    "        return  # nothing of its own to close: it does not wait for the shutdown\n",
+    '        raise RuntimeError("the cache warmer crashed")\n',
+)
+assert STARTED_THEN_FAILS_APP != STARTED_THEN_RETURNS_APP
 
 
-@pytest.mark.parametrize("app_text", [NO_LIFESPAN_APP, STARTED_THEN_RETURNS_APP],
-                         ids=["no-lifespan", "started-then-returns"])  # fmt: skip
+@pytest.mark.parametrize(
+    "app_text",
+    [NO_LIFESPAN_APP, STARTED_THEN_RETURNS_APP, STARTED_THEN_FAILS_APP],
+    ids=["no-lifespan", "started-then-returns", "started-then-fails"],
+)
 def test_charges_are_written_when_uvicorn_stops_a_host_app_without_a_lifespan(
     tmp_path: Path, app_text: str
 ) -> None:
@@ -546,11 +555,16 @@ def test_charges_are_written_when_uvicorn_stops_a_host_app_without_a_lifespan(
     answers the lifespan itself when the app does not, and its shutdown writes them.
     The same for an app that answers the startup and returns, not waiting for a shutdown it
     has nothing to do at: its lifespan ended there, and with it the middleware's, so uvicorn
-    had no one to send the shutdown to (3 admitted, 0 written)."""
+    had no one to send the shutdown to (3 admitted, 0 written), and for one whose lifespan
+    fails after its startup, which uvicorn only logs (0 written): the failure is logged, with
+    its traceback, and the lifespan carried on."""
     count, cost, log = _three_posted_then_sigterm(tmp_path, app_text, "/v1/chat/completions")
     print(log)
     print(f"3 admitted, then SIGTERM: {count} records written ({cost} nano-USD)")
     assert count == 3 and cost > 0
+    if app_text is STARTED_THEN_FAILS_APP:
+        assert "the host app's lifespan failed after its startup" in log
+        assert "RuntimeError: the cache warmer crashed" in log
 
 
 @pytest.mark.parametrize(

@@ -194,21 +194,24 @@ class BudgetMiddleware:
         try:
             await self.app(scope, on_receive, on_send)
         except Exception as exc:
-            if answered or not pending:  # the app's own lifespan, which failed
+            if answered and not (stopping or ended):  # started, then failed: told, carried on
+                logger.exception("the host app's lifespan failed after its startup")
+            elif answered or not pending:  # the app's own lifespan, which failed
                 if stopping and not ended:  # at its shutdown, before it answered it
                     await self.engine.shutdown()
                 raise
-            logger.info("the host app does not handle the ASGI lifespan (%r)", exc)
+            else:
+                logger.info("the host app does not handle the ASGI lifespan (%r)", exc)
         else:
             if stopping or ended:  # the app's own lifespan, to its end (or a failed start)
                 if not ended:  # its shutdown taken, never answered
                     await self.engine.shutdown()
                 return
         # The app does not speak the lifespan protocol (Django's ASGI app raises on it, a bare
-        # ASGI function returns), or it answered the startup and returned, done with it: the
-        # lifespan is carried on here, so that the server still sends its shutdown (uvicorn
-        # sends it only to a lifespan still running), which writes what is pending (uvicorn
-        # stopped by SIGTERM runs no `atexit`).
+        # ASGI function returns), or it answered the startup and returned, done with it (or
+        # failed after it, which a server only logs): the lifespan is carried on here, so that
+        # the server still sends its shutdown (uvicorn sends it only to a lifespan still
+        # running), which writes what is pending (uvicorn stopped by SIGTERM runs no `atexit`).
         if not answered:
             await send({"type": "lifespan.startup.complete"})
         while (await receive())["type"] != "lifespan.shutdown":
