@@ -569,6 +569,7 @@ def test_the_name_pattern_is_exactly_what_name_problem_accepts() -> None:
         ("openrouter", "openrouter/auto", "openrouter/auto"),  # a real OpenRouter id
         ("openrouter", "openai/gpt-4o", "openai/gpt-4o"),
         ("groq", "groq/compound", "groq/compound"),  # a real Groq id
+        ("gemini", "models/gemini-2.5-flash", "gemini-2.5-flash"),  # Gemini's resource name
     ],
 )
 def test_a_call_to_a_provider_s_host_drops_only_a_prefix_its_own_api_never_uses(

@@ -1526,6 +1526,28 @@ async def test_a_host_s_provider_keeps_a_model_name_with_a_slash(engine: BudgetE
     ]
 
 
+async def test_a_gemini_model_named_by_its_resource_name_is_priced(engine: BudgetEngine) -> None:
+    """Gemini names a model `models/<name>` and reads a bare name as that (its OpenAI-compatible
+    API prefixes `models/` to a name without a slash): `models/gemini-2.5-flash` is its
+    `gemini-2.5-flash`, metered and priced so. It was charged 0, as a model without a price."""
+    fake = Counting("/v1beta/openai")
+    transport = BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
+    sdk = openai.AsyncOpenAI(
+        api_key="gemini-secret",
+        base_url="https://generativelanguage.googleapis.com/v1beta/openai/",
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    for model in ("gemini-2.5-flash", "models/gemini-2.5-flash"):
+        await sdk.chat.completions.create(model=model, messages=MESSAGES)
+    await engine.flush()
+    rows = records(engine)
+    print("charged:", [(r["model"], r["cost_nanos"]) for r in rows])
+    assert fake.calls == 2 and rows[0]["cost_nanos"] > 0
+    assert [(r["provider"], r["model"], r["cost_nanos"]) for r in rows] == [
+        ("gemini", "gemini-2.5-flash", rows[0]["cost_nanos"])
+    ] * 2
+
+
 async def test_money_at_the_edges_of_an_outbound_call(
     engine: BudgetEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -615,12 +615,15 @@ def _hosted(raw_model: str, provider: str) -> tuple[str, str]:
     """A call to a provider's host: that provider, and the model as sent, but for a prefix
     naming that provider itself where its API names models bare (a route's `openai/gpt-4o` on
     api.openai.com is its `gpt-4o`, which its limits and prices name; OpenRouter's
-    `openai/gpt-4o` and `openrouter/auto` stay whole, as Groq's `groq/compound`)."""
+    `openai/gpt-4o` and `openrouter/auto` stay whole, as Groq's `groq/compound`). Gemini's own
+    `models/` too: it names a model `models/<name>` and reads a bare name so, and its limits and
+    prices name `gemini-2.5-flash` (`models/gemini-2.5-flash` was unpriced: charged 0)."""
     model = raw_model.strip()
     provider = canonical_provider(provider)
     if provider in BARE_MODEL_PROVIDERS:
         head, slash, rest = model.partition("/")
-        if slash and rest and canonical_provider(head) == provider:
+        own = canonical_provider(head) == provider or (head == "models" and provider == "gemini")
+        if slash and rest and own:
             model = rest
     return (
         clean_text(provider, MAX_PROVIDER_CHARS),
