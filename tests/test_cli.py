@@ -631,6 +631,11 @@ async def test_alerts_list(store: dict[str, str], here: Here) -> None:
     [typo] = cli_many(store, ["alerts list --owner-id alcie"])
     assert gone["count"] == alerts["count"]
     assert typo.failed_on_one_line().startswith("error: no customer, team, virtual key")
+    # `count` is every alert the filters match, as GET /alerts answers, not the page's length
+    # (`--limit 1` on the store said 1, the admin API on the same store said 2)
+    page = ok(here(store, f"alerts list --owner-id {key_id} --limit 1 --json")).json()
+    print(f"--limit 1: {len(page['alerts'])} listed, count {page['count']} of {gone['count']}")
+    assert len(page["alerts"]) == 1 and page["count"] == gone["count"] >= 2
 
 
 def test_an_owner_named_by_its_name_has_its_budgets_and_alerts_listed(
@@ -693,6 +698,11 @@ def test_every_command_has_help(here: Here) -> None:
     script, module = cli_many({}, ["--help"], script=True) + cli_many({}, ["keys --help"])
     assert ok(script).out.startswith("Usage: budget-middleware [OPTIONS] COMMAND [ARGS]...")
     assert "rotate" in ok(module).out
+    # A route has no limit: its update's help said "A limit keeps its usage." all the same.
+    said = {kind: " ".join(ok(here({}, f"{kind} update --help")).out.split()) for kind in (
+        "routes", "keys")}  # fmt: skip
+    print(said["routes"][:120])
+    assert "limit" not in said["routes"].lower() and "A limit keeps its usage." in said["keys"]
 
 
 def test_a_soft_budget_from_the_command_line(store: dict[str, str], here: Here) -> None:
@@ -731,6 +741,33 @@ async def test_an_amount_under_a_cent_is_shown_as_charged(
     assert shown == {"SPENT": "$0.0049996", "LIMIT": "$0.0050", "REMAINING": "$0.0000004"}
     usage = table(ok(here(store, "usage --by key")).out)
     assert usage[1][-1] == usage[2][-1] == "$0.0049996"
+
+
+async def test_an_amount_is_rounded_half_up_as_charged_not_as_a_binary_float(
+    store: dict[str, str], here: Here
+) -> None:
+    """$0.02265 spent (22,650,000 nano-dollars) read `$0.0226` in `budgets list` and `usage`,
+    where the dashboard shows `$0.0227`; a key refused at $10.00005 spent of $10 was told
+    "$10.0000 spent of $10.0000": amounts were rounded as binary floats (0.02265 is
+    0.0226499…), where money rounds half up (core/money). Half up everywhere now."""
+    tie = ok(here(store, "keys create --name tie --budget 1/1d --json")).json()["virtual_key"]
+    over = ok(here(store, "keys create --name over --budget 10/1d --json")).json()["virtual_key"]
+    app = host_app(_settings(store))
+    async with running(app), client(app) as http:
+        for key, cost in ((tie, "0.02265"), (over, "10.00005")):
+            headers = {**_key(key["value"]), "x-mock-header-cost": cost}
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=headers)
+            assert answer.status_code == 200, answer.text
+        refused = await http.post("/v1/chat/completions", json=chat(), headers=_key(over["value"]))
+    message = refused.json()["error"]["message"]
+    listed = table(ok(here(store, "budgets list")).out)
+    head = listed[0]
+    shown = {row[1]: (row[head.index("SPENT")], row[head.index("REMAINING")]) for row in listed[1:]}
+    usage = {row[1]: row[-1] for row in table(ok(here(store, "usage --by key")).out)[1:]}
+    print(f"refused: {message}; budgets list: {shown}; usage: {usage}")
+    assert refused.status_code == 402 and "$10.0001 spent of $10.0000" in message
+    assert shown == {"/tie": ("$0.0227", "$0.9774"), "/over": ("$10.0001", "$0.0000")}
+    assert usage["tie"] == "$0.0227" and usage["over"] == "$10.0001"
 
 
 def test_budgets_list_on_a_running_app_shows_what_requests_in_flight_hold(
@@ -1040,6 +1077,39 @@ def test_times_at_the_calendar_s_ends_are_taken_as_the_admin_api_takes_them(
         answer = ok(here(store, f"--json {line}")).json()
         print(line, "->", answer["start"], answer["end"])
         assert (answer["start"], answer["end"]) == bounds
+
+
+def test_config_check_warns_of_what_a_litellm_file_leaves_unread(
+    store: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, here: Here
+) -> None:
+    """SPEC §12: a LiteLLM file's other sections are ignored with one warning naming them.
+    Applying it warned; `config check` said "valid" alone, and a deployment whose `model:
+    os.environ/PROD_MODEL` is unset here (its $50 budget not read) or an `rpm` left unenforced
+    was learnt of only at start-up. The check names them too, on stderr (and under `ignored`
+    with --json), and still exits 0, as applying the file does."""
+    monkeypatch.delenv("PROD_MODEL", raising=False)
+    file = tmp_path / "proxy_config.yaml"
+    file.write_text(
+        "model_list:\n"
+        "  - model_name: gpt-4o\n"
+        "    litellm_params: {model: openai/gpt-4o, rpm: 100, max_budget: 5, budget_duration: 1d}\n"
+        "  - model_name: prod\n"
+        "    litellm_params: {model: os.environ/PROD_MODEL, max_budget: 50, budget_duration: 30d}\n"
+        "general_settings:\n  master_key: sk-1234\n"
+    )
+    checked = here(store, f"config check {file}")
+    print(checked.code, checked.out.strip(), "|", checked.err.strip())
+    assert checked.code == 0 and checked.out == f"{file} is valid: model configs: 1, routes: 1\n"
+    assert checked.err.count("\n") == 1 and checked.err.startswith(f"warning: {file} is a LiteLLM")
+    for part in ("model_list[0].litellm_params.rpm", "os.environ/PROD_MODEL", "general_settings"):
+        assert part in checked.err, part
+    assert "sk-1234" not in checked.err  # names, never values
+    answer = ok(here(store, f"config check {file} --json")).json()
+    assert (
+        answer["ignored"][0] == "model_list[0].litellm_params.rpm" and len(answer["ignored"]) == 3
+    )
+    plain = ROOT / "examples" / "gateway.yaml"  # our own format: nothing is ignored, nothing said
+    assert ok(here(store, f"config check {plain}")).err == ""
 
 
 def test_config_check_warns_of_a_variable_only_the_server_has(

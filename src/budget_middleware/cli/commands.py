@@ -467,7 +467,8 @@ def entity_group(kind: Kind) -> click.Group:
         command(
             "update",
             update_,
-            f"Change a {kind.what} ({by}): only what is given changes. A limit keeps its usage.",
+            f"Change a {kind.what} ({by}): only what is given changes."
+            + (" A limit keeps its usage." if kind.command != "routes" else ""),  # (none to keep)
             [ref, *fields, *bodies],
         )
     )
@@ -695,12 +696,14 @@ alerts_group.add_command(
 )
 
 
-def _check(file: str, unset: dict[str, list[str]] | None = None) -> dict[str, int]:
+def _check(
+    file: str, unset: dict[str, list[str]] | None = None, ignored: list[str] | None = None
+) -> dict[str, int]:
     from budget_middleware.exceptions import ConfigFileError
     from budget_middleware.manage.config_file import check_config_file
 
     try:
-        sections = check_config_file(Path(file), unset=unset)
+        sections = check_config_file(Path(file), unset=unset, ignored=ignored)
     except ConfigFileError as exc:
         raise CliError(config_message(str(exc))) from None
     return {name: len(entries) for name, entries in sections.items() if entries}
@@ -714,17 +717,26 @@ def _counts(entries: dict[str, int]) -> str:
 
 def _config_check(file: str, require_env: bool) -> None:
     unset: dict[str, list[str]] | None = None if require_env else {}
-    entries = _check(file, unset)
+    ignored: list[str] = []
+    entries = _check(file, unset, ignored)
     for name, where in (unset or {}).items():
         click.echo(
             f"warning: {name} is not set here: the value of {', '.join(where)} is checked where "
             "the file is applied (--require-env makes it an error)",
             err=True,
         )
+    if ignored:  # as applying the file warns: what of a LiteLLM file is not read
+        click.echo(
+            f"warning: {file} is a LiteLLM config: only its budgets, routes and prices are "
+            f"read; ignored: {', '.join(ignored)}",
+            err=True,
+        )
     if _state().json:
         answer: Json = {"file": file, "valid": True, "entries": entries}
         if unset:
             answer["unset_variables"] = unset
+        if ignored:
+            answer["ignored"] = ignored
         out.emit_json(answer)
     else:
         click.echo(f"{file} is valid: {_counts(entries)}")
@@ -753,7 +765,8 @@ config_group.add_command(
         "Check a config file without touching the store. A key's `value: ${VAR}` whose VAR is "
         "not set in this shell (the server that applies the file has it) is a warning naming "
         "VAR, the rest of the file is checked, and the exit status is 0; that value itself is "
-        "checked where the file is applied.",
+        "checked where the file is applied. Of a LiteLLM proxy_config.yaml, a warning names "
+        "what is not read, as start-up's does.",
         [
             _FILE,
             _opt(

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from budget_middleware.core.identity import CONTROL
-from budget_middleware.core.money import limit_nanos, usd_text
+from budget_middleware.core.money import limit_nanos, nanos_from_usd, usd_fixed, usd_text
 
 Json = dict[str, Any]
 Column = tuple[str, Callable[[Json], Any]]
@@ -63,7 +63,13 @@ def usd(value: Any) -> str:
     if 0 < abs(amount) < 0.01:
         text = usd_text(limit_nanos(abs(amount)))
         return text if amount > 0 else "$-" + text[1:]
-    return f"${amount:,.4f}"
+    return usd_fixed(_nanos(amount), 4, grouped=True)
+
+
+def _nanos(amount: float) -> int:
+    """An amount of the admin API's JSON (nano-dollars written as USD) as its nano-dollars."""
+    nanos = nanos_from_usd(abs(amount))
+    return -nanos if amount < 0 else nanos
 
 
 def spent_usd(spent: Any, limit: Any) -> str:
@@ -75,8 +81,8 @@ def spent_usd(spent: Any, limit: Any) -> str:
     if spent is None or limit is None or not float(spent) < float(limit) or shown != usd(limit):
         return shown
     for digits in range(5, 10):
-        text = f"${float(spent):,.{digits}f}".rstrip("0")
-        text = text if len(text.partition(".")[2]) >= 4 else f"${float(spent):,.4f}"
+        text = usd_fixed(_nanos(float(spent)), digits, grouped=True).rstrip("0")
+        text = text if len(text.partition(".")[2]) >= 4 else usd(spent)
         if text != usd(limit):
             return text
     return shown

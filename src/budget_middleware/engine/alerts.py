@@ -28,7 +28,7 @@ import httpx
 
 from budget_middleware.core.admission import Refusal
 from budget_middleware.core.alerts import reached
-from budget_middleware.core.money import nanos_from_usd, usd_text
+from budget_middleware.core.money import nanos_from_usd, usd_fixed, usd_text
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import FAR_FUTURE, from_ts, rfc3339
 from budget_middleware.core.windows import WindowCounter
@@ -554,7 +554,8 @@ def _log_failure(outcome: object) -> None:
 
 
 def _usd(amount: float) -> str:
-    return f"${amount:,.2f}" if amount >= 1 else usd_text(nanos_from_usd(amount))
+    nanos = nanos_from_usd(amount)
+    return usd_fixed(nanos, 2, grouped=True) if amount >= 1 else usd_text(nanos)
 
 
 def _as_crossed(event: AlertEvent) -> dict[str, Any]:

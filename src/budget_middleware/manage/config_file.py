@@ -679,14 +679,20 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
                 check_budget_durations("provider_config", config_budgets)
 
 
-def check_config_file(path: Path, *, unset: Unset | None = None) -> dict[str, Any]:
+def check_config_file(
+    path: Path, *, unset: Unset | None = None, ignored: list[str] | None = None
+) -> dict[str, Any]:
     """Read `path` and check every entry as far as possible without the store (raises
     ConfigFileError naming the file and the entry); the file's data, `${...}` not substituted.
 
     A key's `value: ${VAR}` whose VAR this environment does not set is an error, unless
     `unset` is given (the CLI's `config check`, run where the server's variables are not): VAR
-    is then recorded in it (with the entries naming it) and that value is left unchecked."""
-    return dict(_check(path, unset).sections)
+    is then recorded in it (with the entries naming it) and that value is left unchecked.
+    `ignored`, when given, receives what of a LiteLLM file is not read (applying it warns)."""
+    data = _check(path, unset)
+    if ignored is not None:
+        ignored += data.ignored
+    return dict(data.sections)
 
 
 def _check(path: Path, unset: Unset | None = None) -> _FileData:
