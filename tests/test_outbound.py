@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -3198,6 +3199,42 @@ async def test_an_answer_declared_gzip_but_corrupt_is_charged_its_most_output(
     assert spent == pytest.approx(cost / 1e9)
 
 
+@pytest.mark.parametrize("coding", ["gzip, gzip", "deflate, gzip", "gzip, deflate"])
+async def test_an_answer_in_two_codings_is_read_as_httpx_reads_it_for_the_sdk(
+    engine: BudgetEngine, coding: str
+) -> None:
+    """A provider's (or a proxy's) answer compressed twice, `content-encoding: gzip, gzip` or
+    with deflate (RFC 9110 8.4: listed in the order applied): httpx undoes both, and the SDK
+    reads the usage. The call is charged that usage, as a once-compressed answer is; it was
+    charged its most output as unreadable (1,000 tokens, $0.0101 for $0.0035)."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+    message = {"role": "assistant", "content": "Hi"}
+    plain = json.dumps(
+        {"id": "c", "object": "chat.completion", "created": 0, "model": "gpt-4o",
+         "choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "usage": usage}
+    ).encode()  # fmt: skip
+    encoded = plain
+    for each in coding.split(", "):
+        encoded = gzip.compress(encoded) if each == "gzip" else zlib.compress(encoded)
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-type": "application/json", "content-encoding": coding}
+        return httpx2.Response(200, headers=headers, stream=httpx2.ByteStream(encoded))
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    sdk = _sdk(httpx2.MockTransport(provider), engine)
+    with charge_to(virtual_key=key.value):
+        answer = await sdk.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, max_tokens=1000
+        )
+    await engine.flush()
+    charged = [(r["input_tokens"], r["output_tokens"], r["cost_nanos"]) for r in records(engine)]
+    assert answer.usage is not None
+    print(f"{coding}: the SDK read {answer.usage.prompt_tokens} in, "
+          f"{answer.usage.completion_tokens} out; charged {charged}")  # fmt: skip
+    assert charged == [(1000, 100, 1000 * 2500 + 100 * 10_000)]
+
+
 _LEFT_OPEN = (
     _SCRIPT_START
     + """
@@ -5057,7 +5094,6 @@ async def test_a_call_whose_body_is_in_a_coding_not_read_here_is_refused_not_sen
 ) -> None:
     """As inbound: a body in a coding the middleware cannot read (zstd, br) is refused, 415,
     and never sent. It was sent, its model `unknown`, charged $0 past every model limit."""
-    import zlib
 
     key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 0.01}])
     fake = Counting()
@@ -5137,6 +5173,188 @@ async def test_a_transport_wrapping_another_of_its_engine_counts_a_call_once(
     rows = records(engine)
     print(f"3 calls through two transports: {statuses}, {fake.calls} sent, {len(rows)} records")
     assert statuses == [200, 200, 429] and fake.calls == 2 and len(rows) == 2
+
+
+@pytest.mark.parametrize("status", [429, 500])
+async def test_each_attempt_the_sdk_makes_is_a_call_on_the_request_limit(
+    engine: BudgetEngine, status: int
+) -> None:
+    """As the README says: the provider answers 429 or 500 once, and the SDK (`max_retries=2`)
+    tries again. Each attempt is a call of its own: counted on the request limit (a key allowed
+    1 request an hour has the retry refused, `request_limit_exceeded`, never sent), settled on
+    its own, the error costing nothing; allowed 2, the retry's answer is charged its usage."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100}
+    answer = {"id": "c", "object": "chat.completion", "choices": [], "usage": usage}
+    error = {"error": {"message": "busy", "type": "server_error"}}
+    outcome: dict[int, tuple[str, int, list[tuple[int, int]]]] = {}
+    for allowed in (1, 2):
+        sent: list[int] = []
+
+        def provider(request: httpx2.Request, sent: list[int] = sent) -> httpx2.Response:
+            sent.append(1)
+            headers = {"content-type": "application/json", "retry-after-ms": "1"}
+            if len(sent) == 1:
+                return httpx2.Response(status, headers=headers, json=error)
+            return httpx2.Response(200, headers=headers, json=answer)
+
+        key = engine.manager.create_virtual_key(
+            name=f"k{allowed}",
+            rate_limit={"request_max_limit": allowed, "request_reset_duration": "1h"},
+        )
+        sdk = openai.AsyncOpenAI(
+            api_key="sk-provider-secret",
+            base_url="https://api.openai.com/v1",
+            http_client=httpx2.AsyncClient(
+                transport=BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+            ),
+            max_retries=2,
+        )
+        with charge_to(virtual_key=key.value):
+            try:
+                await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                said = "answer"
+            except openai.RateLimitError as exc:
+                said = str(exc.body["code"]) if isinstance(exc.body, dict) else str(exc)
+        await engine.flush()
+        mine = [r for r in records(engine) if r["virtual_key_id"] == key.id]
+        outcome[allowed] = (said, len(sent), [(r["output_tokens"], r["cost_nanos"]) for r in mine])
+    print(f"{status} then 200, by requests allowed: {outcome}")
+    assert outcome[1] == ("request_limit_exceeded", 1, [(0, 0)])
+    assert outcome[2] == ("answer", 2, [(0, 0), (100, 1000 * 2500 + 100 * 10_000)])
+
+
+class Redirecting(Counting):
+    """The fake provider behind a redirect: a call to `/old/...` is answered `status` to the
+    same path under `/v1/` (a provider's moved endpoint, a proxy's), which answers it."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__()
+        self.status = status
+        self.paths: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/old/"):
+            self.calls += 1
+            self.paths.append(scope["path"])
+            moved = [(b"location", b"/v1/" + scope["path"][5:].encode())]
+            await send({"type": "http.response.start", "status": self.status, "headers": moved})
+            await send({"type": "http.response.body", "body": b"moved"})
+            return
+        if scope["type"] == "http":
+            self.paths.append(scope["path"])
+        await super().__call__(scope, receive, send)
+
+
+@pytest.mark.parametrize("status", [307, 308])
+async def test_a_redirect_the_sdk_follows_is_one_call_on_the_request_limit(
+    engine: BudgetEngine, status: int
+) -> None:
+    """A provider (or a proxy) answers a call 307 / 308, and the SDK's client follows it
+    (`follow_redirects=True`, as the SDKs' own clients do): the redirect is not an answer to
+    bill, and the call it moves is one call. A key allowed 2 requests an hour makes a JSON call
+    and a stream through the redirect: each counted once, charged its answer's usage (the
+    stream's usage asked for again where it is moved to). The redirect was counted as a
+    request of its own: the second call was refused 429 (2 of 2 requests)."""
+    key = engine.manager.create_virtual_key(
+        name="alice",
+        budgets=[{"max_limit": 1}],
+        rate_limit={"request_max_limit": 2, "request_reset_duration": "1h"},
+    )
+    fake = Redirecting(status)
+    transport = BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/old",
+        http_client=httpx2.AsyncClient(transport=transport, follow_redirects=True),
+        max_retries=0,
+    )
+    outcomes: list[str] = []
+    with charge_to(virtual_key=key.value):
+        for stream in (False, True):
+            try:
+                if stream:
+                    chunks = await sdk.chat.completions.create(
+                        model="gpt-4o", messages=MESSAGES, stream=True
+                    )
+                    outcomes.append(f"stream of {len([c async for c in chunks])} chunks")
+                else:
+                    await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                    outcomes.append("answer")
+            except openai.APIStatusError as exc:
+                outcomes.append(str(exc.status_code))
+    await engine.flush()
+    rows = records(engine)
+    costs = [(r["input_tokens"], r["output_tokens"], r["cost_nanos"]) for r in rows]
+    spent = engine.manager.list_budgets()[0].spent
+    print(f"{status}: {outcomes}; provider saw {fake.paths}; charged {costs}, ${spent}")
+    assert outcomes[0] == "answer" and outcomes[1].startswith("stream of")
+    assert fake.paths == ["/old/chat/completions", "/v1/chat/completions"] * 2
+    assert [(r["outcome"], r["streamed"]) for r in rows] == [("completed", 0), ("completed", 1)]
+    assert all(inp > 0 and out > 0 for inp, out, _ in costs)  # the stream's usage read too
+    assert spent == pytest.approx(sum(cost for _, _, cost in costs) / 1e9)
+
+
+_REDIRECTING_UPSTREAM = """
+from mock_upstream import create_mock_app
+
+mock = create_mock_app("/v1")
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "http" and scope["path"].startswith("/old/"):
+        moved = [(b"location", b"/v1/" + scope["path"][5:].encode()), (b"content-length", b"5")]
+        await send({"type": "http.response.start", "status": 307, "headers": moved})
+        await send({"type": "http.response.body", "body": b"moved"})
+        return
+    await mock(scope, receive, send)
+"""
+
+
+def test_a_redirect_a_sync_client_follows_is_one_call_against_a_real_server(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """The same with `BudgetSyncTransport` under a plain `httpx.Client(follow_redirects=True)`,
+    against a real server answering 307 (the transport's own pool, bodies unread as they
+    come): 3 calls on a key allowed 3 requests an hour are 3 answers, one record each. Each
+    redirect was counted too: 200, 429, 429."""
+    (tmp_path / "redirecting.py").write_text(_REDIRECTING_UPSTREAM)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "redirecting:app", "--port", str(port),
+         "--log-level", "warning"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "examples")},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    settings = make_settings(flush_interval_seconds=3600, provider_hosts='{"127.0.0.1": "openai"}')
+    transport = BudgetSyncTransport(settings=settings)
+    engine = transport.meter.engine
+    try:
+        for _ in range(100):
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        key = engine.manager.create_virtual_key(
+            name="alice", rate_limit={"request_max_limit": 3, "request_reset_duration": "1h"}
+        )
+        body = {"model": "gpt-4o", "messages": MESSAGES}
+        with (
+            httpx.Client(transport=transport, follow_redirects=True) as http,
+            charge_to(virtual_key=key.value),
+        ):
+            answers = [http.post(f"{url}/old/chat/completions", json=body) for _ in range(3)]
+        on_loop(engine, engine.flush)
+        rows = records(engine)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        on_loop(engine, engine.shutdown)
+    statuses = [(a.status_code, len(a.history)) for a in answers]
+    print(f"3 calls through a 307: (status, redirects) {statuses}; {len(rows)} records")
+    assert statuses == [(200, 1)] * 3
+    assert [(r["outcome"], r["output_tokens"] > 0) for r in rows] == [("completed", True)] * 3
 
 
 async def test_charge_to_decorates_what_returns_the_sdk_s_coroutine(engine: BudgetEngine) -> None:

@@ -492,7 +492,26 @@ def test_identity_listed_with_gzip_is_gzip() -> None:
     assert decode_in_pieces(decoder, gzip.compress(b"{}"), 10) == b"{}"
 
 
-@pytest.mark.parametrize("encoding", ["br", "zstd", "gzip, br", "gzip, gzip"])
+@pytest.mark.parametrize("size", [1, 5, 4096])
+def test_several_codings_are_undone_last_first_as_httpx_does(size: int) -> None:
+    """`content-encoding: deflate, gzip` is deflate, then gzip over it (RFC 9110 8.4): gzip is
+    undone first. In pieces of any size; a layer cut short is an error at the end."""
+    raw = body(CHAT_COMPLETION)
+    for coding, encoded in (
+        ("gzip, gzip", gzip.compress(gzip.compress(raw))),
+        ("deflate, gzip", gzip.compress(zlib.compress(raw))),
+        ("gzip, identity, deflate", zlib.compress(gzip.compress(raw))),
+    ):
+        decoder = BodyDecoder(coding)
+        assert decode_in_pieces(decoder, encoded, size) == raw, coding
+        assert decoder.supported and decoder.error is None
+    inner_cut = gzip.compress(gzip.compress(raw)[:-12])
+    decoder = BodyDecoder("gzip, gzip")
+    decode_in_pieces(decoder, inner_cut, size)
+    assert decoder.error == "truncated gzip body"
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "gzip, br", "br, gzip, gzip"])
 def test_unknown_encoding_says_usage_cannot_be_read(encoding: str) -> None:
     decoder = BodyDecoder(encoding)
     assert not decoder.supported

@@ -615,11 +615,12 @@ class BodyDecoder:
     """Decodes a response body's `content-encoding` chunk by chunk, to read its usage.
 
     Feed it a copy of each raw chunk; the client still gets the encoded bytes. `identity` (or no
-    encoding) passes through; gzip and deflate (zlib or raw) are inflated. Anything else (br, zstd,
-    several codings) is not `supported`: `error` says why usage could not be read. Corrupt data,
-    a truncated body or a decoded size over `max_size` also set `error`. It never raises.
-    `max_size` None: no bound (an answer, read as it goes by and kept no more than its tail: a
-    bound made one over it unreadable, charged its worst case for the usage at its end).
+    encoding) passes through; gzip and deflate (zlib or raw) are inflated, several of them too
+    (`gzip, gzip`: undone last first, as httpx undoes them for the SDK). Anything else (br,
+    zstd, beside them or alone) is not `supported`: `error` says why usage could not be read.
+    Corrupt data, a truncated body or a decoded size over `max_size` also set `error`. It never
+    raises. `max_size` None: no bound (an answer, read as it goes by and kept no more than its
+    tail: a bound made one over it unreadable, charged its worst case for the usage at its end).
     """
 
     __slots__ = (
@@ -628,6 +629,7 @@ class BodyDecoder:
         "_max_size",
         "_prefix",
         "_size",
+        "_then",
         "error",
         "oversized",
         "supported",
@@ -636,12 +638,19 @@ class BodyDecoder:
     def __init__(self, content_encoding: str | None, *, max_size: int | None = None) -> None:
         codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
         codings = [c for c in codings if c and c != "identity"]
-        self.supported = len(codings) <= 1 and all(c in _ZLIB_CODINGS for c in codings)
+        self.supported = all(c in _ZLIB_CODINGS for c in codings)
         self.error: str | None = None
         self.oversized = False  # decoded beyond `max_size` (one of the errors)
         if not self.supported:
             self.error = f"unsupported content-encoding: {content_encoding}"
-        self._coding = codings[0] if codings else "identity"
+        # Codings are listed in the order they were applied: the last is undone here, and what
+        # that gives is the next one's to undo (`_then`).
+        self._coding = codings[-1] if codings else "identity"
+        self._then = (
+            BodyDecoder(", ".join(codings[:-1]), max_size=max_size)
+            if self.supported and len(codings) > 1
+            else None
+        )
         # wbits=47: zlib reads the gzip or zlib header itself
         self._inflater = zlib.decompressobj(wbits=47) if self.supported and codings else None
         # deflate input kept until its first 2 bytes (the zlib header) are read: raw deflate retries
@@ -651,6 +660,20 @@ class BodyDecoder:
 
     def feed(self, chunk: bytes) -> bytes:
         """The decoded bytes this chunk completes (b"" once `error` is set)."""
+        out = self._feed(chunk)
+        then = self._then
+        return out if then is None else self._through(then.feed(out) if out else b"")
+
+    def _through(self, out: bytes) -> bytes:
+        """What the next coding undone gave, its error this decoder's."""
+        then = self._then
+        if then is not None and then.error is not None and self.error is None:
+            self.oversized = then.oversized
+            return self._fail(then.error)
+        return out
+
+    def _feed(self, chunk: bytes) -> bytes:
+        """This decoder's own coding undone."""
         if self.error is not None:
             return b""
         if self._inflater is None:
@@ -664,7 +687,7 @@ class BodyDecoder:
             # HTTP "deflate" is meant to be zlib-wrapped, but some servers send raw deflate
             data, self._prefix = bytes(self._prefix) + chunk, None
             self._inflater = zlib.decompressobj(wbits=-15)
-            return self.feed(data)
+            return self._feed(data)
         if self._prefix is not None:
             self._prefix += chunk
             if len(self._prefix) >= 2:
@@ -675,13 +698,20 @@ class BodyDecoder:
             if rest[:2] == _GZIP_MAGIC:  # gzip in several members (RFC 1952 2.2): the next one
                 self._inflater = zlib.decompressobj(wbits=47)
                 out = self._count(out)
-                return out + self.feed(rest) if self.error is None else b""
+                return out + self._feed(rest) if self.error is None else b""
             # Not a member (yet: its first byte alone, wait for the next), or trailing bytes
             # that clients ignore, as urllib3 and curl do: so do we.
         return self._count(out)
 
     def flush(self) -> bytes:
         """The last decoded bytes, at the end of the body."""
+        out = self._flush()
+        then = self._then
+        if then is None or self.error is not None:
+            return out
+        return self._through((then.feed(out) if out else b"") + then.flush())
+
+    def _flush(self) -> bytes:
         if self.error is not None or self._inflater is None:
             return b""
         inflater = self._inflater

@@ -324,12 +324,18 @@ class _Meter:
 
     @staticmethod
     def outgoing(
-        lib: ModuleType, request: Any, headers: _RawHeaders, names: list[bytes], exchange: Exchange
+        lib: ModuleType,
+        request: Any,
+        headers: _RawHeaders,
+        names: list[bytes],
+        exchange: Exchange,
+        carried: _Redirect | None = None,
     ) -> Any:
         """The request to send (its raw `headers`, their `names` lowered): as it is, or with
         the body `gate.body_to_send` rewrote, and an `accept-encoding` narrowed to the codings
-        whose answers can be read."""
-        new_body = body_to_send(exchange)
+        whose answers can be read. `carried`: the redirect this request follows, whose body,
+        rewritten, goes again as it went (httpx sends the client's again)."""
+        new_body = body_to_send(exchange) if carried is None else carried.body
         if exchange.injected_usage:
             # The stream in clear: the usage chunk we asked for is taken out of it on its way
             # to the SDK, which a compressed stream would not let us do.
@@ -348,22 +354,38 @@ class _Meter:
         url = request.url
         if exchange.route_model is not None:
             url = _deployment_routed(url, exchange)
-        return lib.Request(
+        sent = lib.Request(
             request.method,
             url,
             headers=headers,
             content=request.content if new_body is None else new_body,
             extensions=request.extensions,
         )
+        sent.extensions[_REWRITTEN_BODY] = new_body  # (for a redirect to send again)
+        return sent
 
     def metered_response(
-        self, lib: ModuleType, request: Any, response: Any, exchange: Exchange, stream: type
+        self,
+        lib: ModuleType,
+        request: Any,
+        response: Any,
+        exchange: Exchange,
+        stream: type,
+        sent: Any = None,
     ) -> Any:
         """The provider's answer as the SDK gets it: its headers as they came (less
         `x-budget-cost`, which is ours to read, and a `content-length` that a dropped usage
         chunk made stale) with `x-budget-route` and
         `x-budget-shadow-refusal` when they apply, the body measured as it passes (`stream`: the
-        async or sync metered stream, as the library's own type: `_Library`)."""
+        async or sync metered stream, as the library's own type: `_Library`). A redirect the
+        client follows (`_followed`) passes unmetered, its call's admission kept for the request
+        that follows it (`sent`: the request that was sent, its body as rewritten)."""
+        if response.status_code in _REDIRECTS and _followed(request, response):
+            # Not the provider's answer to the call: its admission carries over to the request
+            # that follows it (`_Redirect`), which the client makes at once.
+            body = None if sent is None else sent.extensions.get(_REWRITTEN_BODY)
+            request.extensions[_REDIRECTED] = _Redirect(exchange, body, response.status_code)
+            return response
         raw = response.headers.raw
         cost = exchange.read_start(response.status_code, raw)
         added = exchange.headers_added(limits=False)
@@ -608,24 +630,32 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         inner = self._inner(lib.module)
         meter = self.meter
         path = meter.metered(request)
+        carried = _carried(request, meter.engine) if _REDIRECTED in request.extensions else None
+        if carried is not None and path is None:  # redirected to a GET (303): the answer
+            exchange = carried.answered()
+            await exchange.settle_anywhere("completed")
+            carried = None
         if path is None or request.extensions.get(METERED_BY) is meter.engine:
             return await inner.handle_async_request(request)  # or metered further out
         headers = request.headers.raw
         names = _names(headers)
-        body = meter.readable(headers, names, await request.aread())
-        if isinstance(body, ErrorAnswer):
-            return meter.refused(lib.module, request, body)
-        loop = engine_loop(meter.engine)
-        if loop is None:  # the engine runs here, or starts here
-            admitted = await meter.admit(request, path, body)
-        else:  # another thread's loop runs the engine: here, or there (`_admitted_elsewhere`)
-            admitted = await _admitted_elsewhere(meter, request, path, body, loop)
-        if type(admitted) is ErrorAnswer:
-            return meter.refused(lib.module, request, admitted)
-        exchange: Exchange = admitted  # type: ignore[assignment]
+        if carried is not None:  # a redirect followed: admitted already, as one call
+            exchange = carried.exchange
+        else:
+            body = meter.readable(headers, names, await request.aread())
+            if isinstance(body, ErrorAnswer):
+                return meter.refused(lib.module, request, body)
+            loop = engine_loop(meter.engine)
+            if loop is None:  # the engine runs here, or starts here
+                admitted = await meter.admit(request, path, body)
+            else:  # another thread's loop runs the engine: here, or there (`_admitted_elsewhere`)
+                admitted = await _admitted_elsewhere(meter, request, path, body, loop)
+            if type(admitted) is ErrorAnswer:
+                return meter.refused(lib.module, request, admitted)
+            exchange = admitted  # type: ignore[assignment]
         sent = None
         try:
-            sent = meter.outgoing(lib.module, request, headers, names, exchange)
+            sent = meter.outgoing(lib.module, request, headers, names, exchange, carried)
             marks = sent.extensions  # metered here: a transport of this engine further in
             marks[METERED_BY] = meter.engine  # passes it on (`METERED_BY`), till it is sent
             try:
@@ -637,7 +667,9 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
             exchange.sent_unanswered = sent is not None and _sent(lib.module, exc)
             await exchange.settle_anywhere(_failed(exc))
             raise
-        return meter.metered_response(lib.module, request, response, exchange, lib.async_stream)
+        return meter.metered_response(
+            lib.module, request, response, exchange, lib.async_stream, sent
+        )
 
     async def aclose(self) -> None:
         for transport in (self.transport, *self.own.values()):
@@ -670,6 +702,82 @@ async def _admit(
     payer.set(chosen)  # this task's context, on the engine's loop
     inbound_headers.set(inbound)
     return await meter.admit(request, path, body)
+
+
+# A redirect's answer (httpx's `has_redirect_location`): the client may follow it.
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_REDIRECTED = "budget_middleware.redirected"  # the request's mark: the redirect it follows
+_REWRITTEN_BODY = "budget_middleware.rewritten_body"  # a sent request's: its body rewritten
+
+
+class _Redirect:
+    """A metered call its provider answered with a redirect that its client follows (httpx's
+    `follow_redirects`, on in the SDKs' own clients): not the provider's answer to bill, and
+    not a second call. Its admission carries over to the request that follows (one request on
+    every limit, one reservation, one settlement, with that request's answer); the mark rides
+    on the request's `extensions`, which httpx gives the request it follows with. Should none
+    come here (raised in between: a response hook, a URL httpx refuses), settled as the
+    redirect it was when the requests are collected."""
+
+    __slots__ = ("body", "exchange", "status", "taken")
+
+    def __init__(self, exchange: Exchange, body: bytes | None, status: int) -> None:
+        self.exchange = exchange
+        self.body = body  # the body as it was sent (rewritten), None: as the client wrote it
+        self.status = status
+        self.taken = False
+
+    def answered(self) -> Exchange:
+        """The call, answered by this redirect (followed with a GET, or nowhere): its answer
+        costs nothing."""
+        self.taken = True
+        exchange = self.exchange
+        exchange.read_start(self.status, ())
+        return exchange
+
+    def _left(self) -> str | None:
+        return None if self.exchange.settled else "completed"
+
+    def __del__(self) -> None:
+        if not self.taken:
+            self.answered().settle_dropped(self._left)
+
+
+def _carried(request: Any, engine: BudgetEngine) -> _Redirect | None:
+    """The redirect of this engine's metered call that `request` follows, taken once (another
+    engine's is left to its transport)."""
+    carried = request.extensions.get(_REDIRECTED)
+    if type(carried) is not _Redirect or carried.taken or carried.exchange.engine is not engine:
+        return None
+    del request.extensions[_REDIRECTED]
+    carried.taken = True
+    return carried
+
+
+def _followed(request: Any, response: Any) -> bool:
+    """Whether the client that sent `request` follows the redirect `response` (httpx's and
+    httpx2's `_send_handling_redirects`, found up the stack of the call: its
+    `follow_redirects`, and a redirect within its `max_redirects`). Not found (another client,
+    another version): not followed, the redirect settled as the call's answer."""
+    if "location" not in response.headers:
+        return False
+    frame: Any = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_send_handling_redirects" and str(
+            frame.f_globals.get("__name__", "")
+        ).startswith(("httpx.", "httpx2.")):
+            seen = frame.f_locals
+            client, history = seen.get("self"), seen.get("history")
+            return (
+                seen.get("follow_redirects") is True
+                and seen.get("request") is request
+                and isinstance(history, list)
+                and len(history) < getattr(client, "max_redirects", 0)
+            )
+        frame = frame.f_back
+    return False
 
 
 class _Metered:
@@ -843,15 +951,22 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
         inner = self._inner(lib.module)
         meter = self.meter
         path = meter.metered(request)
+        carried = _carried(request, meter.engine) if _REDIRECTED in request.extensions else None
+        if carried is not None and path is None:  # redirected to a GET (303): the answer
+            meter.settle_sync(carried.answered(), "completed")
+            carried = None
         if path is None or request.extensions.get(METERED_BY) is meter.engine:
             return inner.handle_request(request)  # or metered further out
         headers = request.headers.raw
         names = _names(headers)
-        body = meter.readable(headers, names, request.read())
-        if isinstance(body, ErrorAnswer):
-            return meter.refused(lib.module, request, body)
-        plain: bytes = body
-        admitted = meter.admit_here(request, path, plain)
+        if carried is not None:  # a redirect followed: admitted already, as one call
+            admitted: Exchange | ErrorAnswer | None = carried.exchange
+        else:
+            body = meter.readable(headers, names, request.read())
+            if isinstance(body, ErrorAnswer):
+                return meter.refused(lib.module, request, body)
+            plain: bytes = body
+            admitted = meter.admit_here(request, path, plain)
         if admitted is None:  # the engine's loop admits
             chosen, inbound = payer.get(), inbound_headers.get()
             handoff = _Handoff()
@@ -871,7 +986,7 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
         exchange: Exchange = admitted  # type: ignore[assignment]
         sent = None
         try:
-            sent = meter.outgoing(lib.module, request, headers, names, exchange)
+            sent = meter.outgoing(lib.module, request, headers, names, exchange, carried)
             marks = sent.extensions  # as the async transport marks it
             marks[METERED_BY] = meter.engine
             try:
@@ -882,7 +997,9 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
             exchange.sent_unanswered = sent is not None and _sent(lib.module, exc)
             meter.settle_sync(exchange, _failed(exc))
             raise
-        return meter.metered_response(lib.module, request, response, exchange, lib.sync_stream)
+        return meter.metered_response(
+            lib.module, request, response, exchange, lib.sync_stream, sent
+        )
 
     def close(self) -> None:
         for transport in (self.transport, *self.own.values()):
