@@ -23,6 +23,7 @@ from support import chat, client, engine_of, host_app, running
 
 Settings = Callable[..., BudgetSettings]
 SPENT = "0.02"  # what the first request costs: past every $0.01 budget below
+GEMINI = {"x-budget-provider": "gemini"}
 
 
 async def _admitted(
@@ -77,10 +78,14 @@ async def test_a_provider_budget_caps_every_spelling_of_the_provider_inbound(
             ("/v1/chat/completions", chat("gemini-2.5-flash"), {"x-budget-provider": "Google"}),
             ("/v1/chat/completions", chat("grok-3"), {}),  # the catalog's `x-ai`
             ("/v1/chat/completions", chat("x-ai/grok-3"), {}),
+            # Gemini's resource name of a model (its API reads a bare name so): not a
+            # provider named `models`
+            ("/v1/chat/completions", chat("models/gemini-2.5-flash"), {}),
+            ("/v1/chat/completions", chat("models/gemini-2.5-flash"), GEMINI),
         ])  # fmt: skip
         after = {p: _spent_on(engine, p) for p in ("openai", "gemini", "xai")}
     print(
-        f"admitted past exhausted provider budgets: {len(escapes)} of 8 "
+        f"admitted past exhausted provider budgets: {len(escapes)} of 10 "
         f"(${len(escapes) * float(SPENT):.2f} spent past them) {escapes}"
     )
     print(f"provider spend before -> after those requests: {before} -> {after}")

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any, Final
 
-from budget_middleware.core.providers import BARE_MODEL_PROVIDERS, canonical_provider
+from budget_middleware.core.providers import (
+    BARE_MODEL_PROVIDERS,
+    RESOURCE_PREFIX,
+    canonical_provider,
+)
 from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept, tier_name
 
 # Path prefixes that name a provider (`/openai/v1/chat/completions`; `/Google/…` and the other
@@ -487,7 +491,9 @@ class TargetResolver:
         provider: str | None = None
         if "/" in model:
             head, rest = model.split("/", 1)
-            if head and rest:
+            if head == RESOURCE_PREFIX and rest:  # Gemini's `models/<name>`: a bare name
+                model = rest
+            elif head and rest:
                 provider, model = head, rest
         provider = provider or header or _path_provider(route_path)
         if provider is None and model:
@@ -622,7 +628,9 @@ def _hosted(raw_model: str, provider: str) -> tuple[str, str]:
     provider = canonical_provider(provider)
     if provider in BARE_MODEL_PROVIDERS:
         head, slash, rest = model.partition("/")
-        own = canonical_provider(head) == provider or (head == "models" and provider == "gemini")
+        own = canonical_provider(head) == provider or (
+            head == RESOURCE_PREFIX and provider == "gemini"
+        )
         if slash and rest and own:
             model = rest
     return (

@@ -53,6 +53,10 @@ BARE_MODEL_PROVIDERS = frozenset(
     {"openai", "anthropic", "azure", "gemini", "deepseek", "mistral", "xai", "cohere"}
 )
 
+# Gemini's resource name of a model, `models/gemini-2.5-flash`: the model `gemini-2.5-flash`
+# (Gemini's API reads a bare name so), not a provider named `models`.
+RESOURCE_PREFIX = "models"
+
 
 def canonical_provider(name: str) -> str:
     """The one name of the provider `name` spells: trimmed, lower case, aliases resolved
