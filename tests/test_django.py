@@ -413,23 +413,28 @@ def test_django_s_test_client_is_not_metered_and_the_wrapped_application_is(site
     assert django_statuses == [200, 200] and wrapped == [200, 402]
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["listed-last", "listed-first"])
 @pytest.mark.parametrize(
     "middleware",
     ["budget_middleware.wsgi.BudgetWSGIMiddleware", "budget_middleware.BudgetMiddleware"],
 )
 def test_a_middleware_listed_in_django_s_middleware_setting_fails_saying_where_it_goes(
-    site: None, middleware: str
+    site: None, middleware: str, first: bool
 ) -> None:
     """Listed in `settings.MIDDLEWARE` (a Django user's first guess), either middleware was
     built around Django's request handler and failed every request with a `TypeError`
     (`__call__() missing 1 required positional argument: 'start_response'`), under the WSGI
     and the ASGI handler alike. Django loading its middleware now stops with a
-    `ConfigurationError` that says to wrap the application in wsgi.py or asgi.py."""
+    `ConfigurationError` that says to wrap the application in wsgi.py or asgi.py. Listed first,
+    above another middleware (where an outermost middleware goes), it was not recognised: the
+    handler Django gives it takes the other middleware's module name (`functools.wraps`), and
+    every request was a bare 500 page, the `TypeError` logged nowhere with `DEBUG = False`."""
     from django.test import AsyncClient, Client, override_settings
 
     from budget_middleware import ConfigurationError
 
-    chain = ["django.middleware.common.CommonMiddleware", middleware]
+    common = "django.middleware.common.CommonMiddleware"
+    chain = [middleware, common] if first else [common, middleware]
     failures: list[str] = []
     with override_settings(MIDDLEWARE=chain):
         for call in (

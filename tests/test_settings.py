@@ -683,3 +683,16 @@ def test_a_dot_env_file_shared_with_the_app_is_read_and_its_other_variables_left
     assert "BUDGET_EXCEEDED_STATUS" in str(caught.value) and "OPENAI" not in str(caught.value)
     with pytest.raises(SettingsError, match="BUDGET_DATABSE_URL: is not a setting"):
         BudgetSettings(databse_url="sqlite://")  # type: ignore[call-arg]
+
+
+def test_a_misspelt_keyword_argument_names_the_setting_it_looks_like() -> None:
+    """`BudgetSettings(databse_url=...)` was refused naming `BUDGET_DATABSE_URL` alone, a
+    variable the caller never set, with no hint of the argument meant (a misspelt variable
+    gets "did you mean BUDGET_DATABASE_URL?"). The error names the argument and the setting."""
+    with pytest.raises(SettingsError) as caught:
+        BudgetSettings(databse_url="sqlite://", reserv=False)  # type: ignore[call-arg]
+    text = str(caught.value)
+    print(text)
+    assert "BUDGET_DATABSE_URL: is not a setting" in text
+    assert "databse_url=" in text and "did you mean database_url=?" in text
+    assert "did you mean reserve=?" in text

@@ -181,7 +181,7 @@ class BudgetSettings(BaseSettings):
         if unknown:
             raise SettingsError(
                 "invalid budget-middleware settings:\n  "
-                + "\n  ".join(f"{_env_name(name)}: is not a setting" for name in unknown)
+                + "\n  ".join(_not_a_setting(name) for name in unknown)
             )
         try:
             super().__init__(**values)
@@ -505,6 +505,13 @@ def _env_name(field: str) -> str:
 
 
 _warned: set[str] = set()
+
+
+def _not_a_setting(argument: str) -> str:
+    """The error of a keyword argument that is no setting, with the setting it looks like."""
+    text = f"{_env_name(argument)}: is not a setting (the argument {argument}="
+    close = difflib.get_close_matches(argument, list(BudgetSettings.model_fields), n=1, cutoff=0.8)
+    return text + (f"; did you mean {close[0]}=?)" if close else ")")
 
 
 def misspelt_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:

@@ -43,9 +43,13 @@ def refuse_django_chain(app: Any, middleware: str) -> None:
     `asgi.py` instead (README, "Django")."""
     # Django's handler there is a function or a method of its `django.core.handlers` (one of
     # asgiref's wrappers in an async chain); the application itself is an instance of a class
-    # of theirs (`WSGIHandler`, `ASGIHandler`), wrapped as it should be.
+    # of theirs (`WSGIHandler`, `ASGIHandler`), wrapped as it should be. The module is the one
+    # the code was written in (its globals'): `convert_exception_to_response` wraps the next
+    # middleware with `functools.wraps`, which gives its function that middleware's
+    # `__module__` (`django.middleware.common`) when ours is listed above another.
     if inspect.isfunction(app) or inspect.ismethod(app):
-        if not str(getattr(app, "__module__", "")).startswith("django.core.handlers."):
+        code = app.__func__ if inspect.ismethod(app) else app
+        if not str(code.__globals__.get("__name__", "")).startswith("django.core.handlers."):
             return
     elif type(app).__module__ != "asgiref.sync":
         return
