@@ -37,6 +37,7 @@ from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.times import FAR_FUTURE, from_ts
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.exchange import MAX_CHARGE_NANOS, MAX_TOKENS
+from budget_middleware.store import redis_counters
 from budget_middleware.store.spill import Spill, spill_folder
 from budget_middleware.store.tables import BudgetRow, UsageRecordRow
 from conftest import POSTGRES_BASE_URL, need_postgres
@@ -572,6 +573,76 @@ async def test_charges_made_without_redis_reach_it_when_the_instance_stops_once_
     assert before == [200] * 4 and during == [200] * 3
     assert (count, total) == (admitted, admitted * CENT)
     assert admitted == 10
+
+
+async def test_debts_left_on_disk_as_the_engine_stops_are_not_paid_by_a_settlement_meanwhile(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail open, $0.01 requests: 2 through Redis, one held in the host app, Redis killed (it
+    keeps its data), 3 admitted without it; the engine stops, leaving its $0.03 of debts to
+    Redis on disk. Redis comes back while the file is being written (a hook holds the write),
+    and the held request settles then, paying the debts first: they reached Redis, and the
+    file too, which the next start added again: Redis $0.09 for $0.06 spent and stored. The
+    debts are the file's as its write begins now: $0.06 each."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(
+            sqlite_url,
+            redis_url=server.url,
+            fail_open=True,
+            redis_timeout_seconds=0.3,
+            flush_interval_seconds=60,  # no heartbeat pays the debts before the stop
+            spill_dir=tmp_path / "spill",
+        )
+        engine = BudgetEngine(settings)  # (a private Redis: no prefix)
+        inside: list[int] = []
+        release = asyncio.Event()
+        app = holding_app(engine, inside, release)
+        writing, written = threading.Event(), threading.Event()
+        write_debts = redis_counters.write_debts
+
+        def write(*args: Any) -> str:
+            writing.set()
+            written.wait(10)  # until the held request has settled
+            return write_debts(*args)
+
+        monkeypatch.setattr(redis_counters, "write_debts", write)
+        await engine.ensure_started()
+        async with client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            budget = key.budgets[0].id
+            await engine.invalidate()
+            auth = bearer(key.value or "")
+            codes = [(await posted(http, auth)).status_code for _ in range(2)]
+            held = asyncio.create_task(posted(http, {**auth, "x-hold": "1"}))
+            assert await until(lambda: inside)
+            server.kill(keep_data=True)
+            codes += [(await posted(http, auth)).status_code for _ in range(3)]
+            stopping = asyncio.create_task(engine.shutdown())
+            assert await until(writing.is_set)  # the debts being left on disk
+            server.start()
+            await asyncio.sleep(2.1)  # past the back-off
+            release.set()  # it settles: Redis is back
+            codes.append((await held).status_code)
+            written.set()
+            await stopping
+            left = len(_left_debts(tmp_path))
+        await engine.ensure_started()  # as the process's exit does: the file paid, written
+        await engine.shutdown()
+        in_redis = sum(_budget_in_redis(server, budget).values())
+        stored = budget_usage(engine, budget)
+        count, total = records(engine, key.id)
+    finally:
+        server.stop()
+    print(
+        f"{codes.count(200)} admitted, debts left in {left} file as a settlement ran: Redis "
+        f"${in_redis / 1e9:.2f}, store ${stored / 1e9:.2f}, {count} records ${total / 1e9:.2f}"
+    )
+    assert codes == [200] * 6 and left == 1
+    assert in_redis == stored == total == 6 * CENT
 
 
 async def test_debts_paid_by_an_admission_its_caller_gave_up_on_reach_redis_once(
@@ -1879,6 +1950,145 @@ async def test_requests_that_settle_after_the_shutdown_leave_no_connection_to_re
     assert in_redis == stored == 20 * CENT
 
 
+async def test_a_request_that_reaches_admission_after_the_shutdown_is_served_as_without_redis(
+    tmp_path: Path,
+) -> None:
+    """One request held inside the host app across the engine's shutdown (its settlement owed
+    to Redis, the client closed), one whose body was still arriving (admitted after the
+    shutdown). The second paid the first's debt before its admission, on the closed client:
+    an AssertionError (a 500), and a connection to Redis reopened that nobody closed. Now a
+    stopped engine's admission is one with Redis away (fail-open: admitted in process, owed):
+    every answer a 200, each charge in Redis and the store once."""
+    server = PrivateRedis()
+    server.start()
+    settings = settings_for(
+        f"sqlite:///{tmp_path / 'budget.db'}",
+        redis_url=server.url,
+        fail_open=True,
+        redis_timeout_seconds=1,
+        flush_interval_seconds=30,
+    )
+    engine = BudgetEngine(settings)
+    gate, inside = asyncio.Event(), asyncio.Semaphore(0)
+    reading, body_sent = asyncio.Event(), asyncio.Event()
+    host = FastAPI()
+
+    @host.post("/v1/chat/completions")
+    async def completions(request: Request) -> Response:
+        await request.body()
+        if request.headers.get("x-held"):
+            inside.release()
+            await gate.wait()
+        body = '{"id": "c1", "object": "chat.completion", "choices": [], "usage": '
+        return Response(body + _ONE_CENT_USAGE + "}", media_type="application/json")
+
+    host.add_middleware(BudgetMiddleware, engine=engine)
+    payload = json.dumps(chat()).encode()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield payload[:10]
+        reading.set()  # the middleware reads the rest: past its check that the engine runs
+        await body_sent.wait()  # sent after the shutdown
+        yield payload[10:]
+
+    try:
+        async with client(host) as http:
+            async with running(host):
+                key = engine.manager.create_virtual_key(
+                    name="alice", budgets=[{"max_limit": 10, "reset_duration": "1d"}]
+                )
+                value, budget = key.value or "", key.budgets[0].id
+                first = await posted(http, bearer(value))
+                held = asyncio.create_task(posted(http, {**bearer(value), "x-held": "1"}))
+                await asyncio.wait_for(inside.acquire(), 10)
+                late = asyncio.create_task(
+                    http.post(
+                        "/v1/chat/completions",
+                        content=slow_body(),
+                        headers={**bearer(value), "content-type": "application/json"},
+                    )
+                )
+                await asyncio.wait_for(reading.wait(), 10)
+            gate.set()  # the engine shut down: the held answer settles now, owed to Redis
+            answers = [first, await held]
+            body_sent.set()
+            answers += await asyncio.gather(late, return_exceptions=True)
+            await engine.ensure_started()  # as the process's exit does: what it holds, paid
+            await engine.shutdown()
+            in_redis = sum(_budget_in_redis(server, budget).values())
+            stored = budget_usage(engine, budget)
+            count, total = records(engine, key.id)
+    finally:
+        server.stop()
+    statuses = [
+        a.status_code if isinstance(a, httpx.Response) else type(a).__name__ for a in answers
+    ]
+    print(
+        f"3 requests, the last admitted after the shutdown: {statuses}; Redis {in_redis}, "
+        f"store {stored}, {count} records ${total / 1e9:.2f}"
+    )
+    assert statuses == [200] * 3
+    assert in_redis == stored == total == 3 * CENT
+    assert count == 3
+
+
+async def test_a_request_that_starts_the_engine_during_its_shutdown_leaves_it_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request arrives while the engine shuts down (held there by a hook): it started the
+    engine again at once, and the shutdown then closed the Redis client of that start, leaving
+    the engine started with no client: every later request a 503 (an AssertionError, a 500,
+    before stopped engines admitted as with Redis away). A start now waits for the shutdown to
+    end: every request a 200, each charge in Redis and the store once."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(
+            f"sqlite:///{tmp_path / 'budget.db'}", redis_url=server.url, redis_timeout_seconds=0.3
+        )
+        engine = BudgetEngine(settings)
+        app = fault_app(engine)
+        held, holding = asyncio.Event(), asyncio.Event()
+        stop_alerts = engine.alerts.stop
+
+        async def stop() -> None:  # the shutdown, held until the test says
+            holding.set()
+            await held.wait()
+            await stop_alerts()
+
+        monkeypatch.setattr(engine.alerts, "stop", stop)
+        async with client(app) as http:
+            async with running(app):
+                key = engine.manager.create_virtual_key(
+                    name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+                )
+                value, budget = key.value or "", key.budgets[0].id
+                await engine.invalidate()
+                codes = await asked(http, value, 2)
+
+                async def during() -> list[int]:
+                    await holding.wait()
+                    asking = asyncio.create_task(asked(http, value, 1))
+                    await asyncio.sleep(0.2)  # it reached the engine's start
+                    held.set()
+                    return await asking
+
+                arriving = asyncio.create_task(during())
+            codes += await arriving
+            codes += await asked(http, value, 2)
+            await engine.shutdown()
+            in_redis = sum(_budget_in_redis(server, budget).values())
+            stored = budget_usage(engine, budget)
+    finally:
+        server.stop()
+    print(
+        f"a request during the shutdown, then 2 more: {codes}; Redis ${in_redis / 1e9:.2f}, "
+        f"store ${stored / 1e9:.2f}"
+    )
+    assert codes == [200] * 5
+    assert in_redis == stored == 5 * CENT
+
+
 # -- fail-open, the store never reached ---------------------------------------------------------
 
 
@@ -2247,6 +2457,172 @@ async def test_settlements_redis_died_under_count_once_in_another_s_seed(
     )
     assert count == admitted
     assert admitted == 25
+
+
+async def test_a_settlement_written_as_it_found_its_key_gone_counts_once_in_another_s_seed(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two instances, one store. A's request settles as its window's key is gone (an expiry,
+    an empty restart), while A's flusher writes its charge: settle.lua finds no key, A seeds
+    it, and B seeds it first from the store, which has just committed the charge (the order
+    forced by hooks on A's store and script). A weighed the charge as uncommitted, from when
+    its call answered, and added it to B's seed: Redis $0.05 for $0.04 spent and stored. It is
+    weighed once the key is seeded now, when the store's commit is known: $0.04 each."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(
+            sqlite_url, redis_url=server.url, flush_interval_seconds=30, cache_ttl_seconds=300
+        )
+        a, b = BudgetEngine(settings), BudgetEngine(settings)  # (a private Redis: no prefix)
+        inside: list[int] = []
+        release = asyncio.Event()
+        app_a, app_b = holding_app(a, inside, release), holding_app(b, [], asyncio.Event())
+        async with running(app_a), running(app_b), client(app_a) as ha, client(app_b) as hb:
+            key = a.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            budget = key.budgets[0].id
+            await a.invalidate()
+            await b.invalidate()
+            auth = bearer(key.value or "")
+            assert [(await posted(h, auth)).status_code for h in (ha, hb)] == [200, 200]
+            assert await a.flush() and await b.flush()
+            held = asyncio.create_task(posted(ha, {**auth, "x-hold": "1"}))
+            assert await until(lambda: inside)
+            # A's write waits to commit, and A's seed to read the store, until the test says.
+            writing, commit, reading, seeded = (threading.Event() for _ in range(4))
+            apply_flush, read_counters = a.store.apply_flush, a.store.read_counters
+
+            def write(*args: Any) -> None:
+                writing.set()
+                commit.wait(10)
+                apply_flush(*args)
+
+            def read(*args: Any) -> Any:
+                if not reading.is_set():
+                    reading.set()
+                    seeded.wait(10)
+                return read_counters(*args)
+
+            counters: Any = a.counters
+            settle_lua, flushed = counters._settle, []
+
+            async def settle(**call: Any) -> Any:  # its charge taken by a write under way
+                flushed.append(asyncio.create_task(a.flush()))
+                await until(writing.is_set)
+                return await settle_lua(**call)
+
+            monkeypatch.setattr(a.store, "apply_flush", write)
+            monkeypatch.setattr(a.store, "read_counters", read)
+            monkeypatch.setattr(counters, "_settle", settle)
+            direct = redis.Redis.from_url(server.url, decode_responses=True)
+            try:
+                (window,) = direct.scan_iter(match=f"bm:w:budget:{budget}:*")
+                direct.delete(window, window.replace("bm:w:", "bm:sv:w:", 1))
+            finally:
+                direct.close()
+            release.set()  # A settles: no key; A's seed waits to read the store
+            assert await until(reading.is_set)
+            commit.set()
+            assert await flushed[0]  # the store holds A's charge
+            assert (await posted(hb, auth)).status_code == 200  # B seeds the key from it
+            seeded.set()
+            assert (await held).status_code == 200
+            assert await a.flush() and await b.flush()
+            in_redis = sum(_budget_in_redis(server, budget).values())
+            stored = budget_usage(a, budget)
+            count, total = records(a, key.id)
+    finally:
+        server.stop()
+    print(
+        f"a settlement written as it found its key gone, B seeding first: Redis "
+        f"${in_redis / 1e9:.2f}, store ${stored / 1e9:.2f}, {count} records ${total / 1e9:.2f}"
+    )
+    assert count == 4
+    assert in_redis == stored == total == 4 * CENT
+
+
+async def test_a_settlement_redis_died_under_counts_once_in_a_seed_made_as_it_is_added(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two instances, one store. Redis dies under A's settlement (no answer) while A's flusher
+    writes its charge, and comes back without the window's key. A's next request adds the
+    settlement (settled_once.lua) just as the write commits and B seeds the key from the store
+    (the order forced by hooks on A's store and scripts): A weighed the charge as uncommitted,
+    from before its call, and added it to B's seed: Redis $0.06 for $0.05 spent and stored. A
+    key another instance seeded is left to the seed's weighing now: $0.05 each."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(
+            sqlite_url, redis_url=server.url, flush_interval_seconds=30, cache_ttl_seconds=300
+        )
+        a, b = BudgetEngine(settings), BudgetEngine(settings)  # (a private Redis: no prefix)
+        inside: list[int] = []
+        release = asyncio.Event()
+        app_a, app_b = holding_app(a, inside, release), holding_app(b, [], asyncio.Event())
+        async with running(app_a), running(app_b), client(app_a) as ha, client(app_b) as hb:
+            key = a.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            budget = key.budgets[0].id
+            await a.invalidate()
+            await b.invalidate()
+            auth = bearer(key.value or "")
+            assert [(await posted(h, auth)).status_code for h in (ha, hb)] == [200, 200]
+            assert await a.flush() and await b.flush()
+            held = asyncio.create_task(posted(ha, {**auth, "x-hold": "1"}))
+            assert await until(lambda: inside)
+            writing, commit = threading.Event(), threading.Event()  # A's write, held
+            apply_flush = a.store.apply_flush
+
+            def write(*args: Any) -> None:
+                writing.set()
+                commit.wait(10)
+                apply_flush(*args)
+
+            counters: Any = a.counters
+            settle_lua, once_lua, flushed = counters._settle, counters._once, []
+
+            async def died_under(**call: Any) -> Any:  # its charge taken by a write under way
+                if flushed:  # (its holds let go later: run)
+                    return await settle_lua(**call)
+                flushed.append(asyncio.create_task(a.flush()))
+                await until(writing.is_set)
+                raise redis.exceptions.ConnectionError("Redis died under the settlement")
+
+            async def once(**call: Any) -> Any:  # the write commits, B seeds, then it runs
+                commit.set()
+                assert await flushed[0]
+                assert (await posted(hb, auth)).status_code == 200
+                return await once_lua(**call)
+
+            monkeypatch.setattr(a.store, "apply_flush", write)
+            monkeypatch.setattr(counters, "_settle", died_under)
+            monkeypatch.setattr(counters, "_once", once)
+            direct = redis.Redis.from_url(server.url, decode_responses=True)
+            try:
+                (window,) = direct.scan_iter(match=f"bm:w:budget:{budget}:*")
+                direct.delete(window, window.replace("bm:w:", "bm:sv:w:", 1))
+            finally:
+                direct.close()
+            release.set()
+            assert (await held).status_code == 200
+            await asyncio.sleep(2.1)  # past the back-off
+            assert (await posted(ha, auth)).status_code == 200  # adds the settlement first
+            assert await a.flush() and await b.flush()
+            in_redis = sum(_budget_in_redis(server, budget).values())
+            stored = budget_usage(a, budget)
+            count, total = records(a, key.id)
+    finally:
+        server.stop()
+    print(
+        f"a settlement Redis died under, added as its write commits and B seeds: Redis "
+        f"${in_redis / 1e9:.2f}, store ${stored / 1e9:.2f}, {count} records ${total / 1e9:.2f}"
+    )
+    assert count == 5
+    assert in_redis == stored == total == 5 * CENT
 
 
 async def test_a_late_settlement_into_an_unseeded_window_is_counted_there(

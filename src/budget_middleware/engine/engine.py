@@ -654,6 +654,17 @@ class BudgetEngine:
                 await self._write_or_keep()
             return
         self.started = False
+        # Claimed as a start is (`_starting`): a request meanwhile waits for this stop to end,
+        # then starts the engine again. Started during it, the engine was left started with its
+        # Redis client closed by this stop: every later request a 503 (fail-closed).
+        with self._claim:
+            self._starting = asyncio.get_running_loop()
+        try:
+            await self._stop()
+        finally:
+            self._starting = None
+
+    async def _stop(self) -> None:
         grace = max(5.0, 3 * self.settings.flush_interval_seconds)
         flusher, self._flusher = self._flusher, None
         if flusher is not None:

@@ -691,10 +691,19 @@ class RedisCounters(CounterBackend):
             "batches": spilled,
             "debts": debts,
         }
+        # The file's from here: a payment meanwhile (a request settling as Redis came back,
+        # which pays the debts first) added them to Redis too, and the next process added the
+        # file again (Redis $0.09 for $0.06 spent). Owed again if it cannot be written.
+        amounts, owed_to, unsure = self._owed, self._owed_to, self._unsure
+        self._owed, self._owed_to, self._unsure = {}, {}, []
         try:
             path = await anyio.to_thread.run_sync(write_debts, self._debts, left)
         except OSError as exc:
             logger.error("budget-middleware could not leave its debts to Redis on disk: %s", exc)
+            for key, amount in amounts.items():
+                self._owed[key] = self._owed.get(key, 0) + amount
+            self._owed_to = {**owed_to, **self._owed_to}
+            self._unsure[:0] = unsure
             return None
         self._given_up = []
         self._owed.clear()
@@ -1933,18 +1942,21 @@ class RedisCounters(CounterBackend):
             # refused a connection after an empty restart counted them twice: Redis $0.61 for
             # $0.31 spent, 70 admitted on a limit of 100).
             keys = [k for k, _, _ in charges]
-            # A settlement's charge the store committed before another instance's seed read it
-            # is held there: left to `_into_windows` too (added whole, the settlements Redis
-            # died under while the flusher wrote them counted twice: Redis $9.13-9.97 for $9.00
-            # admitted, two instances under load, Redis restarted empty).
-            committed = self._committed(done)
+            # A settlement's charge the store may hold (committed, or in a write under way) and
+            # another instance's seed read after it commits is held there: left to
+            # `_into_windows` too (added whole, the settlements Redis died under while the
+            # flusher wrote them counted twice: Redis $9.13-9.97 for $9.00 admitted, two
+            # instances under load, Redis restarted empty), which weighs its commit then. (Left
+            # to it only once committed, one whose write committed as this call went, and
+            # another instance seeded the key, was added to that seed: Redis $0.06 for $0.05.)
+            settling = self._settling_of.get(done, {})
             try:
                 missing = await self._once(
                     keys=[done, *keys, *map(self._seed_record_key, keys)],
                     args=[
                         *(a for _, _, a in charges),
                         self._instance,
-                        *("1" if k in places or k in committed else "0" for k in keys),
+                        *("1" if k in places or k in settling else "0" for k in keys),
                     ],
                 )
             except BaseException:
@@ -1960,7 +1972,7 @@ class RedisCounters(CounterBackend):
                 continue
             try:
                 await self._into_windows(
-                    lost, {k: places[k] for k, _, _ in lost if k in places}, committed
+                    lost, {k: places[k] for k, _, _ in lost if k in places}, done
                 )
             except BaseException:
                 self._unsure[:0] = unsure[n + 1 :]
@@ -2003,14 +2015,17 @@ class RedisCounters(CounterBackend):
         self,
         charges: list[_Charge],
         fresh: dict[str, list[list[int]]] | None = None,
-        committed: dict[str, float] | None = None,
+        settling: str | None = None,
     ) -> None:
         """Charges of ours in transit (key, counter, amount) whose window key is missing: the
         key is seeded (without them: they are in transit), then each is added once. A charge is
         out of transit once added, or once its window has ended (the store holds it, and no
         admission reads that key any more); one that is neither when this fails is owed.
         `fresh`: where the store has the debts of these keys (`_Track`): another instance's
-        seed, made first, may hold some of them (`_leave_out_seeded`)."""
+        seed, made first, may hold some of them (`_leave_out_seeded`). `settling`: the done key
+        of the settlement these charges are, whose commit in the store is weighed once the key
+        is seeded (`_committed_before`), not before: a write under way when its call answered
+        commits meanwhile, and the seed waited for it (`_seed_now`)."""
         assert self._reconcile is not None
         now = self.clock()
         todo: list[_Charge] = []
@@ -2039,7 +2054,12 @@ class RedisCounters(CounterBackend):
                         owed, debts, {k: p for k, p in fresh.items() if k in owed}
                     )
                     todo = [(k, c, owed[k]) for k, c, _ in todo if owed[k]]
-                if committed:  # (a settlement's: its charge, which the store may hold)
+                # A settlement's charge, which the store may hold: when it committed, as known
+                # now (taken when its call answered, a write under way then was weighed as
+                # none, and added to a seed another instance made after the commit: Redis $0.05
+                # for $0.04 spent).
+                committed = {} if settling is None else self._committed(settling)
+                if committed:
                     todo = await self._committed_before(todo, committed, seen)
                 adding, todo = todo, []  # (unanswered: `_unsure`, not owed again)
                 bounds = [(c.start, c.end) for _, c, _ in adding]
@@ -2115,7 +2135,7 @@ class RedisCounters(CounterBackend):
         # Stopped (no client): owed as with Redis away, paid when the engine next starts or at
         # exit. Run on the closed client, each reopened a connection nobody closed, and one
         # that paid debts first failed an assertion: the request answered with an exception.
-        if self._backing_off() or self._settle is None or self.client is None:
+        if self._backing_off() or self._settle is None:
             self._owe_settlement(ticket, cost, tokens)
             self._release_later(ticket, now)
             return
@@ -2232,7 +2252,7 @@ class RedisCounters(CounterBackend):
             self._settled_out(done)
             return
         try:  # what it cannot add stays owed
-            await self._into_windows(lost, committed=self._committed(done))
+            await self._into_windows(lost, settling=done)
         except (RedisError, OSError) as exc:
             self._failed(exc)
         except _StoreDown:
@@ -2383,7 +2403,10 @@ class RedisCounters(CounterBackend):
     # -- faults --------------------------------------------------------------------------
 
     def _backing_off(self) -> bool:
-        return self._state.retry_at > time.monotonic()
+        """Redis is left alone: backing off after a failure, or no client (the counters
+        stopped: a request admitted as the engine shuts down, or after, is served as with Redis
+        away; on the closed client, one that paid debts first failed an assertion, a 500)."""
+        return self.client is None or self._state.retry_at > time.monotonic()
 
     def _failed(self, exc: BaseException) -> None:
         """A call failed: Redis is left alone for a back-off that doubles once per round of

@@ -3,7 +3,8 @@
 -- KEYS[1]: the request's done key; then the window keys; then as many seed records (seed.lua's),
 -- in the same order. ARGV: per window key the amount; the client's instance; per window key "1"
 -- for a payment's debts whose places the client knows (another instance's seed there may hold
--- some: left to the client, `RedisCounters._leave_out_seeded`), else "0".
+-- some: left to the client, `RedisCounters._leave_out_seeded`) or a settlement's charge the store
+-- may hold (committed, or in a write under way: `RedisCounters._committed_before`), else "0".
 -- Returns a 0, then the indices (from 1) of window keys the client must seed and add to: those
 -- gone now (or, for "1", seeded by another instance) or, when a run before (settle.lua, or
 -- reconcile.lua, or this script whose answer was lost) left the done key, those that run found
