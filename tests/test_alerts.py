@@ -182,6 +182,29 @@ async def test_an_alert_names_a_threshold_between_whole_percents_as_set(
     ]
 
 
+async def test_an_alert_s_text_never_rounds_a_spend_up_to_its_budget(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """$9.996 spent of $10 (50 % reached, not exhausted) read "$10.00 of $10.00": money from a
+    dollar up was rounded to the cent, up as well. Rounded down: "$9.99 of $10.00"."""
+    hook = receiver()
+    app = host_app(make_settings(alert_webhook_urls=hook.url))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        budget = {"max_limit": 10.0, "alert_thresholds": [0.5]}
+        key = engine.manager.create_virtual_key(name="alice", budgets=[budget])
+        statuses = await spend(http, key.value, 9.996, 1)
+        got = await until(lambda: hook.delivered())
+    alert = got[0]
+    print(f"{statuses}: spent ${alert['budget']['spent']} of $10: {alert['text']}")
+    assert statuses == [200] and alert["budget"]["spent"] == 9.996
+    assert (
+        alert["text"]
+        == "Budget alert: virtual_key alice reached 50% of its budget: $9.99 of $10.00 (lifetime)."
+    )
+
+
 async def test_thresholds_and_exhaustion_alert_once_per_window_signed_and_listed(
     make_settings: Settings, receiver: Callable[..., Receiver]
 ) -> None:
@@ -266,6 +289,57 @@ async def test_a_receiver_that_fails_first_is_retried_and_never_posted_twice_aft
         assert statuses == [500, 500, 200]
         assert [(a["delivery"], a["attempts"]) for a in alerts] == [("delivered", 3)]
         assert engine.alerts.failed_deliveries == 2
+
+
+async def test_a_delivery_the_store_could_not_record_for_a_moment_is_not_posted_again(
+    store_url: str, make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """The receiver took the alert (200), and the store was locked for 2 s as the delivery was
+    recorded (its busy timeout 0.5 s): the outcome was lost, the claim ran out, and the alert
+    was posted again 31 s later (SPEC §14: never again after a success). The outcome is
+    recorded again while the claim holds."""
+    import sqlite3
+
+    if not store_url.startswith("sqlite"):
+        pytest.skip("the store is locked from outside as SQLite's file")
+    db = store_url.removeprefix("sqlite:///")
+    locked: list[float] = []
+
+    def lock_the_store() -> None:  # as the receiver answers: the sender records into a lock
+        conn = sqlite3.connect(db, timeout=5, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        locked.append(time.monotonic())
+        time.sleep(2.0)
+        conn.execute("ROLLBACK")
+        conn.close()
+
+    hook = receiver()
+    handler = hook.server.RequestHandlerClass
+    answer = handler.do_POST
+
+    def do_post(self: Any) -> None:
+        if not hook.posts:
+            threading.Thread(target=lock_the_store, daemon=True).start()
+            until_sync(lambda: locked, 5.0)
+        answer(self)
+
+    handler.do_POST = do_post  # type: ignore[method-assign]
+    settings = make_settings(database_url=f"{store_url}?timeout=0.5", alert_webhook_urls=hook.url)
+    app = host_app(settings)
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine, timeout=1.0)  # a claim's lease: 31 s
+        key = engine.manager.create_virtual_key(name="bob", budgets=[{"max_limit": 1.0}])
+        assert await spend(http, key.value, 0.45, 2) == [200, 200]  # 90 %: the 0.8 alert
+        await until(lambda: _all_delivered(engine, 1), 40.0)
+        await asyncio.sleep(2.0)  # more rounds: nothing more may be posted
+        statuses = [status for _, _, status in hook.posts]
+        alerts = engine.manager.list_alerts()
+    ids = [json.loads(body)["id"] for _, body, _ in hook.posts]
+    print(f"posts answered {statuses} ({len(set(ids))} alert); store locked 2 s after the first; "
+          f"alert {alerts[0]['delivery']} after {alerts[0]['attempts']} attempt(s)")  # fmt: skip
+    assert statuses == [200]
+    assert [(a["delivery"], a["attempts"]) for a in alerts] == [("delivered", 1)]
 
 
 async def test_a_failed_delivery_is_first_retried_within_5_seconds_on_the_real_schedule(
@@ -984,6 +1058,33 @@ async def test_the_give_up_clock_starts_at_the_first_attempt(
         assert alert["delivery"] == "pending"
     finally:
         await engine.shutdown()
+
+
+async def test_a_soft_budget_of_0_raises_nothing_before_its_first_charge(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """A soft $0 budget raises its thresholds with its first charge (it never refuses, so it
+    has no `budget.exhausted`). A request that cost nothing, then a cache TTL: its re-read
+    looked at it, and its 80 % and 100 % were raised at $0 spent, before any charge."""
+    hook = receiver()
+    app = host_app(make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=0.3))
+    async with running(app), client(app) as http:
+        engine = engine_of(app)
+        quick(engine)
+        budgets = [{"max_limit": 0, "soft": True}, {"max_limit": 1.0, "reset_duration": "1d"}]
+        key = engine.manager.create_virtual_key(name="free", budgets=budgets)
+        free = await spend(http, key.value, 0.0, 1)
+        await asyncio.sleep(1.5)  # a few TTLs: re-read, looked at
+        before = [(a["type"], a.get("threshold")) for a in hook.delivered()]
+        paid = await spend(http, key.value, 0.01, 1)
+        await until(lambda: len(hook.delivered()) >= 2, 5.0)
+        after = sorted((a["type"], a.get("threshold"), a["budget"]["spent"])
+                       for a in hook.delivered())  # fmt: skip
+    print(f"soft $0 budget: {free} free, then {paid}; before the first charge {before}, "
+          f"after it {after}")  # fmt: skip
+    assert free == [200] and paid == [200]
+    assert before == []
+    assert after == [("budget.threshold", 0.8, 0.01), ("budget.threshold", 1.0, 0.01)]
 
 
 async def test_a_soft_budget_on_redis_is_shared_by_instances(
@@ -1861,6 +1962,126 @@ async def test_a_threshold_set_below_the_spend_is_raised_with_no_request_after_i
     assert statuses == [200] and changed == 200
     assert rows == [("budget.threshold", 0.5)]
     assert kinds == [("budget.threshold", owner, 0.5)]
+
+
+@pytest.mark.parametrize("owner", ["virtual_key", "team"])
+@pytest.mark.parametrize("redis", [False, True], ids=["store", "redis"])
+async def test_a_limit_lowered_below_a_threshold_s_spend_is_raised_with_no_request_after_it(
+    make_settings: Settings, receiver: Callable[..., Receiver], owner: str, redis: bool
+) -> None:
+    """Two instances on one store; $0.60 spent of a $1 budget alerting at 80 %, then its limit
+    lowered to $0.70 through the admin API of the other instance ($0.60 is 85.7 % of it). A
+    threshold set below the spend so was raised within a cache TTL; a limit lowered so never
+    was while no request of the key came (the limit was read again only with the key): 0 alerts
+    in 3 s."""
+    if redis:
+        need_redis()
+    prefix = unique_prefix()
+    hook = receiver()
+    shared = {"redis_url": REDIS_URL} if redis else {}
+    settings = [make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=t, **shared)
+                for t in (0.5, 0.6)]  # fmt: skip
+    engines = [get_engine(one) for one in settings]
+    apps = [BudgetMiddleware(host_app(None), engine=e) for e in engines]
+    admin = httpx.AsyncClient(transport=httpx.ASGITransport(create_admin_app(settings[1])),
+                              base_url="http://admin", headers=ADMIN)  # fmt: skip
+    try:
+        for e in engines:
+            if redis:
+                use_prefix(e, prefix)
+            quick(e)
+            await e.ensure_started()
+        budget = {"max_limit": 1.0, "alert_thresholds": [0.8]}
+        team = engines[0].manager.create_team(name="t", budgets=[budget] if owner == "team" else [])
+        key = engines[0].manager.create_virtual_key(
+            name="k", team_id=team.id, budgets=[budget] if owner == "virtual_key" else []
+        )
+        async with client(apps[0]) as http:
+            statuses = await spend(http, key.value, 0.6, 1)
+        await engines[0].flush()
+        path = f"/virtual-keys/{key.id}" if owner == "virtual_key" else f"/teams/{team.id}"
+        new = {"budgets": [{"max_limit": 0.7, "alert_thresholds": [0.8]}]}
+        changed = (await admin.put(path, json=new)).status_code
+        await until(lambda: hook.delivered(), 3.0)
+        posts = hook.delivered()
+        told = [(a["type"], a["owner"]["type"], a.get("threshold"), a["budget"]["spent"],
+                 a["budget"]["amount"]) for a in posts]  # fmt: skip
+        rows = [(a["type"], a["threshold"]) for a in engines[0].manager.list_alerts()]
+    finally:
+        await admin.aclose()
+        for e in engines:
+            await e.shutdown()
+        if redis:
+            delete_prefix(REDIS_URL, prefix)
+    print(f"{owner} ({'redis' if redis else 'store'}): {statuses}, limit lowered ({changed}) "
+          f"$1.00 -> $0.70 at $0.60 spent, no request after: {len(rows)} alert(s) raised "
+          f"{rows}, delivered {told}")  # fmt: skip
+    assert statuses == [200] and changed == 200
+    assert rows == [("budget.threshold", 0.8)]
+    assert told == [("budget.threshold", owner, 0.8, 0.6, 0.7)]
+
+
+@pytest.mark.parametrize("redis", [False, True], ids=["store", "redis"])
+async def test_a_threshold_the_spend_after_a_reset_elsewhere_reaches_is_raised_again(
+    make_settings: Settings, receiver: Callable[..., Receiver], redis: bool
+) -> None:
+    """Two instances on one store; $0.60 spent of a $10 budget alerting at 5 % and 10 % raised
+    5 %, the budget was reset through the admin API of the other instance, and $0.60 spent again
+    at once on the first (its key read before the reset). Without Redis the new window's 5 %
+    never came while no request followed (the reset was taken only with the key); with Redis it
+    came telling "$1.20" spent, and 10 % with it: the old window's spend was counted in the new
+    one. Now 5 % again, once, telling $0.60."""
+    if redis:
+        need_redis()
+    prefix = unique_prefix()
+    hook = receiver()
+    shared = {"redis_url": REDIS_URL} if redis else {}
+    settings = [make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=t, **shared)
+                for t in (2.0, 0.5)]  # fmt: skip
+    engines = [get_engine(one) for one in settings]
+    apps = [BudgetMiddleware(host_app(None), engine=e) for e in engines]
+    admin = httpx.AsyncClient(transport=httpx.ASGITransport(create_admin_app(settings[1])),
+                              base_url="http://admin", headers=ADMIN)  # fmt: skip
+    try:
+        for e in engines:
+            if redis:
+                use_prefix(e, prefix)
+            quick(e)
+            await e.ensure_started()
+        key = engines[0].manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 10.0, "alert_thresholds": [0.05, 0.1]}]
+        )
+        async with client(apps[0]) as http:
+            statuses = await spend(http, key.value, 0.6, 1)
+            await until(lambda: hook.delivered(), 3.0)
+            reset = (await admin.post(f"/budgets/{key.budgets[0].id}/reset")).status_code
+            statuses += await spend(http, key.value, 0.6, 1)
+        first = hook.delivered()[0]["budget"]["period_start"]  # the window before the reset
+
+        def since() -> list[tuple[float, float]]:
+            return [(a["threshold"], a["budget"]["spent"]) for a in hook.delivered()
+                    if a["budget"]["period_start"] != first]  # fmt: skip
+
+        await until(since, 8.0)
+        await asyncio.sleep(2.5)  # a TTL more: nothing else comes
+        told = since()
+        before = [(a["threshold"], a["budget"]["spent"]) for a in hook.delivered()
+                  if a["budget"]["period_start"] == first]  # fmt: skip
+        rows = [(a["type"], a["threshold"]) for a in engines[0].manager.list_alerts()]
+        spent = engines[0].manager.list_budgets(owner_type="virtual_key", owner_id=key.id)[0]
+    finally:
+        await admin.aclose()
+        for e in engines:
+            await e.shutdown()
+        if redis:
+            delete_prefix(REDIS_URL, prefix)
+    print(
+        f"{'redis' if redis else 'store'}: {statuses}, reset ({reset}) between them; "
+        f"${spent.spent:.2f} spent since; {len(rows)} alert(s) raised; delivered {before} "
+        f"before the reset's window, {told} in it"
+    )
+    assert statuses == [200, 200] and reset == 200 and spent.spent == 0.6
+    assert told == [(0.05, 0.6)]
 
 
 async def test_a_post_retried_after_its_answer_was_lost_names_the_alert_it_repeats(

@@ -40,6 +40,8 @@ def test_a_budget_of_0_has_no_threshold_to_reach() -> None:
     assert reached(1, 1, (0.8, 1.0), ()) == ([0.8, 1.0], NEVER)
     # a soft one never refuses, so never raises `budget.exhausted`: its thresholds it raises
     assert reached(5, 0, (0.8, 1.0), (), hard=False) == ([0.8, 1.0], NEVER)
+    # with its first charge, not before: nothing spent reaches nothing (it raised them at $0)
+    assert reached(0, 0, (0.8, 1.0), (), hard=False) == ([], 1)
 
 
 def test_the_next_threshold_is_the_lowest_not_reached_whatever_the_order() -> None:

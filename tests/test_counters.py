@@ -465,6 +465,27 @@ def test_a_reset_elsewhere_keeps_what_this_instance_has_not_written_in_the_new_w
     assert counter.value == 7
 
 
+def test_a_reset_elsewhere_leaves_the_old_window_s_written_usage_behind(
+    engine: BudgetEngine,
+) -> None:
+    """$30 written in the window, $5 charged here since the last flush, then a reset made by
+    another instance at T0 + 20 min, where $4 has been spent since. The counter kept the old
+    window's $30 in the new one (a threshold of the new window was raised at $35, and told it)
+    until the next re-read. Learnt with the key's reload it holds $4 and the $5 (the usage read
+    with the key is the new window's); from Redis's mark, the $5 (Redis's key tells the rest)."""
+    ledger = engine.registry.ledger
+    counter = window(engine.registry, "budget", "b", now=T0 + 10 * MINUTE, usage=30)
+    counter.add(5, ledger)
+    window(engine.registry, "budget", "b", anchor=T0 + 20 * MINUTE, now=T0 + 30 * MINUTE, usage=4)
+    reloaded = counter.value
+    marked = window(engine.registry, "budget", "m", now=T0 + 10 * MINUTE, usage=30)
+    marked.add(5, ledger)
+    marked.move_to(T0 + 20 * MINUTE, T0 + 30 * MINUTE, ledger)
+    print(f"$30 written and $5 unwritten, reset elsewhere ($4 since): {reloaded} with the key, "
+          f"{marked.value} from the mark")  # fmt: skip
+    assert (reloaded, marked.value) == (9, 5)
+
+
 def test_a_reset_learnt_from_redis_moves_the_window_there_with_what_is_unwritten(
     engine: BudgetEngine,
 ) -> None:

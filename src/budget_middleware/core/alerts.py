@@ -44,7 +44,9 @@ def reached(
         return new, next_at  # refusal raises `budget.exhausted`, which says it all (a soft one
     # never refuses: its thresholds are all it raises, reached with its first charge)
     for threshold in thresholds:
-        at = threshold_nanos(limit, threshold)
+        # No spend reaches a threshold: a soft $0 budget's are all at $0, and a look at it
+        # before its first charge (a re-read's) raised them all at $0 spent.
+        at = max(threshold_nanos(limit, threshold), 1)
         if value >= at:
             if threshold not in raised:
                 new.append(threshold)

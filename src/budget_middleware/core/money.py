@@ -61,12 +61,13 @@ def usd_text(nanos: int) -> str:
     return "$" + usd_header(nanos).decode().rstrip("0")
 
 
-def usd_fixed(nanos: int, decimals: int, grouped: bool = False) -> str:
+def usd_fixed(nanos: int, decimals: int, grouped: bool = False, down: bool = False) -> str:
     """`$` and the amount to `decimals` places (`grouped`: with thousands separators), rounded
     half up on the whole nano-dollars, not on a binary float's (0.02265 is 0.0226499…: $0.02265
-    read `$0.0226` here where the dashboard shows `$0.0227`, and $10.00005 `$10.0000`)."""
+    read `$0.0226` here where the dashboard shows `$0.0227`, and $10.00005 `$10.0000`), or
+    toward zero (`down`)."""
     step = 10 ** (9 - decimals)
-    units = (abs(nanos) + step // 2) // step
+    units = (abs(nanos) + (0 if down else step // 2)) // step
     whole, part = divmod(units, 10**decimals)
     sign = "-" if nanos < 0 else ""
     return (

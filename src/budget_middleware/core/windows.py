@@ -160,6 +160,12 @@ class WindowCounter:
             elif self.pending and self.pending_start == self.start:
                 self.pending_start = start
             self.start, self.end = start, end
+            if reset:
+                # The old window's usage stays there: the new one holds what this instance has
+                # not written (its spend elsewhere comes with the next read). Kept whole, a
+                # threshold of the new window was raised at the old one's spend, and it told
+                # that spend ($1.20 where $0.60 was spent since the reset).
+                self.value = self.unwritten(ledger)
 
     def move_to(self, anchor: float, now: float, ledger: Ledger, carried: bool = False) -> None:
         """A reset elsewhere, at `anchor`, learnt from the shared counters: as `configure`
@@ -433,10 +439,15 @@ class CounterRegistry:
             counter.seed(usage, anchor, self.ledger)
         else:
             began, ended = counter.start, counter.end
+            terms = (counter.duration, counter.calendar_aligned)
             counter.configure(limit, duration, calendar_aligned, anchor, now, self.ledger)
             if counter.start >= ended:
                 # Moved on to a later window, from the store's `last_reset`: another instance
                 # rolled there, and the usage read with it is that window's (`seed`), not $0.
+                counter.seed(usage, anchor, self.ledger)
+            elif began < counter.start < ended and terms == (duration, calendar_aligned):
+                # Reset elsewhere within the window: the usage read with the terms is the new
+                # window's (`configure` kept only what this instance has not written).
                 counter.seed(usage, anchor, self.ledger)
             elif counter.start < began:
                 # Moved back: new terms' window holds the one the old terms rolled the counter

@@ -28,7 +28,7 @@ import httpx
 
 from budget_middleware.core.admission import Refusal
 from budget_middleware.core.alerts import reached
-from budget_middleware.core.money import nanos_from_usd, usd_fixed, usd_text
+from budget_middleware.core.money import NANOS_PER_USD, nanos_from_usd, usd_fixed, usd_text
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import FAR_FUTURE, from_ts, rfc3339
 from budget_middleware.core.windows import WindowCounter
@@ -118,14 +118,19 @@ class Alerts:
         self.owners[counter.id] = owner  # the scope the key cache holds anyway: no copy
         counter.alert_at = 0  # type: ignore[attr-defined]
 
-    def stored_thresholds(self, counter: WindowCounter, thresholds: list[float] | None) -> None:
-        """A budget's thresholds as the store holds them, read with its spend each cache TTL:
-        new ones (set through any instance) are taken now, and `refreshed` raises those its
-        spend has passed. Taken only when a key's request read them again, a threshold set
-        below a key's, team's or customer's spend was never raised while no request of the key
-        came (a provider's or tag's, read again each TTL, was)."""
+    def stored_thresholds(
+        self, counter: WindowCounter, thresholds: list[float] | None, new_limit: bool = False
+    ) -> None:
+        """A budget's thresholds as the store holds them, read with its spend (and limit) each
+        cache TTL: new ones (set through any instance), or a new limit, are taken now, and
+        `refreshed` raises the thresholds its spend has passed. Taken only when a key's request
+        read them again, a threshold set (or a limit lowered) below a key's, team's or
+        customer's spend was never raised while no request of the key came (a provider's or
+        tag's, read again each TTL, was)."""
         if counter.id not in self.owners:
             return  # no scope built on it yet: `on_budget` takes them
+        if new_limit:
+            counter.alert_at = 0  # type: ignore[attr-defined]
         known = self.thresholds.get(counter.id)
         if known == (None if thresholds is None else tuple(thresholds)):
             return
@@ -528,15 +533,21 @@ class Alerts:
         if error is not None:
             self.failed_deliveries += 1
         delay = min(self.first_retry * 2 ** (attempts - 1), self.max_delay)
-        recorded = await anyio.to_thread.run_sync(
-            stored.record_attempt,
-            self.engine.store,
-            due,
-            state,
-            now + timedelta(seconds=delay),
-            error,
-        )
-        return recorded and state == "delivered"
+        record = (self.engine.store, due, state, now + timedelta(seconds=delay), error)
+        while True:
+            try:
+                recorded = await anyio.to_thread.run_sync(stored.record_attempt, *record)
+            except Exception:
+                # The store away for a moment: written again while the claim holds (and the
+                # alert task runs: a process that ends does not wait for it). Left to the
+                # claim's end, a post the receiver took was posted again 31-40 s later (never,
+                # after a success: SPEC §14).
+                ends = datetime.now(UTC) + timedelta(seconds=self.poll_interval)
+                if not self._in_rounds or ends >= due.claimed_until:
+                    raise
+                await asyncio.sleep(self.poll_interval)
+            else:
+                return recorded and state == "delivered"
 
 
 def _webhook_client(timeout: float) -> httpx.AsyncClient:
@@ -554,8 +565,15 @@ def _log_failure(outcome: object) -> None:
 
 
 def _usd(amount: float) -> str:
+    """Cents from a dollar up, four decimals from a cent, exactly below: rounded down, so a
+    spend never reads as more than it is ($9.996 of $10 read "$10.00 of $10.00" in its 50 %
+    alert, as if exhausted)."""
     nanos = nanos_from_usd(amount)
-    return usd_fixed(nanos, 2, grouped=True) if amount >= 1 else usd_text(nanos)
+    if nanos >= NANOS_PER_USD:
+        return usd_fixed(nanos, 2, grouped=True, down=True)
+    if nanos >= NANOS_PER_USD // 100:
+        return usd_fixed(nanos, 4, down=True)
+    return usd_text(nanos)
 
 
 def _as_crossed(event: AlertEvent) -> dict[str, Any]:

@@ -16,16 +16,17 @@ import anyio.to_thread
 
 from budget_middleware.core import admission
 from budget_middleware.core.admission import FirstAdmitted, Refusal, Ticket
+from budget_middleware.core.durations import parse_duration
 from budget_middleware.core.records import Delta
 from budget_middleware.core.routing import trial_order
 from budget_middleware.core.scopes import LimitSet
 from budget_middleware.core.times import FAR_FUTURE, from_ts, utc
-from budget_middleware.core.windows import Carry, CounterRegistry, WindowCounter
+from budget_middleware.core.windows import Carry, CounterRegistry, Ledger, WindowCounter
 
 if TYPE_CHECKING:
     from budget_middleware.core.durations import Duration
     from budget_middleware.settings import BudgetSettings
-    from budget_middleware.store.database import Store
+    from budget_middleware.store.database import Store, StoredBudget
 
 
 class CounterBackend(ABC):
@@ -47,8 +48,9 @@ class CounterBackend(ABC):
         self.settings = settings
         self.clock = clock
         self.on_store_failed = on_store_failed
-        # Told of each budget's alert thresholds as `refresh` reads them (the engine's alerts).
-        self.on_thresholds: Callable[[WindowCounter, list[float] | None], None] | None = None
+        # Told of each budget's alert thresholds as `refresh` reads them, and whether its limit
+        # was new (the engine's alerts).
+        self.on_thresholds: Callable[[WindowCounter, list[float] | None, bool], None] | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (shared backends)."""
@@ -154,23 +156,25 @@ class CounterBackend(ABC):
     async def refresh(self) -> list[WindowCounter]:
         """Re-read the counters from the store, every cache TTL (instances sharing a store);
         those of limits deleted from it are forgotten (`CounterRegistry.forget_deleted`), and
-        returned."""
+        returned. A budget's limit and a reset made elsewhere are taken too (`_take_stored`)."""
         windows = self.registry.windows
         budget_ids = list(windows["budget"])
         rate_ids = {*windows["request"], *windows["token"], *self.registry.concurrency}
         if not budget_ids and not rate_ids:
             return []
+        limits = {id_: windows["budget"][id_].limit for id_ in budget_ids}
         budgets, rates = await anyio.to_thread.run_sync(
             self.store.read_counters, budget_ids, rate_ids
         )
         forgotten = self.registry.forget_deleted(budget_ids, budgets, rate_ids, rates)
         ledger = self.ledger
+        now = self.clock()
         for id_, stored in budgets.items():
             counter = windows["budget"].get(id_)
             if counter is not None:
-                counter.seed(stored.usage, stored.last_reset.timestamp(), ledger)
+                new_limit = _take_stored(counter, stored, limits.get(id_), now, ledger)
                 if self.on_thresholds is not None:
-                    self.on_thresholds(counter, stored.alert_thresholds)
+                    self.on_thresholds(counter, stored.alert_thresholds, new_limit)
         for id_, row in rates.items():
             requests = windows["request"].get(id_)
             if requests is not None:
@@ -227,6 +231,30 @@ class CounterBackend(ABC):
         for d in deltas:
             ledger.taken(d.kind, d.id, d.start_ts, d.amount)
         return deltas
+
+
+def _take_stored(
+    counter: WindowCounter, stored: StoredBudget, limit: int | None, now: float, ledger: Ledger
+) -> bool:
+    """A budget's counter as `refresh` read it from the store: a reset made elsewhere within
+    this window, the usage, and the limit (`limit`: the counter's before the read). Whether
+    the limit was new. Both are taken as a reload of the key would take them: read only with
+    the key, a limit lowered (or a reset made) through another instance raised no alert for
+    the spend already recorded while no request of the key came."""
+    at = stored.last_reset.timestamp()
+    same_terms = parse_duration(stored.reset_duration) == counter.duration and (
+        stored.calendar_aligned == counter.calendar_aligned
+    )
+    if same_terms and counter.start < at < counter.end and at > counter.anchor:
+        counter.move_to(at, now, ledger)  # (new terms move windows at the key's reload)
+    counter.seed(stored.usage, at, ledger)
+    # Not a limit changed here during the read: the reload that did it is newer.
+    if stored.limit is None or stored.limit == counter.limit or counter.limit != limit:
+        return False
+    counter.configure(
+        stored.limit, counter.duration, counter.calendar_aligned, counter.anchor, now, ledger
+    )
+    return True
 
 
 def _end_of(kind: str, id_: str, start: float, backend: CounterBackend) -> float:

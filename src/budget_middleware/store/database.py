@@ -62,13 +62,15 @@ from budget_middleware.store.tables import (
 
 class StoredBudget(NamedTuple):
     """A budget's counter as the store holds it (`Store.read_counters`): its usage, where its
-    window began, the terms that window runs on, and its alert thresholds (None: the default)."""
+    window began, the terms that window runs on, its alert thresholds (None: the default) and
+    its limit (nano-dollars; None: not read)."""
 
     usage: int
     last_reset: datetime
     reset_duration: str | None
     calendar_aligned: bool
     alert_thresholds: list[float] | None = None
+    limit: int | None = None
 
 
 @dataclass(slots=True)
@@ -309,15 +311,17 @@ class Store:
                         col(BudgetRow.reset_duration),
                         col(BudgetRow.calendar_aligned),
                         col(BudgetRow.alert_thresholds),
+                        col(BudgetRow.max_limit_nanos),
                     ).where(col(BudgetRow.id).in_(chunk))
                 )
-                for id_, usage, last_reset, duration, aligned, thresholds in rows:
+                for id_, usage, last_reset, duration, aligned, thresholds, limit in rows:
                     budgets[id_] = StoredBudget(
                         usage=usage,
                         last_reset=utc(last_reset),
                         reset_duration=duration,
                         calendar_aligned=bool(aligned),
                         alert_thresholds=thresholds,
+                        limit=limit,
                     )
             for chunk in _chunks(sorted(rate_limit_ids), 500):
                 for rate in s.exec(select(RateLimitRow).where(col(RateLimitRow.id).in_(chunk))):
