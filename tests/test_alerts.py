@@ -4,6 +4,7 @@ the admin API, and a real HTTP receiver on 127.0.0.1 that takes the webhooks."""
 from __future__ import annotations
 
 import asyncio
+import bz2
 import hashlib
 import hmac
 import itertools
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -2322,6 +2324,141 @@ async def test_shadow_mode_gives_a_request_enforce_refuses_for_its_key_no_slot(
     )
     assert seen["enforce"] == ["virtual_key_inactive", None]
     assert seen["shadow"] == seen["enforce"]
+
+
+# Refused by enforce before any limit (SPEC §5): the first request's caller, what it asks for
+# or its body; the settings it needs; its request's model and headers.
+_BEFORE_LIMITS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
+    "model_not_priced": ({"unpriced_models": "refuse"}, "acme/no-such-model-xyz", {}),
+    "model_not_priced routed": ({"unpriced_models": "refuse"}, "routed", {}),
+    "model_not_allowed": ({}, "openai/gpt-4o", {}),
+    "provider_not_allowed": ({}, "anthropic/claude-sonnet-4-5", {}),
+    "virtual_key_inactive": ({}, "openai/gpt-4o", {}),
+    "virtual_key_expired": ({}, "openai/gpt-4o", {}),
+    "unsupported_content_encoding": ({}, "openai/gpt-4o", {"content-encoding": "bzip2"}),
+}
+
+
+async def _refused_first_then_served(
+    settings: BudgetSettings, prefix: str, code: str, limit: str
+) -> tuple[list[httpx.Response], int]:
+    """A team's key makes a request enforce refuses (`code`) before any limit, then another key
+    of the team an ordinary one, under a team limit that one request (`requests`) or its
+    answer's tokens (`tokens`) fill; and what the team's budget was charged (nano-USD)."""
+    upstream = FastAPI()
+
+    @upstream.post("/v1/chat/completions")
+    async def completions() -> dict[str, Any]:
+        return _HELD  # 2 tokens, $0.01
+
+    engine = BudgetEngine(settings)
+    if prefix:
+        use_prefix(engine, prefix)
+    app = BudgetMiddleware(upstream, engine=engine)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        mode = settings.mode
+        rate = (
+            {"request_max_limit": 1, "request_reset_duration": "1h"}
+            if limit == "requests"
+            else {"token_max_limit": 2, "token_reset_duration": "1h"}
+        )
+        team = m.create_team(name=f"t-{mode}", rate_limit=rate, budgets=[{"max_limit": 100}])
+        first = m.create_virtual_key(
+            name=f"first-{mode}",
+            team_id=team.id,
+            is_active=code != "virtual_key_inactive",
+            provider_configs=[
+                {"provider": "openai", "allowed_models": ["gpt-4o-mini"], "blocked_models": []}
+            ]
+            if code in ("model_not_allowed", "provider_not_allowed")
+            else None,
+        )
+        if code == "virtual_key_expired":
+            m.update_virtual_key(
+                first.id, expires_at=(datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+            )
+        second = m.create_virtual_key(name=f"second-{mode}", team_id=team.id)
+        _, model, headers = _BEFORE_LIMITS[code]
+        if code.endswith(" routed"):  # no target it may use: a route of unpriced models
+            model = f"routed-{mode}"
+            m.create_route(name=model, targets=["acme/no-such-1", "acme/no-such-2"])
+        await engine.invalidate()
+        body = json.dumps(chat(model)).encode()
+        if headers:
+            body = bz2.compress(body)
+        answers = [
+            await http.post(
+                "/v1/chat/completions",
+                content=body,
+                headers={"authorization": f"Bearer {first.value}", **headers},
+            )
+        ]
+        budget = team.budgets[0].id
+
+        def charged() -> int:
+            counter = engine.registry.windows["budget"].get(budget)
+            return 0 if counter is None else int(counter.value)
+
+        if mode == "shadow":  # settled (its tokens counted, if they are) before the next
+            await until(charged, 5.0)
+        answers.append(
+            await http.post(
+                "/v1/chat/completions",
+                json=chat("openai/gpt-4o"),
+                headers={"authorization": f"Bearer {second.value}"},
+            )
+        )
+        await until(lambda: charged() >= 10_000_000 * (len(answers) - (mode == "enforce")), 5.0)
+        return answers, charged()
+
+
+@pytest.mark.parametrize("limit", ["requests", "tokens"])
+@pytest.mark.parametrize("code", list(_BEFORE_LIMITS))
+@pytest.mark.parametrize("counters", ["in process", "redis"])
+async def test_shadow_mode_counts_a_request_enforce_refuses_before_any_limit_on_none(
+    make_settings: Callable[..., BudgetSettings], counters: str, code: str, limit: str
+) -> None:
+    """SPEC §14: shadow mode reports what enforce answers. A request enforce refuses before any
+    limit (403 `model_not_priced` under `BUDGET_UNPRICED_MODELS=refuse`, a model or provider
+    its key may not use, its key turned off or expired; 415 for a body in a coding read
+    nowhere) goes on in shadow mode; it was counted on its team's request limit and, settled,
+    its token limit, which enforce never touches: the next request, of another key of the
+    team, was reported `request_limit_exceeded` (`token_limit_exceeded`) where enforce admits
+    it. Its cost is still charged to the team's budget: the money was spent."""
+    overrides: dict[str, Any] = {}
+    prefix = ""
+    if counters == "redis":
+        need_redis()
+        overrides["redis_url"] = REDIS_URL
+        prefix = unique_prefix()
+    overrides.update(_BEFORE_LIMITS[code][0])
+    seen: dict[str, list[str | None]] = {}
+    spend: dict[str, int] = {}
+    for mode in ("enforce", "shadow"):
+        settings = make_settings(mode=mode, **overrides)
+        try:
+            answers, spend[mode] = await _refused_first_then_served(
+                settings, prefix and f"{prefix}{mode}:", code, limit
+            )
+        finally:
+            if prefix:
+                delete_prefix(REDIS_URL, f"{prefix}{mode}:")
+        if mode == "enforce":
+            seen[mode] = [
+                None if a.status_code == 200 else a.json()["error"]["code"] for a in answers
+            ]
+        else:
+            assert [a.status_code for a in answers] == [200, 200]
+            seen[mode] = [a.headers.get("x-budget-shadow-refusal") for a in answers]
+    print(
+        f"{counters}, {code}, {limit}: enforce refused {seen['enforce']}, shadow would refuse "
+        f"{seen['shadow']}; team charged ${spend['enforce'] / 1e9} (enforce), "
+        f"${spend['shadow'] / 1e9} (shadow)"
+    )
+    assert seen["enforce"] == [code.split()[0], None]
+    assert seen["shadow"] == seen["enforce"]
+    assert (spend["enforce"], spend["shadow"]) == (10_000_000, 20_000_000)  # both spent, in shadow
 
 
 async def test_on_refusal_and_get_refusals_carry_the_request_s_whole_identity(

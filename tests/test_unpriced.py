@@ -4,6 +4,7 @@ default) or is refused with 403 `model_not_priced` before the app is called (`re
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 import httpx
@@ -57,6 +58,29 @@ async def test_refuse_answers_403_model_not_priced_before_the_app_is_called(
     assert engine.stats.unpriced_requests == 0
     usage = engine.manager.usage(group_by="model")
     assert usage.total.requests == 1  # only the priced one reached the app
+
+
+@pytest.mark.parametrize(
+    ("unpriced", "mode", "said"),
+    [
+        ("allow", "enforce", "its requests cost 0 (add it"),
+        ("refuse", "enforce", "its requests are refused, 403 model_not_priced (add it"),
+        ("refuse", "shadow", "its requests would be refused, 403 model_not_priced"),
+    ],
+)
+async def test_the_log_says_what_becomes_of_an_unpriced_model_s_requests(
+    make_settings: Settings, caplog: pytest.LogCaptureFixture, unpriced: str, mode: str, said: str
+) -> None:
+    """The warning logged once per unpriced model said "its requests cost 0" under
+    `BUDGET_UNPRICED_MODELS=refuse` too, where each is answered 403 `model_not_priced`."""
+    app = host_app(make_settings(unpriced_models=unpriced, mode=mode))
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        async with running(app), client(app) as http:
+            answer = await http.post("/v1/chat/completions", json=chat("acme/no-such-model-xyz"))
+    logged = [r.getMessage() for r in caplog.records if "no-such-model-xyz" in r.getMessage()]
+    print(f"{unpriced}, {mode}: answered {answer.status_code}; logged {logged}")
+    assert answer.status_code == (403 if (unpriced, mode) == ("refuse", "enforce") else 200)
+    assert len(logged) == 1 and said in logged[0]
 
 
 async def test_refuse_counts_against_no_limit(make_settings: Settings) -> None:

@@ -247,7 +247,9 @@ class BudgetEngine:
         # right after it (`written_here`), with when: served if the next re-read fails.
         self._written_globals: tuple[float, GlobalRecord] | None = None
         self._globals_read = 0  # the number of the read in place
-        self.prices = PriceBook(settings.pricing_file, clock)
+        self.prices = PriceBook(
+            settings.pricing_file, clock, settings.unpriced_models, settings.mode == "shadow"
+        )
         self.counters: CounterBackend
         backend_needs = (self.registry, self.store, settings, clock, self._store_failed)
         if settings.redis_url:

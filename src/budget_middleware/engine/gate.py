@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from copy import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -437,12 +438,17 @@ class Gate:
 
     def _refused_first(self, exchange: Exchange) -> Exchange:
         """Shadow mode: a request enforce refuses before any limit (its key unknown, turned off
-        or expired, a provider or model it may not use, a body it cannot read) goes on, counted
-        and charged, its limits not asked, as enforce asks none: it holds no slot and no
-        reservation (`admission.count_refused`), where a request of another key of its team
-        was reported refused by the slot it held."""
+        or expired, a provider or model it may not use, a model without a price where those are
+        refused, a body it cannot read) goes on, its limits not asked, as enforce asks none.
+        It is counted on none of its rate limits, which enforce never lets it reach: no slot,
+        no reservation, no request, no tokens (counted, the next request of its team was
+        reported `request_limit_exceeded`, `token_limit_exceeded` or, held, refused by its
+        slot, where enforce admits it). Its cost is still charged to its budgets: the money
+        was spent, and a budget's spend is where it is seen (`GET /budgets`, alerts)."""
         engine = self.engine
-        exchange.ticket = engine.counters.admit_anyway(exchange.limits, exchange.ticket_estimate)
+        charged = copy(exchange.limits)
+        charged.requests = charged.tokens = charged.slots = ()
+        exchange.ticket = engine.counters.admit_anyway(charged, 0)
         engine.stats.admitted += 1
         self._count_shadow(exchange)
         return exchange
@@ -713,15 +719,14 @@ class Gate:
         left = plan.candidates or plan.shadow_only
         if self.shadow and left:  # the first target goes on, counted anyway
             exchange = left[0][1]
+            if exchange.would_refuse is not None:  # no target the key may use: no limit asked
+                return self._refused_first(exchange)
             exchange.ticket = engine.counters.admit_anyway(
                 exchange.limits, exchange.ticket_estimate
             )
             engine.stats.admitted += 1
-            if exchange.would_refuse is None:  # else its credentials' refusal comes first
-                self._shadowed(exchange, code)
-                self._count_shadow(exchange, error.get("scope"), told)
-            else:
-                self._count_shadow(exchange)
+            self._shadowed(exchange, code)
+            self._count_shadow(exchange, error.get("scope"), told)
             return exchange
         engine.stats.count_refused(code)
         self.tell_refusal(code, answer.status, plan.key, told, error.get("scope"))

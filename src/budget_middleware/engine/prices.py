@@ -382,9 +382,21 @@ class PriceBook:
     cost_usd = staticmethod(cost_usd)
 
     def __init__(
-        self, pricing_file: Path | None = None, clock: Callable[[], float] = _time.time
+        self,
+        pricing_file: Path | None = None,
+        clock: Callable[[], float] = _time.time,
+        unpriced_models: str = "allow",
+        shadow: bool = False,
     ) -> None:
         self.pricing_file = pricing_file
+        # What the log says of an unpriced model's requests (BUDGET_UNPRICED_MODELS, SPEC §3):
+        # under `refuse` they cost nothing, being refused (or, in shadow mode, said to be).
+        if unpriced_models != "refuse":
+            self._unpriced_fate = "cost 0"
+        elif shadow:
+            self._unpriced_fate = "would be refused, 403 model_not_priced, served in shadow mode"
+        else:
+            self._unpriced_fate = "are refused, 403 model_not_priced"
         # The catalog's prices are those of the clock's day; at the next day a dated price
         # starts (a new model's price, a rise), every price is looked up again.
         self._clock = clock
@@ -529,10 +541,10 @@ class PriceBook:
             return
         self.unpriced.add(key)
         logger.warning(
-            "no price for model %r of provider %r: its requests cost 0 "
-            "(add it to BUDGET_PRICING_FILE)",
+            "no price for model %r of provider %r: its requests %s (add it to BUDGET_PRICING_FILE)",
             model,
             provider,
+            self._unpriced_fate,
         )
 
 
