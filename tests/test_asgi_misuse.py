@@ -415,9 +415,13 @@ async def test_a_request_cancelled_while_its_provider_call_is_in_flight_is_not_f
     print(
         f"cancelled with the provider call in flight (4000 output tokens asked): recorded "
         f"output {record.output_tokens}, cost {record.cost_nanos} nano-USD, estimated "
-        f"{record.estimated}, outcome {record.outcome}, note {record.note!r}"
+        f"{record.estimated}, outcome {record.outcome}, note {record.note!r}; "
+        f"the server's task cancelled: {task.cancelled()}"
     )
     assert record.cost_nanos > 0 and record.estimated
+    # The cancel reaches the server once settled: swallowed, the server's task would end as
+    # if the app had answered (its graceful shutdown, its cancel scope, left waiting).
+    assert task.cancelled()
 
 
 async def test_a_stream_cut_under_a_naive_error_middleware_is_charged_what_it_streamed(

@@ -542,6 +542,37 @@ async def test_a_cancelled_request_task_still_settles_once_and_frees_its_slot(
     assert budget.value == rows[0].cost_nanos > 0
 
 
+async def test_a_stream_asked_for_its_usage_reaches_the_app_with_its_corrected_length(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """README: a stream that does not ask for usage "is sent with
+    `stream_options.include_usage` (and a corrected `content-length`)". The app gets the
+    rewritten body with a `content-length` of that body, not none: an app that reads the length
+    (a WSGI app mounted inside reads `CONTENT_LENGTH` bytes; a proxy forwards the header) must
+    find the whole body."""
+    app = FastAPI()
+    seen: list[tuple[str | None, int, bool]] = []
+
+    @app.post("/v1/chat/completions")
+    async def completion(request: Request) -> Response:
+        body = await request.body()
+        asked = json.loads(body).get("stream_options", {}).get("include_usage") is True
+        seen.append((request.headers.get("content-length"), len(body), asked))
+        return Response(b"data: [DONE]\n\n", headers={"content-type": "text/event-stream"})
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings(pricing_file=pricing_file))
+    async with running(app), client(app) as http:
+        sent = json.dumps(chat(stream=True)).encode()
+        answer = await http.post(
+            "/v1/chat/completions", content=sent, headers={"content-type": "application/json"}
+        )
+    print(f"sent {len(sent)} bytes; the app got (content-length, bytes, include_usage) {seen}")
+    assert answer.status_code == 200
+    [(length, size, asked)] = seen
+    assert asked and size > len(sent)
+    assert length == str(size)
+
+
 async def test_a_stream_asked_for_its_usage_is_asked_of_the_app_in_clear(
     make_settings: Settings, pricing_file: Path
 ) -> None:
