@@ -1085,6 +1085,7 @@ def test_the_chart_and_the_periods_take_today_from_the_server(bare: Served) -> N
                 ),
                 "spend": page.locator("#tile-spend").inner_text(),
                 "period": page.locator("li.budget .budget-numbers > span.muted").last.inner_text(),
+                "updated": page.locator("#updated").inner_text(),
             }
         finally:
             browser.close()
@@ -1096,6 +1097,12 @@ def test_the_chart_and_the_periods_take_today_from_the_server(bare: Served) -> N
     assert "resets in" in shown["period"] and "ago" not in shown["period"]
     # when it ends, as the API and the CLI write it: in UTC, said so (not Kiritimati's day)
     assert f"({end:%b} {end.day}, " in shown["period"] and shown["period"].endswith(" UTC)")
+    # and the time of the last refresh too (it was the browser's zone's, unlabelled: 14 hours
+    # ahead in Kiritimati), by the browser's clock, which is all the page has for it
+    assert shown["updated"].startswith("Updated ") and shown["updated"].endswith(" UTC")
+    hour, minute, _ = (int(part) for part in shown["updated"].split()[1].split(":"))
+    apart = (hour * 60 + minute - (wrong.hour * 60 + wrong.minute)) % (24 * 60)
+    assert min(apart, 24 * 60 - apart) <= 5, shown["updated"]
 
 
 def test_the_chart_by_tag_adds_up_to_the_records_with_a_tag_named_null(bare: Served) -> None:

@@ -136,6 +136,9 @@
   });
   const dayFormat = new Intl.DateTimeFormat("en-US", { month: "short", day: "numeric",
                                                        timeZone: "UTC" });
+  const clockFormat = new Intl.DateTimeFormat("en-US", {
+    hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23", timeZone: "UTC",
+  });
 
   function when(text) {
     const t = new Date(text);
@@ -323,7 +326,7 @@
       // One line per cause: the six calls fail alike when the store is down.
       if (failed.length) showError($("app-error"), "Some data could not be loaded: "
         + [...new Set(failed.map((e) => e.message))].join("; "));
-      $("updated").textContent = "Updated " + new Date().toLocaleTimeString();
+      $("updated").textContent = "Updated " + clockFormat.format(new Date()) + " UTC";
       document.body.dataset.loaded = String(Date.now());
       return true;
     } finally {
