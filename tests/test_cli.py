@@ -555,6 +555,21 @@ def test_the_same_commands_on_a_running_admin_api(server: Server, here: Here) ->
         "applied": True,
         "entries": {"virtual_keys": 1},
     }
+    # A LiteLLM file: what the server did not read is said here too (it was in its log alone)
+    litellm = server.tmp / "proxy_config.yaml"
+    litellm.write_text(
+        "model_list:\n  - model_name: gpt-4o\n"
+        "    litellm_params: {model: openai/gpt-4o, rpm: 100}\n"
+        "general_settings:\n  master_key: sk-1234\n"
+    )
+    sent = ok(here(server.env, f"config apply {litellm}"))
+    print(sent.err.strip())
+    ignored = ["model_list[0].litellm_params.rpm", "general_settings"]
+    assert sent.err == (
+        f"warning: {litellm} is a LiteLLM config: only its budgets, routes and prices are "
+        f"read; ignored: {', '.join(ignored)}\n"
+    )
+    assert ok(here(server.env, f"config apply {litellm} --json")).json()["ignored"] == ignored
     with httpx.Client(base_url=server.base) as http:
         assert http.post("/v1/chat/completions", json=chat(),
                          headers=_key("sk-bm-in-the-servers-environment")).is_success  # fmt: skip
@@ -1110,6 +1125,12 @@ def test_config_check_warns_of_what_a_litellm_file_leaves_unread(
     )
     plain = ROOT / "examples" / "gateway.yaml"  # our own format: nothing is ignored, nothing said
     assert ok(here(store, f"config check {plain}")).err == ""
+    # Applied to the store: the same warning, once (the log's line said "BUDGET_CONFIG_FILE
+    # '…' is a LiteLLM config", a variable this command does not read)
+    applied = ok(here(store, f"config apply {file}"))
+    print(applied.out.strip(), "|", applied.err.strip())
+    assert applied.err == checked.err
+    assert ok(here(store, f"config apply {file} --json")).json()["ignored"] == answer["ignored"]
 
 
 def test_config_check_warns_of_a_variable_only_the_server_has(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 from budget_middleware.admin import envelopes as env
 from budget_middleware.admin.answers import AdminAnswer, ok
@@ -346,6 +347,7 @@ async def apply_config(call: Call) -> AdminAnswer:
     `config apply --url`); an invalid one is a 422 naming the entry, and nothing is written."""
     body = await call.body(ConfigApply)
     engine = call.engine
+    ignored: list[str] = []
     try:
         entries = await call.run(
             apply_config_text,
@@ -356,12 +358,16 @@ async def apply_config(call: Call) -> AdminAnswer:
             engine.terms_moved,
             engine.forget,
             engine.prices.add_deployments,
+            ignored,
         )
     except ConfigFileError as exc:
         raise InvalidRequest(str(exc), param="text") from None
     engine.mark_stale()  # written past the manager: the next request reloads
     await engine.ensure_current()
-    return ok({"applied": True, "entries": entries})
+    answer: dict[str, Any] = {"applied": True, "entries": entries}
+    if ignored:  # what of a LiteLLM file is not read: the sender is told, as `config check` is
+        answer["ignored"] = ignored
+    return ok(answer)
 
 
 async def list_refusals(call: Call) -> AdminAnswer:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from budget_middleware.settings import BudgetSettings
 
 Json = dict[str, Any]
+Names = list[str]  # (in the clients, `list` is a method's name)
 
 
 class CliError(Exception):
@@ -81,7 +82,7 @@ class Client(Protocol):
     def usage(self, query: Json) -> Json: ...
     def alerts(self, query: Json) -> Json: ...
     def server_time(self) -> datetime | None: ...
-    def apply_config(self, path: Path) -> dict[str, int]: ...
+    def apply_config(self, path: Path, ignored: Names) -> dict[str, int]: ...
     def need_store(self) -> None: ...
     def close(self) -> None: ...
 
@@ -222,17 +223,19 @@ class StoreClient:
         found, total = self._call(listed, **_given(query))
         return {"alerts": found, "count": total}
 
-    def apply_config(self, path: Path) -> dict[str, int]:
-        """The file applied to the store; its entries by section."""
+    def apply_config(self, path: Path, ignored: Names) -> dict[str, int]:
+        """The file applied to the store; its entries by section (`ignored`: what of a
+        LiteLLM file is not read)."""
         from budget_middleware.exceptions import ConfigFileError
         from budget_middleware.manage.config_file import check_config_file, load_config_file
 
         settings = self.settings.model_copy(update={"config_file": path})
         store = self.manager.store
         try:
-            sections = check_config_file(path)  # before anything is written, the schema included
+            # before anything is written, the schema included
+            sections = check_config_file(path, ignored=ignored)
             self._call(store.create_schema)  # a fresh store, as the engine's start-up does
-            self._call(load_config_file, store, settings)
+            self._call(load_config_file, store, settings, tell_ignored=False)
         except ConfigFileError as exc:
             raise CliError(config_message(str(exc))) from None
         return {name: len(entries) for name, entries in sections.items() if entries}
@@ -430,10 +433,11 @@ class HttpClient:
             return None
         return at if at.tzinfo is not None else None
 
-    def apply_config(self, path: Path) -> dict[str, int]:
+    def apply_config(self, path: Path, ignored: Names) -> dict[str, int]:
         """The file's text to `POST /config/apply`: the server applies it to its store (its
         `${ENV_VAR}` references are the server's); its entries by section, as the server
-        counted them (a check here would read `${ENV_VAR}` from this shell's environment)."""
+        counted them (a check here would read `${ENV_VAR}` from this shell's environment), and
+        in `ignored` what of a LiteLLM file the server did not read."""
         from budget_middleware.exceptions import ConfigFileError
         from budget_middleware.manage.config_file import config_text
 
@@ -444,6 +448,8 @@ class HttpClient:
         kind = "json" if path.suffix.lower() == ".json" else "yaml"
         answer = self._send("POST", "/config/apply", "applied", body={"text": text, "format": kind})
         entries = answer.get("entries")
+        told = answer.get("ignored")
+        ignored += [str(part) for part in told] if isinstance(told, list) else []
         return {str(k): int(n) for k, n in entries.items()} if isinstance(entries, dict) else {}
 
     def need_store(self) -> None:

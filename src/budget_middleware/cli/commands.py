@@ -725,12 +725,7 @@ def _config_check(file: str, require_env: bool) -> None:
             "the file is applied (--require-env makes it an error)",
             err=True,
         )
-    if ignored:  # as applying the file warns: what of a LiteLLM file is not read
-        click.echo(
-            f"warning: {file} is a LiteLLM config: only its budgets, routes and prices are "
-            f"read; ignored: {', '.join(ignored)}",
-            err=True,
-        )
+    _warn_ignored(file, ignored)
     if _state().json:
         answer: Json = {"file": file, "valid": True, "entries": entries}
         if unset:
@@ -742,10 +737,26 @@ def _config_check(file: str, require_env: bool) -> None:
         click.echo(f"{file} is valid: {_counts(entries)}")
 
 
+def _warn_ignored(file: str, ignored: list[str]) -> None:
+    """What of a LiteLLM file is not read, as start-up's log says it (`config check`, `config
+    apply`, on the store or through `--url`)."""
+    if ignored:
+        click.echo(
+            f"warning: {file} is a LiteLLM config: only its budgets, routes and prices are "
+            f"read; ignored: {', '.join(ignored)}",
+            err=True,
+        )
+
+
 def _config_apply(file: str) -> None:
-    entries = _state().client().apply_config(Path(file))  # checks the file first
+    ignored: list[str] = []
+    entries = _state().client().apply_config(Path(file), ignored)  # checks the file first
+    _warn_ignored(file, ignored)
     if _state().json:
-        out.emit_json({"file": file, "applied": True, "entries": entries})
+        answer: Json = {"file": file, "applied": True, "entries": entries}
+        if ignored:
+            answer["ignored"] = ignored
+        out.emit_json(answer)
     else:
         click.echo(
             f"applied {file}: {_counts(entries)} (created, or updated where the entry changed)"

@@ -1149,10 +1149,13 @@ def apply_config_text(
     on_new_terms: OnNewTerms | None = None,
     on_owner_change: Callable[[str], None] | None = None,
     on_prices: OnPrices | None = None,
+    ignored: list[str] | None = None,
 ) -> dict[str, int]:
     """A config file's text applied to the store, as start-up applies BUDGET_CONFIG_FILE (the
     admin API's `POST /config/apply`, the CLI's `config apply --url`); its entries by section.
-    An invalid text raises `ConfigFileError` naming the entry, before anything is written."""
+    An invalid text raises `ConfigFileError` naming the entry, before anything is written.
+    `ignored`, when given, receives what of a LiteLLM file is not read (which the server's log
+    says: the sender is told it too)."""
     with tempfile.TemporaryDirectory(prefix="budget-config-") as folder:
         path = Path(folder) / f"config.{suffix}"
         path.write_text(text, encoding="utf-8")
@@ -1165,6 +1168,8 @@ def apply_config_text(
                 load_config_file(store, with_file, on_new_terms, on_owner_change, on_prices)
             if data.prices and on_prices is not None:
                 _prices_not_kept(path, data.prices, here=True)
+            if ignored is not None:
+                ignored += data.ignored
         except ConfigFileError as exc:
             raise ConfigFileError(str(exc).replace(repr(str(path)), _SENT)) from None
         finally:
@@ -1191,8 +1196,11 @@ def load_config_file(
     on_new_terms: OnNewTerms | None = None,
     on_owner_change: Callable[[str], None] | None = None,
     on_prices: OnPrices | None = None,
+    *,
+    tell_ignored: bool = True,
 ) -> None:
     """Apply `settings.config_file` to the store (a start-up hook of the engine; blocking).
+    `tell_ignored`: log what of a LiteLLM file is not read (the CLI says it itself).
     `on_new_terms`: the engine's live counters, told of windows new terms moved;
     `on_owner_change`: the engine, told of the keys and owners written (`BudgetEngine.forget`:
     it vouches no more for those keys as it last read them, under BUDGET_FAIL_OPEN);
@@ -1202,7 +1210,7 @@ def load_config_file(
         return
     path = Path(settings.config_file)
     data = _check(path)
-    if data.ignored:
+    if data.ignored and tell_ignored:
         logger.warning(
             "BUDGET_CONFIG_FILE %r is a LiteLLM config: only its budgets, routes and prices "
             "are read; ignored: %s", str(path), ", ".join(data.ignored),
