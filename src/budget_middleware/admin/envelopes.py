@@ -104,6 +104,9 @@ class RefusalOut(BaseModel):
 class ConfigApplied(BaseModel):
     applied: bool
     entries: dict[str, int] = Field(description="the file's entries, by section")
+    ignored: list[str] | None = Field(
+        None, description="of a LiteLLM file, the parts not read (absent when none)"
+    )
 
 
 class Deleted(BaseModel):
