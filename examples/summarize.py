@@ -58,7 +58,7 @@ async def summarize(body: dict[str, str]) -> Any:
             max_tokens=300,
         )
     except openai.APIStatusError as exc:  # refused by a budget or a rate limit: never sent
-        return JSONResponse({"error": exc.message}, status_code=exc.status_code)
+        return JSONResponse({"error": exc.body}, status_code=exc.status_code)  # §8's error
     return {"summary": answer.choices[0].message.content}
 
 
