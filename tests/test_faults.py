@@ -1658,6 +1658,63 @@ async def test_an_engine_started_again_does_not_count_twice_what_it_gave_up(
     assert codes == [200, 200, 200, 402, 402]
 
 
+@pytest.mark.parametrize("keep_data", [True, False], ids=["with-its-data", "empty"])
+async def test_charges_a_stopped_engine_left_on_disk_count_in_a_window_seeded_after_emptied(
+    postgres_database: str, tmp_path: Path, keep_data: bool
+) -> None:
+    """Engine A admits $0.06 of a $0.10 budget through Redis; the store goes read-only after
+    the first $0.02, and A stops: $0.04 waits on disk, given up. Redis restarts empty and B
+    starts on the same store and spill folder, the store still read-only: B seeded the window
+    from the store ($0.02) without A's batch, and admitted 8 more (14 for 10, store $0.14).
+    B takes the batch over (as in process) and its seed holds it, once."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(
+            postgres_database,
+            redis_url=server.url,
+            spill_dir=tmp_path / "spill",
+            fail_open=True,
+            redis_timeout_seconds=0.3,
+        )
+        a = BudgetEngine(settings)
+        app = fault_app(a)
+        async with running(app), client(app) as http:
+            key = a.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 0.1, "reset_duration": "1d"}]
+            )
+            value, budget = key.value or "", key.budgets[0].id
+            await a.invalidate()
+            assert await asked(http, value, 2) == [200] * 2
+            assert await a.flush()
+            set_read_only(postgres_database, True)
+            assert await asked(http, value, 4) == [200] * 4
+        a.store.dispose()  # stopped in the outage: $0.04 given up on disk
+        assert list((tmp_path / "spill").glob("*/*.json"))
+        if not keep_data:
+            server.kill(keep_data=False)
+            server.start()  # empty
+        b = BudgetEngine(settings)
+        app = fault_app(b)
+        async with running(app), client(app) as http:
+            during = await asked(http, value, 8)
+            in_redis = sum(_budget_in_redis(server, budget).values())
+            set_read_only(postgres_database, False)
+            assert await b.flush()
+            after = await asked(http, value, 2)
+            stored = budget_usage(b, budget)
+    finally:
+        server.stop()
+    admitted = 6 + during.count(200) + after.count(200)
+    print(
+        f"Redis {'kept its data' if keep_data else 'came back empty'}: {admitted} of $0.01 "
+        f"admitted on $0.10 (B: {during}, then {after}); Redis {in_redis}, store {stored}"
+    )
+    assert during == [200] * 4 + [402] * 4
+    assert after == [402] * 2
+    assert in_redis == stored == 10 * CENT
+
+
 # -- Redis restarted empty, another instance seeding first ------------------------------------
 
 

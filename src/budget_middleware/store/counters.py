@@ -110,6 +110,11 @@ class CounterBackend(ABC):
         """The engine stops with the charges the store has not confirmed in these batches on
         disk, given up to the next engine on the store (`Spill.give_up`)."""
 
+    def batches_owed_for(self) -> set[str]:
+        """The ids of batches given up on disk that debts left to shared counters name (their
+        payment adds those debts once): none in process."""
+        return set()
+
     async def written_for_others(self, batch_id: str, at: float | None) -> None:  # noqa: B027
         """A batch another engine gave up as it stopped is in the store now: the store's clock
         right after the commit (None: not known)."""

@@ -75,6 +75,7 @@ from budget_middleware.store.spill import (
     LeftDebts,
     debts_folder,
     debts_paid,
+    left_debts,
     note_written,
     spill_root,
     still_spilled,
@@ -626,6 +627,14 @@ class RedisCounters(CounterBackend):
 
     def left_to_others(self, batch_ids: Sequence[str]) -> None:
         self._given_up = list(batch_ids)
+
+    def batches_owed_for(self) -> set[str]:
+        """The batches the debts left on disk name (`_leave_debts`): their payment counts those
+        debts once (when the window's key is seeded, or once the store has them), so the engine
+        that takes the other batches over, into the charges its seeds add, leaves these be."""
+        if self._debts is None:
+            return set()
+        return {b for _, left in left_debts(self._debts) for b in left.get("batches", [])}
 
     async def written_for_others(self, batch_id: str, at: float | None) -> None:
         """Noted beside the debts to Redis (`spill.note_written`): the engine that gave the

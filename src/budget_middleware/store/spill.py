@@ -30,7 +30,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired
@@ -192,12 +192,13 @@ class Spill:
                 return found
         return None
 
-    def claim_gone(self) -> list[list[Delta]]:
+    def claim_gone(self, keep: Collection[str] = ()) -> list[list[Delta]]:
         """Every batch here of an engine that is gone, renamed to this engine's (a rename: one
         engine takes each), from now on this engine's unwritten charges; their deltas. Taken
         one at a time (`oldest`), while the store could not be written only the first was
         this engine's: the rest counted nowhere, and a process started in an outage admitted
-        again what the one before had spent."""
+        again what the one before had spent. The batches whose ids are in `keep` are left as
+        they are (those named by debts to Redis left on disk: counted by their payment)."""
         entries = self._entries()
         claimed: list[list[Delta]] = []
         if entries is None:
@@ -206,6 +207,8 @@ class Spill:
         for name, folder in entries:
             parts = name.split("-", 3)
             if self.is_own(name) or not self._may_take(name, alive, folder):
+                continue
+            if len(parts) == 4 and parts[3].removesuffix(_SUFFIX) in keep:
                 continue
             mine = self.folder / f"{parts[0]}-{self.pid}-{self.engine}-{parts[3]}"
             try:
