@@ -354,15 +354,13 @@ class _Meter:
         url = request.url
         if exchange.route_model is not None:
             url = _deployment_routed(url, exchange)
-        sent = lib.Request(
+        return lib.Request(
             request.method,
             url,
             headers=headers,
             content=request.content if new_body is None else new_body,
             extensions=request.extensions,
         )
-        sent.extensions[_REWRITTEN_BODY] = new_body  # (for a redirect to send again)
-        return sent
 
     def metered_response(
         self,
@@ -383,7 +381,7 @@ class _Meter:
         if response.status_code in _REDIRECTS and _followed(request, response):
             # Not the provider's answer to the call: its admission carries over to the request
             # that follows it (`_Redirect`), which the client makes at once.
-            body = None if sent is None else sent.extensions.get(_REWRITTEN_BODY)
+            body = None if sent is None else sent.content  # (as rewritten: sent again)
             request.extensions[_REDIRECTED] = _Redirect(exchange, body, response.status_code)
             return response
         raw = response.headers.raw
@@ -707,7 +705,6 @@ async def _admit(
 # A redirect's answer (httpx's `has_redirect_location`): the client may follow it.
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _REDIRECTED = "budget_middleware.redirected"  # the request's mark: the redirect it follows
-_REWRITTEN_BODY = "budget_middleware.rewritten_body"  # a sent request's: its body rewritten
 
 
 class _Redirect:
@@ -723,7 +720,7 @@ class _Redirect:
 
     def __init__(self, exchange: Exchange, body: bytes | None, status: int) -> None:
         self.exchange = exchange
-        self.body = body  # the body as it was sent (rewritten), None: as the client wrote it
+        self.body = body  # the body as it was sent (rewritten or not), None: not known
         self.status = status
         self.taken = False
 
