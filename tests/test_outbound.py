@@ -5873,3 +5873,385 @@ async def test_a_stream_to_codestral_s_endpoint_is_mistral_s(engine: BudgetEngin
     assert failed == [] and texts == ["Four."]
     assert [(r["provider"], r["outcome"]) for r in rows] == [("mistral", "completed")]
     assert rows[0]["cost_nanos"] > 0
+
+
+def _slots_in_flight(engine: BudgetEngine) -> int:
+    return sum(slot.in_flight for slot in engine.registry.concurrency.values())
+
+
+@pytest.mark.parametrize("reads", [False, True], ids=["hook-raises", "hook-reads-then-raises"])
+async def test_a_redirect_a_response_hook_raises_on_gives_its_slot_back_at_once(
+    engine: BudgetEngine, reads: bool
+) -> None:
+    """A client whose response hook raises on a redirect (`raise_for_status`, httpx's own
+    example hook, raises on a 307 too; read first, or not): the call ends there, its redirect
+    never followed. Its slot and reservation go back at once: the next call of a key of one
+    slot is admitted while the app keeps the error (`gather(return_exceptions=True)`), the
+    collector off. They were held as long as the error was (its `request` held the call's
+    admission): the next call was refused 429 (1 slot in flight)."""
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 1}], rate_limit={"max_concurrent_requests": 1}
+    )
+    fake = Redirecting(307)
+
+    async def raise_for_status(response: httpx2.Response) -> None:
+        if reads:
+            await response.aread()
+        response.raise_for_status()
+
+    def sdk(base_url: str, **hooks: Any) -> openai.AsyncOpenAI:
+        http = httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine),
+            follow_redirects=True,
+            event_hooks=hooks,
+        )
+        return openai.AsyncOpenAI(
+            api_key="sk-provider-secret", base_url=base_url, http_client=http, max_retries=0
+        )
+
+    strict = sdk("https://api.openai.com/old", response=[raise_for_status])
+    plain = sdk("https://api.openai.com/v1")
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with charge_to(virtual_key=key.value):
+            kept = await asyncio.gather(
+                strict.chat.completions.create(model="gpt-4o", messages=MESSAGES),
+                return_exceptions=True,
+            )
+            held = _slots_in_flight(engine)
+            try:
+                await plain.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                after = "answer"
+            except openai.APIStatusError as exc:
+                after = str(exc.status_code)
+    finally:
+        if collecting:
+            gc.enable()
+    error = type(kept[0]).__name__
+    del kept
+    gc.collect()
+    await asyncio.sleep(0.01)
+    await engine.flush()
+    rows = records(engine)
+    charged = [(r["outcome"], r["cost_nanos"]) for r in rows]
+    print(f"hook raised {error} on the 307: {held} slot(s) held; next call: {after}; "
+          f"records {charged}; provider saw {fake.paths}")  # fmt: skip
+    assert error == "HTTPStatusError" and fake.paths == [
+        "/old/chat/completions",
+        "/v1/chat/completions",
+    ]
+    assert (held, after) == (0, "answer")
+    assert [outcome for outcome, _ in charged] == ["completed", "completed"]
+    assert sorted(cost > 0 for _, cost in charged) == [False, True]  # the redirect costs nothing
+
+
+async def test_a_redirect_through_the_transports_of_two_engines_is_one_call_on_each(
+    engine: BudgetEngine, make_settings: Settings, tmp_path: Path
+) -> None:
+    """A `BudgetTransport` of one engine wrapping another engine's (a library's own metering
+    under the app's): a JSON call and a stream (whose body the outer one rewrites, asking for
+    its usage) through a 307 the client follows are one call on each engine, one record each,
+    charged their answers. The inner one counted each redirect as a call of its own: 4 records
+    (2 of them the redirects, $0), 4 requests on its limits."""
+    inner_engine = get_engine(
+        make_settings(flush_interval_seconds=3600, database_url=f"sqlite:///{tmp_path}/inner.db")
+    )
+    await inner_engine.ensure_started()
+    fake = Redirecting(307)
+    inner = BudgetTransport(httpx2.ASGITransport(fake), engine=inner_engine)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/old",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(inner, engine=engine), follow_redirects=True
+        ),
+        max_retries=0,
+    )
+    try:
+        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        chunks = await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        got = len([c async for c in chunks])
+        gc.collect()
+        await asyncio.sleep(0.01)
+        await engine.flush()
+        await inner_engine.flush()
+        outer_rows, inner_rows = records(engine), records(inner_engine)
+    finally:
+        await inner_engine.shutdown()
+    seen = {
+        name: [(r["outcome"], r["streamed"], r["cost_nanos"]) for r in rows]
+        for name, rows in (("outer", outer_rows), ("inner", inner_rows))
+    }
+    print(f"JSON call and stream ({got} chunks) through a 307: provider saw {fake.paths}; {seen}")
+    assert fake.paths == ["/old/chat/completions", "/v1/chat/completions"] * 2
+    for rows in seen.values():
+        assert [(outcome, streamed) for outcome, streamed, _ in rows] == [
+            ("completed", 0), ("completed", 1)]  # fmt: skip
+        assert all(cost > 0 for _, _, cost in rows)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_call_redirected_past_the_client_s_max_redirects_is_one_call_that_costs_nothing(
+    engine: BudgetEngine, stream: bool
+) -> None:
+    """A chain of two 307s under a client allowed one redirect (`max_redirects=1`): httpx raises
+    `TooManyRedirects` (the SDK's `APIConnectionError`) after the second. The provider answered
+    nothing but redirects: one call, one record (`completed`, $0), its slot given back at once
+    (a key of one slot makes it twice)."""
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 1}], rate_limit={"max_concurrent_requests": 1}
+    )
+
+    class Chain(Redirecting):  # /older/... → /old/... → /v1/...
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"].startswith("/older/"):
+                self.paths.append(scope["path"])
+                moved = [(b"location", b"/old/" + scope["path"][7:].encode())]
+                await send({"type": "http.response.start", "status": 307, "headers": moved})
+                await send({"type": "http.response.body", "body": b"moved"})
+                return
+            await super().__call__(scope, receive, send)
+
+    fake = Chain(307)
+    http = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine),
+        follow_redirects=True,
+        max_redirects=1,
+    )
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/older",
+        http_client=http,
+        max_retries=0,
+    )
+    raised: list[str] = []
+    held: list[int] = []
+    with charge_to(virtual_key=key.value):
+        for _ in range(2):
+            try:
+                await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=stream)
+            except openai.APIConnectionError as exc:
+                raised.append(type(exc.__cause__).__name__)
+            held.append(_slots_in_flight(engine))
+    await engine.flush()
+    rows = [
+        (r["outcome"], r["input_tokens"], r["output_tokens"], r["cost_nanos"])
+        for r in records(engine)
+    ]
+    spent = engine.manager.list_budgets()[0].spent
+    print(f"2 calls past max_redirects=1: raised {raised}, slots held after each {held}, "
+          f"records {rows}, ${spent}; provider saw {fake.paths}")  # fmt: skip
+    assert raised == ["TooManyRedirects"] * 2 and held == [0, 0]
+    assert fake.paths == ["/older/chat/completions", "/old/chat/completions"] * 2
+    assert rows == [("completed", 0, 0, 0)] * 2 and spent == 0
+
+
+async def test_a_call_redirected_to_another_provider_s_host_is_that_provider_s(
+    engine: BudgetEngine,
+) -> None:
+    """A call to Groq's host that a 307 moves to OpenAI's (a gateway's, a moved endpoint's):
+    OpenAI answers it, and bills it, so it is OpenAI's call: its price, its provider budget
+    (exhausted by the first call, $0.000001: the second is refused 402, never sent on). The
+    redirect is Groq's answer, costing nothing. Both calls were charged to Groq, and OpenAI's
+    budget was never met: 2 answers, $0 of it spent."""
+    engine.manager.put_provider("openai", budgets=[{"max_limit": 0.000001}])
+    await engine.invalidate()
+
+    class Moved(Redirecting):  # Groq's /openai/v1/... → https://api.openai.com/v1/...
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"].startswith("/openai/v1/"):
+                self.paths.append(scope["path"])
+                to = b"https://api.openai.com/v1/" + scope["path"][11:].encode()
+                await send(
+                    {"type": "http.response.start", "status": 307, "headers": [(b"location", to)]}
+                )
+                await send({"type": "http.response.body", "body": b"moved"})
+                return
+            await super().__call__(scope, receive, send)
+
+    fake = Moved(307)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.groq.com/openai/v1",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine),
+            follow_redirects=True,
+        ),
+        max_retries=0,
+    )
+    said: list[str] = []
+    for _ in range(2):
+        try:
+            await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            said.append("answer")
+        except openai.APIStatusError as exc:
+            said.append(str(exc.status_code))
+    await engine.flush()
+    rows = [(r["provider"], r["cost_nanos"]) for r in records(engine)]
+    spent = [b.spent for b in engine.manager.list_budgets() if b.provider == "openai"]
+    print(f"Groq's host moved to OpenAI's: {said}; records {rows}; OpenAI's budget spent {spent}; "
+          f"provider saw {fake.paths}")  # fmt: skip
+    assert said == ["answer", "402"]
+    assert fake.paths == [
+        "/openai/v1/chat/completions",
+        "/v1/chat/completions",
+        "/openai/v1/chat/completions",
+    ]
+    assert [p for p, _ in rows] == ["groq", "openai", "groq"]
+    assert rows[0][1] == rows[2][1] == 0 and rows[1][1] > 0
+    assert spent == [pytest.approx(rows[1][1] / 1e9)]
+
+
+async def test_a_call_whose_connection_is_never_made_counts_on_the_request_limit(
+    engine: BudgetEngine,
+) -> None:
+    """A provider that cannot be reached (nothing listens on its port: httpx's `ConnectError`),
+    the SDK trying 3 times (`max_retries=2`): each attempt is a request admitted (SPEC §6: a
+    request counts at admission), costing nothing. A key allowed 3 requests an hour has spent
+    them: its next call is refused 429 `request_limit_exceeded`, never sent. As the README says."""
+    key = engine.manager.create_virtual_key(
+        name="k",
+        budgets=[{"max_limit": 1}],
+        rate_limit={"request_max_limit": 3, "request_reset_duration": "1h"},
+    )
+    port = _free_port()
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.AsyncHTTPTransport(), engine=engine)
+        ),
+        max_retries=2,
+    )
+    said: list[str] = []
+    with charge_to(virtual_key=key.value):
+        for _ in range(2):
+            try:
+                await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                said.append("answer")
+            except openai.APIStatusError as exc:
+                said.append(
+                    f"{exc.status_code} {exc.body['code'] if isinstance(exc.body, dict) else ''}"
+                )
+            except openai.APIConnectionError as exc:
+                said.append(type(exc.__cause__).__name__)
+    await engine.flush()
+    rows = [(r["outcome"], r["cost_nanos"]) for r in records(engine)]
+    print(f"2 calls to a port nothing listens on, 3 attempts each allowed: {said}; records {rows}")
+    assert said == ["ConnectError", "429 request_limit_exceeded"]
+    assert rows == [("upstream_error", 0)] * 3
+
+
+def _moved_or_answered(lib: Any) -> Callable[[Any], Any]:
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+
+    def provider(request: Any) -> Any:
+        if request.url.path.startswith("/old/"):
+            return lib.Response(307, headers={"location": "/v1/chat/completions"})
+        return lib.Response(200, json={"object": "chat.completion", "model": "gpt-4o",
+                                       "choices": [], "usage": usage})  # fmt: skip
+
+    return provider
+
+
+@pytest.mark.parametrize("lib", [httpx, httpx2])
+def test_a_redirect_a_sync_client_s_hook_raises_on_gives_its_slot_back_at_once(
+    make_settings: Settings, lib: Any
+) -> None:
+    """The same with `BudgetSyncTransport` under a plain `Client(follow_redirects=True)` of
+    httpx and httpx2 whose response hook is `raise_for_status`, the error kept by the app and
+    the collector off: the slot is given back as the hook raises (0 in flight), and the next
+    call of a key of one slot, through the 307 without the hook, is answered. It was held (1,
+    the next call 429)."""
+    transport = BudgetSyncTransport(lib.MockTransport(_moved_or_answered(lib)), make_settings())
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 1})
+    url = "https://api.openai.com/old/chat/completions"
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    kept: list[Exception] = []
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        hooks = {"response": [lambda response: response.raise_for_status()]}
+        with (
+            lib.Client(transport=transport, follow_redirects=True, event_hooks=hooks) as strict,
+            lib.Client(transport=transport, follow_redirects=True) as plain,
+            charge_to(virtual_key=key.value),
+        ):
+            try:
+                strict.post(url, json=body)
+            except lib.HTTPStatusError as exc:
+                kept.append(exc)
+            held = _slots_in_flight(engine)
+            answer = plain.post(url, json=body)
+        on_loop(engine, engine.flush)
+        rows = [(r["outcome"], r["cost_nanos"]) for r in records(engine)]
+    finally:
+        if collecting:
+            gc.enable()
+        on_loop(engine, engine.shutdown)
+    print(f"{lib.__name__}: hook raised {len(kept)}, {held} slot(s) held; next call "
+          f"{answer.status_code} after {len(answer.history)} redirect; records {rows}")  # fmt: skip
+    assert len(kept) == 1 and held == 0
+    assert (answer.status_code, len(answer.history)) == (200, 1)
+    assert rows == [("completed", 0), ("completed", 10 * 2500 + 5 * 10_000)]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_call_a_307_moves_to_another_path_is_still_metered(
+    engine: BudgetEngine, stream: bool
+) -> None:
+    """A provider (or its gateway) moves its endpoint to a path that is no inference path of
+    §4 (`/old/chat/completions` → 307 → `/v2/generate`): the client sends the same call (a
+    307 keeps the POST and its body) and the provider answers, and bills, it there. It is the
+    call admitted, metered where it is moved: one record, charged its answer's usage. It passed
+    unmetered (the redirect settled as its answer, $0, the answer's usage never read)."""
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1}])
+
+    class Moved(Redirecting):  # /old/chat/completions → /v2/generate, served as the call
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"].startswith("/old/"):
+                self.paths.append(scope["path"])
+                moved = [(b"location", b"/v2/generate")]
+                await send({"type": "http.response.start", "status": 307, "headers": moved})
+                await send({"type": "http.response.body", "body": b"moved"})
+                return
+            if scope["type"] == "http" and scope["path"] == "/v2/generate":
+                self.paths.append(scope["path"])
+                scope = {
+                    **scope,
+                    "path": "/v1/chat/completions",
+                    "raw_path": b"/v1/chat/completions",
+                }
+            await self.app(scope, receive, send)
+
+    fake = Moved(307)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/old",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine),
+            follow_redirects=True,
+        ),
+        max_retries=0,
+    )
+    with charge_to(virtual_key=key.value):
+        if stream:
+            chunks = await sdk.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, stream=True
+            )
+            answered = len([c async for c in chunks])
+        else:
+            answer = await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            answered = 0 if answer.usage is None else answer.usage.completion_tokens
+    await engine.flush()
+    rows = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in records(engine)]
+    spent = engine.manager.list_budgets()[0].spent
+    print(f"a call moved to /v2/generate ({answered} answered): records {rows}, ${spent}; "
+          f"provider saw {fake.paths}")  # fmt: skip
+    assert fake.paths == ["/old/chat/completions", "/v2/generate"] and answered > 0
+    assert len(rows) == 1 and rows[0][0] == "completed" and rows[0][1] > 0
+    assert spent == pytest.approx(rows[0][2] / 1e9) and rows[0][2] > 0

@@ -354,17 +354,21 @@ class _Meter:
         url = request.url
         if exchange.route_model is not None:
             url = _deployment_routed(url, exchange)
-        return lib.Request(
+        rewritten = lib.Request(
             request.method,
             url,
             headers=headers,
             content=request.content if new_body is None else new_body,
             extensions=request.extensions,
         )
+        # (the request it is sent for: a transport further in that sees it redirected notes
+        # the redirect on the client's request, `_followed`)
+        rewritten.extensions[_SENT_FOR] = request
+        return rewritten
 
     def metered_response(
         self,
-        lib: ModuleType,
+        library: _Library,
         request: Any,
         response: Any,
         exchange: Exchange,
@@ -378,12 +382,12 @@ class _Meter:
         async or sync metered stream, as the library's own type: `_Library`). A redirect the
         client follows (`_followed`) passes unmetered, its call's admission kept for the request
         that follows it (`sent`: the request that was sent, its body as rewritten)."""
-        if response.status_code in _REDIRECTS and _followed(request, response):
+        origin = _followed(request, response) if response.status_code in _REDIRECTS else None
+        if origin is not None:
             # Not the provider's answer to the call: its admission carries over to the request
             # that follows it (`_Redirect`), which the client makes at once.
-            body = None if sent is None else sent.content  # (as rewritten: sent again)
-            request.extensions[_REDIRECTED] = _Redirect(exchange, body, response.status_code)
-            return response
+            return self.redirected(library, request, origin, response, exchange, sent)
+        lib = library.module
         raw = response.headers.raw
         cost = exchange.read_start(response.status_code, raw)
         added = exchange.headers_added(limits=False)
@@ -406,6 +410,35 @@ class _Meter:
             headers[name.decode()] = value.decode()
         response.stream = metered
         return response
+
+    def redirected(
+        self, lib: _Library, request: Any, origin: Any, response: Any, exchange: Exchange, sent: Any
+    ) -> Any:
+        """A redirect the client follows: the call's admission noted on the client's request
+        (`origin`: `request` itself, or the one it was sent for by a transport further out),
+        under this engine (the transports of two engines, one in the other, each carry their
+        own), for the request that follows it; the redirect answered as a `_RedirectAnswer`,
+        which settles the call at once should the client close it and not follow (a response
+        hook raising on it)."""
+        body = None if sent is None else sent.content  # (as rewritten: sent again)
+        host = self.hosts.provider(request.url.host)
+        redirect = _Redirect(exchange, body, response.status_code, self, host)
+        marks = origin.extensions.get(_REDIRECTED)
+        if type(marks) is not dict:
+            marks = origin.extensions[_REDIRECTED] = {}
+        marks[self.engine] = redirect
+        if isinstance(response, _RedirectAnswer):  # a transport further in followed it too
+            return response
+        kind: Any = lib.redirect  # the library's `Response`, with `_RedirectAnswer`'s close
+        answer = kind(
+            response.status_code,
+            headers=response.headers.raw,
+            stream=response.stream,
+            request=request,
+            extensions=response.extensions,
+        )
+        answer.marks = marks
+        return answer
 
     @staticmethod
     def refused(lib: ModuleType, request: Any, answer: ErrorAnswer) -> Any:
@@ -474,6 +507,7 @@ class _Library:
     module: ModuleType
     async_stream: type[_AsyncMetered]
     sync_stream: type[_SyncMetered]
+    redirect: type[_RedirectAnswer]  # its `Response`, as a followed redirect's answer
 
 
 _LIBRARIES: dict[type, _Library] = {}
@@ -489,6 +523,7 @@ def _library(request: Any) -> _Library:
             module=module,
             async_stream=type("MeteredStream", (_AsyncMetered, module.AsyncByteStream), {}),
             sync_stream=type("MeteredStream", (_SyncMetered, module.SyncByteStream), {}),
+            redirect=type("Response", (_RedirectAnswer, module.Response), {}),
         )
     return lib
 
@@ -629,12 +664,19 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         meter = self.meter
         path = meter.metered(request)
         carried = _carried(request, meter.engine) if _REDIRECTED in request.extensions else None
-        if carried is not None and path is None:  # redirected to a GET (303): the answer
+        if carried is not None and (request.method != "POST" or carried.elsewhere(request)):
+            # Redirected to a GET (303): the answer. Or to another provider's host: a call of
+            # that provider's, admitted (and billed) as its own. (A POST to another path is the
+            # call, moved: metered as it, whatever the path.)
             exchange = carried.answered()
             await exchange.settle_anywhere("completed")
             carried = None
-        if path is None or request.extensions.get(METERED_BY) is meter.engine:
-            return await inner.handle_async_request(request)  # or metered further out
+        if path is None:
+            if carried is None:
+                return await inner.handle_async_request(request)
+            path = request.url.path  # a POST moved to another path: the call, carried on
+        if request.extensions.get(METERED_BY) is meter.engine:
+            return await inner.handle_async_request(request)  # metered further out
         headers = request.headers.raw
         names = _names(headers)
         if carried is not None:  # a redirect followed: admitted already, as one call
@@ -665,9 +707,7 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
             exchange.sent_unanswered = sent is not None and _sent(lib.module, exc)
             await exchange.settle_anywhere(_failed(exc))
             raise
-        return meter.metered_response(
-            lib.module, request, response, exchange, lib.async_stream, sent
-        )
+        return meter.metered_response(lib, request, response, exchange, lib.async_stream, sent)
 
     async def aclose(self) -> None:
         for transport in (self.transport, *self.own.values()):
@@ -707,21 +747,29 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _REDIRECTED = "budget_middleware.redirected"  # the request's mark: the redirect it follows
 
 
+_SENT_FOR = "budget_middleware.sent_for"  # a rewritten request's mark: the one it is sent for
+
+
 class _Redirect:
     """A metered call its provider answered with a redirect that its client follows (httpx's
     `follow_redirects`, on in the SDKs' own clients): not the provider's answer to bill, and
     not a second call. Its admission carries over to the request that follows (one request on
     every limit, one reservation, one settlement, with that request's answer); the mark rides
-    on the request's `extensions`, which httpx gives the request it follows with. Should none
-    come here (raised in between: a response hook, a URL httpx refuses), settled as the
-    redirect it was when the requests are collected."""
+    on the request's `extensions` (under its engine), which httpx gives the request it follows
+    with. Should the client not follow it after all (a response hook raising on it), settled
+    as the redirect it was when the client closes it (`_RedirectAnswer`); should none come here
+    otherwise (a request hook raising), when the requests are collected."""
 
-    __slots__ = ("body", "exchange", "status", "taken")
+    __slots__ = ("body", "exchange", "host", "meter", "status", "taken")
 
-    def __init__(self, exchange: Exchange, body: bytes | None, status: int) -> None:
+    def __init__(
+        self, exchange: Exchange, body: bytes | None, status: int, meter: _Meter, host: str | None
+    ) -> None:
         self.exchange = exchange
         self.body = body  # the body as it was sent (rewritten or not), None: not known
         self.status = status
+        self.meter = meter
+        self.host = host  # the provider of the host that redirected, if it is one's
         self.taken = False
 
     def answered(self) -> Exchange:
@@ -732,6 +780,12 @@ class _Redirect:
         exchange.read_start(self.status, ())
         return exchange
 
+    def elsewhere(self, request: Any) -> bool:
+        """Whether the request that follows goes to another provider's host: that provider
+        answers, and bills, the call (its checks, its price, its budgets), a call of its own."""
+        there = self.meter.hosts.provider(request.url.host)
+        return there is not None and there != self.host and there != self.exchange.target.provider
+
     def _left(self) -> str | None:
         return None if self.exchange.settled else "completed"
 
@@ -740,41 +794,113 @@ class _Redirect:
             self.answered().settle_dropped(self._left)
 
 
+class _RedirectAnswer:
+    """A followed redirect's answer as the client gets it (the library's `Response`, `_Library`):
+    closed by the client with no request to follow (httpx closes it as a response hook's
+    exception, or its redirect URL's, goes through `_send_handling_redirects`), its calls are
+    settled at once, as answered by it, their slots and reservations given back. They were held
+    as long as the request was: the exception's (`HTTPStatusError.request`), kept by an app's
+    log or `gather(return_exceptions=True)`, or a reference cycle until the collector ran. Closed
+    by the client's read as it follows it, they carry over."""
+
+    marks: dict[BudgetEngine, _Redirect]  # the calls it answers, by engine
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()  # type: ignore[misc]
+        finally:
+            if _abandoned(self):
+                for redirect in _untaken(self.marks):
+                    await redirect.answered().settle_anywhere("completed")
+
+    def close(self) -> None:
+        try:
+            super().close()  # type: ignore[misc]
+        finally:
+            if _abandoned(self):
+                for redirect in _untaken(self.marks):
+                    exchange, meter = redirect.answered(), redirect.meter
+                    if meter.engine.cannot_wait():  # (as `_SyncMetered._settle`)
+                        exchange.settle_dropped(redirect._left)
+                    else:
+                        meter.settle_sync(exchange, "completed")
+
+
+def _untaken(marks: dict[BudgetEngine, _Redirect]) -> list[_Redirect]:
+    """The redirects noted, not yet taken by the request that follows: taken out."""
+    left = [redirect for redirect in marks.values() if not redirect.taken]
+    marks.clear()
+    return left
+
+
+def _abandoned(response: Any) -> bool:
+    """Whether `response`, a followed redirect's answer, is being closed by the client as an
+    exception goes through its `_send_handling_redirects` (a response hook's, a redirect URL it
+    refuses): the exception being handled passed through the frame that holds it. Its close as
+    the client reads it to follow it handles none of its own."""
+    exc = sys.exc_info()[1]
+    if exc is None:
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if (
+            frame.f_code.co_name == "_send_handling_redirects"
+            and frame.f_locals.get("response") is response
+        ):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _carried(request: Any, engine: BudgetEngine) -> _Redirect | None:
     """The redirect of this engine's metered call that `request` follows, taken once (another
     engine's is left to its transport)."""
-    carried = request.extensions.get(_REDIRECTED)
-    if type(carried) is not _Redirect or carried.taken or carried.exchange.engine is not engine:
+    marks = request.extensions.get(_REDIRECTED)
+    if type(marks) is not dict:
         return None
-    del request.extensions[_REDIRECTED]
+    carried = marks.pop(engine, None)
+    if not marks:
+        del request.extensions[_REDIRECTED]
+    if type(carried) is not _Redirect or carried.taken:
+        return None
     carried.taken = True
     return carried
 
 
-def _followed(request: Any, response: Any) -> bool:
-    """Whether the client that sent `request` follows the redirect `response` (httpx's and
-    httpx2's `_send_handling_redirects`, found up the stack of the call: its
-    `follow_redirects`, and a redirect within its `max_redirects`). Not found (another client,
-    another version): not followed, the redirect settled as the call's answer."""
+def _followed(request: Any, response: Any) -> Any:
+    """The client's request that `request` is (or was rewritten from, by a transport further
+    out: `_SENT_FOR`) when that client follows the redirect `response` (httpx's and httpx2's
+    `_send_handling_redirects`, found up the stack of the call: its `follow_redirects`, and a
+    redirect within its `max_redirects`), else None. Not found (another client, another
+    version): not followed, the redirect settled as the call's answer."""
     if "location" not in response.headers:
-        return False
+        return None
     frame: Any = sys._getframe(2)
-    for _ in range(12):
+    for _ in range(16):
         if frame is None:
-            return False
+            return None
         if frame.f_code.co_name == "_send_handling_redirects" and str(
             frame.f_globals.get("__name__", "")
         ).startswith(("httpx.", "httpx2.")):
             seen = frame.f_locals
-            client, history = seen.get("self"), seen.get("history")
-            return (
+            client, history, origin = seen.get("self"), seen.get("history"), seen.get("request")
+            if not (
                 seen.get("follow_redirects") is True
-                and seen.get("request") is request
                 and isinstance(history, list)
                 and len(history) < getattr(client, "max_redirects", 0)
-            )
+            ):
+                return None
+            sent = request
+            for _ in range(8):  # transports one in the other
+                if sent is origin:
+                    return origin
+                sent = sent.extensions.get(_SENT_FOR)
+                if sent is None:
+                    return None
+            return None
         frame = frame.f_back
-    return False
+    return None
 
 
 class _Metered:
@@ -949,11 +1075,16 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
         meter = self.meter
         path = meter.metered(request)
         carried = _carried(request, meter.engine) if _REDIRECTED in request.extensions else None
-        if carried is not None and path is None:  # redirected to a GET (303): the answer
+        if carried is not None and (request.method != "POST" or carried.elsewhere(request)):
+            # Redirected to a GET (303): the answer; or to another provider's host (async's)
             meter.settle_sync(carried.answered(), "completed")
             carried = None
-        if path is None or request.extensions.get(METERED_BY) is meter.engine:
-            return inner.handle_request(request)  # or metered further out
+        if path is None:
+            if carried is None:
+                return inner.handle_request(request)
+            path = request.url.path  # a POST moved to another path: the call, carried on
+        if request.extensions.get(METERED_BY) is meter.engine:
+            return inner.handle_request(request)  # metered further out
         headers = request.headers.raw
         names = _names(headers)
         if carried is not None:  # a redirect followed: admitted already, as one call
@@ -994,9 +1125,7 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
             exchange.sent_unanswered = sent is not None and _sent(lib.module, exc)
             meter.settle_sync(exchange, _failed(exc))
             raise
-        return meter.metered_response(
-            lib.module, request, response, exchange, lib.sync_stream, sent
-        )
+        return meter.metered_response(lib, request, response, exchange, lib.sync_stream, sent)
 
     def close(self) -> None:
         for transport in (self.transport, *self.own.values()):
