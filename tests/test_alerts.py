@@ -2086,6 +2086,195 @@ async def test_a_threshold_the_spend_after_a_reset_elsewhere_reaches_is_raised_a
     assert told == [(0.05, 0.6)]
 
 
+@pytest.mark.parametrize("owner", ["virtual_key", "team"])
+@pytest.mark.parametrize("redis", [False, True], ids=["store", "redis"])
+async def test_a_charge_made_before_a_reset_elsewhere_is_learnt_raises_no_old_window_threshold(
+    make_settings: Settings, receiver: Callable[..., Receiver], redis: bool, owner: str
+) -> None:
+    """Two instances on one store; $0.60 of a $10 budget alerting at 5 % and 10 % spent through
+    the first (5 % raised), the budget reset through the other, and $0.60 spent at once through
+    the first, which learns of the reset only at its next re-read (a TTL of 2 s). The store
+    counts that $0.60 in the new window; the first took it as the old one's and raised 10 % of
+    the old window, telling "$1.20" spent in a window that ended at $0.60. No threshold of the
+    old window is raised past what the store holds in it: 5 % once there, 5 % once in the new
+    one. A key's lifetime budget, and a team's daily one."""
+    if redis:
+        need_redis()
+    prefix = unique_prefix()
+    hook = receiver()
+    shared = {"redis_url": REDIS_URL} if redis else {}
+    settings = [make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=t, **shared)
+                for t in (2.0, 0.5)]  # fmt: skip
+    engines = [get_engine(one) for one in settings]
+    apps = [BudgetMiddleware(host_app(None), engine=e) for e in engines]
+    admin = httpx.AsyncClient(transport=httpx.ASGITransport(create_admin_app(settings[1])),
+                              base_url="http://admin", headers=ADMIN)  # fmt: skip
+    try:
+        for e in engines:
+            if redis:
+                use_prefix(e, prefix)
+            quick(e)
+            await e.ensure_started()
+        budget = {"max_limit": 10.0, "alert_thresholds": [0.05, 0.1]}
+        team = engines[0].manager.create_team(
+            name="t", budgets=[{**budget, "reset_duration": "1d"}] if owner == "team" else []
+        )
+        key = engines[0].manager.create_virtual_key(
+            name="k", team_id=team.id, budgets=[budget] if owner == "virtual_key" else []
+        )
+        budget_id = (key if owner == "virtual_key" else team).budgets[0].id
+        async with client(apps[0]) as http:
+            statuses = await spend(http, key.value, 0.6, 1)
+            await until(lambda: hook.delivered(), 3.0)
+            await engines[0].flush()
+            if redis:  # the reset's word through Redis comes late: as without it
+                engines[0].counters.before_take = _nothing  # type: ignore[method-assign]
+                engines[0].counters.read_live = _nothing  # type: ignore[method-assign]
+                marks, engines[1].counters.mark_now = engines[1].counters.mark_now, _nothing
+            reset = (await admin.post(f"/budgets/{budget_id}/reset")).status_code
+            statuses += await spend(http, key.value, 0.6, 1)
+            if redis:
+                engines[1].counters.mark_now = marks  # type: ignore[method-assign]
+        first = hook.delivered()[0]["budget"]["period_start"]  # the window before the reset
+        await until(lambda: len({a["budget"]["period_start"] for a in hook.delivered()}) > 1, 8)
+        await asyncio.sleep(2.5)  # a TTL more: nothing else comes
+        posts = [(a["threshold"], a["budget"]["spent"], a["budget"]["period_start"] == first)
+                 for a in hook.delivered()]  # fmt: skip
+        texts = [a["text"] for a in hook.delivered()]
+        rows = [(a["type"], a["threshold"]) for a in engines[0].manager.list_alerts()]
+        owner_id = key.id if owner == "virtual_key" else team.id
+        spent = engines[0].manager.list_budgets(owner_type=owner, owner_id=owner_id)[0]
+    finally:
+        await admin.aclose()
+        for e in engines:
+            await e.shutdown()
+        if redis:
+            delete_prefix(REDIS_URL, prefix)
+    old = [(t, s) for t, s, before in posts if before]
+    new = [(t, s) for t, s, before in posts if not before]
+    print(f"{owner} ({'redis' if redis else 'store'}): {statuses}, reset ({reset}) between "
+          f"them; ${spent.spent:.2f} spent since; {len(rows)} alert(s) raised; old window {old}, "
+          f"new window {new}; texts {texts}")  # fmt: skip
+    assert statuses == [200, 200] and reset == 200 and spent.spent == 0.6
+    assert old == [(0.05, 0.6)]
+    assert new == [(0.05, 0.6)]
+
+
+async def test_an_alert_whose_budget_was_deleted_before_it_was_written_is_logged_not_lost(
+    make_settings: Settings, receiver: Callable[..., Receiver], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two instances on one store; one request through the first takes a key's $1 budget and
+    its team's $1 budget past 50 %, and the key is deleted through the other before the first
+    writes the alerts. The key's alert has no budget left to tell of (SPEC §9's fields): it is
+    not raised, as before, but now says so on a log line naming it (it went without a word);
+    the team's is raised and delivered."""
+    caplog.set_level("INFO", logger="budget_middleware")
+    hook = receiver()
+    engines = [get_engine(make_settings(alert_webhook_urls=hook.url)) for _ in range(2)]
+    app = BudgetMiddleware(host_app(None), engine=engines[0])
+    try:
+        for e in engines:
+            quick(e)
+            await e.ensure_started()
+        budget = {"max_limit": 1.0, "alert_thresholds": [0.5]}
+        team = engines[0].manager.create_team(name="crew", budgets=[budget])
+        key = engines[0].manager.create_virtual_key(name="gone", team_id=team.id,
+                                                    budgets=[budget])  # fmt: skip
+        real = engines[0].alerts._insert
+
+        def deleted_first(events: Any) -> Any:
+            engines[1].manager.delete_virtual_key(key.id)
+            return real(events)
+
+        engines[0].alerts._insert = deleted_first  # type: ignore[method-assign]
+        async with client(app) as http:
+            statuses = await spend(http, key.value, 0.6, 1)
+        await until(lambda: hook.delivered(), 5.0)
+        await asyncio.sleep(0.3)
+        told = [(a["owner"]["type"], a["threshold"], a["text"]) for a in hook.delivered()]
+        rows = [(a["owner"]["type"], a["threshold"]) for a in engines[0].manager.list_alerts()]
+    finally:
+        for e in engines:
+            await e.shutdown()
+    lines = [r.getMessage() for r in caplog.records if "not raised" in r.getMessage()]
+    print(f"{statuses}, key deleted before the alerts were written: raised {rows}, "
+          f"delivered {told}; log {lines}")  # fmt: skip
+    assert statuses == [200]
+    assert rows == [("team", 0.5)] and [t[:2] for t in told] == [("team", 0.5)]
+    assert len(lines) == 1
+    assert "virtual_key 'gone'" in lines[0] and "deleted" in lines[0]
+
+
+@pytest.mark.parametrize("redis", [False, True], ids=["store", "redis"])
+async def test_a_re_read_begun_before_a_threshold_change_here_does_not_put_the_old_back(
+    make_settings: Settings, receiver: Callable[..., Receiver], redis: bool
+) -> None:
+    """$0.40 of a $1 budget alerting at 50 % spent; a re-read of the counters reads the store,
+    then its thresholds are set to 90 % through this instance and a request of the key ($0.20,
+    60 % spent) takes them, and then the re-read ends. It put the 50 % it had read back over
+    the 90 % (only a limit changed during the read was left alone), for a cache TTL, and
+    raised 50 %, a threshold the budget no longer had. Now nothing is raised."""
+    if redis:
+        need_redis()
+    prefix = unique_prefix()
+    hook = receiver()
+    shared = {"redis_url": REDIS_URL} if redis else {}
+    engines = [get_engine(make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=t,
+                                        **shared)) for t in (0.3, 0.5)]  # fmt: skip
+    engine = engines[0]
+    app = BudgetMiddleware(host_app(None), engine=engine)
+    read, held, go = engine.store.read_counters, threading.Event(), threading.Event()
+    armed = {"on": False}
+
+    def read_then_wait(*args: Any) -> Any:
+        answer = read(*args)
+        if armed["on"]:
+            armed["on"] = False
+            held.set()
+            go.wait(10.0)
+        return answer
+
+    try:
+        for e in engines:
+            if redis:
+                use_prefix(e, prefix)
+            quick(e)
+            await e.ensure_started()
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1.0, "alert_thresholds": [0.5]}]
+        )
+        engine.store.read_counters = read_then_wait  # type: ignore[method-assign]
+        async with client(app) as http:
+            statuses = await spend(http, key.value, 0.4, 1)
+            armed["on"] = True
+            await until(held.is_set, 5.0)
+            new = {"budgets": [{"max_limit": 1.0, "alert_thresholds": [0.9]}]}
+            after = engine.manager.update_virtual_key(key.id, new).budgets[0].id
+            statuses += await spend(http, key.value, 0.2, 1)
+            go.set()
+            await asyncio.sleep(1.5)  # the re-read ends, and a TTL more
+        rows = [(a["type"], a["threshold"]) for a in engine.manager.list_alerts()]
+        texts = [a["text"] for a in hook.delivered()]
+        thresholds = engine.alerts.thresholds.get(key.budgets[0].id)
+    finally:
+        go.set()
+        for e in engines:
+            await e.shutdown()
+        if redis:
+            delete_prefix(REDIS_URL, prefix)
+    print(
+        f"{'redis' if redis else 'store'}: {statuses}; thresholds 50 % -> 90 % during a "
+        f"re-read, at 60 % spent: held {thresholds}; raised {rows}; delivered {texts}"
+    )
+    assert statuses == [200, 200] and after == key.budgets[0].id
+    assert rows == [] and texts == []
+    assert thresholds == (0.9,)
+
+
+async def _nothing(*args: Any, **kwargs: Any) -> None:
+    """A hook of a backend's that does nothing (the word it passes comes late)."""
+
+
 async def test_a_post_retried_after_its_answer_was_lost_names_the_alert_it_repeats(
     make_settings: Settings, receiver: Callable[..., Receiver]
 ) -> None:

@@ -28,9 +28,10 @@ import httpx
 
 from budget_middleware.core.admission import Refusal
 from budget_middleware.core.alerts import reached
+from budget_middleware.core.durations import parse_duration
 from budget_middleware.core.money import NANOS_PER_USD, nanos_from_usd, usd_fixed, usd_text
 from budget_middleware.core.scopes import LimitSet, Scope
-from budget_middleware.core.times import FAR_FUTURE, from_ts, rfc3339
+from budget_middleware.core.times import FAR_FUTURE, from_ts, rfc3339, utc
 from budget_middleware.core.windows import WindowCounter
 from budget_middleware.engine.rounds import FailedRounds
 from budget_middleware.settings import shown_url
@@ -39,6 +40,7 @@ from budget_middleware.store.tables import new_id
 
 if TYPE_CHECKING:
     from budget_middleware.engine.engine import BudgetEngine
+    from budget_middleware.store.tables import BudgetRow
 
 logger = logging.getLogger("budget_middleware.alerts")
 
@@ -381,7 +383,10 @@ class Alerts:
             now = datetime.now(UTC)
             for event in events:
                 row = s.get(BudgetRow, event.budget_id)
-                if row is None:  # deleted meanwhile: nothing to tell
+                if row is None:  # deleted meanwhile: no budget to tell of (SPEC §9's fields)
+                    _log_dropped(event, "its budget was deleted before the alert was written")
+                    continue
+                if _reset_before(event, row, engine.registry.counter("budget", row.id)):
                     continue
                 now_out = budget_out(row, paths.of(row.owner_type, row.owner_id), now,
                                      engine.registry)  # fmt: skip
@@ -556,6 +561,48 @@ def _webhook_client(timeout: float) -> httpx.AsyncClient:
     reaches its receivers through it (made with `trust_env=False`, it went direct, and a
     receiver only the proxy reaches never got an alert)."""
     return httpx.AsyncClient(timeout=timeout)
+
+
+def _reset_before(event: AlertEvent, row: BudgetRow, live: WindowCounter | None) -> bool:
+    """Whether the store began the budget's window anew (a reset through another instance)
+    within the crossing's window and before the crossing: the charges of this instance's that
+    crossed it the store counts in the new window, and so does this instance once it learns of
+    it (the next re-read: `WindowCounter.configure`), which raises the new window's thresholds
+    they reach. Raised in the old window too, a threshold of it was told at a spend it never
+    held ("$1.20" of a window that ended at $0.60). Not for `budget.exhausted` (the refusal was
+    made), nor when the store's terms are not the live counter's (`live`): new terms made
+    elsewhere are taken only with the key's reload, and the crossing stays where it was."""
+    if event.type != "budget.threshold" or live is None:
+        return False
+    last_reset = utc(row.last_reset).timestamp()
+    if not event.window_start < last_reset <= event.raised_at or last_reset >= event.window_end:
+        return False
+    terms = (parse_duration(row.reset_duration), row.calendar_aligned)
+    if terms != (live.duration, live.calendar_aligned):
+        return False
+    logger.info(
+        "budget-middleware alert %s %g of %s %r not raised: its window was reset at %s, "
+        "before the crossing (the charges count in the new window)",
+        event.type,
+        event.threshold,
+        event.owner_type,
+        event.owner_name or event.owner_id,
+        rfc3339(from_ts(last_reset)),
+    )
+    return True
+
+
+def _log_dropped(event: AlertEvent, why: str) -> None:
+    """An alert not raised, on one log line (a name is quoted)."""
+    logger.warning(
+        "budget-middleware alert %s%s of %s %r (budget %s) not raised: %s",
+        event.type,
+        f" {event.threshold:g}" if event.type == "budget.threshold" else "",
+        event.owner_type,
+        event.owner_name or event.owner_id,
+        event.budget_id,
+        why,
+    )
 
 
 def _log_failure(outcome: object) -> None:

@@ -49,8 +49,10 @@ class CounterBackend(ABC):
         self.clock = clock
         self.on_store_failed = on_store_failed
         # Told of each budget's alert thresholds as `refresh` reads them, and whether its limit
-        # was new (the engine's alerts).
+        # was new (the engine's alerts); and asked for the thresholds this process holds of a
+        # budget (by id), which a reload here sets as it sets the limit (`_terms_here`).
         self.on_thresholds: Callable[[WindowCounter, list[float] | None, bool], None] | None = None
+        self.thresholds_here: Callable[[str], object] | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (shared backends)."""
@@ -167,7 +169,7 @@ class CounterBackend(ABC):
         rate_ids = {*windows["request"], *windows["token"], *self.registry.concurrency}
         if not budget_ids and not rate_ids:
             return []
-        limits = {id_: windows["budget"][id_].limit for id_ in budget_ids}
+        here = {id_: self._terms_here(windows["budget"][id_]) for id_ in budget_ids}
         budgets, rates = await anyio.to_thread.run_sync(
             self.store.read_counters, budget_ids, rate_ids
         )
@@ -177,8 +179,12 @@ class CounterBackend(ABC):
         for id_, stored in budgets.items():
             counter = windows["budget"].get(id_)
             if counter is not None:
-                new_limit = _take_stored(counter, stored, limits.get(id_), now, ledger)
-                if self.on_thresholds is not None:
+                # Terms a reload here changed during the read are newer than the read's: the
+                # limit and the thresholds alike (one rule). Read back, the thresholds the
+                # reload had replaced were put back for a TTL, and one of them raised.
+                changed_here = self._terms_here(counter) != here.get(id_)
+                new_limit = _take_stored(counter, stored, changed_here, now, ledger)
+                if self.on_thresholds is not None and not changed_here:
                     self.on_thresholds(counter, stored.alert_thresholds, new_limit)
         for id_, row in rates.items():
             requests = windows["request"].get(id_)
@@ -190,6 +196,12 @@ class CounterBackend(ABC):
             if tokens is not None:
                 tokens.seed(row.token_current_usage, utc(row.token_last_reset).timestamp(), ledger)
         return forgotten
+
+    def _terms_here(self, counter: WindowCounter) -> tuple[int, object]:
+        """A budget's terms as this process holds them, which a reload here sets and a re-read
+        from the store could put back: its limit and its alert thresholds."""
+        ask = self.thresholds_here
+        return counter.limit, None if ask is None else ask(counter.id)
 
     def take_deltas(self) -> list[Delta]:
         """Everything charged here since the last flush, moved out of the ledger's pending
@@ -239,13 +251,14 @@ class CounterBackend(ABC):
 
 
 def _take_stored(
-    counter: WindowCounter, stored: StoredBudget, limit: int | None, now: float, ledger: Ledger
+    counter: WindowCounter, stored: StoredBudget, changed_here: bool, now: float, ledger: Ledger
 ) -> bool:
     """A budget's counter as `refresh` read it from the store: a reset made elsewhere within
-    this window, the usage, and the limit (`limit`: the counter's before the read). Whether
-    the limit was new. Both are taken as a reload of the key would take them: read only with
-    the key, a limit lowered (or a reset made) through another instance raised no alert for
-    the spend already recorded while no request of the key came."""
+    this window, the usage, and the limit (not when `changed_here`: a reload here changed the
+    budget's terms during the read). Whether the limit was new. Both are taken as a reload of
+    the key would take them: read only with the key, a limit lowered (or a reset made) through
+    another instance raised no alert for the spend already recorded while no request of the key
+    came."""
     at = stored.last_reset.timestamp()
     same_terms = parse_duration(stored.reset_duration) == counter.duration and (
         stored.calendar_aligned == counter.calendar_aligned
@@ -254,7 +267,7 @@ def _take_stored(
         counter.move_to(at, now, ledger)  # (new terms move windows at the key's reload)
     counter.seed(stored.usage, at, ledger)
     # Not a limit changed here during the read: the reload that did it is newer.
-    if stored.limit is None or stored.limit == counter.limit or counter.limit != limit:
+    if changed_here or stored.limit is None or stored.limit == counter.limit:
         return False
     counter.configure(
         stored.limit, counter.duration, counter.calendar_aligned, counter.anchor, now, ledger
