@@ -1716,6 +1716,245 @@ async def test_charges_a_stopped_engine_left_on_disk_count_in_a_window_seeded_af
     assert in_redis == stored == 10 * CENT
 
 
+async def _a_stopped_with_batches_given_up(
+    postgres_database: str,
+    server: PrivateRedis,
+    settings: BudgetSettings,
+    *,
+    owing: bool,
+    before_stop: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[str, str]:
+    """Engine A: a $0.10 budget, $0.02 through Redis and written; the store goes read-only and
+    A admits $0.02 more through Redis, then (`owing`) Redis is killed empty and A admits $0.02
+    without it (fail open: owed to Redis). A stops in the outage (after `before_stop`): its
+    unwritten charges wait on disk, given up (and, owing, its debts to Redis beside them).
+    Returns the key and budget."""
+    a = BudgetEngine(settings)
+    app = fault_app(a)
+    async with running(app), client(app) as http:
+        key = a.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 0.1, "reset_duration": "1d"}]
+        )
+        value, budget = key.value or "", key.budgets[0].id
+        await a.invalidate()
+        assert await asked(http, value, 2) == [200] * 2
+        assert await a.flush()
+        set_read_only(postgres_database, True)
+        assert await asked(http, value, 2) == [200] * 2  # in Redis, not in the store
+        if owing:
+            server.kill(keep_data=False)
+            assert await asked(http, value, 2) == [200] * 2  # in neither
+        if before_stop is not None:
+            await before_stop()
+    a.store.dispose()
+    return value, budget
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a fault found, not fixed yet: the charges Redis held in batches that debts left to "
+    "Redis name are in no seed after it restarts empty (12 admitted on $0.10)",
+)
+async def test_charges_redis_held_in_batches_left_with_debts_count_after_an_empty_restart(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    """A admits $0.02 (written), $0.02 through Redis with the store read-only, then $0.02
+    without Redis (owed), and stops: its batches wait on disk with its debts to Redis, which
+    name them. Redis comes back empty and B starts, the store still read-only. B left the
+    named batches alone (their debts are paid once), so its seed from the store ($0.02) plus
+    the debts ($0.02) lacked the $0.02 Redis had held: 12 admitted on the $0.10 budget."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(
+            postgres_database,
+            redis_url=server.url,
+            spill_dir=tmp_path / "spill",
+            fail_open=True,
+            redis_timeout_seconds=0.3,
+        )
+        value, budget = await _a_stopped_with_batches_given_up(
+            postgres_database, server, settings, owing=True
+        )
+        assert len(_left_debts(tmp_path)) == 1
+        server.start()  # empty
+        b = BudgetEngine(settings)
+        app = fault_app(b)
+        async with running(app), client(app) as http:
+            during = await asked(http, value, 6)
+            await asyncio.sleep(0.3)  # B's heartbeats pay the debts left
+            during += await asked(http, value, 2)
+            in_redis = sum(_budget_in_redis(server, budget).values())
+            set_read_only(postgres_database, False)
+            assert await b.flush()
+            after = await asked(http, value, 2)
+            await asyncio.sleep(0.3)
+            assert await b.flush()
+            stored = budget_usage(b, budget)
+            redis_after = sum(_budget_in_redis(server, budget).values())
+    finally:
+        set_read_only(postgres_database, False)
+        server.stop()
+    admitted = 6 + during.count(200) + after.count(200)
+    print(
+        f"{admitted} of $0.01 admitted on $0.10 (B: {during}, then {after}); Redis {in_redis} "
+        f"in the outage, {redis_after} after; store {stored}"
+    )
+    assert admitted == 10
+    assert redis_after == stored == 10 * CENT
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a fault found, not fixed yet: only the engine that took batches over counts them "
+    "in its seeds; another's seed made first lacks them (12 admitted on $0.10)",
+)
+async def test_charges_another_engine_took_over_count_in_a_seed_made_by_a_third(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    """A admits $0.04 of a $0.10 budget through Redis, the last $0.02 with the store read-only,
+    and stops: $0.02 waits on disk, given up. Redis comes back empty; B starts and takes the
+    batch over, then C starts and asks first: C's seed from the store ($0.02) lacked B's $0.02,
+    and B and C together admitted 12."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(
+            postgres_database,
+            redis_url=server.url,
+            spill_dir=tmp_path / "spill",
+            fail_open=True,
+            redis_timeout_seconds=0.3,
+        )
+        value, budget = await _a_stopped_with_batches_given_up(
+            postgres_database, server, settings, owing=False
+        )
+        server.kill(keep_data=False)
+        server.start()  # empty
+        b, c = BudgetEngine(settings), BudgetEngine(settings)
+        await b.ensure_started()  # takes A's batch over
+        assert b.registry.ledger.unconfirmed
+        app_b, app_c = fault_app(b), fault_app(c)
+        async with running(app_c), client(app_c) as hc, running(app_b), client(app_b) as hb:
+            answers = await asked(hc, value, 1)  # C seeds the window first
+            for _ in range(6):
+                answers += await asked(hb, value, 1) + await asked(hc, value, 1)
+            in_redis = sum(_budget_in_redis(server, budget).values())
+            set_read_only(postgres_database, False)
+            assert await b.flush() and await c.flush()
+            stored = budget_usage(b, budget)
+        await b.shutdown()
+    finally:
+        set_read_only(postgres_database, False)
+        server.stop()
+    admitted = 4 + answers.count(200)
+    print(
+        f"{admitted} of $0.01 admitted on $0.10 (C first, then B and C: {answers}); "
+        f"Redis {in_redis}, store {stored}"
+    )
+    assert admitted == 10
+    assert in_redis == stored == 10 * CENT
+
+
+async def test_an_engine_taking_batches_over_as_another_stops_owing_redis_counts_its_debts_once(
+    postgres_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stops owing Redis $0.02 (admitted without it) with $0.04 unwritten (the store
+    read-only): it gave its batches up, then wrote its debts naming them. B, running beside
+    it, took the batches over in between (forced here, right after A gives them up): none was
+    named yet. Once Redis is back empty and the store writable, B wrote the batches and seeded
+    the window from the store, and A's debts were added on top: Redis $0.09 for $0.07."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(
+            postgres_database,
+            redis_url=server.url,
+            spill_dir=tmp_path / "spill",
+            fail_open=True,
+            redis_timeout_seconds=0.3,
+            flush_interval_seconds=30,  # no heartbeat pays A's debts before the test's steps
+        )
+        b = BudgetEngine(settings)
+        loop = asyncio.get_running_loop()
+        taken: list[int] = []
+        real_give_up = Spill.give_up
+
+        def give_up_then_b_takes(spill: Spill) -> int:
+            given = real_give_up(spill)
+            if spill is not b.spill and given:  # A's: B flushes in the gap (a worker thread)
+                b._spilled = True
+                asyncio.run_coroutine_threadsafe(b.flush(), loop).result(10)
+                taken.append(sum(b.registry.ledger.unconfirmed.values()))
+            return given
+
+        monkeypatch.setattr(Spill, "give_up", give_up_then_b_takes)
+        value, budget = await _a_stopped_with_batches_given_up(
+            postgres_database, server, settings, owing=True, before_stop=b.ensure_started
+        )  # (B started with Redis away: it never set its mark, no fence holds its requests)
+        monkeypatch.undo()
+        server.start()  # empty
+        set_read_only(postgres_database, False)
+        assert await b.flush()  # A's batches, taken over or not
+        await asyncio.sleep(0.5)  # past B's back-off
+        app = fault_app(b)
+        async with running(app), client(app) as http:
+            answers = await asked(http, value, 1)  # seeds the window from the store
+            await b.counters._pay_left()  # A's debts
+            assert await b.flush()
+            in_redis = sum(_budget_in_redis(server, budget).values())
+            stored = budget_usage(b, budget)
+        await b.shutdown()
+    finally:
+        set_read_only(postgres_database, False)
+        server.stop()
+    print(
+        f"B took over {taken} nano-dollars of A's batches as A stopped; then {answers}: "
+        f"Redis {in_redis}, store {stored}"
+    )
+    assert answers == [200]
+    assert in_redis == stored == 7 * CENT
+
+
+async def test_a_seed_with_taken_over_charges_does_not_wait_for_a_write_while_the_store_is_down(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    """A stops with $0.02 unwritten (the store read-only), given up on disk; Redis comes back
+    empty and B (a flush every 2 s) takes the batch over. B's first request seeds the window:
+    it waited for a write of those charges that could not come, a whole heartbeat (2 s)."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(
+            postgres_database,
+            redis_url=server.url,
+            spill_dir=tmp_path / "spill",
+            fail_open=True,
+            redis_timeout_seconds=0.3,
+        )
+        value, budget = await _a_stopped_with_batches_given_up(
+            postgres_database, server, settings, owing=False
+        )
+        server.kill(keep_data=False)
+        server.start()  # empty
+        b = BudgetEngine(settings.model_copy(update={"flush_interval_seconds": 2.0}))
+        app = fault_app(b)
+        async with running(app), client(app) as http:
+            assert b.registry.ledger.unconfirmed  # A's batch, taken over
+            began = time.monotonic()
+            answers = await asked(http, value, 1)
+            took = time.monotonic() - began
+            in_redis = sum(_budget_in_redis(server, budget).values())
+    finally:
+        set_read_only(postgres_database, False)
+        server.stop()
+    print(f"the first request, seeding the window with the store read-only: {answers} in "
+          f"{took:.2f} s; Redis {in_redis}")  # fmt: skip
+    assert answers == [200]
+    assert in_redis == 5 * CENT
+    assert took < 1.0
+
+
 # -- Redis restarted empty, another instance seeding first ------------------------------------
 
 

@@ -108,6 +108,10 @@ class CounterBackend(ABC):
         """The store's clock right after it committed the charges confirmed next (None: not
         known)."""
 
+    def writing(self, under_way: bool) -> None:  # noqa: B027 - optional hook
+        """A batch's write to the store begins (True), or has ended, written or not (False):
+        its charges are confirmed before it ends (`committed_at`), if they are."""
+
     def left_to_others(self, batch_ids: Sequence[str]) -> None:  # noqa: B027 - optional hook
         """The engine stops with the charges the store has not confirmed in these batches on
         disk, given up to the next engine on the store (`Spill.give_up`)."""

@@ -393,6 +393,7 @@ class RedisCounters(CounterBackend):
         self._tracks: dict[str, _Track] = {}
         self._commit_at: float | None = None  # the store's clock after the write confirmed
         self._write_came: asyncio.Event | None = None  # a heartbeat waits for a write under way
+        self._writing = False  # a batch's write to the store under way (`writing`)
         # Per seed reading the store, the charges of its windows the store confirmed meanwhile:
         # window -> [(the store's clock after the commit, amount)] (`_seed_now`).
         self._seeds_reading: list[dict[tuple[str, str, float], list[tuple[float, int]]]] = []
@@ -536,6 +537,7 @@ class RedisCounters(CounterBackend):
         self._heartbeat = None
         self._beating = False  # (a beat the closed loop cut: its `finally` never ran)
         self._write_came = None
+        self._writing = False
         self._seeding.clear()
         self._seeds_reading.clear()  # (the closed loop's seeds: their `finally` never ran)
         self._paying.clear()
@@ -951,6 +953,11 @@ class RedisCounters(CounterBackend):
         self._commit_at = at
         self._confirmed_all = True  # (a flush takes nothing new before its last batch is written)
         if self._write_came is not None:  # (its charges are confirmed before anything else runs)
+            self._write_came.set()
+
+    def writing(self, under_way: bool) -> None:
+        self._writing = under_way
+        if not under_way and self._write_came is not None:  # (failed: it will not confirm)
             self._write_came.set()
 
     def _applied(self, counter: WindowCounter, window: float, amount: int) -> None:
@@ -2391,11 +2398,13 @@ class RedisCounters(CounterBackend):
         the moment it committed) tells so. Weighed before, it counted as unwritten, in no seed,
         and was added again ($0.30 written just before an empty restart, confirmed late on a
         loaded loop: $0.61 in Redis for $0.31 spent, 70 admitted on a limit of 100). A seed
-        of ours waits so for a write of its `windows` (`_seed_now`). Bounded by a beat
-        interval: a write that hangs or fails (the store away) is weighed as unwritten, twice
-        at worst."""
+        of ours waits so for a write of its `windows` (`_seed_now`). Only while a write is
+        under way (`writing`): charges taken by a write that failed (the store away, batches
+        taken over from a gone engine) wait for no write that can come, and a seed of their
+        window waited a whole beat interval (2 s a request, a flush every 2 s). Bounded by a
+        beat interval: a write that hangs is weighed as unwritten, twice at worst."""
         deadline = time.monotonic() + self._beat_interval
-        while (
+        while self._writing and (
             any(w in self.ledger.unconfirmed for w in windows)
             if windows
             else self.ledger.unconfirmed

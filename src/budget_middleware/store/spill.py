@@ -284,6 +284,15 @@ class Spill:
         except OSError as exc:
             self._warn(f"cannot remove the written batch {path}: {exc}")
 
+    def own_batches(self) -> list[str]:
+        """The ids of this engine's batches on disk (those `give_up` would leave to anyone)."""
+        ids: list[str] = []
+        for name in self._names():
+            parts = name.split("-", 3)
+            if len(parts) == 4 and parts[1] == str(self.pid) and parts[2] == self.engine:
+                ids.append(parts[3].removesuffix(_SUFFIX))
+        return ids
+
     def give_up(self) -> int:
         """This engine stops: its batches left on disk are anyone's (the next engine on this
         store, in this process or another, writes them). How many there are (their ids:
