@@ -23,7 +23,7 @@ from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine
 from budget_middleware.admin import create_admin_app
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, unique_prefix, use_prefix
-from support import chat, client, engine_of, host_app, running
+from support import chat, client, engine_of, host_app, running, until
 
 Settings = Callable[..., BudgetSettings]
 SPENT = [{"max_limit": 0}]
@@ -854,6 +854,64 @@ async def test_a_soft_budget_never_makes_a_route_fall_over(make_settings: Settin
     assert first_openai >= 1 and set(seen[:first_openai]) == {"azure/gpt-4o"}
     assert set(seen[first_openai:]) == {"openai/gpt-4o"}  # its soft budget, spent, refuses none
     assert spend["/provider/openai"] > 0.0003  # past its soft limit, counted
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_routed_streams_on_redis_raise_their_target_s_threshold_alert(
+    make_settings: Settings, stream: bool
+) -> None:
+    """Nine requests of $0.01 at once, through two instances on one Redis, on a target's $0.10
+    budget: 90 % spent, its 80 % alert is raised once, whether the answers are JSON or streamed.
+    A stream is settled as its last chunk goes, while the server (httpx's ASGITransport, often
+    uvicorn) already tells the app its client is done: Starlette's `StreamingResponse` then
+    cancels the send that settles, and the alerts' look at the budget, made after Redis
+    answered, was cut with it: none was raised (a look at this instance's copy alone would
+    see 5 or 4 of the 9 charges: none either)."""
+    need_redis()
+    prefix = unique_prefix()
+    alerts: list[tuple[str, float]] = []
+    apps = []
+    for ttl in (5, 6):
+        app = host_app(None)
+        app.add_middleware(
+            BudgetMiddleware,
+            settings=make_settings(redis_url=REDIS_URL, cache_ttl_seconds=ttl),
+            on_alert=lambda alert: alerts.append((alert["type"], alert.get("threshold"))),
+        )
+        apps.append(app)
+    engines = [engine_of(app) for app in apps]
+    for engine in engines:
+        use_prefix(engine, prefix)
+    try:
+        async with (
+            running(apps[0]),
+            running(apps[1]),
+            client(apps[0]) as one,
+            client(apps[1]) as two,
+        ):
+            m = engines[0].manager
+            m.put_provider("openai", budgets=[{"max_limit": 0.10}])
+            m.put_provider("azure", budgets=[{"max_limit": 1}])
+            m.create_route(**ROUTE)
+            for engine in engines:
+                await engine.invalidate()
+            body, cost = chat("gpt-4o", stream=stream), {"x-mock-cost": "0.01"}
+            routed = await asyncio.gather(
+                *(
+                    (one, two)[n % 2].post("/v1/chat/completions", json=body, headers=cost)
+                    for n in range(9)
+                )
+            )
+            for engine in engines:
+                await engine.flush()
+            spent = {b.user_path: b.spent for b in m.list_budgets()}
+            await until(lambda: alerts, 3)
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+    targets = Counter(answer.headers.get("x-budget-route") for answer in routed)
+    print(f"{'streamed' if stream else 'JSON'}: {dict(targets)}; spent {spent}; alerts {alerts}")
+    assert targets == {"openai/gpt-4o": 9} and spent["/provider/openai"] == pytest.approx(0.09)
+    assert alerts == [("budget.threshold", 0.8)]
 
 
 async def test_an_upstream_error_is_answered_not_retried_on_the_next_target(

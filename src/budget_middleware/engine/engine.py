@@ -310,6 +310,7 @@ class BudgetEngine:
         self.builder.on_budget = self.alerts.on_budget
         self.counters.on_thresholds = self.alerts.stored_thresholds
         self.counters.thresholds_here = self.alerts.thresholds.get
+        self.counters.on_landed = self.alerts.check
         self.gate = Gate(self)  # the way in for every adapter's requests
         self.loop: asyncio.AbstractEventLoop | None = None  # the one it was started in
         self._keys_by_id: TTLCache[str, tuple[KeyConfig, bytes] | None] = TTLCache(

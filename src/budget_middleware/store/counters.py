@@ -53,6 +53,9 @@ class CounterBackend(ABC):
         # budget (by id), which a reload here sets as it sets the limit (`_terms_here`).
         self.on_thresholds: Callable[[WindowCounter, list[float] | None, bool], None] | None = None
         self.thresholds_here: Callable[[str], object] | None = None
+        # Told of a charge whose settlement landed after its caller stopped waiting for it (the
+        # engine's alerts look at its budgets then, as they do after a settlement awaited).
+        self.on_landed: Callable[[LimitSet], None] | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (shared backends)."""

@@ -2180,7 +2180,17 @@ class RedisCounters(CounterBackend):
         )
         self._paying.add(task)
         task.add_done_callback(self._paid)
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Its caller stopped waiting: Starlette's `StreamingResponse` cancels the send that
+            # settles a stream as its last chunk goes (the server has told the app its client is
+            # done). The charge lands all the same; its budgets are looked at once Redis has
+            # answered (the spend every instance made), not never (no alert was raised).
+            on_landed = self.on_landed
+            if cost and on_landed is not None:
+                task.add_done_callback(lambda _: on_landed(limits))
+            raise
 
     async def _settle_there(
         self,
