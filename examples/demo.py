@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,23 @@ def chat(max_tokens: int = 200) -> dict[str, Any]:
     }
 
 
+def usd(amount: float | str | None, width: int = 0) -> str:
+    """An amount as the demo prints it: dollars to six decimals (a millionth of a dollar),
+    rounded half up, whatever precision it came in (the `x-budget-remaining` header writes as
+    many decimals as the amount needs, `0.050000` beside `0.047962500`)."""
+    if amount is None:
+        return "-".rjust(width + 1)
+    value = Decimal(str(amount)).quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
+    return "$" + f"{value}".rjust(width)
+
+
 def show(response: httpx.Response) -> None:
     headers = response.headers
     if response.status_code == 200:
         usage = response.json()["usage"]
         print(
             f"  200 ok   tokens in/out {usage['prompt_tokens']:>3}/{usage['completion_tokens']:<4}"
-            f" budget remaining before: ${headers.get('x-budget-remaining', '-'):<10}"
+            f" budget remaining before: {usd(headers.get('x-budget-remaining')):<10}"
             f" requests left: {headers.get('x-ratelimit-remaining-requests', '-')}"
         )
     else:
@@ -153,18 +164,18 @@ async def main() -> None:
         await engine.flush()
 
     banner("7. Budgets (from the store, after the flush)")
-    print(f"  {'owner':<28} {'limit':>9} {'spent':>11} {'remaining':>11}  window")
+    print(f"  {'owner':<28} {'limit':>9} {'spent':>9} {'remaining':>9}  window")
     for budget in manager.list_budgets():
         print(
-            f"  {budget.user_path:<28} ${budget.max_limit:>8.4f} ${budget.current_usage:>10.6f}"
-            f" ${budget.remaining:>10.6f}  {budget.reset_duration} ({budget.period_label})"
+            f"  {budget.user_path:<28} {usd(budget.max_limit, 8)} {usd(budget.current_usage, 8)}"
+            f" {usd(budget.remaining, 8)}  {budget.reset_duration} ({budget.period_label})"
         )
     records = manager.usage(group_by="virtual_key")
     banner("8. Spend by key")
     for row in records.usage:
         print(
             f"  {row.name or row.key or '-':<12} requests {row.requests:>3}"
-            f"  tokens {row.input_tokens:>4} in {row.output_tokens:>5} out  spend ${row.cost:.6f}"
+            f"  tokens {row.input_tokens:>4} in {row.output_tokens:>5} out  spend {usd(row.cost)}"
         )
     await engine.shutdown()
     store = f"BUDGET_DATABASE_URL=sqlite:///./{DB_FILE}"

@@ -10,11 +10,14 @@ import hmac
 import itertools
 import json
 import os
+import random
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +31,7 @@ from fastapi import FastAPI, Request
 from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine
 from budget_middleware.admin import create_admin_app
 from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.manage.schemas import UsageRow
 from conftest import POSTGRES_URL, REDIS_URL, need_postgres, need_redis, reset_postgres
 from service_support import delete_prefix, unique_prefix, use_prefix
 from support import chat, client, engine_of, host_app, running, until, until_sync
@@ -785,7 +789,12 @@ async def test_shadow_mode_refuses_nothing_and_says_what_it_would_have_refused(
         assert unknown.headers["x-budget-shadow-refusal"] == "invalid_virtual_key"
         await engine.flush()
         spent = engine.manager.list_budgets(owner_type="virtual_key", owner_id=key.id)[0].spent
-        assert spent == pytest.approx(0.4)  # every charge ran
+        # As enforce charges: the two it would refuse are charged to no budget; the money
+        # they spent is in the usage records (GET /usage), which hold all four.
+        recorded = engine.manager.usage(group_by="virtual_key").usage
+        cost = sum(r.cost for r in recorded if r.key == key.id)
+        print(f"budget spent ${spent}, usage records ${cost}")
+        assert spent == pytest.approx(0.2) and cost == pytest.approx(0.4)
         with engine.store.session() as s:
             from sqlmodel import col, select
 
@@ -878,6 +887,24 @@ def test_the_demo_shows_the_80_percent_alert_before_the_budget_refusal(tmp_path:
     # It ends by pointing at the CLI and the dashboard on its store.
     assert any("budget-middleware usage --by model" in x for x in lines[-5:])
     assert any("/budget-admin/ui" in x for x in lines[-5:])
+
+
+def test_the_demo_prints_its_own_amounts_at_one_precision(tmp_path: Path) -> None:
+    """The demo printed the amounts of its own columns as they came: `x-budget-remaining` as
+    the header writes it (`$0.050000` beside `$0.047962500`), a budget's limit to 4 decimals
+    beside its spend to 6, and a float's rounding (bob's $0.0121125 as `$0.012113` in the
+    table, alice's $0.0061125 as `$0.006112`). Each is printed to six decimals now, rounded
+    half up; the library's messages and alerts (SPEC §8's `$0.0121 spent of $0.0100`) are
+    quoted as they are."""
+    lines = run_example("demo.py", tmp_path)
+    own = [x for x in lines if x.startswith("  200 ok") or x.startswith("  /") or " spend $" in x]
+    amounts = [a for x in own for a in re.findall(r"\$ *[0-9.,]+", x)]
+    decimals = Counter(len(a.partition(".")[2]) for a in amounts)
+    print(f"{len(amounts)} amounts in the demo's columns, by decimals: {dict(decimals)}")
+    assert len(own) >= 13 and len(amounts) >= 21
+    assert set(decimals) == {6}
+    alice = next(x for x in lines if x.lstrip().startswith("alice ") and "spend" in x)
+    assert alice.endswith("spend $0.006113"), alice  # 3 x $0.0020375, half up
 
 
 # -- found in review: each of these failed before its fix --------------------------------------
@@ -2590,7 +2617,10 @@ async def _refused_first_then_served(
             return 0 if counter is None else int(counter.value)
 
         if mode == "shadow":  # settled (its tokens counted, if they are) before the next
-            await until(charged, 5.0)
+            recorded = await until(
+                lambda: [r for r in m.usage(group_by="team").usage if r.key == team.id], 5.0
+            )
+            assert [r.requests for r in recorded] == [1]
         answers.append(
             await http.post(
                 "/v1/chat/completions",
@@ -2614,7 +2644,8 @@ async def test_shadow_mode_counts_a_request_enforce_refuses_before_any_limit_on_
     nowhere) goes on in shadow mode; it was counted on its team's request limit and, settled,
     its token limit, which enforce never touches: the next request, of another key of the
     team, was reported `request_limit_exceeded` (`token_limit_exceeded`) where enforce admits
-    it. Its cost is still charged to the team's budget: the money was spent."""
+    it. Nor is it charged to the team's budget, as in enforce (the money it spent is in its
+    usage record: `test_shadow_mode_reports_the_budget_refusals_enforce_makes_after_…`)."""
     overrides: dict[str, Any] = {}
     prefix = ""
     if counters == "redis":
@@ -2647,7 +2678,308 @@ async def test_shadow_mode_counts_a_request_enforce_refuses_before_any_limit_on_
     )
     assert seen["enforce"] == [code.split()[0], None]
     assert seen["shadow"] == seen["enforce"]
-    assert (spend["enforce"], spend["shadow"]) == (10_000_000, 20_000_000)  # both spent, in shadow
+    assert (spend["enforce"], spend["shadow"]) == (10_000_000, 10_000_000)  # as enforce charges
+
+
+async def _refused_first_then_budget(
+    settings: BudgetSettings, prefix: str, code: str
+) -> tuple[list[str | None], int, int]:
+    """A team of a $0.01 budget: its key `first` makes a request enforce refuses (`code`)
+    before any limit, then its key `second` two ordinary ones, each answered at $0.01. What
+    each was refused (enforce) or would have been (shadow), what the team's budget was
+    charged after the first two and what the usage records hold after all three (nano-USD)."""
+    upstream = FastAPI()
+
+    @upstream.post("/v1/chat/completions")
+    async def completions() -> dict[str, Any]:
+        return _HELD  # 2 tokens, $0.01
+
+    engine = BudgetEngine(settings)
+    if prefix:
+        use_prefix(engine, prefix)
+    app = BudgetMiddleware(upstream, engine=engine)
+    mode = settings.mode
+    seen: list[str | None] = []
+    async with running(app), client(app) as http:
+        m = engine.manager
+        team = m.create_team(name=f"t-{mode}", budgets=[{"max_limit": 0.01}])
+        first = m.create_virtual_key(
+            name=f"first-{mode}",
+            team_id=team.id,
+            is_active=code != "virtual_key_inactive",
+            provider_configs=[
+                {"provider": "openai", "allowed_models": ["gpt-4o-mini"], "blocked_models": []}
+            ]
+            if code in ("model_not_allowed", "provider_not_allowed")
+            else None,
+        )
+        if code == "virtual_key_expired":
+            m.update_virtual_key(
+                first.id, expires_at=(datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+            )
+        second = m.create_virtual_key(name=f"second-{mode}", team_id=team.id)
+        _, model, headers = _BEFORE_LIMITS[code]
+        if code.endswith(" routed"):  # no target it may use: a route of unpriced models
+            model = f"routed-{mode}"
+            m.create_route(name=model, targets=["acme/no-such-1", "acme/no-such-2"])
+        await engine.invalidate()
+        body = json.dumps(chat(model)).encode()
+        if headers:
+            body = bz2.compress(body)
+        sent = [(first, body, headers), (second, json.dumps(chat("openai/gpt-4o")).encode(), {})]
+        sent.append(sent[-1])
+        charged = served = 0
+
+        def team_usage() -> UsageRow:
+            rows = [r for r in m.usage(group_by="team").usage if r.key == team.id]
+            return (
+                rows[0]
+                if rows
+                else UsageRow(
+                    key=team.id,
+                    requests=0,
+                    input_tokens=0,
+                    output_tokens=0,
+                    cached_tokens=0,
+                    cost=0,
+                )
+            )
+
+        for n, (key, content, extra) in enumerate(sent):
+            answer = await http.post(
+                "/v1/chat/completions",
+                content=content,
+                headers={
+                    "authorization": f"Bearer {key.value}",
+                    "content-type": "application/json",
+                    **extra,
+                },
+            )
+            if mode == "enforce":
+                seen.append(None if answer.status_code == 200 else answer.json()["error"]["code"])
+            else:
+                assert answer.status_code == 200, answer.text
+                seen.append(answer.headers.get("x-budget-shadow-refusal"))
+            served += answer.status_code == 200
+            await until(lambda s=served: team_usage().requests >= s, 5.0)  # settled before next
+            if n == 1:  # what the budget was charged before the one enforce refuses
+                counter = engine.registry.windows["budget"].get(team.budgets[0].id)
+                charged = 0 if counter is None else int(counter.value)
+        recorded = round(team_usage().cost * 1e9)
+    return seen, charged, recorded
+
+
+@pytest.mark.parametrize("code", list(_BEFORE_LIMITS))
+@pytest.mark.parametrize("counters", ["in process", "redis"])
+async def test_shadow_mode_reports_the_budget_refusals_enforce_makes_after_a_request_refused_first(
+    make_settings: Callable[..., BudgetSettings], counters: str, code: str
+) -> None:
+    """SPEC §14: shadow mode reports what enforce would refuse. A request enforce refuses
+    before any limit (`code`) was charged to its team's budget in shadow mode, which enforce
+    never charges it: its $0.01 filled the team's $0.01 budget, and the next request, of
+    another key of the team, was reported `budget_exceeded` where enforce admits it. Its cost
+    is still in the usage records (`GET /usage`), the money spent."""
+    overrides: dict[str, Any] = {}
+    prefix = ""
+    if counters == "redis":
+        need_redis()
+        overrides["redis_url"] = REDIS_URL
+        prefix = unique_prefix()
+    overrides.update(_BEFORE_LIMITS[code][0])
+    seen: dict[str, list[str | None]] = {}
+    charged: dict[str, int] = {}
+    recorded: dict[str, int] = {}
+    for mode in ("enforce", "shadow"):
+        settings = make_settings(mode=mode, **overrides)
+        try:
+            seen[mode], charged[mode], recorded[mode] = await _refused_first_then_budget(
+                settings, prefix and f"{prefix}{mode}:", code
+            )
+        finally:
+            if prefix:
+                delete_prefix(REDIS_URL, f"{prefix}{mode}:")
+    disagree = sum(a != b for a, b in zip(seen["enforce"], seen["shadow"], strict=True))
+    print(
+        f"{counters}, {code}: enforce refused {seen['enforce']}, shadow would refuse "
+        f"{seen['shadow']} ({disagree} disagreements); team budget charged "
+        f"${charged['enforce'] / 1e9} (enforce), ${charged['shadow'] / 1e9} (shadow); usage "
+        f"records ${recorded['enforce'] / 1e9} (enforce), ${recorded['shadow'] / 1e9} (shadow)"
+    )
+    assert seen["enforce"] == [code.split()[0], None, "budget_exceeded"]
+    assert disagree == 0
+    assert charged["shadow"] == charged["enforce"] == 10_000_000
+    # every request served in shadow mode is in the usage records: the money spent
+    assert (recorded["enforce"], recorded["shadow"]) == (10_000_000, 30_000_000)
+
+
+# Lead: a random differential of shadow mode against enforce. The kinds of request a step may
+# send: (key, model, content-encoding).
+_DIFF_STEPS = [
+    ("ann", "openai/gpt-4o", ""),
+    ("ann", "openai/gpt-4o", ""),
+    ("ann", "routed", ""),
+    ("bob", "openai/gpt-4o", ""),
+    ("bob", "routed", ""),
+    ("cat", "openai/gpt-4o", ""),  # cat may use gpt-4o-mini alone
+    ("cat", "anthropic/claude-sonnet-4-5", ""),
+    ("cat", "openai/gpt-4o-mini", ""),
+    ("dan", "openai/gpt-4o", ""),  # turned off
+    ("ann", "acme/no-such-model-xyz", ""),  # no price, refused
+    ("bob", "barred", ""),  # a route of unpriced models alone
+    ("ann", "openai/gpt-4o", "bzip2"),
+]
+
+
+async def _shadow_diff_run(
+    settings: BudgetSettings, prefix: str, seed: int, steps: int
+) -> list[tuple[str, str | None]]:
+    """One random sequence (`seed`) of requests by the keys of one team (a team budget and
+    request limit; ann a request limit, bob a budget of his own; cat barred from models, dan
+    turned off) through `settings`' mode: each step's request and what it was refused
+    (enforce) or would have been (shadow)."""
+    rng = random.Random(seed)
+    upstream = FastAPI()
+
+    @upstream.post("/v1/chat/completions")
+    async def completions(request: Request) -> dict[str, Any]:
+        cost = float(request.headers["x-test-cost"])
+        return {"object": "chat.completion", "model": "m", "choices": [],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "cost": cost}}  # fmt: skip
+
+    engine = BudgetEngine(settings)
+    if prefix:
+        use_prefix(engine, prefix)
+    app = BudgetMiddleware(upstream, engine=engine)
+    mode = settings.mode
+    seen: list[tuple[str, str | None]] = []
+    async with running(app), client(app) as http:
+        m = engine.manager
+        team = m.create_team(
+            name=f"t{seed}-{mode}",
+            budgets=[{"max_limit": rng.choice([0.03, 0.05, 0.08])}],
+            rate_limit={"request_max_limit": rng.randint(6, 14), "request_reset_duration": "1h"},
+        )
+        barred = [{"provider": "openai", "allowed_models": ["gpt-4o-mini"], "blocked_models": []}]
+        keys = {
+            "ann": m.create_virtual_key(
+                name=f"ann{seed}-{mode}",
+                team_id=team.id,
+                rate_limit={
+                    "request_max_limit": rng.randint(2, 6),
+                    "request_reset_duration": "1h",
+                    # 2 tokens an answer
+                    **(
+                        {"token_max_limit": tokens, "token_reset_duration": "1h"}
+                        if (tokens := rng.choice([0, 6, 10]))
+                        else {}
+                    ),
+                },
+                budgets=[{"max_limit": 0.01, "soft": True}],
+            ),
+            "bob": m.create_virtual_key(
+                name=f"bob{seed}-{mode}",
+                team_id=team.id,
+                budgets=[{"max_limit": rng.choice([0.01, 0.02, 0.03])}],
+            ),
+            "cat": m.create_virtual_key(
+                name=f"cat{seed}-{mode}", team_id=team.id, provider_configs=barred
+            ),
+            "dan": m.create_virtual_key(name=f"dan{seed}-{mode}", team_id=team.id, is_active=False),
+        }
+        routes = {
+            "routed": ["openai/gpt-4o", "azure/gpt-4o"],
+            "barred": ["acme/no-such-1", "acme/no-such-2"],
+        }
+        for name, targets in routes.items():
+            m.create_route(name=f"{name}{seed}-{mode}", targets=targets)
+        await engine.invalidate()
+        served = 0
+
+        def team_requests() -> int:
+            rows = [r for r in m.usage(group_by="team").usage if r.key == team.id]
+            return rows[0].requests if rows else 0
+
+        for _ in range(steps):
+            who, model, coding = rng.choice(_DIFF_STEPS)
+            cost = rng.choice([0.001, 0.004, 0.009, 0.015])
+            name = f"{model}{seed}-{mode}" if model in routes else model
+            body = json.dumps(chat(name)).encode()
+            headers = {
+                "authorization": f"Bearer {keys[who].value}",
+                "content-type": "application/json",
+                "x-test-cost": str(cost),
+            }
+            if coding:
+                body = bz2.compress(body)
+                headers["content-encoding"] = coding
+            answer = await http.post("/v1/chat/completions", content=body, headers=headers)
+            if mode == "enforce" and answer.status_code != 200:
+                code = answer.json()["error"]["code"]
+            else:
+                assert answer.status_code == 200, answer.text
+                code = answer.headers.get("x-budget-shadow-refusal")
+                served += 1
+                # settled (and charged) before the next, as in enforce
+                await until(lambda s=served: team_requests() >= s, 5.0)
+            if code is None:  # admitted: the target it went to (a route's), as enforce's
+                code = f"admitted to {answer.headers.get('x-budget-route', model)}"
+            seen.append((f"{who} {model}{' ' + coding if coding else ''} ${cost}", code))
+    return seen
+
+
+@pytest.mark.parametrize("counters", ["in process", "redis"])
+async def test_shadow_mode_reports_what_enforce_refuses_in_random_sequences(
+    make_settings: Callable[..., BudgetSettings], counters: str
+) -> None:
+    """SPEC §14: shadow mode says what enforce would refuse. The same random sequences of
+    requests (keys of one team, a team budget and request limit, a key's own budget and
+    request limit, a route, a key barred from models, a turned-off key, an unpriced model
+    under `refuse`, a body in a coding read nowhere) through enforce and shadow: each request
+    shadow reports otherwise than enforce answers is a disagreement. A request enforce refuses
+    was charged in shadow mode (before any limit: to its budgets; by a limit: its request, cost
+    and tokens), so the next ones of its team were reported `budget_exceeded` or
+    `request_limit_exceeded` where enforce admits them (or refuses them for another limit):
+    27 of 150 requests in process, 16 of 90 on Redis; now none. `SHADOW_DIFF_SEQUENCES`,
+    `SHADOW_DIFF_FIRST`, `SHADOW_DIFF_LENGTH` and `SHADOW_DIFF_RESERVE` (0, 1) run others."""
+    overrides: dict[str, Any] = {"unpriced_models": "refuse"}
+    reserve = os.environ.get("SHADOW_DIFF_RESERVE")
+    if reserve is not None:  # `BUDGET_RESERVE` (on by default)
+        overrides["reserve"] = reserve == "1"
+    if counters == "redis":
+        need_redis()
+        overrides["redis_url"] = REDIS_URL
+    first = int(os.environ.get("SHADOW_DIFF_FIRST", "1"))
+    sequences = int(os.environ.get("SHADOW_DIFF_SEQUENCES", "3" if counters == "redis" else "5"))
+    length = int(os.environ.get("SHADOW_DIFF_LENGTH", "30"))
+    disagreements: list[str] = []
+    compared = 0
+    for seed in range(first, first + sequences):
+        runs: dict[str, list[tuple[str, str | None]]] = {}
+        for mode in ("enforce", "shadow"):
+            prefix = unique_prefix() if counters == "redis" else ""
+            try:
+                runs[mode] = await _shadow_diff_run(
+                    make_settings(mode=mode, **overrides), prefix, seed, length
+                )
+            finally:
+                if prefix:
+                    delete_prefix(REDIS_URL, prefix)
+        for n, ((step, enforced), (_, shadowed)) in enumerate(
+            zip(runs["enforce"], runs["shadow"], strict=True)
+        ):
+            compared += 1
+            if enforced != shadowed:
+                disagreements.append(
+                    f"seed {seed} step {n} ({step}): enforce {enforced}, shadow {shadowed}"
+                )
+    refused = sum(1 for _ in disagreements)
+    print(
+        f"{counters}: {sequences} sequences of {length}, {compared} requests compared, "
+        f"{refused} disagreements"
+    )
+    for line in disagreements:
+        print(" ", line)
+    assert disagreements == []
 
 
 async def test_on_refusal_and_get_refusals_carry_the_request_s_whole_identity(

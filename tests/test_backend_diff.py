@@ -1091,8 +1091,10 @@ async def test_shadow_answers_show_the_windows_as_they_are(
 ) -> None:
     """Shadow mode, a key whose request limit of 0 would refuse everything, 10,000 tokens a
     30 s window and $1 a day: a request of 100 tokens ($0.001), then another 31 s later, in the
-    next token window. Its answer shows that window (10,000 left, reset in 29 s) and the $0.999
-    left of the day (seed 2156 of the comparison, narrowed down)."""
+    next token window. Its answer shows that window (10,000 left, reset in 29 s) and the day's
+    budget as enforce has it: the $1 whole, as the first, which enforce refuses, is charged to
+    none of its limits (SPEC §14; it showed $0.999 when shadow mode charged it) (seed 2156 of
+    the comparison, narrowed down)."""
     engine, clock, prefix = one_engine(tmp_path, monkeypatch, counters, mode="shadow")
     engine.manager.create_virtual_key(
         name="alice",
@@ -1124,7 +1126,7 @@ async def test_shadow_answers_show_the_windows_as_they_are(
     print(f"{counters}: {seen[1]}")
     assert seen[1]["x-ratelimit-remaining-tokens"] == "10000"
     assert seen[1]["x-ratelimit-reset-tokens"] == "29s"
-    assert seen[1]["x-budget-remaining"] == "0.999000"
+    assert seen[1]["x-budget-remaining"] == "1.000000"
 
 
 @pytest.mark.parametrize("counters", ["in process", "Redis"])

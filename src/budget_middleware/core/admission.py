@@ -170,18 +170,20 @@ def admit_anyway(
 
 
 def count_refused(limits: LimitSet, now: float, ledger: Ledger) -> Ticket:
-    """Shadow mode (SPEC §14): a request its limits refused goes on, counted as enforce would
-    count it had it passed (its request now, its cost and tokens when settled), holding no
-    concurrency slot and no reservation: enforce gives a refused request none, and the slot
-    (or the room) it held had the next request, which enforce admits once the one that
-    filled it ended, reported as refused too. Its other windows are brought to `now` as
-    admission brings those it reaches (a window that had ended, behind the limit that refused,
-    was shown in the answer's headers: 0 tokens left of it, resetting in 0s)."""
-    charge(limits.requests, 1, now, ledger)
+    """Shadow mode (SPEC §14): a request its limits refused (or one refused before them) goes
+    on, charged to none of its limits, as enforce charges a refused request nothing: no
+    request, cost or tokens, no concurrency slot, no reservation. Counted, it had shadow mode
+    report the next requests as enforce would not: a key's request over its own limit counted
+    on its team's request limit (or budget) had another key of the team reported
+    `request_limit_exceeded` (`budget_exceeded`) where enforce admits it. Its money is in its
+    usage record (`would_refuse`). Its windows are brought to `now` as admission brings those
+    it reaches (a window that had ended, behind the limit that refused, was shown in the
+    answer's headers: 0 tokens left of it, resetting in 0s)."""
+    ensure_current(limits.requests, now, ledger)
     ensure_current(limits.tokens, now, ledger)
     ensure_current(limits.budgets, now, ledger)
-    held = copy(limits)  # settled without the slots it never took
-    held.slots = ()
+    held = copy(limits)  # settled charging nothing
+    held.requests = held.tokens = held.slots = held.budgets = held.soft_budgets = ()
     return Ticket(held, 0)
 
 

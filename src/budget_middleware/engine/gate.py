@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from copy import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -439,17 +438,14 @@ class Gate:
     def _refused_first(self, exchange: Exchange) -> Exchange:
         """Shadow mode: a request enforce refuses before any limit (its key unknown, turned off
         or expired, a provider or model it may not use, a model without a price where those are
-        refused, a body it cannot read) goes on, its limits not asked, as enforce asks none.
-        It is counted on none of its rate limits, which enforce never lets it reach: no slot,
-        no reservation, no request, no tokens (counted, the next request of its team was
-        reported `request_limit_exceeded`, `token_limit_exceeded` or, held, refused by its
-        slot, where enforce admits it). Its cost is still charged to its budgets: the money
-        was spent, and a budget's spend is where it is seen (`GET /budgets`, alerts)."""
-        engine = self.engine
-        charged = copy(exchange.limits)
-        charged.requests = charged.tokens = charged.slots = ()
-        exchange.ticket = engine.counters.admit_anyway(charged, 0)
-        engine.stats.admitted += 1
+        refused, a body it cannot read) goes on, its limits not asked, as enforce asks none,
+        and charged to none of them, as enforce charges it nothing (`count_refused`): counted,
+        it had the next request of its team reported `request_limit_exceeded`,
+        `token_limit_exceeded`, `budget_exceeded` or, held, refused by its slot, where enforce
+        admits it. The money it spent is in its usage record (`GET /usage`), which carries
+        `would_refuse`."""
+        exchange.ticket = self.engine.counters.admit_anyway(exchange.limits, 0)
+        self.engine.stats.admitted += 1
         self._count_shadow(exchange)
         return exchange
 

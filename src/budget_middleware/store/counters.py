@@ -148,8 +148,8 @@ class CounterBackend(ABC):
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None: ...
 
     def admit_anyway(self, limits: LimitSet, estimate: int) -> Ticket:
-        """Shadow mode (SPEC §14): count a request its limits refused, holding nothing
-        (`admission.count_refused`)."""
+        """Shadow mode (SPEC §14): a request its limits refused goes on, charged to none of
+        them and holding nothing (`admission.count_refused`)."""
         return admission.count_refused(limits, self.clock(), self.ledger)
 
     async def admit_first(

@@ -1520,14 +1520,6 @@ class RedisCounters(CounterBackend):
                 self._owe(counter, 1, fresh=True)
         return first
 
-    def admit_anyway(self, limits: LimitSet, estimate: int) -> Ticket:
-        """Shadow mode: counted here, and in Redis when its settlement is (as while Redis is
-        down); the ticket holds nothing, here or there (`admission.count_refused`)."""
-        ticket = super().admit_anyway(limits, estimate)
-        for counter in limits.requests:
-            self._owe(counter, 1, fresh=True)
-        return ticket
-
     def _owe(
         self, counter: WindowCounter, amount: int, in_transit: bool = False, fresh: bool = False
     ) -> None:
