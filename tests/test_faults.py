@@ -1750,11 +1750,6 @@ async def _a_stopped_with_batches_given_up(
     return value, budget
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fault found, not fixed yet: the charges Redis held in batches that debts left to "
-    "Redis name are in no seed after it restarts empty (12 admitted on $0.10)",
-)
 async def test_charges_redis_held_in_batches_left_with_debts_count_after_an_empty_restart(
     postgres_database: str, tmp_path: Path
 ) -> None:
@@ -1804,11 +1799,6 @@ async def test_charges_redis_held_in_batches_left_with_debts_count_after_an_empt
     assert redis_after == stored == 10 * CENT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fault found, not fixed yet: only the engine that took batches over counts them "
-    "in its seeds; another's seed made first lacks them (12 admitted on $0.10)",
-)
 async def test_charges_another_engine_took_over_count_in_a_seed_made_by_a_third(
     postgres_database: str, tmp_path: Path
 ) -> None:
@@ -1851,6 +1841,57 @@ async def test_charges_another_engine_took_over_count_in_a_seed_made_by_a_third(
     print(
         f"{admitted} of $0.01 admitted on $0.10 (C first, then B and C: {answers}); "
         f"Redis {in_redis}, store {stored}"
+    )
+    assert admitted == 10
+    assert in_redis == stored == 10 * CENT
+
+
+async def test_charges_an_engine_took_over_count_once_after_redis_restarts_empty(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    """A stops with $0.02 given up on disk (the store read-only); B takes the batch over while
+    Redis keeps its data, and admits $0.01. Then Redis restarts empty and C seeds the window
+    first: its seed counts the batch B took over (on disk), and B's heartbeat, finding the
+    loss, adds B's unwritten charges: those taken over must not be added again."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        settings = settings_for(
+            postgres_database,
+            redis_url=server.url,
+            spill_dir=tmp_path / "spill",
+            fail_open=True,
+            redis_timeout_seconds=0.3,
+        )
+        value, budget = await _a_stopped_with_batches_given_up(
+            postgres_database, server, settings, owing=False
+        )
+        # (B's heartbeat every 10 s: run by the test, after C's seed)
+        b = BudgetEngine(settings.model_copy(update={"flush_interval_seconds": 30}))
+        c = BudgetEngine(settings)
+        await b.ensure_started()  # takes A's batch over
+        assert b.registry.ledger.unconfirmed
+        app_b, app_c = fault_app(b), fault_app(c)
+        async with running(app_c), client(app_c) as hc, running(app_b), client(app_b) as hb:
+            answers = await asked(hb, value, 1)  # Redis kept A's $0.04: B's counter is made
+            server.kill(keep_data=False)
+            server.start()  # empty
+            answers += await asked(hc, value, 1)  # C seeds the window first
+            await b.counters.heartbeat()  # B finds the loss and adds what it owes
+            for _ in range(5):
+                answers += await asked(hb, value, 1) + await asked(hc, value, 1)
+            in_redis = sum(_budget_in_redis(server, budget).values())
+            set_read_only(postgres_database, False)
+            assert await b.flush() and await c.flush()
+            stored = budget_usage(b, budget)
+        await b.shutdown()
+    finally:
+        set_read_only(postgres_database, False)
+        server.stop()
+    admitted = 4 + answers.count(200)
+    print(
+        f"{admitted} of $0.01 admitted on $0.10 (B, then C first after the restart, then B "
+        f"and C: {answers}); Redis {in_redis}, store {stored}"
     )
     assert admitted == 10
     assert in_redis == stored == 10 * CENT

@@ -267,6 +267,7 @@ class BudgetEngine:
         self.unwritten: list[Batch] = []
         # Where batches wait on disk while the store is down (None: a store in memory).
         self.spill = _spill_for(settings)
+        self.counters.spill = self.spill
         self._spilled = self.spill is not None  # batches may wait there: look at start-up
         # Set aside (the store refuses them) and not yet saved in its table of rejects.
         self.rejects_to_save: list[tuple[str, str, str, float]] = []
@@ -1251,6 +1252,7 @@ class BudgetEngine:
                         with contextlib.suppress(Exception):
                             at = await anyio.to_thread.run_sync(self.store.clock)
                     if batch.own:  # another engine's charges were never in this ledger
+                        self.counters.taken_written(batch.id)
                         self.counters.committed_at(at)
                         for d in batch.deltas:
                             ledger.confirmed(d.kind, d.id, d.start_ts, d.amount)
@@ -1291,9 +1293,10 @@ class BudgetEngine:
             # left to Redis name: their payment adds those debts, once.
             ledger = self.registry.ledger
             keep = await anyio.to_thread.run_sync(self.counters.batches_owed_for)
-            for deltas in await anyio.to_thread.run_sync(spill.claim_gone, keep):
+            for batch_id, deltas in await anyio.to_thread.run_sync(spill.claim_gone, keep):
                 for d in deltas:
                     ledger.taken(d.kind, d.id, d.start_ts, d.amount)
+                self.counters.took_over(batch_id, deltas)
             found = await anyio.to_thread.run_sync(spill.oldest)
         if spill.unreadable:
             self._set_aside_unreadable(spill)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from budget_middleware.core.durations import Duration
     from budget_middleware.settings import BudgetSettings
     from budget_middleware.store.database import Store, StoredBudget
+    from budget_middleware.store.spill import Spill
 
 
 class CounterBackend(ABC):
@@ -56,6 +57,9 @@ class CounterBackend(ABC):
         # Told of a charge whose settlement landed after its caller stopped waiting for it (the
         # engine's alerts look at its budgets then, as they do after a settlement awaited).
         self.on_landed: Callable[[LimitSet], None] | None = None
+        # The engine's batches on disk (`store.spill`; None: a store in memory): a shared
+        # backend's seeds count those of other engines that no live one counts as its own.
+        self.spill: Spill | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (shared backends)."""
@@ -118,6 +122,13 @@ class CounterBackend(ABC):
     def left_to_others(self, batch_ids: Sequence[str]) -> None:  # noqa: B027 - optional hook
         """The engine stops with the charges the store has not confirmed in these batches on
         disk, given up to the next engine on the store (`Spill.give_up`)."""
+
+    def took_over(self, batch_id: str, deltas: Sequence[Delta]) -> None:  # noqa: B027
+        """A batch a gone engine left on disk is this engine's unwritten charges now
+        (`Spill.claim_gone`)."""
+
+    def taken_written(self, batch_id: str) -> None:  # noqa: B027 - optional hook
+        """One of this engine's batches is in the store (its charges confirmed next)."""
 
     def batches_owed_for(self) -> set[str]:
         """The ids of batches given up on disk that debts left to shared counters name (their

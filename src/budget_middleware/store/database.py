@@ -418,6 +418,17 @@ class Store:
                 transaction.rollback()
         return True
 
+    def batches_applied(self, batch_ids: Iterable[str]) -> set[str]:
+        """Which of these batches the store has applied."""
+        applied: set[str] = set()
+        with self.session() as s:
+            for chunk in _chunks(sorted(batch_ids), 500):
+                rows = s.execute(
+                    sql_select(col(FlushRow.batch_id)).where(col(FlushRow.batch_id).in_(chunk))
+                )
+                applied.update(str(batch_id) for (batch_id,) in rows)
+        return applied
+
     def batch_applied(self, batch_id: str) -> bool:
         with self.session() as s:
             return s.get(FlushRow, batch_id) is not None

@@ -130,6 +130,11 @@ def _seed_record_key(prefix: str, key: str) -> str:
     return f"{prefix}sv:{key[len(prefix) :]}"
 
 
+def _seed_batches_key(prefix: str, key: str) -> str:
+    """Where `seed.lua` records the batches on disk a window key's seed counted (`sb:`)."""
+    return f"{prefix}sb:{key[len(prefix) :]}"
+
+
 def mark_key(prefix: str, kind: str, id: str) -> str:
     """The mark of a window begun anew elsewhere (`mark_reset.lua`, `carry.lua`): a budget's by
     its id, a rate limit's request and token windows (one id) each by its kind."""
@@ -321,18 +326,28 @@ def _written_track(chunks: Sequence[list[float]], lo: int, owed: int) -> _Track:
     return track
 
 
-def _held_of_left(debt: dict[str, Any], record: str, instance: str, settled: float | None) -> int:
+def _held_of_left(
+    debt: dict[str, Any],
+    record: str,
+    instance: str,
+    settled: float | None,
+    held_batches: Callable[[float], bool] = lambda read_at: False,
+) -> int:
     """How much of a debt an engine left on disk (`RedisCounters._leave_debts`) the seed of its
     window key holds (this record: `seed.lua`'s), as `_leave_out_seeded` weighs it: none when
     that engine's instance made the seed (its seeds left its debts out) or nobody did; all when
-    the seed read the store after that engine's last write confirmed them all (`settled`); else
-    those committed before the seed read the store, by their places (`_Track`)."""
+    the seed read the store after that engine's last write confirmed them all (`settled`), or
+    when it holds every batch the debts' charges wait in (`held_batches`, by when the seed read
+    the store: counted from disk, or in the store then); else those committed before the seed
+    read the store, by their places (`_Track`)."""
     seeded, _, seeder = record.partition(" ")
     amount = int(debt["amount"])
     if not seeded or seeder == instance:
         return 0
     read_at = float(seeded)
     if settled is not None and read_at >= settled:
+        return amount
+    if held_batches(read_at):
         return amount
     stamps = [(float("inf") if at is None else at, n) for at, n in debt["stamps"]]
     track = _Track(stamps=stamps, base=debt["base"])
@@ -468,6 +483,12 @@ class RedisCounters(CounterBackend):
         self._debts_left = None if self._debts is None else LeftDebts(self._debts)
         self._confirmed_all = True  # the store confirmed every charge taken (`settled`)
         self._given_up: list[str] = []  # the batches the engine left to others as it stopped
+        # The batches this engine took over from gone ones (`took_over`), their charges by
+        # window: unwritten, and written since the last beat. Another instance's seed counts
+        # them from disk (`_read_and_seed`, its record says which: `seed.lua`), so the
+        # heartbeat that finds Redis emptied does not add them again (`_owe_unwritten`).
+        self._taken: dict[str, dict[tuple[str, str, float], int]] = {}
+        self._taken_since_beat: dict[str, dict[tuple[str, str, float], int]] = {}
 
     @property
     def _mark_key(self) -> str:
@@ -515,6 +536,8 @@ class RedisCounters(CounterBackend):
         self._after_loss.clear()
         self._beaten = False
         self._beat_unanswered = False
+        self._taken.clear()
+        self._taken_since_beat.clear()
 
     async def loop_ending(self) -> None:
         """The loop's connections closed as it ends, once the settlements under way are
@@ -629,6 +652,20 @@ class RedisCounters(CounterBackend):
 
     def left_to_others(self, batch_ids: Sequence[str]) -> None:
         self._given_up = list(batch_ids)
+        self._taken.clear()  # (given up again, with the rest: anyone's)
+        self._taken_since_beat.clear()
+
+    def took_over(self, batch_id: str, deltas: Sequence[Delta]) -> None:
+        windows: dict[tuple[str, str, float], int] = {}
+        for d in deltas:
+            window = (d.kind, d.id, d.start_ts)
+            windows[window] = windows.get(window, 0) + d.amount
+        self._taken[batch_id] = windows
+
+    def taken_written(self, batch_id: str) -> None:
+        windows = self._taken.pop(batch_id, None)
+        if windows is not None:
+            self._taken_since_beat[batch_id] = windows
 
     def batches_owed_for(self) -> set[str]:
         """The batches the debts left on disk name (`_leave_debts`): their payment counts those
@@ -766,21 +803,47 @@ class RedisCounters(CounterBackend):
             unwritten = await anyio.to_thread.run_sync(still_spilled, spilled, left["batches"])
         dones = [d["done"] for d in debts if d["done"]]
         keys_now = [d["key"] for d in debts] if unwritten else []
-        found = await self.client.mget([d["record"] for d in debts] + dones + keys_now)
-        if unwritten and any(value is None for value in found[len(debts) + len(dones) :]):
+        named = [str(b) for b in left.get("batches", [])]
+        counted_keys = [_seed_batches_key(self.prefix, d["key"]) for d in debts] if named else []
+        found = await self.client.mget(
+            [d["record"] for d in debts] + dones + keys_now + counted_keys
+        )
+        n = len(debts) + len(dones)
+        if unwritten and any(value is None for value in found[n : n + len(keys_now)]):
             # Skipped as "seeded from the store", they were in no key: the store had them only
             # later, from their spilled batch (Redis $0.03 for $0.06 spent).
             return False
-        ran = dict(zip(dones, found[len(debts) : len(debts) + len(dones)], strict=True))
+        ran = dict(zip(dones, found[len(debts) : n], strict=True))
+        counted = [set(str(c or "").split()) for c in found[n + len(keys_now) :]]
+        noted: dict[str, float] = {}
+        if named:  # (when the store had those written: `spill.note_written`)
+            for batch_id in named:
+                at = await anyio.to_thread.run_sync(written_at, self._debts, [batch_id])
+                if at is not None:
+                    noted[batch_id] = at
+
+        def held_batches(index: int) -> Callable[[float], bool]:
+            # Every batch the debts name counted by the seed (from disk: `_read_and_seed`), or
+            # in the store when it read it: the debts' charges are all there (the charges
+            # Redis had held beside them too, which their payment alone left out: 12 admitted
+            # on $0.10 after an empty restart).
+            seen = counted[index] if index < len(counted) else set()
+            return lambda read_at: (
+                bool(named)
+                and all(b in seen or noted.get(b, float("inf")) <= read_at for b in named)
+            )
+
         keys: list[str] = []
         args: list[Any] = []
         ttl = 0
-        for debt, record in zip(debts, found, strict=False):
+        for index, (debt, record) in enumerate(zip(debts, found, strict=False)):
             done = ran.get(debt["done"]) if debt["done"] else None
             if done is not None and debt["key"] not in str(done).split("\n"):
                 continue  # added by the call Redis ran
             seen = str(record or "")
-            amount = int(debt["amount"]) - _held_of_left(debt, seen, left["instance"], settled)
+            amount = int(debt["amount"]) - _held_of_left(
+                debt, seen, left["instance"], settled, held_batches(index)
+            )
             if amount <= 0:
                 continue
             end = debt["end"]
@@ -835,7 +898,11 @@ class RedisCounters(CounterBackend):
         every lifetime budget deleted or reset, or given a reset period, left two in Redis
         for good."""
         if self._expire is not None:
-            keys = keys + [self._seed_record_key(key) for key in keys]
+            keys = keys + [
+                made(self.prefix, key)
+                for made in (_seed_record_key, _seed_batches_key)
+                for key in keys
+            ]
             await self._expire(keys=keys, args=[int(WINDOW_MARGIN_SECONDS * 1000)])
 
     async def read_live(self, ids: Collection[str] | None = None) -> None:
@@ -1352,15 +1419,28 @@ class RedisCounters(CounterBackend):
         budget_ids = [e.counter.id for e in missing if e.counter and e.kind in "bs"]
         rate_ids = [e.counter.id for e in missing if e.counter and e.kind not in "bs"]
 
-        def read() -> tuple[float, dict[str, StoredBudget], dict[str, RateLimitRow]]:
+        spill = self.spill
+
+        def read() -> tuple[
+            float, dict[str, StoredBudget], dict[str, RateLimitRow], dict[str, list[Delta]]
+        ]:
             # The store's clock before the read: every write committed before it is in what
             # the read sees (`_leave_out_seeded`).
             at = self.store.clock()
-            return (at, *self.store.read_counters(budget_ids, rate_ids))
+            # The batches on disk that no live engine counts as its own (given up, taken over
+            # by another engine, a gone one's): in no seed else, their charges that Redis held
+            # before it restarted empty were admitted again (12 on a $0.10 budget). Listed
+            # before the store says which it has applied, and that before it is read: one
+            # written meanwhile is counted twice at worst, never missed.
+            spilled = {} if spill is None else spill.others_unwritten()
+            if spilled:
+                applied = self.store.batches_applied(spilled)
+                spilled = {b: d for b, d in spilled.items() if b not in applied}
+            return (at, *self.store.read_counters(budget_ids, rate_ids), spilled)
 
         for _ in range(3):
             try:
-                read_at, budgets, rates = await anyio.to_thread.run_sync(read)
+                read_at, budgets, rates, spilled = await anyio.to_thread.run_sync(read)
             except Exception as exc:
                 self.on_store_failed(exc)
                 raise _StoreDown from exc
@@ -1373,6 +1453,12 @@ class RedisCounters(CounterBackend):
             # the read: Redis $0.61 for $0.31 spent, 70 admitted on a limit of 100).
             if all(at < read_at for during in confirming.values() for at, _ in during):
                 break
+        on_disk: dict[tuple[str, str, float], int] = {}
+        for deltas in spilled.values():
+            for d in deltas:
+                window = (d.kind, d.id, d.start_ts)
+                on_disk[window] = on_disk.get(window, 0) + d.amount
+        counted = " ".join(spilled)  # (recorded beside each key it seeds: `_held_of_left`)
         keys: list[str] = []
         args: list[Any] = []
         moved = False
@@ -1444,12 +1530,14 @@ class RedisCounters(CounterBackend):
             window = (counter.kind, counter.id, counter.start)
             late = sum(amount for at, amount in confirming.get(window, ()) if at < read_at)
             keys.append(entry.keys[0])
-            args += [max(value - min(late, value) + unwritten, 0), self._ttl_ms(counter, now)]
+            spent = max(value - min(late, value) + unwritten, 0) + on_disk.get(window, 0)
+            args += [spent, self._ttl_ms(counter, now), counted]
         assert self._seed is not None
         if keys:
             records = [self._seed_record_key(k) for k in keys]
+            batches = [_seed_batches_key(self.prefix, k) for k in keys]
             done = await self._seed(
-                keys=[*keys, *records, self._mark_key],
+                keys=[*keys, *records, *batches, self._mark_key],
                 args=[*args, f"{read_at!r} {self._instance}"],
             )
             if not int(done[-1]):  # Redis lost its data since the last heartbeat read
@@ -1556,12 +1644,16 @@ class RedisCounters(CounterBackend):
         seeds: dict[str, tuple[float, str]],
         after_loss: dict[WindowCounter, int] | None = None,
         early: dict[str, int] | None = None,
+        counted: dict[str, set[str]] | None = None,
+        taken: dict[str, dict[tuple[str, str, float], int]] | None = None,
     ) -> None:
         """Redis lost its data: this instance's charges to the current windows that a seed by
         another instance may have missed are owed to it (`pay_debts` adds them). `seeds`: the
         seed now in a window key, when it read the store and who made it (`_seed_records`);
         this instance's holds them. `early`: of the debts in transit, by key, those the store
-        confirmed before the last beat (`_confirmed_before_beat`)."""
+        confirmed before the last beat (`_confirmed_before_beat`). `counted`: by key, the
+        batches on disk that seed counted; of those, the ones this engine took over (`taken`:
+        unwritten, or written since the last beat) it holds too."""
         now = self.clock()
         for windows in self.registry.windows.values():
             for counter in windows.values():
@@ -1607,6 +1699,12 @@ class RedisCounters(CounterBackend):
                     )
                     mine -= max(0, held - in_seed)
                     lo = max(lo, held)
+                    in_disk = (counted or {}).get(key)
+                    if in_disk and taken:
+                        # Taken over from a gone engine, and counted by that seed from disk
+                        # (not written when it read the store): added again, Redis $0.02 over
+                        # the spend, 8 admitted on $0.10.
+                        mine -= sum(w.get(window, 0) for b, w in taken.items() if b in in_disk)
                 if mine > 0:
                     self._owe(counter, mine)
                     if track is not None:
@@ -1644,7 +1742,9 @@ class RedisCounters(CounterBackend):
             segments += places.get(key, [])
         return segments
 
-    async def _seed_records(self) -> dict[str, tuple[float, str]]:
+    async def _seed_records(
+        self, taken: Collection[tuple[str, str, float]] = ()
+    ) -> tuple[dict[str, tuple[float, str]], dict[str, set[str]]]:
         """After a loss, per window key this instance seeded since its last heartbeat or
         confirmed charges to, the seed there now (`seed.lua`'s record): when it read the store
         and which instance made it.
@@ -1654,20 +1754,32 @@ class RedisCounters(CounterBackend):
           after the loss is told so by its record, not by having seeded it: Redis restarted
           empty again before this heartbeat, and another instance's seed, without our
           unwritten charges, was taken for ours (120 admitted on 100, a fault hunt's).
-        None read (Redis away): none holds any, every charge is added (twice at worst)."""
+        None read (Redis away): none holds any, every charge is added (twice at worst).
+        With them, for the windows of the batches this engine took over (`taken`), the batches
+        on disk each seed counted (`seed.lua`)."""
         assert self.client is not None
         keys = list(self._seeded_after_loss)
         keys += [_window_key(self.prefix, *w) for w in self._written]
+        keys += [_window_key(self.prefix, *w) for w in taken]
+        keys = list(dict.fromkeys(keys))
+        counted_keys = [_seed_batches_key(self.prefix, k) for k in keys] if taken else []
         try:
-            records = await self.client.mget([self._seed_record_key(k) for k in keys])
+            records = await self.client.mget(
+                [self._seed_record_key(k) for k in keys] + counted_keys
+            )
         except (RedisError, OSError):
-            return {}
+            return {}, {}
         seeds: dict[str, tuple[float, str]] = {}
-        for key, record in zip(keys, records, strict=True):
+        for key, record in zip(keys, records, strict=False):
             seeded, _, seeder = str(record or "").partition(" ")
             if seeded:
                 seeds[key] = (float(seeded), seeder)
-        return seeds
+        counted = {
+            key: set(str(batches).split())
+            for key, batches in zip(keys, records[len(keys) :], strict=False)
+            if batches
+        }
+        return seeds, counted
 
     async def pay_debts(self) -> None:
         """Release the holds of requests settled without Redis; add what was charged without
@@ -2351,12 +2463,16 @@ class RedisCounters(CounterBackend):
         # Read before what the store confirmed and what is unwritten are taken: a flush that
         # confirmed in between moved charges from one to the other unseen.
         seeds: dict[str, tuple[float, str]] = {}
-        if owe and (self._written or self._seeded_after_loss):
-            seeds = await self._seed_records()
+        counted: dict[str, set[str]] = {}
+        taking = [*self._taken.values(), *self._taken_since_beat.values()] if owe else []
+        if owe and (self._written or self._seeded_after_loss or taking):
+            seeds, counted = await self._seed_records({w for batch in taking for w in batch})
         # What the store confirmed, taken once the answer is here: a payment of debts that ran
         # meanwhile took off it what another instance's seed holds (`_leave_out_seeded`); taken
         # before, the outage's charges were owed again (16 admitted on $0.25, not 25).
         written, self._written = self._written, {}
+        taken = {**self._taken, **self._taken_since_beat}  # (as `written`: taken at once)
+        self._taken_since_beat = {}
         early = self._confirmed_before_beat() if owe else {}
         beats = {key: track.confirmed for key, track in self._tracks.items()}
         # A seed of ours made before the beat found the mark gone, or after but before its
@@ -2365,7 +2481,7 @@ class RedisCounters(CounterBackend):
         self._seeded_after_loss = set()
         after_loss, self._after_loss = self._after_loss, {}
         if owe:  # (the places of debts since the beat before: `_Track.beat`, not moved yet)
-            self._owe_unwritten(written, seeds, after_loss, early)
+            self._owe_unwritten(written, seeds, after_loss, early, counted, taken)
         for key, confirmed in beats.items():  # `_written` holds what was confirmed since
             track = self._tracks.get(key)
             if track is not None:

@@ -138,6 +138,7 @@ _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 
 
 _GONE = 0  # the pid of files an engine gave up at its shutdown: anyone's
+_TAKEN = "t"  # after a file's moment: a batch an engine took over from another (`claim_gone`)
 # The engines made in this process (a forked child inherits its parent's: their files carry the
 # parent's pid). A file with this process's pid and an engine not made here was left by an
 # earlier process that had the same pid (pid 1 of a restarted container, a reused pid): gone.
@@ -160,6 +161,7 @@ class Spill:
         self.unreadable: list[tuple[str, str]] = []
         self._unlockable = False
         self.given_up: list[str] = []  # the ids of the batches `give_up` left to anyone
+        self._deltas: dict[str, list[Delta]] = {}  # `others_unwritten`'s, read once a batch
 
     def write(self, batch_id: str, deltas: Sequence[Delta], records: Sequence[UsageRecord]) -> str:
         """Write one batch whole; its file's path. Raises OSError when it cannot."""
@@ -192,15 +194,16 @@ class Spill:
                 return found
         return None
 
-    def claim_gone(self, keep: Collection[str] = ()) -> list[list[Delta]]:
+    def claim_gone(self, keep: Collection[str] = ()) -> list[tuple[str, list[Delta]]]:
         """Every batch here of an engine that is gone, renamed to this engine's (a rename: one
         engine takes each), from now on this engine's unwritten charges; their deltas. Taken
         one at a time (`oldest`), while the store could not be written only the first was
         this engine's: the rest counted nowhere, and a process started in an outage admitted
         again what the one before had spent. The batches whose ids are in `keep` are left as
-        they are (those named by debts to Redis left on disk: counted by their payment)."""
+        they are (those named by debts to Redis left on disk: counted by their payment). By
+        batch id."""
         entries = self._entries()
-        claimed: list[list[Delta]] = []
+        claimed: list[tuple[str, list[Delta]]] = []
         if entries is None:
             return claimed
         alive: dict[int | str, bool] = {}
@@ -210,7 +213,10 @@ class Spill:
                 continue
             if len(parts) == 4 and parts[3].removesuffix(_SUFFIX) in keep:
                 continue
-            mine = self.folder / f"{parts[0]}-{self.pid}-{self.engine}-{parts[3]}"
+            # Marked taken (`_TAKEN` after its moment): another engine's seed counts it
+            # (`others_unwritten`), as it does a gone engine's, not as this engine's own.
+            taken = parts[0].removesuffix(_TAKEN) + _TAKEN
+            mine = self.folder / f"{taken}-{self.pid}-{self.engine}-{parts[3]}"
             try:
                 self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # (a legacy one's)
                 self._hold_lock()
@@ -222,10 +228,44 @@ class Spill:
                 continue
             found = self._read(mine)
             if found is not None:
-                claimed.append(found[2])
+                claimed.append((found[1], found[2]))
         if claimed:
             _sync_folder(self.folder)
         return claimed
+
+    def others_unwritten(self) -> dict[str, list[Delta]]:
+        """The batches here whose charges no live engine counts as its own (a seed of a window
+        key, Redis restarted empty, counts them: `RedisCounters._read_and_seed`): given up,
+        taken over by another engine (`claim_gone`: that engine's seeds count them too, but
+        another's, made first, lacked them), or of an engine that is gone; not this engine's
+        (its ledger counts them). By batch id, their deltas; a file that cannot be read is
+        left to the flusher (`oldest`)."""
+        entries = self._entries()
+        found: dict[str, list[Delta]] = {}
+        if entries is None:
+            return found
+        alive: dict[int | str, bool] = {}
+        cache, self._deltas = self._deltas, {}
+        for name, folder in entries:
+            parts = name.split("-", 3)
+            if len(parts) != 4 or parts[2] == self.engine:
+                continue
+            if not (
+                parts[1] == str(_GONE)
+                or parts[0].endswith(_TAKEN)
+                or self._may_take(name, alive, folder)
+            ):
+                continue
+            batch_id = parts[3].removesuffix(_SUFFIX)
+            deltas = cache.get(batch_id)
+            if deltas is None:
+                try:
+                    data = orjson.loads((folder / name).read_bytes())
+                    deltas = [_delta_in(d) for d in data["deltas"]]
+                except Exception:  # gone meanwhile (written, or taken: renamed), or unreadable
+                    continue
+            found[batch_id] = self._deltas[batch_id] = deltas  # (a batch's file never changes)
+        return found
 
     def _entries(self) -> list[tuple[str, Path]] | None:
         """The batch files here (and in the legacy folder), oldest first; None: unreadable."""
