@@ -5,6 +5,8 @@
     .venv/bin/python scripts/mutate.py --module core/windows.py --module sse
     .venv/bin/python scripts/mutate.py --list                # the mutants, without running them
     .venv/bin/python scripts/mutate.py --id windows-12 --show  # one mutant, with pytest's output
+    .venv/bin/python scripts/mutate.py --module engine/gate.py --tests tests/test_asgi.py
+                                                             # a module outside core/, its tests
 
 Each module of `src/budget_middleware/core/` is parsed and every classic mutation point is
 listed (the `MUTATIONS` table below). For each mutant the module's tests (`TESTS`) run with
@@ -54,7 +56,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "budget_middleware"
-CORE = Path("src") / PACKAGE / "core"
+SRC = Path("src") / PACKAGE
+CORE = SRC / "core"
 
 # The tests that exercise each module, fastest and most direct first (`-x` stops at the first
 # failure, so a mutant that the unit tests catch costs a fraction of a second).
@@ -1181,11 +1184,11 @@ def _child(tree: Path, job: _Job, log: Path) -> NoReturn:
         os.dup2(fd, 2)
         os.chdir(tree)
         sys.path.insert(0, str(tree / "src"))
-        path = str(tree / CORE / job.module.removeprefix("core/"))
+        path = str(tree / SRC / job.module)
         plugins: list[object] = []
         recorder = None
         if job.code is not None:
-            name = f"{PACKAGE}.core.{Path(job.module).stem}"
+            name = _dotted(job.module)
             sys.meta_path.insert(0, _MutantFinder(name, path, job.code))
         if job.wanted is not None or job.seconds is not None:
             plugins.append(_Select(job.wanted, job.seconds))
@@ -1282,14 +1285,27 @@ class Runner:
 # -- the command ------------------------------------------------------------------------------
 
 
+def _dotted(module: str) -> str:
+    """`engine/gate.py` -> `budget_middleware.engine.gate`."""
+    return ".".join((PACKAGE, *Path(module).with_suffix("").parts))
+
+
 def _modules(wanted: Sequence[str]) -> list[str]:
     """`core/x.py` names of the modules to mutate: all of core/, or those named (`windows`,
-    `windows.py`, `core/windows.py` or its path under src/)."""
+    `windows.py`, `core/windows.py` or its path under src/). A module outside core/ is named by
+    its path under `src/budget_middleware/` (`engine/gate.py`, or its whole path); its tests
+    come from `TESTS` (keyed by that path) or `--tests`."""
     every = sorted(p.name for p in (ROOT / CORE).glob("*.py") if p.name != "__init__.py")
     if not wanted:
         return [f"core/{name}" for name in every]
     chosen = []
     for text in wanted:
+        relative = Path(text.removeprefix(f"{SRC}/"))
+        if len(relative.parts) > 1 and relative.parts[0] != "core":
+            if relative.suffix != ".py" or not (ROOT / SRC / relative).is_file():
+                raise SystemExit(f"mutate: no module {text!r} in {SRC}")
+            chosen.append(relative.as_posix())
+            continue
         name = Path(text).name
         name = name if name.endswith(".py") else name + ".py"
         if name not in every:
@@ -1298,7 +1314,12 @@ def _modules(wanted: Sequence[str]) -> list[str]:
     return sorted(set(chosen))
 
 
+_EXTRA_TESTS: list[str] = []  # --tests: in place of TESTS, for every module of the run
+
+
 def _tests_for(module: str) -> tuple[str, ...]:
+    if _EXTRA_TESTS:
+        return tuple(_EXTRA_TESTS)
     name = module.removeprefix("core/")
     if name not in TESTS:
         raise SystemExit(f"mutate: no tests are mapped to {module}: add it to TESTS")
@@ -1310,7 +1331,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.splitlines()[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--module", action="append", default=[], help="only this core module")
+    parser.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        help="only this module: of core/ (windows), or any under src/budget_middleware/ by its "
+        "path there (engine/gate.py)",
+    )
+    parser.add_argument(
+        "--tests",
+        action="append",
+        default=[],
+        help="run these test files (in this order) in place of the module's in TESTS",
+    )
     parser.add_argument("--id", action="append", default=[], help="only this mutant (windows-12)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--show", action="store_true", help="print pytest's output (with --id)")
@@ -1325,8 +1358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    missing = [t for t in args.tests if not (ROOT / t).is_file()]
+    if missing:
+        raise SystemExit(f"mutate: no test file {', '.join(missing)}")
+    _EXTRA_TESTS[:] = args.tests
     modules = _modules(args.module)
-    sources = {m: (ROOT / CORE / m.removeprefix("core/")).read_text() for m in modules}
+    sources = {m: (ROOT / SRC / m).read_text() for m in modules}
     mutants = [mutant for m in modules for mutant in mutants_of(m, sources[m])]
     if args.id:
         unknown = set(args.id) - {m.id for m in mutants}
@@ -1350,9 +1387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         tree = _copy_tree(work)
-        sources = {m: (tree / CORE / m.removeprefix("core/")).read_text() for m in modules}
-        if sources != {m: (ROOT / CORE / m.removeprefix("core/")).read_text() for m in modules}:
-            raise SystemExit("mutate: core/ changed while it was copied: run again")
+        sources = {m: (tree / SRC / m).read_text() for m in modules}
+        if sources != {m: (ROOT / SRC / m).read_text() for m in modules}:
+            raise SystemExit("mutate: a module changed while it was copied: run again")
         _preload()
         runner = Runner(tree, work, max(1, args.jobs), args.show)
         return _run(runner, modules, sources, mutants, args, started)
@@ -1408,7 +1445,7 @@ def _run(
         files = _tests_for(module)
         if wanted is not None:
             files = tuple(f for f in files if any(t.startswith(f + "::") for t in wanted))
-        path = str(runner.tree / CORE / module.removeprefix("core/"))
+        path = str(runner.tree / SRC / module)
         code = mutated_code(sources[module], path, mutant)
         timeout = min(args.timeout, max(30.0, 5 * ordered[module].seconds))
         fastest = coverage[module].seconds if ordered[module].outcome == "survived" else None

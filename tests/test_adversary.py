@@ -1331,6 +1331,7 @@ async def test_a_body_in_a_coding_the_middleware_cannot_read_is_refused_not_serv
     print(f"statuses {statuses}; served {sum(served)} output tokens, charged ${charged}")
     assert statuses == {"bzip2": 415, "utf-8": 200, "gzip": 200}
     assert refused.json()["error"]["code"] == "unsupported_content_encoding"
+    assert "content-encoding 'bzip2'" in refused.json()["error"]["message"]  # the coding sent
     assert refused.headers["accept-encoding"] == "gzip, deflate"
     assert charged == sum(served) / 1e6 == 0.2
 

@@ -1225,6 +1225,7 @@ async def test_a_body_too_large_and_a_store_away_are_refusals_the_hooks_and_the_
     assert heard == [("budget_exceeded", 402, "spent"), ("request_too_large", 413, None),
                      ("request_too_large", 413, "spent"),
                      ("service_unavailable", 503, None)]  # fmt: skip
+    assert not any(r["shadow"] for r in seen)  # refused, not a shadow mode's would-be refusal
     assert [r["code"] for r in listed.json()["refusals"]] == [
         "service_unavailable",
         "request_too_large",

@@ -710,3 +710,39 @@ def test_a_stream_served_on_a_second_loop_is_charged_once(make_settings: Setting
           f"(${cost:.6f}), budget ${spent:.6f}")  # fmt: skip
     assert statuses == {200: 30}
     assert charged == 30 and spent == pytest.approx(cost)
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "asked"),
+    [
+        ("/v1/chat/completions", "openai/gpt-4o", True),
+        ("/v1/messages", "anthropic/claude-3-5-haiku-latest", False),
+        ("/v1/responses", "openai/gpt-4o", False),
+    ],
+)
+async def test_only_an_openai_style_stream_reaches_the_app_asked_for_its_usage(
+    make_settings: Settings, path: str, model: str, asked: bool
+) -> None:
+    """README: a stream that does not ask for its usage is sent with
+    `stream_options.include_usage` on `/chat/completions` and `/completions`. Anthropic's
+    Messages API and OpenAI's Responses API have no such field (Anthropic answers 400 to a body
+    that carries it): a stream sent there reaches the app as the client wrote it."""
+    seen: list[bytes] = []
+    app = FastAPI()
+
+    @app.post("/{rest:path}")
+    async def catch_all(rest: str, request: Request) -> dict[str, Any]:
+        seen.append(await request.body())
+        return {}
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    body = json.dumps(chat(model, stream=True)).encode()
+    async with running(app), client(app) as http:
+        answer = await http.post(path, content=body, headers={"content-type": "application/json"})
+    got = json.loads(seen[0])
+    print(f"{path}: {answer.status_code}; the app got stream_options {got.get('stream_options')}")
+    assert answer.status_code == 200
+    if asked:
+        assert got["stream_options"] == {"include_usage": True}
+    else:
+        assert seen[0] == body

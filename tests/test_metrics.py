@@ -14,7 +14,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from admin_support import ADMIN
-from budget_middleware import BudgetSettings, create_admin_app
+from budget_middleware import BudgetSettings, create_admin_app, get_engine
 from support import chat, client, host_app, running
 
 Settings = Callable[..., BudgetSettings]
@@ -75,13 +75,41 @@ async def test_a_503_is_counted_as_a_refusal(make_settings: Settings) -> None:
     async with running(app), client(app) as http:
         limit = {"budgets": [{"max_limit": 10}]}
         assert (await http.put("/admin/providers/openai", json=limit, headers=ADMIN)).is_success
-        statuses = [
-            (await http.post("/v1/chat/completions", json=chat())).status_code for _ in range(3)
-        ]
+        answers = [await http.post("/v1/chat/completions", json=chat()) for _ in range(3)]
         refused = await _refused(http)
-    print("answers:", statuses, "counted:", refused)
+    statuses = [a.status_code for a in answers]
+    said = answers[0].json()["error"]["message"]
+    print("answers:", statuses, "counted:", refused, "said:", said)
     assert statuses == [503] * 3
+    assert "BUDGET_FAIL_OPEN=false" in said  # not the message of an unknown key (fail open)
     assert refused == {"service_unavailable": 3.0}
+
+
+async def test_a_routed_request_redis_cannot_admit_is_a_503_told_with_its_route(
+    make_settings: Settings,
+) -> None:
+    """Redis away and BUDGET_FAIL_OPEN=false: a request naming a route is answered 503
+    `service_unavailable` as any other, counted, and told (`GET /refusals`) with the model it
+    named."""
+    dead = f"redis://127.0.0.1:{_free_port()}/0"
+    settings = make_settings(redis_url=dead, redis_timeout_seconds=0.2)
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    async with running(app), client(app) as http:
+        limit = {"budgets": [{"max_limit": 10}]}
+        assert (await http.put("/admin/providers/openai", json=limit, headers=ADMIN)).is_success
+        route = {"name": "fast", "targets": ["openai/gpt-4o", "openai/gpt-4o-mini"]}
+        assert (await http.post("/admin/routes", json=route, headers=ADMIN)).is_success
+        answer = await http.post("/v1/chat/completions", json=chat("fast"))
+        refused = await _refused(http)
+        get_engine(settings).hooks.drain()
+        listed = (await http.get("/admin/refusals", headers=ADMIN)).json()["refusals"]
+    told = [(r["code"], r["status"], r["model"]) for r in listed]
+    print("answered", answer.status_code, answer.text[:80], "counted:", refused, "told:", told)
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "service_unavailable"
+    assert refused == {"service_unavailable": 1.0}
+    assert told == [("service_unavailable", 503, "fast")]
 
 
 async def test_two_instances_on_redis_show_one_budget_and_their_own_counts(

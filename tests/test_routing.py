@@ -1049,6 +1049,103 @@ async def test_a_reported_fee_is_the_latest_answer_s_not_the_largest_ever(
     assert served == 10 and not after
 
 
+async def test_a_model_s_reported_fee_stays_reserved_when_another_model_s_fee_ends(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """The fees are kept per model: `sonar`'s answer at its tokens' price, after one that
+    reported a fee, ends `sonar`'s excess, not `sonar-pro`'s. Ten requests at once to
+    `sonar-pro`, each answered $0.02 (its tokens' price $0.000171), on a $0.05 budget: each
+    reserves the fee, so the budget holds."""
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        '{"models": {"sonar-pro": {"input_per_mtok": 3, "output_per_mtok": 15},'
+        ' "sonar": {"input_per_mtok": 3, "output_per_mtok": 15}}}'
+    )
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> JSONResponse:
+        await asyncio.sleep(0.02)  # in flight together
+        usage: dict[str, Any] = {"prompt_tokens": 7, "completion_tokens": 10}
+        if request.headers.get("x-cost"):
+            usage["cost"] = float(request.headers["x-cost"])
+        return JSONResponse({"model": (await request.json())["model"], "usage": usage})
+
+    settings = make_settings(pricing_file=prices)
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    limit = 0.05
+    async with running(app), client(app) as http:
+        m = engine.manager
+        pro = chat("perplexity/sonar-pro", max_tokens=10)
+        sonar = chat("perplexity/sonar", max_tokens=10)
+        fee = {"x-cost": "0.02"}
+        taught = [
+            await http.post("/v1/chat/completions", json=pro, headers=fee),  # a fee each
+            await http.post("/v1/chat/completions", json=sonar, headers=fee),
+            await http.post("/v1/chat/completions", json=sonar),  # sonar's fee ends
+        ]
+        key = m.create_virtual_key(name="k", budgets=[{"max_limit": limit}])
+        await engine.invalidate()
+        keyed = {"x-budget-key": key.value or ""}
+        # reserved on the key's budget while sonar-pro's fee is held: sonar has none left
+        taught.append(await http.post("/v1/chat/completions", json=sonar, headers=keyed))
+        headers = {**keyed, **fee}
+        answers = await asyncio.gather(
+            *(http.post("/v1/chat/completions", json=pro, headers=headers) for _ in range(10))
+        )
+        await engine.flush()
+        spent = m.list_budgets(owner_type="virtual_key", owner_id=key.id)[0].spent
+    served = sum(a.status_code == 200 for a in answers)
+    print(f"after sonar-pro's $0.02 and sonar's fee ended: {served} of 10 at once served, "
+          f"${spent:.6f} spent of ${limit}; fees held {dict(engine.gate.fees)}")  # fmt: skip
+    assert [a.status_code for a in taught] == [200, 200, 200, 200]
+    assert 1 <= served <= 2 and spent <= limit + 1e-9
+
+
+async def test_a_reported_fee_is_reserved_by_a_request_that_sends_an_image_by_url(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """A request with an image by URL reserves the most an image has been measured to take
+    (`saw_media`) beside its body's estimate; the model's reported fee is reserved too, as for
+    any request to it. Ten at once, each answered $0.02 (the fee), on a $0.05 budget."""
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"models": {"sonar-pro": {"input_per_mtok": 3, "output_per_mtok": 15}}}')
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> JSONResponse:
+        await asyncio.sleep(0.02)  # in flight together
+        usage = {"prompt_tokens": 300, "completion_tokens": 10, "cost": 0.02}
+        return JSONResponse({"model": (await request.json())["model"], "usage": usage})
+
+    settings = make_settings(pricing_file=prices)
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    limit = 0.05
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    body = chat("perplexity/sonar-pro", max_tokens=10)
+    body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]
+    async with running(app), client(app) as http:
+        m = engine.manager
+        first = await http.post("/v1/chat/completions", json=body)  # teaches the image, the fee
+        key = m.create_virtual_key(name="k", budgets=[{"max_limit": limit}])
+        await engine.invalidate()
+        headers = {"x-budget-key": key.value or ""}
+        answers = await asyncio.gather(
+            *(http.post("/v1/chat/completions", json=body, headers=headers) for _ in range(10))
+        )
+        await engine.flush()
+        spent = m.list_budgets(owner_type="virtual_key", owner_id=key.id)[0].spent
+    served = sum(a.status_code == 200 for a in answers)
+    print(
+        f"image by URL, $0.02 each: {served} of 10 at once served, ${spent:.6f} spent of "
+        f"${limit}; media {dict(engine.gate.media_tokens)}, fees {dict(engine.gate.fees)}"
+    )
+    assert first.status_code == 200 and engine.gate.media_tokens and engine.gate.fees
+    assert 1 <= served <= 2 and spent <= limit + 1e-9
+
+
 async def test_a_route_that_names_a_target_twice_is_refused_naming_it(tmp_path: Path) -> None:
     """`{"targets": ["openai/gpt-4o", "azure/gpt-4o", "openai/gpt-4o"]}` was stored (201): a
     request the first target refuses was tried on it again, and an answer refusing every target

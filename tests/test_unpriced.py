@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 import httpx
@@ -165,6 +166,38 @@ async def test_an_unpriced_request_in_flight_holds_its_budgets(
     assert first.count(200) == 1 if counters == "memory" else 1 <= first.count(200) < 20
     assert first.count(200) + second.count(200) == 20 and after == 402
     assert round(spent * 1e9) == 20 * cost_nanos  # no overshoot
+
+
+async def test_an_unpriced_model_whose_request_cost_nothing_then_reserves_nothing(
+    make_settings: Settings,
+) -> None:
+    """A model without a price whose answers report no cost (a free local model): once one of
+    its requests has ended, charged $0, the next reserve that, the most one has cost, and run
+    side by side; not each alone on the budget as if its cost were still unknown."""
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(0.01)  # in flight together
+        return JSONResponse({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
+
+    settings = make_settings()
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])]),
+        settings=settings,
+    )
+    engine = get_engine(settings)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+        auth = {"authorization": f"Bearer {key.value}"}
+        body = chat("acme/free-local-model", max_tokens=5)
+        first = await http.post("/v1/chat/completions", json=body, headers=auth)  # cost $0
+        answers = await asyncio.gather(
+            *[http.post("/v1/chat/completions", json=body, headers=auth) for _ in range(10)]
+        )
+    statuses = Counter(a.status_code for a in answers)
+    print(f"after one request charged $0: 10 at once answered {dict(statuses)}")
+    assert first.status_code == 200
+    assert statuses == {200: 10}
 
 
 async def test_an_unpriced_request_for_several_choices_reserves_each_at_the_most_seen(
