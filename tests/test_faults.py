@@ -1659,6 +1659,32 @@ async def test_an_engine_started_again_does_not_count_twice_what_it_gave_up(
     assert codes == [200, 200, 200, 402, 402]
 
 
+@asynccontextmanager
+async def _redis_beside_a_read_only_store(
+    postgres_database: str, tmp_path: Path, **overrides: Any
+) -> AsyncIterator[tuple[PrivateRedis, BudgetSettings]]:
+    """A private Redis and the settings of engines on `postgres_database` beside it (fail open,
+    a spill folder in `tmp_path`, a short Redis timeout), for tests that make the store
+    read-only; at the end the store is writable again and Redis stopped."""
+    server = PrivateRedis()
+    server.start()
+    try:
+        yield (
+            server,
+            settings_for(
+                postgres_database,
+                redis_url=server.url,
+                spill_dir=tmp_path / "spill",
+                fail_open=True,
+                redis_timeout_seconds=0.3,
+                **overrides,
+            ),
+        )
+    finally:
+        set_read_only(postgres_database, False)
+        server.stop()
+
+
 @pytest.mark.parametrize("keep_data", [True, False], ids=["with-its-data", "empty"])
 async def test_charges_a_stopped_engine_left_on_disk_count_in_a_window_seeded_after_emptied(
     postgres_database: str, tmp_path: Path, keep_data: bool
@@ -1668,16 +1694,7 @@ async def test_charges_a_stopped_engine_left_on_disk_count_in_a_window_seeded_af
     starts on the same store and spill folder, the store still read-only: B seeded the window
     from the store ($0.02) without A's batch, and admitted 8 more (14 for 10, store $0.14).
     B takes the batch over (as in process) and its seed holds it, once."""
-    server = PrivateRedis()
-    server.start()
-    try:
-        settings = settings_for(
-            postgres_database,
-            redis_url=server.url,
-            spill_dir=tmp_path / "spill",
-            fail_open=True,
-            redis_timeout_seconds=0.3,
-        )
+    async with _redis_beside_a_read_only_store(postgres_database, tmp_path) as (server, settings):
         a = BudgetEngine(settings)
         app = fault_app(a)
         async with running(app), client(app) as http:
@@ -1704,8 +1721,6 @@ async def test_charges_a_stopped_engine_left_on_disk_count_in_a_window_seeded_af
             assert await b.flush()
             after = await asked(http, value, 2)
             stored = budget_usage(b, budget)
-    finally:
-        server.stop()
     admitted = 6 + during.count(200) + after.count(200)
     print(
         f"Redis {'kept its data' if keep_data else 'came back empty'}: {admitted} of $0.01 "
@@ -1758,16 +1773,7 @@ async def test_charges_redis_held_in_batches_left_with_debts_count_after_an_empt
     name them. Redis comes back empty and B starts, the store still read-only. B left the
     named batches alone (their debts are paid once), so its seed from the store ($0.02) plus
     the debts ($0.02) lacked the $0.02 Redis had held: 12 admitted on the $0.10 budget."""
-    server = PrivateRedis()
-    server.start()
-    try:
-        settings = settings_for(
-            postgres_database,
-            redis_url=server.url,
-            spill_dir=tmp_path / "spill",
-            fail_open=True,
-            redis_timeout_seconds=0.3,
-        )
+    async with _redis_beside_a_read_only_store(postgres_database, tmp_path) as (server, settings):
         value, budget = await _a_stopped_with_batches_given_up(
             postgres_database, server, settings, owing=True
         )
@@ -1787,9 +1793,6 @@ async def test_charges_redis_held_in_batches_left_with_debts_count_after_an_empt
             assert await b.flush()
             stored = budget_usage(b, budget)
             redis_after = sum(_budget_in_redis(server, budget).values())
-    finally:
-        set_read_only(postgres_database, False)
-        server.stop()
     admitted = 6 + during.count(200) + after.count(200)
     print(
         f"{admitted} of $0.01 admitted on $0.10 (B: {during}, then {after}); Redis {in_redis} "
@@ -1806,16 +1809,7 @@ async def test_charges_another_engine_took_over_count_in_a_seed_made_by_a_third(
     and stops: $0.02 waits on disk, given up. Redis comes back empty; B starts and takes the
     batch over, then C starts and asks first: C's seed from the store ($0.02) lacked B's $0.02,
     and B and C together admitted 12."""
-    server = PrivateRedis()
-    server.start()
-    try:
-        settings = settings_for(
-            postgres_database,
-            redis_url=server.url,
-            spill_dir=tmp_path / "spill",
-            fail_open=True,
-            redis_timeout_seconds=0.3,
-        )
+    async with _redis_beside_a_read_only_store(postgres_database, tmp_path) as (server, settings):
         value, budget = await _a_stopped_with_batches_given_up(
             postgres_database, server, settings, owing=False
         )
@@ -1834,9 +1828,6 @@ async def test_charges_another_engine_took_over_count_in_a_seed_made_by_a_third(
             assert await b.flush() and await c.flush()
             stored = budget_usage(b, budget)
         await b.shutdown()
-    finally:
-        set_read_only(postgres_database, False)
-        server.stop()
     admitted = 4 + answers.count(200)
     print(
         f"{admitted} of $0.01 admitted on $0.10 (C first, then B and C: {answers}); "
@@ -1853,16 +1844,7 @@ async def test_charges_an_engine_took_over_count_once_after_redis_restarts_empty
     Redis keeps its data, and admits $0.01. Then Redis restarts empty and C seeds the window
     first: its seed counts the batch B took over (on disk), and B's heartbeat, finding the
     loss, adds B's unwritten charges: those taken over must not be added again."""
-    server = PrivateRedis()
-    server.start()
-    try:
-        settings = settings_for(
-            postgres_database,
-            redis_url=server.url,
-            spill_dir=tmp_path / "spill",
-            fail_open=True,
-            redis_timeout_seconds=0.3,
-        )
+    async with _redis_beside_a_read_only_store(postgres_database, tmp_path) as (server, settings):
         value, budget = await _a_stopped_with_batches_given_up(
             postgres_database, server, settings, owing=False
         )
@@ -1885,9 +1867,6 @@ async def test_charges_an_engine_took_over_count_once_after_redis_restarts_empty
             assert await b.flush() and await c.flush()
             stored = budget_usage(b, budget)
         await b.shutdown()
-    finally:
-        set_read_only(postgres_database, False)
-        server.stop()
     admitted = 4 + answers.count(200)
     print(
         f"{admitted} of $0.01 admitted on $0.10 (B, then C first after the restart, then B "
@@ -1905,17 +1884,10 @@ async def test_an_engine_taking_batches_over_as_another_stops_owing_redis_counts
     it, took the batches over in between (forced here, right after A gives them up): none was
     named yet. Once Redis is back empty and the store writable, B wrote the batches and seeded
     the window from the store, and A's debts were added on top: Redis $0.09 for $0.07."""
-    server = PrivateRedis()
-    server.start()
-    try:
-        settings = settings_for(
-            postgres_database,
-            redis_url=server.url,
-            spill_dir=tmp_path / "spill",
-            fail_open=True,
-            redis_timeout_seconds=0.3,
-            flush_interval_seconds=30,  # no heartbeat pays A's debts before the test's steps
-        )
+    # (a flush every 30 s: no heartbeat pays A's debts before the test's steps)
+    async with _redis_beside_a_read_only_store(
+        postgres_database, tmp_path, flush_interval_seconds=30
+    ) as (server, settings):
         b = BudgetEngine(settings)
         loop = asyncio.get_running_loop()
         taken: list[int] = []
@@ -1946,9 +1918,6 @@ async def test_an_engine_taking_batches_over_as_another_stops_owing_redis_counts
             in_redis = sum(_budget_in_redis(server, budget).values())
             stored = budget_usage(b, budget)
         await b.shutdown()
-    finally:
-        set_read_only(postgres_database, False)
-        server.stop()
     print(
         f"B took over {taken} nano-dollars of A's batches as A stopped; then {answers}: "
         f"Redis {in_redis}, store {stored}"
@@ -1963,16 +1932,7 @@ async def test_a_seed_with_taken_over_charges_does_not_wait_for_a_write_while_th
     """A stops with $0.02 unwritten (the store read-only), given up on disk; Redis comes back
     empty and B (a flush every 2 s) takes the batch over. B's first request seeds the window:
     it waited for a write of those charges that could not come, a whole heartbeat (2 s)."""
-    server = PrivateRedis()
-    server.start()
-    try:
-        settings = settings_for(
-            postgres_database,
-            redis_url=server.url,
-            spill_dir=tmp_path / "spill",
-            fail_open=True,
-            redis_timeout_seconds=0.3,
-        )
+    async with _redis_beside_a_read_only_store(postgres_database, tmp_path) as (server, settings):
         value, budget = await _a_stopped_with_batches_given_up(
             postgres_database, server, settings, owing=False
         )
@@ -1986,9 +1946,6 @@ async def test_a_seed_with_taken_over_charges_does_not_wait_for_a_write_while_th
             answers = await asked(http, value, 1)
             took = time.monotonic() - began
             in_redis = sum(_budget_in_redis(server, budget).values())
-    finally:
-        set_read_only(postgres_database, False)
-        server.stop()
     print(f"the first request, seeding the window with the store read-only: {answers} in "
           f"{took:.2f} s; Redis {in_redis}")  # fmt: skip
     assert answers == [200]
