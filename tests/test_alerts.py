@@ -2556,6 +2556,39 @@ _BEFORE_LIMITS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
 }
 
 
+async def _refused_first_in_a_team(
+    engine: BudgetEngine, team_id: str, code: str
+) -> tuple[Any, Any, bytes, dict[str, str]]:
+    """Two keys of the team (made in the engine's mode): the first's request, its body and
+    headers, is one enforce refuses before any limit (`code`, `_BEFORE_LIMITS`); the second's
+    are ordinary."""
+    m, mode = engine.manager, engine.settings.mode
+    first = m.create_virtual_key(
+        name=f"first-{mode}",
+        team_id=team_id,
+        is_active=code != "virtual_key_inactive",
+        provider_configs=[
+            {"provider": "openai", "allowed_models": ["gpt-4o-mini"], "blocked_models": []}
+        ]
+        if code in ("model_not_allowed", "provider_not_allowed")
+        else None,
+    )
+    if code == "virtual_key_expired":
+        m.update_virtual_key(
+            first.id, expires_at=(datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+        )
+    second = m.create_virtual_key(name=f"second-{mode}", team_id=team_id)
+    _, model, headers = _BEFORE_LIMITS[code]
+    if code.endswith(" routed"):  # no target it may use: a route of unpriced models
+        model = f"routed-{mode}"
+        m.create_route(name=model, targets=["acme/no-such-1", "acme/no-such-2"])
+    await engine.invalidate()
+    body = json.dumps(chat(model)).encode()
+    if headers:
+        body = bz2.compress(body)
+    return first, second, body, headers
+
+
 async def _refused_first_then_served(
     settings: BudgetSettings, prefix: str, code: str, limit: str
 ) -> tuple[list[httpx.Response], int]:
@@ -2581,29 +2614,7 @@ async def _refused_first_then_served(
             else {"token_max_limit": 2, "token_reset_duration": "1h"}
         )
         team = m.create_team(name=f"t-{mode}", rate_limit=rate, budgets=[{"max_limit": 100}])
-        first = m.create_virtual_key(
-            name=f"first-{mode}",
-            team_id=team.id,
-            is_active=code != "virtual_key_inactive",
-            provider_configs=[
-                {"provider": "openai", "allowed_models": ["gpt-4o-mini"], "blocked_models": []}
-            ]
-            if code in ("model_not_allowed", "provider_not_allowed")
-            else None,
-        )
-        if code == "virtual_key_expired":
-            m.update_virtual_key(
-                first.id, expires_at=(datetime.now(UTC) - timedelta(seconds=1)).isoformat()
-            )
-        second = m.create_virtual_key(name=f"second-{mode}", team_id=team.id)
-        _, model, headers = _BEFORE_LIMITS[code]
-        if code.endswith(" routed"):  # no target it may use: a route of unpriced models
-            model = f"routed-{mode}"
-            m.create_route(name=model, targets=["acme/no-such-1", "acme/no-such-2"])
-        await engine.invalidate()
-        body = json.dumps(chat(model)).encode()
-        if headers:
-            body = bz2.compress(body)
+        first, second, body, headers = await _refused_first_in_a_team(engine, team.id, code)
         answers = [
             await http.post(
                 "/v1/chat/completions",
@@ -2704,29 +2715,7 @@ async def _refused_first_then_budget(
     async with running(app), client(app) as http:
         m = engine.manager
         team = m.create_team(name=f"t-{mode}", budgets=[{"max_limit": 0.01}])
-        first = m.create_virtual_key(
-            name=f"first-{mode}",
-            team_id=team.id,
-            is_active=code != "virtual_key_inactive",
-            provider_configs=[
-                {"provider": "openai", "allowed_models": ["gpt-4o-mini"], "blocked_models": []}
-            ]
-            if code in ("model_not_allowed", "provider_not_allowed")
-            else None,
-        )
-        if code == "virtual_key_expired":
-            m.update_virtual_key(
-                first.id, expires_at=(datetime.now(UTC) - timedelta(seconds=1)).isoformat()
-            )
-        second = m.create_virtual_key(name=f"second-{mode}", team_id=team.id)
-        _, model, headers = _BEFORE_LIMITS[code]
-        if code.endswith(" routed"):  # no target it may use: a route of unpriced models
-            model = f"routed-{mode}"
-            m.create_route(name=model, targets=["acme/no-such-1", "acme/no-such-2"])
-        await engine.invalidate()
-        body = json.dumps(chat(model)).encode()
-        if headers:
-            body = bz2.compress(body)
+        first, second, body, headers = await _refused_first_in_a_team(engine, team.id, code)
         sent = [(first, body, headers), (second, json.dumps(chat("openai/gpt-4o")).encode(), {})]
         sent.append(sent[-1])
         charged = served = 0
