@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -1994,23 +1995,19 @@ async def test_a_threshold_set_below_the_spend_is_raised_with_no_request_after_i
     assert kinds == [("budget.threshold", owner, 0.5)]
 
 
-@pytest.mark.parametrize("owner", ["virtual_key", "team"])
-@pytest.mark.parametrize("redis", [False, True], ids=["store", "redis"])
-async def test_a_limit_lowered_below_a_threshold_s_spend_is_raised_with_no_request_after_it(
-    make_settings: Settings, receiver: Callable[..., Receiver], owner: str, redis: bool
-) -> None:
-    """Two instances on one store; $0.60 spent of a $1 budget alerting at 80 %, then its limit
-    lowered to $0.70 through the admin API of the other instance ($0.60 is 85.7 % of it). A
-    threshold set below the spend so was raised within a cache TTL; a limit lowered so never
-    was while no request of the key came (the limit was read again only with the key): 0 alerts
-    in 3 s."""
+@asynccontextmanager
+async def _two_instances(
+    make_settings: Settings, webhook: str, redis: bool, ttls: tuple[float, float]
+) -> AsyncIterator[tuple[list[BudgetEngine], list[BudgetMiddleware], httpx.AsyncClient]]:
+    """Two started engines on one store (and one Redis, with `redis`), cache TTLs `ttls`,
+    alerts posted to `webhook`; their apps, and an admin client of the second's. Shut down, and
+    their Redis keys deleted, at the end."""
     if redis:
         need_redis()
     prefix = unique_prefix()
-    hook = receiver()
     shared = {"redis_url": REDIS_URL} if redis else {}
-    settings = [make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=t, **shared)
-                for t in (0.5, 0.6)]  # fmt: skip
+    settings = [make_settings(alert_webhook_urls=webhook, cache_ttl_seconds=t, **shared)
+                for t in ttls]  # fmt: skip
     engines = [get_engine(one) for one in settings]
     apps = [BudgetMiddleware(host_app(None), engine=e) for e in engines]
     admin = httpx.AsyncClient(transport=httpx.ASGITransport(create_admin_app(settings[1])),
@@ -2021,6 +2018,31 @@ async def test_a_limit_lowered_below_a_threshold_s_spend_is_raised_with_no_reque
                 use_prefix(e, prefix)
             quick(e)
             await e.ensure_started()
+        yield engines, apps, admin
+    finally:
+        await admin.aclose()
+        for e in engines:
+            await e.shutdown()
+        if redis:
+            delete_prefix(REDIS_URL, prefix)
+
+
+@pytest.mark.parametrize("owner", ["virtual_key", "team"])
+@pytest.mark.parametrize("redis", [False, True], ids=["store", "redis"])
+async def test_a_limit_lowered_below_a_threshold_s_spend_is_raised_with_no_request_after_it(
+    make_settings: Settings, receiver: Callable[..., Receiver], owner: str, redis: bool
+) -> None:
+    """Two instances on one store; $0.60 spent of a $1 budget alerting at 80 %, then its limit
+    lowered to $0.70 through the admin API of the other instance ($0.60 is 85.7 % of it). A
+    threshold set below the spend so was raised within a cache TTL; a limit lowered so never
+    was while no request of the key came (the limit was read again only with the key): 0 alerts
+    in 3 s."""
+    hook = receiver()
+    async with _two_instances(make_settings, hook.url, redis, (0.5, 0.6)) as (
+        engines,
+        apps,
+        admin,
+    ):
         budget = {"max_limit": 1.0, "alert_thresholds": [0.8]}
         team = engines[0].manager.create_team(name="t", budgets=[budget] if owner == "team" else [])
         key = engines[0].manager.create_virtual_key(
@@ -2037,12 +2059,6 @@ async def test_a_limit_lowered_below_a_threshold_s_spend_is_raised_with_no_reque
         told = [(a["type"], a["owner"]["type"], a.get("threshold"), a["budget"]["spent"],
                  a["budget"]["amount"]) for a in posts]  # fmt: skip
         rows = [(a["type"], a["threshold"]) for a in engines[0].manager.list_alerts()]
-    finally:
-        await admin.aclose()
-        for e in engines:
-            await e.shutdown()
-        if redis:
-            delete_prefix(REDIS_URL, prefix)
     print(f"{owner} ({'redis' if redis else 'store'}): {statuses}, limit lowered ({changed}) "
           f"$1.00 -> $0.70 at $0.60 spent, no request after: {len(rows)} alert(s) raised "
           f"{rows}, delivered {told}")  # fmt: skip
@@ -2061,23 +2077,12 @@ async def test_a_threshold_the_spend_after_a_reset_elsewhere_reaches_is_raised_a
     never came while no request followed (the reset was taken only with the key); with Redis it
     came telling "$1.20" spent, and 10 % with it: the old window's spend was counted in the new
     one. Now 5 % again, once, telling $0.60."""
-    if redis:
-        need_redis()
-    prefix = unique_prefix()
     hook = receiver()
-    shared = {"redis_url": REDIS_URL} if redis else {}
-    settings = [make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=t, **shared)
-                for t in (2.0, 0.5)]  # fmt: skip
-    engines = [get_engine(one) for one in settings]
-    apps = [BudgetMiddleware(host_app(None), engine=e) for e in engines]
-    admin = httpx.AsyncClient(transport=httpx.ASGITransport(create_admin_app(settings[1])),
-                              base_url="http://admin", headers=ADMIN)  # fmt: skip
-    try:
-        for e in engines:
-            if redis:
-                use_prefix(e, prefix)
-            quick(e)
-            await e.ensure_started()
+    async with _two_instances(make_settings, hook.url, redis, (2.0, 0.5)) as (
+        engines,
+        apps,
+        admin,
+    ):
         key = engines[0].manager.create_virtual_key(
             name="k", budgets=[{"max_limit": 10.0, "alert_thresholds": [0.05, 0.1]}]
         )
@@ -2099,12 +2104,6 @@ async def test_a_threshold_the_spend_after_a_reset_elsewhere_reaches_is_raised_a
                   if a["budget"]["period_start"] == first]  # fmt: skip
         rows = [(a["type"], a["threshold"]) for a in engines[0].manager.list_alerts()]
         spent = engines[0].manager.list_budgets(owner_type="virtual_key", owner_id=key.id)[0]
-    finally:
-        await admin.aclose()
-        for e in engines:
-            await e.shutdown()
-        if redis:
-            delete_prefix(REDIS_URL, prefix)
     print(
         f"{'redis' if redis else 'store'}: {statuses}, reset ({reset}) between them; "
         f"${spent.spent:.2f} spent since; {len(rows)} alert(s) raised; delivered {before} "
@@ -2126,23 +2125,12 @@ async def test_a_charge_made_before_a_reset_elsewhere_is_learnt_raises_no_old_wi
     the old window, telling "$1.20" spent in a window that ended at $0.60. No threshold of the
     old window is raised past what the store holds in it: 5 % once there, 5 % once in the new
     one. A key's lifetime budget, and a team's daily one."""
-    if redis:
-        need_redis()
-    prefix = unique_prefix()
     hook = receiver()
-    shared = {"redis_url": REDIS_URL} if redis else {}
-    settings = [make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=t, **shared)
-                for t in (2.0, 0.5)]  # fmt: skip
-    engines = [get_engine(one) for one in settings]
-    apps = [BudgetMiddleware(host_app(None), engine=e) for e in engines]
-    admin = httpx.AsyncClient(transport=httpx.ASGITransport(create_admin_app(settings[1])),
-                              base_url="http://admin", headers=ADMIN)  # fmt: skip
-    try:
-        for e in engines:
-            if redis:
-                use_prefix(e, prefix)
-            quick(e)
-            await e.ensure_started()
+    async with _two_instances(make_settings, hook.url, redis, (2.0, 0.5)) as (
+        engines,
+        apps,
+        admin,
+    ):
         budget = {"max_limit": 10.0, "alert_thresholds": [0.05, 0.1]}
         team = engines[0].manager.create_team(
             name="t", budgets=[{**budget, "reset_duration": "1d"}] if owner == "team" else []
@@ -2172,12 +2160,6 @@ async def test_a_charge_made_before_a_reset_elsewhere_is_learnt_raises_no_old_wi
         rows = [(a["type"], a["threshold"]) for a in engines[0].manager.list_alerts()]
         owner_id = key.id if owner == "virtual_key" else team.id
         spent = engines[0].manager.list_budgets(owner_type=owner, owner_id=owner_id)[0]
-    finally:
-        await admin.aclose()
-        for e in engines:
-            await e.shutdown()
-        if redis:
-            delete_prefix(REDIS_URL, prefix)
     old = [(t, s) for t, s, before in posts if before]
     new = [(t, s) for t, s, before in posts if not before]
     print(f"{owner} ({'redis' if redis else 'store'}): {statuses}, reset ({reset}) between "
