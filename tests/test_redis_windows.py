@@ -890,11 +890,12 @@ async def test_debts_another_s_seed_holds_are_left_out_once_by_the_heartbeat_aft
 ) -> None:
     """$1 a day on two instances (fail open). Redis goes away keeping its data: A admits 5
     without it (owed to Redis) and writes them to the store. Redis is back: A's payment of the
-    $0.05 takes them and waits for Redis's answer; meanwhile A spends 10 through Redis (not
-    written). Redis restarts empty, the payment fails (owed again), and B seeds the key from the
-    store: it holds the $0.05, not A's $0.10. A's heartbeat then finds its mark gone and owes
-    the $0.10; the $0.05, in transit, are its payment's to leave out (B's seed holds them).
-    Taken off the heartbeat's count too, only $0.05 of the $0.10 were owed: 105 admitted."""
+    $0.05 takes them and waits for Redis's answer past Redis's timeout (A's admissions wait
+    for a payment no longer); then A spends 10 through Redis (not written). Redis restarts
+    empty, the payment fails (owed again), and B seeds the key from the store: it holds the
+    $0.05, not A's $0.10. A's heartbeat then finds its mark gone and owes the $0.10; the $0.05,
+    in transit, are its payment's to leave out (B's seed holds them). Taken off the heartbeat's
+    count too, only $0.05 of the $0.10 were owed: 105 admitted."""
     await _a_s_debts_across_a_loss_seeded_by_b(tmp_path, beat_while_paying=False)
 
 
@@ -915,7 +916,12 @@ async def _a_s_debts_across_a_loss_seeded_by_b(tmp_path: Path, beat_while_paying
     waits."""
     server = PrivateRedis()
     server.start()
-    settings = {"fail_open": True, "flush_interval_seconds": 3600, "slot_ttl_seconds": 3}
+    settings = {
+        "fail_open": True,
+        "flush_interval_seconds": 3600,
+        "slot_ttl_seconds": 3,
+        "redis_timeout_seconds": 3,  # (how long A's admissions wait for its payment: no longer)
+    }
     try:
         async with serving_two(tmp_path, server.url, **settings) as (one, two, a, b):
             counters: Any = one.counters
@@ -943,7 +949,7 @@ async def _a_s_debts_across_a_loss_seeded_by_b(tmp_path: Path, beat_while_paying
             if beat_while_paying:
                 await counters.heartbeat()  # answered: Redis kept its data
             await until(lambda: not counters._backing_off(), 30)
-            await spend(a, key, 10)  # through Redis, meanwhile
+            await spend(a, key, 10)  # through Redis, meanwhile (past the payment's wait)
             through_redis = not counters._owed
             server.kill(keep_data=False)
             parked, beat_gate, beaten = asyncio.Event(), asyncio.Event(), asyncio.Event()

@@ -2555,3 +2555,72 @@ def test_a_settlement_redis_took_after_an_empty_restart_is_not_added_again(
     )
     assert len(costs) == (5 if how == "stalled" else 6)
     assert in_redis == sum(costs)
+
+
+def test_requests_admitted_while_the_outage_s_debts_are_paid_wait_for_them(
+    make_settings: Settings,
+) -> None:
+    """A Flask app on Redis, fail-open, whose Redis dies as it starts: the budget of 4 requests
+    is spent in process (4 admitted, then 402), and Redis comes back empty. The first request
+    after pays the outage's debts (the 4 requests' price), its payment held a moment there;
+    8 threads ask meanwhile. The debts are in transit, so a window seeded then leaves them out
+    (their payment adds them): the threads that did not wait for the payment were admitted on
+    an empty window (a threaded server under load, Redis killed as it started: 135 admitted on a
+    budget of 120). Each waits for the payment under way: all refused, Redis = the store."""
+    with private_redis() as server:
+        settings = make_settings(  # (a heartbeat every 10 s: it would pay them too)
+            redis_url=server.url,
+            redis_timeout_seconds=2,  # (how long an admission waits for a payment, at most)
+            fail_open=True,
+            flush_interval_seconds=3600,
+        )
+        app = flask_host(settings)
+        engine = engine_of(app)
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 4 * PRICE_NANOS / 1e9}]
+        )
+        budget_id = key.budgets[0].id
+
+        def ask() -> int:
+            answer = app.test_client().post(
+                "/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=True
+            )
+            return int(answer.status_code)
+
+        server.kill(keep_data=False)  # gone before the engine ever reached it
+        in_outage = [ask() for _ in range(6)]
+        server.start()
+        time.sleep(2.5)  # past the back-off
+        counters: Any = engine.counters
+        reconcile = counters._reconcile
+        held = threading.Event()
+
+        async def held_there(*args: Any, **kwargs: Any) -> Any:
+            if not held.is_set():
+                held.set()
+                await asyncio.sleep(0.5)  # the payment's answer, slow on a loaded Redis
+            return await reconcile(*args, **kwargs)
+
+        counters._reconcile = held_there
+        after: list[int] = []
+        first = threading.Thread(target=lambda: after.append(ask()))
+        first.start()
+        assert held.wait(5)
+        with ThreadPoolExecutor(8) as pool:
+            after += list(pool.map(lambda _: ask(), range(8)))
+        first.join(10)
+        client = redis.Redis(port=server.port)
+        in_redis = _window_in_redis(client, budget_id)
+        client.close()
+        rows = [r for r in records(engine) if r["virtual_key_id"] == key.id]
+    spent = sum(r["cost_nanos"] for r in rows)
+    admitted = in_outage.count(200) + after.count(200)
+    print(
+        f"in the outage {in_outage}; after Redis came back empty, while the debts were paid: "
+        f"{after}; admitted {admitted} on a budget of 4 requests, {len(rows)} records, spent "
+        f"${spent / 1e9:.7f}, Redis's window ${in_redis / 1e9:.7f}"
+    )
+    assert in_outage == [200] * 4 + [402] * 2
+    assert after == [402] * 9
+    assert len(rows) == admitted == 4
+    assert in_redis == spent == 4 * PRICE_NANOS

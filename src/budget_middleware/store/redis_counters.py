@@ -447,6 +447,8 @@ class RedisCounters(CounterBackend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # marks being written
         self._paying: set[asyncio.Task[None]] = set()  # debts being paid, settlements (`settle`)
+        self._debts_paid: asyncio.Task[None] | None = None  # the payment of debts under way
+        self._debts_paid_by = 0.0  # and when admissions stop waiting for it (the loop's clock)
         # Per budget, this instance's charges (their window's start, amount) that Redis added to
         # that window's key, since the flusher last took them: a reset elsewhere leaves them in
         # the old window (`_keep_the_old_window_s`).
@@ -564,6 +566,7 @@ class RedisCounters(CounterBackend):
         self._seeding.clear()
         self._seeds_reading.clear()  # (the closed loop's seeds: their `finally` never ran)
         self._paying.clear()
+        self._debts_paid = None
 
     async def start(self) -> None:
         # BUDGET_REDIS_TIMEOUT_SECONDS bounds every call (connecting, then each reply): past it
@@ -1208,7 +1211,9 @@ class RedisCounters(CounterBackend):
             return admission.admit_first(candidates, reserve, now, self.ledger, most_remaining)
         if self._backing_off():
             return self._fallback(candidates, now, None, most_remaining)
-        if self._owed or self._releases or self._unsure:  # holds let go first
+        if (
+            self._owed or self._releases or self._unsure or self._debts_paid is not None
+        ):  # holds let go first, and debts paid (or being paid) before admitting on top
             try:
                 await self._pay_debts_whole()
             except (RedisError, OSError) as exc:
@@ -1901,13 +1906,36 @@ class RedisCounters(CounterBackend):
         waiting (a client gone, `asyncio.wait_for` around an SDK call, `stop`) does not cut it
         between Redis adding a debt and its answer, which would leave the debt owed, and
         added again."""
+        under_way = self._debts_paid
+        if (
+            under_way is not None
+            and not under_way.done()
+            and under_way is not asyncio.current_task()  # (the heartbeat it runs pays too)
+        ):
+            # Another caller's payment: waited for, not run beside it. It took the debts, which
+            # are in transit until it is answered (a seed leaves them out): an admission that
+            # went on meanwhile was admitted on a window without them (a threaded server,
+            # Redis killed as it started: 135 admitted on a budget of 120). Waited for as long
+            # as Redis's timeout from the payment's start, no longer: a payment slower than that
+            # (Redis answering each of its calls late) is left to run, and what waits goes on.
+            left = self._debts_paid_by - asyncio.get_running_loop().time()
+            if left > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(under_way), left)
+        if not (self._owed or self._releases or self._unsure):
+            return  # (paid by that one, or by one that ended just before)
         task = asyncio.get_running_loop().create_task(self.pay_debts())
         self._paying.add(task)
+        if under_way is None or under_way.done():  # (else this one is run by that one)
+            self._debts_paid = task
+            self._debts_paid_by = task.get_loop().time() + self.settings.redis_timeout_seconds
         task.add_done_callback(self._paid)
         await asyncio.shield(task)
 
     def _paid(self, task: asyncio.Task[None]) -> None:
         self._paying.discard(task)
+        if self._debts_paid is task:
+            self._debts_paid = None
         exc = None if task.cancelled() else task.exception()  # (retrieved: its caller may
         if isinstance(exc, RedisError | OSError):  # have left; Redis is left alone all the same)
             self._failed(exc)
