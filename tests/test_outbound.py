@@ -6255,3 +6255,237 @@ async def test_a_call_a_307_moves_to_another_path_is_still_metered(
     assert fake.paths == ["/old/chat/completions", "/v2/generate"] and answered > 0
     assert len(rows) == 1 and rows[0][0] == "completed" and rows[0][1] > 0
     assert spent == pytest.approx(rows[0][2] / 1e9) and rows[0][2] > 0
+
+
+class _MovedInside(Redirecting):
+    """`/old/...` on the provider's host is moved (307) to an internal gateway's host,
+    `llm.internal.example`, which answers it."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/old/"):
+            self.paths.append(scope["path"])
+            to = b"https://llm.internal.example/v1/" + scope["path"][5:].encode()
+            await send(
+                {"type": "http.response.start", "status": 307, "headers": [(b"location", to)]}
+            )
+            await send({"type": "http.response.body", "body": b"moved"})
+            return
+        await super().__call__(scope, receive, send)
+
+
+async def test_a_redirect_a_client_s_mounts_send_past_the_transport_gives_its_slot_back_at_once(
+    engine: BudgetEngine,
+) -> None:
+    """A client of `mounts=` sends the provider's host through `BudgetTransport` and others
+    through a plain transport; a 307 moves a call to another host (an internal gateway's), which
+    the client follows through that plain transport: the transport never sees it. The redirect
+    is the call's answer, costing nothing, its slot given back at once: the next call of a key
+    of one slot is answered while the app keeps the first's response (the SDK's raw response),
+    the collector off. The slot was held as long as that response (its `request` held the
+    call's admission, carried over for a request that never came): the next call 429, no
+    record of the first."""
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 1}], rate_limit={"max_concurrent_requests": 1}
+    )
+    fake = _MovedInside(307)
+    http = httpx2.AsyncClient(
+        mounts={
+            "https://api.openai.com": BudgetTransport(httpx2.ASGITransport(fake), engine=engine),
+            "all://": httpx2.ASGITransport(fake),
+        },
+        follow_redirects=True,
+    )
+
+    def sdk(base_url: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            api_key="sk-provider-secret", base_url=base_url, http_client=http, max_retries=0
+        )
+
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with charge_to(virtual_key=key.value):
+            kept = await sdk(
+                "https://api.openai.com/old"
+            ).chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+            held = _slots_in_flight(engine)
+            try:
+                await sdk("https://api.openai.com/v1").chat.completions.create(
+                    model="gpt-4o", messages=MESSAGES
+                )
+                after = "answer"
+            except openai.APIStatusError as exc:
+                after = str(exc.status_code)
+            await engine.flush()
+            rows = [(r["outcome"], r["cost_nanos"]) for r in records(engine)]
+    finally:
+        if collecting:
+            gc.enable()
+    print(f"a 307 followed past the transport (answered {kept.status_code}): {held} slot(s) "
+          f"held; next call: {after}; records {rows}; provider saw {fake.paths}")  # fmt: skip
+    assert (
+        kept.status_code == 200
+        and fake.paths == ["/old/chat/completions"] + ["/v1/chat/completions"] * 2
+    )
+    assert (held, after) == (0, "answer")
+    assert [outcome for outcome, _ in rows] == ["completed", "completed"]
+    assert rows[0][1] == 0 and rows[1][1] > 0  # the redirect costs nothing
+
+
+@pytest.mark.parametrize("lib", [httpx, httpx2])
+def test_a_redirect_a_sync_client_s_mounts_send_past_the_transport_gives_its_slot_back_at_once(
+    make_settings: Settings, lib: Any
+) -> None:
+    """The same with `BudgetSyncTransport` mounted for the provider's host in a plain
+    `Client(follow_redirects=True)` of httpx and httpx2, another host's mount a plain transport:
+    the response of the call moved there kept, the collector off, the slot is given back (0 in
+    flight) and the next call of a key of one slot is answered. It was held (1, the next 429)."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+
+    def provider(request: Any) -> Any:
+        if request.url.path.startswith("/old/"):
+            moved = "https://llm.internal.example/v1/chat/completions"
+            return lib.Response(307, headers={"location": moved})
+        return lib.Response(200, json={"object": "chat.completion", "model": "gpt-4o",
+                                       "choices": [], "usage": usage})  # fmt: skip
+
+    transport = BudgetSyncTransport(lib.MockTransport(provider), make_settings())
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 1})
+    mounts = {"https://api.openai.com": transport, "all://": lib.MockTransport(provider)}
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with (
+            lib.Client(mounts=mounts, follow_redirects=True) as http,
+            charge_to(virtual_key=key.value),
+        ):
+            kept = http.post("https://api.openai.com/old/chat/completions", json=body)
+            held = _slots_in_flight(engine)
+            answer = http.post("https://api.openai.com/v1/chat/completions", json=body)
+        on_loop(engine, engine.flush)
+        rows = [(r["outcome"], r["cost_nanos"]) for r in records(engine)]
+    finally:
+        if collecting:
+            gc.enable()
+        on_loop(engine, engine.shutdown)
+    print(f"{lib.__name__}: a 307 followed past the transport ({kept.status_code}), {held} "
+          f"slot(s) held; next call {answer.status_code}; records {rows}")  # fmt: skip
+    assert (kept.status_code, len(kept.history), held) == (200, 1, 0)
+    assert answer.status_code == 200
+    assert rows == [("completed", 0), ("completed", 10 * 2500 + 5 * 10_000)]
+
+
+async def test_a_redirect_whose_next_request_a_request_hook_raises_on_gives_its_slot_back(
+    engine: BudgetEngine,
+) -> None:
+    """A client whose request hook raises on the request that follows a 307 (a hook that
+    refuses a host, a URL, a missing header): the call ends there, its redirect followed by no
+    request. Its slot and reservation go back as the client gives up: the next call of a key of
+    one slot is answered while the app keeps the error (`gather(return_exceptions=True)`), the
+    collector off, and the call is one record, `completed`, $0 (the redirect its answer). They
+    were held as long as the error was (its request held the call's admission, carried over
+    for a request that never came): the next call 429, no record of the first."""
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 1}], rate_limit={"max_concurrent_requests": 1}
+    )
+    fake = Redirecting(307)
+
+    async def refuse_moved(request: httpx2.Request) -> None:
+        if request.url.path.startswith("/v1/"):
+            raise RuntimeError(f"not sent to {request.url.path}")
+
+    def sdk(base_url: str, **hooks: Any) -> openai.AsyncOpenAI:
+        http = httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine),
+            follow_redirects=True,
+            event_hooks=hooks,
+        )
+        return openai.AsyncOpenAI(
+            api_key="sk-provider-secret", base_url=base_url, http_client=http, max_retries=0
+        )
+
+    strict = sdk("https://api.openai.com/old", request=[refuse_moved])
+    plain = sdk("https://api.openai.com/v1")
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with charge_to(virtual_key=key.value):
+            kept = await asyncio.gather(
+                strict.chat.completions.create(model="gpt-4o", messages=MESSAGES),
+                return_exceptions=True,
+            )
+            try:
+                await plain.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                after = "answer"
+            except openai.APIStatusError as exc:
+                after = str(exc.status_code)
+            held = _slots_in_flight(engine)
+            await engine.flush()
+            rows = [(r["outcome"], r["cost_nanos"]) for r in records(engine)]
+    finally:
+        if collecting:
+            gc.enable()
+    error = f"{type(kept[0]).__name__}: {kept[0]}"
+    print(f"a request hook raised on the 307's next request ({error}): next call {after}, "
+          f"{held} slot(s) held after it; records {rows}; provider saw {fake.paths}")  # fmt: skip
+    assert error == "RuntimeError: not sent to /v1/chat/completions"
+    assert fake.paths == ["/old/chat/completions", "/v1/chat/completions"]
+    assert (after, held) == ("answer", 0)
+    assert [outcome for outcome, _ in rows] == ["completed", "completed"]
+    assert rows[0][1] == 0 and rows[1][1] > 0  # the redirect costs nothing
+
+
+@pytest.mark.parametrize("lib", [httpx, httpx2])
+def test_a_redirect_whose_next_request_a_sync_client_s_hook_raises_on_gives_its_slot_back(
+    make_settings: Settings, lib: Any
+) -> None:
+    """The same with `BudgetSyncTransport` under a plain `Client(follow_redirects=True)` of
+    httpx and httpx2 whose request hook raises on the request that follows the 307, the error
+    kept by the app and the collector off: the slot is given back before the next call is
+    admitted (a sync client's follow can be watched from nowhere else), so the next call of a
+    key of one slot, through the 307 without the hook, is answered; the first is one record,
+    `completed`, $0. It was held (the next call 429, no record of the first)."""
+    transport = BudgetSyncTransport(lib.MockTransport(_moved_or_answered(lib)), make_settings())
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 1})
+    url = "https://api.openai.com/old/chat/completions"
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+
+    def refuse_moved(request: Any) -> None:
+        if request.url.path.startswith("/v1/"):
+            raise RuntimeError(f"not sent to {request.url.path}")
+
+    kept: list[Exception] = []
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        hooks = {"request": [refuse_moved]}
+        with (
+            lib.Client(transport=transport, follow_redirects=True, event_hooks=hooks) as strict,
+            lib.Client(transport=transport, follow_redirects=True) as plain,
+            charge_to(virtual_key=key.value),
+        ):
+            try:
+                strict.post(url, json=body)
+            except RuntimeError as exc:
+                kept.append(exc)
+            answer = plain.post(url, json=body)
+        held = _slots_in_flight(engine)
+        on_loop(engine, engine.flush)
+        rows = [(r["outcome"], r["cost_nanos"]) for r in records(engine)]
+    finally:
+        if collecting:
+            gc.enable()
+        on_loop(engine, engine.shutdown)
+    said = [str(e) for e in kept]
+    print(f"{lib.__name__}: hook raised {said}; next call {answer.status_code} after "
+          f"{len(answer.history)} redirect, {held} in flight after it; records {rows}")  # fmt: skip
+    assert said == ["not sent to /v1/chat/completions"]
+    assert (answer.status_code, len(answer.history), held) == (200, 1, 0)
+    assert rows == [("completed", 0), ("completed", 10 * 2500 + 5 * 10_000)]

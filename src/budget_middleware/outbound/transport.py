@@ -26,6 +26,7 @@ import gc
 import operator
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from time import perf_counter
 from types import ModuleType
@@ -386,7 +387,12 @@ class _Meter:
         if origin is not None:
             # Not the provider's answer to the call: its admission carries over to the request
             # that follows it (`_Redirect`), which the client makes at once.
-            return self.redirected(library, request, origin, response, exchange, sent)
+            answer = self.redirected(library, request, origin, response, exchange, sent)
+            if stream is library.async_stream:
+                _watch_follow(answer.marks)
+            else:
+                _following[threading.get_ident()] = answer.marks
+            return answer
         lib = library.module
         raw = response.headers.raw
         cost = exchange.read_start(response.status_code, raw)
@@ -758,7 +764,9 @@ class _Redirect:
     on the request's `extensions` (under its engine), which httpx gives the request it follows
     with. Should the client not follow it after all (a response hook raising on it), settled
     as the redirect it was when the client closes it (`_RedirectAnswer`); should none come here
-    otherwise (a request hook raising), when the requests are collected."""
+    otherwise (a request hook raising on it), when the async client's follow ends
+    (`_watch_follow`), or before a sync call is next admitted (`_sweep_follows`); else (a
+    client of another kind) when the requests are collected."""
 
     __slots__ = ("body", "exchange", "host", "meter", "status", "taken")
 
@@ -785,6 +793,15 @@ class _Redirect:
         answers, and bills, the call (its checks, its price, its budgets), a call of its own."""
         there = self.meter.hosts.provider(request.url.host)
         return there is not None and there != self.host and there != self.exchange.target.provider
+
+    def given_up(self) -> None:
+        """Settled in a sync client's thread, as answered by this redirect: the client stopped
+        following it."""
+        exchange, meter = self.answered(), self.meter
+        if meter.engine.cannot_wait():  # (as `_SyncMetered._settle`)
+            exchange.settle_dropped(self._left)
+        else:
+            meter.settle_sync(exchange, "completed")
 
     def _left(self) -> str | None:
         return None if self.exchange.settled else "completed"
@@ -819,11 +836,82 @@ class _RedirectAnswer:
         finally:
             if _abandoned(self):
                 for redirect in _untaken(self.marks):
-                    exchange, meter = redirect.answered(), redirect.meter
-                    if meter.engine.cannot_wait():  # (as `_SyncMetered._settle`)
-                        exchange.settle_dropped(redirect._left)
-                    else:
-                        meter.settle_sync(exchange, "completed")
+                    redirect.given_up()
+
+
+def _watch_follow(marks: dict[BudgetEngine, _Redirect]) -> None:
+    """An async client following a redirect: watched from its task's next pause, where the
+    client's `_send_handling_redirects` is found awaiting (a request hook, the request that
+    follows sent), or is gone. Should it end without the request that follows coming here (a
+    request hook raising on it), the calls it carried are settled as answered by the redirect
+    once its coroutine is freed, at once: they were held as long as the request was (the
+    error's, kept by an app's log or `gather(return_exceptions=True)`). (A sync client's:
+    `_sweep_follows`.)"""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().call_soon(_follow_watched, task, marks)
+
+
+def _follow_watched(task: asyncio.Task[Any], marks: dict[BudgetEngine, _Redirect]) -> None:
+    if all(redirect.taken for redirect in marks.values()):
+        return  # followed, or given up already (`_RedirectAnswer`)
+    step: Any = None if task.done() else task.get_coro()
+    for _ in range(64):  # the task's coroutines, each awaiting the next
+        if step is None or type(step).__name__ in _UNSEEN:
+            break
+        frame = getattr(step, "cr_frame", None)
+        if frame is not None and _follows(frame, marks):
+            weakref.finalize(step, _given_up, marks)  # following it still
+            return
+        step = getattr(step, "cr_await", None) or getattr(step, "gi_yieldfrom", None)
+    if step is None:  # the whole chain seen, and no client following it
+        _given_up(marks)
+
+
+# What a coroutine may await that does not show what it awaits in turn (an async generator's
+# step): a client following a redirect may be behind it, so nothing is settled.
+_UNSEEN = frozenset({"async_generator_asend", "async_generator_athrow"})
+
+
+def _given_up(marks: dict[BudgetEngine, _Redirect]) -> None:
+    """The redirects whose client stopped following them, settled as the calls' answers."""
+    for redirect in _untaken(marks):
+        redirect.answered().settle_dropped(redirect._left)
+
+
+# The redirects sync clients are following, by thread: the calls each carries (`_Redirect`),
+# till the request that follows comes here (`_carried`).
+_following: dict[int, dict[BudgetEngine, _Redirect]] = {}
+
+
+def _sweep_follows() -> None:
+    """Before a sync call is admitted: the redirects whose client's thread is no longer
+    following them (no `_send_handling_redirects` of its stack has their request), the request
+    that follows never having come here (a request hook raising on it), settled as the calls'
+    answers. A sync client's follow can be watched from nowhere else: they were held as long
+    as the client's request was (the error's, kept by an app's log; a reference cycle)."""
+    stacks = sys._current_frames()
+    for thread, marks in list(_following.items()):
+        frame = stacks.get(thread)
+        for _ in range(64):  # up the thread's stack
+            if frame is None or _follows(frame, marks):
+                break
+            frame = frame.f_back
+        if frame is not None:  # following them still (its request hooks run)
+            continue
+        if _following.get(thread) is marks:
+            del _following[thread]
+        for redirect in _untaken(marks):
+            redirect.given_up()
+
+
+def _follows(frame: Any, marks: dict[BudgetEngine, _Redirect]) -> bool:
+    """Whether `frame` is a client's `_send_handling_redirects` following the redirects `marks`
+    notes: its request, before or after it is built anew, carries them."""
+    if frame.f_code.co_name != "_send_handling_redirects":
+        return False
+    request = frame.f_locals.get("request")
+    return request is not None and request.extensions.get(_REDIRECTED) is marks
 
 
 def _untaken(marks: dict[BudgetEngine, _Redirect]) -> list[_Redirect]:
@@ -862,6 +950,7 @@ def _carried(request: Any, engine: BudgetEngine) -> _Redirect | None:
     carried = marks.pop(engine, None)
     if not marks:
         del request.extensions[_REDIRECTED]
+        _following.pop(threading.get_ident(), None)
     if type(carried) is not _Redirect or carried.taken:
         return None
     carried.taken = True
@@ -873,7 +962,8 @@ def _followed(request: Any, response: Any) -> Any:
     out: `_SENT_FOR`) when that client follows the redirect `response` (httpx's and httpx2's
     `_send_handling_redirects`, found up the stack of the call: its `follow_redirects`, and a
     redirect within its `max_redirects`), else None. Not found (another client, another
-    version): not followed, the redirect settled as the call's answer."""
+    version): not followed, the redirect settled as the call's answer. Nor followed here when
+    the client sends the request that follows through another transport (`_routed_alike`)."""
     if "location" not in response.headers:
         return None
     frame: Any = sys._getframe(2)
@@ -894,13 +984,29 @@ def _followed(request: Any, response: Any) -> Any:
             sent = request
             for _ in range(8):  # transports one in the other
                 if sent is origin:
-                    return origin
+                    return origin if _routed_alike(client, origin, response) else None
                 sent = sent.extensions.get(_SENT_FOR)
                 if sent is None:
                     return None
             return None
         frame = frame.f_back
     return None
+
+
+def _routed_alike(client: Any, origin: Any, response: Any) -> bool:
+    """Whether `client` sends the request that follows the redirect `response` through the
+    transport it sent `origin` through. A client of `mounts=` may route the redirect's host
+    through another, which never sees the call: its admission, carried over, was held as long
+    as the client's request was (the final response's `request`, kept by the app). Its URL
+    unreadable, the client raises as it builds that request (`_RedirectAnswer`)."""
+    route = getattr(client, "_transport_for_url", None)
+    moved = getattr(client, "_redirect_url", None)
+    if route is None or moved is None:  # another version: as if routed alike
+        return True
+    try:
+        return route(moved(origin, response)) is route(origin.url)
+    except Exception:
+        return True
 
 
 class _Metered:
@@ -1094,6 +1200,8 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
             if isinstance(body, ErrorAnswer):
                 return meter.refused(lib.module, request, body)
             plain: bytes = body
+            if _following:
+                _sweep_follows()
             admitted = meter.admit_here(request, path, plain)
         if admitted is None:  # the engine's loop admits
             chosen, inbound = payer.get(), inbound_headers.get()
