@@ -2978,12 +2978,14 @@ async def test_a_late_settlement_into_an_unseeded_window_is_counted_there(
 async def test_a_spill_folder_that_cannot_be_written_keeps_the_charges_in_memory(
     postgres_database: str, tmp_path: Any
 ) -> None:
-    """`BUDGET_SPILL_DIR` names a file, not a folder: nothing can be kept on disk. The charges
-    of the outage stay in memory, as before the spill, counted in `spill_failures`, and all of
-    them reach the store when it is writable again."""
+    """`BUDGET_SPILL_DIR` turns out a file, not a folder (made so after start-up's check, which
+    refuses one): nothing can be kept on disk. The charges of the outage stay in memory, as
+    before the spill, counted in `spill_failures`, and all of them reach the store when it is
+    writable again."""
     blocked = tmp_path / "not-a-folder"
+    settings = settings_for(postgres_database, spill_dir=blocked)
     blocked.write_text("")
-    engine = BudgetEngine(settings_for(postgres_database, spill_dir=blocked))
+    engine = BudgetEngine(settings)
     app = fault_app(engine)
     async with running(app), client(app) as http:
         key = engine.manager.create_virtual_key(

@@ -11,7 +11,7 @@ import pytest
 
 from admin_support import ADMIN, admin_client, admin_settings
 from budget_middleware import BudgetSettings, get_engine
-from support import client, engine_of, host_app, running
+from support import client, engine_of, host_app, running, until
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -197,3 +197,117 @@ async def test_the_readme_one_line_app_meters_and_its_admin_api_changes_the_next
     print("statuses", statuses, answer.json()["error"]["message"])
     assert statuses == [200, 402]  # $0.0035 spent of a budget lowered to $0.001
     assert answer.headers["x-should-retry"] == "false"
+
+
+async def test_the_record_on_settled_gets_is_importable_as_the_readme_names_it(
+    make_settings: Callable[..., BudgetSettings],
+) -> None:
+    """ "Hooks": `on_settled` gets "the `UsageRecord`"; a hook typed with it imports it from the
+    package (SPEC §2: everything public is importable from `budget_middleware`)."""
+    import budget_middleware
+
+    settled: list[Any] = []
+    app = host_app(None)
+    app.add_middleware(
+        budget_middleware.BudgetMiddleware, settings=make_settings(), on_settled=settled.append
+    )
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    async with running(app), client(app) as http:
+        assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+        await until(lambda: settled)  # hooks run off the request path
+    print("settled:", [type(r).__name__ for r in settled], "exported:", budget_middleware.__all__)
+    assert "UsageRecord" in budget_middleware.__all__
+    from budget_middleware import UsageRecord
+
+    assert settled and isinstance(settled[0], UsageRecord)
+    assert settled[0].model == "gpt-4o" and settled[0].cost_nanos > 0
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """(file, block) of every ```python block of the README and docs/."""
+    docs = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    return [
+        (doc.name, block)
+        for doc in docs
+        for block in re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
+    ]
+
+
+def test_every_name_a_python_block_of_the_docs_imports_exists() -> None:
+    """A snippet's imports are what a reader copies first: a name renamed or moved in the code
+    (a fragment's `[...]` and top-level `await` still parse) fails here, not in a reader's app;
+    so does a dotted name the prose gives (`budget_middleware.wsgi.shutdown()`)."""
+    import ast
+    import importlib
+
+    missing = []
+    for doc, block in python_blocks():
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                module = importlib.import_module(node.module)
+                missing += [
+                    f"{doc}: from {node.module} import {alias.name}"
+                    for alias in node.names
+                    if not hasattr(module, alias.name)
+                ]
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    importlib.import_module(alias.name)
+    docs = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    for doc in docs:  # and the prose's `budget_middleware.wsgi.shutdown()` and the like
+        text = doc.read_text(encoding="utf-8")
+        for dotted in set(re.findall(r"(?<![\w./-])budget_middleware(?:\.\w+)+", text)):
+            module, _, name = dotted.rpartition(".")
+            try:
+                importlib.import_module(dotted)
+            except ImportError:
+                if not hasattr(importlib.import_module(module), name):
+                    missing.append(f"{doc.name}: {dotted}")
+    print(f"{len(python_blocks())} blocks; missing: {missing}")
+    assert missing == []
+
+
+def test_the_readme_flask_snippet_meters_and_its_admin_api_changes_the_next_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's Flask snippet as written, configured from BUDGET_* variables, as the FastAPI
+    one is above: a key made through the admin API it mounts, spent, then its budget lowered."""
+    from werkzeug.test import Client
+
+    from budget_middleware.engine.portal import shut_down_engines
+
+    monkeypatch.setenv("BUDGET_DATABASE_URL", f"sqlite:///{tmp_path}/b.db")
+    monkeypatch.setenv("BUDGET_ADMIN_KEY", "admin-secret")
+    found: dict[str, Any] = {"__name__": "__main__"}  # as run as a script (Flask(__name__))
+    exec(compile(readme_block("from flask import Flask"), "README.md", "exec"), found)
+    app = found["app"]
+
+    @app.post("/v1/chat/completions")
+    def completions() -> dict[str, Any]:
+        return {"choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}
+
+    admin = {"authorization": "Bearer admin-secret"}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+    http = Client(app)
+    try:
+        made = http.post(
+            "/budget-admin/virtual-keys",
+            json={"name": "alice", "budgets": [{"max_limit": 1, "reset_duration": "1d"}]},
+            headers=admin,
+        )
+        assert made.status_code == 201
+        key = {"authorization": f"Bearer {made.json['virtual_key']['value']}"}
+        first = http.post("/v1/chat/completions", json=body, headers=key)
+        first.get_data()  # settled as its last chunk goes ("Testing a Flask app")
+        changed = http.put(
+            f"/budget-admin/virtual-keys/{made.json['virtual_key']['id']}",
+            json={"budgets": [{"max_limit": 0.001, "reset_duration": "1d"}]},
+            headers=admin,
+        )
+        assert changed.status_code == 200
+        second = http.post("/v1/chat/completions", json=body, headers=key)
+    finally:
+        shut_down_engines()
+    print("statuses", first.status_code, second.status_code, second.json["error"]["message"])
+    assert (first.status_code, second.status_code) == (200, 402)  # $0.0035 spent of $0.001
+    assert second.headers["x-should-retry"] == "false"

@@ -95,6 +95,28 @@ def test_a_spill_folder_with_a_line_break_after_it_is_the_folder(
     assert BudgetSettings(spill_dir=f"{tmp_path / 'spill'}\n").spill_dir == tmp_path / "spill"
 
 
+def test_a_spill_folder_that_is_a_file_fails_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`BUDGET_SPILL_DIR` naming a file (a path copied from the config file's variable): no
+    batch could ever be kept there, and start-up went on with one log line (`cannot read the
+    spill folder …: Not a directory`); it now stops naming the variable, as a config file that
+    is a folder does."""
+    afile = tmp_path / "budget.yaml"
+    afile.write_text("customers: []\n")
+    monkeypatch.setenv("BUDGET_SPILL_DIR", str(afile))
+    with pytest.raises(SettingsError) as caught:
+        print("spill_dir:", BudgetSettings().spill_dir)
+    message = str(caught.value)
+    print(message)
+    assert "BUDGET_SPILL_DIR" in message and "is a file, not a folder" in message
+    monkeypatch.setenv("BUDGET_SPILL_DIR", str(afile / "spill"))  # no folder can be made there
+    with pytest.raises(SettingsError, match="is a file, not a folder"):
+        BudgetSettings()
+    monkeypatch.setenv("BUDGET_SPILL_DIR", str(tmp_path / "not-yet"))  # made when first needed
+    assert BudgetSettings().spill_dir == tmp_path / "not-yet"
+
+
 @pytest.mark.parametrize("field", sorted(SAME_VALUE))
 def test_a_value_valid_as_an_argument_is_valid_in_the_environment(
     field: str, monkeypatch: pytest.MonkeyPatch

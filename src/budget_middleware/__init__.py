@@ -29,6 +29,7 @@ from budget_middleware.exceptions import (
 
 if TYPE_CHECKING:
     from budget_middleware.asgi.middleware import BudgetMiddleware
+    from budget_middleware.core.records import UsageRecord
     from budget_middleware.engine import BudgetEngine, get_engine
     from budget_middleware.engine.exchange import BudgetState
     from budget_middleware.manage.manager import BudgetManager
@@ -47,6 +48,7 @@ _LAZY = {
     "BudgetSyncTransport": "budget_middleware.outbound.transport",
     "BudgetTransport": "budget_middleware.outbound.transport",
     "charge_to": "budget_middleware.outbound.payer",
+    "UsageRecord": "budget_middleware.core.records",  # what `on_settled` hooks get
     "BudgetSettings": "budget_middleware.settings",
     # SPEC §15's entry points; SPEC §2: everything public is importable from here.
     "BudgetWSGIMiddleware": "budget_middleware.wsgi",
@@ -102,6 +104,7 @@ __all__ = [
     "ServiceUnavailable",
     "SettingsError",
     "StoreSchemaError",
+    "UsageRecord",
     "charge_to",
     "create_admin_app",
     "create_admin_wsgi_app",

@@ -480,6 +480,21 @@ class BudgetSettings(BaseSettings):
             raise ValueError(f"file {str(value)!r} does not exist")
         return value
 
+    @field_validator("spill_dir")
+    @classmethod
+    def _spill_dir_not_a_file(cls, value: Path | None) -> Path | None:
+        """A folder made when first needed may not exist yet; a file there, or where a folder
+        above it goes, never holds one (`os.path`'s tests: a path it may not look into is no
+        error here)."""
+        if value is None:
+            return None
+        for path in (value, *value.parents):
+            if os.path.exists(path):
+                if not os.path.isdir(path):
+                    raise ValueError(f"{str(path)!r} is a file, not a folder")
+                break
+        return value
+
     def __repr_args__(self) -> Any:
         """`repr()` and `str()` without a secret (a traceback's locals, a logged object): the
         keys masked, the URLs as `shown_url` has them."""
