@@ -157,6 +157,46 @@ def test_budget_state_of_a_django_request_under_the_wsgi_handler(site: None) -> 
     assert answer.status_code == 200 and answer.json["x_caller"] == key["id"]
 
 
+def test_an_answer_s_last_byte_frees_its_slot_before_the_server_sends_it(site: None) -> None:
+    """A WSGI server sends an answer's last chunk, then asks the app for the next one, which
+    ends it. Where the answer says its Content-Length (Django's `CommonMiddleware`, Flask), the
+    client has it all before that, and its next call (another connection: another thread)
+    could come first: on a key of one request in flight, a client calling one call after
+    another was refused 429 now and then (17 and 16 of 200 under gunicorn
+    `gthread` and waitress: tests/test_wsgi_servers.py). The answer is now settled as its last
+    byte goes."""
+    from llmsite.wsgi import application
+    from werkzeug.test import Client, EnvironBuilder
+
+    created = Client(application).post(
+        "/budget-admin/virtual-keys",
+        json={"name": "alice", "rate_limit": {"max_concurrent_requests": 1}},
+        headers=ADMIN,
+    )
+    bearer = {"authorization": f"Bearer {created.json['virtual_key']['value']}"}
+
+    def environ() -> dict[str, Any]:
+        built = EnvironBuilder(
+            path="/v1/chat/completions", method="POST", json=chat(), headers=bearer
+        )
+        return built.get_environ()
+
+    started: list[Any] = []
+    first = application(environ(), lambda status, headers, exc=None: started.extend(headers))
+    length = int(dict(started)["Content-Length"])
+    chunks = iter(first)
+    sent = b""
+    while len(sent) < length:  # the server sends each chunk until the last byte
+        sent += next(chunks)
+    # The client has its answer, and calls again before the server asks for the next chunk.
+    second = Client(application).post("/v1/chat/completions", json=chat(), headers=bearer)
+    second.get_data()
+    assert list(chunks) == []
+    first.close()
+    print(f"first answer: {len(sent)} of {length} bytes sent, next call: {second.status_code}")
+    assert second.status_code == 200
+
+
 def test_a_head_request_to_the_django_admin_urls_tells_the_body_s_length(site: None) -> None:
     """HEAD answers headers only, the body's length told (RFC 9110: never another length), as
     the admin app answers it under werkzeug and the admin URLs under Django's ASGI handler

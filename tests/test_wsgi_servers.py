@@ -261,6 +261,35 @@ def test_the_django_example_under_gunicorn_gthread_and_uvicorn_is_exact(
     check_exact(f"Django, {served}", at_once, after, price, limit, written(url, key["id"]))
 
 
+@pytest.mark.parametrize("served", ["gunicorn gthread", "waitress"])
+def test_calls_one_after_another_on_one_request_in_flight_are_all_admitted(
+    tmp_path: Path, served: str
+) -> None:
+    """The Django example under gunicorn `gthread` and waitress, a key of one request in flight:
+    200 calls one after another, each on a connection of its own once the last answer was read
+    in full. An answer that says its Content-Length was settled when the server asked for the
+    chunk after its last one, after the client had it all: the next call, in another thread,
+    could come first, and was refused 429 (17 of 200 under gunicorn, 16 under waitress)."""
+    url = f"sqlite:///{tmp_path}/django.db"
+    port = free_port()
+    site = ROOT / "examples" / "django_app"
+    if served == "waitress":
+        command = [sys.executable, "-m", "waitress", "--threads=8",
+                   f"--listen=127.0.0.1:{port}", "llmsite.wsgi:application"]  # fmt: skip
+    else:
+        command = gunicorn(port, "llmsite.wsgi:application", site)
+    env = base_env(url, PYTHONPATH=f"{ROOT / 'src'}:{site}")
+    stop = signal.SIGINT if served == "waitress" else signal.SIGTERM
+    with server(command, env, port, stop=stop):
+        body = {"name": "alice", "rate_limit": {"max_concurrent_requests": 1}}
+        _, created = call(port, "POST", "/budget-admin/virtual-keys", body, ADMIN)
+        bearer = {"authorization": f"Bearer {created['virtual_key']['value']}"}
+        statuses = [call(port, "POST", "/v1/chat/completions", BODY, bearer)[0] for _ in range(200)]
+    print(f"{served}: 200 calls one after another, 1 in flight at most:",
+          {status: statuses.count(status) for status in sorted(set(statuses))})  # fmt: skip
+    assert statuses == [200] * 200
+
+
 SHARED_APP = """
 import os, sys
 sys.path.insert(0, {examples!r})

@@ -131,6 +131,12 @@ def answer(start_response: StartResponse, reply: ErrorAnswer) -> list[bytes]:
     return [reply.body]
 
 
+def _length(value: str) -> int | None:
+    """An answer's Content-Length, or None where it is no count of bytes (RFC 9110 8.6)."""
+    value = value.strip()
+    return int(value) if value.isdigit() and value.isascii() and len(value) < 20 else None
+
+
 def _as_text(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """Headers as WSGI has them: the latin-1 text of their bytes (PEP 3333). A list
     comprehension: more bytecodes than decoding them in C through `map` and a
@@ -653,6 +659,8 @@ class MeteredResponse:
     done = False  # its last chunk passed
     failed = False  # the app raised
     wrote = False  # the app gave bytes of its answer: sent (the headers with them), or held
+    length: int | None = None  # the app's Content-Length: where the client knows its answer ends
+    given = 0  # the bytes of its answer the app has given
 
     def __init__(self, exchange: Exchange, start_response: StartResponse, direct: bool) -> None:
         self.exchange = exchange
@@ -692,10 +700,13 @@ class MeteredResponse:
         if type(headers) is not list:
             headers = list(headers)
         watched = []
+        self.length = None
         for header in headers:
             name = header[0].lower()
             if name in _WATCHED:
                 watched.append((name.encode("latin-1"), header[1].encode("latin-1")))
+            elif name == "content-length":
+                self.length = _length(header[1])
         cost = exchange.read_start(int(status[:3]), watched)
         added = _as_text(exchange.headers_added())
         if cost:  # headers the client must not get (`x-budget-cost`, a stale content-length)
@@ -739,19 +750,34 @@ class MeteredResponse:
         except StopIteration:
             if self.done:
                 raise
-            self.done = True
-            exchange = self.exchange
-            last = exchange.on_chunk(b"", False)
-            # Ended after a `write()` the server could not send (the app stopped for it and
-            # returned): its client was gone, as under ASGI.
-            self.settle("client_disconnected" if exchange.client_gone else "completed")
+            last = self._end()
             if last:
                 return last
             raise
         except BaseException as exc:
             self.raised(exc)
             raise
-        return self._passed(chunk, self.exchange.on_chunk(chunk, True))
+        if self.done:  # past its Content-Length: no byte of the answer (the server sends none)
+            return chunk
+        out = self._passed(chunk, self.exchange.on_chunk(chunk, True))
+        if self.length is not None:
+            self.given += len(chunk)
+            if self.given == self.length:
+                # Its last byte: the client has its answer once the server sends this, and
+                # may call again at once (on another connection, another thread), before the
+                # server asks for the next chunk. Settled now, so that its slot is free then.
+                return out + self._end()
+        return out
+
+    def _end(self) -> bytes:
+        """The answer's end: settled, and what the exchange held back of it returned."""
+        self.done = True
+        exchange = self.exchange
+        last = exchange.on_chunk(b"", False)
+        # Ended after a `write()` the server could not send (the app stopped for it and
+        # returned): its client was gone, as under ASGI.
+        self.settle("client_disconnected" if exchange.client_gone else "completed")
+        return last
 
     def raised(self, exc: BaseException) -> None:
         """The app raised `exc`: its own failure (nothing sent, the server answers 500, and an
