@@ -6489,3 +6489,200 @@ def test_a_redirect_whose_next_request_a_sync_client_s_hook_raises_on_gives_its_
     assert said == ["not sent to /v1/chat/completions"]
     assert (answer.status_code, len(answer.history), held) == (200, 1, 0)
     assert rows == [("completed", 0), ("completed", 10 * 2500 + 5 * 10_000)]
+
+
+@pytest.mark.parametrize("lib", [httpx, httpx2])
+def test_a_sync_redirect_given_up_after_its_hook_followed_another_gives_its_slot_back(
+    make_settings: Settings, lib: Any
+) -> None:
+    """A sync client's request hook, on the request that follows a 307, makes a call of its own
+    through a second client that is redirected and followed too, then raises (the error kept
+    by the app, the collector off). Both redirects are followed in one thread, one inside the
+    other: the outer one, given up, gives its slot back before the next call is admitted (0 in
+    flight) and is one record, `completed`, $0. The inner one's note of its thread replaced the
+    outer's: that slot was held as long as the error was (1 in flight, no record of it)."""
+    transport = BudgetSyncTransport(lib.MockTransport(_moved_or_answered(lib)), make_settings())
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 2})
+    url = "https://api.openai.com/old/chat/completions"
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    inner: list[int] = []
+
+    def call_then_refuse(request: Any) -> None:
+        if request.url.path.startswith("/v1/"):
+            inner.append(plain.post(url, json=body).status_code)
+            raise RuntimeError(f"not sent to {request.url.path}")
+
+    kept: list[Exception] = []
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        hooks = {"request": [call_then_refuse]}
+        with (
+            lib.Client(transport=transport, follow_redirects=True, event_hooks=hooks) as strict,
+            lib.Client(transport=transport, follow_redirects=True) as plain,
+            charge_to(virtual_key=key.value),
+        ):
+            try:
+                strict.post(url, json=body)
+            except RuntimeError as exc:
+                kept.append(exc)
+            answer = plain.post(url, json=body)
+        held = _slots_in_flight(engine)
+        on_loop(engine, engine.flush)
+        rows = sorted((r["outcome"], r["cost_nanos"]) for r in records(engine))
+    finally:
+        if collecting:
+            gc.enable()
+        on_loop(engine, engine.shutdown)
+    print(f"{lib.__name__}: inner call {inner}, outer raised {[str(e) for e in kept]}; next "
+          f"call {answer.status_code}, {held} in flight after it; records {rows}")  # fmt: skip
+    assert inner == [200] and len(kept) == 1 and answer.status_code == 200
+    assert held == 0
+    assert rows == [("completed", 0)] + [("completed", 10 * 2500 + 5 * 10_000)] * 2
+
+
+class _Awaited:
+    """An awaitable that hands over a coroutine's own `__await__` (as the SDKs' paginators do):
+    the task shows a `coroutine_wrapper` where the coroutine is, not what it awaits."""
+
+    def __init__(self, coroutine: Any) -> None:
+        self.coroutine = coroutine
+
+    def __await__(self) -> Any:
+        return self.coroutine.__await__()
+
+
+async def test_a_redirect_followed_behind_an_awaitable_is_still_one_call(
+    engine: BudgetEngine,
+) -> None:
+    """An async client following a 307 with a request hook that waits (a pause of the task),
+    its call awaited through an object whose `__await__` is its coroutine's: the follow, under
+    way, is one call, admitted once: one record, the request that follows's answer, and no
+    slot left held. Taken for given up at the pause (the chain of what the task awaits cut at
+    the `coroutine_wrapper`), the redirect was settled $0 and the request that follows
+    admitted as a call of its own: two records, two slots taken for one call."""
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 1}], rate_limit={"max_concurrent_requests": 1}
+    )
+    fake = Redirecting(307)
+
+    async def slow(request: httpx2.Request) -> None:
+        await asyncio.sleep(0)
+
+    http = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine),
+        follow_redirects=True,
+        event_hooks={"request": [slow]},
+    )
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/old",
+        http_client=http,
+        max_retries=0,
+    )
+    with charge_to(virtual_key=key.value):
+        try:
+            await _Awaited(sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES))
+            answer = "answer"
+        except openai.APIStatusError as exc:
+            answer = str(exc.status_code)
+    held = _slots_in_flight(engine)
+    await engine.flush()
+    rows = [(r["outcome"], r["cost_nanos"]) for r in records(engine)]
+    print(f"a 307 followed behind an awaitable: {answer}, {held} in flight after it; records "
+          f"{rows}; provider saw {fake.paths}")  # fmt: skip
+    assert answer == "answer" and fake.paths == ["/old/chat/completions", "/v1/chat/completions"]
+    assert held == 0
+    assert len(rows) == 1 and rows[0][0] == "completed" and rows[0][1] > 0
+
+
+@pytest.mark.parametrize("lib", [httpx, httpx2])
+def test_a_sync_redirect_followed_in_a_greenlet_while_another_calls_is_one_call(
+    make_settings: Settings, lib: Any
+) -> None:
+    """Two greenlets of one thread (gevent's workers) on a key of one slot: the first's client
+    follows a 307, its request hook on the request that follows switching to the second
+    (gevent switches at any wait), which makes a call of its own, then switches back. The
+    follow, under way all along, holds the slot: the second call 429, the first one record
+    with its cost, 0 in flight after. Taken for given up by the second's admission (its
+    thread's stack, the second's, not following it), the redirect was settled $0, the slot
+    given to the second while the first went on (both answered), and the request that follows
+    admitted as a call of its own: three records for two calls."""
+    greenlet = pytest.importorskip("greenlet")
+    transport = BudgetSyncTransport(lib.MockTransport(_moved_or_answered(lib)), make_settings())
+    engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 1})
+    url = "https://api.openai.com/old/chat/completions"
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    answered: list[int] = []
+
+    def call(client: Any) -> int:  # (a greenlet starts in a context of its own)
+        with charge_to(virtual_key=key.value):
+            return int(client.post(url, json=body).status_code)
+
+    def other() -> None:
+        answered.append(call(plain))
+
+    def switch_away(request: Any) -> None:
+        if request.url.path.startswith("/v1/"):
+            greenlet.greenlet(other, parent=greenlet.getcurrent()).switch()
+
+    try:
+        with (
+            lib.Client(transport=transport, follow_redirects=True) as plain,
+            lib.Client(
+                transport=transport, follow_redirects=True, event_hooks={"request": [switch_away]}
+            ) as switching,
+        ):
+            answered.append(greenlet.greenlet(call).switch(switching))
+        held = _slots_in_flight(engine)
+        on_loop(engine, engine.flush)
+        rows = [(r["outcome"], r["cost_nanos"]) for r in records(engine)]
+    finally:
+        on_loop(engine, engine.shutdown)
+    print(f"{lib.__name__}: greenlets answered {answered}, {held} in flight; records {rows}")
+    assert answered == [429, 200] and held == 0
+    assert rows == [("completed", 10 * 2500 + 5 * 10_000)]
+
+
+async def test_a_redirect_a_client_s_mounts_send_to_another_transport_of_its_engine_is_one_call(
+    engine: BudgetEngine,
+) -> None:
+    """A client of `mounts=` with a `BudgetTransport` of one engine for each host: a 307 moves
+    a call from the provider's host to an internal gateway's, which the client follows through
+    the other transport. That transport takes the call's admission (`_carried`, by engine): one
+    call, answered on a key of one request, one record with its cost. Taken for followed past
+    the transports, the redirect was the call's answer ($0) and the request that follows a call
+    of its own, refused 429 by the key's one request, which its redirect had used."""
+    key = engine.manager.create_virtual_key(
+        name="k", rate_limit={"request_max_limit": 1, "request_reset_duration": "1h"}
+    )
+    fake = _MovedInside(307)
+    http = httpx2.AsyncClient(
+        mounts={
+            "https://api.openai.com": BudgetTransport(httpx2.ASGITransport(fake), engine=engine),
+            "all://": BudgetTransport(httpx2.ASGITransport(fake), engine=engine),
+        },
+        follow_redirects=True,
+    )
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/old",
+        http_client=http,
+        max_retries=0,
+    )
+    with charge_to(virtual_key=key.value):
+        try:
+            await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            answer = "answer"
+        except openai.APIStatusError as exc:
+            answer = str(exc.status_code)
+    held = _slots_in_flight(engine)
+    await engine.flush()
+    rows = [(r["outcome"], r["cost_nanos"]) for r in records(engine)]
+    print(f"a 307 followed through another transport of the engine: {answer}, {held} in "
+          f"flight; records {rows}; provider saw {fake.paths}")  # fmt: skip
+    assert answer == "answer" and fake.paths == ["/old/chat/completions", "/v1/chat/completions"]
+    assert held == 0 and len(rows) == 1 and rows[0][0] == "completed" and rows[0][1] > 0

@@ -383,7 +383,8 @@ class _Meter:
         async or sync metered stream, as the library's own type: `_Library`). A redirect the
         client follows (`_followed`) passes unmetered, its call's admission kept for the request
         that follows it (`sent`: the request that was sent, its body as rewritten)."""
-        origin = _followed(request, response) if response.status_code in _REDIRECTS else None
+        redirect = response.status_code in _REDIRECTS
+        origin = _followed(request, response, self.engine) if redirect else None
         if origin is not None:
             # Not the provider's answer to the call: its admission carries over to the request
             # that follows it (`_Redirect`), which the client makes at once.
@@ -391,7 +392,7 @@ class _Meter:
             if stream is library.async_stream:
                 _watch_follow(answer.marks)
             else:
-                _following[threading.get_ident()] = answer.marks
+                _following[id(answer.marks)] = (threading.get_ident(), _greenlet(), answer.marks)
             return answer
         lib = library.module
         raw = response.headers.raw
@@ -857,20 +858,27 @@ def _follow_watched(task: asyncio.Task[Any], marks: dict[BudgetEngine, _Redirect
         return  # followed, or given up already (`_RedirectAnswer`)
     step: Any = None if task.done() else task.get_coro()
     for _ in range(64):  # the task's coroutines, each awaiting the next
-        if step is None or type(step).__name__ in _UNSEEN:
-            break
         frame = getattr(step, "cr_frame", None)
         if frame is not None and _follows(frame, marks):
             weakref.finalize(step, _given_up, marks)  # following it still
             return
-        step = getattr(step, "cr_await", None) or getattr(step, "gi_yieldfrom", None)
-    if step is None:  # the whole chain seen, and no client following it
-        _given_up(marks)
+        awaited = getattr(step, "cr_await", None) or getattr(step, "gi_yieldfrom", None)
+        if awaited is None:
+            break
+        step = awaited
+    else:
+        return
+    if step is None or type(step).__name__ in _SEEN_TO_THE_END:
+        _given_up(marks)  # the whole chain seen, and no client following it
 
 
-# What a coroutine may await that does not show what it awaits in turn (an async generator's
-# step): a client following a redirect may be behind it, so nothing is settled.
-_UNSEEN = frozenset({"async_generator_asend", "async_generator_athrow"})
+# What a task's chain of awaits ends at when all of it was seen: a Future's wait (asyncio's
+# `FutureIter`; the Python Future's `__await__`, a generator), a bare `yield` (a generator:
+# `asyncio.sleep(0)`). Anything else does not show what it awaits in turn (an async
+# generator's step; the `coroutine_wrapper` of an object whose `__await__` is a coroutine's,
+# as the SDKs' paginators have): a client following a redirect may be behind it, so nothing is
+# settled.
+_SEEN_TO_THE_END = frozenset({"FutureIter", "generator", "coroutine"})
 
 
 def _given_up(marks: dict[BudgetEngine, _Redirect]) -> None:
@@ -879,9 +887,30 @@ def _given_up(marks: dict[BudgetEngine, _Redirect]) -> None:
         redirect.answered().settle_dropped(redirect._left)
 
 
-# The redirects sync clients are following, by thread: the calls each carries (`_Redirect`),
-# till the request that follows comes here (`_carried`).
-_following: dict[int, dict[BudgetEngine, _Redirect]] = {}
+# The redirects sync clients are following, by the id of their marks: the thread (and
+# greenlet) following them and the calls they carry (`_Redirect`), till the request that
+# follows comes here (`_carried`). One thread may follow several, one inside the other (a
+# request hook's call), or one in each of its greenlets.
+_following: dict[int, tuple[int, Any, dict[BudgetEngine, _Redirect]]] = {}
+
+
+def _greenlet() -> Any:
+    """The greenlet running here when greenlets are in use (gevent's workers: several, each
+    following its own redirect, take turns on one thread), else None."""
+    greenlets = sys.modules.get("greenlet")
+    return None if greenlets is None else greenlets.getcurrent()
+
+
+def _top_frame(thread: int, greenlet: Any, stacks: dict[int, Any]) -> Any:
+    """Where the thread (or greenlet) that follows a redirect is: its stack's top frame. A
+    greenlet switched away from is at its own (`gr_frame`), not at its thread's, another
+    greenlet's; under gevent its "thread" is the greenlet's id, which `stacks` has not."""
+    if greenlet is not None:
+        if greenlet is _greenlet():
+            return sys._getframe()
+        if greenlet.gr_frame is not None:
+            return greenlet.gr_frame
+    return stacks.get(thread)
 
 
 def _sweep_follows() -> None:
@@ -891,16 +920,16 @@ def _sweep_follows() -> None:
     answers. A sync client's follow can be watched from nowhere else: they were held as long
     as the client's request was (the error's, kept by an app's log; a reference cycle)."""
     stacks = sys._current_frames()
-    for thread, marks in list(_following.items()):
-        frame = stacks.get(thread)
+    for key, (thread, greenlet, marks) in list(_following.items()):
+        frame = _top_frame(thread, greenlet, stacks)
         for _ in range(64):  # up the thread's stack
             if frame is None or _follows(frame, marks):
                 break
             frame = frame.f_back
         if frame is not None:  # following them still (its request hooks run)
             continue
-        if _following.get(thread) is marks:
-            del _following[thread]
+        if _following.pop(key, None) is None:
+            continue  # followed meanwhile, or another thread's sweep settles them
         for redirect in _untaken(marks):
             redirect.given_up()
 
@@ -950,14 +979,14 @@ def _carried(request: Any, engine: BudgetEngine) -> _Redirect | None:
     carried = marks.pop(engine, None)
     if not marks:
         del request.extensions[_REDIRECTED]
-        _following.pop(threading.get_ident(), None)
+        _following.pop(id(marks), None)
     if type(carried) is not _Redirect or carried.taken:
         return None
     carried.taken = True
     return carried
 
 
-def _followed(request: Any, response: Any) -> Any:
+def _followed(request: Any, response: Any, engine: BudgetEngine) -> Any:
     """The client's request that `request` is (or was rewritten from, by a transport further
     out: `_SENT_FOR`) when that client follows the redirect `response` (httpx's and httpx2's
     `_send_handling_redirects`, found up the stack of the call: its `follow_redirects`, and a
@@ -984,7 +1013,7 @@ def _followed(request: Any, response: Any) -> Any:
             sent = request
             for _ in range(8):  # transports one in the other
                 if sent is origin:
-                    return origin if _routed_alike(client, origin, response) else None
+                    return origin if _routed_alike(client, origin, response, engine) else None
                 sent = sent.extensions.get(_SENT_FOR)
                 if sent is None:
                     return None
@@ -993,18 +1022,23 @@ def _followed(request: Any, response: Any) -> Any:
     return None
 
 
-def _routed_alike(client: Any, origin: Any, response: Any) -> bool:
+def _routed_alike(client: Any, origin: Any, response: Any, engine: BudgetEngine) -> bool:
     """Whether `client` sends the request that follows the redirect `response` through the
-    transport it sent `origin` through. A client of `mounts=` may route the redirect's host
-    through another, which never sees the call: its admission, carried over, was held as long
-    as the client's request was (the final response's `request`, kept by the app). Its URL
-    unreadable, the client raises as it builds that request (`_RedirectAnswer`)."""
+    transport it sent `origin` through, or through another transport of `engine`'s (which takes
+    the call's admission as its own: `_carried`). A client of `mounts=` may route the
+    redirect's host through another, which never sees the call: its admission, carried over,
+    was held as long as the client's request was (the final response's `request`, kept by the
+    app). Its URL unreadable, the client raises as it builds that request
+    (`_RedirectAnswer`)."""
     route = getattr(client, "_transport_for_url", None)
     moved = getattr(client, "_redirect_url", None)
     if route is None or moved is None:  # another version: as if routed alike
         return True
     try:
-        return route(moved(origin, response)) is route(origin.url)
+        there = route(moved(origin, response))
+        if isinstance(there, _Transport) and there.meter.engine is engine:
+            return True
+        return there is route(origin.url)
     except Exception:
         return True
 
