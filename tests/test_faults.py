@@ -2975,6 +2975,73 @@ async def test_a_late_settlement_into_an_unseeded_window_is_counted_there(
     assert in_new_hour <= 5
 
 
+async def test_charges_a_heartbeat_owes_while_a_seed_of_ours_reads_the_store_count_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 cents through Redis, unwritten (no flush round), and Redis restarted empty. A request
+    finds the key gone and seeds it: its seed takes our unwritten 4 cents, then reads the store
+    (held there, as behind a SQLite file another process locks). Meanwhile the heartbeat finds
+    the loss and, with no seed recorded yet, owes the same 4 cents to Redis; the seed, made by
+    this instance, was taken to leave them out, and the payment added them on top: Redis 9
+    cents for 5 admitted, 6 of 10 admitted in all (a threaded Flask server under load, the
+    store locked and Redis restarted empty: 176 requests' price in Redis for 112 admitted on a
+    budget of 120). The seed leaves out what was owed while it read."""
+    reading, go = threading.Event(), threading.Event()
+    server = PrivateRedis()
+    server.start()
+    try:
+        # (no reservation: an admission waits for no fence after the loss)
+        engine = BudgetEngine(_debts_settings(tmp_path, server, reserve=False))
+        counters: Any = engine.counters
+        app = fault_app(engine)
+        async with running(app), client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 0.1, "reset_duration": "1d"}]
+            )
+            value, budget = key.value or "", key.budgets[0].id
+            await engine.invalidate()
+            assert await asked(http, value, 4) == [200] * 4
+            assert await until(lambda: _budget_in_redis(server, budget))
+            direct = redis.Redis.from_url(server.url)
+            direct.flushall()  # (Redis restarted empty, its connections kept)
+            direct.close()
+            spill = counters.spill
+            listed = spill.others_unwritten  # (read by a seed only, before the store)
+
+            def held() -> Any:
+                reading.set()
+                go.wait(10)
+                return listed()
+
+            monkeypatch.setattr(spill, "others_unwritten", held)
+            seeding = asyncio.create_task(asked(http, value, 1))
+            assert await until(reading.is_set)
+            beat = asyncio.create_task(counters.heartbeat())
+            assert await until(lambda: sum(counters._transit.values()) >= 4 * CENT)
+            go.set()
+            during = await asyncio.wait_for(seeding, 20)
+            await asyncio.wait_for(beat, 20)
+            seeded = sum(_budget_in_redis(server, budget).values())
+            after = await asked(http, value, 10)
+            assert await engine.flush()
+            in_redis = sum(_budget_in_redis(server, budget).values())
+            stored = budget_usage(engine, budget)
+            count, _ = records(engine, key.id)
+    finally:
+        go.set()
+        server.stop()
+    admitted = 4 + during.count(200) + after.count(200)
+    print(
+        f"Redis restarted empty, the heartbeat owing our 4 cents while our seed read the store: "
+        f"Redis {seeded / CENT:g} cents after the 5th request; {admitted} admitted on $0.10, "
+        f"{count} records, Redis {in_redis / CENT:g} cents, store {stored / CENT:g}"
+    )
+    assert during == [200]
+    assert seeded == 5 * CENT
+    assert admitted == count == 10
+    assert in_redis == stored == 10 * CENT
+
+
 async def test_a_spill_folder_that_cannot_be_written_keeps_the_charges_in_memory(
     postgres_database: str, tmp_path: Any
 ) -> None:

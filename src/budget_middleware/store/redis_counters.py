@@ -412,6 +412,10 @@ class RedisCounters(CounterBackend):
         # Per seed reading the store, the charges of its windows the store confirmed meanwhile:
         # window -> [(the store's clock after the commit, amount)] (`_seed_now`).
         self._seeds_reading: list[dict[tuple[str, str, float], list[tuple[float, int]]]] = []
+        # Per seed reading the store, the charges of its windows a heartbeat owed Redis
+        # meanwhile, after a loss (`_owe_unwritten`): window -> amount. The seed took them as
+        # ours, not in transit, before it read; their payment adds them.
+        self._seeds_owed: list[dict[tuple[str, str, float], int]] = []
         # Per counter, this instance's charges in its ledger that its own calls will add to
         # Redis (a settlement under way, a debt): a seed leaves them out, so that each is added
         # once, by its own call, whoever seeds the key.
@@ -565,6 +569,7 @@ class RedisCounters(CounterBackend):
         self._writing = False
         self._seeding.clear()
         self._seeds_reading.clear()  # (the closed loop's seeds: their `finally` never ran)
+        self._seeds_owed.clear()
         self._paying.clear()
         self._debts_paid = None
 
@@ -1408,11 +1413,14 @@ class RedisCounters(CounterBackend):
         confirming: dict[tuple[str, str, float], list[tuple[float, int]]] = {
             window: [] for window in windows
         }
+        owed: dict[tuple[str, str, float], int] = {window: 0 for window in windows}
         self._seeds_reading.append(confirming)
+        self._seeds_owed.append(owed)
         try:
-            await self._read_and_seed(missing, now, mine, confirming)
+            await self._read_and_seed(missing, now, mine, confirming, owed)
         finally:
             self._seeds_reading.remove(confirming)
+            self._seeds_owed.remove(owed)
 
     async def _read_and_seed(
         self,
@@ -1420,6 +1428,7 @@ class RedisCounters(CounterBackend):
         now: float,
         mine: list[int],
         confirming: dict[tuple[str, str, float], list[tuple[float, int]]],
+        owed: dict[tuple[str, str, float], int],
     ) -> None:
         budget_ids = [e.counter.id for e in missing if e.counter and e.kind in "bs"]
         rate_ids = [e.counter.id for e in missing if e.counter and e.kind not in "bs"]
@@ -1534,6 +1543,11 @@ class RedisCounters(CounterBackend):
             # for $0.30 spent, 70 admitted on a limit of 100.
             window = (counter.kind, counter.id, counter.start)
             late = sum(amount for at, amount in confirming.get(window, ()) if at < read_at)
+            # Those a heartbeat owed Redis since they were taken (it found the loss, and no
+            # seed recorded yet) are added by their payment: counted here too, a threaded
+            # server's seed made as the store came back from a lock held them twice (Redis 176
+            # requests' price for 112 admitted on a budget of 120).
+            unwritten -= owed.get(window, 0)
             keys.append(entry.keys[0])
             spent = max(value - min(late, value) + unwritten, 0) + on_disk.get(window, 0)
             args += [spent, self._ttl_ms(counter, now), counted]
@@ -1712,6 +1726,9 @@ class RedisCounters(CounterBackend):
                         mine -= sum(w.get(window, 0) for b, w in taken.items() if b in in_disk)
                 if mine > 0:
                     self._owe(counter, mine)
+                    for owed in self._seeds_owed:  # (a seed of ours reading counted them)
+                        if window in owed:
+                            owed[window] += mine
                     if track is not None:
                         # Their places beside the debts', the newest of ours that are not
                         # debts: without, a payment added them whole to a seed made after
