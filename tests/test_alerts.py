@@ -1140,7 +1140,9 @@ async def test_a_soft_budget_on_redis_is_shared_by_instances(
                 assert await spend(http, key.value, 0.45, 1) == [200]
         for engine in engines:
             await engine.alerts.raise_queued()
-        alerts = engines[0].manager.list_alerts()
+        # Raised as Redis answered the second's charge: written by the second's alert task,
+        # or by the call above when it came first.
+        alerts = await until(lambda: engines[0].manager.list_alerts(), 3.0)
         values = [e.registry.counter("budget", key.budgets[0].id).value for e in engines]
         print(f"soft budget on Redis: live values {values}; alerts {alerts}")
         assert values[1] == 900_000_000  # the second instance saw the first one's spend
@@ -3344,3 +3346,72 @@ def test_a_job_that_spends_its_budget_and_ends_posts_its_alerts(
     print(f"{client_kind}: {done.stdout.strip()}; the receiver got {got}")
     assert "402" in done.stdout
     assert got == [("budget.exhausted", 0), ("budget.threshold", 0.8), ("budget.threshold", 1.0)]
+
+
+async def test_an_alert_tells_the_spend_its_crossing_found_on_redis(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """As above with Redis: a $0.20 budget alerting at 50 %, 20 requests of $0.01 at once. The
+    charge that crosses is made here before Redis answers, and the budget was looked at once it
+    answered: the others' charges made here meanwhile were in the spend it told ("$0.11 of
+    $0.20" and more for a crossing at $0.10). It tells the spend of its crossing: $0.10."""
+    need_redis()
+    prefix = unique_prefix()
+    hook = receiver()
+    engine = get_engine(make_settings(redis_url=REDIS_URL, alert_webhook_urls=hook.url))
+    use_prefix(engine, prefix)
+    quick(engine)
+    app = BudgetMiddleware(host_app(None), engine=engine)
+    try:
+        await engine.ensure_started()
+        budget = {"max_limit": 0.2, "soft": True, "alert_thresholds": [0.5]}
+        key = engine.manager.create_virtual_key(name="k", budgets=[budget])
+        async with client(app) as http:
+            groups = await asyncio.gather(*(spend(http, key.value, 0.01, 1) for _ in range(20)))
+        statuses = [status for group in groups for status in group]
+        await until(lambda: len(hook.delivered()) >= 1, 5.0)
+        alert = hook.delivered()[0]
+    finally:
+        await engine.shutdown()
+        delete_prefix(REDIS_URL, prefix)
+    print(f"{statuses}; the 50 % alert told ${alert['budget']['spent']:.2f}: {alert['text']}")
+    assert statuses == [200] * 20
+    assert alert["budget"]["spent"] == 0.1
+    assert "$0.1000 of $0.2000" in alert["text"]
+
+
+async def test_a_refusal_made_before_a_reset_elsewhere_is_learnt_raises_no_old_window_exhaustion(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """Two instances on one store; $0.60 of a $1 budget spent through the first, the budget
+    reset through the other, then $0.60 and $0.60 more asked of the first, which learns of the
+    reset only at its next re-read (a TTL of 10 s): it took the store's new window's $0.60 as the
+    old one's $1.20 and refused the third. That refusal raised `budget.exhausted` of the old
+    window, "has spent $1.20 of $1.00; requests are refused", after the operator's reset, of a
+    window that ended at $0.60 and refused nothing. No exhaustion is raised for it: the new
+    window is not exhausted either ($0.60 of $1). (With Redis the reset's word reaches the
+    first at once: its admission in Redis finds the new window.)"""
+    hook = receiver()
+    async with _two_instances(make_settings, hook.url, False, (10.0, 0.5)) as (
+        engines,
+        apps,
+        admin,
+    ):
+        key = engines[0].manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1.0, "alert_thresholds": [2.0]}]
+        )
+        async with client(apps[0]) as http:
+            statuses = await spend(http, key.value, 0.6, 1)
+            await engines[0].flush()
+            reset = (await admin.post(f"/budgets/{key.budgets[0].id}/reset")).status_code
+            statuses += await spend(http, key.value, 0.6, 2)
+            await until(lambda: not engines[0].alerts.queue, 3.0)  # written, or not raised
+            await asyncio.sleep(0.5)  # its delivery, had it been raised
+        rows = [(a["type"], a["delivery"]) for a in engines[0].manager.list_alerts()]
+        texts = [a["text"] for a in hook.delivered()]
+        await engines[0].flush()
+        spent = engines[0].manager.list_budgets(owner_type="virtual_key", owner_id=key.id)[0]
+    print(f"{statuses}, reset ({reset}) after the first; ${spent.spent:.2f} spent since; "
+          f"alerts {rows}, delivered {texts}")  # fmt: skip
+    assert statuses == [200, 200, 402] and reset == 200 and spent.spent == 0.6
+    assert rows == [] and texts == []

@@ -569,10 +569,13 @@ def _reset_before(event: AlertEvent, row: BudgetRow, live: WindowCounter | None)
     crossed it the store counts in the new window, and so does this instance once it learns of
     it (the next re-read: `WindowCounter.configure`), which raises the new window's thresholds
     they reach. Raised in the old window too, a threshold of it was told at a spend it never
-    held ("$1.20" of a window that ended at $0.60). Not for `budget.exhausted` (the refusal was
-    made), nor when the store's terms are not the live counter's (`live`): new terms made
-    elsewhere are taken only with the key's reload, and the crossing stays where it was."""
-    if event.type != "budget.threshold" or live is None:
+    held ("$1.20" of a window that ended at $0.60). So is `budget.exhausted`: a refusal made
+    after the reset, before this instance learnt of it, was made in the new window, which the
+    store holds not exhausted; told as the old window's, it said "requests are refused" after
+    the operator's reset, of a window that refused none. Not when the store's terms are not the
+    live counter's (`live`): new terms made elsewhere are taken only with the key's reload, and
+    the crossing stays where it was."""
+    if live is None:
         return False
     last_reset = utc(row.last_reset).timestamp()
     if not event.window_start < last_reset <= event.raised_at or last_reset >= event.window_end:
@@ -581,10 +584,10 @@ def _reset_before(event: AlertEvent, row: BudgetRow, live: WindowCounter | None)
     if terms != (live.duration, live.calendar_aligned):
         return False
     logger.info(
-        "budget-middleware alert %s %g of %s %r not raised: its window was reset at %s, "
+        "budget-middleware alert %s%s of %s %r not raised: its window was reset at %s, "
         "before the crossing (the charges count in the new window)",
         event.type,
-        event.threshold,
+        f" {event.threshold:g}" if event.type == "budget.threshold" else "",
         event.owner_type,
         event.owner_name or event.owner_id,
         rfc3339(from_ts(last_reset)),

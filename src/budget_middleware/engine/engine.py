@@ -1062,9 +1062,7 @@ class BudgetEngine:
         return memory.admit_now(limits, estimate)
 
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None:
-        await self.counters.settle(ticket, cost, tokens)
-        if cost:
-            self.alerts.check(ticket.limits)
+        await self.counters.settle(ticket, cost, tokens)  # its alerts: `on_landed`
 
     async def admit_first(
         self, candidates: Sequence[tuple[LimitSet, int]], most_remaining: bool = False
@@ -1075,9 +1073,7 @@ class BudgetEngine:
         """Settlement in process (memory counters only)."""
         memory = self.memory
         assert memory is not None, "settle_now needs the in-process counters"
-        memory.settle_now(ticket, cost, tokens)
-        if cost:
-            self.alerts.check(ticket.limits)
+        memory.settle_now(ticket, cost, tokens)  # its alerts: `on_landed`
 
     def record(self, record: UsageRecord) -> None:
         stats = self.stats

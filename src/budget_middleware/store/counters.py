@@ -54,8 +54,9 @@ class CounterBackend(ABC):
         # budget (by id), which a reload here sets as it sets the limit (`_terms_here`).
         self.on_thresholds: Callable[[WindowCounter, list[float] | None, bool], None] | None = None
         self.thresholds_here: Callable[[str], object] | None = None
-        # Told of a charge whose settlement landed after its caller stopped waiting for it (the
-        # engine's alerts look at its budgets then, as they do after a settlement awaited).
+        # Told of each charge as it lands on a budget's live counter (the engine's alerts look
+        # at its budgets then): with no await between, so that the spend an alert tells is its
+        # crossing's, not one that later charges of this process added meanwhile.
         self.on_landed: Callable[[LimitSet], None] | None = None
         # The engine's batches on disk (`store.spill`; None: a store in memory): a shared
         # backend's seeds count those of other engines that no live one counts as its own.
@@ -157,6 +158,11 @@ class CounterBackend(ABC):
 
     @abstractmethod
     async def settle(self, ticket: Ticket, cost: int, tokens: int) -> None: ...
+
+    def landed(self, limits: LimitSet, cost: int) -> None:
+        """A charge of `cost` on `limits` landed on their live counters: `on_landed`."""
+        if cost and self.on_landed is not None:
+            self.on_landed(limits)
 
     def admit_anyway(self, limits: LimitSet, estimate: int) -> Ticket:
         """Shadow mode (SPEC §14): a request its limits refused goes on, charged to none of
@@ -324,6 +330,7 @@ class MemoryCounters(CounterBackend):
 
     def settle_now(self, ticket: Ticket, cost: int, tokens: int) -> None:
         admission.settle(ticket, cost, tokens, self.clock(), self.ledger)
+        self.landed(ticket.limits, cost)
 
     def admit_first_now(
         self, candidates: Sequence[tuple[LimitSet, int]], most_remaining: bool = False

@@ -2290,8 +2290,13 @@ class RedisCounters(CounterBackend):
         now = self.clock()
         # Locally exactly as in process: the charge goes to the ledger (and so to the store).
         admission.settle(ticket, cost, tokens, now, self.ledger)
-        takes = self._takes  # a flush taking the charge before the script answers: written
         limits = ticket.limits
+        # Its budgets are looked at as the charge lands here, and again as Redis answers with
+        # every instance's spend (`_settle_there`), each with no await between: looked at once
+        # the settlement was awaited, the charges of requests settled here meanwhile were in
+        # the spend its alert told (a crossing at $0.10 of $0.20 told "$0.20 of $0.20").
+        self.landed(limits, cost)
+        takes = self._takes  # a flush taking the charge before the script answers: written
         windows = {c: c.start for c in limits.budgets + limits.soft_budgets} if cost else {}
         if not ticket.request_id:  # admitted in process while Redis was down
             self._owe_settlement(ticket, cost, tokens)
@@ -2329,17 +2334,10 @@ class RedisCounters(CounterBackend):
         )
         self._paying.add(task)
         task.add_done_callback(self._paid)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # Its caller stopped waiting: Starlette's `StreamingResponse` cancels the send that
-            # settles a stream as its last chunk goes (the server has told the app its client is
-            # done). The charge lands all the same; its budgets are looked at once Redis has
-            # answered (the spend every instance made), not never (no alert was raised).
-            on_landed = self.on_landed
-            if cost and on_landed is not None:
-                task.add_done_callback(lambda _: on_landed(limits))
-            raise
+        # Its caller may stop waiting (Starlette's `StreamingResponse` cancels the send that
+        # settles a stream as its last chunk goes): the charge lands all the same, and its
+        # budgets are looked at as Redis answers.
+        await asyncio.shield(task)
 
     async def _settle_there(
         self,
@@ -2422,6 +2420,7 @@ class RedisCounters(CounterBackend):
                 # Its window has no key yet (the window just began, or Redis restarted
                 # empty): the charge must reach it all the same.
                 lost.append((entry.keys[0], counter, amount))
+        self.landed(ticket.limits, cost)  # the spend of every instance, as Redis answered it
         done = self._done_key(ticket.request_id)
         if not lost:
             self._settled_out(done)
