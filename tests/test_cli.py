@@ -1730,3 +1730,101 @@ def test_a_model_config_entry_both_global_and_of_a_key_is_refused_naming_it(
     assert code == 1 and out == ""
     assert str(path) in err and "model_configs[0] (gpt-4o)" in err and "not both" in err
     assert written == []
+
+
+# -- what a new user meets first -------------------------------------------------------------------
+
+
+def test_config_check_says_which_references_it_could_not_check(
+    store: dict[str, str], tmp_path: Path, here: Here
+) -> None:
+    """`config check` reads no store, so a team's `customer: ghost` that the file does not
+    declare cannot be checked by it; it said "valid: teams: 1" and nothing else, and `config
+    apply` then failed ("customer 'ghost' is neither a name nor an id"). It now says, on
+    stdout and stderr, which references are left to applying the file."""
+    file = tmp_path / "budget.yaml"
+    file.write_text(
+        "customers:\n  - name: acme\n"
+        "teams:\n  - name: research\n    customer: ghost\n  - name: dev\n    customer: acme\n"
+        "virtual_keys:\n  - name: bot\n    team: dev\n"
+    )
+    checked, as_json, applied = cli_many(
+        store, [f"config check {file}", f"config check {file} --json", f"config apply {file}"]
+    )
+    print(checked.code, checked.out.strip(), "|", checked.err.strip(), "|", applied.err.strip())
+    assert "customer 'ghost' is neither a name nor an id" in applied.failed_on_one_line()
+    assert ok(checked).out == (
+        f"{file} is valid: customers: 1, teams: 2, virtual keys: 1 (1 unchecked: see the "
+        "warnings)\n"
+    )
+    assert checked.err == (
+        f"warning: not checked: teams[0] (research): customer 'ghost' is not declared in "
+        f"{file}; applying the file checks it against the store\n"
+    )
+    assert ok(as_json).json()["unchecked_references"] == ["teams[0] (research): customer 'ghost'"]
+    # What the store has, applying the file finds: the same check, the same warning.
+    ok(cli(store, "customers create --name ghost"))
+    ok(cli(store, f"config apply {file}"))
+    assert ok(cli(store, f"config check {file}")).err == checked.err
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        ("--budget 1e30/1d", "--budget: '1e30' is out of range"),
+        ("--budget 1000000001", "--budget: '1000000001' is out of range"),
+        ("--request-limit 99999999999999999999/1m", "--request-limit: '99999999999999999999'"),
+        ("--max-concurrent-requests 9999999999", "--max-concurrent-requests: '9999999999'"),
+    ],
+)
+def test_an_option_past_the_admin_apis_bounds_is_a_usage_error(
+    option: str, named: str, store: dict[str, str], here: Here
+) -> None:
+    """`--budget 1e30/1d` exited 1 with the admin API's wording (`budgets.0.max_limit: Input
+    should be less than or equal to 1000000000`), while `--budget 1x/1d` exits 2 with "Invalid
+    value for --budget": bad input to an option is one exit status and one style of message."""
+    bad = here(store, f"customers create --name acme {option}")
+    wrong = here(store, "customers create --name acme --budget 1x/1d")
+    print(bad.code, bad.err.strip(), "|", wrong.code, wrong.err.strip())
+    assert wrong.failed_on_one_line(2).startswith("error: Invalid value for --budget: ")
+    assert bad.failed_on_one_line(2).startswith(f"error: Invalid value for {named}")
+    assert "less than or equal to" in bad.err
+    assert not _exists(store)  # refused before the store is made
+
+
+def test_providers_and_tags_update_creates_one_as_the_admin_apis_put_does(
+    server: Server, store: dict[str, str], here: Here
+) -> None:
+    """The admin API has no POST for a provider or a tag: its `PUT /providers/{provider}` sets
+    the limits and creates it (SPEC §9, 201). `providers update openai` on a store without it
+    said "error: provider 'openai' not found" (exit 1), on the store and through --url."""
+    at = f"--url {server.url} --admin-key {ADMIN_KEY}"
+    ok(here(store, "customers create --name acme"))  # a store (`update` makes none)
+    for where, prefix in (("store", ""), ("admin API", at)):
+        env = store if where == "store" else {}
+        made, again, tag = [
+            here(env, f"{prefix} {line}")
+            for line in (
+                "providers update openai --budget 5/1d",
+                "providers update OpenAI --budget 6/1d --json",
+                "tags update team:x --budget 1",
+            )
+        ]
+        print(where, made.code, made.err.strip() or made.out.splitlines()[0], "|", tag.err.strip())
+        assert ok(made).out.startswith("created provider openai\n")
+        assert [b["max_limit"] for b in ok(again).json()["provider"]["budgets"]] == [6.0]
+        assert ok(tag).out.startswith("created tag team:x\n")
+        listed = ok(here(env, f"{prefix} providers list --json")).json()["providers"]
+        assert [p["provider"] for p in listed] == ["openai"]
+
+
+def test_the_database_url_error_lists_every_scheme_accepted(here: Here) -> None:
+    """`postgresql://` is accepted (read as `postgresql+psycopg://`), but a URL of no accepted
+    scheme was answered "must be a sqlite:/// (or sqlite+pysqlite:///) or postgresql+psycopg://
+    URL": a user with `postgresql://…` in hand could not tell it would do."""
+    line = here({"BUDGET_DATABASE_URL": "mysql://db/budgets"}, "customers list")
+    print(line.err.strip())
+    error = line.failed_on_one_line()
+    assert "BUDGET_DATABASE_URL" in error
+    for scheme in ("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://"):
+        assert scheme in error, scheme

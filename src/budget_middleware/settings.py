@@ -422,8 +422,8 @@ class BudgetSettings(BaseSettings):
                 value = "postgresql+psycopg://" + value[len(plain) :]
         if not value.startswith(("sqlite:", "sqlite+pysqlite:", "postgresql+psycopg:")):
             raise ValueError(
-                "must be a sqlite:/// (or sqlite+pysqlite:///) or postgresql+psycopg:// URL: "
-                "the store writes through Python's sqlite3 or psycopg 3"
+                "must be a sqlite:/// (or sqlite+pysqlite:///) or postgresql:// (or postgres://, "
+                "postgresql+psycopg://) URL: the store writes through Python's sqlite3 or psycopg 3"
             )
         # Read as the store will read it, so that a URL no driver can read is this setting's
         # error at start-up, not an outage answered 503 on every request.

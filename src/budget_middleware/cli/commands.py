@@ -224,7 +224,11 @@ def build_body(options: dict[str, Any]) -> Json:
             )
     concurrent = options.pop("max_concurrent_requests", None)
     if concurrent is not None:
-        rate["max_concurrent_requests"] = concurrent
+        from budget_middleware.manage.schemas import Concurrency
+
+        rate["max_concurrent_requests"] = values.within(
+            concurrent, Concurrency, "--max-concurrent-requests"
+        )
     if rate:
         body["rate_limit"] = rate
     budgets = options.pop("budgets", ())
@@ -370,6 +374,17 @@ def resolve(client: Client, kind: Kind, ref: str) -> Json:
         return first
 
 
+def _named(client: Client, kind: Kind, name: str) -> Json | None:
+    """The provider or tag `name` names, or None when the store has none (a `PUT` creates it)."""
+    try:
+        found: Json = client.get(kind, name)[kind.one]
+    except CliError as exc:
+        if exc.status != 404:
+            raise
+        return None
+    return found
+
+
 _PARENTS = {"customer_id": "customers", "team_id": "teams", "scope_id": "keys"}
 
 
@@ -410,12 +425,7 @@ def entity_group(kind: Kind) -> click.Group:
         if kind.named:
             name = options.pop("ref")
             body = build_body(options)
-            try:
-                client.get(kind, name)
-            except CliError as exc:
-                if exc.status != 404:
-                    raise
-            else:
+            if _named(client, kind, name) is not None:
                 raise CliError(
                     f"{kind.what} {name!r} already exists: change it with "
                     f"'{kind.command} update {name}'",
@@ -429,10 +439,14 @@ def entity_group(kind: Kind) -> click.Group:
     def update_(ref: str, **options: Any) -> None:
         client = _existing()
         body = resolve_parents(client, build_body(options))
-        target = _ref(kind, resolve(client, kind, ref))
-        put = kind.named
-        answer = client.put(kind, target, body) if put else client.update(kind, target, body)
-        emit(kind, answer, f"updated {_label(kind, answer[kind.one])}")
+        if kind.named:  # `PUT /providers/{provider}` sets its limits, creating it (SPEC §9)
+            item = _named(client, kind, ref)
+            answer = client.put(kind, ref if item is None else _ref(kind, item), body)
+            done = "created" if item is None else "updated"
+        else:
+            answer = client.update(kind, _ref(kind, resolve(client, kind, ref)), body)
+            done = "updated"
+        emit(kind, answer, f"{done} {_label(kind, answer[kind.one])}")
 
     def delete_(ref: str) -> None:
         client = _existing()
@@ -468,7 +482,8 @@ def entity_group(kind: Kind) -> click.Group:
             "update",
             update_,
             f"Change a {kind.what} ({by}): only what is given changes."
-            + (" A limit keeps its usage." if kind.command != "routes" else ""),  # (none to keep)
+            + (" A limit keeps its usage." if kind.command != "routes" else "")  # (none to keep)
+            + (" One the store does not have is created (as PUT does)." if kind.named else ""),
             [ref, *fields, *bodies],
         )
     )
@@ -697,13 +712,16 @@ alerts_group.add_command(
 
 
 def _check(
-    file: str, unset: dict[str, list[str]] | None = None, ignored: list[str] | None = None
+    file: str,
+    unset: dict[str, list[str]] | None = None,
+    ignored: list[str] | None = None,
+    unchecked: list[str] | None = None,
 ) -> dict[str, int]:
     from budget_middleware.exceptions import ConfigFileError
     from budget_middleware.manage.config_file import check_config_file
 
     try:
-        sections = check_config_file(Path(file), unset=unset, ignored=ignored)
+        sections = check_config_file(Path(file), unset=unset, ignored=ignored, unchecked=unchecked)
     except ConfigFileError as exc:
         raise CliError(config_message(str(exc))) from None
     return {name: len(entries) for name, entries in sections.items() if entries}
@@ -718,11 +736,18 @@ def _counts(entries: dict[str, int]) -> str:
 def _config_check(file: str, require_env: bool) -> None:
     unset: dict[str, list[str]] | None = None if require_env else {}
     ignored: list[str] = []
-    entries = _check(file, unset, ignored)
+    unchecked: list[str] = []
+    entries = _check(file, unset, ignored, unchecked)
     for name, where in (unset or {}).items():
         click.echo(
             f"warning: {name} is not set here: the value of {', '.join(where)} is checked where "
             "the file is applied (--require-env makes it an error)",
+            err=True,
+        )
+    for reference in unchecked:  # `config check` reads no store: "valid" is not said of these
+        click.echo(
+            f"warning: not checked: {reference} is not declared in {file}; applying the file "
+            "checks it against the store",
             err=True,
         )
     _warn_ignored(file, ignored)
@@ -730,11 +755,14 @@ def _config_check(file: str, require_env: bool) -> None:
         answer: Json = {"file": file, "valid": True, "entries": entries}
         if unset:
             answer["unset_variables"] = unset
+        if unchecked:
+            answer["unchecked_references"] = unchecked
         if ignored:
             answer["ignored"] = ignored
         out.emit_json(answer)
     else:
-        click.echo(f"{file} is valid: {_counts(entries)}")
+        more = f" ({len(unchecked)} unchecked: see the warnings)" if unchecked else ""
+        click.echo(f"{file} is valid: {_counts(entries)}{more}")
 
 
 def _warn_ignored(file: str, ignored: list[str]) -> None:

@@ -38,6 +38,27 @@ def _number(text: str, option: str, kind: type[int] | type[float]) -> Any:
         raise click.BadParameter(f"{text!r} is not a finite amount of USD", param_hint=option)
     if value < 0:
         raise click.BadParameter(f"{text!r} is negative", param_hint=option)
+    from budget_middleware.manage.schemas import Count, Usd
+
+    return within(value, Usd if kind is float else Count, option, text)
+
+
+def within(value: Any, bounds: Any, option: str, text: str | None = None) -> Any:
+    """`value` held to the admin API's bounds for it (`bounds`: the schema's type, `Usd`,
+    `Count`, `Concurrency`): out of them it is this option's usage error, exit 2, as any other
+    bad value is (`--budget 1e30/1d` was the API's 422 wording, `budgets.0.max_limit: Input
+    should be less than or equal to 1000000000`, exit 1)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        TypeAdapter(bounds).validate_python(value)
+    except ValidationError as exc:
+        why = str(exc.errors()[0]["msg"])
+        raise click.BadParameter(
+            f"{text if text is not None else str(value)!r} is out of range: "
+            f"{why[:1].lower()}{why[1:]}",
+            param_hint=option,
+        ) from None
     return value
 
 

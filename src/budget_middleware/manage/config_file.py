@@ -680,7 +680,11 @@ def _check_entry(section: str, body: dict[str, Any], where: str) -> None:
 
 
 def check_config_file(
-    path: Path, *, unset: Unset | None = None, ignored: list[str] | None = None
+    path: Path,
+    *,
+    unset: Unset | None = None,
+    ignored: list[str] | None = None,
+    unchecked: list[str] | None = None,
 ) -> dict[str, Any]:
     """Read `path` and check every entry as far as possible without the store (raises
     ConfigFileError naming the file and the entry); the file's data, `${...}` not substituted.
@@ -688,10 +692,17 @@ def check_config_file(
     A key's `value: ${VAR}` whose VAR this environment does not set is an error, unless
     `unset` is given (the CLI's `config check`, run where the server's variables are not): VAR
     is then recorded in it (with the entries naming it) and that value is left unchecked.
-    `ignored`, when given, receives what of a LiteLLM file is not read (applying it warns)."""
+    `ignored`, when given, receives what of a LiteLLM file is not read (applying it warns);
+    `unchecked`, the references to what the file does not declare, which only applying the file
+    checks, against the store (`teams[0] (research): customer 'acme'`)."""
     data = _check(path, unset)
     if ignored is not None:
         ignored += data.ignored
+    if unchecked is not None:
+        unchecked += [
+            f"{data.label(section, index, raw)}: {_TARGETS[field_][2]} {ref!r}"
+            for section, index, raw, field_, ref in _undeclared(data)
+        ]
     return dict(data.sections)
 
 
@@ -782,39 +793,46 @@ _ENTRY_TABLES: dict[str, Any] = {
 }
 
 
-def _preflight(store: Store, data: _FileData) -> None:
-    """What only the store can tell, checked before anything is written (so an invalid file
-    writes nothing): every entry named by a reference exists, in the store or earlier in the
-    file, and no key value is another key's."""
+# A reference's field: the section that declares what it names, its table, and its kind in words.
+_TARGETS: dict[str, tuple[str, Any, str]] = {
+    "customer": ("customers", CustomerRow, "customer"),
+    "team": ("teams", TeamRow, "team"),
+    "virtual_key": ("virtual_keys", VirtualKeyRow, "virtual key"),
+}
+
+
+def _undeclared(data: _FileData) -> Iterator[tuple[str, int, dict[str, Any], str, str]]:
+    """The references of the file's entries (a team's `customer`, a key's `team`, a model
+    config's `virtual_key`) to what the file declares by no such name, as (section, index,
+    entry, field, reference): only the store can tell whether each names anything."""
     defined = {
         section: {e.get("name") for e in data.sections[section]}
         for section in ("customers", "teams", "virtual_keys")
     }
-    targets: dict[str, tuple[str, Any, str]] = {
-        "customer": ("customers", CustomerRow, "customer"),
-        "team": ("teams", TeamRow, "team"),
-        "virtual_key": ("virtual_keys", VirtualKeyRow, "virtual key"),
-    }
+    for section in _ENTRY_TABLES:
+        for index, raw in enumerate(data.sections[section]):
+            for field_, (target, _table, _what) in _TARGETS.items():
+                ref = raw.get(field_)
+                if ref is not None and ref not in defined[target]:
+                    yield section, index, raw, field_, str(ref)
+
+
+def _preflight(store: Store, data: _FileData) -> None:
+    """What only the store can tell, checked before anything is written (so an invalid file
+    writes nothing): every entry named by a reference exists, in the store or earlier in the
+    file, and no key value is another key's."""
     with store.session() as s:
-        for section in ("teams", "virtual_keys", "model_configs"):
-            for index, raw in enumerate(data.sections[section]):
-                where = data.where(section, index, raw)
-                entry = raw
-                expanded = _expand(section, raw, where)
-                digest = config_hash({k: v for k, v in expanded.items() if k != "value"})
-                for field_, (target, table, what) in targets.items():
-                    ref = entry.get(field_)
-                    if ref is None or ref in defined[target]:
-                        continue
-                    ref = str(ref)
-                    if (
-                        s.get(table, ref) is None
-                        and s.exec(select(table).where(table.name == ref)).first() is None
-                        and not _deleted_through_api(s, table, ref, _ENTRY_TABLES[section], digest)
-                    ):
-                        raise ConfigFileError(
-                            f"{where}: {what} {ref!r} is neither a name nor an id"
-                        )
+        for section, index, raw, field_, ref in _undeclared(data):
+            _target, table, what = _TARGETS[field_]
+            where = data.where(section, index, raw)
+            expanded = _expand(section, raw, where)
+            digest = config_hash({k: v for k, v in expanded.items() if k != "value"})
+            if (
+                s.get(table, ref) is None
+                and s.exec(select(table).where(table.name == ref)).first() is None
+                and not _deleted_through_api(s, table, ref, _ENTRY_TABLES[section], digest)
+            ):
+                raise ConfigFileError(f"{where}: {what} {ref!r} is neither a name nor an id")
         for index, raw in enumerate(data.sections["virtual_keys"]):
             where = data.where("virtual_keys", index, raw)
             entry = _expand("virtual_keys", raw, where)
