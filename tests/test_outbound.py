@@ -5879,6 +5879,21 @@ def _slots_in_flight(engine: BudgetEngine) -> int:
     return sum(slot.in_flight for slot in engine.registry.concurrency.values())
 
 
+def _following_sdk(
+    engine: BudgetEngine, upstream: Any, base_url: str, **hooks: Any
+) -> openai.AsyncOpenAI:
+    """The async OpenAI SDK on a client that follows redirects, through the transport to the
+    fake `upstream`, with the client's event `hooks`."""
+    http = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.ASGITransport(upstream), engine=engine),
+        follow_redirects=True,
+        event_hooks=hooks,
+    )
+    return openai.AsyncOpenAI(
+        api_key="sk-provider-secret", base_url=base_url, http_client=http, max_retries=0
+    )
+
+
 @pytest.mark.parametrize("reads", [False, True], ids=["hook-raises", "hook-reads-then-raises"])
 async def test_a_redirect_a_response_hook_raises_on_gives_its_slot_back_at_once(
     engine: BudgetEngine, reads: bool
@@ -5899,18 +5914,8 @@ async def test_a_redirect_a_response_hook_raises_on_gives_its_slot_back_at_once(
             await response.aread()
         response.raise_for_status()
 
-    def sdk(base_url: str, **hooks: Any) -> openai.AsyncOpenAI:
-        http = httpx2.AsyncClient(
-            transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine),
-            follow_redirects=True,
-            event_hooks=hooks,
-        )
-        return openai.AsyncOpenAI(
-            api_key="sk-provider-secret", base_url=base_url, http_client=http, max_retries=0
-        )
-
-    strict = sdk("https://api.openai.com/old", response=[raise_for_status])
-    plain = sdk("https://api.openai.com/v1")
+    strict = _following_sdk(engine, fake, "https://api.openai.com/old", response=[raise_for_status])
+    plain = _following_sdk(engine, fake, "https://api.openai.com/v1")
     collecting = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -6398,18 +6403,8 @@ async def test_a_redirect_whose_next_request_a_request_hook_raises_on_gives_its_
         if request.url.path.startswith("/v1/"):
             raise RuntimeError(f"not sent to {request.url.path}")
 
-    def sdk(base_url: str, **hooks: Any) -> openai.AsyncOpenAI:
-        http = httpx2.AsyncClient(
-            transport=BudgetTransport(httpx2.ASGITransport(fake), engine=engine),
-            follow_redirects=True,
-            event_hooks=hooks,
-        )
-        return openai.AsyncOpenAI(
-            api_key="sk-provider-secret", base_url=base_url, http_client=http, max_retries=0
-        )
-
-    strict = sdk("https://api.openai.com/old", request=[refuse_moved])
-    plain = sdk("https://api.openai.com/v1")
+    strict = _following_sdk(engine, fake, "https://api.openai.com/old", request=[refuse_moved])
+    plain = _following_sdk(engine, fake, "https://api.openai.com/v1")
     collecting = gc.isenabled()
     gc.collect()
     gc.disable()

@@ -236,6 +236,18 @@ class _Debt(NamedTuple):
 
 
 @dataclass(slots=True)
+class _Reading:
+    """A seed of ours reading the store: what happened meanwhile to the charges of its windows
+    (`_seed_now`)."""
+
+    # The store confirmed them: window -> [(the store's clock after the commit, amount)].
+    confirmed: dict[tuple[str, str, float], list[tuple[float, int]]]
+    # A heartbeat owed them to Redis, after a loss (`_owe_unwritten`): window -> amount. The
+    # seed took them as ours, not in transit, before it read; their payment adds them.
+    owed: dict[tuple[str, str, float], int]
+
+
+@dataclass(slots=True)
 class _Track:
     """This instance's charges to one window by their place in the order the store confirms
     them (from 0 when the track began; a flush writes what was pending, in order), kept while
@@ -409,13 +421,7 @@ class RedisCounters(CounterBackend):
         self._commit_at: float | None = None  # the store's clock after the write confirmed
         self._write_came: asyncio.Event | None = None  # a heartbeat waits for a write under way
         self._writing = False  # a batch's write to the store under way (`writing`)
-        # Per seed reading the store, the charges of its windows the store confirmed meanwhile:
-        # window -> [(the store's clock after the commit, amount)] (`_seed_now`).
-        self._seeds_reading: list[dict[tuple[str, str, float], list[tuple[float, int]]]] = []
-        # Per seed reading the store, the charges of its windows a heartbeat owed Redis
-        # meanwhile, after a loss (`_owe_unwritten`): window -> amount. The seed took them as
-        # ours, not in transit, before it read; their payment adds them.
-        self._seeds_owed: list[dict[tuple[str, str, float], int]] = []
+        self._seeds_reading: list[_Reading] = []  # the seeds of ours reading the store
         # Per counter, this instance's charges in its ledger that its own calls will add to
         # Redis (a settlement under way, a debt): a seed leaves them out, so that each is added
         # once, by its own call, whoever seeds the key.
@@ -569,7 +575,6 @@ class RedisCounters(CounterBackend):
         self._writing = False
         self._seeding.clear()
         self._seeds_reading.clear()  # (the closed loop's seeds: their `finally` never ran)
-        self._seeds_owed.clear()
         self._paying.clear()
         self._debts_paid = None
 
@@ -998,8 +1003,8 @@ class RedisCounters(CounterBackend):
         write taken before the last beat may commit after another instance's seed."""
         window = (kind, id, start)
         at = float("inf") if self._commit_at is None else self._commit_at
-        for confirming in self._seeds_reading:
-            during = confirming.get(window)
+        for reading in self._seeds_reading:
+            during = reading.confirmed.get(window)
             if during is not None:
                 during.append((at, amount))
         for waiting in self._settling.get(window, {}).values():
@@ -1410,26 +1415,21 @@ class RedisCounters(CounterBackend):
             for entry in missing
         ]
         windows = [(e.counter.kind, e.counter.id, e.counter.start) for e in missing if e.counter]
-        confirming: dict[tuple[str, str, float], list[tuple[float, int]]] = {
-            window: [] for window in windows
-        }
-        owed: dict[tuple[str, str, float], int] = {window: 0 for window in windows}
-        self._seeds_reading.append(confirming)
-        self._seeds_owed.append(owed)
+        reading = _Reading({window: [] for window in windows}, dict.fromkeys(windows, 0))
+        self._seeds_reading.append(reading)
         try:
-            await self._read_and_seed(missing, now, mine, confirming, owed)
+            await self._read_and_seed(missing, now, mine, reading)
         finally:
-            self._seeds_reading.remove(confirming)
-            self._seeds_owed.remove(owed)
+            self._seeds_reading.remove(reading)
 
     async def _read_and_seed(
         self,
         missing: list[_Entry],
         now: float,
         mine: list[int],
-        confirming: dict[tuple[str, str, float], list[tuple[float, int]]],
-        owed: dict[tuple[str, str, float], int],
+        reading: _Reading,
     ) -> None:
+        confirming, owed = reading.confirmed, reading.owed
         budget_ids = [e.counter.id for e in missing if e.counter and e.kind in "bs"]
         rate_ids = [e.counter.id for e in missing if e.counter and e.kind not in "bs"]
 
@@ -1726,9 +1726,9 @@ class RedisCounters(CounterBackend):
                         mine -= sum(w.get(window, 0) for b, w in taken.items() if b in in_disk)
                 if mine > 0:
                     self._owe(counter, mine)
-                    for owed in self._seeds_owed:  # (a seed of ours reading counted them)
-                        if window in owed:
-                            owed[window] += mine
+                    for reading in self._seeds_reading:  # (a seed of ours counted them)
+                        if window in reading.owed:
+                            reading.owed[window] += mine
                     if track is not None:
                         # Their places beside the debts', the newest of ours that are not
                         # debts: without, a payment added them whole to a seed made after
