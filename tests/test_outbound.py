@@ -6445,14 +6445,51 @@ def test_a_redirect_whose_next_request_a_sync_client_s_hook_raises_on_gives_its_
     admitted (a sync client's follow can be watched from nowhere else), so the next call of a
     key of one slot, through the 307 without the hook, is answered; the first is one record,
     `completed`, $0. It was held (the next call 429, no record of the first)."""
+    said, answer, held, rows = _sync_follow_given_up(make_settings, lib, 1, lambda post: None)
+    print(f"{lib.__name__}: hook raised {said}; next call {answer.status_code} after "
+          f"{len(answer.history)} redirect, {held} in flight after it; records {rows}")  # fmt: skip
+    assert said == ["not sent to /v1/chat/completions"]
+    assert (answer.status_code, len(answer.history), held) == (200, 1, 0)
+    assert rows == [("completed", 0), ("completed", 10 * 2500 + 5 * 10_000)]
+
+
+@pytest.mark.parametrize("lib", [httpx, httpx2])
+def test_a_sync_redirect_given_up_after_its_hook_followed_another_gives_its_slot_back(
+    make_settings: Settings, lib: Any
+) -> None:
+    """A sync client's request hook, on the request that follows a 307, makes a call of its own
+    through a second client that is redirected and followed too, then raises (the error kept
+    by the app, the collector off). Both redirects are followed in one thread, one inside the
+    other: the outer one, given up, gives its slot back before the next call is admitted (0 in
+    flight) and is one record, `completed`, $0. The inner one's note of its thread replaced the
+    outer's: that slot was held as long as the error was (1 in flight, no record of it)."""
+    inner: list[int] = []
+    said, answer, held, rows = _sync_follow_given_up(
+        make_settings, lib, 2, lambda post: inner.append(post().status_code)
+    )
+    print(f"{lib.__name__}: inner call {inner}, outer raised {said}; next "
+          f"call {answer.status_code}, {held} in flight after it; records {rows}")  # fmt: skip
+    assert inner == [200] and len(said) == 1 and answer.status_code == 200
+    assert held == 0
+    assert rows == [("completed", 0)] + [("completed", 10 * 2500 + 5 * 10_000)] * 2
+
+
+def _sync_follow_given_up(
+    make_settings: Settings, lib: Any, slots: int, before_raising: Callable[[Any], object]
+) -> tuple[list[str], Any, int, list[tuple[str, int]]]:
+    """A key of `slots` requests at a time; a sync client of `lib` whose request hook, on the
+    request that follows a 307, calls `before_raising` (with a call of the second client's)
+    and raises; the error kept, the collector off; then a call through a client without the
+    hook. The errors' texts, that call's answer, the slots in flight after it, the records."""
     transport = BudgetSyncTransport(lib.MockTransport(_moved_or_answered(lib)), make_settings())
     engine = transport.meter.engine
-    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 1})
+    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": slots})
     url = "https://api.openai.com/old/chat/completions"
     body = {"model": "gpt-4o", "messages": MESSAGES}
 
     def refuse_moved(request: Any) -> None:
         if request.url.path.startswith("/v1/"):
+            before_raising(lambda: plain.post(url, json=body))
             raise RuntimeError(f"not sent to {request.url.path}")
 
     kept: list[Exception] = []
@@ -6473,69 +6510,12 @@ def test_a_redirect_whose_next_request_a_sync_client_s_hook_raises_on_gives_its_
             answer = plain.post(url, json=body)
         held = _slots_in_flight(engine)
         on_loop(engine, engine.flush)
-        rows = [(r["outcome"], r["cost_nanos"]) for r in records(engine)]
-    finally:
-        if collecting:
-            gc.enable()
-        on_loop(engine, engine.shutdown)
-    said = [str(e) for e in kept]
-    print(f"{lib.__name__}: hook raised {said}; next call {answer.status_code} after "
-          f"{len(answer.history)} redirect, {held} in flight after it; records {rows}")  # fmt: skip
-    assert said == ["not sent to /v1/chat/completions"]
-    assert (answer.status_code, len(answer.history), held) == (200, 1, 0)
-    assert rows == [("completed", 0), ("completed", 10 * 2500 + 5 * 10_000)]
-
-
-@pytest.mark.parametrize("lib", [httpx, httpx2])
-def test_a_sync_redirect_given_up_after_its_hook_followed_another_gives_its_slot_back(
-    make_settings: Settings, lib: Any
-) -> None:
-    """A sync client's request hook, on the request that follows a 307, makes a call of its own
-    through a second client that is redirected and followed too, then raises (the error kept
-    by the app, the collector off). Both redirects are followed in one thread, one inside the
-    other: the outer one, given up, gives its slot back before the next call is admitted (0 in
-    flight) and is one record, `completed`, $0. The inner one's note of its thread replaced the
-    outer's: that slot was held as long as the error was (1 in flight, no record of it)."""
-    transport = BudgetSyncTransport(lib.MockTransport(_moved_or_answered(lib)), make_settings())
-    engine = transport.meter.engine
-    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 2})
-    url = "https://api.openai.com/old/chat/completions"
-    body = {"model": "gpt-4o", "messages": MESSAGES}
-    inner: list[int] = []
-
-    def call_then_refuse(request: Any) -> None:
-        if request.url.path.startswith("/v1/"):
-            inner.append(plain.post(url, json=body).status_code)
-            raise RuntimeError(f"not sent to {request.url.path}")
-
-    kept: list[Exception] = []
-    collecting = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        hooks = {"request": [call_then_refuse]}
-        with (
-            lib.Client(transport=transport, follow_redirects=True, event_hooks=hooks) as strict,
-            lib.Client(transport=transport, follow_redirects=True) as plain,
-            charge_to(virtual_key=key.value),
-        ):
-            try:
-                strict.post(url, json=body)
-            except RuntimeError as exc:
-                kept.append(exc)
-            answer = plain.post(url, json=body)
-        held = _slots_in_flight(engine)
-        on_loop(engine, engine.flush)
         rows = sorted((r["outcome"], r["cost_nanos"]) for r in records(engine))
     finally:
         if collecting:
             gc.enable()
         on_loop(engine, engine.shutdown)
-    print(f"{lib.__name__}: inner call {inner}, outer raised {[str(e) for e in kept]}; next "
-          f"call {answer.status_code}, {held} in flight after it; records {rows}")  # fmt: skip
-    assert inner == [200] and len(kept) == 1 and answer.status_code == 200
-    assert held == 0
-    assert rows == [("completed", 0)] + [("completed", 10 * 2500 + 5 * 10_000)] * 2
+    return [str(e) for e in kept], answer, held, rows
 
 
 class _Awaited:
