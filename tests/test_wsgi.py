@@ -461,6 +461,134 @@ def test_a_json_answer_given_up_midway_is_read_to_its_end_for_its_usage(
     assert rows[0]["cost_nanos"] == PRICE_NANOS
 
 
+def _length_said(make_settings: Settings, app: Any) -> tuple[BudgetWSGIMiddleware, str]:
+    """`app` behind the middleware, and a key of one request in flight."""
+    middleware = BudgetWSGIMiddleware(app, make_settings())
+    engine = middleware.engine
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 10}], rate_limit={"max_concurrent_requests": 1}
+    )
+    return middleware, key.value or ""
+
+
+def _in_flight(engine: BudgetEngine) -> int:
+    return sum(slots.in_flight for slots in engine.registry.concurrency.values())
+
+
+@pytest.mark.parametrize("cut", [100, 90, 0])
+def test_bytes_past_an_answer_s_content_length_are_none_of_it_however_they_are_chunked(
+    make_settings: Settings, cut: int
+) -> None:
+    """An app whose answer says `Content-Length: 100` and gives the 228 bytes of its JSON (the
+    usage past byte 100): the server sends 100 bytes, as an HTTP client cuts a body longer
+    than its length, and the answer is JSON cut short, charged its most output (README). So
+    it was when a chunk ended at byte 100; a chunk across it (90 + the rest, or all in one)
+    was read whole (its usage: 15,900 nano-USD against 43,500) and settled only when the
+    server asked for the next chunk, the client's answer had: its slot held until then, and an
+    app failing then made it an `upstream_error`. The bytes past the length are none of the
+    answer, whatever the chunks: settled at byte 100, once, whatever follows (more chunks, an
+    error, `close()`)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("content-type", "application/json"),
+                                  ("Content-Length", "100")])  # fmt: skip
+        yield from (COMPLETION[:cut], COMPLETION[cut:]) if cut else (COMPLETION,)
+        raise RuntimeError("the app fails after its answer")
+
+    middleware, key = _length_said(make_settings, app)
+    engine = middleware.engine
+    answer = middleware(posted(json.dumps(chat()).encode(), key), lambda *_: None)
+    chunks = iter(answer)
+    sent = b""
+    while len(sent) < 100:  # the server sends the chunks up to the length it was told
+        sent += next(chunks)
+    held = _in_flight(engine)  # the client has its answer: the server asks for the next chunk
+    with pytest.raises(RuntimeError, match="after its answer"):
+        list(chunks)
+    answer.close()  # type: ignore[attr-defined]
+    rows = records(engine)
+    print(
+        f"chunks {[cut, 228 - cut] if cut else [228]}: slots held at byte 100: {held}; "
+        f"records {[(r['outcome'], r['output_tokens'], r['cost_nanos']) for r in rows]}"
+    )
+    assert held == 0
+    assert [(r["outcome"], r["estimated"], r["output_tokens"]) for r in rows] == [
+        ("completed", 1, 64)  # max_tokens: the most it could have cost
+    ]
+    assert rows[0]["cost_nanos"] == 43_500
+
+
+def test_a_json_answer_given_up_midway_is_read_to_its_content_length(
+    make_settings: Settings,
+) -> None:
+    """The answer above, given up by the server after its first 50 bytes (a client gone): it
+    is read on for its usage, as far as its Content-Length and no further. It was read to the
+    app's last byte: its usage past byte 100 found (15,900 nano-USD), where the client that
+    stayed to the end had the same answer charged as cut short (43,500)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("content-type", "application/json"),
+                                  ("Content-Length", "100")])  # fmt: skip
+        yield from (COMPLETION[:50], COMPLETION[50:])
+
+    middleware, key = _length_said(make_settings, app)
+    answer = middleware(posted(json.dumps(chat()).encode(), key), lambda *_: None)
+    assert len(next(iter(answer))) == 50
+    answer.close()  # type: ignore[attr-defined]
+    rows = records(middleware.engine)
+    charged = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in rows]
+    print(f"given up at byte 50: {charged}")
+    assert [(r["outcome"], r["estimated"], r["output_tokens"]) for r in rows] == [
+        ("client_disconnected", 1, 64)
+    ]
+    assert rows[0]["cost_nanos"] == 43_500
+
+
+def test_a_stream_s_content_length_left_out_bounds_nothing(make_settings: Settings) -> None:
+    """A stream that did not ask for usage: the middleware asks for it, cuts out the usage
+    chunk, and leaves out the app's Content-Length (it no longer fits), so the server sends
+    all the app gives. An app whose length counted its events but not the usage chunk and
+    `[DONE]` after them was settled at that length: the usage unread (charged an estimate of
+    39 in, 4 out, 8,250 nano-USD, where 26 in, 5 out cost 6,900) and the usage chunk passed on
+    to a client that never asked for it. A length the server never sees bounds nothing."""
+    base = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+    words = [
+        f"data: {json.dumps({**base, 'choices': [{'delta': {'content': f'w{i} '}}]})}\n\n"
+        .encode() for i in range(5)
+    ]  # fmt: skip
+    usage = {"prompt_tokens": 26, "completion_tokens": 5}
+    tail = [f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n".encode(),
+            b"data: [DONE]\n\n"]  # fmt: skip
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        asked = json.loads(environ["wsgi.input"].read())
+        assert asked["stream_options"] == {"include_usage": True}
+        length = str(sum(map(len, words)))  # the events, not what follows them
+        start_response("200 OK", [("content-type", "text/event-stream"),
+                                  ("Content-Length", length)])  # fmt: skip
+        return [*words, *tail]
+
+    middleware, key = _length_said(make_settings, app)
+    headers: list[tuple[str, str]] = []
+    answer = middleware(
+        posted(json.dumps(chat(stream=True)).encode(), key),
+        lambda status, given, exc=None: headers.extend(given),
+    )
+    body = b"".join(answer)
+    answer.close()  # type: ignore[attr-defined]
+    rows = records(middleware.engine)
+    charged = [
+        (r["input_tokens"], r["output_tokens"], r["estimated"], r["cost_nanos"]) for r in rows
+    ]
+    print(f"usage chunk sent to the client: {b'usage' in body}; records {charged}")
+    assert "content-length" not in {name.lower() for name, _ in headers}
+    assert b'"usage": {' not in body and body.endswith(b"data: [DONE]\n\n")
+    assert charged == [(26, 5, 0, 6_900)]
+
+
 def test_an_app_error_is_an_upstream_error_settled_once(make_settings: Settings) -> None:
     app = flask_host(make_settings())
     app.testing = False  # Flask answers 500 for an error raised in a view
