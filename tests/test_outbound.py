@@ -24,6 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anthropic
+import anyio
+import anyio.lowlevel
 import httpx
 import httpx2
 import openai
@@ -1957,6 +1959,71 @@ async def test_a_json_answer_given_up_after_its_first_chunk_is_read_for_its_usag
     rows = _costs(engine)
     print("given up after one chunk:", rows)
     assert rows == [("completed", 1000 * 2500 + 1000 * 10_000, 0)]
+
+
+@pytest.mark.parametrize("stopped", ["async read timeout", "sync read timeout", "cancel scope"])
+async def test_a_json_answer_closed_unread_whose_rest_never_comes_is_charged_its_most(
+    engine: BudgetEngine, stopped: str
+) -> None:
+    """`with_streaming_response` left with the answer's headers alone read: the close reads the
+    rest for its usage, and it never comes: a read timeout (the provider sends its headers at
+    once and its body when the model is done), or the caller's cancel scope, still cancelled as
+    the SDK closes the answer (anyio's scopes cancel every wait inside them, the close's too:
+    a Starlette or FastAPI task group whose client left). The provider received the call and
+    bills the answer: charged the most it could cost, as the same read stopped so in the SDK's
+    own hands is: 1,100,000 nano-dollars, its 100 tokens of `max_tokens`. It was charged its
+    prompt's estimate alone (100,000, no output), as if nothing more were to come."""
+
+    class Never(httpx2.AsyncByteStream, httpx2.SyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            if stopped == "cancel scope":
+                await anyio.sleep_forever()
+            raise httpx2.ReadTimeout("the answer's body did not come in time")
+            yield b""  # (an async generator)
+
+        def __iter__(self) -> Iterator[bytes]:
+            raise httpx2.ReadTimeout("the answer's body did not come in time")
+            yield b""  # (a generator)
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "application/json"}, stream=Never())
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    call = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 100}
+    if stopped == "sync read timeout":
+        sync = openai.OpenAI(
+            api_key="sk-provider-secret",
+            base_url="https://api.openai.com/v1",
+            max_retries=0,
+            http_client=httpx2.Client(
+                transport=BudgetSyncTransport(httpx2.MockTransport(provider), engine=engine)
+            ),
+        )
+
+        def headers_alone() -> None:
+            with (
+                charge_to(virtual_key=key.value),
+                sync.chat.completions.with_streaming_response.create(**call) as response,
+            ):
+                assert response.status_code == 200
+
+        await asyncio.to_thread(headers_alone)
+    else:
+        sdk = _sdk(httpx2.MockTransport(provider), engine)
+        with charge_to(virtual_key=key.value), anyio.CancelScope() as scope:
+            async with sdk.chat.completions.with_streaming_response.create(**call) as response:
+                assert response.status_code == 200
+                if stopped == "cancel scope":
+                    scope.cancel()
+                    await anyio.lowlevel.checkpoint()
+        assert scope.cancelled_caught == (stopped == "cancel scope")
+    await engine.flush()
+    rows = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in records(engine)]
+    budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+    print(f"{stopped}, the answer's headers alone read: charged {rows}; reserved {budget.reserved}")
+    outcome = "client_disconnected" if stopped == "cancel scope" else "upstream_error"
+    assert [row[:2] for row in rows] == [(outcome, 100)]  # its `max_tokens`
+    assert budget.reserved == 0
 
 
 class _Pieces(httpx2.AsyncByteStream):
@@ -5488,6 +5555,51 @@ def _answer_1000_in_100_out(request: httpx2.Request) -> httpx2.Response:
     answer = json.dumps({"model": "gpt-4o", "choices": [], "usage": usage}).encode()
     headers = {"content-type": "application/json"}
     return httpx2.Response(200, headers=headers, stream=httpx2.ByteStream(answer))
+
+
+@pytest.mark.parametrize("library", [httpx, httpx2])
+async def test_an_answer_dropped_unclosed_is_freed_at_once_by_httpx2_at_collection_by_httpx(
+    engine: BudgetEngine, library: Any
+) -> None:
+    """As the README says: a stream sent for (`send(..., stream=True)`) and dropped unclosed,
+    with the collector off. httpx2's (the current SDKs') is freed by reference counting, its
+    slot given back at once; httpx's sits in httpx's own reference cycle (its `Response` and
+    the `BoundAsyncStream` that holds it), and its slot is held until the collector runs."""
+
+    def provider(request: Any) -> Any:
+        events = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+        headers = {"content-type": "text/event-stream"}
+        return library.Response(200, headers=headers, stream=library.ByteStream(events))
+
+    key = engine.manager.create_virtual_key(name="k", rate_limit={"max_concurrent_requests": 1})
+    transport = BudgetTransport(library.MockTransport(provider), engine=engine)
+    body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+
+    def in_flight() -> int:
+        return sum(slot.in_flight for slot in engine.registry.concurrency.values())
+
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        async with library.AsyncClient(transport=transport) as http:
+            with charge_to(virtual_key=key.value):
+                request = http.build_request("POST", _OPENAI_CHAT_URL, json=body)
+                dropped = await http.send(request, stream=True)  # neither read nor closed
+                del dropped, request
+            for _ in range(5):
+                await asyncio.sleep(0)  # the engine's loop settles what was freed
+            dropped_held = in_flight()
+            gc.collect()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            collected_held = in_flight()
+    finally:
+        if collecting:
+            gc.enable()
+    held = f"once dropped {dropped_held}, once collected {collected_held}"
+    print(f"{library.__name__}: slot held {held}")
+    assert (dropped_held, collected_held) == ((0, 0) if library is httpx2 else (1, 0))
 
 
 # -- charge_to around a function that returns an SDK's stream manager ----------------------------

@@ -20,7 +20,6 @@ WSGI middleware does), unless something must be awaited.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import gc
 import operator
@@ -1077,6 +1076,16 @@ class _Metered:
             and exchange.status < 400
         )
 
+    def _broke(self, exc: BaseException) -> None:
+        """Its read stopped by `exc`, whoever read it (the SDK, or a close draining a JSON
+        answer for its usage): the caller's leaving (cancelled, interrupted, its client closed
+        under it: `_closed_here`), or the provider's failure (a read timeout, a cut), not the
+        SDK's choice."""
+        if isinstance(exc, Exception) and not _closed_here(exc):
+            self.failed = True
+        else:
+            self.cut = True
+
     def _last(self) -> bytes:
         self.done = True
         return self.exchange.on_chunk(b"", False)
@@ -1155,14 +1164,8 @@ class _AsyncMetered(_Metered):
                 if out:
                     return out
                 break
-            except Exception as exc:
-                if _closed_here(exc):  # the app closed its client under it: the caller's
-                    self.cut = True
-                else:
-                    self.failed = True  # the provider's failure, not the SDK's choice
-                raise
-            except BaseException:
-                self.cut = True  # the caller's: cancelled, interrupted
+            except BaseException as exc:
+                self._broke(exc)
                 raise
             out = exchange.on_chunk(chunk, True)
             if out:
@@ -1174,10 +1177,17 @@ class _AsyncMetered(_Metered):
         try:
             if self._to_drain():
                 chunks = self.chunks or self.stream.__aiter__()
-                with contextlib.suppress(Exception):  # what it could read is charged
+                try:
                     async for chunk in chunks:
                         self.exchange.on_chunk(chunk, True)
                     self._last()
+                except BaseException as exc:
+                    # Its rest unread: charged as a read of the SDK's stopped so (a cancel
+                    # scope cancelled still as the SDK closes it, a read timeout), not as if
+                    # nothing more were to come.
+                    self._broke(exc)
+                    if not isinstance(exc, Exception):
+                        raise
             await self.stream.aclose()
         finally:
             if not self.settled:  # at its end already, as a rule: no coroutine made
@@ -1324,14 +1334,8 @@ class _SyncMetered(_Metered):
                 if out:
                     return out
                 break
-            except Exception as exc:
-                if _closed_here(exc):  # the app closed its client under it: the caller's
-                    self.cut = True
-                else:
-                    self.failed = True  # the provider's failure, not the SDK's choice
-                raise
-            except BaseException:
-                self.cut = True  # the caller's: cancelled, interrupted
+            except BaseException as exc:
+                self._broke(exc)
                 raise
             out = exchange.on_chunk(chunk, True)
             if out:
@@ -1343,10 +1347,14 @@ class _SyncMetered(_Metered):
         try:
             if self._to_drain():
                 chunks = self.chunks or iter(self.stream)
-                with contextlib.suppress(Exception):  # what it could read is charged
+                try:
                     for chunk in chunks:
                         self.exchange.on_chunk(chunk, True)
                     self._last()
+                except BaseException as exc:
+                    self._broke(exc)  # (as the async close)
+                    if not isinstance(exc, Exception):
+                        raise
             self.stream.close()
         finally:
             self._settle()
