@@ -3415,3 +3415,55 @@ async def test_a_refusal_made_before_a_reset_elsewhere_is_learnt_raises_no_old_w
           f"alerts {rows}, delivered {texts}")  # fmt: skip
     assert statuses == [200, 200, 402] and reset == 200 and spent.spent == 0.6
     assert rows == [] and texts == []
+
+
+@pytest.mark.parametrize("raised_by", ["without", "sender"])
+async def test_an_alert_raised_while_the_only_instance_with_the_url_was_down_reaches_it_after(
+    make_settings: Settings, receiver: Callable[..., Receiver], raised_by: str
+) -> None:
+    """Two instances on one store, only one (the sender) with the webhook URL. The sender down
+    longer than `give_up_after` (10 minutes by default; 0.5 s here): an alert raised meanwhile
+    by the instance without the URL was `delivered` at once in 0 attempts and never posted
+    (the sender, back, took only the last 10 minutes' alerts); one the sender raised itself as
+    it went down was given up by the other instance (`failed`, never posted). Back, the
+    sender posts the alerts raised while it was down."""
+    hook = receiver()
+    url = {"alert_webhook_urls": hook.url}
+    without = get_engine(make_settings(cache_ttl_seconds=5))
+    sender = get_engine(make_settings(**url, cache_ttl_seconds=6))
+    quick(without, give_up_after=0.5)
+    quick(sender, give_up_after=0.5)
+    raiser = without if raised_by == "without" else sender
+    app = BudgetMiddleware(host_app(None), engine=raiser)
+    try:
+        for engine in (without, sender):
+            await engine.ensure_started()
+        key = without.manager.create_virtual_key(
+            name="dora", budgets=[{"max_limit": 1.0, "alert_thresholds": [0.5, 0.8]}]
+        )
+        async with client(app) as http:
+            assert await spend(http, key.value, 0.6, 1) == [200]  # 50 %: the sender is up
+            await until(lambda: len(hook.delivered()) == 1, 5.0)
+            await until(lambda: _all_delivered(without, 1))
+            await sender.alerts.stop()  # the sender goes down (its engine stays for the test)
+            assert await spend(http, key.value, 0.25, 1) == [200]  # 80 %: the sender is down
+            await until(lambda: len(without.manager.list_alerts()) == 2, 5.0)
+        if raiser is sender:
+            await sender.alerts.raise_queued()  # raised as it went down, not yet posted
+            await asyncio.sleep(1.5)  # the other instance gives it up meanwhile
+            await without.alerts.give_up_unattended()
+        else:
+            await asyncio.sleep(1.0)  # down past `give_up_after`
+        while_down = {a["threshold"]: a["delivery"] for a in without.manager.list_alerts()}
+        sender.alerts.start(asyncio.get_running_loop())  # back
+        await until(lambda: len(hook.delivered()) >= 2, 5.0)
+        await until(lambda: _all_delivered(without, 2), 5.0)
+        await asyncio.sleep(0.3)  # nothing more may be posted
+        after = {a["threshold"]: a["delivery"] for a in without.manager.list_alerts()}
+    finally:
+        for engine in (without, sender):
+            await engine.shutdown()
+    got = [alert["threshold"] for alert in hook.delivered()]
+    print(f"raised by {raised_by} while the sender was down: {while_down[0.8]} then; the URL "
+          f"got thresholds {got}; after the sender came back: {after}")  # fmt: skip
+    assert got == [0.5, 0.8] and after == {0.5: "delivered", 0.8: "delivered"}

@@ -78,6 +78,9 @@ class Alerts:
     give_up_after = 600.0
     poll_interval = 1.0
     timeout = 10.0
+    # At its first round an instance posts to its URLs the alerts raised within this long
+    # that they lack (raised while every instance with them was down), from each URL's first.
+    backlog = 86400.0
     # A URL's posts go in the order the alerts were raised (80 % before 100 %, then
     # exhausted), each once the one before it was answered, or after this long.
     order_wait = 1.0
@@ -105,6 +108,7 @@ class Alerts:
         self._in_rounds = False  # the alert task runs: deliveries are its tasks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._caught_up = False  # the first round's `backlog` taken
 
     # -- on the request path ---------------------------------------------------------------
 
@@ -236,6 +240,7 @@ class Alerts:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._wake = asyncio.Event()
+        self._caught_up = False
         self._task = loop.create_task(self._run())
 
     def after_fork_in_child(self) -> None:
@@ -445,7 +450,11 @@ class Alerts:
         if room <= 0:
             return 0
         store = self.engine.store
-        await anyio.to_thread.run_sync(stored.adopt, store, self.urls, now, self.give_up_after)
+        backlog = 0.0 if self._caught_up else self.backlog
+        await anyio.to_thread.run_sync(
+            stored.adopt, store, self.urls, now, self.give_up_after, backlog
+        )
+        self._caught_up = True
         due = await anyio.to_thread.run_sync(stored.claim_due, store, self.urls, now, lease, room)
         if not due:
             return 0

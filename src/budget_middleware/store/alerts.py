@@ -121,16 +121,30 @@ def raise_alerts(
     return [inserted[index] for index in sorted(inserted)]
 
 
-def adopt(store: Store, urls: Sequence[str], now: datetime, recent: float) -> int:
+def adopt(
+    store: Store, urls: Sequence[str], now: datetime, recent: float, backlog: float = 0.0
+) -> int:
     """This instance's URLs added to the alerts that lack them: those pending (raised before
     this release kept deliveries by URL, or by an instance with other URLs) and those raised in
     the last `recent` seconds (by an instance with no URL, or other ones): every instance's URLs
-    get every alert, whichever instance raised it. How many deliveries were added."""
-    since = now - timedelta(seconds=recent)
+    get every alert, whichever instance raised it. With `backlog` (an instance's first round),
+    a URL the store already delivers to also gets those raised in the last `backlog` seconds
+    since its first alert: raised while every instance with it was down (past `recent`, an
+    alert raised where no URL is set was never posted to it, and one given up by an instance
+    without it was `failed` unposted). How many deliveries were added."""
     added = 0
     with store.engine.begin() as conn:
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         for url in dict.fromkeys(urls):
+            since = now - timedelta(seconds=recent)
+            if backlog > recent:
+                first = conn.execute(
+                    select(func.min(col(AlertRow.raised_at)))
+                    .join(AlertDeliveryRow, col(AlertDeliveryRow.alert_id) == col(AlertRow.id))
+                    .where(col(AlertDeliveryRow.url_key) == url_key(url))
+                ).scalar_one_or_none()
+                if first is not None:  # not a URL new to the store: no history posted to it
+                    since = min(since, max(utc(first), now - timedelta(seconds=backlog)))
             mine = select(AlertDeliveryRow.alert_id).where(
                 col(AlertDeliveryRow.alert_id) == AlertRow.id,
                 col(AlertDeliveryRow.url_key) == url_key(url),
