@@ -2752,3 +2752,141 @@ def test_requests_admitted_while_the_outage_s_debts_are_paid_wait_for_them(
     assert after == [402] * 9
     assert len(rows) == admitted == 4
     assert in_redis == spent == 4 * PRICE_NANOS
+
+
+@pytest.mark.parametrize(
+    ("fail_open", "found_by", "flush"),
+    [(False, "admission", 0.5), (True, "heartbeat", 0.5), (False, "admission", 3600)],
+)
+def test_a_redis_back_from_an_older_snapshot_lifts_no_limit(
+    make_settings: Settings, fail_open: bool, found_by: str, flush: float
+) -> None:
+    """A threaded Flask app on a Redis that saves snapshots: 40 requests, a snapshot (`SAVE`),
+    40 more (a heartbeat beats after the snapshot), then Redis is killed (no `SHUTDOWN`: the
+    charges since the snapshot are in no file) and starts from that snapshot. Its window key
+    lacked the last 40 requests and the instance's mark was back too, so nothing told a loss:
+    8 threads were admitted up to the limit again (docs/deployment.md measured 136 and 138 on a
+    budget of 120). The mark holds the instance's beat now: found older than the last beat
+    Redis answered, Redis rolled back, and it is made an empty restart (every key of the
+    prefix dropped: windows seeded from the store), found by the first admission or, with none
+    before it, by the heartbeat. Admitted at most 120 (was 158); Redis = the store."""
+    budget = 120
+    with private_redis() as server:
+        settings = make_settings(
+            redis_url=server.url,
+            fail_open=fail_open,
+            # A heartbeat every half second; the store written as often, or never (the seeds
+            # add what this instance has not written)
+            flush_interval_seconds=flush,
+            slot_ttl_seconds=1.5,
+        )
+        app = flask_host(settings)
+        engine = engine_of(app)
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": budget * PRICE_NANOS / 1e9}]
+        )
+        budget_id = key.budgets[0].id
+
+        def ask(_: object = None) -> int:
+            answer = app.test_client().post(
+                "/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=True
+            )
+            return int(answer.status_code)
+
+        before = [ask() for _ in range(40)]
+        client = redis.Redis(port=server.port)
+        client.save()  # the snapshot Redis will come back from
+        client.close()
+        since = [ask() for _ in range(40)]
+        time.sleep(1.2)  # heartbeats after the snapshot
+        server.stop()  # SIGKILL: what was charged since the snapshot is in no file
+        server.start()  # back from the snapshot: 40 requests' price, the marks of then
+        if found_by == "heartbeat":
+            time.sleep(1.2)  # no request before the heartbeats find the older mark
+        with ThreadPoolExecutor(8) as pool:
+            after = list(pool.map(ask, range(100)))
+        time.sleep(1.2)  # heartbeats: debts paid, holds written again
+        rows = [r for r in records(engine) if r["virtual_key_id"] == key.id]
+        client = redis.Redis(port=server.port)
+        in_redis = _window_in_redis(client, budget_id)
+        client.close()
+    spent = sum(r["cost_nanos"] for r in rows)
+    admitted = (before + since + after).count(200)
+    print(
+        f"fail_open={fail_open}, found by the {found_by}, flushed every {flush} s: 40 "
+        "admitted, a snapshot, 40 more, Redis killed and back from the snapshot: then "
+        f"{after.count(200)} more admitted ({sorted(set(after))}); "
+        f"{admitted} admitted on a budget of {budget}, {len(rows)} records, spent "
+        f"{spent} nano-USD, Redis's window {in_redis}"
+    )
+    assert before == since == [200] * 40
+    assert admitted <= budget
+    assert len(rows) == admitted
+    assert in_redis == spent == admitted * PRICE_NANOS
+
+
+def test_two_instances_on_a_redis_back_from_an_older_snapshot_keep_the_limit(
+    make_settings: Settings,
+) -> None:
+    """Two instances (two workers) on one Redis, nothing written to the store (the seeds add
+    what each has not written): 20 requests on each, a snapshot, 20 more on each, Redis killed
+    and back from the snapshot, then 100 asked over both by 8 threads. The first call that
+    finds its mark's beat older makes it an empty restart; the other instance finds its mark
+    gone (its holds and charges owed again, as after any empty restart). Admitted at most 120
+    (was 157 on one instance); Redis = the store."""
+    budget = 120
+    with private_redis() as server:
+        common: dict[str, Any] = {
+            "redis_url": server.url,
+            "flush_interval_seconds": 3600,
+            "slot_ttl_seconds": 1.5,  # a heartbeat every half second
+        }
+        # Distinct settings (a timeout apart): two engines, as two worker processes have.
+        apps = [
+            flask_host(make_settings(redis_timeout_seconds=timeout, **common))
+            for timeout in (1.0, 1.1)
+        ]
+        a, b = (engine_of(app) for app in apps)
+        assert a is not b
+        key = a.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": budget * PRICE_NANOS / 1e9}]
+        )
+        budget_id = key.budgets[0].id
+
+        def ask(i: int) -> int:
+            answer = (
+                apps[i % 2]
+                .test_client()
+                .post("/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=True)
+            )
+            return int(answer.status_code)
+
+        before = [ask(i) for i in range(40)]
+        client = redis.Redis(port=server.port)
+        client.save()
+        client.close()
+        since = [ask(i) for i in range(40)]
+        time.sleep(1.2)  # heartbeats of both after the snapshot
+        server.stop()
+        server.start()
+        with ThreadPoolExecutor(8) as pool:
+            after = list(pool.map(ask, range(100)))
+        time.sleep(1.2)  # heartbeats: debts paid
+        for engine in (a, b):
+            on_loop(engine, engine.flush)
+        rows = [r for r in records(a) if r["virtual_key_id"] == key.id]
+        client = redis.Redis(port=server.port)
+        in_redis = _window_in_redis(client, budget_id)
+        client.close()
+    spent = sum(r["cost_nanos"] for r in rows)
+    admitted = (before + since + after).count(200)
+    print(
+        f"two instances, 40 admitted, a snapshot, 40 more, Redis killed and back from the "
+        f"snapshot: then {after.count(200)} more admitted ({sorted(set(after))}); {admitted} "
+        f"admitted on a budget of {budget}, {len(rows)} records, spent {spent} nano-USD, "
+        f"Redis's window {in_redis}"
+    )
+    assert before == since == [200] * 40
+    assert admitted <= budget
+    assert len(rows) == admitted
+    assert in_redis == spent == admitted * PRICE_NANOS

@@ -36,6 +36,11 @@ to it: when it answers again, the amounts are added to the window keys it kept
 (`reconcile.lua`) before the next admission, so a Redis that kept its data does not forget them.
 What an engine still owes as it stops is left on disk, for the next process on the same store and
 Redis to add (`_leave_debts`, `_pay_left`).
+
+Each instance's mark (`i:{instance}`) holds the number of the heartbeat that wrote it; its
+admissions and heartbeats send the last number Redis answered (`_beat_floor`). A mark with an
+older one is a Redis back from an older snapshot: that call drops every key of the prefix
+(`lua/rolled_back.lua`), an empty restart, recovered from as one.
 """
 
 from __future__ import annotations
@@ -108,7 +113,11 @@ _NO_SCOPE = Scope("", "", "")  # a window seeded outside an admission: no refusa
 
 
 def _script(name: str) -> str:
-    return resources.files("budget_middleware").joinpath("store", "lua", name).read_text("utf-8")
+    folder = resources.files("budget_middleware").joinpath("store", "lua")
+    text = folder.joinpath(name).read_text("utf-8")
+    if name in ("admit.lua", "heartbeat.lua"):  # (they tell a Redis rolled back: `_beat_floor`)
+        return folder.joinpath("rolled_back.lua").read_text("utf-8") + text
+    return text
 
 
 def mark_ttl_ms(settings: BudgetSettings) -> int:
@@ -484,6 +493,11 @@ class RedisCounters(CounterBackend):
         # again as unwritten (added twice, two workers: 200 requests' price for 196 admitted).
         self._after_loss: dict[WindowCounter, int] = {}
         self._beaten = False  # a first heartbeat finds no mark: nothing was lost
+        # The mark holds the number of the beat that wrote it (`_beats`, never lowered there):
+        # one lower than the last Redis answered (`_beat_floor`) is a Redis back from an older
+        # snapshot, which admit.lua and heartbeat.lua make an empty restart (`rolled_back.lua`).
+        self._beats = 0
+        self._beat_floor = 0
         # The last beat got no answer: Redis may have run it (found the mark gone, set it again).
         self._beat_unanswered = False
         self._beating = False  # a heartbeat under way (`pay_debts` does not begin another)
@@ -523,9 +537,10 @@ class RedisCounters(CounterBackend):
     @property
     def _mark_ttl_ms(self) -> int:
         """Longer than beats are apart, however long the flush interval (else every beat would
-        find it gone, and add again what it owes)."""
+        find it gone, and add again what it owes); an hour at least: a snapshot Redis comes back
+        from holds it then, older beat and all (`rolled_back.lua`), unless older than that."""
         every = self.settings.flush_interval_seconds
-        return int(max(self.slot_ttl * 4, 60, every * 4) * 1000)
+        return int(max(self.slot_ttl * 4, 3600, every * 4) * 1000)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -548,6 +563,7 @@ class RedisCounters(CounterBackend):
         self._after_loss.clear()
         self._beaten = False
         self._beat_unanswered = False
+        self._beats = self._beat_floor = 0
         self._taken.clear()
         self._taken_since_beat.clear()
 
@@ -608,7 +624,10 @@ class RedisCounters(CounterBackend):
         if not self._beaten:  # the mark, before anything is charged (once: a restart on
             # another loop leaves it to the heartbeat, which then tells a loss meanwhile)
             try:
-                await self.client.set(self._mark_key, "1", px=self._mark_ttl_ms)
+                self._beats += 1
+                beat = self._beats
+                await self.client.set(self._mark_key, f"1 {beat}", px=self._mark_ttl_ms)
+                self._beat_floor = max(self._beat_floor, beat)
                 self._beaten = True
                 await self._pay_left()
             except (RedisError, OSError) as exc:
@@ -1347,7 +1366,7 @@ class RedisCounters(CounterBackend):
                 else:  # slots: with this instance's own requests in flight, at the least
                     args += [entry.kind, entry.limit, _in_flight(entry.scope)]
         keys += [self._mark_key, f"{p}fence", self._admission_key(request_id)]
-        args.append(self._fence_ms if self._beaten else 0)
+        args += [self._fence_ms if self._beaten else 0, self._beat_floor, p]
         entries = [entry for plan in plans for entry in plan]
         waited = 0.0
         for _ in range(6):
@@ -2477,12 +2496,17 @@ class RedisCounters(CounterBackend):
         live = self._state.live
         now = self.clock()
         keys = [self._mark_key, f"{self.prefix}fence"]
+        self._beats += 1
+        beat = self._beats
         args: list[Any] = [
             int((now + self.slot_ttl) * 1000),
             int(self.slot_ttl * 2000),
             self._mark_ttl_ms,
             1 if self._beat_unanswered else 0,
             self._fence_ms if self._beaten else 0,
+            beat,
+            self._beat_floor,
+            self.prefix,
         ]
         hashes = f"{self.prefix}rh:"
         beating = list(live.values())
@@ -2494,13 +2518,19 @@ class RedisCounters(CounterBackend):
                 else:
                     args += [ticket.request_id, "z", 0]
         try:
-            lost, restored = await self._beat(keys=keys, args=args)
+            lost, restored, rolled = await self._beat(keys=keys, args=args)
         except BaseException:
             # Unanswered: what the store confirmed is still to weigh, and a loss this call found
             # (and marked "0") is told by the next.
             self._beat_unanswered = True
             raise
         self._beat_unanswered = False
+        self._beat_floor = max(self._beat_floor, beat)
+        if int(rolled):
+            logger.warning(
+                "budget-middleware: Redis came back from an older snapshot (this instance's "
+                "mark had an older heartbeat); its keys are dropped and seeded from the store"
+            )
         owe = int(lost) and self._beaten
         if owe:
             await self._writes_confirmed()

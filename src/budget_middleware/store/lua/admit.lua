@@ -92,9 +92,15 @@ end
 -- sets a fence for twice its heartbeat interval, unless one is up: an admission that would take
 -- a slot or a reservation waits it out ({"fence", ms left}), by when the holds are back. Last
 -- KEYS: the instance's mark, the fence, then the request's admission mark (`ad:<request id>`);
--- last ARGV: the fence's length (ms), 0 when the instance never set its mark.
+-- last ARGV: the fence's length (ms), 0 when the instance never set its mark; the number of its
+-- last heartbeat Redis answered, and the prefix: a mark with an older beat is a Redis back from
+-- an older snapshot, made an empty restart here (`rolled_back`): the windows are seeded below.
 local mark, fence, admission = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
-if ARGV[a] ~= "0" and redis.call("EXISTS", mark) == 0 then
+local marked = redis.call("GET", mark)
+if marked and rolled_back(marked, ARGV[a + 1], ARGV[a + 2]) then
+  marked = false
+end
+if ARGV[a] ~= "0" and not marked then
   redis.call("SET", fence, "1", "NX", "PX", ARGV[a])
 end
 if holds then

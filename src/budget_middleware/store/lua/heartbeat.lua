@@ -5,15 +5,29 @@
 -- means Redis lost its data); the fence; then per hold its key: a slot or reservation ZSET, or a
 -- reservation HASH.
 -- ARGV: score (the holds' new expiry, ms), key ttl (ms), mark ttl (ms), 1 when the client's
--- beat before got no answer (it may have run: a mark "0" is a loss it found), the fence's length
--- (ms), then per hold: request id, "z" or "h", the reservation (for "h").
+-- beat before got no answer (it may have run: a mark "0 ..." is a loss it found), the fence's
+-- length (ms), this beat's number, the number of the last beat Redis answered (0: none), the
+-- prefix, then per hold: request id, "z" or "h", the reservation (for "h").
+-- The mark reads "<1, or 0 for a loss found> <beat number>", the number never lowered. One
+-- lower than the last beat answered: Redis came back from an older snapshot (or a replica
+-- behind), whose window keys lack what was charged since: every key of the prefix is dropped
+-- (`rolled_back.lua`'s rule), an empty restart, recovered from as one.
 -- While the mark is there, only holds still present are pushed out (ZADD XX), never back: a
 -- request that settled meanwhile stays released. Without it, every hold is written again (the client then
 -- releases those of requests that settled meanwhile).
--- Returns {1 when the mark was gone, else 0; how many holds were written again}.
+-- Returns {1 when the mark was gone (or Redis rolled back), else 0; how many holds were written
+-- again; 1 when Redis rolled back, else 0}.
 local mark = redis.call("GET", KEYS[1])
-local lost = (not mark) or (ARGV[4] == "1" and mark == "0")
-redis.call("SET", KEYS[1], lost and "0" or "1", "PX", ARGV[3])
+local rolled = false
+if mark and rolled_back(mark, ARGV[7], ARGV[8]) then
+  mark, rolled = false, true
+end
+local lost = (not mark) or (ARGV[4] == "1" and string.sub(mark, 1, 1) == "0")
+local beat = tonumber(ARGV[6])
+if mark then
+  beat = math.max(beat, tonumber(string.match(mark, "(%d+)$") or "0"))
+end
+redis.call("SET", KEYS[1], (lost and "0 " or "1 ") .. string.format("%d", beat), "PX", ARGV[3])
 -- KEYS[2]: the fence (admit.lua's); ARGV[5]: its length (ms), 0 when the client never set its
 -- mark. Found gone, Redis lost its data: admissions that take holds wait until every instance's
 -- heartbeat has written its own again.
@@ -22,7 +36,7 @@ if not mark and tonumber(ARGV[5]) > 0 then
 end
 local restored = 0
 for i = 3, #KEYS do
-  local a = 6 + (i - 3) * 3
+  local a = 9 + (i - 3) * 3
   local key, id, kind = KEYS[i], ARGV[a], ARGV[a + 1]
   if kind == "z" then
     if lost then
@@ -39,4 +53,4 @@ for i = 3, #KEYS do
   end
   redis.call("PEXPIRE", key, ARGV[2])
 end
-return {lost and 1 or 0, restored}
+return {lost and 1 or 0, restored, rolled and 1 or 0}

@@ -11,8 +11,8 @@
 -- space-separated; "": none); then the record.
 -- Returns per key 1 where this value was set, 0 where another was there first; then 1 when the
 -- instance's mark is there (Redis has not lost its data since its last heartbeat), else 0; also
--- 0 when the mark is "0": a heartbeat found it gone, and its answer may not have been read yet
--- (a seed made then counts as one after the loss: `RedisCounters._seeded_after_loss`).
+-- 0 when the mark reads "0 ...": a heartbeat found it gone, and its answer may not have been
+-- read yet (a seed made then counts as one after the loss: `RedisCounters._seeded_after_loss`).
 local set = {}
 local keys = (#KEYS - 1) / 3
 local record = ARGV[3 * keys + 1]
@@ -43,5 +43,5 @@ for i = 1, keys do
   set[i] = done and 1 or 0
 end
 local mark = redis.call("GET", KEYS[#KEYS])
-set[keys + 1] = (mark and mark ~= "0") and 1 or 0
+set[keys + 1] = (mark and string.sub(mark, 1, 1) ~= "0") and 1 or 0
 return set
