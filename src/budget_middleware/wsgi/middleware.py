@@ -761,21 +761,15 @@ class MeteredResponse:
             raise
         if self.done:  # past its Content-Length: no byte of the answer (the server sends none)
             return chunk
-        length = self.length
-        if length is not None:
-            given = self.given + len(chunk)
-            if given >= length:
+        out = self._passed(chunk, self.exchange.on_chunk(chunk, True))
+        if self.length is not None:
+            self.given += len(chunk)
+            if self.given == self.length:
                 # Its last byte: the client has its answer once the server sends this, and
                 # may call again at once (on another connection, another thread), before the
                 # server asks for the next chunk. Settled now, so that its slot is free then.
-                # Bytes past it (an app's that says too few) are none of the answer, in this
-                # chunk or the next: the server sends none, as a client cuts them (README).
-                kept = chunk[: length - self.given] if given > length else chunk
-                self.given = length
-                out = self._passed(kept, self.exchange.on_chunk(kept, True))
-                return out + self._end() + chunk[len(kept) :]
-            self.given = given
-        return self._passed(chunk, self.exchange.on_chunk(chunk, True))
+                return out + self._end()
+        return out
 
     def _end(self) -> bytes:
         """The answer's end: settled, and what the exchange held back of it returned."""
@@ -811,19 +805,12 @@ class MeteredResponse:
             if not self.once.done and self._to_drain():
                 with contextlib.suppress(Exception):  # what it could read is charged
                     next_ = self.next_ or iter(self.iterable).__next__
-                    length = self.length
                     while True:
                         try:
                             chunk = next_()
                         except StopIteration:
                             self.exchange.on_chunk(b"", False)
                             break
-                        if length is not None and self.given + len(chunk) >= length:
-                            # its end (bytes past its Content-Length are none of it: `__next__`)
-                            self.exchange.on_chunk(chunk[: length - self.given], True)
-                            self.exchange.on_chunk(b"", False)
-                            break
-                        self.given += len(chunk)
                         self.exchange.on_chunk(chunk, True)
             close = getattr(self.iterable, "close", None)
             if close is not None:
