@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.engine.engine import get_engine
-from support import client, running
+from support import client, host_app, running
 
 Settings = Callable[..., BudgetSettings]
 
@@ -1222,6 +1222,24 @@ async def test_a_body_nested_deeper_than_the_middleware_reads_is_refused_not_ser
     assert served == [] and {a.status_code for a in answers} == {400}
     error = answers[0].json()["error"]
     assert error["code"] == "request_too_deep" and error["type"] == "invalid_request_error"
+
+
+async def test_a_body_too_deep_to_read_is_served_in_shadow_mode_saying_so(
+    make_settings: Settings,
+) -> None:
+    """Shadow mode refuses nothing (SPEC §14): a body nested deeper than the reader goes (1,100
+    levels), which enforce refuses with 400 `request_too_deep`, is served and says so in
+    `x-budget-shadow-refusal`. A mutation run's survivor: served without saying it."""
+    app = host_app(make_settings(mode="shadow"))
+    deep = "[" * 1100 + "]" * 1100
+    body = f'{{"model":"gpt-4o","max_tokens":10,"metadata":{{"x":{deep}}}}}'
+    async with running(app), client(app) as http:
+        answer = await http.post(
+            "/v1/state/completions", content=body, headers={"content-type": "application/json"}
+        )
+    print(answer.status_code, answer.headers.get("x-budget-shadow-refusal"))
+    assert answer.status_code == 200
+    assert answer.headers["x-budget-shadow-refusal"] == "request_too_deep"
 
 
 async def test_a_gzip_body_that_does_not_decode_is_refused_not_served_free(

@@ -148,6 +148,35 @@ async def test_a_request_whose_body_cannot_be_rewritten_gives_back_its_slot(
     assert (budget.reserved, slots.in_flight) == (0, 0)
 
 
+async def test_a_stream_too_deep_to_rewrite_is_passed_on_as_its_upstream_sent_it(
+    settings: BudgetSettings,
+) -> None:
+    """A stream nested deeper than anything writes back (1,000 levels) goes as the client wrote
+    it, not asked for its usage: the usage chunk an upstream sends all the same is none the
+    middleware caused, and reaches the client with the answer's `content-length` (SPEC §7:
+    only the chunk it caused is removed). A mutation run's survivor: counted as asked for, that
+    chunk was taken out and the length dropped."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 5}
+    chunks = [chunk("hello"), chunk(None, usage), b"data: [DONE]\n\n"]
+    length = (b"content-length", b"%d" % sum(map(len, chunks)))
+    app = BudgetMiddleware(answering(200, [*SSE, length], chunks), settings=settings)
+    async with running(app):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://t"
+        ) as http:
+            answer = await http.post(
+                "/v1/chat/completions",
+                content=_nested_stream_request(1000),
+                headers={"content-type": "application/json"},
+            )
+        await app.engine.flush()
+        rows = rows_of(app.engine)
+    print(answer.status_code, answer.headers.get("content-length"), len(answer.content), "bytes")
+    assert answer.status_code == 200 and answer.content == b"".join(chunks)
+    assert answer.headers["content-length"] == length[1].decode()
+    assert [(r.input_tokens, r.output_tokens, r.estimated) for r in rows] == [(10, 5, False)]
+
+
 def test_a_wsgi_request_whose_body_cannot_be_rewritten_gives_back_its_slot(
     settings: BudgetSettings,
 ) -> None:
@@ -380,13 +409,19 @@ async def test_usage_on_every_chunk_of_one_completion_counts_once(
 # -- found by the review of the fixes above -------------------------------------------------
 
 
-async def test_an_untyped_answer_that_is_json_is_read_as_json(settings: BudgetSettings) -> None:
+@pytest.mark.parametrize("headers", [[], JSON], ids=["untyped", "json"])
+async def test_an_untyped_answer_that_is_json_is_read_as_json(
+    settings: BudgetSettings, headers: list[Header]
+) -> None:
     """An app that answers JSON without a content-type (Starlette's `Response(body)`) to a
     request that said `stream: true`: read as a stream (the rule for untyped streams above),
-    it was charged its prompt alone. Its first byte says JSON."""
+    it was charged its prompt alone. Its first byte says JSON. So it does labelled JSON, which
+    a stream asked for is read as a stream until its first bytes (a relayed stream may be so
+    labelled): not looked at, it was charged its prompt alone (a mutation run's survivor)."""
     usage = {"prompt_tokens": 10, "completion_tokens": 5000}
     body = json.dumps({"choices": [{"message": {"content": "x" * 20000}}], "usage": usage})
-    row = await charged(settings, [], [b"\n" + body.encode()], STREAM_REQUEST)
+    row = await charged(settings, headers, [b"\n" + body.encode()], STREAM_REQUEST)
+    print(f"{headers}: charged {row.cost_nanos / 1e9:.6f} USD, estimated={row.estimated}")
     assert (row.cost_nanos, row.streamed, row.estimated) == (cost(10, 5000), False, False)
 
 
@@ -736,6 +771,60 @@ async def test_an_error_answered_with_status_200_and_no_output_costs_nothing(
     row = await charged(settings, JSON, [json.dumps(answer).encode()])
     charge = cost(row.input_tokens, row.output_tokens) if expected else 0
     assert (row.output_tokens, row.cost_nanos) == (expected, charge)
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "note"),
+    [
+        (200, {"error": {"message": "overloaded"}}, "an error answered with status 200, no output"),
+        (300, {"message": "choose one"}, None),
+        (404, {"error": {"message": "no such model"}}, None),
+    ],
+)
+async def test_an_answer_that_costs_nothing_for_its_status_or_its_error_says_which(
+    settings: BudgetSettings, status: int, answer: dict[str, Any], note: str | None
+) -> None:
+    """Without usage, a redirect (from 300 on) or an error status costs nothing, as its status
+    says (SPEC §7); an error answered with status 200 costs nothing too, and its record says
+    why, since its status does not. The note and the 300 boundary were no test's (a mutation
+    run's survivors: a 300 charged an estimate, the note on every such answer or none)."""
+    app = BudgetMiddleware(
+        answering(status, JSON, [json.dumps(answer).encode()]), settings=settings
+    )
+    body = {"model": "openai/gpt-4o", "messages": [], "max_tokens": 100}
+    async with running(app):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://t"
+        ) as http:
+            got = await http.post("/v1/chat/completions", json=body)
+        await app.engine.flush()
+        rows = rows_of(app.engine)
+    print(status, [(r.status, r.cost_nanos, r.cost_source, r.note) for r in rows])
+    assert got.status_code == status and got.json() == answer
+    assert [(r.status, r.cost_nanos, r.cost_source, r.note) for r in rows] == [
+        (status, 0, "none", note)
+    ]
+
+
+async def test_a_plain_text_answer_to_a_request_for_no_stream_is_no_stream(
+    settings: BudgetSettings,
+) -> None:
+    """An answer labelled `text/plain` to a request that asked for no stream is what it says:
+    its record is not `streamed` (SPEC §7: streamed or not). A mutation run's survivor: read as
+    a stream until its first bytes, as a stream asked for is, it was recorded streamed."""
+    row = await charged(settings, [(b"content-type", b"text/plain")], [b"plain words"])
+    assert (row.streamed, row.estimated) == (False, True)
+
+
+async def test_an_answer_without_usage_or_output_is_charged_no_output(
+    settings: BudgetSettings,
+) -> None:
+    """A JSON answer that says nothing, no usage and no output (`{"choices": []}`): estimated,
+    its prompt and 0 output tokens, noted as without usage. A mutation run's survivor: charged
+    its most output (`max_tokens`, 100) as an answer that could not be read is."""
+    row = await charged(settings, JSON, [b'{"choices": []}'])
+    assert (row.output_tokens, row.estimated, row.note) == (0, True, "no usage in the response")
+    assert row.cost_nanos == cost(row.input_tokens, 0)
 
 
 async def test_an_answer_without_usage_is_charged_a_prompt_of_a_third_of_its_body(

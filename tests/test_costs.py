@@ -664,6 +664,37 @@ async def test_audio_tokens_are_priced_at_the_audio_rates(
     assert row.cost_nanos == want
 
 
+@pytest.mark.parametrize(("said", "modalities"), [(400, True), (401, True), (400, False)])
+async def test_a_spoken_answer_without_usage_is_estimated_its_transcript_at_the_audio_price(
+    make_settings: Settings, said: int, modalities: bool
+) -> None:
+    """gpt-audio answering 400 characters of text and a transcript of `said` characters, with
+    no usage: estimated a token per 4 characters (rounded up) of both, the transcript's at the
+    audio output price ($64/Mtok, the text's $10) when audio was asked for (`modalities`), all
+    at the text price when not. The transcript's share was no test's (a mutation run's
+    survivors: its rounding, and a token of audio charged to an answer that asked for none)."""
+    message = {
+        "role": "assistant",
+        "content": "y" * 400,
+        "audio": {"id": "a1", "data": "", "expires_at": 0, "transcript": "x" * said},
+    }
+    answer = {"model": "gpt-audio", "choices": [{"index": 0, "message": message}]}
+    asked = {"modalities": ["text", "audio"]} if modalities else {}
+    row = await charged_for(
+        make_settings, "/v1/chat/completions", "openai/gpt-audio", answer, **asked
+    )
+    output = (400 + said + 3) // 4
+    spoken = (said + 3) // 4 if modalities else 0
+    want = nanos(
+        Usage(input_tokens=row.input_tokens, output_tokens=output, output_audio_tokens=spoken),
+        "gpt-audio",
+        "openai",
+    )
+    print(f"transcript {said}: {row.output_tokens} out, charged {row.cost_nanos}, want {want}")
+    assert (row.output_tokens, row.estimated) == (output, True)
+    assert row.cost_nanos == want
+
+
 @pytest.mark.parametrize(
     ("provider", "model", "want"),
     [
@@ -1393,6 +1424,47 @@ async def test_a_request_asking_for_cache_writes_reserves_its_input_at_their_pri
     print(f"40 cache-writing requests at once: {codes.count(200)} admitted, ${spent:.4f} of $1")
     assert codes.count(200) >= 2
     assert spent <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize(("budget", "second"), [(0.45, 429), (0.65, 200)])
+async def test_a_request_asking_for_5_minute_cache_writes_reserves_its_input_at_their_price(
+    make_settings: Callable[..., BudgetSettings], budget: float, second: int
+) -> None:
+    """`cache_control` without a `ttl` (5 minutes): the prompt (some 66,700 tokens) may all be
+    cache writes at claude-sonnet-4-5's $3.75/Mtok, so a request reserves about $0.25, neither
+    the input's $3 ($0.20) nor the 1-hour writes' $6 ($0.40). A second request made while the
+    first is in flight (by the app itself: no timing) finds room for both on a $0.65 budget,
+    and none on a $0.45 one (429 `budget_reserved`). Only the 1-hour price was tested (a
+    mutation run's survivors: 5-minute writes reserved at the input's price or the hour's)."""
+    app = FastAPI()
+    inner: list[int] = []
+
+    @app.post("/v1/messages")
+    async def anthropic(request: Request) -> dict[str, Any]:
+        if request.headers.get("x-inner") is None:  # the first: a second while it is in flight
+            headers = {**request.headers, "x-inner": "1"}
+            headers.pop("content-length", None)
+            again = await http.post("/v1/messages", content=await request.body(), headers=headers)
+            inner.append(again.status_code)
+        usage = {"input_tokens": 10, "output_tokens": 10}
+        return {"type": "message", "content": [], "usage": usage}
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    engine = engine_of(app)
+    cached = {"type": "ephemeral"}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "system": [{"type": "text", "text": "word " * 40_000, "cache_control": cached}],
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 10,
+    }
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": budget}])
+        first = await http.post(
+            "/v1/messages", json=body, headers={"authorization": f"Bearer {key.value}"}
+        )
+    print(f"${budget} budget: first {first.status_code}, the second in flight with it {inner}")
+    assert first.status_code == 200 and inner == [second]
 
 
 # Claude Sonnet 4 and 4.5 with the 1M-token context window (Anthropic, Bedrock, Vertex): a

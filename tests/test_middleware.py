@@ -244,6 +244,36 @@ async def test_inactive_and_expired_keys_get_403(make_settings: Settings) -> Non
     assert (old.status_code, old.json()["error"]["code"]) == (403, "virtual_key_expired")
 
 
+async def test_a_key_expires_at_its_expires_at(make_settings: Settings) -> None:
+    """A key with `expires_at` T is served a second before T and refused from T on (403
+    `virtual_key_expired`): at T itself it has expired. The instant was no test's (a mutation
+    run's survivor: `<` for `<=` served it at T)."""
+    import time
+
+    from mock_upstream import mock_router
+
+    from budget_middleware.engine.engine import BudgetEngine
+
+    expires = float(int(time.time()) + 3600)
+    now = [expires - 1]
+    engine = BudgetEngine(make_settings(), clock=lambda: now[0])
+    upstream = FastAPI()
+    upstream.include_router(mock_router("/v1"))
+    app = BudgetMiddleware(upstream, engine=engine)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="brief")
+        engine.manager.update_virtual_key(
+            key.id, expires_at=datetime.fromtimestamp(expires, UTC).isoformat()
+        )
+        await engine.invalidate()
+        before = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+        now[0] = expires
+        at = await http.post("/v1/chat/completions", json=chat(), headers=bearer(key.value))
+    print(f"a second before: {before.status_code}; at expires_at: {at.status_code}")
+    assert before.status_code == 200
+    assert (at.status_code, at.json()["error"]["code"]) == (403, "virtual_key_expired")
+
+
 async def test_provider_and_model_not_allowed_get_403(make_settings: Settings) -> None:
     app = host_app(make_settings())
     engine = engine_of(app)

@@ -498,6 +498,25 @@ async def test_a_request_naming_no_route_is_left_as_it_is(make_settings: Setting
     assert answer.json()["model"] == "openai/gpt-4o-mini"
 
 
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"gpt-4o"', b"not json"])
+async def test_a_body_that_is_no_json_object_is_served_where_routes_are_configured(
+    make_settings: Settings, body: bytes
+) -> None:
+    """With a route configured, a body that is a JSON array, a JSON string or no JSON names no
+    route: metered as it is and served by the app. A mutation run's survivor: looked up as an
+    object, it was a 500."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        engine.manager.create_route(**ROUTE)
+        await engine.invalidate()
+        answer = await http.post(
+            "/v1/state/completions", content=body, headers={"content-type": "application/json"}
+        )
+    print(body, answer.status_code, answer.text[:200])
+    assert answer.status_code == 200 and "x-budget-route" not in answer.headers
+
+
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_hundreds_of_concurrent_routed_requests_never_overspend_a_target(
     make_settings: Settings, backend: str

@@ -246,15 +246,21 @@ async def test_a_stream_labelled_as_another_type_is_still_read_as_the_stream_it_
     assert all(r.streamed for r in rows)
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    [b"application/json", b"Application/JSON; charset=utf-8", b"application/vnd.relay+json"],
+)
 async def test_a_stream_labelled_json_is_charged_the_usage_it_streams(
-    make_settings: Settings, pricing_file: Path
+    make_settings: Settings, pricing_file: Path, content_type: bytes
 ) -> None:
     """A stream relayed as `application/json` (`StreamingResponse(gen(),
     media_type="application/json")`), which the SDKs read as the stream it is: it was read as
     JSON, charged an estimate of its prompt and no output (54,000 nano-dollars where 7 in, 3 out
     cost 13,000). Its usage is read now, and it passes byte for byte; an answer labelled JSON
-    keeps its headers, so a usage chunk the middleware asked for is not taken out of it."""
-    upstream = ScriptedUpstream(content_type=b"application/json", content_length=True)
+    keeps its headers, so a usage chunk the middleware asked for is not taken out of it. JSON
+    with parameters, in any case, or a `+json` type is JSON too (a mutation run's survivor: read
+    as untyped, its usage chunk and `content-length` were taken out)."""
+    upstream = ScriptedUpstream(content_type=content_type, content_length=True)
     app = BudgetMiddleware(upstream, settings=make_settings(pricing_file=pricing_file))
     started: list[Message] = []
     async with running(app):
@@ -264,11 +270,63 @@ async def test_a_stream_labelled_json_is_charged_the_usage_it_streams(
         injected = await call(app, chat(stream=True))
         rows = await records(app.engine)
     charged = [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows]
-    print("expected", cost_of(7, 3), "charged", charged)
+    print(content_type, "expected", cost_of(7, 3), "charged", charged)
     assert asked == b"".join([*CHUNKS, USAGE_CHUNK, DONE])
     assert dict(started[0]["headers"])[b"content-length"] == b"%d" % len(asked)
     assert injected == asked  # headers kept: the usage chunk stays, as its length says
     assert charged == [(7, 3, cost_of(7, 3), False)] * 2
+
+
+class HugeStream:
+    """A raw ASGI app that relays a stream of some 3 MB of text, its usage chunk last, under the
+    media type it is given, whatever the request asked."""
+
+    PIECE = _event([{"index": 0, "delta": {"content": "x" * 1000}}])
+    COUNT = 3000  # more than the 2 MiB of a JSON answer kept whole
+
+    def __init__(self, content_type: bytes) -> None:
+        self.content_type = content_type
+
+    async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        await receive()
+        headers = [(b"content-type", self.content_type)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for _ in range(self.COUNT):
+            await send({"type": "http.response.body", "body": self.PIECE, "more_body": True})
+        for chunk in (USAGE_CHUNK, DONE):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+@pytest.mark.parametrize(
+    ("stream", "content_type"), [(True, b"application/json"), (False, b"text/event-stream")]
+)
+async def test_a_huge_stream_is_read_as_a_stream_whatever_its_label_or_request_say(
+    make_settings: Settings, pricing_file: Path, stream: bool, content_type: bytes
+) -> None:
+    """A stream of 3 MB with its usage last: relayed as `application/json` to a stream request,
+    or as `text/event-stream` to a request that asked for none. Read as the stream it is, its
+    usage (7 in, 3 out) is charged. Read as JSON (a mutation run's survivors: the type's check,
+    the JSON-labelled stream's branch), only its last 2 MiB are kept, the usage is not found and
+    the answer was charged an estimate of its bytes (some 750,000 output tokens)."""
+    app = BudgetMiddleware(
+        HugeStream(content_type), settings=make_settings(pricing_file=pricing_file)
+    )
+    async with running(app), client(app) as http:
+        answer = await http.post("/v1/chat/completions", json=chat(stream=stream))
+        rows = await records(app.engine)
+    charged = [
+        (r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated, r.streamed) for r in rows
+    ]
+    print(content_type, f"stream={stream}", len(answer.content), "bytes; charged", charged)
+    assert answer.content == HugeStream.PIECE * HugeStream.COUNT + USAGE_CHUNK + DONE
+    assert charged == [(7, 3, cost_of(7, 3), False, True)]
 
 
 async def test_a_stream_that_loses_its_usage_chunk_keeps_no_stale_content_length(
