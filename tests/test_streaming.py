@@ -289,11 +289,8 @@ class HugeStream:
 
     async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await ScriptedUpstream()(scope, receive, send)
+            return
         await receive()
         headers = [(b"content-type", self.content_type)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -2679,6 +2679,47 @@ def test_requests_admitted_while_the_outage_s_debts_are_paid_wait_for_them(
     assert in_redis == spent == 4 * PRICE_NANOS
 
 
+def _across_a_rollback(
+    server: Any, ask: Callable[[int], int], heartbeat_first: bool = False
+) -> list[int]:
+    """40 requests, a snapshot (`SAVE`), 40 more, heartbeats after it, Redis killed (SIGKILL:
+    what was charged since is in no file) and started from the snapshot (40 requests' price,
+    the marks of then), then 100 asked by 8 threads (after the heartbeats alone found the
+    older mark, with `heartbeat_first`), and heartbeats again (debts paid, holds written
+    again). The status of each request."""
+    before = [ask(i) for i in range(40)]
+    client = redis.Redis(port=server.port)
+    client.save()
+    client.close()
+    since = [ask(i) for i in range(40)]
+    time.sleep(1.2)
+    server.stop()
+    server.start()
+    if heartbeat_first:
+        time.sleep(1.2)
+    with ThreadPoolExecutor(8) as pool:
+        after = list(pool.map(ask, range(100)))
+    time.sleep(1.2)
+    assert before + since == [200] * 80
+    return before + since + after
+
+
+def _kept_across_a_rollback(
+    what: str, codes: list[int], rows: list[dict[str, Any]], in_redis: int, budget: int
+) -> None:
+    spent = sum(r["cost_nanos"] for r in rows)
+    admitted = codes.count(200)
+    print(
+        f"{what}: 80 admitted around a snapshot, Redis killed and back from it: then "
+        f"{codes[80:].count(200)} more admitted ({sorted(set(codes[80:]))}); {admitted} "
+        f"admitted on a budget of {budget}, {len(rows)} records, spent {spent} nano-USD, "
+        f"Redis's window {in_redis}"
+    )
+    assert admitted <= budget
+    assert len(rows) == admitted
+    assert in_redis == spent == admitted * PRICE_NANOS
+
+
 @pytest.mark.parametrize(
     ("fail_open", "found_by", "flush"),
     [(False, "admission", 0.5), (True, "heartbeat", 0.5), (False, "admission", 3600)],
@@ -2712,42 +2753,19 @@ def test_a_redis_back_from_an_older_snapshot_lifts_no_limit(
         )
         budget_id = key.budgets[0].id
 
-        def ask(_: object = None) -> int:
+        def ask(_: int) -> int:
             answer = app.test_client().post(
                 "/v1/chat/completions", json=chat(), headers=bearer(key.value), buffered=True
             )
             return int(answer.status_code)
 
-        before = [ask() for _ in range(40)]
-        client = redis.Redis(port=server.port)
-        client.save()  # the snapshot Redis will come back from
-        client.close()
-        since = [ask() for _ in range(40)]
-        time.sleep(1.2)  # heartbeats after the snapshot
-        server.stop()  # SIGKILL: what was charged since the snapshot is in no file
-        server.start()  # back from the snapshot: 40 requests' price, the marks of then
-        if found_by == "heartbeat":
-            time.sleep(1.2)  # no request before the heartbeats find the older mark
-        with ThreadPoolExecutor(8) as pool:
-            after = list(pool.map(ask, range(100)))
-        time.sleep(1.2)  # heartbeats: debts paid, holds written again
+        codes = _across_a_rollback(server, ask, heartbeat_first=found_by == "heartbeat")
         rows = [r for r in records(engine) if r["virtual_key_id"] == key.id]
         client = redis.Redis(port=server.port)
         in_redis = _window_in_redis(client, budget_id)
         client.close()
-    spent = sum(r["cost_nanos"] for r in rows)
-    admitted = (before + since + after).count(200)
-    print(
-        f"fail_open={fail_open}, found by the {found_by}, flushed every {flush} s: 40 "
-        "admitted, a snapshot, 40 more, Redis killed and back from the snapshot: then "
-        f"{after.count(200)} more admitted ({sorted(set(after))}); "
-        f"{admitted} admitted on a budget of {budget}, {len(rows)} records, spent "
-        f"{spent} nano-USD, Redis's window {in_redis}"
-    )
-    assert before == since == [200] * 40
-    assert admitted <= budget
-    assert len(rows) == admitted
-    assert in_redis == spent == admitted * PRICE_NANOS
+    what = f"fail_open={fail_open}, found by the {found_by}, flushed every {flush} s"
+    _kept_across_a_rollback(what, codes, rows, in_redis, budget)
 
 
 def test_two_instances_on_a_redis_back_from_an_older_snapshot_keep_the_limit(
@@ -2786,32 +2804,11 @@ def test_two_instances_on_a_redis_back_from_an_older_snapshot_keep_the_limit(
             )
             return int(answer.status_code)
 
-        before = [ask(i) for i in range(40)]
-        client = redis.Redis(port=server.port)
-        client.save()
-        client.close()
-        since = [ask(i) for i in range(40)]
-        time.sleep(1.2)  # heartbeats of both after the snapshot
-        server.stop()
-        server.start()
-        with ThreadPoolExecutor(8) as pool:
-            after = list(pool.map(ask, range(100)))
-        time.sleep(1.2)  # heartbeats: debts paid
+        codes = _across_a_rollback(server, ask)
         for engine in (a, b):
             on_loop(engine, engine.flush)
         rows = [r for r in records(a) if r["virtual_key_id"] == key.id]
         client = redis.Redis(port=server.port)
         in_redis = _window_in_redis(client, budget_id)
         client.close()
-    spent = sum(r["cost_nanos"] for r in rows)
-    admitted = (before + since + after).count(200)
-    print(
-        f"two instances, 40 admitted, a snapshot, 40 more, Redis killed and back from the "
-        f"snapshot: then {after.count(200)} more admitted ({sorted(set(after))}); {admitted} "
-        f"admitted on a budget of {budget}, {len(rows)} records, spent {spent} nano-USD, "
-        f"Redis's window {in_redis}"
-    )
-    assert before == since == [200] * 40
-    assert admitted <= budget
-    assert len(rows) == admitted
-    assert in_redis == spent == admitted * PRICE_NANOS
+    _kept_across_a_rollback("two instances", codes, rows, in_redis, budget)

@@ -25,7 +25,7 @@ end
 local lost = (not mark) or (ARGV[4] == "1" and string.sub(mark, 1, 1) == "0")
 local beat = tonumber(ARGV[6])
 if mark then
-  beat = math.max(beat, tonumber(string.match(mark, "(%d+)$") or "0"))
+  beat = math.max(beat, beat_of(mark))
 end
 redis.call("SET", KEYS[1], (lost and "0 " or "1 ") .. string.format("%d", beat), "PX", ARGV[3])
 -- KEYS[2]: the fence (admit.lua's); ARGV[5]: its length (ms), 0 when the client never set its

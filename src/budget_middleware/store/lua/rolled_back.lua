@@ -6,9 +6,13 @@
 -- no instance would see a loss. Found so, every key of the prefix is dropped: an empty restart,
 -- which each instance recovers from (its mark gone: holds written again, windows seeded from the
 -- store, its charges not written owed). Once, by the first call that finds it: the marks go too.
+-- The mark's text: "<1, or 0 for a loss found> <beat number>".
+local function beat_of(mark)
+  return tonumber(string.match(mark, "(%d+)$") or "0")
+end
+
 local function rolled_back(mark, floor, prefix)
-  local beat = tonumber(string.match(mark, "(%d+)$") or "0")
-  if tonumber(floor) == 0 or beat >= tonumber(floor) then
+  if tonumber(floor) == 0 or beat_of(mark) >= tonumber(floor) then
     return false
   end
   local pattern = string.gsub(prefix, "[%*%?%[%]\\]", "\\%0") .. "*"
