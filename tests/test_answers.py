@@ -558,13 +558,15 @@ async def test_a_post_in_lower_case_is_metered(settings: BudgetSettings) -> None
 # -- a second hunt (2026-12-02) -------------------------------------------------------------
 
 
-def wsgi_charged(settings: BudgetSettings, headers: list[Header], body: bytes) -> UsageRecordRow:
-    """`charged`, through the WSGI middleware: an app that answers this body."""
+def wsgi_charged(
+    settings: BudgetSettings, headers: list[Header], body: bytes | list[bytes]
+) -> UsageRecordRow:
+    """`charged`, through the WSGI middleware: an app that answers this body (or chunks)."""
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         environ["wsgi.input"].read()
         start_response("200 OK", [(n.decode(), v.decode()) for n, v in headers])
-        return [body]
+        return [body] if type(body) is bytes else body
 
     wrapped = BudgetWSGIMiddleware(app, settings)
     try:
@@ -610,22 +612,31 @@ def test_a_wsgi_json_answer_cut_short_is_charged_its_most_output(
 
 
 _LONGER = [*JSON, (b"content-length", str(len(_CUT)).encode())]  # the body is 60 bytes longer
+# The answer in one chunk (across its length), and in two, the first ending at its length.
+_CHUNKED = {"in one chunk": [_ANSWER], "cut at its length": [_CUT, _ANSWER[len(_CUT) :]]}
 
 
+@pytest.mark.parametrize("chunks", sorted(_CHUNKED))
 async def test_an_answer_longer_than_its_content_length_is_charged_what_it_reports(
-    settings: BudgetSettings,
+    settings: BudgetSettings, chunks: str
 ) -> None:
     """An app's `content-length` shorter than the body it writes: the server cuts it (werkzeug,
     wsgiref, gunicorn) or drops the connection (uvicorn), after the middleware read it all.
-    The usage it reports is charged (as before the hunt)."""
-    row = await charged(settings, _LONGER, [_ANSWER])
+    The usage it reports is charged (as before the hunt), however the app chunks it."""
+    row = await charged(settings, _LONGER, _CHUNKED[chunks])
     assert (row.cost_nanos, row.estimated) == (cost(10, 5000), False)
 
 
+@pytest.mark.parametrize("chunks", sorted(_CHUNKED))
 def test_a_wsgi_answer_longer_than_its_content_length_is_charged_what_it_reports(
-    settings: BudgetSettings,
+    settings: BudgetSettings, chunks: str
 ) -> None:
-    row = wsgi_charged(settings, _LONGER, _ANSWER)
+    """The WSGI middleware settles an answer at the chunk that completes its `content-length`
+    (its client may call again before the server asks for the next one). A chunk that ended
+    there with the JSON cut short settled it so, charged its most output (1,021,000 nano-USD),
+    where a chunk across the length was read on (50,010,000 reported): JSON cut short at its
+    length is read on to the app's end, whole JSON settled there as before."""
+    row = wsgi_charged(settings, _LONGER, _CHUNKED[chunks])
     assert (row.cost_nanos, row.estimated) == (cost(10, 5000), False)
 
 

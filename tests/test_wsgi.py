@@ -472,6 +472,59 @@ def _length_said(make_settings: Settings, app: Any) -> tuple[BudgetWSGIMiddlewar
     return middleware, key.value or ""
 
 
+def _in_flight(engine: BudgetEngine) -> int:
+    return sum(slots.in_flight for slots in engine.registry.concurrency.values())
+
+
+@pytest.mark.parametrize("said", ["its length", "100 bytes"])
+@pytest.mark.parametrize("how", ["iterable", "write"])
+def test_an_answer_is_settled_as_its_content_length_completes_unless_cut_short_there(
+    make_settings: Settings, how: str, said: str
+) -> None:
+    """The answer is settled as the bytes that complete its `Content-Length` go to the server
+    (its client may call again at once, before the app returns or the server asks for more),
+    and charged what it reports. Given by `write()`, its slot was still held then (the length
+    counted only the iterable's chunks). An app that says 100 bytes and gives the 228 of its
+    JSON (its usage past byte 100) in two chunks, the first ending at byte 100, was settled
+    there as JSON cut short, charged its most output (43,500 nano-USD), where one chunk across
+    the length was read on (15,900: `test_answers.py`): JSON cut short at its length is read on
+    to the app's end, and whole JSON settled there as before."""
+    length = len(COMPLETION) if said == "its length" else 100
+    cut = 50 if said == "its length" else 100
+    pieces = [COMPLETION[:cut], COMPLETION[cut:]]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        write = start_response("200 OK", [("content-type", "application/json"),
+                                          ("Content-Length", str(length))])  # fmt: skip
+        if how == "iterable":
+            return iter(pieces)
+        for piece in pieces:
+            write(piece)
+        return iter([])
+
+    middleware, key = _length_said(make_settings, app)
+    engine = middleware.engine
+    sent: list[bytes] = []
+    held: list[int] = []
+
+    def send(data: bytes) -> None:  # the server's: its client has its answer once it is sent
+        if sum(map(len, sent)) < length <= sum(map(len, sent)) + len(data):
+            held.append(_in_flight(engine))
+        sent.append(data)
+
+    answer: Any = middleware(posted(json.dumps(chat()).encode(), key), lambda *_: send)
+    for chunk in answer:
+        send(chunk)
+    answer.close()
+    rows = records(engine)
+    charged = [(r["outcome"], r["estimated"], r["cost_nanos"]) for r in rows]
+    print(f"{how}, {said}: slots held as its length was sent {held}; records {charged}")
+    assert held == ([0] if said == "its length" else [1])  # cut short there: read on
+    assert charged == [("completed", 0, PRICE_NANOS)]
+    assert _in_flight(engine) == 0
+
+
 def test_a_stream_s_content_length_left_out_bounds_nothing(make_settings: Settings) -> None:
     """A stream that did not ask for usage: the middleware asks for it, cuts out the usage
     chunk, and leaves out the app's Content-Length (it no longer fits), so the server sends

@@ -150,6 +150,7 @@ class Exchange:
     json_size = 0
     json_dropped = 0  # bytes of a huge JSON answer left out before its kept tail
     json_head = b""  # ... and its first bytes, kept (`_JSON_HEAD`)
+    json_read: tuple[bytes, TokenUsage] | None = None  # the usage `whole` read, and of what
     decoder: BodyDecoder | None = None  # for a compressed answer, measured on the side
     passed_decoded = False  # a compressed stream passed on decoded, less our usage chunk
     unreadable: str | None = None
@@ -449,6 +450,31 @@ class Exchange:
         self.json_dropped += self.json_size - len(tail)
         self.json_parts, self.json_size = [tail], len(tail)
 
+    def whole(self) -> bool:
+        """Whether the answer read so far can be all of it (the WSGI middleware asks at its
+        `Content-Length`): a stream that reached its end, JSON that reports its usage or parses,
+        a body that is no JSON, or one it cannot read on. False for JSON cut short there (an app
+        that says too few bytes, its usage in what follows): read on to its end, as one whose
+        chunk crosses it is."""
+        if self.unreadable is not None:
+            return True
+        stream = self.stream
+        if stream is not None:
+            return stream.completed
+        parts = self.json_parts
+        if not parts:
+            return True
+        body = b"".join(parts)
+        price = self.price
+        usage = usage_from_json(body, price is not None and bool(price.service_tiers))
+        if usage is not None:
+            # Kept for the settlement that follows (`_usage`): the answer is not read twice.
+            self.json_parts, self.json_read = [body], (body, usage)
+            return True
+        if body[:64].lstrip()[:1] not in _JSON_STARTS:
+            return True
+        return answered_chars(body) is not None
+
     # -- settlement ----------------------------------------------------------------------
 
     def _usage(self) -> TokenUsage | None:
@@ -490,7 +516,10 @@ class Exchange:
             price = self.price  # a tier written before the usage is looked for if it prices
             tiered = price is not None and bool(price.service_tiers)
             body = b"".join(parts)  # of one part, that part: no copy
-            usage = usage_from_json(body, tiered)
+            read = self.json_read
+            usage = (
+                read[1] if read is not None and read[0] is body else usage_from_json(body, tiered)
+            )
             if usage is None and self.json_dropped:  # a huge answer: its usage may come first
                 usage = usage_from_head(self.json_head)
             elif usage is None and self._read_as_events(body):

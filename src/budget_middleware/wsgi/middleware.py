@@ -721,7 +721,7 @@ class MeteredResponse:
     def write(self, data: bytes) -> None:
         """The legacy `write()` of `start_response`, metered as a chunk."""
         assert self.write_ is not None
-        out = self._passed(data, self.exchange.on_chunk(data, True))
+        out = self._measured(data)
         if out:
             try:
                 self.write_(out)
@@ -729,15 +729,30 @@ class MeteredResponse:
                 self.exchange.client_gone = True  # `ClientDisconnected`, a `BrokenPipeError`)
                 raise
 
-    def _passed(self, chunk: bytes, out: bytes) -> bytes:
-        """`out`, what goes to the server of the app's `chunk`. Only bytes begin the answer
-        (PEP 3333: an empty chunk sends nothing; the server can answer a failure before them
-        with its 500, which costs nothing). So do bytes the exchange holds back (an SSE
-        event's start, until its end, where it cuts out the usage chunk it asked for): the
-        provider's answer had begun, and a cut is charged as a cut stream, as it is when the
-        client asked for that chunk and the same bytes went on (SPEC §7)."""
+    def _measured(self, chunk: bytes) -> bytes:
+        """What goes to the server of the app's `chunk` (from its iterable or `write()`),
+        measured. Only bytes begin the answer (PEP 3333: an empty chunk sends nothing; the
+        server can answer a failure before them with its 500, which costs nothing). So do bytes
+        the exchange holds back (an SSE event's start, until its end, where it cuts out the
+        usage chunk it asked for): the provider's answer had begun, and a cut is charged as a
+        cut stream, as it is when the client asked for that chunk and the same bytes went on
+        (SPEC §7)."""
+        if self.done:  # past its Content-Length: no byte of the answer (the server sends none)
+            return chunk
         if chunk:
             self.wrote = True
+        out = self.exchange.on_chunk(chunk, True)
+        if self.length is not None:
+            self.given += len(chunk)
+            if self.given == self.length:
+                # Its last byte: the client has its answer once the server sends this, and
+                # may call again at once (on another connection, another thread), before the
+                # server asks for the next chunk. Settled now, so that its slot is free then.
+                if self.exchange.whole():
+                    return out + self._end()
+                # Cut short there (an app that says too few bytes, its usage in what follows):
+                # read on to its end, as an answer whose chunk crosses its length is.
+                self.length = None
         return out
 
     def __iter__(self) -> Iterator[bytes]:
@@ -759,17 +774,7 @@ class MeteredResponse:
         except BaseException as exc:
             self.raised(exc)
             raise
-        if self.done:  # past its Content-Length: no byte of the answer (the server sends none)
-            return chunk
-        out = self._passed(chunk, self.exchange.on_chunk(chunk, True))
-        if self.length is not None:
-            self.given += len(chunk)
-            if self.given == self.length:
-                # Its last byte: the client has its answer once the server sends this, and
-                # may call again at once (on another connection, another thread), before the
-                # server asks for the next chunk. Settled now, so that its slot is free then.
-                return out + self._end()
-        return out
+        return self._measured(chunk)
 
     def _end(self) -> bytes:
         """The answer's end: settled, and what the exchange held back of it returned."""
