@@ -3423,10 +3423,11 @@ async def test_an_alert_raised_while_the_only_instance_with_the_url_was_down_rea
 ) -> None:
     """Two instances on one store, only one (the sender) with the webhook URL. The sender down
     longer than `give_up_after` (10 minutes by default; 0.5 s here): an alert raised meanwhile
-    by the instance without the URL was `delivered` at once in 0 attempts and never posted
-    (the sender, back, took only the last 10 minutes' alerts); one the sender raised itself as
-    it went down was given up by the other instance (`failed`, never posted). Back, the
-    sender posts the alerts raised while it was down."""
+    by the instance without the URL was listed `delivered` at once in 0 attempts ("no webhook"
+    in the CLI and the dashboard) though no URL had it, and was never posted (the sender, back,
+    took only the last 10 minutes' alerts); one the sender raised itself as it went down was
+    given up by the other instance (`failed`, never posted). Either is `pending` as raised,
+    `failed` once given up; back, the sender posts the alerts raised while it was down."""
     hook = receiver()
     url = {"alert_webhook_urls": hook.url}
     without = get_engine(make_settings(cache_ttl_seconds=5))
@@ -3447,9 +3448,12 @@ async def test_an_alert_raised_while_the_only_instance_with_the_url_was_down_rea
             await until(lambda: _all_delivered(without, 1))
             await sender.alerts.stop()  # the sender goes down (its engine stays for the test)
             assert await spend(http, key.value, 0.25, 1) == [200]  # 80 %: the sender is down
-            await until(lambda: len(without.manager.list_alerts()) == 2, 5.0)
+            if raiser is without:
+                await until(lambda: len(without.manager.list_alerts()) == 2, 5.0)
         if raiser is sender:
             await sender.alerts.raise_queued()  # raised as it went down, not yet posted
+        raised_as = without.manager.list_alerts()[0]["delivery"]  # pending (or given up)
+        if raiser is sender:
             await asyncio.sleep(1.5)  # the other instance gives it up meanwhile
             await without.alerts.give_up_unattended()
         else:
@@ -3464,6 +3468,48 @@ async def test_an_alert_raised_while_the_only_instance_with_the_url_was_down_rea
         for engine in (without, sender):
             await engine.shutdown()
     got = [alert["threshold"] for alert in hook.delivered()]
-    print(f"raised by {raised_by} while the sender was down: {while_down[0.8]} then; the URL "
-          f"got thresholds {got}; after the sender came back: {after}")  # fmt: skip
+    print(f"raised by {raised_by} while the sender was down: {raised_as} as raised, "
+          f"{while_down[0.8]} then; the URL got thresholds {got}; after the sender came back: "
+          f"{after}")  # fmt: skip
+    assert raised_as != "delivered" and while_down[0.8] == "failed"
     assert got == [0.5, 0.8] and after == {0.5: "delivered", 0.8: "delivered"}
+
+
+async def test_a_url_whose_every_alert_was_given_up_gets_them_when_its_instance_is_back(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """Two instances on one store, only one (the sender) with the webhook URL. The sender
+    raised an alert as it went down, never posted, and the other instance gave it up while
+    the sender stayed down past `give_up_after` (10 minutes by default; 0.5 s here). Giving it
+    up deleted the URL's only delivery: the store no longer knew the URL, and the sender, back,
+    took it as new (the last `give_up_after`'s alerts only): the alert, `failed`, never
+    reached it. Back, the sender posts it, as every alert of the last day its URL lacks."""
+    hook = receiver()
+    without = get_engine(make_settings(cache_ttl_seconds=5))
+    sender = get_engine(make_settings(alert_webhook_urls=hook.url, cache_ttl_seconds=6))
+    quick(without, give_up_after=0.5)
+    quick(sender, give_up_after=0.5)
+    app = BudgetMiddleware(host_app(None), engine=sender)
+    try:
+        for engine in (without, sender):
+            await engine.ensure_started()
+        await sender.alerts.stop()  # the sender goes down as its last request crosses 50 %
+        key = without.manager.create_virtual_key(
+            name="ezra", budgets=[{"max_limit": 1.0, "alert_thresholds": [0.5]}]
+        )
+        async with client(app) as http:
+            assert await spend(http, key.value, 0.6, 1) == [200]
+        await sender.alerts.raise_queued()  # raised as it went down, not posted
+        await until(lambda: without.manager.list_alerts()[0]["delivery"] == "failed", 5.0)
+        await asyncio.sleep(0.6)  # down past `give_up_after` since then
+        sender.alerts.start(asyncio.get_running_loop())  # back
+        await until(lambda: _all_delivered(without, 1), 3.0)
+        await asyncio.sleep(0.3)  # nothing more may be posted
+    finally:
+        for engine in (without, sender):
+            await engine.shutdown()
+    alert = without.manager.list_alerts()[0]
+    print(f"given up while the sender was down, then the sender back: the URL got "
+          f"{len(hook.delivered())} post(s); the alert {alert['delivery']} in "
+          f"{alert['attempts']} attempt(s)")  # fmt: skip
+    assert len(hook.delivered()) == 1 and alert["delivery"] == "delivered"

@@ -419,7 +419,10 @@ class Alerts:
                         id=alert_id,
                     )
                 )
-        return stored.raise_alerts(engine.store, alerts, self.urls)
+        # With no URL here: pending to the URLs posted to in the last `backlog` (an instance
+        # with one may be down; back, it takes the alerts its URL lacks), not `delivered`.
+        known_since = datetime.now(UTC) - timedelta(seconds=self.backlog)
+        return stored.raise_alerts(engine.store, alerts, self.urls, known_since)
 
     async def give_up_unattended(self) -> int:
         """Deliveries to a URL removed from every instance's settings: none attempts them any

@@ -61,6 +61,14 @@ class Due:
     first_attempt_at: datetime | None  # this URL's
 
 
+# A delivery given up because no instance attempted it (its URL removed, or every instance with
+# it down): kept, not deleted, so that the store still knows the URL (`adopt`'s backlog from its
+# first alert), and counted as no delivery when the alert is summed up. Deleted, a URL whose every
+# delivery was given up was new to the store when its instance came back: the last 10 minutes'
+# alerts only, and the ones given up never reached it.
+DROPPED = "dropped"
+
+
 def url_key(url: str) -> str:
     """How the store knows a webhook URL: its SHA-256 (the URL's path may be a credential)."""
     return hashlib.sha256(url.encode()).hexdigest()
@@ -83,14 +91,21 @@ def _delivery_rows(
 
 
 def raise_alerts(
-    store: Store, alerts: Sequence[NewAlert], urls: Sequence[str] = ()
+    store: Store,
+    alerts: Sequence[NewAlert],
+    urls: Sequence[str] = (),
+    known_since: datetime | None = None,
 ) -> list[AlertRow]:
     """Insert each alert unless it was raised already (here or by another instance), with its
     delivery to each of `urls`; the rows this call inserted, which only this caller reports, in
     the order of `alerts`. Inserted in the order of their unique key, as every instance inserts
     them: in each instance's own order, two raising the same alerts at once each waited for a
-    row of the other's (PostgreSQL aborted one batch: `DeadlockDetected`)."""
+    row of the other's (PostgreSQL aborted one batch: `DeadlockDetected`). Raised with no URL
+    (`delivery` "delivered": nowhere to deliver), an alert is pending to each URL an instance
+    attempted a post to since `known_since` (one with it may be down): it was listed
+    `delivered` in 0 attempts ("no webhook") though a URL set on another instance lacked it."""
     inserted: dict[int, AlertRow] = {}
+    known: list[tuple[str, str]] = []
     ordered = sorted(
         range(len(alerts)),
         key=lambda i: (alerts[i].budget_id, alerts[i].window_start, alerts[i].type,
@@ -98,8 +113,19 @@ def raise_alerts(
     )  # fmt: skip
     with store.engine.begin() as conn:
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        if not urls and known_since is not None:
+            known = [
+                (key, shown)
+                for key, shown in conn.execute(
+                    select(col(AlertDeliveryRow.url_key), func.max(AlertDeliveryRow.url_shown))
+                    .where(col(AlertDeliveryRow.first_attempt_at) >= known_since)
+                    .group_by(col(AlertDeliveryRow.url_key))
+                ).all()
+            ]
         for index in ordered:
             alert = alerts[index]
+            if known and alert.delivery == "delivered":
+                alert.delivery = "pending"
             values = {
                 "attempts": 0,
                 "delivered_to": [],
@@ -117,6 +143,14 @@ def raise_alerts(
                 inserted[index] = AlertRow(**values)
                 if urls and alert.delivery == "pending":
                     rows = _delivery_rows(values["id"], urls, alert.raised_at)
+                    conn.execute(dialect.insert(AlertDeliveryRow).values(rows))
+                elif known:
+                    rows = [
+                        {"alert_id": values["id"], "url_key": key, "url_shown": shown,
+                         "delivery": "pending", "attempts": 0,
+                         "next_attempt_at": alert.raised_at}
+                        for key, shown in known
+                    ]  # fmt: skip
                     conn.execute(dialect.insert(AlertDeliveryRow).values(rows))
     return [inserted[index] for index in sorted(inserted)]
 
@@ -148,6 +182,7 @@ def adopt(
             mine = select(AlertDeliveryRow.alert_id).where(
                 col(AlertDeliveryRow.alert_id) == AlertRow.id,
                 col(AlertDeliveryRow.url_key) == url_key(url),
+                col(AlertDeliveryRow.delivery) != DROPPED,  # given up: lacked, made again
             )
             lacking = conn.execute(
                 select(col(AlertRow.id), col(AlertRow.delivered_to)).where(
@@ -157,6 +192,13 @@ def adopt(
             ).all()
             for alert_id, delivered_to in lacking:
                 _lock(conn, alert_id)  # summed up after any other instance's outcome
+                conn.execute(
+                    delete(AlertDeliveryRow).where(
+                        col(AlertDeliveryRow.alert_id) == alert_id,
+                        col(AlertDeliveryRow.url_key) == url_key(url),
+                        col(AlertDeliveryRow.delivery) == DROPPED,
+                    )
+                )
                 rows = _delivery_rows(alert_id, [url], now, delivered_to or ())
                 done = conn.execute(
                     dialect.insert(AlertDeliveryRow)
@@ -267,7 +309,7 @@ def _sum_up(conn: Connection, alert_id: str, error: str | None = None) -> None:
     attempts are the most any URL took."""
     rows = conn.execute(
         select(col(AlertDeliveryRow.delivery), col(AlertDeliveryRow.attempts)).where(
-            col(AlertDeliveryRow.alert_id) == alert_id
+            col(AlertDeliveryRow.alert_id) == alert_id, col(AlertDeliveryRow.delivery) != DROPPED
         )
     ).all()
     states = {row[0] for row in rows}
@@ -329,12 +371,13 @@ def give_up_unattended(
         with store.engine.begin() as conn:
             _lock(conn, alert_id)
             gone = conn.execute(
-                delete(AlertDeliveryRow)
+                update(AlertDeliveryRow)
                 .where(
                     col(AlertDeliveryRow.alert_id) == alert_id,
                     col(AlertDeliveryRow.url_key) == key,
                     stale,
                 )
+                .values(delivery=DROPPED, claimed_until=None, last_error=why[:300])
                 .returning(col(AlertDeliveryRow.url_shown))
             ).first()
             if gone is not None:

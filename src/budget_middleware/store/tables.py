@@ -223,7 +223,8 @@ class AlertDeliveryRow(StoreModel, table=True):
     alert_id: str = Field(primary_key=True, max_length=32)
     url_key: str = Field(primary_key=True, max_length=64)  # the URL's SHA-256, hex
     url_shown: str = Field(default="", max_length=200)  # scheme://host:port/… for messages
-    delivery: str = Field(default="pending", max_length=10)  # pending, delivered, failed
+    # pending, delivered, failed; dropped: given up unattempted (`store.alerts.DROPPED`)
+    delivery: str = Field(default="pending", max_length=10)
     attempts: int = 0
     next_attempt_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     first_attempt_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
