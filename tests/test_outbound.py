@@ -5705,14 +5705,13 @@ def test_a_decorated_function_returning_a_sync_stream_manager_charges_its_call(
 # -- a JSON answer dropped before its end ---------------------------------------------------------
 
 
-async def test_a_json_answer_dropped_before_its_end_is_charged_its_most(
+async def test_a_json_answer_dropped_before_its_end_is_read_for_its_usage(
     engine: BudgetEngine,
 ) -> None:
     """An outbound JSON answer sent for with `stream=True` and dropped unread and unclosed: the
-    provider made and bills all of it (1,000 tokens in, 100 out: $0.0035), and the rest cannot
-    be read in a finalizer. It was charged its prompt's estimate alone ($0.0001, 40 tokens): as
-    an answer whose read the caller cut is, it is charged its most (its prompt and `max_tokens`
-    of output)."""
+    provider made and bills all of it (1,000 tokens in, 100 out: $0.0035). Its rest is read
+    for its usage once it is collected, on its own loop, as a close reads it: charged what it
+    reports (it was charged its most, estimated, as if its rest could not be read)."""
     key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
     transport = BudgetTransport(httpx2.MockTransport(_answer_1000_in_100_out), engine=engine)
     body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 100}
@@ -5723,14 +5722,240 @@ async def test_a_json_answer_dropped_before_its_end_is_charged_its_most(
             assert dropped.status_code == 200
             del dropped, request
             gc.collect()
-            await asyncio.sleep(0.05)  # the engine's loop settles it
+            await _settled(engine)
     await engine.flush()
     rows = [(r["outcome"], r["cost_nanos"], r["output_tokens"]) for r in records(engine)]
-    budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
     print(f"billed 3,500,000 nano-$; charged (outcome, cost, output): {rows}")
-    assert len(rows) == 1 and rows[0][0] == "client_disconnected"
-    assert rows[0][1] >= 100 * 10_000  # its 100 tokens of output at least, at gpt-4o's $10/M
+    assert rows == [("completed", 1000 * 2500 + 100 * 10_000, 100)]
+
+
+async def _settled(engine: BudgetEngine) -> None:
+    """Until the one budget holds no reservation (a dropped answer settled), 5 s at most."""
+    for _ in range(500):
+        budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+        if budget.reserved == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
+class _Rest(httpx2.AsyncByteStream, httpx2.SyncByteStream):
+    """A JSON answer's body in two pieces, or its first piece then a read timeout."""
+
+    def __init__(self, body: bytes, comes: bool) -> None:
+        self.pieces = [body[:1000], body[1000:]]
+        self.comes = comes
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self.__iter__():
+            yield piece
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.pieces[0]
+        if not self.comes:
+            raise httpx2.ReadTimeout("the rest of the answer did not come in time")
+        yield self.pieces[1]
+
+
+@pytest.mark.parametrize(
+    ("sdk", "kind", "rest"),
+    [
+        ("openai", "async", "comes"),
+        ("openai", "sync", "comes"),
+        ("anthropic", "async", "comes"),
+        ("anthropic", "sync", "comes"),
+        ("openai", "async", "never comes"),
+        ("anthropic", "sync", "never comes"),
+    ],
+)
+async def test_an_sdk_s_json_answer_entered_and_dropped_is_charged_what_it_reports(
+    engine: BudgetEngine, sdk: str, kind: str, rest: str
+) -> None:
+    """`with_streaming_response.create(...)` (no stream) entered, then dropped unclosed: the
+    provider made and bills the whole answer, 16 tokens out. Its rest is read once the answer
+    is collected (on its loop, or a thread of its own for a sync client), and it is charged what
+    it reports: 185,000 nano-dollars (OpenAI), 270,000 (Anthropic), as when the context manager
+    is left. It was charged its most, `max_tokens` 1,024 (10,340,000 and 15,492,000), as if its
+    rest could not be read. A rest that never comes (a read timeout) is still charged its most,
+    as a close's read that times out is."""
+    if sdk == "openai":
+        answer = {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "hi " * 600},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 16, "total_tokens": 26},
+        }
+    else:
+        answer = {"id": "m", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+                  "content": [{"type": "text", "text": "hi " * 600}], "stop_reason": "end_turn",
+                  "usage": {"input_tokens": 10, "output_tokens": 16}}  # fmt: skip
+    body = json.dumps(answer).encode()
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-type": "application/json"}
+        return httpx2.Response(200, headers=headers, stream=_Rest(body, rest == "comes"))
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    model = "gpt-4o" if sdk == "openai" else "claude-sonnet-4-5"
+    call = {"model": model, "messages": MESSAGES, "max_tokens": 1024}
+    options: dict[str, Any] = {"api_key": "sk-provider-secret", "max_retries": 0}
+    if kind == "async":
+        http: Any = httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+        )
+        client: Any = (openai.AsyncOpenAI if sdk == "openai" else anthropic.AsyncAnthropic)(
+            http_client=http, **options
+        )
+        calls = client.chat.completions if sdk == "openai" else client.messages
+        with charge_to(virtual_key=key.value):
+            response = await calls.with_streaming_response.create(**call).__aenter__()
+            assert response.status_code == 200
+            del response
+            gc.collect()
+    else:
+        http = httpx2.Client(
+            transport=BudgetSyncTransport(httpx2.MockTransport(provider), engine=engine)
+        )
+        client = (openai.OpenAI if sdk == "openai" else anthropic.Anthropic)(
+            http_client=http, **options
+        )
+        calls = client.chat.completions if sdk == "openai" else client.messages
+
+        def entered_and_dropped() -> None:
+            with charge_to(virtual_key=key.value):
+                response = calls.with_streaming_response.create(**call).__enter__()
+                assert response.status_code == 200
+                del response
+                gc.collect()
+
+        await asyncio.to_thread(entered_and_dropped)
+    await _settled(engine)
+    await engine.flush()
+    rows = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in records(engine)]
+    print(f"{sdk} {kind}, entered and dropped, its rest {rest}: charged {rows}")
+    if rest == "comes":
+        assert rows == [("completed", 16, 185_000 if sdk == "openai" else 270_000)]
+    else:
+        assert [row[:2] for row in rows] == [("upstream_error", 1024)]
+    budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
     assert budget.reserved == 0
+
+
+def _twenty_words(sdk: str) -> list[bytes]:
+    """An SSE answer of 20 words, 10 tokens in and 20 out, in the SDK's provider's events."""
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    if sdk == "openai":
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+        word = {"index": 0, "delta": {"content": "word "}, "finish_reason": None}
+        usage = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+        events = [b"data: " + json.dumps({**chunk, "choices": [word]}).encode() + b"\n\n"] * 20
+        last = {**chunk, "choices": [], "usage": usage}
+        return [*events, b"data: " + json.dumps(last).encode() + b"\n\n", b"data: [DONE]\n\n"]
+    message = {
+        "id": "m",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5",
+        "content": [],
+        "stop_reason": None,
+        "usage": {"input_tokens": 10, "output_tokens": 1},
+    }
+    block = {"type": "text", "text": ""}
+    delta = {"type": "text_delta", "text": "word "}
+    return [
+        event("message_start", {"type": "message_start", "message": message}),
+        event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": block}),
+        *[event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                        "delta": delta})] * 20,
+        event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                "usage": {"output_tokens": 20}}),
+        event("message_stop", {"type": "message_stop"}),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+async def test_a_stream_left_by_break_then_closed_is_charged_once_what_it_streamed(
+    engine: BudgetEngine, sdk: str, kind: str
+) -> None:
+    """`for event in stream: break` after 3 events, then `stream.close()`: the stream ends
+    there (the provider stops), charged once, a `client_disconnected` estimated from what
+    streamed (fewer than the 20 tokens out the whole stream reports), its reservation given
+    back, as the README says; read to its end, the same stream is charged its usage."""
+    events = _twenty_words(sdk)
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-type": "text/event-stream"}
+        return httpx2.Response(200, headers=headers, stream=_Both(events))
+
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    model = "gpt-4o" if sdk == "openai" else "claude-sonnet-4-5"
+    call = {"model": model, "messages": MESSAGES, "max_tokens": 1024, "stream": True}
+    options: dict[str, Any] = {"api_key": "sk-provider-secret", "max_retries": 0}
+    outcomes = []
+    for whole in (False, True):
+        if kind == "async":
+            transport: Any = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+            client: Any = (openai.AsyncOpenAI if sdk == "openai" else anthropic.AsyncAnthropic)(
+                http_client=httpx2.AsyncClient(transport=transport), **options
+            )
+            calls = client.chat.completions if sdk == "openai" else client.messages
+            with charge_to(virtual_key=key.value):
+                stream = await calls.create(**call)
+                seen = 0
+                async for _ in stream:
+                    seen += 1
+                    if seen == 3 and not whole:
+                        break
+                await stream.close()
+        else:
+            transport = BudgetSyncTransport(httpx2.MockTransport(provider), engine=engine)
+            client = (openai.OpenAI if sdk == "openai" else anthropic.Anthropic)(
+                http_client=httpx2.Client(transport=transport), **options
+            )
+            calls = client.chat.completions if sdk == "openai" else client.messages
+
+            def left_by_break(whole: bool = whole, calls: Any = calls) -> None:
+                with charge_to(virtual_key=key.value):
+                    stream = calls.create(**call)
+                    for seen, _ in enumerate(stream, 1):
+                        if seen == 3 and not whole:
+                            break
+                    stream.close()
+
+            await asyncio.to_thread(left_by_break)
+        await engine.flush()
+        outcomes.append([(r["outcome"], r["output_tokens"]) for r in records(engine)])
+    budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+    print(f"{sdk} {kind}: left after 3 events, then read whole: {outcomes}")
+    (left,), both = outcomes
+    assert left[0] == "client_disconnected" and 0 < left[1] < 20
+    assert both[1:] == [("completed", 20)]
+    assert budget.reserved == 0
+
+
+class _Both(httpx2.AsyncByteStream, httpx2.SyncByteStream):
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            yield piece
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.pieces
 
 
 # -- a call whose admission the end of its engine's loop cut -------------------------------------

@@ -76,6 +76,7 @@ _UNKNOWN = "Unknown virtual key"
 # Not the rewritten body's: its length is known (a body sent chunked goes with its length).
 _REWRITTEN = (b"content-length", b"content-encoding", b"transfer-encoding")
 _USUAL_ACCEPT = USUAL_ACCEPT.decode()
+_running_loop = asyncio._get_running_loop  # the loop running in this thread, else None
 
 # From the moment an app imports the transports (at its top, as it does), the middlewares note
 # every request's caller: also those of the request that makes the app's first client.
@@ -1060,6 +1061,8 @@ class _Metered:
         # gone, the rest cannot be read.
         self.cut = False
         self.chunks: Any = None  # the body's iterator, once the SDK began to read it
+        # The loop it was answered on (an async body's, where its rest can be read once dropped)
+        self.loop = _running_loop()
 
     def _to_drain(self) -> bool:
         """Closed before its end: a JSON answer (no stream) is read to its end here, from where
@@ -1096,6 +1099,11 @@ class _Metered:
             return None
         self.settled = True
         exchange = self.exchange
+        if self._to_drain():
+            # A JSON answer dropped before its end whose rest was not read (at exit, or with
+            # no loop to read it on): the provider made and bills all of it, charged its most,
+            # as a read the caller cut is (it was charged its prompt's estimate alone).
+            exchange.unreadable = "dropped before its end, unread"
         if self.cut and not self.done and exchange.stream is None and exchange.status < 400:
             # A JSON answer the caller stopped reading (cancelled): the provider made and
             # bills all of it, and the rest cannot be read for its usage: charged its most.
@@ -1113,18 +1121,33 @@ class _Metered:
 
     def __del__(self) -> None:
         """A body the SDK dropped unread and unclosed (a stream it never iterated, a response
-        abandoned with its client): settled on the engine's loop, as a disconnect."""
-        if not self.settled:
+        abandoned with its client): settled on the engine's loop, as a disconnect; a JSON
+        answer's rest read first, off the finalizer (`_read_on`)."""
+        if not self.settled and not self._read_on():
             self.dropped()
 
     def dropped(self) -> None:
         """Settled as dropped: by its finalizer, or at exit (`_settle_open_at_exit`)."""
-        if self._to_drain():
-            # A JSON answer dropped before its end: the provider made and bills all of it,
-            # and the rest cannot be read in a finalizer. Charged its most, as a read the
-            # caller cut is (it was charged its prompt's estimate alone).
-            self.exchange.unreadable = "dropped before its end, unread"
         self.exchange.settle_dropped(self._settling)
+
+    def _read_on(self) -> bool:
+        """Whether a JSON answer dropped before its end is read on, for its usage, as its close
+        reads it (the provider made and bills all of it): on its loop (async), or in a thread
+        of its own (sync), never in the finalizer, which may run anywhere. Kept for the next
+        loop or the exit should that read never run: charged its most then (`_settling`)."""
+        exchange = self.exchange
+        engine = exchange.engine
+        if not self._to_drain() or exchange.started < engine.forked_at:
+            return False
+        engine.settle_later(exchange, self._settling)
+        try:
+            self._read_elsewhere()
+        except RuntimeError:  # its loop closed, no thread at the interpreter's end
+            return False
+        return True
+
+    def _read_elsewhere(self) -> None:
+        raise RuntimeError("no loop to read it on")
 
 
 def _settle_open_at_exit() -> None:
@@ -1197,6 +1220,27 @@ class _AsyncMetered(_Metered):
         outcome = self._settling()
         if outcome is not None:
             await self.exchange.settle_anywhere(outcome)
+
+    def _read_elsewhere(self) -> None:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("no loop to read it on")
+        loop.call_soon_threadsafe(_read_dropped, self)
+
+    async def read_dropped(self) -> None:
+        try:
+            await self.aclose()
+        finally:
+            self.exchange.engine.taken(self.exchange)
+
+
+_READING: set[asyncio.Task[None]] = set()  # dropped answers whose rest is being read
+
+
+def _read_dropped(body: _AsyncMetered) -> None:
+    task = asyncio.get_running_loop().create_task(body.read_dropped())
+    _READING.add(task)
+    task.add_done_callback(_READING.discard)
 
 
 # -- sync --------------------------------------------------------------------------------------
@@ -1369,3 +1413,12 @@ class _SyncMetered(_Metered):
                 self.exchange.settle_dropped(lambda: outcome)
                 return
             meter.settle_sync(self.exchange, outcome)
+
+    def _read_elsewhere(self) -> None:
+        threading.Thread(target=self.read_dropped, name="budget-read-dropped", daemon=True).start()
+
+    def read_dropped(self) -> None:
+        try:
+            self.close()
+        finally:
+            self.exchange.engine.taken(self.exchange)
