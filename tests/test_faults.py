@@ -1291,6 +1291,75 @@ def test_only_a_write_that_fails_for_the_moment_is_tried_again_as_such(tmp_path:
     assert found == {"sqlite busy": True, "refused, says locked": False}
 
 
+# -- Redis back from an older snapshot while the store is away ---------------------------------
+
+
+@pytest.mark.parametrize(("fail_open", "found_by"), [(True, "admission"), (False, "heartbeat")])
+async def test_a_redis_rollback_found_while_the_store_is_away_lifts_no_limit(
+    postgres_database: str, tmp_path: Path, fail_open: bool, found_by: str
+) -> None:
+    """A $0.30 budget: 10 requests, a snapshot of Redis, 10 more (a heartbeat after it); the
+    store is cut off (a proxy), and Redis is killed and comes back from the snapshot ($0.10,
+    the instance's older mark). The rollback is found (by an admission, or by the heartbeat
+    first) while the store cannot be read to seed the windows it drops: 30 asked then (fail
+    open: on this instance's own counters, which hold the $0.20; fail closed: 503), and 30
+    after the store is back. Admitted 30 on 30; the store, the records and Redis hold $0.30."""
+    server = PrivateRedis()
+    server.start()
+    proxy = TcpProxy(5432)
+    proxy.restore()
+    url = postgres_database.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    settings = settings_for(
+        url,
+        redis_url=server.url,
+        fail_open=fail_open,
+        flush_interval_seconds=0.5,
+        slot_ttl_seconds=1.5,  # a heartbeat every half second
+        spill_dir=tmp_path / "spill",
+        redis_timeout_seconds=1.0,
+    )
+    try:
+        engine = BudgetEngine(settings)
+        app = fault_app(engine)
+        async with running(app), client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 0.3, "reset_duration": None}]
+            )
+            await engine.invalidate()
+            before = await asked(http, key.value, 10)
+            snapshot = redis.Redis(port=server.port)
+            snapshot.save()
+            snapshot.close()
+            before += await asked(http, key.value, 10)
+            await asyncio.sleep(1.2)  # heartbeats answered after the snapshot
+            proxy.cut()
+            server.stop()
+            server.start()  # back from the snapshot
+            if found_by == "heartbeat":
+                await asyncio.sleep(1.2)
+            away = await asked(http, key.value, 30)
+            proxy.restore()
+            await asyncio.sleep(1.2)  # written, debts paid, heartbeats again
+            back = await asked(http, key.value, 30)
+            assert await engine.flush()
+            count, total = records(engine, key.id)
+            stored = budget_usage(engine, key.budgets[0].id)
+            in_redis = sum(_budget_in_redis(server, key.budgets[0].id).values())
+    finally:
+        proxy.cut()
+        server.stop()
+    admitted = (before + away + back).count(200)
+    print(
+        f"fail_open={fail_open}, found by the {found_by}: 20 before, {away.count(200)} with the "
+        f"store away ({sorted(set(away))}), {back.count(200)} after ({sorted(set(back))}): "
+        f"{admitted} admitted on 30; {count} records, ${total / 1e9:.2f}, stored "
+        f"${stored / 1e9:.2f}, Redis ${in_redis / 1e9:.2f}"
+    )
+    assert before == [200] * 20
+    assert admitted == count == 30
+    assert total == stored == in_redis == 30 * CENT
+
+
 # -- an outage that outlasts the process -----------------------------------------------------
 
 

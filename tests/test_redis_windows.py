@@ -36,7 +36,7 @@ from budget_middleware.manage.config_file import load_config_file
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.store import redis_counters
 from budget_middleware.store.database import Store
-from budget_middleware.store.tables import BudgetRow, RateLimitRow
+from budget_middleware.store.tables import BudgetRow, RateLimitRow, UsageRecordRow
 from conftest import REDIS_URL, need_redis
 from service_support import PrivateRedis, delete_prefix, unique_prefix, use_prefix
 from support import Clock, FrozenClock, running, until
@@ -2143,3 +2143,226 @@ async def test_debts_whose_payment_was_refused_count_once_over_another_s_seed(
     assert held == [31 * CENT]
     assert stored == admitted * CENT
     assert admitted == 100
+
+
+# -- another deployment's rollback found under a prefix that begins with this one's ----------
+
+
+def _window_sum(url: str, prefix: str, budget_id: str) -> int:
+    """What a budget's window keys under `prefix` hold (nano-dollars)."""
+    direct = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        keys = list(direct.scan_iter(match=f"{prefix}w:budget:{budget_id}:*"))
+        return sum(int(direct.get(k) or 0) for k in keys)
+    finally:
+        direct.close()
+
+
+@asynccontextmanager
+async def _inside_a_prefix_rolled_back(
+    tmp_path: Path, count: int
+) -> AsyncIterator[tuple[list[BudgetEngine], list[httpx.AsyncClient], str, Any]]:
+    """A private Redis shared by two deployments whose prefixes begin one another: an outer one
+    (prefix `p`) and an inner one (`p` + "x:", `count` instances on one store, no reservations:
+    no fence to wait out, and a heartbeat every 20 s that the test runs itself). The outer's
+    Redis comes back from an older snapshot (its heartbeat answered after it); the inner starts
+    after. Yields the inner engines, their clients, their prefix, and `find()`: the outer's
+    heartbeat finds the rollback, dropping every key under `p`, the inner's with them."""
+    server = PrivateRedis()
+    server.start()
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
+    )
+
+    def settings(store: str, **extra: Any) -> BudgetSettings:
+        return BudgetSettings(
+            database_url=f"sqlite:///{tmp_path / store}",
+            redis_url=server.url,
+            pricing_file=prices,
+            flush_interval_seconds=3600,  # (the seeds add what is not written)
+            slot_ttl_seconds=60,
+            **extra,
+        )
+
+    outer = unique_prefix()
+    inner = outer + "x:"
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            x = BudgetEngine(settings("outer.db"))
+            use_prefix(x, outer)
+            x_http = await stack.enter_async_context(client(host(x)))
+            await stack.enter_async_context(running(x_http._transport.app))  # type: ignore[attr-defined]
+            x_key, _ = dollar_key(x)
+            await spend(x_http, x_key, 2)
+            snapshot = redis.Redis.from_url(server.url)
+            snapshot.save()
+            snapshot.close()
+            await spend(x_http, x_key, 2)
+            await x.counters.heartbeat()  # answered after the snapshot
+            server.stop()
+            server.start()  # back from the snapshot
+            x_client = x.counters.client  # type: ignore[attr-defined]
+            await x_client.connection_pool.disconnect()  # (the restart closed them)
+            ys: list[BudgetEngine] = []
+            https: list[httpx.AsyncClient] = []
+            for n in range(count):  # (a timeout apart: an engine each, as two workers have)
+                y = BudgetEngine(settings("inner.db", reserve=False, redis_timeout_seconds=5 + n))
+                use_prefix(y, inner)
+                app = host(y)
+                await stack.enter_async_context(running(app))
+                https.append(await stack.enter_async_context(client(app)))
+                ys.append(y)
+
+            async def find() -> None:
+                await x.counters.heartbeat()
+                marks = redis.Redis.from_url(server.url)
+                try:
+                    assert not marks.exists(*[y.counters._mark_key for y in ys])  # type: ignore[attr-defined]
+                finally:
+                    marks.close()
+
+            yield ys, https, inner, find
+    finally:
+        server.stop()
+
+
+def _dime_key(engine: BudgetEngine) -> tuple[str, str]:
+    """A key with a $0.10 budget (10 requests): its value and its budget's id."""
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 0.1, "reset_duration": "1d"}]
+    )
+    return key.value or "", key.budgets[0].id
+
+
+def _records(engine: BudgetEngine) -> tuple[int, int]:
+    with engine.store.session() as s:
+        rows = s.exec(select(UsageRecordRow)).all()
+    return len(rows), sum(r.cost_nanos for r in rows)
+
+
+async def test_a_seed_under_way_as_another_prefix_drops_the_keys_counts_its_charges_once(
+    tmp_path: Path,
+) -> None:
+    """An inner deployment (prefix `p` + "x:") has $0.04 of a $0.10 budget unwritten when the
+    outer one (`p`) finds its Redis back from an older snapshot and drops every key under `p`.
+    The inner's next request seeds its window ($0.04, its own charges), and its answer comes
+    late: the heartbeat that found the inner's mark gone meanwhile weighed the loss without it,
+    owed the $0.04 again and added them to that seed (Redis $0.09 for $0.05 spent: 6 admitted
+    on 10). It waits for the answers of the seeds it sent: 10 admitted, Redis = the store."""
+    async with _inside_a_prefix_rolled_back(tmp_path, 1) as ([y], [http], prefix, find):
+        value, budget_id = _dime_key(y)
+        await spend(http, value, 4)
+        await find()
+        counters: Any = y.counters
+        seed = counters._seed
+        sent = asyncio.Event()
+
+        async def answered_late(*args: Any, **kwargs: Any) -> Any:
+            answer = await seed(*args, **kwargs)
+            if not sent.is_set():
+                sent.set()
+                await asyncio.sleep(0.5)  # its answer, slow on a loaded Redis
+            return answer
+
+        counters._seed = answered_late
+        fifth = asyncio.create_task(
+            http.post("/v1/chat/completions", json=BODY, headers=auth(value))
+        )
+        await sent.wait()  # run by Redis, its answer not read yet
+        await counters.heartbeat()  # finds the mark gone
+        assert (await fifth).status_code == 200
+        more, code = await spend_until_refused(http, value)
+        await y.flush()
+        count, spent = _records(y)
+        in_redis = _window_sum(y.settings.redis_url or "", prefix, budget_id)
+    print(
+        f"a seed answered after the heartbeat found the loss: {5 + more} admitted on $0.10 "
+        f"({code}), {count} records, ${spent / 1e9:.2f} spent, Redis ${in_redis / 1e9:.2f}"
+    )
+    assert (5 + more, code) == (10, "budget_exceeded")
+    assert count == 10 and in_redis == spent == 10 * CENT
+
+
+@pytest.mark.parametrize("rolls", ["after-the-restart", "before-the-restart"])
+async def test_requests_in_flight_across_a_rollback_and_a_window_s_end_hold_its_limits(
+    tmp_path: Path, rolls: str
+) -> None:
+    """$1, 100 requests and 1,000 tokens an hour, two instances, nothing written to the store:
+    20 requests, a snapshot of Redis, 20 more, then 30 admitted on the second are held while
+    Redis is killed and comes back from the snapshot (the first hour's 20 requests) and the
+    next hour begins (after the restart, or before it with 10 more spent in the new hour).
+    The rollback is found (every key dropped, the holds written again, the windows seeded):
+    the first spends until refused while the 30 run, then after they settle in the new hour.
+    The new hour holds $1.00 and 1,000 tokens exactly; the store and records agree."""
+    server = PrivateRedis()
+    server.start()
+    clock = Clock()
+    held = Held(30)
+    try:
+        async with instances(
+            tmp_path, server.url, clock, flush_interval_seconds=3600, slot_ttl_seconds=1.5
+        ) as (one, two, prefix):
+            one_app, two_app = host(one), host(two, held)
+            async with (
+                running(one_app),
+                running(two_app),
+                client(one_app) as a,
+                client(two_app) as b,
+            ):
+                key = one.manager.create_virtual_key(
+                    name="k",
+                    budgets=[{"max_limit": 1, "reset_duration": "1h"}],
+                    rate_limit={
+                        "request_max_limit": 100,
+                        "request_reset_duration": "1h",
+                        "token_max_limit": 1000,
+                        "token_reset_duration": "1h",
+                    },
+                )
+                value = key.value or ""
+                await spend(a, value, 20)
+                snapshot = redis.Redis.from_url(server.url)
+                snapshot.save()
+                snapshot.close()
+                await spend(a, value, 20)
+                waiting = held.requests(b, value)
+                await held.all_in.wait()
+                if rolls == "before-the-restart":
+                    clock.advance(3600)
+                    await spend(a, value, 10)
+                await asyncio.sleep(1.2)  # heartbeats answered after the snapshot
+                server.stop()
+                server.start()  # back from the snapshot
+                if rolls == "after-the-restart":
+                    clock.advance(3600)
+                await asyncio.sleep(1.5)  # (past the back-off of calls the restart cut)
+                during = await spend_until_refused(a, value)
+                held.gate.set()
+                assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 30
+                after = await spend_until_refused(a, value)
+                await one.flush()
+                await two.flush()
+                spent = stored_spend(one, key.budgets[0].id)
+                with one.store.session() as s:
+                    count = len(s.exec(select(UsageRecordRow)).all())
+                direct = redis.Redis.from_url(server.url, decode_responses=True)
+                newest: dict[str, tuple[int, int]] = {}  # kind -> (window start, value)
+                for k in direct.scan_iter(match=f"{prefix}w:*"):
+                    kind, start = k.split(":")[-3], int(k.rsplit(":", 1)[1])
+                    if start > newest.get(kind, (0, 0))[0]:
+                        newest[kind] = (start, int(direct.get(k) or 0))
+                in_redis = {kind: v for kind, (_, v) in newest.items()}
+                direct.close()
+    finally:
+        server.stop()
+    before = 10 if rolls == "before-the-restart" else 0
+    print(
+        f"the hour rolls {rolls}: {before} spent in the new hour before, {during} while the 30 "
+        f"ran, then {after}; the new hour: store ${spent / 1e9:.2f}, Redis {in_redis}; "
+        f"{count} records"
+    )
+    assert during == (70 - before, "budget_reserved")
+    assert after == (0, "token_limit_exceeded")
+    assert spent == 100 * CENT and count == 140
+    assert in_redis == {"budget": 100 * CENT, "token": 1000, "request": 70}
