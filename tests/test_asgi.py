@@ -746,3 +746,43 @@ async def test_only_an_openai_style_stream_reaches_the_app_asked_for_its_usage(
         assert got["stream_options"] == {"include_usage": True}
     else:
         assert seen[0] == body
+
+
+async def test_an_event_stream_the_server_sends_itself_is_read_to_its_last_event(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """An event stream sent as a file (`http.response.pathsend`) is read a MiB at a time as one
+    stream: an event across the first MiB's end is read whole, and its last event, without a
+    blank line after it, too. A mutation run's survivors: each MiB read as the answer's last
+    chunk, or the file's end never told, lost that usage: charged an estimate."""
+    usage = json.dumps(
+        {"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}
+    )
+    answer = tmp_path / "answer.sse"
+    answer.write_bytes(b": " + b"p" * ((1 << 20) - 40) + b"\n\n" + b"data: " + usage.encode())
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions() -> FileResponse:
+        return FileResponse(answer, media_type="text/event-stream")
+
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    engine = engine_of(app)
+    body = json.dumps(chat(max_tokens=500)).encode()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    extensions = {"http.response.pathsend": {}}
+    async with running(app):
+        scope = _scope("/v1/chat/completions", [], extensions=extensions)
+        await asyncio.wait_for(app(scope, receive, send), 5)
+        await engine.flush()
+        with engine.store.session() as s:
+            rows = list(s.exec(select(UsageRecordRow)))
+    measured = [(r.input_tokens, r.output_tokens, r.estimated) for r in rows]
+    print(f"a {answer.stat().st_size}-byte event stream sent as a file: charged {measured}")
+    assert measured == [(1000, 500, False)]

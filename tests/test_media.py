@@ -295,7 +295,8 @@ async def test_a_charge_that_cannot_be_worked_out_is_no_image_request_s_reservat
     assert counter is not None
     print(f"charge failed: ${counter.value / NANO:.6f} charged")
     assert answer.status_code == 200
-    assert 0 < counter.value < one_request_nanos()  # the body's estimate: its image unknown
+    # the body's estimate (its image unknown): its text's prompt and its 10 output tokens
+    assert 10 * 10_000 < counter.value < one_request_nanos()
 
 
 async def test_inline_images_and_text_reserve_their_estimate_alone(
