@@ -786,3 +786,85 @@ async def test_an_event_stream_the_server_sends_itself_is_read_to_its_last_event
     measured = [(r.input_tokens, r.output_tokens, r.estimated) for r in rows]
     print(f"a {answer.stat().st_size}-byte event stream sent as a file: charged {measured}")
     assert measured == [(1000, 500, False)]
+
+
+async def test_a_last_body_message_without_more_body_ends_the_body(
+    make_settings: Settings,
+) -> None:
+    """`more_body` is optional in ASGI and False when absent: a body in two messages whose last
+    one leaves it out is read whole, metered and served, not waited on until a disconnect."""
+    app = host_app(make_settings())
+    body = json.dumps(chat()).encode()
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": body[:10], "more_body": True},
+        {"type": "http.request", "body": body[10:]},  # no "more_body": the last one
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async with running(app):
+        await asyncio.wait_for(app(_scope("/v1/chat/completions"), receive, send), 5)
+        await engine_of(app).flush()
+    print("status:", sent[0]["status"] if sent else None)
+    assert sent[0]["status"] == 200
+    assert engine_of(app).manager.usage().total.requests == 1
+
+
+async def test_an_engine_failing_at_one_app_s_start_stops_every_app_it_serves(
+    tmp_path: Path,
+) -> None:
+    """Two apps of equal settings share one engine: when its start fails at the second's
+    lifespan (its config file broken since), the first one, built before, raises that error
+    on every request too, its plain routes as well, as the second does."""
+    config = tmp_path / "budgets.yaml"
+    config.write_text("teams:\n  - name: research\n")
+
+    async def hello(request: Request) -> JSONResponse:
+        return JSONResponse({"hello": "world"})
+
+    def app() -> BudgetMiddleware:
+        settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db", config_file=config)
+        return BudgetMiddleware(Starlette(routes=[Route("/hello", hello)]), settings=settings)
+
+    first, second = app(), app()
+    assert first.engine is second.engine
+    config.write_text("teams: [")
+    with pytest.raises(RuntimeError, match="BUDGET_CONFIG_FILE"):
+        async with running(second):
+            pass
+    raised = []
+    for middleware in (first, second):
+        async with client(middleware) as http:
+            with pytest.raises(Exception, match="BUDGET_CONFIG_FILE") as error:
+                await http.get("/hello")
+            raised.append(type(error.value).__name__)
+    print("GET /hello on the first and the second app raised:", raised)
+
+
+async def test_a_stream_that_asked_for_its_usage_reaches_the_app_with_the_codings_accepted(
+    make_settings: Settings,
+) -> None:
+    """Only a stream whose usage chunk is cut out is asked of the app in clear: a stream that
+    asked for its usage itself keeps the client's `accept-encoding: gzip`."""
+    seen: list[str] = []
+
+    async def completions(request: Request) -> JSONResponse:
+        seen.append(request.headers.get("accept-encoding", ""))
+        return JSONResponse({"usage": {"prompt_tokens": 1, "completion_tokens": 1}, "choices": []})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    async with running(app), client(app) as http:
+        answer = await http.post(
+            "/v1/chat/completions",
+            json=chat(stream=True, stream_options={"include_usage": True}),
+            headers={"accept-encoding": "gzip"},
+        )
+    print("status:", answer.status_code, "accept-encoding the app saw:", seen)
+    assert answer.status_code == 200
+    assert seen == ["gzip"]

@@ -1227,3 +1227,31 @@ async def test_a_request_through_the_middleware_twice_is_counted_and_charged_onc
     print("statuses", statuses, "usage records", len(rows), "for 2 requests")
     assert statuses == [200, 200]
     assert len(rows) == 2 and len({r.cost_nanos for r in rows}) == 1 and rows[0].cost_nanos > 0
+
+
+async def test_a_body_declared_over_the_size_cap_is_answered_413_before_it_is_read(
+    make_settings: Settings,
+) -> None:
+    """A `content-length` over BUDGET_MAX_BODY_BYTES is refused from the header alone: not one
+    chunk of the body is read (nor held), whatever key the request carries."""
+    app = host_app(make_settings(max_body_bytes=1000))
+    pulled = 0
+
+    async def body() -> Any:
+        nonlocal pulled
+        for _ in range(100):
+            pulled += 1
+            yield b" " * 100
+
+    async with running(app), client(app) as http:
+        answers = [
+            await http.post(
+                "/v1/chat/completions",
+                content=body(),
+                headers={"content-length": "10000", **extra},
+            )
+            for extra in ({}, {"x-budget-key": "not-a-key"})
+        ]
+    print("statuses:", [a.status_code for a in answers], "chunks read:", pulled)
+    assert [a.status_code for a in answers] == [413, 413]
+    assert pulled == 0
