@@ -5848,6 +5848,48 @@ async def test_an_sdk_s_json_answer_entered_and_dropped_is_charged_what_it_repor
     assert budget.reserved == 0
 
 
+# A sync call made by an exit handler that runs after budget-middleware settled what was open
+# (registered before the import: handlers run last-registered first), its answer sent for
+# with `stream=True` and kept, unread and unclosed, by a module's global: collected as the
+# interpreter ends.
+_DROPPED_AS_THE_INTERPRETER_ENDS = """
+import atexit, sys
+KEEP = []
+
+def late_call():
+    transport = BudgetSyncTransport(httpx2.MockTransport(provider), settings)
+    http = httpx2.Client(transport=transport)
+    with charge_to(virtual_key_id=key.id):
+        url = "https://api.openai.com/v1/chat/completions"
+        KEEP.append(http.send(http.build_request("POST", url, json=body), stream=True))
+    print("late call answered", KEEP[0].status_code, flush=True)
+
+atexit.register(late_call)
+""" + _SCRIPT_START.replace("import asyncio, gc, sys", "import asyncio, gc")
+
+
+def test_a_sync_json_answer_collected_as_the_interpreter_ends_does_not_hang_its_exit(
+    tmp_path: Path,
+) -> None:
+    """A sync JSON answer dropped unread is read on in a thread of its own; one collected as
+    the interpreter ends (past the exit's settlement of what was open) started that thread
+    then: it never runs, and Python 3.11's `Thread.start` waits for it for ever, the process
+    hung at its exit (killed by the 60 s timeout here). Not read on then, as one whose loop
+    has closed is not: the process ends."""
+    script = tmp_path / "dropped_as_the_interpreter_ends.py"
+    script.write_text(_DROPPED_AS_THE_INTERPRETER_ENDS)
+    url = f"sqlite:///{tmp_path / 'late.db'}"
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), url], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired as exc:
+        print(f"hung at its exit: {exc.stdout!r}")
+        raise AssertionError("the process hung at its exit") from None
+    print(f"ended: {done.returncode}, {done.stdout.strip()!r}")
+    assert done.returncode == 0 and "late call answered 200" in done.stdout, done.stderr
+
+
 def _twenty_words(sdk: str) -> list[bytes]:
     """An SSE answer of 20 words, 10 tokens in and 20 out, in the SDK's provider's events."""
 

@@ -1415,6 +1415,11 @@ class _SyncMetered(_Metered):
             meter.settle_sync(self.exchange, outcome)
 
     def _read_elsewhere(self) -> None:
+        if sys.is_finalizing():
+            # Collected as the interpreter ends (held by a module's global past the exit's
+            # settlement): a thread started now never runs, and on Python 3.11 its `start()`
+            # waits for it for ever, the process hung at its exit.
+            raise RuntimeError("the interpreter is ending")
         threading.Thread(target=self.read_dropped, name="budget-read-dropped", daemon=True).start()
 
     def read_dropped(self) -> None:
