@@ -488,13 +488,6 @@ class RedisCounters(CounterBackend):
         # Confirmed since the last beat, per window: [the store's clock after the commit, amount]
         self._written: dict[tuple[str, str, float], list[list[float]]] = {}
         self._seeded_after_loss: set[str] = set()  # window keys, since the last beat
-        # Seeds of ours sent to Redis and not answered yet (their values reckoned): a heartbeat
-        # that finds the mark gone waits for their answers, which tell whether they ran after
-        # the loss and so hold this instance's charges (`_seeded_after_loss`). Weighed before,
-        # a seed reckoned just before the keys were dropped under a live connection (another
-        # instance's rollback found, a prefix that begins with ours) was owed again: Redis
-        # $1.00 for 53 requests admitted on $1.
-        self._seeds_sent: set[asyncio.Future[None]] = set()
         # Per counter, charges settle.lua added after Redis lost its data and before the
         # heartbeat found it (its answer said the mark was gone): in the keys already, not owed
         # again as unwritten (added twice, two workers: 200 requests' price for 196 admitted).
@@ -598,7 +591,6 @@ class RedisCounters(CounterBackend):
         self._writing = False
         self._seeding.clear()
         self._seeds_reading.clear()  # (the closed loop's seeds: their `finally` never ran)
-        self._seeds_sent.clear()
         self._paying.clear()
         self._debts_paid = None
 
@@ -1582,19 +1574,13 @@ class RedisCounters(CounterBackend):
         if keys:
             records = [self._seed_record_key(k) for k in keys]
             batches = [_seed_batches_key(self.prefix, k) for k in keys]
-            sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._seeds_sent.add(sent)
-            try:
-                done = await self._seed(
-                    keys=[*keys, *records, *batches, self._mark_key],
-                    args=[*args, f"{read_at!r} {self._instance}"],
-                )
-                if not int(done[-1]):  # Redis lost its data since the last heartbeat read
-                    seeded = zip(keys, done[:-1], strict=True)
-                    self._seeded_after_loss.update(k for k, d in seeded if int(d))
-            finally:
-                self._seeds_sent.discard(sent)
-                sent.set_result(None)
+            done = await self._seed(
+                keys=[*keys, *records, *batches, self._mark_key],
+                args=[*args, f"{read_at!r} {self._instance}"],
+            )
+            if not int(done[-1]):  # Redis lost its data since the last heartbeat read
+                seeded = zip(keys, done[:-1], strict=True)
+                self._seeded_after_loss.update(k for k, d in seeded if int(d))
         if moved:
             raise _Moved(reset)
 
@@ -2548,8 +2534,6 @@ class RedisCounters(CounterBackend):
         owe = int(lost) and self._beaten
         if owe:
             await self._writes_confirmed()
-            if self._seeds_sent:  # (their answers say whether they hold what is unwritten)
-                await asyncio.wait(list(self._seeds_sent), timeout=self._beat_interval)
         # Read before what the store confirmed and what is unwritten are taken: a flush that
         # confirmed in between moved charges from one to the other unseen.
         seeds: dict[str, tuple[float, str]] = {}
