@@ -24,7 +24,7 @@ from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.portal import on_loop, shut_down_engines
 from budget_middleware.store.tables import UsageRecordRow
 from budget_middleware.wsgi import BudgetWSGIMiddleware
-from support import running, serve_lifespan
+from support import post_scope, running, serve_lifespan
 
 Settings = Callable[..., BudgetSettings]
 Header = tuple[bytes, bytes]
@@ -1029,28 +1029,11 @@ async def test_a_disconnect_heard_once_the_answer_has_ended_is_no_client_leaving
                 await asyncio.sleep(0)
 
     async with running(middleware):
-        await middleware(_chat_scope(), receive, send)
+        await middleware(post_scope("/v1/chat/completions"), receive, send)
         await middleware.engine.flush()
         (row,) = rows_of(middleware.engine)
     print(f"a disconnect after the answer: {row.outcome}, charged {row.cost_nanos}")
     assert (row.outcome, row.cost_nanos) == ("completed", cost(10, 5))
-
-
-def _chat_scope() -> dict[str, Any]:
-    """The ASGI scope of a chat completion's POST, as a server makes it."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"host", b"t")],
-        "client": ("127.0.0.1", 1),
-        "server": ("t", 80),
-    }
 
 
 async def test_a_start_the_server_refused_is_no_answer_the_next_start_is(
@@ -1085,7 +1068,7 @@ async def test_a_start_the_server_refused_is_no_answer_the_next_start_is(
 
     middleware = BudgetMiddleware(app, settings=settings)
     async with running(middleware):
-        await middleware(_chat_scope(), receive, send)
+        await middleware(post_scope("/v1/chat/completions"), receive, send)
         await middleware.engine.flush()
         (row,) = rows_of(middleware.engine)
     print(f"starts {starts}: recorded status {row.status}, charged {row.cost_nanos}")

@@ -288,22 +288,34 @@ async def test_a_file_the_server_sends_itself_is_read_for_its_usage(
     `FileResponse` as a path, not as body chunks: a cached answer's usage is in that file."""
     answer = tmp_path / "answer.json"
     answer.write_text(json.dumps({"id": "c1", "choices": [], "usage": USAGE}))
+    sent, measured = await _sent_as_a_file(make_settings(), answer, "application/json")
+    print(f"sent: {sent}; charged (input, output, estimated): {measured}")
+    assert sent == ["http.response.start", "http.response.pathsend"]
+    assert measured == [(1000, 500, False)]
+
+
+async def _sent_as_a_file(
+    settings: Settings, answer: Path, media_type: str
+) -> tuple[list[str], list[tuple[int, int, bool]]]:
+    """A metered app answering with `FileResponse(answer)` to a server that offers
+    `http.response.pathsend`: the kinds of message sent, and what was charged (input, output,
+    estimated)."""
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
     async def completions() -> FileResponse:
-        return FileResponse(answer, media_type="application/json")
+        return FileResponse(answer, media_type=media_type)
 
-    app.add_middleware(BudgetMiddleware, settings=make_settings())
+    app.add_middleware(BudgetMiddleware, settings=settings)
     engine = engine_of(app)
     body = json.dumps(chat(max_tokens=500)).encode()
-    sent: list[dict[str, Any]] = []
+    sent: list[str] = []
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+        sent.append(message["type"])
 
     extensions = {"http.response.pathsend": {}}
     async with running(app):
@@ -312,10 +324,7 @@ async def test_a_file_the_server_sends_itself_is_read_for_its_usage(
         await engine.flush()
         with engine.store.session() as s:
             rows = list(s.exec(select(UsageRecordRow)))
-    measured = [(r.input_tokens, r.output_tokens, r.estimated) for r in rows]
-    print(f"sent: {[m['type'] for m in sent]}; charged (input, output, estimated): {measured}")
-    assert [m["type"] for m in sent] == ["http.response.start", "http.response.pathsend"]
-    assert measured == [(1000, 500, False)]
+    return sent, [(r.input_tokens, r.output_tokens, r.estimated) for r in rows]
 
 
 def _sse_starlette_like(chunks: int) -> Callable[..., Any]:
@@ -760,30 +769,7 @@ async def test_an_event_stream_the_server_sends_itself_is_read_to_its_last_event
     )
     answer = tmp_path / "answer.sse"
     answer.write_bytes(b": " + b"p" * ((1 << 20) - 40) + b"\n\n" + b"data: " + usage.encode())
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def completions() -> FileResponse:
-        return FileResponse(answer, media_type="text/event-stream")
-
-    app.add_middleware(BudgetMiddleware, settings=make_settings())
-    engine = engine_of(app)
-    body = json.dumps(chat(max_tokens=500)).encode()
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        pass
-
-    extensions = {"http.response.pathsend": {}}
-    async with running(app):
-        scope = _scope("/v1/chat/completions", [], extensions=extensions)
-        await asyncio.wait_for(app(scope, receive, send), 5)
-        await engine.flush()
-        with engine.store.session() as s:
-            rows = list(s.exec(select(UsageRecordRow)))
-    measured = [(r.input_tokens, r.output_tokens, r.estimated) for r in rows]
+    _, measured = await _sent_as_a_file(make_settings(), answer, "text/event-stream")
     print(f"a {answer.stat().st_size}-byte event stream sent as a file: charged {measured}")
     assert measured == [(1000, 500, False)]
 
