@@ -556,6 +556,121 @@ async def test_hundreds_of_concurrent_routed_requests_never_overspend_a_target(
         assert usage[provider].cost == pytest.approx(spend[f"/provider/{provider}"])
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_fallen_over_answer_carries_the_served_target_s_limits(
+    make_settings: Settings, backend: str
+) -> None:
+    """SPEC §8, §12: the limit headers of a routed answer are those of the target that served
+    it (its provider's request window and budget), not the first target's, once it falls over."""
+    overrides: dict[str, Any] = {}
+    prefix = unique_prefix()
+    if backend == "redis":
+        need_redis()
+        overrides["redis_url"] = REDIS_URL
+    app = host_app(make_settings(**overrides))
+    engine = engine_of(app)
+    if backend == "redis":
+        use_prefix(engine, prefix)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        hourly = {"request_reset_duration": "1h"}
+        tokens = {"token_max_limit": 10**6, "token_reset_duration": "1h"}
+        m.put_provider("openai", budgets=[{"max_limit": 0.5}],
+                       rate_limit={"request_max_limit": 3, **hourly, **tokens})  # fmt: skip
+        m.put_provider("azure", budgets=[{"max_limit": 2}],
+                       rate_limit={"request_max_limit": 100, **hourly})  # fmt: skip
+        m.create_route(**ROUTE)
+        await engine.invalidate()
+        answers = [await post(http) for _ in range(5)]
+    if backend == "redis":
+        delete_prefix(REDIS_URL, prefix)
+    seen = [
+        (a.headers["x-budget-route"], a.headers["x-ratelimit-limit-requests"],
+         a.headers["x-ratelimit-remaining-requests"], a.headers.get("x-ratelimit-limit-tokens"),
+         float(a.headers["x-budget-limit"]))
+        for a in answers
+    ]  # fmt: skip
+    print(f"{backend}: {seen}")
+    assert seen == [
+        ("openai/gpt-4o", "3", "2", "1000000", 0.5),
+        ("openai/gpt-4o", "3", "1", "1000000", 0.5),
+        ("openai/gpt-4o", "3", "0", "1000000", 0.5),
+        ("azure/gpt-4o", "100", "99", None, 2.0),  # azure's window and budget, no token limit
+        ("azure/gpt-4o", "100", "98", None, 2.0),
+    ]
+
+
+async def test_two_instances_on_one_redis_route_hundreds_of_streams_within_each_target(
+    make_settings: Settings,
+) -> None:
+    """Two engines on one Redis serve 240 routed streams at once, half each, while the first
+    target's budget runs out: each answer's chunks name the target it was served by, each is
+    recorded once on that target (none on the other), the usage chunk asked for is not shown,
+    and neither target spends past its limit by more than one request."""
+    need_redis()
+    app = create_mock_app()
+    prefix = unique_prefix()
+    engines = [
+        get_engine(make_settings(redis_url=REDIS_URL, cache_ttl_seconds=t)) for t in (30, 31)
+    ]
+    for engine in engines:
+        use_prefix(engine, prefix)
+    one, two = (
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(BudgetMiddleware(app, engine=e)), base_url="http://t"
+        )
+        for e in engines
+    )
+    limits = {"openai": 0.003, "anthropic": 0.004}
+    targets = ["openai/gpt-4o", "anthropic/claude-3-5-haiku-latest"]
+
+    async def stream(http: httpx.AsyncClient) -> tuple[int, str | None, set[str], bool]:
+        body = chat("smart", max_tokens=30, stream=True)
+        async with http.stream("POST", "/v1/chat/completions", json=body) as answer:
+            text = (await answer.aread()).decode()
+        chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        shown = any(c.get("usage") for c in chunks)
+        return (
+            answer.status_code,
+            answer.headers.get("x-budget-route"),
+            {c.get("model") for c in chunks},
+            shown,
+        )
+
+    try:
+        for engine in engines:
+            await engine.ensure_started()
+        m = engines[0].manager
+        for provider, limit in limits.items():
+            m.put_provider(provider, budgets=[{"max_limit": limit}])
+        m.create_route(name="smart", targets=targets)
+        for engine in engines:
+            await engine.invalidate()
+        answers = await asyncio.gather(*(stream(one if n % 2 else two) for n in range(240)))
+        for engine in engines:
+            await engine.flush()
+        spend = {b.user_path: b.spent for b in m.list_budgets()}
+        usage = {row.key: row for row in m.usage(group_by="model").usage}
+    finally:
+        for http in (one, two):
+            await http.aclose()
+        for engine in engines:
+            await engine.shutdown()
+        delete_prefix(REDIS_URL, prefix)
+    served = Counter(route for status, route, _, _ in answers if status == 200)
+    print(f"240 streams on two instances: {dict(served)}, "
+          f"{Counter(status for status, *_ in answers)}; spend {spend}")  # fmt: skip
+    assert set(served) == set(targets)
+    for status, route, models, shown in answers:
+        if status == 200:
+            assert models == {route} and not shown
+    for target in targets:
+        provider, model = target.split("/")
+        assert usage[model].requests == served[target]  # each charged once, where it was served
+        one_request = usage[model].cost / usage[model].requests
+        assert spend[f"/provider/{provider}"] < limits[provider] + one_request
+
+
 def test_the_gateway_example_falls_over_across_three_providers(tmp_path: Path) -> None:
     """examples/gateway.py, as a user runs it: each provider's budget in turn, then one 402."""
     root = Path(__file__).resolve().parents[1]
