@@ -24,7 +24,7 @@ from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.portal import on_loop, shut_down_engines
 from budget_middleware.store.tables import UsageRecordRow
 from budget_middleware.wsgi import BudgetWSGIMiddleware
-from support import post_scope, running, serve_lifespan
+from support import BodyThenGone, post_scope, running, serve_lifespan
 
 Settings = Callable[..., BudgetSettings]
 Header = tuple[bytes, bytes]
@@ -639,6 +639,136 @@ def test_a_wsgi_answer_longer_than_its_content_length_is_charged_what_it_reports
     length is read on to the app's end, whole JSON settled there as before."""
     row = wsgi_charged(settings, _LONGER, _CHUNKED[chunks])
     assert (row.cost_nanos, row.estimated) == (cost(10, 5000), False)
+
+
+# A buggy app's answer: the whole JSON under its `content-length`, and bytes past it (gunicorn and
+# waitress send the length and drop the rest, werkzeug and wsgiref send it all; uvicorn refuses
+# the message that crosses it, raising in the app's `send`).
+_PAST = [*JSON, (b"content-length", str(len(_ANSWER)).encode())]
+_OVER = _ANSWER + b'{"error": "trailing"}'
+_AT = len(_ANSWER)
+_PAST_CHUNKED = {
+    "in one chunk": [_OVER],
+    "split at its length": [_OVER[:_AT], _OVER[_AT:]],
+    "split before its length": [_OVER[: _AT - 10], _OVER[_AT - 10 :]],
+    "split after its length": [_OVER[: _AT + 5], _OVER[_AT + 5 :]],
+    "byte by byte": [_OVER[i : i + 1] for i in range(len(_OVER))],
+}
+
+
+@pytest.mark.parametrize("chunks", list(_PAST_CHUNKED))
+async def test_an_answer_with_bytes_past_its_content_length_is_charged_what_it_reports(
+    settings: BudgetSettings, chunks: str
+) -> None:
+    """An app that writes its whole JSON answer, as its `content-length` says, and bytes after
+    it: the answer is what its length holds, and charged what it reports there, however the
+    app chunks it. The bytes past it were read as part of the JSON, which then did not parse:
+    charged its most output (1,019,000 nano-USD, 100 tokens, however chunked) where it reports
+    50,010,000 nano-USD (5,000 tokens). The client gets what the app sent (here all of it:
+    httpx's `ASGITransport` holds to no length; a server's own rule, below)."""
+    row = await charged(settings, _PAST, _PAST_CHUNKED[chunks])
+    print(f"{chunks}: charged {row.cost_nanos} nano-USD, {row.output_tokens} out")
+    assert (row.cost_nanos, row.output_tokens, row.estimated) == (cost(10, 5000), 5000, False)
+
+
+@pytest.mark.parametrize("chunks", list(_PAST_CHUNKED))
+def test_a_wsgi_answer_with_bytes_past_its_content_length_is_charged_what_it_reports(
+    settings: BudgetSettings, chunks: str
+) -> None:
+    """The same through the WSGI middleware, which settles the answer at its length: a chunk
+    across the length is judged by its part up to it (whole there: settled; cut short there:
+    read on, `test_a_wsgi_answer_longer_than_its_content_length_is_charged_what_it_reports`).
+    What goes to the server is all the app wrote: the server's to cut at the length."""
+    row = wsgi_charged(settings, _PAST, _PAST_CHUNKED[chunks])
+    print(f"{chunks}: charged {row.cost_nanos} nano-USD, {row.output_tokens} out")
+    assert (row.cost_nanos, row.output_tokens, row.estimated) == (cost(10, 5000), 5000, False)
+
+
+# Lengths that bound nothing: the answer is read to its end (here its JSON and the bytes after
+# it, which do not parse: its most output, 100 tokens) as before. Not a number; two that differ
+# (h11 refuses them, httptools takes the first, gunicorn and waitress the last); one beside
+# `transfer-encoding: chunked` (uvicorn sends all of it, chunked).
+_UNBOUNDED = {
+    "not a number": [(b"content-length", b"1l9")],
+    "negative": [(b"content-length", b"-%d" % _AT)],
+    "two that differ": [(b"content-length", b"%d" % _AT), (b"content-length", b"%d" % (_AT + 5))],
+    "beside transfer-encoding": [
+        (b"content-length", b"%d" % _AT),
+        (b"transfer-encoding", b"chunked"),
+    ],
+}
+
+
+@pytest.mark.parametrize("length", list(_UNBOUNDED))
+async def test_a_content_length_that_bounds_nothing_leaves_the_answer_read_whole(
+    settings: BudgetSettings, length: str
+) -> None:
+    row = await charged(settings, [*JSON, *_UNBOUNDED[length]], [_OVER])
+    assert (row.output_tokens, row.estimated) == (100, True)
+
+
+@pytest.mark.parametrize("chunks", ["its body", "an empty chunk, then its body"])
+@pytest.mark.parametrize("adapter", ["asgi", "wsgi"])
+async def test_an_answer_that_says_0_bytes_and_writes_its_json_is_charged_what_it_reports(
+    settings: BudgetSettings, adapter: str, chunks: str
+) -> None:
+    """`content-length: 0` and a JSON body all the same (servers send none of it): nothing up
+    to the length says what it cost, so the body is read on. Under WSGI an empty chunk first
+    completed the length, settled there as an answer of no usage (21,000 nano-USD, its prompt
+    estimated) where its JSON alone was read on (50,010,000 reported)."""
+    body = [_ANSWER] if chunks == "its body" else [b"", _ANSWER]
+    headers = [*JSON, (b"content-length", b"0")]
+    if adapter == "asgi":
+        row = await charged(settings, headers, body)
+    else:
+        row = await asyncio.to_thread(wsgi_charged, settings, headers, body)
+    assert (row.cost_nanos, row.estimated) == (cost(10, 5000), False)
+
+
+class _LengthBound:
+    """A server's `send` that holds to the answer's Content-Length as uvicorn does (either of
+    its HTTP implementations): a body message that would go past it is refused, raising in the
+    app (the client has what came before, and a connection dropped)."""
+
+    def __init__(self) -> None:
+        self.left: int | None = None
+        self.body = b""
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            for name, value in message["headers"]:
+                if name.lower() == b"content-length":
+                    self.left = int(value)
+        elif message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            if self.left is not None:
+                if len(body) > self.left:
+                    raise RuntimeError("Response content longer than Content-Length")
+                self.left -= len(body)
+            self.body += body
+
+
+@pytest.mark.parametrize("chunks", list(_PAST_CHUNKED))
+async def test_bytes_past_the_content_length_a_server_refuses_change_nothing_of_the_charge(
+    settings: BudgetSettings, chunks: str
+) -> None:
+    """Under a server that refuses the message crossing the length (uvicorn: "Response content
+    longer than Content-Length", raised in the app's `send`): the app fails, its answer is
+    settled once as the app's failure, and charged what the answer reports up to its length
+    (50,010,000 nano-USD; 1,019,000, its most output, before), whatever the client got of it
+    (nothing, in one chunk; the whole answer, split at the length)."""
+    app = BudgetMiddleware(answering(200, _PAST, _PAST_CHUNKED[chunks]), settings=settings)
+    request = json.dumps({"model": "openai/gpt-4o", "messages": [], "max_tokens": 100})
+    server = _LengthBound()
+    async with running(app):
+        with pytest.raises(RuntimeError, match="longer than Content-Length"):
+            await app(post_scope("/v1/chat/completions"), BodyThenGone(request.encode()), server)
+        await app.engine.flush()
+        rows = rows_of(app.engine)
+    charged = [(r.cost_nanos, r.output_tokens, r.estimated, r.outcome) for r in rows]
+    print(f"{chunks}: the client got {len(server.body)} of {_AT} bytes; records {charged}")
+    assert _ANSWER.startswith(server.body)
+    assert charged == [(cost(10, 5000), 5000, False, "upstream_error")]
 
 
 _BIG_EVENT = [b": " + b"p" * (1 << 20) for _ in range(17)] + [b"\n\n"]  # over 16 MiB

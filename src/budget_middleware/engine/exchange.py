@@ -87,6 +87,25 @@ metering: ContextVar[object] = ContextVar("budget_middleware.metering", default=
 _DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped answers, until they end
 
 
+def content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """An answer's Content-Length, where it bounds the answer a server sends: None with none,
+    with one that is no count of bytes (RFC 9110 8.6), with two that differ (h11 refuses
+    them), or beside a `Transfer-Encoding` (uvicorn then sends all of it, chunked)."""
+    found: bytes | None = None
+    for name, value in headers:
+        name = name.lower()
+        if name == b"content-length":
+            value = value.strip()
+            if found is not None and value != found:
+                return None
+            found = value
+        elif name == b"transfer-encoding":
+            return None
+    if found is None or not (found.isdigit() and len(found) < 20):
+        return None
+    return int(found)
+
+
 def _json_type(media: bytes) -> bool:
     """Whether a (lowercased) media type is JSON: `application/json`, `application/*+json`,
     with or without parameters."""
@@ -151,6 +170,9 @@ class Exchange:
     json_dropped = 0  # bytes of a huge JSON answer left out before its kept tail
     json_head = b""  # ... and its first bytes, kept (`_JSON_HEAD`)
     json_read: tuple[bytes, TokenUsage] | None = None  # the usage `whole` read, and of what
+    # The answer's headers as passed on (ASGI: `forward`), for its Content-Length, read only
+    # should its JSON not parse (`_within_length`).
+    sent_headers: list[tuple[bytes, bytes]] | None = None
     decoder: BodyDecoder | None = None  # for a compressed answer, measured on the side
     passed_decoded = False  # a compressed stream passed on decoded, less our usage chunk
     unreadable: str | None = None
@@ -235,6 +257,7 @@ class Exchange:
                 if self.read_start(message["status"], headers):  # headers the client must not get
                     left_out = self.left_out
                     headers = [h for h in headers if h[0].lower() not in left_out]
+                self.sent_headers = headers
                 added = self.headers_added()
                 headers = replaced(headers, added, ADDED_NAMES, bytes.lower)
                 message = {**message, "headers": [*headers, *added]}
@@ -522,10 +545,34 @@ class Exchange:
             )
             if usage is None and self.json_dropped:  # a huge answer: its usage may come first
                 usage = usage_from_head(self.json_head)
-            elif usage is None and self._read_as_events(body):
+            elif usage is None and (self._read_as_events(body) or self._within_length(body)):
                 return self._usage()
             return usage
         return None
+
+    def _within_length(self, body: bytes) -> bool:
+        """Whether a JSON answer that reports no usage read as a whole is JSON up to its
+        Content-Length, read so from now on (`json_parts`): an ASGI app that sends more bytes
+        than its length says (in the message that crosses it, or after it). Its answer is what
+        the length holds (uvicorn sends no byte past it, refusing the message that
+        crosses it): judged there, as the WSGI middleware judges such an answer at its length,
+        so that the charge does not depend on how the app chunked its bytes. JSON cut short
+        there (an app that says too few bytes, its usage in what follows) is read whole."""
+        headers = self.sent_headers
+        if headers is None or self.decoder is not None:  # (a compressed answer's length is
+            return False  # of its coded bytes)
+        length = content_length(headers)
+        if length is None or len(body) <= length:
+            return False
+        head = body[:length]
+        price = self.price
+        if (
+            usage_from_json(head, price is not None and bool(price.service_tiers)) is None
+            and answered_chars(head) is None
+        ):
+            return False
+        self.json_parts, self.json_size = [head], length
+        return True
 
     def _read_as_events(self, body: bytes) -> bool:
         """Whether an answer read as JSON, which holds no usage and is no JSON, is an event

@@ -132,9 +132,12 @@ def answer(start_response: StartResponse, reply: ErrorAnswer) -> list[bytes]:
 
 
 def _length(value: str) -> int | None:
-    """An answer's Content-Length, or None where it is no count of bytes (RFC 9110 8.6)."""
+    """An answer's Content-Length, where it bounds what `MeteredResponse` reads: None where it
+    is no count of bytes (RFC 9110 8.6), and for 0 (an answer without a body has nothing to
+    settle early, and one with bytes all the same, a broken app's, is read on to its end:
+    nothing up to its length says what it cost)."""
     value = value.strip()
-    return int(value) if value.isdigit() and value.isascii() and len(value) < 20 else None
+    return (int(value) or None) if value.isdigit() and value.isascii() and len(value) < 20 else None
 
 
 def _as_text(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -741,19 +744,45 @@ class MeteredResponse:
             return chunk
         if chunk:
             self.wrote = True
+        length = self.length
+        if length is None:
+            return self.exchange.on_chunk(chunk, True)
+        given = self.given + len(chunk)
+        if given != length:
+            if given < length:
+                self.given = given
+                return self.exchange.on_chunk(chunk, True)
+            # Across its length (an app's bug): what the length holds is the answer.
+            return self._across(chunk, given - length)
+        # Its last byte: the client has its answer once the server sends this, and may call
+        # again at once (on another connection, another thread), before the server asks for
+        # the next chunk. Settled now, so that its slot is free then.
         out = self.exchange.on_chunk(chunk, True)
-        if self.length is not None:
-            self.given += len(chunk)
-            if self.given == self.length:
-                # Its last byte: the client has its answer once the server sends this, and
-                # may call again at once (on another connection, another thread), before the
-                # server asks for the next chunk. Settled now, so that its slot is free then.
-                if self.exchange.whole():
-                    return out + self._end()
-                # Cut short there (an app that says too few bytes, its usage in what follows):
-                # read on to its end, as an answer whose chunk crosses its length is.
-                self.length = None
+        if self.exchange.whole():
+            return out + self._end()
+        # Cut short there (an app that says too few bytes, its usage in what follows): read on
+        # to its end.
+        self.length = None
         return out
+
+    def _across(self, chunk: bytes, over: int) -> bytes:
+        """A chunk that goes `over` bytes past the answer's Content-Length (an app that writes
+        more than it said): measured up to the length, and judged there as a chunk ending at
+        it is (whole: settled, the bytes past it not read; cut short: read on), so that the
+        charge does not depend on how the app chunked its bytes. The server gets the chunk
+        whole, as the app wrote it: what it does with the bytes past the length is its rule
+        (gunicorn and waitress drop them, werkzeug's and wsgiref's servers send them)."""
+        exchange = self.exchange
+        cut = len(chunk) - over
+        head = chunk[:cut]
+        out = exchange.on_chunk(head, True)
+        if exchange.whole():
+            last = self._end()
+            if out is head and not last:
+                return chunk
+            return out + last + chunk[cut:]
+        self.length = None
+        return out + exchange.on_chunk(chunk[cut:], True)
 
     def __iter__(self) -> Iterator[bytes]:
         return self
