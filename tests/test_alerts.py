@@ -112,10 +112,10 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/hook"
 
 
-def _all_delivered(engine: BudgetEngine, count: int) -> bool:
+def _all_delivered(engine: BudgetEngine, count: int, limit: int = 100) -> bool:
     """Whether the store lists `count` alerts and the engine has recorded each delivered (it
     does so once the receiver has answered, in a thread: later than the receiver has it)."""
-    alerts = engine.manager.list_alerts()
+    alerts = engine.manager.list_alerts(limit=limit)
     return len(alerts) == count and all(a["delivery"] == "delivered" for a in alerts)
 
 
@@ -3513,3 +3513,80 @@ async def test_a_url_whose_every_alert_was_given_up_gets_them_when_its_instance_
           f"{len(hook.delivered())} post(s); the alert {alert['delivery']} in "
           f"{alert['attempts']} attempt(s)")  # fmt: skip
     assert len(hook.delivered()) == 1 and alert["delivery"] == "delivered"
+
+
+def _rows(engine: BudgetEngine) -> dict[str, int]:
+    """The alert tables' rows, by table, and the deliveries by state."""
+    from sqlalchemy import text
+
+    with engine.store.engine.connect() as conn:
+        counts = {
+            table: conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+            for table in ("bm_alerts", "bm_alert_deliveries")
+        }
+        for state, n in conn.execute(
+            text("SELECT delivery, count(*) FROM bm_alert_deliveries GROUP BY delivery")
+        ).all():
+            counts[state] = n
+    return counts
+
+
+async def test_deliveries_of_alerts_older_than_kept_are_pruned_and_the_alerts_stay_listed(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """A daily $1 budget whose 80 %, 100 % and exhaustion alerts are raised and delivered each
+    day, for 40 simulated days (the engine's clock), to URL a, and for the first 5 to URL b
+    too (then removed from the settings): `bm_alert_deliveries` kept every delivery for ever
+    (a row an alert and URL: 135 after 40 days; nothing pruned them). The flusher's sweep
+    prunes, once an hour, the deliveries of settled alerts raised more than
+    ALERT_DELIVERIES_KEPT (30 days) ago, but one of each URL's (b stays known to the store);
+    the alerts themselves stay, listed as they were."""
+    from sqlalchemy import text
+
+    from budget_middleware.core.times import from_ts
+    from budget_middleware.engine.engine import PRUNE_SECONDS
+    from budget_middleware.store.alerts import url_key
+
+    days = 40
+    a, b = receiver(), receiver()
+    now = [float(int(time.time()) - days * 86400)]  # the last day ends now: deliveries due
+    setup = BudgetEngine(make_settings())  # the key made at the simulated start
+    key = setup.manager.create_virtual_key(
+        name="dora", budgets=[{"max_limit": 1.0, "reset_duration": "1d"}]
+    )
+    with setup.store.engine.begin() as conn:
+        conn.execute(text("UPDATE bm_budgets SET last_reset = :at"), {"at": from_ts(now[0])})
+    setup.store.dispose()
+    for urls, phase in ((f"{a.url},{b.url}", range(5)), (a.url, range(5, days))):
+        engine = BudgetEngine(make_settings(alert_webhook_urls=urls), clock=lambda: now[0])
+        quick(engine)
+        app = BudgetMiddleware(host_app(None), engine=engine)
+        async with running(app), client(app) as http:
+            for day in phase:
+                assert await spend(http, key.value, 0.6, 3) == [200, 200, 402], day
+                assert await until(lambda n=3 * (day + 1), e=engine: len(a.delivered()) == n
+                                   and _all_delivered(e, n, limit=n))  # fmt: skip
+                now[0] += 86400.0
+            listed_before = engine.manager.list_alerts(limit=1000)
+            before = _rows(engine)
+            now[0] += PRUNE_SECONDS
+            await engine.sweep()  # the flusher's round (it ran it as the days went, too)
+            after = _rows(engine)
+            listed_after = engine.manager.list_alerts(limit=1000)
+            with engine.store.engine.connect() as conn:
+                by_url = dict(
+                    conn.execute(
+                        text("SELECT url_key, count(*) FROM bm_alert_deliveries GROUP BY url_key")
+                    ).all()
+                )
+    engine.store.dispose()  # (its connections closed: a test's leftovers warn)
+    kept = {"a": by_url.get(url_key(a.url), 0), "b": by_url.get(url_key(b.url), 0)}
+    print(f"{days} days of 3 alerts: URL a got {len(a.delivered())} posts, b "
+          f"{len(b.delivered())}; rows before the last sweep {before}, after {after} ({kept}); "
+          f"GET /alerts lists {len(listed_before)} then {len(listed_after)}")  # fmt: skip
+    assert (len(a.delivered()), len(b.delivered())) == (3 * days, 3 * 5)
+    assert after["bm_alerts"] == 3 * days and listed_after == listed_before
+    assert all(x["delivery"] == "delivered" for x in listed_after)
+    # a's raised within the 30 days before the sweep's clock (days 11-39), and maybe one older
+    # (its URL's one kept, should that be an older one); b's one kept
+    assert 3 * 29 <= kept["a"] <= 3 * 29 + 1 and kept["b"] == 1

@@ -806,7 +806,8 @@ async def test_an_engine_failing_at_one_app_s_start_stops_every_app_it_serves(
 ) -> None:
     """Two apps of equal settings share one engine: when its start fails at the second's
     lifespan (its config file broken since), the first one, built before, raises that error
-    on every request too, its plain routes as well, as the second does."""
+    on every request too, its plain routes as well, as the second does; and so does a third
+    built after the failure, lifespan or not."""
     config = tmp_path / "budgets.yaml"
     config.write_text("teams:\n  - name: research\n")
 
@@ -823,13 +824,29 @@ async def test_an_engine_failing_at_one_app_s_start_stops_every_app_it_serves(
     with pytest.raises(RuntimeError, match="BUDGET_CONFIG_FILE"):
         async with running(second):
             pass
+    third = app()  # on the engine that failed: it fails from the start
     raised = []
-    for middleware in (first, second):
+    for middleware in (first, second, third):
         async with client(middleware) as http:
             with pytest.raises(Exception, match="BUDGET_CONFIG_FILE") as error:
                 await http.get("/hello")
             raised.append(type(error.value).__name__)
-    print("GET /hello on the first and the second app raised:", raised)
+    print("GET /hello on the first, the second and the third app raised:", raised)
+
+
+def test_apps_built_again_and_again_on_one_engine_leave_no_listener_behind(tmp_path: Path) -> None:
+    """A test suite's app factory builds the middleware once a test, on one engine (equal
+    settings): each keeps a weak reference to be told of the engine's failure, and the ones
+    of the apps since dropped are let go as the next is built, not kept for the process."""
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db")
+    engine = get_engine(settings)
+    for _ in range(200):
+        BudgetMiddleware(Starlette(), settings=settings)
+    kept = BudgetMiddleware(Starlette(), settings=settings)
+    listeners = engine.failure_listeners
+    print("listeners kept after 201 apps, one still alive:", len(listeners))
+    assert kept.engine is engine
+    assert len(listeners) <= 2
 
 
 async def test_a_stream_that_asked_for_its_usage_reaches_the_app_with_the_codings_accepted(

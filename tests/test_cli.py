@@ -1828,3 +1828,51 @@ def test_the_database_url_error_lists_every_scheme_accepted(here: Here) -> None:
     assert "BUDGET_DATABASE_URL" in error
     for scheme in ("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://"):
         assert scheme in error, scheme
+
+
+def test_a_tag_given_twice_to_a_key_is_refused_on_the_store_and_the_admin_api(
+    store: dict[str, str], server: Server, here: Here
+) -> None:
+    """`--tag dup --tag dup` (or `"tags": ["dup", "dup"]`) was stored and shown twice (`tags:
+    dup, dup`) while every request of the key carries the tag once: accepted silently, as no
+    route's target nor provider config is. It is refused, naming the tag; a key's tags are
+    case-sensitive (`a` and `A` are two)."""
+    for env in (store, server.env):
+        made = here(env, "keys create --name twice --tag dup --tag other --tag dup")
+        print(made.code, made.err.strip())
+        assert "tag 3, 'dup', is given twice" in made.failed_on_one_line()
+        key = ok(here(env, "keys create --name k --tag a --tag A --json")).json()["virtual_key"]
+        assert key["tags"] == ["a", "A"]
+        changed = here(env, """keys update k --body '{"tags": ["x", "x"]}'""")
+        assert "tag 2, 'x', is given twice" in changed.failed_on_one_line()
+        keys = ok(here(env, "keys list --json")).json()["virtual_keys"]
+        assert [(k["name"], k["tags"]) for k in keys] == [("k", ["a", "A"])]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device always full)")
+def test_output_that_cannot_be_written_is_a_failure_on_one_line(store: dict[str, str]) -> None:
+    """`budget-middleware usage --json > report.json` on a full disk: every command that
+    printed (a table, JSON, a key's fields, a create's `value:` line, the help) died with an
+    OSError's traceback. Now each is one line naming it, exit 1 (`/dev/full` fails every write
+    with ENOSPC, as a full disk does)."""
+    manager = get_manager(_settings(store))
+    for n in range(100):  # a table of some 25 kB
+        manager.create_virtual_key(name=f"key-{n:03d}-" + "x" * 180)
+    env = {**os.environ, **store}
+    for line in ("keys list", "--json keys list", "keys show key-001-" + "x" * 180,
+                 "keys create --name new", "--help"):  # fmt: skip
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(_argv(line, script=False), env=env, cwd=ROOT, stdout=full,
+                                  stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+        print(f"{line[:20]} > /dev/full: exit {done.returncode}, stderr {done.stderr[-200:]!r}")
+        assert done.returncode == 1, line
+        assert done.stderr == "error: the output could not be written: No space left on device\n"
+    # and an output closed before the command runs (`>&-`): `keys create` printed nothing, its
+    # value lost, and exited 0; now nothing is done, one line names it, exit 1
+    argv = _argv("keys create --name never-shown", script=False)
+    done = subprocess.run(["sh", "-c", 'exec "$0" "$@" >&-', *argv], env=env, cwd=ROOT,
+                          stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    print(f"keys create >&-: exit {done.returncode}, stderr {done.stderr!r}")
+    assert done.returncode == 1
+    assert done.stderr == "error: the output could not be written: standard output is closed\n"
+    assert not [k for k in manager.list_virtual_keys() if k.name == "never-shown"]

@@ -410,3 +410,63 @@ def test_a_start_up_on_an_up_to_date_sqlite_store_another_process_locks_asks_no_
         version = store.schema_version()
         store.dispose()
     assert version == SCHEMA_VERSION
+
+
+def _known_urls_plan(store: Store) -> str:
+    """The query plan of the URLs posted to in the last day (`raise_alerts`' `known_since`),
+    as the database makes it (PostgreSQL told to avoid a scan of the whole table where it can:
+    a table of a few rows is scanned whatever its indexes)."""
+    from datetime import UTC, datetime, timedelta
+
+    from budget_middleware.store import alerts as stored
+
+    query = str(stored.known_urls(datetime.now(UTC) - timedelta(days=1)))
+    since = {"first_attempt_at_1": datetime.now(UTC) - timedelta(days=1)}
+    with store.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SET LOCAL enable_seqscan = off"))
+            rows = conn.execute(text("EXPLAIN " + query), since).all()
+        else:
+            rows = conn.execute(text("EXPLAIN QUERY PLAN " + query), since).all()
+    return " | ".join(str(row[-1]).strip() for row in rows if "Scan" in row[-1] or "SCAN" in row[-1]
+                      or "SEARCH" in row[-1])  # fmt: skip
+
+
+def test_a_version_13_store_gets_the_index_of_the_urls_posted_to_lately(store_url: str) -> None:
+    """An instance with no webhook URL asks, as it raises an alert, which URLs any instance
+    posted to in the last day (`first_attempt_at`): no index served it, and it read every
+    delivery the store kept (SQLite: `SCAN bm_alert_deliveries`; PostgreSQL: `Seq Scan`).
+    Version 14 indexes `first_attempt_at`; a store of version 13 is upgraded to it."""
+    from datetime import UTC, datetime, timedelta
+
+    from budget_middleware.store import alerts as stored
+
+    store = Store(store_url)
+    store.create_schema()
+    now = datetime.now(UTC)
+    with store.engine.begin() as conn:  # as release 13 left it, 200 deliveries made
+        conn.execute(text("DROP INDEX IF EXISTS ix_bm_alert_deliveries_first_attempt"))
+        conn.execute(text("UPDATE bm_meta SET value = '13' WHERE key = 'schema_version'"))
+    for day in range(200):
+        raised = now - timedelta(days=day)
+        alert = stored.NewAlert(
+            type="budget.threshold", budget_id=f"b{day}", window_start=raised, threshold=0.8,
+            owner_type="tag", owner_id="t", owner_name="t", raised_at=raised, body="{}",
+            delivery="pending",
+        )  # fmt: skip
+        stored.raise_alerts(store, [alert], ["http://a.example/hook"])
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE bm_alert_deliveries SET first_attempt_at = next_attempt_at"))
+    before = _known_urls_plan(store)
+    store.create_schema()  # the next start-up
+    after = _known_urls_plan(store)
+    with store.engine.connect() as conn:
+        known = [tuple(r) for r in conn.execute(stored.known_urls(now - timedelta(days=1))).all()]
+    version = store.schema_version()
+    store.dispose()
+    print(f"the URLs posted to lately, version 13: {before}; upgraded to {version}: {after}; "
+          f"found {known}")  # fmt: skip
+    assert version == SCHEMA_VERSION == 14
+    assert "ix_bm_alert_deliveries_first_attempt" not in before
+    assert "ix_bm_alert_deliveries_first_attempt" in after
+    assert [k[1] for k in known] == ["http://a.example/…"]  # the last day's one

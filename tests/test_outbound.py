@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse
 from mock_upstream import create_mock_app
 from sqlalchemy import create_engine, text
 
+import budget_middleware.outbound.transport as transport_module
 from budget_middleware import (
     BudgetMiddleware,
     BudgetSettings,
@@ -48,6 +49,7 @@ from budget_middleware.core.pricing import cost_nanos
 from budget_middleware.core.usage import TokenUsage
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.portal import on_loop
+from budget_middleware.exceptions import ConfigurationError
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, tcp_proxy, unique_prefix, use_prefix
 from support import (
@@ -5848,6 +5850,366 @@ async def test_an_sdk_s_json_answer_entered_and_dropped_is_charged_what_it_repor
     assert budget.reserved == 0
 
 
+class _Stalling:
+    """A provider on a real socket that answers a JSON answer's headers and first 1,000 bytes,
+    then sends nothing more, its connection held open till the test ends."""
+
+    def __init__(self) -> None:
+        usage = {"prompt_tokens": 10, "completion_tokens": 16, "total_tokens": 26}
+        said = {"role": "assistant", "content": "hi " * 600}
+        choice = {"index": 0, "message": said, "finish_reason": "stop"}
+        answer = {"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+                  "choices": [choice], "usage": usage}  # fmt: skip
+        self.body = json.dumps(answer).encode()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
+        self.over = threading.Event()
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while not self.over.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.open.append(conn)
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def answer(self, conn: socket.socket) -> None:
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += conn.recv(65536)
+        head, _, rest = got.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))  # fmt: skip
+        while len(rest) < length:
+            rest += conn.recv(65536)
+        head = (f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(self.body)}\r\n\r\n").encode()  # fmt: skip
+        conn.sendall(head + self.body[:1000])
+        self.over.wait(60)
+
+    def close(self) -> None:
+        self.over.set()
+        self.listener.close()
+        for conn in self.open:
+            conn.close()
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_dropped_json_answer_whose_rest_never_comes_frees_its_slot_in_time(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """`with_streaming_response.create(...)` entered and dropped, through a client of no read
+    timeout (`timeout=None`), its provider stalled after 1,000 bytes of the answer: its rest was
+    read on for ever, the call's slot (a limit of 1 in flight: every later call 429) and its
+    reservation (10,340,000 nano-dollars) held as long as the process ran. Read on for
+    `READ_ON_SECONDS` at most (2 here), then settled as a read that timed out: charged its
+    most, once, and the next call admitted."""
+    monkeypatch.setattr(transport_module, "READ_ON_SECONDS", 2, raising=False)
+    settings = make_settings(flush_interval_seconds=3600, provider_hosts='{"127.0.0.1": "openai"}')
+    stalling = _Stalling()
+    call = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 1024}
+    options: dict[str, Any] = {"api_key": "sk", "base_url": stalling.url, "max_retries": 0}
+    if kind == "async":
+        engine = get_engine(settings)
+        transport: Any = BudgetTransport(engine=engine)
+    else:
+        transport = BudgetSyncTransport(settings=settings)
+        engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 10}], rate_limit={"max_concurrent_requests": 1}
+    )
+
+    def held() -> tuple[int, int]:
+        budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+        slots = sum(slot.in_flight for slot in engine.registry.concurrency.values())
+        return slots, round(budget.reserved * 1e9)
+
+    gc.collect()
+    gc.freeze()  # the heap so far out of the collections: a full run's made one take 1 s+
+    try:
+        if kind == "async":
+            sdk: Any = openai.AsyncOpenAI(
+                http_client=httpx2.AsyncClient(transport=transport, timeout=None), **options
+            )
+            with charge_to(virtual_key=key.value):
+                entered = sdk.chat.completions.with_streaming_response.create(**call)
+                response = await entered.__aenter__()
+                assert response.status_code == 200
+                del response, entered
+                gc.collect()
+            early = held()
+            late = await _released(held)
+            with charge_to(virtual_key=key.value):
+                nxt = await sdk.chat.completions.with_raw_response.create(**call, timeout=1)
+        else:
+            sdk = openai.OpenAI(
+                http_client=httpx2.Client(transport=transport, timeout=None), **options
+            )
+
+            def entered_and_dropped() -> None:
+                with charge_to(virtual_key=key.value):
+                    entered = sdk.chat.completions.with_streaming_response.create(**call)
+                    response = entered.__enter__()
+                    assert response.status_code == 200
+                    del response, entered
+                    gc.collect()
+
+            await asyncio.to_thread(entered_and_dropped)
+            early = held()
+            late = await _released(held)
+
+            def next_call() -> Any:
+                with charge_to(virtual_key=key.value):
+                    return sdk.chat.completions.with_raw_response.create(**call, timeout=1)
+
+            nxt = await asyncio.to_thread(next_call)
+        status: Any = nxt.status_code
+    except (openai.APIStatusError, openai.APITimeoutError) as exc:
+        status = getattr(exc, "status_code", type(exc).__name__)
+    finally:
+        gc.unfreeze()
+        stalling.close()
+    if kind == "async":
+        await engine.flush()
+        rows = records(engine)
+        await engine.shutdown()
+    else:
+        on_loop(engine, engine.flush)
+        rows = records(engine)
+        on_loop(engine, engine.shutdown)
+    charged = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in rows]
+    print(f"{kind}: held (slots, reserved nano-$) as dropped {early}, {late[1]:.2f} s "
+          f"later {late[0]}; the next call: {status}; charged {charged}")  # fmt: skip
+    assert early == (1, 10_340_000)
+    assert late[0] == (0, 0) and late[1] > 1
+    assert status == "APITimeoutError"  # admitted, sent (and stalled there too)
+    assert charged[0] == ("upstream_error", 1024, 10_340_000)
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_client_closed_while_a_dropped_answer_s_rest_is_read_frees_its_slot(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The client closed (`await client.aclose()`, `client.close()`) while a dropped JSON
+    answer's rest is read on, its provider stalled: the async read ends with the pool's close,
+    a `client_disconnected` charged its most (10,340,000 nano-dollars), at once. A sync read
+    blocks in a thread, which a socket's close does not wake: it is settled after
+    `READ_ON_SECONDS` (3 here), as a read that timed out (it was held for ever)."""
+    monkeypatch.setattr(transport_module, "READ_ON_SECONDS", 3, raising=False)
+    settings = make_settings(flush_interval_seconds=3600, provider_hosts='{"127.0.0.1": "openai"}')
+    stalling = _Stalling()
+    call = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 1024}
+    options: dict[str, Any] = {"api_key": "sk", "base_url": stalling.url, "max_retries": 0}
+    if kind == "async":
+        engine = get_engine(settings)
+        transport: Any = BudgetTransport(engine=engine)
+    else:
+        transport = BudgetSyncTransport(settings=settings)
+        engine = transport.meter.engine
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+
+    def reserved() -> int:
+        budget = engine.manager.list_budgets(from_memory=True, counters=engine.registry)[0]
+        return round(budget.reserved * 1e9)
+
+    gc.collect()
+    gc.freeze()  # the heap so far out of the collections: a full run's made one take 1 s+
+    try:
+        if kind == "async":
+            http: Any = httpx2.AsyncClient(transport=transport, timeout=None)
+            sdk: Any = openai.AsyncOpenAI(http_client=http, **options)
+            with charge_to(virtual_key=key.value):
+                entered = sdk.chat.completions.with_streaming_response.create(**call)
+                response = await entered.__aenter__()
+                del response, entered
+                gc.collect()
+            dropped = time.monotonic()
+            before = reserved()
+            await http.aclose()
+        else:
+            http = httpx2.Client(transport=transport, timeout=None)
+            sdk = openai.OpenAI(http_client=http, **options)
+
+            def entered_and_dropped() -> None:
+                with charge_to(virtual_key=key.value):
+                    entered = sdk.chat.completions.with_streaming_response.create(**call)
+                    response = entered.__enter__()
+                    del response, entered
+                    gc.collect()
+
+            await asyncio.to_thread(entered_and_dropped)
+            dropped = time.monotonic()
+            before = reserved()
+            await asyncio.to_thread(http.close)
+        closed = time.monotonic()
+        for _ in range(800):
+            if reserved() == 0:
+                break
+            await asyncio.sleep(0.01)
+        took, since_drop = time.monotonic() - closed, time.monotonic() - dropped
+    finally:
+        gc.unfreeze()
+        stalling.close()
+    if kind == "async":
+        await engine.flush()
+        rows = records(engine)
+        await engine.shutdown()
+    else:
+        on_loop(engine, engine.flush)
+        rows = records(engine)
+        on_loop(engine, engine.shutdown)
+    charged = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in rows]
+    print(f"{kind}: reserved {before} nano-$ as the client closed, 0 {took:.2f} s after "
+          f"({since_drop:.2f} s after the drop); charged {charged}")  # fmt: skip
+    assert before == 10_340_000 and reserved() == 0
+    outcome = "client_disconnected" if kind == "async" else "upstream_error"
+    assert charged == [(outcome, 1024, 10_340_000)]
+    assert took < 0.5 if kind == "async" else 2 < since_drop < 8
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+async def test_a_stream_dropped_midway_unclosed_is_charged_once_what_it_streamed(
+    engine: BudgetEngine, sdk: str, kind: str
+) -> None:
+    """An SSE stream read 3 events in (`async for` / `for`, no `break`), then dropped: neither
+    closed nor read on, freed by the collector. Charged once, a `client_disconnected` estimated
+    from what streamed (fewer than the 20 tokens out the whole stream reports), its slot given
+    back. OpenAI's async stream takes two of the collector's passes (the generator `async for`
+    made, then the stream's own, which the first's close on the loop keeps alive), as the
+    README says: held after the first."""
+    events = _twenty_words(sdk)
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-type": "text/event-stream"}
+        return httpx2.Response(200, headers=headers, stream=_Both(events))
+
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 10}], rate_limit={"max_concurrent_requests": 1}
+    )
+    model = "gpt-4o" if sdk == "openai" else "claude-sonnet-4-5"
+    call = {"model": model, "messages": MESSAGES, "max_tokens": 1024, "stream": True}
+    options: dict[str, Any] = {"api_key": "sk-provider-secret", "max_retries": 0}
+
+    def held() -> int:
+        return sum(slot.in_flight for slot in engine.registry.concurrency.values())
+
+    passes = []
+    if kind == "async":
+        transport: Any = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+        client: Any = (openai.AsyncOpenAI if sdk == "openai" else anthropic.AsyncAnthropic)(
+            http_client=httpx2.AsyncClient(transport=transport), **options
+        )
+        calls = client.chat.completions if sdk == "openai" else client.messages
+
+        async def read_three() -> None:
+            with charge_to(virtual_key=key.value):
+                stream = await calls.create(**call)
+                events = stream.__aiter__()  # as `async for` does
+                for _ in range(3):
+                    await events.__anext__()
+
+        await read_three()
+        for _ in range(2):
+            gc.collect()
+            for _ in range(10):
+                await asyncio.sleep(0.01)  # the loop closes what the collector finalized
+            passes.append(held())
+    else:
+        transport = BudgetSyncTransport(httpx2.MockTransport(provider), engine=engine)
+        client = (openai.OpenAI if sdk == "openai" else anthropic.Anthropic)(
+            http_client=httpx2.Client(transport=transport), **options
+        )
+        calls = client.chat.completions if sdk == "openai" else client.messages
+
+        def read_three() -> None:
+            with charge_to(virtual_key=key.value):
+                events = iter(calls.create(**call))
+                for _ in range(3):
+                    next(events)
+
+        await asyncio.to_thread(read_three)
+        gc.collect()
+        await _settled(engine)
+        passes.append(held())
+    await _settled(engine)
+    await engine.flush()
+    rows = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in records(engine)]
+    print(f"{sdk} {kind}: slots held after each collection {passes}; charged {rows}")
+    assert passes[-1] == 0
+    if sdk == "openai" and kind == "async":
+        assert passes == [1, 0]
+    (row,) = rows
+    assert row[0] == "client_disconnected" and 0 < row[1] < 20
+
+
+async def _released(held: Callable[[], tuple[int, int]]) -> tuple[tuple[int, int], float]:
+    """What `held()` says once it is (0, 0), 10 s at most, and how long that took."""
+    began = time.monotonic()
+    for _ in range(1000):
+        if held() == (0, 0):
+            break
+        await asyncio.sleep(0.01)
+    return held(), time.monotonic() - began
+
+
+# A JSON answer dropped unclosed whose rest is still being read (a slow provider) when the
+# script's `asyncio.run` ends.
+_READ_ON_AS_THE_LOOP_ENDS = (
+    _SCRIPT_START
+    + """
+import json
+
+class Slow(httpx2.AsyncByteStream):
+    async def __aiter__(self):
+        answer = json.dumps({"model": "gpt-4o", "choices": [], "usage": USAGE}).encode()
+        yield answer[:20]
+        await asyncio.sleep(30)  # the rest comes after the job's end
+        yield answer[20:]
+
+def slow(request):
+    return httpx2.Response(200, headers={"content-type": "application/json"}, stream=Slow())
+
+async def job():
+    transport = BudgetTransport(httpx2.MockTransport(slow), settings)
+    http = httpx2.AsyncClient(transport=transport)
+    with charge_to(virtual_key_id=key.id):
+        url = "https://api.openai.com/v1/chat/completions"
+        dropped = await http.send(http.build_request("POST", url, json=body), stream=True)
+        del dropped
+        gc.collect()
+    await asyncio.sleep(0.05)  # its rest being read on
+    print("job ends", flush=True)
+
+asyncio.run(job())
+"""
+)
+
+
+def test_a_dropped_answer_read_on_as_its_loop_ends_is_charged_once_its_most(
+    tmp_path: Path,
+) -> None:
+    """A script's `asyncio.run` ends while a dropped JSON answer's rest is read on (a task of
+    its loop's): `asyncio.run` cancels that read, and the answer is charged once, its most
+    (10,292,500 nano-dollars, as a read the caller cut; its usage would say 3,500,000), written
+    at exit, and no "Task was destroyed but it is pending" reaches the user."""
+    script = tmp_path / "read_on_as_the_loop_ends.py"
+    script.write_text(_READ_ON_AS_THE_LOOP_ENDS)
+    url = f"sqlite:///{tmp_path / 'read_on.db'}"
+    done = subprocess.run(
+        [sys.executable, str(script), url], capture_output=True, text=True, timeout=60
+    )
+    count, total, (usage,) = _written(url)
+    print(f"ended {done.returncode}: {count} record(s), {total} nano-$, the budget {usage}; "
+          f"stderr {done.stderr.strip()!r}")  # fmt: skip
+    assert done.returncode == 0 and "job ends" in done.stdout, done.stderr
+    assert (count, total, usage) == (1, 10_292_500, 10_292_500)
+    assert "destroyed" not in done.stderr and "never retrieved" not in done.stderr
+
+
 # A sync call made by an exit handler that runs after budget-middleware settled what was open
 # (registered before the import: handlers run last-registered first), its answer sent for
 # with `stream=True` and kept, unread and unclosed, by a module's global: collected as the
@@ -7040,3 +7402,52 @@ async def test_a_redirect_a_client_s_mounts_send_to_another_transport_of_its_eng
           f"flight; records {rows}; provider saw {fake.paths}")  # fmt: skip
     assert answer == "answer" and fake.paths == ["/old/chat/completions", "/v1/chat/completions"]
     assert held == 0 and len(rows) == 1 and rows[0][0] == "completed" and rows[0][1] > 0
+
+
+# -- under trio ----------------------------------------------------------------------------------
+
+
+def test_the_async_transport_under_trio_says_what_to_use_and_sends_nothing(
+    make_settings: Settings,
+) -> None:
+    """The async SDK through `BudgetTransport` in a trio program (httpx2 runs there, through
+    anyio): the engine runs on an asyncio loop, and the call failed with asyncio's bare
+    `RuntimeError: no running event loop`, from inside the transport. It still sends nothing,
+    and says what works under trio: the sync transport in a worker thread (which charges the
+    call, 3,500,000 nano-dollars)."""
+    trio = pytest.importorskip("trio")
+    sent: list[int] = []
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        sent.append(1)
+        return _answer_1000_in_100_out(request)
+
+    settings = make_settings(flush_interval_seconds=3600)
+    sync = BudgetSyncTransport(httpx2.MockTransport(provider), settings)
+    engine = sync.meter.engine
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 1}])
+    options: dict[str, Any] = {"api_key": "sk", "max_retries": 0}
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    sdk = openai.AsyncOpenAI(http_client=httpx2.AsyncClient(transport=transport), **options)
+    sync_sdk = openai.OpenAI(http_client=httpx2.Client(transport=sync), **options)
+
+    def in_a_thread() -> Any:
+        with charge_to(virtual_key=key.value):
+            return sync_sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+    async def program() -> tuple[BaseException | None, Any]:
+        raised = None
+        with charge_to(virtual_key=key.value):
+            try:
+                await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            except Exception as exc:
+                raised = exc
+        return raised, await trio.to_thread.run_sync(in_a_thread)
+
+    raised, answer = trio.run(program)
+    on_loop(engine, engine.flush)
+    spent = round(engine.manager.list_budgets()[0].spent * 1e9)
+    on_loop(engine, engine.shutdown)
+    print(f"under trio: {raised!r}; sent {len(sent)}; the sync client's call charged {spent}")
+    assert isinstance(raised, ConfigurationError) and "BudgetSyncTransport" in str(raised)
+    assert len(sent) == 1 and answer.usage.completion_tokens == 100 and spent == 3_500_000

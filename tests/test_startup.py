@@ -136,11 +136,16 @@ def config(tmp_path: Path, text: str, **overrides: Any) -> BudgetSettings:
 
 
 async def test_a_settings_error_fails_the_lifespan_and_every_later_request_names_the_variable(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("BUDGET_MAX_BODY_BYTES", "lots")
     host = Host(None)
-    answer = await startup(host.app)
+    with caplog.at_level("DEBUG", logger="budget_middleware"):
+        answer = await startup(host.app)
+    # The error is the lifespan's answer: no start is tried, no store's failure logged with it.
+    logged = [r.getMessage() for r in caplog.records]
+    print("logged at the failed startup:", logged)
+    assert not [m for m in logged if "could not start" in m]
     assert answer["type"] == "lifespan.startup.failed"
     assert "BUDGET_MAX_BODY_BYTES" in answer["message"]
     assert not host.started  # the host app was not started either
@@ -301,13 +306,19 @@ async def test_without_a_lifespan_a_config_entry_naming_an_unknown_owner_raises_
 
 
 async def test_a_store_unreachable_at_startup_does_not_stop_it_and_requests_try_again(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The server starts, its log saying why the budgets could not (the operator's one sign
+    until the first request is refused 503)."""
     later = tmp_path / "not-yet"  # SQLite cannot open a file in a directory that does not exist
     settings = BudgetSettings(database_url=f"sqlite:///{later}/b.db", flush_interval_seconds=0.05)
     host = Host(settings)
-    answer = await startup(host.app)
+    with caplog.at_level("ERROR", logger="budget_middleware"):
+        answer = await startup(host.app)
+    said = [r.getMessage() for r in caplog.records if "could not start" in r.getMessage()]
+    print("logged at startup:", said)
     assert answer["type"] == "lifespan.startup.complete"
+    assert len(said) == 1
     assert host.started
     async with client(host.app) as http:
         refused = await http.post("/v1/chat/completions", json=chat())
@@ -763,6 +774,121 @@ async def test_charges_are_written_when_the_host_app_ends_its_lifespan_without_a
         assert ended is None
     assert count == 3
     await get_engine(settings).shutdown()
+
+
+@pytest.mark.parametrize(
+    "kind", ["no-lifespan", "bare", "started-then-returns", "started-then-fails"]
+)
+async def test_the_middleware_carries_on_the_lifespan_of_a_host_app_that_does_not(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process, what the uvicorn tests above see from outside: a host app that raises on the
+    lifespan (Django's), returns at once (a bare ASGI function), answers the startup and
+    returns, or answers it and then fails: the middleware answers the startup if the app did
+    not, waits for the server's shutdown, writes every charge then (SPEC §2) and answers it.
+    Only the app that failed after its startup is logged an error; the one that raises on the
+    lifespan, a note."""
+
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await _answered(scope, receive, send)
+        if kind == "no-lifespan":
+            raise ValueError("Django can only handle ASGI/HTTP connections, not lifespan.")
+        if kind == "bare":
+            return None
+        assert (await receive())["type"] == "lifespan.startup"
+        await send({"type": "lifespan.startup.complete"})
+        if kind == "started-then-fails":
+            raise RuntimeError("the cache warmer crashed")
+        return None
+
+    db = tmp_path / "b.db"
+    settings = BudgetSettings(database_url=f"sqlite:///{db}", flush_interval_seconds=60)
+    with caplog.at_level("INFO", logger="budget_middleware"):
+        count, told, ended = await _three_charged_then_shut_down(
+            BudgetMiddleware(host, settings), db
+        )
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    noted = [r.getMessage() for r in caplog.records if "does not handle" in r.getMessage()]
+    print(f"{kind}: 3 admitted, {count} written; told {told}, ended {ended!r}; errors {errors}")
+    assert (count, told, ended) == (3, ["lifespan.shutdown.complete"], None)
+    if kind == "started-then-fails":
+        assert errors == ["the host app's lifespan failed after its startup"]
+    else:
+        assert errors == []
+    assert len(noted) == (kind == "no-lifespan")
+    await get_engine(settings).shutdown()
+
+
+async def test_charges_are_written_before_the_server_is_told_the_shutdown_is_complete(
+    tmp_path: Path,
+) -> None:
+    """A server may end the process as soon as it reads `lifespan.shutdown.complete` (uvicorn
+    returns from its shutdown then, and the rest of the lifespan task is cancelled): the
+    charges are written before that message goes out, not after the host app returned."""
+    import sqlite3
+
+    async def completions(request: Request) -> JSONResponse:
+        usage = {"prompt_tokens": 1000, "completion_tokens": 1000}
+        return JSONResponse({"object": "chat.completion", "usage": usage})
+
+    db = tmp_path / "b.db"
+    host = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    settings = BudgetSettings(database_url=f"sqlite:///{db}", flush_interval_seconds=60)
+    host.add_middleware(BudgetMiddleware, settings=settings)
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    written_when_told: list[int] = []
+    told = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.shutdown.complete":
+            with sqlite3.connect(db) as conn:
+                row = conn.execute("SELECT count(*) FROM bm_usage_records").fetchone()
+            written_when_told.append(row[0])
+            told.set()
+
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.create_task(host(scope, inbox.get, send))
+    await inbox.put({"type": "lifespan.startup"})
+    async with client(host) as http:
+        for _ in range(3):
+            assert (await http.post("/v1/chat/completions", json=chat())).status_code == 200
+    await inbox.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(told.wait(), 30)
+    print("records written when the server was told the shutdown is complete:", written_when_told)
+    assert written_when_told == [3]
+    await asyncio.wait_for(task, 30)
+
+
+async def test_a_host_app_whose_startup_fails_before_it_answers_fails_the_lifespan(
+    tmp_path: Path,
+) -> None:
+    """A raw host app that reads the startup and raises before answering it (its own start
+    failed): its error goes on to the server, nothing is answered for it (the server must not
+    take it for started, nor for an app without a lifespan)."""
+
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "lifespan.startup"
+        raise RuntimeError("the app's database is away")
+
+    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db")
+    sent: list[dict[str, Any]] = []
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await inbox.put({"type": "lifespan.startup"})
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    app = BudgetMiddleware(host, settings)
+    with pytest.raises(RuntimeError, match="database is away"):
+        await asyncio.wait_for(app(scope, inbox.get, _append_to(sent)), 30)
+    print("sent to the server:", sent)
+    assert sent == []
+    await get_engine(settings).shutdown()
+
+
+def _append_to(sent: list[dict[str, Any]]) -> Any:
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    return send
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,8 @@ def _run(argv: Sequence[str] | None) -> int:
     from budget_middleware.exceptions import BudgetError
 
     no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    if sys.stdout is None:  # `>&-`: click wrote nothing, and a create's value was lost, exit 0
+        return _fail("the output could not be written: standard output is closed", 1)
     for arg in argv if argv is not None else sys.argv[1:]:
         # Bytes the locale cannot decode reach Python as lone surrogates (`\udcff`), which no
         # store, URL or JSON body can carry: each command died on them with a traceback.
@@ -74,7 +76,24 @@ def _run(argv: Sequence[str] | None) -> int:
         return _fail("interrupted", 130)
     except BudgetError as exc:  # a setting, a config file: messages that name the cause
         return _fail(str(exc), 1)
+    except OSError as exc:  # the store's and the files' are CliErrors: writing the output
+        return _output_failed(exc)
+    try:  # what is still buffered, written now: its failure is this command's, not the exit's
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return PIPE_CLOSED
+    except OSError as exc:
+        return _output_failed(exc)
     return status if isinstance(status, int) else 0
+
+
+def _output_failed(exc: OSError) -> int:
+    """Output that could not be written (`> /dev/full`, a disk or quota full: `ENOSPC`) is a
+    failure naming it, exit 1: it was an OSError's traceback. (`main` then drops what the failed
+    write left buffered: the interpreter's exit would try it again, "Exception ignored".)"""
+    if isinstance(exc, BrokenPipeError):
+        return PIPE_CLOSED
+    return _fail(f"the output could not be written: {exc.strerror or exc}", 1)
 
 
 def _fail(message: str, code: int) -> int:
@@ -89,6 +108,11 @@ def main() -> None:
     status = run()
     if status == PIPE_CLOSED:
         _drop_output()
+    elif sys.stdout is not None:
+        try:  # (output a failed write left in the buffer: not written again at the exit)
+            sys.stdout.flush()
+        except OSError:
+            _drop_output()
     sys.exit(status)
 
 

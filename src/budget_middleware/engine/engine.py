@@ -43,6 +43,7 @@ from budget_middleware.engine.prices import PriceBook
 from budget_middleware.engine.rounds import FailedRounds
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable, StoreSchemaError
 from budget_middleware.settings import BudgetSettings, raised_again
+from budget_middleware.store import alerts as stored_alerts
 from budget_middleware.store.counters import CounterBackend, MemoryCounters
 from budget_middleware.store.database import GlobalRecord, KeyRecord, Store, in_memory
 from budget_middleware.store.spill import (
@@ -178,6 +179,9 @@ PRUNE_SECONDS = 3600.0  # how often the ids of applied batches older than FLUSH_
 # A batch id is remembered this long: a batch tried again later (a spilled one, taken back after
 # a crash between its write and its file's removal) is applied once if it comes within it.
 FLUSH_IDS_KEPT = timedelta(days=30)
+# An alert's deliveries (a row a webhook URL) are kept this long after it was raised, once
+# settled, then pruned with the batch ids (`store.alerts.prune_deliveries`); the alerts stay.
+ALERT_DELIVERIES_KEPT = timedelta(days=30)
 
 
 def _due(now: float, last: float, every: float) -> bool:
@@ -836,14 +840,18 @@ class BudgetEngine:
     async def sweep(self) -> int:
         """Reset the store's expired windows (SPEC §6's background sweep), and once an hour
         forget the ids of batches applied more than FLUSH_IDS_KEPT ago (else `bm_flushes` grows
-        a row a flush for ever); 0 when the store cannot be written now (the next sweep tries
-        again)."""
+        a row a flush for ever) and the deliveries of alerts settled and raised more than
+        ALERT_DELIVERIES_KEPT ago (else `bm_alert_deliveries` grows a row an alert and URL);
+        0 when the store cannot be written now (the next sweep tries again)."""
         now = self.clock()
         try:
             swept = await anyio.to_thread.run_sync(self.store.sweep_windows, from_ts(now))
             if _due(now, self._pruned_at, PRUNE_SECONDS):
                 await anyio.to_thread.run_sync(
                     self.store.prune_flushes, from_ts(now) - FLUSH_IDS_KEPT
+                )
+                await anyio.to_thread.run_sync(
+                    stored_alerts.prune_deliveries, self.store, from_ts(now) - ALERT_DELIVERIES_KEPT
                 )
                 self._pruned_at = now
             return swept

@@ -308,6 +308,20 @@ KeyTag = Annotated[
 characters, no control character, no space at either end)."""
 
 
+def _each_tag_once(tags: list[str]) -> list[str]:
+    """A key's tags, each once: `["dup", "dup"]` was stored and shown twice (`tags: dup, dup`),
+    while every request of the key carries the tag once."""
+    for n, tag in enumerate(tags):
+        if tag in tags[:n]:
+            raise ValueError(f"tag {n + 1}, {tag!r}, is given twice: a key lists each tag once")
+    return tags
+
+
+KeyTags = Annotated[
+    list[KeyTag], Field(json_schema_extra={"uniqueItems": True}), AfterValidator(_each_tag_once)
+]
+
+
 def _presentable(value: str) -> str:
     problem = key_value_problem(value)
     if problem is not None:  # accepted, every request presenting it was refused 401
@@ -560,7 +574,7 @@ class _KeyFields(_Limits):
     is_active: JsonBool | None = None
     expires_at: JsonTime | None = Field(default=None, description="RFC 3339, with its offset")
     provider_configs: list[ProviderConfigIn] | None = Field(default=None, max_length=100)
-    tags: list[KeyTag] | None = Field(default=None, max_length=100)
+    tags: KeyTags | None = Field(default=None, max_length=100)
     calendar_aligned: JsonBool | None = None
 
     @model_validator(mode="after")
@@ -577,7 +591,7 @@ class VirtualKeyCreate(_KeyFields):
         default=None,
         description="RFC 3339, with its offset; not in the past (a key created expired is a 422)",
     )
-    tags: list[KeyTag] = Field(default_factory=list, max_length=100)
+    tags: KeyTags = Field(default_factory=list, max_length=100)
     calendar_aligned: JsonBool = False
     value: KeyValue | None = None
 

@@ -692,7 +692,10 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
             body = meter.readable(headers, names, await request.aread())
             if isinstance(body, ErrorAnswer):
                 return meter.refused(lib.module, request, body)
-            loop = engine_loop(meter.engine)
+            try:
+                loop = engine_loop(meter.engine)
+            except RuntimeError:  # no asyncio loop runs here: trio's
+                raise ConfigurationError(_NOT_ASYNCIO) from None
             if loop is None:  # the engine runs here, or starts here
                 admitted = await meter.admit(request, path, body)
             else:  # another thread's loop runs the engine: here, or there (`_admitted_elsewhere`)
@@ -720,6 +723,13 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
         for transport in (self.transport, *self.own.values()):
             if transport is not None:
                 await transport.aclose()
+
+
+_NOT_ASYNCIO = (
+    "BudgetTransport meters calls made under asyncio (or anyio on asyncio), not under trio: "
+    "its engine runs on an asyncio event loop. Under trio, make the calls with a sync client "
+    "through BudgetSyncTransport in a worker thread (trio.to_thread.run_sync)"
+)
 
 
 async def _admitted_elsewhere(
@@ -1196,14 +1206,17 @@ class _AsyncMetered(_Metered):
         await self._settle()
         raise StopAsyncIteration
 
-    async def aclose(self) -> None:
+    async def aclose(self, within: float | None = None) -> None:
+        """Closed (`within`: the seconds a dropped answer's rest is read for, `read_dropped`)."""
         try:
             if self._to_drain():
                 chunks = self.chunks or self.stream.__aiter__()
                 try:
-                    async for chunk in chunks:
-                        self.exchange.on_chunk(chunk, True)
-                    self._last()
+                    if within is None:
+                        await self._drain(chunks)
+                    else:  # (its `TimeoutError`: a read timeout's, charged so)
+                        async with asyncio.timeout(within):
+                            await self._drain(chunks)
                 except BaseException as exc:
                     # Its rest unread: charged as a read of the SDK's stopped so (a cancel
                     # scope cancelled still as the SDK closes it, a read timeout), not as if
@@ -1215,6 +1228,11 @@ class _AsyncMetered(_Metered):
         finally:
             if not self.settled:  # at its end already, as a rule: no coroutine made
                 await self._settle()
+
+    async def _drain(self, chunks: Any) -> None:
+        async for chunk in chunks:
+            self.exchange.on_chunk(chunk, True)
+        self._last()
 
     async def _settle(self) -> None:
         outcome = self._settling()
@@ -1229,12 +1247,16 @@ class _AsyncMetered(_Metered):
 
     async def read_dropped(self) -> None:
         try:
-            await self.aclose()
+            await self.aclose(READ_ON_SECONDS)
         finally:
             self.exchange.engine.taken(self.exchange)
 
 
 _READING: set[asyncio.Task[None]] = set()  # dropped answers whose rest is being read
+# How long a dropped answer's rest is read for, at most (whatever the client's read timeout,
+# none included): a provider that stalls then would hold the call's slot and reservation for
+# ever. Its rest not come by then, it is settled as a read that timed out: charged its most.
+READ_ON_SECONDS = 60.0
 
 
 def _read_dropped(body: _AsyncMetered) -> None:
@@ -1423,7 +1445,30 @@ class _SyncMetered(_Metered):
         threading.Thread(target=self.read_dropped, name="budget-read-dropped", daemon=True).start()
 
     def read_dropped(self) -> None:
+        """Its rest read in a thread of its own, and settled on the engine's loop, as the
+        overdue timer's settlement is (`settle_dropped`): one decides, whichever comes first. A
+        blocking read cannot be stopped: one still waiting after `READ_ON_SECONDS` (a provider
+        stalled, a client of no read timeout) is settled then, as a read timeout's."""
+        overdue = threading.Timer(READ_ON_SECONDS, self.exchange.settle_dropped, (self._overdue,))
+        overdue.daemon = True
+        overdue.start()
         try:
-            self.close()
+            try:
+                chunks = self.chunks or iter(self.stream)
+                for chunk in chunks:
+                    self.exchange.on_chunk(chunk, True)
+                self._last()
+            except BaseException as exc:
+                self._broke(exc)  # (as `close`)
+            self.stream.close()
         finally:
-            self.exchange.engine.taken(self.exchange)
+            overdue.cancel()
+            self.exchange.settle_dropped(self._settling)
+
+    def _overdue(self) -> str | None:
+        """On the engine's loop: a dropped answer whose rest did not come in time, settled as a
+        read that timed out (its most), unless it came meanwhile (its reader settles it)."""
+        if self.settled or self.done:
+            return None
+        self.failed = True
+        return self._settling()

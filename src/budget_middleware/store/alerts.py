@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, or_, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 
@@ -90,6 +90,16 @@ def _delivery_rows(
     ]
 
 
+def known_urls(since: datetime) -> Any:
+    """The URLs (by key, and as shown) an instance attempted a post to since `since` (indexed:
+    `ix_bm_alert_deliveries_first_attempt`; it scanned every delivery kept)."""
+    return (
+        select(col(AlertDeliveryRow.url_key), func.max(AlertDeliveryRow.url_shown))
+        .where(col(AlertDeliveryRow.first_attempt_at) >= since)
+        .group_by(col(AlertDeliveryRow.url_key))
+    )
+
+
 def raise_alerts(
     store: Store,
     alerts: Sequence[NewAlert],
@@ -114,14 +124,7 @@ def raise_alerts(
     with store.engine.begin() as conn:
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         if not urls and known_since is not None:
-            known = [
-                (key, shown)
-                for key, shown in conn.execute(
-                    select(col(AlertDeliveryRow.url_key), func.max(AlertDeliveryRow.url_shown))
-                    .where(col(AlertDeliveryRow.first_attempt_at) >= known_since)
-                    .group_by(col(AlertDeliveryRow.url_key))
-                ).all()
-            ]
+            known = [(key, shown) for key, shown in conn.execute(known_urls(known_since)).all()]
         for index in ordered:
             alert = alerts[index]
             if known and alert.delivery == "delivered":
@@ -393,6 +396,53 @@ def give_up_unattended(
             ).all()
             given_up += len(done)
     return given_up
+
+
+_PRUNED_AT_ONCE = 1000  # deliveries deleted a transaction (`prune_deliveries`)
+
+
+def prune_deliveries(store: Store, before: datetime, batch: int = _PRUNED_AT_ONCE) -> int:
+    """The deliveries of alerts raised before `before` and settled (neither the alert nor the
+    delivery pending) deleted, a transaction a `batch`, but one of each URL's (the greatest
+    alert id's): the URL stays known to the store (`adopt`'s backlog from its first alert).
+    Nothing reads them once settled: each alert's state and attempts are its own row's, which
+    stays (it is what raises the alert once per window). How many went."""
+    with store.engine.connect() as conn:
+        kept = conn.execute(
+            select(
+                col(AlertDeliveryRow.url_key), func.max(col(AlertDeliveryRow.alert_id))
+            ).group_by(col(AlertDeliveryRow.url_key))
+        ).all()
+    settled = and_(
+        col(AlertRow.raised_at) < before,
+        col(AlertRow.delivery) != "pending",
+        col(AlertDeliveryRow.delivery) != "pending",
+        *(
+            ~and_(col(AlertDeliveryRow.url_key) == key, col(AlertDeliveryRow.alert_id) == alert)
+            for key, alert in kept
+        ),
+    )
+    pruned = 0
+    while True:
+        with store.engine.begin() as conn:
+            found = conn.execute(
+                select(col(AlertDeliveryRow.alert_id), col(AlertDeliveryRow.url_key))
+                .join(AlertRow, col(AlertRow.id) == col(AlertDeliveryRow.alert_id))
+                .where(settled)
+                .limit(batch)
+            ).all()
+            if found:
+                conn.execute(
+                    delete(AlertDeliveryRow).where(
+                        col(AlertDeliveryRow.alert_id) == bindparam("a"),
+                        col(AlertDeliveryRow.url_key) == bindparam("k"),
+                        col(AlertDeliveryRow.delivery) != "pending",
+                    ),
+                    [{"a": alert_id, "k": key} for alert_id, key in found],
+                )
+        pruned += len(found)
+        if len(found) < batch:
+            return pruned
 
 
 _MOST_ROWS = 2**63 - 1  # a BIGINT's largest, SQLite's and PostgreSQL's

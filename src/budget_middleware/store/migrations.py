@@ -61,6 +61,11 @@ _STEPS: dict[int, Callable[[Connection], None]] = {
     # 13: the names of deleted owners from bm_deleted_owners, version 9's first table, into
     # bm_deleted, which took its place within version 9 (with no step).
     13: lambda conn: _deleted_owners(conn),
+    # 14: bm_alert_deliveries.first_attempt_at indexed: an instance with no webhook URL asks
+    # which URLs were posted to in the last day as it raises an alert (it scanned the table).
+    14: lambda conn: _add_index(
+        conn, "ix_bm_alert_deliveries_first_attempt", "bm_alert_deliveries (first_attempt_at)"
+    ),
 }
 
 

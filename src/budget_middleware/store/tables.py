@@ -19,8 +19,9 @@ from budget_middleware.core.providers import stored_provider
 # 2: bm_rejected; 3: bm_routes; 4: bm_usage_records.direction; 5: bm_alerts, bm_budgets.soft and
 # .alert_thresholds, bm_usage_records.would_refuse; 8: provider names by their one name;
 # 9: bm_deleted; 10: bm_alert_deliveries; 11: a model config for any provider stored as none;
-# 12: bm_alerts.first_attempt_at in stores that lack it; 13: bm_deleted_owners into bm_deleted
-SCHEMA_VERSION = 13
+# 12: bm_alerts.first_attempt_at in stores that lack it; 13: bm_deleted_owners into bm_deleted;
+# 14: bm_alert_deliveries.first_attempt_at indexed
+SCHEMA_VERSION = 14
 
 
 def new_id() -> str:
@@ -216,10 +217,16 @@ class AlertDeliveryRow(StoreModel, table=True):
     """An alert's delivery to one webhook URL (SPEC §14): each URL keeps its own retry
     schedule, so one that hangs holds back no other's retry. The URL is known by its SHA-256
     (a Slack or Discord URL's path is its credential); an instance delivers to the URLs of its
-    own settings, so one instance's settings never close another's deliveries."""
+    own settings, so one instance's settings never close another's deliveries. Those of alerts
+    settled and raised more than `engine.ALERT_DELIVERIES_KEPT` (30 days) ago are pruned by the
+    flusher's sweep, each URL's newest kept (`store.alerts.prune_deliveries`)."""
 
     __tablename__ = "bm_alert_deliveries"
-    __table_args__ = (Index("ix_bm_alert_deliveries_due", "delivery", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_bm_alert_deliveries_due", "delivery", "next_attempt_at"),
+        # the URLs posted to lately (`store.alerts.raise_alerts`' `known_since`)
+        Index("ix_bm_alert_deliveries_first_attempt", "first_attempt_at"),
+    )
     alert_id: str = Field(primary_key=True, max_length=32)
     url_key: str = Field(primary_key=True, max_length=64)  # the URL's SHA-256, hex
     url_shown: str = Field(default="", max_length=200)  # scheme://host:port/… for messages
