@@ -5972,15 +5972,7 @@ async def test_a_dropped_json_answer_whose_rest_never_comes_frees_its_slot_in_ti
     finally:
         gc.unfreeze()
         stalling.close()
-    if kind == "async":
-        await engine.flush()
-        rows = records(engine)
-        await engine.shutdown()
-    else:
-        on_loop(engine, engine.flush)
-        rows = records(engine)
-        on_loop(engine, engine.shutdown)
-    charged = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in rows]
+    charged = await _charged_and_shut(engine, kind)
     print(f"{kind}: held (slots, reserved nano-$) as dropped {early}, {late[1]:.2f} s "
           f"later {late[0]}; the next call: {status}; charged {charged}")  # fmt: skip
     assert early == (1, 10_340_000)
@@ -6053,15 +6045,7 @@ async def test_a_client_closed_while_a_dropped_answer_s_rest_is_read_frees_its_s
     finally:
         gc.unfreeze()
         stalling.close()
-    if kind == "async":
-        await engine.flush()
-        rows = records(engine)
-        await engine.shutdown()
-    else:
-        on_loop(engine, engine.flush)
-        rows = records(engine)
-        on_loop(engine, engine.shutdown)
-    charged = [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in rows]
+    charged = await _charged_and_shut(engine, kind)
     print(f"{kind}: reserved {before} nano-$ as the client closed, 0 {took:.2f} s after "
           f"({since_drop:.2f} s after the drop); charged {charged}")  # fmt: skip
     assert before == 10_340_000 and reserved() == 0
@@ -6144,6 +6128,20 @@ async def test_a_stream_dropped_midway_unclosed_is_charged_once_what_it_streamed
         assert passes == [1, 0]
     (row,) = rows
     assert row[0] == "client_disconnected" and 0 < row[1] < 20
+
+
+async def _charged_and_shut(engine: BudgetEngine, kind: str) -> list[tuple[str, int, int]]:
+    """Each record's (outcome, output tokens, cost) once written, the engine then shut down: on
+    this loop (`kind` "async"), or on the loop it runs on (sync)."""
+    if kind == "async":
+        await engine.flush()
+        rows = records(engine)
+        await engine.shutdown()
+    else:
+        on_loop(engine, engine.flush)
+        rows = records(engine)
+        on_loop(engine, engine.shutdown)
+    return [(r["outcome"], r["output_tokens"], r["cost_nanos"]) for r in rows]
 
 
 async def _released(held: Callable[[], tuple[int, int]]) -> tuple[tuple[int, int], float]:

@@ -21,6 +21,7 @@ from mock_upstream import create_mock_app
 
 from budget_middleware import BudgetMiddleware, BudgetSettings, get_engine
 from budget_middleware.admin import create_admin_app
+from budget_middleware.engine.engine import BudgetEngine
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, unique_prefix, use_prefix
 from support import chat, client, engine_of, host_app, running, until
@@ -517,19 +518,25 @@ async def test_a_body_that_is_no_json_object_is_served_where_routes_are_configur
     assert answer.status_code == 200 and "x-budget-route" not in answer.headers
 
 
+def _host_on(make_settings: Settings, backend: str) -> tuple[Any, BudgetEngine, str]:
+    """A host app, its engine and the Redis prefix its counters use (`backend` "redis"), or
+    in-process counters ("memory")."""
+    prefix = unique_prefix()
+    redis = {"redis_url": REDIS_URL} if backend == "redis" else {}
+    if redis:
+        need_redis()
+    app = host_app(make_settings(**redis))
+    engine = engine_of(app)
+    if redis:
+        use_prefix(engine, prefix)
+    return app, engine, prefix
+
+
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_hundreds_of_concurrent_routed_requests_never_overspend_a_target(
     make_settings: Settings, backend: str
 ) -> None:
-    overrides: dict[str, Any] = {}
-    prefix = unique_prefix()
-    if backend == "redis":
-        need_redis()
-        overrides["redis_url"] = REDIS_URL
-    app = host_app(make_settings(**overrides))
-    engine = engine_of(app)
-    if backend == "redis":
-        use_prefix(engine, prefix)
+    app, engine, prefix = _host_on(make_settings, backend)
     limit = 0.002
     async with running(app), client(app) as http:
         m = engine.manager
@@ -562,15 +569,7 @@ async def test_a_fallen_over_answer_carries_the_served_target_s_limits(
 ) -> None:
     """SPEC §8, §12: the limit headers of a routed answer are those of the target that served
     it (its provider's request window and budget), not the first target's, once it falls over."""
-    overrides: dict[str, Any] = {}
-    prefix = unique_prefix()
-    if backend == "redis":
-        need_redis()
-        overrides["redis_url"] = REDIS_URL
-    app = host_app(make_settings(**overrides))
-    engine = engine_of(app)
-    if backend == "redis":
-        use_prefix(engine, prefix)
+    app, engine, prefix = _host_on(make_settings, backend)
     async with running(app), client(app) as http:
         m = engine.manager
         hourly = {"request_reset_duration": "1h"}

@@ -476,22 +476,12 @@ def _in_flight(engine: BudgetEngine) -> int:
     return sum(slots.in_flight for slots in engine.registry.concurrency.values())
 
 
-@pytest.mark.parametrize("said", ["its length", "100 bytes"])
-@pytest.mark.parametrize("how", ["iterable", "write"])
-def test_an_answer_is_settled_as_its_content_length_completes_unless_cut_short_there(
-    make_settings: Settings, how: str, said: str
-) -> None:
-    """The answer is settled as the bytes that complete its `Content-Length` go to the server
-    (its client may call again at once, before the app returns or the server asks for more),
-    and charged what it reports. Given by `write()`, its slot was still held then (the length
-    counted only the iterable's chunks). An app that says 100 bytes and gives the 228 of its
-    JSON (its usage past byte 100) in two chunks, the first ending at byte 100, was settled
-    there as JSON cut short, charged its most output (43,500 nano-USD), where one chunk across
-    the length was read on (15,900: `test_answers.py`): JSON cut short at its length is read on
-    to the app's end, and whole JSON settled there as before."""
-    length = len(COMPLETION) if said == "its length" else 100
-    cut = 50 if said == "its length" else 100
-    pieces = [COMPLETION[:cut], COMPLETION[cut:]]
+def _served_at_length(
+    make_settings: Settings, pieces: list[bytes], length: int, how: str
+) -> tuple[BudgetEngine, list[bytes], list[int], list[tuple[str, int, int]]]:
+    """An app that says `length` bytes and gives `pieces` (by its iterable, or `write()`),
+    served once: its engine, what the server got, the slots in flight as the chunk that
+    reaches the length went to the server, and each record's (outcome, estimated, cost)."""
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
         environ["wsgi.input"].read()
@@ -517,8 +507,27 @@ def test_an_answer_is_settled_as_its_content_length_completes_unless_cut_short_t
     for chunk in answer:
         send(chunk)
     answer.close()
-    rows = records(engine)
-    charged = [(r["outcome"], r["estimated"], r["cost_nanos"]) for r in rows]
+    charged = [(r["outcome"], r["estimated"], r["cost_nanos"]) for r in records(engine)]
+    return engine, sent, held, charged
+
+
+@pytest.mark.parametrize("said", ["its length", "100 bytes"])
+@pytest.mark.parametrize("how", ["iterable", "write"])
+def test_an_answer_is_settled_as_its_content_length_completes_unless_cut_short_there(
+    make_settings: Settings, how: str, said: str
+) -> None:
+    """The answer is settled as the bytes that complete its `Content-Length` go to the server
+    (its client may call again at once, before the app returns or the server asks for more),
+    and charged what it reports. Given by `write()`, its slot was still held then (the length
+    counted only the iterable's chunks). An app that says 100 bytes and gives the 228 of its
+    JSON (its usage past byte 100) in two chunks, the first ending at byte 100, was settled
+    there as JSON cut short, charged its most output (43,500 nano-USD), where one chunk across
+    the length was read on (15,900: `test_answers.py`): JSON cut short at its length is read on
+    to the app's end, and whole JSON settled there as before."""
+    length = len(COMPLETION) if said == "its length" else 100
+    cut = 50 if said == "its length" else 100
+    pieces = [COMPLETION[:cut], COMPLETION[cut:]]
+    engine, _, held, charged = _served_at_length(make_settings, pieces, length, how)
     print(f"{how}, {said}: slots held as its length was sent {held}; records {charged}")
     assert held == ([0] if said == "its length" else [1])  # cut short there: read on
     assert charged == [("completed", 0, PRICE_NANOS)]
@@ -551,34 +560,7 @@ def test_bytes_past_an_answer_s_content_length_change_nothing_of_its_charge(
     which then did not parse: charged its most output (43,500), its slot held until the app's
     end; split at the length, it was charged what it reports. The server gets every byte the
     app wrote (gunicorn and waitress send the length and drop the rest: the server's rule)."""
-    pieces = _ACROSS[chunking]
-
-    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
-        environ["wsgi.input"].read()
-        write = start_response("200 OK", [("content-type", "application/json"),
-                                          ("Content-Length", str(_AT))])  # fmt: skip
-        if how == "iterable":
-            return iter(pieces)
-        for piece in pieces:
-            write(piece)
-        return iter([])
-
-    middleware, key = _length_said(make_settings, app)
-    engine = middleware.engine
-    sent: list[bytes] = []
-    held: list[int] = []
-
-    def send(data: bytes) -> None:
-        if sum(map(len, sent)) < _AT <= sum(map(len, sent)) + len(data):
-            held.append(_in_flight(engine))
-        sent.append(data)
-
-    answer: Any = middleware(posted(json.dumps(chat()).encode(), key), lambda *_: send)
-    for chunk in answer:
-        send(chunk)
-    answer.close()
-    rows = records(engine)
-    charged = [(r["outcome"], r["estimated"], r["cost_nanos"]) for r in rows]
+    engine, sent, held, charged = _served_at_length(make_settings, _ACROSS[chunking], _AT, how)
     print(f"{chunking}, {how}: slots held as its length was sent {held}; records {charged}")
     assert b"".join(sent) == _TRAILING
     assert charged == [("completed", 0, PRICE_NANOS)]
