@@ -3590,3 +3590,92 @@ async def test_deliveries_of_alerts_older_than_kept_are_pruned_and_the_alerts_st
     # a's raised within the 30 days before the sweep's clock (days 11-39), and maybe one older
     # (its URL's one kept, should that be an older one); b's one kept
     assert 3 * 29 <= kept["a"] <= 3 * 29 + 1 and kept["b"] == 1
+
+
+def _old_deliveries(engine: BudgetEngine, count: int, urls: int, now: float) -> None:
+    """`count` alerts raised 40 days before `now`, each delivered to one of `urls` URLs."""
+    from budget_middleware.core.times import from_ts
+    from budget_middleware.store.tables import AlertDeliveryRow, AlertRow, new_id
+
+    raised = from_ts(now - 40 * 86400)
+    alerts, deliveries = [], []
+    for n in range(count):
+        alert_id = new_id()
+        alerts.append(
+            {"id": alert_id, "type": "threshold", "budget_id": "b", "threshold": 0.8,
+             "window_start": raised + timedelta(seconds=n), "owner_type": "key",
+             "owner_id": "k", "owner_name": "k", "raised_at": raised, "body": "{}",
+             "delivery": "delivered", "attempts": 1, "delivered_to": [],
+             "next_attempt_at": raised}
+        )  # fmt: skip
+        deliveries.append(
+            {"alert_id": alert_id, "url_key": f"{n % urls:064x}", "url_shown": "https://h",
+             "delivery": "delivered", "attempts": 1, "next_attempt_at": raised,
+             "first_attempt_at": raised}
+        )  # fmt: skip
+    with engine.store.engine.begin() as conn:
+        conn.execute(AlertRow.__table__.insert(), alerts)  # type: ignore[attr-defined]
+        conn.execute(AlertDeliveryRow.__table__.insert(), deliveries)  # type: ignore[attr-defined]
+
+
+def _deliveries_left(engine: BudgetEngine) -> tuple[int, int]:
+    """The deliveries in the store, and the URLs they are to."""
+    from sqlalchemy import text
+
+    with engine.store.engine.connect() as conn:
+        rows, urls = conn.execute(
+            text("SELECT count(*), count(DISTINCT url_key) FROM bm_alert_deliveries")
+        ).one()
+    return rows, urls
+
+
+async def test_deliveries_are_pruned_however_many_urls_were_ever_posted_to(
+    make_settings: Settings,
+) -> None:
+    """A store that posted, over its life, to 1,200 webhook URLs (two alerts each, raised 40
+    days ago, delivered): the sweep prunes each URL's older delivery and keeps one. The prune
+    kept each URL's row by a clause of its own, as deep as SQLite parses: from ~1,000 URLs on
+    its query failed ("Expression tree is too large (maximum depth 1000)"), caught by the
+    sweep and logged at debug, and nothing was pruned again, ever (PostgreSQL ran it, in time
+    that grew as URLs times rows: 6.5 s for 5,000 URLs)."""
+    urls = 1200
+    now = time.time()
+    engine = BudgetEngine(make_settings(), clock=lambda: now)
+    await engine.ensure_started()
+    try:
+        _old_deliveries(engine, 2 * urls, urls, now)
+        await engine.sweep()  # its first: the hourly prune is due
+        left, by_url = _deliveries_left(engine)
+    finally:
+        await engine.shutdown()
+        engine.store.dispose()
+    print(f"{2 * urls} deliveries to {urls} URLs, 40 days old: {left} left after the sweep, "
+          f"to {by_url} URLs")  # fmt: skip
+    assert (left, by_url) == (urls, urls)
+
+
+async def test_a_store_s_first_prune_of_deliveries_is_spread_over_sweeps(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first prune after the upgrade to schema 14 meets the store's whole history of
+    deliveries, and the flusher waits for its sweep: no flush, no re-read of the counters
+    until it ends (100,000 rows: 7 s on PostgreSQL, 18 s on SQLite; every instance at once,
+    a minute after the upgrade). At most ALERT_DELIVERIES_PRUNED_A_SWEEP a sweep (1,000
+    here), the rest at the sweeps that follow, a minute apart, before the next hour's."""
+    from budget_middleware.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "ALERT_DELIVERIES_PRUNED_A_SWEEP", 1000, raising=False)
+    now = time.time()
+    engine = BudgetEngine(make_settings(), clock=lambda: now)
+    await engine.ensure_started()
+    try:
+        _old_deliveries(engine, 2500, 2, now)
+        left = []
+        for _ in range(4):
+            await engine.sweep()  # a minute apart: the hourly prune's clock not reached again
+            left.append(_deliveries_left(engine)[0])
+    finally:
+        await engine.shutdown()
+        engine.store.dispose()
+    print(f"2,500 deliveries to 2 URLs, 40 days old: left after each sweep {left}")
+    assert left == [1500, 500, 2, 2]

@@ -182,6 +182,10 @@ FLUSH_IDS_KEPT = timedelta(days=30)
 # An alert's deliveries (a row a webhook URL) are kept this long after it was raised, once
 # settled, then pruned with the batch ids (`store.alerts.prune_deliveries`); the alerts stay.
 ALERT_DELIVERIES_KEPT = timedelta(days=30)
+# ... at most this many a sweep: the flusher waits for its sweep, and a store's first prune
+# (its whole history, at the upgrade to schema 14) took it minutes (100,000 rows: 7 s with no
+# flush and no re-read of the counters); what is left goes at the next sweeps.
+ALERT_DELIVERIES_PRUNED_A_SWEEP = 10_000
 
 
 def _due(now: float, last: float, every: float) -> bool:
@@ -301,6 +305,7 @@ class BudgetEngine:
         self._flush_lock: asyncio.Lock | None = None
         self._transient_failures = 0  # store writes failed for the moment, in a row
         self._pruned_at = float("-inf")  # the last prune of applied batch ids (`sweep`)
+        self._deliveries_left = False  # alert deliveries to prune at the next sweep (`sweep`)
         self._stopping = asyncio.Event()
         self._key_loads: dict[str, asyncio.Future[KeyConfig | None]] = {}
         self._manager: BudgetManager | None = None
@@ -841,8 +846,9 @@ class BudgetEngine:
         """Reset the store's expired windows (SPEC §6's background sweep), and once an hour
         forget the ids of batches applied more than FLUSH_IDS_KEPT ago (else `bm_flushes` grows
         a row a flush for ever) and the deliveries of alerts settled and raised more than
-        ALERT_DELIVERIES_KEPT ago (else `bm_alert_deliveries` grows a row an alert and URL);
-        0 when the store cannot be written now (the next sweep tries again)."""
+        ALERT_DELIVERIES_KEPT ago (else `bm_alert_deliveries` grows a row an alert and URL),
+        ALERT_DELIVERIES_PRUNED_A_SWEEP at most, the rest at the next sweeps; 0 when the store
+        cannot be written now (the next sweep tries again)."""
         now = self.clock()
         try:
             swept = await anyio.to_thread.run_sync(self.store.sweep_windows, from_ts(now))
@@ -850,10 +856,17 @@ class BudgetEngine:
                 await anyio.to_thread.run_sync(
                     self.store.prune_flushes, from_ts(now) - FLUSH_IDS_KEPT
                 )
-                await anyio.to_thread.run_sync(
-                    stored_alerts.prune_deliveries, self.store, from_ts(now) - ALERT_DELIVERIES_KEPT
-                )
                 self._pruned_at = now
+                self._deliveries_left = True
+            if self._deliveries_left:
+                most = ALERT_DELIVERIES_PRUNED_A_SWEEP
+                pruned = await anyio.to_thread.run_sync(
+                    stored_alerts.prune_deliveries,
+                    self.store,
+                    from_ts(now) - ALERT_DELIVERIES_KEPT,
+                    most,
+                )
+                self._deliveries_left = pruned >= most  # (more: the next sweep goes on)
             return swept
         except Exception as exc:
             logger.debug("budget-middleware window sweep failed: %s", exc)

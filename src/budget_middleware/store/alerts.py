@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, or_, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, or_, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 
@@ -401,35 +401,37 @@ def give_up_unattended(
 _PRUNED_AT_ONCE = 1000  # deliveries deleted a transaction (`prune_deliveries`)
 
 
-def prune_deliveries(store: Store, before: datetime, batch: int = _PRUNED_AT_ONCE) -> int:
+def prune_deliveries(
+    store: Store, before: datetime, most: int | None = None, batch: int = _PRUNED_AT_ONCE
+) -> int:
     """The deliveries of alerts raised before `before` and settled (neither the alert nor the
     delivery pending) deleted, a transaction a `batch`, but one of each URL's (the greatest
     alert id's): the URL stays known to the store (`adopt`'s backlog from its first alert).
     Nothing reads them once settled: each alert's state and attempts are its own row's, which
-    stays (it is what raises the alert once per window). How many went."""
-    with store.engine.connect() as conn:
-        kept = conn.execute(
-            select(
-                col(AlertDeliveryRow.url_key), func.max(col(AlertDeliveryRow.alert_id))
-            ).group_by(col(AlertDeliveryRow.url_key))
-        ).all()
+    stays (it is what raises the alert once per window). `most`: how many at most (the rest
+    left to the next call). How many went."""
+    # Each URL's row of the greatest alert id, kept: one NOT IN of the grouped rows (a clause
+    # a URL was as deep as SQLite parses, "Expression tree is too large" from ~1,000 URLs on).
+    kept = select(col(AlertDeliveryRow.url_key), func.max(col(AlertDeliveryRow.alert_id))).group_by(
+        col(AlertDeliveryRow.url_key)
+    )
     settled = and_(
         col(AlertRow.raised_at) < before,
         col(AlertRow.delivery) != "pending",
         col(AlertDeliveryRow.delivery) != "pending",
-        *(
-            ~and_(col(AlertDeliveryRow.url_key) == key, col(AlertDeliveryRow.alert_id) == alert)
-            for key, alert in kept
-        ),
+        tuple_(col(AlertDeliveryRow.url_key), col(AlertDeliveryRow.alert_id)).not_in(kept),
     )
     pruned = 0
     while True:
+        limit = batch if most is None else min(batch, most - pruned)
+        if limit <= 0:
+            return pruned
         with store.engine.begin() as conn:
             found = conn.execute(
                 select(col(AlertDeliveryRow.alert_id), col(AlertDeliveryRow.url_key))
                 .join(AlertRow, col(AlertRow.id) == col(AlertDeliveryRow.alert_id))
                 .where(settled)
-                .limit(batch)
+                .limit(limit)
             ).all()
             if found:
                 conn.execute(
@@ -441,7 +443,7 @@ def prune_deliveries(store: Store, before: datetime, batch: int = _PRUNED_AT_ONC
                     [{"a": alert_id, "k": key} for alert_id, key in found],
                 )
         pruned += len(found)
-        if len(found) < batch:
+        if len(found) < limit:
             return pruned
 
 

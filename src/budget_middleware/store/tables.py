@@ -219,7 +219,8 @@ class AlertDeliveryRow(StoreModel, table=True):
     (a Slack or Discord URL's path is its credential); an instance delivers to the URLs of its
     own settings, so one instance's settings never close another's deliveries. Those of alerts
     settled and raised more than `engine.ALERT_DELIVERIES_KEPT` (30 days) ago are pruned by the
-    flusher's sweep, each URL's newest kept (`store.alerts.prune_deliveries`)."""
+    flusher's sweep, one of each URL's kept (its greatest alert id's, which is no clock's:
+    ids are random) (`store.alerts.prune_deliveries`)."""
 
     __tablename__ = "bm_alert_deliveries"
     __table_args__ = (
