@@ -699,11 +699,22 @@ _UNBOUNDED = {
 }
 
 
-@pytest.mark.parametrize("length", list(_UNBOUNDED))
+@pytest.mark.parametrize(
+    ("adapter", "length"),
+    [*(("asgi", length) for length in _UNBOUNDED), ("wsgi", "not a number"), ("wsgi", "negative")],
+)
 async def test_a_content_length_that_bounds_nothing_leaves_the_answer_read_whole(
-    settings: BudgetSettings, length: str
+    settings: BudgetSettings, adapter: str, length: str
 ) -> None:
-    row = await charged(settings, [*JSON, *_UNBOUNDED[length]], [_OVER])
+    """A length that is no count of bytes bounds nothing, under either adapter (under WSGI the
+    last of two lengths counts, and a length beside `transfer-encoding`, as gunicorn reads
+    them: `test_a_wsgi_answer_with_bytes_past_its_content_length_is_charged_what_it_reports`)."""
+    headers = [*JSON, *_UNBOUNDED[length]]
+    if adapter == "asgi":
+        row = await charged(settings, headers, [_OVER])
+    else:
+        row = await asyncio.to_thread(wsgi_charged, settings, headers, [_OVER])
+    print(f"{adapter}, {length}: {row.output_tokens} output tokens, estimated {row.estimated}")
     assert (row.output_tokens, row.estimated) == (100, True)
 
 

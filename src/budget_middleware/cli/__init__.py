@@ -80,8 +80,6 @@ def _run(argv: Sequence[str] | None) -> int:
         return _output_failed(exc)
     try:  # what is still buffered, written now: its failure is this command's, not the exit's
         sys.stdout.flush()
-    except BrokenPipeError:
-        return PIPE_CLOSED
     except OSError as exc:
         return _output_failed(exc)
     return status if isinstance(status, int) else 0

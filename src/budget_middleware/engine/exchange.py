@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Generator, Iterable, MutableMap
 from contextvars import ContextVar
 from dataclasses import replace
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, AnyStr, NamedTuple
 
 import anyio
 
@@ -87,23 +87,28 @@ metering: ContextVar[object] = ContextVar("budget_middleware.metering", default=
 _DROPPED: set[asyncio.Task[None]] = set()  # settlements of dropped answers, until they end
 
 
+def count_of_bytes(value: AnyStr) -> int | None:
+    """A Content-Length's value as a count of bytes, or None where it is none (RFC 9110 8.6:
+    ASCII digits; 20 or more of them, past any 64-bit count, are none either)."""
+    value = value.strip()
+    return int(value) if value.isdigit() and value.isascii() and len(value) < 20 else None
+
+
 def content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
     """An answer's Content-Length, where it bounds the answer a server sends: None with none,
-    with one that is no count of bytes (RFC 9110 8.6), with two that differ (h11 refuses
-    them), or beside a `Transfer-Encoding` (uvicorn then sends all of it, chunked)."""
-    found: bytes | None = None
+    with one that is no count of bytes, with two that differ (h11 refuses them), or beside a
+    `Transfer-Encoding` (uvicorn then sends all of it, chunked)."""
+    found: int | None = None
     for name, value in headers:
         name = name.lower()
         if name == b"content-length":
-            value = value.strip()
-            if found is not None and value != found:
+            length = count_of_bytes(value)
+            if length is None or (found is not None and length != found):
                 return None
-            found = value
+            found = length
         elif name == b"transfer-encoding":
             return None
-    if found is None or not (found.isdigit() and len(found) < 20):
-        return None
-    return int(found)
+    return found
 
 
 def _json_type(media: bytes) -> bool:

@@ -1412,11 +1412,8 @@ class _SyncMetered(_Metered):
     def close(self) -> None:
         try:
             if self._to_drain():
-                chunks = self.chunks or iter(self.stream)
                 try:
-                    for chunk in chunks:
-                        self.exchange.on_chunk(chunk, True)
-                    self._last()
+                    self._drain()
                 except BaseException as exc:
                     self._broke(exc)  # (as the async close)
                     if not isinstance(exc, Exception):
@@ -1424,6 +1421,12 @@ class _SyncMetered(_Metered):
             self.stream.close()
         finally:
             self._settle()
+
+    def _drain(self) -> None:
+        """Its rest read, each chunk measured (`close`, `read_dropped`)."""
+        for chunk in self.chunks or iter(self.stream):
+            self.exchange.on_chunk(chunk, True)
+        self._last()
 
     def _settle(self) -> None:
         outcome = self._settling()
@@ -1454,10 +1457,7 @@ class _SyncMetered(_Metered):
         overdue.start()
         try:
             try:
-                chunks = self.chunks or iter(self.stream)
-                for chunk in chunks:
-                    self.exchange.on_chunk(chunk, True)
-                self._last()
+                self._drain()
             except BaseException as exc:
                 self._broke(exc)  # (as `close`)
             self.stream.close()

@@ -53,6 +53,7 @@ from budget_middleware.engine.exchange import (
     METERED_BY,
     BudgetState,
     Exchange,
+    count_of_bytes,
     metering,
 )
 from budget_middleware.engine.gate import body_to_send, parse_json
@@ -129,15 +130,6 @@ def answer(start_response: StartResponse, reply: ErrorAnswer) -> list[bytes]:
     """An answer of the middleware's own (a refusal, a 413, a 503), as WSGI sends it."""
     start_response(status_line(reply.status), _as_text(reply.headers))
     return [reply.body]
-
-
-def _length(value: str) -> int | None:
-    """An answer's Content-Length, where it bounds what `MeteredResponse` reads: None where it
-    is no count of bytes (RFC 9110 8.6), and for 0 (an answer without a body has nothing to
-    settle early, and one with bytes all the same, a broken app's, is read on to its end:
-    nothing up to its length says what it cost)."""
-    value = value.strip()
-    return (int(value) or None) if value.isdigit() and value.isascii() and len(value) < 20 else None
 
 
 def _as_text(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -709,7 +701,10 @@ class MeteredResponse:
             if name in _WATCHED:
                 watched.append((name.encode("latin-1"), header[1].encode("latin-1")))
             elif name == "content-length":
-                self.length = _length(header[1])
+                # Where it bounds what is read: not 0 (an answer without a body has nothing to
+                # settle early, and one with bytes all the same, a broken app's, is read on to
+                # its end: nothing up to its length says what it cost).
+                self.length = count_of_bytes(header[1]) or None
         cost = exchange.read_start(int(status[:3]), watched)
         added = _as_text(exchange.headers_added())
         if cost:  # headers the client must not get (`x-budget-cost`, a stale content-length)
