@@ -5897,6 +5897,17 @@ class _Stalling:
             conn.close()
 
 
+def _stalled_provider(make_settings: Settings, kind: str) -> tuple[_Stalling, BudgetEngine, Any]:
+    """A provider that stalls after 1,000 bytes of its answer, and the engine and transport
+    (`kind`: "async" or "sync") that meter calls to it as OpenAI's."""
+    settings = make_settings(flush_interval_seconds=3600, provider_hosts='{"127.0.0.1": "openai"}')
+    if kind == "async":
+        engine = get_engine(settings)
+        return _Stalling(), engine, BudgetTransport(engine=engine)
+    transport = BudgetSyncTransport(settings=settings)
+    return _Stalling(), transport.meter.engine, transport
+
+
 @pytest.mark.parametrize("kind", ["async", "sync"])
 async def test_a_dropped_json_answer_whose_rest_never_comes_frees_its_slot_in_time(
     make_settings: Settings, monkeypatch: pytest.MonkeyPatch, kind: str
@@ -5908,16 +5919,9 @@ async def test_a_dropped_json_answer_whose_rest_never_comes_frees_its_slot_in_ti
     `READ_ON_SECONDS` at most (2 here), then settled as a read that timed out: charged its
     most, once, and the next call admitted."""
     monkeypatch.setattr(transport_module, "READ_ON_SECONDS", 2, raising=False)
-    settings = make_settings(flush_interval_seconds=3600, provider_hosts='{"127.0.0.1": "openai"}')
-    stalling = _Stalling()
+    stalling, engine, transport = _stalled_provider(make_settings, kind)
     call = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 1024}
     options: dict[str, Any] = {"api_key": "sk", "base_url": stalling.url, "max_retries": 0}
-    if kind == "async":
-        engine = get_engine(settings)
-        transport: Any = BudgetTransport(engine=engine)
-    else:
-        transport = BudgetSyncTransport(settings=settings)
-        engine = transport.meter.engine
     key = engine.manager.create_virtual_key(
         name="k", budgets=[{"max_limit": 10}], rate_limit={"max_concurrent_requests": 1}
     )
@@ -5991,16 +5995,9 @@ async def test_a_client_closed_while_a_dropped_answer_s_rest_is_read_frees_its_s
     blocks in a thread, which a socket's close does not wake: it is settled after
     `READ_ON_SECONDS` (3 here), as a read that timed out (it was held for ever)."""
     monkeypatch.setattr(transport_module, "READ_ON_SECONDS", 3, raising=False)
-    settings = make_settings(flush_interval_seconds=3600, provider_hosts='{"127.0.0.1": "openai"}')
-    stalling = _Stalling()
+    stalling, engine, transport = _stalled_provider(make_settings, kind)
     call = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 1024}
     options: dict[str, Any] = {"api_key": "sk", "base_url": stalling.url, "max_retries": 0}
-    if kind == "async":
-        engine = get_engine(settings)
-        transport: Any = BudgetTransport(engine=engine)
-    else:
-        transport = BudgetSyncTransport(settings=settings)
-        engine = transport.meter.engine
     key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
 
     def reserved() -> int:

@@ -599,6 +599,36 @@ async def test_a_fallen_over_answer_carries_the_served_target_s_limits(
     ]
 
 
+def _two_instances_on_redis(
+    make_settings: Settings, app: Any, prefix: str, **settings: Any
+) -> tuple[list[BudgetEngine], httpx.AsyncClient, httpx.AsyncClient]:
+    """Two engines on one Redis under the key `prefix` (their caches' lifetimes differ, so each
+    is its own instance) and a client of `app` behind each."""
+    engines = [
+        get_engine(make_settings(redis_url=REDIS_URL, cache_ttl_seconds=ttl, **settings))
+        for ttl in (30, 31)
+    ]
+    for engine in engines:
+        use_prefix(engine, prefix)
+    one, two = (
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(BudgetMiddleware(app, engine=e)), base_url="http://t"
+        )
+        for e in engines
+    )
+    return engines, one, two
+
+
+async def _shut_down(
+    engines: list[BudgetEngine], clients: tuple[httpx.AsyncClient, ...], prefix: str
+) -> None:
+    for http in clients:
+        await http.aclose()
+    for engine in engines:
+        await engine.shutdown()
+    delete_prefix(REDIS_URL, prefix)
+
+
 async def test_two_instances_on_one_redis_route_hundreds_of_streams_within_each_target(
     make_settings: Settings,
 ) -> None:
@@ -609,17 +639,7 @@ async def test_two_instances_on_one_redis_route_hundreds_of_streams_within_each_
     need_redis()
     app = create_mock_app()
     prefix = unique_prefix()
-    engines = [
-        get_engine(make_settings(redis_url=REDIS_URL, cache_ttl_seconds=t)) for t in (30, 31)
-    ]
-    for engine in engines:
-        use_prefix(engine, prefix)
-    one, two = (
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(BudgetMiddleware(app, engine=e)), base_url="http://t"
-        )
-        for e in engines
-    )
+    engines, one, two = _two_instances_on_redis(make_settings, app, prefix)
     limits = {"openai": 0.003, "anthropic": 0.004}
     targets = ["openai/gpt-4o", "anthropic/claude-3-5-haiku-latest"]
 
@@ -651,11 +671,7 @@ async def test_two_instances_on_one_redis_route_hundreds_of_streams_within_each_
         spend = {b.user_path: b.spent for b in m.list_budgets()}
         usage = {row.key: row for row in m.usage(group_by="model").usage}
     finally:
-        for http in (one, two):
-            await http.aclose()
-        for engine in engines:
-            await engine.shutdown()
-        delete_prefix(REDIS_URL, prefix)
+        await _shut_down(engines, (one, two), prefix)
     served = Counter(route for status, route, _, _ in answers if status == 200)
     print(f"240 streams on two instances: {dict(served)}, "
           f"{Counter(status for status, *_ in answers)}; spend {spend}")  # fmt: skip
@@ -750,18 +766,7 @@ async def test_most_remaining_on_redis_ranks_by_what_every_instance_spent_and_ho
         return JSONResponse({"id": "c", "model": model, "choices": [], "usage": usage})
 
     prefix = unique_prefix()
-    engines = [
-        get_engine(make_settings(redis_url=REDIS_URL, pricing_file=prices, cache_ttl_seconds=ttl))
-        for ttl in (30, 31)
-    ]
-    for engine in engines:
-        use_prefix(engine, prefix)
-    one, two = (
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(BudgetMiddleware(app, engine=e)), base_url="http://t"
-        )
-        for e in engines
-    )
+    engines, one, two = _two_instances_on_redis(make_settings, app, prefix, pricing_file=prices)
     try:
         for engine in engines:
             await engine.ensure_started()
@@ -797,11 +802,7 @@ async def test_most_remaining_on_redis_ranks_by_what_every_instance_spent_and_ho
             for _ in range(20)
         ]
     finally:
-        for http in (one, two):
-            await http.aclose()
-        for engine in engines:
-            await engine.shutdown()
-        delete_prefix(REDIS_URL, prefix)
+        await _shut_down(engines, (one, two), prefix)
     routed = Counter(spent)
     print(f"first {first.headers['x-budget-route']}; with azure's $1 held by the other "
           f"instance: {reserved}; with it spent there: {dict(routed)}")  # fmt: skip
