@@ -560,7 +560,10 @@ async def test_a_post_in_lower_case_is_metered(settings: BudgetSettings) -> None
 
 
 def wsgi_charged(
-    settings: BudgetSettings, headers: list[Header], body: bytes | list[bytes]
+    settings: BudgetSettings,
+    headers: list[Header],
+    body: bytes | list[bytes],
+    request: dict[str, Any] | None = None,
 ) -> UsageRecordRow:
     """`charged`, through the WSGI middleware: an app that answers this body (or chunks)."""
 
@@ -571,7 +574,7 @@ def wsgi_charged(
 
     wrapped = BudgetWSGIMiddleware(app, settings)
     try:
-        request = {"model": "openai/gpt-4o", "messages": [], "max_tokens": 100}
+        request = request or {"model": "openai/gpt-4o", "messages": [], "max_tokens": 100}
         answer = Client(wrapped).post("/v1/chat/completions", json=request, buffered=True)
         assert answer.status_code == 200
         on_loop(wrapped.engine, wrapped.engine.flush)
@@ -765,9 +768,11 @@ async def test_bytes_past_the_content_length_a_server_refuses_change_nothing_of_
 ) -> None:
     """Under a server that refuses the message crossing the length (uvicorn: "Response content
     longer than Content-Length", raised in the app's `send`): the app fails, its answer is
-    settled once as the app's failure, and charged what the answer reports up to its length
-    (50,010,000 nano-USD; 1,019,000, its most output, before), whatever the client got of it
-    (nothing, in one chunk; the whole answer, split at the length)."""
+    settled once, and charged what the answer reports up to its length (50,010,000 nano-USD;
+    1,019,000, its most output, before), whatever the client got of it. Its outcome is what
+    the client got: the whole answer (split at the length, byte by byte: the message refused
+    came after it) is `completed`, as under WSGI, where it was an `upstream_error`; part of it
+    (nothing, in one chunk) is the app's failure."""
     app = BudgetMiddleware(answering(200, _PAST, _PAST_CHUNKED[chunks]), settings=settings)
     request = json.dumps({"model": "openai/gpt-4o", "messages": [], "max_tokens": 100})
     server = _LengthBound()
@@ -779,7 +784,208 @@ async def test_bytes_past_the_content_length_a_server_refuses_change_nothing_of_
     charged = [(r.cost_nanos, r.output_tokens, r.estimated, r.outcome) for r in rows]
     print(f"{chunks}: the client got {len(server.body)} of {_AT} bytes; records {charged}")
     assert _ANSWER.startswith(server.body)
-    assert charged == [(cost(10, 5000), 5000, False, "upstream_error")]
+    outcome = "completed" if server.body == _ANSWER else "upstream_error"
+    assert charged == [(cost(10, 5000), 5000, False, outcome)]
+
+
+# A huge answer (over 2 MiB: the exchange keeps its first 64 KiB and its tail), its usage last,
+# with bytes past its length.
+_HUGE = json.dumps(
+    {
+        "choices": [{"index": 0, "message": {"content": "word " * 700_000}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5000},
+    }
+).encode()
+_HUGE_OVER = _HUGE + b'{"error": "trailing"}'
+_HUGE_PAST = [*JSON, (b"content-length", b"%d" % len(_HUGE))]
+_HUGE_CHUNKED = {
+    "in one chunk": [_HUGE_OVER],
+    "split at its length": [_HUGE, _HUGE_OVER[len(_HUGE) :]],
+    "64 KiB at a time": [_HUGE_OVER[i : i + 65536] for i in range(0, len(_HUGE_OVER), 65536)],
+}
+
+
+@pytest.mark.parametrize("chunks", list(_HUGE_CHUNKED))
+@pytest.mark.parametrize("adapter", ["asgi", "wsgi"])
+async def test_a_huge_answer_with_bytes_past_its_content_length_is_charged_what_it_reports(
+    settings: BudgetSettings, adapter: str, chunks: str
+) -> None:
+    """The same as a huge answer (3.5 MB): under ASGI its kept tail, with the bytes past its
+    length, did not parse, and was never cut at the length: charged every byte as output, an
+    estimate of 875,034 tokens (8,750,359,000 nano-USD) where it reports 5,000 (50,010,000),
+    however chunked. The tail is cut where the length falls in it. (WSGI judged it at its
+    length already.)"""
+    if adapter == "asgi":
+        row = await charged(settings, _HUGE_PAST, _HUGE_CHUNKED[chunks])
+    else:
+        row = await asyncio.to_thread(wsgi_charged, settings, _HUGE_PAST, _HUGE_CHUNKED[chunks])
+    print(f"{adapter}, {chunks}: charged {row.cost_nanos} nano-USD, {row.output_tokens} out")
+    assert (row.cost_nanos, row.output_tokens, row.estimated) == (cost(10, 5000), 5000, False)
+
+
+# A stream that says its Content-Length (an app's own), ended within it (10 in, 50 out), and
+# events past it: another completion's text and usage (9,000 out).
+_STREAMED = chunk("hi") + chunk(None, {"prompt_tokens": 10, "completion_tokens": 50})
+_STREAMED += b"data: [DONE]\n\n"
+_STREAM_PAST = chunk("x" * 4000) + chunk(None, {"prompt_tokens": 10, "completion_tokens": 9000})
+_STREAM_OVER = _STREAMED + _STREAM_PAST + b"data: [DONE]\n\n"
+_SAT = len(_STREAMED)
+_STREAM_LENGTH = [*SSE, (b"content-length", b"%d" % _SAT)]
+_STREAM_CHUNKED = {
+    "in one chunk": [_STREAM_OVER],
+    "split at its length": [_STREAMED, _STREAM_OVER[_SAT:]],
+    "split before its length": [_STREAM_OVER[: _SAT - 10], _STREAM_OVER[_SAT - 10 :]],
+    "split after its length": [_STREAM_OVER[: _SAT + 5], _STREAM_OVER[_SAT + 5 :]],
+    "byte by byte": [_STREAM_OVER[i : i + 1] for i in range(len(_STREAM_OVER))],
+}
+
+
+@pytest.mark.parametrize("chunks", list(_STREAM_CHUNKED))
+@pytest.mark.parametrize("adapter", ["asgi", "wsgi"])
+async def test_a_stream_with_events_past_its_content_length_is_charged_what_it_holds(
+    settings: BudgetSettings, adapter: str, chunks: str
+) -> None:
+    """A stream that ends within its `content-length`, and events past it: no server sends
+    them (gunicorn and waitress cut the answer at its length, uvicorn refuses the message that
+    crosses it), and the WSGI middleware judged the stream at its length, charged what it
+    reports there (510,000 nano-USD). Under ASGI they were read and charged, however chunked:
+    90,010,000 (the usage past the length). Read to its length there too now."""
+    if adapter == "asgi":
+        row = await charged(settings, _STREAM_LENGTH, _STREAM_CHUNKED[chunks], STREAM_REQUEST)
+    else:
+        row = await asyncio.to_thread(
+            wsgi_charged, settings, _STREAM_LENGTH, _STREAM_CHUNKED[chunks], STREAM_REQUEST
+        )
+    print(f"{adapter}, {chunks}: charged {row.cost_nanos} nano-USD, {row.output_tokens} out")
+    assert (row.cost_nanos, row.output_tokens, row.estimated) == (cost(10, 50), 50, False)
+
+
+@pytest.mark.parametrize("adapter", ["asgi", "wsgi"])
+async def test_a_stream_cut_short_at_its_content_length_is_read_on(
+    settings: BudgetSettings, adapter: str
+) -> None:
+    """A stream whose `content-length` ends before its usage (an app that says too few
+    bytes): not ended there, it is read on to its end under either adapter, and charged the
+    usage past the length (510,000 nano-USD), not an estimate of what streamed before it."""
+    headers = [*SSE, (b"content-length", b"%d" % len(chunk("hi")))]
+    if adapter == "asgi":
+        row = await charged(settings, headers, [_STREAMED], STREAM_REQUEST)
+    else:
+        row = await asyncio.to_thread(wsgi_charged, settings, headers, [_STREAMED], STREAM_REQUEST)
+    print(f"{adapter}: charged {row.cost_nanos} nano-USD, {row.output_tokens} out")
+    assert (row.cost_nanos, row.output_tokens, row.estimated) == (cost(10, 50), 50, False)
+
+
+# What uvicorn serves (the test below), named by the request's tag: the app answers these
+# headers and chunks.
+_UVICORN_APP = """
+import pickle
+from budget_middleware import BudgetMiddleware
+
+with open(__file__[: -len("host.py")] + "answers.pickle", "rb") as file:
+    ANSWERS = pickle.load(file)
+
+
+async def host(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await receive()
+    headers, chunks = ANSWERS[dict(scope["headers"])[b"x-budget-tags"].decode()]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    for n, chunk in enumerate(chunks):
+        await send({"type": "http.response.body", "body": chunk, "more_body": n < len(chunks) - 1})
+
+
+app = BudgetMiddleware(host)
+"""
+# tag: (headers, chunks, the request, what the client gets, the charge, the outcome)
+_UVICORN_ANSWERS: dict[str, tuple[list[Header], list[bytes], Any, bytes | None, int, str]] = {
+    "json-in-one-chunk": (_PAST, [_OVER], None, None, cost(10, 5000), "upstream_error"),
+    "json-split-before": (
+        _PAST, _PAST_CHUNKED["split before its length"], None, None, cost(10, 5000),
+        "upstream_error",
+    ),
+    "json-split-at": (
+        _PAST, _PAST_CHUNKED["split at its length"], None, _ANSWER, cost(10, 5000), "completed"
+    ),
+    "huge-split-at": (
+        _HUGE_PAST, _HUGE_CHUNKED["split at its length"], None, _HUGE, cost(10, 5000),
+        "completed",
+    ),
+    "stream-split-at": (
+        _STREAM_LENGTH, _STREAM_CHUNKED["split at its length"], STREAM_REQUEST, _STREAMED,
+        cost(10, 50), "completed",
+    ),
+    "stream-in-one-chunk": (
+        _STREAM_LENGTH, [_STREAM_OVER], STREAM_REQUEST, None, cost(10, 50), "upstream_error"
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_under_uvicorn_an_answer_is_charged_and_recorded_at_its_content_length(
+    tmp_path: Path, http: str
+) -> None:
+    """Under uvicorn (either HTTP implementation, in a process of its own), which refuses the
+    message that would go past an answer's `content-length` and raises in the app: each answer
+    is charged what it reports up to its length (JSON, a huge JSON answer, a stream), and its
+    outcome says whether the client got it whole. Before: all six `upstream_error`, though the
+    client of each answer split at its length got all of it; the huge one charged 8,750,359,000
+    nano-USD (50,010,000 reported), the stream 90,010,000 (510,000)."""
+    import os
+    import pickle
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    from service_support import free_port, wait_for_port
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "host.py").write_text(_UVICORN_APP)
+    answers = {tag: (a[0], a[1]) for tag, a in _UVICORN_ANSWERS.items()}
+    (tmp_path / "answers.pickle").write_bytes(pickle.dumps(answers))
+    prices = tmp_path / "prices.json"
+    price = {"input_per_mtok": 1, "output_per_mtok": 10}
+    prices.write_text(json.dumps({"models": {"openai/gpt-4o": price}}))
+    db = tmp_path / "s.db"
+    env = {**os.environ, "BUDGET_DATABASE_URL": f"sqlite:///{db}",
+           "BUDGET_PRICING_FILE": str(prices), "PYTHONPATH": str(root / "src")}  # fmt: skip
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "host:app", "--app-dir", str(tmp_path),
+         "--port", str(port), "--http", http, "--log-level", "critical"],
+        env=env,
+    )  # fmt: skip
+    got: dict[str, bytes | None] = {}
+    try:
+        wait_for_port(port, 30)
+        for tag, (_, _, request, _, _, _) in _UVICORN_ANSWERS.items():
+            body = request or {"model": "openai/gpt-4o", "messages": [], "max_tokens": 100}
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            try:  # (a connection of its own: uvicorn closes one whose app failed)
+                got[tag] = httpx.post(url, json=body, headers={"x-budget-tags": tag}).content
+            except (httpx.RemoteProtocolError, httpx.ReadError):  # dropped before its length
+                got[tag] = None
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT tags, cost_nanos, outcome FROM bm_usage_records ORDER BY id"
+        ).fetchall()
+    records = {json.loads(tags)[0]: (charge, outcome) for tags, charge, outcome in rows}
+    for tag, charge_and_outcome in records.items():
+        whole = "its whole answer" if got[tag] is not None else "a connection dropped short"
+        print(f"{http}, {tag}: the client got {whole}; charged, outcome {charge_and_outcome}")
+    assert len(rows) == len(_UVICORN_ANSWERS)
+    for tag, (_, _, _, whole_answer, charge, outcome) in _UVICORN_ANSWERS.items():
+        assert (got[tag], records[tag]) == (whole_answer, (charge, outcome)), tag
 
 
 _BIG_EVENT = [b": " + b"p" * (1 << 20) for _ in range(17)] + [b"\n\n"]  # over 16 MiB

@@ -340,7 +340,9 @@ class BudgetMiddleware:
             outcome = exchange.client_left()
             raise
         except BaseException:
-            outcome = "upstream_error"
+            # (An app failing on bytes past its answer's whole length, which the server refused
+            # to send: the answer was served.)
+            outcome = "completed" if exchange.served_whole else "upstream_error"
             raise
         finally:
             metering.reset(marked)

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable, Generator, Iterable, MutableMapping
 from contextvars import ContextVar
 from dataclasses import replace
+from operator import itemgetter
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, AnyStr, NamedTuple
 
@@ -73,6 +74,7 @@ _READ_HEADERS = frozenset({b"content-type", b"content-encoding", COST_HEADER})  
 MAX_TOKENS = 2**31 - 1
 _MAX_NOTE = 200  # the store's `note` column
 _JSON_STARTS = (b"{", b"[")  # an untyped answer that begins so is JSON, not an event stream
+_NAME = itemgetter(0)  # a header's name
 
 logger = logging.getLogger("budget_middleware")
 # The mark an adapter leaves in a request it meters (the ASGI scope, the WSGI environ, an
@@ -118,6 +120,36 @@ def _json_type(media: bytes) -> bool:
     return essence == b"application/json" or essence.endswith(b"+json")
 
 
+class _StreamToItsLength(StreamMeter):
+    """An event stream that says its Content-Length, read as the WSGI adapter reads any answer
+    (`MeteredResponse._across`): up to its length, and judged there. Ended there (`completed`),
+    the bytes past it are not read: no server sends them (gunicorn and waitress drop them,
+    uvicorn refuses the message that crosses the length, raising in the app), and what the
+    stream reported up to its end is charged, however the app chunked it. Not ended there (an
+    app that says too few bytes, its usage in what follows): read on to its end."""
+
+    __slots__ = ("given", "length")
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.length: int | None = length  # None once judged at it
+        self.given = 0  # bytes fed (the server's to send, or to refuse past the length)
+
+    def feed(self, chunk: bytes) -> bytes:
+        given = self.given = self.given + len(chunk)
+        length = self.length
+        if length is None or given < length:
+            return super().feed(chunk)
+        self.length = None
+        cut = len(chunk) - (given - length)
+        super().feed(chunk[:cut] if cut < len(chunk) else chunk)
+        if self.completed:
+            self.finish()  # its last event read as the answer's end reads it; none after it
+        elif cut < len(chunk):
+            super().feed(chunk[cut:])
+        return chunk  # (not dropping a usage chunk: passed on as it came)
+
+
 class BudgetState(NamedTuple):
     """Who is calling, for the host app to route on (read-only): `request.state.budget`."""
 
@@ -156,6 +188,9 @@ class Exchange:
     # never seen. The most it could have cost is charged, as its reservation counted it.
     left_unanswered = False
     body_sent = False  # a byte of the answer's body was passed to the server (ASGI)
+    # Its whole Content-Length was, and a message past it refused (`_past_its_length`): the
+    # app that fails so (uvicorn raises in it) has served its answer.
+    served_whole = False
     route_target: str | None = None  # the route's target admitted (SPEC §12): x-budget-route
     # The `model` the body gets for it: the target as written, or, on a call to a provider's
     # host, the model as that host names it (`identity.provider_and_model`).
@@ -279,6 +314,10 @@ class Exchange:
                 # headers, as the first chunk comes): still no byte of the answer.
                 self.body_sent = sent_before
             raise
+        except Exception:
+            if kind == "http.response.body" and self._past_its_length(len(chunk)):
+                self.served_whole = True
+            raise
         if self.response_complete and not self.settled:
             # The answer's last chunk has gone: settled now, not when the app returns (Starlette
             # runs its background tasks after the answer, in the app's call: no slot held then).
@@ -292,6 +331,23 @@ class Exchange:
                 self.book(self.charge(outcome))
             else:
                 await self.settle_shared(outcome)
+
+    def _past_its_length(self, size: int) -> bool:
+        """Whether a chunk of `size` bytes that the server refused came once the answer's whole
+        Content-Length had gone (uvicorn refuses a message that would go past it, raising in
+        the app: its client has the whole answer). Counted for JSON and a stream read to its
+        length (`_StreamToItsLength`): a compressed one's length is of its coded bytes."""
+        headers = self.sent_headers
+        if not size or headers is None or self.decoder is not None:
+            return False
+        stream = self.stream
+        if stream is None:
+            given = self.json_dropped + self.json_size
+        elif type(stream) is _StreamToItsLength:
+            given = stream.given
+        else:
+            return False
+        return given - size == content_length(headers)
 
     def client_left(self) -> str:
         """The outcome of an exchange whose client left (SPEC §8's `client_disconnected`). The
@@ -368,8 +424,10 @@ class Exchange:
             # JSON answer labelled `text/event-stream`, or untyped), and the whole answer is read.
             self.sniffing = True
             dropping = self.injected_usage and self.unreadable is None
-            self.stream = StreamMeter(drop_usage_chunk=dropping)
-            if dropping:
+            if not dropping:
+                self.stream = self._meter(headers)
+            else:
+                self.stream = StreamMeter(drop_usage_chunk=True)
                 # The usage chunk we asked for is taken out in clear: a stream compressed all
                 # the same (asked for `identity`, the provider or a proxy did not listen) is
                 # passed on decoded, without its `content-encoding`.
@@ -381,8 +439,18 @@ class Exchange:
             # stream): read as the stream the SDKs read, unless its first bytes say JSON. Its
             # headers are the app's: nothing is taken out of an answer that says it is JSON.
             self.sniffing = True
-            self.stream = StreamMeter()
+            self.stream = self._meter(headers)
         return cost_header is not None
+
+    def _meter(self, headers: Iterable[tuple[bytes, bytes]]) -> StreamMeter:
+        """The meter of a stream passed on as it comes: read to its Content-Length, should it
+        say one that bounds it (an app's own: a stream as a rule says none), as a server sends
+        it (`_StreamToItsLength`). A compressed one's length is of its coded bytes: unbounded."""
+        if self.decoder is None and b"content-length" in map(bytes.lower, map(_NAME, headers)):
+            length = content_length(headers)
+            if length:
+                return _StreamToItsLength(length)
+        return StreamMeter()
 
     def headers_added(self, limits: bool = True) -> list[tuple[bytes, bytes]]:
         """Our headers on the answer (SPEC §8): the tightest applicable limits (ties keep the
@@ -549,6 +617,8 @@ class Exchange:
                 read[1] if read is not None and read[0] is body else usage_from_json(body, tiered)
             )
             if usage is None and self.json_dropped:  # a huge answer: its usage may come first
+                if self._within_length(body):  # (or at its tail's end, bytes past its length)
+                    return self._usage()
                 usage = usage_from_head(self.json_head)
             elif usage is None and (self._read_as_events(body) or self._within_length(body)):
                 return self._usage()
@@ -562,12 +632,16 @@ class Exchange:
         the length holds (uvicorn sends no byte past it, refusing the message that
         crosses it): judged there, as the WSGI middleware judges such an answer at its length,
         so that the charge does not depend on how the app chunked its bytes. JSON cut short
-        there (an app that says too few bytes, its usage in what follows) is read whole."""
+        there (an app that says too few bytes, its usage in what follows) is read whole. Of a
+        huge answer, `body` is its kept tail: cut where the length falls in it."""
         headers = self.sent_headers
         if headers is None or self.decoder is not None:  # (a compressed answer's length is
             return False  # of its coded bytes)
         length = content_length(headers)
-        if length is None or len(body) <= length:
+        if length is None:
+            return False
+        length -= self.json_dropped  # (0 but of a huge answer)
+        if not 0 < length < len(body):
             return False
         head = body[:length]
         price = self.price
