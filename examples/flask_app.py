@@ -6,10 +6,10 @@
     BUDGET_ADMIN_KEY=admin-secret gunicorn -k gthread --threads 8 \\
         --chdir examples "flask_app:create_app()"                                 # production
 
-Then create a key with a budget and spend it:
+Then create a key with a budget and spend it (the second request is refused, 402):
 
     curl -s localhost:5000/budget-admin/virtual-keys -H 'authorization: Bearer admin-secret' \\
-        -d '{"name": "alice", "budgets": [{"max_limit": 0.01, "reset_duration": "1d"}]}'
+        -d '{"name": "alice", "budgets": [{"max_limit": 0.00001, "reset_duration": "1d"}]}'
     curl -s localhost:5000/v1/chat/completions -H 'authorization: Bearer sk-bm-…' \\
         -d '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
 

@@ -329,7 +329,10 @@ def test_a_failure_prints_one_line_naming_its_cause(
     line = far.failed_on_one_line(2)  # a duration, too long: it said "neither a duration"
     assert "--since" in line and "'99999Y'" in line and "at most 100 years" in line
     assert "--body" in not_object.failed_on_one_line(2) and "JSON object" in not_object.err
-    assert invalid_body.failed_on_one_line() == "error: name: Field required"
+    # A create missing what only an option or the body gives is a command used wrongly, naming
+    # the option (it said `error: name: Field required`, exit 1).
+    line = invalid_body.failed_on_one_line(2)
+    assert line.startswith("error: Missing option '--name' (or 'name' in --body or --file).")
     assert parent.failed_on_one_line() == "error: customer 'nobody' not found"
     assert "No such command 'no-such-command'" in command.failed_on_one_line(2)
     assert "give --body or --file, not both" in both.failed_on_one_line(2)
@@ -383,6 +386,44 @@ def test_usage_by_day_lists_the_days_in_order(store: dict[str, str], here: Here)
     assert days == expected
     as_json = ok(here(store, "usage --by day --since 7d --json")).json()
     assert [row["key"] for row in as_json["usage"]] == expected
+
+
+def test_a_create_without_its_name_names_the_option(store: dict[str, str], here: Here) -> None:
+    """`keys create` with no `--name` said `error: name: Field required` (exit 1), in the
+    body's words, not the command's: it names the option, as click does (exit 2)."""
+    for line, option in [
+        ("keys create --budget 1", "--name"),
+        ("model-configs create", "--model-name"),
+        ("routes create --name r", "--target"),
+    ]:
+        refused = here(store, line)
+        print(line, "->", refused.code, refused.err.strip())
+        assert refused.failed_on_one_line(2).startswith(f"error: Missing option '{option}'")
+    made = ok(here(store, """keys create --body '{"name": "from-body"}'"""))
+    assert "created virtual key" in made.out
+
+
+def test_a_negative_amount_is_printed_with_its_sign_first(
+    store: dict[str, str], here: Here
+) -> None:
+    """A negative amount (a refund's record) read `$-5.0000` in the CLI's tables, where the
+    dashboard writes `-$5.00` and SPEC §8 writes money `$10.0100`: the sign comes first,
+    `-$5.0000`, and under a cent as charged, `-$0.0049996`."""
+    from datetime import UTC, datetime
+
+    from budget_middleware.store.tables import UsageRecordRow
+
+    engine = get_engine(_settings(store))
+    engine.manager.list_teams()  # the store and its tables
+    with engine.store.session() as s:
+        for n, (model, nanos) in enumerate([("refund", -5 * 10**9), ("credit", -4_999_600)]):
+            s.add(UsageRecordRow(request_id=f"neg{n}", created_at=datetime.now(UTC),
+                                 provider="openai", model=model, cost_nanos=nanos))  # fmt: skip
+        s.commit()
+    listed = ok(here(store, "usage --by model"))
+    print(listed.out)
+    cost = {row[0]: row[-1] for row in table(listed.out)[1:]}
+    assert cost == {"refund": "-$5.0000", "credit": "-$0.0049996", "total": "-$5.0050"}
 
 
 async def test_config_check_and_apply(store: dict[str, str], tmp_path: Path, here: Here) -> None:

@@ -411,13 +411,13 @@ def test_amounts_are_shown_in_dollars_to_four_decimals_and_in_headers_exactly() 
     assert usd_text(123_456) == "$0.000123456"
     assert usd_text(1) == "$0.000000001"
     assert usd_text(20_000) == "$0.00002"
-    assert usd_text(-20_000) == "$-0.00002"
+    assert usd_text(-20_000) == "-$0.00002"  # the sign first, as the dashboard writes it
     assert usd_text(100_000) == "$0.0001"  # four decimals hold it
     assert usd_text(100_001) == "$0.000100001"
     assert usd_text(1_000_000) == "$0.0010"  # held by four decimals: written with four
     assert usd_text(9_999_999) == "$0.009999999"
     assert usd_text(10_000_001) == "$0.0100"  # a cent and over: four decimals
-    assert usd_text(-10_000_001) == "$-0.0100"
+    assert usd_text(-10_000_001) == "-$0.0100"
     assert usd_header(10_010_000_000) == b"10.010000"
     assert usd_header(0) == b"0.000000"
     assert usd_header(1_234_567) == b"0.001234567"

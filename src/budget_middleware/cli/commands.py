@@ -211,6 +211,13 @@ FILTERS: dict[str, list[click.Option]] = {
 }
 
 
+# What a create needs beyond its body's defaults, and the option that gives it.
+_REQUIRED = {
+    "model-configs": (("model_name", "--model-name"),),
+    "routes": (("name", "--name"), ("targets", "--target")),
+}
+
+
 def build_body(options: dict[str, Any]) -> Json:
     """The body of a create or update: `--body`/`--file`, then each option given."""
     body = values.body(options.pop("body", None), options.pop("file", None))
@@ -433,7 +440,13 @@ def entity_group(kind: Kind) -> click.Group:
                 )
             answer = client.put(kind, name, body)
         else:
-            answer = client.create(kind, resolve_parents(client, build_body(options)))
+            body = build_body(options)
+            for name, option in _REQUIRED.get(kind.command, (("name", "--name"),)):
+                if name not in body:  # was `error: name: Field required`, exit 1
+                    raise click.UsageError(
+                        f"Missing option '{option}' (or {name!r} in --body or --file)."
+                    )
+            answer = client.create(kind, resolve_parents(client, body))
         emit(kind, answer, f"created {_label(kind, answer[kind.one])}")
 
     def update_(ref: str, **options: Any) -> None:

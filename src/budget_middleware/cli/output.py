@@ -61,8 +61,8 @@ def usd(value: Any) -> str:
         return "-"
     amount = float(value)
     if 0 < abs(amount) < 0.01:
-        text = usd_text(limit_nanos(abs(amount)))
-        return text if amount > 0 else "$-" + text[1:]
+        nanos = limit_nanos(abs(amount))
+        return usd_text(nanos if amount > 0 else -nanos)
     return usd_fixed(_nanos(amount), 4, grouped=True)
 
 

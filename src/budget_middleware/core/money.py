@@ -58,22 +58,23 @@ def usd_text(nanos: int) -> str:
     `0.000000000001` is one nano-dollar) read `$0.0000 spent of $0.0000` when it refused."""
     if abs(nanos) >= _CENT_NANOS or nanos % _LAST_DECIMAL_NANOS == 0:
         return usd_fixed(nanos, 4)
-    return "$" + usd_header(nanos).decode().rstrip("0")
+    return ("-$" if nanos < 0 else "$") + usd_header(abs(nanos)).decode().rstrip("0")
 
 
 def usd_fixed(nanos: int, decimals: int, grouped: bool = False, down: bool = False) -> str:
     """`$` and the amount to `decimals` places (`grouped`: with thousands separators), rounded
     half up on the whole nano-dollars, not on a binary float's (0.02265 is 0.0226499…: $0.02265
     read `$0.0226` here where the dashboard shows `$0.0227`, and $10.00005 `$10.0000`), or
-    toward zero (`down`)."""
+    toward zero (`down`). A negative amount's sign comes first, `-$5.0000`, as the dashboard
+    writes it (the one place money's sign is placed: the CLI wrote `$-5.0000`)."""
     step = 10 ** (9 - decimals)
     units = (abs(nanos) + (0 if down else step // 2)) // step
     whole, part = divmod(units, 10**decimals)
     sign = "-" if nanos < 0 else ""
     return (
-        f"${sign}{whole:,}.{part:0{decimals}d}"
+        f"{sign}${whole:,}.{part:0{decimals}d}"
         if grouped
-        else f"${sign}{whole}.{part:0{decimals}d}"
+        else f"{sign}${whole}.{part:0{decimals}d}"
     )
 
 
