@@ -3515,6 +3515,15 @@ async def test_a_url_whose_every_alert_was_given_up_gets_them_when_its_instance_
     assert len(hook.delivered()) == 1 and alert["delivery"] == "delivered"
 
 
+def _day_delivered(engine: BudgetEngine, now: float) -> bool:
+    """Whether the 3 newest alerts listed were raised at `now` and recorded delivered."""
+    alerts = engine.manager.list_alerts(limit=3)
+    return len(alerts) == 3 and all(
+        a["delivery"] == "delivered" and datetime.fromisoformat(a["raised_at"]).timestamp() == now
+        for a in alerts
+    )
+
+
 def _rows(engine: BudgetEngine) -> dict[str, int]:
     """The alert tables' rows, by table, and the deliveries by state."""
     from sqlalchemy import text
@@ -3531,16 +3540,18 @@ def _rows(engine: BudgetEngine) -> dict[str, int]:
     return counts
 
 
-async def test_deliveries_of_alerts_older_than_kept_are_pruned_and_the_alerts_stay_listed(
+async def test_deliveries_and_alerts_of_windows_ended_over_30_days_ago_are_pruned(
     make_settings: Settings, receiver: Callable[..., Receiver]
 ) -> None:
     """A daily $1 budget whose 80 %, 100 % and exhaustion alerts are raised and delivered each
     day, for 40 simulated days (the engine's clock), to URL a, and for the first 5 to URL b
     too (then removed from the settings): `bm_alert_deliveries` kept every delivery for ever
-    (a row an alert and URL: 135 after 40 days; nothing pruned them). The flusher's sweep
-    prunes, once an hour, the deliveries of settled alerts raised more than
-    ALERT_DELIVERIES_KEPT (30 days) ago, but one of each URL's (b stays known to the store);
-    the alerts themselves stay, listed as they were."""
+    (a row an alert and URL: 135 after 40 days), and `bm_alerts` every alert (a row a day and
+    threshold: 120, listed by `GET /alerts`, never pruned). The flusher's sweep prunes, once
+    an hour, the deliveries of settled alerts raised more than ALERT_DELIVERIES_KEPT (30 days)
+    ago, but each URL's newest (b stays known to the store; a's kept one was any of its 120,
+    its greatest random id's), then the alerts raised and out of their window more than
+    ALERTS_KEPT (30 days) ago, but the one b's kept delivery names: days 0-9's 30, less 1."""
     from sqlalchemy import text
 
     from budget_middleware.core.times import from_ts
@@ -3550,6 +3561,7 @@ async def test_deliveries_of_alerts_older_than_kept_are_pruned_and_the_alerts_st
     days = 40
     a, b = receiver(), receiver()
     now = [float(int(time.time()) - days * 86400)]  # the last day ends now: deliveries due
+    first = now[0]
     setup = BudgetEngine(make_settings())  # the key made at the simulated start
     key = setup.manager.create_virtual_key(
         name="dora", budgets=[{"max_limit": 1.0, "reset_duration": "1d"}]
@@ -3564,8 +3576,9 @@ async def test_deliveries_of_alerts_older_than_kept_are_pruned_and_the_alerts_st
         async with running(app), client(app) as http:
             for day in phase:
                 assert await spend(http, key.value, 0.6, 3) == [200, 200, 402], day
+                # (the flusher's sweeps prune as the days go: the day's 3 newest looked at)
                 assert await until(lambda n=3 * (day + 1), e=engine: len(a.delivered()) == n
-                                   and _all_delivered(e, n, limit=n))  # fmt: skip
+                                   and _day_delivered(e, now[0]))  # fmt: skip
                 now[0] += 86400.0
             listed_before = engine.manager.list_alerts(limit=1000)
             before = _rows(engine)
@@ -3585,11 +3598,67 @@ async def test_deliveries_of_alerts_older_than_kept_are_pruned_and_the_alerts_st
           f"{len(b.delivered())}; rows before the last sweep {before}, after {after} ({kept}); "
           f"GET /alerts lists {len(listed_before)} then {len(listed_after)}")  # fmt: skip
     assert (len(a.delivered()), len(b.delivered())) == (3 * days, 3 * 5)
-    assert after["bm_alerts"] == 3 * days and listed_after == listed_before
+    assert after["bm_alerts"] == 3 * days - 30 + 1 == len(listed_after)
     assert all(x["delivery"] == "delivered" for x in listed_after)
-    # a's raised within the 30 days before the sweep's clock (days 11-39), and maybe one older
-    # (its URL's one kept, should that be an older one); b's one kept
-    assert 3 * 29 <= kept["a"] <= 3 * 29 + 1 and kept["b"] == 1
+    # the sweep's clock is day 40 and an hour: days 0-9's windows ended over 30 days before it;
+    # one of day 4's stays (b's kept delivery names it); the other days' all are listed
+    listed_days = Counter(
+        int(datetime.fromisoformat(x["raised_at"]).timestamp() - first) // 86400
+        for x in listed_after
+    )
+    assert listed_days == {4: 1, **dict.fromkeys(range(10, days), 3)}
+    assert [x for x in listed_before if x in listed_after] == listed_after  # as they were
+    # a's raised within the 30 days before the sweep's clock (days 11-39), its newest among
+    # them; b's newest (day 4's) kept
+    assert kept["a"] == 3 * 29 and kept["b"] == 1
+
+
+async def test_alerts_of_a_window_still_current_are_kept_however_old_and_not_raised_again(
+    make_settings: Settings, receiver: Callable[..., Receiver]
+) -> None:
+    """A prepaid $1 budget (no reset: one window for ever) and a yearly $1.50 one cross their
+    thresholds on day 0 (prepaid 80 %, 100 %, exhausted; yearly 80 %). 40 days later a new
+    instance sweeps (the prune of alerts older than 30 days is due) and is charged again: the
+    alerts' rows are what raise each threshold once in its window, and their windows are
+    still current, so they stay, and the new instance's crossing raises nothing again (pruned
+    by their age alone, each was raised and posted a second time)."""
+    from sqlalchemy import text
+
+    from budget_middleware.core.times import from_ts
+
+    a = receiver()
+    now = [float(int(time.time()) - 40 * 86400)]
+    setup = BudgetEngine(make_settings())
+    key = setup.manager.create_virtual_key(
+        name="erin",
+        budgets=[{"max_limit": 1.0}, {"max_limit": 1.5, "reset_duration": "1Y"}],
+    )
+    with setup.store.engine.begin() as conn:
+        conn.execute(text("UPDATE bm_budgets SET last_reset = :at"), {"at": from_ts(now[0])})
+    setup.store.dispose()
+    posts, rows = [], []
+    for day in (0, 40):
+        now[0] += day * 86400.0
+        engine = BudgetEngine(make_settings(alert_webhook_urls=a.url), clock=lambda: now[0])
+        quick(engine)
+        app = BudgetMiddleware(host_app(None), engine=engine)
+        async with running(app), client(app) as http:
+            if day:
+                await engine.sweep()  # its first: the hourly prune is due
+                rows.append(_rows(engine)["bm_alerts"])
+            statuses = await spend(http, key.value, 0.6, 1 if day else 3)
+            assert statuses == ([402] if day else [200, 200, 402])
+            await until(lambda e=engine: _all_delivered(e, 4) and len(a.delivered()) == 4)
+            await asyncio.sleep(0.3)  # (anything raised again: its post would have come)
+            await engine.alerts.raise_queued()
+            rows.append(_rows(engine)["bm_alerts"])
+            posts.append(len(a.delivered()))
+    engine.store.dispose()
+    print(
+        f"4 alerts raised on day 0 in windows still current; day 40: {rows[1]} rows after "
+        f"the sweep, {rows[2]} after a new instance's crossing; posts {posts}"
+    )
+    assert rows == [4, 4, 4] and posts == [4, 4]
 
 
 def _old_deliveries(engine: BudgetEngine, count: int, urls: int, now: float) -> None:
@@ -3629,6 +3698,55 @@ def _deliveries_left(engine: BudgetEngine) -> tuple[int, int]:
     return rows, urls
 
 
+async def test_the_delivery_kept_of_a_url_is_its_newest_and_the_others_alerts_go(
+    make_settings: Settings,
+) -> None:
+    """A URL posted to 50, 45 and 40 days ago (a budget deleted since), the oldest alert's id
+    the greatest ("f..."; ids are random). The prune kept each URL's delivery of the greatest
+    alert id, said to be its newest: here the oldest, and with it its alert, listed for ever.
+    Kept now: the newest (40 days), the one alert left listed; the other two go, with their
+    deliveries."""
+    from sqlalchemy import text
+
+    from budget_middleware.core.times import from_ts
+    from budget_middleware.store.tables import AlertDeliveryRow, AlertRow
+
+    now = time.time()
+    engine = BudgetEngine(make_settings(), clock=lambda: now)
+    await engine.ensure_started()
+    try:
+        alerts, deliveries = [], []
+        for alert_id, age in (("f" * 32, 50), ("0" * 32, 45), ("1" * 32, 40)):
+            raised = from_ts(now - age * 86400)
+            alerts.append(
+                {"id": alert_id, "type": "budget.threshold", "budget_id": "gone",
+                 "threshold": 0.8, "window_start": raised, "owner_type": "virtual_key",
+                 "owner_id": "k", "owner_name": "k", "raised_at": raised, "body": "{}",
+                 "delivery": "delivered", "attempts": 1, "delivered_to": [],
+                 "next_attempt_at": raised}
+            )  # fmt: skip
+            deliveries.append(
+                {"alert_id": alert_id, "url_key": "a" * 64, "url_shown": "https://h",
+                 "delivery": "delivered", "attempts": 1, "next_attempt_at": raised,
+                 "first_attempt_at": raised}
+            )  # fmt: skip
+        with engine.store.engine.begin() as conn:
+            conn.execute(AlertRow.__table__.insert(), alerts)  # type: ignore[attr-defined]
+            conn.execute(AlertDeliveryRow.__table__.insert(), deliveries)  # type: ignore[attr-defined]
+        await engine.sweep()  # its first: the hourly prune is due
+        with engine.store.engine.connect() as conn:
+            kept = [r[0] for r in conn.execute(text("SELECT alert_id FROM bm_alert_deliveries"))]
+        listed = [x["id"] for x in engine.manager.list_alerts()]
+    finally:
+        await engine.shutdown()
+        engine.store.dispose()
+    print(
+        f"3 alerts posted to one URL 50, 45, 40 days ago: deliveries kept {kept}, "
+        f"alerts listed {listed}"
+    )
+    assert kept == listed == ["1" * 32]
+
+
 async def test_deliveries_are_pruned_however_many_urls_were_ever_posted_to(
     make_settings: Settings,
 ) -> None:
@@ -3665,17 +3783,21 @@ async def test_a_store_s_first_prune_of_deliveries_is_spread_over_sweeps(
     from budget_middleware.engine import engine as engine_module
 
     monkeypatch.setattr(engine_module, "ALERT_DELIVERIES_PRUNED_A_SWEEP", 1000, raising=False)
+    monkeypatch.setattr(engine_module, "ALERTS_PRUNED_A_SWEEP", 1000, raising=False)
     now = time.time()
     engine = BudgetEngine(make_settings(), clock=lambda: now)
     await engine.ensure_started()
     try:
         _old_deliveries(engine, 2500, 2, now)
-        left = []
+        left, alerts = [], []
         for _ in range(4):
             await engine.sweep()  # a minute apart: the hourly prune's clock not reached again
             left.append(_deliveries_left(engine)[0])
+            alerts.append(len(engine.manager.list_alerts(limit=5000)))
     finally:
         await engine.shutdown()
         engine.store.dispose()
-    print(f"2,500 deliveries to 2 URLs, 40 days old: left after each sweep {left}")
-    assert left == [1500, 500, 2, 2]
+    print(f"2,500 deliveries to 2 URLs, 40 days old (their budget deleted): left after each "
+          f"sweep {left}, alerts {alerts}")  # fmt: skip
+    # each alert goes once its deliveries have (those each URL's kept one names stay)
+    assert left == alerts == [1500, 500, 2, 2]

@@ -180,12 +180,19 @@ PRUNE_SECONDS = 3600.0  # how often the ids of applied batches older than FLUSH_
 # a crash between its write and its file's removal) is applied once if it comes within it.
 FLUSH_IDS_KEPT = timedelta(days=30)
 # An alert's deliveries (a row a webhook URL) are kept this long after it was raised, once
-# settled, then pruned with the batch ids (`store.alerts.prune_deliveries`); the alerts stay.
+# settled, then pruned with the batch ids (`store.alerts.prune_deliveries`), each URL's newest
+# kept.
 ALERT_DELIVERIES_KEPT = timedelta(days=30)
+# An alert, once settled, is kept (listed by `GET /alerts`) this long after it was raised and
+# after its window ended (a window still current keeps its alerts), then pruned with them
+# (`store.alerts.prune_alerts`; one a URL's kept delivery names stays): `bm_alerts` grew a row
+# a budget, window and threshold crossed, for ever.
+ALERTS_KEPT = timedelta(days=30)
 # ... at most this many a sweep: the flusher waits for its sweep, and a store's first prune
 # (its whole history, at the upgrade to schema 14) took it minutes (100,000 rows: 7 s with no
 # flush and no re-read of the counters); what is left goes at the next sweeps.
 ALERT_DELIVERIES_PRUNED_A_SWEEP = 10_000
+ALERTS_PRUNED_A_SWEEP = 10_000  # (the same for alerts)
 
 
 def _due(now: float, last: float, every: float) -> bool:
@@ -306,6 +313,7 @@ class BudgetEngine:
         self._transient_failures = 0  # store writes failed for the moment, in a row
         self._pruned_at = float("-inf")  # the last prune of applied batch ids (`sweep`)
         self._deliveries_left = False  # alert deliveries to prune at the next sweep (`sweep`)
+        self._alerts_left = False  # alerts to prune at the next sweep (`sweep`)
         self._stopping = asyncio.Event()
         self._key_loads: dict[str, asyncio.Future[KeyConfig | None]] = {}
         self._manager: BudgetManager | None = None
@@ -847,8 +855,10 @@ class BudgetEngine:
         forget the ids of batches applied more than FLUSH_IDS_KEPT ago (else `bm_flushes` grows
         a row a flush for ever) and the deliveries of alerts settled and raised more than
         ALERT_DELIVERIES_KEPT ago (else `bm_alert_deliveries` grows a row an alert and URL),
-        ALERT_DELIVERIES_PRUNED_A_SWEEP at most, the rest at the next sweeps; 0 when the store
-        cannot be written now (the next sweep tries again)."""
+        ALERT_DELIVERIES_PRUNED_A_SWEEP at most, the rest at the next sweeps; then the alerts
+        settled, raised and out of their window more than ALERTS_KEPT ago (else `bm_alerts`
+        grows a row a budget, window and threshold), the same way; 0 when the store cannot be
+        written now (the next sweep tries again)."""
         now = self.clock()
         try:
             swept = await anyio.to_thread.run_sync(self.store.sweep_windows, from_ts(now))
@@ -867,6 +877,14 @@ class BudgetEngine:
                     most,
                 )
                 self._deliveries_left = pruned >= most  # (more: the next sweep goes on)
+                self._alerts_left = True  # (those whose deliveries went are free now)
+            if self._alerts_left:
+                most = ALERTS_PRUNED_A_SWEEP
+                pruned = await anyio.to_thread.run_sync(
+                    stored_alerts.prune_alerts, self.store, from_ts(now) - ALERTS_KEPT,
+                    from_ts(now), most,
+                )  # fmt: skip
+                self._alerts_left = pruned >= most
             return swept
         except Exception as exc:
             logger.debug("budget-middleware window sweep failed: %s", exc)

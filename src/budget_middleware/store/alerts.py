@@ -19,14 +19,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, func, or_, tuple_, update
+from sqlalchemy import select as sql_select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import aliased
 from sqlmodel import col, select
 
+from budget_middleware.core.durations import parse_duration, window_end, window_start
 from budget_middleware.core.providers import owner_name
 from budget_middleware.core.times import rfc3339, utc
 from budget_middleware.settings import shown_url
 from budget_middleware.store.database import Store
-from budget_middleware.store.tables import AlertDeliveryRow, AlertRow, new_id, owned_by
+from budget_middleware.store.tables import (
+    AlertDeliveryRow,
+    AlertRow,
+    BudgetRow,
+    new_id,
+    owned_by,
+)
 
 OWNER_NAME_CHARS = 200  # `AlertRow.owner_name`'s length
 
@@ -405,15 +414,28 @@ def prune_deliveries(
     store: Store, before: datetime, most: int | None = None, batch: int = _PRUNED_AT_ONCE
 ) -> int:
     """The deliveries of alerts raised before `before` and settled (neither the alert nor the
-    delivery pending) deleted, a transaction a `batch`, but one of each URL's (the greatest
-    alert id's): the URL stays known to the store (`adopt`'s backlog from its first alert).
-    Nothing reads them once settled: each alert's state and attempts are its own row's, which
-    stays (it is what raises the alert once per window). `most`: how many at most (the rest
-    left to the next call). How many went."""
-    # Each URL's row of the greatest alert id, kept: one NOT IN of the grouped rows (a clause
-    # a URL was as deep as SQLite parses, "Expression tree is too large" from ~1,000 URLs on).
-    kept = select(col(AlertDeliveryRow.url_key), func.max(col(AlertDeliveryRow.alert_id))).group_by(
-        col(AlertDeliveryRow.url_key)
+    delivery pending) deleted, a transaction a `batch`, but one of each URL's, its newest (of
+    the alert raised last; of those raised at one time, the greatest id's): the URL stays
+    known to the store (`adopt`'s backlog from its first alert), and so does that alert
+    (`prune_alerts` leaves an alert a delivery names). Kept by the greatest alert id alone (ids
+    are random: no clock's), a URL in use kept one delivery of any age, and with it an alert
+    listed for ever. Nothing reads the others once settled: each alert's state and attempts
+    are its own row's. `most`: how many at most (the rest left to the next call). How many
+    went."""
+    # Each URL's newest row, kept: one NOT IN of the grouped rows (a clause a URL was as deep
+    # as SQLite parses, "Expression tree is too large" from ~1,000 URLs on).
+    delivery, alert = aliased(AlertDeliveryRow), aliased(AlertRow)
+    last = (
+        select(col(delivery.url_key).label("url_key"), func.max(alert.raised_at).label("at"))
+        .join(alert, col(alert.id) == col(delivery.alert_id))
+        .group_by(col(delivery.url_key))
+        .subquery()
+    )
+    kept = (
+        select(col(delivery.url_key), func.max(col(delivery.alert_id)))
+        .join(alert, col(alert.id) == col(delivery.alert_id))
+        .join(last, and_(last.c.url_key == delivery.url_key, last.c.at == alert.raised_at))
+        .group_by(col(delivery.url_key))
     )
     settled = and_(
         col(AlertRow.raised_at) < before,
@@ -445,6 +467,99 @@ def prune_deliveries(
         pruned += len(found)
         if len(found) < limit:
             return pruned
+
+
+def _window_over(terms: Any, start: datetime, now: datetime, before: datetime) -> bool:
+    """Whether an alert's window (from `start`) ended before `before`, by its budget's terms as
+    stored (`terms`: duration, calendar-aligned, last_reset; None: the budget is deleted):
+    each instance takes a budget's window from the clock and those terms (SPEC §6), so one
+    that is not the current one is no instance's any more, and none raises an alert in it."""
+    if terms is None:
+        return True  # no budget: nothing is charged to it, no alert raised for it
+    text, aligned, last_reset = terms
+    try:
+        duration = parse_duration(text)
+    except ValueError:  # a text no longer valid: left alone
+        return False
+    start, last_reset = utc(start), utc(last_reset)
+    if duration is None:  # never resets: the window a reset (`last_reset`) began
+        current = ended = last_reset
+    else:
+        current = window_start(duration, anchor=last_reset, now=now, calendar_aligned=aligned)
+        ended = min(window_end(duration, start=start), current)  # or reset before its end
+    return start < current and ended <= before
+
+
+def prune_alerts(
+    store: Store,
+    before: datetime,
+    now: datetime,
+    most: int | None = None,
+    batch: int = _PRUNED_AT_ONCE,
+) -> int:
+    """The alerts raised before `before` whose window ended before it too (or whose budget is
+    deleted), settled (not pending) and named by no delivery (each URL's kept one holds its
+    alert: `adopt` knows the URL by it), deleted, a transaction a `batch`; `most` at most. An
+    alert's row is what raises its threshold once in its window (the unique key): one of a
+    window no instance is in any more is never raised again, and a window still current (a
+    prepaid budget's, a year's) keeps its alerts however old. How many went."""
+    unnamed = ~(
+        select(AlertDeliveryRow.alert_id)
+        .where(col(AlertDeliveryRow.alert_id) == col(AlertRow.id))
+        .exists()
+    )
+    old = and_(col(AlertRow.raised_at) < before, col(AlertRow.delivery) != "pending", unnamed)
+    with store.engine.connect() as conn:  # each budget with such alerts, and its terms
+        budgets = conn.execute(
+            sql_select(
+                col(AlertRow.budget_id), func.min(col(AlertRow.window_start)),
+                col(BudgetRow.id), col(BudgetRow.reset_duration),
+                col(BudgetRow.calendar_aligned), col(BudgetRow.last_reset),
+            )
+            .outerjoin(BudgetRow, col(BudgetRow.id) == col(AlertRow.budget_id))
+            .where(old)
+            .group_by(
+                col(AlertRow.budget_id), col(BudgetRow.id), col(BudgetRow.reset_duration),
+                col(BudgetRow.calendar_aligned), col(BudgetRow.last_reset),
+            )
+        ).all()  # fmt: skip
+    terms: dict[str, Any] = {}  # those with an alert to prune (its oldest window ended)
+    for budget_id, oldest, found, duration, aligned, last_reset in budgets:
+        stored = None if found is None else (duration, bool(aligned), last_reset)
+        if _window_over(stored, oldest, now, before):
+            terms[budget_id] = stored
+    budget_ids = sorted(terms)
+    pruned = 0
+    for first in range(0, len(budget_ids), 500):
+        of_these = and_(old, col(AlertRow.budget_id).in_(budget_ids[first : first + 500]))
+        after: tuple[datetime, str] | None = None  # the last row read (a page's are not all
+        while True:  # pruned: a window still current keeps its alerts, which come last)
+            query = select(
+                col(AlertRow.id), col(AlertRow.budget_id), col(AlertRow.window_start),
+                col(AlertRow.raised_at),
+            ).where(of_these)  # fmt: skip
+            if after is not None:
+                query = query.where(
+                    or_(
+                        col(AlertRow.raised_at) > after[0],
+                        and_(col(AlertRow.raised_at) == after[0], col(AlertRow.id) > after[1]),
+                    )
+                )
+            limit = batch if most is None else min(batch, most - pruned)
+            with store.engine.begin() as conn:
+                rows = conn.execute(
+                    query.order_by(col(AlertRow.raised_at), col(AlertRow.id)).limit(limit)
+                ).all()
+                ids = [row[0] for row in rows if _window_over(terms[row[1]], row[2], now, before)]
+                if ids:
+                    gone = conn.execute(delete(AlertRow).where(col(AlertRow.id).in_(ids), old))
+                    pruned += gone.rowcount
+            if most is not None and pruned >= most:
+                return pruned
+            if len(rows) < limit:
+                break
+            after = rows[-1][3], rows[-1][0]
+    return pruned
 
 
 _MOST_ROWS = 2**63 - 1  # a BIGINT's largest, SQLite's and PostgreSQL's

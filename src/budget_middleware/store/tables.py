@@ -185,7 +185,9 @@ class UsageRecordRow(StoreModel, table=True):
 class AlertRow(StoreModel, table=True):
     """An alert (SPEC §14), raised once per budget, window and threshold across every instance:
     the unique constraint decides which instance raised it. Its delivery state lives here too, so
-    deliveries pending survive a restart; `claimed_until` lets one instance at a time deliver."""
+    deliveries pending survive a restart; `claimed_until` lets one instance at a time deliver.
+    Pruned by the flusher's sweep once settled and both it and its window's end are more than
+    `engine.ALERTS_KEPT` (30 days) old (`store.alerts.prune_alerts`)."""
 
     __tablename__ = "bm_alerts"
     __table_args__ = (
@@ -219,8 +221,7 @@ class AlertDeliveryRow(StoreModel, table=True):
     (a Slack or Discord URL's path is its credential); an instance delivers to the URLs of its
     own settings, so one instance's settings never close another's deliveries. Those of alerts
     settled and raised more than `engine.ALERT_DELIVERIES_KEPT` (30 days) ago are pruned by the
-    flusher's sweep, one of each URL's kept (its greatest alert id's, which is no clock's:
-    ids are random) (`store.alerts.prune_deliveries`)."""
+    flusher's sweep, each URL's newest kept (`store.alerts.prune_deliveries`)."""
 
     __tablename__ = "bm_alert_deliveries"
     __table_args__ = (
