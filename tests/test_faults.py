@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +41,13 @@ from budget_middleware.engine.exchange import MAX_CHARGE_NANOS, MAX_TOKENS
 from budget_middleware.store import redis_counters
 from budget_middleware.store.spill import Spill, spill_folder
 from budget_middleware.store.tables import BudgetRow, UsageRecordRow
-from conftest import POSTGRES_BASE_URL, need_postgres
+from conftest import POSTGRES_BASE_URL, REDIS_URL, need_postgres, need_redis
 from support import Clock, FrozenClock, client, running, until, until_sync
 
 from service_support import (  # isort: skip
     PrivateRedis,
     TcpProxy,
+    delete_prefix,
     free_port,
     private_database,
     set_read_only,
@@ -2613,6 +2614,97 @@ async def test_a_settlement_redis_ran_past_the_timeout_is_counted_there_once(
     assert admitted == 10
 
 
+class _ReplyLost:
+    """One of the engine's Lua scripts (`RedisCounters._admit` and the like), whose calls named
+    in `lost` (counted from 1) run on Redis and then fail as a reply past the timeout does: Redis
+    did the work, the client is told `TimeoutError` (deterministic, where a stall or a loaded
+    machine does it by chance)."""
+
+    def __init__(self, script: Any, lost: Collection[int], injected: list[str], name: str) -> None:
+        self.script, self.lost, self.injected, self.name = script, lost, injected, name
+        self.calls = 0
+
+    async def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        self.calls += 1
+        answer = await self.script(keys=keys, args=args)
+        if self.calls in self.lost:
+            self.injected.append(f"{self.name}#{self.calls}")
+            raise redis.exceptions.TimeoutError("the reply was lost (injected)")
+        return answer
+
+
+@pytest.mark.parametrize(
+    ("what", "lost", "fail_open"),
+    [
+        ("admission", {"_admit": (5,)}, True),
+        ("admission", {"_admit": (5,)}, False),
+        ("admission at the limit", {"_admit": (30, 31)}, True),
+        ("admission at the limit", {"_admit": (30, 31)}, False),
+        ("settlement", {"_settle": (5,)}, True),
+        ("settlement", {"_settle": (5,)}, False),
+        ("seed", {"_seed": (1,)}, True),
+        ("seed", {"_seed": (1,)}, False),
+        ("release of a lost admission", {"_admit": (5,), "_unadmit": (1,)}, True),
+        ("release of a lost admission", {"_admit": (5,), "_unadmit": (1,)}, False),
+        ("payment of debts", {"_admit": (5,), "_reconcile": (1,)}, True),
+        ("settlement added once", {"_settle": (5,), "_once": (1,)}, True),
+        ("settlement added once", {"_settle": (5,), "_once": (1,)}, False),
+        ("heartbeat", {"_beat": (2, 3)}, True),
+    ],
+)
+async def test_a_call_redis_ran_whose_reply_was_lost_lifts_no_limit(
+    sqlite_url: str, what: str, lost: dict[str, tuple[int, ...]], fail_open: bool
+) -> None:
+    """A fault hunt's pin (a $0.30 budget once admitted 31 after a Redis `TimeoutError`): every
+    kind of call the engine makes to Redis runs there and its reply is lost (a `TimeoutError`,
+    as past `BUDGET_REDIS_TIMEOUT_SECONDS`), fail-open and fail-closed, one request at a time,
+    each after the back-off: 30 admitted on $0.30 of $0.01 requests, and Redis's window = the
+    store = the records. (The 31 is a rollback no heartbeat answered after the snapshot told:
+    docs/deployment.md's known limit.)"""
+    need_redis()
+    injected: list[str] = []
+    settings = settings_for(
+        sqlite_url, redis_url=REDIS_URL, fail_open=fail_open, redis_timeout_seconds=1.0
+    )
+    engine = BudgetEngine(settings)
+    prefix = unique_prefix()
+    use_prefix(engine, prefix)
+    app = fault_app(engine)
+    codes: list[int] = []
+    try:
+        async with running(app), client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 0.3, "reset_duration": "1d"}]
+            )
+            budget = key.budgets[0].id
+            await engine.invalidate()
+            counters = engine.counters
+            assert isinstance(counters, redis_counters.RedisCounters)
+            for name, calls in lost.items():
+                setattr(counters, name, _ReplyLost(getattr(counters, name), calls, injected, name))
+            for _ in range(40):
+                codes += await asked(http, key.value or "", 1)
+                await until(lambda: not counters._backing_off())  # (no 503 for the back-off)
+            await until(lambda: not counters.owes())  # (debts paid by the heartbeat)
+            assert await engine.flush()
+            count, total = records(engine, key.id)
+            stored = budget_usage(engine, budget)
+            direct = redis.Redis.from_url(REDIS_URL)
+            in_redis = sum(int(direct.get(k) or 0) for k in direct.scan_iter(f"{prefix}w:*"))
+            direct.close()
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+    admitted = codes.count(200)
+    print(
+        f"{what}'s reply lost ({injected}), fail_open={fail_open}: {admitted} admitted on $0.30, "
+        f"{codes.count(503)} answered 503; {count} records ${total / 1e9:.2f}, stored "
+        f"${stored / 1e9:.2f}, Redis's window {in_redis} nano-USD"
+    )
+    assert injected  # (the fault happened)
+    assert admitted == count == 30
+    assert total == stored == in_redis == 30 * CENT
+
+
 async def _a_beat_after_an_empty_restart(sqlite_url: str, stall_a_beat: bool) -> tuple[int, int]:
     server = PrivateRedis()
     server.start()
@@ -2693,6 +2785,74 @@ def holding_app(engine: BudgetEngine, inside: list[int], release: asyncio.Event)
 
     app.add_middleware(BudgetMiddleware, engine=engine)
     return app
+
+
+async def test_the_heartbeat_keeps_slots_while_a_debt_waits_for_the_store(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    """Two instances on one Redis and store, a key allowed 2 requests at once. A request of A's
+    holds a slot through Redis; A's store is cut off (a proxy), a window key of the key's budget
+    is gone from Redis (evicted), and A admits one more in process (fail-open): it owes Redis
+    that charge, whose key cannot be seeded while A's store is away. Each round, the payment
+    raised and the heartbeat was skipped with it, so the slot of the request in flight expired
+    (`BUDGET_SLOT_TTL_SECONDS`) and B admitted 2 more: 3 at once on a limit of 2."""
+    server = PrivateRedis()
+    server.start()
+    proxy = TcpProxy(5432)
+    proxy.restore()
+    cut_url = postgres_database.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    common: dict[str, Any] = {
+        "redis_url": server.url,
+        "fail_open": True,
+        "flush_interval_seconds": 0.5,
+        "slot_ttl_seconds": 1.5,  # a heartbeat every half second
+    }
+    try:
+        a = BudgetEngine(settings_for(cut_url, spill_dir=tmp_path / "a", **common))
+        b = BudgetEngine(settings_for(postgres_database, spill_dir=tmp_path / "b", **common))
+        inside_a: list[int] = []
+        inside_b: list[int] = []
+        release_a, release_b = asyncio.Event(), asyncio.Event()
+        app_a, app_b = holding_app(a, inside_a, release_a), holding_app(b, inside_b, release_b)
+        async with running(app_a), running(app_b), client(app_a) as ha, client(app_b) as hb:
+            key = a.manager.create_virtual_key(
+                name="alice",
+                budgets=[{"max_limit": 1, "reset_duration": "1d"}],
+                rate_limit={"max_concurrent_requests": 2},
+            )
+            await a.invalidate()
+            await b.invalidate()
+            url = "/v1/chat/completions"
+            held = {**bearer(key.value or ""), "x-hold": "1"}
+            held_a = asyncio.create_task(ha.post(url, json=chat(), headers=held))
+            assert await until(lambda: len(inside_a) == 1)  # its slot held in Redis
+            proxy.cut()
+            direct = redis.Redis.from_url(server.url)
+            direct.delete(*direct.keys(f"bm:w:budget:{key.budgets[0].id}:*"))
+            direct.close()
+            quick = await ha.post(url, json=chat(), headers=bearer(key.value or ""))
+            await asyncio.sleep(2.5)  # past the slot TTL: heartbeats go round meanwhile
+            held_b = [
+                asyncio.create_task(hb.post(url, json=chat(), headers=held)) for _ in range(2)
+            ]
+            # (each admitted, or answered: refused)
+            await until(lambda: len(inside_b) + sum(t.done() for t in held_b) == 2)
+            admitted_b = len(inside_b)
+            release_a.set()
+            release_b.set()
+            codes_b = sorted(r.status_code for r in await asyncio.gather(*held_b))
+            first = (await held_a).status_code
+            proxy.restore()
+    finally:
+        proxy.cut()
+        server.stop()
+    print(
+        f"A: 1 held through Redis ({first}), 1 admitted in process with its store away "
+        f"({quick.status_code}); B then admitted {admitted_b} more ({codes_b}): "
+        f"{1 + admitted_b} at once on a limit of 2"
+    )
+    assert quick.status_code == 200
+    assert 1 + admitted_b <= 2
 
 
 async def test_settlements_redis_died_under_count_once_in_another_s_seed(

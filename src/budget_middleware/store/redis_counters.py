@@ -2465,6 +2465,16 @@ class RedisCounters(CounterBackend):
                 if (self._owed or self._releases or self._unsure) and not self._backing_off():
                     await self._pay_debts_whole()
                     self._recovered()
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+            except _StoreDown:
+                pass  # a lost key could not be seeded: the store is away; the next round tries
+            if task.cancelling():  # (as below)
+                raise asyncio.CancelledError
+            # The beat goes on whether or not the debts were paid: skipped with them, a debt
+            # waiting for the store (a key to seed) left the slots of the requests in flight to
+            # expire (another instance admitted 3 at once on a limit of 2), and a rollback untold.
+            try:
                 if (self._marks or self._carries) and not self._backing_off():
                     await self.write_marks()  # a reset made while Redis was away, say
                 await self.heartbeat()
