@@ -185,10 +185,15 @@ def _no_budget_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def _release_engines() -> Iterator[None]:
-    """Each test gets engines of its own; their connection pools are closed when it ends."""
+    """Each test gets engines of its own; their connection pools are closed when it ends, and
+    those started in the background loop (a WSGI app's, a sync transport's) are shut down: left
+    running, their flushers and Redis heartbeats went on there through the later tests (to a
+    store dropped since, to a private Redis's port another test may take)."""
     from budget_middleware.engine.engine import _engines
+    from budget_middleware.engine.portal import shut_down_engines
 
     yield
+    shut_down_engines()
     for engine in list(_engines.values()):
         engine.store.dispose()
     _engines.clear()

@@ -1440,3 +1440,335 @@ async def test_a_gzip_stream_sent_in_one_chunk_is_read_across_its_slices(
     assert len(packed) > 2 * 4096
     row = await charged(settings, [*SSE, (b"content-encoding", b"gzip")], [packed], STREAM_REQUEST)
     assert (row.cost_nanos, row.estimated) == (cost(10, 5000), False)
+
+
+# -- mutation survivors of engine/exchange.py (2026-12-07): the bounds the record keeps ---------
+
+
+async def test_a_usage_of_exactly_2_31_minus_1_tokens_is_counted_as_it_is(
+    settings: BudgetSettings,
+) -> None:
+    """The store's token columns are 32-bit: a count over 2**31 - 1 is cut to it, and noted.
+    A count of exactly 2**31 - 1 fits: counted as it is, with no note. Mutation survivors: at
+    `>=` in place of `>` (output, cached) such an answer was noted as cut."""
+    most = 2**31 - 1
+    usage = {
+        "prompt_tokens": most,
+        "completion_tokens": most,
+        "prompt_tokens_details": {"cached_tokens": most},
+    }
+    body = json.dumps({"choices": [{"message": {"content": "hi"}}], "usage": usage}).encode()
+    row = await charged(settings, JSON, [body])
+    counts = (row.input_tokens, row.output_tokens, row.cached_tokens)
+    print("counted", counts)
+    assert counts == (most, most, most)
+    assert (row.note, row.estimated) == (None, False)
+
+
+async def test_a_cost_of_exactly_a_million_dollars_is_charged_as_it_is(
+    settings: BudgetSettings,
+) -> None:
+    """One request is charged at most $1,000,000 (10**15 nano-USD), a cost over it cut to it and
+    noted. A reported cost of exactly $1,000,000 is charged as it is, with no note. A mutation
+    survivor: at `>=` in place of `>`, it was noted as cut."""
+    body = b'{"choices": [{"message": {"content": "hi"}}]}'
+    row = await charged(settings, [*JSON, (b"x-budget-cost", b"1000000")], [body])
+    assert (row.cost_nanos, row.cost_source, row.note) == (10**15, "header", None)
+
+
+async def test_a_cost_over_a_million_dollars_by_its_tokens_is_cut_to_it(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """A cost worked out from the tokens (not only a reported one, which `charge_nanos` caps)
+    is cut to $1,000,000 too, and noted: 2,000 output tokens at $1,000 each are $2,000,000."""
+    path = tmp_path / "prices.json"
+    prices = {"input_per_mtok": 1, "output_per_mtok": 1_000_000_000}
+    path.write_text(json.dumps({"models": {"openai/gpt-4o": prices}}))
+    usage = {"prompt_tokens": 10, "completion_tokens": 2000}
+    body = json.dumps({"choices": [{"message": {"content": "hi"}}], "usage": usage}).encode()
+    row = await charged(make_settings(pricing_file=path), JSON, [body])
+    assert row.cost_nanos == 10**15
+    assert row.note == "cost over $1,000,000, charged $1,000,000"
+
+
+async def test_a_record_s_duration_is_the_time_from_admission_to_settlement(
+    settings: BudgetSettings,
+) -> None:
+    """`duration_ms` is the milliseconds from admission to settlement: at least the time the app
+    took to answer, at most the time around the whole call. Mutation survivors: the duration
+    divided by 1000 in place of multiplied, or the start added in place of taken away."""
+    import time
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        await receive()
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.start", "status": 200, "headers": JSON})
+        body = b'{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}'
+        await send({"type": "http.response.body", "body": body})
+
+    middleware = BudgetMiddleware(app, settings=settings)
+    body = {"model": "openai/gpt-4o", "messages": [], "max_tokens": 100}
+    async with running(middleware):
+        transport = httpx.ASGITransport(middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            before = time.perf_counter()
+            answer = await http.post("/v1/chat/completions", json=body)
+            around_ms = (time.perf_counter() - before) * 1000
+        assert answer.status_code == 200
+        await middleware.engine.flush()
+        (row,) = rows_of(middleware.engine)
+    print(f"duration {row.duration_ms:.1f} ms, {around_ms:.1f} ms around the call")
+    assert 40 <= row.duration_ms <= around_ms  # (a loop may wake a millisecond early)
+
+
+async def test_a_request_settled_through_redis_counts_its_input_and_output_tokens(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """Admitted by Redis, a request's tokens go on its key's token window at settlement: its
+    input and its output, 10 + 5. A mutation survivor: the output taken away (10 - 5), the
+    window counted 5 tokens and the key's tokens-per-hour limit lifted by twice its output."""
+    from conftest import REDIS_URL, need_redis
+    from service_support import delete_prefix, unique_prefix, use_prefix
+
+    need_redis()
+    path = tmp_path / "prices.json"
+    prices = {"input_per_mtok": 1, "output_per_mtok": 10}
+    path.write_text(json.dumps({"models": {"openai/gpt-4o": prices}}))
+    settings = make_settings(pricing_file=path, redis_url=REDIS_URL)
+    body = b'{"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5}}'
+    app = BudgetMiddleware(answering(200, JSON, [body]), settings=settings)
+    prefix = unique_prefix()
+    use_prefix(app.engine, prefix)
+    try:
+        async with running(app):
+            key = app.engine.manager.create_virtual_key(
+                name="k", rate_limit={"token_max_limit": 1000, "token_reset_duration": "1h"}
+            )
+            transport = httpx.ASGITransport(app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                answer = await http.post(
+                    "/v1/chat/completions",
+                    json={"model": "openai/gpt-4o", "messages": [], "max_tokens": 100},
+                    headers={"authorization": f"Bearer {key.value}"},
+                )
+            assert answer.status_code == 200
+            window = next(iter(app.engine.registry.windows["token"].values()))
+            counted = window.value
+            await app.engine.flush()
+            (row,) = rows_of(app.engine)
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+    print(
+        f"tokens counted on the key's window: {counted} (record {row.input_tokens} in, "
+        f"{row.output_tokens} out, {row.cost_nanos} nano-USD)"
+    )
+    assert (row.input_tokens, row.output_tokens, row.cost_nanos) == (10, 5, cost(10, 5))
+    assert counted == 15
+
+
+async def test_a_fee_is_learnt_from_a_measured_answer_and_forgotten_only_by_one(
+    settings: BudgetSettings,
+) -> None:
+    """An answer that reports a cost over its tokens' price (a fee) teaches the next requests to
+    its model to reserve it beside their tokens; a measured answer without one forgets it, an
+    estimated one (no usage: nothing measured) does not. The fee here is 1 nano-USD: the third
+    request reserves 1 more than the first and the fourth, the second too. Mutation survivors:
+    the fee of 1 not learnt (`> 1`), an estimated answer forgetting it, a measured one not."""
+    usage = b'"usage": {"prompt_tokens": 10, "completion_tokens": 5}'
+    answers = [
+        (  # measured, reported 60,001: 1 over its tokens' 60,000
+            [*JSON, (b"x-budget-cost", b"0.000060001")],
+            b'{"choices": [{"message": {"content": "hi"}}], ' + usage + b"}",
+        ),
+        (JSON, b'{"choices": [{"message": {"content": "hi"}}]}'),  # estimated: no usage
+        (JSON, b'{"choices": [], ' + usage + b"}"),  # measured, no fee: forgets it
+        (JSON, b'{"choices": [], ' + usage + b"}"),
+    ]
+    reserved: list[int] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        await receive()
+        budget = next(iter(middleware.engine.registry.windows["budget"].values()))
+        reserved.append(budget.reserved)
+        headers, body = answers[len(reserved) - 1]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    middleware = BudgetMiddleware(app, settings=settings)
+    async with running(middleware):
+        key = middleware.engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+        transport = httpx.ASGITransport(middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for _ in answers:
+                answer = await http.post(
+                    "/v1/chat/completions",
+                    json={"model": "openai/gpt-4o", "messages": [], "max_tokens": 100},
+                    headers={"authorization": f"Bearer {key.value}"},
+                )
+                assert answer.status_code == 200
+        await middleware.engine.flush()
+        rows = rows_of(middleware.engine)
+    charges = [(row.cost_nanos, row.estimated) for row in rows]
+    print("reserved as each was answered:", reserved, "; charged:", charges)
+    assert charges[0] == (60_001, False) and charges[2:] == [(cost(10, 5), False)] * 2
+    first = reserved[0]
+    assert reserved == [first, first + 1, first + 1, first]
+
+
+async def test_what_a_request_with_server_tools_reserves_is_learnt_from_measured_ones(
+    settings: BudgetSettings,
+) -> None:
+    """A request with tools its provider runs (web search) reserves at least the most such a
+    request to its model has been charged, learnt from measured answers only: not from one
+    without tools, nor one without usage (an estimate). Before any is measured it reserves the
+    most one request is charged. Mutation survivors: learnt from every answer, from estimated
+    ones, from none, or from errors only."""
+    usage = b'"usage": {"prompt_tokens": 10, "completion_tokens": %d}'
+    plain = {"model": "openai/gpt-4o", "messages": [], "max_tokens": 100}
+    tools = {**plain, "tools": [{"type": "web_search_preview"}]}
+    steps = [  # (request, answer)
+        (plain, b'{"choices": [], ' + usage % 1000 + b"}"),  # no tools: teaches nothing
+        (tools, b'{"choices": [{"message": {"content": "hi"}}]}'),  # estimated: nothing
+        (tools, b'{"choices": [], ' + usage % 500 + b"}"),  # measured: 5,010,000
+        (tools, b'{"choices": [], ' + usage % 5 + b"}"),
+    ]
+    reserved: list[int] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        await receive()
+        budget = next(iter(middleware.engine.registry.windows["budget"].values()))
+        reserved.append(budget.reserved)
+        await send({"type": "http.response.start", "status": 200, "headers": JSON})
+        await send({"type": "http.response.body", "body": steps[len(reserved) - 1][1]})
+
+    middleware = BudgetMiddleware(app, settings=settings)
+    async with running(middleware):
+        key = middleware.engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+        transport = httpx.ASGITransport(middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for request, _ in steps:
+                answer = await http.post(
+                    "/v1/chat/completions",
+                    json=request,
+                    headers={"authorization": f"Bearer {key.value}"},
+                )
+                assert answer.status_code == 200
+        await middleware.engine.flush()
+        rows = rows_of(middleware.engine)
+    charges = [(row.cost_nanos, row.estimated) for row in rows]
+    print("reserved as each was answered:", reserved, "; charged:", charges)
+    assert charges[2] == (cost(10, 500), False)
+    assert reserved[1] == reserved[2] > cost(10, 1000)  # nothing learnt yet: the most
+    assert reserved[3] == cost(10, 500)  # the measured one's charge
+
+
+async def test_what_a_medium_sent_by_reference_takes_is_learnt_from_measured_answers(
+    settings: BudgetSettings,
+) -> None:
+    """A request sending an image by URL reserves, for it, what one has been measured to take
+    for its model: learnt from an answer that reports its input, not from one without usage
+    (estimated: its input is our own guess). Before any is measured, it reserves the most one
+    request is charged. Mutation survivors: learnt from estimated answers, or never."""
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    request = {
+        "model": "openai/gpt-4o",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": [image]}],
+    }
+    answers = [
+        b'{"choices": [{"message": {"content": "a cat"}}]}',  # estimated: teaches nothing
+        b'{"choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 5}}',
+        b'{"choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 5}}',
+    ]
+    reserved: list[int] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        await receive()
+        budget = next(iter(middleware.engine.registry.windows["budget"].values()))
+        reserved.append(budget.reserved)
+        await send({"type": "http.response.start", "status": 200, "headers": JSON})
+        await send({"type": "http.response.body", "body": answers[len(reserved) - 1]})
+
+    middleware = BudgetMiddleware(app, settings=settings)
+    async with running(middleware):
+        key = middleware.engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+        transport = httpx.ASGITransport(middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for _ in answers:
+                answer = await http.post(
+                    "/v1/chat/completions",
+                    json=request,
+                    headers={"authorization": f"Bearer {key.value}"},
+                )
+                assert answer.status_code == 200
+        await middleware.engine.flush()
+        rows = rows_of(middleware.engine)
+    charges = [(row.cost_nanos, row.estimated) for row in rows]
+    print("reserved as each was answered:", reserved, "; charged:", charges)
+    assert charges[1:] == [(cost(1000, 5), False)] * 2
+    assert reserved[0] == reserved[1] == 10**15  # nothing measured yet: the most
+    # the image measured at (at most) 1,000 input tokens, its 100 output tokens beside them
+    assert 1000 * IN_NANOS + 100 * OUT_NANOS <= reserved[2] < 10**10
+
+
+async def test_text_streamed_past_a_usage_that_reported_its_cost_is_charged_beside_it(
+    settings: BudgetSettings,
+) -> None:
+    """A stream whose usage reports its cost (OpenRouter's `usage.cost`), then streams on: the
+    text (402 characters in all, 101 tokens where 5 were reported) is charged at its tokens'
+    price beside the reported cost, which is kept. A mutation survivor: the reported cost
+    alone was charged, the 96 tokens past it free."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "cost": 0.001}
+    chunks = [chunk("hi"), chunk(None, usage), chunk("x" * 400), b"data: [DONE]\n\n"]
+    row = await charged(settings, SSE, chunks, STREAM_REQUEST)
+    assert (row.input_tokens, row.output_tokens) == (10, 101)
+    assert (row.cost_nanos, row.estimated) == (1_000_000 + cost(0, 96), True)
+
+
+async def test_a_request_whose_client_left_before_any_answer_is_charged_its_most_output(
+    settings: BudgetSettings,
+) -> None:
+    """The client leaves before the app answers, and the app then ends with no answer (Django's
+    ASGI handler cancels the view): the call was made, its answer never seen, so it is charged
+    the most it could have cost (its prompt and its 100 `max_tokens`), noted so. A mutation
+    survivor: no test reached the note, and without it such a request was charged its prompt
+    alone ("no usage in the response")."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        await receive()  # the body
+        message = await receive()  # the client leaves
+        assert message["type"] == "http.disconnect"
+
+    request = {"model": "openai/gpt-4o", "messages": [], "max_tokens": 100}
+    receive = BodyThenGone(json.dumps(request).encode())
+    receive.gone.set()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    middleware = BudgetMiddleware(app, settings=settings)
+    async with running(middleware):
+        await middleware(post_scope("/v1/chat/completions"), receive, send)
+        await middleware.engine.flush()
+        (row,) = rows_of(middleware.engine)
+    print(f"charged {row.cost_nanos} ({row.input_tokens} in, {row.output_tokens} out): {row.note}")
+    assert sent == []
+    assert (row.outcome, row.output_tokens, row.estimated) == ("client_disconnected", 100, True)
+    assert row.cost_nanos == cost(row.input_tokens, 100)
+    assert row.note == "the client left before the app answered: charged its most output"

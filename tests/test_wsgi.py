@@ -1280,6 +1280,48 @@ for _ in range(7):
     assert written == 7
 
 
+@pytest.mark.parametrize("adapter", ["BudgetWSGIMiddleware", "BudgetSyncTransport"])
+def test_pending_charges_of_an_engine_the_app_made_are_written_when_the_process_exits(
+    tmp_path: Path, adapter: str
+) -> None:
+    """As above, with an engine the app made itself (`BudgetEngine(settings)`, given to the
+    adapter as `engine=`), which `get_engine` does not know: the exit shut down the engines
+    `get_engine` made alone, and this one's charges since its last flush were lost (0 of 7
+    written)."""
+    script = f"""
+import httpx2
+from budget_middleware import BudgetEngine, BudgetSettings, BudgetSyncTransport
+from budget_middleware.wsgi import BudgetWSGIMiddleware
+settings = BudgetSettings(database_url="sqlite:///{tmp_path}/exit.db", flush_interval_seconds=3600)
+engine = BudgetEngine(settings)
+usage = {{"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+answer = {{"model": "gpt-4o-mini", "choices": [], "usage": usage}}
+def provider(request):
+    return httpx2.Response(200, json=answer)
+def app(environ, start_response):
+    start_response("200 OK", [("content-type", "application/json")])
+    return [httpx2.Response(200, json=answer).content]
+if {adapter!r} == "BudgetWSGIMiddleware":
+    transport = httpx2.WSGITransport(app=BudgetWSGIMiddleware(app, engine=engine))
+else:
+    transport = BudgetSyncTransport(httpx2.MockTransport(provider), engine=engine)
+url = "https://api.openai.com/v1/chat/completions"
+with httpx2.Client(transport=transport) as client:
+    for _ in range(7):
+        assert client.post(url, json={{"model": "gpt-4o-mini"}}).status_code == 200
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")}
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, env=env)
+    from sqlalchemy import create_engine
+
+    store = create_engine(f"sqlite:///{tmp_path}/exit.db")
+    with store.connect() as conn:
+        written = conn.execute(text("SELECT count(*) FROM bm_usage_records")).scalar_one()
+    store.dispose()
+    print(f"{adapter} on an engine of the app's: {written} of 7 usage records written at exit")
+    assert written == 7
+
+
 def test_every_step_of_the_engine_s_background_loop_holds_the_lock(make_settings: Settings) -> None:
     """What makes in-thread admission atomic: no task step on the loop (the flusher's, a key
     read's, a reload's) runs while a WSGI thread holds `loop_lock`, nor the other way round."""

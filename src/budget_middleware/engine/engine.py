@@ -38,7 +38,12 @@ from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
 from budget_middleware.engine.gate import Gate
 from budget_middleware.engine.hooks import Hook, Hooks
 from budget_middleware.engine.mounts import UNKNOWN, announce
-from budget_middleware.engine.portal import engines, settle_open_at_exit
+from budget_middleware.engine.portal import (
+    engines,
+    is_background,
+    settle_open_at_exit,
+    started_in_background,
+)
 from budget_middleware.engine.prices import PriceBook
 from budget_middleware.engine.rounds import FailedRounds
 from budget_middleware.exceptions import ConfigurationError, ServiceUnavailable, StoreSchemaError
@@ -430,6 +435,8 @@ class BudgetEngine:
             await self._reread_counters()
             self._stopping = asyncio.Event()
             self.loop = asyncio.get_running_loop()  # where sync callers send their work
+            if is_background(self.loop):  # (shut down there at exit, made by the app or not)
+                started_in_background.add(self)
             self.hooks.loop = self.loop
             self.alerts.start(self.loop)
             self._flusher = self.loop.create_task(self._flush_loop())

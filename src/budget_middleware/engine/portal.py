@@ -87,6 +87,10 @@ os.register_at_fork(after_in_child=loop_lock._at_fork_reinit)
 # Every engine of this process, by its settings (`engine.get_engine`): kept here, where the
 # exit's shutdown finds them, with nothing of the engine's module imported.
 engines: weakref.WeakValueDictionary[str, BudgetEngine] = weakref.WeakValueDictionary()
+# Every engine started in the background loop, of `engines` or not (one an app made itself,
+# `BudgetEngine(settings)`, given to an adapter as `engine=`): shut down by `shut_down_engines`
+# too. Left out, such an engine's charges since its last flush were lost at exit (3 of 3).
+started_in_background: weakref.WeakSet[BudgetEngine] = weakref.WeakSet()
 
 _background: asyncio.AbstractEventLoop | None = None
 _background_pid = 0
@@ -579,7 +583,7 @@ def shut_down_engines(timeout: float = 30.0) -> None:
     loop = _background
     if loop is None or loop.is_closed() or _background_pid != os.getpid():
         return
-    for engine in list(engines.values()):
+    for engine in list({id(e): e for e in (*engines.values(), *started_in_background)}.values()):
         # Started here, or in a loop that has closed since (a script's `asyncio.run`): its
         # pending charges are written from here. Shut down here already (a gunicorn
         # `worker_exit` hook), it may hold charges settled since (a stream that ended after):
