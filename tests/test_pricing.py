@@ -223,15 +223,6 @@ def test_an_unknown_model_has_no_price_and_is_logged_once(caplog: pytest.LogCapt
     assert ("unknown", "no-such-model-xyz") in book.unpriced
 
 
-def test_note_unpriced_counts_every_unpriced_request() -> None:
-    book = PriceBook()
-    assert book.unpriced_requests == 0
-    for _ in range(3):
-        book.note_unpriced("acme", "mystery")
-    assert book.unpriced_requests == 3
-    assert book.unpriced == {("acme", "mystery")}
-
-
 @pytest.mark.parametrize("model", ["gpt-4o", "no-such-model-xyz"])
 def test_a_repeat_lookup_does_not_ask_genai_prices_again(
     monkeypatch: pytest.MonkeyPatch, model: str

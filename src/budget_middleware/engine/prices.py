@@ -410,7 +410,6 @@ class PriceBook:
         self._prices: dict[tuple[str, str], ModelPrice | None] = {}
         self._guesses: dict[str, str | None] = {}
         self.unpriced: set[tuple[str, str]] = set()
-        self.unpriced_requests = 0
         # Deployments BUDGET_CONFIG_FILE prices (a LiteLLM `model_list`), by `provider/model`
         # lowercased as the pricing file's keys (a bare model as itself).
         self.deployments: dict[str, DeploymentPrice] = {}
@@ -531,8 +530,8 @@ class PriceBook:
         return guess
 
     def note_unpriced(self, provider: str, model: str) -> None:
-        """Count one request charged 0 because its model has no price."""
-        self.unpriced_requests += 1
+        """A request charged 0 because its model has no price: warned of once a model (counted
+        in the engine's `stats.unpriced_requests`, which `/metrics` reads)."""
         self._warn_unpriced(provider, model)
 
     def _warn_unpriced(self, provider: str, model: str) -> None:
