@@ -1502,58 +1502,39 @@ def test_an_outbound_call_whose_body_cannot_be_rewritten_is_neither_sent_nor_cha
     assert budget.spent == 0 and budget.reserved == 0
 
 
-async def test_a_target_naming_another_route_is_refused(tmp_path: Path) -> None:
-    """Routes do not nest (SPEC §12: a target is a provider and model). A route `smart` whose
-    target is `fast`, another route's name, was stored (201): a request for `smart` reached
-    the app as `fast`, never routed again, metered as provider `unknown` at $0. It is a 409 (a
-    conflict with the other route, as a duplicate name: the body is valid by itself) naming
-    both, either way round (the target first, or the route named after a target), from the
-    admin API, the Python API and a config file. A route named after a model it serves
-    (`gpt-4o` of `openai/gpt-4o`) is that model as a target, as in LiteLLM (a `model_name` is
-    a group, a `model` the model): kept, as is a route naming itself."""
-    settings = BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db", admin_key="admin-secret")
-    transport = httpx.ASGITransport(create_admin_app(settings))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=ADMIN) as http:
-        fast = await http.post("/routes", json={"name": "fast", "targets": ["openai/gpt-4o"]})
-        assert fast.status_code == 201, fast.text
-        nested = await http.post("/routes", json={"name": "smart", "targets": ["fast"]})
-        print("target naming a route ->", nested.status_code, nested.text)
-        assert nested.status_code == 409, nested.text  # a conflict with `fast`, as a name is
-        assert "'fast'" in nested.json()["error"]["message"]
-        assert "nest" in nested.json()["error"]["message"]
-        ok = await http.post("/routes", json={"name": "smart", "targets": ["openai/gpt-4o-mini"]})
-        assert ok.status_code == 201, ok.text
-        changed = await http.put(
-            f"/routes/{ok.json()['route']['id']}", json={"targets": ["gpt-4o-mini", "fast"]}
-        )
-        print("update to a target naming a route ->", changed.status_code, changed.text)
-        assert changed.status_code == 409 and "nest" in changed.json()["error"]["message"]
-        early = await http.post("/routes", json={"name": "cheap", "targets": ["later"]})
-        assert early.status_code == 201  # `later` is no route (yet): a model
-        later = await http.post("/routes", json={"name": "later", "targets": ["openai/gpt-4o"]})
-        print("route named as another's target ->", later.status_code, later.text)
-        assert later.status_code == 409 and "'cheap'" in later.json()["error"]["message"]
-        itself = await http.post("/routes", json={"name": "gpt-4o", "targets": ["gpt-4o"]})
-        assert itself.status_code == 201, itself.text
-        model = await http.post("/routes", json={"name": "mini", "targets": ["gpt-4o", "x/y"]})
-        assert model.status_code == 201, model.text  # `gpt-4o` serves the model gpt-4o
-        routes = (await http.get("/routes")).json()["routes"]
-        assert sorted(r["name"] for r in routes) == ["cheap", "fast", "gpt-4o", "mini", "smart"]
-    from budget_middleware import Conflict
-
-    with pytest.raises(Conflict, match="nest"):
-        get_engine(settings).manager.create_route(name="n", targets=["fast"])
-    await get_engine(settings).shutdown()
-    path = tmp_path / "budget.yaml"
-    path.write_text(
-        "routes:\n  - name: smart\n    targets: [fast]\n"
-        "  - name: fast\n    targets: [openai/gpt-4o]\n"
-    )
-    from budget_middleware import ConfigFileError
-    from budget_middleware.manage.config_file import check_config_file
-
-    with pytest.raises(ConfigFileError, match=r"routes\[0\].*'fast'.*nest") as checked:
-        check_config_file(path)
-    print("config check ->", checked.value)
-    with pytest.raises(ConfigFileError, match="nest"):
-        get_engine(BudgetSettings(database_url=f"sqlite:///{tmp_path}/c.db", config_file=path))
+@pytest.mark.parametrize("unpriced", ["allow", "refuse"])
+async def test_a_target_naming_another_route_is_sent_as_written_and_priced_so(
+    make_settings: Settings, unpriced: str
+) -> None:
+    """Routes do not nest (SPEC §12: a target is what the request is sent on as). A route
+    `smart` whose target is `fast`, another route's name, sends a request for `smart` on as
+    `fast`, not routed again: priced as the model `fast` (none), so `BUDGET_UNPRICED_MODELS`
+    decides, as for any request of a model with no price: admitted at no cost (`allow`,
+    counted and logged) or refused 403 `model_not_priced` before the app is called
+    (`refuse`). A configuration that meant to nest routes is told so by that count, the
+    record's model and its `x-budget-route`."""
+    app = host_app(make_settings(unpriced_models=unpriced))
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.create_route(name="fast", targets=["openai/gpt-4o"])
+        m.create_route(name="smart", targets=["fast"])
+        await engine.invalidate()
+        direct = await http.post("/v1/chat/completions", json=chat("fast"))
+        nested = await http.post("/v1/chat/completions", json=chat("smart"))
+        await engine.flush()
+        rows = {(row.key, row.cost) for row in m.usage(group_by="model").usage}
+    print(f"{unpriced}: fast -> {direct.status_code} {direct.headers.get('x-budget-route')}; "
+          f"smart -> {nested.status_code} {nested.headers.get('x-budget-route')} "
+          f"{nested.text[:120]}; usage by model {rows}")  # fmt: skip
+    assert direct.status_code == 200 and direct.headers["x-budget-route"] == "openai/gpt-4o"
+    if unpriced == "allow":
+        assert nested.status_code == 200 and nested.headers["x-budget-route"] == "fast"
+        assert nested.json()["model"] == "fast"  # what the app was asked for: not routed again
+        assert engine.stats.unpriced_requests == 1
+        assert ("fast", 0) in rows
+    else:
+        assert nested.status_code == 403
+        assert nested.json()["error"]["code"] == "model_not_priced"
+        assert engine.stats.unpriced_requests == 0
+        assert all(model != "fast" for model, _ in rows)

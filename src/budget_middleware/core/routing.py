@@ -67,30 +67,6 @@ def target_problem(text: object, what: str = "target", limit: int = 300) -> str 
     return None
 
 
-def targets_a_route(target: str, name: str, targets: Sequence[str]) -> bool:
-    """Whether `target` (of another route) names the route `name` of `targets`, which serves
-    no model of that name: routes do not nest, so a request routed there reaches the app as
-    `name`, unrouted, and is metered as that text's model (`fast`: provider `unknown`, $0). A
-    route named after a model it serves (`gpt-4o` of `openai/gpt-4o`) is that model too."""
-    if target != name:
-        return False
-    named = parse_target(name)
-    return not any(
-        t.model == named.model and named.provider in (None, t.provider)
-        for t in map(parse_target, targets)
-    )
-
-
-def nested_route_problem(target: str, name: str) -> str:
-    """The refusal of a target that names another route, `name` (`targets_a_route`)."""
-    return (
-        f"target {target!r} is the name of route {name!r}, which serves no model of that name: "
-        "routes do not nest, so a request routed there would reach the app unrouted and be "
-        "metered as an unknown model ($0); write the model it should reach, with its provider "
-        "('openai/gpt-4o')"
-    )
-
-
 def route_name_problem(text: object) -> str | None:
     """Why `text` cannot name a route (the `model` a request names: checked as a target is, of
     at most 200 characters); None when it can."""

@@ -53,7 +53,6 @@ from budget_middleware.core.identity import (
 )
 from budget_middleware.core.pricing import DeploymentPrice
 from budget_middleware.core.providers import canonical_provider
-from budget_middleware.core.routing import nested_route_problem, targets_a_route
 from budget_middleware.exceptions import AdminError, ConfigFileError, Conflict, InvalidBody
 from budget_middleware.manage.litellm_config import (
     LITELLM_ENV,
@@ -730,13 +729,6 @@ def _check(path: Path, unset: Unset | None = None) -> _FileData:
                     f"{where}: the same {_OWNER[section].replace('_', ' ')} as "
                     f"{first.rsplit(', ', 1)[-1]}: each is written once (the API answers 409)"
                 )
-    routes = [r for r in data.sections["routes"] if _route_shaped(r)]
-    for raw in routes:
-        for other in routes:
-            for target in raw["targets"] if other is not raw else ():
-                if targets_a_route(target, other["name"], other["targets"]):
-                    where = data.where("routes", data.sections["routes"].index(raw), raw)
-                    problems.append(f"{where}: {nested_route_problem(target, other['name'])}")
     values: dict[str, str] = {}
     for index, raw in enumerate(data.sections["virtual_keys"]):
         value = raw.get("value")
@@ -756,18 +748,6 @@ def _check(path: Path, unset: Unset | None = None) -> _FileData:
         more = f" (and {len(rest)} more: {'; '.join(rest)})" if rest else ""
         raise ConfigFileError(problems[0] + more)
     return data
-
-
-def _route_shaped(entry: Any) -> bool:
-    """A route entry whose name and targets are text (what else is wrong is said above)."""
-    if not isinstance(entry, dict):
-        return False
-    targets = entry.get("targets")
-    return (
-        isinstance(entry.get("name"), str)
-        and isinstance(targets, list)
-        and all(isinstance(t, str) for t in targets)
-    )
 
 
 _OWNER = {

@@ -30,7 +30,6 @@ from sqlmodel import Session, col, select
 
 from budget_middleware.core.identity import MAX_PROVIDER_CHARS, MAX_TAG_CHARS, name_problem
 from budget_middleware.core.providers import canonical_provider, owner_name, stored_provider
-from budget_middleware.core.routing import nested_route_problem, targets_a_route
 from budget_middleware.core.times import from_ts
 from budget_middleware.core.windows import CounterRegistry
 from budget_middleware.exceptions import Conflict, InvalidBody, InvalidRequest, NotFound
@@ -332,7 +331,6 @@ class BudgetManager(KeyWriter):
         data = _body(RouteCreate, body, fields)
         with self._session() as s:
             self._unique_name(s, RouteRow, data.name, "route", None)
-            _no_nested_route(s, data.name, data.targets, None)
             row = RouteRow(name=data.name, targets=list(data.targets), strategy=data.strategy)
             self.origin.stamp(row, created=True)
             s.add(row)
@@ -350,7 +348,6 @@ class BudgetManager(KeyWriter):
                 row.targets = list(data.targets)
             if data.strategy is not None:
                 row.strategy = data.strategy
-            _no_nested_route(s, row.name, row.targets, row.id)
             self.origin.stamp(row, created=False)
             s.add(row)
             self._commit(s, "route")
@@ -554,26 +551,6 @@ def _moment(value: object, name: str) -> datetime | None:
         f"not {value!r}",
         param=name,
     )
-
-
-def _no_nested_route(s: Session, name: str, targets: list[str], own_id: str | None) -> None:
-    """Routes do not nest (SPEC §12: a target is a provider and model): a target naming another
-    route that is no model (`smart` -> `[fast]`) was stored, and its requests metered as
-    provider `unknown` at $0. Refused both ways, as a conflict with the other route (409, as a
-    duplicate name: the body is valid by itself): as a target, and as the route it names."""
-    for other in s.exec(select(RouteRow)).all():
-        if other.id == own_id:
-            continue
-        for target in targets:
-            if targets_a_route(target, other.name, other.targets):
-                raise Conflict(nested_route_problem(target, other.name), param="targets")
-        for target in other.targets:
-            if targets_a_route(target, name, targets):
-                raise Conflict(
-                    f"route {other.name!r} has {name!r} as a target: "
-                    + nested_route_problem(target, name),
-                    param="name",
-                )
 
 
 def _route_out(row: RouteRow) -> RouteOut:
