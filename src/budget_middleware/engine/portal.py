@@ -576,6 +576,18 @@ def _at_exit() -> None:
     shut_down_engines()
 
 
+def _every_engine() -> list[BudgetEngine]:
+    """The engines of `engines` and `started_in_background`, each once. Both are weak
+    collections, iterated in Python: another thread's addition meanwhile (an engine starting on
+    the background loop as the process exits) raises "changed size during iteration", which
+    took the exit's whole shutdown with it (every engine's charges lost): read again."""
+    while True:
+        try:
+            return list({id(e): e for e in (*engines.values(), *started_in_background)}.values())
+        except RuntimeError:
+            continue
+
+
 def shut_down_engines(timeout: float = 30.0) -> None:
     """Shut down every engine started in the background loop: the flusher stops and every
     pending charge and usage record is written (bounded by `timeout` per engine). Idempotent;
@@ -583,7 +595,7 @@ def shut_down_engines(timeout: float = 30.0) -> None:
     loop = _background
     if loop is None or loop.is_closed() or _background_pid != os.getpid():
         return
-    for engine in list({id(e): e for e in (*engines.values(), *started_in_background)}.values()):
+    for engine in _every_engine():
         # Started here, or in a loop that has closed since (a script's `asyncio.run`): its
         # pending charges are written from here. Shut down here already (a gunicorn
         # `worker_exit` hook), it may hold charges settled since (a stream that ended after):
