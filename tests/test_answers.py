@@ -1569,6 +1569,44 @@ async def test_a_request_settled_through_redis_counts_its_input_and_output_token
     assert counted == 15
 
 
+async def _reserved_as_answered(
+    settings: BudgetSettings, steps: list[tuple[dict[str, Any], Any, bytes]]
+) -> tuple[list[int], list[tuple[int, bool]]]:
+    """Each step's request (`steps`: its JSON, the answer's headers and body) sent in turn with
+    one key of a $10 budget: what the budget had reserved as each was answered, and each
+    one's charge (nano-USD, estimated)."""
+    reserved: list[int] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        await receive()
+        budget = next(iter(middleware.engine.registry.windows["budget"].values()))
+        reserved.append(budget.reserved)
+        _, headers, body = steps[len(reserved) - 1]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    middleware = BudgetMiddleware(app, settings=settings)
+    async with running(middleware):
+        key = middleware.engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+        transport = httpx.ASGITransport(middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for request, _, _ in steps:
+                answer = await http.post(
+                    "/v1/chat/completions",
+                    json=request,
+                    headers={"authorization": f"Bearer {key.value}"},
+                )
+                assert answer.status_code == 200
+        await middleware.engine.flush()
+        rows = rows_of(middleware.engine)
+    charges = [(row.cost_nanos, row.estimated) for row in rows]
+    print("reserved as each was answered:", reserved, "; charged:", charges)
+    return reserved, charges
+
+
 async def test_a_fee_is_learnt_from_a_measured_answer_and_forgotten_only_by_one(
     settings: BudgetSettings,
 ) -> None:
@@ -1587,35 +1625,10 @@ async def test_a_fee_is_learnt_from_a_measured_answer_and_forgotten_only_by_one(
         (JSON, b'{"choices": [], ' + usage + b"}"),  # measured, no fee: forgets it
         (JSON, b'{"choices": [], ' + usage + b"}"),
     ]
-    reserved: list[int] = []
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await serve_lifespan(receive, send)
-            return
-        await receive()
-        budget = next(iter(middleware.engine.registry.windows["budget"].values()))
-        reserved.append(budget.reserved)
-        headers, body = answers[len(reserved) - 1]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    middleware = BudgetMiddleware(app, settings=settings)
-    async with running(middleware):
-        key = middleware.engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
-        transport = httpx.ASGITransport(middleware)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            for _ in answers:
-                answer = await http.post(
-                    "/v1/chat/completions",
-                    json={"model": "openai/gpt-4o", "messages": [], "max_tokens": 100},
-                    headers={"authorization": f"Bearer {key.value}"},
-                )
-                assert answer.status_code == 200
-        await middleware.engine.flush()
-        rows = rows_of(middleware.engine)
-    charges = [(row.cost_nanos, row.estimated) for row in rows]
-    print("reserved as each was answered:", reserved, "; charged:", charges)
+    plain = {"model": "openai/gpt-4o", "messages": [], "max_tokens": 100}
+    reserved, charges = await _reserved_as_answered(
+        settings, [(plain, headers, body) for headers, body in answers]
+    )
     assert charges[0] == (60_001, False) and charges[2:] == [(cost(10, 5), False)] * 2
     first = reserved[0]
     assert reserved == [first, first + 1, first + 1, first]
@@ -1638,34 +1651,9 @@ async def test_what_a_request_with_server_tools_reserves_is_learnt_from_measured
         (tools, b'{"choices": [], ' + usage % 500 + b"}"),  # measured: 5,010,000
         (tools, b'{"choices": [], ' + usage % 5 + b"}"),
     ]
-    reserved: list[int] = []
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await serve_lifespan(receive, send)
-            return
-        await receive()
-        budget = next(iter(middleware.engine.registry.windows["budget"].values()))
-        reserved.append(budget.reserved)
-        await send({"type": "http.response.start", "status": 200, "headers": JSON})
-        await send({"type": "http.response.body", "body": steps[len(reserved) - 1][1]})
-
-    middleware = BudgetMiddleware(app, settings=settings)
-    async with running(middleware):
-        key = middleware.engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
-        transport = httpx.ASGITransport(middleware)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            for request, _ in steps:
-                answer = await http.post(
-                    "/v1/chat/completions",
-                    json=request,
-                    headers={"authorization": f"Bearer {key.value}"},
-                )
-                assert answer.status_code == 200
-        await middleware.engine.flush()
-        rows = rows_of(middleware.engine)
-    charges = [(row.cost_nanos, row.estimated) for row in rows]
-    print("reserved as each was answered:", reserved, "; charged:", charges)
+    reserved, charges = await _reserved_as_answered(
+        settings, [(request, JSON, body) for request, body in steps]
+    )
     assert charges[2] == (cost(10, 500), False)
     assert reserved[1] == reserved[2] > cost(10, 1000)  # nothing learnt yet: the most
     assert reserved[3] == cost(10, 500)  # the measured one's charge
@@ -1689,34 +1677,9 @@ async def test_what_a_medium_sent_by_reference_takes_is_learnt_from_measured_ans
         b'{"choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 5}}',
         b'{"choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 5}}',
     ]
-    reserved: list[int] = []
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await serve_lifespan(receive, send)
-            return
-        await receive()
-        budget = next(iter(middleware.engine.registry.windows["budget"].values()))
-        reserved.append(budget.reserved)
-        await send({"type": "http.response.start", "status": 200, "headers": JSON})
-        await send({"type": "http.response.body", "body": answers[len(reserved) - 1]})
-
-    middleware = BudgetMiddleware(app, settings=settings)
-    async with running(middleware):
-        key = middleware.engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
-        transport = httpx.ASGITransport(middleware)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            for _ in answers:
-                answer = await http.post(
-                    "/v1/chat/completions",
-                    json=request,
-                    headers={"authorization": f"Bearer {key.value}"},
-                )
-                assert answer.status_code == 200
-        await middleware.engine.flush()
-        rows = rows_of(middleware.engine)
-    charges = [(row.cost_nanos, row.estimated) for row in rows]
-    print("reserved as each was answered:", reserved, "; charged:", charges)
+    reserved, charges = await _reserved_as_answered(
+        settings, [(request, JSON, body) for body in answers]
+    )
     assert charges[1:] == [(cost(1000, 5), False)] * 2
     assert reserved[0] == reserved[1] == 10**15  # nothing measured yet: the most
     # the image measured at (at most) 1,000 input tokens, its 100 output tokens beside them

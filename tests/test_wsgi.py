@@ -1254,6 +1254,20 @@ def test_on_redis_the_loop_admits_and_settles(make_settings: Settings) -> None:
     assert statuses == [200, 200, 200, 402, 402] and len(rows) == 3
 
 
+def _records_written_by(script: str, database: Path) -> int:
+    """How many usage records the SQLite store `database` holds once `script` has run in a
+    process of its own (without this run's BUDGET_ settings) and exited."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")}
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, env=env)
+    from sqlalchemy import create_engine
+
+    store = create_engine(f"sqlite:///{database}")
+    with store.connect() as conn:
+        written: int = conn.execute(text("SELECT count(*) FROM bm_usage_records")).scalar_one()
+    store.dispose()
+    return written
+
+
 def test_pending_charges_are_written_when_the_process_exits(tmp_path: Path) -> None:
     """A script serves requests through Flask's test client and exits: `atexit` writes what
     the flusher (once an hour) had not."""
@@ -1268,14 +1282,7 @@ for _ in range(7):
     answer = client.post("/v1/chat/completions", json={{"model": "gpt-4o-mini"}}, buffered=True)
     assert answer.status_code == 200
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")}
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, env=env)
-    from sqlalchemy import create_engine
-
-    store = create_engine(f"sqlite:///{tmp_path}/exit.db")
-    with store.connect() as conn:
-        written = conn.execute(text("SELECT count(*) FROM bm_usage_records")).scalar_one()
-    store.dispose()
+    written = _records_written_by(script, tmp_path / "exit.db")
     print(f"written at exit: {written} usage records")
     assert written == 7
 
@@ -1325,14 +1332,7 @@ if {raced!r}:
             return super().__iter__()
     portal.started_in_background = Raced(portal.started_in_background)
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUDGET_")}
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, env=env)
-    from sqlalchemy import create_engine
-
-    store = create_engine(f"sqlite:///{tmp_path}/exit.db")
-    with store.connect() as conn:
-        written = conn.execute(text("SELECT count(*) FROM bm_usage_records")).scalar_one()
-    store.dispose()
+    written = _records_written_by(script, tmp_path / "exit.db")
     print(f"{adapter} on an engine of the app's{' (raced)' * raced}: {written} of 7 usage "
           "records written at exit")  # fmt: skip
     assert written == 7
