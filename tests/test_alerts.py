@@ -3661,30 +3661,43 @@ async def test_alerts_of_a_window_still_current_are_kept_however_old_and_not_rai
     assert rows == [4, 4, 4] and posts == [4, 4]
 
 
-def _old_deliveries(engine: BudgetEngine, count: int, urls: int, now: float) -> None:
-    """`count` alerts raised 40 days before `now`, each delivered to one of `urls` URLs."""
-    from budget_middleware.core.times import from_ts
-    from budget_middleware.store.tables import AlertDeliveryRow, AlertRow, new_id
+def _delivered(engine: BudgetEngine, rows: list[tuple[str, str, datetime, datetime, str]]) -> None:
+    """Alerts written as delivered, each to one URL: `rows` of (alert id, budget id, window
+    start, raised at, URL key)."""
+    from budget_middleware.store.tables import AlertDeliveryRow, AlertRow
 
-    raised = from_ts(now - 40 * 86400)
     alerts, deliveries = [], []
-    for n in range(count):
-        alert_id = new_id()
+    for alert_id, budget_id, window, raised, url_key in rows:
         alerts.append(
-            {"id": alert_id, "type": "threshold", "budget_id": "b", "threshold": 0.8,
-             "window_start": raised + timedelta(seconds=n), "owner_type": "key",
+            {"id": alert_id, "type": "budget.threshold", "budget_id": budget_id,
+             "threshold": 0.8, "window_start": window, "owner_type": "virtual_key",
              "owner_id": "k", "owner_name": "k", "raised_at": raised, "body": "{}",
              "delivery": "delivered", "attempts": 1, "delivered_to": [],
              "next_attempt_at": raised}
         )  # fmt: skip
         deliveries.append(
-            {"alert_id": alert_id, "url_key": f"{n % urls:064x}", "url_shown": "https://h",
+            {"alert_id": alert_id, "url_key": url_key, "url_shown": "https://h",
              "delivery": "delivered", "attempts": 1, "next_attempt_at": raised,
              "first_attempt_at": raised}
         )  # fmt: skip
     with engine.store.engine.begin() as conn:
         conn.execute(AlertRow.__table__.insert(), alerts)  # type: ignore[attr-defined]
         conn.execute(AlertDeliveryRow.__table__.insert(), deliveries)  # type: ignore[attr-defined]
+
+
+def _old_deliveries(engine: BudgetEngine, count: int, urls: int, now: float) -> None:
+    """`count` alerts raised 40 days before `now`, each delivered to one of `urls` URLs."""
+    from budget_middleware.core.times import from_ts
+    from budget_middleware.store.tables import new_id
+
+    raised = from_ts(now - 40 * 86400)
+    _delivered(
+        engine,
+        [
+            (new_id(), "b", raised + timedelta(seconds=n), raised, f"{n % urls:064x}")
+            for n in range(count)
+        ],
+    )
 
 
 def _deliveries_left(engine: BudgetEngine) -> tuple[int, int]:
@@ -3709,30 +3722,18 @@ async def test_the_delivery_kept_of_a_url_is_its_newest_and_the_others_alerts_go
     from sqlalchemy import text
 
     from budget_middleware.core.times import from_ts
-    from budget_middleware.store.tables import AlertDeliveryRow, AlertRow
 
     now = time.time()
     engine = BudgetEngine(make_settings(), clock=lambda: now)
     await engine.ensure_started()
     try:
-        alerts, deliveries = [], []
-        for alert_id, age in (("f" * 32, 50), ("0" * 32, 45), ("1" * 32, 40)):
-            raised = from_ts(now - age * 86400)
-            alerts.append(
-                {"id": alert_id, "type": "budget.threshold", "budget_id": "gone",
-                 "threshold": 0.8, "window_start": raised, "owner_type": "virtual_key",
-                 "owner_id": "k", "owner_name": "k", "raised_at": raised, "body": "{}",
-                 "delivery": "delivered", "attempts": 1, "delivered_to": [],
-                 "next_attempt_at": raised}
-            )  # fmt: skip
-            deliveries.append(
-                {"alert_id": alert_id, "url_key": "a" * 64, "url_shown": "https://h",
-                 "delivery": "delivered", "attempts": 1, "next_attempt_at": raised,
-                 "first_attempt_at": raised}
-            )  # fmt: skip
-        with engine.store.engine.begin() as conn:
-            conn.execute(AlertRow.__table__.insert(), alerts)  # type: ignore[attr-defined]
-            conn.execute(AlertDeliveryRow.__table__.insert(), deliveries)  # type: ignore[attr-defined]
+        _delivered(
+            engine,
+            [
+                (alert_id, "gone", from_ts(now - age * 86400), from_ts(now - age * 86400), "a" * 64)
+                for alert_id, age in (("f" * 32, 50), ("0" * 32, 45), ("1" * 32, 40))
+            ],
+        )
         await engine.sweep()  # its first: the hourly prune is due
         with engine.store.engine.connect() as conn:
             kept = [r[0] for r in conn.execute(text("SELECT alert_id FROM bm_alert_deliveries"))]
