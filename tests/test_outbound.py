@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextvars
 import gc
 import gzip
 import json
@@ -1646,6 +1647,73 @@ async def test_fail_open_admits_a_call_of_a_key_seen_valid_on_its_last_known_lim
         assert sent == answers[fail_open]["seen"].count(200)
     assert answers[True] == {"seen": [200, 200, 402], "unseen": [503, 503]}
     assert answers[False] == {"seen": [200, 503, 503], "unseen": [503, 503]}
+
+
+async def test_fail_open_admits_a_call_charged_to_a_key_id_seen_valid(
+    make_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same outage for a call paid by the key's id (`charge_to(virtual_key_id=...)`): a key
+    this process has read valid is admitted on its last-known limits ($0.02: one more call,
+    then 402), as it is when named by its value, and so is one read by its value alone (`by
+    value`: one call by value, then two by id); one never read is refused 503. It was refused
+    503 whatever `BUDGET_FAIL_OPEN` said once its cached configuration expired (seen: 200, 503,
+    503), where the same key named by its value was admitted."""
+    answers: dict[bool, dict[str, list[int]]] = {}
+    for fail_open in (True, False):
+        engine = get_engine(
+            make_settings(flush_interval_seconds=3600, cache_ttl_seconds=0.2, fail_open=fail_open)
+        )
+        await engine.ensure_started()
+        try:
+            m = engine.manager
+            seen = m.create_virtual_key(name=f"seen-{fail_open}", budgets=[{"max_limit": 0.02}])
+            unseen = m.create_virtual_key(name=f"unseen-{fail_open}")
+            fake = Counting()
+            sdk = openai_client(fake, engine, max_retries=0)
+
+            async def status(key_id: str, sdk: openai.AsyncOpenAI = sdk) -> int:
+                headers = {"x-mock-cost": "0.01"}
+                try:
+                    with charge_to(virtual_key_id=key_id):
+                        await sdk.chat.completions.create(
+                            model="gpt-4o", messages=MESSAGES, extra_headers=headers
+                        )
+                except openai.APIStatusError as refused:
+                    return refused.status_code
+                return 200
+
+            by_value = m.create_virtual_key(
+                name=f"value-{fail_open}", budgets=[{"max_limit": 0.02}]
+            )
+            first = await status(seen.id)
+            with charge_to(virtual_key=by_value.value):
+                await sdk.chat.completions.create(
+                    model="gpt-4o", messages=MESSAGES, extra_headers={"x-mock-cost": "0.01"}
+                )
+
+            def down(*args: Any) -> None:
+                raise OSError("store unreachable")
+
+            with monkeypatch.context() as patched:
+                patched.setattr(engine.store, "load_key_by_id", down)
+                await asyncio.sleep(0.3)  # past the cache's TTL: the store must be read
+                answers[fail_open] = {
+                    "seen": [first] + [await status(seen.id) for _ in range(2)],
+                    "by value": [200] + [await status(by_value.id) for _ in range(2)],
+                    "unseen": [await status(unseen.id) for _ in range(2)],
+                }
+            sent = fake.calls
+        finally:
+            await engine.shutdown()
+        print(
+            f"fail_open={fail_open}, by id: {answers[fail_open]}; {sent} calls reached the provider"
+        )
+        assert sent == answers[fail_open]["seen"].count(200) + answers[fail_open]["by value"].count(
+            200
+        )
+    admitted, refused = [200, 200, 402], [200, 503, 503]
+    assert answers[True] == {"seen": admitted, "by value": admitted, "unseen": [503, 503]}
+    assert answers[False] == {"seen": refused, "by value": refused, "unseen": [503, 503]}
 
 
 async def test_a_call_whose_gzip_body_does_not_decode_is_refused_not_sent(
@@ -5448,6 +5516,61 @@ async def test_charge_to_decorates_what_returns_the_sdk_s_coroutine(engine: Budg
     payers = [r["virtual_key_id"] for r in records(engine)]
     print("payers of a returned coroutine and an async callable:", payers)
     assert payers == [key.id, key.id]
+
+
+async def test_charge_to_decorates_what_returns_a_generator_that_calls(
+    engine: BudgetEngine, make_settings: Settings
+) -> None:
+    """A plain function that returns a generator (async, or plain) for its caller to iterate, the
+    SDK's calls made as it is iterated (`return stream_words(prompt)`), decorated with
+    `charge_to`: each step runs charged, as the decorated generator's own do. Both ran unpaid
+    (records `[None, None]`): the payer was set while the generator was made, not while it ran."""
+    key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+    sdk = openai_client(Counting(), engine)
+
+    async def words() -> AsyncIterator[str]:
+        stream = await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                yield chunk.choices[0].delta.content
+
+    @charge_to(virtual_key=key.value)
+    def answer() -> AsyncIterator[str]:
+        return words()
+
+    got = [word async for word in answer()]
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100}
+    message = {"role": "assistant", "content": "A summary."}
+    done = {"id": "c", "object": "chat.completion", "model": "gpt-4o", "created": 0,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": usage}  # fmt: skip
+    sync_sdk = openai.OpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.Client(
+            transport=BudgetSyncTransport(
+                httpx2.MockTransport(lambda _: httpx2.Response(200, json=done)), engine=engine
+            )
+        ),
+        max_retries=0,
+    )
+
+    def summaries(n: int) -> Iterator[str]:
+        for _ in range(n):
+            done = sync_sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            yield done.choices[0].message.content or ""
+
+    @charge_to(virtual_key_id=key.id)
+    def summarize() -> Iterator[str]:
+        return summaries(2)
+
+    # (a sync client: off the engine's loop, in a thread of a context of its own)
+    summed = await asyncio.to_thread(contextvars.Context().run, lambda: list(summarize()))
+    await engine.flush()
+    payers = [r["virtual_key_id"] for r in records(engine)]
+    print(f"payers of a returned async generator, then a generator: {payers}")
+    assert got and summed == ["A summary.", "A summary."]
+    assert payers == [key.id] * 3
 
 
 def test_one_transport_serves_httpx_and_httpx2_clients(

@@ -260,6 +260,9 @@ class BudgetEngine:
         # Every key this process has seen valid, by digest, as last read: with fail-open, an
         # outage admits these (their last-known limits apply) and no other key.
         self.last_known: LRUCache[bytes, KeyConfig] = LRUCache(maxsize=1_000_000)
+        # The digests of the keys seen valid, by id: a key `charge_to(virtual_key_id=...)` names
+        # is found among `last_known` through it (`lookup_key_id`'s fail-open).
+        self._id_digests: LRUCache[str, bytes] = LRUCache(maxsize=1_000_000)
         self.globals = GlobalConfig()
         self.globals_loaded_at = float("-inf")
         self._globals_reads = 0  # reads of them begun, numbered in order
@@ -1045,6 +1048,7 @@ class BudgetEngine:
                 self.last_known.pop(digest, None)
             else:
                 self.last_known[digest] = config
+                self._id_digests[config.id] = digest  # (`charge_to(virtual_key_id=...)`)
             self.store_ok = True
             return config
         except Exception as exc:
@@ -1056,7 +1060,9 @@ class BudgetEngine:
     async def lookup_key_id(self, key_id: str) -> tuple[KeyConfig, bytes] | None:
         """A key's configuration by its id (`charge_to(virtual_key_id=...)`), cached as by value,
         with the key's digest: the value is not known there, and a model or provider holding
-        it is told by its digest (SPEC §8)."""
+        it is told by its digest (SPEC §8). With the store away and BUDGET_FAIL_OPEN, the
+        configuration this process last saw valid, as `vouch_for` finds a key by its value
+        (SPEC §11); else ServiceUnavailable."""
         try:
             return self._keys_by_id[key_id]
         except KeyError:
@@ -1065,10 +1071,21 @@ class BudgetEngine:
             record, current = await self._read_across_writes(self.store.load_key_by_id, key_id)
         except Exception as exc:
             self._store_failed(exc)
+            digest = self._id_digests.get(key_id) if self.settings.fail_open else None
+            if digest is not None:
+                known = self.last_known.get(digest)
+                if known is not None and known.id == key_id:
+                    return known, digest
             raise ServiceUnavailable("the budget store cannot be reached") from exc
         found = None
         if record is not None:
             found = (self.builder.key(record), bytes.fromhex(record.key.key_hash))
+            self.last_known[found[1]] = found[0]
+            self._id_digests[key_id] = found[1]
+        else:
+            gone = self._id_digests.pop(key_id, None)
+            if gone is not None:
+                self.last_known.pop(gone, None)
         if current:
             self._keys_by_id[key_id] = found
         return found

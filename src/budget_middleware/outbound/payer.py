@@ -16,7 +16,7 @@ import warnings
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator, Iterable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from types import TracebackType
+from types import AsyncGeneratorType, GeneratorType, TracebackType
 from typing import Any, TypeVar, cast
 
 from budget_middleware.core.identity import key_digest
@@ -163,8 +163,14 @@ def _entered_paid(result: Any, chosen: Payer) -> Any:
     """`result`, or, when it is an SDK's stream manager, that manager entered with the payer
     set: a function decorated with `charge_to` that returns `client.messages.stream(...)` (to
     be used as `with open_stream() as stream:`) had the payer only while it made the manager,
-    and the call, made as it is entered, ran unpaid."""
+    and the call, made as it is entered, ran unpaid. So for a generator it returns (`return
+    stream_words(prompt)`): each of its steps runs with the payer set, as a decorated
+    generator's do; its calls, made as it is iterated, ran unpaid."""
     kind = type(result)
+    if kind is GeneratorType:
+        return _generator(lambda: result, chosen)()
+    if kind is AsyncGeneratorType:
+        return _async_generator(lambda: result, chosen)()
     if not kind.__name__.endswith("Manager") or (
         kind.__module__.partition(".")[0] not in _DEFERRING_SDKS
     ):
