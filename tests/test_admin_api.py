@@ -565,6 +565,77 @@ async def test_key_provider_configs_and_rate_limits_are_written_through_the_key(
         assert r.json()["virtual_key"]["provider_configs"][0]["allowed_models"] == ["*"]
 
 
+async def test_a_key_s_model_list_names_only_models_a_request_can_name(tmp_path: Path) -> None:
+    """A request's model is read cut at 200 characters (as the store keeps it). A key's
+    `blocked_models` entry longer than that was stored (201) and never matched: the model it
+    blocked was served (200), a limit lifted silently; an `allowed_models` one never admitted
+    its model. Such an entry is a 422 naming it (as a model config's `model_name` is, SPEC §5:
+    never silently unmatched); one of 200 characters is matched."""
+    from support import chat, client, host_app, running
+
+    settings = admin_settings(tmp_path)
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    longest, longer = "m" * 200, "m" * 201
+    async with running(app), client(app) as http:
+        answers = {}
+        for field in ("blocked_models", "allowed_models"):
+            for model in (longer, longest):
+                body = {"name": f"{field}-{len(model)}",
+                        "provider_configs": [{"provider": "openai", field: [model]}]}  # fmt: skip
+                r = await http.post("/admin/virtual-keys", json=body, headers=ADMIN)
+                served = None
+                if r.status_code == 201:
+                    auth = {"Authorization": f"Bearer {r.json()['virtual_key']['value']}"}
+                    served = (await http.post("/v1/chat/completions",
+                                              json=chat(f"openai/{model}"),
+                                              headers=auth)).status_code  # fmt: skip
+                answers[(field, len(model))] = (r.status_code, served)
+                if r.status_code == 422:
+                    error = r.json()["error"]
+                    assert error["param"] == f"provider_configs.0.{field}.0", error
+                    assert "at most 200 characters" in error["message"], error
+    print(f"a key's model lists, (created, its model served): {answers}")
+    assert answers == {
+        ("blocked_models", 201): (422, None),
+        ("blocked_models", 200): (201, 403),  # blocked
+        ("allowed_models", 201): (422, None),
+        ("allowed_models", 200): (201, 200),  # allowed
+    }
+
+
+async def test_every_tag_of_a_key_is_one_its_requests_carry(tmp_path: Path) -> None:
+    """A request carries at most 32 tags (the key's first). A key took 100: its tags past the
+    32nd were dropped from every request, their limits with them: a key of 40 tags whose 40th
+    has a $0 budget was served (200, not 402). A key's tags are at most 32 (422 naming the
+    field beyond), and each of a key's 32 meets its limits."""
+    from support import chat, client, host_app, running
+
+    settings = admin_settings(tmp_path)
+    app = host_app(settings)
+    app.mount("/admin", create_admin_app(settings))
+    answers = {}
+    async with running(app), client(app) as http:
+        for count in (40, 32):
+            tags = [f"t{count}-{n:02}" for n in range(count)]
+            blocked = {"budgets": [{"max_limit": 0}]}  # the key's last tag: $0
+            r = await http.put(f"/admin/tags/{tags[-1]}", json=blocked, headers=ADMIN)
+            assert r.status_code == 201, r.text
+            body = {"name": f"k{count}", "tags": tags}
+            r = await http.post("/admin/virtual-keys", json=body, headers=ADMIN)
+            served = None
+            if r.status_code == 201:
+                auth = {"Authorization": f"Bearer {r.json()['virtual_key']['value']}"}
+                answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+                served = answer.status_code
+            else:
+                error = r.json()["error"]
+                assert error["param"] == "tags" and "32" in error["message"], error
+            answers[count] = (r.status_code, served)
+    print(f"a key's tags, (created, its request answered): {answers}")
+    assert answers == {40: (422, None), 32: (201, 402)}
+
+
 async def test_usage_is_grouped_in_the_database(settings: BudgetSettings) -> None:
     from datetime import UTC, datetime
 

@@ -34,8 +34,10 @@ from budget_middleware.core.alerts import check_threshold
 from budget_middleware.core.durations import Duration
 from budget_middleware.core.identity import (
     KEY_VALUE_PATTERN,
+    MAX_MODEL_CHARS,
     MAX_PROVIDER_CHARS,
     MAX_TAG_CHARS,
+    MAX_TAGS,
     NAME_PATTERN,
     key_value_problem,
     name_problem,
@@ -281,8 +283,11 @@ def _ascii_model_name(name: str) -> str:
     return name  # the rest is the manager's check, with its messages
 
 
+# At most MAX_MODEL_CHARS, as a request's model is read (cut there): a longer entry of a key's
+# `blocked_models` never matched, and the model it blocked was served.
 ModelName = Annotated[
     str,
+    Field(max_length=MAX_MODEL_CHARS),  # before the validator: a string's constraint
     AfterValidator(_ascii_model_name),
     Field(json_schema_extra={"pattern": MODEL_NAME_PATTERN}),
 ]
@@ -317,8 +322,12 @@ def _each_tag_once(tags: list[str]) -> list[str]:
     return tags
 
 
+# At most MAX_TAGS, as many as a request carries (the key's first): a key's tags past them
+# were dropped from its requests, and their limits with them.
 KeyTags = Annotated[
-    list[KeyTag], Field(json_schema_extra={"uniqueItems": True}), AfterValidator(_each_tag_once)
+    list[KeyTag],
+    Field(max_length=MAX_TAGS, json_schema_extra={"uniqueItems": True}),
+    AfterValidator(_each_tag_once),
 ]
 
 
@@ -574,7 +583,7 @@ class _KeyFields(_Limits):
     is_active: JsonBool | None = None
     expires_at: JsonTime | None = Field(default=None, description="RFC 3339, with its offset")
     provider_configs: list[ProviderConfigIn] | None = Field(default=None, max_length=100)
-    tags: KeyTags | None = Field(default=None, max_length=100)
+    tags: KeyTags | None = None
     calendar_aligned: JsonBool | None = None
 
     @model_validator(mode="after")
@@ -591,7 +600,7 @@ class VirtualKeyCreate(_KeyFields):
         default=None,
         description="RFC 3339, with its offset; not in the past (a key created expired is a 422)",
     )
-    tags: KeyTags = Field(default_factory=list, max_length=100)
+    tags: KeyTags = Field(default_factory=list)
     calendar_aligned: JsonBool = False
     value: KeyValue | None = None
 
@@ -620,7 +629,9 @@ class ModelConfigCreate(_Limits):
         }
     )  # fmt: skip
 
-    model_name: ModelName = Field(min_length=1, max_length=200, description="'*': every model")
+    model_name: ModelName = Field(
+        min_length=1, max_length=MAX_MODEL_CHARS, description="'*': every model"
+    )
     provider: AnyProvider | None = None
     scope: Literal["global", "virtual_key"] = "global"
     scope_id: str | None = Field(default=None, description="a key's id, with scope virtual_key")
@@ -634,7 +645,7 @@ class ModelConfigCreate(_Limits):
 
 
 class ModelConfigUpdate(_Limits):
-    model_name: ModelName | None = Field(default=None, min_length=1, max_length=200)
+    model_name: ModelName | None = Field(default=None, min_length=1, max_length=MAX_MODEL_CHARS)
     provider: AnyProvider | None = None
     calendar_aligned: JsonBool | None = None
 
