@@ -62,6 +62,18 @@ def test_alert_and_mode_settings_refuse_bad_values_naming_the_variable(
         BudgetSettings()
 
 
+def test_a_webhook_url_s_scheme_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`HTTPS://…` is a valid URL (a scheme is case-insensitive): it was refused at start-up as
+    "not an http:// or https:// URL"."""
+    monkeypatch.setenv("BUDGET_ALERT_WEBHOOK_URLS", "HTTPS://hooks.example.com/a,Http://h:8080/b")
+    urls = BudgetSettings().alert_webhook_urls
+    print("read:", urls)
+    assert urls == ("HTTPS://hooks.example.com/a", "Http://h:8080/b")
+    monkeypatch.setenv("BUDGET_ALERT_WEBHOOK_URLS", "FTP://hooks.example.com/a")
+    with pytest.raises(SettingsError, match="not an http"):
+        BudgetSettings()
+
+
 def test_every_field_is_covered_here() -> None:
     files = {"pricing_file", "config_file", "spill_dir"}  # paths: covered below
     assert set(BudgetSettings.model_fields) == set(SAME_VALUE) | files

@@ -267,7 +267,10 @@ class BudgetSettings(BaseSettings):
         value = _list_text(value, "URLs")
         if isinstance(value, list | tuple):
             for n, url in enumerate(value, 1):
-                if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                # A scheme in any case (RFC 3986 §3.1): `HTTPS://…` is as valid as `https://…`.
+                if not isinstance(url, str) or not url[:8].lower().startswith(
+                    ("http://", "https://")
+                ):
                     raise ValueError(f"URL {n} is not an http:// or https:// URL")
                 try:
                     parsed = httpx.URL(url)
