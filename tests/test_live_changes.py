@@ -1303,3 +1303,50 @@ async def test_a_rate_limit_lowered_keeps_its_requests_in_flight_one_given_anew_
         first = await in_flight
     print(f"{backend}, one held in flight: lowered to 1 → {lowered}; given anew → {anew}")
     assert (first.status_code, lowered, anew) == (200, 429, 200)
+
+
+async def test_more_writes_at_once_than_the_store_has_connections_are_each_answered(
+    make_settings: Settings,
+) -> None:
+    """40 admin writes to one key at once (the admin API's 40 worker threads), more than the
+    store's pool holds connections (15 on SQLite, 20 on PostgreSQL), with a request of a new
+    key among them. Each write, once committed, read the limits outside the key hierarchy
+    (`written_here`) on a second connection while still holding its own: every connection was
+    held by a writer waiting for another, until the pool's 30 s timeout, then 503 "the budget
+    store cannot be reached" (18 to 25 of 40) and the request waited as long. Read once the
+    write has let go of its connection, every write is a 200 at once."""
+    app, gate, _ = gated_app(make_settings())
+    gate.set()
+    engine = engine_of(app)
+    admin = {"authorization": "Bearer admin-secret"}
+    loop = asyncio.get_running_loop()
+    async with running(app), client(app) as http:
+        m = engine.manager
+        key = m.create_virtual_key(name="k", budgets=[{"max_limit": 100, "reset_duration": "1d"}])
+        other = m.create_virtual_key(name="other")
+        budget_id = key.budgets[0].id
+        began = loop.time()
+        writes = [
+            http.put(
+                f"/admin/virtual-keys/{key.id}",
+                json={"budgets": [{"id": budget_id, "max_limit": 100 + i}]},
+                headers=admin,
+            )
+            for i in range(40)
+        ]
+
+        async def request() -> tuple[int, float]:
+            auth = {"authorization": f"Bearer {other.value}"}
+            answer = await http.post("/v1/chat/completions", json=chat(), headers=auth)
+            return answer.status_code, loop.time() - began
+
+        *written, (served, waited) = await asyncio.gather(*writes, request())
+        took = loop.time() - began
+        limit = m.get_budget(budget_id).max_limit
+    codes = sorted(r.status_code for r in written)
+    print(f"40 writes at once: {codes.count(200)} answered 200, {codes.count(503)} 503, "
+          f"in {took:.1f} s; the request {served} after {waited:.1f} s")  # fmt: skip
+    assert codes == [200] * 40
+    assert served == 200
+    assert took < 15 and waited < 15
+    assert 100 <= limit <= 139

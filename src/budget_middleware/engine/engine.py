@@ -934,10 +934,12 @@ class BudgetEngine:
 
     def written_here(self) -> None:
         """A write committed through this process's management API, told by its thread right
-        after the commit: the next request reloads what it changed (`mark_stale`), and the
-        limits outside the key hierarchy are read now, while the store answers. An outage
-        before that reload (fail open) served the provider, model or tag limits the write had
-        replaced; it serves those written."""
+        after the commit, once the write has let go of its connection (read holding it, as many
+        writes at once as the pool has connections waited for each other: `_Writing`): the
+        next request reloads what it changed (`mark_stale`), and the limits outside the key
+        hierarchy are read now, while the store answers. An outage before that reload (fail
+        open) served the provider, model or tag limits the write had replaced; it serves those
+        written."""
         with contextlib.suppress(Exception):  # unread: the reload reads them, as before
             self._written_globals = (time.monotonic(), self.store.load_globals())
         self.mark_stale()

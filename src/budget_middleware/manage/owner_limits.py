@@ -53,6 +53,7 @@ logger = logging.getLogger("budget_middleware")
 # Told of windows that new terms moved, once written (`carried`, `OwnerWriter`).
 OnNewTerms = Callable[[list[Carry]], None]
 CARRIED = "budget_middleware.carried"  # a session's key for `carried`
+COMMITTED = "budget_middleware.committed"  # a session's: whom to tell once it has closed
 
 
 def config_hash(entry: Any) -> str:
@@ -542,8 +543,14 @@ class OwnerWriter:
         ensure_schema(self.store)
         session = self.store.session()
         if self.on_change is not None:
+            # Told once the session has let go of its connection (`_Writing.__exit__`), not at
+            # the commit: the engine reads the store then (`written_here`), and, told while the
+            # writer still held its own, as many writers at once as the pool has connections
+            # each waited for a second one: none was answered before the pool's 30 s timeout.
             notify = self.on_change
-            event.listen(session, "after_commit", lambda _session: notify())
+            event.listen(
+                session, "after_commit", lambda done: done.info.update({COMMITTED: notify})
+            )
         if self.on_owner_change is not None:
             forget = self.on_owner_change
             event.listen(session, "after_flush", _note_owners)
@@ -626,6 +633,9 @@ class _Writing:
 
     def __exit__(self, kind: Any, error: BaseException | None, trace: Any) -> None:
         self.session.__exit__(kind, error, trace)
+        notify = self.session.info.pop(COMMITTED, None)
+        if notify is not None:  # committed, and its connection back in the pool
+            notify()
         if isinstance(error, StaleDataError):  # its row deleted as it wrote it (no lock held)
             raise NotFound("what this request changes was deleted meanwhile") from None
         if isinstance(error, IntegrityError):
