@@ -1128,6 +1128,50 @@ async def test_a_tool_loop_s_turns_are_each_priced_at_their_own_tier(
     assert row.cost_nanos == want
 
 
+@pytest.mark.parametrize("order", ["growing", "shrinking"])
+async def test_a_tool_loop_s_turns_either_side_of_a_tier_are_each_charged_their_own(
+    make_settings: Settings, order: str
+) -> None:
+    """A tool loop's context grows past the 200k tier: a turn of 190k input tokens, then one of
+    210k, streamed as one answer (two Anthropic messages). Anthropic bills each as the request
+    it is: the first at $3/$15 per Mtok, the second at $6/$22.50. Both paid the larger turn's
+    tier ($2.4225 for $1.84875, either way round)."""
+    model = "claude-sonnet-4-5"
+    sizes = [190_000, 210_000] if order == "growing" else [210_000, 190_000]
+    events: list[dict[str, Any]] = []
+    for size in sizes:
+        turn = anthropic_answer({"input_tokens": size, "output_tokens": 500}, True, model)
+        assert isinstance(turn, list)
+        events += turn
+    row = await charged_for(make_settings, "/v1/messages", model, events)
+    want = sum(
+        nanos(Usage(input_tokens=size, output_tokens=500), model, "anthropic") for size in sizes
+    )
+    print("190k and 210k turns: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert row.input_tokens == 400_000
+    assert row.cost_nanos == want == 1_848_750_000
+
+
+async def test_a_tool_loop_s_turn_cut_short_is_estimated_at_its_own_tier(
+    make_settings: Settings,
+) -> None:
+    """The second turn of such a loop (210k input tokens) is cut after 4,000 characters, before
+    its usage: estimated at 1,000 output tokens, at its own tier; the first (190k, whole) still
+    at $3/$15 per Mtok: $1.86. Grown to the estimate, both paid the tier ($2.43375)."""
+    model = "claude-sonnet-4-5"
+    first = anthropic_answer({"input_tokens": 190_000, "output_tokens": 500}, True, model)
+    second = anthropic_answer({"input_tokens": 210_000, "output_tokens": 1}, True, model)
+    assert isinstance(first, list) and isinstance(second, list)
+    second[1]["delta"]["text"] = "x" * 4000  # 1,000 tokens, and the stream ends
+    row = await charged_for(make_settings, "/v1/messages", model, first + second[:2])
+    want = nanos(Usage(input_tokens=190_000, output_tokens=500), model, "anthropic") + nanos(
+        Usage(input_tokens=210_000, output_tokens=1000), model, "anthropic"
+    )
+    print("a turn cut short: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert row.estimated and row.output_tokens == 1500
+    assert row.cost_nanos == want == 1_860_000_000
+
+
 @pytest.mark.parametrize("prompt", [200_000, 200_001])
 async def test_gemini_is_charged_its_long_context_tier_above_200k_tokens(
     make_settings: Settings, prompt: int
@@ -1152,6 +1196,57 @@ async def test_anthropic_web_searches_are_charged(make_settings: Settings, strea
     row = await charged_for(make_settings, "/v1/messages", model, anthropic_answer(usage, stream))
     want = nanos(Usage(input_tokens=100, output_tokens=500, web_searches=3), model, "anthropic")
     print("3 web searches: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert row.cost_nanos == want
+
+
+# A Responses API answer's web searches (OpenAI's `web_search` tool): a `web_search_call` output
+# item each, its action a search; opening a page it found and finding in one are no search.
+def _searched(query: str) -> dict[str, Any]:
+    return {
+        "type": "web_search_call",
+        "status": "completed",
+        "action": {"type": "search", "query": query},
+    }
+
+
+SEARCHED_OUTPUT: list[dict[str, Any]] = [
+    _searched("budget middleware"),
+    {"type": "reasoning", "summary": []},
+    _searched("asgi"),
+    {"type": "web_search_call", "status": "completed", "action": {"type": "open_page"}},
+    _searched("llm prices"),
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_openai_responses_web_searches_are_charged(
+    make_settings: Settings, stream: bool
+) -> None:
+    """OpenAI bills its Responses API's web search tool $10 a thousand searches besides the
+    tokens (the catalog's gpt-5 `web_searches_kcount`); an answer says each search as a
+    `web_search_call` output item (its usage does not count them), streamed in
+    `response.completed`'s response. 3 searches on 1,000 input and 500 output tokens: $0.03
+    more than the tokens' $0.00625, charged the tokens alone before."""
+    model = "gpt-5"
+    usage = {
+        "input_tokens": 1_000,
+        "output_tokens": 500,
+        "total_tokens": 1_500,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0},
+    }
+    response = {"object": "response", "model": model, "output": SEARCHED_OUTPUT, "usage": usage}
+    answer: dict[str, Any] | list[dict[str, Any]] = (
+        [{"type": "response.completed", "response": response}] if stream else response
+    )
+    row = await charged_for(
+        make_settings, "/v1/responses", f"openai/{model}", answer, tools=[{"type": "web_search"}]
+    )
+    want = nanos(Usage(input_tokens=1_000, output_tokens=500, web_searches=3), model, "openai")
+    tokens = nanos(Usage(input_tokens=1_000, output_tokens=500), model, "openai")
+    print("3 web searches: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert want == tokens + 30_000_000  # $10 a thousand: 3 cost $0.03
     assert row.cost_nanos == want
 
 

@@ -175,6 +175,8 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     Integer arithmetic: exact.
     """
     if price.tiers:
+        if usage.turns and _adds_up(usage):  # several requests' (a tool loop's turns): each
+            return sum(cost_nanos(price, turn) for turn in usage.turns)  # at its own tier
         price = in_force(price, usage.tier_input_tokens or usage.input_tokens)
     rates = price._rates
     out = usage.output_tokens
@@ -202,6 +204,18 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     ):
         femto += _other_kinds(rates, usage, write, plain, out)
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
+
+
+def _adds_up(usage: TokenUsage) -> bool:
+    """Whether the turns of a usage of several requests' add up to its counts (they do not once
+    it is grown to an estimate of a cut stream: priced whole then, at its largest turn's tier)."""
+    turns = usage.turns
+    return (
+        sum(t.input_tokens for t in turns) == usage.input_tokens
+        and sum(t.output_tokens for t in turns) == usage.output_tokens
+        and sum(t.cached_tokens for t in turns) == usage.cached_tokens
+        and sum(t.cache_write_tokens for t in turns) == usage.cache_write_tokens
+    )
 
 
 def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: int) -> int:

@@ -12,7 +12,7 @@ import math
 import re
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -67,7 +67,10 @@ class TokenUsage:
       `server_tool_use.web_search_requests`), priced per search.
     - `tier_input_tokens`: the input that picks a long-context price tier when it is not
       `input_tokens` (0): of several requests' usages added (`plus`, a tool loop's turns), the
-      largest one's, for each turn is priced by its own size (at most: all at the largest's).
+      largest one's, should `turns` no longer add up to the whole (grown to an estimate).
+    - `turns`: of several requests' usages added (`plus`), each one's, for each is priced at
+      its own long-context tier (a tool loop's turn of 190k input tokens, then one of 210k,
+      pays the tier on the second only); () for one request's.
     - `service_tier`: the service tier the answer says it was served at (OpenAI's top-level
       `service_tier`: `default`, `priority`, `flex`; Anthropic's `usage.speed`: `standard`,
       `fast`), which some models price apart; None when it does not say.
@@ -85,6 +88,7 @@ class TokenUsage:
     tier_input_tokens: int = 0
     service_tier: str | None = None
     uncosted: TokenUsage | None = None
+    turns: tuple[TokenUsage, ...] = field(default=(), compare=False, repr=False)
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's). Of
@@ -113,6 +117,7 @@ class TokenUsage:
             ),
             other.service_tier or self.service_tier,
             uncosted,
+            (self.turns or (self,)) + (other.turns or (other,)),
         )
 
     @property
@@ -417,6 +422,38 @@ def usage_from_json(body: bytes, tiered: bool = False) -> TokenUsage | None:
         if tier is not None:
             found.service_tier = tier_name(tier)
     return found
+
+
+_SEARCH_CALL: Final = "web_search_call"
+_SEARCH_CALL_KEY: Final = b'"web_search_call"'
+
+
+def output_searches(output: object) -> int:
+    """The web searches a Responses API answer's `output` holds (OpenAI's `web_search` tool,
+    which its usage does not count): its `web_search_call` items whose action is a search (or
+    that name none, as `web_search_preview` answered); opening a page found, or finding in one,
+    is no search."""
+    if type(output) is not list:
+        return 0
+    found = 0
+    for item in output:
+        if type(item) is dict and item.get("type") == _SEARCH_CALL:
+            action = item.get("action")
+            if type(action) is not dict or action.get("type", "search") == "search":
+                found += 1
+    return found
+
+
+def json_searches(body: bytes) -> int:
+    """`output_searches` of a whole JSON answer's top-level `output` (an answer to a request
+    that asked for such tools: a body without a search call is not parsed)."""
+    if body.find(_SEARCH_CALL_KEY) < 0:
+        return 0
+    try:
+        document = json_loads(body)
+    except JSON_ERRORS:
+        return 0
+    return output_searches(document.get("output")) if type(document) is dict else 0
 
 
 _TIER_KEY: Final = b'"service_tier"'

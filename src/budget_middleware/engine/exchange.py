@@ -35,6 +35,7 @@ from budget_middleware.core.usage import (
     TokenUsage,
     answered_chars,
     json_loads,
+    json_searches,
     spoken_chars,
     usage_from_head,
     usage_from_json,
@@ -606,7 +607,7 @@ class Exchange:
             prompt = usage.input_tokens or self.prompt_tokens
             if stream.unreported:
                 prompt = usage.input_tokens + self.prompt_tokens
-            return _grown(usage, prompt, max(usage.output_tokens, streamed))
+            return _grown(usage, prompt, max(usage.output_tokens, streamed), stream.unreported)
         parts = self.json_parts
         if parts:
             price = self.price  # a tier written before the usage is looked for if it prices
@@ -622,6 +623,11 @@ class Exchange:
                 usage = usage_from_head(self.json_head)
             elif usage is None and (self._read_as_events(body) or self._within_length(body)):
                 return self._usage()
+            if usage is not None and self.server_tools and not usage.web_searches:
+                # Asked for tools its provider runs: the Responses API's web searches, which
+                # its usage leaves out (its `output` says them; of a huge answer's kept tail,
+                # none: it is no JSON)
+                usage.web_searches = json_searches(body)
             return usage
         return None
 
@@ -1024,19 +1030,36 @@ class _Settled:
 _SETTLED = _Settled()
 
 
-def _grown(usage: TokenUsage, input_tokens: int, output_tokens: int) -> TokenUsage:
+def _grown(
+    usage: TokenUsage, input_tokens: int, output_tokens: int, new_turn: bool = False
+) -> TokenUsage:
     """A stream's usage grown to the counts its text shows (an estimate): what reported a cost
     keeps it, and the tokens beyond what was reported are priced beside it (`uncosted`, as a
     turn that reported no cost is), so that a turn's reported cost (a fee, a markup) is never
-    replaced by its tokens' price, nor the estimated rest left uncharged."""
-    if usage.cost is None:
-        return replace(usage, input_tokens=input_tokens, output_tokens=output_tokens)
+    replaced by its tokens' price, nor the estimated rest left uncharged. What is beyond is the
+    last turn's (a tool loop's), or, `new_turn`, a completion's after the last usage, none of
+    its own: each priced at its own long-context tier (`TokenUsage.turns`)."""
     more = TokenUsage(
         max(input_tokens - usage.input_tokens, 0), max(output_tokens - usage.output_tokens, 0)
     )
-    return replace(
-        usage,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        uncosted=more if usage.uncosted is None else usage.uncosted.plus(more),
-    )
+    turns = usage.turns
+    last = turns[-1] if turns else usage
+    if not new_turn:  # the last turn's rest: at its tier
+        more.tier_input_tokens = last.input_tokens + more.input_tokens
+    if usage.cost is not None:
+        return replace(
+            usage,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            uncosted=more if usage.uncosted is None else usage.uncosted.plus(more),
+        )
+    if new_turn:
+        turns = (*(turns or (usage,)), more)
+    elif turns:
+        grown = replace(
+            last,
+            input_tokens=last.input_tokens + more.input_tokens,
+            output_tokens=last.output_tokens + more.output_tokens,
+        )
+        turns = (*turns[:-1], grown)
+    return replace(usage, input_tokens=input_tokens, output_tokens=output_tokens, turns=turns)
