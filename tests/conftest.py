@@ -188,8 +188,11 @@ def _release_engines() -> Iterator[None]:
     """Each test gets engines of its own; their connection pools are closed when it ends, and
     those started in the background loop (a WSGI app's, a sync transport's) are shut down: left
     running, their flushers and Redis heartbeats went on there through the later tests (to a
-    store dropped since, to a private Redis's port another test may take)."""
-    from budget_middleware.engine.engine import _engines
+    store dropped since, to a private Redis's port another test may take). Those held for the
+    exit's write (`engine._held`: one stopped with slot releases Redis never got, its private
+    Redis killed) are let go too: kept, the exit started each again on its test's database,
+    dropped by then (`private_database`), and said "store unreachable" after the summary."""
+    from budget_middleware.engine.engine import _engines, _held
     from budget_middleware.engine.portal import shut_down_engines
 
     yield
@@ -197,3 +200,4 @@ def _release_engines() -> Iterator[None]:
     for engine in list(_engines.values()):
         engine.store.dispose()
     _engines.clear()
+    _held.clear()
