@@ -226,6 +226,7 @@ def _openai(
     kind = rng.choice(kinds)
     stream = kind != "embeddings" and rng.random() < 0.5
     heard = rng.choice([0, 0, min(500, inp - read)])
+    web = files = 0
     spoken = rng.choice([0, 0, out // 2])
     reasoning = rng.choice([0, out // 3])
     write = rng.choice([0, 0, 0, max(0, min(2048, inp - read - heard))])
@@ -297,7 +298,12 @@ def _openai(
         }
         request = {"model": model, "input": "hi"}
         text = [{"type": "output_text", "text": "Hello", "annotations": []}]
-        output = [
+        # Its web and file searches (not drawn: the cases after it stay the same)
+        web, files = inp % 3, out % 4
+        searched = {"type": "web_search_call", "status": "completed", "action": {"type": "search"}}
+        looked = {"type": "file_search_call", "status": "completed", "queries": ["q"]}
+        output = [searched] * web + [looked] * files
+        output.append(
             {
                 "type": "message",
                 "id": "m",
@@ -305,7 +311,9 @@ def _openai(
                 "status": "completed",
                 "content": text,
             }
-        ]
+        )
+        if web or files:
+            request["tools"] = [{"type": "web_search"}, {"type": "file_search"}]
         response = {
             "id": "r",
             "object": "response",
@@ -347,6 +355,8 @@ def _openai(
         "output_audio_tokens": spoken,
         "output_tokens": out,
     }
+    if web or files:
+        counts |= {"web_searches": web, "storage_searches": files}
     if heard and read:
         counts["cache_audio_read_tokens"] = 0  # the package: audio is the uncached input's
     context = {"service_tier": tier} if tier else None

@@ -1250,6 +1250,110 @@ async def test_openai_responses_web_searches_are_charged(
     assert row.cost_nanos == want
 
 
+# A Responses API answer's file searches (OpenAI's `file_search` tool): a `file_search_call`
+# output item each, however many queries it ran.
+def _file_searched(*queries: str) -> dict[str, Any]:
+    return {"type": "file_search_call", "status": "completed", "queries": list(queries)}
+
+
+FILE_SEARCHED_OUTPUT: list[dict[str, Any]] = [
+    _file_searched("refund policy"),
+    {"type": "reasoning", "summary": []},
+    _file_searched("refund window", "refund fees"),
+    _searched("asgi"),
+    _file_searched("contact"),
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]},
+]
+
+RESPONSES_USAGE: dict[str, Any] = {
+    "input_tokens": 1_000,
+    "output_tokens": 500,
+    "total_tokens": 1_500,
+    "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens_details": {"reasoning_tokens": 0},
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_openai_responses_file_searches_are_charged(
+    make_settings: Settings, stream: bool
+) -> None:
+    """OpenAI bills its Responses API's file search tool $2.50 a thousand tool calls besides the
+    tokens (the catalog's gpt-5 `storage_searches_kcount`); an answer says each call as a
+    `file_search_call` output item (one call, whatever its queries), which its usage does not
+    count. 3 file searches and a web search on 1,000 input and 500 output tokens: the tokens'
+    $0.00625, $0.0075 and $0.01; the file searches were charged nothing before."""
+    model = "gpt-5"
+    response = {
+        "object": "response",
+        "model": model,
+        "output": FILE_SEARCHED_OUTPUT,
+        "usage": RESPONSES_USAGE,
+    }
+    answer: dict[str, Any] | list[dict[str, Any]] = (
+        [{"type": "response.completed", "response": response}] if stream else response
+    )
+    tools = [{"type": "file_search", "vector_store_ids": ["vs_1"]}, {"type": "web_search"}]
+    row = await charged_for(make_settings, "/v1/responses", f"openai/{model}", answer, tools=tools)
+    tokens = nanos(Usage(input_tokens=1_000, output_tokens=500), model, "openai")
+    want = tokens + 3 * 2_500_000 + 10_000_000  # $2.50 and $10 a thousand, in nano-dollars
+    catalog = nanos(
+        Usage(input_tokens=1_000, output_tokens=500, storage_searches=3, web_searches=1),
+        model,
+        "openai",
+    )
+    print("3 file searches, 1 web search: charged", row.cost_nanos, "nano-dollars; want", want)
+    assert want == catalog == 23_750_000
+    assert row.cost_nanos == want
+
+
+async def test_a_pricing_file_s_file_search_price_is_charged(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """A pricing file's entry prices file searches too (`file_search_per_k`, USD a thousand
+    calls): 3 at $4 a thousand on 1,000 input tokens at $1/Mtok and 500 output at $2/Mtok,
+    $0.002 + $0.012."""
+    path = tmp_path / "prices.json"
+    entry = {"input_per_mtok": 1, "output_per_mtok": 2, "file_search_per_k": 4}
+    path.write_text(json.dumps({"models": {"openai/house-model": entry}}))
+    response = {
+        "object": "response",
+        "model": "house-model",
+        "output": FILE_SEARCHED_OUTPUT,
+        "usage": RESPONSES_USAGE,
+    }
+    row = await charged_for(
+        lambda **kw: make_settings(pricing_file=path, **kw),
+        "/v1/responses",
+        "openai/house-model",
+        response,
+        tools=[{"type": "file_search", "vector_store_ids": ["vs_1"]}],
+    )
+    want = 1_000 * 1_000 + 500 * 2_000 + 3 * 4_000_000  # nano-dollars
+    print("3 file searches at $4 a thousand: charged", row.cost_nanos, "nano-dollars; want", want)
+    assert row.cost_nanos == want == 14_000_000
+
+
+async def test_searches_of_a_stored_prompt_s_tools_are_charged(make_settings: Settings) -> None:
+    """A Responses API request may name its tools only through a stored prompt (`prompt: {id}`,
+    no `tools`): its JSON answer's searches are billed all the same, as its stream's are. Two
+    web searches and three file searches on gpt-5: $0.0275 beside the tokens' $0.00625."""
+    model = "gpt-5"
+    output = [*FILE_SEARCHED_OUTPUT, _searched("budget middleware")]
+    response = {"object": "response", "model": model, "output": output, "usage": RESPONSES_USAGE}
+    row = await charged_for(
+        make_settings,
+        "/v1/responses",
+        f"openai/{model}",
+        response,
+        prompt={"id": "pmpt_abc123", "version": "2"},
+    )
+    tokens = nanos(Usage(input_tokens=1_000, output_tokens=500), model, "openai")
+    want = tokens + 3 * 2_500_000 + 2 * 10_000_000
+    print("a stored prompt's searches: charged", row.cost_nanos, "nano-dollars; want", want)
+    assert row.cost_nanos == want == 33_750_000
+
+
 @pytest.mark.parametrize("hour", [5, 7, 12, 23])
 async def test_a_model_priced_by_the_time_of_day_is_charged_the_price_of_its_hour(
     make_settings: Settings, hour: int

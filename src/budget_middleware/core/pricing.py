@@ -34,8 +34,8 @@ def _rate(usd_per_mtok: float) -> int:
 _NO_TIERS: Mapping[str | None, ModelPrice] = {}
 
 # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
-# femto-dollars per token, a web search's and a request's.
-_Rates = tuple[int, int, int, int, int, int, int, int, int]
+# femto-dollars per token, a web search's, a request's and a file search's.
+_Rates = tuple[int, int, int, int, int, int, int, int, int, int]
 
 
 def price_key(provider: str | None, model: str) -> str:
@@ -71,6 +71,7 @@ class DeploymentPrice:
 class ModelPrice:
     """USD per million tokens; cache reads/writes and input audio without a price of their own
     cost the input, output audio the output, 1-hour cache writes a cache write; web searches
+    and file searches (`file_search_per_k`: USD a thousand calls of OpenAI's file search tool)
     without a price cost nothing. `request_per_k`: a fee per request (USD a thousand requests:
     Perplexity's Sonar models), whatever its tokens.
 
@@ -93,6 +94,7 @@ class ModelPrice:
     output_audio_per_mtok: float | None = None
     web_search_per_k: float | None = None  # USD per thousand searches
     request_per_k: float | None = None  # USD per thousand requests
+    file_search_per_k: float | None = None  # USD per thousand file search calls
     tiers: tuple[tuple[int, ModelPrice], ...] = ()
     service_tiers: tuple[tuple[str, ModelPrice], ...] = ()
     daily: tuple[tuple[float, float, ModelPrice], ...] = ()
@@ -117,6 +119,9 @@ class ModelPrice:
             out if spoken is None else _rate(spoken),
             0 if self.web_search_per_k is None else _rate(self.web_search_per_k) * _PER_K_PER_MTOK,
             0 if self.request_per_k is None else _rate(self.request_per_k) * _PER_K_PER_MTOK,
+            0
+            if self.file_search_per_k is None
+            else _rate(self.file_search_per_k) * _PER_K_PER_MTOK,
         )
         object.__setattr__(self, "_rates", rates)
         tiers = dict(reversed(self.service_tiers)) if self.service_tiers else _NO_TIERS
@@ -171,7 +176,8 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     priced at their own rates and the rest (floored at 0) at the input price, the output at the
     output price. The kinds with rates of their own within those (1-hour cache writes within the
     writes, audio within the rest of the input and within the output) add the difference of
-    their rate, and web searches their price each (`_other_kinds`: most answers have none).
+    their rate, and web and file searches their price each (`_other_kinds`: most answers have
+    none).
     Integer arithmetic: exact.
     """
     if price.tiers:
@@ -201,6 +207,7 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
         or usage.input_audio_tokens
         or usage.output_audio_tokens
         or usage.web_searches
+        or usage.file_searches
     ):
         femto += _other_kinds(rates, usage, write, plain, out)
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
@@ -222,16 +229,18 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
     """What the kinds with rates of their own add, in femto-dollars, to their tokens priced as
     cache writes, input or output: each within its whole (1-hour writes within the writes, input
     audio within the uncached input, output audio within the output)."""
-    r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search, _ = rates
+    r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search, _, r_file = rates
     hour = min(max(usage.cache_write_1h_tokens, 0), write)
     heard = min(max(usage.input_audio_tokens, 0), plain)
     spoken = min(max(usage.output_audio_tokens, 0), out)
     searches = max(usage.web_searches, 0)
+    files = max(usage.file_searches, 0)
     return (
         hour * (r_hour - r_write)
         + heard * (r_heard - r_in)
         + spoken * (r_spoken - r_out)
         + searches * r_search
+        + files * r_file
     )
 
 

@@ -13,9 +13,9 @@ from typing import Any, Final
 from budget_middleware.core.usage import (
     JSON_ERRORS,
     TokenUsage,
+    count_searches,
     generated_chars,
     json_loads,
-    output_searches,
     quoted_count,
     text_size,
     tier_name,
@@ -511,8 +511,8 @@ class StreamMeter:
                     found = usage_from_mapping(usage)
                     if found is not None:
                         found.service_tier = tier_name(response.get("service_tier"))
-                        if "output" in response:  # its web searches, which the usage leaves out
-                            found.web_searches += output_searches(response["output"])
+                        if "output" in response:  # its searches, which the usage leaves out
+                            count_searches(found, response["output"])
                         found = self._of_completion(ident, found)
                     self._take(found)
             if kind in ("response.completed", "response.incomplete"):

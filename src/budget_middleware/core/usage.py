@@ -64,7 +64,10 @@ class TokenUsage:
       and `output_tokens` (OpenAI's `prompt_tokens_details` / `completion_tokens_details`
       `audio_tokens`; priced at the audio rates).
     - `web_searches`: the server-side web searches (Anthropic's
-      `server_tool_use.web_search_requests`), priced per search.
+      `server_tool_use.web_search_requests`, OpenAI's Responses `web_search_call` output items:
+      `count_searches`), priced per search.
+    - `file_searches`: the file search tool's calls (OpenAI's Responses `file_search_call`
+      output items: `count_searches`), priced per call.
     - `tier_input_tokens`: the input that picks a long-context price tier when it is not
       `input_tokens` (0): of several requests' usages added (`plus`, a tool loop's turns), the
       largest one's, should `turns` no longer add up to the whole (grown to an estimate).
@@ -89,6 +92,7 @@ class TokenUsage:
     service_tier: str | None = None
     uncosted: TokenUsage | None = None
     turns: tuple[TokenUsage, ...] = field(default=(), compare=False, repr=False)
+    file_searches: int = 0
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's). Of
@@ -118,6 +122,7 @@ class TokenUsage:
             other.service_tier or self.service_tier,
             uncosted,
             (self.turns or (self,)) + (other.turns or (other,)),
+            self.file_searches + other.file_searches,
         )
 
     @property
@@ -424,36 +429,46 @@ def usage_from_json(body: bytes, tiered: bool = False) -> TokenUsage | None:
     return found
 
 
-_SEARCH_CALL: Final = "web_search_call"
-_SEARCH_CALL_KEY: Final = b'"web_search_call"'
+_WEB_SEARCH_CALL: Final = "web_search_call"
+_FILE_SEARCH_CALL: Final = "file_search_call"
+_SEARCH_CALL_KEY: Final = b'_search_call"'  # the end of either's name
 
 
-def output_searches(output: object) -> int:
-    """The web searches a Responses API answer's `output` holds (OpenAI's `web_search` tool,
-    which its usage does not count): its `web_search_call` items whose action is a search (or
-    that name none, as `web_search_preview` answered); opening a page found, or finding in one,
-    is no search."""
+def count_searches(usage: TokenUsage, output: object) -> None:
+    """Set in `usage` the searches a Responses API answer's `output` holds (a list), which its
+    usage does not count, as OpenAI bills them. Web searches (the `web_search` tool, per
+    search): its `web_search_call` items whose action is a search (or that name none, as
+    `web_search_preview` answered; opening a page found, or finding in one, is no search). File
+    searches (the `file_search` tool, per call): its `file_search_call` items, each one call
+    whatever the queries it ran."""
     if type(output) is not list:
-        return 0
-    found = 0
+        return
+    web = files = 0
     for item in output:
-        if type(item) is dict and item.get("type") == _SEARCH_CALL:
-            action = item.get("action")
-            if type(action) is not dict or action.get("type", "search") == "search":
-                found += 1
-    return found
+        if type(item) is dict:
+            kind = item.get("type")
+            if kind == _WEB_SEARCH_CALL:
+                action = item.get("action")
+                if type(action) is not dict or action.get("type", "search") == "search":
+                    web += 1
+            elif kind == _FILE_SEARCH_CALL:
+                files += 1
+    usage.web_searches = web
+    usage.file_searches = files
 
 
-def json_searches(body: bytes) -> int:
-    """`output_searches` of a whole JSON answer's top-level `output` (an answer to a request
-    that asked for such tools: a body without a search call is not parsed)."""
+def json_searches(usage: TokenUsage, body: bytes) -> None:
+    """`count_searches` of a whole JSON answer's top-level `output` (an answer to a request that
+    may have used such tools: a body without a search call is not parsed, its usage's counts
+    kept)."""
     if body.find(_SEARCH_CALL_KEY) < 0:
-        return 0
+        return
     try:
         document = json_loads(body)
     except JSON_ERRORS:
-        return 0
-    return output_searches(document.get("output")) if type(document) is dict else 0
+        return
+    if type(document) is dict:
+        count_searches(usage, document.get("output"))
 
 
 _TIER_KEY: Final = b'"service_tier"'

@@ -227,6 +227,9 @@ class Exchange:
     would_refuse: str | None = None  # shadow mode: the code that would have refused it (§14)
     media_references = 0  # media sent by reference (image URLs, file ids): `gate._with_media`
     server_tools = False  # tools its provider runs (web search): `gate._with_tools`
+    # Its answer may say tool calls billed apart (a Responses `output`'s searches): it asked
+    # for tools its provider runs, or named a stored prompt, which may (`gate._with_tools`)
+    tool_calls = False
     reported_over = 0  # a reported cost over its tokens' price (nano-dollars): `gate.saw_fee`
     left_out: tuple[bytes, ...] = (COST_HEADER,)  # headers the adapter drops (`read_start`)
 
@@ -623,11 +626,11 @@ class Exchange:
                 usage = usage_from_head(self.json_head)
             elif usage is None and (self._read_as_events(body) or self._within_length(body)):
                 return self._usage()
-            if usage is not None and self.server_tools and not usage.web_searches:
-                # Asked for tools its provider runs: the Responses API's web searches, which
-                # its usage leaves out (its `output` says them; of a huge answer's kept tail,
-                # none: it is no JSON)
-                usage.web_searches = json_searches(body)
+            if usage is not None and self.tool_calls:
+                # Asked for tools its provider runs (or a stored prompt that may name them):
+                # the Responses API's web and file searches, which its usage leaves out (its
+                # `output` says them; of a huge answer's kept tail, none: it is no JSON)
+                json_searches(usage, body)
             return usage
         return None
 

@@ -9,7 +9,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from cachetools import LRUCache
 
@@ -328,8 +328,13 @@ class Gate:
         else:
             target = self.resolve_target(parsed, path, credentials, ())
         prompt_tokens = len(body) // 3 + 1  # a generous guess: JSON is mostly text, ~4 chars/token
-        # A key looked up, not a search of the body (a 100 KB prompt read whole for nothing)
-        tools = type(parsed) is dict and "tools" in parsed and _server_tools(parsed)
+        # A key looked up, not a search of the body (a 100 KB prompt read whole for nothing);
+        # a stored prompt's tools, which the body does not say, too (`_server_tools`)
+        tools = (
+            _server_tools(parsed)
+            if type(parsed) is dict and ("tools" in parsed or "prompt" in parsed)
+            else ""
+        )
         references = 0
         images: list[tuple[int, int, int]] = []
         if may_reference(body):  # media by reference, or inline? (`core.media`): text has none
@@ -361,7 +366,7 @@ class Gate:
                     if references:
                         self._with_media(candidate, references)
                     if tools:
-                        self._with_tools(candidate)
+                        self._with_tools(candidate, tools)
                     if shadowed is not None:  # the credentials' refusal first, as in enforce
                         candidate.would_refuse = shadowed
                 left = plan.candidates or plan.shadow_only
@@ -379,7 +384,7 @@ class Gate:
         if references:
             self._with_media(exchange, references)
         if tools:
-            self._with_tools(exchange)
+            self._with_tools(exchange, tools)
         if shadowed is not None:  # the credentials' refusal comes first, as in enforce
             exchange.would_refuse = shadowed
         if target.stream and type(parsed) is dict and asks_usage(path, credentials):
@@ -565,14 +570,18 @@ class Gate:
         if fee:
             exchange.ticket_estimate = min(exchange.ticket_estimate + fee, MAX_CHARGE_NANOS)
 
-    def _with_tools(self, exchange: Exchange) -> None:
+    def _with_tools(self, exchange: Exchange, tools: str) -> None:
         """A request with tools its provider runs (`_server_tools`): their results are input
         tokens its body never held, and their calls a fee each, so its estimate is no worst
         case. It reserves at least the most such a request to its model has been charged here
         (`saw_tools`); before any has ended, the most one request is charged, as for a model
         without a price: in flight, it leaves no room on its budgets, so requests at once
         cannot each add their overrun past the limit (SPEC §6: 60 searches at once spent 6
-        times a $1 budget)."""
+        times a $1 budget). One naming a stored prompt (`_STORED`) only has its answer's
+        searches counted: it reserves as any other."""
+        exchange.tool_calls = True  # its answer's searches are counted
+        if tools == _STORED:
+            return
         exchange.server_tools = True  # its answer teaches the next (`saw_tools`)
         if exchange.price is None or not (self.reserve and exchange.limits.budgets):
             return  # unpriced: its own rule reserves
@@ -775,15 +784,24 @@ _UNDECODABLE = (
 _SERVER_TOOLS = ("web_search", "web_fetch", "code_execution", "code_interpreter", "file_search")
 
 
-def _server_tools(parsed: Any) -> bool:
-    """Whether a request's body asks for tools its provider runs and bills (`_with_tools`)."""
+_ASKED: Final = "asked"
+_STORED: Final = "stored"
+
+
+def _server_tools(parsed: Any) -> str:
+    """Whether a request's body asks for tools its provider runs and bills (`_with_tools`):
+    `_ASKED` when a `tools` entry does, else `_STORED` when it names a Responses API stored
+    prompt (`prompt: {"id": ...}`), whose tools its body does not say, else ""."""
     tools = parsed.get("tools") if type(parsed) is dict else None
-    return type(tools) is list and any(
+    if type(tools) is list and any(
         type(tool) is dict
         and type(kind := tool.get("type")) is str
         and kind.startswith(_SERVER_TOOLS)
         for tool in tools
-    )
+    ):
+        return _ASKED
+    prompt = parsed.get("prompt") if type(parsed) is dict else None
+    return _STORED if type(prompt) is dict and "id" in prompt else ""
 
 
 def parse_json(body: bytes) -> Any:

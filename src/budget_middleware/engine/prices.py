@@ -56,6 +56,7 @@ class _FilePrice(pydantic.BaseModel):
     output_audio_per_mtok: _Price | None = None
     web_search_per_k: _Price | None = None
     request_per_k: _Price | None = None
+    file_search_per_k: _Price | None = None
 
 
 class _PricingFile(pydantic.BaseModel):
@@ -372,6 +373,8 @@ def _token_price(prices: gp.ModelPrice, above: int) -> ModelPrice | None:
         output_audio_per_mtok=at(prices.output_audio_mtok),
         web_search_per_k=at(prices.web_searches_kcount),
         request_per_k=at(prices.requests_kcount),
+        # OpenAI's file search tool, $2.50 a thousand calls (genai-prices' "storage searches")
+        file_search_per_k=at(prices.storage_searches_kcount),
     )
 
 
