@@ -4683,3 +4683,168 @@ async def test_a_folder_of_debts_with_many_bad_files_is_not_listed_every_heartbe
           f"0.1 s; a file of debts left then paid: Redis {in_redis}")  # fmt: skip
     assert quiet <= 2
     assert list(in_redis.values()) == [5 * CENT]
+
+
+# -- routes under Redis faults (SPEC §11, §12) ----------------------------------------------
+
+
+def _route_with_provider_caps(engine: BudgetEngine) -> str:
+    """A key of $0.30 a day (1,000 requests a day, one at a time), openai $0.05 and azure $0.25
+    a day (1,000 requests each), and the route `gpt-4o` over both: 5 then 25 one-cent requests;
+    the key's value."""
+    m = engine.manager
+    daily = {"request_max_limit": 1000, "request_reset_duration": "1d"}
+    key = m.create_virtual_key(
+        name="alice",
+        budgets=[{"max_limit": 0.3, "reset_duration": "1d"}],
+        rate_limit={**daily, "max_concurrent_requests": 1},
+    )
+    m.put_provider(
+        "openai", budgets=[{"max_limit": 0.05, "reset_duration": "1d"}], rate_limit=daily
+    )
+    m.put_provider("azure", budgets=[{"max_limit": 0.25, "reset_duration": "1d"}], rate_limit=daily)
+    m.create_route(name="gpt-4o", targets=["openai/gpt-4o", "azure/gpt-4o"])
+    assert key.value is not None
+    return key.value
+
+
+@pytest.mark.parametrize("fail_open", [True, False], ids=["fail_open", "fail_closed"])
+@pytest.mark.parametrize(
+    "lost",
+    [(3,), (8,), (8, 9), (30, 31)],
+    ids=["on the first target", "as it falls over", "twice falling over", "at the limit"],
+)
+async def test_a_routed_admission_whose_reply_was_lost_lifts_no_limit(
+    sqlite_url: str, fail_open: bool, lost: tuple[int, ...]
+) -> None:
+    """SPEC §11, §12: admit.lua runs a route's targets in one call; when its reply is lost (a
+    TimeoutError after Redis ran it), what it counted is let go for the target it admitted
+    alone (`unadmit.lua`), never for one it refused, nor twice on the key both targets share.
+    One request at a time, 40 in all: 5 served by openai and 25 by azure, each charged once,
+    and every request window (the key's and each provider's) counts exactly what was served."""
+    need_redis()
+    injected: list[str] = []
+    engine = BudgetEngine(
+        settings_for(sqlite_url, redis_url=REDIS_URL, fail_open=fail_open, redis_timeout_seconds=1)
+    )
+    prefix = unique_prefix()
+    use_prefix(engine, prefix)
+    app = fault_app(engine)
+    served: list[str] = []
+    try:
+        async with running(app), client(app) as http:
+            value = _route_with_provider_caps(engine)
+            await engine.invalidate()
+            counters = engine.counters
+            assert isinstance(counters, redis_counters.RedisCounters)
+            counters._admit = _ReplyLost(counters._admit, lost, injected, "_admit")  # type: ignore[assignment]
+            for _ in range(40):
+                answer = await http.post(
+                    "/v1/chat/completions", json=chat("gpt-4o"), headers=bearer(value)
+                )
+                served.append(answer.headers.get("x-budget-route") or str(answer.status_code))
+                await until(lambda: not counters._backing_off())  # (no 503 for the back-off)
+            await until(lambda: not counters.owes())
+            assert await engine.flush()
+            count, total = records(engine)
+            windows = {
+                r.user_path: r.request_current_usage for r in engine.manager.list_rate_limits()
+            }
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+    print(
+        f"admit.lua's reply lost ({injected}), fail_open={fail_open}: openai "
+        f"{served.count('openai/gpt-4o')}, azure {served.count('azure/gpt-4o')}, others "
+        f"{sorted(set(served) - {'openai/gpt-4o', 'azure/gpt-4o'})}; {count} records "
+        f"${total / 1e9:.2f}; request windows {windows}"
+    )
+    assert injected
+    assert (served.count("openai/gpt-4o"), served.count("azure/gpt-4o")) == (5, 25)
+    assert (count, total) == (30, 30 * CENT)
+    assert windows == {"/alice": 30, "/provider/openai": 5, "/provider/azure": 25}
+
+
+@pytest.mark.parametrize("keep_data", [False, True], ids=["empty", "kept"])
+async def test_routed_load_on_two_instances_across_a_redis_restart_agrees_everywhere(
+    sqlite_url: str, keep_data: bool
+) -> None:
+    """SPEC §11, §12: two fail-open instances serve a `most_remaining` route from 16 clients
+    at once while their private Redis is killed and started again (empty, or with its data).
+    Afterwards each target's spend is the same in Redis (each instance's live figures), in the
+    store and in the usage records, and equals what the answers say each target served."""
+    server = PrivateRedis()
+    server.start()
+    prefix = unique_prefix()
+    settings = [
+        settings_for(
+            sqlite_url, redis_url=server.url, fail_open=True, redis_timeout_seconds=1,
+            cache_ttl_seconds=ttl,
+        )
+        for ttl in (5, 6)
+    ]  # fmt: skip
+    engines = [BudgetEngine(s) for s in settings]
+    for engine in engines:
+        use_prefix(engine, prefix)
+    apps = [fault_app(engine) for engine in engines]
+    served: dict[str, int] = {}
+    try:
+        async with running(apps[0]), running(apps[1]), client(apps[0]) as a, client(apps[1]) as b:
+            m = engines[0].manager
+            key = m.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 1000, "reset_duration": "1d"}]
+            )
+            for provider in ("openai", "azure"):
+                m.put_provider(provider, budgets=[{"max_limit": 100, "reset_duration": "1d"}])
+            m.create_route(
+                name="gpt-4o", strategy="most_remaining", targets=["openai/gpt-4o", "azure/gpt-4o"]
+            )
+            for engine in engines:
+                await engine.invalidate()
+
+            async def load(n: int) -> None:
+                start = time.monotonic()
+                while time.monotonic() - start < 3.0:
+                    answer = await (a, b)[n % 2].post(
+                        "/v1/chat/completions", json=chat("gpt-4o"), headers=bearer(key.value or "")
+                    )
+                    what = answer.headers.get("x-budget-route") or str(answer.status_code)
+                    served[what] = served.get(what, 0) + 1
+                    await asyncio.sleep(0.01)
+
+            async def outage() -> None:
+                await asyncio.sleep(0.7)
+                await asyncio.to_thread(server.kill, keep_data=keep_data)
+                await asyncio.sleep(0.8)
+                await asyncio.to_thread(server.start)
+
+            await asyncio.gather(*(load(n) for n in range(16)), outage())
+            await asyncio.sleep(3.0)  # past the back-off: debts paid, heartbeats
+            for engine in engines:
+                assert await engine.flush()
+            live = []
+            for s in settings:
+                admin = httpx.AsyncClient(
+                    transport=httpx.ASGITransport(create_admin_app(s)), base_url="http://a"
+                )
+                async with admin:
+                    answer = await admin.get(
+                        "/budgets", params={"from_memory": "true"}, headers=bearer("admin-secret")
+                    )
+                live.append(
+                    {x["user_path"]: round(x["spent"], 6) for x in answer.json()["budgets"]}
+                )
+            stored = {x.user_path: round(x.spent, 6) for x in m.list_budgets()}
+            usage = {
+                r.key: (r.requests, round(r.cost, 6)) for r in m.usage(group_by="provider").usage
+            }
+    finally:
+        server.stop()
+    print(f"Redis restarted {'with its data' if keep_data else 'empty'} under routed load: "
+          f"answers {served}; live {live}; store {stored}; records {usage}")  # fmt: skip
+    assert set(served) == {"openai/gpt-4o", "azure/gpt-4o"}  # fail-open: no 503, none refused
+    for provider in ("openai", "azure"):
+        count = served[f"{provider}/gpt-4o"]
+        assert usage[provider] == (count, round(count * 0.01, 6))
+        assert stored[f"/provider/{provider}"] == usage[provider][1]
+    assert stored["/alice"] == round(usage["openai"][1] + usage["azure"][1], 6)
+    assert live == [stored, stored]
