@@ -1172,6 +1172,35 @@ async def test_a_tool_loop_s_turn_cut_short_is_estimated_at_its_own_tier(
     assert row.cost_nanos == want == 1_860_000_000
 
 
+async def test_a_tool_loop_s_next_completion_cut_before_its_usage_pays_at_least_the_tier_before(
+    make_settings: Settings,
+) -> None:
+    """A tool loop streamed as OpenAI chat completions: one of 210k input tokens with its usage,
+    then the next (another `id`) cut after 4,000 characters, before any usage of its own. That
+    next completion's prompt holds the first's 210k tokens and more, so it pays the long-context
+    tier ($6/$22.50 per Mtok on Claude Sonnet 4.5) too; it was priced at the tier of the
+    request body's size alone ($3/$15), though the turn before it was over 200k."""
+    model = "claude-sonnet-4-5"
+    usage = {"prompt_tokens": 210_000, "completion_tokens": 500, "total_tokens": 210_500}
+
+    def delta(ident: str, text: str) -> dict[str, Any]:
+        return {"id": ident, "model": model, "choices": [{"index": 0, "delta": {"content": text}}]}
+
+    events = [
+        delta("a", "hi"),
+        {"id": "a", "model": model, "choices": [], "usage": usage},
+        delta("b", "x" * 4000),  # 1,000 tokens, and the stream ends
+    ]
+    row = await charged_for(make_settings, "/v1/chat/completions", model, events)
+    guessed = row.input_tokens - 210_000  # the next completion's prompt, guessed from the body
+    want = nanos(Usage(input_tokens=210_000, output_tokens=500), model, "anthropic") + (
+        guessed * 6_000 + 1_000 * 22_500  # nano-dollars a token at $6 and $22.50 per Mtok
+    )
+    print("a completion after a 210k one, cut: charged", row.cost_nanos, "nano-dollars; want", want)
+    assert row.estimated and row.output_tokens == 1_500 and 0 < guessed < 200
+    assert row.cost_nanos == want
+
+
 @pytest.mark.parametrize("prompt", [200_000, 200_001])
 async def test_gemini_is_charged_its_long_context_tier_above_200k_tokens(
     make_settings: Settings, prompt: int

@@ -1041,14 +1041,16 @@ def _grown(
     turn that reported no cost is), so that a turn's reported cost (a fee, a markup) is never
     replaced by its tokens' price, nor the estimated rest left uncharged. What is beyond is the
     last turn's (a tool loop's), or, `new_turn`, a completion's after the last usage, none of
-    its own: each priced at its own long-context tier (`TokenUsage.turns`)."""
+    its own: each priced at its own long-context tier (`TokenUsage.turns`), such a completion's
+    at least at the last turn's (its prompt holds that turn's)."""
     more = TokenUsage(
         max(input_tokens - usage.input_tokens, 0), max(output_tokens - usage.output_tokens, 0)
     )
     turns = usage.turns
     last = turns[-1] if turns else usage
-    if not new_turn:  # the last turn's rest: at its tier
-        more.tier_input_tokens = last.input_tokens + more.input_tokens
+    # The last turn's rest at its tier; a completion after it at that tier at least: its prompt
+    # holds the last turn's
+    more.tier_input_tokens = last.input_tokens + more.input_tokens
     if usage.cost is not None:
         return replace(
             usage,
