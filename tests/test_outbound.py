@@ -6115,8 +6115,9 @@ async def test_a_client_closed_while_a_dropped_answer_s_rest_is_read_frees_its_s
     """The client closed (`await client.aclose()`, `client.close()`) while a dropped JSON
     answer's rest is read on, its provider stalled: the async read ends with the pool's close,
     a `client_disconnected` charged its most (10,340,000 nano-dollars), at once. A sync read
-    blocks in a thread, which a socket's close does not wake: it is settled after
-    `READ_ON_SECONDS` (3 here), as a read that timed out (it was held for ever)."""
+    blocks in a thread, which a socket's close does not wake as a rule: it is settled after
+    `READ_ON_SECONDS` (3 here), as a read that timed out (it was held for ever); when the close
+    does wake it, as the async read, at once. Charged its most either way."""
     monkeypatch.setattr(transport_module, "READ_ON_SECONDS", 3, raising=False)
     stalling, engine, transport = _stalled_provider(make_settings, kind)
     call = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 1024}
@@ -6169,9 +6170,10 @@ async def test_a_client_closed_while_a_dropped_answer_s_rest_is_read_frees_its_s
     print(f"{kind}: reserved {before} nano-$ as the client closed, 0 {took:.2f} s after "
           f"({since_drop:.2f} s after the drop); charged {charged}")  # fmt: skip
     assert before == 10_340_000 and reserved() == 0
-    outcome = "client_disconnected" if kind == "async" else "upstream_error"
-    assert charged == [(outcome, 1024, 10_340_000)]
-    assert took < 0.5 if kind == "async" else 2 < since_drop < 8
+    if kind == "sync" and charged[0][0] == "upstream_error":  # the blocked read not woken
+        assert charged == [("upstream_error", 1024, 10_340_000)] and 2 < since_drop < 8
+    else:  # the async read; a sync one the socket's close did wake (now and then: 1 run in 6)
+        assert charged == [("client_disconnected", 1024, 10_340_000)] and took < 0.5
 
 
 @pytest.mark.parametrize("kind", ["async", "sync"])
