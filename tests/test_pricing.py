@@ -557,3 +557,18 @@ def test_a_pricing_file_naming_a_key_twice_is_refused_naming_the_file(tmp_path: 
     print(info.value)
     assert "BUDGET_PRICING_FILE" in str(info.value) and str(path) in str(info.value)
     assert "the key 'output_per_mtok' is given twice in one object" in str(info.value)
+
+
+def test_a_tool_loop_s_turns_are_summed_then_rounded_once() -> None:
+    """A tool loop's turns are each priced at their own long-context tier, and the charge is
+    rounded once (README): rounded turn by turn, three turns of 0.3 nano-dollars each were
+    charged 0 where they cost 0.9, rounded to 1."""
+    above = ModelPrice(input_per_mtok=0.0006, output_per_mtok=0.0006)  # 0.6 nano-USD a token
+    price = ModelPrice(input_per_mtok=0.0003, output_per_mtok=0.0003, tiers=((200_000, above),))
+    turn = TokenUsage(1, 0)
+    loop = turn.plus(turn).plus(turn)
+    print("3 turns of 0.3 nano-USD:", cost_nanos(price, loop), "nano-USD")
+    assert len(loop.turns) == 3
+    assert cost_nanos(price, turn) == 0 and cost_nanos(price, loop) == 1
+    big = TokenUsage(210_000, 0)  # one turn above the tier: 126,000 nano-USD; 2 below: 0.6
+    assert cost_nanos(price, turn.plus(big).plus(turn)) == 126_001

@@ -169,8 +169,9 @@ def asked_prices(price: ModelPrice, tier: str | None) -> ModelPrice:
     return price
 
 
-def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
-    """The charge in whole nano-dollars, rounded half up, never negative.
+def cost_nanos(price: ModelPrice, usage: TokenUsage, femto_only: bool = False) -> int:
+    """The charge in whole nano-dollars, rounded half up once, never negative (`femto_only`:
+    in femto-dollars, unrounded: a tool loop's turns, each at its own tier, summed so).
 
     `usage.input_tokens` counts every prompt token; the cache reads and writes within it are
     priced at their own rates and the rest (floored at 0) at the input price, the output at the
@@ -182,7 +183,8 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
     """
     if price.tiers:
         if usage.turns and _adds_up(usage):  # several requests' (a tool loop's turns): each
-            return sum(cost_nanos(price, turn) for turn in usage.turns)  # at its own tier
+            femto = sum(cost_nanos(price, turn, True) for turn in usage.turns)  # its own tier
+            return femto if femto_only else (femto + _HALF_NANO) // _FEMTO_PER_NANO
         price = in_force(price, usage.tier_input_tokens or usage.input_tokens)
     rates = price._rates
     out = usage.output_tokens
@@ -210,7 +212,7 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage) -> int:
         or usage.file_searches
     ):
         femto += _other_kinds(rates, usage, write, plain, out)
-    return (femto + _HALF_NANO) // _FEMTO_PER_NANO
+    return femto if femto_only else (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
 
 def _adds_up(usage: TokenUsage) -> bool:
