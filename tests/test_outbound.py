@@ -1599,6 +1599,18 @@ async def test_money_at_the_edges_of_an_outbound_call(
     assert budget is not None and budget.reserved == 0
 
 
+async def _paid_status(sdk: openai.AsyncOpenAI, **payer: Any) -> int:
+    """The status of a $0.01 chat completion charged to `payer` (`charge_to`'s arguments)."""
+    try:
+        with charge_to(**payer):
+            await sdk.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, extra_headers={"x-mock-cost": "0.01"}
+            )
+    except openai.APIStatusError as refused:
+        return refused.status_code
+    return 200
+
+
 async def test_fail_open_admits_a_call_of_a_key_seen_valid_on_its_last_known_limits(
     make_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1618,15 +1630,7 @@ async def test_fail_open_admits_a_call_of_a_key_seen_valid_on_its_last_known_lim
             sdk = openai_client(fake, engine, max_retries=0)
 
             async def status(value: str, sdk: openai.AsyncOpenAI = sdk) -> int:
-                headers = {"x-mock-cost": "0.01"}
-                try:
-                    with charge_to(virtual_key=value):
-                        await sdk.chat.completions.create(
-                            model="gpt-4o", messages=MESSAGES, extra_headers=headers
-                        )
-                except openai.APIStatusError as refused:
-                    return refused.status_code
-                return 200
+                return await _paid_status(sdk, virtual_key=value)
 
             first = await status(seen.value or "")
 
@@ -1672,15 +1676,7 @@ async def test_fail_open_admits_a_call_charged_to_a_key_id_seen_valid(
             sdk = openai_client(fake, engine, max_retries=0)
 
             async def status(key_id: str, sdk: openai.AsyncOpenAI = sdk) -> int:
-                headers = {"x-mock-cost": "0.01"}
-                try:
-                    with charge_to(virtual_key_id=key_id):
-                        await sdk.chat.completions.create(
-                            model="gpt-4o", messages=MESSAGES, extra_headers=headers
-                        )
-                except openai.APIStatusError as refused:
-                    return refused.status_code
-                return 200
+                return await _paid_status(sdk, virtual_key_id=key_id)
 
             by_value = m.create_virtual_key(
                 name=f"value-{fail_open}", budgets=[{"max_limit": 0.02}]
