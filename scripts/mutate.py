@@ -79,7 +79,12 @@ TESTS: dict[str, tuple[str, ...]] = {
         "tests/test_hierarchy.py",
     ),
     "money.py": ("tests/test_pricing.py", "tests/test_guards.py", "tests/test_costs.py"),
-    "pricing.py": ("tests/test_pricing.py", "tests/test_guards.py", "tests/test_costs.py"),
+    "pricing.py": (
+        "tests/test_pricing.py",
+        "tests/test_guards.py",
+        "tests/test_costs.py",
+        "tests/test_litellm_config.py",  # deployments' custom prices (DeploymentPrice)
+    ),
     "records.py": ("tests/test_store.py", "tests/test_accounting.py"),
     "routing.py": ("tests/test_core_routing.py", "tests/test_routing.py"),
     "scopes.py": (
@@ -263,6 +268,25 @@ SKIPS: tuple[Skip, ...] = (
         "usage.cache_write_1h_tokens",
         "if usage.cache_write_1h_tokens or usage.input_audio_tokens or usage.ou...: -> if True:",
         "cost_nanos: a fast path; _other_kinds of a usage without those kinds adds 0",
+    ),
+    Skip(
+        "core/pricing.py",
+        "out = rates[6] if spoken and rates[6] > rates[1] else rates[1]",
+        "rates[6] > rates[1] -> rates[6] >= rates[1]",
+        "estimate_nanos: at equal audio and text output rates either is the same rate",
+    ),
+    *(
+        Skip(
+            "core/usage.py",
+            "if body.find(_SEARCH_CALL_KEY) < 0:",
+            change,
+            'json_searches: a body starting with `_search_call"` is not JSON: parsing it fails'
+            " and keeps the counts, as returning at once does",
+        )
+        for change in (
+            "body.find(_SEARCH_CALL_KEY) < 0 -> body.find(_SEARCH_CALL_KEY) <= 0",
+            "0 -> 1",
+        )
     ),
     Skip(
         "core/identity.py",

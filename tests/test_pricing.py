@@ -23,6 +23,7 @@ from budget_middleware.core.money import (
     usd_text,
 )
 from budget_middleware.core.pricing import (
+    DeploymentPrice,
     ModelPrice,
     cost_nanos,
     cost_usd,
@@ -572,3 +573,111 @@ def test_a_tool_loop_s_turns_are_summed_then_rounded_once() -> None:
     assert cost_nanos(price, turn) == 0 and cost_nanos(price, loop) == 1
     big = TokenUsage(210_000, 0)  # one turn above the tier: 126,000 nano-USD; 2 below: 0.6
     assert cost_nanos(price, turn.plus(big).plus(turn)) == 126_001
+
+
+def test_a_tiered_price_charges_the_searches_of_an_answer_without_tokens() -> None:
+    """An answer of one request that counts no tokens but two web searches, and one file search,
+    on a model with long-context tiers: the searches are charged ($10 a thousand web searches:
+    1 cent each; $2.50 a thousand file searches: 0.25 cent), as they are without tiers. A
+    request's usage has no turns: it is not a tool loop whose turns, summed, add to nothing."""
+    above = ModelPrice(input_per_mtok=2, output_per_mtok=2, web_search_per_k=10)
+    price = ModelPrice(
+        input_per_mtok=1,
+        output_per_mtok=1,
+        web_search_per_k=10,
+        file_search_per_k=2.5,
+        tiers=((200_000, above),),
+    )
+    searched = TokenUsage(0, 0, web_searches=2, file_searches=1)
+    cost = cost_nanos(price, searched)
+    print("2 web searches and 1 file search, no tokens, tiered price:", cost, "nano-USD")
+    assert cost == 2 * 10_000_000 + 2_500_000
+    fee = ModelPrice(input_per_mtok=1, output_per_mtok=1, request_per_k=5, tiers=((9, above),))
+    print(
+        "a request's fee ($5 a thousand), no tokens, tiered price:",
+        cost_nanos(fee, TokenUsage(0, 0)),
+    )
+    assert cost_nanos(fee, TokenUsage(0, 0)) == 5_000_000
+
+
+@pytest.mark.parametrize(
+    "grown", ["input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens"]
+)
+def test_a_tool_loop_grown_past_its_turns_is_priced_whole_at_its_largest_turn_s_tier(
+    grown: str,
+) -> None:
+    """A tool loop's usage grown to an estimate of a cut stream (one count no longer its turns'
+    sum, the others still theirs) is priced whole at its largest turn's tier (`_adds_up`), not
+    turn by turn, which would leave the growth out. $1/$1 a million tokens (cache reads and
+    writes too), $2/$2 above 200,000 input tokens: 1,000 and 2,000 nano-USD a token."""
+    above = ModelPrice(
+        input_per_mtok=2, output_per_mtok=2, cached_input_per_mtok=2, cache_write_per_mtok=2
+    )
+    price = ModelPrice(
+        input_per_mtok=1,
+        output_per_mtok=1,
+        cached_input_per_mtok=1,
+        cache_write_per_mtok=1,
+        tiers=((200_000, above),),
+    )
+    big = TokenUsage(210_000, 10, cached_tokens=100, cache_write_tokens=100)
+    small = TokenUsage(1_000, 10, cached_tokens=100, cache_write_tokens=100)
+    loop = big.plus(small)
+    turn_by_turn = cost_nanos(price, loop)
+    print("turn by turn:", turn_by_turn, "nano-USD")
+    assert turn_by_turn == 210_010 * 2_000 + 1_010 * 1_000  # each at its own tier
+    cut = replace(loop, **{grown: getattr(loop, grown) + 1_000})
+    assert cut.turns == loop.turns  # grown, its turns kept
+    whole = cost_nanos(price, cut)
+    print(f"{grown} grown by 1,000:", whole, "nano-USD")
+    # all at 2,000 nano-USD a token: 211,000 input (cache reads and writes within it, so more of
+    # them leave the input's whole as it is) and 20 output, and the growth of either
+    tokens = {"input_tokens": 212_020, "output_tokens": 212_020}.get(grown, 211_020)
+    assert whole == tokens * 2_000
+
+
+def test_a_price_without_a_fee_or_a_file_search_price_adds_nothing_for_them() -> None:
+    """A price that names no request fee and no file search price charges neither, not even a
+    femto-dollar: a token at 499,999 femto-USD ($0.000499999 a million) rounds down to 0
+    nano-USD, with a file search or without, for the charge and the estimate alike."""
+    price = ModelPrice(input_per_mtok=0.000499999, output_per_mtok=0)
+    charged = cost_nanos(price, TokenUsage(1, 0))
+    searched = cost_nanos(price, TokenUsage(1, 0, file_searches=1))
+    reserved = estimate_nanos(price, 1, 0)
+    print("1 token at 499,999 femto-USD:", charged, searched, reserved, "nano-USD")
+    assert (charged, searched, reserved) == (0, 0, 0)
+    assert cost_nanos(price, TokenUsage(1, 0), femto_only=True) == 499_999
+
+
+def test_an_estimate_for_1_hour_cache_writes_takes_the_dearest_of_the_three_rates() -> None:
+    """`caches=2` reserves the input at the dearest of the input's, the writes' and the 1-hour
+    writes' rates, whichever that is: 100 input tokens and 10 output at $1/$10 a million, cache
+    writes $4 and 1-hour writes $2 (a price file may set them so): 100 x 4,000 + 10 x 10,000
+    nano-USD; 1-hour writes $5: 100 x 5,000 + 10 x 10,000."""
+    price = ModelPrice(
+        input_per_mtok=1, output_per_mtok=10, cache_write_per_mtok=4, cache_write_1h_per_mtok=2
+    )
+    dearer_hour = replace(price, cache_write_1h_per_mtok=5)
+    figures = (
+        estimate_nanos(price, 100, 10, caches=2),
+        estimate_nanos(dearer_hour, 100, 10, caches=2),
+    )
+    print("caches=2, writes $4 / 1h $2, then 1h $5:", figures, "nano-USD")
+    assert figures == (500_000, 600_000)
+    assert estimate_nanos(price, 100, 10, caches=1) == 500_000
+
+
+def test_a_deployment_priced_by_its_own_rates_alone_charges_nothing_for_what_they_leave_out() -> (
+    None
+):
+    """A configured deployment whose base model has no price, with a custom price for one of
+    input and output only (LiteLLM's `input_cost_per_token` alone): the other costs nothing,
+    as LiteLLM's custom prices do. 1,000 input and 100 output tokens: at $3 a million input
+    3,000,000 nano-USD; at $15 a million output 1,500,000."""
+    usage = TokenUsage(1_000, 100)
+    inputs = DeploymentPrice(("hosted_vllm", "llama-3"), (("input_per_mtok", 3.0),)).priced(None)
+    outputs = DeploymentPrice(("hosted_vllm", "llama-3"), (("output_per_mtok", 15.0),)).priced(None)
+    assert inputs is not None and outputs is not None
+    figures = (cost_nanos(inputs, usage), cost_nanos(outputs, usage))
+    print("input priced alone, output priced alone:", figures, "nano-USD")
+    assert figures == (3_000_000, 1_500_000)

@@ -16,6 +16,8 @@ from budget_middleware.core.usage import (
     BodyDecoder,
     TokenUsage,
     answered_chars,
+    count_searches,
+    json_searches,
     readable_accept,
     spoken_chars,
     usage_from_head,
@@ -961,3 +963,65 @@ def test_a_gateway_s_cache_reads_outside_its_prompt_count_with_or_without_output
     print(output, found)
     assert found is not None
     assert (found.input_tokens, found.cached_tokens, found.output_tokens) == (377, 297, output)
+
+
+def test_a_tool_loop_s_usages_keep_each_turn_and_add_their_file_searches() -> None:
+    """`plus` keeps each request's usage (`turns`, each priced at its own tier) in order, however
+    they are added, and adds the file searches (2 + 3 + 0); one request's usage has no turns."""
+    a, b, c = (
+        TokenUsage(10, 1, file_searches=2),
+        TokenUsage(20, 2, file_searches=3),
+        TokenUsage(30, 3),
+    )
+    loop = a.plus(b).plus(c)
+    print("3 turns:", [t.input_tokens for t in loop.turns], "file searches:", loop.file_searches)
+    assert a.turns == () and loop.file_searches == 5
+    assert [t.input_tokens for t in loop.turns] == [10, 20, 30]
+    assert [t.input_tokens for t in a.plus(b.plus(c)).turns] == [10, 20, 30]
+    assert "turns" not in repr(loop) and loop == TokenUsage(
+        60, 6, tier_input_tokens=30, file_searches=5
+    )
+
+
+def test_the_searches_of_a_responses_answer_are_counted_from_its_output_items() -> None:
+    """OpenAI's Responses API counts no searches in its usage: `count_searches` counts the
+    `web_search_call` items that search (or name no action), not those that open or find in a
+    page, and each `file_search_call` item once; other items, and an output not a list, count
+    nothing. `json_searches` does so for a whole JSON body, keeping the counts of a body with
+    no search call, or not JSON, or not an object."""
+    output = [
+        {"type": "web_search_call", "action": {"type": "search", "query": "a"}},
+        {"type": "web_search_call", "action": {"query": "b"}},  # no type: a search
+        {"type": "web_search_call"},  # web_search_preview's: no action
+        {"type": "web_search_call", "action": "search"},  # an action not an object
+        {"type": "web_search_call", "action": {"type": "open_page"}},
+        {"type": "web_search_call", "action": {"type": "find_in_page"}},
+        {"type": "file_search_call", "queries": ["x", "y"]},
+        {"type": "file_search_call"},
+        {"type": "message", "content": []},
+        "file_search_call",
+        ["web_search_call"],
+    ]
+    usage = TokenUsage(1, 1, web_searches=9, file_searches=9)
+    count_searches(usage, output)
+    print("web searches:", usage.web_searches, "file searches:", usage.file_searches)
+    assert (usage.web_searches, usage.file_searches) == (4, 2)
+    kept = TokenUsage(1, 1, web_searches=7, file_searches=7)
+    count_searches(kept, {"0": {"type": "file_search_call"}})  # not a list
+    assert (kept.web_searches, kept.file_searches) == (7, 7)
+    body = json.dumps({"output": output, "usage": {"input_tokens": 1}}).encode()
+    usage = TokenUsage(1, 1)
+    json_searches(usage, body)
+    assert (usage.web_searches, usage.file_searches) == (4, 2)
+    for other in (
+        json.dumps({"output": [{"type": "message"}]}).encode(),  # no search call
+        body[:-1],  # cut: not JSON
+        json.dumps([{"output": output}]).encode(),  # not an object
+    ):
+        kept = TokenUsage(1, 1, web_searches=7, file_searches=7)
+        json_searches(kept, other)
+        assert (kept.web_searches, kept.file_searches) == (7, 7)
+    empty = TokenUsage(1, 1, web_searches=7, file_searches=7)
+    named = json.dumps({"output": [], "file_search_call": 1}).encode()  # the name, no call
+    json_searches(empty, named)
+    assert (empty.web_searches, empty.file_searches) == (0, 0)
