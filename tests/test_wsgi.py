@@ -1579,6 +1579,82 @@ def test_a_worker_forked_after_the_engine_started_serves_and_charges_only_its_ow
     assert figures["cost"] > 0 and figures["spent"] == pytest.approx(figures["cost"] / 1e9)
 
 
+FORKED_ON_REDIS = r"""
+import gc, io, json, os, signal, sys, time
+from budget_middleware import BudgetEngine, BudgetSettings
+from budget_middleware.wsgi import BudgetWSGIMiddleware
+
+ANSWER = json.dumps({"id": "c", "object": "chat.completion", "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    "usage": {"prompt_tokens": 26, "completion_tokens": 20, "total_tokens": 46}}).encode()
+
+def app(environ, start_response):
+    environ["wsgi.input"].read()
+    start_response("200 OK", [("content-type", "application/json")])
+    return [ANSWER]
+
+def call(key):
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 64}).encode()
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "SCRIPT_NAME": "",
+               "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
+               "HTTP_AUTHORIZATION": f"Bearer {key}"}
+    statuses = []
+    began = time.perf_counter()
+    answer = middleware(environ, lambda status, headers, exc_info=None: statuses.append(status))
+    b"".join(answer)
+    getattr(answer, "close", lambda: None)()
+    return statuses[0], round(time.perf_counter() - began, 3)
+
+settings = BudgetSettings(database_url=sys.argv[1], redis_url=sys.argv[2],
+                          flush_interval_seconds=3600, redis_timeout_seconds=2)
+own = BudgetEngine(settings) if sys.argv[4] == "own" else None  # an app's, given as engine=
+middleware = BudgetWSGIMiddleware(app, settings, engine=own)
+engine = middleware.engine
+engine.counters.prefix = sys.argv[3]
+key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}]).value
+call(key)  # the master starts the engine on Redis (gunicorn --preload's warm-up)
+pid = os.fork()
+if pid == 0:  # a worker: serves a request on an engine of its own, collects its garbage, exits
+    signal.alarm(20)  # (a worker that hangs is killed: its exit status says so)
+    call(key)
+    gc.collect()  # what the worker dropped of its parent's, collected (as it would be, later)
+    sys.exit(0)
+_, status = os.waitpid(pid, 0)
+after = [call(key) for _ in range(3)]  # the master, on its loop and its Redis connections
+print(json.dumps({"child_exit": status, "after": after}))
+"""
+
+
+@pytest.mark.parametrize("engine", ["get_engine", "own"])
+def test_a_worker_forked_from_a_master_on_redis_leaves_the_master_s_loop_serving(
+    tmp_path: Path, engine: str
+) -> None:
+    """gunicorn `--preload` on Redis: the master started the engine, then forks a worker, which
+    serves a request and collects what it dropped of the master's (its Redis client). Collected
+    there, the master's connections' stream writers closed their transports, which unregistered
+    their sockets from the epoll instance both processes share: the master never heard Redis's
+    replies again (its next request a 503 after the 2 s timeout, "Redis unreachable:
+    TimeoutError"). An engine the app made itself (`engine=`) was never started afresh in the
+    worker at all: its first request hung for ever. Both serve, each at once."""
+    need_redis()
+    prefix = unique_prefix()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", FORKED_ON_REDIS, f"sqlite:///{tmp_path}/fork.db", REDIS_URL,
+             prefix, engine],
+            capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+    print(done.stdout, done.stderr[-2000:])
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["child_exit"] == 0
+    assert [status for status, _ in figures["after"]] == ["200 OK"] * 3
+    assert max(seconds for _, seconds in figures["after"]) < 1.0
+    assert "Redis unreachable" not in done.stderr
+
+
 def test_calls_out_from_a_streamed_answer_are_charged_to_its_caller(
     make_settings: Settings,
 ) -> None:

@@ -33,6 +33,7 @@ from budget_middleware.core.money import NANOS_PER_USD, nanos_from_usd, usd_fixe
 from budget_middleware.core.scopes import LimitSet, Scope
 from budget_middleware.core.times import FAR_FUTURE, from_ts, rfc3339, utc
 from budget_middleware.core.windows import WindowCounter
+from budget_middleware.engine.portal import keep_inherited
 from budget_middleware.engine.rounds import FailedRounds
 from budget_middleware.settings import shown_url
 from budget_middleware.store import alerts as stored
@@ -244,7 +245,9 @@ class Alerts:
         self._task = loop.create_task(self._run())
 
     def after_fork_in_child(self) -> None:
-        """The parent's task and loop are not this process's; its queued events are its own."""
+        """The parent's task and loop are not this process's; its queued events are its own.
+        The parent's webhook client is kept, never closed nor collected (`keep_inherited`)."""
+        keep_inherited(self._client)
         self.after_loop_closed()
         self.queue = []
 

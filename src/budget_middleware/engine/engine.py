@@ -41,6 +41,7 @@ from budget_middleware.engine.mounts import UNKNOWN, announce
 from budget_middleware.engine.portal import (
     engines,
     is_background,
+    keep_inherited,
     settle_open_at_exit,
     started_in_background,
 )
@@ -66,11 +67,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger("budget_middleware")
 
 _engines = engines  # every engine of this process, by its settings
+# Every engine made in this process, of `engines` or not (one an app made itself,
+# `BudgetEngine(settings)`, given to an adapter as `engine=`): each is a forked child's afresh.
+# Left out, such an engine the master had started (gunicorn `--preload`) hung a worker's first
+# request for ever on what its parent's loop held.
+_made: weakref.WeakSet[BudgetEngine] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     """A forked child (gunicorn `--preload`) starts every started engine afresh."""
-    for engine in list(_engines.values()):
+    for engine in list(_made):
         if engine.started or engine.loop is not None:
             engine.after_fork_in_child()
         else:  # made, not started, in the parent (gunicorn --preload): this process's now
@@ -343,6 +349,7 @@ class BudgetEngine:
             maxsize=100_000, ttl=settings.cache_ttl_seconds
         )
         self._install_default_hooks()
+        _made.add(self)  # (made whole: a forked child starts it afresh)
 
     def _install_default_hooks(self) -> None:
         if self.settings.config_file is not None:
@@ -633,7 +640,9 @@ class BudgetEngine:
     def after_fork_in_child(self) -> None:
         """This process was forked from one where this engine had started (gunicorn
         `--preload`): its loop, threads, connections and unwritten charges are the parent's. The
-        child starts afresh on first use; what the parent charged is written by the parent."""
+        child starts afresh on first use; what the parent charged is written by the parent.
+        The parent's loop and its tasks are kept, never closed nor collected (`keep_inherited`)."""
+        keep_inherited(self.loop)
         self._forget_the_loop()
         self._claim = threading.Lock()  # (one some parent thread held at the fork stays held)
         self.forked_at = time.perf_counter()

@@ -98,6 +98,27 @@ _background_pid = 0
 _background_lock = threading.Lock()
 _exit_registered = False
 
+# What a forked child (a gunicorn `--preload` worker) inherited of its parent's event loops: the
+# loops, their tasks, and what they served (Redis's connections), held for the child's life and
+# never closed nor collected there. The child shares its parent's epoll instance: collected, a
+# stream writer of the parent's closes its transport, which unregisters the socket from that
+# epoll (in the child's copy of the loop: the kernel's one for both), and the parent's loop
+# never heard Redis's replies again ("Redis unreachable: TimeoutError", its requests 503).
+inherited: list[object] = []
+
+
+def keep_inherited(*objects: object) -> None:
+    """In a forked child: keep what the parent's loops own (a loop: with its tasks) for ever."""
+    for thing in objects:
+        if thing is None:
+            continue
+        inherited.append(thing)
+        if isinstance(thing, asyncio.AbstractEventLoop):
+            inherited.extend(asyncio.all_tasks(thing))
+
+
+os.register_at_fork(after_in_child=lambda: keep_inherited(_background))
+
 
 def _locked(callback: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any) -> Any:

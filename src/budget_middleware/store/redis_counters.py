@@ -104,6 +104,11 @@ BACKOFF_MAX_SECONDS = 2.0
 MAX_POOL_CONNECTIONS = 64
 
 _KINDS = {"request": "r", "token": "t", "budget": "b"}
+# A forked child's copies of its parent's Redis clients (`after_fork_in_child`), held for the
+# child's life and never closed nor collected there: their sockets are the parent's loop's, and
+# that loop's epoll instance is the child's too (a stream writer collected here closes its
+# transport, which unregisters the socket there: the parent never hears Redis's replies again).
+_PARENT_S: list[Redis] = []
 # A charge to a window's key: (key, counter, amount).
 _Charge = tuple[str, WindowCounter, int]
 # A call that went unanswered, which Redis may have run: its done key, its charges, and where
@@ -546,6 +551,8 @@ class RedisCounters(CounterBackend):
 
     def after_fork_in_child(self) -> None:
         """The parent's connections, heartbeat and requests in flight are the parent's."""
+        if self.client is not None:
+            _PARENT_S.append(self.client)
         self.after_loop_closed()
         self._state.live.clear()
         self._owed.clear()
