@@ -1682,10 +1682,7 @@ async def test_fail_open_admits_a_call_charged_to_a_key_id_seen_valid(
                 name=f"value-{fail_open}", budgets=[{"max_limit": 0.02}]
             )
             first = await status(seen.id)
-            with charge_to(virtual_key=by_value.value):
-                await sdk.chat.completions.create(
-                    model="gpt-4o", messages=MESSAGES, extra_headers={"x-mock-cost": "0.01"}
-                )
+            first_by_value = await _paid_status(sdk, virtual_key=by_value.value)
 
             def down(*args: Any) -> None:
                 raise OSError("store unreachable")
@@ -1695,7 +1692,7 @@ async def test_fail_open_admits_a_call_charged_to_a_key_id_seen_valid(
                 await asyncio.sleep(0.3)  # past the cache's TTL: the store must be read
                 answers[fail_open] = {
                     "seen": [first] + [await status(seen.id) for _ in range(2)],
-                    "by value": [200] + [await status(by_value.id) for _ in range(2)],
+                    "by value": [first_by_value] + [await status(by_value.id) for _ in range(2)],
                     "unseen": [await status(unseen.id) for _ in range(2)],
                 }
             sent = fake.calls
