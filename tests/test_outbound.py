@@ -448,6 +448,60 @@ async def test_a_route_of_the_app_calls_out_for_the_inbound_caller(make_settings
     assert fake.calls == 2
 
 
+async def test_the_inbound_caller_s_tags_go_with_the_calls_made_for_it(
+    make_settings: Settings,
+) -> None:
+    """SPEC §13: a call made while serving an inbound request is paid by that request's caller,
+    and §4's caller is a key and its tags (`x-budget-tags`). Only the key was taken: a tag's
+    $0.00001 budget, sent by the caller, admitted 3 of 3 gpt-4o calls ($0.000075 each),
+    recorded untagged. Now the caller's tags go with its calls, with a key or without one;
+    `charge_to` names a payer of its own, and its tags are the call's."""
+    settings = make_settings(flush_interval_seconds=3600)
+    fake = Counting()
+    app = FastAPI()
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.ASGITransport(fake), settings)
+        ),
+        max_retries=0,
+    )
+
+    @app.post("/summarize")
+    async def summarize(body: dict[str, str]) -> Any:
+        try:
+            await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        except openai.APIStatusError as exc:
+            return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+        return {"summary": "ok"}
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(name="alice")
+        engine.manager.put_tag("feature:summary", budgets=[{"max_limit": 0.00001}])
+        engine.manager.put_tag("feature:anon", budgets=[{"max_limit": 0.00001}])
+        await engine.invalidate()
+        keyed = {"authorization": f"Bearer {key.value}", "x-budget-tags": "feature:summary"}
+        with_key = [(await http.post("/summarize", json={}, headers=keyed)).status_code
+                    for _ in range(3)]  # fmt: skip
+        anon = {"x-budget-tags": "feature:anon"}
+        without = [(await http.post("/summarize", json={}, headers=anon)).status_code
+                   for _ in range(3)]  # fmt: skip
+        await engine.flush()
+        rows = records(engine)
+    print("with a key", with_key, "without", without, "calls sent", fake.calls,
+          "records", [(r["virtual_key_id"], r["tags"]) for r in rows])  # fmt: skip
+    assert with_key == [200, 402, 402] and without == [200, 402, 402]
+    assert fake.calls == 2
+    tagged = [(r["virtual_key_id"], r["tags"]) for r in rows]  # JSON text on SQLite
+    assert [(k, t if isinstance(t, list) else json.loads(t)) for k, t in tagged] == [
+        (key.id, ["feature:summary"]),
+        (None, ["feature:anon"]),
+    ]
+
+
 # A fresh process whose app imports the transport, as an app module does at its top, and makes
 # its provider client on first use (FastAPI's `@lru_cache` dependency; a Flask view's global):
 # the client is made by the first request itself.

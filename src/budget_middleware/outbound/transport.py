@@ -177,7 +177,7 @@ class _Meter:
         if engine.stale:
             await engine.ensure_current()
         chosen = payer.get()
-        value = self.key_value(chosen)
+        value, tags = self.caller(chosen)
         by_id: bytes | None = None  # the digest of a key named by its id
         try:
             key = self.cached_key(chosen, self.digest(chosen, value))
@@ -191,7 +191,9 @@ class _Meter:
         except ServiceUnavailable:
             return self.engine.gate.unavailable(self.fail_open)
         parsed = parse_json(body)
-        decision = self.decide(request, path, body, parsed, chosen, value, key, started, by_id)
+        decision = self.decide(
+            request, path, body, parsed, chosen, value, tags, key, started, by_id
+        )
         if type(decision) is ErrorAnswer:
             return decision
         gate = engine.gate
@@ -222,7 +224,7 @@ class _Meter:
             return None
         started = perf_counter()
         chosen = payer.get()
-        value = self.key_value(chosen)
+        value, tags = self.caller(chosen)
         # The body read and the key hashed before the lock, as WSGI does: under it, every
         # thread and the engine's loop wait (a 5 MB body's parse alone held it ~9 ms).
         digest = self.digest(chosen, value)
@@ -231,19 +233,23 @@ class _Meter:
             key = self.cached_key(chosen, digest)
             if key is NOT_CACHED:
                 return None
-            decision = self.decide(request, path, body, parsed, chosen, value, key, started)
+            decision = self.decide(request, path, body, parsed, chosen, value, tags, key, started)
             if type(decision) is ErrorAnswer:
                 return decision
             admitted = engine.gate.admit_now(decision)  # type: ignore[arg-type]
         return _outbound(admitted)
 
-    def key_value(self, chosen: Payer | None) -> str | None:
-        """The paying key's value: `charge_to`'s (None when it names the key by its id), else
-        the one the inbound request being served carries, if any."""
+    def caller(self, chosen: Payer | None) -> tuple[str | None, tuple[str, ...]]:
+        """Who pays: the key's value and the tags. `charge_to`'s (its value None when it names
+        the key by its id), else the inbound request's being served (§4: its key, if any, and
+        its `x-budget-tags`), else nobody."""
         if chosen is not None:
-            return chosen.virtual_key
+            return chosen.virtual_key, chosen.tags
         headers = inbound_headers.get()
-        return None if headers is None else self.read_headers(headers).key
+        if headers is None:
+            return None, ()
+        credentials = self.read_headers(headers)
+        return credentials.key, credentials.tags
 
     @staticmethod
     def digest(chosen: Payer | None, value: str | None) -> bytes | None:
@@ -273,6 +279,7 @@ class _Meter:
         parsed: Any,
         chosen: Payer | None,
         value: str | None,
+        tags: tuple[str, ...],
         key: KeyConfig | None,
         started: float,
         by_id: bytes | None = None,
@@ -294,7 +301,6 @@ class _Meter:
                 return engine.gate.refuse(401, "virtual_key_required", self.key_required)
             shadowed = "virtual_key_required"
         host_provider = self.hosts.provider(request.url.host)
-        tags = () if chosen is None else chosen.tags
         # SPEC §4's headers of the call itself (an SDK's `default_headers` / `extra_headers`):
         # the provider a bare model names on a host that is no provider's, and tags.
         provider = host_provider
