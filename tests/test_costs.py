@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 from fastapi import FastAPI, Request, Response
-from genai_prices import Usage, calc_price
+from genai_prices import Usage, calc_price, extract_usage
 from sqlmodel import select
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
@@ -869,6 +869,87 @@ async def test_a_model_s_fee_a_request_is_charged_with_its_tokens(
     assert want == 300 * 1_000 + 12_000_000  # $1 a million tokens, and the fee
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_perplexity_s_reasoning_citations_and_searches_are_charged(
+    make_settings: Settings, stream: bool
+) -> None:
+    """Sonar Deep Research bills its reasoning ($3/Mtok), citation tokens ($2/Mtok) and search
+    queries ($5 a thousand) beside its prompt and completion (the catalog's
+    `output_reasoning_mtok`, `output_citation_mtok`, `web_searches_kcount`); its usage counts them
+    apart (`reasoning_tokens`, `citation_tokens`, `num_search_queries`; `total_tokens` is prompt +
+    completion). An answer that does not report its cost was charged its completion alone:
+    $0.057342 of the $0.473956 genai-prices says (8 times less)."""
+    usage = {
+        "prompt_tokens": 19,
+        "completion_tokens": 7_163,
+        "total_tokens": 7_182,
+        "citation_tokens": 21_218,
+        "num_search_queries": 24,
+        "reasoning_tokens": 84_726,
+    }
+    model = "sonar-deep-research"
+    answer = chat_answer(usage, stream, model)
+    row = await charged_for(make_settings, "/v1/chat/completions", f"perplexity/{model}", answer)
+    found = extract_usage({"model": model, "usage": usage}, provider_id="perplexity")
+    want = int(found.calc_price().total_price * 10**9)
+    print(model, "without its cost: charged", row.cost_nanos, "nano-dollars, genai-prices", want)
+    assert want == 473_956_000
+    assert (row.cost_source, row.cost_nanos, row.output_tokens) == ("catalog", want, 113_107)
+
+
+@pytest.mark.parametrize("reported", [True, False], ids=["cost", "no-cost"])
+async def test_perplexity_s_output_apart_is_reserved_as_a_fee(
+    make_settings: Settings, reported: bool
+) -> None:
+    """Sonar Deep Research's reasoning and citation tokens and its searches are beyond any
+    `max_tokens` (a request's reservation: its body and 600 output tokens, $0.0048), so
+    what an answer was charged for them ($0.06 of its $0.064038) is reserved by the next
+    requests to the model as a reported fee is (SPEC §6): 60 at once on $1 spend no more than
+    the budget and one request. Charged by its tokens (no `usage.cost`), they were not."""
+    usage: dict[str, Any] = {
+        "prompt_tokens": 19,
+        "completion_tokens": 500,
+        "total_tokens": 519,
+        "citation_tokens": 5_000,
+        "num_search_queries": 4,
+        "reasoning_tokens": 10_000,
+    }
+    each = 64_038_000  # nano-dollars: $2, $8, $3, $2 per Mtok and $5 a thousand searches
+    if reported:
+        usage["cost"] = {"total_cost": each / 1e9}
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(0.05)  # in flight together
+        return JSONResponse({"model": "sonar-deep-research", "choices": [], "usage": usage})
+
+    settings = make_settings()
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])]),
+        settings=settings,
+    )
+    engine = get_engine(settings)
+    body = chat("perplexity/sonar-deep-research", max_tokens=600)
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        auth = {"authorization": f"Bearer {key.value}"}
+        first = await http.post("/v1/chat/completions", json=body, headers=auth)  # it tells
+        answers = await asyncio.gather(
+            *[http.post("/v1/chat/completions", json=body, headers=auth) for _ in range(60)]
+        )
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+        charged = (await records(engine))[0].cost_nanos
+    served = [a.status_code for a in answers].count(200)
+    print(f"cost reported: {reported}; one charged {charged} n$; 1 then 60 at once on $1: ")
+    print(f"  {served} served, ${spent:.6f} spent")
+    assert first.status_code == 200 and charged == each
+    assert spent <= 1 + each / 1e9 + 1e-9
+    assert served > 1
+
+
 async def test_a_huge_answer_with_its_usage_first_is_charged_its_usage(
     make_settings: Settings,
 ) -> None:
@@ -1381,6 +1462,54 @@ async def test_searches_of_a_stored_prompt_s_tools_are_charged(make_settings: Se
     want = tokens + 3 * 2_500_000 + 2 * 10_000_000
     print("a stored prompt's searches: charged", row.cost_nanos, "nano-dollars; want", want)
     assert row.cost_nanos == want == 33_750_000
+
+
+# A Responses answer as JSON may be written: in UTF-16 or UTF-32 (RFC 7159 JSON, which Python's
+# `json` reads), or with its names `\u`-escaped (`"web_search_cal\u006c"`), as some writers do.
+_ESCAPED = {  # the item types, escaped
+    '"web_search_call"': '"\\u0077eb_search_cal\\u006c"',
+    '"file_search_call"': '"file_search_cal\\u006c"',
+}
+
+
+@pytest.mark.parametrize("written", ["utf-16", "utf-32", "utf-16-le", "escaped"])
+async def test_a_responses_answer_s_usage_and_searches_are_read_however_its_json_is_written(
+    make_settings: Settings, written: str
+) -> None:
+    """The same answer (3 web searches, 1 file search on gpt-5 with 1,000 input and 500 output
+    tokens: $0.03875) written another way is billed the same. In UTF-16 or UTF-32 its usage was
+    not read at all (an estimate from its text was charged); with its item types escaped, its
+    searches were not counted (the tokens' $0.00625 alone)."""
+    model = "gpt-5"
+    output = [*SEARCHED_OUTPUT, _file_searched("refund policy")]
+    response = {"object": "response", "model": model, "output": output, "usage": RESPONSES_USAGE}
+    text = json.dumps(response)
+    if written == "escaped":
+        for name, escaped in _ESCAPED.items():
+            text = text.replace(name, escaped)
+        body = text.encode()
+    else:
+        body = text.encode(written)
+    app = FastAPI()
+
+    @app.post("/v1/responses")
+    async def answer_it() -> Response:
+        return Response(body, media_type="application/json")
+
+    tools = [{"type": "web_search"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}]
+    wrapped = BudgetMiddleware(app, settings=make_settings())
+    async with running(wrapped), client(wrapped) as http:
+        sent = await http.post("/v1/responses", json=chat(f"openai/{model}", tools=tools))
+        assert sent.status_code == 200 and sent.content == body
+        row = (await records(wrapped.engine))[-1]
+    want = nanos(
+        Usage(input_tokens=1_000, output_tokens=500, web_searches=3, storage_searches=1),
+        model,
+        "openai",
+    )
+    print(f"{written}: charged", row.cost_nanos, "nano-dollars, genai-prices says", want)
+    assert want == 38_750_000
+    assert (row.cost_nanos, row.estimated) == (want, False)
 
 
 @pytest.mark.parametrize("hour", [5, 7, 12, 23])
@@ -1900,6 +2029,75 @@ async def test_server_side_searches_in_flight_together_cannot_spend_past_the_bud
     assert second > 1  # once one is measured, they run side by side
     held = next(a for a in unknown if a.status_code != 200)
     print("  held:", held.status_code, held.json()["error"]["message"])
+    assert held.json()["error"]["code"] == "budget_reserved" and "retry-after" in held.headers
+
+
+@pytest.mark.parametrize("counters", ["memory", "redis"])
+async def test_stored_prompts_in_flight_together_cannot_spend_past_the_budget(
+    make_settings: Settings, counters: str
+) -> None:
+    """A Responses API request naming a stored prompt (`prompt: {"id": ...}`, no `tools`) may
+    run the prompt's web searches ($0.01 each on gpt-5) on its instructions and their results,
+    input tokens its body never held (20,000 here). It reserved as a request without tools, its
+    body and `max_output_tokens` ($0.01 on gpt-5), so 60 at once on a $1 budget were all admitted
+    and spent $3.60. SPEC §6: only one request's own overrun may pass the limit (here one request
+    costs $0.06)."""
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(0.05)  # in flight together
+        answer = {
+            "object": "response",
+            "model": "gpt-5",
+            "output": [_searched("news"), _searched("weather"), _searched("sports")],
+            "usage": {**RESPONSES_USAGE, "input_tokens": 20_000, "total_tokens": 20_500},
+        }
+        return JSONResponse(answer)
+
+    prefix = unique_prefix()
+    if counters == "redis":
+        need_redis()
+        settings = make_settings(redis_url=REDIS_URL)
+    else:
+        settings = make_settings()
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/responses", provider, methods=["POST"])]), settings=settings
+    )
+    engine = get_engine(settings)
+    if counters == "redis":
+        use_prefix(engine, prefix)
+    body = {
+        "model": "gpt-5",
+        "prompt": {"id": "pmpt_news", "version": "3"},
+        "input": "What happened today?",
+        "max_output_tokens": 1_000,
+    }
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        auth = {"authorization": f"Bearer {key.value}"}
+
+        async def at_once() -> list[httpx.Response]:
+            return await asyncio.gather(
+                *[http.post("/v1/responses", json=body, headers=auth) for _ in range(60)]
+            )
+
+        unknown = await at_once()  # none has ended: its cost is not known yet
+        learned = await at_once()  # each reserves the most one cost
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    if counters == "redis":
+        delete_prefix(REDIS_URL, prefix)
+    # One request: 20,000 input tokens at $1.25/Mtok, 500 output at $10/Mtok, 3 searches at $0.01
+    each = 20_000 * 1.25e-6 + 500 * 10e-6 + 3 * 0.01
+    first = [a.status_code for a in unknown].count(200)
+    second = [a.status_code for a in learned].count(200)
+    print(f"{counters}: 60 stored prompts at once on $1, twice: {first} then {second} admitted, ")
+    print(f"  spent ${spent:.4f} (${each:.4f} a request)")
+    assert spent <= 1 + each + 1e-9
+    assert second > 1  # once one is measured, they run side by side
+    held = next(a for a in unknown if a.status_code != 200)
     assert held.json()["error"]["code"] == "budget_reserved" and "retry-after" in held.headers
 
 

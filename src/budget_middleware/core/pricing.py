@@ -34,8 +34,9 @@ def _rate(usd_per_mtok: float) -> int:
 _NO_TIERS: Mapping[str | None, ModelPrice] = {}
 
 # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
-# femto-dollars per token, a web search's, a request's and a file search's.
-_Rates = tuple[int, int, int, int, int, int, int, int, int, int]
+# femto-dollars per token, a web search's, a request's and a file search's, (output reasoning,
+# output citations) per token.
+_Rates = tuple[int, int, int, int, int, int, int, int, int, int, int, int]
 
 
 def price_key(provider: str | None, model: str) -> str:
@@ -73,7 +74,8 @@ class ModelPrice:
     cost the input, output audio the output, 1-hour cache writes a cache write; web searches
     and file searches (`file_search_per_k`: USD a thousand calls of OpenAI's file search tool)
     without a price cost nothing. `request_per_k`: a fee per request (USD a thousand requests:
-    Perplexity's Sonar models), whatever its tokens.
+    Perplexity's Sonar models), whatever its tokens. Reasoning and citation tokens reported
+    apart (Perplexity's) without a price of their own cost the output.
 
     `tiers`: (start, prices) of long-context tiers, by start: a request of more than `start`
     input tokens (cache reads and writes included) pays that tier's prices on every token.
@@ -95,6 +97,8 @@ class ModelPrice:
     web_search_per_k: float | None = None  # USD per thousand searches
     request_per_k: float | None = None  # USD per thousand requests
     file_search_per_k: float | None = None  # USD per thousand file search calls
+    output_reasoning_per_mtok: float | None = None
+    output_citation_per_mtok: float | None = None
     tiers: tuple[tuple[int, ModelPrice], ...] = ()
     service_tiers: tuple[tuple[str, ModelPrice], ...] = ()
     daily: tuple[tuple[float, float, ModelPrice], ...] = ()
@@ -109,6 +113,7 @@ class ModelPrice:
         hour = self.cache_write_1h_per_mtok
         out = _rate(self.output_per_mtok)
         heard, spoken = self.input_audio_per_mtok, self.output_audio_per_mtok
+        thought, cited = self.output_reasoning_per_mtok, self.output_citation_per_mtok
         rates = (
             inp,
             out,
@@ -122,6 +127,8 @@ class ModelPrice:
             0
             if self.file_search_per_k is None
             else _rate(self.file_search_per_k) * _PER_K_PER_MTOK,
+            out if thought is None else _rate(thought),
+            out if cited is None else _rate(cited),
         )
         object.__setattr__(self, "_rates", rates)
         tiers = dict(reversed(self.service_tiers)) if self.service_tiers else _NO_TIERS
@@ -210,6 +217,8 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage, femto_only: bool = False) -
         or usage.output_audio_tokens
         or usage.web_searches
         or usage.file_searches
+        or usage.reasoning_tokens
+        or usage.citation_tokens
     ):
         femto += _other_kinds(rates, usage, write, plain, out)
     return femto if femto_only else (femto + _HALF_NANO) // _FEMTO_PER_NANO
@@ -230,17 +239,24 @@ def _adds_up(usage: TokenUsage) -> bool:
 def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: int) -> int:
     """What the kinds with rates of their own add, in femto-dollars, to their tokens priced as
     cache writes, input or output: each within its whole (1-hour writes within the writes, input
-    audio within the uncached input, output audio within the output)."""
-    r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search, _, r_file = rates
+    audio within the uncached input, output audio, reasoning and citations reported apart within
+    the output)."""
+    r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search, _, r_file, r_thought, r_cited = (
+        rates
+    )
     hour = min(max(usage.cache_write_1h_tokens, 0), write)
     heard = min(max(usage.input_audio_tokens, 0), plain)
     spoken = min(max(usage.output_audio_tokens, 0), out)
+    thought = min(max(usage.reasoning_tokens, 0), out - spoken)
+    cited = min(max(usage.citation_tokens, 0), out - spoken - thought)
     searches = max(usage.web_searches, 0)
     files = max(usage.file_searches, 0)
     return (
         hour * (r_hour - r_write)
         + heard * (r_heard - r_in)
         + spoken * (r_spoken - r_out)
+        + thought * (r_thought - r_out)
+        + cited * (r_cited - r_out)
         + searches * r_search
         + files * r_file
     )

@@ -77,6 +77,10 @@ class TokenUsage:
     - `service_tier`: the service tier the answer says it was served at (OpenAI's top-level
       `service_tier`: `default`, `priority`, `flex`; Anthropic's `usage.speed`: `standard`,
       `fast`), which some models price apart; None when it does not say.
+    - `reasoning_tokens`, `citation_tokens`: the reasoning and citation tokens within
+      `output_tokens` that are priced at rates of their own (Perplexity's top-level
+      `reasoning_tokens` and `citation_tokens`, which its `completion_tokens` leaves out: Sonar
+      Deep Research's).
     """
 
     input_tokens: int = 0
@@ -93,6 +97,8 @@ class TokenUsage:
     uncosted: TokenUsage | None = None
     turns: tuple[TokenUsage, ...] = field(default=(), compare=False, repr=False)
     file_searches: int = 0
+    reasoning_tokens: int = 0
+    citation_tokens: int = 0
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's). Of
@@ -123,6 +129,8 @@ class TokenUsage:
             uncosted,
             (self.turns or (self,)) + (other.turns or (other,)),
             self.file_searches + other.file_searches,
+            self.reasoning_tokens + other.reasoning_tokens,
+            self.citation_tokens + other.citation_tokens,
         )
 
     @property
@@ -191,6 +199,7 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     token count nor cost, or none that can be read. Bad values (strings, negatives, null)
     count as 0 beside one that can."""
     heard = spoken = None  # OpenAI's audio counts, in its details objects
+    apart = False  # Perplexity's reasoning, citations and searches, counted apart
     if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat/completions/embeddings
         # the usual values (non-negative ints) are taken as they are: this runs on every request
         prompt = usage.get("prompt_tokens")
@@ -225,6 +234,9 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             write = 0
         elif type(write) is not int or write < 0:
             write = _count(write)
+        if "citation_tokens" in usage or "num_search_queries" in usage:  # Perplexity's: output
+            apart = True  # its completion count leaves out (`total_tokens` too, as a rule)
+            output += _count(usage.get("reasoning_tokens")) + _count(usage.get("citation_tokens"))
         if type(total) is int and total > prompt + output and (prompt or output):
             output += _reasoning_apart(usage, out_details, total - prompt - output)
         if (
@@ -257,6 +269,10 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     if heard or spoken:  # OpenAI's audio, within the uncached prompt and the output: 0 or absent
         found.input_audio_tokens = _count(heard)
         found.output_audio_tokens = _count(spoken)
+    if apart:  # Perplexity's, within the output (above), and its searches
+        found.reasoning_tokens = _count(usage.get("reasoning_tokens"))
+        found.citation_tokens = _count(usage.get("citation_tokens"))
+        found.web_searches = _count(usage.get("num_search_queries"))
     # Anthropic's web searches:
     if "server_tool_use" in usage and type(tools := usage["server_tool_use"]) is dict:
         found.web_searches = _count(tools.get("web_search_requests"))
@@ -388,8 +404,8 @@ def usage_from_json(body: bytes, tiered: bool = False) -> TokenUsage | None:
     `service_tier` written before the usage is read too (`TokenUsage.service_tier`).
     """
     index = body.rfind(_USAGE_KEY)
-    if index < 0 and b"\\u" not in body:  # no usage key anywhere, not even escaped: no usage
-        return None
+    if index < 0 and b"\\u" not in body and not _wide(body):  # no usage key anywhere, not even
+        return None  # escaped or in UTF-16/32 (read whole below): no usage
     for _ in range(_CANDIDATES):  # the top-level key, from the end
         if index < 0:
             break
@@ -461,14 +477,23 @@ def json_searches(usage: TokenUsage, body: bytes) -> None:
     """`count_searches` of a whole JSON answer's top-level `output` (an answer to a request that
     may have used such tools: a body without a search call is not parsed, its usage's counts
     kept)."""
-    if body.find(_SEARCH_CALL_KEY) < 0:
-        return
+    if body.find(_SEARCH_CALL_KEY) < 0 and b"\\u" not in body and not _wide(body):
+        return  # (a name may be escaped, `"web_search_cal\\u006c"`, or in UTF-16/32)
     try:
         document = json_loads(body)
     except JSON_ERRORS:
         return
     if type(document) is dict:
         count_searches(usage, document.get("output"))
+
+
+def _wide(body: bytes) -> bool:
+    """Whether a JSON body is UTF-16 or UTF-32 (a NUL in its first 4 bytes, or their byte-order
+    mark, as `json.loads` tells them), whose keys no search of its bytes finds: read whole."""
+    return b"\x00" in body[:4] or body[:2] in _WIDE_MARKS
+
+
+_WIDE_MARKS: Final = (b"\xff\xfe", b"\xfe\xff")  # UTF-16's (and UTF-32-LE's) byte-order marks
 
 
 _TIER_KEY: Final = b'"service_tier"'

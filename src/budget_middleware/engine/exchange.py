@@ -704,7 +704,8 @@ class Exchange:
                     cost += cost_nanos(self._served_price(usage.uncosted), usage.uncosted)
             if self.price is not None and usage is not None and not estimated:
                 # Reported over what its tokens cost (a fee): for the next to reserve
-                self.reported_over = cost - cost_nanos(self._served_price(usage), usage)
+                bounded = _bounded(usage)
+                self.reported_over = cost - cost_nanos(self._served_price(bounded), bounded)
         elif usage is None and (
             self.status >= 300
             or not (self.response_started or self.sent_unanswered or self.left_unanswered)
@@ -772,6 +773,9 @@ class Exchange:
                     else self._served_price(usage)
                 )
                 cost, source = cost_nanos(served, usage), price.source
+                if (usage.reasoning_tokens or usage.citation_tokens) and not estimated:
+                    # Output no limit bounds (Perplexity's), a fee for the next to reserve
+                    self.reported_over = cost - cost_nanos(served, _bounded(usage))
         if usage is None:
             inp = out = cached = 0
         else:
@@ -1031,6 +1035,22 @@ class _Settled:
 
 
 _SETTLED = _Settled()
+
+
+def _bounded(usage: TokenUsage) -> TokenUsage:
+    """A usage as a request's reservation counts it, within its output limit: without the
+    output reported apart (Perplexity's reasoning and citations, which no `max_tokens` bounds)
+    and the searches counted with it. What is beyond is a fee (`reported_over`)."""
+    if not (usage.reasoning_tokens or usage.citation_tokens):
+        return usage
+    apart = usage.reasoning_tokens + usage.citation_tokens
+    return replace(
+        usage,
+        output_tokens=max(usage.output_tokens - apart, 0),
+        reasoning_tokens=0,
+        citation_tokens=0,
+        web_searches=0,
+    )
 
 
 def _grown(

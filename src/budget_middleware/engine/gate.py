@@ -9,7 +9,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cachetools import LRUCache
 
@@ -331,9 +331,9 @@ class Gate:
         # A key looked up, not a search of the body (a 100 KB prompt read whole for nothing);
         # a stored prompt's tools, which the body does not say, too (`_server_tools`)
         tools = (
-            _server_tools(parsed)
-            if type(parsed) is dict and ("tools" in parsed or "prompt" in parsed)
-            else ""
+            type(parsed) is dict
+            and ("tools" in parsed or "prompt" in parsed)
+            and _server_tools(parsed)
         )
         references = 0
         images: list[tuple[int, int, int]] = []
@@ -366,7 +366,7 @@ class Gate:
                     if references:
                         self._with_media(candidate, references)
                     if tools:
-                        self._with_tools(candidate, tools)
+                        self._with_tools(candidate)
                     if shadowed is not None:  # the credentials' refusal first, as in enforce
                         candidate.would_refuse = shadowed
                 left = plan.candidates or plan.shadow_only
@@ -384,7 +384,7 @@ class Gate:
         if references:
             self._with_media(exchange, references)
         if tools:
-            self._with_tools(exchange, tools)
+            self._with_tools(exchange)
         if shadowed is not None:  # the credentials' refusal comes first, as in enforce
             exchange.would_refuse = shadowed
         if target.stream and type(parsed) is dict and asks_usage(path, credentials):
@@ -570,18 +570,16 @@ class Gate:
         if fee:
             exchange.ticket_estimate = min(exchange.ticket_estimate + fee, MAX_CHARGE_NANOS)
 
-    def _with_tools(self, exchange: Exchange, tools: str) -> None:
+    def _with_tools(self, exchange: Exchange) -> None:
         """A request with tools its provider runs (`_server_tools`): their results are input
         tokens its body never held, and their calls a fee each, so its estimate is no worst
         case. It reserves at least the most such a request to its model has been charged here
         (`saw_tools`); before any has ended, the most one request is charged, as for a model
         without a price: in flight, it leaves no room on its budgets, so requests at once
         cannot each add their overrun past the limit (SPEC §6: 60 searches at once spent 6
-        times a $1 budget). One naming a stored prompt (`_STORED`) only has its answer's
-        searches counted: it reserves as any other."""
+        times a $1 budget). One naming a stored prompt too: the prompt may name such tools,
+        and its text is input its body never held."""
         exchange.tool_calls = True  # its answer's searches are counted
-        if tools == _STORED:
-            return
         exchange.server_tools = True  # its answer teaches the next (`saw_tools`)
         if exchange.price is None or not (self.reserve and exchange.limits.budgets):
             return  # unpriced: its own rule reserves
@@ -784,14 +782,10 @@ _UNDECODABLE = (
 _SERVER_TOOLS = ("web_search", "web_fetch", "code_execution", "code_interpreter", "file_search")
 
 
-_ASKED: Final = "asked"
-_STORED: Final = "stored"
-
-
-def _server_tools(parsed: Any) -> str:
-    """Whether a request's body asks for tools its provider runs and bills (`_with_tools`):
-    `_ASKED` when a `tools` entry does, else `_STORED` when it names a Responses API stored
-    prompt (`prompt: {"id": ...}`), whose tools its body does not say, else ""."""
+def _server_tools(parsed: Any) -> bool:
+    """Whether a request's body asks for tools its provider runs and bills (`_with_tools`): a
+    `tools` entry does, or it names a Responses API stored prompt (`prompt: {"id": ...}`), whose
+    tools its body does not say."""
     tools = parsed.get("tools") if type(parsed) is dict else None
     if type(tools) is list and any(
         type(tool) is dict
@@ -799,9 +793,9 @@ def _server_tools(parsed: Any) -> str:
         and kind.startswith(_SERVER_TOOLS)
         for tool in tools
     ):
-        return _ASKED
+        return True
     prompt = parsed.get("prompt") if type(parsed) is dict else None
-    return _STORED if type(prompt) is dict and "id" in prompt else ""
+    return type(prompt) is dict and "id" in prompt
 
 
 def parse_json(body: bytes) -> Any:

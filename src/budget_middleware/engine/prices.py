@@ -375,6 +375,9 @@ def _token_price(prices: gp.ModelPrice, above: int) -> ModelPrice | None:
         request_per_k=at(prices.requests_kcount),
         # OpenAI's file search tool, $2.50 a thousand calls (genai-prices' "storage searches")
         file_search_per_k=at(prices.storage_searches_kcount),
+        # Perplexity's reasoning and citation tokens (Sonar Deep Research's), its answers count
+        output_reasoning_per_mtok=at(prices.output_reasoning_mtok),
+        output_citation_per_mtok=at(prices.output_citation_mtok),
     )
 
 
