@@ -331,14 +331,14 @@ def _need_chromium() -> None:
 
 
 def usd(value: float) -> str:
-    """As the page writes an amount: Intl.NumberFormat en-US, 2 decimals (4 under $1),
+    """As the page writes an amount: Intl.NumberFormat en-US, 4 decimals (as the CLI),
     trailing zeros past the second left out; under a cent, as charged, to the nano-dollar
     (never $0.00 for an amount that is not 0)."""
     size = abs(value)
     sign = "-" if value < 0 else ""
     if 0 < size < 0.01:
         return f"{sign}${size:.9f}".rstrip("0")
-    digits = 2 if size == 0 or size >= 1 else 4
+    digits = 2 if size == 0 else 4
     whole, fraction = f"{size:,.{digits}f}".split(".")
     return sign + f"${whole}.{fraction.rstrip('0').ljust(2, '0')}"
 
@@ -731,6 +731,29 @@ def test_an_amount_under_a_cent_is_shown_as_charged(bare: Served) -> None:
         shown = [row.locator(f'[data-field="{f}"]').inner_text() for f in ("spent", "limit")]
         print("api:", budget["spent"], budget["max_limit"], "shown:", shown)
         assert shown == ["$0.0049996", "$0.005"]
+
+
+def test_a_limit_of_a_dollar_or_more_is_shown_as_set(bare: Served) -> None:
+    """Amounts of $1 or more were rounded to the cent: a $9.999 budget read "$0.00 of $10.00"
+    and a $12.345 one "$12.35", limits nobody set (the API says 9.999 and 12.345; the CLI
+    `$9.9990`, `$12.3450`). They are shown to four decimals, as amounts under $1 already were."""
+    from playwright.sync_api import expect
+
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    ids = {}
+    for name, limit in (("nines", 9.999), ("halves", 12.345), ("round", 10)):
+        body = {"name": name, "budgets": [{"max_limit": limit, "reset_duration": "1d"}]}
+        created = httpx.post(bare.admin + "/customers", json=body, headers=headers)
+        assert created.status_code == 201, created.text
+        ids[name] = created.json()["customer"]["budgets"][0]["id"]
+    with _signed_in(bare) as page:
+        shown = {}
+        for name, budget_id in ids.items():
+            row = page.locator(f'li.budget[data-id="{budget_id}"]')
+            expect(row).to_be_visible()
+            shown[name] = row.locator('[data-field="limit"]').inner_text()
+    print("shown:", shown)
+    assert shown == {"nines": "$9.999", "halves": "$12.345", "round": "$10.00"}
 
 
 def test_spend_by_tag_is_drawn_within_the_chart(bare: Served) -> None:

@@ -335,15 +335,30 @@ class HttpClient:
         return f" (is {self.url} where the admin API is mounted?)"
 
     def _send(
-        self, method: str, path: str, envelope: str, query: Json | None = None, body: Any = None
+        self,
+        method: str,
+        path: str,
+        envelope: str,
+        query: Json | None = None,
+        body: Any = None,
+        *,
+        wait: bool = False,
     ) -> Json:
         """The route's answer: a JSON object holding `envelope` (what the route names its
-        answer: `virtual_keys`, `budget`, ...), else a CliError."""
+        answer: `virtual_keys`, `budget`, ...), else a CliError. `wait`: however long the
+        server takes to answer, once the request is sent (its work goes on without us)."""
         import httpx
 
+        timeout = self.http.timeout
+        if wait:
+            timeout = httpx.Timeout(timeout.connect, connect=timeout.connect, read=None)
         try:
             answer = self.http.request(
-                method, path, params=_given(query or {}), json=body if body is not None else None
+                method,
+                path,
+                params=_given(query or {}),
+                json=body if body is not None else None,
+                timeout=timeout,
             )
         except httpx.HTTPError as exc:
             reason = str(exc).strip() or type(exc).__name__
@@ -446,7 +461,9 @@ class HttpClient:
         except ConfigFileError as exc:
             raise CliError(config_message(str(exc))) from None
         kind = "json" if path.suffix.lower() == ".json" else "yaml"
-        answer = self._send("POST", "/config/apply", "applied", body={"text": text, "format": kind})
+        body = {"text": text, "format": kind}
+        # The server answers once the whole file is applied (a big one: minutes on SQLite)
+        answer = self._send("POST", "/config/apply", "applied", body=body, wait=True)
         entries = answer.get("entries")
         told = answer.get("ignored")
         ignored += [str(part) for part in told] if isinstance(told, list) else []

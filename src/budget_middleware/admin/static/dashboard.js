@@ -84,6 +84,8 @@
   // Under a cent, as charged (to the nano-dollar): never a non-zero amount as $0.00, and not
   // $0.0049996 as $0.005, which read as a $0.005 budget used up.
   // Under a nano-dollar (no charge is; a chart's tick can be), 3 significant digits.
+  // From a cent up, four decimals at most, as the CLI writes them (in cents, a $9.999 limit
+  // read "$10.00": a limit nobody set).
   const tinyFormat = new Intl.NumberFormat("en-US", {
     style: "currency", currency: "USD", minimumFractionDigits: 2, maximumFractionDigits: 9,
   });
@@ -94,7 +96,7 @@
     const v = Number(value) || 0;
     const abs = Math.abs(v);
     if (abs > 0 && abs < 0.01) return (abs < 1e-9 ? subNanoFormat : tinyFormat).format(v);
-    const digits = abs === 0 || abs >= 1 ? 2 : 4;
+    const digits = abs === 0 ? 2 : 4;
     if (!usdFormats.has(digits)) {
       usdFormats.set(digits, new Intl.NumberFormat("en-US", {
         style: "currency", currency: "USD", minimumFractionDigits: 2,
