@@ -3802,3 +3802,122 @@ async def test_a_store_s_first_prune_of_deliveries_is_spread_over_sweeps(
           f"sweep {left}, alerts {alerts}")  # fmt: skip
     # each alert goes once its deliveries have (those each URL's kept one names stay)
     assert left == alerts == [1500, 500, 2, 2]
+
+
+_UVICORN_HOST_WITH_AN_ASYNC_HOOK = """
+import asyncio, os
+from budget_middleware import BudgetMiddleware
+from mock_upstream import create_mock_app
+
+async def on_settled(record):
+    await asyncio.sleep(1.5)  # a post to a billing service, say
+    with open(os.environ["HEARD"], "a") as heard:
+        heard.write(f"{record.model} {record.cost_nanos}\\n")
+
+app = BudgetMiddleware(create_mock_app("/v1"), on_settled=on_settled)
+"""
+
+
+def test_a_server_stopping_waits_for_the_async_hooks_under_way(tmp_path: Path) -> None:
+    """uvicorn stopped (SIGTERM) right after an answer whose async `on_settled` was still
+    running: the charge was written at the lifespan's shutdown, but the hook was cancelled with
+    the server's loop (0 of 1 heard), where a plain hook is waited for 5 s at exit. The
+    shutdown now waits for the async hooks under way, as long at most: 1 of 1 heard."""
+    import signal
+
+    from service_support import free_port, wait_for_port
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "host.py").write_text(_UVICORN_HOST_WITH_AN_ASYNC_HOOK)
+    heard = tmp_path / "heard.txt"
+    env = {**os.environ, "BUDGET_DATABASE_URL": f"sqlite:///{tmp_path / 's.db'}",
+           "HEARD": str(heard),
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root / "examples")])}  # fmt: skip
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "host:app", "--app-dir", str(tmp_path),
+         "--port", str(port), "--log-level", "critical"],
+        env=env,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, 30)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat("gpt-4o"))
+        server.send_signal(signal.SIGTERM)  # the hook is asleep now
+        server.wait(60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    lines = heard.read_text().splitlines() if heard.exists() else []
+    print(f"answered {answer.status_code}; the server stopped; on_settled heard {lines}")
+    assert answer.status_code == 200
+    assert len(lines) == 1 and lines[0].startswith("gpt-4o ")
+
+
+_SYNC_SCRIPT_WITH_AN_ASYNC_HOOK = """
+import asyncio, sys
+import httpx2
+from budget_middleware import BudgetSettings, BudgetSyncTransport
+
+def provider(request):
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    return httpx2.Response(200, json={"id": "c", "object": "chat.completion", "choices": [],
+                                      "model": "gpt-4o-mini", "usage": usage})
+
+async def on_settled(record):
+    await asyncio.sleep(1.0)  # a post to a billing service, say
+    with open(sys.argv[2], "a") as heard:
+        heard.write(f"{record.model} {record.cost_nanos}\\n")
+
+settings = BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600)
+transport = BudgetSyncTransport(httpx2.MockTransport(provider), settings=settings,
+                                on_settled=on_settled)
+with httpx2.Client(transport=transport) as http:
+    url = "https://api.openai.com/v1/chat/completions"
+    print(http.post(url, json={"model": "gpt-4o-mini", "messages": []}).status_code, flush=True)
+"""
+
+
+def test_a_script_s_exit_waits_for_the_async_hooks_under_way(tmp_path: Path) -> None:
+    """A sync script (the engine on its background loop) whose last call's async
+    `on_settled` was still running as it ended: its charge was written at exit, the hook
+    cancelled with the background loop (0 of 1 heard). Now 1 of 1."""
+    script, heard = tmp_path / "job.py", tmp_path / "heard.txt"
+    script.write_text(_SYNC_SCRIPT_WITH_AN_ASYNC_HOOK)
+    done = subprocess.run(
+        [sys.executable, str(script), f"sqlite:///{tmp_path / 'job.db'}", str(heard)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    lines = heard.read_text().splitlines() if heard.exists() else []
+    print(f"exit {done.returncode}, printed {done.stdout.split()}; on_settled heard {lines}")
+    assert done.returncode == 0 and done.stdout.split() == ["200"], done.stderr
+    assert len(lines) == 1 and lines[0].startswith("gpt-4o-mini ")
+
+
+async def test_alerts_raised_at_one_instant_are_listed_newest_first(
+    make_settings: Settings,
+) -> None:
+    """One charge took a budget past four thresholds and the next request was refused, all at
+    one reading of the clock (a clock of coarse ticks: Windows' is 15.6 ms): `GET /alerts`
+    listed the five in an order of their random ids (the exhaustion among the thresholds, 25 %
+    before 100 %), where its webhooks post them in the order raised. Now newest first:
+    exhausted, 100 %, 80 %, 50 %, 25 %."""
+    from support import FrozenClock
+
+    engine = BudgetEngine(make_settings(), clock=FrozenClock())
+    app = BudgetMiddleware(host_app(None), engine=engine)
+    await engine.ensure_started()
+    try:
+        budget = {"max_limit": 1.0, "alert_thresholds": [0.25, 0.5, 0.8, 1.0]}
+        key = engine.manager.create_virtual_key(name="tia", budgets=[budget])
+        async with client(app) as http:
+            statuses = await spend(http, key.value, 1.5, 2)
+        await engine.alerts.raise_queued()
+        listed = engine.manager.list_alerts()
+    finally:
+        await engine.shutdown()
+    order = [(a["type"], a["threshold"]) for a in listed]
+    print(f"{statuses}; raised at {sorted({a['raised_at'] for a in listed})}; listed {order}")
+    assert statuses == [200, 402]
+    assert order == [("budget.exhausted", None), ("budget.threshold", 1.0),
+                     ("budget.threshold", 0.8), ("budget.threshold", 0.5),
+                     ("budget.threshold", 0.25)]  # fmt: skip

@@ -737,6 +737,9 @@ class BudgetEngine:
         # After the charges, the store's and Redis's: a receiver's wait delays no write (a kill
         # meanwhile lost Redis's debts).
         await self.alerts.deliver_last()
+        # The async hooks under way (the last answers' `on_settled`, the alerts' `on_alert`):
+        # the loop that runs them ends after this (a server's), cancelling what still runs.
+        await self.hooks.finish()
         self.store.dispose()  # connections are opened again if the engine starts again
         loop_end, self._loop_end = self._loop_end, None
         if loop_end is not None:  # done: the counters closed their connections above

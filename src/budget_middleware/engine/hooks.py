@@ -94,6 +94,8 @@ class Hooks:
         self.pending = 0  # events handed over that have not run (`MAX_PENDING`)
         self.dropped = 0
         self._count = threading.Lock()  # hooks are emitted from several threads (WSGI)
+        # Async hooks under way on the engine's loop: its shutdown waits for them (`finish`).
+        self._async: set[Future[Any]] = set()
 
     def add(self, **hooks: Hook | None) -> None:
         """Add hooks by event name; an unknown name or a value that is not callable raises. A
@@ -139,7 +141,7 @@ class Hooks:
                 except RuntimeError:
                     pass
                 else:  # done when it ran, or was cancelled with its loop
-                    future.add_done_callback(lambda _: self._done())
+                    self._on_loop(future)
                     return
             self._pool().submit(self._sync, _run_async, hook, item)
         else:
@@ -165,9 +167,35 @@ class Hooks:
             except RuntimeError:
                 self._done()
             else:
-                future.add_done_callback(lambda _: self._done())
+                self._on_loop(future)
                 return
         asyncio.run(_awaited(hook, result))
+
+    def _on_loop(self, future: Future[Any]) -> None:
+        """An async hook running on the engine's loop: under way until it ends."""
+        self._async.add(future)
+
+        def ended(_: Future[Any]) -> None:
+            self._async.discard(future)
+            self._done()
+
+        future.add_done_callback(ended)
+
+    async def finish(self) -> None:
+        """Wait (bounded) for the async hooks under way on the engine's loop, as a shutdown
+        ends: the server's loop ends after it and cancels what still runs (an `on_settled` of
+        the last answer, asleep in its post, was never heard), where the plain hooks still
+        queued are waited for `EXIT_WAIT` at exit. One still running then is left, said once."""
+        running = [asyncio.wrap_future(f) for f in list(self._async) if not f.done()]
+        if not running:
+            return
+        _, left = await asyncio.wait(running, timeout=EXIT_WAIT)
+        if left:
+            logger.warning(
+                "budget-middleware left %d async hook(s) running at shutdown after %g s",
+                len(left),
+                EXIT_WAIT,
+            )
 
     def _take(self) -> bool:
         """Room for one more event (`MAX_PENDING`): taken; else the event is dropped."""
@@ -198,6 +226,7 @@ class Hooks:
     def after_fork_in_child(self) -> None:
         self._thread = None  # its thread is the parent's
         self.loop = None
+        self._async = set()  # the parent's loop's
         self.pending = 0  # the parent's events stay the parent's
         self._count = threading.Lock()  # it may have been held as the process forked
 

@@ -585,7 +585,10 @@ def list_alerts(
             owned_by(col(AlertRow.owner_type), col(AlertRow.owner_id), owner_type, owner_id)
         )
     query = select(AlertRow).where(*where)
-    query = query.order_by(col(AlertRow.raised_at).desc(), col(AlertRow.id)).offset(offset)
+    # Newest first; raised at one reading of the clock, the later raised first (`claim_due`'s
+    # order reversed: exhausted, then thresholds down), not by random id.
+    newest = (col(AlertRow.raised_at).desc(), col(AlertRow.type), col(AlertRow.threshold).desc())
+    query = query.order_by(*newest, col(AlertRow.id)).offset(offset)
     with store.session() as s:
         total = s.exec(select(func.count()).select_from(AlertRow).where(*where)).one()
         return [alert_out(row) for row in s.exec(query.limit(limit)).all()], int(total)
