@@ -13,8 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from budget_middleware import BudgetSettings
 from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.manage.manager import BudgetManager
+from budget_middleware.store.database import Store
 from budget_middleware.store.tables import BudgetRow, RateLimitRow
 from support import Clock, FrozenClock, running
 from test_redis_windows import (
@@ -248,3 +252,44 @@ async def test_the_reset_a_refusal_names_is_when_the_window_has_ended(tmp_path: 
             again = await post(headers=auth(key))
             print(f"{message!r}: at {named:%H:%M:%S.%f} answered {again.status_code}")
             assert again.status_code == 200
+
+
+@pytest.mark.parametrize("through", ["an engine", "the store alone"])
+async def test_a_reset_behind_the_stored_window_s_start_empties_the_window(
+    tmp_path: Path, through: str
+) -> None:
+    """Another instance's clock 10 s ahead of this one's: it resets a $1 daily budget and
+    spends $0.50; the reset made at once through this instance (an engine that has served the
+    key once, or the store alone, as the CLI resets), whose now is before that window's start,
+    answered $0.50 used and the store kept it: 50 requests fitted after the reset. The new
+    window now begins a millisecond after the stored one: $0 answered and stored, 100 fit."""
+    clock = Clock()
+    one, two = engines(tmp_path, clock, 2)
+    one_app, two_app = host(one), host(two)
+    async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+        key = one.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        budget_id = key.budgets[0].id
+        await spend(a, key.value or "", 1)
+        await one.flush()
+        clock.advance(10)  # the other instance's clock, 10 s ahead
+        two.manager.reset_budget(budget_id)
+        await spend(b, key.value or "", 50)
+        await two.flush()
+        clock.advance(-10)  # this one's
+        if through == "an engine":
+            answered = one.manager.reset_budget(budget_id).current_usage
+        else:
+            alone = BudgetManager(Store(one.settings.database_url), one.settings)
+            answered = alone.reset_budget(budget_id).current_usage
+            alone.store.dispose()
+        await one.flush()
+        stored = stored_spend(one, budget_id)
+        await asyncio.sleep(0.5)  # the live counter re-reads the store
+        admitted, code = await spend_until_refused(a, key.value or "")
+        spent = await written_spend(budget_id, one, two)
+    print(f"through {through}: reset answered ${answered:.2f}, stored ${stored / 1e9:.2f}; "
+          f"then {admitted} admitted ({code}), ${spent / 1e9:.2f} stored")  # fmt: skip
+    assert (answered, stored) == (0, 0)
+    assert (admitted, code, spent) == (100, "budget_exceeded", 100 * CENT)

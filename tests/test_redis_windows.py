@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from sqlmodel import select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.engine.engine import BudgetEngine
+from budget_middleware.manage import reports
 from budget_middleware.manage.config_file import load_config_file
 from budget_middleware.manage.manager import BudgetManager
 from budget_middleware.store import redis_counters
@@ -2143,3 +2144,47 @@ async def test_debts_whose_payment_was_refused_count_once_over_another_s_seed(
     assert held == [31 * CENT]
     assert stored == admitted * CENT
     assert admitted == 100
+
+
+async def test_a_live_answer_after_a_window_ended_shows_what_the_others_spent_in_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$1 an hour, two instances on Redis: the first spends $0.10, the hour ends, the second
+    spends $0.40 in the next. The first's live answer (`from_memory=true`, the key's quota,
+    which read every instance's spend from Redis) showed $0.00 of the new hour until its own
+    next request there (or a re-read of the store after the second's flush): Redis was read
+    for the windows still current only. Now $0.40, as the second's own answer says."""
+    need_redis()
+    clock = Clock()
+
+    class Now(datetime):  # the answers' clock: the engines'
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+            return datetime.fromtimestamp(clock(), tz)
+
+    monkeypatch.setattr(reports, "datetime", Now)
+    settings = {"flush_interval_seconds": 3600, "cache_ttl_seconds": 3600}
+    async with instances(tmp_path, REDIS_URL, clock, **settings) as (one, two, _):
+        one_app, two_app = host(one), host(two)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            key, budget_id = dollar_key(one, "1h")
+            await spend(a, key, 10)
+            clock.advance(3600)  # the next hour
+            await spend(b, key, 40)
+
+            async def live(engine: BudgetEngine) -> float:
+                counters = await engine.live_counters()
+                (out,) = engine.manager.list_budgets(
+                    owner_type="virtual_key", from_memory=True, counters=counters
+                )
+                assert out.id == budget_id
+                return out.spent
+
+            first, second = await live(one), await live(two)
+            await spend(a, key, 1)  # the first's own request rolls its window
+            after = await live(one)
+    print(f"the new hour, live: the first instance ${first:.2f}, the second ${second:.2f}; "
+          f"after the first's own request there ${after:.2f}")  # fmt: skip
+    assert second == 0.40
+    assert first == 0.40
+    assert after == 0.41

@@ -87,3 +87,75 @@ async def test_the_reset_header_of_a_request_its_window_rolled_under_is_its_wind
     else:  # admitted by Redis: the local counters as they are at the answer, the next window
         assert told == "50s"
     assert answer.headers["x-ratelimit-remaining-requests"] == "4"
+
+
+@pytest.mark.parametrize("counters", ["in process", "Redis"])
+async def test_the_reset_header_after_the_clock_stepped_back_is_when_the_window_ends(
+    tmp_path: Path, counters: str
+) -> None:
+    """Two requests a minute: the first at +70 s (the window [+60 s, +120 s)), then the clock
+    steps back 20 s (NTP) and the second, at +50 s, is counted in that same window, its last
+    request. Its `x-ratelimit-reset-requests` said 10s (the end of the window before, which
+    +50 s is in), where the window it spent resets 70 s later: a client that came back after
+    10 s was refused, `Retry-After: 60`. Now 70s, as the refusal of the next request says."""
+    clock = FrozenClock()
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
+    )
+    redis: dict[str, Any] = {}
+    if counters == "Redis":
+        need_redis()
+        redis = {"redis_url": REDIS_URL}
+    settings = BudgetSettings(
+        database_url=f"sqlite:///{tmp_path / 'store.db'}",
+        pricing_file=prices,
+        flush_interval_seconds=0.05,
+        **redis,
+    )
+    engine = BudgetEngine(settings, clock=clock)
+    prefix = unique_prefix()
+    if redis:
+        use_prefix(engine, prefix)
+    key = engine.manager.create_virtual_key(
+        name="k", rate_limit={"request_max_limit": 2, "request_reset_duration": "1m"}
+    )
+    begun = float(int(clock()))  # the window begins at a whole second: [begun, begun + 60)
+    with engine.store.session() as s:
+        row = s.get(RateLimitRow, key.rate_limit.id)
+        assert row is not None
+        row.request_last_reset = datetime.fromtimestamp(begun, UTC)
+        s.commit()
+    app = host(engine)
+    try:
+        async with running(app), client(app) as http:
+            clock.now = begun + 70
+            first = await http.post(
+                "/v1/chat/completions", json=BODY, headers=auth(key.value or "")
+            )
+            clock.now = begun + 50  # NTP steps the clock back 20 s
+            second = await http.post(
+                "/v1/chat/completions", json=BODY, headers=auth(key.value or "")
+            )
+            refused = await http.post(
+                "/v1/chat/completions", json=BODY, headers=auth(key.value or "")
+            )
+            told = second.headers["x-ratelimit-reset-requests"]
+            clock.now = begun + 50 + int(told.rstrip("s"))  # back when the header said
+            again = await http.post(
+                "/v1/chat/completions", json=BODY, headers=auth(key.value or "")
+            )
+    finally:
+        if redis:
+            delete_prefix(REDIS_URL, prefix)
+    print(
+        f"{counters}: at +70 s reset {first.headers['x-ratelimit-reset-requests']}; the clock "
+        f"stepped back to +50 s: reset {told}, remaining "
+        f"{second.headers['x-ratelimit-remaining-requests']}; the next refused "
+        f"{refused.status_code} Retry-After {refused.headers.get('retry-after')}; back after "
+        f"{told}: {again.status_code}"
+    )
+    assert (first.status_code, second.status_code, refused.status_code) == (200, 200, 429)
+    assert first.headers["x-ratelimit-reset-requests"] == "50s"
+    assert told == f"{refused.headers['retry-after']}s" == "70s"
+    assert again.status_code == 200

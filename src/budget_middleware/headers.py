@@ -80,13 +80,18 @@ def _tightest(counters: Sequence[WindowCounter]) -> tuple[WindowCounter | None, 
     return best, least
 
 
-def add_limit_headers(out: list[tuple[bytes, bytes]], tight: Tightest, now: float) -> None:
-    """Append the headers of the tightest limits to a response's headers."""
+def add_limit_headers(
+    out: list[tuple[bytes, bytes]], tight: Tightest, now: float, answered: float | None = None
+) -> None:
+    """Append the headers of the tightest limits to a response's headers: as found at `now`,
+    for an answer that starts at `answered` (`now` when not given)."""
     requests, requests_left, tokens, tokens_left, budget, budget_left = tight
+    if answered is None:
+        answered = now
     if requests is not None:
-        out += _window(_REQUESTS, requests, requests_left, now)
+        out += _window(_REQUESTS, requests, requests_left, now, answered)
     if tokens is not None:
-        out += _window(_TOKENS, tokens, tokens_left, now)
+        out += _window(_TOKENS, tokens, tokens_left, now, answered)
     if budget is not None:
         if budget_left % 1000 or budget.limit % 1000:  # part of a micro-dollar: nine decimals
             out += (
@@ -101,7 +106,7 @@ def add_limit_headers(out: list[tuple[bytes, bytes]], tight: Tightest, now: floa
 
 
 def _window(
-    names: tuple[bytes, bytes, bytes], window: WindowCounter, left: int, now: float
+    names: tuple[bytes, bytes, bytes], window: WindowCounter, left: int, now: float, answered: float
 ) -> tuple[tuple[bytes, bytes], ...]:
     """A rate window's three headers: its limit, what is left, the whole seconds until it
     resets, rounded up as `Retry-After` is (a client that waits them finds the window ended;
@@ -110,10 +115,13 @@ def _window(
 
     `now` is when admission found the window (`left`): a counter that began a window after it
     (rolled by another request while this one ran) tells the end of the window `now` is in,
-    not of the one after (a minute too late for a one-minute limit)."""
+    not of the one after (a minute too late for a one-minute limit). A window that begins
+    after the answer's start too (`answered`) was not rolled to since: the clock stepped back
+    (NTP) into the window before, and the request was counted in this one, which ends at its
+    own end (its reset said the end of the window before: 10s where the refusals said 70)."""
     limit_name, left_name, reset_name = names
     end = window.end
-    if window.start > now:
+    if now < window.start <= answered:
         end = window.window_end(now)
     seconds = end - now
     if seconds == FAR_FUTURE:

@@ -10,6 +10,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -1160,23 +1161,25 @@ class BudgetEngine:
         if self.hooks.on_settled:
             self.hooks.emit(self.hooks.on_settled, record)
 
-    def reset_live(self, kind: str, id: str) -> float:
+    def reset_live(self, kind: str, id: str, after: float | None = None) -> float:
         """A budget's reset, in this process: its live counter starts a new window at a moment
         taken where requests settle (the engine's loop, or under its lock for WSGI), so that each
         charge falls on one side of it: before, the old window's; after, the new one's, requests
         admitted before included. Returns that moment, for the store to start the window at
         (`manage.BudgetManager.reset_budget`). From another thread it waits for the loop; a
         wait given up (the loop stuck) resets nothing. (A flush under way needs no waiting for:
-        what it took ends before this moment, and the store keeps it out of the new window.)"""
+        what it took ends before this moment, and the store keeps it out of the new window.)
+        `after`: where the stored window began; the moment is after it (see `_reset_counter`)."""
+        reset = functools.partial(self._reset_counter, after=after)
         loop = self.loop
         if loop is None or not loop.is_running() or self.cannot_wait():
             # No loop runs the engine, or this thread runs it or holds its lock: nothing
             # settles meanwhile.
-            moment = self._reset_counter(kind, id)
+            moment = reset(kind, id)
             self.counters.marks_soon()
             return moment
         handoff = _Handoff()
-        future = asyncio.run_coroutine_threadsafe(self._reset_there(kind, id, handoff), loop)
+        future = asyncio.run_coroutine_threadsafe(self._reset_there(reset, kind, id, handoff), loop)
         try:
             at = future.result(timeout=_RESET_WAIT_SECONDS)
         except concurrent.futures.TimeoutError:
@@ -1214,14 +1217,23 @@ class BudgetEngine:
         held_here = getattr(loop, "held_here", None)
         return held_here is not None and bool(held_here())
 
-    async def _reset_there(self, kind: str, id: str, handoff: _Handoff) -> float | None:
-        at = handoff.take(self._reset_counter, kind, id)
+    async def _reset_there(
+        self, reset: Callable[[str, str], float], kind: str, id: str, handoff: _Handoff
+    ) -> float | None:
+        at = handoff.take(reset, kind, id)
         if at is not None:
             await self.counters.mark_now()  # the other instances see it when the reset returns
         return at
 
-    def _reset_counter(self, kind: str, id: str) -> float:
+    def _reset_counter(self, kind: str, id: str, after: float | None = None) -> float:
         at = from_ts(self.clock()).timestamp()  # to the microsecond, as the store keeps it
+        if after is not None and at < after + 0.001:
+            # The stored window began at this clock's now or later (another instance's clock
+            # ahead of this one's, or this one stepped back, began it): a reset before it
+            # reset nothing in the store, which kept that window and its spend ($0.50 answered
+            # by a reset), and a live counter here took it back at its next read. A
+            # millisecond after it, as `WindowCounter.reset` does after its own window's start.
+            at = from_ts(after + 0.001).timestamp()
         counter = self.registry.counter(kind, id)
         was = None
         if counter is not None:

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from budget_middleware.core.identity import MAX_PROVIDER_CHARS, MAX_TAG_CHARS, name_problem
@@ -486,11 +486,22 @@ class BudgetManager(KeyWriter):
         after it counts in the new window, one settled before it does not). Other instances
         take the stored moment when they next read the budget. Should the store's write fail,
         the reset stands here and the flusher writes it when the store is back. With Redis,
-        the other instances take it at their next admission of the budget (a mark there)."""
-        if self.reset_live is not None:  # an unknown budget has no live counter: nothing reset
-            at = from_ts(self.reset_live("budget", id_))  # marked in Redis there
+        the other instances take it at their next admission of the budget (a mark there). The
+        moment is after the stored window's start, which a clock ahead of this one's may have
+        put after this one's now: a reset before it would leave that window as it is."""
+        began: float | None = None
+        try:
+            with self._session() as s:
+                began = reports.window_began(s, id_)  # (NotFound for an unknown budget)
+        except SQLAlchemyError:  # the store away: with an engine the reset stands there
+            if self.reset_live is None:
+                raise
+        if self.reset_live is not None:
+            at = from_ts(self.reset_live("budget", id_, began))  # marked in Redis there
         else:
             at = datetime.now(UTC)
+            if began is not None:
+                at = max(at, from_ts(began + 0.001))
             if self.settings.redis_url:  # no engine here: marked here, before the store has it
                 _mark_in_redis(self.settings, id_, at.timestamp())
         with self._session() as s:

@@ -502,7 +502,7 @@ class OwnerWriter:
         *,
         on_change: Callable[[], None] | None = None,
         on_owner_change: Callable[[str], None] | None = None,
-        reset_live: Callable[[str, str], float] | None = None,
+        reset_live: Callable[[str, str, float | None], float] | None = None,
         on_new_terms: OnNewTerms | None = None,
         live: CounterRegistry | None = None,
     ) -> None:

@@ -72,6 +72,11 @@ def budget(s: Session, id_: str) -> BudgetOut:
     return budget_out(row, Paths(s).of(row.owner_type, row.owner_id), _now())
 
 
+def window_began(s: Session, id_: str) -> float:
+    """Where a budget's stored window began (its `last_reset`), in epoch seconds."""
+    return utc(_budget_row(s, id_).last_reset).timestamp()
+
+
 def reset_budget(s: Session, id_: str, now: datetime) -> BudgetOut:
     """A new window from `now` (the moment this process's live counter started it at), in one
     statement: a flush may have written charges of that window already (settled after `now`,

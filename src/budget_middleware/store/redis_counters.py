@@ -948,8 +948,11 @@ class RedisCounters(CounterBackend):
         """Every instance's spend into the live copies here (`_told`), in one round trip: an
         answer from the live counters shows it, not this instance's copy as of its last
         request or re-read. `ids`: only these limits' (a key's quota), else every counter. A
-        window reset elsewhere (its mark after the copy's anchor) or ended is left to the next
-        request; when Redis cannot answer (or is known down), the copies stand."""
+        window reset elsewhere (its mark after the copy's anchor) is left to the next request;
+        one that has ended rolls first, as a request's admission rolls it, and its next window
+        is read: left to the next request here, the answer showed $0 spent in it while the
+        other instances had spent there. When Redis cannot answer (or is known down), the
+        copies stand."""
         client = self.client
         now = self.clock()
         counters = [
@@ -960,10 +963,10 @@ class RedisCounters(CounterBackend):
                 if ids is None
                 else [c for c in map(windows.get, ids) if c is not None]
             )
-            if counter.end > now
         ]
         if client is None or not counters or self._backing_off():  # down: no wait for it
             return
+        ensure_current(counters, now, self.ledger)
         keys = [self.window_key(c) for c in counters]
         marks = [mark_key(self.prefix, c.kind, c.id) for c in counters]
         try:
