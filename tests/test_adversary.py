@@ -1301,6 +1301,95 @@ async def test_a_gzip_body_that_does_not_decode_is_refused_not_served_free(
             assert served == [100_000] * 3 and charged == 0.1
 
 
+@pytest.mark.parametrize(
+    "lines", [["identity", "gzip"], ["", "gzip"]], ids=["identity-then-gzip", "blank-then-gzip"]
+)
+async def test_a_content_encoding_sent_on_two_lines_is_read_as_one_list(
+    make_settings: Settings, pricing_file: Path, lines: list[str]
+) -> None:
+    """`content-encoding` sent twice, `identity` (or blank) then `gzip`: one list, `identity,
+    gzip` (RFC 9110 5.3), which a host decoding as FastAPI's docs do (`"gzip" in
+    headers.getlist("content-encoding")`) decodes. The middleware read the first line alone,
+    took the gzip bytes for a body that is no JSON, metered model `unknown` and charged $0 for
+    100,000 tokens of gpt-4o."""
+    import gzip
+
+    served: list[int] = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def host(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if "gzip" in request.headers.getlist("content-encoding"):  # FastAPI's `GzipRequest`
+            raw = gzip.decompress(raw)
+        asked = ChatRequest.model_validate_json(raw)
+        served.append(asked.max_tokens or 0)
+        usage = {"prompt_tokens": 10, "completion_tokens": served[-1], "total_tokens": 0}
+        return {"id": "c", "object": "chat.completion", "created": 0, "model": asked.model,
+                "choices": [], "usage": usage}  # fmt: skip
+
+    settings = make_settings(pricing_file=pricing_file)
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = get_engine(settings)
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 100_000, "messages": []}).encode()
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        headers = [("x-budget-key", key.value), *(("content-encoding", v) for v in lines)]
+        answer = await http.post(
+            "/v1/chat/completions", content=gzip.compress(body), headers=headers
+        )
+        charged = spent(engine, key.budgets[0].id) / 1e9
+    print(f"content-encoding {lines}: {answer.status_code}, served {served} tokens of gpt-4o "
+          f"at $1/M, charged ${charged} (expected $0.1)")  # fmt: skip
+    assert answer.status_code == 200 and served == [100_000]
+    assert charged == 0.1
+
+
+@pytest.mark.parametrize("header", ["x-http-method-override", "x-http-method", "x-method-override"])
+async def test_a_get_an_app_serves_as_post_by_a_method_override_is_metered(
+    make_settings: Settings, pricing_file: Path, header: str
+) -> None:
+    """An app that honours a method-override header (as Flask's docs show, here an ASGI one)
+    inside the middleware serves `GET /v1/chat/completions` with `X-HTTP-Method-Override: POST`
+    at its POST route: it passed unmetered, served past an exhausted budget at $0."""
+    upstream = Upstream()
+    inner = lenient_app(make_settings(pricing_file=pricing_file), upstream)
+    settings = inner.user_middleware[0].kwargs["settings"]
+    inner.user_middleware.clear()
+
+    async def method_override(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            said = dict(scope["headers"]).get(header.encode(), b"").decode().upper()
+            if said:
+                scope = {**scope, "method": said}
+        await inner(scope, receive, send)
+
+    app = BudgetMiddleware(method_override, settings=settings)
+    engine = get_engine(settings)
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name="k", budgets=[{"max_limit": 0.001, "reset_duration": "1d"}]
+        )
+        body = {"model": "gpt-4o", "messages": [], "max_tokens": 1000}
+        statuses = []
+        async with client(app) as http:
+            for method in ("POST", "GET", "GET"):
+                answer = await http.request(
+                    method,
+                    "/v1/chat/completions",
+                    json=body,
+                    headers={"x-budget-key": key.value, header: "post"},
+                )
+                statuses.append((method, answer.status_code))
+        charged = spent(engine, key.budgets[0].id) / 1e9
+    print(f"{header}: {statuses}, served {upstream.served_tokens} tokens at $1/M, "
+          f"charged ${charged} of a $0.001 budget")  # fmt: skip
+    assert [s for _, s in statuses] == [200, 402, 402]
+    assert charged == upstream.served_tokens / 1e6
+
+
 async def test_a_body_in_a_coding_the_middleware_cannot_read_is_refused_not_served_free(
     make_settings: Settings, pricing_file: Path
 ) -> None:

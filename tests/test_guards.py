@@ -562,6 +562,35 @@ async def test_a_request_carries_at_most_32_tags_and_none_it_did_not_send(
     assert answer.json()["tags"] == expected
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [
+        {"lines": [",".join(["a"] * 256), "capped"]},  # a gateway's line after the client's
+        {"lines": [",".join(f"t{n}" for n in range(300)) + ",capped"]},  # appended to it
+        {"lines": [], "body": ["x"] * 256 + ["capped"]},
+    ],
+    ids=["second-line", "appended", "body"],
+)
+async def test_a_tag_with_limits_is_met_however_many_tags_are_sent_before_it(
+    make_settings: Settings, sent: dict[str, Any]
+) -> None:
+    """A tag with a $0 budget (a gateway's line after the client's, say: SPEC §5, every tag of
+    the request that has limits applies) sent after 256 others: it was not read, and the
+    request was served against none of its limits."""
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app):
+        engine.manager.put_tag("capped", budgets=[{"max_limit": 0, "reset_duration": "1d"}])
+        await engine.invalidate()
+        headers = [("x-budget-tags", line) for line in sent["lines"]]
+        body = chat(metadata={"tags": sent["body"]}) if "body" in sent else chat()
+        async with client(app) as http:
+            answer = await http.post("/v1/chat/completions", json=body, headers=headers)
+    print(f"tag 'capped' ($0 budget) after 256 others: {answer.status_code}")
+    assert answer.status_code == 402
+    assert answer.json()["error"]["scope"]["name"] == "capped"
+
+
 async def test_fresh_provider_headers_and_paths_from_clients_do_not_stay_in_memory() -> None:
     """Where a (model, `x-budget-provider`, path) leads is remembered, 4,096 of them: the model
     was bounded, the header and the path were not, so a client sending fresh long ones (8 KB

@@ -502,6 +502,44 @@ async def test_the_inbound_caller_s_tags_go_with_the_calls_made_for_it(
     ]
 
 
+async def test_an_inbound_tag_with_limits_after_256_others_goes_with_the_calls(
+    make_settings: Settings,
+) -> None:
+    """The caller's `x-budget-tags`: 256 tags, then one with a $0.00001 budget (a gateway's line
+    after the client's). Past the 256th no tag was read: the calls made for it were admitted 3
+    of 3, against none of its limits."""
+    settings = make_settings(flush_interval_seconds=3600)
+    fake = Counting()
+    app = FastAPI()
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.ASGITransport(fake), settings)
+        ),
+        max_retries=0,
+    )
+
+    @app.post("/summarize")
+    async def summarize(body: dict[str, str]) -> Any:
+        try:
+            await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        except openai.APIStatusError as exc:
+            return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+        return {"summary": "ok"}
+
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        engine.manager.put_tag("feature:summary", budgets=[{"max_limit": 0.00001}])
+        await engine.invalidate()
+        headers = [("x-budget-tags", ",".join(["a"] * 256)), ("x-budget-tags", "feature:summary")]
+        statuses = [(await http.post("/summarize", json={}, headers=headers)).status_code
+                    for _ in range(3)]  # fmt: skip
+    print("answers", statuses, "calls sent", fake.calls)
+    assert statuses == [200, 402, 402] and fake.calls == 1
+
+
 # A fresh process whose app imports the transport, as an app module does at its top, and makes
 # its provider client on first use (FastAPI's `@lru_cache` dependency; a Flask view's global):
 # the client is made by the first request itself.

@@ -326,6 +326,59 @@ def test_a_proxy_s_own_limit_headers_give_way_to_ours_never_doubled(
 # -- streams, close(), errors ---------------------------------------------------------------------
 
 
+def test_a_tag_with_limits_after_256_others_is_met(make_settings: Settings) -> None:
+    """`x-budget-tags` sent on two lines, which the WSGI server joins: the client's 256 tags,
+    then a gateway's tag with a $0 budget. It was not read: served, against none of its limits."""
+    app = flask_host(make_settings())
+    engine = engine_of(app)
+    engine.manager.put_tag("capped", budgets=[{"max_limit": 0, "reset_duration": "1d"}])
+    key = engine.manager.create_virtual_key(name="k")
+    joined = ",".join(["a"] * 256) + ",capped"  # as gunicorn and werkzeug join the two lines
+    answer = Client(app).post(
+        "/v1/chat/completions",
+        json=chat(),
+        headers={**bearer(key.value), "x-budget-tags": joined},
+    )
+    print(f"tag 'capped' ($0 budget) after 256 others: {answer.status_code}")
+    assert answer.status_code == 402
+    assert answer.json["error"]["scope"]["name"] == "capped"
+
+
+def test_a_get_flask_serves_as_post_by_a_method_override_is_metered(
+    make_settings: Settings,
+) -> None:
+    """Flask's docs' `HTTPMethodOverrideMiddleware`, installed inside the middleware: `GET` with
+    `X-HTTP-Method-Override: POST` reaches the POST view. It passed unmetered: served past an
+    exhausted budget (200 after a 402) at $0."""
+
+    class HTTPMethodOverrideMiddleware:
+        allowed_methods = frozenset(["GET", "HEAD", "POST", "DELETE", "PUT", "PATCH", "OPTIONS"])
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            method = environ.get("HTTP_X_HTTP_METHOD_OVERRIDE", "").upper()
+            if method in self.allowed_methods:
+                environ["REQUEST_METHOD"] = method
+            return self.app(environ, start_response)
+
+    app = flask_host(None)
+    app.wsgi_app = HTTPMethodOverrideMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = BudgetWSGIMiddleware(app.wsgi_app, make_settings())  # type: ignore[method-assign]
+    engine = engine_of(app)
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 0.000001}])
+    headers = {**bearer(key.value), "x-http-method-override": "POST"}
+    http = Client(app)
+    statuses = [
+        http.open("/v1/chat/completions", method=method, json=chat(), headers=headers).status_code
+        for method in ("POST", "GET")
+    ]
+    charged = engine.registry.windows["budget"][key.budgets[0].id].value
+    print(f"(POST, GET + override): {statuses}; charged {charged} nano-USD of a 1,000 budget")
+    assert statuses == [200, 402]
+
+
 def test_a_stream_passes_chunk_by_chunk_and_is_metered_from_its_last_chunk(
     make_settings: Settings,
 ) -> None:

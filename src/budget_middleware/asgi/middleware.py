@@ -24,6 +24,7 @@ from budget_middleware.core.identity import (
     is_inference_path,
     key_digest,
     route_path,
+    says_post,
 )
 from budget_middleware.core.scopes import KeyConfig
 from budget_middleware.engine.cache import NOT_CACHED
@@ -111,7 +112,9 @@ class BudgetMiddleware:
         if kind == "http":
             if noting.active:  # the transports are imported: who calls is noted, on any path
                 await self._noted(scope, receive, send)
-            elif scope["method"] in POST and is_inference_path(scope["path"], self.suffixes):
+            elif is_inference_path(scope["path"], self.suffixes) and (
+                scope["method"] in POST or says_post(scope["headers"])
+            ):
                 await self._metered(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -135,7 +138,9 @@ class BudgetMiddleware:
         `BudgetTransport` while serving it (read only if it does: SPEC §13)."""
         token = inbound_headers.set(scope["headers"])
         try:
-            if scope["method"] in POST and is_inference_path(scope["path"], self.suffixes):
+            if is_inference_path(scope["path"], self.suffixes) and (
+                scope["method"] in POST or says_post(scope["headers"])
+            ):
                 await self._metered(scope, receive, send)
             else:
                 await self.app(scope, receive, send)

@@ -44,6 +44,20 @@ KNOWN_PROVIDERS = frozenset(
 # (werkzeug's, Django's), so it must not pass unmetered. One set lookup, whatever the method.
 POST = frozenset(map("".join, itertools.product(*zip("POST", "post", strict=True))))
 
+# Headers that ask an app for another method than the request line's (Flask's docs'
+# `HTTPMethodOverrideMiddleware` reads the first; Microsoft's and Google's APIs the others): an
+# app honouring one inside the middleware serves `GET` saying `POST` at its POST route, which
+# passed unmetered (served past an exhausted budget at $0).
+METHOD_OVERRIDES: Final = (b"x-http-method-override", b"x-http-method", b"x-method-override")
+
+
+def says_post(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's headers ask for POST by a method override (`METHOD_OVERRIDES`)."""
+    return any(
+        name in METHOD_OVERRIDES and value.strip().upper() == b"POST" for name, value in headers
+    )
+
+
 OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 CHOICE_FIELDS = ("n", "best_of")  # outputs generated (and billed) for one request
 PROMPT_FIELD = "prompt"  # a legacy completion's: a list of prompts is a batch, each completed
@@ -95,6 +109,9 @@ class Credentials:
     # The model the call's URL names, over the body's: an Azure OpenAI deployment
     # (`outbound.hosts.deployment_named`), which is served whatever the body says.
     model: str | None = None
+    # `x-budget-tags` entries past MAX_TAGS_READ (stripped, one of each): only those that have
+    # limits count (`TargetResolver`, which knows them once the configuration is current).
+    unread_tags: frozenset[str] = frozenset()
 
 
 # A generated key: `BUDGET_KEY_PREFIX` and `secrets.token_urlsafe(KEY_BYTES)`, whose URL-safe
@@ -206,9 +223,12 @@ def _read_seldom_sent(
         lines = [value for name, value in rows if name == b"x-budget-tags"]
         if len(lines) > 1:  # every line's tags, as a WSGI server reads them, joined
             tags = b",".join(lines)
-        credentials.tags = _split_tags(header_text(tags))
+        credentials.tags, credentials.unread_tags = _split_tags(header_text(tags))
     encoding = get(b"content-encoding")
     if encoding is not None:
+        lines = [value for name, value in rows if name == b"content-encoding"]
+        if len(lines) > 1:  # one list (RFC 9110 5.3): `identity` then `gzip` is gzip
+            encoding = b", ".join(lines)
         credentials.content_encoding = body_encoding(encoding.decode("latin-1"))
 
 
@@ -288,20 +308,35 @@ def name_problem(kind: str, name: str, limit: int, *, carried: bool = True) -> s
     return None
 
 
-def _clean_tags(tags: Iterable[str]) -> tuple[str, ...]:
+_NO_TAGS: frozenset[str] = frozenset()
+
+
+def _clean_tags(tags: Iterable[str]) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The first MAX_TAGS_READ tags, and the entries after them (stripped, one of each), of
+    which only those with limits count (`limited_of`): cut there, a client's 256 tags first
+    (`a,a,…`) pushed a tag with a $0 budget out unread (a gateway's line after the client's),
+    and the request was served against none of its limits."""
     cleaned: list[str] = []
+    tags = iter(tags)
     for tag in tags:
-        if len(cleaned) == MAX_TAGS_READ:
-            break
         tag = clean_text(tag.strip(), MAX_TAG_CHARS)
         if tag:
             cleaned.append(tag)
-    return tuple(cleaned)
+            if len(cleaned) == MAX_TAGS_READ:
+                return tuple(cleaned), frozenset(t.strip() for t in tags)
+    return tuple(cleaned), _NO_TAGS
 
 
-def _split_tags(text: str) -> tuple[str, ...]:
+def limited_of(unread: frozenset[str], limited: Container[str]) -> tuple[str, ...]:
+    """The tags past MAX_TAGS_READ that have limits (`limited`), cleaned as a read tag is."""
+    found = {t for tag in unread if (t := clean_text(tag, MAX_TAG_CHARS)) in limited}
+    return tuple(sorted(found))
+
+
+def _split_tags(text: str) -> tuple[tuple[str, ...], frozenset[str]]:
     # Split whole: a bounded split left the rest as one tag when empty entries came first
-    # (`,,t0,...,t32` gave "t30,t31,t32"); `_clean_tags` stops at MAX_TAGS_READ.
+    # (`,,t0,...,t32` gave "t30,t31,t32"); `_clean_tags` reads MAX_TAGS_READ, then keeps the
+    # rest for the tags with limits among it.
     return _clean_tags(text.split(","))
 
 
@@ -393,8 +428,10 @@ class TargetResolver:
         if own_key is not None and (own_key in found[1] or own_key.lower() in found[0]):
             found = _without_key(found, own_key)
         tags = credentials.tags
+        if credentials.unread_tags:  # past MAX_TAGS_READ: those with limits
+            tags += limited_of(credentials.unread_tags, self.limited_tags())
         if "metadata" in data:
-            tags += _body_tags(data)
+            tags += _body_tags(data, self.limited_tags)
         if tags:
             tags = self._no_keys(tags, own_key)
         if key_tags:
@@ -644,14 +681,15 @@ def _path_provider(route_path: str) -> str | None:
     return first if first in KNOWN_PROVIDERS else None
 
 
-def _body_tags(data: dict[str, Any]) -> tuple[str, ...]:
+def _body_tags(data: dict[str, Any], limited_tags: Callable[[], Container[str]]) -> tuple[str, ...]:
     metadata = data.get("metadata")
     if not isinstance(metadata, dict):
         return ()
     tags = metadata.get("tags")
     if not isinstance(tags, list):
         return ()
-    return _clean_tags(t for t in tags if isinstance(t, str))
+    read, unread = _clean_tags(t for t in tags if isinstance(t, str))
+    return read + limited_of(unread, limited_tags()) if unread else read
 
 
 def is_inference_path(path: str, suffixes: tuple[str, ...]) -> bool:

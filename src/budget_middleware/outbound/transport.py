@@ -42,6 +42,7 @@ from budget_middleware.core.identity import (
     headers_named,
     is_inference_path,
     key_digest,
+    limited_of,
     plain_path,
 )
 from budget_middleware.core.scopes import KeyConfig
@@ -249,6 +250,9 @@ class _Meter:
         if headers is None:
             return None, ()
         credentials = self.read_headers(headers)
+        if credentials.unread_tags:  # past MAX_TAGS_READ: those with limits count
+            limited = self.engine.gate.resolve_target.limited_tags()
+            return credentials.key, credentials.tags + limited_of(credentials.unread_tags, limited)
         return credentials.key, credentials.tags
 
     @staticmethod

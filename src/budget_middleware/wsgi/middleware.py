@@ -34,7 +34,9 @@ from budget_middleware.answers import (
     error_answer,
 )
 from budget_middleware.core.identity import (
+    _NO_TAGS,
     API_KEY_HEADERS,
+    METHOD_OVERRIDES,
     POST,
     Credentials,
     _split_tags,
@@ -171,6 +173,18 @@ def _environ_name(header: bytes) -> str:
     return "HTTP_" + header.decode("latin-1").upper().replace("-", "_")
 
 
+_OVERRIDE_VARS = tuple(_environ_name(name) for name in METHOD_OVERRIDES)
+
+
+def _says_post(environ: WSGIEnvironment) -> bool:
+    """Whether a request asks for POST by a method override (`identity.says_post`)."""
+    for name in _OVERRIDE_VARS:
+        value = environ.get(name)
+        if value and value.strip().upper() == "POST":
+            return True
+    return False
+
+
 def _environ_text(value: str) -> str:
     """A name a header carries, from the environ: the latin-1 text of its bytes (PEP 3333),
     read as `header_text` reads the bytes; text beyond latin-1 as it is (Flask's and Django's
@@ -259,17 +273,19 @@ class BudgetWSGIMiddleware:
             if isinstance(wrapper, type) and isinstance(answer, wrapper):
                 return answer
             return _Noted(answer, headers)
-        if environ["REQUEST_METHOD"] in POST:
-            path: str = environ.get("PATH_INFO", "")
-            if is_inference_path(path, self.suffixes):
-                return self._metered(environ, start_response, path)
+        path: str = environ.get("PATH_INFO", "")
+        if is_inference_path(path, self.suffixes) and (
+            environ["REQUEST_METHOD"] in POST or _says_post(environ)
+        ):
+            return self._metered(environ, start_response, path)
         return self.app(environ, start_response)
 
     def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if environ["REQUEST_METHOD"] in POST:
-            path: str = environ.get("PATH_INFO", "")
-            if is_inference_path(path, self.suffixes):
-                return self._metered(environ, start_response, path)
+        path: str = environ.get("PATH_INFO", "")
+        if is_inference_path(path, self.suffixes) and (
+            environ["REQUEST_METHOD"] in POST or _says_post(environ)
+        ):
+            return self._metered(environ, start_response, path)
         return self.app(environ, start_response)
 
     def _credentials(self, environ: WSGIEnvironment) -> Credentials:
@@ -312,15 +328,18 @@ class BudgetWSGIMiddleware:
                     size = int(length.encode("latin-1"))
                 except ValueError:
                     size = None
-        return Credentials(
+        read, unread = _split_tags(_environ_text(tags)) if tags else ((), _NO_TAGS)
+        credentials = Credentials(
             key or None,
             (_environ_text(provider).strip() or None) if provider else None,
-            _split_tags(_environ_text(tags)) if tags else (),
+            read,
             size,
             False,
             None if encoding is None else body_encoding(encoding),
             None if accept is None or accept == _USUAL_ACCEPT else readable_accept(accept),
         )
+        credentials.unread_tags = unread
+        return credentials
 
     # -- metered requests ----------------------------------------------------------------
 
