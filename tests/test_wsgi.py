@@ -1000,9 +1000,9 @@ def _a_call_s_worth(environ: dict[str, Any], start_response: Any) -> list[bytes]
 # price it holds, whether the request that starts the engine pays it, the code that must hold
 # `loop_lock`). Each case fails with that lock taken out.
 _MEETINGS = {
-    "admission, a cached key": ("key", 2, True, "_admit_here: the cached key's decision"),
-    "admission, a key read just now": ("key", 1, False, "_admit_here: after the key's read"),
-    "admission, no key": ("provider", 2, True, "_admit_here: a keyless request's decision"),
+    "admission, a cached key": ("key", 2, True, "_metered: the cached key's decision"),
+    "admission, a key read just now": ("key", 1, False, "_metered: after the key's read"),
+    "admission, no key": ("provider", 2, True, "_metered: a keyless request's decision"),
     "settlement": ("key", 2, False, "MeteredResponse.settle: the direct booking"),
 }
 

@@ -38,7 +38,9 @@ SHADOW_HEADER = b"x-budget-shadow-refusal"  # what shadow mode would have refuse
 ADDED_NAMES = frozenset(
     {*_REQUESTS, *_TOKENS, _BUDGET_LIMIT, _BUDGET_REMAINING, ROUTE_HEADER, SHADOW_HEADER}
 )
-ADDED_TEXT_NAMES = frozenset(name.decode("latin-1") for name in ADDED_NAMES)
+# Their text, by their bytes (WSGI's headers: the latin-1 text of the bytes, PEP 3333).
+ADDED_TEXT = {name: name.decode("latin-1") for name in ADDED_NAMES}
+ADDED_TEXT_NAMES = frozenset(ADDED_TEXT.values())
 
 _Name = TypeVar("_Name", bytes, str)
 _NAME = itemgetter(0)

@@ -961,8 +961,9 @@ class Exchange:
         engine (written by the next flush) and the counters settled. A WSGI thread works the
         charge out first, and holds the engine's lock for this part only."""
         self._note(record)
-        assert self.ticket is not None
-        self.engine.settle_now(
+        memory = self.engine.memory  # (as `BudgetEngine.settle_now`, one frame less)
+        assert self.ticket is not None and memory is not None, "book needs in-process counters"
+        memory.settle_now(
             self.ticket, record.cost_nanos, record.input_tokens + record.output_tokens
         )
 

@@ -147,6 +147,8 @@ class _Meter:
         is; a 413 answer when it is over BUDGET_MAX_BODY_BYTES, as sent or decoded."""
         if len(body) > self.max_body:
             return self.engine.gate.too_large()
+        if b"content-encoding" not in names:  # as a rule: sent as it is (a search in C)
+            return body
         sent = _header(headers, names, b"content-encoding")
         coding = None if sent is None else body_encoding(sent)
         if coding is None:
@@ -154,8 +156,12 @@ class _Meter:
         plain = self.engine.gate.plain_body(body, coding)
         return self.engine.gate.too_large() if plain is None else plain
 
-    async def admit(self, request: Any, path: str, body: bytes) -> Exchange | ErrorAnswer:
-        """Who pays, the gate's decision and admission (on the engine's event loop)."""
+    async def admit(
+        self, request: Any, path: str, body: bytes, headers: _RawHeaders, names: list[bytes]
+    ) -> Exchange | ErrorAnswer:
+        """Who pays, the gate's decision and admission (on the engine's event loop).
+        `headers`: the request's raw headers, `names`: theirs lowered (`_names`), read once a
+        call (httpx builds its raw list anew each time it is asked)."""
         engine = self.engine
         started = perf_counter()
         if engine.needs_start():  # not yet, or its loop closed (`asyncio.run` per job)
@@ -167,7 +173,7 @@ class _Meter:
                 # this call's `asyncio.run`, while other threads' calls start it on the
                 # background one (3 threads of 4 once waited there for ever, on an asyncio
                 # lock of two loops). Admitted where it starts, as the call would be now.
-                return await _admitted_elsewhere(self, request, path, body, there)
+                return await _admitted_elsewhere(self, request, path, body, headers, names, there)
             try:
                 await engine.ensure_started()
             except ConfigurationError:
@@ -193,7 +199,7 @@ class _Meter:
             return self.engine.gate.unavailable(self.fail_open)
         parsed = parse_json(body)
         decision = self.decide(
-            request, path, body, parsed, chosen, value, tags, key, started, by_id
+            request, path, body, headers, names, parsed, chosen, value, tags, key, started, by_id
         )
         if type(decision) is ErrorAnswer:
             return decision
@@ -207,7 +213,9 @@ class _Meter:
             return gate.unavailable_after(decision)  # type: ignore[arg-type]
         return _outbound(admitted)
 
-    def admit_here(self, request: Any, path: str, body: bytes) -> Exchange | ErrorAnswer | None:
+    def admit_here(
+        self, request: Any, path: str, body: bytes, headers: _RawHeaders, names: list[bytes]
+    ) -> Exchange | ErrorAnswer | None:
         """A sync call's admission in the calling thread, as the WSGI middleware admits: with
         in-process counters on the background loop, decided and admitted holding `loop_lock`,
         which every step of that loop holds (atomic whatever the threads), with no hop to the
@@ -234,7 +242,9 @@ class _Meter:
             key = self.cached_key(chosen, digest)
             if key is NOT_CACHED:
                 return None
-            decision = self.decide(request, path, body, parsed, chosen, value, tags, key, started)
+            decision = self.decide(
+                request, path, body, headers, names, parsed, chosen, value, tags, key, started
+            )
             if type(decision) is ErrorAnswer:
                 return decision
             admitted = engine.gate.admit_now(decision)  # type: ignore[arg-type]
@@ -280,6 +290,8 @@ class _Meter:
         request: Any,
         path: str,
         body: bytes,
+        raw: _RawHeaders,
+        names: list[bytes],
         parsed: Any,
         chosen: Payer | None,
         value: str | None,
@@ -289,6 +301,7 @@ class _Meter:
         by_id: bytes | None = None,
     ) -> Exchange | ErrorAnswer | RoutePlan:
         """The answer to the paying key (SPEC §5's checks) and the gate's decision: no await.
+        `raw`, `names`: the request's raw headers and their names lowered (`_names`).
         `parsed`: the body's JSON (`parse_json`), read before any lock is taken. `by_id`: the
         digest of a key named by its id (its value unknown here)."""
         engine = self.engine
@@ -308,8 +321,6 @@ class _Meter:
         # SPEC §4's headers of the call itself (an SDK's `default_headers` / `extra_headers`):
         # the provider a bare model names on a host that is no provider's, and tags.
         provider = host_provider
-        raw = request.headers.raw
-        names = _names(raw)
         if not _NAMED.isdisjoint(names):  # seldom sent: one pass in C
             named = headers_named(list(zip(names, map(_VALUE, raw), strict=True)))
             tags = (*tags, *(t for t in named.tags if t not in tags))
@@ -707,9 +718,11 @@ class BudgetTransport(_Transport, httpx.AsyncBaseTransport):
             except RuntimeError:  # no asyncio loop runs here: trio's
                 raise ConfigurationError(_NOT_ASYNCIO) from None
             if loop is None:  # the engine runs here, or starts here
-                admitted = await meter.admit(request, path, body)
+                admitted = await meter.admit(request, path, body, headers, names)
             else:  # another thread's loop runs the engine: here, or there (`_admitted_elsewhere`)
-                admitted = await _admitted_elsewhere(meter, request, path, body, loop)
+                admitted = await _admitted_elsewhere(
+                    meter, request, path, body, headers, names, loop
+                )
             if type(admitted) is ErrorAnswer:
                 return meter.refused(lib.module, request, admitted)
             exchange = admitted  # type: ignore[assignment]
@@ -743,7 +756,13 @@ _NOT_ASYNCIO = (
 
 
 async def _admitted_elsewhere(
-    meter: _Meter, request: Any, path: str, body: bytes, loop: asyncio.AbstractEventLoop
+    meter: _Meter,
+    request: Any,
+    path: str,
+    body: bytes,
+    headers: _RawHeaders,
+    names: list[bytes],
+    loop: asyncio.AbstractEventLoop,
 ) -> Exchange | ErrorAnswer:
     """An async call's admission when another thread's loop runs the engine (a sync
     transport's or a WSGI app's background loop, a server's): here (`admit_here`), or on that
@@ -754,19 +773,26 @@ async def _admitted_elsewhere(
     return await done_there(
         meter.engine,
         loop,
-        lambda: _admit(meter, request, path, body, chosen, inbound),
-        lambda: meter.admit_here(request, path, body),
+        lambda: _admit(meter, request, path, body, headers, names, chosen, inbound),
+        lambda: meter.admit_here(request, path, body, headers, names),
         settle_unwanted,
     )
 
 
 async def _admit(
-    meter: _Meter, request: Any, path: str, body: bytes, chosen: Payer | None, inbound: Any
+    meter: _Meter,
+    request: Any,
+    path: str,
+    body: bytes,
+    headers: _RawHeaders,
+    names: list[bytes],
+    chosen: Payer | None,
+    inbound: Any,
 ) -> Exchange | ErrorAnswer:
     """An admission on the engine's loop, for a call of another thread's."""
     payer.set(chosen)  # this task's context, on the engine's loop
     inbound_headers.set(inbound)
-    return await meter.admit(request, path, body)
+    return await meter.admit(request, path, body, headers, names)
 
 
 # A redirect's answer (httpx's `has_redirect_location`): the client may follow it.
@@ -1119,7 +1145,7 @@ class _Metered:
             return None
         self.settled = True
         exchange = self.exchange
-        if self._to_drain():
+        if not self.done and self._to_drain():  # (read to its end, as a rule: no call)
             # A JSON answer dropped before its end whose rest was not read (at exit, or with
             # no loop to read it on): the provider made and bills all of it, charged its most,
             # as a read the caller cut is (it was charged its prompt's estimate alone).
@@ -1213,13 +1239,15 @@ class _AsyncMetered(_Metered):
             out = exchange.on_chunk(chunk, True)
             if out:
                 return out
-        await self._settle()
+        outcome = self._settling()  # (`_settle`, with no coroutine of its own)
+        if outcome is not None:
+            await exchange.settle_anywhere(outcome)
         raise StopAsyncIteration
 
     async def aclose(self, within: float | None = None) -> None:
         """Closed (`within`: the seconds a dropped answer's rest is read for, `read_dropped`)."""
         try:
-            if self._to_drain():
+            if not self.done and self._to_drain():  # (read to its end, as a rule: no call)
                 chunks = self.chunks or self.stream.__aiter__()
                 try:
                     if within is None:
@@ -1322,7 +1350,7 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
             plain: bytes = body
             if _following:
                 _sweep_follows()
-            admitted = meter.admit_here(request, path, plain)
+            admitted = meter.admit_here(request, path, plain, headers, names)
         if admitted is None:  # the engine's loop admits
             chosen, inbound = payer.get(), inbound_headers.get()
             handoff = _Handoff()
@@ -1330,7 +1358,7 @@ class BudgetSyncTransport(_Transport, httpx.BaseTransport):
             async def admit() -> Exchange | ErrorAnswer:
                 payer.set(chosen)  # this thread's context, on the loop's task
                 inbound_headers.set(inbound)
-                return await handoff.taken(await meter.admit(request, path, plain))
+                return await handoff.taken(await meter.admit(request, path, plain, headers, names))
 
             try:
                 admitted = on_loop(meter.engine, admit)
@@ -1421,7 +1449,7 @@ class _SyncMetered(_Metered):
 
     def close(self) -> None:
         try:
-            if self._to_drain():
+            if not self.done and self._to_drain():  # (read to its end, as a rule: no call)
                 try:
                     self._drain()
                 except BaseException as exc:
@@ -1430,7 +1458,8 @@ class _SyncMetered(_Metered):
                         raise
             self.stream.close()
         finally:
-            self._settle()
+            if not self.settled:  # at its end already, as a rule
+                self._settle()
 
     def _drain(self) -> None:
         """Its rest read, each chunk measured (`close`, `read_dropped`)."""

@@ -68,7 +68,7 @@ from budget_middleware.engine.portal import (
     settle_before_exit,
 )
 from budget_middleware.exceptions import ConfigurationError
-from budget_middleware.headers import ADDED_TEXT_NAMES, replaced
+from budget_middleware.headers import ADDED_TEXT, ADDED_TEXT_NAMES, replaced
 from budget_middleware.outbound.payer import inbound_headers, noting
 from budget_middleware.settings import BudgetSettings, raised_again
 
@@ -86,9 +86,10 @@ STATE_KEY = "budget_middleware.state"
 
 _UNKNOWN = "Unknown virtual key"
 _STATUS_LINES: dict[int, str] = {}
-# The response headers `Exchange.read_start` reads (the rest pass through as the app wrote them).
+# The response headers `Exchange.read_start` reads (the rest pass through as the app wrote them),
+# with their names as it reads them.
 _COST = COST_HEADER.decode()
-_WATCHED = frozenset(("content-type", "content-encoding", _COST))
+_WATCHED = {name: name.encode() for name in ("content-type", "content-encoding", _COST)}
 _USUAL_ACCEPT = USUAL_ACCEPT.decode()
 
 
@@ -157,11 +158,8 @@ def read_rest(stream: InputStream, length: int, body: bytes) -> bytes:
     return b"".join(parts)
 
 
-class _Incomplete(Exception):
-    """The body ended before its Content-Length: the client is gone (ASGI's disconnect)."""
-
-
 def _incomplete() -> ErrorAnswer:
+    """The body ended before its Content-Length: the client is gone (ASGI's disconnect)."""
     return error_answer(400, "incomplete_body", "The request body ended before its Content-Length")
 
 
@@ -372,12 +370,18 @@ class BudgetWSGIMiddleware:
         if type(caller) is ErrorAnswer:
             return answer(start_response, caller)
         key, shadowed = caller  # type: ignore[misc]
-        try:
-            body = self._body(environ, credentials)
-        except _TooLarge:
-            return answer(start_response, self.gate.too_large(key))
-        except _Incomplete:  # the client went away mid-body: nothing admitted, nothing counted
-            return answer(start_response, _incomplete())
+        stream = environ["wsgi.input"]
+        if length is not None:  # (over BUDGET_MAX_BODY_BYTES: answered 413 above)
+            body: bytes = stream.read(length) if length > 0 else b""
+            if len(body) < length:
+                body = read_rest(stream, length, body)
+                if len(body) < length:  # the client went away mid-body: nothing counted
+                    return answer(start_response, _incomplete())
+        else:
+            try:
+                body = self._unsized_body(environ, stream)
+            except _TooLarge:
+                return answer(start_response, self.gate.too_large(key))
         plain = body  # as the gate reads it: decoded, when it was sent compressed
         if credentials.content_encoding is not None:
             decoded = self.gate.plain_body(body, credentials.content_encoding)
@@ -386,7 +390,14 @@ class BudgetWSGIMiddleware:
             plain = decoded
         direct = background and engine.memory is not None
         if direct:
-            admitted = self._admit_here(plain, path, credentials, key, shadowed, started)
+            # In-process counters: decided and admitted in this thread, holding the loop's lock
+            # for as little as it can (the body is parsed before it is taken).
+            gate = self.gate
+            parsed = parse_json(plain)
+            with loop_lock:
+                admitted = gate.decide(plain, path, credentials, key, started, shadowed, parsed)
+                if type(admitted) is not ErrorAnswer:
+                    admitted = gate.admit_now(admitted)  # type: ignore[arg-type]
         else:  # Redis, or an engine an ASGI app runs: its loop decides
             handoff = _Handoff()
             try:
@@ -428,18 +439,9 @@ class BudgetWSGIMiddleware:
             raise
         return response
 
-    def _body(self, environ: WSGIEnvironment, credentials: Credentials) -> bytes:
-        stream = environ["wsgi.input"]
-        length = credentials.content_length
-        if length is not None:
-            if length > self.max_body:
-                raise _TooLarge
-            body: bytes = stream.read(length) if length > 0 else b""
-            if len(body) < length:
-                body = read_rest(stream, length, body)
-                if len(body) < length:
-                    raise _Incomplete  # the client sent less than it said
-            return body
+    def _unsized_body(self, environ: WSGIEnvironment, stream: InputStream) -> bytes:
+        """A body sent with no Content-Length (chunked), read to its end (`_TooLarge` past
+        BUDGET_MAX_BODY_BYTES)."""
         if not environ.get("wsgi.input_terminated"):
             return b""  # no length, and the server does not end the input: no body (PEP 3333)
         chunks: list[bytes] = []
@@ -459,7 +461,6 @@ class BudgetWSGIMiddleware:
         """Who is calling, from the headers alone: the key's configuration (None: no key, or
         one shadow mode serves as none) and the code shadow mode would refuse the credentials
         for; or the answer to give (401, or 503 when the store cannot vouch for the key)."""
-        found: KeyConfig | None = None
         if credentials.key is not None:
             looked_up = self._key(credentials.key, background)
             if looked_up is None and "," in credentials.key:
@@ -472,11 +473,12 @@ class BudgetWSGIMiddleware:
                     looked_up = self._key(first, background)
             if type(looked_up) is ErrorAnswer:
                 return looked_up
-            found = looked_up  # type: ignore[assignment]
-        refused = self._shadowed(credentials, found)
+            if looked_up is not None:  # a key found: never refused here (the usual case)
+                return looked_up, None  # type: ignore[return-value]
+        refused = self._shadowed(credentials, None)  # no key, or one not found
         if type(refused) is ErrorAnswer:
             return refused
-        return found, refused  # type: ignore[return-value]
+        return None, refused  # type: ignore[return-value]
 
     def _key(self, value: str, background: bool) -> KeyConfig | ErrorAnswer | None:
         """The key's configuration (None: unknown). On the `background` loop a cached key is
@@ -484,8 +486,9 @@ class BudgetWSGIMiddleware:
         or any key of an engine another loop runs, is read on the loop."""
         engine = self.engine
         if background:
+            digest = key_digest(value)  # (hashed before the lock: under it, every thread waits)
             with loop_lock:
-                found = engine.keys.get(key_digest(value))  # a cached key: no hop
+                found = engine.keys.get(digest)  # a cached key: no hop
             if found is not NOT_CACHED:
                 return found
         return on_loop(engine, lambda: self._look_up(value))
@@ -512,25 +515,6 @@ class BudgetWSGIMiddleware:
         if self.shadow:
             return refused[0]
         return self.gate.refuse(401, *refused)
-
-    def _admit_here(
-        self,
-        body: bytes,
-        path: str,
-        credentials: Credentials,
-        key: KeyConfig | None,
-        shadowed: str | None,
-        started: float,
-    ) -> Exchange | ErrorAnswer:
-        """In-process counters: decided and admitted in this thread, holding the loop's lock
-        for as little as it can (the body is parsed before it is taken)."""
-        gate = self.gate
-        parsed = parse_json(body)
-        with loop_lock:
-            decision = gate.decide(body, path, credentials, key, started, shadowed, parsed)
-            if type(decision) is ErrorAnswer:
-                return decision
-            return gate.admit_now(decision)  # type: ignore[arg-type]
 
 
 class EnvironHeaders:
@@ -687,29 +671,8 @@ class MeteredResponse:
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Write:
         exchange = self.exchange
-        if not exchange.response_started:
-            return self._started(status, headers, exc_info)
-        # PEP 3333's error pattern: a new status (`start_response("500", ..., exc_info)` after
-        # a 200). The server takes it while no header is sent (before the body's first byte,
-        # whatever the app's iteration did: a generator app runs inside the first `next()`),
-        # and re-raises after: the answer measured is the one the server sends. A server that
-        # refuses it (sent already, or called again without exc_info: an AssertionError) leaves
-        # the answer measured as it was.
-        kept = (exchange.status, exchange.stream, exchange.decoder, exchange.unreadable,
-                exchange.header_cost, exchange.left_out)  # fmt: skip
-        exchange.stream = exchange.decoder = exchange.unreadable = None
-        exchange.header_cost = None
-        try:
-            return self._started(status, headers, exc_info)
-        except BaseException:
-            (exchange.status, exchange.stream, exchange.decoder, exchange.unreadable,
-             exchange.header_cost, exchange.left_out) = kept  # fmt: skip
-            raise
-
-    def _started(
-        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None
-    ) -> Write:
-        exchange = self.exchange
+        if exchange.response_started:
+            return self._restarted(status, headers, exc_info)
         # The exchange reads three headers (as bytes); the app's go on as the app wrote them.
         if type(headers) is not list:
             headers = list(headers)
@@ -718,14 +681,15 @@ class MeteredResponse:
         for header in headers:
             name = header[0].lower()
             if name in _WATCHED:
-                watched.append((name.encode("latin-1"), header[1].encode("latin-1")))
+                watched.append((_WATCHED[name], header[1].encode("latin-1")))
             elif name == "content-length":
                 # Where it bounds what is read: not 0 (an answer without a body has nothing to
                 # settle early, and one with bytes all the same, a broken app's, is read on to
                 # its end: nothing up to its length says what it cost).
                 self.length = count_of_bytes(header[1]) or None
         cost = exchange.read_start(int(status[:3]), watched)
-        added = _as_text(exchange.headers_added())
+        # (as `_as_text`, our names' text looked up)
+        added = [(ADDED_TEXT[n], v.decode("latin-1")) for n, v in exchange.headers_added()]
         if cost:  # headers the client must not get (`x-budget-cost`, a stale content-length)
             left_out = [name.decode("latin-1") for name in exchange.left_out]
             headers = [h for h in headers if h[0].lower() not in left_out]
@@ -734,6 +698,29 @@ class MeteredResponse:
         out = [*replaced(headers, added, ADDED_TEXT_NAMES, str.lower), *added]
         self.write_ = self.start(status, out, exc_info)
         return self.write
+
+    def _restarted(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None
+    ) -> Write:
+        """PEP 3333's error pattern: a new status (`start_response("500", ..., exc_info)` after
+        a 200). The server takes it while no header is sent (before the body's first byte,
+        whatever the app's iteration did: a generator app runs inside the first `next()`),
+        and re-raises after: the answer measured is the one the server sends. A server that
+        refuses it (sent already, or called again without exc_info: an AssertionError) leaves
+        the answer measured as it was."""
+        exchange = self.exchange
+        kept = (exchange.status, exchange.stream, exchange.decoder, exchange.unreadable,
+                exchange.header_cost, exchange.left_out)  # fmt: skip
+        exchange.stream = exchange.decoder = exchange.unreadable = None
+        exchange.header_cost = None
+        exchange.response_started = False  # read anew by `start_response` (`read_start`)
+        try:
+            return self.start_response(status, headers, exc_info)
+        except BaseException:
+            (exchange.status, exchange.stream, exchange.decoder, exchange.unreadable,
+             exchange.header_cost, exchange.left_out) = kept  # fmt: skip
+            exchange.response_started = True
+            raise
 
     def write(self, data: bytes) -> None:
         """The legacy `write()` of `start_response`, metered as a chunk."""
