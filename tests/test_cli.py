@@ -1972,3 +1972,34 @@ def test_output_that_cannot_be_written_is_a_failure_on_one_line(store: dict[str,
     assert done.returncode == 1
     assert done.stderr == "error: the output could not be written: standard output is closed\n"
     assert not [k for k in manager.list_virtual_keys() if k.name == "never-shown"]
+
+
+def test_a_write_the_admin_api_does_not_answer_in_time_may_have_been_made(
+    here: Here, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command whose request reached the admin API and got no answer in time said `the admin
+    API at … cannot be reached (timed out)`: of a write (`keys create`), which the server may
+    well have made, a script then made the key again (a hunt's note). Now the line says the
+    server did not answer in time and, of a write, that it may have been made; a server that
+    cannot be connected to is still `cannot be reached`."""
+    from budget_middleware.cli.client import HttpClient
+
+    monkeypatch.setitem(HttpClient.__init__.__kwdefaults__, "timeout", 0.2)
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    closed = socket.socket()  # bound, not listening: a connection is refused
+    closed.bind(("127.0.0.1", 0))
+    try:
+        at = f"--url http://127.0.0.1:{silent.getsockname()[1]} --admin-key {ADMIN_KEY}"
+        write = here({}, f"{at} keys create --name k").failed_on_one_line()
+        read = here({}, f"{at} keys list").failed_on_one_line()
+        gone = f"--url http://127.0.0.1:{closed.getsockname()[1]} --admin-key {ADMIN_KEY}"
+        refused = here({}, f"{gone} keys create --name k").failed_on_one_line()
+    finally:
+        silent.close()
+        closed.close()
+    print(write, read, refused, sep="\n")
+    assert "did not answer within 0.2 s" in write and "may have been made" in write
+    assert "did not answer within 0.2 s" in read and "may have been made" not in read
+    assert "cannot be reached" in refused

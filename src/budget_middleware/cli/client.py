@@ -360,6 +360,18 @@ class HttpClient:
                 json=body if body is not None else None,
                 timeout=timeout,
             )
+        except (httpx.ReadTimeout, httpx.WriteTimeout):
+            # Sent, or partly: no answer is not "cannot be reached", and a write may be done
+            after = timeout.read if timeout.read is not None else timeout.write
+            made = (
+                ""
+                if method == "GET"
+                else ": the change may have been made, look before trying again"
+            )
+            raise CliError(
+                f"the admin API at {self.url} did not answer within {after:g} s{made}",
+                status=504,
+            ) from None
         except httpx.HTTPError as exc:
             reason = str(exc).strip() or type(exc).__name__
             raise CliError(
