@@ -867,4 +867,7 @@ def test_the_three_adapters_meter_alike(tmp_path: Path, monkeypatch: pytest.Monk
     )
     for line in tally.differences:
         print(line)
+    # Compared, and of several kinds: served and refused (a run that compared nothing passed)
+    assert tally.requests >= 10 * tally.sequences > 0
+    assert len(tally.codes) >= 3, tally.codes
     assert not tally.differences

@@ -897,6 +897,43 @@ async def test_perplexity_s_reasoning_citations_and_searches_are_charged(
     assert (row.cost_source, row.cost_nanos, row.output_tokens) == ("catalog", want, 113_107)
 
 
+async def test_a_pricing_file_prices_reasoning_and_citations_apart(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """A pricing file's entry for Sonar Deep Research, at the prices Perplexity lists ($2 and $8
+    per Mtok, reasoning $3 and citations $2, searches $5 a thousand), was refused (`unknown
+    field`: the middleware did not start), and without those two fields its reasoning and
+    citations were charged at the output's $8: 1,024,894,000 nano-USD where Perplexity bills
+    473,956,000. They are fields of an entry now (`output_reasoning_per_mtok`,
+    `output_citation_per_mtok`), charged as the catalog's."""
+    path = tmp_path / "prices.json"
+    entry = {
+        "input_per_mtok": 2,
+        "output_per_mtok": 8,
+        "output_reasoning_per_mtok": 3,
+        "output_citation_per_mtok": 2,
+        "web_search_per_k": 5,
+    }
+    path.write_text(json.dumps({"models": {"perplexity/sonar-deep-research": entry}}))
+    usage = {
+        "prompt_tokens": 19,
+        "completion_tokens": 7_163,
+        "total_tokens": 7_182,
+        "citation_tokens": 21_218,
+        "num_search_queries": 24,
+        "reasoning_tokens": 84_726,
+    }
+    model = "sonar-deep-research"
+    row = await charged_for(
+        lambda **kw: make_settings(pricing_file=path, **kw),
+        "/v1/chat/completions",
+        f"perplexity/{model}",
+        chat_answer(usage, False, model),
+    )
+    print("priced by a pricing file: charged", row.cost_nanos, "nano-dollars")
+    assert (row.cost_source, row.cost_nanos) == ("pricing_file", 473_956_000)
+
+
 @pytest.mark.parametrize("reported", [True, False], ids=["cost", "no-cost"])
 async def test_perplexity_s_output_apart_is_reserved_as_a_fee(
     make_settings: Settings, reported: bool

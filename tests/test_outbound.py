@@ -540,6 +540,48 @@ async def test_an_inbound_tag_with_limits_after_256_others_goes_with_the_calls(
     assert statuses == [200, 402, 402] and fake.calls == 1
 
 
+async def test_a_call_s_own_tag_with_limits_after_256_others_is_met(
+    make_settings: Settings,
+) -> None:
+    """A call's own `x-budget-tags` (an SDK's `extra_headers`): 256 tags, then one with a
+    $0.00001 budget. The inbound caller's tags past the 256th count when they have limits; the
+    call's own were dropped there: 3 of 3 calls admitted against none of its limits, recorded
+    without it."""
+    settings = make_settings(flush_interval_seconds=3600)
+    fake = Counting()
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.ASGITransport(fake), settings)
+        ),
+        max_retries=0,
+    )
+    engine = get_engine(settings)
+    await engine.ensure_started()
+    try:
+        engine.manager.put_tag("feature:summary", budgets=[{"max_limit": 0.00001}])
+        await engine.invalidate()
+        tags = ",".join([*(["a"] * 256), "feature:summary"])
+        statuses = []
+        for _ in range(3):
+            try:
+                await sdk.chat.completions.create(
+                    model="gpt-4o", messages=MESSAGES, extra_headers={"x-budget-tags": tags}
+                )
+                statuses.append(200)
+            except openai.APIStatusError as exc:
+                statuses.append(exc.status_code)
+        await engine.flush()
+        rows = records(engine)
+    finally:
+        await engine.shutdown()
+    tagged = [r["tags"] if isinstance(r["tags"], list) else json.loads(r["tags"]) for r in rows]
+    print("answers", statuses, "calls sent", fake.calls, "tags recorded", tagged)
+    assert statuses == [200, 402, 402] and fake.calls == 1
+    assert tagged == [["a", "feature:summary"]]
+
+
 # A fresh process whose app imports the transport, as an app module does at its top, and makes
 # its provider client on first use (FastAPI's `@lru_cache` dependency; a Flask view's global):
 # the client is made by the first request itself.

@@ -159,3 +159,56 @@ async def test_the_reset_header_after_the_clock_stepped_back_is_when_the_window_
     assert first.headers["x-ratelimit-reset-requests"] == "50s"
     assert told == f"{refused.headers['retry-after']}s" == "70s"
     assert again.status_code == 200
+
+
+async def test_an_answer_s_limit_headers_read_the_clock_only_for_a_window_begun_since(
+    tmp_path: Path,
+) -> None:
+    """The reset header's check for a clock stepped back read the clock at every answer, once
+    a request more on the hot path (5 reads a request where 4 were: the decision, its
+    preparation, the admission, the settlement), though only a window begun after the
+    admission (rolled under the request, or the clock stepped back) needs it. Now 4 again; the
+    headers read it for such a window alone (`test_the_reset_header_after_the_clock_stepped_
+    back_is_when_the_window_ends`)."""
+
+    class Counted(FrozenClock):
+        reads = 0
+
+        def __call__(self) -> float:
+            self.reads += 1
+            return self.now
+
+    clock = Counted()
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
+    )
+    settings = BudgetSettings(
+        database_url=f"sqlite:///{tmp_path / 'store.db'}",
+        pricing_file=prices,
+        flush_interval_seconds=3600,  # no background round reads the clock meanwhile
+        cache_ttl_seconds=3600,
+    )
+    engine = BudgetEngine(settings, clock=clock)
+    key = engine.manager.create_virtual_key(
+        name="k",
+        rate_limit={"request_max_limit": 100, "request_reset_duration": "1m"},
+        budgets=[{"max_limit": 10}],
+    )
+    clock.to_real_time()  # after the store began the window, by its own clock
+    app = host(engine)
+    async with running(app), client(app) as http:
+        for _ in range(2):  # the key read, its counters made
+            await http.post("/v1/chat/completions", json=BODY, headers=auth(key.value or ""))
+        before = clock.reads
+        answers = [
+            await http.post("/v1/chat/completions", json=BODY, headers=auth(key.value or ""))
+            for _ in range(10)
+        ]
+        reads = (clock.reads - before) / 10
+    print(
+        f"clock reads a request: {reads}; reset {answers[-1].headers['x-ratelimit-reset-requests']}"
+    )
+    assert all(a.status_code == 200 for a in answers)
+    assert answers[-1].headers["x-ratelimit-reset-requests"] == "60s"
+    assert reads == 4

@@ -83,17 +83,19 @@ def _tightest(counters: Sequence[WindowCounter]) -> tuple[WindowCounter | None, 
 
 
 def add_limit_headers(
-    out: list[tuple[bytes, bytes]], tight: Tightest, now: float, answered: float | None = None
+    out: list[tuple[bytes, bytes]],
+    tight: Tightest,
+    now: float,
+    clock: Callable[[], float] | None = None,
 ) -> None:
     """Append the headers of the tightest limits to a response's headers: as found at `now`,
-    for an answer that starts at `answered` (`now` when not given)."""
+    for an answer that starts at `clock()` (read only for a window begun after `now`, which is
+    seldom; None: `now`)."""
     requests, requests_left, tokens, tokens_left, budget, budget_left = tight
-    if answered is None:
-        answered = now
     if requests is not None:
-        out += _window(_REQUESTS, requests, requests_left, now, answered)
+        out += _window(_REQUESTS, requests, requests_left, now, clock)
     if tokens is not None:
-        out += _window(_TOKENS, tokens, tokens_left, now, answered)
+        out += _window(_TOKENS, tokens, tokens_left, now, clock)
     if budget is not None:
         if budget_left % 1000 or budget.limit % 1000:  # part of a micro-dollar: nine decimals
             out += (
@@ -108,7 +110,11 @@ def add_limit_headers(
 
 
 def _window(
-    names: tuple[bytes, bytes, bytes], window: WindowCounter, left: int, now: float, answered: float
+    names: tuple[bytes, bytes, bytes],
+    window: WindowCounter,
+    left: int,
+    now: float,
+    clock: Callable[[], float] | None,
 ) -> tuple[tuple[bytes, bytes], ...]:
     """A rate window's three headers: its limit, what is left, the whole seconds until it
     resets, rounded up as `Retry-After` is (a client that waits them finds the window ended;
@@ -118,13 +124,13 @@ def _window(
     `now` is when admission found the window (`left`): a counter that began a window after it
     (rolled by another request while this one ran) tells the end of the window `now` is in,
     not of the one after (a minute too late for a one-minute limit). A window that begins
-    after the answer's start too (`answered`) was not rolled to since: the clock stepped back
+    after the answer's start too (`clock()`) was not rolled to since: the clock stepped back
     (NTP) into the window before, and the request was counted in this one, which ends at its
     own end (its reset said the end of the window before: 10s where the refusals said 70)."""
     limit_name, left_name, reset_name = names
     end = window.end
-    if now < window.start <= answered:
-        end = window.window_end(now)
+    if window.start > now and clock is not None and window.start <= clock():
+        end = window.window_end(now)  # (the clock read here only: once a request, it cost one)
     seconds = end - now
     if seconds == FAR_FUTURE:
         reset = b"never"

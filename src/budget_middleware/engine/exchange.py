@@ -468,7 +468,7 @@ class Exchange:
             if tight is None:  # admitted by Redis: the local counters as they are now, and when
                 add_limit_headers(added, tightest_now(self.limits), self.engine.clock())
             else:  # as admission found them, and when
-                add_limit_headers(added, tight, self.admitted_at, self.engine.clock())
+                add_limit_headers(added, tight, self.admitted_at, self.engine.clock)
         if self.route_target is not None:
             added.append((ROUTE_HEADER, self.route_target.encode()))
         if self.would_refuse is not None:

@@ -57,6 +57,8 @@ class _FilePrice(pydantic.BaseModel):
     web_search_per_k: _Price | None = None
     request_per_k: _Price | None = None
     file_search_per_k: _Price | None = None
+    output_reasoning_per_mtok: _Price | None = None
+    output_citation_per_mtok: _Price | None = None
 
 
 class _PricingFile(pydantic.BaseModel):

@@ -323,7 +323,10 @@ class _Meter:
         provider = host_provider
         if not _NAMED.isdisjoint(names):  # seldom sent: one pass in C
             named = headers_named(list(zip(names, map(_VALUE, raw), strict=True)))
-            tags = (*tags, *(t for t in named.tags if t not in tags))
+            own = named.tags
+            if named.unread_tags:  # past MAX_TAGS_READ: those with limits, as the caller's
+                own += limited_of(named.unread_tags, engine.gate.resolve_target.limited_tags())
+            tags = (*tags, *(t for t in own if t not in tags))
             if provider is None:  # the host's first
                 provider = named.provider
         # The payer's key, when its value is known (`charge_to(virtual_key=...)`, the inbound
