@@ -404,8 +404,8 @@ def usage_from_json(body: bytes, tiered: bool = False) -> TokenUsage | None:
     `service_tier` written before the usage is read too (`TokenUsage.service_tier`).
     """
     index = body.rfind(_USAGE_KEY)
-    if index < 0 and b"\\u" not in body and not _wide(body):  # no usage key anywhere, not even
-        return None  # escaped or in UTF-16/32 (read whole below): no usage
+    if index < 0 and _searched_whole(body):  # no usage key anywhere: no usage
+        return None
     for _ in range(_CANDIDATES):  # the top-level key, from the end
         if index < 0:
             break
@@ -477,8 +477,8 @@ def json_searches(usage: TokenUsage, body: bytes) -> None:
     """`count_searches` of a whole JSON answer's top-level `output` (an answer to a request that
     may have used such tools: a body without a search call is not parsed, its usage's counts
     kept)."""
-    if body.find(_SEARCH_CALL_KEY) < 0 and b"\\u" not in body and not _wide(body):
-        return  # (a name may be escaped, `"web_search_cal\\u006c"`, or in UTF-16/32)
+    if body.find(_SEARCH_CALL_KEY) < 0 and _searched_whole(body):
+        return
     try:
         document = json_loads(body)
     except JSON_ERRORS:
@@ -487,10 +487,11 @@ def json_searches(usage: TokenUsage, body: bytes) -> None:
         count_searches(usage, document.get("output"))
 
 
-def _wide(body: bytes) -> bool:
-    """Whether a JSON body is UTF-16 or UTF-32 (a NUL in its first 4 bytes, or their byte-order
-    mark, as `json.loads` tells them), whose keys no search of its bytes finds: read whole."""
-    return b"\x00" in body[:4] or body[:2] in _WIDE_MARKS
+def _searched_whole(body: bytes) -> bool:
+    """Whether a search of a JSON body's bytes finds every key it holds: not when one may be
+    `\\u`-escaped (`"web_search_cal\\u006c"`), nor in UTF-16 or UTF-32 (a NUL in its first 4
+    bytes, or their byte-order mark, as `json.loads` tells them), which are read whole."""
+    return b"\\u" not in body and b"\x00" not in body[:4] and body[:2] not in _WIDE_MARKS
 
 
 _WIDE_MARKS: Final = (b"\xff\xfe", b"\xfe\xff")  # UTF-16's (and UTF-32-LE's) byte-order marks

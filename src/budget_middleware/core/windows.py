@@ -81,6 +81,18 @@ def _shared_float(value: float) -> float:
     return shared(_FLOATS, value)
 
 
+def reset_moment(now: float, began: float) -> float:
+    """The moment a reset at `now` starts a new window at, of one that began at `began`: `now`,
+    or a millisecond after `began` when that is later. A clock behind the window's start (one
+    stepped back, or another instance's ahead began it) or within its first millisecond would
+    start a window older than the one it ends, or the same one (Redis keeps a window by the
+    millisecond of its start: `_window_key`), and reset nothing. To the microsecond, as
+    stored."""
+    if now < began + 0.001:
+        return from_ts(began + 0.001).timestamp()
+    return now
+
+
 class WindowCounter:
     """A value that resets when its window ends (a budget's spend, a request or token count)."""
 
@@ -277,9 +289,7 @@ class WindowCounter:
         window began (a clock stood still or stepped back there, two resets at once): Redis
         keeps a window by the millisecond of its start, and a new window in the same
         millisecond was the old one's key, its spend kept after the reset."""
-        if now < self.start + 0.001:
-            # A millisecond on, to the microsecond as stored (Redis's key: `_window_key`).
-            now = from_ts(self.start + 0.001).timestamp()
+        now = reset_moment(now, self.start)
         self._seal(ledger)
         self.anchor = now
         self.value = 0

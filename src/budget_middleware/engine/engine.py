@@ -33,7 +33,7 @@ from budget_middleware.core.identity import hash_key, key_digest
 from budget_middleware.core.records import Delta, UsageRecord
 from budget_middleware.core.scopes import GlobalConfig, KeyConfig, LimitSet
 from budget_middleware.core.times import from_ts
-from budget_middleware.core.windows import Carry, CounterRegistry
+from budget_middleware.core.windows import Carry, CounterRegistry, reset_moment
 from budget_middleware.engine.alerts import Alerts
 from budget_middleware.engine.cache import NOT_CACHED, KeyCache, ScopeBuilder
 from budget_middleware.engine.gate import Gate
@@ -1227,13 +1227,12 @@ class BudgetEngine:
 
     def _reset_counter(self, kind: str, id: str, after: float | None = None) -> float:
         at = from_ts(self.clock()).timestamp()  # to the microsecond, as the store keeps it
-        if after is not None and at < after + 0.001:
-            # The stored window began at this clock's now or later (another instance's clock
-            # ahead of this one's, or this one stepped back, began it): a reset before it
-            # reset nothing in the store, which kept that window and its spend ($0.50 answered
-            # by a reset), and a live counter here took it back at its next read. A
-            # millisecond after it, as `WindowCounter.reset` does after its own window's start.
-            at = from_ts(after + 0.001).timestamp()
+        if after is not None:
+            # The stored window may have begun at this clock's now or later (another
+            # instance's clock ahead of this one's began it, or this one stepped back): a reset
+            # before it reset nothing in the store, which kept that window and its spend ($0.50
+            # answered by a reset), and a live counter here took it back at its next read.
+            at = reset_moment(at, after)
         counter = self.registry.counter(kind, id)
         was = None
         if counter is not None:

@@ -31,7 +31,7 @@ from sqlmodel import Session, col, select
 from budget_middleware.core.identity import MAX_PROVIDER_CHARS, MAX_TAG_CHARS, name_problem
 from budget_middleware.core.providers import canonical_provider, owner_name, stored_provider
 from budget_middleware.core.times import from_ts
-from budget_middleware.core.windows import CounterRegistry
+from budget_middleware.core.windows import CounterRegistry, reset_moment
 from budget_middleware.exceptions import Conflict, InvalidBody, InvalidRequest, NotFound
 from budget_middleware.manage import reports
 from budget_middleware.manage.keys import KeyWriter
@@ -501,7 +501,7 @@ class BudgetManager(KeyWriter):
         else:
             at = datetime.now(UTC)
             if began is not None:
-                at = max(at, from_ts(began + 0.001))
+                at = from_ts(reset_moment(at.timestamp(), began))
             if self.settings.redis_url:  # no engine here: marked here, before the store has it
                 _mark_in_redis(self.settings, id_, at.timestamp())
         with self._session() as s:
