@@ -379,6 +379,25 @@ def test_merged_tags_are_at_most_32() -> None:
     assert found.tags[-1] == "h11"
 
 
+def test_the_tags_with_limits_are_asked_for_only_past_32_or_256_tags() -> None:
+    """`limited_tags` (the configuration's, in the engine) is asked for by a request with more
+    tags than it keeps or reads, not by one with a few: three tags ask for it 0 times; 257 in
+    the header keep the last one, which has limits."""
+    asked: list[int] = []
+
+    def limited() -> frozenset[str]:
+        asked.append(1)
+        return frozenset({"capped"})
+
+    resolve = TargetResolver({}.get, limited_tags=limited)
+    few = resolve({"model": "m"}, "/v1/x", read(headers(x_budget_tags="a,b,c")), ())
+    print(f"3 tags: limited_tags asked {len(asked)} times")
+    assert few.tags == ("a", "b", "c") and asked == []
+    many = read(headers(x_budget_tags=",".join([*(f"t{n}" for n in range(256)), "capped"])))
+    found = resolve({"model": "m"}, "/v1/x", many, ())
+    assert "capped" in found.tags and len(found.tags) == MAX_TAGS and asked
+
+
 def test_a_key_s_own_tags_are_kept_whatever_a_client_adds() -> None:
     """The key's tags are its operator's: their limits apply however many a client sends
     (32 client tags that sort first used to push `product:chat` out, and its $0 budget)."""

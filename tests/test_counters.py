@@ -31,6 +31,7 @@ from budget_middleware.core.windows import (
     WindowCounter,
     charge,
     ensure_current,
+    reset_moment,
     shared,
 )
 from budget_middleware.engine.engine import BudgetEngine
@@ -923,6 +924,20 @@ def test_a_reset_past_the_window_s_first_millisecond_starts_where_it_was_made(
     print(f"reset at start + {after} s: the new window starts at {at(started)}")
     assert at(started) == at(T0 + after)
     assert (counter.start, counter.anchor, counter.value) == (started, started, 0)
+
+
+def test_a_reset_exactly_a_millisecond_after_the_window_began_is_at_that_moment() -> None:
+    """`reset_moment` at its bound: a reset a millisecond after the window began (one begun at
+    T0 + 1 ms) is at the moment given, as a float, unrounded; a moment before is moved to a
+    millisecond after the start, to the microsecond."""
+    began = T0 + 0.001
+    assert reset_moment(began + 0.001, began) == began + 0.001 == 1795341600.0019999
+    moved = reset_moment(began + 0.0009, began)
+    print(
+        f"a reset at start + 1 ms: {reset_moment(began + 0.001, began)!r}; at + 0.9 ms: {moved!r}"
+    )
+    assert moved == 1795341600.002
+    assert reset_moment(began + 0.5, began) == began + 0.5
 
 
 def test_confirming_nothing_that_was_never_taken_leaves_nothing() -> None:

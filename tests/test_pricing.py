@@ -463,6 +463,55 @@ def test_each_kind_with_a_rate_of_its_own_adds_only_what_it_holds() -> None:
     print(f"base {base}, 2 searches {searched}, input audio {heard}, output audio {spoken} n$")
 
 
+def test_reasoning_and_citations_at_their_own_rates_add_only_what_they_hold() -> None:
+    """Sonar Deep Research's prices ($2 input, $8 output, $3 reasoning, $2 citations a million
+    tokens): reasoning alone adds nothing for citations, citations alone nothing for reasoning
+    (a kind absent is 0 tokens, not 1)."""
+    price = ModelPrice(2.0, 8.0, output_reasoning_per_mtok=3.0, output_citation_per_mtok=2.0)
+    base = 1000 * 2000 + 100 * 8000  # nano-dollars: 1,000 input and 100 output tokens
+    cited = cost_nanos(price, TokenUsage(input_tokens=1000, output_tokens=100, citation_tokens=40))
+    assert cited == base + 40 * (2000 - 8000) == 2_560_000
+    thought = cost_nanos(
+        price, TokenUsage(input_tokens=1000, output_tokens=100, reasoning_tokens=40)
+    )
+    assert thought == base + 40 * (3000 - 8000) == 2_600_000
+    print(f"base {base}, 40 citation tokens {cited}, 40 reasoning tokens {thought} n$")
+
+
+@pytest.mark.parametrize(
+    ("audio", "reasoning", "citations", "expected"),
+    [
+        # 60 of 100 output tokens audio: 40 left for reasoning, of its 80
+        (60, 80, 0, 100 * 8000 + 60 * (80_000 - 8000) + 40 * (3000 - 8000)),
+        # 60 reasoning: 40 left for citations, of their 70
+        (0, 60, 70, 100 * 8000 + 60 * (3000 - 8000) + 40 * (2000 - 8000)),
+        # 50 audio: 50 left for citations, of their 80
+        (50, 0, 80, 100 * 8000 + 50 * (80_000 - 8000) + 50 * (2000 - 8000)),
+    ],
+)
+def test_reasoning_and_citations_are_priced_within_the_output_left_beside_audio(
+    audio: int, reasoning: int, citations: int, expected: int
+) -> None:
+    """Output audio, reasoning and citations are each within the output, in that order: more
+    than the output holds is priced as the output's rest, not as the count reported."""
+    price = ModelPrice(
+        2.0,
+        8.0,
+        output_audio_per_mtok=80.0,
+        output_reasoning_per_mtok=3.0,
+        output_citation_per_mtok=2.0,
+    )
+    usage = TokenUsage(
+        output_tokens=100,
+        output_audio_tokens=audio,
+        reasoning_tokens=reasoning,
+        citation_tokens=citations,
+    )
+    cost = cost_nanos(price, usage)
+    print(f"100 output, {audio} audio, {reasoning} reasoning, {citations} citations: {cost} n$")
+    assert cost == expected
+
+
 def test_web_searches_cost_nothing_on_a_model_without_a_search_price() -> None:
     """A model without `web_search_per_k` charges no search, however many: a million searches
     add not even a nano-dollar to 1,000 input tokens at $3/Mtok."""

@@ -799,6 +799,48 @@ def test_what_a_usage_says_was_paid_is_its_cost(usage: dict[str, Any], cost: flo
 
 
 @pytest.mark.parametrize(
+    ("apart", "counts"),
+    [
+        # Sonar Deep Research's whole object
+        (
+            {"citation_tokens": 50, "num_search_queries": 3, "reasoning_tokens": 20},
+            (170, 20, 50, 3),
+        ),
+        ({"citation_tokens": 50}, (150, 0, 50, 0)),  # citations alone
+        ({"num_search_queries": 3, "reasoning_tokens": 20}, (120, 20, 0, 3)),  # no citations
+        # a top-level reasoning count without either of Perplexity's: within the completion
+        # count, as sent, none priced apart
+        ({"reasoning_tokens": 20}, (100, 0, 0, 0)),
+    ],
+    ids=["all", "citations", "searches", "not perplexity"],
+)
+def test_perplexity_s_counts_apart_are_read_by_either_of_its_keys(
+    apart: dict[str, int], counts: tuple[int, int, int, int]
+) -> None:
+    """Perplexity's `citation_tokens` or `num_search_queries` (either one) marks its usage: its
+    reasoning and citation tokens, which its completion count leaves out, are added to the
+    output and kept apart, and its search queries are web searches. (output, reasoning,
+    citations, searches)."""
+    usage = {"prompt_tokens": 1_000, "completion_tokens": 100, "total_tokens": 1_100} | apart
+    found = usage_from_mapping(usage)
+    assert found is not None
+    read = (found.output_tokens, found.reasoning_tokens, found.citation_tokens, found.web_searches)
+    print(f"{apart}: (output, reasoning, citations, searches) {read}")
+    assert read == counts
+    assert found.input_tokens == 1_000
+
+
+def test_two_usages_together_add_their_reasoning_and_citations() -> None:
+    """`plus` (a tool loop's turns, a stream's messages) keeps Perplexity's counts apart: 30 + 10
+    reasoning tokens and 20 + 5 citation tokens are 40 and 25."""
+    first = TokenUsage(output_tokens=100, reasoning_tokens=30, citation_tokens=20)
+    second = TokenUsage(output_tokens=50, reasoning_tokens=10, citation_tokens=5)
+    both = first.plus(second)
+    print(f"together: reasoning {both.reasoning_tokens}, citations {both.citation_tokens}")
+    assert (both.output_tokens, both.reasoning_tokens, both.citation_tokens) == (150, 40, 25)
+
+
+@pytest.mark.parametrize(
     ("details", "cached"),
     [(None, 800), ({"cached_tokens": 0}, 800), ({"cached_tokens": 300}, 300)],
     ids=["hits alone", "details of 0", "details say"],
