@@ -97,6 +97,33 @@ async def test_the_admin_urls_serve_under_django_s_asgi_handler(site: None) -> N
         assert budget["current_usage"] > 0
 
 
+async def test_a_tag_ending_in_an_escaped_slash_is_that_tag_under_both_django_handlers(
+    site: None,
+) -> None:
+    """Django hands its views the path decoded (`%2F` as `/`), and the admin URLs took
+    `PUT /budget-admin/tags/team%2F` (the tag `team/`) for a trailing slash written by the
+    client: a 307 to `.../tags/team`, under Django's WSGI handler and its ASGI handler alike.
+    The path as the client sent it is read from the request line (`RAW_URI`, ASGI's
+    `raw_path`)."""
+    from llmsite.wsgi import application as wsgi_application
+    from werkzeug.test import Client
+
+    limit = {"budgets": [{"max_limit": 3}]}
+    wsgi = Client(wsgi_application)
+    through_wsgi = wsgi.put("/budget-admin/tags/team%2F", json=limit, headers=ADMIN)
+    async with served(asgi_application()) as client:
+        through_asgi = await client.put("/budget-admin/tags/chat%2F", json=limit, headers=ADMIN)
+        listed = await client.get("/budget-admin/tags", headers=ADMIN)
+        slashed = await client.put("/budget-admin/tags/chat/", json=limit, headers=ADMIN)
+    tags = sorted(t["tag"] for t in listed.json()["tags"])
+    print("WSGI:", through_wsgi.status_code, through_wsgi.headers.get("location"),
+          "ASGI:", through_asgi.status_code, through_asgi.headers.get("location"),
+          "tags:", tags, "PUT tags/chat/:", slashed.status_code)  # fmt: skip
+    assert through_wsgi.status_code == 201 and through_asgi.status_code == 201
+    assert tags == ["chat/", "team/"]
+    assert slashed.status_code == 307  # a slash written as one is still redirected
+
+
 def test_a_tag_outside_latin_1_is_managed_through_the_django_admin_urls(site: None) -> None:
     """Django hands its views the path decoded (UTF-8); the view passed it on to the WSGI admin
     app as if it were WSGI's latin-1 text, whose `raw_path` then failed to encode: a tag named

@@ -1156,6 +1156,39 @@ def test_a_trailing_slash_on_the_wsgi_admin_api_is_redirected_under_its_mount(
         assert client.get("/budget-admin/nothing/").status_code == 404
 
 
+def test_a_tag_ending_in_an_escaped_slash_is_that_tag_under_the_wsgi_admin_api(
+    make_settings: Settings,
+) -> None:
+    """WSGI decodes `%2F` in `PATH_INFO`: the admin app took `PUT .../tags/team%2F` (the tag
+    `team/`, 201 under ASGI) for a trailing slash the client wrote and redirected it to
+    `.../tags/team`, so a `DELETE .../tags/team%2F` that followed it removed the tag `team`.
+    The path as the client sent it is read from the server's request line (`RAW_URI`)."""
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    settings = make_settings()
+    app = flask_host(settings)
+    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, {"/budget-admin": create_admin_wsgi_app(settings)}
+    )
+    client = app.test_client()
+    assert client.put("/budget-admin/tags/team", json={"budgets": [{"max_limit": 1}]},
+                      headers=ADMIN).status_code == 201  # fmt: skip
+    put = client.put("/budget-admin/tags/team%2F", json={"budgets": [{"max_limit": 3}]},
+                     headers=ADMIN)  # fmt: skip
+    tags = {t["tag"]: t["budgets"][0]["max_limit"]
+            for t in client.get("/budget-admin/tags", headers=ADMIN).json["tags"]}  # fmt: skip
+    deleted = client.delete("/budget-admin/tags/team%2F", headers=ADMIN, follow_redirects=True)
+    left = [t["tag"] for t in client.get("/budget-admin/tags", headers=ADMIN).json["tags"]]
+    slashed = client.put("/budget-admin/tags/chat/", json={"budgets": [{"max_limit": 1}]},
+                         headers=ADMIN)  # fmt: skip
+    print("PUT tags/team%2F:", put.status_code, put.headers.get("location"), "tags:", tags,
+          "after DELETE tags/team%2F:", left, "PUT tags/chat/:", slashed.status_code)  # fmt: skip
+    assert put.status_code == 201 and tags == {"team": 1.0, "team/": 3.0}
+    assert deleted.status_code == 200 and left == ["team"]
+    assert slashed.status_code == 307  # a slash written as one is still redirected
+    assert slashed.headers["location"] == "http://localhost/budget-admin/tags/chat"
+
+
 def test_a_tag_outside_latin_1_is_managed_through_the_wsgi_admin_api_under_httpx(
     make_settings: Settings,
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from budget_middleware.admin.auth import admin_token, is_admin_key
 from budget_middleware.admin.context import MAX_BODY_BYTES
@@ -80,13 +81,33 @@ def asgi_scope(environ: WSGIEnvironment) -> dict[str, Any]:
         "scheme": environ.get("wsgi.url_scheme", "http"),
         "root_path": script,
         "path": script + path,
-        "raw_path": environ_bytes(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")),
+        "raw_path": _raw_path(environ),
         "query_string": environ.get("QUERY_STRING", "").encode("latin-1"),
         "headers": headers,
         "server": (environ.get("SERVER_NAME", "localhost"), _port(environ.get("SERVER_PORT"))),
         "client": (client, _port(environ.get("REMOTE_PORT")) or 0) if client else None,
         "state": {},
     }
+
+
+def _raw_path(environ: WSGIEnvironment) -> bytes:
+    """The path as the client wrote it (ASGI's `raw_path`): from the request line the server
+    keeps (`RAW_URI`: gunicorn's, werkzeug's; `REQUEST_URI`: waitress's, werkzeug's), where it
+    is the path WSGI decoded (`SCRIPT_NAME` + `PATH_INFO`); else that decoded path. WSGI decodes
+    `%2F` to `/`: the admin API tells a tag or an id ending in `%2F` from a trailing slash the
+    client wrote (redirected) by this."""
+    decoded = environ_bytes(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
+    for name in ("RAW_URI", "REQUEST_URI"):
+        uri = environ.get(name)
+        if not isinstance(uri, str) or not uri:
+            continue
+        raw = environ_bytes(uri).split(b"?", 1)[0].split(b"#", 1)[0]
+        if not raw.startswith(b"/"):  # the absolute form (`http://host/path`): its path
+            _, _, rest = raw.partition(b"://")
+            raw = b"/" + rest.partition(b"/")[2] if rest else raw
+        if unquote_to_bytes(raw) == decoded:
+            return raw
+    return decoded
 
 
 def _port(value: object) -> int | None:

@@ -97,6 +97,10 @@ def _environ(request: Any) -> dict[str, Any]:
         environ["wsgi.url_scheme"] = request.scheme
         # Django decoded the query string (UTF-8); WSGI's is the latin-1 text of its bytes.
         environ["QUERY_STRING"] = _wsgi_text(environ.get("QUERY_STRING", ""))
+        # The path as the client sent it (`%2F` kept), where the admin app reads it (`RAW_URI`)
+        raw = getattr(request, "scope", {}).get("raw_path")
+        if isinstance(raw, bytes):
+            environ["RAW_URI"] = raw.decode("latin-1")
     # Both handlers put the path in META decoded (UTF-8; the WSGI one over the server's
     # environ): as WSGI text again, or a path outside latin-1 (`/tags/产品`) cannot be passed.
     for name in ("SCRIPT_NAME", "PATH_INFO"):
