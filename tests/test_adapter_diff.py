@@ -61,7 +61,6 @@ import httpx
 import httpx2
 import openai
 import pytest
-from sqlmodel import select
 from werkzeug.test import Client
 
 from budget_middleware import (
@@ -75,7 +74,6 @@ from budget_middleware.core import durations
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.engine.portal import on_loop
 from budget_middleware.store import tables
-from budget_middleware.store.tables import BudgetRow
 from budget_middleware.wsgi import BudgetWSGIMiddleware
 from conftest import REDIS_UP, REDIS_URL
 from service_support import delete_prefix, unique_prefix, use_prefix
@@ -88,6 +86,7 @@ from test_backend_diff import (
     Ids,
     Step,
     StoreTime,
+    budget_ids,
     budgets,
     contents,
     populate,
@@ -327,18 +326,7 @@ class Side:
     run: Callable[[Any], Any] = field(default=lambda work: None)  # runs a coroutine function
 
     def budget_ids(self) -> list[str]:
-        """The budgets in the store, in an order every side shares."""
-        with self.engine.store.session() as s:
-            rows = list(s.exec(select(BudgetRow)))
-        order = sorted(
-            rows,
-            key=lambda b: (
-                b.owner_type,
-                self.names.get(b.owner_id, b.owner_id),
-                b.reset_duration or "",
-            ),
-        )
-        return [b.id for b in order]
+        return budget_ids(self.engine, self.names)
 
     def apply(self, step: Step) -> None:
         Ids.making = self.name

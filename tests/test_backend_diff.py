@@ -386,18 +386,7 @@ class Side:
         return task
 
     def budget_ids(self) -> list[str]:
-        """The budgets in the store, in an order both sides share."""
-        with self.engine.store.session() as s:
-            rows = list(s.exec(select(BudgetRow)))
-        order = sorted(
-            rows,
-            key=lambda b: (
-                b.owner_type,
-                self.names.get(b.owner_id, b.owner_id),
-                b.reset_duration or "",
-            ),
-        )
-        return [b.id for b in order]
+        return budget_ids(self.engine, self.names)
 
     def apply(self, step: Step) -> None:
         Ids.making = self.name
@@ -465,6 +454,18 @@ def spend(engine: BudgetEngine, names: dict[str, str], now: float) -> dict[str, 
                 r.token_current_usage,
             )
     return out
+
+
+def budget_ids(engine: BudgetEngine, names: dict[str, str]) -> list[str]:
+    """The budgets in the store, in an order every side of a comparison shares (by owner type,
+    owner name, duration), whatever ids each side's store gave them."""
+    with engine.store.session() as s:
+        rows = list(s.exec(select(BudgetRow)))
+    order = sorted(
+        rows,
+        key=lambda b: (b.owner_type, names.get(b.owner_id, b.owner_id), b.reset_duration or ""),
+    )
+    return [b.id for b in order]
 
 
 def records(engine: BudgetEngine, names: dict[str, str]) -> list[tuple[Any, ...]]:

@@ -448,16 +448,9 @@ async def test_a_route_of_the_app_calls_out_for_the_inbound_caller(make_settings
     assert fake.calls == 2
 
 
-async def test_the_inbound_caller_s_tags_go_with_the_calls_made_for_it(
-    make_settings: Settings,
-) -> None:
-    """SPEC §13: a call made while serving an inbound request is paid by that request's caller,
-    and §4's caller is a key and its tags (`x-budget-tags`). Only the key was taken: a tag's
-    $0.00001 budget, sent by the caller, admitted 3 of 3 gpt-4o calls ($0.000075 each),
-    recorded untagged. Now the caller's tags go with its calls, with a key or without one;
-    `charge_to` names a payer of its own, and its tags are the call's."""
-    settings = make_settings(flush_interval_seconds=3600)
-    fake = Counting()
+def _summarizing(settings: Settings, fake: Any) -> FastAPI:
+    """A FastAPI app under `BudgetMiddleware` whose `/summarize` route calls gpt-4o through the
+    OpenAI SDK and `BudgetTransport` (`fake` the provider), answering its refusal's status."""
     app = FastAPI()
     sdk = openai.AsyncOpenAI(
         api_key="sk-provider-secret",
@@ -477,6 +470,19 @@ async def test_the_inbound_caller_s_tags_go_with_the_calls_made_for_it(
         return {"summary": "ok"}
 
     app.add_middleware(BudgetMiddleware, settings=settings)
+    return app
+
+
+async def test_the_inbound_caller_s_tags_go_with_the_calls_made_for_it(
+    make_settings: Settings,
+) -> None:
+    """SPEC §13: a call made while serving an inbound request is paid by that request's caller,
+    and §4's caller is a key and its tags (`x-budget-tags`). Only the key was taken: a tag's
+    $0.00001 budget, sent by the caller, admitted 3 of 3 gpt-4o calls ($0.000075 each),
+    recorded untagged. Now the caller's tags go with its calls, with a key or without one;
+    `charge_to` names a payer of its own, and its tags are the call's."""
+    fake = Counting()
+    app = _summarizing(make_settings(flush_interval_seconds=3600), fake)
     engine = engine_of(app)
     async with running(app), client(app) as http:
         key = engine.manager.create_virtual_key(name="alice")
@@ -508,27 +514,8 @@ async def test_an_inbound_tag_with_limits_after_256_others_goes_with_the_calls(
     """The caller's `x-budget-tags`: 256 tags, then one with a $0.00001 budget (a gateway's line
     after the client's). Past the 256th no tag was read: the calls made for it were admitted 3
     of 3, against none of its limits."""
-    settings = make_settings(flush_interval_seconds=3600)
     fake = Counting()
-    app = FastAPI()
-    sdk = openai.AsyncOpenAI(
-        api_key="sk-provider-secret",
-        base_url="https://api.openai.com/v1",
-        http_client=httpx2.AsyncClient(
-            transport=BudgetTransport(httpx2.ASGITransport(fake), settings)
-        ),
-        max_retries=0,
-    )
-
-    @app.post("/summarize")
-    async def summarize(body: dict[str, str]) -> Any:
-        try:
-            await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-        except openai.APIStatusError as exc:
-            return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
-        return {"summary": "ok"}
-
-    app.add_middleware(BudgetMiddleware, settings=settings)
+    app = _summarizing(make_settings(flush_interval_seconds=3600), fake)
     engine = engine_of(app)
     async with running(app), client(app) as http:
         engine.manager.put_tag("feature:summary", budgets=[{"max_limit": 0.00001}])
