@@ -725,6 +725,169 @@ async def test_audio_of_an_audio_model_without_audio_prices_is_not_charged_as_te
     assert row.cost_nanos == nanos(Usage(input_tokens=1000, output_tokens=500), model, "openai")
 
 
+# An Images API answer (`/v1/images/generations`): 1,323 image tokens of the 1,373 input, 4,160
+# of the 4,260 output.
+IMAGES_USAGE: dict[str, Any] = {
+    "input_tokens": 1373,
+    "input_tokens_details": {"text_tokens": 50, "image_tokens": 1323},
+    "output_tokens": 4260,
+    "output_tokens_details": {"text_tokens": 100, "image_tokens": 4160},
+    "total_tokens": 5633,
+}
+IMAGES_PATHS = ("/chat/completions", "/images/generations")
+
+
+@pytest.mark.parametrize("model", ["gpt-image-1.5", "gpt-image-1", "gpt-image-1-mini"])
+async def test_images_api_image_tokens_are_priced_at_the_image_rates(
+    make_settings: Settings, model: str
+) -> None:
+    """gpt-image-1.5 costs $8 per Mtok of image input and $32 of image output, its text $5 and
+    $10 (gpt-image-1: $10 and $5 in): the Images API says which tokens are images
+    (`input_tokens_details`, `output_tokens_details`), each charged at its own price, as
+    genai-prices prices the same answer. All were charged as text: gpt-image-1.5's 49,465,000
+    nano-USD where it bills 144,954,000 (0.34 of it), gpt-image-1's 0.96."""
+    answer = {"created": 1, "data": [{"b64_json": ""}], "usage": IMAGES_USAGE}
+    row = await charged_for(
+        lambda **kw: make_settings(inference_paths=IMAGES_PATHS, **kw),
+        "/v1/images/generations",
+        f"openai/{model}",
+        answer,
+    )
+    found = extract_usage(
+        {"model": model, "usage": IMAGES_USAGE}, provider_id="openai", api_flavor="images"
+    )
+    want = int(found.calc_price().total_price * 10**9)
+    print(f"{model}, images API: charged {row.cost_nanos} nano-USD, genai-prices says {want}")
+    assert (row.input_tokens, row.output_tokens) == (1373, 4260)
+    assert row.cost_nanos == want
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("model", ["gemini-2.5-flash-image", "gemini-3-pro-image-preview"])
+async def test_a_gateway_s_image_output_tokens_are_priced_at_the_image_rate(
+    make_settings: Settings, stream: bool, model: str
+) -> None:
+    """Gemini 2.5 Flash Image costs $30 per Mtok of image output, its text $2.50 (3 Pro Image:
+    $120 and $12): a gateway's chat rendering of its answer (LiteLLM's) counts the image apart,
+    `completion_tokens_details.image_tokens`. The 1,290 image tokens of an image were charged
+    as text: 3,505,000 nano-USD where Google bills 38,980,000 (11 times too little)."""
+    usage = {
+        "prompt_tokens": 100,
+        "completion_tokens": 1390,
+        "total_tokens": 1490,
+        "prompt_tokens_details": {"text_tokens": 100, "image_tokens": 0},
+        "completion_tokens_details": {"text_tokens": 100, "image_tokens": 1290},
+    }
+    answer = chat_answer(usage, stream, model)
+    row = await charged_for(make_settings, "/v1/chat/completions", f"gemini/{model}", answer)
+    want = nanos(
+        Usage(input_tokens=100, output_tokens=1390, output_image_tokens=1290), model, "google"
+    )
+    print(f"{model}, 1,290 image tokens out: charged {row.cost_nanos}, genai-prices says {want}")
+    assert (row.input_tokens, row.output_tokens) == (100, 1390)
+    assert row.cost_nanos == want
+
+
+async def test_image_output_in_flight_together_cannot_spend_past_the_budget(
+    make_settings: Settings,
+) -> None:
+    """Gemini 2.5 Flash Image draws unasked, at $30 per Mtok of image output (its text $2.50):
+    a request is reserved at the image price, so 60 at once on a $0.10 budget spend no more
+    than the budget and one request. Reserved at the text price (1,400 tokens: $0.0035 where
+    an image answer costs $0.039), 28 were admitted and $1.09 spent."""
+    usage = {
+        "prompt_tokens": 100,
+        "completion_tokens": 1390,
+        "total_tokens": 1490,
+        "completion_tokens_details": {"text_tokens": 100, "image_tokens": 1290},
+    }
+    model = "gemini-2.5-flash-image"
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(0.05)  # in flight together
+        return JSONResponse(chat_answer(usage, False, model))
+
+    settings = make_settings()
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])]),
+        settings=settings,
+    )
+    engine = get_engine(settings)
+    body = chat(f"gemini/{model}", max_tokens=1400)
+    each = nanos(
+        Usage(input_tokens=100, output_tokens=1390, output_image_tokens=1290), model, "google"
+    )
+    async with running(app), client(app) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 0.1, "reset_duration": "1d"}]
+        )
+        auth = {"authorization": f"Bearer {key.value}"}
+        answers = await asyncio.gather(
+            *[http.post("/v1/chat/completions", json=body, headers=auth) for _ in range(60)]
+        )
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    served = [a.status_code for a in answers].count(200)
+    print(f"{model}, 60 at once on $0.10, ${each / 1e9:.6f} each: {served} served, ${spent:.6f}")
+    assert served >= 1
+    assert spent <= 0.1 + each / 1e9 + 1e-9
+
+
+async def test_a_pricing_file_prices_image_tokens_apart(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """A pricing file's entry may price images apart (`input_image_per_mtok`,
+    `output_image_per_mtok`: an entry with them was refused, `unknown field`, and the middleware
+    did not start); without them an image costs what text does."""
+    path = tmp_path / "prices.json"
+    entry = {"input_per_mtok": 5, "output_per_mtok": 10}
+    images = {**entry, "input_image_per_mtok": 8, "output_image_per_mtok": 32}
+    models = {"openai/house-image": images, "openai/house-text": entry}
+    path.write_text(json.dumps({"models": models}))
+    charged = {}
+    for model in models:
+        answer = {"created": 1, "data": [], "usage": IMAGES_USAGE}
+        row = await charged_for(
+            lambda **kw: make_settings(pricing_file=path, inference_paths=IMAGES_PATHS, **kw),
+            "/v1/images/generations",
+            model,
+            answer,
+        )
+        assert row.cost_source == "pricing_file"
+        charged[model] = row.cost_nanos
+    print("priced by a pricing file, images apart and not:", charged)
+    # 50 x $5 + 1,323 x $8 + 100 x $10 + 4,160 x $32 per Mtok; all as text: 1,373 x $5 + 4,260 x $10
+    assert charged == {"openai/house-image": 144_954_000, "openai/house-text": 49_465_000}
+
+
+async def test_a_litellm_deployment_s_image_token_prices_are_charged(
+    make_settings: Settings, tmp_path: Path
+) -> None:
+    """LiteLLM's custom prices of images (`input_cost_per_image_token`,
+    `output_cost_per_image_token`, USD a token, as its own price list has them for gpt-image-1.5
+    and Gemini's image models) were not honoured, only named in the start-up warning: the images
+    cost what text does, 49,465,000 nano-USD where the deployment's prices say 144,954,000."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "model_list:\n"
+        "  - model_name: house-image\n"
+        "    litellm_params: {model: openai/house-image, input_cost_per_token: 0.000005,\n"
+        "                     output_cost_per_token: 0.00001,\n"
+        "                     input_cost_per_image_token: 0.000008,\n"
+        "                     output_cost_per_image_token: 0.000032}\n"
+    )
+    answer = {"created": 1, "data": [], "usage": IMAGES_USAGE}
+    row = await charged_for(
+        lambda **kw: make_settings(config_file=path, inference_paths=IMAGES_PATHS, **kw),
+        "/v1/images/generations",
+        "house-image",
+        answer,
+    )
+    print("a LiteLLM deployment's image prices: charged", row.cost_nanos, "nano-USD")
+    assert (row.cost_source, row.cost_nanos) == ("config_file", 144_954_000)
+
+
 @pytest.mark.parametrize(
     ("path", "usage"),
     [

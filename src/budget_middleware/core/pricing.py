@@ -35,8 +35,8 @@ _NO_TIERS: Mapping[str | None, ModelPrice] = {}
 
 # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
 # femto-dollars per token, a web search's, a request's and a file search's, (output reasoning,
-# output citations) per token.
-_Rates = tuple[int, int, int, int, int, int, int, int, int, int, int, int]
+# output citations, input images, output images) per token.
+_Rates = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int, int]
 
 
 def price_key(provider: str | None, model: str) -> str:
@@ -75,7 +75,8 @@ class ModelPrice:
     and file searches (`file_search_per_k`: USD a thousand calls of OpenAI's file search tool)
     without a price cost nothing. `request_per_k`: a fee per request (USD a thousand requests:
     Perplexity's Sonar models), whatever its tokens. Reasoning and citation tokens reported
-    apart (Perplexity's) without a price of their own cost the output.
+    apart (Perplexity's) without a price of their own cost the output; input and output images
+    without a price of their own the input and the output.
 
     `tiers`: (start, prices) of long-context tiers, by start: a request of more than `start`
     input tokens (cache reads and writes included) pays that tier's prices on every token.
@@ -99,6 +100,8 @@ class ModelPrice:
     file_search_per_k: float | None = None  # USD per thousand file search calls
     output_reasoning_per_mtok: float | None = None
     output_citation_per_mtok: float | None = None
+    input_image_per_mtok: float | None = None
+    output_image_per_mtok: float | None = None
     tiers: tuple[tuple[int, ModelPrice], ...] = ()
     service_tiers: tuple[tuple[str, ModelPrice], ...] = ()
     daily: tuple[tuple[float, float, ModelPrice], ...] = ()
@@ -114,6 +117,7 @@ class ModelPrice:
         out = _rate(self.output_per_mtok)
         heard, spoken = self.input_audio_per_mtok, self.output_audio_per_mtok
         thought, cited = self.output_reasoning_per_mtok, self.output_citation_per_mtok
+        seen, drawn = self.input_image_per_mtok, self.output_image_per_mtok
         rates = (
             inp,
             out,
@@ -129,6 +133,8 @@ class ModelPrice:
             else _rate(self.file_search_per_k) * _PER_K_PER_MTOK,
             out if thought is None else _rate(thought),
             out if cited is None else _rate(cited),
+            inp if seen is None else _rate(seen),
+            out if drawn is None else _rate(drawn),
         )
         object.__setattr__(self, "_rates", rates)
         tiers = dict(reversed(self.service_tiers)) if self.service_tiers else _NO_TIERS
@@ -183,9 +189,9 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage, femto_only: bool = False) -
     `usage.input_tokens` counts every prompt token; the cache reads and writes within it are
     priced at their own rates and the rest (floored at 0) at the input price, the output at the
     output price. The kinds with rates of their own within those (1-hour cache writes within the
-    writes, audio within the rest of the input and within the output) add the difference of
-    their rate, and web and file searches their price each (`_other_kinds`: most answers have
-    none).
+    writes, audio and images within the rest of the input and within the output) add the
+    difference of their rate, and web and file searches their price each (`_other_kinds`: most
+    answers have none).
     Integer arithmetic: exact.
     """
     if price.tiers:
@@ -219,6 +225,8 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage, femto_only: bool = False) -
         or usage.file_searches
         or usage.reasoning_tokens
         or usage.citation_tokens
+        or usage.input_image_tokens
+        or usage.output_image_tokens
     ):
         femto += _other_kinds(rates, usage, write, plain, out)
     return femto if femto_only else (femto + _HALF_NANO) // _FEMTO_PER_NANO
@@ -239,21 +247,24 @@ def _adds_up(usage: TokenUsage) -> bool:
 def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: int) -> int:
     """What the kinds with rates of their own add, in femto-dollars, to their tokens priced as
     cache writes, input or output: each within its whole (1-hour writes within the writes, input
-    audio within the uncached input, output audio, reasoning and citations reported apart within
-    the output)."""
-    r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search, _, r_file, r_thought, r_cited = (
-        rates
-    )
+    audio and images within the uncached input, output audio, images, reasoning and citations
+    reported apart within the output)."""
+    (r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search, _, r_file, r_thought, r_cited,
+     r_seen, r_drawn) = rates  # fmt: skip
     hour = min(max(usage.cache_write_1h_tokens, 0), write)
     heard = min(max(usage.input_audio_tokens, 0), plain)
+    seen = min(max(usage.input_image_tokens, 0), plain - heard)
     spoken = min(max(usage.output_audio_tokens, 0), out)
-    thought = min(max(usage.reasoning_tokens, 0), out - spoken)
-    cited = min(max(usage.citation_tokens, 0), out - spoken - thought)
+    drawn = min(max(usage.output_image_tokens, 0), out - spoken)
+    thought = min(max(usage.reasoning_tokens, 0), out - spoken - drawn)
+    cited = min(max(usage.citation_tokens, 0), out - spoken - drawn - thought)
     searches = max(usage.web_searches, 0)
     files = max(usage.file_searches, 0)
     return (
         hour * (r_hour - r_write)
         + heard * (r_heard - r_in)
+        + seen * (r_seen - r_in)
+        + drawn * (r_drawn - r_out)
         + spoken * (r_spoken - r_out)
         + thought * (r_thought - r_out)
         + cited * (r_cited - r_out)
@@ -270,7 +281,9 @@ def estimate_nanos(
     caches: int = 0,
 ) -> int:
     """Worst-case cost to reserve: all input uncached, at its tier's prices; 0 when unpriced.
-    `spoken`: the output may be audio, so it is counted at the dearer of its two prices.
+    `spoken`: the output may be audio, so it is counted at the dearer of its two prices. The
+    output of a model with a dearer price for images than for text is counted at that price
+    (Gemini's image models draw without being asked).
     `caches`: the request asks for prompt caching, so its input may all be cache writes, counted
     at the dearer of the input's and the writes' prices; 2: some kept 1 hour, at the dearest of
     those and the 1-hour writes' (Anthropic's: 1.25 and 2 times the input)."""
@@ -282,6 +295,8 @@ def estimate_nanos(
     if output_tokens < 0:
         output_tokens = 0
     out = rates[6] if spoken and rates[6] > rates[1] else rates[1]
+    if rates[13] > out:  # a model that draws: whatever was asked, its output may be images
+        out = rates[13]
     inp = rates[0]
     if caches:
         inp = max(inp, rates[3], rates[4]) if caches > 1 else max(inp, rates[3])

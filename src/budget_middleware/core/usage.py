@@ -81,6 +81,11 @@ class TokenUsage:
       `output_tokens` that are priced at rates of their own (Perplexity's top-level
       `reasoning_tokens` and `citation_tokens`, which its `completion_tokens` leaves out: Sonar
       Deep Research's).
+    - `input_image_tokens`, `output_image_tokens`: the images within `input_tokens` (not cached)
+      and `output_tokens` (`image_tokens` of OpenAI's Images API `input_tokens_details` and
+      `output_tokens_details`, and of gateways' chat `prompt_tokens_details` and
+      `completion_tokens_details`: LiteLLM's rendering of Gemini's image modality; priced at the
+      image rates: gpt-image-1.5's $32 per Mtok of image output, its text's $10).
     """
 
     input_tokens: int = 0
@@ -99,6 +104,8 @@ class TokenUsage:
     file_searches: int = 0
     reasoning_tokens: int = 0
     citation_tokens: int = 0
+    input_image_tokens: int = 0
+    output_image_tokens: int = 0
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's). Of
@@ -131,6 +138,8 @@ class TokenUsage:
             self.file_searches + other.file_searches,
             self.reasoning_tokens + other.reasoning_tokens,
             self.citation_tokens + other.citation_tokens,
+            self.input_image_tokens + other.input_image_tokens,
+            self.output_image_tokens + other.output_image_tokens,
         )
 
     @property
@@ -198,7 +207,7 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     """The `TokenUsage` of a decoded `usage` object of any supported shape; None if it has no
     token count nor cost, or none that can be read. Bad values (strings, negatives, null)
     count as 0 beside one that can."""
-    heard = spoken = None  # OpenAI's audio counts, in its details objects
+    heard = spoken = seen = drawn = None  # audio and image counts, in the details objects
     apart = False  # Perplexity's reasoning, citations and searches, counted apart
     if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat/completions/embeddings
         # the usual values (non-negative ints) are taken as they are: this runs on every request
@@ -219,6 +228,7 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         if type(details) is dict:
             read = details.get("cached_tokens")
             heard = details.get("audio_tokens")
+            seen = details.get("image_tokens")
             write = details.get("cache_write_tokens")  # GPT-5.6 on: paid apart, before none
         else:
             read = usage.get("cache_read_input_tokens")
@@ -228,6 +238,7 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             read = _count(read)  # None counts 0
         if type(out_details := usage.get("completion_tokens_details")) is dict:
             spoken = out_details.get("audio_tokens")
+            drawn = out_details.get("image_tokens")
         if "cache_creation_input_tokens" in usage:
             write = usage["cache_creation_input_tokens"]
         if write is None:
@@ -250,6 +261,11 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             prompt, output, read, write = _input_output(usage)
     elif "input_tokens" in usage or "output_tokens" in usage:
         prompt, output, read, write = _input_output(usage)
+        # The Images API's (and gateways' Responses): images within the input and the output
+        if type(in_details := usage.get("input_tokens_details")) is dict:
+            seen = in_details.get("image_tokens")
+        if type(out_details := usage.get("output_tokens_details")) is dict:
+            drawn = out_details.get("image_tokens")
     elif "cost" in usage or _TICKS in usage:
         prompt = output = read = write = 0
     else:
@@ -266,9 +282,11 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     # The kinds with prices of their own within those, which most answers do not have:
     if write and type(creation := usage.get("cache_creation")) is dict:  # Anthropic's TTLs
         found.cache_write_1h_tokens = _count(creation.get("ephemeral_1h_input_tokens"))
-    if heard or spoken:  # OpenAI's audio, within the uncached prompt and the output: 0 or absent
-        found.input_audio_tokens = _count(heard)
+    if heard or spoken or seen or drawn:  # audio, images: within the uncached prompt and the
+        found.input_audio_tokens = _count(heard)  # output; 0 or absent in most answers
         found.output_audio_tokens = _count(spoken)
+        found.input_image_tokens = _count(seen)
+        found.output_image_tokens = _count(drawn)
     if apart:  # Perplexity's, within the output (above), and its searches
         found.reasoning_tokens = _count(usage.get("reasoning_tokens"))
         found.citation_tokens = _count(usage.get("citation_tokens"))

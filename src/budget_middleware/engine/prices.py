@@ -59,6 +59,8 @@ class _FilePrice(pydantic.BaseModel):
     file_search_per_k: _Price | None = None
     output_reasoning_per_mtok: _Price | None = None
     output_citation_per_mtok: _Price | None = None
+    input_image_per_mtok: _Price | None = None
+    output_image_per_mtok: _Price | None = None
 
 
 class _PricingFile(pydantic.BaseModel):
@@ -380,6 +382,9 @@ def _token_price(prices: gp.ModelPrice, above: int) -> ModelPrice | None:
         # Perplexity's reasoning and citation tokens (Sonar Deep Research's), its answers count
         output_reasoning_per_mtok=at(prices.output_reasoning_mtok),
         output_citation_per_mtok=at(prices.output_citation_mtok),
+        # Images in and out (gpt-image-1.5's $8 and $32 per Mtok, Gemini's image models' output)
+        input_image_per_mtok=at(prices.input_image_mtok),
+        output_image_per_mtok=at(prices.output_image_mtok),
     )
 
 

@@ -436,6 +436,8 @@ _PRICE_KEYS: Final = {
     "cache_creation_input_token_cost_above_1hr": "cache_write_1h_per_mtok",
     "input_cost_per_audio_token": "input_audio_per_mtok",
     "output_cost_per_audio_token": "output_audio_per_mtok",
+    "input_cost_per_image_token": "input_image_per_mtok",
+    "output_cost_per_image_token": "output_image_per_mtok",
 }
 
 
