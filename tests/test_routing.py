@@ -157,6 +157,81 @@ async def test_a_route_s_name_with_blanks_around_it_is_routed_as_it_is_metered(
     assert {a.json()["model"] for a in answers} == {"azure/gpt-4o"}  # the app saw the target
 
 
+async def test_a_route_s_name_as_gemini_s_resource_name_is_routed_as_it_is_metered(
+    make_settings: Settings,
+) -> None:
+    """`models/gpt-4o` (Gemini's resource name of a model, which a request is metered by as
+    its bare name, SPEC §4) was metered as `openai/gpt-4o` but not routed: with openai's budget
+    spent, a 402 where `gpt-4o` fell over to azure. Through `BudgetTransport` on Gemini's host
+    alike (`models/gemini-2.5-flash`); on another host, where `models/…` is metered whole, it
+    is no route's name."""
+    import httpx2
+    import openai
+
+    from budget_middleware import BudgetTransport
+    from test_outbound import MESSAGES, Counting, records
+
+    app = host_app(make_settings())
+    engine = engine_of(app)
+    async with running(app), client(app) as http:
+        m = engine.manager
+        m.put_provider("openai", budgets=[{"max_limit": 0}])
+        m.put_provider("gemini", budgets=[{"max_limit": 1}])
+        m.create_model_config(provider="gemini", model_name="gemini-2.5-flash", budgets=SPENT)
+        m.create_route(**ROUTE)
+        flash = ["gemini/gemini-2.5-flash", "gemini/gemini-2.5-flash-lite"]
+        m.create_route(name="gemini-2.5-flash", targets=flash)
+        m.create_route(name="models/o3", targets=["azure/o3"])  # its very name: that route
+        await engine.invalidate()
+        answers = [
+            await http.post("/v1/chat/completions", json=chat(model))
+            for model in ("gpt-4o", "models/gpt-4o", " models/gpt-4o ")
+        ]
+        named = await http.post("/v1/chat/completions", json=chat("models/o3"))
+        fake = Counting("/v1beta/openai")
+        transport = BudgetTransport(httpx2.ASGITransport(fake), engine=engine)
+        gemini = openai.AsyncOpenAI(
+            api_key="gemini-secret",
+            base_url="https://generativelanguage.googleapis.com/v1beta/openai/",
+            http_client=httpx2.AsyncClient(transport=transport),
+            max_retries=0,
+        )
+        routed = []
+        for model in ("gemini-2.5-flash", "models/gemini-2.5-flash"):
+            try:
+                raw = await gemini.chat.completions.with_raw_response.create(
+                    model=model, messages=MESSAGES
+                )
+                routed.append((raw.status_code, raw.headers.get("x-budget-route")))
+            except openai.APIStatusError as refused:
+                routed.append((refused.status_code, None))
+        on_openai = openai.AsyncOpenAI(
+            api_key="sk-provider-secret",
+            base_url="https://api.openai.com/v1",
+            http_client=httpx2.AsyncClient(transport=transport),
+            max_retries=0,
+        )
+        try:
+            await on_openai.chat.completions.create(model="models/gpt-4o", messages=MESSAGES)
+            whole = None
+        except openai.APIStatusError as refused:  # no route: openai's budget is spent
+            whole = refused.status_code
+        await engine.flush()
+        rows = [(r["provider"], r["model"]) for r in records(engine)]
+    seen = [(a.status_code, a.headers.get("x-budget-route")) for a in answers]
+    print(f"inbound: {seen}; on Gemini's host: {routed}, charged {rows}; "
+          f"models/gpt-4o on OpenAI's host: {whole}")  # fmt: skip
+    assert seen == [(200, "azure/gpt-4o")] * 3
+    assert {a.json()["model"] for a in answers} == {"azure/gpt-4o"}  # the app saw the target
+    assert routed == [(200, "gemini/gemini-2.5-flash-lite")] * 2
+    assert named.headers["x-budget-route"] == "azure/o3"
+    assert (
+        rows
+        == [("azure", "gpt-4o")] * 3 + [("azure", "o3")] + [("gemini", "gemini-2.5-flash-lite")] * 2
+    )
+    assert whole == 402
+
+
 @pytest.mark.parametrize("status", [402, 429])
 async def test_when_every_target_refuses_the_first_answers_with_every_code(
     make_settings: Settings, status: int

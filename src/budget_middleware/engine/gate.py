@@ -346,8 +346,13 @@ class Gate:
         routes = engine.globals.routes
         if routes and type(parsed) is dict:  # no route configured: one truth test
             name = parsed.get("model")
-            # (the name as metered: blanks around it are no part of it, and a route's has none)
-            route = routes.get(name.strip()) if type(name) is str else None
+            # (the name as metered: blanks around it are no part of it, and a route's has none;
+            # Gemini's `models/<name>` is `<name>`)
+            route = (
+                self.resolve_target.route_of(routes, name, credentials)
+                if type(name) is str
+                else None
+            )
             if route is not None and _deeper_than(body, parsed, _ROUTED_DEPTH):
                 # Its target could not be written into it (`body_to_send`: nested deeper than
                 # the stdlib writes, it was a 500 after admission, which SDKs retry)
