@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -118,6 +119,57 @@ def spent(engine: Any, budget_id: str) -> int:
     return 0 if counter is None else int(counter.value)
 
 
+@contextlib.asynccontextmanager
+async def started(
+    app: FastAPI, max_limit: float, name: str = "k"
+) -> AsyncIterator[tuple[Any, Any]]:
+    """`app` (its middleware added) started, its engine, and a key with a daily budget of
+    `max_limit` dollars that the engine has read afresh."""
+    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
+    async with running(app):
+        key = engine.manager.create_virtual_key(
+            name=name, budgets=[{"max_limit": max_limit, "reset_duration": "1d"}]
+        )
+        await engine.invalidate()
+        yield engine, key
+
+
+@contextlib.asynccontextmanager
+async def metered(
+    app: FastAPI, settings: BudgetSettings, max_limit: float = 1, name: str = "k"
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any, Any]]:
+    """`app` behind the middleware, `started`, with a client."""
+    app.add_middleware(BudgetMiddleware, settings=settings)
+    async with started(app, max_limit, name) as (engine, key), client(app) as http:
+        yield http, engine, key
+
+
+def served_answer(model: str, served: list[int], tokens: int) -> dict[str, Any]:
+    """A chat completion of `tokens` output tokens of `model` (and 10 input), noted in
+    `served`."""
+    served.append(tokens)
+    usage = {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": 0}
+    return {"id": "c", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [], "usage": usage}  # fmt: skip
+
+
+def decoding_host(decode: Callable[[Request, bytes], bytes]) -> tuple[FastAPI, list[int]]:
+    """A host that reads its request body as `decode` turns it into JSON (`ChatRequest`) and
+    answers with all the output tokens it asked for; and the list of what it served."""
+    served: list[int] = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def host(request: Request) -> dict[str, Any]:
+        asked = ChatRequest.model_validate_json(decode(request, await request.body()))
+        return served_answer(asked.model, served, asked.max_tokens or 0)
+
+    return app, served
+
+
+ASKED_100K = json.dumps({"model": "gpt-4o", "max_tokens": 100_000, "messages": []}).encode()
+
+
 async def _spend(
     app: FastAPI,
     upstream: Upstream,
@@ -167,13 +219,8 @@ async def test_an_output_limit_the_app_reads_leniently_is_reserved_as_the_app_re
     one request's own overrun."""
     upstream = Upstream()
     app = lenient_app(make_settings(pricing_file=pricing_file), upstream)
-    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
-    async with running(app):
-        limit = 0.02  # each request is served 20,000 tokens: $0.02
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": limit, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    limit = 0.02  # each request is served 20,000 tokens: $0.02
+    async with started(app, limit) as (engine, key):
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], **spelled}
         admitted, refused = await _spend(app, upstream, body, key.value, 30)
         spent = engine.registry.windows["budget"][key.budgets[0].id].value / 1e9
@@ -196,12 +243,7 @@ async def test_a_chat_answer_re_serialized_by_the_sdk_is_charged_at_the_tier_it_
     upstream = Upstream()
     upstream.served_tier = served
     app = lenient_app(make_settings(), upstream)
-    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
-    async with running(app):
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 100, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    async with started(app, 100) as (engine, key):
         body = {
             "model": "gpt-5",
             "messages": [{"role": "user", "content": "hi"}],
@@ -238,12 +280,7 @@ async def test_a_provider_header_does_not_unprice_a_model_the_pricing_file_price
         json.dumps({"models": {f"openai/{model}": {"input_per_mtok": 0, "output_per_mtok": 10}}})
     )
     app = host_app(make_settings(pricing_file=path))
-    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
-    async with running(app):
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    async with started(app, 1) as (engine, key):
         charged = []
         async with client(app) as http:
             for provider in (None, "acme-gateway"):
@@ -406,13 +443,8 @@ async def test_a_batch_of_prompts_is_reserved_for_a_completion_of_each(
     requests at once of 20 prompts of 1,000 tokens ($0.02 each) on a $0.02 budget."""
     upstream = Upstream()
     app = completions_app(make_settings(pricing_file=pricing_file), upstream)
-    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
-    async with running(app):
-        limit = 0.02
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": limit, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    limit = 0.02
+    async with started(app, limit) as (engine, key):
         body = {"model": "gpt-4o", "prompt": prompt, "max_tokens": 1000}
         upstream.gate.clear()
         async with client(app) as http:
@@ -492,12 +524,7 @@ async def test_a_stream_without_usage_in_chinese_is_estimated_a_token_a_characte
     """4,000 characters of Chinese, about 4,000 tokens, streamed without usage: the estimate
     counts a character beyond ASCII as a token, not a quarter of one."""
     app = cjk_app(make_settings(pricing_file=pricing_file))
-    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
-    async with running(app):
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    async with started(app, 1) as (engine, key):
         body = {
             "model": "gpt-4o",
             "messages": [{"role": "user", "content": "hi"}],
@@ -556,13 +583,8 @@ async def test_requests_without_an_output_limit_overrun_together(
     makes (4,096 here; 16,384 for gpt-4o at most): 100 at once pass a budget together."""
     upstream = Upstream()
     app = lenient_app(make_settings(pricing_file=pricing_file), upstream)
-    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
-    async with running(app):
-        limit = 0.02
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": limit, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    limit = 0.02
+    async with started(app, limit) as (engine, key):
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
         admitted, refused = await _spend(app, upstream, body, key.value, 100)
         total = spent(engine, key.budgets[0].id) / 1e9
@@ -629,12 +651,7 @@ async def test_a_background_response_is_charged_what_it_makes(
     meanwhile (100,000 output tokens) is fetched by a GET, which is not metered: it was charged
     its prompt's estimate ($0.00), and is charged its most output now."""
     app = responses_app(make_settings(pricing_file=pricing_file), 0)
-    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
-    async with running(app):
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    async with started(app, 1) as (engine, key):
         body = {"model": "gpt-4o", "input": "hi", "max_output_tokens": 100_000}
         async with client(app) as http:
             queued = await http.post(
@@ -661,13 +678,8 @@ async def test_requests_continuing_a_stored_conversation_overrun_together(
         json.dumps({"models": {"openai/gpt-4o": {"input_per_mtok": 1, "output_per_mtok": 1}}})
     )
     app = responses_app(make_settings(pricing_file=path), 100_000)
-    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
-    async with running(app):
-        limit = 0.1
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": limit, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    limit = 0.1
+    async with started(app, limit) as (engine, key):
         body = {"model": "gpt-4o", "input": "go on", "previous_response_id": "resp_0",
                 "max_output_tokens": 10}  # fmt: skip
         admitted, _ = await _spend(app, app.state.upstream, body, key.value, 30, "/v1/responses")
@@ -721,13 +733,7 @@ async def test_a_call_out_for_a_caller_without_a_key_is_refused_when_keys_are_re
             return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
         return {"summary": "done"}
 
-    app.add_middleware(BudgetMiddleware, settings=settings)
-    engine = get_engine(settings)
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="alice", budgets=[{"max_limit": 0.000001, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    async with metered(app, settings, 0.000001, "alice") as (http, engine, key):
         headers = {"x-budget-key": key.value}
         first = await http.post("/summarize", json={"text": "hi"}, headers=headers)
         spent_key = await http.post("/summarize", json={"text": "hi"}, headers=headers)
@@ -863,12 +869,7 @@ async def test_odd_streams_are_charged_what_they_served_once(
 ) -> None:
     path, events, output = STREAMS[name]
     app = sse_app(make_settings(pricing_file=pricing_file), events, path)
-    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
-    async with running(app):
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    async with started(app, 1) as (engine, key):
         model = "claude-sonnet-4-5" if path == "/v1/messages" else "gpt-4o"
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 1000, "stream": True}  # fmt: skip
@@ -1003,13 +1004,8 @@ async def test_bodies_read_as_the_app_reads_them(
     budget stay within it plus one request."""
     upstream = Upstream()
     app = lenient_app(make_settings(pricing_file=pricing_file), upstream)
-    engine = get_engine(next(m.kwargs["settings"] for m in app.user_middleware))
-    async with running(app):
-        limit = 0.02
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": limit, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    limit = 0.02
+    async with started(app, limit) as (engine, key):
         upstream.gate.clear()
         headers = {"x-budget-key": key.value, "content-type": "application/json"}
         async with client(app) as http:
@@ -1069,14 +1065,8 @@ async def test_a_body_forwarded_as_is_through_the_transport_is_reserved_as_the_u
         )
         return JSONResponse(sent.json(), status_code=sent.status_code)
 
-    app.add_middleware(BudgetMiddleware, settings=settings)
-    engine = get_engine(settings)
-    async with running(app):
-        limit = 0.02
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": limit, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    limit = 0.02
+    async with metered(app, settings, limit) as (_, engine, key):
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], **spelled}
         admitted, _ = await _spend(app, upstream, body, key.value, 30, "/proxy")
         total = spent(engine, key.budgets[0].id) / 1e9
@@ -1129,13 +1119,7 @@ async def test_a_path_a_proxy_forwards_to_an_inference_path_is_metered(
         return Response(sent.content, status_code=sent.status_code, media_type=kind)
 
     settings = make_settings(pricing_file=pricing_file)
-    app.add_middleware(BudgetMiddleware, settings=settings)
-    engine = get_engine(settings)
-    async with running(app):
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        await engine.invalidate()
+    async with metered(app, settings) as (_, engine, key):
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 1000}  # fmt: skip
         status = await asgi_post(app, path, json.dumps(body).encode(), key.value)
@@ -1191,18 +1175,10 @@ async def test_a_body_nested_deeper_than_the_middleware_reads_is_refused_not_ser
         raw = await request.body()  # as the provider reads it: model and limit, however deep
         found = re.search(rb'"model":"([^"]+)".*"max_tokens":(\d+)', raw)
         assert found is not None
-        served.append(int(found[2]))
-        usage = {"prompt_tokens": 10, "completion_tokens": served[-1], "total_tokens": 0}
-        return {"id": "c", "object": "chat.completion", "created": 0, "model": "gpt-4o",
-                "choices": [], "usage": usage}  # fmt: skip
+        return served_answer("gpt-4o", served, int(found[2]))
 
     settings = make_settings(pricing_file=pricing_file)
-    app.add_middleware(BudgetMiddleware, settings=settings)
-    engine = get_engine(settings)
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 0.001, "reset_duration": "1d"}]
-        )
+    async with metered(app, settings, 0.001) as (http, engine, key):
         deep = "[" * 1100 + "]" * 1100
         body = (
             '{"model":"gpt-4o","max_tokens":1000000,"messages":[{"role":"user","content":"hi"}],'
@@ -1253,32 +1229,18 @@ async def test_a_gzip_body_that_does_not_decode_is_refused_not_served_free(
     import gzip
     import zlib
 
-    served: list[int] = []
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def host(request: Request) -> dict[str, Any]:
-        raw = await request.body()
+    def decode(request: Request, raw: bytes) -> bytes:
         if request.headers.get("content-encoding") == "gzip":
             raw = zlib.decompressobj(wbits=47).decompress(raw)  # the trailer left unchecked
-        asked = ChatRequest.model_validate_json(raw)
-        served.append(asked.max_tokens or 0)
-        usage = {"prompt_tokens": 10, "completion_tokens": served[-1], "total_tokens": 0}
-        return {"id": "c", "object": "chat.completion", "created": 0, "model": asked.model,
-                "choices": [], "usage": usage}  # fmt: skip
+        return raw
 
-    body = json.dumps({"model": "gpt-4o", "max_tokens": 100_000, "messages": []}).encode()
-    whole = gzip.compress(body)
+    app, served = decoding_host(decode)
+    whole = gzip.compress(ASKED_100K)
     answers: dict[str, list[Any]] = {}
     for mode in ("enforce", "shadow"):
         settings = make_settings(pricing_file=pricing_file, mode=mode)
         host_app = FastAPI(routes=app.routes)
-        host_app.add_middleware(BudgetMiddleware, settings=settings)
-        engine = get_engine(settings)
-        async with running(host_app), client(host_app) as http:
-            key = engine.manager.create_virtual_key(
-                name=f"k-{mode}", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-            )
+        async with metered(host_app, settings, name=f"k-{mode}") as (http, engine, key):
             answers[mode] = [
                 await http.post(
                     "/v1/chat/completions",
@@ -1314,31 +1276,17 @@ async def test_a_content_encoding_sent_on_two_lines_is_read_as_one_list(
     100,000 tokens of gpt-4o."""
     import gzip
 
-    served: list[int] = []
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def host(request: Request) -> dict[str, Any]:
-        raw = await request.body()
+    def decode(request: Request, raw: bytes) -> bytes:
         if "gzip" in request.headers.getlist("content-encoding"):  # FastAPI's `GzipRequest`
             raw = gzip.decompress(raw)
-        asked = ChatRequest.model_validate_json(raw)
-        served.append(asked.max_tokens or 0)
-        usage = {"prompt_tokens": 10, "completion_tokens": served[-1], "total_tokens": 0}
-        return {"id": "c", "object": "chat.completion", "created": 0, "model": asked.model,
-                "choices": [], "usage": usage}  # fmt: skip
+        return raw
 
+    app, served = decoding_host(decode)
     settings = make_settings(pricing_file=pricing_file)
-    app.add_middleware(BudgetMiddleware, settings=settings)
-    engine = get_engine(settings)
-    body = json.dumps({"model": "gpt-4o", "max_tokens": 100_000, "messages": []}).encode()
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
+    async with metered(app, settings) as (http, engine, key):
         headers = [("x-budget-key", key.value), *(("content-encoding", v) for v in lines)]
         answer = await http.post(
-            "/v1/chat/completions", content=gzip.compress(body), headers=headers
+            "/v1/chat/completions", content=gzip.compress(ASKED_100K), headers=headers
         )
         charged = spent(engine, key.budgets[0].id) / 1e9
     print(f"content-encoding {lines}: {answer.status_code}, served {served} tokens of gpt-4o "
@@ -1401,28 +1349,15 @@ async def test_a_body_in_a_coding_the_middleware_cannot_read_is_refused_not_serv
     import bz2
     import gzip
 
-    served: list[int] = []
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def host(request: Request) -> dict[str, Any]:
-        raw = await request.body()
+    def decode(request: Request, raw: bytes) -> bytes:
         coding = request.headers.get("content-encoding")
         decoded = {"bzip2": bz2.decompress, "gzip": gzip.decompress}.get(coding or "", bytes)
-        asked = ChatRequest.model_validate_json(decoded(raw))
-        served.append(asked.max_tokens or 0)
-        usage = {"prompt_tokens": 10, "completion_tokens": served[-1], "total_tokens": 0}
-        return {"id": "c", "object": "chat.completion", "created": 0, "model": asked.model,
-                "choices": [], "usage": usage}  # fmt: skip
+        return decoded(raw)
 
+    app, served = decoding_host(decode)
     settings = make_settings(pricing_file=pricing_file)
-    app.add_middleware(BudgetMiddleware, settings=settings)
-    engine = get_engine(settings)
-    body = json.dumps({"model": "gpt-4o", "max_tokens": 100_000, "messages": []}).encode()
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
+    body = ASKED_100K
+    async with metered(app, settings) as (http, engine, key):
         statuses = {}
         for coding, content in (("bzip2", bz2.compress(body)), ("utf-8", body),
                                 ("gzip", gzip.compress(body))):  # fmt: skip
@@ -1441,6 +1376,19 @@ async def test_a_body_in_a_coding_the_middleware_cannot_read_is_refused_not_serv
     assert "content-encoding 'bzip2'" in refused.json()["error"]["message"]  # the coding sent
     assert refused.headers["accept-encoding"] == "gzip, deflate"
     assert charged == sum(served) / 1e6 == 0.2
+
+
+async def streamed(
+    app: FastAPI, settings: BudgetSettings, spelled: Any, output: int
+) -> tuple[httpx.Response, int]:
+    """The answer to a request for `output` tokens of gpt-4o with `"stream": spelled` (`metered`)
+    and what its key was charged (nano-dollars)."""
+    async with metered(app, settings) as (http, engine, key):
+        body = {"model": "gpt-4o", "messages": [], "max_tokens": output, "stream": spelled}
+        answer = await http.post(
+            "/v1/chat/completions", json=body, headers={"x-budget-key": key.value}
+        )
+        return answer, spent(engine, key.budgets[0].id)
 
 
 class StreamRequest(BaseModel):
@@ -1488,17 +1436,7 @@ async def test_a_stream_flag_the_app_reads_leniently_is_metered_as_the_stream_it
         return StreamingResponse(words())
 
     settings = make_settings(pricing_file=pricing_file)
-    app.add_middleware(BudgetMiddleware, settings=settings)
-    engine = get_engine(settings)
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        body = {"model": "gpt-4o", "messages": [], "max_tokens": output, "stream": spelled}
-        answer = await http.post(
-            "/v1/chat/completions", json=body, headers={"x-budget-key": key.value}
-        )
-        charged = spent(engine, key.budgets[0].id)
+    answer, charged = await streamed(app, settings, spelled, output)
     print(f"stream {spelled!r}: charged {charged} nano-dollars, expected {output * 1000}")
     assert answer.status_code == 200 and answer.text.count("word") == output
     assert '"choices": []' not in answer.text  # the usage chunk it did not ask for
@@ -1536,17 +1474,7 @@ async def test_a_stream_an_app_serves_for_any_truthy_flag_is_charged_what_it_str
         return StreamingResponse(words())
 
     settings = make_settings(pricing_file=pricing_file)
-    app.add_middleware(BudgetMiddleware, settings=settings)
-    engine = get_engine(settings)
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        body = {"model": "gpt-4o", "messages": [], "max_tokens": output, "stream": spelled}
-        answer = await http.post(
-            "/v1/chat/completions", json=body, headers={"x-budget-key": key.value}
-        )
-        charged = spent(engine, key.budgets[0].id)
+    answer, charged = await streamed(app, settings, spelled, output)
     print(f"stream {spelled!r}: charged {charged} nano-dollars, expected {output * 1000}")
     assert answer.status_code == 200 and answer.text.count("word") == output
     assert charged == output * 1000  # $1 a million output tokens

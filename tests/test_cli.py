@@ -1800,6 +1800,15 @@ def test_a_model_config_entry_both_global_and_of_a_key_is_refused_naming_it(
 # -- what a new user meets first -------------------------------------------------------------------
 
 
+def check_and_apply(store: dict[str, str], file: Path) -> tuple[Result, Result, Result]:
+    """`config check` of `file`, with `--json`, and `config apply`, run at once (and printed)."""
+    checked, as_json, applied = cli_many(
+        store, [f"config check {file}", f"config check {file} --json", f"config apply {file}"]
+    )
+    print(checked.code, checked.out.strip(), "|", checked.err.strip(), "|", applied.err.strip())
+    return checked, as_json, applied
+
+
 def test_config_check_says_which_references_it_could_not_check(
     store: dict[str, str], tmp_path: Path, here: Here
 ) -> None:
@@ -1813,10 +1822,7 @@ def test_config_check_says_which_references_it_could_not_check(
         "teams:\n  - name: research\n    customer: ghost\n  - name: dev\n    customer: acme\n"
         "virtual_keys:\n  - name: bot\n    team: dev\n"
     )
-    checked, as_json, applied = cli_many(
-        store, [f"config check {file}", f"config check {file} --json", f"config apply {file}"]
-    )
-    print(checked.code, checked.out.strip(), "|", checked.err.strip(), "|", applied.err.strip())
+    checked, as_json, applied = check_and_apply(store, file)
     assert "customer 'ghost' is neither a name nor an id" in applied.failed_on_one_line()
     assert ok(checked).out == (
         f"{file} is valid: customers: 1, teams: 2, virtual keys: 1 (1 unchecked: see the "
@@ -1848,10 +1854,7 @@ def test_config_check_says_it_could_not_check_a_reference_by_id(
         "model_configs:\n  - model_name: gpt-4o\n    scope: virtual_key\n"
         "    scope_id: ghost-key\n"
     )
-    checked, as_json, applied = cli_many(
-        store, [f"config check {file}", f"config check {file} --json", f"config apply {file}"]
-    )
-    print(checked.code, checked.out.strip(), "|", checked.err.strip(), "|", applied.err.strip())
+    checked, as_json, applied = check_and_apply(store, file)
     assert "customer 'ghost-id' not found" in applied.failed_on_one_line()
     assert ok(checked).out == (
         f"{file} is valid: teams: 1, virtual keys: 1, model configs: 1 (3 unchecked: see the "

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from budget_middleware import BudgetSettings
@@ -27,6 +29,7 @@ from test_redis_windows import (
     MODEL,
     auth,
     client,
+    dollar_key,
     host,
     spend,
     spend_until_refused,
@@ -35,7 +38,9 @@ from test_redis_windows import (
 )
 
 
-def engines(tmp_path: Path, clock: Clock, count: int, **settings: Any) -> list[BudgetEngine]:
+def priced(tmp_path: Path, **settings: Any) -> BudgetSettings:
+    """Settings of a SQLite store in `tmp_path` where a request costs $0.01 (`MODEL`'s 10 output
+    tokens at $1000 per million), flushed every 0.05 s unless `settings` say otherwise."""
     prices = tmp_path / "prices.json"
     prices.write_text(
         json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
@@ -44,10 +49,42 @@ def engines(tmp_path: Path, clock: Clock, count: int, **settings: Any) -> list[B
         "database_url": f"sqlite:///{tmp_path / 'store.db'}",
         "pricing_file": prices,
         "flush_interval_seconds": 0.05,
-        "cache_ttl_seconds": 0.2,
         **settings,
     }
-    return [BudgetEngine(BudgetSettings(**values), clock=clock) for _ in range(count)]
+    return BudgetSettings(**values)
+
+
+def engines(tmp_path: Path, clock: Clock, count: int, **settings: Any) -> list[BudgetEngine]:
+    values = {"cache_ttl_seconds": 0.2, **settings}
+    return [BudgetEngine(priced(tmp_path, **values), clock=clock) for _ in range(count)]
+
+
+@asynccontextmanager
+async def serving(
+    tmp_path: Path, clock: Clock, count: int, duration: str = "1d"
+) -> AsyncIterator[tuple[list[BudgetEngine], list[httpx.AsyncClient], str, str]]:
+    """`count` instances (`engines`) serving the host app, a client of each, and a key with a $1
+    budget reset every `duration` (`dollar_key`): its value and its budget's id."""
+    instances = engines(tmp_path, clock, count)
+    apps = [host(engine) for engine in instances]
+    async with AsyncExitStack() as stack:
+        for app in apps:
+            await stack.enter_async_context(running(app))
+        clients = [await stack.enter_async_context(client(app)) for app in apps]
+        yield instances, clients, *dollar_key(instances[0], duration)
+
+
+async def after_the_reset(
+    engine: BudgetEngine, http: httpx.AsyncClient, key: str, budget_id: str, *others: BudgetEngine
+) -> tuple[int, int, str, int]:
+    """Once a budget was reset: what the store holds when `engine` has written it; then, the
+    live counter having re-read the store, how many requests fit, the code of the refusal that
+    ended them, and what the store holds when every engine has written what it holds."""
+    await engine.flush()
+    stored = stored_spend(engine, budget_id)
+    await asyncio.sleep(0.5)  # the live counter re-reads the store
+    admitted, code = await spend_until_refused(http, key)
+    return stored, admitted, code, await written_spend(budget_id, engine, *others)
 
 
 async def seen_by(
@@ -77,16 +114,10 @@ async def test_a_clock_stepped_back_does_not_stop_reading_the_other_instances(
     waited for the clock to come back to where it last read: an hour, while the other
     instance spent the budget twice over)."""
     clock = Clock()
-    one, two = engines(tmp_path, clock, 2)
-    one_app, two_app = host(one), host(two)
-    async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
-        key = one.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        budget_id = key.budgets[0].id
-        await spend(a, key.value or "", 1)
+    async with serving(tmp_path, clock, 2) as ((one, two), (a, b), key, budget_id):
+        await spend(a, key, 1)
         clock.advance(-3600)  # NTP steps the clock back an hour
-        await spend(b, key.value or "", 60)
+        await spend(b, key, 60)
         await two.flush()
         seen, waited = await seen_by(one, budget_id, 61 * CENT)
     print(f"stored ${stored_spend(one, budget_id) / 1e9:.2f}, the first instance sees "
@@ -102,23 +133,13 @@ async def test_a_reset_after_the_clock_stepped_back_empties_the_window_everywher
     store kept its window, which began after the moment of the second reset: it answered $0.40
     spent, and once re-read the live counter had it too, and 60 requests fit)."""
     clock = Clock()
-    (engine,) = engines(tmp_path, clock, 1)
-    app = host(engine)
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        budget_id = key.budgets[0].id
+    async with serving(tmp_path, clock, 1) as ((engine,), (http,), key, budget_id):
         engine.manager.reset_budget(budget_id)
-        await spend(http, key.value or "", 40)
+        await spend(http, key, 40)
         await engine.flush()
         clock.advance(-30)  # NTP steps the clock back 30 s
         answered = engine.manager.reset_budget(budget_id).current_usage
-        await engine.flush()
-        stored = stored_spend(engine, budget_id)
-        await asyncio.sleep(0.5)  # the live counter re-reads the store
-        admitted, code = await spend_until_refused(http, key.value or "")
-        spent = await written_spend(budget_id, engine)
+        stored, admitted, code, spent = await after_the_reset(engine, http, key, budget_id)
     print(f"reset answered ${answered:.2f}, stored ${stored / 1e9:.2f}; then {admitted} "
           f"admitted ({code}), ${spent / 1e9:.2f} stored")  # fmt: skip
     assert (answered, stored) == (0, 0)
@@ -133,23 +154,13 @@ async def test_a_reset_after_the_clock_stepped_back_across_a_window_does_not_bri
     new window (it came back in the store, as a window starting where the live counter's had,
     and the live counter took it again from there)."""
     clock = Clock()
-    (engine,) = engines(tmp_path, clock, 1)
-    app = host(engine)
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1h"}]
-        )
-        budget_id = key.budgets[0].id
-        await spend(http, key.value or "", 30)
+    async with serving(tmp_path, clock, 1, "1h") as ((engine,), (http,), key, budget_id):
+        await spend(http, key, 30)
         clock.advance(3600)
-        await spend(http, key.value or "", 40)
+        await spend(http, key, 40)
         clock.advance(-600)  # NTP steps the clock back into the first hour
         engine.manager.reset_budget(budget_id)
-        await engine.flush()
-        stored = stored_spend(engine, budget_id)
-        await asyncio.sleep(0.5)  # the live counter re-reads the store
-        admitted, code = await spend_until_refused(http, key.value or "")
-        spent = await written_spend(budget_id, engine)
+        stored, admitted, code, spent = await after_the_reset(engine, http, key, budget_id)
     print(f"stored ${stored / 1e9:.2f} after the reset; then {admitted} admitted ({code}), "
           f"${spent / 1e9:.2f} stored")  # fmt: skip
     assert stored == 0
@@ -166,15 +177,9 @@ async def test_an_instance_under_steady_load_still_reads_what_the_others_spend(
     steady load never came: the round never reached its refresh (nor its sweep), and the first
     instance kept the budget at what it had seen itself, admitting what the store said was
     spent."""
-    one, two = engines(tmp_path, Clock(), 2)
-    one_app, two_app = host(one), host(two)
-    async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
-        shared = one.manager.create_virtual_key(
-            name="shared", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
+    async with serving(tmp_path, Clock(), 2) as ((one, two), (a, b), shared, budget_id):
+        await spend(a, shared, 1)  # the first instance holds the budget's counter
         own = one.manager.create_virtual_key(name="load")
-        budget_id = shared.budgets[0].id
-        await spend(a, shared.value or "", 1)  # the first instance holds the budget's counter
         load = asyncio.Event()
         served = 0
 
@@ -187,7 +192,7 @@ async def test_an_instance_under_steady_load_still_reads_what_the_others_spend(
         workers = [asyncio.create_task(steady()) for _ in range(8)]
         try:
             await asyncio.sleep(0.3)  # the load under way
-            await spend(b, shared.value or "", 90)
+            await spend(b, shared, 90)
             await two.flush()
             seen, waited = await seen_by(one, budget_id, 91 * CENT, lambda: served > 200)
         finally:
@@ -215,16 +220,7 @@ async def test_the_reset_a_refusal_names_is_when_the_window_has_ended(tmp_path: 
     budget or rate limit was made) was named at the whole second before its end, where the
     request is still refused."""
     clock = FrozenClock()
-    prices = tmp_path / "prices.json"
-    prices.write_text(
-        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
-    )
-    settings = BudgetSettings(
-        database_url=f"sqlite:///{tmp_path / 'store.db'}",
-        pricing_file=prices,
-        flush_interval_seconds=0.05,
-    )
-    engine = BudgetEngine(settings, clock=clock)
+    engine = BudgetEngine(priced(tmp_path), clock=clock)
     spender = engine.manager.create_virtual_key(
         name="spender", budgets=[{"max_limit": 0.01, "reset_duration": "1h"}]
     )
@@ -264,18 +260,12 @@ async def test_a_reset_behind_the_stored_window_s_start_empties_the_window(
     answered $0.50 used and the store kept it: 50 requests fitted after the reset. The new
     window now begins a millisecond after the stored one: $0 answered and stored, 100 fit."""
     clock = Clock()
-    one, two = engines(tmp_path, clock, 2)
-    one_app, two_app = host(one), host(two)
-    async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
-        key = one.manager.create_virtual_key(
-            name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
-        budget_id = key.budgets[0].id
-        await spend(a, key.value or "", 1)
+    async with serving(tmp_path, clock, 2) as ((one, two), (a, b), key, budget_id):
+        await spend(a, key, 1)
         await one.flush()
         clock.advance(10)  # the other instance's clock, 10 s ahead
         two.manager.reset_budget(budget_id)
-        await spend(b, key.value or "", 50)
+        await spend(b, key, 50)
         await two.flush()
         clock.advance(-10)  # this one's
         if through == "an engine":
@@ -284,11 +274,7 @@ async def test_a_reset_behind_the_stored_window_s_start_empties_the_window(
             alone = BudgetManager(Store(one.settings.database_url), one.settings)
             answered = alone.reset_budget(budget_id).current_usage
             alone.store.dispose()
-        await one.flush()
-        stored = stored_spend(one, budget_id)
-        await asyncio.sleep(0.5)  # the live counter re-reads the store
-        admitted, code = await spend_until_refused(a, key.value or "")
-        spent = await written_spend(budget_id, one, two)
+        stored, admitted, code, spent = await after_the_reset(one, a, key, budget_id, two)
     print(f"through {through}: reset answered ${answered:.2f}, stored ${stored / 1e9:.2f}; "
           f"then {admitted} admitted ({code}), ${spent / 1e9:.2f} stored")  # fmt: skip
     assert (answered, stored) == (0, 0)

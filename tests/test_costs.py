@@ -6,7 +6,8 @@ import asyncio
 import gzip
 import json
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -792,9 +793,9 @@ async def test_image_output_in_flight_together_cannot_spend_past_the_budget(
     make_settings: Settings,
 ) -> None:
     """Gemini 2.5 Flash Image draws unasked, at $30 per Mtok of image output (its text $2.50):
-    a request is reserved at the image price, so 60 at once on a $0.10 budget spend no more
-    than the budget and one request. Reserved at the text price (1,400 tokens: $0.0035 where
-    an image answer costs $0.039), 28 were admitted and $1.09 spent."""
+    a request is reserved at the image price, so 60 at once on a $1 budget spend no more than
+    the budget and one request. Reserved at the text price (1,400 tokens: $0.0035 where an
+    image answer costs $0.039), all 60 were admitted and $2.34 spent."""
     usage = {
         "prompt_tokens": 100,
         "completion_tokens": 1390,
@@ -808,30 +809,19 @@ async def test_image_output_in_flight_together_cannot_spend_past_the_budget(
         await asyncio.sleep(0.05)  # in flight together
         return JSONResponse(chat_answer(usage, False, model))
 
-    settings = make_settings()
-    app = BudgetMiddleware(
-        Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])]),
-        settings=settings,
-    )
-    engine = get_engine(settings)
-    body = chat(f"gemini/{model}", max_tokens=1400)
+    path, body = "/v1/chat/completions", chat(f"gemini/{model}", max_tokens=1400)
     each = nanos(
         Usage(input_tokens=100, output_tokens=1390, output_image_tokens=1290), model, "google"
     )
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="alice", budgets=[{"max_limit": 0.1, "reset_duration": "1d"}]
-        )
+    async with budget_of_a_dollar(make_settings, path, provider) as (engine, http, key):
         auth = {"authorization": f"Bearer {key.value}"}
-        answers = await asyncio.gather(
-            *[http.post("/v1/chat/completions", json=body, headers=auth) for _ in range(60)]
-        )
+        answers = await at_once(http, path, body, auth)
         await engine.flush()
         spent = engine.manager.get_budget(key.budgets[0].id).current_usage
     served = [a.status_code for a in answers].count(200)
-    print(f"{model}, 60 at once on $0.10, ${each / 1e9:.6f} each: {served} served, ${spent:.6f}")
+    print(f"{model}, 60 at once on $1, ${each / 1e9:.6f} each: {served} served, ${spent:.6f}")
     assert served >= 1
-    assert spent <= 0.1 + each / 1e9 + 1e-9
+    assert spent <= 1 + each / 1e9 + 1e-9
 
 
 async def test_a_pricing_file_prices_image_tokens_apart(
@@ -1032,6 +1022,16 @@ async def test_a_model_s_fee_a_request_is_charged_with_its_tokens(
     assert want == 300 * 1_000 + 12_000_000  # $1 a million tokens, and the fee
 
 
+DEEP_RESEARCH_USAGE = {  # a Sonar Deep Research answer's usage, as Perplexity counts it
+    "prompt_tokens": 19,
+    "completion_tokens": 7_163,
+    "total_tokens": 7_182,
+    "citation_tokens": 21_218,
+    "num_search_queries": 24,
+    "reasoning_tokens": 84_726,
+}
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_perplexity_s_reasoning_citations_and_searches_are_charged(
     make_settings: Settings, stream: bool
@@ -1042,14 +1042,7 @@ async def test_perplexity_s_reasoning_citations_and_searches_are_charged(
     apart (`reasoning_tokens`, `citation_tokens`, `num_search_queries`; `total_tokens` is prompt +
     completion). An answer that does not report its cost was charged its completion alone:
     $0.057342 of the $0.473956 genai-prices says (8 times less)."""
-    usage = {
-        "prompt_tokens": 19,
-        "completion_tokens": 7_163,
-        "total_tokens": 7_182,
-        "citation_tokens": 21_218,
-        "num_search_queries": 24,
-        "reasoning_tokens": 84_726,
-    }
+    usage = DEEP_RESEARCH_USAGE
     model = "sonar-deep-research"
     answer = chat_answer(usage, stream, model)
     row = await charged_for(make_settings, "/v1/chat/completions", f"perplexity/{model}", answer)
@@ -1078,14 +1071,7 @@ async def test_a_pricing_file_prices_reasoning_and_citations_apart(
         "web_search_per_k": 5,
     }
     path.write_text(json.dumps({"models": {"perplexity/sonar-deep-research": entry}}))
-    usage = {
-        "prompt_tokens": 19,
-        "completion_tokens": 7_163,
-        "total_tokens": 7_182,
-        "citation_tokens": 21_218,
-        "num_search_queries": 24,
-        "reasoning_tokens": 84_726,
-    }
+    usage = DEEP_RESEARCH_USAGE
     model = "sonar-deep-research"
     row = await charged_for(
         lambda **kw: make_settings(pricing_file=path, **kw),
@@ -1095,6 +1081,43 @@ async def test_a_pricing_file_prices_reasoning_and_citations_apart(
     )
     print("priced by a pricing file: charged", row.cost_nanos, "nano-dollars")
     assert (row.cost_source, row.cost_nanos) == ("pricing_file", 473_956_000)
+
+
+@asynccontextmanager
+async def budget_of_a_dollar(
+    make_settings: Settings, path: str, provider: Callable[..., Any], counters: str = "memory"
+) -> AsyncIterator[tuple[BudgetEngine, httpx.AsyncClient, Any]]:
+    """`provider` served at `path` behind the middleware (its counters in memory, or in Redis
+    under a prefix of this test's, deleted after), started, with a client, and a key with a $1
+    daily budget."""
+    prefix = unique_prefix()
+    if counters == "redis":
+        need_redis()
+        settings = make_settings(redis_url=REDIS_URL)
+    else:
+        settings = make_settings()
+    app = BudgetMiddleware(
+        Starlette(routes=[Route(path, provider, methods=["POST"])]), settings=settings
+    )
+    engine = get_engine(settings)
+    if counters == "redis":
+        use_prefix(engine, prefix)
+    try:
+        async with running(app), client(app) as http:
+            key = engine.manager.create_virtual_key(
+                name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            yield engine, http, key
+    finally:
+        if counters == "redis":
+            delete_prefix(REDIS_URL, prefix)
+
+
+async def at_once(
+    http: httpx.AsyncClient, path: str, body: dict[str, Any], auth: dict[str, str], count: int = 60
+) -> list[httpx.Response]:
+    """`count` of the same request sent together."""
+    return await asyncio.gather(*[http.post(path, json=body, headers=auth) for _ in range(count)])
 
 
 @pytest.mark.parametrize("reported", [True, False], ids=["cost", "no-cost"])
@@ -1123,22 +1146,12 @@ async def test_perplexity_s_output_apart_is_reserved_as_a_fee(
         await asyncio.sleep(0.05)  # in flight together
         return JSONResponse({"model": "sonar-deep-research", "choices": [], "usage": usage})
 
-    settings = make_settings()
-    app = BudgetMiddleware(
-        Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])]),
-        settings=settings,
-    )
-    engine = get_engine(settings)
     body = chat("perplexity/sonar-deep-research", max_tokens=600)
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
+    path = "/v1/chat/completions"
+    async with budget_of_a_dollar(make_settings, path, provider) as (engine, http, key):
         auth = {"authorization": f"Bearer {key.value}"}
-        first = await http.post("/v1/chat/completions", json=body, headers=auth)  # it tells
-        answers = await asyncio.gather(
-            *[http.post("/v1/chat/completions", json=body, headers=auth) for _ in range(60)]
-        )
+        first = await http.post(path, json=body, headers=auth)  # it tells
+        answers = await at_once(http, path, body, auth)
         await engine.flush()
         spent = engine.manager.get_budget(key.budgets[0].id).current_usage
         charged = (await records(engine))[0].cost_nanos
@@ -2183,41 +2196,19 @@ async def test_server_side_searches_in_flight_together_cannot_spend_past_the_bud
         answer = {"type": "message", "role": "assistant", "content": [], "usage": usage}
         return JSONResponse(answer)
 
-    prefix = unique_prefix()
-    if counters == "redis":
-        need_redis()
-        settings = make_settings(redis_url=REDIS_URL)
-    else:
-        settings = make_settings()
-    app = BudgetMiddleware(
-        Starlette(routes=[Route("/v1/messages", provider, methods=["POST"])]), settings=settings
-    )
-    engine = get_engine(settings)
-    if counters == "redis":
-        use_prefix(engine, prefix)
     body = {
         "model": "claude-sonnet-4-5",
         "max_tokens": 1024,
         "messages": [{"role": "user", "content": "What happened in the news today?"}],
         "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
     }
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
+    path = "/v1/messages"
+    async with budget_of_a_dollar(make_settings, path, provider, counters) as (engine, http, key):
         auth = {"x-api-key": key.value or ""}
-
-        async def at_once() -> list[httpx.Response]:
-            return await asyncio.gather(
-                *[http.post("/v1/messages", json=body, headers=auth) for _ in range(60)]
-            )
-
-        unknown = await at_once()  # none has ended: its cost is not known yet
-        learned = await at_once()  # each reserves the most one cost
+        unknown = await at_once(http, path, body, auth)  # none has ended: its cost not known yet
+        learned = await at_once(http, path, body, auth)  # each reserves the most one cost
         await engine.flush()
         spent = engine.manager.get_budget(key.budgets[0].id).current_usage
-    if counters == "redis":
-        delete_prefix(REDIS_URL, prefix)
     # One request: 20,000 input tokens at $3/Mtok, 200 output at $15/Mtok, 3 searches at $0.01
     each = 20_000 * 3e-6 + 200 * 15e-6 + 3 * 0.01
     first = [a.status_code for a in unknown].count(200)
@@ -2254,41 +2245,19 @@ async def test_stored_prompts_in_flight_together_cannot_spend_past_the_budget(
         }
         return JSONResponse(answer)
 
-    prefix = unique_prefix()
-    if counters == "redis":
-        need_redis()
-        settings = make_settings(redis_url=REDIS_URL)
-    else:
-        settings = make_settings()
-    app = BudgetMiddleware(
-        Starlette(routes=[Route("/v1/responses", provider, methods=["POST"])]), settings=settings
-    )
-    engine = get_engine(settings)
-    if counters == "redis":
-        use_prefix(engine, prefix)
     body = {
         "model": "gpt-5",
         "prompt": {"id": "pmpt_news", "version": "3"},
         "input": "What happened today?",
         "max_output_tokens": 1_000,
     }
-    async with running(app), client(app) as http:
-        key = engine.manager.create_virtual_key(
-            name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
-        )
+    path = "/v1/responses"
+    async with budget_of_a_dollar(make_settings, path, provider, counters) as (engine, http, key):
         auth = {"authorization": f"Bearer {key.value}"}
-
-        async def at_once() -> list[httpx.Response]:
-            return await asyncio.gather(
-                *[http.post("/v1/responses", json=body, headers=auth) for _ in range(60)]
-            )
-
-        unknown = await at_once()  # none has ended: its cost is not known yet
-        learned = await at_once()  # each reserves the most one cost
+        unknown = await at_once(http, path, body, auth)  # none has ended: its cost not known yet
+        learned = await at_once(http, path, body, auth)  # each reserves the most one cost
         await engine.flush()
         spent = engine.manager.get_budget(key.budgets[0].id).current_usage
-    if counters == "redis":
-        delete_prefix(REDIS_URL, prefix)
     # One request: 20,000 input tokens at $1.25/Mtok, 500 output at $10/Mtok, 3 searches at $0.01
     each = 20_000 * 1.25e-6 + 500 * 10e-6 + 3 * 0.01
     first = [a.status_code for a in unknown].count(200)

@@ -7,20 +7,53 @@ minute; a request costs $0.01 (10 output tokens at $1000 per million)."""
 from __future__ import annotations
 
 import asyncio
-import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from budget_middleware import BudgetSettings
 from budget_middleware.engine.engine import BudgetEngine
 from budget_middleware.store.tables import RateLimitRow
 from conftest import REDIS_URL, need_redis
 from service_support import delete_prefix, unique_prefix, use_prefix
 from support import FrozenClock, running
-from test_redis_windows import BODY, MODEL, Held, auth, client, host
+from test_clock_steps import priced
+from test_redis_windows import BODY, Held, auth, client, host
+
+
+@contextmanager
+def rate_limited(
+    tmp_path: Path, counters: str, requests: int
+) -> Iterator[tuple[BudgetEngine, FrozenClock, str, float]]:
+    """An engine on the test's `FrozenClock`, its counters in process or in Redis (under a
+    prefix of this test's, deleted after), with a key allowed `requests` a minute: the engine,
+    the clock, the key, and when its window began (a whole second: [begun, begun + 60))."""
+    clock = FrozenClock()
+    redis: dict[str, Any] = {}
+    if counters == "Redis":
+        need_redis()
+        redis = {"redis_url": REDIS_URL}
+    engine = BudgetEngine(priced(tmp_path, **redis), clock=clock)
+    prefix = unique_prefix()
+    if redis:
+        use_prefix(engine, prefix)
+    key = engine.manager.create_virtual_key(
+        name="k", rate_limit={"request_max_limit": requests, "request_reset_duration": "1m"}
+    )
+    begun = float(int(clock()))
+    with engine.store.session() as s:
+        row = s.get(RateLimitRow, key.rate_limit.id)
+        assert row is not None
+        row.request_last_reset = datetime.fromtimestamp(begun, UTC)
+        s.commit()
+    try:
+        yield engine, clock, key.value or "", begun
+    finally:
+        if redis:
+            delete_prefix(REDIS_URL, prefix)
 
 
 @pytest.mark.parametrize("counters", ["in process", "Redis"])
@@ -33,46 +66,17 @@ async def test_the_reset_header_of_a_request_its_window_rolled_under_is_its_wind
     reset). In process the headers are the window admission found, from then: 10s. Admitted by
     Redis they are the local counters as they are at the answer (4 left of the next window):
     50s from then, as the next window's own request is told."""
-    clock = FrozenClock()
-    prices = tmp_path / "prices.json"
-    prices.write_text(
-        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
-    )
-    redis: dict[str, Any] = {}
-    if counters == "Redis":
-        need_redis()
-        redis = {"redis_url": REDIS_URL}
-    settings = BudgetSettings(
-        database_url=f"sqlite:///{tmp_path / 'store.db'}",
-        pricing_file=prices,
-        flush_interval_seconds=0.05,
-        **redis,
-    )
-    engine = BudgetEngine(settings, clock=clock)
-    prefix = unique_prefix()
-    if redis:
-        use_prefix(engine, prefix)
-    key = engine.manager.create_virtual_key(
-        name="k", rate_limit={"request_max_limit": 5, "request_reset_duration": "1m"}
-    )
-    begun = float(int(clock()))  # the window begins at a whole second: [begun, begun + 60)
-    with engine.store.session() as s:
-        row = s.get(RateLimitRow, key.rate_limit.id)
-        assert row is not None
-        row.request_last_reset = datetime.fromtimestamp(begun, UTC)
-        s.commit()
     held = Held(1)
-    app = host(engine, held)
-    async with running(app), client(app) as http:
-        clock.now = begun + 50
-        (slow,) = held.requests(http, key.value or "")
-        await asyncio.wait_for(held.all_in.wait(), 10)
-        clock.now = begun + 70  # the next window: [begun + 60, begun + 120)
-        other = await http.post("/v1/chat/completions", json=BODY, headers=auth(key.value or ""))
-        held.gate.set()
-        answer = await slow
-    if redis:
-        delete_prefix(REDIS_URL, prefix)
+    with rate_limited(tmp_path, counters, 5) as (engine, clock, key, begun):
+        app = host(engine, held)
+        async with running(app), client(app) as http:
+            clock.now = begun + 50
+            (slow,) = held.requests(http, key)
+            await asyncio.wait_for(held.all_in.wait(), 10)
+            clock.now = begun + 70  # the next window: [begun + 60, begun + 120)
+            other = await http.post("/v1/chat/completions", json=BODY, headers=auth(key))
+            held.gate.set()
+            answer = await slow
     told = answer.headers["x-ratelimit-reset-requests"]
     print(
         f"{counters}: admitted at +50 s, answered at +70 s: reset {told}, remaining "
@@ -98,56 +102,17 @@ async def test_the_reset_header_after_the_clock_stepped_back_is_when_the_window_
     request. Its `x-ratelimit-reset-requests` said 10s (the end of the window before, which
     +50 s is in), where the window it spent resets 70 s later: a client that came back after
     10 s was refused, `Retry-After: 60`. Now 70s, as the refusal of the next request says."""
-    clock = FrozenClock()
-    prices = tmp_path / "prices.json"
-    prices.write_text(
-        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
-    )
-    redis: dict[str, Any] = {}
-    if counters == "Redis":
-        need_redis()
-        redis = {"redis_url": REDIS_URL}
-    settings = BudgetSettings(
-        database_url=f"sqlite:///{tmp_path / 'store.db'}",
-        pricing_file=prices,
-        flush_interval_seconds=0.05,
-        **redis,
-    )
-    engine = BudgetEngine(settings, clock=clock)
-    prefix = unique_prefix()
-    if redis:
-        use_prefix(engine, prefix)
-    key = engine.manager.create_virtual_key(
-        name="k", rate_limit={"request_max_limit": 2, "request_reset_duration": "1m"}
-    )
-    begun = float(int(clock()))  # the window begins at a whole second: [begun, begun + 60)
-    with engine.store.session() as s:
-        row = s.get(RateLimitRow, key.rate_limit.id)
-        assert row is not None
-        row.request_last_reset = datetime.fromtimestamp(begun, UTC)
-        s.commit()
-    app = host(engine)
-    try:
+    with rate_limited(tmp_path, counters, 2) as (engine, clock, key, begun):
+        app = host(engine)
         async with running(app), client(app) as http:
             clock.now = begun + 70
-            first = await http.post(
-                "/v1/chat/completions", json=BODY, headers=auth(key.value or "")
-            )
+            first = await http.post("/v1/chat/completions", json=BODY, headers=auth(key))
             clock.now = begun + 50  # NTP steps the clock back 20 s
-            second = await http.post(
-                "/v1/chat/completions", json=BODY, headers=auth(key.value or "")
-            )
-            refused = await http.post(
-                "/v1/chat/completions", json=BODY, headers=auth(key.value or "")
-            )
+            second = await http.post("/v1/chat/completions", json=BODY, headers=auth(key))
+            refused = await http.post("/v1/chat/completions", json=BODY, headers=auth(key))
             told = second.headers["x-ratelimit-reset-requests"]
             clock.now = begun + 50 + int(told.rstrip("s"))  # back when the header said
-            again = await http.post(
-                "/v1/chat/completions", json=BODY, headers=auth(key.value or "")
-            )
-    finally:
-        if redis:
-            delete_prefix(REDIS_URL, prefix)
+            again = await http.post("/v1/chat/completions", json=BODY, headers=auth(key))
     print(
         f"{counters}: at +70 s reset {first.headers['x-ratelimit-reset-requests']}; the clock "
         f"stepped back to +50 s: reset {told}, remaining "
@@ -179,13 +144,8 @@ async def test_an_answer_s_limit_headers_read_the_clock_only_for_a_window_begun_
             return self.now
 
     clock = Counted()
-    prices = tmp_path / "prices.json"
-    prices.write_text(
-        json.dumps({"models": {MODEL: {"input_per_mtok": 0, "output_per_mtok": 1000}}})
-    )
-    settings = BudgetSettings(
-        database_url=f"sqlite:///{tmp_path / 'store.db'}",
-        pricing_file=prices,
+    settings = priced(
+        tmp_path,
         flush_interval_seconds=3600,  # no background round reads the clock meanwhile
         cache_ttl_seconds=3600,
     )
