@@ -1602,6 +1602,73 @@ def test_a_new_status_before_any_body_is_the_answer_measured(
         assert measured == [(500, False, False)]
 
 
+@pytest.mark.parametrize("how", ["chunk", "write"])
+def test_a_new_status_after_bytes_held_back_is_charged_as_the_stream_cut(
+    make_settings: Settings, how: str
+) -> None:
+    """A relayed stream (no usage asked: the middleware holds an event until its end) whose
+    provider fails within its first event, and the app then gives a new status,
+    `start_response("502 ...", exc_info)`. A server that sends headers at the first non-empty
+    chunk (PEP 3333, waitress) takes it: the 502 was measured in place of the stream, $0 where
+    the same app raising instead is charged 6,000 nano-USD (its prompt's estimate, as under
+    ASGI). The provider's answer had begun: charged as the stream cut, the client given the
+    502 with our headers."""
+    delta = {"choices": [{"delta": {"content": "hello " * 200}}]}
+    event = b"data: " + json.dumps({"id": "c", "model": "gpt-4o-mini", **delta}).encode()
+
+    def relayed(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        write = start_response("200 OK", [("content-type", "text/event-stream")])
+        if how == "write":
+            write(event)
+        else:
+            yield event
+        try:
+            raise ConnectionError("the provider reset the stream")
+        except ConnectionError:
+            if environ.get("x.restart"):
+                start_response("502 Bad Gateway", [("content-type", "application/json")],
+                               sys.exc_info())  # fmt: skip
+                yield b'{"error": {"message": "the provider failed"}}'
+            else:
+                raise
+
+    middleware = BudgetWSGIMiddleware(relayed, make_settings(flush_interval_seconds=3600))
+    engine = middleware.engine
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    body = json.dumps(chat(stream=True, max_tokens=1000)).encode()
+    charged = {}
+    given: list[tuple[str, dict[str, str]]] = []
+    sent: list[bytes] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        if exc_info is not None and sent:  # as a server does (PEP 3333)
+            raise exc_info[1].with_traceback(exc_info[2])
+        given.append((status, dict(headers)))
+        return lambda data: sent.append(data) if data else None
+
+    for restart in (False, True):
+        given.clear()
+        sent.clear()
+        environ = posted(body, key.value or "", **({"x.restart": True} if restart else {}))
+        answer: Any = middleware(environ, start_response)
+        try:
+            sent.extend(chunk for chunk in answer if chunk)
+        except ConnectionError:
+            sent.append(b"<the server gave up>")
+        answer.close()
+        row = records(engine)[-1]
+        charged[restart] = (row["status"], row["outcome"], row["estimated"], row["cost_nanos"])
+        told = "restarted as a 502" if restart else "raised"
+        statuses = [status for status, _ in given]
+        print(f"{how}, {told}: statuses given {statuses}, sent {sent}; charged {charged[restart]}")
+    assert given[-1][0].startswith("502") and "x-budget-limit" in given[-1][1]
+    assert sent == [b'{"error": {"message": "the provider failed"}}']
+    assert charged[False] == (200, "upstream_error", 1, 6_000)
+    assert charged[True] == charged[False]
+
+
 # A forking script's start: a WSGI app answering a chat completion, and `call(key)`, one request
 # through `middleware` (the script's), giving its status and the seconds it took.
 _FORK_PRELUDE = r"""

@@ -6,6 +6,7 @@ Each server flushes once an hour: what the store holds after it stops was writte
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -767,3 +768,78 @@ def test_the_wsgi_admin_api_answers_forty_writes_at_once_under_waitress(
     assert writes == [200] * 40 and [s for s, _ in served] == [200]
     assert took < 15
     assert 100 <= limit <= 139
+
+
+RESTARTING_APP = """
+import json, sys
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+from budget_middleware.wsgi import BudgetWSGIMiddleware, create_admin_wsgi_app
+
+DELTA = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+         "choices": [{"delta": {"content": "hello " * 200}}]}
+
+
+def relay(environ, start_response):  # relays a provider's stream, which fails mid-event
+    environ["wsgi.input"].read()
+    start_response("200 OK", [("content-type", "text/event-stream")])
+    yield b"data: " + json.dumps(DELTA).encode()  # an event begun: its end never comes
+    try:
+        raise ConnectionError("the provider reset the stream")
+    except ConnectionError:  # PEP 3333's error pattern: a new status, if none was sent yet
+        start_response("502 Bad Gateway", [("content-type", "application/json")],
+                       sys.exc_info())
+        yield b'{"error": {"message": "the provider failed"}}'
+
+
+app = DispatcherMiddleware(BudgetWSGIMiddleware(relay),
+                           {"/budget-admin": create_admin_wsgi_app()})
+"""
+
+
+@pytest.mark.parametrize("served", ["waitress", "gunicorn gthread"])
+def test_a_stream_restarted_as_a_502_after_its_first_bytes_is_charged_as_a_cut_stream(
+    tmp_path: Path, served: str
+) -> None:
+    """An app relays a stream (no usage asked: the middleware asks for it, and holds an event
+    until its end, to cut that chunk out), the provider fails within its first event, and the
+    app gives a new status, `start_response("502 ...", exc_info)`. Nothing had gone to the
+    server: waitress (which sends headers at the first non-empty chunk, PEP 3333) sent the
+    502, which was measured in place of the stream and charged $0 (`completed`); gunicorn sent
+    the 200's headers at the empty chunk, refused the 502, and the same call was charged 5,700
+    nano-USD, a cut stream, as under ASGI. The provider's answer had begun: charged so on both."""
+    url = f"sqlite:///{tmp_path}/restart.db"
+    (tmp_path / "restarting_app.py").write_text(RESTARTING_APP)
+    port = free_port()
+    env = base_env(url, PYTHONPATH=f"{ROOT / 'src'}:{tmp_path}")
+    if served == "waitress":
+        command = [sys.executable, "-m", "waitress", "--threads=4", f"--listen=127.0.0.1:{port}",
+                   "restarting_app:app"]  # fmt: skip
+    else:
+        command = gunicorn(port, "restarting_app:app", tmp_path, threads=4)
+    stop = signal.SIGINT if served == "waitress" else signal.SIGTERM
+    with server(command, env, port, stop=stop) as process:
+        key = make_key(port, "alice", 10**10)
+        body = {**json.loads(BODY), "stream": True, "max_tokens": 1000}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        try:
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
+                         headers={"authorization": f"Bearer {key['value']}"})  # fmt: skip
+            answer = conn.getresponse()
+            status = answer.status
+            with contextlib.suppress(http.client.IncompleteRead):  # gunicorn: the 200 cut
+                answer.read()
+        finally:
+            conn.close()
+        assert stopped(process, stop) == 0
+    store = create_engine(url)
+    try:
+        with store.connect() as conn_:
+            query = "SELECT status, outcome, estimated, cost_nanos FROM bm_usage_records"
+            rows = [tuple(r) for r in conn_.execute(text(query))]
+    finally:
+        store.dispose()
+    print(f"{served}: answered {status}; recorded (status, outcome, estimated, cost) {rows}")
+    assert status == (502 if served == "waitress" else 200)
+    assert [(s, outcome, estimated) for s, outcome, estimated, _ in rows] == [
+        (200, "upstream_error", 1)]  # fmt: skip
+    assert rows[0][3] == 5_700  # its prompt's estimate, as gunicorn and ASGI charge it

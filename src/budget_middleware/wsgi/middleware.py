@@ -707,8 +707,18 @@ class MeteredResponse:
         whatever the app's iteration did: a generator app runs inside the first `next()`),
         and re-raises after: the answer measured is the one the server sends. A server that
         refuses it (sent already, or called again without exc_info: an AssertionError) leaves
-        the answer measured as it was."""
+        the answer measured as it was. One the app had given bytes of (held back: an SSE
+        event's start, which sends nothing) had its provider's answer begun: the server takes
+        the new status, and the answer measured stays the one cut, settled now as an upstream
+        error (as it is where the server refuses the new status, and under ASGI)."""
         exchange = self.exchange
+        if self.wrote:
+            added = [(ADDED_TEXT[n], v.decode("latin-1")) for n, v in exchange.headers_added()]
+            out = [*replaced(list(headers), added, ADDED_TEXT_NAMES, str.lower), *added]
+            self.write_ = self.start(status, out, exc_info)
+            self.failed = self.done = True  # what follows is the new answer's: not measured
+            self.settle(self.cut())
+            return self.write
         kept = (exchange.status, exchange.stream, exchange.decoder, exchange.unreadable,
                 exchange.header_cost, exchange.left_out)  # fmt: skip
         exchange.stream = exchange.decoder = exchange.unreadable = None
