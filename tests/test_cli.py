@@ -460,6 +460,25 @@ async def test_config_check_and_apply(store: dict[str, str], tmp_path: Path, her
     assert await _requests(store, "sk-bm-from-the-config-file") == [200]
 
 
+async def test_a_key_the_config_file_declares_without_a_value_is_named_with_how_to_get_one(
+    store: dict[str, str], tmp_path: Path, here: Here
+) -> None:
+    """A key declared without `value:` was made with a generated value that nobody was shown:
+    `config apply` printed "virtual keys: 1" and nothing else, and every request presenting
+    the key the operator thought they had made was 401 or served outside its limits. Applying
+    the file now names the entry and the command that gives it a value; that value survives
+    the file's next apply."""
+    path = tmp_path / "budget.yaml"
+    path.write_text("virtual_keys:\n  - name: bot\n    budgets: [{max_limit: 1}]\n")
+    applied = ok(cli(store, f"config apply {path}"))
+    print(repr(applied.err))
+    assert "virtual_keys[0] (bot)" in applied.err and "keys rotate bot" in applied.err
+    value = value_line(ok(here(store, "keys rotate bot")).out)
+    again = ok(cli(store, f"config apply {path}"))
+    assert "keys rotate" not in again.err  # made once: told once
+    assert await _requests(store, value) == [200]
+
+
 # -- on a running admin API --------------------------------------------------------------------
 
 
@@ -1630,6 +1649,22 @@ def test_a_stored_name_s_control_characters_never_reach_the_terminal(
         print(repr(out))
         assert "\x1b" not in out and "\x07" not in out
     assert "acme?]0;PWNED??x" in ok(here(store, "customers list")).out
+
+
+def test_a_stored_name_s_bidi_override_is_not_shown_reordering_the_line(
+    store: dict[str, str], here: Here
+) -> None:
+    """A name with U+202E (right-to-left override), stored before it was refused, was printed
+    as is: `alice\u202egnp.exe` reads "aliceexe.png" in a terminal that reorders, and the rest
+    of the table's line with it. Shown with "?" for it, as a control character is."""
+    import sqlite3
+
+    ok(here(store, "keys create --name alice"))
+    with sqlite3.connect(store["BUDGET_DATABASE_URL"].removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE bm_virtual_keys SET name = ?", ("alice\u202egnp.exe",))
+    out = ok(here(store, "keys list")).out
+    print(repr(out))
+    assert "\u202e" not in out and "alice?gnp.exe" in out
 
 
 def _run_in(

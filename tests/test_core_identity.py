@@ -190,6 +190,8 @@ def test_clean_text_bounds_and_replaces_unprintable_characters() -> None:
     assert clean_text("👩\u200d💻", 3) == "👩\u200d💻"
     assert clean_text("x\u2028y\u2029\ud800\x85\x7f", 10) == "x?y????"
     assert clean_text("a\u00a0\x00b", 3) == "a\u00a0?"
+    # The bidi embeddings, overrides and isolates, which reorder what is shown around them.
+    assert clean_text("alice\u202egnp.exe\u2066\u2069", 20) == "alice?gnp.exe??"
 
 
 def test_a_name_the_admin_side_takes_is_one_a_request_can_carry() -> None:

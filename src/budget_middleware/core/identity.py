@@ -276,7 +276,9 @@ MAX_PATH_KEPT = 256  # a longer path's provider and model are worked out, not re
 # (`clean_text`), so that limits on such a name never applied; nor, at either end, a space
 # (what `str.strip` removes: a request's is read trimmed). NAME_PATTERN says it in the OpenAPI
 # document, exactly (`name_problem`'s rule): a name valid by the document is never refused.
-_CONTROLS = "\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029"
+# The bidi embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069) count as controls:
+# shown, they reorder the text around them (`alice\u202egnp.exe` reads "aliceexe.png").
+_CONTROLS = "\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069"
 _SPACES = "\\u0020\\u00a0\\u1680\\u2000-\\u200a\\u202f\\u205f\\u3000"  # the others are controls
 NAME_PATTERN = f"^(?:[^{_CONTROLS}{_SPACES}](?:[^{_CONTROLS}]*[^{_CONTROLS}{_SPACES}])?)?$"
 CONTROL = re.compile(f"[{_CONTROLS}]")

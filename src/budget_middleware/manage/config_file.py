@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -1064,6 +1065,14 @@ class _Loader:
             if section == "virtual_keys":
                 value = body.get("value")
                 self._gave_value(made.id, _NO_VALUE if value is None else hash_key(value))
+                if value is None:  # generated, and shown to nobody: no request can present it
+                    logger.warning(
+                        "budget-middleware: %s: the entry declares no value: the key was made "
+                        "with a generated one that is shown to nobody; give it one with "
+                        "`budget-middleware keys rotate %s` (printed once; the file keeps it) "
+                        "or a `value:` in the file",
+                        where, shlex.quote(name),
+                    )  # fmt: skip
             return
         self.declared[table, name] = row.id
         self.seen.add((table, row.id))

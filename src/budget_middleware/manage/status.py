@@ -73,46 +73,48 @@ def current_usage(usage: int, last_reset: datetime, start: datetime) -> int:
 
 
 class Paths:
-    """Owners' places in the hierarchy by name, read once per answer."""
+    """Owners' places in the hierarchy by name, read once per answer: a table's first owner
+    by its id alone, every row of it once a second one is asked for (a list). Reading every
+    customer to name one made each create O(store): `config apply` of 3,000 customers 83 s."""
 
     def __init__(self, session: Session) -> None:
         self.s = session
-        self._customers: dict[str, str] | None = None
-        self._teams: dict[str, TeamRow] | None = None
-        self._keys: dict[str, VirtualKeyRow] | None = None
+        self._all: dict[type[Any], dict[str, Any]] = {}
+        self._first: dict[type[Any], tuple[str, Any]] = {}
 
-    def _customer_names(self) -> dict[str, str]:
-        if self._customers is None:
-            self._customers = {c.id: c.name for c in self.s.exec(select(CustomerRow))}
-        return self._customers
-
-    def _team_rows(self) -> dict[str, TeamRow]:
-        if self._teams is None:
-            self._teams = {t.id: t for t in self.s.exec(select(TeamRow))}
-        return self._teams
-
-    def _key_rows(self) -> dict[str, VirtualKeyRow]:
-        if self._keys is None:
-            self._keys = {k.id: k for k in self.s.exec(select(VirtualKeyRow))}
-        return self._keys
+    def _row(self, table: type[Any], id_: str | None) -> Any:
+        if not id_:
+            return None
+        rows = self._all.get(table)
+        if rows is not None:
+            return rows.get(id_)
+        first = self._first.get(table)
+        if first is None:
+            row = self.s.get(table, id_)
+            self._first[table] = (id_, row)
+            return row
+        if first[0] == id_:
+            return first[1]
+        rows = self._all[table] = {r.id: r for r in self.s.exec(select(table))}
+        return rows.get(id_)
 
     def customer(self, id_: str | None) -> str:
-        name = self._customer_names().get(id_ or "")
-        return f"/{name}" if name else ""
+        customer: CustomerRow | None = self._row(CustomerRow, id_)
+        return f"/{customer.name}" if customer else ""
 
     def team(self, id_: str | None) -> str:
-        team = self._team_rows().get(id_ or "")
+        team: TeamRow | None = self._row(TeamRow, id_)
         return f"{self.customer(team.customer_id)}/{team.name}" if team else ""
 
     def key(self, id_: str | None) -> str:
-        key = self._key_rows().get(id_ or "")
+        key: VirtualKeyRow | None = self._row(VirtualKeyRow, id_)
         if key is None:
             return ""
         parent = self.team(key.team_id) if key.team_id else self.customer(key.customer_id)
         return f"{parent}/{key.name}"
 
     def key_name(self, id_: str | None) -> str | None:
-        key = self._key_rows().get(id_ or "")
+        key: VirtualKeyRow | None = self._row(VirtualKeyRow, id_)
         return key.name if key else None
 
     def model(self, rule: ModelConfigRow) -> str:
