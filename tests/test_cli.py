@@ -855,7 +855,8 @@ def test_budgets_list_on_a_running_app_shows_what_requests_in_flight_hold(
     created = ok(cli(server.env, "keys create --name streamer --budget 1/1d", script=True))
     value = value_line(created.out)
     body = chat(stream=True, max_tokens=20)
-    headers = {**_key(value), "x-mock-delay-ms": "150"}  # 20 words: some 3 s in flight
+    # 20 words: some 8 s in flight, for two CLI runs (3 s were too few on a loaded machine)
+    headers = {**_key(value), "x-mock-delay-ms": "400"}
     started = threading.Event()
     statuses: list[int] = []
 
