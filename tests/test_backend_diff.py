@@ -1187,3 +1187,67 @@ async def test_shadow_answers_show_the_usage_new_terms_carried(
     print(f"{counters}: {seen_}")
     assert after.headers["x-budget-shadow-refusal"] == "concurrency_limit_exceeded"
     assert after.headers["x-budget-remaining"] == "0.009000"
+
+
+@pytest.mark.parametrize("counters", ["in process", "Redis"])
+async def test_a_window_behind_the_limit_that_refused_ends_before_the_clock_steps_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counters: str
+) -> None:
+    """A team of one request at a time and OpenAI's 1,000 tokens a 30 s window: 100 tokens
+    spent and written, then a request held open from 1 s in; 100 s in another is refused by
+    the team's slot, and the window sweep ends the stored token window ([+90 s, +120 s)
+    begins); the clock steps back 20 s (NTP) and the held request settles its 415 tokens. The
+    refused request touched the token window: it ended there, in process as on Redis, and the
+    415 tokens count in the window the store holds. In process it was left behind the refusal
+    and rolled after the step back to [+60 s, +90 s), a window older than the store's, which
+    dropped the 415 tokens (0 stored; Redis kept them), and the next answer told it reset in
+    10 s (seed 20163 of the comparison with steps back, narrowed down)."""
+    engine, clock, prefix = one_engine(tmp_path, monkeypatch, counters, flush_interval_seconds=3600)
+    t0 = clock.now
+    team = engine.manager.create_team(name="research", rate_limit={"max_concurrent_requests": 1})
+    engine.manager.create_virtual_key(name="alice", value=KEY, team_id=team.id)
+    engine.manager.put_provider(
+        "openai", rate_limit={"token_max_limit": 1000, "token_reset_duration": "30s"}
+    )
+    host = Host()
+    app = BudgetMiddleware(host, engine=engine)
+    body = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def send(rid: str) -> httpx.Response:
+        headers = {"authorization": f"Bearer {KEY}", "x-test-id": rid}
+        return await http.post("/v1/chat/completions", json=body, headers=headers)
+
+    host.answers["first"] = Answer("json", prompt=0, completion=100)
+    host.answers["held"] = Answer("json", prompt=15, completion=400, hold="before")
+    host.answers["refused"] = Answer("json")
+    host.answers["next"] = Answer("json")
+    try:
+        async with running(app), client_of(app) as http:
+            assert (await send("first")).status_code == 200  # 100 tokens, written
+            await engine.flush()
+            clock.advance(1)
+            held = asyncio.create_task(send("held"))
+            await asyncio.wait_for(host.entered.setdefault("held", asyncio.Event()).wait(), 10)
+            clock.advance(99)
+            refused = await send("refused")
+            await engine.flush()
+            await engine.sweep()
+            clock.advance(-20)  # NTP steps the clock back
+            host.gates.setdefault("held", asyncio.Event()).set()
+            assert (await held).status_code == 200
+            await engine.flush()
+            with engine.store.session() as s:
+                row = s.exec(select(RateLimitRow).where(RateLimitRow.owner_type == "provider"))
+                stored = [(r.token_current_usage, utc(r.token_last_reset).timestamp()) for r in row]
+            answer = await send("next")
+    finally:
+        engine.store.dispose()
+        delete_prefix(REDIS_URL, prefix)
+    tokens, began = stored[0]
+    reset = answer.headers.get("x-ratelimit-reset-tokens")
+    code = refused.json()["error"]["code"]
+    print(f"{counters}: {refused.status_code} {code}; stored {tokens} tokens in the window "
+          f"from +{began - t0:.0f} s; the next answer: reset in {reset}")  # fmt: skip
+    assert code == "concurrency_limit_exceeded"
+    assert (tokens, began - t0) == (415, 90)
+    assert reset == "40s"

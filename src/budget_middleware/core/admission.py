@@ -61,6 +61,18 @@ def _reset_at(counter: WindowCounter) -> float | None:
     return None if counter.end == _NEVER else counter.end
 
 
+def bring_to(limits: LimitSet, now: float, ledger: Ledger) -> None:
+    """Roll every window of a request's limits that has ended at `now` (SPEC §6: on first
+    touch), in process as on Redis (`RedisCounters.admit_first`, before admit.lua): a window
+    behind the limit that refuses ends as one the request passes (`admit` rolls those it
+    reaches; a refusal, the rest). Left to the next request that reached it, it was rolled by
+    the clock as that one found it: after a step back (NTP), to a window older than the one
+    the clock had reached, which Redis and the store had begun (the store dropped the 415
+    tokens charged there)."""
+    for windows in (limits.requests, limits.tokens, limits.budgets, limits.soft_budgets):
+        ensure_current(windows, now, ledger)
+
+
 def admit(
     limits: LimitSet, estimate: int, reserve: bool, now: float, ledger: Ledger
 ) -> Ticket | Refusal:
@@ -69,7 +81,8 @@ def admit(
     refuses is the answer (an exhausted budget beats one that only reservations fill); nothing
     is changed unless every limit passes. On the way, the tightest limit of each kind is kept for
     the response headers (the least left; ties keep the first). `store/lua/admit.lua` is the same
-    rule for Redis."""
+    rule for Redis. A refusal brings the windows behind the limit that refused to `now` too
+    (`bring_to`), as Redis does."""
     requests: WindowCounter | None = None
     tokens: WindowCounter | None = None
     requests_left = tokens_left = 0
@@ -83,6 +96,7 @@ def admit(
                 counter.roll(now, ledger)
             left = counter.limit - counter.value
             if left <= 0:
+                bring_to(limits, now, ledger)
                 return Refusal(
                     "request_limit_exceeded",
                     scope,
@@ -98,6 +112,7 @@ def admit(
                 counter.roll(now, ledger)
             left = counter.limit - counter.value
             if left <= 0:
+                bring_to(limits, now, ledger)
                 return Refusal(
                     "token_limit_exceeded", scope, counter.limit, counter.value, _reset_at(counter)
                 )
@@ -105,6 +120,7 @@ def admit(
                 tokens, tokens_left = counter, left
         slots = rate.concurrency
         if slots is not None and slots.limit is not None and slots.in_flight >= slots.limit:
+            bring_to(limits, now, ledger)
             return Refusal("concurrency_limit_exceeded", scope, slots.limit, slots.in_flight, None)
     budget: WindowCounter | None = None
     budget_left = 0
@@ -114,6 +130,7 @@ def admit(
             counter.roll(now, ledger)
         left = counter.limit - counter.value
         if left <= 0:
+            bring_to(limits, now, ledger)
             return Refusal(
                 "budget_exceeded",
                 limits.owner_of(counter),
@@ -137,7 +154,10 @@ def admit(
         if budget is None or left < budget_left:
             budget, budget_left = counter, left
     if held is not None:
+        bring_to(limits, now, ledger)
         return held
+    if limits.soft_budgets:  # charged when settled: their windows end now too, as on Redis
+        ensure_current(limits.soft_budgets, now, ledger)
     ticket = admit_anyway(limits, estimate, reserve, now, ledger)
     if requests is not None:
         requests_left -= 1  # this request is counted now
@@ -176,12 +196,10 @@ def count_refused(limits: LimitSet, now: float, ledger: Ledger) -> Ticket:
     report the next requests as enforce would not: a key's request over its own limit counted
     on its team's request limit (or budget) had another key of the team reported
     `request_limit_exceeded` (`budget_exceeded`) where enforce admits it. Its money is in its
-    usage record (`would_refuse`). Its windows are brought to `now` as admission brings those
-    it reaches (a window that had ended, behind the limit that refused, was shown in the
+    usage record (`would_refuse`). Its windows are brought to `now` as admission brings them
+    (`bring_to`; a window that had ended, behind the limit that refused, was shown in the
     answer's headers: 0 tokens left of it, resetting in 0s)."""
-    ensure_current(limits.requests, now, ledger)
-    ensure_current(limits.tokens, now, ledger)
-    ensure_current(limits.budgets, now, ledger)
+    bring_to(limits, now, ledger)
     held = copy(limits)  # settled charging nothing
     held.requests = held.tokens = held.slots = held.budgets = held.soft_budgets = ()
     return Ticket(held, 0)
@@ -210,6 +228,8 @@ def admit_first(
     one is admitted: within one event loop (or under a lock) the whole choice, ranking
     included, is atomic, as one admission is."""
     result = FirstAdmitted()
+    for limits, _ in candidates:  # every target's, tried or not, as on Redis
+        bring_to(limits, now, ledger)
     for index in trial_order([c[0] for c in candidates], most_remaining, now):
         limits, estimate = candidates[index]
         decision = admit(limits, estimate, reserve, now, ledger)

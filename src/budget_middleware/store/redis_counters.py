@@ -1243,8 +1243,7 @@ class RedisCounters(CounterBackend):
         reserve = self.settings.reserve
         plans: list[list[_Entry]] = []
         for limits, _ in candidates:
-            for windows in (limits.requests, limits.tokens, limits.budgets, limits.soft_budgets):
-                ensure_current(windows, now, self.ledger)
+            admission.bring_to(limits, now, self.ledger)
             plans.append(self._plan(limits.scopes, now, settling=False))
         if not any(plans):
             return admission.admit_first(candidates, reserve, now, self.ledger, most_remaining)
