@@ -3893,6 +3893,54 @@ def test_a_script_s_exit_waits_for_the_async_hooks_under_way(tmp_path: Path) -> 
     assert len(lines) == 1 and lines[0].startswith("gpt-4o-mini ")
 
 
+_SYNC_SCRIPT_WITH_A_LAMBDA_BEHIND_A_SLOW_HOOK = """
+import asyncio, sys, time
+import httpx2
+from budget_middleware import BudgetSettings, BudgetSyncTransport
+
+def provider(request):
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    return httpx2.Response(200, json={"id": "c", "object": "chat.completion", "choices": [],
+                                      "model": "gpt-4o-mini", "usage": usage})
+
+def log_it(record):
+    time.sleep(0.5)  # a plain hook: a post to a slow service
+
+async def notify(record):
+    await asyncio.sleep(0.3)
+    with open(sys.argv[2], "a") as heard:
+        heard.write(f"{record.model} {record.cost_nanos}\\n")
+
+settings = BudgetSettings(database_url=sys.argv[1], flush_interval_seconds=3600)
+mock = httpx2.MockTransport(provider)
+BudgetSyncTransport(mock, settings=settings, on_settled=log_it)
+transport = BudgetSyncTransport(mock, settings=settings, on_settled=lambda r: notify(r))
+with httpx2.Client(transport=transport) as http:
+    url = "https://api.openai.com/v1/chat/completions"
+    print(http.post(url, json={"model": "gpt-4o-mini", "messages": []}).status_code, flush=True)
+"""
+
+
+def test_a_script_s_exit_runs_the_coroutine_a_queued_plain_hook_returns(tmp_path: Path) -> None:
+    """`on_settled=lambda record: notify(record)` with `notify` async, queued behind a slow
+    plain hook as a sync script ends: the exit's shutdown waited for the async hooks under way
+    (none yet) and the plain ones, which handed the coroutine to a loop the process left at
+    once: 0 of 1 heard, where an `async def` hook is heard. The shutdown now waits for the
+    plain hooks still queued too, and then for the coroutines they returned: 1 of 1."""
+    script, heard = tmp_path / "job.py", tmp_path / "heard.txt"
+    script.write_text(_SYNC_SCRIPT_WITH_A_LAMBDA_BEHIND_A_SLOW_HOOK)
+    done = subprocess.run(
+        [sys.executable, str(script), f"sqlite:///{tmp_path / 'job.db'}", str(heard)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    lines = heard.read_text().splitlines() if heard.exists() else []
+    print(f"exit {done.returncode}, printed {done.stdout.split()}; the lambda's coroutine "
+          f"heard {lines}")  # fmt: skip
+    assert done.returncode == 0 and done.stdout.split() == ["200"], done.stderr
+    assert "never awaited" not in done.stderr
+    assert len(lines) == 1 and lines[0].startswith("gpt-4o-mini ")
+
+
 async def test_alerts_raised_at_one_instant_are_listed_newest_first(
     make_settings: Settings,
 ) -> None:

@@ -441,6 +441,27 @@ async def test_a_json_answer_labelled_an_event_stream_is_read_as_json(
     assert (row.cost_nanos, row.streamed, row.estimated) == (cost(10, 5000), False, False)
 
 
+@pytest.mark.parametrize("labelled", ["untyped", "json", "event-stream"])
+@pytest.mark.parametrize("written", ["utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+async def test_a_json_answer_to_a_stream_request_is_read_however_its_json_is_written(
+    settings: BudgetSettings, written: str, labelled: str
+) -> None:
+    """The JSON answer to a request that asked for a stream (an app that does not stream,
+    untyped, labelled JSON or labelled a stream), written with a byte-order mark or in UTF-16
+    or UTF-32 (RFC 7159 JSON, which the SDKs' `json.loads` reads): its first byte is no `{`,
+    so it was read as a stream that holds no event and charged its prompt alone (48,000
+    nano-USD of $0.05001), where the same answer not asked to stream had its usage read.
+    Its first character says JSON: read as JSON."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 5000}
+    body = json.dumps({"choices": [{"message": {"content": "x" * 20000}}], "usage": usage})
+    headers = {"untyped": [], "json": JSON, "event-stream": SSE}[labelled]
+    coded = body.encode(written)
+    request = {**STREAM_REQUEST, "max_tokens": 10_000}
+    row = await charged(settings, headers, [coded[:20], coded[20:]], request)
+    print(f"{written}, {labelled}: charged {row.cost_nanos} nano-USD, estimated={row.estimated}")
+    assert (row.cost_nanos, row.streamed, row.estimated) == (cost(10, 5000), False, False)
+
+
 @pytest.mark.parametrize("shape", ["anthropic", "usage on every chunk"])
 async def test_a_stream_given_up_on_after_its_first_usage_is_charged_its_most_output(
     settings: BudgetSettings, shape: str

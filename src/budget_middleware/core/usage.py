@@ -513,6 +513,24 @@ def _searched_whole(body: bytes) -> bool:
 
 
 _WIDE_MARKS: Final = (b"\xff\xfe", b"\xfe\xff")  # UTF-16's (and UTF-32-LE's) byte-order marks
+_JSON_STARTS: Final = (b"{", b"[")
+# What JSON that begins otherwise than in ASCII may begin with: a byte-order mark (UTF-8's
+# first byte, or a wide one's), or a NUL (UTF-16-BE or UTF-32-BE without one)
+_MARK_STARTS: Final = (b"\xef", b"\xff", b"\xfe", b"\x00")
+
+
+def begins_json(data: bytes) -> bool:
+    """Whether an answer whose first bytes are `data` begins as JSON does, with `{` or `[`
+    (after any whitespace): not an event stream, which cannot. In UTF-8, after a byte-order
+    mark or not, or in UTF-16 or UTF-32, as `json.loads` reads bytes."""
+    head = data[:64]
+    first = head.lstrip()[:1]
+    if first in _JSON_STARTS:
+        return True
+    if first not in _MARK_STARTS:
+        return False
+    text = head.decode(json.detect_encoding(head), "ignore")  # (cut at any byte)
+    return text.lstrip(" \t\r\n\ufeff")[:1] in ("{", "[")
 
 
 _TIER_KEY: Final = b'"service_tier"'

@@ -34,6 +34,7 @@ from budget_middleware.core.usage import (
     BodyDecoder,
     TokenUsage,
     answered_chars,
+    begins_json,
     json_loads,
     json_searches,
     spoken_chars,
@@ -74,7 +75,6 @@ _READ_HEADERS = frozenset({b"content-type", b"content-encoding", COST_HEADER})  
 # 32-bit. (Its charge is capped by `money.charge_nanos`.)
 MAX_TOKENS = 2**31 - 1
 _MAX_NOTE = 200  # the store's `note` column
-_JSON_STARTS = (b"{", b"[")  # an untyped answer that begins so is JSON, not an event stream
 _NAME = itemgetter(0)  # a header's name
 
 logger = logging.getLogger("budget_middleware")
@@ -515,7 +515,7 @@ class Exchange:
             head = plain.lstrip()  # decoded: a compressed answer's first bytes say nothing
             if head:
                 self.sniffing = False
-                if head[:1] in _JSON_STARTS:  # JSON after all, untyped: read as JSON
+                if begins_json(head):  # JSON after all, untyped: read as JSON
                     self.stream = None
         stream = self.stream
         if stream is not None:
@@ -571,7 +571,7 @@ class Exchange:
             # Kept for the settlement that follows (`_usage`): the answer is not read twice.
             self.json_parts, self.json_read = [body], (body, usage)
             return True
-        if body[:64].lstrip()[:1] not in _JSON_STARTS:
+        if not begins_json(body):
             return True
         return answered_chars(body) is not None
 
@@ -667,7 +667,7 @@ class Exchange:
         stream after all, read as one from now on (`stream`): an app that streams whenever its
         request's `stream` is truthy (`"no"`, `2`: `body.get("stream")`), untyped or as
         `text/plain` or `text/html`, for a request that is no stream as the SDKs send one."""
-        if body[:64].lstrip()[:1] in _JSON_STARTS:  # (JSON that does not parse, as a rule)
+        if begins_json(body):  # (JSON that does not parse, as a rule)
             return False
         meter = StreamMeter()
         meter.feed(body)
@@ -733,7 +733,7 @@ class Exchange:
                         said = spoken_chars(body)
                     if self.json_dropped:
                         seen = max(seen, self.json_dropped + self.json_size)
-                    elif told is None and note is None and body.lstrip()[:1] in _JSON_STARTS:
+                    elif told is None and note is None and begins_json(body.lstrip()):
                         # JSON that does not parse: cut short (a `content-length` shorter than
                         # the body, which the client's HTTP library cuts it to) or corrupt. Its
                         # usage may be in what is missing: unreadable, as a bad coding is.

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import inspect
 import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -44,6 +46,9 @@ class HookThread:
         self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]]
         self._work = queue.SimpleQueue()
         self.pid = os.getpid()  # a forked child's copy has no thread
+        # What an engine's shutdown waited for `EXIT_WAIT` in vain (`Hooks.finish`): while
+        # it has not run, the exit does not wait again.
+        self.behind: Future[Any] | None = None
         threading.Thread(target=self._run, name="budget-hooks", daemon=True).start()
         _LIVE.add(self)
 
@@ -75,12 +80,16 @@ def _wait_at_exit() -> None:
     for thread in list(_LIVE):
         if thread.pid != os.getpid():
             continue
-        try:
-            thread.submit(lambda: None).result(EXIT_WAIT)
-        except TimeoutError:
-            logger.warning(
-                "budget-middleware left hooks unrun at exit: one still ran after %g s", EXIT_WAIT
-            )
+        behind = thread.behind
+        if behind is None or behind.done():  # (else waited for in vain at a shutdown already)
+            try:
+                thread.submit(lambda: None).result(EXIT_WAIT)
+                continue
+            except TimeoutError:
+                pass
+        logger.warning(
+            "budget-middleware left hooks unrun at exit: one still ran after %g s", EXIT_WAIT
+        )
 
 
 class Hooks:
@@ -182,14 +191,31 @@ class Hooks:
         future.add_done_callback(ended)
 
     async def finish(self) -> None:
-        """Wait (bounded) for the async hooks under way on the engine's loop, as a shutdown
-        ends: the server's loop ends after it and cancels what still runs (an `on_settled` of
-        the last answer, asleep in its post, was never heard), where the plain hooks still
-        queued are waited for `EXIT_WAIT` at exit. One still running then is left, said once."""
+        """Wait (`EXIT_WAIT` at most) for the hooks still queued and the async hooks under way
+        on the engine's loop, as a shutdown ends: the server's loop ends after it and cancels
+        what still runs (an `on_settled` of the last answer, asleep in its post, was never
+        heard), and a plain hook queued behind a slow one may yet return a coroutine for it
+        (a lambda around an async function: handed to the loop after the wait, lost as the
+        process left). One still running then is left, said once."""
+        end = time.monotonic() + EXIT_WAIT
+        thread = self._thread
+        if thread is not None and thread.pid == os.getpid():
+            loop = asyncio.get_running_loop()
+            ran = asyncio.Event()
+
+            def tell() -> None:
+                with contextlib.suppress(RuntimeError):  # (the loop has closed since)
+                    loop.call_soon_threadsafe(ran.set)
+
+            queued = thread.submit(tell)
+            try:
+                await asyncio.wait_for(ran.wait(), EXIT_WAIT)
+            except TimeoutError:  # one hangs: said at exit, where it is not waited for again
+                thread.behind = queued
         running = [asyncio.wrap_future(f) for f in list(self._async) if not f.done()]
         if not running:
             return
-        _, left = await asyncio.wait(running, timeout=EXIT_WAIT)
+        _, left = await asyncio.wait(running, timeout=max(end - time.monotonic(), 0.0))
         if left:
             logger.warning(
                 "budget-middleware left %d async hook(s) running at shutdown after %g s",
