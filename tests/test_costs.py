@@ -824,6 +824,45 @@ async def test_image_output_in_flight_together_cannot_spend_past_the_budget(
     assert spent <= 1 + each / 1e9 + 1e-9
 
 
+@pytest.mark.parametrize("kind", ["json", "stream"])
+async def test_an_unreadable_answer_of_an_image_model_is_charged_its_most_output_as_images(
+    make_settings: Settings, kind: str
+) -> None:
+    """Gemini 2.5 Flash Image draws unasked ($30 per Mtok of image output, its text $2.50), so
+    its requests are reserved at the image price. An answer nothing of which can be read (a
+    corrupt gzip body) is charged the most it could have cost, as its reservation counted it:
+    1,400 `max_tokens` were charged as text, $0.0035 of the $0.042 reserved (12 times too
+    little), the rest of the reservation released."""
+    model = "gemini-2.5-flash-image"
+
+    async def provider(request: Request) -> Response:
+        await request.body()
+        body = gzip.compress(b'data: {"usage": {"prompt_tokens": 1}}\n\n' * 20)
+        return Response(
+            body[:-12] + b"not gzip at all",
+            headers={
+                "content-encoding": "gzip",
+                "content-type": "text/event-stream" if kind == "stream" else "application/json",
+            },
+        )
+
+    path = "/v1/chat/completions"
+    body = chat(f"gemini/{model}", max_tokens=1400, stream=kind == "stream")
+    async with budget_of_a_dollar(make_settings, path, provider) as (engine, http, key):
+        auth = {"authorization": f"Bearer {key.value}"}
+        async with http.stream("POST", path, json=body, headers=auth) as answer:
+            async for _ in answer.aiter_raw():
+                pass
+        rows = await records(engine)
+    row = rows[-1]
+    price = engine.prices.price("gemini", model)
+    reserved = estimate_nanos(price, row.input_tokens, 1400)
+    print(f"{model}, {kind} unread: charged {row.cost_nanos} nano-USD, reserved {reserved}")
+    assert row.note is not None and row.note.endswith(": charged its most output")
+    assert (row.output_tokens, row.estimated) == (1400, True)
+    assert row.cost_nanos == reserved == row.input_tokens * 300 + 1400 * 30_000
+
+
 async def test_a_pricing_file_prices_image_tokens_apart(
     make_settings: Settings, tmp_path: Path
 ) -> None:

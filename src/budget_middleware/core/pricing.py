@@ -35,8 +35,9 @@ _NO_TIERS: Mapping[str | None, ModelPrice] = {}
 
 # (input, output, cache read, cache write, 1-hour cache write, input audio, output audio) in
 # femto-dollars per token, a web search's, a request's and a file search's, (output reasoning,
-# output citations, input images, output images) per token.
-_Rates = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int, int]
+# output citations, input images, output images) per token, and the output's as reserved (the
+# dearer of text and images: `draws`).
+_Rates = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int, int, int]
 
 
 def price_key(provider: str | None, model: str) -> str:
@@ -118,6 +119,7 @@ class ModelPrice:
         heard, spoken = self.input_audio_per_mtok, self.output_audio_per_mtok
         thought, cited = self.output_reasoning_per_mtok, self.output_citation_per_mtok
         seen, drawn = self.input_image_per_mtok, self.output_image_per_mtok
+        r_drawn = out if drawn is None else _rate(drawn)
         rates = (
             inp,
             out,
@@ -134,7 +136,8 @@ class ModelPrice:
             out if thought is None else _rate(thought),
             out if cited is None else _rate(cited),
             inp if seen is None else _rate(seen),
-            out if drawn is None else _rate(drawn),
+            r_drawn,
+            max(out, r_drawn),
         )
         object.__setattr__(self, "_rates", rates)
         tiers = dict(reversed(self.service_tiers)) if self.service_tiers else _NO_TIERS
@@ -250,7 +253,7 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
     audio and images within the uncached input, output audio, images, reasoning and citations
     reported apart within the output)."""
     (r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search, _, r_file, r_thought, r_cited,
-     r_seen, r_drawn) = rates  # fmt: skip
+     r_seen, r_drawn, _) = rates  # fmt: skip
     hour = min(max(usage.cache_write_1h_tokens, 0), write)
     heard = min(max(usage.input_audio_tokens, 0), plain)
     seen = min(max(usage.input_image_tokens, 0), plain - heard)
@@ -283,7 +286,7 @@ def estimate_nanos(
     """Worst-case cost to reserve: all input uncached, at its tier's prices; 0 when unpriced.
     `spoken`: the output may be audio, so it is counted at the dearer of its two prices. The
     output of a model with a dearer price for images than for text is counted at that price
-    (Gemini's image models draw without being asked).
+    (`draws`: Gemini's image models draw without being asked).
     `caches`: the request asks for prompt caching, so its input may all be cache writes, counted
     at the dearer of the input's and the writes' prices; 2: some kept 1 hour, at the dearest of
     those and the 1-hour writes' (Anthropic's: 1.25 and 2 times the input)."""
@@ -294,14 +297,20 @@ def estimate_nanos(
         input_tokens = 0
     if output_tokens < 0:
         output_tokens = 0
-    out = rates[6] if spoken and rates[6] > rates[1] else rates[1]
-    if rates[13] > out:  # a model that draws: whatever was asked, its output may be images
-        out = rates[13]
+    out = rates[6] if spoken and rates[6] > rates[14] else rates[14]  # images, if dearer
     inp = rates[0]
     if caches:
         inp = max(inp, rates[3], rates[4]) if caches > 1 else max(inp, rates[3])
     femto = input_tokens * inp + output_tokens * out + rates[8]
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
+
+
+def draws(price: ModelPrice) -> bool:
+    """Whether a model's image output costs more than its text (Gemini's image models, which
+    draw without being asked): whatever a request asks, its output may be images, so it is
+    reserved (`estimate_nanos`), and an answer that cannot be read charged, at that price."""
+    rates = price._rates
+    return rates[14] > rates[1]
 
 
 def cost_usd(price: ModelPrice, usage: TokenUsage) -> float:

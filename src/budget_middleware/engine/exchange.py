@@ -23,6 +23,7 @@ from budget_middleware.core.pricing import (
     ModelPrice,
     asked_prices,
     cost_nanos,
+    draws,
     estimate_nanos,
     for_service_tier,
 )
@@ -722,6 +723,7 @@ class Exchange:
                 # The generated text seen: streamed, or in a JSON answer (SPEC §7's estimate;
                 # of a huge one cut to its tail, every byte of it)
                 said = 0  # of `seen`, a spoken answer's transcript (priced as speech)
+                drawn = 0  # images (charged its most output, a model that draws)
                 if stream is not None:
                     seen = stream.text_chars
                     said = stream.speech_chars
@@ -755,6 +757,8 @@ class Exchange:
                     output = max(self.engine.gate.most_output(self.target), (seen + 3) // 4)
                     note = f"{note}: charged its most output"
                     spoken = output if self.target.spoken else 0  # speech: at the audio price
+                    if not spoken and self.price is not None and draws(self.price):
+                        drawn = output  # a model that draws: at the image price, as reserved
                 else:
                     output = (seen + 3) // 4
                     if note is None:
@@ -762,7 +766,12 @@ class Exchange:
                     # speech, counted by its transcript: at the audio price; the rest (a tool
                     # call's arguments) at the text price
                     spoken = min(output, (said + 3) // 4) if self.target.spoken else 0
-                usage = TokenUsage(self.prompt_tokens, output, output_audio_tokens=spoken)
+                usage = TokenUsage(
+                    self.prompt_tokens,
+                    output,
+                    output_audio_tokens=spoken,
+                    output_image_tokens=drawn,
+                )
             price = self.price
             if price is None:
                 cost, source = 0, "unpriced"  # noted by `book`
