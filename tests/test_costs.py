@@ -512,12 +512,13 @@ async def charged_for(
     path: str,
     model: str,
     answer: dict[str, Any] | list[dict[str, Any]],
+    done: bool = True,
     **asked: Any,
 ) -> UsageRecordRow:
     """The usage record of one request (its body's other fields `asked`) whose app answers
     `answer`: a JSON body, or (a list) the events of a `text/event-stream` (named by their `type`
     when they have one, as Anthropic's and the Responses API's are; OpenAI chat chunks unnamed,
-    then `[DONE]`)."""
+    then `[DONE]`, unless not `done`)."""
     app = FastAPI()
     streamed = isinstance(answer, list)
 
@@ -529,7 +530,7 @@ async def charged_for(
             (f"event: {e['type']}\n" if "type" in e else "") + f"data: {json.dumps(e)}\n\n"
             for e in answer
         ]
-        if not any("type" in e for e in answer):
+        if done and not any("type" in e for e in answer):  # (not `done`: cut before it)
             events.append("data: [DONE]\n\n")
         return Response("".join(events), media_type="text/event-stream")
 
@@ -861,6 +862,90 @@ async def test_an_unreadable_answer_of_an_image_model_is_charged_its_most_output
     assert row.note is not None and row.note.endswith(": charged its most output")
     assert (row.output_tokens, row.estimated) == (1400, True)
     assert row.cost_nanos == reserved == row.input_tokens * 300 + 1400 * 30_000
+
+
+# An image as a gateway answers it (LiteLLM's and OpenRouter's `images`; the Images API's
+# `b64_json`): 400,000 characters of base64, no text.
+DRAWN = "A" * 400_000
+
+
+@pytest.mark.parametrize("kind", ["json", "stream", "cut", "images"])
+async def test_an_answer_of_a_model_that_draws_without_usage_is_charged_its_most_output_as_images(
+    make_settings: Settings, kind: str
+) -> None:
+    """Gemini 2.5 Flash Image draws unasked ($30 per Mtok of image output, its text $2.50;
+    gpt-image-1.5 $32 and $10), and an image's tokens cannot be counted from its bytes. An
+    answer without usage (a gateway's JSON, a stream ended or cut before its usage, the Images
+    API's) is charged the most it could have cost, as its reservation counted it: never less
+    than the bill of an image within its output limit (1,290 image tokens and 100 of text here).
+    The JSON answer's base64 was charged as text (250,035,400 nano-USD, 6 times the bill), a
+    stream's image nothing (its text only: 20,400), the Images API's answer its prompt alone
+    (200,000 of the 32,968,000 reserved)."""
+    images = kind == "images"
+    model = "gpt-image-1.5" if images else "gemini-2.5-flash-image"
+    provider = "openai" if images else "gemini"
+    image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{DRAWN}"}}
+    answer: dict[str, Any] | list[dict[str, Any]]
+    if images:
+        answer = {"created": 1, "data": [{"b64_json": DRAWN}]}
+    elif kind == "json":
+        message = {"role": "assistant", "content": "Here it is.", "images": [image]}
+        answer = {"model": model, "choices": [{"index": 0, "message": message}]}
+    else:
+        answer = [
+            {"model": model, "choices": [{"index": 0, "delta": {"content": "Here it is."}}]},
+            {"model": model, "choices": [{"index": 0, "delta": {"images": [image]}}]},
+        ]
+        if kind == "stream":
+            answer[-1]["choices"][0]["finish_reason"] = "stop"
+    asked = {"max_tokens": None if images else 1400}  # (the Images API has no output limit)
+    row = await charged_for(
+        lambda **kw: make_settings(inference_paths=IMAGES_PATHS, **kw),
+        "/v1/images/generations" if images else "/v1/chat/completions",
+        f"{provider}/{model}",
+        answer,
+        done=kind != "cut",
+        **asked,
+    )
+    # its `max_tokens`, or the default output limit; nano-USD a token in, and out as images
+    most, inp, out = (1024, 5_000, 32_000) if images else (1400, 300, 30_000)
+    reserved = row.input_tokens * inp + most * out
+    print(f"{model}, {kind} without usage: charged {row.cost_nanos}, reserved {reserved}")
+    assert (row.output_tokens, row.estimated) == (most, True)
+    assert row.cost_nanos == reserved
+    if not images:
+        tokens = Usage(input_tokens=row.input_tokens, output_tokens=1390, output_image_tokens=1290)
+        bill = nanos(tokens, model, "google")
+        print(f"  an image's bill (1,290 image tokens, 100 of text): {bill}")
+        assert row.cost_nanos >= bill
+
+
+async def test_a_gateway_s_responses_audio_tokens_are_priced_at_the_audio_rates(
+    make_settings: Settings,
+) -> None:
+    """gpt-audio's audio costs $32/$64 per Mtok in and out, its text $2.50/$10. A gateway's
+    Responses rendering of its answer (LiteLLM's) counts the audio in `input_tokens_details` and
+    `output_tokens_details`, as it counts images there: the audio was charged as text,
+    7,500,000 nano-USD where genai-prices prices the same tokens at 46,800,000."""
+    usage = {
+        "input_tokens": 1000,
+        "input_tokens_details": {"cached_tokens": 0, "audio_tokens": 600},
+        "output_tokens": 500,
+        "output_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 400},
+        "total_tokens": 1500,
+    }
+    answer = {"object": "response", "model": "gpt-audio", "output": [], "usage": usage}
+    row = await charged_for(make_settings, "/v1/responses", "openai/gpt-audio", answer)
+    want = nanos(
+        Usage(
+            input_tokens=1000, input_audio_tokens=600, output_tokens=500, output_audio_tokens=400
+        ),
+        "gpt-audio",
+        "openai",
+    )
+    print("Responses audio tokens: charged", row.cost_nanos, "nano-USD, genai-prices says", want)
+    assert (row.input_tokens, row.output_tokens) == (1000, 500)
+    assert row.cost_nanos == want
 
 
 async def test_a_pricing_file_prices_image_tokens_apart(

@@ -62,7 +62,8 @@ class TokenUsage:
       (Anthropic's `cache_creation.ephemeral_1h_input_tokens`; priced at the 1-hour write rate).
     - `input_audio_tokens`, `output_audio_tokens`: the audio within `input_tokens` (not cached)
       and `output_tokens` (OpenAI's `prompt_tokens_details` / `completion_tokens_details`
-      `audio_tokens`; priced at the audio rates).
+      `audio_tokens`, and a gateway's Responses `input_tokens_details` / `output_tokens_details`
+      ones; priced at the audio rates).
     - `web_searches`: the server-side web searches (Anthropic's
       `server_tool_use.web_search_requests`, OpenAI's Responses `web_search_call` output items:
       `count_searches`), priced per search.
@@ -261,11 +262,14 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
             prompt, output, read, write = _input_output(usage)
     elif "input_tokens" in usage or "output_tokens" in usage:
         prompt, output, read, write = _input_output(usage)
-        # The Images API's (and gateways' Responses): images within the input and the output
+        # The Images API's (and gateways' Responses): images and audio within the input and
+        # the output
         if type(in_details := usage.get("input_tokens_details")) is dict:
             seen = in_details.get("image_tokens")
+            heard = in_details.get("audio_tokens")
         if type(out_details := usage.get("output_tokens_details")) is dict:
             drawn = out_details.get("image_tokens")
+            spoken = out_details.get("audio_tokens")
     elif "cost" in usage or _TICKS in usage:
         prompt = output = read = write = 0
     else:
@@ -594,6 +598,10 @@ _NOT_TEXT: Final = frozenset(
         "annotations",
         "signature",  # a thinking block's (Anthropic's): opaque, as a stream's count leaves it
         "encrypted_content",  # a reasoning item's (the Responses API's): opaque
+        # a drawn image's base64, no text (a gateway's chat `images`, LiteLLM's and
+        # OpenRouter's), as a stream's count leaves it: a model that draws is charged its
+        # most output (`Exchange._work_out`)
+        "images",
     }
 )
 _OUTPUT_KEYS: Final = ("choices", "content", "output")  # OpenAI, Anthropic, the Responses API

@@ -751,13 +751,19 @@ class Exchange:
                     # usage are fetched by a GET, which is not metered. The most it may cost.
                     note = "a background response, its usage not in this answer"
                     seen = 0
-                if note is not None and (not seen or (stream is not None and stream.gave_up)):
+                drawing = self.price is not None and draws(self.price)
+                if drawing or (
+                    note is not None and (not seen or (stream is not None and stream.gave_up))
+                ):
                     # Nothing of the answer could be read (a coding we cannot decode, a corrupt
-                    # body): the most it could have cost, as its reservation counted it.
+                    # body), or its output may be images, which its bytes do not count (a model
+                    # that draws): the most it could have cost, as its reservation counted it.
                     output = max(self.engine.gate.most_output(self.target), (seen + 3) // 4)
+                    if note is None:
+                        note = "a usage of 0 tokens" if nothing else "no usage in the response"
                     note = f"{note}: charged its most output"
                     spoken = output if self.target.spoken else 0  # speech: at the audio price
-                    if not spoken and self.price is not None and draws(self.price):
+                    if not spoken and drawing:
                         drawn = output  # a model that draws: at the image price, as reserved
                 else:
                     output = (seen + 3) // 4
