@@ -1251,3 +1251,69 @@ async def test_a_window_behind_the_limit_that_refused_ends_before_the_clock_step
     assert code == "concurrency_limit_exceeded"
     assert (tokens, began - t0) == (415, 90)
     assert reset == "40s"
+
+
+@pytest.mark.parametrize("counters", ["in process", "Redis"])
+async def test_a_window_the_sweep_moved_on_takes_what_is_charged_after_the_clock_steps_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counters: str
+) -> None:
+    """A key of $1 a 30 s window, and OpenAI's 1,000 tokens a 30 s window: 100 tokens
+    ($0.001) spent and written, then a request held open from 1 s in, and no other request:
+    100 s in, the window sweep moves both stored windows on ([+90 s, +120 s) begins, empty),
+    which no live counter had touched; the clock steps back 20 s (NTP) and the held request
+    settles its 415 tokens ($0.004015). They count in the windows the store holds. The live
+    counters, still in the windows of the start, rolled after the step back to [+60 s, +90 s),
+    older than the store's, which dropped the charge (0 tokens and $0 stored of 415 and
+    $0.004015), and the next answer told the tokens reset in 10 s."""
+    engine, clock, prefix = one_engine(tmp_path, monkeypatch, counters, flush_interval_seconds=3600)
+    t0 = clock.now
+    engine.manager.create_virtual_key(
+        name="alice", value=KEY, budgets=[{"max_limit": 1, "reset_duration": "30s"}]
+    )
+    engine.manager.put_provider(
+        "openai", rate_limit={"token_max_limit": 1000, "token_reset_duration": "30s"}
+    )
+    host = Host()
+    app = BudgetMiddleware(host, engine=engine)
+    body = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def send(rid: str) -> httpx.Response:
+        headers = {"authorization": f"Bearer {KEY}", "x-test-id": rid}
+        return await http.post("/v1/chat/completions", json=body, headers=headers)
+
+    host.answers["first"] = Answer("json", prompt=0, completion=100)  # $0.001
+    host.answers["held"] = Answer("json", prompt=15, completion=400, hold="before")
+    host.answers["next"] = Answer("json")
+    try:
+        async with running(app), client_of(app) as http:
+            assert (await send("first")).status_code == 200
+            await engine.flush()
+            clock.advance(1)
+            held = asyncio.create_task(send("held"))
+            await asyncio.wait_for(host.entered.setdefault("held", asyncio.Event()).wait(), 10)
+            clock.advance(99)
+            await engine.flush()
+            swept = await engine.sweep()
+            clock.advance(-20)  # NTP steps the clock back, before the next re-read
+            host.gates.setdefault("held", asyncio.Event()).set()
+            assert (await held).status_code == 200
+            await engine.flush()
+            with engine.store.session() as s:
+                rate = s.exec(select(RateLimitRow).where(RateLimitRow.owner_type == "provider"))
+                row = rate.one()
+                tokens = (row.token_current_usage, utc(row.token_last_reset).timestamp())
+                stored = s.exec(select(BudgetRow)).one()
+                budget = (stored.current_usage_nanos, utc(stored.last_reset).timestamp())
+            answer = await send("next")
+    finally:
+        engine.store.dispose()
+        delete_prefix(REDIS_URL, prefix)
+    reset = answer.headers.get("x-ratelimit-reset-tokens")
+    print(f"{counters}: {swept} windows swept; charged 415 tokens and $0.004015 after the step "
+          f"back, stored {tokens[0]} tokens in the window from +{tokens[1] - t0:.0f} s and "
+          f"${budget[0] / 1e9:.6f} in the budget's from +{budget[1] - t0:.0f} s; the next "
+          f"answer: tokens reset in {reset}")  # fmt: skip
+    assert swept == 2
+    assert (tokens[0], tokens[1] - t0) == (415, 90)
+    assert (budget[0], budget[1] - t0) == (4_015_000, 90)
+    assert reset == "40s"

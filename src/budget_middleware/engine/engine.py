@@ -881,8 +881,11 @@ class BudgetEngine:
         ALERT_DELIVERIES_PRUNED_A_SWEEP at most, the rest at the next sweeps; then the alerts
         settled, raised and out of their window more than ALERTS_KEPT ago (else `bm_alerts`
         grows a row a budget, window and threshold), the same way; 0 when the store cannot be
-        written now (the next sweep tries again)."""
+        written now (the next sweep tries again). The live windows that have ended roll first
+        (`CounterRegistry.bring_to`): a charge made after the clock steps back lands in the
+        window the store begins."""
         now = self.clock()
+        self.registry.bring_to(now)
         try:
             swept = await anyio.to_thread.run_sync(self.store.sweep_windows, from_ts(now))
             if _due(now, self._pruned_at, PRUNE_SECONDS):
