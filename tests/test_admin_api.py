@@ -1827,3 +1827,36 @@ async def test_a_name_with_a_bidi_override_is_refused(settings: BudgetSettings, 
         for path in ("/customers", "/teams", "/virtual-keys", "/tags"):
             listed = (await c.get(path, headers=ADMIN)).json()
             assert mark not in str(listed), listed
+
+
+async def test_the_warnings_of_a_config_applied_through_the_api_are_in_its_answer(
+    store_url: str, tmp_path: Path
+) -> None:
+    """`POST /config/apply` logged its warnings on the server alone (a key declared without a
+    value, made with a generated one shown to nobody; an entry the file no longer declares):
+    the sender got `{"applied": true}` and nothing else. They are in the answer, as the
+    server's log says them; an apply without a warning has none."""
+    tagged = "virtual_keys:\n  - name: bot\n    budgets: [{max_limit: 1}]\ntags:\n  - tag: a\n"
+    async with admin_client(admin_settings(tmp_path, database_url=store_url)) as c:
+        r = await c.post("/config/apply", json={"text": tagged, "format": "yaml"}, headers=ADMIN)
+        first = r.json()
+        print(first)
+        assert r.status_code == 200 and len(first["warnings"]) == 1
+        assert first["warnings"][0].startswith(
+            "BUDGET_CONFIG_FILE (the config sent), virtual_keys[0] (bot): the entry declares "
+            "no value"
+        )
+        assert "`budget-middleware keys rotate bot`" in first["warnings"][0]
+        untagged = tagged.split("tags:")[0]
+        r = await c.post("/config/apply", json={"text": untagged, "format": "yaml"}, headers=ADMIN)
+        print(r.json())
+        assert r.json()["warnings"] == [
+            "BUDGET_CONFIG_FILE (the config sent) no longer declares tag 'a': kept, still in force "
+            "(the file deletes nothing; delete them through the admin API or the CLI). The file "
+            "finds entities by name: an entry renamed in the file declared a new one, without "
+            "the old one's spend; to keep it, rename through the admin API first, then in the file"
+        ]
+        r = await c.post("/config/apply", json={"text": tagged, "format": "yaml"}, headers=ADMIN)
+        assert "warnings" not in r.json()  # made once: told once
+        doc = (await c.get("/openapi.json", headers=ADMIN)).json()
+        assert "warnings" in doc["components"]["schemas"]["ConfigApplied"]["properties"]

@@ -609,11 +609,13 @@ def test_the_same_commands_on_a_running_admin_api(server: Server, here: Here) ->
         applied.out
         == f"applied {referring}: virtual keys: 1 (created, or updated where the entry changed)\n"
     )
+    assert "no longer declares team 'remote', virtual key 'rk'" in applied.err  # remote.yaml's
     line = f"config apply {referring} --json"
     assert ok(here(server.env, line)).json() == {
         "file": str(referring),
         "applied": True,
         "entries": {"virtual_keys": 1},
+        "warnings": [applied.err.removeprefix("warning: ").removesuffix("\n")],
     }
     # A LiteLLM file: what the server did not read is said here too (it was in its log alone)
     litellm = server.tmp / "proxy_config.yaml"
@@ -625,16 +627,48 @@ def test_the_same_commands_on_a_running_admin_api(server: Server, here: Here) ->
     sent = ok(here(server.env, f"config apply {litellm}"))
     print(sent.err.strip())
     ignored = ["model_list[0].litellm_params.rpm", "general_settings"]
-    assert sent.err == (
+    assert sent.err.startswith(
         f"warning: {litellm} is a LiteLLM config: only its budgets, routes and prices are "
         f"read; ignored: {', '.join(ignored)}\n"
+        f"warning: config file {str(litellm)!r} no longer declares team 'remote', "
     )
+    assert sent.err.count("\n") == 2
     assert ok(here(server.env, f"config apply {litellm} --json")).json()["ignored"] == ignored
     with httpx.Client(base_url=server.base) as http:
         assert http.post("/v1/chat/completions", json=chat(),
                          headers=_key("sk-bm-in-the-servers-environment")).is_success  # fmt: skip
     good = ROOT / "examples" / "gateway.yaml"  # config check reads the file alone
     assert ok(here(server.env, f"config check {good}")).out.startswith(f"{good} is valid")
+
+
+def test_the_warnings_of_a_config_applied_on_a_running_admin_api_are_printed(
+    server: Server, here: Here, tmp_path: Path
+) -> None:
+    """`config apply --url` printed "applied …: virtual keys: 1" and nothing else for a key
+    declared without a value: the warning that the key was made with a value shown to nobody
+    (and how to give it one) was in the server's log alone. Printed as `warning: …` lines, and
+    in `--json`, with the text `config apply` on the store prints."""
+    path = server.tmp / "valueless.yaml"
+    path.write_text("virtual_keys:\n  - name: bot\n    budgets: [{max_limit: 1}]\n")
+    sent = ok(here(server.env, f"config apply {path}"))
+    print(repr(sent.err))
+    local = {"BUDGET_DATABASE_URL": f"sqlite:///{tmp_path}/local.db"}
+    on_the_store = ok(here(local, f"config apply {path}"))
+    print(repr(on_the_store.err))
+    told = (
+        f"warning: config file {str(path)!r}, virtual_keys[0] (bot): the entry declares no value: "
+        "the key was made with a generated one that is shown to nobody; give it one with "
+        "`budget-middleware keys rotate bot` (printed once; the file keeps it) or a `value:` in "
+        "the file\n"
+    )
+    assert sent.err == told and on_the_store.err == told
+    path.write_text("virtual_keys:\n  - name: bot2\n    budgets: [{max_limit: 1}]\n")
+    answer = ok(here(server.env, f"config apply {path} --json")).json()
+    print(answer)
+    assert [w.split(": ", 1)[0] for w in answer["warnings"]] == [
+        f"config file {str(path)!r}, virtual_keys[0] (bot2)",
+        f"config file {str(path)!r} no longer declares virtual key 'bot'",
+    ]
 
 
 # -- alerts (SPEC §14) ---------------------------------------------------------------------------

@@ -107,6 +107,11 @@ class ConfigApplied(BaseModel):
     ignored: list[str] | None = Field(
         None, description="of a LiteLLM file, the parts not read (absent when none)"
     )
+    warnings: list[str] | None = Field(
+        None,
+        description="the apply's warnings, as the server's log says them, the file named "
+        "`(the config sent)` (absent when none)",
+    )
 
 
 class Deleted(BaseModel):

@@ -348,6 +348,7 @@ async def apply_config(call: Call) -> AdminAnswer:
     body = await call.body(ConfigApply)
     engine = call.engine
     ignored: list[str] = []
+    warnings: list[str] = []
     try:
         entries = await call.run(
             apply_config_text,
@@ -359,6 +360,7 @@ async def apply_config(call: Call) -> AdminAnswer:
             engine.forget,
             engine.prices.add_deployments,
             ignored,
+            warnings,
         )
     except ConfigFileError as exc:
         raise InvalidRequest(str(exc), param="text") from None
@@ -367,6 +369,8 @@ async def apply_config(call: Call) -> AdminAnswer:
     answer: dict[str, Any] = {"applied": True, "entries": entries}
     if ignored:  # what of a LiteLLM file is not read: the sender is told, as `config check` is
         answer["ignored"] = ignored
+    if warnings:  # in the server's log, where the sender never looks: told them too
+        answer["warnings"] = warnings
     return ok(answer)
 
 

@@ -82,7 +82,7 @@ class Client(Protocol):
     def usage(self, query: Json) -> Json: ...
     def alerts(self, query: Json) -> Json: ...
     def server_time(self) -> datetime | None: ...
-    def apply_config(self, path: Path, ignored: Names) -> dict[str, int]: ...
+    def apply_config(self, path: Path, ignored: Names, warnings: Names) -> dict[str, int]: ...
     def need_store(self) -> None: ...
     def close(self) -> None: ...
 
@@ -223,9 +223,10 @@ class StoreClient:
         found, total = self._call(listed, **_given(query))
         return {"alerts": found, "count": total}
 
-    def apply_config(self, path: Path, ignored: Names) -> dict[str, int]:
+    def apply_config(self, path: Path, ignored: Names, warnings: Names) -> dict[str, int]:
         """The file applied to the store; its entries by section (`ignored`: what of a
-        LiteLLM file is not read)."""
+        LiteLLM file is not read; `warnings`: the apply's other warnings, for the CLI to
+        print, not logged)."""
         from budget_middleware.exceptions import ConfigFileError
         from budget_middleware.manage.config_file import check_config_file, load_config_file
 
@@ -235,7 +236,7 @@ class StoreClient:
             # before anything is written, the schema included
             sections = check_config_file(path, ignored=ignored)
             self._call(store.create_schema)  # a fresh store, as the engine's start-up does
-            self._call(load_config_file, store, settings, tell_ignored=False)
+            self._call(load_config_file, store, settings, tell_ignored=False, warnings=warnings)
         except ConfigFileError as exc:
             raise CliError(config_message(str(exc))) from None
         return {name: len(entries) for name, entries in sections.items() if entries}
@@ -460,13 +461,14 @@ class HttpClient:
             return None
         return at if at.tzinfo is not None else None
 
-    def apply_config(self, path: Path, ignored: Names) -> dict[str, int]:
+    def apply_config(self, path: Path, ignored: Names, warnings: Names) -> dict[str, int]:
         """The file's text to `POST /config/apply`: the server applies it to its store (its
         `${ENV_VAR}` references are the server's); its entries by section, as the server
-        counted them (a check here would read `${ENV_VAR}` from this shell's environment), and
-        in `ignored` what of a LiteLLM file the server did not read."""
+        counted them (a check here would read `${ENV_VAR}` from this shell's environment), in
+        `ignored` what of a LiteLLM file the server did not read, and in `warnings` the
+        apply's warnings, the file named as the store's side names it."""
         from budget_middleware.exceptions import ConfigFileError
-        from budget_middleware.manage.config_file import config_text
+        from budget_middleware.manage.config_file import SENT, config_text
 
         try:
             text = config_text(path)  # as the store's side reads a file: UTF-16 too
@@ -479,6 +481,12 @@ class HttpClient:
         entries = answer.get("entries")
         told = answer.get("ignored")
         ignored += [str(part) for part in told] if isinstance(told, list) else []
+        said = answer.get("warnings")
+        sent, named = f"BUDGET_CONFIG_FILE {SENT}", f"BUDGET_CONFIG_FILE {str(path)!r}"
+        warnings += [
+            str(text).replace(sent, named, 1) if str(text).startswith(sent) else str(text)
+            for text in (said if isinstance(said, list) else [])
+        ]
         return {str(k): int(n) for k, n in entries.items()} if isinstance(entries, dict) else {}
 
     def need_store(self) -> None:

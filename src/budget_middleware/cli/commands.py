@@ -791,12 +791,20 @@ def _warn_ignored(file: str, ignored: list[str]) -> None:
 
 def _config_apply(file: str) -> None:
     ignored: list[str] = []
-    entries = _state().client().apply_config(Path(file), ignored)  # checks the file first
+    warnings: list[str] = []
+    entries = _state().client().apply_config(Path(file), ignored, warnings)  # checks it first
     _warn_ignored(file, ignored)
+    # the apply's warnings (a key made without a value, ...), whether applied here or by a
+    # server through --url (in its log alone, where the sender never looked)
+    told = [config_message(text) for text in warnings]
+    for text in told:
+        click.echo(f"warning: {out.text(text)}", err=True)  # a stored name's controls: "?"
     if _state().json:
         answer: Json = {"file": file, "applied": True, "entries": entries}
         if ignored:
             answer["ignored"] = ignored
+        if told:
+            answer["warnings"] = told
         out.emit_json(answer)
     else:
         click.echo(

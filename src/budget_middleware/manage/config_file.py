@@ -36,6 +36,7 @@ import os
 import re
 import shlex
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1157,7 +1158,7 @@ class _Loader:
             m.update_model_config(row.id, body)
 
 
-_SENT = "(the config sent)"
+SENT: Final = "(the config sent)"  # the text sent to the admin API, as its answers name it
 
 
 class _Shown(logging.Filter):
@@ -1171,8 +1172,38 @@ class _Shown(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if self.path in message:
-            record.msg, record.args = message.replace(self.path, _SENT), None
+            record.msg, record.args = message.replace(self.path, SENT), None
         return True
+
+
+class _Told(logging.Filter):
+    """The warnings an apply logs in its thread (another thread's are not its), kept for its
+    caller to tell: the sender of a config to the admin API saw none of them, in the server's
+    log alone. Kept without the log's `budget-middleware: ` tag; `logged`: also logged."""
+
+    def __init__(self, into: list[str], logged: bool) -> None:
+        super().__init__()
+        self.into, self.logged, self.thread = into, logged, threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if threading.get_ident() != self.thread or record.levelno < logging.WARNING:
+            return True
+        self.into.append(record.getMessage().removeprefix("budget-middleware: "))
+        return self.logged
+
+
+@contextmanager
+def _telling(into: list[str] | None, logged: bool) -> Iterator[None]:
+    """The warnings logged meanwhile in this thread, in `into` (when given)."""
+    if into is None:
+        yield
+        return
+    told = _Told(into, logged)
+    logger.addFilter(told)  # after `_Shown`, when it is there: the text as the log shows it
+    try:
+        yield
+    finally:
+        logger.removeFilter(told)
 
 
 def apply_config_text(
@@ -1184,12 +1215,14 @@ def apply_config_text(
     on_owner_change: Callable[[str], None] | None = None,
     on_prices: OnPrices | None = None,
     ignored: list[str] | None = None,
+    warnings: list[str] | None = None,
 ) -> dict[str, int]:
     """A config file's text applied to the store, as start-up applies BUDGET_CONFIG_FILE (the
     admin API's `POST /config/apply`, the CLI's `config apply --url`); its entries by section.
     An invalid text raises `ConfigFileError` naming the entry, before anything is written.
     `ignored`, when given, receives what of a LiteLLM file is not read (which the server's log
-    says: the sender is told it too)."""
+    says: the sender is told it too); `warnings`, the apply's other warnings, as the server's
+    log says them (the file named `(the config sent)`)."""
     with tempfile.TemporaryDirectory(prefix="budget-config-") as folder:
         path = Path(folder) / f"config.{suffix}"
         path.write_text(text, encoding="utf-8")
@@ -1199,13 +1232,17 @@ def apply_config_text(
             with sent_through_api():  # the server's environment is not the sender's to read
                 data = _check(path)
                 with_file = settings.model_copy(update={"config_file": path})
-                load_config_file(store, with_file, on_new_terms, on_owner_change, on_prices)
+                load_config_file(
+                    store, with_file, on_new_terms, on_owner_change, on_prices,
+                    warnings=warnings, logged=True,
+                )  # fmt: skip
             if data.prices and on_prices is not None:
-                _prices_not_kept(path, data.prices, here=True)
+                with _telling(warnings, logged=True):
+                    _prices_not_kept(path, data.prices, here=True)
             if ignored is not None:
                 ignored += data.ignored
         except ConfigFileError as exc:
-            raise ConfigFileError(str(exc).replace(repr(str(path)), _SENT)) from None
+            raise ConfigFileError(str(exc).replace(repr(str(path)), SENT)) from None
         finally:
             logger.removeFilter(shown)
     return {section: len(data.sections[section]) for section in SECTIONS if data.sections[section]}
@@ -1232,6 +1269,8 @@ def load_config_file(
     on_prices: OnPrices | None = None,
     *,
     tell_ignored: bool = True,
+    warnings: list[str] | None = None,
+    logged: bool = False,
 ) -> None:
     """Apply `settings.config_file` to the store (a start-up hook of the engine; blocking).
     `tell_ignored`: log what of a LiteLLM file is not read (the CLI says it itself).
@@ -1239,7 +1278,9 @@ def load_config_file(
     `on_owner_change`: the engine, told of the keys and owners written (`BudgetEngine.forget`:
     it vouches no more for those keys as it last read them, under BUDGET_FAIL_OPEN);
     `on_prices`: the engine's prices, given the deployments a LiteLLM file prices, which the
-    store does not keep (without it, a warning names them: applied, not priced)."""
+    store does not keep (without it, a warning names them: applied, not priced);
+    `warnings`: the apply's warnings (but what of a LiteLLM file is not read) go there, for the
+    caller to tell (the CLI prints them), and are not logged unless `logged`."""
     if settings.config_file is None:
         return
     path = Path(settings.config_file)
@@ -1249,6 +1290,19 @@ def load_config_file(
             "BUDGET_CONFIG_FILE %r is a LiteLLM config: only its budgets, routes and prices "
             "are read; ignored: %s", str(path), ", ".join(data.ignored),
         )  # fmt: skip
+    with _telling(warnings, logged):
+        _load(store, settings, path, data, on_new_terms, on_owner_change, on_prices)
+
+
+def _load(
+    store: Store,
+    settings: BudgetSettings,
+    path: Path,
+    data: _FileData,
+    on_new_terms: OnNewTerms | None,
+    on_owner_change: Callable[[str], None] | None,
+    on_prices: OnPrices | None,
+) -> None:
     _preflight(store, data)
     ensure_schema(store)
     with store.one_transaction() as joined:  # whole, or nothing written: SPEC §3
