@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable, Container, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Container, Iterable, MutableMapping
 from dataclasses import dataclass
 from hashlib import sha256
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from budget_middleware.core.providers import (
     BARE_MODEL_PROVIDERS,
@@ -16,8 +16,6 @@ from budget_middleware.core.providers import (
     canonical_provider,
 )
 from budget_middleware.core.usage import USUAL_ACCEPT, readable_accept, tier_name
-
-R = TypeVar("R")  # a route (`TargetResolver.route_of`)
 
 # Path prefixes that name a provider (`/openai/v1/chat/completions`; `/Google/…` and the other
 # spellings `canonical_provider` knows too), by their one name.
@@ -477,22 +475,6 @@ class TargetResolver:
             found = self._remember(self._routes, where, self._route(*where))
         return found
 
-    @staticmethod
-    def route_of(routes: Mapping[str, R], raw_model: str, credentials: Credentials) -> R | None:
-        """The route a request's `model` names (SPEC §12), as it is metered: without blanks
-        around it, and Gemini's resource name `models/<name>` as `<name>` where
-        `provider_and_model` reads it so (a request through the middleware, a call to Gemini's
-        host; elsewhere `models/…` is metered whole) unless a route has that very name."""
-        name = raw_model.strip()
-        route = routes.get(name)
-        if route is None and name.startswith(_RESOURCE) and len(name) > len(_RESOURCE):
-            provider = credentials.provider
-            if not credentials.provider_is_host or (
-                provider is not None and canonical_provider(provider) == "gemini"
-            ):
-                return routes.get(name[len(_RESOURCE) :])
-        return route
-
     def retarget(
         self, target: Target, model: str, credentials: Credentials, route_path: str
     ) -> Target:
@@ -672,9 +654,6 @@ def _without_key(found: tuple[str, str], key: str) -> tuple[str, str]:
         "unknown" if key.lower() in provider else provider,
         "unknown" if key in model else model,
     )
-
-
-_RESOURCE: Final = RESOURCE_PREFIX + "/"
 
 
 def _hosted(raw_model: str, provider: str) -> tuple[str, str]:

@@ -33,6 +33,7 @@ from budget_middleware.core.identity import (
 from budget_middleware.core.media import inline_image_tokens, may_reference, walk
 from budget_middleware.core.money import MAX_CHARGE_NANOS
 from budget_middleware.core.pricing import asked_prices, at_time, estimate_nanos
+from budget_middleware.core.providers import RESOURCE_PREFIX
 from budget_middleware.core.routing import Route
 from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts, rfc3339
@@ -346,13 +347,14 @@ class Gate:
         routes = engine.globals.routes
         if routes and type(parsed) is dict:  # no route configured: one truth test
             name = parsed.get("model")
-            # (the name as metered: blanks around it are no part of it, and a route's has none;
-            # Gemini's `models/<name>` is `<name>`)
-            route = (
-                self.resolve_target.route_of(routes, name, credentials)
-                if type(name) is str
-                else None
-            )
+            route = None
+            if type(name) is str:
+                # The name as metered: blanks around it are no part of it (a route's has none),
+                # and Gemini's `models/<name>` is the model metering read (`target.model`)
+                name = name.strip()
+                route = routes.get(name)
+                if route is None and name.startswith(_RESOURCE):
+                    route = routes.get(target.model)
             if route is not None and _deeper_than(body, parsed, _ROUTED_DEPTH):
                 # Its target could not be written into it (`body_to_send`: nested deeper than
                 # the stdlib writes, it was a 500 after admission, which SDKs retry)
@@ -745,6 +747,7 @@ _TOO_DEEP = "Request body is JSON nested deeper than budget-middleware reads: it
 # A routed body is written again naming its target: nested deeper than this, it is refused (the
 # stdlib writes ~990 levels less the stack's; orjson reads 1,024).
 _ROUTED_DEPTH = 512
+_RESOURCE = RESOURCE_PREFIX + "/"  # Gemini's `models/<name>`, a route's name as metering reads it
 _TOO_DEEP_ROUTED = (
     f"Request body is JSON nested deeper than {_ROUTED_DEPTH} levels, which budget-middleware "
     "cannot write again naming the route's target"
