@@ -23,7 +23,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from budget_middleware import BudgetMiddleware, BudgetSettings
 from budget_middleware.core import durations
@@ -1189,23 +1189,20 @@ async def test_shadow_answers_show_the_usage_new_terms_carried(
     assert after.headers["x-budget-remaining"] == "0.009000"
 
 
-@pytest.mark.parametrize("counters", ["in process", "Redis"])
-async def test_a_window_behind_the_limit_that_refused_ends_before_the_clock_steps_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counters: str
-) -> None:
-    """A team of one request at a time and OpenAI's 1,000 tokens a 30 s window: 100 tokens
-    spent and written, then a request held open from 1 s in; 100 s in another is refused by
-    the team's slot, and the window sweep ends the stored token window ([+90 s, +120 s)
-    begins); the clock steps back 20 s (NTP) and the held request settles its 415 tokens. The
-    refused request touched the token window: it ended there, in process as on Redis, and the
-    415 tokens count in the window the store holds. In process it was left behind the refusal
-    and rolled after the step back to [+60 s, +90 s), a window older than the store's, which
-    dropped the 415 tokens (0 stored; Redis kept them), and the next answer told it reset in
-    10 s (seed 20163 of the comparison with steps back, narrowed down)."""
-    engine, clock, prefix = one_engine(tmp_path, monkeypatch, counters, flush_interval_seconds=3600)
-    t0 = clock.now
-    team = engine.manager.create_team(name="research", rate_limit={"max_concurrent_requests": 1})
-    engine.manager.create_virtual_key(name="alice", value=KEY, team_id=team.id)
+async def held_across_a_step_back(
+    engine: BudgetEngine,
+    clock: FrozenClock,
+    prefix: str,
+    meanwhile: Callable[[Callable[[str], Awaitable[httpx.Response]]], Awaitable[Any]],
+    read: Callable[[Session], Any],
+    swept_by_another: bool = False,
+) -> tuple[Any, int, Any, httpx.Response]:
+    """OpenAI limited to 1,000 tokens a 30 s window; 100 tokens spent and written, then a
+    request held open from 1 s in; 100 s in, `meanwhile(send)`, then the flush and the window
+    sweep (this engine's, or the store's alone as another instance's sweep does it:
+    `swept_by_another`); the clock steps back 20 s (NTP) and the held request settles its 415
+    tokens. What `meanwhile` returned, the windows swept, what `read` read from the store
+    after, and the next answer."""
     engine.manager.put_provider(
         "openai", rate_limit={"token_max_limit": 1000, "token_reset_duration": "30s"}
     )
@@ -1217,7 +1214,7 @@ async def test_a_window_behind_the_limit_that_refused_ends_before_the_clock_step
         headers = {"authorization": f"Bearer {KEY}", "x-test-id": rid}
         return await http.post("/v1/chat/completions", json=body, headers=headers)
 
-    host.answers["first"] = Answer("json", prompt=0, completion=100)
+    host.answers["first"] = Answer("json", prompt=0, completion=100)  # $0.001
     host.answers["held"] = Answer("json", prompt=15, completion=400, hold="before")
     host.answers["refused"] = Answer("json")
     host.answers["next"] = Answer("json")
@@ -1229,21 +1226,52 @@ async def test_a_window_behind_the_limit_that_refused_ends_before_the_clock_step
             held = asyncio.create_task(send("held"))
             await asyncio.wait_for(host.entered.setdefault("held", asyncio.Event()).wait(), 10)
             clock.advance(99)
-            refused = await send("refused")
+            during = await meanwhile(send)
             await engine.flush()
-            await engine.sweep()
-            clock.advance(-20)  # NTP steps the clock back
+            if swept_by_another:
+                swept = engine.store.sweep_windows(from_ts(clock.now))
+            else:
+                swept = await engine.sweep()
+            clock.advance(-20)  # NTP steps the clock back, before the next re-read
             host.gates.setdefault("held", asyncio.Event()).set()
             assert (await held).status_code == 200
             await engine.flush()
             with engine.store.session() as s:
-                row = s.exec(select(RateLimitRow).where(RateLimitRow.owner_type == "provider"))
-                stored = [(r.token_current_usage, utc(r.token_last_reset).timestamp()) for r in row]
+                stored = read(s)
             answer = await send("next")
     finally:
         engine.store.dispose()
         delete_prefix(REDIS_URL, prefix)
-    tokens, began = stored[0]
+    return during, swept, stored, answer
+
+
+def provider_tokens(s: Session) -> tuple[int, float]:
+    """The provider's stored token window: its usage, and when it began."""
+    row = s.exec(select(RateLimitRow).where(RateLimitRow.owner_type == "provider")).one()
+    return row.token_current_usage, utc(row.token_last_reset).timestamp()
+
+
+@pytest.mark.parametrize("counters", ["in process", "Redis"])
+async def test_a_window_behind_the_limit_that_refused_ends_before_the_clock_steps_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counters: str
+) -> None:
+    """A team of one request at a time and OpenAI's 1,000 tokens a 30 s window: 100 tokens
+    spent and written, then a request held open from 1 s in; 100 s in another is refused by
+    the team's slot, and another instance's window sweep ends the stored token window
+    ([+90 s, +120 s) begins; this one's own sweep would roll its live windows too); the clock
+    steps back 20 s (NTP) and the held request settles its 415 tokens. The refused request
+    touched the token window: it ended there, in process as on Redis, and the 415 tokens count
+    in the window the store holds. In process it was left behind the refusal and rolled after
+    the step back to [+60 s, +90 s), a window older than the store's, which dropped the 415
+    tokens (0 stored; Redis kept them), and the next answer told it reset in 10 s (seed 20163
+    of the comparison with steps back, narrowed down)."""
+    engine, clock, prefix = one_engine(tmp_path, monkeypatch, counters, flush_interval_seconds=3600)
+    t0 = clock.now
+    team = engine.manager.create_team(name="research", rate_limit={"max_concurrent_requests": 1})
+    engine.manager.create_virtual_key(name="alice", value=KEY, team_id=team.id)
+    refused, _, (tokens, began), answer = await held_across_a_step_back(
+        engine, clock, prefix, lambda send: send("refused"), provider_tokens, swept_by_another=True
+    )
     reset = answer.headers.get("x-ratelimit-reset-tokens")
     code = refused.json()["error"]["code"]
     print(f"{counters}: {refused.status_code} {code}; stored {tokens} tokens in the window "
@@ -1270,44 +1298,17 @@ async def test_a_window_the_sweep_moved_on_takes_what_is_charged_after_the_clock
     engine.manager.create_virtual_key(
         name="alice", value=KEY, budgets=[{"max_limit": 1, "reset_duration": "30s"}]
     )
-    engine.manager.put_provider(
-        "openai", rate_limit={"token_max_limit": 1000, "token_reset_duration": "30s"}
+
+    async def nothing(send: Callable[[str], Awaitable[httpx.Response]]) -> None:
+        return None
+
+    def stored(s: Session) -> tuple[tuple[int, float], tuple[int, float]]:
+        budget = s.exec(select(BudgetRow)).one()
+        return provider_tokens(s), (budget.current_usage_nanos, utc(budget.last_reset).timestamp())
+
+    _, swept, (tokens, budget), answer = await held_across_a_step_back(
+        engine, clock, prefix, nothing, stored
     )
-    host = Host()
-    app = BudgetMiddleware(host, engine=engine)
-    body = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-
-    async def send(rid: str) -> httpx.Response:
-        headers = {"authorization": f"Bearer {KEY}", "x-test-id": rid}
-        return await http.post("/v1/chat/completions", json=body, headers=headers)
-
-    host.answers["first"] = Answer("json", prompt=0, completion=100)  # $0.001
-    host.answers["held"] = Answer("json", prompt=15, completion=400, hold="before")
-    host.answers["next"] = Answer("json")
-    try:
-        async with running(app), client_of(app) as http:
-            assert (await send("first")).status_code == 200
-            await engine.flush()
-            clock.advance(1)
-            held = asyncio.create_task(send("held"))
-            await asyncio.wait_for(host.entered.setdefault("held", asyncio.Event()).wait(), 10)
-            clock.advance(99)
-            await engine.flush()
-            swept = await engine.sweep()
-            clock.advance(-20)  # NTP steps the clock back, before the next re-read
-            host.gates.setdefault("held", asyncio.Event()).set()
-            assert (await held).status_code == 200
-            await engine.flush()
-            with engine.store.session() as s:
-                rate = s.exec(select(RateLimitRow).where(RateLimitRow.owner_type == "provider"))
-                row = rate.one()
-                tokens = (row.token_current_usage, utc(row.token_last_reset).timestamp())
-                stored = s.exec(select(BudgetRow)).one()
-                budget = (stored.current_usage_nanos, utc(stored.last_reset).timestamp())
-            answer = await send("next")
-    finally:
-        engine.store.dispose()
-        delete_prefix(REDIS_URL, prefix)
     reset = answer.headers.get("x-ratelimit-reset-tokens")
     print(f"{counters}: {swept} windows swept; charged 415 tokens and $0.004015 after the step "
           f"back, stored {tokens[0]} tokens in the window from +{tokens[1] - t0:.0f} s and "
