@@ -730,3 +730,37 @@ def test_a_deployment_priced_by_its_own_rates_alone_charges_nothing_for_what_the
     figures = (cost_nanos(inputs, usage), cost_nanos(outputs, usage))
     print("input priced alone, output priced alone:", figures, "nano-USD")
     assert figures == (3_000_000, 1_500_000)
+
+
+def test_kinds_priced_apart_that_overlap_are_each_token_priced_once() -> None:
+    """An answer whose counts of audio, images, reasoning and citations add up to more than
+    their whole (an upstream's bug, or a client's forgery through a gateway) prices each token
+    once: of 1,000 uncached input tokens 800 audio, then at most the 200 left as images; of
+    1,000 output tokens 300 audio, 500 images, then 200 reasoning and no citations: 30,600,000
+    nano-USD. (Three mutants of the caps' subtractions survived the test suite before this
+    test.)"""
+    price = ModelPrice(
+        input_per_mtok=1,
+        output_per_mtok=2,
+        input_audio_per_mtok=10,
+        output_audio_per_mtok=20,
+        input_image_per_mtok=5,
+        output_image_per_mtok=30,
+        output_reasoning_per_mtok=3,
+        output_citation_per_mtok=4,
+    )
+    usage = TokenUsage(
+        input_tokens=1_000,
+        output_tokens=1_000,
+        input_audio_tokens=800,
+        input_image_tokens=800,
+        output_audio_tokens=300,
+        output_image_tokens=500,
+        reasoning_tokens=400,
+        citation_tokens=400,
+    )
+    charged = cost_nanos(price, usage)
+    # (tokens x USD per Mtok x 1,000 nano-USD): input 1,000 x 1 + 800 x (10 - 1) + 200 x
+    # (5 - 1); output 1,000 x 2 + 300 x (20 - 2) + 500 x (30 - 2) + 200 x (3 - 2)
+    print(f"counts past their whole: charged {charged:,} nano-USD")
+    assert charged == (9_000 + 21_600) * 1_000
