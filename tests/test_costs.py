@@ -825,6 +825,156 @@ async def test_image_output_in_flight_together_cannot_spend_past_the_budget(
     assert spent <= 1 + each / 1e9 + 1e-9
 
 
+# Answers of one image each, drawn by a request that asks for no output limit: (provider, model,
+# path, usage). Gemini 2.5 Flash Image bills 1,290 tokens an image; 3 Pro Image 2,000 at 4K; the
+# Images API's gpt-image-1.5 4,160 a 1024x1024 image at high quality. Each with 100 of text.
+ONE_IMAGE_UNLIMITED = [
+    (
+        "gemini",
+        "gemini-2.5-flash-image",
+        "/v1/chat/completions",
+        {
+            "prompt_tokens": 10,
+            "completion_tokens": 1390,
+            "total_tokens": 1400,
+            "completion_tokens_details": {"text_tokens": 100, "image_tokens": 1290},
+        },
+    ),
+    (
+        "gemini",
+        "gemini-3-pro-image-preview",
+        "/v1/chat/completions",
+        {
+            "prompt_tokens": 10,
+            "completion_tokens": 2100,
+            "total_tokens": 2110,
+            "completion_tokens_details": {"text_tokens": 100, "image_tokens": 2000},
+        },
+    ),
+    (
+        "openai",
+        "gpt-image-1.5",
+        "/v1/images/generations",
+        {
+            "input_tokens": 10,
+            "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+            "output_tokens": 4260,
+            "output_tokens_details": {"text_tokens": 100, "image_tokens": 4160},
+            "total_tokens": 4270,
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("provider_id", "model", "path", "usage"),
+    ONE_IMAGE_UNLIMITED,
+    ids=["gemini-2.5-flash-image", "gemini-3-pro-image-preview", "gpt-image-1.5"],
+)
+async def test_images_drawn_without_an_output_limit_in_flight_together_cannot_spend_past_the_budget(
+    make_settings: Settings, provider_id: str, model: str, path: str, usage: dict[str, Any]
+) -> None:
+    """A model that draws (its image output dearer than its text) asked for no output limit
+    (no `max_tokens`; the Images API has none) is reserved at least one image's tokens at the
+    image price, not `BUDGET_DEFAULT_MAX_OUTPUT_TOKENS` (1,024) of them: one image is billed
+    more (1,290 tokens of Gemini 2.5 Flash Image, 2,000 of 3 Pro Image at 4K, 4,160 of
+    gpt-image-1.5 at high quality), so 60 at once on a $1 budget each spent past what they
+    held. They spend no more than the budget and one request (at 1,024: $1.25, 32 served;
+    $1.93, 8; $4.03, 30)."""
+    images = path.endswith("/generations")
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(0.05)  # in flight together
+        if images:
+            return JSONResponse({"created": 1, "data": [{"b64_json": ""}], "usage": usage})
+        return JSONResponse(chat_answer(usage, False, model))
+
+    if images:
+        body: dict[str, Any] = {"model": f"{provider_id}/{model}", "prompt": "a cat"}
+        found = extract_usage(
+            {"model": model, "usage": usage}, provider_id="openai", api_flavor="images"
+        )
+        each = int(found.calc_price().total_price * 10**9)
+    else:
+        body = {
+            "model": f"{provider_id}/{model}",
+            "messages": [{"role": "user", "content": "a cat"}],
+        }
+        details = usage["completion_tokens_details"]
+        drawn = Usage(
+            input_tokens=usage["prompt_tokens"],
+            output_tokens=usage["completion_tokens"],
+            output_image_tokens=details["image_tokens"],
+        )
+        each = nanos(drawn, model, "google")
+    settings = lambda **kw: make_settings(inference_paths=IMAGES_PATHS, **kw)  # noqa: E731
+    async with budget_of_a_dollar(settings, path, provider) as (engine, http, key):
+        auth = {"authorization": f"Bearer {key.value}"}
+        answers = await at_once(http, path, body, auth)
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    served = [a.status_code for a in answers].count(200)
+    print(
+        f"{model}, 60 at once on $1, no output limit, ${each / 1e9:.6f} each: "
+        f"{served} served, ${spent:.6f}"
+    )
+    assert served >= 1
+    assert spent <= 1 + each / 1e9 + 1e-9
+
+
+async def test_images_edited_by_reference_in_flight_together_cannot_spend_past_the_budget(
+    make_settings: Settings,
+) -> None:
+    """gpt-image-1.5's edits (the Images API, `/v1/images/edits` as JSON) may name their input
+    images by reference (`images: [{"image_url": ...}]`, or a `file_id`), billed at $8 per
+    Mtok of image input (its text $5): 16 of 4,741 tokens each here ($0.61), which the body's
+    estimate does not hold. Such a request reserves as one sending media by reference does
+    (SPEC §6): the most one request is charged until one is measured, then what each took, at
+    the image input price. 60 at once on a $1 budget, then 60 on $5 once measured, spend no
+    more than the budget and one request. The images were not seen (the body holds no
+    `"type"`): 60 at once spent $2.96 of $1 (4 served) and $17.76 of $5 (24); seen and
+    measured, but priced as text input, $5.92 of $5 (8); now $0.74 (1) and $3.70 (5)."""
+    usage = {
+        "input_tokens": 75_866,
+        "input_tokens_details": {"text_tokens": 10, "image_tokens": 75_856},
+        "output_tokens": 4160,
+        "output_tokens_details": {"text_tokens": 0, "image_tokens": 4160},
+        "total_tokens": 80_026,
+    }
+    model = "gpt-image-1.5"
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(0.05)  # in flight together
+        return JSONResponse({"created": 1, "data": [{"b64_json": ""}], "usage": usage})
+
+    path = "/v1/images/edits"
+    refs = [{"image_url": f"https://example.com/{n}.png"} for n in range(16)]
+    body = {"model": f"openai/{model}", "prompt": "a cat", "images": refs}
+    found = extract_usage(
+        {"model": model, "usage": usage}, provider_id="openai", api_flavor="images"
+    )
+    each = int(found.calc_price().total_price * 10**9)
+    settings = lambda **kw: make_settings(inference_paths=("/images/edits",), **kw)  # noqa: E731
+    async with budget_of_a_dollar(settings, path, provider) as (engine, http, key):
+        five = engine.manager.create_virtual_key(
+            name="bob", budgets=[{"max_limit": 5, "reset_duration": "1d"}]
+        )
+        spent = []
+        for payer, limit in ((key, 1), (five, 5)):  # not measured yet, then measured
+            auth = {"authorization": f"Bearer {payer.value}"}
+            answers = await at_once(http, path, body, auth)
+            await engine.flush()
+            spent.append(engine.manager.get_budget(payer.budgets[0].id).current_usage)
+            served = [a.status_code for a in answers].count(200)
+            print(f"{model} edits, 16 images by URL, 60 at once on ${limit}, ", end="")
+            print(f"${each / 1e9:.6f} each: {served} served, ${spent[-1]:.6f}")
+            assert served >= 1
+    assert spent[0] <= 1 + each / 1e9 + 1e-9
+    assert spent[1] <= 5 + each / 1e9 + 1e-9
+
+
 @pytest.mark.parametrize("kind", ["json", "stream"])
 async def test_an_unreadable_answer_of_an_image_model_is_charged_its_most_output_as_images(
     make_settings: Settings, kind: str
@@ -880,7 +1030,8 @@ async def test_an_answer_of_a_model_that_draws_without_usage_is_charged_its_most
     than the bill of an image within its output limit (1,290 image tokens and 100 of text here).
     The JSON answer's base64 was charged as text (250,035,400 nano-USD, 6 times the bill), a
     stream's image nothing (its text only: 20,400), the Images API's answer its prompt alone
-    (200,000 of the 32,968,000 reserved)."""
+    (200,000 of the 32,968,000 reserved). The Images API has no output limit: it is reserved
+    and charged one image's most tokens (6,240), as a model that draws asked for none is."""
     images = kind == "images"
     model = "gpt-image-1.5" if images else "gemini-2.5-flash-image"
     provider = "openai" if images else "gemini"
@@ -907,8 +1058,8 @@ async def test_an_answer_of_a_model_that_draws_without_usage_is_charged_its_most
         done=kind != "cut",
         **asked,
     )
-    # its `max_tokens`, or the default output limit; nano-USD a token in, and out as images
-    most, inp, out = (1024, 5_000, 32_000) if images else (1400, 300, 30_000)
+    # its `max_tokens`, or (none) one image's tokens; nano-USD a token in, and out as images
+    most, inp, out = (6240, 5_000, 32_000) if images else (1400, 300, 30_000)
     reserved = row.input_tokens * inp + most * out
     print(f"{model}, {kind} without usage: charged {row.cost_nanos}, reserved {reserved}")
     assert (row.output_tokens, row.estimated) == (most, True)

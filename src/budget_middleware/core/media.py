@@ -25,15 +25,18 @@ from typing import Any, Final
 # cheaply (`may_reference`).
 MARK: Final = b'"type"'
 _NUL: Final = 0  # sought as an int (see `may_reference`)
+# The Images API's edits as JSON name their images by a key of their own (`_edited`).
+EDITED: Final = b'"images"'
 
 
 def may_reference(body: bytes) -> bool:
     """Whether a request body may send media by reference, told from its bytes: it holds
-    `"type"`, or it could spell that key otherwise (a `\\u` escape, `"\\u0074ype"`; a UTF-16 or
-    UTF-32 body, whose bytes hold NULs). Only then is its parsed body walked."""
+    `"type"` (or `"images"`: the Images API's edits), or it could spell that key otherwise (a
+    `\\u` escape, `"\\u0074ype"`; a UTF-16 or UTF-32 body, whose bytes hold NULs). Only then is
+    its parsed body walked."""
     # `find`, and a NUL as an int: `bytes in bytes` first tries its operand as an int, which
     # raises and clears a TypeError (~50 ns each in CPython 3.11)
-    return body.find(MARK) >= 0 or body.find(b"\\u") >= 0 or _NUL in body
+    return body.find(MARK) >= 0 or body.find(EDITED) >= 0 or body.find(b"\\u") >= 0 or _NUL in body
 
 
 _DEPTH: Final = 3  # messages, their content, a tool result's content: no deeper
@@ -46,7 +49,8 @@ def media_references(body: Any) -> int:
 def walk(body: Any, images: list[tuple[int, int, int]] | None) -> int:
     """How many media a request's parsed body sends by reference: in `messages[*].content[*]`
     (OpenAI chat, Anthropic messages, and a `tool_result`'s content) and in `input[*]` and
-    `input[*].content[*]` (the Responses API, and a `function_call_output`'s output). Whatever is
+    `input[*].content[*]` (the Responses API, and a `function_call_output`'s output), and in
+    `images[*]` (the Images API's edits, `_edited`). Whatever is
     not as those APIs write it counts nothing. With `images`, each inline image found in the
     same places is added to it as (characters of its base64, width, height) when its header is
     read, and each inline audio as (characters, 0, most seconds it lasts), else not (its bytes
@@ -58,7 +62,21 @@ def walk(body: Any, images: list[tuple[int, int, int]] | None) -> int:
         items = body.get(name)
         if type(items) is list:
             count += _count(items, _DEPTH, images)
+    edited = body.get("images")
+    if type(edited) is list:
+        count += _edited(edited)
     return count
+
+
+def _edited(items: list[Any]) -> int:
+    """The images the Images API's edits sent as JSON (gpt-image-1.5's `images`) name by
+    reference: `{"image_url": URL}` or `{"file_id": ...}`. One sent inline (a `data:` URL)
+    stays counted by its bytes: how its pixels are billed there is not known here."""
+    return sum(
+        1
+        for item in items
+        if type(item) is dict and (_remote(item.get("image_url")) or _named(item.get("file_id")))
+    )
 
 
 def _count(items: list[Any], depth: int, images: list[tuple[int, int, int]] | None) -> int:
@@ -297,6 +315,26 @@ def image_tokens(model: str, width: int, height: int) -> int:
     if name.startswith(_OPENAI):
         return patched
     return max(patched, claude, gemini, mini)
+
+
+# The most output tokens one image a model draws is billed (SPEC §6), from each one's pricing:
+# - Gemini (ai.google.dev/gemini-api/docs/pricing): 2.5 Flash Image 1,290 an image (up to
+#   1024x1024); 3 Pro Image 1,120 (1K, 2K) and 2,000 (4K); 3.1 Flash Image up to 2,520 (4K).
+# - OpenAI's gpt-image-1.5 (the Images API): 4,160 a 1024x1024 image at high quality, 6,240 a
+#   1024x1536 one.
+# A model whose name tells no family here is counted at the largest.
+_DRAWN_TOKENS: Final = (("gemini-2.5-flash-image", 1290), ("gemini", 2520))
+_MOST_DRAWN_TOKENS: Final = 6240
+
+
+def drawn_image_tokens(model: str) -> int:
+    """The most output tokens the provider of `model` bills one image it draws (its family
+    told by its name; the largest of all when it is not known)."""
+    name = model.rsplit("/", 1)[-1].lower()
+    for family, tokens in _DRAWN_TOKENS:
+        if family in name:
+            return tokens
+    return _MOST_DRAWN_TOKENS
 
 
 # Audio is billed by how long it lasts: Gemini 32 tokens a second (ai.google.dev, "Understand

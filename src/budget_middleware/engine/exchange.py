@@ -587,7 +587,7 @@ class Exchange:
             if stream.gave_up and stream.gap_unread():  # (`gave_up` first: no call as a rule)
                 # An event over 16 MiB skipped unread, no usage read since: the most it may cost.
                 self.estimated = True
-                most = self.engine.gate.most_output(self.target)
+                most = self.engine.gate.most_output(self.target, self.price)
                 return replace(
                     usage,
                     input_tokens=usage.input_tokens or self.prompt_tokens,
@@ -758,7 +758,9 @@ class Exchange:
                     # Nothing of the answer could be read (a coding we cannot decode, a corrupt
                     # body), or its output may be images, which its bytes do not count (a model
                     # that draws): the most it could have cost, as its reservation counted it.
-                    output = max(self.engine.gate.most_output(self.target), (seen + 3) // 4)
+                    output = max(
+                        self.engine.gate.most_output(self.target, self.price), (seen + 3) // 4
+                    )
                     if note is None:
                         note = "a usage of 0 tokens" if nothing else "no usage in the response"
                     note = f"{note}: charged its most output"

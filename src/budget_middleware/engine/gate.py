@@ -30,9 +30,14 @@ from budget_middleware.core.identity import (
     lax_true,
     plain_path,
 )
-from budget_middleware.core.media import inline_image_tokens, may_reference, walk
+from budget_middleware.core.media import (
+    drawn_image_tokens,
+    inline_image_tokens,
+    may_reference,
+    walk,
+)
 from budget_middleware.core.money import MAX_CHARGE_NANOS
-from budget_middleware.core.pricing import asked_prices, at_time, estimate_nanos
+from budget_middleware.core.pricing import ModelPrice, asked_prices, at_time, draws, estimate_nanos
 from budget_middleware.core.providers import RESOURCE_PREFIX
 from budget_middleware.core.routing import Route
 from budget_middleware.core.scopes import KeyConfig, Scope
@@ -562,7 +567,11 @@ class Gate:
                 if target.service_tier is not None:  # at the prices of the tier asked for
                     price = asked_prices(price, target.service_tier)
                 exchange.ticket_estimate = estimate_nanos(
-                    price, prompt_tokens, self.most_output(target), target.spoken, target.caches
+                    price,
+                    prompt_tokens,
+                    self.most_output(target, price),
+                    target.spoken,
+                    target.caches,
                 )
                 if self.any_fee:
                     self._with_fee(exchange)
@@ -598,9 +607,7 @@ class Gate:
     def _audio_weight(self, target: Target) -> int:
         """How many input tokens an audio token costs at `target`'s prices (at least 1)."""
         price = self.price(target.provider, target.model)
-        if price is None or price.input_audio_per_mtok is None or not price.input_per_mtok:
-            return 1
-        return max(1, math.ceil(price.input_audio_per_mtok / price.input_per_mtok))
+        return 1 if price is None else _weight(price.input_audio_per_mtok, price)
 
     def _with_media(self, exchange: Exchange, references: int) -> None:
         """A request sending `references` media by reference (SPEC §6): their input tokens are
@@ -611,9 +618,11 @@ class Gate:
         exchange.media_references = references  # its answer teaches the next (`saw_media`)
         target = exchange.target
         each = self.media_tokens.get((target.provider, target.model))
-        if each is not None:  # the prompt's estimate counts them: an answer without usage too
-            exchange.prompt_tokens += each * references
         price = exchange.price
+        if each is not None:  # the prompt's estimate counts them: an answer without usage too
+            # as images, where they are dearer than text (gpt-image-1.5's edits: $8, its text $5)
+            weight = 1 if price is None else _weight(price.input_image_per_mtok, price)
+            exchange.prompt_tokens += each * references * weight
         # Unpriced: its own rule reserves (the most a request to it has cost). Free input: the
         # media cost nothing.
         if (
@@ -629,7 +638,7 @@ class Gate:
             most = estimate_nanos(
                 asked,
                 exchange.prompt_tokens,
-                self.most_output(target),
+                self.most_output(target, price),
                 target.spoken,
                 target.caches,
             )
@@ -637,12 +646,18 @@ class Gate:
             if self.any_fee:
                 self._with_fee(exchange)
 
-    def most_output(self, target: Target) -> int:
+    def most_output(self, target: Target, price: ModelPrice | None) -> int:
         """The most output a request may be answered: its limit (or the default when it sets
-        none) for each choice. What a reservation counts, and an unread answer is charged."""
+        none) for each choice. What a reservation counts, and an unread answer is charged.
+        Without a limit, a model that draws (`draws`) may answer an image whatever is asked:
+        at least the tokens of one (`drawn_image_tokens`; Gemini 2.5 Flash Image's 1,290 are
+        past the default 1,024, and requests in flight together each spent past what they
+        held)."""
         output = target.max_output_tokens
         if output is None:
             output = self.default_output
+            if price is not None and draws(price):
+                output = max(output, drawn_image_tokens(target.model))
         return output * target.choices
 
     # -- routes (SPEC §12) ---------------------------------------------------------------
@@ -741,6 +756,15 @@ class Gate:
         engine.stats.count_refused(code)
         self.tell_refusal(code, answer.status, plan.key, told, error.get("scope"))
         return answer
+
+
+def _weight(dearer: float | None, price: ModelPrice) -> int:
+    """How many input tokens a token of an input kind priced `dearer` (audio, images; None: at
+    the input price) costs at `price` (at least 1): an estimate counting them as input covers
+    them so."""
+    if dearer is None or not price.input_per_mtok:
+        return 1
+    return max(1, math.ceil(dearer / price.input_per_mtok))
 
 
 _TOO_DEEP = "Request body is JSON nested deeper than budget-middleware reads: it cannot be metered"
