@@ -122,6 +122,35 @@ def test_rate_limits_are_checked_before_budgets() -> None:
     assert decision.code == "request_limit_exceeded"
 
 
+def test_the_first_scope_s_rate_limit_that_refuses_is_named_whatever_its_kind() -> None:
+    """SPEC §5: rate limits scope by scope (requests, tokens, concurrency). `admit` reads them
+    kind by kind, which every request passes as a rule; a refusal is named in the spec's order:
+    the key's spent tokens (or its full slots), not its team's spent requests read first."""
+    registry = CounterRegistry()
+    ledger = registry.ledger
+    key = rate_scope(registry, "alice", tokens=5, concurrent=1)
+    team = rate_scope(registry, "research", requests=1)
+    assert key.rate_limit is not None and key.rate_limit.tokens is not None
+    assert team.rate_limit is not None and team.rate_limit.requests is not None
+    key.rate_limit.tokens.value = 5
+    team.rate_limit.requests.value = 1
+    first = admit((key, team), estimate=0, reserve=True, now=T0, ledger=ledger)
+    assert isinstance(first, Refusal)
+    print(f"refused by {first.scope.name}'s {first.code}")
+    assert (first.code, first.scope, first.used) == ("token_limit_exceeded", key, 5)
+    key.rate_limit.tokens.value = 0
+    assert key.rate_limit.concurrency is not None
+    key.rate_limit.concurrency.in_flight = 1
+    slots = admit((key, team), estimate=0, reserve=True, now=T0, ledger=ledger)
+    assert isinstance(slots, Refusal)
+    assert (slots.code, slots.scope) == ("concurrency_limit_exceeded", key)
+    key.rate_limit.concurrency.in_flight = 0
+    requests = admit((key, team), estimate=0, reserve=True, now=T0, ledger=ledger)
+    assert isinstance(requests, Refusal)
+    assert (requests.code, requests.scope, requests.used) == ("request_limit_exceeded", team, 1)
+    assert key.rate_limit.concurrency.in_flight == 0 and not ledger.dirty  # nothing counted
+
+
 def test_reservations_hold_the_budget_until_settled_with_the_actual_cost() -> None:
     registry = CounterRegistry()
     team = budget_scope(registry, "research", 1.0)

@@ -76,52 +76,38 @@ def bring_to(limits: LimitSet, now: float, ledger: Ledger) -> None:
 def admit(
     limits: LimitSet, estimate: int, reserve: bool, now: float, ledger: Ledger
 ) -> Ticket | Refusal:
-    """All or nothing, in one pass in the order of SPEC §5: the rate limits of every scope
-    (requests, tokens, concurrency), then the budgets of every scope. The first limit that
-    refuses is the answer (an exhausted budget beats one that only reservations fill); nothing
-    is changed unless every limit passes. On the way, the tightest limit of each kind is kept for
-    the response headers (the least left; ties keep the first). `store/lua/admit.lua` is the same
-    rule for Redis. A refusal brings the windows behind the limit that refused to `now` too
+    """All or nothing, in the order of SPEC §5: the rate limits of every scope (requests,
+    tokens, concurrency), then the budgets of every scope. The first limit that refuses is the
+    answer (an exhausted budget beats one that only reservations fill); nothing is changed
+    unless every limit passes. On the way, the tightest limit of each kind is kept for the
+    response headers (the least left; ties keep the first). The rate limits are read kind by
+    kind over the flattened windows, which the usual request passes; one that refuses has
+    `_rate_refusal` name the first in SPEC §5's order. `store/lua/admit.lua` is the same rule
+    for Redis. A refusal brings the windows behind the limit that refused to `now` too
     (`bring_to`), as Redis does."""
     requests: WindowCounter | None = None
+    requests_left = 0
+    for counter in limits.requests:
+        if now >= counter.end:
+            counter.roll(now, ledger)
+        left = counter.limit - counter.value
+        if left <= 0:
+            return _rate_refusal(limits, now, ledger)
+        if requests is None or left < requests_left:
+            requests, requests_left = counter, left
     tokens: WindowCounter | None = None
-    requests_left = tokens_left = 0
-    for scope in limits.scopes:
-        rate = scope.rate_limit
-        if rate is None:
-            continue
-        counter = rate.requests
-        if counter is not None:
-            if now >= counter.end:
-                counter.roll(now, ledger)
-            left = counter.limit - counter.value
-            if left <= 0:
-                bring_to(limits, now, ledger)
-                return Refusal(
-                    "request_limit_exceeded",
-                    scope,
-                    counter.limit,
-                    counter.value,
-                    _reset_at(counter),
-                )
-            if requests is None or left < requests_left:
-                requests, requests_left = counter, left
-        counter = rate.tokens
-        if counter is not None:
-            if now >= counter.end:
-                counter.roll(now, ledger)
-            left = counter.limit - counter.value
-            if left <= 0:
-                bring_to(limits, now, ledger)
-                return Refusal(
-                    "token_limit_exceeded", scope, counter.limit, counter.value, _reset_at(counter)
-                )
-            if tokens is None or left < tokens_left:
-                tokens, tokens_left = counter, left
-        slots = rate.concurrency
-        if slots is not None and slots.limit is not None and slots.in_flight >= slots.limit:
-            bring_to(limits, now, ledger)
-            return Refusal("concurrency_limit_exceeded", scope, slots.limit, slots.in_flight, None)
+    tokens_left = 0
+    for counter in limits.tokens:
+        if now >= counter.end:
+            counter.roll(now, ledger)
+        left = counter.limit - counter.value
+        if left <= 0:
+            return _rate_refusal(limits, now, ledger)
+        if tokens is None or left < tokens_left:
+            tokens, tokens_left = counter, left
+    for slots in limits.slots:
+        if slots.limit is not None and slots.in_flight >= slots.limit:
+            return _rate_refusal(limits, now, ledger)
     budget: WindowCounter | None = None
     budget_left = 0
     held: Refusal | None = None
@@ -163,6 +149,31 @@ def admit(
         requests_left -= 1  # this request is counted now
     ticket.tightest = (requests, requests_left, tokens, tokens_left, budget, budget_left)
     return ticket
+
+
+def _rate_refusal(limits: LimitSet, now: float, ledger: Ledger) -> Refusal:
+    """The refusal of a request that a rate limit refuses (`admit` found one): the first in SPEC
+    §5's order, scope by scope (its request window, its token window, its concurrency slots),
+    its windows, and those of every other limit, brought to `now` (`bring_to`)."""
+    bring_to(limits, now, ledger)
+    for scope in limits.scopes:
+        rate = scope.rate_limit
+        if rate is None:
+            continue
+        counter = rate.requests
+        if counter is not None and counter.value >= counter.limit:
+            return Refusal(
+                "request_limit_exceeded", scope, counter.limit, counter.value, _reset_at(counter)
+            )
+        counter = rate.tokens
+        if counter is not None and counter.value >= counter.limit:
+            return Refusal(
+                "token_limit_exceeded", scope, counter.limit, counter.value, _reset_at(counter)
+            )
+        slots = rate.concurrency
+        if slots is not None and slots.limit is not None and slots.in_flight >= slots.limit:
+            return Refusal("concurrency_limit_exceeded", scope, slots.limit, slots.in_flight, None)
+    raise AssertionError("no rate limit of these refuses")
 
 
 def retry_at(limits: LimitSet, now: float) -> float | None:
