@@ -68,12 +68,14 @@ def test_a_header_sent_twice_counts_by_its_first_value_as_the_host_app_reads_it(
     twice = headers(x_budget_key="k1") + headers(x_budget_key="k2")
     assert read(twice).key == "k1"
     assert read(iter(twice)).key == "k1"  # an iterable that cannot be reversed (ASGI allows it)
+    assert read(tuple(twice)).key == "k1"  # a sequence of another type, read as it is
 
 
 def test_a_bearer_token_counts_only_with_the_prefix() -> None:
     assert read(headers(authorization="Bearer sk-bm-abc ")).key == "sk-bm-abc"
     assert read(headers(authorization="bearer sk-bm-abc")).key == "sk-bm-abc"
     assert read(headers(authorization="BEARER sk-bm-abc")).key == "sk-bm-abc"
+    assert read(headers(authorization="bEaReR sk-bm-abc")).key == "sk-bm-abc"  # any case
     assert read(headers(authorization="Bearer sk-openai-abc")).key is None
     assert read(headers(authorization="Basic sk-bm-abc")).key is None
     assert read(headers(authorization="Bearer ")).key is None
@@ -97,6 +99,8 @@ def test_without_a_prefix_every_bearer_and_api_key_counts() -> None:
     plain = header_reader("x-budget-key", "")
     assert plain(headers(authorization="Bearer upstream")).key == "upstream"
     assert plain(headers(x_api_key="any")).key == "any"
+    # a blank bearer token is none: the API-key headers still count
+    assert plain(headers(authorization="Bearer  ", x_api_key="any")).key == "any"
     assert plain(headers()).key is None
 
 

@@ -44,6 +44,9 @@ KNOWN_PROVIDERS = frozenset(
 # (werkzeug's, Django's), so it must not pass unmetered. One set lookup, whatever the method.
 POST = frozenset(map("".join, itertools.product(*zip("POST", "post", strict=True))))
 
+# `Authorization: Bearer `, its scheme in any case (RFC 9110 11.1): one set lookup, as `POST`.
+BEARER = frozenset(map(bytes, itertools.product(*zip(b"bearer ", b"BEARER ", strict=True))))
+
 # Headers that ask an app for another method than the request line's (Flask's docs'
 # `HTTPMethodOverrideMiddleware` reads the first; Microsoft's and Google's APIs the others): an
 # app honouring one inside the middleware serves `GET` saying `POST` at its POST route, which
@@ -166,28 +169,31 @@ def header_reader(
     key_header = key_header_name.lower().encode()
 
     def read(headers: Iterable[tuple[bytes, bytes]]) -> Credentials:
-        rows = headers if type(headers) is list else list(headers)  # ASGI allows any iterable
-        found = dict(reversed(rows))  # in C; a repeated header keeps its first value
-        get = found.get
+        rows = headers  # a list, as a rule: read as it is
+        try:  # in C; a repeated header keeps its first value
+            found = dict(reversed(rows))  # type: ignore[call-overload]
+        except TypeError:  # ASGI allows any iterable: one that is no sequence is listed first
+            rows = list(headers)
+            found = dict(reversed(rows))
         key = None
-        explicit = get(key_header)
+        explicit = found.get(key_header)
         if explicit:
             key = explicit.decode("latin-1").strip() or None
         if key is None:  # none there, or blank: the other headers may hold it
-            value = get(b"authorization")
-            if value is not None and value[:7].lower() == b"bearer ":
+            value = found.get(b"authorization")
+            if value is not None and value[:7] in BEARER:
                 text = value[7:].decode("latin-1").strip()
-                if text and text.startswith(prefix):
+                if text.startswith(prefix):
                     key = text
-            if key is None:
+            if not key:  # none there, or blank (with no prefix): the API-key headers may hold it
                 for name in API_KEY_HEADERS:
-                    value = get(name)
+                    value = found.get(name)
                     if value:
                         text = value.decode("latin-1").strip()
                         if text.startswith(prefix):
                             key = text
                             break
-        length = get(b"content-length")
+        length = found.get(b"content-length")
         size = None
         if length is not None:
             try:
@@ -196,8 +202,8 @@ def header_reader(
                 size = None
         credentials = Credentials(key or None, None, (), size)  # by position: ~0.25 µs less
         if not _SELDOM_SENT.isdisjoint(found):  # one C call: the usual request sends none
-            _read_seldom_sent(credentials, get, rows)
-        accept = get(b"accept-encoding")
+            _read_seldom_sent(credentials, found.get, rows)
+        accept = found.get(b"accept-encoding")
         if accept is not None and accept != USUAL_ACCEPT:
             credentials.accept_encoding = readable_accept(accept.decode("latin-1"))
         return credentials
@@ -421,14 +427,14 @@ class TargetResolver:
         """`own_key`: the caller's key's value, when it is a known key."""
         data = body if type(body) is dict else _NO_BODY
         raw_model = data.get("model") if credentials.model is None else credentials.model
-        found = self.provider_and_model(
+        provider, model = self.provider_and_model(
             raw_model if type(raw_model) is str else "", credentials, route_path
         )
         # (a provider is named in lower case: the key in it is too)
         if own_key is None and credentials.key_digest is not None:
             own_key = self._own_key_in(raw_model, credentials)
-        if own_key is not None and (own_key in found[1] or own_key.lower() in found[0]):
-            found = _without_key(found, own_key)
+        if own_key is not None and (own_key in model or own_key.lower() in provider):
+            provider, model = _without_key(provider, model, own_key)
         tags = credentials.tags
         if credentials.unread_tags:  # past MAX_TAGS_READ: those with limits
             tags += limited_of(credentials.unread_tags, self.limited_tags())
@@ -447,15 +453,18 @@ class TargetResolver:
         if sized:
             # Of the output limits given, the largest (in any order): upstreams differ in which
             # one they obey.
-            for name in _OUTPUT_LIMITS.intersection(sized):
+            for name in sized & _OUTPUT_LIMITS:
                 value = data[name]
                 if type(value) is not int or value < 0:  # a count is taken as it is
                     value = _count(value)
-                if value is not None and (limit is None or value > limit):
+                    if value is None:
+                        continue
+                if limit is None or value > limit:
                     limit = value
             if not sized <= _OUTPUT_LIMITS:  # choices, a tier, a batch, audio: seldom asked
-                return _shaped(found, tags, data, sized, limit)
-        return Target(found[0], found[1], tags, _streams(data), limit, 1)
+                return _shaped(provider, model, tags, data, sized, limit)
+        # (no `stream` named, the usual body: told without reading it)
+        return Target(provider, model, tags, "stream" in data and _streams(data), limit, 1)
 
     def provider_and_model(
         self, model: str, credentials: Credentials, route_path: str
@@ -465,15 +474,15 @@ class TargetResolver:
         where: tuple[str, str | None, str]
         if credentials.provider_is_host and credentials.provider is not None:
             where = (model, credentials.provider, "")
-            found = self._hosted.get(where)
-            if found is None:
-                found = self._remember(self._hosted, where, _hosted(model, credentials.provider))
-            return found
+            try:
+                return self._hosted[where]
+            except KeyError:  # worked out once
+                return self._remember(self._hosted, where, _hosted(model, credentials.provider))
         where = (model, credentials.provider, route_path)
-        found = self._routes.get(where)
-        if found is None:
-            found = self._remember(self._routes, where, self._route(*where))
-        return found
+        try:
+            return self._routes[where]
+        except KeyError:  # worked out once
+            return self._remember(self._routes, where, self._route(*where))
 
     def retarget(
         self, target: Target, model: str, credentials: Credentials, route_path: str
@@ -558,7 +567,8 @@ def _batch(prompt: object) -> int:
 
 
 def _shaped(
-    found: tuple[str, str],
+    provider: str,
+    model: str,
     tags: tuple[str, ...],
     data: dict[str, Any],
     sized: frozenset[str],
@@ -584,7 +594,7 @@ def _shaped(
     modalities = data.get(MODALITIES_FIELD)
     spoken = type(modalities) is list and "audio" in modalities
     stream = _streams(data)
-    return Target(found[0], found[1], tags, stream, limit, choices, tier, background, spoken)
+    return Target(provider, model, tags, stream, limit, choices, tier, background, spoken)
 
 
 # What pydantic's lax mode (FastAPI's request models) reads as the boolean True, which the host
@@ -648,8 +658,7 @@ def _never(_: str) -> None:
     return None
 
 
-def _without_key(found: tuple[str, str], key: str) -> tuple[str, str]:
-    provider, model = found
+def _without_key(provider: str, model: str, key: str) -> tuple[str, str]:
     return (
         "unknown" if key.lower() in provider else provider,
         "unknown" if key in model else model,

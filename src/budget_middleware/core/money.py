@@ -78,13 +78,16 @@ def usd_fixed(nanos: int, decimals: int, grouped: bool = False, down: bool = Fal
     )
 
 
+_NANOS_PER_MICRO: Final = 1000
+_MICROS_PER_USD: Final = NANOS_PER_USD // _NANOS_PER_MICRO
+
+
 def usd_header(nanos: int, nine: bool = False) -> bytes:
     """An amount as the response headers show it, exactly: `10.010000` (six decimals), or nine
     when it holds a part of a micro-dollar (`0.000000001`: a positive amount never reads 0) or
     when `nine` asks for them (the other amount of the answer has nine)."""
     if nanos < 0:
         return b"-" + usd_header(-nanos, nine)
-    whole, part = divmod(nanos, NANOS_PER_USD)
-    if nine or part % 1000:
-        return b"%d.%09d" % (whole, part)
-    return b"%d.%06d" % (whole, part // 1000)
+    if nine or nanos % _NANOS_PER_MICRO:
+        return b"%d.%09d" % divmod(nanos, NANOS_PER_USD)  # dollars, nano-dollars
+    return b"%d.%06d" % divmod(nanos // _NANOS_PER_MICRO, _MICROS_PER_USD)
