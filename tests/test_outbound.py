@@ -4349,7 +4349,7 @@ async def test_an_azure_deployment_named_otherwise_than_its_model_is_priced_as_r
     reads (`azure/prod-chat`); the model its answer names is not read. Unpriced, it costs 0
     (SPEC §7). README's recipe: price `azure/<deployment>` in BUDGET_PRICING_FILE (each call
     charged its price, JSON and stream, and a raw call that names the deployment in its body
-    too), or BUDGET_UNPRICED_MODELS=refuse (403, never sent)."""
+    too, or no model), or BUDGET_UNPRICED_MODELS=refuse (403, never sent)."""
     overrides: dict[str, Any] = {"flush_interval_seconds": 3600}
     if recipe == "pricing_file":
         prices = {"azure/prod-chat": {"input_per_mtok": 2.5, "output_per_mtok": 10}}
@@ -4397,7 +4397,8 @@ async def test_an_azure_deployment_named_otherwise_than_its_model_is_priced_as_r
     else:
         assert (statuses, len(sent)) == ([200] * 4, 4)
         deployment = ("azure", "prod-chat", priced)
-        assert charged == [deployment, deployment, ("azure", "unknown", 0), deployment]
+        # (a raw call whose body names no model too: it was `unknown`, $0 whatever the price)
+        assert charged == [deployment] * 4
 
 
 def _compacting(request: httpx2.Request) -> httpx2.Response:
@@ -6817,6 +6818,45 @@ async def test_an_azure_client_s_own_deployment_is_the_model_charged(
           f"charged {charged}")  # fmt: skip
     assert charged == [("azure", "prod-chat", 3_500_000)]  # 1,000 in, 100 out at its price
     assert statuses == [200, 403] and len(sent) == 1
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["https://myco.openai.azure.com", "https://corp-gateway.azure-api.net"]
+)
+@pytest.mark.parametrize("body_model", ["gpt-4o-mini", None])
+async def test_the_deployment_azure_serves_is_the_model_charged_whatever_the_body_names(
+    make_settings: Settings, endpoint: str, body_model: str | None
+) -> None:
+    """Azure OpenAI serves the deployment its path names (`/openai/deployments/gpt-4o/…`),
+    whatever the body's `model` says or whether it says one. On Azure's host a body without a
+    model was metered as `unknown`, at $0 (3,500,000 nano-USD served: 1,000 in, 100 out of
+    gpt-4o); behind API Management (`*.azure-api.net`, told by the path's shape, as its
+    stream's `api-version` and a route's deployment are) the body's `gpt-4o-mini` was charged
+    (210,000) and a body without one $0, and a $0 budget on gpt-4o did not refuse either. The
+    deployment is the model: checked against its budget, charged its price."""
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    await engine.ensure_started()
+    sent: list[str] = []
+    http = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.MockTransport(_azure_deployment(sent)), engine=engine)
+    )
+    url = f"{endpoint}/openai/deployments/gpt-4o/chat/completions"
+    body: dict[str, Any] = {"messages": MESSAGES}
+    if body_model is not None:
+        body["model"] = body_model
+    try:
+        served = await http.post(url, params={"api-version": "2024-10-21"}, json=body)
+        await engine.flush()
+        charged = [(r["model"], r["cost_nanos"]) for r in records(engine)]
+        engine.manager.create_model_config(model_name="gpt-4o", budgets=[{"max_limit": 0}])
+        await engine.invalidate()
+        refused = await http.post(url, params={"api-version": "2024-10-21"}, json=body)
+    finally:
+        await engine.shutdown()
+    print(f"{endpoint}, body model {body_model}: answered {served.status_code}, charged",
+          charged, f"with gpt-4o's budget $0: {refused.status_code}, sent {len(sent)}")  # fmt: skip
+    assert charged == [("gpt-4o", 3_500_000)]  # 1,000 in, 100 out at gpt-4o's price
+    assert (served.status_code, refused.status_code, len(sent)) == (200, 402, 1)
 
 
 async def test_a_stream_to_codestral_s_endpoint_is_mistral_s(engine: BudgetEngine) -> None:

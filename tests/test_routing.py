@@ -1520,6 +1520,60 @@ async def test_a_routed_azure_call_through_a_gateway_host_names_the_deployment_b
     assert sent[0][0] == "/openai/deployments/gpt-4o-mini/chat/completions"
 
 
+@pytest.mark.parametrize("body_model", ["gpt-4o", None])
+async def test_a_route_named_by_an_azure_client_s_deployment_routes_its_calls(
+    make_settings: Settings, body_model: str | None
+) -> None:
+    """`AzureOpenAI(azure_deployment="chat-default")`: the path names the deployment, which is
+    the model metered (README), whatever the body says. A route of that name was looked up by
+    the body's `model` instead, so the call was not routed: sent to deployment `chat-default`
+    as it was and charged as that model, unpriced, $0 (1,000 in and 1,000 out), where the
+    route's target gpt-4o-mini is served for 750,000 nano-USD. Routing reads the name metering
+    reads: routed, sent to the target's deployment and charged its price."""
+    import httpx2
+    import openai
+
+    from budget_middleware import BudgetTransport
+    from test_outbound import MESSAGES, records
+
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    await engine.ensure_started()
+    sent: list[tuple[str, str | None, str | None]] = []
+    engine.manager.create_route(name="chat-default", targets=["azure/gpt-4o-mini"])
+    await engine.invalidate()
+    transport = BudgetTransport(httpx2.MockTransport(_azure_answer(httpx2, sent)), engine=engine)
+    http = httpx2.AsyncClient(transport=transport)
+    try:
+        if body_model is not None:
+            sdk = openai.AsyncAzureOpenAI(
+                api_key="azure-secret",
+                api_version="2024-10-21",
+                azure_endpoint="https://res.openai.azure.com",
+                azure_deployment="chat-default",
+                http_client=http,
+                max_retries=0,
+            )
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model=body_model, messages=MESSAGES
+            )
+            route, status = raw.headers.get("x-budget-route"), raw.status_code
+        else:  # a raw REST call: Azure needs no model in the body
+            url = "https://res.openai.azure.com/openai/deployments/chat-default/chat/completions"
+            answer = await http.post(url, params={"api-version": "2024-10-21"},
+                                     json={"messages": MESSAGES})  # fmt: skip
+            route, status = answer.headers.get("x-budget-route"), answer.status_code
+        await engine.flush()
+        rows = records(engine)
+    finally:
+        await engine.shutdown()
+    charged = [(r["provider"], r["model"], r["cost_nanos"]) for r in rows]
+    print(f"body model {body_model}: {status}, x-budget-route {route}; sent {sent}; "
+          f"charged {charged}")  # fmt: skip
+    assert (status, route) == (200, "azure/gpt-4o-mini")
+    assert [path for path, _, _ in sent] == ["/openai/deployments/gpt-4o-mini/chat/completions"]
+    assert charged == [("azure", "gpt-4o-mini", 750_000)]
+
+
 def test_an_outbound_call_whose_body_cannot_be_rewritten_is_neither_sent_nor_charged(
     make_settings: Settings,
 ) -> None:

@@ -532,6 +532,35 @@ def test_cutting_a_stream_anywhere_changes_no_event_usage_or_output(
 
 @settings(max_examples=200)
 @given(
+    streams(),
+    st.sampled_from(["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]),
+    st.lists(st.integers(4, 8000), max_size=12),
+)
+def test_a_stream_in_utf_16_or_utf_32_reads_as_its_utf_8_does_and_goes_on_as_it_came(
+    generated: tuple[list[bytes], int | None, str], written: str, cuts: list[int]
+) -> None:
+    """An event stream written in UTF-16 or UTF-32 (its first bytes say so: a byte-order mark,
+    or NULs), cut anywhere after its first 4 bytes (inside a character too): its usage, end,
+    text and model are those of the same stream in UTF-8 (none was read: its lines were split
+    at the LF byte); it goes on as it came, the usage chunk asked for included."""
+    blocks, _, _ = generated
+    stream = b"".join(blocks)
+    wide = stream.decode().encode(written)
+    cuts = [c % (len(wide) + 1) for c in cuts if c % (len(wide) + 1) >= 4]
+    utf8 = meter_all(stream, False).meter
+    for drop in (False, True):
+        run = meter_all(wide, drop, cuts)
+        assert (run.meter.usage, run.meter.completed, run.meter.text_chars, run.meter.model) == (
+            utf8.usage,
+            utf8.completed,
+            utf8.text_chars,
+            utf8.model,
+        )
+        assert run.output == wide
+
+
+@settings(max_examples=200)
+@given(
     st.lists(
         st.tuples(
             st.sampled_from(["data: x", "data: é", "event: e", ": c", "id: 1", "", "data"]),

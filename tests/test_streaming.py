@@ -219,6 +219,68 @@ async def test_a_stream_s_media_type_is_read_in_any_case(
 
 
 @pytest.mark.parametrize(
+    ("written", "content_type"),
+    [
+        ("utf-16", b"text/event-stream"),  # its byte-order mark alone says so
+        ("utf-16-le", b"text/event-stream; charset=utf-16le"),
+        ("utf-16-be", b"text/event-stream; charset=utf-16be"),
+        ("utf-32", b"text/event-stream; charset=utf-32"),
+        ("utf-32-be", b"text/event-stream; charset=utf-32be"),
+    ],
+)
+@pytest.mark.parametrize("asked", [True, False], ids=["usage-asked", "usage-not-asked"])
+async def test_a_stream_written_in_utf_16_or_utf_32_is_charged_its_usage(
+    make_settings: Settings, pricing_file: Path, written: str, content_type: bytes, asked: bool
+) -> None:
+    """An event stream written in UTF-16 or UTF-32 (a charset parameter, a byte-order mark),
+    which a client that decodes by its charset (httpx's `aiter_lines`) reads: its lines
+    were split at the LF byte and read as UTF-8, no event was read, and it was charged an
+    estimate of its prompt alone, no output (51,000 nano-USD, 38,000 when its usage was asked
+    for in the client's stead; of 50,010,000: 10 in, 5,000 out at $1/$10). Its first bytes say
+    how it is written: read so, passed on as it came (the usage chunk asked for in its stead
+    too: it could only be taken out re-encoded)."""
+    path = pricing_file.parent / "dear.json"
+    path.write_text(json.dumps({"models": {"openai/gpt-4o": {"input_per_mtok": 1,
+                                                             "output_per_mtok": 10}}}))  # fmt: skip
+    usage = {"prompt_tokens": 10, "completion_tokens": 5000, "total_tokens": 5010}
+    events = [
+        _event([{"index": 0, "delta": {"content": "x" * 4000}}]),
+        _event([], usage),
+        DONE,
+    ]
+    stream = b"".join(events).decode().encode(written)
+    chunks = [stream[:33], stream[33:]]  # (a chunk cut inside a character)
+
+    async def upstream(scope: Message, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            message = await receive()
+            while True:
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+                message = await receive()
+        await receive()
+        headers = [(b"content-type", content_type)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    app = BudgetMiddleware(upstream, settings=make_settings(pricing_file=path))
+    body = chat(stream=True, max_tokens=10_000)
+    if asked:
+        body["stream_options"] = {"include_usage": True}
+    async with running(app):
+        async with client(app) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+            received = b"".join([part async for part in r.aiter_raw()])
+        rows = await records(app.engine)
+    charged = [(r.input_tokens, r.output_tokens, r.cost_nanos, r.estimated) for r in rows]
+    print(f"{written}, {content_type.decode()}: charged {charged}")
+    assert received == stream
+    assert charged == [(10, 5000, 10 * 1000 + 5000 * 10_000, False)]
+
+
+@pytest.mark.parametrize(
     "content_type",
     [b"text/plain; charset=utf-8", b"text/html; charset=utf-8", b"application/octet-stream"],
 )

@@ -7,6 +7,8 @@ the usage-only chunk that the middleware caused by asking for `stream_options.in
 
 from __future__ import annotations
 
+import codecs
+import json
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -234,6 +236,39 @@ class SSEDecoder:
             self._last_id = value
 
 
+class _WideDecoder(SSEDecoder):
+    """An event stream written in UTF-16 or UTF-32, read as the text it is (`codec`, which its
+    first bytes say). Its events' `raw` are the UTF-8 of that text, not the bytes that came:
+    such a stream is only read, passed on as it came (`StreamMeter._first`)."""
+
+    __slots__ = ("_text",)
+
+    def __init__(self, codec: str) -> None:
+        super().__init__()
+        self._text = codecs.getincrementaldecoder(codec)("replace")
+
+    def whole_data(self, chunk: bytes) -> str | None:
+        return None  # (UTF-16 can spell `data: ` with other characters)
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        return super().feed(self._text.decode(chunk).encode())
+
+    def flush(self) -> list[SSEEvent]:
+        rest = self._text.decode(b"", True).encode()  # a character cut off: U+FFFD
+        return (super().feed(rest) if rest else []) + super().flush()
+
+
+_WIDE_FIRST: Final = frozenset(b"\0\xfe\xff")  # a first byte of UTF-16 or UTF-32 text, not of UTF-8
+
+
+def _wide_codec(head: bytes) -> str | None:
+    """The codec of a stream whose first bytes say UTF-16 or UTF-32, as JSON's do (a byte-order
+    mark, or the NULs beside its first character, ASCII in an event stream as in JSON); None:
+    UTF-8, the event stream's own encoding."""
+    codec = json.detect_encoding(head)
+    return None if codec.startswith("utf-8") else codec
+
+
 def _merge_counts(known: dict[str, Any], usage: dict[str, Any], depth: int) -> None:
     """`usage`'s counts into `known`, none lowered: in the objects nested in it too, down to
     `depth` (Anthropic's `cache_creation` and `server_tool_use`: a `message_delta` with
@@ -284,6 +319,7 @@ class StreamMeter:
         "_decoder",
         "_drop",
         "_earlier",
+        "_fresh",
         "_gap",
         "_owe_lf",
         "_own",
@@ -312,7 +348,9 @@ class StreamMeter:
         self.unreported = False  # a completion streams after the last usage, none of its own
         self.model: str | None = None
         self._drop = drop_usage_chunk
-        self._decoder: SSEDecoder | None = SSEDecoder()  # None: gave up reading (see _MAX_PENDING)
+        # Made by the first bytes (`_first`); None after them: gave up reading (_MAX_PENDING)
+        self._decoder: SSEDecoder | None = None
+        self._fresh = True  # no bytes yet
         self._anthropic: dict[str, Any] = {}  # Anthropic usage fields so far, the last value wins
         # Of the messages (Anthropic) or completions and responses (OpenAI) before this one in
         # the stream: a tool loop's turns streamed as one answer, each its own usage.
@@ -330,7 +368,9 @@ class StreamMeter:
         """The bytes to forward to the client now."""
         decoder = self._decoder
         if decoder is None:
-            return chunk if self._gap is None else self._skip(chunk)
+            if not self._fresh or not chunk:
+                return chunk if self._gap is None else self._skip(chunk)
+            decoder = self._first(chunk)
         data = decoder.whole_data(chunk)
         if data is not None:
             if self._read_data(data) and self._drop:  # the usage chunk we caused: drop it
@@ -356,6 +396,23 @@ class StreamMeter:
         if decoder.pending > _MAX_PENDING:
             self._emit(out, self._give_up(decoder))
         return b"".join(out)
+
+    def _first(self, chunk: bytes) -> SSEDecoder:
+        """The decoder of a stream whose first bytes are `chunk`, which say how it is written:
+        in UTF-8, or in UTF-16 or UTF-32 (a NUL or a mark in its first two bytes: read as such,
+        and passed on as it came, its usage chunk we caused too, which could only be taken
+        out of it re-encoded)."""
+        self._fresh = False
+        codec = None
+        if chunk[0] in _WIDE_FIRST or chunk[1:2] == b"\0":
+            codec = _wide_codec(chunk)
+        if codec is None:
+            decoder = SSEDecoder()
+        else:
+            decoder = _WideDecoder(codec)
+            self._drop = False
+        self._decoder = decoder
+        return decoder
 
     def _give_up(self, decoder: SSEDecoder) -> bytes:
         """An event over _MAX_PENDING bytes (no SSE, or one that big): not held, skipped unread

@@ -351,7 +351,8 @@ class Gate:
                 target.caches = 2 if body.find(b'"1h"') >= 0 else 1
         routes = engine.globals.routes
         if routes and type(parsed) is dict:  # no route configured: one truth test
-            name = parsed.get("model")
+            # The name metering reads: the call's Azure deployment over the body's (`Credentials`)
+            name = parsed.get("model") if credentials.model is None else credentials.model
             route = None
             if type(name) is str:
                 # The name as metered: blanks around it are no part of it (a route's has none),

@@ -101,11 +101,12 @@ def usage_unasked(provider: str | None, path: str, api_version: str | None, pars
 
 def deployment_named(path: str, parsed: Any) -> str | None:
     """The deployment an Azure OpenAI call's path names (`/openai/deployments/<name>/…`) when
-    the body's `model` says another (`AzureOpenAI(azure_deployment=...)` sends the `model` it
-    is given, which Azure ignores): that deployment is served, and is the model (README)."""
+    the body's `model` says another, or none (`AzureOpenAI(azure_deployment=...)` sends the
+    `model` it is given, which Azure ignores): that deployment is served, and is the model
+    (README), whatever the body says."""
     marker = "/openai/deployments/"
     if not path.startswith(marker):
         return None
     name = path[len(marker) :].partition("/")[0]
     model = parsed.get("model") if type(parsed) is dict else None
-    return name if name and type(model) is str and model != name else None
+    return name if name and model != name else None

@@ -338,7 +338,7 @@ class _Meter:
         ):
             version = request.url.params.get("api-version")
             credentials.usage_unasked = usage_unasked(host_provider, path, version, parsed)
-            if host_provider == "azure":
+            if host_provider == "azure" or host_provider is None:  # or Azure's path on a gateway
                 credentials.model = deployment_named(path, parsed)
         return engine.gate.decide(body, path, credentials, key, started, shadowed, parsed)
 
