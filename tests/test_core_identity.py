@@ -445,6 +445,32 @@ def test_stream_when_true_as_the_app_reads_it_and_the_output_limit_a_non_negativ
     assert target({"max_completion_tokens": -5, "max_tokens": 7}).max_output_tokens == 7
 
 
+def test_an_images_api_request_is_limited_to_its_images_most_tokens_n_of_them() -> None:
+    """The Images API (`/v1/images/generations`, `/v1/images/edits`) has no output limit, and
+    its `prompt` is one text: each of its `n` images is billed by its size and quality (OpenAI's
+    tables: 6,240 a 1024x1536 image of gpt-image-1 at high quality), its partial images 100
+    each, whatever an output limit in the body says. A legacy completion's `prompt` is a batch
+    still. (Without this, gpt-image-1 was reserved the default 1,024 of each.)"""
+    asked = {"model": "gpt-image-1", "prompt": "a cat", "size": "1024x1536", "quality": "high"}
+    for path in (
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/openai/deployments/d/images/edits",
+    ):
+        found = target({**asked, "n": 2}, path)
+        print(path, found.max_output_tokens, found.choices)
+        assert (found.max_output_tokens, found.choices) == (6240, 2)
+    low = target({**asked, "quality": "low", "partial_images": 2}, "/v1/images/generations")
+    assert (low.max_output_tokens, low.choices) == (408 + 200, 1)
+    auto = target({"model": "gpt-image-1", "prompt": "a cat", "size": "auto"}, "/v1/images/edits")
+    assert auto.max_output_tokens == 6240  # the largest
+    limited = target({**asked, "max_tokens": 10}, "/v1/images/generations")
+    assert limited.max_output_tokens == 6240  # no output limit bounds an image
+    assert target({**asked, "max_tokens": 9000}, "/v1/images/generations").max_output_tokens == 9000
+    batch = target({"model": "gpt-4o", "prompt": ["a", "b"]}, "/v1/completions")
+    assert (batch.max_output_tokens, batch.choices) == (None, 2)
+
+
 def test_the_choices_billed_are_the_larger_of_n_and_best_of_at_least_one() -> None:
     assert target({}).choices == 1
     assert target({"n": 1}).choices == 1

@@ -975,6 +975,79 @@ async def test_images_edited_by_reference_in_flight_together_cannot_spend_past_t
     assert spent[1] <= 5 + each / 1e9 + 1e-9
 
 
+# Images API requests of models without an image output price of their own (all their output
+# is images): (model, path, what the body asks beside its prompt, image tokens each image bills
+# at that size and quality). gpt-image-1: 6,240 a 1024x1536 image at high quality; -mini, asked
+# no size nor quality (`auto`): up to 6,240 too; gpt-image-2: 7,024 a 1024x1024 one at high.
+IMAGES_ASKED = [
+    (
+        "gpt-image-1",
+        "/v1/images/generations",
+        {"size": "1024x1536", "quality": "high", "n": 2},
+        6240,
+    ),
+    ("gpt-image-1-mini", "/v1/images/generations", {}, 6240),
+    (
+        "gpt-image-2",
+        "/v1/images/generations",
+        {"size": "1024x1024", "quality": "high", "n": 3},
+        7024,
+    ),
+    ("gpt-image-1", "/v1/images/edits", {"quality": "auto", "n": 2}, 6240),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "path", "asked", "each_image"),
+    IMAGES_ASKED,
+    ids=["gpt-image-1-high-portrait-n2", "gpt-image-1-mini-auto", "gpt-image-2-high-n3", "edits"],
+)
+async def test_images_api_requests_in_flight_together_cannot_spend_past_the_budget(
+    make_settings: Settings, model: str, path: str, asked: dict[str, Any], each_image: int
+) -> None:
+    """gpt-image-1, -1-mini and -2 have no image output price apart from their output's ($40,
+    $8 and $30 per Mtok), so they do not `draw`: an Images API request (which has no output
+    limit) was reserved `BUDGET_DEFAULT_MAX_OUTPUT_TOKENS` (1,024) output tokens, where each of
+    its `n` images bills up to 6,240 (gpt-image-1 at high quality, 1024x1536) or 7,024
+    (gpt-image-2 at high quality, 1024x1024). An Images API request is an image answer whatever
+    its model's prices say: it reserves `n` times the most one image of its size and quality
+    bills. 60 at once on a $1 budget spend no more than the budget."""
+    n = asked.get("n", 1)
+    usage = {
+        "input_tokens": 10,
+        "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+        "output_tokens": each_image * n,
+        "output_tokens_details": {"text_tokens": 0, "image_tokens": each_image * n},
+        "total_tokens": 10 + each_image * n,
+    }
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(0.05)  # in flight together
+        data = [{"b64_json": ""}] * n
+        return JSONResponse({"created": 1, "data": data, "usage": usage})
+
+    body = {"model": f"openai/{model}", "prompt": "a cat", **asked}
+    found = extract_usage(
+        {"model": model, "usage": usage}, provider_id="openai", api_flavor="images"
+    )
+    each = int(found.calc_price().total_price * 10**9)
+    paths = ("/images/generations", "/images/edits")
+    settings = lambda **kw: make_settings(inference_paths=paths, **kw)  # noqa: E731
+    async with budget_of_a_dollar(settings, path, provider) as (engine, http, key):
+        auth = {"authorization": f"Bearer {key.value}"}
+        answers = await at_once(http, path, body, auth)
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    admitted = [a.status_code for a in answers].count(200)
+    print(
+        f"{model} {path} {asked}, 60 at once on $1, ${each / 1e9:.6f} each: "
+        f"{admitted} admitted, ${spent:.6f} spent"
+    )
+    assert admitted >= 1
+    assert spent <= 1 + 1e-9
+
+
 @pytest.mark.parametrize("kind", ["json", "stream"])
 async def test_an_unreadable_answer_of_an_image_model_is_charged_its_most_output_as_images(
     make_settings: Settings, kind: str
@@ -1012,6 +1085,39 @@ async def test_an_unreadable_answer_of_an_image_model_is_charged_its_most_output
     assert row.note is not None and row.note.endswith(": charged its most output")
     assert (row.output_tokens, row.estimated) == (1400, True)
     assert row.cost_nanos == reserved == row.input_tokens * 300 + 1400 * 30_000
+
+
+async def test_an_unreadable_images_api_answer_is_charged_its_images_most_tokens(
+    make_settings: Settings,
+) -> None:
+    """An Images API answer nothing of which can be read (a corrupt gzip body) is charged the
+    most it could have cost, as its reservation counted it: gpt-image-1's 2 images at high
+    quality, 1024x1536, 12,480 output tokens at $40 per Mtok (charged 2,048 before, the default
+    output limit of each image: 6 times too little)."""
+    model = "gpt-image-1"
+
+    async def provider(request: Request) -> Response:
+        await request.body()
+        body = gzip.compress(b'{"created": 1, "data": [], "usage": {"input_tokens": 1}}')
+        return Response(
+            body[:-12] + b"not gzip at all",
+            headers={"content-encoding": "gzip", "content-type": "application/json"},
+        )
+
+    path = "/v1/images/generations"
+    body = {"model": f"openai/{model}", "prompt": "a cat", "size": "1024x1536", "quality": "high"}
+    settings = lambda **kw: make_settings(inference_paths=IMAGES_PATHS, **kw)  # noqa: E731
+    async with budget_of_a_dollar(settings, path, provider) as (engine, http, key):
+        auth = {"authorization": f"Bearer {key.value}"}
+        async with http.stream("POST", path, json={**body, "n": 2}, headers=auth) as answer:
+            async for _ in answer.aiter_raw():
+                pass
+        rows = await records(engine)
+    row = rows[-1]
+    print(f"{model}, 2 images unread: charged {row.output_tokens} output tokens, {row.note}")
+    assert row.note is not None and row.note.endswith(": charged its most output")
+    assert (row.output_tokens, row.estimated) == (12_480, True)
+    assert row.cost_nanos == row.input_tokens * 5_000 + 12_480 * 40_000
 
 
 # An image as a gateway answers it (LiteLLM's and OpenRouter's `images`; the Images API's

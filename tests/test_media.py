@@ -31,7 +31,9 @@ from budget_middleware import (
 )
 from budget_middleware.core.media import (
     MARK,
+    asked_image_tokens,
     audio_seconds,
+    drawn_image_tokens,
     image_size,
     image_tokens,
     may_reference,
@@ -1011,3 +1013,43 @@ async def test_inline_wav_reserves_its_length_not_its_bytes(make_settings: Setti
     )
     assert first == [200] * 4
     assert spent <= limit + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "quality", "tokens"),
+    [
+        # OpenAI's tables (gpt-image-1, -1-mini, -1.5: the same tokens, each at its own price)
+        ("gpt-image-1", "1024x1024", "high", 4160),
+        ("gpt-image-1", "1024x1536", "high", 6240),
+        ("gpt-image-1", "1536x1024", "high", 6208),
+        ("gpt-image-1-mini", "1024x1024", "low", 272),
+        ("gpt-image-1.5", "1536x1024", "medium", 1568),
+        ("chatgpt-image-latest", "1024x1536", "low", 408),
+        # not given, `auto`, or not known: the largest of the quality, or of all
+        ("gpt-image-1", None, None, 6240),
+        ("gpt-image-1", "auto", "auto", 6240),
+        ("gpt-image-1", "1792x1024", "medium", 1584),
+        ("gpt-image-1", 1024, ["high"], 6240),
+        # gpt-image-2's sizes, any in 16-pixel steps: OpenAI's cost calculator
+        ("gpt-image-2", "1024x1024", "high", 7024),
+        ("gpt-image-2", "1536x1024", "high", 5488),
+        ("gpt-image-2", "3840x2160", "high", 13342),
+        ("gpt-image-2", "1024x1024", "low", 196),
+        ("gpt-image-2", "auto", None, 23719),  # 2880x2880, the most pixels
+        ("gpt-image-2", "9999x9999", "high", 23719),  # refused upstream: the largest
+        ("gpt-image-2.5-flare", None, "high", 23719),
+        ("someone/unknown-image-model", "1024x1024", None, 7024),
+        # Gemini: one figure a model
+        ("gemini-2.5-flash-image", "1024x1024", "low", 1290),
+        ("gemini-3-pro-image-preview", None, None, 2520),
+    ],
+)
+def test_drawn_image_tokens_by_size_and_quality(
+    model: str, size: object, quality: object, tokens: int
+) -> None:
+    found = drawn_image_tokens(model, size, quality)
+    print(model, size, quality, found)
+    assert found == tokens
+    assert drawn_image_tokens(model) >= found  # the largest, when not asked
+    assert asked_image_tokens(model, size, quality, 2) == tokens + 200
+    assert asked_image_tokens(model, size, quality, 9) == tokens + 300  # 3 at most

@@ -7725,3 +7725,59 @@ def test_the_async_transport_under_trio_says_what_to_use_and_sends_nothing(
     print(f"under trio: {raised!r}; sent {len(sent)}; the sync client's call charged {spent}")
     assert isinstance(raised, ConfigurationError) and "BudgetSyncTransport" in str(raised)
     assert len(sent) == 1 and answer.usage.completion_tokens == 100 and spent == 3_500_000
+
+
+async def test_images_generated_by_the_sdk_in_flight_together_cannot_spend_past_the_budget(
+    make_settings: Settings,
+) -> None:
+    """The OpenAI SDK's `images.generate` through `BudgetTransport`: gpt-image-1 has no image
+    output price apart from its output's ($40 per Mtok), and the Images API no output limit, so
+    a call was reserved `BUDGET_DEFAULT_MAX_OUTPUT_TOKENS` (1,024) output tokens where each of
+    its 2 images at high quality, 1024x1536, bills 6,240. It reserves them now: 30 calls at
+    once on a $1 budget spend no more than the budget."""
+    usage = {
+        "input_tokens": 10,
+        "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+        "output_tokens": 12_480,
+        "output_tokens_details": {"text_tokens": 0, "image_tokens": 12_480},
+        "total_tokens": 12_490,
+    }
+
+    async def provider(request: httpx2.Request) -> httpx2.Response:
+        await asyncio.sleep(0.05)  # in flight together
+        data = [{"b64_json": ""}, {"b64_json": ""}]
+        return httpx2.Response(200, json={"created": 1, "data": data, "usage": usage})
+
+    settings = make_settings(flush_interval_seconds=3600, inference_paths=("/images/generations",))
+    engine = get_engine(settings)
+    await engine.ensure_started()
+    try:
+        key = engine.manager.create_virtual_key(name="alice", budgets=[{"max_limit": 1}])
+        sdk = openai.AsyncOpenAI(
+            api_key="sk-provider-secret",
+            base_url="https://api.openai.com/v1",
+            http_client=httpx2.AsyncClient(
+                transport=BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+            ),
+            max_retries=0,
+        )
+
+        async def generate() -> bool:
+            try:
+                await sdk.images.generate(
+                    model="gpt-image-1", prompt="a cat", size="1024x1536", quality="high", n=2
+                )
+            except openai.APIStatusError:
+                return False
+            return True
+
+        with charge_to(virtual_key=key.value):
+            done = await asyncio.gather(*[generate() for _ in range(30)])
+        await engine.flush()
+        spent = engine.manager.list_budgets()[0].spent
+    finally:
+        await engine.shutdown()
+    admitted = done.count(True)
+    print(f"gpt-image-1 via the SDK, 30 at once on $1: {admitted} admitted, ${spent:.6f} spent")
+    assert admitted >= 1
+    assert spent <= 1 + 1e-9

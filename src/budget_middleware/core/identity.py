@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any, Final
 
+from budget_middleware.core.media import asked_image_tokens
 from budget_middleware.core.providers import (
     BARE_MODEL_PROVIDERS,
     RESOURCE_PREFIX,
@@ -64,6 +65,11 @@ def says_post(headers: Iterable[tuple[bytes, bytes]]) -> bool:
 OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 CHOICE_FIELDS = ("n", "best_of")  # outputs generated (and billed) for one request
 PROMPT_FIELD = "prompt"  # a legacy completion's: a list of prompts is a batch, each completed
+# OpenAI's Images API (`/v1/images/generations`, `/v1/images/edits`), whose `prompt` is one text
+# and `n` its images: each billed by its `size` and `quality` (`media.asked_image_tokens`), and
+# when streamed its `partial_images` too, whatever its model's prices or an output limit say.
+IMAGES_API_PATHS = ("/images/generations", "/images/edits")
+PARTIAL_IMAGES_FIELD = "partial_images"
 # What prices a request beyond its model and size: its service tier (OpenAI's `priority`, `flex`),
 # or its speed (Anthropic's fast mode, `fast`), named as a service tier.
 SERVICE_TIER_FIELD = "service_tier"
@@ -357,7 +363,9 @@ class Target:
     model: str
     tags: tuple[str, ...]
     stream: bool
-    max_output_tokens: int | None  # a choice's, as the body limits it
+    # A choice's, as the body limits it; an Images API request's: the most one of its images
+    # is billed (`IMAGES_API_PATHS`), which no output limit bounds.
+    max_output_tokens: int | None
     # Choices the provider generates and bills (OpenAI's `n`, a completion's `best_of`, for
     # each prompt of a batch): the worst case is each of them at the output limit.
     choices: int
@@ -462,7 +470,7 @@ class TargetResolver:
                 if limit is None or value > limit:
                     limit = value
             if not sized <= _OUTPUT_LIMITS:  # choices, a tier, a batch, audio: seldom asked
-                return _shaped(provider, model, tags, data, sized, limit)
+                return _shaped(provider, model, tags, data, sized, limit, route_path)
         # (no `stream` named, the usual body: told without reading it)
         return Target(provider, model, tags, "stream" in data and _streams(data), limit, 1)
 
@@ -573,10 +581,12 @@ def _shaped(
     data: dict[str, Any],
     sized: frozenset[str],
     limit: int | None,
+    route_path: str,
 ) -> Target:
     """The target of a request whose body names more than an output limit among the fields
     that shape its worst-case cost (`_SIZE_FIELDS`): its choices, service tier, batch,
-    background and audio output (`TargetResolver.__call__`)."""
+    background and audio output, and an Images API request's images (`IMAGES_API_PATHS`)
+    (`TargetResolver.__call__`)."""
     choices = 1
     tier = None
     if not sized.isdisjoint(CHOICE_FIELDS):
@@ -589,7 +599,14 @@ def _shaped(
     elif SPEED_FIELD in sized:
         tier = tier_name(data[SPEED_FIELD])
     if PROMPT_FIELD in sized:
-        choices *= _batch(data[PROMPT_FIELD])
+        if route_path.endswith(IMAGES_API_PATHS):
+            # An image answer whatever its model's prices say, and whatever an output limit
+            # says (the API has none): each of its `n` images is billed by its size and quality
+            partials = _count(data.get(PARTIAL_IMAGES_FIELD)) or 0
+            most = asked_image_tokens(model, data.get("size"), data.get("quality"), partials)
+            limit = most if limit is None else max(limit, most)
+        else:
+            choices *= _batch(data[PROMPT_FIELD])
     background = BACKGROUND_FIELD in sized and lax_true(data[BACKGROUND_FIELD])
     modalities = data.get(MODALITIES_FIELD)
     spoken = type(modalities) is list and "audio" in modalities

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import binascii
 import math
+import re
 from typing import Any, Final
 
 # What every reference's JSON holds, as bytes: its part's `"type"` key, which each API requires.
@@ -320,21 +321,63 @@ def image_tokens(model: str, width: int, height: int) -> int:
 # The most output tokens one image a model draws is billed (SPEC §6), from each one's pricing:
 # - Gemini (ai.google.dev/gemini-api/docs/pricing): 2.5 Flash Image 1,290 an image (up to
 #   1024x1024); 3 Pro Image 1,120 (1K, 2K) and 2,000 (4K); 3.1 Flash Image up to 2,520 (4K).
-# - OpenAI's gpt-image-1.5 (the Images API): 4,160 a 1024x1024 image at high quality, 6,240 a
-#   1024x1536 one.
-# A model whose name tells no family here is counted at the largest.
+# - OpenAI's Images API (developers.openai.com, image generation, "Cost and latency"), by the
+#   image's size and quality: gpt-image-1, -1-mini and -1.5 (and chatgpt-image-latest) in three
+#   sizes, 1024x1024, 1024x1536 and 1536x1024 (`_TABLED`: 4,160 a 1024x1024 image at high
+#   quality, 6,240 a 1024x1536 one); gpt-image-2 and later in any size (16-pixel steps, up to
+#   8,294,400 pixels), by the formula of OpenAI's cost calculator (`_sized_tokens`: 7,024 a
+#   1024x1024 image at high quality, 23,719 at 2880x2880, the most). A streamed image's partial
+#   images (`partial_images`, up to 3) are billed 100 image tokens each beside it.
+# A size or quality not given (or `auto`, or one not known here) is counted at the largest; a
+# model whose name tells no family here at the largest of all.
 _DRAWN_TOKENS: Final = (("gemini-2.5-flash-image", 1290), ("gemini", 2520))
-_MOST_DRAWN_TOKENS: Final = 6240
+_TABLED: Final = ("gpt-image-1", "chatgpt-image")
+_TABLE_SIZES: Final = ("1024x1024", "1024x1536", "1536x1024")
+_TABLE: Final = {
+    "low": (272, 408, 400),
+    "medium": (1056, 1584, 1568),
+    "high": (4160, 6240, 6208),
+}
+_QUALITY_FACTORS: Final = {"low": 16, "medium": 48, "high": 96}
+_MOST_PIXELS: Final = 8_294_400  # 2880x2880, the most tokens of each quality
+_PARTIAL_IMAGE_TOKENS: Final = 100
+_SIZE: Final = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
 
-def drawn_image_tokens(model: str) -> int:
+def drawn_image_tokens(model: str, size: object = None, quality: object = None) -> int:
     """The most output tokens the provider of `model` bills one image it draws (its family
-    told by its name; the largest of all when it is not known)."""
+    told by its name), of `size` (`"1024x1536"`) and `quality` (`"high"`) where they price it
+    (OpenAI's Images API); the largest when they are not given or not known."""
     name = model.rsplit("/", 1)[-1].lower()
     for family, tokens in _DRAWN_TOKENS:
         if family in name:
             return tokens
-    return _MOST_DRAWN_TOKENS
+    asked = quality if type(quality) is str and quality in _QUALITY_FACTORS else "high"
+    if any(family in name for family in _TABLED):
+        column = _TABLE[asked]
+        return column[_TABLE_SIZES.index(size)] if size in _TABLE_SIZES else max(column)
+    factor = _QUALITY_FACTORS[asked]
+    found = _SIZE.fullmatch(size) if type(size) is str else None
+    if found is not None:
+        width, height = int(found[1]), int(found[2])
+        if 0 < width * height <= _MOST_PIXELS:
+            return _sized_tokens(factor, width, height)
+    return _sized_tokens(factor, 2880, 2880)
+
+
+def _sized_tokens(factor: int, width: int, height: int) -> int:
+    """gpt-image-2's output tokens for one image of `width` x `height` at the quality whose
+    factor is `factor` (`_QUALITY_FACTORS`)."""
+    long, short = max(width, height), min(width, height)
+    across = (2 * factor * short + long) // (2 * long)
+    return -(-factor * across * (2_000_000 + width * height) // 4_000_000)
+
+
+def asked_image_tokens(model: str, size: object, quality: object, partials: int) -> int:
+    """The most output tokens one image an Images API request asks for is billed: of its
+    `size` and `quality` (`drawn_image_tokens`), and its `partials` partial images (streamed;
+    the API draws at most 3)."""
+    return drawn_image_tokens(model, size, quality) + _PARTIAL_IMAGE_TOKENS * min(partials, 3)
 
 
 # Audio is billed by how long it lasts: Gemini 32 tokens a second (ai.google.dev, "Understand

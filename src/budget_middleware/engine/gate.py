@@ -653,7 +653,8 @@ class Gate:
         Without a limit, a model that draws (`draws`) may answer an image whatever is asked:
         at least the tokens of one (`drawn_image_tokens`; Gemini 2.5 Flash Image's 1,290 are
         past the default 1,024, and requests in flight together each spent past what they
-        held)."""
+        held). An Images API request has its images' limit whatever its model's prices say:
+        the most one of its size and quality bills (`identity.IMAGES_API_PATHS`), `n` times."""
         output = target.max_output_tokens
         if output is None:
             output = self.default_output
