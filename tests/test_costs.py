@@ -2058,6 +2058,132 @@ async def test_searches_of_a_stored_prompt_s_tools_are_charged(make_settings: Se
     assert row.cost_nanos == want == 33_750_000
 
 
+# A Responses API answer's images drawn by OpenAI's image generation tool: an
+# `image_generation_call` output item each, its `result` the image in base64 (no text), its
+# `quality` and `size` what it was drawn at. OpenAI bills each at its image model's prices
+# (gpt-image-1's, the tool's default: a medium 1024x1024 image is 1,056 image output tokens at
+# $40 per Mtok, $0.04224), beside the tokens of the model that called it, which its usage
+# counts alone.
+_IMAGE_TOOL = [{"type": "image_generation", "quality": "medium", "size": "1024x1024"}]
+_DRAWN: dict[str, Any] = {
+    "id": "ig_1",
+    "type": "image_generation_call",
+    "status": "completed",
+    "background": "opaque",
+    "output_format": "png",
+    "quality": "medium",
+    "size": "1024x1024",
+    "revised_prompt": "A gray tabby cat hugging an otter with an orange scarf",
+    "result": "iVBORw0KGgo" + "A" * 400_000,  # a 300 KB image's base64
+}
+_SAID: dict[str, Any] = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "content": [{"type": "output_text", "text": "Here is your cat.", "annotations": []}],
+}
+_IMAGE_TOKENS = 1_056  # gpt-image-1's medium 1024x1024 image
+
+
+def _image_answer(stream: bool, usage: dict[str, Any] | None) -> Any:
+    """A Responses answer of gpt-4.1 with a drawn image and a line of text, its `usage` or none:
+    JSON, or its events (the image in `response.output_item.done`, the text as deltas)."""
+    response: dict[str, Any] = {"object": "response", "model": "gpt-4.1", "output": [_DRAWN, _SAID]}
+    if usage is not None:
+        response["usage"] = usage
+    if not stream:
+        return response
+    return [
+        {"type": "response.created", "response": {"model": "gpt-4.1", "output": []}},
+        {"type": "response.output_item.done", "output_index": 0, "item": _DRAWN},
+        {"type": "response.output_text.delta", "output_index": 1, "delta": "Here is your cat."},
+        {"type": "response.output_item.done", "output_index": 1, "item": _SAID},
+        {"type": "response.completed", "response": response},
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_openai_responses_images_drawn_by_the_image_tool_are_charged(
+    make_settings: Settings, stream: bool
+) -> None:
+    """gpt-4.1 calls the image generation tool once (medium, 1024x1024) on 1,000 input and 500
+    output tokens: the tokens' $0.006 by genai-prices, and the image's $0.04224 at gpt-image-1's
+    prices, which the usage leaves out: it was charged the tokens alone."""
+    row = await charged_for(
+        make_settings,
+        "/v1/responses",
+        "openai/gpt-4.1",
+        _image_answer(stream, RESPONSES_USAGE),
+        tools=_IMAGE_TOOL,
+    )
+    tokens = nanos(Usage(input_tokens=1_000, output_tokens=500), "gpt-4.1", "openai")
+    image = nanos(Usage(output_tokens=_IMAGE_TOKENS), "gpt-image-1", "openai")
+    want = tokens + image
+    print("an image tool's image: charged", row.cost_nanos, "nano-dollars; want", want)
+    assert image == 42_240_000 and want == 48_240_000
+    assert row.cost_nanos == want
+    assert row.output_tokens == 500 + _IMAGE_TOKENS and not row.estimated
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_an_answer_without_usage_is_charged_its_text_and_its_drawn_images(
+    make_settings: Settings, stream: bool
+) -> None:
+    """The same answer without its usage (a gateway that strips it): estimated from its text,
+    the image's base64 no text, and the image at gpt-image-1's prices. Its 400,000 characters of
+    base64 were charged as text as JSON (100,027 output tokens, $0.800342), and the image nothing
+    when streamed (5 output tokens, $0.000164); now $0.042558 and $0.042404."""
+    row = await charged_for(
+        make_settings,
+        "/v1/responses",
+        "openai/gpt-4.1",
+        _image_answer(stream, None),
+        tools=_IMAGE_TOOL,
+    )
+    print(
+        "an image tool's image, no usage: charged", row.cost_nanos, "nano-dollars for",
+        row.output_tokens, "output tokens, of which", _IMAGE_TOKENS, "the image's",
+    )  # fmt: skip
+    text = row.output_tokens - _IMAGE_TOKENS  # the estimate of its text (as JSON, its revised
+    assert row.estimated and 0 < text < 40  # prompt too)
+    tokens = nanos(Usage(input_tokens=row.input_tokens, output_tokens=text), "gpt-4.1", "openai")
+    image = nanos(Usage(output_tokens=_IMAGE_TOKENS), "gpt-image-1", "openai")
+    print("want", tokens + image, "nano-dollars:", tokens, "for its text and", image, "its image")
+    assert row.cost_nanos == tokens + image
+
+
+@pytest.mark.parametrize("reported", [True, False], ids=["usage", "no-usage"])
+async def test_an_image_over_2_mib_is_charged_as_a_small_one_is(
+    make_settings: Settings, reported: bool
+) -> None:
+    """A PNG the image tool drew is 1.5 to 3 MB, its base64 2 to 4 MB: past the 2 MiB of a JSON
+    answer kept whole (of a larger one the last MiB alone, where the image's item is no JSON).
+    Its base64 (3 MB here) is left out of what is kept, so the answer is read whole: with usage,
+    the image was not counted (the tokens' $0.006 alone); without, every byte was charged as
+    text (750,000 output tokens, $6)."""
+    drawn = {**_DRAWN, "result": "iVBORw0KGgo" + "A" * 3_000_000}
+    answer = _image_answer(False, RESPONSES_USAGE if reported else None)
+    answer["output"] = [drawn, _SAID]
+    row = await charged_for(
+        make_settings, "/v1/responses", "openai/gpt-4.1", answer, tools=_IMAGE_TOOL
+    )
+    print(
+        "a 3 MB image's answer: charged", row.cost_nanos, "nano-dollars for",
+        row.output_tokens, "output tokens, of which", _IMAGE_TOKENS, "the image's",
+    )  # fmt: skip
+    image = nanos(Usage(output_tokens=_IMAGE_TOKENS), "gpt-image-1", "openai")
+    if reported:
+        tokens = nanos(Usage(input_tokens=1_000, output_tokens=500), "gpt-4.1", "openai")
+        assert row.cost_nanos == tokens + image == 48_240_000
+    else:
+        text = row.output_tokens - _IMAGE_TOKENS
+        assert row.estimated and 0 < text < 40
+        text_cost = nanos(
+            Usage(input_tokens=row.input_tokens, output_tokens=text), "gpt-4.1", "openai"
+        )
+        assert row.cost_nanos == text_cost + image
+
+
 # A Responses answer as JSON may be written: in UTF-16 or UTF-32 (RFC 7159 JSON, which Python's
 # `json` reads), or with its names `\u`-escaped (`"web_search_cal\u006c"`), as some writers do.
 _ESCAPED = {  # the item types, escaped

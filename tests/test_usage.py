@@ -1067,3 +1067,58 @@ def test_the_searches_of_a_responses_answer_are_counted_from_its_output_items() 
     named = json.dumps({"output": [], "file_search_call": 1}).encode()  # the name, no call
     json_searches(empty, named)
     assert (empty.web_searches, empty.file_searches) == (0, 0)
+
+
+def test_an_image_call_s_tokens_are_told_by_its_quality_and_size() -> None:
+    """`image_call_tokens`: gpt-image-1's image output tokens by quality and size; a size not
+    listed counts as its quality's most, a quality not listed (or not said, or not a string)
+    as the high quality's; `count_searches` counts them once in the output and its image
+    output however often it is called."""
+    told = [
+        usage_module.image_call_tokens(item)
+        for item in (
+            {"quality": "low", "size": "1024x1024"},
+            {"quality": "medium", "size": "1536x1024"},
+            {"quality": "high", "size": "1024x1536"},
+            {"quality": "medium", "size": "auto"},
+            {"quality": ["high"], "size": {"w": 1}},
+            {},
+        )
+    ]
+    print("image tokens:", told)
+    assert told == [272, 1_568, 6_240, 1_584, 6_240, 6_240]
+    usage = TokenUsage(10, 20)
+    output = [{"type": "image_generation_call", "quality": "low", "size": "1024x1024"}]
+    count_searches(usage, output)
+    count_searches(usage, output)
+    assert (usage.output_tokens, usage.output_image_tokens, usage.tool_image_tokens) == (
+        292,
+        272,
+        272,
+    )
+
+
+@pytest.mark.parametrize("cut", [1, 7, 100, 4096])
+def test_an_answer_s_images_left_out_chunk_by_chunk_leave_the_same_document(cut: int) -> None:
+    """`without_results` run on a body as it grows (a huge answer's, `Exchange._keep_the_tail`)
+    leaves out each `"result"` string's content, an unclosed one's to its end, and keeps the
+    rest: the document read in the end is the answer's, its results empty. A `"result"` key
+    quoted in a text, and the escapes in a result (`\\/`, `\\"`), are no end of it."""
+    answer = {
+        "output": [
+            {"type": "image_generation_call", "result": "ab\\/cd" * 50 + '"q"', "size": "x"},
+            {"type": "message", "content": [{"text": 'say "result": "no" \\'}]},
+            {"type": "image_generation_call", "result": "Z" * 300, "quality": "low"},
+        ],
+        "usage": {"input_tokens": 3, "output_tokens": 4},
+    }
+    body = json.dumps(answer).encode()
+    kept = b""
+    for start in range(0, len(body), cut):
+        kept = usage_module.without_results(kept + body[start : start + cut])
+    document = json.loads(kept)
+    print(len(body), "bytes kept as", len(kept))
+    for item in answer["output"]:
+        if "result" in item:
+            item["result"] = ""
+    assert document == answer

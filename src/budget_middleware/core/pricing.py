@@ -30,6 +30,12 @@ def _rate(usd_per_mtok: float) -> int:
     return round(femto)
 
 
+# The image output of OpenAI's image generation tool (`TokenUsage.tool_image_tokens`), at its
+# image model's rate whatever the model that called it: gpt-image-1's $40 per Mtok, the tool's
+# model unless a request names another.
+_IMAGE_TOOL_RATE = _rate(40.0)
+
+
 # The tiers of a model without any (read only): one mapping for every such price.
 _NO_TIERS: Mapping[str | None, ModelPrice] = {}
 
@@ -251,7 +257,8 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
     """What the kinds with rates of their own add, in femto-dollars, to their tokens priced as
     cache writes, input or output: each within its whole (1-hour writes within the writes, input
     audio and images within the uncached input, output audio, images, reasoning and citations
-    reported apart within the output)."""
+    reported apart within the output; of the output images, those OpenAI's image generation
+    tool drew at its own model's rate)."""
     (r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search, _, r_file, r_thought, r_cited,
      r_seen, r_drawn, _) = rates  # fmt: skip
     hour = min(max(usage.cache_write_1h_tokens, 0), write)
@@ -259,6 +266,7 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
     seen = min(max(usage.input_image_tokens, 0), plain - heard)
     spoken = min(max(usage.output_audio_tokens, 0), out)
     drawn = min(max(usage.output_image_tokens, 0), out - spoken)
+    by_tool = min(max(usage.tool_image_tokens, 0), drawn)  # (at its own model's rate)
     thought = min(max(usage.reasoning_tokens, 0), out - spoken - drawn)
     cited = min(max(usage.citation_tokens, 0), out - spoken - drawn - thought)
     searches = max(usage.web_searches, 0)
@@ -268,6 +276,7 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
         + heard * (r_heard - r_in)
         + seen * (r_seen - r_in)
         + drawn * (r_drawn - r_out)
+        + by_tool * (_IMAGE_TOOL_RATE - r_drawn)
         + spoken * (r_spoken - r_out)
         + thought * (r_thought - r_out)
         + cited * (r_cited - r_out)

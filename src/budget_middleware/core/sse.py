@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from budget_middleware.core.usage import (
+    IMAGE_CALL,
     JSON_ERRORS,
     TokenUsage,
     count_searches,
     generated_chars,
+    image_call_tokens,
     json_loads,
     quoted_count,
     text_size,
@@ -54,12 +56,14 @@ _RESPONSES_TEXT: Final = frozenset(
     )
 )
 _TRANSCRIPT: Final = "response.audio.transcript.delta"  # speech, by what it says
+_ITEM_DONE: Final = "response.output_item.done"  # an output item whole: an image drawn
 # named events worth a JSON parse; others (ping, content_block_start, ...) carry no usage nor text
 _READ: Final = _RESPONSES_TEXT | {
     "response.created",
     "response.completed",
     "response.incomplete",
     "response.failed",
+    _ITEM_DONE,
     "message_start",
     "message_delta",
     "message_stop",
@@ -312,6 +316,10 @@ class StreamMeter:
     `gap_unread()`: and no usage was read after it, so what it held may be in no count.
     `failed`: an error was streamed (Anthropic's `event: error`, the Responses API's `error` and
     `response.failed`, an OpenAI-style `data: {"error": ...}` without `choices`).
+    `tool_image_tokens`: the image output tokens of the images OpenAI's image generation tool
+    drew (`image_generation_call` items done, as `usage.image_call_tokens` counts them), which
+    no text counts: for an answer without usage (a usage counts them from its response's
+    output, `TokenUsage.tool_image_tokens`).
     """
 
     __slots__ = (
@@ -333,6 +341,7 @@ class StreamMeter:
         "speech_chars",
         "text_at_usage",
         "text_chars",
+        "tool_image_tokens",
         "unreported",
         "usage",
     )
@@ -342,6 +351,7 @@ class StreamMeter:
         self.completed = False  # the stream's end was seen (see the class's doc)
         self.text_chars = 0
         self.speech_chars = 0  # of those, a spoken answer's transcript: priced as speech
+        self.tool_image_tokens = 0
         self.text_at_usage = 0
         self.gave_up = False
         self.failed = False  # an error event was read (see the class's doc)
@@ -556,6 +566,10 @@ class StreamMeter:
             self._merge_anthropic(body.get("usage"))
         elif kind == "message_stop":
             self.completed = True
+        elif kind == _ITEM_DONE:
+            item = body.get("item")
+            if isinstance(item, dict) and item.get("type") == IMAGE_CALL:
+                self.tool_image_tokens += image_call_tokens(item)
         else:  # response.created and the Responses API's end events
             response = body.get("response")
             if isinstance(response, dict):

@@ -17,6 +17,8 @@ from typing import Any, Final
 
 import orjson
 
+from budget_middleware.core.media import drawn_image_tokens
+
 
 def json_loads(data: bytes | str) -> Any:
     """JSON as Python's own parser reads it, at orjson's speed: what orjson refuses and the
@@ -87,6 +89,10 @@ class TokenUsage:
       `output_tokens_details`, and of gateways' chat `prompt_tokens_details` and
       `completion_tokens_details`: LiteLLM's rendering of Gemini's image modality; priced at the
       image rates: gpt-image-1.5's $32 per Mtok of image output, its text's $10).
+    - `tool_image_tokens`: of `output_image_tokens` (and so of `output_tokens`), those of the
+      images OpenAI's image generation tool drew (the Responses API's `image_generation_call`
+      output items, which its usage leaves out: `count_searches`), priced at that tool's image
+      model's rate (gpt-image-1's $40 per Mtok), whatever the answer's model.
     """
 
     input_tokens: int = 0
@@ -107,6 +113,7 @@ class TokenUsage:
     citation_tokens: int = 0
     input_image_tokens: int = 0
     output_image_tokens: int = 0
+    tool_image_tokens: int = 0
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's). Of
@@ -141,6 +148,7 @@ class TokenUsage:
             self.citation_tokens + other.citation_tokens,
             self.input_image_tokens + other.input_image_tokens,
             self.output_image_tokens + other.output_image_tokens,
+            self.tool_image_tokens + other.tool_image_tokens,
         )
 
     @property
@@ -470,18 +478,89 @@ def usage_from_json(body: bytes, tiered: bool = False) -> TokenUsage | None:
 _WEB_SEARCH_CALL: Final = "web_search_call"
 _FILE_SEARCH_CALL: Final = "file_search_call"
 _SEARCH_CALL_KEY: Final = b'_search_call"'  # the end of either's name
+IMAGE_CALL: Final = "image_generation_call"
+_IMAGE_CALL_KEY: Final = b'"image_generation_call"'
+
+# The image generation tool's model unless a request names another: its images' output tokens
+# are that model's, by their quality and size (`media.drawn_image_tokens`).
+_IMAGE_TOOL_MODEL: Final = "gpt-image-1"
+
+
+def image_call_tokens(item: Mapping[str, Any]) -> int:
+    """The image output tokens OpenAI bills for an `image_generation_call` output item: of its
+    quality and size, the most it could be where they are not said or not known."""
+    return drawn_image_tokens(_IMAGE_TOOL_MODEL, item.get("size"), item.get("quality"))
+
+
+def add_tool_images(usage: TokenUsage, tokens: int) -> None:
+    """Count in `usage` the image output tokens the image generation tool drew (its
+    `tool_image_tokens`: within its output and its image output), once however often it is
+    counted."""
+    more = tokens - usage.tool_image_tokens
+    usage.output_tokens += more
+    usage.output_image_tokens += more
+    usage.tool_image_tokens = tokens
+
+
+def json_tool_images(body: bytes) -> int:
+    """The image output tokens of the images the image generation tool drew that a whole JSON
+    answer's top-level `output` holds (`image_call_tokens`): 0 for a body without such a call."""
+    if body.find(_IMAGE_CALL_KEY) < 0 and _searched_whole(body):
+        return 0
+    try:
+        document = json_loads(body)
+    except JSON_ERRORS:
+        return 0
+    output = document.get("output") if type(document) is dict else None
+    if type(output) is not list:
+        return 0
+    return sum(
+        image_call_tokens(item)
+        for item in output
+        if type(item) is dict and item.get("type") == IMAGE_CALL
+    )
+
+
+_RESULT_KEY: Final = re.compile(rb'"result"\s*:\s*"')
+
+
+def without_results(body: bytes) -> bytes:
+    """A JSON answer's bytes with the content of each `"result"` string left out (an image
+    generation call's base64 image, no text and megabytes long), its quotes kept: the same
+    document but for those strings, read whole where the answer is too large to keep (an
+    image's item is no JSON in the tail kept of it). A string not closed yet is left out to the
+    end, its opening kept: what follows of it, once the body is longer, is left out then."""
+    kept: list[bytes] = []
+    start = 0
+    for match in _RESULT_KEY.finditer(body):
+        at = match.start()
+        if at < start or (at and body[at - 1] == 0x5C and not _unescaped(body, at)):
+            continue  # within a string left out, or `\"result\"` within a text
+        opened = match.end()
+        end = body.find(b'"', opened)
+        while end >= 0 and not _unescaped(body, end):
+            end = body.find(b'"', end + 1)
+        kept.append(body[start:opened])
+        if end < 0:
+            if not _unescaped(body, len(body)):  # cut within an escape: what it escapes follows
+                kept.append(b"\\")
+            return b"".join(kept)
+        start = end
+    kept.append(body[start:])
+    return b"".join(kept)
 
 
 def count_searches(usage: TokenUsage, output: object) -> None:
-    """Set in `usage` the searches a Responses API answer's `output` holds (a list), which its
-    usage does not count, as OpenAI bills them. Web searches (the `web_search` tool, per
-    search): its `web_search_call` items whose action is a search (or that name none, as
-    `web_search_preview` answered; opening a page found, or finding in one, is no search). File
-    searches (the `file_search` tool, per call): its `file_search_call` items, each one call
-    whatever the queries it ran."""
+    """Set in `usage` the server-side tools' calls a Responses API answer's `output` holds (a
+    list), which its usage does not count, as OpenAI bills them. Web searches (the `web_search`
+    tool, per search): its `web_search_call` items whose action is a search (or that name none,
+    as `web_search_preview` answered; opening a page found, or finding in one, is no search).
+    File searches (the `file_search` tool, per call): its `file_search_call` items, each one
+    call whatever the queries it ran. Images (the `image_generation` tool, at its image model's
+    prices): its `image_generation_call` items (`image_call_tokens`)."""
     if type(output) is not list:
         return
-    web = files = 0
+    web = files = drawn = 0
     for item in output:
         if type(item) is dict:
             kind = item.get("type")
@@ -491,15 +570,18 @@ def count_searches(usage: TokenUsage, output: object) -> None:
                     web += 1
             elif kind == _FILE_SEARCH_CALL:
                 files += 1
+            elif kind == IMAGE_CALL:
+                drawn += image_call_tokens(item)
     usage.web_searches = web
     usage.file_searches = files
+    add_tool_images(usage, drawn)
 
 
 def json_searches(usage: TokenUsage, body: bytes) -> None:
     """`count_searches` of a whole JSON answer's top-level `output` (an answer to a request that
     may have used such tools: a body without a search call is not parsed, its usage's counts
     kept)."""
-    if body.find(_SEARCH_CALL_KEY) < 0 and _searched_whole(body):
+    if body.find(_SEARCH_CALL_KEY) < 0 and body.find(_IMAGE_CALL_KEY) < 0 and _searched_whole(body):
         return
     try:
         document = json_loads(body)
@@ -602,6 +684,9 @@ _NOT_TEXT: Final = frozenset(
         # OpenRouter's), as a stream's count leaves it: a model that draws is charged its
         # most output (`Exchange._work_out`)
         "images",
+        # an image generation call's image in base64 (the Responses API's), no text: priced as
+        # the image its tool drew (`image_call_tokens`)
+        "result",
     }
 )
 _OUTPUT_KEYS: Final = ("choices", "content", "output")  # OpenAI, Anthropic, the Responses API

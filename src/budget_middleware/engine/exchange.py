@@ -34,13 +34,16 @@ from budget_middleware.core.usage import (
     JSON_ERRORS,
     BodyDecoder,
     TokenUsage,
+    add_tool_images,
     answered_chars,
     begins_json,
     json_loads,
     json_searches,
+    json_tool_images,
     spoken_chars,
     usage_from_head,
     usage_from_json,
+    without_results,
 )
 from budget_middleware.engine.portal import done_there, engine_loop, is_background, loop_lock
 from budget_middleware.headers import (
@@ -211,6 +214,7 @@ class Exchange:
     json_size = 0
     json_dropped = 0  # bytes of a huge JSON answer left out before its kept tail
     json_head = b""  # ... and its first bytes, kept (`_JSON_HEAD`)
+    json_cut = 0  # bytes of a huge JSON answer's images left out (`without_results`)
     json_read: tuple[bytes, TokenUsage] | None = None  # the usage `whole` read, and of what
     # The answer's headers as passed on (ASGI: `forward`), for its Content-Length, read only
     # should its JSON not parse (`_within_length`).
@@ -347,7 +351,7 @@ class Exchange:
             return False
         stream = self.stream
         if stream is None:
-            given = self.json_dropped + self.json_size
+            given = self.json_dropped + self.json_cut + self.json_size
         elif type(stream) is _StreamToItsLength:
             given = stream.given
         else:
@@ -543,9 +547,16 @@ class Exchange:
 
     def _keep_the_tail(self) -> None:
         """Of a huge JSON answer keep the last MiB (its usage sits at the end), and count what
-        is left out (for an estimate, should it hold no usage)."""
+        is left out (for an estimate, should it hold no usage). Its images' base64 is left out
+        first (`without_results`: the image generation tool's, megabytes): what is left is
+        kept whole if it is no more than a MiB, read whole as a smaller answer is."""
         whole = b"".join(self.json_parts or ())
         if not self.json_dropped:
+            kept = without_results(whole)
+            if len(kept) <= _JSON_TAIL:
+                self.json_cut += len(whole) - len(kept)
+                self.json_parts, self.json_size = [kept], len(kept)
+                return
             self.json_head = whole[:_JSON_HEAD]
         tail = whole[-_JSON_TAIL:]
         self.json_dropped += self.json_size - len(tail)
@@ -650,7 +661,7 @@ class Exchange:
         length = content_length(headers)
         if length is None:
             return False
-        length -= self.json_dropped  # (0 but of a huge answer)
+        length -= self.json_dropped + self.json_cut  # (0 but of a huge answer)
         if not 0 < length < len(body):
             return False
         head = body[:length]
@@ -727,8 +738,10 @@ class Exchange:
                 if stream is not None:
                     seen = stream.text_chars
                     said = stream.speech_chars
+                    by_tool = stream.tool_image_tokens  # images its provider's tool drew: no text
                 else:
                     body = b"".join(self.json_parts or ())
+                    by_tool = json_tool_images(body)
                     told = answered_chars(body)
                     seen = told or 0
                     if self.target.spoken and told:
@@ -780,6 +793,8 @@ class Exchange:
                     output_audio_tokens=spoken,
                     output_image_tokens=drawn,
                 )
+                if by_tool:  # at that tool's image prices, beside the text
+                    add_tool_images(usage, by_tool)
             price = self.price
             if price is None:
                 cost, source = 0, "unpriced"  # noted by `book`

@@ -812,8 +812,16 @@ _UNDECODABLE = (
 
 # The tools a provider runs itself, by their `type`'s start: Anthropic's `web_search_20250305`,
 # `web_fetch_…` and `code_execution_…`, OpenAI's Responses `web_search` (`_preview`),
-# `file_search` and `code_interpreter`. Client tools (`function`, `custom`, none) are not.
-_SERVER_TOOLS = ("web_search", "web_fetch", "code_execution", "code_interpreter", "file_search")
+# `file_search`, `code_interpreter` and `image_generation`. Client tools (`function`, `custom`,
+# none) are not.
+_SERVER_TOOLS = (
+    "web_search",
+    "web_fetch",
+    "code_execution",
+    "code_interpreter",
+    "file_search",
+    "image_generation",
+)
 
 
 def _server_tools(parsed: Any) -> bool:
