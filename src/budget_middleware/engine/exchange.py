@@ -625,13 +625,13 @@ class Exchange:
             return _grown(usage, prompt, max(usage.output_tokens, streamed), stream.unreported)
         parts = self.json_parts
         if parts:
-            price = self.price  # a tier written before the usage is looked for if it prices
-            tiered = price is not None and bool(price.service_tiers)
             body = b"".join(parts)  # of one part, that part: no copy
             read = self.json_read
-            usage = (
-                read[1] if read is not None and read[0] is body else usage_from_json(body, tiered)
-            )
+            if read is not None and read[0] is body:  # read already (`whole`)
+                usage = read[1]
+            else:  # a tier written before the usage is looked for if it prices
+                price = self.price
+                usage = usage_from_json(body, price is not None and bool(price.service_tiers))
             if usage is None and self.json_dropped:  # a huge answer: its usage may come first
                 if self._within_length(body):  # (or at its tail's end, bytes past its length)
                     return self._usage()
@@ -710,14 +710,16 @@ class Exchange:
             else:
                 assert usage is not None and usage.cost is not None
                 cost, source = charge_nanos(usage.cost), "usage"
-                if usage.uncosted is not None and self.price is not None:
+                uncosted = usage.uncosted
+                if uncosted is not None and self.price is not None:
                     # The turns that reported no cost (a tool loop's, beside one that did):
                     # their tokens' price.
-                    cost += cost_nanos(self._served_price(usage.uncosted), usage.uncosted)
+                    cost += cost_nanos(self._served_price(self.price, uncosted), uncosted)
             if self.price is not None and usage is not None and not estimated:
                 # Reported over what its tokens cost (a fee): for the next to reserve
                 bounded = _bounded(usage)
-                self.reported_over = cost - cost_nanos(self._served_price(bounded), bounded)
+                served = self._served_price(self.price, bounded)
+                self.reported_over = cost - cost_nanos(served, bounded)
         elif usage is None and (
             self.status >= 300
             or not (self.response_started or self.sent_unanswered or self.left_unanswered)
@@ -802,7 +804,7 @@ class Exchange:
                 served = (  # at no tier, the usual case: no call
                     price
                     if usage.service_tier is None and self.target.service_tier is None
-                    else self._served_price(usage)
+                    else self._served_price(price, usage)
                 )
                 cost, source = cost_nanos(served, usage), price.source
                 if (usage.reasoning_tokens or usage.citation_tokens) and not estimated:
@@ -829,11 +831,9 @@ class Exchange:
             outcome = "upstream_error"
         return self._record(outcome, inp, out, cached, cost, source, estimated, note)
 
-    def _served_price(self, usage: TokenUsage) -> ModelPrice:
-        """The price of the answer: at the service tier it was served at, else the one asked
-        for when it costs no less (`asked_prices`)."""
-        price = self.price
-        assert price is not None
+    def _served_price(self, price: ModelPrice, usage: TokenUsage) -> ModelPrice:
+        """The price of the answer, of its target's `price`: at the service tier it was served
+        at, else the one asked for when it costs no less (`asked_prices`)."""
         tier = usage.service_tier
         if tier is not None:
             return for_service_tier(price, tier)
