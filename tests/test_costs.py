@@ -1120,6 +1120,36 @@ async def test_an_unreadable_images_api_answer_is_charged_its_images_most_tokens
     assert row.cost_nanos == row.input_tokens * 5_000 + 12_480 * 40_000
 
 
+async def test_an_images_api_answer_without_usage_is_charged_its_images_most_tokens(
+    make_settings: Settings,
+) -> None:
+    """An Images API answer that reads but reports no usage (a gateway's) holds images, which
+    its bytes do not count, whatever its model's prices say (gpt-image-1 prices no image output
+    apart: no model that `draws`): it is charged the most it could have cost, as its
+    reservation counted it, 2 images at high quality, 1024x1536: 12,480 output tokens at $40
+    per Mtok (charged its prompt alone before, 0 output tokens)."""
+    model = "gpt-image-1"
+
+    async def provider(request: Request) -> Response:
+        await request.body()
+        drawn = [{"b64_json": "iVBORw0KGgo" * 100}, {"url": "https://example.invalid/b.png"}]
+        return JSONResponse({"created": 1, "data": drawn})
+
+    path = "/v1/images/generations"
+    body = {"model": f"openai/{model}", "prompt": "a cat", "size": "1024x1536", "quality": "high"}
+    settings = lambda **kw: make_settings(inference_paths=IMAGES_PATHS, **kw)  # noqa: E731
+    async with budget_of_a_dollar(settings, path, provider) as (engine, http, key):
+        auth = {"authorization": f"Bearer {key.value}"}
+        answer = await http.post(path, json={**body, "n": 2}, headers=auth)
+        assert answer.status_code == 200
+        rows = await records(engine)
+    row = rows[-1]
+    print(f"{model}, 2 images, no usage: charged {row.output_tokens} output tokens, {row.note}")
+    assert row.note is not None and row.note.endswith(": charged its most output")
+    assert (row.output_tokens, row.estimated) == (12_480, True)
+    assert row.cost_nanos == row.input_tokens * 5_000 + 12_480 * 40_000
+
+
 # An image as a gateway answers it (LiteLLM's and OpenRouter's `images`; the Images API's
 # `b64_json`): 400,000 characters of base64, no text.
 DRAWN = "A" * 400_000

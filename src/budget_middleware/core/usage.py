@@ -709,6 +709,19 @@ def answered_chars(body: bytes) -> int | None:
     return sum(_chars(document.get(key), 0) for key in _OUTPUT_KEYS)
 
 
+def images_answered(body: bytes) -> bool:
+    """Whether a JSON answer is the Images API's: a top-level `data` list holding an image (its
+    `b64_json` or `url`), which no text counts (`answered_chars` reads none of it)."""
+    try:
+        document = json_loads(body)
+    except JSON_ERRORS:
+        return False
+    data = document.get("data") if type(document) is dict else None
+    return type(data) is list and any(
+        type(item) is dict and ("b64_json" in item or "url" in item) for item in data
+    )
+
+
 def spoken_chars(body: bytes) -> int:
     """Of the characters `answered_chars` counts, those a spoken answer's transcripts say
     (`message.audio.transcript`): priced as speech, the rest (a tool call's arguments) as

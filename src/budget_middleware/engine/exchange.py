@@ -37,6 +37,7 @@ from budget_middleware.core.usage import (
     add_tool_images,
     answered_chars,
     begins_json,
+    images_answered,
     json_loads,
     json_searches,
     json_tool_images,
@@ -737,6 +738,7 @@ class Exchange:
                 # of a huge one cut to its tail, every byte of it)
                 said = 0  # of `seen`, a spoken answer's transcript (priced as speech)
                 drawn = 0  # images (charged its most output, a model that draws)
+                pictures = False  # the answer is the Images API's: images, whatever the model
                 if stream is not None:
                     seen = stream.text_chars
                     said = stream.speech_chars
@@ -748,6 +750,8 @@ class Exchange:
                     seen = told or 0
                     if self.target.spoken and told:
                         said = spoken_chars(body)
+                    elif not told:
+                        pictures = images_answered(body)
                     if self.json_dropped:
                         seen = max(seen, self.json_dropped + self.json_size)
                     elif told is None and note is None and begins_json(body.lstrip()):
@@ -766,13 +770,14 @@ class Exchange:
                     # usage are fetched by a GET, which is not metered. The most it may cost.
                     note = "a background response, its usage not in this answer"
                     seen = 0
-                drawing = self.price is not None and draws(self.price)
+                drawing = self.price is not None and (pictures or draws(self.price))
                 if drawing or (
                     note is not None and (not seen or (stream is not None and stream.gave_up))
                 ):
                     # Nothing of the answer could be read (a coding we cannot decode, a corrupt
                     # body), or its output may be images, which its bytes do not count (a model
-                    # that draws): the most it could have cost, as its reservation counted it.
+                    # that draws, an Images API answer): the most it could have cost, as its
+                    # reservation counted it.
                     output = max(
                         self.engine.gate.most_output(self.target, self.price), (seen + 3) // 4
                     )
