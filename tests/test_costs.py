@@ -2994,3 +2994,38 @@ async def test_a_fine_tune_the_pricing_file_names_under_a_provider_is_that_provi
     assert answer.status_code == 200, answer.text
     assert [(r.provider, r.model) for r in rows] == [("acmecloud", model)]
     assert rows[0].cost_nanos > 0
+
+
+async def test_image_tool_requests_in_flight_together_cannot_spend_past_the_budget(
+    make_settings: Settings,
+) -> None:
+    """A Responses request offering the image generation tool reserves the most a request with
+    such tools to its model has been charged (`saw_tools`): one answered in text alone taught
+    ~$0.006, where each image the tool draws bills up to $0.2496 (gpt-image-1, high quality,
+    1024x1536, 6,240 tokens at $40 per Mtok). It reserves one image at the most its tool asks
+    besides: 60 at once on $1 (after one answered in text) spend no more than the budget."""
+    tool = [{"type": "image_generation", "quality": "high", "size": "1024x1536"}]
+    drawn = {**_DRAWN, "quality": "high", "size": "1024x1536", "result": "iVBORw0KGgo"}
+    calls = 0
+
+    async def provider(request: Request) -> JSONResponse:
+        nonlocal calls
+        await request.body()
+        calls += 1
+        await asyncio.sleep(0.05)  # in flight together
+        output = [_SAID] if calls == 1 else [drawn, _SAID]  # the first draws nothing
+        answer = {"object": "response", "model": "gpt-4.1", "output": output}
+        return JSONResponse({**answer, "usage": RESPONSES_USAGE})
+
+    body = {"model": "openai/gpt-4.1", "input": "a cat", "tools": tool}
+    settings = lambda **kw: make_settings(inference_paths=("/v1/responses",), **kw)  # noqa: E731
+    async with budget_of_a_dollar(settings, "/v1/responses", provider) as (engine, http, key):
+        auth = {"authorization": f"Bearer {key.value}"}
+        first = await http.post("/v1/responses", json=body, headers=auth)
+        answers = await at_once(http, "/v1/responses", body, auth)
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    admitted = [a.status_code for a in answers].count(200)
+    print(f"image tool, 60 at once on $1 after one in text: {admitted} admitted, ${spent:.6f}")
+    assert first.status_code == 200 and admitted >= 1
+    assert spent <= 1 + 1e-9

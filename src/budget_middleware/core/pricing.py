@@ -36,6 +36,12 @@ def _rate(usd_per_mtok: float) -> int:
 _IMAGE_TOOL_RATE = _rate(40.0)
 
 
+def tool_image_nanos(tokens: int) -> int:
+    """What `tokens` image output tokens OpenAI's image generation tool drew cost, in whole
+    nano-dollars rounded up (at `_IMAGE_TOOL_RATE`): what a request offering it reserves."""
+    return -(-max(tokens, 0) * _IMAGE_TOOL_RATE // _FEMTO_PER_NANO)
+
+
 # The tiers of a model without any (read only): one mapping for every such price.
 _NO_TIERS: Mapping[str | None, ModelPrice] = {}
 

@@ -37,12 +37,19 @@ from budget_middleware.core.media import (
     walk,
 )
 from budget_middleware.core.money import MAX_CHARGE_NANOS
-from budget_middleware.core.pricing import ModelPrice, asked_prices, at_time, draws, estimate_nanos
+from budget_middleware.core.pricing import (
+    ModelPrice,
+    asked_prices,
+    at_time,
+    draws,
+    estimate_nanos,
+    tool_image_nanos,
+)
 from budget_middleware.core.providers import RESOURCE_PREFIX
 from budget_middleware.core.routing import Route
 from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts, rfc3339
-from budget_middleware.core.usage import BodyDecoder, json_bytes, json_loads
+from budget_middleware.core.usage import BodyDecoder, image_call_tokens, json_bytes, json_loads
 from budget_middleware.engine.exchange import Exchange
 from budget_middleware.exceptions import ServiceUnavailable
 
@@ -379,7 +386,7 @@ class Gate:
                     if references:
                         self._with_media(candidate, references)
                     if tools:
-                        self._with_tools(candidate)
+                        self._with_tools(candidate, parsed)
                     if shadowed is not None:  # the credentials' refusal first, as in enforce
                         candidate.would_refuse = shadowed
                 left = plan.candidates or plan.shadow_only
@@ -397,7 +404,7 @@ class Gate:
         if references:
             self._with_media(exchange, references)
         if tools:
-            self._with_tools(exchange)
+            self._with_tools(exchange, parsed)
         if shadowed is not None:  # the credentials' refusal comes first, as in enforce
             exchange.would_refuse = shadowed
         if target.stream and type(parsed) is dict and asks_usage(path, credentials):
@@ -587,7 +594,7 @@ class Gate:
         if fee:
             exchange.ticket_estimate = min(exchange.ticket_estimate + fee, MAX_CHARGE_NANOS)
 
-    def _with_tools(self, exchange: Exchange) -> None:
+    def _with_tools(self, exchange: Exchange, parsed: Any) -> None:
         """A request with tools its provider runs (`_server_tools`): their results are input
         tokens its body never held, and their calls a fee each, so its estimate is no worst
         case. It reserves at least the most such a request to its model has been charged here
@@ -595,13 +602,18 @@ class Gate:
         without a price: in flight, it leaves no room on its budgets, so requests at once
         cannot each add their overrun past the limit (SPEC §6: 60 searches at once spent 6
         times a $1 budget). One naming a stored prompt too: the prompt may name such tools,
-        and its text is input its body never held."""
+        and its text is input its body never held. One offering the image generation tool
+        reserves one image at the most that tool asks besides its estimate (`_tool_image`),
+        whatever was learned: an answer in text alone teaches a cent, an image bills $0.25."""
         exchange.tool_calls = True  # its answer's searches are counted
         exchange.server_tools = True  # its answer teaches the next (`saw_tools`)
         if exchange.price is None or not (self.reserve and exchange.limits.budgets):
             return  # unpriced: its own rule reserves
         target = exchange.target
         most = self.tool_costs.get((target.provider, target.model), MAX_CHARGE_NANOS)
+        drawn = _tool_image(parsed)
+        if drawn:
+            most = max(most, exchange.ticket_estimate + tool_image_nanos(drawn))
         if most > exchange.ticket_estimate:
             exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
 
@@ -814,13 +826,14 @@ _UNDECODABLE = (
 # `web_fetch_…` and `code_execution_…`, OpenAI's Responses `web_search` (`_preview`),
 # `file_search`, `code_interpreter` and `image_generation`. Client tools (`function`, `custom`,
 # none) are not.
+_IMAGE_TOOL = "image_generation"  # its images are reserved apart (`_tool_image`)
 _SERVER_TOOLS = (
     "web_search",
     "web_fetch",
     "code_execution",
     "code_interpreter",
     "file_search",
-    "image_generation",
+    _IMAGE_TOOL,
 )
 
 
@@ -838,6 +851,22 @@ def _server_tools(parsed: Any) -> bool:
         return True
     prompt = parsed.get("prompt") if type(parsed) is dict else None
     return type(prompt) is dict and "id" in prompt
+
+
+def _tool_image(parsed: Any) -> int:
+    """The most image output tokens one image drawn by an image generation tool a request
+    offers is billed (`usage.image_call_tokens`, of the size and quality it asks); 0: none."""
+    tools = parsed.get("tools") if type(parsed) is dict else None
+    if type(tools) is not list:
+        return 0
+    return max(
+        (
+            image_call_tokens(tool)
+            for tool in tools
+            if type(tool) is dict and tool.get("type") == _IMAGE_TOOL
+        ),
+        default=0,
+    )
 
 
 def parse_json(body: bytes) -> Any:
