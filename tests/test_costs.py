@@ -815,11 +815,7 @@ async def test_image_output_in_flight_together_cannot_spend_past_the_budget(
         Usage(input_tokens=100, output_tokens=1390, output_image_tokens=1290), model, "google"
     )
     async with budget_of_a_dollar(make_settings, path, provider) as (engine, http, key):
-        auth = {"authorization": f"Bearer {key.value}"}
-        answers = await at_once(http, path, body, auth)
-        await engine.flush()
-        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
-    served = [a.status_code for a in answers].count(200)
+        served, spent = await served_and_spent(engine, http, key, path, body)
     print(f"{model}, 60 at once on $1, ${each / 1e9:.6f} each: {served} served, ${spent:.6f}")
     assert served >= 1
     assert spent <= 1 + each / 1e9 + 1e-9
@@ -910,11 +906,7 @@ async def test_images_drawn_without_an_output_limit_in_flight_together_cannot_sp
         each = nanos(drawn, model, "google")
     settings = lambda **kw: make_settings(inference_paths=IMAGES_PATHS, **kw)  # noqa: E731
     async with budget_of_a_dollar(settings, path, provider) as (engine, http, key):
-        auth = {"authorization": f"Bearer {key.value}"}
-        answers = await at_once(http, path, body, auth)
-        await engine.flush()
-        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
-    served = [a.status_code for a in answers].count(200)
+        served, spent = await served_and_spent(engine, http, key, path, body)
     print(
         f"{model}, 60 at once on $1, no output limit, ${each / 1e9:.6f} each: "
         f"{served} served, ${spent:.6f}"
@@ -963,11 +955,8 @@ async def test_images_edited_by_reference_in_flight_together_cannot_spend_past_t
         )
         spent = []
         for payer, limit in ((key, 1), (five, 5)):  # not measured yet, then measured
-            auth = {"authorization": f"Bearer {payer.value}"}
-            answers = await at_once(http, path, body, auth)
-            await engine.flush()
-            spent.append(engine.manager.get_budget(payer.budgets[0].id).current_usage)
-            served = [a.status_code for a in answers].count(200)
+            served, paid = await served_and_spent(engine, http, payer, path, body)
+            spent.append(paid)
             print(f"{model} edits, 16 images by URL, 60 at once on ${limit}, ", end="")
             print(f"${each / 1e9:.6f} each: {served} served, ${spent[-1]:.6f}")
             assert served >= 1
@@ -1035,11 +1024,7 @@ async def test_images_api_requests_in_flight_together_cannot_spend_past_the_budg
     paths = ("/images/generations", "/images/edits")
     settings = lambda **kw: make_settings(inference_paths=paths, **kw)  # noqa: E731
     async with budget_of_a_dollar(settings, path, provider) as (engine, http, key):
-        auth = {"authorization": f"Bearer {key.value}"}
-        answers = await at_once(http, path, body, auth)
-        await engine.flush()
-        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
-    admitted = [a.status_code for a in answers].count(200)
+        admitted, spent = await served_and_spent(engine, http, key, path, body)
     print(
         f"{model} {path} {asked}, 60 at once on $1, ${each / 1e9:.6f} each: "
         f"{admitted} admitted, ${spent:.6f} spent"
@@ -1531,6 +1516,17 @@ async def at_once(
     return await asyncio.gather(*[http.post(path, json=body, headers=auth) for _ in range(count)])
 
 
+async def served_and_spent(
+    engine: BudgetEngine, http: httpx.AsyncClient, payer: Any, path: str, body: dict[str, Any]
+) -> tuple[int, float]:
+    """60 of the same request by `payer` sent together (`at_once`), then flushed: how many were
+    served, and what the payer's budget has spent, in dollars."""
+    answers = await at_once(http, path, body, {"authorization": f"Bearer {payer.value}"})
+    await engine.flush()
+    spent = engine.manager.get_budget(payer.budgets[0].id).current_usage
+    return [a.status_code for a in answers].count(200), spent
+
+
 @pytest.mark.parametrize("reported", [True, False], ids=["cost", "no-cost"])
 async def test_perplexity_s_output_apart_is_reserved_as_a_fee(
     make_settings: Settings, reported: bool
@@ -1562,11 +1558,8 @@ async def test_perplexity_s_output_apart_is_reserved_as_a_fee(
     async with budget_of_a_dollar(make_settings, path, provider) as (engine, http, key):
         auth = {"authorization": f"Bearer {key.value}"}
         first = await http.post(path, json=body, headers=auth)  # it tells
-        answers = await at_once(http, path, body, auth)
-        await engine.flush()
-        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+        served, spent = await served_and_spent(engine, http, key, path, body)
         charged = (await records(engine))[0].cost_nanos
-    served = [a.status_code for a in answers].count(200)
     print(f"cost reported: {reported}; one charged {charged} n$; 1 then 60 at once on $1: ")
     print(f"  {served} served, ${spent:.6f} spent")
     assert first.status_code == 200 and charged == each
@@ -3022,10 +3015,7 @@ async def test_image_tool_requests_in_flight_together_cannot_spend_past_the_budg
     async with budget_of_a_dollar(settings, "/v1/responses", provider) as (engine, http, key):
         auth = {"authorization": f"Bearer {key.value}"}
         first = await http.post("/v1/responses", json=body, headers=auth)
-        answers = await at_once(http, "/v1/responses", body, auth)
-        await engine.flush()
-        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
-    admitted = [a.status_code for a in answers].count(200)
+        admitted, spent = await served_and_spent(engine, http, key, "/v1/responses", body)
     print(f"image tool, 60 at once on $1 after one in text: {admitted} admitted, ${spent:.6f}")
     assert first.status_code == 200 and admitted >= 1
     assert spent <= 1 + 1e-9
