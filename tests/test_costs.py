@@ -1105,8 +1105,9 @@ async def test_an_unreadable_images_api_answer_is_charged_its_images_most_tokens
     assert row.cost_nanos == row.input_tokens * 5_000 + 12_480 * 40_000
 
 
+@pytest.mark.parametrize("given", ["b64_json", "url"])
 async def test_an_images_api_answer_without_usage_is_charged_its_images_most_tokens(
-    make_settings: Settings,
+    make_settings: Settings, given: str
 ) -> None:
     """An Images API answer that reads but reports no usage (a gateway's) holds images, which
     its bytes do not count, whatever its model's prices say (gpt-image-1 prices no image output
@@ -1117,8 +1118,8 @@ async def test_an_images_api_answer_without_usage_is_charged_its_images_most_tok
 
     async def provider(request: Request) -> Response:
         await request.body()
-        drawn = [{"b64_json": "iVBORw0KGgo" * 100}, {"url": "https://example.invalid/b.png"}]
-        return JSONResponse({"created": 1, "data": drawn})
+        image = "iVBORw0KGgo" * 100 if given == "b64_json" else "https://example.invalid/b.png"
+        return JSONResponse({"created": 1, "data": [{given: image}, {given: image}]})
 
     path = "/v1/images/generations"
     body = {"model": f"openai/{model}", "prompt": "a cat", "size": "1024x1536", "quality": "high"}
@@ -1129,7 +1130,7 @@ async def test_an_images_api_answer_without_usage_is_charged_its_images_most_tok
         assert answer.status_code == 200
         rows = await records(engine)
     row = rows[-1]
-    print(f"{model}, 2 images, no usage: charged {row.output_tokens} output tokens, {row.note}")
+    print(f"{model}, 2 images as {given}, no usage: charged {row.output_tokens} output tokens")
     assert row.note is not None and row.note.endswith(": charged its most output")
     assert (row.output_tokens, row.estimated) == (12_480, True)
     assert row.cost_nanos == row.input_tokens * 5_000 + 12_480 * 40_000
