@@ -427,6 +427,36 @@ def test_a_misspelt_variable_is_named_with_the_setting_it_looks_like(
     ]
 
 
+@pytest.mark.parametrize(
+    ("variable", "setting"),
+    [
+        ("BUDGET_REDIS", "BUDGET_REDIS_URL"),
+        ("BUDGET_DATABASE", "BUDGET_DATABASE_URL"),
+        ("BUDGET_CACHE_TTL", "BUDGET_CACHE_TTL_SECONDS"),
+        ("BUDGET_REDIS_TIMEOUT", "BUDGET_REDIS_TIMEOUT_SECONDS"),
+        ("BUDGET_ALERT_WEBHOOK", "BUDGET_ALERT_WEBHOOK_URLS"),
+        ("BUDGET_CONFIG", "BUDGET_CONFIG_FILE"),
+    ],
+)
+def test_a_setting_s_name_without_its_unit_is_named_with_the_setting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, variable: str, setting: str
+) -> None:
+    """`BUDGET_REDIS=redis://…` (the `_URL` left out) was ignored without a word, as a name
+    too far from every setting's for the misspelling check: each instance of a shared
+    deployment then kept counters of its own, and every limit held once per instance. A
+    setting's name without its unit (`_URL`, `_URLS`, `_SECONDS`, `_FILE`) is named, as
+    `BUDGET_RESERV` is."""
+    monkeypatch.setattr(settings_module, "_warned", set())
+    monkeypatch.setenv(variable, "x")
+    with caplog.at_level("WARNING", logger="budget_middleware"):
+        BudgetSettings()
+    said = [r.getMessage() for r in caplog.records]
+    print(f"{variable}: {len(said)} warning(s): {said}")
+    assert said == [
+        f"{variable} is not a budget-middleware setting and is ignored: did you mean {setting}?"
+    ]
+
+
 @pytest.mark.parametrize("value", [" sk-", "sk-bm- ", "clé-", "sk bm-", "sk-\t"])
 def test_a_key_prefix_no_request_could_carry_is_refused_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch, value: str

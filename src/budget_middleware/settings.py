@@ -523,6 +523,7 @@ def _env_name(field: str) -> str:
 
 
 _warned: set[str] = set()
+_UNITS = ("_URL", "_URLS", "_SECONDS", "_FILE", "_BYTES", "_DIR")  # what a setting's name ends in
 
 
 def _not_a_setting(argument: str) -> str:
@@ -538,6 +539,9 @@ def misspelt_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     that is no setting is left alone, not refused; one this close to a setting's is a typo that
     would silently leave the setting at its default."""
     names = [_env_name(field) for field in BudgetSettings.model_fields]
+    # A name without its unit (`BUDGET_REDIS`, `BUDGET_CACHE_TTL`) is too short for the ratio,
+    # and as sure a slip: `BUDGET_REDIS=redis://…` left every instance counting on its own.
+    shortened = {name.rpartition("_")[0]: name for name in names if name.endswith(_UNITS)}
     found = []
     for variable in environ:
         upper = variable.upper()
@@ -546,6 +550,8 @@ def misspelt_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
         close = difflib.get_close_matches(upper, names, n=1, cutoff=0.9)
         if close:
             found.append((variable, close[0]))
+        elif upper in shortened:
+            found.append((variable, shortened[upper]))
     return found
 
 
