@@ -2208,6 +2208,63 @@ async def test_an_image_over_2_mib_is_charged_as_a_small_one_is(
         assert row.cost_nanos == text_cost + image
 
 
+# The tool's image model, when it names one (gpt-image-1 else), and what OpenAI bills a medium
+# 1024x1024 image of it: its image output tokens at its image output price per Mtok.
+_TOOL_MODELS = {
+    "gpt-image-1-mini": (1_056, 8),
+    "gpt-image-1.5": (1_056, 32),
+    "gpt-image-2": (1_756, 30),
+}
+
+
+@pytest.mark.parametrize("model", list(_TOOL_MODELS))
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_the_image_tool_s_images_are_priced_as_its_model_draws_them(
+    make_settings: Settings, stream: bool, model: str
+) -> None:
+    """A request naming the tool's image model (`"model": "gpt-image-1-mini"`) is billed that
+    model's image tokens at its image output price: every tool image was charged as gpt-image-1
+    (1,056 tokens at $40 per Mtok, $0.04224), 5 times mini's $0.008448, where gpt-image-2's
+    1,756 at $30 are $0.05268."""
+    tokens, usd_per_mtok = _TOOL_MODELS[model]
+    drawn = {**_DRAWN, "result": "iVBORw0KGgo"}
+    answer = _image_answer(stream, RESPONSES_USAGE)
+    if stream:
+        answer[1]["item"] = drawn
+        answer[-1]["response"]["output"] = [drawn, _SAID]
+    else:
+        answer["output"] = [drawn, _SAID]
+    tool = [{**_IMAGE_TOOL[0], "model": model}]
+    row = await charged_for(make_settings, "/v1/responses", "openai/gpt-4.1", answer, tools=tool)
+    text = nanos(Usage(input_tokens=1_000, output_tokens=500), "gpt-4.1", "openai")
+    image = tokens * usd_per_mtok * 1_000
+    print(f"{model}'s tool image: charged {row.cost_nanos - text} nano-USD; billed {image}")
+    assert row.cost_nanos == text + image
+    assert row.output_tokens == 500 + tokens
+
+
+async def test_partial_images_the_image_tool_streams_are_charged(make_settings: Settings) -> None:
+    """A streamed answer's partial images (the tool's `partial_images`, each a
+    `response.image_generation_call.partial_image` event) are billed 100 image output tokens
+    each beside the image: 2 of them were not charged ($0.008 at gpt-image-1's $40 per Mtok)."""
+    partial = {
+        "type": "response.image_generation_call.partial_image",
+        "output_index": 0,
+        "item_id": "ig_1",
+        "partial_image_b64": "iVBORw0KGgo",
+    }
+    answer = _image_answer(True, RESPONSES_USAGE)
+    answer[1:1] = [{**partial, "partial_image_index": i} for i in range(2)]
+    tool = [{**_IMAGE_TOOL[0], "partial_images": 2}]
+    row = await charged_for(make_settings, "/v1/responses", "openai/gpt-4.1", answer, tools=tool)
+    text = nanos(Usage(input_tokens=1_000, output_tokens=500), "gpt-4.1", "openai")
+    image = (_IMAGE_TOKENS + 200) * 40 * 1_000
+    print(
+        f"an image and 2 partial images: charged {row.cost_nanos - text} nano-USD; billed {image}"
+    )
+    assert row.cost_nanos == text + image
+
+
 # A Responses answer as JSON may be written: in UTF-16 or UTF-32 (RFC 7159 JSON, which Python's
 # `json` reads), or with its names `\u`-escaped (`"web_search_cal\u006c"`), as some writers do.
 _ESCAPED = {  # the item types, escaped
@@ -2990,16 +3047,28 @@ async def test_a_fine_tune_the_pricing_file_names_under_a_provider_is_that_provi
     assert rows[0].cost_nanos > 0
 
 
+@pytest.mark.parametrize(
+    ("model", "drawings", "most_calls"),
+    [(None, 1, None), ("gpt-image-2", 1, None), (None, 3, 3)],
+    ids=["gpt-image-1", "gpt-image-2", "3-calls"],
+)
 async def test_image_tool_requests_in_flight_together_cannot_spend_past_the_budget(
-    make_settings: Settings,
+    make_settings: Settings, model: str | None, drawings: int, most_calls: int | None
 ) -> None:
     """A Responses request offering the image generation tool reserves the most a request with
     such tools to its model has been charged (`saw_tools`): one answered in text alone taught
     ~$0.006, where each image the tool draws bills up to $0.2496 (gpt-image-1, high quality,
     1024x1536, 6,240 tokens at $40 per Mtok). It reserves one image at the most its tool asks
-    besides: 60 at once on $1 (after one answered in text) spend no more than the budget."""
-    tool = [{"type": "image_generation", "quality": "high", "size": "1024x1536"}]
-    drawn = {**_DRAWN, "quality": "high", "size": "1024x1536", "result": "iVBORw0KGgo"}
+    besides: 60 at once on $1 (after one answered in text) spend no more than the budget. Of
+    the tool's own model when it names one: gpt-image-2's high 1024x1024 image is 7,024 tokens
+    at $30 ($0.21072), reserved as gpt-image-1's 4,160 at $40 ($0.1664) it spent $1.08. An
+    answer may call the tool several times: a request bounding its calls (`max_tool_calls`: 3)
+    reserves that many images; reserving one, 3 served 3 images each and spent $2.27."""
+    size = "1024x1536" if model is None else "1024x1024"
+    tool: list[dict[str, Any]] = [{"type": "image_generation", "quality": "high", "size": size}]
+    if model is not None:
+        tool[0]["model"] = model
+    drawn = {**_DRAWN, "quality": "high", "size": size, "result": "iVBORw0KGgo"}
     calls = 0
 
     async def provider(request: Request) -> JSONResponse:
@@ -3007,16 +3076,18 @@ async def test_image_tool_requests_in_flight_together_cannot_spend_past_the_budg
         await request.body()
         calls += 1
         await asyncio.sleep(0.05)  # in flight together
-        output = [_SAID] if calls == 1 else [drawn, _SAID]  # the first draws nothing
+        output = [_SAID] if calls == 1 else [*[drawn] * drawings, _SAID]  # the first: none
         answer = {"object": "response", "model": "gpt-4.1", "output": output}
         return JSONResponse({**answer, "usage": RESPONSES_USAGE})
 
-    body = {"model": "openai/gpt-4.1", "input": "a cat", "tools": tool}
+    body: dict[str, Any] = {"model": "openai/gpt-4.1", "input": "a cat", "tools": tool}
+    if most_calls is not None:
+        body["max_tool_calls"] = most_calls
     settings = lambda **kw: make_settings(inference_paths=("/v1/responses",), **kw)  # noqa: E731
     async with budget_of_a_dollar(settings, "/v1/responses", provider) as (engine, http, key):
         auth = {"authorization": f"Bearer {key.value}"}
         first = await http.post("/v1/responses", json=body, headers=auth)
         admitted, spent = await served_and_spent(engine, http, key, "/v1/responses", body)
-    print(f"image tool, 60 at once on $1 after one in text: {admitted} admitted, ${spent:.6f}")
+    print(f"image tool {model}, {drawings} each, 60 at once on $1: {admitted}, ${spent:.6f}")
     assert first.status_code == 200 and admitted >= 1
     assert spent <= 1 + 1e-9

@@ -31,15 +31,24 @@ def _rate(usd_per_mtok: float) -> int:
 
 
 # The image output of OpenAI's image generation tool (`TokenUsage.tool_image_tokens`), at its
-# image model's rate whatever the model that called it: gpt-image-1's $40 per Mtok, the tool's
-# model unless a request names another.
+# image model's rate whatever the model that called it (`TokenUsage.tool_image_rate`, the
+# price catalog's); where none is known, gpt-image-1's $40 per Mtok, the tool's default model.
 _IMAGE_TOOL_RATE = _rate(40.0)
 
 
-def tool_image_nanos(tokens: int) -> int:
-    """What `tokens` image output tokens OpenAI's image generation tool drew cost, in whole
-    nano-dollars rounded up (at `_IMAGE_TOOL_RATE`): what a request offering it reserves."""
-    return -(-max(tokens, 0) * _IMAGE_TOOL_RATE // _FEMTO_PER_NANO)
+def image_rate(price: ModelPrice | None) -> int | None:
+    """The image output rate of an image model (femto-dollars a token): its price's, of its
+    images (its output's when it has none apart); None (gpt-image-1's) for a model without."""
+    return None if price is None else price._rates[13]  # (`_Rates`: its images' output rate)
+
+
+def tool_image_nanos(tokens: int, rate: int | None = None) -> int:
+    """What `tokens` image output tokens OpenAI's image generation tool drew cost at `rate`
+    (`image_rate`; None: `_IMAGE_TOOL_RATE`), in whole nano-dollars rounded up: what a request
+    offering it reserves."""
+    if rate is None:
+        rate = _IMAGE_TOOL_RATE
+    return -(-max(tokens, 0) * rate // _FEMTO_PER_NANO)
 
 
 # The tiers of a model without any (read only): one mapping for every such price.
@@ -273,6 +282,7 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
     spoken = min(max(usage.output_audio_tokens, 0), out)
     drawn = min(max(usage.output_image_tokens, 0), out - spoken)
     by_tool = min(max(usage.tool_image_tokens, 0), drawn)  # (at its own model's rate)
+    r_tool = usage.tool_image_rate
     thought = min(max(usage.reasoning_tokens, 0), out - spoken - drawn)
     cited = min(max(usage.citation_tokens, 0), out - spoken - drawn - thought)
     searches = max(usage.web_searches, 0)
@@ -282,7 +292,8 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
         + heard * (r_heard - r_in)
         + seen * (r_seen - r_in)
         + drawn * (r_drawn - r_out)
-        + by_tool * (_IMAGE_TOOL_RATE - r_drawn)
+        + by_tool * (_IMAGE_TOOL_RATE if r_tool is None else r_tool)
+        - by_tool * r_drawn
         + spoken * (r_spoken - r_out)
         + thought * (r_thought - r_out)
         + cited * (r_cited - r_out)

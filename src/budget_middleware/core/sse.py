@@ -14,7 +14,9 @@ from typing import Any, Final
 
 from budget_middleware.core.usage import (
     IMAGE_CALL,
+    IMAGE_TOOL,
     JSON_ERRORS,
+    PARTIAL_IMAGE_TOKENS,
     TokenUsage,
     count_searches,
     generated_chars,
@@ -57,6 +59,7 @@ _RESPONSES_TEXT: Final = frozenset(
 )
 _TRANSCRIPT: Final = "response.audio.transcript.delta"  # speech, by what it says
 _ITEM_DONE: Final = "response.output_item.done"  # an output item whole: an image drawn
+_PARTIAL_IMAGE: Final = "response.image_generation_call.partial_image"  # billed 100 tokens
 # named events worth a JSON parse; others (ping, content_block_start, ...) carry no usage nor text
 _READ: Final = _RESPONSES_TEXT | {
     "response.created",
@@ -64,6 +67,7 @@ _READ: Final = _RESPONSES_TEXT | {
     "response.incomplete",
     "response.failed",
     _ITEM_DONE,
+    _PARTIAL_IMAGE,
     "message_start",
     "message_delta",
     "message_stop",
@@ -317,9 +321,10 @@ class StreamMeter:
     `failed`: an error was streamed (Anthropic's `event: error`, the Responses API's `error` and
     `response.failed`, an OpenAI-style `data: {"error": ...}` without `choices`).
     `tool_image_tokens`: the image output tokens of the images OpenAI's image generation tool
-    drew (`image_generation_call` items done, as `usage.image_call_tokens` counts them), which
-    no text counts: for an answer without usage (a usage counts them from its response's
-    output, `TokenUsage.tool_image_tokens`).
+    drew (`image_generation_call` items done, as `usage.image_call_tokens` counts them at
+    `image_tool`'s model, and 100 for each of the `partial_images` streamed), which no text
+    counts: for an answer without usage (a usage counts them from its response's output,
+    `TokenUsage.tool_image_tokens`, and the partial images streamed).
     """
 
     __slots__ = (
@@ -337,7 +342,9 @@ class StreamMeter:
         "completed",
         "failed",
         "gave_up",
+        "image_tool",
         "model",
+        "partial_images",
         "speech_chars",
         "text_at_usage",
         "text_chars",
@@ -352,6 +359,8 @@ class StreamMeter:
         self.text_chars = 0
         self.speech_chars = 0  # of those, a spoken answer's transcript: priced as speech
         self.tool_image_tokens = 0
+        self.image_tool = IMAGE_TOOL  # the image generation tool offered (the exchange's)
+        self.partial_images = 0
         self.text_at_usage = 0
         self.gave_up = False
         self.failed = False  # an error event was read (see the class's doc)
@@ -569,7 +578,10 @@ class StreamMeter:
         elif kind == _ITEM_DONE:
             item = body.get("item")
             if isinstance(item, dict) and item.get("type") == IMAGE_CALL:
-                self.tool_image_tokens += image_call_tokens(item)
+                self.tool_image_tokens += image_call_tokens(item, self.image_tool)
+        elif kind == _PARTIAL_IMAGE:
+            self.partial_images += 1
+            self.tool_image_tokens += PARTIAL_IMAGE_TOKENS
         else:  # response.created and the Responses API's end events
             response = body.get("response")
             if isinstance(response, dict):
@@ -583,7 +595,9 @@ class StreamMeter:
                     if found is not None:
                         found.service_tier = tier_name(response.get("service_tier"))
                         if "output" in response:  # its searches, which the usage leaves out
-                            count_searches(found, response["output"])
+                            count_searches(
+                                found, response["output"], self.image_tool, self.partial_images
+                            )
                         found = self._of_completion(ident, found)
                     self._take(found)
             if kind in ("response.completed", "response.incomplete"):

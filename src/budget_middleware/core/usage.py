@@ -92,7 +92,8 @@ class TokenUsage:
     - `tool_image_tokens`: of `output_image_tokens` (and so of `output_tokens`), those of the
       images OpenAI's image generation tool drew (the Responses API's `image_generation_call`
       output items, which its usage leaves out: `count_searches`), priced at that tool's image
-      model's rate (gpt-image-1's $40 per Mtok), whatever the answer's model.
+      model's rate (`tool_image_rate`, femto-dollars a token; None: gpt-image-1's $40 per Mtok),
+      whatever the answer's model.
     """
 
     input_tokens: int = 0
@@ -114,6 +115,7 @@ class TokenUsage:
     input_image_tokens: int = 0
     output_image_tokens: int = 0
     tool_image_tokens: int = 0
+    tool_image_rate: int | None = None
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's). Of
@@ -149,6 +151,7 @@ class TokenUsage:
             self.input_image_tokens + other.input_image_tokens,
             self.output_image_tokens + other.output_image_tokens,
             self.tool_image_tokens + other.tool_image_tokens,
+            self.tool_image_rate if other.tool_image_rate is None else other.tool_image_rate,
         )
 
     @property
@@ -481,28 +484,43 @@ _SEARCH_CALL_KEY: Final = b'_search_call"'  # the end of either's name
 IMAGE_CALL: Final = "image_generation_call"
 _IMAGE_CALL_KEY: Final = b'"image_generation_call"'
 
-# The image generation tool's model unless a request names another: its images' output tokens
-# are that model's, by their quality and size (`media.drawn_image_tokens`).
-_IMAGE_TOOL_MODEL: Final = "gpt-image-1"
+
+@dataclass(frozen=True, slots=True)
+class ImageTool:
+    """The image generation tool a request offers: its image model (`model`, gpt-image-1 unless
+    the tool names another), whose tables count its images' output tokens
+    (`media.drawn_image_tokens`), and that model's image output price (`rate`, femto-dollars a
+    token; None, a model without a price: gpt-image-1's $40 per Mtok, `pricing.image_rate`)."""
+
+    model: str = "gpt-image-1"
+    rate: int | None = None
 
 
-def image_call_tokens(item: Mapping[str, Any]) -> int:
-    """The image output tokens OpenAI bills for an `image_generation_call` output item: of its
-    quality and size, the most it could be where they are not said or not known."""
-    return drawn_image_tokens(_IMAGE_TOOL_MODEL, item.get("size"), item.get("quality"))
+IMAGE_TOOL: Final = ImageTool()  # the tool's default: gpt-image-1
+# What OpenAI bills for each partial image a streamed image sends before it (the tool's
+# `partial_images`): 100 image output tokens, as the Images API's (`media.asked_image_tokens`).
+PARTIAL_IMAGE_TOKENS: Final = 100
 
 
-def add_tool_images(usage: TokenUsage, tokens: int) -> None:
+def image_call_tokens(item: Mapping[str, Any], tool: ImageTool = IMAGE_TOOL) -> int:
+    """The image output tokens OpenAI bills for an `image_generation_call` output item (or the
+    most for one image a tool definition asks): of its quality and size at `tool`'s model,
+    the most it could be where they are not said or not known."""
+    return drawn_image_tokens(tool.model, item.get("size"), item.get("quality"))
+
+
+def add_tool_images(usage: TokenUsage, tokens: int, tool: ImageTool = IMAGE_TOOL) -> None:
     """Count in `usage` the image output tokens the image generation tool drew (its
-    `tool_image_tokens`: within its output and its image output), once however often it is
-    counted."""
+    `tool_image_tokens`: within its output and its image output, at `tool`'s rate), once
+    however often it is counted."""
     more = tokens - usage.tool_image_tokens
     usage.output_tokens += more
     usage.output_image_tokens += more
     usage.tool_image_tokens = tokens
+    usage.tool_image_rate = tool.rate
 
 
-def json_tool_images(body: bytes) -> int:
+def json_tool_images(body: bytes, tool: ImageTool = IMAGE_TOOL) -> int:
     """The image output tokens of the images the image generation tool drew that a whole JSON
     answer's top-level `output` holds (`image_call_tokens`): 0 for a body without such a call."""
     if body.find(_IMAGE_CALL_KEY) < 0 and _searched_whole(body):
@@ -515,7 +533,7 @@ def json_tool_images(body: bytes) -> int:
     if type(output) is not list:
         return 0
     return sum(
-        image_call_tokens(item)
+        image_call_tokens(item, tool)
         for item in output
         if type(item) is dict and item.get("type") == IMAGE_CALL
     )
@@ -550,14 +568,17 @@ def without_results(body: bytes) -> bytes:
     return b"".join(kept)
 
 
-def count_searches(usage: TokenUsage, output: object) -> None:
+def count_searches(
+    usage: TokenUsage, output: object, tool: ImageTool = IMAGE_TOOL, partials: int = 0
+) -> None:
     """Set in `usage` the server-side tools' calls a Responses API answer's `output` holds (a
     list), which its usage does not count, as OpenAI bills them. Web searches (the `web_search`
     tool, per search): its `web_search_call` items whose action is a search (or that name none,
     as `web_search_preview` answered; opening a page found, or finding in one, is no search).
     File searches (the `file_search` tool, per call): its `file_search_call` items, each one
     call whatever the queries it ran. Images (the `image_generation` tool, at its image model's
-    prices): its `image_generation_call` items (`image_call_tokens`)."""
+    prices, `tool`'s): its `image_generation_call` items (`image_call_tokens`), and the
+    `partials` partial images streamed before them, 100 tokens each."""
     if type(output) is not list:
         return
     web = files = drawn = 0
@@ -571,13 +592,13 @@ def count_searches(usage: TokenUsage, output: object) -> None:
             elif kind == _FILE_SEARCH_CALL:
                 files += 1
             elif kind == IMAGE_CALL:
-                drawn += image_call_tokens(item)
+                drawn += image_call_tokens(item, tool)
     usage.web_searches = web
     usage.file_searches = files
-    add_tool_images(usage, drawn)
+    add_tool_images(usage, drawn + PARTIAL_IMAGE_TOKENS * partials, tool)
 
 
-def json_searches(usage: TokenUsage, body: bytes) -> None:
+def json_searches(usage: TokenUsage, body: bytes, tool: ImageTool = IMAGE_TOOL) -> None:
     """`count_searches` of a whole JSON answer's top-level `output` (an answer to a request that
     may have used such tools: a body without a search call is not parsed, its usage's counts
     kept)."""
@@ -588,7 +609,7 @@ def json_searches(usage: TokenUsage, body: bytes) -> None:
     except JSON_ERRORS:
         return
     if type(document) is dict:
-        count_searches(usage, document.get("output"))
+        count_searches(usage, document.get("output"), tool)
 
 
 def _searched_whole(body: bytes) -> bool:

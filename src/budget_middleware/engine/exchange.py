@@ -31,6 +31,7 @@ from budget_middleware.core.records import UsageRecord
 from budget_middleware.core.scopes import KeyConfig, LimitSet
 from budget_middleware.core.sse import StreamMeter
 from budget_middleware.core.usage import (
+    IMAGE_TOOL,
     JSON_ERRORS,
     BodyDecoder,
     TokenUsage,
@@ -236,6 +237,8 @@ class Exchange:
     # Its answer may say tool calls billed apart (a Responses `output`'s searches): it asked
     # for tools its provider runs, or named a stored prompt, which may (`gate._with_tools`)
     tool_calls = False
+    # The image generation tool it offers: its images' model and price (`gate._with_tools`)
+    image_tool = IMAGE_TOOL
     reported_over = 0  # a reported cost over its tokens' price (nano-dollars): `gate.saw_fee`
     left_out: tuple[bytes, ...] = (COST_HEADER,)  # headers the adapter drops (`read_start`)
 
@@ -438,6 +441,8 @@ class Exchange:
                 self.stream = self._meter(headers)
             else:
                 self.stream = StreamMeter(drop_usage_chunk=True)
+                if self.tool_calls:
+                    self.stream.image_tool = self.image_tool
                 # The usage chunk we asked for is taken out in clear: a stream compressed all
                 # the same (asked for `identity`, the provider or a proxy did not listen) is
                 # passed on decoded, without its `content-encoding`.
@@ -456,11 +461,13 @@ class Exchange:
         """The meter of a stream passed on as it comes: read to its Content-Length, should it
         say one that bounds it (an app's own: a stream as a rule says none), as a server sends
         it (`_StreamToItsLength`). A compressed one's length is of its coded bytes: unbounded."""
+        length = None
         if self.decoder is None and b"content-length" in map(bytes.lower, map(_NAME, headers)):
             length = content_length(headers)
-            if length:
-                return _StreamToItsLength(length)
-        return StreamMeter()
+        meter = _StreamToItsLength(length) if length else StreamMeter()
+        if self.tool_calls:  # (its images counted at its image tool's model)
+            meter.image_tool = self.image_tool
+        return meter
 
     def headers_added(self, limits: bool = True) -> list[tuple[bytes, bytes]]:
         """Our headers on the answer (SPEC §8): the tightest applicable limits (ties keep the
@@ -643,7 +650,7 @@ class Exchange:
                 # Asked for tools its provider runs (or a stored prompt that may name them):
                 # the Responses API's web and file searches, which its usage leaves out (its
                 # `output` says them; of a huge answer's kept tail, none: it is no JSON)
-                json_searches(usage, body)
+                json_searches(usage, body, self.image_tool)
             return usage
         return None
 
@@ -683,6 +690,7 @@ class Exchange:
         if begins_json(body):  # (JSON that does not parse, as a rule)
             return False
         meter = StreamMeter()
+        meter.image_tool = self.image_tool
         meter.feed(body)
         meter.finish()
         if meter.usage is None and not (meter.text_chars or meter.completed or meter.failed):
@@ -745,7 +753,7 @@ class Exchange:
                     by_tool = stream.tool_image_tokens  # images its provider's tool drew: no text
                 else:
                     body = b"".join(self.json_parts or ())
-                    by_tool = json_tool_images(body)
+                    by_tool = json_tool_images(body, self.image_tool)
                     told = answered_chars(body)
                     seen = told or 0
                     if self.target.spoken and told:
@@ -801,7 +809,7 @@ class Exchange:
                     output_image_tokens=drawn,
                 )
                 if by_tool:  # at that tool's image prices, beside the text
-                    add_tool_images(usage, by_tool)
+                    add_tool_images(usage, by_tool, self.image_tool)
             price = self.price
             if price is None:
                 cost, source = 0, "unpriced"  # noted by `book`

@@ -31,6 +31,7 @@ from budget_middleware.core.identity import (
     plain_path,
 )
 from budget_middleware.core.media import (
+    asked_image_tokens,
     drawn_image_tokens,
     inline_image_tokens,
     may_reference,
@@ -43,13 +44,20 @@ from budget_middleware.core.pricing import (
     at_time,
     draws,
     estimate_nanos,
+    image_rate,
     tool_image_nanos,
 )
 from budget_middleware.core.providers import RESOURCE_PREFIX
 from budget_middleware.core.routing import Route
 from budget_middleware.core.scopes import KeyConfig, Scope
 from budget_middleware.core.times import from_ts, rfc3339
-from budget_middleware.core.usage import BodyDecoder, image_call_tokens, json_bytes, json_loads
+from budget_middleware.core.usage import (
+    IMAGE_TOOL,
+    BodyDecoder,
+    ImageTool,
+    json_bytes,
+    json_loads,
+)
 from budget_middleware.engine.exchange import Exchange
 from budget_middleware.exceptions import ServiceUnavailable
 
@@ -603,19 +611,46 @@ class Gate:
         cannot each add their overrun past the limit (SPEC §6: 60 searches at once spent 6
         times a $1 budget). One naming a stored prompt too: the prompt may name such tools,
         and its text is input its body never held. One offering the image generation tool
-        reserves one image at the most that tool asks besides its estimate (`_tool_image`),
+        reserves one image at the most that tool asks besides its estimate (`_image_tool`),
         whatever was learned: an answer in text alone teaches a cent, an image bills $0.25."""
         exchange.tool_calls = True  # its answer's searches are counted
         exchange.server_tools = True  # its answer teaches the next (`saw_tools`)
+        target = exchange.target
+        drawn = self._image_tool(exchange, parsed)
         if exchange.price is None or not (self.reserve and exchange.limits.budgets):
             return  # unpriced: its own rule reserves
-        target = exchange.target
         most = self.tool_costs.get((target.provider, target.model), MAX_CHARGE_NANOS)
-        drawn = _tool_image(parsed)
         if drawn:
-            most = max(most, exchange.ticket_estimate + tool_image_nanos(drawn))
+            most = max(most, exchange.ticket_estimate + drawn)
         if most > exchange.ticket_estimate:
             exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
+
+    def _image_tool(self, exchange: Exchange, parsed: Any) -> int:
+        """The most the images drawn by the image generation tool a request offers are billed,
+        in nano-dollars (0: it offers none): one of the size and quality the tool asks and its
+        partial images, at the tool's image model (`model`, gpt-image-1 unless it names
+        another: its tokens and its image output price, the catalog's), which the exchange's
+        answer is charged at (`Exchange.image_tool`); `max_tool_calls` of them where the request
+        bounds its tool calls so (an answer may call the tool several times: without a bound,
+        what such answers cost is learned, `saw_tools`)."""
+        tools = parsed.get("tools") if type(parsed) is dict else None
+        if type(tools) is not list:
+            return 0
+        most = 0
+        for tool in tools:
+            if type(tool) is dict and tool.get("type") == _IMAGE_TOOL:
+                model = tool.get("model")
+                if type(model) is not str or not model:
+                    model = IMAGE_TOOL.model
+                partials = tool.get("partial_images")
+                partials = partials if type(partials) is int and partials > 0 else 0
+                drawn = ImageTool(model, image_rate(self.price(exchange.target.provider, model)))
+                tokens = asked_image_tokens(model, tool.get("size"), tool.get("quality"), partials)
+                nanos = tool_image_nanos(tokens, drawn.rate)
+                if nanos >= most:
+                    most, exchange.image_tool = nanos, drawn
+        calls = parsed.get("max_tool_calls")  # an image each, at most (one unless it says)
+        return most * calls if type(calls) is int and calls > 1 else most
 
     def _audio_weight(self, target: Target) -> int:
         """How many input tokens an audio token costs at `target`'s prices (at least 1)."""
@@ -826,7 +861,7 @@ _UNDECODABLE = (
 # `web_fetch_…` and `code_execution_…`, OpenAI's Responses `web_search` (`_preview`),
 # `file_search`, `code_interpreter` and `image_generation`. Client tools (`function`, `custom`,
 # none) are not.
-_IMAGE_TOOL = "image_generation"  # its images are reserved apart (`_tool_image`)
+_IMAGE_TOOL = "image_generation"  # its images are reserved apart (`Gate._image_tool`)
 _SERVER_TOOLS = (
     "web_search",
     "web_fetch",
@@ -851,22 +886,6 @@ def _server_tools(parsed: Any) -> bool:
         return True
     prompt = parsed.get("prompt") if type(parsed) is dict else None
     return type(prompt) is dict and "id" in prompt
-
-
-def _tool_image(parsed: Any) -> int:
-    """The most image output tokens one image drawn by an image generation tool a request
-    offers is billed (`usage.image_call_tokens`, of the size and quality it asks); 0: none."""
-    tools = parsed.get("tools") if type(parsed) is dict else None
-    if type(tools) is not list:
-        return 0
-    return max(
-        (
-            image_call_tokens(tool)
-            for tool in tools
-            if type(tool) is dict and tool.get("type") == _IMAGE_TOOL
-        ),
-        default=0,
-    )
 
 
 def parse_json(body: bytes) -> Any:
