@@ -2184,6 +2184,153 @@ def test_a_content_length_past_int_s_digits_is_a_413_not_a_500(make_settings: Se
     assert called == []
 
 
+def _serve(kind: str, app: Any) -> tuple[int, Callable[[], None]]:
+    """`app` under a real server in a thread: werkzeug's (`flask run`), or wsgiref's (Django's
+    `runserver` is one); its port, and how to stop it."""
+    if kind == "werkzeug":
+        from werkzeug.serving import make_server
+
+        server: Any = make_server("127.0.0.1", 0, app, threaded=True)
+    else:
+        from wsgiref.simple_server import WSGIRequestHandler
+        from wsgiref.simple_server import make_server as wsgiref_server
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = wsgiref_server("127.0.0.1", 0, app, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+    return server.server_port, stop
+
+
+def _sent(port: int, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """A request sent raw on its own connection: its status and the answer's body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(head + b"Connection: close\r\n\r\n" + body)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    header, _, rest = reply.partition(b"\r\n\r\n")
+    return int(header.split()[1]), rest
+
+
+@pytest.mark.parametrize("server", ["werkzeug", "wsgiref"])
+def test_a_chunked_body_is_metered_as_the_app_reads_it(
+    make_settings: Settings, server: str
+) -> None:
+    """A body sent `Transfer-Encoding: chunked` (no Content-Length). werkzeug's server decodes
+    it (`wsgi.input_terminated`): the middleware and the app read the same gpt-4o request, and
+    it is charged at gpt-4o's price. wsgiref's (and Django's `runserver`, built on it) does not:
+    the input is the raw socket with no length, so the app reads no body, as it would without
+    the middleware (Flask's and Django's requests read none), and the middleware meters that
+    empty body: no model, nothing served past a budget that the chunked body could dodge."""
+    seen: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        seen.append(body)
+        if not body:  # what a provider answers a request with no body
+            start_response("400 Bad Request", [("content-type", "application/json")])
+            return [b'{"error": {"message": "no body"}}']
+        model = json.loads(body)["model"]
+        answer = {"model": model, "choices": [{"message": {"content": "hi"}}],
+                  "usage": {"prompt_tokens": 1000, "completion_tokens": 1000}}  # fmt: skip
+        start_response("200 OK", [("content-type", "application/json")])
+        return [json.dumps(answer).encode()]
+
+    middleware = BudgetWSGIMiddleware(app, make_settings(flush_interval_seconds=3600))
+    engine = middleware.engine
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    body = json.dumps(chat(model="gpt-4o")).encode()
+    port, stop = _serve(server, middleware)
+    try:
+        status, _ = _sent(
+            port,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + (key.value or "").encode() + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n",
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+        )
+    finally:
+        stop()
+    (record,) = records(engine)
+    print(
+        f"{server}, a chunked gpt-4o request: {status}; the app read {len(seen[0])} of "
+        f"{len(body)} bytes; metered as {record['provider']}/{record['model']}, "
+        f"{record['cost_nanos']} nano-USD"
+    )
+    if server == "werkzeug":
+        assert status == 200 and seen == [body]
+        assert record["model"] == "gpt-4o" and record["cost_nanos"] == 12_500_000  # $2.50 + $10
+    else:
+        assert status == 400 and seen == [b""]
+        assert record["model"] == "unknown" and record["cost_nanos"] == 0
+
+
+@pytest.mark.parametrize("kind", ["json", "stream"])
+def test_an_answer_given_as_the_server_s_file_wrapper_is_measured_and_sent_whole(
+    make_settings: Settings, tmp_path: Path, kind: str
+) -> None:
+    """An app that answers with a file through the server's `wsgi.file_wrapper` (an answer
+    recorded to disk, replayed): the server gets the middleware's answer, which reads the file
+    through the wrapper and measures it (never the file's `sendfile()`, which the middleware
+    could not read), and the client gets every byte. Here under wsgiref's server (Django's
+    `runserver`); the same under gunicorn, waitress and uWSGI (a fault hunt's, through those
+    servers in subprocesses)."""
+    words = " ".join(f"w{i}" for i in range(20_000))
+    usage = {"prompt_tokens": 1000, "completion_tokens": 20_000}
+    path = tmp_path / "answer"
+    if kind == "json":
+        answer = {"model": "gpt-4o-mini", "choices": [{"message": {"content": words}}]}
+        path.write_text(json.dumps({**answer, "usage": usage}))
+    else:
+        event = {"model": "gpt-4o-mini", "choices": [{"delta": {"content": words}}]}
+        last = json.dumps({"choices": [], "usage": usage})
+        path.write_text(f"data: {json.dumps(event)}\n\ndata: {last}\n\ndata: [DONE]\n\n")
+    data = path.read_bytes()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        environ["wsgi.input"].read()
+        kind_of = "text/event-stream" if kind == "stream" else "application/json"
+        start_response("200 OK", [("content-type", kind_of), ("content-length", str(len(data)))])
+        return environ["wsgi.file_wrapper"](path.open("rb"), 8192)
+
+    middleware = BudgetWSGIMiddleware(app, make_settings(flush_interval_seconds=3600))
+    engine = middleware.engine
+    on_loop(engine, engine.ensure_started)
+    key = engine.manager.create_virtual_key(name="k", budgets=[{"max_limit": 10}])
+    asked = {"stream": True, "stream_options": {"include_usage": True}} if kind == "stream" else {}
+    body = json.dumps(chat(**asked)).encode()
+    port, stop = _serve("wsgiref", middleware)
+    try:
+        status, got = _sent(
+            port,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n"
+            b"Authorization: Bearer " + (key.value or "").encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n",
+            body,
+        )
+    finally:
+        stop()
+    (record,) = records(engine)
+    print(
+        f"wsgiref, a {kind} answer of {len(data)} bytes as a file: {status}, {len(got)} bytes "
+        f"sent, charged {record['cost_nanos']} nano-USD ({record['outcome']})"
+    )
+    assert status == 200 and got == data
+    assert record["cost_nanos"] == 12_150_000  # 1,000 in at $0.15, 20,000 out at $0.60 a Mtok
+    assert record["outcome"] == "completed" and not record["estimated"]
+
+
 class InParts(Sent):
     """An input that reads at most 7 bytes a call (a raw socket's, unbuffered: PEP 3333 lets
     `read(n)` return fewer than `n` before the end)."""

@@ -646,6 +646,12 @@ def _settle_open() -> None:
 settle_before_exit(_settle_open)
 
 
+def _with_added(exchange: Exchange, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The app's headers with ours (as `_as_text`, our names' text looked up)."""
+    added = [(ADDED_TEXT[n], v.decode("latin-1")) for n, v in exchange.headers_added()]
+    return [*replaced(headers, added, ADDED_TEXT_NAMES, str.lower), *added]
+
+
 class MeteredResponse:
     """The app's answer on its way to the server: headers completed at `start_response`, each
     chunk measured as it passes (never held back), settled exactly once, at the last chunk or
@@ -688,15 +694,12 @@ class MeteredResponse:
                 # its end: nothing up to its length says what it cost).
                 self.length = count_of_bytes(header[1]) or None
         cost = exchange.read_start(int(status[:3]), watched)
-        # (as `_as_text`, our names' text looked up)
-        added = [(ADDED_TEXT[n], v.decode("latin-1")) for n, v in exchange.headers_added()]
         if cost:  # headers the client must not get (`x-budget-cost`, a stale content-length)
             left_out = [name.decode("latin-1") for name in exchange.left_out]
             headers = [h for h in headers if h[0].lower() not in left_out]
             if "content-length" in left_out:  # the server sends it all, and ends it itself
                 self.length = None
-        out = [*replaced(headers, added, ADDED_TEXT_NAMES, str.lower), *added]
-        self.write_ = self.start(status, out, exc_info)
+        self.write_ = self.start(status, _with_added(exchange, headers), exc_info)
         return self.write
 
     def _restarted(
@@ -713,9 +716,7 @@ class MeteredResponse:
         error (as it is where the server refuses the new status, and under ASGI)."""
         exchange = self.exchange
         if self.wrote:
-            added = [(ADDED_TEXT[n], v.decode("latin-1")) for n, v in exchange.headers_added()]
-            out = [*replaced(list(headers), added, ADDED_TEXT_NAMES, str.lower), *added]
-            self.write_ = self.start(status, out, exc_info)
+            self.write_ = self.start(status, _with_added(exchange, list(headers)), exc_info)
             self.failed = self.done = True  # what follows is the new answer's: not measured
             self.settle(self.cut())
             return self.write
