@@ -19,6 +19,7 @@ from budget_middleware.core.identity import (
     TargetResolver,
     body_encoding,
     clean_text,
+    form_fields,
     hash_key,
     header_reader,
     header_text,
@@ -455,7 +456,7 @@ def test_an_images_api_request_is_limited_to_its_images_most_tokens_n_of_them() 
     for path in (
         "/v1/images/generations",
         "/v1/images/edits",
-        "/openai/deployments/d/images/edits",
+        "/openai/deployments/gpt-image-1/images/edits",  # (the deployment is the model)
     ):
         found = target({**asked, "n": 2}, path)
         print(path, found.max_output_tokens, found.choices)
@@ -630,3 +631,31 @@ def test_a_call_to_a_provider_s_host_drops_only_a_prefix_its_own_api_never_uses(
     the review found `openrouter/auto` on OpenRouter's host sent as `auto`, which it has not."""
     found = target({"model": model}, provider=host, provider_is_host=True)
     assert (found.provider, found.model) == (host, metered)
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        (b"", None),
+        (b"--", None),
+        (b'{"model": "gpt-4o"}', None),
+        (b"--b\r\n", {}),
+        (b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-image-1', {}),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-image-1\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n\x89PNG\xff\r\n--b\r\n"
+            b'content-disposition: form-data; name="model"\r\n\r\ngpt-\xffimage\r\n--b--\r\n',
+            {"model": "gpt-\ufffdimage"},
+        ),
+    ],
+    ids=["empty", "dashes", "json", "no-part", "cut-short", "file-and-repeated-name"],
+)
+def test_a_form_s_text_fields_are_read_and_odd_bodies_do_not_crash(
+    body: bytes, fields: dict[str, str] | None
+) -> None:
+    """`form_fields`: a form's text fields (the last of a name repeated, files left out, bytes
+    that are no UTF-8 replaced), nothing from a body that is no form or is cut short."""
+    found = form_fields(body)
+    print(f"{body[:30]!r}...: {found}")
+    assert found == fields

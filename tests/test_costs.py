@@ -1033,6 +1033,99 @@ async def test_images_api_requests_in_flight_together_cannot_spend_past_the_budg
     assert spent <= 1 + 1e-9
 
 
+# (deployment in the path, the body's `model` or none, the model metered)
+AZURE_PATHS_SERVED = [
+    ("gpt-4o", None, "gpt-4o"),  # Azure's REST API needs no `model`: it was `unknown`, $0
+    ("gpt-4o", "gpt-4o-mini", "gpt-4o"),  # the deployment is served, whatever the body says
+    ("prod-chat", "gpt-4o", "gpt-4o"),  # a deployment no price names: the body's model
+    ("prod-chat", None, "prod-chat"),  # nothing priced: the deployment, unpriced (0)
+]
+
+
+@pytest.mark.parametrize(
+    ("deployment", "body_model", "metered"),
+    AZURE_PATHS_SERVED,
+    ids=["no-model", "body-names-another", "deployment-unpriced", "nothing-priced"],
+)
+async def test_an_app_serving_azure_s_paths_is_charged_the_deployment_it_serves(
+    make_settings: Settings, deployment: str, body_model: str | None, metered: str
+) -> None:
+    """An app that serves Azure OpenAI's paths (`/openai/deployments/<name>/chat/completions`)
+    behind the middleware is metered as the outbound transport meters a call to Azure: the
+    model is the deployment its path names (Azure serves it, and its REST API needs no
+    `model` in the body), unless no price names it and the body names a model one does. The
+    body's model alone was read: a body without one was `unknown`, charged 0 (1,000 in, 100
+    out of gpt-4o: $0.0035), and one naming gpt-4o-mini charged $0.00021."""
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        message = {"role": "assistant", "content": "Four."}
+        return JSONResponse({"id": "a", "object": "chat.completion", "model": "gpt-4o-2024-08-06",
+                             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 1000, "completion_tokens": 100,
+                                       "total_tokens": 1100}})  # fmt: skip
+
+    route = "/openai/deployments/{deployment}/chat/completions"
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "2+2?"}]}
+    if body_model is not None:
+        body["model"] = body_model
+    async with budget_of_a_dollar(make_settings, route, provider) as (engine, http, key):
+        answer = await http.post(
+            f"/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21",
+            json=body,
+            headers={"authorization": f"Bearer {key.value}"},
+        )
+        rows = await records(engine)
+    charged = [(r.provider, r.model, r.cost_nanos) for r in rows]
+    print(f"deployment {deployment}, body model {body_model}: {answer.status_code}, "
+          f"charged {charged}")  # fmt: skip
+    usage = Usage(input_tokens=1000, output_tokens=100)
+    priced = nanos(usage, metered, "openai") if metered != "prod-chat" else 0
+    assert answer.status_code == 200
+    assert charged == [("openai", metered, priced)]
+
+
+async def test_images_edited_as_a_form_in_flight_together_cannot_spend_past_the_budget(
+    make_settings: Settings,
+) -> None:
+    """OpenAI's SDKs send the Images API's edits as `multipart/form-data` (`images.edit`): its
+    `model`, `prompt`, `n`, `size` and `quality` are form fields beside the image, which were
+    not read. The model was `unknown`, unpriced: gpt-image-1's 2 high 1024x1536 images
+    ($0.4993) were charged 0, one request in flight at a time, as many as were sent. Now it is
+    metered as the JSON edit it says: 60 at once on a $1 budget spend no more than it."""
+    usage = {
+        "input_tokens": 10,
+        "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+        "output_tokens": 2 * 6240,
+        "output_tokens_details": {"text_tokens": 0, "image_tokens": 2 * 6240},
+        "total_tokens": 10 + 2 * 6240,
+    }
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        await asyncio.sleep(0.05)  # in flight together
+        return JSONResponse({"created": 1, "data": [{"b64_json": ""}] * 2, "usage": usage})
+
+    path = "/v1/images/edits"
+    fields = {"model": "gpt-image-1", "prompt": "a cat", "n": "2", "size": "1024x1536",
+              "quality": "high"}  # fmt: skip
+    image = {"image": ("cat.png", b"\x89PNG\r\n\x1a\n" + bytes(200), "image/png")}
+    settings = lambda **kw: make_settings(inference_paths=("/images/edits",), **kw)  # noqa: E731
+    async with budget_of_a_dollar(settings, path, provider) as (engine, http, key):
+        auth = {"authorization": f"Bearer {key.value}"}
+        answers = await asyncio.gather(
+            *[http.post(path, data=fields, files=image, headers=auth) for _ in range(60)]
+        )
+        rows = await records(engine)
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+    served = [a.status_code for a in answers].count(200)
+    charged = {(r.provider, r.model, r.cost_nanos) for r in rows}
+    print(f"gpt-image-1 edits as a form, 60 at once on $1: {served} served, ${spent:.6f} spent, "
+          f"charged {charged}")  # fmt: skip
+    assert served >= 1 and spent <= 1 + 1e-9
+    assert charged == {("openai", "gpt-image-1", 499_250_000)}
+
+
 @pytest.mark.parametrize("kind", ["json", "stream"])
 async def test_an_unreadable_answer_of_an_image_model_is_charged_its_most_output_as_images(
     make_settings: Settings, kind: str

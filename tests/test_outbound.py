@@ -6820,6 +6820,72 @@ async def test_an_azure_client_s_own_deployment_is_the_model_charged(
     assert statuses == [200, 403] and len(sent) == 1
 
 
+@pytest.mark.parametrize("endpoint", ["azure", "openai"])
+async def test_images_edited_through_an_sdk_in_flight_together_cannot_spend_past_the_budget(
+    make_settings: Settings, endpoint: str
+) -> None:
+    """The SDK's `images.edit` sends a form (`multipart/form-data`), whose fields were not
+    read: to Azure's deployment `gpt-image-1` (its path names the model) it reserved the
+    default 1,024 output tokens where its 2 high 1024x1536 images bill 12,480 (60 at once on
+    a $1 budget: 23 sent, $11.48 spent); to api.openai.com its model was `unknown`, charged 0.
+    Now each reserves its images' most tokens: no more than the budget is spent."""
+    usage = {"input_tokens": 10, "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+             "output_tokens": 2 * 6240,
+             "output_tokens_details": {"text_tokens": 0, "image_tokens": 2 * 6240},
+             "total_tokens": 10 + 2 * 6240}  # fmt: skip
+    sent: list[str] = []
+
+    async def answer(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request.url.path)
+        await asyncio.sleep(0.05)  # in flight together
+        return httpx2.Response(200, json={"created": 1, "data": [{"b64_json": ""}] * 2,
+                                          "usage": usage})  # fmt: skip
+
+    engine = get_engine(make_settings(inference_paths=("/images/edits",)))
+    await engine.ensure_started()
+    http = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.MockTransport(answer), engine=engine)
+    )
+    sdk: openai.AsyncOpenAI
+    if endpoint == "azure":
+        sdk = openai.AsyncAzureOpenAI(
+            api_key="azure-secret",
+            azure_endpoint="https://myco.openai.azure.com",
+            api_version="2025-04-01-preview",
+            max_retries=0,
+            http_client=http,
+        )
+    else:
+        sdk = openai.AsyncOpenAI(api_key="sk-test", max_retries=0, http_client=http)
+    key = engine.manager.create_virtual_key(
+        name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+    )
+    image = ("cat.png", b"\x89PNG\r\n\x1a\n" + bytes(200), "image/png")
+
+    async def edit() -> int:
+        try:
+            with charge_to(virtual_key=key.value):
+                await sdk.images.edit(model="gpt-image-1", image=image, prompt="a cat", n=2,
+                                      size="1024x1536", quality="high")  # fmt: skip
+            return 200
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    try:
+        statuses = await asyncio.gather(*[edit() for _ in range(60)])
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+        rows = records(engine)
+    finally:
+        await engine.shutdown()
+    charged = {(r["model"], r["cost_nanos"]) for r in rows}
+    print(f"{endpoint} images.edit, 60 at once on $1: {statuses.count(200)} answered, "
+          f"{len(sent)} sent, ${spent:.4f} spent, charged {charged}")  # fmt: skip
+    assert statuses.count(200) == len(sent) >= 1
+    assert spent <= 1 + 1e-9
+    assert charged == {("gpt-image-1", 499_250_000)}
+
+
 @pytest.mark.parametrize(
     "endpoint", ["https://myco.openai.azure.com", "https://corp-gateway.azure-api.net"]
 )
@@ -6857,6 +6923,41 @@ async def test_the_deployment_azure_serves_is_the_model_charged_whatever_the_bod
           charged, f"with gpt-4o's budget $0: {refused.status_code}, sent {len(sent)}")  # fmt: skip
     assert charged == [("gpt-4o", 3_500_000)]  # 1,000 in, 100 out at gpt-4o's price
     assert (served.status_code, refused.status_code, len(sent)) == (200, 402, 1)
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["https://myco.openai.azure.com", "https://corp-gateway.azure-api.net"]
+)
+async def test_a_deployment_no_price_names_is_charged_the_model_the_body_names(
+    make_settings: Settings, endpoint: str
+) -> None:
+    """`AzureOpenAI(azure_deployment="prod-chat")` with `model="gpt-4o"`: the deployment's name
+    is no model any price names, the body's is. Metered as the deployment alone, each call was
+    unpriced, charged 0 (1,000 in and 100 out of gpt-4o: 3,500,000 nano-USD), and a $1 budget
+    never ran out; it is now the body's model, charged its price. A deployment that has a price
+    (`azure/prod-chat` in BUDGET_PRICING_FILE) stays the model (the test above)."""
+    engine = get_engine(make_settings(flush_interval_seconds=3600))
+    await engine.ensure_started()
+    sent: list[str] = []
+    sdk = openai.AsyncAzureOpenAI(
+        api_key="azure-secret",
+        azure_endpoint=endpoint,
+        azure_deployment="prod-chat",
+        api_version="2024-10-21",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(_azure_deployment(sent)), engine=engine)
+        ),
+    )
+    try:
+        await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        await engine.flush()
+        charged = [(r["provider"], r["model"], r["cost_nanos"]) for r in records(engine)]
+    finally:
+        await engine.shutdown()
+    print(f"{endpoint}, deployment prod-chat, body gpt-4o: sent {sent}, charged {charged}")
+    provider = "azure" if endpoint.endswith("azure.com") else "openai"
+    assert charged == [(provider, "gpt-4o", 3_500_000)]
 
 
 async def test_a_stream_to_codestral_s_endpoint_is_mistral_s(engine: BudgetEngine) -> None:

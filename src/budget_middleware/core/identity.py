@@ -387,8 +387,12 @@ class TargetResolver:
         guess_provider: Callable[[str], str | None],
         key_prefix: str = "",
         limited_tags: Callable[[], Container[str]] = frozenset,
+        priced: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.guess_provider = guess_provider
+        # Whether (provider, model) has a price (`served`); without one, whether the catalog
+        # or the pricing file knows the model's provider.
+        self.priced = priced or (lambda _, model: guess_provider(model) is not None)
         # The tags that have limits now (the engine's configuration): asked only of a request
         # with more than MAX_TAGS tags, which keeps them before the others.
         self.limited_tags = limited_tags
@@ -405,6 +409,7 @@ class TargetResolver:
         self._prefix = key_prefix
         self._routes: dict[tuple[str, str | None, str], tuple[str, str]] = {}
         self._hosted: dict[tuple[str, str | None, str], tuple[str, str]] = {}
+        self._targets: dict[tuple[str, str | None, str], tuple[str, str]] = {}  # `retarget`
 
     @staticmethod
     def _remember(
@@ -433,8 +438,12 @@ class TargetResolver:
         own_key: str | None = None,
     ) -> Target:
         """`own_key`: the caller's key's value, when it is a known key."""
-        data = body if type(body) is dict else _NO_BODY
-        raw_model = data.get("model") if credentials.model is None else credentials.model
+        data = body if type(body) is dict or type(body) is FormFields else _NO_BODY
+        raw_model = (
+            data.get("model")
+            if credentials.model is None
+            else self.served(credentials.model, data.get("model"), credentials.provider)
+        )
         provider, model = self.provider_and_model(
             raw_model if type(raw_model) is str else "", credentials, route_path
         )
@@ -497,8 +506,15 @@ class TargetResolver:
     ) -> Target:
         """`target` sent to another model (a route's target, `provider/model` or bare): its
         provider and model found as a request naming that model would have them (a call to a
-        provider's host: that host's, as a direct call naming it is)."""
-        found = self.provider_and_model(model, credentials, route_path)
+        provider's host: that host's, as a direct call naming it is). The target as written, not
+        the deployment an Azure path names (`_route`): the call is sent to the target's."""
+        if credentials.provider_is_host and credentials.provider is not None:
+            found = self.provider_and_model(model, credentials, route_path)
+        else:
+            where = (model, credentials.provider, route_path)
+            found = self._targets.get(where) or self._remember(
+                self._targets, where, self._named(*where)
+            )
         return Target(
             found[0],
             found[1],
@@ -542,7 +558,34 @@ class TargetResolver:
                 )
         return tags
 
+    def served(self, deployment: str, named: object, provider: str | None) -> str:
+        """The model a call to an Azure OpenAI deployment (`/openai/deployments/<name>/…`) is
+        metered as, the body naming `named`: the deployment, which Azure serves whatever the
+        body says (and its REST API needs no `model`); but a deployment no price names
+        (`prod-chat`) beside a body naming a model one does (`AzureOpenAI(azure_deployment=
+        "prod-chat")` with `model="gpt-4o"`) is the body's model, not an unpriced one charged
+        0. One rule for the outbound transport's calls (`Credentials.model`) and for an app
+        serving Azure's paths (`_route`); `provider`: the one the call names, if any."""
+        if type(named) is str and named != deployment:
+            priced = self.priced
+            where = canonical_provider(provider) if provider else ""
+            if not priced(where, deployment):
+                head, _, bare = named.strip().rpartition("/")
+                if bare and priced(canonical_provider(head) if head else where, bare):
+                    return named
+        return deployment
+
     def _route(self, raw_model: str, header: str | None, route_path: str) -> tuple[str, str]:
+        """§4's provider and model of a request naming `raw_model`; on an Azure OpenAI path (an
+        app serving Azure's paths), the deployment it names (`served`)."""
+        if route_path.startswith(DEPLOYMENTS_PATH):
+            deployment = path_deployment(route_path)
+            if deployment is not None:
+                named = header or _path_provider(route_path)
+                raw_model = self.served(deployment, raw_model or None, named)
+        return self._named(raw_model, header, route_path)
+
+    def _named(self, raw_model: str, header: str | None, route_path: str) -> tuple[str, str]:
         model = raw_model.strip()
         provider: str | None = None
         if "/" in model:
@@ -564,6 +607,58 @@ class TargetResolver:
 
 
 _NO_BODY: dict[str, Any] = {}
+# Azure OpenAI's deployments API: the path names the deployment served (`path_deployment`).
+DEPLOYMENTS_PATH: Final = "/openai/deployments/"
+
+
+def path_deployment(path: str) -> str | None:
+    """The deployment an Azure OpenAI path names (`/openai/deployments/<name>/…`), or None."""
+    if not path.startswith(DEPLOYMENTS_PATH):
+        return None
+    return path[len(DEPLOYMENTS_PATH) :].partition("/")[0] or None
+
+
+class FormFields(dict[str, str]):
+    """A `multipart/form-data` body's text fields (`form_fields`): read as a JSON body's keys
+    for its target (`TargetResolver`), and no JSON to rewrite (a route's target, a stream's
+    usage asked for: `type(parsed) is dict` is False for it)."""
+
+
+# A part's `Content-Disposition` name; `filename=` (a file, not read) has no word boundary
+# before its `name`.
+_PART_NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*?\bname="([^"]*)"')
+_PART_FILE = re.compile(rb"(?i)\bfilename\*?=")
+
+
+def form_fields(body: bytes) -> FormFields | None:
+    """The text fields (not the files) of a `multipart/form-data` body, told by its first line
+    (`--<boundary>`, RFC 2046: at most 70 characters), the last of a name repeated (as
+    Starlette's and FastAPI's forms read it); None when it is not one. OpenAI's SDKs send the
+    Images API's edits so (`images.edit`: `model`, `prompt`, `n`, `size`, `quality` beside the
+    image), whose model, images and sizes were otherwise unread: unpriced, charged 0, or
+    reserved the default output of a model an Azure deployment names."""
+    if body[:2] != b"--":
+        return None
+    end = body.find(b"\r\n", 0, 76)
+    if end < 3:
+        return None
+    delimiter = b"\r\n" + body[:end]
+    fields = FormFields()
+    at = end + 2
+    while True:
+        head_end = body.find(b"\r\n\r\n", at)
+        if head_end < 0:
+            break
+        next_at = body.find(delimiter, head_end + 4)
+        if next_at < 0:
+            break
+        head = body[at:head_end]
+        named = _PART_NAME.search(head)
+        if named is not None and _PART_FILE.search(head) is None:
+            name = named.group(1).decode("utf-8", "replace")
+            fields[name] = body[head_end + 4 : next_at].decode("utf-8", "replace")
+        at = next_at + len(delimiter) + 2  # past its CRLF, or the closing `--`
+    return fields
 
 
 def _batch(prompt: object) -> int:

@@ -27,6 +27,7 @@ from budget_middleware.core.identity import (
     Credentials,
     Target,
     TargetResolver,
+    form_fields,
     lax_true,
     plain_path,
 )
@@ -137,8 +138,12 @@ class Gate:
         self.default_output = s.default_max_output_tokens
         self.exceeded_status = s.exceeded_status
         self.refuse_unpriced = s.unpriced_models == "refuse"
+        prices = engine.prices
         self.resolve_target = TargetResolver(
-            engine.prices.guess_provider, s.key_prefix, lambda: engine.globals.tags
+            prices.guess_provider,
+            s.key_prefix,
+            lambda: engine.globals.tags,
+            lambda provider, model: prices.price(provider, model, warn=False) is not None,
         )
         self.price = engine.prices.price
         # Shadow mode (SPEC §14): every check runs, nothing is refused; what would have been
@@ -889,7 +894,8 @@ def _server_tools(parsed: Any) -> bool:
 
 
 def parse_json(body: bytes) -> Any:
-    """The request's JSON, or None when it is not JSON (such a request is still metered);
+    """The request's JSON, or a form's text fields (`form_fields`), or None when it is neither
+    (such a request is still metered);
     `TOO_DEEP` when it is nested too deep to read (refused: 400 `request_too_deep`). A body
     that is JSON to a lenient parser alone is read as that parser reads it (`_lenient`)."""
     try:
@@ -903,7 +909,7 @@ def parse_json(body: bytes) -> Any:
     except RecursionError:
         return TOO_DEEP
     except ValueError:
-        return None
+        return form_fields(body)  # a form's text fields (the Images API's edits), else None
 
 
 _DECODER = json.JSONDecoder()

@@ -470,7 +470,9 @@ class PriceBook:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)
 
-    def price(self, provider: str, model: str) -> ModelPrice | None:
+    def price(self, provider: str, model: str, *, warn: bool = True) -> ModelPrice | None:
+        """(provider, model)'s price, None when it has none (warned of once, unless not `warn`:
+        a name only asked whether it is priced, `TargetResolver.served`)."""
         key = (provider, model)
         if self._clock() >= self._changes_at:  # a dated catalog price starts: look up again
             self._prices.clear()
@@ -487,7 +489,7 @@ class PriceBook:
         if len(self._prices) >= _MAX_CACHED:
             self._prices.clear()
         self._prices[key] = found
-        if found is None:
+        if found is None and warn:
             self._warn_unpriced(provider, model)
         return found
 

@@ -10,6 +10,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from budget_middleware.core.identity import path_deployment
+
 PROVIDER_HOSTS: Mapping[str, str] = {
     "api.openai.com": "openai",
     "api.anthropic.com": "anthropic",
@@ -103,10 +105,7 @@ def deployment_named(path: str, parsed: Any) -> str | None:
     """The deployment an Azure OpenAI call's path names (`/openai/deployments/<name>/…`) when
     the body's `model` says another, or none (`AzureOpenAI(azure_deployment=...)` sends the
     `model` it is given, which Azure ignores): that deployment is served, and is the model
-    (README), whatever the body says."""
-    marker = "/openai/deployments/"
-    if not path.startswith(marker):
-        return None
-    name = path[len(marker) :].partition("/")[0]
+    (README), whatever the body says, unless no price names it (`TargetResolver.served`)."""
+    name = path_deployment(path)
     model = parsed.get("model") if type(parsed) is dict else None
-    return name if name and model != name else None
+    return name if name is not None and model != name else None
