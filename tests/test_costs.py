@@ -2358,6 +2358,102 @@ async def test_partial_images_the_image_tool_streams_are_charged(make_settings: 
     assert row.cost_nanos == text + image
 
 
+_PARTIAL: dict[str, Any] = {
+    "type": "response.image_generation_call.partial_image",
+    "output_index": 0,
+    "item_id": "ig_1",
+    "partial_image_b64": "iVBORw0KGgo",
+}
+
+
+def _with_partials(ident: str, partials: int) -> list[dict[str, Any]]:
+    """One response `ident` of a stream: an image and `partials` partial images before it."""
+    answer = _image_answer(True, RESPONSES_USAGE)
+    answer[0]["response"]["id"] = answer[-1]["response"]["id"] = ident
+    answer[1:1] = [{**_PARTIAL, "partial_image_index": i} for i in range(partials)]
+    return answer
+
+
+async def test_each_response_of_a_stream_is_charged_its_own_partial_images(
+    make_settings: Settings,
+) -> None:
+    """A stream of two responses (an app's tool loop streamed as one answer), each an image and
+    2 partial images: each response's usage counted every partial image streamed so far, the
+    second's 4, charged 200 image tokens (at gpt-image-1's $40 per Mtok: $0.008) more than
+    billed."""
+    answer = _with_partials("resp_1", 2) + _with_partials("resp_2", 2)
+    tool = [{**_IMAGE_TOOL[0], "partial_images": 2}]
+    row = await charged_for(make_settings, "/v1/responses", "openai/gpt-4.1", answer, tools=tool)
+    text = 2 * nanos(Usage(input_tokens=1_000, output_tokens=500), "gpt-4.1", "openai")
+    image = 2 * (_IMAGE_TOKENS + 200) * 40 * 1_000
+    print(f"2 responses, each an image and 2 partials: charged {row.cost_nanos - text} nano-USD;")
+    print(f"  billed {image}")
+    assert row.cost_nanos == text + image
+    assert row.output_tokens == 2 * (500 + _IMAGE_TOKENS + 200)
+
+
+async def test_an_image_tool_model_without_a_price_is_warned_of_as_charged(
+    make_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The image generation tool naming a model without a price (`gpt-image-9`): its images are
+    charged at gpt-image-1's $40 per Mtok (counted as gpt-image-2's, the most: 1,756 tokens a
+    medium 1024x1024 one), but the warning said "its requests cost 0"."""
+    tool = [{**_IMAGE_TOOL[0], "model": "gpt-image-9"}]
+    with caplog.at_level("WARNING", logger="budget_middleware"):
+        row = await charged_for(
+            make_settings, "/v1/responses", "openai/gpt-4.1", _image_answer(False, RESPONSES_USAGE),
+            tools=tool,
+        )  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if "gpt-image-9" in r.getMessage()]
+    text = nanos(Usage(input_tokens=1_000, output_tokens=500), "gpt-4.1", "openai")
+    print(f"charged {row.cost_nanos - text} nano-USD for its image; warned: {said}")
+    assert row.cost_nanos - text == 1_756 * 40 * 1_000
+    assert said and not any("cost 0" in s for s in said)
+    assert any("$40" in s for s in said)
+
+
+# What the image model consumed, as OpenAI reports it beside a Responses answer's usage: the
+# prompt it was sent (text and images) and its output, exact (2 partial images' 200 included).
+_TOOL_USAGE = {
+    "image_gen": {
+        "input_tokens": 120,
+        "input_tokens_details": {"image_tokens": 80, "text_tokens": 40},
+        "output_tokens": 1_256,
+        "output_tokens_details": {"image_tokens": 1_256, "text_tokens": 0},
+        "total_tokens": 1_376,
+    },
+    "web_search": {"num_requests": 0},
+}
+# The tool's model: its text input, image input and image output prices per Mtok.
+_TOOL_PRICES = {"gpt-image-1": (5, 10, 40), "gpt-image-1-mini": (2, 2.5, 8)}
+
+
+@pytest.mark.parametrize("model", list(_TOOL_PRICES))
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_the_image_model_s_usage_an_answer_reports_is_charged_at_its_prices(
+    make_settings: Settings, stream: bool, model: str
+) -> None:
+    """A Responses answer reports what the image generation tool's model consumed (its top-level
+    `tool_usage.image_gen`): 40 text and 80 image input tokens (the prompt it was sent, an
+    image to edit) and 1,256 output tokens. They are charged at that model's prices, as billed:
+    its images were charged by the table (1,056 tokens, the partial images not streamed here)
+    and its input nowhere ($0.00100 at gpt-image-1's $5 and $10)."""
+    text_in, image_in, image_out = _TOOL_PRICES[model]
+    drawn = {**_DRAWN, "result": "iVBORw0KGgo"}
+    answer = _image_answer(stream, RESPONSES_USAGE)
+    response = answer[-1]["response"] if stream else answer
+    response["output"] = [drawn, _SAID]
+    response["tool_usage"] = _TOOL_USAGE
+    tool = [{**_IMAGE_TOOL[0], "model": model}]
+    row = await charged_for(make_settings, "/v1/responses", "openai/gpt-4.1", answer, tools=tool)
+    text = nanos(Usage(input_tokens=1_000, output_tokens=500), "gpt-4.1", "openai")
+    billed = round((40 * text_in + 80 * image_in + 1_256 * image_out) * 1_000)
+    print(f"{model}, tool_usage reported: charged {row.cost_nanos - text} nano-USD beside the")
+    print(f"  text; billed {billed}; record {row.input_tokens} in, {row.output_tokens} out")
+    assert row.cost_nanos - text == billed
+    assert (row.input_tokens, row.output_tokens) == (1_000 + 120, 500 + 1_256)
+
+
 # A Responses answer as JSON may be written: in UTF-16 or UTF-32 (RFC 7159 JSON, which Python's
 # `json` reads), or with its names `\u`-escaped (`"web_search_cal\u006c"`), as some writers do.
 _ESCAPED = {  # the item types, escaped

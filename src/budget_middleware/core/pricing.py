@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from budget_middleware.core.money import NANOS_PER_USD
-from budget_middleware.core.usage import TokenUsage
+from budget_middleware.core.usage import ImageTool, TokenUsage
 
 _FEMTO_PER_TOKEN_PER_USD_PER_MTOK = 1e9
 _FEMTO_PER_NANO = 1_000_000
@@ -31,15 +31,23 @@ def _rate(usd_per_mtok: float) -> int:
 
 
 # The image output of OpenAI's image generation tool (`TokenUsage.tool_image_tokens`), at its
-# image model's rate whatever the model that called it (`TokenUsage.tool_image_rate`, the
-# price catalog's); where none is known, gpt-image-1's $40 per Mtok, the tool's default model.
+# image model's rate whatever the model that called it (`TokenUsage.image_tool`'s, the price
+# catalog's); where none is known, gpt-image-1's $40 per Mtok, the tool's default model; and
+# the input its image model was fed, where an answer reports it, at gpt-image-1's $5 (text)
+# and $10 (images).
 _IMAGE_TOOL_RATE = _rate(40.0)
+_IMAGE_TOOL_INPUT = _rate(5.0)
+_IMAGE_TOOL_SEEN = _rate(10.0)
 
 
-def image_rate(price: ModelPrice | None) -> int | None:
-    """The image output rate of an image model (femto-dollars a token): its price's, of its
-    images (its output's when it has none apart); None (gpt-image-1's) for a model without."""
-    return None if price is None else price._rates[13]  # (`_Rates`: its images' output rate)
+def image_tool(model: str, price: ModelPrice | None) -> ImageTool:
+    """The image generation tool drawing with `model` at `price`: its image output, text input
+    and image input rates (femto-dollars a token; its output's and input's where it prices no
+    images apart); None (gpt-image-1's) for a model without a price."""
+    if price is None:
+        return ImageTool(model)
+    rates = price._rates  # (`_Rates`: images' output rate, input, images' input rate)
+    return ImageTool(model, rates[13], rates[0], rates[12])
 
 
 def tool_image_nanos(tokens: int, rate: int | None = None) -> int:
@@ -282,7 +290,15 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
     spoken = min(max(usage.output_audio_tokens, 0), out)
     drawn = min(max(usage.output_image_tokens, 0), out - spoken)
     by_tool = min(max(usage.tool_image_tokens, 0), drawn)  # (at its own model's rate)
-    r_tool = usage.tool_image_rate
+    tool = usage.image_tool
+    r_tool = _IMAGE_TOOL_RATE if tool is None or tool.rate is None else tool.rate
+    fed_cost = 0  # its image model's input, reported (`tool_usage`): at that model's prices
+    if tool is not None and tool.input_tokens:
+        fed = min(max(tool.input_tokens, 0), plain - heard - seen)
+        fed_seen = min(max(tool.input_image_tokens, 0), fed)
+        r_fed = _IMAGE_TOOL_INPUT if tool.input_rate is None else tool.input_rate
+        r_fed_seen = _IMAGE_TOOL_SEEN if tool.image_input_rate is None else tool.image_input_rate
+        fed_cost = (fed - fed_seen) * (r_fed - r_in) + fed_seen * (r_fed_seen - r_in)
     thought = min(max(usage.reasoning_tokens, 0), out - spoken - drawn)
     cited = min(max(usage.citation_tokens, 0), out - spoken - drawn - thought)
     searches = max(usage.web_searches, 0)
@@ -292,8 +308,8 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
         + heard * (r_heard - r_in)
         + seen * (r_seen - r_in)
         + drawn * (r_drawn - r_out)
-        + by_tool * (_IMAGE_TOOL_RATE if r_tool is None else r_tool)
-        - by_tool * r_drawn
+        + by_tool * (r_tool - r_drawn)
+        + fed_cost
         + spoken * (r_spoken - r_out)
         + thought * (r_thought - r_out)
         + cited * (r_cited - r_out)

@@ -322,7 +322,8 @@ class StreamMeter:
     `response.failed`, an OpenAI-style `data: {"error": ...}` without `choices`).
     `tool_image_tokens`: the image output tokens of the images OpenAI's image generation tool
     drew (`image_generation_call` items done, as `usage.image_call_tokens` counts them at
-    `image_tool`'s model, and 100 for each of the `partial_images` streamed), which no text
+    `image_tool`'s model, and 100 for each of the `partial_images` streamed: of the response
+    under way, its usage's), which no text
     counts: for an answer without usage (a usage counts them from its response's output,
     `TokenUsage.tool_image_tokens`, and the partial images streamed).
     """
@@ -596,7 +597,11 @@ class StreamMeter:
                         found.service_tier = tier_name(response.get("service_tier"))
                         if "output" in response:  # its searches, which the usage leaves out
                             count_searches(
-                                found, response["output"], self.image_tool, self.partial_images
+                                found,
+                                response["output"],
+                                self.image_tool,
+                                self.partial_images,
+                                response.get("tool_usage"),
                             )
                         found = self._of_completion(ident, found)
                     self._take(found)
@@ -604,6 +609,8 @@ class StreamMeter:
                 self.completed = True
             elif kind == "response.failed":
                 self.failed = True
+            if kind != "response.created":  # its end: the next response's partials are its own
+                self.partial_images = 0
 
     def _next_completion(self, ident: object) -> None:
         """Text of another `id` after a completion's usage (or another response created after

@@ -12,7 +12,7 @@ import math
 import re
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import orjson
@@ -92,8 +92,12 @@ class TokenUsage:
     - `tool_image_tokens`: of `output_image_tokens` (and so of `output_tokens`), those of the
       images OpenAI's image generation tool drew (the Responses API's `image_generation_call`
       output items, which its usage leaves out: `count_searches`), priced at that tool's image
-      model's rate (`tool_image_rate`, femto-dollars a token; None: gpt-image-1's $40 per Mtok),
-      whatever the answer's model.
+      model's rate (`image_tool`'s; None: gpt-image-1's $40 per Mtok), whatever the answer's
+      model; the exact count where the answer reports it (its `tool_usage.image_gen`).
+    - `image_tool`: that tool (`ImageTool`: its model's prices), and the image model's input the
+      answer reports (its `tool_usage.image_gen` input tokens: the prompt it was sent, text and
+      images), within `input_tokens` and priced at that model's input prices; None: gpt-image-1,
+      no input reported.
     """
 
     input_tokens: int = 0
@@ -115,7 +119,7 @@ class TokenUsage:
     input_image_tokens: int = 0
     output_image_tokens: int = 0
     tool_image_tokens: int = 0
-    tool_image_rate: int | None = None
+    image_tool: ImageTool | None = None
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's). Of
@@ -151,12 +155,26 @@ class TokenUsage:
             self.input_image_tokens + other.input_image_tokens,
             self.output_image_tokens + other.output_image_tokens,
             self.tool_image_tokens + other.tool_image_tokens,
-            self.tool_image_rate if other.tool_image_rate is None else other.tool_image_rate,
+            _tools(self.image_tool, other.image_tool),
         )
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+def _tools(first: ImageTool | None, then: ImageTool | None) -> ImageTool | None:
+    """The image tool of two usages together (`TokenUsage.plus`): the later's prices, and the
+    image model's input both reported."""
+    if first is None or not first.input_tokens:
+        return then if then is not None else first
+    if then is None:
+        return first
+    return replace(
+        then,
+        input_tokens=first.input_tokens + then.input_tokens,
+        input_image_tokens=first.input_image_tokens + then.input_image_tokens,
+    )
 
 
 def _count(value: object) -> int:
@@ -489,11 +507,18 @@ _IMAGE_CALL_KEY: Final = b'"image_generation_call"'
 class ImageTool:
     """The image generation tool a request offers: its image model (`model`, gpt-image-1 unless
     the tool names another), whose tables count its images' output tokens
-    (`media.drawn_image_tokens`), and that model's image output price (`rate`, femto-dollars a
-    token; None, a model without a price: gpt-image-1's $40 per Mtok, `pricing.image_rate`)."""
+    (`media.drawn_image_tokens`), and that model's prices in femto-dollars a token (`rate` of
+    its image output, `input_rate` of its text input, `image_input_rate` of its image input;
+    None, a model without a price: gpt-image-1's $40, $5 and $10 per Mtok,
+    `pricing.image_tool`). `input_tokens`, `input_image_tokens` (of them, the images): the
+    image model's input an answer reports (`TokenUsage.image_tool`: its `tool_usage`)."""
 
     model: str = "gpt-image-1"
     rate: int | None = None
+    input_rate: int | None = None
+    image_input_rate: int | None = None
+    input_tokens: int = 0
+    input_image_tokens: int = 0
 
 
 IMAGE_TOOL: Final = ImageTool()  # the tool's default: gpt-image-1
@@ -509,15 +534,32 @@ def image_call_tokens(item: Mapping[str, Any], tool: ImageTool = IMAGE_TOOL) -> 
     return drawn_image_tokens(tool.model, item.get("size"), item.get("quality"))
 
 
-def add_tool_images(usage: TokenUsage, tokens: int, tool: ImageTool = IMAGE_TOOL) -> None:
+def add_tool_images(
+    usage: TokenUsage, tokens: int, tool: ImageTool = IMAGE_TOOL, fed: int = 0, seen: int = 0
+) -> None:
     """Count in `usage` the image output tokens the image generation tool drew (its
-    `tool_image_tokens`: within its output and its image output, at `tool`'s rate), once
-    however often it is counted."""
+    `tool_image_tokens`: within its output and its image output, at `tool`'s rate), and the
+    input its image model was fed as reported (`fed` tokens, `seen` of them images: within its
+    input, at that model's input prices), once however often they are counted."""
     more = tokens - usage.tool_image_tokens
     usage.output_tokens += more
     usage.output_image_tokens += more
     usage.tool_image_tokens = tokens
-    usage.tool_image_rate = tool.rate
+    before = usage.image_tool
+    if fed or (before is not None and before.input_tokens):
+        usage.input_tokens += fed - (0 if before is None else before.input_tokens)
+        tool = replace(tool, input_tokens=fed, input_image_tokens=min(seen, fed))
+    usage.image_tool = None if tool is IMAGE_TOOL else tool  # (None: the default's prices)
+
+
+def _tool_usage(reported: object) -> TokenUsage | None:
+    """What the image model of the image generation tool consumed, as a Responses answer's
+    top-level `tool_usage` reports it (`{"image_gen": {"input_tokens": 27,
+    "input_tokens_details": {"image_tokens": 0, "text_tokens": 27}, "output_tokens": 1056,
+    ...}}`, as OpenAI writes it beside `usage`); None where it reports none, or 0 tokens."""
+    gen = reported.get("image_gen") if type(reported) is dict else None
+    found = usage_from_mapping(gen) if type(gen) is dict else None
+    return found if found is not None and (found.input_tokens or found.output_tokens) else None
 
 
 def json_tool_images(body: bytes, tool: ImageTool = IMAGE_TOOL) -> int:
@@ -569,7 +611,11 @@ def without_results(body: bytes) -> bytes:
 
 
 def count_searches(
-    usage: TokenUsage, output: object, tool: ImageTool = IMAGE_TOOL, partials: int = 0
+    usage: TokenUsage,
+    output: object,
+    tool: ImageTool = IMAGE_TOOL,
+    partials: int = 0,
+    reported: object = None,
 ) -> None:
     """Set in `usage` the server-side tools' calls a Responses API answer's `output` holds (a
     list), which its usage does not count, as OpenAI bills them. Web searches (the `web_search`
@@ -578,7 +624,9 @@ def count_searches(
     File searches (the `file_search` tool, per call): its `file_search_call` items, each one
     call whatever the queries it ran. Images (the `image_generation` tool, at its image model's
     prices, `tool`'s): its `image_generation_call` items (`image_call_tokens`), and the
-    `partials` partial images streamed before them, 100 tokens each."""
+    `partials` partial images streamed before them, 100 tokens each; where the answer reports
+    what its image model consumed (`reported`, its `tool_usage`), those counts instead, input
+    and output, the exact bill."""
     if type(output) is not list:
         return
     web = files = drawn = 0
@@ -595,7 +643,11 @@ def count_searches(
                 drawn += image_call_tokens(item, tool)
     usage.web_searches = web
     usage.file_searches = files
-    add_tool_images(usage, drawn + PARTIAL_IMAGE_TOKENS * partials, tool)
+    told = _tool_usage(reported) if reported is not None else None
+    if told is not None:
+        add_tool_images(usage, told.output_tokens, tool, told.input_tokens, told.input_image_tokens)
+    else:
+        add_tool_images(usage, drawn + PARTIAL_IMAGE_TOKENS * partials, tool)
 
 
 def json_searches(usage: TokenUsage, body: bytes, tool: ImageTool = IMAGE_TOOL) -> None:
@@ -609,7 +661,7 @@ def json_searches(usage: TokenUsage, body: bytes, tool: ImageTool = IMAGE_TOOL) 
     except JSON_ERRORS:
         return
     if type(document) is dict:
-        count_searches(usage, document.get("output"), tool)
+        count_searches(usage, document.get("output"), tool, 0, document.get("tool_usage"))
 
 
 def _searched_whole(body: bytes) -> bool:

@@ -45,7 +45,7 @@ from budget_middleware.core.pricing import (
     at_time,
     draws,
     estimate_nanos,
-    image_rate,
+    image_tool,
     tool_image_nanos,
 )
 from budget_middleware.core.providers import RESOURCE_PREFIX
@@ -55,7 +55,6 @@ from budget_middleware.core.times import from_ts, rfc3339
 from budget_middleware.core.usage import (
     IMAGE_TOOL,
     BodyDecoder,
-    ImageTool,
     json_bytes,
     json_loads,
 )
@@ -146,6 +145,7 @@ class Gate:
             lambda provider, model: prices.price(provider, model, warn=False) is not None,
         )
         self.price = engine.prices.price
+        self.tool_price = engine.prices.tool_price
         # Shadow mode (SPEC §14): every check runs, nothing is refused; what would have been
         # is said on the answer, in the usage record and in the metrics.
         self.shadow = s.mode == "shadow"
@@ -649,7 +649,7 @@ class Gate:
                     model = IMAGE_TOOL.model
                 partials = tool.get("partial_images")
                 partials = partials if type(partials) is int and partials > 0 else 0
-                drawn = ImageTool(model, image_rate(self.price(exchange.target.provider, model)))
+                drawn = image_tool(model, self.tool_price(exchange.target.provider, model))
                 tokens = asked_image_tokens(model, tool.get("size"), tool.get("quality"), partials)
                 nanos = tool_image_nanos(tokens, drawn.rate)
                 if nanos >= most:

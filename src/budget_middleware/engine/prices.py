@@ -423,6 +423,7 @@ class PriceBook:
         self._prices: dict[tuple[str, str], ModelPrice | None] = {}
         self._guesses: dict[str, str | None] = {}
         self.unpriced: set[tuple[str, str]] = set()
+        self.unpriced_tools: set[tuple[str, str]] = set()  # image tools' models (`tool_price`)
         # Deployments BUDGET_CONFIG_FILE prices (a LiteLLM `model_list`), by `provider/model`
         # lowercased as the pricing file's keys (a bare model as itself).
         self.deployments: dict[str, DeploymentPrice] = {}
@@ -486,11 +487,32 @@ class PriceBook:
             found = self._deployed(provider, model)  # after the pricing file's own name
         if found is None:
             found = self._listed(provider, model)
+        if found is None and not warn:
+            return None  # not kept: a request of it later is warned of (and listed unpriced)
         if len(self._prices) >= _MAX_CACHED:
             self._prices.clear()
         self._prices[key] = found
-        if found is None and warn:
+        if found is None:
             self._warn_unpriced(provider, model)
+        return found
+
+    def tool_price(self, provider: str, model: str) -> ModelPrice | None:
+        """The price of the image model OpenAI's image generation tool names (`gate._image_tool`),
+        at which its images are charged. Without one they are charged at gpt-image-1's $40 per
+        Mtok, as warned once a model (not `price`'s warning: no request of that model is made,
+        none costs 0 nor is refused for it)."""
+        found = self.price(provider, model, warn=False)
+        key = (provider, model)
+        told = self.unpriced_tools
+        if found is None and key not in told and len(told) < _MAX_CACHED:
+            told.add(key)
+            logger.warning(
+                "no price for image model %r of provider %r, which an image generation tool names:"
+                " its images are charged at gpt-image-1's $40 per Mtok (add it to"
+                " BUDGET_PRICING_FILE)",
+                model,
+                provider,
+            )
         return found
 
     def _lookup(self, provider: str, model: str) -> ModelPrice | None:
