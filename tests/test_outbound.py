@@ -3530,6 +3530,61 @@ def test_charges_are_written_at_exit_when_the_script_s_loop_is_left_open(
     assert (count, total, usage) == (calls, calls * _CALL_NANOS, calls * _CALL_NANOS)
 
 
+_TERMINATED = (
+    _SCRIPT_START
+    + """
+import time
+
+def calls():
+    sync = httpx2.Client(transport=BudgetSyncTransport(httpx2.MockTransport(provider), settings))
+    with charge_to(virtual_key_id=key.id):
+        for _ in range(3):
+            assert sync.post("https://api.openai.com/v1/chat/completions", json=body).is_success
+
+async def main():  # the script's own loop runs the engine
+    http = httpx2.AsyncClient(transport=BudgetTransport(httpx2.MockTransport(provider), settings))
+    with charge_to(virtual_key_id=key.id):
+        for _ in range(3):
+            answer = await http.post("https://api.openai.com/v1/chat/completions", json=body)
+            assert answer.is_success
+    print("called", flush=True)
+    await asyncio.sleep(60)
+
+if sys.argv[2] == "sync":
+    calls()
+    print("called", flush=True)
+    time.sleep(60)
+else:
+    asyncio.run(main())
+"""
+)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_charges_of_a_script_stopped_by_sigterm_are_written(tmp_path: Path, kind: str) -> None:
+    """A script (`BudgetSyncTransport`, or `BudgetTransport` in `asyncio.run`) stopped by
+    SIGTERM (`kill`, `timeout`, a container's stop) after its calls, before a flush: it ends as
+    an exit (status 143), and `atexit` writes them (killed outright by the default, past
+    `atexit`: 3 calls answered, 0 records, $0)."""
+    script = tmp_path / "terminated.py"
+    script.write_text(_TERMINATED)
+    url = f"sqlite:///{tmp_path / 'terminated.db'}"
+    with subprocess.Popen(
+        [sys.executable, str(script), url, kind], stdout=subprocess.PIPE, text=True
+    ) as script_run:
+        try:
+            assert script_run.stdout is not None
+            assert script_run.stdout.readline().strip() == "called"
+            script_run.terminate()
+            status = script_run.wait(timeout=60)
+        finally:
+            script_run.kill()
+    count, total, (usage,) = _written(url)
+    print(f"{kind}: 3 calls, then SIGTERM: {count} records, {total} of {3 * _CALL_NANOS} nano-USD")
+    assert (count, total, usage) == (3, 3 * _CALL_NANOS, 3 * _CALL_NANOS)
+    assert status == 143  # an exit (killed by the signal: -15)
+
+
 # A worker's job in the pool scripts: one call through `BudgetSyncTransport`, flushed only at
 # exit (the store's URL is the script's first argument).
 _SYNC_JOB = """

@@ -41,6 +41,7 @@ from budget_middleware.engine.hooks import Hook, Hooks
 from budget_middleware.engine.mounts import UNKNOWN, announce
 from budget_middleware.engine.portal import (
     engines,
+    exit_on_sigterm,
     is_background,
     keep_inherited,
     settle_open_at_exit,
@@ -541,6 +542,7 @@ class BudgetEngine:
         if not self._settles_at_exit:
             self._settles_at_exit = True
             atexit.register(_written_at_exit, weakref.ref(self))
+            exit_on_sigterm()  # (an async script's engine: its loop's thread is the main one)
 
     def taken(self, exchange: Exchange) -> None:
         """A dropped answer's settlement ran on the engine's loop: not to settle later."""
