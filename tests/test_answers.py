@@ -272,6 +272,30 @@ async def test_a_stream_cut_after_an_event_over_16_mib_is_charged_its_most_outpu
     assert row.note == "an event over 16 MiB was not read: charged its most output"
 
 
+@pytest.mark.parametrize("written", ["utf-16", "utf-16-le", "utf-32"])
+async def test_a_wide_stream_is_read_again_after_an_event_over_16_mib(
+    settings: BudgetSettings, written: str
+) -> None:
+    """A stream in UTF-16 or UTF-32 that skips an event over 16 MiB unread: its end was looked
+    for in the stream's bytes, where a LF byte never stands alone on a line, so the usage after
+    it (10 in, 5,000 out: 50,010,000 nano-USD) was never read, and the stream was charged its
+    most output, 100,042,000. Its end is looked for in its text: the usage after it is read."""
+    text = (
+        chunk("x" * 40).decode()
+        + ": "
+        + "p" * (17 << 20)
+        + "\n\n"
+        + chunk(None, {"prompt_tokens": 10, "completion_tokens": 5000}).decode()
+        + "data: [DONE]\n\n"
+    )
+    coded = text.encode(written)
+    chunks = [coded[i : i + (1 << 20) + 1] for i in range(0, len(coded), (1 << 20) + 1)]
+    request = {**STREAM_REQUEST, "max_tokens": 10_000, "stream_options": None}
+    row = await charged(settings, SSE, chunks, request)
+    print(f"{written}: charged {row.cost_nanos} nano-USD, the usage says {cost(10, 5000)}")
+    assert (row.cost_nanos, row.estimated, row.note) == (cost(10, 5000), False, None)
+
+
 # -- JSON answers --------------------------------------------------------------------------
 
 
@@ -296,6 +320,42 @@ async def test_a_huge_answer_without_usage_is_charged_every_byte_it_answered(
     chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
     row = await charged(settings, JSON, chunks)
     assert row.estimated and row.output_tokens == (len(body) + 3) // 4
+
+
+@pytest.mark.parametrize("written", ["utf-16", "utf-16-be", "utf-32", "utf-32-le"])
+@pytest.mark.parametrize("where", ["last", "first"], ids=["usage-last", "usage-first"])
+async def test_a_huge_answer_in_utf_16_or_utf_32_is_charged_what_it_reports(
+    settings: BudgetSettings, written: str, where: str
+) -> None:
+    """JSON over 2 MiB in UTF-16 or UTF-32 (which the SDKs' `json.loads` reads): its kept tail
+    and head were searched for the usage's bytes as UTF-8 writes them, found nothing, and the
+    answer was charged an estimate of every byte, 2 or 4 a character: 15,729,198,000 to
+    31,458,358,000 nano-USD where its usage says 50,010,000. It is kept as the UTF-8 of its
+    text: its usage is read, first or last, as a UTF-8 answer's is."""
+    usage = {"prompt_tokens": 10, "completion_tokens": 5000}
+    answer = {"choices": [{"message": {"content": "x" * (3 << 20)}}]}
+    answer = {**answer, "usage": usage} if where == "last" else {"usage": usage, **answer}
+    coded = json.dumps(answer).encode(written)
+    chunks = [coded[i : i + 65537] for i in range(0, len(coded), 65537)]  # (cut in characters)
+    row = await charged(settings, JSON, chunks, {**STREAM_REQUEST, "stream": False})
+    print(f"{written}, usage {where}: charged {row.cost_nanos} of {cost(10, 5000)} nano-USD")
+    assert (row.cost_nanos, row.estimated) == (cost(10, 5000), False)
+
+
+@pytest.mark.parametrize("written", ["utf-16", "utf-32-be"])
+async def test_a_huge_answer_in_utf_16_or_utf_32_without_usage_counts_its_text(
+    settings: BudgetSettings, written: str
+) -> None:
+    """Without usage, a huge answer is estimated from its size: of a UTF-16 or UTF-32 one, in
+    bytes, 2 or 4 a character (1,572,886 and 3,145,771 output tokens where its UTF-8 is 786,443
+    tokens). Counted as the UTF-8 of its text, it is estimated as that is."""
+    body = json.dumps({"choices": [{"message": {"content": "z" * (3 << 20)}}]})
+    coded = body.encode(written)
+    chunks = [coded[i : i + 65536] for i in range(0, len(coded), 65536)]
+    row = await charged(settings, JSON, chunks, {**STREAM_REQUEST, "stream": False})
+    print(f"{written}: {row.output_tokens} output tokens, its UTF-8 {(len(body) + 3) // 4}")
+    mark = 3 if written == "utf-16" else 0  # its byte-order mark, as UTF-8 writes it
+    assert row.estimated and row.output_tokens == (len(body) + mark + 3) // 4
 
 
 async def test_a_tool_input_without_usage_counts_as_the_json_the_model_wrote(
@@ -443,21 +503,24 @@ async def test_a_json_answer_labelled_an_event_stream_is_read_as_json(
 
 @pytest.mark.parametrize("labelled", ["untyped", "json", "event-stream"])
 @pytest.mark.parametrize("written", ["utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("first", [1, 3, 20], ids=lambda n: f"first-chunk-{n}-bytes")
 async def test_a_json_answer_to_a_stream_request_is_read_however_its_json_is_written(
-    settings: BudgetSettings, written: str, labelled: str
+    settings: BudgetSettings, written: str, labelled: str, first: int
 ) -> None:
     """The JSON answer to a request that asked for a stream (an app that does not stream,
     untyped, labelled JSON or labelled a stream), written with a byte-order mark or in UTF-16
     or UTF-32 (RFC 7159 JSON, which the SDKs' `json.loads` reads): its first byte is no `{`,
     so it was read as a stream that holds no event and charged its prompt alone (48,000
     nano-USD of $0.05001), where the same answer not asked to stream had its usage read.
-    Its first character says JSON: read as JSON."""
+    Its first character says JSON: read as JSON. A first chunk too short to hold that
+    character (1 byte; 3: a mark alone, or UTF-32's first character cut) said a stream, and
+    was charged the same 48,000: its first 4 bytes are waited for."""
     usage = {"prompt_tokens": 10, "completion_tokens": 5000}
     body = json.dumps({"choices": [{"message": {"content": "x" * 20000}}], "usage": usage})
     headers = {"untyped": [], "json": JSON, "event-stream": SSE}[labelled]
     coded = body.encode(written)
     request = {**STREAM_REQUEST, "max_tokens": 10_000}
-    row = await charged(settings, headers, [coded[:20], coded[20:]], request)
+    row = await charged(settings, headers, [coded[:first], coded[first:]], request)
     print(f"{written}, {labelled}: charged {row.cost_nanos} nano-USD, estimated={row.estimated}")
     assert (row.cost_nanos, row.streamed, row.estimated) == (cost(10, 5000), False, False)
 

@@ -443,14 +443,17 @@ def test_a_stream_that_is_no_sse_is_passed_on_unread(monkeypatch: pytest.MonkeyP
         assert run.output == stream and run.meter.usage is None
 
 
+@pytest.mark.parametrize("written", ["utf-8", "utf-16", "utf-32-be"])
 @pytest.mark.parametrize("eol", ["\n", "\r", "\r\n"])
 @pytest.mark.parametrize("drop", [False, True])
 def test_a_stream_is_read_again_after_an_event_too_large_to_hold_however_cut(
-    eol: str, drop: bool, monkeypatch: pytest.MonkeyPatch
+    eol: str, drop: bool, written: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An event over the limit (several lines, a comment among them) is skipped to its blank
     line, wherever the chunks cut it (a CRLF split included): what follows is read, the usage
-    chunk we asked for dropped, every other byte passed on as it came."""
+    chunk we asked for dropped, every other byte passed on as it came. In UTF-16 or UTF-32
+    too (passed on as it came, the usage chunk included): its blank line was looked for in its
+    bytes, where a LF byte is never alone on a line, so nothing after the big event was read."""
     monkeypatch.setattr("budget_middleware.core.sse._MAX_PENDING", 400)  # over any other event
     # Its last line, read as an event of its own (the big one cut short), would be text.
     last = json.dumps({"choices": [{"index": 0, "delta": {"content": "z" * 250}}]})
@@ -458,7 +461,9 @@ def test_a_stream_is_read_again_after_an_event_too_large_to_hold_however_cut(
     blocks = openai_chat(["Hel", "lo"])[1:]  # text in the event right after the big one
     stream = big + render(blocks, eol)
     kept = big + render([b for b in blocks if b != [CHAT_USAGE_CHUNK]] if drop else blocks, eol)
-    for cut in range(1, len(stream)):
+    if written != "utf-8":
+        stream = kept = stream.decode().encode(written)
+    for cut in range(1, len(stream), 1 if written == "utf-8" else 5):
         for cuts in ([cut], [cut, cut + 1]):
             run = meter_all(stream, drop, cuts)
             assert run.output == kept, cuts
@@ -534,19 +539,20 @@ def test_cutting_a_stream_anywhere_changes_no_event_usage_or_output(
 @given(
     streams(),
     st.sampled_from(["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]),
-    st.lists(st.integers(4, 8000), max_size=12),
+    st.lists(st.integers(0, 3) | st.integers(0, 8000), max_size=12),
 )
 def test_a_stream_in_utf_16_or_utf_32_reads_as_its_utf_8_does_and_goes_on_as_it_came(
     generated: tuple[list[bytes], int | None, str], written: str, cuts: list[int]
 ) -> None:
     """An event stream written in UTF-16 or UTF-32 (its first bytes say so: a byte-order mark,
-    or NULs), cut anywhere after its first 4 bytes (inside a character too): its usage, end,
-    text and model are those of the same stream in UTF-8 (none was read: its lines were split
-    at the LF byte); it goes on as it came, the usage chunk asked for included."""
+    or NULs), cut anywhere (inside a character too, inside its first 4 bytes too: a first chunk
+    of 1 to 3 bytes was read as UTF-8): its usage, end, text and model are those of the same
+    stream in UTF-8 (none was read: its lines were split at the LF byte); it goes on as it
+    came, the usage chunk asked for included."""
     blocks, _, _ = generated
     stream = b"".join(blocks)
     wide = stream.decode().encode(written)
-    cuts = [c % (len(wide) + 1) for c in cuts if c % (len(wide) + 1) >= 4]
+    cuts = [c % (len(wide) + 1) for c in cuts]
     utf8 = meter_all(stream, False).meter
     for drop in (False, True):
         run = meter_all(wide, drop, cuts)

@@ -229,8 +229,14 @@ async def test_a_stream_s_media_type_is_read_in_any_case(
     ],
 )
 @pytest.mark.parametrize("asked", [True, False], ids=["usage-asked", "usage-not-asked"])
+@pytest.mark.parametrize("first", [1, 3, 33], ids=lambda n: f"first-chunk-{n}-bytes")
 async def test_a_stream_written_in_utf_16_or_utf_32_is_charged_its_usage(
-    make_settings: Settings, pricing_file: Path, written: str, content_type: bytes, asked: bool
+    make_settings: Settings,
+    pricing_file: Path,
+    written: str,
+    content_type: bytes,
+    asked: bool,
+    first: int,
 ) -> None:
     """An event stream written in UTF-16 or UTF-32 (a charset parameter, a byte-order mark),
     which a client that decodes by its charset (httpx's `aiter_lines`) reads: its lines
@@ -238,7 +244,9 @@ async def test_a_stream_written_in_utf_16_or_utf_32_is_charged_its_usage(
     estimate of its prompt alone, no output (51,000 nano-USD, 38,000 when its usage was asked
     for in the client's stead; of 50,010,000: 10 in, 5,000 out at $1/$10). Its first bytes say
     how it is written: read so, passed on as it came (the usage chunk asked for in its stead
-    too: it could only be taken out re-encoded)."""
+    too: it could only be taken out re-encoded). A first chunk shorter than 4 bytes (1 byte;
+    3 of UTF-16 without a mark; 1 to 3 of UTF-32) said UTF-8, and was charged the same 51,000
+    and 38,000 nano-USD: the stream's first 4 bytes are waited for."""
     path = pricing_file.parent / "dear.json"
     path.write_text(json.dumps({"models": {"openai/gpt-4o": {"input_per_mtok": 1,
                                                              "output_per_mtok": 10}}}))  # fmt: skip
@@ -249,7 +257,7 @@ async def test_a_stream_written_in_utf_16_or_utf_32_is_charged_its_usage(
         DONE,
     ]
     stream = b"".join(events).decode().encode(written)
-    chunks = [stream[:33], stream[33:]]  # (a chunk cut inside a character)
+    chunks = [stream[:first], stream[first:]]  # (a chunk cut inside a character)
 
     async def upstream(scope: Message, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":

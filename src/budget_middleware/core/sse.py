@@ -8,7 +8,6 @@ the usage-only chunk that the middleware caused by asking for `stream_options.in
 from __future__ import annotations
 
 import codecs
-import json
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -26,6 +25,7 @@ from budget_middleware.core.usage import (
     text_size,
     tier_name,
     usage_from_mapping,
+    wide_codec,
 )
 
 _LF: Final = 0x0A
@@ -259,7 +259,12 @@ class _WideDecoder(SSEDecoder):
         return None  # (UTF-16 can spell `data: ` with other characters)
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        return super().feed(self._text.decode(chunk).encode())
+        return super().feed(self.recode(chunk))
+
+    def recode(self, chunk: bytes) -> bytes:
+        """The UTF-8 of the text `chunk` completes (`feed` reads it; `StreamMeter._skip` looks
+        in it for the end of an event skipped)."""
+        return self._text.decode(chunk).encode()
 
     def flush(self) -> list[SSEEvent]:
         rest = self._text.decode(b"", True).encode()  # a character cut off: U+FFFD
@@ -267,14 +272,9 @@ class _WideDecoder(SSEDecoder):
 
 
 _WIDE_FIRST: Final = frozenset(b"\0\xfe\xff")  # a first byte of UTF-16 or UTF-32 text, not of UTF-8
-
-
-def _wide_codec(head: bytes) -> str | None:
-    """The codec of a stream whose first bytes say UTF-16 or UTF-32, as JSON's do (a byte-order
-    mark, or the NULs beside its first character, ASCII in an event stream as in JSON); None:
-    UTF-8, the event stream's own encoding."""
-    codec = json.detect_encoding(head)
-    return None if codec.startswith("utf-8") else codec
+# The first bytes that say how a stream is written (`json.detect_encoding` needs 4: UTF-32's
+# mark, or the NULs beside a first character); a first chunk shorter is held until they come.
+_HEAD: Final = 4
 
 
 def _merge_counts(known: dict[str, Any], usage: dict[str, Any], depth: int) -> None:
@@ -335,11 +335,13 @@ class StreamMeter:
         "_earlier",
         "_fresh",
         "_gap",
+        "_head",
         "_owe_lf",
         "_own",
         "_text_start",
         "_usage_at_gap",
         "_usage_id",
+        "_wide",
         "completed",
         "failed",
         "gave_up",
@@ -370,7 +372,9 @@ class StreamMeter:
         self._drop = drop_usage_chunk
         # Made by the first bytes (`_first`); None after them: gave up reading (_MAX_PENDING)
         self._decoder: SSEDecoder | None = None
-        self._fresh = True  # no bytes yet
+        self._fresh = True  # no bytes yet, or fewer than _HEAD (held: `_head`)
+        self._head = b""
+        self._wide: _WideDecoder | None = None  # the decoder of a stream in UTF-16 or UTF-32
         self._anthropic: dict[str, Any] = {}  # Anthropic usage fields so far, the last value wins
         # Of the messages (Anthropic) or completions and responses (OpenAI) before this one in
         # the stream: a tool loop's turns streamed as one answer, each its own usage.
@@ -390,6 +394,8 @@ class StreamMeter:
         if decoder is None:
             if not self._fresh or not chunk:
                 return chunk if self._gap is None else self._skip(chunk)
+            if len(chunk) < _HEAD or self._head:
+                return self._held(chunk)
             decoder = self._first(chunk)
         data = decoder.whole_data(chunk)
         if data is not None:
@@ -417,6 +423,19 @@ class StreamMeter:
             self._emit(out, self._give_up(decoder))
         return b"".join(out)
 
+    def _held(self, chunk: bytes) -> bytes:
+        """A stream's first bytes while they are too few to say how it is written (a UTF-16
+        stream's first byte alone reads as UTF-8): held, then read (and with
+        `drop_usage_chunk`, forwarded) with the bytes that make them _HEAD."""
+        head = self._head + chunk
+        if len(head) < _HEAD:
+            self._head = head
+            return b"" if self._drop else chunk
+        self._head = b""
+        drop = self._drop  # (a wide stream then drops nothing: forwarded as it came)
+        out = self.feed(head)
+        return out if drop else chunk
+
     def _first(self, chunk: bytes) -> SSEDecoder:
         """The decoder of a stream whose first bytes are `chunk`, which say how it is written:
         in UTF-8, or in UTF-16 or UTF-32 (a NUL or a mark in its first two bytes: read as such,
@@ -425,11 +444,11 @@ class StreamMeter:
         self._fresh = False
         codec = None
         if chunk[0] in _WIDE_FIRST or chunk[1:2] == b"\0":
-            codec = _wide_codec(chunk)
+            codec = wide_codec(chunk)  # (its first character ASCII, as an event's is)
         if codec is None:
             decoder = SSEDecoder()
         else:
-            decoder = _WideDecoder(codec)
+            decoder = self._wide = _WideDecoder(codec)
             self._drop = False
         self._decoder = decoder
         return decoder
@@ -447,7 +466,21 @@ class StreamMeter:
         return held
 
     def _skip(self, chunk: bytes) -> bytes:
-        """A chunk of the event being skipped, passed on unread; from its end on, read again."""
+        """A chunk of the event being skipped, passed on unread; from its end on, read again.
+        A wide stream's is looked at as the text it is (its bytes hold no LF byte that ends a
+        line), and read on by its decoder (passed on as it came)."""
+        wide = self._wide
+        if wide is not None:
+            text = wide.recode(chunk)
+            end, self._gap = _gap_end(text, self._gap or 0)
+            if end >= 0:
+                self._gap = None
+                self._decoder = wide
+                for event in SSEDecoder.feed(wide, text[end:]):  # (the text, as UTF-8)
+                    self._read(event)
+                if wide.pending > _MAX_PENDING:
+                    self._give_up(wide)
+            return chunk
         end, self._gap = _gap_end(chunk, self._gap or 0)
         if end < 0:
             return chunk
@@ -460,8 +493,9 @@ class StreamMeter:
     def finish(self) -> bytes:
         """The bytes left to forward at the end of the stream."""
         decoder, self._decoder = self._decoder, None
-        if decoder is None:
-            return b""
+        if decoder is None:  # gave up, or fewer than _HEAD bytes came: not an event
+            held, self._head = self._head, b""
+            return held if self._drop else b""
         out: list[bytes] = []
         for event in decoder.flush():
             # Cut off by the end of the stream, no blank line after it (an app that joins its

@@ -672,16 +672,32 @@ def _searched_whole(body: bytes) -> bool:
 
 
 _WIDE_MARKS: Final = (b"\xff\xfe", b"\xfe\xff")  # UTF-16's (and UTF-32-LE's) byte-order marks
+
+
+def wide_codec(head: bytes) -> str | None:
+    """The codec of text whose first bytes `head` (4 of them) say UTF-16 or UTF-32, as JSON's
+    do (a byte-order mark, or the NULs beside an ASCII first character, as `json.loads` tells
+    them), its byte order named (a mark reads as U+FEFF): any part of the text that begins at
+    a code unit reads so. None: UTF-8."""
+    codec: str = json.detect_encoding(head[:4])
+    if codec.startswith("utf-8"):
+        return None
+    if codec in ("utf-16", "utf-32"):  # told by its mark
+        codec += "-le" if head[:1] == b"\xff" else "-be"
+    return codec
+
+
 _JSON_STARTS: Final = (b"{", b"[")
 # What JSON that begins otherwise than in ASCII may begin with: a byte-order mark (UTF-8's
 # first byte, or a wide one's), or a NUL (UTF-16-BE or UTF-32-BE without one)
 _MARK_STARTS: Final = (b"\xef", b"\xff", b"\xfe", b"\x00")
 
 
-def begins_json(data: bytes) -> bool:
+def begins_json(data: bytes) -> bool | None:
     """Whether an answer whose first bytes are `data` begins as JSON does, with `{` or `[`
     (after any whitespace): not an event stream, which cannot. In UTF-8, after a byte-order
-    mark or not, or in UTF-16 or UTF-32, as `json.loads` reads bytes."""
+    mark or not, or in UTF-16 or UTF-32, as `json.loads` reads bytes. None (falsy): too few
+    bytes to say, fewer than 4 that begin as a byte-order mark or a wide first character may."""
     head = data[:64]
     first = head.lstrip()[:1]
     if first in _JSON_STARTS:
@@ -689,7 +705,9 @@ def begins_json(data: bytes) -> bool:
     if first not in _MARK_STARTS:
         return False
     text = head.decode(json.detect_encoding(head), "ignore")  # (cut at any byte)
-    return text.lstrip(" \t\r\n\ufeff")[:1] in ("{", "[")
+    if text.lstrip(" \t\r\n\ufeff")[:1] in ("{", "["):
+        return True
+    return None if len(head.lstrip()) < 4 else False
 
 
 _TIER_KEY: Final = b'"service_tier"'

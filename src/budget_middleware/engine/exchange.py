@@ -5,6 +5,7 @@ settle it exactly once. Every adapter hands the answer's start to `read_start` a
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Generator, Iterable, MutableMapping
@@ -45,6 +46,7 @@ from budget_middleware.core.usage import (
     spoken_chars,
     usage_from_head,
     usage_from_json,
+    wide_codec,
     without_results,
 )
 from budget_middleware.engine.portal import done_there, engine_loop, is_background, loop_lock
@@ -212,11 +214,14 @@ class Exchange:
     header_cost: int | None = None
     stream: StreamMeter | None = None
     sniffing = False  # an answer read as a stream until its first bytes say JSON
+    sniffed = b""  # ... its first bytes, while too few to say so (`_measure`)
     json_parts: list[bytes] | None = None
     json_size = 0
     json_dropped = 0  # bytes of a huge JSON answer left out before its kept tail
     json_head = b""  # ... and its first bytes, kept (`_JSON_HEAD`)
     json_cut = 0  # bytes of a huge JSON answer's images left out (`without_results`)
+    # A huge JSON answer in UTF-16 or UTF-32: kept as the UTF-8 of its text (`_keep_the_tail`)
+    json_text: codecs.IncrementalDecoder | None = None
     json_read: tuple[bytes, TokenUsage] | None = None  # the usage `whole` read, and of what
     # The answer's headers as passed on (ASGI: `forward`), for its Content-Length, read only
     # should its JSON not parse (`_within_length`).
@@ -525,10 +530,19 @@ class Exchange:
         """The answer's bytes as they come, `plain` (decoded) and `chunk` (as passed on):
         measured; what to pass on returned (the stream less the usage chunk we asked for)."""
         if self.sniffing:
+            coded = self.decoder is not None and not self.passed_decoded  # (`chunk` not `plain`)
+            if self.sniffed:  # first bytes too few to say (below): read with these
+                plain = self.sniffed + plain
+                self.sniffed = b""
+                chunk = chunk if coded else plain
             head = plain.lstrip()  # decoded: a compressed answer's first bytes say nothing
             if head:
+                says = begins_json(head)
+                if says is None and more:  # a wide first character's bytes (1 of UTF-16's)
+                    self.sniffed = plain  # held, to go on (and be read) with what follows
+                    return chunk if coded else b""
                 self.sniffing = False
-                if begins_json(head):  # JSON after all, untyped: read as JSON
+                if says:  # JSON after all, untyped: read as JSON
                     self.stream = None
         stream = self.stream
         if stream is not None:
@@ -546,6 +560,8 @@ class Exchange:
             if parts is None:
                 self.json_parts = [plain]
             else:
+                if self.json_text is not None:  # a huge wide answer's: as UTF-8
+                    plain = self.json_text.decode(plain).encode()
                 parts.append(plain)
             size = self.json_size + len(plain)
             self.json_size = size
@@ -557,9 +573,15 @@ class Exchange:
         """Of a huge JSON answer keep the last MiB (its usage sits at the end), and count what
         is left out (for an estimate, should it hold no usage). Its images' base64 is left out
         first (`without_results`: the image generation tool's, megabytes): what is left is
-        kept whole if it is no more than a MiB, read whole as a smaller answer is."""
+        kept whole if it is no more than a MiB, read whole as a smaller answer is. An answer in
+        UTF-16 or UTF-32 is kept (and counted) as the UTF-8 of its text, what follows too
+        (`json_text`): its usage is then found where a UTF-8 answer's is, its size that of
+        its text."""
         whole = b"".join(self.json_parts or ())
         if not self.json_dropped:
+            if self.json_text is None and (codec := wide_codec(whole)) is not None:
+                self.json_text = codecs.getincrementaldecoder(codec)("replace")
+                whole = self.json_text.decode(whole).encode()
             kept = without_results(whole)
             if len(kept) <= _JSON_TAIL:
                 self.json_cut += len(whole) - len(kept)
@@ -567,7 +589,7 @@ class Exchange:
                 return
             self.json_head = whole[:_JSON_HEAD]
         tail = whole[-_JSON_TAIL:]
-        self.json_dropped += self.json_size - len(tail)
+        self.json_dropped += len(whole) - len(tail)
         self.json_parts, self.json_size = [tail], len(tail)
 
     def whole(self) -> bool:
@@ -664,8 +686,8 @@ class Exchange:
         there (an app that says too few bytes, its usage in what follows) is read whole. Of a
         huge answer, `body` is its kept tail: cut where the length falls in it."""
         headers = self.sent_headers
-        if headers is None or self.decoder is not None:  # (a compressed answer's length is
-            return False  # of its coded bytes)
+        if headers is None or self.decoder is not None or self.json_text is not None:
+            return False  # (a compressed answer's length is of its coded bytes, a wide one's)
         length = content_length(headers)
         if length is None:
             return False
