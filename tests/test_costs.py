@@ -6,6 +6,8 @@ import asyncio
 import gzip
 import json
 import math
+import random
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -1124,6 +1126,132 @@ async def test_images_edited_as_a_form_in_flight_together_cannot_spend_past_the_
           f"charged {charged}")  # fmt: skip
     assert served >= 1 and spent <= 1 + 1e-9
     assert charged == {("openai", "gpt-image-1", 499_250_000)}
+
+
+def a_png(width: int, height: int, size: int) -> bytes:
+    """A PNG of `width` x `height` pixels, `size` bytes of (incompressible) pixel data: a
+    photo's size on disk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + crc
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes((8, 2, 0, 0, 0))
+    pixels = random.Random(size).randbytes(size)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def an_mp3(size: int) -> bytes:
+    """An MP3 of `size` bytes as it starts (an ID3 tag): 5 MB is ~5 minutes at 128 kbps."""
+    return b"ID3\x04\x00\x00\x00\x00\x00\x00" + random.Random(size).randbytes(size - 10)
+
+
+async def test_an_image_edited_as_a_form_is_reserved_by_its_pixels_not_its_bytes(
+    make_settings: Settings,
+) -> None:
+    """A form's file was counted as text, a third of its bytes a token: a real 1 MB PNG of
+    1024x1024 sent to gpt-image-1's edits reserved ~333,000 input tokens ($1.83 with its
+    image), where OpenAI bills it a few thousand; on a $1 budget a second edit was refused
+    while one was in flight (60 at once: 1 served). It is now reserved by its pixels (at
+    least the most one image gpt-image-1 draws, at its input image price): 60 at once on $1
+    serve as many as it holds, and spend no more than it."""
+    usage = {"input_tokens": 4170,
+             "input_tokens_details": {"text_tokens": 10, "image_tokens": 4160},
+             "output_tokens": 4160,
+             "output_tokens_details": {"text_tokens": 0, "image_tokens": 4160},
+             "total_tokens": 8330}  # fmt: skip
+    reserved: list[float] = []
+    holder: dict[str, Any] = {}
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        live = holder["engine"].manager.list_budgets(from_memory=True)
+        reserved.append(next(b.reserved for b in live if b.id == holder["budget"]))
+        await asyncio.sleep(0.05)  # in flight together
+        return JSONResponse({"created": 1, "data": [{"b64_json": ""}], "usage": usage})
+
+    path = "/v1/images/edits"
+    fields = {"model": "gpt-image-1", "prompt": "a cat", "size": "1024x1024", "quality": "high"}
+    image = {"image": ("cat.png", a_png(1024, 1024, 1_000_000), "image/png")}
+    settings = lambda **kw: make_settings(inference_paths=("/images/edits",), **kw)  # noqa: E731
+    async with budget_of_a_dollar(settings, path, provider) as (engine, http, key):
+        holder.update(engine=engine, budget=key.budgets[0].id)
+        auth = {"authorization": f"Bearer {key.value}"}
+        first = await http.post(path, data=fields, files=image, headers=auth)
+        alone = reserved[0]
+        other = engine.manager.create_virtual_key(
+            name="bob", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        holder["budget"] = other.budgets[0].id
+        auth = {"authorization": f"Bearer {other.value}"}
+        answers = await asyncio.gather(
+            *[http.post(path, data=fields, files=image, headers=auth) for _ in range(60)]
+        )
+        rows = await records(engine)
+        spent = engine.manager.get_budget(other.budgets[0].id).current_usage
+    served = [a.status_code for a in answers].count(200)
+    charged = {r.cost_nanos for r in rows}
+    print(f"gpt-image-1 edit of a 1 MB 1024x1024 PNG: reserved {round(alone * 1e9)} nano-USD, "
+          f"charged {charged}; 60 at once on $1: {served} served, ${spent:.6f} spent")  # fmt: skip
+    assert first.status_code == 200
+    assert charged == {10 * 5000 + 4160 * 10_000 + 4160 * 40_000}  # $5, $10 and $40 per Mtok
+    assert alone < 0.25  # its bound: (6,240 image tokens + its fields) in, 4,160 out
+    assert served >= 4 and spent <= 1 + 1e-9
+
+
+async def test_audio_transcribed_from_a_form_is_reserved_by_its_length_and_charged_as_audio(
+    make_settings: Settings,
+) -> None:
+    """The Audio API's transcriptions (`multipart/form-data`: `model` beside a `file`) are
+    metered by their model since forms are read. Its file was counted as text: a 5 MB MP3
+    to gpt-4o-transcribe reserved 1,666,758 input tokens ($4.18), where its 5 minutes bill a
+    few thousand audio tokens; on a $2 budget a second one was refused while one was in
+    flight. And the answer's audio (`usage.input_token_details.audio_tokens`) was charged
+    at the text price ($2.50 per Mtok, not audio's $6): 18,650,000 nano-USD for 40,525,000.
+    A file of audio is now reserved by the most it may last (`core.media.form_file`), at the
+    audio price, and charged so; 60 at once on $2 still spend no more than it."""
+    usage = {"type": "tokens", "input_tokens": 6260, "output_tokens": 300, "total_tokens": 6560,
+             "input_token_details": {"text_tokens": 10, "audio_tokens": 6250}}  # fmt: skip
+    reserved: list[float] = []
+    holder: dict[str, Any] = {}
+
+    async def provider(request: Request) -> JSONResponse:
+        await request.body()
+        live = holder["engine"].manager.list_budgets(from_memory=True)
+        reserved.append(next(b.reserved for b in live if b.id == holder["budget"]))
+        await asyncio.sleep(0.05)  # in flight together
+        return JSONResponse({"text": "Hello.", "usage": usage})
+
+    path = "/v1/audio/transcriptions"
+    fields = {"model": "gpt-4o-transcribe"}
+    audio = {"file": ("talk.mp3", an_mp3(5_000_000), "audio/mpeg")}
+    settings = lambda **kw: make_settings(inference_paths=("/audio/transcriptions",), **kw)  # noqa: E731
+    async with budget_of_a_dollar(settings, path, provider) as (engine, http, key):
+        holder.update(engine=engine, budget=key.budgets[0].id)
+        first = await http.post(path, data=fields, files=audio,
+                                headers={"authorization": f"Bearer {key.value}"})  # fmt: skip
+        alone = reserved[0]
+        other = engine.manager.create_virtual_key(
+            name="bob", budgets=[{"max_limit": 2, "reset_duration": "1d"}]
+        )
+        holder["budget"] = other.budgets[0].id
+        auth = {"authorization": f"Bearer {other.value}"}
+        answers = await asyncio.gather(
+            *[http.post(path, data=fields, files=audio, headers=auth) for _ in range(60)]
+        )
+        rows = await records(engine)
+        spent = engine.manager.get_budget(other.budgets[0].id).current_usage
+    served = [a.status_code for a in answers].count(200)
+    charged = {(r.model, r.cost_nanos) for r in rows}
+    print(f"gpt-4o-transcribe of a 5 MB MP3: reserved {round(alone * 1e9)} nano-USD, charged "
+          f"{charged}; 60 at once on $2: {served} served, ${spent:.6f} spent")  # fmt: skip
+    assert first.status_code == 200
+    # 10 text tokens at $2.50 per Mtok, 6,250 audio at $6, 300 out at $10
+    assert charged == {("gpt-4o-transcribe", 10 * 2500 + 6250 * 6000 + 300 * 10_000)}
+    assert alone < 1  # 1,500 s at 64 tokens a second, at the audio price; 1,024 out
+    assert served >= 2 and spent <= 2 + 1e-9
 
 
 @pytest.mark.parametrize("kind", ["json", "stream"])

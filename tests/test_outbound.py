@@ -11,6 +11,7 @@ import gc
 import gzip
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -6978,6 +6979,90 @@ async def test_the_deployment_azure_serves_is_the_model_charged_whatever_the_bod
           charged, f"with gpt-4o's budget $0: {refused.status_code}, sent {len(sent)}")  # fmt: skip
     assert charged == [("gpt-4o", 3_500_000)]  # 1,000 in, 100 out at gpt-4o's price
     assert (served.status_code, refused.status_code, len(sent)) == (200, 402, 1)
+
+
+@pytest.mark.parametrize("call", ["images.edit", "audio.transcriptions.create"])
+async def test_a_form_s_files_are_reserved_by_what_they_are_through_an_sdk(
+    make_settings: Settings, call: str
+) -> None:
+    """The SDK's `images.edit` and `audio.transcriptions.create` send forms, whose files were
+    counted as text (a third of their bytes a token): a 1 MB PNG of 1024x1024 to gpt-image-1
+    reserved $1.83, a 5 MB MP3 to gpt-4o-transcribe $4.18, so on a $2 budget one ran at a
+    time (60 at once: 1 sent each). The image is now reserved by its pixels, the audio by the
+    most it may last: as many as the budget holds are sent, and no more than it is spent;
+    the transcription's audio tokens charged at the audio price ($6 per Mtok, not $2.50)."""
+    image_usage = {"input_tokens": 4170,
+                   "input_tokens_details": {"text_tokens": 10, "image_tokens": 4160},
+                   "output_tokens": 4160,
+                   "output_tokens_details": {"text_tokens": 0, "image_tokens": 4160},
+                   "total_tokens": 8330}  # fmt: skip
+    audio_usage = {"type": "tokens", "input_tokens": 6260, "output_tokens": 300,
+                   "total_tokens": 6560,
+                   "input_token_details": {"text_tokens": 10, "audio_tokens": 6250}}  # fmt: skip
+    sent: list[str] = []
+
+    async def answer(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request.url.path)
+        await asyncio.sleep(0.05)  # in flight together
+        if request.url.path.endswith("/images/edits"):
+            return httpx2.Response(200, json={"created": 1, "data": [{"b64_json": ""}],
+                                              "usage": image_usage})  # fmt: skip
+        return httpx2.Response(200, json={"text": "Hello.", "usage": audio_usage})
+
+    paths = ("/images/edits", "/audio/transcriptions")
+    engine = get_engine(make_settings(inference_paths=paths))
+    await engine.ensure_started()
+    http = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.MockTransport(answer), engine=engine)
+    )
+    sdk = openai.AsyncOpenAI(api_key="sk-test", max_retries=0, http_client=http)
+    key = engine.manager.create_virtual_key(
+        name="alice", budgets=[{"max_limit": 2, "reset_duration": "1d"}]
+    )
+    rng = random.Random(7)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + crc
+
+    header = (1024).to_bytes(4, "big") * 2 + bytes((8, 2, 0, 0, 0))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+           + chunk(b"IDAT", rng.randbytes(1_000_000)) + chunk(b"IEND", b""))  # fmt: skip
+    mp3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + rng.randbytes(5_000_000)
+
+    async def one() -> int:
+        try:
+            with charge_to(virtual_key=key.value):
+                if call == "images.edit":
+                    image = ("cat.png", png, "image/png")
+                    await sdk.images.edit(model="gpt-image-1", image=image, prompt="a cat",
+                                          size="1024x1024", quality="high")  # fmt: skip
+                else:
+                    await sdk.audio.transcriptions.create(
+                        model="gpt-4o-transcribe", file=("talk.mp3", mp3, "audio/mpeg")
+                    )
+            return 200
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    try:
+        statuses = await asyncio.gather(*[one() for _ in range(60)])
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+        rows = records(engine)
+    finally:
+        await engine.shutdown()
+    charged = {(r["model"], r["cost_nanos"]) for r in rows}
+    print(f"{call}, 60 at once on $2: {statuses.count(200)} answered, {len(sent)} sent, "
+          f"${spent:.6f} spent, charged {charged}")  # fmt: skip
+    assert statuses.count(200) == len(sent)
+    assert spent <= 2 + 1e-9
+    if call == "images.edit":  # $5, $10 and $40 per Mtok; each reserves $0.23
+        assert charged == {("gpt-image-1", 10 * 5000 + 4160 * 10_000 + 4160 * 40_000)}
+        assert len(sent) >= 8
+    else:  # $2.50, $6 and $10 per Mtok; each reserves $0.73
+        assert charged == {("gpt-4o-transcribe", 10 * 2500 + 6250 * 6000 + 300 * 10_000)}
+        assert len(sent) >= 2
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any, Final
 
-from budget_middleware.core.media import asked_image_tokens
+from budget_middleware.core.media import asked_image_tokens, form_file
 from budget_middleware.core.providers import (
     BARE_MODEL_PROVIDERS,
     RESOURCE_PREFIX,
@@ -621,7 +621,10 @@ def path_deployment(path: str) -> str | None:
 class FormFields(dict[str, str]):
     """A `multipart/form-data` body's text fields (`form_fields`): read as a JSON body's keys
     for its target (`TargetResolver`), and no JSON to rewrite (a route's target, a stream's
-    usage asked for: `type(parsed) is dict` is False for it)."""
+    usage asked for: `type(parsed) is dict` is False for it). `media`: its files that are
+    images or audio (`media.form_file`), counted by what they are, not their bytes."""
+
+    media: list[tuple[int, int, int]]
 
 
 # A part's `Content-Disposition` name; `filename=` (a file, not read) has no word boundary
@@ -631,12 +634,15 @@ _PART_FILE = re.compile(rb"(?i)\bfilename\*?=")
 
 
 def form_fields(body: bytes) -> FormFields | None:
-    """The text fields (not the files) of a `multipart/form-data` body, told by its first line
-    (`--<boundary>`, RFC 2046: at most 70 characters), the last of a name repeated (as
-    Starlette's and FastAPI's forms read it); None when it is not one. OpenAI's SDKs send the
-    Images API's edits so (`images.edit`: `model`, `prompt`, `n`, `size`, `quality` beside the
-    image), whose model, images and sizes were otherwise unread: unpriced, charged 0, or
-    reserved the default output of a model an Azure deployment names."""
+    """The text fields of a `multipart/form-data` body, told by its first line (`--<boundary>`,
+    RFC 2046: at most 70 characters), the last of a name repeated (as Starlette's and FastAPI's
+    forms read it), and its files that are images or audio (`FormFields.media`, by their size:
+    `media.form_file`, counted so where the gate walks a body for media: a binary file holds a
+    NUL, `may_reference`); None when it is not one. OpenAI's SDKs send the Images API's edits
+    so (`images.edit`: `model`, `prompt`, `n`, `size`, `quality` beside the image), whose
+    model, images and sizes were otherwise unread: unpriced, charged 0, or reserved the default
+    output of a model an Azure deployment names; and the Audio API's transcriptions (`model`
+    beside the `file`)."""
     if body[:2] != b"--":
         return None
     end = body.find(b"\r\n", 0, 76)
@@ -644,6 +650,7 @@ def form_fields(body: bytes) -> FormFields | None:
         return None
     delimiter = b"\r\n" + body[:end]
     fields = FormFields()
+    fields.media = media = []
     at = end + 2
     while True:
         head_end = body.find(b"\r\n\r\n", at)
@@ -654,7 +661,11 @@ def form_fields(body: bytes) -> FormFields | None:
             break
         head = body[at:head_end]
         named = _PART_NAME.search(head)
-        if named is not None and _PART_FILE.search(head) is None:
+        if _PART_FILE.search(head) is not None:
+            medium = form_file(head, body[head_end + 4 : next_at])
+            if medium is not None:
+                media.append(medium)
+        elif named is not None:
             name = named.group(1).decode("utf-8", "replace")
             fields[name] = body[head_end + 4 : next_at].decode("utf-8", "replace")
         at = next_at + len(delimiter) + 2  # past its CRLF, or the closing `--`

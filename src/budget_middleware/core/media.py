@@ -57,6 +57,10 @@ def walk(body: Any, images: list[tuple[int, int, int]] | None) -> int:
     read, and each inline audio as (characters, 0, most seconds it lasts), else not (its bytes
     stay counted as text)."""
     if type(body) is not dict:
+        # A form's files (`identity.FormFields.media`): sized as inline media are
+        media = getattr(body, "media", None)
+        if media and images is not None:
+            images.extend(media)
         return 0
     count = 0
     for name in ("messages", "input"):
@@ -185,9 +189,13 @@ def inline_images(body: Any) -> list[tuple[int, int, int]]:
     return images
 
 
-def _decode(data: str, start: int, size: int) -> bytes | None:
+def _decode(data: str | bytes, start: int, size: int) -> bytes | None:
     """Bytes `start` to `start + size` of base64 `data`, decoding only the characters that hold
-    them; None when they are not plain base64 (line breaks, a wrong alphabet)."""
+    them; None when they are not plain base64 (line breaks, a wrong alphabet). `data` as bytes
+    (a form's file): those bytes as they are."""
+    if type(data) is bytes:
+        piece = data[start : start + size]
+        return piece if len(piece) == size else None
     first = start // 3
     end = -(-(start + size) // 3)
     try:
@@ -203,9 +211,9 @@ _SPACES: Final = ("\n", "\r", " ", "\t")  # what a base64 encoder may break it w
 _SOF: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers: not DHT, JPG, DAC
 
 
-def image_size(data: str) -> tuple[int, int] | None:
-    """(width, height) of a PNG, JPEG, GIF or WebP image from the first bytes of its base64,
-    None for another format or what cannot be read."""
+def image_size(data: str | bytes) -> tuple[int, int] | None:
+    """(width, height) of a PNG, JPEG, GIF or WebP image from the first bytes of its base64
+    (or of the image itself, as bytes), None for another format or what cannot be read."""
     head = _decode(data, 0, 30)
     if head is None:
         return None
@@ -234,7 +242,7 @@ def image_size(data: str) -> tuple[int, int] | None:
     return (width, height) if width > 0 and height > 0 else None
 
 
-def _jpeg_size(data: str) -> tuple[int, int] | None:
+def _jpeg_size(data: str | bytes) -> tuple[int, int] | None:
     """A JPEG's size from its first frame header (SOFn), its segments before it skipped by their
     lengths: only the few bytes of each marker decoded."""
     at = 2
@@ -250,10 +258,11 @@ def _jpeg_size(data: str) -> tuple[int, int] | None:
             if frame is None:
                 return None
             height, width = int.from_bytes(frame[:2], "big"), int.from_bytes(frame[2:], "big")
-            end = -(-(at + 9) // 3) * 4
-            for space in _SPACES:  # base64 in lines: what was read is not where it was sought
-                if data.find(space, 0, end) >= 0:
-                    return None
+            if type(data) is str:  # (a form's file: its bytes as they are)
+                end = -(-(at + 9) // 3) * 4
+                for space in _SPACES:  # base64 in lines: what was read is not where it was sought
+                    if data.find(space, 0, end) >= 0:
+                        return None
             return (width, height) if width > 0 and height > 0 else None
         if marker[1] == 0xD9 or marker[1] == 0xDA:  # end, or scan data before any frame
             return None
@@ -272,13 +281,17 @@ def _jpeg_size(data: str) -> tuple[int, int] | None:
 # - Gemini (ai.google.dev, "Understand and count tokens"): 258 a 768x768 tile (258 for an
 #   image within 384x384); Gemini 3's media_resolution up to 2,240 an image.
 # Another OpenAI model (gpt-5, o4-mini, ...) is counted at the larger of tiles and patches; a
-# model whose name tells no family here (an Azure deployment's) at the largest of them all.
+# model whose name tells no family here (an Azure deployment's) at the largest of them all. An
+# image model's input image (the Images API's edits: gpt-image-1, chatgpt-image-latest) is
+# counted at least as the most tokens of one it draws (`drawn_image_tokens`): its
+# `input_fidelity: high` bills an input image's details beyond its patches.
 _IMAGE_MARGIN: Final = 100  # tokens an image's wrapping may take beside its pixels
 _PATCH_MULTIPLIER: Final = 2.46
 _MINI_TILE: Final = ("4o-mini",)
 _TILED: Final = ("gpt-4o", "gpt-4.1", "o1", "o3", "chatgpt-4o")
 _UNTILED: Final = ("-mini", "-nano")
 _OPENAI: Final = ("gpt-", "o1", "o3", "o4", "chatgpt-", "computer-use")
+_DRAWERS: Final = ("gpt-image", "chatgpt-image")
 
 
 def _tiles(width: int, height: int) -> int:
@@ -313,6 +326,8 @@ def image_tokens(model: str, width: int, height: int) -> int:
         return tiled
     patches = math.ceil(width / 32) * math.ceil(height / 32)
     patched = max(tiled, math.ceil(patches * _PATCH_MULTIPLIER) + _IMAGE_MARGIN)
+    if name.startswith(_DRAWERS):  # an image to edit: at least the most one drawn bills
+        return max(patched, drawn_image_tokens(model))
     if name.startswith(_OPENAI):
         return patched
     return max(patched, claude, gemini, mini)
@@ -404,17 +419,55 @@ def audio_seconds(data: str, audio_format: Any) -> int | None:
     return -(-size // rate) if rate > 0 else None
 
 
+# A form's file part (`multipart/form-data`: the Images API's edits, the Audio API's
+# transcriptions and translations) is billed by what it is, not its bytes: an image by its size
+# in pixels (`image_size`, `image_tokens`), audio by how long it lasts. A compressed audio
+# file's length is not in its first bytes: bounded by its size at 2 kbps (250 bytes a second,
+# below the lowest rate of the codecs the Audio API reads: Opus's 6 kbps, AMR's 4.75, MPEG's
+# 8), counting no more than the API's 25 MB, and no more than 1,500 seconds, the longest audio
+# a model billing it by tokens takes (OpenAI's gpt-4o-transcribe family; it refuses longer,
+# and whisper-1 is billed by the minute). Any other file stays counted by its bytes, as text.
+_AUDIO_BYTES_PER_SECOND: Final = 250
+_AUDIO_MOST_BYTES: Final = 25 * 1024 * 1024
+_AUDIO_MOST_SECONDS: Final = 1500
+_AUDIO_MAGIC: Final = (b"ID3", b"OggS", b"fLaC", b"\x1aE\xdf\xa3", b"#!AMR", b"FORM")
+_AUDIO_TYPES: Final = (b"audio/", b"video/")
+
+
+def form_file(head: bytes, data: bytes) -> tuple[int, int, int] | None:
+    """A form's file part (`head` its headers, `data` its bytes) as an inline medium
+    (`inline_image_tokens`): (bytes, width, height) of an image whose size is read, (bytes, 0,
+    most seconds) of audio (told by its type or its first bytes), None for another file."""
+    size = image_size(data)
+    if size is not None:
+        return (len(data), *size)
+    kind = _CONTENT_TYPE.search(head)
+    if (
+        (kind is not None and kind.group(1).lower().startswith(_AUDIO_TYPES))
+        or data.startswith(_AUDIO_MAGIC)
+        or data[4:8] == b"ftyp"  # MP4, M4A
+        or (data[:4] == b"RIFF" and data[8:12] == b"WAVE")
+        or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)  # an MPEG frame
+    ):
+        seconds = -(-min(len(data), _AUDIO_MOST_BYTES) // _AUDIO_BYTES_PER_SECOND)
+        return (len(data), 0, min(seconds, _AUDIO_MOST_SECONDS))
+    return None
+
+
+_CONTENT_TYPE: Final = re.compile(rb"(?i)content-type:[ \t]*([^\r\n;]*)")
+
+
 def inline_image_tokens(
-    model: str, images: list[tuple[int, int, int]], audio_weight: int = 1
+    model: str, images: list[tuple[int, int, int]], audio_weight: int = 1, image_weight: int = 1
 ) -> int:
     """How many tokens to add to a body's estimate (a third of its bytes) for its inline images
-    and audio: each one's bound for `model` (audio's times `audio_weight`, its price over the
-    input's, so that the estimate priced as input covers it), less the third of its base64 the
-    estimate counted."""
+    and audio: each one's bound for `model` (audio's times `audio_weight`, images' times
+    `image_weight`: their prices over the input's, so that the estimate priced as input covers
+    them), less the third of its base64 (or of a form's file, its bytes) the estimate counted."""
     tokens = 0
     for chars, width, height in images:
         if width:
-            tokens += image_tokens(model, width, height) - chars // 3
+            tokens += image_tokens(model, width, height) * image_weight - chars // 3
         else:
             most = height * _AUDIO_TOKENS_PER_SECOND + _IMAGE_MARGIN
             tokens += most * audio_weight - chars // 3

@@ -64,8 +64,9 @@ class TokenUsage:
       (Anthropic's `cache_creation.ephemeral_1h_input_tokens`; priced at the 1-hour write rate).
     - `input_audio_tokens`, `output_audio_tokens`: the audio within `input_tokens` (not cached)
       and `output_tokens` (OpenAI's `prompt_tokens_details` / `completion_tokens_details`
-      `audio_tokens`, and a gateway's Responses `input_tokens_details` / `output_tokens_details`
-      ones; priced at the audio rates).
+      `audio_tokens`, a gateway's Responses `input_tokens_details` / `output_tokens_details`
+      ones, and the Audio API's transcriptions' `input_token_details`; priced at the audio
+      rates).
     - `web_searches`: the server-side web searches (Anthropic's
       `server_tool_use.web_search_requests`, OpenAI's Responses `web_search_call` output items:
       `count_searches`), priced per search.
@@ -296,6 +297,8 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         if type(in_details := usage.get("input_tokens_details")) is dict:
             seen = in_details.get("image_tokens")
             heard = in_details.get("audio_tokens")
+        elif type(in_details := usage.get("input_token_details")) is dict:
+            heard = in_details.get("audio_tokens")  # the Audio API's transcriptions' (sic)
         if type(out_details := usage.get("output_tokens_details")) is dict:
             drawn = out_details.get("image_tokens")
             spoken = out_details.get("audio_tokens")

@@ -410,7 +410,7 @@ class Gate:
                     return left[0][1]
                 return plan
         if images:  # inline images and audio: the most their pixels or length are billed
-            prompt_tokens += inline_image_tokens(target.model, images, self._audio_weight(target))
+            prompt_tokens += inline_image_tokens(target.model, images, *self._weights(target))
         exchange = self._prepare(key, target, prompt_tokens, now, started)
         if type(exchange) is not Exchange:
             return self.refuse(*exchange, key=key, target=target)  # type: ignore[misc]
@@ -657,10 +657,15 @@ class Gate:
         calls = parsed.get("max_tool_calls")  # an image each, at most (one unless it says)
         return most * calls if type(calls) is int and calls > 1 else most
 
-    def _audio_weight(self, target: Target) -> int:
-        """How many input tokens an audio token costs at `target`'s prices (at least 1)."""
+    def _weights(self, target: Target) -> tuple[int, int]:
+        """How many input tokens an audio token and an image token cost at `target`'s prices
+        (at least 1 each): gpt-4o-transcribe's audio $6 per Mtok, its text $2.50;
+        gpt-image-1's input images $10, its text $5."""
         price = self.price(target.provider, target.model)
-        return 1 if price is None else _weight(price.input_audio_per_mtok, price)
+        if price is None:
+            return 1, 1
+        heard, seen = price.input_audio_per_mtok, price.input_image_per_mtok
+        return _weight(heard, price), _weight(seen, price)
 
     def _with_media(self, exchange: Exchange, references: int) -> None:
         """A request sending `references` media by reference (SPEC §6): their input tokens are
@@ -739,8 +744,7 @@ class Gate:
             retargeted = self.resolve_target.retarget(target, route_target.text, credentials, path)
             tokens = prompt_tokens
             if images:
-                weight = self._audio_weight(retargeted)
-                tokens += inline_image_tokens(retargeted.model, images, weight)
+                tokens += inline_image_tokens(retargeted.model, images, *self._weights(retargeted))
             prepared = self._prepare(key, retargeted, tokens, now, started)
             if type(prepared) is Exchange:
                 prepared.route_target = route_target.text
