@@ -138,6 +138,8 @@ class ModelPrice:
     _rates: _Rates = field(init=False, repr=False, compare=False)  # computed once
     # `service_tiers` by name, the first of a name kept (`for_service_tier`): computed once.
     _by_tier: Mapping[str | None, ModelPrice] = field(init=False, repr=False, compare=False)
+    # Whether some service tier is priced apart (`service_tiers`): computed once.
+    tiered: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         inp = _rate(self.input_per_mtok)
@@ -171,6 +173,7 @@ class ModelPrice:
         object.__setattr__(self, "_rates", rates)
         tiers = dict(reversed(self.service_tiers)) if self.service_tiers else _NO_TIERS
         object.__setattr__(self, "_by_tier", tiers)
+        object.__setattr__(self, "tiered", bool(self.service_tiers))
 
 
 def in_force(price: ModelPrice, input_tokens: int) -> ModelPrice:

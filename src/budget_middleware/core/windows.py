@@ -171,7 +171,7 @@ class WindowCounter:
                 self.value = 0
             elif self.pending and self.pending_start == self.start:
                 self.pending_start = start
-            self.start, self.end = start, end
+            self._enter(start, end)
             if reset:
                 # The old window's usage stays there: the new one holds what this instance has
                 # not written (its spend elsewhere comes with the next read). Kept whole, a
@@ -220,6 +220,10 @@ class WindowCounter:
         mine = self.unwritten(ledger)
         self.value = stored_value + mine if stored_reset >= self.start else mine
 
+    def _enter(self, start: float, end: float) -> None:
+        """Make [start, end) the current window."""
+        self.start, self.end = start, end
+
     def _seal(self, ledger: Ledger) -> None:
         """What is pending for the window that ends goes to the ledger as its own delta."""
         if self.pending:
@@ -266,7 +270,7 @@ class WindowCounter:
     def roll(self, now: float, ledger: Ledger) -> None:
         """Start the window that contains `now` (called only when `now >= self.end`)."""
         self._seal(ledger)
-        self.start, self.end = self._window_at(now)
+        self._enter(*self._window_at(now))
         self.value = 0
 
     def add(self, amount: int, ledger: Ledger) -> None:
@@ -293,7 +297,7 @@ class WindowCounter:
         self._seal(ledger)
         self.anchor = now
         self.value = 0
-        self.start, self.end = self._window_at(now)  # from now, calendar-aligned or not
+        self._enter(*self._window_at(now))  # from now, calendar-aligned or not
         ledger.sealed.append((self.kind, self.id, self.start, 0))
         return now
 
@@ -304,9 +308,9 @@ class WindowCounter:
 
 class BudgetWindow(WindowCounter):
     """A budget's spend. `alert_at`: the spend at which its next alert threshold is crossed in
-    the window that starts at `alert_start` (SPEC §14); 0 until the alerts have looked at it."""
+    the current window (SPEC §14); 0 until the alerts have looked at it in this window."""
 
-    __slots__ = ("alert_at", "alert_start", "calendar_aligned", "limit_text", "limit_text_nine")
+    __slots__ = ("alert_at", "calendar_aligned", "limit_text", "limit_text_nine")
     kind = "budget"
 
     def __init__(self, id: str) -> None:
@@ -315,11 +319,15 @@ class BudgetWindow(WindowCounter):
         self.limit_text = b"0"  # the limit as the response headers show it, formatted once
         self.limit_text_nine = b"0"
         self.alert_at = 0
-        self.alert_start = 0.0
 
     def _set_terms(self, limit: int, calendar_aligned: bool) -> None:
         self.limit, self.limit_text, self.limit_text_nine = _shared_budget_limit(limit)
         self.calendar_aligned = calendar_aligned
+
+    def _enter(self, start: float, end: float) -> None:
+        if start != self.start:  # a window begun: its thresholds looked at anew (`alerts.check`)
+            self.alert_at = 0
+        self.start, self.end = start, end
 
 
 class RequestWindow(WindowCounter):

@@ -152,7 +152,7 @@ class Alerts:
         Redis): a threshold that the charges of others took a budget past is raised here,
         with no charge of this instance's to look at it (none may come)."""
         for counter in counters:
-            if counter.value >= counter.alert_at or counter.start != counter.alert_start:  # type: ignore[attr-defined]
+            if counter.value >= counter.alert_at:  # type: ignore[attr-defined]
                 owner = self.owners.get(counter.id)
                 if owner is not None:
                     self._look(counter, None, owner)
@@ -174,10 +174,10 @@ class Alerts:
     def check(self, limits: LimitSet) -> None:
         """After a charge: has any budget reached its next threshold (or a new window begun)?"""
         for counter in limits.budgets:
-            if counter.value >= counter.alert_at or counter.start != counter.alert_start:  # type: ignore[attr-defined]
+            if counter.value >= counter.alert_at:  # type: ignore[attr-defined]
                 self._look(counter, limits)
         for counter in limits.soft_budgets:
-            if counter.value >= counter.alert_at or counter.start != counter.alert_start:  # type: ignore[attr-defined]
+            if counter.value >= counter.alert_at:  # type: ignore[attr-defined]
                 self._look(counter, limits)
 
     def _look(
@@ -186,7 +186,6 @@ class Alerts:
         if self._forgotten(counter):
             return
         start = counter.start
-        counter.alert_start = start  # type: ignore[attr-defined]
         known = self._raised.get(counter.id)
         if known is None or known[0] != start:
             known = self._raised[counter.id] = (start, set())
@@ -209,7 +208,7 @@ class Alerts:
             return
         # The spend a refusal finds (charged by other instances, or a limit lowered below it)
         # has reached thresholds no charge of this instance looked at: raised first.
-        if counter.value >= counter.alert_at or counter.start != counter.alert_start:  # type: ignore[attr-defined]
+        if counter.value >= counter.alert_at:  # type: ignore[attr-defined]
             self._look(counter, None, refusal.scope)
         if self._exhausted.get(counter.id) == counter.start:
             return

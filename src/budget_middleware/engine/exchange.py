@@ -339,7 +339,7 @@ class Exchange:
         if self.response_complete and not self.settled:
             # The answer's last chunk has gone: settled now, not when the app returns (Starlette
             # runs its background tasks after the answer, in the app's call: no slot held then).
-            # In process without a coroutine of its own (`settle` would make one): `settle_now`.
+            # In process, charged and booked here (as `settle` does, one frame less).
             # Ended after its client left (a `BaseHTTPMiddleware` inside ends the stream it cut
             # with an empty last chunk): settled as the middleware's `finally` would.
             outcome = self.client_left() if self.client_gone else "completed"
@@ -608,7 +608,7 @@ class Exchange:
             return True
         body = b"".join(parts)
         price = self.price
-        usage = usage_from_json(body, price is not None and bool(price.service_tiers))
+        usage = usage_from_json(body, price is not None and price.tiered)
         if usage is not None:
             # Kept for the settlement that follows (`_usage`): the answer is not read twice.
             self.json_parts, self.json_read = [body], (body, usage)
@@ -661,7 +661,7 @@ class Exchange:
                 usage = read[1]
             else:  # a tier written before the usage is looked for if it prices
                 price = self.price
-                usage = usage_from_json(body, price is not None and bool(price.service_tiers))
+                usage = usage_from_json(body, price is not None and price.tiered)
             if usage is None and self.json_dropped:  # a huge answer: its usage may come first
                 if self._within_length(body):  # (or at its tail's end, bytes past its length)
                     return self._usage()
@@ -697,7 +697,7 @@ class Exchange:
         head = body[:length]
         price = self.price
         if (
-            usage_from_json(head, price is not None and bool(price.service_tiers)) is None
+            usage_from_json(head, price is not None and price.tiered) is None
             and answered_chars(head) is None
         ):
             return False
@@ -836,11 +836,9 @@ class Exchange:
             if price is None:
                 cost, source = 0, "unpriced"  # noted by `book`
             else:
-                served = (  # at no tier, the usual case: no call
-                    price
-                    if usage.service_tier is None and self.target.service_tier is None
-                    else self._served_price(price, usage)
-                )
+                # a model that prices no service tier apart, the usual case: no call (OpenAI's
+                # answers say their tier, `default`, all the same)
+                served = self._served_price(price, usage) if price.tiered else price
                 cost, source = cost_nanos(served, usage), price.source
                 if (usage.reasoning_tokens or usage.citation_tokens) and not estimated:
                     # Output no limit bounds (Perplexity's), a fee for the next to reserve
@@ -933,17 +931,14 @@ class Exchange:
             would_refuse=self.would_refuse,
         )
 
-    async def settle(self, outcome: str) -> None:
-        """Charge it and release what it holds, by the engine's counters: in process at once
-        (`settle_now`), else through the shared ones (`settle_shared`)."""
+    def settle(self, outcome: str) -> Awaitable[None]:
+        """Charge it and release what it holds, by the engine's counters: in process at once,
+        no await between the charge and the counters (no coroutine made: `_SETTLED`), else
+        through the shared ones (`settle_shared`). The settlement to await."""
         if self.engine.in_process:
-            self.settle_now(outcome)
-        else:
-            await self.settle_shared(outcome)
-
-    def settle_now(self, outcome: str) -> None:
-        """Settle in process (memory counters): no await between the charge and the counters."""
-        self.book(self.charge(outcome))
+            self.book(self.charge(outcome))
+            return _SETTLED
+        return self.settle_shared(outcome)
 
     def settle_anywhere(self, outcome: str) -> Awaitable[None]:
         """Settled from whatever loop the caller is on, where it would be admitted now: on the
