@@ -628,8 +628,9 @@ class FormFields(dict[str, str]):
 
 
 # A part's `Content-Disposition` name; `filename=` (a file, not read) has no word boundary
-# before its `name`.
-_PART_NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*?\bname="([^"]*)"')
+# before its `name`. Sought from a line's start only: from every `content-disposition:` on a
+# line, each search ran to the line's end (a 0.5 MB line of them took 88 s).
+_PART_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*?\bname="([^"]*)"')
 _PART_FILE = re.compile(rb"(?i)\bfilename\*?=")
 
 

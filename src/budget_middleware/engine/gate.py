@@ -913,6 +913,8 @@ def parse_json(body: bytes) -> Any:
     except RecursionError:
         return TOO_DEEP
     except ValueError:
+        if type(body) is not bytes:  # what its coding does not decode: refused, not read
+            return None
         return form_fields(body)  # a form's text fields (the Images API's edits), else None
 
 
