@@ -1378,6 +1378,27 @@ async def test_a_body_in_a_coding_the_middleware_cannot_read_is_refused_not_serv
     assert charged == sum(served) / 1e6 == 0.2
 
 
+async def test_a_body_in_a_coding_it_cannot_read_is_refused_though_its_bytes_begin_as_a_form(
+    make_settings: Settings, pricing_file: Path
+) -> None:
+    """Forms are read since the Images API's edits are (`identity.form_fields`): a body sent in
+    a coding read nowhere here whose bytes as sent begin as a form (`--x` and a part) was read
+    as one, so not refused, and served unmetered (200, charged $0). Refused as any such body."""
+    app, served = decoding_host(lambda request, raw: raw)
+    form = b'--x\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o\r\n--x--\r\n'
+    async with metered(app, make_settings(pricing_file=pricing_file)) as (http, engine, key):
+        answer = await http.post(
+            "/v1/chat/completions",
+            content=form,
+            headers={"x-budget-key": key.value, "content-encoding": "bzip2"},
+        )
+        charged = spent(engine, key.budgets[0].id) / 1e9
+    print(f"a form's bytes sent as bzip2: {answer.status_code}, charged ${charged}")
+    assert answer.status_code == 415
+    assert answer.json()["error"]["code"] == "unsupported_content_encoding"
+    assert served == []
+
+
 async def streamed(
     app: FastAPI, settings: BudgetSettings, spelled: Any, output: int
 ) -> tuple[httpx.Response, int]:
