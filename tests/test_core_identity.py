@@ -648,8 +648,21 @@ def test_a_call_to_a_provider_s_host_drops_only_a_prefix_its_own_api_never_uses(
             b'content-disposition: form-data; name="model"\r\n\r\ngpt-\xffimage\r\n--b--\r\n',
             {"model": "gpt-\ufffdimage"},
         ),
+        (  # an empty field: its value ends at the delimiter right after its head
+            b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-image-1\r\n--b--\r\n',
+            {"prompt": "", "model": "gpt-image-1"},
+        ),
     ],
-    ids=["empty", "dashes", "json", "no-part", "cut-short", "file-and-repeated-name"],
+    ids=[
+        "empty",
+        "dashes",
+        "json",
+        "no-part",
+        "cut-short",
+        "file-and-repeated-name",
+        "empty-field",
+    ],
 )
 def test_a_form_s_text_fields_are_read_and_odd_bodies_do_not_crash(
     body: bytes, fields: dict[str, str] | None
