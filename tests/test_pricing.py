@@ -764,3 +764,31 @@ def test_kinds_priced_apart_that_overlap_are_each_token_priced_once() -> None:
     # (5 - 1); output 1,000 x 2 + 300 x (20 - 2) + 500 x (30 - 2) + 200 x (3 - 2)
     print(f"counts past their whole: charged {charged:,} nano-USD")
     assert charged == (9_000 + 21_600) * 1_000
+
+
+def test_a_name_only_asked_whether_priced_is_looked_up_once_and_still_warned_of_when_requested(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`price(warn=False)` (an Azure deployment asked whether a price names it, on every call
+    through `BudgetTransport`): a name without a price was looked up again each time (1.1 ms
+    a call, the catalog searched); now once. A request of that name later is still warned of
+    and listed unpriced, as one never asked about is."""
+    book = PriceBook()
+    looked: list[tuple[str, str]] = []
+    listed = book._listed
+
+    def counted(provider: str, model: str) -> Any:
+        looked.append((provider, model))
+        return listed(provider, model)
+
+    monkeypatch.setattr(book, "_listed", counted)
+    with caplog.at_level(logging.WARNING, logger="budget_middleware"):
+        asked = [book.price("azure", "prod-chat", warn=False) for _ in range(5)]
+        quiet = len(caplog.records)
+        requested = book.price("azure", "prod-chat")
+    print(f"5 asked: {len(looked) - 1} catalog look-ups before the request, {quiet} warnings; "
+          f"then requested: {len(caplog.records)} warning, unpriced {book.unpriced}")  # fmt: skip
+    assert asked == [None] * 5 and requested is None
+    assert looked.count(("azure", "prod-chat")) == 2  # once asked, once requested
+    assert quiet == 0 and len(caplog.records) == 1
+    assert ("azure", "prod-chat") in book.unpriced
