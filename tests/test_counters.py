@@ -730,7 +730,10 @@ async def test_with_redis_a_window_the_store_cannot_seed_fails_closed_and_marks_
     the request is not admitted on a guess, and the engine knows the store is unreachable."""
     need_redis()
     settings = BudgetSettings(
-        database_url=sqlite_url, admin_key="admin-secret", redis_url=REDIS_URL
+        database_url=sqlite_url,
+        admin_key="admin-secret",
+        redis_url=REDIS_URL,
+        redis_timeout_seconds=10,
     )
     engine = BudgetEngine(settings, clock=clock)
     prefix = unique_prefix()

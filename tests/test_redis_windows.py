@@ -439,7 +439,11 @@ async def test_a_reset_made_on_the_store_without_an_engine_is_marked_for_the_ins
             key, budget_id = dollar_key(one)
             await spend(http, key, 100)
             await one.flush()  # (what it has not written when it learns of a reset counts anew)
-            settings = BudgetSettings(database_url=one.settings.database_url, redis_url=REDIS_URL)
+            settings = BudgetSettings(
+                database_url=one.settings.database_url,
+                redis_url=REDIS_URL,
+                redis_timeout_seconds=10,
+            )
             alone = BudgetManager(Store(settings.database_url), settings)
             await asyncio.to_thread(alone.reset_budget, budget_id)
             admitted, code = await spend_until_refused(http, key)
@@ -1126,7 +1130,9 @@ async def test_new_terms_written_on_the_store_without_an_engine_carry_what_the_i
     async with serving_two(tmp_path, REDIS_URL, cache_ttl_seconds=2) as (one, two, a, b):
         monkeypatch.setattr(redis_counters, "PREFIX", one.counters.prefix)  # type: ignore[attr-defined]
         made, key, budget_id = await _a_day_begun_with_30_spent(one, two, b)
-        settings = BudgetSettings(database_url=one.settings.database_url, redis_url=REDIS_URL)
+        settings = BudgetSettings(
+            database_url=one.settings.database_url, redis_url=REDIS_URL, redis_timeout_seconds=10
+        )
         store = Store(settings.database_url)
         if writer == "manager":
             alone = BudgetManager(store, settings)
@@ -1173,7 +1179,9 @@ async def test_new_terms_for_a_rate_limit_on_one_instance_carry_what_the_other_c
         await spend(b, key, 30)
         await two.flush()
         hourly = {f"{kind}_max_limit": limit, f"{kind}_reset_duration": "1h"}
-        settings = BudgetSettings(database_url=one.settings.database_url, redis_url=REDIS_URL)
+        settings = BudgetSettings(
+            database_url=one.settings.database_url, redis_url=REDIS_URL, redis_timeout_seconds=10
+        )
         store = Store(settings.database_url)
         if writer == "engine":
             await asyncio.to_thread(one.manager.update_virtual_key, made.id, rate_limit=hourly)
@@ -1392,7 +1400,9 @@ async def test_new_terms_carry_the_old_window_into_a_new_one_another_instance_op
             carry_now(settings, carries)
 
         monkeypatch.setattr(redis_counters, "carry_now", late_carry)
-        settings = BudgetSettings(database_url=one.settings.database_url, redis_url=REDIS_URL)
+        settings = BudgetSettings(
+            database_url=one.settings.database_url, redis_url=REDIS_URL, redis_timeout_seconds=10
+        )
         store = Store(settings.database_url)
         alone = BudgetManager(store, settings)
         await asyncio.to_thread(alone.update_virtual_key, made.id, **_daily(kind, "1h"))
