@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anthropic
 import anyio
 import anyio.lowlevel
+import genai_prices as gp
 import httpx
 import httpx2
 import openai
@@ -4025,6 +4026,49 @@ async def test_deepseek_s_cache_hits_are_charged_at_the_cached_price(
     assert [(r["provider"], r["cost_nanos"]) for r in rows] == [("deepseek", 220_000)] * 2
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_a_mistral_agent_s_call_is_charged_its_model_s_price(
+    engine: BudgetEngine, stream: bool
+) -> None:
+    """Mistral's Agents API (`POST /v1/agents/completions`, metered as it ends in
+    `/completions`) names an `agent_id`, no `model`: its answer names the agent's model, whose
+    price is the call's. 1,000 in / 100 out of mistral-medium-2505: $0.0006, charged $0 before
+    (the model `unknown`, unpriced), so a key's budget never held such calls."""
+    key = engine.manager.create_virtual_key(name="agents", budgets=[{"max_limit": 1}])
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        head = {"id": "a1", "created": 1, "model": "mistral-medium-2505"}
+        if not json.loads(request.content).get("stream"):
+            message = {"role": "assistant", "content": "Four."}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return httpx2.Response(200, json={**head, "object": "chat.completion",
+                                              "choices": [choice], "usage": usage})  # fmt: skip
+        delta = {"role": "assistant", "content": "Four."}
+        chunk = {**head, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": "stop"}],
+                 "usage": usage}  # fmt: skip
+        text = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, text=text)
+
+    http = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.MockTransport(answer), engine=engine)
+    )
+    body = {"agent_id": "ag:3996db2b:20250101:agent:1", "messages": MESSAGES, "stream": stream}
+    with charge_to(virtual_key=key.value):
+        sent = await http.post("https://api.mistral.ai/v1/agents/completions", json=body)
+    assert sent.status_code == 200
+    await engine.flush()
+    rows = records(engine)
+    want = int(gp.calc_price(gp.Usage(input_tokens=1000, output_tokens=100), "mistral-medium-2505",
+                             provider_id="mistral").total_price * 10**9)  # fmt: skip
+    spent = engine.manager.list_budgets()[0].spent
+    charged = [r["cost_nanos"] for r in rows]
+    print(f"agent call, stream {stream}: charged {charged}, key spent ${spent}; expected {want}")
+    assert [(r["provider"], r["cost_nanos"]) for r in rows] == [("mistral", want)]
+    assert spent == pytest.approx(want / 1e9)
+
+
 def _mistral(seen: list[dict[str, Any]]) -> Callable[[httpx2.Request], httpx2.Response]:
     """Mistral's API: a field it does not know is refused, 422 (`stream_options` among them);
     a stream reports its usage in its last chunk, unasked."""
@@ -4140,6 +4184,52 @@ async def test_a_provider_s_other_hosts_meet_its_budget(
     print(f"{provider} budget $0: answered {status}, sent {fake.calls}, charged to",
           [r["provider"] for r in rows])  # fmt: skip
     assert (status, fake.calls, rows) == (402, 0, [])
+
+
+@pytest.mark.parametrize(
+    ("model", "usage"),
+    [
+        # unpriced before: every call charged $0
+        ("gemini-3-pro-preview", {"prompt_tokens": 1000, "completion_tokens": 100}),
+        # priced as OpenRouter lists `google/gemini-2.5-flash-image`, without its image
+        # output price: its 1,290 image tokens at $2.50 per Mtok of text, not $30
+        ("gemini-2.5-flash-image",
+         {"prompt_tokens": 10, "completion_tokens": 1300,
+          "completion_tokens_details": {"image_tokens": 1290}}),
+    ],
+)  # fmt: skip
+async def test_vertex_ai_s_google_models_are_priced_as_google_prices_them(
+    engine: BudgetEngine, model: str, usage: dict[str, Any]
+) -> None:
+    """Vertex AI's OpenAI-compatible endpoint names Google's models with their publisher,
+    `google/gemini-3-pro-preview`, as it requires: the catalog's Google price of the model is
+    its price, JSON or stream (the catalog lists Vertex AI's Gemini under `google`, by the
+    bare name; it was looked up whole, and found unpriced or under OpenRouter's listing)."""
+    sdk = openai.AsyncOpenAI(
+        api_key="ya29.token",
+        base_url="https://us-central1-aiplatform.googleapis.com/v1/projects/p/locations"
+        "/us-central1/endpoints/openapi",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(_answer_with(usage)), engine=engine)
+        ),
+    )
+    await sdk.chat.completions.create(model=f"google/{model}", messages=MESSAGES)
+    stream = await sdk.chat.completions.create(
+        model=f"google/{model}", messages=MESSAGES, stream=True
+    )
+    async for _ in stream:
+        pass
+    await engine.flush()
+    rows = records(engine)
+    images = usage.get("completion_tokens_details", {}).get("image_tokens", 0)
+    text_out = usage["completion_tokens"] - images
+    reported = gp.Usage(input_tokens=usage["prompt_tokens"], output_tokens=text_out)
+    want = int(gp.calc_price(reported, model, provider_id="google").total_price * 10**9)
+    if images:  # Gemini 2.5 Flash Image's images: $30 per Mtok
+        want += images * 30_000
+    print(f"vertex google/{model}: charged {[r['cost_nanos'] for r in rows]}, Google's {want}")
+    assert [(r["provider"], r["model"]) for r in rows] == [("vertex", f"google/{model}")] * 2
+    assert [r["cost_nanos"] for r in rows] == [want] * 2
 
 
 async def test_perplexity_s_reported_cost_is_charged(engine: BudgetEngine) -> None:

@@ -833,7 +833,7 @@ class Exchange:
                 if by_tool:  # at that tool's image prices, beside the text
                     add_tool_images(usage, by_tool, self.image_tool)
             price = self.price
-            if price is None:
+            if price is None and (price := self._answered_price()) is None:
                 cost, source = 0, "unpriced"  # noted by `book`
             else:
                 # a model that prices no service tier apart, the usual case: no call (OpenAI's
@@ -863,6 +863,25 @@ class Exchange:
             # failed, whatever it is charged.
             outcome = "upstream_error"
         return self._record(outcome, inp, out, cached, cost, source, estimated, note)
+
+    def _answered_price(self) -> ModelPrice | None:
+        """The price of the model the answer names, for a call that named none (Mistral's
+        `/v1/agents/completions`: an `agent_id`, its agent's model), charged 0 before."""
+        if self.target.model != "unknown":
+            return None
+        named: object = None
+        if self.stream is not None:
+            named = self.stream.model
+        elif self.json_parts and not self.json_dropped:
+            try:
+                document = json_loads(b"".join(self.json_parts))
+            except JSON_ERRORS:
+                return None
+            if type(document) is dict:
+                named = document.get("model")
+        if not isinstance(named, str) or not named.strip():
+            return None
+        return self.engine.prices.price(self.target.provider, named.strip(), warn=False)
 
     def _served_price(self, price: ModelPrice, usage: TokenUsage) -> ModelPrice:
         """The price of the answer, of its target's `price`: at the service tier it was served

@@ -126,6 +126,17 @@ def _catalog_find(provider: str, model: str) -> tuple[gp.Provider, gp.ModelInfo]
         owner = find_provider_by_id(_CATALOG, provider)  # also maps aliases: gemini, bedrock, xai
         if owner is not None and (info := owner.find_model(ref, all_providers=_CATALOG)):
             return owner, info
+        # Its own publisher's prefix, which the catalog's names leave out: Vertex AI's
+        # `google/gemini-3-pro-preview` is the catalog's `google` `gemini-3-pro-preview` (it
+        # was unpriced, or found under OpenRouter's listing, without its image prices).
+        head, _, rest = ref.partition("/")
+        if (
+            owner is not None
+            and rest
+            and head == owner.id
+            and (info := owner.find_model(rest, all_providers=_CATALOG))
+        ):
+            return owner, info
     # As genai-prices does: providers whose naming the model matches (gpt-*, claude*, gemini*).
     for owner in _CATALOG:
         matches = owner.model_match is not None and owner.model_match.is_match(ref)
