@@ -368,6 +368,346 @@ async def test_the_anthropic_sdk_is_metered_too(engine: BudgetEngine) -> None:
     assert {r["virtual_key_id"] for r in rows} == {key.id}
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_us_only_inference_is_charged_its_tenth_more(
+    engine: BudgetEngine, stream: bool
+) -> None:
+    """Anthropic bills a call served on US-only infrastructure (`inference_geo: "us"`, asked
+    or the workspace's default; its answer's `usage.inference_geo` says so) at 1.1 times every
+    token price, its web searches as they are: Claude Opus 4.6, 10,000 tokens in, 20,000 read
+    from the cache, 4,000 written, 2,000 out and one search cost $0.1585, not $0.145."""
+    usage = {
+        "input_tokens": 10_000,
+        "cache_read_input_tokens": 20_000,
+        "cache_creation_input_tokens": 4_000,
+        "output_tokens": 2_000,
+        "server_tool_use": {"web_search_requests": 1, "web_fetch_requests": 0},
+        "inference_geo": "us",
+    }
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-opus-4-6",
+        "content": [{"type": "text", "text": "Done."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+    }
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        if not json.loads(request.content).get("stream"):
+            answer = json.dumps({**message, "usage": usage}).encode()
+            return httpx2.Response(
+                200, headers={"content-type": "application/json"}, content=answer
+            )
+        start = {**message, "content": [], "usage": {**usage, "output_tokens": 1}}
+        events = [
+            ("message_start", {"type": "message_start", "message": start}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": "Done."}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {k: v for k, v in usage.items() if k != "inference_geo"}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]  # fmt: skip
+        body = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+        return httpx2.Response(
+            200, headers={"content-type": "text/event-stream"}, content=body.encode()
+        )
+
+    key = engine.manager.create_virtual_key(name="alice")
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    sdk = anthropic.AsyncAnthropic(
+        api_key="sk-ant-secret",
+        base_url="https://api.anthropic.com",
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    asked: dict[str, Any] = {"model": "claude-opus-4-6", "max_tokens": 2_000}
+    with charge_to(virtual_key_id=key.id):
+        if stream:
+            async with sdk.messages.stream(**asked, messages=MESSAGES, inference_geo="us") as s:
+                answer = await s.get_final_message()
+        else:
+            answer = await sdk.messages.create(**asked, messages=MESSAGES, inference_geo="us")
+    await engine.flush()
+    row = records(engine)[-1]
+    print("US-only inference:", answer.usage.inference_geo, "charged", row["cost_nanos"],
+          "nano-dollars")  # fmt: skip
+    assert answer.usage.inference_geo == "us"
+    # (10,000 x $5 + 20,000 x $0.50 + 4,000 x $6.25 + 2,000 x $25) / 1e6 x 1.1 + $0.01
+    assert row["cost_nanos"] == 158_500_000  # $0.1585, not $0.145
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_cache_writes_kept_12_hours_are_charged_their_rate(
+    engine: BudgetEngine, stream: bool
+) -> None:
+    """The Responses API's cache writes kept 12 hours (`prompt_cache_options.ttl: "12h"`; its
+    usage's `cache_write_tokens_details.ttl_12h_tokens`) cost twice the input, not the
+    30-minute writes' 1.25 times: GPT-6.2 Sol, 50,000 tokens in of which 40,000 written so and
+    1,000 out cost $0.19, not $0.13."""
+    usage = {
+        "input_tokens": 50_000,
+        "input_tokens_details": {
+            "cached_tokens": 0,
+            "cache_write_tokens": 40_000,
+            "cache_write_tokens_details": {"ttl_30m_tokens": 0, "ttl_12h_tokens": 40_000},
+        },
+        "output_tokens": 1_000,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 51_000,
+    }
+    response = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "model": "gpt-6.2-sol",
+        "status": "completed",
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_1",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": "Done.", "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": usage,
+    }
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        if not json.loads(request.content).get("stream"):
+            answer = json.dumps(response).encode()
+            return httpx2.Response(
+                200, headers={"content-type": "application/json"}, content=answer
+            )
+        created = {**response, "status": "in_progress", "output": [], "usage": None}
+        events = [
+            {"type": "response.created", "sequence_number": 0, "response": created},
+            {"type": "response.completed", "sequence_number": 1, "response": response},
+        ]
+        body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+        return httpx2.Response(
+            200, headers={"content-type": "text/event-stream"}, content=body.encode()
+        )
+
+    key = engine.manager.create_virtual_key(name="alice")
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    asked: dict[str, Any] = {"model": "gpt-6.2-sol", "input": "Summarise the policy."}
+    with charge_to(virtual_key_id=key.id):
+        if stream:
+            async with sdk.responses.stream(**asked, prompt_cache_options={"ttl": "12h"}) as s:
+                answer = await s.get_final_response()
+        else:
+            answer = await sdk.responses.create(**asked, prompt_cache_options={"ttl": "12h"})
+    await engine.flush()
+    row = records(engine)[-1]
+    assert answer.usage is not None
+    details = answer.usage.input_tokens_details.cache_write_tokens_details
+    print("12-hour cache writes:", details, "charged", row["cost_nanos"], "nano-dollars")
+    # (10,000 x $2 + 40,000 x $4 + 1,000 x $10) / 1e6
+    assert row["cost_nanos"] == 190_000_000  # $0.19, not $0.13
+
+
+@pytest.mark.parametrize(
+    ("queries", "billable"), [([3], 3), ([1, 1, 1], 2)], ids=["several-queries", "discounted"]
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_the_web_searches_an_answer_says_billable_are_charged(
+    engine: BudgetEngine, stream: bool, queries: list[int], billable: int
+) -> None:
+    """A Responses answer says how many of its web searches are billed
+    (`tool_usage.web_search.num_requests`: "counts billable searches", a search call of
+    several queries, discounted ones left out), which its `web_search_call` items need not
+    match: that count is charged, $10 a thousand on gpt-5 (one call of 3 queries billed 3
+    searches: $0.03625 with its 1,000 tokens in and 500 out, not $0.01625)."""
+    calls = [
+        {
+            "type": "web_search_call",
+            "id": f"ws_{n}",
+            "status": "completed",
+            "action": {"type": "search", "queries": [f"q{n}.{i}" for i in range(count)]},
+        }
+        for n, count in enumerate(queries)
+    ]
+    said = {
+        "type": "message",
+        "id": "msg_1",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": "Found it.", "annotations": []}],
+    }
+    response = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "model": "gpt-5",
+        "status": "completed",
+        "output": [*calls, said],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [{"type": "web_search"}],
+        "usage": {
+            "input_tokens": 1_000,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 500,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 1_500,
+        },
+        "tool_usage": {
+            "image_gen": {
+                "input_tokens": 0,
+                "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                "output_tokens": 0,
+                "total_tokens": 0,
+            },
+            "web_search": {"num_requests": billable},
+        },
+    }
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        if not json.loads(request.content).get("stream"):
+            answer = json.dumps(response).encode()
+            return httpx2.Response(
+                200, headers={"content-type": "application/json"}, content=answer
+            )
+        created = {**response, "status": "in_progress", "output": [], "usage": None}
+        del created["tool_usage"]
+        events = [
+            {"type": "response.created", "sequence_number": 0, "response": created},
+            {"type": "response.completed", "sequence_number": 1, "response": response},
+        ]
+        body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+        return httpx2.Response(
+            200, headers={"content-type": "text/event-stream"}, content=body.encode()
+        )
+
+    key = engine.manager.create_virtual_key(name="alice")
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    asked: dict[str, Any] = {
+        "model": "gpt-5",
+        "input": "Find it.",
+        "tools": [{"type": "web_search"}],
+    }
+    with charge_to(virtual_key_id=key.id):
+        if stream:
+            async with sdk.responses.stream(**asked) as s:
+                answer = await s.get_final_response()
+        else:
+            answer = await sdk.responses.create(**asked)
+    await engine.flush()
+    row = records(engine)[-1]
+    assert answer.tool_usage is not None
+    print(len(calls), "search calls,", answer.tool_usage.web_search.num_requests, "billable:",
+          "charged", row["cost_nanos"], "nano-dollars")  # fmt: skip
+    # 1,000 x $1.25 / 1e6 + 500 x $10 / 1e6 + the billable searches x $0.01
+    assert row["cost_nanos"] == 6_250_000 + billable * 10_000_000
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_the_advisor_tool_s_sub_inferences_are_charged_at_the_advisor_s_prices(
+    engine: BudgetEngine, stream: bool
+) -> None:
+    """Anthropic's advisor tool runs a sub-inference of the advisor model (Claude Opus 4.8,
+    $5/$25 per Mtok) within a call to the executor (Claude Sonnet 4.6, $3/$15); its tokens are
+    reported in `usage.iterations` (`advisor_message`), not in the top-level counts, and billed
+    at the advisor's prices: 10,000 in and 2,000 out of the executor and 12,000 in and 1,600
+    out of the advisor cost $0.16, not $0.06."""
+    cache = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    iterations = [
+        {"type": "message", "input_tokens": 4_000, "output_tokens": 800, **cache},
+        {
+            "type": "advisor_message",
+            "model": "claude-opus-4-8",
+            "input_tokens": 12_000,
+            "output_tokens": 1_600,
+            **cache,
+        },
+        {"type": "message", "input_tokens": 6_000, "output_tokens": 1_200, **cache},
+    ]
+    usage = {"input_tokens": 10_000, "output_tokens": 2_000, **cache, "iterations": iterations}
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-6",
+        "content": [{"type": "text", "text": "Done."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+    }
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        if not json.loads(request.content).get("stream"):
+            answer = json.dumps({**message, "usage": usage}).encode()
+            return httpx2.Response(
+                200, headers={"content-type": "application/json"}, content=answer
+            )
+        start = {
+            **message,
+            "content": [],
+            "usage": {**cache, "input_tokens": 10_000, "output_tokens": 1},
+        }
+        events = [
+            ("message_start", {"type": "message_start", "message": start}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": "Done."}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": usage}),
+            ("message_stop", {"type": "message_stop"}),
+        ]  # fmt: skip
+        body = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+        return httpx2.Response(
+            200, headers={"content-type": "text/event-stream"}, content=body.encode()
+        )
+
+    key = engine.manager.create_virtual_key(name="alice")
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    sdk = anthropic.AsyncAnthropic(
+        api_key="sk-ant-secret",
+        base_url="https://api.anthropic.com",
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    advisor: Any = {"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4-8"}
+    asked: dict[str, Any] = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 4_000,
+        "messages": MESSAGES,
+        "tools": [advisor],
+        "betas": ["advisor-tool-2026-03-01"],
+    }
+    with charge_to(virtual_key_id=key.id):
+        if stream:
+            async with sdk.beta.messages.stream(**asked) as s:
+                answer = await s.get_final_message()
+        else:
+            answer = await sdk.beta.messages.create(**asked)
+    await engine.flush()
+    row = records(engine)[-1]
+    assert answer.usage.iterations is not None
+    print("advisor tool:", [i.type for i in answer.usage.iterations], "charged",
+          row["cost_nanos"], "nano-dollars")  # fmt: skip
+    # executor: 10,000 x $3 + 2,000 x $15; advisor: 12,000 x $5 + 1,600 x $25 (per Mtok)
+    assert row["cost_nanos"] == 160_000_000  # $0.16, not $0.06
+
+
 @pytest.mark.parametrize("named_by", ["id", "value"])
 async def test_a_key_s_value_is_kept_out_of_a_call_s_model_charged_to_it(
     engine: BudgetEngine, named_by: str

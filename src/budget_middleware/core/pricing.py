@@ -225,8 +225,8 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage, femto_only: bool = False) -
     priced at their own rates and the rest (floored at 0) at the input price, the output at the
     output price. The kinds with rates of their own within those (1-hour cache writes within the
     writes, audio and images within the rest of the input and within the output) add the
-    difference of their rate, and web and file searches their price each (`_other_kinds`: most
-    answers have none).
+    difference of their rate, web and file searches their price each, and US-only inference
+    a tenth of the tokens' price (`_other_kinds`: most answers have none).
     Integer arithmetic: exact.
     """
     if price.tiers:
@@ -262,8 +262,9 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage, femto_only: bool = False) -
         or usage.citation_tokens
         or usage.input_image_tokens
         or usage.output_image_tokens
+        or usage.us_inference
     ):
-        femto += _other_kinds(rates, usage, write, plain, out)
+        femto += _other_kinds(rates, usage, write, plain, out, femto)
     return femto if femto_only else (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
 
@@ -279,14 +280,18 @@ def _adds_up(usage: TokenUsage) -> bool:
     )
 
 
-def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: int) -> int:
+def _other_kinds(
+    rates: _Rates, usage: TokenUsage, write: int, plain: int, out: int, femto: int
+) -> int:
     """What the kinds with rates of their own add, in femto-dollars, to their tokens priced as
-    cache writes, input or output: each within its whole (1-hour writes within the writes, input
-    audio and images within the uncached input, output audio, images, reasoning and citations
-    reported apart within the output; of the output images, those OpenAI's image generation
-    tool drew at its own model's rate)."""
-    (r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search, _, r_file, r_thought, r_cited,
-     r_seen, r_drawn, _) = rates  # fmt: skip
+    cache writes, input or output (`femto`, with the request's fee): each within its whole
+    (1-hour writes within the writes, input audio and images within the uncached input, output
+    audio, images, reasoning and citations reported apart within the output; of the output
+    images, those OpenAI's image generation tool drew at its own model's rate); then, for an
+    answer served on US-only infrastructure (`us_inference`), a tenth of every token's price
+    (Anthropic bills them 1.1 times, searches and fees as they are)."""
+    (r_in, r_out, _, r_write, r_hour, r_heard, r_spoken, r_search, r_fee, r_file, r_thought,
+     r_cited, r_seen, r_drawn, _) = rates  # fmt: skip
     hour = min(max(usage.cache_write_1h_tokens, 0), write)
     heard = min(max(usage.input_audio_tokens, 0), plain)
     seen = min(max(usage.input_image_tokens, 0), plain - heard)
@@ -306,7 +311,7 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
     cited = min(max(usage.citation_tokens, 0), out - spoken - drawn - thought)
     searches = max(usage.web_searches, 0)
     files = max(usage.file_searches, 0)
-    return (
+    added = (
         hour * (r_hour - r_write)
         + heard * (r_heard - r_in)
         + seen * (r_seen - r_in)
@@ -316,9 +321,10 @@ def _other_kinds(rates: _Rates, usage: TokenUsage, write: int, plain: int, out: 
         + spoken * (r_spoken - r_out)
         + thought * (r_thought - r_out)
         + cited * (r_cited - r_out)
-        + searches * r_search
-        + files * r_file
     )
+    if usage.us_inference:
+        added += (femto - r_fee + added) // 10
+    return added + searches * r_search + files * r_file
 
 
 def estimate_nanos(

@@ -60,8 +60,9 @@ class TokenUsage:
     - `cost`: `usage.cost` (USD) when the upstream reported one (OpenRouter, LiteLLM), else None.
     - `uncosted`: of several usages added (`plus`) with a `cost`, those that reported none (a
       tool loop's turn): their tokens are priced beside the cost; None when there are none.
-    - `cache_write_1h_tokens`: the cache writes kept 1 hour, within `cache_write_tokens`
-      (Anthropic's `cache_creation.ephemeral_1h_input_tokens`; priced at the 1-hour write rate).
+    - `cache_write_1h_tokens`: the cache writes kept 1 hour or more, within `cache_write_tokens`
+      (Anthropic's `cache_creation.ephemeral_1h_input_tokens`, the Responses API's
+      `cache_write_tokens_details.ttl_12h_tokens`; priced at the 1-hour write rate).
     - `input_audio_tokens`, `output_audio_tokens`: the audio within `input_tokens` (not cached)
       and `output_tokens` (OpenAI's `prompt_tokens_details` / `completion_tokens_details`
       `audio_tokens`, a gateway's Responses `input_tokens_details` / `output_tokens_details`
@@ -99,6 +100,11 @@ class TokenUsage:
       answer reports (its `tool_usage.image_gen` input tokens: the prompt it was sent, text and
       images), within `input_tokens` and priced at that model's input prices; None: gpt-image-1,
       no input reported.
+    - `us_inference`: the answer says it ran on US-only infrastructure (Anthropic's
+      `usage.inference_geo: "us"`), which Anthropic bills at 1.1 times every token price.
+    - `advisors`: (model, usage) of each sub-inference of another model the answer reports
+      apart from its counts (Anthropic's advisor tool: `usage.iterations` entries of type
+      `advisor_message`), billed at that model's prices: none of its counts.
     """
 
     input_tokens: int = 0
@@ -121,6 +127,8 @@ class TokenUsage:
     output_image_tokens: int = 0
     tool_image_tokens: int = 0
     image_tool: ImageTool | None = None
+    us_inference: bool = False
+    advisors: tuple[tuple[str, TokenUsage], ...] = field(default=(), compare=False, repr=False)
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's). Of
@@ -157,6 +165,8 @@ class TokenUsage:
             self.output_image_tokens + other.output_image_tokens,
             self.tool_image_tokens + other.tool_image_tokens,
             _tools(self.image_tool, other.image_tool),
+            self.us_inference or other.us_inference,
+            self.advisors + other.advisors,
         )
 
     @property
@@ -316,8 +326,11 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
         return None  # input and output counts null, text or negative: no usage reported at all
     found = TokenUsage(prompt, output, read, write, cost)
     # The kinds with prices of their own within those, which most answers do not have:
-    if write and type(creation := usage.get("cache_creation")) is dict:  # Anthropic's TTLs
-        found.cache_write_1h_tokens = _count(creation.get("ephemeral_1h_input_tokens"))
+    if write:  # the writes kept longer, at a price of their own
+        if type(creation := usage.get("cache_creation")) is dict:  # Anthropic's TTLs
+            found.cache_write_1h_tokens = _count(creation.get("ephemeral_1h_input_tokens"))
+        elif type(creation := _ttls(usage)) is dict:  # OpenAI's, the Responses API's
+            found.cache_write_1h_tokens = _count(creation.get("ttl_12h_tokens"))  # (12 hours)
     if heard or spoken or seen or drawn:  # audio, images: within the uncached prompt and the
         found.input_audio_tokens = _count(heard)  # output; 0 or absent in most answers
         found.output_audio_tokens = _count(spoken)
@@ -330,18 +343,35 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> TokenUsage | None:
     # Anthropic's web searches:
     if "server_tool_use" in usage and type(tools := usage["server_tool_use"]) is dict:
         found.web_searches = _count(tools.get("web_search_requests"))
+    if "inference_geo" in usage and usage["inference_geo"] == "us":  # Anthropic's US-only
+        found.us_inference = True
     if "iterations" in usage and type(iterations := usage["iterations"]) is list:
         found = _with_compactions(found, iterations)
     return found
+
+
+def _ttls(usage: Mapping[str, Any]) -> object:
+    """The Responses API's `input_tokens_details.cache_write_tokens_details` (`ttl_30m_tokens`,
+    `ttl_12h_tokens`: the cache writes kept 30 minutes and 12 hours, the latter billed at the
+    1-hour write rate, twice the input), else None."""
+    details = usage.get("input_tokens_details")
+    return details.get("cache_write_tokens_details") if type(details) is dict else None
 
 
 def _with_compactions(found: TokenUsage, iterations: list[Any]) -> TokenUsage:
     """Anthropic's usage with its server-side compactions' (`usage.iterations` entries of type
     `compaction`): the sampling that summarized the context is billed, and its tokens are left
     out of the top-level counts. Added as another request's are (`plus`: each priced by its own
-    size). The other entries (`message`, ...) are within the top-level counts."""
+    size). Its advisor tool's sub-inferences (`advisor_message` entries), left out of them too,
+    are kept apart (`advisors`), to be priced at their own model's prices. The other entries
+    (`message`, ...) are within the top-level counts."""
     for entry in iterations:
-        if type(entry) is dict and entry.get("type") == "compaction":
+        if type(entry) is dict and entry.get("type") == "advisor_message":
+            advice = usage_from_mapping(entry)
+            model = entry.get("model")
+            if advice is not None and type(model) is str and model:
+                found.advisors += ((model, advice),)
+        elif type(entry) is dict and entry.get("type") == "compaction":
             prompt, output, read, write = _input_output(entry)
             compaction = TokenUsage(prompt, output, min(read, prompt), min(write, prompt - read))
             if write and type(creation := entry.get("cache_creation")) is dict:
@@ -629,7 +659,8 @@ def count_searches(
     prices, `tool`'s): its `image_generation_call` items (`image_call_tokens`), and the
     `partials` partial images streamed before them, 100 tokens each; where the answer reports
     what its image model consumed (`reported`, its `tool_usage`), those counts instead, input
-    and output, the exact bill."""
+    and output, the exact bill, and so its billable web searches (`web_search.num_requests`:
+    a search of several queries, searches discounted)."""
     if type(output) is not list:
         return
     web = files = drawn = 0
@@ -644,6 +675,10 @@ def count_searches(
                 files += 1
             elif kind == IMAGE_CALL:
                 drawn += image_call_tokens(item, tool)
+    if type(reported) is dict:
+        searched = reported.get("web_search")  # the billable searches, counted for us
+        if type(searched) is dict and _readable(searched, "num_requests"):
+            web = _count(searched["num_requests"])
     usage.web_searches = web
     usage.file_searches = files
     told = _tool_usage(reported) if reported is not None else None

@@ -840,6 +840,8 @@ class Exchange:
                 # answers say their tier, `default`, all the same)
                 served = self._served_price(price, usage) if price.tiered else price
                 cost, source = cost_nanos(served, usage), price.source
+                if usage.advisors:  # its advisor tool's sub-inferences, at their models' prices
+                    cost += self._advice_cost(usage, served)
                 if (usage.reasoning_tokens or usage.citation_tokens) and not estimated:
                     # Output no limit bounds (Perplexity's), a fee for the next to reserve
                     self.reported_over = cost - cost_nanos(served, _bounded(usage))
@@ -882,6 +884,17 @@ class Exchange:
         if not isinstance(named, str) or not named.strip():
             return None
         return self.engine.prices.price(self.target.provider, named.strip(), warn=False)
+
+    def _advice_cost(self, usage: TokenUsage, served: ModelPrice) -> int:
+        """What the sub-inferences of another model an answer reports apart cost
+        (`TokenUsage.advisors`: Anthropic's advisor tool's, billed at the advisor model's
+        prices, which its counts leave out); one of a model without a price, at the answer's
+        own (`served`)."""
+        book = self.engine.prices
+        return sum(
+            cost_nanos(book.price(self.target.provider, model) or served, advice)
+            for model, advice in usage.advisors
+        )
 
     def _served_price(self, price: ModelPrice, usage: TokenUsage) -> ModelPrice:
         """The price of the answer, of its target's `price`: at the service tier it was served

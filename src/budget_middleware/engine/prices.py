@@ -376,7 +376,9 @@ def _token_price(prices: gp.ModelPrice, above: int) -> ModelPrice | None:
     write, hour = at(prices.cache_write_mtok), at(prices.cache_write_1h_mtok)
     if hour is None and write is not None and inp is not None:
         # Only Claude's answers report writes kept 1 hour, which Anthropic prices at twice the
-        # input wherever it is served (Vertex AI, whose listings the catalog leaves without)
+        # input wherever it is served (Vertex AI, whose listings the catalog leaves without),
+        # and the Responses API's kept 12 hours, which OpenAI prices so too (the catalog's
+        # notes: "the 12-hour rate (2x input) is not modeled")
         hour = inp * 2
     return ModelPrice(
         inp or 0.0,
