@@ -587,6 +587,61 @@ def test_an_answer_is_settled_as_its_content_length_completes_unless_cut_short_t
     assert _in_flight(engine) == 0
 
 
+@pytest.mark.parametrize("usage", ["asked", "added by the middleware"])
+@pytest.mark.parametrize("how", ["iterable", "write"])
+def test_a_stream_is_settled_as_its_done_goes(
+    make_settings: Settings, how: str, usage: str
+) -> None:
+    """A stream with no Content-Length is settled as its `[DONE]` event goes to the server:
+    its client has its answer then (the OpenAI SDK stops reading at it and may call again at
+    once, before the server asks the app for more), and is charged what it reports, 26 in and
+    5 out (6,900 nano-USD). Its slot was held until the app's generator ended: a key of one
+    request in flight had the next call refused 429 meanwhile (under gunicorn and waitress,
+    test_wsgi_servers.py). What the app gives after `[DONE]` is no part of the answer."""
+    base = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+    events = [
+        f"data: {json.dumps({**base, 'choices': [{'delta': {'content': f'w{i} '}}]})}\n\n"
+        .encode() for i in range(5)
+    ]  # fmt: skip
+    counted = {"prompt_tokens": 26, "completion_tokens": 5}
+    events.append(f"data: {json.dumps({**base, 'choices': [], 'usage': counted})}\n\n".encode())
+    events += [b"data: [DO", b"NE]\n\n", b": a comment past the end\n\n"]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        write = start_response("200 OK", [("content-type", "text/event-stream")])
+        if how == "iterable":
+            return iter(events)
+        for event in events:
+            write(event)
+        return iter([])
+
+    middleware, key = _length_said(make_settings, app)
+    engine = middleware.engine
+    sent: list[bytes] = []
+    held: list[int] = []
+
+    def send(data: bytes) -> None:  # the server's: its client has its answer once it is sent
+        if b"NE]" in data:
+            held.append(_in_flight(engine))
+        sent.append(data)
+
+    body = chat(
+        stream=True, **({"stream_options": {"include_usage": True}} if usage == "asked" else {})
+    )
+    answer: Any = middleware(posted(json.dumps(body).encode(), key), lambda *_: send)
+    for chunk in answer:
+        send(chunk)
+    answer.close()
+    charged = [(r["outcome"], r["estimated"], r["cost_nanos"]) for r in records(engine)]
+    print(f"{how}, usage {usage}: slots held as its [DONE] was sent {held}; records {charged}")
+    assert held == [0]
+    assert charged == [("completed", 0, 6_900)]
+    assert b"".join(sent).endswith(b"data: [DONE]\n\n: a comment past the end\n\n")
+    assert (b'"usage"' in b"".join(sent)) == (usage == "asked")
+    assert _in_flight(engine) == 0
+
+
 _TRAILING = COMPLETION + b'{"trailing": true}'  # an app's bytes past its Content-Length
 _AT = len(COMPLETION)
 _ACROSS = {

@@ -291,6 +291,54 @@ def test_calls_one_after_another_on_one_request_in_flight_are_all_admitted(
     assert statuses == [200] * 200
 
 
+def _streamed_to_its_done(port: int, headers: dict[str, str]) -> int:
+    """A streamed call read up to its `[DONE]` event, its connection closed there (as the
+    OpenAI SDK stops at it); the status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        body = json.dumps({**json.loads(BODY), "stream": True, "max_tokens": 8}).encode()
+        conn.request("POST", "/v1/chat/completions", body, headers)
+        answer = conn.getresponse()
+        if answer.status != 200:
+            answer.read()
+            return answer.status
+        while True:  # its raw lines: chunk sizes, events
+            line = answer.fp.readline()
+            if not line or line.startswith(b"data: [DONE]"):
+                return answer.status if line else 0
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("served", ["gunicorn gthread", "waitress"])
+def test_streams_read_to_their_done_one_after_another_are_all_admitted(
+    tmp_path: Path, served: str
+) -> None:
+    """The Flask example under gunicorn `gthread` and waitress, a key of one request in flight:
+    200 streams one after another, each read up to its `[DONE]`, where the client has its
+    answer. A stream was settled when the server asked the app's generator for the chunk after
+    `[DONE]`: the next call, in another thread, could come first, and was refused 429 (11 of
+    200 under gunicorn, 12 under waitress)."""
+    url = f"sqlite:///{tmp_path}/flask.db"
+    port = free_port()
+    examples = ROOT / "examples"
+    if served == "waitress":
+        command = [sys.executable, "-m", "waitress", "--threads=8",
+                   f"--listen=127.0.0.1:{port}", "--call", "flask_app:create_app"]  # fmt: skip
+    else:
+        command = gunicorn(port, "flask_app:create_app()", examples)
+    env = base_env(url, PYTHONPATH=f"{ROOT / 'src'}:{examples}")
+    stop = signal.SIGINT if served == "waitress" else signal.SIGTERM
+    with server(command, env, port, stop=stop):
+        body = {"name": "alice", "rate_limit": {"max_concurrent_requests": 1}}
+        _, created = call(port, "POST", "/budget-admin/virtual-keys", body, ADMIN)
+        bearer = {"authorization": f"Bearer {created['virtual_key']['value']}"}
+        statuses = [_streamed_to_its_done(port, bearer) for _ in range(200)]
+    print(f"{served}: 200 streams one after another, read to their [DONE], 1 in flight at most:",
+          {status: statuses.count(status) for status in sorted(set(statuses))})  # fmt: skip
+    assert statuses == [200] * 200
+
+
 SHARED_APP = """
 import os, sys
 sys.path.insert(0, {examples!r})

@@ -343,6 +343,7 @@ class StreamMeter:
         "_usage_id",
         "_wide",
         "completed",
+        "done",
         "failed",
         "gave_up",
         "image_tool",
@@ -359,6 +360,7 @@ class StreamMeter:
     def __init__(self, drop_usage_chunk: bool = False) -> None:
         self.usage: TokenUsage | None = None
         self.completed = False  # the stream's end was seen (see the class's doc)
+        self.done = False  # `[DONE]` was read: OpenAI's last event, where its SDK stops reading
         self.text_chars = 0
         self.speech_chars = 0  # of those, a spoken answer's transcript: priced as speech
         self.tool_image_tokens = 0
@@ -540,7 +542,7 @@ class StreamMeter:
     def _read_data(self, data: str) -> bool:
         """An unnamed event's data; True if it is a usage-only chunk to drop."""
         if data == "[DONE]":
-            self.completed = True
+            self.completed = self.done = True
             return False
         body = _object(data)
         if body is None:

@@ -758,7 +758,14 @@ class MeteredResponse:
             self.wrote = True
         length = self.length
         if length is None:
-            return self.exchange.on_chunk(chunk, True)
+            out = self.exchange.on_chunk(chunk, True)
+            stream = self.exchange.stream
+            if stream is not None and stream.done:
+                # `[DONE]`: the client has its answer once the server sends this (the OpenAI
+                # SDK stops reading there, and may call again at once), as at the last byte of
+                # a Content-Length below. Settled now, so that its slot is free then.
+                return out + self._end()
+            return out
         given = self.given + len(chunk)
         if given != length:
             if given < length:
