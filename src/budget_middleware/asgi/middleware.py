@@ -314,9 +314,14 @@ class BudgetMiddleware:
                 return
             plain = decoded
         if there is None:
-            admitted = await self.gate.decided_and_admitted(
-                plain, route_path(scope), credentials, key, started, shadowed
-            )
+            if engine.in_process:  # no await: no coroutine to make
+                admitted = self.gate.admitted_now(
+                    plain, route_path(scope), credentials, key, started, shadowed
+                )
+            else:
+                admitted = await self.gate.decided_and_admitted(
+                    plain, route_path(scope), credentials, key, started, shadowed
+                )
         else:  # decided and admitted on the engine's loop, settled there
             admitted = await self._admitted_there(
                 there, plain, route_path(scope), credentials, key, started, shadowed

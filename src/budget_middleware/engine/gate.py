@@ -451,6 +451,23 @@ class Gate:
         ticket = await engine.admit(exchange.limits, exchange.ticket_estimate)
         return self._admitted(exchange, ticket)
 
+    def admitted_now(
+        self,
+        body: bytes,
+        path: str,
+        credentials: Credentials,
+        key: KeyConfig | None,
+        started: float,
+        shadowed: str | None,
+    ) -> Exchange | ErrorAnswer:
+        """A request's decision and admission by the in-process counters (`engine.in_process`),
+        no await between them, on the engine's loop: no coroutine made for the ASGI
+        middleware's usual request."""
+        decision = self.decide(body, path, credentials, key, started, shadowed)
+        if type(decision) is ErrorAnswer:
+            return decision
+        return self.admit_now(decision)  # type: ignore[arg-type]
+
     async def decided_and_admitted(
         self,
         body: bytes,
@@ -463,11 +480,11 @@ class Gate:
         """A request's decision and admission on the engine's loop, for an adapter that hands
         them there (a WSGI thread, an ASGI app served on another thread's loop): one step among
         the loop's own, as the engine's every admission is. 503 when Redis cannot decide."""
+        if self.engine.in_process:
+            return self.admitted_now(body, path, credentials, key, started, shadowed)
         decision = self.decide(body, path, credentials, key, started, shadowed)
         if type(decision) is ErrorAnswer:
             return decision
-        if self.engine.in_process:
-            return self.admit_now(decision)  # type: ignore[arg-type]
         try:
             return await self.admit(decision)  # type: ignore[arg-type]
         except ServiceUnavailable:
