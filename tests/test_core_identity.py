@@ -672,3 +672,26 @@ def test_a_form_s_text_fields_are_read_and_odd_bodies_do_not_crash(
     found = form_fields(body)
     print(f"{body[:30]!r}...: {found}")
     assert found == fields
+
+
+@pytest.mark.parametrize("kind", ["urlencoded", "multipart"])
+def test_a_form_of_more_fields_than_starlette_reads_is_not_read(kind: str) -> None:
+    """Starlette's forms refuse more than 1,000 fields (400 "Too many fields"), so the app
+    serves none of such a form: it is not read either (reading a 9 MB one held the event loop
+    for seconds). Up to the bound, the last `model` is read, as Starlette reads it."""
+    import time
+
+    def form(count: int) -> bytes:
+        if kind == "urlencoded":
+            return b"a=1&" * (count - 1) + b"model=gpt-image-1"
+        part = b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n'
+        last = b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-image-1\r\n'
+        return part * (count - 1) + last + b"--B--\r\n"
+
+    read = identity.form_fields(form(identity.MAX_FORM_FIELDS))
+    assert read is not None and read["model"] == "gpt-image-1"
+    assert identity.form_fields(form(identity.MAX_FORM_FIELDS + 1)) is None
+    huge = b"a=&" * 3_000_000 if kind == "urlencoded" else form(400_000)
+    began = time.perf_counter()
+    assert identity.form_fields(huge) is None
+    print(f"{kind}: {len(huge):,} bytes left unread in {time.perf_counter() - began:.4f} s")

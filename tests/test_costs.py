@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Form, Request, Response
 from genai_prices import Usage, calc_price, extract_usage
 from sqlmodel import select
 from starlette.applications import Starlette
@@ -157,7 +157,9 @@ async def test_bad_request_bodies_reach_the_app_and_cost_what_its_answer_says(
         rows = await records(engine)
     assert (got.status_code, got.json()) == (want.status_code, want.json())
     assert got.status_code == 400
-    assert [(r.status, r.cost_nanos, r.model) for r in rows] == [(400, 0, "unknown")]
+    # (URL-encoded fields are read as a route of `Form(...)` fields reads them: its model)
+    named = "gpt-4o" if content_type.endswith("urlencoded") else "unknown"
+    assert [(r.status, r.cost_nanos, r.model) for r in rows] == [(400, 0, named)]
 
 
 def failing_app(settings: BudgetSettings) -> FastAPI:
@@ -2583,6 +2585,70 @@ async def test_the_image_model_s_usage_an_answer_reports_is_charged_at_its_price
     assert (row.input_tokens, row.output_tokens) == (1_000 + 120, 500 + 1_256)
 
 
+# An image generation call that failed (OpenAI's `"status": "failed"`, no `result`): no image
+# was drawn.
+_FAILED: dict[str, Any] = {
+    "id": "ig_2",
+    "type": "image_generation_call",
+    "status": "failed",
+    "result": None,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_an_image_generation_call_that_failed_is_charged_no_image(
+    make_settings: Settings, stream: bool
+) -> None:
+    """gpt-4.1 calls the image generation tool, and the call fails (`"status": "failed"`,
+    `"result": null`, no size or quality said): it drew nothing. It was charged the most one
+    image of gpt-image-1 bills (6,240 tokens, $0.2496) beside the $0.006 of its tokens."""
+    answer = _image_answer(stream, RESPONSES_USAGE)
+    if stream:
+        answer[1]["item"] = _FAILED
+        answer[-1]["response"]["output"] = [_FAILED, _SAID]
+    else:
+        answer["output"] = [_FAILED, _SAID]
+    row = await charged_for(
+        make_settings, "/v1/responses", "openai/gpt-4.1", answer, tools=_IMAGE_TOOL
+    )
+    tokens = nanos(Usage(input_tokens=1_000, output_tokens=500), "gpt-4.1", "openai")
+    print(f"a failed image call: charged {row.cost_nanos} nano-USD; its tokens' {tokens}")
+    assert row.cost_nanos == tokens
+    assert row.output_tokens == 500
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_the_image_model_s_input_alone_is_charged_at_its_prices(
+    make_settings: Settings, stream: bool
+) -> None:
+    """An answer whose image model read its prompt and drew nothing (its call failed:
+    `tool_usage.image_gen` reports 40 text and 80 image input tokens, 0 output) is charged that
+    input at gpt-image-1's $5 and $10 per Mtok ($0.001), as one that drew is: it was charged at
+    the calling model's input price (gpt-4.1's $2: $0.00024)."""
+    answer = _image_answer(stream, RESPONSES_USAGE)
+    response = answer[-1]["response"] if stream else answer
+    if stream:
+        answer[1]["item"] = _FAILED
+    response["output"] = [_FAILED, _SAID]
+    response["tool_usage"] = {
+        "image_gen": {
+            "input_tokens": 120,
+            "input_tokens_details": {"image_tokens": 80, "text_tokens": 40},
+            "output_tokens": 0,
+            "total_tokens": 120,
+        }
+    }
+    row = await charged_for(
+        make_settings, "/v1/responses", "openai/gpt-4.1", answer, tools=_IMAGE_TOOL
+    )
+    text = nanos(Usage(input_tokens=1_000, output_tokens=500), "gpt-4.1", "openai")
+    billed = (40 * 5 + 80 * 10) * 1_000
+    print(f"the image model's input alone: charged {row.cost_nanos - text} nano-USD beside the")
+    print(f"  text; billed {billed}")
+    assert row.cost_nanos - text == billed
+    assert (row.input_tokens, row.output_tokens) == (1_000 + 120, 500)
+
+
 # A Responses answer as JSON may be written: in UTF-16 or UTF-32 (RFC 7159 JSON, which Python's
 # `json` reads), or with its names `\u`-escaped (`"web_search_cal\u006c"`), as some writers do.
 _ESCAPED = {  # the item types, escaped
@@ -3367,8 +3433,8 @@ async def test_a_fine_tune_the_pricing_file_names_under_a_provider_is_that_provi
 
 @pytest.mark.parametrize(
     ("model", "drawings", "most_calls"),
-    [(None, 1, None), ("gpt-image-2", 1, None), (None, 3, 3)],
-    ids=["gpt-image-1", "gpt-image-2", "3-calls"],
+    [(None, 1, None), ("gpt-image-2", 1, None), (None, 3, 3), (None, 3, None)],
+    ids=["gpt-image-1", "gpt-image-2", "3-calls", "3-unbounded"],
 )
 async def test_image_tool_requests_in_flight_together_cannot_spend_past_the_budget(
     make_settings: Settings, model: str | None, drawings: int, most_calls: int | None
@@ -3381,7 +3447,10 @@ async def test_image_tool_requests_in_flight_together_cannot_spend_past_the_budg
     the tool's own model when it names one: gpt-image-2's high 1024x1024 image is 7,024 tokens
     at $30 ($0.21072), reserved as gpt-image-1's 4,160 at $40 ($0.1664) it spent $1.08. An
     answer may call the tool several times: a request bounding its calls (`max_tool_calls`: 3)
-    reserves that many images; reserving one, 3 served 3 images each and spent $2.27."""
+    reserves that many images; reserving one, 3 served 3 images each and spent $2.27. One
+    that does not bound them reserves at least what an answer that drew has cost, the most
+    one request is charged before one has: reserving one image, 3 served 3 images each and
+    spent $2.27 too."""
     size = "1024x1536" if model is None else "1024x1024"
     tool: list[dict[str, Any]] = [{"type": "image_generation", "quality": "high", "size": size}]
     if model is not None:
@@ -3437,3 +3506,92 @@ async def test_a_form_whose_head_repeats_its_disposition_on_one_line_is_read_at_
           f"{answer.status_code} in {took:.3f} s")  # fmt: skip
     assert answer.status_code == 200
     assert took < 1.0
+
+
+def _part(head: bytes, value: bytes) -> bytes:
+    return head + b"\r\n\r\n" + value
+
+
+_NAMED = b'Content-Disposition: form-data; name="%s"'
+# Forms whose fields a reader of its own read otherwise than Starlette's (python-multipart,
+# FastAPI's `Form(...)`): the app draws with gpt-image-1, the middleware read gpt-image-1-mini
+# (or no model at all: `unknown`, unpriced, $0).
+_CRAFTED_FORMS: dict[str, tuple[bytes, bytes]] = {
+    # a line `--<boundary>X` within a field is its text, no delimiter
+    "boundary-and-more": (b"B", b"--B\r\n" + _part(_NAMED % b"model", b"gpt-image-1")
+        + b"\r\n--B\r\n" + _part(_NAMED % b"prompt", b"a cat")
+        + b"\r\n--BX\r\n" + _part(_NAMED % b"model", b"gpt-image-1-mini") + b"\r\n--B--\r\n"),
+    # what follows the closing delimiter is an epilogue, unread
+    "after-the-end": (b"B", b"--B\r\n" + _part(_NAMED % b"model", b"gpt-image-1")
+        + b"\r\n--B--\r\n--B\r\n" + _part(_NAMED % b"model", b"gpt-image-1-mini")
+        + b"\r\n--B--\r\n"),
+    # `x-name="model"` is not the part's name
+    "x-name": (b"B", b"--B\r\n" + _part(_NAMED % b"model", b"gpt-image-1") + b"\r\n--B\r\n"
+        + _part(b'Content-Disposition: form-data; x-name="model"; name="note"',
+                b"gpt-image-1-mini") + b"\r\n--B--\r\n"),
+    # a part's last Content-Disposition names it
+    "two-dispositions": (b"B", b"--B\r\n" + _part(_NAMED % b"model", b"gpt-image-1-mini")
+        + b"\r\n--B\r\n" + _part((_NAMED % b"model") + b"\r\n" + (_NAMED % b"note"), b"x")
+        + b"\r\n--B\r\n" + _part(_NAMED % b"model", b"gpt-image-1") + b"\r\n--B\r\n"
+        + _part((_NAMED % b"note") + b"\r\n" + (_NAMED % b"model"), b"gpt-image-1")
+        + b"\r\n--B\r\n" + _part((_NAMED % b"model") + b"\r\n" + (_NAMED % b"note"),
+                                 b"gpt-image-1-mini") + b"\r\n--B--\r\n"),
+    # a name unquoted
+    "unquoted": (b"B", b"--B\r\n" + _part(_NAMED % b"model", b"gpt-image-1-mini")
+        + b"\r\n--B\r\n" + _part(b"Content-Disposition: form-data; name=model", b"gpt-image-1")
+        + b"\r\n--B--\r\n"),
+    # `filename*=` (RFC 2231's, which RFC 7578 forbids) makes no file
+    "filename-star": (b"B", b"--B\r\n" + _part(_NAMED % b"model", b"gpt-image-1-mini")
+        + b"\r\n--B\r\n" + _part((_NAMED % b"model") + b"; filename*=utf-8''a.png",
+                                 b"gpt-image-1") + b"\r\n--B--\r\n"),
+    # a leading blank line, and a boundary past RFC 2046's 70 characters
+    "leading-line": (b"B", b"\r\n--B\r\n" + _part(_NAMED % b"model", b"gpt-image-1")
+        + b"\r\n--B--\r\n"),
+    "long-boundary": (b"B" * 80, b"--" + b"B" * 80 + b"\r\n"
+        + _part(_NAMED % b"model", b"gpt-image-1") + b"\r\n--" + b"B" * 80 + b"--\r\n"),
+    # no multipart form: `application/x-www-form-urlencoded`
+    "url-encoded": (b"", b"model=gpt-image-1&prompt=a+cat"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("crafted", list(_CRAFTED_FORMS))
+async def test_a_form_is_metered_as_the_model_fastapi_reads_from_it(
+    make_settings: Settings, crafted: str
+) -> None:
+    """A FastAPI app serving the Images API's edits (`model: str = Form()`) reads its form with
+    python-multipart; the middleware read its own way, so a client could send a form that it
+    read as gpt-image-1-mini (or as no model: `unknown`, unpriced) while the app drew with
+    gpt-image-1: a high 1024x1536 image, 6,240 tokens, charged $0.04992 (or $0) of the $0.2496
+    billed. Read as python-multipart reads it: the model served is the model charged."""
+    app = FastAPI()
+    served: list[str] = []
+
+    @app.post("/v1/images/edits")
+    async def edit(model: str = Form(), prompt: str = Form("")) -> dict[str, Any]:
+        served.append(model)
+        usage = {"input_tokens": 0, "output_tokens": 6_240, "total_tokens": 6_240,
+                 "output_tokens_details": {"image_tokens": 6_240, "text_tokens": 0}}  # fmt: skip
+        return {"created": 1, "data": [{"b64_json": ""}], "usage": usage}
+
+    boundary, body = _CRAFTED_FORMS[crafted]
+    kind = f"multipart/form-data; boundary={boundary.decode()}"
+    if not boundary:  # no multipart form: URL-encoded, which `Form(...)` reads too
+        kind = "application/x-www-form-urlencoded"
+    settings = make_settings(inference_paths=("/images/edits",))
+    wrapped = BudgetMiddleware(app, settings=settings)
+    engine = get_engine(settings)
+    async with running(wrapped), client(wrapped) as http:
+        key = engine.manager.create_virtual_key(
+            name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+        )
+        answer = await http.post(
+            "/v1/images/edits",
+            content=body,
+            headers={"authorization": f"Bearer {key.value}", "content-type": kind},
+        )  # fmt: skip
+        rows = await records(engine)
+    charged = [(r.model, r.cost_nanos / 1e9) for r in rows]
+    print(f"{crafted}: {answer.status_code}, the app drew with {served}; charged {charged}")
+    assert answer.status_code == 200, answer.text
+    assert served == ["gpt-image-1"]
+    assert charged == [("gpt-image-1", 0.2496)]

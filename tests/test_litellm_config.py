@@ -805,6 +805,45 @@ async def test_prices_of_a_litellm_file_applied_through_the_admin_api(
     assert warned and "azure/my-deployment" in warned[0], warned
 
 
+async def test_an_azure_deployment_priced_through_the_admin_api_is_metered_so_at_once(
+    make_settings: Settings,
+) -> None:
+    """An app serving Azure OpenAI's paths: a call to `/openai/deployments/prod-chat/…` whose
+    body names gpt-4o is metered as gpt-4o while no price names `prod-chat`. Once
+    `POST /config/apply` prices the deployment (a LiteLLM file's `input_cost_per_token`), it
+    is the deployment served, at its own prices, from the next request on (SPEC §2). Where the
+    calls to it lead was kept from before: it was still gpt-4o at the catalog's price,
+    $0.0010275 for 11 in and 100 out, where the deployment's $30 and $60 per Mtok are
+    $0.00633."""
+    text = (
+        "model_list:\n"
+        "  - model_name: prod\n"
+        "    litellm_params: {model: openai/prod-chat, input_cost_per_token: 0.00003,\n"
+        "                     output_cost_per_token: 0.00006}\n"
+    )
+    settings = make_settings()
+    app = host_app(settings, prefix="/openai/deployments/prod-chat")
+    app.mount("/admin", create_admin_app(settings))
+    engine = engine_of(app)
+    path = "/openai/deployments/prod-chat/chat/completions?api-version=2024-10-21"
+    async with running(app), client(app) as http:
+        before = await http.post(path, json=chat("gpt-4o", max_tokens=100))
+        applied = await http.post(
+            "/admin/config/apply", json={"text": text, "format": "yaml"}, headers=ADMIN
+        )
+        after = await http.post(path, json=chat("gpt-4o", max_tokens=100))
+        await engine.flush()
+        with engine.store.session() as s:
+            rows = list(s.exec(select(UsageRecordRow).order_by(UsageRecordRow.id)))  # type: ignore[arg-type]
+    recorded = [(r.model, r.input_tokens, r.output_tokens, r.cost_nanos / 1e9) for r in rows]
+    print(f"{before.status_code}, applied {applied.status_code}, {after.status_code}: {recorded}")
+    assert before.status_code == applied.status_code == after.status_code == 200
+    first, second = rows
+    assert first.model == "gpt-4o"
+    assert second.model == "prod-chat"
+    assert second.cost_nanos == second.input_tokens * 30_000 + second.output_tokens * 60_000
+
+
 def test_a_deployment_s_order_and_weight_are_named_as_not_read() -> None:
     """LiteLLM picks within a group by `order` (lowest first) and `weight`; a route here takes
     the group's deployments in file order, so which deployment serves (and at which price and

@@ -9,6 +9,7 @@ from collections.abc import Callable, Container, Iterable, MutableMapping
 from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any, Final
+from urllib.parse import unquote_plus
 
 from budget_middleware.core.media import asked_image_tokens, form_file
 from budget_middleware.core.providers import (
@@ -411,6 +412,14 @@ class TargetResolver:
         self._hosted: dict[tuple[str, str | None, str], tuple[str, str]] = {}
         self._targets: dict[tuple[str, str | None, str], tuple[str, str]] = {}  # `retarget`
 
+    def forget(self) -> None:
+        """Forget where every (model, header, path) led: what is priced changed (a deployment
+        priced through the admin API, `PriceBook.changed`), and a call to an Azure deployment
+        is metered as the deployment once it is priced (`served`)."""
+        self._routes.clear()
+        self._hosted.clear()
+        self._targets.clear()
+
     @staticmethod
     def _remember(
         memo: dict[tuple[str, str | None, str], tuple[str, str]],
@@ -627,50 +636,150 @@ class FormFields(dict[str, str]):
     media: list[tuple[int, int, int]]
 
 
-# A part's `Content-Disposition` name; `filename=` (a file, not read) has no word boundary
-# before its `name`. Sought from a line's start only: from every `content-disposition:` on a
-# line, each search ran to the line's end (a 0.5 MB line of them took 88 s).
-_PART_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*?\bname="([^"]*)"')
-_PART_FILE = re.compile(rb"(?i)\bfilename\*?=")
+# A form is read as Starlette's and FastAPI's forms read it (python-multipart), or the fields
+# the middleware meters are not the ones the app serves: a delimiter is `CRLF--<boundary>`
+# followed by CRLF (after spaces or tabs, RFC 2046's padding) or by `--`, the form's end
+# (what follows it is an epilogue, unread); a part's name is the `name` parameter of its last
+# `Content-Disposition` header, its parameters split at `;` outside quotes, quoted or not,
+# their names in any case (`name*=`, RFC 2231's, is none); a `filename` parameter makes it a
+# file. A `CRLF--<boundary>X` within a field, a `x-name="model"` parameter, a second header or
+# a part after the end were read as a field the app never saw: a cheaper model metered than
+# the one served.
+def _delimited(body: bytes, delimiter: bytes, at: int) -> tuple[int, int]:
+    """Where the next delimiter from `at` begins, and where the part after it begins (-1: the
+    form ends there); (-1, -1) when there is none."""
+    size = len(delimiter)
+    found = body.find(delimiter, at)
+    while found >= 0:
+        after = found + size
+        if body.startswith(b"\r\n", after):
+            return found, after + 2
+        if body.startswith(b"--", after):
+            return found, -1
+        padded = after
+        while body[padded : padded + 1] in (b" ", b"\t"):
+            padded += 1
+        if padded > after:  # padding then a CRLF, or no form python-multipart reads: the end
+            return found, padded + 2 if body.startswith(b"\r\n", padded) else -1
+        found = body.find(delimiter, found + 1)  # `CRLF--<boundary>X`: a field's text
+    return -1, -1
+
+
+_PARAMETER_BLANKS: Final = " \t"  # stripped around a parameter's name and value
+
+
+def _disposition(head: bytes) -> tuple[str | None, bool]:
+    """The name of a part of `head` (its headers), and whether it is a file: of the last
+    `Content-Disposition` header (`form_fields`)."""
+    value = None
+    for line in head.split(b"\r\n"):
+        field, colon, said = line.partition(b":")
+        if colon and field.lower() == b"content-disposition":
+            value = said
+    if value is None:
+        return None, False
+    text = value.decode("utf-8", "replace")
+    name = None
+    is_file = False
+    start, size = 0, len(text)
+    while start < size:  # the stdlib's `email.message._parseparam`, as python-multipart's
+        end = text.find(";", start)
+        at, quotes = start, 0
+        while end >= 0:  # a `;` within quotes splits nothing
+            quotes += text.count('"', at, end) - text.count('\\"', at, end)
+            if quotes % 2 == 0:
+                break
+            at, end = end, text.find(";", end + 1)
+        if end < 0:
+            end = size
+        if start:  # (the first is the disposition's type)
+            key, equals, found = text[start:end].partition("=")
+            key = key.strip(_PARAMETER_BLANKS)
+            if equals:
+                key = key.lower()
+            if "*" not in key:
+                found = found.strip(_PARAMETER_BLANKS)
+                if len(found) >= 2 and found[0] == found[-1] == '"':
+                    found = found[1:-1].replace("\\\\", "\\").replace('\\"', '"')
+                if key == "name":
+                    name = found
+                elif key == "filename":
+                    is_file = True
+        start = end + 1
+    return name, is_file
 
 
 def form_fields(body: bytes) -> FormFields | None:
     """The text fields of a `multipart/form-data` body, told by its first line (`--<boundary>`,
-    RFC 2046: at most 70 characters), the last of a name repeated (as Starlette's and FastAPI's
-    forms read it), and its files that are images or audio (`FormFields.media`, by their size:
+    after any leading lines python-multipart skips: from a leading CR or LF to the first `-`),
+    read as Starlette's and FastAPI's forms read it (above), the last of a name repeated, and
+    its files that are images or audio (`FormFields.media`, by their size:
     `media.form_file`, counted so where the gate walks a body for media: a binary file holds a
     NUL, `may_reference`); None when it is not one. OpenAI's SDKs send the Images API's edits
     so (`images.edit`: `model`, `prompt`, `n`, `size`, `quality` beside the image), whose
     model, images and sizes were otherwise unread: unpriced, charged 0, or reserved the default
     output of a model an Azure deployment names; and the Audio API's transcriptions (`model`
-    beside the `file`)."""
-    if body[:2] != b"--":
+    beside the `file`). A body that is no multipart form but holds a `=` is read as an
+    `application/x-www-form-urlencoded` one (`_urlencoded`), which a route of `Form(...)`
+    fields reads too."""
+    start = 0
+    if body[:1] in (b"\r", b"\n"):
+        start = body.find(b"-")
+    if start < 0 or body[start : start + 2] != b"--":
+        return _urlencoded(body) if b"=" in body else None
+    end = body.find(b"\r\n", start)
+    if end < start + 3:
         return None
-    end = body.find(b"\r\n", 0, 76)
-    if end < 3:
-        return None
-    delimiter = b"\r\n" + body[:end]
+    delimiter = b"\r\n" + body[start:end]
     fields = FormFields()
     fields.media = media = []
     at = end + 2
-    while True:
-        head_end = body.find(b"\r\n\r\n", at)
+    parts = files = 0
+    while at >= 0:
+        head_end = body.find(b"\r\n\r\n", at - 2)  # (a part without headers: at once)
         if head_end < 0:
             break
-        next_at = body.find(delimiter, head_end + 4)
+        next_at, after = _delimited(body, delimiter, head_end + 4)
         if next_at < 0:
             break
-        head = body[at:head_end]
-        named = _PART_NAME.search(head)
-        if _PART_FILE.search(head) is not None:
+        head = body[at:head_end] if head_end > at else b""
+        name, is_file = _disposition(head)
+        if is_file:
+            files += 1
             medium = form_file(head, body[head_end + 4 : next_at])
             if medium is not None:
                 media.append(medium)
-        elif named is not None:
-            name = named.group(1).decode("utf-8", "replace")
-            fields[name] = body[head_end + 4 : next_at].decode("utf-8", "replace")
-        at = next_at + len(delimiter) + 2  # past its CRLF, or the closing `--`
+        else:
+            parts += 1
+            if name is not None:
+                fields[name] = body[head_end + 4 : next_at].decode("utf-8", "replace")
+        if parts > MAX_FORM_FIELDS or files > MAX_FORM_FIELDS:
+            return None  # a form Starlette's and Werkzeug's parsers refuse (400): unread
+        at = after
     return fields
+
+
+def _urlencoded(body: bytes) -> FormFields | None:
+    """The fields of an `application/x-www-form-urlencoded` body as Starlette reads them
+    (python-multipart's `QuerystringParser`): split at `&`, a name without `=` valued `""`,
+    each `unquote_plus`-decoded from Latin-1, the last of a name repeated. FastAPI's `Form(...)`
+    takes such a body as a multipart one: read as no form, its `model` was `unknown`,
+    unpriced (a gpt-image-1 image charged $0)."""
+    fields = FormFields()
+    fields.media = []
+    for count, found in enumerate(_URLENCODED_FIELD.finditer(body)):
+        if count == MAX_FORM_FIELDS:
+            return None  # a form Starlette's and Werkzeug's parsers refuse (400): unread
+        name, _, value = found[0].partition(b"=")
+        fields[unquote_plus(name.decode("latin-1"))] = unquote_plus(value.decode("latin-1"))
+    return fields
+
+
+# The most fields (and, apart, files) of a form read: Starlette's forms refuse more
+# (`max_fields`, `max_files`: 400 "Too many fields"), Werkzeug's too (`max_form_parts`), so the
+# app serves none of it. Reading on held the event loop for seconds (a 9 MB body of `a=&`: 5 s).
+MAX_FORM_FIELDS: Final = 1000
+_URLENCODED_FIELD = re.compile(rb"[^&]+")  # a field between `&`s: none empty, as Starlette's
 
 
 def _batch(prompt: object) -> int:

@@ -263,6 +263,7 @@ def cost_nanos(price: ModelPrice, usage: TokenUsage, femto_only: bool = False) -
         or usage.input_image_tokens
         or usage.output_image_tokens
         or usage.us_inference
+        or usage.image_tool is not None  # (its image model's input: drawing nothing, too)
     ):
         femto += _other_kinds(rates, usage, write, plain, out, femto)
     return femto if femto_only else (femto + _HALF_NANO) // _FEMTO_PER_NANO

@@ -563,7 +563,10 @@ PARTIAL_IMAGE_TOKENS: Final = 100
 def image_call_tokens(item: Mapping[str, Any], tool: ImageTool = IMAGE_TOOL) -> int:
     """The image output tokens OpenAI bills for an `image_generation_call` output item (or the
     most for one image a tool definition asks): of its quality and size at `tool`'s model,
-    the most it could be where they are not said or not known."""
+    the most it could be where they are not said or not known. A call that failed without an
+    image (`"status": "failed"`, no `result`) drew none: 0."""
+    if item.get("status") == "failed" and not item.get("result"):
+        return 0
     return drawn_image_tokens(tool.model, item.get("size"), item.get("quality"))
 
 

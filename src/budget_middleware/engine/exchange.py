@@ -244,6 +244,7 @@ class Exchange:
     tool_calls = False
     # The image generation tool it offers: its images' model and price (`gate._with_tools`)
     image_tool = IMAGE_TOOL
+    drew = False  # ... and its answer's images drawn by it were charged (`gate.saw_tools`)
     reported_over = 0  # a reported cost over its tokens' price (nano-dollars): `gate.saw_fee`
     left_out: tuple[bytes, ...] = (COST_HEADER,)  # headers the adapter drops (`read_start`)
 
@@ -849,6 +850,8 @@ class Exchange:
             inp = out = cached = 0
         else:
             inp, out, cached = usage.input_tokens, usage.output_tokens, usage.cached_tokens
+            if usage.tool_image_tokens:
+                self.drew = True
             if inp > MAX_TOKENS or out > MAX_TOKENS or cached > MAX_TOKENS:
                 inp, out, cached = (
                     min(inp, MAX_TOKENS),
@@ -1073,7 +1076,7 @@ class Exchange:
         if self.server_tools and not record.estimated and record.cost_source != "none":
             # Its cost measured (an error without usage, an estimate, tells nothing of it):
             # what the next requests with such tools to its model reserve at least.
-            engine.gate.saw_tools(record.provider, record.model, record.cost_nanos)
+            engine.gate.saw_tools(record.provider, record.model, record.cost_nanos, self.drew)
         if self.media_references and record.input_tokens and not record.estimated:
             # Its input measured (an error without usage, an estimate, tells nothing of it):
             # what each medium it sent by reference took, for the next to reserve.

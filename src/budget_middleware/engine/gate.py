@@ -144,6 +144,7 @@ class Gate:
             lambda: engine.globals.tags,
             lambda provider, model: prices.price(provider, model, warn=False) is not None,
         )
+        prices.changed.append(self.resolve_target.forget)  # a deployment priced live
         self.price = engine.prices.price
         self.tool_price = engine.prices.tool_price
         # Shadow mode (SPEC §14): every check runs, nothing is refused; what would have been
@@ -167,6 +168,9 @@ class Gate:
         # Per priced model: the most one of its requests with server-side tools (`_with_tools`)
         # has been charged here.
         self.tool_costs: LRUCache[tuple[str, str], int] = LRUCache(4096)
+        # ... and of those whose image generation tool drew (`_with_tools`): what a request
+        # offering that tool with no bound on its calls reserves at least.
+        self.drawing_costs: LRUCache[tuple[str, str], int] = LRUCache(4096)
 
     def saw_unpriced(self, provider: str, model: str, cost: int) -> None:
         """A request to a model without a price was charged `cost`: what the next reserve."""
@@ -186,11 +190,14 @@ class Gate:
         elif self.fees.pop(key, None) is not None and not self.fees:
             self.any_fee = False
 
-    def saw_tools(self, provider: str, model: str, cost: int) -> None:
-        """A request with server-side tools was charged `cost`: what the next reserve."""
+    def saw_tools(self, provider: str, model: str, cost: int, drew: bool = False) -> None:
+        """A request with server-side tools was charged `cost`: what the next reserve; `drew`:
+        its image generation tool drew images."""
         key = (provider, model)
         if cost > self.tool_costs.get(key, -1):
             self.tool_costs[key] = cost
+        if drew and cost > self.drawing_costs.get(key, -1):
+            self.drawing_costs[key] = cost
 
     def saw_media(self, provider: str, model: str, references: int, input_tokens: int) -> None:
         """A request sending `references` media by reference was measured to take
@@ -634,14 +641,23 @@ class Gate:
         times a $1 budget). One naming a stored prompt too: the prompt may name such tools,
         and its text is input its body never held. One offering the image generation tool
         reserves one image at the most that tool asks besides its estimate (`_image_tool`),
-        whatever was learned: an answer in text alone teaches a cent, an image bills $0.25."""
+        whatever was learned: an answer in text alone teaches a cent, an image bills $0.25.
+        With no bound on its tool calls (`max_tool_calls`), an answer may draw several: it
+        reserves at least what an answer of its model that drew has cost (`drawing_costs`),
+        the most one request is charged before one has (60 at once on $1, after one answered
+        in text, drawing 3 images each, spent $2.27)."""
         exchange.tool_calls = True  # its answer's searches are counted
         exchange.server_tools = True  # its answer teaches the next (`saw_tools`)
         target = exchange.target
         drawn = self._image_tool(exchange, parsed)
         if exchange.price is None or not (self.reserve and exchange.limits.budgets):
             return  # unpriced: its own rule reserves
-        most = self.tool_costs.get((target.provider, target.model), MAX_CHARGE_NANOS)
+        costs = self.tool_costs
+        if drawn:
+            calls = parsed.get("max_tool_calls")
+            if type(calls) is not int or calls < 1:  # unbounded: what one that drew cost
+                costs = self.drawing_costs
+        most = costs.get((target.provider, target.model), MAX_CHARGE_NANOS)
         if drawn:
             most = max(most, exchange.ticket_estimate + drawn)
         if most > exchange.ticket_estimate:

@@ -448,6 +448,9 @@ class PriceBook:
         # Wildcard deployments (`openai/ft:gpt-4.1:*`) as their texts between `*`s, the most
         # specific first, matched against what a request names.
         self._deployment_globs: list[tuple[tuple[str, ...], DeploymentPrice]] = []
+        # Called when what is priced changes (deployments priced, a dated price starting):
+        # what was worked out from it before is forgotten (`TargetResolver.forget`).
+        self.changed: list[Callable[[], None]] = []
 
     def add_deployments(self, deployments: Mapping[str, DeploymentPrice]) -> None:
         """Price these deployments as a config file says (after BUDGET_PRICING_FILE's own
@@ -464,6 +467,8 @@ class PriceBook:
         self._deployment_globs = globs
         self._prices.clear()
         self._quiet_misses.clear()
+        for forget in self.changed:
+            forget()
 
     def _deployed(self, provider: str, model: str) -> ModelPrice | None:
         """A configured deployment's price for (provider, model), if one is configured."""
@@ -496,6 +501,8 @@ class PriceBook:
             self._prices.clear()
             self._quiet_misses.clear()
             self._changes_at = _next_change(self._now())
+            for forget in self.changed:
+                forget()
         try:
             return self._prices[key]
         except KeyError:
