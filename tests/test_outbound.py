@@ -4572,6 +4572,54 @@ async def test_vertex_ai_s_google_models_are_priced_as_google_prices_them(
     assert [r["cost_nanos"] for r in rows] == [want] * 2
 
 
+@pytest.mark.parametrize("model", ["openai.gpt-oss-120b", "openai.gpt-oss-20b"])
+async def test_bedrock_mantle_s_model_names_are_priced_as_bedrock_lists_them(
+    engine: BudgetEngine, model: str
+) -> None:
+    """Bedrock Mantle (`bedrock-mantle.<region>.api.aws`, its OpenAI-compatible API) names
+    its models without the version Bedrock's own ids end with: `openai.gpt-oss-120b` is the
+    catalog's Bedrock `openai.gpt-oss-120b-1:0` ($0.15 / $0.60 per Mtok), JSON or stream. It
+    was unpriced, charged $0 (the catalog matches that model by `openai.gpt-oss-120b-1`), so
+    no budget held such calls. A $0.0002 key budget: the first call spends it, the next is
+    refused."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+    key = engine.manager.create_virtual_key(name="mantle", budgets=[{"max_limit": 0.0002}])
+    sdk = openai.AsyncOpenAI(
+        api_key="bedrock-api-key",
+        base_url="https://bedrock-mantle.us-east-1.api.aws/v1",
+        http_client=httpx2.AsyncClient(
+            transport=BudgetTransport(httpx2.MockTransport(_answer_with(usage)), engine=engine)
+        ),
+        max_retries=0,
+    )
+    outcomes = []
+    with charge_to(virtual_key=key.value):
+        for stream in (False, True, False):
+            try:
+                if stream:
+                    async for _ in await sdk.chat.completions.create(
+                        model=model, messages=MESSAGES, stream=True
+                    ):
+                        pass
+                else:
+                    await sdk.chat.completions.create(model=model, messages=MESSAGES)
+                outcomes.append(200)
+            except openai.APIStatusError as exc:
+                outcomes.append(exc.status_code)
+    await engine.flush()
+    rows = records(engine)
+    listed = f"{model}-1:0"
+    want = int(gp.calc_price(gp.Usage(input_tokens=1000, output_tokens=100), listed,
+                             provider_id="aws").total_price * 10**9)  # fmt: skip
+    spent = engine.manager.list_budgets()[0].spent
+    charged = [r["cost_nanos"] for r in rows]
+    print(f"bedrock mantle {model}: {outcomes}, charged {charged} (Bedrock's {want}); "
+          f"spent ${spent:.6f} of $0.0002")  # fmt: skip
+    assert want > 0
+    assert [(r["provider"], r["model"]) for r in rows] == [("bedrock", model)] * len(rows)
+    assert charged[:1] == [want] and outcomes[-1] == 402
+
+
 async def test_perplexity_s_reported_cost_is_charged(engine: BudgetEngine) -> None:
     """Perplexity reports what a call cost as an object, `usage.cost.total_cost` (USD), with its
     per-request search fee, which token prices leave out: that is the charge (SPEC §7's

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time as _time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -137,6 +138,11 @@ def _catalog_find(provider: str, model: str) -> tuple[gp.Provider, gp.ModelInfo]
             and (info := owner.find_model(rest, all_providers=_CATALOG))
         ):
             return owner, info
+        # Its own listing's id with the version the name leaves out: Bedrock Mantle's
+        # `openai.gpt-oss-120b` is Bedrock's `openai.gpt-oss-120b-1:0`, which the catalog
+        # matches by `openai.gpt-oss-120b-1` alone (it was unpriced, charged $0).
+        if owner is not None and (info := _versioned(owner, ref)) is not None:
+            return owner, info
     # As genai-prices does: providers whose naming the model matches (gpt-*, claude*, gemini*).
     for owner in _CATALOG:
         matches = owner.model_match is not None and owner.model_match.is_match(ref)
@@ -146,6 +152,18 @@ def _catalog_find(provider: str, model: str) -> tuple[gp.Provider, gp.ModelInfo]
     for owner in _ORDERED:
         if info := owner.find_model(ref):
             return owner, info
+    return None
+
+
+_VERSION = re.compile(r"-v?[1-9]\d*:\d+")  # a Bedrock model id's version: `-1:0`, `-v2:0`
+
+
+def _versioned(owner: gp.Provider, ref: str) -> gp.ModelInfo | None:
+    """The model `owner` lists as `ref` and a version (`-1:0`, `-v1:0`), if any."""
+    for info in owner.models:
+        listed = info.id.lower()
+        if listed.startswith(ref) and _VERSION.fullmatch(listed, len(ref)):
+            return info
     return None
 
 
