@@ -510,7 +510,9 @@ def test_the_backend_is_told_of_a_reset_elsewhere_before_the_window_moves(
 ) -> None:
     """`Ledger.before_reset_elsewhere` (Redis's backend keeps there what its key holds of the
     old window) is called once a newer anchor falls inside the window, and for nothing else:
-    an anchor at the window's start or end, a later window, or changed terms."""
+    an anchor at the window's start or end, a later window, or changed terms that put it at a
+    start of theirs. Changed terms read with an anchor that they cannot have put there (not one
+    of their windows' starts) come with a reset elsewhere, which is told."""
     ledger = engine.registry.ledger
     told: list[tuple[str, float]] = []
     ledger.before_reset_elsewhere = lambda counter, at: told.append((counter.id, at))
@@ -520,13 +522,17 @@ def test_the_backend_is_told_of_a_reset_elsewhere_before_the_window_moves(
             window(engine.registry, "budget", f"b{n}", now=T0 + 10 * MINUTE)
             window(engine.registry, "budget", f"b{n}", anchor=anchor, now=T0 + 10 * MINUTE)
         assert told == []
-        window(engine.registry, "budget", "c", now=T0 + 10 * MINUTE)
-        window(engine.registry, "budget", "c", duration="1d", anchor=T0 + 20 * MINUTE,
-               now=T0 + 30 * MINUTE)  # fmt: skip
-        assert told == []  # new terms: the window is made anew
+        window(engine.registry, "budget", "c", duration="1d", now=T0 + 150 * MINUTE)
+        window(engine.registry, "budget", "c", anchor=T0 + 120 * MINUTE,
+               now=T0 + 150 * MINUTE)  # fmt: skip
+        assert told == []  # new terms (1d -> 1h): their window holding now, the usage carried
         window(engine.registry, "budget", "d", now=T0 + 10 * MINUTE)
         window(engine.registry, "budget", "d", anchor=T0 + 20 * MINUTE, now=T0 + 30 * MINUTE)
-        assert told == [("d", T0 + 20 * MINUTE)]
+        window(engine.registry, "budget", "c2", duration="1d", now=T0 + 150 * MINUTE)
+        window(engine.registry, "budget", "c2", anchor=T0 + 125 * MINUTE,
+               now=T0 + 150 * MINUTE)  # fmt: skip
+        assert told == [("d", T0 + 20 * MINUTE), ("c2", T0 + 125 * MINUTE)]
+        told.remove(("c2", T0 + 125 * MINUTE))
         # The same reset learnt from Redis's mark (`move_to`); new terms elsewhere are not one.
         moved = window(engine.registry, "budget", "e", now=T0 + 10 * MINUTE)
         moved.move_to(T0 + 25 * MINUTE, T0 + 30 * MINUTE, ledger)

@@ -525,6 +525,54 @@ async def test_a_reset_made_while_redis_is_away_is_marked_when_it_is_back(tmp_pa
     assert len(marks) == 1
 
 
+async def test_a_reset_then_new_terms_made_while_redis_is_away_are_marked_as_a_reset(
+    tmp_path: Path,
+) -> None:
+    """$0.30 settled on the second instance and not yet written; Redis stops; the first resets
+    the daily budget and then makes it hourly (the hour begins at the reset); Redis comes back
+    (empty). The second takes the reset as one: its $0.30 stay in the window before it, and 100
+    requests are admitted after it (the carry of the terms was written first and marked the
+    reset's moment carried, which the reset's mark never replaces: the $0.30 were carried into
+    the new window, 70 admitted)."""
+    need_redis()
+    server = PrivateRedis()
+    server.start()
+    try:
+        async with instances(
+            tmp_path, server.url, cache_ttl_seconds=3600, flush_interval_seconds=3600,
+            redis_timeout_seconds=1,
+        ) as (one, two, _):  # fmt: skip
+            one_app, two_app = host(one), host(two)
+            async with (
+                running(one_app),
+                running(two_app),
+                client(one_app) as a,
+                client(two_app) as b,
+            ):
+                made = one.manager.create_virtual_key(
+                    name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+                )
+                key, budget_id = made.value or "", made.budgets[0].id
+                await spend(b, key, 30)  # settled on the second, not written
+                server.stop()
+                await asyncio.to_thread(one.manager.reset_budget, budget_id)
+                hourly = [{"id": budget_id, "max_limit": 1, "reset_duration": "1h"}]
+                await asyncio.to_thread(one.manager.update_virtual_key, made.id, budgets=hourly)
+                server.start()
+                await asyncio.sleep(1.5)  # the first's heartbeat writes what it holds
+                admitted_b, _ = await spend_until_refused(b, key)
+                admitted_a, code = await spend_until_refused(a, key)
+                spent = await written_spend(budget_id, one, two)
+    finally:
+        server.stop()
+    print(
+        f"30 unwritten, a reset and new terms while Redis was away: {admitted_b} + "
+        f"{admitted_a} admitted after ({code}); stored for the new window: ${spent / 1e9:.2f}"
+    )
+    assert (admitted_b + admitted_a, code) == (100, "budget_exceeded")
+    assert spent == 100 * CENT
+
+
 @pytest.mark.parametrize("case", ["same-window", "rolled", "clock-behind"])
 async def test_what_settles_after_a_reset_elsewhere_is_never_put_in_the_old_window(
     tmp_path: Path, case: str
@@ -596,6 +644,86 @@ async def test_what_the_other_instance_settled_before_a_reset_stays_in_the_old_w
     print(f"{learnt}: 30 unwritten at the reset, 20 after, then {admitted} admitted ({code})")
     print(f"stored for the new window: ${spent / 1e9:.2f}")
     assert (admitted, code) == (80, "budget_exceeded")
+    assert spent == 100 * CENT
+
+
+async def test_new_terms_written_after_a_reset_elsewhere_keep_the_old_window_s_charges_there(
+    tmp_path: Path,
+) -> None:
+    """$0.30 settled on the second instance and not yet written when the first resets the
+    budget; then the second, before any request, makes the daily budget hourly (two changes at
+    once: it reads the reset with the new terms). The $0.30 stay in the old window, as Redis
+    holds them: 100 requests are admitted after the reset, and the store holds $1.00 (taken as
+    a carry of new terms, the $0.30 went into the reset window: 70 admitted, 30 refused)."""
+    need_redis()
+    async with instances(
+        tmp_path, REDIS_URL, cache_ttl_seconds=3600, flush_interval_seconds=3600
+    ) as (one, two, _):
+        one_app, two_app = host(one), host(two)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            made = one.manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            key, budget_id = made.value or "", made.budgets[0].id
+            with one.store.session() as s:  # begun 2.5 hours ago
+                row = s.exec(select(BudgetRow).where(BudgetRow.id == budget_id)).one()
+                row.last_reset -= timedelta(hours=2.5)
+                s.add(row)
+                s.commit()
+            await one.invalidate()
+            await spend(b, key, 30)  # settled on the second, not written
+            await asyncio.to_thread(one.manager.reset_budget, budget_id)
+            hourly = [{"id": budget_id, "max_limit": 1, "reset_duration": "1h"}]
+            await asyncio.to_thread(two.manager.update_virtual_key, made.id, budgets=hourly)
+            admitted_b, _ = await spend_until_refused(b, key)
+            admitted_a, code = await spend_until_refused(a, key)
+            spent = await written_spend(budget_id, one, two)
+    print(
+        f"30 unwritten at the reset, then new terms: {admitted_b} + {admitted_a} admitted "
+        f"({code}); stored for the new window: ${spent / 1e9:.2f}"
+    )
+    assert (admitted_b + admitted_a, code) == (100, "budget_exceeded")
+    assert spent == 100 * CENT
+
+
+async def test_a_reset_elsewhere_after_new_terms_here_leaves_the_charges_they_carried_behind(
+    tmp_path: Path,
+) -> None:
+    """$0.10 settled on the first instance and $0.30 on the second, none written; the first
+    makes the daily budget hourly (its $0.10 carried to the hour's key), then the second resets
+    it. The first's $0.10 stay in the window before the reset, as Redis holds them: 100
+    requests are admitted after the reset and the store holds $1.00 for its window (they were
+    written into it: the budget read $1.10 spent of $1 where Redis had $1.00, and a seed
+    from the store after Redis lost its data refused 10 the window had room for)."""
+    need_redis()
+    async with instances(
+        tmp_path, REDIS_URL, cache_ttl_seconds=3600, flush_interval_seconds=3600
+    ) as (one, two, _):
+        one_app, two_app = host(one), host(two)
+        async with running(one_app), running(two_app), client(one_app) as a, client(two_app) as b:
+            made = one.manager.create_virtual_key(
+                name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+            )
+            key, budget_id = made.value or "", made.budgets[0].id
+            with one.store.session() as s:  # begun 2.5 hours ago
+                row = s.exec(select(BudgetRow).where(BudgetRow.id == budget_id)).one()
+                row.last_reset -= timedelta(hours=2.5)
+                s.add(row)
+                s.commit()
+            await one.invalidate()
+            await spend(b, key, 30)
+            await spend(a, key, 10)  # none written
+            hourly = [{"id": budget_id, "max_limit": 1, "reset_duration": "1h"}]
+            await asyncio.to_thread(one.manager.update_virtual_key, made.id, budgets=hourly)
+            await asyncio.to_thread(two.manager.reset_budget, budget_id)
+            admitted_b, _ = await spend_until_refused(b, key)
+            admitted_a, code = await spend_until_refused(a, key)
+            spent = await written_spend(budget_id, one, two)
+    print(
+        f"10 + 30 unwritten, new terms then a reset: {admitted_b} + {admitted_a} admitted "
+        f"({code}); stored for the reset's window: ${spent / 1e9:.2f}"
+    )
+    assert (admitted_b + admitted_a, code) == (100, "budget_exceeded")
     assert spent == 100 * CENT
 
 

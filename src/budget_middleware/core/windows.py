@@ -81,6 +81,18 @@ def _shared_float(value: float) -> float:
     return shared(_FLOATS, value)
 
 
+def _starts_at(duration: Duration | None, aligned: bool, base: float, at: float) -> bool:
+    """Whether a window of these terms counted from `base` begins at `at` (to the ms)."""
+    if abs(at - base) < 0.001:
+        return True
+    if duration is None:  # a window that never ends begins where it was counted from
+        return False
+    start, _ = window_bounds(
+        duration, anchor=from_ts(base), now=from_ts(at), calendar_aligned=aligned
+    )
+    return abs(start.timestamp() - at) < 0.001
+
+
 def reset_moment(now: float, began: float) -> float:
     """The moment a reset at `now` starts a new window at, of one that began at `began`: `now`,
     or a millisecond after `began` when that is later. A clock behind the window's start (one
@@ -150,7 +162,16 @@ class WindowCounter:
         or elsewhere (`carried`: learnt from the shared counters), carry the window's usage over
         to the window they start, which is no reset: nothing of it stays behind."""
         moved = (duration, calendar_aligned) != (self.duration, self.calendar_aligned)
-        reset = not (moved or carried) and self.start < anchor < self.end
+        reset = not carried and self.start < anchor < self.end
+        if reset and moved:
+            # New terms move the stored start only to a start of theirs (`_new_terms`): one
+            # elsewhere is a reset, read with terms written since (a reset on one instance,
+            # then a duration changed on another: the pending charges of the window before
+            # the reset were carried into it, $0.30 of a $1 reset budget refused).
+            reset = self.anchor > 0 and not any(  # (a counter made now has none)
+                _starts_at(duration, calendar_aligned, base, anchor)
+                for base in (self.anchor, self.start)
+            )
         if reset and ledger.before_reset_elsewhere:
             ledger.before_reset_elsewhere(self, anchor)
         self._set_terms(limit, calendar_aligned)
@@ -170,6 +191,8 @@ class WindowCounter:
                 self._seal(ledger)
                 self.value = 0
             elif self.pending and self.pending_start == self.start:
+                if ledger.carried_along is not None and not reset:
+                    ledger.carried_along(self, start)
                 self.pending_start = start
             self._enter(start, end)
             if reset:
@@ -367,6 +390,9 @@ class Ledger:
     # Told of a reset made elsewhere before a counter moves to it (`configure`), by a backend
     # that knows which unwritten charges the old window already holds (Redis's).
     before_reset_elsewhere: Callable[[WindowCounter, float], None] | None = None
+    # Told of new terms carrying a counter's unwritten charges to the window starting at the
+    # float (`configure`), by the same backend: the new window's key holds them now.
+    carried_along: Callable[[WindowCounter, float], None] | None = None
     # Told of each charge the store confirmed (Redis's backend: what a seed from the store
     # read before it may have missed).
     after_confirmed: Callable[[str, str, float, int], None] | None = None

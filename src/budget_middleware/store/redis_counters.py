@@ -479,6 +479,7 @@ class RedisCounters(CounterBackend):
         self._since: dict[WindowCounter, list[tuple[float, int]]] = {}
         self._takes = 0  # how many times the flusher took the pending charges
         self.ledger.before_reset_elsewhere = self._keep_the_old_window_s
+        self.ledger.carried_along = self._carried_along
         self.ledger.after_confirmed = self._confirmed
         self._state = _Failure()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -1129,6 +1130,18 @@ class RedisCounters(CounterBackend):
                 counter.pending -= before
                 self.ledger.sealed.append((counter.kind, counter.id, start, before))
 
+    def _carried_along(self, counter: WindowCounter, start: float) -> None:
+        """New terms carried a counter's unwritten charges to the window beginning at `start`
+        (`Ledger.carried_along`): those Redis added to the old window's key are in the new
+        one's now (carry.lua copied them), and stay in it should a reset turn up there. Left
+        as the old window's, a reset after new terms found none of them (theirs no longer the
+        counter's window): they were written into the reset's window, $1.10 stored for a $1
+        budget that Redis had filled with $1.00."""
+        charges = self._since.get(counter)
+        if charges:
+            was = counter.start
+            self._since[counter] = [(start if w == was else w, a) for w, a in charges]
+
     def reset_noted(self, budget_id: str, at: float, was: float | None = None) -> None:
         """A budget reset through this process (at `at`), for the other instances' admissions:
         its mark is written by `mark_now` or `marks_soon` (the reset's), else by the heartbeat
@@ -1196,17 +1209,11 @@ class RedisCounters(CounterBackend):
 
     async def write_marks(self) -> None:
         """The resets' marks, and the carries of windows new terms moved (`_new_terms`); the
-        keys of the windows they left expire (`_expire_left`)."""
-        if self._carries and self._carry is not None:
-            carries, self._carries = self._carries, []
-            keys, values = _carry_call(carries, mark_ttl_ms(self.settings))
-            try:
-                await self._carry(keys=keys, args=values)
-            except BaseException:
-                # Still to carry, before any noted since (Redis may have run them: their marks
-                # then leave them as they are).
-                self._carries[:0] = carries
-                raise
+        keys of the windows they left expire (`_expire_left`). The marks first: a carry of
+        terms written after a reset, to the window the reset began (the same moment), marked
+        it carried, and a reset's mark never replaces one of its moment; written in that order
+        once Redis was back, the reset read as a carry elsewhere, and charges of the window
+        before it were carried into it ($0.30 of a $1 budget just reset)."""
         if self._mark is not None and self._marks:
             marks, self._marks = self._marks, {}
             args: list[Any] = []
@@ -1218,6 +1225,16 @@ class RedisCounters(CounterBackend):
                 for key, mark in marks.items():  # still to write, unless a later reset did
                     if key not in self._marks or self._marks[key][0] < mark[0]:
                         self._marks[key] = mark
+                raise
+        if self._carries and self._carry is not None:
+            carries, self._carries = self._carries, []
+            keys, values = _carry_call(carries, mark_ttl_ms(self.settings))
+            try:
+                await self._carry(keys=keys, args=values)
+            except BaseException:
+                # Still to carry, before any noted since (Redis may have run them: their marks
+                # then leave them as they are).
+                self._carries[:0] = carries
                 raise
         if self._left:  # the windows they left (a key kept for ever: one that never ends)
             left, self._left = self._left, []
