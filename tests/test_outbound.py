@@ -620,6 +620,149 @@ async def test_the_web_searches_an_answer_says_billable_are_charged(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_the_image_tool_s_cached_input_is_charged_at_its_cached_rate(
+    engine: BudgetEngine, stream: bool
+) -> None:
+    """The image generation tool's image model reads its input from a cache too (an edit's
+    images sent again): `tool_usage.image_gen.cached_tokens` (`cached_tokens_details`: images,
+    text), billed at its cached rate (gpt-image-1: $1.25 per Mtok of text, $2.50 of images). It
+    was charged at the full input prices: 2,000 tokens fed (1,500 images, 1,200 of them cached;
+    500 text, 400 cached) cost $0.0175, not $0.007."""
+    gen = {
+        "input_tokens": 2_000,
+        "input_tokens_details": {"image_tokens": 1_500, "text_tokens": 500},
+        "output_tokens": 4_160,
+        "total_tokens": 6_160,
+        "cached_tokens": 1_600,
+        "cached_tokens_details": {"cached_image_tokens": 1_200, "cached_text_tokens": 400},
+        "output_tokens_details": {"image_tokens": 4_160, "text_tokens": 0},
+    }
+    response = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "model": "gpt-5",
+        "status": "completed",
+        "output": [
+            {"type": "image_generation_call", "id": "ig_1", "status": "completed", "result": ""}
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [{"type": "image_generation"}],
+        "usage": {
+            "input_tokens": 1_000,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 200,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 1_200,
+        },
+        "tool_usage": {"image_gen": gen, "web_search": {"num_requests": 0}},
+    }
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        if not json.loads(request.content).get("stream"):
+            answer = json.dumps(response).encode()
+            return httpx2.Response(
+                200, headers={"content-type": "application/json"}, content=answer
+            )
+        created = {**response, "status": "in_progress", "output": [], "usage": None}
+        del created["tool_usage"]
+        events = [
+            {"type": "response.created", "sequence_number": 0, "response": created},
+            {"type": "response.completed", "sequence_number": 1, "response": response},
+        ]
+        body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+        return httpx2.Response(
+            200, headers={"content-type": "text/event-stream"}, content=body.encode()
+        )
+
+    key = engine.manager.create_virtual_key(name="alice")
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    asked: dict[str, Any] = {
+        "model": "gpt-5",
+        "input": "Make the cat blue.",
+        "tools": [{"type": "image_generation"}],
+    }
+    with charge_to(virtual_key_id=key.id):
+        if stream:
+            async with sdk.responses.stream(**asked) as s:
+                answer = await s.get_final_response()
+        else:
+            answer = await sdk.responses.create(**asked)
+    await engine.flush()
+    row = records(engine)[-1]
+    assert answer.tool_usage is not None
+    print("image tool cached input:", answer.tool_usage.image_gen.cached_tokens, "charged",
+          row["cost_nanos"], "nano-dollars")  # fmt: skip
+    # gpt-5: 1,000 x $1.25 + 200 x $10; gpt-image-1: 4,160 x $40 out, 100 x $5 + 400 x $1.25
+    # of text and 300 x $10 + 1,200 x $2.50 of images in (per Mtok)
+    assert row["cost_nanos"] == 3_250_000 + 166_400_000 + 7_000_000  # not + 17,500,000
+
+
+@pytest.mark.parametrize("answer_format", ["sse", "audio"])
+async def test_speech_is_charged_what_its_answer_says_or_its_most(
+    make_settings: Settings, answer_format: str
+) -> None:
+    """The Audio API's speech (`/audio/speech`, metered once listed in
+    `BUDGET_INFERENCE_PATHS`): streamed as events (`stream_format="sse"`), its last,
+    `speech.audio.done`, carries the usage and ends it: charged it, $0.01812, its record said
+    `estimated` (the stream was not read as ended); not now. An audio file answers no usage:
+    charged its prompt alone, estimated, as README says (its audio is not counted)."""
+    said = "Hello there, this is a test of speech. " * 20
+    counts = {"input_tokens": 200, "output_tokens": 1_500, "total_tokens": 1_700}
+    done = {"type": "speech.audio.done", "usage": counts}
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        if json.loads(request.content).get("stream_format") == "sse":
+            events = [{"type": "speech.audio.delta", "audio": "SUQz"}] * 3 + [done]
+            body = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+            return httpx2.Response(
+                200, headers={"content-type": "text/event-stream"}, content=body.encode()
+            )
+        return httpx2.Response(
+            200, headers={"content-type": "audio/mpeg"}, content=b"ID3" + bytes(30_000)
+        )
+
+    engine = get_engine(make_settings(inference_paths=("/chat/completions", "/audio/speech")))
+    await engine.ensure_started()
+    key = engine.manager.create_virtual_key(name="alice")
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    sdk = openai.AsyncOpenAI(
+        api_key="sk-provider-secret",
+        base_url="https://api.openai.com/v1",
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    try:
+        with charge_to(virtual_key_id=key.id):
+            async with sdk.audio.speech.with_streaming_response.create(
+                model="gpt-4o-mini-tts", voice="alloy", input=said,
+                stream_format=answer_format,  # type: ignore[arg-type]
+            ) as answer:  # fmt: skip
+                heard = await answer.read()
+        await engine.flush()
+        with engine.store.engine.connect() as conn:
+            query = text("SELECT input_tokens, output_tokens, cost_nanos, estimated, note"
+                         " FROM bm_usage_records ORDER BY id")  # fmt: skip
+            row = dict(conn.execute(query).fetchall()[-1]._mapping)
+    finally:
+        await engine.shutdown()
+    print(f"speech as {answer_format}: {len(heard)} bytes, charged {row['cost_nanos']} "
+          f"nano-dollars, {row['input_tokens']} in, {row['output_tokens']} out, "
+          f"estimated {row['estimated']} ({row['note']})")  # fmt: skip
+    if answer_format == "sse":
+        # 200 x $0.60 + 1,500 x $12 (per Mtok)
+        assert row["cost_nanos"] == 18_120_000 and not row["estimated"]
+    else:  # the prompt alone, at $0.60 per Mtok
+        assert row["output_tokens"] == 0 and row["estimated"]
+        assert row["note"] == "no usage in the response"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_the_advisor_tool_s_sub_inferences_are_charged_at_the_advisor_s_prices(
     engine: BudgetEngine, stream: bool
 ) -> None:
@@ -706,6 +849,184 @@ async def test_the_advisor_tool_s_sub_inferences_are_charged_at_the_advisor_s_pr
           row["cost_nanos"], "nano-dollars")  # fmt: skip
     # executor: 10,000 x $3 + 2,000 x $15; advisor: 12,000 x $5 + 1,600 x $25 (per Mtok)
     assert row["cost_nanos"] == 160_000_000  # $0.16, not $0.06
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_what_a_fallback_model_served_is_charged_at_its_prices(
+    engine: BudgetEngine, stream: bool
+) -> None:
+    """Anthropic's server-side fallback (`fallbacks`): when the model asked for declines, a
+    fallback model serves, its sampling reported in `usage.iterations` as a `fallback_message`
+    entry naming it, within the top-level counts, and billed at its prices. All was charged at
+    the prices of the model asked for: Claude Opus 4.1 ($15/$75 per Mtok) declining after 5,000
+    in and 100 out, Claude Opus 4.6 ($5/$25) serving 5,000 in and 1,900 out were charged $0.30,
+    not $0.155."""
+    cache = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    iterations = [
+        {"type": "message", "input_tokens": 5_000, "output_tokens": 100, **cache},
+        {"type": "fallback_message", "model": "claude-opus-4-6", "input_tokens": 5_000,
+         "output_tokens": 1_900, **cache},
+    ]  # fmt: skip
+    usage = {"input_tokens": 10_000, "output_tokens": 2_000, **cache, "iterations": iterations}
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-opus-4-1",
+        "content": [{"type": "text", "text": "Done."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+    }
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        if not json.loads(request.content).get("stream"):
+            answer = json.dumps({**message, "usage": usage}).encode()
+            return httpx2.Response(
+                200, headers={"content-type": "application/json"}, content=answer
+            )
+        # the first model's entries first; the final message_delta's replace them
+        first = {**cache, "input_tokens": 5_000, "output_tokens": 1, "iterations": iterations[:1]}
+        events = [
+            ("message_start", {"type": "message_start",
+                               "message": {**message, "content": [], "usage": first}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": "Done."}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": usage}),
+            ("message_stop", {"type": "message_stop"}),
+        ]  # fmt: skip
+        body = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+        return httpx2.Response(
+            200, headers={"content-type": "text/event-stream"}, content=body.encode()
+        )
+
+    key = engine.manager.create_virtual_key(name="alice")
+    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    sdk = anthropic.AsyncAnthropic(
+        api_key="sk-ant-secret",
+        base_url="https://api.anthropic.com",
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    asked: dict[str, Any] = {
+        "model": "claude-opus-4-1",
+        "max_tokens": 2_000,
+        "messages": MESSAGES,
+        "fallbacks": [{"model": "claude-opus-4-6"}],
+        "betas": ["server-side-fallback-2026-07-01"],
+    }
+    with charge_to(virtual_key_id=key.id):
+        if stream:
+            async with sdk.beta.messages.stream(**asked) as s:
+                answer = await s.get_final_message()
+        else:
+            answer = await sdk.beta.messages.create(**asked)
+    await engine.flush()
+    row = records(engine)[-1]
+    assert answer.usage.iterations is not None
+    print("fallback:", [(i.type, getattr(i, "model", None)) for i in answer.usage.iterations],
+          "charged", row["cost_nanos"], "nano-dollars")  # fmt: skip
+    # Opus 4.1: 5,000 x $15 + 100 x $75; Opus 4.6: 5,000 x $5 + 1,900 x $25 (per Mtok)
+    assert row["cost_nanos"] == 155_000_000  # $0.155, not $0.30
+    assert (row["input_tokens"], row["output_tokens"]) == (10_000, 2_000)
+
+
+@pytest.mark.parametrize("asks", ["us_only", "12h_cache", "advisor"])
+async def test_requests_asking_dearer_billing_in_flight_together_cannot_spend_past_the_budget(
+    make_settings: Settings, asks: str
+) -> None:
+    """What a request asks that makes its answer dearer than its tokens at the model's prices
+    is reserved too (SPEC §5), else 60 at once on a $1 budget each held too little and spent
+    past it: Anthropic's US-only inference (`inference_geo: "us"`, every token 1.1 times:
+    $1.07 spent), the Responses API's 12-hour cache writes (`prompt_cache_options.ttl: "12h"`,
+    twice the input where 1 time was reserved: $1.89), Anthropic's advisor tool (the advisor
+    model's sub-inferences, none of them reserved: $6.31). Now the first two reserve at those
+    prices, and the advisor tool as the other tools its provider runs (the most such a request
+    has been charged; before any has ended, all the budget): no more than $1 is spent."""
+    sent: list[str] = []
+    anthropic_usage = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    if asks == "us_only":
+        usage: dict[str, Any] = {**anthropic_usage, "input_tokens": 20, "output_tokens": 3_900,
+                                 "inference_geo": "us"}  # fmt: skip
+        answer: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant",
+                                  "model": "claude-opus-4-6", "stop_reason": "max_tokens",
+                                  "content": [{"type": "text", "text": "Done."}],
+                                  "stop_sequence": None, "usage": usage}  # fmt: skip
+    elif asks == "advisor":
+        advice = {**anthropic_usage, "type": "advisor_message", "model": "claude-opus-4-6",
+                  "input_tokens": 10_000, "output_tokens": 2_000}  # fmt: skip
+        usage = {**anthropic_usage, "input_tokens": 100, "output_tokens": 1_000,
+                 "iterations": [advice]}  # fmt: skip
+        answer = {"id": "msg_1", "type": "message", "role": "assistant",
+                  "model": "claude-haiku-4-5", "stop_reason": "end_turn",
+                  "content": [{"type": "text", "text": "Done."}], "stop_sequence": None,
+                  "usage": usage}  # fmt: skip
+    else:
+        written = {"ttl_30m_tokens": 0, "ttl_12h_tokens": 10_000}
+        usage = {"input_tokens": 10_000, "output_tokens": 100, "total_tokens": 10_100,
+                 "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 10_000,
+                                          "cache_write_tokens_details": written},
+                 "output_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
+        answer = {"id": "resp_1", "object": "response", "created_at": 1, "model": "gpt-5.6",
+                  "status": "completed", "usage": usage,
+                  "output": [{"type": "message", "id": "msg_1", "role": "assistant",
+                              "status": "completed",
+                              "content": [{"type": "output_text", "text": "Done.",
+                                           "annotations": []}]}]}  # fmt: skip
+
+    async def provider(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request.url.path)
+        await asyncio.sleep(0.05)  # in flight together
+        return httpx2.Response(200, json=answer)
+
+    engine = get_engine(make_settings())
+    await engine.ensure_started()
+    http = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.MockTransport(provider), engine=engine)
+    )
+    claude = anthropic.AsyncAnthropic(api_key="sk-ant-secret", max_retries=0, http_client=http)
+    gpt = openai.AsyncOpenAI(api_key="sk-test", max_retries=0, http_client=http)
+    key = engine.manager.create_virtual_key(
+        name="alice", budgets=[{"max_limit": 1, "reset_duration": "1d"}]
+    )
+    advisor: Any = {"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4-6"}
+
+    async def call() -> int:
+        try:
+            with charge_to(virtual_key=key.value):
+                if asks == "us_only":
+                    await claude.messages.create(model="claude-opus-4-6", max_tokens=3_900,
+                                                 messages=MESSAGES, inference_geo="us")  # fmt: skip
+                elif asks == "advisor":
+                    await claude.beta.messages.create(
+                        model="claude-haiku-4-5", max_tokens=1_000, messages=MESSAGES,
+                        tools=[advisor], betas=["advisor-tool-2026-03-01"],
+                    )  # fmt: skip
+                else:
+                    await gpt.responses.create(model="gpt-5.6", input="word " * 6_000,
+                                               max_output_tokens=100,
+                                               prompt_cache_options={"ttl": "12h"})  # fmt: skip
+            return 200
+        except (openai.APIStatusError, anthropic.APIStatusError) as exc:
+            return exc.status_code
+
+    try:
+        statuses = await asyncio.gather(*[call() for _ in range(60)])
+        await engine.flush()
+        spent = engine.manager.get_budget(key.budgets[0].id).current_usage
+        charged = {row["cost_nanos"] for row in records(engine)}
+    finally:
+        await engine.shutdown()
+    print(f"{asks}, 60 at once on $1: {statuses.count(200)} answered, {len(sent)} sent, "
+          f"${spent:.4f} spent, each charged {charged} nano-dollars")  # fmt: skip
+    assert statuses.count(200) == len(sent) >= 1
+    assert spent <= 1 + 1e-9
+    # US-only: (20 x $5 + 3,900 x $25) x 1.1; 12 hours: 10,000 x $8 + 100 x $20; the advisor:
+    # 100 x $1 + 1,000 x $5 of Haiku, 10,000 x $5 + 2,000 x $25 of Opus (per Mtok)
+    most = {"us_only": 107_360_000, "12h_cache": 82_000_000, "advisor": 105_100_000}
+    assert charged == {most[asks]}
 
 
 @pytest.mark.parametrize("named_by", ["id", "value"])

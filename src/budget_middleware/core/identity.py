@@ -81,9 +81,16 @@ SPEED_FIELD = "speed"
 BACKGROUND_FIELD = "background"
 # OpenAI chat's `modalities: ["text", "audio"]`: an answer in speech, its output priced as audio.
 MODALITIES_FIELD = "modalities"
+# Anthropic's `inference_geo: "us"`: served on US-only infrastructure, every token billed 1.1
+# times; the Responses API's `prompt_cache_options: {"ttl": "12h"}`: its input may be cache
+# writes kept 12 hours, billed twice the input.
+GEO_FIELD = "inference_geo"
+CACHE_OPTIONS_FIELD = "prompt_cache_options"
 _SIZE_FIELDS = frozenset(
     (
         MODALITIES_FIELD,
+        GEO_FIELD,
+        CACHE_OPTIONS_FIELD,
         *OUTPUT_LIMIT_FIELDS,
         *CHOICE_FIELDS,
         SERVICE_TIER_FIELD,
@@ -373,8 +380,10 @@ class Target:
     service_tier: str | None = None  # asked for in the body (`tier_name`): it may be priced apart
     background: bool = False  # made apart from its answer (`BACKGROUND_FIELD`)
     spoken: bool = False  # its output may be audio (`MODALITIES_FIELD`), priced as such
-    # It asks for prompt caching (`cache_control`): its input may be writes; 2: kept 1 hour.
+    # It asks for prompt caching (`cache_control`): its input may be writes; 2: kept 1 hour
+    # (or 12: `prompt_cache_options.ttl`).
     caches: int = 0
+    us_inference: bool = False  # asked to be served in the US only (`GEO_FIELD`): 1.1 times
 
 
 class TargetResolver:
@@ -535,6 +544,7 @@ class TargetResolver:
             target.background,
             target.spoken,
             target.caches,
+            target.us_inference,
         )
 
     def _own_key_in(self, raw_model: object, credentials: Credentials) -> str | None:
@@ -801,7 +811,8 @@ def _shaped(
 ) -> Target:
     """The target of a request whose body names more than an output limit among the fields
     that shape its worst-case cost (`_SIZE_FIELDS`): its choices, service tier, batch,
-    background and audio output, and an Images API request's images (`IMAGES_API_PATHS`)
+    background and audio output, 12-hour cache writes, US-only inference, and an Images API
+    request's images (`IMAGES_API_PATHS`)
     (`TargetResolver.__call__`)."""
     choices = 1
     tier = None
@@ -827,7 +838,13 @@ def _shaped(
     modalities = data.get(MODALITIES_FIELD)
     spoken = type(modalities) is list and "audio" in modalities
     stream = _streams(data)
-    return Target(provider, model, tags, stream, limit, choices, tier, background, spoken)
+    target = Target(provider, model, tags, stream, limit, choices, tier, background, spoken)
+    if CACHE_OPTIONS_FIELD in sized:  # writes kept 12 hours: at the 1-hour writes' rate
+        options = data[CACHE_OPTIONS_FIELD]
+        if type(options) is dict and options.get("ttl") == "12h":
+            target.caches = 2
+    target.us_inference = GEO_FIELD in sized and data[GEO_FIELD] == "us"
+    return target
 
 
 # What pydantic's lax mode (FastAPI's request models) reads as the boolean True, which the host

@@ -34,20 +34,21 @@ def _rate(usd_per_mtok: float) -> int:
 # image model's rate whatever the model that called it (`TokenUsage.image_tool`'s, the price
 # catalog's); where none is known, gpt-image-1's $40 per Mtok, the tool's default model; and
 # the input its image model was fed, where an answer reports it, at gpt-image-1's $5 (text)
-# and $10 (images).
+# and $10 (images), $1.25 read from its cache.
 _IMAGE_TOOL_RATE = _rate(40.0)
 _IMAGE_TOOL_INPUT = _rate(5.0)
 _IMAGE_TOOL_SEEN = _rate(10.0)
+_IMAGE_TOOL_CACHED = _rate(1.25)
 
 
 def image_tool(model: str, price: ModelPrice | None) -> ImageTool:
     """The image generation tool drawing with `model` at `price`: its image output, text input
     and image input rates (femto-dollars a token; its output's and input's where it prices no
-    images apart); None (gpt-image-1's) for a model without a price."""
+    images apart), and cached input rate; None (gpt-image-1's) for a model without a price."""
     if price is None:
         return ImageTool(model)
-    rates = price._rates  # (`_Rates`: images' output rate, input, images' input rate)
-    return ImageTool(model, rates[13], rates[0], rates[12])
+    rates = price._rates  # (`_Rates`: images' output rate, input, images' input rate, cached)
+    return ImageTool(model, rates[13], rates[0], rates[12], cached_rate=rates[2])
 
 
 def tool_image_nanos(tokens: int, rate: int | None = None) -> int:
@@ -308,6 +309,15 @@ def _other_kinds(
         r_fed = _IMAGE_TOOL_INPUT if tool.input_rate is None else tool.input_rate
         r_fed_seen = _IMAGE_TOOL_SEEN if tool.image_input_rate is None else tool.image_input_rate
         fed_cost = (fed - fed_seen) * (r_fed - r_in) + fed_seen * (r_fed_seen - r_in)
+        if tool.cached_tokens:  # read from its cache: at its cached rate, its images' scaled so
+            cached = min(max(tool.cached_tokens, 0), fed)
+            cached_seen = min(max(tool.cached_image_tokens, 0), cached, fed_seen)
+            r_cached = _IMAGE_TOOL_CACHED if tool.cached_rate is None else tool.cached_rate
+            r_cached_seen = r_cached * r_fed_seen // r_fed if r_fed else r_cached
+            cached_text = min(cached - cached_seen, fed - fed_seen)
+            fed_cost -= cached_text * (r_fed - r_cached) + cached_seen * (
+                r_fed_seen - r_cached_seen
+            )
     thought = min(max(usage.reasoning_tokens, 0), out - spoken - drawn)
     cited = min(max(usage.citation_tokens, 0), out - spoken - drawn - thought)
     searches = max(usage.web_searches, 0)
@@ -334,6 +344,7 @@ def estimate_nanos(
     output_tokens: int,
     spoken: bool = False,
     caches: int = 0,
+    us_inference: bool = False,
 ) -> int:
     """Worst-case cost to reserve: all input uncached, at its tier's prices; 0 when unpriced.
     `spoken`: the output may be audio, so it is counted at the dearer of its two prices. The
@@ -341,7 +352,9 @@ def estimate_nanos(
     (`draws`: Gemini's image models draw without being asked).
     `caches`: the request asks for prompt caching, so its input may all be cache writes, counted
     at the dearer of the input's and the writes' prices; 2: some kept 1 hour, at the dearest of
-    those and the 1-hour writes' (Anthropic's: 1.25 and 2 times the input)."""
+    those and the 1-hour writes' (Anthropic's: 1.25 and 2 times the input; the Responses API's
+    12-hour writes: 2).
+    `us_inference`: asked to be served in the US only, every token 1.1 times (Anthropic's)."""
     if price is None:
         return 0
     rates = (in_force(price, input_tokens) if price.tiers else price)._rates
@@ -354,6 +367,8 @@ def estimate_nanos(
     if caches:
         inp = max(inp, rates[3], rates[4]) if caches > 1 else max(inp, rates[3])
     femto = input_tokens * inp + output_tokens * out + rates[8]
+    if us_inference:  # a tenth more of the tokens' price, rounded up
+        femto += -(-(femto - rates[8]) // 10)
     return (femto + _HALF_NANO) // _FEMTO_PER_NANO
 
 

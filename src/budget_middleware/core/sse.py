@@ -59,6 +59,7 @@ _RESPONSES_TEXT: Final = frozenset(
 )
 _TRANSCRIPT: Final = "response.audio.transcript.delta"  # speech, by what it says
 _ITEM_DONE: Final = "response.output_item.done"  # an output item whole: an image drawn
+_SPEECH_DONE: Final = "speech.audio.done"  # the Audio API's speech streamed: its usage, its end
 _PARTIAL_IMAGE: Final = "response.image_generation_call.partial_image"  # billed 100 tokens
 # named events worth a JSON parse; others (ping, content_block_start, ...) carry no usage nor text
 _READ: Final = _RESPONSES_TEXT | {
@@ -584,6 +585,8 @@ class StreamMeter:
         if choices == []:  # the usage-only chunk, OpenAI's last: the answer ended, `[DONE]` or not
             self.completed = True
             return self._drop
+        if body.get("type") == _SPEECH_DONE:  # speech's usage, its last event: it ended
+            self.completed = True
         return False
 
     def _read_typed(self, kind: str, body: dict[str, Any]) -> None:

@@ -102,9 +102,13 @@ class TokenUsage:
       no input reported.
     - `us_inference`: the answer says it ran on US-only infrastructure (Anthropic's
       `usage.inference_geo: "us"`), which Anthropic bills at 1.1 times every token price.
-    - `advisors`: (model, usage) of each sub-inference of another model the answer reports
-      apart from its counts (Anthropic's advisor tool: `usage.iterations` entries of type
-      `advisor_message`), billed at that model's prices: none of its counts.
+    - `advisors`: (model, usage) of each sampling of another model the answer reports, billed
+      at that model's prices: sub-inferences apart from its counts (Anthropic's advisor tool:
+      `usage.iterations` entries of type `advisor_message`), and those of `fallbacks`.
+    - `fallbacks`: of those, the samplings of a fallback model within its counts (Anthropic's
+      server-side fallback: `usage.iterations` entries of type `fallback_message`, the model
+      that served when the one asked for declined): the rest of the counts at the answer's
+      own prices (`less`).
     """
 
     input_tokens: int = 0
@@ -129,6 +133,7 @@ class TokenUsage:
     image_tool: ImageTool | None = None
     us_inference: bool = False
     advisors: tuple[tuple[str, TokenUsage], ...] = field(default=(), compare=False, repr=False)
+    fallbacks: tuple[tuple[str, TokenUsage], ...] = field(default=(), compare=False, repr=False)
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """Two usages together (one answer that streams several messages, a tool loop's). Of
@@ -167,6 +172,21 @@ class TokenUsage:
             _tools(self.image_tool, other.image_tool),
             self.us_inference or other.us_inference,
             self.advisors + other.advisors,
+            self.fallbacks + other.fallbacks,
+        )
+
+    def less(self, part: TokenUsage) -> TokenUsage:
+        """This usage without the tokens of `part`, one within its counts (`fallbacks`'),
+        none below 0."""
+        return replace(
+            self,
+            input_tokens=max(self.input_tokens - part.input_tokens, 0),
+            output_tokens=max(self.output_tokens - part.output_tokens, 0),
+            cached_tokens=max(self.cached_tokens - part.cached_tokens, 0),
+            cache_write_tokens=max(self.cache_write_tokens - part.cache_write_tokens, 0),
+            cache_write_1h_tokens=max(self.cache_write_1h_tokens - part.cache_write_1h_tokens, 0),
+            tier_input_tokens=0,
+            fallbacks=(),
         )
 
     @property
@@ -363,15 +383,20 @@ def _with_compactions(found: TokenUsage, iterations: list[Any]) -> TokenUsage:
     `compaction`): the sampling that summarized the context is billed, and its tokens are left
     out of the top-level counts. Added as another request's are (`plus`: each priced by its own
     size). Its advisor tool's sub-inferences (`advisor_message` entries), left out of them too,
-    are kept apart (`advisors`), to be priced at their own model's prices. The other entries
-    (`message`, ...) are within the top-level counts."""
+    are kept apart (`advisors`), to be priced at their own model's prices, and so are the
+    samplings of a fallback model that served (`fallback_message` entries, within them:
+    `fallbacks`). The other entries (`message`, ...) are within the top-level counts."""
     for entry in iterations:
-        if type(entry) is dict and entry.get("type") == "advisor_message":
+        kind = entry.get("type") if type(entry) is dict else None
+        if kind == "advisor_message" or kind == "fallback_message":
             advice = usage_from_mapping(entry)
             model = entry.get("model")
             if advice is not None and type(model) is str and model:
+                advice.us_inference = found.us_inference  # served where the answer was
                 found.advisors += ((model, advice),)
-        elif type(entry) is dict and entry.get("type") == "compaction":
+                if kind == "fallback_message":  # within the top-level counts
+                    found.fallbacks += ((model, advice),)
+        elif kind == "compaction":
             prompt, output, read, write = _input_output(entry)
             compaction = TokenUsage(prompt, output, min(read, prompt), min(write, prompt - read))
             if write and type(creation := entry.get("cache_creation")) is dict:
@@ -543,8 +568,10 @@ class ImageTool:
     (`media.drawn_image_tokens`), and that model's prices in femto-dollars a token (`rate` of
     its image output, `input_rate` of its text input, `image_input_rate` of its image input;
     None, a model without a price: gpt-image-1's $40, $5 and $10 per Mtok,
-    `pricing.image_tool`). `input_tokens`, `input_image_tokens` (of them, the images): the
-    image model's input an answer reports (`TokenUsage.image_tool`: its `tool_usage`)."""
+    `pricing.image_tool`; `cached_rate`, of its cached input: gpt-image-1's $1.25).
+    `input_tokens`, `input_image_tokens` (of them, the images): the image model's input an
+    answer reports (`TokenUsage.image_tool`: its `tool_usage`); `cached_tokens`,
+    `cached_image_tokens`: of that input, what it read from the cache, text and images."""
 
     model: str = "gpt-image-1"
     rate: int | None = None
@@ -552,6 +579,9 @@ class ImageTool:
     image_input_rate: int | None = None
     input_tokens: int = 0
     input_image_tokens: int = 0
+    cached_rate: int | None = None
+    cached_tokens: int = 0
+    cached_image_tokens: int = 0
 
 
 IMAGE_TOOL: Final = ImageTool()  # the tool's default: gpt-image-1
@@ -571,12 +601,18 @@ def image_call_tokens(item: Mapping[str, Any], tool: ImageTool = IMAGE_TOOL) -> 
 
 
 def add_tool_images(
-    usage: TokenUsage, tokens: int, tool: ImageTool = IMAGE_TOOL, fed: int = 0, seen: int = 0
+    usage: TokenUsage,
+    tokens: int,
+    tool: ImageTool = IMAGE_TOOL,
+    fed: int = 0,
+    seen: int = 0,
+    cached: tuple[int, int] = (0, 0),
 ) -> None:
     """Count in `usage` the image output tokens the image generation tool drew (its
     `tool_image_tokens`: within its output and its image output, at `tool`'s rate), and the
-    input its image model was fed as reported (`fed` tokens, `seen` of them images: within its
-    input, at that model's input prices), once however often they are counted."""
+    input its image model was fed as reported (`fed` tokens, `seen` of them images, `cached`
+    of them read from its cache, all and images: within its input, at that model's input
+    prices), once however often they are counted."""
     more = tokens - usage.tool_image_tokens
     usage.output_tokens += more
     usage.output_image_tokens += more
@@ -584,7 +620,13 @@ def add_tool_images(
     before = usage.image_tool
     if fed or (before is not None and before.input_tokens):
         usage.input_tokens += fed - (0 if before is None else before.input_tokens)
-        tool = replace(tool, input_tokens=fed, input_image_tokens=min(seen, fed))
+        tool = replace(
+            tool,
+            input_tokens=fed,
+            input_image_tokens=min(seen, fed),
+            cached_tokens=min(cached[0], fed),
+            cached_image_tokens=min(cached[1], cached[0], seen, fed),
+        )
     usage.image_tool = None if tool is IMAGE_TOOL else tool  # (None: the default's prices)
 
 
@@ -596,6 +638,18 @@ def _tool_usage(reported: object) -> TokenUsage | None:
     gen = reported.get("image_gen") if type(reported) is dict else None
     found = usage_from_mapping(gen) if type(gen) is dict else None
     return found if found is not None and (found.input_tokens or found.output_tokens) else None
+
+
+def _tool_cached(reported: object) -> tuple[int, int]:
+    """Of the input the image generation tool's image model was fed (`_tool_usage`), what it
+    read from the cache, all and images: `tool_usage.image_gen`'s `cached_tokens` and
+    `cached_tokens_details.cached_image_tokens` (beside its `input_tokens_details`)."""
+    gen = reported.get("image_gen") if type(reported) is dict else None
+    if type(gen) is not dict or not gen.get("cached_tokens"):
+        return 0, 0
+    details = gen.get("cached_tokens_details")
+    images = details.get("cached_image_tokens") if type(details) is dict else None
+    return _count(gen["cached_tokens"]), _count(images)
 
 
 def json_tool_images(body: bytes, tool: ImageTool = IMAGE_TOOL) -> int:
@@ -686,7 +740,8 @@ def count_searches(
     usage.file_searches = files
     told = _tool_usage(reported) if reported is not None else None
     if told is not None:
-        add_tool_images(usage, told.output_tokens, tool, told.input_tokens, told.input_image_tokens)
+        add_tool_images(usage, told.output_tokens, tool, told.input_tokens,
+                        told.input_image_tokens, _tool_cached(reported))  # fmt: skip
     else:
         add_tool_images(usage, drawn + PARTIAL_IMAGE_TOKENS * partials, tool)
 

@@ -840,9 +840,10 @@ class Exchange:
                 # a model that prices no service tier apart, the usual case: no call (OpenAI's
                 # answers say their tier, `default`, all the same)
                 served = self._served_price(price, usage) if price.tiered else price
-                cost, source = cost_nanos(served, usage), price.source
-                if usage.advisors:  # its advisor tool's sub-inferences, at their models' prices
-                    cost += self._advice_cost(usage, served)
+                if usage.advisors:  # other models' samplings, at their prices
+                    cost, source = self._models_cost(usage, served), price.source
+                else:
+                    cost, source = cost_nanos(served, usage), price.source
                 if (usage.reasoning_tokens or usage.citation_tokens) and not estimated:
                     # Output no limit bounds (Perplexity's), a fee for the next to reserve
                     self.reported_over = cost - cost_nanos(served, _bounded(usage))
@@ -888,15 +889,18 @@ class Exchange:
             return None
         return self.engine.prices.price(self.target.provider, named.strip(), warn=False)
 
-    def _advice_cost(self, usage: TokenUsage, served: ModelPrice) -> int:
-        """What the sub-inferences of another model an answer reports apart cost
-        (`TokenUsage.advisors`: Anthropic's advisor tool's, billed at the advisor model's
-        prices, which its counts leave out); one of a model without a price, at the answer's
-        own (`served`)."""
+    def _models_cost(self, usage: TokenUsage, served: ModelPrice) -> int:
+        """What an answer that reports samplings of other models costs: those at their models'
+        prices (`TokenUsage.advisors`: Anthropic's advisor tool's, which its counts leave out,
+        and the fallback model's that served, within them: `fallbacks`), the rest at the
+        answer's own (`served`), as is one of a model without a price."""
         book = self.engine.prices
-        return sum(
-            cost_nanos(book.price(self.target.provider, model) or served, advice)
-            for model, advice in usage.advisors
+        own = usage
+        for _, part in usage.fallbacks:
+            own = own.less(part)
+        return cost_nanos(served, own) + sum(
+            cost_nanos(book.price(self.target.provider, model) or served, part)
+            for model, part in usage.advisors
         )
 
     def _served_price(self, price: ModelPrice, usage: TokenUsage) -> ModelPrice:

@@ -374,7 +374,7 @@ class Gate:
             references = walk(parsed, images)
             # Prompt caching asked for (its blocks hold `"type"` too): its input may be writes,
             # dearer than input (Anthropic's: 1.25 times, 2 for a `"ttl": "1h"`)
-            if body.find(b'"cache_control"') >= 0:
+            if body.find(b'"cache_control"') >= 0 and target.caches < 2:
                 target.caches = 2 if body.find(b'"1h"') >= 0 else 1
         routes = engine.globals.routes
         if routes and type(parsed) is dict:  # no route configured: one truth test
@@ -617,6 +617,7 @@ class Gate:
                     self.most_output(target, price),
                     target.spoken,
                     target.caches,
+                    target.us_inference,
                 )
                 if self.any_fee:
                     self._with_fee(exchange)
@@ -732,6 +733,7 @@ class Gate:
                 self.most_output(target, price),
                 target.spoken,
                 target.caches,
+                target.us_inference,
             )
             exchange.ticket_estimate = min(most, MAX_CHARGE_NANOS)
             if self.any_fee:
@@ -900,14 +902,15 @@ _UNDECODABLE = (
 
 
 # The tools a provider runs itself, by their `type`'s start: Anthropic's `web_search_20250305`,
-# `web_fetch_…` and `code_execution_…`, OpenAI's Responses `web_search` (`_preview`),
-# `file_search`, `code_interpreter` and `image_generation`. Client tools (`function`, `custom`,
-# none) are not.
+# `web_fetch_…`, `code_execution_…` and `advisor_…` (another model's sub-inferences, billed at
+# its prices: Opus advising Haiku), OpenAI's Responses `web_search` (`_preview`), `file_search`,
+# `code_interpreter` and `image_generation`. Client tools (`function`, `custom`, none) are not.
 _IMAGE_TOOL = "image_generation"  # its images are reserved apart (`Gate._image_tool`)
 _SERVER_TOOLS = (
     "web_search",
     "web_fetch",
     "code_execution",
+    "advisor",
     "code_interpreter",
     "file_search",
     _IMAGE_TOOL,
