@@ -1860,3 +1860,43 @@ async def test_the_warnings_of_a_config_applied_through_the_api_are_in_its_answe
         assert "warnings" not in r.json()  # made once: told once
         doc = (await c.get("/openapi.json", headers=ADMIN)).json()
         assert "warnings" in doc["components"]["schemas"]["ConfigApplied"]["properties"]
+
+
+async def test_usage_by_key_names_more_gone_keys_than_a_query_takes_parameters(
+    tmp_path: Path, store_url: str
+) -> None:
+    """A report by key looks the names of keys that are gone up among the deleted ones, all in
+    one `IN (...)`: with 66,000 gone keys that spent in the period (per-session keys, deleted
+    after use), PostgreSQL refused the query ("number of parameters must be between 0 and
+    65535") and `GET /usage?group_by=virtual_key` (the CLI's `usage`, the dashboard's top keys)
+    answered 503 "the budget store cannot be reached", Retry-After 1, for good. Looked up in
+    parts, the report comes, with the deleted keys' names."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert
+
+    from budget_middleware.store.tables import DeletedRow, UsageRecordRow
+
+    gone = 66_000
+    settings = admin_settings(tmp_path, database_url=store_url)
+    async with admin_client(settings) as c:
+        await c.get("/customers", headers=ADMIN)  # starts the engine: the tables exist
+        at = datetime(2026, 1, 2, tzinfo=UTC)
+        with get_engine(settings).store.session() as s:
+            s.execute(insert(UsageRecordRow), [
+                {"request_id": f"r{i}", "created_at": at, "virtual_key_id": f"k{i}",
+                 "provider": "openai", "model": "gpt-4o", "tags": [], "cost_nanos": 1 + i}
+                for i in range(gone)
+            ])  # fmt: skip
+            s.add(DeletedRow(kind="virtual_key", entity_id="k0", name="first"))
+            s.add(DeletedRow(kind="virtual_key", entity_id=f"k{gone - 1}", name="last"))
+            s.commit()
+        r = await c.get("/usage?group_by=virtual_key&limit=1", headers=ADMIN)
+        answer = r.json()
+        found = (r.status_code, answer.get("count"), answer.get("total", {}).get("requests"))
+        r = await c.get(f"/usage?group_by=virtual_key&offset={gone - 1}", headers=ADMIN)
+        rows = r.json().get("usage", [])
+        found += tuple((row["key"], row["name"], row["deleted"]) for row in rows)
+    print("status, groups, requests, first and last named:", found, answer.get("error"))
+    assert found[:3] == (200, gone, gone)
+    assert found[3:] == (("k0", "first", True),) and answer["usage"][0]["name"] == "last"

@@ -279,3 +279,49 @@ async def test_a_reset_behind_the_stored_window_s_start_empties_the_window(
           f"then {admitted} admitted ({code}), ${spent / 1e9:.2f} stored")  # fmt: skip
     assert (answered, stored) == (0, 0)
     assert (admitted, code, spent) == (100, "budget_exceeded", 100 * CENT)
+
+
+async def test_a_request_that_settles_after_midnight_is_reported_on_the_day_its_budget_counts_it(
+    tmp_path: Path,
+) -> None:
+    """A calendar-aligned daily budget counts a request in the window it settles in (README:
+    a reset, or a window's end, as requests are in flight). A request admitted at 23:59:50 UTC
+    and answered at 00:00:10 was counted in the new day's budget ($0.01 spent), but its usage
+    record was dated at its admission: `GET /usage?group_by=day` (the CLI's `usage --by day`,
+    the dashboard's chart) put the $0.01 on the day before, whose budget never held it, and
+    reported $0 for the day whose budget had spent $0.01."""
+    from budget_middleware.core.times import rfc3339
+    from test_redis_windows import Held
+
+    real = datetime.now(UTC)
+    midnight = datetime(real.year, real.month, real.day, tzinfo=UTC).timestamp() + 86400
+    clock = FrozenClock()
+    clock.now = midnight - 10  # 23:59:50 of the day the budget's window is in
+    [engine] = engines(tmp_path, clock, 1)
+    key = engine.manager.create_virtual_key(
+        name="k", budgets=[{"max_limit": 1, "reset_duration": "1d"}], calendar_aligned=True
+    )
+    held = Held(1)
+    app = host(engine, held)
+    async with running(app), client(app) as http:
+        [request] = held.requests(http, key.value or "")
+        await held.all_in.wait()
+        clock.now = midnight + 10  # 00:00:10: the next day, and the budget's next window
+        held.gate.set()
+        assert (await request).status_code == 200
+        await engine.flush()
+        [budget] = engine.manager.list_budgets(from_memory=True)
+        days = engine.manager.usage("day")
+        today = engine.manager.usage("day", budget.period_start)
+    found = {
+        "budget window": (rfc3339(budget.period_start), budget.spent),
+        "usage by day": {row.key: row.cost for row in days.usage},
+        "usage since the window began": today.total.cost,
+    }
+    print(found)
+    day = rfc3339(budget.period_start)[:10]
+    assert found == {
+        "budget window": (rfc3339(datetime.fromtimestamp(midnight, UTC)), 0.01),
+        "usage by day": {day: 0.01},
+        "usage since the window began": 0.01,
+    }

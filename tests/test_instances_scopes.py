@@ -572,13 +572,12 @@ async def test_short_windows_seen_by_three_instances_never_hold_more_than_the_li
     more than its limit, and every request admitted is in one of them and recorded. A 2 s
     budget of 5 $0.01 requests beside it: no window of its counter holds more than $0.05, and
     every charge recorded is in one of them. (Counted from the records' times, CI once saw 8
-    settle in one window, 3 of them admitted at the end of the one before: a record's
-    `created_at + duration_ms` is not where the counter took its charge, so the counter's own
-    windows are read; the reservations of requests in flight carry into the next window. The
-    same for the rate window: a record's `created_at` is the clock read as the request is
-    decided, before its admission's call to Redis, which reads it again; on a loaded machine a
-    request decided at a window's end is admitted in the next, and its record is a 5th in the
-    window before.)"""
+    settle in one window, 3 of them admitted at the end of the one before: a record's time is
+    read before its settlement's call to Redis, which reads the clock again, so the counter's
+    own windows are read; the reservations of requests in flight carry into the next window.
+    The same for the rate window: a request's arrival, its record's time less its duration, is
+    read before its admission's call to Redis; on a loaded machine a request decided at a
+    window's end is admitted in the next, and its record is a 5th in the window before.)"""
     from budget_middleware.store.tables import BudgetRow, RateLimitRow
 
     d, m = world
@@ -640,7 +639,8 @@ async def test_short_windows_seen_by_three_instances_never_hold_more_than_the_li
         for vk, at, dur in rows:
             if vk != key_id:
                 continue
-            t = (at - anchor).total_seconds() + ((dur or 0) / 1000 if settle else 0)
+            # a record is dated when it is charged: its arrival is its duration before
+            t = (at - anchor).total_seconds() - (0 if settle else (dur or 0) / 1000)
             w = int(t // 2)
             out[w] = out.get(w, 0) + 1
         return dict(sorted(out.items()))

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +257,25 @@ async def test_from_memory_reads_the_engine_s_live_counters_or_is_refused(
             assert alone.list_budgets()[0].current_usage == stored  # the store, as ever
         finally:
             alone.store.dispose()  # its connections closed, not left to the collector
+
+
+def test_a_usage_bound_at_the_calendar_s_end_is_clamped_as_the_admin_api_clamps_it(
+    tmp_path: Path,
+) -> None:
+    """`usage(end="9999-12-31T23:00:00-05:00")` (past year 9999 in UTC) raised OverflowError
+    "date value out of range", a traceback, where `GET /usage` and the CLI take the same bound
+    as the calendar's end (docs/admin-api.md: clamped); the same at its start."""
+    m = get_manager(BudgetSettings(database_url=f"sqlite:///{tmp_path}/b.db"))
+    found = {}
+    for start, end in [
+        (None, "9999-12-31T23:00:00-05:00"),
+        ("0001-01-01T00:30:00+01:00", None),
+        (None, datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))),
+    ]:
+        try:
+            report = m.usage("team", start, end)
+            found[str(start or end)] = ("ok", report.count)
+        except Exception as exc:
+            found[str(start or end)] = (type(exc).__name__, str(exc))
+    print(found)
+    assert all(answer == ("ok", 0) for answer in found.values()), found

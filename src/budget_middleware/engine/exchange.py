@@ -948,7 +948,8 @@ class Exchange:
         caller = self.caller
         return UsageRecord(
             request_id="",  # named when flushed, after its batch
-            created_at=self.admitted_at,
+            # when it is charged: the window it settles in counts it, and so do reports by time
+            created_at=self.engine.clock(),
             virtual_key_id=caller.virtual_key_id,
             team_id=caller.team_id,
             customer_id=caller.customer_id,
