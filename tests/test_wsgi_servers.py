@@ -891,3 +891,84 @@ def test_a_stream_restarted_as_a_502_after_its_first_bytes_is_charged_as_a_cut_s
     assert [(s, outcome, estimated) for s, outcome, estimated, _ in rows] == [
         (200, "upstream_error", 1)]  # fmt: skip
     assert rows[0][3] == 5_700  # its prompt's estimate, as gunicorn and ASGI charge it
+
+
+# A Django site whose view relays a slow stream (`StreamingHttpResponse` of a generator, 100
+# events 100 ms apart, usage at its end), behind `BudgetWSGIMiddleware` in its `wsgi.py`.
+SLOW_DJANGO_SITE = """
+import json, os, time
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "slow_site")
+SECRET_KEY, DEBUG, ALLOWED_HOSTS, ROOT_URLCONF = "x", False, ["*"], "slow_site"
+INSTALLED_APPS, MIDDLEWARE, DATABASES, USE_TZ = [], [], {}, True
+
+from django.http import StreamingHttpResponse
+from django.urls import path
+from django.views.decorators.csrf import csrf_exempt
+from budget_middleware.wsgi.django import admin_urls
+
+
+def events():
+    chunk = {"object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+    for _ in range(100):
+        time.sleep(0.1)
+        event = {**chunk, "choices": [{"index": 0, "delta": {"content": " word"}}]}
+        yield f"data: {json.dumps(event)}\\n\\n".encode()
+    usage = {"prompt_tokens": 10, "completion_tokens": 100}
+    yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\\n\\n".encode()
+    yield b"data: [DONE]\\n\\n"
+
+
+@csrf_exempt
+def chat(request):
+    return StreamingHttpResponse(events(), content_type="text/event-stream")
+
+
+urlpatterns = [*admin_urls("budget-admin/"), path("v1/chat/completions", chat)]
+
+from django.core.wsgi import get_wsgi_application
+from budget_middleware.wsgi import BudgetWSGIMiddleware
+application = BudgetWSGIMiddleware(get_wsgi_application())
+"""
+
+
+@pytest.mark.parametrize("served", ["gunicorn gthread", "waitress"])
+def test_a_django_stream_whose_client_goes_midway_is_charged_an_estimate_once(
+    tmp_path: Path, served: str
+) -> None:
+    """A client that reads 5 events of a Django `StreamingHttpResponse` (100 events, 100 ms
+    apart) and closes its connection, under a real server: the server's write fails, it closes
+    the answer, and the call is charged once, an estimate of what streamed (not $0, nor its
+    whole 100 tokens); the spend is that record's."""
+    (tmp_path / "slow_site.py").write_text(SLOW_DJANGO_SITE)
+    url = f"sqlite:///{tmp_path}/slow.db"
+    port = free_port()
+    env = base_env(url, PYTHONPATH=f"{ROOT / 'src'}:{tmp_path}")
+    if served == "waitress":
+        command = [sys.executable, "-m", "waitress", "--threads=4",
+                   f"--listen=127.0.0.1:{port}", "slow_site:application"]  # fmt: skip
+    else:
+        command = gunicorn(port, "slow_site:application", tmp_path, threads=4)
+    stop = signal.SIGINT if served == "waitress" else signal.SIGTERM
+    with server(command, env, port, stop=stop) as process:
+        key = make_key(port, "alice", 10**10)
+        sock = _stream_in_flight(port, key["value"])
+        sock.close()  # gone after 5 events
+        time.sleep(2)  # the server's next writes fail, and it closes the answer
+        assert stopped(process, stop) == 0
+    store = create_engine(url)
+    try:
+        with store.connect() as conn:
+            rows = conn.execute(
+                text("SELECT outcome, estimated, output_tokens, cost_nanos FROM bm_usage_records")
+            ).all()
+            usage = conn.execute(
+                text("SELECT current_usage_nanos FROM bm_budgets WHERE owner_id = :k"),
+                {"k": key["id"]},
+            ).scalar_one()
+    finally:
+        store.dispose()
+    print(f"{served}: a Django stream its client left after 5 events: {rows}, spend {usage}")
+    assert len(rows) == 1
+    outcome, estimated, output_tokens, cost = rows[0]
+    assert (outcome, bool(estimated)) == ("client_disconnected", True)
+    assert 5 <= output_tokens < 100 and 0 < cost == usage
