@@ -4730,6 +4730,56 @@ async def test_a_mistral_agent_s_call_is_charged_its_model_s_price(
     assert spent == pytest.approx(want / 1e9)
 
 
+async def test_mistral_agents_calls_at_once_stay_within_the_provider_s_budget(
+    engine: BudgetEngine,
+) -> None:
+    """Calls naming no model (Mistral's agents, an `agent_id`) share the model `unknown`, priced
+    by the model each answer names: no figure learned from one holds the next (another agent,
+    another model, a longer answer). 60 at once to a mistral-large agent, after one small call
+    to a mistral-small agent had cost $0.0001425 (what each then reserved): all 60 admitted,
+    $4.80 spent of the provider's $1; now each runs alone on the budget (429 `budget_reserved`,
+    retryable, for the others) and one serial call after another is admitted."""
+    engine.manager.put_provider("mistral", budgets=[{"max_limit": 1}])
+    await engine.invalidate()
+
+    async def answer(request: httpx2.Request) -> httpx2.Response:
+        agent = json.loads(request.content)["agent_id"]
+        large = agent.endswith("large")
+        await anyio.sleep(0.05)  # in flight together
+        usage = (
+            {"prompt_tokens": 10_000, "completion_tokens": 10_000}  # $0.08
+            if large
+            else {"prompt_tokens": 150, "completion_tokens": 200}  # $0.0001425
+        )
+        model = "mistral-large-latest" if large else "mistral-small-latest"
+        message = {"role": "assistant", "content": "Four."}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return httpx2.Response(200, json={"id": "a", "object": "chat.completion", "model": model,
+                                          "choices": [choice], "usage": usage})  # fmt: skip
+
+    http = httpx2.AsyncClient(
+        transport=BudgetTransport(httpx2.MockTransport(answer), engine=engine)
+    )
+    url = "https://api.mistral.ai/v1/agents/completions"
+
+    async def call(agent: str) -> int:
+        body = {"agent_id": f"ag:{agent}", "messages": MESSAGES, "max_tokens": 10_000}
+        return (await http.post(url, json=body)).status_code
+
+    small = await call("small")
+    burst = await asyncio.gather(*[call("large") for _ in range(60)])
+    serial = [await call("large") for _ in range(2)]
+    await engine.flush()
+    spent = engine.manager.list_budgets()[0].spent
+    admitted = burst.count(200)
+    held = burst.count(429)
+    print(f"mistral $1: a small agent call ({small}), then 60 large at once: {admitted} admitted,"
+          f" {held} held 429; then serially {serial}; spent ${spent:.6f} of $1")  # fmt: skip
+    assert small == 200 and admitted == 1 and held == 59
+    assert serial == [200, 200]
+    assert spent <= 1 + 0.08  # one request's own overrun at most (SPEC §6)
+
+
 def _mistral(seen: list[dict[str, Any]]) -> Callable[[httpx2.Request], httpx2.Response]:
     """Mistral's API: a field it does not know is refused, 422 (`stream_options` among them);
     a stream reports its usage in its last chunk, unasked."""

@@ -240,3 +240,51 @@ async def test_an_unpriced_request_for_several_choices_reserves_each_at_the_most
     print(f"n=4 at once: {codes.count(200)} admitted; spent {counter.value} of 100000")
     assert first.status_code == 200 and codes.count(200) == 4
     assert counter.value == per_choice * (1 + 4 * 4) and counter.reserved == 0
+
+
+async def test_calls_naming_no_model_at_once_stay_within_the_budget(
+    make_settings: Settings,
+) -> None:
+    """A call naming no model (Mistral's agents: an `agent_id`, priced as the model its answer
+    names) teaches the next no reservation: one small agent call ($0.0001425, mistral-small) let
+    60 at once to a mistral-large agent each reserve that, all admitted, $4.80 spent of the
+    provider's $1. Each now runs alone on its budgets, as a model without a price does before
+    its first answer; one after another they are admitted."""
+
+    async def provider(request: Request) -> JSONResponse:
+        large = (await request.json())["agent_id"].endswith("large")
+        await asyncio.sleep(0.02)  # in flight together
+        usage = (
+            {"prompt_tokens": 10_000, "completion_tokens": 10_000}  # $0.08
+            if large
+            else {"prompt_tokens": 150, "completion_tokens": 200}  # $0.0001425
+        )
+        model = "mistral-large-latest" if large else "mistral-small-latest"
+        return JSONResponse({"model": model, "choices": [], "usage": usage})
+
+    settings = make_settings()
+    app = BudgetMiddleware(
+        Starlette(routes=[Route("/v1/agents/completions", provider, methods=["POST"])]),
+        settings=settings,
+    )
+    engine = get_engine(settings)
+    async with running(app), client(app) as http:
+        engine.manager.put_provider("mistral", budgets=[{"max_limit": 1}])
+        await engine.invalidate()
+        mistral = {"x-budget-provider": "mistral"}
+
+        async def call(agent: str) -> int:
+            body = {"agent_id": f"ag:{agent}", "messages": [], "max_tokens": 10_000}
+            sent = await http.post("/v1/agents/completions", json=body, headers=mistral)
+            return sent.status_code
+
+        small = await call("small")
+        burst = await asyncio.gather(*[call("large") for _ in range(60)])
+        serial = [await call("large") for _ in range(2)]
+        await engine.flush()
+        spent = engine.manager.list_budgets()[0].spent
+    print(f"mistral $1: a small agent call ({small}), then 60 large at once: {burst.count(200)}"
+          f" admitted; then serially {serial}; spent ${spent:.6f} of $1")  # fmt: skip
+    assert small == 200 and burst.count(200) == 1 and burst.count(429) == 59
+    assert serial == [200, 200]
+    assert spent <= 1 + 0.08  # one request's own overrun at most (SPEC §6)

@@ -601,8 +601,15 @@ class Gate:
                 # Its cost is known only from the answer (`x-budget-cost`, `usage.cost`): the
                 # most a request to this model has cost here, or, before any has ended, the
                 # most one request is charged (in flight, it leaves no room on its budgets, so
-                # no other request can add to an overrun it may make: SPEC §6).
-                most = self.unpriced_costs.get((target.provider, target.model))
+                # no other request can add to an overrun it may make: SPEC §6). A call naming
+                # no model (Mistral's agents, an `agent_id`: priced as the model its answer
+                # names) learns nothing: one figure of every agent and model behind `unknown`
+                # let 60 at once on $1, after one small call, each hold $0.000075 (spent $4.80).
+                most = (
+                    None
+                    if target.model == "unknown"
+                    else self.unpriced_costs.get((target.provider, target.model))
+                )
                 exchange.ticket_estimate = (
                     MAX_CHARGE_NANOS
                     if most is None
