@@ -134,7 +134,9 @@ async def test_an_answer_s_limit_headers_read_the_clock_only_for_a_window_begun_
     preparation, the admission, the settlement), though only a window begun after the
     admission (rolled under the request, or the clock stepped back) needs it. Now 4 again; the
     headers read it for such a window alone (`test_the_reset_header_after_the_clock_stepped_
-    back_is_when_the_window_ends`)."""
+    back_is_when_the_window_ends`). The usage record's date, when it is charged (the window its
+    budgets count it in: `test_a_request_that_settles_after_midnight_is_reported_on_the_day_its_
+    budget_counts_it`), is one read more: 5."""
 
     class Counted(FrozenClock):
         reads = 0
@@ -171,4 +173,4 @@ async def test_an_answer_s_limit_headers_read_the_clock_only_for_a_window_begun_
     )
     assert all(a.status_code == 200 for a in answers)
     assert answers[-1].headers["x-ratelimit-reset-requests"] == "60s"
-    assert reads == 4
+    assert reads == 5  # the decision, its preparation, the admission, the record, the settlement
