@@ -480,29 +480,8 @@ async def test_cache_writes_kept_12_hours_are_charged_their_rate(
         "usage": usage,
     }
 
-    def provider(request: httpx2.Request) -> httpx2.Response:
-        if not json.loads(request.content).get("stream"):
-            answer = json.dumps(response).encode()
-            return httpx2.Response(
-                200, headers={"content-type": "application/json"}, content=answer
-            )
-        created = {**response, "status": "in_progress", "output": [], "usage": None}
-        events = [
-            {"type": "response.created", "sequence_number": 0, "response": created},
-            {"type": "response.completed", "sequence_number": 1, "response": response},
-        ]
-        body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
-        return httpx2.Response(
-            200, headers={"content-type": "text/event-stream"}, content=body.encode()
-        )
-
     key = engine.manager.create_virtual_key(name="alice")
-    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
-    sdk = openai.AsyncOpenAI(
-        api_key="sk-provider-secret",
-        base_url="https://api.openai.com/v1",
-        http_client=httpx2.AsyncClient(transport=transport),
-    )
+    sdk = _sdk(httpx2.MockTransport(_responses_api(response)), engine)
     asked: dict[str, Any] = {"model": "gpt-6.2-sol", "input": "Summarise the policy."}
     with charge_to(virtual_key_id=key.id):
         if stream:
@@ -575,30 +554,8 @@ async def test_the_web_searches_an_answer_says_billable_are_charged(
         },
     }
 
-    def provider(request: httpx2.Request) -> httpx2.Response:
-        if not json.loads(request.content).get("stream"):
-            answer = json.dumps(response).encode()
-            return httpx2.Response(
-                200, headers={"content-type": "application/json"}, content=answer
-            )
-        created = {**response, "status": "in_progress", "output": [], "usage": None}
-        del created["tool_usage"]
-        events = [
-            {"type": "response.created", "sequence_number": 0, "response": created},
-            {"type": "response.completed", "sequence_number": 1, "response": response},
-        ]
-        body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
-        return httpx2.Response(
-            200, headers={"content-type": "text/event-stream"}, content=body.encode()
-        )
-
     key = engine.manager.create_virtual_key(name="alice")
-    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
-    sdk = openai.AsyncOpenAI(
-        api_key="sk-provider-secret",
-        base_url="https://api.openai.com/v1",
-        http_client=httpx2.AsyncClient(transport=transport),
-    )
+    sdk = _sdk(httpx2.MockTransport(_responses_api(response)), engine)
     asked: dict[str, Any] = {
         "model": "gpt-5",
         "input": "Find it.",
@@ -659,30 +616,8 @@ async def test_the_image_tool_s_cached_input_is_charged_at_its_cached_rate(
         "tool_usage": {"image_gen": gen, "web_search": {"num_requests": 0}},
     }
 
-    def provider(request: httpx2.Request) -> httpx2.Response:
-        if not json.loads(request.content).get("stream"):
-            answer = json.dumps(response).encode()
-            return httpx2.Response(
-                200, headers={"content-type": "application/json"}, content=answer
-            )
-        created = {**response, "status": "in_progress", "output": [], "usage": None}
-        del created["tool_usage"]
-        events = [
-            {"type": "response.created", "sequence_number": 0, "response": created},
-            {"type": "response.completed", "sequence_number": 1, "response": response},
-        ]
-        body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
-        return httpx2.Response(
-            200, headers={"content-type": "text/event-stream"}, content=body.encode()
-        )
-
     key = engine.manager.create_virtual_key(name="alice")
-    transport = BudgetTransport(httpx2.MockTransport(provider), engine=engine)
-    sdk = openai.AsyncOpenAI(
-        api_key="sk-provider-secret",
-        base_url="https://api.openai.com/v1",
-        http_client=httpx2.AsyncClient(transport=transport),
-    )
+    sdk = _sdk(httpx2.MockTransport(_responses_api(response)), engine)
     asked: dict[str, Any] = {
         "model": "gpt-5",
         "input": "Make the cat blue.",
@@ -2681,6 +2616,30 @@ def cut_stream(chunks: list[bytes]) -> httpx2.MockTransport:
         return httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Cut())
 
     return httpx2.MockTransport(provider)
+
+
+def _responses_api(response: dict[str, Any]) -> Callable[[httpx2.Request], httpx2.Response]:
+    """A provider answering the Responses API with `response`: as JSON, or streamed as
+    `response.created` (in progress, no output nor usage) then `response.completed`."""
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        if not json.loads(request.content).get("stream"):
+            answer = json.dumps(response).encode()
+            return httpx2.Response(
+                200, headers={"content-type": "application/json"}, content=answer
+            )
+        created = {**response, "status": "in_progress", "output": [], "usage": None}
+        created.pop("tool_usage", None)
+        events = [
+            {"type": "response.created", "sequence_number": 0, "response": created},
+            {"type": "response.completed", "sequence_number": 1, "response": response},
+        ]
+        body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+        return httpx2.Response(
+            200, headers={"content-type": "text/event-stream"}, content=body.encode()
+        )
+
+    return provider
 
 
 def _sdk(transport: Any, engine: BudgetEngine) -> openai.AsyncOpenAI:
